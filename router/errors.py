@@ -1,0 +1,176 @@
+"""Tiergate's one exception hierarchy.
+
+Every failure a client can see is a :class:`TiergateError`. Backend exceptions (httpx, litellm,
+llama.cpp) are mapped into it in one place per backend (``raise ... from exc``), and one handler in
+``app.py`` turns it into OpenAI-shaped JSON: ``{"error": {"message", "type", "code"}}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TiergateError(Exception):
+    """Base class: carries the HTTP status and OpenAI error ``type``/``code`` for the client."""
+
+    status_code: int = 500
+    error_type: str = "server_error"
+    code: str = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.param = param
+        self.headers: dict[str, str] = dict(headers or {})
+
+    def to_body(self) -> dict[str, Any]:
+        """The OpenAI error envelope for this error."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class ConfigError(TiergateError):
+    """Settings, policy or model artifacts are invalid. Raised at start or on reload, not per request."""
+
+    code = "config_error"
+
+
+class BadRequestError(TiergateError):
+    """The request is malformed or asks for something the chosen tier cannot honour (400)."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class AuthenticationError(TiergateError):
+    """Missing or unknown API key (401)."""
+
+    status_code = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PermissionDeniedError(TiergateError):
+    """The key is valid but may not do this (403)."""
+
+    status_code = 403
+    error_type = "permission_error"
+    code = "permission_denied"
+
+
+class NotFoundError(TiergateError):
+    """Unknown model or resource (404)."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class PayloadTooLargeError(TiergateError):
+    """Request body over the configured limit (413)."""
+
+    status_code = 413
+    error_type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class RateLimitError(TiergateError):
+    """Too many requests: a tenant limit, a full local queue, or an upstream 429 (429)."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: float | None = None, code: str | None = None):
+        headers = {"retry-after": str(max(1, round(retry_after)))} if retry_after else None
+        super().__init__(message, code=code, headers=headers)
+        self.retry_after = retry_after
+
+
+class LocalOverloadedError(RateLimitError):
+    """The local model's queue is full."""
+
+    code = "local_queue_full"
+
+
+class BudgetExceededError(RateLimitError):
+    """The tenant's daily budget is spent and its policy says reject."""
+
+    code = "budget_exceeded"
+
+
+class BackendError(TiergateError):
+    """A backend failed while serving (502). ``retryable`` failures may fall back to another tier."""
+
+    status_code = 502
+    error_type = "api_error"
+    code = "upstream_error"
+    retryable: bool = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        upstream_status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, code=code)
+        self.upstream_status = upstream_status
+        self.retry_after = retry_after
+
+
+class UpstreamRateLimitedError(BackendError):
+    """The provider answered 429."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "upstream_rate_limited"
+
+
+class UpstreamTimeoutError(BackendError):
+    """The provider or local model did not answer in time (504)."""
+
+    status_code = 504
+    code = "upstream_timeout"
+
+
+class UpstreamBadRequestError(BackendError):
+    """The provider rejected the request as invalid (400); falling back would not help."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+    code = "upstream_bad_request"
+    retryable = False
+
+
+class TierUnavailableError(TiergateError):
+    """The chosen tier cannot serve and no fallback is allowed (503)."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "tier_unavailable"
+
+
+class ClientDisconnected(TiergateError):
+    """The client went away mid-request; recorded as ``aborted``, never sent."""
+
+    status_code = 499
+    error_type = "client_closed_request"
+    code = "client_disconnected"
