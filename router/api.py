@@ -1,0 +1,335 @@
+"""The HTTP surface: OpenAI-compatible ``/v1/*`` endpoints plus health and readiness.
+
+Handlers stay thin: parse and validate, ask the :class:`~router.gateway.Gateway` to decide and
+serve, put the decision's explanation into headers, and make sure exactly one outcome record is
+written per chat request whatever happens (success, error, client gone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from router.errors import BadRequestError, BudgetExceededError, TiergateError
+from router.gateway import Gateway, RequestContext
+from router.schemas import ChatCompletionRequest
+
+log = logging.getLogger("tiergate.api")
+router = APIRouter()
+
+# Request headers a client may use to inform the policy (further filtered by permissions).
+POLICY_HEADER_PREFIX = "x-tiergate-"
+
+
+def _gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+def _dumps(data: Any) -> bytes:
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 naming what is wrong with it."""
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequestError(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise BadRequestError("request body must be a JSON object")
+    return body
+
+
+def validate_chat(body: dict[str, Any]) -> None:
+    """Check the chat request's shape; the dict itself is passed on unchanged."""
+    try:
+        ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise BadRequestError(f"{where}: {first['msg']}", param=where or None) from exc
+
+
+def _policy_headers(request: Request) -> dict[str, str]:
+    allowed = getattr(request.state, "policy_headers", None)
+    out = {}
+    for key, value in request.headers.items():
+        if key.startswith(POLICY_HEADER_PREFIX) and (allowed is None or key in allowed):
+            out[key] = value
+    return out
+
+
+def _tenant(request: Request) -> str:
+    return str(getattr(request.state, "tenant", "default"))
+
+
+def explain_headers(ctx: RequestContext, gateway: Gateway) -> dict[str, str]:
+    """The decision's explanation as response headers."""
+    headers = {"x-request-id": ctx.request_id}
+    if ctx.policy_version:
+        headers["x-tiergate-policy-version"] = ctx.policy_version
+    headers["x-tiergate-model-version"] = gateway.scorer.version
+    if ctx.decision is not None:
+        headers["x-tiergate-rule"] = ctx.decision.rule
+        headers["x-tiergate-score"] = f"{ctx.decision.score:.4f}"
+        if ctx.decision.threshold is not None:
+            headers["x-tiergate-threshold"] = f"{ctx.decision.threshold:.4f}"
+    if ctx.served is not None:
+        headers["x-tiergate-tier"] = ctx.served.model.tier
+        headers["x-tiergate-model"] = ctx.served.model.name
+        if ctx.served.fallback:
+            headers["x-tiergate-fallback"] = ctx.served.fallback
+    return headers
+
+
+def _prompt_to_store(ctx: RequestContext, body: dict[str, Any]) -> str | None:
+    decision = ctx.decision
+    if decision is None or decision.store_prompts == "none":
+        return None
+    from router.signals import scoring_text
+
+    text = scoring_text(list(body.get("messages") or []))
+    if decision.store_prompts == "full":
+        return text
+    from router.pii import redact
+
+    return redact(text)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    """OpenAI chat completions, routed. Streams as SSE when ``stream`` is true."""
+    gateway = _gateway(request)
+    ctx = RequestContext(
+        request_id=f"req_{uuid.uuid4().hex}",
+        tenant=_tenant(request),
+        started=time.perf_counter(),
+        stream=False,
+        policy_version=gateway.policy.digest,
+    )
+    streaming_handed_off = False
+    try:
+        body = await read_json(request)
+        ctx.stream = bool(body.get("stream"))
+        validate_chat(body)
+        ctx.signals, ctx.decision = gateway.decide(
+            body, tenant=ctx.tenant, headers=_policy_headers(request)
+        )
+        ctx.prompt = _prompt_to_store(ctx, body)
+        _refuse_if_needed(ctx)
+        if ctx.stream:
+            source = await gateway.stream(ctx, body)
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            response = StreamingResponse(
+                _sse(ctx, gateway, source, include_usage),
+                media_type="text/event-stream",
+                headers={**explain_headers(ctx, gateway), "cache-control": "no-cache"},
+            )
+            streaming_handed_off = True
+            return response
+        result = await gateway.complete(ctx, body)
+        gateway.record(ctx, status="ok", http_status=200, error=None)
+        return Response(
+            _dumps(result.body),
+            media_type="application/json",
+            headers=explain_headers(ctx, gateway),
+        )
+    except TiergateError as exc:
+        exc.headers.update(explain_headers(ctx, gateway))
+        gateway.record(ctx, status="error", http_status=exc.status_code, error=exc.code)
+        raise
+    except asyncio.CancelledError:
+        gateway.record(ctx, status="aborted", http_status=499, error="client_disconnected")
+        raise
+    except Exception:
+        if not streaming_handed_off:
+            gateway.record(ctx, status="error", http_status=500, error="internal_error")
+        raise
+
+
+def _refuse_if_needed(ctx: RequestContext) -> None:
+    decision = ctx.decision
+    assert decision is not None
+    rejected = getattr(decision, "rejected", None)
+    if rejected:
+        raise BudgetExceededError(rejected)
+    unsatisfiable = getattr(decision, "unsatisfiable", None)
+    if unsatisfiable:
+        raise BadRequestError(unsatisfiable)
+
+
+async def _sse(
+    ctx: RequestContext,
+    gateway: Gateway,
+    source: AsyncIterator[dict[str, Any]],
+    include_usage: bool,
+) -> AsyncIterator[bytes]:
+    """Frame chunks as SSE, time the first token, and record the outcome once at the end."""
+    status, http_status, error = "ok", 200, None
+    saw_usage = False
+    try:
+        async for chunk in source:
+            if ctx.ttft_ms is None and chunk.get("choices"):
+                ctx.ttft_ms = (time.perf_counter() - ctx.started) * 1000.0
+            if not chunk.get("choices") and chunk.get("usage"):
+                if not include_usage:
+                    continue
+                saw_usage = True
+            yield b"data: " + _dumps(chunk) + b"\n\n"
+        if include_usage and not saw_usage:
+            yield b"data: " + _dumps(_usage_chunk(ctx)) + b"\n\n"
+        yield b"data: [DONE]\n\n"
+    except TiergateError as exc:
+        status, http_status, error = "error", exc.status_code, exc.code
+        yield b"data: " + _dumps(exc.to_body()) + b"\n\n"
+    except (asyncio.CancelledError, GeneratorExit):
+        status, http_status, error = "aborted", 499, "client_disconnected"
+        raise
+    except Exception:
+        status, http_status, error = "error", 500, "internal_error"
+        log.exception("stream %s failed", ctx.request_id)
+        raise
+    finally:
+        aclose = getattr(source, "aclose", None)
+        if aclose is not None:
+            try:
+                await aclose()
+            except Exception:  # closing a broken upstream must not mask the outcome
+                log.debug("closing stream %s failed", ctx.request_id, exc_info=True)
+        gateway.record(ctx, status=status, http_status=http_status, error=error)
+
+
+def _usage_chunk(ctx: RequestContext) -> dict[str, Any]:
+    usage = ctx.usage
+    return {
+        "id": ctx.request_id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": ctx.served.model.name if ctx.served else "",
+        "choices": [],
+        "usage": {
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        },
+    }
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    """Routing aliases and configured models, each with its availability."""
+    gateway = _gateway(request)
+    policy = gateway.policy
+    data: list[dict[str, Any]] = [
+        {
+            "id": name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "tiergate",
+            "tiergate": {"kind": "alias"},
+        }
+        for name in policy.alias_names()
+    ]
+    for name, spec in policy.models.items():
+        reason = gateway.unavailable_reason(spec)
+        data.append(
+            {
+                "id": name,
+                "object": "model",
+                "created": 0,
+                "owned_by": (spec.litellm_model or "local").split("/", 1)[0],
+                "tiergate": {
+                    "kind": "model",
+                    "tier": spec.tier,
+                    "available": reason is None,
+                    "reason": reason,
+                },
+            }
+        )
+    return {"object": "list", "data": data}
+
+
+@router.post("/v1/route")
+async def dry_run(request: Request) -> dict[str, Any]:
+    """Explain how a chat request would be routed, without calling any model."""
+    gateway = _gateway(request)
+    body = await read_json(request)
+    validate_chat(body)
+    signals, decision = gateway.decide(
+        body, tenant=_tenant(request), headers=_policy_headers(request)
+    )
+    chain = [
+        {
+            "model": spec.name,
+            "tier": spec.tier,
+            "fallback": label,
+            "unavailable": gateway.unavailable_reason(spec),
+        }
+        for spec, label in gateway.chain(decision)
+    ]
+    return {
+        "policy_version": gateway.policy.digest,
+        "model_version": gateway.scorer.version,
+        "signals": signals.as_dict(),
+        "decision": decision.as_dict(),
+        "chain": chain,
+    }
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """Liveness: the process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> JSONResponse:
+    """Readiness: the policy is parsed and the local model (if any) is loaded; with details."""
+    report = readiness(request.app.state)
+    return JSONResponse(report, status_code=200 if report["ready"] else 503)
+
+
+def readiness(state: Any) -> dict[str, Any]:
+    """The readiness report: policy, local tier, closed models, scorer."""
+    gateway: Gateway = state.gateway
+    holder = gateway.policies
+    policy = gateway.policy
+    local_reason = None
+    local_depth = 0
+    if gateway.local is not None and policy.local_model:
+        local_reason = gateway.unavailable_reason(policy.models[policy.local_model])
+        gate = getattr(gateway.local, "gate", None)
+        local_depth = gate.depth if gate is not None else 0
+    closed = {
+        name: {"available": (reason := gateway.unavailable_reason(policy.models[name])) is None,
+               "reason": reason}
+        for name in policy.closed_models
+    }
+    local_ok = gateway.local is None or local_reason is None
+    return {
+        "ready": local_ok,
+        "policy": {
+            "path": str(holder.path),
+            "version": policy.digest,
+            "last_reload_error": holder.last_error,
+        },
+        "local": {
+            "backend": state.settings.local_backend,
+            "available": gateway.local is not None and local_reason is None,
+            "reason": local_reason,
+            "queue_depth": local_depth,
+        },
+        "closed": closed,
+        "scorer": {"name": gateway.scorer.name, "version": gateway.scorer.version},
+    }

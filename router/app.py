@@ -1,0 +1,173 @@
+"""``create_app(settings)``: build the FastAPI app and everything it holds, in its lifespan.
+
+Nothing is built at import. The lifespan loads the policy, the scorer and the local model (in a
+thread), opens the outcome store and the HTTP pool, starts the background loops (policy hot
+reload, threshold calibration) and, at shutdown, stops them and drains the outcome store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from router.api import router as api_router
+from router.backends import Backend
+from router.backends.closed import ClosedBackend
+from router.backends.local import ExternalLlamaBackend, LlamaCppBackend
+from router.backends.openai_http import OpenAIHTTP
+from router.config import Settings
+from router.costs import CostBook, load_litellm_cost_map
+from router.errors import BadRequestError, ConfigError, NotFoundError, TiergateError
+from router.gateway import Gateway, PolicyHolder
+from router.outcomes import OutcomeStore, SQLiteOutcomeStore
+from router.scoring import HeuristicScorer, Scorer
+
+log = logging.getLogger("tiergate.app")
+
+
+def load_scorer(settings: Settings) -> Scorer:
+    """The shipped learned scorer when one is available, else the documented heuristic."""
+    try:
+        from router.training import load_default_scorer
+    except ImportError:
+        return HeuristicScorer()
+    try:
+        return load_default_scorer(settings.classifier_path, settings.model_store)
+    except (ConfigError, FileNotFoundError) as exc:
+        log.warning("no trained classifier (%s); using the heuristic scorer", exc)
+        return HeuristicScorer()
+
+
+def build_outcome_store(settings: Settings) -> OutcomeStore:
+    """SQLite by default; Redis when ``redis_url`` is set."""
+    if settings.redis_url:
+        from router.outcomes import RedisOutcomeStore  # type: ignore[attr-defined]
+
+        store: OutcomeStore = RedisOutcomeStore(settings.redis_url, settings=settings)
+        return store
+    return SQLiteOutcomeStore(settings.sqlite_path, queue_size=settings.outcome_queue_size)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    scorer: Scorer | None = None,
+    outcomes: OutcomeStore | None = None,
+    environ: Mapping[str, str] | None = None,
+    local_backend: Backend | None = None,
+) -> FastAPI:
+    """Build the app. Keyword arguments replace parts (tests, embedding) and are optional."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        http = OpenAIHTTP(timeout_s=settings.closed_timeout_s)
+        policy = PolicyHolder(settings.policy)
+        store = outcomes if outcomes is not None else build_outcome_store(settings)
+        store.start()
+        local = local_backend
+        if local is None and settings.local_backend == "llama_cpp":
+            llama = LlamaCppBackend(settings)
+            try:
+                await asyncio.to_thread(llama.load)
+            except ConfigError as exc:
+                log.error("local model not loaded: %s", exc)
+            local = llama
+        elif local is None and settings.local_backend == "openai_http":
+            local = ExternalLlamaBackend(settings, http)
+        gateway = Gateway(
+            policy=policy,
+            scorer=scorer if scorer is not None else await asyncio.to_thread(load_scorer, settings),
+            local=local,
+            closed=ClosedBackend(http, timeout_s=settings.closed_timeout_s, environ=environ),
+            costs=CostBook(
+                load_litellm_cost_map(), local_price_per_mtok=settings.local_price_per_mtok
+            ),
+            outcomes=store,
+        )
+        app.state.gateway = gateway
+        tasks = [asyncio.create_task(_watch_policy(gateway, settings.policy_reload_s))]
+        log.info(
+            "tiergate ready: policy %s, scorer %s, local %s",
+            policy.policy.digest,
+            gateway.scorer.version,
+            settings.local_backend,
+        )
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await gateway.aclose()
+            await http.aclose()
+            await asyncio.to_thread(store.close)
+
+    app = FastAPI(
+        title="Tiergate",
+        summary="Routes each OpenAI chat request to a local open model or a closed API.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.include_router(api_router)
+    install_error_handlers(app)
+    return app
+
+
+async def _watch_policy(gateway: Gateway, every_s: float) -> None:
+    if every_s <= 0:
+        return
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            gateway.policies.check()
+        except Exception:  # the watcher must survive anything; the error is logged
+            log.exception("policy watcher failed")
+
+
+def _error_response(exc: TiergateError) -> JSONResponse:
+    return JSONResponse(exc.to_body(), status_code=exc.status_code, headers=exc.headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """One place where every error becomes OpenAI-shaped JSON."""
+
+    async def on_tiergate(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, TiergateError)
+        return _error_response(exc)
+
+    async def on_validation(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        first: dict[str, Any] = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return _error_response(BadRequestError(f"{where}: {first.get('msg', 'invalid')}"))
+
+    async def on_http(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 404:
+            err: TiergateError = NotFoundError("no such route", code="not_found")
+        else:
+            err = TiergateError(str(exc.detail), code=f"http_{exc.status_code}")
+            err.status_code = exc.status_code
+            err.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return _error_response(err)
+
+    async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return _error_response(TiergateError("internal error"))
+
+    app.add_exception_handler(TiergateError, on_tiergate)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(Exception, on_unexpected)

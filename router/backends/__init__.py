@@ -1,0 +1,76 @@
+"""Backends serve a chat request on one tier: the local GGUF model or a closed API.
+
+Every backend speaks OpenAI's chat format in and out (plain dicts), so the web layer never
+branches on the provider. A backend raises only :mod:`router.errors` exceptions; the mapping from
+httpx, litellm or llama.cpp exceptions happens inside the backend, in one place each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+class ModelLike(Protocol):
+    """The parts of a policy ``ModelSpec`` a backend reads."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def tier(self) -> str: ...
+    @property
+    def litellm_model(self) -> str | None: ...
+    @property
+    def api_base(self) -> str | None: ...
+    @property
+    def api_key_env(self) -> str | None: ...
+    @property
+    def timeout_s(self) -> float | None: ...
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token counts of one call; filled in as a stream goes, complete once it ends."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(slots=True)
+class Completion:
+    """A finished non-streaming answer: the OpenAI ``chat.completion`` body and its usage."""
+
+    body: dict[str, Any]
+    usage: Usage
+
+
+class Backend(Protocol):
+    """One tier's way of answering. ``stream`` yields OpenAI ``chat.completion.chunk`` dicts."""
+
+    def unavailable_reason(self, model: ModelLike) -> str | None:
+        """None when ``model`` can be served now, else a short reason (no key, not loaded...)."""
+        ...
+
+    async def complete(self, model: ModelLike, body: dict[str, Any]) -> Completion:
+        """Answer ``body`` (an OpenAI chat request) in one piece."""
+        ...
+
+    def stream(
+        self, model: ModelLike, body: dict[str, Any], usage: Usage
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Answer ``body`` as chunks, updating ``usage`` as they come."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections, threads and models."""
+        ...
+
+
+def usage_from_body(body: dict[str, Any]) -> Usage:
+    """Read OpenAI's ``usage`` object (absent or partial is fine)."""
+    raw = body.get("usage") or {}
+    return Usage(
+        prompt_tokens=int(raw.get("prompt_tokens") or 0),
+        completion_tokens=int(raw.get("completion_tokens") or 0),
+    )

@@ -1,0 +1,199 @@
+"""The closed tier: frontier APIs named by litellm model names (``openai/...``, ``anthropic/...``).
+
+``openai/...`` models, and any model with an OpenAI-compatible ``api_base``, are called directly
+over the pooled httpx client (:mod:`router.backends.openai_http`): that path adds well under a
+millisecond. Every other provider goes through ``litellm.acompletion``, which translates the
+request to the provider's own protocol. litellm is imported lazily, on the first such call, with
+``LITELLM_LOCAL_MODEL_COST_MAP=True`` so it never reaches for the network. A model can force
+the litellm path with ``transport: litellm`` in the policy.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from router.backends import Completion, ModelLike, Usage, usage_from_body
+from router.backends.openai_http import OpenAIHTTP
+from router.errors import (
+    BackendError,
+    TiergateError,
+    UpstreamBadRequestError,
+    UpstreamRateLimitedError,
+    UpstreamTimeoutError,
+)
+
+# The providers' usual environment variables for their keys.
+PROVIDER_KEY_ENV = {
+    "openai": "OPENAI_API_KEY",
+    "anthropic": "ANTHROPIC_API_KEY",
+    "gemini": "GEMINI_API_KEY",
+    "mistral": "MISTRAL_API_KEY",
+    "groq": "GROQ_API_KEY",
+    "deepseek": "DEEPSEEK_API_KEY",
+    "together_ai": "TOGETHERAI_API_KEY",
+    "openrouter": "OPENROUTER_API_KEY",
+}
+_OPENAI_DEFAULT_BASE = "https://api.openai.com/v1"
+# Fields of an OpenAI chat request that are Tiergate's own or must not reach a provider.
+_STRIP = ("model", "metadata", "user_tier")
+
+
+def provider_of(litellm_model: str) -> str:
+    """``openai/gpt-4o`` -> ``openai``; a bare name is taken as OpenAI's, as litellm does."""
+    return litellm_model.split("/", 1)[0] if "/" in litellm_model else "openai"
+
+
+class ClosedBackend:
+    """Serves closed models through the direct OpenAI path or litellm (see module docstring)."""
+
+    def __init__(
+        self, http: OpenAIHTTP, *, timeout_s: float, environ: Mapping[str, str] | None = None
+    ) -> None:
+        self._http = http
+        self._timeout_s = timeout_s
+        self._environ = environ if environ is not None else os.environ
+        self._litellm: Any = None
+
+    def api_key(self, model: ModelLike) -> str | None:
+        """The key for ``model`` from its ``api_key_env`` or its provider's usual variable."""
+        env = model.api_key_env or PROVIDER_KEY_ENV.get(provider_of(model.litellm_model or ""))
+        return self._environ.get(env) if env else None
+
+    def unavailable_reason(self, model: ModelLike) -> str | None:
+        """Unavailable when no key is configured (a keyless local URL needs ``api_key_env``)."""
+        if not model.litellm_model:
+            return "closed model has no litellm_model"
+        if self.api_key(model):
+            return None
+        env = model.api_key_env or PROVIDER_KEY_ENV.get(provider_of(model.litellm_model), "?")
+        return f"no API key: set {env}"
+
+    def _direct(self, model: ModelLike) -> bool:
+        if getattr(model, "transport", "auto") == "litellm":
+            return False
+        return provider_of(model.litellm_model or "") == "openai"
+
+    def _request(self, model: ModelLike, body: dict[str, Any]) -> dict[str, Any]:
+        request = {k: v for k, v in body.items() if k not in _STRIP}
+        request["model"] = (model.litellm_model or "").split("/", 1)[-1]
+        return request
+
+    def _timeout(self, model: ModelLike) -> float:
+        return model.timeout_s or self._timeout_s
+
+    async def complete(self, model: ModelLike, body: dict[str, Any]) -> Completion:
+        """One answer from the provider."""
+        if self._direct(model):
+            result = await self._http.complete(
+                model.api_base or _OPENAI_DEFAULT_BASE,
+                self._request(model, body),
+                api_key=self.api_key(model),
+                label=model.name,
+                timeout_s=self._timeout(model),
+            )
+        else:
+            result = await self._litellm_complete(model, body)
+        result.body["model"] = model.name
+        return result
+
+    async def stream(
+        self, model: ModelLike, body: dict[str, Any], usage: Usage
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Chunks from the provider."""
+        if self._direct(model):
+            source = self._http.stream(
+                model.api_base or _OPENAI_DEFAULT_BASE,
+                self._request(model, body),
+                usage,
+                api_key=self.api_key(model),
+                label=model.name,
+                timeout_s=self._timeout(model),
+            )
+        else:
+            source = self._litellm_stream(model, body, usage)
+        async for chunk in source:
+            chunk["model"] = model.name
+            yield chunk
+
+    # -- litellm ---------------------------------------------------------------------------
+
+    def _litellm_module(self) -> Any:
+        if self._litellm is None:
+            os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+            import litellm
+
+            litellm.telemetry = False
+            litellm.suppress_debug_info = True
+            self._litellm = litellm
+        return self._litellm
+
+    def _litellm_kwargs(self, model: ModelLike, body: dict[str, Any]) -> dict[str, Any]:
+        kwargs = {k: v for k, v in body.items() if k not in _STRIP}
+        kwargs["model"] = model.litellm_model
+        kwargs["api_key"] = self.api_key(model)
+        kwargs["timeout"] = self._timeout(model)
+        kwargs["num_retries"] = 0
+        if model.api_base:
+            kwargs["api_base"] = model.api_base
+        return kwargs
+
+    async def _litellm_complete(self, model: ModelLike, body: dict[str, Any]) -> Completion:
+        litellm = self._litellm_module()
+        try:
+            response = await litellm.acompletion(**self._litellm_kwargs(model, body), stream=False)
+        except Exception as exc:  # litellm raises many types; mapped in one place
+            raise map_litellm_error(exc, model.name) from exc
+        payload = response.model_dump(exclude_none=True)
+        return Completion(body=payload, usage=usage_from_body(payload))
+
+    async def _litellm_stream(
+        self, model: ModelLike, body: dict[str, Any], usage: Usage
+    ) -> AsyncIterator[dict[str, Any]]:
+        litellm = self._litellm_module()
+        kwargs = self._litellm_kwargs(model, body)
+        options = dict(kwargs.get("stream_options") or {})
+        options["include_usage"] = True
+        kwargs["stream_options"] = options
+        try:
+            response = await litellm.acompletion(**kwargs, stream=True)
+            async for chunk in response:
+                data = chunk.model_dump(exclude_none=True)
+                if data.get("usage"):
+                    got = usage_from_body(data)
+                    usage.prompt_tokens, usage.completion_tokens = (
+                        got.prompt_tokens,
+                        got.completion_tokens,
+                    )
+                yield data
+        except TiergateError:
+            raise
+        except Exception as exc:  # litellm raises many types; mapped in one place
+            raise map_litellm_error(exc, model.name) from exc
+
+    async def aclose(self) -> None:
+        """The HTTP pool is shared and closed by its owner."""
+
+
+def map_litellm_error(exc: Exception, label: str) -> TiergateError:
+    """Map a litellm exception to Tiergate's hierarchy by its HTTP status and kind."""
+    status = getattr(exc, "status_code", None)
+    name = type(exc).__name__
+    message = f"{label}: {name}: {str(exc)[:300]}"
+    if "Timeout" in name or status in (408, 504):
+        return UpstreamTimeoutError(message, upstream_status=status)
+    if status == 429 or "RateLimit" in name:
+        response = getattr(exc, "response", None)
+        retry = None
+        if response is not None:
+            try:
+                retry = float(response.headers.get("retry-after"))
+            except (TypeError, ValueError):
+                retry = None
+        return UpstreamRateLimitedError(message, upstream_status=429, retry_after=retry)
+    if status in (400, 413, 422) or "BadRequest" in name or "ContextWindow" in name:
+        return UpstreamBadRequestError(message, upstream_status=status)
+    if "Connection" in name:
+        return BackendError(message, code="upstream_unreachable", upstream_status=status)
+    return BackendError(message, upstream_status=status if isinstance(status, int) else None)

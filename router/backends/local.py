@@ -1,0 +1,340 @@
+"""The local tier: a GGUF model in process through llama-cpp-python, or an external llama.cpp server.
+
+In process, one ``Llama`` instance generates one answer at a time on a dedicated worker thread, so
+inference never blocks the event loop. Requests wait in a bounded queue (:class:`Gate`); when it
+is full the caller gets :class:`~router.errors.LocalOverloadedError` and the policy decides
+whether to spill to the closed tier or answer 429. Streams are bridged from the worker thread to
+asyncio; when the consumer goes away (client disconnect), generation stops at the next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from router.backends import Completion, ModelLike, Usage
+from router.backends.openai_http import OpenAIHTTP
+from router.config import Settings
+from router.errors import BackendError, BadRequestError, ConfigError, LocalOverloadedError
+
+# Request fields llama-cpp-python's create_chat_completion honours, passed through unchanged.
+_PASSTHROUGH = (
+    "temperature",
+    "top_p",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "response_format",
+    "logprobs",
+    "top_logprobs",
+)
+
+
+class Gate:
+    """At most ``slots`` callers run at once and at most ``queue_size`` wait; beyond that, full."""
+
+    def __init__(self, slots: int, queue_size: int) -> None:
+        self._sem = asyncio.Semaphore(slots)
+        self._queue_size = queue_size
+        self.waiting = 0
+        self.running = 0
+
+    @property
+    def depth(self) -> int:
+        """Requests running plus waiting: the local tier's queue depth."""
+        return self.waiting + self.running
+
+    async def acquire(self) -> None:
+        """Take a slot, or raise :class:`LocalOverloadedError` when the queue is full."""
+        if self._sem.locked() and self.waiting >= self._queue_size:
+            raise LocalOverloadedError(
+                f"local model busy: {self.running} running, {self.waiting} waiting",
+                retry_after=1.0,
+            )
+        self.waiting += 1
+        try:
+            await self._sem.acquire()
+        finally:
+            self.waiting -= 1
+        self.running += 1
+
+    def release(self) -> None:
+        """Give the slot back."""
+        self.running -= 1
+        self._sem.release()
+
+
+def with_system_prompt(messages: list[dict[str, Any]], system_prompt: str) -> list[dict[str, Any]]:
+    """Small instruct models answer sensibly only with a system message: add one if absent."""
+    if any(m.get("role") in ("system", "developer") for m in messages):
+        return messages
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
+def check_local_request(body: dict[str, Any]) -> None:
+    """Refuse, with a clear 400, what the local tier cannot honour instead of dropping it."""
+    if body.get("tools") or body.get("functions"):
+        raise BadRequestError("the local model does not support tools", param="tools")
+    if int(body.get("n") or 1) != 1:
+        raise BadRequestError("the local model generates one choice (n=1) only", param="n")
+    for message in body.get("messages") or []:
+        content = message.get("content")
+        if isinstance(content, list) and any(
+            isinstance(p, dict) and p.get("type") not in (None, "text") for p in content
+        ):
+            raise BadRequestError("the local model does not accept images", param="messages")
+
+
+def _text_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Flatten text-only content-part arrays into strings, which every chat template accepts."""
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            m = {**m, "content": "".join(str(p.get("text", "")) for p in content)}
+        out.append(m)
+    return out
+
+
+class _Cancelled(Exception):
+    """Raised inside the worker when the consumer has gone away."""
+
+
+class LlamaCppBackend:
+    """A GGUF model in this process (CPU, or GPU with ``n_gpu_layers``)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._llm: Any = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
+        self.gate = Gate(slots=1, queue_size=settings.local_queue_size)
+        self.load_error: str | None = None
+
+    def load(self) -> None:
+        """Load the GGUF (blocking; call from a thread at start-up)."""
+        path = self._settings.local_model_path
+        if not path.is_file():
+            self.load_error = f"GGUF not found at {path} (run 'tiergate fetch-model')"
+            raise ConfigError(self.load_error)
+        try:
+            from llama_cpp import Llama
+        except ImportError as exc:
+            self.load_error = "llama-cpp-python is not installed (pip install 'tiergate[local]')"
+            raise ConfigError(self.load_error) from exc
+        try:
+            self._llm = Llama(
+                model_path=str(path),
+                n_ctx=self._settings.n_ctx,
+                n_threads=self._settings.n_threads,
+                n_batch=self._settings.n_batch,
+                n_gpu_layers=self._settings.n_gpu_layers,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as exc:
+            self.load_error = f"cannot load GGUF {path}: {exc}"
+            raise ConfigError(self.load_error) from exc
+        self.load_error = None
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the model is in memory."""
+        return self._llm is not None
+
+    def unavailable_reason(self, model: ModelLike) -> str | None:
+        """None once the model is loaded."""
+        return None if self._llm is not None else (self.load_error or "local model not loaded")
+
+    def _kwargs(self, body: dict[str, Any]) -> dict[str, Any]:
+        check_local_request(body)
+        messages = with_system_prompt(
+            _text_messages(list(body["messages"])), self._settings.default_system_prompt
+        )
+        kwargs: dict[str, Any] = {"messages": messages}
+        for key in _PASSTHROUGH:
+            if body.get(key) is not None:
+                kwargs[key] = body[key]
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        if max_tokens is not None:
+            kwargs["max_tokens"] = int(max_tokens)
+        if body.get("logit_bias"):
+            kwargs["logit_bias"] = {int(k): float(v) for k, v in body["logit_bias"].items()}
+        return kwargs
+
+    async def complete(self, model: ModelLike, body: dict[str, Any]) -> Completion:
+        """Generate one answer on the worker thread."""
+        kwargs = self._kwargs(body)
+        usage = Usage()
+        parts: list[str] = []
+        finish: str | None = None
+        async for chunk in self.stream(model, body, usage, _kwargs=kwargs):
+            for choice in chunk.get("choices") or []:
+                parts.append(choice.get("delta", {}).get("content") or "")
+                finish = choice.get("finish_reason") or finish
+        return Completion(
+            body={
+                "id": f"chatcmpl-{uuid.uuid4().hex}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model.name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "".join(parts)},
+                        "finish_reason": finish or "stop",
+                        "logprobs": None,
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": usage.prompt_tokens,
+                    "completion_tokens": usage.completion_tokens,
+                    "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+                },
+            },
+            usage=usage,
+        )
+
+    async def stream(
+        self,
+        model: ModelLike,
+        body: dict[str, Any],
+        usage: Usage,
+        *,
+        _kwargs: dict[str, Any] | None = None,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Stream chunks from the worker thread; stop generating when the consumer leaves."""
+        if self._llm is None:
+            raise BackendError(self.unavailable_reason(model) or "local model not loaded")
+        kwargs = _kwargs if _kwargs is not None else self._kwargs(body)
+        await self.gate.acquire()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        cancel = threading.Event()
+        done = object()
+
+        def emit(item: Any) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def work() -> None:
+            try:
+                for chunk in self._generate(kwargs, cancel, usage):
+                    emit(chunk)
+            except BaseException as exc:  # handed to the consumer, which re-raises it
+                emit(exc)
+            finally:
+                emit(done)
+
+        future = loop.run_in_executor(self._executor, work)
+        # The slot is released when the worker has really finished, not when the consumer
+        # leaves, so two generations never share one llama.cpp context.
+        future.add_done_callback(lambda _f: self.gate.release())
+        chat_id = f"chatcmpl-{uuid.uuid4().hex}"
+        try:
+            while True:
+                item = await queue.get()
+                if item is done:
+                    return
+                if isinstance(item, _Cancelled):
+                    return
+                if isinstance(item, BaseException):
+                    raise BackendError(f"local generation failed: {item}") from item
+                item["id"] = chat_id
+                item["model"] = model.name
+                yield item
+        finally:
+            cancel.set()
+
+    def _generate(
+        self, kwargs: dict[str, Any], cancel: threading.Event, usage: Usage
+    ) -> Iterator[dict[str, Any]]:
+        llm = self._llm
+        chunks = llm.create_chat_completion(**kwargs, stream=True)
+        completion = 0
+        try:
+            for chunk in chunks:
+                if cancel.is_set():
+                    raise _Cancelled
+                choice = (chunk.get("choices") or [{}])[0]
+                if choice.get("delta", {}).get("content"):
+                    completion += 1
+                yield chunk
+        finally:
+            with contextlib.suppress(Exception):
+                chunks.close()
+            usage.completion_tokens = completion
+            usage.prompt_tokens = max(0, int(llm.n_tokens) - completion)
+
+    async def aclose(self) -> None:
+        """Stop the worker thread and free the model."""
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            with contextlib.suppress(Exception):
+                llm.close()
+
+
+class ExternalLlamaBackend:
+    """A llama.cpp OpenAI-compatible server reached by URL: how the local tier scales out."""
+
+    def __init__(self, settings: Settings, http: OpenAIHTTP, *, slots: int = 4) -> None:
+        if not settings.local_base_url:
+            raise ConfigError("local_backend=openai_http needs TIERGATE_LOCAL_BASE_URL")
+        self._settings = settings
+        self._base = settings.local_base_url
+        self._http = http
+        self.gate = Gate(slots=slots, queue_size=settings.local_queue_size)
+
+    def unavailable_reason(self, model: ModelLike) -> str | None:
+        """Always None: reachability shows per request and triggers the fallback."""
+        return None
+
+    def _body(self, model: ModelLike, body: dict[str, Any]) -> dict[str, Any]:
+        check_local_request(body)
+        messages = with_system_prompt(list(body["messages"]), self._settings.default_system_prompt)
+        return {**body, "model": model.litellm_model or model.name, "messages": messages}
+
+    async def complete(self, model: ModelLike, body: dict[str, Any]) -> Completion:
+        """One answer from the external server."""
+        request = self._body(model, body)
+        await self.gate.acquire()
+        try:
+            result = await self._http.complete(
+                self._base,
+                request,
+                api_key=self._settings.local_api_key,
+                label="local llama.cpp server",
+                timeout_s=self._settings.local_timeout_s,
+            )
+        finally:
+            self.gate.release()
+        result.body["model"] = model.name
+        return result
+
+    async def stream(
+        self, model: ModelLike, body: dict[str, Any], usage: Usage
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Stream from the external server."""
+        request = self._body(model, body)
+        await self.gate.acquire()
+        try:
+            async for chunk in self._http.stream(
+                self._base,
+                request,
+                usage,
+                api_key=self._settings.local_api_key,
+                label="local llama.cpp server",
+                timeout_s=self._settings.local_timeout_s,
+            ):
+                chunk["model"] = model.name
+                yield chunk
+        finally:
+            self.gate.release()
+
+    async def aclose(self) -> None:
+        """Nothing of its own to close: the HTTP pool is shared."""

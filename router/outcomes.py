@@ -1,0 +1,327 @@
+"""The outcome store: one record per request, success or failure, written off the request path.
+
+:class:`OutcomeRecord` is what Tiergate learns and reports from. Stores implement
+:class:`OutcomeStore`; :class:`SQLiteOutcomeStore` is the embedded default. ``submit`` never blocks
+and never raises: records go to an in-memory queue that a writer thread drains in batches, and
+``close`` drains it fully, so nothing is lost at shutdown. Write failures are counted, logged and
+retried, never turned into request errors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger("tiergate.outcomes")
+
+
+@dataclass(slots=True)
+class OutcomeRecord:
+    """What happened to one request. ``signals`` never holds prompt text."""
+
+    id: str
+    ts: float
+    tenant: str
+    alias: str
+    tier: str | None
+    model: str | None
+    rule: str | None
+    score: float | None
+    threshold: float | None
+    policy_version: str | None
+    model_version: str | None
+    status: str  # ok | error | aborted
+    http_status: int
+    stream: bool
+    latency_ms: float
+    ttft_ms: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    counterfactual_cost_usd: float = 0.0
+    error_type: str | None = None
+    fallback: str | None = None
+    capability: str | None = None
+    stakes: str | None = None
+    signals: dict[str, Any] = field(default_factory=dict)
+    prompt: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+FIELDS: tuple[str, ...] = tuple(f.name for f in fields(OutcomeRecord))
+_JSON_FIELDS = {"signals"}
+_BOOL_FIELDS = {"stream"}
+
+
+class OutcomeStore(Protocol):
+    """Where records go. ``submit`` is called on the request path and must never block or raise."""
+
+    def submit(self, record: OutcomeRecord) -> None:
+        """Queue one record for writing."""
+        ...
+
+    def start(self) -> None:
+        """Start writing (threads, connections)."""
+        ...
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Write everything queued, then stop."""
+        ...
+
+    def recent(self, limit: int = 20, tenant: str | None = None) -> list[dict[str, Any]]:
+        """The newest records, newest first."""
+        ...
+
+    def count(self, tenant: str | None = None) -> int:
+        """How many records are stored."""
+        ...
+
+    def spend_today(self, tenant: str) -> float:
+        """USD recorded for ``tenant`` since 00:00 UTC, including queued records."""
+        ...
+
+    def recent_scores(self, alias: str | None = None, limit: int = 2000) -> list[float]:
+        """Routing scores of recent auto-routed requests, for online threshold calibration."""
+        ...
+
+
+def _day(ts: float) -> int:
+    return int(ts // 86400)
+
+
+class SpendLedger:
+    """Per-tenant spend for the current UTC day, kept in memory so budgets cost no I/O."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._day = _day(time.time())
+        self._spend: dict[str, float] = defaultdict(float)
+
+    def add(self, tenant: str, usd: float, ts: float) -> None:
+        """Count ``usd`` for ``tenant`` if ``ts`` is today."""
+        with self._lock:
+            today = _day(time.time())
+            if today != self._day:
+                self._day, self._spend = today, defaultdict(float)
+            if _day(ts) == today and usd:
+                self._spend[tenant] += usd
+
+    def get(self, tenant: str) -> float:
+        """USD spent today by ``tenant``."""
+        with self._lock:
+            if _day(time.time()) != self._day:
+                return 0.0
+            return self._spend.get(tenant, 0.0)
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outcomes (
+    id TEXT PRIMARY KEY, ts REAL NOT NULL, tenant TEXT NOT NULL, alias TEXT NOT NULL,
+    tier TEXT, model TEXT, rule TEXT, score REAL, threshold REAL, policy_version TEXT,
+    model_version TEXT, status TEXT NOT NULL, http_status INTEGER NOT NULL, stream INTEGER NOT NULL,
+    latency_ms REAL NOT NULL, ttft_ms REAL, prompt_tokens INTEGER, completion_tokens INTEGER,
+    cost_usd REAL, counterfactual_cost_usd REAL, error_type TEXT, fallback TEXT,
+    capability TEXT, stakes TEXT, signals TEXT, prompt TEXT
+);
+CREATE INDEX IF NOT EXISTS outcomes_ts ON outcomes (ts);
+CREATE INDEX IF NOT EXISTS outcomes_tenant_ts ON outcomes (tenant, ts);
+"""
+
+
+def row_to_dict(row: sqlite3.Row) -> dict[str, Any]:
+    """Decode one stored row back into a record dict."""
+    out = dict(row)
+    for key in _JSON_FIELDS:
+        if out.get(key):
+            out[key] = json.loads(out[key])
+    for key in _BOOL_FIELDS:
+        out[key] = bool(out[key])
+    return out
+
+
+class SQLiteOutcomeStore:
+    """Records in one SQLite file (WAL mode), written by a background thread in batches."""
+
+    def __init__(self, path: Path, *, queue_size: int = 100_000, batch: int = 500) -> None:
+        self.path = path
+        self._queue: queue.Queue[OutcomeRecord | None] = queue.Queue(maxsize=queue_size)
+        self._batch = batch
+        self._thread: threading.Thread | None = None
+        self._read_lock = threading.Lock()
+        self._reader: sqlite3.Connection | None = None
+        self.ledger = SpendLedger()
+        self.written = 0
+        self.write_errors = 0
+        self.dropped = 0
+        self._pending = 0
+        self._settled = threading.Condition()
+
+    def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+    def start(self) -> None:
+        """Create the schema, load today's spend and start the writer thread."""
+        conn = self._connect()
+        conn.executescript(_SCHEMA)
+        start_of_day = _day(time.time()) * 86400
+        for tenant, spent in conn.execute(
+            "SELECT tenant, SUM(cost_usd) FROM outcomes WHERE ts >= ? GROUP BY tenant",
+            (start_of_day,),
+        ):
+            self.ledger.add(tenant, float(spent or 0.0), time.time())
+        conn.close()
+        self._reader = self._connect()
+        self._thread = threading.Thread(target=self._run, name="outcome-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, record: OutcomeRecord) -> None:
+        """Queue a record; if the queue is full, wait briefly rather than lose it."""
+        self.ledger.add(record.tenant, record.cost_usd, record.ts)
+        with self._settled:
+            self._pending += 1
+        try:
+            self._queue.put(record, timeout=5.0)
+        except queue.Full:
+            self._settle(0, 1)
+            log.error("outcome queue full; record %s dropped", record.id)
+
+    def _settle(self, written: int, dropped: int) -> None:
+        with self._settled:
+            self.written += written
+            self.dropped += dropped
+            self._pending -= written + dropped
+            self._settled.notify_all()
+
+    def _run(self) -> None:
+        conn = self._connect()
+        stop = False
+        while not stop:
+            item = self._queue.get()
+            batch: list[OutcomeRecord] = []
+            if item is None:
+                stop = True
+            else:
+                batch.append(item)
+            while len(batch) < self._batch:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch.append(more)
+            if batch:
+                self._write(conn, batch)
+        conn.close()
+
+    def _write(self, conn: sqlite3.Connection, batch: list[OutcomeRecord]) -> None:
+        rows = [_encode(r) for r in batch]
+        sql = (
+            f"INSERT OR REPLACE INTO outcomes ({', '.join(FIELDS)}) "
+            f"VALUES ({', '.join('?' for _ in FIELDS)})"
+        )
+        for attempt in range(5):
+            try:
+                with conn:
+                    conn.executemany(sql, rows)
+                self._settle(len(rows), 0)
+                return
+            except sqlite3.Error as exc:  # counted and retried; never surfaced to a request
+                self.write_errors += 1
+                log.warning("outcome write failed (attempt %d): %s", attempt + 1, exc)
+                time.sleep(0.2 * (attempt + 1))
+        self._settle(0, len(rows))
+        log.error("gave up writing %d outcome records", len(rows))
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Drain the queue and stop the writer."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout_s)
+            self._thread = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait until every record submitted so far is written (or dropped); True if it was."""
+        with self._settled:
+            return self._settled.wait_for(lambda: self._pending == 0, timeout=timeout_s)
+
+    def _query(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        if self._reader is None:
+            self._reader = self._connect()
+        with self._read_lock:
+            return list(self._reader.execute(sql, tuple(params)))
+
+    def recent(self, limit: int = 20, tenant: str | None = None) -> list[dict[str, Any]]:
+        """The newest records, newest first."""
+        if tenant is None:
+            rows = self._query("SELECT * FROM outcomes ORDER BY ts DESC LIMIT ?", (limit,))
+        else:
+            rows = self._query(
+                "SELECT * FROM outcomes WHERE tenant = ? ORDER BY ts DESC LIMIT ?", (tenant, limit)
+            )
+        return [row_to_dict(r) for r in rows]
+
+    def get(self, record_id: str) -> dict[str, Any] | None:
+        """One record by request id."""
+        rows = self._query("SELECT * FROM outcomes WHERE id = ?", (record_id,))
+        return row_to_dict(rows[0]) if rows else None
+
+    def count(self, tenant: str | None = None) -> int:
+        """How many records are stored."""
+        if tenant is None:
+            rows = self._query("SELECT COUNT(*) FROM outcomes")
+        else:
+            rows = self._query("SELECT COUNT(*) FROM outcomes WHERE tenant = ?", (tenant,))
+        return int(rows[0][0])
+
+    def spend_today(self, tenant: str) -> float:
+        """USD recorded for ``tenant`` today (from the in-memory ledger)."""
+        return self.ledger.get(tenant)
+
+    def recent_scores(self, alias: str | None = None, limit: int = 2000) -> list[float]:
+        """Scores of recent requests that were scored, newest first."""
+        if alias is None:
+            rows = self._query(
+                "SELECT score FROM outcomes WHERE score IS NOT NULL ORDER BY ts DESC LIMIT ?",
+                (limit,),
+            )
+        else:
+            rows = self._query(
+                "SELECT score FROM outcomes WHERE score IS NOT NULL AND alias = ? "
+                "ORDER BY ts DESC LIMIT ?",
+                (alias, limit),
+            )
+        return [float(r[0]) for r in rows]
+
+
+def _encode(record: OutcomeRecord) -> tuple[Any, ...]:
+    values = []
+    for name in FIELDS:
+        value = getattr(record, name)
+        if name in _JSON_FIELDS:
+            value = json.dumps(value, separators=(",", ":"), default=str)
+        elif name in _BOOL_FIELDS:
+            value = int(bool(value))
+        values.append(value)
+    return tuple(values)

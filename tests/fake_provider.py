@@ -1,0 +1,234 @@
+"""A loopback HTTP server that plays a closed provider, speaking the real wire protocols.
+
+* OpenAI: ``POST .../chat/completions`` (JSON, or SSE chunks ending in ``data: [DONE]``).
+* Anthropic: ``POST .../v1/messages`` (JSON, or Anthropic's named SSE events).
+
+It records every request it receives (path, headers, JSON body) so tests can assert what left the
+machine, and it can be told to misbehave: fail with a status, rate-limit with ``Retry-After``,
+stall past a timeout, reset the connection mid-stream, or answer with a tool call.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass
+class Received:
+    """One request the fake provider got."""
+
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+
+@dataclass
+class Behaviour:
+    """How to answer the next requests. ``mode`` is one of:
+    ok, status, rate_limit, stall, reset_mid_stream, tool_call."""
+
+    mode: str = "ok"
+    status: int = 500
+    retry_after: int = 7
+    stall_s: float = 5.0
+    text: str = "Hello from the closed model, streamed word by word."
+
+
+@dataclass
+class FakeProvider:
+    """Run with ``with FakeProvider() as fake:``; ``fake.base_url`` ends in ``/v1``."""
+
+    received: list[Received] = field(default_factory=list)
+    behaviour: Behaviour = field(default_factory=Behaviour)
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        provider = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                try:
+                    body = json.loads(raw or b"{}")
+                except json.JSONDecodeError:
+                    body = {"_raw": raw.decode(errors="replace")}
+                with provider._lock:
+                    provider.received.append(
+                        Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+                    )
+                provider._answer(self, body)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        """The provider's base URL, ``http://127.0.0.1:PORT/v1``."""
+        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+
+    def __enter__(self) -> FakeProvider:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def reset(self, behaviour: Behaviour | None = None) -> None:
+        """Forget what was received and answer normally (or as told)."""
+        with self._lock:
+            self.received.clear()
+        self.behaviour = behaviour or Behaviour()
+
+    # -- answering ---------------------------------------------------------------------------
+
+    def _answer(self, h: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        b = self.behaviour
+        anthropic = h.path.rstrip("/").endswith("/messages")
+        if b.mode == "status":
+            self._json(h, b.status, {"error": {"message": "upstream exploded", "type": "server_error"}})
+            return
+        if b.mode == "rate_limit":
+            self._json(
+                h, 429, {"error": {"message": "slow down", "type": "rate_limit_error"}},
+                extra={"retry-after": str(b.retry_after)},
+            )
+            return
+        if b.mode == "stall":
+            time.sleep(b.stall_s)
+        if body.get("stream"):
+            (self._anthropic_stream if anthropic else self._openai_stream)(h, body)
+        else:
+            (self._anthropic_json if anthropic else self._openai_json)(h, body)
+
+    @staticmethod
+    def _json(
+        h: BaseHTTPRequestHandler, status: int, payload: Any, extra: dict[str, str] | None = None
+    ) -> None:
+        data = json.dumps(payload).encode()
+        h.send_response(status)
+        h.send_header("content-type", "application/json")
+        h.send_header("content-length", str(len(data)))
+        for k, v in (extra or {}).items():
+            h.send_header(k, v)
+        h.end_headers()
+        h.wfile.write(data)
+
+    def _openai_json(self, h: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        b = self.behaviour
+        if b.mode == "tool_call" and body.get("tools"):
+            message: dict[str, Any] = {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_fake_1",
+                        "type": "function",
+                        "function": {
+                            "name": body["tools"][0]["function"]["name"],
+                            "arguments": json.dumps({"city": "Paris"}),
+                        },
+                    }
+                ],
+            }
+            finish = "tool_calls"
+        else:
+            message = {"role": "assistant", "content": b.text}
+            finish = "stop"
+        self._json(
+            h,
+            200,
+            {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body.get("model", "fake"),
+                "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
+            },
+        )
+
+    def _sse_start(self, h: BaseHTTPRequestHandler) -> None:
+        h.send_response(200)
+        h.send_header("content-type", "text/event-stream")
+        h.send_header("connection", "close")
+        h.end_headers()
+        h.close_connection = True
+
+    def _openai_stream(self, h: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        b = self.behaviour
+        self._sse_start(h)
+        pieces = [word + " " for word in b.text.split(" ")]
+
+        def send(obj: Any) -> None:
+            h.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+            h.wfile.flush()
+
+        base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk",
+                "created": int(time.time()), "model": body.get("model", "fake")}
+        send({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+        for i, piece in enumerate(pieces):
+            if b.mode == "reset_mid_stream" and i == 2:
+                h.connection.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                )
+                h.connection.close()
+                return
+            send({**base, "choices": [{"index": 0, "delta": {"content": piece}}]})
+        send({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        if (body.get("stream_options") or {}).get("include_usage"):
+            send({**base, "choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 7,
+                                                    "total_tokens": 18}})
+        h.wfile.write(b"data: [DONE]\n\n")
+        h.wfile.flush()
+
+    def _anthropic_json(self, h: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        self._json(
+            h,
+            200,
+            {
+                "id": "msg_fake",
+                "type": "message",
+                "role": "assistant",
+                "model": body.get("model", "claude"),
+                "content": [{"type": "text", "text": self.behaviour.text}],
+                "stop_reason": "end_turn",
+                "stop_sequence": None,
+                "usage": {"input_tokens": 13, "output_tokens": 9},
+            },
+        )
+
+    def _anthropic_stream(self, h: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        self._sse_start(h)
+
+        def event(name: str, obj: Any) -> None:
+            h.wfile.write(f"event: {name}\ndata: ".encode() + json.dumps(obj).encode() + b"\n\n")
+            h.wfile.flush()
+
+        event("message_start", {"type": "message_start", "message": {
+            "id": "msg_fake", "type": "message", "role": "assistant", "content": [],
+            "model": body.get("model", "claude"), "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": 13, "output_tokens": 1}}})
+        event("content_block_start", {"type": "content_block_start", "index": 0,
+                                      "content_block": {"type": "text", "text": ""}})
+        for word in self.behaviour.text.split(" "):
+            event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                          "delta": {"type": "text_delta", "text": word + " "}})
+        event("content_block_stop", {"type": "content_block_stop", "index": 0})
+        event("message_delta", {"type": "message_delta",
+                                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                "usage": {"output_tokens": 9}})
+        event("message_stop", {"type": "message_stop"})

@@ -1,0 +1,326 @@
+"""The spine end to end: the official openai client against Tiergate over real HTTP.
+
+The local tier is the real bundled GGUF through llama-cpp-python (n_threads=1); the closed tier is
+a loopback server speaking OpenAI's and Anthropic's wire protocols, so litellm's real HTTP path
+and Tiergate's direct OpenAI path both run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import GGUF, LiveServer, live, policy_yaml, wait_for
+from tests.fake_provider import Behaviour, FakeProvider
+
+pytestmark = pytest.mark.skipif(not GGUF.is_file(), reason="bundled GGUF missing: make model")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, fake: FakeProvider) -> Iterator[LiveServer]:
+    """One Tiergate with the real local model, shared by this module's tests."""
+    tmp = tmp_path_factory.mktemp("api")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OPENAI_API_KEY", "sk-test-openai-key")
+        mp.setenv("ANTHROPIC_API_KEY", "sk-ant-test-key")
+        with live(tmp, policy_yaml(fake)) as srv:
+            yield srv
+
+
+@pytest.fixture
+def client(server: LiveServer, fake: FakeProvider) -> openai.OpenAI:
+    fake.reset()
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def _record(server: LiveServer, request_id: str) -> dict[str, object]:
+    store = server.gateway.outcomes
+    assert wait_for(lambda: store.get(request_id) is not None), "no outcome record"
+    record = store.get(request_id)
+    assert record is not None
+    return record
+
+
+def test_local_non_stream_answers_from_the_gguf(
+    client: openai.OpenAI, server: LiveServer, fake: FakeProvider
+) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=12,
+        temperature=0,
+    )
+    completion = raw.parse()
+    assert raw.headers["x-tiergate-tier"] == "local"
+    assert raw.headers["x-tiergate-model"] == "local"
+    assert raw.headers["x-tiergate-rule"]
+    assert float(raw.headers["x-tiergate-score"]) == pytest.approx(0.1)
+    assert completion.model == "local"
+    assert completion.choices[0].message.content
+    assert completion.usage is not None and completion.usage.completion_tokens > 0
+    assert fake.received == []
+    record = _record(server, raw.headers["x-request-id"])
+    assert record["tier"] == "local" and record["status"] == "ok"
+    assert record["prompt_tokens"] > 0 and record["completion_tokens"] > 0
+    assert record["stream"] is False
+
+
+def test_local_stream_with_usage(client: openai.OpenAI, server: LiveServer) -> None:
+    with client.chat.completions.with_streaming_response.create(
+        model="auto",
+        messages=[{"role": "user", "content": "Say hello."}],
+        max_tokens=10,
+        stream=True,
+        stream_options={"include_usage": True},
+    ) as response:
+        assert response.headers["x-tiergate-tier"] == "local"
+        chunks = list(response.parse())
+        request_id = response.headers["x-request-id"]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip()
+    assert all(c.model == "local" for c in chunks)
+    usage = [c.usage for c in chunks if c.usage]
+    assert usage and usage[-1].completion_tokens > 0
+    record = _record(server, request_id)
+    assert record["stream"] is True and record["ttft_ms"] is not None
+
+
+def test_closed_non_stream_via_openai_protocol(
+    client: openai.OpenAI, server: LiveServer, fake: FakeProvider
+) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto",
+        messages=[{"role": "user", "content": "A HARD question"}],
+        temperature=0.3,
+        seed=7,
+        stop=["\n\n"],
+        response_format={"type": "json_object"},
+        n=2,
+        user="end-user-42",
+    )
+    completion = raw.parse()
+    assert raw.headers["x-tiergate-tier"] == "closed"
+    assert raw.headers["x-tiergate-model"] == "gpt-4o"
+    assert completion.model == "gpt-4o"
+    assert completion.choices[0].message.content == Behaviour().text
+    sent = fake.received[-1]
+    assert sent.path == "/v1/chat/completions"
+    assert sent.headers["authorization"] == "Bearer sk-test-openai-key"
+    assert sent.body["model"] == "gpt-4o"
+    for key, value in {
+        "temperature": 0.3,
+        "seed": 7,
+        "stop": ["\n\n"],
+        "response_format": {"type": "json_object"},
+        "n": 2,
+        "user": "end-user-42",
+    }.items():
+        assert sent.body[key] == value, key
+    record = _record(server, raw.headers["x-request-id"])
+    assert record["tier"] == "closed" and record["cost_usd"] > 0
+    assert record["prompt_tokens"] == 11 and record["completion_tokens"] == 7
+
+
+def test_closed_stream(client: openai.OpenAI, fake: FakeProvider) -> None:
+    with client.chat.completions.with_streaming_response.create(
+        model="auto",
+        messages=[{"role": "user", "content": "HARD: stream it"}],
+        stream=True,
+    ) as response:
+        assert response.headers["x-tiergate-tier"] == "closed"
+        chunks = list(response.parse())
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip() == Behaviour().text
+    assert not any(c.usage for c in chunks), "usage chunk sent though the client did not ask"
+    assert fake.received[-1].body["stream"] is True
+
+
+def test_anthropic_model_through_litellm(
+    client: openai.OpenAI, server: LiveServer, fake: FakeProvider
+) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model="claude",
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+        ],
+        max_tokens=50,
+    )
+    completion = raw.parse()
+    assert completion.model == "claude"
+    assert completion.choices[0].message.content == Behaviour().text
+    assert raw.headers["x-tiergate-rule"] == "pinned"
+    sent = fake.received[-1]
+    assert sent.path.endswith("/v1/messages")
+    assert sent.headers["x-api-key"] == "sk-ant-test-key"
+    assert sent.body["system"] in ("Be brief.", [{"type": "text", "text": "Be brief."}])
+    assert sent.body["messages"][0]["role"] == "user"
+    record = _record(server, raw.headers["x-request-id"])
+    assert record["prompt_tokens"] == 13 and record["completion_tokens"] == 9
+
+    with client.chat.completions.with_streaming_response.create(
+        model="claude", messages=[{"role": "user", "content": "Hi"}], stream=True, max_tokens=50
+    ) as response:
+        chunks = list(response.parse())
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip() == Behaviour().text
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather for a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
+
+
+def test_tool_calls_round_trip_through_the_closed_tier(
+    client: openai.OpenAI, fake: FakeProvider
+) -> None:
+    fake.reset(Behaviour(mode="tool_call"))
+    messages: list[dict[str, object]] = [{"role": "user", "content": "Weather in Paris?"}]
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto", messages=messages, tools=TOOLS, tool_choice="auto"  # type: ignore[arg-type]
+    )
+    first = raw.parse()
+    # Tools never go to the local model, which cannot call them.
+    assert raw.headers["x-tiergate-tier"] == "closed"
+    call = first.choices[0].message.tool_calls[0]  # type: ignore[index]
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    assert fake.received[-1].body["tools"] == TOOLS
+    assert fake.received[-1].body["tool_choice"] == "auto"
+
+    messages += [
+        first.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temp_c": 21}'},
+    ]
+    fake.reset()
+    second = client.chat.completions.create(model="auto", messages=messages, tools=TOOLS)  # type: ignore[arg-type]
+    assert second.choices[0].message.content == Behaviour().text
+    sent = fake.received[-1].body["messages"]
+    assert sent[1]["tool_calls"][0]["id"] == "call_fake_1"
+    assert sent[2] == {"role": "tool", "tool_call_id": "call_fake_1", "content": '{"temp_c": 21}'}
+
+
+def test_closed_failure_falls_back_to_local(
+    client: openai.OpenAI, server: LiveServer, fake: FakeProvider
+) -> None:
+    fake.reset(Behaviour(mode="status", status=503))
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": "HARD one"}], max_tokens=8
+    )
+    assert raw.headers["x-tiergate-tier"] == "local"
+    assert raw.headers["x-tiergate-fallback"] == "closed->local"
+    assert raw.parse().model == "local"
+    assert len(fake.received) == 1
+    record = _record(server, raw.headers["x-request-id"])
+    assert record["fallback"] == "closed->local" and record["status"] == "ok"
+
+
+def test_pinned_local_refuses_tools_and_images(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model="local", messages=[{"role": "user", "content": "hi"}], tools=TOOLS  # type: ignore[arg-type]
+        )
+    assert "tools" in str(err.value)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(
+            model="local",
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "what is this?"},
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                    ],
+                }
+            ],
+        )
+
+
+def test_images_go_to_the_closed_tier(client: openai.OpenAI, fake: FakeProvider) -> None:
+    content = [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+    ]
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": content}]  # type: ignore[list-item]
+    )
+    assert raw.headers["x-tiergate-tier"] == "closed"
+    assert fake.received[-1].body["messages"][0]["content"] == content
+
+
+def test_models_lists_aliases_and_models(server: LiveServer) -> None:
+    data = httpx.get(server.url + "/v1/models").json()["data"]
+    ids = {m["id"]: m for m in data}
+    assert {"auto", "auto-best", "local", "gpt-4o", "claude"} <= set(ids)
+    assert ids["auto"]["tiergate"]["kind"] == "alias"
+    assert ids["gpt-4o"]["tiergate"]["available"] is True
+    assert ids["local"]["tiergate"]["tier"] == "local"
+
+
+def test_health_and_readiness(server: LiveServer) -> None:
+    assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
+    ready = httpx.get(server.url + "/readyz")
+    assert ready.status_code == 200
+    body = ready.json()
+    assert body["ready"] is True and body["local"]["available"] is True
+    assert body["policy"]["version"]
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "code"),
+    [
+        (b"{not json", 400, "invalid_request"),
+        (b'{"model": "auto"}', 400, "invalid_request"),
+        (b'{"model": "auto", "messages": [{"role": "wizard", "content": "x"}]}', 400,
+         "invalid_request"),
+        (b'{"model": "nope", "messages": [{"role": "user", "content": "x"}]}', 404,
+         "model_not_found"),
+    ],
+)
+def test_errors_are_openai_shaped(
+    server: LiveServer, payload: bytes, status: int, code: str
+) -> None:
+    before = server.gateway.outcomes.count()
+    response = httpx.post(
+        server.url + "/v1/chat/completions",
+        content=payload,
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"] and error["type"]
+    assert response.headers["x-request-id"].startswith("req_")
+    assert wait_for(lambda: server.gateway.outcomes.count() == before + 1)
+
+
+def test_dry_run_route_calls_no_model(server: LiveServer, fake: FakeProvider) -> None:
+    fake.reset()
+    body = httpx.post(
+        server.url + "/v1/route",
+        json={"model": "auto", "messages": [{"role": "user", "content": "HARD thing"}]},
+    ).json()
+    assert body["decision"]["tier"] == "closed"
+    assert body["decision"]["trace"]
+    assert body["chain"][0]["model"] == "gpt-4o"
+    assert fake.received == []
+
+
+def test_outcomes_cli_shows_records(server: LiveServer, tmp_path: Path) -> None:
+    from router.cli import main
+
+    store = server.gateway.outcomes
+    assert store.flush()
+    db = store.path
+    assert main(["outcomes", "--db", str(db), "--limit", "3"]) == 0

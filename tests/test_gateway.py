@@ -1,0 +1,264 @@
+"""Fallbacks, the local queue, disconnects and exactly-once records, over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from router.backends import Completion, ModelLike, Usage
+from router.backends.local import Gate
+from router.errors import BackendError
+from tests.conftest import GGUF, live, policy_yaml, wait_for
+from tests.fake_provider import Behaviour, FakeProvider
+
+
+class ScriptedLocal:
+    """A local tier that fails, or holds each request until released."""
+
+    def __init__(self, *, fail: bool = False, queue_size: int = 0) -> None:
+        self.fail = fail
+        self.gate = Gate(slots=1, queue_size=queue_size)
+        self.release = asyncio.Event()
+        self.hold = False
+        self.calls = 0
+
+    def unavailable_reason(self, model: ModelLike) -> str | None:
+        return None
+
+    async def complete(self, model: ModelLike, body: dict[str, Any]) -> Completion:
+        self.calls += 1
+        await self.gate.acquire()
+        try:
+            if self.fail:
+                raise BackendError("local generation failed: boom")
+            if self.hold:
+                await self.release.wait()
+            return Completion(
+                body={
+                    "id": "x",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": model.name,
+                    "choices": [
+                        {"index": 0, "message": {"role": "assistant", "content": "local!"},
+                         "finish_reason": "stop"}
+                    ],
+                },
+                usage=Usage(3, 2),
+            )
+        finally:
+            self.gate.release()
+
+    async def stream(
+        self, model: ModelLike, body: dict[str, Any], usage: Usage
+    ) -> AsyncIterator[dict[str, Any]]:
+        result = await self.complete(model, body)
+        yield {"id": "x", "object": "chat.completion.chunk", "model": model.name,
+               "choices": [{"index": 0, "delta": {"content": "local!"}}]}
+        del result
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_local_failure_falls_back_to_closed(tmp_path: Path, fake: FakeProvider) -> None:
+    fake.reset()
+    local = ScriptedLocal(fail=True)
+    with live(tmp_path, policy_yaml(fake, on_failure="closed"), local_backend_obj=local) as srv:
+        raw = _client(srv.url).chat.completions.with_raw_response.create(
+            model="auto", messages=[{"role": "user", "content": "easy"}]
+        )
+        assert raw.headers["x-tiergate-tier"] == "closed"
+        assert raw.headers["x-tiergate-fallback"] == "local->closed"
+        assert local.calls == 1 and len(fake.received) == 1
+        record = srv.gateway.outcomes
+        assert wait_for(lambda: record.get(raw.headers["x-request-id"]) is not None)
+        assert record.get(raw.headers["x-request-id"])["fallback"] == "local->closed"
+
+
+def test_local_failure_without_fallback_is_a_clear_error(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    fake.reset()
+    local = ScriptedLocal(fail=True)
+    with live(tmp_path, policy_yaml(fake, on_failure="error"), local_backend_obj=local) as srv:
+        with pytest.raises(openai.APIStatusError) as err:
+            _client(srv.url).chat.completions.create(
+                model="auto", messages=[{"role": "user", "content": "easy"}]
+            )
+        assert err.value.status_code == 503
+        assert "local generation failed" in str(err.value)
+        assert fake.received == []
+
+
+async def _burst_hold(url: str, local: ScriptedLocal, n: int) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        body = {"model": "auto", "messages": [{"role": "user", "content": "easy"}]}
+        first = asyncio.create_task(client.post("/v1/chat/completions", json=body))
+        while local.gate.running == 0:
+            await asyncio.sleep(0.01)
+        rest = await asyncio.gather(
+            *[client.post("/v1/chat/completions", json=body) for _ in range(n - 1)]
+        )
+        local.release.set()
+        return [await first, *rest]
+
+
+def test_full_queue_spills_to_closed(tmp_path: Path, fake: FakeProvider) -> None:
+    fake.reset()
+    local = ScriptedLocal(queue_size=0)
+    local.hold = True
+    with live(tmp_path, policy_yaml(fake, queue_full="spill"), local_backend_obj=local) as srv:
+        responses = asyncio.run(_burst_hold(srv.url, local, 3))
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    assert responses[0].headers["x-tiergate-tier"] == "local"
+    for r in responses[1:]:
+        assert r.headers["x-tiergate-tier"] == "closed"
+        assert r.headers["x-tiergate-fallback"] == "local-full->closed"
+
+
+def test_full_queue_rejects_with_retry_after(tmp_path: Path, fake: FakeProvider) -> None:
+    fake.reset()
+    local = ScriptedLocal(queue_size=0)
+    local.hold = True
+    with live(tmp_path, policy_yaml(fake, queue_full="reject"), local_backend_obj=local) as srv:
+        responses = asyncio.run(_burst_hold(srv.url, local, 2))
+    assert responses[0].status_code == 200
+    assert responses[1].status_code == 429
+    assert responses[1].headers["retry-after"] == "1"
+    assert responses[1].json()["error"]["code"] == "local_queue_full"
+    assert fake.received == []
+
+
+def test_closed_without_key_is_unavailable_and_policy_fallback_applies(
+    tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake.reset()
+    monkeypatch.delenv("OPENAI_API_KEY")
+    monkeypatch.delenv("ANTHROPIC_API_KEY")
+    local = ScriptedLocal()
+    with live(tmp_path, policy_yaml(fake), local_backend_obj=local) as srv:
+        models = {m["id"]: m for m in httpx.get(srv.url + "/v1/models").json()["data"]}
+        assert models["gpt-4o"]["tiergate"]["available"] is False
+        assert "OPENAI_API_KEY" in models["gpt-4o"]["tiergate"]["reason"]
+        ready = httpx.get(srv.url + "/readyz").json()
+        assert ready["closed"]["gpt-4o"]["available"] is False
+        raw = _client(srv.url).chat.completions.with_raw_response.create(
+            model="auto", messages=[{"role": "user", "content": "HARD"}]
+        )
+        assert raw.headers["x-tiergate-tier"] == "local"
+        assert raw.headers["x-tiergate-fallback"] == "closed->local"
+        with pytest.raises(openai.APIStatusError) as err:
+            _client(srv.url).chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "x"}]
+            )
+        assert err.value.status_code == 503
+    assert fake.received == []
+
+
+def test_local_only_never_leaves_the_machine(tmp_path: Path, fake: FakeProvider) -> None:
+    fake.reset()
+    local = ScriptedLocal(fail=True)
+    with live(tmp_path, policy_yaml(fake, on_failure="closed"), local_backend_obj=local) as srv:
+        with pytest.raises(openai.APIStatusError) as err:
+            _client(srv.url).chat.completions.create(
+                model="auto", messages=[{"role": "user", "content": "HARD PII here"}]
+            )
+        assert err.value.status_code == 503
+        assert "local-only" in str(err.value)
+    assert fake.received == []
+
+
+async def _mixed_burst(url: str, n: int) -> list[int]:
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        bodies: list[Any] = []
+        for i in range(n):
+            kind = i % 4
+            if kind == 0:
+                bodies.append({"model": "auto", "messages": [{"role": "user", "content": "HARD"}]})
+            elif kind == 1:
+                bodies.append({"model": "auto", "messages": [{"role": "user", "content": "hi"}]})
+            elif kind == 2:
+                bodies.append({"model": "missing", "messages": [{"role": "user", "content": "x"}]})
+            else:
+                bodies.append({"model": "auto"})
+        responses = await asyncio.gather(
+            *[client.post("/v1/chat/completions", json=b) for b in bodies]
+        )
+        return [r.status_code for r in responses]
+
+
+def test_burst_gives_one_record_per_request(tmp_path: Path, fake: FakeProvider) -> None:
+    fake.reset()
+    with live(tmp_path, policy_yaml(fake), local_backend_obj=ScriptedLocal(queue_size=64)) as srv:
+        statuses = asyncio.run(_mixed_burst(srv.url, 40))
+        store = srv.gateway.outcomes
+        assert store.flush()
+        assert sorted(set(statuses)) == [200, 400, 404]
+        assert store.count() == 40
+    assert len(fake.received) == 10
+
+
+@pytest.mark.skipif(not GGUF.is_file(), reason="bundled GGUF missing: make model")
+def test_client_disconnect_mid_stream_stops_local_generation(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    with live(tmp_path, policy_yaml(fake)) as srv:
+        local = srv.gateway.local
+        sock = socket.create_connection(("127.0.0.1", srv.port))
+        body = (
+            b'{"model": "local", "stream": true, "max_tokens": 400, "temperature": 0.8,'
+            b' "messages": [{"role": "user", "content": "Write a very long story about a cat."}]}'
+        )
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            + f"content-length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        received = b""
+        while received.count(b"data: ") < 3:
+            received += sock.recv(4096)
+        sock.close()
+        assert wait_for(lambda: local.gate.running == 0, timeout_s=30)
+        store = srv.gateway.outcomes
+        assert wait_for(lambda: store.count() == 1 and store.flush(), timeout_s=10)
+        record = store.recent(1)[0]
+        assert record["status"] == "aborted"
+        assert record["completion_tokens"] < 400
+        started = time.monotonic()
+        # The local model is free again straight away.
+        reply = _client(srv.url).chat.completions.create(
+            model="local", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+        )
+        assert reply.choices[0].message.content is not None
+        assert time.monotonic() - started < 30
+
+
+def test_closed_error_mid_stream_is_reported_and_recorded(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    fake.reset(Behaviour(mode="reset_mid_stream"))
+    with live(tmp_path, policy_yaml(fake), local_backend_obj=ScriptedLocal()) as srv:
+        with httpx.stream(
+            "POST",
+            srv.url + "/v1/chat/completions",
+            json={"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "x"}]},
+        ) as response:
+            lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+        assert response.status_code == 200
+        assert '"error"' in lines[-1]
+        store = srv.gateway.outcomes
+        assert wait_for(lambda: store.count() == 1 and store.flush())
+        assert store.recent(1)[0]["status"] == "error"
