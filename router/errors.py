@@ -7,6 +7,8 @@ llama.cpp) are mapped into it in one place per backend (``raise ... from exc``),
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -45,9 +47,46 @@ class TiergateError(Exception):
 
 
 class ConfigError(TiergateError):
-    """Settings, policy or model artifacts are invalid. Raised at start or on reload, not per request."""
+    """Settings, policy or model artifacts are invalid.
+
+    Raised at start or on reload, never per request.
+    """
 
     code = "config_error"
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyIssue:
+    """One problem in a policy file, located for the person who wrote it.
+
+    ``path`` is the key path in words (``rules[2].when.capability``; list indexes count from 0),
+    ``line``/``column`` are 1-based and ``None`` when the problem has no place in the text (for
+    example a file that cannot be read).
+    """
+
+    source: str
+    line: int | None
+    column: int | None
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = self.source
+        if self.line is not None:
+            where += f":{self.line}:{self.column or 1}"
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class PolicyError(ConfigError):
+    """A policy file is invalid. ``issues`` lists every problem found, each with file and line."""
+
+    code = "policy_error"
+
+    def __init__(self, issues: Sequence[PolicyIssue]) -> None:
+        self.issues: tuple[PolicyIssue, ...] = tuple(issues)
+        count = len(self.issues)
+        head = f"invalid policy: {count} problem{'s' if count != 1 else ''}"
+        super().__init__("\n".join([head, *(f"  {issue}" for issue in self.issues)]))
 
 
 class BadRequestError(TiergateError):
@@ -116,7 +155,10 @@ class BudgetExceededError(RateLimitError):
 
 
 class BackendError(TiergateError):
-    """A backend failed while serving (502). ``retryable`` failures may fall back to another tier."""
+    """A backend failed while serving (502).
+
+    ``retryable`` failures may fall back to another tier.
+    """
 
     status_code = 502
     error_type = "api_error"
@@ -168,7 +210,7 @@ class TierUnavailableError(TiergateError):
     code = "tier_unavailable"
 
 
-class ClientDisconnected(TiergateError):
+class ClientDisconnected(TiergateError):  # noqa: N818 (a state, not an error)
     """The client went away mid-request; recorded as ``aborted``, never sent."""
 
     status_code = 499
