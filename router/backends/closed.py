@@ -10,6 +10,7 @@ the litellm path with ``transport: litellm`` in the policy.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -35,9 +36,12 @@ PROVIDER_KEY_ENV = {
     "together_ai": "TOGETHERAI_API_KEY",
     "openrouter": "OPENROUTER_API_KEY",
 }
+log = logging.getLogger("tiergate.closed")
 _OPENAI_DEFAULT_BASE = "https://api.openai.com/v1"
-# Fields of an OpenAI chat request that are Tiergate's own or must not reach a provider.
-_STRIP = ("model", "metadata", "user_tier")
+# Fields of an OpenAI chat request that Tiergate sets itself or that must not reach a provider.
+_STRIP = ("model", "metadata")
+# litellm takes these as its own arguments, set per call below.
+_LITELLM_OWN = ("stream", "stream_options")
 
 
 def provider_of(litellm_model: str) -> str:
@@ -130,7 +134,7 @@ class ClosedBackend:
         return self._litellm
 
     def _litellm_kwargs(self, model: ModelLike, body: dict[str, Any]) -> dict[str, Any]:
-        kwargs = {k: v for k, v in body.items() if k not in _STRIP}
+        kwargs = {k: v for k, v in body.items() if k not in _STRIP and k not in _LITELLM_OWN}
         kwargs["model"] = model.litellm_model
         kwargs["api_key"] = self.api_key(model)
         kwargs["timeout"] = self._timeout(model)
@@ -153,7 +157,7 @@ class ClosedBackend:
     ) -> AsyncIterator[dict[str, Any]]:
         litellm = self._litellm_module()
         kwargs = self._litellm_kwargs(model, body)
-        options = dict(kwargs.get("stream_options") or {})
+        options = dict(body.get("stream_options") or {})
         options["include_usage"] = True
         kwargs["stream_options"] = options
         try:
@@ -173,7 +177,12 @@ class ClosedBackend:
             raise map_litellm_error(exc, model.name) from exc
 
     async def aclose(self) -> None:
-        """The HTTP pool is shared and closed by its owner."""
+        """Close litellm's cached clients if it was used; the httpx pool has its own owner."""
+        if self._litellm is not None:
+            try:
+                await self._litellm.close_litellm_async_clients()
+            except Exception:  # closing must not fail shutdown; nothing is lost here
+                log.debug("closing litellm clients failed", exc_info=True)
 
 
 def map_litellm_error(exc: Exception, label: str) -> TiergateError:

@@ -1,4 +1,4 @@
-"""The local tier: a GGUF model in process through llama-cpp-python, or an external llama.cpp server.
+"""The local tier: a GGUF in process through llama-cpp-python, or an external llama.cpp server.
 
 In process, one ``Llama`` instance generates one answer at a time on a dedicated worker thread, so
 inference never blocks the event loop. Requests wait in a bounded queue (:class:`Gate`); when it
@@ -95,15 +95,17 @@ def check_local_request(body: dict[str, Any]) -> None:
 def _text_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Flatten text-only content-part arrays into strings, which every chat template accepts."""
     out = []
-    for m in messages:
-        content = m.get("content")
+    for message in messages:
+        content = message.get("content")
         if isinstance(content, list):
-            m = {**m, "content": "".join(str(p.get("text", "")) for p in content)}
-        out.append(m)
+            text = "".join(str(p.get("text", "")) for p in content)
+            out.append({**message, "content": text})
+        else:
+            out.append(message)
     return out
 
 
-class _Cancelled(Exception):
+class _CancelledError(Exception):
     """Raised inside the worker when the consumer has gone away."""
 
 
@@ -240,7 +242,7 @@ class LlamaCppBackend:
                 item = await queue.get()
                 if item is done:
                     return
-                if isinstance(item, _Cancelled):
+                if isinstance(item, _CancelledError):
                     return
                 if isinstance(item, BaseException):
                     raise BackendError(f"local generation failed: {item}") from item
@@ -259,7 +261,7 @@ class LlamaCppBackend:
         try:
             for chunk in chunks:
                 if cancel.is_set():
-                    raise _Cancelled
+                    raise _CancelledError
                 choice = (chunk.get("choices") or [{}])[0]
                 if choice.get("delta", {}).get("content"):
                     completion += 1

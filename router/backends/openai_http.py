@@ -60,9 +60,7 @@ def map_transport_error(exc: httpx.HTTPError, label: str) -> TiergateError:
     """Map an httpx transport failure (timeout, refused, reset) to a Tiergate error."""
     if isinstance(exc, httpx.TimeoutException):
         return UpstreamTimeoutError(f"{label} timed out ({type(exc).__name__})")
-    return BackendError(
-        f"{label} unreachable: {type(exc).__name__}", code="upstream_unreachable"
-    )
+    return BackendError(f"{label} unreachable: {type(exc).__name__}", code="upstream_unreachable")
 
 
 class OpenAIHTTP:
