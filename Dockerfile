@@ -19,7 +19,7 @@ ARG UBUNTU_VERSION=24.04
 
 FROM ${PYTHON_IMAGE} AS build-cpu
 # Portable CPU flags: no -march=native, so the image runs on any AVX2 machine, not only the builder.
-ENV CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+ENV CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF"
 # Versions come from the pinned base image's distribution; pinning each package would break on
 # every Debian point release.
 # hadolint ignore=DL3008
@@ -31,7 +31,7 @@ RUN apt-get update \
 FROM nvidia/cuda:${CUDA_VERSION}-devel-ubuntu${UBUNTU_VERSION} AS build-cuda
 # The driver's libcuda is absent at build time: allow it to stay undefined, as llama.cpp's own
 # CUDA images do. Architectures: Turing to Hopper.
-ENV CMAKE_ARGS="-DGGML_CUDA=on -DGGML_NATIVE=OFF -DCMAKE_CUDA_ARCHITECTURES=75;80;86;89;90 -DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined"
+ENV CMAKE_ARGS="-DGGML_CUDA=on -DGGML_NATIVE=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DCMAKE_CUDA_ARCHITECTURES=75;80;86;89;90 -DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined"
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential cmake python3 python3-dev python3-venv \
@@ -57,7 +57,7 @@ COPY router ./router
 RUN CMAKE_ARGS="${CMAKE_ARGS} ${EXTRA_CMAKE_ARGS}" pip install --no-cache-dir "/src[local,redis,otel]"
 RUN mkdir -p /models \
     && if [ "${BAKE_MODEL}" = "true" ]; then \
-         TIERGATE_LOCAL_MODEL_PATH=/models/SmolLM2-135M-Instruct.Q4_1.gguf tiergate fetch-model; \
+         tiergate fetch-model --dest /models; \
        fi
 
 # ---- runtime bases ---------------------------------------------------------------------------

@@ -372,8 +372,8 @@ def test_in_process_model_is_fetched_into_the_router_pod(render: Render) -> None
     assert env["TIERGATE_LOCAL_BACKEND"] == "llama_cpp"
     assert env["TIERGATE_LOCAL_MODEL_PATH"] == "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
     fetch = container(deployment, "fetch-model")
-    assert fetch["args"] == ["fetch-model"]
-    assert env_of(fetch)["TIERGATE_LOCAL_MODEL_PATH"] == env["TIERGATE_LOCAL_MODEL_PATH"]
+    assert fetch["args"] == ["fetch-model", "--dest", "/models"]
+    assert {"name": "models", "mountPath": "/models"} in fetch["volumeMounts"]
 
     baked = find(render({"model": {"source": "image"}}), "Deployment", FULLNAME)
     assert "initContainers" not in pod_spec(baked)
@@ -384,6 +384,7 @@ def test_url_download_checks_the_sha256(render: Render) -> None:
     server = find(render(VALUE_SETS["full"]), "Deployment", f"{FULLNAME}-model-server")
     fetch = container(server, "fetch-model")
     assert env_of(fetch)["MODEL_SHA256"] == "a" * 64
+    assert env_of(fetch)["TIERGATE_LOCAL_MODEL_PATH"] == "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
     assert "sha256 mismatch" in fetch["args"][0]
 
 

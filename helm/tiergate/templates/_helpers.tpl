@@ -265,7 +265,7 @@ Call with (dict "root" $ "securityContext" <container security context>).
   image: {{ include "tiergate.image" $root }}
   imagePullPolicy: {{ $root.Values.image.pullPolicy }}
   {{- if eq $model.source "fetch" }}
-  args: ["fetch-model"]
+  args: ["fetch-model", "--dest", "/models"]
   {{- else }}
   command: ["python", "-c"]
   args:
@@ -284,12 +284,12 @@ Call with (dict "root" $ "securityContext" <container security context>).
       os.replace(part, dest)
   {{- end }}
   env:
-    - name: TIERGATE_LOCAL_MODEL_PATH
-      value: {{ printf "/models/%s" $model.file | quote }}
     # The root filesystem is read-only: caches go to the /tmp emptyDir.
     - name: HOME
       value: /tmp
     {{- if eq $model.source "url" }}
+    - name: TIERGATE_LOCAL_MODEL_PATH
+      value: {{ printf "/models/%s" $model.file | quote }}
     - name: MODEL_URL
       value: {{ $model.url | quote }}
     - name: MODEL_SHA256
