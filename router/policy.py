@@ -96,8 +96,18 @@ def _regex(value: str) -> str:
     return value
 
 
+def _bound(value: Any) -> Any:
+    if isinstance(value, int | float | str) and not isinstance(value, bool):
+        return value
+    raise PydanticCustomError(
+        "bound", "expected a number (or a stakes level), got {kind}", {"kind": type(value).__name__}
+    )
+
+
 _ScalarSchema = {"type": ["string", "number", "boolean", "null"]}
 ScalarValue = Annotated[Any, AfterValidator(_scalar), WithJsonSchema(_ScalarSchema)]
+# Order operators take numbers, and stakes levels for `stakes` (``stakes: {gte: medium}``).
+Bound = Annotated[Any, AfterValidator(_bound), WithJsonSchema({"type": ["number", "string"]})]
 
 
 class _Strict(BaseModel):
@@ -117,10 +127,10 @@ class Comparison(_Strict):
 
     eq: ScalarValue = None
     ne: ScalarValue = None
-    gt: float | None = None
-    gte: float | str | None = None
-    lt: float | None = None
-    lte: float | str | None = None
+    gt: Bound | None = None
+    gte: Bound | None = None
+    lt: Bound | None = None
+    lte: Bound | None = None
     in_: list[ScalarValue] | None = Field(None, alias="in")
     not_in: list[ScalarValue] | None = None
     contains: ScalarValue = None
@@ -155,10 +165,6 @@ class Comparison(_Strict):
             if attr in fields_set:
                 out.append((op, getattr(self, attr)))
         return out
-
-
-# ``gte``/``lte`` take text too, for ordinal signals (``stakes: {gte: medium}``); the checker
-# rejects text for every other signal.
 
 
 class HeaderComparison(Comparison):
@@ -965,7 +971,7 @@ _KIND_OPS: dict[str, frozenset[str]] = {
     "text": frozenset({"eq", "ne", "in", "not_in", "contains", "matches"}),
     "capability": frozenset({"eq", "ne", "in", "not_in", "matches"}),
     "stakes": frozenset({"eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in"}),
-    "list": frozenset({"contains", "in", "not_in"}),
+    "list": frozenset({"contains", "in", "not_in", "matches"}),
     "any": frozenset(OPERATORS),
 }
 _CONDITION_KEYS = ("all", "any", "not", "signal", "header", *_BUILTINS)
