@@ -14,6 +14,7 @@ validation, I/O or logging per call. The language reference is ``docs/policy.md`
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import re
 import types
@@ -234,8 +235,9 @@ class ModelSpec(_Strict):
     @classmethod
     def _tier_defaults(cls, value: Any) -> Any:
         # Closed frontier APIs take tools and images; a local model is assumed not to.
-        if isinstance(value, dict) and value.get("tier") in ("local", "closed"):
-            closed = value["tier"] == "closed"
+        # (An invalid tier is reported on its own, without "missing supports_*" noise.)
+        if isinstance(value, dict):
+            closed = value.get("tier") == "closed"
             value = {"supports_tools": closed, "supports_images": closed, **value}
         return value
 
@@ -875,6 +877,14 @@ _FRIENDLY = {
 }
 
 
+_BOUNDS = {
+    "greater_than": ("more than", "gt"),
+    "greater_than_equal": ("at least", "ge"),
+    "less_than": ("less than", "lt"),
+    "less_than_equal": ("at most", "le"),
+}
+
+
 def _issue_from_pydantic(err: Mapping[str, Any], locate: _Locator) -> PolicyIssue:
     loc: Loc = tuple(p for p in err["loc"] if p != "[key]")
     kind, ctx = err["type"], err.get("ctx") or {}
@@ -883,7 +893,7 @@ def _issue_from_pydantic(err: Mapping[str, Any], locate: _Locator) -> PolicyIssu
         return _with_path(locate(loc[:-1], f"missing required key {loc[-1]!r}{hint}"), loc)
     if kind == "extra_forbidden":
         allowed = _allowed_keys(loc[:-1])
-        message = f"unknown key {loc[-1]!r}"
+        message = f"unknown key {loc[-1]!r}{_suggest(str(loc[-1]), allowed)}"
         if allowed:
             message += f" (expected one of {', '.join(allowed)})"
         return locate(loc, message)
@@ -894,6 +904,9 @@ def _issue_from_pydantic(err: Mapping[str, Any], locate: _Locator) -> PolicyIssu
         return locate(loc, message)
     if kind in _FRIENDLY:
         return locate(loc, f"{_FRIENDLY[kind]}, got {_describe(err['input'])}")
+    if kind in _BOUNDS:
+        word, key = _BOUNDS[kind]
+        return locate(loc, f"must be {word} {ctx.get(key)}, got {_describe(err['input'])}")
     message = str(err["msg"])
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
@@ -1072,23 +1085,22 @@ class _Checker:
 
     def _rule(self, rule: Rule, loc: Loc) -> _CompiledRule | None:
         p = self.policy
+        test: _Test = _always
+        desc = "always"
+        if rule.when is not None:  # checked first, so a bad route does not hide its problems
+            test, desc = self._condition(rule.when, (*loc, "when"))
         route, model = rule.route, None
         if route not in ("local", "closed", "auto"):
             if route not in p.models:
+                hint = _suggest(route, list(p.models))
                 self.add(
                     (*loc, "route"),
-                    f"unknown route {route!r} (expected local, closed, auto "
+                    f"unknown route {route!r}{hint} (expected local, closed, auto "
                     f"or a model: {', '.join(p.models)})",
                 )
                 return None
             route, model = "model", rule.route
         self._check_route(rule, loc, model)
-        test: _Test = _always
-        desc = "always"
-        if rule.when is None:
-            pass
-        else:
-            test, desc = self._condition(rule.when, (*loc, "when"))
         shadow = (rule.shadow or p.shadow).sample_rate
         return _CompiledRule(
             name=rule.name,
@@ -1148,7 +1160,8 @@ class _Checker:
     def _signal_ref(self, name: str, loc: Loc) -> tuple[_Test, str]:
         if name not in self.policy.signals:
             defined = ", ".join(self.policy.signals) or "none defined"
-            self.add(loc, f"unknown signal {name!r} (signals: {defined})")
+            hint = _suggest(name, list(self.policy.signals))
+            self.add(loc, f"unknown signal {name!r}{hint} (signals: {defined})")
             return _always, name
         return self._signal(name, loc) or (_always, name)
 
@@ -1195,8 +1208,9 @@ class _Checker:
                 return ref(s) is None
 
             return self._comparison(key, "bool", as_bool, cmp, loc)
-        expected = ", ".join([*_CONDITION_KEYS, "metadata.<field>", *self.policy.signals])
-        self.add(loc, f"unknown signal {key!r} (expected one of {expected})")
+        names = [*_CONDITION_KEYS, *self.policy.signals]
+        expected = ", ".join([*names, "metadata.<field>"])
+        self.add(loc, f"unknown signal {key!r}{_suggest(key, names)} (expected one of {expected})")
         return _always, key
 
     def _comparison(
@@ -1220,7 +1234,7 @@ class _Checker:
         values = value if op in ("in", "not_in") else [value]
         bad = next((v for v in values if not _value_ok(kind, op, v)), _NOTHING)
         if bad is not _NOTHING:
-            self.add(loc, f"{label}: {_expected(kind, op)}, got {_describe(bad)}")
+            self.add(loc, _bad_value(label, kind, op, bad))
         if kind == "stakes" and op in ("gt", "gte", "lt", "lte"):
             return _STAKES_RANK.get(value, 0)
         return value
@@ -1249,18 +1263,28 @@ def _value_ok(kind: _Kind, op: str, v: Any) -> bool:
     return v is not None
 
 
-def _expected(kind: _Kind, op: str) -> str:
-    if op == "matches":
-        return "expected a regular expression"
-    return {
-        "bool": "expected true or false",
-        "number": "expected a number",
-        "text": "expected text",
-        "list": "expected text",
-        "capability": "unknown capability, expected one of " + ", ".join(CAPABILITIES),
-        "stakes": "unknown stakes, expected one of " + ", ".join(STAKES),
-        "any": "expected a number" if op in ("gt", "gte", "lt", "lte") else "expected a value",
+def _bad_value(label: str, kind: _Kind, op: str, value: Any) -> str:
+    if op != "matches" and kind in ("capability", "stakes"):
+        names = CAPABILITIES if kind == "capability" else STAKES
+        what = "capability" if kind == "capability" else "stakes level"
+        return f"unknown {what} {value!r}{_suggest(str(value), names)} (expected one of " + (
+            ", ".join(names) + ")"
+        )
+    expected = {
+        "bool": "true or false",
+        "number": "a number",
+        "text": "text",
+        "list": "text",
+        "any": "a number" if op in _ORDER else "a value",
     }[kind]
+    if op == "matches":
+        expected = "a regular expression"
+    return f"{label} {op}: expected {expected}, got {_describe(value)}"
+
+
+def _suggest(word: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.75)
+    return f", did you mean {close[0]!r}?" if close else ""
 
 
 # --------------------------------------------------------------------------- closures
