@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import textwrap
+import timeit
 from pathlib import Path
 from typing import Any
 
@@ -530,3 +532,39 @@ def test_default_policy_worldview(values: dict[str, Any], expected: tuple[str, s
 def test_default_policy_stores_pii_prompts_redacted() -> None:
     decision = evaluate(load_policy(ROOT / "policies/default.yaml"), signals(pii=True))
     assert decision.store_prompts == "redacted" and decision.local_only
+
+
+DOC_HEAD = """\
+version: 1
+models:
+  local: {tier: local, context_window: 8192}
+  gpt-4o: {tier: closed, litellm_model: openai/gpt-4o}
+  claude-sonnet: {tier: closed, litellm_model: anthropic/claude-3-5-sonnet-20241022}
+"""
+
+
+def _doc_examples() -> list[str]:
+    doc = (ROOT / "docs/policy.md").read_text(encoding="utf-8")
+    return re.findall(r"```yaml\n(.*?)```", doc, re.S)
+
+
+@pytest.mark.parametrize("block", _doc_examples(), ids=lambda b: b.splitlines()[0])
+def test_doc_examples_parse(block: str) -> None:
+    # fragments are checked inside a minimal policy that defines the models they name
+    if block.startswith("version"):
+        text = block
+    elif block.startswith("models:"):
+        text = "version: 1\n" + block
+    elif block.startswith("when:"):
+        text = DOC_HEAD + "rules:\n  - name: r\n    route: local\n" + textwrap.indent(block, "    ")
+    else:
+        text = DOC_HEAD + block
+    parse_policy(text)
+
+
+def test_evaluate_fits_the_decision_budget() -> None:
+    # The whole decision has 0.3 ms; evaluate must stay far below it (typically ~20 us).
+    p = load_policy(ROOT / "policies/default.yaml")
+    s = signals(capability="chat", score=0.3, turns=3, prompt_tokens=500)
+    best = min(timeit.repeat(lambda: evaluate(p, s), number=500, repeat=5)) / 500
+    assert best < 150e-6, f"{best * 1e6:.1f} us per call"
