@@ -547,10 +547,9 @@ def evaluate(
     step.apply_budget(plan, spend_today_usd)
     if step.forced_local:
         name, local_only = step.rule or name, True
-    if local_only:
-        on_failure, shadow_rate = "error", 0.0
-    elif step.over_budget:
+    if step.over_budget:  # shadow traffic would spend the exhausted budget
         shadow_rate = 0.0
+    # (local_only rules are compiled with shadow 0; fallbacks() turns their on_failure to error)
     on_failure, fallbacks = step.fallbacks(on_failure, local_only or step.over_budget)
     spec = policy.models[step.model]
     return Decision(

@@ -347,6 +347,7 @@ def test_budget_spent_but_local_cannot_serve_is_rejected() -> None:
 
 def test_local_only_rule() -> None:
     p = policy("""\
+        shadow: {sample_rate: 0.3}
         rules:
           - {name: pii, priority: 9, when: {pii: true}, route: local, local_only: true,
              store_prompts: redacted, on_failure: closed}
@@ -355,6 +356,8 @@ def test_local_only_rule() -> None:
     assert (decision.tier, decision.rule, decision.local_only) == ("local", "pii", True)
     assert (decision.on_failure, decision.fallbacks) == ("error", ())
     assert decision.store_prompts == "redacted" and decision.unsatisfiable is None
+    assert decision.shadow_rate == 0.0  # a shadow call would send the prompt out
+    assert evaluate(p, signals(score=0.1)).shadow_rate == 0.3
 
 
 def test_local_only_never_moves_for_images() -> None:
