@@ -502,6 +502,7 @@ def evaluate(
     ``thresholds`` holds calibrated thresholds per alias (the web layer calibrates aliases with a
     ``target_closed_share`` from the outcome store); a value there wins over the policy's.
     ``spend_today_usd`` is the tenant's closed-tier spend today, checked against its budget.
+    Raises ``TypeError`` only for a Policy not built by :func:`parse_policy`/:func:`load_policy`.
     """
     private = policy.__pydantic_private__
     runtime: _Runtime | None = private.get("_runtime") if private else None
@@ -517,7 +518,8 @@ def evaluate(
     if rule is None:
         assert pinned is not None  # the default rule matches every unpinned request
         model, reason = pinned, f"request pins model '{pinned}'"
-        name, on_failure, local_only = "pinned", policy.on_failure, False
+        # A pin names one model: falling back to another would silently break it.
+        name, on_failure, local_only = "pinned", "error", False
         shadow_rate, store = policy.shadow.sample_rate, policy.store_prompts
     else:
         name, on_failure, local_only = rule.name, rule.on_failure, rule.local_only
@@ -1168,7 +1170,7 @@ class _Checker:
         parts: list[tuple[_Test, str]] = []
         if cond.all_ is not None:
             parts.append(
-                self._all([self._condition(c, (*loc, "all", i)) for i, c in enumerate(cond.all_)])
+                _all([self._condition(c, (*loc, "all", i)) for i, c in enumerate(cond.all_)])
             )
         if cond.any_ is not None:
             parts.append(
@@ -1191,11 +1193,7 @@ class _Checker:
             )
         for key, cmp in (cond.__pydantic_extra__ or {}).items():
             parts.append(self._extra(key, cmp, (*loc, key)))
-        return self._all(parts) if len(parts) != 1 else parts[0]
-
-    @staticmethod
-    def _all(parts: list[tuple[_Test, str]]) -> tuple[_Test, str]:
-        return _all(parts)
+        return _all(parts) if len(parts) != 1 else parts[0]
 
     def _extra(self, key: str, cmp: Comparison, loc: Loc) -> tuple[_Test, str]:
         if key.startswith("metadata.") and len(key) > len("metadata."):

@@ -420,6 +420,7 @@ def test_pinned_model_skips_rules_except_local_only() -> None:
         """)
     decision = evaluate(p, signals(alias="big"))
     assert (decision.model, decision.rule) == ("big", "pinned")
+    assert (decision.on_failure, decision.fallbacks) == ("error", ())  # a pin is not swapped
     assert decision.trace[1].why == "skipped: the request pins a model"
     assert evaluate(p, signals(alias="big", pii=True)).model == "small"  # privacy beats a pin
 
