@@ -515,6 +515,7 @@ def evaluate(
     rule = _first_match(plan, signals, pinned is not None, trace)
 
     threshold: float | None = None
+    on_failure: OnFailure
     if rule is None:
         assert pinned is not None  # the default rule matches every unpinned request
         model, reason = pinned, f"request pins model '{pinned}'"
