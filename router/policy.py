@@ -14,6 +14,7 @@ validation, I/O or logging per call. The language reference is ``docs/policy.md`
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import re
 import types
@@ -96,8 +97,18 @@ def _regex(value: str) -> str:
     return value
 
 
+def _bound(value: Any) -> Any:
+    if isinstance(value, int | float | str) and not isinstance(value, bool):
+        return value
+    raise PydanticCustomError(
+        "bound", "expected a number (or a stakes level), got {kind}", {"kind": type(value).__name__}
+    )
+
+
 _ScalarSchema = {"type": ["string", "number", "boolean", "null"]}
 ScalarValue = Annotated[Any, AfterValidator(_scalar), WithJsonSchema(_ScalarSchema)]
+# Order operators take numbers, and stakes levels for `stakes` (``stakes: {gte: medium}``).
+Bound = Annotated[Any, AfterValidator(_bound), WithJsonSchema({"type": ["number", "string"]})]
 
 
 class _Strict(BaseModel):
@@ -117,10 +128,10 @@ class Comparison(_Strict):
 
     eq: ScalarValue = None
     ne: ScalarValue = None
-    gt: float | None = None
-    gte: float | str | None = None
-    lt: float | None = None
-    lte: float | str | None = None
+    gt: Bound | None = None
+    gte: Bound | None = None
+    lt: Bound | None = None
+    lte: Bound | None = None
     in_: list[ScalarValue] | None = Field(None, alias="in")
     not_in: list[ScalarValue] | None = None
     contains: ScalarValue = None
@@ -155,10 +166,6 @@ class Comparison(_Strict):
             if attr in fields_set:
                 out.append((op, getattr(self, attr)))
         return out
-
-
-# ``gte``/``lte`` take text too, for ordinal signals (``stakes: {gte: medium}``); the checker
-# rejects text for every other signal.
 
 
 class HeaderComparison(Comparison):
@@ -228,8 +235,9 @@ class ModelSpec(_Strict):
     @classmethod
     def _tier_defaults(cls, value: Any) -> Any:
         # Closed frontier APIs take tools and images; a local model is assumed not to.
-        if isinstance(value, dict) and value.get("tier") in ("local", "closed"):
-            closed = value["tier"] == "closed"
+        # (An invalid tier is reported on its own, without "missing supports_*" noise.)
+        if isinstance(value, dict):
+            closed = value.get("tier") == "closed"
             value = {"supports_tools": closed, "supports_images": closed, **value}
         return value
 
@@ -494,6 +502,7 @@ def evaluate(
     ``thresholds`` holds calibrated thresholds per alias (the web layer calibrates aliases with a
     ``target_closed_share`` from the outcome store); a value there wins over the policy's.
     ``spend_today_usd`` is the tenant's closed-tier spend today, checked against its budget.
+    Raises ``TypeError`` only for a Policy not built by :func:`parse_policy`/:func:`load_policy`.
     """
     private = policy.__pydantic_private__
     runtime: _Runtime | None = private.get("_runtime") if private else None
@@ -506,10 +515,12 @@ def evaluate(
     rule = _first_match(plan, signals, pinned is not None, trace)
 
     threshold: float | None = None
+    on_failure: OnFailure
     if rule is None:
         assert pinned is not None  # the default rule matches every unpinned request
         model, reason = pinned, f"request pins model '{pinned}'"
-        name, on_failure, local_only = "pinned", policy.on_failure, False
+        # A pin names one model: falling back to another would silently break it.
+        name, on_failure, local_only = "pinned", "error", False
         shadow_rate, store = policy.shadow.sample_rate, policy.store_prompts
     else:
         name, on_failure, local_only = rule.name, rule.on_failure, rule.local_only
@@ -539,10 +550,9 @@ def evaluate(
     step.apply_budget(plan, spend_today_usd)
     if step.forced_local:
         name, local_only = step.rule or name, True
-    if local_only:
-        on_failure, shadow_rate = "error", 0.0
-    elif step.over_budget:
+    if step.over_budget:  # shadow traffic would spend the exhausted budget
         shadow_rate = 0.0
+    # (local_only rules are compiled with shadow 0; fallbacks() turns their on_failure to error)
     on_failure, fallbacks = step.fallbacks(on_failure, local_only or step.over_budget)
     spec = policy.models[step.model]
     return Decision(
@@ -869,6 +879,14 @@ _FRIENDLY = {
 }
 
 
+_BOUNDS = {
+    "greater_than": ("more than", "gt"),
+    "greater_than_equal": ("at least", "ge"),
+    "less_than": ("less than", "lt"),
+    "less_than_equal": ("at most", "le"),
+}
+
+
 def _issue_from_pydantic(err: Mapping[str, Any], locate: _Locator) -> PolicyIssue:
     loc: Loc = tuple(p for p in err["loc"] if p != "[key]")
     kind, ctx = err["type"], err.get("ctx") or {}
@@ -877,7 +895,7 @@ def _issue_from_pydantic(err: Mapping[str, Any], locate: _Locator) -> PolicyIssu
         return _with_path(locate(loc[:-1], f"missing required key {loc[-1]!r}{hint}"), loc)
     if kind == "extra_forbidden":
         allowed = _allowed_keys(loc[:-1])
-        message = f"unknown key {loc[-1]!r}"
+        message = f"unknown key {loc[-1]!r}{_suggest(str(loc[-1]), allowed)}"
         if allowed:
             message += f" (expected one of {', '.join(allowed)})"
         return locate(loc, message)
@@ -888,6 +906,9 @@ def _issue_from_pydantic(err: Mapping[str, Any], locate: _Locator) -> PolicyIssu
         return locate(loc, message)
     if kind in _FRIENDLY:
         return locate(loc, f"{_FRIENDLY[kind]}, got {_describe(err['input'])}")
+    if kind in _BOUNDS:
+        word, key = _BOUNDS[kind]
+        return locate(loc, f"must be {word} {ctx.get(key)}, got {_describe(err['input'])}")
     message = str(err["msg"])
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
@@ -965,7 +986,7 @@ _KIND_OPS: dict[str, frozenset[str]] = {
     "text": frozenset({"eq", "ne", "in", "not_in", "contains", "matches"}),
     "capability": frozenset({"eq", "ne", "in", "not_in", "matches"}),
     "stakes": frozenset({"eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in"}),
-    "list": frozenset({"contains", "in", "not_in"}),
+    "list": frozenset({"contains", "in", "not_in", "matches"}),
     "any": frozenset(OPERATORS),
 }
 _CONDITION_KEYS = ("all", "any", "not", "signal", "header", *_BUILTINS)
@@ -1066,23 +1087,22 @@ class _Checker:
 
     def _rule(self, rule: Rule, loc: Loc) -> _CompiledRule | None:
         p = self.policy
+        test: _Test = _always
+        desc = "always"
+        if rule.when is not None:  # checked first, so a bad route does not hide its problems
+            test, desc = self._condition(rule.when, (*loc, "when"))
         route, model = rule.route, None
         if route not in ("local", "closed", "auto"):
             if route not in p.models:
+                hint = _suggest(route, list(p.models))
                 self.add(
                     (*loc, "route"),
-                    f"unknown route {route!r} (expected local, closed, auto "
+                    f"unknown route {route!r}{hint} (expected local, closed, auto "
                     f"or a model: {', '.join(p.models)})",
                 )
                 return None
             route, model = "model", rule.route
         self._check_route(rule, loc, model)
-        test: _Test = _always
-        desc = "always"
-        if rule.when is None:
-            pass
-        else:
-            test, desc = self._condition(rule.when, (*loc, "when"))
         shadow = (rule.shadow or p.shadow).sample_rate
         return _CompiledRule(
             name=rule.name,
@@ -1142,7 +1162,8 @@ class _Checker:
     def _signal_ref(self, name: str, loc: Loc) -> tuple[_Test, str]:
         if name not in self.policy.signals:
             defined = ", ".join(self.policy.signals) or "none defined"
-            self.add(loc, f"unknown signal {name!r} (signals: {defined})")
+            hint = _suggest(name, list(self.policy.signals))
+            self.add(loc, f"unknown signal {name!r}{hint} (signals: {defined})")
             return _always, name
         return self._signal(name, loc) or (_always, name)
 
@@ -1150,7 +1171,7 @@ class _Checker:
         parts: list[tuple[_Test, str]] = []
         if cond.all_ is not None:
             parts.append(
-                self._all([self._condition(c, (*loc, "all", i)) for i, c in enumerate(cond.all_)])
+                _all([self._condition(c, (*loc, "all", i)) for i, c in enumerate(cond.all_)])
             )
         if cond.any_ is not None:
             parts.append(
@@ -1173,11 +1194,7 @@ class _Checker:
             )
         for key, cmp in (cond.__pydantic_extra__ or {}).items():
             parts.append(self._extra(key, cmp, (*loc, key)))
-        return self._all(parts) if len(parts) != 1 else parts[0]
-
-    @staticmethod
-    def _all(parts: list[tuple[_Test, str]]) -> tuple[_Test, str]:
-        return _all(parts)
+        return _all(parts) if len(parts) != 1 else parts[0]
 
     def _extra(self, key: str, cmp: Comparison, loc: Loc) -> tuple[_Test, str]:
         if key.startswith("metadata.") and len(key) > len("metadata."):
@@ -1189,8 +1206,9 @@ class _Checker:
                 return ref(s) is None
 
             return self._comparison(key, "bool", as_bool, cmp, loc)
-        expected = ", ".join([*_CONDITION_KEYS, "metadata.<field>", *self.policy.signals])
-        self.add(loc, f"unknown signal {key!r} (expected one of {expected})")
+        names = [*_CONDITION_KEYS, *self.policy.signals]
+        expected = ", ".join([*names, "metadata.<field>"])
+        self.add(loc, f"unknown signal {key!r}{_suggest(key, names)} (expected one of {expected})")
         return _always, key
 
     def _comparison(
@@ -1214,7 +1232,7 @@ class _Checker:
         values = value if op in ("in", "not_in") else [value]
         bad = next((v for v in values if not _value_ok(kind, op, v)), _NOTHING)
         if bad is not _NOTHING:
-            self.add(loc, f"{label}: {_expected(kind, op)}, got {_describe(bad)}")
+            self.add(loc, _bad_value(label, kind, op, bad))
         if kind == "stakes" and op in ("gt", "gte", "lt", "lte"):
             return _STAKES_RANK.get(value, 0)
         return value
@@ -1243,18 +1261,28 @@ def _value_ok(kind: _Kind, op: str, v: Any) -> bool:
     return v is not None
 
 
-def _expected(kind: _Kind, op: str) -> str:
-    if op == "matches":
-        return "expected a regular expression"
-    return {
-        "bool": "expected true or false",
-        "number": "expected a number",
-        "text": "expected text",
-        "list": "expected text",
-        "capability": "unknown capability, expected one of " + ", ".join(CAPABILITIES),
-        "stakes": "unknown stakes, expected one of " + ", ".join(STAKES),
-        "any": "expected a number" if op in ("gt", "gte", "lt", "lte") else "expected a value",
+def _bad_value(label: str, kind: _Kind, op: str, value: Any) -> str:
+    if op != "matches" and kind in ("capability", "stakes"):
+        names = CAPABILITIES if kind == "capability" else STAKES
+        what = "capability" if kind == "capability" else "stakes level"
+        return f"unknown {what} {value!r}{_suggest(str(value), names)} (expected one of " + (
+            ", ".join(names) + ")"
+        )
+    expected = {
+        "bool": "true or false",
+        "number": "a number",
+        "text": "text",
+        "list": "text",
+        "any": "a number" if op in _ORDER else "a value",
     }[kind]
+    if op == "matches":
+        expected = "a regular expression"
+    return f"{label} {op}: expected {expected}, got {_describe(value)}"
+
+
+def _suggest(word: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.75)
+    return f", did you mean {close[0]!r}?" if close else ""
 
 
 # --------------------------------------------------------------------------- closures

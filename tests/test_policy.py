@@ -1,0 +1,574 @@
+"""Evaluation of the policy language: operators, ordering, aliases, tenants, constraints."""
+
+from __future__ import annotations
+
+import json
+import re
+import textwrap
+import timeit
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from router.policy import (
+    Decision,
+    Policy,
+    evaluate,
+    load_policy,
+    parse_policy,
+    policy_json_schema,
+)
+from router.signals import Signals
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = sorted([*ROOT.glob("policies/*.yaml"), *ROOT.glob("policies/examples/*.yaml")])
+
+MODELS = """\
+version: 1
+models:
+  small: {tier: local, context_window: 1000}
+  notools: {tier: closed, litellm_model: openai/x, supports_tools: false, context_window: 50000}
+  big: {tier: closed, litellm_model: openai/gpt-4o, context_window: 100000}
+  huge: {tier: closed, litellm_model: anthropic/claude, context_window: 1000000}
+closed_models: [notools, big, huge]
+threshold: 0.5
+"""
+
+
+def policy(body: str = "") -> Policy:
+    return parse_policy(MODELS + textwrap.dedent(body))
+
+
+def signals(**kwargs: Any) -> Signals:
+    kwargs.setdefault("alias", "auto")
+    return Signals(**kwargs)
+
+
+# --------------------------------------------------------------------------- operators
+
+# (condition as YAML, signal values, whether the rule matches)
+OPERATOR_CASES: list[tuple[str, dict[str, Any], bool]] = [
+    ("{capability: coding}", {"capability": "coding"}, True),
+    ("{capability: coding}", {"capability": "math"}, False),
+    ("{capability: {eq: coding}}", {"capability": None}, False),
+    ("{capability: {eq: null}}", {"capability": None}, True),
+    ("{capability: {eq: null}}", {"capability": "coding"}, False),
+    ("{capability: {ne: coding}}", {"capability": "math"}, True),
+    ("{capability: {ne: coding}}", {"capability": "coding"}, False),
+    ("{capability: {ne: coding}}", {"capability": None}, False),  # missing never satisfies
+    ("{prompt_tokens: {gt: 100}}", {"prompt_tokens": 101}, True),
+    ("{prompt_tokens: {gt: 100}}", {"prompt_tokens": 100}, False),
+    ("{prompt_tokens: {gte: 100}}", {"prompt_tokens": 100}, True),
+    ("{prompt_tokens: {gte: 100}}", {"prompt_tokens": 99}, False),
+    ("{score: {lt: 0.5}}", {"score": 0.49}, True),
+    ("{score: {lt: 0.5}}", {"score": 0.5}, False),
+    ("{score: {lte: 0.5}}", {"score": 0.5}, True),
+    ("{score: {lte: 0.5}}", {"score": 0.51}, False),
+    ("{max_tokens: {lt: 100}}", {"max_tokens": None}, False),
+    ("{max_tokens: {lt: 100}}", {"max_tokens": 50}, True),
+    ("{prompt_tokens: {gt: 10, lte: 20}}", {"prompt_tokens": 15}, True),
+    ("{prompt_tokens: {gt: 10, lte: 20}}", {"prompt_tokens": 25}, False),
+    ("{turns: {in: [2, 3]}}", {"turns": 3}, True),
+    ("{turns: {in: [2, 3]}}", {"turns": 1}, False),
+    ("{capability: [coding, math]}", {"capability": "math"}, True),
+    ("{capability: [coding, math]}", {"capability": "chat"}, False),
+    ("{capability: {not_in: [coding]}}", {"capability": "chat"}, True),
+    ("{capability: {not_in: [coding]}}", {"capability": "coding"}, False),
+    ("{capability: {not_in: [coding]}}", {"capability": None}, False),
+    ("{capability: {matches: '^(cod|mat)'}}", {"capability": "math"}, True),
+    ("{capability: {matches: '^(cod|mat)'}}", {"capability": "chat"}, False),
+    ("{tenant: {contains: cm}}", {"tenant": "acme"}, True),
+    ("{tenant: {contains: cm}}", {"tenant": "globex"}, False),
+    ("{alias: {matches: '^auto-'}}", {"alias": "auto-best"}, True),
+    ("{alias: {matches: '^auto-'}}", {"alias": "auto"}, False),
+    ("{pii_kinds: {contains: email}}", {"pii_kinds": ("phone", "email")}, True),
+    ("{pii_kinds: {contains: email}}", {"pii_kinds": ()}, False),
+    ("{pii_kinds: [email, ssn]}", {"pii_kinds": ("ssn",)}, True),
+    ("{pii_kinds: [email, ssn]}", {"pii_kinds": ("phone",)}, False),
+    ("{pii_kinds: {not_in: [ssn]}}", {"pii_kinds": ("phone",)}, True),
+    ("{pii_kinds: {not_in: [ssn]}}", {"pii_kinds": ("ssn", "phone")}, False),
+    ("{pii_kinds: {matches: '^ss'}}", {"pii_kinds": ("ssn",)}, True),
+    ("{has_images: true}", {"has_images": True}, True),
+    ("{has_images: true}", {"has_images": False}, False),
+    ("{has_tools: {ne: true}}", {"has_tools": False}, True),
+    ("{pii: false}", {"pii": True}, False),
+    ("{stakes: {gte: medium}}", {"stakes": "high"}, True),
+    ("{stakes: {gte: medium}}", {"stakes": "medium"}, True),
+    ("{stakes: {gte: medium}}", {"stakes": "low"}, False),
+    ("{stakes: {gte: medium}}", {"stakes": None}, False),
+    ("{stakes: {lt: high}}", {"stakes": "low"}, True),
+    ("{stakes: [high]}", {"stakes": "high"}, True),
+    # headers: name is case-free, values compare as text, order operators read numbers
+    (
+        "{header: {name: X-Tiergate-Stakes, eq: high}}",
+        {"headers": {"x-tiergate-stakes": "high"}},
+        True,
+    ),
+    (
+        "{header: {name: x-tiergate-stakes, eq: high}}",
+        {"headers": {"X-Tiergate-Stakes": "high"}},
+        True,
+    ),
+    ("{header: {name: x-tiergate-stakes, eq: high}}", {"headers": {}}, False),
+    ("{header: {name: x-priority, gt: 3}}", {"headers": {"x-priority": "5"}}, True),
+    ("{header: {name: x-priority, gt: 3}}", {"headers": {"x-priority": "two"}}, False),
+    # metadata: dotted paths walk nested mappings; booleans never equal numbers
+    ("{metadata.team.name: search}", {"metadata": {"team": {"name": "search"}}}, True),
+    ("{metadata.team.name: search}", {"metadata": {"team": "search"}}, False),
+    ("{metadata.team.name: search}", {"metadata": {}}, False),
+    ("{metadata.flag: {eq: 1}}", {"metadata": {"flag": True}}, False),
+    ("{metadata.flag: true}", {"metadata": {"flag": True}}, True),
+    ("{metadata.tags: {contains: beta}}", {"metadata": {"tags": ["beta", "x"]}}, True),
+    ("{metadata.tier: [gold, silver]}", {"metadata": {"tier": "gold"}}, True),
+    ("{metadata.tier: [gold, silver]}", {"metadata": {"tier": ["gold"]}}, False),
+    ("{metadata.tier: {not_in: [gold]}}", {"metadata": {}}, False),
+    ("{metadata.cost: {lte: 2.5}}", {"metadata": {"cost": 2}}, True),
+    # combinators; documented edges: all [] always matches, any [] never does,
+    # and `not` of a comparison on a missing signal is true
+    ("{all: []}", {}, True),
+    ("{any: []}", {}, False),
+    ("{any: [{pii: true}, {has_images: true}]}", {"has_images": True}, True),
+    ("{any: [{pii: true}, {has_images: true}]}", {}, False),
+    ("{all: [{pii: true}, {has_images: true}]}", {"pii": True}, False),
+    ("{all: [{pii: true}, {has_images: true}]}", {"pii": True, "has_images": True}, True),
+    ("{not: {capability: coding}}", {"capability": None}, True),
+    ("{not: {capability: coding}}", {"capability": "coding"}, False),
+    ("{has_tools: true, turns: {gte: 2}}", {"has_tools": True, "turns": 1}, False),
+    ("{has_tools: true, turns: {gte: 2}}", {"has_tools": True, "turns": 2}, True),
+    ("{}", {}, True),
+]
+
+
+@pytest.mark.parametrize(("when", "values", "expected"), OPERATOR_CASES)
+def test_operator(when: str, values: dict[str, Any], expected: bool) -> None:
+    p = policy(f"rules:\n  - {{name: r, when: {when}, route: closed}}\n")
+    decision = evaluate(p, signals(**values))
+    assert (decision.rule == "r") is expected, decision.trace
+    assert decision.trace[0].name == "r" and decision.trace[0].matched is expected
+
+
+@pytest.mark.parametrize(
+    ("reference", "values", "expected"),
+    [
+        ("long", {"prompt_tokens": 700}, True),
+        ("long", {"prompt_tokens": 10}, False),
+        ("{signal: long}", {"prompt_tokens": 700}, True),
+        ("{long: true}", {"prompt_tokens": 700}, True),
+        ("{long: false}", {"prompt_tokens": 700}, False),
+        ("{long: false}", {"prompt_tokens": 10}, True),
+        ("{all: [long, {has_tools: true}]}", {"prompt_tokens": 700, "has_tools": True}, True),
+        ("long_and_coding", {"prompt_tokens": 700, "capability": "coding"}, True),
+        ("long_and_coding", {"prompt_tokens": 700, "capability": "chat"}, False),
+    ],
+)
+def test_named_signal(reference: str, values: dict[str, Any], expected: bool) -> None:
+    p = policy(f"""\
+        signals:
+          long: {{prompt_tokens: {{gt: 600}}}}
+          long_and_coding: {{all: [long, {{capability: coding}}]}}
+        rules:
+          - {{name: r, when: {reference}, route: closed}}
+        """)
+    assert (evaluate(p, signals(**values)).rule == "r") is expected
+
+
+def test_failed_condition_is_explained_in_trace() -> None:
+    p = policy("""\
+        rules:
+          - {name: long, when: {prompt_tokens: {gt: 600}}, route: closed}
+          - {name: coding, when: {capability: coding}, route: local}
+        """)
+    decision = evaluate(p, signals(prompt_tokens=10, capability="coding"))
+    assert [(t.name, t.matched) for t in decision.trace] == [("long", False), ("coding", True)]
+    assert decision.trace[0].why == "prompt_tokens > 600 is false"
+    assert decision.trace[1].why == "matched: capability == 'coding'"
+
+
+# --------------------------------------------------------------------------- ordering
+
+
+def test_higher_priority_wins_regardless_of_file_order() -> None:
+    p = policy("""\
+        rules:
+          - {name: low, priority: 1, route: local}
+          - {name: high, priority: 5, route: closed}
+        """)
+    decision = evaluate(p, signals())
+    assert (decision.rule, decision.model) == ("high", "notools")
+    assert [t.name for t in decision.trace] == ["high"]
+
+
+def test_priority_ties_keep_file_order() -> None:
+    p = policy("""\
+        rules:
+          - {name: first, priority: 3, route: big}
+          - {name: second, priority: 3, route: huge}
+        """)
+    assert evaluate(p, signals()).rule == "first"
+
+
+def test_no_rule_matched_falls_to_default_rule() -> None:
+    p = policy("rules:\n  - {name: never, when: {any: []}, route: closed}\n")
+    decision = evaluate(p, signals(score=0.9))
+    assert (decision.rule, decision.tier, decision.model) == ("default", "closed", "notools")
+    assert [(t.name, t.matched) for t in decision.trace] == [("never", False), ("default", True)]
+
+
+# --------------------------------------------------------------------------- aliases
+
+
+ALIASES = """\
+    aliases:
+      auto: {threshold: 0.5}
+      auto-best: {threshold: 0.2}
+      auto-cheap: {target_closed_share: 0.1}
+    rules:
+      - {name: score, route: auto}
+    """
+
+
+@pytest.mark.parametrize(
+    ("alias", "score", "tier", "threshold"),
+    [
+        ("auto", 0.49, "local", 0.5),
+        ("auto", 0.5, "closed", 0.5),  # score >= threshold goes closed
+        ("auto-best", 0.3, "closed", 0.2),
+        ("auto-best", 0.1, "local", 0.2),
+        ("auto-cheap", 0.6, "closed", 0.5),  # uncalibrated: starts at the policy threshold
+        ("unknown-alias", 0.6, "closed", 0.5),  # the web layer 404s these; evaluate uses auto
+    ],
+)
+def test_alias_threshold(alias: str, score: float, tier: str, threshold: float) -> None:
+    decision = evaluate(policy(ALIASES), signals(alias=alias, score=score))
+    assert (decision.tier, decision.threshold) == (tier, threshold)
+    assert decision.alias == (alias if alias != "unknown-alias" else "auto")
+
+
+def test_calibrated_threshold_wins_over_policy() -> None:
+    p = policy(ALIASES)
+    s = signals(alias="auto-cheap", score=0.6)
+    decision = evaluate(p, s, thresholds={"auto-cheap": 0.7})
+    assert (decision.tier, decision.threshold) == ("local", 0.7)
+    # a calibration for another alias does not leak
+    assert evaluate(p, s, thresholds={"auto": 0.9}).threshold == 0.5
+
+
+def test_auto_alias_defaults_to_policy_threshold() -> None:
+    p = parse_policy(MODELS.replace("threshold: 0.5", "threshold: 0.3"))
+    assert p.alias_names() == ["auto"]
+    assert evaluate(p, signals(score=0.35)).tier == "closed"
+
+
+def test_model_listing_helpers() -> None:
+    p = policy(
+        ALIASES.rstrip(" ") + "    tenants:\n      acme: {aliases: {auto-acme: {threshold: 0.9}}}\n"
+    )
+    assert p.alias_names() == ["auto", "auto-best", "auto-cheap"]
+    assert p.alias_names("acme")[-1] == "auto-acme"
+    assert p.is_known_model("big") and p.is_known_model("auto-best")
+    assert not p.is_known_model("auto-acme") and p.is_known_model("auto-acme", "acme")
+    assert not p.is_known_model("gpt-5")
+    spec = p.resolve_model("big")
+    assert spec is not None and spec.name == "big" and spec.litellm_model == "openai/gpt-4o"
+    assert p.resolve_model("auto") is None
+
+
+# --------------------------------------------------------------------------- tenants, budget
+
+
+TENANTS = """\
+    rules:
+      - {name: global-closed, priority: 50, when: {capability: coding}, route: closed}
+      - {name: score, route: auto}
+    tenants:
+      acme:
+        rules:
+          - {name: acme-local, priority: -5, when: {capability: coding}, route: local}
+        aliases:
+          auto: {threshold: 0.9}
+      capped:
+        daily_budget_usd: 5.0
+        over_budget: local
+      hard:
+        daily_budget_usd: 5.0
+        over_budget: reject
+    """
+
+
+def test_tenant_rules_run_before_global_rules() -> None:
+    p = policy(TENANTS)
+    assert evaluate(p, signals(tenant="acme", capability="coding")).rule == "acme-local"
+    assert evaluate(p, signals(tenant="other", capability="coding")).rule == "global-closed"
+
+
+def test_tenant_alias_override() -> None:
+    p = policy(TENANTS)
+    assert evaluate(p, signals(tenant="acme", score=0.6)).tier == "local"
+    assert evaluate(p, signals(tenant="other", score=0.6)).tier == "closed"
+
+
+@pytest.mark.parametrize("spend", [None, 0.0, 4.99])
+def test_under_budget_is_untouched(spend: float | None) -> None:
+    decision = evaluate(policy(TENANTS), signals(tenant="capped", score=0.9), spend_today_usd=spend)
+    assert (decision.tier, decision.rule, decision.rejected) == ("closed", "score", None)
+
+
+def test_budget_spent_forces_local() -> None:
+    p = policy("    shadow: {sample_rate: 0.5}\n" + TENANTS)
+    assert evaluate(p, signals(tenant="capped", score=0.9), spend_today_usd=1.0).shadow_rate == 0.5
+    decision = evaluate(p, signals(tenant="capped", score=0.9), spend_today_usd=5.0)
+    assert (decision.tier, decision.model, decision.rule) == ("local", "small", "budget:capped")
+    assert decision.local_only and decision.on_failure == "error" and decision.fallbacks == ()
+    assert decision.shadow_rate == 0.0 and decision.rejected is None
+    assert "spent $5.00 of its $5.00 daily budget" in decision.reason
+
+
+def test_budget_spent_reject() -> None:
+    decision = evaluate(policy(TENANTS), signals(tenant="hard", score=0.9), spend_today_usd=7.5)
+    assert decision.rejected == "tenant 'hard' spent $7.50 of its $5.00 daily budget"
+    assert (decision.tier, decision.rule, decision.on_failure) == ("local", "budget:hard", "error")
+
+
+def test_budget_spent_local_requests_still_served() -> None:
+    decision = evaluate(policy(TENANTS), signals(tenant="hard", score=0.1), spend_today_usd=9.0)
+    assert (decision.tier, decision.rule, decision.rejected) == ("local", "score", None)
+    assert decision.on_failure == "error"  # a fallback would spend the exhausted budget
+
+
+def test_budget_spent_but_local_cannot_serve_is_rejected() -> None:
+    s = signals(tenant="capped", score=0.9, has_images=True)
+    decision = evaluate(policy(TENANTS), s, spend_today_usd=5.0)
+    assert decision.rejected is not None and "cannot take images" in decision.rejected
+
+
+# ------------------------------------------------------------------ local_only, constraints
+
+
+def test_local_only_rule() -> None:
+    p = policy("""\
+        shadow: {sample_rate: 0.3}
+        rules:
+          - {name: pii, priority: 9, when: {pii: true}, route: local, local_only: true,
+             store_prompts: redacted, on_failure: closed}
+        """)
+    decision = evaluate(p, signals(pii=True, score=0.99))
+    assert (decision.tier, decision.rule, decision.local_only) == ("local", "pii", True)
+    assert (decision.on_failure, decision.fallbacks) == ("error", ())
+    assert decision.store_prompts == "redacted" and decision.unsatisfiable is None
+    assert decision.shadow_rate == 0.0  # a shadow call would send the prompt out
+    assert evaluate(p, signals(score=0.1)).shadow_rate == 0.3
+
+
+def test_local_only_never_moves_for_images() -> None:
+    p = policy("rules:\n  - {name: pii, when: {pii: true}, route: local, local_only: true}\n")
+    decision = evaluate(p, signals(pii=True, has_images=True))
+    assert (decision.tier, decision.model) == ("local", "small")
+    assert decision.unsatisfiable == "model 'small' cannot take images and the rule is local_only"
+
+
+@pytest.mark.parametrize(
+    ("values", "model", "why"),
+    [
+        ({"has_images": True}, "notools", "images"),
+        ({"has_tools": True}, "big", "tools"),  # notools is skipped
+        ({"prompt_tokens": 900, "max_tokens": 200}, "notools", "1100 tokens (context window 1000)"),
+        ({"prompt_tokens": 200_000}, "huge", "200000 tokens (context window 1000)"),
+    ],
+)
+def test_hard_constraints_move_to_first_capable_closed_model(
+    values: dict[str, Any], model: str, why: str
+) -> None:
+    p = policy("rules:\n  - {name: cheap, route: local}\n")
+    decision = evaluate(p, signals(**values))
+    assert (decision.tier, decision.model, decision.rule) == ("closed", model, "cheap")
+    assert f"model 'small' cannot take {why} -> moved to '{model}'" in decision.reason
+    assert decision.trace[-1].name == "constraint" and decision.trace[-1].matched
+
+
+def test_prompt_exactly_at_window_stays_local() -> None:
+    p = policy("rules:\n  - {name: cheap, route: local}\n")
+    assert evaluate(p, signals(prompt_tokens=900, max_tokens=100)).model == "small"
+
+
+def test_no_model_can_serve() -> None:
+    p = policy("rules:\n  - {name: cheap, route: local}\n")
+    decision = evaluate(p, signals(prompt_tokens=2_000_000))
+    assert decision.model == "small"
+    assert (
+        decision.unsatisfiable is not None
+        and "no closed model can either" in decision.unsatisfiable
+    )
+    assert decision.on_failure == "error"
+
+
+def test_closed_route_skips_closed_model_without_tools() -> None:
+    p = policy("rules:\n  - {name: c, route: notools}\n")
+    decision = evaluate(p, signals(has_tools=True))
+    assert decision.model == "big"
+    assert decision.fallbacks == ("huge",)
+
+
+# --------------------------------------------------------------------------- pinning, failure
+
+
+def test_pinned_model_skips_rules_except_local_only() -> None:
+    p = policy("""\
+        rules:
+          - {name: pii, priority: 9, when: {pii: true}, route: local, local_only: true}
+          - {name: all-local, route: local}
+        """)
+    decision = evaluate(p, signals(alias="big"))
+    assert (decision.model, decision.rule) == ("big", "pinned")
+    assert (decision.on_failure, decision.fallbacks) == ("error", ())  # a pin is not swapped
+    assert decision.trace[1].why == "skipped: the request pins a model"
+    assert evaluate(p, signals(alias="big", pii=True)).model == "small"  # privacy beats a pin
+
+
+def test_pinned_model_is_never_swapped() -> None:
+    decision = evaluate(policy(), signals(alias="small", has_images=True))
+    assert (decision.model, decision.rule) == ("small", "pinned")
+    assert decision.unsatisfiable == "model 'small' cannot take images and the request pins it"
+
+
+@pytest.mark.parametrize(
+    ("rule", "values", "on_failure", "fallbacks"),
+    [
+        ("{name: r, route: local}", {}, "closed", ("notools", "big", "huge")),
+        ("{name: r, route: local, on_failure: error}", {}, "error", ()),
+        ("{name: r, route: local, on_failure: local}", {}, "error", ()),
+        ("{name: r, route: big}", {}, "closed", ("notools", "huge")),
+        ("{name: r, route: big, on_failure: local}", {}, "local", ("small",)),
+        # the local model cannot take the images: no silent fallback to it
+        ("{name: r, route: big, on_failure: local}", {"has_images": True}, "error", ()),
+    ],
+)
+def test_on_failure_and_fallbacks(
+    rule: str, values: dict[str, Any], on_failure: str, fallbacks: tuple[str, ...]
+) -> None:
+    decision = evaluate(policy(f"rules:\n  - {rule}\n"), signals(**values))
+    assert (decision.on_failure, decision.fallbacks) == (on_failure, fallbacks)
+
+
+def test_rule_actions_shadow_and_store_prompts() -> None:
+    p = policy("""\
+        store_prompts: none
+        shadow: {sample_rate: 0.1}
+        rules:
+          - {name: s, when: {capability: chat}, route: local, shadow: {sample_rate: 0.25},
+             store_prompts: full}
+        """)
+    decision = evaluate(p, signals(capability="chat"))
+    assert (decision.shadow_rate, decision.store_prompts) == (0.25, "full")
+    decision = evaluate(p, signals(capability="math"))
+    assert (decision.shadow_rate, decision.store_prompts) == (0.1, "none")
+
+
+def test_one_tier_policy_auto_goes_to_the_tier_that_exists() -> None:
+    p = parse_policy("version: 1\nmodels: {solo: {tier: local}}\n")
+    decision = evaluate(p, signals(score=1.0))
+    assert (decision.tier, decision.model) == ("local", "solo")
+    assert "no closed model" in decision.reason
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def test_decision_as_dict_is_json_ready() -> None:
+    decision = evaluate(load_policy(ROOT / "policies/default.yaml"), signals(score=0.7))
+    data = json.loads(json.dumps(decision.as_dict()))
+    assert data["rule"] == "default" and data["model"] == "gpt-4o"
+    assert data["policy_version"] == decision.policy_version and len(data["policy_version"]) == 12
+    assert data["trace"][-1] == {
+        "name": "default",
+        "priority": 0,
+        "matched": True,
+        "why": "matched: no other rule matched; the score decides",
+    }
+
+
+def test_digest_tracks_the_source_text() -> None:
+    assert policy().digest == policy().digest
+    assert policy().digest != policy("# a comment\n").digest
+    assert policy().source == "<string>"
+
+
+def test_json_schema_names_operators() -> None:
+    schema = json.dumps(policy_json_schema())
+    assert '"not_in"' in schema and '"target_closed_share"' in schema
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_policies_parse(path: Path) -> None:
+    p = load_policy(path)
+    assert p.source == str(path) and "auto" in p.alias_names()
+    assert isinstance(evaluate(p, signals()), Decision)
+
+
+def test_shipped_policies_exist() -> None:
+    names = {p.name for p in SHIPPED}
+    assert {"default.yaml", "privacy-first.yaml", "cost-capped.yaml", "quality-first.yaml"} <= names
+
+
+# (signals, expected (tier, model, rule)) for the default worldview
+DEFAULT_CASES: list[tuple[dict[str, Any], tuple[str, str, str]]] = [
+    ({"pii": True, "score": 0.99}, ("local", "local", "pii-stays-local")),
+    ({"has_images": True}, ("closed", "gpt-4o", "images-need-closed")),
+    ({"stakes": "high"}, ("closed", "gpt-4o", "high-stakes")),
+    ({"headers": {"x-tiergate-stakes": "high"}}, ("closed", "gpt-4o", "high-stakes")),
+    ({"prompt_tokens": 7000}, ("closed", "gpt-4o", "long-context")),
+    ({"has_tools": True, "turns": 3}, ("closed", "gpt-4o", "agent-workflow")),
+    ({"capability": "coding", "score": 0.7}, ("local", "local", "open-model-strengths")),
+    ({"capability": "coding", "score": 0.85}, ("closed", "gpt-4o", "default")),
+    ({"capability": "reasoning", "score": 0.4}, ("closed", "gpt-4o", "nuanced-judgment")),
+    ({"capability": "chat", "score": 0.3}, ("local", "local", "default")),
+    # one-turn tool call: no rule fires, but the local model cannot take tools
+    ({"has_tools": True, "score": 0.1}, ("closed", "gpt-4o", "default")),
+]
+
+
+@pytest.mark.parametrize(("values", "expected"), DEFAULT_CASES)
+def test_default_policy_worldview(values: dict[str, Any], expected: tuple[str, str, str]) -> None:
+    decision = evaluate(load_policy(ROOT / "policies/default.yaml"), signals(**values))
+    assert (decision.tier, decision.model, decision.rule) == expected
+
+
+def test_default_policy_stores_pii_prompts_redacted() -> None:
+    decision = evaluate(load_policy(ROOT / "policies/default.yaml"), signals(pii=True))
+    assert decision.store_prompts == "redacted" and decision.local_only
+
+
+DOC_HEAD = """\
+version: 1
+models:
+  local: {tier: local, context_window: 8192}
+  gpt-4o: {tier: closed, litellm_model: openai/gpt-4o}
+  claude-sonnet: {tier: closed, litellm_model: anthropic/claude-3-5-sonnet-20241022}
+"""
+
+
+def _doc_examples() -> list[str]:
+    doc = (ROOT / "docs/policy.md").read_text(encoding="utf-8")
+    return re.findall(r"```yaml\n(.*?)```", doc, re.S)
+
+
+@pytest.mark.parametrize("block", _doc_examples(), ids=lambda b: b.splitlines()[0])
+def test_doc_examples_parse(block: str) -> None:
+    # fragments are checked inside a minimal policy that defines the models they name
+    if block.startswith("version"):
+        text = block
+    elif block.startswith("models:"):
+        text = "version: 1\n" + block
+    elif block.startswith("when:"):
+        text = DOC_HEAD + "rules:\n  - name: r\n    route: local\n" + textwrap.indent(block, "    ")
+    else:
+        text = DOC_HEAD + block
+    parse_policy(text)
+
+
+def test_evaluate_fits_the_decision_budget() -> None:
+    # The whole decision has 0.3 ms; evaluate must stay far below it (typically ~20 us).
+    p = load_policy(ROOT / "policies/default.yaml")
+    s = signals(capability="chat", score=0.3, turns=3, prompt_tokens=500)
+    best = min(timeit.repeat(lambda: evaluate(p, s), number=500, repeat=5)) / 500
+    assert best < 150e-6, f"{best * 1e6:.1f} us per call"

@@ -1,0 +1,328 @@
+"""Broken policies: every problem is reported, located by file, line, column and key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from router.errors import ConfigError, PolicyError
+from router.policy import load_policy, parse_policy
+
+HERE = Path(__file__).resolve().parent
+BROKEN = HERE / "policies_broken"
+
+M = """\
+version: 1
+models:
+  local: {tier: local}
+  gpt: {tier: closed, litellm_model: openai/gpt-4o}
+"""  # four lines: what follows starts on line 5
+
+OPS = "eq, ne, gt, gte, lt, lte, in, not_in, contains, matches"
+
+# (id, policy text, every message expected, in order)
+CORPUS: list[tuple[str, str, list[str]]] = [
+    # --- YAML itself
+    (
+        "yaml-syntax",
+        "version: 1\nmodels:\n  local: {tier: local\n",
+        [
+            "p.yaml:4:1: YAML syntax error: expected ',' or '}', but got '<stream end>' "
+            "(while parsing a flow mapping at line 3, column 10)"
+        ],
+    ),
+    (
+        "yaml-tab",
+        "version: 1\nmodels:\n\tlocal: x\n",
+        ["p.yaml:3:1: YAML syntax error: found character '\\t' that cannot start any token"],
+    ),
+    (
+        "duplicate-key",
+        M + "threshold: 0.5\nthreshold: 0.6\n",
+        ["p.yaml:6:1: threshold: duplicate key 'threshold' (the later one would silently win)"],
+    ),
+    ("empty", "", ["p.yaml:1:1: a policy is a mapping that starts with `version: 1`"]),
+    # --- version
+    (
+        "version-missing",
+        "models:\n  local: {tier: local}\n",
+        ["p.yaml:1:1: version: missing required key 'version' (add `version: 1` at the top)"],
+    ),
+    (
+        "version-wrong",
+        "version: 2\nmodels:\n  local: {tier: local}\n",
+        ["p.yaml:1:1: version: unsupported version 2 (this Tiergate reads version 1)"],
+    ),
+    # --- wrong types
+    (
+        "wrong-type-number",
+        M + "threshold: high\n",
+        ["p.yaml:5:1: threshold: expected a number, got str 'high'"],
+    ),
+    (
+        "wrong-type-int",
+        M + "rules:\n  - name: a\n    priority: first\n    route: local\n",
+        ["p.yaml:7:5: rules[0].priority: expected a whole number, got str 'first'"],
+    ),
+    (
+        "wrong-type-list",
+        M + "rules: {name: a}\n",
+        ["p.yaml:5:1: rules: expected a list, got a mapping"],
+    ),
+    (
+        "wrong-type-mapping",
+        "version: 1\nmodels: [a, b]\n",
+        ["p.yaml:2:1: models: expected a mapping, got a list"],
+    ),
+    (
+        "wrong-type-scalar",
+        M + "rules:\n  - {name: a, when: {metadata.x: {eq: [1]}}, route: local}\n",
+        [
+            "p.yaml:6:35: rules[0].when.metadata.x.eq: expected a single value "
+            "(text, number, true/false or null), got list"
+        ],
+    ),
+    (
+        "out-of-range",
+        M + "aliases:\n  auto: {threshold: 1.5}\n",
+        ["p.yaml:6:10: aliases.auto.threshold: must be at most 1.0, got float 1.5"],
+    ),
+    (
+        "bad-literal",
+        "version: 1\nmodels:\n  local: {tier: remote}\n",
+        [
+            "p.yaml:3:11: models.local.tier: invalid value 'remote' "
+            "(expected one of 'local' or 'closed')"
+        ],
+    ),
+    # --- unknown keys
+    (
+        "unknown-top-key",
+        M + "rulez: []\n",
+        [
+            "p.yaml:5:1: rulez: unknown key 'rulez', did you mean 'rules'? (expected one of "
+            "version, description, models, local_model, closed_models, threshold, on_failure, "
+            "queue_full, store_prompts, retention_days, shadow, signals, rules, aliases, tenants)"
+        ],
+    ),
+    (
+        "unknown-model-key",
+        "version: 1\nmodels:\n  local: {tier: local, contxt_window: 10}\n",
+        [
+            "p.yaml:3:24: models.local.contxt_window: unknown key 'contxt_window', did you mean "
+            "'context_window'? (expected one of tier, litellm_model, api_base, api_key_env, "
+            "context_window, supports_tools, supports_images, timeout_s, description)"
+        ],
+    ),
+    (
+        "unknown-signal",
+        M + "rules:\n  - name: a\n    when: {capabilty: coding}\n    route: local\n",
+        [
+            "p.yaml:7:12: rules[0].when.capabilty: unknown signal 'capabilty', did you mean "
+            "'capability'? (expected one of all, any, not, signal, header, capability, stakes, "
+            "pii, pii_kinds, prompt_tokens, max_tokens, has_images, has_tools, turns, score, "
+            "tenant, alias, metadata.<field>)"
+        ],
+    ),
+    # --- operators and values
+    (
+        "unknown-operator",
+        M
+        + "rules:\n  - name: a\n    when:\n      capability: {equals: coding}\n    route: local\n",
+        [
+            f"p.yaml:8:7: rules[0].when.capability: unknown operator "
+            f"'equals' (expected one of {OPS})"
+        ],
+    ),
+    (
+        "operator-not-for-signal",
+        M + "rules:\n  - name: a\n    when: {has_images: {gt: 3}}\n    route: local\n",
+        [
+            "p.yaml:7:25: rules[0].when.has_images.gt: operator 'gt' does not apply to has_images "
+            "(use eq, ne)"
+        ],
+    ),
+    (
+        "no-operator",
+        M + "rules:\n  - {name: a, when: {pii: {}}, route: local}\n",
+        [f"p.yaml:6:22: rules[0].when.pii: no operator given (expected one of {OPS})"],
+    ),
+    (
+        "wrong-value-type",
+        M + "rules:\n  - {name: a, when: {prompt_tokens: {lt: many}}, route: local}\n",
+        [
+            "p.yaml:6:38: rules[0].when.prompt_tokens.lt: prompt_tokens lt: expected a number, "
+            "got str 'many'"
+        ],
+    ),
+    (
+        "unknown-stakes",
+        M + "rules:\n  - {name: a, when: {stakes: {gte: huge}}, route: local}\n",
+        [
+            "p.yaml:6:31: rules[0].when.stakes.gte: unknown stakes level 'huge' "
+            "(expected one of low, medium, high)"
+        ],
+    ),
+    (
+        "bad-regex",
+        M + "rules:\n  - {name: a, when: {alias: {matches: '(('}}, route: local}\n",
+        [
+            "p.yaml:6:30: rules[0].when.alias.matches: invalid regular expression '((': "
+            "missing ), unterminated subpattern at position 1"
+        ],
+    ),
+    (
+        "header-needs-name",
+        M + "rules:\n  - {name: a, when: {header: {eq: high}}, route: local}\n",
+        ["p.yaml:6:22: rules[0].when.header.name: missing required key 'name'"],
+    ),
+    # --- rules
+    (
+        "missing-route",
+        M + "rules:\n  - name: a\n    when: {pii: true}\n",
+        ["p.yaml:6:5: rules[0].route: missing required key 'route'"],
+    ),
+    (
+        "duplicate-rule-name",
+        M + "rules:\n  - {name: a, route: local}\n  - {name: b, route: local}\n"
+        "  - {name: a, route: closed}\n",
+        ["p.yaml:8:6: rules[2].name: duplicate rule name 'a' (first used by rule 0)"],
+    ),
+    (
+        "tenant-rule-shadows-global",
+        M + "rules:\n  - {name: a, route: local}\ntenants:\n  acme:\n    rules:\n"
+        "      - {name: a, route: closed}\n",
+        [
+            "p.yaml:10:10: tenants.acme.rules[0].name: rule name 'a' is "
+            "already used by a global rule"
+        ],
+    ),
+    (
+        "reserved-rule-name",
+        M + "rules:\n  - {name: default, route: local}\n",
+        [
+            "p.yaml:6:6: rules[0].name: rule name 'default' is reserved "
+            "for the evaluator's own steps"
+        ],
+    ),
+    (
+        "local-only-to-closed",
+        M + "rules:\n  - {name: a, route: closed, local_only: true}\n",
+        [
+            "p.yaml:6:30: rules[0].local_only: a local_only rule must "
+            "route to local or a local model"
+        ],
+    ),
+    # --- references
+    (
+        "unknown-route-model",
+        M + "rules:\n  - {name: a, route: gpt-5}\n",
+        [
+            "p.yaml:6:15: rules[0].route: unknown route 'gpt-5', did you mean 'gpt'? "
+            "(expected local, closed, auto or "
+            "a model: local, gpt)"
+        ],
+    ),
+    (
+        "unknown-model-refs",
+        M + "local_model: llama\nclosed_models: [gpt, claude]\n",
+        [
+            "p.yaml:5:1: local_model: unknown model 'llama' (models: local, gpt)",
+            "p.yaml:6:22: closed_models[1]: unknown model 'claude' (models: local, gpt)",
+        ],
+    ),
+    (
+        "unknown-named-signal",
+        M + "rules:\n  - name: a\n    when: long_context\n    route: local\n",
+        ["p.yaml:7:5: rules[0].when.signal: unknown signal 'long_context' (signals: none defined)"],
+    ),
+    (
+        "signal-cycle",
+        M + "signals:\n  a: b\n  b: {all: [a]}\n",
+        [
+            "p.yaml:7:13: signals.b.all[0].signal: signals refer to each "
+            "other in a cycle: a -> b -> a"
+        ],
+    ),
+    (
+        "closed-needs-litellm",
+        "version: 1\nmodels:\n  gpt: {tier: closed}\n",
+        ["p.yaml:3:3: models.gpt: a closed model needs litellm_model (e.g. openai/gpt-4o)"],
+    ),
+    (
+        "route-local-without-local-model",
+        "version: 1\nmodels:\n  gpt: {tier: closed, litellm_model: openai/gpt-4o}\n"
+        "rules:\n  - {name: a, route: local}\n",
+        ["p.yaml:5:15: rules[0].route: route local needs a model with tier local under models"],
+    ),
+    # --- aliases
+    (
+        "alias-both-settings",
+        M + "aliases:\n  auto: {threshold: 0.5, target_closed_share: 0.2}\n",
+        ["p.yaml:6:3: aliases.auto: set exactly one of threshold or target_closed_share"],
+    ),
+    (
+        "alias-no-setting",
+        M + "aliases:\n  auto-cheap: {}\n",
+        ["p.yaml:6:3: aliases.auto-cheap: set exactly one of threshold or target_closed_share"],
+    ),
+    (
+        "alias-named-like-model",
+        M + "aliases:\n  gpt: {threshold: 0.5}\n",
+        ["p.yaml:6:3: aliases.gpt: alias 'gpt' has the name of a model; pick another"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), [c[1:] for c in CORPUS], ids=[c[0] for c in CORPUS])
+def test_broken_policy_message(text: str, expected: list[str]) -> None:
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(text, "p.yaml")
+    assert [str(issue) for issue in caught.value.issues] == expected
+
+
+def test_every_problem_in_a_file_is_listed_with_its_line() -> None:
+    path = BROKEN / "several-problems.yaml"
+    with pytest.raises(PolicyError) as caught:
+        load_policy(path)
+    assert [(i.line, i.column, i.path) for i in caught.value.issues] == [
+        (12, 7, "rules[0].when.capability"),
+        (15, 5, "rules[1].priority"),
+        (21, 5, "rules[2].colour"),
+    ]
+    assert all(issue.source == str(path) for issue in caught.value.issues)
+    assert str(caught.value).startswith("invalid policy: 3 problems\n  " + str(path) + ":12:7: ")
+
+
+def test_reference_problems_are_all_listed() -> None:
+    with pytest.raises(PolicyError) as caught:
+        load_policy(BROKEN / "bad-references.yaml")
+    assert [f"{i.line}:{i.column} {i.path}: {i.message}" for i in caught.value.issues] == [
+        "5:25 closed_models[1]: unknown model 'claude-sonnet' (models: local, gpt-4o)",
+        "10:5 rules[0].when.signal: unknown signal 'long_contxt', did you mean 'long_context'? "
+        "(signals: long_context)",
+        "13:12 rules[1].when.capability.eq: unknown capability 'cooding', did you mean "
+        "'coding'? (expected one of coding, math, reasoning, extraction, summarization, "
+        "knowledge_qa, creative_writing, roleplay, chat)",
+        "14:5 rules[1].route: unknown route 'gpt-5' (expected local, closed, auto or a model: "
+        "local, gpt-4o)",
+        "15:5 rules[2].name: duplicate rule name 'long' (first used by rule 0)",
+    ]
+
+
+def test_unreadable_file() -> None:
+    with pytest.raises(PolicyError) as caught:
+        load_policy(BROKEN / "does-not-exist.yaml")
+    (issue,) = caught.value.issues
+    assert issue.line is None and issue.message.startswith("cannot read: ")
+    assert str(issue).startswith(str(BROKEN / "does-not-exist.yaml") + ": cannot read: ")
+
+
+def test_policy_error_is_a_config_error() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_policy("version: 1\nmodels: {}\n")
+    assert caught.value.code == "policy_error"
+    assert str(caught.value) == (
+        "invalid policy: 1 problem\n  <string>:2:1: models: define at least one model"
+    )
