@@ -117,7 +117,7 @@ async def dashboard_data(request: Request, window_s: int) -> dict[str, Any]:
     if summarise is None:
         summary = _empty_summary(since, bucket_s)
     else:
-        summary = await asyncio.to_thread(summarise, since, bucket_s)
+        summary = await asyncio.to_thread(summarise, since, bucket_s, until_ts=now)
     quality = await asyncio.to_thread(quality_by_tier, store, since)
     return {
         "generated_at": now,
@@ -180,6 +180,13 @@ def _usd(value: float) -> str:
 
 def _hhmm(ts: float) -> str:
     return time.strftime("%H:%M", time.gmtime(ts))
+
+
+def _span_label(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds // 60}m"
 
 
 def _tile(label: str, value: str, key: str) -> str:
@@ -365,7 +372,8 @@ def eval_chart(
             f'<g class="marker" data-alias="{escape(alias)}" data-threshold="{t:.4f}" '
             f'data-closed-share="{share:.4f}"><line x1="{x:.1f}" y1="{pad_t}" x2="{x:.1f}" '
             f'y2="{pad_t + plot_h}"/><circle cx="{x:.1f}" cy="{y:.1f}" r="4"/>'
-            f'<text x="{x + 4:.1f}" y="{pad_t + 12 + 12 * i}" class="tick">{escape(alias)} '
+            f'<text x="{x + (-4 if share > 0.6 else 4):.1f}" y="{pad_t + 12 + 12 * i}" '
+            f'class="tick" text-anchor="{"end" if share > 0.6 else "start"}">{escape(alias)} '
             f"t={t:.2f} ({share * 100:.0f}%)</text></g>"
         )
     parts.append("</svg>")
@@ -448,11 +456,7 @@ def render_page(data: dict[str, Any]) -> str:
     """The whole dashboard page."""
     summary, totals = data["summary"], data["summary"]["totals"]
     window = data["window_s"]
-    windows = "".join(
-        f'<a href="?window_s={w}">{w // 3600 if w >= 3600 else w // 60}'
-        f"{'h' if w >= 3600 else 'm'}</a>"
-        for w in WINDOWS_S
-    )
+    windows = "".join(f'<a href="?window_s={w}">{_span_label(w)}</a>' for w in WINDOWS_S)
     tiles = "".join(
         (
             _tile("requests", str(totals["requests"]), "requests"),
@@ -469,7 +473,7 @@ def render_page(data: dict[str, Any]) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>Tiergate dashboard</title>
 <meta name="viewport" content="width=device-width,initial-scale=1">
 <meta http-equiv="refresh" content="30"><style>{_CSS}</style></head>
-<body><header><h1>Tiergate</h1><span>last {window // 60} min, updated
+<body><header><h1>Tiergate</h1><span>last {_span_label(window)}, updated
 {time.strftime("%H:%M:%S", time.gmtime(data["generated_at"]))} UTC</span>
 <nav>{windows}<a href="dashboard/data?window_s={window}">JSON</a></nav></header>
 <main>

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import sqlite3
 import threading
@@ -314,11 +315,19 @@ class SQLiteOutcomeStore:
             )
         return [float(r[0]) for r in rows]
 
-    def summary(self, since_ts: float, bucket_s: float, *, problems: int = 20) -> dict[str, Any]:
+    def summary(
+        self,
+        since_ts: float,
+        bucket_s: float,
+        *,
+        until_ts: float | None = None,
+        problems: int = 20,
+    ) -> dict[str, Any]:
         """Aggregates for the dashboard: per-bucket counts by tier, spend, failures, versions.
 
-        ``buckets`` are ``bucket_s`` wide from ``since_ts`` (empty ones included, so a chart's x
-        axis is time); a request with no tier (refused before routing) counts under ``none``.
+        ``buckets`` are ``bucket_s`` wide from ``since_ts`` to ``until_ts`` (default: now), empty
+        ones included so a chart's x axis is time; a request with no tier (refused before
+        routing) counts under ``none``.
         """
         bucket_s = max(1.0, float(bucket_s))
         rows = self._query(
@@ -328,9 +337,8 @@ class SQLiteOutcomeStore:
             "FROM outcomes WHERE ts >= ? GROUP BY b, tier ORDER BY b",
             (since_ts, bucket_s, since_ts),
         )
-        n_buckets = max(1, int((time.time() - since_ts) // bucket_s) + 1)
-        if rows:
-            n_buckets = max(n_buckets, int(rows[-1][0]) + 1)
+        until = time.time() if until_ts is None else until_ts
+        n_buckets = max(1, math.ceil((until - since_ts) / bucket_s))
         starts = [since_ts + i * bucket_s for i in range(n_buckets)]
         tiers: list[dict[str, int]] = [{} for _ in starts]
         costs = [0.0] * n_buckets
@@ -338,9 +346,10 @@ class SQLiteOutcomeStore:
         by_tier: dict[str, int] = defaultdict(int)
         requests = errors = fallbacks = 0
         for b, tier, n, cost, cf, n_errors, n_fallbacks in rows:
-            tiers[int(b)][tier] = int(n)
-            costs[int(b)] += float(cost or 0.0)
-            counterfactuals[int(b)] += float(cf or 0.0)
+            i = min(int(b), n_buckets - 1)  # a record written since ``until`` joins the last
+            tiers[i][tier] = tiers[i].get(tier, 0) + int(n)
+            costs[i] += float(cost or 0.0)
+            counterfactuals[i] += float(cf or 0.0)
             by_tier[tier] += int(n)
             requests += int(n)
             errors += int(n_errors or 0)
