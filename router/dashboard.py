@@ -75,13 +75,8 @@ def load_eval_report(settings: Any) -> dict[str, Any] | None:
 
 
 def alias_thresholds(gateway: Any) -> dict[str, float]:
-    """Each global alias's threshold now: calibrated if calibrated, else the policy's."""
-    policy = gateway.policy
-    out = {}
-    for name, alias in policy.aliases.items():
-        base = alias.threshold if alias.threshold is not None else policy.threshold
-        out[name] = float(gateway.thresholds.get(name, base))
-    return out
+    """Each alias's threshold now (calibrated where the alias targets a closed share)."""
+    return {name: float(t.threshold) for name, t in gateway.alias_thresholds.items()}
 
 
 def _empty_summary(since: float, bucket_s: float) -> dict[str, Any]:
