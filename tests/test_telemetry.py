@@ -251,19 +251,30 @@ def test_real_local_stream_is_charged_by_gpu_time(tmp_path: Path, fake: FakeProv
 
 
 def test_request_log_line_has_ids_and_no_prompt(
-    tmp_path: Path, fake: FakeProvider, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    fake: FakeProvider,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     fake.reset()
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
     caplog.set_level(logging.INFO, logger="tiergate.request")
-    with live_server(tmp_path, policy_yaml(fake), local_backend_obj=ScriptedLocal()) as srv:
+    local = ScriptedLocal()
+    with live_server(tmp_path, policy_yaml(fake), local_backend_obj=local) as srv:
         r = _chat(srv.url, SECRET_PROMPT)
         assert r.status_code == 200
+        # Tracing is off by default: nothing wraps the backends, no span is made.
+        assert not srv.app.state.telemetry.tracing
+        assert srv.gateway.local is local
     (line,) = [rec for rec in caplog.records if rec.name == "tiergate.request"]
     fields = vars(line)
     assert fields["request_id"] == r.headers["x-request-id"]
     assert (fields["tier"], fields["model"], fields["status"]) == ("closed", "gpt-4o", "ok")
     assert fields["latency_ms"] > 0
     assert "launch codes" not in str(fields)
+    assert "trace_id" not in fields
 
 
 def test_tracing_off_unless_configured(tmp_path: Path, fake: FakeProvider) -> None:
