@@ -105,7 +105,7 @@ def truncate_lower(text: str) -> str:
     return text[:MAX_CHARS].lower()
 
 
-class StructureFeatures(TransformerMixin, BaseEstimator):
+class StructureFeatures(TransformerMixin, BaseEstimator):  # type: ignore[misc]
     """Transform an iterable of prompts into their :data:`STRUCTURE_FEATURES` (stateless)."""
 
     def fit(self, X: Iterable[str], y: Any = None) -> StructureFeatures:
@@ -124,7 +124,7 @@ class StructureFeatures(TransformerMixin, BaseEstimator):
         return np.array(STRUCTURE_FEATURES, dtype=object)
 
 
-class PromptClassifier(ClassifierMixin, BaseEstimator):
+class PromptClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
     """A linear classifier over raw prompt strings (word TF-IDF + structure features).
 
     Parameters are only stored by ``__init__``; ``fit`` builds ``pipeline_`` (a stock sklearn
@@ -189,7 +189,10 @@ class PromptClassifier(ClassifierMixin, BaseEstimator):
         )
 
     def fit(
-        self, X: Sequence[str], y: Sequence[Any], sample_weight: Sequence[float] | None = None
+        self,
+        X: Sequence[str],
+        y: Sequence[Any] | NDArray[Any],
+        sample_weight: Sequence[float] | NDArray[np.float64] | None = None,
     ) -> PromptClassifier:
         """Fit the pipeline on prompts ``X`` and labels ``y``; returns ``self``."""
         pipeline = self._make_pipeline()

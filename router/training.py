@@ -110,6 +110,8 @@ def _read_jsonl(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
 
 def _field(path: Path, lineno: int, row: dict[str, Any], key: str, kind: type) -> Any:
     value = row.get(key)
+    if key == "id" and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
     if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, kind):
@@ -530,7 +532,7 @@ def train_artifact(
     metrics: dict[str, Any] = {}
     if cv:
         metrics["routing"] = cross_validate_routing(routing_rows)
-        if capability_rows:
+        if len({r.source for r in capability_rows}) >= 2:
             metrics["capability"] = cross_validate_capability(capability_rows)
         step("cross-validation")
     scorer = LearnedScorer(routing, capability, Path(out).name)
