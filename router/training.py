@@ -205,7 +205,12 @@ def routing_target(
     return y, weights
 
 
-DEFAULT_ROUTING_PARAMS: dict[str, Any] = {"C": 1.0, "ngram_max": 2, "min_df": 2}
+DEFAULT_ROUTING_PARAMS: dict[str, Any] = {
+    "C": 1.0,
+    "ngram_max": 2,
+    "min_df": 2,
+    "solver": "liblinear",
+}
 DEFAULT_CAPABILITY_PARAMS: dict[str, Any] = {"C": 4.0, "ngram_max": 2, "min_df": 2}
 
 
