@@ -92,7 +92,8 @@ def main() -> int:
     autoj = [row for _, row in _read_jsonl(args.data_dir / "capabilities.jsonl")]
     autoj = [r for r in autoj if r.get("commercial_use") is False]
     predicted = [scorer.analyze(r["prompt"]).capability for r in autoj]
-    autoj_acc = float(np.mean([p == r["capability"] for p, r in zip(predicted, autoj, strict=True)]))
+    pairs = list(zip(predicted, autoj, strict=True))
+    autoj_acc = float(np.mean([p == r["capability"] for p, r in pairs]))
     per_class: dict[str, float] = {}
     for cap in sorted({r["capability"] for r in autoj}):
         hits = [p == cap for p, r in zip(predicted, autoj, strict=True) if r["capability"] == cap]
@@ -150,7 +151,8 @@ def render(results: dict[str, Any]) -> str:
     lines += [
         "",
         f"Capability, leave-one-source-out ({cap.get('n')} rows): accuracy "
-        f"{cap.get('accuracy', float('nan')):.3f}, macro-F1 {cap.get('macro_f1', float('nan')):.3f}",
+        f"{cap.get('accuracy', float('nan')):.3f}, "
+        f"macro-F1 {cap.get('macro_f1', float('nan')):.3f}",
         f"recall: {json.dumps({k: round(v, 2) for k, v in cap.get('recall', {}).items()})}",
         f"Capability on Auto-J (never trained on, {ext['n']} rows): accuracy {ext['accuracy']:.3f}",
         f"recall: {json.dumps({k: round(v, 2) for k, v in ext['recall'].items()})}",
