@@ -57,6 +57,8 @@ STRUCTURE_FEATURES: tuple[str, ...] = (
 )
 
 _WORD = re.compile(r"\w+")
+_DIGIT = re.compile(r"\d")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
 _CODE_TOKENS = re.compile(
     r"\b(?:def|class|return|import|function|const|var|let|public|void|SELECT|print|lambda)\b"
     r"|[{};]|==|!=|->|=>|\(\)"
@@ -90,13 +92,13 @@ def structure_vector(text: str) -> list[float]:
         1.0 if "```" in head else 0.0,
         math.log1p(len(_CODE_TOKENS.findall(head))),
         math.log1p(len(_MATH_SYMBOLS.findall(head))),
-        sum(c.isdigit() for c in head) / n_head,
+        len(_DIGIT.findall(head)) / n_head,
         math.log1p(len(_NUMBER.findall(head))),
         math.log1p(head.count("?")),
         1.0 if len(_CHOICE.findall(head)) >= 3 else 0.0,
         math.log1p(len(_CONSTRAINTS.findall(head))),
         math.log1p(len(_REASONING.findall(head))),
-        sum(not c.isascii() for c in head) / n_head,
+        len(_NON_ASCII.findall(head)) / n_head,
     ]
 
 
@@ -191,6 +193,7 @@ class PromptClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
                         solver=self.solver,
                         max_iter=2000,
                         class_weight=self.class_weight,
+                        random_state=0,
                     ),
                 ),
             ]
@@ -221,7 +224,7 @@ class PromptClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         n_words = len(vec.vocabulary_)
         coef = np.asarray(clf.coef_, dtype=np.float64)
         self.analyzer_ = vec.build_analyzer()
-        self.vocabulary_: dict[str, int] = dict(vec.vocabulary_)
+        self.vocabulary_: dict[str, int] = vec.vocabulary_  # shared, so pickled once
         self.idf_: FloatArray = np.asarray(vec.idf_, dtype=np.float64)
         self.word_coef_: FloatArray = np.ascontiguousarray(coef[:, :n_words])
         self.intercept_: FloatArray = np.asarray(clf.intercept_, dtype=np.float64)
@@ -251,11 +254,21 @@ class PromptClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         result: NDArray[Any] = self.pipeline_.predict(list(X))
         return result
 
-    def decision_one(self, text: str) -> FloatArray:
-        """Decision values for a single prompt without sklearn's per-call overhead."""
+    def decision_one(
+        self,
+        text: str,
+        *,
+        tokens: list[str] | None = None,
+        structure: list[float] | None = None,
+    ) -> FloatArray:
+        """Decision values for a single prompt without sklearn's per-call overhead.
+
+        ``tokens`` (this model's ``analyzer_(text)``) and ``structure`` (``structure_vector``)
+        may be passed in when already computed for another model with the same preprocessing.
+        """
         counts: dict[int, int] = {}
         vocab = self.vocabulary_
-        for token in self.analyzer_(text):
+        for token in self.analyzer_(text) if tokens is None else tokens:
             j = vocab.get(token)
             if j is not None:
                 counts[j] = counts.get(j, 0) + 1
@@ -267,12 +280,19 @@ class PromptClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
             norm = math.sqrt(float(w @ w))
             z += self.word_coef_[:, idx] @ (w / norm)
         if self.use_structure:
-            z += self.struct_coef_ @ np.asarray(structure_vector(text))
+            vector = structure_vector(text) if structure is None else structure
+            z += self.struct_coef_ @ np.asarray(vector)
         return z
 
-    def predict_proba_one(self, text: str) -> FloatArray:
+    def predict_proba_one(
+        self,
+        text: str,
+        *,
+        tokens: list[str] | None = None,
+        structure: list[float] | None = None,
+    ) -> FloatArray:
         """``predict_proba([text])[0]``, computed by the fast single-prompt path."""
-        z = self.decision_one(text)
+        z = self.decision_one(text, tokens=tokens, structure=structure)
         if z.shape[0] == 1:
             p = 1.0 / (1.0 + math.exp(-float(z[0])))
             return np.array([1.0 - p, p])
@@ -372,6 +392,13 @@ class LearnedScorer:
         self.capability = capability
         self.version = version
         self._capabilities = [str(c) for c in capability.classes_]
+        # Both models tokenise identically (same TF-IDF settings), so one pass can serve both.
+        shared = routing.get_params() | {"C": 0, "class_weight": None, "solver": ""}
+        self._share = shared == capability.get_params() | {
+            "C": 0,
+            "class_weight": None,
+            "solver": "",
+        }
 
     def score(self, text: str) -> float:
         """The routing score alone (probability the strong model is materially better)."""
@@ -379,11 +406,17 @@ class LearnedScorer:
 
     def analyze(self, text: str, *, has_tools: bool = False) -> Analysis:
         """Score, capability, stakes and PII for one prompt (the proxy calls this per request)."""
-        cap_proba = self.capability.predict_proba_one(text)
+        tokens = self.routing.analyzer_(text)
+        structure = structure_vector(text)
+        score = float(self.routing.predict_proba_one(text, tokens=tokens, structure=structure)[1])
+        if self._share:
+            cap_proba = self.capability.predict_proba_one(text, tokens=tokens, structure=structure)
+        else:
+            cap_proba = self.capability.predict_proba_one(text)
         kinds = pii_kinds(text)
         stakes, reason = assess_stakes(text, has_tools=has_tools, pii=bool(kinds))
         return Analysis(
-            score=self.score(text),
+            score=score,
             capability=self._capabilities[int(np.argmax(cap_proba))],
             stakes=stakes,
             stakes_reason=reason,

@@ -87,8 +87,24 @@ _DETECTORS: tuple[tuple[str, re.Pattern[str], Callable[[str], bool] | None], ...
 )
 
 
+_UPPER_DIGITS = re.compile(r"[A-Z]{2} ?\d{2}")
+_DIGIT_PAIR = re.compile(r"\d\d")
+
+# Cheap gates (each starts with a plain character class, which the regex engine scans fast):
+# a detector only runs when the text could contain its kind at all.
+_GATES: dict[str, Callable[[str], bool]] = {
+    "email": lambda t: "@" in t,
+    "iban": lambda t: _UPPER_DIGITS.search(t) is not None,
+    "uk_nino": lambda t: _UPPER_DIGITS.search(t) is not None,
+}
+
+
 def _scan(text: str) -> Iterator[PiiMatch]:
+    has_digits = _DIGIT_PAIR.search(text) is not None
     for kind, pattern, check in _DETECTORS:
+        gate = _GATES.get(kind)
+        if (gate is not None and not gate(text)) or (kind != "email" and not has_digits):
+            continue
         for m in pattern.finditer(text):
             if check is None or check(m.group(0)):
                 yield PiiMatch(kind, m.start(), m.end())

@@ -331,6 +331,7 @@ def save_scorer(
         **(metadata or {}),
     }
     (tmp / METADATA_FILE).write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
+    tmp.chmod(0o755)  # mkdtemp makes it owner-only; an artifact is meant to be shared.
     os.replace(tmp, out)
     return out
 

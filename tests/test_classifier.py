@@ -140,6 +140,10 @@ def test_learned_scorer_implements_scorer(
     assert isinstance(scorer, Scorer)
     a = scorer.analyze("Solve for x: 3x + 2 = 11. My card is 4111 1111 1111 1111.")
     assert 0.0 <= a.score <= 1.0
+    text = "Solve for x: 3x + 2 = 11. My card is 4111 1111 1111 1111."
+    # analyze() shares one tokenisation between both models; still equal to the sklearn path.
+    assert a.score == pytest.approx(routing_model.predict_proba([text])[0, 1], abs=1e-9)
+    assert scorer.score(text) == pytest.approx(a.score, abs=1e-12)
     assert a.capability == "math"
     assert a.pii and a.pii_kinds == ("card",)
     assert a.stakes == "medium"
