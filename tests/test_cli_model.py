@@ -110,3 +110,14 @@ def test_errors_are_reported_not_raised(tmp_path: Path, capsys: pytest.CaptureFi
     missing = tmp_path / "nope"
     assert main(["score", "--data", "x.jsonl", "--out", "-", "--model", str(missing)]) == 2
     assert "not a Tiergate model" in capsys.readouterr().err
+
+
+def test_score_uses_the_shipped_model_by_default(data: Path, tmp_path: Path) -> None:
+    from router.training import default_model_path
+
+    if not (default_model_path() / "model.joblib").is_file():
+        pytest.skip("no shipped model in this checkout")
+    out = tmp_path / "s.jsonl"
+    assert main(["score", "--data", str(data), "--out", str(out)]) == 0
+    scores = [json.loads(x)["score"] for x in out.read_text().splitlines()]
+    assert len(scores) == 4 and all(0.0 <= s <= 1.0 for s in scores)
