@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router.api import router as api_router
+from router.auth import AuthMiddleware, build_authenticator
 from router.backends import Backend
 from router.backends.closed import ClosedBackend
 from router.backends.local import ExternalLlamaBackend, LlamaCppBackend
@@ -28,6 +29,7 @@ from router.config import Settings
 from router.costs import CostBook, load_litellm_cost_map
 from router.errors import BadRequestError, ConfigError, NotFoundError, TiergateError
 from router.gateway import Gateway, PolicyHolder
+from router.limits import build_rate_limiter
 from router.outcomes import OutcomeStore, SQLiteOutcomeStore
 from router.scoring import HeuristicScorer, Scorer
 
@@ -111,6 +113,8 @@ def create_app(
                     await task
             await gateway.aclose()
             await http.aclose()
+            await app.state.limiter.aclose()
+            await authenticator.aclose()
             await asyncio.to_thread(store.close)
 
     app = FastAPI(
@@ -120,6 +124,11 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.limiter = build_rate_limiter(settings)
+    authenticator = build_authenticator(settings)
+    app.add_middleware(
+        AuthMiddleware, authenticator=authenticator, max_body_bytes=settings.max_body_bytes
+    )
     app.include_router(api_router)
     install_error_handlers(app)
     return app
