@@ -7,6 +7,7 @@ path, and it can fail mid-generation, hold requests until released, or pace its 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,7 +24,7 @@ class ScriptedLocal:
         self.words = words
         self.token_delay_s = 0.0
         self.gate = Gate(slots=1, queue_size=queue_size)
-        self.release = asyncio.Event()
+        self.release = threading.Event()  # set from the test's thread
         self.calls = 0
         self.cancelled = 0
 
@@ -67,8 +68,8 @@ class ScriptedLocal:
         self.calls += 1
         await self.gate.acquire()
         try:
-            if self.mode == "hold":
-                await self.release.wait()
+            while self.mode == "hold" and not self.release.is_set():
+                await asyncio.sleep(0.01)
             for i in range(self.words):
                 if self.mode == "fail" and i == 0:
                     raise BackendError("local generation failed: scripted failure")
