@@ -28,7 +28,7 @@ from router.errors import (
 )
 from router.gateway import Gateway, RequestContext
 from router.limits import RateLimiter, check_request_size
-from router.schemas import ChatCompletionRequest
+from router.schemas import ChatCompletionRequest, json_request_body
 
 log = logging.getLogger("tiergate.api")
 router = APIRouter()
@@ -114,7 +114,7 @@ def _prompt_to_store(ctx: RequestContext, body: dict[str, Any]) -> str | None:
     return redact(text)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra=json_request_body(ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
     """OpenAI chat completions, routed. Streams as SSE when ``stream`` is true."""
     gateway = _gateway(request)
@@ -292,7 +292,7 @@ async def list_models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
 
-@router.post("/v1/route")
+@router.post("/v1/route", openapi_extra=json_request_body(ChatCompletionRequest))
 async def dry_run(request: Request) -> dict[str, Any]:
     """Explain how a chat request would be routed, without calling any model."""
     gateway = _gateway(request)
