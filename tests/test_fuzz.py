@@ -86,25 +86,30 @@ def test_openapi_operations(api_schema: Any, server: LiveServer) -> None:
     assert {"/v1/chat/completions", "/v1/route"} <= {op.path for op in operations}
     for operation in operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-
-            @FUZZ
-            @given(case=operation.as_strategy(generation_mode=mode))
-            def run(case: Any, positive: bool = mode is GenerationMode.POSITIVE) -> None:
-                if positive and isinstance(case.body, dict):
-                    case.body["model"] = "auto"  # a known alias, so cases reach the routing
-                response = case.call(base_url=server.url, timeout=30)
-                content_type = response.headers.get("content-type") or [""]
-                check_response(
-                    response.status_code,
-                    response.content,
-                    content_type[0],
-                    f"{case.method} {case.path} {case.body!r:.300}",
-                )
-
             try:
-                run()
+                _fuzz_operation(operation, mode, server)
             except Unsatisfiable:  # e.g. no negative case for an operation without inputs
                 STATS["unsatisfiable_operations"] += 1
+
+
+def _fuzz_operation(operation: Any, mode: GenerationMode, server: LiveServer) -> None:
+    positive = mode is GenerationMode.POSITIVE
+
+    @FUZZ
+    @given(case=operation.as_strategy(generation_mode=mode))
+    def run(case: Any) -> None:
+        if positive and isinstance(case.body, dict):
+            case.body["model"] = "auto"  # a known alias, so cases reach the routing
+        response = case.call(base_url=server.url, timeout=30)
+        content_type = response.headers.get("content-type") or [""]
+        check_response(
+            response.status_code,
+            response.content,
+            content_type[0],
+            f"{case.method} {case.path} {case.body!r:.300}",
+        )
+
+    run()
 
 
 _text = st.text(max_size=40)
