@@ -111,7 +111,10 @@ class FakeProvider:
             )
             return
         if b.mode == "echo_auth":
-            leak = f"bad request from {h.headers.get('authorization')}"
+            leak = (
+                f"bad request from {h.headers.get('authorization')} "
+                f"x-api-key: {h.headers.get('x-api-key')}"
+            )
             self._json(h, 500, {"error": {"message": leak, "type": "server_error"}})
             return
         if b.mode == "rate_limit":
