@@ -96,7 +96,10 @@ def create_app(
             outcomes=store,
         )
         app.state.gateway = gateway
-        tasks = [asyncio.create_task(_watch_policy(gateway, settings.policy_reload_s))]
+        tasks = [
+            asyncio.create_task(_watch_policy(gateway, settings.policy_reload_s)),
+            asyncio.create_task(_calibrate(gateway, settings.calibrate_every_s)),
+        ]
         log.info(
             "tiergate ready: policy %s, scorer %s, local %s",
             policy.policy.digest,
@@ -140,9 +143,22 @@ async def _watch_policy(gateway: Gateway, every_s: float) -> None:
     while True:
         await asyncio.sleep(every_s)
         try:
-            gateway.policies.check()
+            if gateway.policies.check():
+                gateway.recalibrate(gateway.last_scores)
         except Exception:  # the watcher must survive anything; the error is logged
             log.exception("policy watcher failed")
+
+
+async def _calibrate(gateway: Gateway, every_s: float) -> None:
+    if every_s <= 0:
+        return
+    while True:
+        try:
+            scores = await asyncio.to_thread(gateway.outcomes.recent_scores, None, 2000)
+            gateway.recalibrate(scores)
+        except Exception:  # calibration must survive a store hiccup; the error is logged
+            log.exception("threshold calibration failed")
+        await asyncio.sleep(every_s)
 
 
 def _error_response(exc: TiergateError) -> JSONResponse:

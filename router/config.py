@@ -37,6 +37,10 @@ class Settings(BaseSettings):
         2.0, ge=0, description="How often the policy file is checked for changes; 0 disables."
     )
 
+    calibrate_every_s: float = Field(
+        15.0, ge=0, description="How often target-share aliases are recalibrated; 0 disables."
+    )
+
     local_backend: Literal["llama_cpp", "openai_http", "none"] = Field(
         "llama_cpp",
         description="llama_cpp: a GGUF in process; openai_http: an external llama.cpp server.",

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from router.backends import Backend, Completion, Usage
+from router.calibration import AliasThreshold, calibrate, calibrated_values
 from router.costs import CostBook
 from router.errors import (
     BackendError,
@@ -122,9 +123,17 @@ class Gateway:
         self.costs = costs
         self.outcomes = outcomes
         self.thresholds: dict[str, float] = {}
+        self.last_scores: list[float] = []
+        self.alias_thresholds: dict[str, AliasThreshold] = calibrate(self.policy, [])
         self._on_record = on_record
 
     # -- deciding --------------------------------------------------------------------------
+
+    def recalibrate(self, scores: list[float]) -> None:
+        """Recompute the thresholds of aliases with a target closed share from recent scores."""
+        self.last_scores = scores
+        self.alias_thresholds = calibrate(self.policy, scores)
+        self.thresholds = calibrated_values(self.alias_thresholds)
 
     @property
     def policy(self) -> Policy:
@@ -148,7 +157,7 @@ class Gateway:
         """Run signals -> score -> policy for one request. Raises 404 for an unknown model."""
         policy = self.policy
         alias = str(body.get("model", "auto"))
-        if not policy.is_known_model(alias):
+        if not policy.is_known_model(alias, tenant):
             raise NotFoundError(
                 f"model '{alias}' is not an alias or a configured model; see GET /v1/models",
                 param="model",
