@@ -36,6 +36,7 @@ from router.config import Settings
 from router.errors import (
     AuthenticationError,
     ConfigError,
+    NotFoundError,
     PayloadTooLargeError,
     PermissionDeniedError,
     TiergateError,
@@ -265,14 +266,17 @@ class AuthMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Authenticate, set ``scope['state']``, and pass on with a size-capped ``receive``."""
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)  # lifespan
             return
         if scope["path"] not in PUBLIC_PATHS:
             try:
                 principal = await self.authenticator.authenticate(_presented_key(scope["headers"]))
             except TiergateError as exc:
-                await _send_error(exc, send)
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008})
+                else:
+                    await _send_error(exc, send)
                 return
             state = scope.setdefault("state", {})
             state["principal"] = principal
@@ -326,3 +330,14 @@ def require(permission: Permission) -> Callable[[Request], Awaitable[Principal]]
         return principal
 
     return dependency
+
+
+def check_record_access(principal: Principal, record: Mapping[str, Any] | None, rid: str) -> None:
+    """Raise 404 unless outcome record ``rid`` exists and belongs to the caller's tenant.
+
+    For endpoints that read or label records (``/v1/feedback``). Another tenant's record is
+    "not found", not "forbidden", so request ids cannot be probed across tenants. ``admin``
+    keys may reach every tenant's records.
+    """
+    if record is None or not (principal.can("admin") or record.get("tenant") == principal.tenant):
+        raise NotFoundError(f"no request '{rid}' for this tenant", code="request_not_found")

@@ -11,9 +11,9 @@ import pytest
 import yaml
 from fastapi import Depends
 
-from router.auth import hash_key, require
+from router.auth import ANONYMOUS, Principal, check_record_access, hash_key, require
 from router.cli import main as cli_main
-from router.errors import ConfigError
+from router.errors import ConfigError, NotFoundError
 from tests.conftest import LiveServer, live, make_settings, policy_yaml, wait_for
 from tests.fake_provider import FakeProvider
 from tests.redis_server import RedisServer, redis_binary
@@ -242,3 +242,14 @@ def test_keys_from_redis(tmp_path: Path, fake: FakeProvider) -> None:
             assert store.get(rid)["tenant"] == "hooli"
             assert _post(srv, "tg-not-hooli").status_code == 401
             assert _post(srv, None).status_code == 401  # Redis configured: no anonymous mode
+
+
+def test_a_tenant_cannot_reach_another_tenants_records() -> None:
+    acme = Principal(tenant="acme", permissions=frozenset(), key_id="a")
+    admin = Principal(tenant="admin", permissions=frozenset({"admin"}), key_id="b")
+    record = {"id": "req_1", "tenant": "globex"}
+    for principal, record_ in ((acme, record), (acme, None), (ANONYMOUS, record)):
+        with pytest.raises(NotFoundError):
+            check_record_access(principal, record_, "req_1")
+    check_record_access(acme, {**record, "tenant": "acme"}, "req_1")
+    check_record_access(admin, record, "req_1")
