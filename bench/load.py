@@ -15,10 +15,9 @@ grows by less than 10% between the 5,000th and the 20,000th request. Figures go 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -106,8 +105,8 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def hey(url: str, body_file: Path, requests: int, concurrency: int) -> tuple[list[float], int]:
-    """Run hey; return per-request latencies (s) of 200s and the count of everything else."""
+def hey(url: str, body_file: Path, requests: int, concurrency: int) -> dict[str, Any]:
+    """Run hey once and parse its summary: rps, latency percentiles, statuses, errors."""
     out = subprocess.run(
         [
             "hey",
@@ -115,28 +114,36 @@ def hey(url: str, body_file: Path, requests: int, concurrency: int) -> tuple[lis
             str(requests),
             "-c",
             str(concurrency),
+            "-t",
+            "120",
             "-m",
             "POST",
             "-T",
             "application/json",
             "-D",
             str(body_file),
-            "-o",
-            "csv",
             url,
         ],
         check=True,
         capture_output=True,
         text=True,
     ).stdout
-    rows = list(csv.DictReader(io.StringIO(out)))
-    ok = [float(r["response-time"]) for r in rows if r["status-code"] == "200"]
-    return ok, requests - len(ok)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    statuses = {int(code): int(n) for code, n in re.findall(r"\[(\d{3})\]\s+(\d+) responses", out)}
+    errors = re.findall(r"^\s+\[(\d+)\]\s+(.+)$", out.split("Error distribution:")[-1], re.M)
+    percentiles = {int(q): float(s) * 1000 for q, s in re.findall(r"(\d+)% in ([\d.]+) secs", out)}
+    ok = statuses.get(200, 0)
+    return {
+        "requests": requests,
+        "ok": ok,
+        "errors": requests - ok,
+        "statuses": statuses,
+        "error_kinds": [f"{n}x {what.strip()}" for n, what in errors]
+        if "Error distribution" in out
+        else [],
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        "p50_ms": round(percentiles[50], 2),
+        "p99_ms": round(percentiles[99], 2),
+    }
 
 
 def main() -> int:
@@ -180,9 +187,9 @@ def main() -> int:
         wait_ready(f"http://127.0.0.1:{tg_port}/readyz")
         url = f"http://127.0.0.1:{tg_port}/v1/chat/completions"
         started = time.perf_counter()
-        first, errors_1 = hey(url, body_file, args.first, args.concurrency)
+        first = hey(url, body_file, args.first, args.concurrency)
         rss_first = rss_mb(tiergate.pid)
-        rest, errors_2 = hey(url, body_file, args.requests - args.first, args.concurrency)
+        rest = hey(url, body_file, args.requests - args.first, args.concurrency)
         elapsed = time.perf_counter() - started
         rss_last = rss_mb(tiergate.pid)
     finally:
@@ -193,7 +200,6 @@ def main() -> int:
     with sqlite3.connect(work / "outcomes.db") as db:
         records = db.execute("SELECT count(*) FROM outcomes").fetchone()[0]
         statuses = dict(db.execute("SELECT http_status, count(*) FROM outcomes GROUP BY 1"))
-    latencies = first + rest
     result = {
         "requests": args.requests,
         "concurrency": args.concurrency,
@@ -204,16 +210,15 @@ def main() -> int:
             capture_output=True,
             text=True,
         ).stdout,
-        "errors": errors_1 + errors_2,
+        "errors": first["errors"] + rest["errors"],
         "records": records,
         "record_statuses": statuses,
         "rss_mb_at_first": round(rss_first, 1),
         "rss_mb_at_end": round(rss_last, 1),
         "rss_growth_pct": round(100 * (rss_last - rss_first) / rss_first, 2),
-        "first_phase_requests": args.first,
         "rps": round(args.requests / elapsed, 1),
-        "p50_ms": round(1000 * percentile(latencies, 0.50), 2),
-        "p99_ms": round(1000 * percentile(latencies, 0.99), 2),
+        "phases": [first, rest],
+        "load_average": os.getloadavg(),
         "cpu_count": os.cpu_count(),
     }
     result["passed"] = (
