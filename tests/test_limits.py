@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +11,9 @@ import httpx
 import pytest
 import yaml
 
-from router.auth import hash_key
+from router import limits
+from router.auth import Principal, hash_key
+from router.errors import RateLimitError
 from router.outcomes import SQLiteOutcomeStore
 from tests.conftest import GGUF, LiveServer, live, policy_yaml, wait_for
 from tests.fake_provider import FakeProvider
@@ -196,3 +199,30 @@ def test_local_generation_past_local_timeout_is_a_local_failure(
         # the worker is told to stop (at its next token): the local slot comes back
         gate = srv.gateway.local.gate
         assert wait_for(lambda: gate.depth == 0, 30)
+
+
+def test_the_window_slides_across_the_minute(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst at the end of one minute still counts at the start of the next (no 2x burst at
+    the boundary), and fades as the previous minute slides out."""
+    limiter = limits.RateLimiter(rpm=3, tpm=None)
+    tenant = Principal(tenant="t", permissions=frozenset(), key_id="k")
+    now = [6000.0 + 59]  # second 59 of a minute
+
+    monkeypatch.setattr(limits.time, "time", lambda: now[0])
+
+    async def admit() -> bool:
+        try:
+            await limiter.admit(tenant)
+        except RateLimitError:
+            return False
+        return True
+
+    async def scenario() -> list[bool]:
+        got = [await admit() for _ in range(4)]  # 3 allowed, the 4th refused
+        now[0] = 6000.0 + 61  # the next minute: the 3 still weigh 3 * 59/60
+        got.append(await admit())
+        now[0] = 6000.0 + 110  # 50 s in: the 3 weigh 0.5
+        got += [await admit(), await admit(), await admit()]
+        return got
+
+    assert asyncio.run(scenario()) == [True, True, True, False, False, True, True, False]
