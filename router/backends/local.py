@@ -271,6 +271,7 @@ class LlamaCppBackend:
         self, kwargs: dict[str, Any], cancel: threading.Event, usage: Usage
     ) -> Iterator[dict[str, Any]]:
         llm = self._llm
+        started = time.perf_counter()
         chunks = llm.create_chat_completion(**kwargs, stream=True)
         completion = 0
         try:
@@ -286,6 +287,7 @@ class LlamaCppBackend:
                 chunks.close()
             usage.completion_tokens = completion
             usage.prompt_tokens = max(0, int(llm.n_tokens) - completion)
+            usage.generation_s = time.perf_counter() - started
 
     async def aclose(self) -> None:
         """Stop the worker thread and free the model."""
@@ -320,6 +322,7 @@ class ExternalLlamaBackend:
         """One answer from the external server."""
         request = self._body(model, body)
         await self.gate.acquire()
+        started = time.perf_counter()
         try:
             result = await self._http.complete(
                 self._base,
@@ -330,6 +333,7 @@ class ExternalLlamaBackend:
             )
         finally:
             self.gate.release()
+        result.usage.generation_s = time.perf_counter() - started
         result.body["model"] = model.name
         return result
 
@@ -339,6 +343,7 @@ class ExternalLlamaBackend:
         """Stream from the external server."""
         request = self._body(model, body)
         await self.gate.acquire()
+        started = time.perf_counter()
         try:
             async for chunk in self._http.stream(
                 self._base,
@@ -351,6 +356,7 @@ class ExternalLlamaBackend:
                 chunk["model"] = model.name
                 yield chunk
         finally:
+            usage.generation_s = time.perf_counter() - started
             self.gate.release()
 
     async def aclose(self) -> None:
