@@ -9,9 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from fastapi import Depends
 
-from router.auth import ANONYMOUS, Principal, check_record_access, hash_key, require
+from router.auth import ANONYMOUS, Principal, check_record_access, hash_key
 from router.cli import main as cli_main
 from router.errors import ConfigError, NotFoundError
 from tests.conftest import LiveServer, live, make_settings, policy_yaml, wait_for
@@ -48,7 +47,7 @@ def write_keys(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, fake: FakeProvider) -> Iterator[LiveServer]:
-    """A Tiergate with a keys file and an admin key, plus a dashboard-guarded test route."""
+    """A Tiergate with a keys file and an admin key."""
     tmp = tmp_path_factory.mktemp("auth")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OPENAI_API_KEY", "sk-test-openai-key")
@@ -59,11 +58,6 @@ def server(tmp_path_factory: pytest.TempPathFactory, fake: FakeProvider) -> Iter
             api_keys_file=write_keys(tmp / "keys.yaml"),
             admin_keys=hash_key(ADMIN),
         ) as srv:
-
-            @srv.app.get("/test-dashboard", dependencies=[Depends(require("dashboard"))])
-            async def dashboard() -> dict[str, str]:
-                return {"ok": "yes"}
-
             yield srv
 
 
@@ -92,7 +86,7 @@ def test_missing_and_unknown_keys_get_401(server: LiveServer) -> None:
         server.url + "/v1/chat/completions", json=CHAT, headers={"authorization": "Basic " + ACME}
     )
     _assert_openai_error(basic, 401, "authentication_error")
-    for path in ("/v1/models", "/openapi.json", "/docs", "/no/such/route", "/test-dashboard"):
+    for path in ("/v1/models", "/openapi.json", "/docs", "/no/such/route", "/metrics"):
         _assert_openai_error(httpx.get(server.url + path), 401, "authentication_error")
     # unauthenticated callers cannot fill the outcome store
     assert server.gateway.outcomes.count() == before
@@ -157,13 +151,15 @@ def test_policy_headers_follow_the_permission(server: LiveServer) -> None:
     assert _route_headers(server, GLOBEX) == {"x-tiergate-private": "true"}
 
 
-def test_dashboard_permission_and_admin_keys(server: LiveServer) -> None:
-    def get(key: str) -> httpx.Response:
-        return httpx.get(server.url + "/test-dashboard", headers={"authorization": f"Bearer {key}"})
+def test_dashboard_and_metrics_need_the_dashboard_permission(server: LiveServer) -> None:
+    for path in ("/metrics", "/dashboard", "/dashboard/data"):
 
-    _assert_openai_error(get(ACME), 403, "permission_error")
-    assert get(GLOBEX).status_code == 200
-    assert get(ADMIN).status_code == 200  # admin holds every permission
+        def get(key: str, path: str = path) -> httpx.Response:
+            return httpx.get(server.url + path, headers={"authorization": f"Bearer {key}"})
+
+        _assert_openai_error(get(ACME), 403, "permission_error")
+        assert get(GLOBEX).status_code == 200
+        assert get(ADMIN).status_code == 200  # admin holds every permission
 
 
 def test_anonymous_default_is_loopback_only(tmp_path: Path, fake: FakeProvider) -> None:

@@ -1,5 +1,5 @@
-"""Provider and client keys never leave in logs, outcome records, metrics or error bodies, even
-when a provider echoes the key it was sent back in its error message."""
+"""Provider and client keys never leave in logs, outcome records, spans, metrics, the dashboard
+or error bodies, even when a provider echoes the key it was sent back in its error message."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from router.app import create_app
 from router.auth import hash_key
 from router.logs import JSONFormatter
-from tests.conftest import live, policy_yaml, wait_for
+from router.telemetry import Telemetry
+from tests.conftest import KeywordScorer, LiveServer, make_settings, policy_yaml, wait_for
 from tests.fake_provider import Behaviour, FakeProvider
 from tests.scripted_local import ScriptedLocal
 
@@ -35,15 +38,21 @@ def test_keys_never_leak(
     monkeypatch.setenv("ANTHROPIC_API_KEY", ANTHROPIC_KEY)
     caplog.set_level(logging.DEBUG)
     keys = tmp_path / "keys.yaml"
-    entry = {"sha256": hash_key(CLIENT_KEY), "tenant": "acme", "permissions": ["pin_closed"]}
+    entry = {
+        "sha256": hash_key(CLIENT_KEY),
+        "tenant": "acme",
+        "permissions": ["pin_closed", "dashboard"],
+    }
     keys.write_text(yaml.safe_dump({"keys": [entry]}))
     outputs: list[str] = []
-    with live(
-        tmp_path,
-        policy_yaml(fake, store_prompts="full"),
-        local_backend_obj=ScriptedLocal(queue_size=8),
-        api_keys_file=keys,
-    ) as srv:
+    spans = InMemorySpanExporter()
+    app = create_app(
+        make_settings(tmp_path, policy_yaml(fake, store_prompts="full"), api_keys_file=keys),
+        scorer=KeywordScorer(),
+        local_backend=ScriptedLocal(queue_size=8),
+        telemetry=Telemetry.build(span_exporters=[spans], metric_readers=[], batch=False),
+    )
+    with LiveServer(app) as srv:
         with httpx.Client(
             base_url=srv.url, headers={"authorization": f"Bearer {CLIENT_KEY}"}, timeout=30
         ) as client:
@@ -60,10 +69,13 @@ def test_keys_never_leak(
             sent.append(client.post("/v1/chat/completions", json=EASY, headers=wrong))
             sent.append(client.get("/v1/models"))
             sent.append(client.get("/readyz"))
-            sent.append(client.get("/metrics"))  # the observability work adds it; 404 until then
+            for path in ("/metrics", "/dashboard", "/dashboard/data"):
+                sent.append(client.get(path))
         statuses = [r.status_code for r in sent]
         assert statuses[:4] == [200, 200, 200, 200]
         assert statuses[8] == 401
+        assert statuses[-3:] == [200, 200, 200]
+        assert "tiergate" in sent[-3].text  # the metrics really are there to scan
         # the provider really echoed the key, so the scrubbing below is tested
         assert any(OPENAI_KEY in str(r.headers) for r in fake.received)
         assert any(r.status_code >= 500 and "[redacted]" in r.text for r in sent), [
@@ -76,6 +88,9 @@ def test_keys_never_leak(
             outputs.append(response.text)
             outputs.append(str(response.headers))
     outputs.append(caplog.text)
+    finished = spans.get_finished_spans()
+    assert finished
+    outputs.extend(span.to_json() for span in finished)
     outputs.extend(JSONFormatter().format(record) for record in caplog.records)
     db = tmp_path / "outcomes.db"
     outputs.append(
