@@ -39,6 +39,7 @@ class RedisServer:
         self.workdir = workdir
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self._client: redis.Redis | None = None
 
     @property
     def url(self) -> str:
@@ -46,8 +47,10 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
-        """A synchronous client for assertions."""
-        return redis.Redis.from_url(self.url)
+        """A synchronous client for assertions (one, reconnecting after a restart)."""
+        if self._client is None:
+            self._client = redis.Redis.from_url(self.url)
+        return self._client
 
     def start(self) -> None:
         """Start the server and wait until it answers PING."""
@@ -90,4 +93,6 @@ class RedisServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._client is not None:
+            self._client.close()
         self.stop()

@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
+import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -90,15 +91,18 @@ def test_openapi_operations(api_schema: Any, server: LiveServer) -> None:
     """Every operation in the OpenAPI document, positive and negative cases."""
     operations = [result.ok() for result in api_schema.get_all_operations()]
     assert {"/v1/chat/completions", "/v1/route"} <= {op.path for op in operations}
-    for operation in operations:
-        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-            try:
-                _fuzz_operation(operation, mode, server)
-            except Unsatisfiable:  # e.g. no negative case for an operation without inputs
-                STATS["unsatisfiable_operations"] += 1
+    with requests.Session() as session:
+        for operation in operations:
+            for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+                try:
+                    _fuzz_operation(operation, mode, server, session)
+                except Unsatisfiable:  # e.g. no negative case for an operation without inputs
+                    STATS["unsatisfiable_operations"] += 1
 
 
-def _fuzz_operation(operation: Any, mode: GenerationMode, server: LiveServer) -> None:
+def _fuzz_operation(
+    operation: Any, mode: GenerationMode, server: LiveServer, session: requests.Session
+) -> None:
     positive = mode is GenerationMode.POSITIVE
 
     @FUZZ
@@ -106,7 +110,7 @@ def _fuzz_operation(operation: Any, mode: GenerationMode, server: LiveServer) ->
     def run(case: Any) -> None:
         if positive and isinstance(case.body, dict):
             case.body["model"] = "auto"  # a known alias, so cases reach the routing
-        response = case.call(base_url=server.url, timeout=30)
+        response = case.call(base_url=server.url, session=session, timeout=30)
         content_type = response.headers.get("content-type") or [""]
         check_response(
             "schemathesis",
