@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router.api import router as api_router
+from router.auth import AuthMiddleware, build_authenticator
 from router.backends import Backend
 from router.backends.closed import ClosedBackend
 from router.backends.local import ExternalLlamaBackend, LlamaCppBackend
@@ -29,6 +30,7 @@ from router.costs import CostBook, load_litellm_cost_map
 from router.dashboard import router as observability_router
 from router.errors import BadRequestError, ConfigError, NotFoundError, TiergateError
 from router.gateway import Gateway, PolicyHolder
+from router.limits import build_rate_limiter
 from router.outcomes import OutcomeStore, SQLiteOutcomeStore
 from router.scoring import HeuristicScorer, Scorer
 from router.telemetry import RequestSpanMiddleware, Telemetry
@@ -125,6 +127,8 @@ def create_app(
                     await task
             await gateway.aclose()
             await http.aclose()
+            await app.state.limiter.aclose()
+            await authenticator.aclose()
             await asyncio.to_thread(store.close)
             await asyncio.to_thread(tel.shutdown)
 
@@ -135,6 +139,11 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.limiter = build_rate_limiter(settings)
+    authenticator = build_authenticator(settings)
+    app.add_middleware(
+        AuthMiddleware, authenticator=authenticator, max_body_bytes=settings.max_body_bytes
+    )
     app.include_router(api_router)
     app.include_router(observability_router)
     app.add_middleware(RequestSpanMiddleware, state=app.state)

@@ -266,6 +266,58 @@ def _cmd_outcomes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_keys_hash(args: argparse.Namespace) -> int:
+    from router.auth import hash_key
+
+    key = args.key if args.key is not None else sys.stdin.readline().strip()
+    print(hash_key(key))
+    return 0
+
+
+def _cmd_keys_add(args: argparse.Namespace) -> int:
+    import yaml
+
+    from router.auth import hash_key, new_key, parse_entry
+
+    key = new_key()
+    entry: dict[str, Any] = {
+        "sha256": hash_key(key),
+        "tenant": args.tenant,
+        "permissions": sorted(set(args.perm or [])),
+    }
+    if args.name:
+        entry["name"] = args.name
+    for field in ("rpm", "tpm"):
+        if getattr(args, field):
+            entry[field] = getattr(args, field)
+    parse_entry(entry, "new key")  # the same validation the server applies
+    print(f"key (shown once, give it to the client): {key}", file=sys.stderr)
+    print(yaml.safe_dump([entry], sort_keys=False).rstrip())
+    return 0
+
+
+def _add_keys_parser(sub: Any) -> None:
+    from router.auth import PERMISSIONS
+
+    keys = sub.add_parser("keys", help="make client API keys (stored as sha256 hashes)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    hash_ = keys_sub.add_parser("hash", help="print the sha256 of a key (argument or stdin)")
+    hash_.add_argument("key", nargs="?", help="the key; read from stdin when omitted")
+    hash_.set_defaults(func=_cmd_keys_hash)
+    add = keys_sub.add_parser(
+        "add",
+        help="make a new key: prints it once on stderr, and its keys-file entry on stdout",
+        description="Append the printed entry under 'keys:' in TIERGATE_API_KEYS_FILE, or store "
+        "it in Redis: HSET tiergate:keys <sha256> '<entry as JSON>'.",
+    )
+    add.add_argument("--tenant", required=True, help="the tenant this key acts for")
+    add.add_argument("--perm", action="append", choices=PERMISSIONS, help="repeatable")
+    add.add_argument("--name", help="a label for the entry (who holds the key)")
+    add.add_argument("--rpm", type=int, help="requests per minute for this key's tenant")
+    add.add_argument("--tpm", type=int, help="tokens per minute for this key's tenant")
+    add.set_defaults(func=_cmd_keys_add)
+
+
 def _cmd_policy_check(args: argparse.Namespace) -> int:
     from router.errors import PolicyError
     from router.policy import load_policy
@@ -414,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     outcomes.add_argument("--json", action="store_true", help="one JSON record per line")
     outcomes.add_argument("--config", type=Path, help="YAML settings file")
     outcomes.set_defaults(func=_cmd_outcomes)
+    _add_keys_parser(sub)
     _add_policy_commands(sub)
     _add_model_commands(sub)
     return parser

@@ -71,6 +71,21 @@ class Settings(BaseSettings):
     classifier_path: Path | None = Field(None, description="Classifier artifact directory.")
     model_store: Path | None = Field(None, description="Versioned classifier store (retraining).")
 
+    api_keys_file: Path | None = Field(
+        None, description="YAML of client keys (sha256 hashes); see SECURITY.md."
+    )
+    admin_keys: str | None = Field(None, description="Comma-separated sha256 hashes of admin keys.")
+    allow_anonymous: bool = Field(
+        False, description="Serve without keys on a non-loopback host (no keys configured)."
+    )
+    rpm_limit: int | None = Field(None, ge=1, description="Requests per minute per tenant.")
+    tpm_limit: int | None = Field(None, ge=1, description="Tokens per minute per tenant.")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Request body limit (413).")
+    max_messages: int = Field(1000, ge=1, description="Most messages in one chat request (400).")
+    max_tokens_cap: int = Field(
+        32768, ge=1, description="Largest max_tokens a request may ask for (400 above)."
+    )
+
     local_price_per_mtok: float = Field(
         0.0, ge=0, description="Cost charged for local tokens, USD per 1M tokens."
     )

@@ -31,13 +31,16 @@ class Received:
 @dataclass
 class Behaviour:
     """How to answer the next requests. ``mode`` is one of:
-    ok, status, rate_limit, stall, reset_mid_stream, tool_call."""
+    ok, status, rate_limit, stall, reset_mid_stream, tool_call, echo_auth (a 500 whose message
+    repeats the Authorization header it got, as careless providers do).
+    ``chunk_delay_s`` paces streamed chunks."""
 
     mode: str = "ok"
     status: int = 500
     retry_after: int = 7
     stall_s: float = 5.0
     text: str = "Hello from the closed model, streamed word by word."
+    chunk_delay_s: float = 0.0
 
 
 @dataclass
@@ -46,6 +49,8 @@ class FakeProvider:
 
     received: list[Received] = field(default_factory=list)
     behaviour: Behaviour = field(default_factory=Behaviour)
+    sent_chunks: int = 0  # streamed chunks written so far (all streams)
+    broken_streams: int = 0  # streams whose reader went away before the end
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -91,6 +96,8 @@ class FakeProvider:
         """Forget what was received and answer normally (or as told)."""
         with self._lock:
             self.received.clear()
+            self.sent_chunks = 0
+            self.broken_streams = 0
         self.behaviour = behaviour or Behaviour()
 
     # -- answering ---------------------------------------------------------------------------
@@ -102,6 +109,13 @@ class FakeProvider:
             self._json(
                 h, b.status, {"error": {"message": "upstream exploded", "type": "server_error"}}
             )
+            return
+        if b.mode == "echo_auth":
+            leak = (
+                f"bad request from {h.headers.get('authorization')} "
+                f"x-api-key: {h.headers.get('x-api-key')}"
+            )
+            self._json(h, 500, {"error": {"message": leak, "type": "server_error"}})
             return
         if b.mode == "rate_limit":
             self._json(
@@ -178,8 +192,12 @@ class FakeProvider:
         pieces = [word + " " for word in b.text.split(" ")]
 
         def send(obj: Any) -> None:
+            if b.chunk_delay_s:
+                time.sleep(b.chunk_delay_s)
             h.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
             h.wfile.flush()
+            with self._lock:
+                self.sent_chunks += 1
 
         base = {
             "id": "chatcmpl-fake",
@@ -187,6 +205,21 @@ class FakeProvider:
             "created": int(time.time()),
             "model": body.get("model", "fake"),
         }
+        try:
+            self._openai_chunks(h, body, base, pieces, send)
+        except (BrokenPipeError, ConnectionResetError):
+            with self._lock:
+                self.broken_streams += 1
+
+    def _openai_chunks(
+        self,
+        h: BaseHTTPRequestHandler,
+        body: dict[str, Any],
+        base: dict[str, Any],
+        pieces: list[str],
+        send: Any,
+    ) -> None:
+        b = self.behaviour
         send({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
         for i, piece in enumerate(pieces):
             if b.mode == "reset_mid_stream" and i == 2:
