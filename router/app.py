@@ -40,7 +40,8 @@ log = logging.getLogger("tiergate.app")
 
 def load_scorer(settings: Settings) -> Scorer:
     """The learned scorer (``classifier_path``, else the shipped model), else the heuristic."""
-    from router.training import default_model_path, load_scorer as load_artifact
+    from router.training import default_model_path
+    from router.training import load_scorer as load_artifact
 
     path = settings.classifier_path or default_model_path()
     try:
