@@ -28,7 +28,9 @@ from router.config import Settings
 from router.costs import CostBook, load_litellm_cost_map
 from router.errors import BadRequestError, ConfigError, NotFoundError, TiergateError
 from router.gateway import Gateway, PolicyHolder
+from router.learning import LearningLoop, purge_loop
 from router.outcomes import OutcomeStore, SQLiteOutcomeStore
+from router.registry import watch_model_store
 from router.scoring import HeuristicScorer, Scorer
 
 log = logging.getLogger("tiergate.app")
@@ -50,7 +52,7 @@ def load_scorer(settings: Settings) -> Scorer:
 def build_outcome_store(settings: Settings) -> OutcomeStore:
     """SQLite by default; Redis when ``redis_url`` is set."""
     if settings.redis_url:
-        from router.outcomes import RedisOutcomeStore  # type: ignore[attr-defined]
+        from router.outcomes_redis import RedisOutcomeStore
 
         store: OutcomeStore = RedisOutcomeStore(settings.redis_url, settings=settings)
         return store
@@ -94,9 +96,19 @@ def create_app(
             outcomes=store,
         )
         app.state.gateway = gateway
+        app.state.learning = learning = LearningLoop(
+            gateway,
+            judge_model=settings.judge_model,
+            concurrency=settings.shadow_concurrency,
+            escalation_window_s=settings.escalation_window_s,
+        )
         tasks = [
             asyncio.create_task(_watch_policy(gateway, settings.policy_reload_s)),
             asyncio.create_task(_calibrate(gateway, settings.calibrate_every_s)),
+            asyncio.create_task(
+                purge_loop(store, lambda: gateway.policy.retention_days, settings.purge_every_s)
+            ),
+            asyncio.create_task(watch_model_store(gateway, settings)),
         ]
         log.info(
             "tiergate ready: policy %s, scorer %s, local %s",
@@ -107,6 +119,7 @@ def create_app(
         try:
             yield
         finally:
+            await learning.drain()
             for task in tasks:
                 task.cancel()
             for task in tasks:
