@@ -62,16 +62,30 @@ def _format_row(row: dict[str, Any]) -> str:
     )
 
 
-def _cmd_outcomes(args: argparse.Namespace) -> int:
+def _open_outcomes(args: argparse.Namespace) -> tuple[Any, str] | None:
+    """The configured outcome store for reading (Redis when configured, else SQLite)."""
     from router.config import load_settings
     from router.outcomes import SQLiteOutcomeStore
 
     settings = load_settings(args.config)
+    if settings.redis_url and args.db is None:
+        from router.outcomes_redis import RedisOutcomeStore
+
+        redis_store = RedisOutcomeStore(settings.redis_url, settings=settings)
+        redis_store.connect()
+        return redis_store, settings.redis_url
     path = args.db or settings.sqlite_path
     if not path.exists():
         print(f"no outcome store at {path} yet: serve some requests first", file=sys.stderr)
+        return None
+    return SQLiteOutcomeStore(path), str(path)
+
+
+def _cmd_outcomes(args: argparse.Namespace) -> int:
+    opened = _open_outcomes(args)
+    if opened is None:
         return 1
-    store = SQLiteOutcomeStore(path)
+    store, path = opened
     try:
         rows = store.recent(args.limit, tenant=args.tenant)
         total = store.count(args.tenant)
@@ -207,6 +221,55 @@ def _add_policy_commands(sub: Any) -> None:
     explain.set_defaults(func=_cmd_policy_explain)
 
 
+def _model_store(args: argparse.Namespace) -> Any:
+    from router.config import load_settings
+    from router.errors import ConfigError
+    from router.registry import ModelStore
+
+    root = args.store or load_settings(args.config).model_store
+    if root is None:
+        raise ConfigError("no model store: set TIERGATE_MODEL_STORE or pass --store")
+    return ModelStore(root)
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    store = _model_store(args)
+    if args.models_command == "promote":
+        store.promote(args.version, reason="tiergate models promote")
+        print(f"{args.version} is now current in {store.root}")
+    elif args.models_command == "rollback":
+        print(f"rolled back to {store.rollback()} in {store.root}")
+    else:
+        rows = store.listing()
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        print(f"{'':2}{'version':8}  {'created (UTC)':25}  {'parent':8}  {'labels':>6}  gate")
+        for row in rows:
+            mark = "* " if row["current"] else "  "
+            labels = "-" if row["labels"] is None else row["labels"]
+            print(
+                f"{mark}{row['version']:8}  {row['created_at'] or '-':25}  "
+                f"{row['parent'] or '-':8}  {labels:>6}  {row['gate'] or '-'}"
+            )
+        print(f"-- {len(rows)} versions in {store.root}; * = current")
+    return 0
+
+
+def _add_model_commands(sub: Any) -> None:
+    models = sub.add_parser("models", help="list, promote and roll back classifier versions")
+    msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    listing = msub.add_parser("list", help="every version with lineage; * marks the current one")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    promote = msub.add_parser("promote", help="make VERSION current (proxies pick it up live)")
+    promote.add_argument("version", help="a version id such as v0003")
+    msub.add_parser("rollback", help="point back to the version current before this one")
+    for parser in (listing, promote, msub.choices["rollback"]):
+        parser.add_argument("--store", type=Path, help="model store (TIERGATE_MODEL_STORE)")
+        parser.add_argument("--config", type=Path, help="YAML settings file")
+        parser.set_defaults(func=_cmd_models)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``tiergate`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -233,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--dest", type=Path, default=Path("models"), help="target directory")
     fetch.set_defaults(func=_cmd_fetch_model)
 
-    outcomes = sub.add_parser("outcomes", help="show recent outcome records (SQLite store)")
+    outcomes = sub.add_parser(
+        "outcomes", help="show recent outcome records (Redis when TIERGATE_REDIS_URL, else SQLite)"
+    )
     outcomes.add_argument("--limit", type=int, default=20, help="how many (default 20)")
     outcomes.add_argument("--tenant", help="only this tenant's records")
     outcomes.add_argument("--db", type=Path, help="SQLite file (default: TIERGATE_SQLITE_PATH)")
@@ -241,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     outcomes.add_argument("--config", type=Path, help="YAML settings file")
     outcomes.set_defaults(func=_cmd_outcomes)
     _add_policy_commands(sub)
+    _add_model_commands(sub)
     return parser
 
 

@@ -161,8 +161,8 @@ class RedisOutcomeStore:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Connect (lazily: an unreachable Redis is not a start-up failure) and start writing."""
+    def connect(self) -> None:
+        """Make the client (connections open lazily; enough for reading, e.g. the CLI)."""
         import redis
 
         self._client = redis.Redis.from_url(
@@ -173,6 +173,10 @@ class RedisOutcomeStore:
         )
         self._record_script = self._client.register_script(_RECORD_LUA)
         self._label_script = self._client.register_script(_LABEL_LUA)
+
+    def start(self) -> None:
+        """Connect (lazily: an unreachable Redis is not a start-up failure) and start writing."""
+        self.connect()
         assert self.journal is not None
         self.journal.parent.mkdir(parents=True, exist_ok=True)
         for path in self._journal_files():
@@ -190,6 +194,8 @@ class RedisOutcomeStore:
     def close(self, timeout_s: float = 30.0) -> None:
         """Write everything buffered; whatever Redis cannot take in time goes to the journal."""
         if self._thread is None:
+            if self._client is not None:
+                self._client.close()
             return
         with self._cond:
             self._stop = True
