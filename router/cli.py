@@ -234,7 +234,9 @@ def _model_store(args: argparse.Namespace) -> Any:
 
 def _cmd_models(args: argparse.Namespace) -> int:
     store = _model_store(args)
-    if args.models_command == "promote":
+    if args.models_command == "adopt":
+        print(f"{args.artifact} stored as {store.adopt(args.artifact)} in {store.root}")
+    elif args.models_command == "promote":
         store.promote(args.version, reason="tiergate models promote")
         print(f"{args.version} is now current in {store.root}")
     elif args.models_command == "rollback":
@@ -256,6 +258,57 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_retrain(args: argparse.Namespace) -> int:
+    from router.retrain import BASE_FILES, GateConfig, format_report, retrain
+
+    store = _model_store(args)
+    opened = _open_outcomes(args)
+    if opened is None:
+        return 1
+    outcomes, _ = opened
+    config = GateConfig(
+        min_gain=args.min_gain,
+        require_significant=args.require_significant,
+        n_bootstrap=args.bootstrap,
+    )
+    base = [args.base / name for name in BASE_FILES]
+    try:
+        report = retrain(outcomes, store, base, config)
+    finally:
+        outcomes.close()
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        print(format_report(report))
+    return 0
+
+
+def _add_retrain_command(sub: Any) -> None:
+    retrain = sub.add_parser(
+        "retrain",
+        help="refit the router on labelled outcomes; promote only if it passes the gate",
+        description="Builds a training set from labelled outcomes plus the base files, fits a "
+        "candidate, compares it with the current model (APGR, paired bootstrap CIs) on held-out "
+        "labelled traffic and on the base evaluation slice, writes a new version with its "
+        "lineage, and promotes it only if it passes the gate (docs/learning-loop.md).",
+    )
+    retrain.add_argument("--store", type=Path, help="model store (TIERGATE_MODEL_STORE)")
+    retrain.add_argument(
+        "--base", type=Path, default=Path("../shared/data"), help="folder of the base files"
+    )
+    retrain.add_argument("--db", type=Path, help="SQLite outcome store (default from settings)")
+    retrain.add_argument("--min-gain", type=float, default=0.0, help="APGR gain needed (0)")
+    retrain.add_argument(
+        "--require-significant",
+        action="store_true",
+        help="the gain's whole 95%% interval must exceed --min-gain",
+    )
+    retrain.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    retrain.add_argument("--json", action="store_true", help="machine-readable report")
+    retrain.add_argument("--config", type=Path, help="YAML settings file")
+    retrain.set_defaults(func=_cmd_retrain)
+
+
 def _add_model_commands(sub: Any) -> None:
     models = sub.add_parser("models", help="list, promote and roll back classifier versions")
     msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
@@ -264,7 +317,9 @@ def _add_model_commands(sub: Any) -> None:
     promote = msub.add_parser("promote", help="make VERSION current (proxies pick it up live)")
     promote.add_argument("version", help="a version id such as v0003")
     msub.add_parser("rollback", help="point back to the version current before this one")
-    for parser in (listing, promote, msub.choices["rollback"]):
+    adopt = msub.add_parser("adopt", help="copy a model artifact in as a new version")
+    adopt.add_argument("artifact", type=Path, help="artifact directory (tiergate train output)")
+    for parser in (listing, promote, msub.choices["rollback"], adopt):
         parser.add_argument("--store", type=Path, help="model store (TIERGATE_MODEL_STORE)")
         parser.add_argument("--config", type=Path, help="YAML settings file")
         parser.set_defaults(func=_cmd_models)
@@ -307,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     outcomes.set_defaults(func=_cmd_outcomes)
     _add_policy_commands(sub)
     _add_model_commands(sub)
+    _add_retrain_command(sub)
     return parser
 
 

@@ -104,6 +104,19 @@ class ModelStore:
         with (self.root / "history.jsonl").open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(entry) + "\n")
 
+    def adopt(self, artifact: Path) -> str:
+        """Copy an existing artifact directory in as the next version (current if none is)."""
+        import shutil
+
+        version = self.next_version()
+        self.versions_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=self.versions_dir))
+        shutil.copytree(artifact, tmp, dirs_exist_ok=True)
+        os.replace(tmp, self.versions_dir / version)
+        if self.current() is None:
+            self.promote(version, reason=f"adopted {artifact}")
+        return version
+
     def promote(self, version: str, reason: str = "manual") -> None:
         """Make ``version`` the serving model."""
         self._point(version, "promote", reason)
