@@ -1,17 +1,21 @@
 """``tiergate retrain``: learn from labelled outcomes, and promote only what proves itself.
 
 1. **Training set**: every labelled outcome whose prompt was stored (the policy's
-   ``store_prompts``) becomes a routing row: the label ``value`` v (how much better the closed
-   answer would have been, see :class:`~router.outcomes.Label`) gives ``weak_score = 1 - v`` and
-   ``strong_score = v``, so :func:`router.training.routing_target`'s "strong materially better"
-   is ``v > 0.5``. Several labels on one request are averaged. The base training files
-   (MMLU, GSM8K, Arena-Bench) are added unchanged.
+   ``store_prompts``) becomes a routing row: the label ``value`` v (how likely the closed answer
+   was materially better, see :class:`~router.outcomes.Label`) gives ``strong_score = 1`` (the
+   closed answer is the reference) and ``weak_score = 1 - v``, so the row's gain is ``v`` and
+   APGR stays defined however the labels are balanced. Several labels on one request are
+   averaged. The base training files (MMLU, GSM8K, Arena-Bench) are added unchanged.
 2. **Held-out slice**: a fixed share of labelled requests, chosen by a hash of the request id, is
    never trained on, so the slice stays the same across retrains. The gate scores it with labels
    from *trusted* sources only (shadow verdicts and escalations, which the system produces) when
    there are enough of them, because user feedback can be wrong or gamed; otherwise all labels.
-3. **Candidate**: the routing classifier refitted (:func:`router.training.routing_target` weights,
-   the outcome rows up-weighted by ``outcome_weight``); the capability classifier is kept.
+3. **Candidate**: the routing classifier refitted; the capability classifier is kept. Base rows
+   use :func:`router.training.routing_target` (hard target, each file the same total weight).
+   A label is a probability, so each outcome row enters twice, as the positive class with weight
+   ``v`` and as the negative with ``1 - v``: logistic regression then minimises cross-entropy
+   against the soft target, and a 0.6 and a 0.95 verdict are not flattened into the same "1".
+   All labelled outcomes together weigh ``outcome_weight`` times one base file.
 4. **Gate**: candidate and current are compared on the held-out slice and on a fixed evaluation
    slice of the base data, by APGR (RouteLLM's definition, :mod:`router.metrics`) with a paired
    percentile bootstrap of the *difference* (same resampled rows for both models). "Noise" is
@@ -70,7 +74,8 @@ class GateConfig:
     base_eval: float = 0.2
     base_eval_cap: int = 300
     min_trusted_eval: int = 30
-    outcome_weight: float = 1.0
+    outcome_weight: float = 10.0
+    base_train_cap: int | None = None
     seed: int = 0
 
 
@@ -147,7 +152,7 @@ def labelled_rows(store: OutcomeStore) -> tuple[list[RoutingRow], dict[str, Any]
                 id=request_id,
                 prompt=str(record["prompt"]),
                 weak_score=1.0 - v,
-                strong_score=v,
+                strong_score=1.0,
                 category=",".join(sorted(sources[request_id])),
                 dataset=OUTCOMES_DATASET,
             )
@@ -247,15 +252,21 @@ def eval_rows(held: Sequence[RoutingRow], config: GateConfig) -> tuple[list[Rout
 def base_rows(
     files: Sequence[Path], config: GateConfig
 ) -> tuple[list[RoutingRow], list[RoutingRow]]:
-    """(all base rows, the fixed evaluation slice of them, at most ``base_eval_cap`` per file)."""
+    """(base training rows, the fixed evaluation slice, at most ``base_eval_cap`` per file).
+
+    Training uses every row (or ``base_train_cap`` per file, a fixed hash-chosen subset, to
+    bound the retrain time), evaluation slice included: the current model saw those rows too, so
+    the base comparison asks "did the new labels damage what the base data taught", not how
+    either model generalises.
+    """
     everything: list[RoutingRow] = []
     evaluation: list[RoutingRow] = []
     for path in files:
         if "alpacaeval" in path.name:
             raise ConfigError(f"{path.name}: AlpacaEval is CC BY-NC; it may not train a model")
         rows = load_routing_rows(path)
-        everything += rows
         picked = sorted(rows, key=lambda r: _bucket(r.id, "base"))
+        everything += picked[: config.base_train_cap] if config.base_train_cap else rows
         evaluation += [r for r in picked if _bucket(r.id, "base") < config.base_eval][
             : config.base_eval_cap
         ]
@@ -269,13 +280,20 @@ def fit_candidate(
     version: str,
     config: GateConfig,
 ) -> LearnedScorer:
-    """The current model's capability classifier with a routing classifier refitted on both."""
-    rows = [*base, *outcomes]
-    y, w = routing_target(rows)
-    if config.outcome_weight != 1.0:
-        w = np.where([r.dataset == OUTCOMES_DATASET for r in rows], w * config.outcome_weight, w)
+    """The current model's capability classifier with a routing classifier refitted on base
+    rows (hard target) and labelled outcomes (soft target); see the module docstring."""
+    prompts = [r.prompt for r in base]
+    y, w = routing_target(base) if base else (np.zeros(0, np.int64), np.zeros(0))
+    targets, weights = list(y), list(w)
+    one_file = len(base) / max(len({r.dataset for r in base}), 1) if base else len(outcomes)
+    per_row = config.outcome_weight * one_file / max(len(outcomes), 1)
+    for r in outcomes:
+        v = min(max(r.strong_score - r.weak_score, 0.0), 1.0)
+        prompts += [r.prompt, r.prompt]
+        targets += [1, 0]
+        weights += [per_row * v, per_row * (1.0 - v)]
     routing = PromptClassifier(**DEFAULT_ROUTING_PARAMS).fit(
-        [r.prompt for r in rows], y, sample_weight=w
+        prompts, np.array(targets), sample_weight=np.array(weights)
     )
     return LearnedScorer(routing, current.capability, version)
 
