@@ -261,8 +261,9 @@ class RedisOutcomeStore:
                 stopping, batch = self._stop, list(self._take())
             try:
                 if batch:
-                    self._write(batch)
+                    spend = self._write(batch)
                     with self._cond:
+                        self._spend, self._spend_day = spend, _day(time.time())
                         self._done(batch)
                 elif self._journal_lines:
                     self._replay_journal()
@@ -301,17 +302,21 @@ class RedisOutcomeStore:
                 self._inflight.pop(item.id, None)
         self._cond.notify_all()
 
-    def _write(self, batch: list[Item]) -> None:
+    def _write(self, batch: list[Item]) -> dict[str, float]:
+        """Write a batch; returns today's shared spend, read in the same round trip so the
+        caller can swap it in as it forgets the batch's unflushed costs (no double count)."""
         pipe = self._client.pipeline(transaction=False)
         for item in batch:
             if isinstance(item, OutcomeRecord):
                 self._queue_record(pipe, item)
             else:
                 self._queue_label(pipe, item)
-        results = pipe.execute()
+        pipe.hgetall(self._spend_key(time.time()))
+        *results, spend = pipe.execute()
         new = sum(int(r) for r in results)
         self.written += new
         self.duplicates += len(batch) - new
+        return {k: float(v) for k, v in spend.items()}
 
     def _queue_record(self, pipe: Any, record: OutcomeRecord) -> None:
         ttl = max(int(self.retention_s - (time.time() - record.ts)), 1)
@@ -372,9 +377,11 @@ class RedisOutcomeStore:
         if not draining.exists():
             return
         items = _read_journal(draining)
+        spend = self._spend
         for i in range(0, len(items), self._batch):
-            self._write(items[i : i + self._batch])
+            spend = self._write(items[i : i + self._batch])
         with self._cond:
+            self._spend, self._spend_day = spend, _day(time.time())
             draining.unlink()
             self._journal_lines -= len(items)
             self._forget(items)

@@ -17,6 +17,7 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -42,6 +43,8 @@ class Behaviour:
     stall_s: float = 5.0
     text: str = "Hello from the closed model, streamed word by word."
     judge: str = "closed"  # closed | local | tie | garbage: the verdict given to judge prompts
+    # When set, decides judge prompts instead: (question, answer A, answer B) -> "A" | "B" | "C".
+    judge_fn: Callable[[str, str, str], str] | None = None
 
 
 @dataclass
@@ -141,6 +144,8 @@ class FakeProvider:
         if not messages or "impartial judge" not in str(messages[0].get("content")):
             return None
         b = self.behaviour
+        if b.judge_fn is not None:
+            return f"[[{b.judge_fn(*_judge_parts(str(messages[-1].get('content'))))}]]"
         if b.judge == "garbage":
             return "I cannot decide."
         if b.judge == "tie":
@@ -297,3 +302,11 @@ class FakeProvider:
             },
         )
         event("message_stop", {"type": "message_stop"})
+
+
+def _judge_parts(user: str) -> tuple[str, str, str]:
+    """(question, answer A, answer B) out of Tiergate's pairwise judge prompt."""
+    question = user.split("[User Question]\n", 1)[1].split("\n\n[The Start of Assistant A", 1)[0]
+    a = user.split("[The Start of Assistant A's Answer]\n", 1)[1].split("\n[The End of", 1)[0]
+    b = user.split("[The Start of Assistant B's Answer]\n", 1)[1].split("\n[The End of", 1)[0]
+    return question, a, b
