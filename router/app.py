@@ -26,12 +26,14 @@ from router.backends.local import ExternalLlamaBackend, LlamaCppBackend
 from router.backends.openai_http import OpenAIHTTP
 from router.config import Settings
 from router.costs import CostBook, load_litellm_cost_map
+from router.dashboard import router as observability_router
 from router.errors import BadRequestError, ConfigError, NotFoundError, TiergateError
 from router.gateway import Gateway, PolicyHolder
 from router.learning import LearningLoop, purge_loop
 from router.outcomes import OutcomeStore, SQLiteOutcomeStore
 from router.registry import watch_model_store
 from router.scoring import HeuristicScorer, Scorer
+from router.telemetry import RequestSpanMiddleware, Telemetry
 
 log = logging.getLogger("tiergate.app")
 
@@ -66,6 +68,7 @@ def create_app(
     outcomes: OutcomeStore | None = None,
     environ: Mapping[str, str] | None = None,
     local_backend: Backend | None = None,
+    telemetry: Telemetry | None = None,
 ) -> FastAPI:
     """Build the app. Keyword arguments replace parts (tests, embedding) and are optional."""
 
@@ -85,17 +88,26 @@ def create_app(
             local = llama
         elif local is None and settings.local_backend == "openai_http":
             local = ExternalLlamaBackend(settings, http)
+        tel = telemetry if telemetry is not None else Telemetry.from_settings(settings)
+        tel.watch_queue(local)
         gateway = Gateway(
             policy=policy,
             scorer=scorer if scorer is not None else await asyncio.to_thread(load_scorer, settings),
-            local=local,
-            closed=ClosedBackend(http, timeout_s=settings.closed_timeout_s, environ=environ),
+            local=None if local is None else tel.wrap_backend(local),
+            closed=tel.wrap_backend(
+                ClosedBackend(http, timeout_s=settings.closed_timeout_s, environ=environ)
+            ),
             costs=CostBook(
-                load_litellm_cost_map(), local_price_per_mtok=settings.local_price_per_mtok
+                load_litellm_cost_map(),
+                local_price_per_mtok=settings.local_price_per_mtok,
+                local_price_per_gpu_hour=settings.local_price_per_gpu_hour,
             ),
             outcomes=store,
+            on_record=tel.on_record,
+            telemetry=tel,
         )
         app.state.gateway = gateway
+        app.state.telemetry = tel
         app.state.learning = learning = LearningLoop(
             gateway,
             judge_model=settings.judge_model,
@@ -128,6 +140,7 @@ def create_app(
             await gateway.aclose()
             await http.aclose()
             await asyncio.to_thread(store.close)
+            await asyncio.to_thread(tel.shutdown)
 
     app = FastAPI(
         title="Tiergate",
@@ -137,6 +150,8 @@ def create_app(
     )
     app.state.settings = settings
     app.include_router(api_router)
+    app.include_router(observability_router)
+    app.add_middleware(RequestSpanMiddleware, state=app.state)
     install_error_handlers(app)
     return app
 

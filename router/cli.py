@@ -36,6 +36,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,
+        log_config=None,  # keep the JSON logging configured above
         lifespan="on",
     )
     return 0

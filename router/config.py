@@ -93,6 +93,18 @@ class Settings(BaseSettings):
     local_price_per_mtok: float = Field(
         0.0, ge=0, description="Cost charged for local tokens, USD per 1M tokens."
     )
+    local_price_per_gpu_hour: float = Field(
+        0.0, ge=0, description="Cost of local generation time, USD per GPU-hour (per request)."
+    )
+    otel_enabled: bool | None = Field(
+        None,
+        description="OpenTelemetry traces/OTLP metrics: None follows the OTEL_* env vars "
+        "(on when OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_TRACES_EXPORTER is set).",
+    )
+    metrics_enabled: bool = Field(True, description="Record request metrics for GET /metrics.")
+    eval_report: Path | None = Field(
+        None, description="JSON evaluation report shown on /dashboard (tiergate eval --json)."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @classmethod

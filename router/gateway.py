@@ -33,6 +33,7 @@ from router.outcomes import OutcomeRecord, OutcomeStore
 from router.policy import Decision, ModelSpec, Policy, evaluate, load_policy
 from router.scoring import Scorer
 from router.signals import Signals, extract_signals
+from router.telemetry import Telemetry
 
 log = logging.getLogger("tiergate.gateway")
 
@@ -114,6 +115,7 @@ class Gateway:
         costs: CostBook,
         outcomes: OutcomeStore,
         on_record: Callable[[OutcomeRecord], None] | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.policies = policy
         self.scorer = scorer
@@ -125,6 +127,7 @@ class Gateway:
         self.last_scores: list[float] = []
         self.alias_thresholds: dict[str, AliasThreshold] = calibrate(self.policy, [])
         self._on_record = on_record
+        self.telemetry = telemetry if telemetry is not None else Telemetry.off()
 
     # -- deciding --------------------------------------------------------------------------
 
@@ -161,13 +164,15 @@ class Gateway:
                 f"model '{alias}' is not an alias or a configured model; see GET /v1/models",
                 param="model",
             )
-        signals = extract_signals(body, self.scorer, tenant=tenant, headers=headers)
-        decision = evaluate(
-            policy,
-            signals,
-            thresholds=self.thresholds,
-            spend_today_usd=self.outcomes.spend_today(tenant),
-        )
+        with self.telemetry.decide_span() as span:
+            signals = extract_signals(body, self.scorer, tenant=tenant, headers=headers)
+            decision = evaluate(
+                policy,
+                signals,
+                thresholds=self.thresholds,
+                spend_today_usd=self.outcomes.spend_today(tenant),
+            )
+            span.decided(decision)
         return signals, decision
 
     def chain(self, decision: Decision) -> list[tuple[ModelSpec, str | None]]:
@@ -320,7 +325,7 @@ class Gateway:
         elif model.tier == "closed":
             cost = self.costs.closed_cost(model.litellm_model, prompt, completion)
         else:
-            cost = self.costs.local_cost(prompt, completion)
+            cost = self.costs.local_cost(prompt, completion, usage.generation_s)
         policy = self.policy
         default_closed = policy.models[policy.closed_models[0]] if policy.closed_models else None
         counterfactual = (
