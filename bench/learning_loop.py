@@ -91,8 +91,8 @@ class StubLocal:
         return None
 
 
-def policy_text(fake: FakeProvider) -> str:
-    """Everything local (threshold 1.0), half of it shadowed, prompts stored in full."""
+def policy_text(fake: FakeProvider, shadow_rate: float) -> str:
+    """Everything local (threshold 1.0), ``shadow_rate`` of it shadowed, prompts stored."""
     return f"""\
 version: 1
 models:
@@ -103,7 +103,7 @@ closed_models: [gpt-4o]
 threshold: 1.0
 store_prompts: full
 retention_days: 30
-shadow: {{sample_rate: 0.5}}
+shadow: {{sample_rate: {shadow_rate}}}
 aliases:
   auto: {{threshold: 1.0}}
 """
@@ -153,6 +153,7 @@ async def replay(
     max_labels: int,
     gate: GateConfig,
     n_bootstrap: int,
+    shadow_rate: float,
 ) -> dict[str, Any]:
     """One replay (``honest`` or ``adversarial`` feedback); returns its curve."""
     models = ModelStore(workdir / mode / "models")
@@ -173,7 +174,7 @@ async def replay(
     with FakeProvider() as fake:
         fake.reset(Behaviour(judge_fn=judge))
         policy = workdir / mode / "policy.yaml"
-        policy.write_text(policy_text(fake))
+        policy.write_text(policy_text(fake, shadow_rate))
         settings = Settings(
             policy=policy,
             sqlite_path=workdir / mode / "unused.db",
@@ -313,7 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=int, default=100, help="retrain every N labels")
     parser.add_argument("--max-labels", type=int, default=500)
     parser.add_argument("--bootstrap", type=int, default=500)
-    parser.add_argument("--base-cap", type=int, default=2000, help="base rows per file")
+    parser.add_argument(
+        "--base-cap", type=int, default=2000, help="base rows per file in retrains (0 = all)"
+    )
+    parser.add_argument("--shadow-rate", type=float, default=0.5, help="policy shadow rate")
     parser.add_argument("--modes", default="honest,adversarial")
     parser.add_argument("--quick", action="store_true", help="200 labels, retrain every 100")
     args = parser.parse_args(argv)
@@ -325,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         (r for r in rows if _bucket(r.id, "sim-eval") >= 0.25),
         key=lambda r: _bucket(r.id, "sim-order"),
     )
-    gate = GateConfig(n_bootstrap=args.bootstrap, base_train_cap=args.base_cap)
+    gate = GateConfig(n_bootstrap=args.bootstrap, base_train_cap=args.base_cap or None)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="tiergate-loop-") as tmp:
         workdir = Path(tmp)
@@ -344,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
                     max_labels=args.max_labels,
                     gate=gate,
                     n_bootstrap=args.bootstrap,
+                    shadow_rate=args.shadow_rate,
                 )
             )
             for mode in args.modes.split(",")
@@ -353,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         "evaluation_rows": len(evaluation),
         "traffic_rows": len(traffic),
         "gate": gate.__dict__,
+        "shadow_rate": args.shadow_rate,
         "seconds": round(time.monotonic() - started, 1),
         "runs": runs,
     }
