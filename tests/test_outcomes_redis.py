@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
+from router.cli import main
 from router.outcomes import Label, OutcomeRecord, SQLiteOutcomeStore
 from router.outcomes_redis import RedisOutcomeStore
 from tests.redis_server import RedisServer
@@ -172,3 +175,21 @@ def test_sqlite_store_labels_and_purge(tmp_path: Path) -> None:
         assert s.count() == 1 and [x["source"] for x in s.labels()] == ["shadow"]
     finally:
         s.close()
+
+
+def test_cli_outcomes_reads_redis_when_configured(
+    redis_server: RedisServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    s = store(redis_server, tmp_path)
+    rec = record(tenant="acme")
+    s.submit(rec)
+    assert s.flush(10)
+    s.close()
+    monkeypatch.setenv("TIERGATE_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("TIERGATE_SQLITE_PATH", str(tmp_path / "absent.db"))
+    assert main(["outcomes", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["id"] for r in rows] == [rec.id]
