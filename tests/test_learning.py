@@ -16,14 +16,15 @@ from fastapi import Request, Response
 
 from router.app import create_app
 from router.learning import LearningLoop, closed_better, parse_verdict
+from router.outcomes_redis import RedisOutcomeStore
 from tests.conftest import KeywordScorer, LiveServer, make_settings, policy_yaml, wait_for
 from tests.fake_provider import Behaviour, FakeProvider
 
 
 @contextmanager
-def serve(tmp_path: Path, policy: str) -> Iterator[LiveServer]:
+def serve(tmp_path: Path, policy: str, outcomes: Any = None) -> Iterator[LiveServer]:
     """A live app whose tenant is the ``x-test-tenant`` header (stands in for real auth)."""
-    app = create_app(make_settings(tmp_path, policy), scorer=KeywordScorer())
+    app = create_app(make_settings(tmp_path, policy), scorer=KeywordScorer(), outcomes=outcomes)
 
     @app.middleware("http")
     async def tenant_from_header(
@@ -69,9 +70,16 @@ def judge_calls(fake: FakeProvider) -> list[Any]:
     return [r for r in fake.received if "impartial judge" in str(r.body.get("messages"))]
 
 
-def test_feedback_is_tenant_isolated(tmp_path: Path, fake: FakeProvider) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_feedback_is_tenant_isolated(
+    tmp_path: Path, fake: FakeProvider, backend: str, request: pytest.FixtureRequest
+) -> None:
     fake.reset()
-    with serve(tmp_path, policy_yaml(fake)) as srv:
+    outcomes = None
+    if backend == "redis":
+        server = request.getfixturevalue("redis_server")
+        outcomes = RedisOutcomeStore(server.url, journal=tmp_path / "journal.jsonl")
+    with serve(tmp_path, policy_yaml(fake), outcomes) as srv:
         local = chat(srv, "acme", "say hi")
         assert local.headers["x-tiergate-tier"] == "local"
         rid = local.headers["x-request-id"]
