@@ -49,7 +49,7 @@ from router.config import Settings
 from router.metrics import evaluate
 from router.outcomes import SQLiteOutcomeStore
 from router.registry import ModelStore
-from router.retrain import BASE_FILES, GateConfig, _bucket, retrain
+from router.retrain import BASE_FILES, GateConfig, _bucket, compare, retrain
 from router.training import (
     RoutingRow,
     fit_scorer,
@@ -257,12 +257,30 @@ async def replay(
                         await asyncio.sleep(0.05)
                     point(labelled)
             learning = app.state.learning
+            paired = compare(
+                "evaluation slice, serving now vs start",
+                evaluation,
+                first,
+                gateway.scorer,
+                n_bootstrap=n_bootstrap,
+            )
             stats = {
                 "shadow_labelled": learning.shadow_labelled,
                 "shadow_failed": learning.shadow_failed,
                 "labels_in_store": len(outcomes.labels()),
             }
-    return {"mode": mode, "points": points, "retrains": retrains, "stats": stats}
+    return {
+        "mode": mode,
+        "points": points,
+        "retrains": retrains,
+        "stats": stats,
+        "improvement": {
+            "diff": paired.diff,
+            "low": paired.diff_low,
+            "high": paired.diff_high,
+            "n": paired.n,
+        },
+    }
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -366,10 +384,11 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "learning_curve.json").write_text(json.dumps(result, indent=2, default=str))
     plot(result, args.out / "learning_curve.png")
     for run in runs:
-        first, last = run["points"][0], run["points"][-1]
+        first, last, gain = run["points"][0], run["points"][-1], run["improvement"]
         print(
             f"{run['mode']}: held-out APGR {first['apgr']:.3f} -> {last['apgr']:.3f} "
-            f"({last['apgr'] - first['apgr']:+.3f}) after {last['labelled']} labelled outcomes; "
+            f"({gain['diff']:+.3f}, paired 95% CI [{gain['low']:+.3f}, {gain['high']:+.3f}]) "
+            f"after {last['labelled']} labelled outcomes; "
             f"promoted {sum(r['promoted'] for r in run['retrains'])}/{len(run['retrains'])}"
         )
     return 0
