@@ -11,9 +11,10 @@ Setup, all in process:
   (only routing is being learnt); the closed model and the judge are the fake provider of
   ``tests/fake_provider.py``.
 * Labels follow the file's scores: every local answer gets user **feedback** with quality
-  ``weak_score`` (the judge's probability that the weak answer wins); the policy shadows half of
-  the local answers, and the fake **judge** prefers the closed answer in each of its two orderings
-  with probability ``strong_score`` (a noisy judge, as real ones are).
+  ``weak_score`` (the judge's probability that the weak answer wins); the policy shadows
+  ``--shadow-rate`` (default all) of the local answers, and the fake **judge** prefers the closed
+  answer in each of its two orderings with probability ``strong_score`` (a noisy judge, as real
+  ones are).
 * Every ``--every`` labelled outcomes the loop runs :func:`router.retrain.retrain`; a promoted
   version reaches the proxy through the model store's pointer, without a restart.
 * The learning curve is the APGR of the serving model on the evaluation slice (true file scores,
@@ -49,7 +50,14 @@ from router.config import Settings
 from router.metrics import evaluate
 from router.outcomes import SQLiteOutcomeStore
 from router.registry import ModelStore
-from router.retrain import BASE_FILES, GateConfig, _bucket, compare, retrain
+from router.retrain import (
+    BASE_FILES,
+    GateConfig,
+    NotEnoughLabelsError,
+    _bucket,
+    compare,
+    retrain,
+)
 from router.training import (
     RoutingRow,
     fit_scorer,
@@ -232,7 +240,12 @@ async def replay(
                 labelled += 1
                 if labelled % every == 0 or labelled == min(max_labels, len(traffic)):
                     await _settle(app)
-                    report = await asyncio.to_thread(retrain, outcomes, models, base, gate)
+                    try:
+                        report = await asyncio.to_thread(retrain, outcomes, models, base, gate)
+                    except NotEnoughLabelsError as exc:
+                        print(f"  [{mode}] retrain skipped: {exc.message}", flush=True)
+                        retrains.append({"labelled": labelled, "skipped": exc.message})
+                        continue
                     candidate = load_scorer(models.path(report.version))
                     retrains.append(
                         {
@@ -305,6 +318,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
             alpha=0.12,
         )
         for r in run["retrains"]:
+            if "skipped" in r:
+                continue
             promoted = r["promoted"]
             ax.scatter(
                 [r["labelled"]],
@@ -333,9 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-labels", type=int, default=500)
     parser.add_argument("--bootstrap", type=int, default=500)
     parser.add_argument(
-        "--base-cap", type=int, default=2000, help="base rows per file in retrains (0 = all)"
+        "--base-cap", type=int, default=0, help="base rows per file in retrains (0 = all)"
     )
-    parser.add_argument("--shadow-rate", type=float, default=0.5, help="policy shadow rate")
+    parser.add_argument("--shadow-rate", type=float, default=1.0, help="policy shadow rate")
     parser.add_argument("--modes", default="honest,adversarial")
     parser.add_argument("--quick", action="store_true", help="200 labels, retrain every 100")
     args = parser.parse_args(argv)
@@ -389,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{run['mode']}: held-out APGR {first['apgr']:.3f} -> {last['apgr']:.3f} "
             f"({gain['diff']:+.3f}, paired 95% CI [{gain['low']:+.3f}, {gain['high']:+.3f}]) "
             f"after {last['labelled']} labelled outcomes; "
-            f"promoted {sum(r['promoted'] for r in run['retrains'])}/{len(run['retrains'])}"
+            f"promoted {sum(r.get('promoted', False) for r in run['retrains'])}/"
+            f"{len(run['retrains'])}"
         )
     return 0
 

@@ -8,8 +8,10 @@
    averaged. The base training files (MMLU, GSM8K, Arena-Bench) are added unchanged.
 2. **Held-out slice**: a fixed share of labelled requests, chosen by a hash of the request id, is
    never trained on, so the slice stays the same across retrains. The gate scores it with labels
-   from *trusted* sources only (shadow verdicts and escalations, which the system produces) when
-   there are enough of them, because user feedback can be wrong or gamed; otherwise all labels.
+   from *trusted* sources only (shadow verdicts and escalations, which the system produces),
+   because user feedback can be wrong or gamed: a candidate must not be judged by the labels it
+   may have been misled by. With fewer than ``min_trusted_eval`` trusted held-out rows the gate
+   refuses (``trusted_only=False`` falls back to all labels instead).
 3. **Candidate**: the routing classifier refitted; the capability classifier is kept. Base rows
    use :func:`router.training.routing_target` (hard target, each file the same total weight).
    A label is a probability, so each outcome row enters twice, as the positive class with weight
@@ -63,6 +65,12 @@ TRUSTED_SOURCES: frozenset[str] = frozenset({"shadow", "escalation"})
 OUTCOMES_DATASET = "outcomes"
 
 
+class NotEnoughLabelsError(ConfigError):
+    """Too few labelled outcomes for the gate to judge a candidate; nothing was trained."""
+
+    code = "not_enough_labels"
+
+
 @dataclass(frozen=True)
 class GateConfig:
     """When a candidate may replace the current model (see the module docstring)."""
@@ -73,7 +81,8 @@ class GateConfig:
     holdout: float = 0.3
     base_eval: float = 0.2
     base_eval_cap: int = 300
-    min_trusted_eval: int = 30
+    min_trusted_eval: int = 20
+    trusted_only: bool = True
     outcome_weight: float = 10.0
     base_train_cap: int | None = None
     seed: int = 0
@@ -242,9 +251,9 @@ def split_outcomes(
 
 
 def eval_rows(held: Sequence[RoutingRow], config: GateConfig) -> tuple[list[RoutingRow], str]:
-    """The held-out rows the gate scores: trusted sources when there are enough of them."""
+    """The held-out rows the gate scores: those with a trusted label (see the module docstring)."""
     trusted = [r for r in held if set((r.category or "").split(",")) & TRUSTED_SOURCES]
-    if len(trusted) >= config.min_trusted_eval:
+    if len(trusted) >= config.min_trusted_eval or config.trusted_only:
         return trusted, "trusted (shadow, escalation)"
     return list(held), "all sources"
 
@@ -314,10 +323,11 @@ def retrain(
     rows = [*rows, *extra_rows]
     train, held = split_outcomes(rows, config)
     held_eval, held_kind = eval_rows(held, config)
-    if len(held_eval) < 10 or not train:
-        raise ConfigError(
+    need = max(config.min_trusted_eval, 10)
+    if len(held_eval) < need or not train:
+        raise NotEnoughLabelsError(
             f"not enough labelled outcomes to retrain: {len(train)} to train on, "
-            f"{len(held_eval)} held out (need 10)"
+            f"{len(held_eval)} held out with {held_kind} labels (the gate needs {need})"
         )
     base_all, base_eval = base_rows(base_files, config)
     version = models.next_version()
