@@ -39,15 +39,21 @@ log = logging.getLogger("tiergate.app")
 
 
 def load_scorer(settings: Settings) -> Scorer:
-    """The shipped learned scorer when one is available, else the documented heuristic."""
+    """The learned scorer: the model store's current version when ``model_store`` is set, else
+    ``classifier_path``, else the shipped model; the heuristic when none loads."""
+    from router.registry import ModelStore
+    from router.training import default_model_path
+    from router.training import load_scorer as load_artifact
+
+    path = settings.classifier_path or default_model_path()
     try:
-        from router.training import load_default_scorer
-    except ImportError:
-        return HeuristicScorer()
-    try:
-        return load_default_scorer(settings.classifier_path, settings.model_store)
-    except (ConfigError, FileNotFoundError) as exc:
-        log.warning("no trained classifier (%s); using the heuristic scorer", exc)
+        if settings.model_store is not None and (
+            current := ModelStore(settings.model_store).current()
+        ):
+            path = ModelStore(settings.model_store).path(current)
+        return load_artifact(path)
+    except (ConfigError, OSError) as exc:
+        log.warning("no usable classifier at %s (%s); using the heuristic scorer", path, exc)
         return HeuristicScorer()
 
 
