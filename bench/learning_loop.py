@@ -144,7 +144,7 @@ def heldout_apgr(scorer: Any, rows: list[RoutingRow], n_bootstrap: int) -> dict[
 
 async def _settle(app: Any) -> None:
     learning = app.state.learning
-    while learning._tasks:
+    while learning.pending:
         await asyncio.sleep(0.05)
     await asyncio.to_thread(app.state.gateway.outcomes.flush, 30)
 
@@ -229,6 +229,8 @@ async def replay(
                     json={"model": "auto", "messages": [{"role": "user", "content": row.prompt}]},
                 )
                 resp.raise_for_status()
+                while app.state.learning.pending >= 8:  # traffic paced so no shadow is skipped
+                    await asyncio.sleep(0.01)
                 if resp.headers["x-tiergate-tier"] != "local":
                     continue
                 quality = row.weak_score if mode == "honest" else 1.0 - row.weak_score
@@ -278,6 +280,7 @@ async def replay(
                 n_bootstrap=n_bootstrap,
             )
             stats = {
+                "shadow_skipped": learning.shadow_skipped,
                 "shadow_labelled": learning.shadow_labelled,
                 "shadow_failed": learning.shadow_failed,
                 "labels_in_store": len(outcomes.labels()),

@@ -155,6 +155,11 @@ class LearningLoop:
         self.escalations = 0
 
     @property
+    def pending(self) -> int:
+        """Shadow judgements started and not yet finished."""
+        return len(self._tasks)
+
+    @property
     def store(self) -> OutcomeStore:
         """The outcome store labels go to."""
         store: OutcomeStore = self.gateway.outcomes
