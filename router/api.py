@@ -13,11 +13,11 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from router.auth import Principal, principal_of
 from router.errors import (
@@ -27,9 +27,11 @@ from router.errors import (
     TiergateError,
 )
 from router.gateway import Gateway, RequestContext
+from router.learning import LearningLoop, answer_text
 from router.limits import RateLimiter, check_request_size
-from router.schemas import ChatCompletionRequest, json_request_body
+from router.schemas import ChatCompletionRequest, FeedbackRequest, json_request_body
 
+_Model = TypeVar("_Model", bound=BaseModel)
 log = logging.getLogger("tiergate.api")
 router = APIRouter()
 
@@ -60,8 +62,13 @@ async def read_json(request: Request) -> dict[str, Any]:
 
 def validate_chat(body: dict[str, Any]) -> None:
     """Check the chat request's shape; the dict itself is passed on unchanged."""
+    validated(ChatCompletionRequest, body)
+
+
+def validated(model: type[_Model], body: dict[str, Any]) -> _Model:
+    """``body`` parsed as ``model``, or a 400 naming the first invalid field."""
     try:
-        ChatCompletionRequest.model_validate(body)
+        return model.model_validate(body)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
@@ -75,6 +82,10 @@ def _policy_headers(request: Request) -> dict[str, str]:
         if key.startswith(POLICY_HEADER_PREFIX) and (allowed is None or key in allowed):
             out[key] = value
     return out
+
+
+def _learning(request: Request) -> LearningLoop | None:
+    return getattr(request.app.state, "learning", None)
 
 
 def _tenant(request: Request) -> str:
@@ -140,8 +151,13 @@ async def chat_completions(request: Request) -> Response:
         )
         ctx.prompt = _prompt_to_store(ctx, body)
         _refuse_if_needed(ctx)
+        learning = _learning(request)
+        if learning is not None:
+            learning.observe(ctx, body)
         if ctx.stream:
             source = await gateway.stream(ctx, body)
+            if learning is not None:
+                source = learning.tap(ctx, body, source)
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             response = StreamingResponse(
                 _sse(ctx, gateway, source, include_usage, _charger(limiter, principal)),
@@ -153,6 +169,8 @@ async def chat_completions(request: Request) -> Response:
         result = await gateway.complete(ctx, body)
         gateway.record(ctx, status="ok", http_status=200, error=None)
         await limiter.charge(principal, ctx.usage.prompt_tokens + ctx.usage.completion_tokens)
+        if learning is not None:
+            learning.after_response(ctx, body, answer_text(result.body))
         return Response(
             _dumps(result.body),
             media_type="application/json",
@@ -255,6 +273,23 @@ def _usage_chunk(ctx: RequestContext) -> dict[str, Any]:
             "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.prompt_tokens + usage.completion_tokens,
         },
+    }
+
+
+@router.post("/v1/feedback")
+async def feedback(request: Request) -> dict[str, Any]:
+    """A quality signal about one of the caller's own earlier requests (404 for any other)."""
+    req = validated(FeedbackRequest, await read_json(request))
+    learning = _learning(request)
+    if learning is None:
+        raise TiergateError("the learning loop is not running")
+    label = await learning.feedback(_tenant(request), req)
+    return {
+        "object": "feedback",
+        "request_id": label.request_id,
+        "source": label.source,
+        "quality": label.quality,
+        "value": label.value,
     }
 
 

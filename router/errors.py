@@ -231,6 +231,14 @@ class TierUnavailableError(TiergateError):
     code = "tier_unavailable"
 
 
+class StoreUnavailableError(TiergateError):
+    """The outcome store cannot be read right now (Redis down); writes are buffered meanwhile."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "store_unavailable"
+
+
 class ClientDisconnected(TiergateError):  # noqa: N818 (a state, not an error)
     """The client went away mid-request; recorded as ``aborted``, never sent."""
 

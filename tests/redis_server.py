@@ -53,7 +53,12 @@ class RedisServer:
         return self._client
 
     def start(self) -> None:
-        """Start the server and wait until it answers PING."""
+        """Start the server and wait until it answers PING.
+
+        The append-only file is on (fsync always), so a stop/start keeps the data, as a
+        production Redis with AOF does; the outcome store's outage tests count on that.
+        """
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [
                 self.binary,
@@ -64,14 +69,16 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes",
+                "--appendfsync",
+                "always",
                 "--dir",
                 str(self.workdir),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 20
         while True:
             try:
                 if self.client().ping():
@@ -82,10 +89,10 @@ class RedisServer:
                 time.sleep(0.05)
 
     def stop(self) -> None:
-        """Stop the server (its data is lost)."""
+        """Stop the server (SIGTERM: it flushes the append-only file and exits)."""
         if self.proc is not None:
             self.proc.terminate()
-            self.proc.wait(10)
+            self.proc.wait(20)
             self.proc = None
 
     def __enter__(self) -> RedisServer:
