@@ -98,6 +98,7 @@ def create_app(
             local = ExternalLlamaBackend(settings, http)
         tel = telemetry if telemetry is not None else Telemetry.from_settings(settings)
         tel.watch_queue(local)
+        tel.watch_policy(policy)
         gateway = Gateway(
             policy=policy,
             scorer=scorer if scorer is not None else await asyncio.to_thread(load_scorer, settings),

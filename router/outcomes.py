@@ -408,6 +408,25 @@ class SQLiteOutcomeStore:
             )
         return [float(r[0]) for r in rows]
 
+    def quality_by_tier(self, since_ts: float) -> dict[str, dict[str, dict[str, float]]]:
+        """Mean quality of served answers per tier and label source, since ``since_ts``.
+
+        Feedback carries the served answer's quality; a shadow verdict says how likely the
+        closed answer was materially better, so the served answer's quality is ``1 - value``.
+        """
+        rows = self._query(
+            "SELECT o.tier, l.source, COUNT(*), AVG(COALESCE(l.quality, 1.0 - l.value)) "
+            "FROM labels l JOIN outcomes o ON o.id = l.request_id "
+            "WHERE l.ts >= ? AND l.source IN ('feedback', 'shadow') "
+            "AND COALESCE(l.quality, l.value) IS NOT NULL AND o.tier IS NOT NULL "
+            "GROUP BY o.tier, l.source",
+            (since_ts,),
+        )
+        out: dict[str, dict[str, dict[str, float]]] = {}
+        for tier, source, n, mean in rows:
+            out.setdefault(str(tier), {})[str(source)] = {"n": int(n), "mean": float(mean)}
+        return out
+
     def summary(
         self,
         since_ts: float,

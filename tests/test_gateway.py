@@ -329,6 +329,9 @@ def test_hot_reload_under_traffic_keeps_serving(tmp_path: Path, fake: FakeProvid
         assert ready["policy"]["version"] != first  # the last good edit still serves
         assert "rules" in ready["policy"]["last_reload_error"]
         assert srv.gateway.policies.reload_failures == 1
+        metrics = httpx.get(srv.url + "/metrics").text.splitlines()
+        failures = [m for m in metrics if m.startswith("tiergate_policy_reload_failures_total")]
+        assert len(failures) == 1 and failures[0].endswith(" 1.0")
         store = srv.gateway.outcomes
         assert store.flush() and store.count() == 200
 
