@@ -156,6 +156,7 @@ def main() -> int:
             "repeats": args.repeats,
             "concurrency": concurrency,
             "stream_requests_per_repeat": 30 if args.quick else 100,
+            "requests_for_memory": 2000 if args.quick else 10_000,
         },
         "commands": {
             "all": "make bench   # = .venv/bin/python -m bench",
@@ -190,6 +191,7 @@ def main() -> int:
                     repeats=args.repeats,
                     concurrency=concurrency,
                     stream_n=results["settings"]["stream_requests_per_repeat"],
+                    requests_for_memory=results["settings"]["requests_for_memory"],
                 )
                 results["proxy"] = got["proxy"]
                 results["streaming"] = got["streaming"]
@@ -201,7 +203,12 @@ def main() -> int:
                 print(f"  {results['decision']}", flush=True)
             if "local" in phases:
                 print("local throughput ...", flush=True)
-                got = local.run(workdir, policy, repeats=2 if args.quick else 5)
+                got = local.run(
+                    workdir,
+                    policy,
+                    repeats=2 if args.quick else 5,
+                    requests_for_memory=results["settings"]["requests_for_memory"],
+                )
                 results["local"] = got
                 results["memory"]["tiergate_idle_rss_with_model_mb"] = got.pop(
                     "tiergate_idle_rss_with_model_mb"

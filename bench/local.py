@@ -84,7 +84,7 @@ def _llama_server(workdir: Path) -> Any:
     )
 
 
-def run(workdir: Path, policy: Path, *, repeats: int) -> dict[str, Any]:
+def run(workdir: Path, policy: Path, *, repeats: int, requests_for_memory: int) -> dict[str, Any]:
     """Medians over ``repeats`` alternating requests per server, after one warm-up each."""
     with ExitStack() as stack:
         tg: Server = stack.enter_context(tiergate(workdir, policy, local=True))
@@ -107,6 +107,6 @@ def run(workdir: Path, policy: Path, *, repeats: int) -> dict[str, Any]:
         )
         out["repeats"] = repeats
         out["tiergate_rss_with_model_after_local_mb"] = round(tg.rss_mb(), 1)
-        send_n(tg, 10_000)
-        out["tiergate_rss_with_model_after_10k_mb"] = round(tg.rss_mb(), 1)
+        send_n(tg, requests_for_memory)
+        out["tiergate_rss_with_model_after_requests_mb"] = round(tg.rss_mb(), 1)
         return out

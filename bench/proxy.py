@@ -194,6 +194,7 @@ def run(
     repeats: int,
     concurrency: list[int],
     stream_n: int,
+    requests_for_memory: int,
 ) -> dict[str, Any]:
     """The proxy phase; returns per-concurrency medians, streaming and the memory figures."""
     results: dict[str, Any] = {"runs": {}, "memory": {}}
@@ -211,13 +212,15 @@ def run(
         )
         warm = {}
         for srv in (tg, ll):
-            warm[srv.name] = send_n(srv, 10_000)
-        mem["tiergate_rss_after_10k_mb"] = round(tg.rss_mb(), 1)
-        mem["litellm_rss_after_10k_mb"] = round(ll.rss_mb(), 1)
-        mem["warmup_requests"] = {k: v["requests"] for k, v in warm.items()}
+            warm[srv.name] = send_n(srv, requests_for_memory)
+        mem["tiergate_rss_after_requests_mb"] = round(tg.rss_mb(), 1)
+        mem["litellm_rss_after_requests_mb"] = round(ll.rss_mb(), 1)
+        mem["requests_for_memory"] = requests_for_memory
+        mem["memory_requests_errors"] = {k: v["errors"] for k, v in warm.items()}
         print(
-            f"  RSS after 10k: tiergate {mem['tiergate_rss_after_10k_mb']} MB, "
-            f"litellm {mem['litellm_rss_after_10k_mb']} MB",
+            f"  RSS after {requests_for_memory} requests: "
+            f"tiergate {mem['tiergate_rss_after_requests_mb']} MB, "
+            f"litellm {mem['litellm_rss_after_requests_mb']} MB",
             flush=True,
         )
         paths = {"direct": up, "tiergate": tg, "litellm": ll}
