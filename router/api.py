@@ -237,16 +237,16 @@ async def list_models(request: Request) -> dict[str, Any]:
     """Routing aliases and configured models, each with its availability."""
     gateway = _gateway(request)
     policy = gateway.policy
-    data: list[dict[str, Any]] = [
-        {
-            "id": name,
-            "object": "model",
-            "created": 0,
-            "owned_by": "tiergate",
-            "tiergate": {"kind": "alias"},
-        }
-        for name in policy.alias_names()
-    ]
+    tenant = _tenant(request)
+    data: list[dict[str, Any]] = []
+    for name in policy.alias_names(tenant):
+        info: dict[str, Any] = {"kind": "alias"}
+        calibrated = gateway.alias_thresholds.get(name)
+        if calibrated is not None:
+            info.update(calibrated.as_dict())
+        data.append(
+            {"id": name, "object": "model", "created": 0, "owned_by": "tiergate", "tiergate": info}
+        )
     for name, spec in policy.models.items():
         reason = gateway.unavailable_reason(spec)
         data.append(
@@ -340,4 +340,5 @@ def readiness(state: Any) -> dict[str, Any]:
         },
         "closed": closed,
         "scorer": {"name": gateway.scorer.name, "version": gateway.scorer.version},
+        "aliases": {name: t.as_dict() for name, t in gateway.alias_thresholds.items()},
     }

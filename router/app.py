@@ -26,10 +26,12 @@ from router.backends.local import ExternalLlamaBackend, LlamaCppBackend
 from router.backends.openai_http import OpenAIHTTP
 from router.config import Settings
 from router.costs import CostBook, load_litellm_cost_map
+from router.dashboard import router as observability_router
 from router.errors import BadRequestError, ConfigError, NotFoundError, TiergateError
 from router.gateway import Gateway, PolicyHolder
 from router.outcomes import OutcomeStore, SQLiteOutcomeStore
 from router.scoring import HeuristicScorer, Scorer
+from router.telemetry import RequestSpanMiddleware, Telemetry
 
 log = logging.getLogger("tiergate.app")
 
@@ -64,6 +66,7 @@ def create_app(
     outcomes: OutcomeStore | None = None,
     environ: Mapping[str, str] | None = None,
     local_backend: Backend | None = None,
+    telemetry: Telemetry | None = None,
 ) -> FastAPI:
     """Build the app. Keyword arguments replace parts (tests, embedding) and are optional."""
 
@@ -83,18 +86,30 @@ def create_app(
             local = llama
         elif local is None and settings.local_backend == "openai_http":
             local = ExternalLlamaBackend(settings, http)
+        tel = telemetry if telemetry is not None else Telemetry.from_settings(settings)
+        tel.watch_queue(local)
         gateway = Gateway(
             policy=policy,
             scorer=scorer if scorer is not None else await asyncio.to_thread(load_scorer, settings),
-            local=local,
-            closed=ClosedBackend(http, timeout_s=settings.closed_timeout_s, environ=environ),
+            local=None if local is None else tel.wrap_backend(local),
+            closed=tel.wrap_backend(
+                ClosedBackend(http, timeout_s=settings.closed_timeout_s, environ=environ)
+            ),
             costs=CostBook(
-                load_litellm_cost_map(), local_price_per_mtok=settings.local_price_per_mtok
+                load_litellm_cost_map(),
+                local_price_per_mtok=settings.local_price_per_mtok,
+                local_price_per_gpu_hour=settings.local_price_per_gpu_hour,
             ),
             outcomes=store,
+            on_record=tel.on_record,
+            telemetry=tel,
         )
         app.state.gateway = gateway
-        tasks = [asyncio.create_task(_watch_policy(gateway, settings.policy_reload_s))]
+        app.state.telemetry = tel
+        tasks = [
+            asyncio.create_task(_watch_policy(gateway, settings.policy_reload_s)),
+            asyncio.create_task(_calibrate(gateway, settings.calibrate_every_s)),
+        ]
         log.info(
             "tiergate ready: policy %s, scorer %s, local %s",
             policy.policy.digest,
@@ -112,6 +127,7 @@ def create_app(
             await gateway.aclose()
             await http.aclose()
             await asyncio.to_thread(store.close)
+            await asyncio.to_thread(tel.shutdown)
 
     app = FastAPI(
         title="Tiergate",
@@ -121,6 +137,8 @@ def create_app(
     )
     app.state.settings = settings
     app.include_router(api_router)
+    app.include_router(observability_router)
+    app.add_middleware(RequestSpanMiddleware, state=app.state)
     install_error_handlers(app)
     return app
 
@@ -131,9 +149,22 @@ async def _watch_policy(gateway: Gateway, every_s: float) -> None:
     while True:
         await asyncio.sleep(every_s)
         try:
-            gateway.policies.check()
+            if gateway.policies.check():
+                gateway.recalibrate(gateway.last_scores)
         except Exception:  # the watcher must survive anything; the error is logged
             log.exception("policy watcher failed")
+
+
+async def _calibrate(gateway: Gateway, every_s: float) -> None:
+    if every_s <= 0:
+        return
+    while True:
+        try:
+            scores = await asyncio.to_thread(gateway.outcomes.recent_scores, None, 2000)
+            gateway.recalibrate(scores)
+        except Exception:  # calibration must survive a store hiccup; the error is logged
+            log.exception("threshold calibration failed")
+        await asyncio.sleep(every_s)
 
 
 def _error_response(exc: TiergateError) -> JSONResponse:

@@ -36,6 +36,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,
+        log_config=None,  # keep the JSON logging configured above
         lifespan="on",
     )
     return 0
@@ -92,6 +93,121 @@ def _cmd_outcomes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_policy_check(args: argparse.Namespace) -> int:
+    from router.errors import PolicyError
+    from router.policy import load_policy
+
+    failed = 0
+    for path in args.files:
+        try:
+            policy = load_policy(path)
+        except PolicyError as exc:
+            failed += 1
+            print(str(exc), file=sys.stderr)
+            continue
+        print(
+            f"{path}: ok (version {policy.digest}, {len(policy.rules)} rules, "
+            f"{len(policy.models)} models, aliases: {', '.join(policy.alias_names())})"
+        )
+    return 1 if failed else 0
+
+
+def _cmd_policy_schema(args: argparse.Namespace) -> int:
+    from router.policy import policy_json_schema
+
+    print(json.dumps(policy_json_schema(), indent=2))
+    return 0
+
+
+def _explain_body(args: argparse.Namespace) -> dict[str, Any]:
+    if args.request is not None:
+        body = json.loads(Path(args.request).read_text(encoding="utf-8"))
+        if not isinstance(body, dict):
+            raise SystemExit("--request must hold a JSON chat request object")
+        return body
+    if args.prompt is None:
+        raise SystemExit("give --prompt TEXT or --request FILE")
+    return {"model": args.model, "messages": [{"role": "user", "content": args.prompt}]}
+
+
+def _cmd_policy_explain(args: argparse.Namespace) -> int:
+    from router.app import load_scorer
+    from router.config import load_settings
+    from router.policy import evaluate, load_policy
+    from router.signals import extract_signals
+
+    policy = load_policy(args.file)
+    scorer = load_scorer(load_settings(args.config))
+    body = _explain_body(args)
+    headers = dict(h.split("=", 1) for h in args.header)
+    signals = extract_signals(body, scorer, tenant=args.tenant, headers=headers)
+    decision = evaluate(policy, signals, spend_today_usd=args.spend_today)
+    if args.json:
+        print(json.dumps({"signals": signals.as_dict(), "decision": decision.as_dict()}, indent=2))
+        return 0
+    print(f"policy   {args.file} (version {policy.digest})")
+    print(f"scorer   {scorer.name} {scorer.version}")
+    print("signals")
+    for key, value in signals.as_dict().items():
+        if value not in (None, {}, []):
+            print(f"  {key:14} {value}")
+    print("rules considered (in order)")
+    for step in decision.trace:
+        mark = "MATCH" if step.matched else "  -  "
+        print(f"  {mark} {step.name:28} priority {step.priority:<4} {step.why}")
+    threshold = f", threshold {decision.threshold:.3f}" if decision.threshold is not None else ""
+    print(
+        f"decision {decision.tier} -> {decision.model} (rule '{decision.rule}', "
+        f"score {decision.score:.3f}{threshold})"
+    )
+    print(f"         {decision.reason}")
+    extras = {
+        "fallbacks": ", ".join(decision.fallbacks) or "none",
+        "local_only": decision.local_only,
+        "store_prompts": decision.store_prompts,
+        "shadow_rate": decision.shadow_rate,
+    }
+    print("         " + "  ".join(f"{k}={v}" for k, v in extras.items()))
+    if decision.rejected:
+        print(f"         REJECTED: {decision.rejected}")
+    if decision.unsatisfiable:
+        print(f"         UNSATISFIABLE: {decision.unsatisfiable}")
+    return 0
+
+
+def _add_policy_commands(sub: Any) -> None:
+    policy = sub.add_parser("policy", help="check, explain and describe routing policies")
+    psub = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    check = psub.add_parser(
+        "check", help="validate policy files; every error with file:line:column and key path"
+    )
+    check.add_argument("files", nargs="+", type=Path, help="policy YAML files")
+    check.set_defaults(func=_cmd_policy_check)
+    schema = psub.add_parser("schema", help="print the policy JSON Schema (for editors)")
+    schema.set_defaults(func=_cmd_policy_schema)
+    explain = psub.add_parser(
+        "explain", help="show the signals, score, each rule considered and the decision"
+    )
+    explain.add_argument("file", type=Path, help="policy YAML file")
+    explain.add_argument("--prompt", help="a user prompt to route")
+    explain.add_argument("--request", type=Path, help="a JSON chat request to route")
+    explain.add_argument("--model", default="auto", help="alias or model for --prompt (auto)")
+    explain.add_argument("--tenant", default="default", help="tenant making the request")
+    explain.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a request header the tenant may set, e.g. x-tiergate-stakes=high",
+    )
+    explain.add_argument(
+        "--spend-today", type=float, default=None, help="tenant's spend today in USD (budgets)"
+    )
+    explain.add_argument("--json", action="store_true", help="machine-readable output")
+    explain.add_argument("--config", type=Path, help="YAML settings file (classifier path)")
+    explain.set_defaults(func=_cmd_policy_explain)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``tiergate`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -125,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     outcomes.add_argument("--json", action="store_true", help="one JSON record per line")
     outcomes.add_argument("--config", type=Path, help="YAML settings file")
     outcomes.set_defaults(func=_cmd_outcomes)
+    _add_policy_commands(sub)
     return parser
 
 

@@ -37,6 +37,10 @@ class Settings(BaseSettings):
         2.0, ge=0, description="How often the policy file is checked for changes; 0 disables."
     )
 
+    calibrate_every_s: float = Field(
+        15.0, ge=0, description="How often target-share aliases are recalibrated; 0 disables."
+    )
+
     local_backend: Literal["llama_cpp", "openai_http", "none"] = Field(
         "llama_cpp",
         description="llama_cpp: a GGUF in process; openai_http: an external llama.cpp server.",
@@ -69,6 +73,18 @@ class Settings(BaseSettings):
 
     local_price_per_mtok: float = Field(
         0.0, ge=0, description="Cost charged for local tokens, USD per 1M tokens."
+    )
+    local_price_per_gpu_hour: float = Field(
+        0.0, ge=0, description="Cost of local generation time, USD per GPU-hour (per request)."
+    )
+    otel_enabled: bool | None = Field(
+        None,
+        description="OpenTelemetry traces/OTLP metrics: None follows the OTEL_* env vars "
+        "(on when OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_TRACES_EXPORTER is set).",
+    )
+    metrics_enabled: bool = Field(True, description="Record request metrics for GET /metrics.")
+    eval_report: Path | None = Field(
+        None, description="JSON evaluation report shown on /dashboard (tiergate eval --json)."
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

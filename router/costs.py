@@ -2,7 +2,9 @@
 
 Closed prices come from litellm's bundled cost map, read as JSON straight from the installed
 package: offline, and without importing litellm (which takes seconds and much memory). Local
-tokens are charged at a configured price per million tokens.
+calls are charged at a configured price per million tokens plus a price per GPU-hour, applied to
+the request's local generation time. The counterfactual is what the same tokens would have cost
+on the default closed model; "saved versus all-closed" is sum(counterfactual) - sum(cost).
 """
 
 from __future__ import annotations
@@ -44,9 +46,16 @@ def load_litellm_cost_map() -> dict[str, Any]:
 class CostBook:
     """Looks up prices once per model name and prices requests."""
 
-    def __init__(self, cost_map: dict[str, Any], *, local_price_per_mtok: float = 0.0) -> None:
+    def __init__(
+        self,
+        cost_map: dict[str, Any],
+        *,
+        local_price_per_mtok: float = 0.0,
+        local_price_per_gpu_hour: float = 0.0,
+    ) -> None:
         self._map = cost_map
         self._local = Price(local_price_per_mtok / 1e6, local_price_per_mtok / 1e6)
+        self._local_per_second = local_price_per_gpu_hour / 3600.0
         self._cache: dict[str, Price | None] = {}
 
     def price(self, litellm_model: str | None) -> Price | None:
@@ -73,6 +82,6 @@ class CostBook:
         price = self.price(litellm_model)
         return price.cost(prompt, completion) if price else 0.0
 
-    def local_cost(self, prompt: int, completion: int) -> float:
-        """USD for a local call at the configured local price."""
-        return self._local.cost(prompt, completion)
+    def local_cost(self, prompt: int, completion: int, generation_s: float = 0.0) -> float:
+        """USD for a local call: tokens at the per-1M price plus generation time per GPU-hour."""
+        return self._local.cost(prompt, completion) + generation_s * self._local_per_second

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from router.backends import Backend, Completion, Usage
+from router.calibration import AliasThreshold, calibrate, calibrated_values
 from router.costs import CostBook
 from router.errors import (
     BackendError,
@@ -32,6 +33,7 @@ from router.outcomes import OutcomeRecord, OutcomeStore
 from router.policy import Decision, ModelSpec, Policy, evaluate, load_policy
 from router.scoring import Scorer
 from router.signals import Signals, extract_signals
+from router.telemetry import Telemetry
 
 log = logging.getLogger("tiergate.gateway")
 
@@ -113,6 +115,7 @@ class Gateway:
         costs: CostBook,
         outcomes: OutcomeStore,
         on_record: Callable[[OutcomeRecord], None] | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.policies = policy
         self.scorer = scorer
@@ -121,9 +124,18 @@ class Gateway:
         self.costs = costs
         self.outcomes = outcomes
         self.thresholds: dict[str, float] = {}
+        self.last_scores: list[float] = []
+        self.alias_thresholds: dict[str, AliasThreshold] = calibrate(self.policy, [])
         self._on_record = on_record
+        self.telemetry = telemetry if telemetry is not None else Telemetry.off()
 
     # -- deciding --------------------------------------------------------------------------
+
+    def recalibrate(self, scores: list[float]) -> None:
+        """Recompute the thresholds of aliases with a target closed share from recent scores."""
+        self.last_scores = scores
+        self.alias_thresholds = calibrate(self.policy, scores)
+        self.thresholds = calibrated_values(self.alias_thresholds)
 
     @property
     def policy(self) -> Policy:
@@ -147,18 +159,20 @@ class Gateway:
         """Run signals -> score -> policy for one request. Raises 404 for an unknown model."""
         policy = self.policy
         alias = str(body.get("model", "auto"))
-        if not policy.is_known_model(alias):
+        if not policy.is_known_model(alias, tenant):
             raise NotFoundError(
                 f"model '{alias}' is not an alias or a configured model; see GET /v1/models",
                 param="model",
             )
-        signals = extract_signals(body, self.scorer, tenant=tenant, headers=headers)
-        decision = evaluate(
-            policy,
-            signals,
-            thresholds=self.thresholds,
-            spend_today_usd=self.outcomes.spend_today(tenant),
-        )
+        with self.telemetry.decide_span() as span:
+            signals = extract_signals(body, self.scorer, tenant=tenant, headers=headers)
+            decision = evaluate(
+                policy,
+                signals,
+                thresholds=self.thresholds,
+                spend_today_usd=self.outcomes.spend_today(tenant),
+            )
+            span.decided(decision)
         return signals, decision
 
     def chain(self, decision: Decision) -> list[tuple[ModelSpec, str | None]]:
@@ -311,7 +325,7 @@ class Gateway:
         elif model.tier == "closed":
             cost = self.costs.closed_cost(model.litellm_model, prompt, completion)
         else:
-            cost = self.costs.local_cost(prompt, completion)
+            cost = self.costs.local_cost(prompt, completion, usage.generation_s)
         policy = self.policy
         default_closed = policy.models[policy.closed_models[0]] if policy.closed_models else None
         counterfactual = (

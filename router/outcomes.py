@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import sqlite3
 import threading
@@ -313,6 +314,83 @@ class SQLiteOutcomeStore:
                 (alias, limit),
             )
         return [float(r[0]) for r in rows]
+
+    def summary(
+        self,
+        since_ts: float,
+        bucket_s: float,
+        *,
+        until_ts: float | None = None,
+        problems: int = 20,
+    ) -> dict[str, Any]:
+        """Aggregates for the dashboard: per-bucket counts by tier, spend, failures, versions.
+
+        ``buckets`` are ``bucket_s`` wide from ``since_ts`` to ``until_ts`` (default: now), empty
+        ones included so a chart's x axis is time; a request with no tier (refused before
+        routing) counts under ``none``.
+        """
+        bucket_s = max(1.0, float(bucket_s))
+        rows = self._query(
+            "SELECT CAST((ts - ?) / ? AS INTEGER) AS b, COALESCE(tier, 'none') AS tier, "
+            "COUNT(*), SUM(cost_usd), SUM(counterfactual_cost_usd), "
+            "SUM(status != 'ok'), SUM(fallback IS NOT NULL) "
+            "FROM outcomes WHERE ts >= ? GROUP BY b, tier ORDER BY b",
+            (since_ts, bucket_s, since_ts),
+        )
+        until = time.time() if until_ts is None else until_ts
+        n_buckets = max(1, math.ceil((until - since_ts) / bucket_s))
+        starts = [since_ts + i * bucket_s for i in range(n_buckets)]
+        tiers: list[dict[str, int]] = [{} for _ in starts]
+        costs = [0.0] * n_buckets
+        counterfactuals = [0.0] * n_buckets
+        by_tier: dict[str, int] = defaultdict(int)
+        requests = errors = fallbacks = 0
+        for b, tier, n, cost, cf, n_errors, n_fallbacks in rows:
+            i = min(int(b), n_buckets - 1)  # a record written since ``until`` joins the last
+            tiers[i][tier] = tiers[i].get(tier, 0) + int(n)
+            costs[i] += float(cost or 0.0)
+            counterfactuals[i] += float(cf or 0.0)
+            by_tier[tier] += int(n)
+            requests += int(n)
+            errors += int(n_errors or 0)
+            fallbacks += int(n_fallbacks or 0)
+        buckets = [
+            {"start": s, "tiers": t, "cost_usd": c, "counterfactual_usd": f}
+            for s, t, c, f in zip(starts, tiers, costs, counterfactuals, strict=True)
+        ]
+        total_cost, total_cf = sum(costs), sum(counterfactuals)
+        served = by_tier.get("local", 0) + by_tier.get("closed", 0)
+        recent = self._query(
+            "SELECT id, ts, tenant, alias, tier, model, rule, status, http_status, error_type, "
+            "fallback FROM outcomes WHERE ts >= ? AND (status != 'ok' OR fallback IS NOT NULL) "
+            "ORDER BY ts DESC LIMIT ?",
+            (since_ts, problems),
+        )
+        versions = self._query(
+            "SELECT policy_version, model_version, COUNT(*), MAX(ts) FROM outcomes "
+            "WHERE ts >= ? GROUP BY policy_version, model_version ORDER BY MAX(ts) DESC LIMIT 10",
+            (since_ts,),
+        )
+        return {
+            "since": since_ts,
+            "bucket_s": bucket_s,
+            "buckets": buckets,
+            "totals": {
+                "requests": requests,
+                "errors": errors,
+                "fallbacks": fallbacks,
+                "by_tier": dict(by_tier),
+                "cost_usd": total_cost,
+                "counterfactual_usd": total_cf,
+                "saved_usd": total_cf - total_cost,
+                "local_share": by_tier.get("local", 0) / served if served else 0.0,
+            },
+            "problems": [dict(r) for r in recent],
+            "versions": [
+                {"policy_version": p, "model_version": m, "requests": int(n), "last_ts": float(t)}
+                for p, m, n, t in versions
+            ],
+        }
 
 
 def _encode(record: OutcomeRecord) -> tuple[Any, ...]:

@@ -1114,7 +1114,8 @@ class _Checker:
             on_failure=rule.on_failure or p.on_failure,
             local_only=rule.local_only,
             shadow_rate=0.0 if rule.local_only else shadow,
-            store_prompts=rule.store_prompts or p.store_prompts,
+            # Private traffic keeps its prompt only when the rule says so explicitly.
+            store_prompts=rule.store_prompts or ("none" if rule.local_only else p.store_prompts),
             hit=RuleTrace(rule.name, rule.priority, True, f"matched: {desc}"),
             skipped=RuleTrace(rule.name, rule.priority, False, "skipped: the request pins a model"),
             misses={},

@@ -31,10 +31,15 @@ class ModelLike(Protocol):
 
 @dataclass(slots=True)
 class Usage:
-    """Token counts of one call; filled in as a stream goes, complete once it ends."""
+    """Token counts of one call; filled in as a stream goes, complete once it ends.
+
+    ``generation_s`` is the time the local model spent generating (queueing excluded); the local
+    tier's per-GPU-hour price is charged on it.
+    """
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    generation_s: float = 0.0
 
 
 @dataclass(slots=True)

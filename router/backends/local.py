@@ -256,6 +256,7 @@ class LlamaCppBackend:
         self, kwargs: dict[str, Any], cancel: threading.Event, usage: Usage
     ) -> Iterator[dict[str, Any]]:
         llm = self._llm
+        started = time.perf_counter()
         chunks = llm.create_chat_completion(**kwargs, stream=True)
         completion = 0
         try:
@@ -271,6 +272,7 @@ class LlamaCppBackend:
                 chunks.close()
             usage.completion_tokens = completion
             usage.prompt_tokens = max(0, int(llm.n_tokens) - completion)
+            usage.generation_s = time.perf_counter() - started
 
     async def aclose(self) -> None:
         """Stop the worker thread and free the model."""
@@ -305,6 +307,7 @@ class ExternalLlamaBackend:
         """One answer from the external server."""
         request = self._body(model, body)
         await self.gate.acquire()
+        started = time.perf_counter()
         try:
             result = await self._http.complete(
                 self._base,
@@ -315,6 +318,7 @@ class ExternalLlamaBackend:
             )
         finally:
             self.gate.release()
+        result.usage.generation_s = time.perf_counter() - started
         result.body["model"] = model.name
         return result
 
@@ -324,6 +328,7 @@ class ExternalLlamaBackend:
         """Stream from the external server."""
         request = self._body(model, body)
         await self.gate.acquire()
+        started = time.perf_counter()
         try:
             async for chunk in self._http.stream(
                 self._base,
@@ -336,6 +341,7 @@ class ExternalLlamaBackend:
                 chunk["model"] = model.name
                 yield chunk
         finally:
+            usage.generation_s = time.perf_counter() - started
             self.gate.release()
 
     async def aclose(self) -> None:

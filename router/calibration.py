@@ -1,0 +1,65 @@
+"""Online calibration of aliases that ask for a target closed share.
+
+An alias such as ``auto-cheap: {target_closed_share: 0.2}`` wants about 20% of its traffic on the
+closed tier. The score that achieves that is the 80th percentile of the scores of recent live
+traffic (RouteLLM's ``calibrate_threshold`` idea, done on this deployment's own requests rather
+than on a public dataset). Until enough scores are recorded, the policy's default threshold is
+used and the alias reports itself as still calibrating. Pure: the caller supplies the scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from router.policy import Policy
+
+MIN_SAMPLES = 50
+
+
+@dataclass(frozen=True, slots=True)
+class AliasThreshold:
+    """The threshold an alias routes with now, and where it comes from."""
+
+    alias: str
+    threshold: float
+    source: str  # "policy", "calibrated" or "calibrating"
+    target_closed_share: float | None = None
+    samples: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready view for /v1/models and /readyz."""
+        return {
+            "threshold": round(self.threshold, 6),
+            "source": self.source,
+            "target_closed_share": self.target_closed_share,
+            "samples": self.samples,
+        }
+
+
+def calibrate(
+    policy: Policy, scores: Sequence[float], *, min_samples: int = MIN_SAMPLES
+) -> dict[str, AliasThreshold]:
+    """Thresholds for every global alias; calibrated ones from ``scores`` (recent live traffic)."""
+    out: dict[str, AliasThreshold] = {}
+    values = np.asarray(scores, dtype=float)
+    for name, alias in policy.aliases.items():
+        share = alias.target_closed_share
+        if share is None:
+            threshold = alias.threshold if alias.threshold is not None else policy.threshold
+            out[name] = AliasThreshold(name, threshold, "policy")
+        elif len(values) < min_samples:
+            out[name] = AliasThreshold(name, policy.threshold, "calibrating", share, len(values))
+        else:
+            # score >= threshold goes closed, so the (1 - share) quantile leaves `share` above it.
+            threshold = float(np.quantile(values, 1.0 - share)) if share > 0 else float("inf")
+            threshold = min(max(threshold, 0.0), 1.0 + 1e-9)
+            out[name] = AliasThreshold(name, threshold, "calibrated", share, len(values))
+    return out
+
+
+def calibrated_values(thresholds: dict[str, AliasThreshold]) -> dict[str, float]:
+    """Only the calibrated thresholds, in the form ``evaluate(thresholds=...)`` takes."""
+    return {name: t.threshold for name, t in thresholds.items() if t.source == "calibrated"}

@@ -1,0 +1,485 @@
+"""The operator's view: ``GET /dashboard`` (an HTML page), ``/dashboard/data`` (its JSON) and
+``GET /metrics`` (Prometheus text).
+
+The page is rendered on the server as plain HTML with inline SVG charts drawn here: no
+JavaScript, no CDN, works offline, and every chart element carries ``data-*`` attributes with the
+numbers it draws. Aggregates come from the outcome store's ``summary()``; quality labels from
+the store's ``quality_by_tier()`` when it has one; the evaluation curve from a JSON report
+(``tiergate eval --json``) at ``eval_report`` or ``<classifier_path>/eval.json``.
+
+All three routes depend on :func:`operator_access`, the single access check for them: the auth
+layer makes it the admin check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+from router.errors import TiergateError
+
+
+async def operator_access(request: Request) -> None:
+    """Who may see /metrics and /dashboard. Open for now; the auth layer plugs the admin check
+    in here (one place for all three routes)."""
+
+
+router = APIRouter(dependencies=[Depends(operator_access)])
+
+TIER_COLOURS = {"local": "#2e8b57", "closed": "#3b6fd4", "none": "#9a9a9a"}
+WINDOWS_S = (900, 3600, 6 * 3600, 24 * 3600, 7 * 86400)
+N_BUCKETS = 30
+
+
+# -- data ------------------------------------------------------------------------------------
+
+
+def quality_by_tier(store: Any, since_ts: float) -> dict[str, Any]:
+    """Feedback and shadow-judge quality per tier, from the store when it records labels.
+
+    Contract for stores: ``quality_by_tier(since_ts) -> {tier: {"feedback": {"n", "mean"},
+    "shadow": {"n", "mean"}}}`` with means in [0, 1]. A store without labels yields empty data.
+    """
+    source = getattr(store, "quality_by_tier", None)
+    if source is None:
+        return {"available": False, "tiers": {}, "note": "this outcome store records no labels"}
+    tiers = source(since_ts) or {}
+    note = None if tiers else "no feedback or shadow labels in this window"
+    return {"available": bool(tiers), "tiers": tiers, "note": note}
+
+
+def load_eval_report(settings: Any) -> dict[str, Any] | None:
+    """The latest evaluation report (a dict with a ``curve``), or None when there is none."""
+    candidates: list[Path] = []
+    if settings.eval_report is not None:
+        candidates.append(Path(settings.eval_report))
+    if settings.classifier_path is not None:
+        candidates.append(Path(settings.classifier_path) / "eval.json")
+    for path in candidates:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        for report in (data, data.get("eval") if isinstance(data, dict) else None):
+            if isinstance(report, dict) and isinstance(report.get("curve"), list):
+                return {**report, "path": str(path)}
+    return None
+
+
+def alias_thresholds(gateway: Any) -> dict[str, float]:
+    """Each alias's threshold now (calibrated where the alias targets a closed share)."""
+    return {name: float(t.threshold) for name, t in gateway.alias_thresholds.items()}
+
+
+def _empty_summary(since: float, bucket_s: float) -> dict[str, Any]:
+    return {
+        "since": since,
+        "bucket_s": bucket_s,
+        "buckets": [],
+        "totals": {
+            "requests": 0,
+            "errors": 0,
+            "fallbacks": 0,
+            "by_tier": {},
+            "cost_usd": 0.0,
+            "counterfactual_usd": 0.0,
+            "saved_usd": 0.0,
+            "local_share": 0.0,
+        },
+        "problems": [],
+        "versions": [],
+        "note": "this outcome store has no summary()",
+    }
+
+
+async def dashboard_data(request: Request, window_s: int) -> dict[str, Any]:
+    """Everything the page shows, as JSON-ready data."""
+    state = request.app.state
+    gateway = state.gateway
+    store = gateway.outcomes
+    now = time.time()
+    bucket_s = window_s / N_BUCKETS
+    since = now - window_s
+    summarise = getattr(store, "summary", None)
+    if summarise is None:
+        summary = _empty_summary(since, bucket_s)
+    else:
+        summary = await asyncio.to_thread(summarise, since, bucket_s, until_ts=now)
+    quality = await asyncio.to_thread(quality_by_tier, store, since)
+    return {
+        "generated_at": now,
+        "window_s": window_s,
+        "live": {
+            "policy_version": gateway.policy.digest,
+            "model_version": gateway.scorer.version,
+            "scorer": gateway.scorer.name,
+            "thresholds": alias_thresholds(gateway),
+        },
+        "summary": summary,
+        "quality": quality,
+        "evaluation": load_eval_report(state.settings),
+    }
+
+
+def _window(window_s: int) -> int:
+    if window_s not in WINDOWS_S:
+        allowed = ", ".join(str(w) for w in WINDOWS_S)
+        err = TiergateError(f"window_s must be one of {allowed}", code="invalid_window")
+        err.status_code = 400
+        err.error_type = "invalid_request_error"
+        raise err
+    return window_s
+
+
+@router.get("/dashboard/data")
+async def dashboard_json(request: Request, window_s: int = Query(3600)) -> JSONResponse:
+    """The dashboard's numbers as JSON."""
+    return JSONResponse(await dashboard_data(request, _window(window_s)))
+
+
+@router.get("/dashboard")
+async def dashboard_page(request: Request, window_s: int = Query(3600)) -> HTMLResponse:
+    """The dashboard: HTML with inline SVG charts; refreshes itself every 30 s."""
+    data = await dashboard_data(request, _window(window_s))
+    return HTMLResponse(render_page(data))
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus text exposition of the request metrics (the same OTel instruments as OTLP)."""
+    telemetry = getattr(request.app.state, "telemetry", None)
+    if telemetry is None or telemetry.registry is None:
+        return Response(
+            "# metrics are off (metrics_enabled=false, or tiergate[otel] is not installed)\n",
+            status_code=503,
+            media_type="text/plain",
+        )
+    body, content_type = telemetry.prometheus_text()
+    return Response(body, media_type=content_type)
+
+
+# -- rendering -------------------------------------------------------------------------------
+
+
+def _usd(value: float) -> str:
+    return f"${value:,.4f}" if abs(value) < 10 else f"${value:,.2f}"
+
+
+def _hhmm(ts: float) -> str:
+    return time.strftime("%H:%M", time.gmtime(ts))
+
+
+def _span_label(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds // 60}m"
+
+
+def _tile(label: str, value: str, key: str) -> str:
+    return (
+        f'<div class="tile" data-kpi="{key}"><div class="v">{escape(value)}</div>'
+        f'<div class="l">{escape(label)}</div></div>'
+    )
+
+
+def requests_chart(summary: dict[str, Any], width: int = 560, height: int = 220) -> str:
+    """Stacked bars: requests per time bucket, by tier."""
+    buckets = summary["buckets"]
+    if not buckets:
+        return '<p class="empty">no requests recorded</p>'
+    pad_l, pad_b, pad_t = 36, 22, 8
+    plot_w, plot_h = width - pad_l - 8, height - pad_b - pad_t
+    peak = max([sum(b["tiers"].values()) for b in buckets] + [1])
+    slot = plot_w / len(buckets)
+    parts = [
+        f'<svg class="chart" id="requests-chart" viewBox="0 0 {width} {height}" '
+        f'data-total="{summary["totals"]["requests"]}" role="img" '
+        'aria-label="requests by tier over time">',
+        f'<line x1="{pad_l}" y1="{pad_t + plot_h}" x2="{width - 8}" y2="{pad_t + plot_h}" '
+        'class="axis"/>',
+        f'<text x="{pad_l - 4}" y="{pad_t + 10}" class="tick" text-anchor="end">{peak}</text>',
+        f'<text x="{pad_l - 4}" y="{pad_t + plot_h}" class="tick" text-anchor="end">0</text>',
+    ]
+    for i, bucket in enumerate(buckets):
+        y = pad_t + plot_h
+        for tier in ("local", "closed", "none"):
+            n = bucket["tiers"].get(tier, 0)
+            if not n:
+                continue
+            h = plot_h * n / peak
+            y -= h
+            parts.append(
+                f'<rect class="bar" x="{pad_l + i * slot + 1:.1f}" y="{y:.1f}" '
+                f'width="{max(slot - 2, 1):.1f}" height="{h:.1f}" fill="{TIER_COLOURS[tier]}" '
+                f'data-tier="{tier}" data-count="{n}" data-start="{bucket["start"]:.0f}">'
+                f"<title>{_hhmm(bucket['start'])} {tier}: {n}</title></rect>"
+            )
+    first, last = buckets[0]["start"], buckets[-1]["start"]
+    parts.append(f'<text x="{pad_l}" y="{height - 6}" class="tick">{_hhmm(first)} UTC</text>')
+    parts.append(
+        f'<text x="{width - 8}" y="{height - 6}" class="tick" text-anchor="end">'
+        f"{_hhmm(last)}</text></svg>"
+    )
+    legend = "".join(
+        f'<span class="key" data-tier="{tier}" data-total="{n}">'
+        f'<i style="background:{TIER_COLOURS.get(tier, "#999")}"></i>{escape(tier)}: {n}</span>'
+        for tier, n in sorted(summary["totals"]["by_tier"].items())
+    )
+    return "".join(parts) + f'<div class="legend">{legend}</div>'
+
+
+def spend_chart(summary: dict[str, Any], width: int = 560, height: int = 220) -> str:
+    """Cumulative spend against the all-closed counterfactual, and the share served locally."""
+    buckets, totals = summary["buckets"], summary["totals"]
+    if not buckets:
+        return '<p class="empty">no requests recorded</p>'
+    pad_l, pad_b, pad_t = 60, 22, 8
+    plot_w, plot_h = width - pad_l - 8, height - pad_b - pad_t
+    cost, cf = [], []
+    run_cost = run_cf = 0.0
+    for b in buckets:
+        run_cost += b["cost_usd"]
+        run_cf += b["counterfactual_usd"]
+        cost.append(run_cost)
+        cf.append(run_cf)
+    top = max([*cf, *cost, 1e-9])
+    step = plot_w / max(len(buckets) - 1, 1)
+
+    def line(values: list[float], cls: str, total: float) -> str:
+        pts = " ".join(
+            f"{pad_l + i * step:.1f},{pad_t + plot_h - plot_h * v / top:.1f}"
+            for i, v in enumerate(values)
+        )
+        return f'<polyline class="{cls}" points="{pts}" data-total="{total:.10f}"/>'
+
+    share = totals["local_share"]
+    return (
+        f'<svg class="chart" id="spend-chart" viewBox="0 0 {width} {height}" role="img" '
+        'aria-label="spend versus all-closed counterfactual">'
+        f'<line x1="{pad_l}" y1="{pad_t + plot_h}" x2="{width - 8}" y2="{pad_t + plot_h}" '
+        'class="axis"/>'
+        f'<text x="{pad_l - 4}" y="{pad_t + 10}" class="tick" text-anchor="end">{_usd(top)}</text>'
+        f'<text x="{pad_l - 4}" y="{pad_t + plot_h}" class="tick" text-anchor="end">$0</text>'
+        + line(cf, "counterfactual", totals["counterfactual_usd"])
+        + line(cost, "spend", totals["cost_usd"])
+        + f'<text x="{pad_l}" y="{height - 6}" class="tick">{_hhmm(buckets[0]["start"])} UTC'
+        "</text></svg>"
+        '<div class="legend"><span class="key"><i class="cf"></i>all-closed: '
+        f"{_usd(totals['counterfactual_usd'])}</span>"
+        f'<span class="key"><i class="sp"></i>spent: {_usd(totals["cost_usd"])}</span>'
+        f'<span class="key" id="saved" data-saved="{totals["saved_usd"]:.10f}">saved: '
+        f"{_usd(totals['saved_usd'])}</span></div>"
+        f'<div class="share" id="local-share" data-share="{share:.4f}">'
+        f'<div class="fill" style="width:{share * 100:.1f}%"></div>'
+        f"<span>{share * 100:.1f}% served locally</span></div>"
+    )
+
+
+def quality_block(quality: dict[str, Any]) -> str:
+    """Mean label per tier (feedback and shadow judge), or why there is none."""
+    if not quality["available"]:
+        note = escape(quality["note"])
+        return f'<p class="empty" id="quality-empty">No quality labels yet: {note}.</p>'
+    rows = []
+    for tier, kinds in sorted(quality["tiers"].items()):
+        for kind in ("feedback", "shadow"):
+            entry = kinds.get(kind) or {}
+            if not entry.get("n"):
+                continue
+            mean = float(entry["mean"])
+            rows.append(
+                f'<tr data-tier="{escape(tier)}" data-kind="{kind}" data-mean="{mean:.4f}" '
+                f'data-n="{int(entry["n"])}"><td>{escape(tier)}</td><td>{kind}</td>'
+                f'<td><div class="meter"><div style="width:{mean * 100:.0f}%;background:'
+                f'{TIER_COLOURS.get(tier, "#999")}"></div></div></td>'
+                f"<td>{mean:.2f}</td><td>{int(entry['n'])}</td></tr>"
+            )
+    return (
+        '<table id="quality"><tr><th>tier</th><th>source</th><th></th><th>mean</th><th>n</th></tr>'
+        + "".join(rows)
+        + "</table>"
+    )
+
+
+def _interpolate(curve: list[dict[str, float]], threshold: float) -> tuple[float, float]:
+    """Closed share and quality at ``threshold``, linearly between the curve's points."""
+    pts = sorted(curve, key=lambda p: p["threshold"])
+    if threshold <= pts[0]["threshold"]:
+        return pts[0]["strong_share"], pts[0]["quality"]
+    for a, b in itertools.pairwise(pts):
+        if a["threshold"] <= threshold <= b["threshold"]:
+            span = b["threshold"] - a["threshold"]
+            f = (threshold - a["threshold"]) / span if span else 0.0
+            return (
+                a["strong_share"] + f * (b["strong_share"] - a["strong_share"]),
+                a["quality"] + f * (b["quality"] - a["quality"]),
+            )
+    return pts[-1]["strong_share"], pts[-1]["quality"]
+
+
+def eval_chart(
+    report: dict[str, Any] | None, thresholds: dict[str, float], width: int = 560, height: int = 240
+) -> str:
+    """The evaluation's quality against closed share, with each alias's threshold marked."""
+    if not report or not report.get("curve"):
+        return '<p class="empty" id="eval-empty">No evaluation yet (set eval_report).</p>'
+    curve = [p for p in report["curve"] if isinstance(p, dict)]
+    pad_l, pad_b, pad_t = 44, 30, 10
+    plot_w, plot_h = width - pad_l - 10, height - pad_b - pad_t
+    qs = [p["quality"] for p in curve]
+    lo, hi = min(qs), max(qs)
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.05, hi + 0.05
+
+    def xy(share: float, quality: float) -> tuple[float, float]:
+        return pad_l + plot_w * share, pad_t + plot_h - plot_h * (quality - lo) / (hi - lo)
+
+    ordered = sorted(curve, key=lambda p: p["strong_share"])
+    pts = " ".join("{:.1f},{:.1f}".format(*xy(p["strong_share"], p["quality"])) for p in ordered)
+    parts = [
+        f'<svg class="chart" id="eval-chart" viewBox="0 0 {width} {height}" role="img" '
+        f'data-points="{len(curve)}" aria-label="quality versus closed share">',
+        f'<line x1="{pad_l}" y1="{pad_t + plot_h}" x2="{pad_l + plot_w}" y2="{pad_t + plot_h}" '
+        'class="axis"/>',
+        f'<line x1="{pad_l}" y1="{pad_t}" x2="{pad_l}" y2="{pad_t + plot_h}" class="axis"/>',
+        f'<polyline class="curve" points="{pts}"/>',
+        f'<text x="{pad_l - 4}" y="{pad_t + 10}" class="tick" text-anchor="end">{hi:.2f}</text>',
+        f'<text x="{pad_l - 4}" y="{pad_t + plot_h}" class="tick" text-anchor="end">'
+        f"{lo:.2f}</text>",
+        f'<text x="{pad_l}" y="{height - 14}" class="tick">0%</text>',
+        f'<text x="{pad_l + plot_w}" y="{height - 14}" class="tick" text-anchor="end">100%</text>',
+        f'<text x="{pad_l + plot_w / 2}" y="{height - 2}" class="tick" text-anchor="middle">'
+        "share sent to the closed tier</text>",
+    ]
+    for i, (alias, t) in enumerate(sorted(thresholds.items())):
+        share, quality = _interpolate(curve, t)
+        x, y = xy(share, quality)
+        parts.append(
+            f'<g class="marker" data-alias="{escape(alias)}" data-threshold="{t:.4f}" '
+            f'data-closed-share="{share:.4f}"><line x1="{x:.1f}" y1="{pad_t}" x2="{x:.1f}" '
+            f'y2="{pad_t + plot_h}"/><circle cx="{x:.1f}" cy="{y:.1f}" r="4"/>'
+            f'<text x="{x + (-4 if share > 0.6 else 4):.1f}" y="{pad_t + 12 + 12 * i}" '
+            f'class="tick" text-anchor="{"end" if share > 0.6 else "start"}">{escape(alias)} '
+            f"t={t:.2f} ({share * 100:.0f}%)</text></g>"
+        )
+    parts.append("</svg>")
+    apgr = report.get("apgr")
+    apgr_text = f"APGR {apgr['value']:.3f}" if isinstance(apgr, dict) and "value" in apgr else ""
+    parts.append(
+        f'<p class="note">{escape(apgr_text)} n={report.get("n", "?")} '
+        f"· {escape(str(report.get('path', '')))}</p>"
+    )
+    return "".join(parts)
+
+
+def problems_table(problems: list[dict[str, Any]]) -> str:
+    """Recent fallbacks and errors, newest first."""
+    if not problems:
+        return '<p class="empty">No fallbacks or errors in this window.</p>'
+    rows = "".join(
+        f'<tr data-status="{escape(str(p["status"]))}" '
+        f'data-fallback="{escape(str(p["fallback"] or ""))}">'
+        f"<td>{time.strftime('%H:%M:%S', time.gmtime(p['ts']))}</td>"
+        f"<td>{escape(str(p['tier'] or '-'))}/{escape(str(p['model'] or '-'))}</td>"
+        f"<td>{escape(str(p['status']))} {p['http_status']}</td>"
+        f"<td>{escape(str(p['fallback'] or p['error_type'] or ''))}</td>"
+        f"<td><code>{escape(str(p['id']))}</code></td></tr>"
+        for p in problems
+    )
+    return (
+        '<table id="problems"><tr><th>time (UTC)</th><th>tier/model</th><th>status</th>'
+        f"<th>fallback / error</th><th>request id</th></tr>{rows}</table>"
+    )
+
+
+def versions_block(live: dict[str, Any], versions: list[dict[str, Any]]) -> str:
+    """The policy and model versions serving now, and those seen in the window."""
+    seen = "".join(
+        f"<tr><td><code>{escape(str(v['policy_version']))}</code></td>"
+        f"<td><code>{escape(str(v['model_version']))}</code></td><td>{v['requests']}</td></tr>"
+        for v in versions
+    )
+    thresholds = ", ".join(f"{escape(a)}={t:.2f}" for a, t in sorted(live["thresholds"].items()))
+    return (
+        f'<p id="live-versions" data-policy="{escape(live["policy_version"])}" '
+        f'data-model="{escape(live["model_version"])}">policy <code>'
+        f"{escape(live['policy_version'])}</code> · scorer <code>{escape(live['scorer'])} "
+        f"{escape(live['model_version'])}</code> · thresholds {thresholds}</p>"
+        "<table><tr><th>policy version</th><th>model version</th><th>requests</th></tr>"
+        f"{seen}</table>"
+    )
+
+
+_CSS = """
+body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;
+background:#f4f5f7;color:#1d1d1f}
+header{background:#1d2330;color:#fff;padding:10px 20px;display:flex;gap:16px;align-items:baseline}
+header h1{font-size:18px;margin:0}header a{color:#cfd8ff;margin-right:8px}
+main{max-width:1240px;margin:0 auto;padding:12px 16px;display:grid;
+grid-template-columns:repeat(auto-fit,minmax(520px,1fr));gap:12px}
+section{background:#fff;border-radius:8px;padding:10px 14px;box-shadow:0 1px 2px #0002}
+section h2{font-size:15px;margin:0 0 6px}.wide{grid-column:1/-1}
+.tiles{display:flex;flex-wrap:wrap;gap:10px}.tile{background:#f4f5f7;border-radius:6px;
+padding:6px 12px;min-width:110px}.tile .v{font-size:20px;font-weight:600}.tile .l{color:#555}
+.chart{width:100%;height:auto}.axis{stroke:#999}.tick{font-size:11px;fill:#555}
+.spend{fill:none;stroke:#2e8b57;stroke-width:2.5}.counterfactual{fill:none;stroke:#c0392b;
+stroke-width:2;stroke-dasharray:6 4}.curve{fill:none;stroke:#3b6fd4;stroke-width:2.5}
+.marker line{stroke:#c0392b;stroke-dasharray:4 3}.marker circle{fill:#c0392b}
+.legend{display:flex;gap:14px;flex-wrap:wrap;margin-top:4px}.key i{display:inline-block;
+width:11px;height:11px;margin-right:4px;vertical-align:-1px;border-radius:2px}
+.key i.cf{background:#c0392b}.key i.sp{background:#2e8b57}
+.share{position:relative;background:#e6e8ec;border-radius:4px;height:22px;margin-top:8px}
+.share .fill{background:#2e8b57;height:100%;border-radius:4px}.share span{position:absolute;
+left:8px;top:2px;font-weight:600}
+table{border-collapse:collapse;width:100%;font-size:13px}td,th{text-align:left;padding:3px 6px;
+border-bottom:1px solid #eee}code{font-size:12px}
+.meter{background:#e6e8ec;width:160px;height:10px;border-radius:3px}.meter div{height:100%;
+border-radius:3px}.empty,.note{color:#666}
+"""
+
+
+def render_page(data: dict[str, Any]) -> str:
+    """The whole dashboard page."""
+    summary, totals = data["summary"], data["summary"]["totals"]
+    window = data["window_s"]
+    windows = "".join(f'<a href="?window_s={w}">{_span_label(w)}</a>' for w in WINDOWS_S)
+    tiles = "".join(
+        (
+            _tile("requests", str(totals["requests"]), "requests"),
+            _tile("served locally", f"{totals['local_share'] * 100:.1f}%", "local_share"),
+            _tile("spent", _usd(totals["cost_usd"]), "cost"),
+            _tile("all-closed would be", _usd(totals["counterfactual_usd"]), "counterfactual"),
+            _tile("saved", _usd(totals["saved_usd"]), "saved"),
+            _tile("fallbacks", str(totals["fallbacks"]), "fallbacks"),
+            _tile("errors", str(totals["errors"]), "errors"),
+        )
+    )
+    note = f'<p class="note">{escape(summary["note"])}</p>' if summary.get("note") else ""
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Tiergate dashboard</title>
+<meta name="viewport" content="width=device-width,initial-scale=1">
+<meta http-equiv="refresh" content="30"><style>{_CSS}</style></head>
+<body><header><h1>Tiergate</h1><span>last {_span_label(window)}, updated
+{time.strftime("%H:%M:%S", time.gmtime(data["generated_at"]))} UTC</span>
+<nav>{windows}<a href="dashboard/data?window_s={window}">JSON</a></nav></header>
+<main>
+<section class="wide"><div class="tiles">{tiles}</div>{note}</section>
+<section><h2>Requests by tier</h2>{requests_chart(summary)}</section>
+<section><h2>Spend vs all-closed</h2>{spend_chart(summary)}</section>
+<section><h2>Quality per tier (feedback, shadow judge)</h2>
+{quality_block(data["quality"])}</section>
+<section><h2>Evaluation: quality vs closed share</h2>
+{eval_chart(data["evaluation"], data["live"]["thresholds"])}</section>
+<section class="wide"><h2>Recent fallbacks and errors</h2>
+{problems_table(summary["problems"])}</section>
+<section class="wide"><h2>Versions</h2>{versions_block(data["live"], summary["versions"])}</section>
+</main></body></html>"""

@@ -1,0 +1,633 @@
+"""Telemetry: OpenTelemetry traces and metrics, the Prometheus view of the metrics, request logs.
+
+**Metrics** are recorded once, in :meth:`Telemetry.on_record` (the gateway's ``on_record`` hook,
+called with every :class:`~router.outcomes.OutcomeRecord`), into OpenTelemetry instruments. The
+``MeterProvider`` behind them has a Prometheus reader (always, for ``GET /metrics``) and, when
+OTLP is configured, a periodic OTLP reader: the same instruments feed both.
+
+**Traces** are off unless configured: ``TIERGATE_OTEL_ENABLED=true``, or (when that setting is
+unset) ``OTEL_EXPORTER_OTLP_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` /
+``OTEL_TRACES_EXPORTER`` in the environment; ``OTEL_SDK_DISABLED=true`` wins over all. Off, no
+tracer exists at all: the middleware passes requests straight through, the decision span is a
+shared no-op object, and backends are not wrapped. On, each chat request gets a SERVER span
+(parented on an incoming W3C ``traceparent``) with GenAI semantic-convention and ``tiergate.*``
+attributes, a ``tiergate.decide`` child span and one ``chat {model}`` CLIENT span per backend
+attempt (so a fallback shows as a failed attempt followed by the one that answered). Exporters,
+sampling, batching and the resource come from the standard ``OTEL_*`` variables.
+
+Prompt text, completions and secrets never go into spans, metrics or the request log line.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, MutableMapping
+from typing import Any
+
+from router.backends import Backend, Completion, ModelLike, Usage
+from router.errors import TiergateError
+from router.outcomes import OutcomeRecord
+
+log = logging.getLogger("tiergate.telemetry")
+request_log = logging.getLogger("tiergate.request")
+
+# The chat request's SERVER span, set by the middleware for the request's task(s).
+_REQUEST_SPAN: contextvars.ContextVar[Any] = contextvars.ContextVar("tiergate_span", default=None)
+
+CHAT_PATH = "/v1/chat/completions"
+_LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_PROVIDERS = {"gemini": "gcp.gemini", "vertex_ai": "gcp.vertex_ai", "bedrock": "aws.bedrock"}
+
+
+def tracing_configured(environ: Mapping[str, str], setting: bool | None) -> bool:
+    """Whether traces are switched on (see module docstring for the rules)."""
+    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    if setting is not None:
+        return setting
+    exporter = environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if exporter:
+        return exporter != "none"
+    return bool(
+        environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
+
+
+def provider_name(model: ModelLike) -> str:
+    """``gen_ai.provider.name`` for a model: the litellm provider prefix, or llama.cpp locally."""
+    if model.tier == "local":
+        return "llama.cpp"
+    name = model.litellm_model or ""
+    prefix = name.split("/", 1)[0] if "/" in name else "openai"
+    return _PROVIDERS.get(prefix, prefix)
+
+
+def _error_type(exc: BaseException) -> str:
+    if isinstance(exc, TiergateError):
+        return exc.code
+    if isinstance(exc, GeneratorExit):
+        return "cancelled"
+    return type(exc).__qualname__
+
+
+class _NoSpan:
+    """The decision span when tracing is off: one shared object whose methods do nothing."""
+
+    def __enter__(self) -> _NoSpan:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def decided(self, decision: Any) -> None:
+        """Record nothing."""
+
+
+_NO_SPAN = _NoSpan()
+
+
+class _DecideSpan:
+    """``tiergate.decide``: the time spent on signals, score and policy, and what they chose."""
+
+    def __init__(self, tracer: Any) -> None:
+        self._cm = tracer.start_as_current_span("tiergate.decide")
+        self._span: Any = None
+
+    def __enter__(self) -> _DecideSpan:
+        self._span = self._cm.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._cm.__exit__(*exc)
+
+    def decided(self, decision: Any) -> None:
+        """Put the decision's explanation on the span."""
+        attrs = {
+            "tiergate.tier": decision.tier,
+            "tiergate.model": decision.model,
+            "tiergate.rule": decision.rule,
+            "tiergate.score": float(decision.score),
+            "tiergate.alias": decision.alias,
+        }
+        if decision.threshold is not None:
+            attrs["tiergate.threshold"] = float(decision.threshold)
+        if decision.policy_version:
+            attrs["tiergate.policy_version"] = decision.policy_version
+        self._span.set_attributes(attrs)
+
+
+class Telemetry:
+    """Tracer, meter and the Prometheus registry of one app; built by :meth:`from_settings`."""
+
+    def __init__(
+        self,
+        *,
+        tracer_provider: Any = None,
+        meter_provider: Any = None,
+        prometheus_registry: Any = None,
+    ) -> None:
+        self._tracer_provider = tracer_provider
+        self._meter_provider = meter_provider
+        self.registry = prometheus_registry
+        self.tracing = tracer_provider is not None
+        self._tracer: Any = tracer_provider.get_tracer("tiergate") if self.tracing else None
+        self._propagator: Any = None
+        if self.tracing:
+            from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+            self._propagator = TraceContextTextMapPropagator()
+        self._queue_depth: Callable[[], int] | None = None
+        self._instruments: dict[str, Any] = {}
+        if meter_provider is not None:
+            self._create_instruments(meter_provider.get_meter("tiergate"))
+
+    # -- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def off(cls) -> Telemetry:
+        """No traces, no metrics."""
+        return cls()
+
+    @classmethod
+    def from_settings(cls, settings: Any, environ: Mapping[str, str] | None = None) -> Telemetry:
+        """Traces per the OTEL_* variables and ``otel_enabled``; metrics per ``metrics_enabled``."""
+        env = os.environ if environ is None else environ
+        tracing = tracing_configured(env, settings.otel_enabled)
+        if not tracing and not settings.metrics_enabled:
+            return cls.off()
+        try:
+            import opentelemetry.sdk  # noqa: F401
+        except ImportError:
+            log.warning(
+                "opentelemetry-sdk is not installed (pip install 'tiergate[otel]'): "
+                "no traces and no /metrics"
+            )
+            return cls.off()
+        span_exporters = _span_exporters(env) if tracing else []
+        readers = _otlp_metric_readers(env) if tracing else []
+        return cls.build(
+            span_exporters=span_exporters,
+            metric_readers=readers,
+            tracing=tracing,
+            metrics=settings.metrics_enabled or bool(readers),
+        )
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        span_exporters: Iterable[Any] = (),
+        metric_readers: Iterable[Any] = (),
+        tracing: bool = True,
+        metrics: bool = True,
+        batch: bool = True,
+    ) -> Telemetry:
+        """Providers from explicit exporters and readers (tests: in-memory ones, no batching)."""
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+
+        resource = Resource.create()
+        if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+            resource = resource.merge(Resource({"service.name": "tiergate"}))
+        tracer_provider = None
+        if tracing:
+            tracer_provider = TracerProvider(resource=resource)
+            for exporter in span_exporters:
+                processor = BatchSpanProcessor(exporter) if batch else SimpleSpanProcessor(exporter)
+                tracer_provider.add_span_processor(processor)
+        meter_provider = None
+        registry = None
+        readers = list(metric_readers)
+        if metrics:
+            registry, prometheus_reader = _prometheus_reader()
+            readers.append(prometheus_reader)
+        if readers:
+            meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+        return cls(
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
+            prometheus_registry=registry,
+        )
+
+    def _create_instruments(self, meter: Any) -> None:
+        counter, histogram = meter.create_counter, meter.create_histogram
+        self._instruments = {
+            "requests": counter(
+                "tiergate.requests", unit="{request}", description="Chat requests, by outcome."
+            ),
+            "duration": histogram(
+                "tiergate.request.duration",
+                unit="s",
+                description="Chat request latency, until the last byte of the answer.",
+                explicit_bucket_boundaries_advisory=_LATENCY_BUCKETS_S,
+            ),
+            "ttft": histogram(
+                "tiergate.time_to_first_token",
+                unit="s",
+                description="Streaming requests: time until the first content chunk.",
+                explicit_bucket_boundaries_advisory=_TTFT_BUCKETS_S,
+            ),
+            "tokens": counter(
+                "tiergate.tokens", unit="{token}", description="Tokens, input and output."
+            ),
+            "cost": counter(
+                "tiergate.cost.usd", unit="1", description="Spend in USD (closed + local)."
+            ),
+            "counterfactual": counter(
+                "tiergate.counterfactual_cost.usd",
+                unit="1",
+                description="What the same requests would have cost on the default closed model.",
+            ),
+            "fallbacks": counter(
+                "tiergate.fallbacks", unit="{request}", description="Requests served by a fallback."
+            ),
+        }
+        meter.create_observable_gauge(
+            "tiergate.local.queue_depth",
+            callbacks=[self._observe_queue],
+            unit="{request}",
+            description="Local tier: requests generating plus waiting.",
+        )
+
+    def _observe_queue(self, _options: Any) -> Iterable[Any]:
+        from opentelemetry.metrics import Observation
+
+        if self._queue_depth is None:
+            return []
+        return [Observation(self._queue_depth())]
+
+    def watch_queue(self, backend: object) -> None:
+        """Report ``backend.gate.depth`` (the local queue) as the queue-depth gauge."""
+        gate = getattr(backend, "gate", None)
+        if gate is not None:
+            self._queue_depth = lambda: int(gate.depth)
+
+    @property
+    def metrics(self) -> bool:
+        """Whether metrics are recorded (and ``/metrics`` has something to show)."""
+        return bool(self._instruments)
+
+    # -- the per-request hook --------------------------------------------------------------
+
+    def on_record(self, record: OutcomeRecord) -> None:
+        """Metrics, request-span attributes and the request log line for one outcome record."""
+        if self._instruments:
+            self._count(record)
+        span = _REQUEST_SPAN.get()
+        if span is not None:
+            _annotate_request_span(span, record)
+        if request_log.isEnabledFor(logging.INFO):
+            request_log.info("request", extra=_log_fields(record, span))
+
+    def _count(self, record: OutcomeRecord) -> None:
+        ins = self._instruments
+        tier, model = record.tier or "none", record.model or "none"
+        attrs = {"tier": tier, "model": model}
+        outcome = {**attrs, "status": record.status, "tenant": record.tenant}
+        if record.error_type:
+            outcome["error_type"] = record.error_type
+        ins["requests"].add(1, outcome)
+        ins["duration"].record(record.latency_ms / 1000.0, {**attrs, "status": record.status})
+        if record.ttft_ms is not None:
+            ins["ttft"].record(record.ttft_ms / 1000.0, attrs)
+        if record.prompt_tokens:
+            ins["tokens"].add(record.prompt_tokens, {**attrs, "type": "input"})
+        if record.completion_tokens:
+            ins["tokens"].add(record.completion_tokens, {**attrs, "type": "output"})
+        ins["cost"].add(record.cost_usd, {**attrs, "tenant": record.tenant})
+        ins["counterfactual"].add(record.counterfactual_cost_usd, {"tenant": record.tenant})
+        if record.fallback:
+            ins["fallbacks"].add(1, {"fallback": record.fallback, "model": model})
+
+    # -- spans -----------------------------------------------------------------------------
+
+    def decide_span(self) -> _NoSpan | _DecideSpan:
+        """The ``tiergate.decide`` span (a shared no-op when tracing is off)."""
+        if self._tracer is None:
+            return _NO_SPAN
+        return _DecideSpan(self._tracer)
+
+    def wrap_backend(self, backend: Backend) -> Backend:
+        """``backend`` with a CLIENT span per call when tracing is on; unchanged when off."""
+        if self._tracer is None:
+            return backend
+        return TracedBackend(backend, self._tracer)
+
+    async def serve_traced(self, app: Any, scope: Any, receive: Any, send: Any) -> None:
+        """Run one chat request inside its SERVER span (see :class:`RequestSpanMiddleware`)."""
+        from opentelemetry import context, trace
+
+        carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        parent = self._propagator.extract(carrier)
+        span = self._tracer.start_span(
+            "chat",
+            context=parent,
+            kind=trace.SpanKind.SERVER,
+            attributes={
+                "gen_ai.operation.name": "chat",
+                "http.request.method": scope.get("method", ""),
+                "http.route": CHAT_PATH,
+                "url.path": scope.get("path", ""),
+            },
+        )
+        token = context.attach(trace.set_span_in_context(span, parent))
+        span_token = _REQUEST_SPAN.set(span)
+        try:
+            await app(scope, receive, send)
+        except BaseException as exc:
+            span.record_exception(exc)
+            span.set_status(trace.StatusCode.ERROR, type(exc).__qualname__)
+            raise
+        finally:
+            span.end()
+            _REQUEST_SPAN.reset(span_token)
+            context.detach(token)
+
+    # -- Prometheus and shutdown -----------------------------------------------------------
+
+    def prometheus_text(self) -> tuple[bytes, str]:
+        """The metrics in the Prometheus text exposition format, and its content type."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), str(CONTENT_TYPE_LATEST)
+
+    def shutdown(self) -> None:
+        """Flush and stop exporters (spans and OTLP metrics still buffered are sent)."""
+        for provider in (self._tracer_provider, self._meter_provider):
+            if provider is not None:
+                try:
+                    provider.shutdown()
+                except Exception:  # shutdown must finish; a failed final export is logged
+                    log.exception("telemetry shutdown failed")
+
+
+def _span_exporters(env: Mapping[str, str]) -> list[Any]:
+    names = [n.strip() for n in env.get("OTEL_TRACES_EXPORTER", "otlp").split(",") if n.strip()]
+    exporters: list[Any] = []
+    for name in names:
+        if name == "otlp":
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            exporters.append(OTLPSpanExporter())
+        elif name == "console":
+            from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+            exporters.append(ConsoleSpanExporter())
+        elif name != "none":
+            log.warning("OTEL_TRACES_EXPORTER=%s is not supported (otlp, console, none)", name)
+    return exporters
+
+
+def _otlp_metric_readers(env: Mapping[str, str]) -> list[Any]:
+    names = [n.strip() for n in env.get("OTEL_METRICS_EXPORTER", "otlp").split(",") if n.strip()]
+    if "otlp" not in names:
+        return []
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+    return [PeriodicExportingMetricReader(OTLPMetricExporter())]
+
+
+def _prometheus_reader() -> tuple[Any, Any]:
+    """A Prometheus reader on a registry of this app's own, not the process-wide one, so two
+    apps in one process (tests, embedding) never mix their metrics."""
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from prometheus_client import REGISTRY, CollectorRegistry
+
+    registry = CollectorRegistry(auto_describe=False)
+    try:
+        reader = PrometheusMetricReader(registry=registry)
+    except TypeError:  # exporters before 0.5x always register on the global REGISTRY
+        reader = PrometheusMetricReader()
+        REGISTRY.unregister(reader._collector)
+        registry.register(reader._collector)
+    return registry, reader
+
+
+class RequestSpanMiddleware:
+    """ASGI middleware: POST /v1/chat/completions runs inside its SERVER span when tracing is on.
+
+    A pure ASGI middleware (not ``BaseHTTPMiddleware``) so the span covers a streamed answer to
+    its last byte, and so the off path is two attribute reads.
+    """
+
+    def __init__(self, app: Any, state: Any) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        """Pass through, or serve inside a span."""
+        telemetry: Telemetry | None = getattr(self.state, "telemetry", None)
+        if (
+            telemetry is None
+            or not telemetry.tracing
+            or scope["type"] != "http"
+            or scope.get("path") != CHAT_PATH
+        ):
+            await self.app(scope, receive, send)
+            return
+        await telemetry.serve_traced(self.app, scope, receive, send)
+
+
+def _annotate_request_span(span: Any, record: OutcomeRecord) -> None:
+    attrs: dict[str, Any] = {
+        "gen_ai.request.model": record.alias or "",
+        "gen_ai.usage.input_tokens": record.prompt_tokens,
+        "gen_ai.usage.output_tokens": record.completion_tokens,
+        "http.response.status_code": record.http_status,
+        "tiergate.request_id": record.id,
+        "tiergate.tenant": record.tenant,
+        "tiergate.status": record.status,
+        "tiergate.stream": record.stream,
+        "tiergate.cost_usd": record.cost_usd,
+        "tiergate.counterfactual_cost_usd": record.counterfactual_cost_usd,
+    }
+    optional = {
+        "gen_ai.response.model": record.model,
+        "tiergate.tier": record.tier,
+        "tiergate.model": record.model,
+        "tiergate.rule": record.rule,
+        "tiergate.score": record.score,
+        "tiergate.threshold": record.threshold,
+        "tiergate.policy_version": record.policy_version,
+        "tiergate.model_version": record.model_version,
+        "tiergate.fallback": record.fallback,
+        "tiergate.ttft_ms": record.ttft_ms,
+        "error.type": record.error_type,
+    }
+    attrs.update({k: v for k, v in optional.items() if v is not None})
+    span.set_attributes(attrs)
+    span.update_name(f"chat {record.alias}" if record.alias else "chat")
+    if record.status != "ok" and record.http_status >= 500:
+        from opentelemetry.trace import StatusCode
+
+        span.set_status(StatusCode.ERROR, record.error_type or record.status)
+
+
+def _log_fields(record: OutcomeRecord, span: Any) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "request_id": record.id,
+        "tenant": record.tenant,
+        "alias": record.alias,
+        "tier": record.tier,
+        "model": record.model,
+        "rule": record.rule,
+        "status": record.status,
+        "http_status": record.http_status,
+        "latency_ms": round(record.latency_ms, 2),
+        "prompt_tokens": record.prompt_tokens,
+        "completion_tokens": record.completion_tokens,
+        "cost_usd": record.cost_usd,
+    }
+    if record.ttft_ms is not None:
+        fields["ttft_ms"] = round(record.ttft_ms, 2)
+    if record.fallback:
+        fields["fallback"] = record.fallback
+    if record.error_type:
+        fields["error_type"] = record.error_type
+    if span is not None:
+        fields["trace_id"] = f"{span.get_span_context().trace_id:032x}"
+    return fields
+
+
+class TracedBackend:
+    """A backend whose calls each get a ``chat {model}`` CLIENT span (tracing on only)."""
+
+    def __init__(self, inner: Backend, tracer: Any) -> None:
+        self.inner = inner
+        self._tracer = tracer
+
+    def __getattr__(self, name: str) -> Any:
+        # Everything else (the local queue's gate, load state...) is the wrapped backend's.
+        return getattr(self.inner, name)
+
+    def unavailable_reason(self, model: ModelLike) -> str | None:
+        """The wrapped backend's answer."""
+        return self.inner.unavailable_reason(model)
+
+    async def aclose(self) -> None:
+        """Close the wrapped backend."""
+        await self.inner.aclose()
+
+    def _start(self, model: ModelLike, body: Mapping[str, Any], stream: bool) -> Any:
+        from opentelemetry.trace import SpanKind
+
+        provider = provider_name(model)
+        attrs: dict[str, Any] = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": provider,
+            "gen_ai.system": provider,
+            "gen_ai.request.model": model.litellm_model or model.name,
+            "tiergate.tier": model.tier,
+            "tiergate.model": model.name,
+            "tiergate.stream": stream,
+        }
+        request_attrs = _request_params(body)
+        attrs.update(request_attrs)
+        parent = _REQUEST_SPAN.get()
+        if parent is not None:
+            parent.set_attributes(
+                {"gen_ai.provider.name": provider, "gen_ai.system": provider, **request_attrs}
+            )
+        return self._tracer.start_span(
+            f"chat {model.litellm_model or model.name}", kind=SpanKind.CLIENT, attributes=attrs
+        )
+
+    async def complete(self, model: ModelLike, body: dict[str, Any]) -> Completion:
+        """Call the wrapped backend inside a CLIENT span."""
+        span = self._start(model, body, stream=False)
+        try:
+            result = await self.inner.complete(model, body)
+        except BaseException as exc:
+            _end_failed(span, exc)
+            raise
+        reasons = [
+            str(c.get("finish_reason"))
+            for c in result.body.get("choices") or []
+            if c.get("finish_reason")
+        ]
+        _end_ok(span, result.usage, result.body.get("model"), result.body.get("id"), reasons)
+        return result
+
+    async def stream(
+        self, model: ModelLike, body: dict[str, Any], usage: Usage
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Stream from the wrapped backend; the span ends with the stream."""
+        span = self._start(model, body, stream=True)
+        source = self.inner.stream(model, body, usage)
+        reasons: list[str] = []
+        response_model = response_id = None
+        started = time.perf_counter()
+        first = True
+        try:
+            async for chunk in source:
+                if first:
+                    first = False
+                    span.set_attribute(
+                        "tiergate.time_to_first_chunk_ms", (time.perf_counter() - started) * 1e3
+                    )
+                response_model = chunk.get("model") or response_model
+                response_id = chunk.get("id") or response_id
+                for choice in chunk.get("choices") or []:
+                    if choice.get("finish_reason"):
+                        reasons.append(str(choice["finish_reason"]))
+                yield chunk
+        except BaseException as exc:
+            _end_failed(span, exc)
+            raise
+        finally:
+            aclose = getattr(source, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        _end_ok(span, usage, response_model, response_id, reasons)
+
+
+def _request_params(body: Mapping[str, Any]) -> dict[str, Any]:
+    attrs: dict[str, Any] = {}
+    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+    if isinstance(max_tokens, int):
+        attrs["gen_ai.request.max_tokens"] = max_tokens
+    for key in ("temperature", "top_p", "frequency_penalty", "presence_penalty"):
+        value = body.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            attrs[f"gen_ai.request.{key}"] = float(value)
+    if isinstance(body.get("seed"), int):
+        attrs["gen_ai.request.seed"] = body["seed"]
+    return attrs
+
+
+def _end_ok(
+    span: Any, usage: Usage, response_model: Any, response_id: Any, reasons: list[str]
+) -> None:
+    attrs: dict[str, Any] = {
+        "gen_ai.usage.input_tokens": usage.prompt_tokens,
+        "gen_ai.usage.output_tokens": usage.completion_tokens,
+    }
+    if response_model:
+        attrs["gen_ai.response.model"] = str(response_model)
+    if response_id:
+        attrs["gen_ai.response.id"] = str(response_id)
+    if reasons:
+        attrs["gen_ai.response.finish_reasons"] = reasons
+        parent = _REQUEST_SPAN.get()
+        if parent is not None:
+            parent.set_attribute("gen_ai.response.finish_reasons", reasons)
+    span.set_attributes(attrs)
+    span.end()
+
+
+def _end_failed(span: Any, exc: BaseException) -> None:
+    from opentelemetry.trace import StatusCode
+
+    kind = _error_type(exc)
+    span.set_attribute("error.type", kind)
+    if not isinstance(exc, GeneratorExit):
+        span.set_status(StatusCode.ERROR, kind)
+    span.end()

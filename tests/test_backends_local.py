@@ -1,0 +1,81 @@
+"""The local tier's pieces: the bounded gate, request checks, the external llama.cpp backend."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+
+from router.backends.local import Gate, check_local_request, with_system_prompt
+from router.errors import BadRequestError, LocalOverloadedError
+from tests.conftest import live, policy_yaml
+from tests.fake_provider import FakeProvider
+
+
+def test_gate_bounds_waiting_and_reports_depth() -> None:
+    async def scenario() -> None:
+        gate = Gate(slots=1, queue_size=1)
+        await gate.acquire()
+        waiter = asyncio.create_task(gate.acquire())
+        await asyncio.sleep(0)
+        assert gate.depth == 2
+        with pytest.raises(LocalOverloadedError) as err:
+            await gate.acquire()
+        assert err.value.headers["retry-after"] == "1"
+        gate.release()
+        await waiter
+        assert gate.running == 1 and gate.waiting == 0
+        gate.release()
+        assert gate.depth == 0
+
+    asyncio.run(scenario())
+
+
+def test_system_prompt_added_only_when_missing() -> None:
+    user = [{"role": "user", "content": "hi"}]
+    assert with_system_prompt(user, "Be nice.")[0] == {"role": "system", "content": "Be nice."}
+    own = [{"role": "system", "content": "Mine."}, *user]
+    assert with_system_prompt(own, "Be nice.") == own
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"n": 2}, "n"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            "messages",
+        ),
+    ],
+)
+def test_local_refuses_what_it_cannot_honour(body: dict[str, object], param: str) -> None:
+    with pytest.raises(BadRequestError) as err:
+        check_local_request({"messages": [{"role": "user", "content": "x"}], **body})
+    assert err.value.param == param
+
+
+def test_external_llama_server_backend(tmp_path: Path, fake: FakeProvider) -> None:
+    """local_backend=openai_http: the local tier is an OpenAI-compatible llama.cpp server."""
+    fake.reset()
+    policy = policy_yaml(fake, on_failure="error")
+    with live(tmp_path, policy, local_backend="openai_http", local_base_url=fake.base_url) as srv:
+        response = httpx.post(
+            srv.url + "/v1/chat/completions",
+            json={"model": "auto", "messages": [{"role": "user", "content": "hi"}]},
+        )
+        assert response.status_code == 200
+        assert response.headers["x-tiergate-tier"] == "local"
+        assert response.json()["model"] == "local"
+        sent = fake.received[-1].body
+        assert sent["messages"][0]["role"] == "system"  # the default system prompt
+        with httpx.stream(
+            "POST",
+            srv.url + "/v1/chat/completions",
+            json={"model": "local", "stream": True, "messages": [{"role": "user", "content": "x"}]},
+        ) as stream:
+            lines = [line for line in stream.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        assert httpx.get(srv.url + "/readyz").json()["local"]["backend"] == "openai_http"

@@ -1,0 +1,234 @@
+"""The dashboard: the store's aggregates, the JSON endpoint, and the page in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from router.dashboard import quality_block, quality_by_tier
+from router.outcomes import OutcomeRecord, SQLiteOutcomeStore
+from tests.conftest import REPO, live, policy_yaml, wait_for
+from tests.fake_provider import FakeProvider
+from tests.test_gateway import ScriptedLocal
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = REPO / "test-artifacts"
+
+
+def _record(i: int, ts: float, tier: str | None, **kw: Any) -> OutcomeRecord:
+    values: dict[str, Any] = {
+        "id": f"r{i}",
+        "ts": ts,
+        "tenant": "default",
+        "alias": "auto",
+        "tier": tier,
+        "model": {"local": "local", "closed": "gpt-4o"}.get(tier or ""),
+        "rule": "default",
+        "score": 0.5,
+        "threshold": 0.5,
+        "policy_version": "p1",
+        "model_version": "m1",
+        "status": "ok",
+        "http_status": 200,
+        "stream": False,
+        "latency_ms": 10.0,
+    }
+    values.update(kw)
+    return OutcomeRecord(**values)
+
+
+def test_summary_buckets_tiers_spend_and_problems(tmp_path: Path) -> None:
+    store = SQLiteOutcomeStore(tmp_path / "o.db")
+    store.start()
+    now = time.time()
+    since = now - 3600
+    records = [
+        _record(0, since + 10, "local", cost_usd=0.001, counterfactual_cost_usd=0.01),
+        _record(1, since + 20, "local", cost_usd=0.001, counterfactual_cost_usd=0.01),
+        _record(2, since + 130, "closed", cost_usd=0.02, counterfactual_cost_usd=0.02),
+        _record(
+            3,
+            now - 5,
+            "closed",
+            fallback="local->closed",
+            cost_usd=0.03,
+            counterfactual_cost_usd=0.03,
+        ),
+        _record(4, now - 4, None, status="error", http_status=404, error_type="model_not_found"),
+        _record(5, since - 100, "local"),  # before the window: not counted
+    ]
+    for r in records:
+        store.submit(r)
+    assert store.flush()
+    summary = store.summary(since, 120, until_ts=now)
+    store.close()
+    totals = summary["totals"]
+    assert totals["requests"] == 5
+    assert totals["by_tier"] == {"local": 2, "closed": 2, "none": 1}
+    assert totals["cost_usd"] == pytest.approx(0.052)
+    assert totals["counterfactual_usd"] == pytest.approx(0.07)
+    assert totals["saved_usd"] == pytest.approx(0.018)
+    assert totals["local_share"] == pytest.approx(0.5)
+    assert (totals["errors"], totals["fallbacks"]) == (1, 1)
+    buckets = summary["buckets"]
+    assert len(buckets) == 30  # 3600 s in 120 s buckets
+    assert buckets[0]["tiers"] == {"local": 2}
+    assert buckets[1]["tiers"] == {"closed": 1}
+    assert buckets[-1]["tiers"] == {"closed": 1, "none": 1}
+    assert [p["id"] for p in summary["problems"]] == ["r4", "r3"]
+    assert summary["versions"][0]["policy_version"] == "p1"
+    assert summary["versions"][0]["requests"] == 5
+
+
+def test_quality_labels_read_when_the_store_has_them() -> None:
+    assert quality_by_tier(object(), 0.0)["available"] is False
+
+    class Labelled:
+        def quality_by_tier(self, since_ts: float) -> dict[str, Any]:
+            return {"local": {"feedback": {"n": 4, "mean": 0.75}, "shadow": {"n": 0}}}
+
+    quality = quality_by_tier(Labelled(), 0.0)
+    assert quality["available"]
+    html = quality_block(quality)
+    assert 'data-tier="local" data-kind="feedback" data-mean="0.7500" data-n="4"' in html
+    assert 'data-kind="shadow"' not in html
+
+
+def _eval_report(path: Path) -> Path:
+    # The shape `tiergate eval --json` writes: the quantile curve with quality per closed share.
+    curve = [
+        {"threshold": t / 10, "strong_share": 1 - t / 10, "quality": 0.6 + 0.3 * (1 - t / 10)}
+        for t in range(11)
+    ]
+    report = {
+        "n": 500,
+        "weak_quality": 0.6,
+        "strong_quality": 0.9,
+        "curve": curve,
+        "apgr": {"value": 0.5, "low": 0.45, "high": 0.55},
+    }
+    path.write_text(json.dumps(report))
+    return path
+
+
+def _traffic(url: str, local: ScriptedLocal) -> dict[str, int]:
+    """A burst of mixed traffic: local, closed, local-failure fallbacks and unknown models."""
+    with httpx.Client(base_url=url, timeout=30) as client:
+
+        def chat(content: str, model: str = "auto") -> int:
+            body = {"model": model, "messages": [{"role": "user", "content": content}]}
+            return client.post("/v1/chat/completions", json=body).status_code
+
+        statuses = [chat("easy") for _ in range(6)]
+        statuses += [chat("HARD") for _ in range(3)]
+        local.fail = True
+        statuses += [chat("easy") for _ in range(2)]
+        local.fail = False
+        statuses += [chat("x", model="no-such-model")]
+    assert statuses == [200] * 11 + [404]
+    return {"local": 6, "closed": 5, "none": 1}
+
+
+def test_dashboard_data_endpoint(tmp_path: Path, fake: FakeProvider) -> None:
+    fake.reset()
+    local = ScriptedLocal()
+    report = _eval_report(tmp_path / "eval.json")
+    with live(
+        tmp_path,
+        policy_yaml(fake, on_failure="closed"),
+        local_backend_obj=local,
+        eval_report=report,
+    ) as srv:
+        sent = _traffic(srv.url, local)
+        assert wait_for(lambda: srv.gateway.outcomes.flush(0.1))
+        data = httpx.get(f"{srv.url}/dashboard/data").json()
+        bad = httpx.get(f"{srv.url}/dashboard/data?window_s=7")
+    assert bad.status_code == 400
+    totals = data["summary"]["totals"]
+    assert totals["by_tier"] == sent
+    assert totals["fallbacks"] == 2 and totals["errors"] == 1
+    assert totals["local_share"] == pytest.approx(6 / 11)
+    assert data["live"]["thresholds"] == {"auto": 0.5, "auto-best": 0.05}
+    assert data["evaluation"]["n"] == 500
+    assert data["quality"]["available"] is False
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="Chromium is not installed (apt-get install chromium); the browser check is skipped",
+)
+def test_dashboard_renders_in_headless_chromium(tmp_path: Path, fake: FakeProvider) -> None:
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    fake.reset()
+    local = ScriptedLocal()
+    report = _eval_report(tmp_path / "eval.json")
+    with live(
+        tmp_path,
+        policy_yaml(fake, on_failure="closed"),
+        local_backend_obj=local,
+        eval_report=report,
+        local_price_per_mtok=1.0,
+    ) as srv:
+        sent = _traffic(srv.url, local)
+        assert wait_for(lambda: srv.gateway.outcomes.flush(0.1))
+        data = httpx.get(f"{srv.url}/dashboard/data").json()
+        with playwright.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1366, "height": 900})
+                response = page.goto(f"{srv.url}/dashboard")
+                assert response is not None and response.status == 200
+                bars = page.eval_on_selector_all(
+                    "#requests-chart rect.bar",
+                    "els => els.map(e => [e.dataset.tier, +e.dataset.count,"
+                    " e.getBoundingClientRect().height])",
+                )
+                legend = page.eval_on_selector_all(
+                    ".legend .key[data-tier]",
+                    "els => els.map(e => [e.dataset.tier, +e.dataset.total])",
+                )
+                share = float(page.get_attribute("#local-share", "data-share") or "nan")
+                saved = float(page.get_attribute("#saved", "data-saved") or "nan")
+                markers = page.eval_on_selector_all(
+                    "#eval-chart g.marker",
+                    "els => els.map(e => [e.dataset.alias, +e.dataset.closedShare])",
+                )
+                problems = page.eval_on_selector_all(
+                    "#problems tr[data-status]", "els => els.length"
+                )
+                quality_note = page.text_content("#quality-empty")
+                requests_tile = page.text_content('[data-kpi="requests"] .v')
+                ARTIFACTS.mkdir(exist_ok=True)
+                page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+            finally:
+                browser.close()
+    counted: dict[str, int] = {}
+    for tier, count, height in bars:
+        counted[tier] = counted.get(tier, 0) + count
+        assert height > 0  # drawn, not just present
+    assert counted == sent
+    assert dict(legend) == sent
+    assert requests_tile == "12"
+    assert share == pytest.approx(6 / 11, abs=1e-4)
+    assert saved == pytest.approx(data["summary"]["totals"]["saved_usd"])
+    assert saved > 0  # local answers cost $1 per 1M tokens instead of gpt-4o's price
+    assert dict(markers) == pytest.approx({"auto": 0.5, "auto-best": 0.95})
+    assert problems == 3  # two fallbacks and one unknown model
+    assert quality_note is not None and "No quality labels yet" in quality_note
+    assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000

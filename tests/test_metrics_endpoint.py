@@ -1,0 +1,91 @@
+"""GET /metrics: Prometheus text that a Prometheus parser reads, counting the traffic sent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import live, policy_yaml, wait_for
+from tests.fake_provider import FakeProvider
+from tests.test_gateway import ScriptedLocal
+
+
+def _families(text: str) -> dict[str, list[tuple[str, dict[str, str], float]]]:
+    out: dict[str, list[tuple[str, dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        out[family.name] = [(s.name, dict(s.labels), s.value) for s in family.samples]
+    return out
+
+
+def test_metrics_count_the_traffic_sent(tmp_path: Path, fake: FakeProvider) -> None:
+    fake.reset()
+    sent = {("local", "ok"): 4, ("closed", "ok"): 3, ("none", "error"): 2}
+    with live(
+        tmp_path,
+        policy_yaml(fake),
+        local_backend_obj=ScriptedLocal(),
+        local_price_per_mtok=2.0,
+    ) as srv:
+        with httpx.Client(base_url=srv.url, timeout=30) as client:
+
+            def chat(content: str, model: str = "auto") -> int:
+                body = {"model": model, "messages": [{"role": "user", "content": content}]}
+                return client.post("/v1/chat/completions", json=body).status_code
+
+            assert [chat("easy") for _ in range(4)] == [200] * 4
+            assert [chat("HARD") for _ in range(3)] == [200] * 3
+            assert [chat("x", model="nope") for _ in range(2)] == [404] * 2
+            response = client.get("/metrics")
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/plain")
+        store = srv.gateway.outcomes
+        assert wait_for(lambda: store.flush(0.1) and store.count() == 9)
+        records = store.recent(limit=20)
+
+    families = _families(response.text)
+    requests = families["tiergate_requests"]
+    counted: dict[tuple[str, str], float] = {}
+    for name, labels, value in requests:
+        assert name == "tiergate_requests_total"
+        key = (labels["tier"], labels["status"])
+        counted[key] = counted.get(key, 0) + value
+    assert counted == sent
+    assert {labels["model"] for _, labels, _ in requests} == {"local", "gpt-4o", "none"}
+
+    cost = sum(v for n, _, v in families["tiergate_cost_usd"] if n.endswith("_total"))
+    assert cost == pytest.approx(sum(r["cost_usd"] for r in records))
+    counterfactual = sum(v for n, _, v in families["tiergate_counterfactual_cost_usd"])
+    assert counterfactual == pytest.approx(sum(r["counterfactual_cost_usd"] for r in records))
+    assert counterfactual > cost > 0  # local tokens priced, far cheaper than gpt-4o
+
+    tokens = {
+        (labels["tier"], labels["type"]): value for _, labels, value in families["tiergate_tokens"]
+    }
+    assert tokens == {
+        ("local", "input"): 12,
+        ("local", "output"): 8,
+        ("closed", "input"): 33,
+        ("closed", "output"): 21,
+    }
+    duration = families["tiergate_request_duration_seconds"]
+    counts = {
+        labels["tier"]: value
+        for name, labels, value in duration
+        if name == "tiergate_request_duration_seconds_count"
+    }
+    assert counts == {"local": 4, "closed": 3, "none": 2}
+    assert families["tiergate_local_queue_depth"][0][2] == 0
+    assert "tiergate_fallbacks" not in families or not families["tiergate_fallbacks"]
+
+
+def test_metrics_off_answers_503(tmp_path: Path, fake: FakeProvider) -> None:
+    fake.reset()
+    with live(
+        tmp_path, policy_yaml(fake), local_backend_obj=ScriptedLocal(), metrics_enabled=False
+    ) as srv:
+        response = httpx.get(f"{srv.url}/metrics")
+    assert response.status_code == 503
+    assert "metrics are off" in response.text

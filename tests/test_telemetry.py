@@ -1,0 +1,385 @@
+"""Traces, metrics and request logs, with in-memory exporters and a real OTLP receiver (rotel)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from router.app import create_app
+from router.config import Settings
+from router.telemetry import Telemetry, tracing_configured
+from tests.conftest import GGUF, KeywordScorer, LiveServer, free_port, make_settings, policy_yaml
+from tests.conftest import live as live_server
+from tests.fake_provider import FakeProvider
+from tests.test_gateway import ScriptedLocal
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
+SECRET_PROMPT = "HARD question about the launch codes 8472"
+
+
+class Captured:
+    """The in-memory exporter and reader a traced test app writes to."""
+
+    def __init__(self) -> None:
+        self.spans = InMemorySpanExporter()
+        self.reader = InMemoryMetricReader()
+        self.telemetry = Telemetry.build(
+            span_exporters=[self.spans], metric_readers=[self.reader], batch=False
+        )
+
+    def finished(self) -> list[ReadableSpan]:
+        return list(self.spans.get_finished_spans())
+
+    def by_name(self, name: str) -> list[ReadableSpan]:
+        return [s for s in self.finished() if s.name == name]
+
+    def server_span(self) -> ReadableSpan:
+        servers = [s for s in self.finished() if s.kind == SpanKind.SERVER]
+        assert len(servers) == 1, [s.name for s in self.finished()]
+        return servers[0]
+
+    def points(self, metric: str) -> list[Any]:
+        data = self.reader.get_metrics_data()
+        out = []
+        for rm in data.resource_metrics if data else []:
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    if m.name == metric:
+                        out.extend(m.data.data_points)
+        return out
+
+
+@contextmanager
+def traced(
+    tmp_path: Path, policy: str, local: Any = None, **settings: Any
+) -> Iterator[tuple[LiveServer, Captured]]:
+    captured = Captured()
+    app = create_app(
+        make_settings(tmp_path, policy, **settings),
+        scorer=KeywordScorer(),
+        local_backend=local,
+        telemetry=captured.telemetry,
+    )
+    with LiveServer(app) as server:
+        yield server, captured
+
+
+def _chat(url: str, content: str, **extra: Any) -> httpx.Response:
+    headers = extra.pop("headers", {})
+    body = {"model": "auto", "messages": [{"role": "user", "content": content}], **extra}
+    return httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=60)
+
+
+def _no_prompt_text(spans: list[ReadableSpan]) -> None:
+    for span in spans:
+        for value in (span.attributes or {}).values():
+            assert "launch codes" not in str(value), (span.name, value)
+
+
+def test_closed_request_span_has_genai_and_tiergate_attributes(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    fake.reset()
+    with traced(tmp_path, policy_yaml(fake), local=ScriptedLocal()) as (srv, cap):
+        r = _chat(
+            srv.url,
+            SECRET_PROMPT,
+            max_tokens=50,
+            temperature=0.3,
+            headers={"traceparent": TRACEPARENT},
+        )
+        assert r.status_code == 200
+    server = cap.server_span()
+    attrs = dict(server.attributes or {})
+    assert server.name == "chat auto"
+    assert f"{server.context.trace_id:032x}" == TRACE_ID
+    assert server.parent is not None and f"{server.parent.span_id:016x}" == PARENT_ID
+    assert attrs["gen_ai.operation.name"] == "chat"
+    assert attrs["gen_ai.request.model"] == "auto"
+    assert attrs["gen_ai.response.model"] == "gpt-4o"
+    assert attrs["gen_ai.provider.name"] == "openai"
+    assert attrs["gen_ai.usage.input_tokens"] == 11
+    assert attrs["gen_ai.usage.output_tokens"] == 7
+    assert attrs["gen_ai.request.max_tokens"] == 50
+    assert attrs["gen_ai.request.temperature"] == pytest.approx(0.3)
+    assert tuple(attrs["gen_ai.response.finish_reasons"]) == ("stop",)
+    assert attrs["http.response.status_code"] == 200
+    assert attrs["tiergate.tier"] == "closed"
+    assert attrs["tiergate.rule"] == "default"
+    assert attrs["tiergate.score"] == pytest.approx(0.9)
+    assert attrs["tiergate.threshold"] == pytest.approx(0.5)
+    assert attrs["tiergate.policy_version"] == r.headers["x-tiergate-policy-version"]
+    assert attrs["tiergate.model_version"] == "keyword-test-1"
+    assert attrs["tiergate.tenant"] == "default"
+    assert attrs["tiergate.request_id"] == r.headers["x-request-id"]
+    assert attrs["tiergate.cost_usd"] > 0
+    assert attrs["tiergate.counterfactual_cost_usd"] == pytest.approx(attrs["tiergate.cost_usd"])
+    assert "tiergate.fallback" not in attrs and "error.type" not in attrs
+    # Children: the decision, then one client call to the closed model.
+    (decide,) = cap.by_name("tiergate.decide")
+    (client,) = cap.by_name("chat openai/gpt-4o")
+    for child in (decide, client):
+        assert child.parent is not None and child.parent.span_id == server.context.span_id
+    assert decide.attributes["tiergate.tier"] == "closed"
+    assert client.kind == SpanKind.CLIENT
+    assert client.attributes["gen_ai.response.id"] == "chatcmpl-fake"
+    assert client.attributes["gen_ai.usage.output_tokens"] == 7
+    _no_prompt_text(cap.finished())
+
+
+def test_local_request_and_metrics(tmp_path: Path, fake: FakeProvider) -> None:
+    fake.reset()
+    local = ScriptedLocal()
+    with traced(tmp_path, policy_yaml(fake), local=local, local_price_per_mtok=1_000_000.0) as (
+        srv,
+        cap,
+    ):
+        for _ in range(3):
+            assert _chat(srv.url, "easy").status_code == 200
+        assert _chat(srv.url, "HARD").status_code == 200
+        assert srv.gateway.local.gate.depth == 0  # the wrapped backend still shows its gate
+    servers = [s for s in cap.finished() if s.kind == SpanKind.SERVER]
+    local_spans = [s for s in servers if s.attributes["tiergate.tier"] == "local"]
+    assert len(local_spans) == 3
+    attrs = local_spans[0].attributes
+    assert attrs["gen_ai.response.model"] == "local"
+    assert attrs["gen_ai.provider.name"] == "llama.cpp"
+    assert attrs["tiergate.cost_usd"] == pytest.approx(5.0)  # (3 + 2) tokens at $1 per token
+    assert len(cap.by_name("chat local")) == 3
+    requests = {
+        (p.attributes["tier"], p.attributes["status"]): p.value
+        for p in cap.points("tiergate.requests")
+    }
+    assert requests == {("local", "ok"): 3, ("closed", "ok"): 1}
+    tokens = {
+        (p.attributes["tier"], p.attributes["type"]): p.value for p in cap.points("tiergate.tokens")
+    }
+    assert tokens == {
+        ("local", "input"): 9,
+        ("local", "output"): 6,
+        ("closed", "input"): 11,
+        ("closed", "output"): 7,
+    }
+    (local_cost,) = [p for p in cap.points("tiergate.cost.usd") if p.attributes["tier"] == "local"]
+    assert local_cost.value == pytest.approx(15.0)
+    durations = {p.attributes["tier"]: p.count for p in cap.points("tiergate.request.duration")}
+    assert durations == {"local": 3, "closed": 1}
+    (depth,) = cap.points("tiergate.local.queue_depth")
+    assert depth.value == 0
+
+
+def test_fallback_shows_failed_attempt_then_answer(tmp_path: Path, fake: FakeProvider) -> None:
+    fake.reset()
+    local = ScriptedLocal(fail=True)
+    with traced(tmp_path, policy_yaml(fake, on_failure="closed"), local=local) as (srv, cap):
+        r = _chat(srv.url, "easy", headers={"traceparent": TRACEPARENT})
+        assert r.status_code == 200
+    server = cap.server_span()
+    assert server.attributes["tiergate.fallback"] == "local->closed"
+    assert server.attributes["tiergate.tier"] == "closed"
+    (failed,) = cap.by_name("chat local")
+    (answered,) = cap.by_name("chat openai/gpt-4o")
+    assert failed.status.status_code == StatusCode.ERROR
+    assert failed.attributes["error.type"] == "upstream_error"  # BackendError.code
+    assert answered.status.status_code == StatusCode.UNSET
+    assert failed.end_time <= answered.start_time
+    assert all(f"{s.context.trace_id:032x}" == TRACE_ID for s in cap.finished())
+    (fallbacks,) = cap.points("tiergate.fallbacks")
+    assert fallbacks.value == 1 and fallbacks.attributes["fallback"] == "local->closed"
+
+
+def test_error_request_sets_error_type(tmp_path: Path, fake: FakeProvider) -> None:
+    fake.reset()
+    with traced(tmp_path, policy_yaml(fake), local=ScriptedLocal()) as (srv, cap):
+        r = _chat(srv.url, "easy", model="no-such-model")
+        assert r.status_code == 404
+    attrs = cap.server_span().attributes
+    assert attrs["error.type"] == r.json()["error"]["code"]
+    assert attrs["http.response.status_code"] == 404
+    (point,) = cap.points("tiergate.requests")
+    assert point.attributes["status"] == "error" and point.attributes["tier"] == "none"
+
+
+@pytest.mark.gguf
+@pytest.mark.skipif(not GGUF.is_file(), reason="bundled GGUF not present (tiergate fetch-model)")
+def test_real_local_stream_is_charged_by_gpu_time(tmp_path: Path, fake: FakeProvider) -> None:
+    fake.reset()
+    with traced(tmp_path, policy_yaml(fake), local_price_per_gpu_hour=3600.0) as (srv, cap):
+        with httpx.stream(
+            "POST",
+            f"{srv.url}/v1/chat/completions",
+            json={
+                "model": "auto",
+                "messages": [{"role": "user", "content": "Say hi"}],
+                "max_tokens": 4,
+                "stream": True,
+            },
+            timeout=120,
+        ) as r:
+            assert r.status_code == 200
+            body = r.read()
+        assert b"[DONE]" in body
+    server = cap.server_span()
+    attrs = server.attributes
+    assert attrs["tiergate.tier"] == "local" and attrs["tiergate.stream"] is True
+    assert 0 < attrs["gen_ai.usage.output_tokens"] <= 4
+    # $3600 per GPU-hour is $1 per second of generation: the cost is the generation time,
+    # which is positive and shorter than the whole request.
+    latency_s = (server.end_time - server.start_time) / 1e9
+    assert 0 < attrs["tiergate.cost_usd"] < latency_s
+    (client,) = cap.by_name("chat local")
+    assert client.end_time <= server.end_time  # the client span lasts until the stream ends
+    (ttft,) = cap.points("tiergate.time_to_first_token")
+    assert ttft.count == 1
+
+
+def test_request_log_line_has_ids_and_no_prompt(
+    tmp_path: Path,
+    fake: FakeProvider,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake.reset()
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    caplog.set_level(logging.INFO, logger="tiergate.request")
+    local = ScriptedLocal()
+    with live_server(tmp_path, policy_yaml(fake), local_backend_obj=local) as srv:
+        r = _chat(srv.url, SECRET_PROMPT)
+        assert r.status_code == 200
+        # Tracing is off by default: nothing wraps the backends, no span is made.
+        assert not srv.app.state.telemetry.tracing
+        assert srv.gateway.local is local
+    (line,) = [rec for rec in caplog.records if rec.name == "tiergate.request"]
+    fields = vars(line)
+    assert fields["request_id"] == r.headers["x-request-id"]
+    assert (fields["tier"], fields["model"], fields["status"]) == ("closed", "gpt-4o", "ok")
+    assert fields["latency_ms"] > 0
+    assert "launch codes" not in str(fields)
+    assert "trace_id" not in fields
+
+
+def test_tracing_off_unless_configured(tmp_path: Path, fake: FakeProvider) -> None:
+    assert not tracing_configured({}, None)
+    assert tracing_configured({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x:4318"}, None)
+    assert tracing_configured({"OTEL_TRACES_EXPORTER": "console"}, None)
+    assert not tracing_configured({"OTEL_TRACES_EXPORTER": "none"}, None)
+    assert tracing_configured({}, True)
+    assert not tracing_configured({"OTEL_SDK_DISABLED": "true"}, True)
+    settings = make_settings(tmp_path, policy_yaml(fake))
+    telemetry = Telemetry.from_settings(settings, environ={})
+    assert not telemetry.tracing and telemetry.metrics
+    local = ScriptedLocal()
+    assert telemetry.wrap_backend(local) is local  # no wrapper, no per-call cost
+    with telemetry.decide_span() as span:
+        span.decided(None)  # the shared no-op
+    off = Telemetry.from_settings(
+        Settings(**{**settings.model_dump(), "metrics_enabled": False}), environ={}
+    )
+    assert not off.tracing and not off.metrics and off.registry is None
+
+
+# -- a real OTLP receiver over the network -------------------------------------------------
+
+
+def _rotel_binary() -> Path | None:
+    try:
+        import rotel
+    except ImportError:
+        return None
+    path = Path(rotel.__file__).parent / "rotel-agent"
+    return path if path.is_file() else None
+
+
+@contextmanager
+def rotel_receiver(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """rotel's collector on loopback, printing every span it receives (detailed debug log)."""
+    binary = _rotel_binary()
+    if binary is None:
+        pytest.skip("the rotel package (dev extra) is not installed")
+    http_port, grpc_port = free_port(), free_port()
+    out = tmp_path / "rotel.out"
+    with out.open("wb") as sink:
+        proc = subprocess.Popen(
+            [
+                str(binary),
+                "start",
+                "--exporter",
+                "blackhole",
+                "--debug-log",
+                "traces",
+                "--debug-log-verbosity",
+                "detailed",
+                "--otlp-http-endpoint",
+                f"127.0.0.1:{http_port}",
+                "--otlp-grpc-endpoint",
+                f"127.0.0.1:{grpc_port}",
+                "--pid-file",
+                str(tmp_path / "rotel.pid"),
+                "--log-file",
+                str(tmp_path / "rotel.log"),
+            ],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "NO_COLOR": "1"},
+        )
+    try:
+        deadline = time.monotonic() + 20
+        while "Starting Rotel" not in out.read_text(errors="replace"):
+            assert proc.poll() is None, out.read_text(errors="replace")
+            assert time.monotonic() < deadline, "rotel did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{http_port}", out
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_spans_reach_a_real_otlp_receiver(
+    tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake.reset()
+    with rotel_receiver(tmp_path) as (endpoint, out):
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+        monkeypatch.setenv("OTEL_SERVICE_NAME", "tiergate-e2e")
+        monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
+        with live_server(tmp_path, policy_yaml(fake), local_backend_obj=ScriptedLocal()) as srv:
+            assert srv.app.state.telemetry.tracing
+            r = _chat(srv.url, SECRET_PROMPT, headers={"traceparent": TRACEPARENT})
+            assert r.status_code == 200
+        # The app's shutdown flushed the batch processor; rotel prints what it received.
+        deadline = time.monotonic() + 20
+        text = ""
+        while "chat openai/gpt-4o" not in text and time.monotonic() < deadline:
+            time.sleep(0.1)
+            text = re.sub(r"\x1b\[[0-9;]*m", "", out.read_text(errors="replace"))
+    assert "service.name: Str(tiergate-e2e)" in text
+    names = re.findall(r"Name\s+: (.+)", text)
+    assert {"chat auto", "tiergate.decide", "chat openai/gpt-4o"} <= set(names)
+    assert re.findall(r"Trace ID\s+: (\w+)", text) == [TRACE_ID] * 3
+    assert "-> tiergate.tier: Str(closed)" in text
+    assert "-> gen_ai.usage.output_tokens: Int(7)" in text
+    assert f"-> tiergate.request_id: Str({r.headers['x-request-id']})" in text
+    assert "launch codes" not in text
