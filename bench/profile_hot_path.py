@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import cProfile
 import io
+import json
 import os
 import pstats
 import tempfile
@@ -34,6 +35,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--stream", action="store_true", help="profile streaming requests")
     args = parser.parse_args()
     os.environ[BENCH_KEY_ENV] = BENCH_KEY
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -66,10 +68,15 @@ def main() -> None:
         thread.start()
         while not srv.started:
             time.sleep(0.05)
-        wrk(url, connections=args.connections, duration_s=2)  # warm-up, unprofiled
+        body = None
+        if args.stream:
+            body = Path(tmp) / "stream.json"
+            chat = json.loads((Path(__file__).parent / "chat.json").read_text())
+            body.write_text(json.dumps({**chat, "stream": True}))
+        wrk(url, connections=args.connections, duration_s=2, body_file=body)  # warm-up
         # cProfile sees only the thread that enables it: switch it on from the server's loop.
         loops[0].call_soon_threadsafe(profiler.enable)
-        got = wrk(url, connections=args.connections, duration_s=args.seconds)
+        got = wrk(url, connections=args.connections, duration_s=args.seconds, body_file=body)
         loops[0].call_soon_threadsafe(profiler.disable)
         time.sleep(0.2)
         srv.should_exit = True
