@@ -14,9 +14,11 @@ Run: ``python -m bench [--quick] [--only proxy,decision,local]``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -87,6 +89,27 @@ def _version(argv: list[str]) -> str:
     )
 
 
+def ensure_tools(phases: set[str]) -> None:
+    """wrk on PATH; LiteLLM proxy in its own venv; llama_cpp.server's extras: install if missing.
+
+    The LiteLLM venv (``bench/.venv-litellm``, git-ignored) and the two server extras are
+    installed with pip from PyPI on first use; none of them is a Tiergate dependency.
+    """
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install -y wrk")
+    if "proxy" in phases and not (proxy.LITELLM_VENV / "bin" / "litellm").exists():
+        print("installing litellm[proxy] into bench/.venv-litellm ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(proxy.LITELLM_VENV)], check=True)
+        pip = str(proxy.LITELLM_VENV / "bin" / "pip")
+        subprocess.run([pip, "install", "-q", "litellm[proxy]"], check=True)
+    if "local" in phases and importlib.util.find_spec("sse_starlette") is None:
+        print("installing llama_cpp.server's extras into this venv ...", flush=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "sse-starlette", "starlette-context"],
+            check=True,
+        )
+
+
 def decision_phase(limit: int | None) -> dict[str, Any]:
     """Run the decision benchmark in its own process (pinned to one core)."""
     argv = [python(), "-m", "bench.decision_pipeline", "--json"]
@@ -146,6 +169,7 @@ def main() -> int:
     if args.quick:
         args.duration, args.repeats = 3.0, 1
     phases = set(args.only.split(","))
+    ensure_tools(phases)
     concurrency = [int(c) for c in args.concurrency.split(",")]
     started = time.monotonic()
     results: dict[str, Any] = {
