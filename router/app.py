@@ -37,15 +37,14 @@ log = logging.getLogger("tiergate.app")
 
 
 def load_scorer(settings: Settings) -> Scorer:
-    """The shipped learned scorer when one is available, else the documented heuristic."""
+    """The learned scorer (``classifier_path``, else the shipped model), else the heuristic."""
+    from router.training import default_model_path, load_scorer as load_artifact
+
+    path = settings.classifier_path or default_model_path()
     try:
-        from router.training import load_default_scorer
-    except ImportError:
-        return HeuristicScorer()
-    try:
-        return load_default_scorer(settings.classifier_path, settings.model_store)
-    except (ConfigError, FileNotFoundError) as exc:
-        log.warning("no trained classifier (%s); using the heuristic scorer", exc)
+        return load_artifact(path)
+    except (ConfigError, OSError) as exc:
+        log.warning("no usable classifier at %s (%s); using the heuristic scorer", path, exc)
         return HeuristicScorer()
 
 

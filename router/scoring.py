@@ -66,7 +66,8 @@ class HeuristicScorer:
     """A rule-of-thumb scorer, used only when no trained model artifact is configured.
 
     It is not learned: longer prompts, code, maths and analysis requests score higher. It exists
-    so that the proxy routes sensibly before ``tiergate train`` has produced a model.
+    so that the proxy routes sensibly before ``tiergate train`` has produced a model. PII comes
+    from the same deterministic detectors the learned scorer uses (:mod:`router.pii`).
     """
 
     name = "heuristic"
@@ -89,4 +90,13 @@ class HeuristicScorer:
                 capability = "reasoning"
         if has_tools:
             score += 0.1
-        return Analysis(score=min(score, 1.0), capability=capability, stakes="low")
+        from router.pii import pii_kinds
+
+        kinds = pii_kinds(text)
+        return Analysis(
+            score=min(score, 1.0),
+            capability=capability,
+            stakes="low",
+            pii=bool(kinds),
+            pii_kinds=kinds,
+        )

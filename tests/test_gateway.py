@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +76,20 @@ class ScriptedLocal:
         return None
 
 
+_OPEN: list[openai.OpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
+
+
 def _client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    _OPEN.append(client)
+    return client
 
 
 def test_local_failure_falls_back_to_closed(tmp_path: Path, fake: FakeProvider) -> None:

@@ -1,0 +1,122 @@
+"""Decision-speed benchmark: ``LearnedScorer.analyze`` over every prompt in the shared data.
+
+Pins itself to one core, loads the default model (timing the load in a fresh interpreter too),
+then times ``analyze(text)`` once per prompt of every ``../shared/data/*.jsonl`` file after a
+warm-up pass. Writes ``bench/results/decision.json``. Run from the repo root:
+
+    .venv/bin/python bench/decision.py [--model models/router-v1] [--data-dir ../shared/data]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from router.training import default_model_path, load_prompts, load_scorer  # noqa: E402
+
+LOAD_SNIPPET = """
+import sys, time
+t0 = time.perf_counter()
+from router.training import load_scorer
+t1 = time.perf_counter()
+load_scorer(sys.argv[1])
+t2 = time.perf_counter()
+print(t1 - t0, t2 - t1)
+"""
+
+
+def measure_load(model: Path, repeats: int = 3) -> dict[str, float]:
+    """Import and load time of the model in fresh interpreters (best of ``repeats``)."""
+    imports, loads = [], []
+    for _ in range(repeats):
+        out = subprocess.run(
+            [sys.executable, "-c", LOAD_SNIPPET, str(model)],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+        ).stdout.split()
+        imports.append(float(out[0]))
+        loads.append(float(out[1]))
+    return {"import_s": min(imports), "load_s": min(loads), "load_s_max": max(loads)}
+
+
+def main() -> int:
+    """Run the benchmark and write the JSON results."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=default_model_path())
+    parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "decision.json")
+    args = parser.parse_args()
+
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    load = measure_load(args.model)
+    scorer = load_scorer(args.model)
+    prompts: list[str] = []
+    files = sorted(args.data_dir.glob("*.jsonl"))
+    for f in files:
+        prompts += [p for _, p in load_prompts(f)]
+    for p in prompts[:500]:
+        scorer.analyze(p)
+    times = np.empty(len(prompts))
+    score_times = np.empty(len(prompts))
+    clock = time.perf_counter_ns
+    for i, p in enumerate(prompts):
+        t0 = clock()
+        scorer.analyze(p)
+        t1 = clock()
+        scorer.score(p)
+        t2 = clock()
+        times[i] = (t1 - t0) / 1e6
+        score_times[i] = (t2 - t1) / 1e6
+
+    def stats(a: np.ndarray) -> dict[str, float]:
+        return {
+            "p50_ms": float(np.percentile(a, 50)),
+            "p99_ms": float(np.percentile(a, 99)),
+            "max_ms": float(a.max()),
+            "mean_ms": float(a.mean()),
+        }
+
+    lengths = np.array([len(p) for p in prompts])
+    result = {
+        "what": "LearnedScorer.analyze (score + capability + stakes + PII) per prompt, one core",
+        "model": args.model.name,
+        "prompts": len(prompts),
+        "files": [f.name for f in files],
+        "prompt_chars": {"p50": float(np.median(lengths)), "max": int(lengths.max())},
+        "analyze": stats(times),
+        "score_only": stats(score_times),
+        "budget": {"p50_ms": 0.3, "p99_ms": 1.0, "load_s": 1.0},
+        "load": load,
+        "machine": {
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "pinned_cores": sorted(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else None,
+        },
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        json.dumps({k: result[k] for k in ("prompts", "analyze", "score_only", "load")}, indent=2)
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,561 @@
+"""Training, cross-validation and the versioned, trusted-only model artifact.
+
+Tiergate's documented data format is JSON Lines, one row per prompt::
+
+    {"id": "...", "prompt": "...", "weak_score": 0.0, "strong_score": 1.0, "category": "..."}
+
+``weak_score``/``strong_score`` are the quality of the local (weak) and closed (strong) model's
+answers on the same scale within a file (correctness 0/1, a judge score rescaled to [0, 1], ...);
+``category`` is optional. Capability files use ``{"id", "prompt", "capability"}`` (plus
+``commercial_use``/``source`` where the data has them). Users can bring their own logs in this
+format to ``tiergate train`` and ``tiergate eval``.
+
+An artifact is a directory with ``model.joblib`` and ``metadata.json``. The sidecar records the
+format version, library versions, the sha256 and row count of every training file, the features
+and the cross-validation metrics, and the sha256 of ``model.joblib``. :func:`load_scorer` checks
+the format, the library versions and that hash *before* unpickling, so it only unpickles the file
+Tiergate wrote alongside that sidecar, and refuses anything else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+import scipy
+import sklearn
+
+from router import __version__
+from router.classifier import (
+    MAX_CHARS,
+    STRUCTURE_FEATURES,
+    LearnedScorer,
+    PromptClassifier,
+)
+from router.errors import ConfigError
+from router.scoring import CAPABILITIES
+
+ARTIFACT_FORMAT = "tiergate-classifier"
+ARTIFACT_FORMAT_VERSION = 1
+MODEL_FILE = "model.joblib"
+METADATA_FILE = "metadata.json"
+DEFAULT_MODEL_NAME = "router-v1"
+ENV_MODEL_PATH = "TIERGATE_CLASSIFIER_PATH"
+
+#: Routing-label choices measured in docs/model-card.md; the shipped model uses the defaults.
+DEFAULT_MARGIN = 0.0
+
+
+class DataFormatError(ConfigError):
+    """A data file does not follow Tiergate's documented JSONL row schema."""
+
+    code = "data_format_error"
+
+
+class ArtifactError(ConfigError):
+    """A model artifact is missing, foreign, tampered with, or from other library versions."""
+
+    code = "model_artifact_error"
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingRow:
+    """One labelled prompt: the weak and strong model's answer quality on it."""
+
+    id: str
+    prompt: str
+    weak_score: float
+    strong_score: float
+    category: str | None = None
+    dataset: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CapabilityRow:
+    """One prompt with its capability label (and the source it came from, for grouped CV)."""
+
+    id: str
+    prompt: str
+    capability: str
+    source: str = ""
+
+
+def _read_jsonl(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
+    try:
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataFormatError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
+                if not isinstance(row, dict):
+                    raise DataFormatError(f"{path}:{lineno}: each line must be a JSON object")
+                yield lineno, row
+    except OSError as exc:
+        raise DataFormatError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def _field(path: Path, lineno: int, row: dict[str, Any], key: str, kind: type) -> Any:
+    value = row.get(key)
+    if key == "id" and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind):
+        raise DataFormatError(f"{path}:{lineno}: field {key!r} must be a {kind.__name__}")
+    return value
+
+
+def load_prompts(path: str | Path) -> list[tuple[str, str]]:
+    """``(id, prompt)`` pairs of a JSONL file; reads no other field (``tiergate score``)."""
+    p = Path(path)
+    return [
+        (str(_field(p, n, row, "id", str)), _field(p, n, row, "prompt", str))
+        for n, row in _read_jsonl(p)
+    ]
+
+
+def load_routing_rows(path: str | Path) -> list[RoutingRow]:
+    """Rows of a routing file in the documented schema, validated (scores must be finite)."""
+    p = Path(path)
+    rows = []
+    for n, row in _read_jsonl(p):
+        weak = _field(p, n, row, "weak_score", float)
+        strong = _field(p, n, row, "strong_score", float)
+        if not (math_isfinite(weak) and math_isfinite(strong)):
+            raise DataFormatError(f"{p}:{n}: weak_score/strong_score must be finite")
+        category = row.get("category")
+        rows.append(
+            RoutingRow(
+                id=str(_field(p, n, row, "id", str)),
+                prompt=_field(p, n, row, "prompt", str),
+                weak_score=weak,
+                strong_score=strong,
+                category=str(category) if category is not None else None,
+                dataset=p.stem,
+            )
+        )
+    if not rows:
+        raise DataFormatError(f"{p}: no rows")
+    return rows
+
+
+def math_isfinite(x: float) -> bool:
+    """True for a finite float (NaN and infinities are not valid scores)."""
+    return bool(np.isfinite(x))
+
+
+def load_capability_rows(path: str | Path, *, commercial_only: bool = True) -> list[CapabilityRow]:
+    """Capability-labelled rows; with ``commercial_only`` rows marked ``commercial_use: false``
+    (research-only licences) are skipped, as the shipped model requires."""
+    p = Path(path)
+    rows = []
+    for n, row in _read_jsonl(p):
+        if commercial_only and row.get("commercial_use") is False:
+            continue
+        cap = _field(p, n, row, "capability", str)
+        if cap not in CAPABILITIES:
+            raise DataFormatError(f"{p}:{n}: unknown capability {cap!r}")
+        rows.append(
+            CapabilityRow(
+                id=str(_field(p, n, row, "id", str)),
+                prompt=_field(p, n, row, "prompt", str),
+                capability=cap,
+                source=str(row.get("source", "")),
+            )
+        )
+    return rows
+
+
+# --- training -------------------------------------------------------------------------------
+
+
+def routing_target(
+    rows: Sequence[RoutingRow], *, margin: float = DEFAULT_MARGIN, balance: bool = True
+) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """Binary target and sample weights for the routing classifier.
+
+    ``y = 1`` when ``strong_score - weak_score > margin`` ("materially better"). Because every
+    file keeps its scores on one scale and APGR is invariant to affine rescaling, the sign of the
+    within-row gap is comparable across correctness (0/1) and judge (score/10) files where raw
+    scores are not.
+
+    With ``balance`` every (data set, class) cell gets the same total weight. Data sets differ in
+    how often the strong model wins (15% on MMLU, 60% on Arena-Bench); unbalanced, the classifier
+    spends its features on telling data sets apart (multiple choice, length) instead of ranking
+    prompts within one, which is all APGR measures. Grouped CV preferred this (model card).
+    """
+    gap = np.array([r.strong_score - r.weak_score for r in rows])
+    y = (gap > margin).astype(np.int64)
+    weights = np.ones(len(rows))
+    if balance:
+        cells = np.array([f"{r.dataset}\x00{label}" for r, label in zip(rows, y, strict=True)])
+        names, counts = np.unique(cells, return_counts=True)
+        per = {n: len(rows) / (len(names) * c) for n, c in zip(names, counts, strict=True)}
+        weights = np.array([per[c] for c in cells])
+    return y, weights
+
+
+DEFAULT_ROUTING_PARAMS: dict[str, Any] = {
+    "C": 1.0,
+    "ngram_max": 2,
+    "min_df": 2,
+    "solver": "liblinear",
+}
+DEFAULT_CAPABILITY_PARAMS: dict[str, Any] = {"C": 4.0, "ngram_max": 2, "min_df": 2}
+
+
+def fit_routing(
+    rows: Sequence[RoutingRow],
+    *,
+    margin: float = DEFAULT_MARGIN,
+    balance: bool = True,
+    params: dict[str, Any] | None = None,
+) -> PromptClassifier:
+    """Fit the binary routing classifier on routing rows."""
+    y, w = routing_target(rows, margin=margin, balance=balance)
+    if len(set(y.tolist())) < 2:
+        raise DataFormatError("routing data needs prompts where the strong model is better and not")
+    model = PromptClassifier(**{**DEFAULT_ROUTING_PARAMS, **(params or {})})
+    return model.fit([r.prompt for r in rows], y, sample_weight=w)
+
+
+def fit_capability(
+    rows: Sequence[CapabilityRow], *, params: dict[str, Any] | None = None
+) -> PromptClassifier:
+    """Fit the 9-class capability classifier on capability rows."""
+    model = PromptClassifier(
+        **{**DEFAULT_CAPABILITY_PARAMS, "class_weight": "balanced", **(params or {})}
+    )
+    return model.fit([r.prompt for r in rows], [r.capability for r in rows])
+
+
+def fit_scorer(
+    routing_rows: Sequence[RoutingRow],
+    capability_rows: Sequence[CapabilityRow],
+    *,
+    version: str = DEFAULT_MODEL_NAME,
+    progress: Callable[[str], None] | None = None,
+) -> LearnedScorer:
+    """Fit both classifiers and wrap them as a :class:`LearnedScorer` (no I/O).
+
+    ``progress`` is called with a step name before each fit (the CLI drives a tqdm bar with it).
+    """
+    if progress:
+        progress("routing classifier")
+    routing = fit_routing(routing_rows)
+    if progress:
+        progress("capability classifier")
+    capability = fit_capability(capability_rows)
+    return LearnedScorer(routing, capability, version)
+
+
+# --- artifact -------------------------------------------------------------------------------
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    """Versions that must match between the writer and the reader of an artifact."""
+    return {
+        "tiergate_artifact_format": str(ARTIFACT_FORMAT_VERSION),
+        "scikit-learn": sklearn.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "joblib": joblib.__version__,
+        "python": ".".join(map(str, sys.version_info[:2])),
+    }
+
+
+def data_file_info(path: str | Path, rows: int) -> dict[str, Any]:
+    """The sidecar entry for one training file: name, sha256, row count used."""
+    p = Path(path)
+    return {"file": p.name, "sha256": sha256_file(p), "rows": rows}
+
+
+def save_scorer(
+    scorer: LearnedScorer, out_dir: str | Path, *, metadata: dict[str, Any] | None = None
+) -> Path:
+    """Write ``scorer`` as a new artifact directory and return its path.
+
+    Refuses to overwrite an existing artifact (a retrain writes a new version). The directory is
+    assembled in a temporary sibling and renamed into place, so readers never see half of it.
+    """
+    out = Path(out_dir)
+    if out.exists():
+        raise ArtifactError(f"{out} already exists; write a new version instead of editing one")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    model_path = tmp / MODEL_FILE
+    joblib.dump(
+        {"format": ARTIFACT_FORMAT, "routing": scorer.routing, "capability": scorer.capability},
+        model_path,
+        compress=3,
+    )
+    sidecar = {
+        "format": ARTIFACT_FORMAT,
+        "format_version": ARTIFACT_FORMAT_VERSION,
+        "name": out.name,
+        "version": scorer.version,
+        "tiergate_version": __version__,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "libraries": library_versions(),
+        "platform": platform.platform(),
+        "model_sha256": sha256_file(model_path),
+        "features": {
+            "routing": _describe(scorer.routing),
+            "capability": _describe(scorer.capability),
+            "max_chars": MAX_CHARS,
+            "structure": list(STRUCTURE_FEATURES),
+        },
+        **(metadata or {}),
+    }
+    (tmp / METADATA_FILE).write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
+    tmp.chmod(0o755)  # mkdtemp makes it owner-only; an artifact is meant to be shared.
+    os.replace(tmp, out)
+    return out
+
+
+def _describe(model: PromptClassifier) -> dict[str, Any]:
+    return {
+        "estimator": "PromptClassifier(word 1-n-gram TF-IDF + structure -> LogisticRegression)",
+        "params": model.get_params(),
+        "classes": [str(c) for c in model.classes_],
+        "vocabulary_size": len(model.vocabulary_),
+    }
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The sidecar of an artifact directory, checked for format and library versions."""
+    p = Path(path)
+    meta_path = p / METADATA_FILE
+    if not meta_path.is_file() or not (p / MODEL_FILE).is_file():
+        raise ArtifactError(f"{p} is not a Tiergate model (needs {MODEL_FILE} and {METADATA_FILE})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{meta_path}: unreadable sidecar") from exc
+    if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT:
+        raise ArtifactError(f"{meta_path}: not a Tiergate classifier sidecar")
+    if meta.get("format_version") != ARTIFACT_FORMAT_VERSION:
+        raise ArtifactError(
+            f"{meta_path}: artifact format {meta.get('format_version')!r}, "
+            f"this Tiergate reads {ARTIFACT_FORMAT_VERSION}"
+        )
+    expected = library_versions()
+    found = meta.get("libraries", {})
+    mismatched = {k: (found.get(k), v) for k, v in expected.items() if found.get(k) != v}
+    if mismatched:
+        detail = ", ".join(f"{k}: model {a} vs installed {b}" for k, (a, b) in mismatched.items())
+        raise ArtifactError(
+            f"{p}: library version mismatch ({detail}); retrain with `tiergate train`"
+        )
+    return meta
+
+
+def load_scorer(path: str | Path) -> LearnedScorer:
+    """Load an artifact written by :func:`save_scorer`, refusing foreign or tampered files.
+
+    The sidecar's ``model_sha256`` is checked against ``model.joblib`` before anything is
+    unpickled; only then is the pickle loaded and its contents type-checked.
+    """
+    p = Path(path)
+    meta = read_metadata(p)
+    model_path = p / MODEL_FILE
+    if sha256_file(model_path) != meta.get("model_sha256"):
+        raise ArtifactError(f"{model_path}: sha256 does not match its sidecar; refusing to load")
+    payload = joblib.load(model_path)
+    if not isinstance(payload, dict) or payload.get("format") != ARTIFACT_FORMAT:
+        raise ArtifactError(f"{model_path}: unexpected contents")
+    routing, capability = payload.get("routing"), payload.get("capability")
+    if not isinstance(routing, PromptClassifier) or not isinstance(capability, PromptClassifier):
+        raise ArtifactError(f"{model_path}: unexpected estimator types")
+    return LearnedScorer(routing, capability, str(meta.get("version", p.name)))
+
+
+def default_model_path() -> Path:
+    """The default model: ``$TIERGATE_CLASSIFIER_PATH``, else ``<repo>/models/router-v1``."""
+    env = os.environ.get(ENV_MODEL_PATH)
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "models" / DEFAULT_MODEL_NAME
+
+
+def load_default_scorer() -> LearnedScorer:
+    """Load the default model (:func:`default_model_path`); the proxy calls this at start-up."""
+    return load_scorer(default_model_path())
+
+
+# --- cross-validation and the train command ----------------------------------------------------
+
+
+def _scores_report(
+    model: PromptClassifier, rows: Sequence[RoutingRow], n_bootstrap: int
+) -> dict[str, Any]:
+
+    scores = model.predict_proba([r.prompt for r in rows])[:, 1]
+    return _oof_report(scores, rows, n_bootstrap)
+
+
+def _oof_report(
+    scores: np.ndarray[Any, Any], rows: Sequence[RoutingRow], n_bootstrap: int
+) -> dict[str, Any]:
+    from router.metrics import evaluate, summary
+
+    report = evaluate(
+        scores,
+        [r.weak_score for r in rows],
+        [r.strong_score for r in rows],
+        n_bootstrap=n_bootstrap,
+    )
+    return summary(report)
+
+
+def cross_validate_routing(
+    rows: Sequence[RoutingRow], *, n_bootstrap: int = 200, n_splits: int = 5
+) -> dict[str, Any]:
+    """Grouped CV of the routing classifier, as reported in the sidecar and model card.
+
+    * ``leave_one_dataset_out/<d>``: train on every other data set, score all of ``d``.
+    * ``grouped_by_category/<d>``: for a data set with at least ``n_splits`` categories (MMLU
+      subjects), ``GroupKFold`` over its categories; the other data sets stay in training. The
+      out-of-fold scores are pooled into one report.
+    """
+    from sklearn.model_selection import GroupKFold
+
+    out: dict[str, Any] = {}
+    datasets = sorted({r.dataset for r in rows})
+    if len(datasets) >= 2:
+        for d in datasets:
+            train = [r for r in rows if r.dataset != d]
+            test = [r for r in rows if r.dataset == d]
+            out[f"leave_one_dataset_out/{d}"] = _scores_report(
+                fit_routing(train), test, n_bootstrap
+            )
+    for d in datasets:
+        test = [r for r in rows if r.dataset == d]
+        cats = np.array([r.category or "" for r in test])
+        if len(set(cats.tolist())) < n_splits:
+            continue
+        others = [r for r in rows if r.dataset != d]
+        oof = np.zeros(len(test))
+        for tr, te in GroupKFold(n_splits).split(test, groups=cats):
+            model = fit_routing(others + [test[i] for i in tr])
+            oof[te] = model.predict_proba([test[i].prompt for i in te])[:, 1]
+        out[f"grouped_by_category/{d}"] = _oof_report(oof, test, n_bootstrap)
+    return out
+
+
+def cross_validate_capability(rows: Sequence[CapabilityRow]) -> dict[str, Any]:
+    """Leave-one-source-out accuracy of the capability classifier (every source held out once).
+
+    A capability that only one source provides cannot be predicted when that source is held out;
+    this is the honest out-of-distribution number, and per-class recall shows where it fails.
+    """
+    from sklearn.metrics import accuracy_score, f1_score, recall_score
+    from sklearn.model_selection import LeaveOneGroupOut
+
+    sources = np.array([r.source for r in rows])
+    y = np.array([r.capability for r in rows])
+    pred = np.empty(len(rows), dtype=object)
+    for tr, te in LeaveOneGroupOut().split(rows, groups=sources):
+        model = fit_capability([rows[i] for i in tr])
+        pred[te] = model.predict([rows[i].prompt for i in te])
+    labels = sorted(set(y.tolist()))
+    recall = recall_score(y, pred.astype(str), labels=labels, average=None, zero_division=0)
+    return {
+        "n": len(rows),
+        "sources": sorted(set(sources.tolist())),
+        "accuracy": float(accuracy_score(y, pred.astype(str))),
+        "macro_f1": float(f1_score(y, pred.astype(str), average="macro", zero_division=0)),
+        "recall": {c: float(r) for c, r in zip(labels, recall, strict=True)},
+    }
+
+
+def _is_capability_file(path: Path) -> bool:
+    for _, row in _read_jsonl(path):
+        return "capability" in row and "weak_score" not in row
+    raise DataFormatError(f"{path}: no rows")
+
+
+def train_artifact(
+    data: Sequence[str | Path],
+    out: str | Path,
+    *,
+    cv: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """What ``tiergate train`` does: read files, fit, cross-validate, save with a full sidecar.
+
+    Each ``--data`` file is a routing file or a capability file (told apart by its fields). With
+    no capability file, the capability classifier of the default model is reused, so a retrain on
+    logged traffic only refits the routing decision.
+    """
+
+    def step(name: str) -> None:
+        if progress:
+            progress(name)
+
+    routing_rows: list[RoutingRow] = []
+    capability_rows: list[CapabilityRow] = []
+    files = []
+    for f in data:
+        p = Path(f)
+        if _is_capability_file(p):
+            caps = load_capability_rows(p)
+            capability_rows += caps
+            files.append({**data_file_info(p, len(caps)), "kind": "capability"})
+        else:
+            rows = load_routing_rows(p)
+            routing_rows += rows
+            files.append({**data_file_info(p, len(rows)), "kind": "routing"})
+    if not routing_rows:
+        raise DataFormatError("train needs at least one routing file (weak_score/strong_score)")
+    step("read data")
+    routing = fit_routing(routing_rows)
+    step("routing classifier")
+    if capability_rows:
+        capability = fit_capability(capability_rows)
+    else:
+        capability = load_default_scorer().capability
+    step("capability classifier")
+    metrics: dict[str, Any] = {}
+    if cv:
+        metrics["routing"] = cross_validate_routing(routing_rows)
+        if len({r.source for r in capability_rows}) >= 2:
+            metrics["capability"] = cross_validate_capability(capability_rows)
+        step("cross-validation")
+    scorer = LearnedScorer(routing, capability, Path(out).name)
+    metadata = {
+        "data_files": files,
+        "rows": {"routing": len(routing_rows), "capability": len(capability_rows)},
+        "target": {
+            "rule": "strong_score - weak_score > margin",
+            "margin": DEFAULT_MARGIN,
+            "balance": "equal total weight per (data set, class)",
+        },
+        "cv_metrics": metrics,
+    }
+    path = save_scorer(scorer, out, metadata=metadata)
+    step("save")
+    return path

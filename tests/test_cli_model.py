@@ -1,0 +1,123 @@
+"""The model commands of the ``tiergate`` CLI: train, score, eval, classify."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from router.cli import build_parser, main
+
+HARD = "Prove that {} is irrational, step by step, and derive the bound."
+EASY = "hi, what is {}?"
+
+
+def write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("cli")
+    rows: list[dict[str, object]] = []
+    for i in range(20):
+        hard = i % 2 == 0
+        rows.append(
+            {
+                "id": f"r{i}",
+                "prompt": (HARD if hard else EASY).format(f"x{i}"),
+                "weak_score": 0.0 if hard else 1.0,
+                "strong_score": 1.0,
+            }
+        )
+    routing = write_jsonl(tmp / "routing.jsonl", rows)
+    caps = write_jsonl(
+        tmp / "caps.jsonl",
+        [{"id": f"c{i}", "prompt": f"Write code {i}", "capability": "coding"} for i in range(4)]
+        + [{"id": f"m{i}", "prompt": f"Solve {i} + 2", "capability": "math"} for i in range(4)],
+    )
+    out = tmp / "models" / "test-v1"
+    assert main(["train", "--data", str(routing), "--data", str(caps), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    rows = [
+        {"id": "a", "prompt": HARD.format("pi"), "weak_score": 0.0, "strong_score": 1.0},
+        {"id": "b", "prompt": EASY.format("up"), "weak_score": 1.0, "strong_score": 1.0},
+        {
+            "id": "c",
+            "prompt": "Email bob@example.com about my tax return",
+            "weak_score": 1.0,
+            "strong_score": 0.0,
+        },
+        {"id": "d", "prompt": HARD.format("e"), "weak_score": 0.0, "strong_score": 1.0},
+    ]
+    return write_jsonl(tmp_path / "data.jsonl", rows)
+
+
+def test_parser_has_the_model_commands() -> None:
+    parser = build_parser()
+    for cmd in ("train", "score", "eval", "classify"):
+        assert (
+            parser.parse_args(
+                [cmd, "--data", "x", "--out", "y"] if cmd != "eval" else [cmd, "--data", "x"]
+            ).command
+            == cmd
+        )
+
+
+def test_score_writes_one_line_per_row(model_dir: Path, data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "scores.jsonl"
+    assert main(["score", "--data", str(data), "--out", str(out), "--model", str(model_dir)]) == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["id"] for x in lines] == ["a", "b", "c", "d"]
+    assert set(lines[0]) == {"id", "score"}
+    assert lines[0]["score"] > lines[1]["score"]
+
+
+def test_classify_writes_labels(model_dir: Path, data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "labels.jsonl"
+    assert (
+        main(["classify", "--data", str(data), "--out", str(out), "--model", str(model_dir)]) == 0
+    )
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(lines) == 4
+    assert {"id", "capability", "stakes", "pii"} <= set(lines[2])
+    assert lines[2]["pii"] is True and lines[2]["stakes"] == "high"
+    assert lines[1]["pii"] is False
+
+
+def test_eval_json_and_plot(
+    model_dir: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    png = tmp_path / "curve.png"
+    args = ["eval", "--data", str(data), "--model", str(model_dir), "--json", "--plot", str(png)]
+    assert main([*args, "--threshold", "0.5", "--bootstrap", "50"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert len(report["curve"]) == 11
+    assert report["apgr"]["low"] <= report["apgr"]["value"] <= report["apgr"]["high"]
+    assert report["threshold_point"] is not None
+    assert png.stat().st_size > 1000
+    assert main(["eval", "--data", str(data), "--model", str(model_dir), "--bootstrap", "20"]) == 0
+    assert "CPT(50%)" in capsys.readouterr().out
+
+
+def test_errors_are_reported_not_raised(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope"
+    assert main(["score", "--data", "x.jsonl", "--out", "-", "--model", str(missing)]) == 2
+    assert "not a Tiergate model" in capsys.readouterr().err
+
+
+def test_score_uses_the_shipped_model_by_default(data: Path, tmp_path: Path) -> None:
+    from router.training import default_model_path
+
+    if not (default_model_path() / "model.joblib").is_file():
+        pytest.skip("no shipped model in this checkout")
+    out = tmp_path / "s.jsonl"
+    assert main(["score", "--data", str(data), "--out", str(out)]) == 0
+    scores = [json.loads(x)["score"] for x in out.read_text().splitlines()]
+    assert len(scores) == 4 and all(0.0 <= s <= 1.0 for s in scores)
