@@ -215,11 +215,14 @@ def row_to_dict(row: sqlite3.Row) -> dict[str, Any]:
 class SQLiteOutcomeStore:
     """Records in one SQLite file (WAL mode), written by a background thread in batches."""
 
-    def __init__(self, path: Path, *, queue_size: int = 100_000, batch: int = 500) -> None:
+    def __init__(
+        self, path: Path, *, queue_size: int = 100_000, batch: int = 500, linger_s: float = 0.05
+    ) -> None:
         self.path = path
         self._queue: queue.Queue[OutcomeRecord | Label | None] = queue.Queue(maxsize=queue_size)
         self._inflight: dict[str, OutcomeRecord] = {}
         self._batch = batch
+        self._linger_s = linger_s
         self._thread: threading.Thread | None = None
         self._read_lock = threading.Lock()
         self._reader: sqlite3.Connection | None = None
@@ -305,6 +308,10 @@ class SQLiteOutcomeStore:
                 batch.append(more)
             if batch:
                 self._write(conn, batch)
+                if not stop and self._linger_s > 0:
+                    # Let records gather: a writer blocked in get() is woken by every submit,
+                    # and each wake-up takes the GIL from the event loop (bench/README.md).
+                    time.sleep(self._linger_s)
         conn.close()
 
     def _write(self, conn: sqlite3.Connection, batch: list[OutcomeRecord | Label]) -> None:

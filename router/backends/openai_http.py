@@ -1,18 +1,19 @@
-"""Talk to any OpenAI-compatible ``/chat/completions`` endpoint over one pooled httpx client.
+"""Talk to any OpenAI-compatible ``/chat/completions`` endpoint over one pooled HTTP client.
 
 Used for closed ``openai/...`` models (OpenAI itself or any compatible base URL) and for an
 external llama.cpp server on the local tier (``llama-server`` or ``llama_cpp.server``). Calling
 the endpoint directly keeps the proxy's added latency far below a litellm round trip; see
-``bench/README.md``. httpx failures are mapped to :mod:`router.errors` here, in one place.
+``bench/README.md``. Transport failures are mapped to :mod:`router.errors` here, in one place.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import aiohttp
 
 from router.backends import Completion, Usage, usage_from_body
 from router.errors import (
@@ -24,36 +25,42 @@ from router.errors import (
     scrub,
 )
 
+_JSON = {"content-type": "application/json"}
 
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
+
+def _retry_after(value: str | None) -> float | None:
     try:
         return float(value) if value is not None else None
     except ValueError:
         return None
 
 
-def _upstream_message(response: httpx.Response) -> str:
+def _upstream_message(raw: bytes, reason: str | None) -> str:
     try:
-        payload = response.json()
+        payload = json.loads(raw)
         message = payload.get("error", {}).get("message") if isinstance(payload, dict) else None
     except (json.JSONDecodeError, UnicodeDecodeError):
         message = None
-    return str(message or response.reason_phrase or "error")[:500]
+    return str(message or reason or "error")[:500]
 
 
 def error_for_status(
-    response: httpx.Response, label: str, api_key: str | None = None
+    status: int,
+    raw: bytes,
+    label: str,
+    *,
+    reason: str | None = None,
+    retry_after: str | None = None,
+    api_key: str | None = None,
 ) -> BackendError:
     """Map an upstream HTTP error status to the Tiergate error a client and the fallback see.
 
     The upstream's message is repeated with credentials scrubbed (some providers echo keys).
     """
-    status = response.status_code
-    message = f"{label} answered {status}: {scrub(_upstream_message(response), [api_key])}"
+    message = f"{label} answered {status}: {scrub(_upstream_message(raw, reason), [api_key])}"
     if status == 429:
         return UpstreamRateLimitedError(
-            message, upstream_status=status, retry_after=_retry_after(response)
+            message, upstream_status=status, retry_after=_retry_after(retry_after)
         )
     if status in (400, 413, 422):
         return UpstreamBadRequestError(message, upstream_status=status)
@@ -62,23 +69,52 @@ def error_for_status(
     return BackendError(message, upstream_status=status)
 
 
-def map_transport_error(exc: httpx.HTTPError, label: str) -> TiergateError:
-    """Map an httpx transport failure (timeout, refused, reset) to a Tiergate error."""
-    if isinstance(exc, httpx.TimeoutException):
+async def _error(response: aiohttp.ClientResponse, label: str, api_key: str | None) -> BackendError:
+    return error_for_status(
+        response.status,
+        await response.read(),
+        label,
+        reason=response.reason,
+        retry_after=response.headers.get("retry-after"),
+        api_key=api_key,
+    )
+
+
+def map_transport_error(exc: Exception, label: str) -> TiergateError:
+    """Map a transport failure (timeout, refused, reset) to a Tiergate error."""
+    if isinstance(exc, asyncio.TimeoutError):  # aiohttp's timeouts subclass it
         return UpstreamTimeoutError(f"{label} timed out ({type(exc).__name__})")
     return BackendError(f"{label} unreachable: {type(exc).__name__}", code="upstream_unreachable")
 
 
+def _dumps(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
 class OpenAIHTTP:
-    """A pooled client for one or more OpenAI-compatible base URLs."""
+    """A pooled client (aiohttp, HTTP/1.1 keep-alive) for OpenAI-compatible base URLs.
+
+    aiohttp rather than httpx: on the proxy's hot path httpx's connection pool cost about 80% of
+    Tiergate's own CPU per request (it scans and polls every pooled connection per request;
+    see bench/README.md), aiohttp's a small fraction of that. Timeouts keep httpx's meaning: the
+    limit applies to connecting and to each read, not to a whole (possibly long) stream.
+    The session is opened on first use, inside the running event loop.
+    """
 
     def __init__(self, *, timeout_s: float, max_connections: int = 512) -> None:
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
-        )
+        self._timeout_s = timeout_s
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=self._max_connections, limit_per_host=0, ttl_dns_cache=300
+                ),
+                timeout=_timeout(self._timeout_s),
+            )
+        return self._session
 
     async def complete(
         self,
@@ -91,19 +127,20 @@ class OpenAIHTTP:
     ) -> Completion:
         """POST a non-streaming request; return the parsed body and its usage."""
         try:
-            response = await self._client.post(
+            async with self._client().post(
                 _endpoint(base_url),
-                json={**body, "stream": False},
-                headers=_auth(api_key),
-                timeout=timeout_s if timeout_s is not None else httpx.USE_CLIENT_DEFAULT,
-            )
-        except httpx.HTTPError as exc:
+                data=_dumps({**body, "stream": False}),
+                headers=_headers(api_key),
+                timeout=_timeout(timeout_s) if timeout_s is not None else None,
+            ) as response:
+                if response.status >= 400:
+                    raise await _error(response, label, api_key)
+                raw = await response.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise map_transport_error(exc, label) from exc
-        if response.status_code >= 400:
-            raise error_for_status(response, label, api_key)
         try:
-            payload = response.json()
-        except json.JSONDecodeError as exc:
+            payload = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BackendError(f"{label} sent a body that is not JSON") from exc
         if not isinstance(payload, dict) or "choices" not in payload:
             raise BackendError(f"{label} sent a body without 'choices'")
@@ -123,47 +160,64 @@ class OpenAIHTTP:
 
         Usage is always asked of the upstream (``stream_options.include_usage``) so the record
         has real token counts; the usage-only chunk is passed on only if the client asked for it.
+        Leaving early closes the upstream connection, which stops the provider's generation.
         """
         options = dict(body.get("stream_options") or {})
         options["include_usage"] = True
         request = {**body, "stream": True, "stream_options": options}
         try:
-            async with self._client.stream(
-                "POST",
+            async with self._client().post(
                 _endpoint(base_url),
-                json=request,
-                headers=_auth(api_key),
-                timeout=timeout_s if timeout_s is not None else httpx.USE_CLIENT_DEFAULT,
+                data=_dumps(request),
+                headers=_headers(api_key),
+                timeout=_timeout(timeout_s) if timeout_s is not None else None,
             ) as response:
-                if response.status_code >= 400:
-                    await response.aread()
-                    raise error_for_status(response, label, api_key)
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
+                if response.status >= 400:
+                    raise await _error(response, label, api_key)
+                finished = False
+                async for raw in response.content:
+                    line = raw.strip()
+                    if not line.startswith(b"data:"):
                         continue
                     data = line[5:].strip()
-                    if data == "[DONE]":
+                    if data == b"[DONE]":
                         return
                     try:
                         chunk = json.loads(data)
-                    except json.JSONDecodeError as exc:
+                    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                         raise BackendError(f"{label} sent a chunk that is not JSON") from exc
                     if chunk.get("usage"):
                         got = usage_from_body(chunk)
                         usage.prompt_tokens = got.prompt_tokens
                         usage.completion_tokens = got.completion_tokens
+                    finished = finished or any(
+                        c.get("finish_reason") for c in chunk.get("choices") or ()
+                    )
                     yield chunk
-        except httpx.HTTPError as exc:
+                # aiohttp ends a read-until-close body quietly even on a reset: a stream that
+                # stops with neither [DONE] nor a finish_reason was cut off, not finished.
+                if not finished:
+                    raise BackendError(
+                        f"{label} unreachable: the stream ended before it finished",
+                        code="upstream_unreachable",
+                    )
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise map_transport_error(exc, label) from exc
 
     async def aclose(self) -> None:
         """Close pooled connections."""
-        await self._client.aclose()
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+
+def _timeout(seconds: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=None, sock_connect=min(seconds, 10.0), sock_read=seconds)
 
 
 def _endpoint(base_url: str) -> str:
     return base_url.rstrip("/") + "/chat/completions"
 
 
-def _auth(api_key: str | None) -> dict[str, str]:
-    return {"authorization": f"Bearer {api_key}"} if api_key else {}
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {**_JSON, "authorization": f"Bearer {api_key}"} if api_key else _JSON

@@ -1,0 +1,299 @@
+"""Proxy overhead and memory: the fake upstream direct, through Tiergate, through LiteLLM proxy.
+
+All three servers run side by side for the whole phase; for each concurrency the three paths are
+measured in turn, repeat after repeat (a, b, c, a, b, c, ...), so that load from other users of
+the machine falls on all of them alike. Figures are medians over the repeats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from bench import streaming
+from bench.procs import ROOT, Server, free_port, python, server, wrk
+
+BENCH_KEY_ENV = "BENCH_OPENAI_KEY"
+BENCH_KEY = "sk-bench-not-a-real-key"
+CLIENT_KEY = "sk-bench-3f9c2a7e41d05b86c1e9a4f27d3b6058"
+LITELLM_VENV = ROOT / "bench" / ".venv-litellm"
+CHAT = "/v1/chat/completions"
+
+
+def bench_policy(upstream_port: int, dest: Path) -> Path:
+    """policies/default.yaml with its closed tier pointed at the fake upstream, threshold 0.
+
+    The rules stay as shipped (so evaluation costs what it costs in production); the closed
+    model is the upstream, and ``auto`` has threshold 0 so every request is routed closed.
+    """
+    policy = yaml.safe_load((ROOT / "policies" / "default.yaml").read_text())
+    policy["models"] = {
+        "local": policy["models"]["local"],
+        "gpt-4o": {
+            "tier": "closed",
+            "litellm_model": "openai/gpt-4o",
+            "api_base": f"http://127.0.0.1:{upstream_port}/v1",
+            "api_key_env": BENCH_KEY_ENV,
+            "context_window": 128000,
+        },
+    }
+    policy["closed_models"] = ["gpt-4o"]
+    policy["threshold"] = 0.0
+    policy["aliases"] = {"auto": {"threshold": 0.0}}
+    policy["store_prompts"] = "none"
+    dest.write_text(yaml.safe_dump(policy, sort_keys=False))
+    return dest
+
+
+def litellm_config(upstream_port: int, dest: Path) -> Path:
+    """A LiteLLM proxy config for the same upstream, no database."""
+    config = {
+        "model_list": [
+            {
+                "model_name": "auto",
+                "litellm_params": {
+                    "model": "openai/gpt-4o",
+                    "api_base": f"http://127.0.0.1:{upstream_port}/v1",
+                    "api_key": f"os.environ/{BENCH_KEY_ENV}",
+                },
+            }
+        ],
+        "litellm_settings": {"telemetry": False, "drop_params": True},
+        # A master key, as a deployment has (LiteLLM refuses to start without one); the load
+        # generator sends it as the bearer token on every path.
+        "general_settings": {"master_key": CLIENT_KEY},
+    }
+    dest.write_text(yaml.safe_dump(config, sort_keys=False))
+    return dest
+
+
+@contextmanager
+def upstream(workdir: Path) -> Iterator[Server]:
+    """The fake upstream (see bench/upstream.py)."""
+    port = free_port()
+    with server(
+        "upstream",
+        [python(), "-m", "bench.upstream", "--port", str(port)],
+        port=port,
+        ready_path="/v1/models",
+        workdir=workdir,
+    ) as srv:
+        yield srv
+
+
+def tiergate_env(workdir: Path, policy: Path, *, local: bool) -> dict[str, str]:
+    """Settings for ``tiergate serve`` under test."""
+    env = {
+        BENCH_KEY_ENV: BENCH_KEY,
+        "TIERGATE_POLICY": str(policy),
+        "TIERGATE_LOCAL_BACKEND": "llama_cpp" if local else "none",
+        "TIERGATE_SQLITE_PATH": str(workdir / f"outcomes-{time.monotonic_ns()}.db"),
+        "TIERGATE_LOG_LEVEL": "warning",
+        "TIERGATE_N_THREADS": "1",
+        "TIERGATE_N_CTX": "2048",
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+    }
+    return env
+
+
+@contextmanager
+def tiergate(workdir: Path, policy: Path, *, local: bool = False) -> Iterator[Server]:
+    """``tiergate serve``: one worker, the closed tier at the upstream."""
+    port = free_port()
+    tiergate_bin = Path(python()).parent / "tiergate"
+    with server(
+        "tiergate-model" if local else "tiergate",
+        [str(tiergate_bin), "serve", "--port", str(port)],
+        port=port,
+        ready_path="/healthz",
+        env=tiergate_env(workdir, policy, local=local),
+        workdir=workdir,
+    ) as srv:
+        yield srv
+
+
+@contextmanager
+def litellm(workdir: Path, config: Path) -> Iterator[Server]:
+    """LiteLLM proxy from its own venv: one worker, no database."""
+    port = free_port()
+    env = {
+        BENCH_KEY_ENV: BENCH_KEY,
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+        "LITELLM_LOG": "ERROR",
+        "DISABLE_SCHEMA_UPDATE": "true",
+    }
+    env.pop("DATABASE_URL", None)
+    os.environ.pop("DATABASE_URL", None)
+    with server(
+        "litellm",
+        [
+            str(LITELLM_VENV / "bin" / "litellm"),
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+            "--num_workers",
+            "1",
+        ],
+        port=port,
+        ready_path="/health/liveliness",
+        env=env,
+        workdir=workdir,
+        timeout_s=180.0,
+    ) as srv:
+        yield srv
+
+
+def settle_rss(srv: Server, seconds: float = 3.0) -> float:
+    """RSS after the server has sat idle for a moment (lazy start-up work done)."""
+    time.sleep(seconds)
+    return round(srv.rss_mb(), 1)
+
+
+def send_n(srv: Server, n: int, connections: int = 32, max_s: float = 150.0) -> dict[str, Any]:
+    """Send ``n`` requests, ``connections`` at a time (wrk cannot stop at a count).
+
+    Stops early after ``max_s`` seconds (a slow proxy on a loaded machine would otherwise hold
+    the whole run); the number actually sent is returned and reported.
+    """
+    return asyncio.run(_send_n(srv.base + CHAT, n, connections, max_s))
+
+
+async def _send_n(url: str, n: int, connections: int, max_s: float) -> dict[str, Any]:
+    body = (ROOT / "bench" / "chat.json").read_bytes()
+    headers = {"content-type": "application/json", "authorization": f"Bearer {CLIENT_KEY}"}
+    left = n
+    sent = errors = 0
+    start = time.perf_counter()
+    deadline = start + max_s
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections)) as http:
+
+        async def worker() -> None:
+            nonlocal left, sent, errors
+            while left > 0 and time.perf_counter() < deadline:
+                left -= 1
+                async with http.post(url, data=body, headers=headers) as response:
+                    await response.read()
+                    sent += 1
+                    errors += response.status != 200
+
+        await asyncio.gather(*(worker() for _ in range(connections)))
+    elapsed = time.perf_counter() - start
+    return {"requests": sent, "errors": errors, "rps": round(sent / elapsed, 1)}
+
+
+def run(
+    workdir: Path,
+    up: Server,
+    policy: Path,
+    *,
+    duration_s: float,
+    repeats: int,
+    concurrency: list[int],
+    stream_n: int,
+    requests_for_memory: int,
+) -> dict[str, Any]:
+    """The proxy phase; returns per-concurrency medians, streaming and the memory figures."""
+    results: dict[str, Any] = {"runs": {}, "memory": {}}
+    with ExitStack() as stack:
+        config = litellm_config(up.port, workdir / "litellm.yaml")
+        tg = stack.enter_context(tiergate(workdir, policy))
+        ll = stack.enter_context(litellm(workdir, config))
+        mem = results["memory"]
+        mem["tiergate_idle_rss_mb"] = settle_rss(tg)
+        mem["litellm_idle_rss_mb"] = settle_rss(ll, 0.5)
+        print(
+            f"  idle RSS: tiergate {mem['tiergate_idle_rss_mb']} MB, "
+            f"litellm {mem['litellm_idle_rss_mb']} MB",
+            flush=True,
+        )
+        warm = {}
+        for srv in (tg, ll):
+            warm[srv.name] = send_n(srv, requests_for_memory)
+        mem["tiergate_rss_after_requests_mb"] = round(tg.rss_mb(), 1)
+        mem["litellm_rss_after_requests_mb"] = round(ll.rss_mb(), 1)
+        mem["requests_for_memory"] = {k: v["requests"] for k, v in warm.items()}
+        mem["memory_requests_errors"] = {k: v["errors"] for k, v in warm.items()}
+        print(
+            f"  RSS after {requests_for_memory} requests: "
+            f"tiergate {mem['tiergate_rss_after_requests_mb']} MB, "
+            f"litellm {mem['litellm_rss_after_requests_mb']} MB",
+            flush=True,
+        )
+        paths = {"direct": up, "tiergate": tg, "litellm": ll}
+        for conc in concurrency:
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in paths}
+            for _ in range(repeats):
+                for name, srv in paths.items():
+                    runs[name].append(wrk(srv.base + CHAT, connections=conc, duration_s=duration_s))
+            results["runs"][f"c{conc}"] = runs
+            print(
+                f"  c{conc}: "
+                + ", ".join(
+                    f"{n} p50 {median(r, 'p50'):.3f} ms {median(r, 'rps'):.0f} rps"
+                    for n, r in runs.items()
+                ),
+                flush=True,
+            )
+        streams: dict[str, list[dict[str, Any]]] = {name: [] for name in paths}
+        for _ in range(repeats):
+            for name, srv in paths.items():
+                streams[name].append(streaming.measure(srv.base + CHAT, stream_n))
+        results["streaming"] = summarise_streams(streams)
+        print(f"  streaming: {results['streaming']}", flush=True)
+    results["proxy"] = summarise(results["runs"])
+    return results
+
+
+def median(runs: list[dict[str, Any]], key: str) -> float:
+    """Median of one figure over repeated runs."""
+    return float(statistics.median(r[key] for r in runs))
+
+
+def summarise(all_runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
+    """Per concurrency: medians for each path, added latency, ratios."""
+    out: dict[str, Any] = {}
+    for level, runs in all_runs.items():
+        row: dict[str, Any] = {}
+        for name, rs in runs.items():
+            for key in ("p50", "p95", "p99", "rps"):
+                row[f"{name}_{key}"] = round(median(rs, key), 3)
+            row[f"{name}_errors"] = int(sum(r["errors"] for r in rs))
+        for name in ("tiergate", "litellm"):
+            for key in ("p50", "p95", "p99"):
+                # Added latency per repeat (same-run pairs), then the median.
+                added = [p[key] - d[key] for p, d in zip(runs[name], runs["direct"], strict=True)]
+                row[f"{name}_added_{key}"] = round(float(statistics.median(added)), 3)
+        row["tiergate_vs_litellm_added_p50"] = _ratio(
+            row["tiergate_added_p50"], row["litellm_added_p50"]
+        )
+        row["tiergate_vs_litellm_rps"] = _ratio(row["tiergate_rps"], row["litellm_rps"])
+        out[level] = row
+    return out
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 3) if b else None
+
+
+def summarise_streams(streams: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Medians of the per-repeat medians, and the added TTFT and total against direct."""
+    out: dict[str, Any] = {}
+    for name, rs in streams.items():
+        for key in ("ttft_p50", "ttft_p95", "total_p50", "total_p95"):
+            out[f"{name}_{key}"] = round(median(rs, key), 3)
+        out[f"{name}_chunks"] = rs[-1]["chunks"]
+    for name in ("tiergate", "litellm"):
+        for key in ("ttft_p50", "total_p50"):
+            added = [p[key] - d[key] for p, d in zip(streams[name], streams["direct"], strict=True)]
+            out[f"{name}_added_{key}"] = round(float(statistics.median(added)), 3)
+    return out

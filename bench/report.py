@@ -1,0 +1,130 @@
+"""The results table in bench/README.md, rewritten between two markers after each run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+START = "<!-- results:start (written by python -m bench; do not edit by hand) -->"
+END = "<!-- results:end -->"
+
+
+def _f(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def render(results: dict[str, Any]) -> str:
+    """Markdown for one run: machine, commands, proxy, streaming, decision, local, memory, goals."""
+    m = results["machine"]
+    lines = [
+        START,
+        "",
+        f"Run of {results['when']} at commit `{m['git_commit']}`, {results['elapsed_s']:.0f} s. "
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, Linux {m['kernel']}, "
+        f"Python {m['python']}, {m['wrk']}, LiteLLM {m['litellm']}. Load average "
+        f"{m['loadavg_start']} at start, {m.get('loadavg_end')} at end (the machine is shared: "
+        "read ratios, not absolute figures).",
+        "",
+        f"Settings: {results['settings']}.",
+        "",
+    ]
+    up = results.get("upstream_c1")
+    if up:
+        lines += [
+            f"Fake upstream alone at c1: p50 {_f(up['p50'], 3)} ms, p99 {_f(up['p99'], 3)} ms, "
+            f"{_f(up['rps'], 0)} req/s.",
+            "",
+        ]
+    if results.get("proxy"):
+        lines += [
+            "**Proxy overhead** (non-streaming, ms and req/s; medians over repeats; added = "
+            "path minus direct in the same repeat):",
+            "",
+            "| conc | direct p50 | Tiergate p50 / p95 / p99 | LiteLLM p50 / p95 / p99 "
+            "| Tiergate added p50 | LiteLLM added p50 | added ratio | Tiergate rps "
+            "| LiteLLM rps | rps ratio | errors T / L |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for level, r in results["proxy"].items():
+            lines.append(
+                f"| {level} | {_f(r['direct_p50'], 3)} "
+                f"| {_f(r['tiergate_p50'])} / {_f(r['tiergate_p95'])} / {_f(r['tiergate_p99'])} "
+                f"| {_f(r['litellm_p50'])} / {_f(r['litellm_p95'])} / {_f(r['litellm_p99'])} "
+                f"| {_f(r['tiergate_added_p50'], 3)} | {_f(r['litellm_added_p50'], 3)} "
+                f"| {_f(r['tiergate_vs_litellm_added_p50'], 3)} | {_f(r['tiergate_rps'], 0)} "
+                f"| {_f(r['litellm_rps'], 0)} | {_f(r['tiergate_vs_litellm_rps'])} "
+                f"| {r['tiergate_errors']} / {r['litellm_errors']} |"
+            )
+        lines.append("")
+    s = results.get("streaming")
+    if s:
+        lines += [
+            "**Streaming** (50 chunks from the upstream, c1, ms):",
+            "",
+            "| path | TTFT p50 | TTFT p95 | total p50 | total p95 | added TTFT p50 "
+            "| added total p50 |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name in ("direct", "tiergate", "litellm"):
+            lines.append(
+                f"| {name} | {_f(s[f'{name}_ttft_p50'], 3)} | {_f(s[f'{name}_ttft_p95'], 3)} "
+                f"| {_f(s[f'{name}_total_p50'], 3)} | {_f(s[f'{name}_total_p95'], 3)} "
+                f"| {_f(s.get(f'{name}_added_ttft_p50'), 3)} "
+                f"| {_f(s.get(f'{name}_added_total_p50'), 3)} |"
+            )
+        lines.append("")
+    d = results.get("decision")
+    if d:
+        lines += [
+            f"**Decision latency** (signals + scorer + policy, one core, {d['prompts']} prompts, "
+            f"scorer `{d['scorer']}`): p50 {_f(d['p50'], 4)} ms, p99 {_f(d['p99'], 4)} ms, "
+            f"max {_f(d['max'], 3)} ms, mean {_f(d['mean'], 4)} ms.",
+            "",
+        ]
+    loc = results.get("local")
+    if loc:
+        lines += [
+            "**Local throughput** (SmolLM2-135M Q4_1, 1 thread, n_ctx 2048, temperature 0, "
+            f"max_tokens 128, median of {loc['repeats']}):",
+            "",
+            "| server | tokens/s | TTFT ms | total ms | tokens |",
+            "|---|---|---|---|---|",
+        ]
+        for name in ("tiergate", "llama_server"):
+            lines.append(
+                f"| {name} | {_f(loc[f'{name}_tokens_per_s'], 1)} "
+                f"| {_f(loc[f'{name}_ttft_ms'], 1)} "
+                f"| {_f(loc[f'{name}_total_ms'], 1)} | {_f(loc[f'{name}_tokens'], 0)} |"
+            )
+        lines += ["", f"Ratio Tiergate / llama_cpp.server: {_f(loc['tokens_per_s_ratio'], 3)}.", ""]
+    mem = results.get("memory")
+    if mem:
+        lines += ["**Memory** (RSS, MB, process tree):", ""]
+        lines += [f"- {k}: {v}" for k, v in mem.items()]
+        lines.append("")
+    g = results.get("goals")
+    if g:
+        lines += ["**Goals**:", "", "| goal | value | target | met |", "|---|---|---|---|"]
+        for name, row in g.items():
+            met = {True: "yes", False: "**no**", None: "-"}[row["met"]]
+            lines.append(f"| {name} | {_f(row['value'], 3)} | {row['target']} | {met} |")
+        lines.append("")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def update_readme(path: Path, results: dict[str, Any]) -> None:
+    """Replace the block between the markers (append one if the file has none)."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    block = render(results)
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        _, tail = rest.split(END, 1)
+        text = head + block + tail
+    else:
+        text = text.rstrip("\n") + "\n\n## Latest results\n\n" + block + "\n"
+    path.write_text(text)
