@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,27 +12,32 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import Request, Response
+import yaml
 
 from router.app import create_app
+from router.auth import hash_key
 from router.learning import LearningLoop, closed_better, parse_verdict
 from router.outcomes_redis import RedisOutcomeStore
 from tests.conftest import KeywordScorer, LiveServer, make_settings, policy_yaml, wait_for
 from tests.fake_provider import Behaviour, FakeProvider
 
+TENANTS = ("acme", "globex", "t", "default")
+
+
+def _key(tenant: str) -> str:
+    return f"tg-test-key-{tenant}"
+
 
 @contextmanager
 def serve(tmp_path: Path, policy: str, outcomes: Any = None) -> Iterator[LiveServer]:
-    """A live app whose tenant is the ``x-test-tenant`` header (stands in for real auth)."""
-    app = create_app(make_settings(tmp_path, policy), scorer=KeywordScorer(), outcomes=outcomes)
-
-    @app.middleware("http")
-    async def tenant_from_header(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        request.state.tenant = request.headers.get("x-test-tenant", "default")
-        return await call_next(request)
-
+    """A live app with one API key per test tenant (real auth: the key names the tenant)."""
+    keys = tmp_path / "keys.yaml"
+    entries = [
+        {"sha256": hash_key(_key(t)), "tenant": t, "permissions": ["pin_closed"]} for t in TENANTS
+    ]
+    keys.write_text(yaml.safe_dump({"keys": entries}))
+    settings = make_settings(tmp_path, policy, api_keys_file=keys)
+    app = create_app(settings, scorer=KeywordScorer(), outcomes=outcomes)
     with LiveServer(app) as server:
         yield server
 
@@ -49,14 +54,17 @@ def chat(
     return httpx.post(
         f"{srv.url}/v1/chat/completions",
         json=body,
-        headers={"x-test-tenant": tenant},
+        headers={"authorization": f"Bearer {_key(tenant)}"},
         timeout=60,
     )
 
 
 def feedback(srv: LiveServer, tenant: str, **body: Any) -> httpx.Response:
     return httpx.post(
-        f"{srv.url}/v1/feedback", json=body, headers={"x-test-tenant": tenant}, timeout=30
+        f"{srv.url}/v1/feedback",
+        json=body,
+        headers={"authorization": f"Bearer {_key(tenant)}"},
+        timeout=30,
     )
 
 
