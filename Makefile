@@ -21,6 +21,8 @@ help:
 	@echo "make run    - install, fetch the bundled model, serve on 127.0.0.1:8000"
 	@echo "make test   - install, fetch the bundled model, lint, type-check and run the test suite"
 	@echo "make bench  - run the benchmarks in bench/ and update bench/results and bench/README.md"
+	@echo "make load-test - 20,000 requests at 200 concurrent; bench/results/load.json"
+	@echo "make fuzz-long - over 10,000 fuzzed requests; bench/results/fuzz.json"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +53,17 @@ test: lint typecheck unit
 
 bench: install model
 	$(BIN)/python -m bench
+
+# Over 10,000 generated requests (schemathesis from the OpenAPI schema + hypothesis raw requests);
+# counts go to bench/results/fuzz.json. `make test` runs the same tests with a short profile.
+fuzz-long: install
+	mkdir -p bench/results
+	FUZZ_EXAMPLES=2500 FUZZ_REPORT=bench/results/fuzz.json $(BIN)/python -m pytest tests/test_fuzz.py -q
+
+# 20,000 requests at 200 concurrent through the proxy to a fake upstream (bench/load.py);
+# figures go to bench/results/load.json.
+load-test: install
+	$(BIN)/python bench/load.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -12,17 +12,26 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from router.errors import BadRequestError, BudgetExceededError, TiergateError
+from router.auth import Principal, principal_of
+from router.errors import (
+    BadRequestError,
+    BudgetExceededError,
+    PermissionDeniedError,
+    TiergateError,
+)
 from router.gateway import Gateway, RequestContext
-from router.schemas import ChatCompletionRequest
+from router.learning import LearningLoop, answer_text
+from router.limits import RateLimiter, check_request_size
+from router.schemas import ChatCompletionRequest, FeedbackRequest, json_request_body
 
+_Model = TypeVar("_Model", bound=BaseModel)
 log = logging.getLogger("tiergate.api")
 router = APIRouter()
 
@@ -53,8 +62,13 @@ async def read_json(request: Request) -> dict[str, Any]:
 
 def validate_chat(body: dict[str, Any]) -> None:
     """Check the chat request's shape; the dict itself is passed on unchanged."""
+    validated(ChatCompletionRequest, body)
+
+
+def validated(model: type[_Model], body: dict[str, Any]) -> _Model:
+    """``body`` parsed as ``model``, or a 400 naming the first invalid field."""
     try:
-        ChatCompletionRequest.model_validate(body)
+        return model.model_validate(body)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
@@ -68,6 +82,10 @@ def _policy_headers(request: Request) -> dict[str, str]:
         if key.startswith(POLICY_HEADER_PREFIX) and (allowed is None or key in allowed):
             out[key] = value
     return out
+
+
+def _learning(request: Request) -> LearningLoop | None:
+    return getattr(request.app.state, "learning", None)
 
 
 def _tenant(request: Request) -> str:
@@ -107,7 +125,7 @@ def _prompt_to_store(ctx: RequestContext, body: dict[str, Any]) -> str | None:
     return redact(text)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra=json_request_body(ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
     """OpenAI chat completions, routed. Streams as SSE when ``stream`` is true."""
     gateway = _gateway(request)
@@ -119,20 +137,30 @@ async def chat_completions(request: Request) -> Response:
         policy_version=gateway.policy.digest,
     )
     streaming_handed_off = False
+    principal = principal_of(request)
+    limiter: RateLimiter = request.app.state.limiter
     try:
+        await limiter.admit(principal)
         body = await read_json(request)
         ctx.stream = bool(body.get("stream"))
         validate_chat(body)
+        check_request_size(body, request.app.state.settings)
+        _check_pin(principal, gateway, body)
         ctx.signals, ctx.decision = gateway.decide(
             body, tenant=ctx.tenant, headers=_policy_headers(request)
         )
         ctx.prompt = _prompt_to_store(ctx, body)
         _refuse_if_needed(ctx)
+        learning = _learning(request)
+        if learning is not None:
+            learning.observe(ctx, body)
         if ctx.stream:
             source = await gateway.stream(ctx, body)
+            if learning is not None:
+                source = learning.tap(ctx, body, source)
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             response = StreamingResponse(
-                _sse(ctx, gateway, source, include_usage),
+                _sse(ctx, gateway, source, include_usage, _charger(limiter, principal)),
                 media_type="text/event-stream",
                 headers={**explain_headers(ctx, gateway), "cache-control": "no-cache"},
             )
@@ -140,6 +168,9 @@ async def chat_completions(request: Request) -> Response:
             return response
         result = await gateway.complete(ctx, body)
         gateway.record(ctx, status="ok", http_status=200, error=None)
+        await limiter.charge(principal, ctx.usage.prompt_tokens + ctx.usage.completion_tokens)
+        if learning is not None:
+            learning.after_response(ctx, body, answer_text(result.body))
         return Response(
             _dumps(result.body),
             media_type="application/json",
@@ -158,6 +189,22 @@ async def chat_completions(request: Request) -> Response:
         raise
 
 
+def _check_pin(principal: Principal, gateway: Gateway, body: dict[str, Any]) -> None:
+    spec = gateway.policy.models.get(str(body.get("model")))
+    if spec is not None and spec.tier == "closed" and not principal.can("pin_closed"):
+        raise PermissionDeniedError(
+            f"this API key may not pin the closed model '{spec.name}'; use a routing alias",
+            param="model",
+        )
+
+
+def _charger(limiter: RateLimiter, principal: Principal) -> Callable[[int], Awaitable[None]]:
+    async def charge(tokens: int) -> None:
+        await limiter.charge(principal, tokens)
+
+    return charge
+
+
 def _refuse_if_needed(ctx: RequestContext) -> None:
     decision = ctx.decision
     assert decision is not None
@@ -174,6 +221,7 @@ async def _sse(
     gateway: Gateway,
     source: AsyncIterator[dict[str, Any]],
     include_usage: bool,
+    charge: Callable[[int], Awaitable[None]],
 ) -> AsyncIterator[bytes]:
     """Frame chunks as SSE, time the first token, and record the outcome once at the end."""
     status, http_status, error = "ok", 200, None
@@ -208,6 +256,8 @@ async def _sse(
             except Exception:  # closing a broken upstream must not mask the outcome
                 log.debug("closing stream %s failed", ctx.request_id, exc_info=True)
         gateway.record(ctx, status=status, http_status=http_status, error=error)
+        if status != "aborted":
+            await charge(ctx.usage.prompt_tokens + ctx.usage.completion_tokens)
 
 
 def _usage_chunk(ctx: RequestContext) -> dict[str, Any]:
@@ -223,6 +273,23 @@ def _usage_chunk(ctx: RequestContext) -> dict[str, Any]:
             "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.prompt_tokens + usage.completion_tokens,
         },
+    }
+
+
+@router.post("/v1/feedback")
+async def feedback(request: Request) -> dict[str, Any]:
+    """A quality signal about one of the caller's own earlier requests (404 for any other)."""
+    req = validated(FeedbackRequest, await read_json(request))
+    learning = _learning(request)
+    if learning is None:
+        raise TiergateError("the learning loop is not running")
+    label = await learning.feedback(_tenant(request), req)
+    return {
+        "object": "feedback",
+        "request_id": label.request_id,
+        "source": label.source,
+        "quality": label.quality,
+        "value": label.value,
     }
 
 
@@ -260,7 +327,7 @@ async def list_models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
 
-@router.post("/v1/route")
+@router.post("/v1/route", openapi_extra=json_request_body(ChatCompletionRequest))
 async def dry_run(request: Request) -> dict[str, Any]:
     """Explain how a chat request would be routed, without calling any model."""
     gateway = _gateway(request)

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router.api import router as api_router
+from router.auth import AuthMiddleware, build_authenticator
 from router.backends import Backend
 from router.backends.closed import ClosedBackend
 from router.backends.local import ExternalLlamaBackend, LlamaCppBackend
@@ -29,7 +30,10 @@ from router.costs import CostBook, load_litellm_cost_map
 from router.dashboard import router as observability_router
 from router.errors import BadRequestError, ConfigError, NotFoundError, TiergateError
 from router.gateway import Gateway, PolicyHolder
+from router.learning import LearningLoop, purge_loop
+from router.limits import build_rate_limiter
 from router.outcomes import OutcomeStore, SQLiteOutcomeStore
+from router.registry import watch_model_store
 from router.scoring import HeuristicScorer, Scorer
 from router.telemetry import RequestSpanMiddleware, Telemetry
 
@@ -37,11 +41,18 @@ log = logging.getLogger("tiergate.app")
 
 
 def load_scorer(settings: Settings) -> Scorer:
-    """The learned scorer (``classifier_path``, else the shipped model), else the heuristic."""
-    from router.training import default_model_path, load_scorer as load_artifact
+    """The learned scorer: the model store's current version when ``model_store`` is set, else
+    ``classifier_path``, else the shipped model; the heuristic when none loads."""
+    from router.registry import ModelStore
+    from router.training import default_model_path
+    from router.training import load_scorer as load_artifact
 
     path = settings.classifier_path or default_model_path()
     try:
+        if settings.model_store is not None and (
+            current := ModelStore(settings.model_store).current()
+        ):
+            path = ModelStore(settings.model_store).path(current)
         return load_artifact(path)
     except (ConfigError, OSError) as exc:
         log.warning("no usable classifier at %s (%s); using the heuristic scorer", path, exc)
@@ -51,7 +62,7 @@ def load_scorer(settings: Settings) -> Scorer:
 def build_outcome_store(settings: Settings) -> OutcomeStore:
     """SQLite by default; Redis when ``redis_url`` is set."""
     if settings.redis_url:
-        from router.outcomes import RedisOutcomeStore  # type: ignore[attr-defined]
+        from router.outcomes_redis import RedisOutcomeStore
 
         store: OutcomeStore = RedisOutcomeStore(settings.redis_url, settings=settings)
         return store
@@ -87,6 +98,7 @@ def create_app(
             local = ExternalLlamaBackend(settings, http)
         tel = telemetry if telemetry is not None else Telemetry.from_settings(settings)
         tel.watch_queue(local)
+        tel.watch_policy(policy)
         gateway = Gateway(
             policy=policy,
             scorer=scorer if scorer is not None else await asyncio.to_thread(load_scorer, settings),
@@ -105,9 +117,19 @@ def create_app(
         )
         app.state.gateway = gateway
         app.state.telemetry = tel
+        app.state.learning = learning = LearningLoop(
+            gateway,
+            judge_model=settings.judge_model,
+            concurrency=settings.shadow_concurrency,
+            escalation_window_s=settings.escalation_window_s,
+        )
         tasks = [
             asyncio.create_task(_watch_policy(gateway, settings.policy_reload_s)),
             asyncio.create_task(_calibrate(gateway, settings.calibrate_every_s)),
+            asyncio.create_task(
+                purge_loop(store, lambda: gateway.policy.retention_days, settings.purge_every_s)
+            ),
+            asyncio.create_task(watch_model_store(gateway, settings)),
         ]
         log.info(
             "tiergate ready: policy %s, scorer %s, local %s",
@@ -118,6 +140,7 @@ def create_app(
         try:
             yield
         finally:
+            await learning.drain()
             for task in tasks:
                 task.cancel()
             for task in tasks:
@@ -125,6 +148,8 @@ def create_app(
                     await task
             await gateway.aclose()
             await http.aclose()
+            await app.state.limiter.aclose()
+            await authenticator.aclose()
             await asyncio.to_thread(store.close)
             await asyncio.to_thread(tel.shutdown)
 
@@ -135,6 +160,11 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.limiter = build_rate_limiter(settings)
+    authenticator = build_authenticator(settings)
+    app.add_middleware(
+        AuthMiddleware, authenticator=authenticator, max_body_bytes=settings.max_body_bytes
+    )
     app.include_router(api_router)
     app.include_router(observability_router)
     app.add_middleware(RequestSpanMiddleware, state=app.state)

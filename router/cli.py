@@ -236,16 +236,30 @@ def _format_row(row: dict[str, Any]) -> str:
     )
 
 
-def _cmd_outcomes(args: argparse.Namespace) -> int:
+def _open_outcomes(args: argparse.Namespace) -> tuple[Any, str] | None:
+    """The configured outcome store for reading (Redis when configured, else SQLite)."""
     from router.config import load_settings
     from router.outcomes import SQLiteOutcomeStore
 
     settings = load_settings(args.config)
+    if settings.redis_url and args.db is None:
+        from router.outcomes_redis import RedisOutcomeStore
+
+        redis_store = RedisOutcomeStore(settings.redis_url, settings=settings)
+        redis_store.connect()
+        return redis_store, settings.redis_url
     path = args.db or settings.sqlite_path
     if not path.exists():
         print(f"no outcome store at {path} yet: serve some requests first", file=sys.stderr)
+        return None
+    return SQLiteOutcomeStore(path), str(path)
+
+
+def _cmd_outcomes(args: argparse.Namespace) -> int:
+    opened = _open_outcomes(args)
+    if opened is None:
         return 1
-    store = SQLiteOutcomeStore(path)
+    store, path = opened
     try:
         rows = store.recent(args.limit, tenant=args.tenant)
         total = store.count(args.tenant)
@@ -264,6 +278,58 @@ def _cmd_outcomes(args: argparse.Namespace) -> int:
         print(_format_row(row))
     print(f"-- {len(rows)} shown of {total} records in {path}")
     return 0
+
+
+def _cmd_keys_hash(args: argparse.Namespace) -> int:
+    from router.auth import hash_key
+
+    key = args.key if args.key is not None else sys.stdin.readline().strip()
+    print(hash_key(key))
+    return 0
+
+
+def _cmd_keys_add(args: argparse.Namespace) -> int:
+    import yaml
+
+    from router.auth import hash_key, new_key, parse_entry
+
+    key = new_key()
+    entry: dict[str, Any] = {
+        "sha256": hash_key(key),
+        "tenant": args.tenant,
+        "permissions": sorted(set(args.perm or [])),
+    }
+    if args.name:
+        entry["name"] = args.name
+    for field in ("rpm", "tpm"):
+        if getattr(args, field):
+            entry[field] = getattr(args, field)
+    parse_entry(entry, "new key")  # the same validation the server applies
+    print(f"key (shown once, give it to the client): {key}", file=sys.stderr)
+    print(yaml.safe_dump([entry], sort_keys=False).rstrip())
+    return 0
+
+
+def _add_keys_parser(sub: Any) -> None:
+    from router.auth import PERMISSIONS
+
+    keys = sub.add_parser("keys", help="make client API keys (stored as sha256 hashes)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    hash_ = keys_sub.add_parser("hash", help="print the sha256 of a key (argument or stdin)")
+    hash_.add_argument("key", nargs="?", help="the key; read from stdin when omitted")
+    hash_.set_defaults(func=_cmd_keys_hash)
+    add = keys_sub.add_parser(
+        "add",
+        help="make a new key: prints it once on stderr, and its keys-file entry on stdout",
+        description="Append the printed entry under 'keys:' in TIERGATE_API_KEYS_FILE, or store "
+        "it in Redis: HSET tiergate:keys <sha256> '<entry as JSON>'.",
+    )
+    add.add_argument("--tenant", required=True, help="the tenant this key acts for")
+    add.add_argument("--perm", action="append", choices=PERMISSIONS, help="repeatable")
+    add.add_argument("--name", help="a label for the entry (who holds the key)")
+    add.add_argument("--rpm", type=int, help="requests per minute for this key's tenant")
+    add.add_argument("--tpm", type=int, help="tokens per minute for this key's tenant")
+    add.set_defaults(func=_cmd_keys_add)
 
 
 def _cmd_policy_check(args: argparse.Namespace) -> int:
@@ -381,6 +447,110 @@ def _add_policy_commands(sub: Any) -> None:
     explain.set_defaults(func=_cmd_policy_explain)
 
 
+def _model_store(args: argparse.Namespace) -> Any:
+    from router.config import load_settings
+    from router.errors import ConfigError
+    from router.registry import ModelStore
+
+    root = args.store or load_settings(args.config).model_store
+    if root is None:
+        raise ConfigError("no model store: set TIERGATE_MODEL_STORE or pass --store")
+    return ModelStore(root)
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    store = _model_store(args)
+    if args.models_command == "adopt":
+        print(f"{args.artifact} stored as {store.adopt(args.artifact)} in {store.root}")
+    elif args.models_command == "promote":
+        store.promote(args.version, reason="tiergate models promote")
+        print(f"{args.version} is now current in {store.root}")
+    elif args.models_command == "rollback":
+        print(f"rolled back to {store.rollback()} in {store.root}")
+    else:
+        rows = store.listing()
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        print(f"{'':2}{'version':8}  {'created (UTC)':25}  {'parent':8}  {'labels':>6}  gate")
+        for row in rows:
+            mark = "* " if row["current"] else "  "
+            labels = "-" if row["labels"] is None else row["labels"]
+            print(
+                f"{mark}{row['version']:8}  {row['created_at'] or '-':25}  "
+                f"{row['parent'] or '-':8}  {labels:>6}  {row['gate'] or '-'}"
+            )
+        print(f"-- {len(rows)} versions in {store.root}; * = current")
+    return 0
+
+
+def _cmd_retrain(args: argparse.Namespace) -> int:
+    from router.retrain import BASE_FILES, GateConfig, format_report, retrain
+
+    store = _model_store(args)
+    opened = _open_outcomes(args)
+    if opened is None:
+        return 1
+    outcomes, _ = opened
+    config = GateConfig(
+        min_gain=args.min_gain,
+        require_significant=args.require_significant,
+        n_bootstrap=args.bootstrap,
+    )
+    base = [args.base / name for name in BASE_FILES]
+    try:
+        report = retrain(outcomes, store, base, config)
+    finally:
+        outcomes.close()
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        print(format_report(report))
+    return 0
+
+
+def _add_retrain_command(sub: Any) -> None:
+    retrain = sub.add_parser(
+        "retrain",
+        help="refit the router on labelled outcomes; promote only if it passes the gate",
+        description="Builds a training set from labelled outcomes plus the base files, fits a "
+        "candidate, compares it with the current model (APGR, paired bootstrap CIs) on held-out "
+        "labelled traffic and on the base evaluation slice, writes a new version with its "
+        "lineage, and promotes it only if it passes the gate (docs/learning-loop.md).",
+    )
+    retrain.add_argument("--store", type=Path, help="model store (TIERGATE_MODEL_STORE)")
+    retrain.add_argument(
+        "--base", type=Path, default=Path("../shared/data"), help="folder of the base files"
+    )
+    retrain.add_argument("--db", type=Path, help="SQLite outcome store (default from settings)")
+    retrain.add_argument("--min-gain", type=float, default=0.0, help="APGR gain needed (0)")
+    retrain.add_argument(
+        "--require-significant",
+        action="store_true",
+        help="the gain's whole 95%% interval must exceed --min-gain",
+    )
+    retrain.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    retrain.add_argument("--json", action="store_true", help="machine-readable report")
+    retrain.add_argument("--config", type=Path, help="YAML settings file")
+    retrain.set_defaults(func=_cmd_retrain)
+
+
+def _add_model_store_commands(sub: Any) -> None:
+    models = sub.add_parser("models", help="list, promote and roll back classifier versions")
+    msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    listing = msub.add_parser("list", help="every version with lineage; * marks the current one")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    promote = msub.add_parser("promote", help="make VERSION current (proxies pick it up live)")
+    promote.add_argument("version", help="a version id such as v0003")
+    msub.add_parser("rollback", help="point back to the version current before this one")
+    adopt = msub.add_parser("adopt", help="copy a model artifact in as a new version")
+    adopt.add_argument("artifact", type=Path, help="artifact directory (tiergate train output)")
+    for parser in (listing, promote, msub.choices["rollback"], adopt):
+        parser.add_argument("--store", type=Path, help="model store (TIERGATE_MODEL_STORE)")
+        parser.add_argument("--config", type=Path, help="YAML settings file")
+        parser.set_defaults(func=_cmd_models)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``tiergate`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -407,15 +577,20 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--dest", type=Path, default=Path("models"), help="target directory")
     fetch.set_defaults(func=_cmd_fetch_model)
 
-    outcomes = sub.add_parser("outcomes", help="show recent outcome records (SQLite store)")
+    outcomes = sub.add_parser(
+        "outcomes", help="show recent outcome records (Redis when TIERGATE_REDIS_URL, else SQLite)"
+    )
     outcomes.add_argument("--limit", type=int, default=20, help="how many (default 20)")
     outcomes.add_argument("--tenant", help="only this tenant's records")
     outcomes.add_argument("--db", type=Path, help="SQLite file (default: TIERGATE_SQLITE_PATH)")
     outcomes.add_argument("--json", action="store_true", help="one JSON record per line")
     outcomes.add_argument("--config", type=Path, help="YAML settings file")
     outcomes.set_defaults(func=_cmd_outcomes)
+    _add_keys_parser(sub)
     _add_policy_commands(sub)
     _add_model_commands(sub)
+    _add_model_store_commands(sub)
+    _add_retrain_command(sub)
     return parser
 
 

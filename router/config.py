@@ -67,9 +67,43 @@ class Settings(BaseSettings):
     sqlite_path: Path = Path("var/tiergate.db")
     redis_url: str | None = Field(None, description="When set, outcomes and limits use Redis.")
     outcome_queue_size: int = Field(100_000, ge=1)
+    outcome_journal_path: Path = Field(
+        Path("var/outcomes-journal.jsonl"),
+        description="Where Redis-bound outcomes wait on disk while Redis is unreachable.",
+    )
+    purge_every_s: float = Field(
+        3600.0, ge=0, description="How often records past the policy's retention_days are purged."
+    )
+    shadow_concurrency: int = Field(
+        4, ge=1, description="Shadow judgements (closed answer + judge) running at once."
+    )
+    judge_model: str | None = Field(
+        None, description="Policy model that judges shadow pairs; default: the default closed."
+    )
+    escalation_window_s: float = Field(
+        600.0, ge=0, description="A re-send pinned to a closed model within this is an escalation."
+    )
+    model_watch_s: float = Field(
+        5.0, ge=0, description="How often the model store's current pointer is checked; 0 = off."
+    )
 
     classifier_path: Path | None = Field(None, description="Classifier artifact directory.")
     model_store: Path | None = Field(None, description="Versioned classifier store (retraining).")
+
+    api_keys_file: Path | None = Field(
+        None, description="YAML of client keys (sha256 hashes); see SECURITY.md."
+    )
+    admin_keys: str | None = Field(None, description="Comma-separated sha256 hashes of admin keys.")
+    allow_anonymous: bool = Field(
+        False, description="Serve without keys on a non-loopback host (no keys configured)."
+    )
+    rpm_limit: int | None = Field(None, ge=1, description="Requests per minute per tenant.")
+    tpm_limit: int | None = Field(None, ge=1, description="Tokens per minute per tenant.")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Request body limit (413).")
+    max_messages: int = Field(1000, ge=1, description="Most messages in one chat request (400).")
+    max_tokens_cap: int = Field(
+        32768, ge=1, description="Largest max_tokens a request may ask for (400 above)."
+    )
 
     local_price_per_mtok: float = Field(
         0.0, ge=0, description="Cost charged for local tokens, USD per 1M tokens."

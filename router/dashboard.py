@@ -7,8 +7,8 @@ numbers it draws. Aggregates come from the outcome store's ``summary()``; qualit
 the store's ``quality_by_tier()`` when it has one; the evaluation curve from a JSON report
 (``tiergate eval --json``) at ``eval_report`` or ``<classifier_path>/eval.json``.
 
-All three routes depend on :func:`operator_access`, the single access check for them: the auth
-layer makes it the admin check.
+All three routes depend on :func:`operator_access`, the single access check for them: the
+``dashboard`` permission of the caller's key (see SECURITY.md).
 """
 
 from __future__ import annotations
@@ -24,12 +24,16 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from router.auth import require
 from router.errors import TiergateError
+
+_dashboard_permission = require("dashboard")
 
 
 async def operator_access(request: Request) -> None:
-    """Who may see /metrics and /dashboard. Open for now; the auth layer plugs the admin check
-    in here (one place for all three routes)."""
+    """Who may see /metrics and /dashboard: keys with the ``dashboard`` permission (or ``admin``);
+    403 otherwise. The pages aggregate every tenant, so tenants' own keys do not get it."""
+    await _dashboard_permission(request)
 
 
 router = APIRouter(dependencies=[Depends(operator_access)])

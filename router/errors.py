@@ -7,9 +7,28 @@ llama.cpp) are mapped into it in one place per backend (``raise ... from exc``),
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+# Credentials as providers and clients send them; scrubbed from any upstream text we repeat.
+_CREDENTIAL = re.compile(
+    r"(?i)(bearer\s+|x-api-key[\"':=\s]+|api[_-]?key[\"':=\s]+)[^\s\"',;}]+"
+    r"|\b(sk|tg|pk|rk)-[A-Za-z0-9_\-]{8,}"
+)
+
+
+def scrub(text: str, known: Iterable[str | None] = ()) -> str:
+    """``text`` with ``known`` secrets and anything shaped like a credential replaced.
+
+    Upstream error bodies are repeated to clients and logs; some providers echo the key they
+    were sent, so every such text passes through here first.
+    """
+    for secret in known:
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    return _CREDENTIAL.sub(lambda m: (m.group(1) or "") + "[redacted]", text)
 
 
 class TiergateError(Exception):
@@ -173,7 +192,9 @@ class BackendError(TiergateError):
         upstream_status: int | None = None,
         retry_after: float | None = None,
     ) -> None:
-        super().__init__(message, code=code)
+        # An upstream Retry-After reaches the client when this error is the final answer.
+        headers = {"retry-after": str(max(1, round(retry_after)))} if retry_after else None
+        super().__init__(message, code=code, headers=headers)
         self.upstream_status = upstream_status
         self.retry_after = retry_after
 
@@ -208,6 +229,14 @@ class TierUnavailableError(TiergateError):
     status_code = 503
     error_type = "service_unavailable"
     code = "tier_unavailable"
+
+
+class StoreUnavailableError(TiergateError):
+    """The outcome store cannot be read right now (Redis down); writes are buffered meanwhile."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "store_unavailable"
 
 
 class ClientDisconnected(TiergateError):  # noqa: N818 (a state, not an error)

@@ -28,6 +28,7 @@ from router.errors import (
     PolicyError,
     TiergateError,
     TierUnavailableError,
+    UpstreamRateLimitedError,
 )
 from router.outcomes import OutcomeRecord, OutcomeStore
 from router.policy import Decision, ModelSpec, Policy, evaluate, load_policy
@@ -247,9 +248,12 @@ class Gateway:
                 f"request is local-only (rule '{ctx.decision.rule}') and the local tier "
                 f"cannot serve it: {detail}"
             )
-        if isinstance(last, LocalOverloadedError) and len(errors) == 1:
-            return last
-        return TierUnavailableError(f"no tier could serve the request: {detail}")
+        if isinstance(last, LocalOverloadedError | UpstreamRateLimitedError) and len(errors) == 1:
+            return last  # one model tried and it said "later": 429 with its Retry-After
+        error = TierUnavailableError(f"no tier could serve the request: {detail}")
+        if last is not None and "retry-after" in last.headers:
+            error.headers["retry-after"] = last.headers["retry-after"]
+        return error
 
     async def stream(
         self, ctx: RequestContext, body: dict[str, Any]

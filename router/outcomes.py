@@ -5,6 +5,12 @@
 and never raises: records go to an in-memory queue that a writer thread drains in batches, and
 ``close`` drains it fully, so nothing is lost at shutdown. Write failures are counted, logged and
 retried, never turned into request errors.
+
+A :class:`Label` is a quality signal about one earlier request (user feedback, a shadow judge's
+verdict, an escalation); stores keep labels per request and source, next to the records, and
+``purge`` deletes both once they are older than the policy's retention period.
+:class:`~router.outcomes_redis.RedisOutcomeStore` implements the same interface for replicas
+that share one Redis.
 """
 
 from __future__ import annotations
@@ -61,8 +67,39 @@ class OutcomeRecord:
         return asdict(self)
 
 
+LABEL_SOURCES: tuple[str, ...] = ("feedback", "shadow", "escalation")
+
+
+@dataclass(slots=True)
+class Label:
+    """A quality signal about one earlier request, from ``source`` (see :data:`LABEL_SOURCES`).
+
+    ``value`` is the training label, in [0, 1]: how strongly the closed model's answer would have
+    been materially better than the answer served (1 = closed clearly better, 0 = the local answer
+    was at least as good; the routing classifier's positive class). ``quality`` is the quality of
+    the answer actually served, when the source says it (feedback), else None. ``cost_usd`` is
+    what producing the label cost (shadow calls to the closed model and the judge); it counts
+    against the tenant's budget like any request.
+    """
+
+    request_id: str
+    tenant: str
+    source: str
+    value: float | None
+    ts: float
+    quality: float | None = None
+    cost_usd: float = 0.0
+    comment: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
 FIELDS: tuple[str, ...] = tuple(f.name for f in fields(OutcomeRecord))
-_JSON_FIELDS = {"signals"}
+LABEL_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Label))
+_JSON_FIELDS = {"signals", "detail"}
 _BOOL_FIELDS = {"stream"}
 
 
@@ -95,6 +132,22 @@ class OutcomeStore(Protocol):
 
     def recent_scores(self, alias: str | None = None, limit: int = 2000) -> list[float]:
         """Routing scores of recent auto-routed requests, for online threshold calibration."""
+        ...
+
+    def get(self, record_id: str) -> dict[str, Any] | None:
+        """One record by request id (including one still queued), or None."""
+        ...
+
+    def label(self, label: Label) -> None:
+        """Queue one label (replaces an earlier label of the same request and source)."""
+        ...
+
+    def labels(self, since: float = 0.0, limit: int | None = None) -> list[dict[str, Any]]:
+        """Stored labels newer than ``since``, oldest first."""
+        ...
+
+    def purge(self, before_ts: float) -> int:
+        """Delete records and labels older than ``before_ts``; how many records went."""
         ...
 
 
@@ -138,6 +191,12 @@ CREATE TABLE IF NOT EXISTS outcomes (
 );
 CREATE INDEX IF NOT EXISTS outcomes_ts ON outcomes (ts);
 CREATE INDEX IF NOT EXISTS outcomes_tenant_ts ON outcomes (tenant, ts);
+CREATE TABLE IF NOT EXISTS labels (
+    request_id TEXT NOT NULL, tenant TEXT NOT NULL, source TEXT NOT NULL, value REAL,
+    ts REAL NOT NULL, quality REAL, cost_usd REAL, comment TEXT, detail TEXT,
+    PRIMARY KEY (request_id, source)
+);
+CREATE INDEX IF NOT EXISTS labels_ts ON labels (ts);
 """
 
 
@@ -148,7 +207,8 @@ def row_to_dict(row: sqlite3.Row) -> dict[str, Any]:
         if out.get(key):
             out[key] = json.loads(out[key])
     for key in _BOOL_FIELDS:
-        out[key] = bool(out[key])
+        if key in out:
+            out[key] = bool(out[key])
     return out
 
 
@@ -157,7 +217,8 @@ class SQLiteOutcomeStore:
 
     def __init__(self, path: Path, *, queue_size: int = 100_000, batch: int = 500) -> None:
         self.path = path
-        self._queue: queue.Queue[OutcomeRecord | None] = queue.Queue(maxsize=queue_size)
+        self._queue: queue.Queue[OutcomeRecord | Label | None] = queue.Queue(maxsize=queue_size)
+        self._inflight: dict[str, OutcomeRecord] = {}
         self._batch = batch
         self._thread: threading.Thread | None = None
         self._read_lock = threading.Lock()
@@ -183,8 +244,9 @@ class SQLiteOutcomeStore:
         conn.executescript(_SCHEMA)
         start_of_day = _day(time.time()) * 86400
         for tenant, spent in conn.execute(
-            "SELECT tenant, SUM(cost_usd) FROM outcomes WHERE ts >= ? GROUP BY tenant",
-            (start_of_day,),
+            "SELECT tenant, SUM(cost_usd) FROM (SELECT tenant, cost_usd FROM outcomes WHERE ts >= ?"
+            " UNION ALL SELECT tenant, cost_usd FROM labels WHERE ts >= ?) GROUP BY tenant",
+            (start_of_day, start_of_day),
         ):
             self.ledger.add(tenant, float(spent or 0.0), time.time())
         conn.close()
@@ -194,17 +256,29 @@ class SQLiteOutcomeStore:
 
     def submit(self, record: OutcomeRecord) -> None:
         """Queue a record; if the queue is full, wait briefly rather than lose it."""
-        self.ledger.add(record.tenant, record.cost_usd, record.ts)
+        with self._settled:
+            self._inflight[record.id] = record
+        self._enqueue(record)
+
+    def label(self, label: Label) -> None:
+        """Queue a label (written by the same thread, in order after its record)."""
+        self._enqueue(label)
+
+    def _enqueue(self, item: OutcomeRecord | Label) -> None:
+        self.ledger.add(item.tenant, item.cost_usd, item.ts)
         with self._settled:
             self._pending += 1
         try:
-            self._queue.put(record, timeout=5.0)
+            self._queue.put(item, timeout=5.0)
         except queue.Full:
-            self._settle(0, 1)
-            log.error("outcome queue full; record %s dropped", record.id)
+            self._settle([item], 0, 1)
+            log.error("outcome queue full; %s dropped", type(item).__name__)
 
-    def _settle(self, written: int, dropped: int) -> None:
+    def _settle(self, batch: list[OutcomeRecord | Label], written: int, dropped: int) -> None:
         with self._settled:
+            for item in batch:
+                if isinstance(item, OutcomeRecord):
+                    self._inflight.pop(item.id, None)
             self.written += written
             self.dropped += dropped
             self._pending -= written + dropped
@@ -215,7 +289,7 @@ class SQLiteOutcomeStore:
         stop = False
         while not stop:
             item = self._queue.get()
-            batch: list[OutcomeRecord] = []
+            batch: list[OutcomeRecord | Label] = []
             if item is None:
                 stop = True
             else:
@@ -233,24 +307,22 @@ class SQLiteOutcomeStore:
                 self._write(conn, batch)
         conn.close()
 
-    def _write(self, conn: sqlite3.Connection, batch: list[OutcomeRecord]) -> None:
-        rows = [_encode(r) for r in batch]
-        sql = (
-            f"INSERT OR REPLACE INTO outcomes ({', '.join(FIELDS)}) "
-            f"VALUES ({', '.join('?' for _ in FIELDS)})"
-        )
+    def _write(self, conn: sqlite3.Connection, batch: list[OutcomeRecord | Label]) -> None:
+        rows = [_encode(r, FIELDS) for r in batch if isinstance(r, OutcomeRecord)]
+        labels = [_encode(r, LABEL_FIELDS) for r in batch if isinstance(r, Label)]
         for attempt in range(5):
             try:
                 with conn:
-                    conn.executemany(sql, rows)
-                self._settle(len(rows), 0)
+                    conn.executemany(_insert_sql("outcomes", FIELDS), rows)
+                    conn.executemany(_insert_sql("labels", LABEL_FIELDS), labels)
+                self._settle(batch, len(batch), 0)
                 return
             except sqlite3.Error as exc:  # counted and retried; never surfaced to a request
                 self.write_errors += 1
                 log.warning("outcome write failed (attempt %d): %s", attempt + 1, exc)
                 time.sleep(0.2 * (attempt + 1))
-        self._settle(0, len(rows))
-        log.error("gave up writing %d outcome records", len(rows))
+        self._settle(batch, 0, len(batch))
+        log.error("gave up writing %d outcome records and labels", len(batch))
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Drain the queue and stop the writer."""
@@ -284,9 +356,30 @@ class SQLiteOutcomeStore:
         return [row_to_dict(r) for r in rows]
 
     def get(self, record_id: str) -> dict[str, Any] | None:
-        """One record by request id."""
+        """One record by request id, including one still waiting for the writer."""
+        with self._settled:
+            queued = self._inflight.get(record_id)
+        if queued is not None:
+            return queued.as_dict()
         rows = self._query("SELECT * FROM outcomes WHERE id = ?", (record_id,))
         return row_to_dict(rows[0]) if rows else None
+
+    def labels(self, since: float = 0.0, limit: int | None = None) -> list[dict[str, Any]]:
+        """Stored labels newer than ``since``, oldest first."""
+        rows = self._query(
+            "SELECT * FROM labels WHERE ts > ? ORDER BY ts LIMIT ?",
+            (since, -1 if limit is None else limit),
+        )
+        return [row_to_dict(r) for r in rows]
+
+    def purge(self, before_ts: float) -> int:
+        """Delete records and labels older than ``before_ts`` (the retention period)."""
+        if self._reader is None:
+            self._reader = self._connect()
+        with self._read_lock, self._reader as conn:
+            gone = conn.execute("DELETE FROM outcomes WHERE ts < ?", (before_ts,)).rowcount
+            conn.execute("DELETE FROM labels WHERE ts < ?", (before_ts,))
+        return int(gone)
 
     def count(self, tenant: str | None = None) -> int:
         """How many records are stored."""
@@ -314,6 +407,25 @@ class SQLiteOutcomeStore:
                 (alias, limit),
             )
         return [float(r[0]) for r in rows]
+
+    def quality_by_tier(self, since_ts: float) -> dict[str, dict[str, dict[str, float]]]:
+        """Mean quality of served answers per tier and label source, since ``since_ts``.
+
+        Feedback carries the served answer's quality; a shadow verdict says how likely the
+        closed answer was materially better, so the served answer's quality is ``1 - value``.
+        """
+        rows = self._query(
+            "SELECT o.tier, l.source, COUNT(*), AVG(COALESCE(l.quality, 1.0 - l.value)) "
+            "FROM labels l JOIN outcomes o ON o.id = l.request_id "
+            "WHERE l.ts >= ? AND l.source IN ('feedback', 'shadow') "
+            "AND COALESCE(l.quality, l.value) IS NOT NULL AND o.tier IS NOT NULL "
+            "GROUP BY o.tier, l.source",
+            (since_ts,),
+        )
+        out: dict[str, dict[str, dict[str, float]]] = {}
+        for tier, source, n, mean in rows:
+            out.setdefault(str(tier), {})[str(source)] = {"n": int(n), "mean": float(mean)}
+        return out
 
     def summary(
         self,
@@ -393,9 +505,16 @@ class SQLiteOutcomeStore:
         }
 
 
-def _encode(record: OutcomeRecord) -> tuple[Any, ...]:
+def _insert_sql(table: str, names: tuple[str, ...]) -> str:
+    return (
+        f"INSERT OR REPLACE INTO {table} ({', '.join(names)}) "
+        f"VALUES ({', '.join('?' for _ in names)})"
+    )
+
+
+def _encode(record: OutcomeRecord | Label, names: tuple[str, ...]) -> tuple[Any, ...]:
     values = []
-    for name in FIELDS:
+    for name in names:
         value = getattr(record, name)
         if name in _JSON_FIELDS:
             value = json.dumps(value, separators=(",", ":"), default=str)

@@ -63,3 +63,36 @@ class FeedbackRequest(BaseModel):
     score: float | None = Field(None, ge=0, le=1)
     thumbs: Literal["up", "down"] | None = None
     comment: str | None = Field(None, max_length=2000)
+
+
+def inline_json_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON schema with its ``$defs`` inlined, for an OpenAPI ``requestBody``.
+
+    The chat handler reads the raw body (to pass unknown fields through), so FastAPI cannot see
+    the model; this puts it in the OpenAPI document for clients and schema-based fuzzers.
+    """
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    resolved: dict[str, Any] = resolve(schema)
+    return resolved
+
+
+def json_request_body(model: type[BaseModel]) -> dict[str, Any]:
+    """``openapi_extra`` declaring ``model`` as a route's required JSON body."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": inline_json_schema(model)}},
+        }
+    }

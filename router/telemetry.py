@@ -142,6 +142,7 @@ class Telemetry:
 
             self._propagator = TraceContextTextMapPropagator()
         self._queue_depth: Callable[[], int] | None = None
+        self._policy_failures: Callable[[], int] | None = None
         self._instruments: dict[str, Any] = {}
         if meter_provider is not None:
             self._create_instruments(meter_provider.get_meter("tiergate"))
@@ -255,6 +256,24 @@ class Telemetry:
             unit="{request}",
             description="Local tier: requests generating plus waiting.",
         )
+
+        meter.create_observable_counter(
+            "tiergate.policy.reload_failures",
+            callbacks=[self._observe_policy_failures],
+            unit="{reload}",
+            description="Policy edits refused because the new file was invalid.",
+        )
+
+    def _observe_policy_failures(self, _options: Any) -> Iterable[Any]:
+        from opentelemetry.metrics import Observation
+
+        if self._policy_failures is None:
+            return []
+        return [Observation(self._policy_failures())]
+
+    def watch_policy(self, holder: object) -> None:
+        """Report ``holder.reload_failures`` (refused policy edits) as a counter."""
+        self._policy_failures = lambda: int(getattr(holder, "reload_failures", 0))
 
     def _observe_queue(self, _options: Any) -> Iterable[Any]:
         from opentelemetry.metrics import Observation

@@ -197,3 +197,16 @@ def wait_for(predicate: Any, timeout_s: float = 10.0) -> bool:
 def run(coro: Any) -> Any:
     """Run a coroutine to completion in a fresh loop (for async client bursts)."""
     return asyncio.run(coro)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Any]:
+    """A real redis-server on a free loopback port (stopped at the end)."""
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

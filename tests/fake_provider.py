@@ -5,7 +5,10 @@
 
 It records every request it receives (path, headers, JSON body) so tests can assert what left the
 machine, and it can be told to misbehave: fail with a status, rate-limit with ``Retry-After``,
-stall past a timeout, reset the connection mid-stream, or answer with a tool call.
+stall past a timeout, reset the connection mid-stream, or answer with a tool call. It also
+plays the shadow judge: a request carrying Tiergate's pairwise judge prompt is answered with a
+verdict (``[[A]]``/``[[B]]``/``[[C]]``) that prefers the side ``Behaviour.judge`` names, where the
+"closed" answer is the one equal to ``Behaviour.text`` (what this provider answers itself).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -31,13 +35,19 @@ class Received:
 @dataclass
 class Behaviour:
     """How to answer the next requests. ``mode`` is one of:
-    ok, status, rate_limit, stall, reset_mid_stream, tool_call."""
+    ok, status, rate_limit, stall, reset_mid_stream, tool_call, echo_auth (a 500 whose message
+    repeats the Authorization header it got, as careless providers do).
+    ``chunk_delay_s`` paces streamed chunks."""
 
     mode: str = "ok"
     status: int = 500
     retry_after: int = 7
     stall_s: float = 5.0
     text: str = "Hello from the closed model, streamed word by word."
+    chunk_delay_s: float = 0.0
+    judge: str = "closed"  # closed | local | tie | garbage: the verdict given to judge prompts
+    # When set, decides judge prompts instead: (question, answer A, answer B) -> "A" | "B" | "C".
+    judge_fn: Callable[[str, str, str], str] | None = None
 
 
 @dataclass
@@ -46,6 +56,8 @@ class FakeProvider:
 
     received: list[Received] = field(default_factory=list)
     behaviour: Behaviour = field(default_factory=Behaviour)
+    sent_chunks: int = 0  # streamed chunks written so far (all streams)
+    broken_streams: int = 0  # streams whose reader went away before the end
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -91,6 +103,8 @@ class FakeProvider:
         """Forget what was received and answer normally (or as told)."""
         with self._lock:
             self.received.clear()
+            self.sent_chunks = 0
+            self.broken_streams = 0
         self.behaviour = behaviour or Behaviour()
 
     # -- answering ---------------------------------------------------------------------------
@@ -102,6 +116,13 @@ class FakeProvider:
             self._json(
                 h, b.status, {"error": {"message": "upstream exploded", "type": "server_error"}}
             )
+            return
+        if b.mode == "echo_auth":
+            leak = (
+                f"bad request from {h.headers.get('authorization')} "
+                f"x-api-key: {h.headers.get('x-api-key')}"
+            )
+            self._json(h, 500, {"error": {"message": leak, "type": "server_error"}})
             return
         if b.mode == "rate_limit":
             self._json(
@@ -131,10 +152,31 @@ class FakeProvider:
         h.end_headers()
         h.wfile.write(data)
 
+    def judge_verdict(self, body: dict[str, Any]) -> str | None:
+        """The verdict for a judge prompt, or None when ``body`` is not one."""
+        messages = body.get("messages") or []
+        if not messages or "impartial judge" not in str(messages[0].get("content")):
+            return None
+        b = self.behaviour
+        if b.judge_fn is not None:
+            return f"[[{b.judge_fn(*_judge_parts(str(messages[-1].get('content'))))}]]"
+        if b.judge == "garbage":
+            return "I cannot decide."
+        if b.judge == "tie":
+            return "Both are fine. [[C]]"
+        user = str(messages[-1].get("content"))
+        closed_is_a = f"[The Start of Assistant A's Answer]\n{b.text}\n" in user
+        closed, local = ("A", "B") if closed_is_a else ("B", "A")
+        return f"Verdict: [[{closed if b.judge == 'closed' else local}]]"
+
     def _openai_json(self, h: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
         b = self.behaviour
-        if b.mode == "tool_call" and body.get("tools"):
-            message: dict[str, Any] = {
+        verdict = self.judge_verdict(body)
+        if verdict is not None:
+            message: dict[str, Any] = {"role": "assistant", "content": verdict}
+            finish = "stop"
+        elif b.mode == "tool_call" and body.get("tools"):
+            message = {
                 "role": "assistant",
                 "content": None,
                 "tool_calls": [
@@ -178,8 +220,12 @@ class FakeProvider:
         pieces = [word + " " for word in b.text.split(" ")]
 
         def send(obj: Any) -> None:
+            if b.chunk_delay_s:
+                time.sleep(b.chunk_delay_s)
             h.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
             h.wfile.flush()
+            with self._lock:
+                self.sent_chunks += 1
 
         base = {
             "id": "chatcmpl-fake",
@@ -187,6 +233,21 @@ class FakeProvider:
             "created": int(time.time()),
             "model": body.get("model", "fake"),
         }
+        try:
+            self._openai_chunks(h, body, base, pieces, send)
+        except (BrokenPipeError, ConnectionResetError):
+            with self._lock:
+                self.broken_streams += 1
+
+    def _openai_chunks(
+        self,
+        h: BaseHTTPRequestHandler,
+        body: dict[str, Any],
+        base: dict[str, Any],
+        pieces: list[str],
+        send: Any,
+    ) -> None:
+        b = self.behaviour
         send({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
         for i, piece in enumerate(pieces):
             if b.mode == "reset_mid_stream" and i == 2:
@@ -274,3 +335,11 @@ class FakeProvider:
             },
         )
         event("message_stop", {"type": "message_stop"})
+
+
+def _judge_parts(user: str) -> tuple[str, str, str]:
+    """(question, answer A, answer B) out of Tiergate's pairwise judge prompt."""
+    question = user.split("[User Question]\n", 1)[1].split("\n\n[The Start of Assistant A", 1)[0]
+    a = user.split("[The Start of Assistant A's Answer]\n", 1)[1].split("\n[The End of", 1)[0]
+    b = user.split("[The Start of Assistant B's Answer]\n", 1)[1].split("\n[The End of", 1)[0]
+    return question, a, b

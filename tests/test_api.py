@@ -33,9 +33,10 @@ def server(tmp_path_factory: pytest.TempPathFactory, fake: FakeProvider) -> Iter
 
 
 @pytest.fixture
-def client(server: LiveServer, fake: FakeProvider) -> openai.OpenAI:
+def client(server: LiveServer, fake: FakeProvider) -> Iterator[openai.OpenAI]:
     fake.reset()
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as c:
+        yield c
 
 
 def _record(server: LiveServer, request_id: str) -> dict[str, object]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +76,20 @@ class ScriptedLocal:
         return None
 
 
+_OPEN: list[openai.OpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
+
+
 def _client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    _OPEN.append(client)
+    return client
 
 
 def test_local_failure_falls_back_to_closed(tmp_path: Path, fake: FakeProvider) -> None:
@@ -317,6 +329,9 @@ def test_hot_reload_under_traffic_keeps_serving(tmp_path: Path, fake: FakeProvid
         assert ready["policy"]["version"] != first  # the last good edit still serves
         assert "rules" in ready["policy"]["last_reload_error"]
         assert srv.gateway.policies.reload_failures == 1
+        metrics = httpx.get(srv.url + "/metrics").text.splitlines()
+        failures = [m for m in metrics if m.startswith("tiergate_policy_reload_failures_total")]
+        assert len(failures) == 1 and failures[0].endswith(" 1.0")
         store = srv.gateway.outcomes
         assert store.flush() and store.count() == 200
 

@@ -388,6 +388,19 @@ def test_url_download_checks_the_sha256(render: Render) -> None:
     assert "sha256 mismatch" in fetch["args"][0]
 
 
+def test_anonymous_access_is_opt_in(render: Render) -> None:
+    default = env_of(container(find(render(VALUE_SETS["redis"]), "Deployment", FULLNAME), "router"))
+    assert "TIERGATE_ALLOW_ANONYMOUS" not in default
+    opened = render(
+        {
+            **VALUE_SETS["redis"],
+            "secrets": {**VALUE_SETS["redis"].get("secrets", {}), "allowAnonymous": True},
+        }
+    )
+    env = env_of(container(find(opened, "Deployment", FULLNAME), "router"))
+    assert env["TIERGATE_ALLOW_ANONYMOUS"] == "true"
+
+
 def test_provider_keys_come_only_from_the_existing_secret(render: Render) -> None:
     docs = render(VALUE_SETS["redis"])
     env = env_of(container(find(docs, "Deployment", FULLNAME), "router"))
@@ -396,7 +409,7 @@ def test_provider_keys_come_only_from_the_existing_secret(render: Render) -> Non
     }
     assert env["ANTHROPIC_API_KEY"]["secretKeyRef"]["name"] == "tiergate-providers"
     assert env["GEMINI_API_KEY"]["secretKeyRef"]["key"] == "gemini-api-key"
-    assert env["TIERGATE_ADMIN_KEY"]["secretKeyRef"]["key"] == "admin-key-hash"
+    assert env["TIERGATE_ADMIN_KEYS"]["secretKeyRef"]["key"] == "admin-key-hash"
     assert env["REDIS_PASSWORD"]["secretKeyRef"] == {
         "name": "tiergate-redis",
         "key": "redis-password",

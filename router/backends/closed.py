@@ -23,6 +23,7 @@ from router.errors import (
     UpstreamBadRequestError,
     UpstreamRateLimitedError,
     UpstreamTimeoutError,
+    scrub,
 )
 
 # The providers' usual environment variables for their keys.
@@ -189,7 +190,7 @@ def map_litellm_error(exc: Exception, label: str) -> TiergateError:
     """Map a litellm exception to Tiergate's hierarchy by its HTTP status and kind."""
     status = getattr(exc, "status_code", None)
     name = type(exc).__name__
-    message = f"{label}: {name}: {str(exc)[:300]}"
+    message = f"{label}: {name}: {scrub(str(exc))[:300]}"
     if "Timeout" in name or status in (408, 504):
         return UpstreamTimeoutError(message, upstream_status=status)
     if status == 429 or "RateLimit" in name:

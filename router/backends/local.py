@@ -21,7 +21,13 @@ from typing import Any
 from router.backends import Completion, ModelLike, Usage
 from router.backends.openai_http import OpenAIHTTP
 from router.config import Settings
-from router.errors import BackendError, BadRequestError, ConfigError, LocalOverloadedError
+from router.errors import (
+    BackendError,
+    BadRequestError,
+    ConfigError,
+    LocalOverloadedError,
+    UpstreamTimeoutError,
+)
 
 # Request fields llama-cpp-python's create_chat_completion honours, passed through unchanged.
 _PASSTHROUGH = (
@@ -237,9 +243,18 @@ class LlamaCppBackend:
         # leaves, so two generations never share one llama.cpp context.
         future.add_done_callback(lambda _f: self.gate.release())
         chat_id = f"chatcmpl-{uuid.uuid4().hex}"
+        # local_timeout_s bounds the whole generation (waiting in the queue excluded): past it
+        # the worker is told to stop and the request fails like any local failure (fallback).
+        deadline = loop.time() + self._settings.local_timeout_s
         try:
             while True:
-                item = await queue.get()
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        item = await queue.get()
+                except TimeoutError as exc:
+                    raise UpstreamTimeoutError(
+                        f"local generation exceeded {self._settings.local_timeout_s}s"
+                    ) from exc
                 if item is done:
                     return
                 if isinstance(item, _CancelledError):

@@ -21,6 +21,7 @@ from router.errors import (
     UpstreamBadRequestError,
     UpstreamRateLimitedError,
     UpstreamTimeoutError,
+    scrub,
 )
 
 
@@ -41,10 +42,15 @@ def _upstream_message(response: httpx.Response) -> str:
     return str(message or response.reason_phrase or "error")[:500]
 
 
-def error_for_status(response: httpx.Response, label: str) -> BackendError:
-    """Map an upstream HTTP error status to the Tiergate error a client and the fallback see."""
+def error_for_status(
+    response: httpx.Response, label: str, api_key: str | None = None
+) -> BackendError:
+    """Map an upstream HTTP error status to the Tiergate error a client and the fallback see.
+
+    The upstream's message is repeated with credentials scrubbed (some providers echo keys).
+    """
     status = response.status_code
-    message = f"{label} answered {status}: {_upstream_message(response)}"
+    message = f"{label} answered {status}: {scrub(_upstream_message(response), [api_key])}"
     if status == 429:
         return UpstreamRateLimitedError(
             message, upstream_status=status, retry_after=_retry_after(response)
@@ -94,7 +100,7 @@ class OpenAIHTTP:
         except httpx.HTTPError as exc:
             raise map_transport_error(exc, label) from exc
         if response.status_code >= 400:
-            raise error_for_status(response, label)
+            raise error_for_status(response, label, api_key)
         try:
             payload = response.json()
         except json.JSONDecodeError as exc:
@@ -131,7 +137,7 @@ class OpenAIHTTP:
             ) as response:
                 if response.status_code >= 400:
                     await response.aread()
-                    raise error_for_status(response, label)
+                    raise error_for_status(response, label, api_key)
                 async for line in response.aiter_lines():
                     if not line.startswith("data:"):
                         continue

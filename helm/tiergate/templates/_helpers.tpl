@@ -196,7 +196,7 @@ Secret values only ever appear as secretKeyRef; $(REDIS_PASSWORD) is expanded by
       optional: true
 {{- end }}
 {{- if $.Values.secrets.adminKeyKey }}
-- name: TIERGATE_ADMIN_KEY
+- name: TIERGATE_ADMIN_KEYS
   valueFrom:
     secretKeyRef:
       name: {{ $.Values.secrets.existingSecret }}
@@ -207,6 +207,10 @@ Secret values only ever appear as secretKeyRef; $(REDIS_PASSWORD) is expanded by
 - name: TIERGATE_API_KEYS_FILE
   value: /etc/tiergate/secrets/api-keys.yaml
 {{- end }}
+{{- end }}
+{{- if .Values.secrets.allowAnonymous }}
+- name: TIERGATE_ALLOW_ANONYMOUS
+  value: "true"
 {{- end }}
 {{- if .Values.otel.endpoint }}
 - name: OTEL_EXPORTER_OTLP_ENDPOINT

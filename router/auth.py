@@ -1,0 +1,343 @@
+"""Who is calling: API keys, tenants and permissions.
+
+Every route needs a key except ``/healthz`` and ``/readyz``. A key is looked up by its sha256
+hash (the plain key is never stored or logged) in three places, first hit wins:
+
+* the YAML keys file named by ``TIERGATE_API_KEYS_FILE`` (``tiergate keys add`` prints entries),
+* ``TIERGATE_ADMIN_KEYS``: comma-separated hashes of admin keys (tenant ``admin``),
+* the Redis hash ``tiergate:keys`` (field = hash, value = the entry as JSON) when
+  ``TIERGATE_REDIS_URL`` is set; lookups are cached in-process for :data:`CACHE_TTL_S`.
+
+With no key source at all, Tiergate runs in *anonymous* mode: every request is the ``default``
+tenant with every permission except ``admin``. That is allowed only on a loopback host, or
+anywhere with ``TIERGATE_ALLOW_ANONYMOUS=true``; otherwise :func:`build_authenticator` refuses to
+start. :class:`AuthMiddleware` sets ``request.state.principal``, ``.tenant`` and
+``.policy_headers`` for the handlers; :func:`require` guards routes that need a permission.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from fastapi import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from router.config import Settings
+from router.errors import (
+    AuthenticationError,
+    ConfigError,
+    NotFoundError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    TiergateError,
+)
+
+log = logging.getLogger("tiergate.auth")
+
+Permission = Literal["pin_closed", "set_policy_headers", "dashboard", "admin"]
+PERMISSIONS: tuple[str, ...] = ("pin_closed", "set_policy_headers", "dashboard", "admin")
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+REDIS_KEYS_HASH = "tiergate:keys"
+CACHE_TTL_S = 10.0
+KEY_PREFIX = "tg-"
+
+
+def hash_key(key: str) -> str:
+    """The sha256 hex digest under which a key is stored."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> str:
+    """A fresh random client key (256 bits)."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated caller. ``key_id`` is a short hash prefix, safe to log."""
+
+    tenant: str
+    permissions: frozenset[str]
+    key_id: str
+    policy_headers: frozenset[str] = field(default_factory=frozenset)
+    rpm: int | None = None
+    tpm: int | None = None
+    anonymous: bool = False
+
+    def can(self, permission: str) -> bool:
+        """Whether this caller holds ``permission`` (``admin`` holds them all)."""
+        return permission in self.permissions or "admin" in self.permissions
+
+    def allowed_policy_headers(self) -> frozenset[str] | None:
+        """``x-tiergate-*`` headers the policy may read: None means all of them."""
+        return None if self.can("set_policy_headers") else self.policy_headers
+
+
+ANONYMOUS = Principal(
+    tenant="default",
+    permissions=frozenset({"pin_closed", "set_policy_headers", "dashboard"}),
+    key_id="anonymous",
+    anonymous=True,
+)
+
+
+def parse_entry(data: Any, where: str) -> tuple[str, Principal]:
+    """One key entry (``sha256``, ``tenant``, ``permissions``...) -> (hash, principal)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: a key entry must be a mapping")
+    digest = str(data.get("sha256") or "").lower()
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ConfigError(f"{where}: 'sha256' must be 64 hex digits (tiergate keys hash)")
+    tenant = data.get("tenant")
+    if not isinstance(tenant, str) or not tenant:
+        raise ConfigError(f"{where}: 'tenant' is required")
+    perms = data.get("permissions") or []
+    unknown = [p for p in perms if p not in PERMISSIONS]
+    if unknown:
+        raise ConfigError(f"{where}: unknown permissions {unknown}; known: {list(PERMISSIONS)}")
+    headers = [str(h).lower() for h in data.get("policy_headers") or []]
+    rpm, tpm = data.get("rpm"), data.get("tpm")
+    return digest, Principal(
+        tenant=tenant,
+        permissions=frozenset(perms),
+        key_id=digest[:12],
+        policy_headers=frozenset(headers),
+        rpm=int(rpm) if rpm else None,
+        tpm=int(tpm) if tpm else None,
+    )
+
+
+def load_keys_file(path: Path) -> dict[str, Principal]:
+    """Read a keys file: ``keys: [{sha256, tenant, permissions, policy_headers, rpm, tpm}]``."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read keys file {path}: {exc}") from exc
+    entries = data.get("keys") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise ConfigError(f"keys file {path} must hold 'keys: [...]'")
+    return dict(parse_entry(e, f"{path}: keys[{i}]") for i, e in enumerate(entries))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` binds only to this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Authenticator:
+    """Maps a presented key to a :class:`Principal`, from the file, admin list or Redis."""
+
+    def __init__(
+        self,
+        keys: Mapping[str, Principal],
+        *,
+        redis_url: str | None = None,
+        anonymous: bool = False,
+    ) -> None:
+        self.keys = dict(keys)
+        self.anonymous = anonymous
+        self._redis_url = redis_url
+        self._redis: Any = None
+        self._cache: dict[str, tuple[float, Principal | None]] = {}
+
+    async def authenticate(self, key: str | None) -> Principal:
+        """The caller for ``key``; raises :class:`AuthenticationError` when unknown."""
+        if self.anonymous:
+            return ANONYMOUS
+        if not key:
+            raise AuthenticationError(
+                "missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key"
+            )
+        digest = hash_key(key)
+        principal = self.keys.get(digest)
+        if principal is None and self._redis_url:
+            principal = await self._from_redis(digest)
+        if principal is None:
+            raise AuthenticationError("invalid API key")
+        return principal
+
+    async def _from_redis(self, digest: str) -> Principal | None:
+        now = time.monotonic()
+        cached = self._cache.get(digest)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        if self._redis is None:
+            import redis.asyncio as aioredis
+
+            self._redis = aioredis.Redis.from_url(
+                str(self._redis_url), socket_timeout=0.5, socket_connect_timeout=0.5
+            )
+        try:
+            raw = await self._redis.hget(REDIS_KEYS_HASH, digest)
+        except Exception as exc:  # Redis down: known keys stay cached, unknown ones are refused
+            log.warning("key lookup in Redis failed: %s", type(exc).__name__)
+            return cached[1] if cached is not None else None
+        principal = None
+        if raw is not None:
+            try:
+                _, principal = parse_entry({"sha256": digest, **json.loads(raw)}, "redis key")
+            except (ConfigError, json.JSONDecodeError, TypeError) as exc:
+                log.error("bad key entry %s… in Redis: %s", digest[:12], exc)
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[digest] = (now + CACHE_TTL_S, principal)
+        return principal
+
+    async def aclose(self) -> None:
+        """Close the Redis connection, if one was opened."""
+        if self._redis is not None:
+            await self._redis.aclose()
+
+
+def build_authenticator(settings: Settings) -> Authenticator:
+    """The authenticator for ``settings``; refuses an anonymous non-loopback deployment."""
+    keys: dict[str, Principal] = {}
+    if settings.api_keys_file is not None:
+        keys.update(load_keys_file(settings.api_keys_file))
+    for i, digest in enumerate(filter(None, (settings.admin_keys or "").split(","))):
+        h, principal = parse_entry(
+            {"sha256": digest.strip(), "tenant": "admin", "permissions": ["admin"]},
+            f"TIERGATE_ADMIN_KEYS[{i}]",
+        )
+        keys[h] = principal
+    configured = bool(keys) or settings.redis_url is not None
+    if configured:
+        return Authenticator(keys, redis_url=settings.redis_url)
+    if not (is_loopback(settings.host) or settings.allow_anonymous):
+        raise ConfigError(
+            f"no API keys are configured and host {settings.host} is not loopback: set "
+            "TIERGATE_API_KEYS_FILE (see 'tiergate keys add'), or TIERGATE_ALLOW_ANONYMOUS=true "
+            "to serve without keys"
+        )
+    log.warning(
+        "no API keys configured: serving every caller as tenant 'default' (not admin); "
+        "see SECURITY.md before exposing this port"
+    )
+    return Authenticator({}, anonymous=True)
+
+
+def _presented_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else None
+        if name == b"x-api-key":
+            return value.decode("latin-1").strip()
+    return None
+
+
+def _content_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+class AuthMiddleware:
+    """Authenticates each HTTP request and caps its body size (a pure ASGI middleware).
+
+    Auth failures are answered here (OpenAI-shaped 401). An oversized body is raised as
+    :class:`PayloadTooLargeError` from ``receive``, i.e. inside the handler reading it, so the
+    chat handler records it like any other error.
+    """
+
+    def __init__(self, app: ASGIApp, authenticator: Authenticator, max_body_bytes: int) -> None:
+        self.app = app
+        self.authenticator = authenticator
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Authenticate, set ``scope['state']``, and pass on with a size-capped ``receive``."""
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)  # lifespan
+            return
+        if scope["path"] not in PUBLIC_PATHS:
+            try:
+                principal = await self.authenticator.authenticate(_presented_key(scope["headers"]))
+            except TiergateError as exc:
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008})
+                else:
+                    await _send_error(exc, send)
+                return
+            state = scope.setdefault("state", {})
+            state["principal"] = principal
+            state["tenant"] = principal.tenant
+            state["policy_headers"] = principal.allowed_policy_headers()
+        await self.app(scope, self._capped(scope, receive), send)
+
+    def _capped(self, scope: Scope, receive: Receive) -> Receive:
+        limit = self.max_body_bytes
+        declared = _content_length(scope["headers"])
+        seen = 0
+
+        async def capped() -> Message:
+            nonlocal seen
+            if declared is not None and declared > limit:
+                raise PayloadTooLargeError(f"request body is over the {limit}-byte limit")
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise PayloadTooLargeError(f"request body is over the {limit}-byte limit")
+            return message
+
+        return capped
+
+
+async def _send_error(exc: TiergateError, send: Send) -> None:
+    body = json.dumps(exc.to_body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if isinstance(exc, AuthenticationError):
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def principal_of(request: Request) -> Principal:
+    """The caller of ``request`` (set by :class:`AuthMiddleware`)."""
+    principal = getattr(request.state, "principal", None)
+    if not isinstance(principal, Principal):
+        raise AuthenticationError("request was not authenticated")
+    return principal
+
+
+def require(permission: Permission) -> Callable[[Request], Awaitable[Principal]]:
+    """A FastAPI dependency: ``dependencies=[Depends(require("dashboard"))]``; 403 without it."""
+
+    async def dependency(request: Request) -> Principal:
+        principal = principal_of(request)
+        if not principal.can(permission):
+            raise PermissionDeniedError(f"this API key lacks the '{permission}' permission")
+        return principal
+
+    return dependency
+
+
+def check_record_access(principal: Principal, record: Mapping[str, Any] | None, rid: str) -> None:
+    """Raise 404 unless outcome record ``rid`` exists and belongs to the caller's tenant.
+
+    For endpoints that read or label records (``/v1/feedback``). Another tenant's record is
+    "not found", not "forbidden", so request ids cannot be probed across tenants. ``admin``
+    keys may reach every tenant's records.
+    """
+    if record is None or not (principal.can("admin") or record.get("tenant") == principal.tenant):
+        raise NotFoundError(f"no request '{rid}' for this tenant", code="request_not_found")

@@ -1,0 +1,359 @@
+"""Quality signals that close the loop: feedback, shadow judging, escalations, retention.
+
+Every signal becomes a :class:`~router.outcomes.Label` on the request it is about, stored next to
+its outcome record. The label's ``value`` is the routing classifier's target: how strongly the
+closed model's answer would have been materially better than the answer served (1 = clearly
+better, 0 = not better). See ``docs/learning-loop.md``.
+
+* **Feedback** (``POST /v1/feedback``): a tenant labels one of its own requests with a score in
+  [0, 1] or thumbs up/down, the quality of the answer it got. For a locally served answer the
+  value is ``1 - quality``; for a closed answer the quality is kept but the value is unknown (how
+  good the closed answer was says nothing about the local one).
+* **Shadow judging**: for a sampled share of locally served requests (the policy's
+  ``shadow.sample_rate``, never for ``local_only`` traffic), the default closed model answers the
+  same request in the background and a judge model compares both answers, in both orders.
+* **Escalation**: the same tenant re-sending the same conversation pinned to a closed model soon
+  after a local answer is a negative label (value 1) for that local answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import random
+import re
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+from router.backends import Completion
+from router.errors import BadRequestError, NotFoundError, TiergateError
+from router.outcomes import Label, OutcomeStore
+from router.policy import ModelSpec
+from router.schemas import FeedbackRequest
+
+log = logging.getLogger("tiergate.learning")
+
+JUDGE_SYSTEM = (
+    "Please act as an impartial judge and evaluate the quality of the responses provided by two "
+    "AI assistants to the user question displayed below. Choose the assistant that follows the "
+    "user's instructions and answers the user's question better, considering helpfulness, "
+    "relevance, accuracy, depth and level of detail. Do not let the order in which the responses "
+    "were presented, their length, or the assistants' names influence your decision. Be as "
+    "objective as possible. After a short explanation, output your final verdict strictly in "
+    'this format: "[[A]]" if assistant A is better, "[[B]]" if assistant B is better, and '
+    '"[[C]]" for a tie.'
+)
+JUDGE_TEMPLATE = (
+    "[User Question]\n{question}\n\n"
+    "[The Start of Assistant A's Answer]\n{answer_a}\n[The End of Assistant A's Answer]\n\n"
+    "[The Start of Assistant B's Answer]\n{answer_b}\n[The End of Assistant B's Answer]"
+)
+_VERDICT = re.compile(r"\[\[([ABC])\]\]")
+
+
+def parse_verdict(text: str) -> str | None:
+    """The judge's last ``[[A]]``/``[[B]]``/``[[C]]``, or None when it gave none."""
+    found = _VERDICT.findall(text or "")
+    return found[-1] if found else None
+
+
+def judge_messages(question: str, answer_a: str, answer_b: str) -> list[dict[str, str]]:
+    """The pairwise judge prompt (MT-Bench's pairwise template, documented in the docs)."""
+    user = JUDGE_TEMPLATE.format(question=question, answer_a=answer_a, answer_b=answer_b)
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+
+
+def closed_better(verdicts: list[tuple[str, str | None]]) -> float | None:
+    """Average over orderings: 1 when the closed answer wins, 0 when local wins, 0.5 a tie.
+
+    ``verdicts`` holds ``(position of the closed answer, verdict)`` pairs; orderings without a
+    valid verdict are ignored, and None means no ordering gave one.
+    """
+    values = []
+    for closed_pos, verdict in verdicts:
+        if verdict is None:
+            continue
+        values.append(0.5 if verdict == "C" else 1.0 if verdict == closed_pos else 0.0)
+    return sum(values) / len(values) if values else None
+
+
+def conversation_fingerprint(tenant: str, body: Mapping[str, Any]) -> str:
+    """A hash of the tenant and the messages (what "the same conversation" means)."""
+    messages = [
+        {"role": m.get("role"), "content": m.get("content")}
+        for m in body.get("messages") or []
+        if isinstance(m, dict)
+    ]
+    raw = json.dumps([tenant, messages], sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def answer_text(body: Mapping[str, Any]) -> str:
+    """The assistant text of an OpenAI chat completion body ('' when there is none)."""
+    choices = body.get("choices") or []
+    if not choices:
+        return ""
+    message = choices[0].get("message") or {}
+    content = message.get("content")
+    return content if isinstance(content, str) else ""
+
+
+def feedback_label(req: FeedbackRequest, record: Mapping[str, Any]) -> Label:
+    """The label for one feedback request about ``record`` (already checked to be the tenant's)."""
+    if req.score is None and req.thumbs is None:
+        raise BadRequestError("feedback needs a score in [0, 1] or thumbs up/down", param="score")
+    quality = req.score if req.score is not None else (1.0 if req.thumbs == "up" else 0.0)
+    value = 1.0 - quality if record.get("tier") == "local" else None
+    return Label(
+        request_id=req.request_id,
+        tenant=str(record["tenant"]),
+        source="feedback",
+        value=value,
+        ts=time.time(),
+        quality=quality,
+        comment=req.comment,
+        detail={"served_tier": record.get("tier"), "served_model": record.get("model")},
+    )
+
+
+class LearningLoop:
+    """Per-process state of the quality signals: shadow tasks and the escalation map.
+
+    ``gateway`` is the running :class:`~router.gateway.Gateway` (for the policy, the closed
+    backend, the cost book and the outcome store).
+    """
+
+    def __init__(
+        self,
+        gateway: Any,
+        *,
+        judge_model: str | None = None,
+        concurrency: int = 4,
+        escalation_window_s: float = 600.0,
+        max_pending: int | None = None,
+        max_fingerprints: int = 50_000,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.gateway = gateway
+        self.judge_model = judge_model
+        self.escalation_window_s = escalation_window_s
+        self._sem = asyncio.Semaphore(concurrency)
+        self._max_pending = max_pending if max_pending is not None else 8 * concurrency
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._local_answers: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._max_fingerprints = max_fingerprints
+        self._rng = rng
+        self.shadow_started = 0
+        self.shadow_labelled = 0
+        self.shadow_skipped = 0
+        self.shadow_failed = 0
+        self.escalations = 0
+
+    @property
+    def pending(self) -> int:
+        """Shadow judgements started and not yet finished."""
+        return len(self._tasks)
+
+    @property
+    def store(self) -> OutcomeStore:
+        """The outcome store labels go to."""
+        store: OutcomeStore = self.gateway.outcomes
+        return store
+
+    # -- feedback --------------------------------------------------------------------------
+
+    async def feedback(self, tenant: str, req: FeedbackRequest) -> Label:
+        """Store a tenant's feedback; 404 for an unknown request or another tenant's."""
+        record = await asyncio.to_thread(self.store.get, req.request_id)
+        if record is None or record.get("tenant") != tenant:
+            raise NotFoundError(f"no request '{req.request_id}'", code="request_not_found")
+        label = feedback_label(req, record)
+        self.store.label(label)
+        return label
+
+    # -- escalation ------------------------------------------------------------------------
+
+    def observe(self, ctx: Any, body: Mapping[str, Any]) -> None:
+        """Before serving: a request pinned to a closed model that repeats a recent local
+        conversation of the same tenant labels that local answer as worse (value 1)."""
+        policy = self.gateway.policy
+        spec = policy.models.get(str(body.get("model")))
+        if spec is None or spec.tier != "closed" or self.escalation_window_s <= 0:
+            return
+        fp = conversation_fingerprint(ctx.tenant, body)
+        earlier = self._local_answers.pop(fp, None)
+        if earlier is None or time.time() - earlier[1] > self.escalation_window_s:
+            return
+        self.escalations += 1
+        self.store.label(
+            Label(
+                request_id=earlier[0],
+                tenant=ctx.tenant,
+                source="escalation",
+                value=1.0,
+                ts=time.time(),
+                detail={"escalated_to": spec.name, "by_request": ctx.request_id},
+            )
+        )
+
+    def _remember_local(self, ctx: Any, body: Mapping[str, Any]) -> None:
+        if self.escalation_window_s <= 0:
+            return
+        fp = conversation_fingerprint(ctx.tenant, body)
+        self._local_answers[fp] = (ctx.request_id, time.time())
+        self._local_answers.move_to_end(fp)
+        cutoff = time.time() - self.escalation_window_s
+        while self._local_answers and (
+            len(self._local_answers) > self._max_fingerprints
+            or next(iter(self._local_answers.values()))[1] < cutoff
+        ):
+            self._local_answers.popitem(last=False)
+
+    # -- after a response ------------------------------------------------------------------
+
+    def after_response(self, ctx: Any, body: Mapping[str, Any], answer: str | None) -> None:
+        """After a successful answer: remember local answers for escalation and maybe start a
+        shadow judgement. Never raises and never waits."""
+        try:
+            served = ctx.served
+            decision = ctx.decision
+            if served is None or decision is None or served.model.tier != "local":
+                return
+            self._remember_local(ctx, body)
+            if answer is None or decision.local_only or decision.shadow_rate <= 0:
+                return
+            if self._rng() >= decision.shadow_rate:
+                return
+            if len(self._tasks) >= self._max_pending:
+                self.shadow_skipped += 1
+                return
+            task = asyncio.get_running_loop().create_task(
+                self._shadow(ctx.request_id, ctx.tenant, dict(body), answer)
+            )
+            self.shadow_started += 1
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        except Exception:  # a learning hiccup must never fail a served request; it is logged
+            log.exception("after_response failed for %s", getattr(ctx, "request_id", "?"))
+
+    async def tap(
+        self, ctx: Any, body: Mapping[str, Any], source: AsyncIterator[dict[str, Any]]
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Pass a stream through, keeping its text; a stream that ends normally then goes to
+        :meth:`after_response` like a non-streaming answer."""
+        text: list[str] = []
+        async for chunk in source:
+            for choice in (chunk.get("choices") or [])[:1]:
+                text.append(str((choice.get("delta") or {}).get("content") or ""))
+            yield chunk
+        self.after_response(ctx, body, "".join(text))
+
+    async def _shadow(self, request_id: str, tenant: str, body: dict[str, Any], local: str) -> None:
+        async with self._sem:
+            try:
+                label = await self.judge(request_id, tenant, body, local)
+            except TiergateError as exc:
+                self.shadow_failed += 1
+                log.warning("shadow judgement of %s failed: %s", request_id, exc.message)
+                return
+            except Exception:  # counted and logged; the user's answer is long gone
+                self.shadow_failed += 1
+                log.exception("shadow judgement of %s failed", request_id)
+                return
+        if label is not None:
+            self.store.label(label)
+            self.shadow_labelled += 1
+
+    def _closed_spec(self, name: str | None) -> ModelSpec:
+        policy = self.gateway.policy
+        if name is None:
+            if not policy.closed_models:
+                raise TiergateError("no closed model configured for shadow judging")
+            name = policy.closed_models[0]
+        return policy.models[name]  # type: ignore[no-any-return]
+
+    async def _ask(self, spec: ModelSpec, body: dict[str, Any]) -> tuple[Completion, float]:
+        request = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+        request["model"] = spec.name
+        result: Completion = await self.gateway.closed.complete(spec, request)
+        cost = float(
+            self.gateway.costs.closed_cost(
+                spec.litellm_model, result.usage.prompt_tokens, result.usage.completion_tokens
+            )
+        )
+        return result, cost
+
+    async def judge(
+        self, request_id: str, tenant: str, body: dict[str, Any], local_answer: str
+    ) -> Label | None:
+        """Ask the default closed model the same request, then the judge both ways round."""
+        from router.signals import scoring_text
+
+        closed_spec = self._closed_spec(None)
+        judge_spec = self._closed_spec(self.judge_model)
+        closed, cost = await self._ask(closed_spec, body)
+        closed_answer = answer_text(closed.body)
+        question = scoring_text(list(body.get("messages") or []))
+        verdicts: list[tuple[str, str | None]] = []
+        for closed_pos in ("A", "B"):
+            a, b = (
+                (closed_answer, local_answer)
+                if closed_pos == "A"
+                else (local_answer, closed_answer)
+            )
+            judged, judge_cost = await self._ask(
+                judge_spec,
+                {"messages": judge_messages(question, a, b), "temperature": 0, "max_tokens": 512},
+            )
+            cost += judge_cost
+            verdicts.append((closed_pos, parse_verdict(answer_text(judged.body))))
+        value = closed_better(verdicts)
+        if value is None:
+            log.warning("judge gave no verdict for %s", request_id)
+        return Label(
+            request_id=request_id,
+            tenant=tenant,
+            source="shadow",
+            value=value,
+            ts=time.time(),
+            cost_usd=cost,
+            detail={
+                "closed_model": closed_spec.name,
+                "judge_model": judge_spec.name,
+                "verdicts": [{"closed_position": p, "verdict": v} for p, v in verdicts],
+            },
+        )
+
+    async def drain(self, timeout_s: float = 10.0) -> None:
+        """Wait for running shadow judgements (at shutdown), cancelling what is left."""
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def purge_loop(
+    store: OutcomeStore, retention_days: Callable[[], int | None], every_s: float
+) -> None:
+    """Delete records and labels past the policy's retention period, every ``every_s``."""
+    if every_s <= 0:
+        return
+    while True:
+        days = retention_days()
+        if days is not None:
+            try:
+                gone = await asyncio.to_thread(store.purge, time.time() - days * 86400.0)
+                if gone:
+                    log.info("purged %d outcome records older than %d days", gone, days)
+            except Exception:  # the purge must survive a store hiccup; the error is logged
+                log.exception("outcome purge failed")
+        await asyncio.sleep(every_s)

@@ -1,0 +1,482 @@
+"""The Redis outcome store, shared by several Tiergate replicas; it loses no record in an outage.
+
+Structures (``P`` is the key prefix, ``tiergate`` by default; for Redis Cluster use a hash tag
+such as ``{tiergate}`` so one Lua script can touch every key):
+
+==============================  =============================================================
+``P:outcome:<request id>``      string, the record as JSON, expiring after the retention period.
+                                Written with ``SET NX``: the idempotency key that makes a
+                                replayed record (after a retry or a journal replay) a no-op.
+``P:outcomes``                  stream, one entry per new record (``id``, ``record``), trimmed
+                                to about 1M entries and by ``purge``: the change feed that other
+                                consumers (retrain jobs, exporters) read with ``XREAD``.
+``P:outcomes:ts``               sorted set, request id by timestamp: ``recent``, ``count``,
+                                ``purge``. ``P:outcomes:ts:<tenant>`` the same per tenant;
+                                ``P:tenants`` the set of tenants seen.
+``P:spend:<UTC day>``           hash, tenant -> USD spent that day (``HINCRBYFLOAT``), expiring
+                                after two days: budgets shared by every replica.
+``P:scores`` / ``P:scores:<a>`` capped lists (``LPUSH`` + ``LTRIM``) of recent routing scores,
+                                overall and per alias: online threshold calibration.
+``P:label:<request id>``        hash, label source -> label JSON (feedback, shadow, escalation).
+``P:labels``                    sorted set of ``<request id>|<source>`` by time: ``labels``.
+==============================  =============================================================
+
+Every write is one Lua script per record or label, so it is atomic and idempotent. Records
+submitted while Redis is unreachable wait in a bounded in-memory buffer; past that bound they
+are appended to an on-disk journal (JSON lines). The writer thread retries with backoff, then
+writes the buffer and replays the journal when Redis returns. ``close`` drains everything it can
+and, if Redis is still down when its time is up, moves what is left to the journal, which the
+next start replays. Redis itself must persist (AOF with ``appendfsync everysec`` or ``always``),
+or a Redis restart loses what it held, which no client can prevent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import defaultdict, deque
+from pathlib import Path
+from typing import Any
+
+from router.errors import StoreUnavailableError
+from router.outcomes import Label, OutcomeRecord
+
+log = logging.getLogger("tiergate.outcomes")
+
+_SCORES_CAP = 2000
+_STREAM_MAXLEN = 1_000_000
+
+# KEYS: record, stream, ts zset, tenant zset, tenants set, spend hash, scores, alias scores
+# ARGV: json, id, ts, tenant, cost, ttl_s, score or '', scores cap, spend ttl, stream maxlen
+_RECORD_LUA = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[6]) then return 0 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[10], '*', 'id', ARGV[2], 'record', ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
+redis.call('ZADD', KEYS[4], ARGV[3], ARGV[2])
+redis.call('SADD', KEYS[5], ARGV[4])
+if tonumber(ARGV[5]) ~= 0 then
+  redis.call('HINCRBYFLOAT', KEYS[6], ARGV[4], ARGV[5])
+  redis.call('EXPIRE', KEYS[6], ARGV[9])
+end
+if ARGV[7] ~= '' then
+  redis.call('LPUSH', KEYS[7], ARGV[7])
+  redis.call('LTRIM', KEYS[7], 0, tonumber(ARGV[8]) - 1)
+  redis.call('LPUSH', KEYS[8], ARGV[7])
+  redis.call('LTRIM', KEYS[8], 0, tonumber(ARGV[8]) - 1)
+end
+return 1
+"""
+
+# KEYS: label hash, labels zset, spend hash. ARGV: source, json, member, ts, tenant, cost, ttl
+_LABEL_LUA = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[7])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
+if tonumber(ARGV[6]) ~= 0 then
+  redis.call('HINCRBYFLOAT', KEYS[3], ARGV[5], ARGV[6])
+  redis.call('EXPIRE', KEYS[3], 172800)
+end
+return 1
+"""
+
+Item = OutcomeRecord | Label
+
+
+def _encode(item: Item) -> str:
+    kind = "record" if isinstance(item, OutcomeRecord) else "label"
+    return json.dumps({"kind": kind, "data": item.as_dict()}, separators=(",", ":"), default=str)
+
+
+def _decode(line: str) -> Item:
+    doc = json.loads(line)
+    if doc["kind"] == "record":
+        return OutcomeRecord(**doc["data"])
+    return Label(**doc["data"])
+
+
+def _day(ts: float) -> int:
+    return int(ts // 86400)
+
+
+class RedisOutcomeStore:
+    """Outcome records and labels in Redis; see the module docstring for structures and outages.
+
+    ``url`` is a ``redis://`` URL. ``settings`` (a :class:`~router.config.Settings`) supplies
+    the journal path and buffer size when given; keyword arguments override it.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        settings: Any = None,
+        journal: Path | None = None,
+        buffer_size: int | None = None,
+        retention_s: float = 30 * 86400,
+        prefix: str = "tiergate",
+        batch: int = 200,
+    ) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.retention_s = retention_s
+        self.journal = journal or (
+            Path(settings.outcome_journal_path) if settings is not None else None
+        )
+        if self.journal is None:
+            self.journal = Path("var/outcomes-journal.jsonl")
+        self.buffer_size = buffer_size or (
+            int(settings.outcome_queue_size) if settings is not None else 100_000
+        )
+        self._batch = batch
+        self._buffer: deque[Item] = deque()
+        self._inflight: dict[str, OutcomeRecord] = {}
+        self._journal_lines = 0
+        self._unflushed: dict[str, float] = defaultdict(float)
+        self._spend: dict[str, float] = {}
+        self._spend_day = _day(time.time())
+        self._cond = threading.Condition()
+        self._stop = False
+        self._deadline = 0.0
+        self._thread: threading.Thread | None = None
+        self._client: Any = None
+        self._record_script: Any = None
+        self._label_script: Any = None
+        self.written = 0
+        self.duplicates = 0
+        self.write_errors = 0
+        self.spilled = 0
+        self.connected = False
+
+    # -- keys ------------------------------------------------------------------------------
+
+    def key(self, *parts: str) -> str:
+        """A key under this store's prefix."""
+        return ":".join((self.prefix, *parts))
+
+    def _spend_key(self, ts: float) -> str:
+        return self.key("spend", str(_day(ts)))
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        """Make the client (connections open lazily; enough for reading, e.g. the CLI)."""
+        import redis
+
+        self._client = redis.Redis.from_url(
+            self.url,
+            socket_connect_timeout=1.0,
+            socket_timeout=5.0,
+            decode_responses=True,
+        )
+        self._record_script = self._client.register_script(_RECORD_LUA)
+        self._label_script = self._client.register_script(_LABEL_LUA)
+
+    def start(self) -> None:
+        """Connect (lazily: an unreachable Redis is not a start-up failure) and start writing."""
+        self.connect()
+        assert self.journal is not None
+        self.journal.parent.mkdir(parents=True, exist_ok=True)
+        for path in self._journal_files():
+            for item in _read_journal(path):
+                self._journal_lines += 1
+                self._unflushed[item.tenant] += item.cost_usd
+                if isinstance(item, OutcomeRecord):
+                    self._inflight[item.id] = item
+        if self._journal_lines:
+            log.warning("replaying %d journalled outcome items", self._journal_lines)
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="redis-outcome-writer", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Write everything buffered; whatever Redis cannot take in time goes to the journal."""
+        if self._thread is None:
+            if self._client is not None:
+                self._client.close()
+            return
+        with self._cond:
+            self._stop = True
+            self._deadline = time.monotonic() + timeout_s
+            self._cond.notify_all()
+        self._thread.join(timeout_s + 10)
+        self._thread = None
+        if self._client is not None:
+            self._client.close()
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait until everything submitted so far is in Redis; True if it is."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: not self._buffer and self._journal_lines == 0, timeout=timeout_s
+            )
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def submit(self, record: OutcomeRecord) -> None:
+        """Buffer a record for writing. Never blocks on Redis, never raises."""
+        self._put(record)
+
+    def label(self, label: Label) -> None:
+        """Buffer a label for writing, as :meth:`submit`."""
+        self._put(label)
+
+    def _put(self, item: Item) -> None:
+        with self._cond:
+            self._unflushed[item.tenant] += item.cost_usd
+            if isinstance(item, OutcomeRecord):
+                self._inflight[item.id] = item
+            if len(self._buffer) < self.buffer_size:
+                self._buffer.append(item)
+            else:
+                self._spill([item])
+            self._cond.notify_all()
+
+    def _journal_files(self) -> list[Path]:
+        assert self.journal is not None
+        draining = self.journal.with_suffix(self.journal.suffix + ".draining")
+        return [p for p in (draining, self.journal) if p.exists()]
+
+    def _spill(self, items: list[Item]) -> None:
+        """Append items to the journal (caller holds the lock)."""
+        assert self.journal is not None
+        with self.journal.open("a", encoding="utf-8") as fh:
+            for item in items:
+                fh.write(_encode(item) + "\n")
+            fh.flush()
+        self._journal_lines += len(items)
+        self.spilled += len(items)
+
+    def _run(self) -> None:
+        backoff = 0.05
+        last_refresh = 0.0
+        while True:
+            with self._cond:
+                if not self._buffer and not self._journal_lines:
+                    if self._stop:
+                        break
+                    self._cond.wait(timeout=1.0)
+                stopping, batch = self._stop, list(self._take())
+            try:
+                if batch:
+                    spend = self._write(batch)
+                    with self._cond:
+                        self._spend, self._spend_day = spend, _day(time.time())
+                        self._done(batch)
+                elif self._journal_lines:
+                    self._replay_journal()
+                if time.monotonic() - last_refresh > 1.0:
+                    self._refresh_spend()
+                    last_refresh = time.monotonic()
+                self.connected, backoff = True, 0.05
+            except Exception as exc:  # Redis down or failing: counted, retried, never lost
+                self.write_errors += 1
+                if self.connected:
+                    log.warning("redis outcome store unreachable, buffering: %s", exc)
+                self.connected = False
+                if stopping and time.monotonic() > self._deadline:
+                    with self._cond:
+                        self._spill(list(self._buffer))
+                        self._buffer.clear()
+                        self._cond.notify_all()
+                    log.error("redis still down at shutdown; outcomes kept in %s", self.journal)
+                    break
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+
+    def _take(self) -> list[Item]:
+        return [self._buffer[i] for i in range(min(self._batch, len(self._buffer)))]
+
+    def _done(self, batch: list[Item]) -> None:
+        """Drop a written batch from the buffer (caller holds the lock)."""
+        for _ in batch:
+            self._buffer.popleft()
+        self._forget(batch)
+
+    def _forget(self, batch: list[Item]) -> None:
+        for item in batch:
+            self._unflushed[item.tenant] -= item.cost_usd
+            if isinstance(item, OutcomeRecord):
+                self._inflight.pop(item.id, None)
+        self._cond.notify_all()
+
+    def _write(self, batch: list[Item]) -> dict[str, float]:
+        """Write a batch; returns today's shared spend, read in the same round trip so the
+        caller can swap it in as it forgets the batch's unflushed costs (no double count)."""
+        pipe = self._client.pipeline(transaction=False)
+        for item in batch:
+            if isinstance(item, OutcomeRecord):
+                self._queue_record(pipe, item)
+            else:
+                self._queue_label(pipe, item)
+        pipe.hgetall(self._spend_key(time.time()))
+        *results, spend = pipe.execute()
+        new = sum(int(r) for r in results)
+        self.written += new
+        self.duplicates += len(batch) - new
+        return {k: float(v) for k, v in spend.items()}
+
+    def _queue_record(self, pipe: Any, record: OutcomeRecord) -> None:
+        ttl = max(int(self.retention_s - (time.time() - record.ts)), 1)
+        score = "" if record.score is None else repr(float(record.score))
+        self._record_script(
+            keys=[
+                self.key("outcome", record.id),
+                self.key("outcomes"),
+                self.key("outcomes", "ts"),
+                self.key("outcomes", "ts", record.tenant),
+                self.key("tenants"),
+                self._spend_key(record.ts),
+                self.key("scores"),
+                self.key("scores", record.alias or "-"),
+            ],
+            args=[
+                json.dumps(record.as_dict(), separators=(",", ":"), default=str),
+                record.id,
+                repr(record.ts),
+                record.tenant,
+                repr(float(record.cost_usd)),
+                ttl,
+                score,
+                _SCORES_CAP,
+                172800,
+                _STREAM_MAXLEN,
+            ],
+            client=pipe,
+        )
+
+    def _queue_label(self, pipe: Any, label: Label) -> None:
+        ttl = max(int(self.retention_s - (time.time() - label.ts)), 1)
+        self._label_script(
+            keys=[
+                self.key("label", label.request_id),
+                self.key("labels"),
+                self._spend_key(label.ts),
+            ],
+            args=[
+                label.source,
+                json.dumps(label.as_dict(), separators=(",", ":"), default=str),
+                f"{label.request_id}|{label.source}",
+                repr(label.ts),
+                label.tenant,
+                repr(float(label.cost_usd)),
+                ttl,
+            ],
+            client=pipe,
+        )
+
+    def _replay_journal(self) -> None:
+        """Write the journal to Redis, oldest file first, then delete it."""
+        assert self.journal is not None
+        draining = self.journal.with_suffix(self.journal.suffix + ".draining")
+        with self._cond:
+            if not draining.exists() and self.journal.exists():
+                self.journal.replace(draining)
+        if not draining.exists():
+            return
+        items = _read_journal(draining)
+        spend = self._spend
+        for i in range(0, len(items), self._batch):
+            spend = self._write(items[i : i + self._batch])
+        with self._cond:
+            self._spend, self._spend_day = spend, _day(time.time())
+            draining.unlink()
+            self._journal_lines -= len(items)
+            self._forget(items)
+        log.info("replayed %d journalled outcome items into redis", len(items))
+
+    def _refresh_spend(self) -> None:
+        spend = self._client.hgetall(self._spend_key(time.time()))
+        with self._cond:
+            self._spend = {k: float(v) for k, v in spend.items()}
+            self._spend_day = _day(time.time())
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def _read(self, fn: Any, *args: Any) -> Any:
+        import redis
+
+        try:
+            return fn(*args)
+        except redis.RedisError as exc:
+            raise StoreUnavailableError(f"outcome store (redis) unavailable: {exc}") from exc
+
+    def spend_today(self, tenant: str) -> float:
+        """Today's spend from Redis (refreshed every second) plus what is still buffered here.
+
+        Kept in memory so the request path never waits for Redis.
+        """
+        with self._cond:
+            stored = self._spend.get(tenant, 0.0) if self._spend_day == _day(time.time()) else 0.0
+            return stored + max(self._unflushed.get(tenant, 0.0), 0.0)
+
+    def get(self, record_id: str) -> dict[str, Any] | None:
+        """One record by request id, including one still buffered here."""
+        with self._cond:
+            queued = self._inflight.get(record_id)
+        if queued is not None:
+            return queued.as_dict()
+        raw = self._read(self._client.get, self.key("outcome", record_id))
+        return json.loads(raw) if raw else None
+
+    def recent(self, limit: int = 20, tenant: str | None = None) -> list[dict[str, Any]]:
+        """The newest records, newest first."""
+        index = self.key("outcomes", "ts", tenant) if tenant else self.key("outcomes", "ts")
+        ids = self._read(self._client.zrevrange, index, 0, limit - 1)
+        if not ids:
+            return []
+        raws = self._read(self._client.mget, [self.key("outcome", i) for i in ids])
+        return [json.loads(r) for r in raws if r]
+
+    def count(self, tenant: str | None = None) -> int:
+        """How many records are stored (within the retention period)."""
+        index = self.key("outcomes", "ts", tenant) if tenant else self.key("outcomes", "ts")
+        return int(self._read(self._client.zcard, index))
+
+    def recent_scores(self, alias: str | None = None, limit: int = 2000) -> list[float]:
+        """Scores of recent scored requests, newest first."""
+        key = self.key("scores", alias) if alias else self.key("scores")
+        return [float(s) for s in self._read(self._client.lrange, key, 0, limit - 1)]
+
+    def labels(self, since: float = 0.0, limit: int | None = None) -> list[dict[str, Any]]:
+        """Stored labels newer than ``since``, oldest first."""
+        members = self._read(
+            self._client.zrangebyscore,
+            self.key("labels"),
+            f"({since!r}",
+            "+inf",
+            0,
+            -1 if limit is None else limit,
+        )
+        pipe = self._client.pipeline(transaction=False)
+        for member in members:
+            request_id, source = member.rsplit("|", 1)
+            pipe.hget(self.key("label", request_id), source)
+        return [json.loads(r) for r in self._read(pipe.execute) if r]
+
+    def purge(self, before_ts: float) -> int:
+        """Delete records and labels older than ``before_ts`` (keys also expire by TTL)."""
+        client = self._client
+        old_ids = self._read(client.zrangebyscore, self.key("outcomes", "ts"), "-inf", before_ts)
+        tenants = self._read(client.smembers, self.key("tenants"))
+        old_labels = self._read(client.zrangebyscore, self.key("labels"), "-inf", before_ts)
+        pipe = client.pipeline(transaction=False)
+        for i in range(0, len(old_ids), 500):
+            pipe.delete(*[self.key("outcome", x) for x in old_ids[i : i + 500]])
+        pipe.zremrangebyscore(self.key("outcomes", "ts"), "-inf", before_ts)
+        for tenant in tenants:
+            pipe.zremrangebyscore(self.key("outcomes", "ts", tenant), "-inf", before_ts)
+        for member in old_labels:
+            request_id, source = member.rsplit("|", 1)
+            pipe.hdel(self.key("label", request_id), source)
+        pipe.zremrangebyscore(self.key("labels"), "-inf", before_ts)
+        pipe.xtrim(self.key("outcomes"), minid=f"{int(before_ts * 1000)}-0")
+        self._read(pipe.execute)
+        return len(old_ids)
+
+
+def _read_journal(path: Path) -> list[Item]:
+    with path.open(encoding="utf-8") as fh:
+        return [_decode(line) for line in fh if line.strip()]

@@ -1,0 +1,194 @@
+"""The versioned model store (``TIERGATE_MODEL_STORE``) and the proxy's hot swap of its model.
+
+Layout::
+
+    <store>/versions/<id>/model.joblib      an artifact written by router.training.save_scorer,
+    <store>/versions/<id>/metadata.json     with lineage (parent, label counts, gate metrics)
+    <store>/current                         the serving version's id, replaced atomically
+    <store>/history.jsonl                   every pointer change (promote, rollback), in order
+
+A version directory is never edited after it is written. ``promote`` and ``rollback`` only
+rewrite ``current`` (a temporary file renamed over it), so a reader sees the old id or the new
+one, never half of either. Running proxies poll the pointer (:func:`watch_model_store`) and swap
+``gateway.scorer`` once the new artifact has loaded and passed its trust checks; requests in
+flight finish on the scorer they started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from router.errors import ConfigError
+
+log = logging.getLogger("tiergate.registry")
+
+_VERSION = re.compile(r"^v(\d{4,})$")
+
+
+def default_loader(path: Path) -> Any:
+    """Load an artifact with the trusted-only loader of :mod:`router.training`."""
+    training = importlib.import_module("router.training")
+    return training.load_scorer(path)
+
+
+class ModelStore:
+    """A directory of model versions and a ``current`` pointer (see the module docstring)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    @property
+    def versions_dir(self) -> Path:
+        """Where version directories live."""
+        return self.root / "versions"
+
+    def path(self, version: str) -> Path:
+        """The directory of ``version``; a :class:`ConfigError` if there is none."""
+        p = self.versions_dir / version
+        if not _VERSION.match(version) or not p.is_dir():
+            raise ConfigError(f"no model version '{version}' in {self.root}")
+        return p
+
+    def version_ids(self) -> list[str]:
+        """Every version id, oldest first."""
+        if not self.versions_dir.is_dir():
+            return []
+        ids = [p.name for p in self.versions_dir.iterdir() if _VERSION.match(p.name)]
+        return sorted(ids, key=lambda v: int(v[1:]))
+
+    def next_version(self) -> str:
+        """The id the next version gets (one past the highest)."""
+        ids = self.version_ids()
+        return f"v{(int(ids[-1][1:]) + 1 if ids else 1):04d}"
+
+    def metadata(self, version: str) -> dict[str, Any]:
+        """The sidecar of one version."""
+        meta = json.loads((self.path(version) / "metadata.json").read_text(encoding="utf-8"))
+        return meta if isinstance(meta, dict) else {}
+
+    def current(self) -> str | None:
+        """The id the pointer names, or None before the first promotion."""
+        try:
+            text = (self.root / "current").read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        return text or None
+
+    def _point(self, version: str, action: str, reason: str) -> None:
+        self.path(version)
+        self.root.mkdir(parents=True, exist_ok=True)
+        previous = self.current()
+        fd, tmp = tempfile.mkstemp(prefix=".current-", dir=self.root)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(version + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.root / "current")
+        entry = {
+            "ts": time.time(),
+            "action": action,
+            "version": version,
+            "previous": previous,
+            "reason": reason,
+        }
+        with (self.root / "history.jsonl").open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry) + "\n")
+
+    def adopt(self, artifact: Path) -> str:
+        """Copy an existing artifact directory in as the next version (current if none is)."""
+        import shutil
+
+        version = self.next_version()
+        self.versions_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=self.versions_dir))
+        shutil.copytree(artifact, tmp, dirs_exist_ok=True)
+        os.replace(tmp, self.versions_dir / version)
+        if self.current() is None:
+            self.promote(version, reason=f"adopted {artifact}")
+        return version
+
+    def promote(self, version: str, reason: str = "manual") -> None:
+        """Make ``version`` the serving model."""
+        self._point(version, "promote", reason)
+
+    def history(self) -> list[dict[str, Any]]:
+        """Every pointer change, oldest first."""
+        try:
+            lines = (self.root / "history.jsonl").read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def rollback(self) -> str:
+        """Point back to the version that served before the current one; returns its id."""
+        previous = next(
+            (e["previous"] for e in reversed(self.history()) if e["version"] == self.current()),
+            None,
+        )
+        if not previous:
+            raise ConfigError(f"nothing to roll back to in {self.root}")
+        self._point(previous, "rollback", f"rollback from {self.current()}")
+        return str(previous)
+
+    def listing(self) -> list[dict[str, Any]]:
+        """One summary per version (for ``tiergate models list``)."""
+        current = self.current()
+        out = []
+        for version in self.version_ids():
+            meta = self.metadata(version)
+            lineage = meta.get("lineage", {})
+            out.append(
+                {
+                    "version": version,
+                    "current": version == current,
+                    "created_at": meta.get("created_at"),
+                    "parent": lineage.get("parent"),
+                    "labels": lineage.get("labels", {}).get("used"),
+                    "gate": lineage.get("gate", {}).get("decision"),
+                }
+            )
+        return out
+
+    def load_current(self, loader: Callable[[Path], Any] = default_loader) -> tuple[str, Any]:
+        """Load the serving version: ``(version id, scorer)``."""
+        version = self.current()
+        if version is None:
+            raise ConfigError(f"model store {self.root} has no current version")
+        return version, loader(self.path(version))
+
+
+async def watch_model_store(
+    gateway: Any, settings: Any, loader: Callable[[Path], Any] = default_loader
+) -> None:
+    """Poll the store's pointer and swap ``gateway.scorer`` when it names a new version.
+
+    The artifact loads (and is trust-checked) in a worker thread; only a fully loaded scorer is
+    swapped in, with one attribute assignment, so no request ever sees a half-built one. A
+    version that fails to load is logged and the serving model stays.
+    """
+    if settings.model_store is None or settings.model_watch_s <= 0:
+        return
+    store = ModelStore(settings.model_store)
+    loaded: str | None = getattr(gateway.scorer, "version", None)
+    while True:
+        try:
+            version = store.current()
+            if version is not None and version != loaded:
+                scorer = await asyncio.to_thread(loader, store.path(version))
+                gateway.scorer = scorer
+                log.info("model %s now serving (was %s)", version, loaded)
+                loaded = version
+        except Exception:  # a bad version must not stop the watcher; the old model serves on
+            log.exception("loading model version from %s failed", store.root)
+            loaded = store.current()
+        await asyncio.sleep(settings.model_watch_s)

@@ -1,0 +1,398 @@
+"""``tiergate retrain``: learn from labelled outcomes, and promote only what proves itself.
+
+1. **Training set**: every labelled outcome whose prompt was stored (the policy's
+   ``store_prompts``) becomes a routing row: the label ``value`` v (how likely the closed answer
+   was materially better, see :class:`~router.outcomes.Label`) gives ``strong_score = 1`` (the
+   closed answer is the reference) and ``weak_score = 1 - v``, so the row's gain is ``v`` and
+   APGR stays defined however the labels are balanced. Several labels on one request are
+   averaged. The base training files (MMLU, GSM8K, Arena-Bench) are added unchanged.
+2. **Held-out slice**: a fixed share of labelled requests, chosen by a hash of the request id, is
+   never trained on, so the slice stays the same across retrains. The gate scores it with labels
+   from *trusted* sources only (shadow verdicts and escalations, which the system produces),
+   because user feedback can be wrong or gamed: a candidate must not be judged by the labels it
+   may have been misled by. With fewer than ``min_trusted_eval`` trusted held-out rows the gate
+   refuses (``trusted_only=False`` falls back to all labels instead).
+3. **Candidate**: the routing classifier refitted; the capability classifier is kept. Base rows
+   use :func:`router.training.routing_target` (hard target, each file the same total weight).
+   A label is a probability, so each outcome row enters twice, as the positive class with weight
+   ``v`` and as the negative with ``1 - v``: logistic regression then minimises cross-entropy
+   against the soft target, and a 0.6 and a 0.95 verdict are not flattened into the same "1".
+   All labelled outcomes together weigh ``outcome_weight`` times one base file.
+4. **Gate**: candidate and current are compared on the held-out slice and on a fixed evaluation
+   slice of the base data, by APGR (RouteLLM's definition, :mod:`router.metrics`) with a paired
+   percentile bootstrap of the *difference* (same resampled rows for both models). "Noise" is
+   that 95% interval. The default gate promotes when the candidate is not worse beyond noise on
+   either set (the interval of the difference is not entirely below zero) and its APGR on the
+   held-out slice is higher than the current model's by at least ``min_gain``;
+   ``require_significant`` asks instead for the whole interval to be above ``min_gain``.
+5. **Artifact**: every candidate is written as a new version with its lineage (parent version,
+   label counts, both comparisons, the gate decision); only a passing one becomes ``current``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from router.classifier import LearnedScorer, PromptClassifier
+from router.errors import ConfigError
+from router.metrics import apgr_from_curve, routing_curve
+from router.outcomes import OutcomeStore
+from router.registry import ModelStore
+from router.training import (
+    DEFAULT_ROUTING_PARAMS,
+    RoutingRow,
+    load_routing_rows,
+    load_scorer,
+    routing_target,
+    save_scorer,
+)
+
+#: The base files retraining may use (licences allow shipping a model trained on them).
+BASE_FILES: tuple[str, ...] = (
+    "routellm_mmlu_mixtral_vs_gpt4turbo.jsonl",
+    "routellm_gsm8k_mixtral_vs_gpt4turbo.jsonl",
+    "arenabench_v1_mixtral_vs_gpt4turbo.jsonl",
+)
+TRUSTED_SOURCES: frozenset[str] = frozenset({"shadow", "escalation"})
+OUTCOMES_DATASET = "outcomes"
+
+
+class NotEnoughLabelsError(ConfigError):
+    """Too few labelled outcomes for the gate to judge a candidate; nothing was trained."""
+
+    code = "not_enough_labels"
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """When a candidate may replace the current model (see the module docstring)."""
+
+    min_gain: float = 0.0
+    require_significant: bool = False
+    n_bootstrap: int = 1000
+    holdout: float = 0.3
+    base_eval: float = 0.2
+    base_eval_cap: int = 300
+    min_trusted_eval: int = 20
+    trusted_only: bool = True
+    outcome_weight: float = 10.0
+    base_train_cap: int | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Candidate vs current APGR on one evaluation set, with the paired bootstrap interval."""
+
+    name: str
+    n: int
+    current: float
+    candidate: float
+    diff: float
+    diff_low: float
+    diff_high: float
+    current_ci: tuple[float, float]
+    candidate_ci: tuple[float, float]
+
+    @property
+    def worse_beyond_noise(self) -> bool:
+        """The whole 95% interval of (candidate - current) is below zero."""
+        return self.diff_high < 0
+
+
+@dataclass
+class RetrainReport:
+    """What one retrain did, as printed by ``tiergate retrain`` and kept in the lineage."""
+
+    parent: str
+    version: str
+    labels: dict[str, Any]
+    comparisons: list[Comparison]
+    decision: str
+    reasons: list[str]
+    promoted: bool
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        out = asdict(self)
+        out["comparisons"] = [
+            {**asdict(c), "worse_beyond_noise": c.worse_beyond_noise} for c in self.comparisons
+        ]
+        return out
+
+
+def _bucket(key: str, salt: str) -> float:
+    """A stable pseudo-random number in [0, 1) for ``key`` (hash-based, never reshuffled)."""
+    digest = hashlib.sha256(f"{salt}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def labelled_rows(store: OutcomeStore) -> tuple[list[RoutingRow], dict[str, Any]]:
+    """Routing rows from labelled outcomes (label values averaged per request) and counts."""
+    values: dict[str, list[float]] = defaultdict(list)
+    sources: dict[str, set[str]] = defaultdict(set)
+    counts: dict[str, int] = defaultdict(int)
+    for label in store.labels():
+        counts[f"source/{label['source']}"] += 1
+        if label.get("value") is None:
+            counts["without_value"] += 1
+            continue
+        values[label["request_id"]].append(float(label["value"]))
+        sources[label["request_id"]].add(label["source"])
+    rows = []
+    for request_id, vals in values.items():
+        record = store.get(request_id)
+        if record is None or not record.get("prompt"):
+            counts["without_prompt"] += 1
+            continue
+        v = float(np.mean(vals))
+        rows.append(
+            RoutingRow(
+                id=request_id,
+                prompt=str(record["prompt"]),
+                weak_score=1.0 - v,
+                strong_score=1.0,
+                category=",".join(sorted(sources[request_id])),
+                dataset=OUTCOMES_DATASET,
+            )
+        )
+    counts["usable"] = len(rows)
+    return rows, dict(counts)
+
+
+def _apgr(
+    scores: np.ndarray[Any, Any], weak: np.ndarray[Any, Any], strong: np.ndarray[Any, Any]
+) -> float:
+    return apgr_from_curve(
+        routing_curve(scores, weak, strong), float(weak.mean()), float(strong.mean())
+    )
+
+
+def compare(
+    name: str,
+    rows: Sequence[RoutingRow],
+    current: Any,
+    candidate: Any,
+    *,
+    n_bootstrap: int,
+    seed: int = 0,
+) -> Comparison:
+    """Paired bootstrap comparison of two routers' APGR on ``rows``."""
+    prompts = [r.prompt for r in rows]
+    cur = current.routing.predict_proba(prompts)[:, 1]
+    cand = candidate.routing.predict_proba(prompts)[:, 1]
+    weak = np.array([r.weak_score for r in rows])
+    strong = np.array([r.strong_score for r in rows])
+    rng = np.random.default_rng(seed)
+    boot = []
+    for _ in range(n_bootstrap):
+        idx = rng.integers(0, len(rows), len(rows))
+        a, b = _apgr(cur[idx], weak[idx], strong[idx]), _apgr(cand[idx], weak[idx], strong[idx])
+        if np.isfinite(a) and np.isfinite(b):
+            boot.append((a, b, b - a))
+    arr = np.array(boot) if boot else np.full((1, 3), np.nan)
+    lo, hi = np.percentile(arr, [2.5, 97.5], axis=0)
+    a, b = _apgr(cur, weak, strong), _apgr(cand, weak, strong)
+    return Comparison(
+        name=name,
+        n=len(rows),
+        current=a,
+        candidate=b,
+        diff=b - a,
+        diff_low=float(lo[2]),
+        diff_high=float(hi[2]),
+        current_ci=(float(lo[0]), float(hi[0])),
+        candidate_ci=(float(lo[1]), float(hi[1])),
+    )
+
+
+def gate(comparisons: Sequence[Comparison], config: GateConfig) -> tuple[bool, list[str]]:
+    """Apply the gate to ``[labelled, base]`` comparisons; ``(passed, reasons)``."""
+    reasons = []
+    passed = True
+    for c in comparisons:
+        if not np.isfinite(c.diff):
+            passed = False
+            reasons.append(f"{c.name}: APGR undefined (n={c.n})")
+        elif c.worse_beyond_noise:
+            passed = False
+            reasons.append(
+                f"{c.name}: worse beyond noise ({c.diff:+.3f}, 95% CI "
+                f"[{c.diff_low:+.3f}, {c.diff_high:+.3f}])"
+            )
+    labelled = comparisons[0]
+    gain = labelled.diff_low if config.require_significant else labelled.diff
+    what = "CI low" if config.require_significant else "gain"
+    if not (np.isfinite(gain) and gain > config.min_gain):
+        passed = False
+        reasons.append(f"{labelled.name}: {what} {gain:+.3f} not above {config.min_gain:+.3f}")
+    if passed:
+        reasons.append("not worse beyond noise on either set, and better on labelled traffic")
+    return passed, reasons
+
+
+def split_outcomes(
+    rows: Sequence[RoutingRow], config: GateConfig
+) -> tuple[list[RoutingRow], list[RoutingRow]]:
+    """(train, held-out) by a hash of the request id: the held-out slice is fixed for good."""
+    held = [r for r in rows if _bucket(r.id, "holdout") < config.holdout]
+    train = [r for r in rows if _bucket(r.id, "holdout") >= config.holdout]
+    return train, held
+
+
+def eval_rows(held: Sequence[RoutingRow], config: GateConfig) -> tuple[list[RoutingRow], str]:
+    """The held-out rows the gate scores: those with a trusted label (see the module docstring)."""
+    trusted = [r for r in held if set((r.category or "").split(",")) & TRUSTED_SOURCES]
+    if len(trusted) >= config.min_trusted_eval or config.trusted_only:
+        return trusted, "trusted (shadow, escalation)"
+    return list(held), "all sources"
+
+
+def base_rows(
+    files: Sequence[Path], config: GateConfig
+) -> tuple[list[RoutingRow], list[RoutingRow]]:
+    """(base training rows, the fixed evaluation slice, at most ``base_eval_cap`` per file).
+
+    Training uses every row (or ``base_train_cap`` per file, a fixed hash-chosen subset, to
+    bound the retrain time), evaluation slice included: the current model saw those rows too, so
+    the base comparison asks "did the new labels damage what the base data taught", not how
+    either model generalises.
+    """
+    everything: list[RoutingRow] = []
+    evaluation: list[RoutingRow] = []
+    for path in files:
+        if "alpacaeval" in path.name:
+            raise ConfigError(f"{path.name}: AlpacaEval is CC BY-NC; it may not train a model")
+        rows = load_routing_rows(path)
+        picked = sorted(rows, key=lambda r: _bucket(r.id, "base"))
+        everything += picked[: config.base_train_cap] if config.base_train_cap else rows
+        evaluation += [r for r in picked if _bucket(r.id, "base") < config.base_eval][
+            : config.base_eval_cap
+        ]
+    return everything, evaluation
+
+
+def fit_candidate(
+    base: Sequence[RoutingRow],
+    outcomes: Sequence[RoutingRow],
+    current: Any,
+    version: str,
+    config: GateConfig,
+) -> LearnedScorer:
+    """The current model's capability classifier with a routing classifier refitted on base
+    rows (hard target) and labelled outcomes (soft target); see the module docstring."""
+    prompts = [r.prompt for r in base]
+    y, w = routing_target(base) if base else (np.zeros(0, np.int64), np.zeros(0))
+    targets, weights = list(y), list(w)
+    one_file = len(base) / max(len({r.dataset for r in base}), 1) if base else len(outcomes)
+    per_row = config.outcome_weight * one_file / max(len(outcomes), 1)
+    for r in outcomes:
+        v = min(max(r.strong_score - r.weak_score, 0.0), 1.0)
+        prompts += [r.prompt, r.prompt]
+        targets += [1, 0]
+        weights += [per_row * v, per_row * (1.0 - v)]
+    routing = PromptClassifier(**DEFAULT_ROUTING_PARAMS).fit(
+        prompts, np.array(targets), sample_weight=np.array(weights)
+    )
+    return LearnedScorer(routing, current.capability, version)
+
+
+def retrain(
+    outcomes: OutcomeStore,
+    models: ModelStore,
+    base_files: Sequence[Path],
+    config: GateConfig | None = None,
+    *,
+    extra_rows: Sequence[RoutingRow] = (),
+) -> RetrainReport:
+    """One retrain: build, fit, compare, write a version, promote if it passes the gate."""
+    config = config or GateConfig()
+    started = time.monotonic()
+    parent, current = models.load_current(load_scorer)
+    rows, counts = labelled_rows(outcomes)
+    rows = [*rows, *extra_rows]
+    train, held = split_outcomes(rows, config)
+    held_eval, held_kind = eval_rows(held, config)
+    need = max(config.min_trusted_eval, 10)
+    if len(held_eval) < need or not train:
+        raise NotEnoughLabelsError(
+            f"not enough labelled outcomes to retrain: {len(train)} to train on, "
+            f"{len(held_eval)} held out with {held_kind} labels (the gate needs {need})"
+        )
+    base_all, base_eval = base_rows(base_files, config)
+    version = models.next_version()
+    candidate = fit_candidate(base_all, train, current, version, config)
+    comparisons = [
+        compare(
+            f"labelled held-out ({held_kind})",
+            held_eval,
+            current,
+            candidate,
+            n_bootstrap=config.n_bootstrap,
+            seed=config.seed,
+        ),
+        compare(
+            "base eval slice",
+            base_eval,
+            current,
+            candidate,
+            n_bootstrap=config.n_bootstrap,
+            seed=config.seed,
+        ),
+    ]
+    passed, reasons = gate(comparisons, config)
+    labels = {
+        **counts,
+        "used": len(train),
+        "held_out": len(held),
+        "held_out_scored": len(held_eval),
+    }
+    report = RetrainReport(
+        parent=parent,
+        version=version,
+        labels=labels,
+        comparisons=comparisons,
+        decision="promoted" if passed else "refused",
+        reasons=reasons,
+        promoted=passed,
+        extra={"gate": asdict(config), "base_files": [p.name for p in base_files]},
+    )
+    report.seconds = time.monotonic() - started
+    lineage = {
+        "parent": parent,
+        "labels": labels,
+        "gate": {"decision": report.decision, "reasons": reasons, "config": asdict(config)},
+        "comparisons": report.to_dict()["comparisons"],
+        "base_files": [p.name for p in base_files],
+    }
+    save_scorer(candidate, models.versions_dir / version, metadata={"lineage": lineage})
+    if passed:
+        models.promote(version, reason=f"retrain gate passed against {parent}")
+    return report
+
+
+def format_report(report: RetrainReport) -> str:
+    """The human-readable report ``tiergate retrain`` prints."""
+    lines = [
+        f"retrain {report.parent} -> candidate {report.version}  ({report.seconds:.1f}s)",
+        "labels   " + ", ".join(f"{k}={v}" for k, v in sorted(report.labels.items())),
+        f"{'evaluation set':42} {'n':>5}  {'current APGR':>12}  {'candidate':>9}  "
+        f"{'diff [95% CI]':>24}",
+    ]
+    for c in report.comparisons:
+        lines.append(
+            f"{c.name:42} {c.n:>5}  {c.current:>12.3f}  {c.candidate:>9.3f}  "
+            f"{c.diff:+.3f} [{c.diff_low:+.3f}, {c.diff_high:+.3f}]"
+        )
+    lines.append(f"gate     {report.decision.upper()}: " + "; ".join(report.reasons))
+    return "\n".join(lines)

@@ -1,0 +1,93 @@
+"""A scripted local tier for fault, limit and fuzz tests: no real generation, exact behaviour.
+
+It keeps the real :class:`~router.backends.local.Gate` so "queue full" is the production code
+path, and it can fail mid-generation, hold requests until released, or pace its tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from router.backends import Completion, ModelLike, Usage
+from router.backends.local import Gate, check_local_request
+from router.errors import BackendError
+
+
+class ScriptedLocal:
+    """``mode``: ok, fail (raises during generation), hold (waits for ``release``)."""
+
+    def __init__(self, *, queue_size: int = 0, words: int = 3) -> None:
+        self.mode = "ok"
+        self.words = words
+        self.token_delay_s = 0.0
+        self.gate = Gate(slots=1, queue_size=queue_size)
+        self.release = threading.Event()  # set from the test's thread
+        self.calls = 0
+        self.cancelled = 0
+
+    def unavailable_reason(self, model: ModelLike) -> str | None:
+        """Always available."""
+        return None
+
+    async def complete(self, model: ModelLike, body: dict[str, Any]) -> Completion:
+        """Join the stream into one answer."""
+        usage = Usage()
+        text = ""
+        async for chunk in self.stream(model, body, usage):
+            text += chunk["choices"][0]["delta"].get("content") or ""
+        return Completion(
+            body={
+                "id": "chatcmpl-local",
+                "object": "chat.completion",
+                "created": 0,
+                "model": model.name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": usage.prompt_tokens,
+                    "completion_tokens": usage.completion_tokens,
+                    "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+                },
+            },
+            usage=usage,
+        )
+
+    async def stream(
+        self, model: ModelLike, body: dict[str, Any], usage: Usage
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Yield ``words`` chunks through the real gate."""
+        check_local_request(body)
+        self.calls += 1
+        await self.gate.acquire()
+        try:
+            while self.mode == "hold" and not self.release.is_set():
+                await asyncio.sleep(0.01)
+            for i in range(self.words):
+                if self.mode == "fail" and i == 0:
+                    raise BackendError("local generation failed: scripted failure")
+                if self.token_delay_s:
+                    await asyncio.sleep(self.token_delay_s)
+                usage.prompt_tokens, usage.completion_tokens = 5, i + 1
+                yield {
+                    "id": "chatcmpl-local",
+                    "object": "chat.completion.chunk",
+                    "created": 0,
+                    "model": model.name,
+                    "choices": [{"index": 0, "delta": {"content": f"w{i} "}}],
+                }
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancelled += 1
+            raise
+        finally:
+            self.gate.release()
+
+    async def aclose(self) -> None:
+        """Nothing to close."""

@@ -1,0 +1,251 @@
+"""API keys, tenants and permissions, over real HTTP; the anonymous default; the keys CLI."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from router.auth import ANONYMOUS, Principal, check_record_access, hash_key
+from router.cli import main as cli_main
+from router.errors import ConfigError, NotFoundError
+from tests.conftest import LiveServer, live, make_settings, policy_yaml, wait_for
+from tests.fake_provider import FakeProvider
+from tests.redis_server import RedisServer, redis_binary
+from tests.scripted_local import ScriptedLocal
+
+ACME = "tg-acme-key-for-tests"
+ACME_PINNER = "tg-acme-pinner-key"
+GLOBEX = "tg-globex-key"
+ADMIN = "tg-admin-key"
+CHAT = {"model": "auto", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def write_keys(path: Path) -> Path:
+    """A keys file: acme (no permissions), acme-pinner (pin + headers), globex (dashboard)."""
+    entries = [
+        {"sha256": hash_key(ACME), "tenant": "acme", "permissions": []},
+        {
+            "sha256": hash_key(ACME_PINNER),
+            "tenant": "acme",
+            "permissions": ["pin_closed", "set_policy_headers"],
+        },
+        {
+            "sha256": hash_key(GLOBEX),
+            "tenant": "globex",
+            "permissions": ["dashboard"],
+            "policy_headers": ["x-tiergate-private"],
+        },
+    ]
+    path.write_text(yaml.safe_dump({"keys": entries}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, fake: FakeProvider) -> Iterator[LiveServer]:
+    """A Tiergate with a keys file and an admin key."""
+    tmp = tmp_path_factory.mktemp("auth")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OPENAI_API_KEY", "sk-test-openai-key")
+        with live(
+            tmp,
+            policy_yaml(fake),
+            local_backend_obj=ScriptedLocal(queue_size=8),
+            api_keys_file=write_keys(tmp / "keys.yaml"),
+            admin_keys=hash_key(ADMIN),
+        ) as srv:
+            yield srv
+
+
+def _post(
+    server: LiveServer, key: str | None, body: object = CHAT, **headers: str
+) -> httpx.Response:
+    if key is not None:
+        headers["authorization"] = f"Bearer {key}"
+    return httpx.post(server.url + "/v1/chat/completions", json=body, headers=headers, timeout=10)
+
+
+def _assert_openai_error(response: httpx.Response, status: int, kind: str) -> None:
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["type"] == kind
+    assert isinstance(error["message"], str) and error["message"]
+
+
+def test_missing_and_unknown_keys_get_401(server: LiveServer) -> None:
+    before = server.gateway.outcomes.count()
+    missing = _post(server, None)
+    _assert_openai_error(missing, 401, "authentication_error")
+    assert missing.headers["www-authenticate"] == "Bearer"
+    _assert_openai_error(_post(server, "tg-nope"), 401, "authentication_error")
+    basic = httpx.post(
+        server.url + "/v1/chat/completions", json=CHAT, headers={"authorization": "Basic " + ACME}
+    )
+    _assert_openai_error(basic, 401, "authentication_error")
+    for path in ("/v1/models", "/openapi.json", "/docs", "/no/such/route", "/metrics"):
+        _assert_openai_error(httpx.get(server.url + path), 401, "authentication_error")
+    # unauthenticated callers cannot fill the outcome store
+    assert server.gateway.outcomes.count() == before
+
+
+def test_health_endpoints_need_no_key(server: LiveServer) -> None:
+    assert httpx.get(server.url + "/healthz").status_code == 200
+    assert httpx.get(server.url + "/readyz").status_code == 200
+
+
+def test_a_key_serves_as_its_tenant(server: LiveServer) -> None:
+    response = _post(server, ACME)
+    assert response.status_code == 200, response.text
+    store = server.gateway.outcomes
+    rid = response.headers["x-request-id"]
+    assert wait_for(lambda: store.get(rid) is not None)
+    assert store.get(rid)["tenant"] == "acme"
+    other = httpx.get(server.url + "/v1/models", headers={"x-api-key": GLOBEX})
+    assert other.status_code == 200
+
+
+def test_pinning_a_closed_model_needs_the_permission(
+    server: LiveServer, fake: FakeProvider
+) -> None:
+    fake.reset()
+    pinned = {**CHAT, "model": "gpt-4o"}
+    denied = _post(server, ACME, pinned)
+    _assert_openai_error(denied, 403, "permission_error")
+    assert denied.json()["error"]["param"] == "model"
+    assert fake.received == []
+    store = server.gateway.outcomes
+    rid = denied.headers["x-request-id"]
+    assert wait_for(lambda: store.get(rid) is not None)
+    assert store.get(rid)["http_status"] == 403
+    allowed = _post(server, ACME_PINNER, pinned)
+    assert allowed.status_code == 200 and allowed.headers["x-tiergate-model"] == "gpt-4o"
+    # pinning the local model is no privilege
+    assert _post(server, ACME, {**CHAT, "model": "local"}).status_code == 200
+
+
+def _route_headers(server: LiveServer, key: str) -> dict[str, str]:
+    response = httpx.post(
+        server.url + "/v1/route",
+        json=CHAT,
+        headers={
+            "authorization": f"Bearer {key}",
+            "x-tiergate-stakes": "high",
+            "x-tiergate-private": "true",
+        },
+    )
+    assert response.status_code == 200, response.text
+    headers: dict[str, str] = response.json()["signals"]["headers"]
+    return headers
+
+
+def test_policy_headers_follow_the_permission(server: LiveServer) -> None:
+    assert _route_headers(server, ACME) == {}
+    assert _route_headers(server, ACME_PINNER) == {
+        "x-tiergate-stakes": "high",
+        "x-tiergate-private": "true",
+    }
+    assert _route_headers(server, GLOBEX) == {"x-tiergate-private": "true"}
+
+
+def test_dashboard_and_metrics_need_the_dashboard_permission(server: LiveServer) -> None:
+    for path in ("/metrics", "/dashboard", "/dashboard/data"):
+
+        def get(key: str, path: str = path) -> httpx.Response:
+            return httpx.get(server.url + path, headers={"authorization": f"Bearer {key}"})
+
+        _assert_openai_error(get(ACME), 403, "permission_error")
+        assert get(GLOBEX).status_code == 200
+        assert get(ADMIN).status_code == 200  # admin holds every permission
+
+
+def test_anonymous_default_is_loopback_only(tmp_path: Path, fake: FakeProvider) -> None:
+    from router.app import create_app
+
+    with pytest.raises(ConfigError, match="not loopback"):
+        create_app(make_settings(tmp_path, policy_yaml(fake), host="0.0.0.0"))
+    create_app(make_settings(tmp_path, policy_yaml(fake), host="0.0.0.0", allow_anonymous=True))
+    keys = write_keys(tmp_path / "keys.yaml")
+    create_app(make_settings(tmp_path, policy_yaml(fake), host="0.0.0.0", api_keys_file=keys))
+
+
+def test_anonymous_default_serves_tenant_default(tmp_path: Path, fake: FakeProvider) -> None:
+    with live(tmp_path, policy_yaml(fake), local_backend_obj=ScriptedLocal()) as srv:
+        response = _post(srv, None)
+        assert response.status_code == 200
+        rid = response.headers["x-request-id"]
+        store = srv.gateway.outcomes
+        assert wait_for(lambda: store.get(rid) is not None)
+        assert store.get(rid)["tenant"] == "default"
+
+
+def test_bad_keys_file_refuses_to_start(tmp_path: Path, fake: FakeProvider) -> None:
+    from router.app import create_app
+
+    bad = tmp_path / "keys.yaml"
+    bad.write_text("keys:\n  - {sha256: abc, tenant: t}\n")
+    with pytest.raises(ConfigError, match="64 hex digits"):
+        create_app(make_settings(tmp_path, policy_yaml(fake), api_keys_file=bad))
+    bad.write_text(f"keys:\n  - {{sha256: {hash_key('x')}, tenant: t, permissions: [root]}}\n")
+    with pytest.raises(ConfigError, match="unknown permissions"):
+        create_app(make_settings(tmp_path, policy_yaml(fake), api_keys_file=bad))
+
+
+def test_keys_cli_makes_a_working_entry(
+    tmp_path: Path, fake: FakeProvider, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli_main(["keys", "add", "--tenant", "initech", "--perm", "pin_closed"]) == 0
+    out, err = capsys.readouterr()
+    key = err.strip().rsplit(" ", 1)[-1]
+    entries = yaml.safe_load(out)
+    assert entries == [
+        {"sha256": hash_key(key), "tenant": "initech", "permissions": ["pin_closed"]}
+    ]
+    assert key not in out  # only the hash goes into the file
+    assert cli_main(["keys", "hash", key]) == 0
+    assert capsys.readouterr().out.strip() == hash_key(key)
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(yaml.safe_dump({"keys": entries}))
+    with live(
+        tmp_path, policy_yaml(fake), local_backend_obj=ScriptedLocal(), api_keys_file=keys
+    ) as srv:
+        assert _post(srv, key).status_code == 200
+        assert _post(srv, key + "x").status_code == 401
+
+
+@pytest.mark.skipif(redis_binary() is None, reason="no redis-server binary")
+def test_keys_from_redis(tmp_path: Path, fake: FakeProvider) -> None:
+    from router.outcomes import SQLiteOutcomeStore
+
+    with RedisServer(tmp_path) as redis_server:
+        entry = {"tenant": "hooli", "permissions": ["dashboard"]}
+        redis_server.client().hset("tiergate:keys", hash_key("tg-hooli"), json.dumps(entry))
+        with live(
+            tmp_path,
+            policy_yaml(fake),
+            local_backend_obj=ScriptedLocal(),
+            redis_url=redis_server.url,
+            outcomes=SQLiteOutcomeStore(tmp_path / "o.db"),
+        ) as srv:
+            response = _post(srv, "tg-hooli")
+            assert response.status_code == 200, response.text
+            rid = response.headers["x-request-id"]
+            store = srv.gateway.outcomes
+            assert wait_for(lambda: store.get(rid) is not None)
+            assert store.get(rid)["tenant"] == "hooli"
+            assert _post(srv, "tg-not-hooli").status_code == 401
+            assert _post(srv, None).status_code == 401  # Redis configured: no anonymous mode
+
+
+def test_a_tenant_cannot_reach_another_tenants_records() -> None:
+    acme = Principal(tenant="acme", permissions=frozenset(), key_id="a")
+    admin = Principal(tenant="admin", permissions=frozenset({"admin"}), key_id="b")
+    record = {"id": "req_1", "tenant": "globex"}
+    for principal, record_ in ((acme, record), (acme, None), (ANONYMOUS, record)):
+        with pytest.raises(NotFoundError):
+            check_record_access(principal, record_, "req_1")
+    check_record_access(acme, {**record, "tenant": "acme"}, "req_1")
+    check_record_access(admin, record, "req_1")

@@ -1,0 +1,356 @@
+"""The fault suite: each scenario asserts what the client got, which fallback was taken, and that
+exactly one outcome record was written per request.
+
+Tiergate runs over real HTTP (uvicorn on loopback); the closed tier is the fake provider told to
+misbehave; the local tier is :class:`ScriptedLocal` (the real queue gate, scripted generation).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from router.outcomes import SQLiteOutcomeStore
+from tests.conftest import LiveServer, live, policy_yaml, wait_for
+from tests.fake_provider import Behaviour, FakeProvider
+from tests.redis_server import RedisServer, redis_binary
+from tests.scripted_local import ScriptedLocal
+
+EASY = {"model": "auto", "messages": [{"role": "user", "content": "hello"}]}
+HARD = {"model": "auto", "messages": [{"role": "user", "content": "HARD proof please"}]}
+PII = {"model": "auto", "messages": [{"role": "user", "content": "my PII is here"}]}
+PINNED = {**HARD, "model": "gpt-4o"}
+
+
+def _post(server: LiveServer, body: object, timeout: float = 15) -> httpx.Response:
+    return httpx.post(server.url + "/v1/chat/completions", json=body, timeout=timeout)
+
+
+def _records(server: LiveServer, expected: int) -> list[dict[str, Any]]:
+    """Wait for ``expected`` records, check no more arrive, return them newest first."""
+    store = server.gateway.outcomes
+    assert wait_for(lambda: store.count() >= expected), (store.count(), expected)
+    store.flush()
+    time.sleep(0.1)
+    assert store.count() == expected
+    rows: list[dict[str, Any]] = store.recent(expected + 10)
+    assert len({row["id"] for row in rows}) == expected
+    return rows
+
+
+def _record(server: LiveServer, response: httpx.Response) -> dict[str, Any]:
+    rows = _records(server, 1)
+    assert rows[0]["id"] == response.headers["x-request-id"]
+    return rows[0]
+
+
+def _sse(response: httpx.Response) -> list[Any]:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[6:]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+@pytest.fixture
+def local() -> ScriptedLocal:
+    return ScriptedLocal()
+
+
+@pytest.fixture
+def server(tmp_path: Path, fake: FakeProvider, local: ScriptedLocal) -> Iterator[LiveServer]:
+    """A fresh Tiergate per test (on_failure: local, queue_full: spill)."""
+    fake.reset()
+    with live(tmp_path, policy_yaml(fake), local_backend_obj=local) as srv:
+        yield srv
+
+
+# -- closed provider faults --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_closed_500_falls_back_to_local(
+    server: LiveServer, fake: FakeProvider, stream: bool
+) -> None:
+    fake.reset(Behaviour(mode="status", status=500))
+    if stream:
+        with httpx.stream(
+            "POST", server.url + "/v1/chat/completions", json={**HARD, "stream": True}
+        ) as response:
+            events = _sse(response)
+        assert events[-1] == "[DONE]"
+    else:
+        response = _post(server, HARD)
+        assert response.json()["choices"][0]["message"]["content"] == "w0 w1 w2 "
+    assert response.status_code == 200
+    assert response.headers["x-tiergate-fallback"] == "closed->local"
+    assert len(fake.received) == 1
+    record = _record(server, response)
+    assert (record["status"], record["tier"], record["fallback"]) == (
+        "ok",
+        "local",
+        "closed->local",
+    )
+
+
+def test_closed_429_passes_retry_after_through_when_no_fallback(
+    server: LiveServer, fake: FakeProvider
+) -> None:
+    fake.reset(Behaviour(mode="rate_limit", retry_after=7))
+    response = _post(server, PINNED)  # a pinned model has no fallback
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "7"
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("rate_limit_error", "upstream_rate_limited")
+    record = _record(server, response)
+    assert (record["status"], record["http_status"], record["error_type"]) == (
+        "error",
+        429,
+        "upstream_rate_limited",
+    )
+    fallback = _post(server, HARD)  # with a fallback the client never sees the 429
+    assert fallback.status_code == 200
+    assert fallback.headers["x-tiergate-fallback"] == "closed->local"
+    assert "retry-after" not in fallback.headers
+    _records(server, 2)
+
+
+def test_closed_timeout_uses_the_models_timeout(tmp_path: Path, fake: FakeProvider) -> None:
+    policy = policy_yaml(fake).replace(
+        "litellm_model: openai/gpt-4o\n", "litellm_model: openai/gpt-4o\n    timeout_s: 0.5\n"
+    )
+    fake.reset(Behaviour(mode="stall", stall_s=3))
+    with live(tmp_path, policy, local_backend_obj=ScriptedLocal()) as srv:
+        started = time.monotonic()
+        response = _post(srv, HARD)
+        assert time.monotonic() - started < 2.5
+        assert response.status_code == 200
+        assert response.headers["x-tiergate-fallback"] == "closed->local"
+        pinned = _post(srv, PINNED)
+        assert pinned.status_code == 503
+        assert "timed out" in pinned.json()["error"]["message"]
+        rows = _records(srv, 2)
+        assert [r["http_status"] for r in rows] == [503, 200]
+        assert rows[1]["fallback"] == "closed->local"
+
+
+def test_closed_connection_reset_mid_stream(server: LiveServer, fake: FakeProvider) -> None:
+    """After the first chunk no fallback is possible: the stream ends with an error event."""
+    fake.reset(Behaviour(mode="reset_mid_stream"))
+    with httpx.stream(
+        "POST", server.url + "/v1/chat/completions", json={**HARD, "stream": True}
+    ) as response:
+        assert response.status_code == 200
+        events = _sse(response)
+    assert response.headers["x-tiergate-model"] == "gpt-4o"
+    assert "[DONE]" not in events
+    assert events[-1]["error"]["code"] == "upstream_unreachable"
+    record = _record(server, response)
+    assert (record["status"], record["http_status"], record["fallback"]) == ("error", 502, None)
+
+
+# -- local tier faults -------------------------------------------------------------------------
+
+
+def test_local_overloaded_spills_or_refuses(
+    server: LiveServer, fake: FakeProvider, local: ScriptedLocal
+) -> None:
+    local.mode = "hold"
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(_post, server, EASY)
+        assert wait_for(lambda: local.gate.running == 1)
+        spilled = _post(server, EASY)
+        assert spilled.status_code == 200
+        assert spilled.headers["x-tiergate-fallback"] == "local-full->closed"
+        private = _post(server, PII)  # local-only: never spilled to a closed provider
+        assert private.status_code == 429
+        assert private.json()["error"]["code"] == "local_queue_full"
+        assert private.headers["retry-after"] == "1"
+        local.release.set()
+        assert held.result().status_code == 200
+    assert all("PII" not in json.dumps(r.body) for r in fake.received)
+    assert len(fake.received) == 1
+    rows = {r["id"]: r for r in _records(server, 3)}
+    assert rows[spilled.headers["x-request-id"]]["fallback"] == "local-full->closed"
+    assert rows[private.headers["x-request-id"]]["http_status"] == 429
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_local_failing_falls_back_to_closed(
+    tmp_path: Path, fake: FakeProvider, stream: bool
+) -> None:
+    fake.reset()
+    local = ScriptedLocal()
+    local.mode = "fail"
+    with live(tmp_path, policy_yaml(fake, on_failure="closed"), local_backend_obj=local) as srv:
+        response = _post(srv, {**EASY, "stream": stream})
+        assert response.status_code == 200
+        assert response.headers["x-tiergate-fallback"] == "local->closed"
+        assert response.headers["x-tiergate-model"] == "gpt-4o"
+        record = _record(srv, response)
+        assert (record["status"], record["fallback"]) == ("ok", "local->closed")
+
+
+# -- infrastructure faults ---------------------------------------------------------------------
+
+
+def _traffic(server: LiveServer, stop: threading.Event, statuses: list[int]) -> None:
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        while not stop.is_set():
+            statuses.append(client.post("/v1/chat/completions", json=EASY).status_code)
+
+
+@pytest.mark.skipif(redis_binary() is None, reason="no redis-server binary")
+def test_redis_stopped_and_restarted_during_traffic(tmp_path: Path, fake: FakeProvider) -> None:
+    """Rate limiting survives a Redis outage (in-process meanwhile) and returns to Redis."""
+    with (
+        RedisServer(tmp_path) as redis_server,
+        live(
+            tmp_path,
+            policy_yaml(fake),
+            local_backend_obj=ScriptedLocal(queue_size=8),
+            outcomes=SQLiteOutcomeStore(tmp_path / "o.db"),
+            redis_url=redis_server.url,
+            rpm_limit=1_000_000,
+            api_keys_file=_key_file(tmp_path),
+        ) as srv,
+    ):
+        stop, statuses = threading.Event(), []
+        with ThreadPoolExecutor(2) as pool:
+            workers = [pool.submit(_keyed_traffic, srv, stop, statuses) for _ in range(2)]
+            assert wait_for(lambda: len(statuses) > 20)
+            assert redis_server.client().keys("tiergate:rl:*")
+            redis_server.stop()
+            down = len(statuses)
+            assert wait_for(lambda: len(statuses) > down + 30)
+            redis_server.start()  # empty: the counters must be written again
+            assert wait_for(lambda: bool(redis_server.client().keys("tiergate:rl:*")), 10)
+            up = len(statuses)
+            assert wait_for(lambda: len(statuses) > up + 20)
+            stop.set()
+            for worker in workers:
+                worker.result()
+        assert set(statuses) == {200}
+        _records(srv, len(statuses))
+
+
+def _key_file(tmp_path: Path) -> Path:
+    from router.auth import hash_key
+
+    path = tmp_path / "keys.yaml"
+    path.write_text(f"keys:\n  - {{sha256: {hash_key('tg-k')}, tenant: t}}\n")
+    return path
+
+
+def _keyed_traffic(server: LiveServer, stop: threading.Event, statuses: list[int]) -> None:
+    headers = {"authorization": "Bearer tg-k"}
+    with httpx.Client(base_url=server.url, timeout=10, headers=headers) as client:
+        while not stop.is_set():
+            statuses.append(client.post("/v1/chat/completions", json=EASY).status_code)
+
+
+def test_invalid_policy_during_traffic_keeps_the_last_good_one(
+    server: LiveServer, tmp_path: Path
+) -> None:
+    holder = server.gateway.policies
+    good_text = holder.path.read_text()
+    good = holder.policy.digest
+    stop, statuses = threading.Event(), []
+    with ThreadPoolExecutor(2) as pool:
+        workers = [pool.submit(_traffic, server, stop, statuses) for _ in range(2)]
+        assert wait_for(lambda: len(statuses) > 10)
+        holder.path.write_text(good_text + "rules: [{name: broken, when: {nope: 1}}]\n")
+        assert wait_for(lambda: holder.last_error is not None)
+        seen = len(statuses)
+        assert wait_for(lambda: len(statuses) > seen + 20)
+        stop.set()
+        for worker in workers:
+            worker.result()
+    assert set(statuses) == {200}
+    assert holder.policy.digest == good
+    ready = httpx.get(server.url + "/readyz").json()
+    assert ready["policy"]["version"] == good and ready["policy"]["last_reload_error"]
+    _records(server, len(statuses))
+
+
+# -- client faults -----------------------------------------------------------------------------
+
+
+def test_client_disconnecting_mid_stream_cancels_upstream(
+    server: LiveServer, fake: FakeProvider
+) -> None:
+    words = " ".join(f"w{i}" for i in range(40))
+    fake.reset(Behaviour(text=words, chunk_delay_s=0.1))
+    with httpx.stream(
+        "POST", server.url + "/v1/chat/completions", json={**HARD, "stream": True}
+    ) as response:
+        rid = response.headers["x-request-id"]
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                break  # the client goes away after the first chunk
+    record = _records(server, 1)[0]
+    assert record["id"] == rid
+    assert (record["status"], record["http_status"]) == ("aborted", 499)
+    # the upstream stream was closed: the provider's next write failed, long before the end
+    assert wait_for(lambda: fake.broken_streams == 1, 5)
+    assert fake.sent_chunks < 20
+
+
+def test_client_disconnecting_mid_stream_stops_local_generation(
+    server: LiveServer, local: ScriptedLocal
+) -> None:
+    local.words, local.token_delay_s = 100, 0.05
+    with httpx.stream(
+        "POST", server.url + "/v1/chat/completions", json={**EASY, "stream": True}
+    ) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                break
+    assert wait_for(lambda: local.cancelled == 1, 5)
+    assert local.gate.depth == 0
+    assert _records(server, 1)[0]["status"] == "aborted"
+
+
+def test_slow_client_gets_backpressure_not_buffering(
+    server: LiveServer, fake: FakeProvider
+) -> None:
+    """A client that stops reading a 64 MB stream holds the upstream back (bounded memory),
+    and other clients are served meanwhile."""
+    chunk_words, size = 2000, 32 * 1024
+    fake.reset(Behaviour(text=" ".join(["x" * size] * chunk_words)))
+    total = chunk_words * size
+    with httpx.stream(
+        "POST", server.url + "/v1/chat/completions", json={**HARD, "stream": True}, timeout=60
+    ) as response:
+        assert response.status_code == 200
+        parts = response.iter_raw(64 * 1024)
+        received = len(next(parts))
+        time.sleep(2.0)  # the client stalls
+        buffered = fake.sent_chunks * size
+        assert buffered < total / 2, f"{buffered} of {total} bytes left the provider"
+        started = time.monotonic()
+        others = [_post(server, EASY, timeout=5).status_code for _ in range(10)]
+        assert others == [200] * 10
+        assert time.monotonic() - started < 5
+        received += sum(len(part) for part in parts)
+    assert received > total
+    assert fake.sent_chunks >= chunk_words
+    _records(server, 11)
+
+
+def test_oversized_body_is_refused_and_recorded(server: LiveServer) -> None:
+    body = {"model": "auto", "messages": [{"role": "user", "content": "x" * (9 * 1024 * 1024)}]}
+    response = _post(server, body)
+    assert response.status_code == 413
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    record = _record(server, response)
+    assert (record["status"], record["http_status"]) == ("error", 413)

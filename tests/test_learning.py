@@ -1,0 +1,202 @@
+"""Quality signals end to end: feedback (tenant-isolated), shadow judging, escalation."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import Request, Response
+
+from router.app import create_app
+from router.learning import LearningLoop, closed_better, parse_verdict
+from router.outcomes_redis import RedisOutcomeStore
+from tests.conftest import KeywordScorer, LiveServer, make_settings, policy_yaml, wait_for
+from tests.fake_provider import Behaviour, FakeProvider
+
+
+@contextmanager
+def serve(tmp_path: Path, policy: str, outcomes: Any = None) -> Iterator[LiveServer]:
+    """A live app whose tenant is the ``x-test-tenant`` header (stands in for real auth)."""
+    app = create_app(make_settings(tmp_path, policy), scorer=KeywordScorer(), outcomes=outcomes)
+
+    @app.middleware("http")
+    async def tenant_from_header(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        request.state.tenant = request.headers.get("x-test-tenant", "default")
+        return await call_next(request)
+
+    with LiveServer(app) as server:
+        yield server
+
+
+def chat(
+    srv: LiveServer, tenant: str, text: str, model: str = "auto", **extra: Any
+) -> httpx.Response:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": 4,
+        **extra,
+    }
+    return httpx.post(
+        f"{srv.url}/v1/chat/completions",
+        json=body,
+        headers={"x-test-tenant": tenant},
+        timeout=60,
+    )
+
+
+def feedback(srv: LiveServer, tenant: str, **body: Any) -> httpx.Response:
+    return httpx.post(
+        f"{srv.url}/v1/feedback", json=body, headers={"x-test-tenant": tenant}, timeout=30
+    )
+
+
+def labels(srv: LiveServer, source: str) -> list[dict[str, Any]]:
+    store = srv.gateway.outcomes
+    store.flush(10)
+    return [x for x in store.labels() if x["source"] == source]
+
+
+def judge_calls(fake: FakeProvider) -> list[Any]:
+    return [r for r in fake.received if "impartial judge" in str(r.body.get("messages"))]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_feedback_is_tenant_isolated(
+    tmp_path: Path, fake: FakeProvider, backend: str, request: pytest.FixtureRequest
+) -> None:
+    fake.reset()
+    outcomes = None
+    if backend == "redis":
+        server = request.getfixturevalue("redis_server")
+        outcomes = RedisOutcomeStore(server.url, journal=tmp_path / "journal.jsonl")
+    with serve(tmp_path, policy_yaml(fake), outcomes) as srv:
+        local = chat(srv, "acme", "say hi")
+        assert local.headers["x-tiergate-tier"] == "local"
+        rid = local.headers["x-request-id"]
+        closed = chat(srv, "acme", "HARD question")
+        assert closed.headers["x-tiergate-tier"] == "closed"
+
+        other = feedback(srv, "globex", request_id=rid, thumbs="down")
+        unknown = feedback(srv, "globex", request_id="req_doesnotexist", thumbs="down")
+        assert other.status_code == unknown.status_code == 404
+        # Another tenant's request and a request that never existed look exactly alike.
+        assert other.json()["error"]["code"] == unknown.json()["error"]["code"]
+
+        ok = feedback(srv, "acme", request_id=rid, thumbs="down", comment="wrong")
+        assert ok.status_code == 200
+        assert ok.json()["value"] == 1.0 and ok.json()["quality"] == 0.0
+        scored = feedback(srv, "acme", request_id=closed.headers["x-request-id"], score=0.9)
+        assert scored.json()["value"] is None and scored.json()["quality"] == 0.9
+        assert feedback(srv, "acme", request_id=rid).status_code == 400
+        assert feedback(srv, "acme", request_id=rid, score=1.5).status_code == 400
+
+        stored = labels(srv, "feedback")
+        assert {(x["request_id"], x["tenant"], x["value"]) for x in stored} == {
+            (rid, "acme", 1.0),
+            (closed.headers["x-request-id"], "acme", None),
+        }
+
+
+def test_shadow_judging_runs_in_the_background_and_labels(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    # The closed provider is slow: the user's local answer must not wait for the shadow.
+    fake.reset(Behaviour(mode="stall", stall_s=3.0, judge="closed"))
+    policy = policy_yaml(fake, shadow="{sample_rate: 1.0}")
+    with serve(tmp_path, policy) as srv:
+        resp = chat(srv, "acme", "tell me a joke")
+        answered = time.monotonic()
+        assert resp.headers["x-tiergate-tier"] == "local"
+        assert labels(srv, "shadow") == []  # the answer did not wait for the shadow
+        assert wait_for(lambda: labels(srv, "shadow"), 30)
+        assert time.monotonic() - answered > 2.0
+        (label,) = labels(srv, "shadow")
+        assert label["request_id"] == resp.headers["x-request-id"]
+        assert label["value"] == 1.0 and label["tenant"] == "acme"
+        assert [v["verdict"] for v in label["detail"]["verdicts"]] == ["A", "B"]  # both orders
+        assert label["cost_usd"] > 0
+        assert srv.gateway.outcomes.spend_today("acme") >= label["cost_usd"]
+        # The closed model saw the user's request; the judge saw both answers, both ways round.
+        asked = [r for r in fake.received if r not in judge_calls(fake)]
+        assert asked[0].body["messages"] == [{"role": "user", "content": "tell me a joke"}]
+        assert len(judge_calls(fake)) == 2
+
+        fake.reset(Behaviour(judge="local"))
+        streamed = chat(srv, "acme", "another joke", stream=True)
+        assert streamed.headers["x-tiergate-tier"] == "local"
+        assert wait_for(lambda: len(labels(srv, "shadow")) == 2, 20)
+        second = next(
+            x for x in labels(srv, "shadow") if x["request_id"] == streamed.headers["x-request-id"]
+        )
+        assert second["value"] == 0.0
+
+
+def test_no_shadow_for_local_only_traffic(tmp_path: Path, fake: FakeProvider) -> None:
+    fake.reset()
+    policy = policy_yaml(fake, shadow="{sample_rate: 1.0}")
+    with serve(tmp_path, policy) as srv:
+        resp = chat(srv, "acme", "my PII is here")
+        assert resp.headers["x-tiergate-rule"] == "pii-stays-local"
+        time.sleep(0.5)
+        assert fake.received == [] and srv.app.state.learning.shadow_started == 0
+
+
+def test_code_guard_refuses_shadow_for_local_only() -> None:
+    """Even if a decision claimed a shadow rate, local_only traffic is never shadowed."""
+
+    async def go() -> int:
+        loop = LearningLoop(SimpleNamespace(), rng=lambda: 0.0)
+        ctx = SimpleNamespace(
+            request_id="r1",
+            tenant="t",
+            served=SimpleNamespace(model=SimpleNamespace(tier="local")),
+            decision=SimpleNamespace(local_only=True, shadow_rate=1.0),
+        )
+        loop.after_response(ctx, {"messages": []}, "answer")
+        return loop.shadow_started
+
+    assert asyncio.run(go()) == 0
+
+
+def test_escalation_labels_the_earlier_local_answer(tmp_path: Path, fake: FakeProvider) -> None:
+    fake.reset()
+    with serve(tmp_path, policy_yaml(fake)) as srv:
+        first = chat(srv, "acme", "what is a monad")
+        assert first.headers["x-tiergate-tier"] == "local"
+        chat(srv, "globex", "what is a monad", model="gpt-4o")  # another tenant: not an escalation
+        assert labels(srv, "escalation") == []
+        chat(srv, "acme", "what is a monad", model="gpt-4o")
+        (label,) = labels(srv, "escalation")
+        assert label["request_id"] == first.headers["x-request-id"]
+        assert label["value"] == 1.0 and label["tenant"] == "acme"
+
+
+@pytest.mark.parametrize(
+    ("verdicts", "value"),
+    [
+        ([("A", "A"), ("B", "B")], 1.0),
+        ([("A", "B"), ("B", "A")], 0.0),
+        ([("A", "A"), ("B", "A")], 0.5),  # position bias: the orders disagree, a tie
+        ([("A", "C"), ("B", None)], 0.5),
+        ([("A", None), ("B", None)], None),
+    ],
+)
+def test_verdicts_average_over_both_orders(
+    verdicts: list[tuple[str, str | None]], value: float | None
+) -> None:
+    assert closed_better(verdicts) == value
+
+
+def test_parse_verdict_takes_the_last_one() -> None:
+    assert parse_verdict("A is [[A]]-like, but final: [[B]]") == "B"
+    assert parse_verdict("no verdict") is None

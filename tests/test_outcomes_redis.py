@@ -1,0 +1,195 @@
+"""The Redis outcome store against a real redis-server: round trips, outage, exact counts."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from router.cli import main
+from router.outcomes import Label, OutcomeRecord, SQLiteOutcomeStore
+from router.outcomes_redis import RedisOutcomeStore
+from tests.redis_server import RedisServer
+
+
+def record(tenant: str = "acme", cost: float = 0.001, ts: float | None = None) -> OutcomeRecord:
+    return OutcomeRecord(
+        id=f"req_{uuid.uuid4().hex}",
+        ts=time.time() if ts is None else ts,
+        tenant=tenant,
+        alias="auto",
+        tier="local",
+        model="local",
+        rule="default",
+        score=0.25,
+        threshold=0.5,
+        policy_version="p1",
+        model_version="m1",
+        status="ok",
+        http_status=200,
+        stream=False,
+        latency_ms=12.5,
+        cost_usd=cost,
+        signals={"capability": "chat"},
+        prompt="hello",
+    )
+
+
+def store(server: RedisServer, tmp_path: Path, **kw: Any) -> RedisOutcomeStore:
+    s = RedisOutcomeStore(server.url, journal=tmp_path / "journal.jsonl", **kw)
+    s.start()
+    return s
+
+
+def test_round_trip_and_shared_spend(redis_server: RedisServer, tmp_path: Path) -> None:
+    a = store(redis_server, tmp_path / "a")
+    b = store(redis_server, tmp_path / "b")  # a second replica on the same Redis
+    try:
+        rec = record(cost=0.25)
+        a.submit(rec)
+        a.submit(rec)  # a retried submit of the same request id is stored once
+        a.submit(record(tenant="other", cost=1.0))
+        assert a.flush(10)
+        got = b.get(rec.id)
+        assert (
+            got is not None and got["prompt"] == "hello" and got["signals"]["capability"] == "chat"
+        )
+        assert b.count() == 2 and b.count("acme") == 1
+        assert [r["id"] for r in b.recent(5, tenant="acme")] == [rec.id]
+        assert b.recent_scores() == [0.25, 0.25]
+        time.sleep(1.2)  # replica b refreshes its view of shared spend every second
+        assert abs(b.spend_today("acme") - 0.25) < 1e-9
+        a.label(Label(rec.id, "acme", "feedback", 1.0, time.time(), quality=0.0))
+        a.label(Label(rec.id, "acme", "shadow", 0.5, time.time(), cost_usd=0.5))
+        assert a.flush(10)
+        labels = b.labels()
+        assert {(x["source"], x["value"]) for x in labels} == {("feedback", 1.0), ("shadow", 0.5)}
+        time.sleep(1.2)
+        assert abs(b.spend_today("acme") - 0.75) < 1e-9  # the shadow call's cost counts
+        assert a.duplicates == 1
+    finally:
+        a.close()
+        b.close()
+
+
+def test_purge_removes_old_records_and_labels(redis_server: RedisServer, tmp_path: Path) -> None:
+    s = store(redis_server, tmp_path)
+    try:
+        old, new = record(ts=time.time() - 40 * 86400), record()
+        s.retention_s = 60 * 86400
+        s.submit(old)
+        s.submit(new)
+        s.label(Label(old.id, "acme", "feedback", 1.0, old.ts))
+        assert s.flush(10)
+        assert s.purge(time.time() - 30 * 86400) == 1
+        assert s.get(old.id) is None and s.get(new.id) is not None
+        assert s.count() == 1 and s.count("acme") == 1 and s.labels() == []
+    finally:
+        s.close()
+
+
+def test_outage_and_recovery_loses_nothing_and_duplicates_nothing(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # A small memory buffer so the outage also exercises the on-disk journal.
+    s = store(redis_server, tmp_path, buffer_size=50, batch=20)
+    ids: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            rec = record()
+            s.submit(rec)
+            with lock:
+                ids.append(rec.id)
+            time.sleep(0.002)
+
+    workers = [threading.Thread(target=traffic) for _ in range(3)]
+    for w in workers:
+        w.start()
+    time.sleep(0.5)
+    redis_server.stop()  # Redis goes away mid-traffic
+    time.sleep(1.0)
+    assert not s.connected
+    assert s.spilled > 0  # the memory bound was hit and records went to the journal
+    redis_server.start()  # same port, same data directory
+    time.sleep(0.5)
+    stop.set()
+    for w in workers:
+        w.join()
+    assert s.flush(30), "the buffer and the journal did not drain after Redis came back"
+    s.close()
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        stored = client.zrange("tiergate:outcomes:ts", 0, -1)
+        stream_ids = [f["id"] for _, f in client.xrange("tiergate:outcomes")]
+    finally:
+        client.close()
+    assert len(ids) > 200
+    assert sorted(stored) == sorted(ids)  # every record, exactly once
+    assert sorted(stream_ids) == sorted(ids)  # and one stream entry each: no duplicates
+    assert not (tmp_path / "journal.jsonl").exists()
+
+
+def test_shutdown_while_redis_is_down_keeps_records_in_the_journal(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    s = store(redis_server, tmp_path)
+    redis_server.stop()
+    recs = [record() for _ in range(30)]
+    for rec in recs:
+        s.submit(rec)
+    s.close(timeout_s=1.0)  # Redis is still down: everything goes to the journal
+    assert (tmp_path / "journal.jsonl").exists()
+    redis_server.start()
+    again = store(redis_server, tmp_path)  # the next start replays the journal
+    try:
+        assert again.flush(20)
+        assert again.count() == 30
+        assert all(again.get(r.id) is not None for r in recs)
+    finally:
+        again.close()
+
+
+def test_sqlite_store_labels_and_purge(tmp_path: Path) -> None:
+    s = SQLiteOutcomeStore(tmp_path / "o.db")
+    s.start()
+    try:
+        old, new = record(ts=time.time() - 40 * 86400), record()
+        s.submit(old)
+        s.submit(new)
+        assert s.get(new.id) is not None  # visible even before the writer has written it
+        s.label(Label(new.id, "acme", "shadow", 1.0, time.time(), cost_usd=0.5))
+        s.label(Label(old.id, "acme", "feedback", 0.0, old.ts))
+        assert s.flush(10)
+        assert [x["source"] for x in s.labels()] == ["feedback", "shadow"]
+        assert abs(s.spend_today("acme") - (0.001 + 0.5)) < 1e-9
+        assert s.purge(time.time() - 30 * 86400) == 1
+        assert s.count() == 1 and [x["source"] for x in s.labels()] == ["shadow"]
+    finally:
+        s.close()
+
+
+def test_cli_outcomes_reads_redis_when_configured(
+    redis_server: RedisServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    s = store(redis_server, tmp_path)
+    rec = record(tenant="acme")
+    s.submit(rec)
+    assert s.flush(10)
+    s.close()
+    monkeypatch.setenv("TIERGATE_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("TIERGATE_SQLITE_PATH", str(tmp_path / "absent.db"))
+    assert main(["outcomes", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["id"] for r in rows] == [rec.id]

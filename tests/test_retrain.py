@@ -1,0 +1,221 @@
+"""Retraining and the model store: the gate, versions with lineage, and the live hot swap."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from router.classifier import LearnedScorer
+from router.cli import main
+from router.outcomes import Label, OutcomeRecord, SQLiteOutcomeStore
+from router.registry import ModelStore
+from router.retrain import GateConfig, retrain
+from router.training import CapabilityRow, fit_scorer, load_scorer, save_scorer
+from tests.conftest import live, policy_yaml
+from tests.fake_provider import FakeProvider
+from tests.test_gateway import ScriptedLocal
+
+CONFIG = GateConfig(n_bootstrap=200, min_trusted_eval=10)
+
+
+def base_file(tmp_path: Path) -> Path:
+    """A tiny routing file: maths prompts need the strong model, greetings do not."""
+    rows = (
+        [
+            {
+                "id": f"b{i}",
+                "prompt": f"compute the integral number {i} alpha",
+                "weak_score": 0.0,
+                "strong_score": 1.0,
+            }
+            for i in range(40)
+        ]
+        + [
+            {
+                "id": f"c{i}",
+                "prompt": f"hello friend beta {i}",
+                "weak_score": 1.0,
+                "strong_score": 1.0,
+            }
+            for i in range(40)
+        ]
+        + [
+            {
+                "id": f"d{i}",
+                "prompt": f"mixed alpha beta {i}",
+                "weak_score": 0.0,
+                "strong_score": 0.5,
+            }
+            for i in range(20)
+        ]
+    )
+    path = tmp_path / "base.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def first_version(tmp_path: Path, base: Path) -> ModelStore:
+    from router.training import load_routing_rows
+
+    caps = [
+        CapabilityRow(f"k{i}", text, cap, "s")
+        for i, (text, cap) in enumerate(
+            [("compute the integral", "math"), ("hello friend", "chat")] * 10
+        )
+    ]
+    scorer = fit_scorer(load_routing_rows(base), caps, version="v0001")
+    models = ModelStore(tmp_path / "models")
+    save_scorer(scorer, models.versions_dir / "v0001")
+    models.promote("v0001")
+    return models
+
+
+def outcome(store: SQLiteOutcomeStore, prompt: str) -> str:
+    rid = f"req_{uuid.uuid4().hex}"
+    store.submit(
+        OutcomeRecord(
+            id=rid,
+            ts=time.time(),
+            tenant="t",
+            alias="auto",
+            tier="local",
+            model="local",
+            rule="default",
+            score=0.5,
+            threshold=0.5,
+            policy_version="p",
+            model_version="v0001",
+            status="ok",
+            http_status=200,
+            stream=False,
+            latency_ms=1.0,
+            prompt=prompt,
+        )
+    )
+    return rid
+
+
+def label_traffic(
+    store: SQLiteOutcomeStore, *, source: str, honest: bool, n: int, start: int = 0
+) -> None:
+    """New traffic the base data never showed: 'gamma' needs closed, 'delta' does not."""
+    for i in range(start, start + n):
+        hard = i % 2 == 0
+        rid = outcome(store, f"{'gamma' if hard else 'delta'} request number {i}")
+        value = float(hard) if honest else float(not hard)
+        store.label(Label(rid, "t", source, value, time.time()))
+
+
+@pytest.fixture
+def outcomes(tmp_path: Path) -> Iterator[SQLiteOutcomeStore]:
+    store = SQLiteOutcomeStore(tmp_path / "o.db")
+    store.start()
+    yield store
+    store.close()
+
+
+def test_gate_promotes_a_better_candidate(tmp_path: Path, outcomes: SQLiteOutcomeStore) -> None:
+    base = base_file(tmp_path)
+    models = first_version(tmp_path, base)
+    label_traffic(outcomes, source="shadow", honest=True, n=120)
+    label_traffic(outcomes, source="feedback", honest=True, n=60, start=1000)
+    outcomes.flush()
+    report = retrain(outcomes, models, [base], CONFIG)
+    labelled, base_cmp = report.comparisons
+    assert report.promoted, report.reasons
+    assert labelled.name.startswith("labelled held-out (trusted")
+    assert labelled.candidate > labelled.current + 0.15
+    assert not base_cmp.worse_beyond_noise
+    assert models.current() == "v0002"
+    meta = models.metadata("v0002")
+    assert meta["lineage"]["parent"] == "v0001"
+    assert meta["lineage"]["labels"]["source/shadow"] == 120
+    assert meta["lineage"]["gate"]["decision"] == "promoted"
+    assert load_scorer(models.path("v0002")).version == "v0002"
+
+
+def test_gate_refuses_a_candidate_trained_on_adversarial_feedback(
+    tmp_path: Path, outcomes: SQLiteOutcomeStore
+) -> None:
+    base = base_file(tmp_path)
+    models = first_version(tmp_path, base)
+    label_traffic(outcomes, source="shadow", honest=True, n=60)
+    label_traffic(outcomes, source="feedback", honest=False, n=300, start=1000)  # a tenant lies
+    outcomes.flush()
+    report = retrain(outcomes, models, [base], CONFIG)
+    labelled, _ = report.comparisons
+    assert not report.promoted
+    assert labelled.candidate < labelled.current
+    assert models.current() == "v0001"  # the serving model did not move
+    assert models.metadata("v0002")["lineage"]["gate"]["decision"] == "refused"  # kept for audit
+
+
+def test_models_cli_promote_and_rollback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = base_file(tmp_path)
+    models = first_version(tmp_path, base)
+    models.adopt(models.path("v0001"))  # a second version (a copy) to move between
+    store = str(models.root)
+    assert main(["models", "promote", "v0002", "--store", store]) == 0
+    assert models.current() == "v0002"
+    assert main(["models", "rollback", "--store", store]) == 0
+    assert models.current() == "v0001"
+    assert main(["models", "list", "--store", store]) == 0
+    out = capsys.readouterr().out
+    assert "* v0001" in out and "  v0002" in out
+    assert main(["models", "promote", "v0099", "--store", store]) == 2
+
+
+def test_hot_swap_under_concurrent_traffic(tmp_path: Path, fake: FakeProvider) -> None:
+    fake.reset()
+    base = base_file(tmp_path)
+    models = first_version(tmp_path, base)
+    first = load_scorer(models.path("v0001"))
+    save_scorer(
+        LearnedScorer(first.routing, first.capability, "v0002"), models.versions_dir / "v0002"
+    )
+    version_seen: list[str] = []
+
+    async def traffic(url: str, n: int) -> list[int]:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+
+            async def one(i: int) -> int:
+                r = await client.post(
+                    "/v1/chat/completions",
+                    json={"model": "auto", "messages": [{"role": "user", "content": f"hi {i}"}]},
+                )
+                version_seen.append(r.headers.get("x-tiergate-model-version", ""))
+                return r.status_code
+
+            statuses = []
+            for start in range(0, n, 8):
+                statuses += await asyncio.gather(*(one(i) for i in range(start, start + 8)))
+                if start == 80:
+                    models.promote("v0002")
+                if start == 240:
+                    models.rollback()
+            return statuses
+
+    with live(
+        tmp_path,
+        policy_yaml(fake),
+        scorer=first,
+        local_backend_obj=ScriptedLocal(queue_size=64),
+        model_store=models.root,
+        model_watch_s=0.05,
+    ) as srv:
+        statuses = asyncio.run(traffic(srv.url, 400))
+        final = srv.gateway.scorer.version
+    assert statuses == [200] * 400  # no request failed while the model was swapped twice
+    assert version_seen[0] == "v0001" and final == "v0001"
+    assert "v0002" in version_seen  # the promoted model served in between, without a restart
+    middle = version_seen.index("v0002")
+    assert "v0001" in version_seen[middle:]  # and the rollback took effect too
