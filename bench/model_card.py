@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from router.metrics import evaluate, summary  # noqa: E402
 from router.training import (  # noqa: E402
+    RoutingRow,
     _read_jsonl,
     fit_routing,
     load_routing_rows,
@@ -44,13 +45,21 @@ TRAIN_FILES = (
 OOD_ROUTING = "alpacaeval2_openhermes7b_vs_gpt4turbo.jsonl"
 
 
-def in_distribution_cv(data_dir: Path, n_splits: int = 5) -> dict[str, Any]:
-    """Random K-fold over the pooled routing rows; out-of-fold scores reported per file."""
-    from sklearn.model_selection import KFold
+def in_distribution_cv(
+    data_dir: Path, n_splits: int = 5
+) -> tuple[dict[str, Any], list[RoutingRow], np.ndarray[Any, Any]]:
+    """K-fold over the pooled routing rows (MMLU grouped by subject, so no subject is in both
+    train and test; the other files split at random); out-of-fold scores reported per file.
+    Returns the per-file reports, the rows and their out-of-fold scores."""
+    from sklearn.model_selection import GroupKFold
 
     rows = [r for f in TRAIN_FILES[:3] for r in load_routing_rows(data_dir / f)]
+    groups = [
+        r.category if r.category and "mmlu" in r.dataset else f"{r.dataset}/{i % 10}"
+        for i, r in enumerate(rows)
+    ]
     oof = np.zeros(len(rows))
-    for tr, te in KFold(n_splits, shuffle=True, random_state=0).split(rows):
+    for tr, te in GroupKFold(n_splits).split(rows, groups=groups):
         model = fit_routing([rows[i] for i in tr])
         oof[te] = model.predict_proba([rows[i].prompt for i in te])[:, 1]
     out = {}
@@ -63,6 +72,34 @@ def in_distribution_cv(data_dir: Path, n_splits: int = 5) -> dict[str, Any]:
             n_bootstrap=1000,
         )
         out[d] = summary(report)
+    return out, rows, oof
+
+
+def pooled_mix(
+    rows: list[RoutingRow],
+    oof: np.ndarray[Any, Any],
+    ood: list[RoutingRow],
+    ood_scores: list[float],
+) -> dict[str, Any]:
+    """Cross-category ranking on mixed traffic: the out-of-fold scores of all three training
+    files plus the shipped model's AlpacaEval scores, every file on its own [0, 1] scale, scored
+    as one set. ``pooled`` keeps every row (85% MMLU); ``mix`` draws 1,000 MMLU rows (seed 0) so
+    multiple-choice trivia, maths word problems, hard chat and open chat weigh alike. Also the
+    share sent closed at a few thresholds (the policy's ``threshold``)."""
+    rng = np.random.default_rng(0)
+    mmlu = [i for i, r in enumerate(rows) if "mmlu" in r.dataset]
+    keep = sorted(set(range(len(rows))) - set(mmlu)) + sorted(
+        rng.choice(mmlu, 1000, replace=False).tolist()
+    )
+    out: dict[str, Any] = {}
+    for name, idx in (("pooled", list(range(len(rows)))), ("mix", keep)):
+        s = np.concatenate([oof[idx], ood_scores])
+        weak = [rows[i].weak_score for i in idx] + [r.weak_score for r in ood]
+        strong = [rows[i].strong_score for i in idx] + [r.strong_score for r in ood]
+        out[name] = summary(evaluate(s, weak, strong, n_bootstrap=1000))
+        out[name]["closed_share"] = {
+            str(t): float(np.mean(s >= t)) for t in (0.2, 0.25, 0.3, 0.4, 0.5)
+        }
     return out
 
 
@@ -83,8 +120,9 @@ def main() -> int:
     scorer = load_scorer(args.out)
 
     ood = load_routing_rows(args.data_dir / OOD_ROUTING)
+    ood_scores = [scorer.score(r.prompt) for r in ood]
     report = evaluate(
-        [scorer.score(r.prompt) for r in ood],
+        ood_scores,
         [r.weak_score for r in ood],
         [r.strong_score for r in ood],
         n_bootstrap=1000,
@@ -100,10 +138,12 @@ def main() -> int:
         per_class[cap] = float(np.mean(hits))
 
     print("in-distribution CV", file=sys.stderr)
+    in_dist, rows, oof = in_distribution_cv(args.data_dir)
     results = {
         "model": args.out.name,
         "cv_metrics": meta["cv_metrics"],
-        "in_distribution_cv": in_distribution_cv(args.data_dir),
+        "in_distribution_cv": in_dist,
+        "pooled_mixed": pooled_mix(rows, oof, ood, ood_scores),
         "ood": {
             f"alpacaeval/{OOD_ROUTING}": summary(report),
             "capability/auto-j (commercial_use=false, eval only)": {
@@ -146,6 +186,10 @@ def render(results: dict[str, Any]) -> str:
     for name, m in results["ood"].items():
         if "apgr" in m:
             lines.append(f"| ood/{name} " + _fmt(m))
+    for name, m in results["pooled_mixed"].items():
+        lines.append(f"| pooled_mixed/{name} " + _fmt(m))
+    shares = {k: m["closed_share"] for k, m in results["pooled_mixed"].items()}
+    lines += ["", f"Closed share by threshold on the pooled sets: {json.dumps(shares)}"]
     cap = results["cv_metrics"].get("capability", {})
     ext = results["ood"]["capability/auto-j (commercial_use=false, eval only)"]
     lines += [

@@ -36,9 +36,13 @@ from router.scoring import CAPABILITIES, Analysis
 
 FloatArray = NDArray[np.float64]
 
-#: Only the first MAX_CHARS characters are tokenised (bounded cost on 30k-character prompts);
-#: the length features still see the full text.
-MAX_CHARS = 6000
+#: Only a bounded window of a prompt is tokenised and scanned by the regex features: its first
+#: HEAD_CHARS and last TAIL_CHARS characters (the instruction is usually at the start or the end
+#: of a long pasted document). The length and line-count features still see the full text, and
+#: fit and predict clip identically (:func:`clip`), so the per-decision cost is bounded.
+HEAD_CHARS = 2000
+TAIL_CHARS = 500
+MAX_CHARS = HEAD_CHARS + TAIL_CHARS
 
 STRUCTURE_FEATURES: tuple[str, ...] = (
     "log_chars",
@@ -68,23 +72,36 @@ _MATH_SYMBOLS = re.compile(
 )
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 _CHOICE = re.compile(r"^\s*\(?[A-D][.)]\s", re.MULTILINE)
-_CONSTRAINTS = re.compile(
-    r"\b(?:must|should|exactly|at least|at most|no more than|without|only|do not|don't|"
-    r"make sure|ensure|format|words?|sentences?|json|table|bullet)\b",
+#: Constraint words and reasoning cues, one pass: each match is counted by its group name.
+_CUES = re.compile(
+    r"\b(?:(?P<constraints>must|should|exactly|at least|at most|no more than|without|only|do not|"
+    r"don't|make sure|ensure|format|words?|sentences?|json|table|bullet)"
+    r"|(?P<reasoning>why|explain|prove|derive|compare|analy[sz]e|step[- ]by[- ]step|trade-?offs?|"
+    r"evaluate|optimi[sz]e|design|implement|debug|calculate))\b",
     re.IGNORECASE,
 )
-_REASONING = re.compile(
-    r"\b(?:why|explain|prove|derive|compare|analy[sz]e|step[- ]by[- ]step|trade-?offs?|"
-    r"evaluate|optimi[sz]e|design|implement|debug|calculate)\b",
-    re.IGNORECASE,
-)
+
+
+def clip(text: str) -> str:
+    """The bounded window the text features see: the whole text up to :data:`MAX_CHARS`
+    characters, else its first :data:`HEAD_CHARS` and last :data:`TAIL_CHARS` joined by a
+    newline."""
+    if len(text) <= MAX_CHARS:
+        return text
+    return text[:HEAD_CHARS] + "\n" + text[-TAIL_CHARS:]
 
 
 def structure_vector(text: str) -> list[float]:
     """The :data:`STRUCTURE_FEATURES` of one prompt (cheap: a few compiled regexes)."""
-    head = text[:MAX_CHARS]
+    head = clip(text)
     n_chars = len(text)
     n_head = max(len(head), 1)
+    constraints = reasoning = 0
+    for m in _CUES.finditer(head):
+        if m.lastgroup == "constraints":
+            constraints += 1
+        else:
+            reasoning += 1
     return [
         math.log1p(n_chars),
         math.log1p(len(_WORD.findall(head))),
@@ -96,15 +113,15 @@ def structure_vector(text: str) -> list[float]:
         math.log1p(len(_NUMBER.findall(head))),
         math.log1p(head.count("?")),
         1.0 if len(_CHOICE.findall(head)) >= 3 else 0.0,
-        math.log1p(len(_CONSTRAINTS.findall(head))),
-        math.log1p(len(_REASONING.findall(head))),
+        math.log1p(constraints),
+        math.log1p(reasoning),
         len(_NON_ASCII.findall(head)) / n_head,
     ]
 
 
 def truncate_lower(text: str) -> str:
-    """The text preprocessor of the TF-IDF features: lower-cased first :data:`MAX_CHARS` chars."""
-    return text[:MAX_CHARS].lower()
+    """The text preprocessor of the TF-IDF features: the lower-cased :func:`clip` of the text."""
+    return clip(text).lower()
 
 
 class StructureFeatures(TransformerMixin, BaseEstimator):  # type: ignore[misc]
@@ -340,6 +357,11 @@ _STAKES_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
         ),
     ),
 )
+#: The four domain rules as one alternation (one regex pass); the match's group names the domain.
+_STAKES = re.compile(
+    "|".join(f"(?P<{domain}>{pattern.pattern})" for domain, pattern in _STAKES_RULES),
+    re.IGNORECASE,
+)
 _DESTRUCTIVE = re.compile(
     r"\b(?:delete|drop table|rm -rf|transfer|payment|pay|purchase|deploy|send (?:an )?email|"
     r"wire|refund|shut ?down|production)\b",
@@ -354,11 +376,10 @@ def assess_stakes(text: str, *, has_tools: bool = False, pii: bool = False) -> t
     the prompt *high*; an agent workflow (``has_tools``) is *high* when it also asks for a
     destructive or money-moving action and otherwise *medium*; personal data alone is *medium*.
     """
-    head = text[:MAX_CHARS]
-    for domain, pattern in _STAKES_RULES:
-        m = pattern.search(head)
-        if m:
-            return "high", f"{domain} domain ({m.group(0).lower()!r})"
+    head = clip(text)
+    m = _STAKES.search(head)
+    if m:
+        return "high", f"{m.lastgroup} domain ({m.group(0).lower()!r})"
     if has_tools:
         m = _DESTRUCTIVE.search(head)
         if m:

@@ -13,11 +13,16 @@ from sklearn.utils.estimator_checks import (
 )
 
 from router.classifier import (
+    HEAD_CHARS,
+    MAX_CHARS,
     STRUCTURE_FEATURES,
+    TAIL_CHARS,
     LearnedScorer,
     PromptClassifier,
     StructureFeatures,
     assess_stakes,
+    clip,
+    structure_vector,
 )
 from router.scoring import Scorer
 
@@ -91,6 +96,7 @@ def test_predict_proba_follows_classes_and_learns(routing_model: PromptClassifie
         "Prove that sqrt(2) is irrational.",
         "unseen vocabulary zzqx",
         "hi " * 5000 + "```code```",
+        "Summarise this report.\n" + "lorem ipsum " * 400 + "\nProve it step by step: x^2 = 4?",
         "Ünïcödé and emoji 🎉 with 42 numbers 3.14",
     ],
 )
@@ -105,6 +111,21 @@ def test_fast_path_equals_pipeline(
         capability_model.predict_proba([text])[0],
         atol=1e-9,
     )
+
+
+def test_clip_keeps_head_and_tail_of_long_prompts() -> None:
+    short = "x" * MAX_CHARS
+    assert clip(short) is short
+    long = "a" * HEAD_CHARS + "b" * 10_000 + "Question: why?"
+    clipped = clip(long)
+    assert clipped.startswith("a" * HEAD_CHARS) and clipped.endswith("Question: why?")
+    assert len(clipped) == HEAD_CHARS + 1 + TAIL_CHARS and "b" * (TAIL_CHARS - 20) in clipped
+    # The tail's cues count, the clipped middle's do not; length still sees the whole text.
+    feats = structure_vector(long)
+    assert feats[STRUCTURE_FEATURES.index("reasoning_cues")] > 0
+    assert feats[STRUCTURE_FEATURES.index("log_chars")] > 9.0
+    assert assess_stakes("x" * 20_000 + " what dosage is safe?")[0] == "high"
+    assert assess_stakes("x" * 3000 + " dosage " + "x" * 3000)[0] == "low"
 
 
 def test_structure_features_shape_and_names() -> None:

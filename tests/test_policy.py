@@ -521,7 +521,7 @@ DEFAULT_CASES: list[tuple[dict[str, Any], tuple[str, str, str]]] = [
     ({"capability": "coding", "score": 0.7}, ("local", "local", "open-model-strengths")),
     ({"capability": "coding", "score": 0.85}, ("closed", "gpt-4o", "default")),
     ({"capability": "reasoning", "score": 0.4}, ("closed", "gpt-4o", "nuanced-judgment")),
-    ({"capability": "chat", "score": 0.3}, ("local", "local", "default")),
+    ({"capability": "chat", "score": 0.2}, ("local", "local", "default")),
     # one-turn tool call: no rule fires, but the local model cannot take tools
     ({"has_tools": True, "score": 0.1}, ("closed", "gpt-4o", "default")),
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from router.training import (
@@ -89,12 +90,14 @@ def test_load_prompts_reads_only_id_and_prompt(tmp_path: Path) -> None:
     assert load_prompts(p) == [("7", "hello")]
 
 
-def test_routing_target_balances_datasets() -> None:
+def test_routing_target_balances_datasets_only_on_request() -> None:
     rows = load_routing_rows_from(routing_rows(12, "a")) + load_routing_rows_from(
         routing_rows(4, "b")
     )
     y, w = routing_target(rows)
     assert y.sum() == 8  # the hard half of each set
+    assert np.all(w == 1.0)  # default: pooled base rates, every row the same weight
+    y, w = routing_target(rows, balance=True)
     assert w[:12].sum() == pytest.approx(w[12:].sum())
 
 
