@@ -18,7 +18,6 @@ from typing import Any
 import httpx
 import pytest
 
-from router.outcomes import SQLiteOutcomeStore
 from tests.conftest import LiveServer, live, policy_yaml, wait_for
 from tests.fake_provider import Behaviour, FakeProvider
 from tests.redis_server import RedisServer, redis_binary
@@ -211,14 +210,17 @@ def _traffic(server: LiveServer, stop: threading.Event, statuses: list[int]) -> 
 
 @pytest.mark.skipif(redis_binary() is None, reason="no redis-server binary")
 def test_redis_stopped_and_restarted_during_traffic(tmp_path: Path, fake: FakeProvider) -> None:
-    """Rate limiting survives a Redis outage (in-process meanwhile) and returns to Redis."""
+    """Rate limits and outcome records both live in Redis; a Redis outage fails no request and
+    loses no record (limits count in process meanwhile, records buffer and journal)."""
+    from router.outcomes_redis import RedisOutcomeStore
+
     with (
-        RedisServer(tmp_path) as redis_server,
+        RedisServer(tmp_path / "redis") as redis_server,
         live(
             tmp_path,
             policy_yaml(fake),
             local_backend_obj=ScriptedLocal(queue_size=8),
-            outcomes=SQLiteOutcomeStore(tmp_path / "o.db"),
+            outcomes=RedisOutcomeStore(redis_server.url, journal=tmp_path / "journal.jsonl"),
             redis_url=redis_server.url,
             rpm_limit=1_000_000,
             api_keys_file=_key_file(tmp_path),
