@@ -449,40 +449,16 @@ class SQLiteOutcomeStore:
         routing) counts under ``none``.
         """
         bucket_s = max(1.0, float(bucket_s))
-        rows = self._query(
+        grouped = self._query(
             "SELECT CAST((ts - ?) / ? AS INTEGER) AS b, COALESCE(tier, 'none') AS tier, "
             "COUNT(*), SUM(cost_usd), SUM(counterfactual_cost_usd), "
             "SUM(status != 'ok'), SUM(fallback IS NOT NULL) "
             "FROM outcomes WHERE ts >= ? GROUP BY b, tier ORDER BY b",
             (since_ts, bucket_s, since_ts),
         )
-        until = time.time() if until_ts is None else until_ts
-        n_buckets = max(1, math.ceil((until - since_ts) / bucket_s))
-        starts = [since_ts + i * bucket_s for i in range(n_buckets)]
-        tiers: list[dict[str, int]] = [{} for _ in starts]
-        costs = [0.0] * n_buckets
-        counterfactuals = [0.0] * n_buckets
-        by_tier: dict[str, int] = defaultdict(int)
-        requests = errors = fallbacks = 0
-        for b, tier, n, cost, cf, n_errors, n_fallbacks in rows:
-            i = min(int(b), n_buckets - 1)  # a record written since ``until`` joins the last
-            tiers[i][tier] = tiers[i].get(tier, 0) + int(n)
-            costs[i] += float(cost or 0.0)
-            counterfactuals[i] += float(cf or 0.0)
-            by_tier[tier] += int(n)
-            requests += int(n)
-            errors += int(n_errors or 0)
-            fallbacks += int(n_fallbacks or 0)
-        buckets = [
-            {"start": s, "tiers": t, "cost_usd": c, "counterfactual_usd": f}
-            for s, t, c, f in zip(starts, tiers, costs, counterfactuals, strict=True)
-        ]
-        total_cost, total_cf = sum(costs), sum(counterfactuals)
-        served = by_tier.get("local", 0) + by_tier.get("closed", 0)
         recent = self._query(
-            "SELECT id, ts, tenant, alias, tier, model, rule, status, http_status, error_type, "
-            "fallback FROM outcomes WHERE ts >= ? AND (status != 'ok' OR fallback IS NOT NULL) "
-            "ORDER BY ts DESC LIMIT ?",
+            f"SELECT {', '.join(PROBLEM_FIELDS)} FROM outcomes "
+            "WHERE ts >= ? AND (status != 'ok' OR fallback IS NOT NULL) ORDER BY ts DESC LIMIT ?",
             (since_ts, problems),
         )
         versions = self._query(
@@ -490,26 +466,140 @@ class SQLiteOutcomeStore:
             "WHERE ts >= ? GROUP BY policy_version, model_version ORDER BY MAX(ts) DESC LIMIT 10",
             (since_ts,),
         )
-        return {
-            "since": since_ts,
-            "bucket_s": bucket_s,
-            "buckets": buckets,
-            "totals": {
-                "requests": requests,
-                "errors": errors,
-                "fallbacks": fallbacks,
-                "by_tier": dict(by_tier),
-                "cost_usd": total_cost,
-                "counterfactual_usd": total_cf,
-                "saved_usd": total_cf - total_cost,
-                "local_share": by_tier.get("local", 0) / served if served else 0.0,
-            },
-            "problems": [dict(r) for r in recent],
-            "versions": [
-                {"policy_version": p, "model_version": m, "requests": int(n), "last_ts": float(t)}
-                for p, m, n, t in versions
-            ],
-        }
+        return assemble_summary(
+            [tuple(r) for r in grouped],
+            [dict(r) for r in recent],
+            [tuple(r) for r in versions],
+            since_ts=since_ts,
+            bucket_s=bucket_s,
+            until_ts=until_ts,
+        )
+
+
+PROBLEM_FIELDS = (
+    "id", "ts", "tenant", "alias", "tier", "model", "rule", "status", "http_status",
+    "error_type", "fallback",
+)  # fmt: skip
+
+
+def assemble_summary(
+    grouped: list[tuple[Any, ...]],
+    problems: list[dict[str, Any]],
+    versions: list[tuple[Any, ...]],
+    *,
+    since_ts: float,
+    bucket_s: float,
+    until_ts: float | None = None,
+) -> dict[str, Any]:
+    """The dashboard summary from per-(bucket, tier) aggregates, whichever store computed them.
+
+    ``grouped`` rows are ``(bucket, tier, n, cost, counterfactual, errors, fallbacks)``;
+    ``versions`` rows are ``(policy_version, model_version, n, last_ts)``, newest first.
+    """
+    until = time.time() if until_ts is None else until_ts
+    n_buckets = max(1, math.ceil((until - since_ts) / bucket_s))
+    starts = [since_ts + i * bucket_s for i in range(n_buckets)]
+    tiers: list[dict[str, int]] = [{} for _ in starts]
+    costs = [0.0] * n_buckets
+    counterfactuals = [0.0] * n_buckets
+    by_tier: dict[str, int] = defaultdict(int)
+    requests = errors = fallbacks = 0
+    for b, tier, n, cost, cf, n_errors, n_fallbacks in grouped:
+        i = min(int(b), n_buckets - 1)  # a record written since ``until`` joins the last
+        tiers[i][tier] = tiers[i].get(tier, 0) + int(n)
+        costs[i] += float(cost or 0.0)
+        counterfactuals[i] += float(cf or 0.0)
+        by_tier[tier] += int(n)
+        requests += int(n)
+        errors += int(n_errors or 0)
+        fallbacks += int(n_fallbacks or 0)
+    buckets = [
+        {"start": s, "tiers": t, "cost_usd": c, "counterfactual_usd": f}
+        for s, t, c, f in zip(starts, tiers, costs, counterfactuals, strict=True)
+    ]
+    total_cost, total_cf = sum(costs), sum(counterfactuals)
+    served = by_tier.get("local", 0) + by_tier.get("closed", 0)
+    return {
+        "since": since_ts,
+        "bucket_s": bucket_s,
+        "buckets": buckets,
+        "totals": {
+            "requests": requests,
+            "errors": errors,
+            "fallbacks": fallbacks,
+            "by_tier": dict(by_tier),
+            "cost_usd": total_cost,
+            "counterfactual_usd": total_cf,
+            "saved_usd": total_cf - total_cost,
+            "local_share": by_tier.get("local", 0) / served if served else 0.0,
+        },
+        "problems": problems,
+        "versions": [
+            {"policy_version": p, "model_version": m, "requests": int(n), "last_ts": float(t)}
+            for p, m, n, t in versions
+        ],
+    }
+
+
+def summarize_records(
+    records: list[dict[str, Any]],
+    *,
+    since_ts: float,
+    bucket_s: float,
+    until_ts: float | None = None,
+    problems: int = 20,
+) -> dict[str, Any]:
+    """:func:`assemble_summary` over record dicts, for stores without a query language."""
+    bucket_s = max(1.0, float(bucket_s))
+    groups: dict[tuple[int, str], list[float]] = defaultdict(lambda: [0, 0.0, 0.0, 0, 0])
+    versions: dict[tuple[Any, Any], list[float]] = defaultdict(lambda: [0, 0.0])
+    for r in records:
+        if r["ts"] < since_ts:
+            continue
+        g = groups[(int((r["ts"] - since_ts) // bucket_s), r.get("tier") or "none")]
+        g[0] += 1
+        g[1] += float(r.get("cost_usd") or 0.0)
+        g[2] += float(r.get("counterfactual_cost_usd") or 0.0)
+        g[3] += r.get("status") != "ok"
+        g[4] += r.get("fallback") is not None
+        v = versions[(r.get("policy_version"), r.get("model_version"))]
+        v[0] += 1
+        v[1] = max(v[1], float(r["ts"]))
+    bad = sorted(
+        (r for r in records
+         if r["ts"] >= since_ts and (r.get("status") != "ok" or r.get("fallback") is not None)),
+        key=lambda r: r["ts"],
+        reverse=True,
+    )[:problems]  # fmt: skip
+    ordered = sorted(versions.items(), key=lambda kv: kv[1][1], reverse=True)[:10]
+    return assemble_summary(
+        [(b, tier, *vals) for (b, tier), vals in sorted(groups.items())],
+        [{k: r.get(k) for k in PROBLEM_FIELDS} for r in bad],
+        [(p, m, n, t) for (p, m), (n, t) in ordered],
+        since_ts=since_ts,
+        bucket_s=bucket_s,
+        until_ts=until_ts,
+    )
+
+
+def quality_from_labels(
+    labels: list[dict[str, Any]], tier_of: dict[str, str | None]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Mean served-answer quality per tier and source (see ``quality_by_tier``), in Python."""
+    sums: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0])
+    for label in labels:
+        source, tier = label.get("source"), tier_of.get(label.get("request_id", ""))
+        quality = label.get("quality")
+        if quality is None and label.get("value") is not None:
+            quality = 1.0 - float(label["value"])
+        if source in ("feedback", "shadow") and tier and quality is not None:
+            entry = sums[(tier, source)]
+            entry[0] += 1
+            entry[1] += float(quality)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for (tier, source), (n, total) in sums.items():
+        out.setdefault(tier, {})[source] = {"n": int(n), "mean": total / n}
+    return out
 
 
 def _insert_sql(table: str, names: tuple[str, ...]) -> str:

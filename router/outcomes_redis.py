@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from router.errors import StoreUnavailableError
-from router.outcomes import Label, OutcomeRecord
+from router.outcomes import Label, OutcomeRecord, quality_from_labels, summarize_records
 
 log = logging.getLogger("tiergate.outcomes")
 
@@ -455,6 +455,40 @@ class RedisOutcomeStore:
             request_id, source = member.rsplit("|", 1)
             pipe.hget(self.key("label", request_id), source)
         return [json.loads(r) for r in self._read(pipe.execute) if r]
+
+    def _records_since(self, since_ts: float) -> list[dict[str, Any]]:
+        ids = self._read(self._client.zrangebyscore, self.key("outcomes", "ts"), since_ts, "+inf")
+        if not ids:
+            return []
+        raws = self._read(self._client.mget, [self.key("outcome", i) for i in ids])
+        return [json.loads(r) for r in raws if r]
+
+    def summary(
+        self,
+        since_ts: float,
+        bucket_s: float,
+        *,
+        until_ts: float | None = None,
+        problems: int = 20,
+    ) -> dict[str, Any]:
+        """The dashboard's aggregates (same shape as the SQLite store's), over the window."""
+        return summarize_records(
+            self._records_since(since_ts),
+            since_ts=since_ts,
+            bucket_s=bucket_s,
+            until_ts=until_ts,
+            problems=problems,
+        )
+
+    def quality_by_tier(self, since_ts: float) -> dict[str, dict[str, dict[str, float]]]:
+        """Mean served-answer quality per tier and label source since ``since_ts``."""
+        labels = self.labels(since_ts)
+        ids = sorted({str(label["request_id"]) for label in labels})
+        if not ids:
+            return {}
+        raws = self._read(self._client.mget, [self.key("outcome", i) for i in ids])
+        tier_of = {i: json.loads(r).get("tier") for i, r in zip(ids, raws, strict=True) if r}
+        return quality_from_labels(labels, tier_of)
 
     def purge(self, before_ts: float) -> int:
         """Delete records and labels older than ``before_ts`` (keys also expire by TTL)."""

@@ -193,3 +193,51 @@ def test_cli_outcomes_reads_redis_when_configured(
     assert main(["outcomes", "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["id"] for r in rows] == [rec.id]
+
+
+def test_dashboard_views_agree_between_sqlite_and_redis(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The dashboard reads the same summary and quality from either store."""
+    now = time.time()
+    records = []
+    for i in range(12):
+        rec = record(tenant="acme", cost=0.01 * i, ts=now - 600 + i * 40)
+        rec.tier = "closed" if i % 3 == 0 else "local"
+        rec.counterfactual_cost_usd = 0.02 * i
+        rec.status = "error" if i == 5 else "ok"
+        rec.fallback = "closed->local" if i == 7 else None
+        rec.policy_version = "p2" if i > 8 else "p1"
+        records.append(rec)
+    labels = [
+        Label(records[1].id, "acme", "feedback", None, now, quality=0.8),
+        Label(records[2].id, "acme", "shadow", 0.25, now),
+        Label(records[3].id, "acme", "feedback", None, now, quality=0.4),
+    ]
+    sqlite = SQLiteOutcomeStore(tmp_path / "o.db")
+    sqlite.start()
+    rstore = store(redis_server, tmp_path)
+    try:
+        for s in (sqlite, rstore):
+            for rec in records:
+                s.submit(rec)
+            for label in labels:
+                s.label(label)
+            assert s.flush(10)
+        since, until = now - 900, now + 1
+        a = sqlite.summary(since, 60, until_ts=until)
+        b = rstore.summary(since, 60, until_ts=until)
+        assert a["totals"] == b["totals"]
+        assert a["totals"]["requests"] == 12 and a["totals"]["errors"] == 1
+        assert a["buckets"] == b["buckets"]
+        assert [p["id"] for p in a["problems"]] == [p["id"] for p in b["problems"]]
+        assert a["versions"] == b["versions"]
+        quality = {
+            "local": {"feedback": {"n": 1, "mean": 0.8}, "shadow": {"n": 1, "mean": 0.75}},
+            "closed": {"feedback": {"n": 1, "mean": 0.4}},
+        }
+        assert sqlite.quality_by_tier(0.0) == quality
+        assert rstore.quality_by_tier(0.0) == quality
+    finally:
+        sqlite.close()
+        rstore.close()
