@@ -146,7 +146,7 @@ async def chat_completions(request: Request) -> Response:
         validate_chat(body)
         check_request_size(body, request.app.state.settings)
         _check_pin(principal, gateway, body)
-        ctx.signals, ctx.decision = gateway.decide(
+        ctx.signals, ctx.decision = await gateway.decide_async(
             body, tenant=ctx.tenant, headers=_policy_headers(request)
         )
         ctx.prompt = _prompt_to_store(ctx, body)
@@ -333,7 +333,7 @@ async def dry_run(request: Request) -> dict[str, Any]:
     gateway = _gateway(request)
     body = await read_json(request)
     validate_chat(body)
-    signals, decision = gateway.decide(
+    signals, decision = await gateway.decide_async(
         body, tenant=_tenant(request), headers=_policy_headers(request)
     )
     chain = [

@@ -9,6 +9,7 @@ exactly one :class:`~router.outcomes.OutcomeRecord`, whatever happened.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -37,6 +38,20 @@ from router.signals import Signals, extract_signals
 from router.telemetry import Telemetry
 
 log = logging.getLogger("tiergate.gateway")
+
+# Prompts longer than this (in characters) are scored on a worker thread (see decide_async).
+OFFLOAD_SCORING_CHARS = 4000
+
+
+def _prompt_chars(body: Mapping[str, Any]) -> int:
+    total = 0
+    for message in body.get("messages") or ():
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(str(p.get("text", ""))) for p in content if isinstance(p, Mapping))
+    return total
 
 
 @dataclass(slots=True)
@@ -175,6 +190,18 @@ class Gateway:
             )
             span.decided(decision)
         return signals, decision
+
+    async def decide_async(
+        self, body: Mapping[str, Any], *, tenant: str, headers: Mapping[str, str]
+    ) -> tuple[Signals, Decision]:
+        """:meth:`decide`, moved off the event loop when the prompt is long.
+
+        Scoring a short prompt takes a fraction of a millisecond, less than a thread hop; a long
+        one can take several milliseconds, which would stall every other request on the loop.
+        """
+        if _prompt_chars(body) > OFFLOAD_SCORING_CHARS:
+            return await asyncio.to_thread(self.decide, body, tenant=tenant, headers=headers)
+        return self.decide(body, tenant=tenant, headers=headers)
 
     def chain(self, decision: Decision) -> list[tuple[ModelSpec, str | None]]:
         """The models to try in order, each with the fallback label it would be recorded under."""

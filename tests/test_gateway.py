@@ -370,3 +370,33 @@ def test_privacy_fail_closed_end_to_end(tmp_path: Path, fake: FakeProvider) -> N
         # says so explicitly, and the test policy's PII rule does not.
         assert [r["prompt"] for r in rows] == [None, None, None]
     assert fake.received == []
+
+
+def test_long_prompts_are_scored_off_the_event_loop(tmp_path: Path, fake: FakeProvider) -> None:
+    import threading
+
+    from router.gateway import OFFLOAD_SCORING_CHARS
+    from router.scoring import Analysis
+
+    class ThreadRecordingScorer:
+        name, version = "thread-recorder", "t1"
+
+        def __init__(self) -> None:
+            self.threads: list[str] = []
+
+        def analyze(self, text: str, *, has_tools: bool = False) -> Analysis:
+            self.threads.append(threading.current_thread().name)
+            return Analysis(score=0.1)
+
+    scorer = ThreadRecordingScorer()
+    fake.reset()
+    with live(tmp_path, policy_yaml(fake), scorer=scorer, local_backend_obj=ScriptedLocal()) as srv:
+        for text in ("short", "x " * OFFLOAD_SCORING_CHARS):
+            response = httpx.post(
+                srv.url + "/v1/chat/completions",
+                json={"model": "auto", "messages": [{"role": "user", "content": text}]},
+            )
+            assert response.status_code == 200
+        loop_thread = srv.thread.name
+    assert scorer.threads[0] == loop_thread
+    assert scorer.threads[1] != loop_thread
