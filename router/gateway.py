@@ -13,10 +13,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from router.backends import Backend, Completion, Usage
 from router.calibration import AliasThreshold, calibrate, calibrated_values
@@ -38,6 +38,7 @@ from router.signals import Signals, extract_signals
 from router.telemetry import Telemetry
 
 log = logging.getLogger("tiergate.gateway")
+_T = TypeVar("_T")
 
 # Prompts longer than this (in characters) are scored on a worker thread (see decide_async).
 OFFLOAD_SCORING_CHARS = 4000
@@ -224,6 +225,40 @@ class Gateway:
 
     async def complete(self, ctx: RequestContext, body: dict[str, Any]) -> Completion:
         """Serve a non-streaming request along the fallback chain."""
+
+        async def attempt(backend: Backend, model: ModelSpec) -> Completion:
+            result = await backend.complete(model, body)
+            ctx.usage = result.usage
+            return result
+
+        return await self._along_chain(ctx, attempt)
+
+    async def stream(
+        self, ctx: RequestContext, body: dict[str, Any]
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Open a stream along the fallback chain.
+
+        Fallback is possible only until the first chunk arrives; this coroutine returns once a
+        backend has produced its first chunk (so headers can name who answered), and the
+        returned iterator yields that chunk first.
+        """
+
+        async def attempt(backend: Backend, model: ModelSpec) -> AsyncIterator[dict[str, Any]]:
+            usage = Usage()
+            source = backend.stream(model, body, usage)
+            try:
+                first: dict[str, Any] | None = await anext(source)
+            except StopAsyncIteration:
+                first = None
+            ctx.usage = usage
+            return _prepend(first, source)
+
+        return await self._along_chain(ctx, attempt)
+
+    async def _along_chain(
+        self, ctx: RequestContext, attempt: Callable[[Backend, ModelSpec], Awaitable[_T]]
+    ) -> _T:
+        """Try the decision's models in order until one answers; spill on a full local queue."""
         assert ctx.decision is not None
         errors: list[str] = []
         queue = self.chain(ctx.decision)
@@ -238,7 +273,7 @@ class Gateway:
                 errors.append(f"{model.name}: {reason}")
                 continue
             try:
-                result = await backend.complete(model, body)
+                result = await attempt(backend, model)
             except LocalOverloadedError as exc:
                 last = exc
                 spill = self.spill_chain(ctx.decision)
@@ -260,7 +295,6 @@ class Gateway:
                     raise
                 continue
             ctx.served = Served(model, fallback)
-            ctx.usage = result.usage
             return result
         raise self._exhausted(ctx, errors, last)
 
@@ -281,58 +315,6 @@ class Gateway:
         if last is not None and "retry-after" in last.headers:
             error.headers["retry-after"] = last.headers["retry-after"]
         return error
-
-    async def stream(
-        self, ctx: RequestContext, body: dict[str, Any]
-    ) -> AsyncIterator[dict[str, Any]]:
-        """Open a stream along the fallback chain.
-
-        Fallback is possible only until the first chunk arrives; this coroutine returns once a
-        backend has produced its first chunk (so headers can name who answered), and the
-        returned iterator yields that chunk first.
-        """
-        assert ctx.decision is not None
-        errors: list[str] = []
-        queue = self.chain(ctx.decision)
-        i = 0
-        last: TiergateError | None = None
-        while i < len(queue):
-            model, fallback = queue[i]
-            i += 1
-            backend = self.backend(model)
-            reason = self.unavailable_reason(model)
-            if backend is None or reason:
-                errors.append(f"{model.name}: {reason}")
-                continue
-            usage = Usage()
-            source = backend.stream(model, body, usage)
-            try:
-                first = await anext(source)
-            except StopAsyncIteration:
-                first = None
-            except LocalOverloadedError as exc:
-                last = exc
-                spill = self.spill_chain(ctx.decision)
-                if not spill:
-                    raise
-                queue[i:i] = spill
-                errors.append(f"{model.name}: queue full")
-                continue
-            except BadRequestError as exc:
-                last = exc
-                errors.append(f"{model.name}: {exc.message}")
-                continue
-            except BackendError as exc:
-                last = exc
-                errors.append(f"{model.name}: {exc.message}")
-                log.warning("%s failed for %s: %s", model.name, ctx.request_id, exc.message)
-                if not exc.retryable:
-                    raise
-                continue
-            ctx.served = Served(model, fallback)
-            ctx.usage = usage
-            return _prepend(first, source)
-        raise self._exhausted(ctx, errors, last)
 
     # -- recording -------------------------------------------------------------------------
 
