@@ -34,7 +34,7 @@ from router.errors import (
 from router.outcomes import OutcomeRecord, OutcomeStore
 from router.policy import Decision, ModelSpec, Policy, evaluate, load_policy
 from router.scoring import Scorer
-from router.signals import Signals, extract_signals
+from router.signals import Signals, extract_signals, message_text
 from router.telemetry import Telemetry
 
 log = logging.getLogger("tiergate.gateway")
@@ -45,14 +45,7 @@ OFFLOAD_SCORING_CHARS = 4000
 
 
 def _prompt_chars(body: Mapping[str, Any]) -> int:
-    total = 0
-    for message in body.get("messages") or ():
-        content = message.get("content") if isinstance(message, Mapping) else None
-        if isinstance(content, str):
-            total += len(content)
-        elif isinstance(content, list):
-            total += sum(len(str(p.get("text", ""))) for p in content if isinstance(p, Mapping))
-    return total
+    return sum(len(message_text(m)) for m in body.get("messages") or () if isinstance(m, Mapping))
 
 
 @dataclass(slots=True)
