@@ -355,6 +355,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--shadow-rate", type=float, default=1.0, help="policy shadow rate")
     parser.add_argument("--modes", default="honest,adversarial")
+    parser.add_argument(
+        "--candidate", default="residual", choices=["residual", "refit"], help="candidate design"
+    )
+    parser.add_argument("--min-gain", type=float, default=0.0, help="the gate's --min-gain")
     parser.add_argument("--quick", action="store_true", help="200 labels, retrain every 100")
     args = parser.parse_args(argv)
     if args.quick:
@@ -365,7 +369,12 @@ def main(argv: list[str] | None = None) -> int:
         (r for r in rows if _bucket(r.id, "sim-eval") >= 0.25),
         key=lambda r: _bucket(r.id, "sim-order"),
     )
-    gate = GateConfig(n_bootstrap=args.bootstrap, base_train_cap=args.base_cap or None)
+    gate = GateConfig(
+        n_bootstrap=args.bootstrap,
+        base_train_cap=args.base_cap or None,
+        candidate=args.candidate,
+        min_gain=args.min_gain,
+    )
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="tiergate-loop-") as tmp:
         workdir = Path(tmp)

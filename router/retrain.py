@@ -12,12 +12,15 @@
    because user feedback can be wrong or gamed: a candidate must not be judged by the labels it
    may have been misled by. With fewer than ``min_trusted_eval`` trusted held-out rows the gate
    refuses (``trusted_only=False`` falls back to all labels instead).
-3. **Candidate**: the routing classifier refitted; the capability classifier is kept. Base rows
-   use :func:`router.training.routing_target` (hard target, each file the same total weight).
-   A label is a probability, so each outcome row enters twice, as the positive class with weight
-   ``v`` and as the negative with ``1 - v``: logistic regression then minimises cross-entropy
-   against the soft target, and a 0.6 and a 0.95 verdict are not flattened into the same "1".
-   All labelled outcomes together weigh ``outcome_weight`` times one base file.
+3. **Candidate** (the capability classifier is kept). By default (``candidate="residual"``)
+   the base routing classifier is kept unchanged and a traffic head, fitted on the labelled
+   outcomes alone with its regularisation chosen by cross-validation on them, is mixed in where
+   a domain gate says a prompt looks like logged traffic rather than base data
+   (:mod:`router.residual`, which says why). ``candidate="refit"`` refits one routing
+   classifier on base rows (:func:`router.training.routing_target`, hard target) plus the
+   outcomes, all together weighing ``outcome_weight`` times one base file. Either way a label is
+   a probability and enters as both classes weighted ``v`` and ``1 - v`` (cross-entropy against
+   the soft target), so a 0.6 and a 0.95 verdict are not flattened into the same "1".
 4. **Gate**: candidate and current are compared on the held-out slice and on a fixed evaluation
    slice of the base data, by APGR (RouteLLM's definition, :mod:`router.metrics`) with a paired
    percentile bootstrap of the *difference* (same resampled rows for both models). "Noise" is
@@ -46,6 +49,7 @@ from router.errors import ConfigError
 from router.metrics import apgr_from_curve, routing_curve
 from router.outcomes import OutcomeStore
 from router.registry import ModelStore
+from router.residual import ResidualRouting, fit_residual
 from router.training import (
     DEFAULT_ROUTING_PARAMS,
     RoutingRow,
@@ -86,6 +90,8 @@ class GateConfig:
     outcome_weight: float = 10.0
     base_train_cap: int | None = None
     seed: int = 0
+    candidate: str = "residual"
+    gate_base_sample: int = 3000
 
 
 @dataclass(frozen=True)
@@ -288,23 +294,52 @@ def fit_candidate(
     current: Any,
     version: str,
     config: GateConfig,
-) -> LearnedScorer:
-    """The current model's capability classifier with a routing classifier refitted on base
-    rows (hard target) and labelled outcomes (soft target); see the module docstring."""
+) -> tuple[LearnedScorer, dict[str, Any]]:
+    """The current model's capability classifier with a new routing classifier, and what the
+    fit chose; ``config.candidate`` picks the design (see the module docstring)."""
+    if config.candidate == "residual":
+        return _fit_residual(base, outcomes, current, version, config)
+    if config.candidate != "refit":
+        raise ConfigError(f"unknown candidate design {config.candidate!r} (residual, refit)")
     prompts = [r.prompt for r in base]
     y, w = routing_target(base) if base else (np.zeros(0, np.int64), np.zeros(0))
     targets, weights = list(y), list(w)
     one_file = len(base) / max(len({r.dataset for r in base}), 1) if base else len(outcomes)
     per_row = config.outcome_weight * one_file / max(len(outcomes), 1)
     for r in outcomes:
-        v = min(max(r.strong_score - r.weak_score, 0.0), 1.0)
+        v = _label_value(r)
         prompts += [r.prompt, r.prompt]
         targets += [1, 0]
         weights += [per_row * v, per_row * (1.0 - v)]
     routing = PromptClassifier(**DEFAULT_ROUTING_PARAMS).fit(
         prompts, np.array(targets), sample_weight=np.array(weights)
     )
-    return LearnedScorer(routing, current.capability, version)
+    return LearnedScorer(routing, current.capability, version), {"design": "refit"}
+
+
+def _label_value(row: RoutingRow) -> float:
+    return min(max(row.strong_score - row.weak_score, 0.0), 1.0)
+
+
+def _fit_residual(
+    base: Sequence[RoutingRow],
+    outcomes: Sequence[RoutingRow],
+    current: Any,
+    version: str,
+    config: GateConfig,
+) -> tuple[LearnedScorer, dict[str, Any]]:
+    # Always adapt the same base model: a promoted residual model is replaced, not stacked.
+    routing = current.routing
+    root = routing.base_ if isinstance(routing, ResidualRouting) else routing
+    sample = sorted(base, key=lambda r: _bucket(r.id, "gate"))[: config.gate_base_sample]
+    model, info = fit_residual(
+        root,
+        [r.prompt for r in outcomes],
+        [_label_value(r) for r in outcomes],
+        [r.prompt for r in sample],
+        seed=config.seed,
+    )
+    return LearnedScorer(model, current.capability, version), {"design": "residual", **asdict(info)}
 
 
 def retrain(
@@ -331,7 +366,7 @@ def retrain(
         )
     base_all, base_eval = base_rows(base_files, config)
     version = models.next_version()
-    candidate = fit_candidate(base_all, train, current, version, config)
+    candidate, fitted = fit_candidate(base_all, train, current, version, config)
     comparisons = [
         compare(
             f"labelled held-out ({held_kind})",
@@ -365,7 +400,11 @@ def retrain(
         decision="promoted" if passed else "refused",
         reasons=reasons,
         promoted=passed,
-        extra={"gate": asdict(config), "base_files": [p.name for p in base_files]},
+        extra={
+            "gate": asdict(config),
+            "base_files": [p.name for p in base_files],
+            "candidate": fitted,
+        },
     )
     report.seconds = time.monotonic() - started
     lineage = {
@@ -374,6 +413,7 @@ def retrain(
         "gate": {"decision": report.decision, "reasons": reasons, "config": asdict(config)},
         "comparisons": report.to_dict()["comparisons"],
         "base_files": [p.name for p in base_files],
+        "candidate": fitted,
     }
     save_scorer(candidate, models.versions_dir / version, metadata={"lineage": lineage})
     if passed:

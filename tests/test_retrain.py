@@ -102,13 +102,27 @@ def outcome(store: SQLiteOutcomeStore, prompt: str) -> str:
     return rid
 
 
+def traffic_prompt(i: int, hard: bool, *, shifted: bool = True) -> str:
+    """Traffic in a format the base data never showed (several lines, questions). ``shifted``:
+    the base model is wrong on it (its 'hello friend' prompts need the strong model, its
+    'compute the integral' ones do not); otherwise the base model is right."""
+    topic = "hello friend beta" if hard == shifted else "compute the integral alpha"
+    return f"Question {i}?\n{topic} {i}\nany idea?\nthanks?"
+
+
 def label_traffic(
-    store: SQLiteOutcomeStore, *, source: str, honest: bool, n: int, start: int = 0
+    store: SQLiteOutcomeStore,
+    *,
+    source: str,
+    honest: bool,
+    n: int,
+    start: int = 0,
+    shifted: bool = True,
 ) -> None:
-    """New traffic the base data never showed: 'gamma' needs closed, 'delta' does not."""
+    """``n`` labelled requests of :func:`traffic_prompt`, half of them hard."""
     for i in range(start, start + n):
         hard = i % 2 == 0
-        rid = outcome(store, f"{'gamma' if hard else 'delta'} request number {i}")
+        rid = outcome(store, traffic_prompt(i, hard, shifted=shifted))
         value = float(hard) if honest else float(not hard)
         store.label(Label(rid, "t", source, value, time.time()))
 
@@ -146,8 +160,9 @@ def test_gate_refuses_a_candidate_trained_on_adversarial_feedback(
 ) -> None:
     base = base_file(tmp_path)
     models = first_version(tmp_path, base)
-    label_traffic(outcomes, source="shadow", honest=True, n=60)
-    label_traffic(outcomes, source="feedback", honest=False, n=300, start=1000)  # a tenant lies
+    # The base model is right on this traffic; a tenant's feedback says the opposite.
+    label_traffic(outcomes, source="shadow", honest=True, n=60, shifted=False)
+    label_traffic(outcomes, source="feedback", honest=False, n=300, start=1000, shifted=False)
     outcomes.flush()
     report = retrain(outcomes, models, [base], CONFIG)
     labelled, _ = report.comparisons

@@ -1,0 +1,277 @@
+"""A routing classifier adapted to logged traffic: the base model, a traffic head, a domain gate.
+
+Retraining a single linear model on base data plus a few hundred labelled outcomes cannot serve
+both: what the outcomes teach (on AlpacaEval-like chat traffic, a longer prompt means the local
+answer is more often as good) moves the scores of base prompts too, and the pooled base ranking
+gets worse beyond noise even with a small outcome weight (measured in docs/learning-loop.md).
+:class:`ResidualRouting` keeps the base model intact and adds a correction only where the
+traffic lives. All three parts are linear in the base model's own features ``x`` (its word
+TF-IDF and scaled structure features), so one feature pass serves them::
+
+    z0(x)   = base logit                       (the current routing classifier, unchanged)
+    g(x)    = sigmoid(gate logit)               P(prompt looks like logged traffic, not base data)
+    h(x)    = head logit                        fitted on labelled outcomes only
+    z(x)    = z0 + g * (h - shift - z0)
+
+* The **gate** is a logistic regression separating logged traffic prompts from a fixed sample of
+  base prompts (prompts only, no labels). On base-like prompts g is near 0, so the base model
+  speaks; on traffic-like prompts the head does.
+* The **head** is a regularised logistic regression on the scaled structure features, the base
+  logit itself (so it can keep, damp or reverse it) and, if cross-validation wants them, the
+  word TF-IDF features. A label is a probability, so each outcome enters as both classes
+  weighted ``v`` and ``1 - v`` (cross-entropy against the soft target). The L2 strength and the
+  words' weight are chosen by K-fold cross-validation (soft log-loss) on the training outcomes
+  alone.
+* ``shift`` is the mean of ``h - z0`` over the training outcomes: the head re-ranks traffic
+  prompts without moving their level against base prompts, so the pooled ordering that the base
+  data taught (and the policy threshold calibrated on it) stays where it was.
+
+The estimator is a :class:`~router.classifier.PromptClassifier` (it reuses the base model's
+fitted pipeline and fast single-prompt path, with three stacked coefficient rows instead of one),
+so the scorer, the artifact format and the hot swap take it unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+from numpy.typing import NDArray
+from sklearn.linear_model import LogisticRegression
+from sklearn.utils.validation import check_is_fitted
+
+from router.classifier import PromptClassifier
+from router.errors import ConfigError
+
+FloatArray = NDArray[np.float64]
+
+#: L2 strengths (1/C) tried for the traffic head; the inner cross-validation picks one.
+HEAD_LAMBDAS: tuple[float, ...] = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0)
+#: Multipliers on the head's word (TF-IDF) block, tried jointly with the L2 strength: 0 leaves
+#: words out; larger values regularise words less relative to the structure features.
+WORD_SCALES: tuple[float, ...] = (0.0, 3.0, 10.0)
+#: Inverse L2 strength of the domain gate (traffic vs base prompts).
+GATE_C = 10.0
+
+
+def _sigmoid(z: FloatArray) -> FloatArray:
+    out: FloatArray = 0.5 * (1.0 + np.tanh(0.5 * z))
+    return out
+
+
+class ResidualRouting(PromptClassifier):
+    """The base routing classifier plus a traffic head mixed in by a domain gate.
+
+    Built by :func:`fit_residual`, not by ``fit``. Fitted state: ``base_`` (the base
+    :class:`PromptClassifier`, whose pipeline this one shares), ``coef3_``/``intercept3_``
+    (base, gate and head rows over the pipeline's features), ``shift_``, ``head_lambda_``.
+    """
+
+    def fit(
+        self,
+        X: Sequence[str],
+        y: Sequence[Any] | NDArray[Any],
+        sample_weight: Sequence[float] | NDArray[np.float64] | None = None,
+    ) -> ResidualRouting:
+        """Not supported: a residual model is built from a base model by :func:`fit_residual`."""
+        raise TypeError("ResidualRouting is built by router.residual.fit_residual")
+
+    def _combine(self, z3: FloatArray) -> FloatArray:
+        base, gate, head = z3[..., 0], z3[..., 1], z3[..., 2]
+        out: FloatArray = base + _sigmoid(gate) * (head - self.shift_ - base)
+        return out
+
+    def parts(self, X: Sequence[str]) -> FloatArray:
+        """``(n, 3)``: base logit, gate logit, head logit per prompt (for inspection)."""
+        check_is_fitted(self, "coef3_")
+        feats = self.pipeline_.named_steps["features"].transform(list(X))
+        out: FloatArray = np.asarray(feats @ self.coef3_.T) + self.intercept3_
+        return out
+
+    def decision_function(self, X: Sequence[str]) -> FloatArray:
+        """The combined logit per prompt."""
+        return self._combine(self.parts(X))
+
+    def predict_proba(self, X: Sequence[str]) -> FloatArray:
+        """``[P(0), P(1)]`` per prompt, from the combined logit."""
+        p = _sigmoid(self.decision_function(X))
+        return np.column_stack([1.0 - p, p])
+
+    def predict(self, X: Sequence[str]) -> NDArray[Any]:
+        """The more probable class per prompt."""
+        result: NDArray[Any] = self.classes_[(self.decision_function(X) > 0).astype(np.intp)]
+        return result
+
+    def decision_one(
+        self,
+        text: str,
+        *,
+        tokens: list[str] | None = None,
+        structure: list[float] | None = None,
+    ) -> FloatArray:
+        """The combined logit of one prompt by the base class's fast path over three rows."""
+        z3 = super().decision_one(text, tokens=tokens, structure=structure)
+        return np.array([float(self._combine(z3))])
+
+
+@dataclass(frozen=True)
+class ResidualFit:
+    """What :func:`fit_residual` chose, for the retrain report and the lineage."""
+
+    head_lambda: float
+    head_word_scale: float
+    cv_log_loss: dict[str, float]
+    shift: float
+    n_outcomes: int
+    n_base_prompts: int
+    gate_on_outcomes: float
+    gate_on_base: float
+
+
+def _soft_logistic(features: Any, v: FloatArray, lam: float) -> LogisticRegression:
+    n = len(v)
+    model = LogisticRegression(C=1.0 / lam, max_iter=1000)
+    return model.fit(
+        sp.vstack([features, features]).tocsr(),
+        np.r_[np.ones(n, np.int64), np.zeros(n, np.int64)],
+        sample_weight=np.r_[v, 1.0 - v],
+    )
+
+
+def _soft_log_loss(model: LogisticRegression, features: Any, v: FloatArray) -> float:
+    p = np.clip(model.predict_proba(features)[:, 1], 1e-9, 1.0 - 1e-9)
+    return float(-np.mean(v * np.log(p) + (1.0 - v) * np.log(1.0 - p)))
+
+
+def _head_features(structure: Any, z0: FloatArray, words: Any, scale: float) -> sp.csr_matrix:
+    blocks = [sp.csr_matrix(structure), sp.csr_matrix(z0[:, None])]
+    if scale:
+        blocks.append(sp.csr_matrix(words) * scale)
+    return sp.hstack(blocks).tocsr()
+
+
+def choose_head(
+    structure: Any, z0: FloatArray, words: Any, v: FloatArray, *, folds: int = 5, seed: int = 0
+) -> tuple[tuple[float, float], dict[str, float]]:
+    """``(lambda, word scale)`` of the head by K-fold cross-validated soft log-loss on the
+    outcomes alone (the gate's held-out slice is never seen here)."""
+    fold = np.random.default_rng(seed).permutation(len(v)) % folds
+    losses: dict[str, float] = {}
+    for scale in WORD_SCALES:
+        x = _head_features(structure, z0, words, scale)
+        for lam in HEAD_LAMBDAS:
+            total = 0.0
+            for k in range(folds):
+                train, test = fold != k, fold == k
+                model = _soft_logistic(x[train], v[train], lam)
+                total += _soft_log_loss(model, x[test], v[test]) * int(test.sum())
+            losses[f"lambda={lam:g},words={scale:g}"] = total / len(v)
+    best = min(
+        ((lam, scale) for scale in WORD_SCALES for lam in HEAD_LAMBDAS),
+        key=lambda c: losses[f"lambda={c[0]:g},words={c[1]:g}"],
+    )
+    return best, losses
+
+
+def fit_residual(
+    base: PromptClassifier,
+    prompts: Sequence[str],
+    values: Sequence[float],
+    base_prompts: Sequence[str],
+    *,
+    folds: int = 5,
+    seed: int = 0,
+) -> tuple[ResidualRouting, ResidualFit]:
+    """Fit gate and head on labelled outcomes (``prompts``, label ``values`` in [0, 1]) over
+    ``base``'s features; ``base_prompts`` is the base-data sample the gate tells traffic from.
+
+    ``base`` must be a plain :class:`PromptClassifier` with structure features (pass
+    ``ResidualRouting.base_`` to adapt again from the same base). Nothing of it is modified.
+    """
+    check_is_fitted(base, "pipeline_")
+    if isinstance(base, ResidualRouting):
+        raise ConfigError("fit_residual needs the plain base model (use .base_)")
+    if not base.use_structure:
+        raise ConfigError("the residual head needs a base model with structure features")
+    if len(values) < folds * 2 or not base_prompts:
+        raise ConfigError(f"fit_residual needs at least {folds * 2} outcomes and base prompts")
+    features = base.pipeline_.named_steps["features"]
+    return fit_residual_features(
+        base,
+        sp.csr_matrix(features.transform(list(prompts))),
+        values,
+        sp.csr_matrix(features.transform(list(base_prompts))),
+        folds=folds,
+        seed=seed,
+    )
+
+
+def fit_residual_features(
+    base: PromptClassifier,
+    x_out: sp.csr_matrix,
+    values: Sequence[float],
+    x_base: sp.csr_matrix,
+    *,
+    folds: int = 5,
+    seed: int = 0,
+) -> tuple[ResidualRouting, ResidualFit]:
+    """:func:`fit_residual` on prompts already turned into ``base``'s features (for studies
+    that refit many times on the same base sample)."""
+    v = np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0)
+    features = base.pipeline_.named_steps["features"]
+    clf = base.pipeline_.named_steps["clf"]
+    coef0 = np.asarray(clf.coef_, dtype=np.float64)[0]
+    b0 = float(clf.intercept_[0])
+    n_words = len(base.vocabulary_)
+    z0 = np.asarray(x_out @ coef0) + b0
+
+    domain = LogisticRegression(C=GATE_C, solver="liblinear", class_weight="balanced")
+    domain.fit(
+        sp.vstack([x_base, x_out]),
+        np.r_[np.zeros(x_base.shape[0], np.int64), np.ones(x_out.shape[0], np.int64)],
+    )
+    gate_coef = np.asarray(domain.coef_, dtype=np.float64)[0]
+    gate_b = float(domain.intercept_[0])
+
+    structure, words = x_out[:, n_words:], x_out[:, :n_words]
+    (lam, scale), losses = choose_head(structure, z0, words, v, folds=folds, seed=seed)
+    head = _soft_logistic(_head_features(structure, z0, words, scale), v, lam)
+    beta = np.asarray(head.coef_, dtype=np.float64)[0]
+    n_struct = structure.shape[1]
+    head_coef = beta[n_struct] * coef0  # the base logit's coefficient, unfolded
+    head_coef[n_words:] += beta[:n_struct]
+    if scale:
+        head_coef[:n_words] += scale * beta[n_struct + 1 :]
+    head_b = float(head.intercept_[0]) + float(beta[n_struct]) * b0
+    shift = float(np.mean(np.asarray(x_out @ head_coef) + head_b - z0))
+
+    model = ResidualRouting(**base.get_params())
+    model.__dict__.update(base.__dict__)  # shares the fitted pipeline and vocabulary
+    model.base_ = base
+    model.coef3_ = np.vstack([coef0, gate_coef, head_coef])
+    model.intercept3_ = np.array([b0, gate_b, head_b])
+    model.shift_ = shift
+    model.head_lambda_ = lam
+    model.head_word_scale_ = scale
+    # The fast path's compiled rows: fold the structure scaler as PromptClassifier._compile does.
+    scaler = features.transformer_list[1][1].named_steps["scale"]
+    struct = model.coef3_[:, n_words:] * base.structure_weight / scaler.scale_
+    model.word_coef_ = np.ascontiguousarray(model.coef3_[:, :n_words])
+    model.struct_coef_ = np.ascontiguousarray(struct)
+    model.intercept_ = model.intercept3_ - struct @ scaler.mean_
+
+    gate_p = _sigmoid(np.asarray(sp.vstack([x_out, x_base]) @ gate_coef) + gate_b)
+    info = ResidualFit(
+        head_lambda=lam,
+        head_word_scale=scale,
+        cv_log_loss=losses,
+        shift=shift,
+        n_outcomes=len(v),
+        n_base_prompts=x_base.shape[0],
+        gate_on_outcomes=float(gate_p[: len(v)].mean()),
+        gate_on_base=float(gate_p[len(v) :].mean()),
+    )
+    return model, info
