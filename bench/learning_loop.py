@@ -359,6 +359,11 @@ def main(argv: list[str] | None = None) -> int:
         "--candidate", default="residual", choices=["residual", "refit"], help="candidate design"
     )
     parser.add_argument("--min-gain", type=float, default=0.0, help="the gate's --min-gain")
+    parser.add_argument(
+        "--require-significant",
+        action="store_true",
+        help="the gate's --require-significant (the held-out gain's whole CI above --min-gain)",
+    )
     parser.add_argument("--quick", action="store_true", help="200 labels, retrain every 100")
     args = parser.parse_args(argv)
     if args.quick:
@@ -374,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         base_train_cap=args.base_cap or None,
         candidate=args.candidate,
         min_gain=args.min_gain,
+        require_significant=args.require_significant,
     )
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="tiergate-loop-") as tmp:
