@@ -1,6 +1,6 @@
 """Grouped-CV feature/estimator study for the routing score (issue #3), with inference cost.
 
-    taskset -c 1 .venv/bin/python bench/feature_study.py     # both stages, ~35 min on one core
+    taskset -c 1 .venv/bin/python bench/feature_study.py     # both stages, ~40 min on one core
     taskset -c 1 .venv/bin/python bench/feature_study.py --stage explore --candidates a,b
 
 Two stages: *explore* measures every candidate with MMLU capped at 3,000 rows (stratified by
@@ -112,12 +112,16 @@ CANDIDATES: tuple[Candidate, ...] = (
     Candidate("char24_w250", ("char24_w250", "struct"), note="char_wb 2-4, first 250 chars"),
     Candidate("char24_w128", ("char24_w128", "struct"), note="char_wb 2-4, first 128 chars"),
     Candidate("char3_w250", ("char3_w250", "struct"), note="char_wb 3-grams, first 250 chars"),
+    Candidate("char3_w500", ("char3_w500", "struct"), note="char_wb 3-grams, first 500 chars"),
+    Candidate("char3", ("char3", "struct"), note="char_wb 3-grams, clip window"),
     Candidate("words_char24_w128", ("words", "char24_w128", "struct")),
     Candidate("words_char3_w250", ("words", "char3_w250", "struct")),
     Candidate("words_char24", ("words", "char24", "struct")),
     Candidate("words_char24_w500", ("words", "char24_w500", "struct")),
     Candidate("words_cap", ("words", "struct", "cap"), note="+ capability probabilities"),
-    Candidate("struct_cap_lr", ("struct", "cap")),
+    Candidate("struct_cap_lr", ("struct", "cap"), note="no text block: structure + capability"),
+    Candidate("char3_w250_cap", ("char3_w250", "struct", "cap")),
+    Candidate("char3_w500_cap", ("char3_w500", "struct", "cap")),
     Candidate("struct_cap_hgb", ("struct", "cap"), "hgb"),
     Candidate("knn_model", ("knn",), "knn", note=f"mean target of {KNN_K} nearest (word TF-IDF)"),
     Candidate("words_knn", ("words", "struct", "knn"), note="+ out-of-fold kNN feature"),
@@ -179,6 +183,20 @@ TEXT_BLOCKS: dict[str, dict[str, Any]] = {
         "kind": "char",
         "ngram": (2, 4),
         "window": 128,
+        "min_df": 3,
+        "max_features": 30000,
+    },
+    "char3": {
+        "kind": "char",
+        "ngram": (3, 3),
+        "window": "clip",
+        "min_df": 3,
+        "max_features": 30000,
+    },
+    "char3_w500": {
+        "kind": "char",
+        "ngram": (3, 3),
+        "window": 500,
         "min_df": 3,
         "max_features": 30000,
     },
@@ -991,10 +1009,16 @@ FINALISTS = (
     "struct_lr",
     "struct_hgb",
     "char24",
+    "char24_w500",
+    "char24_w250",
+    "char3",
+    "char3_w500",
     "char3_w250",
     "words_char3_w250",
     "words_cap",
     "struct_cap_lr",
+    "char3_w250_cap",
+    "char3_w500_cap",
     "t_soft_gap",
     "words_cap_soft",
     "t_file_equal",
@@ -1081,16 +1105,22 @@ def main() -> int:
     if args.stage != "all" and args.out.exists():
         results = json.loads(args.out.read_text())  # keep the other stage's results
     stages = ("explore", "confirm") if args.stage == "all" else (args.stage,)
+    picked = [c for c in args.candidates.split(",") if c]
     for stage in stages:
         explore = stage == "explore"
-        names = [c for c in args.candidates.split(",") if c] if explore else list(FINALISTS)
-        results[stage] = run_stage(
+        names = picked if explore or picked else list(FINALISTS)
+        new = run_stage(
             args.data_dir,
             args.mmlu_cap if explore else 0,
             names,
             args.bootstrap,
             args.timing_prompts,
         )
+        if picked and stage in results:  # add to (or redo part of) an earlier run of the stage
+            results[stage]["candidates"].update(new["candidates"])
+            results[stage]["block_costs"].update(new["block_costs"])
+        else:
+            results[stage] = new
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
     for stage in ("explore", "confirm"):
