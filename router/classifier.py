@@ -26,7 +26,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from itertools import pairwise, repeat
+from itertools import chain, pairwise, repeat
 from typing import Any
 
 import numpy as np
@@ -474,6 +474,13 @@ class _JointLinear:
             for token in model.vocabulary_:
                 vocab.setdefault(token, len(vocab) + 1)
         self.vocabulary = vocab
+        # Bigrams also keyed by their two tokens, so the hot path looks a pair up without building
+        # and hashing the joined string (tokens have no spaces, so the split is unique).
+        self.pairs: dict[tuple[str, ...], int] | None = (
+            {tuple(t.split(" ")): u for t, u in vocab.items() if " " in t}
+            if self.ngram_range == (1, 2)
+            else None
+        )
         widths = [model.word_coef_.shape[0] for model in models]
         self.width = sum(widths)
         table = np.zeros((len(vocab) + 1, self.width + len(models)))
@@ -498,26 +505,37 @@ class _JointLinear:
         self.owner = np.repeat(np.arange(len(models)), widths)
         self.splits = list(np.cumsum(widths)[:-1])
 
-    def grams(self, w: _Window) -> list[str]:
-        """The prompt's word n-grams, as the models' analyzer makes them."""
+    def tokens(self, w: _Window) -> list[str]:
+        """The prompt's word tokens, as the models' analyzer makes them (before n-grams)."""
         if w.lowered is not None and self.token_pattern == _DEFAULT_TOKEN_PATTERN:
             # \b\w\w+\b on ``low`` finds exactly its \w+ runs of two characters or more.
-            tokens = [t for t in w.lowered if len(t) > 1]
-        else:
-            tokens = self.tokenize(w.low)
+            return [t for t in w.lowered if len(t) > 1]
+        return self.tokenize(w.low)
+
+    def grams(self, tokens: list[str]) -> list[str]:
+        """The word n-grams of ``tokens``, as the models' analyzer makes them."""
         lo, hi = self.ngram_range
         out = list(tokens) if lo == 1 else []
         for n in range(max(lo, 2), hi + 1):
-            if n == 2:
-                out += [a + " " + b for a, b in pairwise(tokens)]
-            else:
-                out += map(" ".join, zip(*(tokens[i:] for i in range(n)), strict=False))
+            out += map(" ".join, zip(*(tokens[i:] for i in range(n)), strict=False))
         return out
+
+    def ids(self, w: _Window) -> Counter[int]:
+        """How often each vocabulary row occurs among the prompt's n-grams (row 0: unknown)."""
+        tokens = self.tokens(w)
+        if self.pairs is None:
+            return Counter(map(self.vocabulary.get, self.grams(tokens), repeat(0)))
+        return Counter(
+            chain(
+                map(self.vocabulary.get, tokens, repeat(0)),
+                map(self.pairs.get, pairwise(tokens), repeat(0)),
+            )
+        )
 
     def decision(self, w: _Window, structure: list[float]) -> FloatArray:
         """All models' decision values for one prompt, side by side; :attr:`splits` separates
         them."""
-        counts = Counter(map(self.vocabulary.get, self.grams(w), repeat(0)))
+        counts = self.ids(w)
         counts.pop(0, None)
         z = self.intercept + self.struct @ np.array(structure)
         if counts:
@@ -636,49 +654,6 @@ _STAKES_LOWER = re.compile(
 _DESTRUCTIVE_LOWER = re.compile(_DESTRUCTIVE.pattern)
 
 
-def _alternatives(pattern: str) -> list[str]:
-    """The top-level ``|`` alternatives of a regex source (groups and classes kept whole)."""
-    parts: list[str] = []
-    depth, in_class, start, i = 0, False, 0, 0
-    while i < len(pattern):
-        ch = pattern[i]
-        if ch == "\\":
-            i += 1
-        elif in_class:
-            in_class = ch != "]"
-        elif ch == "[":
-            in_class = True
-        elif ch in "()":
-            depth += 1 if ch == "(" else -1
-        elif ch == "|" and depth == 0:
-            parts.append(pattern[start:i])
-            start = i + 1
-        i += 1
-    return [*parts, pattern[start:]]
-
-
-def _literal_start(alternative: str) -> str:
-    """The letters and digits every match of ``alternative`` starts with (may be empty)."""
-    out: list[str] = []
-    for ch in alternative:
-        if not ch.isalnum():
-            if ch in "?*{" and out:
-                out.pop()  # the last character was optional
-            break
-        out.append(ch)
-    return "".join(out)
-
-
-#: Each stakes keyword's literal start: a stakes match begins a word that starts with one of these,
-#: so a prompt none of whose words does cannot match and the regex need not run. Empty (no
-#: prefilter) if some keyword has no literal start.
-_STAKES_STARTS: tuple[str, ...] = tuple(
-    _literal_start(alt) for _, rule in _STAKES_RULES for alt in _alternatives(rule.pattern[5:-3])
-)
-if not all(_STAKES_STARTS):
-    _STAKES_STARTS = ()
-
-
 def assess_stakes(text: str, *, has_tools: bool = False, pii: bool = False) -> tuple[str, str]:
     """How much is at stake in a prompt: ``(level, reason)`` with level low/medium/high.
 
@@ -692,14 +667,7 @@ def assess_stakes(text: str, *, has_tools: bool = False, pii: bool = False) -> t
 def _stakes(w: _Window, *, has_tools: bool, pii: bool) -> tuple[str, str]:
     head, low = w.head, w.low
     lowered = _lower_equivalent(head, low)
-    if not lowered:
-        m = _STAKES.search(head)
-    elif w.lowered is not None and _STAKES_STARTS:
-        starts = _STAKES_STARTS
-        hit = any(word.startswith(starts) for word in set(w.lowered))
-        m = _STAKES_LOWER.search(low) if hit else None
-    else:
-        m = _STAKES_LOWER.search(low)
+    m = _STAKES_LOWER.search(low) if lowered else _STAKES.search(head)
     if m:
         return "high", f"{m.lastgroup} domain ({head[m.start() : m.end()].lower()!r})"
     if has_tools:
