@@ -661,11 +661,12 @@ def assess_stakes(text: str, *, has_tools: bool = False, pii: bool = False) -> t
     the prompt *high*; an agent workflow (``has_tools``) is *high* when it also asks for a
     destructive or money-moving action and otherwise *medium*; personal data alone is *medium*.
     """
-    return _stakes(_Window(text), has_tools=has_tools, pii=pii)
+    head = clip(text)
+    return _stakes(head, head.lower(), has_tools=has_tools, pii=pii)
 
 
-def _stakes(w: _Window, *, has_tools: bool, pii: bool) -> tuple[str, str]:
-    head, low = w.head, w.low
+def _stakes(head: str, low: str, *, has_tools: bool, pii: bool) -> tuple[str, str]:
+    # assess_stakes on the clipped text and its lower case (which analyze() already has).
     lowered = _lower_equivalent(head, low)
     m = _STAKES_LOWER.search(low) if lowered else _STAKES.search(head)
     if m:
@@ -750,7 +751,7 @@ class LearnedScorer:
             else:
                 cap_proba = self.capability.predict_proba_one(text)
         kinds = pii_kinds(text)  # always the whole text: personal data anywhere counts
-        stakes, reason = _stakes(w, has_tools=has_tools, pii=bool(kinds))
+        stakes, reason = _stakes(w.head, w.low, has_tools=has_tools, pii=bool(kinds))
         return Analysis(
             score=score,
             capability=self._capabilities[int(np.argmax(cap_proba))],
