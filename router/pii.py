@@ -138,7 +138,8 @@ def _scan(text: str) -> Iterator[PiiMatch]:
     # Yields exactly what ``pattern.finditer(text)`` per detector (then its check) would; the
     # test suite pins that against the plain scan.
     runs: dict[re.Pattern[str], list[tuple[int, int]]] = {}
-    # Every detector but email needs two adjacent digits (IPv4 included, as it always has here).
+    # Every detector but email runs only if the text has two adjacent digits (as before; so a
+    # lone "1.2.3.4" is not reported as an IP address).
     has_digits = (not text.isascii() or any(d in text for d in "0123456789")) and (
         _DIGIT_PAIR.search(text) is not None
     )
