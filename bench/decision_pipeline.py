@@ -7,7 +7,7 @@ classifier when present, else the heuristic) and ``router.policy.evaluate`` with
 A warm-up pass over the first prompts comes first (caches, lazy imports); then every prompt is
 timed in each of three passes, and each prompt's fastest time is taken (see ``run``).
 
-Run: ``python -m bench.decision_pipeline [--data DIR] [--limit N] [--json]``.
+Run: ``python -m bench.decision_pipeline [--data DIR] [--limit N] [--json] [--out FILE]``.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def run(data: Path = DATA, limit: int | None = None, passes_n: int = 3) -> dict[
     thresholds: dict[str, float] = {}
     for body in bodies[:200]:
         evaluate(policy, extract_signals(body, scorer), thresholds=thresholds, spend_today_usd=0.0)
+    loadavg_start = [round(x, 2) for x in os.getloadavg()]
     clock = time.perf_counter
     passes: list[list[float]] = []
     routes: dict[str, int] = {}
@@ -92,6 +93,8 @@ def run(data: Path = DATA, limit: int | None = None, passes_n: int = 3) -> dict[
         "scorer": f"{scorer.name} {scorer.version}",
         "routes": routes,
         "mean_prompt_chars": round(statistics.fmean(len(t) for t in texts), 1),
+        "loadavg_start": loadavg_start,
+        "loadavg_end": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -101,8 +104,11 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--limit", type=int)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--out", type=Path, help="also write the result here (JSON)")
     args = parser.parse_args()
     result = run(args.data, args.limit)
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
 
 

@@ -10,7 +10,12 @@
   one sparse dot product) that equals ``predict_proba`` to 1e-9 but skips sklearn's per-call
   validation, so a decision costs tens of microseconds rather than milliseconds.
 * :func:`assess_stakes` is a documented keyword/regex rule set, not a learned model.
-* :class:`LearnedScorer` implements :class:`router.scoring.Scorer` on top of these.
+* :class:`LearnedScorer` implements :class:`router.scoring.Scorer` on top of these. Per request
+  it reads the prompt once (:class:`_Window`) and evaluates both classifiers as one linear map
+  over their joint vocabulary (:class:`_JointLinear`, built at load), so signals + classifier +
+  policy stay within the decision budget (0.3 ms median, 1 ms p99 on one core). Every fast path
+  is pinned by the tests to its plain definition (sklearn's ``predict_proba``, the regexes run
+  the obvious way).
 
 This module is pure: it imports no web code and no litellm, and nothing happens at import.
 """
@@ -19,7 +24,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from itertools import chain, pairwise, repeat
 from typing import Any
 
 import numpy as np
@@ -63,15 +70,34 @@ STRUCTURE_FEATURES: tuple[str, ...] = (
 _WORD = re.compile(r"\w+")
 _DIGIT = re.compile(r"\d")
 _NON_ASCII = re.compile(r"[^\x00-\x7f]")
-_CODE_TOKENS = re.compile(
-    r"\b(?:def|class|return|import|function|const|var|let|public|void|SELECT|print|lambda)\b"
-    r"|[{};]|==|!=|->|=>|\(\)"
+#: Code tokens: keywords (whole words, so counted from the prompt's word list) and symbols.
+_CODE_WORDS = frozenset(
+    [
+        "def",
+        "class",
+        "return",
+        "import",
+        "function",
+        "const",
+        "var",
+        "let",
+        "public",
+        "void",
+        "SELECT",
+        "print",
+        "lambda",
+    ]
 )
+_CODE_SYMBOLS = re.compile(r"\{|\}|;|==|!=|->|=>|\(\)")
 _MATH_SYMBOLS = re.compile(
     "[=+*/^<>\u2264\u2265\u2211\u222b\u221a\u03c0]|\\\\[a-z]+|\\d\\s*[-x\u00d7]\\s*\\d"
 )
+#: :data:`_MATH_SYMBOLS`' three alternatives apart (each then starts with a literal or a class,
+#: which the regex engine scans for fast). Their matches never overlap, so their counts add up.
+_MATH_PARTS = tuple(re.compile(part) for part in _MATH_SYMBOLS.pattern.split("|"))
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 _CHOICE = re.compile(r"^\s*\(?[A-D][.)]\s", re.MULTILINE)
+_CHOICE_MARKS = tuple(f"{letter}{mark}" for letter in "ABCD" for mark in ".)")  # one is in each
 #: Constraint words and reasoning cues, one pass: each match is counted by its group name.
 _CUES = re.compile(
     r"\b(?:(?P<constraints>must|should|exactly|at least|at most|no more than|without|only|do not|"
@@ -80,6 +106,54 @@ _CUES = re.compile(
     r"evaluate|optimi[sz]e|design|implement|debug|calculate))\b",
     re.IGNORECASE,
 )
+#: The same cues, counted fast on lower-cased text (see :func:`_lower_equivalent`): the one-word
+#: cues by looking the prompt's words up in a set, the multi-word ones by a regex that runs only
+#: when one of their literal parts occurs at all. No cue word is part of a cue phrase, so the two
+#: counts add up to what :data:`_CUES` counts.
+_CONSTRAINT_WORDS = frozenset(
+    [
+        "must",
+        "should",
+        "exactly",
+        "without",
+        "only",
+        "ensure",
+        "format",
+        "word",
+        "words",
+        "sentence",
+        "sentences",
+        "json",
+        "table",
+        "bullet",
+    ]
+)
+_REASONING_WORDS = frozenset(
+    [
+        "why",
+        "explain",
+        "prove",
+        "derive",
+        "compare",
+        "analyse",
+        "analyze",
+        "evaluate",
+        "optimise",
+        "optimize",
+        "design",
+        "implement",
+        "debug",
+        "calculate",
+    ]
+)
+_CUE_PHRASES = re.compile(
+    r"\b(?:(?P<constraints>at least|at most|no more than|do not|don't|make sure)"
+    r"|(?P<reasoning>step[- ]by[- ]step|trade-?offs?))\b"
+)
+_CUE_PHRASE_PARTS: tuple[str, ...] = ("at least", "at most", "no more than", "do not", "don't")
+_CUE_PHRASE_PARTS += ("make sure", "step", "trade")
+_ASCII_DIGITS = "0123456789"
+_DEFAULT_TOKEN_PATTERN = r"(?u)\b\w\w+\b"  # scikit-learn's
 
 
 def clip(text: str) -> str:
@@ -91,31 +165,84 @@ def clip(text: str) -> str:
     return text[:HEAD_CHARS] + "\n" + text[-TAIL_CHARS:]
 
 
+def _lower_equivalent(head: str, low: str) -> bool:
+    """True when a lower-case ASCII pattern matched case-sensitively on ``low`` (``head.lower()``)
+    finds exactly what it finds on ``head`` with ``re.IGNORECASE``.
+
+    That holds for ASCII text, and for any text whose lower-casing keeps every character in place
+    (only U+0130 lower-cases to two characters) and that has neither of the two characters the
+    regex engine also folds onto an ASCII letter (dotless i onto ``i``, long s onto ``s``).
+    """
+    return head.isascii() or (len(low) == len(head) and "\u0131" not in low and "\u017f" not in low)
+
+
 def structure_vector(text: str) -> list[float]:
     """The :data:`STRUCTURE_FEATURES` of one prompt (cheap: a few compiled regexes)."""
-    head = clip(text)
-    n_chars = len(text)
+    return _structure(_Window(text))
+
+
+class _Window:
+    """One prompt as the per-request features read it, each view computed once.
+
+    ``head`` is :func:`clip` of the text, ``low`` its lower case (the TF-IDF preprocessor's
+    output), ``words`` the ``\\w+`` runs of ``head``. ``lowered`` is those runs lower-cased when
+    they are exactly the ``\\w+`` runs of ``low`` (see :func:`_lower_equivalent`; a capital
+    sigma, which lower-cases by context, also rules it out), else None.
+    """
+
+    __slots__ = ("head", "low", "lowered", "text", "words")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.head = head = clip(text)
+        self.low = low = head.lower()
+        self.words: list[str] = _WORD.findall(head)
+        same = _lower_equivalent(head, low) and (head.isascii() or "\u03a3" not in head)
+        self.lowered = list(map(str.lower, self.words)) if same else None
+
+
+def _structure(w: _Window) -> list[float]:
+    text, head, low, words = w.text, w.head, w.low, w.words
     n_head = max(len(head), 1)
-    constraints = reasoning = 0
-    for m in _CUES.finditer(head):
-        if m.lastgroup == "constraints":
-            constraints += 1
-        else:
-            reasoning += 1
+    if _lower_equivalent(head, low):
+        lowered = w.lowered if w.lowered is not None else list(map(str.lower, words))
+        constraints = sum(map(_CONSTRAINT_WORDS.__contains__, lowered))
+        reasoning = sum(map(_REASONING_WORDS.__contains__, lowered))
+        cues = _CUE_PHRASES.findall(low) if any(p in low for p in _CUE_PHRASE_PARTS) else []
+    else:
+        constraints = reasoning = 0
+        cues = _CUES.findall(head)
+    phrases = sum(1 for _, r in cues if r)
+    reasoning += phrases
+    constraints += len(cues) - phrases
+    if head.isascii():  # \d and non-ASCII need a regex only beyond ASCII
+        digits = sum(map(head.count, _ASCII_DIGITS))
+        non_ascii = 0
+    else:
+        digits = len(_DIGIT.findall(head))
+        non_ascii = len(_NON_ASCII.findall(head))
+    symbols, latex, arithmetic = _MATH_PARTS
+    math_symbols = len(symbols.findall(head))
+    if "\\" in head:
+        math_symbols += len(latex.findall(head))
+    numbers = 0
+    if digits:  # both need a digit
+        math_symbols += len(arithmetic.findall(head))
+        numbers = len(_NUMBER.findall(head))
     return [
-        math.log1p(n_chars),
-        math.log1p(len(_WORD.findall(head))),
+        math.log1p(len(text)),
+        math.log1p(len(words)),
         math.log1p(text.count("\n")),
         1.0 if "```" in head else 0.0,
-        math.log1p(len(_CODE_TOKENS.findall(head))),
-        math.log1p(len(_MATH_SYMBOLS.findall(head))),
-        len(_DIGIT.findall(head)) / n_head,
-        math.log1p(len(_NUMBER.findall(head))),
+        math.log1p(sum(map(_CODE_WORDS.__contains__, words)) + len(_CODE_SYMBOLS.findall(head))),
+        math.log1p(math_symbols),
+        digits / n_head,
+        math.log1p(numbers),
         math.log1p(head.count("?")),
-        1.0 if len(_CHOICE.findall(head)) >= 3 else 0.0,
+        1.0 if any(c in head for c in _CHOICE_MARKS) and len(_CHOICE.findall(head)) >= 3 else 0.0,
         math.log1p(constraints),
         math.log1p(reasoning),
-        len(_NON_ASCII.findall(head)) / n_head,
+        non_ascii / n_head,
     ]
 
 
@@ -309,13 +436,162 @@ class PromptClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         structure: list[float] | None = None,
     ) -> FloatArray:
         """``predict_proba([text])[0]``, computed by the fast single-prompt path."""
-        z = self.decision_one(text, tokens=tokens, structure=structure)
-        if z.shape[0] == 1:
-            p = 1.0 / (1.0 + math.exp(-float(z[0])))
-            return np.array([1.0 - p, p])
-        e = np.exp(z - z.max())
-        out: FloatArray = e / e.sum()
+        return _proba(self.decision_one(text, tokens=tokens, structure=structure))
+
+
+def _proba(z: FloatArray) -> FloatArray:
+    """Class probabilities from one prompt's decision values, as ``LogisticRegression`` gives."""
+    if z.shape[0] == 1:
+        p = 1.0 / (1.0 + math.exp(-float(z[0])))
+        return np.array([1.0 - p, p])
+    e = np.exp(z - z.max())
+    out: FloatArray = e / e.sum()
+    return out
+
+
+class _JointLinear:
+    """Several :class:`PromptClassifier` models that tokenise alike, evaluated as one linear map.
+
+    Each model's decision values are ``b + S @ s + (C * idf) @ l / sqrt((idf**2) @ l**2)`` with
+    ``l = 1 + log(tf)`` over the prompt's n-grams in that model's vocabulary (sublinear TF-IDF, l2
+    norm) and ``S`` the folded structure coefficients. Over the union of the vocabularies, row
+    ``u`` of ``table`` holds every model's ``C * idf`` columns for token ``u`` and then each
+    model's ``idf**2``, zero where a model does not know the token; row 0 is all zeros and stands
+    for tokens that no model knows. So a prompt costs one tokenisation, one dictionary lookup per
+    n-gram and one small matrix product, however many models there are.
+
+    Built from the fitted models at load (nothing new is pickled); :meth:`decision` equals each
+    model's :meth:`PromptClassifier.decision_one` to rounding (the tests pin it to sklearn).
+    """
+
+    def __init__(self, models: Sequence[PromptClassifier]) -> None:
+        vec = _vectorizer(models[0])
+        self.tokenize: Callable[[str], list[str]] = vec.build_tokenizer()
+        self.token_pattern: str = vec.token_pattern
+        self.ngram_range: tuple[int, int] = vec.ngram_range
+        vocab: dict[str, int] = {}
+        for model in models:
+            for token in model.vocabulary_:
+                vocab.setdefault(token, len(vocab) + 1)
+        self.vocabulary = vocab
+        # Bigrams also keyed by their two tokens, so the hot path looks a pair up without building
+        # and hashing the joined string (tokens have no spaces, so the split is unique).
+        self.pairs: dict[tuple[str, ...], int] | None = (
+            {tuple(t.split(" ")): u for t, u in vocab.items() if " " in t}
+            if self.ngram_range == (1, 2)
+            else None
+        )
+        widths = [model.word_coef_.shape[0] for model in models]
+        self.width = sum(widths)
+        table = np.zeros((len(vocab) + 1, self.width + len(models)))
+        structs: list[FloatArray] = []
+        col = 0
+        for k, model in enumerate(models):
+            n = len(model.vocabulary_)
+            rows = np.fromiter(map(vocab.__getitem__, model.vocabulary_), np.intp, n)
+            cols = np.fromiter(model.vocabulary_.values(), np.intp, n)
+            idf = model.idf_[cols]
+            table[rows, col : col + widths[k]] = (model.word_coef_[:, cols] * idf).T
+            table[rows, self.width + k] = idf * idf
+            col += widths[k]
+            structs.append(
+                model.struct_coef_
+                if model.use_structure
+                else np.zeros((widths[k], len(STRUCTURE_FEATURES)))
+            )
+        self.table: FloatArray = table
+        self.intercept: FloatArray = np.concatenate([model.intercept_ for model in models])
+        self.struct: FloatArray = np.vstack(structs)
+        self.owner = np.repeat(np.arange(len(models)), widths)
+        self.splits = list(np.cumsum(widths)[:-1])
+
+    def tokens(self, w: _Window) -> list[str]:
+        """The prompt's word tokens, as the models' analyzer makes them (before n-grams)."""
+        if w.lowered is not None and self.token_pattern == _DEFAULT_TOKEN_PATTERN:
+            # \b\w\w+\b on ``low`` finds exactly its \w+ runs of two characters or more.
+            return [t for t in w.lowered if len(t) > 1]
+        return self.tokenize(w.low)
+
+    def grams(self, tokens: list[str]) -> list[str]:
+        """The word n-grams of ``tokens``, as the models' analyzer makes them."""
+        lo, hi = self.ngram_range
+        out = list(tokens) if lo == 1 else []
+        for n in range(max(lo, 2), hi + 1):
+            out += map(" ".join, zip(*(tokens[i:] for i in range(n)), strict=False))
         return out
+
+    def ids(self, w: _Window) -> Counter[int]:
+        """How often each vocabulary row occurs among the prompt's n-grams (row 0: unknown)."""
+        tokens = self.tokens(w)
+        if self.pairs is None:
+            return Counter(map(self.vocabulary.get, self.grams(tokens), repeat(0)))
+        return Counter(
+            chain(
+                map(self.vocabulary.get, tokens, repeat(0)),
+                map(self.pairs.get, pairwise(tokens), repeat(0)),
+            )
+        )
+
+    def decision(self, w: _Window, structure: list[float]) -> FloatArray:
+        """All models' decision values for one prompt, side by side; :attr:`splits` separates
+        them."""
+        counts = self.ids(w)
+        counts.pop(0, None)
+        z = self.intercept + self.struct @ np.array(structure)
+        if counts:
+            n = len(counts)
+            rows = self.table[np.fromiter(counts.keys(), np.intp, n)]
+            if n == counts.total():  # every n-gram once: l = 1
+                sums = rows.sum(axis=0)
+                num, sq = sums[: self.width], sums[self.width :]
+            else:
+                sub = np.log(np.fromiter(counts.values(), np.float64, n))
+                sub += 1.0
+                num = sub @ rows[:, : self.width]
+                sub *= sub
+                sq = sub @ rows[:, self.width :]
+            sq[sq == 0.0] = 1.0  # a model that knows none of the tokens: no word term
+            z += num / np.sqrt(sq)[self.owner]
+        out: FloatArray = z
+        return out
+
+
+def _vectorizer(model: PromptClassifier) -> TfidfVectorizer:
+    vec: TfidfVectorizer = model.pipeline_.named_steps["features"].transformer_list[0][1]
+    return vec
+
+
+def _tokenises_alike(models: Sequence[PromptClassifier]) -> bool:
+    """True when :class:`_JointLinear` reproduces these models' analyzers and weighting."""
+
+    def spec(vec: TfidfVectorizer) -> tuple[Any, ...]:
+        return (
+            vec.analyzer,
+            vec.preprocessor,
+            vec.tokenizer,
+            vec.token_pattern,
+            vec.ngram_range,
+            vec.stop_words,
+            vec.input,
+            vec.sublinear_tf,
+            vec.use_idf,
+            vec.norm,
+        )
+
+    specs = {spec(_vectorizer(m)) for m in models}
+    if len(specs) != 1:
+        return False
+    analyzer, preprocessor, tokenizer, _, _, stop_words, source, sublinear, idf, norm = specs.pop()
+    return (
+        analyzer == "word"
+        and preprocessor is truncate_lower
+        and tokenizer is None
+        and stop_words is None
+        and source == "content"
+        and sublinear
+        and idf
+        and norm == "l2"
+    )
 
 
 # --- stakes: a transparent rule set -------------------------------------------------------------
@@ -367,6 +643,15 @@ _DESTRUCTIVE = re.compile(
     r"wire|refund|shut ?down|production)\b",
     re.IGNORECASE,
 )
+#: :data:`_STAKES` and :data:`_DESTRUCTIVE` for lower-cased text (see :func:`_lower_equivalent`),
+#: case-sensitive and with the rules' shared ``\b`` taken out of the alternation, which is what
+#: lets the regex engine skip most positions quickly. Same matches, same order.
+_STAKES_LOWER = re.compile(
+    r"\b(?:"
+    + "|".join(f"(?P<{domain}>{pattern.pattern[5:-3]})" for domain, pattern in _STAKES_RULES)
+    + r")\b"
+)
+_DESTRUCTIVE_LOWER = re.compile(_DESTRUCTIVE.pattern)
 
 
 def assess_stakes(text: str, *, has_tools: bool = False, pii: bool = False) -> tuple[str, str]:
@@ -377,13 +662,22 @@ def assess_stakes(text: str, *, has_tools: bool = False, pii: bool = False) -> t
     destructive or money-moving action and otherwise *medium*; personal data alone is *medium*.
     """
     head = clip(text)
-    m = _STAKES.search(head)
+    return _stakes(head, head.lower(), has_tools=has_tools, pii=pii)
+
+
+def _stakes(head: str, low: str, *, has_tools: bool, pii: bool) -> tuple[str, str]:
+    # assess_stakes on the clipped text and its lower case (which analyze() already has).
+    lowered = _lower_equivalent(head, low)
+    m = _STAKES_LOWER.search(low) if lowered else _STAKES.search(head)
     if m:
-        return "high", f"{m.lastgroup} domain ({m.group(0).lower()!r})"
+        return "high", f"{m.lastgroup} domain ({head[m.start() : m.end()].lower()!r})"
     if has_tools:
-        m = _DESTRUCTIVE.search(head)
+        m = _DESTRUCTIVE_LOWER.search(low) if lowered else _DESTRUCTIVE.search(head)
         if m:
-            return "high", f"agent workflow with tools and action {m.group(0).lower()!r}"
+            return (
+                "high",
+                f"agent workflow with tools and action {head[m.start() : m.end()].lower()!r}",
+            )
         return "medium", "agent workflow with tools"
     if pii:
         return "medium", "contains personal data"
@@ -420,22 +714,44 @@ class LearnedScorer:
             "class_weight": None,
             "solver": "",
         }
+        # The decision path: both models as one linear map when they tokenise alike (as shipped).
+        self._joint = (
+            _JointLinear([routing, capability])
+            if self._share and _tokenises_alike([routing, capability])
+            else None
+        )
 
     def score(self, text: str) -> float:
         """The routing score alone (probability the strong model is materially better)."""
-        return float(self.routing.predict_proba_one(text)[1])
+        if self._joint is None:
+            return float(self.routing.predict_proba_one(text)[1])
+        w = _Window(text)
+        z = self._joint.decision(w, _structure(w))
+        return float(_proba(z[: self._joint.splits[0]])[1])
 
     def analyze(self, text: str, *, has_tools: bool = False) -> Analysis:
         """Score, capability, stakes and PII for one prompt (the proxy calls this per request)."""
-        tokens = self.routing.analyzer_(text)
-        structure = structure_vector(text)
-        score = float(self.routing.predict_proba_one(text, tokens=tokens, structure=structure)[1])
-        if self._share:
-            cap_proba = self.capability.predict_proba_one(text, tokens=tokens, structure=structure)
+        w = _Window(text)
+        structure = _structure(w)
+        if self._joint is not None:
+            z_routing, z_capability = np.split(
+                self._joint.decision(w, structure), self._joint.splits
+            )
+            score = float(_proba(z_routing)[1])
+            cap_proba = _proba(z_capability)
         else:
-            cap_proba = self.capability.predict_proba_one(text)
-        kinds = pii_kinds(text)
-        stakes, reason = assess_stakes(text, has_tools=has_tools, pii=bool(kinds))
+            tokens = self.routing.analyzer_(text)
+            score = float(
+                self.routing.predict_proba_one(text, tokens=tokens, structure=structure)[1]
+            )
+            if self._share:
+                cap_proba = self.capability.predict_proba_one(
+                    text, tokens=tokens, structure=structure
+                )
+            else:
+                cap_proba = self.capability.predict_proba_one(text)
+        kinds = pii_kinds(text)  # always the whole text: personal data anywhere counts
+        stakes, reason = _stakes(w.head, w.low, has_tools=has_tools, pii=bool(kinds))
         return Analysis(
             score=score,
             capability=self._capabilities[int(np.argmax(cap_proba))],

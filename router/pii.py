@@ -13,7 +13,7 @@ This module is pure and cheap: a handful of compiled regexes per call.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 PII_KINDS: tuple[str, ...] = ("email", "phone", "card", "iban", "ssn", "uk_nino", "ip_address")
@@ -86,26 +86,81 @@ _DETECTORS: tuple[tuple[str, re.Pattern[str], Callable[[str], bool] | None], ...
     ("ip_address", _IPV4, None),
 )
 
-
-_UPPER_DIGITS = re.compile(r"[A-Z]{2} ?\d{2}")
-_DIGIT_PAIR = re.compile(r"\d\d")
-
-# Cheap gates (each starts with a plain character class, which the regex engine scans fast):
-# a detector only runs when the text could contain its kind at all.
-_GATES: dict[str, Callable[[str], bool]] = {
-    "email": lambda t: "@" in t,
-    "iban": lambda t: _UPPER_DIGITS.search(t) is not None,
-    "uk_nino": lambda t: _UPPER_DIGITS.search(t) is not None,
+# Where each detector can match at all. Every card, SSN, phone or IPv4 match is made only of
+# digits and ``()+ .-`` and starts with a digit, ``+`` or ``(``; every IBAN or NINO match only of
+# capitals, digits and spaces, starting with two capitals and (after an optional space) two
+# digits. So each match lies inside one maximal *run* that the pattern below finds, and a detector
+# need only be run over the runs (with ``pos``/``endpos``, so its look-behinds still see the
+# character before the run and its look-aheads the one after it). That keeps the scan linear in
+# C's character-class loop instead of trying each pattern at every position of a long prompt.
+# ``min_len`` skips runs too short to hold a match that passes the detector's check.
+_NUMERIC_RUN = re.compile(r"[\d+(][\d()+ .-]{6,}")
+_CAPS_RUN = re.compile(r"[A-Z]{2} ?\d{2}[A-Z0-9 ]{4,}")
+_RUNS: dict[str, tuple[re.Pattern[str], int]] = {
+    "iban": (_CAPS_RUN, 15),
+    "uk_nino": (_CAPS_RUN, 9),
+    "card": (_NUMERIC_RUN, 13),
+    "ssn": (_NUMERIC_RUN, 11),
+    "phone": (_NUMERIC_RUN, 9),
+    "ip_address": (_NUMERIC_RUN, 7),
 }
 
 
+_DIGIT_PAIR = re.compile(r"\d\d")
+_LOCAL_PART = re.compile(r"[\w.+-]*")
+
+
+def _runs(run: re.Pattern[str], text: str) -> list[tuple[int, int]]:
+    return [m.span() for m in run.finditer(text)]
+
+
+def _emails(text: str) -> Iterator[re.Match[str]]:
+    # ``_EMAIL.finditer(text)`` without trying every position: a match holds exactly one '@' and
+    # starts where the maximal run of local-part characters before that '@' starts (its
+    # look-behind forbids any later start), so try just that start for each '@' in turn.
+    at = text.find("@")
+    if at < 0:
+        return
+    reverse = text[::-1]
+    n, end = len(text), 0
+    while at >= 0:
+        run = _LOCAL_PART.match(reverse, n - at)  # the run before '@', read backwards
+        start = at - (run.end() - run.start()) if run is not None else at
+        if start < at and start >= end:
+            m = _EMAIL.match(text, start)
+            if m is not None:
+                end = m.end()
+                yield m
+        at = text.find("@", at + 1)
+
+
 def _scan(text: str) -> Iterator[PiiMatch]:
-    has_digits = _DIGIT_PAIR.search(text) is not None
+    # Yields exactly what ``pattern.finditer(text)`` per detector (then its check) would; the
+    # test suite pins that against the plain scan.
+    runs: dict[re.Pattern[str], list[tuple[int, int]]] = {}
+    # Every detector but email runs only if the text has two adjacent digits (as before; so a
+    # lone "1.2.3.4" is not reported as an IP address).
+    has_digits = (not text.isascii() or any(d in text for d in "0123456789")) and (
+        _DIGIT_PAIR.search(text) is not None
+    )
     for kind, pattern, check in _DETECTORS:
-        gate = _GATES.get(kind)
-        if (gate is not None and not gate(text)) or (kind != "email" and not has_digits):
+        where = _RUNS.get(kind)
+        if where is None:
+            matches: Iterable[re.Match[str]] = _emails(text)
+        elif not has_digits:
             continue
-        for m in pattern.finditer(text):
+        else:
+            run, min_len = where
+            if run not in runs:
+                runs[run] = _runs(run, text)
+            n = len(text)
+            matches = (
+                m
+                for start, end in runs[run]
+                if end - start >= min_len
+                for m in pattern.finditer(text, start, min(end + 1, n))
+            )
+        for m in matches:
             if check is None or check(m.group(0)):
                 yield PiiMatch(kind, m.start(), m.end())
 

@@ -70,6 +70,35 @@ class ResidualRouting(PromptClassifier):
     (base, gate and head rows over the pipeline's features), ``shift_``, ``head_lambda_``.
     """
 
+    def __init__(
+        self,
+        *,
+        C: float = 1.0,
+        ngram_max: int = 2,
+        min_df: int = 2,
+        max_features: int | None = 30000,
+        use_structure: bool = True,
+        structure_weight: float = 1.0,
+        class_weight: str | None = None,
+        solver: str = "lbfgs",
+        residual: bool = True,
+    ) -> None:
+        # ``residual`` marks the model for the scorer: its score is not one linear row, so
+        # :class:`~router.classifier.LearnedScorer` must not fold it into its joint linear fast
+        # path (which it only builds for models with identical parameters); it then calls
+        # :meth:`decision_one` below. tests/test_residual.py pins scorer == predict_proba.
+        super().__init__(
+            C=C,
+            ngram_max=ngram_max,
+            min_df=min_df,
+            max_features=max_features,
+            use_structure=use_structure,
+            structure_weight=structure_weight,
+            class_weight=class_weight,
+            solver=solver,
+        )
+        self.residual = residual
+
     def fit(
         self,
         X: Sequence[str],

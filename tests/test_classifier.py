@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn.base import clone
 from sklearn.utils.estimator_checks import (
     check_get_params_invariance,
@@ -12,6 +17,7 @@ from sklearn.utils.estimator_checks import (
     check_set_params,
 )
 
+from router import classifier
 from router.classifier import (
     HEAD_CHARS,
     MAX_CHARS,
@@ -177,3 +183,156 @@ def test_learned_scorer_implements_scorer(
 def test_learned_scorer_rejects_non_binary_routing(capability_model: PromptClassifier) -> None:
     with pytest.raises(ValueError, match="binary"):
         LearnedScorer(capability_model, capability_model, "bad")
+
+
+# --- the fast paths equal their plain definitions ------------------------------------------------
+
+_PLAIN_CODE_TOKENS = re.compile(
+    r"\b(?:def|class|return|import|function|const|var|let|public|void|SELECT|print|lambda)\b"
+    r"|[{};]|==|!=|->|=>|\(\)"
+)
+
+
+def _plain_structure_vector(text: str) -> list[float]:
+    """The structure features as first written: each regex over the clipped text, cues matched
+    case-insensitively."""
+    head = clip(text)
+    n_head = max(len(head), 1)
+    constraints = reasoning = 0
+    for m in classifier._CUES.finditer(head):
+        if m.lastgroup == "constraints":
+            constraints += 1
+        else:
+            reasoning += 1
+    return [
+        math.log1p(len(text)),
+        math.log1p(len(re.findall(r"\w+", head))),
+        math.log1p(text.count("\n")),
+        1.0 if "```" in head else 0.0,
+        math.log1p(len(_PLAIN_CODE_TOKENS.findall(head))),
+        math.log1p(len(classifier._MATH_SYMBOLS.findall(head))),
+        len(re.findall(r"\d", head)) / n_head,
+        math.log1p(len(classifier._NUMBER.findall(head))),
+        math.log1p(head.count("?")),
+        1.0 if len(classifier._CHOICE.findall(head)) >= 3 else 0.0,
+        math.log1p(constraints),
+        math.log1p(reasoning),
+        len(re.findall(r"[^\x00-\x7f]", head)) / n_head,
+    ]
+
+
+def _plain_stakes(text: str, has_tools: bool, pii: bool) -> tuple[str, str]:
+    head = clip(text)
+    m = classifier._STAKES.search(head)
+    if m:
+        return "high", f"{m.lastgroup} domain ({m.group(0).lower()!r})"
+    if has_tools:
+        m = classifier._DESTRUCTIVE.search(head)
+        if m:
+            return "high", f"agent workflow with tools and action {m.group(0).lower()!r}"
+        return "medium", "agent workflow with tools"
+    if pii:
+        return "medium", "contains personal data"
+    return "low", "no high-stakes domain, tools or personal data"
+
+
+TRICKY = [
+    *HARD,
+    *EASY,
+    "İmplement and EXPLAIN: İs the DOSAGE safe?",  # U+0130 lower-cases to two characters
+    # dotless i and long s, which the regex engine folds onto i and s
+    "\u0131mplement w\u0131thout a table; compare them",
+    "\u017fhould we \u017fue over a lea\u017fe? prove it",
+    "ΣΟΦΟΣ must explain ΟΔΟΣ. Design it",  # capital sigma lower-cases by context
+    "\u212aelvin sign: ma\u212ae sure, \u212aill myself",  # Kelvin sign lower-cases to k
+    "DON'T do NOT; Step-By-Step TRADEOFFS, trade-off, tradeoff, at least AT MOST no more than",
+    "Take 5 MG of insulin? 401K, Tax(es), taxes; self-harm SELF HARM; chest   pain",
+    "A) one\nB) two\n  (C) three\nD. four\n\nA. again",
+    "x == y != z -> w => v () {}; SELECT print lambda Def DEF \\frac{1}{2} 3 x 4 3\u00d74 2-1",
+    "Delete the production DB, then PAY and send an email, wire the refund, shutdown",
+    "٣٤٥ numbers ١٢ and 12.5,3 1,000.25",
+    "word " * 1000 + "medication " + "x " * 2000 + "Explain why the dosage matters",
+]
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_fast_features_equal_plain_definitions(text: str) -> None:
+    assert structure_vector(text) == _plain_structure_vector(text)
+    for has_tools in (False, True):
+        for pii in (False, True):
+            assert assess_stakes(text, has_tools=has_tools, pii=pii) == _plain_stakes(
+                text, has_tools, pii
+            )
+
+
+# Greek capital sigma lower-cases to a final or a medial form depending on what follows it.
+SIGMA = ["\u03a3\u0391\u03a3.\u03a3\u0391\u03a3", "\u039b\u039f\u0393\u039f\u03a3'\u0391 x"]
+
+
+@pytest.mark.parametrize("text", [*TRICKY, *SIGMA, "plain ascii words"])
+def test_shared_word_list_is_the_lower_cased_texts_words(text: str) -> None:
+    # The TF-IDF tokens are taken from the clipped text's words lower-cased one by one; that is
+    # only right where it equals tokenising the lower-cased text (not so around a capital sigma).
+    w = classifier._Window(text)
+    if w.lowered is not None:
+        assert w.lowered == re.findall(r"\w+", w.low)
+    if text.isascii():
+        assert w.lowered is not None
+
+
+WORDS = ["must", "MUST", "Why", "explain", "at least", "don't", "step by step", "trade-off"]
+WORDS += ["dose", "Dosage", "sue", "mg", "401k", "delete", "PAY", "def", "SELECT", "{", "==", "->"]
+WORDS += [
+    "İ",
+    "\u0131",
+    "\u017f",
+    "Σ",
+    "K",
+    "é",
+    " ",
+    "\n",
+    "A) ",
+    "? ",
+    "3",
+    "x",
+    "4",
+    ".",
+    "-",
+    "\\pi",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(WORDS), max_size=40).map("".join))
+def test_fast_features_equal_plain_definitions_on_generated_text(text: str) -> None:
+    assert structure_vector(text) == _plain_structure_vector(text)
+    assert assess_stakes(text, has_tools=True) == _plain_stakes(text, True, False)
+
+
+def test_joint_decision_equals_sklearn(
+    routing_model: PromptClassifier, capability_model: PromptClassifier
+) -> None:
+    scorer = LearnedScorer(routing_model, capability_model, "test-1")
+    assert scorer._joint is not None  # both models tokenise alike: the fused path is used
+    texts = [*TRICKY, "", "unseen vocabulary zzqx", "hi " * 5000 + "```code```"]
+    routing = routing_model.predict_proba(texts)[:, 1]
+    capability = capability_model.predict(texts)
+    for text, score, cap in zip(texts, routing, capability, strict=True):
+        a = scorer.analyze(text)
+        assert a.score == pytest.approx(score, abs=1e-9)
+        assert scorer.score(text) == pytest.approx(score, abs=1e-9)
+        assert a.capability == cap
+
+
+def test_models_that_tokenise_differently_use_separate_paths(
+    routing_model: PromptClassifier,
+) -> None:
+    texts = [t for ts in CAPS.values() for t in ts] * 2
+    y = [c for c, ts in CAPS.items() for _ in ts] * 2
+    unigram = PromptClassifier(min_df=1, ngram_max=1).fit(texts, y)
+    scorer = LearnedScorer(routing_model, unigram, "test-2")
+    assert scorer._joint is None
+    for text in TRICKY:
+        a = scorer.analyze(text)
+        assert a.score == pytest.approx(routing_model.predict_proba([text])[0, 1], abs=1e-9)
+        assert a.capability == unigram.predict([text])[0]

@@ -1,10 +1,15 @@
-"""PII detectors: checksums gate card/IBAN matches, ordinary numbers are not PII."""
+"""PII detectors: checksums gate card/IBAN matches, ordinary numbers are not PII, and the fast
+scan finds exactly what running every detector over the whole text finds."""
 
 from __future__ import annotations
 
-import pytest
+import re
 
-from router.pii import detect, iban_valid, luhn_valid, pii_kinds, redact
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from router.pii import _DETECTORS, PiiMatch, detect, iban_valid, luhn_valid, pii_kinds, redact
 
 
 def test_luhn_and_iban_checksums() -> None:
@@ -60,3 +65,69 @@ def test_redact_replaces_every_span_and_keeps_the_rest() -> None:
 def test_overlapping_detectors_report_one_span() -> None:
     matches = detect("4111 1111 1111 1111")
     assert [m.kind for m in matches] == ["card"]
+
+
+# --- the fast scan finds exactly what the plain scan finds ---------------------------------------
+
+
+def _plain_detect(text: str) -> list[PiiMatch]:
+    """The detectors run the obvious way (each regex over the whole text, as before the run
+    prefilter), with the same gates: email needs an '@', the others two adjacent digits."""
+    chosen: list[PiiMatch] = []
+    for kind, pattern, check in _DETECTORS:
+        if (kind == "email" and "@" not in text) or (
+            kind != "email" and re.search(r"\d\d", text) is None
+        ):
+            continue
+        for m in pattern.finditer(text):
+            if check is None or check(m.group(0)):
+                match = PiiMatch(kind, m.start(), m.end())
+                if all(match.end <= c.start or match.start >= c.end for c in chosen):
+                    chosen.append(match)
+    return sorted(chosen, key=lambda m: m.start)
+
+
+FILLER = "Lorem ipsum dolor sit amet, 2023-10-15 version 1.2.3 costs $12.50 (approx). " * 600
+PII_CASES = [
+    "mail jane.doe+x@example.co.uk or bob@ex.org; card 4111 1111 1111 1111",
+    "a@b.c @@ x@@y.com me@host.com.",
+    "call +1 415-555-2671, (415) 555-2671 or +447911123456 or 020 7946 0958",
+    "SSN 123-45-6789, not 000-12-3456, 666-12-3456 or 123-45-67890",
+    "IBAN GB82 WEST 1234 5698 7654 32 and DE89370400440532013000; NI AB 12 34 56 C, AB123456C",
+    "ips 192.168.10.4, 256.1.1.1, 10.0.0.1.5, 1.2.3.4",
+    "4111-1111-1111-1111-1111 and 4111 1111 1111 1111 1111 1111",
+    "((((((((( ++++++ 12 34 56 78 90 12 ....... ------- 1234567890123",
+    "GB82WEST12345698765432GB82WEST12345698765432 XX12 ABCD 1234 5678",
+    "ünïcödé ٣٤٥٦٧٨٩٠١٢٣ phone +٤٤ 7911 123456 jane@exämple.com",
+    FILLER + "reach me at jane.doe@example.com or +44 7911 123456",  # PII only at the very end
+    FILLER + "card 4111111111111111",
+    "x@y.com " + FILLER,
+    "@" * 5000 + "a@b.co",
+    "a" * 20_000 + "@example.com",
+]
+
+
+@pytest.mark.parametrize("text", PII_CASES)
+def test_fast_scan_equals_plain_scan(text: str) -> None:
+    assert detect(text) == _plain_detect(text)
+
+
+def test_pii_is_found_anywhere_in_a_long_prompt() -> None:
+    assert pii_kinds(FILLER + " write to jane.doe@example.com") == ("email",)
+    assert pii_kinds("x" * 100_000 + " card 4111 1111 1111 1111") == ("card",)
+    assert redact(FILLER + "call +1 415-555-2671").endswith("call [PHONE]")
+
+
+PIECES = ["a", "Z", "GB", "AB", "x", "é", "٣", "0", "1", "4", "9", "12", "4111", "192", "666"]
+PIECES += [" ", "-", ".", "+", "(", ")", "@", "_", "\n", "example.com", "ex.co.uk", "WEST"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(PIECES),
+        max_size=60,
+    ).map("".join)
+)
+def test_fast_scan_equals_plain_scan_on_generated_text(text: str) -> None:
+    assert detect(text) == _plain_detect(text)
