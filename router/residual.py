@@ -28,7 +28,9 @@ TF-IDF and scaled structure features), so one feature pass serves them::
 
 The estimator is a :class:`~router.classifier.PromptClassifier` (it reuses the base model's
 fitted pipeline and fast single-prompt path, with three stacked coefficient rows instead of one),
-so the scorer, the artifact format and the hot swap take it unchanged.
+so the artifact format and the hot swap take it unchanged. The scorer serves it through the
+per-model path rather than its joint routing+capability linear map (measured ~140 vs ~95 us per
+score on the shared dev machine).
 """
 
 from __future__ import annotations
