@@ -439,10 +439,18 @@ class PromptClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         return _proba(self.decision_one(text, tokens=tokens, structure=structure))
 
 
+def _sigmoid(x: float) -> float:
+    """The logistic function, without overflow for large ``|x|``."""
+    if x >= 0.0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
+
+
 def _proba(z: FloatArray) -> FloatArray:
     """Class probabilities from one prompt's decision values, as ``LogisticRegression`` gives."""
     if z.shape[0] == 1:
-        p = 1.0 / (1.0 + math.exp(-float(z[0])))
+        p = _sigmoid(float(z[0]))
         return np.array([1.0 - p, p])
     e = np.exp(z - z.max())
     out: FloatArray = e / e.sum()
@@ -727,34 +735,34 @@ class LearnedScorer:
             return float(self.routing.predict_proba_one(text)[1])
         w = _Window(text)
         z = self._joint.decision(w, _structure(w))
-        return float(_proba(z[: self._joint.splits[0]])[1])
+        return _sigmoid(float(z[0]))
 
     def analyze(self, text: str, *, has_tools: bool = False) -> Analysis:
         """Score, capability, stakes and PII for one prompt (the proxy calls this per request)."""
         w = _Window(text)
         structure = _structure(w)
         if self._joint is not None:
-            z_routing, z_capability = np.split(
-                self._joint.decision(w, structure), self._joint.splits
-            )
-            score = float(_proba(z_routing)[1])
-            cap_proba = _proba(z_capability)
+            # Two models: decision values [routing logit, 9 capability logits]. The softmax is
+            # monotone, so the capability is the arg-max of its logits; no probabilities needed.
+            z = self._joint.decision(w, structure)
+            score = _sigmoid(float(z[0]))
+            cap_scores = z[self._joint.splits[0] :]
         else:
             tokens = self.routing.analyzer_(text)
             score = float(
                 self.routing.predict_proba_one(text, tokens=tokens, structure=structure)[1]
             )
             if self._share:
-                cap_proba = self.capability.predict_proba_one(
+                cap_scores = self.capability.predict_proba_one(
                     text, tokens=tokens, structure=structure
                 )
             else:
-                cap_proba = self.capability.predict_proba_one(text)
+                cap_scores = self.capability.predict_proba_one(text)
         kinds = pii_kinds(text)  # always the whole text: personal data anywhere counts
         stakes, reason = _stakes(w.head, w.low, has_tools=has_tools, pii=bool(kinds))
         return Analysis(
             score=score,
-            capability=self._capabilities[int(np.argmax(cap_proba))],
+            capability=self._capabilities[int(np.argmax(cap_scores))],
             stakes=stakes,
             stakes_reason=reason,
             pii=bool(kinds),
