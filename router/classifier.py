@@ -662,6 +662,59 @@ _STAKES_LOWER = re.compile(
 _DESTRUCTIVE_LOWER = re.compile(_DESTRUCTIVE.pattern)
 
 
+def _alternatives(inner: str) -> list[str]:
+    """The top-level branches of a regex alternation (``|`` outside any group)."""
+    out, depth, start = [], 0, 0
+    for i, c in enumerate(inner):
+        if c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+        elif c == "|" and depth == 0:
+            out.append(inner[start:i])
+            start = i + 1
+    out.append(inner[start:])
+    return out
+
+
+def _required_prefix(branch: str) -> str:
+    """The literal word characters every match of ``branch`` starts with (a char followed by
+    ``?``, ``*`` or ``{`` is optional, so the prefix stops before it)."""
+    m = re.match(r"[a-z0-9]+", branch)
+    literal = m.group(0) if m else ""
+    if branch[len(literal) : len(literal) + 1] in ("?", "*", "{"):
+        literal = literal[:-1]
+    return literal
+
+
+def _prefix_table(inners: Iterable[str]) -> dict[str, tuple[str, ...]]:
+    table: dict[str, list[str]] = {}
+    for inner in inners:
+        for branch in _alternatives(inner):
+            prefix = _required_prefix(branch)
+            if len(prefix) < 2:
+                raise ValueError(f"stakes rule {branch!r} needs a literal prefix of 2+ chars")
+            table.setdefault(prefix[:2], []).append(prefix)
+    return {key: tuple(prefixes) for key, prefixes in table.items()}
+
+
+#: Every :data:`_STAKES_LOWER` match starts at the start of one of the text's ``\w+`` runs, and
+#: that run starts with the literal prefix of the branch that matched (``diagnos``, ``chest``,
+#: ``tumo``, ``mg``...). Keyed by a prefix's first two characters. A prompt none of whose words
+#: starts with one of them cannot match, so :func:`_stakes` skips the regex scan for it.
+_STAKES_PREFIXES = _prefix_table(pattern.pattern[5:-3] for _, pattern in _STAKES_RULES)
+
+
+def _may_have_stakes(words: Iterable[str]) -> bool:
+    """False only when no word starts with a :data:`_STAKES_PREFIXES` prefix (so no match)."""
+    table = _STAKES_PREFIXES
+    for word in words:
+        prefixes = table.get(word[:2])
+        if prefixes is not None and word.startswith(prefixes):
+            return True
+    return False
+
+
 def assess_stakes(text: str, *, has_tools: bool = False, pii: bool = False) -> tuple[str, str]:
     """How much is at stake in a prompt: ``(level, reason)`` with level low/medium/high.
 
@@ -673,10 +726,18 @@ def assess_stakes(text: str, *, has_tools: bool = False, pii: bool = False) -> t
     return _stakes(head, head.lower(), has_tools=has_tools, pii=pii)
 
 
-def _stakes(head: str, low: str, *, has_tools: bool, pii: bool) -> tuple[str, str]:
-    # assess_stakes on the clipped text and its lower case (which analyze() already has).
+def _stakes(
+    head: str, low: str, *, has_tools: bool, pii: bool, words: list[str] | None = None
+) -> tuple[str, str]:
+    # assess_stakes on the clipped text and its lower case (which analyze() already has);
+    # ``words``: the ``\w+`` runs of ``low`` when known (``_Window.lowered``).
     lowered = _lower_equivalent(head, low)
-    m = _STAKES_LOWER.search(low) if lowered else _STAKES.search(head)
+    if not lowered:
+        m = _STAKES.search(head)
+    elif words is not None and not _may_have_stakes(words):
+        m = None
+    else:
+        m = _STAKES_LOWER.search(low)
     if m:
         return "high", f"{m.lastgroup} domain ({head[m.start() : m.end()].lower()!r})"
     if has_tools:
@@ -759,7 +820,9 @@ class LearnedScorer:
             else:
                 cap_scores = self.capability.predict_proba_one(text)
         kinds = pii_kinds(text)  # always the whole text: personal data anywhere counts
-        stakes, reason = _stakes(w.head, w.low, has_tools=has_tools, pii=bool(kinds))
+        stakes, reason = _stakes(
+            w.head, w.low, has_tools=has_tools, pii=bool(kinds), words=w.lowered
+        )
         return Analysis(
             score=score,
             capability=self._capabilities[int(np.argmax(cap_scores))],

@@ -302,11 +302,52 @@ WORDS += [
 ]
 
 
+WORDS += ["Chest", "pain", "tumor", "Tumour", "Taxes", "self-harm", "Gas", "leak", "bank"]
+WORDS += ["account", "overdosed", "diagnosis", "side", "effects", "suing", "sues", "MG"]
+
+
+def _window_stakes(text: str, has_tools: bool, pii: bool) -> tuple[str, str]:
+    # The stakes as analyze() computes them: with the window's word list, which lets a prompt
+    # that no rule's literal prefix starts a word of skip the regex scan.
+    w = classifier._Window(text)
+    return classifier._stakes(w.head, w.low, has_tools=has_tools, pii=pii, words=w.lowered)
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.sampled_from(WORDS), max_size=40).map("".join))
 def test_fast_features_equal_plain_definitions_on_generated_text(text: str) -> None:
     assert structure_vector(text) == _plain_structure_vector(text)
     assert assess_stakes(text, has_tools=True) == _plain_stakes(text, True, False)
+    assert _window_stakes(text, True, False) == _plain_stakes(text, True, False)
+    assert _window_stakes(text, False, False) == _plain_stakes(text, False, False)
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_stakes_word_prefilter_equals_plain_definition(text: str) -> None:
+    for has_tools in (False, True):
+        assert _window_stakes(text, has_tools, False) == _plain_stakes(text, has_tools, False)
+
+
+def test_stakes_prefixes_cover_every_rule_branch() -> None:
+    # Each branch's literal prefix is what a matching word must start with; a branch whose
+    # prefix were missing from the table would be skipped by the prefilter.
+    branches = [
+        b
+        for _, rule in classifier._STAKES_RULES
+        for b in classifier._alternatives(rule.pattern[5:-3])
+    ]
+    assert len(branches) == 71
+    assert classifier._required_prefix("tumou?r") == "tumo"
+    assert classifier._required_prefix("tax(?:es)?") == "tax"
+    assert classifier._required_prefix("self[- ]harm") == "self"
+    for branch in branches:
+        prefix = classifier._required_prefix(branch)
+        assert prefix in classifier._STAKES_PREFIXES[prefix[:2]]
+        assert classifier._may_have_stakes(["zz", prefix + "x"])
+    assert not classifier._may_have_stakes(["write", "a", "haiku", "about", "autumn"])
+    # Through analyze()'s path: no rule word, low; a rule word, high.
+    assert _window_stakes("Write a haiku about autumn.", False, False)[0] == "low"
+    assert _window_stakes("What dosage of insulin?", False, False)[0] == "high"
 
 
 def test_joint_decision_equals_sklearn(
