@@ -784,9 +784,12 @@ class LearnedScorer:
             "solver": "",
         }
         # The decision path: both models as one linear map when they tokenise alike (as shipped).
+        # Only plain PromptClassifiers: a subclass (the retrain loop's ResidualRouting) computes
+        # its score from several rows, which one linear row cannot stand for.
+        plain = type(routing) is PromptClassifier and type(capability) is PromptClassifier
         self._joint = (
             _JointLinear([routing, capability])
-            if self._share and _tokenises_alike([routing, capability])
+            if plain and self._share and _tokenises_alike([routing, capability])
             else None
         )
 

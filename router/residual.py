@@ -85,10 +85,10 @@ class ResidualRouting(PromptClassifier):
         solver: str = "lbfgs",
         residual: bool = True,
     ) -> None:
-        # ``residual`` marks the model for the scorer: its score is not one linear row, so
+        # ``residual`` marks the model in its parameters: its score is not one linear row, so
         # :class:`~router.classifier.LearnedScorer` must not fold it into its joint linear fast
-        # path (which it only builds for models with identical parameters); it then calls
-        # :meth:`decision_one` below. tests/test_residual.py pins scorer == predict_proba.
+        # path (which it builds only for plain PromptClassifiers with identical parameters); it
+        # calls :meth:`decision_one` below. tests/test_residual.py pins scorer == predict_proba.
         super().__init__(
             C=C,
             ngram_max=ngram_max,
