@@ -496,6 +496,7 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
         min_gain=args.min_gain,
         require_significant=args.require_significant,
         n_bootstrap=args.bootstrap,
+        candidate=args.candidate,
     )
     base = [args.base / name for name in BASE_FILES]
     try:
@@ -530,6 +531,13 @@ def _add_retrain_command(sub: Any) -> None:
         help="the gain's whole 95%% interval must exceed --min-gain",
     )
     retrain.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    retrain.add_argument(
+        "--candidate",
+        choices=("residual", "refit"),
+        default="residual",
+        help="candidate design: keep the base model and add a traffic head where prompts look "
+        "like logged traffic (residual, default), or refit one model on base rows + outcomes",
+    )
     retrain.add_argument("--json", action="store_true", help="machine-readable report")
     retrain.add_argument("--config", type=Path, help="YAML settings file")
     retrain.set_defaults(func=_cmd_retrain)

@@ -172,6 +172,32 @@ def test_gate_refuses_a_candidate_trained_on_adversarial_feedback(
     assert models.metadata("v0002")["lineage"]["gate"]["decision"] == "refused"  # kept for audit
 
 
+@pytest.mark.parametrize("design", ["residual", "refit"])
+def test_retrain_cli_runs_the_chosen_candidate_design(
+    tmp_path: Path,
+    outcomes: SQLiteOutcomeStore,
+    capsys: pytest.CaptureFixture[str],
+    design: str,
+) -> None:
+    from router.retrain import BASE_FILES
+
+    base = base_file(tmp_path)
+    models = first_version(tmp_path, base)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name in BASE_FILES:  # the CLI reads the base files by their names in --base
+        (folder / name).write_text(base.read_text())
+    label_traffic(outcomes, source="shadow", honest=True, n=120)
+    outcomes.flush()
+    argv = ["retrain", "--store", str(models.root), "--base", str(folder)]
+    argv += ["--db", str(tmp_path / "o.db"), "--bootstrap", "200", "--json"]
+    assert main([*argv, "--candidate", design]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["extra"]["candidate"]["design"] == design
+    assert report["decision"] in ("promoted", "refused")
+    assert models.metadata("v0002")["lineage"]["candidate"]["design"] == design
+
+
 def test_models_cli_promote_and_rollback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
