@@ -70,36 +70,11 @@ class ResidualRouting(PromptClassifier):
     Built by :func:`fit_residual`, not by ``fit``. Fitted state: ``base_`` (the base
     :class:`PromptClassifier`, whose pipeline this one shares), ``coef3_``/``intercept3_``
     (base, gate and head rows over the pipeline's features), ``shift_``, ``head_lambda_``.
+    Its parameters are the base model's. Its score is not one linear row, so
+    :class:`~router.classifier.LearnedScorer` (which folds only plain ``PromptClassifier``s into
+    its joint linear path) serves it through :meth:`decision_one`; tests/test_residual.py pins
+    scorer == predict_proba.
     """
-
-    def __init__(
-        self,
-        *,
-        C: float = 1.0,
-        ngram_max: int = 2,
-        min_df: int = 2,
-        max_features: int | None = 30000,
-        use_structure: bool = True,
-        structure_weight: float = 1.0,
-        class_weight: str | None = None,
-        solver: str = "lbfgs",
-        residual: bool = True,
-    ) -> None:
-        # ``residual`` marks the model in its parameters: its score is not one linear row, so
-        # :class:`~router.classifier.LearnedScorer` must not fold it into its joint linear fast
-        # path (which it builds only for plain PromptClassifiers with identical parameters); it
-        # calls :meth:`decision_one` below. tests/test_residual.py pins scorer == predict_proba.
-        super().__init__(
-            C=C,
-            ngram_max=ngram_max,
-            min_df=min_df,
-            max_features=max_features,
-            use_structure=use_structure,
-            structure_weight=structure_weight,
-            class_weight=class_weight,
-            solver=solver,
-        )
-        self.residual = residual
 
     def fit(
         self,
