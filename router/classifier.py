@@ -153,6 +153,19 @@ _CUE_PHRASES = re.compile(
 _CUE_PHRASE_PARTS: tuple[str, ...] = ("at least", "at most", "no more than", "do not", "don't")
 _CUE_PHRASE_PARTS += ("make sure", "step", "trade")
 _ASCII_DIGITS = "0123456789"
+
+
+def _ascii(pattern: re.Pattern[str]) -> re.Pattern[str]:
+    r"""``pattern`` compiled with ``re.ASCII``, for ASCII-only text: the same matches there for a
+    pattern whose only classes are ``\w``, ``\d`` and ``\b`` (not ``\s``: Unicode's also holds
+    the ASCII separators U+001C-U+001F), found faster by the engine's ASCII class tests."""
+    return re.compile(pattern.pattern, (pattern.flags & ~re.UNICODE) | re.ASCII)
+
+
+_WORD_ASCII = _ascii(_WORD)
+_NUMBER_ASCII = _ascii(_NUMBER)
+_CUE_PHRASES_ASCII = _ascii(_CUE_PHRASES)
+
 _DEFAULT_TOKEN_PATTERN = r"(?u)\b\w\w+\b"  # scikit-learn's
 
 
@@ -187,17 +200,19 @@ class _Window:
     ``head`` is :func:`clip` of the text, ``low`` its lower case (the TF-IDF preprocessor's
     output), ``words`` the ``\\w+`` runs of ``head``. ``lowered`` is those runs lower-cased when
     they are exactly the ``\\w+`` runs of ``low`` (see :func:`_lower_equivalent`; a capital
-    sigma, which lower-cases by context, also rules it out), else None.
+    sigma, which lower-cases by context, also rules it out), else None. ``ascii``: ``head`` (and
+    so ``low``) is ASCII, where the ``_ascii`` twins of the regexes may be used.
     """
 
-    __slots__ = ("head", "low", "lowered", "text", "words")
+    __slots__ = ("ascii", "head", "low", "lowered", "text", "words")
 
     def __init__(self, text: str) -> None:
         self.text = text
         self.head = head = clip(text)
         self.low = low = head.lower()
-        self.words: list[str] = _WORD.findall(head)
-        same = _lower_equivalent(head, low) and (head.isascii() or "\u03a3" not in head)
+        self.ascii = head.isascii()
+        self.words: list[str] = (_WORD_ASCII if self.ascii else _WORD).findall(head)
+        same = _lower_equivalent(head, low) and (self.ascii or "\u03a3" not in head)
         self.lowered = list(map(str.lower, self.words)) if same else None
 
 
@@ -208,14 +223,15 @@ def _structure(w: _Window) -> list[float]:
         lowered = w.lowered if w.lowered is not None else list(map(str.lower, words))
         constraints = sum(map(_CONSTRAINT_WORDS.__contains__, lowered))
         reasoning = sum(map(_REASONING_WORDS.__contains__, lowered))
-        cues = _CUE_PHRASES.findall(low) if any(p in low for p in _CUE_PHRASE_PARTS) else []
+        phrases_re = _CUE_PHRASES_ASCII if w.ascii else _CUE_PHRASES
+        cues = phrases_re.findall(low) if any(p in low for p in _CUE_PHRASE_PARTS) else []
     else:
         constraints = reasoning = 0
         cues = _CUES.findall(head)
     phrases = sum(1 for _, r in cues if r)
     reasoning += phrases
     constraints += len(cues) - phrases
-    if head.isascii():  # \d and non-ASCII need a regex only beyond ASCII
+    if w.ascii:  # \d and non-ASCII need a regex only beyond ASCII
         digits = sum(map(head.count, _ASCII_DIGITS))
         non_ascii = 0
     else:
@@ -228,7 +244,7 @@ def _structure(w: _Window) -> list[float]:
     numbers = 0
     if digits:  # both need a digit
         math_symbols += len(arithmetic.findall(head))
-        numbers = len(_NUMBER.findall(head))
+        numbers = len((_NUMBER_ASCII if w.ascii else _NUMBER).findall(head))
     return [
         math.log1p(len(text)),
         math.log1p(len(words)),
@@ -660,6 +676,8 @@ _STAKES_LOWER = re.compile(
     + r")\b"
 )
 _DESTRUCTIVE_LOWER = re.compile(_DESTRUCTIVE.pattern)
+_STAKES_LOWER_ASCII = _ascii(_STAKES_LOWER)
+_DESTRUCTIVE_LOWER_ASCII = _ascii(_DESTRUCTIVE_LOWER)
 
 
 def _alternatives(inner: str) -> list[str]:
@@ -732,16 +750,18 @@ def _stakes(
     # assess_stakes on the clipped text and its lower case (which analyze() already has);
     # ``words``: the ``\w+`` runs of ``low`` when known (``_Window.lowered``).
     lowered = _lower_equivalent(head, low)
+    ascii_text = head.isascii()
     if not lowered:
         m = _STAKES.search(head)
     elif words is not None and not _may_have_stakes(words):
         m = None
     else:
-        m = _STAKES_LOWER.search(low)
+        m = (_STAKES_LOWER_ASCII if ascii_text else _STAKES_LOWER).search(low)
     if m:
         return "high", f"{m.lastgroup} domain ({head[m.start() : m.end()].lower()!r})"
     if has_tools:
-        m = _DESTRUCTIVE_LOWER.search(low) if lowered else _DESTRUCTIVE.search(head)
+        destructive = _DESTRUCTIVE_LOWER_ASCII if ascii_text else _DESTRUCTIVE_LOWER
+        m = destructive.search(low) if lowered else _DESTRUCTIVE.search(head)
         if m:
             return (
                 "high",

@@ -304,6 +304,7 @@ WORDS += [
 
 WORDS += ["Chest", "pain", "tumor", "Tumour", "Taxes", "self-harm", "Gas", "leak", "bank"]
 WORDS += ["account", "overdosed", "diagnosis", "side", "effects", "suing", "sues", "MG"]
+WORDS += ["\x1c", "\x1f", "_", "A1", "12,5", "3.14"]  # separators Unicode calls space; \w, \d
 
 
 def _window_stakes(text: str, has_tools: bool, pii: bool) -> tuple[str, str]:
