@@ -201,10 +201,11 @@ class _Window:
     output), ``words`` the ``\\w+`` runs of ``head``. ``lowered`` is those runs lower-cased when
     they are exactly the ``\\w+`` runs of ``low`` (see :func:`_lower_equivalent`; a capital
     sigma, which lower-cases by context, also rules it out), else None. ``ascii``: ``head`` (and
-    so ``low``) is ASCII, where the ``_ascii`` twins of the regexes may be used.
+    so ``low``) is ASCII, where the ``_ascii`` twins of the regexes may be used. ``same_case``:
+    :func:`_lower_equivalent` of ``head`` and ``low``.
     """
 
-    __slots__ = ("ascii", "head", "low", "lowered", "text", "words")
+    __slots__ = ("ascii", "head", "low", "lowered", "same_case", "text", "words")
 
     def __init__(self, text: str) -> None:
         self.text = text
@@ -212,14 +213,15 @@ class _Window:
         self.low = low = head.lower()
         self.ascii = head.isascii()
         self.words: list[str] = (_WORD_ASCII if self.ascii else _WORD).findall(head)
-        same = _lower_equivalent(head, low) and (self.ascii or "\u03a3" not in head)
+        self.same_case = _lower_equivalent(head, low)
+        same = self.same_case and (self.ascii or "\u03a3" not in head)
         self.lowered = list(map(str.lower, self.words)) if same else None
 
 
 def _structure(w: _Window) -> list[float]:
     text, head, low, words = w.text, w.head, w.low, w.words
     n_head = max(len(head), 1)
-    if _lower_equivalent(head, low):
+    if w.same_case:
         lowered = w.lowered if w.lowered is not None else list(map(str.lower, words))
         constraints = sum(map(_CONSTRAINT_WORDS.__contains__, lowered))
         reasoning = sum(map(_REASONING_WORDS.__contains__, lowered))
@@ -740,28 +742,23 @@ def assess_stakes(text: str, *, has_tools: bool = False, pii: bool = False) -> t
     the prompt *high*; an agent workflow (``has_tools``) is *high* when it also asks for a
     destructive or money-moving action and otherwise *medium*; personal data alone is *medium*.
     """
-    head = clip(text)
-    return _stakes(head, head.lower(), has_tools=has_tools, pii=pii)
+    return _stakes(_Window(text), has_tools=has_tools, pii=pii)
 
 
-def _stakes(
-    head: str, low: str, *, has_tools: bool, pii: bool, words: list[str] | None = None
-) -> tuple[str, str]:
-    # assess_stakes on the clipped text and its lower case (which analyze() already has);
-    # ``words``: the ``\w+`` runs of ``low`` when known (``_Window.lowered``).
-    lowered = _lower_equivalent(head, low)
-    ascii_text = head.isascii()
-    if not lowered:
+def _stakes(w: _Window, *, has_tools: bool, pii: bool) -> tuple[str, str]:
+    # assess_stakes on the prompt's window (which analyze() already has).
+    head, low = w.head, w.low
+    if not w.same_case:
         m = _STAKES.search(head)
-    elif words is not None and not _may_have_stakes(words):
+    elif w.lowered is not None and not _may_have_stakes(w.lowered):
         m = None
     else:
-        m = (_STAKES_LOWER_ASCII if ascii_text else _STAKES_LOWER).search(low)
+        m = (_STAKES_LOWER_ASCII if w.ascii else _STAKES_LOWER).search(low)
     if m:
         return "high", f"{m.lastgroup} domain ({head[m.start() : m.end()].lower()!r})"
     if has_tools:
-        destructive = _DESTRUCTIVE_LOWER_ASCII if ascii_text else _DESTRUCTIVE_LOWER
-        m = destructive.search(low) if lowered else _DESTRUCTIVE.search(head)
+        destructive = _DESTRUCTIVE_LOWER_ASCII if w.ascii else _DESTRUCTIVE_LOWER
+        m = destructive.search(low) if w.same_case else _DESTRUCTIVE.search(head)
         if m:
             return (
                 "high",
@@ -843,9 +840,7 @@ class LearnedScorer:
             else:
                 cap_scores = self.capability.predict_proba_one(text)
         kinds = pii_kinds(text)  # always the whole text: personal data anywhere counts
-        stakes, reason = _stakes(
-            w.head, w.low, has_tools=has_tools, pii=bool(kinds), words=w.lowered
-        )
+        stakes, reason = _stakes(w, has_tools=has_tools, pii=bool(kinds))
         return Analysis(
             score=score,
             capability=self._capabilities[int(np.argmax(cap_scores))],

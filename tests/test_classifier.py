@@ -310,8 +310,7 @@ WORDS += ["\x1c", "\x1f", "_", "A1", "12,5", "3.14"]  # separators Unicode calls
 def _window_stakes(text: str, has_tools: bool, pii: bool) -> tuple[str, str]:
     # The stakes as analyze() computes them: with the window's word list, which lets a prompt
     # that no rule's literal prefix starts a word of skip the regex scan.
-    w = classifier._Window(text)
-    return classifier._stakes(w.head, w.low, has_tools=has_tools, pii=pii, words=w.lowered)
+    return classifier._stakes(classifier._Window(text), has_tools=has_tools, pii=pii)
 
 
 @settings(max_examples=300, deadline=None)
