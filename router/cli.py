@@ -30,9 +30,9 @@ def _output(path: str) -> Iterator[IO[str]]:
 
 
 def _load_model(path: str | None) -> Any:
-    from router.training import default_model_path, load_scorer
+    from router.artifact import default_model_path, load_for_serving
 
-    return load_scorer(Path(path) if path else default_model_path())
+    return load_for_serving(Path(path) if path else default_model_path())
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -8,12 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from router.artifact import METADATA_FILE, MODEL_FILE, default_model_path
+from router.errors import ArtifactError
 from router.training import (
-    METADATA_FILE,
-    MODEL_FILE,
-    ArtifactError,
     DataFormatError,
-    default_model_path,
     fit_scorer,
     load_capability_rows,
     load_prompts,
