@@ -2,7 +2,8 @@
 
 * ``serve``, ``fetch-model``, ``outcomes``: run the proxy and see what it did.
 * ``policy check | explain | schema``: make every routing decision understandable.
-* ``train``, ``score``, ``eval``, ``classify``: the learned classifier (see docs/model-card.md).
+* ``train``, ``score``, ``eval``, ``classify``, ``serving-form``: the learned classifier (see
+  docs/model-card.md).
 """
 
 from __future__ import annotations
@@ -52,6 +53,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         out = train_artifact(args.data, args.out, cv=args.cv, progress=progress)
     print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_serving_form(args: argparse.Namespace) -> int:
+    from router.artifact import SERVING_FILE, default_model_path
+    from router.training import add_serving_form
+
+    path = Path(args.model) if args.model else default_model_path()
+    entry = add_serving_form(path)
+    print(f"{path / SERVING_FILE}: sha256 {entry['sha256']}", file=sys.stderr)
     return 0
 
 
@@ -184,6 +195,16 @@ def _add_model_commands(sub: Any) -> None:
     p.add_argument("--out", required=True, help="output JSONL ('-' for stdout)")
     _add_model_arg(p)
     p.set_defaults(func=_cmd_classify)
+
+    p = sub.add_parser(
+        "serving-form",
+        help="give an artifact written without one its numpy-only serving form (no retraining)",
+        description="Derives serving.npz, the plain arrays the proxy loads without scikit-learn, "
+        "from the artifact's model.joblib (left unchanged) and records its sha256 in the "
+        "sidecar. An artifact that has one is only checked.",
+    )
+    _add_model_arg(p)
+    p.set_defaults(func=_cmd_serving_form)
 
 
 def _add_settings_args(parser: argparse.ArgumentParser) -> None:

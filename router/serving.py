@@ -492,15 +492,22 @@ class JointLinear:
         self.tokenize: Callable[[str], list[str]] = re.compile(token_pattern).findall
         self.token_pattern = token_pattern
         self.ngram_range = ngram_range
-        vocab = {token: row for row, token in enumerate(vocabulary, 1)}
-        self.vocabulary = vocab
-        # Bigrams also keyed by their two tokens, so the hot path looks a pair up without building
-        # and hashing the joined string (tokens have no spaces, so the split is unique).
-        self.pairs: dict[tuple[str, ...], int] | None = (
-            {tuple(t.split(" ")): u for t, u in vocab.items() if " " in t}
-            if self.ngram_range == (1, 2)
-            else None
-        )
+        self.vocabulary: dict[str, int] = {}
+        self.pairs: dict[tuple[str, ...], int] | None = None
+        if self.ngram_range != (1, 2):
+            self.vocabulary = {token: row for row, token in enumerate(vocabulary, 1)}
+        else:
+            # Bigrams keyed by their two tokens only, so the hot path looks a pair up without
+            # building and hashing the joined string (tokens have no spaces, so the split is
+            # unique); their tokens are shared string objects, which keeps the map small.
+            self.pairs = {}
+            words: dict[str, str] = {}
+            for row, token in enumerate(vocabulary, 1):
+                if " " in token:
+                    pair = tuple(words.setdefault(t, t) for t in token.split(" "))
+                    self.pairs[pair] = row
+                else:
+                    self.vocabulary[words.setdefault(token, token)] = row
         self.width = int(sum(widths))
         self.table: FloatArray = table
         self.intercept: FloatArray = intercept

@@ -361,6 +361,19 @@ def test_joint_decision_equals_sklearn(
         assert a.capability == cap
 
 
+def test_two_class_capability_model_predicts_like_sklearn(routing_model: PromptClassifier) -> None:
+    # A two-class model has one logit (for its second class): its sign picks the class.
+    texts = [t for c in ("coding", "math") for t in CAPS[c]] * 2
+    y = [c for c in ("coding", "math") for _ in CAPS[c]] * 2
+    binary = PromptClassifier(min_df=1, C=10.0).fit(texts, y)
+    scorer = LearnedScorer(routing_model, binary, "test-3")
+    assert scorer.serving is not None
+    probes = ["Write a Python function to sort a dict.", "What is 17 * 3 + 2?", *TRICKY]
+    predicted = list(binary.predict(probes))
+    assert {"coding", "math"} <= set(predicted)
+    assert [scorer.analyze(t).capability for t in probes] == predicted
+
+
 def test_models_that_tokenise_differently_use_separate_paths(
     routing_model: PromptClassifier,
 ) -> None:
