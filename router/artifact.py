@@ -89,12 +89,15 @@ def read_sidecar(path: str | Path, *needs: str) -> dict[str, Any]:
         raise ArtifactError(f"{meta_path}: unreadable sidecar") from exc
     if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT:
         raise ArtifactError(f"{meta_path}: not a Tiergate classifier sidecar")
-    if meta.get("format_version") != ARTIFACT_FORMAT_VERSION:
-        raise ArtifactError(
-            f"{meta_path}: artifact format {meta.get('format_version')!r}, "
-            f"this Tiergate reads {ARTIFACT_FORMAT_VERSION}"
-        )
+    _require_version(
+        meta_path, "artifact format", meta.get("format_version"), ARTIFACT_FORMAT_VERSION
+    )
     return meta
+
+
+def _require_version(where: Path, what: str, found: object, expected: int) -> None:
+    if found != expected:
+        raise ArtifactError(f"{where}: {what} {found!r}, this Tiergate reads {expected}")
 
 
 def _replace(path: Path, write: Any) -> None:
@@ -146,11 +149,7 @@ def load_serving_form(path: str | Path, meta: Mapping[str, Any] | None = None) -
     entry = meta.get("serving")
     if not isinstance(entry, dict) or entry.get("file") != SERVING_FILE:
         raise ArtifactError(f"{p / METADATA_FILE}: no valid serving form entry")
-    if entry.get("format_version") != SERVING_FORMAT_VERSION:
-        raise ArtifactError(
-            f"{p}: serving form format {entry.get('format_version')!r}, "
-            f"this Tiergate reads {SERVING_FORMAT_VERSION}"
-        )
+    _require_version(p, "serving form format", entry.get("format_version"), SERVING_FORMAT_VERSION)
     file = p / SERVING_FILE
     try:
         data = file.read_bytes()
