@@ -193,6 +193,38 @@ def _add_settings_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", type=Path, help="routing policy YAML (TIERGATE_POLICY)")
 
 
+def settings_help() -> str:
+    """Every ``TIERGATE_*`` setting with its default and meaning, for ``tiergate serve --help``."""
+    import textwrap
+
+    from router.config import Settings
+
+    lines = [
+        "settings: TIERGATE_* environment variables, or the same names in lower case without the",
+        "prefix as keys of the --config file (precedence: flags, environment, file, default):",
+    ]
+    for name, field in Settings.model_fields.items():
+        shown = "unset" if field.default is None else str(field.default)
+        if isinstance(field.default, bool):
+            shown = shown.lower()  # as written in an environment variable
+        lines.append(f"  TIERGATE_{name.upper()} (default: {shown})")
+        if field.description:
+            lines += textwrap.wrap(
+                field.description, 88, initial_indent=" " * 6, subsequent_indent=" " * 6
+            )
+    return "\n".join(lines)
+
+
+class _ServeHelp(argparse.Action):
+    """``--help`` for ``serve``: the settings list is built only when asked for (it imports
+    pydantic-settings, which every other command would pay for at start-up)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any, **__: Any) -> None:
+        parser.epilog = settings_help()
+        parser.print_help()
+        parser.exit()
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -570,8 +602,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         help="run the OpenAI-compatible proxy",
-        description="Serve /v1/chat/completions, /v1/models, /healthz, /readyz. Settings come "
-        "from TIERGATE_* environment variables and an optional --config file.",
+        description="Serve /v1/chat/completions, /v1/models, /v1/route, /v1/feedback,\n"
+        "/healthz, /readyz, /metrics and /dashboard. Settings come from TIERGATE_*\n"
+        "environment variables and an optional --config file; every one is listed below.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
+    )
+    serve.add_argument(
+        "-h", "--help", action=_ServeHelp, nargs=0, help="show this help and every setting"
     )
     serve.add_argument("--host", help="bind address (TIERGATE_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (TIERGATE_PORT, default 8000)")
