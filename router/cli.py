@@ -3,6 +3,8 @@
 * ``serve``, ``fetch-model``, ``outcomes``: run the proxy and see what it did.
 * ``policy check | explain | schema``: make every routing decision understandable.
 * ``train``, ``score``, ``eval``, ``classify``: the learned classifier (see docs/model-card.md).
+* ``models``, ``retrain``: the versioned model store and the learning loop's retraining.
+* ``keys``: client API keys (see SECURITY.md).
 """
 
 from __future__ import annotations
@@ -179,7 +181,10 @@ def _add_model_commands(sub: Any) -> None:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("classify", help="write {id, capability, stakes, pii} per prompt")
+    p = sub.add_parser(
+        "classify",
+        help="write {id, capability, stakes, pii, stakes_reason, pii_kinds} per prompt",
+    )
     p.add_argument("--data", required=True, help="JSONL with id and prompt")
     p.add_argument("--out", required=True, help="output JSONL ('-' for stdout)")
     _add_model_arg(p)
@@ -516,10 +521,23 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seed_model_store(store: Any, args: argparse.Namespace) -> None:
+    """An empty store starts from the model the proxies serve without one (classifier_path, else
+    the shipped model), so the first retrain, such as a fresh chart's CronJob, has a parent."""
+    from router.config import load_settings
+    from router.training import default_model_path
+
+    seed = load_settings(args.config).classifier_path or default_model_path()
+    version = store.adopt(seed)
+    print(f"model store {store.root} was empty: adopted {seed} as {version}", file=sys.stderr)
+
+
 def _cmd_retrain(args: argparse.Namespace) -> int:
     from router.retrain import BASE_FILES, GateConfig, format_report, retrain
 
     store = _model_store(args)
+    if store.current() is None:
+        _seed_model_store(store, args)
     opened = _open_outcomes(args)
     if opened is None:
         return 1
