@@ -52,9 +52,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     LITELLM_LOCAL_MODEL_COST_MAP=True
 WORKDIR /src
 # README* matches nothing on a checkout without one; pyproject.toml names it as the readme.
-COPY pyproject.toml README* ./
+COPY pyproject.toml constraints.txt README* ./
 COPY router ./router
-RUN CMAKE_ARGS="${CMAKE_ARGS} ${EXTRA_CMAKE_ARGS}" pip install --no-cache-dir "/src[local,redis,otel]"
+RUN CMAKE_ARGS="${CMAKE_ARGS} ${EXTRA_CMAKE_ARGS}" pip install --no-cache-dir -c /src/constraints.txt "/src[local,redis,otel]"
 RUN mkdir -p /models \
     && if [ "${BAKE_MODEL}" = "true" ]; then \
          tiergate fetch-model --dest /models; \
