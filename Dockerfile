@@ -52,9 +52,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     LITELLM_LOCAL_MODEL_COST_MAP=True
 WORKDIR /src
 # README* matches nothing on a checkout without one; pyproject.toml names it as the readme.
-COPY pyproject.toml README* ./
+COPY pyproject.toml constraints.txt README* ./
 COPY router ./router
-RUN CMAKE_ARGS="${CMAKE_ARGS} ${EXTRA_CMAKE_ARGS}" pip install --no-cache-dir "/src[local,redis,otel]"
+RUN CMAKE_ARGS="${CMAKE_ARGS} ${EXTRA_CMAKE_ARGS}" pip install --no-cache-dir -c /src/constraints.txt "/src[local,redis,otel]"
 RUN mkdir -p /models \
     && if [ "${BAKE_MODEL}" = "true" ]; then \
          tiergate fetch-model --dest /models; \
@@ -95,12 +95,15 @@ RUN groupadd --system --gid 10001 tiergate \
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /models /models
 COPY policies /app/policies
+# The shipped routing classifier: without it the proxy falls back to the heuristic scorer.
+COPY models/router-v1 /app/models/router-v1
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     LITELLM_LOCAL_MODEL_COST_MAP=True \
     TIERGATE_POLICY=/app/policies/default.yaml \
+    TIERGATE_CLASSIFIER_PATH=/app/models/router-v1 \
     TIERGATE_LOCAL_MODEL_PATH=/models/SmolLM2-135M-Instruct.Q4_1.gguf \
     TIERGATE_SQLITE_PATH=/app/var/tiergate.db
 

@@ -24,9 +24,9 @@ help:
 	@echo "make load-test - 20,000 requests at 200 concurrent; bench/results/load.json"
 	@echo "make fuzz-long - over 10,000 fuzzed requests; bench/results/fuzz.json"
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[local,redis,otel,dev,plot]'
+	$(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt -e '.[local,redis,otel,dev,plot]'
 	touch $(STAMP)
 
 install: $(STAMP)

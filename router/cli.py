@@ -4,6 +4,8 @@
 * ``policy check | explain | schema``: make every routing decision understandable.
 * ``train``, ``score``, ``eval``, ``classify``, ``serving-form``: the learned classifier (see
   docs/model-card.md).
+* ``models``, ``retrain``: the versioned model store and the learning loop's retraining.
+* ``keys``: client API keys (see SECURITY.md).
 """
 
 from __future__ import annotations
@@ -190,7 +192,10 @@ def _add_model_commands(sub: Any) -> None:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("classify", help="write {id, capability, stakes, pii} per prompt")
+    p = sub.add_parser(
+        "classify",
+        help="write {id, capability, stakes, pii, stakes_reason, pii_kinds} per prompt",
+    )
     p.add_argument("--data", required=True, help="JSONL with id and prompt")
     p.add_argument("--out", required=True, help="output JSONL ('-' for stdout)")
     _add_model_arg(p)
@@ -212,6 +217,38 @@ def _add_settings_args(parser: argparse.ArgumentParser) -> None:
         "--config", type=Path, help="YAML settings file (also TIERGATE_CONFIG); env overrides it"
     )
     parser.add_argument("--policy", type=Path, help="routing policy YAML (TIERGATE_POLICY)")
+
+
+def settings_help() -> str:
+    """Every ``TIERGATE_*`` setting with its default and meaning, for ``tiergate serve --help``."""
+    import textwrap
+
+    from router.config import Settings
+
+    lines = [
+        "settings: TIERGATE_* environment variables, or the same names in lower case without the",
+        "prefix as keys of the --config file (precedence: flags, environment, file, default):",
+    ]
+    for name, field in Settings.model_fields.items():
+        shown = "unset" if field.default is None else str(field.default)
+        if isinstance(field.default, bool):
+            shown = shown.lower()  # as written in an environment variable
+        lines.append(f"  TIERGATE_{name.upper()} (default: {shown})")
+        if field.description:
+            lines += textwrap.wrap(
+                field.description, 88, initial_indent=" " * 6, subsequent_indent=" " * 6
+            )
+    return "\n".join(lines)
+
+
+class _ServeHelp(argparse.Action):
+    """``--help`` for ``serve``: the settings list is built only when asked for (it imports
+    pydantic-settings, which every other command would pay for at start-up)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any, **__: Any) -> None:
+        parser.epilog = settings_help()
+        parser.print_help()
+        parser.exit()
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -505,10 +542,23 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seed_model_store(store: Any, args: argparse.Namespace) -> None:
+    """An empty store starts from the model the proxies serve without one (classifier_path, else
+    the shipped model), so the first retrain, such as a fresh chart's CronJob, has a parent."""
+    from router.artifact import default_model_path
+    from router.config import load_settings
+
+    seed = load_settings(args.config).classifier_path or default_model_path()
+    version = store.adopt(seed)
+    print(f"model store {store.root} was empty: adopted {seed} as {version}", file=sys.stderr)
+
+
 def _cmd_retrain(args: argparse.Namespace) -> int:
     from router.retrain import BASE_FILES, GateConfig, format_report, retrain
 
     store = _model_store(args)
+    if store.current() is None:
+        _seed_model_store(store, args)
     opened = _open_outcomes(args)
     if opened is None:
         return 1
@@ -591,8 +641,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         help="run the OpenAI-compatible proxy",
-        description="Serve /v1/chat/completions, /v1/models, /healthz, /readyz. Settings come "
-        "from TIERGATE_* environment variables and an optional --config file.",
+        description="Serve /v1/chat/completions, /v1/models, /v1/route, /v1/feedback,\n"
+        "/healthz, /readyz, /metrics and /dashboard. Settings come from TIERGATE_*\n"
+        "environment variables and an optional --config file; every one is listed below.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
+    )
+    serve.add_argument(
+        "-h", "--help", action=_ServeHelp, nargs=0, help="show this help and every setting"
     )
     serve.add_argument("--host", help="bind address (TIERGATE_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (TIERGATE_PORT, default 8000)")

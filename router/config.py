@@ -30,8 +30,8 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="TIERGATE_", extra="forbid")
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    host: str = Field("127.0.0.1", description="Bind address; any but loopback needs API keys.")
+    port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
     policy: Path = Field(Path("policies/default.yaml"), description="Routing policy YAML file.")
     policy_reload_s: float = Field(
         2.0, ge=0, description="How often the policy file is checked for changes; 0 disables."
@@ -43,30 +43,41 @@ class Settings(BaseSettings):
 
     local_backend: Literal["llama_cpp", "openai_http", "none"] = Field(
         "llama_cpp",
-        description="llama_cpp: a GGUF in process; openai_http: an external llama.cpp server.",
+        description="llama_cpp: a GGUF in process; openai_http: an external llama.cpp server; "
+        "none: no local tier.",
     )
-    local_model_path: Path = Path("models") / BUNDLED_GGUF
+    local_model_path: Path = Field(
+        Path("models") / BUNDLED_GGUF, description="GGUF file of the in-process local model."
+    )
     local_base_url: str | None = Field(
         None, description="Base URL of an external OpenAI-compatible llama.cpp server (…/v1)."
     )
-    local_api_key: str | None = None
+    local_api_key: str | None = Field(
+        None, description="Bearer key for the external llama.cpp server (openai_http)."
+    )
     n_ctx: int = Field(4096, ge=256, description="Local context window in tokens.")
-    n_threads: int | None = Field(None, ge=1, description="CPU threads for llama.cpp.")
-    n_batch: int = Field(512, ge=1)
+    n_threads: int | None = Field(
+        None, ge=1, description="CPU threads for llama.cpp; unset: half the cores (its default)."
+    )
+    n_batch: int = Field(512, ge=1, description="llama.cpp prompt batch size in tokens.")
     n_gpu_layers: int = Field(0, ge=-1, description="Layers offloaded to the GPU; -1 = all.")
     local_queue_size: int = Field(
         8, ge=0, description="Requests that may wait for the local model before it is 'full'."
     )
-    local_timeout_s: float = Field(300.0, gt=0)
-    closed_timeout_s: float = Field(120.0, gt=0)
+    local_timeout_s: float = Field(300.0, gt=0, description="Longest local generation, seconds.")
+    closed_timeout_s: float = Field(
+        120.0, gt=0, description="Closed-provider timeout, seconds (a model's timeout_s wins)."
+    )
     default_system_prompt: str = Field(
         "You are a helpful assistant.",
         description="Added for the local model when the client sent no system message.",
     )
 
-    sqlite_path: Path = Path("var/tiergate.db")
+    sqlite_path: Path = Field(Path("var/tiergate.db"), description="SQLite outcome store.")
     redis_url: str | None = Field(None, description="When set, outcomes and limits use Redis.")
-    outcome_queue_size: int = Field(100_000, ge=1)
+    outcome_queue_size: int = Field(
+        100_000, ge=1, description="Outcome records buffered in memory before the store."
+    )
     outcome_journal_path: Path = Field(
         Path("var/outcomes-journal.jsonl"),
         description="Where Redis-bound outcomes wait on disk while Redis is unreachable.",
@@ -87,8 +98,14 @@ class Settings(BaseSettings):
         5.0, ge=0, description="How often the model store's current pointer is checked; 0 = off."
     )
 
-    classifier_path: Path | None = Field(None, description="Classifier artifact directory.")
-    model_store: Path | None = Field(None, description="Versioned classifier store (retraining).")
+    classifier_path: Path | None = Field(
+        None, description="Classifier artifact directory; unset: the shipped models/router-v1."
+    )
+    model_store: Path | None = Field(
+        None,
+        description="Versioned classifier store (tiergate models, retrain); its current version "
+        "wins over classifier_path.",
+    )
 
     api_keys_file: Path | None = Field(
         None, description="YAML of client keys (sha256 hashes); see SECURITY.md."
@@ -113,14 +130,16 @@ class Settings(BaseSettings):
     )
     otel_enabled: bool | None = Field(
         None,
-        description="OpenTelemetry traces/OTLP metrics: None follows the OTEL_* env vars "
+        description="OpenTelemetry traces/OTLP metrics: unset follows the OTEL_* env vars "
         "(on when OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_TRACES_EXPORTER is set).",
     )
     metrics_enabled: bool = Field(True, description="Record request metrics for GET /metrics.")
     eval_report: Path | None = Field(
         None, description="JSON evaluation report shown on /dashboard (tiergate eval --json)."
     )
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="JSON logs on stderr; warning drops the per-request lines."
+    )
 
     @classmethod
     def settings_customise_sources(

@@ -87,31 +87,111 @@ _DETECTORS: tuple[tuple[str, re.Pattern[str], Callable[[str], bool] | None], ...
 )
 
 # Where each detector can match at all. Every card, SSN, phone or IPv4 match is made only of
-# digits and ``()+ .-`` and starts with a digit, ``+`` or ``(``; every IBAN or NINO match only of
-# capitals, digits and spaces, starting with two capitals and (after an optional space) two
-# digits. So each match lies inside one maximal *run* that the pattern below finds, and a detector
-# need only be run over the runs (with ``pos``/``endpos``, so its look-behinds still see the
-# character before the run and its look-aheads the one after it). That keeps the scan linear in
-# C's character-class loop instead of trying each pattern at every position of a long prompt.
-# ``min_len`` skips runs too short to hold a match that passes the detector's check.
+# digits and ``()+ .-``; every IBAN or NINO match only of capitals, digits and spaces, and starts
+# with two capitals. No match holds two spaces in a row. So each match lies inside one maximal
+# *run* of its detector's characters, and a detector need only be run over the runs long enough
+# to hold a match that passes its check (``min_len``), with ``pos``/``endpos`` so that its
+# look-behinds still see the character before the run and its look-aheads the one after it.
+#
+# The runs are found without a regex where that is cheap: the text is encoded to one byte per
+# character (each non-ASCII one as ``?``), and those bytes are translated to a mask of 0 (in no
+# match), 1 (may be in one) and 2 (a capital, for the caps runs), with every double space blanked
+# first; ``bytes.find`` then locates the runs at memory speed, and indentation and padding are not
+# runs. Beyond ASCII, ``\d`` also takes other scripts' digits, so there every ``?`` counts as a
+# possible digit: the runs are then a superset, which costs time, never a match. In text that is
+# mostly non-ASCII that superset would be most of the text, so there the runs are found by the
+# two regexes below, which follow ``\d`` exactly.
 _NUMERIC_RUN = re.compile(r"[\d+(][\d()+ .-]{6,}")
 _CAPS_RUN = re.compile(r"[A-Z]{2} ?\d{2}[A-Z0-9 ]{4,}")
-_RUNS: dict[str, tuple[re.Pattern[str], int]] = {
-    "iban": (_CAPS_RUN, 15),
-    "uk_nino": (_CAPS_RUN, 9),
-    "card": (_NUMERIC_RUN, 13),
-    "ssn": (_NUMERIC_RUN, 11),
-    "phone": (_NUMERIC_RUN, 9),
-    "ip_address": (_NUMERIC_RUN, 7),
+
+
+def _mask_table(ones: bytes, twos: bytes = b"") -> bytes:
+    return bytes(2 if b in twos else 1 if b in ones else 0 for b in range(256))
+
+
+_DIGITS = b"0123456789"
+_CAPITALS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_MASKS: dict[str, tuple[re.Pattern[str], bytes, bytes]] = {
+    # run name -> (regex, mask table for ASCII text, for text with some non-ASCII)
+    "numeric": (
+        _NUMERIC_RUN,
+        _mask_table(_DIGITS + b"()+ .-"),
+        _mask_table(_DIGITS + b"()+ .-?"),
+    ),
+    "caps": (
+        _CAPS_RUN,
+        _mask_table(_DIGITS + b" ", _CAPITALS),
+        _mask_table(_DIGITS + b" ?", _CAPITALS),
+    ),
 }
+_DIGIT_MASK = _mask_table(_DIGITS)
+_MAYBE_DIGIT_MASK = _mask_table(_DIGITS + b"?")
+#: Text where more than one character in this many is non-ASCII takes the run regexes.
+_MASK_MAX_NON_ASCII = 16
+_RUNS: dict[str, tuple[str, int]] = {
+    "iban": ("caps", 15),
+    "uk_nino": ("caps", 9),
+    "card": ("numeric", 13),
+    "ssn": ("numeric", 11),
+    "phone": ("numeric", 9),
+    "ip_address": ("numeric", 7),
+}
+_SHORTEST = {name: min(n for run, n in _RUNS.values() if run == name) for name in _MASKS}
 
 
 _DIGIT_PAIR = re.compile(r"\d\d")
 _LOCAL_PART = re.compile(r"[\w.+-]*")
 
 
-def _runs(run: re.Pattern[str], text: str) -> list[tuple[int, int]]:
-    return [m.span() for m in run.finditer(text)]
+def _mask_runs(mask: bytes, anchor: bytes, min_len: int) -> list[tuple[int, int]]:
+    """The maximal runs of non-zero bytes in ``mask`` that hold ``anchor`` and are at least
+    ``min_len`` long."""
+    out: list[tuple[int, int]] = []
+    n, pos = len(mask), 0
+    hit = mask.find(anchor)
+    while hit >= 0:
+        start = mask.rfind(b"\x00", pos, hit) + 1 or pos
+        end = mask.find(b"\x00", hit)
+        if end < 0:
+            end = n
+        if end - start >= min_len:
+            out.append((start, end))
+        pos = end
+        hit = mask.find(anchor, end)
+    return out
+
+
+def _runs(name: str, text: str, raw: bytes | None) -> list[tuple[int, int]]:
+    """The runs of ``name`` in ``text`` at least as long as its shortest detector needs;
+    ``raw`` is the text's bytes (see :func:`_encode`), or None to use the run regex."""
+    regex, ascii_table, other_table = _MASKS[name]
+    if raw is None:
+        return [m.span() for m in regex.finditer(text)]
+    table = ascii_table if text.isascii() else other_table
+    mask = raw.replace(b"  ", b"\x00\x00").translate(table)
+    if name == "caps":  # every match starts with two capitals
+        return _mask_runs(mask, b"\x02\x02", _SHORTEST[name])
+    return _mask_runs(mask, b"\x01" * _SHORTEST[name], _SHORTEST[name])
+
+
+def _encode(text: str) -> bytes | None:
+    """``text`` as one byte per character (non-ASCII as ``?``) when the masks suit it, else
+    None."""
+    if text.isascii():
+        return text.encode("ascii")
+    raw = text.encode("ascii", "replace")
+    others = raw.count(b"?") - text.count("?")
+    return raw if others * _MASK_MAX_NON_ASCII <= len(text) else None
+
+
+def _has_digit_pair(text: str, raw: bytes | None) -> bool:
+    """``_DIGIT_PAIR.search(text) is not None``, from the bytes when they settle it."""
+    if raw is not None:
+        if b"\x01\x01" in raw.translate(_DIGIT_MASK):
+            return True
+        if text.isascii() or b"\x01\x01" not in raw.translate(_MAYBE_DIGIT_MASK):
+            return False
+    return _DIGIT_PAIR.search(text) is not None
 
 
 def _emails(text: str) -> Iterator[re.Match[str]]:
@@ -137,12 +217,12 @@ def _emails(text: str) -> Iterator[re.Match[str]]:
 def _scan(text: str) -> Iterator[PiiMatch]:
     # Yields exactly what ``pattern.finditer(text)`` per detector (then its check) would; the
     # test suite pins that against the plain scan.
-    runs: dict[re.Pattern[str], list[tuple[int, int]]] = {}
+    runs: dict[str, list[tuple[int, int]]] = {}
+    raw = _encode(text)
     # Every detector but email runs only if the text has two adjacent digits (as before; so a
     # lone "1.2.3.4" is not reported as an IP address).
-    has_digits = (not text.isascii() or any(d in text for d in "0123456789")) and (
-        _DIGIT_PAIR.search(text) is not None
-    )
+    has_digits = _has_digit_pair(text, raw)
+    n = len(text)
     for kind, pattern, check in _DETECTORS:
         where = _RUNS.get(kind)
         if where is None:
@@ -150,13 +230,12 @@ def _scan(text: str) -> Iterator[PiiMatch]:
         elif not has_digits:
             continue
         else:
-            run, min_len = where
-            if run not in runs:
-                runs[run] = _runs(run, text)
-            n = len(text)
+            name, min_len = where
+            if name not in runs:
+                runs[name] = _runs(name, text, raw)
             matches = (
                 m
-                for start, end in runs[run]
+                for start, end in runs[name]
                 if end - start >= min_len
                 for m in pattern.finditer(text, start, min(end + 1, n))
             )

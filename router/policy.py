@@ -243,7 +243,7 @@ class ModelSpec(_Strict):
 
 
 class Shadow(_Strict):
-    """Send this fraction of requests to the other tier too, for offline comparison."""
+    """Shadow-judge this fraction of locally served requests against the default closed model."""
 
     sample_rate: float = Field(0.0, ge=0.0, le=1.0)
 

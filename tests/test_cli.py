@@ -111,3 +111,20 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for command in ("serve", "fetch-model", "outcomes", "policy"):
         assert command in out
+
+
+def test_serve_help_lists_every_setting_with_its_default(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from router.config import Settings
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for name in Settings.model_fields:
+        assert f"TIERGATE_{name.upper()} (default: " in out, name
+    assert "TIERGATE_PORT (default: 8000)" in out
+    assert "TIERGATE_ALLOW_ANONYMOUS (default: false)" in out
+    for endpoint in ("/v1/route", "/v1/feedback", "/metrics", "/dashboard"):
+        assert endpoint in out

@@ -515,6 +515,26 @@ def test_retrain_job_shares_the_model_store_with_the_router(render: Render) -> N
     assert retrain["TIERGATE_MODEL_STORE"] == router_mount["mountPath"]
 
 
+def test_retrain_job_can_mount_the_base_training_files(render: Render) -> None:
+    # tiergate retrain refits on the base files (--base); the image does not carry them.
+    values = {
+        **VALUE_SETS["full"],
+        "retrain": {
+            "enabled": True,
+            "extraArgs": ["--base", "/data"],
+            "extraVolumes": [{"name": "base-data", "persistentVolumeClaim": {"claimName": "d"}}],
+            "extraVolumeMounts": [{"name": "base-data", "mountPath": "/data", "readOnly": True}],
+        },
+    }
+    job = find(render(values), "CronJob", f"{FULLNAME}-retrain")
+    retrain = container(job, "retrain")
+    assert retrain["args"] == ["retrain", "--base", "/data"]
+    assert {"name": "base-data", "mountPath": "/data", "readOnly": True} in retrain["volumeMounts"]
+    volumes = {v["name"]: v for v in pod_spec(job)["volumes"]}
+    assert volumes["base-data"]["persistentVolumeClaim"] == {"claimName": "d"}
+    assert "model-store" in volumes
+
+
 def test_router_is_hardened_and_probed(render: Render) -> None:
     deployment = find(render(), "Deployment", FULLNAME)
     spec, router = pod_spec(deployment), container(deployment, "router")

@@ -103,6 +103,11 @@ PII_CASES = [
     FILLER + "card 4111111111111111",
     "x@y.com " + FILLER,
     "@" * 5000 + "a@b.co",
+    # mostly ASCII with a few other characters (the byte masks, '?' standing for them) ...
+    FILLER + "ünï call +\u0664\u0664 7911 123 456, card \u0664\u0661\u0661\u0661" + "1" * 12,
+    FILLER + "caf\u00e9 GB82 WEST 1234 5698 7654 32 ?? 12?34 \U0001d7d9\U0001d7d9 4111",
+    # ... and mostly non-ASCII (the run regexes)
+    "\u4e2d\u6587 \u0664\u0664 7911 123456 " * 50 + "AB 12 34 56 C",
     "a" * 20_000 + "@example.com",
 ]
 
@@ -120,6 +125,7 @@ def test_pii_is_found_anywhere_in_a_long_prompt() -> None:
 
 PIECES = ["a", "Z", "GB", "AB", "x", "é", "٣", "0", "1", "4", "9", "12", "4111", "192", "666"]
 PIECES += [" ", "-", ".", "+", "(", ")", "@", "_", "\n", "example.com", "ex.co.uk", "WEST"]
+PIECES += ["?", "       ", "\u0661", "\U0001d7d9"]  # '?' stands in for non-ASCII in the run masks
 
 
 @settings(max_examples=300, deadline=None)

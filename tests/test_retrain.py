@@ -263,3 +263,33 @@ def test_hot_swap_under_concurrent_traffic(tmp_path: Path, fake: FakeProvider) -
     middle = version_seen.index("v0002")
     assert "v0001" in version_seen[middle:]  # and the rollback took effect too
     assert isinstance(swapped, ServingScorer)  # swapped in from its serving form (numpy only)
+
+
+def test_retrain_cli_seeds_an_empty_store_with_the_serving_model(
+    tmp_path: Path,
+    outcomes: SQLiteOutcomeStore,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from router.retrain import BASE_FILES
+
+    base = base_file(tmp_path)
+    serving = first_version(tmp_path / "serving", base).path("v0001")
+    monkeypatch.setenv("TIERGATE_CLASSIFIER_PATH", str(serving))
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name in BASE_FILES:
+        (folder / name).write_text(base.read_text())
+    label_traffic(outcomes, source="shadow", honest=True, n=120)
+    outcomes.flush()
+    store = tmp_path / "empty-store"
+    argv = ["retrain", "--store", str(store), "--base", str(folder)]
+    assert main([*argv, "--db", str(tmp_path / "o.db"), "--bootstrap", "200", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    models = ModelStore(store)
+    assert report["parent"] == "v0001"
+    assert models.metadata("v0002")["lineage"]["parent"] == "v0001"
+    assert (models.path("v0001") / "model.joblib").read_bytes() == (
+        serving / "model.joblib"
+    ).read_bytes()
+    assert models.current() in ("v0001", "v0002")

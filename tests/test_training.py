@@ -179,3 +179,19 @@ def test_default_model_path_env_override(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert default_model_path() == tmp_path
     monkeypatch.delenv("TIERGATE_CLASSIFIER_PATH")
     assert default_model_path().parent.name == "models"
+
+
+def test_install_constraints_pin_what_the_shipped_model_was_written_with() -> None:
+    """`make` and the Dockerfile install with constraints.txt; a fresh install must be able to
+    read the shipped model, so the pins and the model's recorded library versions agree."""
+    root = Path(__file__).resolve().parent.parent
+    pins = {}
+    for raw in (root / "constraints.txt").read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[name] = version
+    recorded = json.loads((default_model_path() / "metadata.json").read_text())["libraries"]
+    assert pins == {k: recorded[k] for k in ("scikit-learn", "numpy", "scipy", "joblib")}
+    assert "-c constraints.txt" in (root / "Makefile").read_text()
+    assert "-c /src/constraints.txt" in (root / "Dockerfile").read_text()
