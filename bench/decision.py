@@ -24,7 +24,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from router.training import default_model_path, load_prompts, load_scorer  # noqa: E402
+from router.artifact import default_model_path  # noqa: E402
+from router.training import load_prompts, load_scorer  # noqa: E402
 
 LOAD_SNIPPET = """
 import sys, time

@@ -43,9 +43,8 @@ log = logging.getLogger("tiergate.app")
 def load_scorer(settings: Settings) -> Scorer:
     """The learned scorer: the model store's current version when ``model_store`` is set, else
     ``classifier_path``, else the shipped model; the heuristic when none loads."""
+    from router.artifact import default_model_path, load_for_serving
     from router.registry import ModelStore
-    from router.training import default_model_path
-    from router.training import load_scorer as load_artifact
 
     path = settings.classifier_path or default_model_path()
     try:
@@ -53,7 +52,7 @@ def load_scorer(settings: Settings) -> Scorer:
             current := ModelStore(settings.model_store).current()
         ):
             path = ModelStore(settings.model_store).path(current)
-        return load_artifact(path)
+        return load_for_serving(path)
     except (ConfigError, OSError) as exc:
         log.warning("no usable classifier at %s (%s); using the heuristic scorer", path, exc)
         return HeuristicScorer()

@@ -2,7 +2,8 @@
 
 * ``serve``, ``fetch-model``, ``outcomes``: run the proxy and see what it did.
 * ``policy check | explain | schema``: make every routing decision understandable.
-* ``train``, ``score``, ``eval``, ``classify``: the learned classifier (see docs/model-card.md).
+* ``train``, ``score``, ``eval``, ``classify``, ``serving-form``: the learned classifier (see
+  docs/model-card.md).
 * ``models``, ``retrain``: the versioned model store and the learning loop's retraining.
 * ``keys``: client API keys (see SECURITY.md).
 """
@@ -32,9 +33,9 @@ def _output(path: str) -> Iterator[IO[str]]:
 
 
 def _load_model(path: str | None) -> Any:
-    from router.training import default_model_path, load_scorer
+    from router.artifact import default_model_path, load_for_serving
 
-    return load_scorer(Path(path) if path else default_model_path())
+    return load_for_serving(Path(path) if path else default_model_path())
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -54,6 +55,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         out = train_artifact(args.data, args.out, cv=args.cv, progress=progress)
     print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_serving_form(args: argparse.Namespace) -> int:
+    from router.artifact import SERVING_FILE, default_model_path
+    from router.training import add_serving_form
+
+    path = Path(args.model) if args.model else default_model_path()
+    entry = add_serving_form(path)
+    print(f"{path / SERVING_FILE}: sha256 {entry['sha256']}", file=sys.stderr)
     return 0
 
 
@@ -189,6 +200,16 @@ def _add_model_commands(sub: Any) -> None:
     p.add_argument("--out", required=True, help="output JSONL ('-' for stdout)")
     _add_model_arg(p)
     p.set_defaults(func=_cmd_classify)
+
+    p = sub.add_parser(
+        "serving-form",
+        help="give an artifact written without one its numpy-only serving form (no retraining)",
+        description="Derives serving.npz, the plain arrays the proxy loads without scikit-learn, "
+        "from the artifact's model.joblib (left unchanged) and records its sha256 in the "
+        "sidecar. An artifact that has one is only checked.",
+    )
+    _add_model_arg(p)
+    p.set_defaults(func=_cmd_serving_form)
 
 
 def _add_settings_args(parser: argparse.ArgumentParser) -> None:
@@ -524,8 +545,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _seed_model_store(store: Any, args: argparse.Namespace) -> None:
     """An empty store starts from the model the proxies serve without one (classifier_path, else
     the shipped model), so the first retrain, such as a fresh chart's CronJob, has a parent."""
+    from router.artifact import default_model_path
     from router.config import load_settings
-    from router.training import default_model_path
 
     seed = load_settings(args.config).classifier_path or default_model_path()
     version = store.adopt(seed)

@@ -74,6 +74,12 @@ class ConfigError(TiergateError):
     code = "config_error"
 
 
+class ArtifactError(ConfigError):
+    """A model artifact is missing, foreign, tampered with, or from other library versions."""
+
+    code = "model_artifact_error"
+
+
 @dataclass(frozen=True, slots=True)
 class PolicyIssue:
     """One problem in a policy file, located for the person who wrote it.

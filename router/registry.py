@@ -2,7 +2,8 @@
 
 Layout::
 
-    <store>/versions/<id>/model.joblib      an artifact written by router.training.save_scorer,
+    <store>/versions/<id>/model.joblib      an artifact written by router.training.save_scorer
+    <store>/versions/<id>/serving.npz       (router.artifact; the proxy loads serving.npz),
     <store>/versions/<id>/metadata.json     with lineage (parent, label counts, gate metrics)
     <store>/current                         the serving version's id, replaced atomically
     <store>/history.jsonl                   every pointer change (promote, rollback), in order
@@ -17,7 +18,6 @@ flight finish on the scorer they started with.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import logging
 import os
@@ -36,9 +36,11 @@ _VERSION = re.compile(r"^v(\d{4,})$")
 
 
 def default_loader(path: Path) -> Any:
-    """Load an artifact with the trusted-only loader of :mod:`router.training`."""
-    training = importlib.import_module("router.training")
-    return training.load_scorer(path)
+    """Load an artifact with the proxy's trusted-only loader (its serving form, numpy only;
+    :func:`router.artifact.load_for_serving`)."""
+    from router.artifact import load_for_serving
+
+    return load_for_serving(path)
 
 
 class ModelStore:

@@ -28,9 +28,9 @@ TF-IDF and scaled structure features), so one feature pass serves them::
 
 The estimator is a :class:`~router.classifier.PromptClassifier` (it reuses the base model's
 fitted pipeline and fast single-prompt path, with three stacked coefficient rows instead of one),
-so the artifact format and the hot swap take it unchanged. The scorer serves it through the
-per-model path rather than its joint routing+capability linear map (measured ~140 vs ~95 us per
-score on the shared dev machine).
+so the artifact format and the hot swap take it unchanged. Its three rows share the base model's
+features, so its serving form is the base model's with three routing rows and ``shift``
+(:func:`router.serving.residual_logit` combines them, for this class and for the proxy alike).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from router.classifier import PromptClassifier
 from router.errors import ConfigError
+from router.serving import logistic, residual_logit
 
 FloatArray = NDArray[np.float64]
 
@@ -59,21 +60,15 @@ WORD_SCALES: tuple[float, ...] = (0.0, 3.0, 10.0)
 GATE_C = 10.0
 
 
-def _sigmoid(z: FloatArray) -> FloatArray:
-    out: FloatArray = 0.5 * (1.0 + np.tanh(0.5 * z))
-    return out
-
-
 class ResidualRouting(PromptClassifier):
     """The base routing classifier plus a traffic head mixed in by a domain gate.
 
     Built by :func:`fit_residual`, not by ``fit``. Fitted state: ``base_`` (the base
     :class:`PromptClassifier`, whose pipeline this one shares), ``coef3_``/``intercept3_``
     (base, gate and head rows over the pipeline's features), ``shift_``, ``head_lambda_``.
-    Its parameters are the base model's. Its score is not one linear row, so
-    :class:`~router.classifier.LearnedScorer` (which folds only plain ``PromptClassifier``s into
-    its joint linear path) serves it through :meth:`decision_one`; tests/test_residual.py pins
-    scorer == predict_proba.
+    Its parameters are the base model's. Its score is not one linear row: its serving form has
+    three routing rows (:meth:`serving_head`); tests/test_residual.py pins the scorers, the
+    proxy's included, to ``predict_proba``.
     """
 
     def fit(
@@ -86,9 +81,12 @@ class ResidualRouting(PromptClassifier):
         raise TypeError("ResidualRouting is built by router.residual.fit_residual")
 
     def _combine(self, z3: FloatArray) -> FloatArray:
-        base, gate, head = z3[..., 0], z3[..., 1], z3[..., 2]
-        out: FloatArray = base + _sigmoid(gate) * (head - self.shift_ - base)
-        return out
+        return residual_logit(z3, self.shift_)
+
+    def serving_head(self) -> tuple[str, float]:
+        """Served as three rows (base, gate, head) combined by
+        :func:`router.serving.residual_logit` with ``shift_``."""
+        return "residual", float(self.shift_)
 
     def parts(self, X: Sequence[str]) -> FloatArray:
         """``(n, 3)``: base logit, gate logit, head logit per prompt (for inspection)."""
@@ -103,7 +101,7 @@ class ResidualRouting(PromptClassifier):
 
     def predict_proba(self, X: Sequence[str]) -> FloatArray:
         """``[P(0), P(1)]`` per prompt, from the combined logit."""
-        p = _sigmoid(self.decision_function(X))
+        p = logistic(self.decision_function(X))
         return np.column_stack([1.0 - p, p])
 
     def predict(self, X: Sequence[str]) -> NDArray[Any]:
@@ -269,7 +267,7 @@ def fit_residual_features(
     model.struct_coef_ = np.ascontiguousarray(struct)
     model.intercept_ = model.intercept3_ - struct @ scaler.mean_
 
-    gate_p = _sigmoid(np.asarray(sp.vstack([x_out, x_base]) @ gate_coef) + gate_b)
+    gate_p = logistic(np.asarray(sp.vstack([x_out, x_base]) @ gate_coef) + gate_b)
     info = ResidualFit(
         head_lambda=lam,
         head_word_scale=scale,

@@ -10,16 +10,17 @@ answers on the same scale within a file (correctness 0/1, a judge score rescaled
 ``commercial_use``/``source`` where the data has them). Users can bring their own logs in this
 format to ``tiergate train`` and ``tiergate eval``.
 
-An artifact is a directory with ``model.joblib`` and ``metadata.json``. The sidecar records the
-format version, library versions, the sha256 and row count of every training file, the features
-and the cross-validation metrics, and the sha256 of ``model.joblib``. :func:`load_scorer` checks
+An artifact is a directory with ``model.joblib``, ``serving.npz`` and ``metadata.json``
+(:mod:`router.artifact`). The sidecar records the format version, library versions, the sha256
+and row count of every training file, the features and the cross-validation metrics, the sha256
+of ``model.joblib``, and the serving form's format version and sha256. :func:`load_scorer` checks
 the format, the library versions and that hash *before* unpickling, so it only unpickles the file
-Tiergate wrote alongside that sidecar, and refuses anything else.
+Tiergate wrote alongside that sidecar, and refuses anything else. The proxy does not unpickle at
+all: it loads the serving form (:func:`router.artifact.load_for_serving`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -37,21 +38,22 @@ import scipy
 import sklearn
 
 from router import __version__
-from router.classifier import (
-    MAX_CHARS,
-    STRUCTURE_FEATURES,
-    LearnedScorer,
-    PromptClassifier,
+from router.artifact import (
+    ARTIFACT_FORMAT,
+    ARTIFACT_FORMAT_VERSION,
+    DEFAULT_MODEL_NAME,
+    MODEL_FILE,
+    default_model_path,
+    load_serving_form,
+    read_sidecar,
+    sha256_file,
+    write_serving_form,
+    write_sidecar,
 )
-from router.errors import ConfigError
+from router.classifier import LearnedScorer, PromptClassifier
+from router.errors import ArtifactError, ConfigError
 from router.scoring import CAPABILITIES
-
-ARTIFACT_FORMAT = "tiergate-classifier"
-ARTIFACT_FORMAT_VERSION = 1
-MODEL_FILE = "model.joblib"
-METADATA_FILE = "metadata.json"
-DEFAULT_MODEL_NAME = "router-v1"
-ENV_MODEL_PATH = "TIERGATE_CLASSIFIER_PATH"
+from router.serving import MAX_CHARS, STRUCTURE_FEATURES
 
 #: Routing-label choices measured in docs/model-card.md; the shipped model uses the defaults.
 DEFAULT_MARGIN = 0.0
@@ -61,12 +63,6 @@ class DataFormatError(ConfigError):
     """A data file does not follow Tiergate's documented JSONL row schema."""
 
     code = "data_format_error"
-
-
-class ArtifactError(ConfigError):
-    """A model artifact is missing, foreign, tampered with, or from other library versions."""
-
-    code = "model_artifact_error"
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,15 +264,6 @@ def fit_scorer(
 # --- artifact -------------------------------------------------------------------------------
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def library_versions() -> dict[str, str]:
     """Versions that must match between the writer and the reader of an artifact."""
     return {
@@ -300,8 +287,11 @@ def save_scorer(
 ) -> Path:
     """Write ``scorer`` as a new artifact directory and return its path.
 
-    Refuses to overwrite an existing artifact (a retrain writes a new version). The directory is
-    assembled in a temporary sibling and renamed into place, so readers never see half of it.
+    Writes ``model.joblib``, the serving form ``serving.npz`` when the scorer has one
+    (:attr:`LearnedScorer.form`; without it the proxy loads the artifact through scikit-learn)
+    and the sidecar. Refuses to overwrite an existing artifact (a retrain writes a new version).
+    The directory is assembled in a temporary sibling and renamed into place, so readers never
+    see half of it.
     """
     out = Path(out_dir)
     if out.exists():
@@ -332,7 +322,9 @@ def save_scorer(
         },
         **(metadata or {}),
     }
-    (tmp / METADATA_FILE).write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
+    if scorer.form is not None:
+        sidecar["serving"] = write_serving_form(tmp, scorer.form)
+    write_sidecar(tmp, sidecar)
     tmp.chmod(0o755)  # mkdtemp makes it owner-only; an artifact is meant to be shared.
     os.replace(tmp, out)
     return out
@@ -348,22 +340,10 @@ def _describe(model: PromptClassifier) -> dict[str, Any]:
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The sidecar of an artifact directory, checked for format and library versions."""
+    """The sidecar of an artifact directory with ``model.joblib``, checked for format and
+    library versions (the versions the pickle is bound to)."""
     p = Path(path)
-    meta_path = p / METADATA_FILE
-    if not meta_path.is_file() or not (p / MODEL_FILE).is_file():
-        raise ArtifactError(f"{p} is not a Tiergate model (needs {MODEL_FILE} and {METADATA_FILE})")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{meta_path}: unreadable sidecar") from exc
-    if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT:
-        raise ArtifactError(f"{meta_path}: not a Tiergate classifier sidecar")
-    if meta.get("format_version") != ARTIFACT_FORMAT_VERSION:
-        raise ArtifactError(
-            f"{meta_path}: artifact format {meta.get('format_version')!r}, "
-            f"this Tiergate reads {ARTIFACT_FORMAT_VERSION}"
-        )
+    meta = read_sidecar(p, MODEL_FILE)
     expected = library_versions()
     found = meta.get("libraries", {})
     mismatched = {k: (found.get(k), v) for k, v in expected.items() if found.get(k) != v}
@@ -395,17 +375,38 @@ def load_scorer(path: str | Path) -> LearnedScorer:
     return LearnedScorer(routing, capability, str(meta.get("version", p.name)))
 
 
-def default_model_path() -> Path:
-    """The default model: ``$TIERGATE_CLASSIFIER_PATH``, else ``<repo>/models/router-v1``."""
-    env = os.environ.get(ENV_MODEL_PATH)
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent / "models" / DEFAULT_MODEL_NAME
-
-
 def load_default_scorer() -> LearnedScorer:
-    """Load the default model (:func:`default_model_path`); the proxy calls this at start-up."""
+    """Load the default model (:func:`router.artifact.default_model_path`) with its estimators
+    (the proxy loads its serving form instead, :func:`router.artifact.load_for_serving`)."""
     return load_scorer(default_model_path())
+
+
+def add_serving_form(path: str | Path) -> dict[str, Any]:
+    """Give an artifact written before serving forms existed its ``serving.npz``, without
+    retraining (``tiergate serving-form``); returns the sidecar's serving entry.
+
+    ``model.joblib`` is loaded with every check of :func:`load_scorer` and left byte-identical;
+    the serving form is derived from it deterministically (:func:`router.classifier.serving_form`,
+    written by :func:`router.artifact.write_serving_form`: the same model always gives the same
+    bytes), then the sidecar gains its ``serving`` entry, written to a temporary file and renamed
+    over the old one. An artifact that already has a serving form is only checked (a version in
+    a model store is never edited).
+    """
+    p = Path(path)
+    scorer = load_scorer(p)
+    meta = read_metadata(p)
+    if "serving" in meta:
+        load_serving_form(p, meta)  # refuses one that does not match its sidecar
+        entry: dict[str, Any] = meta["serving"]
+        return entry
+    if scorer.form is None:
+        raise ArtifactError(
+            f"{p}: its models have no serving form (they do not tokenise alike); "
+            f"the proxy loads {MODEL_FILE} through scikit-learn"
+        )
+    meta["serving"] = write_serving_form(p, scorer.form)
+    write_sidecar(p, meta)
+    return dict(meta["serving"])
 
 
 # --- cross-validation and the train command ----------------------------------------------------

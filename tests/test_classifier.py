@@ -17,20 +17,18 @@ from sklearn.utils.estimator_checks import (
     check_set_params,
 )
 
-from router import classifier
-from router.classifier import (
+from router import serving
+from router.classifier import LearnedScorer, PromptClassifier, StructureFeatures
+from router.scoring import Scorer
+from router.serving import (
     HEAD_CHARS,
     MAX_CHARS,
     STRUCTURE_FEATURES,
     TAIL_CHARS,
-    LearnedScorer,
-    PromptClassifier,
-    StructureFeatures,
     assess_stakes,
     clip,
     structure_vector,
 )
-from router.scoring import Scorer
 
 HARD = [
     "Prove that the sum of the first n odd numbers is n^2, step by step.",
@@ -199,7 +197,7 @@ def _plain_structure_vector(text: str) -> list[float]:
     head = clip(text)
     n_head = max(len(head), 1)
     constraints = reasoning = 0
-    for m in classifier._CUES.finditer(head):
+    for m in serving._CUES.finditer(head):
         if m.lastgroup == "constraints":
             constraints += 1
         else:
@@ -210,11 +208,11 @@ def _plain_structure_vector(text: str) -> list[float]:
         math.log1p(text.count("\n")),
         1.0 if "```" in head else 0.0,
         math.log1p(len(_PLAIN_CODE_TOKENS.findall(head))),
-        math.log1p(len(classifier._MATH_SYMBOLS.findall(head))),
+        math.log1p(len(serving._MATH_SYMBOLS.findall(head))),
         len(re.findall(r"\d", head)) / n_head,
-        math.log1p(len(classifier._NUMBER.findall(head))),
+        math.log1p(len(serving._NUMBER.findall(head))),
         math.log1p(head.count("?")),
-        1.0 if len(classifier._CHOICE.findall(head)) >= 3 else 0.0,
+        1.0 if len(serving._CHOICE.findall(head)) >= 3 else 0.0,
         math.log1p(constraints),
         math.log1p(reasoning),
         len(re.findall(r"[^\x00-\x7f]", head)) / n_head,
@@ -223,11 +221,11 @@ def _plain_structure_vector(text: str) -> list[float]:
 
 def _plain_stakes(text: str, has_tools: bool, pii: bool) -> tuple[str, str]:
     head = clip(text)
-    m = classifier._STAKES.search(head)
+    m = serving._STAKES.search(head)
     if m:
         return "high", f"{m.lastgroup} domain ({m.group(0).lower()!r})"
     if has_tools:
-        m = classifier._DESTRUCTIVE.search(head)
+        m = serving._DESTRUCTIVE.search(head)
         if m:
             return "high", f"agent workflow with tools and action {m.group(0).lower()!r}"
         return "medium", "agent workflow with tools"
@@ -273,7 +271,7 @@ SIGMA = ["\u03a3\u0391\u03a3.\u03a3\u0391\u03a3", "\u039b\u039f\u0393\u039f\u03a
 def test_shared_word_list_is_the_lower_cased_texts_words(text: str) -> None:
     # The TF-IDF tokens are taken from the clipped text's words lower-cased one by one; that is
     # only right where it equals tokenising the lower-cased text (not so around a capital sigma).
-    w = classifier._Window(text)
+    w = serving._Window(text)
     if w.lowered is not None:
         assert w.lowered == re.findall(r"\w+", w.low)
     if text.isascii():
@@ -310,7 +308,7 @@ WORDS += ["\x1c", "\x1f", "_", "A1", "12,5", "3.14"]  # separators Unicode calls
 def _window_stakes(text: str, has_tools: bool, pii: bool) -> tuple[str, str]:
     # The stakes as analyze() computes them: with the window's word list, which lets a prompt
     # that no rule's literal prefix starts a word of skip the regex scan.
-    return classifier._stakes(classifier._Window(text), has_tools=has_tools, pii=pii)
+    return serving._stakes(serving._Window(text), has_tools=has_tools, pii=pii)
 
 
 @settings(max_examples=300, deadline=None)
@@ -332,19 +330,17 @@ def test_stakes_prefixes_cover_every_rule_branch() -> None:
     # Each branch's literal prefix is what a matching word must start with; a branch whose
     # prefix were missing from the table would be skipped by the prefilter.
     branches = [
-        b
-        for _, rule in classifier._STAKES_RULES
-        for b in classifier._alternatives(rule.pattern[5:-3])
+        b for _, rule in serving._STAKES_RULES for b in serving._alternatives(rule.pattern[5:-3])
     ]
     assert len(branches) == 71
-    assert classifier._required_prefix("tumou?r") == "tumo"
-    assert classifier._required_prefix("tax(?:es)?") == "tax"
-    assert classifier._required_prefix("self[- ]harm") == "self"
+    assert serving._required_prefix("tumou?r") == "tumo"
+    assert serving._required_prefix("tax(?:es)?") == "tax"
+    assert serving._required_prefix("self[- ]harm") == "self"
     for branch in branches:
-        prefix = classifier._required_prefix(branch)
-        assert prefix in classifier._STAKES_PREFIXES[prefix[:2]]
-        assert classifier._may_have_stakes(["zz", prefix + "x"])
-    assert not classifier._may_have_stakes(["write", "a", "haiku", "about", "autumn"])
+        prefix = serving._required_prefix(branch)
+        assert prefix in serving._STAKES_PREFIXES[prefix[:2]]
+        assert serving._may_have_stakes(["zz", prefix + "x"])
+    assert not serving._may_have_stakes(["write", "a", "haiku", "about", "autumn"])
     # Through analyze()'s path: no rule word, low; a rule word, high.
     assert _window_stakes("Write a haiku about autumn.", False, False)[0] == "low"
     assert _window_stakes("What dosage of insulin?", False, False)[0] == "high"
@@ -354,7 +350,7 @@ def test_joint_decision_equals_sklearn(
     routing_model: PromptClassifier, capability_model: PromptClassifier
 ) -> None:
     scorer = LearnedScorer(routing_model, capability_model, "test-1")
-    assert scorer._joint is not None  # both models tokenise alike: the fused path is used
+    assert scorer.serving is not None  # both models tokenise alike: the fused path is used
     texts = [*TRICKY, "", "unseen vocabulary zzqx", "hi " * 5000 + "```code```"]
     routing = routing_model.predict_proba(texts)[:, 1]
     capability = capability_model.predict(texts)
@@ -365,6 +361,19 @@ def test_joint_decision_equals_sklearn(
         assert a.capability == cap
 
 
+def test_two_class_capability_model_predicts_like_sklearn(routing_model: PromptClassifier) -> None:
+    # A two-class model has one logit (for its second class): its sign picks the class.
+    texts = [t for c in ("coding", "math") for t in CAPS[c]] * 2
+    y = [c for c in ("coding", "math") for _ in CAPS[c]] * 2
+    binary = PromptClassifier(min_df=1, C=10.0).fit(texts, y)
+    scorer = LearnedScorer(routing_model, binary, "test-3")
+    assert scorer.serving is not None
+    probes = ["Write a Python function to sort a dict.", "What is 17 * 3 + 2?", *TRICKY]
+    predicted = list(binary.predict(probes))
+    assert {"coding", "math"} <= set(predicted)
+    assert [scorer.analyze(t).capability for t in probes] == predicted
+
+
 def test_models_that_tokenise_differently_use_separate_paths(
     routing_model: PromptClassifier,
 ) -> None:
@@ -372,7 +381,7 @@ def test_models_that_tokenise_differently_use_separate_paths(
     y = [c for c, ts in CAPS.items() for _ in ts] * 2
     unigram = PromptClassifier(min_df=1, ngram_max=1).fit(texts, y)
     scorer = LearnedScorer(routing_model, unigram, "test-2")
-    assert scorer._joint is None
+    assert scorer.serving is None
     for text in TRICKY:
         a = scorer.analyze(text)
         assert a.score == pytest.approx(routing_model.predict_proba([text])[0, 1], abs=1e-9)

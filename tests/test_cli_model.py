@@ -106,6 +106,25 @@ def test_eval_json_and_plot(
     assert "CPT(50%)" in capsys.readouterr().out
 
 
+def test_serving_form_command_adds_the_form_to_an_older_artifact(
+    model_dir: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "model.joblib").write_bytes((model_dir / "model.joblib").read_bytes())
+    meta = json.loads((model_dir / "metadata.json").read_text())
+    written = meta.pop("serving")
+    (old / "metadata.json").write_text(json.dumps(meta))
+    assert main(["serving-form", "--model", str(old)]) == 0
+    assert written["sha256"] in capsys.readouterr().err
+    assert json.loads((old / "metadata.json").read_text())["serving"] == written
+    out_old, out_new = tmp_path / "old.jsonl", tmp_path / "new.jsonl"
+    assert main(["classify", "--data", str(data), "--out", str(out_old), "--model", str(old)]) == 0
+    args = ["classify", "--data", str(data), "--out", str(out_new), "--model", str(model_dir)]
+    assert main(args) == 0
+    assert out_old.read_text() == out_new.read_text()
+
+
 def test_errors_are_reported_not_raised(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "nope"
     assert main(["score", "--data", "x.jsonl", "--out", "-", "--model", str(missing)]) == 2
@@ -113,7 +132,7 @@ def test_errors_are_reported_not_raised(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_score_uses_the_shipped_model_by_default(data: Path, tmp_path: Path) -> None:
-    from router.training import default_model_path
+    from router.artifact import default_model_path
 
     if not (default_model_path() / "model.joblib").is_file():
         pytest.skip("no shipped model in this checkout")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -9,11 +10,13 @@ import numpy as np
 import pytest
 
 import router.retrain as retrain_module
+from router.artifact import load_for_serving
 from router.classifier import LearnedScorer, PromptClassifier
 from router.metrics import apgr_from_curve, routing_curve
 from router.outcomes import Label, SQLiteOutcomeStore
 from router.residual import ResidualRouting, fit_residual
 from router.retrain import GateConfig, retrain, split_outcomes
+from router.serving import ServingScorer
 from router.training import load_routing_rows, load_scorer, save_scorer
 from tests.test_retrain import base_file, first_version, label_traffic, outcome, traffic_prompt
 
@@ -65,6 +68,13 @@ def test_residual_fast_path_and_artifact_round_trip(tmp_path: Path) -> None:
     back = load_scorer(tmp_path / "art")
     assert isinstance(back.routing, ResidualRouting)
     assert np.allclose(back.routing.predict_proba(texts)[:, 1], batch, atol=1e-12)
+    # The proxy's loader serves it from its serving form (three routing rows and the shift).
+    served = load_for_serving(tmp_path / "art")
+    assert isinstance(served, ServingScorer)
+    assert np.allclose([served.analyze(t).score for t in texts], batch, atol=1e-12, rtol=0)
+    assert [served.analyze(t).capability for t in texts] == list(capability.predict(texts))
+    meta = json.loads((tmp_path / "art" / "metadata.json").read_text())
+    assert meta["serving"]["routing"] == "residual"
     with pytest.raises(TypeError):
         model.fit(texts, [0, 1] * 5 + [0])
 

@@ -17,6 +17,7 @@ from router.cli import main
 from router.outcomes import Label, OutcomeRecord, SQLiteOutcomeStore
 from router.registry import ModelStore
 from router.retrain import GateConfig, retrain
+from router.serving import ServingScorer
 from router.training import CapabilityRow, fit_scorer, load_scorer, save_scorer
 from tests.conftest import live, policy_yaml
 from tests.fake_provider import FakeProvider
@@ -255,11 +256,13 @@ def test_hot_swap_under_concurrent_traffic(tmp_path: Path, fake: FakeProvider) -
     ) as srv:
         statuses = asyncio.run(traffic(srv.url, 400))
         final = srv.gateway.scorer.version
+        swapped = srv.gateway.scorer
     assert statuses == [200] * 400  # no request failed while the model was swapped twice
     assert version_seen[0] == "v0001" and final == "v0001"
     assert "v0002" in version_seen  # the promoted model served in between, without a restart
     middle = version_seen.index("v0002")
     assert "v0001" in version_seen[middle:]  # and the rollback took effect too
+    assert isinstance(swapped, ServingScorer)  # swapped in from its serving form (numpy only)
 
 
 def test_retrain_cli_seeds_an_empty_store_with_the_serving_model(

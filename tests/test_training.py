@@ -8,12 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from router.artifact import METADATA_FILE, MODEL_FILE, default_model_path
+from router.errors import ArtifactError
 from router.training import (
-    METADATA_FILE,
-    MODEL_FILE,
-    ArtifactError,
     DataFormatError,
-    default_model_path,
     fit_scorer,
     load_capability_rows,
     load_prompts,
@@ -173,6 +171,7 @@ def test_train_artifact_records_data_hashes_and_cv(
     assert "grouped_by_category/routing" in meta["cv_metrics"]["routing"]
     assert 0.0 <= meta["cv_metrics"]["capability"]["accuracy"] <= 1.0
     assert steps[-1] == "save"
+    assert meta["serving"]["file"] == "serving.npz" and len(meta["serving"]["sha256"]) == 64
 
 
 def test_default_model_path_env_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -1,0 +1,196 @@
+"""A model artifact on disk: its layout, its sidecar's checks, and the proxy's loader.
+
+An artifact is a directory written by :func:`router.training.save_scorer`::
+
+    model.joblib    the fitted scikit-learn estimators (training, evaluation, retraining)
+    serving.npz     the same models as plain arrays (router.serving): what the proxy loads
+    metadata.json   the sidecar: format and library versions, training data, metrics, and the
+                    sha256 of model.joblib and of serving.npz (with its own format version)
+
+:func:`load_for_serving` loads only what Tiergate wrote: it checks the sidecar's format version,
+then the serving form's format version and sha256, and only then reads the bytes it hashed with
+``numpy.load(allow_pickle=False)`` (plain arrays: nothing in the file can run code), whose names,
+kinds and shapes :class:`~router.serving.ServingScorer` checks in turn. The library versions of
+the sidecar bind only the pickle (:func:`router.training.read_metadata` checks them there). An
+artifact written before serving forms existed has no ``serving`` entry; it is loaded through
+scikit-learn as :func:`router.training.load_scorer` loads it, with a log line that says so, and
+``tiergate serving-form`` gives it its serving form without retraining.
+
+This module imports neither scikit-learn, scipy nor joblib, and nothing happens at import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import uuid
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.lib.npyio import NpzFile
+from numpy.typing import NDArray
+
+from router.errors import ArtifactError
+from router.scoring import Scorer
+from router.serving import ServingScorer
+
+log = logging.getLogger("tiergate.artifact")
+
+ARTIFACT_FORMAT = "tiergate-classifier"
+ARTIFACT_FORMAT_VERSION = 1
+MODEL_FILE = "model.joblib"
+METADATA_FILE = "metadata.json"
+SERVING_FILE = "serving.npz"
+#: The layout of ``serving.npz`` (:data:`router.serving.FORM_ARRAYS`); a reader refuses others.
+SERVING_FORMAT_VERSION = 1
+DEFAULT_MODEL_NAME = "router-v1"
+ENV_MODEL_PATH = "TIERGATE_CLASSIFIER_PATH"
+
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can carry
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def default_model_path() -> Path:
+    """The default model: ``$TIERGATE_CLASSIFIER_PATH``, else ``<repo>/models/router-v1``."""
+    env = os.environ.get(ENV_MODEL_PATH)
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "models" / DEFAULT_MODEL_NAME
+
+
+def read_sidecar(path: str | Path, *needs: str) -> dict[str, Any]:
+    """The sidecar of an artifact directory, checked for its format and format version.
+
+    ``needs``: files the caller reads, which must be there beside ``metadata.json``.
+    """
+    p = Path(path)
+    meta_path = p / METADATA_FILE
+    if not all((p / name).is_file() for name in (*needs, METADATA_FILE)):
+        raise ArtifactError(
+            f"{p} is not a Tiergate model (needs {' and '.join((*needs, METADATA_FILE))})"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{meta_path}: unreadable sidecar") from exc
+    if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT:
+        raise ArtifactError(f"{meta_path}: not a Tiergate classifier sidecar")
+    _require_version(
+        meta_path, "artifact format", meta.get("format_version"), ARTIFACT_FORMAT_VERSION
+    )
+    return meta
+
+
+def _require_version(where: Path, what: str, found: object, expected: int) -> None:
+    if found != expected:
+        raise ArtifactError(f"{where}: {what} {found!r}, this Tiergate reads {expected}")
+
+
+def _replace(path: Path, write: Any) -> None:
+    # Write a sibling temporary file, then rename it over ``path``: a reader sees the old file
+    # or the new one, never half of one.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_sidecar(directory: Path, meta: Mapping[str, Any]) -> None:
+    """Write an artifact's sidecar (atomically replacing one that is there)."""
+    text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+    _replace(directory / METADATA_FILE, lambda tmp: tmp.write_text(text))
+
+
+def _write_npz(path: Path, form: Mapping[str, NDArray[Any]]) -> None:
+    # What numpy.savez_compressed writes, except that every member carries a fixed time (savez
+    # stamps the current one): the same arrays always make the same bytes, so a serving form
+    # derived again from the same model.joblib has the same sha256.
+    with zipfile.ZipFile(path, "x", compression=zipfile.ZIP_DEFLATED) as zf:
+        for key in sorted(form):
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_TIME)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with zf.open(info, "w") as fh:
+                np.lib.format.write_array(fh, np.asarray(form[key]), allow_pickle=False)
+
+
+def write_serving_form(directory: Path, form: Mapping[str, NDArray[Any]]) -> dict[str, Any]:
+    """Write ``serving.npz`` into an artifact directory; returns its sidecar entry."""
+    path = directory / SERVING_FILE
+    _replace(path, lambda tmp: _write_npz(tmp, form))
+    return {
+        "file": SERVING_FILE,
+        "format_version": SERVING_FORMAT_VERSION,
+        "sha256": sha256_file(path),
+        "routing": str(np.asarray(form["routing"])),
+    }
+
+
+def load_serving_form(path: str | Path, meta: Mapping[str, Any] | None = None) -> ServingScorer:
+    """The :class:`~router.serving.ServingScorer` of an artifact with a serving form, checked as
+    the module docstring says (``meta``: its sidecar, when already read)."""
+    p = Path(path)
+    meta = read_sidecar(p) if meta is None else meta
+    entry = meta.get("serving")
+    if not isinstance(entry, dict) or entry.get("file") != SERVING_FILE:
+        raise ArtifactError(f"{p / METADATA_FILE}: no valid serving form entry")
+    _require_version(p, "serving form format", entry.get("format_version"), SERVING_FORMAT_VERSION)
+    file = p / SERVING_FILE
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise ArtifactError(f"{p}: its sidecar names {SERVING_FILE}, which cannot be read") from exc
+    if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        raise ArtifactError(f"{file}: sha256 does not match its sidecar; refusing to load")
+    try:
+        # The bytes just hashed, not the file again: what is checked is what is loaded.
+        loaded = np.load(io.BytesIO(data), allow_pickle=False)
+        if not isinstance(loaded, NpzFile):
+            raise ArtifactError(f"{file}: not a serving form (an .npz archive)")
+        with loaded:
+            form = {key: loaded[key] for key in loaded.files}
+        return ServingScorer(form, str(meta.get("version", p.name)))
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ArtifactError(f"{file}: unusable serving form ({exc})") from exc
+
+
+def load_for_serving(path: str | Path) -> Scorer:
+    """The scorer the proxy serves from an artifact (the proxy's start-up, its hot swap and the
+    ``score``/``classify``/``eval`` commands load through here).
+
+    Its serving form when the sidecar lists one, without importing scikit-learn; else, for an
+    artifact written before serving forms existed, :func:`router.training.load_scorer` (which
+    imports scikit-learn). Both refuse foreign or tampered files with an :class:`ArtifactError`.
+    """
+    p = Path(path)
+    meta = read_sidecar(p)
+    if "serving" not in meta:
+        log.warning(
+            "model %s has no %s: loading %s through scikit-learn (about 100 MB more memory; "
+            "`tiergate serving-form --model %s` adds it)",
+            p,
+            SERVING_FILE,
+            MODEL_FILE,
+            p,
+        )
+        from router.training import load_scorer
+
+        return load_scorer(p)
+    scorer = load_serving_form(p, meta)
+    log.info("model %s loaded from its serving form (%s, numpy only)", p, SERVING_FILE)
+    return scorer

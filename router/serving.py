@@ -1,0 +1,662 @@
+"""The learned classifier as the proxy serves it: its features and one linear map, numpy only.
+
+A model artifact (:mod:`router.artifact`) holds the fitted scikit-learn estimators
+(:mod:`router.classifier`) and, beside them, their **serving form**: the plain arrays that this
+module evaluates, so the proxy scores requests without importing scikit-learn or scipy (about
+100 MB of resident memory) and without unpickling anything.
+
+* :func:`structure_vector` / :class:`_Window`: the transparent structure features (length, code,
+  maths, question form, constraints, multiple choice) over a bounded window of the prompt
+  (:func:`clip`). The estimators' :class:`~router.classifier.StructureFeatures` uses these same
+  functions, so training and serving compute every feature by one definition.
+* :func:`assess_stakes`: a documented keyword/regex rule set, not a learned model.
+* :class:`JointLinear`: the routing and capability models as one linear map over their joint
+  vocabulary, built from the serving form's arrays.
+* :class:`ServingScorer`: the :class:`router.scoring.Scorer` the proxy uses. Per request it reads
+  the prompt once, evaluates both models with one lookup per n-gram and one small matrix product,
+  and adds the stakes rules and the PII detectors (:mod:`router.pii`).
+
+This module is pure: it imports no web code, no litellm, no scikit-learn and no scipy, and
+nothing happens at import beyond compiling its regexes. tests/test_serving.py pins its scores to
+scikit-learn's ``predict_proba`` and checks, in a fresh interpreter, that the proxy's loader
+imports neither library.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import chain, pairwise, repeat
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from router.pii import pii_kinds
+from router.scoring import CAPABILITIES, Analysis
+
+FloatArray = NDArray[np.float64]
+
+#: Only a bounded window of a prompt is tokenised and scanned by the regex features: its first
+#: HEAD_CHARS and last TAIL_CHARS characters (the instruction is usually at the start or the end
+#: of a long pasted document). The length and line-count features still see the full text, and
+#: fit and predict clip identically (:func:`clip`), so the per-decision cost is bounded.
+HEAD_CHARS = 2000
+TAIL_CHARS = 500
+MAX_CHARS = HEAD_CHARS + TAIL_CHARS
+
+STRUCTURE_FEATURES: tuple[str, ...] = (
+    "log_chars",
+    "log_words",
+    "log_lines",
+    "code_fence",
+    "code_tokens",
+    "math_symbols",
+    "digit_ratio",
+    "log_numbers",
+    "questions",
+    "multiple_choice",
+    "constraints",
+    "reasoning_cues",
+    "non_ascii_ratio",
+)
+
+_WORD = re.compile(r"\w+")
+_DIGIT = re.compile(r"\d")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+#: Code tokens: keywords (whole words, so counted from the prompt's word list) and symbols.
+_CODE_WORDS = frozenset(
+    [
+        "def",
+        "class",
+        "return",
+        "import",
+        "function",
+        "const",
+        "var",
+        "let",
+        "public",
+        "void",
+        "SELECT",
+        "print",
+        "lambda",
+    ]
+)
+_CODE_SYMBOLS = re.compile(r"\{|\}|;|==|!=|->|=>|\(\)")
+_MATH_SYMBOLS = re.compile(
+    "[=+*/^<>\u2264\u2265\u2211\u222b\u221a\u03c0]|\\\\[a-z]+|\\d\\s*[-x\u00d7]\\s*\\d"
+)
+#: :data:`_MATH_SYMBOLS`' three alternatives apart (each then starts with a literal or a class,
+#: which the regex engine scans for fast). Their matches never overlap, so their counts add up.
+_MATH_PARTS = tuple(re.compile(part) for part in _MATH_SYMBOLS.pattern.split("|"))
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+_CHOICE = re.compile(r"^\s*\(?[A-D][.)]\s", re.MULTILINE)
+_CHOICE_MARKS = tuple(f"{letter}{mark}" for letter in "ABCD" for mark in ".)")  # one is in each
+#: Constraint words and reasoning cues, one pass: each match is counted by its group name.
+_CUES = re.compile(
+    r"\b(?:(?P<constraints>must|should|exactly|at least|at most|no more than|without|only|do not|"
+    r"don't|make sure|ensure|format|words?|sentences?|json|table|bullet)"
+    r"|(?P<reasoning>why|explain|prove|derive|compare|analy[sz]e|step[- ]by[- ]step|trade-?offs?|"
+    r"evaluate|optimi[sz]e|design|implement|debug|calculate))\b",
+    re.IGNORECASE,
+)
+#: The same cues, counted fast on lower-cased text (see :func:`_lower_equivalent`): the one-word
+#: cues by looking the prompt's words up in a set, the multi-word ones by a regex that runs only
+#: when one of their literal parts occurs at all. No cue word is part of a cue phrase, so the two
+#: counts add up to what :data:`_CUES` counts.
+_CONSTRAINT_WORDS = frozenset(
+    [
+        "must",
+        "should",
+        "exactly",
+        "without",
+        "only",
+        "ensure",
+        "format",
+        "word",
+        "words",
+        "sentence",
+        "sentences",
+        "json",
+        "table",
+        "bullet",
+    ]
+)
+_REASONING_WORDS = frozenset(
+    [
+        "why",
+        "explain",
+        "prove",
+        "derive",
+        "compare",
+        "analyse",
+        "analyze",
+        "evaluate",
+        "optimise",
+        "optimize",
+        "design",
+        "implement",
+        "debug",
+        "calculate",
+    ]
+)
+_CUE_PHRASES = re.compile(
+    r"\b(?:(?P<constraints>at least|at most|no more than|do not|don't|make sure)"
+    r"|(?P<reasoning>step[- ]by[- ]step|trade-?offs?))\b"
+)
+_CUE_PHRASE_PARTS: tuple[str, ...] = ("at least", "at most", "no more than", "do not", "don't")
+_CUE_PHRASE_PARTS += ("make sure", "step", "trade")
+_ASCII_DIGITS = "0123456789"
+
+
+def _ascii(pattern: re.Pattern[str]) -> re.Pattern[str]:
+    r"""``pattern`` compiled with ``re.ASCII``, for ASCII-only text: the same matches there for a
+    pattern whose only classes are ``\w``, ``\d`` and ``\b`` (not ``\s``: Unicode's also holds
+    the ASCII separators U+001C-U+001F), found faster by the engine's ASCII class tests."""
+    return re.compile(pattern.pattern, (pattern.flags & ~re.UNICODE) | re.ASCII)
+
+
+_WORD_ASCII = _ascii(_WORD)
+_NUMBER_ASCII = _ascii(_NUMBER)
+_CUE_PHRASES_ASCII = _ascii(_CUE_PHRASES)
+
+_DEFAULT_TOKEN_PATTERN = r"(?u)\b\w\w+\b"  # scikit-learn's
+
+
+def clip(text: str) -> str:
+    """The bounded window the text features see: the whole text up to :data:`MAX_CHARS`
+    characters, else its first :data:`HEAD_CHARS` and last :data:`TAIL_CHARS` joined by a
+    newline."""
+    if len(text) <= MAX_CHARS:
+        return text
+    return text[:HEAD_CHARS] + "\n" + text[-TAIL_CHARS:]
+
+
+def _lower_equivalent(head: str, low: str) -> bool:
+    """True when a lower-case ASCII pattern matched case-sensitively on ``low`` (``head.lower()``)
+    finds exactly what it finds on ``head`` with ``re.IGNORECASE``.
+
+    That holds for ASCII text, and for any text whose lower-casing keeps every character in place
+    (only U+0130 lower-cases to two characters) and that has neither of the two characters the
+    regex engine also folds onto an ASCII letter (dotless i onto ``i``, long s onto ``s``).
+    """
+    return head.isascii() or (len(low) == len(head) and "\u0131" not in low and "\u017f" not in low)
+
+
+def structure_vector(text: str) -> list[float]:
+    """The :data:`STRUCTURE_FEATURES` of one prompt (cheap: a few compiled regexes)."""
+    return _structure(_Window(text))
+
+
+class _Window:
+    """One prompt as the per-request features read it, each view computed once.
+
+    ``head`` is :func:`clip` of the text, ``low`` its lower case (the TF-IDF preprocessor's
+    output), ``words`` the ``\\w+`` runs of ``head``. ``lowered`` is those runs lower-cased when
+    they are exactly the ``\\w+`` runs of ``low`` (see :func:`_lower_equivalent`; a capital
+    sigma, which lower-cases by context, also rules it out), else None. ``ascii``: ``head`` (and
+    so ``low``) is ASCII, where the ``_ascii`` twins of the regexes may be used. ``same_case``:
+    :func:`_lower_equivalent` of ``head`` and ``low``.
+    """
+
+    __slots__ = ("ascii", "head", "low", "lowered", "same_case", "text", "words")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.head = head = clip(text)
+        self.low = low = head.lower()
+        self.ascii = head.isascii()
+        self.words: list[str] = (_WORD_ASCII if self.ascii else _WORD).findall(head)
+        self.same_case = _lower_equivalent(head, low)
+        same = self.same_case and (self.ascii or "\u03a3" not in head)
+        self.lowered = list(map(str.lower, self.words)) if same else None
+
+
+def _structure(w: _Window) -> list[float]:
+    text, head, low, words = w.text, w.head, w.low, w.words
+    n_head = max(len(head), 1)
+    if w.same_case:
+        lowered = w.lowered if w.lowered is not None else list(map(str.lower, words))
+        constraints = sum(map(_CONSTRAINT_WORDS.__contains__, lowered))
+        reasoning = sum(map(_REASONING_WORDS.__contains__, lowered))
+        phrases_re = _CUE_PHRASES_ASCII if w.ascii else _CUE_PHRASES
+        cues = phrases_re.findall(low) if any(p in low for p in _CUE_PHRASE_PARTS) else []
+    else:
+        constraints = reasoning = 0
+        cues = _CUES.findall(head)
+    phrases = sum(1 for _, r in cues if r)
+    reasoning += phrases
+    constraints += len(cues) - phrases
+    if w.ascii:  # \d and non-ASCII need a regex only beyond ASCII
+        digits = sum(map(head.count, _ASCII_DIGITS))
+        non_ascii = 0
+    else:
+        digits = len(_DIGIT.findall(head))
+        non_ascii = len(_NON_ASCII.findall(head))
+    symbols, latex, arithmetic = _MATH_PARTS
+    math_symbols = len(symbols.findall(head))
+    if "\\" in head:
+        math_symbols += len(latex.findall(head))
+    numbers = 0
+    if digits:  # both need a digit
+        math_symbols += len(arithmetic.findall(head))
+        numbers = len((_NUMBER_ASCII if w.ascii else _NUMBER).findall(head))
+    return [
+        math.log1p(len(text)),
+        math.log1p(len(words)),
+        math.log1p(text.count("\n")),
+        1.0 if "```" in head else 0.0,
+        math.log1p(sum(map(_CODE_WORDS.__contains__, words)) + len(_CODE_SYMBOLS.findall(head))),
+        math.log1p(math_symbols),
+        digits / n_head,
+        math.log1p(numbers),
+        math.log1p(head.count("?")),
+        1.0 if any(c in head for c in _CHOICE_MARKS) and len(_CHOICE.findall(head)) >= 3 else 0.0,
+        math.log1p(constraints),
+        math.log1p(reasoning),
+        non_ascii / n_head,
+    ]
+
+
+# --- stakes: a transparent rule set -------------------------------------------------------------
+
+_STAKES_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    (
+        "medical",
+        re.compile(
+            r"\b(?:diagnos\w*|symptoms?|dosage|dose|medication|medicine|prescri\w+|overdose|"
+            r"chest pain|tumou?r|cancer|pregnan\w+|allerg\w+|side effects?|disease|insulin|"
+            r"antibiotics?|surgery|blood pressure|mg\b|treatment for)\b",
+            re.IGNORECASE,
+        ),
+    ),
+    (
+        "legal",
+        re.compile(
+            r"\b(?:lawsuit|sue|court|attorney|lawyer|legal advice|legally|contract|custody|"
+            r"divorce|visa|immigration|tenant|landlord|liabilit\w+|copyright infringement|"
+            r"criminal|arrest\w*|gdpr|compliance)\b",
+            re.IGNORECASE,
+        ),
+    ),
+    (
+        "financial",
+        re.compile(
+            r"\b(?:invest\w*|mortgage|loan|tax(?:es)?|retirement|401k|pension|stocks?|crypto\w*|"
+            r"bitcoin|bank account|wire transfer|credit score|debt|bankrupt\w*|insurance|"
+            r"portfolio|trading)\b",
+            re.IGNORECASE,
+        ),
+    ),
+    (
+        "safety",
+        re.compile(
+            r"\b(?:suicid\w*|self[- ]harm|kill myself|weapons?|explosives?|poison\w*|"
+            r"emergency|overdos\w+|abuse|firearms?|gas leak|electrocut\w+)\b",
+            re.IGNORECASE,
+        ),
+    ),
+)
+#: The four domain rules as one alternation (one regex pass); the match's group names the domain.
+_STAKES = re.compile(
+    "|".join(f"(?P<{domain}>{pattern.pattern})" for domain, pattern in _STAKES_RULES),
+    re.IGNORECASE,
+)
+_DESTRUCTIVE = re.compile(
+    r"\b(?:delete|drop table|rm -rf|transfer|payment|pay|purchase|deploy|send (?:an )?email|"
+    r"wire|refund|shut ?down|production)\b",
+    re.IGNORECASE,
+)
+#: :data:`_STAKES` and :data:`_DESTRUCTIVE` for lower-cased text (see :func:`_lower_equivalent`),
+#: case-sensitive and with the rules' shared ``\b`` taken out of the alternation, which is what
+#: lets the regex engine skip most positions quickly. Same matches, same order.
+_STAKES_LOWER = re.compile(
+    r"\b(?:"
+    + "|".join(f"(?P<{domain}>{pattern.pattern[5:-3]})" for domain, pattern in _STAKES_RULES)
+    + r")\b"
+)
+_DESTRUCTIVE_LOWER = re.compile(_DESTRUCTIVE.pattern)
+_STAKES_LOWER_ASCII = _ascii(_STAKES_LOWER)
+_DESTRUCTIVE_LOWER_ASCII = _ascii(_DESTRUCTIVE_LOWER)
+
+
+def _alternatives(inner: str) -> list[str]:
+    """The top-level branches of a regex alternation (``|`` outside any group)."""
+    out, depth, start = [], 0, 0
+    for i, c in enumerate(inner):
+        if c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+        elif c == "|" and depth == 0:
+            out.append(inner[start:i])
+            start = i + 1
+    out.append(inner[start:])
+    return out
+
+
+def _required_prefix(branch: str) -> str:
+    """The literal word characters every match of ``branch`` starts with (a char followed by
+    ``?``, ``*`` or ``{`` is optional, so the prefix stops before it)."""
+    m = re.match(r"[a-z0-9]+", branch)
+    literal = m.group(0) if m else ""
+    if branch[len(literal) : len(literal) + 1] in ("?", "*", "{"):
+        literal = literal[:-1]
+    return literal
+
+
+def _prefix_table(inners: Iterable[str]) -> dict[str, tuple[str, ...]]:
+    table: dict[str, list[str]] = {}
+    for inner in inners:
+        for branch in _alternatives(inner):
+            prefix = _required_prefix(branch)
+            if len(prefix) < 2:
+                raise ValueError(f"stakes rule {branch!r} needs a literal prefix of 2+ chars")
+            table.setdefault(prefix[:2], []).append(prefix)
+    return {key: tuple(prefixes) for key, prefixes in table.items()}
+
+
+#: Every :data:`_STAKES_LOWER` match starts at the start of one of the text's ``\w+`` runs, and
+#: that run starts with the literal prefix of the branch that matched (``diagnos``, ``chest``,
+#: ``tumo``, ``mg``...). Keyed by a prefix's first two characters. A prompt none of whose words
+#: starts with one of them cannot match, so :func:`_stakes` skips the regex scan for it.
+_STAKES_PREFIXES = _prefix_table(pattern.pattern[5:-3] for _, pattern in _STAKES_RULES)
+
+
+def _may_have_stakes(words: Iterable[str]) -> bool:
+    """False only when no word starts with a :data:`_STAKES_PREFIXES` prefix (so no match)."""
+    table = _STAKES_PREFIXES
+    for word in words:
+        prefixes = table.get(word[:2])
+        if prefixes is not None and word.startswith(prefixes):
+            return True
+    return False
+
+
+def assess_stakes(text: str, *, has_tools: bool = False, pii: bool = False) -> tuple[str, str]:
+    """How much is at stake in a prompt: ``(level, reason)`` with level low/medium/high.
+
+    Rules (documented in docs/model-card.md): a medical, legal, financial or safety keyword makes
+    the prompt *high*; an agent workflow (``has_tools``) is *high* when it also asks for a
+    destructive or money-moving action and otherwise *medium*; personal data alone is *medium*.
+    """
+    return _stakes(_Window(text), has_tools=has_tools, pii=pii)
+
+
+def _stakes(w: _Window, *, has_tools: bool, pii: bool) -> tuple[str, str]:
+    # assess_stakes on the prompt's window (which analyze() already has).
+    head, low = w.head, w.low
+    if not w.same_case:
+        m = _STAKES.search(head)
+    elif w.lowered is not None and not _may_have_stakes(w.lowered):
+        m = None
+    else:
+        m = (_STAKES_LOWER_ASCII if w.ascii else _STAKES_LOWER).search(low)
+    if m:
+        return "high", f"{m.lastgroup} domain ({head[m.start() : m.end()].lower()!r})"
+    if has_tools:
+        destructive = _DESTRUCTIVE_LOWER_ASCII if w.ascii else _DESTRUCTIVE_LOWER
+        m = destructive.search(low) if w.same_case else _DESTRUCTIVE.search(head)
+        if m:
+            return (
+                "high",
+                f"agent workflow with tools and action {head[m.start() : m.end()].lower()!r}",
+            )
+        return "medium", "agent workflow with tools"
+    if pii:
+        return "medium", "contains personal data"
+    return "low", "no high-stakes domain, tools or personal data"
+
+
+def _sigmoid(x: float) -> float:
+    """The logistic function, without overflow for large ``|x|``."""
+    if x >= 0.0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
+
+
+# --- the linear map and the scorer ---------------------------------------------------------------
+
+
+def logistic(z: FloatArray) -> FloatArray:
+    """The logistic function of an array (by ``tanh``, which cannot overflow)."""
+    out: FloatArray = 0.5 * (1.0 + np.tanh(0.5 * z))
+    return out
+
+
+def residual_logit(z3: FloatArray, shift: float) -> FloatArray:
+    """The routing logit of a residual model (:mod:`router.residual`) from its three rows
+    ``[base, gate, head]`` (last axis): ``base + logistic(gate) * (head - shift - base)``."""
+    base, gate, head = z3[..., 0], z3[..., 1], z3[..., 2]
+    out: FloatArray = base + logistic(gate) * (head - shift - base)
+    return out
+
+
+#: How the routing model's decision rows become the routing score: ``logistic`` is one row (a
+#: plain logistic regression); ``residual`` is three, combined by :func:`residual_logit`.
+ROUTING_ROWS: dict[str, int] = {"logistic": 1, "residual": 3}
+
+#: The arrays of a serving form, by name: (dtype kind, number of dimensions). ``vocabulary`` is
+#: the joint vocabulary in row order (row ``u`` of ``table`` is token ``u - 1``; row 0 stands
+#: for unknown tokens); ``widths`` the routing and capability models' decision rows;
+#: ``capabilities`` the capability rows' class names; ``structure_features`` and ``clip``
+#: (:data:`HEAD_CHARS`, :data:`TAIL_CHARS`) the features the coefficients were fitted on, which
+#: must be this module's; ``shift`` the residual model's (0 for a logistic one).
+FORM_ARRAYS: dict[str, tuple[str, int]] = {
+    "vocabulary": ("U", 1),
+    "table": ("f", 2),
+    "intercept": ("f", 1),
+    "struct": ("f", 2),
+    "widths": ("i", 1),
+    "capabilities": ("U", 1),
+    "routing": ("U", 0),
+    "shift": ("f", 0),
+    "token_pattern": ("U", 0),
+    "ngram_range": ("i", 1),
+    "structure_features": ("U", 1),
+    "clip": ("i", 1),
+}
+
+
+class JointLinear:
+    """The routing and capability models, which tokenise alike, evaluated as one linear map.
+
+    Each model's decision values are ``b + S @ s + (C * idf) @ l / sqrt((idf**2) @ l**2)`` with
+    ``l = 1 + log(tf)`` over the prompt's n-grams in that model's vocabulary (sublinear TF-IDF, l2
+    norm) and ``S`` the folded structure coefficients. Over the union of the vocabularies, row
+    ``u`` of ``table`` holds every model's ``C * idf`` columns for token ``u`` and then each
+    model's ``idf**2``, zero where a model does not know the token; row 0 is all zeros and stands
+    for tokens that no model knows. So a prompt costs one tokenisation, one dictionary lookup per
+    n-gram and one small matrix product, however many models there are.
+
+    Built from a serving form's arrays (:data:`FORM_ARRAYS`), which
+    :func:`router.classifier.serving_form` derives from the fitted models; :meth:`decision`
+    equals each model's ``decision_function`` to rounding (the tests pin it to sklearn).
+    """
+
+    def __init__(
+        self,
+        vocabulary: Iterable[str],
+        table: FloatArray,
+        intercept: FloatArray,
+        struct: FloatArray,
+        widths: Sequence[int],
+        *,
+        token_pattern: str,
+        ngram_range: tuple[int, int],
+    ) -> None:
+        # What scikit-learn's TfidfVectorizer.build_tokenizer() returns for a token pattern.
+        self.tokenize: Callable[[str], list[str]] = re.compile(token_pattern).findall
+        self.token_pattern = token_pattern
+        self.ngram_range = ngram_range
+        self.vocabulary: dict[str, int] = {}
+        self.pairs: dict[tuple[str, ...], int] | None = None
+        if self.ngram_range != (1, 2):
+            self.vocabulary = {token: row for row, token in enumerate(vocabulary, 1)}
+        else:
+            # Bigrams keyed by their two tokens only, so the hot path looks a pair up without
+            # building and hashing the joined string (tokens have no spaces, so the split is
+            # unique); their tokens are shared string objects, which keeps the map small.
+            self.pairs = {}
+            words: dict[str, str] = {}
+            for row, token in enumerate(vocabulary, 1):
+                if " " in token:
+                    pair = tuple(words.setdefault(t, t) for t in token.split(" "))
+                    self.pairs[pair] = row
+                else:
+                    self.vocabulary[words.setdefault(token, token)] = row
+        self.width = int(sum(widths))
+        self.table: FloatArray = table
+        self.intercept: FloatArray = intercept
+        self.struct: FloatArray = struct
+        self.owner = np.repeat(np.arange(len(widths)), widths)
+        self.splits = list(np.cumsum(widths)[:-1])
+
+    def tokens(self, w: _Window) -> list[str]:
+        """The prompt's word tokens, as the models' analyzer makes them (before n-grams)."""
+        if w.lowered is not None and self.token_pattern == _DEFAULT_TOKEN_PATTERN:
+            # \b\w\w+\b on ``low`` finds exactly its \w+ runs of two characters or more.
+            return [t for t in w.lowered if len(t) > 1]
+        return self.tokenize(w.low)
+
+    def grams(self, tokens: list[str]) -> list[str]:
+        """The word n-grams of ``tokens``, as the models' analyzer makes them."""
+        lo, hi = self.ngram_range
+        out = list(tokens) if lo == 1 else []
+        for n in range(max(lo, 2), hi + 1):
+            out += map(" ".join, zip(*(tokens[i:] for i in range(n)), strict=False))
+        return out
+
+    def ids(self, w: _Window) -> Counter[int]:
+        """How often each vocabulary row occurs among the prompt's n-grams (row 0: unknown)."""
+        tokens = self.tokens(w)
+        if self.pairs is None:
+            return Counter(map(self.vocabulary.get, self.grams(tokens), repeat(0)))
+        return Counter(
+            chain(
+                map(self.vocabulary.get, tokens, repeat(0)),
+                map(self.pairs.get, pairwise(tokens), repeat(0)),
+            )
+        )
+
+    def decision(self, w: _Window, structure: list[float]) -> FloatArray:
+        """All models' decision values for one prompt, side by side; :attr:`splits` separates
+        them."""
+        counts = self.ids(w)
+        counts.pop(0, None)
+        z = self.intercept + self.struct @ np.array(structure)
+        if counts:
+            n = len(counts)
+            rows = self.table[np.fromiter(counts.keys(), np.intp, n)]
+            if n == counts.total():  # every n-gram once: l = 1
+                sums = rows.sum(axis=0)
+                num, sq = sums[: self.width], sums[self.width :]
+            else:
+                sub = np.log(np.fromiter(counts.values(), np.float64, n))
+                sub += 1.0
+                num = sub @ rows[:, : self.width]
+                sub *= sub
+                sq = sub @ rows[:, self.width :]
+            sq[sq == 0.0] = 1.0  # a model that knows none of the tokens: no word term
+            z += num / np.sqrt(sq)[self.owner]
+        out: FloatArray = z
+        return out
+
+
+def _form_array(form: Mapping[str, NDArray[Any]], key: str) -> NDArray[Any]:
+    kind, ndim = FORM_ARRAYS[key]
+    arr = form.get(key)
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind != kind or arr.ndim != ndim:
+        raise ValueError(f"serving form: {key!r} must be a {ndim}-d array of kind {kind!r}")
+    if kind == "f" and not np.isfinite(arr).all():
+        raise ValueError(f"serving form: {key!r} holds NaN or infinite values")
+    return arr
+
+
+class ServingScorer:
+    """The shipped :class:`router.scoring.Scorer` as the proxy serves it, from a serving form.
+
+    ``form`` maps the names of :data:`FORM_ARRAYS` to arrays (as :func:`numpy.load` reads them
+    from ``serving.npz``); they are checked for names, kinds, shapes and consistency with this
+    module's features, and a :class:`ValueError` says what does not fit. Scores and capabilities
+    equal those of the :class:`~router.classifier.LearnedScorer` the form was derived from.
+    """
+
+    name = "learned"
+
+    def __init__(self, form: Mapping[str, NDArray[Any]], version: str) -> None:
+        if set(form) != set(FORM_ARRAYS):
+            raise ValueError(f"serving form: arrays {sorted(form)}, expected {sorted(FORM_ARRAYS)}")
+        a = {key: _form_array(form, key) for key in FORM_ARRAYS}
+        if a["structure_features"].tolist() != list(STRUCTURE_FEATURES):
+            raise ValueError("serving form: fitted on other structure features than these")
+        if a["clip"].tolist() != [HEAD_CHARS, TAIL_CHARS]:
+            raise ValueError("serving form: fitted on another prompt window than this one")
+        routing = str(a["routing"])
+        widths = [int(x) for x in a["widths"]]
+        capabilities = [str(c) for c in a["capabilities"]]
+        vocabulary, table = a["vocabulary"], a["table"]
+        width = sum(widths)
+        # A capability model with two classes has one row, for its second class (as sklearn's).
+        n_capabilities = widths[1] if widths[1] > 1 else 2
+        if (
+            routing not in ROUTING_ROWS
+            or len(widths) != 2
+            or widths[0] != ROUTING_ROWS[routing]
+            or min(widths) < 1
+            or len(capabilities) != n_capabilities
+            or not set(capabilities) <= set(CAPABILITIES)
+            or table.shape != (len(vocabulary) + 1, width + len(widths))
+            or a["intercept"].shape != (width,)
+            or a["struct"].shape != (width, len(STRUCTURE_FEATURES))
+            or a["ngram_range"].shape != (2,)
+        ):
+            raise ValueError("serving form: inconsistent routing kind, widths or array shapes")
+        lo, hi = (int(n) for n in a["ngram_range"])
+        self.version = version
+        self._joint = JointLinear(
+            vocabulary.tolist(),
+            np.asarray(table, dtype=np.float64),
+            np.asarray(a["intercept"], dtype=np.float64),
+            np.asarray(a["struct"], dtype=np.float64),
+            widths,
+            token_pattern=str(a["token_pattern"]),
+            ngram_range=(lo, hi),
+        )
+        self._capabilities = capabilities
+        self._shift = float(a["shift"]) if routing == "residual" else None
+
+    def _routing_score(self, z: FloatArray) -> float:
+        if self._shift is None:
+            return _sigmoid(float(z[0]))
+        return _sigmoid(float(residual_logit(z[:3], self._shift)))
+
+    def _capability(self, z: FloatArray) -> str:
+        # The softmax is monotone, so the capability is the arg-max of its logits; with one
+        # logit (two classes) the second class when it is positive, as sklearn predicts.
+        logits = z[self._joint.splits[0] :]
+        index = int(np.argmax(logits)) if len(logits) > 1 else int(logits[0] > 0.0)
+        return self._capabilities[index]
+
+    def score(self, text: str) -> float:
+        """The routing score alone (probability the strong model is materially better)."""
+        w = _Window(text)
+        return self._routing_score(self._joint.decision(w, _structure(w)))
+
+    def analyze(self, text: str, *, has_tools: bool = False) -> Analysis:
+        """Score, capability, stakes and PII for one prompt (the proxy calls this per request)."""
+        w = _Window(text)
+        z = self._joint.decision(w, _structure(w))  # [routing rows, capability logits]
+        kinds = pii_kinds(text)  # always the whole text: personal data anywhere counts
+        stakes, reason = _stakes(w, has_tools=has_tools, pii=bool(kinds))
+        return Analysis(
+            score=self._routing_score(z),
+            capability=self._capability(z),
+            stakes=stakes,
+            stakes_reason=reason,
+            pii=bool(kinds),
+            pii_kinds=kinds,
+        )

@@ -1,0 +1,248 @@
+"""The serving form: the proxy scores with numpy alone, exactly as the scikit-learn models do, and
+loads only serving forms Tiergate wrote."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from router.artifact import (
+    METADATA_FILE,
+    MODEL_FILE,
+    SERVING_FILE,
+    default_model_path,
+    load_for_serving,
+    sha256_file,
+)
+from router.classifier import LearnedScorer
+from router.errors import ArtifactError
+from router.pii import pii_kinds
+from router.serving import ServingScorer, assess_stakes
+from router.training import (
+    add_serving_form,
+    fit_scorer,
+    load_capability_rows,
+    load_routing_rows,
+    load_scorer,
+    save_scorer,
+)
+from tests.test_classifier import EASY, HARD, TRICKY
+from tests.test_training import capability_rows, routing_rows, write_jsonl
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED = default_model_path()
+
+SAMPLE = [
+    *HARD,
+    *EASY,
+    *TRICKY,
+    "",
+    "unseen vocabulary zzqx",
+    "hi " * 5000 + "```code```",
+    "Email jane@example.com and call +1 415 555 0100 about my card 4111 1111 1111 1111",
+    "Summarise this report.\n" + "lorem ipsum " * 400 + "\nProve it step by step: x^2 = 4?",
+    "Write a SQL query: SELECT name FROM users WHERE age > 30; then explain the plan.",
+    "Should I refinance my mortgage or invest in index funds? Compare the trade-offs.",
+]
+
+
+def assert_serves_like_sklearn(served: ServingScorer, fitted: LearnedScorer) -> None:
+    """Scores to 1e-12 of ``predict_proba``, capabilities as ``predict``, the same stakes and PII,
+    and the learned scorer's own answers to the bit."""
+    proba = fitted.routing.predict_proba(SAMPLE)[:, 1]
+    predicted = fitted.capability.predict(SAMPLE)
+    for text, p, capability in zip(SAMPLE, proba, predicted, strict=True):
+        for has_tools in (False, True):
+            a = served.analyze(text, has_tools=has_tools)
+            assert abs(a.score - p) <= 1e-12
+            assert a.capability == capability
+            kinds = pii_kinds(text)
+            assert (a.pii, a.pii_kinds) == (bool(kinds), kinds)
+            assert (a.stakes, a.stakes_reason) == assess_stakes(
+                text, has_tools=has_tools, pii=bool(kinds)
+            )
+            assert a == fitted.analyze(text, has_tools=has_tools)
+        assert served.score(text) == fitted.score(text)
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("serving")
+    routing = load_routing_rows(write_jsonl(tmp / "routing.jsonl", routing_rows()))
+    caps = load_capability_rows(write_jsonl(tmp / "caps.jsonl", capability_rows()))
+    return save_scorer(fit_scorer(routing, caps, version="t-1"), tmp / "model")
+
+
+@pytest.fixture
+def copy(artifact: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "model"
+    out.mkdir()
+    for f in artifact.iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    return out
+
+
+def _edit_sidecar(path: Path, **changes: object) -> None:
+    meta = json.loads((path / METADATA_FILE).read_text())
+    for key, value in changes.items():
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    (path / METADATA_FILE).write_text(json.dumps(meta))
+
+
+def _serving_entry(path: Path) -> dict[str, object]:
+    entry: dict[str, object] = json.loads((path / METADATA_FILE).read_text())["serving"]
+    return entry
+
+
+@pytest.mark.skipif(not (SHIPPED / SERVING_FILE).is_file(), reason="no shipped model")
+def test_shipped_model_serves_like_its_sklearn_estimators() -> None:
+    served = load_for_serving(SHIPPED)
+    assert isinstance(served, ServingScorer)
+    assert (served.name, served.version) == ("learned", "router-v1")
+    assert_serves_like_sklearn(served, load_scorer(SHIPPED))
+
+
+@pytest.mark.skipif(not (SHIPPED / SERVING_FILE).is_file(), reason="no shipped model")
+def test_the_proxy_loader_imports_neither_sklearn_nor_scipy() -> None:
+    script = """
+import json, sys
+from router.app import load_scorer
+from router.config import Settings
+from router.registry import default_loader
+from router.artifact import default_model_path
+scorer = load_scorer(Settings(local_backend="none"))
+swapped = default_loader(default_model_path())
+text = "Prove that the square root of 2 is irrational, step by step."
+print(json.dumps({
+    "types": [type(scorer).__name__, type(swapped).__name__],
+    "version": scorer.version,
+    "score": scorer.analyze(text).score,
+    "swapped_score": swapped.analyze(text).score,
+    "loaded": sorted(m for m in ("sklearn", "scipy", "joblib") if m in sys.modules),
+}))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TIERGATE_")}
+    env["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["types"] == ["ServingScorer", "ServingScorer"]  # not the heuristic fallback
+    assert got["version"] == "router-v1"
+    assert got["loaded"] == []  # neither sklearn nor scipy (nor joblib) was imported
+    # The same model as scikit-learn's, scored in this process.
+    text = "Prove that the square root of 2 is irrational, step by step."
+    assert abs(got["score"] - load_scorer(SHIPPED).routing.predict_proba([text])[0, 1]) <= 1e-12
+    assert got["swapped_score"] == got["score"]
+
+
+def test_saved_artifact_serves_like_the_fitted_scorer(artifact: Path) -> None:
+    served = load_for_serving(artifact)
+    assert isinstance(served, ServingScorer) and served.version == "t-1"
+    fitted = load_scorer(artifact)
+    assert_serves_like_sklearn(served, fitted)
+    entry = _serving_entry(artifact)
+    assert entry["format_version"] == 1 and entry["routing"] == "logistic"
+    assert entry["sha256"] == sha256_file(artifact / SERVING_FILE)
+    with np.load(artifact / SERVING_FILE, allow_pickle=False) as form:  # plain arrays only
+        assert form["table"].dtype == np.float64 and form["vocabulary"].dtype.kind == "U"
+
+
+def test_a_tampered_serving_form_is_refused(copy: Path) -> None:
+    data = bytearray((copy / SERVING_FILE).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / SERVING_FILE).write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="sha256 does not match"):
+        load_for_serving(copy)
+
+
+def test_another_serving_format_version_is_refused(copy: Path) -> None:
+    _edit_sidecar(copy, serving={**_serving_entry(copy), "format_version": 2})
+    with pytest.raises(ArtifactError, match="serving form format 2, this Tiergate reads 1"):
+        load_for_serving(copy)
+    _edit_sidecar(copy, format_version=2)
+    with pytest.raises(ArtifactError, match="artifact format 2"):
+        load_for_serving(copy)
+
+
+def test_the_serving_entry_names_only_its_own_file(copy: Path) -> None:
+    _edit_sidecar(copy, serving={**_serving_entry(copy), "file": f"../{MODEL_FILE}"})
+    with pytest.raises(ArtifactError, match="no valid serving form entry"):
+        load_for_serving(copy)
+    (copy / SERVING_FILE).unlink()
+    _edit_sidecar(copy, serving={**_serving_entry(copy), "file": SERVING_FILE})
+    with pytest.raises(ArtifactError, match="cannot be read"):
+        load_for_serving(copy)
+
+
+@pytest.mark.parametrize("change", ["pickled", "missing", "shape", "features"])
+def test_a_foreign_form_with_a_matching_hash_is_still_refused(copy: Path, change: str) -> None:
+    # Someone rewrote both the file and its sidecar entry: the hash matches, the contents must
+    # still be plain arrays of the expected names, kinds and shapes.
+    with np.load(copy / SERVING_FILE, allow_pickle=False) as npz:
+        form = {key: npz[key] for key in npz.files}
+    if change == "pickled":
+        form["vocabulary"] = np.array([object()], dtype=object)
+    elif change == "missing":
+        del form["shift"]
+    elif change == "shape":
+        form["intercept"] = form["intercept"][:-1]
+    else:
+        form["structure_features"] = form["structure_features"][::-1]
+    np.savez(copy / SERVING_FILE, **form)
+    _edit_sidecar(
+        copy, serving={**_serving_entry(copy), "sha256": sha256_file(copy / SERVING_FILE)}
+    )
+    with pytest.raises(ArtifactError, match="unusable serving form"):
+        load_for_serving(copy)
+
+
+def test_an_artifact_without_serving_form_loads_through_sklearn(
+    copy: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (copy / SERVING_FILE).unlink()
+    _edit_sidecar(copy, serving=None)
+    with caplog.at_level(logging.INFO, logger="tiergate.artifact"):
+        scorer = load_for_serving(copy)
+    assert isinstance(scorer, LearnedScorer)
+    assert "has no serving.npz" in caplog.text and "through scikit-learn" in caplog.text
+    assert scorer.analyze(SAMPLE[0]) == load_scorer(copy).analyze(SAMPLE[0])
+
+
+def test_serving_form_is_derived_from_model_joblib_alone(artifact: Path, copy: Path) -> None:
+    written = _serving_entry(artifact)
+    model = (copy / MODEL_FILE).read_bytes()
+    (copy / SERVING_FILE).unlink()
+    _edit_sidecar(copy, serving=None)
+    before = json.loads((copy / METADATA_FILE).read_text())
+
+    entry = add_serving_form(copy)
+    # Deterministic: the bytes save_scorer wrote, derived again from model.joblib.
+    assert entry == written
+    assert (copy / MODEL_FILE).read_bytes() == model
+    after = json.loads((copy / METADATA_FILE).read_text())
+    assert after.pop("serving") == written and after == before
+    assert isinstance(load_for_serving(copy), ServingScorer)
+    # Again: only checked, nothing rewritten; a tampered one is refused.
+    stamp = (copy / SERVING_FILE).stat().st_mtime_ns
+    assert add_serving_form(copy) == written
+    assert (copy / SERVING_FILE).stat().st_mtime_ns == stamp
+    (copy / SERVING_FILE).write_bytes(b"PK\x05\x06" + b"\x00" * 18)
+    with pytest.raises(ArtifactError, match="sha256 does not match"):
+        add_serving_form(copy)
