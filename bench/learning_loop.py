@@ -22,7 +22,7 @@ Setup, all in process:
   with inverted feedback (a tenant rating good answers bad and bad ones good; shadow verdicts stay
   honest); the gate must refuse those candidates.
 
-The starting model is the shipped one (``models/router-v1``) when present, else one fitted here
+The starting model is the shipped one (``models/router-v2``) when present, else one fitted here
 the way ``tiergate train`` fits it (MMLU, GSM8K, Arena-Bench + the commercial capability rows).
 """
 
@@ -45,6 +45,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 import httpx
 
 from router.app import create_app
+from router.artifact import DEFAULT_MODEL_NAME
 from router.backends import Completion, ModelLike, Usage
 from router.config import Settings
 from router.metrics import evaluate
@@ -119,7 +120,7 @@ aliases:
 
 def first_model(data: Path, store: ModelStore) -> str:
     """The shipped model if there is one, else one fitted like ``tiergate train`` does."""
-    shipped = REPO / "models" / "router-v1"
+    shipped = REPO / "models" / DEFAULT_MODEL_NAME
     if (shipped / "metadata.json").exists():
         return store.adopt(shipped)
     routing = [r for name in BASE_FILES for r in load_routing_rows(data / name)]

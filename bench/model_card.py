@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/model_card.py --replace
 
-1. Trains ``models/router-v1`` exactly as ``tiergate train`` does (same ``train_artifact``) on
+1. Trains ``models/router-v2`` exactly as ``tiergate train`` does (same ``train_artifact``) on
    the licence-permitted files: RouteLLM MMLU, RouteLLM GSM8K, Arena-Bench v1, and the
    ``commercial_use: true`` rows of capabilities.jsonl. Its sidecar holds the grouped CV metrics
    (leave-one-dataset-out; MMLU grouped by subject; capability leave-one-source-out).
@@ -26,6 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from router.artifact import DEFAULT_MODEL_NAME  # noqa: E402
 from router.metrics import evaluate, summary  # noqa: E402
 from router.training import (  # noqa: E402
     RoutingRow,
@@ -107,7 +108,7 @@ def main() -> int:
     """Train, evaluate, write the JSON and print the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
-    parser.add_argument("--out", type=Path, default=ROOT / "models" / "router-v1")
+    parser.add_argument("--out", type=Path, default=ROOT / "models" / DEFAULT_MODEL_NAME)
     parser.add_argument("--replace", action="store_true", help="replace an existing --out")
     parser.add_argument("--results", type=Path, default=ROOT / "bench/results/model_card.json")
     args = parser.parse_args()

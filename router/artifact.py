@@ -49,7 +49,7 @@ METADATA_FILE = "metadata.json"
 SERVING_FILE = "serving.npz"
 #: The layout of ``serving.npz`` (:data:`router.serving.FORM_ARRAYS`); a reader refuses others.
 SERVING_FORMAT_VERSION = 1
-DEFAULT_MODEL_NAME = "router-v1"
+DEFAULT_MODEL_NAME = "router-v2"
 ENV_MODEL_PATH = "TIERGATE_CLASSIFIER_PATH"
 
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can carry
@@ -65,7 +65,7 @@ def sha256_file(path: str | Path) -> str:
 
 
 def default_model_path() -> Path:
-    """The default model: ``$TIERGATE_CLASSIFIER_PATH``, else ``<repo>/models/router-v1``."""
+    """The default model: ``$TIERGATE_CLASSIFIER_PATH``, else ``<repo>/models/router-v2``."""
     env = os.environ.get(ENV_MODEL_PATH)
     if env:
         return Path(env)

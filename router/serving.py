@@ -42,9 +42,12 @@ FloatArray = NDArray[np.float64]
 #: Only a bounded window of a prompt is tokenised and scanned by the regex features: its first
 #: HEAD_CHARS and last TAIL_CHARS characters (the instruction is usually at the start or the end
 #: of a long pasted document). The length and line-count features still see the full text, and
-#: fit and predict clip identically (:func:`clip`), so the per-decision cost is bounded.
-HEAD_CHARS = 2000
-TAIL_CHARS = 500
+#: fit and predict clip identically (:func:`clip`), so the per-decision cost is bounded. Models
+#: record the window they were fitted with, and loading refuses another. 1,000 + 250 halves the
+#: cost of a long prompt against the first shipped model's 2,000 + 500 at no loss in grouped-CV
+#: APGR (``bench/window_study.py``; docs/model-card.md).
+HEAD_CHARS = 1000
+TAIL_CHARS = 250
 MAX_CHARS = HEAD_CHARS + TAIL_CHARS
 
 STRUCTURE_FEATURES: tuple[str, ...] = (
@@ -593,8 +596,11 @@ class ServingScorer:
         a = {key: _form_array(form, key) for key in FORM_ARRAYS}
         if a["structure_features"].tolist() != list(STRUCTURE_FEATURES):
             raise ValueError("serving form: fitted on other structure features than these")
-        if a["clip"].tolist() != [HEAD_CHARS, TAIL_CHARS]:
-            raise ValueError("serving form: fitted on another prompt window than this one")
+        if (window := a["clip"].tolist()) != [HEAD_CHARS, TAIL_CHARS]:
+            raise ValueError(
+                f"serving form: fitted on a {window[0]} + {window[1]} character prompt window, "
+                f"this Tiergate uses {HEAD_CHARS} + {TAIL_CHARS}; retrain with `tiergate train`"
+            )
         routing = str(a["routing"])
         widths = [int(x) for x in a["widths"]]
         capabilities = [str(c) for c in a["capabilities"]]

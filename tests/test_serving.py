@@ -108,7 +108,7 @@ def _serving_entry(path: Path) -> dict[str, object]:
 def test_shipped_model_serves_like_its_sklearn_estimators() -> None:
     served = load_for_serving(SHIPPED)
     assert isinstance(served, ServingScorer)
-    assert (served.name, served.version) == ("learned", "router-v1")
+    assert (served.name, served.version) == ("learned", "router-v2")
     assert_serves_like_sklearn(served, load_scorer(SHIPPED))
 
 
@@ -144,7 +144,7 @@ print(json.dumps({
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
     assert got["types"] == ["ServingScorer", "ServingScorer"]  # not the heuristic fallback
-    assert got["version"] == "router-v1"
+    assert got["version"] == "router-v2"
     assert got["loaded"] == []  # neither sklearn nor scipy (nor joblib) was imported
     # The same model as scikit-learn's, scored in this process.
     text = "Prove that the square root of 2 is irrational, step by step."
@@ -191,7 +191,7 @@ def test_the_serving_entry_names_only_its_own_file(copy: Path) -> None:
         load_for_serving(copy)
 
 
-@pytest.mark.parametrize("change", ["pickled", "missing", "shape", "features"])
+@pytest.mark.parametrize("change", ["pickled", "missing", "shape", "features", "window"])
 def test_a_foreign_form_with_a_matching_hash_is_still_refused(copy: Path, change: str) -> None:
     # Someone rewrote both the file and its sidecar entry: the hash matches, the contents must
     # still be plain arrays of the expected names, kinds and shapes.
@@ -203,6 +203,8 @@ def test_a_foreign_form_with_a_matching_hash_is_still_refused(copy: Path, change
         del form["shift"]
     elif change == "shape":
         form["intercept"] = form["intercept"][:-1]
+    elif change == "window":  # fitted on another prompt window (the first model's)
+        form["clip"] = np.array([2000, 500], dtype=np.int64)
     else:
         form["structure_features"] = form["structure_features"][::-1]
     np.savez(copy / SERVING_FILE, **form)

@@ -128,6 +128,15 @@ def test_save_load_roundtrip_and_refusals(tmp_path: Path, files: tuple[Path, Pat
     meta = json.loads(meta_path.read_text())
     assert meta["note"] == "test" and meta["libraries"]["scikit-learn"]
 
+    # A model fitted on another prompt window is refused, and one whose sidecar predates the
+    # recorded window is taken to have the first window (2,000 + 500 characters).
+    assert (meta["features"]["head_chars"], meta["features"]["tail_chars"]) == (1000, 250)
+    for window in ({"head_chars": 2000, "tail_chars": 500}, {}):
+        features = {k: v for k, v in meta["features"].items() if not k.endswith("_chars")}
+        meta_path.write_text(json.dumps({**meta, "features": features | window}))
+        with pytest.raises(ArtifactError, match="2000 \\+ 500 character prompt window"):
+            load_scorer(out)
+
     # A different library version is refused.
     meta["libraries"]["scikit-learn"] = "0.0.1"
     meta_path.write_text(json.dumps(meta))
