@@ -132,8 +132,9 @@ def first_model(data: Path, store: ModelStore) -> str:
 
 
 def heldout_apgr(scorer: Any, rows: list[RoutingRow], n_bootstrap: int) -> dict[str, float]:
-    """APGR of ``scorer`` on the evaluation slice, true file scores, with its 95% CI."""
-    scores = scorer.routing.predict_proba([r.prompt for r in rows])[:, 1]
+    """APGR of ``scorer`` (the one the proxy serves) on the evaluation slice, true file scores,
+    with its 95% CI."""
+    scores = [scorer.score(r.prompt) for r in rows]
     report = evaluate(
         scores,
         [r.weak_score for r in rows],

@@ -193,10 +193,12 @@ def compare(
     n_bootstrap: int,
     seed: int = 0,
 ) -> Comparison:
-    """Paired bootstrap comparison of two routers' APGR on ``rows``."""
+    """Paired bootstrap comparison of two routers' APGR on ``rows``; ``current`` and
+    ``candidate`` are scorers (:class:`router.scoring.Scorer`: a trained ``LearnedScorer`` or
+    the proxy's ``ServingScorer``), scored the way the proxy scores."""
     prompts = [r.prompt for r in rows]
-    cur = current.routing.predict_proba(prompts)[:, 1]
-    cand = candidate.routing.predict_proba(prompts)[:, 1]
+    cur = np.array([current.score(p) for p in prompts])
+    cand = np.array([candidate.score(p) for p in prompts])
     weak = np.array([r.weak_score for r in rows])
     strong = np.array([r.strong_score for r in rows])
     rng = np.random.default_rng(seed)
