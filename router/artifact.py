@@ -37,6 +37,7 @@ from numpy.lib.npyio import NpzFile
 from numpy.typing import NDArray
 
 from router.errors import ArtifactError
+from router.fetch import sha256_file
 from router.scoring import Scorer
 from router.serving import ServingScorer
 
@@ -53,15 +54,6 @@ DEFAULT_MODEL_NAME = "router-v2"
 ENV_MODEL_PATH = "TIERGATE_CLASSIFIER_PATH"
 
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can carry
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def default_model_path() -> Path:

@@ -46,12 +46,12 @@ from router.artifact import (
     default_model_path,
     load_serving_form,
     read_sidecar,
-    sha256_file,
     write_serving_form,
     write_sidecar,
 )
 from router.classifier import LearnedScorer, PromptClassifier
 from router.errors import ArtifactError, ConfigError
+from router.fetch import sha256_file
 from router.scoring import CAPABILITIES
 from router.serving import HEAD_CHARS, MAX_CHARS, STRUCTURE_FEATURES, TAIL_CHARS
 

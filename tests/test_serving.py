@@ -19,10 +19,10 @@ from router.artifact import (
     SERVING_FILE,
     default_model_path,
     load_for_serving,
-    sha256_file,
 )
 from router.classifier import LearnedScorer
 from router.errors import ArtifactError
+from router.fetch import sha256_file
 from router.pii import pii_kinds
 from router.serving import ServingScorer, assess_stakes
 from router.training import (
