@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 
-from router.outcomes import OutcomeRecord, SQLiteOutcomeStore
+import pytest
+
+from router.outcomes import Label, OutcomeRecord, SQLiteOutcomeStore
 
 
 def _quality_record(request_id: str, tier: str, *, cost: float = 0.0) -> OutcomeRecord:
@@ -45,9 +48,39 @@ def test_every_submitted_record_is_written_by_close(tmp_path: Path) -> None:
     reopened.close()
 
 
-def test_quality_by_tier_joins_labels_to_served_tiers(tmp_path: Path) -> None:
-    from router.outcomes import Label
+def test_the_writer_inserts_a_batch_in_a_few_statements_not_one_per_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every statement step hands the GIL back and forth; one step per row made the writer fall
+    # behind a busy event loop and its queue grow with every request (bench/load.py RSS).
+    store = SQLiteOutcomeStore(tmp_path / "o.db", linger_s=0.0)
+    inserts: list[str] = []
+    connect = store._connect
 
+    def traced() -> sqlite3.Connection:
+        conn = connect()
+        conn.set_trace_callback(
+            lambda sql: inserts.append(sql) if sql.startswith("INSERT") else None
+        )
+        return conn
+
+    monkeypatch.setattr(store, "_connect", traced)
+    store.start()
+    records = [_quality_record(f"r{i}", "local") for i in range(1000)]
+    for record in records:
+        store.submit(record)
+    store.label(Label("r0", "default", "feedback", None, 1000.0, quality=0.1))
+    store.label(Label("r0", "default", "feedback", None, 1001.0, quality=0.9))  # replaces
+    assert store.flush()
+    assert store.count() == 1000
+    assert [(lb["quality"], lb["ts"]) for lb in store.labels()] == [(0.9, 1001.0)]
+    row = store.get("r999")
+    assert row is not None and row["ts"] == records[999].ts and row["signals"] == {"turns": 1}
+    store.close()
+    assert 1 <= len(inserts) <= 12  # a few batches (of up to 500), one statement each
+
+
+def test_quality_by_tier_joins_labels_to_served_tiers(tmp_path: Path) -> None:
     store = SQLiteOutcomeStore(tmp_path / "q.db")
     store.start()
     for i, tier in enumerate(["local", "local", "closed"]):
