@@ -618,7 +618,7 @@ def _insert_many(
     after; ``executemany`` steps once per row, and while the event loop is busy each take-back
     waits out the interpreter's switch interval (5 ms). The writer thread then managed ~125
     rows/s under load, fell behind, and its queue grew by every request it had not written yet
-    (bench/load.py: RSS +0.7 KB per request). One step per chunk keeps it ahead.
+    (part of the RSS growth bench/load.py measures). One step per chunk keeps it ahead.
     """
     per_chunk = max(1, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(names))
     for start in range(0, len(rows), per_chunk):
