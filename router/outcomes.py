@@ -620,10 +620,16 @@ def _insert_many(
     rows/s under load, fell behind, and its queue grew by every request it had not written yet
     (part of the RSS growth bench/load.py measures). One step per chunk keeps it ahead.
     """
-    per_chunk = max(1, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(names))
-    for start in range(0, len(rows), per_chunk):
-        chunk = rows[start : start + per_chunk]
-        conn.execute(_insert_sql(table, names, len(chunk)), [v for row in chunk for v in row])
+    # Chunk sizes are powers of two, so a few distinct statements serve every batch size: the
+    # sqlite3 module caches each prepared statement by its text, and one prepared for hundreds of
+    # rows holds thousands of parameter slots.
+    limit = max(1, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(names))
+    start = 0
+    while start < len(rows):
+        size = 1 << (min(limit, len(rows) - start).bit_length() - 1)
+        chunk = rows[start : start + size]
+        conn.execute(_insert_sql(table, names, size), [v for row in chunk for v in row])
+        start += size
 
 
 def _encode(record: OutcomeRecord | Label, names: tuple[str, ...]) -> tuple[Any, ...]:
