@@ -168,6 +168,17 @@ _CUE_PHRASES_ASCII = _ascii(_CUE_PHRASES)
 _DEFAULT_TOKEN_PATTERN = r"(?u)\b\w\w+\b"  # scikit-learn's
 
 
+def window_mismatch(head: int, tail: int) -> str | None:
+    """Why a model fitted on a ``head`` + ``tail`` window cannot be served here, or None when
+    that is this module's window."""
+    if (head, tail) == (HEAD_CHARS, TAIL_CHARS):
+        return None
+    return (
+        f"fitted on a {head} + {tail} character prompt window, this Tiergate uses "
+        f"{HEAD_CHARS} + {TAIL_CHARS}; retrain with `tiergate train`"
+    )
+
+
 def clip(text: str) -> str:
     """The bounded window the text features see: the whole text up to :data:`MAX_CHARS`
     characters, else its first :data:`HEAD_CHARS` and last :data:`TAIL_CHARS` joined by a
@@ -596,11 +607,8 @@ class ServingScorer:
         a = {key: _form_array(form, key) for key in FORM_ARRAYS}
         if a["structure_features"].tolist() != list(STRUCTURE_FEATURES):
             raise ValueError("serving form: fitted on other structure features than these")
-        if (window := a["clip"].tolist()) != [HEAD_CHARS, TAIL_CHARS]:
-            raise ValueError(
-                f"serving form: fitted on a {window[0]} + {window[1]} character prompt window, "
-                f"this Tiergate uses {HEAD_CHARS} + {TAIL_CHARS}; retrain with `tiergate train`"
-            )
+        if (mismatch := window_mismatch(*a["clip"].tolist())) is not None:
+            raise ValueError(f"serving form: {mismatch}")
         routing = str(a["routing"])
         widths = [int(x) for x in a["widths"]]
         capabilities = [str(c) for c in a["capabilities"]]

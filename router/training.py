@@ -53,7 +53,13 @@ from router.classifier import LearnedScorer, PromptClassifier
 from router.errors import ArtifactError, ConfigError
 from router.fetch import sha256_file
 from router.scoring import CAPABILITIES
-from router.serving import HEAD_CHARS, MAX_CHARS, STRUCTURE_FEATURES, TAIL_CHARS
+from router.serving import (
+    HEAD_CHARS,
+    MAX_CHARS,
+    STRUCTURE_FEATURES,
+    TAIL_CHARS,
+    window_mismatch,
+)
 
 #: Routing-label choices measured in docs/model-card.md; the shipped model uses the defaults.
 DEFAULT_MARGIN = 0.0
@@ -367,12 +373,9 @@ def load_scorer(path: str | Path) -> LearnedScorer:
     meta = read_metadata(p)
     features = meta.get("features") or {}
     # Written before the window was recorded: the first window, 2,000 + 500 characters.
-    window = (features.get("head_chars", 2000), features.get("tail_chars", 500))
-    if window != (HEAD_CHARS, TAIL_CHARS):
-        raise ArtifactError(
-            f"{p}: fitted on a {window[0]} + {window[1]} character prompt window, this Tiergate "
-            f"uses {HEAD_CHARS} + {TAIL_CHARS}; retrain with `tiergate train`"
-        )
+    mismatch = window_mismatch(features.get("head_chars", 2000), features.get("tail_chars", 500))
+    if mismatch is not None:
+        raise ArtifactError(f"{p}: {mismatch}")
     model_path = p / MODEL_FILE
     if sha256_file(model_path) != meta.get("model_sha256"):
         raise ArtifactError(f"{model_path}: sha256 does not match its sidecar; refusing to load")
