@@ -75,29 +75,41 @@ class RequestContext:
 
 
 class PolicyHolder:
-    """The live policy and its hot reload: a bad edit is refused and the last good one serves."""
+    """The live policy and its hot reload: a bad edit is refused and the last good one serves.
+
+    A change is loaded only once the file has looked the same on two checks in a row. An editor
+    or ``kubectl cp`` that truncates and then writes the file would otherwise be caught half
+    written, and the half would be refused (and counted) as a bad edit.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.policy: Policy = load_policy(path)
-        self._mtime = self._stat()
+        self._loaded = self._stat()
+        # A change seen on the last check and not loaded yet: (seen, stamp); a missing file's
+        # stamp is None, so "nothing pending" needs its own flag.
+        self._pending: tuple[bool, tuple[int, int, int] | None] = (False, None)
         self.last_error: str | None = None
         self.reload_failures = 0
         self.reloads = 0
 
-    def _stat(self) -> tuple[float, int] | None:
+    def _stat(self) -> tuple[int, int, int] | None:
         try:
             st = self.path.stat()
         except OSError:
             return None
-        return (st.st_mtime, st.st_size)
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def check(self) -> bool:
-        """Reload if the file changed; True when a new policy was installed."""
+        """Reload if the file changed and has settled; True when a new policy was installed."""
         stamp = self._stat()
-        if stamp == self._mtime:
+        if stamp == self._loaded:
+            self._pending = (False, None)
             return False
-        self._mtime = stamp
+        if self._pending != (True, stamp):
+            self._pending = (True, stamp)  # changed since the last check: wait until it settles
+            return False
+        self._loaded, self._pending = stamp, (False, None)
         try:
             policy = load_policy(self.path)
         except PolicyError as exc:

@@ -16,6 +16,7 @@ import pytest
 from router.backends import Completion, ModelLike, Usage
 from router.backends.local import Gate
 from router.errors import BackendError
+from router.gateway import PolicyHolder
 from tests.conftest import GGUF, live, policy_yaml, wait_for
 from tests.fake_provider import Behaviour, FakeProvider
 
@@ -325,6 +326,7 @@ def test_hot_reload_under_traffic_keeps_serving(tmp_path: Path, fake: FakeProvid
         tiers = {r.headers["x-tiergate-tier"] for r in responses}
         assert first in versions and len(versions) == 2
         assert tiers == {"local", "closed"}
+        assert wait_for(lambda: srv.gateway.policies.last_error is not None)
         ready = httpx.get(srv.url + "/readyz").json()
         assert ready["policy"]["version"] != first  # the last good edit still serves
         assert "rules" in ready["policy"]["last_reload_error"]
@@ -334,6 +336,48 @@ def test_hot_reload_under_traffic_keeps_serving(tmp_path: Path, fake: FakeProvid
         assert len(failures) == 1 and failures[0].endswith(" 1.0")
         store = srv.gateway.outcomes
         assert store.flush() and store.count() == 200
+
+
+def test_policy_reload_waits_for_a_half_written_file(tmp_path: Path, fake: FakeProvider) -> None:
+    """An editor that truncates and then writes is not caught half way and counted as a bad edit."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(policy_yaml(fake))
+    holder = PolicyHolder(path)
+    first = holder.policy.digest
+    edited = policy_yaml(fake).replace("auto: {threshold: 0.5}", "auto: {threshold: 0.01}")
+    path.write_text("")  # truncated, the new text not written yet
+    assert holder.check() is False
+    with path.open("a") as handle:
+        handle.write(edited[:40])  # half written
+    assert holder.check() is False
+    path.write_text(edited)
+    assert holder.check() is False  # changed since the last look: wait for it to settle
+    assert holder.check() is True and holder.policy.digest != first
+    assert holder.reload_failures == 0 and holder.last_error is None
+    assert holder.check() is False and holder.reloads == 1
+
+
+def test_policy_reload_refuses_a_settled_bad_edit_and_a_missing_file(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(policy_yaml(fake))
+    holder = PolicyHolder(path)
+    good = holder.policy.digest
+    path.write_text(policy_yaml(fake) + "rules: not-a-list\n")
+    assert holder.check() is False and holder.reload_failures == 0
+    assert holder.check() is False and holder.reload_failures == 1
+    assert holder.last_error is not None and "rules" in holder.last_error
+    assert holder.check() is False and holder.reload_failures == 1  # counted once, not per check
+    path.unlink()
+    assert holder.check() is False and holder.check() is False
+    assert holder.reload_failures == 2 and "cannot read" in (holder.last_error or "")
+    assert holder.policy.digest == good  # the last good policy serves throughout
+    replacement = tmp_path / "policy.yaml.new"  # an atomic replace, as kubectl and editors do
+    replacement.write_text(policy_yaml(fake))
+    replacement.replace(path)
+    assert holder.check() is False and holder.check() is True
+    assert holder.last_error is None and holder.policy.digest == good
 
 
 def test_privacy_fail_closed_end_to_end(tmp_path: Path, fake: FakeProvider) -> None:
