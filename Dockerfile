@@ -96,14 +96,14 @@ COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /models /models
 COPY policies /app/policies
 # The shipped routing classifier: without it the proxy falls back to the heuristic scorer.
-COPY models/router-v2 /app/models/router-v2
+COPY models/router-v3 /app/models/router-v3
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     LITELLM_LOCAL_MODEL_COST_MAP=True \
     TIERGATE_POLICY=/app/policies/default.yaml \
-    TIERGATE_CLASSIFIER_PATH=/app/models/router-v2 \
+    TIERGATE_CLASSIFIER_PATH=/app/models/router-v3 \
     TIERGATE_LOCAL_MODEL_PATH=/models/SmolLM2-135M-Instruct.Q4_1.gguf \
     TIERGATE_SQLITE_PATH=/app/var/tiergate.db
 

@@ -7,7 +7,7 @@ then times ``analyze(text)`` for every prompt of every ``../shared/data/*.jsonl`
 warm-up pass, in ``--passes`` passes, keeping each prompt's fastest time. Writes
 ``bench/results/decision.json``. Run from the repo root:
 
-    .venv/bin/python bench/decision.py [--model models/router-v2] [--data-dir ../shared/data]
+    .venv/bin/python bench/decision.py [--model models/router-v3] [--data-dir ../shared/data]
 """
 
 from __future__ import annotations

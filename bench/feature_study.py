@@ -121,6 +121,11 @@ CANDIDATES: tuple[Candidate, ...] = (
     Candidate("words_char24_w500", ("words", "char24_w500", "struct")),
     Candidate("words_cap", ("words", "struct", "cap"), note="+ capability probabilities"),
     Candidate("struct_cap_lr", ("struct", "cap"), note="no text block: structure + capability"),
+    Candidate(
+        "struct_caplogit_lr",
+        ("struct", "caplogit"),
+        note="structure + capability logits: linear in words + structure, so one routing row",
+    ),
     Candidate("char3_w250_cap", ("char3_w250", "struct", "cap")),
     Candidate("char3_w500_cap", ("char3_w500", "struct", "cap")),
     Candidate("struct_cap_hgb", ("struct", "cap"), "hgb"),
@@ -209,7 +214,7 @@ TEXT_BLOCKS: dict[str, dict[str, Any]] = {
         "max_features": 30000,
     },
 }
-DENSE_BLOCKS = ("struct", "cap", "knn", "wlr")
+DENSE_BLOCKS = ("struct", "cap", "caplogit", "knn", "wlr")
 
 
 def window_lower(text: str, window: str | int) -> str:
@@ -232,6 +237,7 @@ class Data:
     vocab: dict[str, np.ndarray[Any, Any]] = field(default_factory=dict)
     struct: np.ndarray[Any, Any] | None = None
     cap: np.ndarray[Any, Any] | None = None
+    caplogit: np.ndarray[Any, Any] | None = None
     cap_model: Any = None
 
     @property
@@ -297,10 +303,11 @@ def precompute(data: Data, blocks: set[str], data_dir: Path) -> None:
         precompute(data, {"words"}, data_dir)
     if data.struct is None:
         data.struct = np.array([structure_vector(t) for t in prompts])
-    if "cap" in blocks and data.cap is None:
+    if blocks & {"cap", "caplogit"} and data.cap is None:
         caps = load_capability_rows(data_dir / "capabilities.jsonl", commercial_only=True)
         data.cap_model = fit_capability(caps)
         data.cap = data.cap_model.predict_proba(prompts)
+        data.caplogit = data.cap_model.decision_function(prompts)
 
 
 # --- per-fold features ------------------------------------------------------------------------
@@ -397,6 +404,9 @@ def dense_part(
     if "cap" in cand.blocks:
         assert data.cap is not None
         parts.append(data.cap[idx])
+    if "caplogit" in cand.blocks:
+        assert data.caplogit is not None
+        parts.append(data.caplogit[idx])
     if "knn" in cand.blocks and cand.estimator != "knn":
         assert knn is not None
         parts.append(knn.reshape(-1, 1))
@@ -793,6 +803,8 @@ class FastPath:
         if "cap" in self.cand.blocks:
             probs = self.cap_model.predict_proba_one(text) if cap is None else cap
             parts += list(probs)
+        if "caplogit" in self.cand.blocks:
+            parts += list(self.cap_model.decision_one(text))
         if "knn" in self.cand.blocks:
             p = self.knn_one(text)
             q = (p * KNN_K + self.prior * 2.0) / (KNN_K + 2.0)

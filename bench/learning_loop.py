@@ -22,7 +22,7 @@ Setup, all in process:
   with inverted feedback (a tenant rating good answers bad and bad ones good; shadow verdicts stay
   honest); the gate must refuse those candidates.
 
-The starting model is the shipped one (``models/router-v2``) when present, else one fitted here
+The starting model is the shipped one (``models/router-v3``) when present, else one fitted here
 the way ``tiergate train`` fits it (MMLU, GSM8K, Arena-Bench + the commercial capability rows).
 """
 

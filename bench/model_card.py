@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/model_card.py --replace
 
-1. Trains ``models/router-v2`` exactly as ``tiergate train`` does (same ``train_artifact``) on
+1. Trains ``models/router-v3`` exactly as ``tiergate train`` does (same ``train_artifact``) on
    the licence-permitted files: RouteLLM MMLU, RouteLLM GSM8K, Arena-Bench v1, and the
    ``commercial_use: true`` rows of capabilities.jsonl. Its sidecar holds the grouped CV metrics
    (leave-one-dataset-out; MMLU grouped by subject; capability leave-one-source-out).
@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from router.artifact import DEFAULT_MODEL_NAME  # noqa: E402
+from router.classifier import PromptClassifier  # noqa: E402
 from router.metrics import evaluate, summary  # noqa: E402
 from router.training import (  # noqa: E402
     RoutingRow,
@@ -47,11 +48,13 @@ OOD_ROUTING = "alpacaeval2_openhermes7b_vs_gpt4turbo.jsonl"
 
 
 def in_distribution_cv(
-    data_dir: Path, n_splits: int = 5
+    data_dir: Path, capability: PromptClassifier | None, n_splits: int = 5
 ) -> tuple[dict[str, Any], list[RoutingRow], np.ndarray[Any, Any]]:
     """K-fold over the pooled routing rows (MMLU grouped by subject, so no subject is in both
     train and test; the other files split at random); out-of-fold scores reported per file.
-    Returns the per-file reports, the rows and their out-of-fold scores."""
+    ``capability``: the shipped capability model the routing model reads (fixed across folds;
+    it never sees routing labels). Returns the per-file reports, the rows and their
+    out-of-fold scores."""
     from sklearn.model_selection import GroupKFold
 
     rows = [r for f in TRAIN_FILES[:3] for r in load_routing_rows(data_dir / f)]
@@ -61,7 +64,7 @@ def in_distribution_cv(
     ]
     oof = np.zeros(len(rows))
     for tr, te in GroupKFold(n_splits).split(rows, groups=groups):
-        model = fit_routing([rows[i] for i in tr])
+        model = fit_routing([rows[i] for i in tr], capability)
         oof[te] = model.predict_proba([rows[i].prompt for i in te])[:, 1]
     out = {}
     for d in sorted({r.dataset for r in rows}):
@@ -139,7 +142,7 @@ def main() -> int:
         per_class[cap] = float(np.mean(hits))
 
     print("in-distribution CV", file=sys.stderr)
-    in_dist, rows, oof = in_distribution_cv(args.data_dir)
+    in_dist, rows, oof = in_distribution_cv(args.data_dir, scorer.capability)
     results = {
         "model": args.out.name,
         "cv_metrics": meta["cv_metrics"],

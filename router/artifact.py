@@ -49,15 +49,18 @@ MODEL_FILE = "model.joblib"
 METADATA_FILE = "metadata.json"
 SERVING_FILE = "serving.npz"
 #: The layout of ``serving.npz`` (:data:`router.serving.FORM_ARRAYS`); a reader refuses others.
-SERVING_FORMAT_VERSION = 1
-DEFAULT_MODEL_NAME = "router-v2"
+#: Version 2 added ``cap_coef``; a version-1 form (router-v1, router-v2) has none and reads as if
+#: it were all zeros.
+SERVING_FORMAT_VERSION = 2
+READABLE_SERVING_FORMATS = (1, 2)
+DEFAULT_MODEL_NAME = "router-v3"
 ENV_MODEL_PATH = "TIERGATE_CLASSIFIER_PATH"
 
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can carry
 
 
 def default_model_path() -> Path:
-    """The default model: ``$TIERGATE_CLASSIFIER_PATH``, else ``<repo>/models/router-v2``."""
+    """The default model: ``$TIERGATE_CLASSIFIER_PATH``, else ``<repo>/models/router-v3``."""
     env = os.environ.get(ENV_MODEL_PATH)
     if env:
         return Path(env)
@@ -141,7 +144,12 @@ def load_serving_form(path: str | Path, meta: Mapping[str, Any] | None = None) -
     entry = meta.get("serving")
     if not isinstance(entry, dict) or entry.get("file") != SERVING_FILE:
         raise ArtifactError(f"{p / METADATA_FILE}: no valid serving form entry")
-    _require_version(p, "serving form format", entry.get("format_version"), SERVING_FORMAT_VERSION)
+    found = entry.get("format_version")
+    if found not in READABLE_SERVING_FORMATS:
+        raise ArtifactError(
+            f"{p}: serving form format {found!r}, this Tiergate reads "
+            f"{', '.join(map(str, READABLE_SERVING_FORMATS))}"
+        )
     file = p / SERVING_FILE
     try:
         data = file.read_bytes()

@@ -43,7 +43,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from router.training import train_artifact
 
-    steps = ["read data", "routing classifier", "capability classifier"]
+    steps = ["read data", "capability classifier", "routing classifier"]
     if args.cv:
         steps.append("cross-validation")
     steps.append("save")

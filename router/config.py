@@ -99,7 +99,7 @@ class Settings(BaseSettings):
     )
 
     classifier_path: Path | None = Field(
-        None, description="Classifier artifact directory; unset: the shipped models/router-v2."
+        None, description="Classifier artifact directory; unset: the shipped models/router-v3."
     )
     model_store: Path | None = Field(
         None,

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 from numpy.typing import NDArray
+from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.utils.validation import check_is_fitted
 
@@ -64,12 +65,22 @@ class ResidualRouting(PromptClassifier):
     """The base routing classifier plus a traffic head mixed in by a domain gate.
 
     Built by :func:`fit_residual`, not by ``fit``. Fitted state: ``base_`` (the base
-    :class:`PromptClassifier`, whose pipeline this one shares), ``coef3_``/``intercept3_``
-    (base, gate and head rows over the pipeline's features), ``shift_``, ``head_lambda_``.
-    Its parameters are the base model's. Its score is not one linear row: its serving form has
-    three routing rows (:meth:`serving_head`); tests/test_residual.py pins the scorers, the
-    proxy's included, to ``predict_proba``.
+    :class:`PromptClassifier` or :class:`~router.classifier.CapabilityRouting`, whose fitted
+    parts this one shares), ``coef3_``/``intercept3_`` (base, gate and head rows over the base's
+    :meth:`~router.classifier.PromptClassifier.view`), ``cap3_`` (their coefficients on the
+    capability probabilities, or None when the base reads none), ``shift_``, ``head_lambda_``.
+    Its score is not one linear row: its serving form has three routing rows
+    (:meth:`serving_head`); tests/test_residual.py pins the scorers, the proxy's included, to
+    ``predict_proba``.
+
+    base: the base model (set by :func:`fit_residual`).
     """
+
+    base: PromptClassifier | None = None  # what a model pickled before this parameter reads
+    cap3_: FloatArray | None = None  # likewise: models pickled before had no capability rows
+
+    def __init__(self, *, base: PromptClassifier | None = None) -> None:
+        self.base = base
 
     def fit(
         self,
@@ -91,9 +102,29 @@ class ResidualRouting(PromptClassifier):
     def parts(self, X: Sequence[str]) -> FloatArray:
         """``(n, 3)``: base logit, gate logit, head logit per prompt (for inspection)."""
         check_is_fitted(self, "coef3_")
-        feats = self.pipeline_.named_steps["features"].transform(list(X))
+        feats, probs = self.base_.view(X)
         out: FloatArray = np.asarray(feats @ self.coef3_.T) + self.intercept3_
+        if self.cap3_ is not None and probs is not None:
+            out += probs @ self.cap3_.T
         return out
+
+    def capability_model(self) -> PromptClassifier:
+        """The base model's capability model (when it reads one)."""
+        model: PromptClassifier = self.base_.capability_model()
+        return model
+
+    def vectorizer(self) -> TfidfVectorizer:
+        """The base model's vectorizer."""
+        return self.base_.vectorizer()
+
+    def token_params(self) -> dict[str, Any]:
+        """The base model's: this one reads prompts as it does."""
+        params: dict[str, Any] = self.base_.token_params()
+        return params
+
+    def describe(self) -> str:
+        """One line on the estimator, for the artifact's sidecar."""
+        return f"ResidualRouting(base, domain gate, traffic head; base: {self.base_.describe()})"
 
     def decision_function(self, X: Sequence[str]) -> FloatArray:
         """The combined logit per prompt."""
@@ -192,8 +223,9 @@ def fit_residual(
     """Fit gate and head on labelled outcomes (``prompts``, label ``values`` in [0, 1]) over
     ``base``'s features; ``base_prompts`` is the base-data sample the gate tells traffic from.
 
-    ``base`` must be a plain :class:`PromptClassifier` with structure features (pass
-    ``ResidualRouting.base_`` to adapt again from the same base). Nothing of it is modified.
+    ``base`` must be a plain :class:`PromptClassifier` with structure features or a
+    :class:`~router.classifier.CapabilityRouting` (pass ``ResidualRouting.base_`` to adapt
+    again from the same base). Nothing of it is modified.
     """
     check_is_fitted(base, "pipeline_")
     if isinstance(base, ResidualRouting):
@@ -202,12 +234,14 @@ def fit_residual(
         raise ConfigError("the residual head needs a base model with structure features")
     if len(values) < folds * 2 or not base_prompts:
         raise ConfigError(f"fit_residual needs at least {folds * 2} outcomes and base prompts")
-    features = base.pipeline_.named_steps["features"]
+    x_out, p_out = base.view(prompts)
+    x_base, _ = base.view(base_prompts)
     return fit_residual_features(
         base,
-        sp.csr_matrix(features.transform(list(prompts))),
+        sp.csr_matrix(x_out),
         values,
-        sp.csr_matrix(features.transform(list(base_prompts))),
+        sp.csr_matrix(x_base),
+        probs=p_out,
         folds=folds,
         seed=seed,
     )
@@ -219,18 +253,22 @@ def fit_residual_features(
     values: Sequence[float],
     x_base: sp.csr_matrix,
     *,
+    probs: FloatArray | None = None,
     folds: int = 5,
     seed: int = 0,
 ) -> tuple[ResidualRouting, ResidualFit]:
-    """:func:`fit_residual` on prompts already turned into ``base``'s features (for studies
-    that refit many times on the same base sample)."""
+    """:func:`fit_residual` on prompts already turned into ``base``'s
+    :meth:`~router.classifier.PromptClassifier.view` (``probs``: the outcomes' capability
+    probabilities, when the view has them), for studies that refit many times on the same base
+    sample."""
     v = np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0)
-    features = base.pipeline_.named_steps["features"]
-    clf = base.pipeline_.named_steps["clf"]
-    coef0 = np.asarray(clf.coef_, dtype=np.float64)[0]
-    b0 = float(clf.intercept_[0])
-    n_words = len(base.vocabulary_)
+    lv = base.linear_view()
+    if (lv.cap_coef is None) != (probs is None):
+        raise ConfigError("the outcomes' capability probabilities are needed for this base model")
+    coef0, b0, n_words = lv.coef, lv.intercept, lv.n_words
     z0 = np.asarray(x_out @ coef0) + b0
+    if lv.cap_coef is not None and probs is not None:
+        z0 += probs @ lv.cap_coef
 
     domain = LogisticRegression(C=GATE_C, solver="liblinear", class_weight="balanced")
     domain.fit(
@@ -250,22 +288,31 @@ def fit_residual_features(
     if scale:
         head_coef[:n_words] += scale * beta[n_struct + 1 :]
     head_b = float(head.intercept_[0]) + float(beta[n_struct]) * b0
-    shift = float(np.mean(np.asarray(x_out @ head_coef) + head_b - z0))
+    cap3: FloatArray | None = None
+    head_z = np.asarray(x_out @ head_coef) + head_b
+    if lv.cap_coef is not None and probs is not None:
+        cap3 = np.vstack([lv.cap_coef, np.zeros_like(lv.cap_coef), beta[n_struct] * lv.cap_coef])
+        head_z += probs @ cap3[2]
+    shift = float(np.mean(head_z - z0))
 
-    model = ResidualRouting(**base.get_params())
+    model = ResidualRouting(base=base)
+    params = model.__dict__.copy()
     model.__dict__.update(base.__dict__)  # shares the fitted pipeline and vocabulary
+    model.__dict__.update(params)
     model.base_ = base
+    model.use_structure = True  # its rows always weigh the structure features
     model.coef3_ = np.vstack([coef0, gate_coef, head_coef])
     model.intercept3_ = np.array([b0, gate_b, head_b])
+    model.cap3_ = cap3
     model.shift_ = shift
     model.head_lambda_ = lam
     model.head_word_scale_ = scale
     # The fast path's compiled rows: fold the structure scaler as PromptClassifier._compile does.
-    scaler = features.transformer_list[1][1].named_steps["scale"]
-    struct = model.coef3_[:, n_words:] * base.structure_weight / scaler.scale_
+    struct = model.coef3_[:, n_words:] * lv.weight / lv.scaler.scale_
     model.word_coef_ = np.ascontiguousarray(model.coef3_[:, :n_words])
     model.struct_coef_ = np.ascontiguousarray(struct)
-    model.intercept_ = model.intercept3_ - struct @ scaler.mean_
+    model.intercept_ = model.intercept3_ - struct @ lv.scaler.mean_
+    model.cap_coef_ = cap3
 
     gate_p = logistic(np.asarray(sp.vstack([x_out, x_base]) @ gate_coef) + gate_b)
     info = ResidualFit(

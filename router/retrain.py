@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from router.classifier import LearnedScorer, PromptClassifier
+from router.classifier import CapabilityRouting, LearnedScorer, PromptClassifier
 from router.errors import ConfigError
 from router.metrics import apgr_from_curve, routing_curve
 from router.outcomes import OutcomeStore
@@ -52,6 +52,7 @@ from router.registry import ModelStore
 from router.residual import ResidualRouting, fit_residual
 from router.training import (
     DEFAULT_ROUTING_PARAMS,
+    WORD_ROUTING_PARAMS,
     RoutingRow,
     load_routing_rows,
     load_scorer,
@@ -313,9 +314,16 @@ def fit_candidate(
         prompts += [r.prompt, r.prompt]
         targets += [1, 0]
         weights += [per_row * v, per_row * (1.0 - v)]
-    routing = PromptClassifier(**DEFAULT_ROUTING_PARAMS).fit(
-        prompts, np.array(targets), sample_weight=np.array(weights)
+    root = (
+        current.routing.base_ if isinstance(current.routing, ResidualRouting) else current.routing
     )
+    # The current model's design: capability probabilities when it reads them, else words.
+    routing: PromptClassifier = (
+        CapabilityRouting(capability=current.capability, **DEFAULT_ROUTING_PARAMS)
+        if root.capability_coef() is not None
+        else PromptClassifier(**WORD_ROUTING_PARAMS)
+    )
+    routing.fit(prompts, np.array(targets), sample_weight=np.array(weights))
     return LearnedScorer(routing, current.capability, version), {"design": "refit"}
 
 

@@ -441,6 +441,17 @@ def logistic(z: FloatArray) -> FloatArray:
     return out
 
 
+def _softmax(logits: FloatArray) -> FloatArray:
+    """Class probabilities from a multinomial model's logits, as ``LogisticRegression`` gives
+    them; one logit is a binary model's, for its second class."""
+    if len(logits) == 1:
+        p = _sigmoid(float(logits[0]))
+        return np.array([1.0 - p, p])
+    e = np.exp(logits - logits.max())
+    out: FloatArray = e / e.sum()
+    return out
+
+
 def residual_logit(z3: FloatArray, shift: float) -> FloatArray:
     """The routing logit of a residual model (:mod:`router.residual`) from its three rows
     ``[base, gate, head]`` (last axis): ``base + logistic(gate) * (head - shift - base)``."""
@@ -458,7 +469,9 @@ ROUTING_ROWS: dict[str, int] = {"logistic": 1, "residual": 3}
 #: for unknown tokens); ``widths`` the routing and capability models' decision rows;
 #: ``capabilities`` the capability rows' class names; ``structure_features`` and ``clip``
 #: (:data:`HEAD_CHARS`, :data:`TAIL_CHARS`) the features the coefficients were fitted on, which
-#: must be this module's; ``shift`` the residual model's (0 for a logistic one).
+#: must be this module's; ``shift`` the residual model's (0 for a logistic one); ``cap_coef``
+#: (routing rows x capabilities) what the routing rows add per unit of each capability's
+#: probability (:class:`~router.classifier.CapabilityRouting`; all zero for a model without).
 FORM_ARRAYS: dict[str, tuple[str, int]] = {
     "vocabulary": ("U", 1),
     "table": ("f", 2),
@@ -468,11 +481,16 @@ FORM_ARRAYS: dict[str, tuple[str, int]] = {
     "capabilities": ("U", 1),
     "routing": ("U", 0),
     "shift": ("f", 0),
+    "cap_coef": ("f", 2),
     "token_pattern": ("U", 0),
     "ngram_range": ("i", 1),
     "structure_features": ("U", 1),
     "clip": ("i", 1),
 }
+
+
+#: Arrays that serving forms written before them lack; such a form reads as all zeros there.
+OPTIONAL_FORM_ARRAYS = frozenset({"cap_coef"})
 
 
 class JointLinear:
@@ -602,9 +620,9 @@ class ServingScorer:
     name = "learned"
 
     def __init__(self, form: Mapping[str, NDArray[Any]], version: str) -> None:
-        if set(form) != set(FORM_ARRAYS):
+        if not set(FORM_ARRAYS) - OPTIONAL_FORM_ARRAYS <= set(form) <= set(FORM_ARRAYS):
             raise ValueError(f"serving form: arrays {sorted(form)}, expected {sorted(FORM_ARRAYS)}")
-        a = {key: _form_array(form, key) for key in FORM_ARRAYS}
+        a = {key: _form_array(form, key) for key in FORM_ARRAYS if key in form}
         if a["structure_features"].tolist() != list(STRUCTURE_FEATURES):
             raise ValueError("serving form: fitted on other structure features than these")
         if (mismatch := window_mismatch(*a["clip"].tolist())) is not None:
@@ -629,6 +647,9 @@ class ServingScorer:
             or a["ngram_range"].shape != (2,)
         ):
             raise ValueError("serving form: inconsistent routing kind, widths or array shapes")
+        cap_coef = a.get("cap_coef")
+        if cap_coef is not None and cap_coef.shape != (widths[0], n_capabilities):
+            raise ValueError("serving form: cap_coef is not (routing rows, capabilities)")
         lo, hi = (int(n) for n in a["ngram_range"])
         self.version = version
         self._joint = JointLinear(
@@ -642,11 +663,18 @@ class ServingScorer:
         )
         self._capabilities = capabilities
         self._shift = float(a["shift"]) if routing == "residual" else None
+        self._rows = widths[0]
+        self._cap_coef: FloatArray | None = None
+        if cap_coef is not None and cap_coef.any():
+            self._cap_coef = np.asarray(cap_coef, dtype=np.float64)
 
     def _routing_score(self, z: FloatArray) -> float:
+        rows = z[: self._rows]
+        if self._cap_coef is not None:
+            rows = rows + self._cap_coef @ _softmax(z[self._rows :])
         if self._shift is None:
-            return _sigmoid(float(z[0]))
-        return _sigmoid(float(residual_logit(z[:3], self._shift)))
+            return _sigmoid(float(rows[0]))
+        return _sigmoid(float(residual_logit(rows, self._shift)))
 
     def _capability(self, z: FloatArray) -> str:
         # The softmax is monotone, so the capability is the arg-max of its logits; with one

@@ -49,7 +49,7 @@ from router.artifact import (
     write_serving_form,
     write_sidecar,
 )
-from router.classifier import LearnedScorer, PromptClassifier
+from router.classifier import CapabilityRouting, LearnedScorer, PromptClassifier
 from router.errors import ArtifactError, ConfigError
 from router.fetch import sha256_file
 from router.scoring import CAPABILITIES
@@ -213,7 +213,9 @@ def routing_target(
     return y, weights
 
 
-DEFAULT_ROUTING_PARAMS: dict[str, Any] = {
+DEFAULT_ROUTING_PARAMS: dict[str, Any] = {"C": 1.0, "solver": "liblinear"}
+#: The word-feature routing model of router-v1/v2 (``fit_routing(..., capability=None)``).
+WORD_ROUTING_PARAMS: dict[str, Any] = {
     "C": 1.0,
     "ngram_max": 2,
     "min_df": 2,
@@ -224,16 +226,25 @@ DEFAULT_CAPABILITY_PARAMS: dict[str, Any] = {"C": 4.0, "ngram_max": 2, "min_df":
 
 def fit_routing(
     rows: Sequence[RoutingRow],
+    capability: PromptClassifier | None,
     *,
     margin: float = DEFAULT_MARGIN,
     balance: bool = False,
     params: dict[str, Any] | None = None,
 ) -> PromptClassifier:
-    """Fit the binary routing classifier on routing rows."""
+    """Fit the binary routing classifier on routing rows: a :class:`CapabilityRouting` over the
+    fitted ``capability`` model's probabilities (the shipped design since router-v3), or with
+    ``capability=None`` the word + structure :class:`PromptClassifier` of router-v1/v2."""
     y, w = routing_target(rows, margin=margin, balance=balance)
     if len(set(y.tolist())) < 2:
         raise DataFormatError("routing data needs prompts where the strong model is better and not")
-    model = PromptClassifier(**{**DEFAULT_ROUTING_PARAMS, **(params or {})})
+    model: PromptClassifier
+    if capability is None:
+        model = PromptClassifier(**{**WORD_ROUTING_PARAMS, **(params or {})})
+    else:
+        model = CapabilityRouting(
+            capability=capability, **{**DEFAULT_ROUTING_PARAMS, **(params or {})}
+        )
     return model.fit([r.prompt for r in rows], y, sample_weight=w)
 
 
@@ -259,11 +270,11 @@ def fit_scorer(
     ``progress`` is called with a step name before each fit (the CLI drives a tqdm bar with it).
     """
     if progress:
-        progress("routing classifier")
-    routing = fit_routing(routing_rows)
-    if progress:
         progress("capability classifier")
     capability = fit_capability(capability_rows)
+    if progress:
+        progress("routing classifier")
+    routing = fit_routing(routing_rows, capability)
     return LearnedScorer(routing, capability, version)
 
 
@@ -339,9 +350,11 @@ def save_scorer(
 
 
 def _describe(model: PromptClassifier) -> dict[str, Any]:
+    plain = (str, int, float, bool, type(None))
     return {
-        "estimator": "PromptClassifier(word 1-n-gram TF-IDF + structure -> LogisticRegression)",
-        "params": model.get_params(),
+        "estimator": model.describe(),
+        # Estimator-valued parameters (a capability or base model) are described on their own.
+        "params": {k: v for k, v in model.get_params(deep=False).items() if isinstance(v, plain)},
         "classes": [str(c) for c in model.classes_],
         "vocabulary_size": len(model.vocabulary_),
     }
@@ -448,9 +461,15 @@ def _oof_report(
 
 
 def cross_validate_routing(
-    rows: Sequence[RoutingRow], *, n_bootstrap: int = 200, n_splits: int = 5
+    rows: Sequence[RoutingRow],
+    capability: PromptClassifier | None,
+    *,
+    n_bootstrap: int = 200,
+    n_splits: int = 5,
 ) -> dict[str, Any]:
-    """Grouped CV of the routing classifier, as reported in the sidecar and model card.
+    """Grouped CV of the routing classifier, as reported in the sidecar and model card
+    (``capability``: as for :func:`fit_routing`; the capability model is fixed, not refitted
+    per fold: it never sees routing labels).
 
     * ``leave_one_dataset_out/<d>``: train on every other data set, score all of ``d``.
     * ``grouped_by_category/<d>``: for a data set with at least ``n_splits`` categories (MMLU
@@ -466,7 +485,7 @@ def cross_validate_routing(
             train = [r for r in rows if r.dataset != d]
             test = [r for r in rows if r.dataset == d]
             out[f"leave_one_dataset_out/{d}"] = _scores_report(
-                fit_routing(train), test, n_bootstrap
+                fit_routing(train, capability), test, n_bootstrap
             )
     for d in datasets:
         test = [r for r in rows if r.dataset == d]
@@ -476,7 +495,7 @@ def cross_validate_routing(
         others = [r for r in rows if r.dataset != d]
         oof = np.zeros(len(test))
         for tr, te in GroupKFold(n_splits).split(test, groups=cats):
-            model = fit_routing(others + [test[i] for i in tr])
+            model = fit_routing(others + [test[i] for i in tr], capability)
             oof[te] = model.predict_proba([test[i].prompt for i in te])[:, 1]
         out[f"grouped_by_category/{d}"] = _oof_report(oof, test, n_bootstrap)
     return out
@@ -548,16 +567,16 @@ def train_artifact(
     if not routing_rows:
         raise DataFormatError("train needs at least one routing file (weak_score/strong_score)")
     step("read data")
-    routing = fit_routing(routing_rows)
-    step("routing classifier")
     if capability_rows:
         capability = fit_capability(capability_rows)
     else:
         capability = load_default_scorer().capability
     step("capability classifier")
+    routing = fit_routing(routing_rows, capability)
+    step("routing classifier")
     metrics: dict[str, Any] = {}
     if cv:
-        metrics["routing"] = cross_validate_routing(routing_rows)
+        metrics["routing"] = cross_validate_routing(routing_rows, capability)
         if len({r.source for r in capability_rows}) >= 2:
             metrics["capability"] = cross_validate_capability(capability_rows)
         step("cross-validation")

@@ -18,7 +18,12 @@ from sklearn.utils.estimator_checks import (
 )
 
 from router import serving
-from router.classifier import LearnedScorer, PromptClassifier, StructureFeatures
+from router.classifier import (
+    CapabilityRouting,
+    LearnedScorer,
+    PromptClassifier,
+    StructureFeatures,
+)
 from router.scoring import Scorer
 from router.serving import (
     HEAD_CHARS,
@@ -386,3 +391,55 @@ def test_models_that_tokenise_differently_use_separate_paths(
         a = scorer.analyze(text)
         assert a.score == pytest.approx(routing_model.predict_proba([text])[0, 1], abs=1e-9)
         assert a.capability == unigram.predict([text])[0]
+
+
+@pytest.fixture(scope="module")
+def capability_routing(capability_model: PromptClassifier) -> CapabilityRouting:
+    texts = HARD * 3 + EASY * 3
+    y = [1] * (len(HARD) * 3) + [0] * (len(EASY) * 3)
+    return CapabilityRouting(capability=capability_model).fit(texts, y)
+
+
+def test_capability_routing_follows_sklearn_conventions(
+    capability_model: PromptClassifier, capability_routing: CapabilityRouting
+) -> None:
+    name = CapabilityRouting.__name__
+    check_no_attributes_set_in_init(name, CapabilityRouting())
+    check_parameters_default_constructible(name, CapabilityRouting())
+    check_get_params_invariance(name, CapabilityRouting(capability=capability_model))
+    check_set_params(name, CapabilityRouting(capability=capability_model))
+    cloned = clone(CapabilityRouting(capability=capability_model, C=3.0))
+    assert cloned.C == 3.0 and cloned.capability is not None
+    with pytest.raises(ValueError, match="needs a fitted capability model"):
+        CapabilityRouting().fit(HARD + EASY, [1] * 6 + [0] * 6)
+    # Its features are the structure block and the nine (here: three) class probabilities.
+    union = capability_routing.pipeline_.named_steps["features"]
+    names = list(union.get_feature_names_out())
+    assert len(names) == len(STRUCTURE_FEATURES) + len(capability_model.classes_)
+    assert names[-1] == f"capability__p_{capability_model.classes_[-1]}"
+    # The capability model is read, not refitted.
+    assert capability_routing.capability is capability_model
+
+
+@pytest.mark.parametrize("text", [*TRICKY, "", "unseen vocabulary zzqx", "hi " * 5000 + "```"])
+def test_capability_routing_fast_path_and_serving_equal_sklearn(
+    capability_model: PromptClassifier, capability_routing: CapabilityRouting, text: str
+) -> None:
+    expected = capability_routing.predict_proba([text])[0]
+    np.testing.assert_allclose(capability_routing.predict_proba_one(text), expected, atol=1e-12)
+    scorer = LearnedScorer(capability_routing, capability_model, "test-cr")
+    assert scorer.serving is not None and scorer.form is not None
+    assert scorer.form["cap_coef"].shape == (1, len(capability_model.classes_))
+    assert np.abs(scorer.form["cap_coef"]).max() > 0  # the probabilities carry weight
+    assert abs(scorer.score(text) - expected[1]) <= 1e-12
+    assert scorer.analyze(text).capability == capability_model.predict([text])[0]
+
+
+def test_capability_routing_must_be_served_with_its_own_capability_model(
+    capability_model: PromptClassifier, capability_routing: CapabilityRouting
+) -> None:
+    other = clone(capability_model).fit(
+        [t for ts in CAPS.values() for t in ts], [c for c, ts in CAPS.items() for _ in ts]
+    )
+    with pytest.raises(ValueError, match="another capability model"):
+        LearnedScorer(capability_routing, other, "mismatch")

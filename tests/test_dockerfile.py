@@ -87,12 +87,12 @@ def test_dockerignore_keeps_the_context_small() -> None:
     assert lines.index("**") < lines.index("!router")
     assert {"!pyproject.toml", "!router", "!policies"} <= set(lines)
     reincluded = [line for line in lines if line.startswith("!") and "model" in line]
-    assert reincluded == ["!models/router-v2"], "the classifier, and no GGUF, in the context"
+    assert reincluded == ["!models/router-v3"], "the classifier, and no GGUF, in the context"
 
 
 def test_runtime_carries_the_shipped_classifier() -> None:
     # Installed from /src, router/ no longer sits beside models/, so the default model path
-    # (<package>/../models/router-v2) is empty: the image must copy it and name it.
+    # (<package>/../models/router-v3) is empty: the image must copy it and name it.
     final = DOCKERFILE.read_text().rsplit("\nFROM ", 1)[1]
-    assert re.search(r"^COPY models/router-v2 /app/models/router-v2$", final, flags=re.MULTILINE)
-    assert "TIERGATE_CLASSIFIER_PATH=/app/models/router-v2" in final
+    assert re.search(r"^COPY models/router-v3 /app/models/router-v3$", final, flags=re.MULTILINE)
+    assert "TIERGATE_CLASSIFIER_PATH=/app/models/router-v3" in final

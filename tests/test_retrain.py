@@ -72,11 +72,12 @@ def base_file(tmp_path: Path) -> Path:
 def first_version(tmp_path: Path, base: Path) -> ModelStore:
     from router.training import load_routing_rows
 
+    # The routing model reads the capability model's probabilities: it must tell the two topics
+    # apart by their words, with numbers in both (else the digits alone would say "math").
     caps = [
         CapabilityRow(f"k{i}", text, cap, "s")
-        for i, (text, cap) in enumerate(
-            [("compute the integral", "math"), ("hello friend", "chat")] * 10
-        )
+        for i in range(10)
+        for text, cap in ((f"compute the integral {i}", "math"), (f"hello friend {i}?", "chat"))
     ]
     scorer = fit_scorer(load_routing_rows(base), caps, version="v0001")
     models = ModelStore(tmp_path / "models")

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from router.artifact import (
+    DEFAULT_MODEL_NAME,
     METADATA_FILE,
     MODEL_FILE,
     SERVING_FILE,
@@ -27,6 +28,8 @@ from router.pii import pii_kinds
 from router.serving import ServingScorer, assess_stakes
 from router.training import (
     add_serving_form,
+    fit_capability,
+    fit_routing,
     fit_scorer,
     load_capability_rows,
     load_routing_rows,
@@ -80,6 +83,17 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_scorer(fit_scorer(routing, caps, version="t-1"), tmp / "model")
 
 
+@pytest.fixture(scope="module")
+def word_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An artifact of the word + structure routing design (router-v1/v2)."""
+    tmp = tmp_path_factory.mktemp("serving-words")
+    routing = load_routing_rows(write_jsonl(tmp / "routing.jsonl", routing_rows()))
+    caps = load_capability_rows(write_jsonl(tmp / "caps.jsonl", capability_rows()))
+    capability = fit_capability(caps)
+    scorer = LearnedScorer(fit_routing(routing, None), capability, "t-words")
+    return save_scorer(scorer, tmp / "model")
+
+
 @pytest.fixture
 def copy(artifact: Path, tmp_path: Path) -> Path:
     out = tmp_path / "model"
@@ -108,7 +122,7 @@ def _serving_entry(path: Path) -> dict[str, object]:
 def test_shipped_model_serves_like_its_sklearn_estimators() -> None:
     served = load_for_serving(SHIPPED)
     assert isinstance(served, ServingScorer)
-    assert (served.name, served.version) == ("learned", "router-v2")
+    assert (served.name, served.version) == ("learned", DEFAULT_MODEL_NAME)
     assert_serves_like_sklearn(served, load_scorer(SHIPPED))
 
 
@@ -144,7 +158,7 @@ print(json.dumps({
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
     assert got["types"] == ["ServingScorer", "ServingScorer"]  # not the heuristic fallback
-    assert got["version"] == "router-v2"
+    assert got["version"] == DEFAULT_MODEL_NAME
     assert got["loaded"] == []  # neither sklearn nor scipy (nor joblib) was imported
     # The same model as scikit-learn's, scored in this process.
     text = "Prove that the square root of 2 is irrational, step by step."
@@ -158,10 +172,46 @@ def test_saved_artifact_serves_like_the_fitted_scorer(artifact: Path) -> None:
     fitted = load_scorer(artifact)
     assert_serves_like_sklearn(served, fitted)
     entry = _serving_entry(artifact)
-    assert entry["format_version"] == 1 and entry["routing"] == "logistic"
+    assert entry["format_version"] == 2 and entry["routing"] == "logistic"
     assert entry["sha256"] == sha256_file(artifact / SERVING_FILE)
     with np.load(artifact / SERVING_FILE, allow_pickle=False) as form:  # plain arrays only
         assert form["table"].dtype == np.float64 and form["vocabulary"].dtype.kind == "U"
+
+
+def test_the_routing_score_reads_the_capability_probabilities(artifact: Path) -> None:
+    with np.load(artifact / SERVING_FILE, allow_pickle=False) as form:
+        cap_coef, table, names = form["cap_coef"], form["table"], form["capabilities"]
+    assert cap_coef.shape == (1, len(names)) and np.abs(cap_coef).max() > 0
+    assert not table[:, 0].any()  # no word weights of its own: the words speak through them
+
+
+def test_a_word_model_and_its_format_1_serving_form_still_serve(
+    word_artifact: Path, tmp_path: Path
+) -> None:
+    served = load_for_serving(word_artifact)
+    assert isinstance(served, ServingScorer)
+    assert_serves_like_sklearn(served, load_scorer(word_artifact))
+    # A serving form written before cap_coef existed (format 1, router-v1/v2): no capability
+    # term, so the same scores.
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in word_artifact.iterdir():
+        (old / f.name).write_bytes(f.read_bytes())
+    with np.load(old / SERVING_FILE, allow_pickle=False) as npz:
+        form = {key: npz[key] for key in npz.files if key != "cap_coef"}
+    assert not np.load(word_artifact / SERVING_FILE)["cap_coef"].any()
+    np.savez(old / SERVING_FILE, **form)
+    _edit_sidecar(
+        old,
+        serving={
+            **_serving_entry(old),
+            "format_version": 1,
+            "sha256": sha256_file(old / SERVING_FILE),
+        },
+    )
+    again = load_for_serving(old)
+    assert isinstance(again, ServingScorer)
+    assert [again.score(t) for t in SAMPLE] == [served.score(t) for t in SAMPLE]
 
 
 def test_a_tampered_serving_form_is_refused(copy: Path) -> None:
@@ -173,8 +223,8 @@ def test_a_tampered_serving_form_is_refused(copy: Path) -> None:
 
 
 def test_another_serving_format_version_is_refused(copy: Path) -> None:
-    _edit_sidecar(copy, serving={**_serving_entry(copy), "format_version": 2})
-    with pytest.raises(ArtifactError, match="serving form format 2, this Tiergate reads 1"):
+    _edit_sidecar(copy, serving={**_serving_entry(copy), "format_version": 3})
+    with pytest.raises(ArtifactError, match="serving form format 3, this Tiergate reads 1, 2"):
         load_for_serving(copy)
     _edit_sidecar(copy, format_version=2)
     with pytest.raises(ArtifactError, match="artifact format 2"):
@@ -191,7 +241,9 @@ def test_the_serving_entry_names_only_its_own_file(copy: Path) -> None:
         load_for_serving(copy)
 
 
-@pytest.mark.parametrize("change", ["pickled", "missing", "shape", "features", "window"])
+@pytest.mark.parametrize(
+    "change", ["pickled", "missing", "shape", "features", "window", "cap_coef"]
+)
 def test_a_foreign_form_with_a_matching_hash_is_still_refused(copy: Path, change: str) -> None:
     # Someone rewrote both the file and its sidecar entry: the hash matches, the contents must
     # still be plain arrays of the expected names, kinds and shapes.
@@ -203,6 +255,8 @@ def test_a_foreign_form_with_a_matching_hash_is_still_refused(copy: Path, change
         del form["shift"]
     elif change == "shape":
         form["intercept"] = form["intercept"][:-1]
+    elif change == "cap_coef":  # one capability short
+        form["cap_coef"] = form["cap_coef"][:, :-1]
     elif change == "window":  # fitted on another prompt window (the first model's)
         form["clip"] = np.array([2000, 500], dtype=np.int64)
     else:
