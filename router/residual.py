@@ -5,8 +5,12 @@ both: what the outcomes teach (on AlpacaEval-like chat traffic, a longer prompt 
 answer is more often as good) moves the scores of base prompts too, and the pooled base ranking
 gets worse beyond noise even with a small outcome weight (measured in docs/learning-loop.md).
 :class:`ResidualRouting` keeps the base model intact and adds a correction only where the
-traffic lives. All three parts are linear in the base model's own features ``x`` (its word
-TF-IDF and scaled structure features), so one feature pass serves them::
+traffic lives. All three parts are linear in one view ``x`` of the prompt, word TF-IDF and
+scaled structure features (:meth:`~router.classifier.PromptClassifier.view`: the base model's
+own features for a word model, the capability model's words for a
+:class:`~router.classifier.CapabilityRouting`, whose logit also weighs the capability
+probabilities, carried along unchanged in the base and head rows), so one feature pass serves
+them::
 
     z0(x)   = base logit                       (the current routing classifier, unchanged)
     g(x)    = sigmoid(gate logit)               P(prompt looks like logged traffic, not base data)
@@ -27,9 +31,9 @@ TF-IDF and scaled structure features), so one feature pass serves them::
   data taught (and the policy threshold calibrated on it) stays where it was.
 
 The estimator is a :class:`~router.classifier.PromptClassifier` (it reuses the base model's
-fitted pipeline and fast single-prompt path, with three stacked coefficient rows instead of one),
-so the artifact format and the hot swap take it unchanged. Its three rows share the base model's
-features, so its serving form is the base model's with three routing rows and ``shift``
+fitted parts and the fast single-prompt path, with three stacked coefficient rows instead of
+one), so the artifact format and the hot swap take it unchanged. Its three rows share the base
+model's features, so its serving form is the base model's with three routing rows and ``shift``
 (:func:`router.serving.residual_logit` combines them, for this class and for the proxy alike).
 """
 

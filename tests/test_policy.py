@@ -519,7 +519,8 @@ DEFAULT_CASES: list[tuple[dict[str, Any], tuple[str, str, str]]] = [
     ({"prompt_tokens": 7000}, ("closed", "gpt-4o", "long-context")),
     ({"has_tools": True, "turns": 3}, ("closed", "gpt-4o", "agent-workflow")),
     ({"capability": "coding", "score": 0.7}, ("local", "local", "open-model-strengths")),
-    ({"capability": "coding", "score": 0.85}, ("closed", "gpt-4o", "default")),
+    ({"capability": "coding", "score": 0.85}, ("local", "local", "open-model-strengths")),
+    ({"capability": "coding", "score": 0.95}, ("closed", "gpt-4o", "default")),
     ({"capability": "reasoning", "score": 0.4}, ("closed", "gpt-4o", "nuanced-judgment")),
     ({"capability": "chat", "score": 0.2}, ("local", "local", "default")),
     # one-turn tool call: no rule fires, but the local model cannot take tools
