@@ -4,11 +4,16 @@
   question form, constraints, multiple choice), computed by :mod:`router.serving`.
 * :class:`PromptClassifier` is a real scikit-learn classifier over raw prompt strings: word
   uni/bi-gram TF-IDF plus scaled structure features into a logistic regression, composed from
-  stock ``Pipeline``/``FeatureUnion`` parts. It is used twice: for the routing score (binary:
-  "is the strong model's answer materially better?") and for the 9 capabilities.
-  :meth:`PromptClassifier.predict_proba_one` is a fast single-prompt path (vocabulary lookups and
-  one sparse dot product) that equals ``predict_proba`` to 1e-9 but skips sklearn's per-call
-  validation, so a decision costs tens of microseconds rather than milliseconds.
+  stock ``Pipeline``/``FeatureUnion`` parts. The 9 capabilities are one (and the routing score
+  of router-v1/v2 was one). :meth:`PromptClassifier.predict_proba_one` is a fast single-prompt
+  path (vocabulary lookups and one sparse dot product) that equals ``predict_proba`` to 1e-9
+  but skips sklearn's per-call validation, so a decision costs tens of microseconds rather than
+  milliseconds.
+* :class:`CapabilityRouting` is the shipped routing classifier (binary: "is the strong model's
+  answer materially better?"): the structure features and a fitted capability model's class
+  probabilities (:class:`CapabilityProbabilities`) into a logistic regression.
+  :meth:`PromptClassifier.linear_view` / :meth:`~PromptClassifier.view` express either kind of
+  routing row over word TF-IDF and structure features, for the retrain loop's residual model.
 * :func:`serving_form` derives the plain arrays the proxy serves (:mod:`router.serving`) from
   the fitted routing and capability models.
 * :class:`LearnedScorer` implements :class:`router.scoring.Scorer` on top of the fitted models
@@ -31,7 +36,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 from numpy.typing import NDArray
-from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin, clone
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import FeatureUnion, Pipeline
@@ -452,6 +457,15 @@ class CapabilityRouting(PromptClassifier):
         self.vocabulary_ = capability.vocabulary_
         self.idf_ = capability.idf_
         self.word_coef_ = np.zeros((coef.shape[0], len(self.vocabulary_)))
+
+    def __sklearn_clone__(self) -> CapabilityRouting:
+        """A clone that reads the same fitted capability model: it is an input, not a part this
+        estimator fits (``sklearn.base.clone`` would otherwise hand it an unfitted copy)."""
+        params = self.get_params(deep=False)
+        capability = params.pop("capability")
+        return type(self)(
+            capability=capability, **{k: clone(v, safe=False) for k, v in params.items()}
+        )
 
     def capability_model(self) -> PromptClassifier:
         """The capability model given as ``capability``."""

@@ -11,7 +11,8 @@ module evaluates, so the proxy scores requests without importing scikit-learn or
   functions, so training and serving compute every feature by one definition.
 * :func:`assess_stakes`: a documented keyword/regex rule set, not a learned model.
 * :class:`JointLinear`: the routing and capability models as one linear map over their joint
-  vocabulary, built from the serving form's arrays.
+  vocabulary, built from the serving form's arrays. A routing row may also weigh the capability
+  model's class probabilities (``cap_coef``, router-v3), added after the map.
 * :class:`ServingScorer`: the :class:`router.scoring.Scorer` the proxy uses. Per request it reads
   the prompt once, evaluates both models with one lookup per n-gram and one small matrix product,
   and adds the stakes rules and the PII detectors (:mod:`router.pii`).

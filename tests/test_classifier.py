@@ -409,7 +409,9 @@ def test_capability_routing_follows_sklearn_conventions(
     check_get_params_invariance(name, CapabilityRouting(capability=capability_model))
     check_set_params(name, CapabilityRouting(capability=capability_model))
     cloned = clone(CapabilityRouting(capability=capability_model, C=3.0))
-    assert cloned.C == 3.0 and cloned.capability is not None
+    assert cloned.C == 3.0 and cloned.capability is capability_model  # read, never refitted
+    cloned.fit(HARD + EASY, [1] * 6 + [0] * 6)  # a clone fits as the original does
+    assert not hasattr(CapabilityRouting(capability=capability_model), "pipeline_")
     with pytest.raises(ValueError, match="needs a fitted capability model"):
         CapabilityRouting().fit(HARD + EASY, [1] * 6 + [0] * 6)
     # Its features are the structure block and the nine (here: three) class probabilities.

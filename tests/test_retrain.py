@@ -72,12 +72,16 @@ def base_file(tmp_path: Path) -> Path:
 def first_version(tmp_path: Path, base: Path) -> ModelStore:
     from router.training import load_routing_rows
 
-    # The routing model reads the capability model's probabilities: it must tell the two topics
-    # apart by their words, with numbers in both (else the digits alone would say "math").
+    # The routing model reads the capability model's probabilities, so that model must tell the
+    # two topics apart by their words alone: each topic comes in the base data's one-line form
+    # and in the traffic's form (traffic_prompt), with numbers in both.
     caps = [
-        CapabilityRow(f"k{i}", text, cap, "s")
+        CapabilityRow(f"k{i}-{form}", text, cap, "s")
         for i in range(10)
-        for text, cap in ((f"compute the integral {i}", "math"), (f"hello friend {i}?", "chat"))
+        for form, (topic, cap) in enumerate(
+            [("compute the integral alpha", "math"), ("hello friend beta", "chat")] * 2
+        )
+        for text in [f"{topic} {i}" if form < 2 else f"Question {i}?\n{topic} {i}\nany idea?"]
     ]
     scorer = fit_scorer(load_routing_rows(base), caps, version="v0001")
     models = ModelStore(tmp_path / "models")
