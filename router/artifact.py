@@ -125,12 +125,21 @@ def _write_npz(path: Path, form: Mapping[str, NDArray[Any]]) -> None:
 
 
 def write_serving_form(directory: Path, form: Mapping[str, NDArray[Any]]) -> dict[str, Any]:
-    """Write ``serving.npz`` into an artifact directory; returns its sidecar entry."""
+    """Write ``serving.npz`` into an artifact directory; returns its sidecar entry.
+
+    A form whose ``cap_coef`` is all zero (a model that reads no capability probabilities) is
+    written as format 1, without it, so Tiergate versions that read only format 1 can still
+    serve it (replicas of two versions sharing a model store during an upgrade).
+    """
+    version = SERVING_FORMAT_VERSION
+    if "cap_coef" in form and not np.asarray(form["cap_coef"]).any():
+        form = {key: value for key, value in form.items() if key != "cap_coef"}
+        version = 1
     path = directory / SERVING_FILE
     _replace(path, lambda tmp: _write_npz(tmp, form))
     return {
         "file": SERVING_FILE,
-        "format_version": SERVING_FORMAT_VERSION,
+        "format_version": version,
         "sha256": sha256_file(path),
         "routing": str(np.asarray(form["routing"])),
     }
@@ -164,6 +173,8 @@ def load_serving_form(path: str | Path, meta: Mapping[str, Any] | None = None) -
             raise ArtifactError(f"{file}: not a serving form (an .npz archive)")
         with loaded:
             form = {key: loaded[key] for key in loaded.files}
+        if found != 1 and "cap_coef" not in form:  # only format 1 predates it
+            raise ValueError(f"format {found} needs 'cap_coef'")
         return ServingScorer(form, str(meta.get("version", p.name)))
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise ArtifactError(f"{file}: unusable serving form ({exc})") from exc

@@ -4,7 +4,7 @@
   question form, constraints, multiple choice), computed by :mod:`router.serving`.
 * :class:`PromptClassifier` is a real scikit-learn classifier over raw prompt strings: word
   uni/bi-gram TF-IDF plus scaled structure features into a logistic regression, composed from
-  stock ``Pipeline``/``FeatureUnion`` parts. The 9 capabilities are one (and the routing score
+  stock ``Pipeline``/``FeatureUnion`` parts. The capability classifier is one (and the routing score
   of router-v1/v2 was one). :meth:`PromptClassifier.predict_proba_one` is a fast single-prompt
   path (vocabulary lookups and one sparse dot product) that equals ``predict_proba`` to 1e-9
   but skips sklearn's per-call validation, so a decision costs tens of microseconds rather than
@@ -367,9 +367,10 @@ class CapabilityRouting(PromptClassifier):
 
     Why: in grouped cross-validation it transfers better than word n-grams to unseen MMLU
     subjects, to GSM8K and to MMLU left out as a whole data set, and ranks mixed traffic far
-    better; the words learn the training sets' topics, the nine probabilities only the task type
+    better; the words learn the training sets' topics, the class probabilities only the task type
     (docs/model-card.md, ``bench/feature_study.py``). The decision already runs the capability
-    model, so the routing score costs a dot product over 13 + 9 numbers.
+    model, so the routing score costs a dot product over 13 structure features and one probability
+    per capability class (8 in the shipped model).
 
     ``capability``: the fitted capability :class:`PromptClassifier` (kept, not refitted).
     C, class_weight, solver, structure_weight: as for :class:`PromptClassifier`.

@@ -77,9 +77,10 @@ class RequestContext:
 class PolicyHolder:
     """The live policy and its hot reload: a bad edit is refused and the last good one serves.
 
-    A change is loaded only once the file has looked the same on two checks in a row. An editor
-    or ``kubectl cp`` that truncates and then writes the file would otherwise be caught half
-    written, and the half would be refused (and counted) as a bad edit.
+    A change is loaded only once the file has looked the same on two checks in a row, and a
+    file that changes while it is read is read again at a later check. An editor or ``kubectl
+    cp`` that truncates and then writes the file would otherwise be caught half written, and
+    the half would be refused (and counted) as a bad edit.
     """
 
     def __init__(self, path: Path) -> None:
@@ -109,13 +110,20 @@ class PolicyHolder:
         if self._pending != (True, stamp):
             self._pending = (True, stamp)  # changed since the last check: wait until it settles
             return False
-        self._loaded, self._pending = stamp, (False, None)
+        error: PolicyError | None = None
         try:
             policy = load_policy(self.path)
         except PolicyError as exc:
-            self.last_error = str(exc)
+            error = exc
+        after = self._stat()
+        if after != stamp:  # written to while it was read: read it again once it settles
+            self._pending = (True, after)
+            return False
+        self._loaded, self._pending = stamp, (False, None)
+        if error is not None:
+            self.last_error = str(error)
             self.reload_failures += 1
-            log.error("policy reload refused, keeping %s: %s", self.policy.digest, exc)
+            log.error("policy reload refused, keeping %s: %s", self.policy.digest, error)
             return False
         self.policy = policy
         self.last_error = None

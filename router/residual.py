@@ -9,8 +9,8 @@ traffic lives. All three parts are linear in one view ``x`` of the prompt, word 
 scaled structure features (:meth:`~router.classifier.PromptClassifier.view`: the base model's
 own features for a word model, the capability model's words for a
 :class:`~router.classifier.CapabilityRouting`, whose logit also weighs the capability
-probabilities, carried along unchanged in the base and head rows), so one feature pass serves
-them::
+probabilities: the base row keeps those weights, and the head row carries them scaled by its
+coefficient on the base logit), so one feature pass serves them::
 
     z0(x)   = base logit                       (the current routing classifier, unchanged)
     g(x)    = sigmoid(gate logit)               P(prompt looks like logged traffic, not base data)
@@ -50,7 +50,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.utils.validation import check_is_fitted
 
-from router.classifier import PromptClassifier
+from router.classifier import LinearView, PromptClassifier
 from router.errors import ConfigError
 from router.serving import logistic, residual_logit
 
@@ -106,11 +106,20 @@ class ResidualRouting(PromptClassifier):
     def parts(self, X: Sequence[str]) -> FloatArray:
         """``(n, 3)``: base logit, gate logit, head logit per prompt (for inspection)."""
         check_is_fitted(self, "coef3_")
-        feats, probs = self.base_.view(X)
+        feats, probs = self.view(X)
         out: FloatArray = np.asarray(feats @ self.coef3_.T) + self.intercept3_
         if self.cap3_ is not None and probs is not None:
             out += probs @ self.cap3_.T
         return out
+
+    def linear_view(self) -> LinearView:
+        """Not defined: a residual model is three rows; adapt its ``base_`` instead."""
+        raise TypeError("a ResidualRouting has three rows; use .base_.linear_view()")
+
+    def view(self, X: Sequence[str]) -> tuple[Any, FloatArray | None]:
+        """The base model's view (the features of :attr:`coef3_`)."""
+        result: tuple[Any, FloatArray | None] = self.base_.view(X)
+        return result
 
     def capability_model(self) -> PromptClassifier:
         """The base model's capability model (when it reads one)."""

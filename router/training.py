@@ -351,13 +351,22 @@ def save_scorer(
 
 def _describe(model: PromptClassifier) -> dict[str, Any]:
     plain = (str, int, float, bool, type(None))
-    return {
+    words = np.asarray(model.word_coef_)
+    out: dict[str, Any] = {
         "estimator": model.describe(),
         # Estimator-valued parameters (a capability or base model) are described on their own.
         "params": {k: v for k, v in model.get_params(deep=False).items() if isinstance(v, plain)},
         "classes": [str(c) for c in model.classes_],
         "vocabulary_size": len(model.vocabulary_),
+        # Terms with a weight in a decision row (a CapabilityRouting has none of its own: its
+        # words count through the capability probabilities).
+        "weighted_terms": int(np.count_nonzero(np.abs(words).sum(axis=0))),
+        "reads_capability_probabilities": model.capability_coef() is not None,
     }
+    base = getattr(model, "base_", None)
+    if isinstance(base, PromptClassifier):
+        out["base"] = _describe(base)
+    return out
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

@@ -62,7 +62,7 @@ CAPS = {
 def routing_model() -> PromptClassifier:
     texts = HARD * 3 + EASY * 3
     y = [1] * (len(HARD) * 3) + [0] * (len(EASY) * 3)
-    return PromptClassifier(min_df=1, solver="liblinear").fit(texts, y)  # as shipped
+    return PromptClassifier(min_df=1, solver="liblinear").fit(texts, y)  # router-v2's design
 
 
 @pytest.fixture(scope="module")

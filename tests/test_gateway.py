@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+import router.gateway as gateway_module
 from router.backends import Completion, ModelLike, Usage
 from router.backends.local import Gate
 from router.errors import BackendError
@@ -368,6 +369,30 @@ def test_policy_reload_waits_for_a_half_written_file(tmp_path: Path, fake: FakeP
     assert holder.check() is True and holder.policy.digest != first
     assert holder.reload_failures == 0 and holder.last_error is None
     assert holder.check() is False and holder.reloads == 1
+
+
+def test_policy_reload_rereads_a_file_written_while_it_was_read(
+    tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(policy_yaml(fake))
+    holder = PolicyHolder(path)
+    edited = policy_yaml(fake).replace("auto: {threshold: 0.5}", "auto: {threshold: 0.01}")
+    path.write_text(edited[:40])  # an editor's first write, seen on two checks in a row
+    assert holder.check() is False
+    real = gateway_module.load_policy
+
+    def read_then_written(p: Path) -> object:
+        try:
+            return real(p)  # refused: half a policy
+        finally:
+            path.write_text(edited)  # the rest lands while the proxy was reading
+
+    monkeypatch.setattr(gateway_module, "load_policy", read_then_written)
+    assert holder.check() is False
+    monkeypatch.setattr(gateway_module, "load_policy", real)
+    assert holder.reload_failures == 0 and holder.last_error is None  # not counted as bad
+    assert holder.check() is True and holder.reloads == 1
 
 
 def test_policy_reload_refuses_a_settled_bad_edit_and_a_missing_file(

@@ -51,7 +51,7 @@ def test_residual_learns_a_shift_where_the_base_model_is_wrong(tmp_path: Path, w
     fresh, truth = prompts[80:], hard[80:]
     before = _apgr(base.predict_proba(fresh)[:, 1], truth)
     after = _apgr(model.predict_proba(fresh)[:, 1], truth)
-    assert before < (0.3 if words else 0.5)  # the base model ranks this traffic backwards
+    assert before < (0.3 if words else 0.45)  # the base model ranks this traffic backwards
     assert after > 0.74  # the candidate learnt it from 80 labels (0.75 is the oracle here)
     assert info.gate_on_outcomes > 0.9 and info.gate_on_base < 0.1
     # Base prompts keep their scores (the head only speaks where traffic lives) and their order.
@@ -121,6 +121,8 @@ def test_retrain_never_trains_on_the_held_out_slice_and_adapts_the_root(
         store.flush()
         retrain(store, models, [base], CONFIG)
         assert not isinstance(roots[1], ResidualRouting)
-        assert np.array_equal(roots[0].word_coef_, roots[1].word_coef_)
+        assert roots[1] is not roots[0]  # loaded again from the store, yet the same model
+        for name in ("word_coef_", "struct_coef_", "intercept_", "cap_coef_"):
+            assert np.array_equal(getattr(roots[0], name), getattr(roots[1], name)), name
     finally:
         store.close()

@@ -185,33 +185,16 @@ def test_the_routing_score_reads_the_capability_probabilities(artifact: Path) ->
     assert not table[:, 0].any()  # no word weights of its own: the words speak through them
 
 
-def test_a_word_model_and_its_format_1_serving_form_still_serve(
-    word_artifact: Path, tmp_path: Path
-) -> None:
+def test_a_word_model_is_written_as_format_1_and_serves(word_artifact: Path) -> None:
+    """A model that reads no capability probabilities is written as serving format 1 (no
+    ``cap_coef``), which Tiergate versions before format 2 can read too."""
+    entry = _serving_entry(word_artifact)
+    assert entry["format_version"] == 1
+    with np.load(word_artifact / SERVING_FILE, allow_pickle=False) as npz:
+        assert "cap_coef" not in npz.files
     served = load_for_serving(word_artifact)
     assert isinstance(served, ServingScorer)
     assert_serves_like_sklearn(served, load_scorer(word_artifact))
-    # A serving form written before cap_coef existed (format 1, router-v1/v2): no capability
-    # term, so the same scores.
-    old = tmp_path / "old"
-    old.mkdir()
-    for f in word_artifact.iterdir():
-        (old / f.name).write_bytes(f.read_bytes())
-    with np.load(old / SERVING_FILE, allow_pickle=False) as npz:
-        form = {key: npz[key] for key in npz.files if key != "cap_coef"}
-    assert not np.load(word_artifact / SERVING_FILE)["cap_coef"].any()
-    np.savez(old / SERVING_FILE, **form)
-    _edit_sidecar(
-        old,
-        serving={
-            **_serving_entry(old),
-            "format_version": 1,
-            "sha256": sha256_file(old / SERVING_FILE),
-        },
-    )
-    again = load_for_serving(old)
-    assert isinstance(again, ServingScorer)
-    assert [again.score(t) for t in SAMPLE] == [served.score(t) for t in SAMPLE]
 
 
 def test_a_tampered_serving_form_is_refused(copy: Path) -> None:
@@ -242,7 +225,7 @@ def test_the_serving_entry_names_only_its_own_file(copy: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "change", ["pickled", "missing", "shape", "features", "window", "cap_coef"]
+    "change", ["pickled", "missing", "shape", "features", "window", "cap_coef", "no_cap_coef"]
 )
 def test_a_foreign_form_with_a_matching_hash_is_still_refused(copy: Path, change: str) -> None:
     # Someone rewrote both the file and its sidecar entry: the hash matches, the contents must
@@ -257,6 +240,8 @@ def test_a_foreign_form_with_a_matching_hash_is_still_refused(copy: Path, change
         form["intercept"] = form["intercept"][:-1]
     elif change == "cap_coef":  # one capability short
         form["cap_coef"] = form["cap_coef"][:, :-1]
+    elif change == "no_cap_coef":  # format 2 without it would score without the capabilities
+        del form["cap_coef"]
     elif change == "window":  # fitted on another prompt window (the first model's)
         form["clip"] = np.array([2000, 500], dtype=np.int64)
     else:
