@@ -310,8 +310,8 @@ def fit_residual_features(
 
     model = ResidualRouting(base=base)
     params = model.__dict__.copy()
-    model.__dict__.update(base.__dict__)  # shares the fitted pipeline and vocabulary
-    model.__dict__.update(params)
+    model.__dict__.update(base.__dict__)  # shares the fitted pipeline and vocabulary...
+    model.__dict__.update(params)  # ...but keeps its own parameters (``base``)
     model.base_ = base
     model.use_structure = True  # its rows always weigh the structure features
     model.coef3_ = np.vstack([coef0, gate_coef, head_coef])
