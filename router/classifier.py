@@ -499,7 +499,7 @@ class CapabilityRouting(PromptClassifier):
         coef = np.asarray(clf.coef_, dtype=np.float64)[0]
         n_struct = len(STRUCTURE_FEATURES)
         prob_scaler: StandardScaler = union.transformer_list[1][1].named_steps["scale"]
-        cap = coef[n_struct:] / prob_scaler.scale_
+        cap = self.cap_coef_[0]  # folded by _compile; the structure columns stay scaled here
         return LinearView(
             n_words=len(self.vocabulary_),
             scaler=union.transformer_list[0][1].named_steps["scale"],

@@ -279,9 +279,9 @@ def fit_residual_features(
     if (lv.cap_coef is None) != (probs is None):
         raise ConfigError("the outcomes' capability probabilities are needed for this base model")
     coef0, b0, n_words = lv.coef, lv.intercept, lv.n_words
-    z0 = np.asarray(x_out @ coef0) + b0
-    if lv.cap_coef is not None and probs is not None:
-        z0 += probs @ lv.cap_coef
+    # The base row's capability term per outcome (zero for a base that reads none).
+    cap0 = probs @ lv.cap_coef if lv.cap_coef is not None and probs is not None else 0.0
+    z0 = np.asarray(x_out @ coef0) + b0 + cap0
 
     domain = LogisticRegression(C=GATE_C, solver="liblinear", class_weight="balanced")
     domain.fit(
@@ -301,12 +301,12 @@ def fit_residual_features(
     if scale:
         head_coef[:n_words] += scale * beta[n_struct + 1 :]
     head_b = float(head.intercept_[0]) + float(beta[n_struct]) * b0
-    cap3: FloatArray | None = None
-    head_z = np.asarray(x_out @ head_coef) + head_b
-    if lv.cap_coef is not None and probs is not None:
-        cap3 = np.vstack([lv.cap_coef, np.zeros_like(lv.cap_coef), beta[n_struct] * lv.cap_coef])
-        head_z += probs @ cap3[2]
+    # The head row carries the base row's capability term scaled by its base-logit coefficient.
+    head_z = np.asarray(x_out @ head_coef) + head_b + beta[n_struct] * cap0
     shift = float(np.mean(head_z - z0))
+    cap3: FloatArray | None = None
+    if lv.cap_coef is not None:
+        cap3 = np.vstack([lv.cap_coef, np.zeros_like(lv.cap_coef), beta[n_struct] * lv.cap_coef])
 
     model = ResidualRouting(base=base)
     params = model.__dict__.copy()
