@@ -1,0 +1,140 @@
+"""Does router-v3's ranking hold when the local model is not the one it was trained against?
+
+router-v3 learnt which prompts Mixtral-8x7B loses to GPT-4-1106. A deployment's local model is
+another one, often much smaller. AlpacaEval and Arena-Bench carry, for the same prompts and the
+same judge, the labels of other open models (``alt_weak_scores``; ../shared/data/README.md).
+This scores each of them with the same routing scores:
+
+* **AlpacaEval 2.0**: the shipped model (never trained on AlpacaEval), against every other weak
+  model with the weighted GPT-4-Turbo judge, and with the chain-of-thought judge
+  (``alt_weak_scores_cot_judge``, hard 0/1 preferences). Labels are pairwise, so
+  ``strong = 1 - weak``.
+* **Arena-Bench**: the shipped model trained on Arena-Bench, so its scores here would be in-sample.
+  Instead, a model is fitted with router-v3's recipe on MMLU + GSM8K only (the model card's
+  leave-one-dataset-out row), reading the shipped capability model. ``strong`` is GPT-4-1106's
+  judge score.
+
+Rows where the judge gave an alternative model no valid score are left out. APGR divides by the
+gap between the strong and the weak model's means; where that gap is under 0.05 (or negative:
+some FuseChat models beat GPT-4-Turbo on average under AlpacaEval's judge) the figure means
+nothing, and the row is flagged ``meaningful: false``.
+
+    .venv/bin/python bench/weak_swap.py     # ~1 min; bench/results/weak_swap.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from router.artifact import DEFAULT_MODEL_NAME  # noqa: E402
+from router.classifier import LearnedScorer  # noqa: E402
+from router.metrics import evaluate, summary  # noqa: E402
+from router.training import fit_routing, load_routing_rows, load_scorer  # noqa: E402
+
+ALPACA = "alpacaeval2_openhermes7b_vs_gpt4turbo.jsonl"
+ARENA = "arenabench_v1_mixtral_vs_gpt4turbo.jsonl"
+LODO_TRAIN = (
+    "routellm_mmlu_mixtral_vs_gpt4turbo.jsonl",
+    "routellm_gsm8k_mixtral_vs_gpt4turbo.jsonl",
+)
+
+
+#: Below this gap between the strong and the weak mean, APGR divides by almost nothing.
+MIN_GAP = 0.05
+
+
+def read(path: Path) -> list[dict[str, Any]]:
+    """The raw rows (load_routing_rows keeps only the common schema)."""
+    with path.open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def score_set(
+    raw: list[dict[str, Any]],
+    scores: np.ndarray[Any, Any],
+    field: str,
+    pairwise: bool,
+    n_bootstrap: int,
+) -> dict[str, Any]:
+    """APGR of ``scores`` against the file's own weak model and every model in ``field``."""
+    weak_models: dict[str, tuple[list[int], list[float]]] = {
+        f"{raw[0]['weak_model']} (the file's)": (
+            list(range(len(raw))),
+            [float(r["weak_score"]) for r in raw],
+        )
+    }
+    for i, row in enumerate(raw):
+        for name, value in (row.get(field) or {}).items():
+            if value is not None:
+                idx, vals = weak_models.setdefault(name, ([], []))
+                idx.append(i)
+                vals.append(float(value))
+    out: dict[str, Any] = {}
+    for name, (idx, vals) in weak_models.items():
+        weak = np.array(vals)
+        strong = 1.0 - weak if pairwise else np.array([float(raw[i]["strong_score"]) for i in idx])
+        report = summary(evaluate(scores[idx], weak, strong, n_bootstrap=n_bootstrap))
+        out[name] = {
+            **report,
+            "weak_mean": round(float(weak.mean()), 4),
+            "strong_mean": round(float(strong.mean()), 4),
+            "meaningful": bool(strong.mean() - weak.mean() >= MIN_GAP),
+        }
+    return out
+
+
+def main() -> int:
+    """Score both files against every weak model; print a table and write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "weak_swap.json")
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    args = parser.parse_args()
+    shipped = load_scorer(ROOT / "models" / DEFAULT_MODEL_NAME)
+
+    alpaca = read(args.data_dir / ALPACA)
+    alpaca_scores = np.array([shipped.score(r["prompt"]) for r in alpaca])
+    arena = read(args.data_dir / ARENA)
+    train = [r for name in LODO_TRAIN for r in load_routing_rows(args.data_dir / name)]
+    lodo = LearnedScorer(fit_routing(train, shipped.capability), shipped.capability, "lodo")
+    arena_scores = np.array([lodo.score(r["prompt"]) for r in arena])
+
+    sets = {
+        "alpacaeval (shipped model), weighted judge": score_set(
+            alpaca, alpaca_scores, "alt_weak_scores", True, args.bootstrap
+        ),
+        "alpacaeval (shipped model), chain-of-thought judge": score_set(
+            alpaca, alpaca_scores, "alt_weak_scores_cot_judge", True, args.bootstrap
+        ),
+        "arena-bench (router-v3 recipe on MMLU + GSM8K only)": score_set(
+            arena, arena_scores, "alt_weak_scores", False, args.bootstrap
+        ),
+    }
+    result = {"model": DEFAULT_MODEL_NAME, "sets": sets}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    for title, table in sets.items():
+        print(f"\n{title}")
+        print(f"  {'weak model':44} {'n':>4} {'weak':>6} {'strong':>6}  APGR (95% CI)")
+        for name, m in table.items():
+            apgr = m["apgr"]
+            flag = "" if m["meaningful"] else "  (gap under 0.05: APGR meaningless)"
+            print(
+                f"  {name:44} {m['n']:>4} {m['weak_mean']:6.3f} {m['strong_mean']:6.3f}  "
+                f"{apgr['value']:.3f} ({apgr['low']:.3f}-{apgr['high']:.3f}){flag}"
+            )
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
