@@ -64,14 +64,17 @@ def score_set(
     field: str,
     pairwise: bool,
     n_bootstrap: int,
+    *,
+    own: bool,
 ) -> dict[str, Any]:
-    """APGR of ``scores`` against the file's own weak model and every model in ``field``."""
-    weak_models: dict[str, tuple[list[int], list[float]]] = {
-        f"{raw[0]['weak_model']} (the file's)": (
+    """APGR of ``scores`` against every weak model in ``field``, and the file's own weak model
+    when ``own`` (its ``weak_score`` comes from the file's judge, so only with that judge's set)."""
+    weak_models: dict[str, tuple[list[int], list[float]]] = {}
+    if own:
+        weak_models[f"{raw[0]['weak_model']} (the file's)"] = (
             list(range(len(raw))),
             [float(r["weak_score"]) for r in raw],
         )
-    }
     for i, row in enumerate(raw):
         for name, value in (row.get(field) or {}).items():
             if value is not None:
@@ -110,13 +113,13 @@ def main() -> int:
 
     sets = {
         "alpacaeval (shipped model), weighted judge": score_set(
-            alpaca, alpaca_scores, "alt_weak_scores", True, args.bootstrap
+            alpaca, alpaca_scores, "alt_weak_scores", True, args.bootstrap, own=True
         ),
         "alpacaeval (shipped model), chain-of-thought judge": score_set(
-            alpaca, alpaca_scores, "alt_weak_scores_cot_judge", True, args.bootstrap
+            alpaca, alpaca_scores, "alt_weak_scores_cot_judge", True, args.bootstrap, own=False
         ),
         "arena-bench (router-v3 recipe on MMLU + GSM8K only)": score_set(
-            arena, arena_scores, "alt_weak_scores", False, args.bootstrap
+            arena, arena_scores, "alt_weak_scores", False, args.bootstrap, own=True
         ),
     }
     result = {"model": DEFAULT_MODEL_NAME, "sets": sets}

@@ -29,14 +29,12 @@ from router.errors import (
 from router.gateway import Gateway, RequestContext
 from router.learning import LearningLoop, answer_text
 from router.limits import RateLimiter, check_request_size
+from router.policy import POLICY_HEADER_PREFIX
 from router.schemas import ChatCompletionRequest, FeedbackRequest, json_request_body
 
 _Model = TypeVar("_Model", bound=BaseModel)
 log = logging.getLogger("tiergate.api")
 router = APIRouter()
-
-# Request headers a client may use to inform the policy (further filtered by permissions).
-POLICY_HEADER_PREFIX = "x-tiergate-"
 
 
 def _gateway(request: Request) -> Gateway:
@@ -329,10 +327,16 @@ async def list_models(request: Request) -> dict[str, Any]:
 
 @router.post("/v1/route", openapi_extra=json_request_body(ChatCompletionRequest))
 async def dry_run(request: Request) -> dict[str, Any]:
-    """Explain how a chat request would be routed, without calling any model."""
+    """Explain how a chat request would be routed, without calling any model. The request is
+    checked as chat checks it (rate limit, shape, size caps, pin permission), so a dry run never
+    promises a route that chat would refuse."""
     gateway = _gateway(request)
+    principal = principal_of(request)
+    await request.app.state.limiter.admit(principal)
     body = await read_json(request)
     validate_chat(body)
+    check_request_size(body, request.app.state.settings)
+    _check_pin(principal, gateway, body)
     signals, decision = await gateway.decide_async(
         body, tenant=_tenant(request), headers=_policy_headers(request)
     )

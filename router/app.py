@@ -157,6 +157,10 @@ def create_app(
         summary="Routes each OpenAI chat request to a local open model or a closed API.",
         version="0.1.0",
         lifespan=lifespan,
+        # No /docs or /redoc: their pages load assets from a CDN, which a proxy on a closed
+        # network cannot reach. /openapi.json stays (README, Endpoints).
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.limiter = build_rate_limiter(settings)

@@ -430,13 +430,23 @@ def _explain_body(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_policy_explain(args: argparse.Namespace) -> int:
     from router.app import load_scorer
     from router.config import load_settings
-    from router.policy import evaluate, load_policy
+    from router.policy import POLICY_HEADER_PREFIX, evaluate, load_policy
     from router.signals import extract_signals
 
     policy = load_policy(args.file)
     scorer = load_scorer(load_settings(args.config))
     body = _explain_body(args)
-    headers = dict(h.split("=", 1) for h in args.header)
+    headers = {}
+    for item in args.header:
+        name, _, value = item.partition("=")
+        if not name.lower().startswith(POLICY_HEADER_PREFIX):
+            print(
+                f"note: --header {name} ignored: the proxy passes the policy only "
+                f"{POLICY_HEADER_PREFIX}* headers",
+                file=sys.stderr,
+            )
+            continue
+        headers[name.lower()] = value
     signals = extract_signals(body, scorer, tenant=args.tenant, headers=headers)
     decision = evaluate(policy, signals, spend_today_usd=args.spend_today)
     if args.json:

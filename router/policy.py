@@ -42,6 +42,7 @@ from router.signals import Signals
 
 __all__ = [
     "OPERATORS",
+    "POLICY_HEADER_PREFIX",
     "Alias",
     "Comparison",
     "Condition",
@@ -67,6 +68,9 @@ OPERATORS: tuple[str, ...] = get_args(Operator)
 
 # Rule names the evaluator uses for its own steps; a policy may not reuse them.
 RESERVED_RULES = ("default", "pinned", "constraint")
+#: The only request headers the proxy passes to the policy (further filtered by the caller's
+#: key permissions), so the only names a ``header:`` condition may test.
+POLICY_HEADER_PREFIX = "x-tiergate-"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _SIGNAL_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _STAKES_RANK = {name: rank for rank, name in enumerate(STAKES)}
@@ -348,11 +352,6 @@ class Policy(_Strict):
 
 
 Condition.model_rebuild()
-
-
-def policy_json_schema() -> dict[str, Any]:
-    """The JSON schema of a policy file, for editors and ``tiergate policy schema``."""
-    return Policy.model_json_schema(by_alias=True)
 
 
 # --------------------------------------------------------------------------- decisions
@@ -1188,6 +1187,13 @@ class _Checker:
                 parts.append(self._comparison(key, kind, _getter(key, kind), cmp, (*loc, key)))
         if cond.header is not None:
             name = cond.header.name.lower()
+            if not name.startswith(POLICY_HEADER_PREFIX):
+                self.add(
+                    (*loc, "header", "name"),
+                    f"header {cond.header.name!r} never reaches the policy: the proxy passes it "
+                    f"only {POLICY_HEADER_PREFIX}* request headers (those the caller's key may "
+                    f"set); name it {POLICY_HEADER_PREFIX}{name.removeprefix('x-')}",
+                )
             parts.append(
                 self._comparison(
                     f"header {name}", "any", _header_getter(name), cond.header, (*loc, "header")
@@ -1226,14 +1232,20 @@ class _Checker:
                 self.add((*loc, op), f"operator {op!r} does not apply to {label} (use {allowed})")
                 continue
             checked = self._value(label, kind, op, value, (*loc, op))
-            parts.append(_leaf(label, kind, get, op, checked))
+            if checked is not _NOTHING:  # a bad value may not compile (`matches: null`)
+                parts.append(_leaf(label, kind, get, op, checked))
         return _all(parts) if len(parts) != 1 else parts[0]
 
     def _value(self, label: str, kind: _Kind, op: str, value: Any, loc: Loc) -> Any:
+        """The value to compile, or ``_NOTHING`` when it is wrong (the problem is recorded)."""
+        if op in ("in", "not_in") and not isinstance(value, list):
+            self.add(loc, f"{label} {op}: expected a list, got {_describe(value)}")
+            return _NOTHING
         values = value if op in ("in", "not_in") else [value]
         bad = next((v for v in values if not _value_ok(kind, op, v)), _NOTHING)
         if bad is not _NOTHING:
             self.add(loc, _bad_value(label, kind, op, bad))
+            return _NOTHING
         if kind == "stakes" and op in ("gt", "gte", "lt", "lte"):
             return _STAKES_RANK.get(value, 0)
         return value
@@ -1516,3 +1528,123 @@ def _build_plans(
         )
     global_plan = _Plan(None, (*global_rules, default), thresholds(None), None, "local")
     policy._runtime = _Runtime(digest, source, plans, global_plan)
+
+
+# --------------------------------------------------------------------------- JSON schema
+
+
+def policy_json_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of a policy file, for editors and ``tiergate policy schema``.
+
+    It accepts what the loader accepts, shorthands included. pydantic describes the models; what
+    the validators and the checker shape themselves is described here from the same tables:
+    model defaults by tier, ``when: long_context``, ``pii: true``, ``capability: [coding, math]``,
+    ``metadata.team: legal``, the operators and values each signal takes, and the names of
+    signals, rules and aliases. What needs the whole file (unknown models, routes and signals,
+    cycles, duplicate names) is left to ``tiergate policy check``.
+    """
+    schema = Policy.model_json_schema(by_alias=True)
+    defs: dict[str, Any] = schema["$defs"]
+    model = defs["ModelSpec"]  # the before-validator fills supports_* in from the tier
+    model["required"] = [k for k in model["required"] if not k.startswith("supports_")]
+    for key in ("supports_tools", "supports_images"):
+        model["properties"][key]["description"] = "default: true for tier closed, false for local"
+    defs["Alias"]["oneOf"] = [  # exactly one of the two settings
+        {"required": [key], "properties": {key: {"type": "number"}}}
+        for key in ("threshold", "target_closed_share")
+    ]
+    rule_name = defs["Rule"]["properties"]["name"]
+    rule_name["pattern"] = _NAME.pattern
+    rule_name["not"] = {"enum": list(RESERVED_RULES)}
+    for aliases in (schema["properties"]["aliases"], defs["Tenant"]["properties"]["aliases"]):
+        aliases["propertyNames"] = {"pattern": _NAME.pattern}
+    schema["properties"]["signals"]["propertyNames"] = {"pattern": _signal_pattern()}
+    del defs["Comparison"], defs["HeaderComparison"]
+    defs["Condition"] = _condition_schema(defs["Condition"])
+    for kind in get_args(_Kind):
+        defs[f"Comparison_{kind}"] = _comparison_schema(kind)
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+
+
+def _or_null(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _signal_pattern() -> str:
+    # The names _Checker._signal allows: lower_snake_case and not a key of the condition language.
+    reserved = "|".join(_CONDITION_KEYS)
+    return f"^(?!(?:{reserved})$){_SIGNAL_NAME.pattern.removeprefix('^')}"
+
+
+def _condition_schema(generated: dict[str, Any]) -> dict[str, Any]:
+    """``when:``: a signal's name, or a mapping of combinators, signals and comparisons."""
+    mapping = {k: v for k, v in generated.items() if k not in ("title", "description")}
+    props = mapping["properties"]
+    props["signal"] = _or_null({"type": "string", "pattern": _signal_pattern()})
+    for key, kind in _BUILTINS.items():
+        props[key] = _or_null({"$ref": f"#/$defs/Comparison_{kind}"})
+    header = _operators_schema("any")
+    header["properties"]["name"] = {
+        "type": "string",
+        # case-free, as the loader reads it (JSON Schema regexes have no inline flags)
+        "pattern": "^"
+        + "".join(f"[{c}{c.upper()}]" if c.isalpha() else c for c in POLICY_HEADER_PREFIX),
+    }
+    header.update(required=["name"], minProperties=2)  # the name and at least one operator
+    props["header"] = _or_null(header)
+    # Any other key is a named signal (compared with true/false) or a metadata field.
+    mapping["patternProperties"] = {
+        r"^metadata\..": {"$ref": "#/$defs/Comparison_any"},
+        _signal_pattern(): {"$ref": "#/$defs/Comparison_bool"},
+    }
+    mapping["additionalProperties"] = False
+    return {
+        "title": generated["title"],
+        "description": generated["description"],
+        "anyOf": [{"type": "string", "pattern": _signal_pattern()}, mapping],
+    }
+
+
+def _comparison_schema(kind: _Kind) -> dict[str, Any]:
+    """What a signal of ``kind`` takes: operators, or a bare value (``eq``) or a list (``in``)."""
+    operators = _operators_schema(kind)
+    props = operators["properties"]
+    shorthands = {"eq": "a bare value means eq", "in": "a list means in"}
+    said = [text for op, text in shorthands.items() if op in props]
+    return {
+        "description": "; ".join([f"operators: {', '.join(props)}", *said]),
+        "anyOf": [*(props[op] for op in shorthands if op in props), operators],
+    }
+
+
+def _operators_schema(kind: _Kind) -> dict[str, Any]:
+    props: dict[str, Any] = {}
+    for op in OPERATORS:
+        if op in _KIND_OPS[kind]:
+            value = _value_schema(kind, op)
+            if op == "eq":  # `eq: null` tests for a missing signal
+                value = _or_null(value)
+            elif op in ("in", "not_in"):
+                value = {"type": "array", "items": value}
+            props[op] = value
+    return {
+        "type": "object",
+        "properties": props,
+        "additionalProperties": False,
+        "minProperties": 1,
+    }
+
+
+def _value_schema(kind: _Kind, op: str) -> dict[str, Any]:
+    # One value of `op` on a `kind` signal: what _value_ok accepts, written as JSON Schema.
+    if op == "matches":
+        return {"type": "string", "format": "regex"}
+    if kind == "bool":
+        return {"type": "boolean"}
+    if kind == "number" or (kind == "any" and op in _ORDER):
+        return {"type": "number"}
+    if kind in ("text", "list"):
+        return {"type": "string"}
+    if kind in ("capability", "stakes"):
+        return {"enum": list(CAPABILITIES if kind == "capability" else STAKES)}
+    return {"type": ["string", "number", "boolean"]}

@@ -198,7 +198,7 @@ class Telemetry:
             span_exporters=span_exporters,
             metric_readers=readers,
             tracing=tracing,
-            metrics=settings.metrics_enabled or bool(readers),
+            metrics=settings.metrics_enabled,
         )
 
     @classmethod
@@ -211,7 +211,10 @@ class Telemetry:
         metrics: bool = True,
         batch: bool = True,
     ) -> Telemetry:
-        """Providers from explicit exporters and readers (tests: in-memory ones, no batching)."""
+        """Providers from explicit exporters and readers (tests: in-memory ones, no batching).
+
+        ``metrics`` adds the Prometheus reader behind ``/metrics``; instruments are recorded
+        whenever there is any reader (an OTLP one pushes them even with ``metrics`` off)."""
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider

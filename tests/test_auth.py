@@ -125,6 +125,15 @@ def test_pinning_a_closed_model_needs_the_permission(
     assert allowed.status_code == 200 and allowed.headers["x-tiergate-model"] == "gpt-4o"
     # pinning the local model is no privilege
     assert _post(server, ACME, {**CHAT, "model": "local"}).status_code == 200
+    # the dry run refuses the same pin, so it never explains a route chat would refuse
+    route = httpx.post(
+        server.url + "/v1/route", json=pinned, headers={"authorization": f"Bearer {ACME}"}
+    )
+    _assert_openai_error(route, 403, "permission_error")
+    route = httpx.post(
+        server.url + "/v1/route", json=pinned, headers={"authorization": f"Bearer {ACME_PINNER}"}
+    )
+    assert route.status_code == 200 and route.json()["decision"]["model"] == "gpt-4o"
 
 
 def _route_headers(server: LiveServer, key: str) -> dict[str, str]:

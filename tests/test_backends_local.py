@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
 
-from router.backends.local import Gate, check_local_request, with_system_prompt
+from router.backends.local import Gate, check_local_request, local_timeout, with_system_prompt
+from router.config import Settings
 from router.errors import BadRequestError, LocalOverloadedError
 from tests.conftest import live, policy_yaml
-from tests.fake_provider import FakeProvider
+from tests.fake_provider import Behaviour, FakeProvider
 
 
 def test_gate_bounds_waiting_and_reports_depth() -> None:
@@ -79,3 +82,40 @@ def test_external_llama_server_backend(tmp_path: Path, fake: FakeProvider) -> No
             lines = [line for line in stream.iter_lines() if line.startswith("data: ")]
         assert lines[-1] == "data: [DONE]"
         assert httpx.get(srv.url + "/readyz").json()["local"]["backend"] == "openai_http"
+
+
+def test_a_local_models_policy_timeout_wins_over_the_setting(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """``timeout_s`` on the policy's local model bounds a local call, as it does a closed one;
+    TIERGATE_LOCAL_TIMEOUT_S (300 s here) is only the default."""
+    fake.reset(Behaviour(mode="stall", stall_s=5.0))
+    policy = policy_yaml(fake, on_failure="error").replace(
+        "    context_window: 2048\n", "    context_window: 2048\n    timeout_s: 0.3\n", 1
+    )
+    assert "timeout_s: 0.3" in policy
+    with live(
+        tmp_path,
+        policy,
+        local_backend="openai_http",
+        local_base_url=fake.base_url,
+        local_timeout_s=300,
+    ) as srv:
+        started = time.monotonic()
+        response = httpx.post(
+            srv.url + "/v1/chat/completions",
+            json={"model": "local", "messages": [{"role": "user", "content": "hi"}]},
+            timeout=30,
+        )
+        elapsed = time.monotonic() - started
+    assert response.status_code == 503, response.text  # on_failure: error, nothing else to try
+    assert "timed out" in response.json()["error"]["message"]
+    assert elapsed < 4.0  # stopped at the policy's 0.3 s, not the stall's 5 s or the 300 s
+
+
+def test_local_timeout_prefers_the_model() -> None:
+    settings = Settings(local_timeout_s=300)
+    model = SimpleNamespace(timeout_s=None)
+    assert local_timeout(model, settings) == 300  # type: ignore[arg-type]
+    model.timeout_s = 7.5
+    assert local_timeout(model, settings) == 7.5  # type: ignore[arg-type]

@@ -64,6 +64,15 @@ def test_policy_explain_shows_rules_and_decision(capsys: pytest.CaptureFixture[s
     assert "MATCH high-stakes" in out
     assert "decision closed -> gpt-4o" in out
 
+    # explain sees only the headers the proxy would pass the policy
+    assert (
+        main(["policy", "explain", policy, "--prompt", "hi", "--header", "X-Team=legal", "--json"])
+        == 0
+    )
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["signals"]["headers"] == {}
+    assert "--header X-Team ignored" in captured.err
+
 
 def test_outcomes_command_prints_records(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -179,6 +179,16 @@ def test_too_many_messages_and_max_tokens_over_the_cap(small: LiveServer) -> Non
     assert _post(small, {**CHAT, "max_tokens": 100}).status_code == 200
 
 
+def test_the_dry_run_refuses_what_chat_refuses(small: LiveServer) -> None:
+    """/v1/route applies chat's size caps, so it never explains a route chat would refuse."""
+    many = {"model": "auto", "messages": [{"role": "user", "content": "hi"}] * 5}
+    response = httpx.post(small.url + "/v1/route", json=many, timeout=10)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
+    response = httpx.post(small.url + "/v1/route", json={**CHAT, "max_tokens": 101}, timeout=10)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "max_tokens"
+    assert httpx.post(small.url + "/v1/route", json=CHAT, timeout=10).status_code == 200
+
+
 @pytest.mark.skipif(not GGUF.is_file(), reason="bundled GGUF missing: make model")
 def test_local_generation_past_local_timeout_is_a_local_failure(
     tmp_path: Path, fake: FakeProvider

@@ -111,8 +111,16 @@ OPERATOR_CASES: list[tuple[str, dict[str, Any], bool]] = [
         True,
     ),
     ("{header: {name: x-tiergate-stakes, eq: high}}", {"headers": {}}, False),
-    ("{header: {name: x-priority, gt: 3}}", {"headers": {"x-priority": "5"}}, True),
-    ("{header: {name: x-priority, gt: 3}}", {"headers": {"x-priority": "two"}}, False),
+    (
+        "{header: {name: x-tiergate-priority, gt: 3}}",
+        {"headers": {"x-tiergate-priority": "5"}},
+        True,
+    ),
+    (
+        "{header: {name: x-tiergate-priority, gt: 3}}",
+        {"headers": {"x-tiergate-priority": "two"}},
+        False,
+    ),
     # metadata: dotted paths walk nested mappings; booleans never equal numbers
     ("{metadata.team.name: search}", {"metadata": {"team": {"name": "search"}}}, True),
     ("{metadata.team.name: search}", {"metadata": {"team": "search"}}, False),

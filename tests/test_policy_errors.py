@@ -177,6 +177,15 @@ CORPUS: list[tuple[str, str, list[str]]] = [
         M + "rules:\n  - {name: a, when: {header: {eq: high}}, route: local}\n",
         ["p.yaml:6:22: rules[0].when.header.name: missing required key 'name'"],
     ),
+    (
+        "header-the-proxy-never-passes",
+        M + "rules:\n  - {name: a, when: {header: {name: X-Team, eq: legal}}, route: local}\n",
+        [
+            "p.yaml:6:31: rules[0].when.header.name: header 'X-Team' never reaches the policy: "
+            "the proxy passes it only x-tiergate-* request headers (those the caller's key may "
+            "set); name it x-tiergate-team"
+        ],
+    ),
     # --- rules
     (
         "missing-route",

@@ -295,6 +295,15 @@ def test_tracing_off_unless_configured(tmp_path: Path, fake: FakeProvider) -> No
         Settings(**{**settings.model_dump(), "metrics_enabled": False}), environ={}
     )
     assert not off.tracing and not off.metrics and off.registry is None
+    # With traces on, metrics still go out over OTLP, but /metrics stays off as configured.
+    pushed = Telemetry.from_settings(
+        Settings(**{**settings.model_dump(), "metrics_enabled": False}),
+        environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"},
+    )
+    try:
+        assert pushed.tracing and pushed.metrics and pushed.registry is None
+    finally:
+        pushed.shutdown()
 
 
 # -- a real OTLP receiver over the network -------------------------------------------------

@@ -77,6 +77,12 @@ class Gate:
         self._sem.release()
 
 
+def local_timeout(model: ModelLike, settings: Settings) -> float:
+    """Seconds a local generation may take: the policy model's ``timeout_s`` wins over
+    ``TIERGATE_LOCAL_TIMEOUT_S``, as for closed models."""
+    return model.timeout_s or settings.local_timeout_s
+
+
 def with_system_prompt(messages: list[dict[str, Any]], system_prompt: str) -> list[dict[str, Any]]:
     """Small instruct models answer sensibly only with a system message: add one if absent."""
     if any(m.get("role") in ("system", "developer") for m in messages):
@@ -243,18 +249,18 @@ class LlamaCppBackend:
         # leaves, so two generations never share one llama.cpp context.
         future.add_done_callback(lambda _f: self.gate.release())
         chat_id = f"chatcmpl-{uuid.uuid4().hex}"
-        # local_timeout_s bounds the whole generation (waiting in the queue excluded): past it
-        # the worker is told to stop and the request fails like any local failure (fallback).
-        deadline = loop.time() + self._settings.local_timeout_s
+        # The model's timeout_s (else local_timeout_s) bounds the whole generation (waiting in
+        # the queue excluded): past it the worker is told to stop and the request fails like
+        # any local failure (fallback).
+        limit = local_timeout(model, self._settings)
+        deadline = loop.time() + limit
         try:
             while True:
                 try:
                     async with asyncio.timeout_at(deadline):
                         item = await queue.get()
                 except TimeoutError as exc:
-                    raise UpstreamTimeoutError(
-                        f"local generation exceeded {self._settings.local_timeout_s}s"
-                    ) from exc
+                    raise UpstreamTimeoutError(f"local generation exceeded {limit:g}s") from exc
                 if item is done:
                     return
                 if isinstance(item, _CancelledError):
@@ -329,7 +335,7 @@ class ExternalLlamaBackend:
                 request,
                 api_key=self._settings.local_api_key,
                 label="local llama.cpp server",
-                timeout_s=self._settings.local_timeout_s,
+                timeout_s=local_timeout(model, self._settings),
             )
         finally:
             self.gate.release()
@@ -351,7 +357,7 @@ class ExternalLlamaBackend:
                 usage,
                 api_key=self._settings.local_api_key,
                 label="local llama.cpp server",
-                timeout_s=self._settings.local_timeout_s,
+                timeout_s=local_timeout(model, self._settings),
             ):
                 chunk["model"] = model.name
                 yield chunk
