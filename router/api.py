@@ -19,7 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from router.auth import Principal, principal_of
+from router.auth import Principal, check_record_access, principal_of
 from router.errors import (
     BadRequestError,
     BudgetExceededError,
@@ -281,7 +281,10 @@ async def feedback(request: Request) -> dict[str, Any]:
     learning = _learning(request)
     if learning is None:
         raise TiergateError("the learning loop is not running")
-    label = await learning.feedback(_tenant(request), req)
+    principal = principal_of(request)
+    label = await learning.feedback(
+        req, lambda record: check_record_access(principal, record, req.request_id)
+    )
     return {
         "object": "feedback",
         "request_id": label.request_id,

@@ -305,12 +305,26 @@ def _open_outcomes(args: argparse.Namespace) -> tuple[Any, str] | None:
 
         redis_store = RedisOutcomeStore(settings.redis_url, settings=settings)
         redis_store.connect()
-        return redis_store, settings.redis_url
+        return redis_store, _without_password(settings.redis_url)
     path = args.db or settings.sqlite_path
     if not path.exists():
         print(f"no outcome store at {path} yet: serve some requests first", file=sys.stderr)
         return None
     return SQLiteOutcomeStore(path), str(path)
+
+
+def _without_password(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (it is printed)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def _cmd_outcomes(args: argparse.Namespace) -> int:

@@ -167,10 +167,15 @@ class LearningLoop:
 
     # -- feedback --------------------------------------------------------------------------
 
-    async def feedback(self, tenant: str, req: FeedbackRequest) -> Label:
-        """Store a tenant's feedback; 404 for an unknown request or another tenant's."""
+    async def feedback(
+        self, req: FeedbackRequest, check_access: Callable[[Mapping[str, Any] | None], None]
+    ) -> Label:
+        """Store feedback on a request; ``check_access`` raises (404) unless the caller may label
+        that record (:func:`router.auth.check_record_access`: its own tenant's, or any for an
+        ``admin`` key)."""
         record = await asyncio.to_thread(self.store.get, req.request_id)
-        if record is None or record.get("tenant") != tenant:
+        check_access(record)
+        if record is None:  # check_access refuses a missing record; kept for the type checker
             raise NotFoundError(f"no request '{req.request_id}'", code="request_not_found")
         label = feedback_label(req, record)
         self.store.label(label)
@@ -344,11 +349,18 @@ class LearningLoop:
 async def purge_loop(
     store: OutcomeStore, retention_days: Callable[[], int | None], every_s: float
 ) -> None:
-    """Delete records and labels past the policy's retention period, every ``every_s``."""
+    """Delete records and labels past the policy's retention period, every ``every_s``; a store
+    that expires keys itself (Redis) is told the period first, and again on every round, so a
+    policy reload reaches it."""
+    setter = getattr(store, "set_retention_days", None)
+    if setter is not None:
+        setter(retention_days())
     if every_s <= 0:
         return
     while True:
         days = retention_days()
+        if setter is not None:
+            setter(days)
         if days is not None:
             try:
                 gone = await asyncio.to_thread(store.purge, time.time() - days * 86400.0)

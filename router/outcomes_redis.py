@@ -4,7 +4,8 @@ Structures (``P`` is the key prefix, ``tiergate`` by default; for Redis Cluster 
 such as ``{tiergate}`` so one Lua script can touch every key):
 
 ==============================  =============================================================
-``P:outcome:<request id>``      string, the record as JSON, expiring after the retention period.
+``P:outcome:<request id>``      string, the record as JSON, expiring after the policy's
+                                ``retention_days`` (none when it is null).
                                 Written with ``SET NX``: the idempotency key that makes a
                                 replayed record (after a retry or a journal replay) a no-op.
 ``P:outcomes``                  stream, one entry per new record (``id``, ``record``), trimmed
@@ -46,12 +47,22 @@ from router.outcomes import Label, OutcomeRecord, quality_from_labels, summarize
 log = logging.getLogger("tiergate.outcomes")
 
 _SCORES_CAP = 2000
+#: With the journal unwritable, the buffer may grow to this many times its bound before
+#: outcomes are dropped (counted and logged).
+_MEMORY_FACTOR = 4
 _STREAM_MAXLEN = 1_000_000
 
 # KEYS: record, stream, ts zset, tenant zset, tenants set, spend hash, scores, alias scores
-# ARGV: json, id, ts, tenant, cost, ttl_s, score or '', scores cap, spend ttl, stream maxlen
+# ARGV: json, id, ts, tenant, cost, ttl_s (0: none), score or '', scores cap, spend ttl,
+#       stream maxlen
 _RECORD_LUA = """
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[6]) then return 0 end
+local stored
+if tonumber(ARGV[6]) > 0 then
+  stored = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[6])
+else
+  stored = redis.call('SET', KEYS[1], ARGV[1], 'NX')
+end
+if not stored then return 0 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[10], '*', 'id', ARGV[2], 'record', ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[2])
@@ -69,11 +80,16 @@ end
 return 1
 """
 
-# KEYS: label hash, labels zset, spend hash. ARGV: source, json, member, ts, tenant, cost, ttl
+# KEYS: label hash, labels zset, spend hash.
+# ARGV: source, json, member, ts, tenant, cost, ttl (0: none)
 _LABEL_LUA = """
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[7])
+if tonumber(ARGV[7]) > 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[7])
+else
+  redis.call('PERSIST', KEYS[1])
+end
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
 if tonumber(ARGV[6]) ~= 0 then
   redis.call('HINCRBYFLOAT', KEYS[3], ARGV[5], ARGV[6])
@@ -115,7 +131,7 @@ class RedisOutcomeStore:
         settings: Any = None,
         journal: Path | None = None,
         buffer_size: int | None = None,
-        retention_s: float = 30 * 86400,
+        retention_s: float | None = 30 * 86400,
         prefix: str = "tiergate",
         batch: int = 200,
     ) -> None:
@@ -148,6 +164,8 @@ class RedisOutcomeStore:
         self.duplicates = 0
         self.write_errors = 0
         self.spilled = 0
+        self.journal_errors = 0  # journal writes that failed (unwritable path, full disk)
+        self.dropped = 0  # outcomes lost: Redis down, buffer over its memory bound, no journal
         self.connected = False
 
     # -- keys ------------------------------------------------------------------------------
@@ -178,7 +196,10 @@ class RedisOutcomeStore:
         """Connect (lazily: an unreachable Redis is not a start-up failure) and start writing."""
         self.connect()
         assert self.journal is not None
-        self.journal.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.journal.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # serve anyway: only an outage needs the journal (then see _spill)
+            log.error("outcome journal directory %s unusable: %s", self.journal.parent, exc)
         for path in self._journal_files():
             for item in _read_journal(path):
                 self._journal_lines += 1
@@ -230,8 +251,11 @@ class RedisOutcomeStore:
                 self._inflight[item.id] = item
             if len(self._buffer) < self.buffer_size:
                 self._buffer.append(item)
-            else:
-                self._spill([item])
+            elif not self._spill([item]):  # the journal cannot be written: hold it in memory
+                if len(self._buffer) < _MEMORY_FACTOR * self.buffer_size:
+                    self._buffer.append(item)
+                else:
+                    self._drop([item])
             self._cond.notify_all()
 
     def _journal_files(self) -> list[Path]:
@@ -239,15 +263,39 @@ class RedisOutcomeStore:
         draining = self.journal.with_suffix(self.journal.suffix + ".draining")
         return [p for p in (draining, self.journal) if p.exists()]
 
-    def _spill(self, items: list[Item]) -> None:
-        """Append items to the journal (caller holds the lock)."""
+    def _spill(self, items: list[Item]) -> bool:
+        """Append items to the journal (caller holds the lock); False, logged and counted in
+        ``journal_errors``, when the journal cannot be written."""
         assert self.journal is not None
-        with self.journal.open("a", encoding="utf-8") as fh:
-            for item in items:
-                fh.write(_encode(item) + "\n")
-            fh.flush()
+        try:
+            self.journal.parent.mkdir(parents=True, exist_ok=True)
+            with self.journal.open("a", encoding="utf-8") as fh:
+                for item in items:
+                    fh.write(_encode(item) + "\n")
+                fh.flush()
+        except OSError as exc:
+            self.journal_errors += 1
+            if self.journal_errors == 1 or self.journal_errors % 1000 == 0:
+                log.error(
+                    "cannot write the outcome journal %s (%s): holding up to %d outcomes in "
+                    "memory while Redis is down (TIERGATE_OUTCOME_JOURNAL_PATH must be writable)",
+                    self.journal,
+                    exc,
+                    _MEMORY_FACTOR * self.buffer_size,
+                )
+            return False
         self._journal_lines += len(items)
         self.spilled += len(items)
+        return True
+
+    def _drop(self, items: list[Item]) -> None:
+        """Give up on items neither Redis, the buffer nor the journal can take (lock held)."""
+        self.dropped += len(items)
+        self._forget(items)
+        if self.dropped == len(items) or self.dropped % 1000 < len(items):
+            log.error(
+                "outcome store: %d outcomes lost (Redis down, journal unwritable)", self.dropped
+            )
 
     def _run(self) -> None:
         backoff = 0.05
@@ -278,10 +326,14 @@ class RedisOutcomeStore:
                 self.connected = False
                 if stopping and time.monotonic() > self._deadline:
                     with self._cond:
-                        self._spill(list(self._buffer))
+                        left = list(self._buffer)
+                        kept = self._spill(left)
+                        if not kept:
+                            self._drop(left)
                         self._buffer.clear()
                         self._cond.notify_all()
-                    log.error("redis still down at shutdown; outcomes kept in %s", self.journal)
+                    if kept:
+                        log.error("redis still down at shutdown; outcomes kept in %s", self.journal)
                     break
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
@@ -318,8 +370,19 @@ class RedisOutcomeStore:
         self.duplicates += len(batch) - new
         return {k: float(v) for k, v in spend.items()}
 
+    def set_retention_days(self, days: int | None) -> None:
+        """Expire what is written from now on after ``days`` (the policy's ``retention_days``;
+        None keeps it until a purge). Keys already written keep the TTL they were given."""
+        self.retention_s = None if days is None else days * 86400.0
+
+    def _ttl(self, ts: float) -> int:
+        """Seconds left of the retention period for an item made at ``ts`` (0: no expiry)."""
+        if self.retention_s is None:
+            return 0
+        return max(int(self.retention_s - (time.time() - ts)), 1)
+
     def _queue_record(self, pipe: Any, record: OutcomeRecord) -> None:
-        ttl = max(int(self.retention_s - (time.time() - record.ts)), 1)
+        ttl = self._ttl(record.ts)
         score = "" if record.score is None else repr(float(record.score))
         self._record_script(
             keys=[
@@ -348,7 +411,7 @@ class RedisOutcomeStore:
         )
 
     def _queue_label(self, pipe: Any, label: Label) -> None:
-        ttl = max(int(self.retention_s - (time.time() - label.ts)), 1)
+        ttl = self._ttl(label.ts)
         self._label_script(
             keys=[
                 self.key("label", label.request_id),

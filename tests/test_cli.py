@@ -137,3 +137,11 @@ def test_serve_help_lists_every_setting_with_its_default(
     assert "TIERGATE_ALLOW_ANONYMOUS (default: false)" in out
     for endpoint in ("/v1/route", "/v1/feedback", "/metrics", "/dashboard"):
         assert endpoint in out
+
+
+def test_printed_store_urls_hide_the_password() -> None:
+    from router.cli import _without_password
+
+    assert _without_password("redis://:s3cret@redis:6379/0") == "redis://:***@redis:6379/0"
+    assert _without_password("rediss://app:s3cret@r.example/1") == "rediss://app:***@r.example/1"
+    assert _without_password("redis://redis:6379/0") == "redis://redis:6379/0"

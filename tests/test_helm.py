@@ -533,6 +533,22 @@ def test_retrain_job_can_mount_the_base_training_files(render: Render) -> None:
     volumes = {v["name"]: v for v in pod_spec(job)["volumes"]}
     assert volumes["base-data"]["persistentVolumeClaim"] == {"claimName": "d"}
     assert "model-store" in volumes
+    router = container(find(render(values), "Deployment", FULLNAME), "router")
+    assert retrain["image"] == router["image"]  # by default the router's image
+
+
+def test_retrain_job_can_run_the_cpu_image_beside_a_cuda_router(render: Render) -> None:
+    """The pickled classifier is bound to its Python (3.11); the CUDA image has 3.12."""
+    values = {
+        "modelStore": {"persistence": {"enabled": True}},
+        "retrain": {"enabled": True, "imageTag": "0.1.0"},
+        "image": {"tag": "0.1.0-cuda"},
+    }
+    docs = render(values)
+    router = container(find(docs, "Deployment", FULLNAME), "router")
+    retrain = container(find(docs, "CronJob", f"{FULLNAME}-retrain"), "retrain")
+    assert router["image"].endswith(":0.1.0-cuda")
+    assert retrain["image"] == router["image"].removesuffix("-cuda")
 
 
 def test_router_is_hardened_and_probed(render: Render) -> None:
@@ -571,11 +587,22 @@ def test_redis_choice_sets_the_url_or_sqlite(render: Render) -> None:
         return env_of(container(find(render(values), "Deployment", FULLNAME), "router"))
 
     assert router_env({})["TIERGATE_REDIS_URL"] == f"redis://{FULLNAME}-redis:6379/0"
+    # with Redis, the outage journal lives on the writable data volume (the root fs is read-only)
+    journal = router_env({})["TIERGATE_OUTCOME_JOURNAL_PATH"]
+    assert journal == "/var/lib/tiergate/data/outcomes-journal.jsonl"
+    router = container(find(render({}), "Deployment", FULLNAME), "router")
+    assert {"name": "data", "mountPath": "/var/lib/tiergate/data"} in router["volumeMounts"]
+    volumes = {
+        v["name"]: v
+        for v in find(render({}), "Deployment", FULLNAME)["spec"]["template"]["spec"]["volumes"]
+    }
+    assert volumes["data"]["emptyDir"] == {}
     external = router_env(VALUE_SETS["external-redis"])["TIERGATE_REDIS_URL"]
     assert external == {"secretKeyRef": {"name": "tiergate-redis-url", "key": "redis-url"}}
     minimal = router_env(VALUE_SETS["minimal"])
     assert "TIERGATE_REDIS_URL" not in minimal
     assert minimal["TIERGATE_SQLITE_PATH"] == "/var/lib/tiergate/data/tiergate.db"
+    assert "TIERGATE_OUTCOME_JOURNAL_PATH" not in minimal
     assert "StatefulSet" not in kinds(render(VALUE_SETS["minimal"]))
     redis = find(render(), "StatefulSet", f"{FULLNAME}-redis")
     assert (
@@ -590,6 +617,20 @@ def test_service_monitor_scrapes_metrics(render: Render) -> None:
     assert monitor["spec"]["endpoints"][0]["port"] == "http"
     assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
     assert monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "router"
+    assert "authorization" not in monitor["spec"]["endpoints"][0]
+    keyed = find(
+        render(
+            {
+                **VALUE_SETS["full"],
+                "serviceMonitor": {"enabled": True, "keySecret": {"name": "prom-key"}},
+            }
+        ),
+        "ServiceMonitor",
+    )
+    assert keyed["spec"]["endpoints"][0]["authorization"] == {
+        "type": "Bearer",
+        "credentials": {"name": "prom-key", "key": "metrics-key"},
+    }
 
 
 def test_notes_tell_how_to_reach_the_router(chart: Any) -> None:

@@ -35,6 +35,7 @@ def serve(tmp_path: Path, policy: str, outcomes: Any = None) -> Iterator[LiveSer
     entries = [
         {"sha256": hash_key(_key(t)), "tenant": t, "permissions": ["pin_closed"]} for t in TENANTS
     ]
+    entries.append({"sha256": hash_key(_key("ops")), "tenant": "ops", "permissions": ["admin"]})
     keys.write_text(yaml.safe_dump({"keys": entries}))
     settings = make_settings(tmp_path, policy, api_keys_file=keys)
     app = create_app(settings, scorer=KeywordScorer(), outcomes=outcomes)
@@ -113,6 +114,11 @@ def test_feedback_is_tenant_isolated(
             (rid, "acme", 1.0),
             (closed.headers["x-request-id"], "acme", None),
         }
+        # an admin key may label any tenant's request (SECURITY.md); the label stays acme's
+        admin = feedback(srv, "ops", request_id=rid, score=1.0)
+        assert admin.status_code == 200, admin.text
+        assert feedback(srv, "ops", request_id="req_doesnotexist", score=1.0).status_code == 404
+        assert any(x["tenant"] == "acme" and x["quality"] == 1.0 for x in labels(srv, "feedback"))
 
 
 def test_shadow_judging_runs_in_the_background_and_labels(

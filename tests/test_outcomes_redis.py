@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -13,6 +14,7 @@ import pytest
 import redis
 
 from router.cli import main
+from router.learning import purge_loop
 from router.outcomes import Label, OutcomeRecord, SQLiteOutcomeStore
 from router.outcomes_redis import RedisOutcomeStore
 from tests.conftest import wait_for
@@ -241,3 +243,47 @@ def test_dashboard_views_agree_between_sqlite_and_redis(
     finally:
         sqlite.close()
         rstore.close()
+
+
+def test_record_ttl_follows_the_policys_retention(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Keys expire after the policy's retention_days, or never when it is null (the purge
+    then decides); the purge loop hands the store the policy's value."""
+    s = store(redis_server, tmp_path)
+    raw = redis.Redis.from_url(redis_server.url)
+    try:
+        asyncio.run(purge_loop(s, lambda: None, 0))  # retention_days: null
+        kept = record()
+        s.submit(kept)
+        s.label(Label(kept.id, "acme", "feedback", 1.0, time.time()))
+        assert s.flush(10)
+        assert raw.ttl(s.key("outcome", kept.id)) == -1  # no expiry
+        assert raw.ttl(s.key("label", kept.id)) == -1
+        asyncio.run(purge_loop(s, lambda: 90, 0))  # retention_days: 90
+        later = record()
+        s.submit(later)
+        s.label(Label(later.id, "acme", "feedback", 1.0, time.time()))
+        assert s.flush(10)
+        for key in (s.key("outcome", later.id), s.key("label", later.id)):
+            assert 89 * 86400 < raw.ttl(key) <= 90 * 86400
+    finally:
+        raw.close()
+        s.close()
+
+
+def test_an_unwritable_journal_never_raises_into_the_request_path(tmp_path: Path) -> None:
+    """Redis down and the journal's directory unusable (its parent is a file): submit still
+    never raises; outcomes wait in memory up to 4x the buffer, then are dropped, counted."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    s = RedisOutcomeStore("redis://127.0.0.1:1/0", journal=blocker / "journal.jsonl", buffer_size=2)
+    s.start()
+    try:
+        for _ in range(10):
+            s.submit(record())
+        assert s.journal_errors >= 1 and s.spilled == 0
+        assert s.dropped == 2  # 8 held (4 x 2), the last 2 lost and counted
+    finally:
+        s.close(timeout_s=0.5)
+    assert s.dropped == 10  # Redis never came back and nothing could be journaled

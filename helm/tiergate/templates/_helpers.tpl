@@ -63,6 +63,15 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- include "tiergate.imageRef" (dict "image" .Values.image "tag" .Chart.AppVersion) -}}
 {{- end -}}
 
+{{/* The retrain job's image: the router's, or the same repository at retrain.imageTag. */}}
+{{- define "tiergate.retrain.image" -}}
+{{- if .Values.retrain.imageTag -}}
+{{- include "tiergate.imageRef" (dict "image" (merge (dict "tag" .Values.retrain.imageTag "digest" "") (deepCopy .Values.image)) "tag" .Chart.AppVersion) -}}
+{{- else -}}
+{{- include "tiergate.image" . -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "tiergate.modelServer.image" -}}
 {{- $tag := ternary "server-cuda" "server" .Values.modelServer.gpu.enabled -}}
 {{- include "tiergate.imageRef" (dict "image" .Values.modelServer.image "tag" $tag) -}}
@@ -185,6 +194,11 @@ Secret values only ever appear as secretKeyRef; $(REDIS_PASSWORD) is expanded by
 {{- else }}
 - name: TIERGATE_SQLITE_PATH
   value: /var/lib/tiergate/data/tiergate.db
+{{- end }}
+{{- if include "tiergate.redis.used" . }}
+# Outcomes wait here while Redis is unreachable (an emptyDir: it survives container restarts).
+- name: TIERGATE_OUTCOME_JOURNAL_PATH
+  value: /var/lib/tiergate/data/outcomes-journal.jsonl
 {{- end }}
 {{- with .Values.secrets.existingSecret }}
 {{- range $envName, $key := $.Values.secrets.providerKeys }}
