@@ -276,7 +276,8 @@ def _usage_chunk(ctx: RequestContext) -> dict[str, Any]:
 
 @router.post("/v1/feedback")
 async def feedback(request: Request) -> dict[str, Any]:
-    """A quality signal about one of the caller's own earlier requests (404 for any other)."""
+    """A quality signal about one of the caller's own earlier requests, or any request for an
+    ``admin`` key (404 for any other)."""
     req = validated(FeedbackRequest, await read_json(request))
     learning = _learning(request)
     if learning is None:
@@ -330,9 +331,9 @@ async def list_models(request: Request) -> dict[str, Any]:
 
 @router.post("/v1/route", openapi_extra=json_request_body(ChatCompletionRequest))
 async def dry_run(request: Request) -> dict[str, Any]:
-    """Explain how a chat request would be routed, without calling any model. The request is
-    checked as chat checks it (rate limit, shape, size caps, pin permission), so a dry run never
-    promises a route that chat would refuse."""
+    """Explain how a chat request would be routed, without calling any model. The request gets
+    chat's checks up to the decision (rate limit, shape, size caps, pin permission); the
+    backend's own checks (e.g. ``n > 1`` for the local model) are not run."""
     gateway = _gateway(request)
     principal = principal_of(request)
     await request.app.state.limiter.admit(principal)

@@ -68,6 +68,15 @@ def build_outcome_store(settings: Settings) -> OutcomeStore:
     return SQLiteOutcomeStore(settings.sqlite_path, queue_size=settings.outcome_queue_size)
 
 
+def start_outcome_store(store: OutcomeStore, retention_days: int | None) -> None:
+    """Start ``store``; one that expires keys itself (Redis) is told the policy's retention
+    first, so a journal it replays at start gets the policy's TTL too."""
+    set_retention = getattr(store, "set_retention_days", None)
+    if set_retention is not None:
+        set_retention(retention_days)
+    store.start()
+
+
 def create_app(
     settings: Settings,
     *,
@@ -84,7 +93,7 @@ def create_app(
         http = OpenAIHTTP(timeout_s=settings.closed_timeout_s)
         policy = PolicyHolder(settings.policy)
         store = outcomes if outcomes is not None else build_outcome_store(settings)
-        store.start()
+        start_outcome_store(store, policy.policy.retention_days)
         local = local_backend
         if local is None and settings.local_backend == "llama_cpp":
             llama = LlamaCppBackend(settings)

@@ -314,17 +314,16 @@ def _open_outcomes(args: argparse.Namespace) -> tuple[Any, str] | None:
 
 
 def _without_password(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (it is printed)."""
-    from urllib.parse import urlsplit, urlunsplit
+    """``url`` with its password (in the user part or a ``password=`` query) shown as ``***``."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":***"
+    query = [(k, "***" if k.lower() == "password" else v) for k, v in parse_qsl(parts.query)]
+    netloc = f"{userinfo}@{host}" if at else host
+    return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query, safe="*")))
 
 
 def _cmd_outcomes(args: argparse.Namespace) -> int:

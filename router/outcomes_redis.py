@@ -228,7 +228,8 @@ class RedisOutcomeStore:
             self._client.close()
 
     def flush(self, timeout_s: float = 10.0) -> bool:
-        """Wait until everything submitted so far is in Redis; True if it is."""
+        """Wait until everything submitted so far is in Redis (or was dropped, see ``dropped``);
+        True if nothing is left waiting."""
         with self._cond:
             return self._cond.wait_for(
                 lambda: not self._buffer and self._journal_lines == 0, timeout=timeout_s
@@ -278,7 +279,8 @@ class RedisOutcomeStore:
             if self.journal_errors == 1 or self.journal_errors % 1000 == 0:
                 log.error(
                     "cannot write the outcome journal %s (%s): holding up to %d outcomes in "
-                    "memory while Redis is down (TIERGATE_OUTCOME_JOURNAL_PATH must be writable)",
+                    "memory until Redis takes them (TIERGATE_OUTCOME_JOURNAL_PATH must be "
+                    "writable)",
                     self.journal,
                     exc,
                     _MEMORY_FACTOR * self.buffer_size,
@@ -372,7 +374,8 @@ class RedisOutcomeStore:
 
     def set_retention_days(self, days: int | None) -> None:
         """Expire what is written from now on after ``days`` (the policy's ``retention_days``;
-        None keeps it until a purge). Keys already written keep the TTL they were given."""
+        None: never). Records already written keep their TTL; a label hash takes the TTL of its
+        latest label."""
         self.retention_s = None if days is None else days * 86400.0
 
     def _ttl(self, ts: float) -> int:

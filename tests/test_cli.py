@@ -145,3 +145,7 @@ def test_printed_store_urls_hide_the_password() -> None:
     assert _without_password("redis://:s3cret@redis:6379/0") == "redis://:***@redis:6379/0"
     assert _without_password("rediss://app:s3cret@r.example/1") == "rediss://app:***@r.example/1"
     assert _without_password("redis://redis:6379/0") == "redis://redis:6379/0"
+    assert _without_password("redis://:pw@[::1]:6379/0") == "redis://:***@[::1]:6379/0"
+    assert _without_password("redis://R:6379/0?password=pw&db=1") == (
+        "redis://R:6379/0?password=***&db=1"
+    )

@@ -549,6 +549,13 @@ def test_retrain_job_can_run_the_cpu_image_beside_a_cuda_router(render: Render) 
     retrain = container(find(docs, "CronJob", f"{FULLNAME}-retrain"), "retrain")
     assert router["image"].endswith(":0.1.0-cuda")
     assert retrain["image"] == router["image"].removesuffix("-cuda")
+    # a digest pins the router's (CUDA) image only; the retrain job still takes its own tag
+    values["image"] = {"tag": "0.1.0-cuda", "digest": "sha256:" + "a" * 64}
+    docs = render(values)
+    router = container(find(docs, "Deployment", FULLNAME), "router")
+    retrain = container(find(docs, "CronJob", f"{FULLNAME}-retrain"), "retrain")
+    assert router["image"].endswith("@sha256:" + "a" * 64)
+    assert retrain["image"].endswith(":0.1.0") and "@" not in retrain["image"]
 
 
 def test_router_is_hardened_and_probed(render: Render) -> None:

@@ -114,7 +114,8 @@ def test_feedback_is_tenant_isolated(
             (rid, "acme", 1.0),
             (closed.headers["x-request-id"], "acme", None),
         }
-        # an admin key may label any tenant's request (SECURITY.md); the label stays acme's
+        # an admin key may label any tenant's request (router.auth.check_record_access);
+        # the label stays acme's
         admin = feedback(srv, "ops", request_id=rid, score=1.0)
         assert admin.status_code == 200, admin.text
         assert feedback(srv, "ops", request_id="req_doesnotexist", score=1.0).status_code == 404

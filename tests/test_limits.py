@@ -201,14 +201,27 @@ def test_local_generation_past_local_timeout_is_a_local_failure(
         "max_tokens": 400,
     }
     with live(tmp_path, policy_yaml(fake, on_failure="closed"), local_timeout_s=0.2) as srv:
-        response = _post(srv, body)
-        assert response.status_code == 200, response.text
-        assert response.headers["x-tiergate-fallback"] == "local->closed"
-        assert response.headers["x-tiergate-model"] == "gpt-4o"
-        assert len(fake.received) == 1
-        # the worker is told to stop (at its next token): the local slot comes back
-        gate = srv.gateway.local.gate
-        assert wait_for(lambda: gate.depth == 0, 30)
+        _assert_stopped_and_fell_back(srv, fake, body)
+    # the policy model's timeout_s wins over the setting
+    fake.reset()
+    policy = policy_yaml(fake, on_failure="closed").replace(
+        "    context_window: 2048\n", "    context_window: 2048\n    timeout_s: 0.2\n", 1
+    )
+    assert "timeout_s: 0.2" in policy
+    (tmp_path / "policy").mkdir()
+    with live(tmp_path / "policy", policy, local_timeout_s=300) as srv:
+        _assert_stopped_and_fell_back(srv, fake, body)
+
+
+def _assert_stopped_and_fell_back(srv: LiveServer, fake: FakeProvider, body: object) -> None:
+    response = _post(srv, body)
+    assert response.status_code == 200, response.text
+    assert response.headers["x-tiergate-fallback"] == "local->closed"
+    assert response.headers["x-tiergate-model"] == "gpt-4o"
+    assert len(fake.received) == 1
+    # the worker is told to stop (at its next token): the local slot comes back
+    gate = srv.gateway.local.gate
+    assert wait_for(lambda: gate.depth == 0, 30)
 
 
 def test_the_window_slides_across_the_minute(monkeypatch: pytest.MonkeyPatch) -> None:

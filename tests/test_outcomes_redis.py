@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import redis
 
+from router.app import start_outcome_store
 from router.cli import main
 from router.learning import purge_loop
 from router.outcomes import Label, OutcomeRecord, SQLiteOutcomeStore
@@ -287,3 +288,25 @@ def test_an_unwritable_journal_never_raises_into_the_request_path(tmp_path: Path
     finally:
         s.close(timeout_s=0.5)
     assert s.dropped == 10  # Redis never came back and nothing could be journaled
+
+
+def test_a_journal_replayed_at_start_gets_the_policys_retention(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    journal = tmp_path / "journal.jsonl"
+    down = RedisOutcomeStore("redis://127.0.0.1:1/0", journal=journal, buffer_size=1)
+    down.start()
+    kept = record()
+    down.submit(kept)
+    down.close(timeout_s=0.5)  # Redis never answered: the record waits in the journal
+    assert journal.exists() and down.dropped == 0
+    up = RedisOutcomeStore(redis_server.url, journal=journal)
+    start_outcome_store(up, None)  # retention_days: null, known before the replay
+    raw = redis.Redis.from_url(redis_server.url)
+    try:
+        assert up.flush(10)
+        assert up.get(kept.id) is not None
+        assert raw.ttl(up.key("outcome", kept.id)) == -1
+    finally:
+        raw.close()
+        up.close()

@@ -193,7 +193,9 @@ CASES: list[tuple[str, str, bool]] = [
     ("number-as-text", when("{turns: {gte: '2'}}"), False),
     ("no-operator", when("{turns: {}}"), False),
     ("header-without-name", when("{header: {eq: high}}"), False),
-    ("header-without-operator", when("{header: {name: x-a}}"), False),
+    ("header-without-operator", when("{header: {name: x-tiergate-a}}"), False),
+    ("header-the-proxy-never-passes", when("{header: {name: x-team, eq: legal}}"), False),
+    ("header-name-case-free", when("{header: {name: X-Tiergate-Team, eq: legal}}"), True),
     ("header-shorthand", when("{header: high}"), False),
     ("bad-regex", when("{alias: {matches: '('}}"), False),
     ("in-null", when("{turns: {in: null}}"), False),
@@ -237,7 +239,9 @@ VALUES = st.one_of(SCALARS, st.lists(SCALARS, max_size=2))
 OPERATOR_MAPS = st.dictionaries(st.sampled_from([*OPERATORS, "name", "equals"]), VALUES, max_size=2)
 HEADERS = st.builds(
     lambda name, ops: {**name, **ops},
-    st.fixed_dictionaries({}, optional={"name": st.sampled_from(["x-h", 5])}),
+    st.fixed_dictionaries(
+        {}, optional={"name": st.sampled_from(["x-tiergate-h", "X-Tiergate-H", "x-h", 5])}
+    ),
     OPERATOR_MAPS,
 )
 KEYS = [

@@ -66,7 +66,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{/* The retrain job's image: the router's, or the same repository at retrain.imageTag. */}}
 {{- define "tiergate.retrain.image" -}}
 {{- if .Values.retrain.imageTag -}}
-{{- include "tiergate.imageRef" (dict "image" (merge (dict "tag" .Values.retrain.imageTag "digest" "") (deepCopy .Values.image)) "tag" .Chart.AppVersion) -}}
+{{- $image := dict "registry" .Values.image.registry "repository" .Values.image.repository "tag" .Values.retrain.imageTag -}}
+{{- include "tiergate.imageRef" (dict "image" $image "tag" .Chart.AppVersion) -}}
 {{- else -}}
 {{- include "tiergate.image" . -}}
 {{- end -}}
