@@ -69,11 +69,9 @@ def build_outcome_store(settings: Settings) -> OutcomeStore:
 
 
 def start_outcome_store(store: OutcomeStore, retention_days: int | None) -> None:
-    """Start ``store``; one that expires keys itself (Redis) is told the policy's retention
-    first, so a journal it replays at start gets the policy's TTL too."""
-    set_retention = getattr(store, "set_retention_days", None)
-    if set_retention is not None:
-        set_retention(retention_days)
+    """Start ``store``, told the policy's retention first: a Redis store's TTLs follow it, and
+    so does a journal it replays at start."""
+    store.set_retention_days(retention_days)
     store.start()
 
 

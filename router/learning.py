@@ -349,18 +349,14 @@ class LearningLoop:
 async def purge_loop(
     store: OutcomeStore, retention_days: Callable[[], int | None], every_s: float
 ) -> None:
-    """Delete records and labels past the policy's retention period, every ``every_s``; a store
-    that expires keys itself (Redis) is told the period first, and again on every round, so a
-    policy reload reaches it."""
-    setter = getattr(store, "set_retention_days", None)
-    if setter is not None:
-        setter(retention_days())
+    """Delete records and labels past the policy's retention period, every ``every_s``; each
+    round also tells the store the period (a Redis store's TTLs), so a policy reload reaches it.
+    """
     if every_s <= 0:
         return
     while True:
         days = retention_days()
-        if setter is not None:
-            setter(days)
+        store.set_retention_days(days)
         if days is not None:
             try:
                 gone = await asyncio.to_thread(store.purge, time.time() - days * 86400.0)

@@ -150,6 +150,10 @@ class OutcomeStore(Protocol):
         """Delete records and labels older than ``before_ts``; how many records went."""
         ...
 
+    def set_retention_days(self, days: int | None) -> None:
+        """The policy's ``retention_days`` (None: keep), for a store that expires keys itself."""
+        ...
+
 
 def _day(ts: float) -> int:
     return int(ts // 86400)
@@ -378,6 +382,9 @@ class SQLiteOutcomeStore:
             (since, -1 if limit is None else limit),
         )
         return [row_to_dict(r) for r in rows]
+
+    def set_retention_days(self, days: int | None) -> None:
+        """Nothing to do: SQLite rows have no TTL, the purge loop deletes them."""
 
     def purge(self, before_ts: float) -> int:
         """Delete records and labels older than ``before_ts`` (the retention period)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -246,6 +247,15 @@ def test_dashboard_views_agree_between_sqlite_and_redis(
         rstore.close()
 
 
+async def one_purge_round(store: RedisOutcomeStore, days: int | None) -> None:
+    """Run the purge loop for its first round only (it then sleeps for an hour)."""
+    task = asyncio.create_task(purge_loop(store, lambda: days, 3600))
+    await asyncio.sleep(0.5)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def test_record_ttl_follows_the_policys_retention(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
@@ -254,14 +264,14 @@ def test_record_ttl_follows_the_policys_retention(
     s = store(redis_server, tmp_path)
     raw = redis.Redis.from_url(redis_server.url)
     try:
-        asyncio.run(purge_loop(s, lambda: None, 0))  # retention_days: null
+        asyncio.run(one_purge_round(s, None))  # retention_days: null
         kept = record()
         s.submit(kept)
         s.label(Label(kept.id, "acme", "feedback", 1.0, time.time()))
         assert s.flush(10)
         assert raw.ttl(s.key("outcome", kept.id)) == -1  # no expiry
         assert raw.ttl(s.key("label", kept.id)) == -1
-        asyncio.run(purge_loop(s, lambda: 90, 0))  # retention_days: 90
+        asyncio.run(one_purge_round(s, 90))  # retention_days: 90
         later = record()
         s.submit(later)
         s.label(Label(later.id, "acme", "feedback", 1.0, time.time()))
