@@ -127,6 +127,27 @@ def _rate(where: str, key: str, value: Any, *, required: bool) -> float | None:
     return float(value)
 
 
+def _entry(where: str, name: Any, raw: Any) -> CapabilityAccuracy:
+    if name not in CAPABILITIES:
+        raise ConfigError(f"{where}: unknown capability (known: {', '.join(CAPABILITIES)})")
+    entry = {"accuracy": raw} if isinstance(raw, int | float) and not isinstance(raw, bool) else raw
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"{where}: must be a number or a mapping with 'accuracy'")
+    bad = sorted(set(entry) - {"accuracy", "low", "high", "n"})
+    if bad:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, bad))}")
+    accuracy = _rate(where, "accuracy", entry.get("accuracy"), required=True)
+    assert accuracy is not None
+    low = _rate(where, "low", entry.get("low"), required=False)
+    high = _rate(where, "high", entry.get("high"), required=False)
+    if (low is not None and low > accuracy) or (high is not None and high < accuracy):
+        raise ConfigError(f"{where}: the interval must contain the accuracy")
+    n = entry.get("n")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+        raise ConfigError(f"{where}: 'n' must be a whole number of probes")
+    return CapabilityAccuracy(accuracy, low, high, n)
+
+
 def profile_from_dict(data: Any, *, origin: str = "<profile>") -> LocalProfile:
     """Validate and build a profile from its file form; errors name the file and the key."""
     if not isinstance(data, Mapping):
@@ -150,28 +171,10 @@ def profile_from_dict(data: Any, *, origin: str = "<profile>") -> LocalProfile:
     caps = data.get("capabilities")
     if not isinstance(caps, Mapping) or not caps:
         raise ConfigError(f"{origin}: 'capabilities' must map capability names to accuracies")
-    entries: dict[str, CapabilityAccuracy] = {}
-    for name, entry in caps.items():
-        where = f"{origin}: capabilities.{name}"
-        if name not in CAPABILITIES:
-            raise ConfigError(f"{where}: unknown capability (known: {', '.join(CAPABILITIES)})")
-        if isinstance(entry, int | float) and not isinstance(entry, bool):
-            entry = {"accuracy": entry}
-        if not isinstance(entry, Mapping):
-            raise ConfigError(f"{where}: must be a number or a mapping with 'accuracy'")
-        bad = sorted(set(entry) - {"accuracy", "low", "high", "n"})
-        if bad:
-            raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, bad))}")
-        accuracy = _rate(where, "accuracy", entry.get("accuracy"), required=True)
-        assert accuracy is not None
-        low = _rate(where, "low", entry.get("low"), required=False)
-        high = _rate(where, "high", entry.get("high"), required=False)
-        if (low is not None and low > accuracy) or (high is not None and high < accuracy):
-            raise ConfigError(f"{where}: the interval must contain the accuracy")
-        n = entry.get("n")
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
-            raise ConfigError(f"{where}: 'n' must be a whole number of probes")
-        entries[str(name)] = CapabilityAccuracy(accuracy, low, high, n)
+    entries = {
+        str(name): _entry(f"{origin}: capabilities.{name}", name, entry)
+        for name, entry in caps.items()
+    }
     for key in ("created", "notes"):
         if data.get(key) is not None and not isinstance(data.get(key), str):
             raise ConfigError(f"{origin}: '{key}' must be text")
@@ -193,9 +196,7 @@ def load_profile(path: str | Path) -> LocalProfile:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{p}: cannot read the local model profile ({exc})") from exc
     try:
-        data = (
-            yaml.safe_load(text) if p.suffix.lower() in {".yaml", ".yml"} else json.loads(text)
-        )
+        data = yaml.safe_load(text) if p.suffix.lower() in {".yaml", ".yml"} else json.loads(text)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{p}: not a valid profile file ({exc})") from exc
     return profile_from_dict(data, origin=str(p))
