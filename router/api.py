@@ -376,7 +376,7 @@ async def readyz(request: Request) -> JSONResponse:
 
 
 def readiness(state: Any) -> dict[str, Any]:
-    """The readiness report: policy, local tier, closed models, scorer."""
+    """The readiness report: policy, local tier, closed models, scorer, outcome writer."""
     gateway: Gateway = state.gateway
     holder = gateway.policies
     policy = gateway.policy
@@ -394,8 +394,11 @@ def readiness(state: Any) -> dict[str, Any]:
         for name in policy.closed_models
     }
     local_ok = gateway.local is None or local_reason is None
+    # A dead outcome writer is started again here, and this one probe says it was dead.
+    restarted = gateway.outcomes.check_writer()
     return {
-        "ready": local_ok,
+        "ready": local_ok and restarted is None,
+        "outcomes": {**gateway.outcomes.health(), "restarted": restarted},
         "policy": {
             "path": str(holder.path),
             "version": policy.digest,

@@ -42,7 +42,16 @@ from pathlib import Path
 from typing import Any
 
 from router.errors import StoreUnavailableError
-from router.outcomes import Label, OutcomeRecord, quality_from_labels, summarize_records
+from router.outcomes import (
+    Label,
+    OutcomeRecord,
+    WriterWatch,
+    log_unwritable,
+    quality_from_labels,
+    summarize_records,
+    valid_json,
+    valid_text,
+)
 
 log = logging.getLogger("tiergate.outcomes")
 
@@ -103,7 +112,7 @@ Item = OutcomeRecord | Label
 
 def _encode(item: Item) -> str:
     kind = "record" if isinstance(item, OutcomeRecord) else "label"
-    return json.dumps({"kind": kind, "data": item.as_dict()}, separators=(",", ":"), default=str)
+    return valid_json({"kind": kind, "data": item.as_dict()})
 
 
 def _decode(line: str) -> Item:
@@ -156,7 +165,7 @@ class RedisOutcomeStore:
         self._cond = threading.Condition()
         self._stop = False
         self._deadline = 0.0
-        self._thread: threading.Thread | None = None
+        self._writer = WriterWatch("redis-outcome-writer", self._run, lambda: None)
         self._client: Any = None
         self._record_script: Any = None
         self._label_script: Any = None
@@ -166,6 +175,7 @@ class RedisOutcomeStore:
         self.spilled = 0
         self.journal_errors = 0  # journal writes that failed (unwritable path, full disk)
         self.dropped = 0  # outcomes lost: Redis down, buffer over its memory bound, no journal
+        self.unwritable = 0  # records and labels Redis refused or that could not be encoded
         self.connected = False
 
     # -- keys ------------------------------------------------------------------------------
@@ -209,23 +219,42 @@ class RedisOutcomeStore:
         if self._journal_lines:
             log.warning("replaying %d journalled outcome items", self._journal_lines)
         self._stop = False
-        self._thread = threading.Thread(target=self._run, name="redis-outcome-writer", daemon=True)
-        self._thread.start()
+        self._writer.start()
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Write everything buffered; whatever Redis cannot take in time goes to the journal."""
-        if self._thread is None:
+        if self._writer.thread is None:
             if self._client is not None:
                 self._client.close()
             return
+        self._writer.check()
         with self._cond:
             self._stop = True
             self._deadline = time.monotonic() + timeout_s
             self._cond.notify_all()
-        self._thread.join(timeout_s + 10)
-        self._thread = None
+        self._writer.stop(timeout_s + 10)
         if self._client is not None:
             self._client.close()
+
+    def check_writer(self) -> str | None:
+        """Start the writer again if it died; why it had to, or None."""
+        return self._writer.check()
+
+    def health(self) -> dict[str, Any]:
+        """Whether the writer runs and Redis answers, and the writer's counters."""
+        return {
+            "store": "redis",
+            "writer_alive": self._writer.alive,
+            "restarts": self._writer.restarts,
+            "last_error": self._writer.last_error,
+            "connected": self.connected,
+            "written": self.written,
+            "write_errors": self.write_errors,
+            "unwritable": self.unwritable,
+            "dropped": self.dropped,
+            "buffered": len(self._buffer),
+            "journal_lines": self._journal_lines,
+        }
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until everything submitted so far is in Redis (or was dropped, see ``dropped``);
@@ -239,6 +268,7 @@ class RedisOutcomeStore:
 
     def submit(self, record: OutcomeRecord) -> None:
         """Buffer a record for writing. Never blocks on Redis, never raises."""
+        self._writer.check()
         self._put(record)
 
     def label(self, label: Label) -> None:
@@ -300,6 +330,8 @@ class RedisOutcomeStore:
             )
 
     def _run(self) -> None:
+        from redis import RedisError
+
         backoff = 0.05
         last_refresh = 0.0
         while True:
@@ -321,7 +353,7 @@ class RedisOutcomeStore:
                     self._refresh_spend()
                     last_refresh = time.monotonic()
                 self.connected, backoff = True, 0.05
-            except Exception as exc:  # Redis down or failing: counted, retried, never lost
+            except (RedisError, OSError) as exc:  # Redis down or failing: retried, never lost
                 self.write_errors += 1
                 if self.connected:
                     log.warning("redis outcome store unreachable, buffering: %s", exc)
@@ -358,7 +390,34 @@ class RedisOutcomeStore:
 
     def _write(self, batch: list[Item]) -> dict[str, float]:
         """Write a batch; returns today's shared spend, read in the same round trip so the
-        caller can swap it in as it forgets the batch's unflushed costs (no double count)."""
+        caller can swap it in as it forgets the batch's unflushed costs (no double count).
+
+        An item that cannot be encoded, or that Redis refuses (a script error rather than an
+        outage), is counted in ``unwritable``, logged and skipped; retrying it would hold up
+        every item behind it for good.
+        """
+        from redis import ConnectionError as RedisConnectionError
+        from redis import RedisError
+        from redis import TimeoutError as RedisTimeoutError
+
+        try:
+            return self._write_batch(batch)
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            raise
+        except (RedisError, ValueError, TypeError, UnicodeError):
+            pass
+        spend: dict[str, float] = {}
+        for item in batch:
+            try:
+                spend = self._write_batch([item])
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                raise
+            except (RedisError, ValueError, TypeError, UnicodeError) as exc:
+                self.unwritable += 1
+                log_unwritable(item, exc)
+        return spend
+
+    def _write_batch(self, batch: list[Item]) -> dict[str, float]:
         pipe = self._client.pipeline(transaction=False)
         for item in batch:
             if isinstance(item, OutcomeRecord):
@@ -387,22 +446,23 @@ class RedisOutcomeStore:
     def _queue_record(self, pipe: Any, record: OutcomeRecord) -> None:
         ttl = self._ttl(record.ts)
         score = "" if record.score is None else repr(float(record.score))
+        rid, tenant = valid_text(record.id), valid_text(record.tenant)
         self._record_script(
             keys=[
-                self.key("outcome", record.id),
+                self.key("outcome", rid),
                 self.key("outcomes"),
                 self.key("outcomes", "ts"),
-                self.key("outcomes", "ts", record.tenant),
+                self.key("outcomes", "ts", tenant),
                 self.key("tenants"),
                 self._spend_key(record.ts),
                 self.key("scores"),
-                self.key("scores", record.alias or "-"),
+                self.key("scores", valid_text(record.alias) or "-"),
             ],
             args=[
-                json.dumps(record.as_dict(), separators=(",", ":"), default=str),
-                record.id,
+                valid_json(record.as_dict()),
+                rid,
                 repr(record.ts),
-                record.tenant,
+                tenant,
                 repr(float(record.cost_usd)),
                 ttl,
                 score,
@@ -415,18 +475,19 @@ class RedisOutcomeStore:
 
     def _queue_label(self, pipe: Any, label: Label) -> None:
         ttl = self._ttl(label.ts)
+        rid = valid_text(label.request_id)
         self._label_script(
             keys=[
-                self.key("label", label.request_id),
+                self.key("label", rid),
                 self.key("labels"),
                 self._spend_key(label.ts),
             ],
             args=[
-                label.source,
-                json.dumps(label.as_dict(), separators=(",", ":"), default=str),
-                f"{label.request_id}|{label.source}",
+                valid_text(label.source),
+                valid_json(label.as_dict()),
+                valid_text(f"{rid}|{label.source}"),
                 repr(label.ts),
-                label.tenant,
+                valid_text(label.tenant),
                 repr(float(label.cost_usd)),
                 ttl,
             ],
