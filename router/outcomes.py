@@ -130,7 +130,18 @@ class OutcomeStore(Protocol):
         ...
 
     def spend_today(self, tenant: str) -> float:
-        """USD recorded for ``tenant`` since 00:00 UTC, including queued records."""
+        """USD recorded for ``tenant`` since 00:00 UTC, including queued records and the
+        holds of requests in flight."""
+        ...
+
+    def reserve_spend(self, tenant: str, request_id: str, usd: float, budget: float | None) -> bool:
+        """Hold ``usd`` for a request about to be served, unless ``tenant``'s spend today (holds
+        included) has reached ``budget``; one atomic step. The request's record (or
+        :meth:`release_spend`) settles the hold. May do I/O: call it off the event loop."""
+        ...
+
+    def release_spend(self, request_id: str) -> None:
+        """Drop a request's hold without a record (its record could not be built)."""
         ...
 
     def recent_scores(self, alias: str | None = None, limit: int = 2000) -> list[float]:
@@ -255,28 +266,57 @@ class WriterWatch:
 
 
 class SpendLedger:
-    """Per-tenant spend for the current UTC day, kept in memory so budgets cost no I/O."""
+    """Per-tenant spend for the current UTC day, kept in memory so budgets cost no I/O, and the
+    holds of requests in flight (see :meth:`OutcomeStore.reserve_spend`)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._day = _day(time.time())
         self._spend: dict[str, float] = defaultdict(float)
+        self._holds: dict[str, tuple[str, float]] = {}
+        self._held: dict[str, float] = defaultdict(float)
 
-    def add(self, tenant: str, usd: float, ts: float) -> None:
-        """Count ``usd`` for ``tenant`` if ``ts`` is today."""
+    def add(self, tenant: str, usd: float, ts: float, request_id: str | None = None) -> None:
+        """Count ``usd`` for ``tenant`` if ``ts`` is today, settling ``request_id``'s hold."""
         with self._lock:
+            self._release(request_id)
             today = _day(time.time())
             if today != self._day:
                 self._day, self._spend = today, defaultdict(float)
             if _day(ts) == today and usd:
                 self._spend[tenant] += usd
 
-    def get(self, tenant: str) -> float:
-        """USD spent today by ``tenant``."""
+    def reserve(self, tenant: str, request_id: str, usd: float, budget: float | None) -> bool:
+        """Hold ``usd`` for ``request_id`` unless ``tenant`` has reached ``budget``."""
         with self._lock:
-            if _day(time.time()) != self._day:
-                return 0.0
-            return self._spend.get(tenant, 0.0)
+            if budget is not None and self._get(tenant) >= budget:
+                return False
+            self._release(request_id)
+            self._holds[request_id] = (tenant, usd)
+            self._held[tenant] += usd
+            return True
+
+    def release(self, request_id: str | None) -> None:
+        """Drop ``request_id``'s hold, if it has one."""
+        with self._lock:
+            self._release(request_id)
+
+    def _release(self, request_id: str | None) -> None:
+        hold = self._holds.pop(request_id, None) if request_id is not None else None
+        if hold is not None:
+            tenant, usd = hold
+            self._held[tenant] -= usd
+            if not self._held[tenant] > 1e-12:
+                del self._held[tenant]
+
+    def get(self, tenant: str) -> float:
+        """USD spent today by ``tenant``, holds included."""
+        with self._lock:
+            return self._get(tenant)
+
+    def _get(self, tenant: str) -> float:
+        spent = self._spend.get(tenant, 0.0) if _day(time.time()) == self._day else 0.0
+        return spent + self._held.get(tenant, 0.0)
 
 
 _SCHEMA = """
@@ -369,7 +409,8 @@ class SQLiteOutcomeStore:
         self._enqueue(label)
 
     def _enqueue(self, item: OutcomeRecord | Label) -> None:
-        self.ledger.add(item.tenant, item.cost_usd, item.ts)
+        request_id = item.id if isinstance(item, OutcomeRecord) else None
+        self.ledger.add(item.tenant, item.cost_usd, item.ts, request_id)
         with self._settled:
             self._pending += 1
         try:
@@ -544,8 +585,16 @@ class SQLiteOutcomeStore:
         return int(rows[0][0])
 
     def spend_today(self, tenant: str) -> float:
-        """USD recorded for ``tenant`` today (from the in-memory ledger)."""
+        """USD recorded for ``tenant`` today, holds included (from the in-memory ledger)."""
         return self.ledger.get(tenant)
+
+    def reserve_spend(self, tenant: str, request_id: str, usd: float, budget: float | None) -> bool:
+        """Hold ``usd`` unless ``tenant`` has reached ``budget`` (in memory, under one lock)."""
+        return self.ledger.reserve(tenant, request_id, usd, budget)
+
+    def release_spend(self, request_id: str) -> None:
+        """Drop a request's hold."""
+        self.ledger.release(request_id)
 
     def recent_scores(self, alias: str | None = None, limit: int = 2000) -> list[float]:
         """Scores of recent requests that were scored, newest first."""

@@ -18,6 +18,10 @@ such as ``{tiergate}`` so one Lua script can touch every key):
                                 after two days: budgets shared by every replica.
 ``P:scores`` / ``P:scores:<a>`` capped lists (``LPUSH`` + ``LTRIM``) of recent routing scores,
                                 overall and per alias: online threshold calibration.
+``P:hold:<tenant>``             hash, request id -> USD held for a request in flight, and
+``P:holds:<tenant>``            sorted set of the same ids by expiry: budget reservations
+                                (``reserve_spend``), dropped when the request's record is written
+                                or, if it never is, after :data:`HOLD_TTL_S`.
 ``P:label:<request id>``        hash, label source -> label JSON (feedback, shadow, escalation).
 ``P:labels``                    sorted set of ``<request id>|<source>`` by time: ``labels``.
 ==============================  =============================================================
@@ -60,11 +64,42 @@ _SCORES_CAP = 2000
 #: outcomes are dropped (counted and logged).
 _MEMORY_FACTOR = 4
 _STREAM_MAXLEN = 1_000_000
+#: A budget hold whose request never wrote a record (its replica died) lapses after this long.
+HOLD_TTL_S = 900
 
-# KEYS: record, stream, ts zset, tenant zset, tenants set, spend hash, scores, alias scores
+# KEYS: spend hash, hold hash, holds zset. ARGV: tenant, id, usd, budget (<0: none), now,
+# expiry. Returns 1 when the hold was taken, 0 when spend + holds had reached the budget.
+_RESERVE_LUA = (
+    """
+for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[5])) do
+  redis.call('HDEL', KEYS[2], gone)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[5])
+local budget = tonumber(ARGV[4])
+if budget >= 0 then
+  local used = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+  for _, held in ipairs(redis.call('HVALS', KEYS[2])) do used = used + tonumber(held) end
+  if used >= budget then return 0 end
+end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[6], ARGV[2])
+redis.call('EXPIRE', KEYS[2], """
+    + str(HOLD_TTL_S)
+    + """)
+redis.call('EXPIRE', KEYS[3], """
+    + str(HOLD_TTL_S)
+    + """)
+return 1
+"""
+)
+
+# KEYS: record, stream, ts zset, tenant zset, tenants set, spend hash, scores, alias scores,
+#       hold hash, holds zset
 # ARGV: json, id, ts, tenant, cost, ttl_s (0: none), score or '', scores cap, spend ttl,
 #       stream maxlen
 _RECORD_LUA = """
+redis.call('HDEL', KEYS[9], ARGV[2])
+redis.call('ZREM', KEYS[10], ARGV[2])
 local stored
 if tonumber(ARGV[6]) > 0 then
   stored = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[6])
@@ -168,6 +203,8 @@ class RedisOutcomeStore:
         self._writer = WriterWatch("redis-outcome-writer", self._run, lambda: None)
         self._client: Any = None
         self._record_script: Any = None
+        self._reserve_script: Any = None
+        self._holds: dict[str, tuple[str, float]] = {}  # this replica's requests in flight
         self._label_script: Any = None
         self.written = 0
         self.duplicates = 0
@@ -201,6 +238,7 @@ class RedisOutcomeStore:
         )
         self._record_script = self._client.register_script(_RECORD_LUA)
         self._label_script = self._client.register_script(_LABEL_LUA)
+        self._reserve_script = self._client.register_script(_RESERVE_LUA)
 
     def start(self) -> None:
         """Connect (lazily: an unreachable Redis is not a start-up failure) and start writing."""
@@ -280,6 +318,7 @@ class RedisOutcomeStore:
             self._unflushed[item.tenant] += item.cost_usd
             if isinstance(item, OutcomeRecord):
                 self._inflight[item.id] = item
+                self._holds.pop(item.id, None)  # in Redis, writing the record drops the hold
             if len(self._buffer) < self.buffer_size:
                 self._buffer.append(item)
             elif not self._spill([item]):  # the journal cannot be written: hold it in memory
@@ -457,6 +496,8 @@ class RedisOutcomeStore:
                 self._spend_key(record.ts),
                 self.key("scores"),
                 self.key("scores", valid_text(record.alias) or "-"),
+                self.key("hold", tenant),
+                self.key("holds", tenant),
             ],
             args=[
                 valid_json(record.as_dict()),
@@ -531,13 +572,52 @@ class RedisOutcomeStore:
             raise StoreUnavailableError(f"outcome store (redis) unavailable: {exc}") from exc
 
     def spend_today(self, tenant: str) -> float:
-        """Today's spend from Redis (refreshed every second) plus what is still buffered here.
-
-        Kept in memory so the request path never waits for Redis.
-        """
+        """Today's spend from Redis (refreshed every second) plus what is still buffered here
+        and this replica's holds. Kept in memory so the request path never waits for Redis;
+        :meth:`reserve_spend` is the check that sees every replica's holds."""
         with self._cond:
             stored = self._spend.get(tenant, 0.0) if self._spend_day == _day(time.time()) else 0.0
-            return stored + max(self._unflushed.get(tenant, 0.0), 0.0)
+            held = sum(usd for t, usd in self._holds.values() if t == tenant)
+            return stored + max(self._unflushed.get(tenant, 0.0), 0.0) + held
+
+    def reserve_spend(self, tenant: str, request_id: str, usd: float, budget: float | None) -> bool:
+        """Hold ``usd`` in Redis unless the tenant's spend plus every replica's holds has
+        reached ``budget`` (one Lua script). With Redis unreachable, the check runs on this
+        replica's view (:meth:`spend_today`), as the rate limits do."""
+        from redis import RedisError
+
+        tenant_key = valid_text(tenant)
+        now = time.time()
+        try:
+            held = bool(
+                self._reserve_script(
+                    keys=[
+                        self._spend_key(now),
+                        self.key("hold", tenant_key),
+                        self.key("holds", tenant_key),
+                    ],
+                    args=[
+                        tenant_key,
+                        valid_text(request_id),
+                        repr(float(usd)),
+                        -1.0 if budget is None else repr(float(budget)),
+                        repr(now),
+                        repr(now + HOLD_TTL_S),
+                    ],
+                )
+            )
+        except (RedisError, OSError) as exc:
+            log.warning("budget hold: redis unavailable (%s); checking this replica's view", exc)
+            held = budget is None or self.spend_today(tenant) < budget
+        if held:
+            with self._cond:
+                self._holds[request_id] = (tenant, usd)
+        return held
+
+    def release_spend(self, request_id: str) -> None:
+        """Forget a request's hold here; in Redis it lapses after :data:`HOLD_TTL_S`."""
+        with self._cond:
+            self._holds.pop(request_id, None)
 
     def get(self, record_id: str) -> dict[str, Any] | None:
         """One record by request id, including one still buffered here."""

@@ -408,3 +408,19 @@ def test_a_dead_outcome_writer_fails_readiness_and_is_restarted(
     assert response.status_code == 200
     assert wait_for(lambda: store.get(response.headers["x-request-id"]) is not None)
     assert store.flush() and store.health()["dropped"] == 1
+
+
+def test_client_leaving_a_non_streaming_request_stops_local_generation(
+    server: LiveServer, local: ScriptedLocal
+) -> None:
+    # The local model used to generate the whole answer for a client that had gone, holding its
+    # only slot, and the request was recorded ok.
+    local.words, local.token_delay_s = 400, 0.02
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", json=EASY, timeout=1.0)
+    assert wait_for(lambda: local.cancelled == 1, 5)
+    assert local.gate.depth == 0
+    record = _records(server, 1)[0]
+    assert (record["status"], record["http_status"]) == ("aborted", 499)
+    assert 0 < record["completion_tokens"] < 400 and record["prompt_tokens"] > 0
+    assert _post(server, EASY).status_code == 200  # the slot is free again
