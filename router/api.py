@@ -204,9 +204,8 @@ async def _decide_and_reserve(
     ctx.prompt = _prompt_to_store(ctx, body)
     await gateway.hold_spend(ctx, reserve_tokens)
     _refuse_if_needed(ctx)
-    tokens, _ = gateway.reservation(ctx, reserve_tokens)
     limiter: RateLimiter = request.app.state.limiter
-    return await limiter.reserve(principal, tokens)
+    return await limiter.reserve(principal, sum(gateway.reserved_tokens(ctx, reserve_tokens)))
 
 
 #: How often a non-streaming request checks that its client is still there.

@@ -226,15 +226,19 @@ class Gateway:
 
     # -- reserving -------------------------------------------------------------------------
 
-    def reservation(self, ctx: RequestContext, default_completion: int) -> tuple[int, float]:
-        """Tokens and USD to reserve for ``ctx``'s decision before it is served: the prompt
-        estimate plus ``max_tokens`` (else ``default_completion``), priced at the dearest model
-        the request may reach (its fallbacks and spill included)."""
-        assert ctx.signals is not None and ctx.decision is not None
-        prompt = ctx.signals.prompt_tokens
-        completion = ctx.signals.max_tokens or default_completion
+    def reserved_tokens(self, ctx: RequestContext, default_completion: int) -> tuple[int, int]:
+        """(prompt, completion) tokens to reserve for ``ctx`` before it is served: the prompt
+        estimate, and ``max_tokens`` or else ``default_completion``."""
+        assert ctx.signals is not None
+        return ctx.signals.prompt_tokens, ctx.signals.max_tokens or default_completion
+
+    def _reserved_usd(self, ctx: RequestContext, default_completion: int) -> float:
+        """The reserved tokens priced at the dearest model the request may reach (its
+        fallbacks and spill included)."""
+        assert ctx.decision is not None
+        prompt, completion = self.reserved_tokens(ctx, default_completion)
         models = [spec for spec, _ in self.chain(ctx.decision) + self.spill_chain(ctx.decision)]
-        return prompt + completion, max(self._cost(m, prompt, completion, 0.0) for m in models)
+        return max(self._cost(m, prompt, completion, 0.0) for m in models)
 
     async def hold_spend(self, ctx: RequestContext, default_completion: int) -> None:
         """Reserve the request's estimated cost against its tenant's daily budget.
@@ -248,7 +252,7 @@ class Gateway:
         assert decision is not None and ctx.signals is not None
         if decision.budget_usd is None or decision.rejected or decision.unsatisfiable:
             return
-        _, usd = self.reservation(ctx, default_completion)
+        usd = self._reserved_usd(ctx, default_completion)
         held = await asyncio.to_thread(
             self.outcomes.reserve_spend, ctx.tenant, ctx.request_id, usd, decision.budget_usd
         )
@@ -261,7 +265,7 @@ class Gateway:
             spend_today_usd=max(decision.budget_usd, self.outcomes.spend_today(ctx.tenant)),
         )
         if not ctx.decision.rejected and not ctx.decision.unsatisfiable:
-            _, usd = self.reservation(ctx, default_completion)
+            usd = self._reserved_usd(ctx, default_completion)
             await asyncio.to_thread(
                 self.outcomes.reserve_spend, ctx.tenant, ctx.request_id, usd, None
             )
