@@ -207,7 +207,11 @@ class RateLimiter:
         if delta == 0:
             return
         if hold.in_redis and self._redis is not None:
-            task = asyncio.get_running_loop().create_task(self._settle_redis(hold, delta))
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop (shutting down): the window expires on its own
+                return
+            task = loop.create_task(self._settle_redis(hold, delta))
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
             return
