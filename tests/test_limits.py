@@ -404,3 +404,34 @@ def test_replicas_share_token_and_budget_reservations_through_redis(
             spent = sum(float(r["cost_usd"]) for r in rows)
             prompt = int(rows[0]["signals"]["prompt_tokens"])
             assert spent <= 0.0003 + c.gateway.costs.closed_cost("openai/gpt-4o", prompt, 7)
+
+
+def test_a_reservation_settles_in_the_window_it_was_made_in(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Reserved tokens count at once; settling swaps them for what was used, also after the
+    minute has turned (the reservation then sits in the previous window)."""
+    limiter = limits.RateLimiter(rpm=None, tpm=100)
+    tenant = Principal(tenant="t", permissions=frozenset(), key_id="k")
+    now = [6000.0 + 59]
+    monkeypatch.setattr(limits.time, "time", lambda: now[0])
+
+    async def reserve(tokens: int) -> limits.TokenHold | None:
+        try:
+            return await limiter.reserve(tenant, tokens)
+        except RateLimitError:
+            return None
+
+    async def scenario() -> list[bool]:
+        first = await reserve(90)
+        second = await reserve(90)  # 90 < 100: admitted, the one-reservation overshoot
+        third = await reserve(90)  # 180 reserved: refused
+        now[0] = 6000.0 + 61
+        refused = await reserve(1)  # the 180 still weigh 177
+        assert first is not None and second is not None
+        first.settle(10)
+        second.settle(10)  # 20 used: weighs 19.7 now
+        again = await reserve(1)
+        return [third is None, refused is None, again is not None]
+
+    assert asyncio.run(scenario()) == [True, True, True]
