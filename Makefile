@@ -15,13 +15,14 @@ CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGM
 export CMAKE_ARGS
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
-.PHONY: install model run test lint typecheck unit bench fuzz-long load-test clean help
+.PHONY: install model run test lint typecheck unit bench fuzz-long load-test limits-load clean help
 
 help:
 	@echo "make run    - install, fetch the bundled model, serve on 127.0.0.1:8000"
 	@echo "make test   - install, fetch the bundled model, lint, type-check and run the test suite"
 	@echo "make bench  - run the benchmarks in bench/ and update bench/results and bench/README.md"
 	@echo "make load-test - 20,000 requests at 200 concurrent; bench/results/load.json"
+	@echo "make limits-load - 200 concurrent requests at a token limit and a budget; bench/results/limits_load.json"
 	@echo "make fuzz-long - over 10,000 fuzzed requests; bench/results/fuzz.json"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -64,6 +65,11 @@ fuzz-long: install
 # figures go to bench/results/load.json.
 load-test: install
 	$(BIN)/python bench/load.py
+
+# 200 concurrent requests against a token limit, then a budget (bench/limits_load.py); the
+# overshoot of each goes to bench/results/limits_load.json.
+limits-load: install
+	$(BIN)/python bench/limits_load.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

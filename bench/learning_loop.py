@@ -80,7 +80,9 @@ class StubLocal:
     def unavailable_reason(self, model: ModelLike) -> str | None:
         return None
 
-    async def complete(self, model: ModelLike, body: dict[str, Any]) -> Completion:
+    async def complete(
+        self, model: ModelLike, body: dict[str, Any], usage: Usage | None = None
+    ) -> Completion:
         message = {"role": "assistant", "content": LOCAL_ANSWER}
         return Completion(
             body={

@@ -35,7 +35,7 @@ class _Backend:
     def unavailable_reason(self, model: Any) -> str | None:
         return None
 
-    async def complete(self, model: Any, body: dict[str, Any]) -> Completion:
+    async def complete(self, model: Any, body: dict[str, Any], usage: Any = None) -> Completion:
         answer = {"id": "x", "model": "gpt-4o", "choices": [{"finish_reason": "stop"}]}
         return Completion(answer, Usage(11, 7))
 

@@ -8,11 +8,12 @@ written per chat request whatever happens (success, error, client gone).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
@@ -23,16 +24,18 @@ from router.auth import Principal, check_record_access, principal_of
 from router.errors import (
     BadRequestError,
     BudgetExceededError,
+    ClientDisconnected,
     PermissionDeniedError,
     TiergateError,
 )
 from router.gateway import Gateway, RequestContext
 from router.learning import LearningLoop, answer_text
-from router.limits import RateLimiter, check_request_size
+from router.limits import RateLimiter, TokenHold, check_request_size
 from router.policy import POLICY_HEADER_PREFIX
 from router.schemas import ChatCompletionRequest, FeedbackRequest, json_request_body
 
 _Model = TypeVar("_Model", bound=BaseModel)
+_T = TypeVar("_T")
 log = logging.getLogger("tiergate.api")
 router = APIRouter()
 
@@ -137,6 +140,7 @@ async def chat_completions(request: Request) -> Response:
     streaming_handed_off = False
     principal = principal_of(request)
     limiter: RateLimiter = request.app.state.limiter
+    hold: TokenHold | None = None
     try:
         await limiter.admit(principal)
         body = await read_json(request)
@@ -144,11 +148,7 @@ async def chat_completions(request: Request) -> Response:
         validate_chat(body)
         check_request_size(body, request.app.state.settings)
         _check_pin(principal, gateway, body)
-        ctx.signals, ctx.decision = await gateway.decide_async(
-            body, tenant=ctx.tenant, headers=_policy_headers(request)
-        )
-        ctx.prompt = _prompt_to_store(ctx, body)
-        _refuse_if_needed(ctx)
+        hold = await _decide_and_reserve(request, ctx, principal, body)
         learning = _learning(request)
         if learning is not None:
             learning.observe(ctx, body)
@@ -158,15 +158,14 @@ async def chat_completions(request: Request) -> Response:
                 source = learning.tap(ctx, body, source)
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             response = StreamingResponse(
-                _sse(ctx, gateway, source, include_usage, _charger(limiter, principal)),
+                _sse(ctx, gateway, source, include_usage, hold),
                 media_type="text/event-stream",
                 headers={**explain_headers(ctx, gateway), "cache-control": "no-cache"},
             )
             streaming_handed_off = True
             return response
-        result = await gateway.complete(ctx, body)
+        result = await _unless_disconnected(request, gateway.complete(ctx, body))
         gateway.record(ctx, status="ok", http_status=200, error=None)
-        await limiter.charge(principal, ctx.usage.prompt_tokens + ctx.usage.completion_tokens)
         if learning is not None:
             learning.after_response(ctx, body, answer_text(result.body))
         return Response(
@@ -174,6 +173,9 @@ async def chat_completions(request: Request) -> Response:
             media_type="application/json",
             headers=explain_headers(ctx, gateway),
         )
+    except ClientDisconnected as exc:  # nobody to answer: recorded, and charged, as aborted
+        gateway.record(ctx, status="aborted", http_status=499, error=exc.code)
+        return Response(status_code=499)
     except TiergateError as exc:
         exc.headers.update(explain_headers(ctx, gateway))
         gateway.record(ctx, status="error", http_status=exc.status_code, error=exc.code)
@@ -185,6 +187,47 @@ async def chat_completions(request: Request) -> Response:
         if not streaming_handed_off:
             gateway.record(ctx, status="error", http_status=500, error="internal_error")
         raise
+    finally:
+        if hold is not None and not streaming_handed_off:
+            hold.settle(ctx.usage.prompt_tokens + ctx.usage.completion_tokens)
+
+
+async def _decide_and_reserve(
+    request: Request, ctx: RequestContext, principal: Principal, body: dict[str, Any]
+) -> TokenHold:
+    """Decide the route, then reserve its estimated spend and tokens (or refuse: 429)."""
+    gateway = _gateway(request)
+    reserve_tokens: int = request.app.state.settings.reserve_tokens
+    ctx.signals, ctx.decision = await gateway.decide_async(
+        body, tenant=ctx.tenant, headers=_policy_headers(request)
+    )
+    ctx.prompt = _prompt_to_store(ctx, body)
+    await gateway.hold_spend(ctx, reserve_tokens)
+    _refuse_if_needed(ctx)
+    limiter: RateLimiter = request.app.state.limiter
+    return await limiter.reserve(principal, sum(gateway.reserved_tokens(ctx, reserve_tokens)))
+
+
+#: How often a non-streaming request checks that its client is still there.
+DISCONNECT_POLL_S = 0.25
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[_T]) -> _T:
+    """``work``'s result, or :class:`ClientDisconnected` once the client has gone, with
+    ``work`` cancelled (the local backend then stops generating and frees its slot)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientDisconnected("the client closed the connection")
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
 
 def _check_pin(principal: Principal, gateway: Gateway, body: dict[str, Any]) -> None:
@@ -194,13 +237,6 @@ def _check_pin(principal: Principal, gateway: Gateway, body: dict[str, Any]) -> 
             f"this API key may not pin the closed model '{spec.name}'; use a routing alias",
             param="model",
         )
-
-
-def _charger(limiter: RateLimiter, principal: Principal) -> Callable[[int], Awaitable[None]]:
-    async def charge(tokens: int) -> None:
-        await limiter.charge(principal, tokens)
-
-    return charge
 
 
 def _refuse_if_needed(ctx: RequestContext) -> None:
@@ -219,9 +255,10 @@ async def _sse(
     gateway: Gateway,
     source: AsyncIterator[dict[str, Any]],
     include_usage: bool,
-    charge: Callable[[int], Awaitable[None]],
+    hold: TokenHold,
 ) -> AsyncIterator[bytes]:
-    """Frame chunks as SSE, time the first token, and record the outcome once at the end."""
+    """Frame chunks as SSE, time the first token, and record the outcome once at the end; the
+    tokens are settled whatever the ending (a client that left pays for what was generated)."""
     status, http_status, error = "ok", 200, None
     saw_usage = False
     try:
@@ -254,8 +291,7 @@ async def _sse(
             except Exception:  # closing a broken upstream must not mask the outcome
                 log.debug("closing stream %s failed", ctx.request_id, exc_info=True)
         gateway.record(ctx, status=status, http_status=http_status, error=error)
-        if status != "aborted":
-            await charge(ctx.usage.prompt_tokens + ctx.usage.completion_tokens)
+        hold.settle(ctx.usage.prompt_tokens + ctx.usage.completion_tokens)
 
 
 def _usage_chunk(ctx: RequestContext) -> dict[str, Any]:
@@ -376,7 +412,7 @@ async def readyz(request: Request) -> JSONResponse:
 
 
 def readiness(state: Any) -> dict[str, Any]:
-    """The readiness report: policy, local tier, closed models, scorer."""
+    """The readiness report: policy, local tier, closed models, scorer, outcome writer."""
     gateway: Gateway = state.gateway
     holder = gateway.policies
     policy = gateway.policy
@@ -394,8 +430,11 @@ def readiness(state: Any) -> dict[str, Any]:
         for name in policy.closed_models
     }
     local_ok = gateway.local is None or local_reason is None
+    # A dead outcome writer is started again here, and this one probe says it was dead.
+    restarted = gateway.outcomes.check_writer()
     return {
-        "ready": local_ok,
+        "ready": local_ok and restarted is None,
+        "outcomes": {**gateway.outcomes.health(), "restarted": restarted},
         "policy": {
             "path": str(holder.path),
             "version": policy.digest,

@@ -121,6 +121,12 @@ class Settings(BaseSettings):
     max_tokens_cap: int = Field(
         32768, ge=1, description="Largest max_tokens a request may ask for (400 above)."
     )
+    reserve_tokens: int = Field(
+        4096,
+        ge=1,
+        description="Completion tokens reserved against token limits and budgets for a request "
+        "that sets no max_tokens.",
+    )
 
     local_price_per_mtok: float = Field(
         0.0, ge=0, description="Cost charged for local tokens, USD per 1M tokens."

@@ -8,17 +8,22 @@ atomically, so every replica enforces the same limit. If Redis fails, the in-pro
 take over (each replica then enforces the limit on its own) until Redis answers again: a limiter
 outage must not become a gateway outage.
 
-Tokens are charged after a request finishes (prompt + completion, from the outcome), so a tenant
-over its token budget is refused from its next request on.
+Tokens are reserved before a request is served and settled after it: :meth:`RateLimiter.reserve`
+checks the tenant's window and adds an estimate (the prompt plus ``max_tokens``, or the
+deployment's default reservation) in one atomic step, and :meth:`TokenHold.settle` swaps the
+estimate for what was used (prompt + completion; for a client that left, what had been generated
+by then). A request is admitted while the window, reservations included, is under the limit, so
+concurrent requests overshoot it by at most one request's reservation.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from router.auth import Principal
@@ -50,6 +55,46 @@ redis.call('INCR', KEYS[1])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return {1, ''}
 """
+
+
+# KEYS[1..2]: tok current, tok previous. ARGV: weight, tpm, tokens to reserve, ttl.
+# Returns 1 when the tokens were reserved, 0 when the window is already at the limit.
+_LUA_RESERVE = """
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+           + tonumber(ARGV[1]) * tonumber(redis.call('GET', KEYS[2]) or '0')
+if used >= tonumber(ARGV[2]) then return 0 end
+redis.call('INCRBY', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+# KEYS[1]: the window the tokens were reserved in. ARGV: the change (actual - reserved).
+# A window that has expired meanwhile is left alone.
+_LUA_SETTLE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local left = redis.call('INCRBY', KEYS[1], ARGV[1])
+if left < 0 then redis.call('SET', KEYS[1], 0, 'KEEPTTL') end
+return 1
+"""
+
+
+@dataclass(slots=True)
+class TokenHold:
+    """Tokens reserved for one request in its tenant's window; settle it once, when it ends."""
+
+    limiter: RateLimiter | None
+    tenant: str
+    start: int
+    tokens: int
+    in_redis: bool = False
+    settled: bool = field(default=False)
+
+    def settle(self, used: int) -> None:
+        """Replace the reservation by ``used`` tokens (never raises, never waits)."""
+        if self.settled or self.limiter is None:
+            return
+        self.settled = True
+        self.limiter.adjust(self, max(0, used) - self.tokens)
 
 
 @dataclass(slots=True)
@@ -87,6 +132,9 @@ class RateLimiter:
         self._redis: Any = None
         self._script: Any = None
         self._redis_down_until = 0.0
+        self._reserve_script: Any = None
+        self._settle_script: Any = None
+        self._pending: set[asyncio.Task[None]] = set()
 
     def limits_for(self, principal: Principal) -> tuple[int | None, int | None]:
         """The key's own limits, else the deployment's defaults."""
@@ -127,26 +175,53 @@ class RateLimiter:
         requests.current += 1
         return ""
 
-    async def charge(self, principal: Principal, tokens: int) -> None:
-        """Add a finished request's tokens to its tenant's window."""
+    async def reserve(self, principal: Principal, tokens: int) -> TokenHold:
+        """Reserve ``tokens`` in the tenant's window, or raise 429 ``tpm_limit_exceeded`` when the
+        window (reservations included) is already at the limit. Atomic across replicas."""
         _, tpm = self.limits_for(principal)
-        if tpm is None or tokens <= 0:
-            return
+        if tpm is None:
+            return TokenHold(None, principal.tenant, 0, 0)
         now = time.time()
-        start, _, _ = _window(now)
+        start, weight, retry = _window(now)
+        tenant = principal.tenant
+        reserved: bool | None = None
         if self._use_redis(now):
-            key = f"tiergate:rl:{principal.tenant}:tok:{start}"
+            reserved = await self._reserve_redis(tenant, start, weight, tpm, tokens)
+        in_redis = reserved is not None
+        if reserved is None:
+            window = self._tokens.setdefault(tenant, _Window(start))
+            window.roll(start)
+            reserved = window.estimate(weight) < tpm
+            if reserved:
+                window.current += tokens
+        if not reserved:
+            raise RateLimitError(
+                f"tenant '{tenant}' is over its limit of {tpm} tokens per minute",
+                retry_after=max(1.0, math.ceil(retry)),
+                code="tpm_limit_exceeded",
+            )
+        return TokenHold(self, tenant, start, tokens, in_redis=in_redis)
+
+    def adjust(self, hold: TokenHold, delta: int) -> None:
+        """Add ``delta`` tokens to the window ``hold`` was reserved in (see TokenHold.settle)."""
+        if delta == 0:
+            return
+        if hold.in_redis and self._redis is not None:
             try:
-                pipe = self._redis.pipeline(transaction=True)
-                pipe.incrby(key, tokens)
-                pipe.expire(key, 2 * WINDOW_S)
-                await pipe.execute()
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop (shutting down): the window expires on its own
                 return
-            except Exception as exc:  # Redis down: count locally instead
-                self._redis_failed(exc)
-        window = self._tokens.setdefault(principal.tenant, _Window(start))
-        window.roll(start)
-        window.current += tokens
+            task = loop.create_task(self._settle_redis(hold, delta))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+            return
+        window = self._tokens.get(hold.tenant)
+        if window is None:
+            return
+        if window.start == hold.start:
+            window.current = max(0, window.current + delta)
+        elif window.start == hold.start + WINDOW_S:
+            window.previous = max(0, window.previous + delta)
 
     # -- Redis -------------------------------------------------------------------------------
 
@@ -160,7 +235,31 @@ class RateLimiter:
                 self._redis_url, socket_timeout=0.25, socket_connect_timeout=0.25
             )
             self._script = self._redis.register_script(_LUA_ADMIT)
+            self._reserve_script = self._redis.register_script(_LUA_RESERVE)
+            self._settle_script = self._redis.register_script(_LUA_SETTLE)
         return True
+
+    async def _reserve_redis(
+        self, tenant: str, start: int, weight: float, tpm: int, tokens: int
+    ) -> bool | None:
+        base = f"tiergate:rl:{tenant}:tok"
+        try:
+            done = await self._reserve_script(
+                keys=[f"{base}:{start}", f"{base}:{start - WINDOW_S}"],
+                args=[weight, tpm, tokens, 2 * WINDOW_S],
+            )
+        except Exception as exc:  # Redis down: reserve in-process instead
+            self._redis_failed(exc)
+            return None
+        return bool(int(done))
+
+    async def _settle_redis(self, hold: TokenHold, delta: int) -> None:
+        try:
+            await self._settle_script(
+                keys=[f"tiergate:rl:{hold.tenant}:tok:{hold.start}"], args=[delta]
+            )
+        except Exception as exc:  # the window keeps the estimate; it expires with the window
+            self._redis_failed(exc)
 
     async def _admit_redis(
         self, tenant: str, start: int, weight: float, rpm: int | None, tpm: int | None
@@ -192,7 +291,9 @@ class RateLimiter:
         self._redis_down_until = time.time() + REDIS_RETRY_S
 
     async def aclose(self) -> None:
-        """Close the Redis connection, if one was opened."""
+        """Finish pending settlements and close the Redis connection, if one was opened."""
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
         if self._redis is not None:
             await self._redis.aclose()
 

@@ -4,7 +4,10 @@
 :class:`OutcomeStore`; :class:`SQLiteOutcomeStore` is the embedded default. ``submit`` never blocks
 and never raises: records go to an in-memory queue that a writer thread drains in batches, and
 ``close`` drains it fully, so nothing is lost at shutdown. Write failures are counted, logged and
-retried, never turned into request errors.
+retried, never turned into request errors. No record can stop the writer: strings are made valid
+UTF-8 as they are written (a lone surrogate becomes U+FFFD), a record that still cannot be written
+is counted (``unwritable``) and logged, and a writer thread that dies anyway shows in
+:meth:`~OutcomeStore.health` (so in ``/readyz``) and is started again.
 
 A :class:`Label` is a quality signal about one earlier request (user feedback, a shadow judge's
 verdict, an escalation); stores keep labels per request and source, next to the records, and
@@ -23,7 +26,7 @@ import sqlite3
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -127,7 +130,18 @@ class OutcomeStore(Protocol):
         ...
 
     def spend_today(self, tenant: str) -> float:
-        """USD recorded for ``tenant`` since 00:00 UTC, including queued records."""
+        """USD recorded for ``tenant`` since 00:00 UTC, including queued records and the
+        holds of requests in flight."""
+        ...
+
+    def reserve_spend(self, tenant: str, request_id: str, usd: float, budget: float | None) -> bool:
+        """Hold ``usd`` for a request about to be served, unless ``tenant``'s spend today (holds
+        included) has reached ``budget``; one atomic step. The request's record (or
+        :meth:`release_spend`) settles the hold. May do I/O: call it off the event loop."""
+        ...
+
+    def release_spend(self, request_id: str) -> None:
+        """Drop a request's hold without a record (its record could not be built)."""
         ...
 
     def recent_scores(self, alias: str | None = None, limit: int = 2000) -> list[float]:
@@ -154,34 +168,155 @@ class OutcomeStore(Protocol):
         """The policy's ``retention_days`` (None: keep), for a store that expires keys itself."""
         ...
 
+    def check_writer(self) -> str | None:
+        """Start the writer again if it died; why it had to, or None when it was running."""
+        ...
+
+    def health(self) -> dict[str, Any]:
+        """The writer's state and counters, for ``/readyz``."""
+        ...
+
 
 def _day(ts: float) -> int:
     return int(ts // 86400)
 
 
+def valid_text(text: str) -> str:
+    """``text`` with every lone surrogate replaced by U+FFFD, so it encodes as UTF-8.
+
+    JSON lets a client send ``"\\ud800"``; Python decodes it to a string that no UTF-8 writer
+    (SQLite, Redis, a log file) accepts.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in text)
+    return text
+
+
+def valid_json(value: Any) -> str:
+    """``value`` as compact JSON text that encodes as UTF-8 (see :func:`valid_text`)."""
+    return valid_text(json.dumps(value, separators=(",", ":"), default=str, ensure_ascii=False))
+
+
+def log_unwritable(item: OutcomeRecord | Label, exc: Exception) -> None:
+    """Log an outcome that a store could not write and skipped."""
+    name = item.id if isinstance(item, OutcomeRecord) else item.request_id
+    log.error(
+        "outcome %s %s cannot be written, skipped: %s",
+        type(item).__name__,
+        valid_text(name),
+        valid_text(f"{type(exc).__name__}: {exc}"),
+    )
+
+
+class WriterWatch:
+    """Keeps one store's writer thread alive: runs it, notes how it died, starts it again.
+
+    The writer catches and counts every failure it knows of; this is the net under that, for the
+    failure nobody foresaw, so that it shows in ``/readyz`` instead of silently ending recording.
+    """
+
+    def __init__(self, name: str, target: Callable[[], None], on_death: Callable[[], None]) -> None:
+        self._name = name
+        self._target = target
+        self._on_death = on_death
+        self._lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+        self.restarts = 0
+        self.last_error: str | None = None
+
+    def start(self) -> None:
+        """Start the writer thread."""
+        self.thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._target()
+        except BaseException as exc:  # the thread ends here; check() starts another
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.critical("%s died: %s", self._name, self.last_error, exc_info=True)
+            self._on_death()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the writer thread is running (False before start and after stop)."""
+        return self.thread is not None and self.thread.is_alive()
+
+    def check(self) -> str | None:
+        """Start the writer again if it died; why it had to, or None."""
+        thread = self.thread
+        if thread is None or thread.is_alive():
+            return None
+        with self._lock:
+            if self.thread is not thread:  # another caller restarted it meanwhile
+                return None
+            self.restarts += 1
+            reason = f"{self._name} died ({self.last_error}); restarted"
+            log.error("%s", reason)
+            self.start()
+        return reason
+
+    def stop(self, timeout_s: float) -> None:
+        """Wait for the writer to finish (the caller has told it to stop)."""
+        if self.thread is not None:
+            self.thread.join(timeout_s)
+            self.thread = None
+
+
 class SpendLedger:
-    """Per-tenant spend for the current UTC day, kept in memory so budgets cost no I/O."""
+    """Per-tenant spend for the current UTC day, kept in memory so budgets cost no I/O, and the
+    holds of requests in flight (see :meth:`OutcomeStore.reserve_spend`)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._day = _day(time.time())
         self._spend: dict[str, float] = defaultdict(float)
+        self._holds: dict[str, tuple[str, float]] = {}
+        self._held: dict[str, float] = defaultdict(float)
 
-    def add(self, tenant: str, usd: float, ts: float) -> None:
-        """Count ``usd`` for ``tenant`` if ``ts`` is today."""
+    def add(self, tenant: str, usd: float, ts: float, request_id: str | None = None) -> None:
+        """Count ``usd`` for ``tenant`` if ``ts`` is today, settling ``request_id``'s hold."""
         with self._lock:
+            self._release(request_id)
             today = _day(time.time())
             if today != self._day:
                 self._day, self._spend = today, defaultdict(float)
             if _day(ts) == today and usd:
                 self._spend[tenant] += usd
 
-    def get(self, tenant: str) -> float:
-        """USD spent today by ``tenant``."""
+    def reserve(self, tenant: str, request_id: str, usd: float, budget: float | None) -> bool:
+        """Hold ``usd`` for ``request_id`` unless ``tenant`` has reached ``budget``."""
         with self._lock:
-            if _day(time.time()) != self._day:
-                return 0.0
-            return self._spend.get(tenant, 0.0)
+            if budget is not None and self._get(tenant) >= budget:
+                return False
+            self._release(request_id)
+            self._holds[request_id] = (tenant, usd)
+            self._held[tenant] += usd
+            return True
+
+    def release(self, request_id: str | None) -> None:
+        """Drop ``request_id``'s hold, if it has one."""
+        with self._lock:
+            self._release(request_id)
+
+    def _release(self, request_id: str | None) -> None:
+        hold = self._holds.pop(request_id, None) if request_id is not None else None
+        if hold is not None:
+            tenant, usd = hold
+            self._held[tenant] -= usd
+            if not self._held[tenant] > 1e-12:
+                del self._held[tenant]
+
+    def get(self, tenant: str) -> float:
+        """USD spent today by ``tenant``, holds included."""
+        with self._lock:
+            return self._get(tenant)
+
+    def _get(self, tenant: str) -> float:
+        spent = self._spend.get(tenant, 0.0) if _day(time.time()) == self._day else 0.0
+        return spent + self._held.get(tenant, 0.0)
 
 
 _SCHEMA = """
@@ -227,13 +362,15 @@ class SQLiteOutcomeStore:
         self._inflight: dict[str, OutcomeRecord] = {}
         self._batch = batch
         self._linger_s = linger_s
-        self._thread: threading.Thread | None = None
+        self._writer = WriterWatch("outcome-writer", self._run, self._lost_batch)
+        self._batch_now: list[OutcomeRecord | Label] = []
         self._read_lock = threading.Lock()
         self._reader: sqlite3.Connection | None = None
         self.ledger = SpendLedger()
         self.written = 0
         self.write_errors = 0
         self.dropped = 0
+        self.unwritable = 0  # records and labels that could not be written at all (logged)
         self._pending = 0
         self._settled = threading.Condition()
 
@@ -258,11 +395,11 @@ class SQLiteOutcomeStore:
             self.ledger.add(tenant, float(spent or 0.0), time.time())
         conn.close()
         self._reader = self._connect()
-        self._thread = threading.Thread(target=self._run, name="outcome-writer", daemon=True)
-        self._thread.start()
+        self._writer.start()
 
     def submit(self, record: OutcomeRecord) -> None:
-        """Queue a record; if the queue is full, wait briefly rather than lose it."""
+        """Queue a record; a full queue drops it (counted and logged) rather than wait."""
+        self._writer.check()
         with self._settled:
             self._inflight[record.id] = record
         self._enqueue(record)
@@ -272,14 +409,16 @@ class SQLiteOutcomeStore:
         self._enqueue(label)
 
     def _enqueue(self, item: OutcomeRecord | Label) -> None:
-        self.ledger.add(item.tenant, item.cost_usd, item.ts)
+        request_id = item.id if isinstance(item, OutcomeRecord) else None
+        self.ledger.add(item.tenant, item.cost_usd, item.ts, request_id)
         with self._settled:
             self._pending += 1
         try:
-            self._queue.put(item, timeout=5.0)
-        except queue.Full:
+            self._queue.put_nowait(item)
+        except queue.Full:  # waiting here would stall the event loop, so every request
             self._settle([item], 0, 1)
-            log.error("outcome queue full; %s dropped", type(item).__name__)
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.error("outcome queue full; %d outcomes dropped so far", self.dropped)
 
     def _settle(self, batch: list[OutcomeRecord | Label], written: int, dropped: int) -> None:
         with self._settled:
@@ -311,36 +450,78 @@ class SQLiteOutcomeStore:
                     break
                 batch.append(more)
             if batch:
+                self._batch_now = batch
                 self._write(conn, batch)
+                self._batch_now = []
                 if not stop and self._linger_s > 0:
                     # Let records gather: a writer blocked in get() is woken by every submit,
                     # and each wake-up takes the GIL from the event loop (bench/README.md).
                     time.sleep(self._linger_s)
         conn.close()
 
+    def _lost_batch(self) -> None:
+        """The writer died holding a batch: count it as dropped so ``flush`` does not wait."""
+        batch, self._batch_now = self._batch_now, []
+        self._settle(batch, 0, len(batch))
+
     def _write(self, conn: sqlite3.Connection, batch: list[OutcomeRecord | Label]) -> None:
-        rows = [_encode(r, FIELDS) for r in batch if isinstance(r, OutcomeRecord)]
-        labels = [_encode(r, LABEL_FIELDS) for r in batch if isinstance(r, Label)]
         for attempt in range(5):
             try:
-                with conn:
-                    _insert_many(conn, "outcomes", FIELDS, rows)
-                    _insert_many(conn, "labels", LABEL_FIELDS, labels)
+                self._insert(conn, batch)
                 self._settle(batch, len(batch), 0)
                 return
             except sqlite3.Error as exc:  # counted and retried; never surfaced to a request
                 self.write_errors += 1
                 log.warning("outcome write failed (attempt %d): %s", attempt + 1, exc)
                 time.sleep(0.2 * (attempt + 1))
+            except Exception:  # some item cannot be written: write the others one by one
+                self._write_each(conn, batch)
+                return
         self._settle(batch, 0, len(batch))
         log.error("gave up writing %d outcome records and labels", len(batch))
 
+    def _insert(self, conn: sqlite3.Connection, batch: list[OutcomeRecord | Label]) -> None:
+        rows = [_encode(r, FIELDS) for r in batch if isinstance(r, OutcomeRecord)]
+        labels = [_encode(r, LABEL_FIELDS) for r in batch if isinstance(r, Label)]
+        with conn:
+            _insert_many(conn, "outcomes", FIELDS, rows)
+            _insert_many(conn, "labels", LABEL_FIELDS, labels)
+
+    def _write_each(self, conn: sqlite3.Connection, batch: list[OutcomeRecord | Label]) -> None:
+        for item in batch:
+            try:
+                self._insert(conn, [item])
+            except Exception as exc:  # counted and logged; the writer goes on with the rest
+                self.unwritable += 1
+                log_unwritable(item, exc)
+                self._settle([item], 0, 1)
+            else:
+                self._settle([item], 1, 0)
+
+    def check_writer(self) -> str | None:
+        """Start the writer again if it died; why it had to, or None."""
+        return self._writer.check()
+
+    def health(self) -> dict[str, Any]:
+        """Whether the writer runs, and what it has written, dropped or could not write."""
+        return {
+            "store": "sqlite",
+            "writer_alive": self._writer.alive,
+            "restarts": self._writer.restarts,
+            "last_error": self._writer.last_error,
+            "written": self.written,
+            "write_errors": self.write_errors,
+            "unwritable": self.unwritable,
+            "dropped": self.dropped,
+            "queued": self._queue.qsize(),
+        }
+
     def close(self, timeout_s: float = 30.0) -> None:
         """Drain the queue and stop the writer."""
-        if self._thread is not None:
+        if self._writer.thread is not None:
+            self._writer.check()
             self._queue.put(None)
-            self._thread.join(timeout_s)
-            self._thread = None
+            self._writer.stop(timeout_s)
         if self._reader is not None:
             self._reader.close()
             self._reader = None
@@ -404,8 +585,16 @@ class SQLiteOutcomeStore:
         return int(rows[0][0])
 
     def spend_today(self, tenant: str) -> float:
-        """USD recorded for ``tenant`` today (from the in-memory ledger)."""
+        """USD recorded for ``tenant`` today, holds included (from the in-memory ledger)."""
         return self.ledger.get(tenant)
+
+    def reserve_spend(self, tenant: str, request_id: str, usd: float, budget: float | None) -> bool:
+        """Hold ``usd`` unless ``tenant`` has reached ``budget`` (in memory, under one lock)."""
+        return self.ledger.reserve(tenant, request_id, usd, budget)
+
+    def release_spend(self, request_id: str) -> None:
+        """Drop a request's hold."""
+        self.ledger.release(request_id)
 
     def recent_scores(self, alias: str | None = None, limit: int = 2000) -> list[float]:
         """Scores of recent requests that were scored, newest first."""
@@ -645,8 +834,10 @@ def _encode(record: OutcomeRecord | Label, names: tuple[str, ...]) -> tuple[Any,
     for name in names:
         value = getattr(record, name)
         if name in _JSON_FIELDS:
-            value = json.dumps(value, separators=(",", ":"), default=str)
+            value = valid_json(value)
         elif name in _BOOL_FIELDS:
             value = int(bool(value))
+        elif isinstance(value, str):
+            value = valid_text(value)
         values.append(value)
     return tuple(values)

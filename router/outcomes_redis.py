@@ -18,6 +18,10 @@ such as ``{tiergate}`` so one Lua script can touch every key):
                                 after two days: budgets shared by every replica.
 ``P:scores`` / ``P:scores:<a>`` capped lists (``LPUSH`` + ``LTRIM``) of recent routing scores,
                                 overall and per alias: online threshold calibration.
+``P:hold:<tenant>``             hash, request id -> USD held for a request in flight, and
+``P:holds:<tenant>``            sorted set of the same ids by expiry: budget reservations
+                                (``reserve_spend``), dropped when the request's record is written
+                                or, if it never is, after :data:`HOLD_TTL_S`.
 ``P:label:<request id>``        hash, label source -> label JSON (feedback, shadow, escalation).
 ``P:labels``                    sorted set of ``<request id>|<source>`` by time: ``labels``.
 ==============================  =============================================================
@@ -42,7 +46,16 @@ from pathlib import Path
 from typing import Any
 
 from router.errors import StoreUnavailableError
-from router.outcomes import Label, OutcomeRecord, quality_from_labels, summarize_records
+from router.outcomes import (
+    Label,
+    OutcomeRecord,
+    WriterWatch,
+    log_unwritable,
+    quality_from_labels,
+    summarize_records,
+    valid_json,
+    valid_text,
+)
 
 log = logging.getLogger("tiergate.outcomes")
 
@@ -51,11 +64,42 @@ _SCORES_CAP = 2000
 #: outcomes are dropped (counted and logged).
 _MEMORY_FACTOR = 4
 _STREAM_MAXLEN = 1_000_000
+#: A budget hold whose request never wrote a record (its replica died) lapses after this long.
+HOLD_TTL_S = 900
 
-# KEYS: record, stream, ts zset, tenant zset, tenants set, spend hash, scores, alias scores
+# KEYS: spend hash, hold hash, holds zset. ARGV: tenant, id, usd, budget (<0: none), now,
+# expiry. Returns 1 when the hold was taken, 0 when spend + holds had reached the budget.
+_RESERVE_LUA = (
+    """
+for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[5])) do
+  redis.call('HDEL', KEYS[2], gone)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[5])
+local budget = tonumber(ARGV[4])
+if budget >= 0 then
+  local used = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+  for _, held in ipairs(redis.call('HVALS', KEYS[2])) do used = used + tonumber(held) end
+  if used >= budget then return 0 end
+end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[6], ARGV[2])
+redis.call('EXPIRE', KEYS[2], """
+    + str(HOLD_TTL_S)
+    + """)
+redis.call('EXPIRE', KEYS[3], """
+    + str(HOLD_TTL_S)
+    + """)
+return 1
+"""
+)
+
+# KEYS: record, stream, ts zset, tenant zset, tenants set, spend hash, scores, alias scores,
+#       hold hash, holds zset
 # ARGV: json, id, ts, tenant, cost, ttl_s (0: none), score or '', scores cap, spend ttl,
 #       stream maxlen
 _RECORD_LUA = """
+redis.call('HDEL', KEYS[9], ARGV[2])
+redis.call('ZREM', KEYS[10], ARGV[2])
 local stored
 if tonumber(ARGV[6]) > 0 then
   stored = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[6])
@@ -103,7 +147,7 @@ Item = OutcomeRecord | Label
 
 def _encode(item: Item) -> str:
     kind = "record" if isinstance(item, OutcomeRecord) else "label"
-    return json.dumps({"kind": kind, "data": item.as_dict()}, separators=(",", ":"), default=str)
+    return valid_json({"kind": kind, "data": item.as_dict()})
 
 
 def _decode(line: str) -> Item:
@@ -156,9 +200,11 @@ class RedisOutcomeStore:
         self._cond = threading.Condition()
         self._stop = False
         self._deadline = 0.0
-        self._thread: threading.Thread | None = None
+        self._writer = WriterWatch("redis-outcome-writer", self._run, lambda: None)
         self._client: Any = None
         self._record_script: Any = None
+        self._reserve_script: Any = None
+        self._holds: dict[str, tuple[str, float]] = {}  # this replica's requests in flight
         self._label_script: Any = None
         self.written = 0
         self.duplicates = 0
@@ -166,6 +212,7 @@ class RedisOutcomeStore:
         self.spilled = 0
         self.journal_errors = 0  # journal writes that failed (unwritable path, full disk)
         self.dropped = 0  # outcomes lost: Redis down, buffer over its memory bound, no journal
+        self.unwritable = 0  # records and labels Redis refused or that could not be encoded
         self.connected = False
 
     # -- keys ------------------------------------------------------------------------------
@@ -191,6 +238,7 @@ class RedisOutcomeStore:
         )
         self._record_script = self._client.register_script(_RECORD_LUA)
         self._label_script = self._client.register_script(_LABEL_LUA)
+        self._reserve_script = self._client.register_script(_RESERVE_LUA)
 
     def start(self) -> None:
         """Connect (lazily: an unreachable Redis is not a start-up failure) and start writing."""
@@ -209,23 +257,42 @@ class RedisOutcomeStore:
         if self._journal_lines:
             log.warning("replaying %d journalled outcome items", self._journal_lines)
         self._stop = False
-        self._thread = threading.Thread(target=self._run, name="redis-outcome-writer", daemon=True)
-        self._thread.start()
+        self._writer.start()
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Write everything buffered; whatever Redis cannot take in time goes to the journal."""
-        if self._thread is None:
+        if self._writer.thread is None:
             if self._client is not None:
                 self._client.close()
             return
+        self._writer.check()
         with self._cond:
             self._stop = True
             self._deadline = time.monotonic() + timeout_s
             self._cond.notify_all()
-        self._thread.join(timeout_s + 10)
-        self._thread = None
+        self._writer.stop(timeout_s + 10)
         if self._client is not None:
             self._client.close()
+
+    def check_writer(self) -> str | None:
+        """Start the writer again if it died; why it had to, or None."""
+        return self._writer.check()
+
+    def health(self) -> dict[str, Any]:
+        """Whether the writer runs and Redis answers, and the writer's counters."""
+        return {
+            "store": "redis",
+            "writer_alive": self._writer.alive,
+            "restarts": self._writer.restarts,
+            "last_error": self._writer.last_error,
+            "connected": self.connected,
+            "written": self.written,
+            "write_errors": self.write_errors,
+            "unwritable": self.unwritable,
+            "dropped": self.dropped,
+            "buffered": len(self._buffer),
+            "journal_lines": self._journal_lines,
+        }
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until everything submitted so far is in Redis (or was dropped, see ``dropped``);
@@ -239,6 +306,7 @@ class RedisOutcomeStore:
 
     def submit(self, record: OutcomeRecord) -> None:
         """Buffer a record for writing. Never blocks on Redis, never raises."""
+        self._writer.check()
         self._put(record)
 
     def label(self, label: Label) -> None:
@@ -250,6 +318,7 @@ class RedisOutcomeStore:
             self._unflushed[item.tenant] += item.cost_usd
             if isinstance(item, OutcomeRecord):
                 self._inflight[item.id] = item
+                self._holds.pop(item.id, None)  # in Redis, writing the record drops the hold
             if len(self._buffer) < self.buffer_size:
                 self._buffer.append(item)
             elif not self._spill([item]):  # the journal cannot be written: hold it in memory
@@ -300,6 +369,8 @@ class RedisOutcomeStore:
             )
 
     def _run(self) -> None:
+        from redis import RedisError
+
         backoff = 0.05
         last_refresh = 0.0
         while True:
@@ -321,7 +392,7 @@ class RedisOutcomeStore:
                     self._refresh_spend()
                     last_refresh = time.monotonic()
                 self.connected, backoff = True, 0.05
-            except Exception as exc:  # Redis down or failing: counted, retried, never lost
+            except (RedisError, OSError) as exc:  # Redis down or failing: retried, never lost
                 self.write_errors += 1
                 if self.connected:
                     log.warning("redis outcome store unreachable, buffering: %s", exc)
@@ -358,7 +429,34 @@ class RedisOutcomeStore:
 
     def _write(self, batch: list[Item]) -> dict[str, float]:
         """Write a batch; returns today's shared spend, read in the same round trip so the
-        caller can swap it in as it forgets the batch's unflushed costs (no double count)."""
+        caller can swap it in as it forgets the batch's unflushed costs (no double count).
+
+        An item that cannot be encoded, or that Redis refuses (a script error rather than an
+        outage), is counted in ``unwritable``, logged and skipped; retrying it would hold up
+        every item behind it for good.
+        """
+        from redis import ConnectionError as RedisConnectionError
+        from redis import RedisError
+        from redis import TimeoutError as RedisTimeoutError
+
+        try:
+            return self._write_batch(batch)
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            raise
+        except (RedisError, ValueError, TypeError, UnicodeError):
+            pass
+        spend: dict[str, float] = {}
+        for item in batch:
+            try:
+                spend = self._write_batch([item])
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                raise
+            except (RedisError, ValueError, TypeError, UnicodeError) as exc:
+                self.unwritable += 1
+                log_unwritable(item, exc)
+        return spend
+
+    def _write_batch(self, batch: list[Item]) -> dict[str, float]:
         pipe = self._client.pipeline(transaction=False)
         for item in batch:
             if isinstance(item, OutcomeRecord):
@@ -387,22 +485,25 @@ class RedisOutcomeStore:
     def _queue_record(self, pipe: Any, record: OutcomeRecord) -> None:
         ttl = self._ttl(record.ts)
         score = "" if record.score is None else repr(float(record.score))
+        rid, tenant = valid_text(record.id), valid_text(record.tenant)
         self._record_script(
             keys=[
-                self.key("outcome", record.id),
+                self.key("outcome", rid),
                 self.key("outcomes"),
                 self.key("outcomes", "ts"),
-                self.key("outcomes", "ts", record.tenant),
+                self.key("outcomes", "ts", tenant),
                 self.key("tenants"),
                 self._spend_key(record.ts),
                 self.key("scores"),
-                self.key("scores", record.alias or "-"),
+                self.key("scores", valid_text(record.alias) or "-"),
+                self.key("hold", tenant),
+                self.key("holds", tenant),
             ],
             args=[
-                json.dumps(record.as_dict(), separators=(",", ":"), default=str),
-                record.id,
+                valid_json(record.as_dict()),
+                rid,
                 repr(record.ts),
-                record.tenant,
+                tenant,
                 repr(float(record.cost_usd)),
                 ttl,
                 score,
@@ -415,18 +516,19 @@ class RedisOutcomeStore:
 
     def _queue_label(self, pipe: Any, label: Label) -> None:
         ttl = self._ttl(label.ts)
+        rid = valid_text(label.request_id)
         self._label_script(
             keys=[
-                self.key("label", label.request_id),
+                self.key("label", rid),
                 self.key("labels"),
                 self._spend_key(label.ts),
             ],
             args=[
-                label.source,
-                json.dumps(label.as_dict(), separators=(",", ":"), default=str),
-                f"{label.request_id}|{label.source}",
+                valid_text(label.source),
+                valid_json(label.as_dict()),
+                valid_text(f"{rid}|{label.source}"),
                 repr(label.ts),
-                label.tenant,
+                valid_text(label.tenant),
                 repr(float(label.cost_usd)),
                 ttl,
             ],
@@ -470,13 +572,52 @@ class RedisOutcomeStore:
             raise StoreUnavailableError(f"outcome store (redis) unavailable: {exc}") from exc
 
     def spend_today(self, tenant: str) -> float:
-        """Today's spend from Redis (refreshed every second) plus what is still buffered here.
-
-        Kept in memory so the request path never waits for Redis.
-        """
+        """Today's spend from Redis (refreshed every second) plus what is still buffered here
+        and this replica's holds. Kept in memory so the request path never waits for Redis;
+        :meth:`reserve_spend` is the check that sees every replica's holds."""
         with self._cond:
             stored = self._spend.get(tenant, 0.0) if self._spend_day == _day(time.time()) else 0.0
-            return stored + max(self._unflushed.get(tenant, 0.0), 0.0)
+            held = sum(usd for t, usd in self._holds.values() if t == tenant)
+            return stored + max(self._unflushed.get(tenant, 0.0), 0.0) + held
+
+    def reserve_spend(self, tenant: str, request_id: str, usd: float, budget: float | None) -> bool:
+        """Hold ``usd`` in Redis unless the tenant's spend plus every replica's holds has
+        reached ``budget`` (one Lua script). With Redis unreachable, the check runs on this
+        replica's view (:meth:`spend_today`), as the rate limits do."""
+        from redis import RedisError
+
+        tenant_key = valid_text(tenant)
+        now = time.time()
+        try:
+            held = bool(
+                self._reserve_script(
+                    keys=[
+                        self._spend_key(now),
+                        self.key("hold", tenant_key),
+                        self.key("holds", tenant_key),
+                    ],
+                    args=[
+                        tenant_key,
+                        valid_text(request_id),
+                        repr(float(usd)),
+                        -1.0 if budget is None else repr(float(budget)),
+                        repr(now),
+                        repr(now + HOLD_TTL_S),
+                    ],
+                )
+            )
+        except (RedisError, OSError) as exc:
+            log.warning("budget hold: redis unavailable (%s); checking this replica's view", exc)
+            held = budget is None or self.spend_today(tenant) < budget
+        if held:
+            with self._cond:
+                self._holds[request_id] = (tenant, usd)
+        return held
+
+    def release_spend(self, request_id: str) -> None:
+        """Forget a request's hold here; in Redis it lapses after :data:`HOLD_TTL_S`."""
+        with self._cond:
+            self._holds.pop(request_id, None)
 
     def get(self, record_id: str) -> dict[str, Any] | None:
         """One record by request id, including one still buffered here."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import math
 import re
 import types
 from collections.abc import Callable, Mapping, Sequence
@@ -410,6 +411,7 @@ class Decision:
     unsatisfiable: str | None = None
     rejected: str | None = None
     policy_version: str = ""
+    budget_usd: float | None = None  # the tenant's daily budget, for reserving spend
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready view for headers, outcome records and trace spans."""
@@ -572,7 +574,17 @@ def evaluate(
         unsatisfiable=step.unsatisfiable,
         rejected=step.rejected,
         policy_version=runtime.digest,
+        budget_usd=plan.budget_usd,
     )
+
+
+def usd(amount: float) -> str:
+    """A dollar amount with two significant digits below a dollar ($0.0075, not $0.01)."""
+    if amount >= 1 or amount <= 0:
+        return f"${amount:,.2f}"
+    decimals = max(2, 1 - math.floor(math.log10(amount)))
+    text = f"{amount:.{decimals}f}".rstrip("0")
+    return "$" + text + "0" * (2 - len(text.split(".")[1]))
 
 
 def _first_match(
@@ -702,7 +714,7 @@ class _Step:
             return
         self.over_budget = True
         tenant = plan.tenant or self.signals.tenant
-        spent = f"tenant '{tenant}' spent ${spend:.2f} of its ${plan.budget_usd:.2f} daily budget"
+        spent = f"tenant '{tenant}' spent {usd(spend)} of its {usd(plan.budget_usd)} daily budget"
         if self.policy.models[self.model].tier == "local":
             return
         self.rule = f"budget:{tenant}"

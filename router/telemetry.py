@@ -597,11 +597,13 @@ class TracedBackend:
             f"chat {model.litellm_model or model.name}", kind=SpanKind.CLIENT, attributes=attrs
         )
 
-    async def complete(self, model: ModelLike, body: dict[str, Any]) -> Completion:
+    async def complete(
+        self, model: ModelLike, body: dict[str, Any], usage: Usage | None = None
+    ) -> Completion:
         """Call the wrapped backend inside a CLIENT span."""
         span = self._start(model, body, stream=False)
         try:
-            result = await self.inner.complete(model, body)
+            result = await self.inner.complete(model, body, usage)
         except BaseException as exc:
             _end_failed(span, exc)
             raise

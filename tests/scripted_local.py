@@ -32,9 +32,11 @@ class ScriptedLocal:
         """Always available."""
         return None
 
-    async def complete(self, model: ModelLike, body: dict[str, Any]) -> Completion:
-        """Join the stream into one answer."""
-        usage = Usage()
+    async def complete(
+        self, model: ModelLike, body: dict[str, Any], usage: Usage | None = None
+    ) -> Completion:
+        """Join the stream into one answer, counting into ``usage`` as it goes."""
+        usage = usage if usage is not None else Usage()
         text = ""
         async for chunk in self.stream(model, body, usage):
             text += chunk["choices"][0]["delta"].get("content") or ""

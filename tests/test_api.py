@@ -8,6 +8,7 @@ and Tiergate's direct OpenAI path both run.
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -337,3 +338,40 @@ def test_outcomes_cli_shows_records(server: LiveServer, tmp_path: Path) -> None:
     assert store.flush()
     db = store.path
     assert main(["outcomes", "--db", str(db), "--limit", "3"]) == 0
+
+
+def test_a_client_leaving_a_local_answer_stops_the_gguf(server: LiveServer) -> None:
+    # The local model generated 1,500 tokens over 37 s for a client that had gone, held its only
+    # slot, and the request was recorded ok.
+    store = server.gateway.outcomes
+    store.flush()
+    before = {r["id"] for r in store.recent(1000)}
+    body = json.dumps(
+        {
+            "model": "local",
+            "messages": [{"role": "user", "content": "Write a very long story about a dragon."}],
+            "max_tokens": 1500,
+            "temperature": 1.0,
+        }
+    ).encode()
+    llm = server.gateway.local._llm  # its context grows by one token per generated token
+    seen: set[int] = set()
+
+    def generating() -> bool:
+        seen.add(int(llm.n_tokens))
+        return len(seen) > 8
+
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            + f"content-length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        assert wait_for(generating, 60), "the model never started"
+    gate = server.gateway.local.gate
+    assert wait_for(lambda: gate.depth == 0, 30), "the local slot was not freed"
+    assert wait_for(lambda: len({r["id"] for r in store.recent(1000)} - before) == 1, 10)
+    (record,) = [r for r in store.recent(1000) if r["id"] not in before]
+    assert (record["status"], record["http_status"]) == ("aborted", 499)
+    assert record["tier"] == "local" and record["prompt_tokens"] > 0
+    assert 5 <= record["completion_tokens"] < 1500

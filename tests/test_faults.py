@@ -356,3 +356,71 @@ def test_oversized_body_is_refused_and_recorded(server: LiveServer) -> None:
     assert response.json()["error"]["type"] == "invalid_request_error"
     record = _record(server, response)
     assert (record["status"], record["http_status"]) == ("error", 413)
+
+
+# -- outcome writer faults ---------------------------------------------------------------------
+
+
+def test_a_lone_surrogate_in_a_prompt_does_not_stop_recording(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    fake.reset()
+    with live(
+        tmp_path, policy_yaml(fake, store_prompts="full"), local_backend_obj=ScriptedLocal()
+    ) as server:
+        raw = b'{"model": "auto", "messages": [{"role": "user", "content": "Hi \\ud800"}]}'
+        first = httpx.post(
+            server.url + "/v1/chat/completions",
+            content=raw,
+            headers={"content-type": "application/json"},
+            timeout=15,
+        )
+        assert first.status_code == 200, first.text
+        later = [_post(server, EASY).status_code for _ in range(3)]
+        assert later == [200] * 3
+        rows = _records(server, 4)
+        assert rows[-1]["prompt"] == "Hi \ufffd"
+        ready = httpx.get(server.url + "/readyz")
+        assert ready.status_code == 200 and ready.json()["outcomes"]["writer_alive"] is True
+
+
+def test_a_dead_outcome_writer_fails_readiness_and_is_restarted(
+    server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = server.gateway.outcomes
+    real = store._write
+    failures = [SystemExit("injected: the writer thread dies")]
+
+    def write(*args: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return real(*args)
+
+    monkeypatch.setattr(store, "_write", write)
+    assert _post(server, EASY).status_code == 200  # its record goes down with the writer
+    assert wait_for(lambda: not store.health()["writer_alive"])
+    ready = httpx.get(server.url + "/readyz")
+    assert ready.status_code == 503
+    assert "outcome-writer died" in ready.json()["outcomes"]["restarted"]
+    again = httpx.get(server.url + "/readyz")
+    assert again.status_code == 200 and again.json()["outcomes"]["restarts"] == 1
+    response = _post(server, EASY)
+    assert response.status_code == 200
+    assert wait_for(lambda: store.get(response.headers["x-request-id"]) is not None)
+    assert store.flush() and store.health()["dropped"] == 1
+
+
+def test_client_leaving_a_non_streaming_request_stops_local_generation(
+    server: LiveServer, local: ScriptedLocal
+) -> None:
+    # The local model used to generate the whole answer for a client that had gone, holding its
+    # only slot, and the request was recorded ok.
+    local.words, local.token_delay_s = 400, 0.02
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", json=EASY, timeout=1.0)
+    assert wait_for(lambda: local.cancelled == 1, 5)
+    assert local.gate.depth == 0
+    record = _records(server, 1)[0]
+    assert (record["status"], record["http_status"]) == ("aborted", 499)
+    assert 0 < record["completion_tokens"] < 400 and record["prompt_tokens"] > 0
+    assert _post(server, EASY).status_code == 200  # the slot is free again

@@ -35,7 +35,9 @@ class ScriptedLocal:
     def unavailable_reason(self, model: ModelLike) -> str | None:
         return None
 
-    async def complete(self, model: ModelLike, body: dict[str, Any]) -> Completion:
+    async def complete(
+        self, model: ModelLike, body: dict[str, Any], usage: Usage | None = None
+    ) -> Completion:
         self.calls += 1
         await self.gate.acquire()
         try:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -249,3 +251,187 @@ def test_the_window_slides_across_the_minute(monkeypatch: pytest.MonkeyPatch) ->
         return got
 
     assert asyncio.run(scenario()) == [True, True, True, False, False, True, True, False]
+
+
+# -- reservations: limits hold under concurrency and when a client leaves early ---------------
+
+LONG = "please answer this question " * 4  # a prompt estimate above what the fakes report
+
+
+async def _burst(url: str, body: object, n: int, key: str | None = None) -> list[httpx.Response]:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=n)) as client:
+        return list(
+            await asyncio.gather(
+                *(client.post(url + "/v1/chat/completions", json=body, headers=headers)
+                  for _ in range(n))
+            )
+        )  # fmt: skip
+
+
+def _used(rows: list[dict[str, object]]) -> int:
+    return sum(int(r["prompt_tokens"]) + int(r["completion_tokens"]) for r in rows)  # type: ignore[call-overload]
+
+
+def test_concurrent_requests_stay_within_the_token_limit(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    # 100 concurrent requests once spent 1,500 tokens against a 150-token limit: each was
+    # admitted before any had been charged.
+    fake.reset()
+    local = ScriptedLocal(queue_size=200, words=20)
+    body = {**CHAT, "messages": [{"role": "user", "content": LONG}], "max_tokens": 20}
+    with live(tmp_path, policy_yaml(fake), local_backend_obj=local, tpm_limit=150) as srv:
+        got = asyncio.run(_burst(srv.url, body, 40))
+        codes = [r.status_code for r in got]
+        assert set(codes) == {200, 429} and codes.count(200) >= 2
+        refused = next(r for r in got if r.status_code == 429)
+        assert refused.json()["error"]["code"] == "tpm_limit_exceeded"
+        store = srv.gateway.outcomes
+        assert wait_for(lambda: store.count() == 40) and store.flush()
+        rows = [r for r in store.recent(100) if r["status"] == "ok"]
+        reservation = int(rows[0]["signals"]["prompt_tokens"]) + 20
+        assert _used(rows) <= 150 + reservation
+
+
+def _budget_policy(fake: FakeProvider, budget: float, tenant: str = "default") -> str:
+    return policy_yaml(
+        fake,
+        extra=f"tenants:\n  {tenant}: {{daily_budget_usd: {budget}, over_budget: reject}}\n",
+    )
+
+
+HARD_LONG = {
+    "model": "auto",
+    "messages": [{"role": "user", "content": "HARD " + LONG}],
+    "max_tokens": 7,
+}
+
+
+def test_concurrent_requests_stay_within_the_budget(tmp_path: Path, fake: FakeProvider) -> None:
+    # $0.0075 was spent against a $0.0001 budget: the budget was checked against what had been
+    # recorded, and none of the requests in flight had been.
+    from tests.fake_provider import Behaviour
+
+    fake.reset(Behaviour(mode="stall", stall_s=0.5))
+    with live(tmp_path, _budget_policy(fake, 0.0003), local_backend_obj=ScriptedLocal()) as srv:
+        got = asyncio.run(_burst(srv.url, HARD_LONG, 30))
+        codes = [r.status_code for r in got]
+        assert codes.count(200) >= 2 and codes.count(429) >= 10
+        message = next(r for r in got if r.status_code == 429).json()["error"]["message"]
+        assert re.search(r"spent \$0\.000\d+ of its \$0\.0003 daily budget", message), message
+        store = srv.gateway.outcomes
+        assert wait_for(lambda: store.count() == 30) and store.flush()
+        rows = [r for r in store.recent(100) if r["status"] == "ok"]
+        spent = sum(float(r["cost_usd"]) for r in rows)
+        prompt = int(rows[0]["signals"]["prompt_tokens"])
+        reservation = srv.gateway.costs.closed_cost("openai/gpt-4o", prompt, 7)
+        assert spent <= 0.0003 + reservation, (spent, reservation)
+
+
+def test_a_stream_left_after_finish_reason_is_charged(tmp_path: Path, fake: FakeProvider) -> None:
+    # Reading to finish_reason and leaving before the usage chunk used to cost nothing.
+    from tests.fake_provider import Behaviour
+
+    words = " ".join(f"w{i}" for i in range(40))
+    fake.reset(Behaviour(text=words, chunk_delay_s=0.02))
+    hard = {"model": "auto", "messages": [{"role": "user", "content": "HARD"}], "stream": True}
+    with live(tmp_path, policy_yaml(fake), local_backend_obj=ScriptedLocal(), tpm_limit=40) as srv:
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", json=hard, timeout=10) as r:
+            for line in r.iter_lines():
+                if '"finish_reason":"stop"' in line.replace(" ", ""):
+                    break  # the client leaves before the usage chunk
+        store = srv.gateway.outcomes
+        assert wait_for(lambda: store.count() == 1) and store.flush()
+        row = store.recent(1)[0]
+        assert row["status"] == "aborted"
+        assert row["completion_tokens"] >= 40 and row["prompt_tokens"] > 0
+        assert row["cost_usd"] > 0
+        _assert_rate_limited(_post(srv, {**hard, "stream": False}), "tpm_limit_exceeded")
+
+
+def test_budget_error_prints_amounts_that_read() -> None:
+    from router.policy import usd
+
+    assert usd(0.0075) == "$0.0075" and usd(0.0001) == "$0.0001" and usd(0.0) == "$0.00"
+    assert usd(0.05) == "$0.05" and usd(12.5) == "$12.50" and usd(0.012345) == "$0.012"
+
+
+@pytest.mark.skipif(redis_binary() is None, reason="no redis-server binary")
+def test_replicas_share_token_and_budget_reservations_through_redis(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    from router.outcomes_redis import RedisOutcomeStore
+    from tests.fake_provider import Behaviour
+
+    fake.reset(Behaviour(mode="stall", stall_s=0.5))
+    with RedisServer(tmp_path) as redis_server:
+
+        def replica(name: str, **kw: object) -> Iterator[LiveServer]:
+            work = tmp_path / name
+            work.mkdir()
+            return live(
+                work,
+                _budget_policy(fake, 0.0003, tenant="t"),
+                local_backend_obj=ScriptedLocal(queue_size=100, words=20),
+                outcomes=RedisOutcomeStore(redis_server.url, journal=work / "j.jsonl"),
+                redis_url=redis_server.url,
+                api_keys_file=_one_key(work),
+                **kw,
+            )
+
+        def ok_rows(*servers: LiveServer) -> list[dict[str, Any]]:
+            for srv in servers:
+                assert srv.gateway.outcomes.flush(10)
+            shared = servers[0].gateway.outcomes  # one Redis holds both replicas' records
+            return [r for r in shared.recent(100) if r["status"] == "ok"]
+
+        async def both(a: LiveServer, b: LiveServer, body: object, n: int) -> list[int]:
+            halves = await asyncio.gather(
+                _burst(a.url, body, n, key="tg-k"), _burst(b.url, body, n, key="tg-k")
+            )
+            return [r.status_code for r in halves[0] + halves[1]]
+
+        local_body = {**CHAT, "messages": [{"role": "user", "content": LONG}], "max_tokens": 20}
+        with replica("a", tpm_limit=150) as a, replica("b", tpm_limit=150) as b:
+            assert set(asyncio.run(both(a, b, local_body, 20))) == {200, 429}
+            rows = ok_rows(a, b)
+            reservation = int(rows[0]["signals"]["prompt_tokens"]) + 20
+            assert _used(rows) <= 150 + reservation
+        with replica("c") as c, replica("d") as d:
+            assert set(asyncio.run(both(c, d, HARD_LONG, 15))) == {200, 429}
+            rows = [r for r in ok_rows(c, d) if r["tier"] == "closed"]
+            spent = sum(float(r["cost_usd"]) for r in rows)
+            prompt = int(rows[0]["signals"]["prompt_tokens"])
+            assert spent <= 0.0003 + c.gateway.costs.closed_cost("openai/gpt-4o", prompt, 7)
+
+
+def test_a_reservation_settles_in_the_window_it_was_made_in(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Reserved tokens count at once; settling swaps them for what was used, also after the
+    minute has turned (the reservation then sits in the previous window)."""
+    limiter = limits.RateLimiter(rpm=None, tpm=100)
+    tenant = Principal(tenant="t", permissions=frozenset(), key_id="k")
+    now = [6000.0 + 59]
+    monkeypatch.setattr(limits.time, "time", lambda: now[0])
+
+    async def reserve(tokens: int) -> limits.TokenHold | None:
+        try:
+            return await limiter.reserve(tenant, tokens)
+        except RateLimitError:
+            return None
+
+    async def scenario() -> list[bool]:
+        first = await reserve(90)
+        second = await reserve(90)  # 90 < 100: admitted, the one-reservation overshoot
+        third = await reserve(90)  # 180 reserved: refused
+        now[0] = 6000.0 + 61
+        refused = await reserve(1)  # the 180 still weigh 177
+        assert first is not None and second is not None
+        first.settle(10)
+        second.settle(10)  # 20 used: weighs 19.7 now
+        again = await reserve(1)
+        return [third is None, refused is None, again is not None]
+
+    assert asyncio.run(scenario()) == [True, True, True]

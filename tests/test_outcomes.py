@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from router import outcomes as store_module
 from router.outcomes import Label, OutcomeRecord, SQLiteOutcomeStore
+from tests.conftest import wait_for
 
 
 def _quality_record(request_id: str, tier: str, *, cost: float = 0.0) -> OutcomeRecord:
@@ -97,3 +100,105 @@ def test_quality_by_tier_joins_labels_to_served_tiers(tmp_path: Path) -> None:
         "local": {"feedback": {"n": 1, "mean": 0.9}, "shadow": {"n": 1, "mean": 0.25}},
         "closed": {"feedback": {"n": 1, "mean": 0.5}},
     }
+
+
+def _surrogate_record(request_id: str) -> OutcomeRecord:
+    record = _quality_record(request_id, "local")
+    record.prompt = "Hi \ud800"
+    record.tenant = "acme\udfff"
+    record.signals = {"turns": 1, "note": "x\ud800y"}
+    return record
+
+
+def test_a_lone_surrogate_cannot_kill_the_writer(tmp_path: Path) -> None:
+    # One such prompt killed the writer thread (UnicodeEncodeError); nothing was written after.
+    store = SQLiteOutcomeStore(tmp_path / "o.db", linger_s=0.0)
+    store.start()
+    try:
+        store.submit(_surrogate_record("bad"))
+        store.submit(_quality_record("after", "local"))
+        assert store.flush(10)
+        assert store.health()["writer_alive"] is True
+        assert store.count() == 2
+        row = store.get("bad")
+        assert row is not None
+        assert row["prompt"] == "Hi \ufffd" and row["tenant"] == "acme\ufffd"
+        assert row["signals"] == {"turns": 1, "note": "x\ufffdy"}
+    finally:
+        store.close()
+
+
+def test_a_record_that_cannot_be_written_is_counted_and_the_rest_are_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SQLiteOutcomeStore(tmp_path / "o.db", linger_s=0.0)
+    real = store_module._encode
+
+    def encode(record: OutcomeRecord | Label, names: tuple[str, ...]) -> tuple[object, ...]:
+        if getattr(record, "id", "") == "poison":
+            raise ValueError("cannot encode this one")
+        return real(record, names)
+
+    monkeypatch.setattr(store_module, "_encode", encode)
+    store.start()
+    try:
+        for name in ("a", "poison", "b"):
+            store.submit(_quality_record(name, "local"))
+        assert store.flush(10)
+        assert store.count() == 2 and store.get("poison") is None
+        health = store.health()
+        assert health["writer_alive"] is True and health["unwritable"] == 1
+        store.submit(_quality_record("c", "local"))
+        assert store.flush(10) and store.count() == 3
+    finally:
+        store.close()
+
+
+def test_a_dead_writer_shows_in_health_and_is_restarted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SQLiteOutcomeStore(tmp_path / "o.db", linger_s=0.0)
+    store.start()
+    real = store._write
+    failures = [SystemExit("injected: the writer thread dies")]
+
+    def write(conn: sqlite3.Connection, batch: list[OutcomeRecord | Label]) -> None:
+        if failures:
+            raise failures.pop()
+        real(conn, batch)
+
+    monkeypatch.setattr(store, "_write", write)
+    try:
+        store.submit(_quality_record("killer", "local"))
+        assert wait_for(lambda: not store.health()["writer_alive"])
+        health = store.health()
+        assert "SystemExit" in str(health["last_error"])
+        store.check_writer()  # what /readyz does: say so, then restart it
+        assert store.health()["writer_alive"] is True and store.health()["restarts"] == 1
+        store.submit(_quality_record("later", "local"))
+        assert store.flush(10)
+        assert store.get("later") is not None
+    finally:
+        store.close()
+
+
+def test_submit_never_waits_for_a_stuck_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With the queue full, each submit used to block the event loop for 5 s before dropping.
+    store = SQLiteOutcomeStore(tmp_path / "o.db", queue_size=2, linger_s=0.0)
+    stuck = threading.Event()
+    monkeypatch.setattr(store, "_write", lambda conn, batch: stuck.wait(30))
+    store.start()
+    submitter = threading.Thread(
+        target=lambda: [store.submit(_quality_record(f"r{i}", "local")) for i in range(6)]
+    )
+    submitter.start()
+    submitter.join(4.0)
+    try:
+        assert not submitter.is_alive(), "submit blocked on a full queue"
+        assert store.health()["dropped"] >= 3
+    finally:
+        stuck.set()
+        submitter.join()
+        store.close()

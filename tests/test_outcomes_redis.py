@@ -320,3 +320,79 @@ def test_a_journal_replayed_at_start_gets_the_policys_retention(
     finally:
         raw.close()
         up.close()
+
+
+def test_a_lone_surrogate_cannot_stall_the_redis_writer(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # A record Redis could not encode was retried forever as if Redis were down, and every
+    # record behind it waited.
+    s = store(redis_server, tmp_path)
+    try:
+        bad = record(tenant="acme\ud800")
+        bad.prompt = "Hi \ud800"
+        bad.signals = {"note": "x\udfffy"}
+        after = record()
+        s.submit(bad)
+        s.submit(after)
+        assert s.flush(10)
+        assert s.health()["writer_alive"] is True
+        stored = json.loads(redis_server.client().get(s.key("outcome", bad.id)))
+        assert stored["prompt"] == "Hi \ufffd" and stored["tenant"] == "acme\ufffd"
+        assert stored["signals"] == {"note": "x\ufffdy"}
+        assert s.count() == 2 and s.count("acme\ufffd") == 1
+    finally:
+        s.close()
+
+
+def test_a_record_redis_cannot_take_is_counted_and_the_rest_are_written(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = store(redis_server, tmp_path)
+    real = s._queue_record
+    poison = record()
+
+    def queue_record(pipe: Any, rec: OutcomeRecord) -> None:
+        if rec.id == poison.id:
+            raise ValueError("cannot encode this one")
+        real(pipe, rec)
+
+    monkeypatch.setattr(s, "_queue_record", queue_record)
+    try:
+        good = [record(), record()]
+        s.submit(good[0])
+        s.submit(poison)
+        s.submit(good[1])
+        assert s.flush(10)
+        assert s.health()["unwritable"] == 1 and s.health()["writer_alive"] is True
+        assert s.count() == 2 and s.get(poison.id) is None
+    finally:
+        s.close()
+
+
+def test_a_dead_redis_writer_shows_in_health_and_is_restarted(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = store(redis_server, tmp_path)
+    real = s._write
+    failures = [SystemExit("injected: the writer thread dies")]
+
+    def write(batch: list[Any]) -> dict[str, float]:
+        if failures:
+            raise failures.pop()
+        return real(batch)
+
+    monkeypatch.setattr(s, "_write", write)
+    try:
+        first = record()
+        s.submit(first)
+        assert wait_for(lambda: not s.health()["writer_alive"])
+        assert "SystemExit" in str(s.health()["last_error"])
+        assert s.check_writer() is not None
+        assert s.health()["restarts"] == 1
+        second = record()
+        s.submit(second)
+        assert s.flush(10)
+        assert s.count() == 2  # the batch the dead writer held was kept and written
+    finally:
+        s.close()

@@ -57,8 +57,11 @@ class Backend(Protocol):
         """None when ``model`` can be served now, else a short reason (no key, not loaded...)."""
         ...
 
-    async def complete(self, model: ModelLike, body: dict[str, Any]) -> Completion:
-        """Answer ``body`` (an OpenAI chat request) in one piece."""
+    async def complete(
+        self, model: ModelLike, body: dict[str, Any], usage: Usage | None = None
+    ) -> Completion:
+        """Answer ``body`` (an OpenAI chat request) in one piece. A backend that can fills in
+        ``usage`` as it generates, so a call cancelled midway still tells what it used."""
         ...
 
     def stream(

@@ -88,8 +88,10 @@ class ClosedBackend:
     def _timeout(self, model: ModelLike) -> float:
         return model.timeout_s or self._timeout_s
 
-    async def complete(self, model: ModelLike, body: dict[str, Any]) -> Completion:
-        """One answer from the provider."""
+    async def complete(
+        self, model: ModelLike, body: dict[str, Any], usage: Usage | None = None
+    ) -> Completion:
+        """One answer from the provider (its usage comes with the answer, not before)."""
         if self._direct(model):
             result = await self._http.complete(
                 model.api_base or _OPENAI_DEFAULT_BASE,

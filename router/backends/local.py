@@ -181,16 +181,31 @@ class LlamaCppBackend:
             kwargs["logit_bias"] = {int(k): float(v) for k, v in body["logit_bias"].items()}
         return kwargs
 
-    async def complete(self, model: ModelLike, body: dict[str, Any]) -> Completion:
-        """Generate one answer on the worker thread."""
+    async def complete(
+        self, model: ModelLike, body: dict[str, Any], usage: Usage | None = None
+    ) -> Completion:
+        """Generate one answer on the worker thread; ``usage`` counts its tokens as they come.
+
+        Cancelling the call (the client went away) stops generation at the next token and frees
+        the slot, as a stream's consumer leaving does.
+        """
         kwargs = self._kwargs(body)
-        usage = Usage()
+        counted = usage if usage is not None else Usage()
+        usage = Usage()  # the worker's own count, exact once generation ends
         parts: list[str] = []
         finish: str | None = None
         async for chunk in self.stream(model, body, usage, _kwargs=kwargs):
             for choice in chunk.get("choices") or []:
-                parts.append(choice.get("delta", {}).get("content") or "")
+                text = choice.get("delta", {}).get("content") or ""
+                parts.append(text)
+                counted.completion_tokens += bool(text)
                 finish = choice.get("finish_reason") or finish
+        counted.prompt_tokens, counted.completion_tokens = (
+            usage.prompt_tokens,
+            usage.completion_tokens,
+        )
+        counted.generation_s = usage.generation_s
+        usage = counted
         return Completion(
             body={
                 "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -324,8 +339,10 @@ class ExternalLlamaBackend:
         messages = with_system_prompt(list(body["messages"]), self._settings.default_system_prompt)
         return {**body, "model": model.litellm_model or model.name, "messages": messages}
 
-    async def complete(self, model: ModelLike, body: dict[str, Any]) -> Completion:
-        """One answer from the external server."""
+    async def complete(
+        self, model: ModelLike, body: dict[str, Any], usage: Usage | None = None
+    ) -> Completion:
+        """One answer from the external server (its usage comes with the answer)."""
         request = self._body(model, body)
         await self.gate.acquire()
         started = time.perf_counter()
