@@ -394,8 +394,21 @@ def readiness(state: Any) -> dict[str, Any]:
         for name in policy.closed_models
     }
     local_ok = gateway.local is None or local_reason is None
+    no_closed = None
+    if policy.closed_models and not gateway.closed_available():
+        no_closed = {
+            "serves": "error" if policy.fail_closed else "local",
+            "note": "no closed model is available (no API key): "
+            + (
+                "the policy says fail_closed, so requests routed closed get 503"
+                if policy.fail_closed
+                else "requests routed closed are served by the local model "
+                "(x-tiergate-fallback: no-closed->local)"
+            ),
+        }
     return {
         "ready": local_ok,
+        "no_closed": no_closed,
         "policy": {
             "path": str(holder.path),
             "version": policy.digest,

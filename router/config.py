@@ -86,6 +86,12 @@ class Settings(BaseSettings):
         8, ge=0, description="Requests that may wait for the local model before it is 'full'."
     )
     local_timeout_s: float = Field(300.0, gt=0, description="Longest local generation, seconds.")
+    local_max_tokens: int = Field(
+        512,
+        ge=1,
+        description="max_tokens for a local generation whose request sets neither max_tokens "
+        "nor max_completion_tokens (one long answer holds the only local slot).",
+    )
     closed_timeout_s: float = Field(
         120.0, gt=0, description="Closed-provider timeout, seconds (a model's timeout_s wins)."
     )
