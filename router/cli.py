@@ -120,7 +120,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         plot_report(report, args.plot, title=f"{Path(args.data).name} ({scorer.version})")
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        # What the curve was measured on, for the dashboard that shows it (eval.json).
+        meta = {"data": Path(args.data).name, "model_version": scorer.version}
+        print(json.dumps({**report.to_dict(), **meta}, indent=2))
     else:
         print(format_report(report))
     return 0
