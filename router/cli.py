@@ -233,7 +233,8 @@ def settings_help() -> str:
         "prefix as keys of the --config file (precedence: flags, environment, file, default):",
     ]
     for name, field in Settings.model_fields.items():
-        shown = "unset" if field.default is None else str(field.default)
+        default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
+        shown = "unset" if default is None else str(default)
         if isinstance(field.default, bool):
             shown = shown.lower()  # as written in an environment variable
         lines.append(f"  TIERGATE_{name.upper()} (default: {shown})")
@@ -297,6 +298,12 @@ def check_can_start(settings: Any) -> None:
                 f"cannot start: cannot create {settings.sqlite_path.parent} for the outcome "
                 f"store ({exc.strerror or exc}): set TIERGATE_HOME to a writable folder"
             ) from exc
+    import importlib.util
+
+    from router.errors import MissingExtraError
+
+    if settings.redis_url and importlib.util.find_spec("redis") is None:
+        raise MissingExtraError("cannot start: TIERGATE_REDIS_URL", "redis")
     if settings.local_backend != "llama_cpp":
         return
     gguf = settings.local_model_path
@@ -309,12 +316,9 @@ def check_can_start(settings: Any) -> None:
             f"cannot start: no GGUF at {gguf}: {hint} (or TIERGATE_LOCAL_BACKEND=none to serve "
             "without a local tier)"
         )
-    import importlib.util
-
     if importlib.util.find_spec("llama_cpp") is None:
-        raise ConfigError(
-            "cannot start: the local tier needs llama-cpp-python: pip install 'tiergate[local]' "
-            "(or TIERGATE_LOCAL_BACKEND=none)"
+        raise MissingExtraError(
+            "cannot start: the in-process local model (llama-cpp-python)", "local"
         )
 
 

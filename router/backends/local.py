@@ -26,6 +26,7 @@ from router.errors import (
     BadRequestError,
     ConfigError,
     LocalOverloadedError,
+    MissingExtraError,
     UpstreamTimeoutError,
 )
 
@@ -190,8 +191,9 @@ class LlamaCppBackend:
         try:
             from llama_cpp import Llama
         except ImportError as exc:
-            self.load_error = "llama-cpp-python is not installed (pip install 'tiergate[local]')"
-            raise ConfigError(self.load_error) from exc
+            error = MissingExtraError("the in-process local model (llama-cpp-python)", "local")
+            self.load_error = error.message
+            raise error from exc
         try:
             self._llm = Llama(
                 model_path=str(path),
