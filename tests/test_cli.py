@@ -82,31 +82,7 @@ def test_outcomes_command_prints_records(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     db = tmp_path / "o.db"
-    store = SQLiteOutcomeStore(db)
-    store.start()
-    for i in range(3):
-        store.submit(
-            OutcomeRecord(
-                id=f"req_{i}",
-                ts=1_700_000_000 + i,
-                tenant="acme",
-                alias="auto",
-                tier="local",
-                model="local",
-                rule="default",
-                score=0.2,
-                threshold=0.5,
-                policy_version="p",
-                model_version="m",
-                status="ok",
-                http_status=200,
-                stream=False,
-                latency_ms=12.5,
-                prompt_tokens=10,
-                completion_tokens=5,
-            )
-        )
-    store.close()
+    _many_records(db, 3)
     assert main(["outcomes", "--db", str(db), "--limit", "2"]) == 0
     out = capsys.readouterr().out
     assert "req_2" in out and "req_1" in out and "req_0" not in out
