@@ -54,6 +54,9 @@ WORKDIR /src
 # README* matches nothing on a checkout without one; pyproject.toml names it as the readme.
 COPY pyproject.toml constraints.txt README* ./
 COPY router ./router
+# The wheel carries the shipped policies and classifier as package data (pyproject.toml).
+COPY policies ./policies
+COPY models ./models
 RUN CMAKE_ARGS="${CMAKE_ARGS} ${EXTRA_CMAKE_ARGS}" pip install --no-cache-dir -c /src/constraints.txt "/src[local,redis,otel]"
 RUN mkdir -p /models \
     && if [ "${BAKE_MODEL}" = "true" ]; then \

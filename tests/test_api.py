@@ -8,6 +8,10 @@ and Tiergate's direct OpenAI path both run.
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import GGUF, LiveServer, live, policy_yaml, wait_for
+from tests.conftest import GGUF, REPO, LiveServer, live, policy_yaml, wait_for
 from tests.fake_provider import Behaviour, FakeProvider
 
 pytestmark = pytest.mark.skipif(not GGUF.is_file(), reason="bundled GGUF missing: make model")
@@ -458,3 +462,77 @@ def test_local_refuses_logprobs_and_fields_it_cannot_honour(client: openai.OpenA
         extra_body={"top_k": 1, "repeat_penalty": 1.1},
     )
     assert ok.choices[0].message.content is not None
+
+
+# -- the README, as written, without keys --------------------------------------------------
+
+
+def _readme_block(lang: str, containing: str) -> str:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(rf"```{lang}\n(.*?)```", readme, flags=re.DOTALL)
+    (block,) = [b for b in blocks if containing in b]
+    return block
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """The shipped policy and classifier with no provider key: a first run."""
+    tmp = tmp_path_factory.mktemp("readme")
+    policy = (REPO / "policies" / "default.yaml").read_text(encoding="utf-8")
+    # Only the length of the local answers is bounded tighter than the default, for speed.
+    with live(tmp, policy, scorer=None, n_ctx=4096, local_max_tokens=24) as srv:
+        yield srv
+
+
+def _no_keys() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    return {**env, "PYTHONPATH": str(REPO)}
+
+
+def test_readme_python_and_curl_run_as_written_without_keys(
+    shipped: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY"):
+        monkeypatch.delenv(key)
+    python = _readme_block("python", "from openai import OpenAI")
+    python = python.replace("http://127.0.0.1:8000", shipped.url)
+    out = subprocess.run(
+        [sys.executable, "-c", python],
+        env=_no_keys(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("local ")  # easy: local
+    assert lines[-2:] == ["local local", "no-closed->local"]  # hard: high stakes, no key
+
+    curl = _readme_block("bash", "curl -sN").replace("http://127.0.0.1:8000", shipped.url)
+    streamed = subprocess.run(
+        ["bash", "-c", curl], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert streamed.returncode == 0, streamed.stderr
+    assert "x-tiergate-tier: local" in streamed.stdout
+    assert '"usage":' in streamed.stdout and "data: [DONE]" in streamed.stdout
+
+
+def test_readme_first_hour_commands_run_as_written(shipped: LiveServer) -> None:
+    block = _readme_block("bash", "curl -s http://127.0.0.1:8000/readyz")
+    cli = f"{sys.executable} -m router.cli "
+    script = block.replace("http://127.0.0.1:8000", shipped.url).replace("tiergate ", cli)
+    assert wait_for(lambda: shipped.gateway.outcomes.flush(0.1))
+    env = {**_no_keys(), "TIERGATE_SQLITE_PATH": str(shipped.app.state.settings.sqlite_path)}
+    out = subprocess.run(
+        ["bash", "-e", "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert '"ready":true' in out.stdout
+    assert "MATCH high-stakes" in out.stdout
+    assert "records in" in out.stdout
