@@ -568,7 +568,12 @@ def evaluate(
     # (local_only rules are compiled with shadow 0; fallbacks() turns their on_failure to error)
     on_failure, fallbacks = step.fallbacks(on_failure, local_only or step.over_budget)
     no_closed_local = False
-    if not closed_available and on_failure != "error" and not policy.fail_closed:
+    if (
+        not closed_available
+        and on_failure != "error"
+        and not policy.fail_closed
+        and policy.local_model not in fallbacks  # on_failure: local has put it there already
+    ):
         no_closed_local = step.local_when_no_closed()
         if no_closed_local:
             on_failure, fallbacks = "local", (*fallbacks, policy.local_model or "")
