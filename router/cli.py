@@ -560,6 +560,7 @@ def _explain_body(args: argparse.Namespace) -> dict[str, Any]:
 
 def _cmd_policy_explain(args: argparse.Namespace) -> int:
     from router.app import load_scorer
+    from router.backends.closed import key_for
     from router.config import load_settings
     from router.policy import POLICY_HEADER_PREFIX, evaluate, load_policy
     from router.signals import extract_signals
@@ -580,7 +581,11 @@ def _cmd_policy_explain(args: argparse.Namespace) -> int:
             continue
         headers[name.lower()] = value
     signals = extract_signals(body, scorer, tenant=args.tenant, headers=headers)
-    decision = evaluate(policy, signals, spend_today_usd=args.spend_today)
+    # As the proxy started here would see it: are any closed model's keys set?
+    closed_available = any(key_for(policy.models[n], os.environ) for n in policy.closed_models)
+    decision = evaluate(
+        policy, signals, spend_today_usd=args.spend_today, closed_available=closed_available
+    )
     if args.json:
         print(json.dumps({"signals": signals.as_dict(), "decision": decision.as_dict()}, indent=2))
         return 0
