@@ -105,6 +105,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     LITELLM_LOCAL_MODEL_COST_MAP=True \
+    TIERGATE_HOME=/app/var \
     TIERGATE_POLICY=/app/policies/default.yaml \
     TIERGATE_CLASSIFIER_PATH=/app/models/router-v3 \
     TIERGATE_LOCAL_MODEL_PATH=/models/SmolLM2-135M-Instruct.Q4_1.gguf \
