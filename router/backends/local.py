@@ -59,8 +59,9 @@ _HANDLED = frozenset(
 _NO_EFFECT = frozenset({"user", "metadata", "store", "service_tier", "prediction"})
 #: Why the in-process backend refuses log probabilities. llama.cpp returns them only from a model
 #: loaded with ``logits_all=True``, which keeps a float for every vocabulary entry at every
-#: context position (n_ctx x n_vocab x 4 bytes: 805 MB for the bundled model at 4,096 tokens)
-#: and, measured on the bundled model, about doubles generation time for every request.
+#: context position (n_ctx x n_vocab x 4 bytes: 805 MB for the bundled model at 4,096 tokens;
+#: 249 -> 312 MB RSS after one short request) and slowed every generation of the bundled model
+#: 1.2-2x in our runs (32 tokens: 9.6 -> 18.7 s and 12.5 -> 15.0 s on a shared 2-core machine).
 LOGPROBS_REFUSAL = (
     "the in-process local model does not return logprobs (llama.cpp computes them only with "
     "logits_all, which costs n_ctx x vocabulary floats per model and slows every request); "
