@@ -26,7 +26,7 @@ from router.errors import (
     PermissionDeniedError,
     TiergateError,
 )
-from router.gateway import Gateway, RequestContext
+from router.gateway import NO_CLOSED_FALLBACK, Gateway, RequestContext
 from router.learning import LearningLoop, answer_text
 from router.limits import RateLimiter, check_request_size
 from router.policy import POLICY_HEADER_PREFIX
@@ -403,7 +403,7 @@ def readiness(state: Any) -> dict[str, Any]:
                 "the policy says fail_closed, so requests routed closed get 503"
                 if policy.fail_closed
                 else "requests routed closed are served by the local model "
-                "(x-tiergate-fallback: no-closed->local)"
+                f"(x-tiergate-fallback: {NO_CLOSED_FALLBACK})"
             ),
         }
     return {
