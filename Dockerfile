@@ -54,6 +54,9 @@ WORKDIR /src
 # README* matches nothing on a checkout without one; pyproject.toml names it as the readme.
 COPY pyproject.toml constraints.txt README* ./
 COPY router ./router
+# The wheel carries the shipped policies and classifier as package data (pyproject.toml).
+COPY policies ./policies
+COPY models ./models
 RUN CMAKE_ARGS="${CMAKE_ARGS} ${EXTRA_CMAKE_ARGS}" pip install --no-cache-dir -c /src/constraints.txt "/src[local,redis,otel]"
 RUN mkdir -p /models \
     && if [ "${BAKE_MODEL}" = "true" ]; then \
@@ -102,6 +105,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     LITELLM_LOCAL_MODEL_COST_MAP=True \
+    TIERGATE_HOME=/app/var \
     TIERGATE_POLICY=/app/policies/default.yaml \
     TIERGATE_CLASSIFIER_PATH=/app/models/router-v3 \
     TIERGATE_LOCAL_MODEL_PATH=/models/SmolLM2-135M-Instruct.Q4_1.gguf \

@@ -37,8 +37,11 @@ $(GGUF): | $(STAMP)
 
 model: $(GGUF)
 
+# In the repo, state stays in the repo: outcomes in var/, the GGUF in models/ (a pip-installed
+# tiergate uses TIERGATE_HOME, the platform's user data directory by default).
 run: install model
-	$(BIN)/tiergate serve
+	TIERGATE_HOME=$${TIERGATE_HOME:-var} TIERGATE_LOCAL_MODEL_PATH=$${TIERGATE_LOCAL_MODEL_PATH:-$(GGUF)} \
+	  $(BIN)/tiergate serve
 
 lint: install
 	$(BIN)/ruff check .

@@ -28,7 +28,7 @@ from router.errors import (
     PermissionDeniedError,
     TiergateError,
 )
-from router.gateway import Gateway, RequestContext
+from router.gateway import NO_CLOSED_FALLBACK, Gateway, RequestContext
 from router.learning import LearningLoop, answer_text
 from router.limits import RateLimiter, TokenHold, check_request_size
 from router.policy import POLICY_HEADER_PREFIX
@@ -430,10 +430,23 @@ def readiness(state: Any) -> dict[str, Any]:
         for name in policy.closed_models
     }
     local_ok = gateway.local is None or local_reason is None
+    no_closed = None
+    if policy.closed_models and not gateway.closed_available():
+        no_closed = {
+            "serves": "error" if policy.fail_closed else "local",
+            "note": "no closed model is available (no API key): "
+            + (
+                "the policy says fail_closed, so requests routed closed get 503"
+                if policy.fail_closed
+                else "requests routed closed are served by the local model "
+                f"(x-tiergate-fallback: {NO_CLOSED_FALLBACK})"
+            ),
+        }
     # A dead outcome writer is started again here, and this one probe says it was dead.
     restarted = gateway.outcomes.check_writer()
     return {
         "ready": local_ok and restarted is None,
+        "no_closed": no_closed,
         "outcomes": {**gateway.outcomes.health(), "restarted": restarted},
         "policy": {
             "path": str(holder.path),

@@ -38,6 +38,7 @@ from numpy.typing import NDArray
 
 from router.errors import ArtifactError
 from router.fetch import sha256_file
+from router.locations import shipped
 from router.scoring import Scorer
 from router.serving import ServingScorer
 
@@ -60,11 +61,12 @@ _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can carry
 
 
 def default_model_path() -> Path:
-    """The default model: ``$TIERGATE_CLASSIFIER_PATH``, else ``<repo>/models/router-v3``."""
+    """The default model: ``$TIERGATE_CLASSIFIER_PATH``, else the shipped
+    ``models/<DEFAULT_MODEL_NAME>`` (package data, :func:`router.locations.shipped`)."""
     env = os.environ.get(ENV_MODEL_PATH)
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "models" / DEFAULT_MODEL_NAME
+    return shipped("models", DEFAULT_MODEL_NAME)
 
 
 def read_sidecar(path: str | Path, *needs: str) -> dict[str, Any]:

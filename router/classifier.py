@@ -52,12 +52,12 @@ from router.serving import (
     FloatArray,
     ServingScorer,
     _softmax,
-    _stakes,
     _structure,
     _Window,
     clip,
     structure_vector,
 )
+from router.stakes import assess
 
 
 @dataclass(frozen=True)
@@ -669,7 +669,7 @@ class LearnedScorer:
         else:
             cap_scores = self.capability.predict_proba_one(text)
         kinds = pii_kinds(text)  # always the whole text: personal data anywhere counts
-        stakes, reason = _stakes(w, has_tools=has_tools, pii=bool(kinds))
+        stakes, reason = assess(w, has_tools=has_tools, pii=bool(kinds))
         return Analysis(
             score=score,
             capability=self._capabilities[int(np.argmax(cap_scores))],

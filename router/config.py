@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -21,8 +21,18 @@ from pydantic_settings import (
 )
 
 from router.errors import ConfigError
+from router.locations import default_policy_path, user_data_dir
 
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: How ``tiergate serve --help`` shows a default inside the data directory.
+HOME = Path("$TIERGATE_HOME")
+#: Settings whose default is a file in the data directory, filled in from ``home``.
+HOME_FILES: dict[str, Path] = {
+    "sqlite_path": Path("tiergate.db"),
+    "outcome_journal_path": Path("outcomes-journal.jsonl"),
+    "local_model_path": Path("models") / BUNDLED_GGUF,
+    "model_store": Path("model-store"),
+}
 
 
 class Settings(BaseSettings):
@@ -30,9 +40,18 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="TIERGATE_", extra="forbid")
 
+    home: Path = Field(
+        default_factory=user_data_dir,
+        description="Data directory for everything Tiergate writes (outcomes, journal, model "
+        "store, fetched GGUF); default: the platform's user data directory "
+        "($XDG_DATA_HOME/tiergate or ~/.local/share/tiergate on Linux).",
+    )
     host: str = Field("127.0.0.1", description="Bind address; any but loopback needs API keys.")
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
-    policy: Path = Field(Path("policies/default.yaml"), description="Routing policy YAML file.")
+    policy: Path = Field(
+        default_factory=default_policy_path,
+        description="Routing policy YAML file; default: the shipped policies/default.yaml.",
+    )
     policy_reload_s: float = Field(
         2.0, ge=0, description="How often the policy file is checked for changes; 0 disables."
     )
@@ -47,7 +66,9 @@ class Settings(BaseSettings):
         "none: no local tier.",
     )
     local_model_path: Path = Field(
-        Path("models") / BUNDLED_GGUF, description="GGUF file of the in-process local model."
+        HOME / HOME_FILES["local_model_path"],
+        description="GGUF file of the in-process local model (tiergate fetch-model puts the "
+        "bundled one there).",
     )
     local_base_url: str | None = Field(
         None, description="Base URL of an external OpenAI-compatible llama.cpp server (…/v1)."
@@ -65,6 +86,12 @@ class Settings(BaseSettings):
         8, ge=0, description="Requests that may wait for the local model before it is 'full'."
     )
     local_timeout_s: float = Field(300.0, gt=0, description="Longest local generation, seconds.")
+    local_max_tokens: int = Field(
+        512,
+        ge=1,
+        description="max_tokens for a local generation whose request sets neither max_tokens "
+        "nor max_completion_tokens (one long answer holds the only local slot).",
+    )
     closed_timeout_s: float = Field(
         120.0, gt=0, description="Closed-provider timeout, seconds (a model's timeout_s wins)."
     )
@@ -73,13 +100,13 @@ class Settings(BaseSettings):
         description="Added for the local model when the client sent no system message.",
     )
 
-    sqlite_path: Path = Field(Path("var/tiergate.db"), description="SQLite outcome store.")
+    sqlite_path: Path = Field(HOME / HOME_FILES["sqlite_path"], description="SQLite outcome store.")
     redis_url: str | None = Field(None, description="When set, outcomes and limits use Redis.")
     outcome_queue_size: int = Field(
         100_000, ge=1, description="Outcome records buffered in memory before the store."
     )
     outcome_journal_path: Path = Field(
-        Path("var/outcomes-journal.jsonl"),
+        HOME / HOME_FILES["outcome_journal_path"],
         description="Where Redis-bound outcomes wait on disk while Redis is unreachable.",
     )
     purge_every_s: float = Field(
@@ -99,12 +126,12 @@ class Settings(BaseSettings):
     )
 
     classifier_path: Path | None = Field(
-        None, description="Classifier artifact directory; unset: the shipped models/router-v3."
+        None, description="Classifier artifact directory; unset: the shipped classifier."
     )
     model_store: Path | None = Field(
-        None,
+        HOME / HOME_FILES["model_store"],
         description="Versioned classifier store (tiergate models, retrain); its current version "
-        "wins over classifier_path.",
+        "wins over classifier_path (an empty store changes nothing).",
     )
 
     api_keys_file: Path | None = Field(
@@ -141,11 +168,25 @@ class Settings(BaseSettings):
     )
     metrics_enabled: bool = Field(True, description="Record request metrics for GET /metrics.")
     eval_report: Path | None = Field(
-        None, description="JSON evaluation report shown on /dashboard (tiergate eval --json)."
+        None,
+        description="JSON evaluation report shown on /dashboard (tiergate eval --json); unset: "
+        "the eval.json beside the classifier (the shipped model has one).",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="JSON logs on stderr; warning drops the per-request lines."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _files_in_home(cls, data: Any) -> Any:
+        # The files a deployment does not name go into the data directory (TIERGATE_HOME).
+        if isinstance(data, dict):
+            home = data.get("home") or user_data_dir()
+            data = {**data, "home": home}
+            for key, name in HOME_FILES.items():
+                if key not in data:
+                    data[key] = Path(home) / name
+        return data
 
     @classmethod
     def settings_customise_sources(

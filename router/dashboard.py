@@ -5,7 +5,7 @@ The page is rendered on the server as plain HTML with inline SVG charts drawn he
 JavaScript, no CDN, works offline, and every chart element carries ``data-*`` attributes with the
 numbers it draws. Aggregates come from the outcome store's ``summary()``; quality labels from
 the store's ``quality_by_tier()`` when it has one; the evaluation curve from a JSON report
-(``tiergate eval --json``) at ``eval_report`` or ``<classifier_path>/eval.json``.
+(``tiergate eval --json``) at ``eval_report``, else ``eval.json`` beside the classifier.
 
 All three routes depend on :func:`operator_access`, the single access check for them: the
 ``dashboard`` permission of the caller's key (see SECURITY.md).
@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
 import time
 from html import escape
 from pathlib import Path
@@ -38,9 +39,13 @@ async def operator_access(request: Request) -> None:
 
 router = APIRouter(dependencies=[Depends(operator_access)])
 
-TIER_COLOURS = {"local": "#2e8b57", "closed": "#3b6fd4", "none": "#9a9a9a"}
-WINDOWS_S = (900, 3600, 6 * 3600, 24 * 3600, 7 * 86400)
-N_BUCKETS = 30
+#: ``failed``: routed to a tier that did not answer (an error); ``none``: refused before routing.
+TIER_COLOURS = {"local": "#2e8b57", "closed": "#3b6fd4", "failed": "#c0392b", "none": "#9a9a9a"}
+#: The windows the page offers, each with its bucket width. Buckets start on multiples of their
+#: width since the epoch (whole minutes, quarter hours, hours, 6-hour blocks in UTC), so a refresh
+#: moves them only when a boundary passes.
+BUCKETS_S = {900: 30, 3600: 120, 6 * 3600: 900, 24 * 3600: 3600, 7 * 86400: 6 * 3600}
+WINDOWS_S = tuple(BUCKETS_S)
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -60,13 +65,20 @@ def quality_by_tier(store: Any, since_ts: float) -> dict[str, Any]:
     return {"available": bool(tiers), "tiers": tiers, "note": note}
 
 
+#: The evaluation report beside a classifier (the shipped one has one; see docs/model-card.md).
+EVAL_FILE = "eval.json"
+
+
 def load_eval_report(settings: Any) -> dict[str, Any] | None:
-    """The latest evaluation report (a dict with a ``curve``), or None when there is none."""
+    """The evaluation report (a dict with a ``curve``): ``eval_report``, else the one beside the
+    classifier (``classifier_path``, else the shipped model); None when there is none."""
+    from router.artifact import default_model_path
+
     candidates: list[Path] = []
     if settings.eval_report is not None:
         candidates.append(Path(settings.eval_report))
-    if settings.classifier_path is not None:
-        candidates.append(Path(settings.classifier_path) / "eval.json")
+    model = settings.classifier_path or default_model_path()
+    candidates.append(Path(model) / EVAL_FILE)
     for path in candidates:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -110,13 +122,14 @@ async def dashboard_data(request: Request, window_s: int) -> dict[str, Any]:
     gateway = state.gateway
     store = gateway.outcomes
     now = time.time()
-    bucket_s = window_s / N_BUCKETS
-    since = now - window_s
+    bucket_s = BUCKETS_S[window_s]
+    until = math.ceil(now / bucket_s) * bucket_s  # the end of the bucket that holds now
+    since = until - window_s
     summarise = getattr(store, "summary", None)
     if summarise is None:
         summary = _empty_summary(since, bucket_s)
     else:
-        summary = await asyncio.to_thread(summarise, since, bucket_s, until_ts=now)
+        summary = await asyncio.to_thread(summarise, since, bucket_s, until_ts=until)
     quality = await asyncio.to_thread(quality_by_tier, store, since)
     return {
         "generated_at": now,
@@ -215,7 +228,7 @@ def requests_chart(summary: dict[str, Any], width: int = 560, height: int = 220)
     ]
     for i, bucket in enumerate(buckets):
         y = pad_t + plot_h
-        for tier in ("local", "closed", "none"):
+        for tier, colour in TIER_COLOURS.items():
             n = bucket["tiers"].get(tier, 0)
             if not n:
                 continue
@@ -223,7 +236,7 @@ def requests_chart(summary: dict[str, Any], width: int = 560, height: int = 220)
             y -= h
             parts.append(
                 f'<rect class="bar" x="{pad_l + i * slot + 1:.1f}" y="{y:.1f}" '
-                f'width="{max(slot - 2, 1):.1f}" height="{h:.1f}" fill="{TIER_COLOURS[tier]}" '
+                f'width="{max(slot - 2, 1):.1f}" height="{h:.1f}" fill="{colour}" '
                 f'data-tier="{tier}" data-count="{n}" data-start="{bucket["start"]:.0f}">'
                 f"<title>{_hhmm(bucket['start'])} {tier}: {n}</title></rect>"
             )
@@ -335,7 +348,10 @@ def eval_chart(
 ) -> str:
     """The evaluation's quality against closed share, with each alias's threshold marked."""
     if not report or not report.get("curve"):
-        return '<p class="empty" id="eval-empty">No evaluation yet (set eval_report).</p>'
+        return (
+            '<p class="empty" id="eval-empty">No evaluation yet: set TIERGATE_EVAL_REPORT to a '
+            "report written by <code>tiergate eval --json</code>.</p>"
+        )
     curve = [p for p in report["curve"] if isinstance(p, dict)]
     pad_l, pad_b, pad_t = 44, 30, 10
     plot_w, plot_h = width - pad_l - 10, height - pad_b - pad_t

@@ -74,6 +74,16 @@ class ConfigError(TiergateError):
     code = "config_error"
 
 
+class MissingExtraError(ConfigError):
+    """A feature needs an optional part of Tiergate that is not installed; the message names the
+    extra to install, in one line."""
+
+    code = "missing_extra"
+
+    def __init__(self, feature: str, extra: str) -> None:
+        super().__init__(f"{feature} needs the '{extra}' extra: pip install 'tiergate[{extra}]'")
+
+
 class ArtifactError(ConfigError):
     """A model artifact is missing, foreign, tampered with, or from other library versions."""
 

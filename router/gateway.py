@@ -45,6 +45,9 @@ from router.telemetry import Telemetry
 log = logging.getLogger("tiergate.gateway")
 _T = TypeVar("_T")
 
+#: The ``x-tiergate-fallback`` of a request served locally because no closed model is available.
+NO_CLOSED_FALLBACK = "no-closed->local"
+
 # Prompts longer than this (in characters) are scored on a worker thread (see decide_async).
 OFFLOAD_SCORING_CHARS = 4000
 
@@ -190,6 +193,11 @@ class Gateway:
             return "local tier disabled"
         return backend.unavailable_reason(model)
 
+    def closed_available(self) -> bool:
+        """Whether any of the policy's closed models can serve now (has its API key)."""
+        policy = self.policy
+        return any(self.unavailable_reason(policy.models[n]) is None for n in policy.closed_models)
+
     def decide(
         self, body: Mapping[str, Any], *, tenant: str, headers: Mapping[str, str]
     ) -> tuple[Signals, Decision]:
@@ -208,6 +216,7 @@ class Gateway:
                 signals,
                 thresholds=self.thresholds,
                 spend_today_usd=self.outcomes.spend_today(tenant),
+                closed_available=self.closed_available(),
             )
             span.decided(decision)
         return signals, decision
@@ -277,7 +286,8 @@ class Gateway:
         chain: list[tuple[ModelSpec, str | None]] = [(primary, None)]
         for name in decision.fallbacks:
             spec = models[name]
-            chain.append((spec, f"{primary.tier}->{spec.tier}"))
+            keyless = decision.no_closed_local and spec.tier == "local"
+            chain.append((spec, NO_CLOSED_FALLBACK if keyless else f"{primary.tier}->{spec.tier}"))
         return chain
 
     def spill_chain(self, decision: Decision) -> list[tuple[ModelSpec, str | None]]:

@@ -256,11 +256,9 @@ def plot_report(report: EvalReport, path: str, *, title: str = "") -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        from router.errors import ConfigError
+        from router.errors import MissingExtraError
 
-        raise ConfigError(
-            "plotting needs matplotlib: install it with pip install 'tiergate[plot]'"
-        ) from exc
+        raise MissingExtraError("plotting (matplotlib)", "plot") from exc
     pts = sorted(report.curve, key=lambda p: p.strong_share)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(

@@ -641,15 +641,18 @@ class SQLiteOutcomeStore:
         """Aggregates for the dashboard: per-bucket counts by tier, spend, failures, versions.
 
         ``buckets`` are ``bucket_s`` wide from ``since_ts`` to ``until_ts`` (default: now), empty
-        ones included so a chart's x axis is time; a request with no tier (refused before
-        routing) counts under ``none``.
+        ones included so a chart's x axis is time. Requests count under their tier, except
+        those refused before routing (no tier: ``none``) and those routed to a tier that failed
+        to answer (status ``error``: ``failed``), see :func:`summary_tier`.
         """
         bucket_s = max(1.0, float(bucket_s))
         grouped = self._query(
-            "SELECT CAST((ts - ?) / ? AS INTEGER) AS b, COALESCE(tier, 'none') AS tier, "
+            "SELECT CAST((ts - ?) / ? AS INTEGER) AS b, "
+            "CASE WHEN tier IS NULL THEN 'none' WHEN status = 'error' THEN 'failed' "
+            "ELSE tier END AS t, "
             "COUNT(*), SUM(cost_usd), SUM(counterfactual_cost_usd), "
             "SUM(status != 'ok'), SUM(fallback IS NOT NULL) "
-            "FROM outcomes WHERE ts >= ? GROUP BY b, tier ORDER BY b",
+            "FROM outcomes WHERE ts >= ? GROUP BY b, t ORDER BY b",
             (since_ts, bucket_s, since_ts),
         )
         recent = self._query(
@@ -737,6 +740,15 @@ def assemble_summary(
     }
 
 
+def summary_tier(record: dict[str, Any]) -> str:
+    """Where the dashboard counts a record: its tier, ``failed`` when the tier did not answer,
+    ``none`` when it was refused before routing (as the SQL of ``summary()``)."""
+    tier = record.get("tier")
+    if tier is None:
+        return "none"
+    return "failed" if record.get("status") == "error" else str(tier)
+
+
 def summarize_records(
     records: list[dict[str, Any]],
     *,
@@ -752,7 +764,7 @@ def summarize_records(
     for r in records:
         if r["ts"] < since_ts:
             continue
-        g = groups[(int((r["ts"] - since_ts) // bucket_s), r.get("tier") or "none")]
+        g = groups[(int((r["ts"] - since_ts) // bucket_s), summary_tier(r))]
         g[0] += 1
         g[1] += float(r.get("cost_usd") or 0.0)
         g[2] += float(r.get("counterfactual_cost_usd") or 0.0)

@@ -45,7 +45,7 @@ from collections import defaultdict, deque
 from pathlib import Path
 from typing import Any
 
-from router.errors import StoreUnavailableError
+from router.errors import MissingExtraError, StoreUnavailableError
 from router.outcomes import (
     Label,
     OutcomeRecord,
@@ -228,7 +228,10 @@ class RedisOutcomeStore:
 
     def connect(self) -> None:
         """Make the client (connections open lazily; enough for reading, e.g. the CLI)."""
-        import redis
+        try:
+            import redis
+        except ImportError as exc:
+            raise MissingExtraError("TIERGATE_REDIS_URL (Redis outcomes)", "redis") from exc
 
         self._client = redis.Redis.from_url(
             self.url,

@@ -68,7 +68,7 @@ Operator = Literal["eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in", "contai
 OPERATORS: tuple[str, ...] = get_args(Operator)
 
 # Rule names the evaluator uses for its own steps; a policy may not reuse them.
-RESERVED_RULES = ("default", "pinned", "constraint")
+RESERVED_RULES = ("default", "pinned", "constraint", "no-closed")
 #: The only request headers the proxy passes to the policy (further filtered by the caller's
 #: key permissions), so the only names a ``header:`` condition may test.
 POLICY_HEADER_PREFIX = "x-tiergate-"
@@ -308,6 +308,12 @@ class Policy(_Strict):
     threshold: float = Field(0.5, ge=0.0, le=1.0)
     on_failure: OnFailure = "closed"
     queue_full: Literal["spill", "reject"] = "spill"
+    fail_closed: bool = Field(
+        False,
+        description="When no closed model is available (no API key): false serves what the "
+        "policy routes closed with the local model instead (x-tiergate-fallback: "
+        "no-closed->local); true answers 503.",
+    )
     store_prompts: StorePrompts = "full"
     retention_days: int | None = Field(30, ge=1)
     shadow: Shadow = Field(default_factory=Shadow)
@@ -392,6 +398,8 @@ class Decision:
     * ``rejected``: set when the tenant's daily budget is spent and its ``over_budget`` is
       ``reject``; the caller answers 429 ``budget_exceeded`` and calls no model. ``tier`` is then
       ``local`` so that a caller that forgets the check still spends nothing.
+    * ``no_closed_local``: no closed model was available (no API key) and the policy does not say
+      ``fail_closed``, so the local model ends the fallback chain of this closed decision.
     """
 
     tier: Tier
@@ -413,6 +421,8 @@ class Decision:
     policy_version: str = ""
     budget_usd: float | None = None  # the tenant's daily budget, for reserving spend
 
+    no_closed_local: bool = False
+
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready view for headers, outcome records and trace spans."""
         return {
@@ -430,6 +440,7 @@ class Decision:
             "store_prompts": self.store_prompts,
             "unsatisfiable": self.unsatisfiable,
             "rejected": self.rejected,
+            "no_closed_local": self.no_closed_local,
             "reason": self.reason,
             "policy_version": self.policy_version,
             "trace": [step.as_dict() for step in self.trace],
@@ -497,12 +508,16 @@ def evaluate(
     *,
     thresholds: Mapping[str, float] | None = None,
     spend_today_usd: float | None = None,
+    closed_available: bool = True,
 ) -> Decision:
     """Decide where one request goes. Pure, total on a valid policy, no I/O.
 
     ``thresholds`` holds calibrated thresholds per alias (the web layer calibrates aliases with a
     ``target_closed_share`` from the outcome store); a value there wins over the policy's.
     ``spend_today_usd`` is the tenant's closed-tier spend today, checked against its budget.
+    ``closed_available`` false (no closed model has its API key) adds the local model as the
+    last fallback of a closed decision, unless the policy says ``fail_closed``, the request pins
+    a model, the rule's ``on_failure`` is ``error`` or the local model cannot take the request.
     Raises ``TypeError`` only for a Policy not built by :func:`parse_policy`/:func:`load_policy`.
     """
     private = policy.__pydantic_private__
@@ -555,6 +570,16 @@ def evaluate(
         shadow_rate = 0.0
     # (local_only rules are compiled with shadow 0; fallbacks() turns their on_failure to error)
     on_failure, fallbacks = step.fallbacks(on_failure, local_only or step.over_budget)
+    no_closed_local = False
+    if (
+        not closed_available
+        and on_failure != "error"
+        and not policy.fail_closed
+        and policy.local_model not in fallbacks  # on_failure: local has put it there already
+    ):
+        no_closed_local = step.local_when_no_closed()
+        if no_closed_local:
+            on_failure, fallbacks = "local", (*fallbacks, policy.local_model or "")
     spec = policy.models[step.model]
     return Decision(
         tier=spec.tier,
@@ -575,6 +600,7 @@ def evaluate(
         rejected=step.rejected,
         policy_version=runtime.digest,
         budget_usd=plan.budget_usd,
+        no_closed_local=no_closed_local,
     )
 
 
@@ -733,6 +759,21 @@ class _Step:
         if local is not None:
             self.model = local
             self.forced_local = True
+
+    def local_when_no_closed(self) -> bool:
+        """Whether the local model may end the chain of a closed decision while no closed model
+        is available (evaluate's ``closed_available``); notes it in the reason and trace."""
+        local = self.policy.local_model
+        if self.policy.models[self.model].tier != "closed" or self.pinned or local is None:
+            return False
+        unfit = _unfit(self.policy.models[local], self.signals)
+        if unfit is not None:
+            self.reason += f"; no closed model is available and the local model cannot take {unfit}"
+            return False
+        note = "no closed model is available (no API key) -> local (fail_closed: false)"
+        self.trace.append(RuleTrace("no-closed", 0, True, note))
+        self.reason += f"; {note}"
+        return True
 
     def fallbacks(self, on_failure: OnFailure, stay: bool) -> tuple[OnFailure, tuple[str, ...]]:
         if self.rejected is not None or self.unsatisfiable is not None or on_failure == "error":

@@ -9,13 +9,13 @@ module evaluates, so the proxy scores requests without importing scikit-learn or
   maths, question form, constraints, multiple choice) over a bounded window of the prompt
   (:func:`clip`). The estimators' :class:`~router.classifier.StructureFeatures` uses these same
   functions, so training and serving compute every feature by one definition.
-* :func:`assess_stakes`: a documented keyword/regex rule set, not a learned model.
+* stakes: :mod:`router.stakes` (a documented keyword/regex rule set) reads the same window.
 * :class:`JointLinear`: the routing and capability models as one linear map over their joint
   vocabulary, built from the serving form's arrays. A routing row may also weigh the capability
   model's class probabilities (``cap_coef``, router-v3), added after the map.
 * :class:`ServingScorer`: the :class:`router.scoring.Scorer` the proxy uses. Per request it reads
   the prompt once, evaluates both models with one lookup per n-gram and one small matrix product,
-  and adds the stakes rules and the PII detectors (:mod:`router.pii`).
+  and adds the stakes rules (:mod:`router.stakes`) and the PII detectors (:mod:`router.pii`).
 
 This module is pure: it imports no web code, no litellm, no scikit-learn and no scipy, and
 nothing happens at import beyond compiling its regexes. tests/test_serving.py pins its scores to
@@ -37,6 +37,7 @@ from numpy.typing import NDArray
 
 from router.pii import pii_kinds
 from router.scoring import CAPABILITIES, Analysis
+from router.stakes import assess
 
 FloatArray = NDArray[np.float64]
 
@@ -273,156 +274,6 @@ def _structure(w: _Window) -> list[float]:
         math.log1p(reasoning),
         non_ascii / n_head,
     ]
-
-
-# --- stakes: a transparent rule set -------------------------------------------------------------
-
-_STAKES_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
-    (
-        "medical",
-        re.compile(
-            r"\b(?:diagnos\w*|symptoms?|dosage|dose|medication|medicine|prescri\w+|overdose|"
-            r"chest pain|tumou?r|cancer|pregnan\w+|allerg\w+|side effects?|disease|insulin|"
-            r"antibiotics?|surgery|blood pressure|mg\b|treatment for)\b",
-            re.IGNORECASE,
-        ),
-    ),
-    (
-        "legal",
-        re.compile(
-            r"\b(?:lawsuit|sue|court|attorney|lawyer|legal advice|legally|contract|custody|"
-            r"divorce|visa|immigration|tenant|landlord|liabilit\w+|copyright infringement|"
-            r"criminal|arrest\w*|gdpr|compliance)\b",
-            re.IGNORECASE,
-        ),
-    ),
-    (
-        "financial",
-        re.compile(
-            r"\b(?:invest\w*|mortgage|loan|tax(?:es)?|retirement|401k|pension|stocks?|crypto\w*|"
-            r"bitcoin|bank account|wire transfer|credit score|debt|bankrupt\w*|insurance|"
-            r"portfolio|trading)\b",
-            re.IGNORECASE,
-        ),
-    ),
-    (
-        "safety",
-        re.compile(
-            r"\b(?:suicid\w*|self[- ]harm|kill myself|weapons?|explosives?|poison\w*|"
-            r"emergency|overdos\w+|abuse|firearms?|gas leak|electrocut\w+)\b",
-            re.IGNORECASE,
-        ),
-    ),
-)
-#: The four domain rules as one alternation (one regex pass); the match's group names the domain.
-_STAKES = re.compile(
-    "|".join(f"(?P<{domain}>{pattern.pattern})" for domain, pattern in _STAKES_RULES),
-    re.IGNORECASE,
-)
-_DESTRUCTIVE = re.compile(
-    r"\b(?:delete|drop table|rm -rf|transfer|payment|pay|purchase|deploy|send (?:an )?email|"
-    r"wire|refund|shut ?down|production)\b",
-    re.IGNORECASE,
-)
-#: :data:`_STAKES` and :data:`_DESTRUCTIVE` for lower-cased text (see :func:`_lower_equivalent`),
-#: case-sensitive and with the rules' shared ``\b`` taken out of the alternation, which is what
-#: lets the regex engine skip most positions quickly. Same matches, same order.
-_STAKES_LOWER = re.compile(
-    r"\b(?:"
-    + "|".join(f"(?P<{domain}>{pattern.pattern[5:-3]})" for domain, pattern in _STAKES_RULES)
-    + r")\b"
-)
-_DESTRUCTIVE_LOWER = re.compile(_DESTRUCTIVE.pattern)
-_STAKES_LOWER_ASCII = _ascii(_STAKES_LOWER)
-_DESTRUCTIVE_LOWER_ASCII = _ascii(_DESTRUCTIVE_LOWER)
-
-
-def _alternatives(inner: str) -> list[str]:
-    """The top-level branches of a regex alternation (``|`` outside any group)."""
-    out, depth, start = [], 0, 0
-    for i, c in enumerate(inner):
-        if c == "(":
-            depth += 1
-        elif c == ")":
-            depth -= 1
-        elif c == "|" and depth == 0:
-            out.append(inner[start:i])
-            start = i + 1
-    out.append(inner[start:])
-    return out
-
-
-def _required_prefix(branch: str) -> str:
-    """The literal word characters every match of ``branch`` starts with (a char followed by
-    ``?``, ``*`` or ``{`` is optional, so the prefix stops before it)."""
-    m = re.match(r"[a-z0-9]+", branch)
-    literal = m.group(0) if m else ""
-    if branch[len(literal) : len(literal) + 1] in ("?", "*", "{"):
-        literal = literal[:-1]
-    return literal
-
-
-def _prefix_table(inners: Iterable[str]) -> dict[str, tuple[str, ...]]:
-    table: dict[str, list[str]] = {}
-    for inner in inners:
-        for branch in _alternatives(inner):
-            prefix = _required_prefix(branch)
-            if len(prefix) < 2:
-                raise ValueError(f"stakes rule {branch!r} needs a literal prefix of 2+ chars")
-            table.setdefault(prefix[:2], []).append(prefix)
-    return {key: tuple(prefixes) for key, prefixes in table.items()}
-
-
-#: Every :data:`_STAKES_LOWER` match starts at the start of one of the text's ``\w+`` runs, and
-#: that run starts with the literal prefix of the branch that matched (``diagnos``, ``chest``,
-#: ``tumo``, ``mg``...). Keyed by a prefix's first two characters. A prompt none of whose words
-#: starts with one of them cannot match, so :func:`_stakes` skips the regex scan for it.
-_STAKES_PREFIXES = _prefix_table(pattern.pattern[5:-3] for _, pattern in _STAKES_RULES)
-
-
-def _may_have_stakes(words: Iterable[str]) -> bool:
-    """False only when no word starts with a :data:`_STAKES_PREFIXES` prefix (so no match)."""
-    table = _STAKES_PREFIXES
-    for word in words:
-        prefixes = table.get(word[:2])
-        if prefixes is not None and word.startswith(prefixes):
-            return True
-    return False
-
-
-def assess_stakes(text: str, *, has_tools: bool = False, pii: bool = False) -> tuple[str, str]:
-    """How much is at stake in a prompt: ``(level, reason)`` with level low/medium/high.
-
-    Rules (documented in docs/model-card.md): a medical, legal, financial or safety keyword makes
-    the prompt *high*; an agent workflow (``has_tools``) is *high* when it also asks for a
-    destructive or money-moving action and otherwise *medium*; personal data alone is *medium*.
-    """
-    return _stakes(_Window(text), has_tools=has_tools, pii=pii)
-
-
-def _stakes(w: _Window, *, has_tools: bool, pii: bool) -> tuple[str, str]:
-    # assess_stakes on the prompt's window (which analyze() already has).
-    head, low = w.head, w.low
-    if not w.same_case:
-        m = _STAKES.search(head)
-    elif w.lowered is not None and not _may_have_stakes(w.lowered):
-        m = None
-    else:
-        m = (_STAKES_LOWER_ASCII if w.ascii else _STAKES_LOWER).search(low)
-    if m:
-        return "high", f"{m.lastgroup} domain ({head[m.start() : m.end()].lower()!r})"
-    if has_tools:
-        destructive = _DESTRUCTIVE_LOWER_ASCII if w.ascii else _DESTRUCTIVE_LOWER
-        m = destructive.search(low) if w.same_case else _DESTRUCTIVE.search(head)
-        if m:
-            return (
-                "high",
-                f"agent workflow with tools and action {head[m.start() : m.end()].lower()!r}",
-            )
-        return "medium", "agent workflow with tools"
-    if pii:
-        return "medium", "contains personal data"
-    return "low", "no high-stakes domain, tools or personal data"
 
 
 def _sigmoid(x: float) -> float:
@@ -694,7 +545,7 @@ class ServingScorer:
         w = _Window(text)
         z = self._joint.decision(w, _structure(w))  # [routing rows, capability logits]
         kinds = pii_kinds(text)  # always the whole text: personal data anywhere counts
-        stakes, reason = _stakes(w, has_tools=has_tools, pii=bool(kinds))
+        stakes, reason = assess(w, has_tools=has_tools, pii=bool(kinds))
         return Analysis(
             score=self._routing_score(z),
             capability=self._capability(z),

@@ -20,16 +20,17 @@ Prompt text, completions and secrets never go into spans, metrics or the request
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 from router.backends import Backend, Completion, ModelLike, Usage
-from router.errors import TiergateError
+from router.errors import MissingExtraError, TiergateError
 from router.outcomes import OutcomeRecord
 
 log = logging.getLogger("tiergate.telemetry")
@@ -188,7 +189,7 @@ class Telemetry:
             import opentelemetry.sdk  # noqa: F401
         except ImportError:
             log.warning(
-                "opentelemetry-sdk is not installed (pip install 'tiergate[otel]'): "
+                "opentelemetry-sdk is not installed (a dependency of tiergate: reinstall it): "
                 "no traces and no /metrics"
             )
             return cls.off()
@@ -425,12 +426,22 @@ class Telemetry:
                     log.exception("telemetry shutdown failed")
 
 
+@contextlib.contextmanager
+def _otel_extra() -> Iterator[None]:
+    """OTLP export needs the ``otel`` extra; without it, one line that says so."""
+    try:
+        yield
+    except ImportError as exc:
+        raise MissingExtraError("OTLP export (OTEL_* variables)", "otel") from exc
+
+
 def _span_exporters(env: Mapping[str, str]) -> list[Any]:
     names = [n.strip() for n in env.get("OTEL_TRACES_EXPORTER", "otlp").split(",") if n.strip()]
     exporters: list[Any] = []
     for name in names:
         if name == "otlp":
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            with _otel_extra():
+                from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
             exporters.append(OTLPSpanExporter())
         elif name == "console":
@@ -446,7 +457,8 @@ def _otlp_metric_readers(env: Mapping[str, str]) -> list[Any]:
     names = [n.strip() for n in env.get("OTEL_METRICS_EXPORTER", "otlp").split(",") if n.strip()]
     if "otlp" not in names:
         return []
-    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    with _otel_extra():
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
     from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
     return [PeriodicExportingMetricReader(OTLPMetricExporter())]

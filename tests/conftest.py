@@ -102,6 +102,13 @@ def fake() -> Iterator[FakeProvider]:
         yield provider
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _tiergate_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # Settings default their files into TIERGATE_HOME (the user's data directory): tests never
+    # read a model store or write outcomes there.
+    os.environ["TIERGATE_HOME"] = str(tmp_path_factory.mktemp("tiergate-home"))
+
+
 @pytest.fixture(autouse=True)
 def _provider_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     for key, value in KEYS.items():

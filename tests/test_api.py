@@ -8,7 +8,11 @@ and Tiergate's direct OpenAI path both run.
 from __future__ import annotations
 
 import json
+import os
+import re
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import GGUF, LiveServer, live, policy_yaml, wait_for
+from tests.conftest import GGUF, REPO, LiveServer, live, policy_yaml, wait_for
 from tests.fake_provider import Behaviour, FakeProvider
 
 pytestmark = pytest.mark.skipif(not GGUF.is_file(), reason="bundled GGUF missing: make model")
@@ -375,3 +379,198 @@ def test_a_client_leaving_a_local_answer_stops_the_gguf(server: LiveServer) -> N
     assert (record["status"], record["http_status"]) == ("aborted", 499)
     assert record["tier"] == "local" and record["prompt_tokens"] > 0
     assert 5 <= record["completion_tokens"] < 1500
+
+
+# -- the first run without provider keys, and what the local tier honours -------------------
+
+
+@pytest.fixture(scope="module")
+def keyless(tmp_path_factory: pytest.TempPathFactory, fake: FakeProvider) -> Iterator[LiveServer]:
+    """A Tiergate with no provider key set, as on a first run; local answers capped at 4 tokens."""
+    tmp = tmp_path_factory.mktemp("keyless")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("OPENAI_API_KEY", raising=False)
+        mp.delenv("ANTHROPIC_API_KEY", raising=False)
+        with live(tmp, policy_yaml(fake, on_failure="closed"), local_max_tokens=4) as srv:
+            yield srv
+
+
+def _keyless_client(server: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_without_keys_auto_serves_closed_requests_locally_and_says_so(
+    keyless: LiveServer, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY"):
+        monkeypatch.delenv(key)
+    fake.reset()
+    ready = httpx.get(keyless.url + "/readyz").json()
+    assert ready["ready"] is True
+    assert ready["no_closed"]["serves"] == "local"
+    with _keyless_client(keyless) as client:
+        for alias in ("auto", "auto-best"):
+            raw = client.chat.completions.with_raw_response.create(
+                model=alias, messages=[{"role": "user", "content": "A HARD question"}]
+            )
+            assert raw.headers["x-tiergate-tier"] == "local"
+            assert raw.headers["x-tiergate-fallback"] == "no-closed->local"
+            assert raw.parse().choices[0].message.content
+            record = _record(keyless, raw.headers["x-request-id"])
+            assert record["fallback"] == "no-closed->local" and record["status"] == "ok"
+        # A pin is a pin: it still names the missing key instead of answering from elsewhere.
+        with pytest.raises(openai.InternalServerError) as err:
+            client.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "A HARD question"}]
+            )
+        assert "OPENAI_API_KEY" in str(err.value)
+    route = httpx.post(
+        keyless.url + "/v1/route",
+        json={"model": "auto", "messages": [{"role": "user", "content": "HARD"}]},
+    ).json()
+    assert route["chain"][-1] == {
+        "model": "local",
+        "tier": "local",
+        "fallback": "no-closed->local",
+        "unavailable": None,
+    }
+    assert fake.received == []
+
+
+def test_fail_closed_policy_answers_503_without_keys(
+    tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY"):
+        monkeypatch.delenv(key)
+    policy = policy_yaml(fake, on_failure="closed", fail_closed="true")
+    with live(tmp_path, policy) as server, _keyless_client(server) as client:
+        assert httpx.get(server.url + "/readyz").json()["no_closed"]["serves"] == "error"
+        with pytest.raises(openai.InternalServerError) as err:
+            client.chat.completions.create(
+                model="auto", messages=[{"role": "user", "content": "A HARD question"}]
+            )
+        assert err.value.status_code == 503
+        easy = client.chat.completions.with_raw_response.create(
+            model="auto", messages=[{"role": "user", "content": "easy"}], max_tokens=2
+        )
+        assert easy.headers["x-tiergate-tier"] == "local"
+        assert "x-tiergate-fallback" not in easy.headers
+
+
+def test_local_answer_without_max_tokens_is_bounded(keyless: LiveServer) -> None:
+    with _keyless_client(keyless) as client:
+        raw = client.chat.completions.with_raw_response.create(
+            model="local",
+            messages=[{"role": "user", "content": "Write a long story about a dragon."}],
+        )
+    completion = raw.parse()
+    assert completion.usage is not None and completion.usage.completion_tokens <= 4
+    assert completion.choices[0].finish_reason == "length"
+
+
+def test_local_refuses_logprobs_and_fields_it_cannot_honour(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="local", messages=messages, logprobs=True)  # type: ignore[arg-type]
+    assert "logprobs" in str(err.value) and "logits_all" in str(err.value)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="local", messages=messages, top_logprobs=2)  # type: ignore[arg-type]
+    assert "logits_all" in str(err.value)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model="local",
+            messages=messages,  # type: ignore[arg-type]
+            extra_body={"frobnicate": True},
+        )
+    assert "frobnicate" in str(err.value)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model="local",
+            messages=messages,  # type: ignore[arg-type]
+            tool_choice="required",
+        )
+    assert "tools" in str(err.value)
+    # What does not change the answer is accepted; llama.cpp's sampling settings are honoured.
+    ok = client.chat.completions.create(
+        model="local",
+        messages=messages,  # type: ignore[arg-type]
+        user="someone",
+        max_tokens=2,
+        logprobs=False,
+        extra_body={"top_k": 1, "repeat_penalty": 1.1},
+    )
+    assert ok.choices[0].message.content is not None
+
+
+# -- the README, as written, without keys --------------------------------------------------
+
+
+def _readme_block(lang: str, containing: str) -> str:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(rf"```{lang}\n(.*?)```", readme, flags=re.DOTALL)
+    (block,) = [b for b in blocks if containing in b]
+    return block
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """The shipped policy and classifier with no provider key: a first run."""
+    tmp = tmp_path_factory.mktemp("readme")
+    policy = (REPO / "policies" / "default.yaml").read_text(encoding="utf-8")
+    # Only the length of the local answers is bounded tighter than the default, for speed.
+    with live(tmp, policy, scorer=None, n_ctx=4096, local_max_tokens=24) as srv:
+        yield srv
+
+
+def _no_keys() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    return {**env, "PYTHONPATH": str(REPO)}
+
+
+def test_readme_python_and_curl_run_as_written_without_keys(
+    shipped: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY"):
+        monkeypatch.delenv(key)
+    python = _readme_block("python", "from openai import OpenAI")
+    python = python.replace("http://127.0.0.1:8000", shipped.url)
+    out = subprocess.run(
+        [sys.executable, "-c", python],
+        env=_no_keys(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("local ")  # easy: local
+    assert lines[-2:] == ["local local", "no-closed->local"]  # hard: high stakes, no key
+
+    curl = _readme_block("bash", "curl -sN").replace("http://127.0.0.1:8000", shipped.url)
+    streamed = subprocess.run(
+        ["bash", "-c", curl], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert streamed.returncode == 0, streamed.stderr
+    assert "x-tiergate-tier: local" in streamed.stdout
+    assert '"usage":' in streamed.stdout and "data: [DONE]" in streamed.stdout
+
+
+def test_readme_first_hour_commands_run_as_written(shipped: LiveServer) -> None:
+    block = _readme_block("bash", "curl -s http://127.0.0.1:8000/readyz")
+    cli = f"{sys.executable} -m router.cli "
+    script = block.replace("http://127.0.0.1:8000", shipped.url).replace("tiergate ", cli)
+    assert wait_for(lambda: shipped.gateway.outcomes.flush(0.1))
+    env = {**_no_keys(), "TIERGATE_SQLITE_PATH": str(shipped.app.state.settings.sqlite_path)}
+    out = subprocess.run(
+        ["bash", "-e", "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert '"ready":true' in out.stdout
+    assert "MATCH high-stakes" in out.stdout
+    assert "records in" in out.stdout

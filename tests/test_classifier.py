@@ -17,7 +17,7 @@ from sklearn.utils.estimator_checks import (
     check_set_params,
 )
 
-from router import serving
+from router import serving, stakes
 from router.classifier import (
     CapabilityRouting,
     LearnedScorer,
@@ -30,10 +30,10 @@ from router.serving import (
     MAX_CHARS,
     STRUCTURE_FEATURES,
     TAIL_CHARS,
-    assess_stakes,
     clip,
     structure_vector,
 )
+from router.stakes import assess_stakes
 
 HARD = [
     "Prove that the sum of the first n odd numbers is n^2, step by step.",
@@ -225,12 +225,18 @@ def _plain_structure_vector(text: str) -> list[float]:
 
 
 def _plain_stakes(text: str, has_tools: bool, pii: bool) -> tuple[str, str]:
+    # router.stakes's rules written the plain way: one case-insensitive scan of the window.
     head = clip(text)
-    m = serving._STAKES.search(head)
-    if m:
-        return "high", f"{m.lastgroup} domain ({m.group(0).lower()!r})"
+    weak = None
+    for m in stakes.STAKES.finditer(head):
+        domain = m.lastgroup or ""
+        if not domain.endswith("_weak"):
+            return "high", f"{domain} domain ({m.group(0).lower()!r})"
+        weak = weak or (domain.removesuffix("_weak"), m.group(0).lower())
+    if weak and stakes.CUE.search(head) and not stakes.TASK.search(head):
+        return "high", f"{weak[0]} domain ({weak[1]!r})"
     if has_tools:
-        m = serving._DESTRUCTIVE.search(head)
+        m = stakes.DESTRUCTIVE.search(head)
         if m:
             return "high", f"agent workflow with tools and action {m.group(0).lower()!r}"
         return "medium", "agent workflow with tools"
@@ -313,7 +319,7 @@ WORDS += ["\x1c", "\x1f", "_", "A1", "12,5", "3.14"]  # separators Unicode calls
 def _window_stakes(text: str, has_tools: bool, pii: bool) -> tuple[str, str]:
     # The stakes as analyze() computes them: with the window's word list, which lets a prompt
     # that no rule's literal prefix starts a word of skip the regex scan.
-    return serving._stakes(serving._Window(text), has_tools=has_tools, pii=pii)
+    return stakes.assess(serving._Window(text), has_tools=has_tools, pii=pii)
 
 
 @settings(max_examples=300, deadline=None)
@@ -334,18 +340,18 @@ def test_stakes_word_prefilter_equals_plain_definition(text: str) -> None:
 def test_stakes_prefixes_cover_every_rule_branch() -> None:
     # Each branch's literal prefix is what a matching word must start with; a branch whose
     # prefix were missing from the table would be skipped by the prefilter.
-    branches = [
-        b for _, rule in serving._STAKES_RULES for b in serving._alternatives(rule.pattern[5:-3])
-    ]
-    assert len(branches) == 71
-    assert serving._required_prefix("tumou?r") == "tumo"
-    assert serving._required_prefix("tax(?:es)?") == "tax"
-    assert serving._required_prefix("self[- ]harm") == "self"
+    rules = (*stakes.STAKES_RULES, *stakes.WEAK_RULES)
+    branches = [b for _, rule in rules for b in stakes.alternatives(rule.pattern[5:-3])]
+    assert "is (?:it|that|this) legal" in branches  # a group's own | does not split a branch
+    assert all(branches)
+    assert stakes.required_prefix("tumou?r") == "tumo"
+    assert stakes.required_prefix("tax(?:es)?") == "tax"
+    assert stakes.required_prefix("self[- ]harm") == "self"
     for branch in branches:
-        prefix = serving._required_prefix(branch)
-        assert prefix in serving._STAKES_PREFIXES[prefix[:2]]
-        assert serving._may_have_stakes(["zz", prefix + "x"])
-    assert not serving._may_have_stakes(["write", "a", "haiku", "about", "autumn"])
+        prefix = stakes.required_prefix(branch)
+        assert prefix in stakes.STAKES_PREFIXES[prefix[:2]]
+        assert stakes.may_have_stakes(["zz", prefix + "x"])
+    assert not stakes.may_have_stakes(["write", "a", "haiku", "about", "autumn"])
     # Through analyze()'s path: no rule word, low; a rule word, high.
     assert _window_stakes("Write a haiku about autumn.", False, False)[0] == "low"
     assert _window_stakes("What dosage of insulin?", False, False)[0] == "high"

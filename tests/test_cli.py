@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,31 +82,7 @@ def test_outcomes_command_prints_records(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     db = tmp_path / "o.db"
-    store = SQLiteOutcomeStore(db)
-    store.start()
-    for i in range(3):
-        store.submit(
-            OutcomeRecord(
-                id=f"req_{i}",
-                ts=1_700_000_000 + i,
-                tenant="acme",
-                alias="auto",
-                tier="local",
-                model="local",
-                rule="default",
-                score=0.2,
-                threshold=0.5,
-                policy_version="p",
-                model_version="m",
-                status="ok",
-                http_status=200,
-                stream=False,
-                latency_ms=12.5,
-                prompt_tokens=10,
-                completion_tokens=5,
-            )
-        )
-    store.close()
+    _many_records(db, 3)
     assert main(["outcomes", "--db", str(db), "--limit", "2"]) == 0
     out = capsys.readouterr().out
     assert "req_2" in out and "req_1" in out and "req_0" not in out
@@ -149,3 +129,148 @@ def test_printed_store_urls_hide_the_password() -> None:
     assert _without_password("redis://R:6379/0?password=pw&db=1") == (
         "redis://R:6379/0?password=***&db=1"
     )
+
+
+def _many_records(db: Path, n: int) -> None:
+    store = SQLiteOutcomeStore(db)
+    store.start()
+    for i in range(n):
+        store.submit(
+            OutcomeRecord(
+                id=f"req_{i}",
+                ts=1_700_000_000 + i,
+                tenant="acme",
+                alias="auto",
+                tier="local",
+                model="local",
+                rule="default",
+                score=0.2,
+                threshold=0.5,
+                policy_version="p",
+                model_version="m",
+                status="ok",
+                http_status=200,
+                stream=False,
+                latency_ms=12.5,
+            )
+        )
+    store.close()
+
+
+def _cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TIERGATE_")}
+    return {**env, "PYTHONPATH": str(REPO), "TIERGATE_HOME": str(tmp_path / "home"), **extra}
+
+
+def test_outcomes_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    db = tmp_path / "o.db"
+    _many_records(db, 2000)
+    for flags in ("--limit 2000", "--limit 2000 --json"):
+        result = subprocess.run(
+            f"{sys.executable} -m router.cli outcomes --db {db} {flags} | head -n 2",
+            shell=True,
+            cwd=tmp_path,
+            env=_cli_env(tmp_path),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == 0
+        assert len(result.stdout.splitlines()) == 2
+        assert result.stderr == ""  # no BrokenPipeError, no "Exception ignored"
+
+
+def _serve(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "router.cli", "serve", *args],
+        cwd=tmp_path,
+        env=_cli_env(tmp_path, **env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_start_up_failures_are_one_line_and_a_non_zero_exit(tmp_path: Path) -> None:
+    gguf = str(REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    missing = _serve(tmp_path, "--policy", str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 2
+    assert missing.stderr.count("\n") == 1 and "no policy file at" in missing.stderr
+
+    bad = _serve(tmp_path, "--policy", str(REPO / "tests/policies_broken/several-problems.yaml"))
+    assert bad.returncode == 2
+    first, *problems = bad.stderr.splitlines()
+    assert first == "tiergate: invalid policy: 3 problems"
+    assert len(problems) == 3 and all("several-problems.yaml:" in p for p in problems)
+
+    no_gguf = _serve(tmp_path)  # an empty TIERGATE_HOME: nothing fetched yet
+    assert no_gguf.returncode == 2
+    assert no_gguf.stderr.count("\n") == 1
+    assert "tiergate fetch-model" in no_gguf.stderr
+    assert str(tmp_path / "home" / "models") in no_gguf.stderr
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        in_use = _serve(
+            tmp_path, "--port", port, TIERGATE_LOCAL_MODEL_PATH=gguf, TIERGATE_LOCAL_BACKEND="none"
+        )
+    assert in_use.returncode == 2
+    assert in_use.stderr.count("\n") == 1 and f"127.0.0.1:{port}" in in_use.stderr
+    for result in (missing, bad, no_gguf, in_use):
+        assert "Traceback" not in result.stderr
+
+
+def test_a_missing_extra_names_the_one_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    from router.cli import check_can_start
+    from router.config import Settings
+    from router.errors import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name)
+    )
+    gguf = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    settings = Settings(home=tmp_path, local_model_path=gguf)
+    with pytest.raises(ConfigError) as err:
+        check_can_start(settings)
+    assert "pip install 'tiergate[local]'" in err.value.message
+    assert "\n" not in err.value.message
+
+
+def test_policy_commands_and_help_examples_work_outside_the_repo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TIERGATE_POLICY", raising=False)
+    assert main(["policy", "check"]) == 0
+    assert "default.yaml: ok" in capsys.readouterr().out
+    # The example `policy explain --help` gives for --header, as written.
+    assert main(["policy", "explain", "--prompt", "hi", "--header", "x-tiergate-stakes=high"]) == 0
+    assert "MATCH high-stakes" in capsys.readouterr().out
+
+
+def test_state_lives_in_tiergate_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from router.config import BUNDLED_GGUF, Settings
+    from router.locations import user_data_dir
+
+    monkeypatch.setenv("TIERGATE_HOME", str(tmp_path))
+    settings = Settings()
+    assert settings.sqlite_path == tmp_path / "tiergate.db"
+    assert settings.outcome_journal_path == tmp_path / "outcomes-journal.jsonl"
+    assert settings.model_store == tmp_path / "model-store"
+    assert settings.local_model_path == tmp_path / "models" / BUNDLED_GGUF
+    assert Settings(sqlite_path=Path("x.db")).sqlite_path == Path("x.db")  # named: kept
+    home = {"HOME": "/h"}
+    assert user_data_dir({**home, "XDG_DATA_HOME": "/x"}, "linux") == Path("/x/tiergate")
+    assert user_data_dir({**home, "XDG_DATA_HOME": "rel"}, "linux") == Path(
+        "/h/.local/share/tiergate"
+    )  # the XDG rule: a relative value is ignored
+    assert user_data_dir(home, "darwin") == Path("/h/Library/Application Support/tiergate")
+    assert user_data_dir({**home, "LOCALAPPDATA": "C:/L"}, "win32") == Path("C:/L/tiergate")

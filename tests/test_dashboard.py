@@ -11,8 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
-from router.dashboard import quality_block, quality_by_tier
-from router.outcomes import OutcomeRecord, SQLiteOutcomeStore
+from router.artifact import DEFAULT_MODEL_NAME
+from router.dashboard import BUCKETS_S, eval_chart, quality_block, quality_by_tier
+from router.outcomes import OutcomeRecord, SQLiteOutcomeStore, summarize_records
 from tests.conftest import REPO, live, policy_yaml, wait_for
 from tests.fake_provider import FakeProvider
 from tests.test_gateway import ScriptedLocal
@@ -94,6 +95,72 @@ def test_summary_buckets_tiers_spend_and_problems(tmp_path: Path) -> None:
     assert [p["id"] for p in summary["problems"]] == ["r4", "r3"]
     assert summary["versions"][0]["policy_version"] == "p1"
     assert summary["versions"][0]["requests"] == 5
+
+
+def test_failed_closed_requests_count_as_failures_not_as_closed(tmp_path: Path) -> None:
+    now = time.time()
+    records = [
+        _record(0, now - 50, "local"),
+        _record(1, now - 40, "closed"),
+        _record(2, now - 30, "closed", status="error", http_status=503, error_type="x"),
+        _record(3, now - 20, "closed", status="error", http_status=502, error_type="x"),
+        _record(4, now - 10, None, status="error", http_status=404, error_type="x"),
+    ]
+    store = SQLiteOutcomeStore(tmp_path / "o.db")
+    store.start()
+    for r in records:
+        store.submit(r)
+    assert store.flush()
+    from_sql = store.summary(now - 60, 120, until_ts=now)
+    store.close()
+    # The Redis store summarises record dicts in Python: the same counts.
+    from_dicts = summarize_records(
+        [r.as_dict() for r in records],
+        since_ts=now - 60,
+        bucket_s=120,
+        until_ts=now,
+    )
+    for summary in (from_sql, from_dicts):
+        totals = summary["totals"]
+        assert totals["by_tier"] == {"local": 1, "closed": 1, "failed": 2, "none": 1}
+        assert totals["local_share"] == pytest.approx(0.5)  # of the requests that were served
+        assert totals["errors"] == 3
+
+
+def test_dashboard_buckets_start_on_wall_clock_boundaries(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    local = ScriptedLocal()
+    with live(tmp_path, policy_yaml(fake, on_failure="closed"), local_backend_obj=local) as srv:
+        _traffic(srv.url, local)
+        assert wait_for(lambda: srv.gateway.outcomes.flush(0.1))
+        for window_s, bucket_s in BUCKETS_S.items():
+            url = f"{srv.url}/dashboard/data?window_s={window_s}"
+            first, again = httpx.get(url).json(), httpx.get(url).json()
+            starts = [b["start"] for b in first["summary"]["buckets"]]
+            assert first["summary"]["bucket_s"] == bucket_s
+            assert all(s % bucket_s == 0 for s in starts)  # whole minutes, hours, ...
+            assert len(starts) == window_s // bucket_s
+            assert starts[-1] <= first["generated_at"] <= starts[-1] + bucket_s  # holds now
+            # A refresh within the same bucket draws the same x axis.
+            if again["summary"]["buckets"][-1]["start"] == starts[-1]:
+                assert [b["start"] for b in again["summary"]["buckets"]] == starts
+            assert sum(first["summary"]["totals"]["by_tier"].values()) == 12
+
+
+def test_shipped_evaluation_curve_shows_without_settings(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    local = ScriptedLocal()
+    with live(tmp_path, policy_yaml(fake), local_backend_obj=local) as srv:
+        data = httpx.get(f"{srv.url}/dashboard/data").json()
+        page = httpx.get(f"{srv.url}/dashboard").text
+    evaluation = data["evaluation"]
+    assert Path(evaluation["path"]).parent.name == DEFAULT_MODEL_NAME
+    assert evaluation["model_version"] == DEFAULT_MODEL_NAME
+    assert len(evaluation["curve"]) == 11 and evaluation["n"] > 0
+    assert 'id="eval-chart"' in page and "eval-empty" not in page
+    assert "TIERGATE_EVAL_REPORT" in eval_chart(None, {})
 
 
 def test_quality_labels_read_when_the_store_has_them() -> None:

@@ -103,7 +103,8 @@ CORPUS: list[tuple[str, str, list[str]]] = [
         [
             "p.yaml:5:1: rulez: unknown key 'rulez', did you mean 'rules'? (expected one of "
             "version, description, models, local_model, closed_models, threshold, on_failure, "
-            "queue_full, store_prompts, retention_days, shadow, signals, rules, aliases, tenants)"
+            "queue_full, fail_closed, store_prompts, retention_days, shadow, signals, rules, "
+            "aliases, tenants)"
         ],
     ),
     (

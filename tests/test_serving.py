@@ -25,7 +25,8 @@ from router.classifier import LearnedScorer
 from router.errors import ArtifactError
 from router.fetch import sha256_file
 from router.pii import pii_kinds
-from router.serving import ServingScorer, assess_stakes
+from router.serving import ServingScorer
+from router.stakes import assess_stakes
 from router.training import (
     add_serving_form,
     fit_capability,

@@ -50,6 +50,12 @@ def provider_of(litellm_model: str) -> str:
     return litellm_model.split("/", 1)[0] if "/" in litellm_model else "openai"
 
 
+def key_for(model: ModelLike, environ: Mapping[str, str]) -> str | None:
+    """The key for ``model`` from its ``api_key_env`` or its provider's usual variable."""
+    env = model.api_key_env or PROVIDER_KEY_ENV.get(provider_of(model.litellm_model or ""))
+    return environ.get(env) if env else None
+
+
 class ClosedBackend:
     """Serves closed models through the direct OpenAI path or litellm (see module docstring)."""
 
@@ -63,8 +69,7 @@ class ClosedBackend:
 
     def api_key(self, model: ModelLike) -> str | None:
         """The key for ``model`` from its ``api_key_env`` or its provider's usual variable."""
-        env = model.api_key_env or PROVIDER_KEY_ENV.get(provider_of(model.litellm_model or ""))
-        return self._environ.get(env) if env else None
+        return key_for(model, self._environ)
 
     def unavailable_reason(self, model: ModelLike) -> str | None:
         """Unavailable when no key is configured (a keyless local URL needs ``api_key_env``)."""

@@ -26,10 +26,12 @@ from router.errors import (
     BadRequestError,
     ConfigError,
     LocalOverloadedError,
+    MissingExtraError,
     UpstreamTimeoutError,
 )
 
-# Request fields llama-cpp-python's create_chat_completion honours, passed through unchanged.
+# Request fields llama-cpp-python's create_chat_completion honours, passed through unchanged
+# (from top_k on, llama.cpp's own sampling settings, which some clients send).
 _PASSTHROUGH = (
     "temperature",
     "top_p",
@@ -38,8 +40,32 @@ _PASSTHROUGH = (
     "presence_penalty",
     "frequency_penalty",
     "response_format",
-    "logprobs",
-    "top_logprobs",
+    "top_k",
+    "min_p",
+    "typical_p",
+    "repeat_penalty",
+    "tfs_z",
+    "mirostat_mode",
+    "mirostat_tau",
+    "mirostat_eta",
+)
+# Fields the in-process backend honours in its own code, and fields that do not change the
+# answer (identifiers and hints for a provider's billing, storage or latency).
+_HANDLED = frozenset(
+    {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens"}
+    | {"n", "tools", "functions", "logit_bias", "logprobs", "top_logprobs"}
+    | {"tool_choice", "parallel_tool_calls", "function_call"}
+)
+_NO_EFFECT = frozenset({"user", "metadata", "store", "service_tier", "prediction"})
+#: Why the in-process backend refuses log probabilities. llama.cpp returns them only from a model
+#: loaded with ``logits_all=True``, which keeps a float for every vocabulary entry at every
+#: context position (n_ctx x n_vocab x 4 bytes: 805 MB for the bundled model at 4,096 tokens;
+#: 249 -> 312 MB RSS after one short request) and slowed every generation of the bundled model
+#: 1.2-2x in our runs (32 tokens: 9.6 -> 18.7 s and 12.5 -> 15.0 s on a shared 2-core machine).
+LOGPROBS_REFUSAL = (
+    "the in-process local model does not return logprobs (llama.cpp computes them only with "
+    "logits_all, which costs n_ctx x vocabulary floats per model and slows every request); "
+    "use a closed model or an external llama.cpp server (TIERGATE_LOCAL_BACKEND=openai_http)"
 )
 
 
@@ -83,6 +109,13 @@ def local_timeout(model: ModelLike, settings: Settings) -> float:
     return model.timeout_s or settings.local_timeout_s
 
 
+def local_max_tokens(body: dict[str, Any], settings: Settings) -> int:
+    """The request's ``max_completion_tokens`` or ``max_tokens``, else ``local_max_tokens``: a
+    local answer is always bounded, since it holds one of the few local slots while it runs."""
+    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+    return int(max_tokens) if max_tokens is not None else settings.local_max_tokens
+
+
 def with_system_prompt(messages: list[dict[str, Any]], system_prompt: str) -> list[dict[str, Any]]:
     """Small instruct models answer sensibly only with a system message: add one if absent."""
     if any(m.get("role") in ("system", "developer") for m in messages):
@@ -117,6 +150,25 @@ def _text_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def check_in_process_fields(body: dict[str, Any]) -> None:
+    """Refuse (400) a request field the in-process backend would otherwise drop: each field is
+    honoured (:data:`_PASSTHROUGH`, :data:`_HANDLED`), has no effect on the answer
+    (:data:`_NO_EFFECT`), or is refused here."""
+    if body.get("logprobs") or body.get("top_logprobs") is not None:
+        param = "logprobs" if body.get("logprobs") else "top_logprobs"
+        raise BadRequestError(LOGPROBS_REFUSAL, param=param)
+    choice = body.get("tool_choice", body.get("function_call"))
+    if choice not in (None, "none", "auto"):
+        raise BadRequestError("the local model does not support tools", param="tool_choice")
+    for key in body:
+        if key not in _HANDLED and key not in _NO_EFFECT and key not in _PASSTHROUGH:
+            raise BadRequestError(
+                f"the in-process local model cannot honour '{key}' (it honours "
+                f"{', '.join(sorted(_PASSTHROUGH))}, max_tokens, logit_bias and n=1)",
+                param=key,
+            )
+
+
 class _CancelledError(Exception):
     """Raised inside the worker when the consumer has gone away."""
 
@@ -140,8 +192,9 @@ class LlamaCppBackend:
         try:
             from llama_cpp import Llama
         except ImportError as exc:
-            self.load_error = "llama-cpp-python is not installed (pip install 'tiergate[local]')"
-            raise ConfigError(self.load_error) from exc
+            error = MissingExtraError("the in-process local model (llama-cpp-python)", "local")
+            self.load_error = error.message
+            raise error from exc
         try:
             self._llm = Llama(
                 model_path=str(path),
@@ -167,6 +220,7 @@ class LlamaCppBackend:
 
     def _kwargs(self, body: dict[str, Any]) -> dict[str, Any]:
         check_local_request(body)
+        check_in_process_fields(body)
         messages = with_system_prompt(
             _text_messages(list(body["messages"])), self._settings.default_system_prompt
         )
@@ -174,9 +228,7 @@ class LlamaCppBackend:
         for key in _PASSTHROUGH:
             if body.get(key) is not None:
                 kwargs[key] = body[key]
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-        if max_tokens is not None:
-            kwargs["max_tokens"] = int(max_tokens)
+        kwargs["max_tokens"] = local_max_tokens(body, self._settings)
         if body.get("logit_bias"):
             kwargs["logit_bias"] = {int(k): float(v) for k, v in body["logit_bias"].items()}
         return kwargs
@@ -337,7 +389,12 @@ class ExternalLlamaBackend:
     def _body(self, model: ModelLike, body: dict[str, Any]) -> dict[str, Any]:
         check_local_request(body)
         messages = with_system_prompt(list(body["messages"]), self._settings.default_system_prompt)
-        return {**body, "model": model.litellm_model or model.name, "messages": messages}
+        return {
+            **body,
+            "model": model.litellm_model or model.name,
+            "messages": messages,
+            "max_tokens": local_max_tokens(body, self._settings),
+        }
 
     async def complete(
         self, model: ModelLike, body: dict[str, Any], usage: Usage | None = None

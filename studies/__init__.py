@@ -1,0 +1,1 @@
+"""Studies behind the model card: each is run with ``python -m studies.NAME`` (see README.md)."""
