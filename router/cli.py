@@ -215,7 +215,7 @@ def _add_model_commands(sub: Any) -> None:
 
 
 def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "local"
+    return re.sub(r"[^a-z0-9_]+", "-", name.lower()).strip("-") or "local"
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
@@ -292,7 +292,7 @@ def _add_profile_command(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     profile.add_argument(
-        "--per-capability", type=int, default=10, metavar="N", help="probes per capability (10)"
+        "--per-capability", type=int, default=8, metavar="N", help="probes per capability (8)"
     )
     profile.add_argument("--seed", type=int, default=0, help="probe set seed (0)")
     profile.add_argument(

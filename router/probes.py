@@ -228,6 +228,7 @@ class Probe:
     reference: str
     max_tokens: int
     system: str = SYSTEM_PROMPT
+    stop: tuple[str, ...] = ()  # where generation may end early (after a code block)
 
     def messages(self) -> list[dict[str, str]]:
         """The chat to send: a system message (small models need one), then the prompt."""
@@ -250,8 +251,9 @@ def _probe(  # noqa: PLR0917 (one argument per Probe field, as Probe itself)
     max_tokens: int,
     *,
     system: str = SYSTEM_PROMPT,
+    stop: tuple[str, ...] = (),
 ) -> Probe:
-    return Probe("", capability, prompt, grader, expected, reference, max_tokens, system)
+    return Probe("", capability, prompt, grader, expected, reference, max_tokens, system, stop)
 
 
 def _multiple_choice(
@@ -533,7 +535,8 @@ def _code_probe(function: str, task: str, tests: list[str], solution: str) -> Pr
         "code",
         {"function": function, "tests": "\n".join(tests) + "\n"},
         f"```python\n{solution}```",
-        160,
+        128,
+        stop=("```\n\n",),  # the explanation small models add after the block is not graded
     )
 
 
@@ -763,7 +766,7 @@ def _summarization(rng: random.Random, i: int) -> Probe:
             ]
         },
         f"In {town}, {number} {unit} were part of the story this week.",
-        80,
+        64,
     )
 
 
@@ -786,7 +789,7 @@ def _creative_writing(rng: random.Random, i: int) -> Probe:
             {"rules": [["mentions", word], ["max_words", limit], ["min_words", 8]]},
             f"Under the sky a quiet {word}\nwaits for morning, calm and bright,\n"
             "and carries the night away.",
-            90,
+            80,
         )
     if kind == 1:
         animal, thing = rng.choice(_ANIMALS), rng.choice(_OBJECTS)
@@ -805,7 +808,7 @@ def _creative_writing(rng: random.Random, i: int) -> Probe:
             },
             f"A young {animal} found an old {thing} under the leaves. It opened a door that "
             "nobody had seen for a hundred years.",
-            80,
+            72,
         )
     if kind == 2:
         topic = rng.choice(_TOPICS)
@@ -863,7 +866,7 @@ def _roleplay(rng: random.Random, i: int) -> Probe:
             "constraints",
             {"rules": [["mentions", name], ["none_of", list(_AI_TALK)], ["max_words", 70]]},
             f"Well met! I'm {name}, and this is the {place_name}.",
-            70,
+            64,
             system=system,
         )
     if kind == 1:
@@ -882,7 +885,7 @@ def _roleplay(rng: random.Random, i: int) -> Probe:
         "constraints",
         {"rules": [["any_of", list(trade)], ["none_of", list(_AI_TALK)], ["max_words", 50]]},
         f"Welcome, friend! At the {place_name} you'll find the best {trade[0]} around.",
-        70,
+        64,
         system=system,
     )
 

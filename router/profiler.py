@@ -105,6 +105,8 @@ async def run_probes(
             "temperature": 0.0,
             "seed": 0,
         }
+        if probe.stop:
+            body["stop"] = list(probe.stop)
         async with gate:
             started = time.perf_counter()
             try:

@@ -225,7 +225,7 @@ def test_profile_against_an_external_llama_server(
     args = ["profile", "--base-url", fake.base_url, "--name", "Llama-3.1-8B Q4_K_M"]
     args += ["--per-capability", "4", "--capability", "math", "--capability", "chat"]
     assert main([*args, "--details", "details.jsonl"]) == 0
-    profile = load_profile(tmp_path / "models/profiles/llama-3-1-8b-q4-k-m.json")
+    profile = load_profile(tmp_path / "models/profiles/llama-3-1-8b-q4_k_m.json")
     assert {k: (v.accuracy, v.n) for k, v in profile.capabilities.items()} == {
         "math": (0.5, 4),
         "chat": (1.0, 4),
