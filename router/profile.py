@@ -193,7 +193,9 @@ def load_profile(path: str | Path) -> LocalProfile:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{p}: cannot read the local model profile ({exc})") from exc
     try:
-        data = yaml.safe_load(text) if p.suffix.lower() in {".yaml", ".yml"} else json.loads(text)
+        data = (
+            yaml.safe_load(text) if p.suffix.lower() in {".yaml", ".yml"} else json.loads(text)
+        )
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{p}: not a valid profile file ({exc})") from exc
     return profile_from_dict(data, origin=str(p))
