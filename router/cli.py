@@ -287,7 +287,8 @@ def _add_profile_command(sub: Any) -> None:
         "(docs/profile.md).",
         epilog="examples:\n"
         "  tiergate profile --per-capability 2 --out var/profile.json\n"
-        "  TIERGATE_N_THREADS=2 tiergate profile --model models/SmolLM2-135M-Instruct.Q4_1.gguf\n"
+        "  TIERGATE_N_THREADS=2 tiergate profile --model models/SmolLM2-135M-Instruct.Q4_1.gguf "
+        "--out var/smollm2.json\n"
         "  tiergate profile --base-url http://127.0.0.1:8080/v1 --name llama-3.1-8b-q4_k_m",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

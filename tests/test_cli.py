@@ -269,3 +269,21 @@ def test_profile_runs_the_bundled_gguf(
     assert "in-process llama.cpp, n_threads=1" in (profile.notes or "")
     answers = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line[:1] == "{"]
     assert len(answers) == 2 and all(a["answer"].strip() for a in answers)
+
+
+def test_profile_help_examples_are_valid_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    import shlex
+
+    from router.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        main(["profile", "--help"])
+    examples = [
+        line.split("tiergate ", 1)[1]
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("  ") and "tiergate profile" in line
+    ]
+    assert len(examples) == 3
+    for example in examples:
+        args = build_parser().parse_args(shlex.split(example))
+        assert args.command == "profile"
