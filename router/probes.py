@@ -160,10 +160,11 @@ def extract_code(answer: str, function: str) -> str | None:
     return None
 
 
-def grade_code(answer: str, function: str, tests: str) -> bool:
-    """The answer defines ``function`` and passes ``tests`` in the sandbox (see module docs)."""
+def grade_code(answer: str, function: str, tests: str, *, timeout_s: float = 5.0) -> bool:
+    """The answer defines ``function`` and passes ``tests`` in the sandbox (see module docs);
+    code that runs past ``timeout_s`` or 256 MiB fails."""
     code = extract_code(answer, function)
-    return code is not None and run_python(code, tests, timeout_s=5.0, memory_mb=256).passed
+    return code is not None and run_python(code, tests, timeout_s=timeout_s, memory_mb=256).passed
 
 
 def _words(text: str) -> list[str]:

@@ -140,6 +140,18 @@ def test_code_grader_runs_the_tests(answer: str, right: bool) -> None:
     assert grade_code(answer, function="add_2(xs)", tests=TESTS) is right
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        "    while True:\n        pass\n",  # loops forever
+        "    hoard = [0] * (1 << 30)\n    return [x + 2 for x in xs]\n",  # 8 GiB
+    ],
+)
+def test_code_grader_fails_answers_the_sandbox_stops(body: str) -> None:
+    answer = f"```python\ndef add_2(xs):\n{body}```"
+    assert not grade_code(answer, function="add_2(xs)", tests=TESTS, timeout_s=1.0)
+
+
 def test_code_is_taken_from_the_block_that_defines_the_function() -> None:
     answer = "```bash\npip install x\n```\n```python\ndef f(x):\n    return x\n```"
     assert extract_code(answer, "f(x)") == "def f(x):\n    return x\n"
