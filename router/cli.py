@@ -214,6 +214,13 @@ def _add_model_commands(sub: Any) -> None:
     p.set_defaults(func=_cmd_serving_form)
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9_]+", "-", name.lower()).strip("-") or "local"
 
@@ -293,7 +300,11 @@ def _add_profile_command(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     profile.add_argument(
-        "--per-capability", type=int, default=8, metavar="N", help="probes per capability (8)"
+        "--per-capability",
+        type=_at_least_one,
+        default=8,
+        metavar="N",
+        help="probes per capability (8)",
     )
     profile.add_argument("--seed", type=int, default=0, help="probe set seed (0)")
     profile.add_argument(

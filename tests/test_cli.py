@@ -287,3 +287,6 @@ def test_profile_help_examples_are_valid_commands(capsys: pytest.CaptureFixture[
     for example in examples:
         args = build_parser().parse_args(shlex.split(example))
         assert args.command == "profile"
+    with pytest.raises(SystemExit):
+        main(["profile", "--per-capability", "0"])
+    assert "must be at least 1" in capsys.readouterr().err
