@@ -8,7 +8,7 @@ answer's code against the probe's unit tests in :func:`router.sandbox.run_python
 are pure text checks:
 
 * ``number``: the answer's number (after "answer is", else the last on its first line);
-* ``choice``: the one option whose text the answer quotes, else the letter it starts with or names;
+* ``choice``: the option letter it gives and the one option it quotes, which must agree;
 * ``first_of``: of a closed set of words (names, capitals, yes/no), the one mentioned first;
 * ``json_fields``: a JSON object with the schema's keys and types, and the expected values;
 * ``code``: a function of the given name that passes the tests;
@@ -75,15 +75,16 @@ _LETTER_NAMED = re.compile(r"(?:answer|option|choice)\s*(?:is|:)?\s*\(?([A-D])\b
 
 
 def grade_choice(answer: str, letter: str, options: Sequence[str]) -> bool:
-    """The chosen option is ``letter``. When the answer quotes exactly one option's text, that
-    text decides (small models often write "C) Stockholm" for option D, Stockholm); otherwise
-    the letter it starts with or names does."""
+    """The answer chooses option ``letter``: by the letter it starts with or names, by the one
+    option whose text it quotes, or by both, and then they must agree ("C) Stockholm" when
+    Stockholm is D is not an answer)."""
     text = answer.strip()
-    quoted = [i for i, option in enumerate(options) if _mentions(text, option)]
-    if len(quoted) == 1:
-        return "ABCD"[quoted[0]] == letter
     found = _LETTER_FIRST.match(text) or _LETTER_NAMED.search(text)
-    return found is not None and found.group(1) == letter
+    quoted = [i for i, option in enumerate(options) if _mentions(text, option)]
+    chosen = {found.group(1)} if found else set()
+    if len(quoted) == 1:
+        chosen.add("ABCD"[quoted[0]])
+    return chosen == {letter}
 
 
 def _mention_at(text: str, phrase: str) -> int:
@@ -96,9 +97,15 @@ def _mentions(text: str, phrase: str) -> bool:
     return _mention_at(text, phrase) >= 0
 
 
-def grade_first_of(answer: str, expected: Sequence[str], candidates: Sequence[str]) -> bool:
-    """Of ``candidates``, the one the answer mentions first is in ``expected``."""
-    at = [(pos, c) for c in candidates if (pos := _mention_at(answer, c)) >= 0]
+def grade_first_of(
+    answer: str, expected: Sequence[str], candidates: Sequence[str], ignore: Sequence[str] = ()
+) -> bool:
+    """Of ``candidates``, the one the answer mentions first is in ``expected``. Phrases in
+    ``ignore`` (the question's own "true or false") are not mentions."""
+    text = _fold(answer)
+    for phrase in ignore:
+        text = text.replace(_fold(phrase), " ")
+    at = [(pos, c) for c in candidates if (pos := _mention_at(text, c)) >= 0]
     return bool(at) and min(at)[1] in expected
 
 
@@ -387,7 +394,7 @@ def _reasoning(rng: random.Random, i: int) -> Probe:
             f"Let P be {str(p).lower()} and Q be {str(q).lower()}. Is '{expression}' true or "
             "false? Answer with true or false only.",
             "first_of",
-            {"expected": [word], "candidates": ["true", "false"]},
+            {"expected": [word], "candidates": ["true", "false"], "ignore": ["true or false"]},
             word.capitalize(),
             12,
         )
@@ -409,7 +416,7 @@ def _reasoning(rng: random.Random, i: int) -> Probe:
             "reasoning",
             f"{premise} {name} is a {thing}. Is {name} a {group}? Answer yes or no.",
             "first_of",
-            {"expected": [word], "candidates": ["yes", "no"]},
+            {"expected": [word], "candidates": ["yes", "no"], "ignore": ["yes or no"]},
             word.capitalize() + ".",
             12,
         )
@@ -845,7 +852,7 @@ def _creative_writing(rng: random.Random, i: int) -> Probe:
 _ROLES = (
     ("a ship's captain", "ship", ("sea", "sail", "ship", "voyage", "crew", "passage", "cabin")),
     ("a baker", "bakery", ("bread", "cake", "cakes", "pastry", "pastries", "loaf", "loaves")),
-    ("an innkeeper", "inn", ("room", "rooms", "ale", "bed", "stew", "drink", "meal", "meals")),
+    ("an innkeeper", "inn", ("room", "rooms", "ale", "bed", "stew", "drink", "meal", "wine")),
     ("a bookseller", "bookshop", ("book", "books", "novel", "novels", "stories", "poetry")),
 )
 _PLACE_NAMES = ("Silver Gull", "Golden Crust", "Blue Kettle", "Old Lantern", "Quiet Heron")

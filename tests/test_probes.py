@@ -74,7 +74,7 @@ OPTIONS = ["Berlin", "Paris", "Rome", "Madrid"]  # Paris is B
         ("B) Paris", True),
         ("The answer is B.", True),
         ("Paris", True),
-        ("A) Paris is the capital of France.", True),  # the option's text decides
+        ("A) Paris is the capital of France.", False),  # letter and text disagree
         ("A", False),
         ("A) Berlin", False),
         ("Paris or Rome, I am not sure.", False),
@@ -98,6 +98,17 @@ def test_choice_grader(answer: str, right: bool) -> None:
 )
 def test_first_of_grader(answer: str, right: bool) -> None:
     assert grade_first_of(answer, expected=["Ana"], candidates=["Mei", "Jonas", "Ana"]) is right
+
+
+def test_first_of_grader_ignores_the_question_echoed() -> None:
+    def grade(answer: str) -> bool:
+        return grade_first_of(
+            answer, expected=["true"], candidates=["true", "false"], ignore=["true or false"]
+        )
+
+    assert grade("True.")
+    assert not grade("To decide whether P and Q are true or false, we")
+    assert not grade("Whether it is true or false: false.")
 
 
 SCHEMA = {"name": "string", "age": "integer", "city": "string"}
