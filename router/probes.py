@@ -157,13 +157,17 @@ _FENCED_CODE = re.compile(r"```[a-zA-Z0-9]*\n(.*?)(?:```|$)", re.S)
 
 
 def extract_code(answer: str, function: str) -> str | None:
-    """The code block of ``answer`` that defines ``function`` (a cut-off block counts)."""
+    """The code block of ``answer`` that defines ``function`` (a name, or a signature such as
+    ``add_2(xs)`` whose name counts); a cut-off block counts."""
+    name = function.partition("(")[0]
+    defines = re.compile(r"^\s*def\s+" + re.escape(name) + r"\s*\(", re.M)
     blocks = _FENCED_CODE.findall(answer)
     for block in blocks:
-        if f"def {function}" in block:
+        if defines.search(block):
             return str(block)
-    if not blocks and f"def {function}" in answer:
-        return answer[answer.find("def ") :]
+    found = defines.search(answer)
+    if not blocks and found:
+        return answer[found.start() :].lstrip()
     return None
 
 

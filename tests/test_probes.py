@@ -140,6 +140,11 @@ TESTS = "assert add_2([1, 2]) == [3, 4]\nassert add_2([]) == []\n"
     [
         ("```python\ndef add_2(xs):\n    return [x + 2 for x in xs]\n```\nThis adds two.", True),
         ("def add_2(xs):\n    return [x + 2 for x in xs]", True),
+        (
+            "```python\ndef add_2(numbers: list[int]) -> list[int]:\n"
+            "    return [n + 2 for n in numbers]\n```",
+            True,
+        ),
         ("```python\ndef add_2(xs):\n    return [x + 2 for x in xs]\n", True),  # cut off
         ("```python\ndef add_2(xs):\n    return xs\n```", False),
         ("```python\ndef add_two(xs):\n    return [x + 2 for x in xs]\n```", False),
