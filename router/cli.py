@@ -314,10 +314,11 @@ def _add_profile_command(sub: Any) -> None:
         metavar="NAME",
         help=f"profile only this capability (repeatable; default: all): {', '.join(CAPABILITIES)}",
     )
-    profile.add_argument(
+    backend = profile.add_mutually_exclusive_group()
+    backend.add_argument(
         "--model", type=Path, help="GGUF file to run in process (TIERGATE_LOCAL_MODEL_PATH)"
     )
-    profile.add_argument(
+    backend.add_argument(
         "--base-url", help="external llama.cpp server, e.g. http://host:8080/v1 (instead of a GGUF)"
     )
     profile.add_argument(

@@ -290,3 +290,18 @@ def test_profile_help_examples_are_valid_commands(capsys: pytest.CaptureFixture[
     with pytest.raises(SystemExit):
         main(["profile", "--per-capability", "0"])
     assert "must be at least 1" in capsys.readouterr().err
+
+
+def test_profile_without_a_usable_local_model_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "p.json"
+    missing = tmp_path / "missing.gguf"
+    assert main(["profile", "--model", str(missing), "--out", str(out)]) == 2
+    assert f"GGUF not found at {missing}" in capsys.readouterr().err
+    monkeypatch.setenv("TIERGATE_LOCAL_BACKEND", "none")
+    assert main(["profile", "--out", str(out)]) == 2
+    assert "no local model to profile" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(SystemExit):  # one backend at a time
+        main(["profile", "--model", str(missing), "--base-url", "http://127.0.0.1:1/v1"])
