@@ -250,9 +250,8 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     else:
         name = settings.local_model_path.name.removesuffix(".gguf")
     out = args.out or Path("models") / "profiles" / f"{_slug(name)}.json"
-    probes = probe_set(
-        args.per_capability, seed=args.seed, capabilities=args.capability or CAPABILITIES
-    )
+    chosen = list(dict.fromkeys(args.capability or CAPABILITIES))  # each once, in given order
+    probes = probe_set(args.per_capability, seed=args.seed, capabilities=chosen)
     with tqdm(total=len(probes), desc="tiergate profile", unit="probe", file=sys.stderr) as bar:
         profile, results = asyncio.run(
             profile_local_model(

@@ -224,6 +224,7 @@ def test_profile_against_an_external_llama_server(
     monkeypatch.chdir(tmp_path)  # the default --out is relative: models/profiles/NAME.json
     args = ["profile", "--base-url", fake.base_url, "--name", "Llama-3.1-8B Q4_K_M"]
     args += ["--per-capability", "4", "--capability", "math", "--capability", "chat"]
+    args += ["--capability", "math"]  # named twice, profiled once
     assert main([*args, "--details", "details.jsonl"]) == 0
     profile = load_profile(tmp_path / "models/profiles/llama-3-1-8b-q4_k_m.json")
     assert {k: (v.accuracy, v.n) for k, v in profile.capabilities.items()} == {
