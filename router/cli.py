@@ -6,6 +6,7 @@
   docs/model-card.md).
 * ``models``, ``retrain``: the versioned model store and the learning loop's retraining.
 * ``keys``: client API keys (see SECURITY.md).
+* ``profile``: measure the local model's per-capability accuracy (docs/profile.md).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -213,6 +215,125 @@ def _add_model_commands(sub: Any) -> None:
     )
     _add_model_arg(p)
     p.set_defaults(func=_cmd_serving_form)
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9_]+", "-", name.lower()).strip("-") or "local"
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    import asyncio
+    from urllib.parse import urlsplit
+
+    from tqdm import tqdm
+
+    from router.config import load_settings
+    from router.probes import probe_set
+    from router.profile import write_profile
+    from router.profiler import profile_local_model
+    from router.scoring import CAPABILITIES
+
+    overrides: dict[str, Any] = {"local_model_path": args.model}
+    if args.base_url:
+        overrides.update(local_backend="openai_http", local_base_url=args.base_url)
+    elif args.model:
+        overrides["local_backend"] = "llama_cpp"
+    settings = load_settings(args.config, **overrides)
+    if args.name:
+        name = args.name
+    elif settings.local_backend == "openai_http":
+        name = urlsplit(settings.local_base_url or "").netloc or "local-server"
+    else:
+        name = settings.local_model_path.name.removesuffix(".gguf")
+    out = args.out or Path("models") / "profiles" / f"{_slug(name)}.json"
+    chosen = list(dict.fromkeys(args.capability or CAPABILITIES))  # each once, in given order
+    probes = probe_set(args.per_capability, seed=args.seed, capabilities=chosen)
+    with tqdm(total=len(probes), desc="tiergate profile", unit="probe", file=sys.stderr) as bar:
+        profile, results = asyncio.run(
+            profile_local_model(
+                settings,
+                model=name,
+                per_capability=args.per_capability,
+                seed=args.seed,
+                probes=probes,
+                on_result=lambda _r: bar.update(1),
+            )
+        )
+    write_profile(profile, out)
+    if args.details:
+        with _output(args.details) as fh:
+            for result in results:
+                fh.write(json.dumps(result.as_dict(), ensure_ascii=False) + "\n")
+    print(f"{'capability':18} {'right':>7}  accuracy  95% interval")
+    for capability, entry in profile.capabilities.items():
+        right = round(entry.accuracy * (entry.n or 0))
+        print(
+            f"{capability:18} {f'{right}/{entry.n}':>7}  {entry.accuracy:8.2f}  "
+            f"{entry.low:.2f}-{entry.high:.2f}"
+        )
+    print(f"wrote {out} ({profile.notes})")
+    return 0
+
+
+def _add_profile_command(sub: Any) -> None:
+    from router.scoring import CAPABILITIES
+
+    profile = sub.add_parser(
+        "profile",
+        help="measure what the local model gets right, per capability, into a profile file",
+        description="Runs the configured local backend (the GGUF in process, or an external\n"
+        "llama.cpp server) on seeded, auto-graded probes per capability: maths with exact\n"
+        "answers, multiple choice, code run against unit tests in a sandbox, JSON extraction\n"
+        "checked against a schema, and instructions with verifiable constraints. Writes, per\n"
+        "capability, the share answered right with its 95% Wilson interval and n\n"
+        "(docs/profile.md).",
+        epilog="examples:\n"
+        "  tiergate profile --per-capability 2 --out var/profile.json\n"
+        "  TIERGATE_N_THREADS=2 tiergate profile --model models/SmolLM2-135M-Instruct.Q4_1.gguf "
+        "--out var/smollm2.json\n"
+        "  tiergate profile --base-url http://127.0.0.1:8080/v1 --name llama-3.1-8b-q4_k_m",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    profile.add_argument(
+        "--per-capability",
+        type=_at_least_one,
+        default=8,
+        metavar="N",
+        help="probes per capability (8)",
+    )
+    profile.add_argument("--seed", type=int, default=0, help="probe set seed (0)")
+    profile.add_argument(
+        "--capability",
+        action="append",
+        choices=CAPABILITIES,
+        metavar="NAME",
+        help=f"profile only this capability (repeatable; default: all): {', '.join(CAPABILITIES)}",
+    )
+    backend = profile.add_mutually_exclusive_group()
+    backend.add_argument(
+        "--model", type=Path, help="GGUF file to run in process (TIERGATE_LOCAL_MODEL_PATH)"
+    )
+    backend.add_argument(
+        "--base-url", help="external llama.cpp server, e.g. http://host:8080/v1 (instead of a GGUF)"
+    )
+    profile.add_argument(
+        "--name", help="the model's name in the profile (default: the GGUF name or server host)"
+    )
+    profile.add_argument(
+        "--out", type=Path, help="profile file (default: models/profiles/NAME.json)"
+    )
+    profile.add_argument(
+        "--details", help="also write each probe, answer and grade as JSONL here ('-': stdout)"
+    )
+    profile.add_argument("--config", type=Path, help="YAML settings file (also TIERGATE_CONFIG)")
+    profile.set_defaults(func=_cmd_profile)
 
 
 def _add_settings_args(parser: argparse.ArgumentParser) -> None:
@@ -838,6 +959,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_commands(sub)
     _add_model_store_commands(sub)
     _add_retrain_command(sub)
+    _add_profile_command(sub)
     return parser
 
 

@@ -48,6 +48,8 @@ class Behaviour:
     judge: str = "closed"  # closed | local | tie | garbage: the verdict given to judge prompts
     # When set, decides judge prompts instead: (question, answer A, answer B) -> "A" | "B" | "C".
     judge_fn: Callable[[str, str, str], str] | None = None
+    # When set, the OpenAI JSON answer to each request body (a scripted model) instead of text.
+    reply_fn: Callable[[dict[str, Any]], str] | None = None
 
 
 @dataclass
@@ -192,7 +194,8 @@ class FakeProvider:
             }
             finish = "tool_calls"
         else:
-            message = {"role": "assistant", "content": b.text}
+            text = b.reply_fn(body) if b.reply_fn is not None else b.text
+            message = {"role": "assistant", "content": text}
             finish = "stop"
         self._json(
             h,

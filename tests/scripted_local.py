@@ -7,8 +7,9 @@ path, and it can fail mid-generation, hold requests until released, or pace its 
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from router.backends import Completion, ModelLike, Usage
@@ -17,11 +18,21 @@ from router.errors import BackendError
 
 
 class ScriptedLocal:
-    """``mode``: ok, fail (raises during generation), hold (waits for ``release``)."""
+    """``mode``: ok, fail (raises during generation), hold (waits for ``release``).
 
-    def __init__(self, *, queue_size: int = 0, words: int = 3) -> None:
+    It answers ``w0 w1 w2`` (``words`` of them), or, when ``reply`` is set, ``reply(body)``.
+    """
+
+    def __init__(
+        self,
+        *,
+        queue_size: int = 0,
+        words: int = 3,
+        reply: Callable[[dict[str, Any]], str] | None = None,
+    ) -> None:
         self.mode = "ok"
         self.words = words
+        self.reply = reply
         self.token_delay_s = 0.0
         self.gate = Gate(slots=1, queue_size=queue_size)
         self.release = threading.Event()  # set from the test's thread
@@ -72,7 +83,10 @@ class ScriptedLocal:
         try:
             while self.mode == "hold" and not self.release.is_set():
                 await asyncio.sleep(0.01)
-            for i in range(self.words):
+            pieces = [f"w{i} " for i in range(self.words)]
+            if self.reply is not None:
+                pieces = re.split(r"(?<=\s)(?=\S)", self.reply(body))
+            for i, piece in enumerate(pieces):
                 if self.mode == "fail" and i == 0:
                     raise BackendError("local generation failed: scripted failure")
                 if self.token_delay_s:
@@ -83,7 +97,7 @@ class ScriptedLocal:
                     "object": "chat.completion.chunk",
                     "created": 0,
                     "model": model.name,
-                    "choices": [{"index": 0, "delta": {"content": f"w{i} "}}],
+                    "choices": [{"index": 0, "delta": {"content": piece}}],
                 }
         except (asyncio.CancelledError, GeneratorExit):
             self.cancelled += 1

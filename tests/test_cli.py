@@ -7,12 +7,17 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from router.cli import main
 from router.outcomes import OutcomeRecord, SQLiteOutcomeStore
+from router.scoring import CAPABILITIES
+from tests.fake_provider import Behaviour, FakeProvider
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -274,3 +279,155 @@ def test_state_lives_in_tiergate_home(tmp_path: Path, monkeypatch: pytest.Monkey
     )  # the XDG rule: a relative value is ignored
     assert user_data_dir(home, "darwin") == Path("/h/Library/Application Support/tiergate")
     assert user_data_dir({**home, "LOCALAPPDATA": "C:/L"}, "win32") == Path("C:/L/tiergate")
+
+
+# -- tiergate profile ----------------------------------------------------------------------------
+
+
+def _scripted_answers(right: dict[str, str]) -> Callable[[dict[str, Any]], str]:
+    """A model that answers a probe right (its reference answer) by the capability's rule:
+    'all', 'even' (probes 0, 2, ...) or 'none' (absent capabilities: none)."""
+    from router.probes import probe_set
+
+    probes = {p.prompt: p for p in probe_set(6)}
+
+    def reply(body: dict[str, Any]) -> str:
+        assert body["messages"][0]["role"] == "system"
+        probe = probes[body["messages"][-1]["content"]]
+        assert body["max_tokens"] == probe.max_tokens and body["temperature"] == 0
+        rule = right.get(probe.capability, "none")
+        index = int(probe.id.rsplit("-", 1)[1])
+        if rule == "all" or (rule == "even" and index % 2 == 0):
+            return probe.reference
+        return "I am not sure."
+
+    return reply
+
+
+def test_profile_measures_a_scripted_local_backend(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from router import profiler
+    from router.profile import load_profile, wilson_interval
+    from tests.scripted_local import ScriptedLocal
+
+    scripted = ScriptedLocal(
+        queue_size=8, reply=_scripted_answers({"math": "all", "coding": "even", "chat": "all"})
+    )
+
+    @asynccontextmanager
+    async def open_scripted(settings: Any) -> AsyncIterator[tuple[Any, int]]:
+        yield scripted, 1
+
+    monkeypatch.setattr(profiler, "open_local_backend", open_scripted)
+    out = tmp_path / "profile.json"
+    assert main(["profile", "--per-capability", "6", "--out", str(out), "--name", "scripted"]) == 0
+    profile = load_profile(out)
+    assert profile.model == "scripted" and profile.source == "measured"
+    assert set(profile.capabilities) == set(CAPABILITIES)
+    expected = {"math": 6, "chat": 6, "coding": 3}
+    for capability, entry in profile.capabilities.items():
+        right = expected.get(capability, 0)
+        assert entry.n == 6
+        assert entry.accuracy == pytest.approx(right / 6)
+        low, high = wilson_interval(right, 6)
+        assert (entry.low, entry.high) == (
+            pytest.approx(low, abs=1e-4),
+            pytest.approx(high, abs=1e-4),
+        )
+    assert scripted.calls == 6 * len(CAPABILITIES)
+    printed = capsys.readouterr().out
+    assert "coding                 3/6" in printed and "probe set v1, seed 0" in printed
+
+
+def test_profile_against_an_external_llama_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake: FakeProvider
+) -> None:
+    from router.profile import load_profile
+
+    fake.reset(Behaviour(reply_fn=_scripted_answers({"math": "even", "chat": "all"})))
+    monkeypatch.chdir(tmp_path)  # the default --out is relative: models/profiles/NAME.json
+    args = ["profile", "--base-url", fake.base_url, "--name", "Llama-3.1-8B Q4_K_M"]
+    args += ["--per-capability", "4", "--capability", "math", "--capability", "chat"]
+    args += ["--capability", "math"]  # named twice, profiled once
+    assert main([*args, "--details", "details.jsonl"]) == 0
+    profile = load_profile(tmp_path / "models/profiles/llama-3-1-8b-q4_k_m.json")
+    assert {k: (v.accuracy, v.n) for k, v in profile.capabilities.items()} == {
+        "math": (0.5, 4),
+        "chat": (1.0, 4),
+    }
+    assert "external llama.cpp server" in (profile.notes or "")
+    assert len(fake.received) == 8
+    assert all(r.path == "/v1/chat/completions" for r in fake.received)
+    assert fake.received[0].body["model"] == "Llama-3.1-8B Q4_K_M"
+    details = [json.loads(line) for line in (tmp_path / "details.jsonl").read_text().splitlines()]
+    assert [d["correct"] for d in details if d["capability"] == "math"] == [True, False] * 2
+
+
+def test_profile_stops_when_the_server_cannot_answer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.conftest import free_port
+
+    out = tmp_path / "p.json"
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    args = ["profile", "--base-url", url, "--per-capability", "1", "--out", str(out)]
+    assert main(args) == 2
+    assert "unreachable" in capsys.readouterr().err
+    assert not out.exists()  # no profile that counts failed calls as wrong answers
+
+
+@pytest.mark.gguf
+def test_profile_runs_the_bundled_gguf(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from router.profile import load_profile
+    from tests.conftest import GGUF
+
+    monkeypatch.setenv("TIERGATE_N_THREADS", "1")
+    out = tmp_path / "smol.json"
+    args = ["profile", "--model", str(GGUF), "--per-capability", "1", "--out", str(out)]
+    args += ["--capability", "knowledge_qa", "--capability", "chat", "--details", "-"]
+    assert main(args) == 0
+    profile = load_profile(out)
+    assert profile.model == "SmolLM2-135M-Instruct.Q4_1"
+    assert {k: v.n for k, v in profile.capabilities.items()} == {"knowledge_qa": 1, "chat": 1}
+    assert "in-process llama.cpp, n_threads=1" in (profile.notes or "")
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line[:1] == "{"]
+    assert len(answers) == 2 and all(a["answer"].strip() for a in answers)
+
+
+def test_profile_help_examples_are_valid_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    import shlex
+
+    from router.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        main(["profile", "--help"])
+    examples = [
+        line.split("tiergate ", 1)[1]
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("  ") and "tiergate profile" in line
+    ]
+    assert len(examples) == 3
+    for example in examples:
+        args = build_parser().parse_args(shlex.split(example))
+        assert args.command == "profile"
+    with pytest.raises(SystemExit):
+        main(["profile", "--per-capability", "0"])
+    assert "must be at least 1" in capsys.readouterr().err
+
+
+def test_profile_without_a_usable_local_model_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "p.json"
+    missing = tmp_path / "missing.gguf"
+    assert main(["profile", "--model", str(missing), "--out", str(out)]) == 2
+    assert f"GGUF not found at {missing}" in capsys.readouterr().err
+    monkeypatch.setenv("TIERGATE_LOCAL_BACKEND", "none")
+    assert main(["profile", "--out", str(out)]) == 2
+    assert "no local model to profile" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(SystemExit):  # one backend at a time
+        main(["profile", "--model", str(missing), "--base-url", "http://127.0.0.1:1/v1"])
