@@ -235,6 +235,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from router.config import load_settings
+    from router.locations import tiergate_home
     from router.probes import probe_set
     from router.profile import write_profile
     from router.profiler import profile_local_model
@@ -252,7 +253,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         name = urlsplit(settings.local_base_url or "").netloc or "local-server"
     else:
         name = settings.local_model_path.name.removesuffix(".gguf")
-    out = args.out or Path("models") / "profiles" / f"{_slug(name)}.json"
+    out = args.out or tiergate_home() / "profiles" / f"{_slug(name)}.json"
     chosen = list(dict.fromkeys(args.capability or CAPABILITIES))  # each once, in given order
     probes = probe_set(args.per_capability, seed=args.seed, capabilities=chosen)
     with tqdm(total=len(probes), desc="tiergate profile", unit="probe", file=sys.stderr) as bar:
@@ -327,7 +328,7 @@ def _add_profile_command(sub: Any) -> None:
         "--name", help="the model's name in the profile (default: the GGUF name or server host)"
     )
     profile.add_argument(
-        "--out", type=Path, help="profile file (default: models/profiles/NAME.json)"
+        "--out", type=Path, help="profile file (default: $TIERGATE_HOME/profiles/NAME.json)"
     )
     profile.add_argument(
         "--details", help="also write each probe, answer and grade as JSONL here ('-': stdout)"

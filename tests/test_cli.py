@@ -346,12 +346,13 @@ def test_profile_against_an_external_llama_server(
     from router.profile import load_profile
 
     fake.reset(Behaviour(reply_fn=_scripted_answers({"math": "even", "chat": "all"})))
-    monkeypatch.chdir(tmp_path)  # the default --out is relative: models/profiles/NAME.json
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TIERGATE_HOME", str(tmp_path))  # the default --out: $TIERGATE_HOME/profiles
     args = ["profile", "--base-url", fake.base_url, "--name", "Llama-3.1-8B Q4_K_M"]
     args += ["--per-capability", "4", "--capability", "math", "--capability", "chat"]
     args += ["--capability", "math"]  # named twice, profiled once
     assert main([*args, "--details", "details.jsonl"]) == 0
-    profile = load_profile(tmp_path / "models/profiles/llama-3-1-8b-q4_k_m.json")
+    profile = load_profile(tmp_path / "profiles/llama-3-1-8b-q4_k_m.json")
     assert {k: (v.accuracy, v.n) for k, v in profile.capabilities.items()} == {
         "math": (0.5, 4),
         "chat": (1.0, 4),
