@@ -197,30 +197,31 @@ def _mask_runs(mask: bytes, anchor: bytes, min_len: int) -> list[tuple[int, int]
     return out
 
 
-def _runs(name: str, text: str, raw: bytes | None) -> list[tuple[int, int]]:
-    """The runs of ``name`` in ``text`` at least as long as its shortest detector needs;
-    ``raw`` is the text's bytes (see :func:`_encode`), or None to use the run regex."""
-    if raw is None:
-        return [m.span() for m in _RUN_REGEX[name].finditer(text)]
+def _blanked(name: str, text: str, raw: bytes) -> bytes:
+    """``raw``'s mask for the runs of ``name``, every separator pair blanked (0)."""
     ascii_table, other_table = _MASKS[name]
     mask = raw.translate(ascii_table if text.isascii() else other_table)
-    mask = mask.replace(b"\x03\x03", b"\x00\x00").translate(_SEPARATOR_AS_ONE)
+    return mask.replace(b"\x03\x03", b"\x00\x00")
+
+
+def _runs(name: str, text: str, mask: bytes | None) -> list[tuple[int, int]]:
+    """The runs of ``name`` in ``text`` at least as long as its shortest detector needs;
+    ``mask`` is its :func:`_blanked` mask, or None to use the run regex."""
+    if mask is None:
+        return [m.span() for m in _RUN_REGEX[name].finditer(text)]
+    mask = mask.translate(_SEPARATOR_AS_ONE)
     if name == "caps":  # every match starts with two capitals
         return _mask_runs(mask, b"\x02\x02", _SHORTEST[name])
     return _mask_runs(mask, b"\x01" * _SHORTEST[name], _SHORTEST[name])
 
 
-def _gated_out(kind: str, name: str, text: str, raw: bytes | None) -> bool:
-    """True when ``text`` cannot hold a ``kind`` match: with the run's separators and ``()+``
-    dropped, its mask has no row of ``_GATE_DIGITS[kind]`` digits."""
+def _gated_out(kind: str, name: str, mask: bytes | None) -> bool:
+    """True when the text cannot hold a ``kind`` match: with the run's separators and ``()+``
+    dropped, its :func:`_blanked` mask has no row of ``_GATE_DIGITS[kind]`` digits. (A
+    separator pair, blanked, ends every match, so it never joins two rows of digits.)"""
     need = _GATE_DIGITS.get(kind)
-    if raw is None or need is None:
+    if mask is None or need is None:
         return False
-    ascii_table, other_table = _MASKS[name]
-    mask = raw.translate(ascii_table if text.isascii() else other_table)
-    # A separator pair ends every match, so it must not join two rows of digits: make it a
-    # break (0) before the single separators are dropped.
-    mask = mask.replace(b"\x03\x03", b"\x00\x00")
     digits = mask.translate(None, b"\x03" if name == "digits" else b"\x03" + _PHONE_MARKS)
     return b"\x01" * need not in digits
 
@@ -286,6 +287,47 @@ def _span(m: re.Match[str]) -> tuple[int, int]:
     return m.span("v") if "v" in m.re.groupindex else m.span()
 
 
+class _Reading:
+    """One text as the detectors read it: its bytes, and each run kind's mask and runs, each
+    worked out once, when a detector first needs it."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.raw = _encode(text)
+        # Every detector but email runs only if the text has two adjacent digits (as before;
+        # so a lone "1.2.3.4" is not reported as an IP address).
+        self.has_digits = _has_digit_pair(text, self.raw)
+        self.masks: dict[str, bytes | None] = {}
+        self.runs: dict[str, list[tuple[int, int]]] = {}
+
+    def matches(self, kind: str, pattern: re.Pattern[str]) -> Iterable[re.Match[str]]:
+        """What ``pattern.finditer(text)`` finds, read only where it can match."""
+        text, raw = self.text, self.raw
+        if pattern is _EMAIL:
+            return _emails(text)
+        if not self.has_digits:
+            return ()
+        if pattern is _SSN_NAMED:
+            return sorted(_named_ssns(text, raw), key=lambda m: m.start())
+        name, min_len = _RUNS[kind]
+        if name not in self.masks:
+            self.masks[name] = _blanked(name, text, raw) if raw is not None else None
+        if _gated_out(kind, name, self.masks[name]):
+            return ()
+        if name not in self.runs:
+            self.runs[name] = _runs(name, text, self.masks[name])
+        spans = self.runs[name]
+        if pattern is _IPV4 and raw is not None:
+            spans = [(a, b) for a, b in spans if b - a <= _IPV4_MAX or b"?" in raw[a:b]]
+        n = len(text)
+        return (
+            m
+            for start, end in spans
+            if end - start >= min_len
+            for m in pattern.finditer(text, start, min(end + 1, n))
+        )
+
+
 def _scan(text: str, *, first_only: bool = False) -> Iterator[list[PiiMatch]]:
     """Each detector's checked matches in ``text``, in position order, one list per detector
     in ``_DETECTORS`` order (only the first match of each kind when ``first_only``).
@@ -295,40 +337,13 @@ def _scan(text: str, *, first_only: bool = False) -> Iterator[list[PiiMatch]]:
     (runs of its characters, a window after a keyword or an '@'), each text position in at most
     a fixed number of them, so the scan is linear in the text.
     """
-    runs: dict[str, list[tuple[int, int]]] = {}
-    raw = _encode(text)
-    # Every detector but email runs only if the text has two adjacent digits (as before; so a
-    # lone "1.2.3.4" is not reported as an IP address).
-    has_digits = _has_digit_pair(text, raw)
-    n = len(text)
+    reading = _Reading(text)
     found: set[str] = set()
     for kind, pattern, check in _DETECTORS:
         if first_only and kind in found:
             continue
-        matches: Iterable[re.Match[str]]
-        if pattern is _EMAIL:
-            matches = _emails(text)
-        elif not has_digits:
-            continue
-        elif pattern is _SSN_NAMED:
-            matches = sorted(_named_ssns(text, raw), key=lambda m: m.start())
-        else:
-            name, min_len = _RUNS[kind]
-            if _gated_out(kind, name, text, raw):
-                continue
-            if name not in runs:
-                runs[name] = _runs(name, text, raw)
-            spans = runs[name]
-            if pattern is _IPV4 and raw is not None:
-                spans = [(a, b) for a, b in spans if b - a <= _IPV4_MAX or b"?" in raw[a:b]]
-            matches = (
-                m
-                for start, end in spans
-                if end - start >= min_len
-                for m in pattern.finditer(text, start, min(end + 1, n))
-            )
         out: list[PiiMatch] = []
-        for m in matches:
+        for m in reading.matches(kind, pattern):
             if check is None or check(m.group(0)):
                 out.append(PiiMatch(kind, *_span(m)))
                 if first_only:
@@ -366,28 +381,55 @@ def detect(text: str) -> list[PiiMatch]:
 
 # Invisible characters: every format character (Unicode category Cf; the tests check this list
 # against the running Python's Unicode data), plus combining grapheme joiner, Hangul fillers,
-# Khmer inherent vowels, Mongolian and other variation selectors.
+# Khmer inherent vowels, Mongolian and other variation selectors. Split at the BMP: a class with
+# astral ranges is several times slower to scan, and most text has no astral character.
 _INVISIBLE = re.compile(
     "[\u00ad\u034f\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u115f\u1160"
     "\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u206f\u3164"
-    "\ufe00-\ufe0f\ufeff\uffa0\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f"
-    "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f"
-    "\U000e0100-\U000e01ef]+"
+    "\ufe00-\ufe0f\ufeff\uffa0\ufff9-\ufffb]+"
+)
+_INVISIBLE_ASTRAL = re.compile(
+    "[\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a"
+    "\U000e0001\U000e0020-\U000e007f\U000e0100-\U000e01ef]+"
 )
 # Hyphens and dashes NFKC keeps, read as '-' (an SSN written with non-breaking hyphens).
 _DASHES = re.compile("[\u2010-\u2015\u2043\u2212\u2e3a\u2e3b\ufe58\ufe63]")
+# Runs of other characters in text.encode("ascii", "replace"), with ASCII gaps of under 32
+# characters inside them: fewer, longer pieces to normalise.
+_NON_ASCII_RUNS = re.compile(rb"\?(?:[^?]{0,31}\?)*")
 
 
 def normalize(text: str) -> str:
     """``text`` as the detectors read it: NFKC, invisible characters removed, dashes as '-'.
 
-    ASCII text is returned as is (none of these steps changes it).
+    ASCII text is returned as is (none of these steps changes it). In mostly-ASCII text only
+    the runs of other characters are worked on (NFKC leaves ASCII as it is, and no ASCII
+    character composes with the one before it, so each run is normalised with the character
+    before it, which may take a combining mark).
     """
     if text.isascii():
         return text
-    text = unicodedata.normalize("NFKC", _INVISIBLE.sub("", text))
-    # NFKC can produce a format character (e.g. from a compatibility form) in rare cases.
-    return _DASHES.sub("-", _INVISIBLE.sub("", text))
+    raw = text.encode("ascii", "replace")
+    if (raw.count(b"?") - text.count("?")) * _MASK_MAX_NON_ASCII > len(text):
+        return _normalize_all(text)
+    parts: list[str] = []
+    pos = 0
+    for m in _NON_ASCII_RUNS.finditer(raw):
+        start = max(pos, m.start() - 1)
+        parts.append(text[pos:start])
+        parts.append(_normalize_all(text[start : m.end()]))
+        pos = m.end()
+    parts.append(text[pos:])
+    return "".join(parts)
+
+
+def _normalize_all(text: str) -> str:
+    if not unicodedata.is_normalized("NFKC", text):
+        text = unicodedata.normalize("NFKC", text)
+    text = _INVISIBLE.sub("", text)
+    if len(text.encode("utf-16-le", "surrogatepass")) != 2 * len(text):  # astral characters
+        text = _INVISIBLE_ASTRAL.sub("", text)
+    return _DASHES.sub("-", text)
 
 
 def pii_kinds(text: str) -> tuple[str, ...]:
@@ -398,8 +440,22 @@ def pii_kinds(text: str) -> tuple[str, ...]:
     an earlier detector (a phone-shaped reading inside a card number); reading stops at the
     first match of each kind.
     """
+    last = _LAST_KINDS[0]
+    if last is not None and last[0] is text:
+        return last[1]
     found = {matches[0].kind for matches in _scan(normalize(text), first_only=True) if matches}
-    return tuple(k for k in PII_KINDS if k in found)
+    kinds = tuple(k for k in PII_KINDS if k in found)
+    if len(text) >= _REMEMBER_CHARS:
+        _LAST_KINDS[0] = (text, kinds)
+    return kinds
+
+
+# The request path reads the prompt's personal data once for the pii signal and once more in
+# the scorer (for its stakes), on the very same string: the last long answer is kept, keyed by
+# the string's identity (one tuple, replaced whole, so threads never see half an entry). It
+# holds that one string until the next long one.
+_REMEMBER_CHARS = 4096
+_LAST_KINDS: list[tuple[str, tuple[str, ...]] | None] = [None]
 
 
 def redact(text: str) -> str:

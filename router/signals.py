@@ -94,10 +94,30 @@ def has_image_parts(messages: list[Mapping[str, Any]]) -> bool:
 
 def scoring_text(messages: list[Mapping[str, Any]]) -> str:
     """The text the scorer reads: the last user turn, which carries the task."""
-    for message in reversed(messages):
-        if message.get("role") == "user":
-            return message_text(message)
-    return message_text(messages[-1]) if messages else ""
+    message = _scored_message(messages)
+    return message_text(message) if message is not None else ""
+
+
+def _scored_message(messages: list[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    users = [m for m in messages if m.get("role") == "user"]
+    return users[-1] if users else messages[-1] if messages else None
+
+
+def _scored_strings(messages: list[Mapping[str, Any]]) -> set[int]:
+    """The ids of the strings :func:`scoring_text` is made of."""
+    message = _scored_message(messages)
+    content = message.get("content") if message is not None else None
+    if isinstance(content, str):
+        return {id(content)}
+    if isinstance(content, list):
+        return {
+            id(part["text"])
+            for part in content
+            if isinstance(part, Mapping)
+            and part.get("type") == "text"
+            and isinstance(part.get("text"), str)
+        }
+    return set()
 
 
 def estimate_tokens(messages: list[Mapping[str, Any]], tools: Any = None) -> int:
@@ -142,18 +162,22 @@ def _unescape(match: re.Match[str]) -> str:
     return chr(int(code, 16)) if code else _ESCAPED.get(char, char)
 
 
-def request_pii_kinds(body: Mapping[str, Any]) -> tuple[str, ...]:
-    """The kinds of personal data anywhere in the request (see :func:`request_strings`).
+def request_pii_kinds(body: Mapping[str, Any], *, read: Collection[int] = ()) -> tuple[str, ...]:
+    """The kinds of personal data anywhere in the request (see :func:`request_strings`), but
+    in the strings whose ids are in ``read`` (already read by the caller).
 
-    A string with backslashes is also read with its JSON escapes decoded: tool-call arguments
-    are JSON text, where ``\\u200b`` or ``\\n`` would otherwise hide what the model reads.
+    A string that looks like JSON (it opens with ``{``, ``[`` or ``"``) and has backslashes is
+    also read with its JSON escapes decoded: tool-call arguments and many tool results are JSON
+    text, where ``\\u200b`` or ``\\n`` would otherwise hide what the model reads.
     The strings are read as one text, one per line: no detector matches across a line break,
     so each string is read as if alone, in one linear pass whatever the number of strings.
     """
     texts: list[str] = []
     for text in request_strings(body):
+        if id(text) in read:
+            continue
         texts.append(text)
-        if "\\" in text:
+        if "\\" in text and text.lstrip()[:1] in ("{", "[", '"'):
             texts.append(_JSON_ESCAPE.sub(_unescape, text))
     return pii_kinds("\n".join(texts))
 
@@ -174,8 +198,13 @@ def extract_signals(
     messages: list[Mapping[str, Any]] = list(body.get("messages") or [])
     tools = body.get("tools") or body.get("functions")
     has_tools = bool(tools) or any(m.get("role") == "tool" for m in messages)
-    analysis: Analysis = scorer.analyze(scoring_text(messages), has_tools=has_tools)
-    found = set(request_pii_kinds(body)) | set(analysis.pii_kinds)
+    text = scoring_text(messages)
+    # The prompt is read here and by the scorer (for its stakes): pii_kinds remembers the last
+    # long string, so it is read once. The rest of the body is read without it.
+    prompt_kinds = pii_kinds(text)
+    analysis: Analysis = scorer.analyze(text, has_tools=has_tools)
+    rest = request_pii_kinds(body, read=_scored_strings(messages))
+    found = {*prompt_kinds, *rest, *analysis.pii_kinds}
     kinds = tuple(k for k in PII_KINDS if k in found) + tuple(sorted(found - set(PII_KINDS)))
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
     metadata = body.get("metadata")
