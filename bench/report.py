@@ -85,6 +85,21 @@ def render(results: dict[str, Any]) -> str:
             f"max {_f(d['max'], 3)} ms, mean {_f(d['mean'], 4)} ms.",
             "",
         ]
+    cap = results.get("decision_cap")
+    if cap:
+        lines += [
+            f"**Decision at the size cap** ({cap['cap_bytes']} bytes, one core, scorer "
+            f"`{cap['scorer']}`, fastest of {cap['repeats']}, ms):",
+            "",
+            "| body | bytes | fastest | median | pii | tier |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, row in cap["shapes"].items():
+            lines.append(
+                f"| {name} | {row['body_bytes']} | {_f(row['min_ms'], 1)} "
+                f"| {_f(row['median_ms'], 1)} | {row['pii']} | {row['tier']} |"
+            )
+        lines.append("")
     loc = results.get("local")
     if loc:
         lines += [

@@ -197,10 +197,11 @@ def _mask_runs(mask: bytes, anchor: bytes, min_len: int) -> list[tuple[int, int]
     return out
 
 
-def _blanked(name: str, text: str, raw: bytes) -> bytes:
-    """``raw``'s mask for the runs of ``name``, every separator pair blanked (0)."""
+def _blanked(name: str, raw: bytes, ascii_digits: bool) -> bytes:
+    """``raw``'s mask for the runs of ``name``, every separator pair blanked (0); a '?' may be a
+    digit unless ``ascii_digits`` (the text's digits are all ASCII)."""
     ascii_table, other_table = _MASKS[name]
-    mask = raw.translate(ascii_table if text.isascii() else other_table)
+    mask = raw.translate(ascii_table if ascii_digits else other_table)
     return mask.replace(b"\x03\x03", b"\x00\x00")
 
 
@@ -236,12 +237,12 @@ def _encode(text: str) -> bytes | None:
     return raw if others * _MASK_MAX_NON_ASCII <= len(text) else None
 
 
-def _has_digit_pair(text: str, raw: bytes | None) -> bool:
+def _has_digit_pair(text: str, raw: bytes | None, *, ascii_digits: bool) -> bool:
     """``_DIGIT_PAIR.search(text) is not None``, from the bytes when they settle it."""
     if raw is not None:
         if b"\x01\x01" in raw.translate(_DIGIT_MASK):
             return True
-        if text.isascii() or b"\x01\x01" not in raw.translate(_MAYBE_DIGIT_MASK):
+        if ascii_digits or b"\x01\x01" not in raw.translate(_MAYBE_DIGIT_MASK):
             return False
     return _DIGIT_PAIR.search(text) is not None
 
@@ -291,12 +292,15 @@ class _Reading:
     """One text as the detectors read it: its bytes, and each run kind's mask and runs, each
     worked out once, when a detector first needs it."""
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, *, normalized: bool = False) -> None:
         self.text = text
-        self.raw = _encode(text)
+        # Normalised text has no digit beyond ASCII: its bytes (other characters as '?') then
+        # serve whatever its share of other characters.
+        self.ascii_digits = normalized or text.isascii()
+        self.raw = text.encode("ascii", "replace") if normalized else _encode(text)
         # Every detector but email runs only if the text has two adjacent digits (as before;
         # so a lone "1.2.3.4" is not reported as an IP address).
-        self.has_digits = _has_digit_pair(text, self.raw)
+        self.has_digits = _has_digit_pair(text, self.raw, ascii_digits=self.ascii_digits)
         self.masks: dict[str, bytes | None] = {}
         self.runs: dict[str, list[tuple[int, int]]] = {}
 
@@ -311,7 +315,7 @@ class _Reading:
             return sorted(_named_ssns(text, raw), key=lambda m: m.start())
         name, min_len = _RUNS[kind]
         if name not in self.masks:
-            self.masks[name] = _blanked(name, text, raw) if raw is not None else None
+            self.masks[name] = _blanked(name, raw, self.ascii_digits) if raw is not None else None
         if _gated_out(kind, name, self.masks[name]):
             return ()
         if name not in self.runs:
@@ -328,7 +332,9 @@ class _Reading:
         )
 
 
-def _scan(text: str, *, first_only: bool = False) -> Iterator[list[PiiMatch]]:
+def _scan(
+    text: str, *, first_only: bool = False, normalized: bool = False
+) -> Iterator[list[PiiMatch]]:
     """Each detector's checked matches in ``text``, in position order, one list per detector
     in ``_DETECTORS`` order (only the first match of each kind when ``first_only``).
 
@@ -337,7 +343,7 @@ def _scan(text: str, *, first_only: bool = False) -> Iterator[list[PiiMatch]]:
     (runs of its characters, a window after a keyword or an '@'), each text position in at most
     a fixed number of them, so the scan is linear in the text.
     """
-    reading = _Reading(text)
+    reading = _Reading(text, normalized=normalized)
     found: set[str] = set()
     for kind, pattern, check in _DETECTORS:
         if first_only and kind in found:
@@ -373,8 +379,12 @@ def detect(text: str) -> list[PiiMatch]:
     Where two detectors claim overlapping text, the one listed first in ``_DETECTORS`` wins
     (a checksum-validated card beats a phone-shaped reading of the same digits).
     """
+    return _detect(text, normalized=False)
+
+
+def _detect(text: str, *, normalized: bool) -> list[PiiMatch]:
     chosen: list[PiiMatch] = []
-    for matches in _scan(text):
+    for matches in _scan(text, normalized=normalized):
         chosen = _merge(chosen, matches)
     return chosen
 
@@ -396,11 +406,41 @@ _INVISIBLE_ASTRAL = re.compile(
 _DASHES = re.compile("[\u2010-\u2015\u2043\u2212\u2e3a\u2e3b\ufe58\ufe63]")
 # Runs of other characters in text.encode("ascii", "replace"), with ASCII gaps of under 32
 # characters inside them: fewer, longer pieces to normalise.
+# Every decimal digit beyond ASCII (each block of ten; the tests check this list against what
+# ``\\d`` matches in the running Python), read as its ASCII digit: after normalising, no other
+# digit is left, so the detectors' masks need not treat every other character as a maybe-digit.
+_OTHER_DIGITS = re.compile(
+    "["
+    "\\u0660-\\u0669\\u06f0-\\u06f9\\u07c0-\\u07c9\\u0966-\\u096f\\u09e6-\\u09ef"
+    "\\u0a66-\\u0a6f\\u0ae6-\\u0aef\\u0b66-\\u0b6f\\u0be6-\\u0bef\\u0c66-\\u0c6f"
+    "\\u0ce6-\\u0cef\\u0d66-\\u0d6f\\u0de6-\\u0def\\u0e50-\\u0e59\\u0ed0-\\u0ed9"
+    "\\u0f20-\\u0f29\\u1040-\\u1049\\u1090-\\u1099\\u17e0-\\u17e9\\u1810-\\u1819"
+    "\\u1946-\\u194f\\u19d0-\\u19d9\\u1a80-\\u1a89\\u1a90-\\u1a99\\u1b50-\\u1b59"
+    "\\u1bb0-\\u1bb9\\u1c40-\\u1c49\\u1c50-\\u1c59\\ua620-\\ua629\\ua8d0-\\ua8d9"
+    "\\ua900-\\ua909\\ua9d0-\\ua9d9\\ua9f0-\\ua9f9\\uaa50-\\uaa59\\uabf0-\\uabf9"
+    "\\uff10-\\uff19"
+    "]"
+)
+_OTHER_DIGITS_ASTRAL = re.compile(
+    "["
+    "\\U000104a0-\\U000104a9\\U00010d30-\\U00010d39\\U00011066-\\U0001106f"
+    "\\U000110f0-\\U000110f9\\U00011136-\\U0001113f\\U000111d0-\\U000111d9"
+    "\\U000112f0-\\U000112f9\\U00011450-\\U00011459\\U000114d0-\\U000114d9"
+    "\\U00011650-\\U00011659\\U000116c0-\\U000116c9\\U00011730-\\U00011739"
+    "\\U000118e0-\\U000118e9\\U00011950-\\U00011959\\U00011c50-\\U00011c59"
+    "\\U00011d50-\\U00011d59\\U00011da0-\\U00011da9\\U00016a60-\\U00016a69"
+    "\\U00016ac0-\\U00016ac9\\U00016b50-\\U00016b59\\U0001d7ce-\\U0001d7d7"
+    "\\U0001d7d8-\\U0001d7e1\\U0001d7e2-\\U0001d7eb\\U0001d7ec-\\U0001d7f5"
+    "\\U0001d7f6-\\U0001d7ff\\U0001e140-\\U0001e149\\U0001e2f0-\\U0001e2f9"
+    "\\U0001e950-\\U0001e959\\U0001fbf0-\\U0001fbf9"
+    "]"
+)
 _NON_ASCII_RUNS = re.compile(rb"\?(?:[^?]{0,31}\?)*")
 
 
 def normalize(text: str) -> str:
-    """``text`` as the detectors read it: NFKC, invisible characters removed, dashes as '-'.
+    """``text`` as the detectors read it: NFKC, invisible characters removed, dashes as '-',
+    every decimal digit as its ASCII digit.
 
     ASCII text is returned as is (none of these steps changes it). In mostly-ASCII text only
     the runs of other characters are worked on (NFKC leaves ASCII as it is, and no ASCII
@@ -426,10 +466,14 @@ def normalize(text: str) -> str:
 def _normalize_all(text: str) -> str:
     if not unicodedata.is_normalized("NFKC", text):
         text = unicodedata.normalize("NFKC", text)
-    text = _INVISIBLE.sub("", text)
+    text = _OTHER_DIGITS.sub(_ascii_digit, _INVISIBLE.sub("", text))
     if len(text.encode("utf-16-le", "surrogatepass")) != 2 * len(text):  # astral characters
-        text = _INVISIBLE_ASTRAL.sub("", text)
+        text = _OTHER_DIGITS_ASTRAL.sub(_ascii_digit, _INVISIBLE_ASTRAL.sub("", text))
     return _DASHES.sub("-", text)
+
+
+def _ascii_digit(m: re.Match[str]) -> str:
+    return str(unicodedata.decimal(m.group()))
 
 
 def pii_kinds(text: str) -> tuple[str, ...]:
@@ -443,7 +487,8 @@ def pii_kinds(text: str) -> tuple[str, ...]:
     last = _LAST_KINDS[0]
     if last is not None and last[0] is text:
         return last[1]
-    found = {matches[0].kind for matches in _scan(normalize(text), first_only=True) if matches}
+    scan = _scan(normalize(text), first_only=True, normalized=True)
+    found = {matches[0].kind for matches in scan if matches}
     kinds = tuple(k for k in PII_KINDS if k in found)
     if len(text) >= _REMEMBER_CHARS:
         _LAST_KINDS[0] = (text, kinds)
@@ -467,7 +512,7 @@ def redact(text: str) -> str:
     text = normalize(text)
     parts: list[str] = []
     pos = 0
-    for m in detect(text):
+    for m in _detect(text, normalized=True):
         parts.append(text[pos : m.start])
         parts.append(f"[{m.kind.upper()}]")
         pos = m.end

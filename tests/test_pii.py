@@ -250,3 +250,16 @@ def test_every_format_character_is_dropped_before_detecting() -> None:
     invisible = [chr(c) for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) == "Cf"]
     joined = "1".join(invisible)
     assert normalize(joined) == "1" * (len(invisible) - 1)
+
+
+def test_every_decimal_digit_reads_as_its_ascii_digit() -> None:
+    digits = [chr(c) for c in range(128, sys.maxunicode + 1) if re.match(r"\d", chr(c))]
+    assert normalize("".join(digits)) == "0123456789" * (len(digits) // 10)
+
+
+def test_personal_data_in_other_scripts_digits_is_found() -> None:
+    arabic = "card \u0664\u0661\u0661\u0661 \u0661\u0661\u0661\u0661 \u0661\u0661\u0661\u0661 "
+    assert pii_kinds(arabic + "\u0661\u0661\u0661\u0661") == ("card",)
+    cjk = "\u6211\u7684\u7535\u8bdd" * 5000 + " +44 7911 123 456 " + "\u4e2d\u6587" * 5000
+    assert pii_kinds(cjk) == ("phone",)
+    assert redact(cjk).count("[PHONE]") == 1
