@@ -2,7 +2,8 @@
 local queue, not by retries; personal data anywhere in a request makes it local_only (generated:
 hypothesis places it in every part of a request); ``metadata`` steers the policy only with
 permission and is stored redacted and capped. The fake provider's log of what it received is the
-proof. ``PRIVACY_EXAMPLES`` sets the generated examples per local-tier state (default 25)."""
+proof. ``PRIVACY_EXAMPLES`` sets the generated examples per placement and local-tier state
+(default 4)."""
 
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def test_local_only_traffic_never_reaches_a_closed_provider(
 
 # --- personal data anywhere in the request stays local (generated) --------------------------------
 
-EXAMPLES = int(os.environ.get("PRIVACY_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("PRIVACY_EXAMPLES", "4"))
 GENERATED = settings(
     max_examples=EXAMPLES,
     deadline=None,
@@ -160,7 +161,14 @@ PLACEMENTS: dict[str, Callable[[dict[str, Any], str], None]] = {
             "json_schema": {"name": "r", "schema": {"type": "object", "description": v}},
         }
     ),
+    "image url": lambda b, v: b["messages"][-1].update(
+        content=[
+            {"type": "text", "text": "Describe."},
+            {"type": "image_url", "image_url": {"url": f"https://img.test/a.png?q={v}"}},
+        ]
+    ),
     "metadata": lambda b, v: b.update(metadata={"note": v}),
+    "an object key": lambda b, v: b.update(x_context={v: "noted"}),
     "unknown field": lambda b, v: b.update(x_context={"notes": [v]}),
     "unknown message field": lambda b, v: b["messages"][-1].update(x_note=v),
 }
@@ -171,9 +179,8 @@ NOT_SENT = {"metadata"}
 
 
 @st.composite
-def placed(draw: st.DrawFn) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """(placement, clean body, the same body with personal data in that place)."""
-    where = draw(st.sampled_from(sorted(PLACEMENTS)))
+def placed(draw: st.DrawFn, where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(clean body, the same body with personal data in ``where``)."""
     personal = draw(st.sampled_from(PERSONAL))
     words = st.text(alphabet="abcdefgh ,.", max_size=12)
     secret = f"{draw(words)} {personal} {draw(words)}"
@@ -195,7 +202,7 @@ def placed(draw: st.DrawFn) -> tuple[str, dict[str, Any], dict[str, Any]]:
         PLACEMENTS[where](b, value)
         return b
 
-    return where, body(CLEAN), body(secret)
+    return body(CLEAN), body(secret)
 
 
 @pytest.fixture(scope="module")
@@ -218,16 +225,17 @@ def _sent_out(fake: FakeProvider) -> str:
 
 
 @pytest.mark.parametrize("local_mode", ["ok", "fail"])
+@pytest.mark.parametrize("where", sorted(PLACEMENTS))
 def test_personal_data_anywhere_never_reaches_the_closed_provider(
-    blind_server: tuple[LiveServer, ScriptedLocal], fake: FakeProvider, local_mode: str
+    blind_server: tuple[LiveServer, ScriptedLocal], fake: FakeProvider, where: str, local_mode: str
 ) -> None:
     srv, local = blind_server
     url = srv.url + "/v1/chat/completions"
 
     @GENERATED
-    @given(case=placed())
-    def check(case: tuple[str, dict[str, Any], dict[str, Any]]) -> None:
-        where, clean, secret = case
+    @given(case=placed(where))
+    def check(case: tuple[dict[str, Any], dict[str, Any]]) -> None:
+        clean, secret = case
         fake.reset()
         local.mode = "ok"
         # The same request without personal data goes closed, the placement included: the
