@@ -153,6 +153,8 @@ _MASKS: dict[str, tuple[bytes, bytes]] = {
     "caps": (_mask_table(_DIGITS, b" ", _CAPITALS), _mask_table(_DIGITS + b"?", b" ", _CAPITALS)),
 }
 _SEPARATOR_AS_ONE = bytes(1 if b in (3, 4) else b for b in range(256))
+#: How every IBAN or NINO match starts, in the caps mask: two capitals, maybe a space, two digits.
+_CAPS_STARTS = (b"\x02\x02\x01\x01", b"\x02\x02\x03\x01\x01")
 _PHONE_MARKS = b"\x04"
 _DIGIT_MASK = _mask_table(_DIGITS, b"")
 _MAYBE_DIGIT_MASK = _mask_table(_DIGITS + b"?", b"")
@@ -197,17 +199,9 @@ def _mask_runs(mask: bytes, anchor: bytes, min_len: int) -> list[tuple[int, int]
     return out
 
 
-def _blanked(name: str, raw: bytes, ascii_digits: bool) -> bytes:
-    """``raw``'s mask for the runs of ``name``, every separator pair blanked (0); a '?' may be a
-    digit unless ``ascii_digits`` (the text's digits are all ASCII)."""
-    ascii_table, other_table = _MASKS[name]
-    mask = raw.translate(ascii_table if ascii_digits else other_table)
-    return mask.replace(b"\x03\x03", b"\x00\x00")
-
-
 def _runs(name: str, text: str, mask: bytes | None) -> list[tuple[int, int]]:
     """The runs of ``name`` in ``text`` at least as long as its shortest detector needs;
-    ``mask`` is its :func:`_blanked` mask, or None to use the run regex."""
+    ``mask`` is its blanked mask (``_Reading._blanked``), or None to use the run regex."""
     if mask is None:
         return [m.span() for m in _RUN_REGEX[name].finditer(text)]
     mask = mask.translate(_SEPARATOR_AS_ONE)
@@ -218,8 +212,8 @@ def _runs(name: str, text: str, mask: bytes | None) -> list[tuple[int, int]]:
 
 def _gated_out(kind: str, name: str, mask: bytes | None) -> bool:
     """True when the text cannot hold a ``kind`` match: with the run's separators and ``()+``
-    dropped, its :func:`_blanked` mask has no row of ``_GATE_DIGITS[kind]`` digits. (A
-    separator pair, blanked, ends every match, so it never joins two rows of digits.)"""
+    dropped, its blanked mask (``_Reading._blanked``) has no row of ``_GATE_DIGITS[kind]``
+    digits. (A separator pair, blanked, ends every match, so it never joins two rows.)"""
     need = _GATE_DIGITS.get(kind)
     if mask is None or need is None:
         return False
@@ -297,12 +291,18 @@ class _Reading:
         # Normalised text has no digit beyond ASCII: its bytes (other characters as '?') then
         # serve whatever its share of other characters.
         self.ascii_digits = normalized or text.isascii()
-        self.raw = text.encode("ascii", "replace") if normalized else _encode(text)
-        # Every detector but email runs only if the text has two adjacent digits (as before;
-        # so a lone "1.2.3.4" is not reported as an IP address).
-        self.has_digits = _has_digit_pair(text, self.raw, ascii_digits=self.ascii_digits)
+        self.raw = raw = text.encode("ascii", "replace") if normalized else _encode(text)
         self.masks: dict[str, bytes | None] = {}
         self.runs: dict[str, list[tuple[int, int]]] = {}
+        # Every detector but email runs only if the text has two adjacent digits (as before;
+        # so a lone "1.2.3.4" is not reported as an IP address).
+        if raw is not None and self.ascii_digits:
+            # The digits mask (digits are 1) settles it, and the card and SSN runs need it.
+            digits = raw.translate(_MASKS["digits"][0])
+            self.has_digits = b"\x01\x01" in digits
+            self.masks["digits"] = digits.replace(b"\x03\x03", b"\x00\x00")
+        else:
+            self.has_digits = _has_digit_pair(text, raw, ascii_digits=self.ascii_digits)
 
     def matches(self, kind: str, pattern: re.Pattern[str]) -> Iterable[re.Match[str]]:
         """What ``pattern.finditer(text)`` finds, read only where it can match."""
@@ -315,7 +315,7 @@ class _Reading:
             return sorted(_named_ssns(text, raw), key=lambda m: m.start())
         name, min_len = _RUNS[kind]
         if name not in self.masks:
-            self.masks[name] = _blanked(name, raw, self.ascii_digits) if raw is not None else None
+            self.masks[name] = self._blanked(name)
         if _gated_out(kind, name, self.masks[name]):
             return ()
         if name not in self.runs:
@@ -330,6 +330,19 @@ class _Reading:
             if end - start >= min_len
             for m in pattern.finditer(text, start, min(end + 1, n))
         )
+
+    def _blanked(self, name: str) -> bytes | None:
+        """The mask of ``name``'s runs (1 may be in a match, 2 a capital, 3 a separator, 4 a
+        phone's ``()+``), every separator pair blanked (0), or None where ``raw`` is None (the
+        run regexes serve). For the caps runs, empty when no IBAN or NINO can start anywhere."""
+        raw = self.raw
+        if raw is None:
+            return None
+        ascii_table, other_table = _MASKS[name]
+        mask = raw.translate(ascii_table if self.ascii_digits else other_table)
+        if name == "caps" and not any(a in mask for a in _CAPS_STARTS):
+            return b""
+        return mask.replace(b"\x03\x03", b"\x00\x00")
 
 
 def _scan(
