@@ -50,7 +50,7 @@ def test_detects_each_kind(text: str, kind: str) -> None:
     assert [m.kind for m in detect(text)] == [kind]
     # pii_kinds names every kind some detector reads, also inside another's match: an IBAN's
     # digit groups read as a phone number too.
-    assert pii_kinds(text) == (kind,) if kind != "iban" else ("phone", "iban")
+    assert pii_kinds(text) == ((kind,) if kind != "iban" else ("phone", "iban"))
 
 
 @pytest.mark.parametrize(
