@@ -163,8 +163,9 @@ def _unescape(match: re.Match[str]) -> str:
 
 
 def request_pii_kinds(body: Mapping[str, Any], *, read: Collection[int] = ()) -> tuple[str, ...]:
-    """The kinds of personal data anywhere in the request (see :func:`request_strings`), but
-    in the strings whose ids are in ``read`` (already read by the caller).
+    """The kinds of personal data anywhere in the request (see :func:`request_strings`); the
+    strings whose ids are in ``read`` (already read by the caller) are not read again as they
+    are, only decoded (below).
 
     A string that looks like JSON (it opens with ``{``, ``[`` or ``"``) and has backslashes is
     also read with its JSON escapes decoded: tool-call arguments and many tool results are JSON
@@ -174,9 +175,8 @@ def request_pii_kinds(body: Mapping[str, Any], *, read: Collection[int] = ()) ->
     """
     texts: list[str] = []
     for text in request_strings(body):
-        if id(text) in read:
-            continue
-        texts.append(text)
+        if id(text) not in read:
+            texts.append(text)
         if "\\" in text and text.lstrip()[:1] in ("{", "[", '"'):
             texts.append(_JSON_ESCAPE.sub(_unescape, text))
     return pii_kinds("\n".join(texts))

@@ -195,3 +195,9 @@ def test_json_escapes_in_tool_call_arguments_do_not_hide_personal_data(value: st
     body["messages"][1]["tool_calls"][0]["function"]["arguments"] = json.dumps({"q": value})
     assert "\\" in body["messages"][1]["tool_calls"][0]["function"]["arguments"]
     assert extract_signals(body, BlindScorer()).pii
+
+
+def test_json_escapes_in_the_prompt_do_not_hide_personal_data() -> None:
+    body = _base()
+    body["messages"][1]["content"] = json.dumps({"note": "jane\uff20example.com"})
+    assert extract_signals(body, BlindScorer()).pii
