@@ -6,9 +6,15 @@ Phases (each figure is compared with its reference measured in the same run):
    several concurrencies; streaming TTFT and total time; idle RSS and RSS after 10,000 requests;
 2. decision latency: signals + scorer + policy over every prompt in the shared data, one core;
 3. local throughput: Tiergate's in-process llama.cpp tier against ``llama_cpp.server``;
-   Tiergate's RSS with the model loaded.
+   Tiergate's RSS with the model loaded;
+4. decision at the size cap: the same decision on 8 MiB bodies of several shapes
+   (``bench/decision_cap.py``), one core.
 
-Run: ``python -m bench [--quick] [--only proxy,decision,local]``.
+Run: ``python -m bench [--quick] [--only proxy,decision,local,decision_cap] [--out FILE]``.
+Phases that need no upstream (decision, decision_cap) run without wrk. ``--out`` writes the
+run's results to FILE only (not latest.json, the dated copy or the README table): for running
+one phase alone, e.g. ``python -m bench --only decision_cap --out
+bench/results/decision_cap.json``.
 """
 
 from __future__ import annotations
@@ -41,7 +47,10 @@ GOALS = {
     "decision_p99_ms": 1.0,
     "local_tokens_per_s_ratio": 0.97,
     "idle_rss_vs_litellm": 0.33,
+    "decision_at_cap_max_ms": 100.0,
 }
+#: Phases that talk to the fake upstream (the others run without it, and without wrk).
+UPSTREAM_PHASES = {"proxy", "local"}
 
 
 def machine() -> dict[str, Any]:
@@ -95,7 +104,7 @@ def ensure_tools(phases: set[str]) -> None:
     The LiteLLM venv (``bench/.venv-litellm``, git-ignored) and the two server extras are
     installed with pip from PyPI on first use; none of them is a Tiergate dependency.
     """
-    if shutil.which("wrk") is None:
+    if phases & UPSTREAM_PHASES and shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install -y wrk")
     if "proxy" in phases and not (proxy.LITELLM_VENV / "bin" / "litellm").exists():
         print("installing litellm[proxy] into bench/.venv-litellm ...", flush=True)
@@ -120,10 +129,18 @@ def decision_phase(limit: int | None) -> dict[str, Any]:
     return result
 
 
+def decision_cap_phase(quick: bool) -> dict[str, Any]:
+    """Run the size-cap decision benchmark in its own process (pinned to one core)."""
+    argv = [python(), "-m", "bench.decision_cap", "--json", "--repeats", "2" if quick else "5"]
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, check=True)
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
 def goals(results: dict[str, Any]) -> dict[str, Any]:
     """Each goal: the measured value, the target and whether it is met."""
     out: dict[str, Any] = {}
-    c1, c64 = results["proxy"].get("c1"), results["proxy"].get("c64")
+    c1, c64 = results.get("proxy", {}).get("c1"), results.get("proxy", {}).get("c64")
     mem, dec, loc = results.get("memory", {}), results.get("decision"), results.get("local")
 
     def goal(name: str, value: float | None, target: float, higher_is_better: bool) -> None:
@@ -145,6 +162,10 @@ def goals(results: dict[str, Any]) -> dict[str, Any]:
         goal("decision_p99_ms", dec["p99"], 1.0, False)
     if loc:
         goal("local_tokens_per_s_ratio", loc["tokens_per_s_ratio"], 0.97, True)
+    cap = results.get("decision_cap")
+    if cap:
+        worst = max(row["min_ms"] for row in cap["shapes"].values())
+        goal("decision_at_cap_max_ms", worst, 100.0, False)
     if mem.get("litellm_idle_rss_mb"):
         ratio = round(mem["tiergate_idle_rss_mb"] / mem["litellm_idle_rss_mb"], 3)
         goal("idle_rss_vs_litellm", ratio, 0.33, False)
@@ -155,16 +176,70 @@ def _exit_on_term(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds the context managers, which stop the servers
 
 
+def _upstream_phases(
+    args: argparse.Namespace,
+    phases: set[str],
+    concurrency: list[int],
+    results: dict[str, Any],
+    workdir: Path,
+) -> None:
+    """The phases that run against the fake upstream (and the decision phase beside them)."""
+    with proxy.upstream(workdir) as up:
+        policy = proxy.bench_policy(up.port, workdir / "bench-policy.yaml")
+        check = wrk(up.base + proxy.CHAT, connections=1, duration_s=min(args.duration, 5.0))
+        results["upstream_c1"] = {k: check[k] for k in ("p50", "p99", "rps", "errors")}
+        print(f"upstream alone c1: p50 {check['p50']:.3f} ms, {check['rps']:.0f} rps")
+        if "proxy" in phases:
+            print("proxy overhead ...", flush=True)
+            got = proxy.run(
+                workdir,
+                up,
+                policy,
+                duration_s=args.duration,
+                repeats=args.repeats,
+                concurrency=concurrency,
+                stream_n=results["settings"]["stream_requests_per_repeat"],
+                requests_for_memory=results["settings"]["requests_for_memory"],
+            )
+            results["proxy"] = got["proxy"]
+            results["streaming"] = got["streaming"]
+            results["memory"].update(got["memory"])
+            results["proxy_runs"] = got["runs"]
+        if "decision" in phases:
+            print("decision latency ...", flush=True)
+            results["decision"] = decision_phase(2000 if args.quick else None)
+            print(f"  {results['decision']}", flush=True)
+        if "local" in phases:
+            print("local throughput ...", flush=True)
+            got = local.run(
+                workdir,
+                policy,
+                repeats=2 if args.quick else 5,
+                requests_for_memory=results["settings"]["requests_for_memory"],
+            )
+            results["local"] = got
+            results["memory"]["tiergate_idle_rss_with_model_mb"] = got.pop(
+                "tiergate_idle_rss_with_model_mb"
+            )
+            for key in list(got):
+                if key.startswith("tiergate_rss_with_model"):
+                    results["memory"][key] = got.pop(key)
+            print(f"  {results['local']}", flush=True)
+
+
 def main() -> int:
     """Entry point of ``python -m bench``."""
     signal.signal(signal.SIGTERM, _exit_on_term)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short runs, for development")
-    parser.add_argument("--only", default="proxy,decision,local", help="phases to run")
+    parser.add_argument("--only", default="proxy,decision,local,decision_cap", help="phases to run")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--concurrency", default="1,16,64,256")
     parser.add_argument("--no-write", action="store_true", help="print, do not write results")
+    parser.add_argument(
+        "--out", type=Path, help="write the results here only (not latest.json or the README)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.duration, args.repeats = 3.0, 1
@@ -194,59 +269,33 @@ def main() -> int:
             "llama_server": "python -m llama_cpp.server --model "
             "models/SmolLM2-135M-Instruct.Q4_1.gguf --n_ctx 2048 --n_threads 1 --n_batch 512",
             "decision": "python -m bench.decision_pipeline",
+            "decision_cap": "python -m bench.decision_cap",
         },
         "proxy": {},
         "memory": {},
     }
+    if "decision_cap" in phases:
+        print("decision at the size cap ...", flush=True)
+        results["decision_cap"] = decision_cap_phase(args.quick)
+        print(f"  {results['decision_cap']['shapes']}", flush=True)
+    if "decision" in phases and not phases & UPSTREAM_PHASES:
+        print("decision latency ...", flush=True)
+        results["decision"] = decision_phase(2000 if args.quick else None)
+        phases.discard("decision")
     with tempfile.TemporaryDirectory(prefix="tiergate-bench-") as tmp:
         workdir = Path(tmp)
-        with proxy.upstream(workdir) as up:
-            policy = proxy.bench_policy(up.port, workdir / "bench-policy.yaml")
-            check = wrk(up.base + proxy.CHAT, connections=1, duration_s=min(args.duration, 5.0))
-            results["upstream_c1"] = {k: check[k] for k in ("p50", "p99", "rps", "errors")}
-            print(f"upstream alone c1: p50 {check['p50']:.3f} ms, {check['rps']:.0f} rps")
-            if "proxy" in phases:
-                print("proxy overhead ...", flush=True)
-                got = proxy.run(
-                    workdir,
-                    up,
-                    policy,
-                    duration_s=args.duration,
-                    repeats=args.repeats,
-                    concurrency=concurrency,
-                    stream_n=results["settings"]["stream_requests_per_repeat"],
-                    requests_for_memory=results["settings"]["requests_for_memory"],
-                )
-                results["proxy"] = got["proxy"]
-                results["streaming"] = got["streaming"]
-                results["memory"].update(got["memory"])
-                results["proxy_runs"] = got["runs"]
-            if "decision" in phases:
-                print("decision latency ...", flush=True)
-                results["decision"] = decision_phase(2000 if args.quick else None)
-                print(f"  {results['decision']}", flush=True)
-            if "local" in phases:
-                print("local throughput ...", flush=True)
-                got = local.run(
-                    workdir,
-                    policy,
-                    repeats=2 if args.quick else 5,
-                    requests_for_memory=results["settings"]["requests_for_memory"],
-                )
-                results["local"] = got
-                results["memory"]["tiergate_idle_rss_with_model_mb"] = got.pop(
-                    "tiergate_idle_rss_with_model_mb"
-                )
-                for key in list(got):
-                    if key.startswith("tiergate_rss_with_model"):
-                        results["memory"][key] = got.pop(key)
-                print(f"  {results['local']}", flush=True)
+        if phases & UPSTREAM_PHASES:
+            _upstream_phases(args, phases, concurrency, results, workdir)
     results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     results["goals"] = goals(results)
     results["elapsed_s"] = round(time.monotonic() - started, 1)
     text = json.dumps(results, indent=2) + "\n"
     if args.no_write:
         print(text)
+        return 0
+    if args.out is not None:
+        args.out.write_text(text)
+        print(f"wrote {args.out} ({results['elapsed_s']:.0f} s)")
         return 0
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "latest.json").write_text(text)

@@ -85,6 +85,7 @@ def render(results: dict[str, Any]) -> str:
             f"max {_f(d['max'], 3)} ms, mean {_f(d['mean'], 4)} ms.",
             "",
         ]
+    lines += _decision_cap_lines(results.get("decision_cap"))
     loc = results.get("local")
     if loc:
         lines += [
@@ -115,6 +116,25 @@ def render(results: dict[str, Any]) -> str:
         lines.append("")
     lines.append(END)
     return "\n".join(lines)
+
+
+def _decision_cap_lines(cap: dict[str, Any] | None) -> list[str]:
+    if not cap:
+        return []
+    lines = [
+        f"**Decision at the size cap** ({cap['cap_bytes']} bytes, one core, scorer "
+        f"`{cap['scorer']}`, {cap['repeats']} runs, ms):",
+        "",
+        "| body | bytes | fastest | median | CPU (fastest) | pii | tier |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in cap["shapes"].items():
+        lines.append(
+            f"| {name} | {row['body_bytes']} | {_f(row['min_ms'], 1)} "
+            f"| {_f(row['median_ms'], 1)} | {_f(row.get('cpu_min_ms'), 1)} | {row['pii']} "
+            f"| {row['tier']} |"
+        )
+    return [*lines, ""]
 
 
 def update_readme(path: Path, results: dict[str, Any]) -> None:

@@ -85,6 +85,13 @@ def _policy_headers(request: Request) -> dict[str, str]:
     return out
 
 
+def _policy_metadata(request: Request) -> frozenset[str] | None:
+    """The ``metadata`` keys this caller may steer the policy with (None: all), gated like
+    ``x-tiergate-*`` headers (``set_policy_headers``, else the key's ``policy_metadata``)."""
+    allowed: frozenset[str] | None = getattr(request.state, "policy_metadata", None)
+    return allowed
+
+
 def _learning(request: Request) -> LearningLoop | None:
     return getattr(request.app.state, "learning", None)
 
@@ -199,7 +206,10 @@ async def _decide_and_reserve(
     gateway = _gateway(request)
     reserve_tokens: int = request.app.state.settings.reserve_tokens
     ctx.signals, ctx.decision = await gateway.decide_async(
-        body, tenant=ctx.tenant, headers=_policy_headers(request)
+        body,
+        tenant=ctx.tenant,
+        headers=_policy_headers(request),
+        metadata_keys=_policy_metadata(request),
     )
     ctx.prompt = _prompt_to_store(ctx, body)
     await gateway.hold_spend(ctx, reserve_tokens)
@@ -378,7 +388,10 @@ async def dry_run(request: Request) -> dict[str, Any]:
     check_request_size(body, request.app.state.settings)
     _check_pin(principal, gateway, body)
     signals, decision = await gateway.decide_async(
-        body, tenant=_tenant(request), headers=_policy_headers(request)
+        body,
+        tenant=_tenant(request),
+        headers=_policy_headers(request),
+        metadata_keys=_policy_metadata(request),
     )
     chain = [
         {

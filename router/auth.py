@@ -12,7 +12,8 @@ With no key source at all, Tiergate runs in *anonymous* mode: every request is t
 tenant with every permission except ``admin``. That is allowed only on a loopback host, or
 anywhere with ``TIERGATE_ALLOW_ANONYMOUS=true``; otherwise :func:`build_authenticator` refuses to
 start. :class:`AuthMiddleware` sets ``request.state.principal``, ``.tenant`` and
-``.policy_headers`` for the handlers; :func:`require` guards routes that need a permission.
+``.policy_headers`` / ``.policy_metadata`` for the handlers; :func:`require` guards routes that
+need a permission.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class Principal:
     permissions: frozenset[str]
     key_id: str
     policy_headers: frozenset[str] = field(default_factory=frozenset)
+    policy_metadata: frozenset[str] = field(default_factory=frozenset)
     rpm: int | None = None
     tpm: int | None = None
     anonymous: bool = False
@@ -81,6 +83,10 @@ class Principal:
     def allowed_policy_headers(self) -> frozenset[str] | None:
         """``x-tiergate-*`` headers the policy may read: None means all of them."""
         return None if self.can("set_policy_headers") else self.policy_headers
+
+    def allowed_policy_metadata(self) -> frozenset[str] | None:
+        """``metadata`` keys the policy may read: None means all of them (same permission)."""
+        return None if self.can("set_policy_headers") else self.policy_metadata
 
 
 ANONYMOUS = Principal(
@@ -106,12 +112,14 @@ def parse_entry(data: Any, where: str) -> tuple[str, Principal]:
     if unknown:
         raise ConfigError(f"{where}: unknown permissions {unknown}; known: {list(PERMISSIONS)}")
     headers = [str(h).lower() for h in data.get("policy_headers") or []]
+    metadata = [str(k) for k in data.get("policy_metadata") or []]
     rpm, tpm = data.get("rpm"), data.get("tpm")
     return digest, Principal(
         tenant=tenant,
         permissions=frozenset(perms),
         key_id=digest[:12],
         policy_headers=frozenset(headers),
+        policy_metadata=frozenset(metadata),
         rpm=int(rpm) if rpm else None,
         tpm=int(tpm) if tpm else None,
     )
@@ -282,6 +290,7 @@ class AuthMiddleware:
             state["principal"] = principal
             state["tenant"] = principal.tenant
             state["policy_headers"] = principal.allowed_policy_headers()
+            state["policy_metadata"] = principal.allowed_policy_metadata()
         await self.app(scope, self._capped(scope, receive), send)
 
     def _capped(self, scope: Scope, receive: Receive) -> Receive:

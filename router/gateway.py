@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,9 +38,10 @@ from router.errors import (
     UpstreamRateLimitedError,
 )
 from router.outcomes import OutcomeRecord, OutcomeStore
+from router.pii import redact
 from router.policy import Decision, ModelSpec, Policy, evaluate, load_policy
 from router.scoring import Scorer
-from router.signals import CHARS_PER_TOKEN, Signals, extract_signals, message_text
+from router.signals import CHARS_PER_TOKEN, Signals, extract_signals, request_strings
 from router.telemetry import Telemetry
 
 log = logging.getLogger("tiergate.gateway")
@@ -48,12 +50,21 @@ _T = TypeVar("_T")
 #: The ``x-tiergate-fallback`` of a request served locally because no closed model is available.
 NO_CLOSED_FALLBACK = "no-closed->local"
 
-# Prompts longer than this (in characters) are scored on a worker thread (see decide_async).
+# Requests longer than this (in characters) are scored on a worker thread (see decide_async).
 OFFLOAD_SCORING_CHARS = 4000
+# A metadata value in an outcome record: at most this many characters, personal data redacted.
+RECORD_METADATA_CHARS = 256
 
 
-def _prompt_chars(body: Mapping[str, Any]) -> int:
-    return sum(len(message_text(m)) for m in body.get("messages") or () if isinstance(m, Mapping))
+def _is_large(body: Mapping[str, Any]) -> bool:
+    """Whether the request holds over ``OFFLOAD_SCORING_CHARS`` characters (or strings): read
+    only until that is known, so a short answer for any body."""
+    chars = 0
+    for count, text in enumerate(request_strings(body)):
+        chars += len(text)
+        if chars > OFFLOAD_SCORING_CHARS or count > OFFLOAD_SCORING_CHARS // 8:
+            return True
+    return False
 
 
 @dataclass(slots=True)
@@ -199,9 +210,18 @@ class Gateway:
         return any(self.unavailable_reason(policy.models[n]) is None for n in policy.closed_models)
 
     def decide(
-        self, body: Mapping[str, Any], *, tenant: str, headers: Mapping[str, str]
+        self,
+        body: Mapping[str, Any],
+        *,
+        tenant: str,
+        headers: Mapping[str, str],
+        metadata_keys: Collection[str] | None = None,
     ) -> tuple[Signals, Decision]:
-        """Run signals -> score -> policy for one request. Raises 404 for an unknown model."""
+        """Run signals -> score -> policy for one request. Raises 404 for an unknown model.
+
+        ``metadata_keys``: the ``metadata`` keys the caller may steer the policy with (None: all);
+        the signals keep only those the policy reads.
+        """
         policy = self.policy
         alias = str(body.get("model", "auto"))
         if not policy.is_known_model(alias, tenant):
@@ -210,7 +230,14 @@ class Gateway:
                 param="model",
             )
         with self.telemetry.decide_span() as span:
-            signals = extract_signals(body, self.scorer, tenant=tenant, headers=headers)
+            read = policy.metadata_fields
+            signals = extract_signals(
+                body,
+                self.scorer,
+                tenant=tenant,
+                headers=headers,
+                metadata_keys=read if metadata_keys is None else read & set(metadata_keys),
+            )
             decision = evaluate(
                 policy,
                 signals,
@@ -222,16 +249,24 @@ class Gateway:
         return signals, decision
 
     async def decide_async(
-        self, body: Mapping[str, Any], *, tenant: str, headers: Mapping[str, str]
+        self,
+        body: Mapping[str, Any],
+        *,
+        tenant: str,
+        headers: Mapping[str, str],
+        metadata_keys: Collection[str] | None = None,
     ) -> tuple[Signals, Decision]:
-        """:meth:`decide`, moved off the event loop when the prompt is long.
+        """:meth:`decide`, moved off the event loop when the request is large.
 
         Scoring a short prompt takes a fraction of a millisecond, less than a thread hop; a long
-        one can take several milliseconds, which would stall every other request on the loop.
+        one (or a large request, all of which is read for personal data) can take several
+        milliseconds, which would stall every other request on the loop.
         """
-        if _prompt_chars(body) > OFFLOAD_SCORING_CHARS:
-            return await asyncio.to_thread(self.decide, body, tenant=tenant, headers=headers)
-        return self.decide(body, tenant=tenant, headers=headers)
+        if _is_large(body):
+            return await asyncio.to_thread(
+                self.decide, body, tenant=tenant, headers=headers, metadata_keys=metadata_keys
+            )
+        return self.decide(body, tenant=tenant, headers=headers, metadata_keys=metadata_keys)
 
     # -- reserving -------------------------------------------------------------------------
 
@@ -485,6 +520,7 @@ def _record_signals(signals: Signals | None) -> dict[str, Any]:
         return {}
     data = signals.as_dict()
     data.pop("headers", None)  # may carry tenant-set values; the record keeps only the signals
+    data["metadata"] = {k: _record_value(v) for k, v in signals.metadata.items()}
     return data
 
 
@@ -517,6 +553,22 @@ async def _metered(
                 ctx.streamed_chunks += 1
                 ctx.streamed_chars += len(text)
         yield chunk
+
+
+def _record_value(value: Any) -> Any:
+    """A metadata value as a record keeps it: numbers and flags as they are unless they read as
+    personal data, anything else as text of at most ``RECORD_METADATA_CHARS`` characters, with
+    personal data redacted (read a little past the cut, so no item is cut in half)."""
+    if value is None or isinstance(value, bool):
+        return value
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    cap = RECORD_METADATA_CHARS
+    clean = redact(text[: 2 * cap])
+    if isinstance(value, int | float) and clean == text:
+        return value
+    if len(clean) > cap or len(text) > 2 * cap:
+        return clean[:cap] + f"... [{len(text)} chars]"
+    return clean
 
 
 async def _prepend(

@@ -1,18 +1,28 @@
-"""Personal-data detectors and redaction.
+"""Personal-data detectors, normalisation and redaction.
 
 Each detector is a regular expression plus, where the format has one, its checksum (Luhn for card
 numbers, ISO 7064 mod-97 for IBANs), so that arbitrary digit runs in maths or code prompts are not
 reported as PII. The detectors are deliberately conservative: a phone number needs separators or a
-leading ``+``, an SSN needs its dashes. They are transparent rules, not a learned model.
+leading ``+``, an SSN needs its dashes or spaces (``123-45-6789``, ``123 45 6789``), or the word
+SSN / social security just before nine digits. They are transparent rules, not a learned model.
 
-:func:`detect` lists matches, :func:`pii_kinds` names the kinds found (what the router's ``pii``
-signal uses) and :func:`redact` replaces every match with ``[KIND]`` (for logs and outcome records).
-This module is pure and cheap: a handful of compiled regexes per call.
+Text is normalised before it is read (:func:`normalize`): NFKC (a full-width at sign, U+FF20,
+and full-width digits become ASCII, no-break spaces plain spaces), every invisible format
+character (zero-width spaces and joiners, soft hyphens, direction marks, variation selectors)
+removed, and hyphen look-alikes read as ``-``. So a card number split by zero-width spaces is
+still a card number.
+
+:func:`pii_kinds` names the kinds found (what the router's ``pii`` signal uses; it stops reading
+a kind at its first match), :func:`redact` replaces every match with ``[KIND]`` (for logs and
+outcome records), and :func:`detect` lists the matches in text as given. Every step is linear in
+the text: each regex runs over bounded windows (see ``_RUNS``), and overlaps are resolved by one
+merge per detector.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -58,7 +68,16 @@ def _digits(s: str) -> str:
 _EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,24}\b")
 _CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
 _IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b")
-_SSN = re.compile(r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])")
+_SSN = re.compile(r"(?<![\d-])(?!000|666|9\d\d)\d{3}([- ])(?!00)\d{2}\1(?!0000)\d{4}(?![\d-])")
+# Nine digits in a row are an SSN only just after its name ("SSN: 123456789"): elsewhere they are
+# as often an order number or a sum. The value is the ``v`` group (see ``_span``). ASCII-only, so
+# that the keyword prefilter (``_named_ssns``) finds exactly where it can match.
+_SSN_NAMED = re.compile(
+    r"\b(?:ssn|social[ -]security(?:[ -](?:number|no))?)(?![a-z])[^\w\n]{0,12}"
+    r"(?:is[^\w\n]{1,6})?(?P<v>(?!000|666|9\d\d)\d{3}(?!00)\d{2}(?!0000)\d{4})(?!\d)",
+    re.IGNORECASE | re.ASCII,
+)
+_SSN_NAMED_MAX = 64  # longer than any match of _SSN_NAMED plus the character after it
 _NINO = re.compile(r"\b[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D]\b")
 _PHONE = re.compile(
     r"(?<![\w+-])(?:\+\d{1,3}[ .-]?)?"
@@ -81,61 +100,80 @@ _DETECTORS: tuple[tuple[str, re.Pattern[str], Callable[[str], bool] | None], ...
     ("iban", _IBAN, iban_valid),
     ("card", _CARD, lambda s: luhn_valid(_digits(s))),
     ("ssn", _SSN, None),
+    ("ssn", _SSN_NAMED, None),
     ("uk_nino", _NINO, None),
     ("phone", _PHONE, _phone_ok),
     ("ip_address", _IPV4, None),
 )
 
-# Where each detector can match at all. Every card, SSN, phone or IPv4 match is made only of
-# digits and ``()+ .-``; every IBAN or NINO match only of capitals, digits and spaces, and starts
-# with two capitals. No match holds two spaces in a row. So each match lies inside one maximal
-# *run* of its detector's characters, and a detector need only be run over the runs long enough
-# to hold a match that passes its check (``min_len``), with ``pos``/``endpos`` so that its
-# look-behinds still see the character before the run and its look-aheads the one after it.
+# Where each detector can match at all. Every card or SSN match is made only of digits and
+# single spaces or dashes; every phone match only of digits, ``()+`` and single ``[ .-]``
+# separators; every IPv4 match only of digits and single dots; every IBAN or NINO match only of
+# capitals, digits and single spaces, and starts with two capitals. So each match lies inside one
+# maximal *run* of its detector's characters with no two separators in a row, and a detector need
+# only be run over the runs long enough to hold a match that passes its check (``min_len``), with
+# ``pos``/``endpos`` so that its look-behinds still see the character before the run and its
+# look-aheads the one after it. Each run kind is narrow on purpose: a long run of "123." is one
+# phone run and one IPv4 run, and no card or SSN run at all.
 #
 # The runs are found without a regex where that is cheap: the text is encoded to one byte per
 # character (each non-ASCII one as ``?``), and those bytes are translated to a mask of 0 (in no
-# match), 1 (may be in one) and 2 (a capital, for the caps runs), with every double space blanked
-# first; ``bytes.find`` then locates the runs at memory speed, and indentation and padding are not
-# runs. Beyond ASCII, ``\d`` also takes other scripts' digits, so there every ``?`` counts as a
+# match), 1 (may be in one), 2 (a capital, for the caps runs) and 3 (a separator); every pair
+# of separators is blanked, and ``bytes.find`` then locates the runs at memory speed.
+# Beyond ASCII, ``\d`` also takes other scripts' digits, so there every ``?`` counts as a
 # possible digit: the runs are then a superset, which costs time, never a match. In text that is
 # mostly non-ASCII that superset would be most of the text, so there the runs are found by the
-# two regexes below, which follow ``\d`` exactly.
-_NUMERIC_RUN = re.compile(r"[\d+(][\d()+ .-]{6,}")
-_CAPS_RUN = re.compile(r"[A-Z]{2} ?\d{2}[A-Z0-9 ]{4,}")
+# regexes below, which follow ``\d`` exactly (without blanking separator pairs: a superset).
+_RUN_REGEX = {
+    "digits": re.compile(r"\d[\d -]{10,}"),
+    "phone": re.compile(r"[\d+(][\d()+ .-]{8,}"),
+    "dotted": re.compile(r"\d[\d.]{6,}"),
+    "caps": re.compile(r"[A-Z]{2} ?\d{2}[A-Z0-9 ]{4,}"),
+}
 
 
-def _mask_table(ones: bytes, twos: bytes = b"") -> bytes:
-    return bytes(2 if b in twos else 1 if b in ones else 0 for b in range(256))
+def _mask_table(ones: bytes, separators: bytes, twos: bytes = b"", fours: bytes = b"") -> bytes:
+    # 1: may be in a match, 2: a capital, 3: a separator, 4: a phone's ``()+``.
+    return bytes(
+        4 if b in fours else 2 if b in twos else 3 if b in separators else 1 if b in ones else 0
+        for b in range(256)
+    )
 
 
 _DIGITS = b"0123456789"
 _CAPITALS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-_MASKS: dict[str, tuple[re.Pattern[str], bytes, bytes]] = {
-    # run name -> (regex, mask table for ASCII text, for text with some non-ASCII)
-    "numeric": (
-        _NUMERIC_RUN,
-        _mask_table(_DIGITS + b"()+ .-"),
-        _mask_table(_DIGITS + b"()+ .-?"),
+_MASKS: dict[str, tuple[bytes, bytes]] = {
+    # run name -> (mask table for ASCII text, for text with some non-ASCII)
+    "digits": (_mask_table(_DIGITS, b" -"), _mask_table(_DIGITS + b"?", b" -")),
+    "phone": (
+        _mask_table(_DIGITS, b" .-", b"", b"()+"),
+        _mask_table(_DIGITS + b"?", b" .-", b"", b"()+"),
     ),
-    "caps": (
-        _CAPS_RUN,
-        _mask_table(_DIGITS + b" ", _CAPITALS),
-        _mask_table(_DIGITS + b" ?", _CAPITALS),
-    ),
+    "dotted": (_mask_table(_DIGITS, b"."), _mask_table(_DIGITS + b"?", b".")),
+    "caps": (_mask_table(_DIGITS, b" ", _CAPITALS), _mask_table(_DIGITS + b"?", b" ", _CAPITALS)),
 }
-_DIGIT_MASK = _mask_table(_DIGITS)
-_MAYBE_DIGIT_MASK = _mask_table(_DIGITS + b"?")
+_SEPARATOR_AS_ONE = bytes(1 if b in (3, 4) else b for b in range(256))
+#: How every IBAN or NINO match starts, in the caps mask: two capitals, maybe a space, two digits.
+_CAPS_STARTS = (b"\x02\x02\x01\x01", b"\x02\x02\x03\x01\x01")
+_PHONE_MARKS = b"\x04"
+_DIGIT_MASK = _mask_table(_DIGITS, b"")
+_MAYBE_DIGIT_MASK = _mask_table(_DIGITS + b"?", b"")
 #: Text where more than one character in this many is non-ASCII takes the run regexes.
 _MASK_MAX_NON_ASCII = 16
 _RUNS: dict[str, tuple[str, int]] = {
     "iban": ("caps", 15),
     "uk_nino": ("caps", 9),
-    "card": ("numeric", 13),
-    "ssn": ("numeric", 11),
-    "phone": ("numeric", 9),
-    "ip_address": ("numeric", 7),
+    "card": ("digits", 13),
+    "ssn": ("digits", 11),
+    "phone": ("phone", 9),
+    "ip_address": ("dotted", 7),
 }
+#: An IPv4 address is at most this long; and (its look-arounds forbid a digit or dot on either
+#: side) in ASCII text it is a whole run, so a longer ASCII run holds none.
+_IPV4_MAX = 15
+#: Most digits in a row each kind needs once its separators (and ``()+``) are left out: a text
+#: whose mask holds no such row is not scanned for that kind at all (a cheap whole-text gate).
+_GATE_DIGITS = {"card": 13, "ssn": 9, "phone": 9}
 _SHORTEST = {name: min(n for run, n in _RUNS.values() if run == name) for name in _MASKS}
 
 
@@ -161,17 +199,26 @@ def _mask_runs(mask: bytes, anchor: bytes, min_len: int) -> list[tuple[int, int]
     return out
 
 
-def _runs(name: str, text: str, raw: bytes | None) -> list[tuple[int, int]]:
+def _runs(name: str, text: str, mask: bytes | None) -> list[tuple[int, int]]:
     """The runs of ``name`` in ``text`` at least as long as its shortest detector needs;
-    ``raw`` is the text's bytes (see :func:`_encode`), or None to use the run regex."""
-    regex, ascii_table, other_table = _MASKS[name]
-    if raw is None:
-        return [m.span() for m in regex.finditer(text)]
-    table = ascii_table if text.isascii() else other_table
-    mask = raw.replace(b"  ", b"\x00\x00").translate(table)
+    ``mask`` is its blanked mask (``_Reading._blanked``), or None to use the run regex."""
+    if mask is None:
+        return [m.span() for m in _RUN_REGEX[name].finditer(text)]
+    mask = mask.translate(_SEPARATOR_AS_ONE)
     if name == "caps":  # every match starts with two capitals
         return _mask_runs(mask, b"\x02\x02", _SHORTEST[name])
     return _mask_runs(mask, b"\x01" * _SHORTEST[name], _SHORTEST[name])
+
+
+def _gated_out(kind: str, name: str, mask: bytes | None) -> bool:
+    """True when the text cannot hold a ``kind`` match: with the run's separators and ``()+``
+    dropped, its blanked mask (``_Reading._blanked``) has no row of ``_GATE_DIGITS[kind]``
+    digits. (A separator pair, blanked, ends every match, so it never joins two rows.)"""
+    need = _GATE_DIGITS.get(kind)
+    if mask is None or need is None:
+        return False
+    digits = mask.translate(None, b"\x03" if name == "digits" else b"\x03" + _PHONE_MARKS)
+    return b"\x01" * need not in digits
 
 
 def _encode(text: str) -> bytes | None:
@@ -184,12 +231,12 @@ def _encode(text: str) -> bytes | None:
     return raw if others * _MASK_MAX_NON_ASCII <= len(text) else None
 
 
-def _has_digit_pair(text: str, raw: bytes | None) -> bool:
+def _has_digit_pair(text: str, raw: bytes | None, *, ascii_digits: bool) -> bool:
     """``_DIGIT_PAIR.search(text) is not None``, from the bytes when they settle it."""
     if raw is not None:
         if b"\x01\x01" in raw.translate(_DIGIT_MASK):
             return True
-        if text.isascii() or b"\x01\x01" not in raw.translate(_MAYBE_DIGIT_MASK):
+        if ascii_digits or b"\x01\x01" not in raw.translate(_MAYBE_DIGIT_MASK):
             return False
     return _DIGIT_PAIR.search(text) is not None
 
@@ -214,63 +261,271 @@ def _emails(text: str) -> Iterator[re.Match[str]]:
         at = text.find("@", at + 1)
 
 
-def _scan(text: str) -> Iterator[PiiMatch]:
-    # Yields exactly what ``pattern.finditer(text)`` per detector (then its check) would; the
-    # test suite pins that against the plain scan.
-    runs: dict[str, list[tuple[int, int]]] = {}
-    raw = _encode(text)
-    # Every detector but email runs only if the text has two adjacent digits (as before; so a
-    # lone "1.2.3.4" is not reported as an IP address).
-    has_digits = _has_digit_pair(text, raw)
-    n = len(text)
-    for kind, pattern, check in _DETECTORS:
-        where = _RUNS.get(kind)
-        if where is None:
-            matches: Iterable[re.Match[str]] = _emails(text)
-        elif not has_digits:
-            continue
+def _named_ssns(text: str, raw: bytes | None) -> Iterator[re.Match[str]]:
+    # ``_SSN_NAMED.finditer(text)``: each match starts at an "ssn" or "social" (any case), so
+    # try just those places, each over a window longer than any match.
+    if raw is None:
+        yield from _SSN_NAMED.finditer(text)
+        return
+    lower, n = raw.lower(), len(text)
+    for word in (b"ssn", b"social"):
+        at = lower.find(word)
+        while at >= 0:
+            m = _SSN_NAMED.match(text, at, min(at + _SSN_NAMED_MAX, n))
+            if m is not None:
+                yield m
+            at = lower.find(word, at + 1)
+
+
+def _span(m: re.Match[str]) -> tuple[int, int]:
+    """The personal data in a detector's match: its ``v`` group where it has one."""
+    return m.span("v") if "v" in m.re.groupindex else m.span()
+
+
+class _Reading:
+    """One text as the detectors read it: its bytes, and each run kind's mask and runs, each
+    worked out once, when a detector first needs it."""
+
+    def __init__(self, text: str, *, normalized: bool = False) -> None:
+        self.text = text
+        # Normalised text has no digit beyond ASCII: its bytes (other characters as '?') then
+        # serve whatever its share of other characters.
+        self.ascii_digits = normalized or text.isascii()
+        self.raw = raw = text.encode("ascii", "replace") if normalized else _encode(text)
+        self.masks: dict[str, bytes | None] = {}
+        self.runs: dict[str, list[tuple[int, int]]] = {}
+        # Every detector but email runs only if the text has two adjacent digits (as before;
+        # so a lone "1.2.3.4" is not reported as an IP address).
+        if raw is not None and self.ascii_digits:
+            # The digits mask (digits are 1) settles it, and the card and SSN runs need it.
+            digits = raw.translate(_MASKS["digits"][0])
+            self.has_digits = b"\x01\x01" in digits
+            self.masks["digits"] = digits.replace(b"\x03\x03", b"\x00\x00")
         else:
-            name, min_len = where
-            if name not in runs:
-                runs[name] = _runs(name, text, raw)
-            matches = (
-                m
-                for start, end in runs[name]
-                if end - start >= min_len
-                for m in pattern.finditer(text, start, min(end + 1, n))
-            )
-        for m in matches:
+            self.has_digits = _has_digit_pair(text, raw, ascii_digits=self.ascii_digits)
+
+    def matches(self, kind: str, pattern: re.Pattern[str]) -> Iterable[re.Match[str]]:
+        """What ``pattern.finditer(text)`` finds, read only where it can match."""
+        text, raw = self.text, self.raw
+        if pattern is _EMAIL:
+            return _emails(text)
+        if not self.has_digits:
+            return ()
+        if pattern is _SSN_NAMED:
+            return sorted(_named_ssns(text, raw), key=lambda m: m.start())
+        name, min_len = _RUNS[kind]
+        if name not in self.masks:
+            self.masks[name] = self._blanked(name)
+        if _gated_out(kind, name, self.masks[name]):
+            return ()
+        if name not in self.runs:
+            self.runs[name] = _runs(name, text, self.masks[name])
+        spans = self.runs[name]
+        if pattern is _IPV4 and raw is not None:
+            spans = [(a, b) for a, b in spans if b - a <= _IPV4_MAX or b"?" in raw[a:b]]
+        n = len(text)
+        return (
+            m
+            for start, end in spans
+            if end - start >= min_len
+            for m in pattern.finditer(text, start, min(end + 1, n))
+        )
+
+    def _blanked(self, name: str) -> bytes | None:
+        """The mask of ``name``'s runs (1 may be in a match, 2 a capital, 3 a separator, 4 a
+        phone's ``()+``), every separator pair blanked (0), or None where ``raw`` is None (the
+        run regexes serve). For the caps runs, empty when no IBAN or NINO can start anywhere."""
+        raw = self.raw
+        if raw is None:
+            return None
+        ascii_table, other_table = _MASKS[name]
+        mask = raw.translate(ascii_table if self.ascii_digits else other_table)
+        if name == "caps" and not any(a in mask for a in _CAPS_STARTS):
+            return b""
+        return mask.replace(b"\x03\x03", b"\x00\x00")
+
+
+def _scan(
+    text: str, *, first_only: bool = False, normalized: bool = False
+) -> Iterator[list[PiiMatch]]:
+    """Each detector's checked matches in ``text``, in position order, one list per detector
+    in ``_DETECTORS`` order (only the first match of each kind when ``first_only``).
+
+    The lists are exactly what ``pattern.finditer(text)`` per detector (then its check) finds;
+    the test suite pins that against the plain scan. Every regex runs over bounded windows
+    (runs of its characters, a window after a keyword or an '@'), each text position in at most
+    a fixed number of them, so the scan is linear in the text.
+    """
+    reading = _Reading(text, normalized=normalized)
+    found: set[str] = set()
+    for kind, pattern, check in _DETECTORS:
+        if first_only and kind in found:
+            continue
+        out: list[PiiMatch] = []
+        for m in reading.matches(kind, pattern):
             if check is None or check(m.group(0)):
-                yield PiiMatch(kind, m.start(), m.end())
+                out.append(PiiMatch(kind, *_span(m)))
+                if first_only:
+                    found.add(kind)
+                    break
+        yield out
+
+
+def _merge(chosen: list[PiiMatch], new: list[PiiMatch]) -> list[PiiMatch]:
+    """``chosen`` plus each of ``new`` that overlaps none of ``chosen``; both are sorted and
+    free of overlaps, and so is the result. One pass over both (linear)."""
+    kept: list[PiiMatch] = []
+    i, n = 0, len(chosen)
+    for m in new:
+        while i < n and chosen[i].end <= m.start:
+            i += 1
+        if i == n or chosen[i].start >= m.end:
+            kept.append(m)
+    # Two sorted runs: timsort merges them in linear time.
+    return sorted(chosen + kept, key=lambda m: m.start) if kept else chosen
 
 
 def detect(text: str) -> list[PiiMatch]:
-    """All non-overlapping PII matches in ``text``, in order of position.
+    """All non-overlapping PII matches in ``text`` as given (not normalised), in order of
+    position.
 
     Where two detectors claim overlapping text, the one listed first in ``_DETECTORS`` wins
     (a checksum-validated card beats a phone-shaped reading of the same digits).
     """
+    return _detect(text, normalized=False)
+
+
+def _detect(text: str, *, normalized: bool) -> list[PiiMatch]:
     chosen: list[PiiMatch] = []
-    for match in _scan(text):
-        if all(match.end <= c.start or match.start >= c.end for c in chosen):
-            chosen.append(match)
-    return sorted(chosen, key=lambda m: m.start)
+    for matches in _scan(text, normalized=normalized):
+        chosen = _merge(chosen, matches)
+    return chosen
+
+
+# Invisible characters: every format character (Unicode category Cf; the tests check this list
+# against the running Python's Unicode data), plus combining grapheme joiner, Hangul fillers,
+# Khmer inherent vowels, Mongolian and other variation selectors. Split at the BMP: a class with
+# astral ranges is several times slower to scan, and most text has no astral character.
+_INVISIBLE = re.compile(
+    "[\u00ad\u034f\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u115f\u1160"
+    "\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u206f\u3164"
+    "\ufe00-\ufe0f\ufeff\uffa0\ufff9-\ufffb]+"
+)
+_INVISIBLE_ASTRAL = re.compile(
+    "[\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a"
+    "\U000e0001\U000e0020-\U000e007f\U000e0100-\U000e01ef]+"
+)
+# Hyphens and dashes NFKC keeps, read as '-' (an SSN written with non-breaking hyphens).
+_DASHES = re.compile("[\u2010-\u2015\u2043\u2212\u2e3a\u2e3b\ufe58\ufe63]")
+# Runs of other characters in text.encode("ascii", "replace"), with ASCII gaps of under 32
+# characters inside them: fewer, longer pieces to normalise.
+# Every decimal digit beyond ASCII (each block of ten; the tests check this list against what
+# ``\\d`` matches in the running Python), read as its ASCII digit: after normalising, no other
+# digit is left, so the detectors' masks need not treat every other character as a maybe-digit.
+_OTHER_DIGITS = re.compile(
+    "["
+    "\\u0660-\\u0669\\u06f0-\\u06f9\\u07c0-\\u07c9\\u0966-\\u096f\\u09e6-\\u09ef"
+    "\\u0a66-\\u0a6f\\u0ae6-\\u0aef\\u0b66-\\u0b6f\\u0be6-\\u0bef\\u0c66-\\u0c6f"
+    "\\u0ce6-\\u0cef\\u0d66-\\u0d6f\\u0de6-\\u0def\\u0e50-\\u0e59\\u0ed0-\\u0ed9"
+    "\\u0f20-\\u0f29\\u1040-\\u1049\\u1090-\\u1099\\u17e0-\\u17e9\\u1810-\\u1819"
+    "\\u1946-\\u194f\\u19d0-\\u19d9\\u1a80-\\u1a89\\u1a90-\\u1a99\\u1b50-\\u1b59"
+    "\\u1bb0-\\u1bb9\\u1c40-\\u1c49\\u1c50-\\u1c59\\ua620-\\ua629\\ua8d0-\\ua8d9"
+    "\\ua900-\\ua909\\ua9d0-\\ua9d9\\ua9f0-\\ua9f9\\uaa50-\\uaa59\\uabf0-\\uabf9"
+    "\\uff10-\\uff19"
+    "]"
+)
+_OTHER_DIGITS_ASTRAL = re.compile(
+    "["
+    "\\U000104a0-\\U000104a9\\U00010d30-\\U00010d39\\U00011066-\\U0001106f"
+    "\\U000110f0-\\U000110f9\\U00011136-\\U0001113f\\U000111d0-\\U000111d9"
+    "\\U000112f0-\\U000112f9\\U00011450-\\U00011459\\U000114d0-\\U000114d9"
+    "\\U00011650-\\U00011659\\U000116c0-\\U000116c9\\U00011730-\\U00011739"
+    "\\U000118e0-\\U000118e9\\U00011950-\\U00011959\\U00011c50-\\U00011c59"
+    "\\U00011d50-\\U00011d59\\U00011da0-\\U00011da9\\U00016a60-\\U00016a69"
+    "\\U00016ac0-\\U00016ac9\\U00016b50-\\U00016b59\\U0001d7ce-\\U0001d7d7"
+    "\\U0001d7d8-\\U0001d7e1\\U0001d7e2-\\U0001d7eb\\U0001d7ec-\\U0001d7f5"
+    "\\U0001d7f6-\\U0001d7ff\\U0001e140-\\U0001e149\\U0001e2f0-\\U0001e2f9"
+    "\\U0001e950-\\U0001e959\\U0001fbf0-\\U0001fbf9"
+    "]"
+)
+_NON_ASCII_RUNS = re.compile(rb"\?(?:[^?]{0,31}\?)*")
+
+
+def normalize(text: str) -> str:
+    """``text`` as the detectors read it: NFKC, invisible characters removed, dashes as '-',
+    every decimal digit as its ASCII digit.
+
+    ASCII text is returned as is (none of these steps changes it). In mostly-ASCII text only
+    the runs of other characters are worked on (NFKC leaves ASCII as it is, and no ASCII
+    character composes with the one before it, so each run is normalised with the character
+    before it, which may take a combining mark).
+    """
+    if text.isascii():
+        return text
+    raw = text.encode("ascii", "replace")
+    if (raw.count(b"?") - text.count("?")) * _MASK_MAX_NON_ASCII > len(text):
+        return _normalize_all(text)
+    parts: list[str] = []
+    pos = 0
+    for m in _NON_ASCII_RUNS.finditer(raw):
+        start = max(pos, m.start() - 1)
+        parts.append(text[pos:start])
+        parts.append(_normalize_all(text[start : m.end()]))
+        pos = m.end()
+    parts.append(text[pos:])
+    return "".join(parts)
+
+
+def _normalize_all(text: str) -> str:
+    if not unicodedata.is_normalized("NFKC", text):
+        text = unicodedata.normalize("NFKC", text)
+    text = _OTHER_DIGITS.sub(_ascii_digit, _INVISIBLE.sub("", text))
+    if len(text.encode("utf-16-le", "surrogatepass")) != 2 * len(text):  # astral characters
+        text = _OTHER_DIGITS_ASTRAL.sub(_ascii_digit, _INVISIBLE_ASTRAL.sub("", text))
+    return _DASHES.sub("-", text)
+
+
+def _ascii_digit(m: re.Match[str]) -> str:
+    return str(unicodedata.decimal(m.group()))
 
 
 def pii_kinds(text: str) -> tuple[str, ...]:
-    """The distinct kinds of PII in ``text``, in :data:`PII_KINDS` order (empty if none)."""
-    found = {m.kind for m in detect(text)}
-    return tuple(k for k in PII_KINDS if k in found)
+    """The distinct kinds of PII in ``text`` (normalised first), in :data:`PII_KINDS` order
+    (empty if none).
+
+    Each kind any detector finds is listed, also where :func:`redact` would give the span to
+    an earlier detector (a phone-shaped reading inside a card number); reading stops at the
+    first match of each kind.
+    """
+    last = _LAST_KINDS[0]
+    if last is not None and last[0] is text:
+        return last[1]
+    scan = _scan(normalize(text), first_only=True, normalized=True)
+    found = {matches[0].kind for matches in scan if matches}
+    kinds = tuple(k for k in PII_KINDS if k in found)
+    if len(text) >= _REMEMBER_CHARS:
+        _LAST_KINDS[0] = (text, kinds)
+    return kinds
+
+
+# The request path reads the prompt's personal data once for the pii signal and once more in
+# the scorer (for its stakes), on the very same string: the last long answer is kept, keyed by
+# the string's identity (one tuple, replaced whole, so threads never see half an entry). It
+# holds that one string until the next long one.
+_REMEMBER_CHARS = 4096
+_LAST_KINDS: list[tuple[str, tuple[str, ...]] | None] = [None]
 
 
 def redact(text: str) -> str:
-    """``text`` with every detected PII span replaced by ``[KIND]`` (e.g. ``[EMAIL]``).
+    """``text``, normalised, with every detected PII span replaced by ``[KIND]`` (e.g.
+    ``[EMAIL]``).
 
     Use it before writing prompts to logs, traces or the outcome store.
     """
+    text = normalize(text)
     parts: list[str] = []
     pos = 0
-    for m in detect(text):
+    for m in _detect(text, normalized=True):
         parts.append(text[pos : m.start])
         parts.append(f"[{m.kind.upper()}]")
         pos = m.end

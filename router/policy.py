@@ -334,6 +334,12 @@ class Policy(_Strict):
         """The file the policy came from, or ``<string>``."""
         return self._runtime.source if self._runtime else "<string>"
 
+    @property
+    def metadata_fields(self) -> frozenset[str]:
+        """The top-level ``metadata`` keys some condition reads (``metadata.team.x`` reads
+        ``team``): the only ones a request's signals and outcome record keep."""
+        return self._runtime.metadata_fields if self._runtime else frozenset()
+
     def resolve_model(self, name: str) -> ModelSpec | None:
         """The model a client may pin by ``name``, or ``None``."""
         return self.models.get(name)
@@ -488,6 +494,7 @@ class _Runtime:
     source: str
     plans: Mapping[str, _Plan]
     global_plan: _Plan
+    metadata_fields: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -832,7 +839,7 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
     if problems:
         raise PolicyError(sorted((locate(loc, msg) for loc, msg in problems), key=_by_place))
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
-    _build_plans(policy, checker.compiled, digest, source)
+    _build_plans(policy, checker.compiled, digest, source, frozenset(checker.metadata_fields))
     return policy
 
 
@@ -1053,6 +1060,7 @@ class _Checker:
         self.signal_tests: dict[str, tuple[_Test, str]] = {}
         self.resolving: list[str] = []
         self.compiled: dict[str | None, list[_CompiledRule]] = {}
+        self.metadata_fields: set[str] = set()  # top-level metadata keys a condition reads
 
     def add(self, loc: Loc, message: str) -> None:
         self.problems.append((loc, message))
@@ -1258,6 +1266,7 @@ class _Checker:
 
     def _extra(self, key: str, cmp: Comparison, loc: Loc) -> tuple[_Test, str]:
         if key.startswith("metadata.") and len(key) > len("metadata."):
+            self.metadata_fields.add(key[9:].split(".", maxsplit=1)[0])
             return self._comparison(key, "any", _metadata_getter(key[9:].split(".")), cmp, loc)
         if key in self.policy.signals:
             ref = (self._signal(key, loc) or (_always, key))[0]
@@ -1538,6 +1547,7 @@ def _build_plans(
     compiled: Mapping[str | None, list[_CompiledRule]],
     digest: str,
     source: str,
+    metadata_fields: frozenset[str] = frozenset(),
 ) -> None:
     """Order each tenant's rules once: its own rules, then the global ones, then ``default``.
 
@@ -1580,7 +1590,7 @@ def _build_plans(
             name, rules, thresholds(tenant), tenant.daily_budget_usd, tenant.over_budget
         )
     global_plan = _Plan(None, (*global_rules, default), thresholds(None), None, "local")
-    policy._runtime = _Runtime(digest, source, plans, global_plan)
+    policy._runtime = _Runtime(digest, source, plans, global_plan, metadata_fields)
 
 
 # --------------------------------------------------------------------------- JSON schema

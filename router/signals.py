@@ -4,14 +4,21 @@
 :class:`~router.scoring.Analysis` into a :class:`Signals` value, the only input the policy sees.
 It is pure and fast: no tokenizer, no network. Token counts are estimated from characters
 (about four per token for English, rounded up), which is what the long-context rule needs.
+
+The routing score reads the last user turn (:func:`scoring_text`); the ``pii`` signal reads
+every string the request would send upstream (:func:`request_strings`: every message, part,
+name, tool call, tool, ``stop``, ``user``, ``response_format``, ``metadata``, unknown fields,
+object keys and integers), so personal data anywhere keeps a privacy rule in force.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from router.pii import PII_KINDS, pii_kinds
 from router.scoring import Analysis, Scorer
 
 CHARS_PER_TOKEN = 3.5
@@ -87,10 +94,30 @@ def has_image_parts(messages: list[Mapping[str, Any]]) -> bool:
 
 def scoring_text(messages: list[Mapping[str, Any]]) -> str:
     """The text the scorer reads: the last user turn, which carries the task."""
-    for message in reversed(messages):
-        if message.get("role") == "user":
-            return message_text(message)
-    return message_text(messages[-1]) if messages else ""
+    message = _scored_message(messages)
+    return message_text(message) if message is not None else ""
+
+
+def _scored_message(messages: list[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    users = [m for m in messages if m.get("role") == "user"]
+    return users[-1] if users else messages[-1] if messages else None
+
+
+def _scored_strings(messages: list[Mapping[str, Any]]) -> set[int]:
+    """The ids of the strings :func:`scoring_text` is made of."""
+    message = _scored_message(messages)
+    content = message.get("content") if message is not None else None
+    if isinstance(content, str):
+        return {id(content)}
+    if isinstance(content, list):
+        return {
+            id(part["text"])
+            for part in content
+            if isinstance(part, Mapping)
+            and part.get("type") == "text"
+            and isinstance(part.get("text"), str)
+        }
+    return set()
 
 
 def estimate_tokens(messages: list[Mapping[str, Any]], tools: Any = None) -> int:
@@ -105,20 +132,85 @@ def estimate_tokens(messages: list[Mapping[str, Any]], tools: Any = None) -> int
     return int(chars / CHARS_PER_TOKEN + 0.999) + TOKENS_PER_MESSAGE * len(messages)
 
 
+def request_strings(body: Any) -> Iterator[str]:
+    """Every string in a JSON value, each once: object keys and values, list items, and
+    integers written out (a card number sent as a JSON number is still a card number).
+
+    Iterative, so nesting depth costs no stack.
+    """
+    stack = [body]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, Mapping):
+            for key, item in value.items():
+                yield str(key)
+                stack.append(item)
+        elif isinstance(value, list | tuple):
+            stack.extend(value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            yield str(value)
+
+
+_JSON_ESCAPE = re.compile(r'\\(?:u([0-9a-fA-F]{4})|(["\\/bfnrt]))')
+_ESCAPED = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+
+
+def _unescape(match: re.Match[str]) -> str:
+    code, char = match.groups()
+    return chr(int(code, 16)) if code else _ESCAPED.get(char, char)
+
+
+def request_pii_kinds(body: Mapping[str, Any], *, read: Collection[int] = ()) -> tuple[str, ...]:
+    """The kinds of personal data anywhere in the request (see :func:`request_strings`); the
+    strings whose ids are in ``read`` (already read by the caller) are not read again as they
+    are, only decoded (below).
+
+    A string that looks like JSON (it opens with ``{``, ``[`` or ``"``) and has backslashes is
+    also read with its JSON escapes decoded: tool-call arguments and many tool results are JSON
+    text, where ``\\u200b`` or ``\\n`` would otherwise hide what the model reads.
+    The strings are read as one text, one per line: no detector matches across a line break,
+    so each string is read as if alone, in one linear pass whatever the number of strings.
+    """
+    texts: list[str] = []
+    for text in request_strings(body):
+        if id(text) not in read:
+            texts.append(text)
+        if "\\" in text and text.lstrip()[:1] in ("{", "[", '"'):
+            texts.append(_JSON_ESCAPE.sub(_unescape, text))
+    return pii_kinds("\n".join(texts))
+
+
 def extract_signals(
     body: Mapping[str, Any],
     scorer: Scorer,
     *,
     tenant: str = "default",
     headers: Mapping[str, str] | None = None,
+    metadata_keys: Collection[str] | None = None,
 ) -> Signals:
-    """Read the request's signals and score it. ``body`` is a validated chat request dict."""
+    """Read the request's signals and score it. ``body`` is a validated chat request dict.
+
+    ``metadata_keys``: the top-level ``metadata`` keys the signals keep (those the policy reads
+    and the caller may set); None keeps them all. All of ``metadata`` is still read for PII.
+    """
     messages: list[Mapping[str, Any]] = list(body.get("messages") or [])
     tools = body.get("tools") or body.get("functions")
     has_tools = bool(tools) or any(m.get("role") == "tool" for m in messages)
-    analysis: Analysis = scorer.analyze(scoring_text(messages), has_tools=has_tools)
+    text = scoring_text(messages)
+    # The prompt is read here and by the scorer (for its stakes): pii_kinds remembers the last
+    # long string, so it is read once. The rest of the body is read without it.
+    prompt_kinds = pii_kinds(text)
+    analysis: Analysis = scorer.analyze(text, has_tools=has_tools)
+    rest = request_pii_kinds(body, read=_scored_strings(messages))
+    found = {*prompt_kinds, *rest, *analysis.pii_kinds}
+    kinds = tuple(k for k in PII_KINDS if k in found) + tuple(sorted(found - set(PII_KINDS)))
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
     metadata = body.get("metadata")
+    kept: dict[str, Any] = {}
+    if isinstance(metadata, Mapping):
+        kept = {k: v for k, v in metadata.items() if metadata_keys is None or k in metadata_keys}
     return Signals(
         alias=str(body.get("model", "auto")),
         tenant=tenant,
@@ -131,8 +223,8 @@ def extract_signals(
         capability=analysis.capability,
         stakes=analysis.stakes,
         stakes_reason=analysis.stakes_reason,
-        pii=analysis.pii,
-        pii_kinds=analysis.pii_kinds,
+        pii=bool(kinds) or analysis.pii,
+        pii_kinds=kinds,
         headers=dict(headers or {}),
-        metadata=dict(metadata) if isinstance(metadata, Mapping) else {},
+        metadata=kept,
     )

@@ -1,15 +1,28 @@
 """local_only traffic never reaches a closed provider: not by fallback, not by spilling from a full
-local queue, not by retries. The fake provider's log of what it received is the proof."""
+local queue, not by retries; personal data anywhere in a request makes it local_only (generated:
+hypothesis places it in every part of a request); ``metadata`` steers the policy only with
+permission and is stored redacted and capped. The fake provider's log of what it received is the
+proof. ``PRIVACY_EXAMPLES`` sets the generated examples per placement and local-tier state
+(default 4)."""
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from tests.conftest import live, policy_yaml, wait_for
+from router.auth import hash_key
+from router.scoring import Analysis
+from tests.conftest import LiveServer, live, policy_yaml, wait_for
 from tests.fake_provider import FakeProvider
 from tests.scripted_local import ScriptedLocal
 
@@ -49,3 +62,312 @@ def test_local_only_traffic_never_reaches_a_closed_provider(
         pinned = httpx.post(url, json={**body, "model": "gpt-4o"}, timeout=10)
         assert pinned.status_code == 200 and pinned.headers["x-tiergate-tier"] == "local"
     assert fake.received == []
+
+
+# --- personal data anywhere in the request stays local (generated) --------------------------------
+
+EXAMPLES = int(os.environ.get("PRIVACY_EXAMPLES", "4"))
+GENERATED = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+CLEAN = "nothing to see here"
+PERSONAL = [
+    "jane.doe@example.com",
+    "jane\uff20example.com",
+    "SSN 123-45-6789",
+    "my ssn is 123456789",
+    "SSN: 123 45 6789",
+    "card 4111 1111 1111 1111",
+    "card 4111\u200b1111\u200b1111\u200b1111",
+    "call +1 415-555-2671",
+    "IBAN GB82 WEST 1234 5698 7654 32",
+    "NI AB 12 34 56 C",
+]
+
+
+class BlindScorer:
+    """Scores every prompt 0.9 (closed) and never reports personal data itself: only the
+    request-wide scan can keep a request local."""
+
+    name = "blind"
+    version = "blind-1"
+
+    def analyze(self, text: str, *, has_tools: bool = False) -> Analysis:
+        """Always closed, never PII."""
+        return Analysis(score=0.9, capability="chat", stakes="low")
+
+
+def _tool_call(value: str) -> dict[str, Any]:
+    return {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "lookup", "arguments": json.dumps({"q": value})},
+            }
+        ],
+    }
+
+
+def _tool(description: str = "look up", enum: str = "a") -> dict[str, Any]:
+    return {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "description": description,
+            "parameters": {"type": "object", "properties": {"q": {"enum": [enum]}}},
+        },
+    }
+
+
+def _before_last(body: dict[str, Any], *messages: dict[str, Any]) -> None:
+    body["messages"][-1:-1] = messages
+
+
+# Each placement puts a value where the request carries it upstream.
+PLACEMENTS: dict[str, Callable[[dict[str, Any], str], None]] = {
+    "system": lambda b, v: b["messages"].insert(0, {"role": "system", "content": v}),
+    "developer": lambda b, v: b["messages"].insert(0, {"role": "developer", "content": v}),
+    "earlier user turn": lambda b, v: b["messages"].insert(0, {"role": "user", "content": v}),
+    "assistant turn": lambda b, v: b["messages"].insert(0, {"role": "assistant", "content": v}),
+    "text part": lambda b, v: b["messages"][-1].update(
+        content=[{"type": "text", "text": "Summarise."}, {"type": "text", "text": v}]
+    ),
+    "input_text part": lambda b, v: b["messages"][-1].update(
+        content=[{"type": "text", "text": "Summarise."}, {"type": "input_text", "text": v}]
+    ),
+    "system text part": lambda b, v: b["messages"].insert(
+        0, {"role": "system", "content": [{"type": "text", "text": v}]}
+    ),
+    "tool result": lambda b, v: _before_last(
+        b, _tool_call("x"), {"role": "tool", "tool_call_id": "call_1", "content": v}
+    ),
+    "tool call arguments": lambda b, v: _before_last(
+        b, _tool_call(v), {"role": "tool", "tool_call_id": "call_1", "content": "ok"}
+    ),
+    "message name": lambda b, v: b["messages"][-1].update(name=v),
+    "user": lambda b, v: b.update(user=v),
+    "stop": lambda b, v: b.update(stop=["END", v]),
+    "tool description": lambda b, v: b.update(tools=[_tool(description=v)]),
+    "tool parameters": lambda b, v: b.update(tools=[_tool(enum=v)]),
+    "response_format": lambda b, v: b.update(
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "r", "schema": {"type": "object", "description": v}},
+        }
+    ),
+    "image url": lambda b, v: b["messages"][-1].update(
+        content=[
+            {"type": "text", "text": "Describe."},
+            {"type": "image_url", "image_url": {"url": f"https://img.test/a.png?q={v}"}},
+        ]
+    ),
+    "metadata": lambda b, v: b.update(metadata={"note": v}),
+    "an object key": lambda b, v: b.update(x_context={v: "noted"}),
+    "unknown field": lambda b, v: b.update(x_context={"notes": [v]}),
+    "unknown message field": lambda b, v: b["messages"][-1].update(x_note=v),
+}
+
+
+# The closed tier strips ``metadata``; it is read for personal data all the same.
+NOT_SENT = {"metadata"}
+
+
+@st.composite
+def placed(draw: st.DrawFn, where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(clean body, the same body with personal data in ``where``)."""
+    personal = draw(st.sampled_from(PERSONAL))
+    words = st.text(alphabet="abcdefgh ,.", max_size=12)
+    secret = f"{draw(words)} {personal} {draw(words)}"
+    turns = draw(st.integers(0, 2))
+    stream = draw(st.booleans())
+
+    def body(value: str) -> dict[str, Any]:
+        messages: list[dict[str, Any]] = []
+        for i in range(turns):
+            messages += [
+                {"role": "user", "content": f"question {i}"},
+                {"role": "assistant", "content": f"answer {i}"},
+            ]
+        b: dict[str, Any] = {
+            "model": "auto",
+            "stream": stream,
+            "messages": [*messages, {"role": "user", "content": "Summarise."}],
+        }
+        PLACEMENTS[where](b, value)
+        return b
+
+    return body(CLEAN), body(secret)
+
+
+@pytest.fixture(scope="module")
+def blind_server(
+    tmp_path_factory: pytest.TempPathFactory, fake: FakeProvider
+) -> Iterator[tuple[LiveServer, ScriptedLocal]]:
+    """A Tiergate whose scorer sends everything closed and sees no personal data."""
+    local = ScriptedLocal(queue_size=8)
+    with live(
+        tmp_path_factory.mktemp("privacy"),
+        policy_yaml(fake, on_failure="closed"),
+        scorer=BlindScorer(),
+        local_backend_obj=local,
+    ) as srv:
+        yield srv, local
+
+
+def _sent_out(fake: FakeProvider) -> str:
+    return json.dumps([r.body for r in fake.received], ensure_ascii=False)
+
+
+@pytest.mark.parametrize("local_mode", ["ok", "fail"])
+@pytest.mark.parametrize("where", sorted(PLACEMENTS))
+def test_personal_data_anywhere_never_reaches_the_closed_provider(
+    blind_server: tuple[LiveServer, ScriptedLocal], fake: FakeProvider, where: str, local_mode: str
+) -> None:
+    srv, local = blind_server
+    url = srv.url + "/v1/chat/completions"
+
+    @GENERATED
+    @given(case=placed(where))
+    def check(case: tuple[dict[str, Any], dict[str, Any]]) -> None:
+        clean, secret = case
+        fake.reset()
+        local.mode = "ok"
+        # The same request without personal data goes closed, the placement included: the
+        # placement is sent upstream, so the check below is not vacuous.
+        control = httpx.post(url, json=clean, timeout=10)
+        assert control.status_code == 200, (where, control.text)
+        assert control.headers["x-tiergate-tier"] == "closed", where
+        if where not in NOT_SENT:
+            assert CLEAN in _sent_out(fake), f"{where} is not sent upstream"
+        fake.reset()
+        local.mode = local_mode
+        response = httpx.post(url, json=secret, timeout=10)
+        assert response.headers.get("x-tiergate-tier") != "closed", where
+        assert fake.received == [], where
+        if local_mode == "fail":  # the local tier down: an error, never the closed tier
+            assert response.status_code >= 400, where
+
+    check()
+
+
+# --- metadata: gated like x-tiergate-* headers, stored redacted and capped ----------------------
+
+METADATA_RULE = """\
+rules:
+  - name: legal-goes-local
+    priority: 50
+    when: {metadata.team: legal}
+    route: local
+"""
+
+
+def metadata_policy(fake: FakeProvider, **top: Any) -> str:
+    """The test policy with one more rule, which reads ``metadata.team``."""
+    return policy_yaml(fake, **top).replace("rules:\n", METADATA_RULE, 1)
+
+
+PLAIN, ALLOWED, TRUSTED = "tg-plain-key", "tg-metadata-key", "tg-trusted-key"
+
+
+@pytest.fixture(scope="module")
+def keyed_server(
+    tmp_path_factory: pytest.TempPathFactory, fake: FakeProvider
+) -> Iterator[LiveServer]:
+    """Three keys: no permission, ``policy_metadata: [team]``, ``set_policy_headers``."""
+    tmp = tmp_path_factory.mktemp("metadata")
+    keys = tmp / "keys.yaml"
+    keys.write_text(
+        yaml.safe_dump(
+            {
+                "keys": [
+                    {"sha256": hash_key(PLAIN), "tenant": "acme"},
+                    {"sha256": hash_key(ALLOWED), "tenant": "acme", "policy_metadata": ["team"]},
+                    {
+                        "sha256": hash_key(TRUSTED),
+                        "tenant": "acme",
+                        "permissions": ["set_policy_headers"],
+                    },
+                ]
+            }
+        )
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OPENAI_API_KEY", "sk-test-openai-key")
+        with live(
+            tmp,
+            metadata_policy(fake, store_prompts="redacted"),
+            scorer=BlindScorer(),
+            local_backend_obj=ScriptedLocal(queue_size=8),
+            api_keys_file=keys,
+        ) as srv:
+            yield srv
+
+
+def _route(srv: LiveServer, key: str, metadata: dict[str, Any]) -> dict[str, Any]:
+    body = {"model": "auto", "messages": [{"role": "user", "content": "hi"}], "metadata": metadata}
+    response = httpx.post(
+        srv.url + "/v1/route", json=body, headers={"authorization": f"Bearer {key}"}, timeout=10
+    )
+    assert response.status_code == 200, response.text
+    result: dict[str, Any] = response.json()
+    return result
+
+
+def test_metadata_steers_the_policy_only_with_permission(keyed_server: LiveServer) -> None:
+    plain = _route(keyed_server, PLAIN, {"team": "legal"})
+    assert plain["decision"]["rule"] != "legal-goes-local"
+    assert plain["signals"]["metadata"] == {}
+    for key in (ALLOWED, TRUSTED):
+        allowed = _route(keyed_server, key, {"team": "legal"})
+        assert allowed["decision"]["rule"] == "legal-goes-local", key
+
+
+def test_anonymous_callers_keep_steering_with_metadata(tmp_path: Path, fake: FakeProvider) -> None:
+    with live(
+        tmp_path,
+        metadata_policy(fake),
+        scorer=BlindScorer(),
+        local_backend_obj=ScriptedLocal(),
+    ) as srv:
+        body = {"model": "auto", "messages": [{"role": "user", "content": "hi"}]}
+        body["metadata"] = {"team": "legal"}
+        decided = httpx.post(srv.url + "/v1/route", json=body, timeout=10).json()
+        assert decided["decision"]["rule"] == "legal-goes-local"
+
+
+def test_metadata_is_stored_redacted_capped_and_only_where_the_policy_reads_it(
+    keyed_server: LiveServer, fake: FakeProvider
+) -> None:
+    fake.reset()
+    metadata = {
+        "team": "sales, ask jane@example.com " + "x" * 100_000,
+        "ssn": "123-45-6789",
+        "blob": "y" * 1_000_000,
+    }
+    body = {
+        "model": "auto",
+        "messages": [{"role": "user", "content": "hi"}],
+        "metadata": metadata,
+    }
+    response = httpx.post(
+        keyed_server.url + "/v1/chat/completions",
+        json=body,
+        headers={"authorization": f"Bearer {TRUSTED}"},
+        timeout=30,
+    )
+    assert response.status_code == 200
+    store = keyed_server.gateway.outcomes
+    assert store.flush()
+    record = store.get(response.headers["x-request-id"])
+    assert record is not None
+    stored = record["signals"]["metadata"]
+    assert set(stored) == {"team"}
+    assert stored["team"].startswith("sales, ask [EMAIL] xxx")
+    assert "jane" not in json.dumps(record) and "123-45-6789" not in json.dumps(record)
+    assert len(json.dumps(stored)) < 1000

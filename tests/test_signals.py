@@ -1,0 +1,203 @@
+"""Signals read from a chat request: the ``pii`` signal covers every string the request would
+send upstream, while the routing score still reads the last user turn."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import pytest
+
+from router.scoring import Analysis
+from router.signals import extract_signals, request_strings
+
+SSN = "123-45-6789"
+
+
+class BlindScorer:
+    """Scores 0.9 and never reports personal data: the signal must come from the body scan."""
+
+    name = "blind"
+    version = "blind-1"
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def analyze(self, text: str, *, has_tools: bool = False) -> Analysis:
+        """Remember what was scored."""
+        self.texts.append(text)
+        return Analysis(score=0.9, capability="chat", stakes="low")
+
+
+def _base() -> dict[str, Any]:
+    return {
+        "model": "auto",
+        "messages": [
+            {"role": "system", "content": "You are helpful."},
+            {"role": "user", "content": "Summarise our chat."},
+        ],
+    }
+
+
+def _with(path: str, value: Any) -> dict[str, Any]:
+    body = _base()
+    placements: dict[str, Any] = {
+        "system": lambda b: b["messages"][0].update(content=value),
+        "developer": lambda b: b["messages"].insert(0, {"role": "developer", "content": value}),
+        "earlier user turn": lambda b: b["messages"].insert(1, {"role": "user", "content": value}),
+        "assistant": lambda b: b["messages"].insert(1, {"role": "assistant", "content": value}),
+        "tool result": lambda b: b["messages"].insert(
+            1, {"role": "tool", "tool_call_id": "c1", "content": value}
+        ),
+        "tool_call arguments": lambda b: b["messages"].insert(
+            1,
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "c1",
+                        "type": "function",
+                        "function": {"name": "lookup", "arguments": f'{{"id": "{value}"}}'},
+                    }
+                ],
+            },
+        ),
+        "input_text part": lambda b: b["messages"][1].update(
+            content=[{"type": "text", "text": "hi"}, {"type": "input_text", "text": value}]
+        ),
+        "image url": lambda b: b["messages"][1].update(
+            content=[{"type": "image_url", "image_url": {"url": f"https://x.test/?q={value}"}}]
+        ),
+        "message name": lambda b: b["messages"][1].update(name=value),
+        "user": lambda b: b.update(user=value),
+        "stop": lambda b: b.update(stop=["END", value]),
+        "tool description": lambda b: b.update(
+            tools=[
+                {
+                    "type": "function",
+                    "function": {"name": "f", "description": value, "parameters": {}},
+                }
+            ]
+        ),
+        "tool parameters": lambda b: b.update(
+            tools=[
+                {
+                    "type": "function",
+                    "function": {
+                        "name": "f",
+                        "parameters": {"type": "object", "properties": {"x": {"enum": [value]}}},
+                    },
+                }
+            ]
+        ),
+        "response_format": lambda b: b.update(
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "r", "schema": {"description": value}},
+            }
+        ),
+        "unknown field": lambda b: b.update(extra_context={"note": value}),
+        "unknown message field": lambda b: b["messages"][1].update(annotation=value),
+        "metadata": lambda b: b.update(metadata={"ref": value}),
+        "a key": lambda b: b.update(metadata={value: "x"}),
+        "a number": lambda b: b.update(extra_context={"card": 4111111111111111}),
+    }
+    placements[path](body)
+    return body
+
+
+PLACEMENTS = [
+    "system",
+    "developer",
+    "earlier user turn",
+    "assistant",
+    "tool result",
+    "tool_call arguments",
+    "input_text part",
+    "image url",
+    "message name",
+    "user",
+    "stop",
+    "tool description",
+    "tool parameters",
+    "response_format",
+    "unknown field",
+    "unknown message field",
+    "metadata",
+    "a key",
+]
+
+
+@pytest.mark.parametrize("where", PLACEMENTS)
+def test_personal_data_anywhere_in_the_request_sets_pii(where: str) -> None:
+    scorer = BlindScorer()
+    clean = extract_signals(_with(where, "nothing personal"), scorer)
+    assert not clean.pii
+    signals = extract_signals(_with(where, f"my ssn is {SSN}"), scorer)
+    assert signals.pii
+    assert "ssn" in signals.pii_kinds
+
+
+def test_a_card_number_sent_as_a_json_number_is_personal_data() -> None:
+    signals = extract_signals(_with("a number", None), BlindScorer())
+    assert signals.pii_kinds == ("card",)
+
+
+def test_obfuscated_personal_data_in_a_system_message_sets_pii() -> None:
+    for value in ("card 4111\u200b1111\u200b1111\u200b1111", "jane\uff20example.com"):
+        assert extract_signals(_with("system", value), BlindScorer()).pii
+
+
+def test_the_score_still_reads_the_last_user_turn() -> None:
+    scorer = BlindScorer()
+    body = _with("system", f"my ssn is {SSN}")
+    extract_signals(body, scorer)
+    assert scorer.texts == ["Summarise our chat."]
+
+
+def test_an_ordinary_request_has_no_pii() -> None:
+    body = {
+        **_base(),
+        "max_tokens": 4096,
+        "seed": 123456789,
+        "temperature": 0.7,
+        "stop": ["\n\n"],
+        "metadata": {"team": "legal", "build": "2023-10-15"},
+    }
+    assert not extract_signals(body, BlindScorer()).pii
+
+
+def test_request_strings_reads_every_string_once_and_leaves_the_body_alone() -> None:
+    body = _with("tool_call arguments", "v")
+    before = copy.deepcopy(body)
+    strings = list(request_strings(body))
+    assert body == before
+    assert '{"id": "v"}' in strings and "lookup" in strings and "model" in strings
+    assert strings.count("auto") == 1
+
+
+def test_metadata_keeps_only_the_keys_asked_for() -> None:
+    body = {**_base(), "metadata": {"team": "legal", "ssn": SSN, "blob": "x" * 10_000}}
+    signals = extract_signals(body, BlindScorer(), metadata_keys={"team"})
+    assert signals.metadata == {"team": "legal"}
+    assert signals.pii  # what is not kept is still scanned
+    assert extract_signals(body, BlindScorer(), metadata_keys=set()).metadata == {}
+
+
+@pytest.mark.parametrize(
+    "value", ["jane\uff20example.com", "4111\u200b1111\u200b1111\u200b1111", "me:\n+1 415-555-2671"]
+)
+def test_json_escapes_in_tool_call_arguments_do_not_hide_personal_data(value: str) -> None:
+    # json.dumps escapes non-ASCII and newlines: the model reads the decoded text.
+    body = _with("tool_call arguments", "x")
+    body["messages"][1]["tool_calls"][0]["function"]["arguments"] = json.dumps({"q": value})
+    assert "\\" in body["messages"][1]["tool_calls"][0]["function"]["arguments"]
+    assert extract_signals(body, BlindScorer()).pii
+
+
+def test_json_escapes_in_the_prompt_do_not_hide_personal_data() -> None:
+    body = _base()
+    body["messages"][1]["content"] = json.dumps({"note": "jane\uff20example.com"})
+    assert extract_signals(body, BlindScorer()).pii
