@@ -35,8 +35,8 @@ from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-DATA = Path("/work/shared/data")
 ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
 GOAL_MS = 100.0
 
 
@@ -74,8 +74,9 @@ def _chat(text: str) -> dict[str, Any]:
     return {"model": "auto", "messages": [{"role": "user", "content": text}]}
 
 
-def shapes(cap: int, data: Path) -> dict[str, dict[str, Any]]:
-    """Each benchmark body, as large as fits under ``cap`` bytes."""
+def shapes(cap: int, data: Path, window_chars: int) -> dict[str, dict[str, Any]]:
+    """Each benchmark body, as large as fits under ``cap`` bytes; and the largest text any
+    model's window can take (``window_chars``), and an inline image at the cap."""
     prose = _prose(data)
     per_message = len(prose) // 1000
 
@@ -118,7 +119,18 @@ def shapes(cap: int, data: Path) -> dict[str, dict[str, Any]]:
         "numbers_123": _fill(lambda n: _chat("123." * n), cap),
         "digits_near_miss": _fill(lambda n: _chat("12.1. 3.45 6-7 " * n), cap),
         "cjk": _fill(lambda n: _chat(cjk_unit * n), cap),
+        "prose_at_window": _chat((prose * (1 + window_chars // len(prose)))[: window_chars - 100]),
+        "image_at_cap": _fill(lambda n: _chat(_image("QUJD" * (n // 4))), cap),
     }
+
+
+def _image(payload: str) -> list[dict[str, Any]]:
+    url = "data:image/png;base64," + payload
+    return [{"type": "text", "text": "What is in this picture?"}, _image_part(url)]
+
+
+def _image_part(url: str) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": url}}
 
 
 def run(repeats: int = 5, data: Path = DATA) -> dict[str, Any]:
@@ -127,6 +139,8 @@ def run(repeats: int = 5, data: Path = DATA) -> dict[str, Any]:
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     from router.app import load_scorer
     from router.config import Settings
+    from router.errors import BadRequestError
+    from router.gateway import MAX_CHARS_PER_TOKEN, refuse_beyond_every_window
     from router.policy import evaluate, load_policy
     from router.signals import extract_signals
 
@@ -134,22 +148,28 @@ def run(repeats: int = 5, data: Path = DATA) -> dict[str, Any]:
     scorer = load_scorer(settings)
     policy = load_policy(ROOT / "policies" / "default.yaml")
     cap = settings.max_body_bytes
+    windows = [m.context_window or 0 for m in policy.models.values()]
+    window_chars = max(windows) * MAX_CHARS_PER_TOKEN
     loadavg_start = [round(x, 2) for x in os.getloadavg()]
     rows: dict[str, Any] = {}
-    for name, shape in shapes(cap, data).items():
+    for name, shape in shapes(cap, data, window_chars).items():
         text = json.dumps(shape, ensure_ascii=False)
         times: list[float] = []
         cpu: list[float] = []
-        decision = None
+        outcome = ""
         for i in range(repeats + 1):
             body = json.loads(text)  # fresh strings, as each request has
             start, start_cpu = time.perf_counter(), time.thread_time()
-            signals = extract_signals(body, scorer, metadata_keys=policy.metadata_fields)
-            decision = evaluate(policy, signals, thresholds={}, spend_today_usd=0.0)
+            try:  # what Gateway.decide runs
+                refuse_beyond_every_window(body, policy)
+                signals = extract_signals(body, scorer, metadata_keys=policy.metadata_fields)
+                decision = evaluate(policy, signals, thresholds={}, spend_today_usd=0.0)
+                outcome = f"{decision.tier}" + (" (pii)" if signals.pii else "")
+            except BadRequestError as exc:
+                outcome = f"400 {exc.code}"
             if i:  # the first call warms up
                 times.append((time.perf_counter() - start) * 1000.0)
                 cpu.append((time.thread_time() - start_cpu) * 1000.0)
-        assert decision is not None
         rows[name] = {
             "body_bytes": len(text.encode()),
             "min_ms": round(min(times), 1),
@@ -158,13 +178,13 @@ def run(repeats: int = 5, data: Path = DATA) -> dict[str, Any]:
             # CPU time of the deciding thread: what the work costs, less what a shared
             # machine's other load adds to the wall clock.
             "cpu_min_ms": round(min(cpu), 1),
-            "pii": signals.pii,
-            "tier": decision.tier,
+            "outcome": outcome,
             "goal_met": min(times) < GOAL_MS,
         }
         print(f"  {name}: {rows[name]}", flush=True)
     return {
         "cap_bytes": cap,
+        "window_chars": window_chars,
         "repeats": repeats,
         "goal_ms": GOAL_MS,
         "scorer": f"{scorer.name} {scorer.version}",

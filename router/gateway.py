@@ -67,6 +67,30 @@ def _is_large(body: Mapping[str, Any]) -> bool:
     return False
 
 
+#: The most characters one token can stand for in any text a tokenizer meets in practice (about
+#: 4 for English prose, 1 for Chinese): a request with more text than this many characters per
+#: token of the largest context window fits no model, whatever its tokenizer.
+MAX_CHARS_PER_TOKEN = 6
+
+
+def refuse_beyond_every_window(body: Mapping[str, Any], policy: Policy) -> None:
+    """Refuse (400) a request whose text cannot fit any model's context window, before any of it
+    is read for signals: nothing would be sent, and a body at the size cap then costs one pass
+    of ``len`` rather than a full scan. Skipped when a model does not declare its window."""
+    windows = [spec.context_window for spec in policy.models.values()]
+    if not windows or None in windows:
+        return
+    largest = max(w for w in windows if w is not None)
+    chars = sum(len(text) for text in request_strings(body))
+    if chars > largest * MAX_CHARS_PER_TOKEN:
+        raise BadRequestError(
+            f"the request holds {chars} characters of text, more than any model's context window "
+            f"({largest} tokens) can take",
+            code="context_length_exceeded",
+            param="messages",
+        )
+
+
 @dataclass(slots=True)
 class Served:
     """Who actually answered, after any fallback."""
@@ -229,6 +253,7 @@ class Gateway:
                 f"model '{alias}' is not an alias or a configured model; see GET /v1/models",
                 param="model",
             )
+        refuse_beyond_every_window(body, policy)
         with self.telemetry.decide_span() as span:
             read = policy.metadata_fields
             signals = extract_signals(

@@ -132,9 +132,20 @@ def estimate_tokens(messages: list[Mapping[str, Any]], tools: Any = None) -> int
     return int(chars / CHARS_PER_TOKEN + 0.999) + TOKENS_PER_MESSAGE * len(messages)
 
 
+def _without_data_payload(text: str) -> str:
+    # An inline file (``data:image/png;base64,...``) is read up to its payload: encoded bytes
+    # hold no text the detectors could read, and are most of a body near the size cap.
+    if text.startswith("data:"):
+        head, sep, _payload = text.partition(";base64,")
+        if sep:
+            return head + sep
+    return text
+
+
 def request_strings(body: Any) -> Iterator[str]:
     """Every string in a JSON value, each once: object keys and values, list items, and
-    integers written out (a card number sent as a JSON number is still a card number).
+    integers written out (a card number sent as a JSON number is still a card number). An
+    inline ``data:...;base64,`` file is read up to its payload.
 
     Iterative, so nesting depth costs no stack.
     """
@@ -142,7 +153,7 @@ def request_strings(body: Any) -> Iterator[str]:
     while stack:
         value = stack.pop()
         if isinstance(value, str):
-            yield value
+            yield _without_data_payload(value)
         elif isinstance(value, Mapping):
             for key, item in value.items():
                 yield str(key)

@@ -484,3 +484,44 @@ def test_long_prompts_are_scored_off_the_event_loop(tmp_path: Path, fake: FakePr
         loop_thread = srv.thread.name
     assert scorer.threads[0] == loop_thread
     assert scorer.threads[1] != loop_thread
+
+
+def test_text_no_model_can_take_is_refused_before_it_is_read(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """A body near the size cap costs one pass of len, not a scan: with every window declared,
+    text beyond the largest one is a 400 before any signal is read; nothing is sent."""
+    from router.gateway import MAX_CHARS_PER_TOKEN
+    from router.scoring import Analysis
+
+    class CountingScorer:
+        name, version = "counter", "c1"
+        calls = 0
+
+        def analyze(self, text: str, *, has_tools: bool = False) -> Analysis:
+            CountingScorer.calls += 1
+            return Analysis(score=0.9)
+
+    fake.reset()
+    policy = policy_yaml(fake)
+    for model in ("openai/gpt-4o", "anthropic/claude-3-5-sonnet-20241022"):
+        policy = policy.replace(
+            f"litellm_model: {model}\n", f"litellm_model: {model}\n    context_window: 4000\n"
+        )
+    with live(tmp_path, policy, scorer=CountingScorer(), local_backend_obj=ScriptedLocal()) as srv:
+        fits = "word " * 2000  # 10,000 characters: about 2,900 tokens, within 4,000
+        too_long = "x" * (4000 * MAX_CHARS_PER_TOKEN + 1)
+        ok = httpx.post(
+            srv.url + "/v1/chat/completions",
+            json={"model": "auto", "messages": [{"role": "user", "content": fits}]},
+        )
+        assert CountingScorer.calls == 1
+        refused = httpx.post(
+            srv.url + "/v1/chat/completions",
+            json={"model": "auto", "messages": [{"role": "user", "content": too_long}]},
+        )
+    assert ok.status_code == 200
+    assert refused.status_code == 400
+    assert refused.json()["error"]["code"] == "context_length_exceeded"
+    assert CountingScorer.calls == 1  # the long one was never read
+    assert len(fake.received) == 1

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from router.scoring import Analysis
-from router.signals import extract_signals, request_strings
+from router.signals import extract_signals, request_pii_kinds, request_strings
 
 SSN = "123-45-6789"
 
@@ -201,3 +201,17 @@ def test_json_escapes_in_the_prompt_do_not_hide_personal_data() -> None:
     body = _base()
     body["messages"][1]["content"] = json.dumps({"note": "jane\uff20example.com"})
     assert extract_signals(body, BlindScorer()).pii
+
+
+def test_an_inline_file_is_read_up_to_its_payload() -> None:
+    # Base64 bytes hold no text a detector can read, and are most of a body near the size cap;
+    # the same digits anywhere else are read.
+    part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,4111111111111111AAAA"}}
+    inline = {"model": "auto", "messages": [{"role": "user", "content": [part]}]}
+    assert list(request_strings(inline["messages"][0]["content"][0]["image_url"])) == [
+        "url",
+        "data:image/png;base64,",
+    ]
+    assert not request_pii_kinds(inline)
+    text = {"model": "auto", "messages": [{"role": "user", "content": "4111111111111111"}]}
+    assert request_pii_kinds(text) == ("card",)
