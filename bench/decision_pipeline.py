@@ -24,8 +24,8 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-DATA = Path("/work/shared/data")
 ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
 
 
 def prompts(data: Path, limit: int | None) -> list[str]:
