@@ -278,11 +278,12 @@ def _usage_chunk(ctx: RequestContext) -> dict[str, Any]:
 async def feedback(request: Request) -> dict[str, Any]:
     """A quality signal about one of the caller's own earlier requests, or any request for an
     ``admin`` key (404 for any other)."""
+    principal = principal_of(request)
+    await request.app.state.limiter.admit(principal)
     req = validated(FeedbackRequest, await read_json(request))
     learning = _learning(request)
     if learning is None:
         raise TiergateError("the learning loop is not running")
-    principal = principal_of(request)
     label = await learning.feedback(
         req, lambda record: check_record_access(principal, record, req.request_id)
     )
@@ -298,6 +299,7 @@ async def feedback(request: Request) -> dict[str, Any]:
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
     """Routing aliases and configured models, each with its availability."""
+    await request.app.state.limiter.admit(principal_of(request))
     gateway = _gateway(request)
     policy = gateway.policy
     tenant = _tenant(request)
@@ -370,8 +372,16 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    """Readiness: the policy is parsed and the local model (if any) is loaded; with details."""
+    """Readiness: the policy is parsed and the local model (if any) is loaded.
+
+    Anyone may ask (probes send no key) and gets ``{"ready": ...}``; the details (policy path,
+    reload error, models, missing key variables, calibration) go only to a caller whose key
+    has ``dashboard`` or ``admin``: they map the deployment for an attacker.
+    """
     report = readiness(request.app.state)
+    principal = getattr(request.state, "principal", None)
+    if not (isinstance(principal, Principal) and principal.can("dashboard")):
+        report = {"ready": report["ready"]}
     return JSONResponse(report, status_code=200 if report["ready"] else 503)
 
 
