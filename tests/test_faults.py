@@ -356,3 +356,53 @@ def test_oversized_body_is_refused_and_recorded(server: LiveServer) -> None:
     assert response.json()["error"]["type"] == "invalid_request_error"
     record = _record(server, response)
     assert (record["status"], record["http_status"]) == ("error", 413)
+
+
+# -- hostile input -----------------------------------------------------------------------------
+
+_SURROGATE_BODY = (
+    b'{"model": "auto", "messages": [{"role": "user", "content": "Hi \\ud800 there"},'
+    b' {"role": "user", "content": [{"type": "text", "text": "HARD \\udfff"}]}],'
+    b' "metadata": {"k\\udc00": {"deep": ["\\ud83d"]}}}'
+)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_lone_surrogates_are_replaced_and_recording_goes_on(
+    server: LiveServer, fake: FakeProvider, stream: bool
+) -> None:
+    """A lone surrogate cannot be encoded as UTF-8: it is replaced by U+FFFD when the body is
+    read, so the provider, the store and every later request see valid text."""
+    body = _SURROGATE_BODY[:-1] + (b', "stream": true}' if stream else b"}")
+    response = httpx.post(
+        server.url + "/v1/chat/completions",
+        content=body,
+        headers={"content-type": "application/json"},
+        timeout=15,
+    )
+    assert response.status_code == 200, response.text
+    sent = fake.received[0].body
+    assert sent["messages"][0]["content"] == "Hi \ufffd there"
+    assert sent["messages"][1]["content"][0]["text"] == "HARD \ufffd"
+    after = [_post(server, EASY) for _ in range(3)]
+    assert [r.status_code for r in after] == [200] * 3
+    rows = _records(server, 4)
+    assert {r["status"] for r in rows} == {"ok"}
+
+
+def test_deep_nesting_is_a_400_not_a_crash(server: LiveServer) -> None:
+    for depth in (100_000, 1_000, 200):
+        body = '{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "metadata": '
+        body += '{"a": ' * depth + "1" + "}" * depth + "}"
+        response = httpx.post(
+            server.url + "/v1/chat/completions",
+            content=body.encode(),
+            headers={"content-type": "application/json"},
+            timeout=15,
+        )
+        assert response.status_code == 400, (depth, response.text[:300])
+        error = response.json()["error"]
+        assert "nested" in error["message"] and "Recursion" not in error["message"]
+    assert _post(server, EASY).status_code == 200
+    rows = _records(server, 4)
+    assert sorted(r["http_status"] for r in rows) == [200, 400, 400, 400]
