@@ -13,8 +13,8 @@ tenant with every permission except ``admin``. That is allowed only on a loopbac
 anywhere with ``TIERGATE_ALLOW_ANONYMOUS=true``; otherwise :func:`build_authenticator` refuses to
 start. A source that is set but empty (``keys: []``, ``TIERGATE_ADMIN_KEYS=,``) is a source:
 it denies everyone. ``/readyz`` is public, but a key presented there is checked, and only a
-``dashboard`` or ``admin`` caller gets the report's details. :class:`AuthMiddleware` sets ``request.state.principal``, ``.tenant`` and
-``.policy_headers`` for the handlers; :func:`require` guards routes that need a permission.
+``dashboard`` or ``admin`` caller gets the report's details. :class:`AuthMiddleware` sets
+``request.state.principal``, ``.tenant`` and ``.policy_headers`` for the handlers; :func:`require` guards routes that need a permission.
 """
 
 from __future__ import annotations
