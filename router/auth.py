@@ -14,7 +14,8 @@ anywhere with ``TIERGATE_ALLOW_ANONYMOUS=true``; otherwise :func:`build_authenti
 start. A source that is set but empty (``keys: []``, ``TIERGATE_ADMIN_KEYS=,``) is a source:
 it denies everyone. ``/readyz`` is public, but a key presented there is checked, and only a
 ``dashboard`` or ``admin`` caller gets the report's details. :class:`AuthMiddleware` sets
-``request.state.principal``, ``.tenant`` and ``.policy_headers`` for the handlers; :func:`require` guards routes that need a permission.
+``request.state.principal``, ``.tenant`` and ``.policy_headers`` for the handlers;
+:func:`require` guards routes that need a permission.
 """
 
 from __future__ import annotations
