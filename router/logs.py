@@ -61,9 +61,7 @@ def configure_logging(level: str = "info") -> None:
 _crash = logging.getLogger("tiergate.crash")
 
 
-def _log_uncaught(
-    kind: type[BaseException], exc: BaseException, tb: TracebackType | None
-) -> None:
+def _log_uncaught(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
     _crash.critical("uncaught exception", exc_info=(kind, exc, tb))
 
 
