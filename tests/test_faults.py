@@ -479,3 +479,29 @@ def test_a_malformed_usage_after_the_answer_ends_the_stream_with_an_error(
     assert events[-1]["error"]["code"] == "upstream_bad_response"
     record = _record(server, response)
     assert (record["status"], record["http_status"]) == ("error", 502)
+
+
+def test_a_slow_policy_reload_does_not_stall_the_server(
+    server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reload parses on a worker thread: while a parse is stuck, requests are answered."""
+    import router.gateway
+
+    entered, release = threading.Event(), threading.Event()
+    real = router.gateway.load_policy
+
+    def stuck(path: Any) -> Any:
+        entered.set()
+        release.wait(30)
+        return real(path)
+
+    monkeypatch.setattr(router.gateway, "load_policy", stuck)
+    holder = server.gateway.policies
+    holder.path.write_text(holder.path.read_text() + "\n# touched\n")
+    try:
+        assert wait_for(entered.is_set, 10)
+        assert httpx.get(server.url + "/healthz", timeout=5).status_code == 200
+        assert _post(server, EASY, timeout=5).status_code == 200
+    finally:
+        release.set()
+    assert wait_for(lambda: holder.reloads == 1, 10)
