@@ -257,19 +257,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from router.app import create_app
     from router.config import load_settings
     from router.logs import configure_logging
+    from router.server import uvicorn_config
 
     settings = load_settings(args.config, host=args.host, port=args.port, policy=args.policy)
     configure_logging(settings.log_level)
     app = create_app(settings)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=False,
-        log_config=None,  # keep the JSON logging configured above
-        lifespan="on",
-    )
+    uvicorn.Server(uvicorn_config(app, settings)).run()
     return 0
 
 
