@@ -32,13 +32,11 @@ class Message(BaseModel):
     tool_call_id: str | None = None
 
     @model_validator(mode="after")
-    def _content_or_call(self) -> Message:
-        """Only an assistant message that calls a tool may leave ``content`` null (OpenAI)."""
-        extra = self.model_extra or {}
-        if self.content is None and not (
-            self.role == "assistant" and (self.tool_calls or extra.get("function_call"))
-        ):
-            raise ValueError("content is required (null only for an assistant's tool call)")
+    def _content_unless_assistant(self) -> Message:
+        """Only an assistant message (a tool call, audio, a refusal) may leave ``content`` null;
+        a null prompt is refused here rather than failing inside a chat template."""
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"content is required in a {self.role} message")
         return self
 
 

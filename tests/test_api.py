@@ -369,3 +369,20 @@ def test_bad_parameters_are_a_400_naming_them(
     assert error["param"] is not None and error["param"].startswith(param), error
     assert "TypeError" not in error["message"] and "argument" not in error["message"]
     assert fake.received == []
+
+
+def test_an_assistant_turn_without_content_reaches_the_local_model(server: LiveServer) -> None:
+    """An earlier assistant turn may have ``content: null`` (OpenAI allows it); the local chat
+    template gets empty text instead of failing on None."""
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None},
+        {"role": "user", "content": "hello again"},
+    ]
+    response = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={"model": "local", "messages": messages, "max_tokens": 4},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["x-tiergate-tier"] == "local"
