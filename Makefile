@@ -22,7 +22,7 @@ help:
 	@echo "make test   - install, fetch the bundled model, lint, type-check and run the test suite"
 	@echo "make bench  - run the benchmarks in bench/ and update bench/results and bench/README.md"
 	@echo "make load-test - 20,000 requests at 200 concurrent; bench/results/load.json"
-	@echo "make fuzz-long - over 10,000 fuzzed requests; bench/results/fuzz.json"
+	@echo "make fuzz-long - over 25,000 fuzzed requests; bench/results/fuzz.json"
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

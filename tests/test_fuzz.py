@@ -11,7 +11,7 @@ provider, so no real generation happens):
   that answers errors, nonsense (``usage`` as a string, a JSON array) or cuts a stream.
 
 ``make test`` runs a short profile (``FUZZ_EXAMPLES``, default 60 per generator and operation);
-``make fuzz-long`` runs ``FUZZ_EXAMPLES=2500`` (over 10,000 cases) and writes the counts to
+``make fuzz-long`` runs ``FUZZ_EXAMPLES=2500`` (over 25,000 cases) and writes the counts to
 ``FUZZ_REPORT`` when set.
 """
 
