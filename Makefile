@@ -23,7 +23,7 @@ help:
 	@echo "make bench  - run the benchmarks in bench/ and update bench/results and bench/README.md"
 	@echo "make load-test - 20,000 requests at 200 concurrent; bench/results/load.json"
 	@echo "make limits-load - 200 concurrent requests at a token limit and a budget; bench/results/limits_load.json"
-	@echo "make fuzz-long - over 10,000 fuzzed requests; bench/results/fuzz.json"
+	@echo "make fuzz-long - over 25,000 fuzzed requests; bench/results/fuzz.json"
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -49,16 +50,66 @@ def _dumps(data: Any) -> bytes:
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+# Deeper JSON is refused: no chat request needs it, and deeper structures would meet Python's
+# recursion limit in whatever walks them next (validation, PII scanning, the encoder).
+MAX_JSON_DEPTH = 64
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 async def read_json(request: Request) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400 naming what is wrong with it."""
+    """The request body as a JSON object, or a 400 naming what is wrong with it.
+
+    Lone surrogates (``"\\ud800"``, in values and keys, at any depth) are replaced by U+FFFD
+    rather than refused. Such a string cannot be encoded as UTF-8, so it would fail at the
+    provider, in the outcome store or in a log; replacing it keeps the request (a client that
+    cut a UTF-16 string between the two halves of an emoji still gets its answer), as a UTF-8
+    decoder, WHATWG's ``TextEncoder`` and Go's ``encoding/json`` do. Nesting deeper than
+    :data:`MAX_JSON_DEPTH` is a 400.
+    """
     raw = await request.body()
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequestError(f"request body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise BadRequestError(_too_deep()) from exc
     if not isinstance(body, dict):
         raise BadRequestError("request body must be a JSON object")
-    return body
+    cleaned: dict[str, Any] = _clean(body)
+    return cleaned
+
+
+def _too_deep() -> str:
+    return f"request body is nested more than {MAX_JSON_DEPTH} levels deep"
+
+
+def _clean_text(text: str) -> str:
+    return text if text.isascii() else _SURROGATE.sub("\ufffd", text)
+
+
+def _clean(body: Any) -> Any:
+    """``body`` with lone surrogates replaced, or a 400 when it is nested too deep.
+
+    Iterative, so that the depth check itself cannot overflow the stack.
+    """
+    root: list[Any] = [body]
+    stack: list[tuple[list[Any] | dict[str, Any], Any, int]] = [(root, 0, 0)]
+    while stack:
+        parent, key, depth = stack.pop()
+        value = parent[key]
+        if isinstance(value, str):
+            parent[key] = _clean_text(value)
+        elif isinstance(value, list | dict):
+            if depth >= MAX_JSON_DEPTH:
+                raise BadRequestError(_too_deep())
+            if isinstance(value, dict):
+                if not all(k.isascii() for k in value):
+                    value = {_clean_text(k): v for k, v in value.items()}
+                    parent[key] = value
+                stack.extend((value, k, depth + 1) for k in value)
+            else:
+                stack.extend((value, i, depth + 1) for i in range(len(value)))
+    return root[0]
 
 
 def validate_chat(body: dict[str, Any]) -> None:
@@ -324,11 +375,12 @@ def _usage_chunk(ctx: RequestContext) -> dict[str, Any]:
 async def feedback(request: Request) -> dict[str, Any]:
     """A quality signal about one of the caller's own earlier requests, or any request for an
     ``admin`` key (404 for any other)."""
+    principal = principal_of(request)
+    await request.app.state.limiter.admit(principal)
     req = validated(FeedbackRequest, await read_json(request))
     learning = _learning(request)
     if learning is None:
         raise TiergateError("the learning loop is not running")
-    principal = principal_of(request)
     label = await learning.feedback(
         req, lambda record: check_record_access(principal, record, req.request_id)
     )
@@ -344,6 +396,7 @@ async def feedback(request: Request) -> dict[str, Any]:
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
     """Routing aliases and configured models, each with its availability."""
+    await request.app.state.limiter.admit(principal_of(request))
     gateway = _gateway(request)
     policy = gateway.policy
     tenant = _tenant(request)
@@ -419,8 +472,16 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    """Readiness: the policy is parsed and the local model (if any) is loaded; with details."""
+    """Readiness: the policy is parsed and the local model (if any) is loaded.
+
+    Anyone may ask (probes send no key) and gets ``{"ready": ...}``; the details (policy path,
+    reload error, models, missing key variables, calibration) go only to a caller whose key
+    has ``dashboard`` or ``admin``: they map the deployment for an attacker.
+    """
     report = readiness(request.app.state)
+    principal = getattr(request.state, "principal", None)
+    if not (isinstance(principal, Principal) and principal.can("dashboard")):
+        report = {"ready": report["ready"]}
     return JSONResponse(report, status_code=200 if report["ready"] else 503)
 
 

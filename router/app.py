@@ -188,7 +188,8 @@ async def _watch_policy(gateway: Gateway, every_s: float) -> None:
     while True:
         await asyncio.sleep(every_s)
         try:
-            if gateway.policies.check():
+            # Reading, parsing and checking a policy is CPU work: off the event loop.
+            if await asyncio.to_thread(gateway.policies.check):
                 gateway.recalibrate(gateway.last_scores)
         except Exception:  # the watcher must survive anything; the error is logged
             log.exception("policy watcher failed")

@@ -11,9 +11,11 @@ hash (the plain key is never stored or logged) in three places, first hit wins:
 With no key source at all, Tiergate runs in *anonymous* mode: every request is the ``default``
 tenant with every permission except ``admin``. That is allowed only on a loopback host, or
 anywhere with ``TIERGATE_ALLOW_ANONYMOUS=true``; otherwise :func:`build_authenticator` refuses to
-start. :class:`AuthMiddleware` sets ``request.state.principal``, ``.tenant`` and
-``.policy_headers`` / ``.policy_metadata`` for the handlers; :func:`require` guards routes that
-need a permission.
+start. A source that is set but empty (``keys: []``, ``TIERGATE_ADMIN_KEYS=,``) is a source:
+it denies everyone. ``/readyz`` is public, but a key presented there is checked, and only a
+``dashboard`` or ``admin`` caller gets the report's details. :class:`AuthMiddleware` sets
+``request.state.principal``, ``.tenant`` and ``.policy_headers`` / ``.policy_metadata`` for the
+handlers; :func:`require` guards routes that need a permission.
 """
 
 from __future__ import annotations
@@ -223,8 +225,16 @@ def build_authenticator(settings: Settings) -> Authenticator:
             f"TIERGATE_ADMIN_KEYS[{i}]",
         )
         keys[h] = principal
-    configured = bool(keys) or settings.redis_url is not None
+    # A source that is set counts even when it holds no key: removing the last key (rotation:
+    # remove, then issue) must close the proxy, not open it to everyone.
+    configured = (
+        settings.api_keys_file is not None
+        or settings.admin_keys is not None
+        or settings.redis_url is not None
+    )
     if configured:
+        if not keys and settings.redis_url is None:
+            log.warning("the configured key sources hold no key: every request is refused")
         return Authenticator(keys, redis_url=settings.redis_url)
     if not (is_loopback(settings.host) or settings.allow_anonymous):
         raise ConfigError(
@@ -277,7 +287,9 @@ class AuthMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)  # lifespan
             return
-        if scope["path"] not in PUBLIC_PATHS:
+        if scope["path"] in PUBLIC_PATHS:
+            await self._identify(scope)
+        else:
             try:
                 principal = await self.authenticator.authenticate(_presented_key(scope["headers"]))
             except TiergateError as exc:
@@ -292,6 +304,14 @@ class AuthMiddleware:
             state["policy_headers"] = principal.allowed_policy_headers()
             state["policy_metadata"] = principal.allowed_policy_metadata()
         await self.app(scope, self._capped(scope, receive), send)
+
+    async def _identify(self, scope: Scope) -> None:
+        """On a public path a key is optional: a valid one is noted, a bad one is ignored."""
+        try:
+            principal = await self.authenticator.authenticate(_presented_key(scope["headers"]))
+        except TiergateError:
+            return
+        scope.setdefault("state", {})["principal"] = principal
 
     def _capped(self, scope: Scope, receive: Receive) -> Receive:
         limit = self.max_body_bytes

@@ -473,6 +473,8 @@ async def _serve(app: Any, settings: Any, sock: Any) -> None:
 
     import uvicorn
 
+    from router.server import uvicorn_config
+
     class _Server(uvicorn.Server):
         # uvicorn re-raises a caught SIGTERM/SIGINT once it has stopped serving, which would
         # kill the process before the lifespan below drains the outcome store.
@@ -486,13 +488,7 @@ async def _serve(app: Any, settings: Any, sock: Any) -> None:
                 for sig, handler in original.items():
                     signal.signal(sig, handler)
 
-    config = uvicorn.Config(
-        app,
-        log_level=settings.log_level,
-        access_log=False,
-        log_config=None,  # keep the JSON logging configured by configure_logging
-        lifespan="off",
-    )
+    config = uvicorn_config(app, settings, lifespan="off")
     async with app.router.lifespan_context(app):
         host, port = sock.getsockname()[:2]
         logging.getLogger("tiergate.cli").info("listening on http://%s:%d", host, port)

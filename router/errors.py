@@ -37,6 +37,9 @@ class TiergateError(Exception):
     status_code: int = 500
     error_type: str = "server_error"
     code: str = "internal_error"
+    # False for failures a retry cannot fix (configuration): sent as ``x-should-retry: false``,
+    # which the OpenAI SDKs honour instead of retrying a 5xx three times. None: no header.
+    should_retry: bool | None = None
 
     def __init__(
         self,
@@ -45,13 +48,18 @@ class TiergateError(Exception):
         code: str | None = None,
         param: str | None = None,
         headers: dict[str, str] | None = None,
+        should_retry: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
+        if should_retry is not None:
+            self.should_retry = should_retry
         self.param = param
         self.headers: dict[str, str] = dict(headers or {})
+        if self.should_retry is not None:
+            self.headers["x-should-retry"] = "true" if self.should_retry else "false"
 
     def to_body(self) -> dict[str, Any]:
         """The OpenAI error envelope for this error."""
@@ -72,6 +80,7 @@ class ConfigError(TiergateError):
     """
 
     code = "config_error"
+    should_retry = False
 
 
 class MissingExtraError(ConfigError):
@@ -214,6 +223,15 @@ class BackendError(TiergateError):
         self.upstream_status = upstream_status
         self.retry_after = retry_after
 
+    def restated(self, message: str) -> BackendError:
+        """The same failure (class, status, code, Retry-After) with a new message."""
+        return type(self)(
+            message,
+            code=self.code,
+            upstream_status=self.upstream_status,
+            retry_after=self.retry_after,
+        )
+
 
 class UpstreamRateLimitedError(BackendError):
     """The provider answered 429."""
@@ -221,6 +239,12 @@ class UpstreamRateLimitedError(BackendError):
     status_code = 429
     error_type = "rate_limit_error"
     code = "upstream_rate_limited"
+
+
+class UpstreamBadResponseError(BackendError):
+    """The provider answered 2xx with something that is not an OpenAI answer (502)."""
+
+    code = "upstream_bad_response"
 
 
 class UpstreamTimeoutError(BackendError):
@@ -240,7 +264,9 @@ class UpstreamBadRequestError(BackendError):
 
 
 class TierUnavailableError(TiergateError):
-    """The chosen tier cannot serve and no fallback is allowed (503)."""
+    """No model on the request's chain could be tried (503): no provider key, the local model
+    not loaded or switched off, or a tier that cannot honour the request. A model that was
+    tried and failed is answered with its own :class:`BackendError` (502, 504, 429)."""
 
     status_code = 503
     error_type = "service_unavailable"

@@ -438,17 +438,29 @@ class Gateway:
     def _exhausted(
         self, ctx: RequestContext, errors: list[str], last: TiergateError | None
     ) -> TiergateError:
+        """The one error for a request no model could answer.
+
+        A model that was tried and failed gives its own status (502; 504 for a timeout; 429
+        when it said "later"), as the README documents. When no model could even be tried
+        (no provider key, local model not loaded or off, or a tier that cannot honour the
+        request) the answer is 503 with ``x-should-retry: false``: a retry cannot fix it.
+        """
         if isinstance(last, BadRequestError) and len(errors) == 1:
             return last
+        if isinstance(last, LocalOverloadedError | UpstreamRateLimitedError) and len(errors) == 1:
+            return last  # one model tried and it said "later": 429 with its Retry-After
         detail = "; ".join(errors) or "no model to try"
         if ctx.decision is not None and ctx.decision.local_only:
-            return TierUnavailableError(
+            message = (
                 f"request is local-only (rule '{ctx.decision.rule}') and the local tier "
                 f"cannot serve it: {detail}"
             )
-        if isinstance(last, LocalOverloadedError | UpstreamRateLimitedError) and len(errors) == 1:
-            return last  # one model tried and it said "later": 429 with its Retry-After
-        error = TierUnavailableError(f"no tier could serve the request: {detail}")
+        else:
+            message = f"no tier could serve the request: {detail}"
+        if isinstance(last, BackendError):
+            return last.restated(message)
+        transient = isinstance(last, LocalOverloadedError)
+        error = TierUnavailableError(message, should_retry=None if transient else False)
         if last is not None and "retry-after" in last.headers:
             error.headers["retry-after"] = last.headers["retry-after"]
         return error

@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
+from types import TracebackType
 from typing import Any
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -35,7 +37,13 @@ class JSONFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "info") -> None:
-    """Send ``tiergate.*`` and uvicorn logs to stderr as JSON lines."""
+    """Send ``tiergate.*`` and uvicorn logs to stderr as JSON lines.
+
+    Python prints some failures straight to stderr, outside logging: an exception that ends a
+    thread or the main thread, one raised in ``__del__`` or an async generator's finaliser,
+    and warnings. Those hooks are pointed at the log too, so a traceback is always the ``exc``
+    field of one JSON line and never raw lines a log collector would split apart.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JSONFormatter())
     root = logging.getLogger()
@@ -44,3 +52,33 @@ def configure_logging(level: str = "info") -> None:
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    logging.captureWarnings(True)
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_thread
+    sys.unraisablehook = _log_unraisable
+
+
+_crash = logging.getLogger("tiergate.crash")
+
+
+def _log_uncaught(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    _crash.critical("uncaught exception", exc_info=(kind, exc, tb))
+
+
+def _log_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return  # as the default hook: a thread's sys.exit() is not an error
+    name = args.thread.name if args.thread is not None else "?"
+    _crash.error(
+        "uncaught exception in thread %s",
+        name,
+        exc_info=(args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback),
+    )
+
+
+def _log_unraisable(args: Any) -> None:
+    # args: sys.UnraisableHookArgs (not importable as a type)
+    what = args.err_msg or "exception ignored"
+    where = f" in {args.object!r}" if args.object is not None else ""
+    exc = args.exc_value or args.exc_type()
+    _crash.error("%s%s", what, where, exc_info=(args.exc_type, exc, args.exc_traceback))

@@ -847,11 +847,33 @@ def _by_place(issue: PolicyIssue) -> tuple[int, int]:
     return issue.line or 0, issue.column or 0
 
 
+class _AliasError(Exception):
+    def __init__(self, event: yaml.AliasEvent) -> None:
+        super().__init__(event.anchor)
+        self.anchor, self.mark = event.anchor, event.start_mark
+
+
+class _PolicyLoader(yaml.SafeLoader):
+    """SafeLoader without aliases: ``*name`` lets a few hundred bytes stand for gigabytes once
+    expanded (an "alias bomb", which also made the key-path walk exponential), and a policy
+    has no need of them. The first alias is refused before anything is built."""
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            raise _AliasError(self.peek_event())  # type: ignore[no-untyped-call]
+        node: yaml.Node | None = super().compose_node(parent, index)
+        return node
+
+
 def _read_yaml(text: str, source: str) -> tuple[Any, dict[Loc, tuple[int, int]], list[PolicyIssue]]:
-    loader = yaml.SafeLoader(text)
+    loader = _PolicyLoader(text)
     try:
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
+    except _AliasError as exc:
+        line, col = (exc.mark.line + 1, exc.mark.column + 1) if exc.mark else (None, None)
+        message = f"YAML aliases are not allowed in a policy (*{exc.anchor}): write the value out"
+        return None, {}, [PolicyIssue(source, line, col, "", message)]
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark  # problem_mark is where the parser gave up
         what = exc.problem or "invalid YAML"

@@ -7,9 +7,17 @@ the backends' OpenAI-shaped dicts and are not re-modelled.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# The body is passed on as the client sent it, so a value must already have the type the
+# backends take: "100" or 100.0 for max_tokens would pass a lax check, skip the cap and reach
+# llama.cpp as the wrong type. Numbers and flags are therefore checked strictly.
+StrictInt = Annotated[int, Field(strict=True)]
+Number = Annotated[float, Field(strict=True)]  # strict float still takes an int
+Flag = Annotated[bool, Field(strict=True)]
+TokenId = Annotated[str, Field(pattern=r"^[0-9]{1,9}$")]
 
 
 class Message(BaseModel):
@@ -23,13 +31,21 @@ class Message(BaseModel):
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
 
+    @model_validator(mode="after")
+    def _content_unless_assistant(self) -> Message:
+        """Only an assistant message (a tool call, audio, a refusal) may leave ``content`` null;
+        a null prompt is refused here rather than failing inside a chat template."""
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"content is required in a {self.role} message")
+        return self
+
 
 class StreamOptions(BaseModel):
     """OpenAI's ``stream_options``."""
 
     model_config = ConfigDict(extra="allow")
 
-    include_usage: bool = False
+    include_usage: Flag = False
 
 
 class ChatCompletionRequest(BaseModel):
@@ -39,15 +55,20 @@ class ChatCompletionRequest(BaseModel):
 
     model: str = Field(min_length=1)
     messages: list[Message] = Field(min_length=1)
-    stream: bool = False
+    stream: Flag = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(None, ge=1, le=16)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
+    n: StrictInt | None = Field(None, ge=1, le=16)
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: Number | None = Field(None, ge=0, le=2)
+    top_p: Number | None = Field(None, ge=0, le=1)
+    presence_penalty: Number | None = Field(None, ge=-2, le=2)
+    frequency_penalty: Number | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[TokenId, Annotated[Number, Field(ge=-100, le=100)]] | None = None
+    logprobs: Flag | None = None
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: StrictInt | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None

@@ -36,7 +36,8 @@ class Received:
 class Behaviour:
     """How to answer the next requests. ``mode`` is one of:
     ok, status, rate_limit, stall, reset_mid_stream, tool_call, echo_auth (a 500 whose message
-    repeats the Authorization header it got, as careless providers do).
+    repeats the Authorization header it got, as careless providers do), bad_usage (``usage``
+    is a string), array_body (a 200 whose JSON body, or each streamed chunk, is an array).
     ``chunk_delay_s`` paces streamed chunks."""
 
     mode: str = "ok"
@@ -134,6 +135,14 @@ class FakeProvider:
                 extra={"retry-after": str(b.retry_after)},
             )
             return
+        if b.mode == "array_body":
+            if body.get("stream"):
+                self._sse_start(h)
+                h.wfile.write(b'data: ["not", "a", "chunk"]\n\ndata: [DONE]\n\n')
+                h.wfile.flush()
+            else:
+                self._json(h, 200, [{"choices": []}])
+            return
         if b.mode == "stall":
             time.sleep(b.stall_s)
         if body.get("stream"):
@@ -206,9 +215,14 @@ class FakeProvider:
                 "created": int(time.time()),
                 "model": body.get("model", "fake"),
                 "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-                "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
+                "usage": self._usage(),
             },
         )
+
+    def _usage(self) -> Any:
+        if self.behaviour.mode == "bad_usage":
+            return "lots"
+        return {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
 
     def _sse_start(self, h: BaseHTTPRequestHandler) -> None:
         h.send_response(200)
@@ -262,13 +276,7 @@ class FakeProvider:
             send({**base, "choices": [{"index": 0, "delta": {"content": piece}}]})
         send({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
         if (body.get("stream_options") or {}).get("include_usage"):
-            send(
-                {
-                    **base,
-                    "choices": [],
-                    "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
-                }
-            )
+            send({**base, "choices": [], "usage": self._usage()})
         h.wfile.write(b"data: [DONE]\n\n")
         h.wfile.flush()
 

@@ -574,3 +574,52 @@ def test_readme_first_hour_commands_run_as_written(shipped: LiveServer) -> None:
     assert '"ready":true' in out.stdout
     assert "MATCH high-stakes" in out.stdout
     assert "records in" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"presence_penalty": "lots"}, "presence_penalty"),
+        ({"frequency_penalty": "0.5"}, "frequency_penalty"),
+        ({"temperature": "0.5"}, "temperature"),
+        ({"seed": 1.5}, "seed"),
+        ({"logit_bias": {"abc": "x"}}, "logit_bias"),
+        ({"logit_bias": {"15": "x"}}, "logit_bias"),
+        ({"logit_bias": {"15": 1000}}, "logit_bias"),
+        ({"logit_bias": {"999999999": 5}}, "logit_bias"),
+        ({"logprobs": "yes"}, "logprobs"),
+        ({"top_logprobs": 1.5}, "top_logprobs"),
+        ({"messages": [{"role": "user", "content": None}]}, "messages"),
+    ],
+)
+@pytest.mark.parametrize("model", ["local", "auto"])
+def test_bad_parameters_are_a_400_naming_them(
+    server: LiveServer, fake: FakeProvider, extra: dict[str, object], param: str, model: str
+) -> None:
+    """What the local model cannot take is refused with a 400 that names the parameter, before
+    any model runs: no 500, no internal text, no retry on the closed tier."""
+    fake.reset()
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
+    response = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] is not None and error["param"].startswith(param), error
+    assert "TypeError" not in error["message"] and "argument" not in error["message"]
+    assert fake.received == []
+
+
+def test_an_assistant_turn_without_content_reaches_the_local_model(server: LiveServer) -> None:
+    """An earlier assistant turn may have ``content: null`` (OpenAI allows it); the local chat
+    template gets empty text instead of failing on None."""
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None},
+        {"role": "user", "content": "hello again"},
+    ]
+    response = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={"model": "local", "messages": messages, "max_tokens": 4},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["x-tiergate-tier"] == "local"

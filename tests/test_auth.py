@@ -258,3 +258,66 @@ def test_a_tenant_cannot_reach_another_tenants_records() -> None:
             check_record_access(principal, record_, "req_1")
     check_record_access(acme, {**record, "tenant": "acme"}, "req_1")
     check_record_access(admin, record, "req_1")
+
+
+@pytest.mark.parametrize("source", ["empty_keys_file", "blank_admin_keys", "both_empty"])
+def test_a_configured_but_empty_key_source_denies_everyone(
+    tmp_path: Path, fake: FakeProvider, source: str
+) -> None:
+    """Removing the last key (rotation: remove, then issue) must close the proxy, not open it."""
+    fake.reset()
+    overrides: dict[str, object] = {}
+    if source in ("empty_keys_file", "both_empty"):
+        empty = tmp_path / "keys.yaml"
+        empty.write_text("keys: []\n")
+        overrides["api_keys_file"] = empty
+    if source in ("blank_admin_keys", "both_empty"):
+        overrides["admin_keys"] = ","
+    with live(tmp_path, policy_yaml(fake), local_backend_obj=ScriptedLocal(), **overrides) as srv:
+        _assert_openai_error(_post(srv, None), 401, "authentication_error")
+        _assert_openai_error(_post(srv, "tg-anything"), 401, "authentication_error")
+        pinned = _post(srv, None, {**CHAT, "model": "gpt-4o"})
+        _assert_openai_error(pinned, 401, "authentication_error")
+        _assert_openai_error(httpx.get(srv.url + "/dashboard/data"), 401, "authentication_error")
+        assert httpx.get(srv.url + "/healthz").status_code == 200
+    assert fake.received == []
+
+
+def test_readiness_details_are_for_authorised_callers(server: LiveServer) -> None:
+    """Anyone may ask whether the proxy is ready; only a dashboard or admin key sees why."""
+    for key in (None, "tg-wrong", ACME):
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        ready = httpx.get(server.url + "/readyz", headers=headers)
+        assert ready.status_code == 200
+        assert ready.json() == {"ready": True}, key
+    for key in (GLOBEX, ADMIN):
+        ready = httpx.get(server.url + "/readyz", headers={"authorization": f"Bearer {key}"})
+        body = ready.json()
+        assert body["ready"] is True
+        assert body["policy"]["path"].endswith("policy.yaml")
+        assert "gpt-4o" in body["closed"]
+
+
+def test_feedback_and_models_count_against_the_rate_limit(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    keys = write_keys(tmp_path / "keys.yaml")
+    with live(
+        tmp_path,
+        policy_yaml(fake),
+        local_backend_obj=ScriptedLocal(),
+        api_keys_file=keys,
+        rpm_limit=2,
+    ) as srv:
+        auth = {"authorization": f"Bearer {ACME}"}
+        for _ in range(2):
+            assert httpx.get(srv.url + "/v1/models", headers=auth).status_code == 200
+        refused = httpx.get(srv.url + "/v1/models", headers=auth)
+        _assert_openai_error(refused, 429, "rate_limit_error")
+        assert refused.headers["retry-after"]
+        feedback = httpx.post(
+            srv.url + "/v1/feedback", json={"request_id": "req_x", "thumbs": "up"}, headers=auth
+        )
+        _assert_openai_error(feedback, 429, "rate_limit_error")
+        other = {"authorization": f"Bearer {GLOBEX}"}  # another tenant has its own window
+        assert httpx.get(srv.url + "/v1/models", headers=other).status_code == 200

@@ -108,7 +108,7 @@ def test_a_local_models_policy_timeout_wins_over_the_setting(
             timeout=30,
         )
         elapsed = time.monotonic() - started
-    assert response.status_code == 503, response.text  # on_failure: error, nothing else to try
+    assert response.status_code == 504, response.text  # on_failure: error, nothing else to try
     assert "timed out" in response.json()["error"]["message"]
     assert elapsed < 4.0  # stopped at the policy's 0.3 s, not the stall's 5 s or the 300 s
 

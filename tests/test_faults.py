@@ -135,10 +135,11 @@ def test_closed_timeout_uses_the_models_timeout(tmp_path: Path, fake: FakeProvid
         assert response.status_code == 200
         assert response.headers["x-tiergate-fallback"] == "closed->local"
         pinned = _post(srv, PINNED)
-        assert pinned.status_code == 503
+        assert pinned.status_code == 504  # a gateway timeout, as the README says
+        assert pinned.json()["error"]["code"] == "upstream_timeout"
         assert "timed out" in pinned.json()["error"]["message"]
         rows = _records(srv, 2)
-        assert [r["http_status"] for r in rows] == [503, 200]
+        assert [r["http_status"] for r in rows] == [504, 200]
         assert rows[1]["fallback"] == "closed->local"
 
 
@@ -424,3 +425,151 @@ def test_client_leaving_a_non_streaming_request_stops_local_generation(
     assert (record["status"], record["http_status"]) == ("aborted", 499)
     assert 0 < record["completion_tokens"] < 400 and record["prompt_tokens"] > 0
     assert _post(server, EASY).status_code == 200  # the slot is free again
+
+
+# -- hostile input -----------------------------------------------------------------------------
+
+_SURROGATE_BODY = (
+    b'{"model": "auto", "messages": [{"role": "user", "content": "Hi \\ud800 there"},'
+    b' {"role": "user", "content": [{"type": "text", "text": "HARD \\udfff"}]}],'
+    b' "metadata": {"k\\udc00": {"deep": ["\\ud83d"]}}}'
+)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_lone_surrogates_are_replaced_and_recording_goes_on(
+    server: LiveServer, fake: FakeProvider, stream: bool
+) -> None:
+    """A lone surrogate cannot be encoded as UTF-8: it is replaced by U+FFFD when the body is
+    read, so the provider, the store and every later request see valid text."""
+    body = _SURROGATE_BODY[:-1] + (b', "stream": true}' if stream else b"}")
+    response = httpx.post(
+        server.url + "/v1/chat/completions",
+        content=body,
+        headers={"content-type": "application/json"},
+        timeout=15,
+    )
+    assert response.status_code == 200, response.text
+    sent = fake.received[0].body
+    assert sent["messages"][0]["content"] == "Hi \ufffd there"
+    assert sent["messages"][1]["content"][0]["text"] == "HARD \ufffd"
+    after = [_post(server, EASY) for _ in range(3)]
+    assert [r.status_code for r in after] == [200] * 3
+    rows = _records(server, 4)
+    assert {r["status"] for r in rows} == {"ok"}
+
+
+def test_deep_nesting_is_a_400_not_a_crash(server: LiveServer) -> None:
+    for depth in (100_000, 1_000, 200):
+        body = '{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "metadata": '
+        body += '{"a": ' * depth + "1" + "}" * depth + "}"
+        response = httpx.post(
+            server.url + "/v1/chat/completions",
+            content=body.encode(),
+            headers={"content-type": "application/json"},
+            timeout=15,
+        )
+        assert response.status_code == 400, (depth, response.text[:300])
+        error = response.json()["error"]
+        assert "nested" in error["message"] and "Recursion" not in error["message"]
+    assert _post(server, EASY).status_code == 200
+    rows = _records(server, 4)
+    assert sorted(r["http_status"] for r in rows) == [200, 400, 400, 400]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_failing_upstream_without_fallback_is_a_502(
+    server: LiveServer, fake: FakeProvider, stream: bool
+) -> None:
+    fake.reset(Behaviour(mode="status", status=500))
+    response = _post(server, {**PINNED, "stream": stream})
+    assert response.status_code == 502, response.text
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("api_error", "upstream_error")
+    assert "x-should-retry" not in response.headers  # a transient failure may be retried
+    assert _record(server, response)["http_status"] == 502
+
+
+def test_a_missing_provider_key_is_not_worth_retrying(
+    tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A configuration failure says ``x-should-retry: false``: the openai SDK then gives up at
+    once instead of trying three times."""
+    import openai
+
+    fake.reset()
+    monkeypatch.delenv("OPENAI_API_KEY")
+    with live(tmp_path, policy_yaml(fake), local_backend_obj=ScriptedLocal()) as srv:
+        response = _post(srv, PINNED)
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "tier_unavailable"
+        assert "OPENAI_API_KEY" in response.json()["error"]["message"]
+        assert response.headers["x-should-retry"] == "false"
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=2)
+        with pytest.raises(openai.APIStatusError) as err:
+            client.chat.completions.create(**PINNED)  # type: ignore[call-overload]
+        assert err.value.status_code == 503
+        _records(srv, 2)  # one request each: the SDK did not retry
+    assert fake.received == []
+
+
+@pytest.mark.parametrize(
+    ("mode", "stream"), [("bad_usage", False), ("array_body", False), ("array_body", True)]
+)
+def test_a_malformed_upstream_answer_is_an_upstream_failure(
+    server: LiveServer, fake: FakeProvider, mode: str, stream: bool
+) -> None:
+    """A provider answering nonsense fails like a provider answering 500: fall back where the
+    policy allows, else 502; never a 500 or a stream cut without an error. (A stream's usage
+    comes after the answer, when no fallback is possible: see the next test.)"""
+    fake.reset(Behaviour(mode=mode))
+    body = {**HARD, "stream": stream, "stream_options": {"include_usage": True}} if stream else HARD
+    fallback = _post(server, body)
+    assert fallback.status_code == 200, fallback.text
+    assert fallback.headers["x-tiergate-fallback"] == "closed->local"
+    pinned = _post(server, {**body, "model": "gpt-4o"})
+    assert pinned.status_code == 502, pinned.text
+    assert pinned.json()["error"]["code"] == "upstream_bad_response"
+    rows = _records(server, 2)
+    assert sorted(r["http_status"] for r in rows) == [200, 502]
+
+
+def test_a_malformed_usage_after_the_answer_ends_the_stream_with_an_error(
+    server: LiveServer, fake: FakeProvider
+) -> None:
+    """The answer has streamed (no fallback is possible any more): the client gets an error
+    event, not a cut connection, and the record says what happened."""
+    fake.reset(Behaviour(mode="bad_usage"))
+    body = {**PINNED, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body) as response:
+        events = _sse(response)
+    assert response.status_code == 200
+    assert events[-1]["error"]["code"] == "upstream_bad_response"
+    record = _record(server, response)
+    assert (record["status"], record["http_status"]) == ("error", 502)
+
+
+def test_a_slow_policy_reload_does_not_stall_the_server(
+    server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reload parses on a worker thread: while a parse is stuck, requests are answered."""
+    import router.gateway
+
+    entered, release = threading.Event(), threading.Event()
+    real = router.gateway.load_policy
+
+    def stuck(path: Any) -> Any:
+        entered.set()
+        release.wait(30)
+        return real(path)
+
+    monkeypatch.setattr(router.gateway, "load_policy", stuck)
+    holder = server.gateway.policies
+    holder.path.write_text(holder.path.read_text() + "\n# touched\n")
+    try:
+        assert wait_for(entered.is_set, 10)
+        assert httpx.get(server.url + "/healthz", timeout=5).status_code == 200
+        assert _post(server, EASY, timeout=5).status_code == 200
+    finally:
+        release.set()
+    assert wait_for(lambda: holder.reloads == 1, 10)

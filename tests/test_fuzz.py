@@ -6,10 +6,12 @@ provider, so no real generation happens):
 
 * schemathesis, from the app's own OpenAPI schema (positive and negative cases per operation);
 * hypothesis, for what a schema does not describe: raw bytes, random paths and methods, random
-  headers (auth, ``x-tiergate-*``, content types).
+  headers (auth, ``x-tiergate-*``, content types); chat bodies with lone surrogates, JSON nested
+  past the parser's recursion limit, numbers sent as floats or strings; and a closed provider
+  that answers errors, nonsense (``usage`` as a string, a JSON array) or cuts a stream.
 
 ``make test`` runs a short profile (``FUZZ_EXAMPLES``, default 60 per generator and operation);
-``make fuzz-long`` runs ``FUZZ_EXAMPLES=2500`` (over 10,000 cases) and writes the counts to
+``make fuzz-long`` runs ``FUZZ_EXAMPLES=2500`` (over 25,000 cases) and writes the counts to
 ``FUZZ_REPORT`` when set.
 """
 
@@ -32,7 +34,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
 from tests.conftest import LiveServer, live, policy_yaml
-from tests.fake_provider import FakeProvider
+from tests.fake_provider import Behaviour, FakeProvider
 from tests.scripted_local import ScriptedLocal
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))
@@ -123,7 +125,16 @@ def _fuzz_operation(
     run()
 
 
-_text = st.text(max_size=40)
+# Text includes lone surrogates ("\ud800"): json.dumps sends them as \u escapes, which a JSON
+# parser turns back into strings that cannot be encoded as UTF-8.
+_text = st.text(st.characters() | st.characters(categories=["Cs"]), max_size=40)
+# Numbers as clients get them wrong: floats, numeric strings, booleans.
+_numberish = (
+    st.integers(-10, 100_000)
+    | st.floats(allow_nan=True)
+    | st.from_regex(r"-?[0-9]{1,6}(\.[0-9]{1,3})?", fullmatch=True)
+    | st.booleans()
+)
 _json = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | _text,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_text, inner, max_size=4),
@@ -139,18 +150,40 @@ _chatish = st.fixed_dictionaries(
     },
     optional={
         "stream": _json,
-        "max_tokens": _json,
-        "n": _json,
+        "max_tokens": _json | _numberish,
+        "max_completion_tokens": _numberish,
+        "n": _json | _numberish,
         "tools": _json,
-        "temperature": _json,
+        "temperature": _json | _numberish,
+        "presence_penalty": _numberish | _text,
+        "seed": _numberish,
+        "top_logprobs": _numberish,
+        "logit_bias": st.dictionaries(_text | _numberish.map(str), _numberish | _text, max_size=3),
         "stream_options": _json,
         "metadata": _json,
     },
 )
+
+
+def _nested(depth: int, opener: str) -> bytes:
+    closer = "]" if opener == "[" else "}"
+    inner = opener * depth + "1" + closer * depth
+    return (
+        '{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "metadata": '
+        + inner
+        + "}"
+    ).encode()
+
+
+# JSON nested from a few levels to far past the parser's recursion limit.
+# (The fuzz server's body limit is 64 KiB: 20,000 levels of "[" fit in it.)
+_depth = st.sampled_from([63, 64, 65, 999, 1_000, 5_000, 20_000]) | st.integers(1, 20_000)
+_deep = st.builds(_nested, _depth, st.sampled_from(["[", '{"a": ']))
 _body = (
     st.binary(max_size=200)
     | _json.map(lambda v: json.dumps(v).encode())
     | _chatish.map(lambda v: json.dumps(v).encode())
+    | _deep
 )
 _path = st.sampled_from(
     ["/v1/chat/completions", "/v1/route", "/v1/models", "/healthz", "/readyz", "/docs", "/"]
@@ -192,3 +225,65 @@ def test_raw_requests(
         response.headers.get("content-type", ""),
         f"{method} {path} {headers} {body[:200]!r}",
     )
+
+
+@FUZZ
+@given(body=_deep | _chatish.map(lambda v: json.dumps(v).encode()))
+def test_hostile_chat_bodies(server: LiveServer, body: bytes) -> None:
+    """Chat bodies only: deep nesting, lone surrogates, numbers as strings or floats."""
+    response = httpx.post(
+        server.url + "/v1/chat/completions",
+        content=body,
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    check_response(
+        "chat",
+        response.status_code,
+        response.content,
+        response.headers.get("content-type", ""),
+        f"{body[:200]!r}",
+    )
+
+
+# What a broken or hostile provider answers (tests/fake_provider.py's modes).
+_UPSTREAM = ["ok", "status", "rate_limit", "bad_usage", "array_body", "reset_mid_stream"]
+
+
+@FUZZ
+@given(
+    mode=st.sampled_from(_UPSTREAM),
+    body=st.fixed_dictionaries(
+        {
+            "model": st.sampled_from(["auto", "auto-best"]),
+            # scored for the closed tier, so the provider answers first
+            "messages": _text.map(lambda t: [{"role": "user", "content": "HARD " + t}]),
+            "stream": st.booleans(),
+        },
+        optional={"stream_options": st.just({"include_usage": True})},
+    ),
+)
+def test_malformed_upstream_answers(
+    server: LiveServer, fake: FakeProvider, mode: str, body: dict[str, Any]
+) -> None:
+    """Whatever the closed provider answers, a request with a fallback gets no 5xx, and a
+    stream ends with ``[DONE]`` or an error event, never cut off."""
+    fake.reset(Behaviour(mode=mode))
+    stream = body["stream"]
+    try:
+        with httpx.stream(
+            "POST",
+            server.url + "/v1/chat/completions",
+            content=json.dumps(body).encode(),  # \u escapes: lone surrogates go through
+            headers={"content-type": "application/json"},
+            timeout=30,
+        ) as response:
+            raw = response.read()
+    finally:
+        fake.reset()
+    content_type = response.headers.get("content-type", "")
+    check_response("upstream", response.status_code, raw, content_type, f"{mode} {body!r:.200}")
+    if response.status_code == 200 and stream:
+        events = [line[6:] for line in raw.decode().splitlines() if line.startswith("data: ")]
+        assert events, raw[:300]
+        assert events[-1] == "[DONE]" or "error" in json.loads(events[-1]), events[-1][:300]

@@ -121,7 +121,7 @@ def test_local_failure_without_fallback_is_a_clear_error(
             _client(srv.url).chat.completions.create(
                 model="auto", messages=[{"role": "user", "content": "easy"}]
             )
-        assert err.value.status_code == 503
+        assert err.value.status_code == 502  # a tried model failed: bad gateway
         assert "local generation failed" in str(err.value)
         assert fake.received == []
 
@@ -202,7 +202,7 @@ def test_local_only_never_leaves_the_machine(tmp_path: Path, fake: FakeProvider)
             _client(srv.url).chat.completions.create(
                 model="auto", messages=[{"role": "user", "content": "HARD PII here"}]
             )
-        assert err.value.status_code == 503
+        assert err.value.status_code == 502
         assert "local-only" in str(err.value)
     assert fake.received == []
 
@@ -439,13 +439,13 @@ def test_privacy_fail_closed_end_to_end(tmp_path: Path, fake: FakeProvider) -> N
             model="gpt-4o", messages=[{"role": "user", "content": "PII again"}]
         )
         assert pinned.headers["x-tiergate-tier"] == "local"
-        # Local down: a clear 503, still nothing sent out.
+        # Local down: a clear 502, still nothing sent out.
         local.fail = True
         with pytest.raises(openai.APIStatusError) as err:
             _client(srv.url).chat.completions.create(
                 model="auto", messages=[{"role": "user", "content": "PII once more"}]
             )
-        assert err.value.status_code == 503
+        assert err.value.status_code == 502
         store = srv.gateway.outcomes
         assert store.flush()
         rows = store.recent(10)

@@ -435,3 +435,65 @@ def test_a_reservation_settles_in_the_window_it_was_made_in(
         return [third is None, refused is None, again is not None]
 
     assert asyncio.run(scenario()) == [True, True, True]
+
+
+@pytest.mark.parametrize("value", [101.0, "101", 100.5, "100", True])
+def test_max_tokens_must_be_an_integer(small: LiveServer, value: object) -> None:
+    """A float or a numeric string would slip past the cap and the context-window check."""
+    for field in ("max_tokens", "max_completion_tokens"):
+        for path in ("/v1/chat/completions", "/v1/route"):
+            body = {**CHAT, field: value}
+            response = httpx.post(small.url + path, json=body, timeout=10)
+            assert response.status_code == 400, (field, value, response.text)
+            assert response.json()["error"]["param"] == field
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_an_endless_header_is_cut_off(
+    tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch, parser: str
+) -> None:
+    """``tiergate serve``'s server refuses a header block past its limit instead of buffering
+    it: a client that keeps sending one unfinished header is answered and disconnected. A
+    large body is not a large head: it is still served."""
+    import threading
+
+    import uvicorn
+
+    from router import server as serving
+    from router.app import create_app
+    from router.server import uvicorn_config
+    from tests.conftest import free_port, make_settings
+
+    if parser == "h11":  # as where httptools is not installed
+        monkeypatch.setattr(serving, "_bounded_httptools", lambda: None)
+
+    settings = make_settings(tmp_path, policy_yaml(fake), port=free_port())
+    app = create_app(settings, local_backend=ScriptedLocal())
+    server = uvicorn.Server(uvicorn_config(app, settings))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        assert wait_for(lambda: server.started, 30)
+        with socket.create_connection(("127.0.0.1", settings.port), timeout=10) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-filler: ")
+            sent, answer = 0, b""
+            try:
+                while sent < 8 * 1024 * 1024:  # 8 MiB of one header value, never finished
+                    sock.sendall(b"a" * 65536)
+                    sent += 65536
+            except OSError:  # the server closed the connection while we were still sending
+                pass
+            try:
+                answer = sock.recv(200)
+            except OSError:
+                answer = b""
+        assert sent < 8 * 1024 * 1024 or answer.startswith(b"HTTP/1.1 4"), (sent, answer)
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 4"), answer
+        ok = httpx.get(f"http://127.0.0.1:{settings.port}/healthz", timeout=10)
+        assert ok.status_code == 200
+        big = {**CHAT, "messages": [{"role": "user", "content": "x" * 600_000}]}
+        url = f"http://127.0.0.1:{settings.port}/v1/chat/completions"
+        assert httpx.post(url, json=big, timeout=30).status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(30)

@@ -336,3 +336,24 @@ def test_policy_error_is_a_config_error() -> None:
     assert str(caught.value) == (
         "invalid policy: 1 problem\n  <string>:2:1: models: define at least one model"
     )
+
+
+_BOMB = "version: 1\na: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(8)
+)  # nine levels of ten: 10**9 strings once expanded
+
+
+def test_yaml_aliases_are_refused_where_they_are_written() -> None:
+    """Aliases let a few hundred bytes expand to gigabytes (an "alias bomb"); a policy needs
+    none, so the first one is refused, located, before anything is expanded."""
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(_BOMB, "p.yaml")
+    (issue,) = caught.value.issues
+    assert (issue.line, issue.column) == (3, 8)
+    assert "alias" in issue.message and "*a" in issue.message
+    small = M + "rules:\n  - &r {name: a, route: local}\n  - *r\n"
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(small, "p.yaml")
+    assert [str(i) for i in caught.value.issues] == [
+        "p.yaml:7:5: YAML aliases are not allowed in a policy (*r): write the value out"
+    ]

@@ -46,7 +46,7 @@ def test_local_only_traffic_never_reaches_a_closed_provider(
 
         local.mode = "fail"  # a failing local tier: the policy's fallback must not apply
         failed = httpx.post(url, json=body, timeout=10)
-        assert failed.status_code == 503
+        assert failed.status_code == 502  # the local tier was tried and failed
         assert "local-only" in failed.json()["error"]["message"]
 
         local.mode = "hold"  # a full local queue: no spill to the closed tier

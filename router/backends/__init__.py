@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from router.errors import UpstreamBadResponseError
+
 
 class ModelLike(Protocol):
     """The parts of a policy ``ModelSpec`` a backend reads."""
@@ -75,10 +77,16 @@ class Backend(Protocol):
         ...
 
 
-def usage_from_body(body: dict[str, Any]) -> Usage:
-    """Read OpenAI's ``usage`` object (absent or partial is fine)."""
+def usage_from_body(body: dict[str, Any], label: str = "the upstream") -> Usage:
+    """Read OpenAI's ``usage`` object (absent or partial is fine).
+
+    A ``usage`` that is not an object of token counts is a malformed answer: raised as
+    :class:`UpstreamBadResponseError`, an upstream failure that falls back like any other.
+    """
     raw = body.get("usage") or {}
-    return Usage(
-        prompt_tokens=int(raw.get("prompt_tokens") or 0),
-        completion_tokens=int(raw.get("completion_tokens") or 0),
-    )
+    if not isinstance(raw, dict):
+        raise UpstreamBadResponseError(f"{label} sent a 'usage' that is not an object")
+    counts = [raw.get("prompt_tokens") or 0, raw.get("completion_tokens") or 0]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
+        raise UpstreamBadResponseError(f"{label} sent token counts that are not counts")
+    return Usage(prompt_tokens=counts[0], completion_tokens=counts[1])

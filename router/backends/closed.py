@@ -158,7 +158,7 @@ class ClosedBackend:
         except Exception as exc:  # litellm raises many types; mapped in one place
             raise map_litellm_error(exc, model.name) from exc
         payload = response.model_dump(exclude_none=True)
-        return Completion(body=payload, usage=usage_from_body(payload))
+        return Completion(body=payload, usage=usage_from_body(payload, model.name))
 
     async def _litellm_stream(
         self, model: ModelLike, body: dict[str, Any], usage: Usage
@@ -173,7 +173,7 @@ class ClosedBackend:
             async for chunk in response:
                 data = chunk.model_dump(exclude_none=True)
                 if data.get("usage"):
-                    got = usage_from_body(data)
+                    got = usage_from_body(data, model.name)
                     usage.prompt_tokens, usage.completion_tokens = (
                         got.prompt_tokens,
                         got.completion_tokens,

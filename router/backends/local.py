@@ -145,6 +145,8 @@ def _text_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if isinstance(content, list):
             text = "".join(str(p.get("text", "")) for p in content)
             out.append({**message, "content": text})
+        elif content is None:  # an assistant's tool call: chat templates expect text
+            out.append({**message, "content": ""})
         else:
             out.append(message)
     return out
@@ -230,8 +232,19 @@ class LlamaCppBackend:
                 kwargs[key] = body[key]
         kwargs["max_tokens"] = local_max_tokens(body, self._settings)
         if body.get("logit_bias"):
-            kwargs["logit_bias"] = {int(k): float(v) for k, v in body["logit_bias"].items()}
+            kwargs["logit_bias"] = self._logit_bias(body["logit_bias"])
         return kwargs
+
+    def _logit_bias(self, bias: dict[str, float]) -> dict[int, float]:
+        # The wire schema checked the types; the token ids must also exist in this model.
+        vocab = int(self._llm.n_vocab()) if self._llm is not None else 0
+        out = {int(k): float(v) for k, v in bias.items()}
+        if vocab and any(t >= vocab for t in out):
+            raise BadRequestError(
+                f"logit_bias names a token id past the local model's vocabulary ({vocab})",
+                param="logit_bias",
+            )
+        return out
 
     async def complete(
         self, model: ModelLike, body: dict[str, Any], usage: Usage | None = None

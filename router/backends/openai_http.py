@@ -20,6 +20,7 @@ from router.errors import (
     BackendError,
     TiergateError,
     UpstreamBadRequestError,
+    UpstreamBadResponseError,
     UpstreamRateLimitedError,
     UpstreamTimeoutError,
     scrub,
@@ -140,11 +141,16 @@ class OpenAIHTTP:
             raise map_transport_error(exc, label) from exc
         try:
             payload = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BackendError(f"{label} sent a body that is not JSON") from exc
-        if not isinstance(payload, dict) or "choices" not in payload:
-            raise BackendError(f"{label} sent a body without 'choices'")
-        return Completion(body=payload, usage=usage_from_body(payload))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise UpstreamBadResponseError(f"{label} sent a body that is not JSON") from exc
+        choices = payload.get("choices") if isinstance(payload, dict) else None
+        if not (
+            isinstance(choices, list)
+            and choices
+            and all(isinstance(c, dict) and isinstance(c.get("message"), dict) for c in choices)
+        ):
+            raise UpstreamBadResponseError(f"{label} sent a body without valid 'choices'")
+        return Completion(body=payload, usage=usage_from_body(payload, label))
 
     async def stream(
         self,
@@ -182,12 +188,9 @@ class OpenAIHTTP:
                     data = line[5:].strip()
                     if data == b"[DONE]":
                         return
-                    try:
-                        chunk = json.loads(data)
-                    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                        raise BackendError(f"{label} sent a chunk that is not JSON") from exc
+                    chunk = _chunk(data, label)
                     if chunk.get("usage"):
-                        got = usage_from_body(chunk)
+                        got = usage_from_body(chunk, label)
                         usage.prompt_tokens = got.prompt_tokens
                         usage.completion_tokens = got.completion_tokens
                     finished = finished or any(
@@ -209,6 +212,18 @@ class OpenAIHTTP:
         if self._session is not None:
             session, self._session = self._session, None
             await session.close()
+
+
+def _chunk(data: bytes, label: str) -> dict[str, Any]:
+    """One SSE chunk, or :class:`UpstreamBadResponseError` when it is not a chunk."""
+    try:
+        chunk = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise UpstreamBadResponseError(f"{label} sent a chunk that is not JSON") from exc
+    choices = chunk.get("choices", []) if isinstance(chunk, dict) else None
+    if not (isinstance(choices, list) and all(isinstance(c, dict) for c in choices)):
+        raise UpstreamBadResponseError(f"{label} sent a chunk that is not a chat chunk")
+    return chunk  # type: ignore[no-any-return]
 
 
 def _timeout(seconds: float) -> aiohttp.ClientTimeout:
