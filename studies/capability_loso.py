@@ -14,8 +14,8 @@ scored by a model fitted on all commercial rows. Options:
   descriptions' class means: shipped), and cosine kNN (k=10, distance-weighted) over rows and
   descriptions;
 * ``wordllama_*``: the same heads over wordllama's bundled 256-d token table, pooled alike
-  (``pip install wordllama==0.4.0.post1``; its own tokenizer file loaded explicitly); skipped
-  when the package is not installed.
+  (``pip install wordllama==0.4.0.post1``; its own tokenizer file loaded explicitly), and both
+  tables side by side under the prototype head; skipped when the package is not installed.
 
 Writes ``studies/results/capability_loso.json`` (per option: pooled and per-source accuracy and
 macro-F1, Auto-J figures; the confusion matrices of the shipped option)::
@@ -106,6 +106,17 @@ class _WordLlama:
         return out
 
 
+class _Both:
+    """Two embeddings side by side (each prompt vector the concatenation of both)."""
+
+    def __init__(self, first: Any, second: Any) -> None:
+        self.first, self.second = first, second
+        self.width = first.width + second.width
+
+    def embed(self, text: str) -> np.ndarray:
+        return np.concatenate([self.first.embed(text), self.second.embed(text)])
+
+
 def _with_descriptions(texts: list[str], labels: list[str]) -> tuple[list[str], list[str]]:
     extra = [(t, c) for c in CAPABILITIES for t in DESCRIPTIONS[c]]
     return texts + [t for t, _ in extra], labels + [c for _, c in extra]
@@ -141,9 +152,15 @@ def options(embedding: StaticEmbedding) -> dict[str, Fit]:
         **_heads("minilm_static", _Memo(embedding)),
     }
     try:
-        out.update(_heads("wordllama", _Memo(_WordLlama())))
+        wordllama = _WordLlama()
     except ImportError:
         print("wordllama is not installed: its options are skipped")
+    else:
+        out.update(_heads("wordllama", _Memo(wordllama)))
+        both = _Memo(_Both(embedding, wordllama))
+        out["minilm_static+wordllama_prototypes"] = lambda t, y: CapabilityClassifier(both).fit(
+            t, y
+        )
     return out
 
 
