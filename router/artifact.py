@@ -69,10 +69,16 @@ def default_model_path() -> Path:
     return shipped("models", DEFAULT_MODEL_NAME)
 
 
-def read_sidecar(path: str | Path, *needs: str) -> dict[str, Any]:
+def read_sidecar(
+    path: str | Path,
+    *needs: str,
+    kind: str = ARTIFACT_FORMAT,
+    version: int = ARTIFACT_FORMAT_VERSION,
+) -> dict[str, Any]:
     """The sidecar of an artifact directory, checked for its format and format version.
 
-    ``needs``: files the caller reads, which must be there beside ``metadata.json``.
+    ``needs``: files the caller reads, which must be there beside ``metadata.json``; ``kind`` and
+    ``version``: the sidecar's ``format`` and ``format_version`` (a classifier's by default).
     """
     p = Path(path)
     meta_path = p / METADATA_FILE
@@ -84,11 +90,10 @@ def read_sidecar(path: str | Path, *needs: str) -> dict[str, Any]:
         meta = json.loads(meta_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{meta_path}: unreadable sidecar") from exc
-    if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT:
-        raise ArtifactError(f"{meta_path}: not a Tiergate classifier sidecar")
-    _require_version(
-        meta_path, "artifact format", meta.get("format_version"), ARTIFACT_FORMAT_VERSION
-    )
+    if not isinstance(meta, dict) or meta.get("format") != kind:
+        what = "classifier" if kind == ARTIFACT_FORMAT else f"model ({kind})"
+        raise ArtifactError(f"{meta_path}: not a Tiergate {what} sidecar")
+    _require_version(meta_path, "artifact format", meta.get("format_version"), version)
     return meta
 
 
@@ -126,6 +131,33 @@ def _write_npz(path: Path, form: Mapping[str, NDArray[Any]]) -> None:
                 np.lib.format.write_array(fh, np.asarray(form[key]), allow_pickle=False)
 
 
+def write_npz(path: Path, arrays: Mapping[str, NDArray[Any]]) -> str:
+    """Write ``arrays`` as a reproducible ``.npz`` (atomically replacing ``path``); returns its
+    sha256 for the sidecar, which :func:`read_checked_npz` checks."""
+    _replace(path, lambda tmp: _write_npz(tmp, arrays))
+    return sha256_file(path)
+
+
+def read_checked_npz(path: Path, sha256: object, what: str = "arrays") -> dict[str, NDArray[Any]]:
+    """The arrays of an ``.npz`` whose bytes hash to ``sha256`` (the sidecar's), read from the
+    very bytes that were hashed, without pickles; an :class:`ArtifactError` (naming the file as
+    ``what``) otherwise."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ArtifactError(f"{path}: named by its sidecar, cannot be read") from exc
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ArtifactError(f"{path}: sha256 does not match its sidecar; refusing to load")
+    try:
+        loaded = np.load(io.BytesIO(data), allow_pickle=False)
+        if not isinstance(loaded, NpzFile):
+            raise ValueError("not an .npz archive")
+        with loaded:
+            return {key: loaded[key] for key in loaded.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ArtifactError(f"{path}: unusable {what} ({exc})") from exc
+
+
 def write_serving_form(directory: Path, form: Mapping[str, NDArray[Any]]) -> dict[str, Any]:
     """Write ``serving.npz`` into an artifact directory; returns its sidecar entry.
 
@@ -137,12 +169,10 @@ def write_serving_form(directory: Path, form: Mapping[str, NDArray[Any]]) -> dic
     if "cap_coef" in form and not np.asarray(form["cap_coef"]).any():
         form = {key: value for key, value in form.items() if key != "cap_coef"}
         version = 1
-    path = directory / SERVING_FILE
-    _replace(path, lambda tmp: _write_npz(tmp, form))
     return {
         "file": SERVING_FILE,
         "format_version": version,
-        "sha256": sha256_file(path),
+        "sha256": write_npz(directory / SERVING_FILE, form),
         "routing": str(np.asarray(form["routing"])),
     }
 
@@ -162,23 +192,12 @@ def load_serving_form(path: str | Path, meta: Mapping[str, Any] | None = None) -
             f"{', '.join(map(str, READABLE_SERVING_FORMATS))}"
         )
     file = p / SERVING_FILE
+    form = read_checked_npz(file, entry.get("sha256"), "serving form")
     try:
-        data = file.read_bytes()
-    except OSError as exc:
-        raise ArtifactError(f"{p}: its sidecar names {SERVING_FILE}, which cannot be read") from exc
-    if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
-        raise ArtifactError(f"{file}: sha256 does not match its sidecar; refusing to load")
-    try:
-        # The bytes just hashed, not the file again: what is checked is what is loaded.
-        loaded = np.load(io.BytesIO(data), allow_pickle=False)
-        if not isinstance(loaded, NpzFile):
-            raise ArtifactError(f"{file}: not a serving form (an .npz archive)")
-        with loaded:
-            form = {key: loaded[key] for key in loaded.files}
         if found != 1 and "cap_coef" not in form:  # only format 1 predates it
             raise ValueError(f"format {found} needs 'cap_coef'")
         return ServingScorer(form, str(meta.get("version", p.name)))
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+    except ValueError as exc:
         raise ArtifactError(f"{file}: unusable serving form ({exc})") from exc
 
 
