@@ -38,6 +38,7 @@ from numpy.typing import NDArray
 
 from router.errors import ArtifactError
 from router.fetch import sha256_file
+from router.profile import LocalProfile, default_profile
 from router.scoring import Scorer
 from router.serving import ServingScorer
 
@@ -50,17 +51,19 @@ METADATA_FILE = "metadata.json"
 SERVING_FILE = "serving.npz"
 #: The layout of ``serving.npz`` (:data:`router.serving.FORM_ARRAYS`); a reader refuses others.
 #: Version 2 added ``cap_coef``; a version-1 form (router-v1, router-v2) has none and reads as if
-#: it were all zeros.
-SERVING_FORMAT_VERSION = 2
-READABLE_SERVING_FORMATS = (1, 2)
-DEFAULT_MODEL_NAME = "router-v3"
+#: it were all zeros. Version 3 added the ``profile`` routing kind (router-v4: ``gap_strong``,
+#: ``gap_slope``), whose score reads the local model's profile; forms without it are still
+#: written as version 2 (or 1), so older replicas can serve them.
+SERVING_FORMAT_VERSION = 3
+READABLE_SERVING_FORMATS = (1, 2, 3)
+DEFAULT_MODEL_NAME = "router-v4"
 ENV_MODEL_PATH = "TIERGATE_CLASSIFIER_PATH"
 
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can carry
 
 
 def default_model_path() -> Path:
-    """The default model: ``$TIERGATE_CLASSIFIER_PATH``, else ``<repo>/models/router-v3``."""
+    """The default model: ``$TIERGATE_CLASSIFIER_PATH``, else ``<repo>/models/router-v4``."""
     env = os.environ.get(ENV_MODEL_PATH)
     if env:
         return Path(env)
@@ -131,8 +134,8 @@ def write_serving_form(directory: Path, form: Mapping[str, NDArray[Any]]) -> dic
     written as format 1, without it, so Tiergate versions that read only format 1 can still
     serve it (replicas of two versions sharing a model store during an upgrade).
     """
-    version = SERVING_FORMAT_VERSION
-    if "cap_coef" in form and not np.asarray(form["cap_coef"]).any():
+    version = SERVING_FORMAT_VERSION if "gap_strong" in form else 2
+    if version == 2 and "cap_coef" in form and not np.asarray(form["cap_coef"]).any():
         form = {key: value for key, value in form.items() if key != "cap_coef"}
         version = 1
     path = directory / SERVING_FILE
@@ -145,9 +148,14 @@ def write_serving_form(directory: Path, form: Mapping[str, NDArray[Any]]) -> dic
     }
 
 
-def load_serving_form(path: str | Path, meta: Mapping[str, Any] | None = None) -> ServingScorer:
+def load_serving_form(
+    path: str | Path,
+    meta: Mapping[str, Any] | None = None,
+    profile: LocalProfile | None = None,
+) -> ServingScorer:
     """The :class:`~router.serving.ServingScorer` of an artifact with a serving form, checked as
-    the module docstring says (``meta``: its sidecar, when already read)."""
+    the module docstring says (``meta``: its sidecar, when already read; ``profile``: the local
+    model's, default :func:`router.profile.default_profile`)."""
     p = Path(path)
     meta = read_sidecar(p) if meta is None else meta
     entry = meta.get("serving")
@@ -175,14 +183,17 @@ def load_serving_form(path: str | Path, meta: Mapping[str, Any] | None = None) -
             form = {key: loaded[key] for key in loaded.files}
         if found != 1 and "cap_coef" not in form:  # only format 1 predates it
             raise ValueError(f"format {found} needs 'cap_coef'")
-        return ServingScorer(form, str(meta.get("version", p.name)))
+        if profile is None:
+            profile = default_profile()
+        return ServingScorer(form, str(meta.get("version", p.name)), profile)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise ArtifactError(f"{file}: unusable serving form ({exc})") from exc
 
 
-def load_for_serving(path: str | Path) -> Scorer:
+def load_for_serving(path: str | Path, profile: LocalProfile | None = None) -> Scorer:
     """The scorer the proxy serves from an artifact (the proxy's start-up, its hot swap and the
-    ``score``/``classify``/``eval`` commands load through here).
+    ``score``/``classify``/``eval`` commands load through here), reading ``profile`` as the
+    local model's (default: :func:`router.profile.default_profile`, the bundled model's).
 
     Its serving form when the sidecar lists one, without importing scikit-learn; else, for an
     artifact written before serving forms existed, :func:`router.training.load_scorer` (which
@@ -202,6 +213,11 @@ def load_for_serving(path: str | Path) -> Scorer:
         from router.training import load_scorer
 
         return load_scorer(p)
-    scorer = load_serving_form(p, meta)
-    log.info("model %s loaded from its serving form (%s, numpy only)", p, SERVING_FILE)
+    scorer = load_serving_form(p, meta, profile)
+    log.info(
+        "model %s loaded from its serving form (%s, numpy only), local profile %s",
+        p,
+        SERVING_FILE,
+        scorer.profile.model if scorer.profile is not None else "none",
+    )
     return scorer

@@ -32,10 +32,13 @@ def _output(path: str) -> Iterator[IO[str]]:
         yield fh
 
 
-def _load_model(path: str | None) -> Any:
+def _load_model(path: str | None, profile: str | None = None) -> Any:
     from router.artifact import default_model_path, load_for_serving
+    from router.config import load_settings
+    from router.profile import default_profile
 
-    return load_for_serving(Path(path) if path else default_model_path())
+    chosen = Path(profile) if profile else load_settings().local_profile
+    return load_for_serving(Path(path) if path else default_model_path(), default_profile(chosen))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -71,7 +74,7 @@ def _cmd_serving_form(args: argparse.Namespace) -> int:
 def _cmd_score(args: argparse.Namespace) -> int:
     from router.training import load_prompts
 
-    scorer = _load_model(args.model)
+    scorer = _load_model(args.model, args.profile)
     rows = load_prompts(args.data)
     with _output(args.out) as out:
         for row_id, prompt in rows:
@@ -83,7 +86,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 def _cmd_classify(args: argparse.Namespace) -> int:
     from router.training import load_prompts
 
-    scorer = _load_model(args.model)
+    scorer = _load_model(args.model, args.profile)
     rows = load_prompts(args.data)
     with _output(args.out) as out:
         for row_id, prompt in rows:
@@ -104,7 +107,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from router.metrics import evaluate
     from router.training import load_routing_rows
 
-    scorer = _load_model(args.model)
+    scorer = _load_model(args.model, args.profile)
     rows = load_routing_rows(args.data)
     scores = [scorer.analyze(r.prompt).score for r in rows]
     report = evaluate(
@@ -158,10 +161,16 @@ def format_report(report: Any) -> str:
     return "\n".join(lines)
 
 
-def _add_model_arg(p: argparse.ArgumentParser) -> None:
+def _add_model_arg(p: argparse.ArgumentParser, *, profile: bool = True) -> None:
     p.add_argument(
         "--model", help="model directory (default: $TIERGATE_CLASSIFIER_PATH or shipped)"
     )
+    if profile:
+        p.add_argument(
+            "--profile",
+            help="local model profile the score reads (default: $TIERGATE_LOCAL_PROFILE or the "
+            "bundled model's)",
+        )
 
 
 def _add_model_commands(sub: Any) -> None:
@@ -208,7 +217,7 @@ def _add_model_commands(sub: Any) -> None:
         "from the artifact's model.joblib (left unchanged) and records its sha256 in the "
         "sidecar. An artifact that has one is only checked.",
     )
-    _add_model_arg(p)
+    _add_model_arg(p, profile=False)
     p.set_defaults(func=_cmd_serving_form)
 
 

@@ -211,6 +211,7 @@ class Condition(BaseModel):
     has_tools: Comparison | None = None
     turns: Comparison | None = None
     score: Comparison | None = None
+    local_accuracy: Comparison | None = None
     tenant: Comparison | None = None
     alias: Comparison | None = None
     header: HeaderComparison | None = None
@@ -976,6 +977,7 @@ _BUILTINS: dict[str, _Kind] = {
     "has_tools": "bool",
     "turns": "number",
     "score": "number",
+    "local_accuracy": "number",
     "tenant": "text",
     "alias": "text",
 }

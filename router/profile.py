@@ -39,6 +39,14 @@ import yaml
 from router.errors import ConfigError
 from router.scoring import CAPABILITIES
 
+#: Where shipped profiles live, and the bundled model's: its measured profile
+#: (``tiergate profile``) when there is one, else its declared placeholder.
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "models" / "profiles"
+BUNDLED_PROFILES: tuple[str, ...] = (
+    "SmolLM2-135M-Instruct.Q4_1.json",
+    "SmolLM2-135M-Instruct.declared.yaml",
+)
+
 PROFILE_FORMAT = "tiergate-profile"
 PROFILE_FORMAT_VERSION = 1
 SOURCES: tuple[str, ...] = ("measured", "declared", "published")
@@ -193,9 +201,7 @@ def load_profile(path: str | Path) -> LocalProfile:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{p}: cannot read the local model profile ({exc})") from exc
     try:
-        data = (
-            yaml.safe_load(text) if p.suffix.lower() in {".yaml", ".yml"} else json.loads(text)
-        )
+        data = yaml.safe_load(text) if p.suffix.lower() in {".yaml", ".yml"} else json.loads(text)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{p}: not a valid profile file ({exc})") from exc
     return profile_from_dict(data, origin=str(p))
@@ -208,3 +214,17 @@ def write_profile(profile: LocalProfile, path: str | Path) -> None:
     tmp = p.with_name(p.name + ".tmp")
     tmp.write_text(json.dumps(profile.as_dict(), indent=2) + "\n", encoding="utf-8")
     tmp.replace(p)
+
+
+def default_profile_path() -> Path:
+    """The bundled model's profile file: the first of :data:`BUNDLED_PROFILES` that exists."""
+    for name in BUNDLED_PROFILES:
+        if (PROFILE_DIR / name).is_file():
+            return PROFILE_DIR / name
+    raise ConfigError(f"no bundled local model profile in {PROFILE_DIR}")
+
+
+def default_profile(path: str | Path | None = None) -> LocalProfile:
+    """The local profile a deployment reads: ``path`` (``TIERGATE_LOCAL_PROFILE``) when set,
+    else the bundled model's (:func:`default_profile_path`)."""
+    return load_profile(path if path is not None else default_profile_path())

@@ -36,6 +36,8 @@ class Signals:
     stakes_reason: str | None = None
     pii: bool = False
     pii_kinds: tuple[str, ...] = ()
+    local_accuracy: float | None = None
+    local_profile: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
@@ -55,6 +57,8 @@ class Signals:
             "stakes_reason": self.stakes_reason,
             "pii": self.pii,
             "pii_kinds": list(self.pii_kinds),
+            "local_accuracy": self.local_accuracy,
+            "local_profile": self.local_profile,
             "headers": dict(self.headers),
             "metadata": dict(self.metadata),
         }
@@ -133,6 +137,8 @@ def extract_signals(
         stakes_reason=analysis.stakes_reason,
         pii=analysis.pii,
         pii_kinds=analysis.pii_kinds,
+        local_accuracy=analysis.local_accuracy,
+        local_profile=analysis.local_profile,
         headers=dict(headers or {}),
         metadata=dict(metadata) if isinstance(metadata, Mapping) else {},
     )

@@ -33,10 +33,12 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             }
         )
     routing = write_jsonl(tmp / "routing.jsonl", rows)
+    # The score reads the capability (router-v4): the toy capability model tells the hard
+    # proofs (maths, where the weak model always fails) from the easy chat.
     caps = write_jsonl(
         tmp / "caps.jsonl",
-        [{"id": f"c{i}", "prompt": f"Write code {i}", "capability": "coding"} for i in range(4)]
-        + [{"id": f"m{i}", "prompt": f"Solve {i} + 2", "capability": "math"} for i in range(4)],
+        [{"id": f"c{i}", "prompt": EASY.format(f"c{i}"), "capability": "chat"} for i in range(4)]
+        + [{"id": f"m{i}", "prompt": HARD.format(f"m{i}"), "capability": "math"} for i in range(4)],
     )
     out = tmp / "models" / "test-v1"
     assert main(["train", "--data", str(routing), "--data", str(caps), "--out", str(out)]) == 0

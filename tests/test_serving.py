@@ -206,8 +206,8 @@ def test_a_tampered_serving_form_is_refused(copy: Path) -> None:
 
 
 def test_another_serving_format_version_is_refused(copy: Path) -> None:
-    _edit_sidecar(copy, serving={**_serving_entry(copy), "format_version": 3})
-    with pytest.raises(ArtifactError, match="serving form format 3, this Tiergate reads 1, 2"):
+    _edit_sidecar(copy, serving={**_serving_entry(copy), "format_version": 4})
+    with pytest.raises(ArtifactError, match="serving form format 4, this Tiergate reads 1, 2, 3"):
         load_for_serving(copy)
     _edit_sidecar(copy, format_version=2)
     with pytest.raises(ArtifactError, match="artifact format 2"):
