@@ -490,6 +490,8 @@ def _cmd_policy_explain(args: argparse.Namespace) -> int:
         f"score {decision.score:.3f}{threshold})"
     )
     print(f"         {decision.reason}")
+    if decision.profile_entry:
+        print(f"profile  {decision.profile_entry}")
     extras = {
         "fallbacks": ", ".join(decision.fallbacks) or "none",
         "local_only": decision.local_only,

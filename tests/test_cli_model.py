@@ -142,3 +142,38 @@ def test_score_uses_the_shipped_model_by_default(data: Path, tmp_path: Path) -> 
     assert main(["score", "--data", str(data), "--out", str(out)]) == 0
     scores = [json.loads(x)["score"] for x in out.read_text().splitlines()]
     assert len(scores) == 4 and all(0.0 <= s <= 1.0 for s in scores)
+
+
+def test_score_reads_the_local_profile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`tiergate score` reads the local profile: --profile, else TIERGATE_LOCAL_PROFILE, else
+    the bundled model's. A maths prompt scores lower for Llama-3.1-8B than for SmolLM2-135M."""
+    from router.profile import PROFILE_DIR
+
+    data = write_jsonl(
+        tmp_path / "m.jsonl", [{"id": "m", "prompt": "Solve for x: 3x^2 - 5x + 2 = 0."}]
+    )
+    llama = PROFILE_DIR / "Llama-3.1-8B-Instruct.yaml"
+
+    def score(*extra: str) -> float:
+        assert main(["score", "--data", str(data), "--out", "-", *extra]) == 0
+        return float(json.loads(capsys.readouterr().out)["score"])
+
+    bundled = score()
+    assert score("--profile", str(llama)) < bundled - 0.2
+    monkeypatch.setenv("TIERGATE_LOCAL_PROFILE", str(llama))
+    assert score() == score("--profile", str(llama))
+    monkeypatch.setenv("TIERGATE_LOCAL_PROFILE", str(tmp_path / "missing.yaml"))
+    assert main(["score", "--data", str(data), "--out", "-"]) == 2
+    assert "cannot read the local model profile" in capsys.readouterr().err
+
+
+def test_policy_explain_shows_the_profile_entry(capsys: pytest.CaptureFixture[str]) -> None:
+    from router.profile import PROFILE_DIR
+
+    policy = str(PROFILE_DIR.parent.parent / "policies" / "default.yaml")
+    assert main(["policy", "explain", policy, "--prompt", "Hello"]) == 0
+    out = capsys.readouterr().out
+    assert "decision local -> local (rule 'open-model-strengths'" in out
+    assert "profile  SmolLM2-135M-Instruct.Q4_1: chat accuracy 0.65; read by" in out

@@ -25,10 +25,16 @@ from router.classifier import LearnedScorer
 from router.errors import ArtifactError
 from router.fetch import sha256_file
 from router.pii import pii_kinds
+from router.profile import CapabilityAccuracy, LocalProfile, default_profile, load_profile
+from router.scoring import CAPABILITIES
 from router.serving import ServingScorer, assess_stakes
 from router.training import (
+    CapabilityRow,
+    DataFormatError,
+    RoutingRow,
     add_serving_form,
     fit_capability,
+    fit_gap_routing,
     fit_routing,
     fit_scorer,
     load_capability_rows,
@@ -287,3 +293,86 @@ def test_serving_form_is_derived_from_model_joblib_alone(artifact: Path, copy: P
     (copy / SERVING_FILE).write_bytes(b"PK\x05\x06" + b"\x00" * 18)
     with pytest.raises(ArtifactError, match="sha256 does not match"):
         add_serving_form(copy)
+
+
+# --- router-v4: the score reads the local model's profile ----------------------------------------
+
+PROFILES = REPO / "models" / "profiles"
+MATHS = "Solve for x: 3x^2 - 5x + 2 = 0. Show your steps."
+CODE = "Write a Python function that merges two sorted lists."
+
+
+def _profile(accuracy: dict[str, float], model: str = "test-model") -> LocalProfile:
+    return LocalProfile(
+        model=model,
+        source="declared",
+        capabilities={c: CapabilityAccuracy(a) for c, a in accuracy.items()},
+    )
+
+
+def test_a_better_local_model_never_raises_the_score() -> None:
+    """Monotone in the profile: raising any capability's local accuracy lowers the score or
+    leaves it, and raising the prompt's own capability lowers it strictly."""
+    served = load_for_serving(SHIPPED)
+    assert isinstance(served, ServingScorer)
+    base = dict.fromkeys(CAPABILITIES, 0.3)
+    for text in (MATHS, CODE, "Hello", "Write a short poem about autumn leaves."):
+        own = served.analyze(text).capability
+        assert own is not None
+        before = served.with_profile(_profile(base)).score(text)
+        for capability in CAPABILITIES:
+            after = served.with_profile(_profile({**base, capability: 0.9})).score(text)
+            assert after <= before + 1e-12, (text, capability)
+            if capability == own:
+                assert after < before - 0.01, (text, capability)
+
+
+def test_swapping_the_profile_moves_the_score_the_right_way() -> None:
+    """The same maths prompt scores lower with an 8B model's profile than with the bundled
+    135M model's, and lower with Llama-3.1-8B's than with Mistral-7B's (weaker at maths)."""
+    served = load_for_serving(SHIPPED)
+    assert isinstance(served, ServingScorer)
+    smol = load_for_serving(SHIPPED, default_profile()).analyze(MATHS)
+    llama = served.with_profile(load_profile(PROFILES / "Llama-3.1-8B-Instruct.yaml"))
+    mistral = served.with_profile(load_profile(PROFILES / "Mistral-7B-Instruct-v0.2.yaml"))
+    assert smol.capability == "math" and smol.local_accuracy == pytest.approx(0.02)
+    assert llama.score(MATHS) < mistral.score(MATHS) < smol.score
+    assert llama.analyze(MATHS).local_profile == "Meta-Llama-3.1-8B-Instruct"
+
+
+def test_the_shipped_profile_score_is_format_3_and_router_v3_still_loads() -> None:
+    entry = _serving_entry(SHIPPED)
+    assert (entry["format_version"], entry["routing"]) == (3, "profile")
+    v3 = load_for_serving(REPO / "models" / "router-v3")
+    assert isinstance(v3, ServingScorer) and v3.version == "router-v3"
+    a = v3.analyze(MATHS)
+    assert 0.0 <= a.score <= 1.0 and a.local_accuracy is not None  # the policy signal still works
+
+
+def test_a_profile_score_needs_a_profile() -> None:
+    with np.load(SHIPPED / SERVING_FILE, allow_pickle=False) as npz:
+        form = {key: npz[key] for key in npz.files}
+    with pytest.raises(ValueError, match="needs a local profile"):
+        ServingScorer(form, "x")
+    form.pop("gap_slope")
+    with pytest.raises(ValueError, match="gap_strong/gap_slope"):
+        ServingScorer(form, "x", default_profile())
+
+
+def test_an_inverted_gap_is_refused_at_fit_time() -> None:
+    """Labels that fall as the gap rises cannot back a score: the fit refuses rather than ship
+    an inverted one. Maths: both models right or both wrong (a gap of 0.25 by accuracy, never
+    materially better); chat: the weak model at 0.9, the strong one always a little better."""
+    caps = [
+        CapabilityRow(f"m{i}", f"Prove that {i} is irrational step by step", "math")
+        for i in range(6)
+    ] + [CapabilityRow(f"c{i}", f"hi there, how are you {i}", "chat") for i in range(6)]
+    capability = fit_capability(caps)
+    rows = []
+    for i in range(40):
+        maths = i % 2 == 0
+        prompt = caps[i % 6].prompt if maths else caps[6 + i % 6].prompt
+        weak, strong = (float(i % 4 == 0),) * 2 if maths else (0.9, 1.0)
+        rows.append(RoutingRow(f"s/{i}", prompt, weak, strong, weak_model="w"))
+    with pytest.raises(DataFormatError, match="inverted"):
+        fit_gap_routing(rows, capability)
