@@ -49,8 +49,10 @@ def load_scorer(settings: Settings) -> Scorer:
     from router.registry import ModelStore
 
     path = settings.classifier_path or default_model_path()
+    # A configured profile that cannot be read stops the start: routing for another local
+    # model than the one running is a wrong route that looks like success.
+    profile = default_profile(settings.local_profile)
     try:
-        profile = default_profile(settings.local_profile)
         if settings.model_store is not None and (
             current := ModelStore(settings.model_store).current()
         ):

@@ -560,7 +560,7 @@ class GapRouting(_ReadsCapability):
     def __init__(
         self,
         *,
-        capability: PromptClassifier | None = None,
+        capability: Any = None,  # a fitted PromptClassifier, or any predict_proba classifier
         C: float = 1.0,
         prior: float = 20.0,
         profile: LocalProfile | None = None,
@@ -582,7 +582,7 @@ class GapRouting(_ReadsCapability):
     ) -> GapRouting:
         """Fit on prompts ``X`` and labels ``y``; see the class docstring for the rest."""
         capability = self.capability_model()
-        check_is_fitted(capability, "pipeline_")
+        check_is_fitted(capability)
         q = capability.predict_proba(list(X))
         y_arr = np.asarray(y)
         local = np.asarray(local_accuracy, dtype=np.float64)
@@ -617,13 +617,26 @@ class GapRouting(_ReadsCapability):
         )
         self.classes_ = clf.classes_
         self.intercept_ = np.array([base])
-        self.analyzer_ = capability.analyzer_
-        self.vocabulary_ = capability.vocabulary_
-        self.idf_ = capability.idf_
-        self.word_coef_ = np.zeros((1, len(self.vocabulary_)))
-        self.struct_coef_ = np.zeros((1, len(STRUCTURE_FEATURES)))
-        self.pipeline_ = capability.pipeline_  # fitted-ness marker; its prompts' reader
+        if isinstance(capability, PromptClassifier):
+            # Its word view, so the serving form can share the capability model's tokens.
+            self.analyzer_ = capability.analyzer_
+            self.vocabulary_ = capability.vocabulary_
+            self.idf_ = capability.idf_
+            self.word_coef_ = np.zeros((1, len(self.vocabulary_)))
+            self.struct_coef_ = np.zeros((1, len(STRUCTURE_FEATURES)))
+            self.pipeline_ = capability.pipeline_  # fitted-ness marker; its prompts' reader
         return self
+
+    def head(self) -> dict[str, NDArray[Any]]:
+        """The fitted score as plain arrays (:data:`router.serving.HEAD_ARRAYS`), for a
+        :class:`~router.serving.ProfileScorer` over any capability model."""
+        check_is_fitted(self, "slope_")
+        return {
+            "capabilities": np.array([str(c) for c in self.capability_model().classes_]),
+            "gap_strong": np.asarray(self.strong_, dtype=np.float64),
+            "gap_slope": np.array(self.slope_, dtype=np.float64),
+            "intercept": np.array(float(self.intercept_[0]), dtype=np.float64),
+        }
 
     def _local(self) -> FloatArray:
         # No profile set: the bundled model's, as the proxy reads by default.

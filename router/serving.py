@@ -30,7 +30,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import chain, pairwise, repeat
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -764,3 +764,96 @@ class ServingScorer:
             local_accuracy=None if profile is None else profile.accuracy(capability),
             local_profile=None if profile is None else profile.model,
         )
+
+
+class CapabilityReader(Protocol):
+    """A capability model as the proxy serves it (numpy only): probabilities over its
+    ``capabilities`` for one prompt."""
+
+    capabilities: tuple[str, ...]
+    version: str
+
+    def probabilities(self, text: str) -> FloatArray:
+        """P(capability | text), in :attr:`capabilities` order."""
+        ...
+
+
+#: The arrays of a profile head (serving form 4): the gap term's strong-model accuracy per
+#: capability, its slope, the intercept, and the capabilities they are ordered by.
+HEAD_ARRAYS: dict[str, tuple[str, int]] = {
+    "capabilities": ("U", 1),
+    "gap_strong": ("f", 1),
+    "gap_slope": ("f", 0),
+    "intercept": ("f", 0),
+}
+
+
+class ProfileScorer:
+    """router-v4 over a standalone capability model: the score is
+    ``logistic(intercept + slope * gap_logit(q, gap_strong, local))`` with ``q`` the capability
+    model's probabilities and ``local`` the profile's accuracies; stakes and PII as
+    :class:`ServingScorer`'s. ``head`` holds :data:`HEAD_ARRAYS`."""
+
+    name = "learned"
+
+    def __init__(
+        self,
+        capability: CapabilityReader,
+        head: Mapping[str, NDArray[Any]],
+        version: str,
+        profile: LocalProfile,
+    ) -> None:
+        a = {key: _checked(head, key, kind, ndim) for key, (kind, ndim) in HEAD_ARRAYS.items()}
+        names = tuple(str(c) for c in a["capabilities"])
+        if names != tuple(capability.capabilities) or a["gap_strong"].shape != (len(names),):
+            raise ValueError("profile head: capabilities do not match the capability model")
+        if float(a["gap_slope"]) < 0.0:
+            raise ValueError("profile head: a negative gap slope would invert the score")
+        self.head = head
+        self.capability = capability
+        self.version = version
+        self.profile = profile
+        self._names = names
+        self._strong = np.asarray(a["gap_strong"], dtype=np.float64)
+        self._slope = float(a["gap_slope"])
+        self._intercept = float(a["intercept"])
+        self._local = profile_vector(profile, names)
+
+    def with_profile(self, profile: LocalProfile) -> ProfileScorer:
+        """The same model reading another local profile."""
+        return ProfileScorer(self.capability, self.head, self.version, profile)
+
+    def _score(self, q: FloatArray) -> float:
+        return _sigmoid(
+            self._intercept + self._slope * float(gap_logit(q, self._strong, self._local))
+        )
+
+    def score(self, text: str) -> float:
+        """The routing score alone."""
+        return self._score(self.capability.probabilities(text))
+
+    def analyze(self, text: str, *, has_tools: bool = False) -> Analysis:
+        """Score, capability, stakes and PII for one prompt."""
+        q = self.capability.probabilities(text)
+        capability = self._names[int(np.argmax(q))]
+        kinds = pii_kinds(text)
+        stakes, reason = _stakes(_Window(text), has_tools=has_tools, pii=bool(kinds))
+        return Analysis(
+            score=self._score(q),
+            capability=capability,
+            stakes=stakes,
+            stakes_reason=reason,
+            pii=bool(kinds),
+            pii_kinds=kinds,
+            local_accuracy=self.profile.accuracy(capability),
+            local_profile=self.profile.model,
+        )
+
+
+def _checked(arrays: Mapping[str, NDArray[Any]], key: str, kind: str, ndim: int) -> NDArray[Any]:
+    arr = arrays.get(key)
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind != kind or arr.ndim != ndim:
+        raise ValueError(f"profile head: {key!r} must be a {ndim}-d array of kind {kind!r}")
+    if kind == "f" and not np.isfinite(arr).all():
+        raise ValueError(f"profile head: {key!r} holds NaN or infinite values")
+    return arr

@@ -222,6 +222,84 @@ def profile_swap(rows: list[RoutingRow], capability: PromptClassifier) -> dict[s
     return out
 
 
+def ablation(rows: list[RoutingRow], capability: PromptClassifier) -> dict[str, Any]:
+    """Why the score has one term: leave-one-prompt-set-out APGR of the gap term alone, and with
+    the 13 structure features (scaled, in the same logistic regression, one intercept per prompt
+    set), or with the raw capability probabilities, per held-out file."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from router.serving import STRUCTURE_FEATURES, gap_logit, structure_vector
+
+    prompts = [r.prompt for r in rows]
+    q = capability.predict_proba(prompts)
+    local = crossfit_local_accuracy(rows, q)
+    structure = np.array([structure_vector(t) for t in prompts])
+    strong = np.array([r.strong_score for r in rows])
+    y, _ = routing_target(rows)
+    sets = np.array([r.prompt_set for r in rows])
+    out: dict[str, Any] = {}
+    for variant in ("gap", "gap + structure", "gap + probabilities"):
+        res: dict[str, float] = {}
+        for held in sorted(set(sets.tolist())):
+            tr, te = sets != held, sets == held
+            s_c = (q[tr].T @ strong[tr] + 20 * strong[tr].mean()) / (q[tr].sum(0) + 20)
+            gap = gap_logit(q, s_c, local)[:, None]
+            x = {
+                "gap": gap,
+                "gap + structure": np.hstack([gap, structure]),
+                "gap + probabilities": np.hstack([gap, q]),
+            }[variant]
+            scaler = StandardScaler().fit(x[tr])
+            names = sorted(set(sets[tr].tolist()))
+            dummies = (sets[:, None] == np.array(names)[None, :]) * 1.0
+            clf = LogisticRegression(max_iter=3000, fit_intercept=False)
+            clf.fit(np.hstack([scaler.transform(x[tr]), dummies[tr]]), y[tr])
+            z = scaler.transform(x[te]) @ clf.coef_[0, : x.shape[1]]
+            test = [rows[i] for i in np.flatnonzero(te)]
+            for d in sorted({r.dataset for r in test}):
+                idx = [i for i, r in enumerate(test) if r.dataset == d]
+                res[d] = _metrics(z[idx], [test[i] for i in idx])[0]
+        out[variant] = res
+    out["structure_features"] = list(STRUCTURE_FEATURES)
+    return out
+
+
+SMALL_TALK = (
+    "Hello",
+    "Hi there!",
+    "Thanks!",
+    "Thank you so much, that helped.",
+    "Good morning! How are you today?",
+    "What's a good name for a goldfish?",
+    "Any tips for sleeping better?",
+    "What should I cook for dinner tonight?",
+)
+
+
+def small_talk(scorer: Any) -> list[dict[str, Any]]:
+    """Where the default policy sends small talk with the shipped model and default profile."""
+    from router.policy import evaluate, load_policy
+    from router.signals import extract_signals
+
+    policy = load_policy(ROOT / "policies" / "default.yaml")
+    out = []
+    for text in SMALL_TALK:
+        body = {"model": "auto", "messages": [{"role": "user", "content": text}]}
+        signals = extract_signals(body, scorer)
+        decision = evaluate(policy, signals)
+        out.append(
+            {
+                "prompt": text,
+                "capability": signals.capability,
+                "score": signals.score,
+                "tier": decision.tier,
+                "rule": decision.rule,
+            }
+        )
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the study; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -242,6 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("leave-one-source-out ...", file=sys.stderr)
     per_source, v4, v3 = loso(rows, capability, v3_capability)
     table = capability_table(rows, v4, v3, capability)
+    print("ablation ...", file=sys.stderr)
+    ablate = ablation(rows, capability)
     print("profile swap ...", file=sys.stderr)
     swap = profile_swap(rows, capability)
     ood = load_routing_rows(DATA / OOD_FILE)
@@ -252,12 +332,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         [served.score(r.prompt) for r in ood], [v3_served.score(r.prompt) for r in ood], ood
     )
     meta = json.loads((out_dir / "metadata.json").read_text())
+    decision = json.loads((ROOT / "bench" / "results" / "decision.json").read_text())
     results = {
+        "decision_latency": {
+            "model": decision.get("model"),
+            "p50_ms": decision["analyze"]["p50_ms"],
+            "p99_ms": decision["analyze"]["p99_ms"],
+        },
+        "small_talk": small_talk(served),
         "model": meta["version"],
         "default_profile": default_profile().model,
         "gap": meta.get("gap"),
         "leave_one_source_out": per_source,
         "capability_table": table,
+        "ablation": ablate,
         "profile_swap": swap,
         "alpacaeval_default_profile": alpaca,
         "bootstrap": BOOT,
@@ -308,6 +396,18 @@ def card_section(r: dict[str, Any]) -> str:
         f"| AlpacaEval (eval only; default profile, shipped models) | {a['n']} | "
         f"{a['apgr']:.3f} | {a['apgr_baseline']:.3f} | {_ci(a['apgr_diff_ci'])} | "
         f"{a['cpt50']:.3f} | {a['cpt50_baseline']:.3f} | {_ci(a['cpt50_diff_ci'])} |",
+        "",
+        "### Why one term (leave-one-source-out APGR per file)",
+        "",
+        "| file | " + " | ".join(k for k in r["ablation"] if k != "structure_features") + " |",
+        "| --- |" + " ---: |" * (len(r["ablation"]) - 1),
+    ]
+    variants = [k for k in r["ablation"] if k != "structure_features"]
+    for d in r["ablation"][variants[0]]:
+        lines.append(
+            f"| {d} | " + " | ".join(f"{r['ablation'][v][d]:.3f}" for v in variants) + " |"
+        )
+    lines += [
         "",
         "### Score against labelled gap, per capability (out of fold, all labelled files)",
         "",
