@@ -22,6 +22,7 @@ This module imports neither scikit-learn, scipy nor joblib, and nothing happens 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import json
 import logging
@@ -40,7 +41,7 @@ from router.errors import ArtifactError
 from router.fetch import sha256_file
 from router.profile import LocalProfile, default_profile
 from router.scoring import Scorer
-from router.serving import ServingScorer
+from router.serving import CapabilityReader, ProfileScorer, ServingScorer
 
 log = logging.getLogger("tiergate.artifact")
 
@@ -55,7 +56,10 @@ SERVING_FILE = "serving.npz"
 #: ``gap_slope``), whose score reads the local model's profile; forms without it are still
 #: written as version 2 (or 1), so older replicas can serve them.
 SERVING_FORMAT_VERSION = 3
-READABLE_SERVING_FORMATS = (1, 2, 3)
+#: Format 4 is a profile head alone (:data:`router.serving.HEAD_ARRAYS`) over a standalone
+#: capability artifact that the sidecar names and pins by its sidecar's sha256.
+PROFILE_HEAD_FORMAT = 4
+READABLE_SERVING_FORMATS = (1, 2, 3, 4)
 DEFAULT_MODEL_NAME = "router-v4"
 ENV_MODEL_PATH = "TIERGATE_CLASSIFIER_PATH"
 
@@ -127,6 +131,23 @@ def _write_npz(path: Path, form: Mapping[str, NDArray[Any]]) -> None:
                 np.lib.format.write_array(fh, np.asarray(form[key]), allow_pickle=False)
 
 
+def write_profile_head(
+    directory: Path, head: Mapping[str, NDArray[Any]], capability: Path
+) -> dict[str, Any]:
+    """Write a profile head (serving form 4) into an artifact directory, pinned to the
+    capability artifact ``capability`` (its name and its sidecar's sha256); returns the
+    sidecar's serving entry."""
+    path = directory / SERVING_FILE
+    _replace(path, lambda tmp: _write_npz(tmp, head))
+    return {
+        "file": SERVING_FILE,
+        "format_version": PROFILE_HEAD_FORMAT,
+        "sha256": sha256_file(path),
+        "routing": "profile",
+        "capability": {"name": capability.name, "sha256": sha256_file(capability / METADATA_FILE)},
+    }
+
+
 def write_serving_form(directory: Path, form: Mapping[str, NDArray[Any]]) -> dict[str, Any]:
     """Write ``serving.npz`` into an artifact directory; returns its sidecar entry.
 
@@ -148,11 +169,41 @@ def write_serving_form(directory: Path, form: Mapping[str, NDArray[Any]]) -> dic
     }
 
 
+def capability_dir(artifact: Path, name: str) -> Path:
+    """Where a format-4 artifact's capability model lives: a directory ``name`` inside the
+    artifact when it carries one, else beside the shipped models (``models/NAME``)."""
+    inside = artifact / name
+    return inside if inside.is_dir() else default_model_path().parent / name
+
+
+def load_capability_model(directory: Path) -> CapabilityReader:
+    """A standalone capability artifact (``router.capability``'s format), numpy only."""
+    # Imported here: the capability model's module loads its own, numpy-only artifact.
+    module = importlib.import_module("router.capability")
+    model: CapabilityReader = module.load_capability(directory)
+    return model
+
+
+def _capability_of(artifact: Path, entry: Mapping[str, Any]) -> CapabilityReader:
+    # The capability artifact the sidecar names, refused unless its sidecar is the pinned one.
+    cap = entry.get("capability")
+    if not isinstance(cap, dict) or not isinstance(cap.get("name"), str):
+        raise ArtifactError(f"{artifact / METADATA_FILE}: names no capability model")
+    where = capability_dir(artifact, cap["name"])
+    if not (where / METADATA_FILE).is_file() or sha256_file(where / METADATA_FILE) != cap.get(
+        "sha256"
+    ):
+        raise ArtifactError(
+            f"{artifact}: its capability model {where} is missing or not the one it was fitted on"
+        )
+    return load_capability_model(where)
+
+
 def load_serving_form(
     path: str | Path,
     meta: Mapping[str, Any] | None = None,
     profile: LocalProfile | None = None,
-) -> ServingScorer:
+) -> ServingScorer | ProfileScorer:
     """The :class:`~router.serving.ServingScorer` of an artifact with a serving form, checked as
     the module docstring says (``meta``: its sidecar, when already read; ``profile``: the local
     model's, default :func:`router.profile.default_profile`)."""
@@ -181,11 +232,14 @@ def load_serving_form(
             raise ArtifactError(f"{file}: not a serving form (an .npz archive)")
         with loaded:
             form = {key: loaded[key] for key in loaded.files}
-        if found != 1 and "cap_coef" not in form:  # only format 1 predates it
-            raise ValueError(f"format {found} needs 'cap_coef'")
         if profile is None:
             profile = default_profile()
-        return ServingScorer(form, str(meta.get("version", p.name)), profile)
+        version = str(meta.get("version", p.name))
+        if found == PROFILE_HEAD_FORMAT:
+            return ProfileScorer(_capability_of(p, entry), form, version, profile)
+        if found != 1 and "cap_coef" not in form:  # only format 1 predates it
+            raise ValueError(f"format {found} needs 'cap_coef'")
+        return ServingScorer(form, version, profile)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise ArtifactError(f"{file}: unusable serving form ({exc})") from exc
 

@@ -50,6 +50,7 @@ from router.serving import (
     HEAD_CHARS,
     STRUCTURE_FEATURES,
     TAIL_CHARS,
+    CapabilityReader,
     FloatArray,
     ServingScorer,
     _softmax,
@@ -699,6 +700,34 @@ class GapRouting(_ReadsCapability):
     def linear_view(self) -> LinearView:
         """Not linear in any fixed feature view: the gap term reads the profile."""
         raise TypeError("GapRouting has no linear view (its gap term reads the local profile)")
+
+
+class ServedCapability(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
+    """A served capability model (:class:`router.serving.CapabilityReader`, numpy only) as a
+    prefit scikit-learn classifier, so :class:`GapRouting` fits on exactly the probabilities
+    the proxy will compute. ``fit`` learns nothing."""
+
+    def __init__(self, model: CapabilityReader | None = None) -> None:
+        self.model = model
+
+    def fit(self, X: Any = None, y: Any = None) -> ServedCapability:
+        """Nothing to learn (the model is prefit); records ``classes_``."""
+        if self.model is None:
+            raise ValueError("ServedCapability needs a capability model")
+        self.classes_ = np.array(self.model.capabilities)
+        return self
+
+    def predict_proba(self, X: Sequence[str]) -> FloatArray:
+        """P(capability | prompt) per prompt, columns in ``classes_`` order."""
+        check_is_fitted(self, "classes_")
+        assert self.model is not None
+        out: FloatArray = np.vstack([self.model.probabilities(t) for t in X])
+        return out
+
+    def predict(self, X: Sequence[str]) -> NDArray[Any]:
+        """The most probable capability per prompt."""
+        result: NDArray[Any] = self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        return result
 
 
 def serving_form(

@@ -44,7 +44,12 @@ def _load_model(path: str | None, profile: str | None = None) -> Any:
 def _cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from router.training import train_artifact
+    from router.training import train_artifact, train_profile_router
+
+    if args.capability:
+        out = train_profile_router(args.data, args.capability, args.out, cv=args.cv)
+        print(f"wrote {out}", file=sys.stderr)
+        return 0
 
     steps = ["read data", "capability classifier", "routing classifier"]
     if args.cv:
@@ -184,6 +189,11 @@ def _add_model_commands(sub: Any) -> None:
     )
     p.add_argument("--out", required=True, help="new artifact directory, e.g. models/NAME")
     p.add_argument("--no-cv", dest="cv", action="store_false", help="skip cross-validation metrics")
+    p.add_argument(
+        "--capability",
+        help="a standalone capability model directory (e.g. models/capability-v1): fit only "
+        "the routing score over it (routing files only)",
+    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("score", help="write {id, score} per prompt")

@@ -627,13 +627,7 @@ class JointLinear:
 
 
 def _form_array(form: Mapping[str, NDArray[Any]], key: str) -> NDArray[Any]:
-    kind, ndim = FORM_ARRAYS[key]
-    arr = form.get(key)
-    if not isinstance(arr, np.ndarray) or arr.dtype.kind != kind or arr.ndim != ndim:
-        raise ValueError(f"serving form: {key!r} must be a {ndim}-d array of kind {kind!r}")
-    if kind == "f" and not np.isfinite(arr).all():
-        raise ValueError(f"serving form: {key!r} holds NaN or infinite values")
-    return arr
+    return _checked(form, key, *FORM_ARRAYS[key], what="serving form")
 
 
 class ServingScorer:
@@ -803,7 +797,10 @@ class ProfileScorer:
         version: str,
         profile: LocalProfile,
     ) -> None:
-        a = {key: _checked(head, key, kind, ndim) for key, (kind, ndim) in HEAD_ARRAYS.items()}
+        a = {
+            key: _checked(head, key, kind, ndim, what="profile head")
+            for key, (kind, ndim) in HEAD_ARRAYS.items()
+        }
         names = tuple(str(c) for c in a["capabilities"])
         if names != tuple(capability.capabilities) or a["gap_strong"].shape != (len(names),):
             raise ValueError("profile head: capabilities do not match the capability model")
@@ -850,10 +847,13 @@ class ProfileScorer:
         )
 
 
-def _checked(arrays: Mapping[str, NDArray[Any]], key: str, kind: str, ndim: int) -> NDArray[Any]:
+def _checked(
+    arrays: Mapping[str, NDArray[Any]], key: str, kind: str, ndim: int, *, what: str
+) -> NDArray[Any]:
+    # One named array of a serving form or head, checked for kind, rank and finiteness.
     arr = arrays.get(key)
     if not isinstance(arr, np.ndarray) or arr.dtype.kind != kind or arr.ndim != ndim:
-        raise ValueError(f"profile head: {key!r} must be a {ndim}-d array of kind {kind!r}")
+        raise ValueError(f"{what}: {key!r} must be a {ndim}-d array of kind {kind!r}")
     if kind == "f" and not np.isfinite(arr).all():
-        raise ValueError(f"profile head: {key!r} holds NaN or infinite values")
+        raise ValueError(f"{what}: {key!r} holds NaN or infinite values")
     return arr

@@ -47,10 +47,17 @@ from router.artifact import (
     default_model_path,
     load_serving_form,
     read_sidecar,
+    write_profile_head,
     write_serving_form,
     write_sidecar,
 )
-from router.classifier import CapabilityRouting, GapRouting, LearnedScorer, PromptClassifier
+from router.classifier import (
+    CapabilityRouting,
+    GapRouting,
+    LearnedScorer,
+    PromptClassifier,
+    ServedCapability,
+)
 from router.errors import ArtifactError, ConfigError
 from router.fetch import sha256_file
 from router.profile import CapabilityAccuracy, LocalProfile
@@ -326,7 +333,7 @@ def estimate_profile(
 
 def fit_gap_routing(
     rows: Sequence[RoutingRow],
-    capability: PromptClassifier,
+    capability: PromptClassifier | ServedCapability,
     *,
     margin: float = DEFAULT_MARGIN,
     params: dict[str, Any] | None = None,
@@ -366,7 +373,7 @@ def gap_scores(
 
 def cross_validate_gap(
     rows: Sequence[RoutingRow],
-    capability: PromptClassifier,
+    capability: PromptClassifier | ServedCapability,
     *,
     n_bootstrap: int = 200,
 ) -> dict[str, Any]:
@@ -424,6 +431,74 @@ def fit_scorer(
 
 
 # --- artifact -------------------------------------------------------------------------------
+
+
+def save_profile_router(
+    routing: GapRouting,
+    capability: Path,
+    out_dir: str | Path,
+    *,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write router-v4 over a standalone capability artifact (``capability``, a directory such
+    as ``models/capability-v1``): the profile head as serving form 4 (no pickle: the head is
+    all there is to serve) and the sidecar pinning the capability model. A new directory,
+    assembled aside and renamed into place, as :func:`save_scorer` does."""
+    out = Path(out_dir)
+    if out.exists():
+        raise ArtifactError(f"{out} already exists; write a new version instead of editing one")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    sidecar = {
+        "format": ARTIFACT_FORMAT,
+        "format_version": ARTIFACT_FORMAT_VERSION,
+        "name": out.name,
+        "version": out.name,
+        "tiergate_version": __version__,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "libraries": library_versions(),
+        "platform": platform.platform(),
+        "features": {"routing": routing.describe(), "capability": capability.name},
+        **(metadata or {}),
+        "serving": write_profile_head(tmp, routing.head(), Path(capability)),
+    }
+    write_sidecar(tmp, sidecar)
+    tmp.chmod(0o755)
+    os.replace(tmp, out)
+    return out
+
+
+def train_profile_router(
+    data: Sequence[str | Path], capability: str | Path, out: str | Path, *, cv: bool = True
+) -> Path:
+    """``tiergate train --capability DIR``: fit router-v4's profile head on the routing files
+    over a standalone capability model and save it (:func:`save_profile_router`)."""
+    from router.artifact import load_capability_model
+
+    rows = [r for f in data for r in load_routing_rows(f)]
+    reader = load_capability_model(Path(capability))
+    served = ServedCapability(reader).fit()
+    routing = fit_gap_routing(rows, served)
+    metrics = {"routing": cross_validate_gap(rows, served)} if cv else {}
+    metadata = {
+        "data_files": [data_file_info(f, len(load_routing_rows(f))) for f in data],
+        "rows": {"routing": len(rows)},
+        "target": {"rule": "strong_score - weak_score > margin", "margin": DEFAULT_MARGIN},
+        "gap": _gap_summary(routing),
+        "cv_metrics": metrics,
+    }
+    return save_profile_router(routing, Path(capability), out, metadata=metadata)
+
+
+def _gap_summary(routing: GapRouting) -> dict[str, Any]:
+    classes = [str(c) for c in routing.capability_model().classes_]
+    return {
+        "strong_accuracy": dict(zip(classes, map(float, routing.strong_), strict=True)),
+        "slope": routing.slope_,
+        "prompt_set_intercepts": routing.group_intercepts_,
+        "profiles": "each weak model's, cross-fitted from its labels "
+        f"({PROFILE_FOLDS} folds, {PROFILE_PRIOR:g} pseudo-rows)",
+    }
 
 
 def library_versions() -> dict[str, str]:
@@ -744,15 +819,7 @@ def train_artifact(
             "balance": "none (every row weighs the same); one intercept per prompt set in the "
             "fit, their mean served",
         },
-        "gap": {
-            "strong_accuracy": dict(
-                zip(map(str, capability.classes_), map(float, routing.strong_), strict=True)
-            ),
-            "slope": routing.slope_,
-            "prompt_set_intercepts": routing.group_intercepts_,
-            "profiles": "each weak model's, cross-fitted from its labels "
-            f"({PROFILE_FOLDS} folds, {PROFILE_PRIOR:g} pseudo-rows)",
-        },
+        "gap": _gap_summary(routing),
         "cv_metrics": metrics,
     }
     path = save_scorer(scorer, out, metadata=metadata)

@@ -21,13 +21,13 @@ from router.artifact import (
     default_model_path,
     load_for_serving,
 )
-from router.classifier import LearnedScorer
+from router.classifier import LearnedScorer, ServedCapability
 from router.errors import ArtifactError
 from router.fetch import sha256_file
 from router.pii import pii_kinds
 from router.profile import CapabilityAccuracy, LocalProfile, default_profile, load_profile
 from router.scoring import CAPABILITIES
-from router.serving import ServingScorer, assess_stakes
+from router.serving import ProfileScorer, ServingScorer, assess_stakes
 from router.training import (
     CapabilityRow,
     DataFormatError,
@@ -40,6 +40,7 @@ from router.training import (
     load_capability_rows,
     load_routing_rows,
     load_scorer,
+    save_profile_router,
     save_scorer,
 )
 from tests.test_classifier import EASY, HARD, TRICKY
@@ -212,8 +213,8 @@ def test_a_tampered_serving_form_is_refused(copy: Path) -> None:
 
 
 def test_another_serving_format_version_is_refused(copy: Path) -> None:
-    _edit_sidecar(copy, serving={**_serving_entry(copy), "format_version": 4})
-    with pytest.raises(ArtifactError, match="serving form format 4, this Tiergate reads 1, 2, 3"):
+    _edit_sidecar(copy, serving={**_serving_entry(copy), "format_version": 5})
+    with pytest.raises(ArtifactError, match="serving form format 5, this Tiergate reads 1, 2, 3, 4"):
         load_for_serving(copy)
     _edit_sidecar(copy, format_version=2)
     with pytest.raises(ArtifactError, match="artifact format 2"):
@@ -376,3 +377,53 @@ def test_an_inverted_gap_is_refused_at_fit_time() -> None:
         rows.append(RoutingRow(f"s/{i}", prompt, weak, strong, weak_model="w"))
     with pytest.raises(DataFormatError, match="inverted"):
         fit_gap_routing(rows, capability)
+
+
+class KeywordCapabilities:
+    """A served capability model for tests: maths words -> math, else chat (numpy only)."""
+
+    capabilities = CAPABILITIES
+    version = "kw-1"
+
+    def probabilities(self, text: str) -> np.ndarray:
+        p = np.full(len(CAPABILITIES), 0.01)
+        p[CAPABILITIES.index("math" if "prove" in text.lower() else "chat")] = 1.0
+        return p / p.sum()
+
+
+def test_a_profile_head_over_a_standalone_capability_model_serves_as_fitted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Serving form 4: the head alone, pinned to a capability artifact by its sidecar's sha256;
+    the proxy's loader scores as the fitted GapRouting does and refuses another capability."""
+    import types
+
+    reader = KeywordCapabilities()
+    fake = types.ModuleType("router.capability")
+    fake.load_capability = lambda directory: reader  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "router.capability", fake)
+    cap_dir = tmp_path / "capability-test"
+    cap_dir.mkdir()
+    (cap_dir / METADATA_FILE).write_text('{"format": "tiergate-capability"}')
+    rows = [
+        RoutingRow(
+            f"s/{i}", f"Prove that {i} is prime" if i % 2 else f"hi {i}", w, 1.0, weak_model=m
+        )
+        for i in range(40)
+        for m, w in (("weak", 0.0 if i % 2 else 1.0),)
+    ]
+    routing = fit_gap_routing(rows, ServedCapability(reader).fit())
+    out = save_profile_router(routing, cap_dir, tmp_path / "models" / "v4")
+    (out / cap_dir.name).symlink_to(cap_dir)  # carried inside the artifact
+    served = load_for_serving(out, default_profile())
+    assert isinstance(served, ProfileScorer)
+    routing.set_params(profile=default_profile())
+    texts = ["Prove that 7 is prime", "hi there"]
+    assert [served.score(t) for t in texts] == pytest.approx(
+        routing.predict_proba(texts)[:, 1].tolist(), abs=1e-12
+    )
+    assert served.analyze(texts[0]).capability == "math"
+    assert served.score(texts[0]) > served.score(texts[1])
+    (cap_dir / METADATA_FILE).write_text('{"format": "tiergate-capability", "changed": 1}')
+    with pytest.raises(ArtifactError, match="not the one it was fitted on"):
+        load_for_serving(out)
