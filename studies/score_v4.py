@@ -31,9 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from router.classifier import GapRouting, PromptClassifier
+from router.artifact import load_for_serving
+from router.classifier import GapRouting, PromptClassifier, ServedCapability
 from router.profile import default_profile, load_profile
-from router.serving import profile_vector
+from router.serving import ProfileScorer, profile_vector
 from router.training import (
     RoutingRow,
     crossfit_local_accuracy,
@@ -45,6 +46,7 @@ from router.training import (
     load_scorer,
     routing_target,
     train_artifact,
+    train_profile_router,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,6 +60,7 @@ ROUTING_FILES = (
 )
 V3_FILES = ROUTING_FILES[:3]  # what router-v3 was fitted on
 CAPABILITY_FILE = "capabilities.jsonl"
+CAPABILITY_MODEL = "capability-v1"  # router.capability's shipped model, when there is one
 OOD_FILE = "alpacaeval2_openhermes7b_vs_gpt4turbo.jsonl"
 RESULTS = ROOT / "studies" / "results" / "score_v4.json"
 CARD = ROOT / "docs" / "model-card.md"
@@ -98,7 +101,7 @@ def paired(a: Any, b: Any, rows: Sequence[RoutingRow], seed: int = 0) -> dict[st
 
 
 def loso(
-    rows: list[RoutingRow], capability: PromptClassifier, v3_capability: PromptClassifier
+    rows: list[RoutingRow], capability: Any, v3_capability: PromptClassifier
 ) -> tuple[dict[str, Any], np.ndarray[Any, Any], np.ndarray[Any, Any]]:
     """Leave-one-prompt-set-out scores of v4 and of router-v3's recipe for every row."""
     local = crossfit_local_accuracy(rows, capability.predict_proba([r.prompt for r in rows]))
@@ -123,9 +126,7 @@ def loso(
     return out, v4, v3
 
 
-def capability_table(
-    rows: list[RoutingRow], v4: Any, v3: Any, capability: PromptClassifier
-) -> dict[str, Any]:
+def capability_table(rows: list[RoutingRow], v4: Any, v3: Any, capability: Any) -> dict[str, Any]:
     """Per predicted capability: rows, mean labelled gap, share materially better, mean score
     of each router (out of fold), and the rank correlation of each router's means with the
     labelled share."""
@@ -134,6 +135,15 @@ def capability_table(
     pred = capability.predict([r.prompt for r in rows])
     y, _ = routing_target(rows)
     gap = np.array([r.strong_score - r.weak_score for r in rows])
+    v4, v3 = np.asarray(v4), np.asarray(v3)
+    # Within-file view: each value minus its file's mean, so a file's label scale (judge scores
+    # rarely tie, correctness often does) does not pass for a capability's gap.
+    files = np.array([r.dataset for r in rows])
+    centred = {name: np.zeros(len(rows)) for name in ("y", "v4", "v3")}
+    for d in set(files.tolist()):
+        m = files == d
+        for name, values in (("y", y), ("v4", v4), ("v3", v3)):
+            centred[name][m] = values[m] - values[m].mean()
     table = {}
     for c in sorted(set(pred.tolist())):
         m = pred == c
@@ -145,16 +155,23 @@ def capability_table(
             "better_share": float(y[m].mean()),
             "v4": float(np.mean(v4[m])),
             "v3": float(np.mean(v3[m])),
+            "within_file_share": float(centred["y"][m].mean()),
+            "within_file_v4": float(centred["v4"][m].mean()),
+            "within_file_v3": float(centred["v3"][m].mean()),
         }
-    share = [t["better_share"] for t in table.values()]
+    t = table.values()
+    share = [x["better_share"] for x in t]
+    within = [x["within_file_share"] for x in t]
     return {
         "rows": table,
-        "spearman_v4": float(spearmanr([t["v4"] for t in table.values()], share)[0]),
-        "spearman_v3": float(spearmanr([t["v3"] for t in table.values()], share)[0]),
+        "spearman_v4": float(spearmanr([x["v4"] for x in t], share)[0]),
+        "spearman_v3": float(spearmanr([x["v3"] for x in t], share)[0]),
+        "spearman_within_v4": float(spearmanr([x["within_file_v4"] for x in t], within)[0]),
+        "spearman_within_v3": float(spearmanr([x["within_file_v3"] for x in t], within)[0]),
     }
 
 
-def profile_swap(rows: list[RoutingRow], capability: PromptClassifier) -> dict[str, Any]:
+def profile_swap(rows: list[RoutingRow], capability: Any) -> dict[str, Any]:
     """MMLU-Pro, Llama-3.1-8B vs Mistral-7B: a v4 fitted without MMLU-Pro scores each file with
     its own weak model's profile (estimated from that file's labels) and with the other's."""
     train = [r for r in rows if r.prompt_set != "mmlu-pro"]
@@ -222,7 +239,7 @@ def profile_swap(rows: list[RoutingRow], capability: PromptClassifier) -> dict[s
     return out
 
 
-def ablation(rows: list[RoutingRow], capability: PromptClassifier) -> dict[str, Any]:
+def ablation(rows: list[RoutingRow], capability: Any) -> dict[str, Any]:
     """Why the score has one term: leave-one-prompt-set-out APGR of the gap term alone, and with
     the 13 structure features (scaled, in the same logistic regression, one intercept per prompt
     set), or with the raw capability probabilities, per held-out file."""
@@ -307,14 +324,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--write-card", action="store_true", help="rewrite the card's section")
     args = parser.parse_args(argv)
     out_dir = ROOT / "models" / "router-v4"
+    standalone = ROOT / "models" / CAPABILITY_MODEL
     if args.train:
         import shutil
 
         shutil.rmtree(out_dir, ignore_errors=True)
-        train_artifact([DATA / f for f in (*ROUTING_FILES, CAPABILITY_FILE)], out_dir)
-    v4_scorer = load_scorer(out_dir)
-    capability = v4_scorer.capability
-    assert isinstance(v4_scorer.routing, GapRouting)
+        if standalone.is_dir():  # the static-embedding capability model, when shipped
+            train_profile_router([DATA / f for f in ROUTING_FILES], standalone, out_dir)
+        else:
+            train_artifact([DATA / f for f in (*ROUTING_FILES, CAPABILITY_FILE)], out_dir)
+    served = load_for_serving(out_dir)
+    capability: Any
+    if isinstance(served, ProfileScorer):
+        capability = ServedCapability(served.capability).fit()
+    else:
+        v4_fitted = load_scorer(out_dir)
+        assert isinstance(v4_fitted.routing, GapRouting)
+        capability = v4_fitted.capability
     v3_capability = load_scorer(ROOT / "models" / "router-v3").capability
     rows = [r for f in ROUTING_FILES for r in load_routing_rows(DATA / f)]
     print("leave-one-source-out ...", file=sys.stderr)
@@ -325,8 +351,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("profile swap ...", file=sys.stderr)
     swap = profile_swap(rows, capability)
     ood = load_routing_rows(DATA / OOD_FILE)
-    served = v4_scorer.serving
-    assert served is not None
     v3_served = load_scorer(ROOT / "models" / "router-v3")
     alpaca = paired(
         [served.score(r.prompt) for r in ood], [v3_served.score(r.prompt) for r in ood], ood
@@ -411,20 +435,27 @@ def card_section(r: dict[str, Any]) -> str:
         "",
         "### Score against labelled gap, per capability (out of fold, all labelled files)",
         "",
+        "Pooled: the mean over all rows the capability model puts in the class. Within file: "
+        "each value minus its file's mean first, so a file's label scale does not count as a "
+        "capability's gap.",
+        "",
         "| predicted capability | rows | mean strong - weak | share strong materially better "
-        "| mean score v4 | mean score v3 |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| mean score v4 | mean score v3 | share, within file | v4, within file "
+        "| v3, within file |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     t = r["capability_table"]
     for c, m in t["rows"].items():
         lines.append(
             f"| {c} | {m['n']} | {m['gap']:.3f} | {m['better_share']:.3f} | {m['v4']:.3f} | "
-            f"{m['v3']:.3f} |"
+            f"{m['v3']:.3f} | {m['within_file_share']:+.3f} | {m['within_file_v4']:+.3f} | "
+            f"{m['within_file_v3']:+.3f} |"
         )
     lines += [
         "",
-        f"Spearman rank correlation of the mean score with the share materially better: "
-        f"v4 {t['spearman_v4']:.2f}, v3 {t['spearman_v3']:.2f}.",
+        f"Spearman rank correlation of the mean score with the share materially better, pooled: "
+        f"v4 {t['spearman_v4']:.2f}, v3 {t['spearman_v3']:.2f}; within file: "
+        f"v4 {t['spearman_within_v4']:.2f}, v3 {t['spearman_within_v3']:.2f}.",
         "",
         "### The local model changes, the decision follows (MMLU-Pro)",
         "",
