@@ -22,7 +22,6 @@ This module imports neither scikit-learn, scipy nor joblib, and nothing happens 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import io
 import json
 import logging
@@ -74,10 +73,16 @@ def default_model_path() -> Path:
     return Path(__file__).resolve().parent.parent / "models" / DEFAULT_MODEL_NAME
 
 
-def read_sidecar(path: str | Path, *needs: str) -> dict[str, Any]:
+def read_sidecar(
+    path: str | Path,
+    *needs: str,
+    kind: str = ARTIFACT_FORMAT,
+    version: int = ARTIFACT_FORMAT_VERSION,
+) -> dict[str, Any]:
     """The sidecar of an artifact directory, checked for its format and format version.
 
-    ``needs``: files the caller reads, which must be there beside ``metadata.json``.
+    ``needs``: files the caller reads, which must be there beside ``metadata.json``; ``kind`` and
+    ``version``: the sidecar's ``format`` and ``format_version`` (a classifier's by default).
     """
     p = Path(path)
     meta_path = p / METADATA_FILE
@@ -89,11 +94,10 @@ def read_sidecar(path: str | Path, *needs: str) -> dict[str, Any]:
         meta = json.loads(meta_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{meta_path}: unreadable sidecar") from exc
-    if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT:
-        raise ArtifactError(f"{meta_path}: not a Tiergate classifier sidecar")
-    _require_version(
-        meta_path, "artifact format", meta.get("format_version"), ARTIFACT_FORMAT_VERSION
-    )
+    if not isinstance(meta, dict) or meta.get("format") != kind:
+        what = "classifier" if kind == ARTIFACT_FORMAT else f"model ({kind})"
+        raise ArtifactError(f"{meta_path}: not a Tiergate {what} sidecar")
+    _require_version(meta_path, "artifact format", meta.get("format_version"), version)
     return meta
 
 
@@ -137,15 +141,40 @@ def write_profile_head(
     """Write a profile head (serving form 4) into an artifact directory, pinned to the
     capability artifact ``capability`` (its name and its sidecar's sha256); returns the
     sidecar's serving entry."""
-    path = directory / SERVING_FILE
-    _replace(path, lambda tmp: _write_npz(tmp, head))
     return {
         "file": SERVING_FILE,
         "format_version": PROFILE_HEAD_FORMAT,
-        "sha256": sha256_file(path),
+        "sha256": write_npz(directory / SERVING_FILE, head),
         "routing": "profile",
         "capability": {"name": capability.name, "sha256": sha256_file(capability / METADATA_FILE)},
     }
+
+
+def write_npz(path: Path, arrays: Mapping[str, NDArray[Any]]) -> str:
+    """Write ``arrays`` as a reproducible ``.npz`` (atomically replacing ``path``); returns its
+    sha256 for the sidecar, which :func:`read_checked_npz` checks."""
+    _replace(path, lambda tmp: _write_npz(tmp, arrays))
+    return sha256_file(path)
+
+
+def read_checked_npz(path: Path, sha256: object, what: str = "arrays") -> dict[str, NDArray[Any]]:
+    """The arrays of an ``.npz`` whose bytes hash to ``sha256`` (the sidecar's), read from the
+    very bytes that were hashed, without pickles; an :class:`ArtifactError` (naming the file as
+    ``what``) otherwise."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ArtifactError(f"{path}: named by its sidecar, cannot be read") from exc
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ArtifactError(f"{path}: sha256 does not match its sidecar; refusing to load")
+    try:
+        loaded = np.load(io.BytesIO(data), allow_pickle=False)
+        if not isinstance(loaded, NpzFile):
+            raise ValueError("not an .npz archive")
+        with loaded:
+            return {key: loaded[key] for key in loaded.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ArtifactError(f"{path}: unusable {what} ({exc})") from exc
 
 
 def write_serving_form(directory: Path, form: Mapping[str, NDArray[Any]]) -> dict[str, Any]:
@@ -159,12 +188,10 @@ def write_serving_form(directory: Path, form: Mapping[str, NDArray[Any]]) -> dic
     if version == 2 and "cap_coef" in form and not np.asarray(form["cap_coef"]).any():
         form = {key: value for key, value in form.items() if key != "cap_coef"}
         version = 1
-    path = directory / SERVING_FILE
-    _replace(path, lambda tmp: _write_npz(tmp, form))
     return {
         "file": SERVING_FILE,
         "format_version": version,
-        "sha256": sha256_file(path),
+        "sha256": write_npz(directory / SERVING_FILE, form),
         "routing": str(np.asarray(form["routing"])),
     }
 
@@ -178,10 +205,10 @@ def capability_dir(artifact: Path, name: str) -> Path:
 
 def load_capability_model(directory: Path) -> CapabilityReader:
     """A standalone capability artifact (``router.capability``'s format), numpy only."""
-    # Imported here: the capability model's module loads its own, numpy-only artifact.
-    module = importlib.import_module("router.capability")
-    model: CapabilityReader = module.load_capability(directory)
-    return model
+    # Imported here: router.capability reads its files through this module's helpers.
+    from router.capability import load_capability
+
+    return load_capability(directory)
 
 
 def _capability_of(artifact: Path, entry: Mapping[str, Any]) -> CapabilityReader:
@@ -219,19 +246,8 @@ def load_serving_form(
             f"{', '.join(map(str, READABLE_SERVING_FORMATS))}"
         )
     file = p / SERVING_FILE
+    form = read_checked_npz(file, entry.get("sha256"), "serving form")
     try:
-        data = file.read_bytes()
-    except OSError as exc:
-        raise ArtifactError(f"{p}: its sidecar names {SERVING_FILE}, which cannot be read") from exc
-    if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
-        raise ArtifactError(f"{file}: sha256 does not match its sidecar; refusing to load")
-    try:
-        # The bytes just hashed, not the file again: what is checked is what is loaded.
-        loaded = np.load(io.BytesIO(data), allow_pickle=False)
-        if not isinstance(loaded, NpzFile):
-            raise ArtifactError(f"{file}: not a serving form (an .npz archive)")
-        with loaded:
-            form = {key: loaded[key] for key in loaded.files}
         if profile is None:
             profile = default_profile()
         version = str(meta.get("version", p.name))
@@ -240,7 +256,7 @@ def load_serving_form(
         if found != 1 and "cap_coef" not in form:  # only format 1 predates it
             raise ValueError(f"format {found} needs 'cap_coef'")
         return ServingScorer(form, version, profile)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+    except ValueError as exc:
         raise ArtifactError(f"{file}: unusable serving form ({exc})") from exc
 
 

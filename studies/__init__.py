@@ -1,1 +1,1 @@
-"""Research that backs the model card: run each with ``python -m studies.NAME``."""
+"""Studies that back the model card: run with ``python -m studies.NAME`` (see README.md)."""

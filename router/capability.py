@@ -1,0 +1,384 @@
+"""Capability recognition as the proxy serves it: text -> probabilities over the capabilities.
+
+A prompt's capability (:data:`router.scoring.CAPABILITIES`: coding, math, reasoning, extraction,
+summarization, knowledge_qa, creative_writing, roleplay, chat) is read from a **static
+embedding** (:mod:`router.embedding`: WordPiece tokens, a vector each from a table distilled
+from all-MiniLM-L6-v2, pooled) through **one linear head**. The shipped head is a prototype
+classifier: the cosine between the prompt and one prototype per capability, the mean of that
+capability's :data:`DESCRIPTIONS`, with a softmax temperature fitted on the training rows.
+Leave-one-source-out validation chose it (``python -m studies.capability_loso``): heads fitted
+to the training sources' rows learn their formats and carried worse to a held-out source.
+
+API:
+
+* :class:`CapabilityModel` (here, numpy only): ``probabilities(text)`` is the vector over
+  :data:`~router.scoring.CAPABILITIES` in that order, ``predict(text)`` its arg-max, ``logits``
+  the head's decision values (``coef @ unit(embed(text) - center) + intercept``). It equals the
+  fitted estimator's ``predict_proba`` (tested).
+* :func:`load_capability` / :func:`save_capability`: a capability artifact directory::
+
+      embedding.npz   the token table (float16) and its vocabulary (router.embedding)
+      head.npz        center (embedding width), coef (capabilities x width), intercept,
+                      capabilities
+      metadata.json   format, sha256 of both files, the table's provenance and licence,
+                      library versions, training data and estimator settings
+
+  Loading checks the format and each file's sha256 on the bytes it then reads, and refuses any
+  mismatch with an :class:`~router.errors.ArtifactError`. The shipped one is
+  ``models/capability-v1`` (:func:`default_capability_path`).
+* The scikit-learn side, :class:`router.capability_training.CapabilityClassifier` (``fit``
+  returns ``self``, fitted state ends in ``_``, ``classes_`` is CAPABILITIES), and the training
+  entry point ``python -m router.capability_training`` live apart so that this module imports
+  no scikit-learn.
+* :data:`DESCRIPTIONS`: twenty short, generic requests per capability, written from the
+  capability definitions rather than taken from any data source (and checked to be no
+  MT-Bench question). They make the prototypes, so a capability that no training source covers
+  (``extraction``: no commercial-use rows) or whose only source is held out is still recognised.
+
+Nothing happens at import; no scikit-learn, scipy or torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from router.artifact import read_checked_npz, read_sidecar, write_npz, write_sidecar
+from router.embedding import StaticEmbedding, read_embedding, write_embedding
+from router.errors import ArtifactError
+from router.scoring import CAPABILITIES
+
+CAPABILITY_FORMAT = "tiergate-capability"
+CAPABILITY_FORMAT_VERSION = 1
+HEAD_FILE = "head.npz"
+DEFAULT_CAPABILITY_NAME = "capability-v1"
+
+FloatArray = NDArray[np.float64]
+
+#: Generic requests per capability, written from the capability definitions (no data source's
+#: prompts); the prototype head's prototypes (see the module docstring).
+DESCRIPTIONS: dict[str, tuple[str, ...]] = {
+    "coding": (
+        "Write a Python function that takes a list and returns it sorted.",
+        "Fix the bug in this code.",
+        "Implement a class in Java with a method that parses the input.",
+        "Why does my JavaScript code throw an undefined error?",
+        "Write a SQL query that selects the rows where the date is after 2020.",
+        "Explain what this code snippet does.",
+        "Refactor this function to make it faster and add unit tests.",
+        "Write a program in C++ that reads a file and counts the words.",
+        "How do I use an API with a library in Rust? Show an example.",
+        "Translate this Python script into Go.",
+        "Complete the function below.\n\ndef count_vowels(s: str) -> int:\n    "
+        '"""Return the number of vowels in s."""',
+        "def merge(a, b):\n    result = []\n    # TODO: merge two sorted lists\n    return result",
+        "Write a bash script that renames all files in a directory.",
+        "What is the time complexity of this algorithm, and how can I improve it?",
+        "Write a regular expression that matches valid email addresses.",
+        "Create a React component that shows a list of items with a search box.",
+        "My program crashes with a segmentation fault. Here is the code: int *p = NULL; *p = 5;",
+        "Write a function to find the longest common subsequence of two strings.",
+        "How do I read a CSV file with pandas and group by a column?",
+        "Implement a linked list with insert and delete operations.",
+    ),
+    "math": (
+        "Solve for x: 3x + 5 = 20.",
+        "Calculate the area of a triangle with sides 3, 4 and 5.",
+        "What is the derivative of x^2 sin(x)?",
+        "Prove that the square root of 2 is irrational.",
+        "If a train travels 60 miles per hour for 2.5 hours, how far does it go?",
+        "Find the probability of rolling two sixes with two dice.",
+        "Compute the integral of 1/(1+x^2) from 0 to 1.",
+        "How many ways can 5 people be arranged in a row?",
+        "A shop sells apples at $2 each. How much do 7 apples cost after a 10% discount?",
+        "Find all integer solutions of the equation.",
+        "What is the sum of the first 100 positive integers?",
+        "Simplify the expression (x^2 - 9)/(x - 3).",
+        "Let $f(x) = 2x^2 + 3$. Find $f(4)$.",
+        "John has 12 marbles and gives a third of them to his sister. How many does he have left?",
+        "Find the eigenvalues of the matrix [[2, 1], [1, 2]].",
+        "The sum of two numbers is 30 and their difference is 4. What are the numbers?",
+        "What is the remainder when 2^100 is divided by 7?",
+        "Find the volume of a sphere with radius 3 cm.",
+        "Solve the system of equations: x + y = 10, 2x - y = 2.",
+        "A rectangle has a perimeter of 24 and a length twice its width. Find its area.",
+    ),
+    "reasoning": (
+        "Is the following argument logically valid? Answer valid or invalid.",
+        "Three people sit in a row. Alice is left of Bob and Bob is not in the "
+        "middle. Who is where?",
+        "Determine whether the statement is true or false, reasoning step by step.",
+        "If all A are B and some B are C, does it follow that some A are C?",
+        "Solve this riddle and explain your reasoning.",
+        "Which of the options follows logically from the premises?",
+        "A person tells the truth or lies. Does the last one tell the truth?",
+        "Work out the order of events from the clues given.",
+        "Think step by step: what is the most likely cause of this situation?",
+        "Puzzle: find which box contains the prize using the hints.",
+        "What conclusion can be drawn from these statements, if any?",
+        "Every student in the club plays chess. Maria is not in the club. Does Maria play chess?",
+        "Is this a sound deduction, or does the conclusion go beyond the evidence?",
+        "A is the father of B. B is the sister of C. How is C related to A?",
+        "If it rains, the ground is wet. The ground is wet. Did it rain? Explain.",
+        "Explain why the following plan would or would not work, considering each "
+        "constraint in turn.",
+        "Tom is taller than Sam, and Sam is taller than Ann. Who is the shortest?",
+        "Two statements contradict each other. Which one must be false, and why?",
+        "Identify the flaw in the following reasoning.",
+        "Given these clues, deduce who owns the fish.",
+    ),
+    "extraction": (
+        "Extract all the names and dates mentioned in the following text.",
+        "From the passage below, list every company and its revenue as JSON.",
+        "Identify the key entities in this document and return them in a table.",
+        "Pull out the email addresses and phone numbers from this message.",
+        "Read the text and answer: what does the author say about the budget?",
+        "Extract the main keywords from the following article.",
+        "Parse this invoice and output the total, the date and the vendor.",
+        "Based on the paragraph, which products are mentioned and at what prices?",
+        "Return the fields title, author and year from each of these records.",
+        "Find the sentences in the text that mention the deadline.",
+        "From the customer messages below, extract each order number and the problem reported.",
+        "Find every date in the contract below and say what happens on it.",
+        "From this job posting, extract the required skills, the salary and the location.",
+        "List the ingredients and their quantities from the recipe text below.",
+        "Read the following news report and identify the people, organisations and "
+        "places mentioned.",
+        "What are the main topics discussed in this text? Give one word for each.",
+        "Convert the information in this paragraph into a structured table.",
+        "According to the passage, when was the company founded and by whom?",
+        "Extract every number and its unit from the following report.",
+        "Which of the following sentences express a negative opinion? Return their indices.",
+    ),
+    "summarization": (
+        "Summarize the following article in three sentences.",
+        "Give me a short summary of this text.",
+        "TL;DR of the following post:",
+        "Condense this report into a few bullet points.",
+        "Write a one-paragraph abstract of the paper below.",
+        "Summarise the key points of this meeting transcript.",
+        "What is the gist of this document? Keep it brief.",
+        "Provide an executive summary of the following email thread.",
+        "Shorten this passage while keeping the main ideas.",
+        "Summarize the chapter below for a student.",
+        "Please summarize the news story below in under 100 words.",
+        "Here is a long conversation. Summarize what was decided.",
+        "Read the following text and write a concise summary of its main argument.",
+        "Create a brief overview of this research paper for a general audience.",
+        "Sum up the plot of this story in two sentences.",
+        "Can you give me the highlights of this report?",
+        "Write a headline and a short summary for the article below.",
+        "Summarize the reviews below: what do customers like and dislike?",
+        "Reduce this text to its three most important points.",
+        "Summarize this lecture transcript into study notes.",
+    ),
+    "knowledge_qa": (
+        "Who wrote the novel Pride and Prejudice?",
+        "What is the capital of Australia?",
+        "When did the Second World War end?",
+        "Explain how photosynthesis works.",
+        "What causes the seasons on Earth?",
+        "Which element has the atomic number 6?",
+        "What is the difference between a virus and a bacterium?",
+        "Describe the main causes of the French Revolution.",
+        "How does a bill become a law in the United States?",
+        "What is inflation in economics?",
+        "who played the lead role in the movie titanic",
+        "when was the eiffel tower built",
+        "Which of the following is a mammal?\nA. Shark\nB. Dolphin\nC. Trout\nD. Octopus",
+        "What is the function of the mitochondria in a cell?",
+        "Explain the theory of relativity in simple terms.",
+        "What were the main achievements of the Roman Empire?",
+        "How do vaccines work?",
+        "What is the difference between weather and climate?",
+        "Who was the first person to walk on the moon?",
+        "What does the Fifth Amendment of the US Constitution protect?",
+    ),
+    "creative_writing": (
+        "Write a short story about a dragon who is afraid of the dark.",
+        "Write a poem about the ocean at night.",
+        "Compose song lyrics about lost love.",
+        "Write a screenplay scene where two friends argue.",
+        "Invent a villain for a comic book and describe their backstory.",
+        "Write a haiku about autumn leaves.",
+        "Write a persuasive blog post about travelling by train.",
+        "Draft an engaging opening paragraph for a fantasy novel.",
+        "Write a funny limerick about a cat.",
+        "Write a story in the first person from the view of an old tree.",
+        "Write an essay on why people should read more fiction.",
+        "Compose a heartfelt letter to a friend you have not seen in years.",
+        "Write a science fiction story set on a spaceship, about 500 words long.",
+        "Write a speech for a wedding toast.",
+        "Describe a sunset over the mountains in vivid, poetic language.",
+        "Write a children's bedtime story about a brave little mouse.",
+        "Write a rap verse about coffee.",
+        "Create a dialogue between a detective and a suspect for a mystery novel.",
+        "Write a product description for a handmade wooden chair that makes people want to buy it.",
+        "Write a sonnet about time passing.",
+    ),
+    "roleplay": (
+        "I want you to act as a travel guide. I will tell you my location.",
+        "Pretend you are a pirate captain and talk to me like one.",
+        "You are a job interviewer. Ask me questions for a developer position.",
+        "Act as my therapist and respond to what I say.",
+        "Imagine you are Sherlock Holmes and describe what you deduce about me.",
+        "Role-play as a medieval knight meeting a stranger.",
+        "From now on, respond as if you were a customer support agent.",
+        "You are a famous chef. Greet me in character.",
+        "Play the role of a teacher and I will be your student.",
+        "Stay in character as a grumpy wizard for the rest of the conversation.",
+        "I want you to act as a Linux terminal. I will type commands and you will "
+        "reply with the output.",
+        "Answer my questions as if you were a famous detective from an old novel.",
+        "Pretend to be my grandmother telling me a story from her youth.",
+        "You are an alien visiting Earth for the first time. Describe what you see.",
+        "Act as a stand-up comedian and perform a short routine.",
+        "Let's play a game: you are the dungeon master and I am an adventurer.",
+        "Be a strict drill sergeant and motivate me to finish my homework.",
+        "Speak like Shakespeare for the rest of this chat.",
+        "You are a salesperson trying to sell me a car. Begin the conversation.",
+        "Respond to me as if you were a cat.",
+    ),
+    "chat": (
+        "Hello! How are you today?",
+        "Hi there, what's up?",
+        "Thanks, that was helpful!",
+        "What do you think about dogs versus cats?",
+        "I had a long day at work. Any advice to relax?",
+        "Good morning!",
+        "Can you recommend a good movie for tonight?",
+        "Do you like music? What is your favourite song?",
+        "Tell me something interesting.",
+        "Should I learn to play the guitar or the piano?",
+        "Hey, did you watch the game last night?",
+        "I'm bored. Let's talk about something fun.",
+        "What's your opinion on working from home?",
+        "I just got a new puppy!",
+        "Any tips for making new friends in a new city?",
+        "Is it a good idea to take a gap year before college?",
+        "Did you know that octopuses have three hearts?",
+        "What should I cook for dinner tonight?",
+        "How was your weekend?",
+        "I'm feeling a bit down today.",
+    ),
+}
+
+
+def default_capability_path() -> Path:
+    """The shipped capability model: ``<repo>/models/capability-v1``."""
+    return Path(__file__).resolve().parent.parent / "models" / DEFAULT_CAPABILITY_NAME
+
+
+def softmax(z: FloatArray) -> FloatArray:
+    """Probabilities from logits along the last axis."""
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    out: FloatArray = e / e.sum(axis=-1, keepdims=True)
+    return out
+
+
+def unit(x: FloatArray) -> FloatArray:
+    """``x`` scaled to unit length along its last axis (rows of zeros stay zero)."""
+    norm = np.sqrt((x * x).sum(axis=-1, keepdims=True))
+    out: FloatArray = x / np.where(norm > 0.0, norm, 1.0)
+    return out
+
+
+class CapabilityModel:
+    """The capability model's serving form: a static embedding and a linear head, numpy only.
+
+    A prompt's logits are ``coef @ unit(embed(text) - center) + intercept``: its embedding
+    (:meth:`router.embedding.StaticEmbedding.embed`), centred on the training prompts' mean and
+    rescaled to unit length, through one linear map. ``coef`` is (capabilities x embedding
+    width), ``center`` one value per embedding column, ``intercept`` one per capability, in the
+    order of ``capabilities``, which must be :data:`~router.scoring.CAPABILITIES`.
+    """
+
+    def __init__(  # noqa: PLR0917 (the arrays of a head, in their file's order)
+        self,
+        embedding: StaticEmbedding,
+        center: NDArray[Any],
+        coef: NDArray[Any],
+        intercept: NDArray[Any],
+        capabilities: tuple[str, ...] = CAPABILITIES,
+        version: str = DEFAULT_CAPABILITY_NAME,
+    ) -> None:
+        if tuple(capabilities) != CAPABILITIES:
+            raise ValueError(f"capability head: classes {list(capabilities)}, not CAPABILITIES")
+        n, width = len(CAPABILITIES), embedding.width
+        if center.shape != (width,) or coef.shape != (n, width) or intercept.shape != (n,):
+            raise ValueError("capability head: center/coef/intercept do not fit the embedding")
+        if not all(np.isfinite(a).all() for a in (center, coef, intercept)):
+            raise ValueError("capability head: NaN or infinite coefficients")
+        self.embedding = embedding
+        self.center: FloatArray = np.asarray(center, dtype=np.float64)
+        self.coef: FloatArray = np.asarray(coef, dtype=np.float64)
+        self.intercept: FloatArray = np.asarray(intercept, dtype=np.float64)
+        self.capabilities = CAPABILITIES
+        self.version = version
+
+    def logits(self, text: str) -> FloatArray:
+        """The head's decision values for one prompt, one per capability."""
+        out: FloatArray = self.coef @ unit(self.embedding.embed(text) - self.center)
+        out += self.intercept
+        return out
+
+    def probabilities(self, text: str) -> FloatArray:
+        """P(capability | text), in :data:`~router.scoring.CAPABILITIES` order."""
+        return softmax(self.logits(text))
+
+    def predict(self, text: str) -> str:
+        """The most probable capability of one prompt."""
+        return self.capabilities[int(np.argmax(self.logits(text)))]
+
+
+def save_capability(
+    model: CapabilityModel, directory: str | Path, metadata: Mapping[str, Any] | None = None
+) -> Path:
+    """Write ``model`` as a capability artifact (module docstring) into ``directory``, which
+    must not exist yet (a new version is a new directory; a live one is never edited)."""
+    d = Path(directory)
+    d.mkdir(parents=True)
+    head = {
+        "center": model.center,
+        "coef": model.coef,
+        "intercept": model.intercept,
+        "capabilities": np.array(model.capabilities),
+    }
+    meta = {
+        **(metadata or {}),
+        "format": CAPABILITY_FORMAT,
+        "format_version": CAPABILITY_FORMAT_VERSION,
+        "version": d.name,
+        "embedding": write_embedding(d, model.embedding),
+        "head": {"file": HEAD_FILE, "sha256": write_npz(d / HEAD_FILE, head)},
+        "numpy": np.__version__,
+    }
+    write_sidecar(d, meta)
+    return d
+
+
+def load_capability(directory: str | Path | None = None) -> CapabilityModel:
+    """The capability model of an artifact directory (default: the shipped one), checked as the
+    module docstring says; an :class:`ArtifactError` says what does not fit."""
+    d = Path(directory) if directory is not None else default_capability_path()
+    meta = read_sidecar(d, HEAD_FILE, kind=CAPABILITY_FORMAT, version=CAPABILITY_FORMAT_VERSION)
+    entry = meta.get("head")
+    if not isinstance(entry, dict) or entry.get("file") != HEAD_FILE:
+        raise ArtifactError(f"{d}: its sidecar names no {HEAD_FILE}")
+    embedding = read_embedding(d, meta.get("embedding"))
+    head = read_checked_npz(d / HEAD_FILE, entry.get("sha256"))
+    try:
+        return CapabilityModel(
+            embedding,
+            head["center"],
+            head["coef"],
+            head["intercept"],
+            tuple(str(c) for c in head["capabilities"]),
+            str(meta.get("version", d.name)),
+        )
+    except (KeyError, ValueError) as exc:
+        raise ArtifactError(f"{d / HEAD_FILE}: unusable capability head ({exc})") from exc

@@ -1,0 +1,203 @@
+"""A static text embedding: WordPiece tokens, one stored vector each, mean-pooled. Numpy only.
+
+The capability model (:mod:`router.capability`) reads a prompt as the mean of its tokens'
+vectors, taken from a table that :mod:`router.distill` derived once from all-MiniLM-L6-v2
+(Apache-2.0). A prompt costs one tokenisation and one row gather, tens of microseconds, which
+fits the decision budget where a transformer forward pass would not.
+
+* :class:`WordPiece`: BERT's uncased tokeniser in plain Python (lower case, accents stripped,
+  punctuation split off, greedy longest-match word pieces), with a per-word cache. It follows
+  ``BertTokenizer`` closely but not to the last character class (a non-ASCII symbol is split off
+  like punctuation); training and serving use this one, so they agree.
+* :class:`StaticEmbedding`: ``embed(text)`` pools the token vectors of
+  :func:`router.serving.clip` of the text (the window every per-request feature reads): the
+  l2-normalised means of all tokens, of the first and of the last :data:`POOL_TOKENS`.
+* :func:`save` / :func:`load`: ``embedding.npz`` (``table`` float16, ``vocab``) beside a
+  ``metadata.json`` sidecar that names its provenance and licence and holds its sha256;
+  :func:`load` hashes the bytes it then reads and refuses a mismatch.
+
+Nothing happens at import beyond compiling two regexes; no scikit-learn, scipy or torch.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from router.artifact import read_checked_npz, read_sidecar, write_npz, write_sidecar
+from router.errors import ArtifactError
+from router.serving import clip
+
+EMBEDDING_FILE = "embedding.npz"
+EMBEDDING_FORMAT = "tiergate-embedding"
+EMBEDDING_FORMAT_VERSION = 1
+
+#: Words, single punctuation characters (BERT counts ``_`` as punctuation), CJK ideographs alone.
+_PIECES = re.compile(r"[\u4e00-\u9fff\u3400-\u4dbf\uf900-\ufaff]|[^\W_]+|[^\w\s]|_")
+_MAX_WORD = 100  # BERT's max_input_chars_per_word: a longer run is one [UNK]
+_CACHE_LIMIT = 200_000
+#: How many tokens at each end of a prompt make its head and tail pools
+#: (:meth:`StaticEmbedding.embed`).
+POOL_TOKENS = 24
+
+FloatArray = NDArray[np.float64]
+
+
+class WordPiece:
+    """BERT's uncased WordPiece over ``vocab`` (token strings in id order)."""
+
+    def __init__(self, vocab: Sequence[str]) -> None:
+        self.index = {token: i for i, token in enumerate(vocab)}
+        self.unk = self.index["[UNK]"]
+        self._cache: dict[str, tuple[int, ...]] = {}
+
+    def _word(self, word: str) -> tuple[int, ...]:
+        if len(word) > _MAX_WORD:
+            return (self.unk,)
+        index, out, start = self.index, [], 0
+        while start < len(word):
+            end = len(word)
+            while end > start:
+                piece = word[start:end] if start == 0 else "##" + word[start:end]
+                if piece in index:
+                    out.append(index[piece])
+                    break
+                end -= 1
+            else:
+                return (self.unk,)
+            start = end
+        return tuple(out)
+
+    def ids(self, text: str) -> list[int]:
+        """The token ids of ``text`` (no ``[CLS]``/``[SEP]``)."""
+        low = text.lower()
+        if not low.isascii():
+            low = "".join(
+                c for c in unicodedata.normalize("NFD", low) if unicodedata.category(c) != "Mn"
+            )
+        cache = self._cache
+        out: list[int] = []
+        for word in _PIECES.findall(low):
+            ids = cache.get(word)
+            if ids is None:
+                if len(cache) >= _CACHE_LIMIT:
+                    cache.clear()
+                ids = cache[word] = self._word(word)
+            out.extend(ids)
+        return out
+
+
+class StaticEmbedding:
+    """Token vectors (``table``, one row per ``vocab`` entry) mean-pooled into a prompt vector."""
+
+    def __init__(
+        self, table: NDArray[Any], vocab: Sequence[str], provenance: Mapping[str, Any] | None = None
+    ) -> None:
+        if table.ndim != 2 or table.shape[0] != len(vocab) or not np.isfinite(table).all():
+            raise ValueError("embedding: table must be finite, one row per vocabulary token")
+        self.vocab = list(vocab)
+        self.table: NDArray[np.float32] = np.asarray(table, dtype=np.float32)
+        self.stored: NDArray[Any] = table  # as saved (float16), so save(load(x)) == x
+        self.tokenizer = WordPiece(self.vocab)
+        self.provenance = dict(provenance or {})
+
+    @property
+    def dims(self) -> int:
+        """The length of one token vector."""
+        return int(self.table.shape[1])
+
+    @property
+    def width(self) -> int:
+        """The length of a prompt vector (:meth:`embed`): three pools of :attr:`dims`."""
+        return 3 * self.dims
+
+    def embed(self, text: str) -> FloatArray:
+        """The prompt vector of ``clip(text)``: the l2-normalised mean of all its token vectors,
+        of its first :data:`POOL_TOKENS` and of its last :data:`POOL_TOKENS`, side by side (zeros
+        where there is no token). The first and last tokens usually hold the instruction, which
+        says what is asked more than the pasted material between them."""
+        ids = self.tokenizer.ids(clip(text))
+        out: FloatArray = np.zeros(self.width)
+        if ids:
+            rows = self.table[ids]
+            d = self.dims
+            for i, part in enumerate((rows, rows[:POOL_TOKENS], rows[-POOL_TOKENS:])):
+                v = part.mean(axis=0, dtype=np.float64)
+                norm = float(np.sqrt(v @ v))
+                if norm > 0.0:
+                    out[i * d : (i + 1) * d] = v / norm
+        return out
+
+    def embed_many(self, texts: Iterable[str]) -> FloatArray:
+        """:meth:`embed` of each text, one row each."""
+        rows = [self.embed(t) for t in texts]
+        return np.vstack(rows) if rows else np.zeros((0, self.width))
+
+
+def save(
+    directory: str | Path, table: NDArray[Any], vocab: Sequence[str], provenance: Mapping[str, Any]
+) -> None:
+    """Write ``embedding.npz`` and its sidecar into ``directory`` (created if needed)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    entry = write_embedding(d, StaticEmbedding(table, vocab, provenance))
+    write_sidecar(
+        d,
+        {
+            "format": EMBEDDING_FORMAT,
+            "format_version": EMBEDDING_FORMAT_VERSION,
+            "embedding": entry,
+            "numpy": np.__version__,
+        },
+    )
+
+
+def write_embedding(directory: Path, embedding: StaticEmbedding) -> dict[str, Any]:
+    """Write ``embedding.npz`` into an artifact directory; returns its sidecar entry (file,
+    sha256, shape, provenance), which :func:`read_embedding` checks."""
+    digest = write_npz(
+        directory / EMBEDDING_FILE,
+        {"table": embedding.stored, "vocab": np.array(embedding.vocab)},
+    )
+    return {
+        "file": EMBEDDING_FILE,
+        "format_version": EMBEDDING_FORMAT_VERSION,
+        "sha256": digest,
+        "shape": list(embedding.table.shape),
+        "dtype": str(embedding.stored.dtype),
+        "provenance": embedding.provenance,
+    }
+
+
+def read_embedding(directory: Path, entry: object) -> StaticEmbedding:
+    """The :class:`StaticEmbedding` an artifact's sidecar ``entry`` names, checked for its
+    format version and sha256 before its bytes are read (plain arrays, no pickle)."""
+    if not isinstance(entry, dict) or entry.get("file") != EMBEDDING_FILE:
+        raise ArtifactError(f"{directory}: its sidecar names no {EMBEDDING_FILE}")
+    if entry.get("format_version") != EMBEDDING_FORMAT_VERSION:
+        raise ArtifactError(
+            f"{directory}: embedding format {entry.get('format_version')!r}, "
+            f"this Tiergate reads {EMBEDDING_FORMAT_VERSION}"
+        )
+    arrays = read_checked_npz(directory / EMBEDDING_FILE, entry.get("sha256"))
+    table, vocab = arrays.get("table"), arrays.get("vocab")
+    if table is None or vocab is None or table.dtype.kind != "f" or vocab.dtype.kind != "U":
+        raise ArtifactError(f"{directory / EMBEDDING_FILE}: not a static embedding")
+    try:
+        return StaticEmbedding(table, vocab.tolist(), entry.get("provenance"))
+    except (ValueError, KeyError) as exc:
+        raise ArtifactError(f"{directory / EMBEDDING_FILE}: unusable embedding ({exc})") from exc
+
+
+def load(directory: str | Path) -> StaticEmbedding:
+    """The static embedding saved in ``directory`` by :func:`save` (or inside a capability
+    artifact), refused with an :class:`ArtifactError` when it is not what its sidecar says."""
+    d = Path(directory)
+    meta = read_sidecar(d, EMBEDDING_FILE, kind=EMBEDDING_FORMAT, version=EMBEDDING_FORMAT_VERSION)
+    return read_embedding(d, meta.get("embedding"))

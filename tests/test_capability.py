@@ -1,0 +1,223 @@
+"""Capability recognition: the numpy serving form answers exactly as the fitted estimator, the
+proxy's loader needs no scikit-learn, and a tampered artifact is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+
+from router.artifact import METADATA_FILE, write_npz
+from router.capability import (
+    DESCRIPTIONS,
+    HEAD_FILE,
+    CapabilityModel,
+    load_capability,
+    save_capability,
+)
+from router.capability_training import CapabilityClassifier, leave_one_source_out
+from router.embedding import EMBEDDING_FILE, StaticEmbedding, WordPiece
+from router.errors import ArtifactError
+from router.scoring import CAPABILITIES
+from router.training import CapabilityRow
+
+REPO = Path(__file__).resolve().parent.parent
+
+TRAIN = [
+    ("Write a Python function that reverses a linked list.", "coding"),
+    ("Fix the TypeError in this JavaScript code: const x = undefined.foo;", "coding"),
+    ("Implement binary search in C++ and explain its complexity.", "coding"),
+    ("Solve 2x + 7 = 19 for x.", "math"),
+    ("What is the integral of x^3 from 0 to 2?", "math"),
+    ("A car goes 45 miles per hour for 3 hours. How far does it travel?", "math"),
+    ("Write a sonnet about the winter sea.", "creative_writing"),
+    ("Write a short story about a robot who learns to paint.", "creative_writing"),
+    ("Compose lyrics for a song about leaving home.", "creative_writing"),
+    ("Hey! How's your weekend going?", "chat"),
+    ("Good evening, nice to meet you.", "chat"),
+    ("Thanks so much, you made my day!", "chat"),
+]
+ARTICLE = (
+    "The city council met on Tuesday to discuss the new budget. Members argued about funding "
+    "for parks, schools and road repairs. The mayor proposed raising property taxes by two "
+    "percent, while several council members wanted to cut spending instead. After three hours "
+    "of debate, the council agreed to delay the vote until next month."
+)
+SAMPLE = [
+    "",
+    "zzqx vvkk",
+    "Write a haiku about rain.",
+    "def add(a, b): return a + b  # why does this fail?",
+    "Summarise the following article: " + "the market rose again today. " * 300,
+    "Naïve café résumé — ünïcödé, 数学, emoji 🙂",
+    "Pretend you are a pirate and tell me about your ship.",
+]
+
+
+@pytest.fixture(scope="module")
+def shipped() -> CapabilityModel:
+    return load_capability()
+
+
+@pytest.fixture(scope="module")
+def fitted(shipped: CapabilityModel) -> CapabilityClassifier:
+    texts, labels = zip(*TRAIN, strict=True)
+    return CapabilityClassifier(shipped.embedding).fit(list(texts), list(labels))
+
+
+def test_serving_form_answers_exactly_as_predict_proba(
+    fitted: CapabilityClassifier, tmp_path: Path
+) -> None:
+    expected = fitted.predict_proba(SAMPLE)
+    assert list(fitted.classes_) == list(CAPABILITIES)
+    assert expected.shape == (len(SAMPLE), len(CAPABILITIES))
+    served = save_capability(fitted.serving(), tmp_path / "cap-t1")
+    loaded = load_capability(served)
+    assert loaded.version == "cap-t1"
+    for text, row, label in zip(SAMPLE, expected, fitted.predict(SAMPLE), strict=True):
+        assert np.abs(loaded.probabilities(text) - row).max() <= 1e-12
+        assert loaded.predict(text) == label
+
+
+def test_every_capability_has_a_column_even_without_rows(shipped: CapabilityModel) -> None:
+    # Without the descriptions only four capabilities have rows; the columns stay CAPABILITIES
+    # and the missing ones are never predicted.
+    texts, labels = zip(*TRAIN, strict=True)
+    model = CapabilityClassifier(shipped.embedding, descriptions=False).fit(
+        list(texts), list(labels)
+    )
+    proba = model.predict_proba(SAMPLE)
+    missing = [CAPABILITIES.index(c) for c in ("reasoning", "extraction", "roleplay")]
+    assert proba[:, missing].max() < 1e-9
+    assert set(model.predict(SAMPLE)) <= {"coding", "math", "creative_writing", "chat"}
+    assert clone(model).get_params()["descriptions"] is False
+
+
+def test_descriptions_let_an_unseen_capability_be_recognised(shipped: CapabilityModel) -> None:
+    texts, labels = zip(*TRAIN, strict=True)
+    model = CapabilityClassifier(shipped.embedding).fit(list(texts), list(labels))
+    assert set(DESCRIPTIONS) == set(CAPABILITIES)
+    prompt = "Extract every person's name and birth date from the text below as JSON."
+    assert model.predict([prompt])[0] == "extraction"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "capability"),
+    [
+        ("Write a poem about the first snow of the year.", "creative_writing"),
+        ("Give me a short summary of the meeting notes I pasted earlier.", "summarization"),
+        ("Write a function in Python that checks whether a string is a palindrome.", "coding"),
+        ("What is 17 * 23 + 4? Show the steps.", "math"),
+        ("I want you to act as a tour guide in Rome and stay in character.", "roleplay"),
+        ("Who painted the Mona Lisa?", "knowledge_qa"),
+        ("Hi! How are you doing today?", "chat"),
+        ("List all the dates and company names mentioned in the following email.", "extraction"),
+    ],
+)
+def test_shipped_model_recognises_plain_requests(
+    shipped: CapabilityModel, prompt: str, capability: str
+) -> None:
+    assert shipped.predict(prompt) == capability
+
+
+def test_a_pasted_article_to_summarise_ranks_summarization_in_the_top_two(
+    shipped: CapabilityModel,
+) -> None:
+    # A known weakness (docs/model-card.md): two of the three pools then read the article, so
+    # extraction competes with summarization.
+    p = shipped.probabilities("Summarize this article in two sentences:\n\n" + ARTICLE)
+    top2 = {CAPABILITIES[i] for i in np.argsort(p)[-2:]}
+    assert "summarization" in top2
+
+
+def test_the_capability_loader_imports_no_sklearn() -> None:
+    script = """
+import json, sys
+from router.capability import load_capability
+model = load_capability()
+p = model.probabilities("Write a haiku about autumn.")
+print(json.dumps({
+    "sum": float(p.sum()),
+    "top": model.predict("Write a haiku about autumn."),
+    "loaded": sorted(m for m in ("sklearn", "scipy", "joblib", "torch") if m in sys.modules),
+}))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TIERGATE_")}
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["loaded"] == []
+    assert abs(got["sum"] - 1.0) < 1e-9 and got["top"] == "creative_writing"
+
+
+@pytest.mark.parametrize("member", [EMBEDDING_FILE, HEAD_FILE])
+def test_loading_refuses_a_tampered_file(
+    fitted: CapabilityClassifier, tmp_path: Path, member: str
+) -> None:
+    d = save_capability(fitted.serving(), tmp_path / "cap-t2")
+    load_capability(d)  # intact: loads
+    if member == EMBEDDING_FILE:
+        table = fitted.embedding_.stored.copy()
+        table[1000] += np.float16(0.5)  # one token's vector nudged
+        write_npz(d / member, {"table": table, "vocab": np.array(fitted.embedding_.vocab)})
+    else:
+        coef = fitted.coef_.copy()
+        coef[CAPABILITIES.index("coding")] *= -1.0
+        write_npz(
+            d / member,
+            {"coef": coef, "intercept": fitted.intercept_, "capabilities": np.array(CAPABILITIES)},
+        )
+    with pytest.raises(ArtifactError, match="sha256"):
+        load_capability(d)
+
+
+def test_loading_refuses_a_foreign_sidecar(fitted: CapabilityClassifier, tmp_path: Path) -> None:
+    d = save_capability(fitted.serving(), tmp_path / "cap-t3")
+    meta = json.loads((d / METADATA_FILE).read_text())
+    (d / METADATA_FILE).write_text(json.dumps({**meta, "format": "tiergate-classifier"}))
+    with pytest.raises(ArtifactError, match="tiergate-capability"):
+        load_capability(d)
+
+
+def test_wordpiece_splits_like_bert(shipped: CapabilityModel) -> None:
+    vocab = shipped.embedding.vocab
+    ids = WordPiece(vocab).ids("Hello, world! unaffable NAÏVE")
+    assert [vocab[i] for i in ids] == ["hello", ",", "world", "!", "una", "##ffa", "##ble", "naive"]
+
+
+def test_embedding_refuses_a_table_that_does_not_fit_its_vocabulary() -> None:
+    with pytest.raises(ValueError, match="one row per vocabulary token"):
+        StaticEmbedding(np.zeros((3, 4), dtype=np.float16), ["[UNK]", "a"])
+
+
+def test_leave_one_source_out_never_trains_on_the_held_out_source(
+    shipped: CapabilityModel,
+) -> None:
+    rows = [
+        CapabilityRow(f"s{i % 2}/{i}", text, cap, f"s{i % 2}")
+        for i, (text, cap) in enumerate(TRAIN)
+    ]
+    seen: list[set[str]] = []
+
+    def fit(texts: list[str], labels: list[str]) -> CapabilityClassifier:
+        seen.append(set(texts))
+        return CapabilityClassifier(shipped.embedding).fit(texts, labels)
+
+    out = leave_one_source_out(rows, fit)
+    for held, train in zip(("s0", "s1"), seen, strict=True):
+        assert not {r.prompt for r in rows if r.source == held} & train
+    assert set(out["per_source"]) == {"s0", "s1"}
+    assert np.array(out["pooled"]["confusion"]).sum() == len(rows)
