@@ -136,7 +136,7 @@ def test_errors_are_reported_not_raised(tmp_path: Path, capsys: pytest.CaptureFi
 def test_score_uses_the_shipped_model_by_default(data: Path, tmp_path: Path) -> None:
     from router.artifact import default_model_path
 
-    if not (default_model_path() / "model.joblib").is_file():
+    if not (default_model_path() / "metadata.json").is_file():
         pytest.skip("no shipped model in this checkout")
     out = tmp_path / "s.jsonl"
     assert main(["score", "--data", str(data), "--out", str(out)]) == 0

@@ -125,12 +125,35 @@ def _serving_entry(path: Path) -> dict[str, object]:
     return entry
 
 
-@pytest.mark.skipif(not (SHIPPED / SERVING_FILE).is_file(), reason="no shipped model")
-def test_shipped_model_serves_like_its_sklearn_estimators() -> None:
-    served = load_for_serving(SHIPPED)
+V3 = REPO / "models" / "router-v3"
+
+
+def test_router_v3_still_serves_like_its_sklearn_estimators() -> None:
+    served = load_for_serving(V3)
     assert isinstance(served, ServingScorer)
+    assert (served.name, served.version) == ("learned", "router-v3")
+    assert_serves_like_sklearn(served, load_scorer(V3))
+
+
+@pytest.mark.skipif(not (SHIPPED / SERVING_FILE).is_file(), reason="no shipped model")
+def test_the_shipped_model_reads_the_shipped_capability_model() -> None:
+    """router-v4 is a profile head over capability-v1: `tiergate classify` gives that model's
+    capability, and the score is the head's formula over its probabilities."""
+    from router.capability import load_capability
+
+    served = load_for_serving(SHIPPED, default_profile())
+    assert isinstance(served, ProfileScorer)
     assert (served.name, served.version) == ("learned", DEFAULT_MODEL_NAME)
-    assert_serves_like_sklearn(served, load_scorer(SHIPPED))
+    capability = load_capability()
+    head = dict(served.head)
+    local = np.array([default_profile().accuracy(c) for c in capability.capabilities])
+    for text in SAMPLE:
+        q = capability.probabilities(text)
+        g = np.clip((q * head["gap_strong"] * (1 - local)).sum(), 1e-3, 1 - 1e-3)
+        z = float(head["intercept"]) + float(head["gap_slope"]) * np.log(g / (1 - g))
+        a = served.analyze(text)
+        assert a.capability == capability.predict(text)
+        assert a.score == pytest.approx(1 / (1 + np.exp(-z)), abs=1e-12)
 
 
 @pytest.mark.skipif(not (SHIPPED / SERVING_FILE).is_file(), reason="no shipped model")
@@ -164,12 +187,12 @@ print(json.dumps({
     )
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
-    assert got["types"] == ["ServingScorer", "ServingScorer"]  # not the heuristic fallback
+    assert got["types"] == ["ProfileScorer", "ProfileScorer"]  # not the heuristic fallback
     assert got["version"] == DEFAULT_MODEL_NAME
     assert got["loaded"] == []  # neither sklearn nor scipy (nor joblib) was imported
-    # The same model as scikit-learn's, scored in this process.
+    # The same model, scored in this process.
     text = "Prove that the square root of 2 is irrational, step by step."
-    assert abs(got["score"] - load_scorer(SHIPPED).routing.predict_proba([text])[0, 1]) <= 1e-12
+    assert got["score"] == load_for_serving(SHIPPED).score(text)
     assert got["swapped_score"] == got["score"]
 
 
@@ -214,7 +237,9 @@ def test_a_tampered_serving_form_is_refused(copy: Path) -> None:
 
 def test_another_serving_format_version_is_refused(copy: Path) -> None:
     _edit_sidecar(copy, serving={**_serving_entry(copy), "format_version": 5})
-    with pytest.raises(ArtifactError, match="serving form format 5, this Tiergate reads 1, 2, 3, 4"):
+    with pytest.raises(
+        ArtifactError, match="serving form format 5, this Tiergate reads 1, 2, 3, 4"
+    ):
         load_for_serving(copy)
     _edit_sidecar(copy, format_version=2)
     with pytest.raises(ArtifactError, match="artifact format 2"):
@@ -315,7 +340,7 @@ def test_a_better_local_model_never_raises_the_score() -> None:
     """Monotone in the profile: raising any capability's local accuracy lowers the score or
     leaves it, and raising the prompt's own capability lowers it strictly."""
     served = load_for_serving(SHIPPED)
-    assert isinstance(served, ServingScorer)
+    assert isinstance(served, ProfileScorer)
     base = dict.fromkeys(CAPABILITIES, 0.3)
     for text in (MATHS, CODE, "Hello", "Write a short poem about autumn leaves."):
         own = served.analyze(text).capability
@@ -332,7 +357,7 @@ def test_swapping_the_profile_moves_the_score_the_right_way() -> None:
     """The same maths prompt scores lower with an 8B model's profile than with the bundled
     135M model's, and lower with Llama-3.1-8B's than with Mistral-7B's (weaker at maths)."""
     served = load_for_serving(SHIPPED)
-    assert isinstance(served, ServingScorer)
+    assert isinstance(served, ProfileScorer)
     smol = load_for_serving(SHIPPED, default_profile()).analyze(MATHS)
     llama = served.with_profile(load_profile(PROFILES / "Llama-3.1-8B-Instruct.yaml"))
     mistral = served.with_profile(load_profile(PROFILES / "Mistral-7B-Instruct-v0.2.yaml"))
@@ -341,18 +366,32 @@ def test_swapping_the_profile_moves_the_score_the_right_way() -> None:
     assert llama.analyze(MATHS).local_profile == "Meta-Llama-3.1-8B-Instruct"
 
 
-def test_the_shipped_profile_score_is_format_3_and_router_v3_still_loads() -> None:
+def test_the_shipped_model_is_format_4_and_router_v3_still_loads() -> None:
     entry = _serving_entry(SHIPPED)
-    assert (entry["format_version"], entry["routing"]) == (3, "profile")
-    v3 = load_for_serving(REPO / "models" / "router-v3")
+    assert (entry["format_version"], entry["routing"]) == (4, "profile")
+    assert entry["capability"] == {
+        "name": "capability-v1",
+        "sha256": sha256_file(REPO / "models" / "capability-v1" / METADATA_FILE),
+    }
+    v3 = load_for_serving(V3)
     assert isinstance(v3, ServingScorer) and v3.version == "router-v3"
     a = v3.analyze(MATHS)
     assert 0.0 <= a.score <= 1.0 and a.local_accuracy is not None  # the policy signal still works
 
 
-def test_a_profile_score_needs_a_profile() -> None:
-    with np.load(SHIPPED / SERVING_FILE, allow_pickle=False) as npz:
+def test_a_profile_score_needs_a_profile_and_a_non_negative_slope() -> None:
+    served = load_for_serving(SHIPPED)
+    assert isinstance(served, ProfileScorer)
+    head = dict(served.head)
+    with pytest.raises(ValueError, match="invert"):
+        ProfileScorer(served.capability, {**head, "gap_slope": np.array(-1.0)}, "x", served.profile)
+    with pytest.raises(ValueError, match="capabilities do not match"):
+        ProfileScorer(
+            served.capability, {**head, "gap_strong": head["gap_strong"][:-1]}, "x", served.profile
+        )
+    with np.load(V3 / SERVING_FILE, allow_pickle=False) as npz:
         form = {key: npz[key] for key in npz.files}
+    form.update(routing=np.array("profile"), gap_strong=np.full(8, 0.8), gap_slope=np.array(1.0))
     with pytest.raises(ValueError, match="needs a local profile"):
         ServingScorer(form, "x")
     form.pop("gap_slope")
