@@ -44,6 +44,7 @@ from router.artifact import (
     ARTIFACT_FORMAT_VERSION,
     DEFAULT_MODEL_NAME,
     MODEL_FILE,
+    PROFILE_HEAD_FORMAT,
     default_model_path,
     load_serving_form,
     read_sidecar,
@@ -269,6 +270,9 @@ def fit_routing(
 
 #: Folds and shrinkage of the cross-fitted local profiles the gap routing is fitted against.
 PROFILE_FOLDS = 5
+#: The shipped model whose word TF-IDF capability classifier `tiergate train` reuses when it is
+#: given no capability file, and which the router-v3-era benches and the retrain loop adapt.
+TFIDF_MODEL_NAME = "router-v3"
 PROFILE_PRIOR = 20.0
 MIN_CROSSFIT_ROWS = 200
 
@@ -612,6 +616,14 @@ def load_scorer(path: str | Path) -> LearnedScorer:
     unpickled; only then is the pickle loaded and its contents type-checked.
     """
     p = Path(path)
+    if not (p / MODEL_FILE).exists() and (p / "metadata.json").is_file():
+        serving = read_sidecar(p).get("serving") or {}
+        if serving.get("format_version") == PROFILE_HEAD_FORMAT:
+            raise ArtifactError(
+                f"{p}: a profile head over a capability model (router-v4) has no scikit-learn "
+                "estimators to load; refit it with `tiergate train --capability` (the retrain "
+                "loop does not adapt it yet)"
+            )
     meta = read_metadata(p)
     features = meta.get("features") or {}
     # Written before the window was recorded: the first window, 2,000 + 500 characters.
@@ -798,8 +810,8 @@ def train_artifact(
     step("read data")
     if capability_rows:
         capability = fit_capability(capability_rows)
-    else:
-        capability = load_default_scorer().capability
+    else:  # the last shipped TF-IDF capability model (router-v4 reads capability-v1 instead)
+        capability = load_scorer(default_model_path().parent / TFIDF_MODEL_NAME).capability
     step("capability classifier")
     routing = fit_gap_routing(routing_rows, capability)
     step("routing classifier")

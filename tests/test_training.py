@@ -204,3 +204,9 @@ def test_install_constraints_pin_what_the_shipped_model_was_written_with() -> No
     assert pins == {k: recorded[k] for k in ("scikit-learn", "numpy", "scipy", "joblib")}
     assert "-c constraints.txt" in (root / "Makefile").read_text()
     assert "-c /src/constraints.txt" in (root / "Dockerfile").read_text()
+
+
+def test_a_profile_head_says_why_it_cannot_be_retrained() -> None:
+    """router-v4 has no pickled estimators: loading it for retraining names the reason."""
+    with pytest.raises(ArtifactError, match="no scikit-learn estimators"):
+        load_scorer(default_model_path())
