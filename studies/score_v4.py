@@ -322,7 +322,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", action="store_true", help="refit models/router-v4 first")
     parser.add_argument("--write-card", action="store_true", help="rewrite the card's section")
+    parser.add_argument(
+        "--card-only", action="store_true", help="rewrite the card from the last results"
+    )
     args = parser.parse_args(argv)
+    if args.card_only:
+        write_card(card_section(json.loads(RESULTS.read_text())))
+        return 0
     out_dir = ROOT / "models" / "router-v4"
     standalone = ROOT / "models" / CAPABILITY_MODEL
     if args.train:
@@ -379,14 +385,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = card_section(results)
     print(text)
     if args.write_card:
-        card = CARD.read_text()
-        start, end = card.find(MARKERS[0]), card.find(MARKERS[1])
-        if start < 0 or end < 0:
-            card = card + "\n" + MARKERS[0] + "\n" + MARKERS[1] + "\n"
-            start, end = card.find(MARKERS[0]), card.find(MARKERS[1])
-        card = card[: start + len(MARKERS[0])] + "\n" + text + "\n" + card[end:]
-        CARD.write_text(card)
+        write_card(text)
     return 0
+
+
+def write_card(text: str) -> None:
+    """Replace the model card's generated router-v4 block (between :data:`MARKERS`)."""
+    card = CARD.read_text()
+    start, end = card.find(MARKERS[0]), card.find(MARKERS[1])
+    if start < 0 or end < 0:
+        card = card + "\n" + MARKERS[0] + "\n" + MARKERS[1] + "\n"
+        start, end = card.find(MARKERS[0]), card.find(MARKERS[1])
+    CARD.write_text(card[: start + len(MARKERS[0])] + "\n" + text + "\n" + card[end:])
 
 
 def _ci(pair: Sequence[float]) -> str:
@@ -456,6 +466,24 @@ def card_section(r: dict[str, Any]) -> str:
         f"Spearman rank correlation of the mean score with the share materially better, pooled: "
         f"v4 {t['spearman_v4']:.2f}, v3 {t['spearman_v3']:.2f}; within file: "
         f"v4 {t['spearman_within_v4']:.2f}, v3 {t['spearman_within_v3']:.2f}.",
+    ]
+    lat = r["decision_latency"]
+    lines += [
+        "",
+        f"Decision latency (`bench/decision.py`, `analyze` on one core, model {lat['model']}): "
+        f"p50 {lat['p50_ms']:.3f} ms, p99 {lat['p99_ms']:.3f} ms (budget 0.3 / 1 ms).",
+        "",
+        "### Small talk under the default policy (shipped model, default profile)",
+        "",
+        "| prompt | capability | score | tier (rule) |",
+        "| --- | --- | ---: | --- |",
+    ]
+    for row in r["small_talk"]:
+        lines.append(
+            f"| {row['prompt']} | {row['capability']} | {row['score']:.3f} | "
+            f"{row['tier']} ({row['rule']}) |"
+        )
+    lines += [
         "",
         "### The local model changes, the decision follows (MMLU-Pro)",
         "",
