@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,11 +218,17 @@ def write_profile(profile: LocalProfile, path: str | Path) -> None:
 
 
 def default_profile_path() -> Path:
-    """The bundled model's profile file: the first of :data:`BUNDLED_PROFILES` that exists."""
-    for name in BUNDLED_PROFILES:
-        if (PROFILE_DIR / name).is_file():
-            return PROFILE_DIR / name
-    raise ConfigError(f"no bundled local model profile in {PROFILE_DIR}")
+    """The bundled model's profile file: the first of :data:`BUNDLED_PROFILES` that exists in
+    ``profiles/`` beside ``$TIERGATE_CLASSIFIER_PATH`` (an installed package, as in the image,
+    has no models/ of its own) or else in :data:`PROFILE_DIR`."""
+    dirs = [PROFILE_DIR]
+    if classifier := os.environ.get("TIERGATE_CLASSIFIER_PATH"):
+        dirs.insert(0, Path(classifier).parent / "profiles")
+    for directory in dirs:
+        for name in BUNDLED_PROFILES:
+            if (directory / name).is_file():
+                return directory / name
+    raise ConfigError(f"no bundled local model profile in {' or '.join(map(str, dirs))}")
 
 
 def default_profile(path: str | Path | None = None) -> LocalProfile:
