@@ -282,6 +282,45 @@ def ablation(rows: list[RoutingRow], capability: Any) -> dict[str, Any]:
     return out
 
 
+def learnability(served: Any) -> dict[str, Any]:
+    """What 1,000 labelled requests could teach (not the product's retrain loop, which does not
+    adapt router-v4 yet): MMLU-Pro, Llama-3.1-8B as the local model with its declared profile.
+    1,000 random rows are the feedback, the other 3,071 the evaluation. Against the served score,
+    (a) the profile re-estimated from the feedback's labels, (b) a soft-label logistic head over
+    capability-v1's embedding and the served logit (C=0.1), fitted on the feedback."""
+    from sklearn.linear_model import LogisticRegression
+
+    rows = load_routing_rows(DATA / "mmlupro_llama31_8b_vs_gpt4o.jsonl")
+    declared = served.with_profile(
+        load_profile(ROOT / "models/profiles/Llama-3.1-8B-Instruct.yaml")
+    )
+    base = np.array([declared.score(r.prompt) for r in rows])
+    idx = np.random.default_rng(0).permutation(len(rows))
+    train, test = idx[:1000], idx[1000:]
+    test_rows = [rows[i] for i in test]
+    reader = served.capability
+    q = np.vstack([reader.probabilities(r.prompt) for r in rows])
+    learnt = estimate_profile(
+        [rows[i] for i in train], q[train], list(reader.capabilities), model="from feedback"
+    )
+    refit = np.array([served.with_profile(learnt).score(rows[i].prompt) for i in test])
+    z0 = np.log(base / (1.0 - base))
+    x = np.hstack([np.vstack([reader.embedding.embed(r.prompt) for r in rows]), z0[:, None]])
+    v = np.clip([r.strong_score - r.weak_score for r in rows], 0.0, 1.0)
+    head = LogisticRegression(C=0.1, max_iter=2000).fit(
+        np.vstack([x[train], x[train]]),
+        np.r_[np.ones(len(train)), np.zeros(len(train))],
+        sample_weight=np.r_[v[train], 1.0 - v[train]],
+    )
+    headed = head.predict_proba(x[test])[:, 1]
+    return {
+        "feedback_rows": len(train),
+        "eval_rows": len(test),
+        "profile_from_feedback": paired(refit, base[test], test_rows),
+        "embedding_head": paired(headed, base[test], test_rows),
+    }
+
+
 SMALL_TALK = (
     "Hello",
     "Hi there!",
@@ -370,6 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "p99_ms": decision["analyze"]["p99_ms"],
         },
         "small_talk": small_talk(served),
+        "learnability": learnability(served),
         "model": meta["version"],
         "default_profile": default_profile().model,
         "gap": meta.get("gap"),
@@ -483,6 +523,28 @@ def card_section(r: dict[str, Any]) -> str:
             f"| {row['prompt']} | {row['capability']} | {row['score']:.3f} | "
             f"{row['tier']} ({row['rule']}) |"
         )
+    learn = r.get("learnability")
+    if learn:
+        lines += [
+            "",
+            f"### What {learn['feedback_rows']} labels could teach (MMLU-Pro, Llama-3.1-8B, "
+            "declared profile; a study, not the retrain loop)",
+            "",
+            f"Evaluated on the other {learn['eval_rows']} rows against the served score "
+            "(paired bootstrap of the difference).",
+            "",
+            "| candidate | APGR | served | diff 95% CI |",
+            "| --- | ---: | ---: | --- |",
+        ]
+        for name, key in (
+            ("profile re-estimated from the labels", "profile_from_feedback"),
+            ("head over the embedding and the served logit", "embedding_head"),
+        ):
+            m = learn[key]
+            lines.append(
+                f"| {name} | {m['apgr']:.3f} | {m['apgr_baseline']:.3f} | "
+                f"{_ci(m['apgr_diff_ci'])} |"
+            )
     lines += [
         "",
         "### The local model changes, the decision follows (MMLU-Pro)",
