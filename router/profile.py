@@ -44,6 +44,7 @@ from router.scoring import CAPABILITIES
 #: (``tiergate profile``) when there is one, else its declared placeholder.
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "models" / "profiles"
 BUNDLED_PROFILES: tuple[str, ...] = (
+    "smollm2-135m-instruct-q4_1.json",
     "SmolLM2-135M-Instruct.Q4_1.json",
     "SmolLM2-135M-Instruct.declared.yaml",
 )

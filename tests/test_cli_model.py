@@ -175,5 +175,5 @@ def test_policy_explain_shows_the_profile_entry(capsys: pytest.CaptureFixture[st
     policy = str(PROFILE_DIR.parent.parent / "policies" / "default.yaml")
     assert main(["policy", "explain", policy, "--prompt", "Hello"]) == 0
     out = capsys.readouterr().out
-    assert "decision local -> local (rule 'open-model-strengths'" in out
-    assert "profile  SmolLM2-135M-Instruct.Q4_1: chat accuracy 0.65; read by" in out
+    assert "decision local -> local (rule 'small-talk'" in out
+    assert "profile  SmolLM2-135M-Instruct.Q4_1: chat accuracy 0.65; read by small-talk" in out

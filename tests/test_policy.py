@@ -553,12 +553,25 @@ DEFAULT_CASES: list[tuple[dict[str, Any], tuple[str, str, str]]] = [
         {"capability": "reasoning", "score": 0.45, "local_accuracy": 0.8},
         ("local", "local", "open-model-strengths"),
     ),
-    # small talk with a local model that handles chat stays local even at a middling score
+    # chat the local model is strong at stays local even at a middling score
     (
-        {"capability": "chat", "score": 0.6, "local_accuracy": 0.65},
+        {"capability": "chat", "score": 0.6, "local_accuracy": 0.65, "prompt_tokens": 200},
         ("local", "local", "open-model-strengths"),
     ),
     ({"capability": "chat", "score": 0.2}, ("local", "local", "default")),
+    # short small talk stays local with a local model that has some footing in chat
+    (
+        {"capability": "chat", "score": 0.75, "local_accuracy": 0.375, "prompt_tokens": 6},
+        ("local", "local", "small-talk"),
+    ),
+    (
+        {"capability": "chat", "score": 0.75, "local_accuracy": 0.375, "prompt_tokens": 200},
+        ("closed", "gpt-4o", "default"),
+    ),
+    (
+        {"capability": "chat", "score": 0.75, "local_accuracy": 0.1, "prompt_tokens": 6},
+        ("closed", "gpt-4o", "default"),
+    ),
     # one-turn tool call: no rule fires, but the local model cannot take tools
     ({"has_tools": True, "score": 0.1}, ("closed", "gpt-4o", "default")),
 ]
@@ -575,17 +588,24 @@ def test_a_decision_names_the_profile_entry_that_moved_it() -> None:
     rules read it; a decision no profile-reading rule considered names none."""
     p = load_policy(ROOT / "policies/default.yaml")
     kept = evaluate(
-        p, signals(capability="chat", score=0.6, local_accuracy=0.65, local_profile="SmolLM2")
+        p,
+        signals(
+            capability="chat",
+            score=0.6,
+            local_accuracy=0.65,
+            local_profile="SmolLM2",
+            prompt_tokens=200,
+        ),
     )
     assert kept.profile_entry == (
-        "SmolLM2: chat accuracy 0.65; read by open-model-strengths (matched)"
+        "SmolLM2: chat accuracy 0.65; read by small-talk (no match), open-model-strengths (matched)"
     )
     sent = evaluate(
         p, signals(capability="math", score=0.8, local_accuracy=0.02, local_profile="SmolLM2")
     )
     assert sent.tier == "closed" and sent.as_dict()["profile_entry"] == (
-        "SmolLM2: math accuracy 0.02; read by open-model-strengths (no match), "
-        "nuanced-judgment (no match)"
+        "SmolLM2: math accuracy 0.02; read by small-talk (no match), open-model-strengths "
+        "(no match), nuanced-judgment (no match)"
     )
     assert evaluate(p, signals(pii=True)).profile_entry is None
     plain = policy("rules:\n  - {name: r, when: {capability: chat}, route: local}\n")
