@@ -15,10 +15,13 @@ table the model2vec way, from the sentence encoder ``sentence-transformers/all-M
    axes, each row is weighted by model2vec's Zipf rule (a token's weight falls with its rank in
    the vocabulary, which BERT orders roughly by frequency), and the table is stored as float16.
 
-The result is deterministic (float64 PCA, a fixed sign per axis) and is committed under
-``models/`` with its sha256, so nothing is fetched or computed when the proxy starts::
+The result is deterministic (float64 PCA, a fixed sign per axis) and ships inside the
+capability artifact (``models/capability-v1/embedding.npz``, 14.7 MB) with its sha256, so
+nothing is fetched or computed when the proxy starts. To rebuild both from scratch::
 
-    python -m router.distill models/minilm-static      # about a minute on one core
+    python -m router.distill /tmp/minilm-static      # about a minute on one core
+    python -m router.capability_training --data ../shared/data/capabilities.jsonl \
+        --embedding /tmp/minilm-static --out /tmp/capability-v1
 
 Nothing happens at import; numpy is the only dependency.
 """

@@ -5,16 +5,17 @@ source held out, and scored on that source; Auto-J (research-only licence, never
 scored by a model fitted on all commercial rows. Options:
 
 * ``tfidf``: router-v3's capability model (word 1-2-gram TF-IDF + structure features, logistic
-  regression; :func:`router.training.fit_capability`), the baseline;
-* ``minilm_static``: the shipped embedding (:mod:`router.embedding`, distilled from
-  all-MiniLM-L6-v2 by :mod:`router.distill`) + multinomial logistic regression
-  (:class:`router.capability_training.CapabilityClassifier`), with and without
-  :data:`router.capability.DESCRIPTIONS`;
-* ``minilm_static_knn`` / ``minilm_static_centroid``: cosine kNN (k=10, distance-weighted) and
-  nearest class centroid over the same vectors;
-* ``wordllama``: wordllama's bundled 256-d token table (``pip install wordllama==0.4.0.post1``;
-  its own tokenizer file loaded explicitly) + the same logistic regression; skipped when the
-  package is not installed.
+  regression; :func:`router.training.fit_capability`), the baseline, also with
+  :data:`router.capability.DESCRIPTIONS` added to its rows;
+* ``minilm_static_*``: the shipped embedding (:mod:`router.embedding`, distilled from
+  all-MiniLM-L6-v2 by :mod:`router.distill`) under each head of
+  :class:`router.capability_training.CapabilityClassifier`: ``logistic`` (rows; rows and
+  descriptions), ``centroids`` (cosine to the rows' class means), ``prototypes`` (cosine to the
+  descriptions' class means: shipped), and cosine kNN (k=10, distance-weighted) over rows and
+  descriptions;
+* ``wordllama_*``: the same heads over wordllama's bundled 256-d token table, pooled alike
+  (``pip install wordllama==0.4.0.post1``; its own tokenizer file loaded explicitly), and both
+  tables side by side under the prototype head; skipped when the package is not installed.
 
 Writes ``studies/results/capability_loso.json`` (per option: pooled and per-source accuracy and
 macro-F1, Auto-J figures; the confusion matrices of the shipped option)::
@@ -32,12 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
-from sklearn.neighbors import KNeighborsClassifier, NearestCentroid
+from sklearn.neighbors import KNeighborsClassifier
 
 from router.capability import DESCRIPTIONS, load_capability
-from router.capability_training import DEFAULT_C, CapabilityClassifier, leave_one_source_out
-from router.embedding import StaticEmbedding
+from router.capability_training import CapabilityClassifier, leave_one_source_out
+from router.embedding import POOL_TOKENS, StaticEmbedding
 from router.scoring import CAPABILITIES
 from router.serving import clip
 from router.training import fit_capability, load_capability_rows
@@ -59,80 +59,108 @@ class _Embedded:
         return self.model.predict(self.embed(texts))
 
 
+class _Memo:
+    """An embedding with its prompt vectors memoised (every fold embeds the same prompts)."""
+
+    def __init__(self, embedding: Any) -> None:
+        self.embedding, self.width = embedding, embedding.width
+        self.memo: dict[str, np.ndarray] = {}
+
+    def embed(self, text: str) -> np.ndarray:
+        if text not in self.memo:
+            self.memo[text] = self.embedding.embed(text)
+        return self.memo[text]
+
+    def embed_many(self, texts: Sequence[str]) -> np.ndarray:
+        return np.vstack([self.embed(t) for t in texts])
+
+
+class _WordLlama:
+    """wordllama's bundled token table, pooled as :class:`router.embedding.StaticEmbedding`
+    pools (all tokens, first and last POOL_TOKENS), over wordllama's own tokenizer."""
+
+    def __init__(self) -> None:
+        import wordllama  # type: ignore[import-not-found]
+        from safetensors.numpy import load_file  # type: ignore[import-not-found]
+        from tokenizers import Tokenizer  # type: ignore[import-not-found]
+
+        base = Path(wordllama.__file__).parent
+        weights = load_file(str(base / "weights" / "l2_supercat_256.safetensors"))
+        self.table = weights["embedding.weight"].astype(np.float32)
+        self.width = 3 * self.table.shape[1]
+        # The wheel ships tokenizers/, while its loader looks for tokenizer/: load the file.
+        self.tok = Tokenizer.from_file(
+            str(base / "tokenizers" / "l2_supercat_tokenizer_config.json")
+        )
+
+    def embed(self, text: str) -> np.ndarray:
+        ids = self.tok.encode(clip(text), add_special_tokens=False).ids
+        d = self.table.shape[1]
+        out = np.zeros(self.width)
+        if ids:
+            rows = self.table[ids]
+            for i, part in enumerate((rows, rows[:POOL_TOKENS], rows[-POOL_TOKENS:])):
+                v = part.mean(axis=0, dtype=np.float64)
+                n = float(np.linalg.norm(v))
+                out[i * d : (i + 1) * d] = v / n if n else v
+        return out
+
+
+class _Both:
+    """Two embeddings side by side (each prompt vector the concatenation of both)."""
+
+    def __init__(self, first: Any, second: Any) -> None:
+        self.first, self.second = first, second
+        self.width = first.width + second.width
+
+    def embed(self, text: str) -> np.ndarray:
+        return np.concatenate([self.first.embed(text), self.second.embed(text)])
+
+
 def _with_descriptions(texts: list[str], labels: list[str]) -> tuple[list[str], list[str]]:
     extra = [(t, c) for c in CAPABILITIES for t in DESCRIPTIONS[c]]
     return texts + [t for t, _ in extra], labels + [c for _, c in extra]
 
 
-def _cached(embed: Callable[[str], np.ndarray]) -> Callable[[Sequence[str]], np.ndarray]:
-    memo: dict[str, np.ndarray] = {}
-
-    def many(texts: Sequence[str]) -> np.ndarray:
-        for t in texts:
-            if t not in memo:
-                memo[t] = embed(t)
-        return np.vstack([memo[t] for t in texts])
-
-    return many
-
-
-def _vector_option(
-    embed: Callable[[Sequence[str]], np.ndarray], make: Callable[[], Any], descriptions: bool
-) -> Fit:
+def _knn(embedding: _Memo) -> Fit:
     def fit(texts: list[str], labels: list[str]) -> _Embedded:
-        if descriptions:
-            texts, labels = _with_descriptions(texts, labels)
-        return _Embedded(embed, make().fit(embed(texts), labels))
+        texts, labels = _with_descriptions(texts, labels)
+        knn = KNeighborsClassifier(10, weights="distance", metric="cosine")
+        return _Embedded(embedding.embed_many, knn.fit(embedding.embed_many(texts), labels))
 
     return fit
 
 
-def _lr() -> LogisticRegression:
-    return LogisticRegression(C=DEFAULT_C, class_weight="balanced", max_iter=5000)
+def _heads(prefix: str, embedding: Any) -> dict[str, Fit]:
+    def make(**kw: Any) -> Fit:
+        return lambda t, y: CapabilityClassifier(embedding, **kw).fit(t, y)
 
-
-def _wordllama() -> Callable[[str], np.ndarray] | None:
-    try:
-        import wordllama  # type: ignore[import-not-found]
-        from safetensors.numpy import load_file  # type: ignore[import-not-found]
-        from tokenizers import Tokenizer  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    base = Path(wordllama.__file__).parent
-    table = load_file(str(base / "weights" / "l2_supercat_256.safetensors"))["embedding.weight"]
-    table = table.astype(np.float32)
-    # The wheel ships tokenizers/, while its loader looks for tokenizer/: load the file directly.
-    tok = Tokenizer.from_file(str(base / "tokenizers" / "l2_supercat_tokenizer_config.json"))
-
-    def embed(text: str) -> np.ndarray:
-        ids = tok.encode(clip(text), add_special_tokens=False).ids
-        v = table[ids].mean(axis=0, dtype=np.float64) if ids else np.zeros(table.shape[1])
-        n = float(np.linalg.norm(v))
-        return v / n if n else v
-
-    return embed
+    return {
+        f"{prefix}_logistic": make(head="logistic", descriptions=False),
+        f"{prefix}_logistic+descriptions": make(head="logistic"),
+        f"{prefix}_centroids": make(head="prototype", descriptions=False),
+        f"{prefix}_knn+descriptions": _knn(embedding),
+        f"{prefix}_prototypes": make(head="prototype"),
+    }
 
 
 def options(embedding: StaticEmbedding) -> dict[str, Fit]:
     """The candidate capability models, each as ``fit(prompts, labels) -> predictor``."""
-    static = _cached(embedding.embed)
     out: dict[str, Fit] = {
         "tfidf": fit_capability_texts,
         "tfidf+descriptions": lambda t, y: fit_capability_texts(*_with_descriptions(t, y)),
-        "minilm_static": lambda t, y: CapabilityClassifier(embedding, descriptions=False).fit(t, y),
-        "minilm_static+descriptions": lambda t, y: CapabilityClassifier(embedding).fit(t, y),
-        "minilm_static_knn+descriptions": _vector_option(
-            static, lambda: KNeighborsClassifier(10, weights="distance", metric="cosine"), True
-        ),
-        "minilm_static_centroid+descriptions": _vector_option(
-            static, lambda: NearestCentroid(metric="euclidean"), True
-        ),
+        **_heads("minilm_static", _Memo(embedding)),
     }
-    wl = _wordllama()
-    if wl is not None:
-        cached = _cached(wl)
-        out["wordllama"] = _vector_option(cached, _lr, False)
-        out["wordllama+descriptions"] = _vector_option(cached, _lr, True)
+    try:
+        wordllama = _WordLlama()
+    except ImportError:
+        print("wordllama is not installed: its options are skipped")
+    else:
+        out.update(_heads("wordllama", _Memo(wordllama)))
+        both = _Memo(_Both(embedding, wordllama))
+        out["minilm_static+wordllama_prototypes"] = lambda t, y: CapabilityClassifier(both).fit(
+            t, y
+        )
     return out
 
 
@@ -144,7 +172,7 @@ def fit_capability_texts(texts: list[str], labels: list[str]) -> Any:
     return fit_capability(rows)
 
 
-SHIPPED = "minilm_static+descriptions"
+SHIPPED = "minilm_static_prototypes"
 
 
 def main(argv: list[str] | None = None) -> int:

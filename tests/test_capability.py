@@ -18,6 +18,7 @@ from router.capability import (
     DESCRIPTIONS,
     HEAD_FILE,
     CapabilityModel,
+    default_capability_path,
     load_capability,
     save_capability,
 )
@@ -170,7 +171,7 @@ def test_loading_refuses_a_tampered_file(
     d = save_capability(fitted.serving(), tmp_path / "cap-t2")
     load_capability(d)  # intact: loads
     if member == EMBEDDING_FILE:
-        table = fitted.embedding_.stored.copy()
+        table = fitted.embedding_.table.astype(np.float16)
         table[1000] += np.float16(0.5)  # one token's vector nudged
         write_npz(d / member, {"table": table, "vocab": np.array(fitted.embedding_.vocab)})
     else:
@@ -221,3 +222,11 @@ def test_leave_one_source_out_never_trains_on_the_held_out_source(
         assert not {r.prompt for r in rows if r.source == held} & train
     assert set(out["per_source"]) == {"s0", "s1"}
     assert np.array(out["pooled"]["confusion"]).sum() == len(rows)
+
+
+def test_resaving_the_shipped_model_writes_the_same_bytes(
+    shipped: CapabilityModel, tmp_path: Path
+) -> None:
+    d = save_capability(shipped, tmp_path / "capability-copy")
+    for name in (EMBEDDING_FILE, HEAD_FILE):
+        assert (d / name).read_bytes() == (default_capability_path() / name).read_bytes()
