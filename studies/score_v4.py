@@ -404,7 +404,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.card_only:
-        write_card(card_section(json.loads(RESULTS.read_text())))
+        results = json.loads(RESULTS.read_text())
+        results["decision_latency"] = decision_latency()
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+        write_card(card_section(results))
         return 0
     out_dir = ROOT / "models" / "router-v4"
     standalone = ROOT / "models" / CAPABILITY_MODEL
@@ -439,13 +442,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         [served.score(r.prompt) for r in ood], [v3_served.score(r.prompt) for r in ood], ood
     )
     meta = json.loads((out_dir / "metadata.json").read_text())
-    decision = json.loads((ROOT / "bench" / "results" / "decision.json").read_text())
     results = {
-        "decision_latency": {
-            "model": decision.get("model"),
-            "p50_ms": decision["analyze"]["p50_ms"],
-            "p99_ms": decision["analyze"]["p99_ms"],
-        },
+        "decision_latency": decision_latency(),
         "small_talk": small_talk(served),
         "learnability": learnability(served),
         "model": meta["version"],
@@ -465,6 +463,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.write_card:
         write_card(text)
     return 0
+
+
+def decision_latency() -> dict[str, Any]:
+    """The decision's p50/p99 from the last ``bench/decision.py`` run."""
+    decision = json.loads((ROOT / "bench" / "results" / "decision.json").read_text())
+    return {
+        "model": decision.get("model"),
+        "p50_ms": decision["analyze"]["p50_ms"],
+        "p99_ms": decision["analyze"]["p99_ms"],
+        "load_s": decision["load"]["load_s"],
+    }
 
 
 def write_card(text: str) -> None:
@@ -549,7 +558,8 @@ def card_section(r: dict[str, Any]) -> str:
     lines += [
         "",
         f"Decision latency (`bench/decision.py`, `analyze` on one core, model {lat['model']}): "
-        f"p50 {lat['p50_ms']:.3f} ms, p99 {lat['p99_ms']:.3f} ms (budget 0.3 / 1 ms).",
+        f"p50 {lat['p50_ms']:.3f} ms, p99 {lat['p99_ms']:.3f} ms (budget 0.3 / 1 ms); "
+        f"load {lat.get('load_s', float('nan')):.2f} s.",
         "",
         "### Small talk under the default policy (shipped model, default profile)",
         "",
