@@ -45,7 +45,6 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 import httpx
 
 from router.app import create_app
-from router.artifact import DEFAULT_MODEL_NAME
 from router.backends import Completion, ModelLike, Usage
 from router.config import Settings
 from router.metrics import evaluate
@@ -60,6 +59,7 @@ from router.retrain import (
     retrain,
 )
 from router.training import (
+    TFIDF_MODEL_NAME,
     RoutingRow,
     fit_scorer,
     load_capability_rows,
@@ -122,7 +122,7 @@ aliases:
 
 def first_model(data: Path, store: ModelStore) -> str:
     """The shipped model if there is one, else one fitted like ``tiergate train`` does."""
-    shipped = REPO / "models" / DEFAULT_MODEL_NAME
+    shipped = REPO / "models" / TFIDF_MODEL_NAME
     if (shipped / "metadata.json").exists():
         return store.adopt(shipped)
     routing = [r for name in BASE_FILES for r in load_routing_rows(data / name)]

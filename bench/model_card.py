@@ -2,7 +2,10 @@
 
     .venv/bin/python bench/model_card.py --replace
 
-1. Trains ``models/router-v3`` exactly as ``tiergate train`` does (same ``train_artifact``) on
+(router-v3's card; router-v4's figures come from ``python -m studies.score_v4``.)
+
+1. Trains a model (``var/model-card-train``) exactly as ``tiergate train`` does (same
+   ``train_artifact``) on
    the licence-permitted files: RouteLLM MMLU, RouteLLM GSM8K, Arena-Bench v1, and the
    ``commercial_use: true`` rows of capabilities.jsonl. Its sidecar holds the grouped CV metrics
    (leave-one-dataset-out; MMLU grouped by subject; capability leave-one-source-out).
@@ -26,7 +29,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from router.artifact import DEFAULT_MODEL_NAME  # noqa: E402
 from router.classifier import PromptClassifier  # noqa: E402
 from router.metrics import evaluate, summary  # noqa: E402
 from router.training import (  # noqa: E402
@@ -111,7 +113,9 @@ def main() -> int:
     """Train, evaluate, write the JSON and print the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
-    parser.add_argument("--out", type=Path, default=ROOT / "models" / DEFAULT_MODEL_NAME)
+    # router-v3's card: `tiergate train` now fits router-v4's gap score, so this writes aside
+    # instead of over the shipped router-v3 (router-v4's figures: python -m studies.score_v4).
+    parser.add_argument("--out", type=Path, default=ROOT / "var" / "model-card-train")
     parser.add_argument("--replace", action="store_true", help="replace an existing --out")
     parser.add_argument("--results", type=Path, default=ROOT / "bench/results/model_card.json")
     args = parser.parse_args()

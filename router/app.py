@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -44,18 +45,34 @@ def load_scorer(settings: Settings) -> Scorer:
     """The learned scorer: the model store's current version when ``model_store`` is set, else
     ``classifier_path``, else the shipped model; the heuristic when none loads."""
     from router.artifact import default_model_path, load_for_serving
+    from router.profile import default_profile
     from router.registry import ModelStore
 
     path = settings.classifier_path or default_model_path()
+    # A configured profile that cannot be read stops the start: routing for another local
+    # model than the one running is a wrong route that looks like success.
+    profile = default_profile(settings.local_profile)
     try:
         if settings.model_store is not None and (
             current := ModelStore(settings.model_store).current()
         ):
             path = ModelStore(settings.model_store).path(current)
-        return load_for_serving(path)
+        return load_for_serving(path, profile)
     except (ConfigError, OSError) as exc:
         log.warning("no usable classifier at %s (%s); using the heuristic scorer", path, exc)
         return HeuristicScorer()
+
+
+def profile_loader(settings: Settings) -> Callable[[Path], Scorer]:
+    """The model store watcher's loader: the trusted-only loader, reading the configured local
+    profile (the same one :func:`load_scorer` reads)."""
+    from router.artifact import load_for_serving
+    from router.profile import default_profile
+
+    def load(path: Path) -> Scorer:
+        return load_for_serving(path, default_profile(settings.local_profile))
+
+    return load
 
 
 def build_outcome_store(settings: Settings) -> OutcomeStore:
@@ -135,7 +152,7 @@ def create_app(
             asyncio.create_task(
                 purge_loop(store, lambda: gateway.policy.retention_days, settings.purge_every_s)
             ),
-            asyncio.create_task(watch_model_store(gateway, settings)),
+            asyncio.create_task(watch_model_store(gateway, settings, profile_loader(settings))),
         ]
         log.info(
             "tiergate ready: policy %s, scorer %s, local %s",

@@ -39,8 +39,9 @@ from numpy.typing import NDArray
 from router.errors import ArtifactError
 from router.fetch import sha256_file
 from router.locations import shipped
+from router.profile import LocalProfile, default_profile
 from router.scoring import Scorer
-from router.serving import ServingScorer
+from router.serving import CapabilityReader, ProfileScorer, ServingScorer
 
 log = logging.getLogger("tiergate.artifact")
 
@@ -51,10 +52,15 @@ METADATA_FILE = "metadata.json"
 SERVING_FILE = "serving.npz"
 #: The layout of ``serving.npz`` (:data:`router.serving.FORM_ARRAYS`); a reader refuses others.
 #: Version 2 added ``cap_coef``; a version-1 form (router-v1, router-v2) has none and reads as if
-#: it were all zeros.
-SERVING_FORMAT_VERSION = 2
-READABLE_SERVING_FORMATS = (1, 2)
-DEFAULT_MODEL_NAME = "router-v3"
+#: it were all zeros. Version 3 added the ``profile`` routing kind (router-v4: ``gap_strong``,
+#: ``gap_slope``), whose score reads the local model's profile; forms without it are still
+#: written as version 2 (or 1), so older replicas can serve them.
+SERVING_FORMAT_VERSION = 3
+#: Format 4 is a profile head alone (:data:`router.serving.HEAD_ARRAYS`) over a standalone
+#: capability artifact that the sidecar names and pins by its sidecar's sha256.
+PROFILE_HEAD_FORMAT = 4
+READABLE_SERVING_FORMATS = (1, 2, 3, 4)
+DEFAULT_MODEL_NAME = "router-v4"
 ENV_MODEL_PATH = "TIERGATE_CLASSIFIER_PATH"
 
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can carry
@@ -131,6 +137,21 @@ def _write_npz(path: Path, form: Mapping[str, NDArray[Any]]) -> None:
                 np.lib.format.write_array(fh, np.asarray(form[key]), allow_pickle=False)
 
 
+def write_profile_head(
+    directory: Path, head: Mapping[str, NDArray[Any]], capability: Path
+) -> dict[str, Any]:
+    """Write a profile head (serving form 4) into an artifact directory, pinned to the
+    capability artifact ``capability`` (its name and its sidecar's sha256); returns the
+    sidecar's serving entry."""
+    return {
+        "file": SERVING_FILE,
+        "format_version": PROFILE_HEAD_FORMAT,
+        "sha256": write_npz(directory / SERVING_FILE, head),
+        "routing": "profile",
+        "capability": {"name": capability.name, "sha256": sha256_file(capability / METADATA_FILE)},
+    }
+
+
 def write_npz(path: Path, arrays: Mapping[str, NDArray[Any]]) -> str:
     """Write ``arrays`` as a reproducible ``.npz`` (atomically replacing ``path``); returns its
     sha256 for the sidecar, which :func:`read_checked_npz` checks."""
@@ -165,8 +186,8 @@ def write_serving_form(directory: Path, form: Mapping[str, NDArray[Any]]) -> dic
     written as format 1, without it, so Tiergate versions that read only format 1 can still
     serve it (replicas of two versions sharing a model store during an upgrade).
     """
-    version = SERVING_FORMAT_VERSION
-    if "cap_coef" in form and not np.asarray(form["cap_coef"]).any():
+    version = SERVING_FORMAT_VERSION if "gap_strong" in form else 2
+    if version == 2 and "cap_coef" in form and not np.asarray(form["cap_coef"]).any():
         form = {key: value for key, value in form.items() if key != "cap_coef"}
         version = 1
     return {
@@ -177,9 +198,46 @@ def write_serving_form(directory: Path, form: Mapping[str, NDArray[Any]]) -> dic
     }
 
 
-def load_serving_form(path: str | Path, meta: Mapping[str, Any] | None = None) -> ServingScorer:
+def capability_dir(artifact: Path, name: str) -> Path:
+    """Where a format-4 artifact's capability model lives: a directory ``name`` inside the
+    artifact when it carries one, else beside it, else the shipped one (``models/NAME``)."""
+    for where in (artifact / name, artifact.parent / name):
+        if where.is_dir():
+            return where
+    return shipped("models", name)
+
+
+def load_capability_model(directory: Path) -> CapabilityReader:
+    """A standalone capability artifact (``router.capability``'s format), numpy only."""
+    # Imported here: router.capability reads its files through this module's helpers.
+    from router.capability import load_capability
+
+    return load_capability(directory)
+
+
+def _capability_of(artifact: Path, entry: Mapping[str, Any]) -> CapabilityReader:
+    # The capability artifact the sidecar names, refused unless its sidecar is the pinned one.
+    cap = entry.get("capability")
+    if not isinstance(cap, dict) or not isinstance(cap.get("name"), str):
+        raise ArtifactError(f"{artifact / METADATA_FILE}: names no capability model")
+    where = capability_dir(artifact, cap["name"])
+    if not (where / METADATA_FILE).is_file() or sha256_file(where / METADATA_FILE) != cap.get(
+        "sha256"
+    ):
+        raise ArtifactError(
+            f"{artifact}: its capability model {where} is missing or not the one it was fitted on"
+        )
+    return load_capability_model(where)
+
+
+def load_serving_form(
+    path: str | Path,
+    meta: Mapping[str, Any] | None = None,
+    profile: LocalProfile | None = None,
+) -> ServingScorer | ProfileScorer:
     """The :class:`~router.serving.ServingScorer` of an artifact with a serving form, checked as
-    the module docstring says (``meta``: its sidecar, when already read)."""
+    the module docstring says (``meta``: its sidecar, when already read; ``profile``: the local
+    model's, default :func:`router.profile.default_profile`)."""
     p = Path(path)
     meta = read_sidecar(p) if meta is None else meta
     entry = meta.get("serving")
@@ -194,16 +252,22 @@ def load_serving_form(path: str | Path, meta: Mapping[str, Any] | None = None) -
     file = p / SERVING_FILE
     form = read_checked_npz(file, entry.get("sha256"), "serving form")
     try:
+        if profile is None:
+            profile = default_profile()
+        version = str(meta.get("version", p.name))
+        if found == PROFILE_HEAD_FORMAT:
+            return ProfileScorer(_capability_of(p, entry), form, version, profile)
         if found != 1 and "cap_coef" not in form:  # only format 1 predates it
             raise ValueError(f"format {found} needs 'cap_coef'")
-        return ServingScorer(form, str(meta.get("version", p.name)))
+        return ServingScorer(form, version, profile)
     except ValueError as exc:
         raise ArtifactError(f"{file}: unusable serving form ({exc})") from exc
 
 
-def load_for_serving(path: str | Path) -> Scorer:
+def load_for_serving(path: str | Path, profile: LocalProfile | None = None) -> Scorer:
     """The scorer the proxy serves from an artifact (the proxy's start-up, its hot swap and the
-    ``score``/``classify``/``eval`` commands load through here).
+    ``score``/``classify``/``eval`` commands load through here), reading ``profile`` as the
+    local model's (default: :func:`router.profile.default_profile`, the bundled model's).
 
     Its serving form when the sidecar lists one, without importing scikit-learn; else, for an
     artifact written before serving forms existed, :func:`router.training.load_scorer` (which
@@ -223,6 +287,11 @@ def load_for_serving(path: str | Path) -> Scorer:
         from router.training import load_scorer
 
         return load_scorer(p)
-    scorer = load_serving_form(p, meta)
-    log.info("model %s loaded from its serving form (%s, numpy only)", p, SERVING_FILE)
+    scorer = load_serving_form(p, meta, profile)
+    log.info(
+        "model %s loaded from its serving form (%s, numpy only), local profile %s",
+        p,
+        SERVING_FILE,
+        scorer.profile.model if scorer.profile is not None else "none",
+    )
     return scorer

@@ -50,6 +50,7 @@ from numpy.typing import NDArray
 from router.artifact import read_checked_npz, read_sidecar, write_npz, write_sidecar
 from router.embedding import StaticEmbedding, read_embedding, write_embedding
 from router.errors import ArtifactError
+from router.locations import shipped
 from router.scoring import CAPABILITIES
 
 CAPABILITY_FORMAT = "tiergate-capability"
@@ -269,8 +270,8 @@ DESCRIPTIONS: dict[str, tuple[str, ...]] = {
 
 
 def default_capability_path() -> Path:
-    """The shipped capability model: ``<repo>/models/capability-v1``."""
-    return Path(__file__).resolve().parent.parent / "models" / DEFAULT_CAPABILITY_NAME
+    """The shipped capability model: ``models/capability-v1`` of the checkout or the wheel."""
+    return shipped("models", DEFAULT_CAPABILITY_NAME)
 
 
 def softmax(z: FloatArray) -> FloatArray:

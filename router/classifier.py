@@ -44,17 +44,22 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
 from router.pii import pii_kinds
+from router.profile import LocalProfile, default_profile
 from router.scoring import CAPABILITIES, Analysis
 from router.serving import (
     HEAD_CHARS,
     STRUCTURE_FEATURES,
     TAIL_CHARS,
+    CapabilityReader,
     FloatArray,
     ServingScorer,
     _softmax,
     _structure,
     _Window,
     clip,
+    gap_logit,
+    logistic,
+    profile_vector,
     structure_vector,
 )
 from router.stakes import assess
@@ -359,7 +364,28 @@ class CapabilityProbabilities(TransformerMixin, BaseEstimator):  # type: ignore[
         return np.array([f"p_{c}" for c in self.model.classes_], dtype=object)
 
 
-class CapabilityRouting(PromptClassifier):
+class _ReadsCapability(PromptClassifier):
+    """A routing model that reads prompts through a fitted capability model (its
+    ``capability`` parameter) instead of a vectorizer of its own."""
+
+    capability: PromptClassifier | None
+
+    def capability_model(self) -> PromptClassifier:
+        """The capability model given as ``capability``."""
+        if self.capability is None:
+            raise ValueError(f"{type(self).__name__} has no capability model")
+        return self.capability
+
+    def vectorizer(self) -> TfidfVectorizer:
+        """The capability model's vectorizer (this model has no word block of its own)."""
+        return self.capability_model().vectorizer()
+
+    def token_params(self) -> dict[str, Any]:
+        """The capability model's: this model reads prompts through it."""
+        return self.capability_model().token_params()
+
+
+class CapabilityRouting(_ReadsCapability):
     """The routing classifier over the structure features and a capability model's class
     probabilities (no word block of its own): scaled structure features and scaled
     probabilities into a logistic regression, composed from stock ``Pipeline``/``FeatureUnion``
@@ -468,20 +494,6 @@ class CapabilityRouting(PromptClassifier):
             capability=capability, **{k: clone(v, safe=False) for k, v in params.items()}
         )
 
-    def capability_model(self) -> PromptClassifier:
-        """The capability model given as ``capability``."""
-        if self.capability is None:
-            raise ValueError("CapabilityRouting has no capability model")
-        return self.capability
-
-    def vectorizer(self) -> TfidfVectorizer:
-        """The capability model's vectorizer (this model has no word block of its own)."""
-        return self.capability_model().vectorizer()
-
-    def token_params(self) -> dict[str, Any]:
-        """The capability model's: this model reads prompts through it."""
-        return self.capability_model().token_params()
-
     def serving_head(self) -> tuple[str, float] | None:
         """One logistic row, as a plain model (its capability term is ``cap_coef``)."""
         return ("logistic", 0.0) if type(self) is CapabilityRouting else None
@@ -518,6 +530,204 @@ class CapabilityRouting(PromptClassifier):
         structure = union.transformer_list[0][1].transform(prompts) * self.structure_weight
         probs = self.capability_model().predict_proba(prompts)
         return sp.hstack([words, sp.csr_matrix(structure)]).tocsr(), probs
+
+
+class GapRouting(_ReadsCapability):
+    """router-v4's routing classifier: P(closed materially better | prompt, local profile).
+
+    ``logit(score) = intercept_ + slope_ * logit(sum_c q_c * strong_[c] * (1 - local_c))`` with
+    ``q`` the capability model's class probabilities, ``strong_`` the strong model's accuracy per
+    capability (q-weighted mean of ``strong`` over the training rows, shrunk towards its overall
+    mean by ``prior`` pseudo-rows) and ``local`` the local model's accuracy per capability
+    (:mod:`router.profile`). A negative slope is refused (zero: the data shows no capability
+    gap, and the score is constant), so the score never rises when the local model gets better
+    and never inverts the capability gap.
+
+    Why so few terms: in leave-one-source-out validation (``python -m studies.score_v4``) the
+    structure features, the raw class probabilities and word terms each lowered held-out APGR on
+    most sources; the gap term alone transfers best.
+
+    ``fit(X, y, local_accuracy=..., strong=..., groups=...)``: ``local_accuracy`` is each row's
+    local profile over ``capability.classes_`` (the weak model that answered that row), ``strong``
+    each row's strong-model score, ``groups`` (optional) each row's prompt set. With groups, every
+    set gets its own intercept during the fit (label scales differ: judge scores rarely tie,
+    correctness often does) and the served intercept is their mean, so a set's base rate is not
+    learned as a capability's gap. ``profile`` is the :class:`~router.profile.LocalProfile` that
+    :meth:`predict_proba` reads (default: the bundled model's, as the proxy).
+    """
+
+    use_structure = False
+
+    def __init__(
+        self,
+        *,
+        capability: Any = None,  # a fitted PromptClassifier, or any predict_proba classifier
+        C: float = 1.0,
+        prior: float = 20.0,
+        profile: LocalProfile | None = None,
+    ) -> None:
+        self.capability = capability
+        self.C = C
+        self.prior = prior
+        self.profile = profile
+
+    def fit(  # type: ignore[override]
+        self,
+        X: Sequence[str],
+        y: Sequence[Any] | NDArray[Any],
+        sample_weight: Sequence[float] | NDArray[np.float64] | None = None,
+        *,
+        local_accuracy: NDArray[np.float64],
+        strong: Sequence[float] | NDArray[np.float64],
+        groups: Sequence[str] | None = None,
+    ) -> GapRouting:
+        """Fit on prompts ``X`` and labels ``y``; see the class docstring for the rest."""
+        capability = self.capability_model()
+        check_is_fitted(capability)
+        q = capability.predict_proba(list(X))
+        y_arr = np.asarray(y)
+        local = np.asarray(local_accuracy, dtype=np.float64)
+        if local.shape != q.shape:
+            raise ValueError("local_accuracy must give one accuracy per row and capability class")
+        s = np.asarray(strong, dtype=np.float64)
+        self.strong_: FloatArray = (q.T @ s + self.prior * s.mean()) / (q.sum(0) + self.prior)
+        feature = gap_logit(q, self.strong_, local)[:, None]
+        names = sorted(set(groups)) if groups is not None else []
+        if len(names) < 2:
+            names = []
+        if names:
+            g = np.asarray(groups)
+            design = np.hstack([feature, (g[:, None] == np.array(names)[None, :]) * 1.0])
+        else:
+            design = feature
+        clf = LogisticRegression(C=self.C, max_iter=2000, fit_intercept=not names)
+        clf.fit(design, y_arr, sample_weight=sample_weight)
+        self.slope_ = float(clf.coef_[0, 0])
+        if self.slope_ < 0.0:
+            raise ValueError(
+                f"the gap term's slope came out {self.slope_:.3f}: these labels do not rise "
+                "with the capability gap, refusing to fit an inverted score"
+            )
+        self.group_intercepts_: dict[str, float] = {
+            name: float(c) for name, c in zip(names, clf.coef_[0, 1:], strict=True)
+        }
+        base = (
+            float(np.mean(list(self.group_intercepts_.values())))
+            if names
+            else float(clf.intercept_[0])
+        )
+        self.classes_ = clf.classes_
+        self.intercept_ = np.array([base])
+        if isinstance(capability, PromptClassifier):
+            # Its word view, so the serving form can share the capability model's tokens.
+            self.analyzer_ = capability.analyzer_
+            self.vocabulary_ = capability.vocabulary_
+            self.idf_ = capability.idf_
+            self.word_coef_ = np.zeros((1, len(self.vocabulary_)))
+            self.struct_coef_ = np.zeros((1, len(STRUCTURE_FEATURES)))
+            self.pipeline_ = capability.pipeline_  # fitted-ness marker; its prompts' reader
+        return self
+
+    def head(self) -> dict[str, NDArray[Any]]:
+        """The fitted score as plain arrays (:data:`router.serving.HEAD_ARRAYS`), for a
+        :class:`~router.serving.ProfileScorer` over any capability model."""
+        check_is_fitted(self, "slope_")
+        return {
+            "capabilities": np.array([str(c) for c in self.capability_model().classes_]),
+            "gap_strong": np.asarray(self.strong_, dtype=np.float64),
+            "gap_slope": np.array(self.slope_, dtype=np.float64),
+            "intercept": np.array(float(self.intercept_[0]), dtype=np.float64),
+        }
+
+    def _local(self) -> FloatArray:
+        # No profile set: the bundled model's, as the proxy reads by default.
+        profile = self.profile if self.profile is not None else default_profile()
+        return profile_vector(profile, [str(c) for c in self.capability_model().classes_])
+
+    def decision_function(self, X: Sequence[str]) -> FloatArray:
+        """The score's logit per prompt, for :attr:`profile`."""
+        check_is_fitted(self, "slope_")
+        q = self.capability_model().predict_proba(list(X))
+        out: FloatArray = self.intercept_[0] + self.slope_ * gap_logit(
+            q, self.strong_, self._local()
+        )
+        return out
+
+    def predict_proba(self, X: Sequence[str]) -> FloatArray:
+        """``[P(not materially better), P(materially better)]`` per prompt."""
+        p = logistic(self.decision_function(X))
+        return np.column_stack([1.0 - p, p])
+
+    def predict(self, X: Sequence[str]) -> NDArray[Any]:
+        """1 where the strong model is more likely than not materially better."""
+        return (self.decision_function(X) > 0).astype(np.int64)
+
+    def decision_one(
+        self,
+        text: str,
+        *,
+        tokens: list[str] | None = None,
+        structure: list[float] | None = None,
+    ) -> FloatArray:
+        """The score's logit for one prompt (as a length-1 row)."""
+        return self.decision_function([text])
+
+    def predict_proba_one(
+        self,
+        text: str,
+        *,
+        tokens: list[str] | None = None,
+        structure: list[float] | None = None,
+    ) -> FloatArray:
+        """``predict_proba([text])[0]``."""
+        out: FloatArray = self.predict_proba([text])[0]
+        return out
+
+    def __sklearn_clone__(self) -> GapRouting:
+        """A clone reading the same fitted capability model (see CapabilityRouting's)."""
+        return type(self)(
+            capability=self.capability, C=self.C, prior=self.prior, profile=self.profile
+        )
+
+    def serving_head(self) -> tuple[str, float] | None:
+        """The ``profile`` routing kind of :data:`router.serving.ROUTING_ROWS`."""
+        return ("profile", 0.0) if type(self) is GapRouting else None
+
+    def describe(self) -> str:
+        """One line on the estimator, for the artifact's sidecar."""
+        return "GapRouting(logit of capability-weighted strong-vs-local-profile gap)"
+
+    def linear_view(self) -> LinearView:
+        """Not linear in any fixed feature view: the gap term reads the profile."""
+        raise TypeError("GapRouting has no linear view (its gap term reads the local profile)")
+
+
+class ServedCapability(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
+    """A served capability model (:class:`router.serving.CapabilityReader`, numpy only) as a
+    prefit scikit-learn classifier, so :class:`GapRouting` fits on exactly the probabilities
+    the proxy will compute. ``fit`` learns nothing."""
+
+    def __init__(self, model: CapabilityReader | None = None) -> None:
+        self.model = model
+
+    def fit(self, X: Any = None, y: Any = None) -> ServedCapability:
+        """Nothing to learn (the model is prefit); records ``classes_``."""
+        if self.model is None:
+            raise ValueError("ServedCapability needs a capability model")
+        self.classes_ = np.array(self.model.capabilities)
+        return self
+
+    def predict_proba(self, X: Sequence[str]) -> FloatArray:
+        """P(capability | prompt) per prompt, columns in ``classes_`` order."""
+        check_is_fitted(self, "classes_")
+        assert self.model is not None
+        out: FloatArray = np.vstack([self.model.probabilities(t) for t in X])
+        return out
+
+    def predict(self, X: Sequence[str]) -> NDArray[Any]:
+        """The most probable capability per prompt."""
+        result: NDArray[Any] = self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        return result
 
 
 def serving_form(
@@ -567,7 +777,14 @@ def serving_form(
     cap_coef = routing.capability_coef()
     if cap_coef is None:
         cap_coef = np.zeros((widths[0], len(capability.classes_)))
+    gap: dict[str, NDArray[Any]] = {}
+    if isinstance(routing, GapRouting):
+        gap = {
+            "gap_strong": np.asarray(routing.strong_, dtype=np.float64),
+            "gap_slope": np.array(routing.slope_, dtype=np.float64),
+        }
     return {
+        **gap,
         "vocabulary": np.array(list(vocab), dtype=np.str_),
         "table": table,
         "intercept": np.concatenate([model.intercept_ for model in models]),
@@ -648,7 +865,10 @@ class LearnedScorer:
         # The decision path: the serving form, both models as one linear map exactly as the
         # proxy serves them, when the models have one (they tokenise alike, as shipped).
         self.form = serving_form(routing, capability) if self._share else None
-        self.serving = ServingScorer(self.form, version) if self.form is not None else None
+        # The local profile the score (router-v4) and the local_accuracy signal read.
+        profile = getattr(routing, "profile", None) or default_profile()
+        self.profile: LocalProfile = profile
+        self.serving = ServingScorer(self.form, version, profile) if self.form is not None else None
 
     def score(self, text: str) -> float:
         """The routing score alone (probability the strong model is materially better)."""
@@ -670,11 +890,14 @@ class LearnedScorer:
             cap_scores = self.capability.predict_proba_one(text)
         kinds = pii_kinds(text)  # always the whole text: personal data anywhere counts
         stakes, reason = assess(w, has_tools=has_tools, pii=bool(kinds))
+        capability = self._capabilities[int(np.argmax(cap_scores))]
         return Analysis(
             score=score,
-            capability=self._capabilities[int(np.argmax(cap_scores))],
+            capability=capability,
             stakes=stakes,
             stakes_reason=reason,
             pii=bool(kinds),
             pii_kinds=kinds,
+            local_accuracy=self.profile.accuracy(capability),
+            local_profile=self.profile.model,
         )

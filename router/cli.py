@@ -35,16 +35,24 @@ def _output(path: str) -> Iterator[IO[str]]:
         yield fh
 
 
-def _load_model(path: str | None) -> Any:
+def _load_model(path: str | None, profile: str | None = None) -> Any:
     from router.artifact import default_model_path, load_for_serving
+    from router.config import load_settings
+    from router.profile import default_profile
 
-    return load_for_serving(Path(path) if path else default_model_path())
+    chosen = Path(profile) if profile else load_settings().local_profile
+    return load_for_serving(Path(path) if path else default_model_path(), default_profile(chosen))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from router.training import train_artifact
+    from router.training import train_artifact, train_profile_router
+
+    if args.capability:
+        out = train_profile_router(args.data, args.capability, args.out, cv=args.cv)
+        print(f"wrote {out}", file=sys.stderr)
+        return 0
 
     steps = ["read data", "capability classifier", "routing classifier"]
     if args.cv:
@@ -74,7 +82,7 @@ def _cmd_serving_form(args: argparse.Namespace) -> int:
 def _cmd_score(args: argparse.Namespace) -> int:
     from router.training import load_prompts
 
-    scorer = _load_model(args.model)
+    scorer = _load_model(args.model, args.profile)
     rows = load_prompts(args.data)
     with _output(args.out) as out:
         for row_id, prompt in rows:
@@ -86,7 +94,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 def _cmd_classify(args: argparse.Namespace) -> int:
     from router.training import load_prompts
 
-    scorer = _load_model(args.model)
+    scorer = _load_model(args.model, args.profile)
     rows = load_prompts(args.data)
     with _output(args.out) as out:
         for row_id, prompt in rows:
@@ -107,7 +115,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from router.metrics import evaluate
     from router.training import load_routing_rows
 
-    scorer = _load_model(args.model)
+    scorer = _load_model(args.model, args.profile)
     rows = load_routing_rows(args.data)
     scores = [scorer.analyze(r.prompt).score for r in rows]
     report = evaluate(
@@ -163,10 +171,16 @@ def format_report(report: Any) -> str:
     return "\n".join(lines)
 
 
-def _add_model_arg(p: argparse.ArgumentParser) -> None:
+def _add_model_arg(p: argparse.ArgumentParser, *, profile: bool = True) -> None:
     p.add_argument(
         "--model", help="model directory (default: $TIERGATE_CLASSIFIER_PATH or shipped)"
     )
+    if profile:
+        p.add_argument(
+            "--profile",
+            help="local model profile the score reads (default: $TIERGATE_LOCAL_PROFILE or the "
+            "bundled model's)",
+        )
 
 
 def _add_model_commands(sub: Any) -> None:
@@ -180,6 +194,11 @@ def _add_model_commands(sub: Any) -> None:
     )
     p.add_argument("--out", required=True, help="new artifact directory, e.g. models/NAME")
     p.add_argument("--no-cv", dest="cv", action="store_false", help="skip cross-validation metrics")
+    p.add_argument(
+        "--capability",
+        help="a standalone capability model directory (e.g. models/capability-v1): fit only "
+        "the routing score over it (routing files only)",
+    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("score", help="write {id, score} per prompt")
@@ -213,7 +232,7 @@ def _add_model_commands(sub: Any) -> None:
         "from the artifact's model.joblib (left unchanged) and records its sha256 in the "
         "sidecar. An artifact that has one is only checked.",
     )
-    _add_model_arg(p)
+    _add_model_arg(p, profile=False)
     p.set_defaults(func=_cmd_serving_form)
 
 
@@ -723,6 +742,8 @@ def _cmd_policy_explain(args: argparse.Namespace) -> int:
         f"score {decision.score:.3f}{threshold})"
     )
     print(f"         {decision.reason}")
+    if decision.profile_entry:
+        print(f"profile  {decision.profile_entry}")
     extras = {
         "fallbacks": ", ".join(decision.fallbacks) or "none",
         "local_only": decision.local_only,

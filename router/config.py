@@ -128,6 +128,12 @@ class Settings(BaseSettings):
     classifier_path: Path | None = Field(
         None, description="Classifier artifact directory; unset: the shipped classifier."
     )
+    local_profile: Path | None = Field(
+        None,
+        description="Profile of the local model (tiergate profile, or declared: "
+        "models/profiles/*.yaml); the routing score and the policy's local_accuracy signal read "
+        "it. Unset: the bundled SmolLM2's.",
+    )
     model_store: Path | None = Field(
         HOME / HOME_FILES["model_store"],
         description="Versioned classifier store (tiergate models, retrain); its current version "

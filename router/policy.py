@@ -212,6 +212,7 @@ class Condition(BaseModel):
     has_tools: Comparison | None = None
     turns: Comparison | None = None
     score: Comparison | None = None
+    local_accuracy: Comparison | None = None
     tenant: Comparison | None = None
     alias: Comparison | None = None
     header: HeaderComparison | None = None
@@ -428,6 +429,7 @@ class Decision:
     budget_usd: float | None = None  # the tenant's daily budget, for reserving spend
 
     no_closed_local: bool = False
+    profile_entry: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready view for headers, outcome records and trace spans."""
@@ -449,6 +451,7 @@ class Decision:
             "no_closed_local": self.no_closed_local,
             "reason": self.reason,
             "policy_version": self.policy_version,
+            "profile_entry": self.profile_entry,
             "trace": [step.as_dict() for step in self.trace],
         }
 
@@ -479,6 +482,7 @@ class _CompiledRule:
     hit: RuleTrace
     skipped: RuleTrace
     misses: dict[str, RuleTrace]
+    reads_profile: bool = False  # its condition reads local_accuracy (the local profile)
 
     def miss(self, why: str) -> RuleTrace:
         trace = self.misses.get(why)
@@ -588,6 +592,9 @@ def evaluate(
         if no_closed_local:
             on_failure, fallbacks = "local", (*fallbacks, policy.local_model or "")
     spec = policy.models[step.model]
+    profile_entry = None
+    if rule is not None and any(r.reads_profile for r in plan.rules[: len(trace)]):
+        profile_entry = _profile_entry(signals, plan, trace)
     return Decision(
         tier=spec.tier,
         model=step.model,
@@ -608,6 +615,21 @@ def evaluate(
         policy_version=runtime.digest,
         budget_usd=plan.budget_usd,
         no_closed_local=no_closed_local,
+        profile_entry=profile_entry,
+    )
+
+
+def _profile_entry(signals: Signals, plan: _Plan, trace: list[RuleTrace]) -> str:
+    # Which profile entry the decision read, and the rules that read it (matched or not).
+    rules = [
+        f"{t.name} ({'matched' if t.matched else 'no match'})"
+        for r, t in zip(plan.rules, trace, strict=False)
+        if r.reads_profile and r.name == t.name
+    ]
+    accuracy = "unknown" if signals.local_accuracy is None else f"{signals.local_accuracy:.2f}"
+    return (
+        f"{signals.local_profile or 'no profile'}: {signals.capability} accuracy {accuracy}; "
+        f"read by {', '.join(rules)}"
     )
 
 
@@ -1058,6 +1080,7 @@ _BUILTINS: dict[str, _Kind] = {
     "has_tools": "bool",
     "turns": "number",
     "score": "number",
+    "local_accuracy": "number",
     "tenant": "text",
     "alias": "text",
 }
@@ -1078,6 +1101,7 @@ class _Checker:
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
+        self._profile_seen: set[str] = set()
         self.problems: list[tuple[Loc, str]] = []
         self.signal_tests: dict[str, tuple[_Test, str]] = {}
         self.resolving: list[str] = []
@@ -1201,7 +1225,34 @@ class _Checker:
             hit=RuleTrace(rule.name, rule.priority, True, f"matched: {desc}"),
             skipped=RuleTrace(rule.name, rule.priority, False, "skipped: the request pins a model"),
             misses={},
+            reads_profile=rule.when is not None and self._reads_profile(rule.when),
         )
+
+    def _reads_profile(self, cond: Condition) -> bool:
+        # True when the condition tests local_accuracy, itself or through a named signal.
+        def walk(node: Any) -> bool:
+            if isinstance(node, Mapping):
+                return any(
+                    key == "local_accuracy"
+                    or (key == "signal" and self._signal_reads_profile(str(value)))
+                    or (key in self.policy.signals and self._signal_reads_profile(key))
+                    or walk(value)
+                    for key, value in node.items()
+                )
+            if isinstance(node, list):
+                return any(walk(item) for item in node)
+            return isinstance(node, str) and self._signal_reads_profile(node)
+
+        return walk(cond.model_dump(by_alias=True, exclude_none=True))
+
+    def _signal_reads_profile(self, name: str) -> bool:
+        if name not in self.policy.signals or name in self._profile_seen:
+            return False
+        self._profile_seen.add(name)  # a cycle (refused elsewhere) must not recurse forever
+        try:
+            return self._reads_profile(self.policy.signals[name])
+        finally:
+            self._profile_seen.discard(name)
 
     def _check_route(self, rule: Rule, loc: Loc, model: str | None) -> None:
         p = self.policy

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,22 @@ from typing import Any
 import yaml
 
 from router.errors import ConfigError
+from router.locations import shipped
 from router.scoring import CAPABILITIES
+
+
+#: Where shipped profiles live, and the bundled model's: its measured profile
+#: (``tiergate profile``) when there is one, else its declared placeholder.
+def profile_dir() -> Path:
+    """Where the shipped profiles are: ``models/profiles`` of the checkout or the wheel."""
+    return shipped("models", "profiles")
+
+
+BUNDLED_PROFILES: tuple[str, ...] = (
+    "smollm2-135m-instruct-q4_1.json",
+    "SmolLM2-135M-Instruct.Q4_1.json",
+    "SmolLM2-135M-Instruct.declared.yaml",
+)
 
 PROFILE_FORMAT = "tiergate-profile"
 PROFILE_FORMAT_VERSION = 1
@@ -209,3 +225,23 @@ def write_profile(profile: LocalProfile, path: str | Path) -> None:
     tmp = p.with_name(p.name + ".tmp")
     tmp.write_text(json.dumps(profile.as_dict(), indent=2) + "\n", encoding="utf-8")
     tmp.replace(p)
+
+
+def default_profile_path() -> Path:
+    """The bundled model's profile file: the first of :data:`BUNDLED_PROFILES` that exists in
+    ``profiles/`` beside ``$TIERGATE_CLASSIFIER_PATH`` (an installed package, as in the image,
+    has no models/ of its own) or else in :func:`profile_dir`."""
+    dirs = [profile_dir()]
+    if classifier := os.environ.get("TIERGATE_CLASSIFIER_PATH"):
+        dirs.insert(0, Path(classifier).parent / "profiles")
+    for directory in dirs:
+        for name in BUNDLED_PROFILES:
+            if (directory / name).is_file():
+                return directory / name
+    raise ConfigError(f"no bundled local model profile in {' or '.join(map(str, dirs))}")
+
+
+def default_profile(path: str | Path | None = None) -> LocalProfile:
+    """The local profile a deployment reads: ``path`` (``TIERGATE_LOCAL_PROFILE``) when set,
+    else the bundled model's (:func:`default_profile_path`)."""
+    return load_profile(path if path is not None else default_profile_path())

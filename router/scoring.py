@@ -44,6 +44,9 @@ class Analysis:
     stakes_reason: str | None = None
     pii: bool = False
     pii_kinds: tuple[str, ...] = field(default_factory=tuple)
+    #: The local model's profile: its accuracy on this prompt's capability, and its name.
+    local_accuracy: float | None = None
+    local_profile: str | None = None
 
 
 @runtime_checkable

@@ -30,12 +30,13 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import chain, pairwise, repeat
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
 from router.pii import pii_kinds
+from router.profile import LocalProfile
 from router.scoring import CAPABILITIES, Analysis
 from router.stakes import assess
 
@@ -313,8 +314,30 @@ def residual_logit(z3: FloatArray, shift: float) -> FloatArray:
 
 
 #: How the routing model's decision rows become the routing score: ``logistic`` is one row (a
-#: plain logistic regression); ``residual`` is three, combined by :func:`residual_logit`.
-ROUTING_ROWS: dict[str, int] = {"logistic": 1, "residual": 3}
+#: plain logistic regression); ``residual`` is three, combined by :func:`residual_logit`;
+#: ``profile`` (router-v4) is one row plus the gap term of :func:`gap_logit`, which reads the
+#: local model's profile.
+ROUTING_ROWS: dict[str, int] = {"logistic": 1, "residual": 3, "profile": 1}
+
+#: The gap term is clipped to [GAP_EPS, 1 - GAP_EPS] before its logit (a profile may say 0 or 1).
+GAP_EPS = 1e-3
+
+
+def profile_vector(profile: LocalProfile, capabilities: Sequence[str]) -> FloatArray:
+    """The profile's accuracy per capability, in ``capabilities`` order (its default where it
+    says nothing)."""
+    return np.array([profile.accuracy(c) for c in capabilities], dtype=np.float64)
+
+
+def gap_logit(q: FloatArray, strong: FloatArray, local: FloatArray) -> FloatArray:
+    """The logit of the strong model's expected advantage on a prompt: ``sum_c q_c *
+    strong_c * (1 - local_c)`` (last axis), where ``q`` are the capability probabilities,
+    ``strong`` the strong model's accuracy and ``local`` the local profile's per capability.
+    It falls as any ``local_c`` rises, so a better local model never raises a score."""
+    g = np.clip((q * (strong * (1.0 - local))).sum(axis=-1), GAP_EPS, 1.0 - GAP_EPS)
+    out: FloatArray = np.log(g / (1.0 - g))
+    return out
+
 
 #: The arrays of a serving form, by name: (dtype kind, number of dimensions). ``vocabulary`` is
 #: the joint vocabulary in row order (row ``u`` of ``table`` is token ``u - 1``; row 0 stands
@@ -338,11 +361,15 @@ FORM_ARRAYS: dict[str, tuple[str, int]] = {
     "ngram_range": ("i", 1),
     "structure_features": ("U", 1),
     "clip": ("i", 1),
+    "gap_strong": ("f", 1),
+    "gap_slope": ("f", 0),
 }
 
 
 #: Arrays that serving forms written before them lack; such a form reads as all zeros there.
-OPTIONAL_FORM_ARRAYS = frozenset({"cap_coef"})
+#: ``gap_strong`` (the strong model's accuracy per capability) and ``gap_slope`` (the gap
+#: term's weight) are required by, and only by, the ``profile`` routing kind (format 3).
+OPTIONAL_FORM_ARRAYS = frozenset({"cap_coef", "gap_strong", "gap_slope"})
 
 
 class JointLinear:
@@ -451,13 +478,7 @@ class JointLinear:
 
 
 def _form_array(form: Mapping[str, NDArray[Any]], key: str) -> NDArray[Any]:
-    kind, ndim = FORM_ARRAYS[key]
-    arr = form.get(key)
-    if not isinstance(arr, np.ndarray) or arr.dtype.kind != kind or arr.ndim != ndim:
-        raise ValueError(f"serving form: {key!r} must be a {ndim}-d array of kind {kind!r}")
-    if kind == "f" and not np.isfinite(arr).all():
-        raise ValueError(f"serving form: {key!r} holds NaN or infinite values")
-    return arr
+    return _checked(form, key, *FORM_ARRAYS[key], what="serving form")
 
 
 class ServingScorer:
@@ -467,11 +488,20 @@ class ServingScorer:
     from ``serving.npz``); they are checked for names, kinds, shapes and consistency with this
     module's features, and a :class:`ValueError` says what does not fit. Scores and capabilities
     equal those of the :class:`~router.classifier.LearnedScorer` the form was derived from.
+
+    ``profile``: the local model's profile (:mod:`router.profile`). A ``profile`` routing kind
+    (router-v4) reads it in its score and needs one; every analysis also reports the profile's
+    accuracy for the prompt's capability (the policy's ``local_accuracy`` signal).
     """
 
     name = "learned"
 
-    def __init__(self, form: Mapping[str, NDArray[Any]], version: str) -> None:
+    def __init__(
+        self,
+        form: Mapping[str, NDArray[Any]],
+        version: str,
+        profile: LocalProfile | None = None,
+    ) -> None:
         if not set(FORM_ARRAYS) - OPTIONAL_FORM_ARRAYS <= set(form) <= set(FORM_ARRAYS):
             raise ValueError(f"serving form: arrays {sorted(form)}, expected {sorted(FORM_ARRAYS)}")
         a = {key: _form_array(form, key) for key in FORM_ARRAYS if key in form}
@@ -502,6 +532,13 @@ class ServingScorer:
         cap_coef = a.get("cap_coef")
         if cap_coef is not None and cap_coef.shape != (widths[0], n_capabilities):
             raise ValueError("serving form: cap_coef is not (routing rows, capabilities)")
+        gap_strong, gap_slope = a.get("gap_strong"), a.get("gap_slope")
+        if (routing == "profile") != (gap_strong is not None and gap_slope is not None):
+            raise ValueError("serving form: gap_strong/gap_slope go with, and only with, 'profile'")
+        if gap_strong is not None and gap_strong.shape != (n_capabilities,):
+            raise ValueError("serving form: gap_strong is not one value per capability")
+        if routing == "profile" and profile is None:
+            raise ValueError("serving form: a 'profile' routing score needs a local profile")
         lo, hi = (int(n) for n in a["ngram_range"])
         self.version = version
         self._joint = JointLinear(
@@ -519,9 +556,23 @@ class ServingScorer:
         self._cap_coef: FloatArray | None = None
         if cap_coef is not None and cap_coef.any():
             self._cap_coef = np.asarray(cap_coef, dtype=np.float64)
+        self.form = form
+        self.profile = profile
+        self._local = None if profile is None else profile_vector(profile, capabilities)
+        self._gap: tuple[FloatArray, float] | None = None
+        if gap_strong is not None and gap_slope is not None:
+            self._gap = (np.asarray(gap_strong, dtype=np.float64), float(gap_slope))
+
+    def with_profile(self, profile: LocalProfile) -> ServingScorer:
+        """The same model reading another local profile (the form's arrays are shared)."""
+        return ServingScorer(self.form, self.version, profile)
 
     def _routing_score(self, z: FloatArray) -> float:
         rows = z[: self._rows]
+        if self._gap is not None and self._local is not None:
+            strong, slope = self._gap
+            q = _softmax(z[self._rows :])
+            return _sigmoid(float(rows[0]) + slope * float(gap_logit(q, strong, self._local)))
         if self._cap_coef is not None:
             rows = rows + self._cap_coef @ _softmax(z[self._rows :])
         if self._shift is None:
@@ -546,11 +597,114 @@ class ServingScorer:
         z = self._joint.decision(w, _structure(w))  # [routing rows, capability logits]
         kinds = pii_kinds(text)  # always the whole text: personal data anywhere counts
         stakes, reason = assess(w, has_tools=has_tools, pii=bool(kinds))
+        capability = self._capability(z)
+        profile = self.profile
         return Analysis(
             score=self._routing_score(z),
-            capability=self._capability(z),
+            capability=capability,
             stakes=stakes,
             stakes_reason=reason,
             pii=bool(kinds),
             pii_kinds=kinds,
+            local_accuracy=None if profile is None else profile.accuracy(capability),
+            local_profile=None if profile is None else profile.model,
         )
+
+
+class CapabilityReader(Protocol):
+    """A capability model as the proxy serves it (numpy only): probabilities over its
+    ``capabilities`` for one prompt."""
+
+    capabilities: tuple[str, ...]
+    version: str
+
+    def probabilities(self, text: str) -> FloatArray:
+        """P(capability | text), in :attr:`capabilities` order."""
+        ...
+
+
+#: The arrays of a profile head (serving form 4): the gap term's strong-model accuracy per
+#: capability, its slope, the intercept, and the capabilities they are ordered by.
+HEAD_ARRAYS: dict[str, tuple[str, int]] = {
+    "capabilities": ("U", 1),
+    "gap_strong": ("f", 1),
+    "gap_slope": ("f", 0),
+    "intercept": ("f", 0),
+}
+
+
+class ProfileScorer:
+    """router-v4 over a standalone capability model: the score is
+    ``logistic(intercept + slope * gap_logit(q, gap_strong, local))`` with ``q`` the capability
+    model's probabilities and ``local`` the profile's accuracies; stakes and PII as
+    :class:`ServingScorer`'s. ``head`` holds :data:`HEAD_ARRAYS`."""
+
+    name = "learned"
+
+    def __init__(
+        self,
+        capability: CapabilityReader,
+        head: Mapping[str, NDArray[Any]],
+        version: str,
+        profile: LocalProfile,
+    ) -> None:
+        a = {
+            key: _checked(head, key, kind, ndim, what="profile head")
+            for key, (kind, ndim) in HEAD_ARRAYS.items()
+        }
+        names = tuple(str(c) for c in a["capabilities"])
+        if names != tuple(capability.capabilities) or a["gap_strong"].shape != (len(names),):
+            raise ValueError("profile head: capabilities do not match the capability model")
+        if float(a["gap_slope"]) < 0.0:
+            raise ValueError("profile head: a negative gap slope would invert the score")
+        self.head = head
+        self.capability = capability
+        self.version = version
+        self.profile = profile
+        self._names = names
+        self._strong = np.asarray(a["gap_strong"], dtype=np.float64)
+        self._slope = float(a["gap_slope"])
+        self._intercept = float(a["intercept"])
+        self._local = profile_vector(profile, names)
+
+    def with_profile(self, profile: LocalProfile) -> ProfileScorer:
+        """The same model reading another local profile."""
+        return ProfileScorer(self.capability, self.head, self.version, profile)
+
+    def _score(self, q: FloatArray) -> float:
+        return _sigmoid(
+            self._intercept + self._slope * float(gap_logit(q, self._strong, self._local))
+        )
+
+    def score(self, text: str) -> float:
+        """The routing score alone."""
+        return self._score(self.capability.probabilities(text))
+
+    def analyze(self, text: str, *, has_tools: bool = False) -> Analysis:
+        """Score, capability, stakes and PII for one prompt."""
+        q = self.capability.probabilities(text)
+        capability = self._names[int(np.argmax(q))]
+        kinds = pii_kinds(text)
+        stakes, reason = assess(_Window(text), has_tools=has_tools, pii=bool(kinds))
+        return Analysis(
+            score=self._score(q),
+            capability=capability,
+            stakes=stakes,
+            stakes_reason=reason,
+            pii=bool(kinds),
+            pii_kinds=kinds,
+            local_accuracy=self.profile.accuracy(capability),
+            local_profile=self.profile.model,
+        )
+
+
+def _checked(
+    arrays: Mapping[str, NDArray[Any]], key: str, kind: str, ndim: int, *, what: str
+) -> NDArray[Any]:
+    # One named array of a serving form or head, checked for kind, rank and finiteness.
+    arr = arrays.get(key)
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind != kind or arr.ndim != ndim:
+        raise ValueError(f"{what}: {key!r} must be a {ndim}-d array of kind {kind!r}")
+    if kind == "f" and not np.isfinite(arr).all():
+        raise ValueError(f"{what}: {key!r} holds NaN or infinite values")
+    return arr

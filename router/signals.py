@@ -43,6 +43,8 @@ class Signals:
     stakes_reason: str | None = None
     pii: bool = False
     pii_kinds: tuple[str, ...] = ()
+    local_accuracy: float | None = None
+    local_profile: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
@@ -62,6 +64,8 @@ class Signals:
             "stakes_reason": self.stakes_reason,
             "pii": self.pii,
             "pii_kinds": list(self.pii_kinds),
+            "local_accuracy": self.local_accuracy,
+            "local_profile": self.local_profile,
             "headers": dict(self.headers),
             "metadata": dict(self.metadata),
         }
@@ -236,6 +240,8 @@ def extract_signals(
         stakes_reason=analysis.stakes_reason,
         pii=bool(kinds) or analysis.pii,
         pii_kinds=kinds,
+        local_accuracy=analysis.local_accuracy,
+        local_profile=analysis.local_profile,
         headers=dict(headers or {}),
         metadata=kept,
     )

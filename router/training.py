@@ -36,6 +36,7 @@ import joblib
 import numpy as np
 import scipy
 import sklearn
+from numpy.typing import NDArray
 
 from router import __version__
 from router.artifact import (
@@ -43,21 +44,32 @@ from router.artifact import (
     ARTIFACT_FORMAT_VERSION,
     DEFAULT_MODEL_NAME,
     MODEL_FILE,
+    PROFILE_HEAD_FORMAT,
     default_model_path,
     load_serving_form,
     read_sidecar,
+    write_profile_head,
     write_serving_form,
     write_sidecar,
 )
-from router.classifier import CapabilityRouting, LearnedScorer, PromptClassifier
+from router.classifier import (
+    CapabilityRouting,
+    GapRouting,
+    LearnedScorer,
+    PromptClassifier,
+    ServedCapability,
+)
 from router.errors import ArtifactError, ConfigError
 from router.fetch import sha256_file
+from router.profile import CapabilityAccuracy, LocalProfile
 from router.scoring import CAPABILITIES
 from router.serving import (
     HEAD_CHARS,
     MAX_CHARS,
     STRUCTURE_FEATURES,
     TAIL_CHARS,
+    gap_logit,
+    logistic,
     window_mismatch,
 )
 
@@ -81,6 +93,13 @@ class RoutingRow:
     strong_score: float
     category: str | None = None
     dataset: str = ""
+    weak_model: str = ""
+
+    @property
+    def prompt_set(self) -> str:
+        """The prompt set the row belongs to (its id's prefix: ``mmlu``, ``mmlu-pro``...): files
+        that label the same prompts for other weak models share it."""
+        return self.id.split("/", 1)[0] if "/" in self.id else self.dataset
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +167,7 @@ def load_routing_rows(path: str | Path) -> list[RoutingRow]:
                 strong_score=strong,
                 category=str(category) if category is not None else None,
                 dataset=p.stem,
+                weak_model=str(row.get("weak_model") or ""),
             )
         )
     if not rows:
@@ -248,6 +268,142 @@ def fit_routing(
     return model.fit([r.prompt for r in rows], y, sample_weight=w)
 
 
+#: Folds and shrinkage of the cross-fitted local profiles the gap routing is fitted against.
+PROFILE_FOLDS = 5
+#: The shipped model whose word TF-IDF capability classifier `tiergate train` reuses when it is
+#: given no capability file, and which the router-v3-era benches and the retrain loop adapt.
+TFIDF_MODEL_NAME = "router-v3"
+PROFILE_PRIOR = 20.0
+MIN_CROSSFIT_ROWS = 200
+
+
+def crossfit_local_accuracy(
+    rows: Sequence[RoutingRow],
+    q: NDArray[np.float64],
+    *,
+    folds: int = PROFILE_FOLDS,
+    prior: float = PROFILE_PRIOR,
+    seed: int = 0,
+) -> NDArray[np.float64]:
+    """Each row's local profile (accuracy per capability class, ``q``'s columns), estimated from
+    the labels of the *other* folds of its weak model's rows: the q-weighted mean weak score,
+    shrunk towards that model's mean by ``prior`` pseudo-rows. A row's own label never informs
+    its profile, as a profile measured apart from the traffic would not."""
+    out = np.zeros_like(q)
+    weak = np.array([r.weak_score for r in rows])
+    models = np.array([r.weak_model or r.dataset for r in rows])
+    rng = np.random.default_rng(seed)
+    for name in sorted(set(models.tolist())):
+        idx = np.flatnonzero(models == name)
+        # With few rows a left-out estimate is biased against each row's own label (and the
+        # prior outweighs the data): small logs are read in sample, with a lighter prior.
+        k_folds = folds if idx.size >= MIN_CROSSFIT_ROWS else 1
+        shrink = min(prior, idx.size / 10)
+        fold = rng.integers(0, k_folds, idx.size)
+        for k in range(k_folds):
+            te = idx[fold == k]
+            tr = idx[fold != k] if k_folds > 1 else idx
+            if te.size == 0:
+                continue
+            mean = float(weak[tr].mean())
+            out[te] = (q[tr].T @ weak[tr] + shrink * mean) / (q[tr].sum(axis=0) + shrink)
+    return out
+
+
+def estimate_profile(
+    rows: Sequence[RoutingRow],
+    q: NDArray[np.float64],
+    capabilities: Sequence[str],
+    *,
+    model: str,
+    prior: float = PROFILE_PRIOR,
+) -> LocalProfile:
+    """A profile of one weak model from its labelled rows (all of them): per capability the
+    q-weighted mean weak score, shrunk like :func:`crossfit_local_accuracy`'s; ``n`` is the
+    capability's probability mass in rows."""
+    weak = np.array([r.weak_score for r in rows])
+    acc = (q.T @ weak + prior * weak.mean()) / (q.sum(axis=0) + prior)
+    mass = q.sum(axis=0)
+    return LocalProfile(
+        model=model,
+        source="declared",
+        capabilities={
+            c: CapabilityAccuracy(float(a), n=round(float(m)))
+            for c, a, m in zip(capabilities, acc, mass, strict=True)
+        },
+        notes="estimated from labelled rows (router.training.estimate_profile)",
+    )
+
+
+def fit_gap_routing(
+    rows: Sequence[RoutingRow],
+    capability: PromptClassifier | ServedCapability,
+    *,
+    margin: float = DEFAULT_MARGIN,
+    params: dict[str, Any] | None = None,
+) -> GapRouting:
+    """Fit router-v4's :class:`~router.classifier.GapRouting` on routing rows: each row against
+    its weak model's cross-fitted profile (:func:`crossfit_local_accuracy`), one intercept per
+    prompt set during the fit."""
+    y, w = routing_target(rows, margin=margin)
+    if len(set(y.tolist())) < 2:
+        raise DataFormatError("routing data needs prompts where the strong model is better and not")
+    prompts = [r.prompt for r in rows]
+    local = crossfit_local_accuracy(rows, capability.predict_proba(prompts))
+    model = GapRouting(capability=capability, **(params or {}))
+    try:
+        return model.fit(
+            prompts,
+            y,
+            sample_weight=w,
+            local_accuracy=local,
+            strong=[r.strong_score for r in rows],
+            groups=[r.prompt_set for r in rows],
+        )
+    except ValueError as exc:  # an inverted gap: the data cannot back a score
+        raise DataFormatError(f"cannot fit the routing score: {exc}") from exc
+
+
+def gap_scores(
+    model: GapRouting, rows: Sequence[RoutingRow], local: NDArray[np.float64]
+) -> NDArray[np.float64]:
+    """``model``'s scores for ``rows``, each read against its own local profile ``local``."""
+    q = model.capability_model().predict_proba([r.prompt for r in rows])
+    out: NDArray[np.float64] = logistic(
+        model.intercept_[0] + model.slope_ * gap_logit(q, model.strong_, local)
+    )
+    return out
+
+
+def cross_validate_gap(
+    rows: Sequence[RoutingRow],
+    capability: PromptClassifier | ServedCapability,
+    *,
+    n_bootstrap: int = 200,
+) -> dict[str, Any]:
+    """Leave-one-prompt-set-out CV of :func:`fit_gap_routing` (files that share prompts leave
+    together); each held-out file is scored against its weak model's cross-fitted profile and
+    reported on its own (``leave_one_source_out/<file>``)."""
+    out: dict[str, Any] = {}
+    local = crossfit_local_accuracy(rows, capability.predict_proba([r.prompt for r in rows]))
+    sets = sorted({r.prompt_set for r in rows})
+    if len(sets) < 2:
+        return out
+    for held in sets:
+        train = [r for r in rows if r.prompt_set != held]
+        try:
+            model = fit_gap_routing(train, capability)
+        except DataFormatError as exc:  # the other sets alone cannot back a score: say so
+            out[f"leave_one_source_out/{held}"] = {"error": str(exc)}
+            continue
+        for d in sorted({r.dataset for r in rows if r.prompt_set == held}):
+            idx = [i for i, r in enumerate(rows) if r.dataset == d]
+            test = [rows[i] for i in idx]
+            scores = gap_scores(model, test, local[idx])
+            out[f"leave_one_source_out/{d}"] = _oof_report(scores, test, n_bootstrap)
+    return out
+
+
 def fit_capability(
     rows: Sequence[CapabilityRow], *, params: dict[str, Any] | None = None
 ) -> PromptClassifier:
@@ -279,6 +435,74 @@ def fit_scorer(
 
 
 # --- artifact -------------------------------------------------------------------------------
+
+
+def save_profile_router(
+    routing: GapRouting,
+    capability: Path,
+    out_dir: str | Path,
+    *,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write router-v4 over a standalone capability artifact (``capability``, a directory such
+    as ``models/capability-v1``): the profile head as serving form 4 (no pickle: the head is
+    all there is to serve) and the sidecar pinning the capability model. A new directory,
+    assembled aside and renamed into place, as :func:`save_scorer` does."""
+    out = Path(out_dir)
+    if out.exists():
+        raise ArtifactError(f"{out} already exists; write a new version instead of editing one")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    sidecar = {
+        "format": ARTIFACT_FORMAT,
+        "format_version": ARTIFACT_FORMAT_VERSION,
+        "name": out.name,
+        "version": out.name,
+        "tiergate_version": __version__,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "libraries": library_versions(),
+        "platform": platform.platform(),
+        "features": {"routing": routing.describe(), "capability": capability.name},
+        **(metadata or {}),
+        "serving": write_profile_head(tmp, routing.head(), Path(capability)),
+    }
+    write_sidecar(tmp, sidecar)
+    tmp.chmod(0o755)
+    os.replace(tmp, out)
+    return out
+
+
+def train_profile_router(
+    data: Sequence[str | Path], capability: str | Path, out: str | Path, *, cv: bool = True
+) -> Path:
+    """``tiergate train --capability DIR``: fit router-v4's profile head on the routing files
+    over a standalone capability model and save it (:func:`save_profile_router`)."""
+    from router.artifact import load_capability_model
+
+    rows = [r for f in data for r in load_routing_rows(f)]
+    reader = load_capability_model(Path(capability))
+    served = ServedCapability(reader).fit()
+    routing = fit_gap_routing(rows, served)
+    metrics = {"routing": cross_validate_gap(rows, served)} if cv else {}
+    metadata = {
+        "data_files": [data_file_info(f, len(load_routing_rows(f))) for f in data],
+        "rows": {"routing": len(rows)},
+        "target": {"rule": "strong_score - weak_score > margin", "margin": DEFAULT_MARGIN},
+        "gap": _gap_summary(routing),
+        "cv_metrics": metrics,
+    }
+    return save_profile_router(routing, Path(capability), out, metadata=metadata)
+
+
+def _gap_summary(routing: GapRouting) -> dict[str, Any]:
+    classes = [str(c) for c in routing.capability_model().classes_]
+    return {
+        "strong_accuracy": dict(zip(classes, map(float, routing.strong_), strict=True)),
+        "slope": routing.slope_,
+        "prompt_set_intercepts": routing.group_intercepts_,
+        "profiles": "each weak model's, cross-fitted from its labels "
+        f"({PROFILE_FOLDS} folds, {PROFILE_PRIOR:g} pseudo-rows)",
+    }
 
 
 def library_versions() -> dict[str, str]:
@@ -392,6 +616,14 @@ def load_scorer(path: str | Path) -> LearnedScorer:
     unpickled; only then is the pickle loaded and its contents type-checked.
     """
     p = Path(path)
+    if not (p / MODEL_FILE).exists() and (p / "metadata.json").is_file():
+        serving = read_sidecar(p).get("serving") or {}
+        if serving.get("format_version") == PROFILE_HEAD_FORMAT:
+            raise ArtifactError(
+                f"{p}: a profile head over a capability model (router-v4) has no scikit-learn "
+                "estimators to load; refit it with `tiergate train --capability` (the retrain "
+                "loop does not adapt it yet)"
+            )
     meta = read_metadata(p)
     features = meta.get("features") or {}
     # Written before the window was recorded: the first window, 2,000 + 500 characters.
@@ -578,14 +810,14 @@ def train_artifact(
     step("read data")
     if capability_rows:
         capability = fit_capability(capability_rows)
-    else:
-        capability = load_default_scorer().capability
+    else:  # the last shipped TF-IDF capability model (router-v4 reads capability-v1 instead)
+        capability = load_scorer(default_model_path().parent / TFIDF_MODEL_NAME).capability
     step("capability classifier")
-    routing = fit_routing(routing_rows, capability)
+    routing = fit_gap_routing(routing_rows, capability)
     step("routing classifier")
     metrics: dict[str, Any] = {}
     if cv:
-        metrics["routing"] = cross_validate_routing(routing_rows, capability)
+        metrics["routing"] = cross_validate_gap(routing_rows, capability)
         if len({r.source for r in capability_rows}) >= 2:
             metrics["capability"] = cross_validate_capability(capability_rows)
         step("cross-validation")
@@ -596,8 +828,10 @@ def train_artifact(
         "target": {
             "rule": "strong_score - weak_score > margin",
             "margin": DEFAULT_MARGIN,
-            "balance": "none (every row weighs the same; pooled base rates kept)",
+            "balance": "none (every row weighs the same); one intercept per prompt set in the "
+            "fit, their mean served",
         },
+        "gap": _gap_summary(routing),
         "cv_metrics": metrics,
     }
     path = save_scorer(scorer, out, metadata=metadata)

@@ -623,3 +623,31 @@ def test_an_assistant_turn_without_content_reaches_the_local_model(server: LiveS
     )
     assert response.status_code == 200, response.text
     assert response.headers["x-tiergate-tier"] == "local"
+
+
+def test_route_reads_the_configured_local_profile(tmp_path: Path, fake: FakeProvider) -> None:
+    """The proxy loads the shipped model with TIERGATE_LOCAL_PROFILE's profile: POST /v1/route
+    shows the profile, the entry the decision read, and a lower score than the bundled
+    model's profile gives the same maths prompt."""
+    from router.profile import profile_dir
+
+    body = {"model": "auto", "messages": [{"role": "user", "content": "Solve 3x^2 - 5x + 2 = 0."}]}
+    policy = (Path(__file__).resolve().parent.parent / "policies" / "default.yaml").read_text()
+    seen = {}
+    for name, profile in (
+        ("bundled", None),
+        ("llama", profile_dir() / "Llama-3.1-8B-Instruct.yaml"),
+    ):
+        (tmp_path / name).mkdir()
+        with live(
+            tmp_path / name, policy, scorer=None, local_backend="none", local_profile=profile
+        ) as srv:
+            seen[name] = httpx.post(srv.url + "/v1/route", json=body, timeout=30).json()
+    bundled, llama = seen["bundled"], seen["llama"]
+    assert llama["model_version"] == "router-v4"
+    assert llama["signals"]["local_profile"] == "Meta-Llama-3.1-8B-Instruct"
+    assert bundled["signals"]["local_profile"] == "SmolLM2-135M-Instruct.Q4_1"
+    assert llama["signals"]["capability"] == "math"
+    assert llama["signals"]["score"] < bundled["signals"]["score"] - 0.2
+    assert llama["decision"]["profile_entry"].startswith("Meta-Llama-3.1-8B-Instruct: math")
+    assert (bundled["decision"]["tier"], llama["decision"]["tier"]) == ("closed", "local")

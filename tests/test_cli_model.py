@@ -33,10 +33,12 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             }
         )
     routing = write_jsonl(tmp / "routing.jsonl", rows)
+    # The score reads the capability (router-v4): the toy capability model tells the hard
+    # proofs (maths, where the weak model always fails) from the easy chat.
     caps = write_jsonl(
         tmp / "caps.jsonl",
-        [{"id": f"c{i}", "prompt": f"Write code {i}", "capability": "coding"} for i in range(4)]
-        + [{"id": f"m{i}", "prompt": f"Solve {i} + 2", "capability": "math"} for i in range(4)],
+        [{"id": f"c{i}", "prompt": EASY.format(f"c{i}"), "capability": "chat"} for i in range(4)]
+        + [{"id": f"m{i}", "prompt": HARD.format(f"m{i}"), "capability": "math"} for i in range(4)],
     )
     out = tmp / "models" / "test-v1"
     assert main(["train", "--data", str(routing), "--data", str(caps), "--out", str(out)]) == 0
@@ -134,9 +136,44 @@ def test_errors_are_reported_not_raised(tmp_path: Path, capsys: pytest.CaptureFi
 def test_score_uses_the_shipped_model_by_default(data: Path, tmp_path: Path) -> None:
     from router.artifact import default_model_path
 
-    if not (default_model_path() / "model.joblib").is_file():
+    if not (default_model_path() / "metadata.json").is_file():
         pytest.skip("no shipped model in this checkout")
     out = tmp_path / "s.jsonl"
     assert main(["score", "--data", str(data), "--out", str(out)]) == 0
     scores = [json.loads(x)["score"] for x in out.read_text().splitlines()]
     assert len(scores) == 4 and all(0.0 <= s <= 1.0 for s in scores)
+
+
+def test_score_reads_the_local_profile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`tiergate score` reads the local profile: --profile, else TIERGATE_LOCAL_PROFILE, else
+    the bundled model's. A maths prompt scores lower for Llama-3.1-8B than for SmolLM2-135M."""
+    from router.profile import profile_dir
+
+    data = write_jsonl(
+        tmp_path / "m.jsonl", [{"id": "m", "prompt": "Solve for x: 3x^2 - 5x + 2 = 0."}]
+    )
+    llama = profile_dir() / "Llama-3.1-8B-Instruct.yaml"
+
+    def score(*extra: str) -> float:
+        assert main(["score", "--data", str(data), "--out", "-", *extra]) == 0
+        return float(json.loads(capsys.readouterr().out)["score"])
+
+    bundled = score()
+    assert score("--profile", str(llama)) < bundled - 0.2
+    monkeypatch.setenv("TIERGATE_LOCAL_PROFILE", str(llama))
+    assert score() == score("--profile", str(llama))
+    monkeypatch.setenv("TIERGATE_LOCAL_PROFILE", str(tmp_path / "missing.yaml"))
+    assert main(["score", "--data", str(data), "--out", "-"]) == 2
+    assert "cannot read the local model profile" in capsys.readouterr().err
+
+
+def test_policy_explain_shows_the_profile_entry(capsys: pytest.CaptureFixture[str]) -> None:
+    from router.profile import profile_dir
+
+    policy = str(profile_dir().parent.parent / "policies" / "default.yaml")
+    assert main(["policy", "explain", policy, "--prompt", "Hello"]) == 0
+    out = capsys.readouterr().out
+    assert "decision local -> local (rule 'small-talk'" in out
+    assert "profile  SmolLM2-135M-Instruct.Q4_1: chat accuracy 0.65; read by small-talk" in out

@@ -87,12 +87,19 @@ def test_dockerignore_keeps_the_context_small() -> None:
     assert lines.index("**") < lines.index("!router")
     assert {"!pyproject.toml", "!router", "!policies"} <= set(lines)
     reincluded = [line for line in lines if line.startswith("!") and "model" in line]
-    assert reincluded == ["!models/router-v3"], "the classifier, and no GGUF, in the context"
+    assert reincluded == [
+        "!models/router-v4",
+        "!models/capability-v1",
+        "!models/profiles",
+    ], "the classifier, its capability model and the profiles, and no GGUF, in the context"
 
 
 def test_runtime_carries_the_shipped_classifier() -> None:
     # Installed from /src, router/ no longer sits beside models/, so the default model path
-    # (<package>/../models/router-v3) is empty: the image must copy it and name it.
+    # (<package>/../models/router-v4) is empty: the image must copy it and name it, with the
+    # capability model and profiles it reads beside it (found next to the classifier path).
     final = DOCKERFILE.read_text().rsplit("\nFROM ", 1)[1]
-    assert re.search(r"^COPY models/router-v3 /app/models/router-v3$", final, flags=re.MULTILINE)
-    assert "TIERGATE_CLASSIFIER_PATH=/app/models/router-v3" in final
+    for name in ("router-v4", "capability-v1", "profiles"):
+        pattern = rf"^COPY models/{name} /app/models/{name}$"
+        assert re.search(pattern, final, flags=re.MULTILINE), name
+    assert "TIERGATE_CLASSIFIER_PATH=/app/models/router-v4" in final

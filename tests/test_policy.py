@@ -526,11 +526,52 @@ DEFAULT_CASES: list[tuple[dict[str, Any], tuple[str, str, str]]] = [
     ({"headers": {"x-tiergate-stakes": "high"}}, ("closed", "gpt-4o", "high-stakes")),
     ({"prompt_tokens": 7000}, ("closed", "gpt-4o", "long-context")),
     ({"has_tools": True, "turns": 3}, ("closed", "gpt-4o", "agent-workflow")),
-    ({"capability": "coding", "score": 0.7}, ("local", "local", "open-model-strengths")),
-    ({"capability": "coding", "score": 0.85}, ("local", "local", "open-model-strengths")),
-    ({"capability": "coding", "score": 0.95}, ("closed", "gpt-4o", "default")),
-    ({"capability": "reasoning", "score": 0.4}, ("closed", "gpt-4o", "nuanced-judgment")),
+    # the local profile says what the local model is strong at (an 8B model at coding here)
+    (
+        {"capability": "coding", "score": 0.7, "local_accuracy": 0.73},
+        ("local", "local", "open-model-strengths"),
+    ),
+    (
+        {"capability": "coding", "score": 0.85, "local_accuracy": 0.73},
+        ("local", "local", "open-model-strengths"),
+    ),
+    (
+        {"capability": "coding", "score": 0.95, "local_accuracy": 0.73},
+        ("closed", "gpt-4o", "default"),
+    ),
+    # the bundled 135M model at coding: not a strength, the score decides
+    (
+        {"capability": "coding", "score": 0.7, "local_accuracy": 0.05},
+        ("closed", "gpt-4o", "default"),
+    ),
+    ({"capability": "coding", "score": 0.3, "local_accuracy": 0.05}, ("local", "local", "default")),
+    (
+        {"capability": "reasoning", "score": 0.45, "local_accuracy": 0.15},
+        ("closed", "gpt-4o", "nuanced-judgment"),
+    ),
+    (
+        {"capability": "reasoning", "score": 0.45, "local_accuracy": 0.8},
+        ("local", "local", "open-model-strengths"),
+    ),
+    # chat the local model is strong at stays local even at a middling score
+    (
+        {"capability": "chat", "score": 0.6, "local_accuracy": 0.65, "prompt_tokens": 200},
+        ("local", "local", "open-model-strengths"),
+    ),
     ({"capability": "chat", "score": 0.2}, ("local", "local", "default")),
+    # short small talk stays local with a local model that has some footing in chat
+    (
+        {"capability": "chat", "score": 0.75, "local_accuracy": 0.375, "prompt_tokens": 6},
+        ("local", "local", "small-talk"),
+    ),
+    (
+        {"capability": "chat", "score": 0.75, "local_accuracy": 0.375, "prompt_tokens": 200},
+        ("closed", "gpt-4o", "default"),
+    ),
+    (
+        {"capability": "chat", "score": 0.75, "local_accuracy": 0.1, "prompt_tokens": 6},
+        ("closed", "gpt-4o", "default"),
+    ),
     # one-turn tool call: no rule fires, but the local model cannot take tools
     ({"has_tools": True, "score": 0.1}, ("closed", "gpt-4o", "default")),
 ]
@@ -540,6 +581,53 @@ DEFAULT_CASES: list[tuple[dict[str, Any], tuple[str, str, str]]] = [
 def test_default_policy_worldview(values: dict[str, Any], expected: tuple[str, str, str]) -> None:
     decision = evaluate(load_policy(ROOT / "policies/default.yaml"), signals(**values))
     assert (decision.tier, decision.model, decision.rule) == expected
+
+
+def test_a_decision_names_the_profile_entry_that_moved_it() -> None:
+    """`policy explain` and POST /v1/route show which profile entry a decision read, and which
+    rules read it; a decision no profile-reading rule considered names none."""
+    p = load_policy(ROOT / "policies/default.yaml")
+    kept = evaluate(
+        p,
+        signals(
+            capability="chat",
+            score=0.6,
+            local_accuracy=0.65,
+            local_profile="SmolLM2",
+            prompt_tokens=200,
+        ),
+    )
+    assert kept.profile_entry == (
+        "SmolLM2: chat accuracy 0.65; read by small-talk (no match), open-model-strengths (matched)"
+    )
+    sent = evaluate(
+        p, signals(capability="math", score=0.8, local_accuracy=0.02, local_profile="SmolLM2")
+    )
+    assert sent.tier == "closed" and sent.as_dict()["profile_entry"] == (
+        "SmolLM2: math accuracy 0.02; read by small-talk (no match), open-model-strengths "
+        "(no match), nuanced-judgment (no match)"
+    )
+    assert evaluate(p, signals(pii=True)).profile_entry is None
+    plain = policy("rules:\n  - {name: r, when: {capability: chat}, route: local}\n")
+    assert evaluate(plain, signals(capability="chat")).profile_entry is None
+
+
+def test_a_profile_signal_may_be_named_or_inline() -> None:
+    p = policy(
+        """
+        signals:
+          strong_here: {local_accuracy: {gte: 0.6}}
+          via_signal: {any: [strong_here]}
+        rules:
+          - {name: named, when: via_signal, route: local}
+          - {name: inline, when: {local_accuracy: {lt: 0.2}}, route: closed}
+        """
+    )
+    assert evaluate(p, signals(local_accuracy=0.7)).rule == "named"
+    low = evaluate(p, signals(local_accuracy=0.1, local_profile="m", capability="math"))
+    assert low.rule == "inline"
+    assert low.profile_entry == "m: math accuracy 0.10; read by named (no match), inline (matched)"
+    assert evaluate(p, signals()).rule == "default"  # no profile: local_accuracy is missing
 
 
 def test_default_policy_stores_pii_prompts_redacted() -> None:

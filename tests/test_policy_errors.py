@@ -123,7 +123,7 @@ CORPUS: list[tuple[str, str, list[str]]] = [
             "p.yaml:7:12: rules[0].when.capabilty: unknown signal 'capabilty', did you mean "
             "'capability'? (expected one of all, any, not, signal, header, capability, stakes, "
             "pii, pii_kinds, prompt_tokens, max_tokens, has_images, has_tools, turns, score, "
-            "tenant, alias, metadata.<field>)"
+            "local_accuracy, tenant, alias, metadata.<field>)"
         ],
     ),
     # --- operators and values

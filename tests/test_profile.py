@@ -81,3 +81,18 @@ def test_wilson_interval_brackets_the_rate() -> None:
     assert 0 < low < 0.15 < high < 0.4
     assert wilson_interval(0, 0) == (0.0, 1.0)
     assert json.dumps(_profile().as_dict())  # JSON-ready
+
+
+def test_the_bundled_profile_is_found_beside_the_classifier_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An installed package (the image) has no models/ of its own: the bundled profile is read
+    from profiles/ beside TIERGATE_CLASSIFIER_PATH first."""
+    from router.profile import BUNDLED_PROFILES, default_profile, default_profile_path
+
+    (tmp_path / "profiles").mkdir()
+    text = "format: tiergate-profile\nformat_version: 1\nmodel: here\ncapabilities: {chat: 0.5}\n"
+    (tmp_path / "profiles" / BUNDLED_PROFILES[-1]).write_text(text)
+    monkeypatch.setenv("TIERGATE_CLASSIFIER_PATH", str(tmp_path / "router-v4"))
+    assert default_profile_path() == tmp_path / "profiles" / BUNDLED_PROFILES[-1]
+    assert default_profile().model == "here"

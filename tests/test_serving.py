@@ -21,20 +21,27 @@ from router.artifact import (
     default_model_path,
     load_for_serving,
 )
-from router.classifier import LearnedScorer
+from router.classifier import LearnedScorer, ServedCapability
 from router.errors import ArtifactError
 from router.fetch import sha256_file
 from router.pii import pii_kinds
-from router.serving import ServingScorer
+from router.profile import CapabilityAccuracy, LocalProfile, default_profile, load_profile
+from router.scoring import CAPABILITIES
+from router.serving import ProfileScorer, ServingScorer
 from router.stakes import assess_stakes
 from router.training import (
+    CapabilityRow,
+    DataFormatError,
+    RoutingRow,
     add_serving_form,
     fit_capability,
+    fit_gap_routing,
     fit_routing,
     fit_scorer,
     load_capability_rows,
     load_routing_rows,
     load_scorer,
+    save_profile_router,
     save_scorer,
 )
 from tests.test_classifier import EASY, HARD, TRICKY
@@ -119,12 +126,35 @@ def _serving_entry(path: Path) -> dict[str, object]:
     return entry
 
 
-@pytest.mark.skipif(not (SHIPPED / SERVING_FILE).is_file(), reason="no shipped model")
-def test_shipped_model_serves_like_its_sklearn_estimators() -> None:
-    served = load_for_serving(SHIPPED)
+V3 = REPO / "models" / "router-v3"
+
+
+def test_router_v3_still_serves_like_its_sklearn_estimators() -> None:
+    served = load_for_serving(V3)
     assert isinstance(served, ServingScorer)
+    assert (served.name, served.version) == ("learned", "router-v3")
+    assert_serves_like_sklearn(served, load_scorer(V3))
+
+
+@pytest.mark.skipif(not (SHIPPED / SERVING_FILE).is_file(), reason="no shipped model")
+def test_the_shipped_model_reads_the_shipped_capability_model() -> None:
+    """router-v4 is a profile head over capability-v1: `tiergate classify` gives that model's
+    capability, and the score is the head's formula over its probabilities."""
+    from router.capability import load_capability
+
+    served = load_for_serving(SHIPPED, default_profile())
+    assert isinstance(served, ProfileScorer)
     assert (served.name, served.version) == ("learned", DEFAULT_MODEL_NAME)
-    assert_serves_like_sklearn(served, load_scorer(SHIPPED))
+    capability = load_capability()
+    head = dict(served.head)
+    local = np.array([default_profile().accuracy(c) for c in capability.capabilities])
+    for text in SAMPLE:
+        q = capability.probabilities(text)
+        g = np.clip((q * head["gap_strong"] * (1 - local)).sum(), 1e-3, 1 - 1e-3)
+        z = float(head["intercept"]) + float(head["gap_slope"]) * np.log(g / (1 - g))
+        a = served.analyze(text)
+        assert a.capability == capability.predict(text)
+        assert a.score == pytest.approx(1 / (1 + np.exp(-z)), abs=1e-12)
 
 
 @pytest.mark.skipif(not (SHIPPED / SERVING_FILE).is_file(), reason="no shipped model")
@@ -158,12 +188,12 @@ print(json.dumps({
     )
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
-    assert got["types"] == ["ServingScorer", "ServingScorer"]  # not the heuristic fallback
+    assert got["types"] == ["ProfileScorer", "ProfileScorer"]  # not the heuristic fallback
     assert got["version"] == DEFAULT_MODEL_NAME
     assert got["loaded"] == []  # neither sklearn nor scipy (nor joblib) was imported
-    # The same model as scikit-learn's, scored in this process.
+    # The same model, scored in this process.
     text = "Prove that the square root of 2 is irrational, step by step."
-    assert abs(got["score"] - load_scorer(SHIPPED).routing.predict_proba([text])[0, 1]) <= 1e-12
+    assert got["score"] == load_for_serving(SHIPPED).score(text)
     assert got["swapped_score"] == got["score"]
 
 
@@ -207,8 +237,10 @@ def test_a_tampered_serving_form_is_refused(copy: Path) -> None:
 
 
 def test_another_serving_format_version_is_refused(copy: Path) -> None:
-    _edit_sidecar(copy, serving={**_serving_entry(copy), "format_version": 3})
-    with pytest.raises(ArtifactError, match="serving form format 3, this Tiergate reads 1, 2"):
+    _edit_sidecar(copy, serving={**_serving_entry(copy), "format_version": 5})
+    with pytest.raises(
+        ArtifactError, match="serving form format 5, this Tiergate reads 1, 2, 3, 4"
+    ):
         load_for_serving(copy)
     _edit_sidecar(copy, format_version=2)
     with pytest.raises(ArtifactError, match="artifact format 2"):
@@ -288,3 +320,150 @@ def test_serving_form_is_derived_from_model_joblib_alone(artifact: Path, copy: P
     (copy / SERVING_FILE).write_bytes(b"PK\x05\x06" + b"\x00" * 18)
     with pytest.raises(ArtifactError, match="sha256 does not match"):
         add_serving_form(copy)
+
+
+# --- router-v4: the score reads the local model's profile ----------------------------------------
+
+PROFILES = REPO / "models" / "profiles"
+MATHS = "Solve for x: 3x^2 - 5x + 2 = 0. Show your steps."
+CODE = "Write a Python function that merges two sorted lists."
+
+
+def _profile(accuracy: dict[str, float], model: str = "test-model") -> LocalProfile:
+    return LocalProfile(
+        model=model,
+        source="declared",
+        capabilities={c: CapabilityAccuracy(a) for c, a in accuracy.items()},
+    )
+
+
+def test_a_better_local_model_never_raises_the_score() -> None:
+    """Monotone in the profile: raising any capability's local accuracy lowers the score or
+    leaves it, and raising the prompt's own capability lowers it strictly."""
+    served = load_for_serving(SHIPPED)
+    assert isinstance(served, ProfileScorer)
+    base = dict.fromkeys(CAPABILITIES, 0.3)
+    for text in (MATHS, CODE, "Hello", "Write a short poem about autumn leaves."):
+        own = served.analyze(text).capability
+        assert own is not None
+        before = served.with_profile(_profile(base)).score(text)
+        for capability in CAPABILITIES:
+            after = served.with_profile(_profile({**base, capability: 0.9})).score(text)
+            assert after <= before + 1e-12, (text, capability)
+            if capability == own:
+                assert after < before - 0.01, (text, capability)
+
+
+def test_swapping_the_profile_moves_the_score_the_right_way() -> None:
+    """The same maths prompt scores lower with an 8B model's profile than with the bundled
+    135M model's, and lower with Llama-3.1-8B's than with Mistral-7B's (weaker at maths)."""
+    served = load_for_serving(SHIPPED)
+    assert isinstance(served, ProfileScorer)
+    smol = load_for_serving(SHIPPED, default_profile()).analyze(MATHS)
+    llama = served.with_profile(load_profile(PROFILES / "Llama-3.1-8B-Instruct.yaml"))
+    mistral = served.with_profile(load_profile(PROFILES / "Mistral-7B-Instruct-v0.2.yaml"))
+    assert smol.capability == "math" and smol.local_accuracy == pytest.approx(0.02)
+    assert llama.score(MATHS) < mistral.score(MATHS) < smol.score
+    assert llama.analyze(MATHS).local_profile == "Meta-Llama-3.1-8B-Instruct"
+
+
+def test_the_shipped_model_is_format_4_and_router_v3_still_loads() -> None:
+    entry = _serving_entry(SHIPPED)
+    assert (entry["format_version"], entry["routing"]) == (4, "profile")
+    assert entry["capability"] == {
+        "name": "capability-v1",
+        "sha256": sha256_file(REPO / "models" / "capability-v1" / METADATA_FILE),
+    }
+    v3 = load_for_serving(V3)
+    assert isinstance(v3, ServingScorer) and v3.version == "router-v3"
+    a = v3.analyze(MATHS)
+    assert 0.0 <= a.score <= 1.0 and a.local_accuracy is not None  # the policy signal still works
+
+
+def test_a_profile_score_needs_a_profile_and_a_non_negative_slope() -> None:
+    served = load_for_serving(SHIPPED)
+    assert isinstance(served, ProfileScorer)
+    head = dict(served.head)
+    with pytest.raises(ValueError, match="invert"):
+        ProfileScorer(served.capability, {**head, "gap_slope": np.array(-1.0)}, "x", served.profile)
+    with pytest.raises(ValueError, match="capabilities do not match"):
+        ProfileScorer(
+            served.capability, {**head, "gap_strong": head["gap_strong"][:-1]}, "x", served.profile
+        )
+    with np.load(V3 / SERVING_FILE, allow_pickle=False) as npz:
+        form = {key: npz[key] for key in npz.files}
+    form.update(routing=np.array("profile"), gap_strong=np.full(8, 0.8), gap_slope=np.array(1.0))
+    with pytest.raises(ValueError, match="needs a local profile"):
+        ServingScorer(form, "x")
+    form.pop("gap_slope")
+    with pytest.raises(ValueError, match="gap_strong/gap_slope"):
+        ServingScorer(form, "x", default_profile())
+
+
+def test_an_inverted_gap_is_refused_at_fit_time() -> None:
+    """Labels that fall as the gap rises cannot back a score: the fit refuses rather than ship
+    an inverted one. Maths: both models right or both wrong (a gap of 0.25 by accuracy, never
+    materially better); chat: the weak model at 0.9, the strong one always a little better."""
+    caps = [
+        CapabilityRow(f"m{i}", f"Prove that {i} is irrational step by step", "math")
+        for i in range(6)
+    ] + [CapabilityRow(f"c{i}", f"hi there, how are you {i}", "chat") for i in range(6)]
+    capability = fit_capability(caps)
+    rows = []
+    for i in range(40):
+        maths = i % 2 == 0
+        prompt = caps[i % 6].prompt if maths else caps[6 + i % 6].prompt
+        weak, strong = (float(i % 4 == 0),) * 2 if maths else (0.9, 1.0)
+        rows.append(RoutingRow(f"s/{i}", prompt, weak, strong, weak_model="w"))
+    with pytest.raises(DataFormatError, match="inverted"):
+        fit_gap_routing(rows, capability)
+
+
+class KeywordCapabilities:
+    """A served capability model for tests: maths words -> math, else chat (numpy only)."""
+
+    capabilities = CAPABILITIES
+    version = "kw-1"
+
+    def probabilities(self, text: str) -> np.ndarray:
+        p = np.full(len(CAPABILITIES), 0.01)
+        p[CAPABILITIES.index("math" if "prove" in text.lower() else "chat")] = 1.0
+        return p / p.sum()
+
+
+def test_a_profile_head_over_a_standalone_capability_model_serves_as_fitted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Serving form 4: the head alone, pinned to a capability artifact by its sidecar's sha256;
+    the proxy's loader scores as the fitted GapRouting does and refuses another capability."""
+    import types
+
+    reader = KeywordCapabilities()
+    fake = types.ModuleType("router.capability")
+    fake.load_capability = lambda directory: reader  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "router.capability", fake)
+    cap_dir = tmp_path / "capability-test"
+    cap_dir.mkdir()
+    (cap_dir / METADATA_FILE).write_text('{"format": "tiergate-capability"}')
+    rows = [
+        RoutingRow(
+            f"s/{i}", f"Prove that {i} is prime" if i % 2 else f"hi {i}", w, 1.0, weak_model=m
+        )
+        for i in range(40)
+        for m, w in (("weak", 0.0 if i % 2 else 1.0),)
+    ]
+    routing = fit_gap_routing(rows, ServedCapability(reader).fit())
+    out = save_profile_router(routing, cap_dir, tmp_path / "models" / "v4")
+    (out / cap_dir.name).symlink_to(cap_dir)  # carried inside the artifact
+    served = load_for_serving(out, default_profile())
+    assert isinstance(served, ProfileScorer)
+    routing.set_params(profile=default_profile())
+    texts = ["Prove that 7 is prime", "hi there"]
+    assert [served.score(t) for t in texts] == pytest.approx(
+        routing.predict_proba(texts)[:, 1].tolist(), abs=1e-12
+    )
+    assert served.analyze(texts[0]).capability == "math"
+    assert served.score(texts[0]) > served.score(texts[1])
+    (cap_dir / METADATA_FILE).write_text('{"format": "tiergate-capability", "changed": 1}')
+    with pytest.raises(ArtifactError, match="not the one it was fitted on"):
+        load_for_serving(out)
