@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -181,6 +181,13 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="JSON logs on stderr; warning drops the per-request lines."
     )
+
+    @field_validator("classifier_path", "local_profile", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # TIERGATE_LOCAL_PROFILE= (an empty value, as templating leaves it) means "the default",
+        # not the current folder.
+        return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="before")
     @classmethod

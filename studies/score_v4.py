@@ -406,6 +406,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.card_only:
         results = json.loads(RESULTS.read_text())
         results["decision_latency"] = decision_latency()
+        # What depends only on the shipped files (the default profile may have changed).
+        results["small_talk"] = small_talk(load_for_serving(ROOT / "models" / "router-v4"))
+        results["default_profile"] = default_profile().model
         RESULTS.write_text(json.dumps(results, indent=2) + "\n")
         write_card(card_section(results))
         return 0

@@ -170,10 +170,24 @@ def test_score_reads_the_local_profile(
 
 
 def test_policy_explain_shows_the_profile_entry(capsys: pytest.CaptureFixture[str]) -> None:
-    from router.profile import profile_dir
+    from router.profile import default_profile, profile_dir
 
     policy = str(profile_dir().parent.parent / "policies" / "default.yaml")
     assert main(["policy", "explain", policy, "--prompt", "Hello"]) == 0
     out = capsys.readouterr().out
     assert "decision local -> local (rule 'small-talk'" in out
-    assert "profile  SmolLM2-135M-Instruct.Q4_1: chat accuracy 0.65; read by small-talk" in out
+    bundled = default_profile()
+    chat = bundled.accuracy("chat")
+    assert f"profile  {bundled.model}: chat accuracy {chat:.2f}; read by small-talk" in out
+
+
+def test_an_empty_profile_setting_means_the_bundled_profile(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # TIERGATE_LOCAL_PROFILE= (as a template leaves an unset value) read the current folder.
+    from router.profile import default_profile, profile_dir
+
+    monkeypatch.setenv("TIERGATE_LOCAL_PROFILE", "")
+    policy = str(profile_dir().parent.parent / "policies" / "default.yaml")
+    assert main(["policy", "explain", policy, "--prompt", "Hello"]) == 0
+    assert f"profile  {default_profile().model}:" in capsys.readouterr().out

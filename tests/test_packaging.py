@@ -31,6 +31,7 @@ import httpx
 import pytest
 
 from router.artifact import DEFAULT_MODEL_NAME
+from router.capability import DEFAULT_CAPABILITY_NAME
 from router.config import BUNDLED_GGUF
 from tests.conftest import GGUF, REPO, free_port
 
@@ -117,8 +118,11 @@ def _clean_env(home: Path, **extra: str) -> dict[str, str]:
 def test_wheel_carries_policy_classifier_and_report_but_no_gguf(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     model = f"{SHIPPED}/models/{DEFAULT_MODEL_NAME}"
-    for needed in ("metadata.json", "serving.npz", "model.joblib", "eval.json"):
+    for needed in ("metadata.json", "serving.npz", "eval.json"):
         assert f"{model}/{needed}" in names
+    # The capability model the classifier reads, with its embedding table.
+    for needed in ("metadata.json", "embedding.npz", "head.npz"):
+        assert f"{SHIPPED}/models/{DEFAULT_CAPABILITY_NAME}/{needed}" in names
     assert f"{SHIPPED}/policies/default.yaml" in names
     examples = {p.name for p in (REPO / "policies" / "examples").glob("*.yaml")}
     assert {f"{SHIPPED}/policies/examples/{e}" for e in examples} <= names

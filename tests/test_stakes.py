@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from router.serving import ServingScorer
+from router.serving import ProfileScorer, ServingScorer
 from router.stakes import assess_stakes
 from studies import stakes as study
 from tests.conftest import REPO
@@ -60,7 +60,7 @@ def test_the_proxy_scores_stakes_with_these_rules() -> None:
     from router.artifact import default_model_path, load_for_serving
 
     scorer = load_for_serving(default_model_path())
-    assert isinstance(scorer, ServingScorer)
+    assert isinstance(scorer, ProfileScorer | ServingScorer)
     for prompt in ("Is it safe to take ibuprofen with lisinopril?", "Summarise this clause."):
         analysis = scorer.analyze(prompt)
         assert (analysis.stakes, analysis.stakes_reason) == assess_stakes(prompt)
