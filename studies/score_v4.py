@@ -394,6 +394,15 @@ def small_talk(scorer: Any) -> list[dict[str, Any]]:
     return out
 
 
+def alpaca_against_v3(served: Any) -> dict[str, Any]:
+    """AlpacaEval (evaluation only), router-v4 with the default profile against router-v3."""
+    ood = load_routing_rows(DATA / OOD_FILE)
+    v3_served = load_scorer(ROOT / "models" / "router-v3")
+    return paired(
+        [served.score(r.prompt) for r in ood], [v3_served.score(r.prompt) for r in ood], ood
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the study; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -407,8 +416,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = json.loads(RESULTS.read_text())
         results["decision_latency"] = decision_latency()
         # What depends only on the shipped files (the default profile may have changed).
-        results["small_talk"] = small_talk(load_for_serving(ROOT / "models" / "router-v4"))
+        served = load_for_serving(ROOT / "models" / "router-v4")
+        results["small_talk"] = small_talk(served)
         results["default_profile"] = default_profile().model
+        results["alpacaeval_default_profile"] = alpaca_against_v3(served)
         RESULTS.write_text(json.dumps(results, indent=2) + "\n")
         write_card(card_section(results))
         return 0
@@ -439,11 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ablate = ablation(rows, capability)
     print("profile swap ...", file=sys.stderr)
     swap = profile_swap(rows, capability)
-    ood = load_routing_rows(DATA / OOD_FILE)
-    v3_served = load_scorer(ROOT / "models" / "router-v3")
-    alpaca = paired(
-        [served.score(r.prompt) for r in ood], [v3_served.score(r.prompt) for r in ood], ood
-    )
+    alpaca = alpaca_against_v3(served)
     meta = json.loads((out_dir / "metadata.json").read_text())
     results = {
         "decision_latency": decision_latency(),
