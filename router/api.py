@@ -376,7 +376,7 @@ async def feedback(request: Request) -> dict[str, Any]:
     """A quality signal about one of the caller's own earlier requests, or any request for an
     ``admin`` key (404 for any other)."""
     principal = principal_of(request)
-    await request.app.state.limiter.admit(principal)
+    await request.app.state.limiter.admit(principal, tokens=False)
     req = validated(FeedbackRequest, await read_json(request))
     learning = _learning(request)
     if learning is None:
@@ -396,7 +396,7 @@ async def feedback(request: Request) -> dict[str, Any]:
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
     """Routing aliases and configured models, each with its availability."""
-    await request.app.state.limiter.admit(principal_of(request))
+    await request.app.state.limiter.admit(principal_of(request), tokens=False)
     gateway = _gateway(request)
     policy = gateway.policy
     tenant = _tenant(request)

@@ -19,7 +19,14 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Mapping,
+)
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -332,6 +339,7 @@ class Gateway:
             ctx.signals,
             thresholds=self.thresholds,
             spend_today_usd=max(decision.budget_usd, self.outcomes.spend_today(ctx.tenant)),
+            closed_available=self.closed_available(),
         )
         if not ctx.decision.rejected and not ctx.decision.unsatisfiable:
             usd = self._reserved_usd(ctx, default_completion)
@@ -401,6 +409,8 @@ class Gateway:
         queue = self.chain(ctx.decision)
         i = 0
         last: TiergateError | None = None
+        failure: BackendError | None = None  # the last model that failed (not refused)
+        tried = 0  # models that were called
         while i < len(queue):
             model, fallback = queue[i]
             i += 1
@@ -409,6 +419,7 @@ class Gateway:
             if backend is None or reason:
                 errors.append(f"{model.name}: {reason}")
                 continue
+            tried += 1
             try:
                 result = await _attempt_on(ctx, attempt, backend, model, fallback)
             except LocalOverloadedError as exc:
@@ -425,7 +436,7 @@ class Gateway:
                 errors.append(f"{model.name}: {exc.message}")
                 continue
             except BackendError as exc:
-                last = exc
+                last = failure = exc
                 errors.append(f"{model.name}: {exc.message}")
                 log.warning("%s failed for %s: %s", model.name, ctx.request_id, exc.message)
                 if not exc.retryable:
@@ -433,19 +444,26 @@ class Gateway:
                 continue
             ctx.served = Served(model, fallback)
             return result
-        raise self._exhausted(ctx, errors, last)
+        raise self._exhausted(ctx, errors, last, failure, tried)
 
     def _exhausted(
-        self, ctx: RequestContext, errors: list[str], last: TiergateError | None
+        self,
+        ctx: RequestContext,
+        errors: list[str],
+        last: TiergateError | None,
+        failure: BackendError | None = None,
+        tried: int = 0,
     ) -> TiergateError:
         """The one error for a request no model could answer.
 
         A model that was tried and failed gives its own status (502; 504 for a timeout; 429
         when it said "later"), as the README documents. When no model could even be tried
         (no provider key, local model not loaded or off, or a tier that cannot honour the
-        request) the answer is 503 with ``x-should-retry: false``: a retry cannot fix it.
+        request) the answer is 503 with ``x-should-retry: false``: a retry cannot fix it. A
+        model that failed outranks one that refused later in the chain (a transient 502 stays
+        a 502), and a 400 stands when it came from the only model that was called.
         """
-        if isinstance(last, BadRequestError) and len(errors) == 1:
+        if isinstance(last, BadRequestError) and failure is None and tried == 1:
             return last
         if isinstance(last, LocalOverloadedError | UpstreamRateLimitedError) and len(errors) == 1:
             return last  # one model tried and it said "later": 429 with its Retry-After
@@ -457,8 +475,8 @@ class Gateway:
             )
         else:
             message = f"no tier could serve the request: {detail}"
-        if isinstance(last, BackendError):
-            return last.restated(message)
+        if failure is not None:
+            return failure.restated(message)
         transient = isinstance(last, LocalOverloadedError)
         error = TierUnavailableError(message, should_retry=None if transient else False)
         if last is not None and "retry-after" in last.headers:
@@ -581,15 +599,22 @@ async def _attempt_on(
 async def _metered(
     ctx: RequestContext, first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any]]
 ) -> AsyncIterator[dict[str, Any]]:
-    """``first`` then ``rest``, counting the answer text that passes (see ``settle_usage``)."""
-    async for chunk in _prepend(first, rest):
-        for choice in chunk.get("choices") or ():
-            delta = choice.get("delta") if isinstance(choice, Mapping) else None
-            text = delta.get("content") if isinstance(delta, Mapping) else None
-            if isinstance(text, str) and text:
-                ctx.streamed_chunks += 1
-                ctx.streamed_chars += len(text)
-        yield chunk
+    """``first`` then ``rest``, counting the answer text that passes (see ``settle_usage``).
+
+    Closing this closes the backend's stream at once (the local model stops and frees its slot,
+    the provider's connection is released), before the request is recorded."""
+    inner = _prepend(first, rest)
+    try:
+        async for chunk in inner:
+            for choice in chunk.get("choices") or ():
+                delta = choice.get("delta") if isinstance(choice, Mapping) else None
+                text = delta.get("content") if isinstance(delta, Mapping) else None
+                if isinstance(text, str) and text:
+                    ctx.streamed_chunks += 1
+                    ctx.streamed_chars += len(text)
+            yield chunk
+    finally:
+        await inner.aclose()
 
 
 def _record_value(value: Any) -> Any:
@@ -610,7 +635,7 @@ def _record_value(value: Any) -> Any:
 
 async def _prepend(
     first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any]]
-) -> AsyncIterator[dict[str, Any]]:
+) -> AsyncGenerator[dict[str, Any], None]:
     try:
         if first is not None:
             yield first

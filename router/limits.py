@@ -140,9 +140,14 @@ class RateLimiter:
         """The key's own limits, else the deployment's defaults."""
         return principal.rpm or self.rpm, principal.tpm or self.tpm
 
-    async def admit(self, principal: Principal) -> None:
-        """Count one request; raise :class:`RateLimitError` (429 + Retry-After) when over."""
+    async def admit(self, principal: Principal, *, tokens: bool = True) -> None:
+        """Count one request; raise :class:`RateLimitError` (429 + Retry-After) when over.
+
+        ``tokens=False`` for a request that spends no tokens (``/v1/models``, ``/v1/feedback``):
+        only the request count applies, so a tenant out of tokens can still list and label."""
         rpm, tpm = self.limits_for(principal)
+        if not tokens:
+            tpm = None
         if rpm is None and tpm is None:
             return
         now = time.time()

@@ -136,12 +136,18 @@ def estimate_tokens(messages: list[Mapping[str, Any]], tools: Any = None) -> int
     return int(chars / CHARS_PER_TOKEN + 0.999) + TOKENS_PER_MESSAGE * len(messages)
 
 
+#: The characters of a base64 payload (line breaks allowed, as MIME writes them).
+_BASE64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\r\n"
+
+
 def _without_data_payload(text: str) -> str:
     # An inline file (``data:image/png;base64,...``) is read up to its payload: encoded bytes
-    # hold no text the detectors could read, and are most of a body near the size cap.
+    # hold no text the detectors could read, and are most of a body near the size cap. Only a
+    # payload that is base64 through and through is skipped: text behind a ``data:`` prefix
+    # (``data:x;base64,john@example.com``) is read like any other.
     if text.startswith("data:"):
-        head, sep, _payload = text.partition(";base64,")
-        if sep:
+        head, sep, payload = text.partition(";base64,")
+        if sep and payload.isascii() and not payload.encode("ascii").translate(None, _BASE64):
             return head + sep
     return text
 

@@ -490,6 +490,17 @@ def test_a_failing_upstream_without_fallback_is_a_502(
     assert _record(server, response)["http_status"] == 502
 
 
+def test_a_failed_upstream_stays_a_502_when_the_local_fallback_refuses(
+    server: LiveServer, fake: FakeProvider
+) -> None:
+    """The closed model fails (500), and the local fallback cannot take ``n=2``: the client
+    hears of the transient failure (502, may retry), not a 503 that says never retry."""
+    fake.reset(Behaviour(mode="status", status=500))
+    response = _post(server, {**HARD, "n": 2})
+    assert response.status_code == 502, response.text
+    assert "x-should-retry" not in response.headers
+
+
 def test_a_missing_provider_key_is_not_worth_retrying(
     tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -525,3 +525,32 @@ def test_text_no_model_can_take_is_refused_before_it_is_read(
     assert refused.json()["error"]["code"] == "context_length_exceeded"
     assert CountingScorer.calls == 1  # the long one was never read
     assert len(fake.received) == 1
+
+
+def test_closing_a_metered_stream_closes_the_backend_at_once() -> None:
+    """When the client goes, the backend's stream is closed before the request is recorded
+    (the local model frees its slot, the provider connection is released), not whenever the
+    garbage collector finalises a generator."""
+    from router.gateway import RequestContext, _metered
+
+    closed: list[bool] = []
+
+    async def backend() -> AsyncIterator[dict[str, Any]]:
+        try:
+            for i in range(100):
+                yield {"choices": [{"delta": {"content": f"w{i} "}}]}
+        finally:
+            closed.append(True)
+
+    async def scenario() -> None:
+        ctx = RequestContext(request_id="r", tenant="t", started=0.0, stream=True)
+        source = backend()
+        first = await anext(source)
+        metered = _metered(ctx, first, source)
+        await anext(metered)
+        await anext(metered)
+        await metered.aclose()
+        assert closed == [True]
+        assert ctx.streamed_chunks == 2
+
+    asyncio.run(scenario())

@@ -86,6 +86,10 @@ def test_tokens_per_minute(tmp_path: Path, fake: FakeProvider) -> None:
             assert response.status_code == 200
             response.read()  # 36 used: the stream's usage is charged when it ends
         _assert_rate_limited(_post(srv, hard), "tpm_limit_exceeded")
+        # Listing models and labelling spend no tokens: only the request count applies.
+        assert httpx.get(srv.url + "/v1/models").status_code == 200
+        label = httpx.post(srv.url + "/v1/feedback", json={"request_id": "req_x", "thumbs": "up"})
+        assert label.status_code != 429
 
 
 @pytest.mark.skipif(redis_binary() is None, reason="no redis-server binary")

@@ -215,3 +215,18 @@ def test_an_inline_file_is_read_up_to_its_payload() -> None:
     assert not request_pii_kinds(inline)
     text = {"model": "auto", "messages": [{"role": "user", "content": "4111111111111111"}]}
     assert request_pii_kinds(text) == ("card",)
+
+
+@pytest.mark.parametrize(
+    "hidden",
+    [
+        "data:text/plain;base64, customer SSN 078-05-1120, email john.smith@example.com",
+        "data:x;base64,john.smith@example.com",
+        "data:image/png;base64,4111 1111 1111 1111",
+    ],
+)
+def test_text_behind_a_data_prefix_is_still_read(hidden: str) -> None:
+    # Only a payload that is base64 through and through is skipped.
+    body = {"model": "auto", "messages": [{"role": "system", "content": hidden}]}
+    assert request_pii_kinds(body)
+    assert request_pii_kinds({"model": "auto", "messages": [], "user": hidden})
