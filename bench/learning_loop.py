@@ -58,6 +58,7 @@ from router.retrain import (
     compare,
     retrain,
 )
+from router.services import services
 from router.training import (
     TFIDF_MODEL_NAME,
     RoutingRow,
@@ -147,10 +148,10 @@ def heldout_apgr(scorer: Any, rows: list[RoutingRow], n_bootstrap: int) -> dict[
 
 
 async def _settle(app: Any) -> None:
-    learning = app.state.learning
+    learning = services(app).learning
     while learning.pending:
         await asyncio.sleep(0.05)
-    await asyncio.to_thread(app.state.gateway.outcomes.flush, 30)
+    await asyncio.to_thread(services(app).gateway.outcomes.flush, 30)
 
 
 async def replay(
@@ -211,7 +212,7 @@ async def replay(
                 transport=httpx.ASGITransport(app=app), base_url="http://tiergate"
             ) as client,
         ):
-            gateway = app.state.gateway
+            gateway = services(app).gateway
 
             def point(labelled: int) -> None:
                 scored = heldout_apgr(gateway.scorer, evaluation, n_bootstrap)
@@ -233,7 +234,7 @@ async def replay(
                     json={"model": "auto", "messages": [{"role": "user", "content": row.prompt}]},
                 )
                 resp.raise_for_status()
-                while app.state.learning.pending >= 8:  # traffic paced so no shadow is skipped
+                while services(app).learning.pending >= 8:  # traffic paced so no shadow is skipped
                     await asyncio.sleep(0.01)
                 if resp.headers["x-tiergate-tier"] != "local":
                     continue
@@ -275,7 +276,7 @@ async def replay(
                     ):
                         await asyncio.sleep(0.05)
                     point(labelled)
-            learning = app.state.learning
+            learning = services(app).learning
             paired = compare(
                 "evaluation slice, serving now vs start",
                 evaluation,

@@ -92,7 +92,7 @@ def _request(telemetry: Telemetry) -> RequestSpanMiddleware:
         await backend.complete(MODEL, BODY)
         telemetry.on_record(RECORD)
 
-    return RequestSpanMiddleware(app, types.SimpleNamespace(telemetry=telemetry))
+    return RequestSpanMiddleware(app, lambda: telemetry)
 
 
 async def _best(telemetry: Telemetry, n: int) -> float:

@@ -1,20 +1,18 @@
 """The HTTP surface: OpenAI-compatible ``/v1/*`` endpoints plus health and readiness.
 
-Handlers stay thin: parse and validate, ask the :class:`~router.gateway.Gateway` to decide and
-serve, put the decision's explanation into headers, and make sure exactly one outcome record is
-written per chat request whatever happens (success, error, client gone).
+The HTTP layer parses, applies the size caps, frames and sets headers; everything else about a
+request (deciding, serving, recording) is :meth:`~router.gateway.Gateway.serve`'s. A front
+turns its request into a :class:`~router.gateway.Call` with :func:`call_of` and frames what the
+gateway answers.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import re
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
@@ -22,28 +20,16 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from router.auth import Principal, check_record_access, principal_of
-from router.errors import (
-    BadRequestError,
-    BudgetExceededError,
-    ClientDisconnected,
-    PermissionDeniedError,
-    TiergateError,
-)
-from router.gateway import NO_CLOSED_FALLBACK, Gateway, RequestContext
-from router.learning import LearningLoop, answer_text
-from router.limits import RateLimiter, TokenHold, check_request_size
+from router.errors import BadRequestError, ClientDisconnected, TiergateError
+from router.gateway import NO_CLOSED_FALLBACK, Call, StreamAnswer
+from router.limits import check_request_size
 from router.policy import POLICY_HEADER_PREFIX
 from router.schemas import ChatCompletionRequest, FeedbackRequest, json_request_body
+from router.services import Services, services
 
 _Model = TypeVar("_Model", bound=BaseModel)
-_T = TypeVar("_T")
 log = logging.getLogger("tiergate.api")
 router = APIRouter()
-
-
-def _gateway(request: Request) -> Gateway:
-    gateway: Gateway = request.app.state.gateway
-    return gateway
 
 
 def _dumps(data: Any) -> bytes:
@@ -143,245 +129,84 @@ def _policy_metadata(request: Request) -> frozenset[str] | None:
     return allowed
 
 
-def _learning(request: Request) -> LearningLoop | None:
-    return getattr(request.app.state, "learning", None)
-
-
 def _tenant(request: Request) -> str:
     return str(getattr(request.state, "tenant", "default"))
 
 
-def explain_headers(ctx: RequestContext, gateway: Gateway) -> dict[str, str]:
-    """The decision's explanation as response headers."""
-    headers = {"x-request-id": ctx.request_id}
-    if ctx.policy_version:
-        headers["x-tiergate-policy-version"] = ctx.policy_version
-    headers["x-tiergate-model-version"] = gateway.scorer.version
-    if ctx.decision is not None:
-        headers["x-tiergate-rule"] = ctx.decision.rule
-        headers["x-tiergate-score"] = f"{ctx.decision.score:.4f}"
-        if ctx.decision.threshold is not None:
-            headers["x-tiergate-threshold"] = f"{ctx.decision.threshold:.4f}"
-    if ctx.served is not None:
-        headers["x-tiergate-tier"] = ctx.served.model.tier
-        headers["x-tiergate-model"] = ctx.served.model.name
-        if ctx.served.fallback:
-            headers["x-tiergate-fallback"] = ctx.served.fallback
-    return headers
+async def call_of(request: Request, *, front: str) -> Call:
+    """``request`` as the gateway serves it: admitted by the rate limiter, read, checked
+    against the chat schema and the size caps.
 
-
-def _prompt_to_store(ctx: RequestContext, body: dict[str, Any]) -> str | None:
-    decision = ctx.decision
-    if decision is None or decision.store_prompts == "none":
-        return None
-    from router.signals import scoring_text
-
-    text = scoring_text(list(body.get("messages") or []))
-    if decision.store_prompts == "full":
-        return text
-    from router.pii import redact
-
-    return redact(text)
+    A request refused on the way still becomes a :class:`Call`, carrying its refusal, so that
+    it is answered and recorded like any other.
+    """
+    started = time.perf_counter()
+    svc = services(request)
+    principal = principal_of(request)
+    body: dict[str, Any] = {}
+    refused: Exception | None = None
+    try:
+        await svc.limiter.admit(principal)
+        body = await read_json(request)
+        validate_chat(body)
+        check_request_size(body, svc.settings)
+    except Exception as exc:  # answered and recorded by the gateway, as it was raised
+        refused = exc
+    return Call(
+        body=body,
+        principal=principal,
+        tenant=_tenant(request),
+        front=front,
+        policy_headers=_policy_headers(request),
+        metadata_keys=_policy_metadata(request),
+        disconnected=request.is_disconnected,
+        refused=refused,
+        started=started,
+    )
 
 
 @router.post("/v1/chat/completions", openapi_extra=json_request_body(ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
     """OpenAI chat completions, routed. Streams as SSE when ``stream`` is true."""
-    gateway = _gateway(request)
-    ctx = RequestContext(
-        request_id=f"req_{uuid.uuid4().hex}",
-        tenant=_tenant(request),
-        started=time.perf_counter(),
-        stream=False,
-        policy_version=gateway.policy.digest,
-    )
-    streaming_handed_off = False
-    principal = principal_of(request)
-    limiter: RateLimiter = request.app.state.limiter
-    hold: TokenHold | None = None
+    call = await call_of(request, front="chat")
     try:
-        await limiter.admit(principal)
-        body = await read_json(request)
-        ctx.stream = bool(body.get("stream"))
-        validate_chat(body)
-        check_request_size(body, request.app.state.settings)
-        _check_pin(principal, gateway, body)
-        hold = await _decide_and_reserve(request, ctx, principal, body)
-        learning = _learning(request)
-        if learning is not None:
-            learning.observe(ctx, body)
-        if ctx.stream:
-            source = await gateway.stream(ctx, body)
-            if learning is not None:
-                source = learning.tap(ctx, body, source)
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            response = StreamingResponse(
-                _sse(ctx, gateway, source, include_usage, hold),
-                media_type="text/event-stream",
-                headers={**explain_headers(ctx, gateway), "cache-control": "no-cache"},
-            )
-            streaming_handed_off = True
-            return response
-        result = await _unless_disconnected(request, gateway.complete(ctx, body))
-        gateway.record(ctx, status="ok", http_status=200, error=None)
-        if learning is not None:
-            learning.after_response(ctx, body, answer_text(result.body))
-        return Response(
-            _dumps(result.body),
-            media_type="application/json",
-            headers=explain_headers(ctx, gateway),
-        )
-    except ClientDisconnected as exc:  # nobody to answer: recorded, and charged, as aborted
-        gateway.record(ctx, status="aborted", http_status=499, error=exc.code)
+        answer = await services(request).gateway.serve(call)
+    except ClientDisconnected:  # nobody to answer; the gateway recorded it as aborted
         return Response(status_code=499)
-    except TiergateError as exc:
-        exc.headers.update(explain_headers(ctx, gateway))
-        gateway.record(ctx, status="error", http_status=exc.status_code, error=exc.code)
-        raise
-    except asyncio.CancelledError:
-        gateway.record(ctx, status="aborted", http_status=499, error="client_disconnected")
-        raise
-    except Exception:
-        if not streaming_handed_off:
-            gateway.record(ctx, status="error", http_status=500, error="internal_error")
-        raise
-    finally:
-        if hold is not None and not streaming_handed_off:
-            hold.settle(ctx.usage.prompt_tokens + ctx.usage.completion_tokens)
-
-
-async def _decide_and_reserve(
-    request: Request, ctx: RequestContext, principal: Principal, body: dict[str, Any]
-) -> TokenHold:
-    """Decide the route, then reserve its estimated spend and tokens (or refuse: 429)."""
-    gateway = _gateway(request)
-    reserve_tokens: int = request.app.state.settings.reserve_tokens
-    ctx.signals, ctx.decision = await gateway.decide_async(
-        body,
-        tenant=ctx.tenant,
-        headers=_policy_headers(request),
-        metadata_keys=_policy_metadata(request),
-    )
-    ctx.prompt = _prompt_to_store(ctx, body)
-    await gateway.hold_spend(ctx, reserve_tokens)
-    _refuse_if_needed(ctx)
-    limiter: RateLimiter = request.app.state.limiter
-    return await limiter.reserve(principal, sum(gateway.reserved_tokens(ctx, reserve_tokens)))
-
-
-#: How often a non-streaming request checks that its client is still there.
-DISCONNECT_POLL_S = 0.25
-
-
-async def _unless_disconnected(request: Request, work: Awaitable[_T]) -> _T:
-    """``work``'s result, or :class:`ClientDisconnected` once the client has gone, with
-    ``work`` cancelled (the local backend then stops generating and frees its slot)."""
-    task = asyncio.ensure_future(work)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                raise ClientDisconnected("the client closed the connection")
-    finally:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-
-
-def _check_pin(principal: Principal, gateway: Gateway, body: dict[str, Any]) -> None:
-    spec = gateway.policy.models.get(str(body.get("model")))
-    if spec is not None and spec.tier == "closed" and not principal.can("pin_closed"):
-        raise PermissionDeniedError(
-            f"this API key may not pin the closed model '{spec.name}'; use a routing alias",
-            param="model",
+    if isinstance(answer, StreamAnswer):
+        include_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
+        return StreamingResponse(
+            _sse(answer, include_usage),
+            media_type="text/event-stream",
+            headers={**answer.headers, "cache-control": "no-cache"},
         )
+    return Response(_dumps(answer.body), media_type="application/json", headers=answer.headers)
 
 
-def _refuse_if_needed(ctx: RequestContext) -> None:
-    decision = ctx.decision
-    assert decision is not None
-    rejected = getattr(decision, "rejected", None)
-    if rejected:
-        raise BudgetExceededError(rejected)
-    unsatisfiable = getattr(decision, "unsatisfiable", None)
-    if unsatisfiable:
-        raise BadRequestError(unsatisfiable)
-
-
-async def _sse(
-    ctx: RequestContext,
-    gateway: Gateway,
-    source: AsyncIterator[dict[str, Any]],
-    include_usage: bool,
-    hold: TokenHold,
-) -> AsyncIterator[bytes]:
-    """Frame chunks as SSE, time the first token, and record the outcome once at the end; the
-    tokens are settled whatever the ending (a client that left pays for what was generated)."""
-    status, http_status, error = "ok", 200, None
-    saw_usage = False
+async def _sse(answer: StreamAnswer, include_usage: bool) -> AsyncIterator[bytes]:
+    """Frame chunks as chat SSE; the closing usage chunk only when the client asked for it.
+    An error mid-stream becomes an error event (the status line has already gone)."""
     try:
-        async for chunk in source:
-            if ctx.ttft_ms is None and chunk.get("choices"):
-                ctx.ttft_ms = (time.perf_counter() - ctx.started) * 1000.0
-            if not chunk.get("choices") and chunk.get("usage"):
-                if not include_usage:
-                    continue
-                saw_usage = True
+        async for chunk in answer.chunks:
+            if not include_usage and not chunk.get("choices") and chunk.get("usage"):
+                continue
             yield b"data: " + _dumps(chunk) + b"\n\n"
-        if include_usage and not saw_usage:
-            yield b"data: " + _dumps(_usage_chunk(ctx)) + b"\n\n"
         yield b"data: [DONE]\n\n"
     except TiergateError as exc:
-        status, http_status, error = "error", exc.status_code, exc.code
         yield b"data: " + _dumps(exc.to_body()) + b"\n\n"
-    except (asyncio.CancelledError, GeneratorExit):
-        status, http_status, error = "aborted", 499, "client_disconnected"
-        raise
-    except Exception:
-        status, http_status, error = "error", 500, "internal_error"
-        log.exception("stream %s failed", ctx.request_id)
-        raise
     finally:
-        aclose = getattr(source, "aclose", None)
-        if aclose is not None:
-            try:
-                await aclose()
-            except Exception:  # closing a broken upstream must not mask the outcome
-                log.debug("closing stream %s failed", ctx.request_id, exc_info=True)
-        gateway.record(ctx, status=status, http_status=http_status, error=error)
-        hold.settle(ctx.usage.prompt_tokens + ctx.usage.completion_tokens)
-
-
-def _usage_chunk(ctx: RequestContext) -> dict[str, Any]:
-    usage = ctx.usage
-    return {
-        "id": ctx.request_id,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": ctx.served.model.name if ctx.served else "",
-        "choices": [],
-        "usage": {
-            "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-        },
-    }
+        await answer.chunks.aclose()
 
 
 @router.post("/v1/feedback")
 async def feedback(request: Request) -> dict[str, Any]:
     """A quality signal about one of the caller's own earlier requests, or any request for an
     ``admin`` key (404 for any other)."""
+    svc = services(request)
     principal = principal_of(request)
-    await request.app.state.limiter.admit(principal, tokens=False)
+    await svc.limiter.admit(principal, tokens=False)
     req = validated(FeedbackRequest, await read_json(request))
-    learning = _learning(request)
-    if learning is None:
-        raise TiergateError("the learning loop is not running")
-    label = await learning.feedback(
+    label = await svc.learning.feedback(
         req, lambda record: check_record_access(principal, record, req.request_id)
     )
     return {
@@ -396,8 +221,9 @@ async def feedback(request: Request) -> dict[str, Any]:
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
     """Routing aliases and configured models, each with its availability."""
-    await request.app.state.limiter.admit(principal_of(request), tokens=False)
-    gateway = _gateway(request)
+    svc = services(request)
+    await svc.limiter.admit(principal_of(request), tokens=False)
+    gateway = svc.gateway
     policy = gateway.policy
     tenant = _tenant(request)
     data: list[dict[str, Any]] = []
@@ -433,35 +259,9 @@ async def dry_run(request: Request) -> dict[str, Any]:
     """Explain how a chat request would be routed, without calling any model. The request gets
     chat's checks up to the decision (rate limit, shape, size caps, pin permission); the
     backend's own checks (e.g. ``n > 1`` for the local model) are not run."""
-    gateway = _gateway(request)
-    principal = principal_of(request)
-    await request.app.state.limiter.admit(principal)
-    body = await read_json(request)
-    validate_chat(body)
-    check_request_size(body, request.app.state.settings)
-    _check_pin(principal, gateway, body)
-    signals, decision = await gateway.decide_async(
-        body,
-        tenant=_tenant(request),
-        headers=_policy_headers(request),
-        metadata_keys=_policy_metadata(request),
-    )
-    chain = [
-        {
-            "model": spec.name,
-            "tier": spec.tier,
-            "fallback": label,
-            "unavailable": gateway.unavailable_reason(spec),
-        }
-        for spec, label in gateway.chain(decision)
-    ]
-    return {
-        "policy_version": gateway.policy.digest,
-        "model_version": gateway.scorer.version,
-        "signals": signals.as_dict(),
-        "decision": decision.as_dict(),
-        "chain": chain,
-    }
+    call = await call_of(request, front="chat")
+    plan = await services(request).gateway.route(call)
+    return plan.as_dict()
 
 
 @router.get("/healthz")
@@ -478,24 +278,23 @@ async def readyz(request: Request) -> JSONResponse:
     reload error, models, missing key variables, calibration) go only to a caller whose key
     has ``dashboard`` or ``admin``: they map the deployment for an attacker.
     """
-    report = readiness(request.app.state)
+    report = readiness(services(request))
     principal = getattr(request.state, "principal", None)
     if not (isinstance(principal, Principal) and principal.can("dashboard")):
         report = {"ready": report["ready"]}
     return JSONResponse(report, status_code=200 if report["ready"] else 503)
 
 
-def readiness(state: Any) -> dict[str, Any]:
+def readiness(svc: Services) -> dict[str, Any]:
     """The readiness report: policy, local tier, closed models, scorer, outcome writer."""
-    gateway: Gateway = state.gateway
+    gateway = svc.gateway
     holder = gateway.policies
     policy = gateway.policy
     local_reason = None
     local_depth = 0
     if gateway.local is not None and policy.local_model:
         local_reason = gateway.unavailable_reason(policy.models[policy.local_model])
-        gate = getattr(gateway.local, "gate", None)
-        local_depth = gate.depth if gate is not None else 0
+        local_depth = gateway.local_queue_depth
     closed = {
         name: {
             "available": (reason := gateway.unavailable_reason(policy.models[name])) is None,
@@ -528,7 +327,7 @@ def readiness(state: Any) -> dict[str, Any]:
             "last_reload_error": holder.last_error,
         },
         "local": {
-            "backend": state.settings.local_backend,
+            "backend": svc.settings.local_backend,
             "available": gateway.local is not None and local_reason is None,
             "reason": local_reason,
             "queue_depth": local_depth,

@@ -1,8 +1,9 @@
 """``create_app(settings)``: build the FastAPI app and everything it holds, in its lifespan.
 
 Nothing is built at import. The lifespan loads the policy, the scorer and the local model (in a
-thread), opens the outcome store and the HTTP pool, starts the background loops (policy hot
-reload, threshold calibration) and, at shutdown, stops them and drains the outcome store.
+thread), opens the outcome store and the HTTP pool, puts the typed
+:class:`~router.services.Services` on ``app.state``, starts the background loops
+(:func:`start_loops`) and, at shutdown, stops them and drains the outcome store.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from router.api import router as api_router
 from router.auth import AuthMiddleware, build_authenticator
 from router.backends import Backend
 from router.backends.closed import ClosedBackend
-from router.backends.local import ExternalLlamaBackend, LlamaCppBackend
+from router.backends.local import ExternalLlamaBackend, LlamaCppBackend, Queued
 from router.backends.openai_http import OpenAIHTTP
 from router.config import Settings
 from router.costs import CostBook, load_litellm_cost_map
@@ -36,6 +37,7 @@ from router.limits import build_rate_limiter
 from router.outcomes import OutcomeStore, SQLiteOutcomeStore
 from router.registry import watch_model_store
 from router.scoring import HeuristicScorer, Scorer
+from router.services import Services, running
 from router.telemetry import RequestSpanMiddleware, Telemetry
 
 log = logging.getLogger("tiergate.app")
@@ -102,10 +104,12 @@ def create_app(
     telemetry: Telemetry | None = None,
 ) -> FastAPI:
     """Build the app. Keyword arguments replace parts (tests, embedding) and are optional."""
+    authenticator = build_authenticator(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         http = OpenAIHTTP(timeout_s=settings.closed_timeout_s)
+        limiter = build_rate_limiter(settings)
         policy = PolicyHolder(settings.policy)
         store = outcomes if outcomes is not None else build_outcome_store(settings)
         start_outcome_store(store, policy.policy.retention_days)
@@ -119,8 +123,9 @@ def create_app(
             local = llama
         elif local is None and settings.local_backend == "openai_http":
             local = ExternalLlamaBackend(settings, http)
+        gate = local.gate if isinstance(local, Queued) else None
         tel = telemetry if telemetry is not None else Telemetry.from_settings(settings)
-        tel.watch_queue(local)
+        tel.watch_queue(gate)
         tel.watch_policy(policy)
         gateway = Gateway(
             policy=policy,
@@ -135,25 +140,23 @@ def create_app(
                 local_price_per_gpu_hour=settings.local_price_per_gpu_hour,
             ),
             outcomes=store,
+            limiter=limiter,
+            reserve_tokens=settings.reserve_tokens,
+            local_gate=gate,
             on_record=tel.on_record,
             telemetry=tel,
         )
-        app.state.gateway = gateway
-        app.state.telemetry = tel
-        app.state.learning = learning = LearningLoop(
+        learning = LearningLoop(
             gateway,
             judge_model=settings.judge_model,
             concurrency=settings.shadow_concurrency,
             escalation_window_s=settings.escalation_window_s,
         )
-        tasks = [
-            asyncio.create_task(_watch_policy(gateway, settings.policy_reload_s)),
-            asyncio.create_task(_calibrate(gateway, settings.calibrate_every_s)),
-            asyncio.create_task(
-                purge_loop(store, lambda: gateway.policy.retention_days, settings.purge_every_s)
-            ),
-            asyncio.create_task(watch_model_store(gateway, settings, profile_loader(settings))),
-        ]
+        gateway.learning = learning
+        app.state.services = Services(
+            settings=settings, gateway=gateway, learning=learning, telemetry=tel, limiter=limiter
+        )
+        tasks = start_loops(gateway, settings)
         log.info(
             "tiergate ready: policy %s, scorer %s, local %s",
             policy.policy.digest,
@@ -171,7 +174,7 @@ def create_app(
                     await task
             await gateway.aclose()
             await http.aclose()
-            await app.state.limiter.aclose()
+            await limiter.aclose()
             await authenticator.aclose()
             await asyncio.to_thread(store.close)
             await asyncio.to_thread(tel.shutdown)
@@ -186,17 +189,31 @@ def create_app(
         docs_url=None,
         redoc_url=None,
     )
-    app.state.settings = settings
-    app.state.limiter = build_rate_limiter(settings)
-    authenticator = build_authenticator(settings)
     app.add_middleware(
         AuthMiddleware, authenticator=authenticator, max_body_bytes=settings.max_body_bytes
     )
     app.include_router(api_router)
     app.include_router(observability_router)
-    app.add_middleware(RequestSpanMiddleware, state=app.state)
+    app.add_middleware(RequestSpanMiddleware, telemetry=lambda: _telemetry(app))
     install_error_handlers(app)
     return app
+
+
+def _telemetry(app: FastAPI) -> Telemetry | None:
+    svc = running(app)
+    return svc.telemetry if svc is not None else None
+
+
+def start_loops(gateway: Gateway, settings: Settings) -> list[asyncio.Task[None]]:
+    """Start every background loop the app runs: policy hot reload, threshold calibration,
+    the retention purge and the model store watcher. The lifespan cancels them at shutdown."""
+    loops = [
+        _watch_policy(gateway, settings.policy_reload_s),
+        _calibrate(gateway, settings.calibrate_every_s),
+        purge_loop(gateway.outcomes, lambda: gateway.policy.retention_days, settings.purge_every_s),
+        watch_model_store(gateway, settings, profile_loader(settings)),
+    ]
+    return [asyncio.create_task(loop) for loop in loops]
 
 
 async def _watch_policy(gateway: Gateway, every_s: float) -> None:

@@ -27,6 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from router.auth import require
 from router.errors import TiergateError
+from router.services import services
 
 _dashboard_permission = require("dashboard")
 
@@ -118,8 +119,8 @@ def _empty_summary(since: float, bucket_s: float) -> dict[str, Any]:
 
 async def dashboard_data(request: Request, window_s: int) -> dict[str, Any]:
     """Everything the page shows, as JSON-ready data."""
-    state = request.app.state
-    gateway = state.gateway
+    svc = services(request)
+    gateway = svc.gateway
     store = gateway.outcomes
     now = time.time()
     bucket_s = BUCKETS_S[window_s]
@@ -142,7 +143,7 @@ async def dashboard_data(request: Request, window_s: int) -> dict[str, Any]:
         },
         "summary": summary,
         "quality": quality,
-        "evaluation": load_eval_report(state.settings),
+        "evaluation": load_eval_report(svc.settings),
     }
 
 
@@ -172,8 +173,8 @@ async def dashboard_page(request: Request, window_s: int = Query(3600)) -> HTMLR
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     """Prometheus text exposition of the request metrics (the same OTel instruments as OTLP)."""
-    telemetry = getattr(request.app.state, "telemetry", None)
-    if telemetry is None or telemetry.registry is None:
+    telemetry = services(request).telemetry
+    if telemetry.registry is None:
         return Response(
             "# metrics are off (metrics_enabled=false, or tiergate[otel] is not installed)\n",
             status_code=503,

@@ -27,7 +27,7 @@ import random
 import re
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from router.backends import Completion
@@ -245,18 +245,6 @@ class LearningLoop:
             task.add_done_callback(self._tasks.discard)
         except Exception:  # a learning hiccup must never fail a served request; it is logged
             log.exception("after_response failed for %s", getattr(ctx, "request_id", "?"))
-
-    async def tap(
-        self, ctx: Any, body: Mapping[str, Any], source: AsyncIterator[dict[str, Any]]
-    ) -> AsyncIterator[dict[str, Any]]:
-        """Pass a stream through, keeping its text; a stream that ends normally then goes to
-        :meth:`after_response` like a non-streaming answer."""
-        text: list[str] = []
-        async for chunk in source:
-            for choice in (chunk.get("choices") or [])[:1]:
-                text.append(str((choice.get("delta") or {}).get("content") or ""))
-            yield chunk
-        self.after_response(ctx, body, "".join(text))
 
     async def _shadow(self, request_id: str, tenant: str, body: dict[str, Any], local: str) -> None:
         async with self._sem:

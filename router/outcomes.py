@@ -64,6 +64,7 @@ class OutcomeRecord:
     stakes: str | None = None
     signals: dict[str, Any] = field(default_factory=dict)
     prompt: str | None = None
+    front: str = "chat"  # the API the request came through: chat | messages | responses
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -100,7 +101,8 @@ class Label:
         return asdict(self)
 
 
-FIELDS: tuple[str, ...] = tuple(f.name for f in fields(OutcomeRecord))
+# ``front`` is not a column yet: the stores' schemas gain it separately.
+FIELDS: tuple[str, ...] = tuple(f.name for f in fields(OutcomeRecord) if f.name != "front")
 LABEL_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Label))
 _JSON_FIELDS = {"signals", "detail"}
 _BOOL_FIELDS = {"stream"}

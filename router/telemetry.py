@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from router.backends import Backend, Completion, ModelLike, Usage
+from router.backends.local import Gate
 from router.errors import MissingExtraError, TiergateError
 from router.outcomes import OutcomeRecord
 
@@ -246,9 +247,9 @@ class Telemetry:
 
     def _create_instruments(self, meter: Any) -> None:
         # Counters are summed here, per request, and handed to OpenTelemetry as observable
-        # counters read at collection time: an SDK Counter.add() per request cost ~15% of the
-        # closed hot path's CPU (bench/README.md). Histograms stay synchronous (no observable
-        # histogram exists); the exported series are the same.
+        # counters read at collection time: an SDK Counter.add() per request is a measurable
+        # share of the closed hot path's CPU (bench/README.md). Histograms stay synchronous
+        # (no observable histogram exists); the exported series are the same.
         histogram = meter.create_histogram
 
         def counter(name: str, *, unit: str, description: str) -> _SummedCounter:
@@ -321,11 +322,10 @@ class Telemetry:
             return []
         return [Observation(self._queue_depth())]
 
-    def watch_queue(self, backend: object) -> None:
-        """Report ``backend.gate.depth`` (the local queue) as the queue-depth gauge."""
-        gate = getattr(backend, "gate", None)
+    def watch_queue(self, gate: Gate | None) -> None:
+        """Report ``gate.depth`` (the local queue) as the queue-depth gauge."""
         if gate is not None:
-            self._queue_depth = lambda: int(gate.depth)
+            self._queue_depth = lambda: gate.depth
 
     @property
     def metrics(self) -> bool:
@@ -487,13 +487,13 @@ class RequestSpanMiddleware:
     its last byte, and so the off path is two attribute reads.
     """
 
-    def __init__(self, app: Any, state: Any) -> None:
+    def __init__(self, app: Any, telemetry: Callable[[], Telemetry | None]) -> None:
         self.app = app
-        self.state = state
+        self.telemetry = telemetry
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         """Pass through, or serve inside a span."""
-        telemetry: Telemetry | None = getattr(self.state, "telemetry", None)
+        telemetry = self.telemetry()
         if (
             telemetry is None
             or not telemetry.tracing

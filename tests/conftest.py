@@ -26,6 +26,7 @@ from fastapi import FastAPI
 from router.app import create_app
 from router.config import Settings
 from router.scoring import Analysis
+from router.services import services
 from tests.fake_provider import FakeProvider
 
 REPO = Path(__file__).resolve().parent.parent
@@ -156,7 +157,7 @@ class LiveServer:
     @property
     def gateway(self) -> Any:
         """The running app's gateway."""
-        return self.app.state.gateway
+        return services(self.app).gateway
 
 
 def make_settings(tmp_path: Path, policy: str, **overrides: Any) -> Settings:

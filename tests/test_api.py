@@ -20,6 +20,7 @@ import httpx
 import openai
 import pytest
 
+from router.services import services
 from tests.conftest import GGUF, REPO, LiveServer, live, policy_yaml, wait_for
 from tests.fake_provider import Behaviour, FakeProvider
 
@@ -561,7 +562,7 @@ def test_readme_first_hour_commands_run_as_written(shipped: LiveServer) -> None:
     cli = f"{sys.executable} -m router.cli "
     script = block.replace("http://127.0.0.1:8000", shipped.url).replace("tiergate ", cli)
     assert wait_for(lambda: shipped.gateway.outcomes.flush(0.1))
-    env = {**_no_keys(), "TIERGATE_SQLITE_PATH": str(shipped.app.state.settings.sqlite_path)}
+    env = {**_no_keys(), "TIERGATE_SQLITE_PATH": str(services(shipped.app).settings.sqlite_path)}
     out = subprocess.run(
         ["bash", "-e", "-c", script],
         env=env,

@@ -6,6 +6,7 @@ import asyncio
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +15,19 @@ import openai
 import pytest
 
 import router.gateway as gateway_module
+from router.auth import Principal
 from router.backends import Completion, ModelLike, Usage
+from router.backends.closed import ClosedBackend
 from router.backends.local import Gate
-from router.errors import BackendError
-from router.gateway import PolicyHolder
-from tests.conftest import GGUF, live, policy_yaml, wait_for
+from router.backends.openai_http import OpenAIHTTP
+from router.costs import CostBook
+from router.errors import BackendError, BadRequestError, ClientDisconnected, PermissionDeniedError
+from router.gateway import Answer, Call, Gateway, PolicyHolder, StreamAnswer
+from router.limits import RateLimiter
+from router.outcomes import OutcomeRecord, SQLiteOutcomeStore
+from tests.conftest import GGUF, KeywordScorer, live, policy_yaml, wait_for
 from tests.fake_provider import Behaviour, FakeProvider
+from tests.scripted_local import ScriptedLocal as ScriptedStream
 
 
 class ScriptedLocal:
@@ -552,5 +560,209 @@ def test_closing_a_metered_stream_closes_the_backend_at_once() -> None:
         await metered.aclose()
         assert closed == [True]
         assert ctx.streamed_chunks == 2
+
+    asyncio.run(scenario())
+
+
+# -- Gateway.serve, driven directly ------------------------------------------------------------
+
+PRICES = {"gpt-4o": {"input_cost_per_token": 2.5e-6, "output_cost_per_token": 1e-5}}
+CALLER = Principal(tenant="acme", permissions=frozenset(), key_id="test")
+
+
+class Serving:
+    """A gateway built from real parts (policy file, SQLite store, the fake provider over HTTP,
+    the scripted local tier), and every outcome record it built."""
+
+    def __init__(self, gateway: Gateway, store: SQLiteOutcomeStore, http: OpenAIHTTP) -> None:
+        self.gateway = gateway
+        self.store = store
+        self.http = http
+        self.records: list[OutcomeRecord] = []
+
+    def call(self, content: str, **body: Any) -> Call:
+        """A chat call from a tenant key without ``pin_closed``."""
+        body = {"model": "auto", "messages": [{"role": "user", "content": content}], **body}
+        return Call(body=body, principal=CALLER, tenant="acme")
+
+    async def stored(self) -> list[dict[str, Any]]:
+        """The records as the outcome store holds them."""
+        assert await asyncio.to_thread(self.store.flush, 10)
+        return self.store.recent(50)
+
+
+@asynccontextmanager
+async def serving(
+    tmp_path: Path, fake: FakeProvider, local: ScriptedStream, **policy: Any
+) -> AsyncIterator[Serving]:
+    (tmp_path / "policy.yaml").write_text(policy_yaml(fake, **policy))
+    store = SQLiteOutcomeStore(tmp_path / "outcomes.db")
+    store.start()
+    http = OpenAIHTTP(timeout_s=5)
+    holder: list[OutcomeRecord] = []
+    gateway = Gateway(
+        policy=PolicyHolder(tmp_path / "policy.yaml"),
+        scorer=KeywordScorer(),
+        local=local,
+        closed=ClosedBackend(http, timeout_s=5),
+        costs=CostBook(PRICES),
+        outcomes=store,
+        limiter=RateLimiter(rpm=None, tpm=None),
+        reserve_tokens=256,
+        local_gate=local.gate,
+        on_record=holder.append,
+    )
+    served = Serving(gateway, store, http)
+    served.records = holder
+    try:
+        yield served
+    finally:
+        await gateway.aclose()
+        await http.aclose()
+        await asyncio.to_thread(store.close)
+
+
+async def _drain(answer: StreamAnswer) -> list[dict[str, Any]]:
+    return [chunk async for chunk in answer.chunks]
+
+
+def test_serve_answers_and_records_once(tmp_path: Path, fake: FakeProvider) -> None:
+    fake.reset()
+
+    async def scenario() -> None:
+        async with serving(tmp_path, fake, ScriptedStream()) as srv:
+            easy = await srv.gateway.serve(srv.call("easy"))
+            hard = await srv.gateway.serve(srv.call("HARD one"))
+            assert isinstance(easy, Answer) and isinstance(hard, Answer)
+            assert easy.body["choices"][0]["message"]["content"] == "w0 w1 w2 "
+            assert easy.headers["x-tiergate-tier"] == "local"
+            assert hard.headers["x-tiergate-model"] == "gpt-4o"
+            assert [r.status for r in srv.records] == ["ok", "ok"]
+            assert [r.id for r in srv.records] == [
+                easy.headers["x-request-id"],
+                hard.headers["x-request-id"],
+            ]
+            assert srv.records[0].front == "chat"
+            assert srv.records[1].cost_usd > 0  # the closed answer is charged
+            assert len(await srv.stored()) == 2
+
+    asyncio.run(scenario())
+
+
+def test_a_stream_ends_with_its_usage_and_is_recorded_once(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    fake.reset()
+
+    async def scenario() -> None:
+        async with serving(tmp_path, fake, ScriptedStream()) as srv:
+            for content in ("easy", "HARD one"):
+                answer = await srv.gateway.serve(srv.call(content, stream=True))
+                assert isinstance(answer, StreamAnswer)
+                assert srv.records == []  # recorded when the stream ends, not before
+                chunks = await _drain(answer)
+                assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"]
+                assert len(srv.records) == 1 and srv.records[0].status == "ok"
+                assert srv.records[0].stream and srv.records[0].ttft_ms is not None
+                srv.records.clear()
+
+    asyncio.run(scenario())
+
+
+def test_a_refused_request_is_recorded_once(tmp_path: Path, fake: FakeProvider) -> None:
+    fake.reset()
+
+    async def scenario() -> None:
+        async with serving(tmp_path, fake, ScriptedStream()) as srv:
+            pinned = srv.call("easy", model="gpt-4o")  # this key may not pin a closed model
+            with pytest.raises(PermissionDeniedError) as err:
+                await srv.gateway.serve(pinned)
+            assert err.value.headers["x-request-id"] == pinned.request_id
+            unread = Call(body={}, principal=CALLER, tenant="acme", refused=BadRequestError("x"))
+            with pytest.raises(BadRequestError):
+                await srv.gateway.serve(unread)
+            assert [(r.status, r.http_status) for r in srv.records] == [
+                ("error", 403),
+                ("error", 400),
+            ]
+            assert fake.received == []
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_local_answer_falls_back_and_is_recorded_once(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    fake.reset()
+    local = ScriptedStream()
+    local.mode = "fail"
+
+    async def scenario() -> None:
+        async with serving(tmp_path, fake, local, on_failure="closed") as srv:
+            answer = await srv.gateway.serve(srv.call("easy"))
+            assert isinstance(answer, Answer)
+            assert answer.headers["x-tiergate-fallback"] == "local->closed"
+            assert len(srv.records) == 1
+            assert (srv.records[0].model, srv.records[0].fallback) == ("gpt-4o", "local->closed")
+
+    asyncio.run(scenario())
+
+
+def test_a_client_that_leaves_is_recorded_once_as_aborted(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    fake.reset()
+    local = ScriptedStream()
+    local.mode = "hold"
+
+    async def gone() -> bool:
+        return True
+
+    async def scenario() -> None:
+        async with serving(tmp_path, fake, local) as srv:
+            call = Call(
+                body=srv.call("easy").body, principal=CALLER, tenant="acme", disconnected=gone
+            )
+            with pytest.raises(ClientDisconnected):
+                await srv.gateway.serve(call)
+            assert local.cancelled == 1  # the generation was stopped
+            assert [(r.status, r.http_status) for r in srv.records] == [("aborted", 499)]
+
+    asyncio.run(scenario())
+
+
+def test_an_aborted_stream_is_recorded_once_and_charged(tmp_path: Path, fake: FakeProvider) -> None:
+    fake.reset()
+    local = ScriptedStream(words=50)
+
+    async def scenario() -> None:
+        async with serving(tmp_path, fake, local) as srv:
+            answer = await srv.gateway.serve(srv.call("easy", stream=True))
+            assert isinstance(answer, StreamAnswer)
+            await anext(answer.chunks)
+            await anext(answer.chunks)
+            await answer.chunks.aclose()
+            assert local.cancelled == 1 and local.gate.depth == 0
+            assert len(srv.records) == 1
+            record = srv.records[0]
+            assert (record.status, record.http_status) == ("aborted", 499)
+            assert record.completion_tokens == 2
+
+    asyncio.run(scenario())
+
+
+def test_an_exhausted_chain_is_one_error_and_one_record(tmp_path: Path, fake: FakeProvider) -> None:
+    fake.reset(Behaviour(mode="status", status=500))
+    local = ScriptedStream()
+    local.mode = "fail"
+
+    async def scenario() -> None:
+        async with serving(tmp_path, fake, local, on_failure="closed") as srv:
+            for stream in (False, True):
+                with pytest.raises(BackendError) as err:
+                    await srv.gateway.serve(srv.call("easy", stream=stream))
+                assert err.value.status_code == 502
+                assert "x-request-id" in err.value.headers
+            assert [(r.status, r.http_status) for r in srv.records] == [("error", 502)] * 2
 
     asyncio.run(scenario())

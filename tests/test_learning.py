@@ -163,7 +163,7 @@ def test_no_shadow_for_local_only_traffic(tmp_path: Path, fake: FakeProvider) ->
         resp = chat(srv, "acme", "my PII is here")
         assert resp.headers["x-tiergate-rule"] == "pii-stays-local"
         time.sleep(0.5)
-        assert fake.received == [] and srv.app.state.learning.shadow_started == 0
+        assert fake.received == [] and srv.gateway.learning.shadow_started == 0
 
 
 def test_code_guard_refuses_shadow_for_local_only() -> None:

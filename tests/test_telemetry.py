@@ -266,7 +266,7 @@ def test_request_log_line_has_ids_and_no_prompt(
         r = _chat(srv.url, SECRET_PROMPT)
         assert r.status_code == 200
         # Tracing is off by default: nothing wraps the backends, no span is made.
-        assert not srv.app.state.telemetry.tracing
+        assert not srv.gateway.telemetry.tracing
         assert srv.gateway.local is local
     (line,) = [rec for rec in caplog.records if rec.name == "tiergate.request"]
     fields = vars(line)
@@ -375,7 +375,7 @@ def test_spans_reach_a_real_otlp_receiver(
         monkeypatch.setenv("OTEL_SERVICE_NAME", "tiergate-e2e")
         monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
         with live_server(tmp_path, policy_yaml(fake), local_backend_obj=ScriptedLocal()) as srv:
-            assert srv.app.state.telemetry.tracing
+            assert srv.gateway.telemetry.tracing
             r = _chat(srv.url, SECRET_PROMPT, headers={"traceparent": TRACEPARENT})
             assert r.status_code == 200
         # The app's shutdown flushed the batch processor; rotel prints what it received.

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from router.backends import Completion, ModelLike, Usage
 from router.backends.openai_http import OpenAIHTTP
@@ -59,9 +59,7 @@ _HANDLED = frozenset(
 _NO_EFFECT = frozenset({"user", "metadata", "store", "service_tier", "prediction"})
 #: Why the in-process backend refuses log probabilities. llama.cpp returns them only from a model
 #: loaded with ``logits_all=True``, which keeps a float for every vocabulary entry at every
-#: context position (n_ctx x n_vocab x 4 bytes: 805 MB for the bundled model at 4,096 tokens;
-#: 249 -> 312 MB RSS after one short request) and slowed every generation of the bundled model
-#: 1.2-2x in our runs (32 tokens: 9.6 -> 18.7 s and 12.5 -> 15.0 s on a shared 2-core machine).
+#: context position and slows every generation, whether or not it asked for them.
 LOGPROBS_REFUSAL = (
     "the in-process local model does not return logprobs (llama.cpp computes them only with "
     "logits_all, which costs n_ctx x vocabulary floats per model and slows every request); "
@@ -101,6 +99,13 @@ class Gate:
         """Give the slot back."""
         self.running -= 1
         self._sem.release()
+
+
+@runtime_checkable
+class Queued(Protocol):
+    """A backend that queues its callers behind a :class:`Gate` (the local tier's)."""
+
+    gate: Gate
 
 
 def local_timeout(model: ModelLike, settings: Settings) -> float:
