@@ -543,9 +543,8 @@ class Gateway:
     ) -> tuple[Signals, Decision]:
         """:meth:`decide`, moved off the event loop when the request is large.
 
-        Scoring a short prompt takes a fraction of a millisecond, less than a thread hop; a long
-        one (or a large request, all of which is read for personal data) can take several
-        milliseconds, which would stall every other request on the loop.
+        Scoring a short prompt costs less than a thread hop; a long one (or a large request,
+        all of which is read for personal data) would stall every other request on the loop.
         """
         if _is_large(body):
             return await asyncio.to_thread(
