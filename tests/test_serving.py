@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -468,3 +469,56 @@ def test_a_profile_head_over_a_standalone_capability_model_serves_as_fitted(
     (cap_dir / METADATA_FILE).write_text('{"format": "tiergate-capability", "changed": 1}')
     with pytest.raises(ArtifactError, match="not the one it was fitted on"):
         load_for_serving(out)
+
+
+SHIPPED_SCORES = Path(__file__).parent / "fixtures" / "shipped_scores.json"
+
+
+def _analysis(a: Any) -> dict[str, Any]:
+    return {
+        "score": a.score,
+        "capability": a.capability,
+        "stakes": a.stakes,
+        "stakes_reason": a.stakes_reason,
+        "pii": a.pii,
+        "pii_kinds": list(a.pii_kinds),
+        "local_accuracy": a.local_accuracy,
+        "local_profile": a.local_profile,
+    }
+
+
+def _assert_same(got: dict[str, Any], want: dict[str, Any]) -> None:
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        if isinstance(value, float):
+            assert got[key] == pytest.approx(value, abs=1e-9, rel=0), key
+        else:
+            assert got[key] == value, key
+
+
+def test_shipped_models_score_as_before() -> None:
+    # Every shipped model, through every loader, gives the scores, capabilities and stakes the
+    # fixture recorded before the scoring code was reorganised (a refactor changes no route).
+    from router.capability import load_capability
+
+    fixture = json.loads(SHIPPED_SCORES.read_text())
+    prompts = fixture["prompts"]
+    for name in ("router-v4", "router-v3"):
+        scorer = load_for_serving(REPO / "models" / name)
+        for text, want in zip(prompts, fixture[name], strict=True):
+            assert scorer.score(text) == pytest.approx(want["score"], abs=1e-9, rel=0)
+            _assert_same(_analysis(scorer.analyze(text)), want["analyze"])
+            _assert_same(_analysis(scorer.analyze(text, has_tools=True)), want["analyze_tools"])
+    fitted = load_scorer(REPO / "models" / "router-v3")
+    want_fitted = fixture["router-v3-fitted"]
+    for text, want in zip(prompts, want_fitted["analyze"], strict=True):
+        _assert_same(_analysis(fitted.analyze(text)), want)
+    np.testing.assert_allclose(
+        fitted.routing.predict_proba(prompts)[:, 1], want_fitted["routing_proba"], atol=1e-9, rtol=0
+    )
+    np.testing.assert_allclose(
+        fitted.capability.predict_proba(prompts), want_fitted["capability_proba"], atol=1e-9, rtol=0
+    )
+    capability = load_capability(REPO / "models" / "capability-v1")
+    got = [capability.probabilities(text) for text in prompts]
+    np.testing.assert_allclose(got, fixture["capability-v1"], atol=1e-9, rtol=0)
