@@ -31,8 +31,8 @@ coefficient on the base logit), so one feature pass serves them::
   data taught (and the policy threshold calibrated on it) stays where it was.
 
 The estimator is a :class:`~router.classifier.PromptClassifier` (it reuses the base model's
-fitted parts and the fast single-prompt path, with three stacked coefficient rows instead of
-one), so the artifact format and the hot swap take it unchanged. Its three rows share the base
+fitted parts, with three stacked coefficient rows instead of one), so the artifact format and
+the hot swap take it unchanged. Its three rows share the base
 model's features, so its serving form is the base model's with three routing rows and ``shift``
 (:func:`router.serving.residual_logit` combines them, for this class and for the proxy alike).
 """
@@ -130,11 +130,6 @@ class ResidualRouting(PromptClassifier):
         """The base model's vectorizer."""
         return self.base_.vectorizer()
 
-    def token_params(self) -> dict[str, Any]:
-        """The base model's: this one reads prompts as it does."""
-        params: dict[str, Any] = self.base_.token_params()
-        return params
-
     def describe(self) -> str:
         """One line on the estimator, for the artifact's sidecar."""
         return f"ResidualRouting(base, domain gate, traffic head; base: {self.base_.describe()})"
@@ -152,17 +147,6 @@ class ResidualRouting(PromptClassifier):
         """The more probable class per prompt."""
         result: NDArray[Any] = self.classes_[(self.decision_function(X) > 0).astype(np.intp)]
         return result
-
-    def decision_one(
-        self,
-        text: str,
-        *,
-        tokens: list[str] | None = None,
-        structure: list[float] | None = None,
-    ) -> FloatArray:
-        """The combined logit of one prompt by the base class's fast path over three rows."""
-        z3 = super().decision_one(text, tokens=tokens, structure=structure)
-        return np.array([float(self._combine(z3))])
 
 
 @dataclass(frozen=True)
@@ -320,7 +304,7 @@ def fit_residual_features(
     model.shift_ = shift
     model.head_lambda_ = lam
     model.head_word_scale_ = scale
-    # The fast path's compiled rows: fold the structure scaler as PromptClassifier._compile does.
+    # The rows the serving form reads: the structure scaler folded as PromptClassifier._fold does.
     struct = model.coef3_[:, n_words:] * lv.weight / lv.scaler.scale_
     model.word_coef_ = np.ascontiguousarray(model.coef3_[:, :n_words])
     model.struct_coef_ = np.ascontiguousarray(struct)

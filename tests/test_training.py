@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from router.artifact import METADATA_FILE, MODEL_FILE, default_model_path
+from router.artifact import METADATA_FILE, MODEL_FILE, default_model_path, load_fitted, save_scorer
 from router.errors import ArtifactError
 from router.training import (
     DataFormatError,
@@ -16,9 +16,7 @@ from router.training import (
     load_capability_rows,
     load_prompts,
     load_routing_rows,
-    load_scorer,
     routing_target,
-    save_scorer,
     train_artifact,
 )
 
@@ -118,7 +116,7 @@ def test_save_load_roundtrip_and_refusals(tmp_path: Path, files: tuple[Path, Pat
     routing, caps = files
     scorer = fit_scorer(load_routing_rows(routing), load_capability_rows(caps))
     out = save_scorer(scorer, tmp_path / "m1", metadata={"note": "test"})
-    loaded = load_scorer(out)
+    loaded = load_fitted(out)
     text = "Prove that thing1 is irrational step by step."
     assert loaded.analyze(text).score == pytest.approx(scorer.analyze(text).score, abs=1e-12)
     with pytest.raises(ArtifactError, match="already exists"):
@@ -135,13 +133,13 @@ def test_save_load_roundtrip_and_refusals(tmp_path: Path, files: tuple[Path, Pat
         features = {k: v for k, v in meta["features"].items() if not k.endswith("_chars")}
         meta_path.write_text(json.dumps({**meta, "features": features | window}))
         with pytest.raises(ArtifactError, match="2000 \\+ 500 character prompt window"):
-            load_scorer(out)
+            load_fitted(out)
 
     # A different library version is refused.
     meta["libraries"]["scikit-learn"] = "0.0.1"
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(ArtifactError, match="version mismatch"):
-        load_scorer(out)
+        load_fitted(out)
 
 
 def test_tampered_model_is_refused_before_unpickling(
@@ -154,16 +152,16 @@ def test_tampered_model_is_refused_before_unpickling(
     # A foreign pickle that would run code if unpickled.
     (out / MODEL_FILE).write_bytes(b"cos\nsystem\n(S'echo pwned'\ntR.")
     with pytest.raises(ArtifactError, match="sha256 does not match"):
-        load_scorer(out)
+        load_fitted(out)
 
 
 def test_foreign_directories_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="not a Tiergate model"):
-        load_scorer(tmp_path)
+        load_fitted(tmp_path)
     (tmp_path / MODEL_FILE).write_bytes(b"x")
     (tmp_path / METADATA_FILE).write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(ArtifactError, match="not a Tiergate classifier"):
-        load_scorer(tmp_path)
+        load_fitted(tmp_path)
 
 
 def test_train_artifact_records_data_hashes_and_cv(
@@ -209,4 +207,4 @@ def test_install_constraints_pin_what_the_shipped_model_was_written_with() -> No
 def test_a_profile_head_says_why_it_cannot_be_retrained() -> None:
     """router-v4 has no pickled estimators: loading it for retraining names the reason."""
     with pytest.raises(ArtifactError, match="no scikit-learn estimators"):
-        load_scorer(default_model_path())
+        load_fitted(default_model_path())
