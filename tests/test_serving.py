@@ -4,7 +4,6 @@ loads only serving forms Tiergate wrote."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -17,9 +16,7 @@ import pytest
 from router.artifact import (
     DEFAULT_MODEL_NAME,
     METADATA_FILE,
-    MODEL_FILE,
     SERVING_FILE,
-    add_serving_form,
     default_model_path,
     load_fitted,
     load_scorer,
@@ -41,9 +38,12 @@ from router.training import (
     fit_capability,
     fit_gap_routing,
     fit_routing,
-    fit_scorer,
     load_capability_rows,
     load_routing_rows,
+)
+from tests.test_artifact import (
+    artifact_fixture,  # noqa: F401 (a fixture)
+    serving_entry,
 )
 from tests.test_classifier import EASY, HARD
 from tests.test_features import TRICKY
@@ -86,14 +86,6 @@ def assert_serves_like_sklearn(served: ServingScorer, fitted: LearnedScorer) -> 
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("serving")
-    routing = load_routing_rows(write_jsonl(tmp / "routing.jsonl", routing_rows()))
-    caps = load_capability_rows(write_jsonl(tmp / "caps.jsonl", capability_rows()))
-    return save_scorer(fit_scorer(routing, caps, version="t-1"), tmp / "model")
-
-
-@pytest.fixture(scope="module")
 def word_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An artifact of the word + structure routing design (router-v1/v2)."""
     tmp = tmp_path_factory.mktemp("serving-words")
@@ -102,30 +94,6 @@ def word_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     capability = fit_capability(caps)
     scorer = LearnedScorer(fit_routing(routing, None), capability, "t-words")
     return save_scorer(scorer, tmp / "model")
-
-
-@pytest.fixture
-def copy(artifact: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "model"
-    out.mkdir()
-    for f in artifact.iterdir():
-        (out / f.name).write_bytes(f.read_bytes())
-    return out
-
-
-def _edit_sidecar(path: Path, **changes: object) -> None:
-    meta = json.loads((path / METADATA_FILE).read_text())
-    for key, value in changes.items():
-        if value is None:
-            meta.pop(key, None)
-        else:
-            meta[key] = value
-    (path / METADATA_FILE).write_text(json.dumps(meta))
-
-
-def _serving_entry(path: Path) -> dict[str, object]:
-    entry: dict[str, object] = json.loads((path / METADATA_FILE).read_text())["serving"]
-    return entry
 
 
 V3 = REPO / "models" / "router-v3"
@@ -204,7 +172,7 @@ def test_saved_artifact_serves_like_the_fitted_scorer(artifact: Path) -> None:
     assert isinstance(served, ServingScorer) and served.version == "t-1"
     fitted = load_fitted(artifact)
     assert_serves_like_sklearn(served, fitted)
-    entry = _serving_entry(artifact)
+    entry = serving_entry(artifact)
     assert entry["format_version"] == 2 and entry["routing"] == "logistic"
     assert entry["sha256"] == sha256_file(artifact / SERVING_FILE)
     with np.load(artifact / SERVING_FILE, allow_pickle=False) as form:  # plain arrays only
@@ -221,107 +189,13 @@ def test_the_routing_score_reads_the_capability_probabilities(artifact: Path) ->
 def test_a_word_model_is_written_as_format_1_and_serves(word_artifact: Path) -> None:
     """A model that reads no capability probabilities is written as serving format 1 (no
     ``cap_coef``), which Tiergate versions before format 2 can read too."""
-    entry = _serving_entry(word_artifact)
+    entry = serving_entry(word_artifact)
     assert entry["format_version"] == 1
     with np.load(word_artifact / SERVING_FILE, allow_pickle=False) as npz:
         assert "cap_coef" not in npz.files
     served = load_scorer(word_artifact)
     assert isinstance(served, ServingScorer)
     assert_serves_like_sklearn(served, load_fitted(word_artifact))
-
-
-def test_a_tampered_serving_form_is_refused(copy: Path) -> None:
-    data = bytearray((copy / SERVING_FILE).read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    (copy / SERVING_FILE).write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match="sha256 does not match"):
-        load_scorer(copy)
-
-
-def test_another_serving_format_version_is_refused(copy: Path) -> None:
-    _edit_sidecar(copy, serving={**_serving_entry(copy), "format_version": 5})
-    with pytest.raises(
-        ArtifactError, match="serving form format 5, this Tiergate reads 1, 2, 3, 4"
-    ):
-        load_scorer(copy)
-    _edit_sidecar(copy, format_version=2)
-    with pytest.raises(ArtifactError, match="artifact format 2"):
-        load_scorer(copy)
-
-
-def test_the_serving_entry_names_only_its_own_file(copy: Path) -> None:
-    _edit_sidecar(copy, serving={**_serving_entry(copy), "file": f"../{MODEL_FILE}"})
-    with pytest.raises(ArtifactError, match="no valid serving form entry"):
-        load_scorer(copy)
-    (copy / SERVING_FILE).unlink()
-    _edit_sidecar(copy, serving={**_serving_entry(copy), "file": SERVING_FILE})
-    with pytest.raises(ArtifactError, match="cannot be read"):
-        load_scorer(copy)
-
-
-@pytest.mark.parametrize(
-    "change", ["pickled", "missing", "shape", "features", "window", "cap_coef", "no_cap_coef"]
-)
-def test_a_foreign_form_with_a_matching_hash_is_still_refused(copy: Path, change: str) -> None:
-    # Someone rewrote both the file and its sidecar entry: the hash matches, the contents must
-    # still be plain arrays of the expected names, kinds and shapes.
-    with np.load(copy / SERVING_FILE, allow_pickle=False) as npz:
-        form = {key: npz[key] for key in npz.files}
-    if change == "pickled":
-        form["vocabulary"] = np.array([object()], dtype=object)
-    elif change == "missing":
-        del form["shift"]
-    elif change == "shape":
-        form["intercept"] = form["intercept"][:-1]
-    elif change == "cap_coef":  # one capability short
-        form["cap_coef"] = form["cap_coef"][:, :-1]
-    elif change == "no_cap_coef":  # format 2 without it would score without the capabilities
-        del form["cap_coef"]
-    elif change == "window":  # fitted on another prompt window (the first model's)
-        form["clip"] = np.array([2000, 500], dtype=np.int64)
-    else:
-        form["structure_features"] = form["structure_features"][::-1]
-    np.savez(copy / SERVING_FILE, **form)
-    _edit_sidecar(
-        copy, serving={**_serving_entry(copy), "sha256": sha256_file(copy / SERVING_FILE)}
-    )
-    with pytest.raises(ArtifactError, match="unusable serving form"):
-        load_scorer(copy)
-
-
-def test_an_artifact_without_serving_form_loads_through_sklearn(
-    copy: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    (copy / SERVING_FILE).unlink()
-    _edit_sidecar(copy, serving=None)
-    with caplog.at_level(logging.INFO, logger="tiergate.artifact"):
-        scorer = load_scorer(copy)
-    assert isinstance(scorer, LearnedScorer)
-    assert "has no serving.npz" in caplog.text and "through scikit-learn" in caplog.text
-    assert scorer.analyze(SAMPLE[0]) == load_fitted(copy).analyze(SAMPLE[0])
-
-
-def test_serving_form_is_derived_from_model_joblib_alone(artifact: Path, copy: Path) -> None:
-    written = _serving_entry(artifact)
-    model = (copy / MODEL_FILE).read_bytes()
-    (copy / SERVING_FILE).unlink()
-    _edit_sidecar(copy, serving=None)
-    before = json.loads((copy / METADATA_FILE).read_text())
-
-    entry = add_serving_form(copy)
-    # Deterministic: the bytes save_scorer wrote, derived again from model.joblib.
-    assert entry == written
-    assert (copy / MODEL_FILE).read_bytes() == model
-    after = json.loads((copy / METADATA_FILE).read_text())
-    assert after.pop("serving") == written and after == before
-    assert isinstance(load_scorer(copy), ServingScorer)
-    # Again: only checked, nothing rewritten; a tampered one is refused.
-    stamp = (copy / SERVING_FILE).stat().st_mtime_ns
-    assert add_serving_form(copy) == written
-    assert (copy / SERVING_FILE).stat().st_mtime_ns == stamp
-    (copy / SERVING_FILE).write_bytes(b"PK\x05\x06" + b"\x00" * 18)
-    with pytest.raises(ArtifactError, match="sha256 does not match"):
-        add_serving_form(copy)
 
 
 # --- router-v4: the score reads the local model's profile ----------------------------------------
@@ -371,7 +245,7 @@ def test_swapping_the_profile_moves_the_score_the_right_way() -> None:
 
 
 def test_the_shipped_model_is_format_4_and_router_v3_still_loads() -> None:
-    entry = _serving_entry(SHIPPED)
+    entry = serving_entry(SHIPPED)
     assert (entry["format_version"], entry["routing"]) == (4, "profile")
     assert entry["capability"] == {
         "name": "capability-v1",
