@@ -305,12 +305,8 @@ class CapabilityRouting(_ReadsCapability):
     probabilities into a logistic regression, composed from stock ``Pipeline``/``FeatureUnion``
     parts and :class:`CapabilityProbabilities`.
 
-    Why: in grouped cross-validation it transfers better than word n-grams to unseen MMLU
-    subjects, to GSM8K and to MMLU left out as a whole data set, and ranks mixed traffic far
-    better; the words learn the training sets' topics, the class probabilities only the task type
-    (docs/model-card.md, ``bench/feature_study.py``). The decision already runs the capability
-    model, so the routing score costs a dot product over 13 structure features and one probability
-    per capability class (8 in the shipped model).
+    Why: the words learn the training sets' topics, the class probabilities only the task type,
+    so it transfers better to unseen prompt sets (docs/model-card.md).
 
     ``capability``: the fitted capability :class:`PromptClassifier` (kept, not refitted).
     C, class_weight, solver, structure_weight: as for :class:`PromptClassifier`.
