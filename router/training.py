@@ -26,6 +26,7 @@ from numpy.typing import NDArray
 from router.artifact import (
     DEFAULT_MODEL_NAME,
     default_model_path,
+    load_capability_model,
     load_fitted,
     save_profile_router,
     save_scorer,
@@ -404,16 +405,11 @@ def fit_scorer(
     return LearnedScorer(routing, capability, version)
 
 
-# --- artifact -------------------------------------------------------------------------------
-
-
 def train_profile_router(
     data: Sequence[str | Path], capability: str | Path, out: str | Path, *, cv: bool = True
 ) -> Path:
     """``tiergate train --capability DIR``: fit router-v4's profile head on the routing files
     over a standalone capability model and save it (:func:`save_profile_router`)."""
-    from router.artifact import load_capability_model
-
     rows = [r for f in data for r in load_routing_rows(f)]
     reader = load_capability_model(Path(capability))
     served = ServedCapability(reader).fit()
