@@ -1,11 +1,12 @@
 """The learned classifier as the proxy serves it: one linear map over plain arrays, numpy only.
 
 A model artifact (:mod:`router.artifact`) carries, beside the fitted scikit-learn estimators
-(:mod:`router.classifier`), their **serving form**: the arrays that :class:`JointLinear`
-evaluates. The proxy, the CLI and training all score through it, so a decision needs neither
-scikit-learn, scipy nor unpickling. :class:`ServingScorer` and :class:`ProfileScorer` add the
-features (:mod:`router.features`), the stakes rules (:mod:`router.stakes`) and PII
-(:mod:`router.pii`). Pure: no web code, no litellm, nothing at import.
+(:mod:`router.classifier`), their **serving form**: plain arrays that :class:`ServingScorer`
+evaluates as one :class:`JointLinear` map (or, for a profile head over a standalone capability
+model, :class:`ProfileScorer`). The proxy, the CLI and training all score through these, so a
+decision needs neither scikit-learn, scipy nor unpickling; both add the stakes rules
+(:mod:`router.stakes`) and PII (:mod:`router.pii`). Pure: no web code, no litellm, nothing at
+import.
 """
 
 from __future__ import annotations
