@@ -4,7 +4,7 @@ Pins itself to one core (BLAS on one thread), loads the shipped capability model
 (``router.capability.load_capability``: numpy only), then times ``probabilities(text)`` for
 every prompt of every ``../shared/data/*.jsonl`` file after a warm-up pass, in ``--passes``
 passes, keeping each prompt's fastest time. In fresh interpreters it measures the resident
-memory of the proxy's scorer (``load_for_serving`` of the default model) with and without the
+memory of the proxy's scorer (``load_scorer`` of the default model) with and without the
 capability model loaded beside it. Writes ``bench/results/capability.json``. From the repo root:
 
     OPENBLAS_NUM_THREADS=1 .venv/bin/python bench/capability.py
@@ -34,8 +34,8 @@ def rss():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
-from router.artifact import default_model_path, load_for_serving
-scorer = load_for_serving(default_model_path())
+from router.artifact import default_model_path, load_scorer
+scorer = load_scorer(default_model_path())
 scorer.analyze("warm up")
 base = rss()
 t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """Decision-speed benchmark: the served scorer's ``analyze`` over every prompt in the shared data.
 
 Pins itself to one core, loads the default model the way the proxy does
-(``router.artifact.load_for_serving``: its serving form, no scikit-learn; the load is also timed
+(``router.artifact.load_scorer``: its serving form, no scikit-learn; the load is also timed
 in a fresh interpreter),
 then times ``analyze(text)`` for every prompt of every ``../shared/data/*.jsonl`` file after a
 warm-up pass, in ``--passes`` passes, keeping each prompt's fastest time. Writes
@@ -26,15 +26,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from router.artifact import default_model_path, load_for_serving  # noqa: E402
+from router.artifact import default_model_path, load_scorer  # noqa: E402
 from router.training import load_prompts  # noqa: E402
 
 LOAD_SNIPPET = """
 import sys, time
 t0 = time.perf_counter()
-from router.artifact import load_for_serving
+from router.artifact import load_scorer
 t1 = time.perf_counter()
-load_for_serving(sys.argv[1])
+load_scorer(sys.argv[1])
 t2 = time.perf_counter()
 print(t1 - t0, t2 - t1)
 """
@@ -68,7 +68,7 @@ def main() -> int:
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     load = measure_load(args.model)
-    scorer = load_for_serving(args.model)
+    scorer = load_scorer(args.model)
     prompts: list[str] = []
     files = sorted(args.data_dir.glob("*.jsonl"))
     for f in files:

@@ -137,7 +137,7 @@ def run(repeats: int = 5, data: Path = DATA) -> dict[str, Any]:
     """Time the decision on each shape; ms figures."""
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    from router.app import load_scorer
+    from router.app import configured_scorer
     from router.config import Settings
     from router.errors import BadRequestError
     from router.gateway import MAX_CHARS_PER_TOKEN, refuse_beyond_every_window
@@ -145,7 +145,7 @@ def run(repeats: int = 5, data: Path = DATA) -> dict[str, Any]:
     from router.signals import extract_signals
 
     settings = Settings(local_backend="none")
-    scorer = load_scorer(settings)
+    scorer = configured_scorer(settings)
     policy = load_policy(ROOT / "policies" / "default.yaml")
     cap = settings.max_body_bytes
     windows = [m.context_window or 0 for m in policy.models.values()]

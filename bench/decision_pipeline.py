@@ -48,13 +48,13 @@ def run(data: Path = DATA, limit: int | None = None, passes_n: int = 3) -> dict[
     """Time the full decision for each prompt; ms figures."""
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    from router.app import load_scorer
+    from router.app import configured_scorer
     from router.config import Settings
     from router.policy import evaluate, load_policy
     from router.signals import extract_signals
 
     settings = Settings(local_backend="none")
-    scorer = load_scorer(settings)
+    scorer = configured_scorer(settings)
     policy = load_policy(ROOT / "policies" / "default.yaml")
     texts = prompts(data, limit)
     bodies = [{"model": "auto", "messages": [{"role": "user", "content": t}]} for t in texts]

@@ -59,8 +59,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from model_card import OOD_ROUTING, TRAIN_FILES, pooled_mix  # noqa: E402
 
 from router.classifier import truncate_lower  # noqa: E402
+from router.features import clip, structure_vector  # noqa: E402
 from router.metrics import apgr_from_curve, evaluate, routing_curve, summary  # noqa: E402
-from router.serving import clip, structure_vector  # noqa: E402
 from router.training import (  # noqa: E402
     RoutingRow,
     fit_capability,

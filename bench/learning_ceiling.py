@@ -58,9 +58,10 @@ from sklearn.feature_extraction.text import TfidfVectorizer  # noqa: E402
 from sklearn.linear_model import LogisticRegression, Ridge  # noqa: E402
 from sklearn.neighbors import KNeighborsRegressor  # noqa: E402
 
+from router.artifact import load_fitted  # noqa: E402
 from router.residual import fit_residual  # noqa: E402
 from router.retrain import BASE_FILES, _apgr, _bucket  # noqa: E402
-from router.training import TFIDF_MODEL_NAME, RoutingRow, load_routing_rows, load_scorer  # noqa: E402
+from router.training import TFIDF_MODEL_NAME, RoutingRow, load_routing_rows  # noqa: E402
 
 ALPACA = "alpacaeval2_openhermes7b_vs_gpt4turbo.jsonl"
 #: fit(train index, test index) -> scores of the test rows (higher = send closed)
@@ -85,7 +86,7 @@ class Study:
         self.weak = np.array([r.weak_score for r in rows])
         self.strong = np.array([r.strong_score for r in rows])
         self.v = np.clip(self.strong - self.weak, 0.0, 1.0)
-        self.scorer = load_scorer(ROOT / "models" / TFIDF_MODEL_NAME)
+        self.scorer = load_fitted(ROOT / "models" / TFIDF_MODEL_NAME)
         self.shipped = np.array([self.scorer.score(p) for p in self.prompts])
         routing = self.scorer.routing
         view = routing.linear_view()

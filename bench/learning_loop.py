@@ -45,6 +45,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 import httpx
 
 from router.app import create_app
+from router.artifact import load_fitted, save_scorer
 from router.backends import Completion, ModelLike, Usage
 from router.config import Settings
 from router.metrics import evaluate
@@ -65,8 +66,6 @@ from router.training import (
     fit_scorer,
     load_capability_rows,
     load_routing_rows,
-    load_scorer,
-    save_scorer,
 )
 from tests.fake_provider import Behaviour, FakeProvider
 
@@ -198,7 +197,7 @@ async def replay(
             policy_reload_s=0,
             purge_every_s=0,
         )
-        _, first = models.load_current(load_scorer)
+        _, first = models.load_current(load_fitted)
         app = create_app(
             settings,
             scorer=first,
@@ -253,7 +252,7 @@ async def replay(
                         print(f"  [{mode}] retrain skipped: {exc.message}", flush=True)
                         retrains.append({"labelled": labelled, "skipped": exc.message})
                         continue
-                    candidate = load_scorer(models.path(report.version))
+                    candidate = load_fitted(models.path(report.version))
                     retrains.append(
                         {
                             "labelled": labelled,

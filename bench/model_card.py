@@ -29,6 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from router.artifact import load_fitted  # noqa: E402
 from router.classifier import PromptClassifier  # noqa: E402
 from router.metrics import evaluate, summary  # noqa: E402
 from router.training import (  # noqa: E402
@@ -36,7 +37,6 @@ from router.training import (  # noqa: E402
     _read_jsonl,
     fit_routing,
     load_routing_rows,
-    load_scorer,
     train_artifact,
 )
 
@@ -125,7 +125,7 @@ def main() -> int:
     print("training", args.out, file=sys.stderr)
     train_artifact([args.data_dir / f for f in TRAIN_FILES], args.out)
     meta = json.loads((args.out / "metadata.json").read_text())
-    scorer = load_scorer(args.out)
+    scorer = load_fitted(args.out)
 
     ood = load_routing_rows(args.data_dir / OOD_ROUTING)
     ood_scores = [scorer.score(r.prompt) for r in ood]

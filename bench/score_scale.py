@@ -29,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from router.artifact import default_model_path, load_for_serving  # noqa: E402
+from router.artifact import default_model_path, load_scorer  # noqa: E402
 
 THRESHOLDS = (0.2, 0.25, 0.3, 0.8, 0.9)
 EXAMPLES = (
@@ -44,7 +44,7 @@ EXAMPLES = (
 
 def describe(path: Path, prompts: list[str]) -> dict[str, Any]:
     """Threshold shares, per-capability score quantiles and example scores of one model."""
-    scorer = load_for_serving(path)
+    scorer = load_scorer(path)
     analyses = [scorer.analyze(p) for p in prompts]
     scores = np.array([a.score for a in analyses])
     caps = np.array([a.capability for a in analyses])

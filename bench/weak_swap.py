@@ -35,9 +35,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from router.artifact import load_fitted  # noqa: E402
 from router.classifier import LearnedScorer  # noqa: E402
 from router.metrics import evaluate, summary  # noqa: E402
-from router.training import TFIDF_MODEL_NAME, fit_routing, load_routing_rows, load_scorer  # noqa: E402
+from router.training import TFIDF_MODEL_NAME, fit_routing, load_routing_rows  # noqa: E402
 
 ALPACA = "alpacaeval2_openhermes7b_vs_gpt4turbo.jsonl"
 ARENA = "arenabench_v1_mixtral_vs_gpt4turbo.jsonl"
@@ -101,7 +102,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "weak_swap.json")
     parser.add_argument("--bootstrap", type=int, default=1000)
     args = parser.parse_args()
-    shipped = load_scorer(ROOT / "models" / TFIDF_MODEL_NAME)
+    shipped = load_fitted(ROOT / "models" / TFIDF_MODEL_NAME)
 
     alpaca = read(args.data_dir / ALPACA)
     alpaca_scores = np.array([shipped.score(r["prompt"]) for r in alpaca])

@@ -5,7 +5,7 @@
 The shipped recipe (word 1-2 TF-IDF + the structure features, logistic regression) is measured
 with ``bench/feature_study.py``'s protocol (every fold refits vocabulary, idf, scaling and model
 on its own training rows; all MMLU rows) once per prompt window: the first HEAD and the last TAIL
-characters of a long prompt (``router.serving.clip``). Each window's held-out scores are compared
+characters of a long prompt (``router.features.clip``). Each window's held-out scores are compared
 with the first shipped model's window (2,000 + 500) on the same rows by a paired bootstrap (1,000
 resamples) of the APGR difference. The per-decision cost of a long prompt grows with the window;
 ``bench/decision_pipeline.py`` measures it for the shipped one.
@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import feature_study as study  # noqa: E402
 
-from router import serving  # noqa: E402
+from router import features  # noqa: E402
 
 REFERENCE = (2000, 500)
 WINDOWS = ((1000, 250), (1200, 300), (800, 200))
@@ -35,12 +35,12 @@ WINDOWS = ((1000, 250), (1200, 300), (800, 200))
 
 def _set_window(head: int, tail: int) -> None:
     # clip() reads these module globals at each call; the study's features all go through it.
-    serving.HEAD_CHARS, serving.TAIL_CHARS, serving.MAX_CHARS = head, tail, head + tail
+    features.HEAD_CHARS, features.TAIL_CHARS, features.MAX_CHARS = head, tail, head + tail
 
 
 def run(data_dir: Path, n_boot: int) -> dict[str, Any]:
     """APGR per held-out set for each window, with paired differences to :data:`REFERENCE`."""
-    shipped = (serving.HEAD_CHARS, serving.TAIL_CHARS)
+    shipped = (features.HEAD_CHARS, features.TAIL_CHARS)
     out: dict[str, Any] = {"reference": list(REFERENCE), "shipped": list(shipped), "windows": {}}
     base: dict[str, Any] | None = None
     try:

@@ -43,10 +43,10 @@ from router.telemetry import RequestSpanMiddleware, Telemetry
 log = logging.getLogger("tiergate.app")
 
 
-def load_scorer(settings: Settings) -> Scorer:
+def configured_scorer(settings: Settings) -> Scorer:
     """The learned scorer: the model store's current version when ``model_store`` is set, else
     ``classifier_path``, else the shipped model; the heuristic when none loads."""
-    from router.artifact import default_model_path, load_for_serving
+    from router.artifact import default_model_path, load_scorer
     from router.profile import default_profile
     from router.registry import ModelStore
 
@@ -59,7 +59,7 @@ def load_scorer(settings: Settings) -> Scorer:
             current := ModelStore(settings.model_store).current()
         ):
             path = ModelStore(settings.model_store).path(current)
-        return load_for_serving(path, profile)
+        return load_scorer(path, profile)
     except (ConfigError, OSError) as exc:
         log.warning("no usable classifier at %s (%s); using the heuristic scorer", path, exc)
         return HeuristicScorer()
@@ -67,12 +67,12 @@ def load_scorer(settings: Settings) -> Scorer:
 
 def profile_loader(settings: Settings) -> Callable[[Path], Scorer]:
     """The model store watcher's loader: the trusted-only loader, reading the configured local
-    profile (the same one :func:`load_scorer` reads)."""
-    from router.artifact import load_for_serving
+    profile (the same one :func:`configured_scorer` reads)."""
+    from router.artifact import load_scorer
     from router.profile import default_profile
 
     def load(path: Path) -> Scorer:
-        return load_for_serving(path, default_profile(settings.local_profile))
+        return load_scorer(path, default_profile(settings.local_profile))
 
     return load
 
@@ -129,7 +129,9 @@ def create_app(
         tel.watch_policy(policy)
         gateway = Gateway(
             policy=policy,
-            scorer=scorer if scorer is not None else await asyncio.to_thread(load_scorer, settings),
+            scorer=scorer
+            if scorer is not None
+            else await asyncio.to_thread(configured_scorer, settings),
             local=None if local is None else tel.wrap_backend(local),
             closed=tel.wrap_backend(
                 ClosedBackend(http, timeout_s=settings.closed_timeout_s, environ=environ)

@@ -1,22 +1,17 @@
-"""A model artifact on disk: its layout, its sidecar's checks, and the proxy's loader.
+"""A model artifact on disk: its layout, and every read, write and check of one.
 
-An artifact is a directory written by :func:`router.training.save_scorer`::
+An artifact is a directory::
 
     model.joblib    the fitted scikit-learn estimators (training, evaluation, retraining)
-    serving.npz     the same models as plain arrays (router.serving): what the proxy loads
+    serving.npz     the same models as plain arrays (router.serving): what is scored
     metadata.json   the sidecar: format and library versions, training data, metrics, and the
                     sha256 of model.joblib and of serving.npz (with its own format version)
 
-:func:`load_for_serving` loads only what Tiergate wrote: it checks the sidecar's format version,
-then the serving form's format version and sha256, and only then reads the bytes it hashed with
-``numpy.load(allow_pickle=False)`` (plain arrays: nothing in the file can run code), whose names,
-kinds and shapes :class:`~router.serving.ServingScorer` checks in turn. The library versions of
-the sidecar bind only the pickle (:func:`router.training.read_metadata` checks them there). An
-artifact written before serving forms existed has no ``serving`` entry; it is loaded through
-scikit-learn as :func:`router.training.load_scorer` loads it, with a log line that says so, and
-``tiergate serving-form`` gives it its serving form without retraining.
-
-This module imports neither scikit-learn, scipy nor joblib, and nothing happens at import.
+Only what Tiergate wrote is loaded: the sidecar's format versions and sha256s are checked
+before a byte is parsed, ``serving.npz`` is read with ``allow_pickle=False``, and
+``model.joblib`` is unpickled only when its hash and library versions match. A new version is
+assembled aside and renamed into place; a written one is never edited. scikit-learn and joblib
+are imported only by the functions that read or write the pickle; nothing happens at import.
 """
 
 from __future__ import annotations
@@ -26,22 +21,30 @@ import io
 import json
 import logging
 import os
+import platform
+import sys
+import tempfile
 import uuid
 import zipfile
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.lib.npyio import NpzFile
 from numpy.typing import NDArray
 
+from router import __version__
 from router.errors import ArtifactError
-from router.fetch import sha256_file
+from router.features import HEAD_CHARS, MAX_CHARS, STRUCTURE_FEATURES, TAIL_CHARS, window_mismatch
 from router.locations import shipped
 from router.profile import LocalProfile, default_profile
 from router.scoring import Scorer
 from router.serving import CapabilityReader, ProfileScorer, ServingScorer
+
+if TYPE_CHECKING:
+    from router.classifier import GapRouting, LearnedScorer, PromptClassifier
 
 log = logging.getLogger("tiergate.artifact")
 
@@ -51,19 +54,26 @@ MODEL_FILE = "model.joblib"
 METADATA_FILE = "metadata.json"
 SERVING_FILE = "serving.npz"
 #: The layout of ``serving.npz`` (:data:`router.serving.FORM_ARRAYS`); a reader refuses others.
-#: Version 2 added ``cap_coef``; a version-1 form (router-v1, router-v2) has none and reads as if
-#: it were all zeros. Version 3 added the ``profile`` routing kind (router-v4: ``gap_strong``,
-#: ``gap_slope``), whose score reads the local model's profile; forms without it are still
-#: written as version 2 (or 1), so older replicas can serve them.
+#: Format 1 lacks ``cap_coef`` (read as zeros), format 2 has it, format 3 adds the ``profile``
+#: routing kind; a form is written in the oldest format that holds it, so older replicas can
+#: serve it. Format 4 is a profile head alone (:data:`router.serving.HEAD_ARRAYS`) over a
+#: standalone capability artifact that the sidecar pins by its sidecar's sha256.
 SERVING_FORMAT_VERSION = 3
-#: Format 4 is a profile head alone (:data:`router.serving.HEAD_ARRAYS`) over a standalone
-#: capability artifact that the sidecar names and pins by its sidecar's sha256.
 PROFILE_HEAD_FORMAT = 4
 READABLE_SERVING_FORMATS = (1, 2, 3, 4)
 DEFAULT_MODEL_NAME = "router-v4"
 ENV_MODEL_PATH = "TIERGATE_CLASSIFIER_PATH"
 
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can carry
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (an artifact's files, a GGUF, a data file)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def default_model_path() -> Path:
@@ -106,6 +116,22 @@ def read_sidecar(
 def _require_version(where: Path, what: str, found: object, expected: int) -> None:
     if found != expected:
         raise ArtifactError(f"{where}: {what} {found!r}, this Tiergate reads {expected}")
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The sidecar of an artifact directory with ``model.joblib``, checked for format and
+    library versions (the versions the pickle is bound to)."""
+    p = Path(path)
+    meta = read_sidecar(p, MODEL_FILE)
+    expected = library_versions()
+    found = meta.get("libraries", {})
+    mismatched = {k: (found.get(k), v) for k, v in expected.items() if found.get(k) != v}
+    if mismatched:
+        detail = ", ".join(f"{k}: model {a} vs installed {b}" for k, (a, b) in mismatched.items())
+        raise ArtifactError(
+            f"{p}: library version mismatch ({detail}); retrain with `tiergate train`"
+        )
+    return meta
 
 
 def _replace(path: Path, write: Any) -> None:
@@ -235,9 +261,8 @@ def load_serving_form(
     meta: Mapping[str, Any] | None = None,
     profile: LocalProfile | None = None,
 ) -> ServingScorer | ProfileScorer:
-    """The :class:`~router.serving.ServingScorer` of an artifact with a serving form, checked as
-    the module docstring says (``meta``: its sidecar, when already read; ``profile``: the local
-    model's, default :func:`router.profile.default_profile`)."""
+    """The scorer of an artifact's serving form, checked as the module docstring says (``meta``:
+    its sidecar, when already read; ``profile``: the local model's, default the bundled one)."""
     p = Path(path)
     meta = read_sidecar(p) if meta is None else meta
     entry = meta.get("serving")
@@ -264,14 +289,193 @@ def load_serving_form(
         raise ArtifactError(f"{file}: unusable serving form ({exc})") from exc
 
 
-def load_for_serving(path: str | Path, profile: LocalProfile | None = None) -> Scorer:
-    """The scorer the proxy serves from an artifact (the proxy's start-up, its hot swap and the
-    ``score``/``classify``/``eval`` commands load through here), reading ``profile`` as the
-    local model's (default: :func:`router.profile.default_profile`, the bundled model's).
+def library_versions() -> dict[str, str]:
+    """Versions that must match between the writer and the reader of an artifact's pickle."""
+    import joblib
+    import scipy
+    import sklearn
 
-    Its serving form when the sidecar lists one, without importing scikit-learn; else, for an
-    artifact written before serving forms existed, :func:`router.training.load_scorer` (which
-    imports scikit-learn). Both refuse foreign or tampered files with an :class:`ArtifactError`.
+    return {
+        "tiergate_artifact_format": str(ARTIFACT_FORMAT_VERSION),
+        "scikit-learn": sklearn.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "joblib": joblib.__version__,
+        "python": ".".join(map(str, sys.version_info[:2])),
+    }
+
+
+def _aside(out: Path) -> Path:
+    # A temporary sibling of a new artifact directory, where it is assembled.
+    if out.exists():
+        raise ArtifactError(f"{out} already exists; write a new version instead of editing one")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+
+
+def _publish(tmp: Path, out: Path, sidecar: Mapping[str, Any]) -> Path:
+    # Write the sidecar last, then rename the assembled directory into place: readers never see
+    # half of it. mkdtemp makes it owner-only; an artifact is meant to be shared.
+    write_sidecar(tmp, sidecar)
+    tmp.chmod(0o755)
+    os.replace(tmp, out)
+    return out
+
+
+def _sidecar_head(name: str, version: str) -> dict[str, Any]:
+    return {
+        "format": ARTIFACT_FORMAT,
+        "format_version": ARTIFACT_FORMAT_VERSION,
+        "name": name,
+        "version": version,
+        "tiergate_version": __version__,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "libraries": library_versions(),
+        "platform": platform.platform(),
+    }
+
+
+def save_scorer(
+    scorer: LearnedScorer, out_dir: str | Path, *, metadata: dict[str, Any] | None = None
+) -> Path:
+    """Write ``scorer`` as a new artifact directory (``model.joblib``, its serving form and the
+    sidecar) and return its path. Refuses to overwrite one: a retrain writes a new version."""
+    import joblib
+
+    out = Path(out_dir)
+    tmp = _aside(out)
+    model_path = tmp / MODEL_FILE
+    joblib.dump(
+        {"format": ARTIFACT_FORMAT, "routing": scorer.routing, "capability": scorer.capability},
+        model_path,
+        compress=3,
+    )
+    sidecar = {
+        **_sidecar_head(out.name, scorer.version),
+        "model_sha256": sha256_file(model_path),
+        "features": {
+            "routing": _describe(scorer.routing),
+            "capability": _describe(scorer.capability),
+            "max_chars": MAX_CHARS,
+            "head_chars": HEAD_CHARS,
+            "tail_chars": TAIL_CHARS,
+            "structure": list(STRUCTURE_FEATURES),
+        },
+        **(metadata or {}),
+        "serving": write_serving_form(tmp, scorer.form),
+    }
+    return _publish(tmp, out, sidecar)
+
+
+def save_profile_router(
+    routing: GapRouting,
+    capability: Path,
+    out_dir: str | Path,
+    *,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write router-v4 over a standalone capability artifact (``capability``, a directory such
+    as ``models/capability-v1``): the profile head as serving form 4 (no pickle: the head is
+    all there is to serve) and the sidecar pinning the capability model, as a new directory."""
+    out = Path(out_dir)
+    tmp = _aside(out)
+    sidecar = {
+        **_sidecar_head(out.name, out.name),
+        "features": {"routing": routing.describe(), "capability": capability.name},
+        **(metadata or {}),
+        "serving": write_profile_head(tmp, routing.head(), Path(capability)),
+    }
+    return _publish(tmp, out, sidecar)
+
+
+def _describe(model: PromptClassifier) -> dict[str, Any]:
+    from router.classifier import PromptClassifier
+
+    plain = (str, int, float, bool, type(None))
+    words = np.asarray(model.word_coef_)
+    out: dict[str, Any] = {
+        "estimator": model.describe(),
+        # Estimator-valued parameters (a capability or base model) are described on their own.
+        "params": {k: v for k, v in model.get_params(deep=False).items() if isinstance(v, plain)},
+        "classes": [str(c) for c in model.classes_],
+        "vocabulary_size": len(model.vocabulary_),
+        # Terms with a weight in a decision row (a CapabilityRouting has none of its own: its
+        # words count through the capability probabilities).
+        "weighted_terms": int(np.count_nonzero(np.abs(words).sum(axis=0))),
+        "reads_capability_probabilities": model.capability_coef() is not None,
+    }
+    base = getattr(model, "base_", None)
+    if isinstance(base, PromptClassifier):
+        out["base"] = _describe(base)
+    return out
+
+
+def load_fitted(path: str | Path) -> LearnedScorer:
+    """The fitted estimators of an artifact written by :func:`save_scorer`, for retraining and
+    studies (scoring goes through :func:`load_scorer`). ``model.joblib`` is unpickled only after
+    its sha256 and library versions match the sidecar; its contents are then type-checked."""
+    import joblib
+
+    from router.classifier import LearnedScorer, PromptClassifier
+
+    p = Path(path)
+    if not (p / MODEL_FILE).exists() and (p / METADATA_FILE).is_file():
+        serving = read_sidecar(p).get("serving") or {}
+        if serving.get("format_version") == PROFILE_HEAD_FORMAT:
+            raise ArtifactError(
+                f"{p}: a profile head over a capability model (router-v4) has no scikit-learn "
+                "estimators to load; refit it with `tiergate train --capability` (the retrain "
+                "loop does not adapt it yet)"
+            )
+    meta = read_metadata(p)
+    features = meta.get("features") or {}
+    # Written before the window was recorded: the first window, 2,000 + 500 characters.
+    mismatch = window_mismatch(features.get("head_chars", 2000), features.get("tail_chars", 500))
+    if mismatch is not None:
+        raise ArtifactError(f"{p}: {mismatch}")
+    model_path = p / MODEL_FILE
+    if sha256_file(model_path) != meta.get("model_sha256"):
+        raise ArtifactError(f"{model_path}: sha256 does not match its sidecar; refusing to load")
+    payload = joblib.load(model_path)
+    if not isinstance(payload, dict) or payload.get("format") != ARTIFACT_FORMAT:
+        raise ArtifactError(f"{model_path}: unexpected contents")
+    routing, capability = payload.get("routing"), payload.get("capability")
+    if not isinstance(routing, PromptClassifier) or not isinstance(capability, PromptClassifier):
+        raise ArtifactError(f"{model_path}: unexpected estimator types")
+    try:
+        return LearnedScorer(routing, capability, str(meta.get("version", p.name)))
+    except ValueError as exc:
+        raise ArtifactError(f"{model_path}: {exc}") from exc
+
+
+def add_serving_form(path: str | Path) -> dict[str, Any]:
+    """Give an artifact written before serving forms existed its ``serving.npz``, without
+    retraining (``tiergate serving-form``); returns the sidecar's serving entry.
+
+    ``model.joblib`` is loaded with every check of :func:`load_fitted` and left byte-identical;
+    the serving form is derived from it deterministically (the same model always gives the same
+    bytes), and the sidecar is replaced atomically. An artifact that already has a serving form
+    is only checked (a version in a model store is never edited).
+    """
+    p = Path(path)
+    scorer = load_fitted(p)
+    meta = read_metadata(p)
+    if "serving" in meta:
+        load_serving_form(p, meta)  # refuses one that does not match its sidecar
+        entry: dict[str, Any] = meta["serving"]
+        return entry
+    meta["serving"] = write_serving_form(p, scorer.form)
+    write_sidecar(p, meta)
+    return dict(meta["serving"])
+
+
+def load_scorer(path: str | Path, profile: LocalProfile | None = None) -> Scorer:
+    """The scorer of an artifact, reading ``profile`` as the local model's (default: the bundled
+    model's): the proxy's start-up and hot swap, the CLI and the benches load through here.
+
+    Its serving form, without scikit-learn; an artifact written before serving forms existed is
+    read through :func:`load_fitted` (which derives the form from the pickle). Foreign or
+    tampered files raise :class:`ArtifactError`.
     """
     p = Path(path)
     meta = read_sidecar(p)
@@ -284,9 +488,7 @@ def load_for_serving(path: str | Path, profile: LocalProfile | None = None) -> S
             MODEL_FILE,
             p,
         )
-        from router.training import load_scorer
-
-        return load_scorer(p)
+        return load_fitted(p)
     scorer = load_serving_form(p, meta, profile)
     log.info(
         "model %s loaded from its serving form (%s, numpy only), local profile %s",

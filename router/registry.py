@@ -2,7 +2,7 @@
 
 Layout::
 
-    <store>/versions/<id>/model.joblib      an artifact written by router.training.save_scorer
+    <store>/versions/<id>/model.joblib      an artifact written by router.artifact.save_scorer
     <store>/versions/<id>/serving.npz       (router.artifact; the proxy loads serving.npz),
     <store>/versions/<id>/metadata.json     with lineage (parent, label counts, gate metrics)
     <store>/current                         the serving version's id, replaced atomically
@@ -37,10 +37,10 @@ _VERSION = re.compile(r"^v(\d{4,})$")
 
 def default_loader(path: Path) -> Any:
     """Load an artifact with the proxy's trusted-only loader (its serving form, numpy only;
-    :func:`router.artifact.load_for_serving`)."""
-    from router.artifact import load_for_serving
+    :func:`router.artifact.load_scorer`)."""
+    from router.artifact import load_scorer
 
-    return load_for_serving(path)
+    return load_scorer(path)
 
 
 class ModelStore:

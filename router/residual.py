@@ -1,40 +1,17 @@
 """A routing classifier adapted to logged traffic: the base model, a traffic head, a domain gate.
 
-Retraining a single linear model on base data plus a few hundred labelled outcomes cannot serve
-both: what the outcomes teach (on AlpacaEval-like chat traffic, a longer prompt means the local
-answer is more often as good) moves the scores of base prompts too, and the pooled base ranking
-gets worse beyond noise even with a small outcome weight (measured in docs/learning-loop.md).
-:class:`ResidualRouting` keeps the base model intact and adds a correction only where the
-traffic lives. All three parts are linear in one view ``x`` of the prompt, word TF-IDF and
-scaled structure features (:meth:`~router.classifier.PromptClassifier.view`: the base model's
-own features for a word model, the capability model's words for a
-:class:`~router.classifier.CapabilityRouting`, whose logit also weighs the capability
-probabilities: the base row keeps those weights, and the head row carries them scaled by its
-coefficient on the base logit), so one feature pass serves them::
+Refitting one linear model on base data plus a few hundred outcomes moves the base prompts'
+scores too (docs/learning-loop.md). :class:`ResidualRouting` keeps the base model and adds a
+correction only where the traffic lives, all three rows linear in the base model's view of the
+prompt (:meth:`~router.classifier.PromptClassifier.view`)::
 
-    z0(x)   = base logit                       (the current routing classifier, unchanged)
-    g(x)    = sigmoid(gate logit)               P(prompt looks like logged traffic, not base data)
-    h(x)    = head logit                        fitted on labelled outcomes only
-    z(x)    = z0 + g * (h - shift - z0)
+    z(x) = z0 + sigmoid(gate) * (head - shift - z0)
 
-* The **gate** is a logistic regression separating logged traffic prompts from a fixed sample of
-  base prompts (prompts only, no labels). On base-like prompts g is near 0, so the base model
-  speaks; on traffic-like prompts the head does.
-* The **head** is a regularised logistic regression on the scaled structure features, the base
-  logit itself (so it can keep, damp or reverse it) and, if cross-validation wants them, the
-  word TF-IDF features. A label is a probability, so each outcome enters as both classes
-  weighted ``v`` and ``1 - v`` (cross-entropy against the soft target). The L2 strength and the
-  words' weight are chosen by K-fold cross-validation (soft log-loss) on the training outcomes
-  alone.
-* ``shift`` is the mean of ``h - z0`` over the training outcomes: the head re-ranks traffic
-  prompts without moving their level against base prompts, so the pooled ordering that the base
-  data taught (and the policy threshold calibrated on it) stays where it was.
-
-The estimator is a :class:`~router.classifier.PromptClassifier` (it reuses the base model's
-fitted parts and the fast single-prompt path, with three stacked coefficient rows instead of
-one), so the artifact format and the hot swap take it unchanged. Its three rows share the base
-model's features, so its serving form is the base model's with three routing rows and ``shift``
-(:func:`router.serving.residual_logit` combines them, for this class and for the proxy alike).
+``z0`` is the base logit; the **gate** separates logged prompts from base prompts (no labels);
+the **head** is fitted on the labelled outcomes (soft targets, L2 strength and word weight by
+cross-validation); ``shift`` keeps the traffic's level against base prompts, so the calibrated
+threshold stays valid. Its serving form is the base model's with three routing rows
+(:func:`router.serving.residual_logit`).
 """
 
 from __future__ import annotations
@@ -130,11 +107,6 @@ class ResidualRouting(PromptClassifier):
         """The base model's vectorizer."""
         return self.base_.vectorizer()
 
-    def token_params(self) -> dict[str, Any]:
-        """The base model's: this one reads prompts as it does."""
-        params: dict[str, Any] = self.base_.token_params()
-        return params
-
     def describe(self) -> str:
         """One line on the estimator, for the artifact's sidecar."""
         return f"ResidualRouting(base, domain gate, traffic head; base: {self.base_.describe()})"
@@ -152,17 +124,6 @@ class ResidualRouting(PromptClassifier):
         """The more probable class per prompt."""
         result: NDArray[Any] = self.classes_[(self.decision_function(X) > 0).astype(np.intp)]
         return result
-
-    def decision_one(
-        self,
-        text: str,
-        *,
-        tokens: list[str] | None = None,
-        structure: list[float] | None = None,
-    ) -> FloatArray:
-        """The combined logit of one prompt by the base class's fast path over three rows."""
-        z3 = super().decision_one(text, tokens=tokens, structure=structure)
-        return np.array([float(self._combine(z3))])
 
 
 @dataclass(frozen=True)
@@ -320,7 +281,7 @@ def fit_residual_features(
     model.shift_ = shift
     model.head_lambda_ = lam
     model.head_word_scale_ = scale
-    # The fast path's compiled rows: fold the structure scaler as PromptClassifier._compile does.
+    # The rows the serving form reads: the structure scaler folded as PromptClassifier._fold does.
     struct = model.coef3_[:, n_words:] * lv.weight / lv.scaler.scale_
     model.word_coef_ = np.ascontiguousarray(model.coef3_[:, :n_words])
     model.struct_coef_ = np.ascontiguousarray(struct)

@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from router.artifact import load_fitted, save_scorer
 from router.classifier import CapabilityRouting, LearnedScorer, PromptClassifier
 from router.errors import ConfigError
 from router.metrics import apgr_from_curve, routing_curve
@@ -55,9 +56,7 @@ from router.training import (
     WORD_ROUTING_PARAMS,
     RoutingRow,
     load_routing_rows,
-    load_scorer,
     routing_target,
-    save_scorer,
 )
 
 #: The base files retraining may use (licences allow shipping a model trained on them).
@@ -363,7 +362,7 @@ def retrain(
     """One retrain: build, fit, compare, write a version, promote if it passes the gate."""
     config = config or GateConfig()
     started = time.monotonic()
-    parent, current = models.load_current(load_scorer)
+    parent, current = models.load_current(load_fitted)
     rows, counts = labelled_rows(outcomes)
     rows = [*rows, *extra_rows]
     train, held = split_outcomes(rows, config)

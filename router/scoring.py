@@ -8,8 +8,8 @@ Two implementations exist:
 
 * :class:`HeuristicScorer`, a plainly named rule of thumb used only when no trained model is
   available (length, code, maths and question-form cues). It is documented as a heuristic.
-* the learned scorer, which the shipped model artifact provides: :mod:`router.serving` as the
-  proxy serves it (numpy only), :mod:`router.classifier` over the fitted scikit-learn models.
+* the learned scorer of a model artifact: :mod:`router.serving` (numpy only), loaded by
+  :func:`router.artifact.load_scorer`; :mod:`router.classifier` fits the models it serves.
 
 This module is pure: it imports no web code and no litellm.
 """

@@ -1,26 +1,12 @@
-"""The learned classifier as the proxy serves it: its features and one linear map, numpy only.
+"""The learned classifier as the proxy serves it: one linear map over plain arrays, numpy only.
 
-A model artifact (:mod:`router.artifact`) holds the fitted scikit-learn estimators
-(:mod:`router.classifier`) and, beside them, their **serving form**: the plain arrays that this
-module evaluates, so the proxy scores requests without importing scikit-learn or scipy (about
-100 MB of resident memory) and without unpickling anything.
-
-* :func:`structure_vector` / :class:`_Window`: the transparent structure features (length, code,
-  maths, question form, constraints, multiple choice) over a bounded window of the prompt
-  (:func:`clip`). The estimators' :class:`~router.classifier.StructureFeatures` uses these same
-  functions, so training and serving compute every feature by one definition.
-* stakes: :mod:`router.stakes` (a documented keyword/regex rule set) reads the same window.
-* :class:`JointLinear`: the routing and capability models as one linear map over their joint
-  vocabulary, built from the serving form's arrays. A routing row may also weigh the capability
-  model's class probabilities (``cap_coef``, router-v3), added after the map.
-* :class:`ServingScorer`: the :class:`router.scoring.Scorer` the proxy uses. Per request it reads
-  the prompt once, evaluates both models with one lookup per n-gram and one small matrix product,
-  and adds the stakes rules (:mod:`router.stakes`) and the PII detectors (:mod:`router.pii`).
-
-This module is pure: it imports no web code, no litellm, no scikit-learn and no scipy, and
-nothing happens at import beyond compiling its regexes. tests/test_serving.py pins its scores to
-scikit-learn's ``predict_proba`` and checks, in a fresh interpreter, that the proxy's loader
-imports neither library.
+A model artifact (:mod:`router.artifact`) carries, beside the fitted scikit-learn estimators
+(:mod:`router.classifier`), their **serving form**: plain arrays that :class:`ServingScorer`
+evaluates as one :class:`JointLinear` map (or, for a profile head over a standalone capability
+model, :class:`ProfileScorer`). The proxy, the CLI and training all score through these, so a
+decision needs neither scikit-learn, scipy nor unpickling; both add the stakes rules
+(:mod:`router.stakes`) and PII (:mod:`router.pii`). Pure: no web code, no litellm, nothing at
+import.
 """
 
 from __future__ import annotations
@@ -35,6 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
+from router.features import STRUCTURE_FEATURES, Window, structure, window_mismatch
 from router.pii import pii_kinds
 from router.profile import LocalProfile
 from router.scoring import CAPABILITIES, Analysis
@@ -42,250 +29,15 @@ from router.stakes import assess
 
 FloatArray = NDArray[np.float64]
 
-#: Only a bounded window of a prompt is tokenised and scanned by the regex features: its first
-#: HEAD_CHARS and last TAIL_CHARS characters (the instruction is usually at the start or the end
-#: of a long pasted document). The length and line-count features still see the full text, and
-#: fit and predict clip identically (:func:`clip`), so the per-decision cost is bounded. Models
-#: record the window they were fitted with, and loading refuses another. 1,000 + 250 halves the
-#: cost of a long prompt against the first shipped model's 2,000 + 500 at no loss in grouped-CV
-#: APGR (``bench/window_study.py``; docs/model-card.md).
-HEAD_CHARS = 1000
-TAIL_CHARS = 250
-MAX_CHARS = HEAD_CHARS + TAIL_CHARS
-
-STRUCTURE_FEATURES: tuple[str, ...] = (
-    "log_chars",
-    "log_words",
-    "log_lines",
-    "code_fence",
-    "code_tokens",
-    "math_symbols",
-    "digit_ratio",
-    "log_numbers",
-    "questions",
-    "multiple_choice",
-    "constraints",
-    "reasoning_cues",
-    "non_ascii_ratio",
-)
-
-_WORD = re.compile(r"\w+")
-_DIGIT = re.compile(r"\d")
-_NON_ASCII = re.compile(r"[^\x00-\x7f]")
-#: Code tokens: keywords (whole words, so counted from the prompt's word list) and symbols.
-_CODE_WORDS = frozenset(
-    [
-        "def",
-        "class",
-        "return",
-        "import",
-        "function",
-        "const",
-        "var",
-        "let",
-        "public",
-        "void",
-        "SELECT",
-        "print",
-        "lambda",
-    ]
-)
-_CODE_SYMBOLS = re.compile(r"\{|\}|;|==|!=|->|=>|\(\)")
-_MATH_SYMBOLS = re.compile(
-    "[=+*/^<>\u2264\u2265\u2211\u222b\u221a\u03c0]|\\\\[a-z]+|\\d\\s*[-x\u00d7]\\s*\\d"
-)
-#: :data:`_MATH_SYMBOLS`' three alternatives apart (each then starts with a literal or a class,
-#: which the regex engine scans for fast). Their matches never overlap, so their counts add up.
-_MATH_PARTS = tuple(re.compile(part) for part in _MATH_SYMBOLS.pattern.split("|"))
-_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
-_CHOICE = re.compile(r"^\s*\(?[A-D][.)]\s", re.MULTILINE)
-_CHOICE_MARKS = tuple(f"{letter}{mark}" for letter in "ABCD" for mark in ".)")  # one is in each
-#: Constraint words and reasoning cues, one pass: each match is counted by its group name.
-_CUES = re.compile(
-    r"\b(?:(?P<constraints>must|should|exactly|at least|at most|no more than|without|only|do not|"
-    r"don't|make sure|ensure|format|words?|sentences?|json|table|bullet)"
-    r"|(?P<reasoning>why|explain|prove|derive|compare|analy[sz]e|step[- ]by[- ]step|trade-?offs?|"
-    r"evaluate|optimi[sz]e|design|implement|debug|calculate))\b",
-    re.IGNORECASE,
-)
-#: The same cues, counted fast on lower-cased text (see :func:`_lower_equivalent`): the one-word
-#: cues by looking the prompt's words up in a set, the multi-word ones by a regex that runs only
-#: when one of their literal parts occurs at all. No cue word is part of a cue phrase, so the two
-#: counts add up to what :data:`_CUES` counts.
-_CONSTRAINT_WORDS = frozenset(
-    [
-        "must",
-        "should",
-        "exactly",
-        "without",
-        "only",
-        "ensure",
-        "format",
-        "word",
-        "words",
-        "sentence",
-        "sentences",
-        "json",
-        "table",
-        "bullet",
-    ]
-)
-_REASONING_WORDS = frozenset(
-    [
-        "why",
-        "explain",
-        "prove",
-        "derive",
-        "compare",
-        "analyse",
-        "analyze",
-        "evaluate",
-        "optimise",
-        "optimize",
-        "design",
-        "implement",
-        "debug",
-        "calculate",
-    ]
-)
-_CUE_PHRASES = re.compile(
-    r"\b(?:(?P<constraints>at least|at most|no more than|do not|don't|make sure)"
-    r"|(?P<reasoning>step[- ]by[- ]step|trade-?offs?))\b"
-)
-_CUE_PHRASE_PARTS: tuple[str, ...] = ("at least", "at most", "no more than", "do not", "don't")
-_CUE_PHRASE_PARTS += ("make sure", "step", "trade")
-_ASCII_DIGITS = "0123456789"
-
-
-def _ascii(pattern: re.Pattern[str]) -> re.Pattern[str]:
-    r"""``pattern`` compiled with ``re.ASCII``, for ASCII-only text: the same matches there for a
-    pattern whose only classes are ``\w``, ``\d`` and ``\b`` (not ``\s``: Unicode's also holds
-    the ASCII separators U+001C-U+001F), found faster by the engine's ASCII class tests."""
-    return re.compile(pattern.pattern, (pattern.flags & ~re.UNICODE) | re.ASCII)
-
-
-_WORD_ASCII = _ascii(_WORD)
-_NUMBER_ASCII = _ascii(_NUMBER)
-_CUE_PHRASES_ASCII = _ascii(_CUE_PHRASES)
-
 _DEFAULT_TOKEN_PATTERN = r"(?u)\b\w\w+\b"  # scikit-learn's
 
 
-def window_mismatch(head: int, tail: int) -> str | None:
-    """Why a model fitted on a ``head`` + ``tail`` window cannot be served here, or None when
-    that is this module's window."""
-    if (head, tail) == (HEAD_CHARS, TAIL_CHARS):
-        return None
-    return (
-        f"fitted on a {head} + {tail} character prompt window, this Tiergate uses "
-        f"{HEAD_CHARS} + {TAIL_CHARS}; retrain with `tiergate train`"
-    )
-
-
-def clip(text: str) -> str:
-    """The bounded window the text features see: the whole text up to :data:`MAX_CHARS`
-    characters, else its first :data:`HEAD_CHARS` and last :data:`TAIL_CHARS` joined by a
-    newline."""
-    if len(text) <= MAX_CHARS:
-        return text
-    return text[:HEAD_CHARS] + "\n" + text[-TAIL_CHARS:]
-
-
-def _lower_equivalent(head: str, low: str) -> bool:
-    """True when a lower-case ASCII pattern matched case-sensitively on ``low`` (``head.lower()``)
-    finds exactly what it finds on ``head`` with ``re.IGNORECASE``.
-
-    That holds for ASCII text, and for any text whose lower-casing keeps every character in place
-    (only U+0130 lower-cases to two characters) and that has neither of the two characters the
-    regex engine also folds onto an ASCII letter (dotless i onto ``i``, long s onto ``s``).
-    """
-    return head.isascii() or (len(low) == len(head) and "\u0131" not in low and "\u017f" not in low)
-
-
-def structure_vector(text: str) -> list[float]:
-    """The :data:`STRUCTURE_FEATURES` of one prompt (cheap: a few compiled regexes)."""
-    return _structure(_Window(text))
-
-
-class _Window:
-    """One prompt as the per-request features read it, each view computed once.
-
-    ``head`` is :func:`clip` of the text, ``low`` its lower case (the TF-IDF preprocessor's
-    output), ``words`` the ``\\w+`` runs of ``head``. ``lowered`` is those runs lower-cased when
-    they are exactly the ``\\w+`` runs of ``low`` (see :func:`_lower_equivalent`; a capital
-    sigma, which lower-cases by context, also rules it out), else None. ``ascii``: ``head`` (and
-    so ``low``) is ASCII, where the ``_ascii`` twins of the regexes may be used. ``same_case``:
-    :func:`_lower_equivalent` of ``head`` and ``low``.
-    """
-
-    __slots__ = ("ascii", "head", "low", "lowered", "same_case", "text", "words")
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.head = head = clip(text)
-        self.low = low = head.lower()
-        self.ascii = head.isascii()
-        self.words: list[str] = (_WORD_ASCII if self.ascii else _WORD).findall(head)
-        self.same_case = _lower_equivalent(head, low)
-        same = self.same_case and (self.ascii or "\u03a3" not in head)
-        self.lowered = list(map(str.lower, self.words)) if same else None
-
-
-def _structure(w: _Window) -> list[float]:
-    text, head, low, words = w.text, w.head, w.low, w.words
-    n_head = max(len(head), 1)
-    if w.same_case:
-        lowered = w.lowered if w.lowered is not None else list(map(str.lower, words))
-        constraints = sum(map(_CONSTRAINT_WORDS.__contains__, lowered))
-        reasoning = sum(map(_REASONING_WORDS.__contains__, lowered))
-        phrases_re = _CUE_PHRASES_ASCII if w.ascii else _CUE_PHRASES
-        cues = phrases_re.findall(low) if any(p in low for p in _CUE_PHRASE_PARTS) else []
-    else:
-        constraints = reasoning = 0
-        cues = _CUES.findall(head)
-    phrases = sum(1 for _, r in cues if r)
-    reasoning += phrases
-    constraints += len(cues) - phrases
-    if w.ascii:  # \d and non-ASCII need a regex only beyond ASCII
-        digits = sum(map(head.count, _ASCII_DIGITS))
-        non_ascii = 0
-    else:
-        digits = len(_DIGIT.findall(head))
-        non_ascii = len(_NON_ASCII.findall(head))
-    symbols, latex, arithmetic = _MATH_PARTS
-    math_symbols = len(symbols.findall(head))
-    if "\\" in head:
-        math_symbols += len(latex.findall(head))
-    numbers = 0
-    if digits:  # both need a digit
-        math_symbols += len(arithmetic.findall(head))
-        numbers = len((_NUMBER_ASCII if w.ascii else _NUMBER).findall(head))
-    return [
-        math.log1p(len(text)),
-        math.log1p(len(words)),
-        math.log1p(text.count("\n")),
-        1.0 if "```" in head else 0.0,
-        math.log1p(sum(map(_CODE_WORDS.__contains__, words)) + len(_CODE_SYMBOLS.findall(head))),
-        math.log1p(math_symbols),
-        digits / n_head,
-        math.log1p(numbers),
-        math.log1p(head.count("?")),
-        1.0 if any(c in head for c in _CHOICE_MARKS) and len(_CHOICE.findall(head)) >= 3 else 0.0,
-        math.log1p(constraints),
-        math.log1p(reasoning),
-        non_ascii / n_head,
-    ]
-
-
-def _sigmoid(x: float) -> float:
+def sigmoid(x: float) -> float:
     """The logistic function, without overflow for large ``|x|``."""
     if x >= 0.0:
         return 1.0 / (1.0 + math.exp(-x))
     e = math.exp(x)
     return e / (1.0 + e)
-
-
-# --- the linear map and the scorer ---------------------------------------------------------------
 
 
 def logistic(z: FloatArray) -> FloatArray:
@@ -294,11 +46,11 @@ def logistic(z: FloatArray) -> FloatArray:
     return out
 
 
-def _softmax(logits: FloatArray) -> FloatArray:
+def softmax(logits: FloatArray) -> FloatArray:
     """Class probabilities from a multinomial model's logits, as ``LogisticRegression`` gives
     them; one logit is a binary model's, for its second class."""
     if len(logits) == 1:
-        p = _sigmoid(float(logits[0]))
+        p = sigmoid(float(logits[0]))
         return np.array([1.0 - p, p])
     e = np.exp(logits - logits.max())
     out: FloatArray = e / e.sum()
@@ -343,7 +95,7 @@ def gap_logit(q: FloatArray, strong: FloatArray, local: FloatArray) -> FloatArra
 #: the joint vocabulary in row order (row ``u`` of ``table`` is token ``u - 1``; row 0 stands
 #: for unknown tokens); ``widths`` the routing and capability models' decision rows;
 #: ``capabilities`` the capability rows' class names; ``structure_features`` and ``clip``
-#: (:data:`HEAD_CHARS`, :data:`TAIL_CHARS`) the features the coefficients were fitted on, which
+#: (the window of :mod:`router.features`) the features the coefficients were fitted on, which
 #: must be this module's; ``shift`` the residual model's (0 for a logistic one); ``cap_coef``
 #: (routing rows x capabilities) what the routing rows add per unit of each capability's
 #: probability (:class:`~router.classifier.CapabilityRouting`; all zero for a model without).
@@ -426,7 +178,7 @@ class JointLinear:
         self.owner = np.repeat(np.arange(len(widths)), widths)
         self.splits = list(np.cumsum(widths)[:-1])
 
-    def tokens(self, w: _Window) -> list[str]:
+    def tokens(self, w: Window) -> list[str]:
         """The prompt's word tokens, as the models' analyzer makes them (before n-grams)."""
         if w.lowered is not None and self.token_pattern == _DEFAULT_TOKEN_PATTERN:
             # \b\w\w+\b on ``low`` finds exactly its \w+ runs of two characters or more.
@@ -441,7 +193,7 @@ class JointLinear:
             out += map(" ".join, zip(*(tokens[i:] for i in range(n)), strict=False))
         return out
 
-    def ids(self, w: _Window) -> Counter[int]:
+    def ids(self, w: Window) -> Counter[int]:
         """How often each vocabulary row occurs among the prompt's n-grams (row 0: unknown)."""
         tokens = self.tokens(w)
         if self.pairs is None:
@@ -453,12 +205,12 @@ class JointLinear:
             )
         )
 
-    def decision(self, w: _Window, structure: list[float]) -> FloatArray:
+    def decision(self, w: Window, features: list[float]) -> FloatArray:
         """All models' decision values for one prompt, side by side; :attr:`splits` separates
         them."""
         counts = self.ids(w)
         counts.pop(0, None)
-        z = self.intercept + self.struct @ np.array(structure)
+        z = self.intercept + self.struct @ np.array(features)
         if counts:
             n = len(counts)
             rows = self.table[np.fromiter(counts.keys(), np.intp, n)]
@@ -571,13 +323,13 @@ class ServingScorer:
         rows = z[: self._rows]
         if self._gap is not None and self._local is not None:
             strong, slope = self._gap
-            q = _softmax(z[self._rows :])
-            return _sigmoid(float(rows[0]) + slope * float(gap_logit(q, strong, self._local)))
+            q = softmax(z[self._rows :])
+            return sigmoid(float(rows[0]) + slope * float(gap_logit(q, strong, self._local)))
         if self._cap_coef is not None:
-            rows = rows + self._cap_coef @ _softmax(z[self._rows :])
+            rows = rows + self._cap_coef @ softmax(z[self._rows :])
         if self._shift is None:
-            return _sigmoid(float(rows[0]))
-        return _sigmoid(float(residual_logit(rows, self._shift)))
+            return sigmoid(float(rows[0]))
+        return sigmoid(float(residual_logit(rows, self._shift)))
 
     def _capability(self, z: FloatArray) -> str:
         # The softmax is monotone, so the capability is the arg-max of its logits; with one
@@ -588,13 +340,13 @@ class ServingScorer:
 
     def score(self, text: str) -> float:
         """The routing score alone (probability the strong model is materially better)."""
-        w = _Window(text)
-        return self._routing_score(self._joint.decision(w, _structure(w)))
+        w = Window(text)
+        return self._routing_score(self._joint.decision(w, structure(w)))
 
     def analyze(self, text: str, *, has_tools: bool = False) -> Analysis:
         """Score, capability, stakes and PII for one prompt (the proxy calls this per request)."""
-        w = _Window(text)
-        z = self._joint.decision(w, _structure(w))  # [routing rows, capability logits]
+        w = Window(text)
+        z = self._joint.decision(w, structure(w))  # [routing rows, capability logits]
         kinds = pii_kinds(text)  # always the whole text: personal data anywhere counts
         stakes, reason = assess(w, has_tools=has_tools, pii=bool(kinds))
         capability = self._capability(z)
@@ -672,7 +424,7 @@ class ProfileScorer:
         return ProfileScorer(self.capability, self.head, self.version, profile)
 
     def _score(self, q: FloatArray) -> float:
-        return _sigmoid(
+        return sigmoid(
             self._intercept + self._slope * float(gap_logit(q, self._strong, self._local))
         )
 
@@ -685,7 +437,7 @@ class ProfileScorer:
         q = self.capability.probabilities(text)
         capability = self._names[int(np.argmax(q))]
         kinds = pii_kinds(text)
-        stakes, reason = assess(_Window(text), has_tools=has_tools, pii=bool(kinds))
+        stakes, reason = assess(Window(text), has_tools=has_tools, pii=bool(kinds))
         return Analysis(
             score=self._score(q),
             capability=capability,

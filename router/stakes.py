@@ -14,11 +14,9 @@ docs/model-card.md):
 * an agent workflow (``has_tools``) is high when it also asks for a destructive or money-moving
   action (:data:`DESTRUCTIVE`), otherwise medium; personal data alone is medium.
 
-Only the prompt's window is read (the classifier's :func:`router.serving.clip`): a keyword deep
-inside a long pasted document does not raise the stakes. :func:`assess` reads a window the
-caller already has (the proxy's scorer); :func:`assess_stakes` takes the text.
-
-This module is pure and imports nothing from the package at import; nothing happens at import
+Only the prompt's window is read (:class:`router.features.Window`): a keyword deep inside a
+long pasted document does not raise the stakes. :func:`assess` reads a window the caller already
+has (the proxy's scorer); :func:`assess_stakes` takes the text. Pure: nothing happens at import
 beyond compiling its regexes.
 """
 
@@ -26,7 +24,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Protocol
+
+from router.features import Window
 
 #: Strong terms per domain: any one makes a prompt high stakes.
 STAKES_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
@@ -154,7 +153,7 @@ _ALL_GROUPS = [*_groups(STAKES_RULES, ""), *_groups(WEAK_RULES, "_weak")]
 #: domain, with ``_weak`` for a weak term.
 STAKES = re.compile(r"\b(?:" + "|".join(_ALL_GROUPS) + r")\b", re.IGNORECASE)
 #: :data:`STAKES` and :data:`DESTRUCTIVE` for lower-cased text (when lower-casing keeps every
-#: character in place: see :func:`router.serving._lower_equivalent`), case-sensitive: same
+#: character in place: see :func:`router.features._lower_equivalent`), case-sensitive: same
 #: matches, same order, found faster.
 STAKES_LOWER = re.compile(STAKES.pattern)
 DESTRUCTIVE_LOWER = re.compile(DESTRUCTIVE.pattern)
@@ -217,17 +216,7 @@ def may_have_stakes(words: Iterable[str]) -> bool:
     return False
 
 
-class PromptWindow(Protocol):
-    """The views of a prompt's window :func:`assess` reads (:class:`router.serving._Window`)."""
-
-    head: str  # the window
-    low: str  # head.lower()
-    lowered: list[str] | None  # its words lower-cased, when that equals low's words
-    ascii: bool  # head is ASCII
-    same_case: bool  # lower-case matching on low finds what IGNORECASE finds on head
-
-
-def domain_match(w: PromptWindow) -> tuple[str, str] | None:
+def domain_match(w: Window) -> tuple[str, str] | None:
     """``(domain, term)`` of the first strong term in the window, else of its first weak term
     when the prompt asks for personal advice and is no :data:`TASK`; else None."""
     head, low = w.head, w.low
@@ -250,7 +239,7 @@ def domain_match(w: PromptWindow) -> tuple[str, str] | None:
     return None
 
 
-def assess(w: PromptWindow, *, has_tools: bool = False, pii: bool = False) -> tuple[str, str]:
+def assess(w: Window, *, has_tools: bool = False, pii: bool = False) -> tuple[str, str]:
     """``(level, reason)`` for a prompt window, level low/medium/high, by the module's rules."""
     found = domain_match(w)
     if found is not None:
@@ -273,7 +262,4 @@ def assess(w: PromptWindow, *, has_tools: bool = False, pii: bool = False) -> tu
 def assess_stakes(text: str, *, has_tools: bool = False, pii: bool = False) -> tuple[str, str]:
     """How much is at stake in a prompt: ``(level, reason)`` with level low/medium/high (the
     rules are in the module docstring)."""
-    # The classifier's window module imports this one, so its window is imported at call time.
-    from router.serving import _Window
-
-    return assess(_Window(text), has_tools=has_tools, pii=pii)
+    return assess(Window(text), has_tools=has_tools, pii=pii)

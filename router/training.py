@@ -1,4 +1,4 @@
-"""Training, cross-validation and the versioned, trusted-only model artifact.
+"""Training and cross-validation of the routing and capability classifiers.
 
 Tiergate's documented data format is JSON Lines, one row per prompt::
 
@@ -8,49 +8,29 @@ Tiergate's documented data format is JSON Lines, one row per prompt::
 answers on the same scale within a file (correctness 0/1, a judge score rescaled to [0, 1], ...);
 ``category`` is optional. Capability files use ``{"id", "prompt", "capability"}`` (plus
 ``commercial_use``/``source`` where the data has them). Users can bring their own logs in this
-format to ``tiergate train`` and ``tiergate eval``.
-
-An artifact is a directory with ``model.joblib``, ``serving.npz`` and ``metadata.json``
-(:mod:`router.artifact`). The sidecar records the format version, library versions, the sha256
-and row count of every training file, the features and the cross-validation metrics, the sha256
-of ``model.joblib``, and the serving form's format version and sha256. :func:`load_scorer` checks
-the format, the library versions and that hash *before* unpickling, so it only unpickles the file
-Tiergate wrote alongside that sidecar, and refuses anything else. The proxy does not unpickle at
-all: it loads the serving form (:func:`router.artifact.load_for_serving`).
+format to ``tiergate train`` and ``tiergate eval``. The fitted models are written and read by
+:mod:`router.artifact`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import platform
-import sys
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import joblib
 import numpy as np
-import scipy
-import sklearn
 from numpy.typing import NDArray
 
-from router import __version__
 from router.artifact import (
-    ARTIFACT_FORMAT,
-    ARTIFACT_FORMAT_VERSION,
     DEFAULT_MODEL_NAME,
-    MODEL_FILE,
-    PROFILE_HEAD_FORMAT,
     default_model_path,
-    load_serving_form,
-    read_sidecar,
-    write_profile_head,
-    write_serving_form,
-    write_sidecar,
+    load_capability_model,
+    load_fitted,
+    save_profile_router,
+    save_scorer,
+    sha256_file,
 )
 from router.classifier import (
     CapabilityRouting,
@@ -59,19 +39,10 @@ from router.classifier import (
     PromptClassifier,
     ServedCapability,
 )
-from router.errors import ArtifactError, ConfigError
-from router.fetch import sha256_file
+from router.errors import ConfigError
 from router.profile import CapabilityAccuracy, LocalProfile
 from router.scoring import CAPABILITIES
-from router.serving import (
-    HEAD_CHARS,
-    MAX_CHARS,
-    STRUCTURE_FEATURES,
-    TAIL_CHARS,
-    gap_logit,
-    logistic,
-    window_mismatch,
-)
+from router.serving import gap_logit, logistic
 
 #: Routing-label choices measured in docs/model-card.md; the shipped model uses the defaults.
 DEFAULT_MARGIN = 0.0
@@ -434,51 +405,11 @@ def fit_scorer(
     return LearnedScorer(routing, capability, version)
 
 
-# --- artifact -------------------------------------------------------------------------------
-
-
-def save_profile_router(
-    routing: GapRouting,
-    capability: Path,
-    out_dir: str | Path,
-    *,
-    metadata: dict[str, Any] | None = None,
-) -> Path:
-    """Write router-v4 over a standalone capability artifact (``capability``, a directory such
-    as ``models/capability-v1``): the profile head as serving form 4 (no pickle: the head is
-    all there is to serve) and the sidecar pinning the capability model. A new directory,
-    assembled aside and renamed into place, as :func:`save_scorer` does."""
-    out = Path(out_dir)
-    if out.exists():
-        raise ArtifactError(f"{out} already exists; write a new version instead of editing one")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    sidecar = {
-        "format": ARTIFACT_FORMAT,
-        "format_version": ARTIFACT_FORMAT_VERSION,
-        "name": out.name,
-        "version": out.name,
-        "tiergate_version": __version__,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "libraries": library_versions(),
-        "platform": platform.platform(),
-        "features": {"routing": routing.describe(), "capability": capability.name},
-        **(metadata or {}),
-        "serving": write_profile_head(tmp, routing.head(), Path(capability)),
-    }
-    write_sidecar(tmp, sidecar)
-    tmp.chmod(0o755)
-    os.replace(tmp, out)
-    return out
-
-
 def train_profile_router(
     data: Sequence[str | Path], capability: str | Path, out: str | Path, *, cv: bool = True
 ) -> Path:
     """``tiergate train --capability DIR``: fit router-v4's profile head on the routing files
     over a standalone capability model and save it (:func:`save_profile_router`)."""
-    from router.artifact import load_capability_model
-
     rows = [r for f in data for r in load_routing_rows(f)]
     reader = load_capability_model(Path(capability))
     served = ServedCapability(reader).fit()
@@ -505,175 +436,10 @@ def _gap_summary(routing: GapRouting) -> dict[str, Any]:
     }
 
 
-def library_versions() -> dict[str, str]:
-    """Versions that must match between the writer and the reader of an artifact."""
-    return {
-        "tiergate_artifact_format": str(ARTIFACT_FORMAT_VERSION),
-        "scikit-learn": sklearn.__version__,
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "joblib": joblib.__version__,
-        "python": ".".join(map(str, sys.version_info[:2])),
-    }
-
-
 def data_file_info(path: str | Path, rows: int) -> dict[str, Any]:
     """The sidecar entry for one training file: name, sha256, row count used."""
     p = Path(path)
     return {"file": p.name, "sha256": sha256_file(p), "rows": rows}
-
-
-def save_scorer(
-    scorer: LearnedScorer, out_dir: str | Path, *, metadata: dict[str, Any] | None = None
-) -> Path:
-    """Write ``scorer`` as a new artifact directory and return its path.
-
-    Writes ``model.joblib``, the serving form ``serving.npz`` when the scorer has one
-    (:attr:`LearnedScorer.form`; without it the proxy loads the artifact through scikit-learn)
-    and the sidecar. Refuses to overwrite an existing artifact (a retrain writes a new version).
-    The directory is assembled in a temporary sibling and renamed into place, so readers never
-    see half of it.
-    """
-    out = Path(out_dir)
-    if out.exists():
-        raise ArtifactError(f"{out} already exists; write a new version instead of editing one")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    model_path = tmp / MODEL_FILE
-    joblib.dump(
-        {"format": ARTIFACT_FORMAT, "routing": scorer.routing, "capability": scorer.capability},
-        model_path,
-        compress=3,
-    )
-    sidecar = {
-        "format": ARTIFACT_FORMAT,
-        "format_version": ARTIFACT_FORMAT_VERSION,
-        "name": out.name,
-        "version": scorer.version,
-        "tiergate_version": __version__,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "libraries": library_versions(),
-        "platform": platform.platform(),
-        "model_sha256": sha256_file(model_path),
-        "features": {
-            "routing": _describe(scorer.routing),
-            "capability": _describe(scorer.capability),
-            "max_chars": MAX_CHARS,
-            "head_chars": HEAD_CHARS,
-            "tail_chars": TAIL_CHARS,
-            "structure": list(STRUCTURE_FEATURES),
-        },
-        **(metadata or {}),
-    }
-    if scorer.form is not None:
-        sidecar["serving"] = write_serving_form(tmp, scorer.form)
-    write_sidecar(tmp, sidecar)
-    tmp.chmod(0o755)  # mkdtemp makes it owner-only; an artifact is meant to be shared.
-    os.replace(tmp, out)
-    return out
-
-
-def _describe(model: PromptClassifier) -> dict[str, Any]:
-    plain = (str, int, float, bool, type(None))
-    words = np.asarray(model.word_coef_)
-    out: dict[str, Any] = {
-        "estimator": model.describe(),
-        # Estimator-valued parameters (a capability or base model) are described on their own.
-        "params": {k: v for k, v in model.get_params(deep=False).items() if isinstance(v, plain)},
-        "classes": [str(c) for c in model.classes_],
-        "vocabulary_size": len(model.vocabulary_),
-        # Terms with a weight in a decision row (a CapabilityRouting has none of its own: its
-        # words count through the capability probabilities).
-        "weighted_terms": int(np.count_nonzero(np.abs(words).sum(axis=0))),
-        "reads_capability_probabilities": model.capability_coef() is not None,
-    }
-    base = getattr(model, "base_", None)
-    if isinstance(base, PromptClassifier):
-        out["base"] = _describe(base)
-    return out
-
-
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The sidecar of an artifact directory with ``model.joblib``, checked for format and
-    library versions (the versions the pickle is bound to)."""
-    p = Path(path)
-    meta = read_sidecar(p, MODEL_FILE)
-    expected = library_versions()
-    found = meta.get("libraries", {})
-    mismatched = {k: (found.get(k), v) for k, v in expected.items() if found.get(k) != v}
-    if mismatched:
-        detail = ", ".join(f"{k}: model {a} vs installed {b}" for k, (a, b) in mismatched.items())
-        raise ArtifactError(
-            f"{p}: library version mismatch ({detail}); retrain with `tiergate train`"
-        )
-    return meta
-
-
-def load_scorer(path: str | Path) -> LearnedScorer:
-    """Load an artifact written by :func:`save_scorer`, refusing foreign or tampered files.
-
-    The sidecar's ``model_sha256`` is checked against ``model.joblib`` before anything is
-    unpickled; only then is the pickle loaded and its contents type-checked.
-    """
-    p = Path(path)
-    if not (p / MODEL_FILE).exists() and (p / "metadata.json").is_file():
-        serving = read_sidecar(p).get("serving") or {}
-        if serving.get("format_version") == PROFILE_HEAD_FORMAT:
-            raise ArtifactError(
-                f"{p}: a profile head over a capability model (router-v4) has no scikit-learn "
-                "estimators to load; refit it with `tiergate train --capability` (the retrain "
-                "loop does not adapt it yet)"
-            )
-    meta = read_metadata(p)
-    features = meta.get("features") or {}
-    # Written before the window was recorded: the first window, 2,000 + 500 characters.
-    mismatch = window_mismatch(features.get("head_chars", 2000), features.get("tail_chars", 500))
-    if mismatch is not None:
-        raise ArtifactError(f"{p}: {mismatch}")
-    model_path = p / MODEL_FILE
-    if sha256_file(model_path) != meta.get("model_sha256"):
-        raise ArtifactError(f"{model_path}: sha256 does not match its sidecar; refusing to load")
-    payload = joblib.load(model_path)
-    if not isinstance(payload, dict) or payload.get("format") != ARTIFACT_FORMAT:
-        raise ArtifactError(f"{model_path}: unexpected contents")
-    routing, capability = payload.get("routing"), payload.get("capability")
-    if not isinstance(routing, PromptClassifier) or not isinstance(capability, PromptClassifier):
-        raise ArtifactError(f"{model_path}: unexpected estimator types")
-    return LearnedScorer(routing, capability, str(meta.get("version", p.name)))
-
-
-def load_default_scorer() -> LearnedScorer:
-    """Load the default model (:func:`router.artifact.default_model_path`) with its estimators
-    (the proxy loads its serving form instead, :func:`router.artifact.load_for_serving`)."""
-    return load_scorer(default_model_path())
-
-
-def add_serving_form(path: str | Path) -> dict[str, Any]:
-    """Give an artifact written before serving forms existed its ``serving.npz``, without
-    retraining (``tiergate serving-form``); returns the sidecar's serving entry.
-
-    ``model.joblib`` is loaded with every check of :func:`load_scorer` and left byte-identical;
-    the serving form is derived from it deterministically (:func:`router.classifier.serving_form`,
-    written by :func:`router.artifact.write_serving_form`: the same model always gives the same
-    bytes), then the sidecar gains its ``serving`` entry, written to a temporary file and renamed
-    over the old one. An artifact that already has a serving form is only checked (a version in
-    a model store is never edited).
-    """
-    p = Path(path)
-    scorer = load_scorer(p)
-    meta = read_metadata(p)
-    if "serving" in meta:
-        load_serving_form(p, meta)  # refuses one that does not match its sidecar
-        entry: dict[str, Any] = meta["serving"]
-        return entry
-    if scorer.form is None:
-        raise ArtifactError(
-            f"{p}: its models have no serving form (they do not tokenise alike); "
-            f"the proxy loads {MODEL_FILE} through scikit-learn"
-        )
-    meta["serving"] = write_serving_form(p, scorer.form)
-    write_sidecar(p, meta)
-    return dict(meta["serving"])
 
 
 # --- cross-validation and the train command ----------------------------------------------------
@@ -811,7 +577,7 @@ def train_artifact(
     if capability_rows:
         capability = fit_capability(capability_rows)
     else:  # the last shipped TF-IDF capability model (router-v4 reads capability-v1 instead)
-        capability = load_scorer(default_model_path().parent / TFIDF_MODEL_NAME).capability
+        capability = load_fitted(default_model_path().parent / TFIDF_MODEL_NAME).capability
     step("capability classifier")
     routing = fit_gap_routing(routing_rows, capability)
     step("routing classifier")

@@ -38,8 +38,8 @@ from sklearn.neighbors import KNeighborsClassifier
 from router.capability import DESCRIPTIONS, load_capability
 from router.capability_training import CapabilityClassifier, leave_one_source_out
 from router.embedding import POOL_TOKENS, StaticEmbedding
+from router.features import clip
 from router.scoring import CAPABILITIES
-from router.serving import clip
 from router.training import fit_capability, load_capability_rows
 
 ROOT = Path(__file__).resolve().parent.parent

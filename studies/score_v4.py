@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from router.artifact import load_for_serving
+from router.artifact import load_fitted, load_scorer
 from router.classifier import GapRouting, PromptClassifier, ServedCapability
 from router.profile import default_profile, load_profile
 from router.serving import ProfileScorer, profile_vector
@@ -44,7 +44,6 @@ from router.training import (
     fit_routing,
     gap_scores,
     load_routing_rows,
-    load_scorer,
     routing_target,
     train_artifact,
     train_profile_router,
@@ -108,7 +107,7 @@ def loso(
     local = crossfit_local_accuracy(rows, capability.predict_proba([r.prompt for r in rows]))
     v4 = np.zeros(len(rows))
     v3 = np.zeros(len(rows))
-    shipped_v3 = load_scorer(ROOT / "models" / "router-v3")
+    shipped_v3 = load_fitted(ROOT / "models" / "router-v3")
     for held in sorted({r.prompt_set for r in rows}):
         idx = [i for i, r in enumerate(rows) if r.prompt_set == held]
         train = [r for r in rows if r.prompt_set != held]
@@ -247,7 +246,8 @@ def ablation(rows: list[RoutingRow], capability: Any) -> dict[str, Any]:
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    from router.serving import STRUCTURE_FEATURES, gap_logit, structure_vector
+    from router.features import STRUCTURE_FEATURES, structure_vector
+    from router.serving import gap_logit
 
     prompts = [r.prompt for r in rows]
     q = capability.predict_proba(prompts)
@@ -397,7 +397,7 @@ def small_talk(scorer: Any) -> list[dict[str, Any]]:
 def alpaca_against_v3(served: Any) -> dict[str, Any]:
     """AlpacaEval (evaluation only), router-v4 with the default profile against router-v3."""
     ood = load_routing_rows(DATA / OOD_FILE)
-    v3_served = load_scorer(ROOT / "models" / "router-v3")
+    v3_served = load_fitted(ROOT / "models" / "router-v3")
     return paired(
         [served.score(r.prompt) for r in ood], [v3_served.score(r.prompt) for r in ood], ood
     )
@@ -416,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = json.loads(RESULTS.read_text())
         results["decision_latency"] = decision_latency()
         # What depends only on the shipped files (the default profile may have changed).
-        served = load_for_serving(ROOT / "models" / "router-v4")
+        served = load_scorer(ROOT / "models" / "router-v4")
         results["small_talk"] = small_talk(served)
         results["default_profile"] = default_profile().model
         results["alpacaeval_default_profile"] = alpaca_against_v3(served)
@@ -433,15 +433,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             train_profile_router([DATA / f for f in ROUTING_FILES], standalone, out_dir)
         else:
             train_artifact([DATA / f for f in (*ROUTING_FILES, CAPABILITY_FILE)], out_dir)
-    served = load_for_serving(out_dir)
+    served = load_scorer(out_dir)
     capability: Any
     if isinstance(served, ProfileScorer):
         capability = ServedCapability(served.capability).fit()
     else:
-        v4_fitted = load_scorer(out_dir)
+        v4_fitted = load_fitted(out_dir)
         assert isinstance(v4_fitted.routing, GapRouting)
         capability = v4_fitted.capability
-    v3_capability = load_scorer(ROOT / "models" / "router-v3").capability
+    v3_capability = load_fitted(ROOT / "models" / "router-v3").capability
     rows = [r for f in ROUTING_FILES for r in load_routing_rows(DATA / f)]
     print("leave-one-source-out ...", file=sys.stderr)
     per_source, v4, v3 = loso(rows, capability, v3_capability)

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 import router.retrain as retrain_module
-from router.artifact import load_for_serving
+from router.artifact import load_fitted, load_scorer, save_scorer
 from router.classifier import LearnedScorer, PromptClassifier
 from router.metrics import apgr_from_curve, routing_curve
 from router.outcomes import Label, SQLiteOutcomeStore
 from router.residual import ResidualRouting, fit_residual
 from router.retrain import GateConfig, retrain, split_outcomes
 from router.serving import ServingScorer
-from router.training import fit_routing, load_routing_rows, load_scorer, save_scorer
+from router.training import fit_routing, load_routing_rows
 from tests.test_retrain import base_file, first_version, label_traffic, outcome, traffic_prompt
 
 CONFIG = GateConfig(n_bootstrap=200, min_trusted_eval=10)
@@ -36,7 +36,7 @@ def _base(
     prompts."""
     base = base_file(tmp_path)
     models = first_version(tmp_path, base)
-    scorer = load_scorer(models.path("v0001"))
+    scorer = load_fitted(models.path("v0001"))
     rows = load_routing_rows(base)
     routing = fit_routing(rows, None) if words else scorer.routing
     return routing, scorer.capability, [r.prompt for r in rows]
@@ -75,11 +75,11 @@ def test_residual_fast_path_and_artifact_round_trip(tmp_path: Path, words: bool)
     assert np.allclose([scorer.score(t) for t in texts], batch, atol=1e-12)
     assert np.allclose([scorer.analyze(t).score for t in texts], batch, atol=1e-12)
     save_scorer(scorer, tmp_path / "art")
-    back = load_scorer(tmp_path / "art")
+    back = load_fitted(tmp_path / "art")
     assert isinstance(back.routing, ResidualRouting)
     assert np.allclose(back.routing.predict_proba(texts)[:, 1], batch, atol=1e-12)
     # The proxy's loader serves it from its serving form (three routing rows and the shift).
-    served = load_for_serving(tmp_path / "art")
+    served = load_scorer(tmp_path / "art")
     assert isinstance(served, ServingScorer)
     assert np.allclose([served.analyze(t).score for t in texts], batch, atol=1e-12, rtol=0)
     assert [served.analyze(t).capability for t in texts] == list(capability.predict(texts))

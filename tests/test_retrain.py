@@ -12,20 +12,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from router.artifact import load_for_serving
+from router.artifact import load_fitted, load_scorer, save_scorer
 from router.classifier import LearnedScorer
 from router.cli import main
 from router.outcomes import Label, OutcomeRecord, SQLiteOutcomeStore
 from router.registry import ModelStore
 from router.retrain import GateConfig, compare, retrain
 from router.serving import ServingScorer
-from router.training import (
-    CapabilityRow,
-    fit_scorer,
-    load_routing_rows,
-    load_scorer,
-    save_scorer,
-)
+from router.training import CapabilityRow, fit_scorer, load_routing_rows
 from tests.conftest import live, policy_yaml
 from tests.fake_provider import FakeProvider
 from tests.test_gateway import ScriptedLocal
@@ -165,15 +159,15 @@ def test_gate_promotes_a_better_candidate(tmp_path: Path, outcomes: SQLiteOutcom
     assert meta["lineage"]["parent"] == "v0001"
     assert meta["lineage"]["labels"]["source/shadow"] == 120
     assert meta["lineage"]["gate"]["decision"] == "promoted"
-    assert load_scorer(models.path("v0002")).version == "v0002"
+    assert load_fitted(models.path("v0002")).version == "v0002"
 
 
 def test_compare_scores_the_served_model_like_the_trained_one(tmp_path: Path) -> None:
     # The learning-loop benchmark compares the proxy's serving scorer with the starting model.
     base = base_file(tmp_path)
     models = first_version(tmp_path, base)
-    trained = load_scorer(models.path("v0001"))
-    served = load_for_serving(models.path("v0001"))
+    trained = load_fitted(models.path("v0001"))
+    served = load_scorer(models.path("v0001"))
     assert isinstance(served, ServingScorer)
     rows = load_routing_rows(base)
     same = compare("x", rows, trained, served, n_bootstrap=50)
@@ -245,7 +239,7 @@ def test_hot_swap_under_concurrent_traffic(tmp_path: Path, fake: FakeProvider) -
     fake.reset()
     base = base_file(tmp_path)
     models = first_version(tmp_path, base)
-    first = load_scorer(models.path("v0001"))
+    first = load_fitted(models.path("v0001"))
     save_scorer(
         LearnedScorer(first.routing, first.capability, "v0002"), models.versions_dir / "v0002"
     )

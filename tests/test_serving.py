@@ -4,11 +4,11 @@ loads only serving forms Tiergate wrote."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,14 +16,16 @@ import pytest
 from router.artifact import (
     DEFAULT_MODEL_NAME,
     METADATA_FILE,
-    MODEL_FILE,
     SERVING_FILE,
     default_model_path,
-    load_for_serving,
+    load_fitted,
+    load_scorer,
+    save_profile_router,
+    save_scorer,
+    sha256_file,
 )
 from router.classifier import LearnedScorer, ServedCapability
 from router.errors import ArtifactError
-from router.fetch import sha256_file
 from router.pii import pii_kinds
 from router.profile import CapabilityAccuracy, LocalProfile, default_profile, load_profile
 from router.scoring import CAPABILITIES
@@ -33,18 +35,18 @@ from router.training import (
     CapabilityRow,
     DataFormatError,
     RoutingRow,
-    add_serving_form,
     fit_capability,
     fit_gap_routing,
     fit_routing,
-    fit_scorer,
     load_capability_rows,
     load_routing_rows,
-    load_scorer,
-    save_profile_router,
-    save_scorer,
 )
-from tests.test_classifier import EASY, HARD, TRICKY
+from tests.test_artifact import (
+    artifact_fixture,  # noqa: F401 (a fixture)
+    serving_entry,
+)
+from tests.test_classifier import EASY, HARD
+from tests.test_features import TRICKY
 from tests.test_training import capability_rows, routing_rows, write_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,14 +86,6 @@ def assert_serves_like_sklearn(served: ServingScorer, fitted: LearnedScorer) -> 
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("serving")
-    routing = load_routing_rows(write_jsonl(tmp / "routing.jsonl", routing_rows()))
-    caps = load_capability_rows(write_jsonl(tmp / "caps.jsonl", capability_rows()))
-    return save_scorer(fit_scorer(routing, caps, version="t-1"), tmp / "model")
-
-
-@pytest.fixture(scope="module")
 def word_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An artifact of the word + structure routing design (router-v1/v2)."""
     tmp = tmp_path_factory.mktemp("serving-words")
@@ -102,38 +96,14 @@ def word_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_scorer(scorer, tmp / "model")
 
 
-@pytest.fixture
-def copy(artifact: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "model"
-    out.mkdir()
-    for f in artifact.iterdir():
-        (out / f.name).write_bytes(f.read_bytes())
-    return out
-
-
-def _edit_sidecar(path: Path, **changes: object) -> None:
-    meta = json.loads((path / METADATA_FILE).read_text())
-    for key, value in changes.items():
-        if value is None:
-            meta.pop(key, None)
-        else:
-            meta[key] = value
-    (path / METADATA_FILE).write_text(json.dumps(meta))
-
-
-def _serving_entry(path: Path) -> dict[str, object]:
-    entry: dict[str, object] = json.loads((path / METADATA_FILE).read_text())["serving"]
-    return entry
-
-
 V3 = REPO / "models" / "router-v3"
 
 
 def test_router_v3_still_serves_like_its_sklearn_estimators() -> None:
-    served = load_for_serving(V3)
+    served = load_scorer(V3)
     assert isinstance(served, ServingScorer)
     assert (served.name, served.version) == ("learned", "router-v3")
-    assert_serves_like_sklearn(served, load_scorer(V3))
+    assert_serves_like_sklearn(served, load_fitted(V3))
 
 
 @pytest.mark.skipif(not (SHIPPED / SERVING_FILE).is_file(), reason="no shipped model")
@@ -142,7 +112,7 @@ def test_the_shipped_model_reads_the_shipped_capability_model() -> None:
     capability, and the score is the head's formula over its probabilities."""
     from router.capability import load_capability
 
-    served = load_for_serving(SHIPPED, default_profile())
+    served = load_scorer(SHIPPED, default_profile())
     assert isinstance(served, ProfileScorer)
     assert (served.name, served.version) == ("learned", DEFAULT_MODEL_NAME)
     capability = load_capability()
@@ -161,11 +131,11 @@ def test_the_shipped_model_reads_the_shipped_capability_model() -> None:
 def test_the_proxy_loader_imports_neither_sklearn_nor_scipy() -> None:
     script = """
 import json, sys
-from router.app import load_scorer
+from router.app import configured_scorer
 from router.config import Settings
 from router.registry import default_loader
 from router.artifact import default_model_path
-scorer = load_scorer(Settings(local_backend="none"))
+scorer = configured_scorer(Settings(local_backend="none"))
 swapped = default_loader(default_model_path())
 text = "Prove that the square root of 2 is irrational, step by step."
 print(json.dumps({
@@ -193,16 +163,16 @@ print(json.dumps({
     assert got["loaded"] == []  # neither sklearn nor scipy (nor joblib) was imported
     # The same model, scored in this process.
     text = "Prove that the square root of 2 is irrational, step by step."
-    assert got["score"] == load_for_serving(SHIPPED).score(text)
+    assert got["score"] == load_scorer(SHIPPED).score(text)
     assert got["swapped_score"] == got["score"]
 
 
 def test_saved_artifact_serves_like_the_fitted_scorer(artifact: Path) -> None:
-    served = load_for_serving(artifact)
+    served = load_scorer(artifact)
     assert isinstance(served, ServingScorer) and served.version == "t-1"
-    fitted = load_scorer(artifact)
+    fitted = load_fitted(artifact)
     assert_serves_like_sklearn(served, fitted)
-    entry = _serving_entry(artifact)
+    entry = serving_entry(artifact)
     assert entry["format_version"] == 2 and entry["routing"] == "logistic"
     assert entry["sha256"] == sha256_file(artifact / SERVING_FILE)
     with np.load(artifact / SERVING_FILE, allow_pickle=False) as form:  # plain arrays only
@@ -219,107 +189,13 @@ def test_the_routing_score_reads_the_capability_probabilities(artifact: Path) ->
 def test_a_word_model_is_written_as_format_1_and_serves(word_artifact: Path) -> None:
     """A model that reads no capability probabilities is written as serving format 1 (no
     ``cap_coef``), which Tiergate versions before format 2 can read too."""
-    entry = _serving_entry(word_artifact)
+    entry = serving_entry(word_artifact)
     assert entry["format_version"] == 1
     with np.load(word_artifact / SERVING_FILE, allow_pickle=False) as npz:
         assert "cap_coef" not in npz.files
-    served = load_for_serving(word_artifact)
+    served = load_scorer(word_artifact)
     assert isinstance(served, ServingScorer)
-    assert_serves_like_sklearn(served, load_scorer(word_artifact))
-
-
-def test_a_tampered_serving_form_is_refused(copy: Path) -> None:
-    data = bytearray((copy / SERVING_FILE).read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    (copy / SERVING_FILE).write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match="sha256 does not match"):
-        load_for_serving(copy)
-
-
-def test_another_serving_format_version_is_refused(copy: Path) -> None:
-    _edit_sidecar(copy, serving={**_serving_entry(copy), "format_version": 5})
-    with pytest.raises(
-        ArtifactError, match="serving form format 5, this Tiergate reads 1, 2, 3, 4"
-    ):
-        load_for_serving(copy)
-    _edit_sidecar(copy, format_version=2)
-    with pytest.raises(ArtifactError, match="artifact format 2"):
-        load_for_serving(copy)
-
-
-def test_the_serving_entry_names_only_its_own_file(copy: Path) -> None:
-    _edit_sidecar(copy, serving={**_serving_entry(copy), "file": f"../{MODEL_FILE}"})
-    with pytest.raises(ArtifactError, match="no valid serving form entry"):
-        load_for_serving(copy)
-    (copy / SERVING_FILE).unlink()
-    _edit_sidecar(copy, serving={**_serving_entry(copy), "file": SERVING_FILE})
-    with pytest.raises(ArtifactError, match="cannot be read"):
-        load_for_serving(copy)
-
-
-@pytest.mark.parametrize(
-    "change", ["pickled", "missing", "shape", "features", "window", "cap_coef", "no_cap_coef"]
-)
-def test_a_foreign_form_with_a_matching_hash_is_still_refused(copy: Path, change: str) -> None:
-    # Someone rewrote both the file and its sidecar entry: the hash matches, the contents must
-    # still be plain arrays of the expected names, kinds and shapes.
-    with np.load(copy / SERVING_FILE, allow_pickle=False) as npz:
-        form = {key: npz[key] for key in npz.files}
-    if change == "pickled":
-        form["vocabulary"] = np.array([object()], dtype=object)
-    elif change == "missing":
-        del form["shift"]
-    elif change == "shape":
-        form["intercept"] = form["intercept"][:-1]
-    elif change == "cap_coef":  # one capability short
-        form["cap_coef"] = form["cap_coef"][:, :-1]
-    elif change == "no_cap_coef":  # format 2 without it would score without the capabilities
-        del form["cap_coef"]
-    elif change == "window":  # fitted on another prompt window (the first model's)
-        form["clip"] = np.array([2000, 500], dtype=np.int64)
-    else:
-        form["structure_features"] = form["structure_features"][::-1]
-    np.savez(copy / SERVING_FILE, **form)
-    _edit_sidecar(
-        copy, serving={**_serving_entry(copy), "sha256": sha256_file(copy / SERVING_FILE)}
-    )
-    with pytest.raises(ArtifactError, match="unusable serving form"):
-        load_for_serving(copy)
-
-
-def test_an_artifact_without_serving_form_loads_through_sklearn(
-    copy: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    (copy / SERVING_FILE).unlink()
-    _edit_sidecar(copy, serving=None)
-    with caplog.at_level(logging.INFO, logger="tiergate.artifact"):
-        scorer = load_for_serving(copy)
-    assert isinstance(scorer, LearnedScorer)
-    assert "has no serving.npz" in caplog.text and "through scikit-learn" in caplog.text
-    assert scorer.analyze(SAMPLE[0]) == load_scorer(copy).analyze(SAMPLE[0])
-
-
-def test_serving_form_is_derived_from_model_joblib_alone(artifact: Path, copy: Path) -> None:
-    written = _serving_entry(artifact)
-    model = (copy / MODEL_FILE).read_bytes()
-    (copy / SERVING_FILE).unlink()
-    _edit_sidecar(copy, serving=None)
-    before = json.loads((copy / METADATA_FILE).read_text())
-
-    entry = add_serving_form(copy)
-    # Deterministic: the bytes save_scorer wrote, derived again from model.joblib.
-    assert entry == written
-    assert (copy / MODEL_FILE).read_bytes() == model
-    after = json.loads((copy / METADATA_FILE).read_text())
-    assert after.pop("serving") == written and after == before
-    assert isinstance(load_for_serving(copy), ServingScorer)
-    # Again: only checked, nothing rewritten; a tampered one is refused.
-    stamp = (copy / SERVING_FILE).stat().st_mtime_ns
-    assert add_serving_form(copy) == written
-    assert (copy / SERVING_FILE).stat().st_mtime_ns == stamp
-    (copy / SERVING_FILE).write_bytes(b"PK\x05\x06" + b"\x00" * 18)
-    with pytest.raises(ArtifactError, match="sha256 does not match"):
-        add_serving_form(copy)
+    assert_serves_like_sklearn(served, load_fitted(word_artifact))
 
 
 # --- router-v4: the score reads the local model's profile ----------------------------------------
@@ -340,7 +216,7 @@ def _profile(accuracy: dict[str, float], model: str = "test-model") -> LocalProf
 def test_a_better_local_model_never_raises_the_score() -> None:
     """Monotone in the profile: raising any capability's local accuracy lowers the score or
     leaves it, and raising the prompt's own capability lowers it strictly."""
-    served = load_for_serving(SHIPPED)
+    served = load_scorer(SHIPPED)
     assert isinstance(served, ProfileScorer)
     base = dict.fromkeys(CAPABILITIES, 0.3)
     for text in (MATHS, CODE, "Hello", "Write a short poem about autumn leaves."):
@@ -357,9 +233,9 @@ def test_a_better_local_model_never_raises_the_score() -> None:
 def test_swapping_the_profile_moves_the_score_the_right_way() -> None:
     """The same maths prompt scores lower with an 8B model's profile than with the bundled
     135M model's, and lower with Llama-3.1-8B's than with Mistral-7B's (weaker at maths)."""
-    served = load_for_serving(SHIPPED)
+    served = load_scorer(SHIPPED)
     assert isinstance(served, ProfileScorer)
-    smol = load_for_serving(SHIPPED, default_profile()).analyze(MATHS)
+    smol = load_scorer(SHIPPED, default_profile()).analyze(MATHS)
     llama = served.with_profile(load_profile(PROFILES / "Llama-3.1-8B-Instruct.yaml"))
     mistral = served.with_profile(load_profile(PROFILES / "Mistral-7B-Instruct-v0.2.yaml"))
     assert smol.capability == "math"
@@ -369,20 +245,20 @@ def test_swapping_the_profile_moves_the_score_the_right_way() -> None:
 
 
 def test_the_shipped_model_is_format_4_and_router_v3_still_loads() -> None:
-    entry = _serving_entry(SHIPPED)
+    entry = serving_entry(SHIPPED)
     assert (entry["format_version"], entry["routing"]) == (4, "profile")
     assert entry["capability"] == {
         "name": "capability-v1",
         "sha256": sha256_file(REPO / "models" / "capability-v1" / METADATA_FILE),
     }
-    v3 = load_for_serving(V3)
+    v3 = load_scorer(V3)
     assert isinstance(v3, ServingScorer) and v3.version == "router-v3"
     a = v3.analyze(MATHS)
     assert 0.0 <= a.score <= 1.0 and a.local_accuracy is not None  # the policy signal still works
 
 
 def test_a_profile_score_needs_a_profile_and_a_non_negative_slope() -> None:
-    served = load_for_serving(SHIPPED)
+    served = load_scorer(SHIPPED)
     assert isinstance(served, ProfileScorer)
     head = dict(served.head)
     with pytest.raises(ValueError, match="invert"):
@@ -456,7 +332,7 @@ def test_a_profile_head_over_a_standalone_capability_model_serves_as_fitted(
     routing = fit_gap_routing(rows, ServedCapability(reader).fit())
     out = save_profile_router(routing, cap_dir, tmp_path / "models" / "v4")
     (out / cap_dir.name).symlink_to(cap_dir)  # carried inside the artifact
-    served = load_for_serving(out, default_profile())
+    served = load_scorer(out, default_profile())
     assert isinstance(served, ProfileScorer)
     routing.set_params(profile=default_profile())
     texts = ["Prove that 7 is prime", "hi there"]
@@ -467,4 +343,57 @@ def test_a_profile_head_over_a_standalone_capability_model_serves_as_fitted(
     assert served.score(texts[0]) > served.score(texts[1])
     (cap_dir / METADATA_FILE).write_text('{"format": "tiergate-capability", "changed": 1}')
     with pytest.raises(ArtifactError, match="not the one it was fitted on"):
-        load_for_serving(out)
+        load_scorer(out)
+
+
+SHIPPED_SCORES = Path(__file__).parent / "fixtures" / "shipped_scores.json"
+
+
+def _analysis(a: Any) -> dict[str, Any]:
+    return {
+        "score": a.score,
+        "capability": a.capability,
+        "stakes": a.stakes,
+        "stakes_reason": a.stakes_reason,
+        "pii": a.pii,
+        "pii_kinds": list(a.pii_kinds),
+        "local_accuracy": a.local_accuracy,
+        "local_profile": a.local_profile,
+    }
+
+
+def _assert_same(got: dict[str, Any], want: dict[str, Any]) -> None:
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        if isinstance(value, float):
+            assert got[key] == pytest.approx(value, abs=1e-9, rel=0), key
+        else:
+            assert got[key] == value, key
+
+
+def test_shipped_models_score_as_before() -> None:
+    # Every shipped model, through every loader, gives the scores, capabilities and stakes the
+    # fixture recorded before the scoring code was reorganised (a refactor changes no route).
+    from router.capability import load_capability
+
+    fixture = json.loads(SHIPPED_SCORES.read_text())
+    prompts = fixture["prompts"]
+    for name in ("router-v4", "router-v3"):
+        scorer = load_scorer(REPO / "models" / name)
+        for text, want in zip(prompts, fixture[name], strict=True):
+            assert scorer.score(text) == pytest.approx(want["score"], abs=1e-9, rel=0)
+            _assert_same(_analysis(scorer.analyze(text)), want["analyze"])
+            _assert_same(_analysis(scorer.analyze(text, has_tools=True)), want["analyze_tools"])
+    fitted = load_fitted(REPO / "models" / "router-v3")
+    want_fitted = fixture["router-v3-fitted"]
+    for text, want in zip(prompts, want_fitted["analyze"], strict=True):
+        _assert_same(_analysis(fitted.analyze(text)), want)
+    np.testing.assert_allclose(
+        fitted.routing.predict_proba(prompts)[:, 1], want_fitted["routing_proba"], atol=1e-9, rtol=0
+    )
+    np.testing.assert_allclose(
+        fitted.capability.predict_proba(prompts), want_fitted["capability_proba"], atol=1e-9, rtol=0
+    )
+    capability = load_capability(REPO / "models" / "capability-v1")
+    got = [capability.probabilities(text) for text in prompts]
+    np.testing.assert_allclose(got, fixture["capability-v1"], atol=1e-9, rtol=0)

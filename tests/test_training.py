@@ -1,4 +1,4 @@
-"""Data loading, training and the trusted-only, versioned artifact."""
+"""Data loading and training."""
 
 from __future__ import annotations
 
@@ -8,17 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from router.artifact import METADATA_FILE, MODEL_FILE, default_model_path
-from router.errors import ArtifactError
+from router.artifact import METADATA_FILE
 from router.training import (
     DataFormatError,
-    fit_scorer,
     load_capability_rows,
     load_prompts,
     load_routing_rows,
-    load_scorer,
     routing_target,
-    save_scorer,
     train_artifact,
 )
 
@@ -62,8 +58,8 @@ def capability_rows() -> list[dict[str, object]]:
     return rows
 
 
-@pytest.fixture
-def files(tmp_path: Path) -> tuple[Path, Path]:
+@pytest.fixture(name="files")
+def files_fixture(tmp_path: Path) -> tuple[Path, Path]:
     routing = write_jsonl(tmp_path / "routing.jsonl", routing_rows())
     caps = write_jsonl(tmp_path / "caps.jsonl", capability_rows())
     return routing, caps
@@ -114,58 +110,6 @@ def load_routing_rows_from(rows: list[dict[str, object]]) -> list:  # type: igno
     ]
 
 
-def test_save_load_roundtrip_and_refusals(tmp_path: Path, files: tuple[Path, Path]) -> None:
-    routing, caps = files
-    scorer = fit_scorer(load_routing_rows(routing), load_capability_rows(caps))
-    out = save_scorer(scorer, tmp_path / "m1", metadata={"note": "test"})
-    loaded = load_scorer(out)
-    text = "Prove that thing1 is irrational step by step."
-    assert loaded.analyze(text).score == pytest.approx(scorer.analyze(text).score, abs=1e-12)
-    with pytest.raises(ArtifactError, match="already exists"):
-        save_scorer(scorer, out)
-
-    meta_path = out / METADATA_FILE
-    meta = json.loads(meta_path.read_text())
-    assert meta["note"] == "test" and meta["libraries"]["scikit-learn"]
-
-    # A model fitted on another prompt window is refused, and one whose sidecar predates the
-    # recorded window is taken to have the first window (2,000 + 500 characters).
-    assert (meta["features"]["head_chars"], meta["features"]["tail_chars"]) == (1000, 250)
-    for window in ({"head_chars": 2000, "tail_chars": 500}, {}):
-        features = {k: v for k, v in meta["features"].items() if not k.endswith("_chars")}
-        meta_path.write_text(json.dumps({**meta, "features": features | window}))
-        with pytest.raises(ArtifactError, match="2000 \\+ 500 character prompt window"):
-            load_scorer(out)
-
-    # A different library version is refused.
-    meta["libraries"]["scikit-learn"] = "0.0.1"
-    meta_path.write_text(json.dumps(meta))
-    with pytest.raises(ArtifactError, match="version mismatch"):
-        load_scorer(out)
-
-
-def test_tampered_model_is_refused_before_unpickling(
-    tmp_path: Path, files: tuple[Path, Path]
-) -> None:
-    routing, caps = files
-    out = save_scorer(
-        fit_scorer(load_routing_rows(routing), load_capability_rows(caps)), tmp_path / "m"
-    )
-    # A foreign pickle that would run code if unpickled.
-    (out / MODEL_FILE).write_bytes(b"cos\nsystem\n(S'echo pwned'\ntR.")
-    with pytest.raises(ArtifactError, match="sha256 does not match"):
-        load_scorer(out)
-
-
-def test_foreign_directories_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(ArtifactError, match="not a Tiergate model"):
-        load_scorer(tmp_path)
-    (tmp_path / MODEL_FILE).write_bytes(b"x")
-    (tmp_path / METADATA_FILE).write_text(json.dumps({"format": "something-else"}))
-    with pytest.raises(ArtifactError, match="not a Tiergate classifier"):
-        load_scorer(tmp_path)
-
-
 def test_train_artifact_records_data_hashes_and_cv(
     tmp_path: Path, files: tuple[Path, Path]
 ) -> None:
@@ -181,32 +125,3 @@ def test_train_artifact_records_data_hashes_and_cv(
     assert 0.0 <= meta["cv_metrics"]["capability"]["accuracy"] <= 1.0
     assert steps[-1] == "save"
     assert meta["serving"]["file"] == "serving.npz" and len(meta["serving"]["sha256"]) == 64
-
-
-def test_default_model_path_env_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("TIERGATE_CLASSIFIER_PATH", str(tmp_path))
-    assert default_model_path() == tmp_path
-    monkeypatch.delenv("TIERGATE_CLASSIFIER_PATH")
-    assert default_model_path().parent.name == "models"
-
-
-def test_install_constraints_pin_what_the_shipped_model_was_written_with() -> None:
-    """`make` and the Dockerfile install with constraints.txt; a fresh install must be able to
-    read the shipped model, so the pins and the model's recorded library versions agree."""
-    root = Path(__file__).resolve().parent.parent
-    pins = {}
-    for raw in (root / "constraints.txt").read_text().splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if line:
-            name, version = line.split("==")
-            pins[name] = version
-    recorded = json.loads((default_model_path() / "metadata.json").read_text())["libraries"]
-    assert pins == {k: recorded[k] for k in ("scikit-learn", "numpy", "scipy", "joblib")}
-    assert "-c constraints.txt" in (root / "Makefile").read_text()
-    assert "-c /src/constraints.txt" in (root / "Dockerfile").read_text()
-
-
-def test_a_profile_head_says_why_it_cannot_be_retrained() -> None:
-    """router-v4 has no pickled estimators: loading it for retraining names the reason."""
-    with pytest.raises(ArtifactError, match="no scikit-learn estimators"):
-        load_scorer(default_model_path())
