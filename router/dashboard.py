@@ -3,9 +3,10 @@
 
 The page is rendered on the server as plain HTML with inline SVG charts drawn here: no
 JavaScript, no CDN, works offline, and every chart element carries ``data-*`` attributes with the
-numbers it draws. Aggregates come from the outcome store's ``summary()``; quality labels from
-the store's ``quality_by_tier()`` when it has one; the evaluation curve from a JSON report
-(``tiergate eval --json``) at ``eval_report``, else ``eval.json`` beside the classifier.
+numbers it draws. :func:`summarize` is the one aggregate, over the records the store returns for
+the window (``window``); quality per tier comes from its ``tiered_labels``; the evaluation curve
+from a JSON report (``tiergate eval --json``) at ``eval_report``, else ``eval.json`` beside the
+classifier.
 
 All three routes depend on :func:`operator_access`, the single access check for them: the
 ``dashboard`` permission of the caller's key (see SECURITY.md).
@@ -14,10 +15,13 @@ All three routes depend on :func:`operator_access`, the single access check for 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import json
 import math
 import time
+from collections import defaultdict
+from collections.abc import Iterable
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from router.auth import require
 from router.errors import TiergateError
+from router.outcomes import OutcomeStore, TieredLabel, WindowRow
 from router.services import services
 
 _dashboard_permission = require("dashboard")
@@ -52,18 +57,149 @@ WINDOWS_S = tuple(BUCKETS_S)
 # -- data ------------------------------------------------------------------------------------
 
 
-def quality_by_tier(store: Any, since_ts: float) -> dict[str, Any]:
-    """Feedback and shadow-judge quality per tier, from the store when it records labels.
+#: The fields of each recent fallback or error the page lists.
+PROBLEM_FIELDS = (
+    "id", "ts", "tenant", "alias", "tier", "model", "rule", "status", "http_status",
+    "error_type", "fallback",
+)  # fmt: skip
 
-    Contract for stores: ``quality_by_tier(since_ts) -> {tier: {"feedback": {"n", "mean"},
-    "shadow": {"n", "mean"}}}`` with means in [0, 1]. A store without labels yields empty data.
+
+def summary_tier(row: WindowRow) -> str:
+    """Where a record counts: its tier, ``failed`` when that tier did not answer (an error),
+    ``none`` when the request was refused before routing."""
+    if row.tier is None:
+        return "none"
+    return "failed" if row.status == "error" else row.tier
+
+
+def _served_share(tiers: dict[str, int], tier: str) -> float:
+    served = tiers.get("local", 0) + tiers.get("closed", 0)
+    return tiers.get(tier, 0) / served if served else 0.0
+
+
+def summarize(
+    records: Iterable[WindowRow],
+    *,
+    since_ts: float,
+    bucket_s: float,
+    until_ts: float | None = None,
+    problems: int = 20,
+) -> dict[str, Any]:
+    """The dashboard's aggregates over ``records`` (a store's ``window``), whichever the store.
+
+    ``buckets`` are ``bucket_s`` wide from ``since_ts`` to ``until_ts`` (default: now), empty
+    ones included so a chart's x axis is time; a record newer than ``until_ts`` joins the last.
+    Requests count under :func:`summary_tier`; ``local_share`` (and each front's
+    ``closed_share``) is of the requests a tier served.
     """
-    source = getattr(store, "quality_by_tier", None)
-    if source is None:
-        return {"available": False, "tiers": {}, "note": "this outcome store records no labels"}
-    tiers = source(since_ts) or {}
+    bucket_s = max(1.0, float(bucket_s))
+    until = time.time() if until_ts is None else until_ts
+    n_buckets = max(1, math.ceil((until - since_ts) / bucket_s))
+    tiers: list[dict[str, int]] = [defaultdict(int) for _ in range(n_buckets)]
+    costs, counterfactuals = [0.0] * n_buckets, [0.0] * n_buckets
+    fronts: dict[str, dict[str, Any]] = {}
+    versions: dict[tuple[Any, Any], list[Any]] = {}
+    bad: list[WindowRow] = []
+    errors = fallbacks = 0
+    for r in records:
+        if r.ts < since_ts:
+            continue
+        i, tier = min(int((r.ts - since_ts) // bucket_s), n_buckets - 1), summary_tier(r)
+        cost = r.cost_usd or 0.0
+        tiers[i][tier] += 1
+        costs[i] += cost
+        counterfactuals[i] += r.counterfactual_cost_usd or 0.0
+        failed, fell_back = r.status != "ok", r.fallback is not None
+        errors += failed
+        fallbacks += fell_back
+        if failed or fell_back:
+            bad.append(r)
+        front = fronts.get(r.front)
+        if front is None:
+            front = fronts[r.front] = {"tiers": defaultdict(int), "cost": 0.0, "errors": 0}
+        front["tiers"][tier] += 1
+        front["cost"] += cost
+        front["errors"] += failed
+        version = versions.get((r.policy_version, r.model_version))
+        if version is None:
+            version = versions[(r.policy_version, r.model_version)] = [0, r.ts]
+        version[0] += 1
+        version[1] = max(version[1], r.ts)
+    by_tier: dict[str, int] = defaultdict(int)
+    for bucket in tiers:
+        for tier, n in bucket.items():
+            by_tier[tier] += n
+    total_cost, total_cf = sum(costs), sum(counterfactuals)
+    newest = heapq.nlargest(problems, bad, key=lambda r: r.ts)
+    latest = heapq.nlargest(10, versions.items(), key=lambda kv: kv[1][1])
+    return {
+        "since": since_ts,
+        "bucket_s": bucket_s,
+        "buckets": [
+            {
+                "start": since_ts + i * bucket_s,
+                "tiers": dict(t),
+                "cost_usd": c,
+                "counterfactual_usd": f,
+            }
+            for i, (t, c, f) in enumerate(zip(tiers, costs, counterfactuals, strict=True))
+        ],
+        "totals": {
+            "requests": sum(by_tier.values()),
+            "errors": errors,
+            "fallbacks": fallbacks,
+            "by_tier": dict(by_tier),
+            "cost_usd": total_cost,
+            "counterfactual_usd": total_cf,
+            "saved_usd": total_cf - total_cost,
+            "local_share": _served_share(by_tier, "local"),
+        },
+        "by_front": {
+            name: {
+                "requests": sum(f["tiers"].values()),
+                "closed_share": _served_share(f["tiers"], "closed"),
+                "cost_usd": f["cost"],
+                "errors": f["errors"],
+            }
+            for name, f in sorted(fronts.items())
+        },
+        "problems": [{k: getattr(r, k) for k in PROBLEM_FIELDS} for r in newest],
+        "versions": [
+            {"policy_version": p, "model_version": m, "requests": n, "last_ts": t}
+            for (p, m), (n, t) in latest
+        ],
+    }
+
+
+def label_quality(labels: Iterable[TieredLabel]) -> dict[str, Any]:
+    """Mean quality of the answers served, per tier and source (feedback, shadow judge).
+
+    Feedback carries the served answer's quality; a shadow verdict says how likely the closed
+    answer was materially better, so the served answer's quality is ``1 - value``.
+    """
+    sums: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0])
+    for label in labels:
+        quality = label.quality
+        if quality is None and label.value is not None:
+            quality = 1.0 - float(label.value)
+        if label.source in ("feedback", "shadow") and label.tier and quality is not None:
+            entry = sums[(label.tier, label.source)]
+            entry[0] += 1
+            entry[1] += float(quality)
+    tiers: dict[str, dict[str, dict[str, float]]] = {}
+    for (tier, source), (n, total) in sums.items():
+        tiers.setdefault(tier, {})[source] = {"n": int(n), "mean": total / n}
     note = None if tiers else "no feedback or shadow labels in this window"
     return {"available": bool(tiers), "tiers": tiers, "note": note}
+
+
+def store_summary(
+    store: OutcomeStore, since_ts: float, bucket_s: float, until_ts: float | None = None
+) -> dict[str, Any]:
+    """:func:`summarize` over ``store``'s window (blocking: call it off the event loop)."""
+    return summarize(
+        store.window(since_ts), since_ts=since_ts, bucket_s=bucket_s, until_ts=until_ts
+    )
 
 
 #: The evaluation report beside a classifier (the shipped one has one; see docs/model-card.md).
@@ -96,42 +232,17 @@ def alias_thresholds(gateway: Any) -> dict[str, float]:
     return {name: float(t.threshold) for name, t in gateway.alias_thresholds.items()}
 
 
-def _empty_summary(since: float, bucket_s: float) -> dict[str, Any]:
-    return {
-        "since": since,
-        "bucket_s": bucket_s,
-        "buckets": [],
-        "totals": {
-            "requests": 0,
-            "errors": 0,
-            "fallbacks": 0,
-            "by_tier": {},
-            "cost_usd": 0.0,
-            "counterfactual_usd": 0.0,
-            "saved_usd": 0.0,
-            "local_share": 0.0,
-        },
-        "problems": [],
-        "versions": [],
-        "note": "this outcome store has no summary()",
-    }
-
-
 async def dashboard_data(request: Request, window_s: int) -> dict[str, Any]:
     """Everything the page shows, as JSON-ready data."""
     svc = services(request)
     gateway = svc.gateway
-    store = gateway.outcomes
+    store: OutcomeStore = gateway.outcomes
     now = time.time()
     bucket_s = BUCKETS_S[window_s]
     until = math.ceil(now / bucket_s) * bucket_s  # the end of the bucket that holds now
     since = until - window_s
-    summarise = getattr(store, "summary", None)
-    if summarise is None:
-        summary = _empty_summary(since, bucket_s)
-    else:
-        summary = await asyncio.to_thread(summarise, since, bucket_s, until_ts=until)
-    quality = await asyncio.to_thread(quality_by_tier, store, since)
+    summary = await asyncio.to_thread(store_summary, store, since, bucket_s, until)
+    quality = label_quality(await asyncio.to_thread(store.tiered_labels, since))
     return {
         "generated_at": now,
         "window_s": window_s,
@@ -422,6 +533,24 @@ def problems_table(problems: list[dict[str, Any]]) -> str:
     )
 
 
+def fronts_table(by_front: dict[str, dict[str, Any]]) -> str:
+    """Requests, closed share, spend and errors per front (the API the clients spoke)."""
+    if not by_front:
+        return '<p class="empty">no requests recorded</p>'
+    rows = "".join(
+        f'<tr data-front="{escape(name)}" data-requests="{f["requests"]}" '
+        f'data-closed-share="{f["closed_share"]:.4f}" data-cost="{f["cost_usd"]:.10f}" '
+        f'data-errors="{f["errors"]}"><td>{escape(name)}</td><td>{f["requests"]}</td>'
+        f"<td>{f['closed_share'] * 100:.1f}%</td><td>{_usd(f['cost_usd'])}</td>"
+        f"<td>{f['errors']}</td></tr>"
+        for name, f in by_front.items()
+    )
+    return (
+        '<table id="fronts"><tr><th>front</th><th>requests</th><th>closed share</th>'
+        f"<th>spent</th><th>errors</th></tr>{rows}</table>"
+    )
+
+
 def versions_block(live: dict[str, Any], versions: list[dict[str, Any]]) -> str:
     """The policy and model versions serving now, and those seen in the window."""
     seen = "".join(
@@ -484,7 +613,6 @@ def render_page(data: dict[str, Any]) -> str:
             _tile("errors", str(totals["errors"]), "errors"),
         )
     )
-    note = f'<p class="note">{escape(summary["note"])}</p>' if summary.get("note") else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Tiergate dashboard</title>
 <meta name="viewport" content="width=device-width,initial-scale=1">
@@ -493,9 +621,10 @@ def render_page(data: dict[str, Any]) -> str:
 {time.strftime("%H:%M:%S", time.gmtime(data["generated_at"]))} UTC</span>
 <nav>{windows}<a href="dashboard/data?window_s={window}">JSON</a></nav></header>
 <main>
-<section class="wide"><div class="tiles">{tiles}</div>{note}</section>
+<section class="wide"><div class="tiles">{tiles}</div></section>
 <section><h2>Requests by tier</h2>{requests_chart(summary)}</section>
 <section><h2>Spend vs all-closed</h2>{spend_chart(summary)}</section>
+<section class="wide"><h2>By front</h2>{fronts_table(summary["by_front"])}</section>
 <section><h2>Quality per tier (feedback, shadow judge)</h2>
 {quality_block(data["quality"])}</section>
 <section><h2>Evaluation: quality vs closed share</h2>

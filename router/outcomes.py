@@ -1,19 +1,17 @@
 """The outcome store: one record per request, success or failure, written off the request path.
 
-:class:`OutcomeRecord` is what Tiergate learns and reports from. Stores implement
-:class:`OutcomeStore`; :class:`SQLiteOutcomeStore` is the embedded default. ``submit`` never blocks
-and never raises: records go to an in-memory queue that a writer thread drains in batches, and
-``close`` drains it fully, so nothing is lost at shutdown. Write failures are counted, logged and
-retried, never turned into request errors. No record can stop the writer: strings are made valid
-UTF-8 as they are written (a lone surrogate becomes U+FFFD), a record that still cannot be written
-is counted (``unwritable``) and logged, and a writer thread that dies anyway shows in
-:meth:`~OutcomeStore.health` (so in ``/readyz``) and is started again.
+:class:`OutcomeRecord` is what Tiergate learns and reports from; a :class:`Label` is a quality
+signal about an earlier request (user feedback, a shadow judge's verdict, an escalation). Stores
+implement :class:`OutcomeStore` and share one :class:`OutcomeWriter` (buffer, thread, records in
+flight, ``flush``, spend): a store adds only how a batch is written and how records are read.
+:class:`SQLiteOutcomeStore` is the embedded default;
+:class:`~router.outcomes_redis.RedisOutcomeStore` serves replicas that share one Redis.
 
-A :class:`Label` is a quality signal about one earlier request (user feedback, a shadow judge's
-verdict, an escalation); stores keep labels per request and source, next to the records, and
-``purge`` deletes both once they are older than the policy's retention period.
-:class:`~router.outcomes_redis.RedisOutcomeStore` implements the same interface for replicas
-that share one Redis.
+``submit`` never blocks and never raises, and no record can stop the writer: strings are made
+valid UTF-8 as they are written (a lone surrogate becomes U+FFFD), a record that still cannot be
+written is counted (``unwritable``) and skipped, and a writer thread that dies anyway shows in
+``health`` (so in ``/readyz``) and is started again. ``purge`` deletes records and labels past
+the policy's retention period.
 """
 
 from __future__ import annotations
@@ -21,15 +19,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import queue
 import sqlite3
 import threading
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 log = logging.getLogger("tiergate.outcomes")
 
@@ -101,11 +98,48 @@ class Label:
         return asdict(self)
 
 
-# ``front`` is not a column yet: the stores' schemas gain it separately.
-FIELDS: tuple[str, ...] = tuple(f.name for f in fields(OutcomeRecord) if f.name != "front")
+Item = OutcomeRecord | Label
+
+FIELDS: tuple[str, ...] = tuple(f.name for f in fields(OutcomeRecord))
 LABEL_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Label))
 _JSON_FIELDS = {"signals", "detail"}
 _BOOL_FIELDS = {"stream"}
+
+
+class WindowRow(NamedTuple):
+    """One record as the dashboard counts it (see :meth:`OutcomeStore.window`)."""
+
+    id: str
+    ts: float
+    tenant: str
+    alias: str
+    tier: str | None
+    model: str | None
+    rule: str | None
+    status: str
+    http_status: int
+    error_type: str | None
+    fallback: str | None
+    cost_usd: float
+    counterfactual_cost_usd: float
+    policy_version: str | None
+    model_version: str | None
+    front: str
+
+    @classmethod
+    def of(cls, record: Mapping[str, Any]) -> WindowRow:
+        """The row of a record dict; a record from before fronts were recorded is ``chat``'s."""
+        row = cls._make(map(record.get, cls._fields))
+        return row if row.front else row._replace(front="chat")
+
+
+class TieredLabel(NamedTuple):
+    """A label with the tier that served the request it is about."""
+
+    tier: str | None
+    source: str
+    value: float | None
+    quality: float | None
 
 
 class OutcomeStore(Protocol):
@@ -123,12 +157,24 @@ class OutcomeStore(Protocol):
         """Write everything queued, then stop."""
         ...
 
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait until everything submitted so far is written (or dropped); True if it was."""
+        ...
+
     def recent(self, limit: int = 20, tenant: str | None = None) -> list[dict[str, Any]]:
         """The newest records, newest first."""
         ...
 
     def count(self, tenant: str | None = None) -> int:
         """How many records are stored."""
+        ...
+
+    def window(self, since_ts: float) -> list[WindowRow]:
+        """The records stored since ``since_ts``, oldest first."""
+        ...
+
+    def tiered_labels(self, since_ts: float) -> list[TieredLabel]:
+        """Labels stored since ``since_ts`` on records still stored, with the record's tier."""
         ...
 
     def spend_today(self, tenant: str) -> float:
@@ -201,7 +247,7 @@ def valid_json(value: Any) -> str:
     return valid_text(json.dumps(value, separators=(",", ":"), default=str, ensure_ascii=False))
 
 
-def log_unwritable(item: OutcomeRecord | Label, exc: Exception) -> None:
+def log_unwritable(item: Item, exc: Exception) -> None:
     """Log an outcome that a store could not write and skipped."""
     name = item.id if isinstance(item, OutcomeRecord) else item.request_id
     log.error(
@@ -260,51 +306,86 @@ class WriterWatch:
             self.start()
         return reason
 
-    def stop(self, timeout_s: float) -> None:
-        """Wait for the writer to finish (the caller has told it to stop)."""
-        if self.thread is not None:
-            self.thread.join(timeout_s)
-            self.thread = None
+    def stop(self, timeout_s: float) -> bool:
+        """Wait for the writer to finish (the caller has told it to stop); whether it did."""
+        thread, self.thread = self.thread, None
+        if thread is None:
+            return True
+        thread.join(timeout_s)
+        return not thread.is_alive()
 
 
 class SpendLedger:
-    """Per-tenant spend for the current UTC day, kept in memory so budgets cost no I/O, and the
-    holds of requests in flight (see :meth:`OutcomeStore.reserve_spend`)."""
+    """Per-tenant spend for the current UTC day, in memory so a budget check costs no I/O: what
+    the store holds, what is queued for it, and the holds of requests in flight."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._day = _day(time.time())
-        self._spend: dict[str, float] = defaultdict(float)
+        self._stored: dict[str, float] = {}
+        self._queued: dict[tuple[int, str], float] = defaultdict(float)
         self._holds: dict[str, tuple[str, float]] = {}
         self._held: dict[str, float] = defaultdict(float)
 
-    def add(self, tenant: str, usd: float, ts: float, request_id: str | None = None) -> None:
-        """Count ``usd`` for ``tenant`` if ``ts`` is today, settling ``request_id``'s hold."""
+    def _today(self) -> int:
+        today = _day(time.time())
+        if today != self._day:
+            self._day, self._stored = today, {}
+        return today
+
+    def load(self, spend: Mapping[str, float]) -> None:
+        """Take today's spend as the store holds it (read from the store)."""
         with self._lock:
-            self._release(request_id)
-            today = _day(time.time())
-            if today != self._day:
-                self._day, self._spend = today, defaultdict(float)
-            if _day(ts) == today and usd:
-                self._spend[tenant] += usd
+            self._today()
+            self._stored = dict(spend)
+
+    def queue(self, item: Item) -> None:
+        """Count an item on its way to the store; a record settles its request's hold."""
+        with self._lock:
+            if isinstance(item, OutcomeRecord):
+                self._release(item.id)
+            if item.cost_usd:
+                self._queued[(_day(item.ts), item.tenant)] += item.cost_usd
+
+    def settle(self, items: Iterable[Item]) -> None:
+        """Move items from queued to stored (written, or dropped: spent all the same)."""
+        with self._lock:
+            today = self._today()
+            for item in items:
+                if not item.cost_usd:
+                    continue
+                key = (_day(item.ts), item.tenant)
+                self._queued[key] -= item.cost_usd
+                if not abs(self._queued[key]) > 1e-12:
+                    del self._queued[key]
+                if key[0] == today:
+                    self._stored[item.tenant] = self._stored.get(item.tenant, 0.0) + item.cost_usd
 
     def reserve(self, tenant: str, request_id: str, usd: float, budget: float | None) -> bool:
         """Hold ``usd`` for ``request_id`` unless ``tenant`` has reached ``budget``."""
         with self._lock:
             if budget is not None and self._get(tenant) >= budget:
                 return False
-            self._release(request_id)
-            self._holds[request_id] = (tenant, usd)
-            self._held[tenant] += usd
+            self._hold(tenant, request_id, usd)
             return True
 
-    def release(self, request_id: str | None) -> None:
+    def hold(self, tenant: str, request_id: str, usd: float) -> None:
+        """Hold ``usd`` for ``request_id`` (a store that checked the budget itself)."""
+        with self._lock:
+            self._hold(tenant, request_id, usd)
+
+    def _hold(self, tenant: str, request_id: str, usd: float) -> None:
+        self._release(request_id)
+        self._holds[request_id] = (tenant, usd)
+        self._held[tenant] += usd
+
+    def release(self, request_id: str) -> None:
         """Drop ``request_id``'s hold, if it has one."""
         with self._lock:
             self._release(request_id)
 
-    def _release(self, request_id: str | None) -> None:
-        hold = self._holds.pop(request_id, None) if request_id is not None else None
+    def _release(self, request_id: str) -> None:
+        hold = self._holds.pop(request_id, None)
         if hold is not None:
             tenant, usd = hold
             self._held[tenant] -= usd
@@ -312,24 +393,308 @@ class SpendLedger:
                 del self._held[tenant]
 
     def get(self, tenant: str) -> float:
-        """USD spent today by ``tenant``, holds included."""
+        """USD spent today by ``tenant``: stored, queued and held."""
         with self._lock:
             return self._get(tenant)
 
     def _get(self, tenant: str) -> float:
-        spent = self._spend.get(tenant, 0.0) if _day(time.time()) == self._day else 0.0
-        return spent + self._held.get(tenant, 0.0)
+        today = self._today()
+        queued = max(self._queued.get((today, tenant), 0.0), 0.0)
+        return self._stored.get(tenant, 0.0) + queued + self._held.get(tenant, 0.0)
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS outcomes (
-    id TEXT PRIMARY KEY, ts REAL NOT NULL, tenant TEXT NOT NULL, alias TEXT NOT NULL,
-    tier TEXT, model TEXT, rule TEXT, score REAL, threshold REAL, policy_version TEXT,
-    model_version TEXT, status TEXT NOT NULL, http_status INTEGER NOT NULL, stream INTEGER NOT NULL,
-    latency_ms REAL NOT NULL, ttft_ms REAL, prompt_tokens INTEGER, completion_tokens INTEGER,
-    cost_usd REAL, counterfactual_cost_usd REAL, error_type TEXT, fallback TEXT,
-    capability TEXT, stakes TEXT, signals TEXT, prompt TEXT
-);
+class OutcomeWriter:
+    """The writer both stores share: a bounded buffer that ``submit`` never waits on, one thread
+    that writes it in batches, the records not yet written (``get`` sees them), ``flush``, and
+    today's spend per tenant (:class:`SpendLedger`).
+
+    A store implements :meth:`write_batch` and its reads. A batch stays in the buffer until it is
+    written: an error in :attr:`transient` (the store is unavailable) retries it with backoff, at
+    most :attr:`max_attempts` times; any other error has the batch written item by item, and an
+    item that fails alone is counted (``unwritable``), logged and skipped. A writer thread that
+    dies gets its batch back once when it is restarted; dying on it again drops it, so no batch
+    can keep the writer dead.
+    """
+
+    #: Errors that mean the store is unavailable rather than the batch unwritable.
+    transient: tuple[type[BaseException], ...] = (OSError,)
+    #: Attempts at a batch before it is dropped (counted, logged); None: retry until stopped.
+    max_attempts: int | None = None
+    #: Without room in the buffer or elsewhere (:meth:`_keep_elsewhere`), the buffer may grow to
+    #: this many times ``buffer_size`` before outcomes are dropped.
+    memory_factor = 1
+
+    def __init__(self, name: str, *, buffer_size: int, batch: int, linger_s: float) -> None:
+        self.buffer_size = buffer_size
+        self._batch = batch
+        self._linger_s = linger_s
+        self._buffer: deque[Item] = deque()
+        self._inflight: dict[str, OutcomeRecord] = {}
+        self._pending = 0  # submitted and not yet written or dropped
+        self._cond = threading.Condition()
+        self._stop = False
+        self._deadline = 0.0
+        self._holding: list[Item] = []  # the batch being written, taken back after a death
+        self._retaken: Item | None = None  # the first item of a batch taken back
+        self._writer = WriterWatch(name, self._run, self._lost_batch)
+        self.ledger = SpendLedger()
+        self.connected = True
+        self.written = 0
+        self.write_errors = 0
+        self.dropped = 0  # outcomes lost: buffer full and nowhere else to keep them, or given up
+        self.unwritable = 0  # records and labels that could not be written at all (logged)
+
+    # -- what a store implements -----------------------------------------------------------
+
+    def write_batch(self, batch: list[Item]) -> Mapping[str, float] | None:
+        """Write ``batch`` in one round trip; today's spend per tenant as the store holds it
+        after the write, for a store other writers share (None: this ledger is the only one)."""
+        raise NotImplementedError
+
+    def _keep_elsewhere(self, items: list[Item]) -> bool:
+        """Keep items the buffer cannot hold (a journal); False when there is nowhere."""
+        return False
+
+    def _has_backlog(self) -> bool:
+        """Whether items wait outside the buffer (a journal to replay)."""
+        return False
+
+    def _tend(self, idle: bool) -> None:
+        """Work between batches (replay a journal, refresh shared spend)."""
+
+    # -- submitting ------------------------------------------------------------------------
+
+    def submit(self, record: OutcomeRecord) -> None:
+        """Queue a record. Never blocks, never raises: without room anywhere it is dropped,
+        counted and logged."""
+        self._writer.check()
+        self._enqueue(record)
+
+    def label(self, label: Label) -> None:
+        """Queue a label (written in order after its record)."""
+        self._enqueue(label)
+
+    def _enqueue(self, item: Item) -> None:
+        with self._cond:
+            self._adopt([item])
+            if len(self._buffer) < self.buffer_size:
+                self._buffer.append(item)
+            elif self._keep_elsewhere([item]):
+                pass
+            elif len(self._buffer) < self.memory_factor * self.buffer_size:
+                self._buffer.append(item)
+            else:  # waiting for room would stall the event loop, so every request
+                self._drop([item])
+            self._cond.notify_all()
+
+    def _adopt(self, items: list[Item]) -> None:
+        """Count items as submitted and not yet written (caller holds the lock)."""
+        for item in items:
+            self._pending += 1
+            self.ledger.queue(item)
+            if isinstance(item, OutcomeRecord):
+                self._inflight[item.id] = item
+
+    def _settle(self, items: list[Item], spend: Mapping[str, float] | None = None) -> None:
+        """Items written, skipped or dropped: no longer pending (caller holds the lock).
+        ``spend``, read from the store after it took them, replaces the ledger's stored spend."""
+        self._pending -= len(items)
+        self.ledger.settle(items)
+        if spend is not None:
+            self.ledger.load(spend)
+        for item in items:
+            if isinstance(item, OutcomeRecord):
+                self._inflight.pop(item.id, None)
+        self._cond.notify_all()
+
+    def _drop(self, items: list[Item]) -> None:
+        """Give up on items (caller holds the lock): counted and logged."""
+        self.dropped += len(items)
+        self._settle(items)
+        if self.dropped == len(items) or self.dropped % 1000 < len(items):
+            log.error("outcome buffer full or store down; %d outcomes dropped so far", self.dropped)
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        backoff, attempts = 0.05, 0
+        while True:
+            with self._cond:
+                if not self._buffer and not self._has_backlog():
+                    if self._stop:
+                        break
+                    self._cond.wait(timeout=1.0)
+                stopping = self._stop
+                batch = [self._buffer[i] for i in range(min(self._batch, len(self._buffer)))]
+            wrote = False
+            try:
+                if batch:
+                    self._holding = batch
+                    spend = self._write(batch)
+                    self._holding = []
+                    with self._cond:
+                        for _ in batch:
+                            self._buffer.popleft()
+                        self._settle(batch, spend)
+                    wrote = True
+                self._tend(idle=not batch)
+            except self.transient as exc:  # the store is down: retried, never a request error
+                self._holding = []
+                self.write_errors += 1
+                attempts += 1
+                if self.connected:
+                    log.warning("outcome store unavailable, buffering: %s", exc)
+                self.connected = False
+                if stopping and time.monotonic() > self._deadline:
+                    self._abandon()
+                    break
+                if batch and not wrote and attempts >= (self.max_attempts or math.inf):
+                    log.error("gave up writing %d outcome records and labels", len(batch))
+                    with self._cond:
+                        for _ in batch:
+                            self._buffer.popleft()
+                        self._drop(batch)
+                    attempts = 0
+                    continue
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+                continue
+            self.connected, backoff, attempts = True, 0.05, 0
+            if wrote and not stopping and self._linger_s > 0:
+                # Let records gather: a writer waiting on the buffer is woken by every submit,
+                # and each wake-up takes the GIL from the event loop (bench/README.md).
+                time.sleep(self._linger_s)
+
+    def _write(self, batch: list[Item]) -> Mapping[str, float] | None:
+        """Write a batch, else its items one by one, skipping (and counting) those that fail;
+        what :meth:`write_batch` last said of the spend."""
+        try:
+            spend = self.write_batch(batch)
+        except self.transient:
+            raise
+        except Exception:  # some item cannot be written: the others can
+            spend = self._write_each(batch)
+        else:
+            self.written += len(batch)
+        return spend
+
+    def _write_each(self, batch: list[Item]) -> Mapping[str, float] | None:
+        spend = None
+        for item in batch:
+            try:
+                spend = self.write_batch([item])
+            except self.transient:
+                raise
+            except Exception as exc:  # counted and logged; the writer goes on with the rest
+                self.unwritable += 1
+                log_unwritable(item, exc)
+            else:
+                self.written += 1
+        return spend
+
+    def _lost_batch(self) -> None:
+        """The writer died holding a batch: it stays in the buffer for the restarted writer,
+        unless it was taken back once already (then it is dropped, so it cannot kill again)."""
+        batch, self._holding = self._holding, []
+        if not batch:
+            return
+        with self._cond:
+            if self._retaken is not batch[0]:
+                self._retaken = batch[0]
+                return
+            self._retaken = None
+            for _ in batch:
+                self._buffer.popleft()
+            self._drop(batch)
+
+    def _abandon(self) -> None:
+        """Shutting down with the store still unavailable: keep what is left elsewhere (a
+        journal), else drop it."""
+        with self._cond:
+            left = list(self._buffer)
+            self._buffer.clear()
+            if not left:
+                return
+            if self._keep_elsewhere(left):
+                log.error("outcome store still down at shutdown; %d outcomes kept", len(left))
+            else:
+                self._drop(left)
+            self._cond.notify_all()
+
+    # -- lifecycle and state ---------------------------------------------------------------
+
+    def _start_writer(self) -> None:
+        self._stop = False
+        self._writer.start()
+
+    def _stop_writer(self, timeout_s: float) -> bool:
+        """Write what is buffered (for up to ``timeout_s`` while the store is unavailable) and
+        stop the writer; whether it stopped."""
+        if self._writer.thread is None:
+            return True
+        self._writer.check()
+        with self._cond:
+            self._stop = True
+            self._deadline = time.monotonic() + timeout_s
+            self._cond.notify_all()
+        return self._writer.stop(timeout_s + 10)
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait until everything submitted so far is written (or dropped); True if it was."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._pending == 0, timeout=timeout_s)
+
+    def check_writer(self) -> str | None:
+        """Start the writer again if it died; why it had to, or None."""
+        return self._writer.check()
+
+    def health(self) -> dict[str, Any]:
+        """Whether the writer runs, and what it has written, dropped or could not write."""
+        return {
+            "writer_alive": self._writer.alive,
+            "restarts": self._writer.restarts,
+            "last_error": self._writer.last_error,
+            "written": self.written,
+            "write_errors": self.write_errors,
+            "unwritable": self.unwritable,
+            "dropped": self.dropped,
+            "queued": len(self._buffer),
+        }
+
+    def queued(self, record_id: str) -> dict[str, Any] | None:
+        """A record submitted and not written yet, or None."""
+        with self._cond:
+            record = self._inflight.get(record_id)
+        return None if record is None else record.as_dict()
+
+    def spend_today(self, tenant: str) -> float:
+        """USD recorded for ``tenant`` today: stored, queued here, and held here."""
+        return self.ledger.get(tenant)
+
+    def reserve_spend(self, tenant: str, request_id: str, usd: float, budget: float | None) -> bool:
+        """Hold ``usd`` unless ``tenant`` has reached ``budget`` (in memory, under one lock)."""
+        return self.ledger.reserve(tenant, request_id, usd, budget)
+
+    def release_spend(self, request_id: str) -> None:
+        """Drop a request's hold."""
+        self.ledger.release(request_id)
+
+
+#: The outcomes table's columns. A column missing from an existing database is added at start,
+#: so a column added later needs a definition ``ALTER TABLE ... ADD COLUMN`` accepts.
+_OUTCOME_COLUMNS = {
+    "id": "TEXT PRIMARY KEY", "ts": "REAL NOT NULL", "tenant": "TEXT NOT NULL",
+    "alias": "TEXT NOT NULL", "tier": "TEXT", "model": "TEXT", "rule": "TEXT", "score": "REAL",
+    "threshold": "REAL", "policy_version": "TEXT", "model_version": "TEXT",
+    "status": "TEXT NOT NULL", "http_status": "INTEGER NOT NULL", "stream": "INTEGER NOT NULL",
+    "latency_ms": "REAL NOT NULL", "ttft_ms": "REAL", "prompt_tokens": "INTEGER",
+    "completion_tokens": "INTEGER", "cost_usd": "REAL", "counterfactual_cost_usd": "REAL",
+    "error_type": "TEXT", "fallback": "TEXT", "capability": "TEXT", "stakes": "TEXT",
+    "front": "TEXT NOT NULL DEFAULT 'chat'", "signals": "TEXT", "prompt": "TEXT",
+}  # fmt: skip
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS outcomes ({", ".join(f"{k} {v}" for k, v in _OUTCOME_COLUMNS.items())});
 CREATE INDEX IF NOT EXISTS outcomes_ts ON outcomes (ts);
 CREATE INDEX IF NOT EXISTS outcomes_tenant_ts ON outcomes (tenant, ts);
 CREATE TABLE IF NOT EXISTS labels (
@@ -339,6 +704,18 @@ CREATE TABLE IF NOT EXISTS labels (
 );
 CREATE INDEX IF NOT EXISTS labels_ts ON labels (ts);
 """
+
+
+_WINDOW_SQL = f"SELECT {', '.join(WindowRow._fields)} FROM outcomes WHERE ts >= ? ORDER BY ts"
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Add the columns an older database lacks (the outcomes table only grows)."""
+    have = {row[1] for row in conn.execute("PRAGMA table_info(outcomes)")}
+    with conn:
+        for name, definition in _OUTCOME_COLUMNS.items():
+            if name not in have:
+                conn.execute(f"ALTER TABLE outcomes ADD COLUMN {name} {definition}")
 
 
 def row_to_dict(row: sqlite3.Row) -> dict[str, Any]:
@@ -353,28 +730,21 @@ def row_to_dict(row: sqlite3.Row) -> dict[str, Any]:
     return out
 
 
-class SQLiteOutcomeStore:
-    """Records in one SQLite file (WAL mode), written by a background thread in batches."""
+class SQLiteOutcomeStore(OutcomeWriter):
+    """Records in one SQLite file (WAL mode). This writer is the file's only one, so its ledger
+    is the spend: loaded at start, counted as records are submitted."""
+
+    transient = (sqlite3.OperationalError,)  # locked, busy, disk full or read-only
+    max_attempts = 5
 
     def __init__(
         self, path: Path, *, queue_size: int = 100_000, batch: int = 500, linger_s: float = 0.05
     ) -> None:
+        super().__init__("outcome-writer", buffer_size=queue_size, batch=batch, linger_s=linger_s)
         self.path = path
-        self._queue: queue.Queue[OutcomeRecord | Label | None] = queue.Queue(maxsize=queue_size)
-        self._inflight: dict[str, OutcomeRecord] = {}
-        self._batch = batch
-        self._linger_s = linger_s
-        self._writer = WriterWatch("outcome-writer", self._run, self._lost_batch)
-        self._batch_now: list[OutcomeRecord | Label] = []
         self._read_lock = threading.Lock()
         self._reader: sqlite3.Connection | None = None
-        self.ledger = SpendLedger()
-        self.written = 0
-        self.write_errors = 0
-        self.dropped = 0
-        self.unwritable = 0  # records and labels that could not be written at all (logged)
-        self._pending = 0
-        self._settled = threading.Condition()
+        self._conn: sqlite3.Connection | None = None  # the writer thread's
 
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -385,153 +755,44 @@ class SQLiteOutcomeStore:
         return conn
 
     def start(self) -> None:
-        """Create the schema, load today's spend and start the writer thread."""
+        """Create or migrate the schema, load today's spend and start the writer thread."""
         conn = self._connect()
         conn.executescript(_SCHEMA)
+        _migrate(conn)
         start_of_day = _day(time.time()) * 86400
-        for tenant, spent in conn.execute(
+        spend = conn.execute(
             "SELECT tenant, SUM(cost_usd) FROM (SELECT tenant, cost_usd FROM outcomes WHERE ts >= ?"
             " UNION ALL SELECT tenant, cost_usd FROM labels WHERE ts >= ?) GROUP BY tenant",
             (start_of_day, start_of_day),
-        ):
-            self.ledger.add(tenant, float(spent or 0.0), time.time())
+        )
+        self.ledger.load({tenant: float(spent or 0.0) for tenant, spent in spend})
         conn.close()
         self._reader = self._connect()
-        self._writer.start()
-
-    def submit(self, record: OutcomeRecord) -> None:
-        """Queue a record; a full queue drops it (counted and logged) rather than wait."""
-        self._writer.check()
-        with self._settled:
-            self._inflight[record.id] = record
-        self._enqueue(record)
-
-    def label(self, label: Label) -> None:
-        """Queue a label (written by the same thread, in order after its record)."""
-        self._enqueue(label)
-
-    def _enqueue(self, item: OutcomeRecord | Label) -> None:
-        request_id = item.id if isinstance(item, OutcomeRecord) else None
-        self.ledger.add(item.tenant, item.cost_usd, item.ts, request_id)
-        with self._settled:
-            self._pending += 1
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:  # waiting here would stall the event loop, so every request
-            self._settle([item], 0, 1)
-            if self.dropped == 1 or self.dropped % 1000 == 0:
-                log.error("outcome queue full; %d outcomes dropped so far", self.dropped)
-
-    def _settle(self, batch: list[OutcomeRecord | Label], written: int, dropped: int) -> None:
-        with self._settled:
-            for item in batch:
-                if isinstance(item, OutcomeRecord):
-                    self._inflight.pop(item.id, None)
-            self.written += written
-            self.dropped += dropped
-            self._pending -= written + dropped
-            self._settled.notify_all()
-
-    def _run(self) -> None:
-        conn = self._connect()
-        stop = False
-        while not stop:
-            item = self._queue.get()
-            batch: list[OutcomeRecord | Label] = []
-            if item is None:
-                stop = True
-            else:
-                batch.append(item)
-            while len(batch) < self._batch:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stop = True
-                    break
-                batch.append(more)
-            if batch:
-                self._batch_now = batch
-                self._write(conn, batch)
-                self._batch_now = []
-                if not stop and self._linger_s > 0:
-                    # Let records gather: a writer blocked in get() is woken by every submit,
-                    # and each wake-up takes the GIL from the event loop (bench/README.md).
-                    time.sleep(self._linger_s)
-        conn.close()
-
-    def _lost_batch(self) -> None:
-        """The writer died holding a batch: count it as dropped so ``flush`` does not wait."""
-        batch, self._batch_now = self._batch_now, []
-        self._settle(batch, 0, len(batch))
-
-    def _write(self, conn: sqlite3.Connection, batch: list[OutcomeRecord | Label]) -> None:
-        for attempt in range(5):
-            try:
-                self._insert(conn, batch)
-                self._settle(batch, len(batch), 0)
-                return
-            except sqlite3.Error as exc:  # counted and retried; never surfaced to a request
-                self.write_errors += 1
-                log.warning("outcome write failed (attempt %d): %s", attempt + 1, exc)
-                time.sleep(0.2 * (attempt + 1))
-            except Exception:  # some item cannot be written: write the others one by one
-                self._write_each(conn, batch)
-                return
-        self._settle(batch, 0, len(batch))
-        log.error("gave up writing %d outcome records and labels", len(batch))
-
-    def _insert(self, conn: sqlite3.Connection, batch: list[OutcomeRecord | Label]) -> None:
-        rows = [_encode(r, FIELDS) for r in batch if isinstance(r, OutcomeRecord)]
-        labels = [_encode(r, LABEL_FIELDS) for r in batch if isinstance(r, Label)]
-        with conn:
-            _insert_many(conn, "outcomes", FIELDS, rows)
-            _insert_many(conn, "labels", LABEL_FIELDS, labels)
-
-    def _write_each(self, conn: sqlite3.Connection, batch: list[OutcomeRecord | Label]) -> None:
-        for item in batch:
-            try:
-                self._insert(conn, [item])
-            except Exception as exc:  # counted and logged; the writer goes on with the rest
-                self.unwritable += 1
-                log_unwritable(item, exc)
-                self._settle([item], 0, 1)
-            else:
-                self._settle([item], 1, 0)
-
-    def check_writer(self) -> str | None:
-        """Start the writer again if it died; why it had to, or None."""
-        return self._writer.check()
-
-    def health(self) -> dict[str, Any]:
-        """Whether the writer runs, and what it has written, dropped or could not write."""
-        return {
-            "store": "sqlite",
-            "writer_alive": self._writer.alive,
-            "restarts": self._writer.restarts,
-            "last_error": self._writer.last_error,
-            "written": self.written,
-            "write_errors": self.write_errors,
-            "unwritable": self.unwritable,
-            "dropped": self.dropped,
-            "queued": self._queue.qsize(),
-        }
+        self._start_writer()
 
     def close(self, timeout_s: float = 30.0) -> None:
-        """Drain the queue and stop the writer."""
-        if self._writer.thread is not None:
-            self._writer.check()
-            self._queue.put(None)
-            self._writer.stop(timeout_s)
+        """Write what is queued and stop the writer."""
+        stopped = self._stop_writer(timeout_s)
+        if stopped and self._conn is not None:  # else the writer is still using it
+            self._conn.close()
+            self._conn = None
         if self._reader is not None:
             self._reader.close()
             self._reader = None
 
-    def flush(self, timeout_s: float = 10.0) -> bool:
-        """Wait until every record submitted so far is written (or dropped); True if it was."""
-        with self._settled:
-            return self._settled.wait_for(lambda: self._pending == 0, timeout=timeout_s)
+    def health(self) -> dict[str, Any]:
+        """Whether the writer runs, and what it has written, dropped or could not write."""
+        return {"store": "sqlite", **super().health()}
+
+    def write_batch(self, batch: list[Item]) -> None:
+        """Insert a batch in one transaction."""
+        if self._conn is None:
+            self._conn = self._connect()
+        rows = [_encode(r, FIELDS) for r in batch if isinstance(r, OutcomeRecord)]
+        labels = [_encode(r, LABEL_FIELDS) for r in batch if isinstance(r, Label)]
+        with self._conn as conn:
+            _insert_many(conn, "outcomes", FIELDS, rows)
+            _insert_many(conn, "labels", LABEL_FIELDS, labels)
 
     def _query(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
         if self._reader is None:
@@ -551,12 +812,30 @@ class SQLiteOutcomeStore:
 
     def get(self, record_id: str) -> dict[str, Any] | None:
         """One record by request id, including one still waiting for the writer."""
-        with self._settled:
-            queued = self._inflight.get(record_id)
+        queued = self.queued(record_id)
         if queued is not None:
-            return queued.as_dict()
+            return queued
         rows = self._query("SELECT * FROM outcomes WHERE id = ?", (record_id,))
         return row_to_dict(rows[0]) if rows else None
+
+    def window(self, since_ts: float) -> list[WindowRow]:
+        """The records stored since ``since_ts``, oldest first."""
+        if self._reader is None:
+            self._reader = self._connect()
+        with self._read_lock:
+            cursor = self._reader.cursor()
+            cursor.row_factory = None  # plain tuples: a window may hold many rows
+            rows = cursor.execute(_WINDOW_SQL, (since_ts,)).fetchall()
+        return list(map(WindowRow._make, rows))
+
+    def tiered_labels(self, since_ts: float) -> list[TieredLabel]:
+        """Labels stored since ``since_ts`` with the tier of their record."""
+        rows = self._query(
+            "SELECT o.tier, l.source, l.value, l.quality "
+            "FROM labels l JOIN outcomes o ON o.id = l.request_id WHERE l.ts >= ?",
+            (since_ts,),
+        )
+        return [TieredLabel(*row) for row in rows]
 
     def labels(self, since: float = 0.0, limit: int | None = None) -> list[dict[str, Any]]:
         """Stored labels newer than ``since``, oldest first."""
@@ -586,18 +865,6 @@ class SQLiteOutcomeStore:
             rows = self._query("SELECT COUNT(*) FROM outcomes WHERE tenant = ?", (tenant,))
         return int(rows[0][0])
 
-    def spend_today(self, tenant: str) -> float:
-        """USD recorded for ``tenant`` today, holds included (from the in-memory ledger)."""
-        return self.ledger.get(tenant)
-
-    def reserve_spend(self, tenant: str, request_id: str, usd: float, budget: float | None) -> bool:
-        """Hold ``usd`` unless ``tenant`` has reached ``budget`` (in memory, under one lock)."""
-        return self.ledger.reserve(tenant, request_id, usd, budget)
-
-    def release_spend(self, request_id: str) -> None:
-        """Drop a request's hold."""
-        self.ledger.release(request_id)
-
     def recent_scores(self, alias: str | None = None, limit: int = 2000) -> list[float]:
         """Scores of recent requests that were scored, newest first."""
         if alias is None:
@@ -613,204 +880,6 @@ class SQLiteOutcomeStore:
             )
         return [float(r[0]) for r in rows]
 
-    def quality_by_tier(self, since_ts: float) -> dict[str, dict[str, dict[str, float]]]:
-        """Mean quality of served answers per tier and label source, since ``since_ts``.
-
-        Feedback carries the served answer's quality; a shadow verdict says how likely the
-        closed answer was materially better, so the served answer's quality is ``1 - value``.
-        """
-        rows = self._query(
-            "SELECT o.tier, l.source, COUNT(*), AVG(COALESCE(l.quality, 1.0 - l.value)) "
-            "FROM labels l JOIN outcomes o ON o.id = l.request_id "
-            "WHERE l.ts >= ? AND l.source IN ('feedback', 'shadow') "
-            "AND COALESCE(l.quality, l.value) IS NOT NULL AND o.tier IS NOT NULL "
-            "GROUP BY o.tier, l.source",
-            (since_ts,),
-        )
-        out: dict[str, dict[str, dict[str, float]]] = {}
-        for tier, source, n, mean in rows:
-            out.setdefault(str(tier), {})[str(source)] = {"n": int(n), "mean": float(mean)}
-        return out
-
-    def summary(
-        self,
-        since_ts: float,
-        bucket_s: float,
-        *,
-        until_ts: float | None = None,
-        problems: int = 20,
-    ) -> dict[str, Any]:
-        """Aggregates for the dashboard: per-bucket counts by tier, spend, failures, versions.
-
-        ``buckets`` are ``bucket_s`` wide from ``since_ts`` to ``until_ts`` (default: now), empty
-        ones included so a chart's x axis is time. Requests count under their tier, except
-        those refused before routing (no tier: ``none``) and those routed to a tier that failed
-        to answer (status ``error``: ``failed``), see :func:`summary_tier`.
-        """
-        bucket_s = max(1.0, float(bucket_s))
-        grouped = self._query(
-            "SELECT CAST((ts - ?) / ? AS INTEGER) AS b, "
-            "CASE WHEN tier IS NULL THEN 'none' WHEN status = 'error' THEN 'failed' "
-            "ELSE tier END AS t, "
-            "COUNT(*), SUM(cost_usd), SUM(counterfactual_cost_usd), "
-            "SUM(status != 'ok'), SUM(fallback IS NOT NULL) "
-            "FROM outcomes WHERE ts >= ? GROUP BY b, t ORDER BY b",
-            (since_ts, bucket_s, since_ts),
-        )
-        recent = self._query(
-            f"SELECT {', '.join(PROBLEM_FIELDS)} FROM outcomes "
-            "WHERE ts >= ? AND (status != 'ok' OR fallback IS NOT NULL) ORDER BY ts DESC LIMIT ?",
-            (since_ts, problems),
-        )
-        versions = self._query(
-            "SELECT policy_version, model_version, COUNT(*), MAX(ts) FROM outcomes "
-            "WHERE ts >= ? GROUP BY policy_version, model_version ORDER BY MAX(ts) DESC LIMIT 10",
-            (since_ts,),
-        )
-        return assemble_summary(
-            [tuple(r) for r in grouped],
-            [dict(r) for r in recent],
-            [tuple(r) for r in versions],
-            since_ts=since_ts,
-            bucket_s=bucket_s,
-            until_ts=until_ts,
-        )
-
-
-PROBLEM_FIELDS = (
-    "id", "ts", "tenant", "alias", "tier", "model", "rule", "status", "http_status",
-    "error_type", "fallback",
-)  # fmt: skip
-
-
-def assemble_summary(
-    grouped: list[tuple[Any, ...]],
-    problems: list[dict[str, Any]],
-    versions: list[tuple[Any, ...]],
-    *,
-    since_ts: float,
-    bucket_s: float,
-    until_ts: float | None = None,
-) -> dict[str, Any]:
-    """The dashboard summary from per-(bucket, tier) aggregates, whichever store computed them.
-
-    ``grouped`` rows are ``(bucket, tier, n, cost, counterfactual, errors, fallbacks)``;
-    ``versions`` rows are ``(policy_version, model_version, n, last_ts)``, newest first.
-    """
-    until = time.time() if until_ts is None else until_ts
-    n_buckets = max(1, math.ceil((until - since_ts) / bucket_s))
-    starts = [since_ts + i * bucket_s for i in range(n_buckets)]
-    tiers: list[dict[str, int]] = [{} for _ in starts]
-    costs = [0.0] * n_buckets
-    counterfactuals = [0.0] * n_buckets
-    by_tier: dict[str, int] = defaultdict(int)
-    requests = errors = fallbacks = 0
-    for b, tier, n, cost, cf, n_errors, n_fallbacks in grouped:
-        i = min(int(b), n_buckets - 1)  # a record written since ``until`` joins the last
-        tiers[i][tier] = tiers[i].get(tier, 0) + int(n)
-        costs[i] += float(cost or 0.0)
-        counterfactuals[i] += float(cf or 0.0)
-        by_tier[tier] += int(n)
-        requests += int(n)
-        errors += int(n_errors or 0)
-        fallbacks += int(n_fallbacks or 0)
-    buckets = [
-        {"start": s, "tiers": t, "cost_usd": c, "counterfactual_usd": f}
-        for s, t, c, f in zip(starts, tiers, costs, counterfactuals, strict=True)
-    ]
-    total_cost, total_cf = sum(costs), sum(counterfactuals)
-    served = by_tier.get("local", 0) + by_tier.get("closed", 0)
-    return {
-        "since": since_ts,
-        "bucket_s": bucket_s,
-        "buckets": buckets,
-        "totals": {
-            "requests": requests,
-            "errors": errors,
-            "fallbacks": fallbacks,
-            "by_tier": dict(by_tier),
-            "cost_usd": total_cost,
-            "counterfactual_usd": total_cf,
-            "saved_usd": total_cf - total_cost,
-            "local_share": by_tier.get("local", 0) / served if served else 0.0,
-        },
-        "problems": problems,
-        "versions": [
-            {"policy_version": p, "model_version": m, "requests": int(n), "last_ts": float(t)}
-            for p, m, n, t in versions
-        ],
-    }
-
-
-def summary_tier(record: dict[str, Any]) -> str:
-    """Where the dashboard counts a record: its tier, ``failed`` when the tier did not answer,
-    ``none`` when it was refused before routing (as the SQL of ``summary()``)."""
-    tier = record.get("tier")
-    if tier is None:
-        return "none"
-    return "failed" if record.get("status") == "error" else str(tier)
-
-
-def summarize_records(
-    records: list[dict[str, Any]],
-    *,
-    since_ts: float,
-    bucket_s: float,
-    until_ts: float | None = None,
-    problems: int = 20,
-) -> dict[str, Any]:
-    """:func:`assemble_summary` over record dicts, for stores without a query language."""
-    bucket_s = max(1.0, float(bucket_s))
-    groups: dict[tuple[int, str], list[float]] = defaultdict(lambda: [0, 0.0, 0.0, 0, 0])
-    versions: dict[tuple[Any, Any], list[float]] = defaultdict(lambda: [0, 0.0])
-    for r in records:
-        if r["ts"] < since_ts:
-            continue
-        g = groups[(int((r["ts"] - since_ts) // bucket_s), summary_tier(r))]
-        g[0] += 1
-        g[1] += float(r.get("cost_usd") or 0.0)
-        g[2] += float(r.get("counterfactual_cost_usd") or 0.0)
-        g[3] += r.get("status") != "ok"
-        g[4] += r.get("fallback") is not None
-        v = versions[(r.get("policy_version"), r.get("model_version"))]
-        v[0] += 1
-        v[1] = max(v[1], float(r["ts"]))
-    bad = sorted(
-        (r for r in records
-         if r["ts"] >= since_ts and (r.get("status") != "ok" or r.get("fallback") is not None)),
-        key=lambda r: r["ts"],
-        reverse=True,
-    )[:problems]  # fmt: skip
-    ordered = sorted(versions.items(), key=lambda kv: kv[1][1], reverse=True)[:10]
-    return assemble_summary(
-        [(b, tier, *vals) for (b, tier), vals in sorted(groups.items())],
-        [{k: r.get(k) for k in PROBLEM_FIELDS} for r in bad],
-        [(p, m, n, t) for (p, m), (n, t) in ordered],
-        since_ts=since_ts,
-        bucket_s=bucket_s,
-        until_ts=until_ts,
-    )
-
-
-def quality_from_labels(
-    labels: list[dict[str, Any]], tier_of: dict[str, str | None]
-) -> dict[str, dict[str, dict[str, float]]]:
-    """Mean served-answer quality per tier and source (see ``quality_by_tier``), in Python."""
-    sums: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0])
-    for label in labels:
-        source, tier = label.get("source"), tier_of.get(label.get("request_id", ""))
-        quality = label.get("quality")
-        if quality is None and label.get("value") is not None:
-            quality = 1.0 - float(label["value"])
-        if source in ("feedback", "shadow") and tier and quality is not None:
-            entry = sums[(tier, source)]
-            entry[0] += 1
-            entry[1] += float(quality)
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for (tier, source), (n, total) in sums.items():
-        out.setdefault(tier, {})[source] = {"n": int(n), "mean": total / n}
-    return out
-
 
 def _insert_sql(table: str, names: tuple[str, ...], rows: int = 1) -> str:
     values = f"({', '.join('?' for _ in names)})"
@@ -825,11 +894,8 @@ def _insert_many(
     """Insert ``rows`` with one multi-row statement per chunk rather than one per row.
 
     The sqlite3 module lets go of the GIL around every statement step and must take it back
-    after; ``executemany`` steps once per row, and while the event loop is busy each take-back
-    waits out the interpreter's switch interval (5 ms). The writer thread then managed ~125
-    rows/s under load, fell behind, and its queue grew by every request it had not written yet
-    (the RSS growth of about 0.7 KB per request bench/load.py measured). One step per chunk
-    keeps it ahead.
+    after; while the event loop is busy each take-back waits out the interpreter's switch
+    interval, so a writer stepping once per row falls behind and its buffer grows.
     """
     # Chunk sizes are powers of two, so a few distinct statements serve every batch size: the
     # sqlite3 module caches each prepared statement by its text, and one prepared for hundreds of
@@ -843,7 +909,7 @@ def _insert_many(
         start += size
 
 
-def _encode(record: OutcomeRecord | Label, names: tuple[str, ...]) -> tuple[Any, ...]:
+def _encode(record: Item, names: tuple[str, ...]) -> tuple[Any, ...]:
     values = []
     for name in names:
         value = getattr(record, name)

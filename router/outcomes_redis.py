@@ -39,20 +39,19 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
+import math
 import time
-from collections import defaultdict, deque
 from pathlib import Path
 from typing import Any
 
 from router.errors import MissingExtraError, StoreUnavailableError
 from router.outcomes import (
+    Item,
     Label,
     OutcomeRecord,
-    WriterWatch,
-    log_unwritable,
-    quality_from_labels,
-    summarize_records,
+    OutcomeWriter,
+    TieredLabel,
+    WindowRow,
     valid_json,
     valid_text,
 )
@@ -142,8 +141,6 @@ end
 return 1
 """
 
-Item = OutcomeRecord | Label
-
 
 def _encode(item: Item) -> str:
     kind = "record" if isinstance(item, OutcomeRecord) else "label"
@@ -161,12 +158,14 @@ def _day(ts: float) -> int:
     return int(ts // 86400)
 
 
-class RedisOutcomeStore:
+class RedisOutcomeStore(OutcomeWriter):
     """Outcome records and labels in Redis; see the module docstring for structures and outages.
 
     ``url`` is a ``redis://`` URL. ``settings`` (a :class:`~router.config.Settings`) supplies
     the journal path and buffer size when given; keyword arguments override it.
     """
+
+    memory_factor = _MEMORY_FACTOR
 
     def __init__(
         self,
@@ -179,41 +178,27 @@ class RedisOutcomeStore:
         prefix: str = "tiergate",
         batch: int = 200,
     ) -> None:
+        size = buffer_size or (
+            int(settings.outcome_queue_size) if settings is not None else 100_000
+        )
+        super().__init__("redis-outcome-writer", buffer_size=size, batch=batch, linger_s=0.0)
         self.url = url
         self.prefix = prefix
         self.retention_s = retention_s
         self.journal = journal or (
-            Path(settings.outcome_journal_path) if settings is not None else None
+            Path(settings.outcome_journal_path)
+            if settings is not None
+            else Path("var/outcomes-journal.jsonl")
         )
-        if self.journal is None:
-            self.journal = Path("var/outcomes-journal.jsonl")
-        self.buffer_size = buffer_size or (
-            int(settings.outcome_queue_size) if settings is not None else 100_000
-        )
-        self._batch = batch
-        self._buffer: deque[Item] = deque()
-        self._inflight: dict[str, OutcomeRecord] = {}
         self._journal_lines = 0
-        self._unflushed: dict[str, float] = defaultdict(float)
-        self._spend: dict[str, float] = {}
-        self._spend_day = _day(time.time())
-        self._cond = threading.Condition()
-        self._stop = False
-        self._deadline = 0.0
-        self._writer = WriterWatch("redis-outcome-writer", self._run, lambda: None)
+        self._last_refresh = 0.0
         self._client: Any = None
         self._record_script: Any = None
         self._reserve_script: Any = None
-        self._holds: dict[str, tuple[str, float]] = {}  # this replica's requests in flight
         self._label_script: Any = None
-        self.written = 0
         self.duplicates = 0
-        self.write_errors = 0
         self.spilled = 0
         self.journal_errors = 0  # journal writes that failed (unwritable path, full disk)
-        self.dropped = 0  # outcomes lost: Redis down, buffer over its memory bound, no journal
-        self.unwritable = 0  # records and labels Redis refused or that could not be encoded
-        self.connected = False
 
     # -- keys ------------------------------------------------------------------------------
 
@@ -239,107 +224,54 @@ class RedisOutcomeStore:
             socket_timeout=5.0,
             decode_responses=True,
         )
+        # An outage, retried; any other Redis error is the item's (see OutcomeWriter).
+        self.transient = (redis.ConnectionError, redis.TimeoutError, OSError)
         self._record_script = self._client.register_script(_RECORD_LUA)
         self._label_script = self._client.register_script(_LABEL_LUA)
         self._reserve_script = self._client.register_script(_RESERVE_LUA)
 
     def start(self) -> None:
-        """Connect (lazily: an unreachable Redis is not a start-up failure) and start writing."""
+        """Connect (lazily: an unreachable Redis is not a start-up failure), take up the journal
+        an earlier run left, and start writing."""
         self.connect()
-        assert self.journal is not None
         try:
             self.journal.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # serve anyway: only an outage needs the journal (then see _spill)
             log.error("outcome journal directory %s unusable: %s", self.journal.parent, exc)
-        for path in self._journal_files():
-            for item in _read_journal(path):
-                self._journal_lines += 1
-                self._unflushed[item.tenant] += item.cost_usd
-                if isinstance(item, OutcomeRecord):
-                    self._inflight[item.id] = item
+        with self._cond:
+            for path in self._journal_files():
+                items = _read_journal(path)
+                self._journal_lines += len(items)
+                self._adopt(items)
         if self._journal_lines:
             log.warning("replaying %d journalled outcome items", self._journal_lines)
-        self._stop = False
-        self._writer.start()
+        self._start_writer()
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Write everything buffered; whatever Redis cannot take in time goes to the journal."""
-        if self._writer.thread is None:
-            if self._client is not None:
-                self._client.close()
-            return
-        self._writer.check()
-        with self._cond:
-            self._stop = True
-            self._deadline = time.monotonic() + timeout_s
-            self._cond.notify_all()
-        self._writer.stop(timeout_s + 10)
+        self._stop_writer(timeout_s)
         if self._client is not None:
             self._client.close()
-
-    def check_writer(self) -> str | None:
-        """Start the writer again if it died; why it had to, or None."""
-        return self._writer.check()
 
     def health(self) -> dict[str, Any]:
         """Whether the writer runs and Redis answers, and the writer's counters."""
         return {
             "store": "redis",
-            "writer_alive": self._writer.alive,
-            "restarts": self._writer.restarts,
-            "last_error": self._writer.last_error,
             "connected": self.connected,
-            "written": self.written,
-            "write_errors": self.write_errors,
-            "unwritable": self.unwritable,
-            "dropped": self.dropped,
+            **super().health(),
             "buffered": len(self._buffer),
             "journal_lines": self._journal_lines,
         }
 
-    def flush(self, timeout_s: float = 10.0) -> bool:
-        """Wait until everything submitted so far is in Redis (or was dropped, see ``dropped``);
-        True if nothing is left waiting."""
-        with self._cond:
-            return self._cond.wait_for(
-                lambda: not self._buffer and self._journal_lines == 0, timeout=timeout_s
-            )
-
     # -- writing ---------------------------------------------------------------------------
 
-    def submit(self, record: OutcomeRecord) -> None:
-        """Buffer a record for writing. Never blocks on Redis, never raises."""
-        self._writer.check()
-        self._put(record)
-
-    def label(self, label: Label) -> None:
-        """Buffer a label for writing, as :meth:`submit`."""
-        self._put(label)
-
-    def _put(self, item: Item) -> None:
-        with self._cond:
-            self._unflushed[item.tenant] += item.cost_usd
-            if isinstance(item, OutcomeRecord):
-                self._inflight[item.id] = item
-                self._holds.pop(item.id, None)  # in Redis, writing the record drops the hold
-            if len(self._buffer) < self.buffer_size:
-                self._buffer.append(item)
-            elif not self._spill([item]):  # the journal cannot be written: hold it in memory
-                if len(self._buffer) < _MEMORY_FACTOR * self.buffer_size:
-                    self._buffer.append(item)
-                else:
-                    self._drop([item])
-            self._cond.notify_all()
-
     def _journal_files(self) -> list[Path]:
-        assert self.journal is not None
         draining = self.journal.with_suffix(self.journal.suffix + ".draining")
         return [p for p in (draining, self.journal) if p.exists()]
 
-    def _spill(self, items: list[Item]) -> bool:
+    def _keep_elsewhere(self, items: list[Item]) -> bool:
         """Append items to the journal (caller holds the lock); False, logged and counted in
         ``journal_errors``, when the journal cannot be written."""
-        assert self.journal is not None
         try:
             self.journal.parent.mkdir(parents=True, exist_ok=True)
             with self.journal.open("a", encoding="utf-8") as fh:
@@ -362,104 +294,22 @@ class RedisOutcomeStore:
         self.spilled += len(items)
         return True
 
-    def _drop(self, items: list[Item]) -> None:
-        """Give up on items neither Redis, the buffer nor the journal can take (lock held)."""
-        self.dropped += len(items)
-        self._forget(items)
-        if self.dropped == len(items) or self.dropped % 1000 < len(items):
-            log.error(
-                "outcome store: %d outcomes lost (Redis down, journal unwritable)", self.dropped
-            )
+    def _has_backlog(self) -> bool:
+        return self._journal_lines > 0
 
-    def _run(self) -> None:
-        from redis import RedisError
+    def _tend(self, idle: bool) -> None:
+        """Replay the journal once the buffer is empty; refresh the shared spend every second
+        (other replicas spend too)."""
+        if idle and self._journal_lines:
+            self._replay_journal()
+        if time.monotonic() - self._last_refresh > 1.0:
+            spend = self._client.hgetall(self._spend_key(time.time()))
+            self.ledger.load({k: float(v) for k, v in spend.items()})
+            self._last_refresh = time.monotonic()
 
-        backoff = 0.05
-        last_refresh = 0.0
-        while True:
-            with self._cond:
-                if not self._buffer and not self._journal_lines:
-                    if self._stop:
-                        break
-                    self._cond.wait(timeout=1.0)
-                stopping, batch = self._stop, list(self._take())
-            try:
-                if batch:
-                    spend = self._write(batch)
-                    with self._cond:
-                        self._spend, self._spend_day = spend, _day(time.time())
-                        self._done(batch)
-                elif self._journal_lines:
-                    self._replay_journal()
-                if time.monotonic() - last_refresh > 1.0:
-                    self._refresh_spend()
-                    last_refresh = time.monotonic()
-                self.connected, backoff = True, 0.05
-            except (RedisError, OSError) as exc:  # Redis down or failing: retried, never lost
-                self.write_errors += 1
-                if self.connected:
-                    log.warning("redis outcome store unreachable, buffering: %s", exc)
-                self.connected = False
-                if stopping and time.monotonic() > self._deadline:
-                    with self._cond:
-                        left = list(self._buffer)
-                        kept = self._spill(left)
-                        if not kept:
-                            self._drop(left)
-                        self._buffer.clear()
-                        self._cond.notify_all()
-                    if kept:
-                        log.error("redis still down at shutdown; outcomes kept in %s", self.journal)
-                    break
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
-
-    def _take(self) -> list[Item]:
-        return [self._buffer[i] for i in range(min(self._batch, len(self._buffer)))]
-
-    def _done(self, batch: list[Item]) -> None:
-        """Drop a written batch from the buffer (caller holds the lock)."""
-        for _ in batch:
-            self._buffer.popleft()
-        self._forget(batch)
-
-    def _forget(self, batch: list[Item]) -> None:
-        for item in batch:
-            self._unflushed[item.tenant] -= item.cost_usd
-            if isinstance(item, OutcomeRecord):
-                self._inflight.pop(item.id, None)
-        self._cond.notify_all()
-
-    def _write(self, batch: list[Item]) -> dict[str, float]:
-        """Write a batch; returns today's shared spend, read in the same round trip so the
-        caller can swap it in as it forgets the batch's unflushed costs (no double count).
-
-        An item that cannot be encoded, or that Redis refuses (a script error rather than an
-        outage), is counted in ``unwritable``, logged and skipped; retrying it would hold up
-        every item behind it for good.
-        """
-        from redis import ConnectionError as RedisConnectionError
-        from redis import RedisError
-        from redis import TimeoutError as RedisTimeoutError
-
-        try:
-            return self._write_batch(batch)
-        except (RedisConnectionError, RedisTimeoutError, OSError):
-            raise
-        except (RedisError, ValueError, TypeError, UnicodeError):
-            pass
-        spend: dict[str, float] = {}
-        for item in batch:
-            try:
-                spend = self._write_batch([item])
-            except (RedisConnectionError, RedisTimeoutError, OSError):
-                raise
-            except (RedisError, ValueError, TypeError, UnicodeError) as exc:
-                self.unwritable += 1
-                log_unwritable(item, exc)
-        return spend
-
-    def _write_batch(self, batch: list[Item]) -> dict[str, float]:
+    def write_batch(self, batch: list[Item]) -> dict[str, float]:
+        """Run each item's Lua script in one pipeline, and read today's shared spend in the same
+        round trip (so swapping it in as the batch settles counts nothing twice)."""
         pipe = self._client.pipeline(transaction=False)
         for item in batch:
             if isinstance(item, OutcomeRecord):
@@ -468,9 +318,7 @@ class RedisOutcomeStore:
                 self._queue_label(pipe, item)
         pipe.hgetall(self._spend_key(time.time()))
         *results, spend = pipe.execute()
-        new = sum(int(r) for r in results)
-        self.written += new
-        self.duplicates += len(batch) - new
+        self.duplicates += len(batch) - sum(int(r) for r in results)
         return {k: float(v) for k, v in spend.items()}
 
     def set_retention_days(self, days: int | None) -> None:
@@ -540,7 +388,6 @@ class RedisOutcomeStore:
 
     def _replay_journal(self) -> None:
         """Write the journal to Redis, oldest file first, then delete it."""
-        assert self.journal is not None
         draining = self.journal.with_suffix(self.journal.suffix + ".draining")
         with self._cond:
             if not draining.exists() and self.journal.exists():
@@ -548,21 +395,14 @@ class RedisOutcomeStore:
         if not draining.exists():
             return
         items = _read_journal(draining)
-        spend = self._spend
+        spend = None
         for i in range(0, len(items), self._batch):
-            spend = self._write(items[i : i + self._batch])
+            spend = self._write(items[i : i + self._batch]) or spend
         with self._cond:
-            self._spend, self._spend_day = spend, _day(time.time())
             draining.unlink()
             self._journal_lines -= len(items)
-            self._forget(items)
+            self._settle(items, spend)
         log.info("replayed %d journalled outcome items into redis", len(items))
-
-    def _refresh_spend(self) -> None:
-        spend = self._client.hgetall(self._spend_key(time.time()))
-        with self._cond:
-            self._spend = {k: float(v) for k, v in spend.items()}
-            self._spend_day = _day(time.time())
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -574,19 +414,11 @@ class RedisOutcomeStore:
         except redis.RedisError as exc:
             raise StoreUnavailableError(f"outcome store (redis) unavailable: {exc}") from exc
 
-    def spend_today(self, tenant: str) -> float:
-        """Today's spend from Redis (refreshed every second) plus what is still buffered here
-        and this replica's holds. Kept in memory so the request path never waits for Redis;
-        :meth:`reserve_spend` is the check that sees every replica's holds."""
-        with self._cond:
-            stored = self._spend.get(tenant, 0.0) if self._spend_day == _day(time.time()) else 0.0
-            held = sum(usd for t, usd in self._holds.values() if t == tenant)
-            return stored + max(self._unflushed.get(tenant, 0.0), 0.0) + held
-
     def reserve_spend(self, tenant: str, request_id: str, usd: float, budget: float | None) -> bool:
         """Hold ``usd`` in Redis unless the tenant's spend plus every replica's holds has
         reached ``budget`` (one Lua script). With Redis unreachable, the check runs on this
-        replica's view (:meth:`spend_today`), as the rate limits do."""
+        replica's view (:meth:`spend_today`), as the rate limits do. This replica's budget
+        checks see its holds at once; in Redis a hold lapses after :data:`HOLD_TTL_S`."""
         from redis import RedisError
 
         tenant_key = valid_text(tenant)
@@ -611,23 +443,16 @@ class RedisOutcomeStore:
             )
         except (RedisError, OSError) as exc:
             log.warning("budget hold: redis unavailable (%s); checking this replica's view", exc)
-            held = budget is None or self.spend_today(tenant) < budget
+            return self.ledger.reserve(tenant, request_id, usd, budget)
         if held:
-            with self._cond:
-                self._holds[request_id] = (tenant, usd)
+            self.ledger.hold(tenant, request_id, usd)
         return held
-
-    def release_spend(self, request_id: str) -> None:
-        """Forget a request's hold here; in Redis it lapses after :data:`HOLD_TTL_S`."""
-        with self._cond:
-            self._holds.pop(request_id, None)
 
     def get(self, record_id: str) -> dict[str, Any] | None:
         """One record by request id, including one still buffered here."""
-        with self._cond:
-            queued = self._inflight.get(record_id)
+        queued = self.queued(record_id)
         if queued is not None:
-            return queued.as_dict()
+            return queued
         raw = self._read(self._client.get, self.key("outcome", record_id))
         return json.loads(raw) if raw else None
 
@@ -666,39 +491,28 @@ class RedisOutcomeStore:
             pipe.hget(self.key("label", request_id), source)
         return [json.loads(r) for r in self._read(pipe.execute) if r]
 
-    def _records_since(self, since_ts: float) -> list[dict[str, Any]]:
-        ids = self._read(self._client.zrangebyscore, self.key("outcomes", "ts"), since_ts, "+inf")
+    def window(self, since_ts: float) -> list[WindowRow]:
+        """The records stored since ``since_ts``, oldest first."""
+        index = self.key("outcomes", "ts")
+        ids = self._read(self._client.zrangebyscore, index, since_ts, "+inf")
         if not ids:
             return []
         raws = self._read(self._client.mget, [self.key("outcome", i) for i in ids])
-        return [json.loads(r) for r in raws if r]
+        return [WindowRow.of(json.loads(r)) for r in raws if r]
 
-    def summary(
-        self,
-        since_ts: float,
-        bucket_s: float,
-        *,
-        until_ts: float | None = None,
-        problems: int = 20,
-    ) -> dict[str, Any]:
-        """The dashboard's aggregates (same shape as the SQLite store's), over the window."""
-        return summarize_records(
-            self._records_since(since_ts),
-            since_ts=since_ts,
-            bucket_s=bucket_s,
-            until_ts=until_ts,
-            problems=problems,
-        )
-
-    def quality_by_tier(self, since_ts: float) -> dict[str, dict[str, dict[str, float]]]:
-        """Mean served-answer quality per tier and label source since ``since_ts``."""
-        labels = self.labels(since_ts)
+    def tiered_labels(self, since_ts: float) -> list[TieredLabel]:
+        """Labels stored since ``since_ts`` on records still stored, with the record's tier."""
+        labels = self.labels(math.nextafter(since_ts, -math.inf))
         ids = sorted({str(label["request_id"]) for label in labels})
         if not ids:
-            return {}
+            return []
         raws = self._read(self._client.mget, [self.key("outcome", i) for i in ids])
         tier_of = {i: json.loads(r).get("tier") for i, r in zip(ids, raws, strict=True) if r}
-        return quality_from_labels(labels, tier_of)
+        return [
+            TieredLabel(tier_of[lb["request_id"]], lb["source"], lb["value"], lb.get("quality"))
+            for lb in labels
+            if lb["request_id"] in tier_of
+        ]
 
     def purge(self, before_ts: float) -> int:
         """Delete records and labels older than ``before_ts`` (keys also expire by TTL)."""

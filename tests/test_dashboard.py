@@ -1,4 +1,5 @@
-"""The dashboard: the store's aggregates, the JSON endpoint, and the page in headless Chromium."""
+"""The dashboard: the one aggregate over a store's window, the JSON endpoint, and the page in
+headless Chromium."""
 
 from __future__ import annotations
 
@@ -12,10 +13,19 @@ import httpx
 import pytest
 
 from router.artifact import DEFAULT_MODEL_NAME
-from router.dashboard import BUCKETS_S, eval_chart, quality_block, quality_by_tier
-from router.outcomes import OutcomeRecord, SQLiteOutcomeStore, summarize_records
+from router.dashboard import (
+    BUCKETS_S,
+    eval_chart,
+    fronts_table,
+    label_quality,
+    quality_block,
+    store_summary,
+    summarize,
+)
+from router.outcomes import OutcomeRecord, SQLiteOutcomeStore, TieredLabel, WindowRow
 from tests.conftest import REPO, live, policy_yaml, wait_for
 from tests.fake_provider import FakeProvider
+from tests.records import outcome
 from tests.test_gateway import ScriptedLocal
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -33,25 +43,7 @@ ARTIFACTS = REPO / "test-artifacts"
 
 
 def _record(i: int, ts: float, tier: str | None, **kw: Any) -> OutcomeRecord:
-    values: dict[str, Any] = {
-        "id": f"r{i}",
-        "ts": ts,
-        "tenant": "default",
-        "alias": "auto",
-        "tier": tier,
-        "model": {"local": "local", "closed": "gpt-4o"}.get(tier or ""),
-        "rule": "default",
-        "score": 0.5,
-        "threshold": 0.5,
-        "policy_version": "p1",
-        "model_version": "m1",
-        "status": "ok",
-        "http_status": 200,
-        "stream": False,
-        "latency_ms": 10.0,
-    }
-    values.update(kw)
-    return OutcomeRecord(**values)
+    return outcome(f"r{i}", ts=ts, tier=tier, score=0.5, **kw)
 
 
 def test_summary_buckets_tiers_spend_and_problems(tmp_path: Path) -> None:
@@ -77,7 +69,7 @@ def test_summary_buckets_tiers_spend_and_problems(tmp_path: Path) -> None:
     for r in records:
         store.submit(r)
     assert store.flush()
-    summary = store.summary(since, 120, until_ts=now)
+    summary = store_summary(store, since, 120, until_ts=now)
     store.close()
     totals = summary["totals"]
     assert totals["requests"] == 5
@@ -111,20 +103,57 @@ def test_failed_closed_requests_count_as_failures_not_as_closed(tmp_path: Path) 
     for r in records:
         store.submit(r)
     assert store.flush()
-    from_sql = store.summary(now - 60, 120, until_ts=now)
+    summary = store_summary(store, now - 60, 120, until_ts=now)
     store.close()
-    # The Redis store summarises record dicts in Python: the same counts.
-    from_dicts = summarize_records(
-        [r.as_dict() for r in records],
-        since_ts=now - 60,
-        bucket_s=120,
-        until_ts=now,
+    totals = summary["totals"]
+    assert totals["by_tier"] == {"local": 1, "closed": 1, "failed": 2, "none": 1}
+    assert totals["local_share"] == pytest.approx(0.5)  # of the requests that were served
+    assert totals["errors"] == 3
+
+
+def test_each_front_gets_its_requests_closed_share_spend_and_errors() -> None:
+    now = time.time()
+    records = [
+        _record(0, now - 50, "local", cost_usd=0.001),
+        _record(1, now - 40, "closed", cost_usd=0.02, front="messages"),
+        _record(2, now - 30, "local", front="messages"),
+        _record(3, now - 25, "closed", status="error", http_status=502, front="messages"),
+        _record(4, now - 20, None, status="error", http_status=404, front="responses"),
+    ]
+    dicts = [r.as_dict() for r in records]
+    del dicts[0]["front"]  # a record written before fronts were recorded: the chat front's
+    rows = [WindowRow.of(d) for d in dicts]
+    summary = summarize(rows, since_ts=now - 60, bucket_s=120, until_ts=now)
+    assert summary["by_front"] == {
+        "chat": {"requests": 1, "closed_share": 0.0, "cost_usd": 0.001, "errors": 0},
+        "messages": {"requests": 3, "closed_share": 0.5, "cost_usd": 0.02, "errors": 1},
+        "responses": {"requests": 1, "closed_share": 0.0, "cost_usd": 0.0, "errors": 1},
+    }
+    assert sum(f["requests"] for f in summary["by_front"].values()) == 5
+    html = fronts_table(summary["by_front"])
+    assert 'data-front="messages" data-requests="3" data-closed-share="0.5000"' in html
+    assert 'data-front="responses"' in html and 'data-errors="1"' in html
+
+
+def test_quality_is_the_served_answers_mean_per_tier_and_source() -> None:
+    assert label_quality([])["available"] is False
+    quality = label_quality(
+        [
+            TieredLabel("local", "feedback", None, 0.5),
+            TieredLabel("local", "feedback", None, 1.0),
+            TieredLabel("local", "shadow", 0.75, None),  # closed better: served quality 0.25
+            TieredLabel("closed", "escalation", 1.0, None),  # not a quality source
+            TieredLabel(None, "feedback", None, 0.1),  # refused before routing: no tier
+            TieredLabel("closed", "shadow", None, None),  # a verdict without a value
+        ]
     )
-    for summary in (from_sql, from_dicts):
-        totals = summary["totals"]
-        assert totals["by_tier"] == {"local": 1, "closed": 1, "failed": 2, "none": 1}
-        assert totals["local_share"] == pytest.approx(0.5)  # of the requests that were served
-        assert totals["errors"] == 3
+    assert quality["available"]
+    assert quality["tiers"] == {
+        "local": {"feedback": {"n": 2, "mean": 0.75}, "shadow": {"n": 1, "mean": 0.25}}
+    }
+    html = quality_block(quality)
+    assert 'data-tier="local" data-kind="feedback" data-mean="0.7500" data-n="2"' in html
+    assert 'data-tier="closed"' not in html
 
 
 def test_dashboard_buckets_start_on_wall_clock_boundaries(
@@ -161,20 +190,6 @@ def test_shipped_evaluation_curve_shows_without_settings(
     assert len(evaluation["curve"]) == 11 and evaluation["n"] > 0
     assert 'id="eval-chart"' in page and "eval-empty" not in page
     assert "TIERGATE_EVAL_REPORT" in eval_chart(None, {})
-
-
-def test_quality_labels_read_when_the_store_has_them() -> None:
-    assert quality_by_tier(object(), 0.0)["available"] is False
-
-    class Labelled:
-        def quality_by_tier(self, since_ts: float) -> dict[str, Any]:
-            return {"local": {"feedback": {"n": 4, "mean": 0.75}, "shadow": {"n": 0}}}
-
-    quality = quality_by_tier(Labelled(), 0.0)
-    assert quality["available"]
-    html = quality_block(quality)
-    assert 'data-tier="local" data-kind="feedback" data-mean="0.7500" data-n="4"' in html
-    assert 'data-kind="shadow"' not in html
 
 
 def _eval_report(path: Path) -> Path:
@@ -225,10 +240,17 @@ def test_dashboard_data_endpoint(tmp_path: Path, fake: FakeProvider) -> None:
         sent = _traffic(srv.url, local)
         assert wait_for(lambda: srv.gateway.outcomes.flush(0.1))
         data = httpx.get(f"{srv.url}/dashboard/data").json()
+        page = httpx.get(f"{srv.url}/dashboard").text
         bad = httpx.get(f"{srv.url}/dashboard/data?window_s=7")
     assert bad.status_code == 400
     totals = data["summary"]["totals"]
     assert totals["by_tier"] == sent
+    chat = data["summary"]["by_front"]["chat"]
+    assert list(data["summary"]["by_front"]) == ["chat"]
+    assert (chat["requests"], chat["errors"]) == (12, 1)
+    assert chat["closed_share"] == pytest.approx(5 / 11)
+    assert chat["cost_usd"] == pytest.approx(totals["cost_usd"])
+    assert 'data-front="chat" data-requests="12"' in page
     assert totals["fallbacks"] == 2 and totals["errors"] == 1
     assert totals["local_share"] == pytest.approx(6 / 11)
     assert data["live"]["thresholds"] == {"auto": 0.5, "auto-best": 0.05}

@@ -1,4 +1,5 @@
-"""The SQLite outcome store: round trips, draining at close, spend, labels joined to tiers."""
+"""The SQLite outcome store and the writer both stores share: round trips, draining at close,
+spend, labels joined to tiers, columns added to older databases, and the writer's faults."""
 
 from __future__ import annotations
 
@@ -10,37 +11,16 @@ from pathlib import Path
 import pytest
 
 from router import outcomes as store_module
-from router.outcomes import Label, OutcomeRecord, SQLiteOutcomeStore
+from router.outcomes import Label, OutcomeRecord, SQLiteOutcomeStore, TieredLabel
 from tests.conftest import wait_for
-
-
-def _quality_record(request_id: str, tier: str, *, cost: float = 0.0) -> OutcomeRecord:
-    return OutcomeRecord(
-        id=request_id,
-        ts=time.time(),
-        tenant="default",
-        alias="auto",
-        tier=tier,
-        model=tier,
-        rule="default",
-        score=0.3,
-        threshold=0.5,
-        policy_version="p",
-        model_version="m",
-        status="ok",
-        http_status=200,
-        stream=False,
-        latency_ms=5.0,
-        cost_usd=cost,
-        signals={"turns": 1},
-    )
+from tests.records import outcome
 
 
 def test_every_submitted_record_is_written_by_close(tmp_path: Path) -> None:
     store = SQLiteOutcomeStore(tmp_path / "o.db")
     store.start()
     for i in range(2500):
-        store.submit(_quality_record(f"r{i}", "local" if i % 2 else "closed", cost=0.001))
+        store.submit(outcome(f"r{i}", tier="local" if i % 2 else "closed", cost_usd=0.001))
     store.close()  # no flush: close must drain
     reopened = SQLiteOutcomeStore(tmp_path / "o.db")
     reopened.start()
@@ -69,7 +49,7 @@ def test_the_writer_inserts_a_batch_in_a_few_statements_not_one_per_row(
 
     monkeypatch.setattr(store, "_connect", traced)
     store.start()
-    records = [_quality_record(f"r{i}", "local") for i in range(1000)]
+    records = [outcome(f"r{i}", tier="local") for i in range(1000)]
     for record in records:
         store.submit(record)
     store.label(Label("r0", "default", "feedback", None, 1000.0, quality=0.1))
@@ -84,26 +64,29 @@ def test_the_writer_inserts_a_batch_in_a_few_statements_not_one_per_row(
     assert 1 <= len(inserts) <= 40
 
 
-def test_quality_by_tier_joins_labels_to_served_tiers(tmp_path: Path) -> None:
+def test_labels_are_read_with_the_tier_that_served_their_request(tmp_path: Path) -> None:
     store = SQLiteOutcomeStore(tmp_path / "q.db")
     store.start()
     for i, tier in enumerate(["local", "local", "closed"]):
-        store.submit(_quality_record(f"r{i}", tier))
+        store.submit(outcome(f"r{i}", tier=tier))
     store.label(Label("r0", "default", "feedback", None, 1000.0, quality=0.9))
-    store.label(Label("r1", "default", "shadow", 0.75, 1000.0))  # closed better: quality 0.25
-    store.label(Label("r2", "default", "feedback", None, 1000.0, quality=0.5))
-    store.label(Label("r2", "default", "escalation", 1.0, 1000.0))  # not a quality source
+    store.label(Label("r1", "default", "shadow", 0.75, 1000.0))
+    store.label(Label("r2", "default", "escalation", 1.0, 1001.0))
+    store.label(Label("gone", "default", "feedback", None, 1000.0, quality=0.5))  # no record
     assert store.flush()
-    quality = store.quality_by_tier(0.0)
+    labels = store.tiered_labels(1000.0)
+    later = store.tiered_labels(1000.5)
     store.close()
-    assert quality == {
-        "local": {"feedback": {"n": 1, "mean": 0.9}, "shadow": {"n": 1, "mean": 0.25}},
-        "closed": {"feedback": {"n": 1, "mean": 0.5}},
-    }
+    assert sorted(labels) == [
+        TieredLabel("closed", "escalation", 1.0, None),
+        TieredLabel("local", "feedback", None, 0.9),
+        TieredLabel("local", "shadow", 0.75, None),
+    ]
+    assert later == [TieredLabel("closed", "escalation", 1.0, None)]
 
 
 def _surrogate_record(request_id: str) -> OutcomeRecord:
-    record = _quality_record(request_id, "local")
+    record = outcome(request_id, tier="local")
     record.prompt = "Hi \ud800"
     record.tenant = "acme\udfff"
     record.signals = {"turns": 1, "note": "x\ud800y"}
@@ -116,7 +99,7 @@ def test_a_lone_surrogate_cannot_kill_the_writer(tmp_path: Path) -> None:
     store.start()
     try:
         store.submit(_surrogate_record("bad"))
-        store.submit(_quality_record("after", "local"))
+        store.submit(outcome("after", tier="local"))
         assert store.flush(10)
         assert store.health()["writer_alive"] is True
         assert store.count() == 2
@@ -143,41 +126,51 @@ def test_a_record_that_cannot_be_written_is_counted_and_the_rest_are_kept(
     store.start()
     try:
         for name in ("a", "poison", "b"):
-            store.submit(_quality_record(name, "local"))
+            store.submit(outcome(name, tier="local"))
         assert store.flush(10)
         assert store.count() == 2 and store.get("poison") is None
         health = store.health()
         assert health["writer_alive"] is True and health["unwritable"] == 1
-        store.submit(_quality_record("c", "local"))
+        store.submit(outcome("c", tier="local"))
         assert store.flush(10) and store.count() == 3
     finally:
         store.close()
 
 
-def test_a_dead_writer_shows_in_health_and_is_restarted(
+def test_a_dead_writer_is_restarted_and_takes_back_its_batch_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = SQLiteOutcomeStore(tmp_path / "o.db", linger_s=0.0)
     store.start()
     real = store._write
-    failures = [SystemExit("injected: the writer thread dies")]
+    deaths = {"once": 1, "always": 99}  # how often each record kills the writer
 
-    def write(conn: sqlite3.Connection, batch: list[OutcomeRecord | Label]) -> None:
-        if failures:
-            raise failures.pop()
-        real(conn, batch)
+    def write(batch: list[OutcomeRecord | Label]) -> object:
+        for item in batch:
+            if isinstance(item, OutcomeRecord) and deaths.get(item.id):
+                deaths[item.id] -= 1
+                raise SystemExit(f"injected: {item.id} kills the writer")
+        return real(batch)
 
     monkeypatch.setattr(store, "_write", write)
     try:
-        store.submit(_quality_record("killer", "local"))
+        store.submit(outcome("once"))
         assert wait_for(lambda: not store.health()["writer_alive"])
-        health = store.health()
-        assert "SystemExit" in str(health["last_error"])
-        store.check_writer()  # what /readyz does: say so, then restart it
-        assert store.health()["writer_alive"] is True and store.health()["restarts"] == 1
-        store.submit(_quality_record("later", "local"))
+        assert "SystemExit" in str(store.health()["last_error"])
+        assert store.check_writer() is not None  # what /readyz does: say so, then restart it
+        assert store.flush(10) and store.get("once") is not None  # taken back and written
+        assert store.health()["writer_alive"] is True and store.health()["dropped"] == 0
+        store.submit(outcome("always"))
+        assert wait_for(lambda: not store.health()["writer_alive"])
+        assert store.check_writer() is not None  # taken back once: it kills the writer again
+        assert wait_for(lambda: not store.health()["writer_alive"])
+        assert store.check_writer() is not None
+        store.submit(outcome("later"))
         assert store.flush(10)
-        assert store.get("later") is not None
+        assert store.get("later") is not None and store.get("always") is None
+        health = store.health()
+        assert health["writer_alive"] is True and health["dropped"] == 1
+        assert health["restarts"] == 3 and store.count() == 2
     finally:
         store.close()
 
@@ -188,10 +181,14 @@ def test_submit_never_waits_for_a_stuck_writer(
     # With the queue full, each submit used to block the event loop for 5 s before dropping.
     store = SQLiteOutcomeStore(tmp_path / "o.db", queue_size=2, linger_s=0.0)
     stuck = threading.Event()
-    monkeypatch.setattr(store, "_write", lambda conn, batch: stuck.wait(30))
+
+    def stuck_write(batch: list[OutcomeRecord | Label]) -> None:
+        stuck.wait(30)
+
+    monkeypatch.setattr(store, "_write", stuck_write)
     store.start()
     submitter = threading.Thread(
-        target=lambda: [store.submit(_quality_record(f"r{i}", "local")) for i in range(6)]
+        target=lambda: [store.submit(outcome(f"r{i}", tier="local")) for i in range(6)]
     )
     submitter.start()
     submitter.join(4.0)
@@ -201,4 +198,30 @@ def test_submit_never_waits_for_a_stuck_writer(
     finally:
         stuck.set()
         submitter.join()
+        store.close()
+
+
+def test_a_database_from_before_fronts_gets_the_column_and_keeps_its_rows(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "o.db"
+    columns = [c for c in store_module.FIELDS if c != "front"]
+    with sqlite3.connect(path) as old:  # the outcomes table as an earlier release made it
+        old.execute(f"CREATE TABLE outcomes (id TEXT PRIMARY KEY, {', '.join(columns[1:])})")
+        old.execute(
+            f"INSERT INTO outcomes ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+            store_module._encode(outcome("before", ts=time.time() - 60), tuple(columns)),
+        )
+    old.close()
+    store = SQLiteOutcomeStore(path)
+    store.start()
+    try:
+        store.submit(outcome("after", front="responses"))
+        assert store.flush(10)
+        before, after = store.get("before"), store.get("after")
+        assert before is not None and before["front"] == "chat"
+        assert after is not None and after["front"] == "responses"
+        fronts = [(r.id, r.front) for r in store.window(0.0)]
+        assert fronts == [("before", "chat"), ("after", "responses")]
+    finally:
         store.close()

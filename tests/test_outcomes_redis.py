@@ -7,7 +7,6 @@ import contextlib
 import json
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -16,34 +15,13 @@ import redis
 
 from router.app import start_outcome_store
 from router.cli import main
+from router.dashboard import store_summary
 from router.learning import purge_loop
-from router.outcomes import Label, OutcomeRecord, SQLiteOutcomeStore
+from router.outcomes import Label, OutcomeRecord, SQLiteOutcomeStore, TieredLabel
 from router.outcomes_redis import RedisOutcomeStore
 from tests.conftest import wait_for
+from tests.records import outcome
 from tests.redis_server import RedisServer
-
-
-def record(tenant: str = "acme", cost: float = 0.001, ts: float | None = None) -> OutcomeRecord:
-    return OutcomeRecord(
-        id=f"req_{uuid.uuid4().hex}",
-        ts=time.time() if ts is None else ts,
-        tenant=tenant,
-        alias="auto",
-        tier="local",
-        model="local",
-        rule="default",
-        score=0.25,
-        threshold=0.5,
-        policy_version="p1",
-        model_version="m1",
-        status="ok",
-        http_status=200,
-        stream=False,
-        latency_ms=12.5,
-        cost_usd=cost,
-        signals={"capability": "chat"},
-        prompt="hello",
-    )
 
 
 def store(server: RedisServer, tmp_path: Path, **kw: Any) -> RedisOutcomeStore:
@@ -56,15 +34,13 @@ def test_round_trip_and_shared_spend(redis_server: RedisServer, tmp_path: Path) 
     a = store(redis_server, tmp_path / "a")
     b = store(redis_server, tmp_path / "b")  # a second replica on the same Redis
     try:
-        rec = record(cost=0.25)
+        rec = outcome(tenant="acme", cost_usd=0.25)
         a.submit(rec)
         a.submit(rec)  # a retried submit of the same request id is stored once
-        a.submit(record(tenant="other", cost=1.0))
+        a.submit(outcome(tenant="other", cost_usd=1.0))
         assert a.flush(10)
         got = b.get(rec.id)
-        assert (
-            got is not None and got["prompt"] == "hello" and got["signals"]["capability"] == "chat"
-        )
+        assert got is not None and got["prompt"] == "hello" and got["signals"] == {"turns": 1}
         assert b.count() == 2 and b.count("acme") == 1
         assert [r["id"] for r in b.recent(5, tenant="acme")] == [rec.id]
         assert b.recent_scores() == [0.25, 0.25]
@@ -86,7 +62,8 @@ def test_round_trip_and_shared_spend(redis_server: RedisServer, tmp_path: Path) 
 def test_purge_removes_old_records_and_labels(redis_server: RedisServer, tmp_path: Path) -> None:
     s = store(redis_server, tmp_path)
     try:
-        old, new = record(ts=time.time() - 40 * 86400), record()
+        old = outcome(tenant="acme", cost_usd=0.001, ts=time.time() - 40 * 86400)
+        new = outcome(tenant="acme", cost_usd=0.001)
         s.retention_s = 60 * 86400
         s.submit(old)
         s.submit(new)
@@ -110,7 +87,7 @@ def test_outage_and_recovery_loses_nothing_and_duplicates_nothing(
 
     def traffic() -> None:
         while not stop.is_set():
-            rec = record()
+            rec = outcome(tenant="acme")
             s.submit(rec)
             with lock:
                 ids.append(rec.id)
@@ -147,7 +124,7 @@ def test_shutdown_while_redis_is_down_keeps_records_in_the_journal(
 ) -> None:
     s = store(redis_server, tmp_path)
     redis_server.stop()
-    recs = [record() for _ in range(30)]
+    recs = [outcome(tenant="acme") for _ in range(30)]
     for rec in recs:
         s.submit(rec)
     s.close(timeout_s=1.0)  # Redis is still down: everything goes to the journal
@@ -166,7 +143,8 @@ def test_sqlite_store_labels_and_purge(tmp_path: Path) -> None:
     s = SQLiteOutcomeStore(tmp_path / "o.db")
     s.start()
     try:
-        old, new = record(ts=time.time() - 40 * 86400), record()
+        old = outcome(tenant="acme", cost_usd=0.001, ts=time.time() - 40 * 86400)
+        new = outcome(tenant="acme", cost_usd=0.001)
         s.submit(old)
         s.submit(new)
         assert s.get(new.id) is not None  # visible even before the writer has written it
@@ -188,7 +166,7 @@ def test_cli_outcomes_reads_redis_when_configured(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     s = store(redis_server, tmp_path)
-    rec = record(tenant="acme")
+    rec = outcome(tenant="acme")
     s.submit(rec)
     assert s.flush(10)
     s.close()
@@ -199,52 +177,74 @@ def test_cli_outcomes_reads_redis_when_configured(
     assert [r["id"] for r in rows] == [rec.id]
 
 
-def test_dashboard_views_agree_between_sqlite_and_redis(
+def test_both_stores_give_the_dashboard_the_same_window(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    """The dashboard reads the same summary and quality from either store."""
+    """Records, fronts and labelled tiers read back the same from either store, so the one
+    dashboard aggregate gives the same page."""
     now = time.time()
     records = []
     for i in range(12):
-        rec = record(tenant="acme", cost=0.01 * i, ts=now - 600 + i * 40)
+        rec = outcome(tenant="acme", cost_usd=0.01 * i, ts=now - 600 + i * 40)
         rec.tier = "closed" if i % 3 == 0 else "local"
         rec.counterfactual_cost_usd = 0.02 * i
         rec.status = "error" if i == 5 else "ok"
         rec.fallback = "closed->local" if i == 7 else None
         rec.policy_version = "p2" if i > 8 else "p1"
+        rec.front = ("chat", "messages", "responses")[i % 3]
         records.append(rec)
     labels = [
         Label(records[1].id, "acme", "feedback", None, now, quality=0.8),
         Label(records[2].id, "acme", "shadow", 0.25, now),
         Label(records[3].id, "acme", "feedback", None, now, quality=0.4),
+        Label("req_gone", "acme", "feedback", None, now, quality=0.1),  # its record is not stored
     ]
     sqlite = SQLiteOutcomeStore(tmp_path / "o.db")
     sqlite.start()
     rstore = store(redis_server, tmp_path)
     try:
+        summaries, tiered = [], []
         for s in (sqlite, rstore):
             for rec in records:
                 s.submit(rec)
             for label in labels:
                 s.label(label)
             assert s.flush(10)
-        since, until = now - 900, now + 1
-        a = sqlite.summary(since, 60, until_ts=until)
-        b = rstore.summary(since, 60, until_ts=until)
-        assert a["totals"] == b["totals"]
+            window = s.window(now - 900)
+            assert [(r.id, r.front) for r in window] == [(r.id, r.front) for r in records]
+            summaries.append(store_summary(s, now - 900, 60, now + 1))
+            tiered.append(sorted(s.tiered_labels(now), key=lambda t: (str(t.tier), t.source)))
+            assert s.tiered_labels(now + 1) == []
+        a, b = summaries
+        assert a["totals"] == b["totals"] and a["by_front"] == b["by_front"]
         assert a["totals"]["requests"] == 12 and a["totals"]["errors"] == 1
         assert a["buckets"] == b["buckets"]
-        assert [p["id"] for p in a["problems"]] == [p["id"] for p in b["problems"]]
-        assert a["versions"] == b["versions"]
-        quality = {
-            "local": {"feedback": {"n": 1, "mean": 0.8}, "shadow": {"n": 1, "mean": 0.75}},
-            "closed": {"feedback": {"n": 1, "mean": 0.4}},
-        }
-        assert sqlite.quality_by_tier(0.0) == quality
-        assert rstore.quality_by_tier(0.0) == quality
+        assert a["problems"] == b["problems"] and a["versions"] == b["versions"]
+        assert (
+            tiered[0]
+            == tiered[1]
+            == [
+                TieredLabel("closed", "feedback", None, 0.4),
+                TieredLabel("local", "feedback", None, 0.8),
+                TieredLabel("local", "shadow", 0.25, None),
+            ]
+        )
     finally:
         sqlite.close()
         rstore.close()
+
+
+def test_a_records_front_is_stored(redis_server: RedisServer, tmp_path: Path) -> None:
+    s = store(redis_server, tmp_path)
+    try:
+        served = outcome(tenant="acme", front="messages")
+        s.submit(served)
+        assert s.flush(10)
+        got = s.get(served.id)
+        assert got is not None and got["front"] == "messages"
+        assert [r.front for r in s.window(0.0)] == ["messages"]
+    finally:
+        s.close()
 
 
 async def one_purge_round(store: RedisOutcomeStore, days: int | None) -> None:
@@ -265,14 +265,14 @@ def test_record_ttl_follows_the_policys_retention(
     raw = redis.Redis.from_url(redis_server.url)
     try:
         asyncio.run(one_purge_round(s, None))  # retention_days: null
-        kept = record()
+        kept = outcome(tenant="acme")
         s.submit(kept)
         s.label(Label(kept.id, "acme", "feedback", 1.0, time.time()))
         assert s.flush(10)
         assert raw.ttl(s.key("outcome", kept.id)) == -1  # no expiry
         assert raw.ttl(s.key("label", kept.id)) == -1
         asyncio.run(one_purge_round(s, 90))  # retention_days: 90
-        later = record()
+        later = outcome(tenant="acme")
         s.submit(later)
         s.label(Label(later.id, "acme", "feedback", 1.0, time.time()))
         assert s.flush(10)
@@ -292,7 +292,7 @@ def test_an_unwritable_journal_never_raises_into_the_request_path(tmp_path: Path
     s.start()
     try:
         for _ in range(10):
-            s.submit(record())
+            s.submit(outcome(tenant="acme"))
         assert s.journal_errors >= 1 and s.spilled == 0
         assert s.dropped == 2  # 8 held (4 x 2), the last 2 lost and counted
     finally:
@@ -306,7 +306,7 @@ def test_a_journal_replayed_at_start_gets_the_policys_retention(
     journal = tmp_path / "journal.jsonl"
     down = RedisOutcomeStore("redis://127.0.0.1:1/0", journal=journal, buffer_size=1)
     down.start()
-    kept = record()
+    kept = outcome(tenant="acme")
     down.submit(kept)
     down.close(timeout_s=0.5)  # Redis never answered: the record waits in the journal
     assert journal.exists() and down.dropped == 0
@@ -329,10 +329,10 @@ def test_a_lone_surrogate_cannot_stall_the_redis_writer(
     # record behind it waited.
     s = store(redis_server, tmp_path)
     try:
-        bad = record(tenant="acme\ud800")
+        bad = outcome(tenant="acme\ud800")
         bad.prompt = "Hi \ud800"
         bad.signals = {"note": "x\udfffy"}
-        after = record()
+        after = outcome(tenant="acme")
         s.submit(bad)
         s.submit(after)
         assert s.flush(10)
@@ -350,7 +350,7 @@ def test_a_record_redis_cannot_take_is_counted_and_the_rest_are_written(
 ) -> None:
     s = store(redis_server, tmp_path)
     real = s._queue_record
-    poison = record()
+    poison = outcome(tenant="acme")
 
     def queue_record(pipe: Any, rec: OutcomeRecord) -> None:
         if rec.id == poison.id:
@@ -359,7 +359,7 @@ def test_a_record_redis_cannot_take_is_counted_and_the_rest_are_written(
 
     monkeypatch.setattr(s, "_queue_record", queue_record)
     try:
-        good = [record(), record()]
+        good = [outcome(tenant="acme"), outcome(tenant="acme")]
         s.submit(good[0])
         s.submit(poison)
         s.submit(good[1])
@@ -384,13 +384,13 @@ def test_a_dead_redis_writer_shows_in_health_and_is_restarted(
 
     monkeypatch.setattr(s, "_write", write)
     try:
-        first = record()
+        first = outcome(tenant="acme")
         s.submit(first)
         assert wait_for(lambda: not s.health()["writer_alive"])
         assert "SystemExit" in str(s.health()["last_error"])
         assert s.check_writer() is not None
         assert s.health()["restarts"] == 1
-        second = record()
+        second = outcome(tenant="acme")
         s.submit(second)
         assert s.flush(10)
         assert s.count() == 2  # the batch the dead writer held was kept and written
