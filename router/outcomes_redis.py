@@ -26,13 +26,14 @@ such as ``{tiergate}`` so one Lua script can touch every key):
 ``P:labels``                    sorted set of ``<request id>|<source>`` by time: ``labels``.
 ==============================  =============================================================
 
-Every write is one Lua script per record or label, so it is atomic and idempotent. Records
-submitted while Redis is unreachable wait in a bounded in-memory buffer; past that bound they
-are appended to an on-disk journal (JSON lines). The writer thread retries with backoff, then
-writes the buffer and replays the journal when Redis returns. ``close`` drains everything it can
-and, if Redis is still down when its time is up, moves what is left to the journal, which the
-next start replays. Redis itself must persist (AOF with ``appendfsync everysec`` or ``always``),
-or a Redis restart loses what it held, which no client can prevent.
+Every write is one Lua script per record or label, so it is atomic and idempotent. The writer
+is :class:`~router.outcomes.OutcomeWriter`, as for SQLite; this module adds the writes, the reads
+and the journal. Records submitted while Redis is unreachable wait in the writer's bounded
+buffer; past that bound they are appended to an on-disk journal (JSON lines). The writer retries
+with backoff, then writes the buffer and replays the journal when Redis returns. ``close``
+drains everything it can and, if Redis is still down when its time is up, moves what is left to
+the journal, which the next start replays. Redis itself must persist (AOF with ``appendfsync
+everysec`` or ``always``), or a Redis restart loses what it held, which no client can prevent.
 """
 
 from __future__ import annotations
