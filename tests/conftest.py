@@ -260,6 +260,15 @@ def live(
 _running: list[pytest.Item] = []
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # One place says why a gguf test did not run.
+    if not GGUF.is_file():
+        skip = pytest.mark.skip(reason="bundled GGUF missing: make model")
+        for item in items:
+            if item.get_closest_marker("gguf") is not None:
+                item.add_marker(skip)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     # Noted before fixtures are set up, so live() can check the markers of the test it serves.
