@@ -12,8 +12,8 @@ for chat bodies):
   that answers errors, nonsense (``usage`` as a string, a JSON array) or cuts a stream.
 
 ``make test`` runs a short profile (``FUZZ_EXAMPLES``, default 60 per generator and operation),
-``make test-fast`` a shorter one (10); ``make fuzz-long`` runs ``FUZZ_EXAMPLES=2500`` (over 25,000 cases) and writes the counts to
-``FUZZ_REPORT`` when set.
+``make test-fast`` a shorter one (10); ``make fuzz-long`` runs ``FUZZ_EXAMPLES=2500`` (over
+25,000 cases) and writes the counts to ``FUZZ_REPORT`` when set.
 """
 
 from __future__ import annotations
