@@ -272,7 +272,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     # Noted before fixtures are set up, so live() can check the markers of the test it serves.
-    _running[:] = [item]
+    # pytest loads this file as `conftest` and the tests import it as `tests.conftest`: two
+    # modules, so the note goes to both.
+    import tests.conftest as imported
+
+    _running[:] = imported._running[:] = [item]
 
 
 def _require_marker(name: str) -> None:
