@@ -151,6 +151,7 @@ class LiveServer:
         self._server: uvicorn.Server | None = None
         self._serving: Future[None] | None = None
         self._port = 0
+        self._binding = threading.Lock()  # tests may read ``url`` from several threads
 
     def __enter__(self) -> LiveServer:
         self.http.__enter__()
@@ -182,6 +183,8 @@ class LiveServer:
         self._serving = self._portal().start_task_soon(server.serve, [sock])
         deadline = time.monotonic() + 60
         while not server.started:
+            if self._serving.done():
+                self._serving.result()  # raises what stopped it
             if self._serving.done() or time.monotonic() > deadline:
                 raise RuntimeError("server did not start")
             time.sleep(0.01)
@@ -194,8 +197,9 @@ class LiveServer:
     @property
     def port(self) -> int:
         """The loopback port of the real socket (bound on first use)."""
-        if self._server is None:
-            self._bind()
+        with self._binding:
+            if self._server is None:
+                self._bind()
         return self._port
 
     @property
