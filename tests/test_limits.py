@@ -363,10 +363,21 @@ def test_budget_error_prints_amounts_that_read() -> None:
 
 @pytest.mark.skipif(redis_binary() is None, reason="no redis-server binary")
 def test_replicas_share_token_and_budget_reservations_through_redis(
-    tmp_path: Path, fake: FakeProvider
+    tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import redis.asyncio as aioredis
+
     from router.outcomes_redis import RedisOutcomeStore
     from tests.fake_provider import Behaviour
+
+    # The limiter gives Redis 0.25 s before counting in process (a fallback with its own test);
+    # on a loaded test machine that fallback, not the sharing, would decide the outcome.
+    from_url = aioredis.Redis.from_url
+
+    def patient(url: str, **kw: Any) -> Any:
+        return from_url(url, **{**kw, "socket_timeout": 10, "socket_connect_timeout": 10})
+
+    monkeypatch.setattr(aioredis.Redis, "from_url", patient)
 
     fake.reset(Behaviour(mode="stall", stall_s=0.5))
     with RedisServer(tmp_path) as redis_server:
