@@ -15,11 +15,12 @@ CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGM
 export CMAKE_ARGS
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
-.PHONY: install model run test lint typecheck unit bench fuzz-long load-test limits-load clean help
+.PHONY: install model run test test-fast lint typecheck unit bench fuzz-long load-test limits-load clean help
 
 help:
 	@echo "make run    - install, fetch the bundled model, serve on 127.0.0.1:8000"
 	@echo "make test   - install, fetch the bundled model, lint, type-check and run the test suite"
+	@echo "make test-fast - the quick loop: the tests not marked slow or gguf, a short fuzz profile"
 	@echo "make bench  - run the benchmarks in bench/ and update bench/results and bench/README.md"
 	@echo "make load-test - 20,000 requests at 200 concurrent; bench/results/load.json"
 	@echo "make limits-load - 200 concurrent requests at a token limit and a budget; bench/results/limits_load.json"
@@ -54,6 +55,11 @@ unit: install model
 	$(BIN)/python -m pytest
 
 test: lint typecheck unit
+
+# The quick loop while working: no retraining, no packaging, no real GGUF, 10 fuzz examples.
+# `make test` still runs everything.
+test-fast: install
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-10} $(BIN)/python -m pytest -q -m "not slow and not gguf"
 
 bench: install model
 	$(BIN)/python -m bench

@@ -1,7 +1,10 @@
-"""Shared test parts: a fake closed provider on loopback, a real uvicorn server, test scorers.
+"""Shared test parts: a fake closed provider on loopback, a test app served in process, scorers.
 
-Tests talk to Tiergate over real HTTP (uvicorn on a free loopback port) with the official
-``openai`` client, so streaming, disconnects and headers behave as they do for users.
+``live()`` runs the app's lifespan in a background event loop and answers HTTP in process
+(``srv.http``, starlette's ``TestClient``) with a scripted local tier, so most tests take
+milliseconds. Tests of what only a socket shows (disconnects, backpressure, the official
+``openai`` client) pass ``socket=True`` and use ``srv.url``; tests of the real GGUF pass
+``gguf=True`` and carry the ``gguf`` marker.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,13 +25,16 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import pytest
 import uvicorn
+from anyio.from_thread import BlockingPortal
 from fastapi import FastAPI
+from starlette.testclient import TestClient
 
 from router.app import create_app
 from router.config import Settings
 from router.scoring import Analysis
 from router.services import services
 from tests.fake_provider import FakeProvider
+from tests.scripted_local import ScriptedLocal
 
 REPO = Path(__file__).resolve().parent.parent
 GGUF = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -124,35 +131,82 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """Runs an app under uvicorn in a thread, on a free loopback port."""
+    """A test app with its lifespan running in a background event loop.
 
-    def __init__(self, app: FastAPI) -> None:
+    ``http`` answers in process. ``url`` (and ``port``) bind a real loopback socket, served by
+    uvicorn in the same loop, on first use: the official client, raw sockets and disconnects
+    need one, and a test that reads ``url`` gets one whether or not it asked with ``socket=True``.
+    """
+
+    def __init__(self, app: FastAPI, *, socket: bool = False) -> None:
         self.app = app
-        self.port = free_port()
-        self.server = uvicorn.Server(
-            uvicorn.Config(
-                app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
-            )
+        self._want_socket = socket
+        # The app sees a loopback peer, as it does behind uvicorn on 127.0.0.1.
+        self.http = TestClient(
+            app,
+            base_url="http://127.0.0.1",
+            raise_server_exceptions=False,
+            client=("127.0.0.1", 50000),
         )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        """``http://127.0.0.1:PORT``."""
-        return f"http://127.0.0.1:{self.port}"
+        self._server: uvicorn.Server | None = None
+        self._serving: Future[None] | None = None
+        self._port = 0
+        self._binding = threading.Lock()  # tests may read ``url`` from several threads
 
     def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.02)
+        self.http.__enter__()
+        if self._want_socket:
+            self._bind()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(60)
+        try:
+            if self._server is not None and self._serving is not None:
+                self._server.should_exit = True
+                self._serving.result(60)
+        finally:
+            self.http.__exit__(None, None, None)
+
+    def _portal(self) -> BlockingPortal:
+        portal = self.http.portal
+        if portal is None:
+            raise RuntimeError("the app is not running: use `with live(...)`")
+        return portal
+
+    def _bind(self) -> None:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self._port = int(sock.getsockname()[1])
+        # lifespan="off": the app's lifespan already runs in this loop, under ``http``.
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="off")
+        self._server = server = uvicorn.Server(config)
+        self._serving = self._portal().start_task_soon(server.serve, [sock])
+        deadline = time.monotonic() + 60
+        while not server.started:
+            if self._serving.done():
+                self._serving.result()  # raises what stopped it
+            if self._serving.done() or time.monotonic() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.01)
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:PORT``, a real socket (bound on first use)."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def port(self) -> int:
+        """The loopback port of the real socket (bound on first use)."""
+        with self._binding:
+            if self._server is None:
+                self._bind()
+        return self._port
+
+    @property
+    def thread(self) -> threading.Thread:
+        """The thread that runs the app's event loop."""
+        thread: threading.Thread = self._portal().call(threading.current_thread)
+        return thread
 
     @property
     def gateway(self) -> Any:
@@ -178,18 +232,60 @@ def make_settings(tmp_path: Path, policy: str, **overrides: Any) -> Settings:
 
 
 @contextmanager
-def live(tmp_path: Path, policy: str, **kwargs: Any) -> Iterator[LiveServer]:
-    """Serve a test app over real HTTP; ``kwargs`` split into settings and create_app parts."""
+def live(
+    tmp_path: Path, policy: str, *, socket: bool = False, gguf: bool = False, **kwargs: Any
+) -> Iterator[LiveServer]:
+    """Run a test app; ``kwargs`` split into settings and create_app parts.
+
+    The local tier is a :class:`ScriptedLocal` unless the test passes its own
+    (``local_backend_obj``), names another backend in the settings, or asks for the real GGUF
+    with ``gguf=True`` (the test must then carry ``@pytest.mark.gguf``). ``socket=True`` binds
+    a real loopback socket at once.
+    """
     parts = {k: kwargs.pop(k) for k in ("scorer", "outcomes", "local_backend_obj") if k in kwargs}
+    local = parts.get("local_backend_obj")
+    if gguf:
+        _require_marker("gguf")
+        if local is not None:
+            raise ValueError("gguf=True serves the real model: do not pass local_backend_obj")
+    elif local is None and kwargs.get("local_backend", "llama_cpp") == "llama_cpp":
+        local = ScriptedLocal()
     settings = make_settings(tmp_path, policy, **kwargs)
     app = create_app(
         settings,
         scorer=parts.get("scorer", KeywordScorer()),
         outcomes=parts.get("outcomes"),
-        local_backend=parts.get("local_backend_obj"),
+        local_backend=local,
     )
-    with LiveServer(app) as server:
+    with LiveServer(app, socket=socket) as server:
         yield server
+
+
+_running: list[pytest.Item] = []
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # One place says why a gguf test did not run.
+    if not GGUF.is_file():
+        skip = pytest.mark.skip(reason="bundled GGUF missing: make model")
+        for item in items:
+            if item.get_closest_marker("gguf") is not None:
+                item.add_marker(skip)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # Noted before fixtures are set up, so live() can check the markers of the test it serves.
+    # pytest loads this file as `conftest` and the tests import it as `tests.conftest`: two
+    # modules, so the note goes to both.
+    import tests.conftest as imported
+
+    _running[:] = imported._running[:] = [item]
+
+
+def _require_marker(name: str) -> None:
+    if _running and _running[0].get_closest_marker(name) is None:
+        raise RuntimeError(f"{_running[0].nodeid} uses the real GGUF: mark it @pytest.mark.{name}")
 
 
 def wait_for(predicate: Any, timeout_s: float = 10.0) -> bool:

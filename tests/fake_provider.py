@@ -5,10 +5,11 @@
 
 It records every request it receives (path, headers, JSON body) so tests can assert what left the
 machine, and it can be told to misbehave: fail with a status, rate-limit with ``Retry-After``,
-stall past a timeout, reset the connection mid-stream, or answer with a tool call. It also
-plays the shadow judge: a request carrying Tiergate's pairwise judge prompt is answered with a
-verdict (``[[A]]``/``[[B]]``/``[[C]]``) that prefers the side ``Behaviour.judge`` names, where the
-"closed" answer is the one equal to ``Behaviour.text`` (what this provider answers itself).
+stall past a timeout (until ``unstall()``), reset the connection mid-stream, or answer with a
+tool call. It also plays the shadow judge: a request carrying Tiergate's pairwise judge prompt
+is answered with a verdict (``[[A]]``/``[[B]]``/``[[C]]``) that prefers the side
+``Behaviour.judge`` names, where the "closed" answer is the one equal to ``Behaviour.text`` (what
+this provider answers itself).
 """
 
 from __future__ import annotations
@@ -61,9 +62,12 @@ class FakeProvider:
     behaviour: Behaviour = field(default_factory=Behaviour)
     sent_chunks: int = 0  # streamed chunks written so far (all streams)
     broken_streams: int = 0  # streams whose reader went away before the end
+    stalls_ended: int = 0  # stalls that ran their course (or were ended by unstall)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
+        self._unstalled = threading.Event()
+        self._generation = 0  # bumped by reset: a stall from before it is not counted after
         provider = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -108,7 +112,15 @@ class FakeProvider:
             self.received.clear()
             self.sent_chunks = 0
             self.broken_streams = 0
+            self.stalls_ended = 0
+            self._generation += 1
+        self.unstall()
         self.behaviour = behaviour or Behaviour()
+
+    def unstall(self) -> None:
+        """End the stalls in progress now; later ones stall again."""
+        self._unstalled.set()
+        self._unstalled = threading.Event()
 
     # -- answering ---------------------------------------------------------------------------
 
@@ -144,7 +156,10 @@ class FakeProvider:
                 self._json(h, 200, [{"choices": []}])
             return
         if b.mode == "stall":
-            time.sleep(b.stall_s)
+            generation = self._generation
+            self._unstalled.wait(b.stall_s)
+            with self._lock:
+                self.stalls_ended += generation == self._generation
         if body.get("stream"):
             (self._anthropic_stream if anthropic else self._openai_stream)(h, body)
         else:

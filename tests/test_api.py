@@ -1,8 +1,8 @@
 """The spine end to end: the official openai client against Tiergate over real HTTP.
 
-The local tier is the real bundled GGUF through llama-cpp-python (n_threads=1); the closed tier is
-a loopback server speaking OpenAI's and Anthropic's wire protocols, so litellm's real HTTP path
-and Tiergate's direct OpenAI path both run.
+The local tier is scripted, except in the ``gguf`` tests, which serve the real bundled GGUF
+through llama-cpp-python (n_threads=1); the closed tier is a loopback server speaking OpenAI's and
+Anthropic's wire protocols, so litellm's real HTTP path and Tiergate's direct OpenAI path both run.
 """
 
 from __future__ import annotations
@@ -14,35 +14,59 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
 from router.services import services
-from tests.conftest import GGUF, REPO, LiveServer, live, policy_yaml, wait_for
+from tests.conftest import REPO, LiveServer, live, policy_yaml, wait_for
 from tests.fake_provider import Behaviour, FakeProvider
 
-pytestmark = pytest.mark.skipif(not GGUF.is_file(), reason="bundled GGUF missing: make model")
+
+@contextmanager
+def _shared(
+    tmp_path_factory: pytest.TempPathFactory, fake: FakeProvider, *, gguf: bool
+) -> Iterator[LiveServer]:
+    tmp = tmp_path_factory.mktemp("gguf" if gguf else "api")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OPENAI_API_KEY", "sk-test-openai-key")
+        mp.setenv("ANTHROPIC_API_KEY", "sk-ant-test-key")
+        with live(tmp, policy_yaml(fake), gguf=gguf, socket=True) as srv:
+            yield srv
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, fake: FakeProvider) -> Iterator[LiveServer]:
-    """One Tiergate with the real local model, shared by this module's tests."""
-    tmp = tmp_path_factory.mktemp("api")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OPENAI_API_KEY", "sk-test-openai-key")
-        mp.setenv("ANTHROPIC_API_KEY", "sk-ant-test-key")
-        with live(tmp, policy_yaml(fake)) as srv:
-            yield srv
+    """One Tiergate with the scripted local tier, shared by this module's tests."""
+    with _shared(tmp_path_factory, fake, gguf=False) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def gguf_server(
+    tmp_path_factory: pytest.TempPathFactory, fake: FakeProvider
+) -> Iterator[LiveServer]:
+    """One Tiergate with the real local model, shared by this module's ``gguf`` tests."""
+    with _shared(tmp_path_factory, fake, gguf=True) as srv:
+        yield srv
+
+
+def _openai(server: LiveServer, fake: FakeProvider) -> Iterator[openai.OpenAI]:
+    fake.reset()
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as c:
+        yield c
 
 
 @pytest.fixture
 def client(server: LiveServer, fake: FakeProvider) -> Iterator[openai.OpenAI]:
-    fake.reset()
-    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as c:
-        yield c
+    yield from _openai(server, fake)
+
+
+@pytest.fixture
+def gguf_client(gguf_server: LiveServer, fake: FakeProvider) -> Iterator[openai.OpenAI]:
+    yield from _openai(gguf_server, fake)
 
 
 def _record(server: LiveServer, request_id: str) -> dict[str, object]:
@@ -53,9 +77,11 @@ def _record(server: LiveServer, request_id: str) -> dict[str, object]:
     return record
 
 
+@pytest.mark.gguf
 def test_local_non_stream_answers_from_the_gguf(
-    client: openai.OpenAI, server: LiveServer, fake: FakeProvider
+    gguf_client: openai.OpenAI, gguf_server: LiveServer, fake: FakeProvider
 ) -> None:
+    client, server = gguf_client, gguf_server
     raw = client.chat.completions.with_raw_response.create(
         model="auto",
         messages=[{"role": "user", "content": "What is the capital of France?"}],
@@ -77,7 +103,9 @@ def test_local_non_stream_answers_from_the_gguf(
     assert record["stream"] is False
 
 
-def test_local_stream_with_usage(client: openai.OpenAI, server: LiveServer) -> None:
+@pytest.mark.gguf
+def test_local_stream_with_usage(gguf_client: openai.OpenAI, gguf_server: LiveServer) -> None:
+    client, server = gguf_client, gguf_server
     with client.chat.completions.with_streaming_response.create(
         model="auto",
         messages=[{"role": "user", "content": "Say hello."}],
@@ -274,7 +302,7 @@ def test_images_go_to_the_closed_tier(client: openai.OpenAI, fake: FakeProvider)
 
 
 def test_models_lists_aliases_and_models(server: LiveServer) -> None:
-    data = httpx.get(server.url + "/v1/models").json()["data"]
+    data = server.http.get("/v1/models").json()["data"]
     ids = {m["id"]: m for m in data}
     assert {"auto", "auto-best", "local", "gpt-4o", "claude"} <= set(ids)
     assert ids["auto"]["tiergate"]["kind"] == "alias"
@@ -283,8 +311,8 @@ def test_models_lists_aliases_and_models(server: LiveServer) -> None:
 
 
 def test_health_and_readiness(server: LiveServer) -> None:
-    assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
-    ready = httpx.get(server.url + "/readyz")
+    assert server.http.get("/healthz").json() == {"status": "ok"}
+    ready = server.http.get("/readyz")
     assert ready.status_code == 200
     body = ready.json()
     assert body["ready"] is True and body["local"]["available"] is True
@@ -311,9 +339,10 @@ def test_health_and_readiness(server: LiveServer) -> None:
 def test_errors_are_openai_shaped(
     server: LiveServer, payload: bytes, status: int, code: str
 ) -> None:
+    assert server.gateway.outcomes.flush()  # an earlier test's record is not counted as this one
     before = server.gateway.outcomes.count()
-    response = httpx.post(
-        server.url + "/v1/chat/completions",
+    response = server.http.post(
+        "/v1/chat/completions",
         content=payload,
         headers={"content-type": "application/json"},
     )
@@ -326,8 +355,8 @@ def test_errors_are_openai_shaped(
 
 def test_dry_run_route_calls_no_model(server: LiveServer, fake: FakeProvider) -> None:
     fake.reset()
-    body = httpx.post(
-        server.url + "/v1/route",
+    body = server.http.post(
+        "/v1/route",
         json={"model": "auto", "messages": [{"role": "user", "content": "HARD thing"}]},
     ).json()
     assert body["decision"]["tier"] == "closed"
@@ -345,7 +374,9 @@ def test_outcomes_cli_shows_records(server: LiveServer, tmp_path: Path) -> None:
     assert main(["outcomes", "--db", str(db), "--limit", "3"]) == 0
 
 
-def test_a_client_leaving_a_local_answer_stops_the_gguf(server: LiveServer) -> None:
+@pytest.mark.gguf
+def test_a_client_leaving_a_local_answer_stops_the_gguf(gguf_server: LiveServer) -> None:
+    server = gguf_server
     # The local model generated 1,500 tokens over 37 s for a client that had gone, held its only
     # slot, and the request was recorded ok.
     store = server.gateway.outcomes
@@ -387,12 +418,12 @@ def test_a_client_leaving_a_local_answer_stops_the_gguf(server: LiveServer) -> N
 
 @pytest.fixture(scope="module")
 def keyless(tmp_path_factory: pytest.TempPathFactory, fake: FakeProvider) -> Iterator[LiveServer]:
-    """A Tiergate with no provider key set, as on a first run; local answers capped at 4 tokens."""
+    """A Tiergate with no provider key set, as on a first run."""
     tmp = tmp_path_factory.mktemp("keyless")
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("OPENAI_API_KEY", raising=False)
         mp.delenv("ANTHROPIC_API_KEY", raising=False)
-        with live(tmp, policy_yaml(fake, on_failure="closed"), local_max_tokens=4) as srv:
+        with live(tmp, policy_yaml(fake, on_failure="closed"), socket=True) as srv:
             yield srv
 
 
@@ -406,7 +437,7 @@ def test_without_keys_auto_serves_closed_requests_locally_and_says_so(
     for key in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY"):
         monkeypatch.delenv(key)
     fake.reset()
-    ready = httpx.get(keyless.url + "/readyz").json()
+    ready = keyless.http.get("/readyz").json()
     assert ready["ready"] is True
     assert ready["no_closed"]["serves"] == "local"
     with _keyless_client(keyless) as client:
@@ -425,8 +456,8 @@ def test_without_keys_auto_serves_closed_requests_locally_and_says_so(
                 model="gpt-4o", messages=[{"role": "user", "content": "A HARD question"}]
             )
         assert "OPENAI_API_KEY" in str(err.value)
-    route = httpx.post(
-        keyless.url + "/v1/route",
+    route = keyless.http.post(
+        "/v1/route",
         json={"model": "auto", "messages": [{"role": "user", "content": "HARD"}]},
     ).json()
     assert route["chain"][-1] == {
@@ -444,8 +475,8 @@ def test_fail_closed_policy_answers_503_without_keys(
     for key in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY"):
         monkeypatch.delenv(key)
     policy = policy_yaml(fake, on_failure="closed", fail_closed="true")
-    with live(tmp_path, policy) as server, _keyless_client(server) as client:
-        assert httpx.get(server.url + "/readyz").json()["no_closed"]["serves"] == "error"
+    with live(tmp_path, policy, socket=True) as server, _keyless_client(server) as client:
+        assert server.http.get("/readyz").json()["no_closed"]["serves"] == "error"
         with pytest.raises(openai.InternalServerError) as err:
             client.chat.completions.create(
                 model="auto", messages=[{"role": "user", "content": "A HARD question"}]
@@ -458,8 +489,13 @@ def test_fail_closed_policy_answers_503_without_keys(
         assert "x-tiergate-fallback" not in easy.headers
 
 
-def test_local_answer_without_max_tokens_is_bounded(keyless: LiveServer) -> None:
-    with _keyless_client(keyless) as client:
+@pytest.mark.gguf
+def test_local_answer_without_max_tokens_is_bounded(tmp_path: Path, fake: FakeProvider) -> None:
+    policy = policy_yaml(fake, on_failure="closed")
+    with (
+        live(tmp_path, policy, gguf=True, local_max_tokens=4) as server,
+        _keyless_client(server) as client,
+    ):
         raw = client.chat.completions.with_raw_response.create(
             model="local",
             messages=[{"role": "user", "content": "Write a long story about a dragon."}],
@@ -469,7 +505,9 @@ def test_local_answer_without_max_tokens_is_bounded(keyless: LiveServer) -> None
     assert completion.choices[0].finish_reason == "length"
 
 
-def test_local_refuses_logprobs_and_fields_it_cannot_honour(client: openai.OpenAI) -> None:
+@pytest.mark.gguf  # the real backend refuses what its loaded model cannot do
+def test_local_refuses_logprobs_and_fields_it_cannot_honour(gguf_client: openai.OpenAI) -> None:
+    client = gguf_client
     messages = [{"role": "user", "content": "hi"}]
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="local", messages=messages, logprobs=True)  # type: ignore[arg-type]
@@ -519,7 +557,7 @@ def shipped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     tmp = tmp_path_factory.mktemp("readme")
     policy = (REPO / "policies" / "default.yaml").read_text(encoding="utf-8")
     # Only the length of the local answers is bounded tighter than the default, for speed.
-    with live(tmp, policy, scorer=None, n_ctx=4096, local_max_tokens=24) as srv:
+    with live(tmp, policy, scorer=None, n_ctx=4096, local_max_tokens=24, socket=True) as srv:
         yield srv
 
 
@@ -587,7 +625,8 @@ def test_readme_first_hour_commands_run_as_written(shipped: LiveServer) -> None:
         ({"logit_bias": {"abc": "x"}}, "logit_bias"),
         ({"logit_bias": {"15": "x"}}, "logit_bias"),
         ({"logit_bias": {"15": 1000}}, "logit_bias"),
-        ({"logit_bias": {"999999999": 5}}, "logit_bias"),
+        # only the loaded model knows its vocabulary
+        pytest.param({"logit_bias": {"999999999": 5}}, "logit_bias", marks=pytest.mark.gguf),
         ({"logprobs": "yes"}, "logprobs"),
         ({"top_logprobs": 1.5}, "top_logprobs"),
         ({"messages": [{"role": "user", "content": None}]}, "messages"),
@@ -595,13 +634,19 @@ def test_readme_first_hour_commands_run_as_written(shipped: LiveServer) -> None:
 )
 @pytest.mark.parametrize("model", ["local", "auto"])
 def test_bad_parameters_are_a_400_naming_them(
-    server: LiveServer, fake: FakeProvider, extra: dict[str, object], param: str, model: str
+    request: pytest.FixtureRequest,
+    fake: FakeProvider,
+    extra: dict[str, object],
+    param: str,
+    model: str,
 ) -> None:
     """What the local model cannot take is refused with a 400 that names the parameter, before
     any model runs: no 500, no internal text, no retry on the closed tier."""
+    gguf = request.node.get_closest_marker("gguf") is not None
+    server: LiveServer = request.getfixturevalue("gguf_server" if gguf else "server")
     fake.reset()
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
-    response = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    response = server.http.post("/v1/chat/completions", json=body)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] is not None and error["param"].startswith(param), error
@@ -609,18 +654,21 @@ def test_bad_parameters_are_a_400_naming_them(
     assert fake.received == []
 
 
-def test_an_assistant_turn_without_content_reaches_the_local_model(server: LiveServer) -> None:
+@pytest.mark.gguf
+def test_an_assistant_turn_without_content_reaches_the_local_model(
+    gguf_server: LiveServer,
+) -> None:
     """An earlier assistant turn may have ``content: null`` (OpenAI allows it); the local chat
     template gets empty text instead of failing on None."""
+    server = gguf_server
     messages = [
         {"role": "user", "content": "hi"},
         {"role": "assistant", "content": None},
         {"role": "user", "content": "hello again"},
     ]
-    response = httpx.post(
-        server.url + "/v1/chat/completions",
+    response = server.http.post(
+        "/v1/chat/completions",
         json={"model": "local", "messages": messages, "max_tokens": 4},
-        timeout=60,
     )
     assert response.status_code == 200, response.text
     assert response.headers["x-tiergate-tier"] == "local"
@@ -643,7 +691,7 @@ def test_route_reads_the_configured_local_profile(tmp_path: Path, fake: FakeProv
         with live(
             tmp_path / name, policy, scorer=None, local_backend="none", local_profile=profile
         ) as srv:
-            seen[name] = httpx.post(srv.url + "/v1/route", json=body, timeout=30).json()
+            seen[name] = srv.http.post("/v1/route", json=body).json()
     bundled, llama = seen["bundled"], seen["llama"]
     assert llama["model_version"] == "router-v4"
     assert llama["signals"]["local_profile"] == "Meta-Llama-3.1-8B-Instruct"

@@ -66,7 +66,7 @@ def _post(
 ) -> httpx.Response:
     if key is not None:
         headers["authorization"] = f"Bearer {key}"
-    return httpx.post(server.url + "/v1/chat/completions", json=body, headers=headers, timeout=10)
+    return server.http.post("/v1/chat/completions", json=body, headers=headers)
 
 
 def _assert_openai_error(response: httpx.Response, status: int, kind: str) -> None:
@@ -82,19 +82,19 @@ def test_missing_and_unknown_keys_get_401(server: LiveServer) -> None:
     _assert_openai_error(missing, 401, "authentication_error")
     assert missing.headers["www-authenticate"] == "Bearer"
     _assert_openai_error(_post(server, "tg-nope"), 401, "authentication_error")
-    basic = httpx.post(
-        server.url + "/v1/chat/completions", json=CHAT, headers={"authorization": "Basic " + ACME}
+    basic = server.http.post(
+        "/v1/chat/completions", json=CHAT, headers={"authorization": "Basic " + ACME}
     )
     _assert_openai_error(basic, 401, "authentication_error")
     for path in ("/v1/models", "/openapi.json", "/docs", "/no/such/route", "/metrics"):
-        _assert_openai_error(httpx.get(server.url + path), 401, "authentication_error")
+        _assert_openai_error(server.http.get(path), 401, "authentication_error")
     # unauthenticated callers cannot fill the outcome store
     assert server.gateway.outcomes.count() == before
 
 
 def test_health_endpoints_need_no_key(server: LiveServer) -> None:
-    assert httpx.get(server.url + "/healthz").status_code == 200
-    assert httpx.get(server.url + "/readyz").status_code == 200
+    assert server.http.get("/healthz").status_code == 200
+    assert server.http.get("/readyz").status_code == 200
 
 
 def test_a_key_serves_as_its_tenant(server: LiveServer) -> None:
@@ -104,7 +104,7 @@ def test_a_key_serves_as_its_tenant(server: LiveServer) -> None:
     rid = response.headers["x-request-id"]
     assert wait_for(lambda: store.get(rid) is not None)
     assert store.get(rid)["tenant"] == "acme"
-    other = httpx.get(server.url + "/v1/models", headers={"x-api-key": GLOBEX})
+    other = server.http.get("/v1/models", headers={"x-api-key": GLOBEX})
     assert other.status_code == 200
 
 
@@ -126,19 +126,17 @@ def test_pinning_a_closed_model_needs_the_permission(
     # pinning the local model is no privilege
     assert _post(server, ACME, {**CHAT, "model": "local"}).status_code == 200
     # the dry run refuses the same pin, so it never explains a route chat would refuse
-    route = httpx.post(
-        server.url + "/v1/route", json=pinned, headers={"authorization": f"Bearer {ACME}"}
-    )
+    route = server.http.post("/v1/route", json=pinned, headers={"authorization": f"Bearer {ACME}"})
     _assert_openai_error(route, 403, "permission_error")
-    route = httpx.post(
-        server.url + "/v1/route", json=pinned, headers={"authorization": f"Bearer {ACME_PINNER}"}
+    route = server.http.post(
+        "/v1/route", json=pinned, headers={"authorization": f"Bearer {ACME_PINNER}"}
     )
     assert route.status_code == 200 and route.json()["decision"]["model"] == "gpt-4o"
 
 
 def _route_headers(server: LiveServer, key: str) -> dict[str, str]:
-    response = httpx.post(
-        server.url + "/v1/route",
+    response = server.http.post(
+        "/v1/route",
         json=CHAT,
         headers={
             "authorization": f"Bearer {key}",
@@ -164,7 +162,7 @@ def test_dashboard_and_metrics_need_the_dashboard_permission(server: LiveServer)
     for path in ("/metrics", "/dashboard", "/dashboard/data"):
 
         def get(key: str, path: str = path) -> httpx.Response:
-            return httpx.get(server.url + path, headers={"authorization": f"Bearer {key}"})
+            return server.http.get(path, headers={"authorization": f"Bearer {key}"})
 
         _assert_openai_error(get(ACME), 403, "permission_error")
         assert get(GLOBEX).status_code == 200
@@ -278,8 +276,8 @@ def test_a_configured_but_empty_key_source_denies_everyone(
         _assert_openai_error(_post(srv, "tg-anything"), 401, "authentication_error")
         pinned = _post(srv, None, {**CHAT, "model": "gpt-4o"})
         _assert_openai_error(pinned, 401, "authentication_error")
-        _assert_openai_error(httpx.get(srv.url + "/dashboard/data"), 401, "authentication_error")
-        assert httpx.get(srv.url + "/healthz").status_code == 200
+        _assert_openai_error(srv.http.get("/dashboard/data"), 401, "authentication_error")
+        assert srv.http.get("/healthz").status_code == 200
     assert fake.received == []
 
 
@@ -287,11 +285,11 @@ def test_readiness_details_are_for_authorised_callers(server: LiveServer) -> Non
     """Anyone may ask whether the proxy is ready; only a dashboard or admin key sees why."""
     for key in (None, "tg-wrong", ACME):
         headers = {"authorization": f"Bearer {key}"} if key else {}
-        ready = httpx.get(server.url + "/readyz", headers=headers)
+        ready = server.http.get("/readyz", headers=headers)
         assert ready.status_code == 200
         assert ready.json() == {"ready": True}, key
     for key in (GLOBEX, ADMIN):
-        ready = httpx.get(server.url + "/readyz", headers={"authorization": f"Bearer {key}"})
+        ready = server.http.get("/readyz", headers={"authorization": f"Bearer {key}"})
         body = ready.json()
         assert body["ready"] is True
         assert body["policy"]["path"].endswith("policy.yaml")
@@ -311,13 +309,13 @@ def test_feedback_and_models_count_against_the_rate_limit(
     ) as srv:
         auth = {"authorization": f"Bearer {ACME}"}
         for _ in range(2):
-            assert httpx.get(srv.url + "/v1/models", headers=auth).status_code == 200
-        refused = httpx.get(srv.url + "/v1/models", headers=auth)
+            assert srv.http.get("/v1/models", headers=auth).status_code == 200
+        refused = srv.http.get("/v1/models", headers=auth)
         _assert_openai_error(refused, 429, "rate_limit_error")
         assert refused.headers["retry-after"]
-        feedback = httpx.post(
-            srv.url + "/v1/feedback", json={"request_id": "req_x", "thumbs": "up"}, headers=auth
+        feedback = srv.http.post(
+            "/v1/feedback", json={"request_id": "req_x", "thumbs": "up"}, headers=auth
         )
         _assert_openai_error(feedback, 429, "rate_limit_error")
         other = {"authorization": f"Bearer {GLOBEX}"}  # another tenant has its own window
-        assert httpx.get(srv.url + "/v1/models", headers=other).status_code == 200
+        assert srv.http.get("/v1/models", headers=other).status_code == 200

@@ -161,11 +161,11 @@ def test_dashboard_buckets_start_on_wall_clock_boundaries(
 ) -> None:
     local = ScriptedLocal()
     with live(tmp_path, policy_yaml(fake, on_failure="closed"), local_backend_obj=local) as srv:
-        _traffic(srv.url, local)
+        _traffic(srv.http, local)
         assert wait_for(lambda: srv.gateway.outcomes.flush(0.1))
         for window_s, bucket_s in BUCKETS_S.items():
-            url = f"{srv.url}/dashboard/data?window_s={window_s}"
-            first, again = httpx.get(url).json(), httpx.get(url).json()
+            url = f"/dashboard/data?window_s={window_s}"
+            first, again = srv.http.get(url).json(), srv.http.get(url).json()
             starts = [b["start"] for b in first["summary"]["buckets"]]
             assert first["summary"]["bucket_s"] == bucket_s
             assert all(s % bucket_s == 0 for s in starts)  # whole minutes, hours, ...
@@ -182,8 +182,8 @@ def test_shipped_evaluation_curve_shows_without_settings(
 ) -> None:
     local = ScriptedLocal()
     with live(tmp_path, policy_yaml(fake), local_backend_obj=local) as srv:
-        data = httpx.get(f"{srv.url}/dashboard/data").json()
-        page = httpx.get(f"{srv.url}/dashboard").text
+        data = srv.http.get("/dashboard/data").json()
+        page = srv.http.get("/dashboard").text
     evaluation = data["evaluation"]
     assert Path(evaluation["path"]).parent.name == DEFAULT_MODEL_NAME
     assert evaluation["model_version"] == DEFAULT_MODEL_NAME
@@ -209,20 +209,19 @@ def _eval_report(path: Path) -> Path:
     return path
 
 
-def _traffic(url: str, local: ScriptedLocal) -> dict[str, int]:
+def _traffic(client: httpx.Client, local: ScriptedLocal) -> dict[str, int]:
     """A burst of mixed traffic: local, closed, local-failure fallbacks and unknown models."""
-    with httpx.Client(base_url=url, timeout=30) as client:
 
-        def chat(content: str, model: str = "auto") -> int:
-            body = {"model": model, "messages": [{"role": "user", "content": content}]}
-            return client.post("/v1/chat/completions", json=body).status_code
+    def chat(content: str, model: str = "auto") -> int:
+        body = {"model": model, "messages": [{"role": "user", "content": content}]}
+        return client.post("/v1/chat/completions", json=body).status_code
 
-        statuses = [chat("easy") for _ in range(6)]
-        statuses += [chat("HARD") for _ in range(3)]
-        local.fail = True
-        statuses += [chat("easy") for _ in range(2)]
-        local.fail = False
-        statuses += [chat("x", model="no-such-model")]
+    statuses = [chat("easy") for _ in range(6)]
+    statuses += [chat("HARD") for _ in range(3)]
+    local.fail = True
+    statuses += [chat("easy") for _ in range(2)]
+    local.fail = False
+    statuses += [chat("x", model="no-such-model")]
     assert statuses == [200] * 11 + [404]
     return {"local": 6, "closed": 5, "none": 1}
 
@@ -237,11 +236,11 @@ def test_dashboard_data_endpoint(tmp_path: Path, fake: FakeProvider) -> None:
         local_backend_obj=local,
         eval_report=report,
     ) as srv:
-        sent = _traffic(srv.url, local)
+        sent = _traffic(srv.http, local)
         assert wait_for(lambda: srv.gateway.outcomes.flush(0.1))
-        data = httpx.get(f"{srv.url}/dashboard/data").json()
-        page = httpx.get(f"{srv.url}/dashboard").text
-        bad = httpx.get(f"{srv.url}/dashboard/data?window_s=7")
+        data = srv.http.get("/dashboard/data").json()
+        page = srv.http.get("/dashboard").text
+        bad = srv.http.get("/dashboard/data?window_s=7")
     assert bad.status_code == 400
     totals = data["summary"]["totals"]
     assert totals["by_tier"] == sent
@@ -273,10 +272,11 @@ def test_dashboard_renders_in_headless_chromium(tmp_path: Path, fake: FakeProvid
         local_backend_obj=local,
         eval_report=report,
         local_price_per_mtok=1.0,
+        socket=True,  # the browser needs a real socket
     ) as srv:
-        sent = _traffic(srv.url, local)
+        sent = _traffic(srv.http, local)
         assert wait_for(lambda: srv.gateway.outcomes.flush(0.1))
-        data = httpx.get(f"{srv.url}/dashboard/data").json()
+        data = srv.http.get("/dashboard/data").json()
         with playwright.sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             try:

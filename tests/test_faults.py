@@ -1,8 +1,9 @@
 """The fault suite: each scenario asserts what the client got, which fallback was taken, and that
 exactly one outcome record was written per request.
 
-Tiergate runs over real HTTP (uvicorn on loopback); the closed tier is the fake provider told to
-misbehave; the local tier is :class:`ScriptedLocal` (the real queue gate, scripted generation).
+Tiergate answers in process (a real socket where disconnects and buffers are under test); the
+closed tier is the fake provider told to misbehave; the local tier is :class:`ScriptedLocal`
+(the real queue gate, scripted generation).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ PII = {"model": "auto", "messages": [{"role": "user", "content": "my PII is here
 PINNED = {**HARD, "model": "gpt-4o"}
 
 
-def _post(server: LiveServer, body: object, timeout: float = 15) -> httpx.Response:
-    return httpx.post(server.url + "/v1/chat/completions", json=body, timeout=timeout)
+def _post(server: LiveServer, body: object) -> httpx.Response:
+    return server.http.post("/v1/chat/completions", json=body)
 
 
 def _records(server: LiveServer, expected: int) -> list[dict[str, Any]]:
@@ -82,8 +83,8 @@ def test_closed_500_falls_back_to_local(
 ) -> None:
     fake.reset(Behaviour(mode="status", status=500))
     if stream:
-        with httpx.stream(
-            "POST", server.url + "/v1/chat/completions", json={**HARD, "stream": True}
+        with server.http.stream(
+            "POST", "/v1/chat/completions", json={**HARD, "stream": True}
         ) as response:
             events = _sse(response)
         assert events[-1] == "[DONE]"
@@ -127,17 +128,19 @@ def test_closed_timeout_uses_the_models_timeout(tmp_path: Path, fake: FakeProvid
     policy = policy_yaml(fake).replace(
         "litellm_model: openai/gpt-4o\n", "litellm_model: openai/gpt-4o\n    timeout_s: 0.5\n"
     )
-    fake.reset(Behaviour(mode="stall", stall_s=3))
+    fake.reset(Behaviour(mode="stall", stall_s=60))
     with live(tmp_path, policy, local_backend_obj=ScriptedLocal()) as srv:
-        started = time.monotonic()
         response = _post(srv, HARD)
-        assert time.monotonic() - started < 2.5
         assert response.status_code == 200
         assert response.headers["x-tiergate-fallback"] == "closed->local"
         pinned = _post(srv, PINNED)
         assert pinned.status_code == 504  # a gateway timeout, as the README says
         assert pinned.json()["error"]["code"] == "upstream_timeout"
         assert "timed out" in pinned.json()["error"]["message"]
+        # Both gave up at the model's 0.5 s while the provider still stalled, not at the
+        # default closed timeout (which outlasts the stall).
+        assert fake.stalls_ended == 0
+        fake.unstall()
         rows = _records(srv, 2)
         assert [r["http_status"] for r in rows] == [504, 200]
         assert rows[1]["fallback"] == "closed->local"
@@ -146,8 +149,8 @@ def test_closed_timeout_uses_the_models_timeout(tmp_path: Path, fake: FakeProvid
 def test_closed_connection_reset_mid_stream(server: LiveServer, fake: FakeProvider) -> None:
     """After the first chunk no fallback is possible: the stream ends with an error event."""
     fake.reset(Behaviour(mode="reset_mid_stream"))
-    with httpx.stream(
-        "POST", server.url + "/v1/chat/completions", json={**HARD, "stream": True}
+    with server.http.stream(
+        "POST", "/v1/chat/completions", json={**HARD, "stream": True}
     ) as response:
         assert response.status_code == 200
         events = _sse(response)
@@ -204,9 +207,8 @@ def test_local_failing_falls_back_to_closed(
 
 
 def _traffic(server: LiveServer, stop: threading.Event, statuses: list[int]) -> None:
-    with httpx.Client(base_url=server.url, timeout=10) as client:
-        while not stop.is_set():
-            statuses.append(client.post("/v1/chat/completions", json=EASY).status_code)
+    while not stop.is_set():
+        statuses.append(server.http.post("/v1/chat/completions", json=EASY).status_code)
 
 
 @pytest.mark.skipif(redis_binary() is None, reason="no redis-server binary")
@@ -256,9 +258,9 @@ def _key_file(tmp_path: Path) -> Path:
 
 def _keyed_traffic(server: LiveServer, stop: threading.Event, statuses: list[int]) -> None:
     headers = {"authorization": "Bearer tg-k"}
-    with httpx.Client(base_url=server.url, timeout=10, headers=headers) as client:
-        while not stop.is_set():
-            statuses.append(client.post("/v1/chat/completions", json=EASY).status_code)
+    while not stop.is_set():
+        response = server.http.post("/v1/chat/completions", json=EASY, headers=headers)
+        statuses.append(response.status_code)
 
 
 def test_invalid_policy_during_traffic_keeps_the_last_good_one(
@@ -280,7 +282,7 @@ def test_invalid_policy_during_traffic_keeps_the_last_good_one(
             worker.result()
     assert set(statuses) == {200}
     assert holder.policy.digest == good
-    ready = httpx.get(server.url + "/readyz").json()
+    ready = server.http.get("/readyz").json()
     assert ready["policy"]["version"] == good and ready["policy"]["last_reload_error"]
     _records(server, len(statuses))
 
@@ -293,7 +295,7 @@ def test_client_disconnecting_mid_stream_cancels_upstream(
 ) -> None:
     words = " ".join(f"w{i}" for i in range(40))
     fake.reset(Behaviour(text=words, chunk_delay_s=0.1))
-    with httpx.stream(
+    with httpx.stream(  # a real socket: the client's disconnect is what is under test
         "POST", server.url + "/v1/chat/completions", json={**HARD, "stream": True}
     ) as response:
         rid = response.headers["x-request-id"]
@@ -312,7 +314,7 @@ def test_client_disconnecting_mid_stream_stops_local_generation(
     server: LiveServer, local: ScriptedLocal
 ) -> None:
     local.words, local.token_delay_s = 100, 0.05
-    with httpx.stream(
+    with httpx.stream(  # a real socket: the client's disconnect is what is under test
         "POST", server.url + "/v1/chat/completions", json={**EASY, "stream": True}
     ) as response:
         for line in response.iter_lines():
@@ -331,7 +333,7 @@ def test_slow_client_gets_backpressure_not_buffering(
     chunk_words, size = 2000, 32 * 1024
     fake.reset(Behaviour(text=" ".join(["x" * size] * chunk_words)))
     total = chunk_words * size
-    with httpx.stream(
+    with httpx.stream(  # a real socket: its buffers are what is under test
         "POST", server.url + "/v1/chat/completions", json={**HARD, "stream": True}, timeout=60
     ) as response:
         assert response.status_code == 200
@@ -340,10 +342,10 @@ def test_slow_client_gets_backpressure_not_buffering(
         time.sleep(2.0)  # the client stalls
         buffered = fake.sent_chunks * size
         assert buffered < total / 2, f"{buffered} of {total} bytes left the provider"
-        started = time.monotonic()
-        others = [_post(server, EASY, timeout=5).status_code for _ in range(10)]
+        url = server.url + "/v1/chat/completions"
+        others = [httpx.post(url, json=EASY, timeout=30).status_code for _ in range(10)]
         assert others == [200] * 10
-        assert time.monotonic() - started < 5
+        assert fake.sent_chunks * size < total / 2  # the stalled stream still held back
         received += sum(len(part) for part in parts)
     assert received > total
     assert fake.sent_chunks >= chunk_words
@@ -370,18 +372,17 @@ def test_a_lone_surrogate_in_a_prompt_does_not_stop_recording(
         tmp_path, policy_yaml(fake, store_prompts="full"), local_backend_obj=ScriptedLocal()
     ) as server:
         raw = b'{"model": "auto", "messages": [{"role": "user", "content": "Hi \\ud800"}]}'
-        first = httpx.post(
-            server.url + "/v1/chat/completions",
+        first = server.http.post(
+            "/v1/chat/completions",
             content=raw,
             headers={"content-type": "application/json"},
-            timeout=15,
         )
         assert first.status_code == 200, first.text
         later = [_post(server, EASY).status_code for _ in range(3)]
         assert later == [200] * 3
         rows = _records(server, 4)
         assert rows[-1]["prompt"] == "Hi \ufffd"
-        ready = httpx.get(server.url + "/readyz")
+        ready = server.http.get("/readyz")
         assert ready.status_code == 200 and ready.json()["outcomes"]["writer_alive"] is True
 
 
@@ -401,10 +402,10 @@ def test_a_dead_outcome_writer_fails_readiness_and_is_restarted(
     first = _post(server, EASY)  # its record is held by the writer as it dies
     assert first.status_code == 200
     assert wait_for(lambda: not store.health()["writer_alive"])
-    ready = httpx.get(server.url + "/readyz")
+    ready = server.http.get("/readyz")
     assert ready.status_code == 503
     assert "outcome-writer died" in ready.json()["outcomes"]["restarted"]
-    again = httpx.get(server.url + "/readyz")
+    again = server.http.get("/readyz")
     assert again.status_code == 200 and again.json()["outcomes"]["restarts"] == 1
     response = _post(server, EASY)
     assert response.status_code == 200
@@ -419,7 +420,7 @@ def test_client_leaving_a_non_streaming_request_stops_local_generation(
     # The local model used to generate the whole answer for a client that had gone, holding its
     # only slot, and the request was recorded ok.
     local.words, local.token_delay_s = 400, 0.02
-    with pytest.raises(httpx.ReadTimeout):
+    with pytest.raises(httpx.ReadTimeout):  # a real socket: the client hangs up after 1 s
         httpx.post(server.url + "/v1/chat/completions", json=EASY, timeout=1.0)
     assert wait_for(lambda: local.cancelled == 1, 5)
     assert local.gate.depth == 0
@@ -445,11 +446,10 @@ def test_lone_surrogates_are_replaced_and_recording_goes_on(
     """A lone surrogate cannot be encoded as UTF-8: it is replaced by U+FFFD when the body is
     read, so the provider, the store and every later request see valid text."""
     body = _SURROGATE_BODY[:-1] + (b', "stream": true}' if stream else b"}")
-    response = httpx.post(
-        server.url + "/v1/chat/completions",
+    response = server.http.post(
+        "/v1/chat/completions",
         content=body,
         headers={"content-type": "application/json"},
-        timeout=15,
     )
     assert response.status_code == 200, response.text
     sent = fake.received[0].body
@@ -465,11 +465,10 @@ def test_deep_nesting_is_a_400_not_a_crash(server: LiveServer) -> None:
     for depth in (100_000, 1_000, 200):
         body = '{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "metadata": '
         body += '{"a": ' * depth + "1" + "}" * depth + "}"
-        response = httpx.post(
-            server.url + "/v1/chat/completions",
+        response = server.http.post(
+            "/v1/chat/completions",
             content=body.encode(),
             headers={"content-type": "application/json"},
-            timeout=15,
         )
         assert response.status_code == 400, (depth, response.text[:300])
         error = response.json()["error"]
@@ -554,7 +553,7 @@ def test_a_malformed_usage_after_the_answer_ends_the_stream_with_an_error(
     event, not a cut connection, and the record says what happened."""
     fake.reset(Behaviour(mode="bad_usage"))
     body = {**PINNED, "stream": True}
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body) as response:
+    with server.http.stream("POST", "/v1/chat/completions", json=body) as response:
         events = _sse(response)
     assert response.status_code == 200
     assert events[-1]["error"]["code"] == "upstream_bad_response"
@@ -581,8 +580,9 @@ def test_a_slow_policy_reload_does_not_stall_the_server(
     holder.path.write_text(holder.path.read_text() + "\n# touched\n")
     try:
         assert wait_for(entered.is_set, 10)
-        assert httpx.get(server.url + "/healthz", timeout=5).status_code == 200
-        assert _post(server, EASY, timeout=5).status_code == 200
+        assert server.http.get("/healthz").status_code == 200
+        assert _post(server, EASY).status_code == 200
+        assert holder.reloads == 0  # answered while the parse was still stuck
     finally:
         release.set()
     assert wait_for(lambda: holder.reloads == 1, 10)

@@ -1,8 +1,9 @@
 """Fuzzing: generated bodies, headers and paths must never get a 5xx, and every 4xx must be an
 OpenAI-shaped error.
 
-Two generators, against a real Tiergate over loopback (scripted local tier, fake closed
-provider, so no real generation happens):
+Two generators, against a Tiergate with a scripted local tier and a fake closed provider, so no
+real generation happens (over a loopback socket for schemathesis and raw requests, in process
+for chat bodies):
 
 * schemathesis, from the app's own OpenAPI schema (positive and negative cases per operation);
 * hypothesis, for what a schema does not describe: raw bytes, random paths and methods, random
@@ -10,9 +11,9 @@ provider, so no real generation happens):
   past the parser's recursion limit, numbers sent as floats or strings; and a closed provider
   that answers errors, nonsense (``usage`` as a string, a JSON array) or cuts a stream.
 
-``make test`` runs a short profile (``FUZZ_EXAMPLES``, default 60 per generator and operation);
-``make fuzz-long`` runs ``FUZZ_EXAMPLES=2500`` (over 25,000 cases) and writes the counts to
-``FUZZ_REPORT`` when set.
+``make test`` runs a short profile (``FUZZ_EXAMPLES``, default 60 per generator and operation),
+``make test-fast`` a shorter one (10); ``make fuzz-long`` runs ``FUZZ_EXAMPLES=2500`` (over
+25,000 cases) and writes the counts to ``FUZZ_REPORT`` when set.
 """
 
 from __future__ import annotations
@@ -215,6 +216,7 @@ _header_value = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_
 def test_raw_requests(
     server: LiveServer, method: str, path: str, headers: dict[str, str], body: bytes
 ) -> None:
+    # A real socket: what the HTTP server makes of arbitrary methods, paths and headers counts.
     response = httpx.request(method, server.url + path, headers=headers, content=body, timeout=30)
     check_response(
         "raw",
@@ -231,11 +233,8 @@ def test_raw_requests(
 @given(body=_deep | _chatish.map(lambda v: json.dumps(v).encode()))
 def test_hostile_chat_bodies(server: LiveServer, body: bytes) -> None:
     """Chat bodies only: deep nesting, lone surrogates, numbers as strings or floats."""
-    response = httpx.post(
-        server.url + "/v1/chat/completions",
-        content=body,
-        headers={"content-type": "application/json"},
-        timeout=30,
+    response = server.http.post(
+        "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
     )
     check_response(
         "chat",
@@ -271,12 +270,11 @@ def test_malformed_upstream_answers(
     fake.reset(Behaviour(mode=mode))
     stream = body["stream"]
     try:
-        with httpx.stream(
+        with server.http.stream(
             "POST",
-            server.url + "/v1/chat/completions",
+            "/v1/chat/completions",
             content=json.dumps(body).encode(),  # \u escapes: lone surrogates go through
             headers={"content-type": "application/json"},
-            timeout=30,
         ) as response:
             raw = response.read()
     finally:

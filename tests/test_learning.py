@@ -14,11 +14,10 @@ import httpx
 import pytest
 import yaml
 
-from router.app import create_app
 from router.auth import hash_key
 from router.learning import LearningLoop, closed_better, parse_verdict
 from router.outcomes_redis import RedisOutcomeStore
-from tests.conftest import KeywordScorer, LiveServer, make_settings, policy_yaml, wait_for
+from tests.conftest import LiveServer, live, policy_yaml, wait_for
 from tests.fake_provider import Behaviour, FakeProvider
 
 TENANTS = ("acme", "globex", "t", "default")
@@ -37,9 +36,7 @@ def serve(tmp_path: Path, policy: str, outcomes: Any = None) -> Iterator[LiveSer
     ]
     entries.append({"sha256": hash_key(_key("ops")), "tenant": "ops", "permissions": ["admin"]})
     keys.write_text(yaml.safe_dump({"keys": entries}))
-    settings = make_settings(tmp_path, policy, api_keys_file=keys)
-    app = create_app(settings, scorer=KeywordScorer(), outcomes=outcomes)
-    with LiveServer(app) as server:
+    with live(tmp_path, policy, outcomes=outcomes, api_keys_file=keys) as server:
         yield server
 
 
@@ -52,20 +49,14 @@ def chat(
         "max_tokens": 4,
         **extra,
     }
-    return httpx.post(
-        f"{srv.url}/v1/chat/completions",
-        json=body,
-        headers={"authorization": f"Bearer {_key(tenant)}"},
-        timeout=60,
+    return srv.http.post(
+        "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {_key(tenant)}"}
     )
 
 
 def feedback(srv: LiveServer, tenant: str, **body: Any) -> httpx.Response:
-    return httpx.post(
-        f"{srv.url}/v1/feedback",
-        json=body,
-        headers={"authorization": f"Bearer {_key(tenant)}"},
-        timeout=30,
+    return srv.http.post(
+        "/v1/feedback", json=body, headers={"authorization": f"Bearer {_key(tenant)}"}
     )
 
 
@@ -125,16 +116,17 @@ def test_feedback_is_tenant_isolated(
 def test_shadow_judging_runs_in_the_background_and_labels(
     tmp_path: Path, fake: FakeProvider
 ) -> None:
-    # The closed provider is slow: the user's local answer must not wait for the shadow.
-    fake.reset(Behaviour(mode="stall", stall_s=3.0, judge="closed"))
+    # The closed provider stalls until told: the user's local answer must not wait for the shadow.
+    fake.reset(Behaviour(mode="stall", stall_s=60.0, judge="closed"))
     policy = policy_yaml(fake, shadow="{sample_rate: 1.0}")
     with serve(tmp_path, policy) as srv:
         resp = chat(srv, "acme", "tell me a joke")
-        answered = time.monotonic()
         assert resp.headers["x-tiergate-tier"] == "local"
-        assert labels(srv, "shadow") == []  # the answer did not wait for the shadow
+        assert wait_for(lambda: len(fake.received) == 1)  # the shadow asked the closed model
+        assert labels(srv, "shadow") == [] and fake.stalls_ended == 0  # answered meanwhile
+        fake.behaviour = Behaviour(judge="closed")  # the judge calls do not stall
+        fake.unstall()
         assert wait_for(lambda: labels(srv, "shadow"), 30)
-        assert time.monotonic() - answered > 2.0
         (label,) = labels(srv, "shadow")
         assert label["request_id"] == resp.headers["x-request-id"]
         assert label["value"] == 1.0 and label["tenant"] == "acme"

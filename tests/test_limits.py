@@ -17,7 +17,7 @@ from router import limits
 from router.auth import Principal, hash_key
 from router.errors import RateLimitError
 from router.outcomes import SQLiteOutcomeStore
-from tests.conftest import GGUF, LiveServer, live, policy_yaml, wait_for
+from tests.conftest import LiveServer, live, policy_yaml, wait_for
 from tests.fake_provider import FakeProvider
 from tests.redis_server import RedisServer, redis_binary
 from tests.scripted_local import ScriptedLocal
@@ -27,7 +27,7 @@ CHAT = {"model": "auto", "messages": [{"role": "user", "content": "hi"}]}
 
 def _post(server: LiveServer, body: object = CHAT, key: str | None = None) -> httpx.Response:
     headers = {"authorization": f"Bearer {key}"} if key else {}
-    return httpx.post(server.url + "/v1/chat/completions", json=body, headers=headers, timeout=10)
+    return server.http.post("/v1/chat/completions", json=body, headers=headers)
 
 
 def _records_settle(server: LiveServer, expected: int) -> None:
@@ -80,15 +80,13 @@ def test_tokens_per_minute(tmp_path: Path, fake: FakeProvider) -> None:
     with live(tmp_path, policy_yaml(fake), local_backend_obj=ScriptedLocal(), tpm_limit=30) as srv:
         assert _post(srv, hard).status_code == 200  # 18 used
         stream = {**hard, "stream": True}
-        with httpx.stream(
-            "POST", srv.url + "/v1/chat/completions", json=stream, timeout=10
-        ) as response:
+        with srv.http.stream("POST", "/v1/chat/completions", json=stream) as response:
             assert response.status_code == 200
             response.read()  # 36 used: the stream's usage is charged when it ends
         _assert_rate_limited(_post(srv, hard), "tpm_limit_exceeded")
         # Listing models and labelling spend no tokens: only the request count applies.
-        assert httpx.get(srv.url + "/v1/models").status_code == 200
-        label = httpx.post(srv.url + "/v1/feedback", json={"request_id": "req_x", "thumbs": "up"})
+        assert srv.http.get("/v1/models").status_code == 200
+        label = srv.http.post("/v1/feedback", json={"request_id": "req_x", "thumbs": "up"})
         assert label.status_code != 429
 
 
@@ -159,6 +157,7 @@ def test_oversized_chunked_body_is_cut_off(small: LiveServer) -> None:
             yield b"x" * 1000
         yield b'"}]}'
 
+    # A real socket: a chunked body arrives in pieces, as from a client.
     response = httpx.post(small.url + "/v1/chat/completions", content=chunks(), timeout=10)
     assert response.status_code == 413
     _records_settle(small, before + 1)
@@ -188,14 +187,14 @@ def test_too_many_messages_and_max_tokens_over_the_cap(small: LiveServer) -> Non
 def test_the_dry_run_refuses_what_chat_refuses(small: LiveServer) -> None:
     """/v1/route applies chat's size caps, so it never explains a route chat would refuse."""
     many = {"model": "auto", "messages": [{"role": "user", "content": "hi"}] * 5}
-    response = httpx.post(small.url + "/v1/route", json=many, timeout=10)
+    response = small.http.post("/v1/route", json=many)
     assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
-    response = httpx.post(small.url + "/v1/route", json={**CHAT, "max_tokens": 101}, timeout=10)
+    response = small.http.post("/v1/route", json={**CHAT, "max_tokens": 101})
     assert response.status_code == 400 and response.json()["error"]["param"] == "max_tokens"
-    assert httpx.post(small.url + "/v1/route", json=CHAT, timeout=10).status_code == 200
+    assert small.http.post("/v1/route", json=CHAT).status_code == 200
 
 
-@pytest.mark.skipif(not GGUF.is_file(), reason="bundled GGUF missing: make model")
+@pytest.mark.gguf
 def test_local_generation_past_local_timeout_is_a_local_failure(
     tmp_path: Path, fake: FakeProvider
 ) -> None:
@@ -206,7 +205,8 @@ def test_local_generation_past_local_timeout_is_a_local_failure(
         "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
         "max_tokens": 400,
     }
-    with live(tmp_path, policy_yaml(fake, on_failure="closed"), local_timeout_s=0.2) as srv:
+    policy = policy_yaml(fake, on_failure="closed")
+    with live(tmp_path, policy, gguf=True, local_timeout_s=0.2) as srv:
         _assert_stopped_and_fell_back(srv, fake, body)
     # the policy model's timeout_s wins over the setting
     fake.reset()
@@ -215,7 +215,7 @@ def test_local_generation_past_local_timeout_is_a_local_failure(
     )
     assert "timeout_s: 0.2" in policy
     (tmp_path / "policy").mkdir()
-    with live(tmp_path / "policy", policy, local_timeout_s=300) as srv:
+    with live(tmp_path / "policy", policy, gguf=True, local_timeout_s=300) as srv:
         _assert_stopped_and_fell_back(srv, fake, body)
 
 
@@ -341,7 +341,7 @@ def test_a_stream_left_after_finish_reason_is_charged(tmp_path: Path, fake: Fake
     fake.reset(Behaviour(text=words, chunk_delay_s=0.02))
     hard = {"model": "auto", "messages": [{"role": "user", "content": "HARD"}], "stream": True}
     with live(tmp_path, policy_yaml(fake), local_backend_obj=ScriptedLocal(), tpm_limit=40) as srv:
-        with httpx.stream("POST", srv.url + "/v1/chat/completions", json=hard, timeout=10) as r:
+        with srv.http.stream("POST", "/v1/chat/completions", json=hard) as r:
             for line in r.iter_lines():
                 if '"finish_reason":"stop"' in line.replace(" ", ""):
                     break  # the client leaves before the usage chunk
@@ -363,10 +363,21 @@ def test_budget_error_prints_amounts_that_read() -> None:
 
 @pytest.mark.skipif(redis_binary() is None, reason="no redis-server binary")
 def test_replicas_share_token_and_budget_reservations_through_redis(
-    tmp_path: Path, fake: FakeProvider
+    tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import redis.asyncio as aioredis
+
     from router.outcomes_redis import RedisOutcomeStore
     from tests.fake_provider import Behaviour
+
+    # The limiter gives Redis 0.25 s before counting in process (a fallback with its own test);
+    # on a loaded test machine that fallback, not the sharing, would decide the outcome.
+    from_url = aioredis.Redis.from_url
+
+    def patient(url: str, **kw: Any) -> Any:
+        return from_url(url, **{**kw, "socket_timeout": 10, "socket_connect_timeout": 10})
+
+    monkeypatch.setattr(aioredis.Redis, "from_url", patient)
 
     fake.reset(Behaviour(mode="stall", stall_s=0.5))
     with RedisServer(tmp_path) as redis_server:
@@ -447,7 +458,7 @@ def test_max_tokens_must_be_an_integer(small: LiveServer, value: object) -> None
     for field in ("max_tokens", "max_completion_tokens"):
         for path in ("/v1/chat/completions", "/v1/route"):
             body = {**CHAT, field: value}
-            response = httpx.post(small.url + path, json=body, timeout=10)
+            response = small.http.post(path, json=body)
             assert response.status_code == 400, (field, value, response.text)
             assert response.json()["error"]["param"] == field
 

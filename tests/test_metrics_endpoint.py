@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -29,16 +28,16 @@ def test_metrics_count_the_traffic_sent(tmp_path: Path, fake: FakeProvider) -> N
         local_backend_obj=ScriptedLocal(),
         local_price_per_mtok=2.0,
     ) as srv:
-        with httpx.Client(base_url=srv.url, timeout=30) as client:
+        client = srv.http
 
-            def chat(content: str, model: str = "auto") -> int:
-                body = {"model": model, "messages": [{"role": "user", "content": content}]}
-                return client.post("/v1/chat/completions", json=body).status_code
+        def chat(content: str, model: str = "auto") -> int:
+            body = {"model": model, "messages": [{"role": "user", "content": content}]}
+            return client.post("/v1/chat/completions", json=body).status_code
 
-            assert [chat("easy") for _ in range(4)] == [200] * 4
-            assert [chat("HARD") for _ in range(3)] == [200] * 3
-            assert [chat("x", model="nope") for _ in range(2)] == [404] * 2
-            response = client.get("/metrics")
+        assert [chat("easy") for _ in range(4)] == [200] * 4
+        assert [chat("HARD") for _ in range(3)] == [200] * 3
+        assert [chat("x", model="nope") for _ in range(2)] == [404] * 2
+        response = client.get("/metrics")
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/plain")
         store = srv.gateway.outcomes
@@ -86,6 +85,6 @@ def test_metrics_off_answers_503(tmp_path: Path, fake: FakeProvider) -> None:
     with live(
         tmp_path, policy_yaml(fake), local_backend_obj=ScriptedLocal(), metrics_enabled=False
     ) as srv:
-        response = httpx.get(f"{srv.url}/metrics")
+        response = srv.http.get("/metrics")
     assert response.status_code == 503
     assert "metrics are off" in response.text

@@ -35,7 +35,7 @@ from router.capability import DEFAULT_CAPABILITY_NAME
 from router.config import BUNDLED_GGUF
 from tests.conftest import GGUF, REPO, free_port
 
-pytestmark = pytest.mark.skipif(not GGUF.is_file(), reason="bundled GGUF missing: make model")
+pytestmark = pytest.mark.slow  # builds a wheel and a fresh venv
 
 SHIPPED = "router/_shipped"
 
@@ -170,6 +170,7 @@ def served(venv: Path, tmp_path: Path) -> Iterator[tuple[str, Path, Path]]:
     assert "Traceback" not in log.read_text()
 
 
+@pytest.mark.gguf
 def test_installed_wheel_serves_from_an_empty_folder(
     served: tuple[str, Path, Path], venv: Path
 ) -> None:

@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -39,27 +38,27 @@ def test_local_only_traffic_never_reaches_a_closed_provider(
     policy = policy_yaml(fake, on_failure=on_failure, queue_full="spill")
     with live(tmp_path, policy, local_backend_obj=local) as srv:
         body = {**PII, "stream": stream}
-        url = srv.url + "/v1/chat/completions"
-        ok = httpx.post(url, json=body, timeout=10)
+        url = "/v1/chat/completions"
+        ok = srv.http.post(url, json=body)
         assert ok.status_code == 200 and ok.headers["x-tiergate-tier"] == "local"
         assert ok.headers["x-tiergate-rule"] == "pii-stays-local"
 
         local.mode = "fail"  # a failing local tier: the policy's fallback must not apply
-        failed = httpx.post(url, json=body, timeout=10)
+        failed = srv.http.post(url, json=body)
         assert failed.status_code == 502  # the local tier was tried and failed
         assert "local-only" in failed.json()["error"]["message"]
 
         local.mode = "hold"  # a full local queue: no spill to the closed tier
-        with httpx.Client(timeout=10) as client, ThreadPoolExecutor(1) as pool:
-            held = pool.submit(client.post, url, json=body)
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(srv.http.post, url, json=body)
             assert wait_for(lambda: local.gate.running == 1)
-            full = httpx.post(url, json=body, timeout=10)
+            full = srv.http.post(url, json=body)
             assert full.status_code == 429
             local.release.set()
             assert held.result().status_code == 200
 
         # and a pinned closed model cannot carry personal data out either
-        pinned = httpx.post(url, json={**body, "model": "gpt-4o"}, timeout=10)
+        pinned = srv.http.post(url, json={**body, "model": "gpt-4o"})
         assert pinned.status_code == 200 and pinned.headers["x-tiergate-tier"] == "local"
     assert fake.received == []
 
@@ -230,7 +229,7 @@ def test_personal_data_anywhere_never_reaches_the_closed_provider(
     blind_server: tuple[LiveServer, ScriptedLocal], fake: FakeProvider, where: str, local_mode: str
 ) -> None:
     srv, local = blind_server
-    url = srv.url + "/v1/chat/completions"
+    url = "/v1/chat/completions"
 
     @GENERATED
     @given(case=placed(where))
@@ -240,14 +239,14 @@ def test_personal_data_anywhere_never_reaches_the_closed_provider(
         local.mode = "ok"
         # The same request without personal data goes closed, the placement included: the
         # placement is sent upstream, so the check below is not vacuous.
-        control = httpx.post(url, json=clean, timeout=10)
+        control = srv.http.post(url, json=clean)
         assert control.status_code == 200, (where, control.text)
         assert control.headers["x-tiergate-tier"] == "closed", where
         if where not in NOT_SENT:
             assert CLEAN in _sent_out(fake), f"{where} is not sent upstream"
         fake.reset()
         local.mode = local_mode
-        response = httpx.post(url, json=secret, timeout=10)
+        response = srv.http.post(url, json=secret)
         assert response.headers.get("x-tiergate-tier") != "closed", where
         assert fake.received == [], where
         if local_mode == "fail":  # the local tier down: an error, never the closed tier
@@ -311,9 +310,7 @@ def keyed_server(
 
 def _route(srv: LiveServer, key: str, metadata: dict[str, Any]) -> dict[str, Any]:
     body = {"model": "auto", "messages": [{"role": "user", "content": "hi"}], "metadata": metadata}
-    response = httpx.post(
-        srv.url + "/v1/route", json=body, headers={"authorization": f"Bearer {key}"}, timeout=10
-    )
+    response = srv.http.post("/v1/route", json=body, headers={"authorization": f"Bearer {key}"})
     assert response.status_code == 200, response.text
     result: dict[str, Any] = response.json()
     return result
@@ -337,7 +334,7 @@ def test_anonymous_callers_keep_steering_with_metadata(tmp_path: Path, fake: Fak
     ) as srv:
         body = {"model": "auto", "messages": [{"role": "user", "content": "hi"}]}
         body["metadata"] = {"team": "legal"}
-        decided = httpx.post(srv.url + "/v1/route", json=body, timeout=10).json()
+        decided = srv.http.post("/v1/route", json=body).json()
         assert decided["decision"]["rule"] == "legal-goes-local"
 
 
@@ -355,11 +352,10 @@ def test_metadata_is_stored_redacted_capped_and_only_where_the_policy_reads_it(
         "messages": [{"role": "user", "content": "hi"}],
         "metadata": metadata,
     }
-    response = httpx.post(
-        keyed_server.url + "/v1/chat/completions",
+    response = keyed_server.http.post(
+        "/v1/chat/completions",
         json=body,
         headers={"authorization": f"Bearer {TRUSTED}"},
-        timeout=30,
     )
     assert response.status_code == 200
     store = keyed_server.gateway.outcomes

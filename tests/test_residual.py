@@ -20,6 +20,8 @@ from router.serving import ServingScorer
 from router.training import fit_routing, load_routing_rows
 from tests.test_retrain import base_file, first_version, label_traffic, outcome, traffic_prompt
 
+pytestmark = pytest.mark.slow  # each test fits a residual model on generated traffic
+
 CONFIG = GateConfig(n_bootstrap=200, min_trusted_eval=10)
 
 

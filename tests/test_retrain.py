@@ -142,6 +142,7 @@ def outcomes(tmp_path: Path) -> Iterator[SQLiteOutcomeStore]:
     store.close()
 
 
+@pytest.mark.slow  # retrains the classifier
 def test_gate_promotes_a_better_candidate(tmp_path: Path, outcomes: SQLiteOutcomeStore) -> None:
     base = base_file(tmp_path)
     models = first_version(tmp_path, base)
@@ -175,6 +176,7 @@ def test_compare_scores_the_served_model_like_the_trained_one(tmp_path: Path) ->
     assert same.current > 0.5  # the base model ranks its own training rows better than chance
 
 
+@pytest.mark.slow  # retrains the classifier
 def test_gate_refuses_a_candidate_trained_on_adversarial_feedback(
     tmp_path: Path, outcomes: SQLiteOutcomeStore
 ) -> None:
@@ -192,6 +194,7 @@ def test_gate_refuses_a_candidate_trained_on_adversarial_feedback(
     assert models.metadata("v0002")["lineage"]["gate"]["decision"] == "refused"  # kept for audit
 
 
+@pytest.mark.slow  # retrains the classifier
 @pytest.mark.parametrize("design", ["residual", "refit"])
 def test_retrain_cli_runs_the_chosen_candidate_design(
     tmp_path: Path,
@@ -284,6 +287,7 @@ def test_hot_swap_under_concurrent_traffic(tmp_path: Path, fake: FakeProvider) -
     assert isinstance(swapped, ServingScorer)  # swapped in from its serving form (numpy only)
 
 
+@pytest.mark.slow  # retrains the classifier
 def test_retrain_cli_seeds_an_empty_store_with_the_serving_model(
     tmp_path: Path,
     outcomes: SQLiteOutcomeStore,

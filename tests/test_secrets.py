@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -53,24 +52,23 @@ def test_keys_never_leak(
         telemetry=Telemetry.build(span_exporters=[spans], metric_readers=[], batch=False),
     )
     with LiveServer(app) as srv:
-        with httpx.Client(
-            base_url=srv.url, headers={"authorization": f"Bearer {CLIENT_KEY}"}, timeout=30
-        ) as client:
-            fake.reset()
-            sent = [client.post("/v1/chat/completions", json=b) for b in (EASY, HARD)]
-            sent.append(client.post("/v1/chat/completions", json={**HARD, "stream": True}))
-            fake.reset(Behaviour(mode="echo_auth"))
-            sent.append(client.post("/v1/chat/completions", json=HARD))  # falls back to local
-            for model in ("gpt-4o", "claude"):  # pinned: the upstream's error reaches the client
-                for stream in (False, True):
-                    body = {**HARD, "model": model, "stream": stream}
-                    sent.append(client.post("/v1/chat/completions", json=body))
-            wrong = {"authorization": f"Bearer {WRONG_KEY}"}
-            sent.append(client.post("/v1/chat/completions", json=EASY, headers=wrong))
-            sent.append(client.get("/v1/models"))
-            sent.append(client.get("/readyz"))
-            for path in ("/metrics", "/dashboard", "/dashboard/data"):
-                sent.append(client.get(path))
+        client = srv.http
+        client.headers["authorization"] = f"Bearer {CLIENT_KEY}"
+        fake.reset()
+        sent = [client.post("/v1/chat/completions", json=b) for b in (EASY, HARD)]
+        sent.append(client.post("/v1/chat/completions", json={**HARD, "stream": True}))
+        fake.reset(Behaviour(mode="echo_auth"))
+        sent.append(client.post("/v1/chat/completions", json=HARD))  # falls back to local
+        for model in ("gpt-4o", "claude"):  # pinned: the upstream's error reaches the client
+            for stream in (False, True):
+                body = {**HARD, "model": model, "stream": stream}
+                sent.append(client.post("/v1/chat/completions", json=body))
+        wrong = {"authorization": f"Bearer {WRONG_KEY}"}
+        sent.append(client.post("/v1/chat/completions", json=EASY, headers=wrong))
+        sent.append(client.get("/v1/models"))
+        sent.append(client.get("/readyz"))
+        for path in ("/metrics", "/dashboard", "/dashboard/data"):
+            sent.append(client.get(path))
         statuses = [r.status_code for r in sent]
         assert statuses[:4] == [200, 200, 200, 200]
         assert statuses[8] == 401

@@ -23,7 +23,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from router.app import create_app
 from router.config import Settings
 from router.telemetry import Telemetry, tracing_configured
-from tests.conftest import GGUF, KeywordScorer, LiveServer, free_port, make_settings, policy_yaml
+from tests.conftest import KeywordScorer, LiveServer, free_port, make_settings, policy_yaml
 from tests.conftest import live as live_server
 from tests.fake_provider import FakeProvider
 from tests.test_gateway import ScriptedLocal
@@ -81,10 +81,10 @@ def traced(
         yield server, captured
 
 
-def _chat(url: str, content: str, **extra: Any) -> httpx.Response:
+def _chat(srv: LiveServer, content: str, **extra: Any) -> httpx.Response:
     headers = extra.pop("headers", {})
     body = {"model": "auto", "messages": [{"role": "user", "content": content}], **extra}
-    return httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=60)
+    return srv.http.post("/v1/chat/completions", json=body, headers=headers)
 
 
 def _no_prompt_text(spans: list[ReadableSpan]) -> None:
@@ -99,7 +99,7 @@ def test_closed_request_span_has_genai_and_tiergate_attributes(
     fake.reset()
     with traced(tmp_path, policy_yaml(fake), local=ScriptedLocal()) as (srv, cap):
         r = _chat(
-            srv.url,
+            srv,
             SECRET_PROMPT,
             max_tokens=50,
             temperature=0.3,
@@ -152,8 +152,8 @@ def test_local_request_and_metrics(tmp_path: Path, fake: FakeProvider) -> None:
         cap,
     ):
         for _ in range(3):
-            assert _chat(srv.url, "easy").status_code == 200
-        assert _chat(srv.url, "HARD").status_code == 200
+            assert _chat(srv, "easy").status_code == 200
+        assert _chat(srv, "HARD").status_code == 200
         assert srv.gateway.local.gate.depth == 0  # the wrapped backend still shows its gate
     servers = [s for s in cap.finished() if s.kind == SpanKind.SERVER]
     local_spans = [s for s in servers if s.attributes["tiergate.tier"] == "local"]
@@ -189,7 +189,7 @@ def test_fallback_shows_failed_attempt_then_answer(tmp_path: Path, fake: FakePro
     fake.reset()
     local = ScriptedLocal(fail=True)
     with traced(tmp_path, policy_yaml(fake, on_failure="closed"), local=local) as (srv, cap):
-        r = _chat(srv.url, "easy", headers={"traceparent": TRACEPARENT})
+        r = _chat(srv, "easy", headers={"traceparent": TRACEPARENT})
         assert r.status_code == 200
     server = cap.server_span()
     assert server.attributes["tiergate.fallback"] == "local->closed"
@@ -208,7 +208,7 @@ def test_fallback_shows_failed_attempt_then_answer(tmp_path: Path, fake: FakePro
 def test_error_request_sets_error_type(tmp_path: Path, fake: FakeProvider) -> None:
     fake.reset()
     with traced(tmp_path, policy_yaml(fake), local=ScriptedLocal()) as (srv, cap):
-        r = _chat(srv.url, "easy", model="no-such-model")
+        r = _chat(srv, "easy", model="no-such-model")
         assert r.status_code == 404
     attrs = cap.server_span().attributes
     assert attrs["error.type"] == r.json()["error"]["code"]
@@ -218,20 +218,18 @@ def test_error_request_sets_error_type(tmp_path: Path, fake: FakeProvider) -> No
 
 
 @pytest.mark.gguf
-@pytest.mark.skipif(not GGUF.is_file(), reason="bundled GGUF not present (tiergate fetch-model)")
 def test_real_local_stream_is_charged_by_gpu_time(tmp_path: Path, fake: FakeProvider) -> None:
     fake.reset()
     with traced(tmp_path, policy_yaml(fake), local_price_per_gpu_hour=3600.0) as (srv, cap):
-        with httpx.stream(
+        with srv.http.stream(
             "POST",
-            f"{srv.url}/v1/chat/completions",
+            "/v1/chat/completions",
             json={
                 "model": "auto",
                 "messages": [{"role": "user", "content": "Say hi"}],
                 "max_tokens": 4,
                 "stream": True,
             },
-            timeout=120,
         ) as r:
             assert r.status_code == 200
             body = r.read()
@@ -263,7 +261,7 @@ def test_request_log_line_has_ids_and_no_prompt(
     caplog.set_level(logging.INFO, logger="tiergate.request")
     local = ScriptedLocal()
     with live_server(tmp_path, policy_yaml(fake), local_backend_obj=local) as srv:
-        r = _chat(srv.url, SECRET_PROMPT)
+        r = _chat(srv, SECRET_PROMPT)
         assert r.status_code == 200
         # Tracing is off by default: nothing wraps the backends, no span is made.
         assert not srv.gateway.telemetry.tracing
@@ -376,7 +374,7 @@ def test_spans_reach_a_real_otlp_receiver(
         monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
         with live_server(tmp_path, policy_yaml(fake), local_backend_obj=ScriptedLocal()) as srv:
             assert srv.gateway.telemetry.tracing
-            r = _chat(srv.url, SECRET_PROMPT, headers={"traceparent": TRACEPARENT})
+            r = _chat(srv, SECRET_PROMPT, headers={"traceparent": TRACEPARENT})
             assert r.status_code == 200
         # The app's shutdown flushed the batch processor; rotel prints what it received.
         deadline = time.monotonic() + 20
