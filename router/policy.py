@@ -467,12 +467,14 @@ class Decision:
 # --------------------------------------------------------------------------- compiled form
 
 # A compiled condition returns None when it holds, else a precomputed text saying what failed:
-# no formatting or allocation happens per request.
+# no formatting or allocation happens per request. router.policy_compile builds these.
 Test = Callable[[Signals], str | None]
 
 
 @dataclass(slots=True)
 class CompiledRule:
+    """One rule as :func:`evaluate` runs it: its condition compiled, its traces built once."""
+
     name: str
     priority: int
     test: Test
@@ -497,7 +499,9 @@ class CompiledRule:
 
 @dataclass(frozen=True, slots=True)
 class Runtime:
-    # What evaluate needs, in one plain object: pydantic private attributes are slow to read.
+    """What :func:`evaluate` needs, in one plain object (pydantic private attributes are slow
+    to read); ``router.policy_compile`` builds it when a policy loads."""
+
     digest: str
     source: str
     plans: Mapping[str, Plan]
@@ -507,6 +511,8 @@ class Runtime:
 
 @dataclass(frozen=True, slots=True)
 class Plan:
+    """One tenant's ordered rules (then the global ones, then ``default``), thresholds, budget."""
+
     tenant: str | None
     rules: tuple[CompiledRule, ...]
     thresholds: Mapping[str, float]

@@ -293,7 +293,8 @@ def _allowed_keys(loc: Loc) -> list[str]:
 
 # --------------------------------------------------------------------------- checking + compiling
 
-# Built-in signals: how to read each from Signals, and what kind of value it is.
+# Built-in signals and the kind of value each holds; the operators each kind takes; the keys a
+# condition mapping may hold. The JSON Schema (router.policy_schema) is written from these too.
 Kind = Literal["bool", "number", "text", "capability", "stakes", "list", "any"]
 BUILTIN_SIGNALS: dict[str, Kind] = {
     "capability": "capability",
@@ -708,6 +709,7 @@ def _same(x: Any, v: Any) -> bool:
     return bool(x == v) and isinstance(x, bool) == isinstance(v, bool)
 
 
+#: The order operators, and how each compares a signal's value with the policy's.
 ORDER: dict[str, Callable[[Any, Any], bool]] = {
     "gt": lambda x, v: x > v,
     "gte": lambda x, v: x >= v,

@@ -61,7 +61,7 @@ def _or_null(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _signal_pattern() -> str:
-    # The names _Checker._signal allows: lower_snake_case and not a key of the condition language.
+    # The signal names the checker allows: lower_snake_case, not a key of the condition language.
     reserved = "|".join(CONDITION_KEYS)
     return f"^(?!(?:{reserved})$){SIGNAL_NAME.pattern.removeprefix('^')}"
 
@@ -126,7 +126,7 @@ def _operators_schema(kind: Kind) -> dict[str, Any]:
 
 
 def _value_schema(kind: Kind, op: str) -> dict[str, Any]:
-    # One value of `op` on a `kind` signal: what _value_ok accepts, written as JSON Schema.
+    # One value of `op` on a `kind` signal: what the checker accepts, written as JSON Schema.
     if op == "matches":
         return {"type": "string", "format": "regex"}
     if kind == "bool":
