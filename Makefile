@@ -73,12 +73,12 @@ fuzz-long: install
 # 20,000 requests at 200 concurrent through the proxy to a fake upstream (bench/load.py);
 # figures go to bench/results/load.json.
 load-test: install
-	$(BIN)/python bench/load.py
+	$(BIN)/python -m bench.load
 
 # 200 concurrent requests against a token limit, then a budget (bench/limits_load.py); the
 # overshoot of each goes to bench/results/limits_load.json.
 limits-load: install
-	$(BIN)/python bench/limits_load.py
+	$(BIN)/python -m bench.limits_load
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

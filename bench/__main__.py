@@ -45,6 +45,7 @@ GOALS = {
     "rps_c64_vs_litellm": 5.0,
     "decision_p50_ms": 0.3,
     "decision_p99_ms": 1.0,
+    "evaluate_p99_ms": 0.15,
     "local_tokens_per_s_ratio": 0.97,
     "idle_rss_vs_litellm": 0.33,
     "decision_at_cap_max_ms": 100.0,
@@ -160,6 +161,8 @@ def goals(results: dict[str, Any]) -> dict[str, Any]:
     if dec:
         goal("decision_p50_ms", dec["p50"], 0.3, False)
         goal("decision_p99_ms", dec["p99"], 1.0, False)
+        if "evaluate_p99" in dec:
+            goal("evaluate_p99_ms", dec["evaluate_p99"], 0.15, False)
     if loc:
         goal("local_tokens_per_s_ratio", loc["tokens_per_s_ratio"], 0.97, True)
     cap = results.get("decision_cap")

@@ -1,7 +1,7 @@
 """Load at the limits: 200 concurrent requests against a token limit, then against a budget.
 
-    python bench/limits_load.py            # or: make limits-load
-    python bench/limits_load.py --concurrency 50 --tpm 500   # a quick look
+    python -m bench.limits_load            # or: make limits-load
+    python -m bench.limits_load --concurrency 50 --tpm 500   # a quick look
 
 Runs on loopback only: a fake OpenAI upstream (uvicorn) that answers after ``--delay`` seconds,
 so every request is in flight at once, with ``completion_tokens`` equal to the request's
@@ -150,21 +150,12 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=0.01, help="the daily budget, USD")
     args = parser.parse_args()
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    sys.path.insert(0, str(ROOT))
-    from bench.load import free_port, wait_ready
+    from bench.load import free_port, serve_upstream, wait_ready
     from router.costs import CostBook, load_litellm_cost_map
 
     work = Path(tempfile.mkdtemp(prefix="tiergate-limits-"))
     up_port = free_port()
-    upstream = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            f"import sys; sys.path.insert(0, {str(ROOT)!r}); import uvicorn; "
-            f"from bench.limits_load import upstream_app; uvicorn.run(upstream_app, "
-            f"host='127.0.0.1', port={up_port}, log_level='warning', access_log=False)",
-        ],
-    )
+    upstream = serve_upstream("bench.limits_load:upstream_app", up_port)
     try:
         wait_ready(f"http://127.0.0.1:{up_port}/")
         tokens = _phase(work / "tokens", up_port, args.concurrency, tpm=args.tpm, budget=None)

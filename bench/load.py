@@ -1,7 +1,7 @@
 """Load test: 20,000 chat requests at 200 concurrent through Tiergate to a fake upstream.
 
-    python bench/load.py            # or: make load-test
-    python bench/load.py --requests 2000 --concurrency 50   # a quick look
+    python -m bench.load            # or: make load-test
+    python -m bench.load --requests 2000 --concurrency 50   # a quick look
 
 Runs three processes on loopback: a minimal OpenAI-compatible upstream (uvicorn), ``tiergate
 serve`` (one worker, SQLite outcome store, no local model, every request pinned to the closed
@@ -84,6 +84,12 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def serve_upstream(app: str, port: int) -> subprocess.Popen[bytes]:
+    """Run ``app`` (``module:attribute``) under uvicorn on loopback ``port``."""
+    argv = ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log"]
+    return subprocess.Popen([sys.executable, "-m", "uvicorn", app, *argv], cwd=ROOT)
 
 
 def wait_ready(url: str, timeout_s: float = 60) -> None:
@@ -170,15 +176,7 @@ def main() -> int:
         "OPENAI_API_KEY": "sk-load-test",
         "LITELLM_LOCAL_MODEL_COST_MAP": "True",
     }
-    upstream = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            f"import sys; sys.path.insert(0, {str(ROOT)!r}); import uvicorn; "
-            f"from bench.load import upstream_app; uvicorn.run(upstream_app, host='127.0.0.1', "
-            f"port={up_port}, log_level='warning', access_log=False)",
-        ],
-    )
+    upstream = serve_upstream("bench.load:upstream_app", up_port)
     tiergate = subprocess.Popen(
         [sys.executable, "-m", "router.cli", "serve", "--port", str(tg_port)], env=env, cwd=ROOT
     )

@@ -82,7 +82,8 @@ def render(results: dict[str, Any]) -> str:
         lines += [
             f"**Decision latency** (signals + scorer + policy, one core, {d['prompts']} prompts, "
             f"scorer `{d['scorer']}`): p50 {_f(d['p50'], 4)} ms, p99 {_f(d['p99'], 4)} ms, "
-            f"max {_f(d['max'], 3)} ms, mean {_f(d['mean'], 4)} ms.",
+            f"max {_f(d['max'], 3)} ms, mean {_f(d['mean'], 4)} ms; the policy's `evaluate` "
+            f"alone p50 {_f(d.get('evaluate_p50'), 4)} ms, p99 {_f(d.get('evaluate_p99'), 4)} ms.",
             "",
         ]
     lines += _decision_cap_lines(results.get("decision_cap"))

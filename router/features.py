@@ -147,13 +147,13 @@ def window_mismatch(head: int, tail: int) -> str | None:
     )
 
 
-def clip(text: str) -> str:
-    """The bounded window the text features see: the whole text up to :data:`MAX_CHARS`
-    characters, else its first :data:`HEAD_CHARS` and last :data:`TAIL_CHARS` joined by a
-    newline."""
-    if len(text) <= MAX_CHARS:
+def clip(text: str, head: int = HEAD_CHARS, tail: int = TAIL_CHARS) -> str:
+    """The bounded window the text features see: the whole text up to ``head + tail``
+    characters, else its first ``head`` and last ``tail`` joined by a newline. Only studies of
+    the window pass other sizes than :data:`HEAD_CHARS` and :data:`TAIL_CHARS`."""
+    if len(text) <= head + tail:
         return text
-    return text[:HEAD_CHARS] + "\n" + text[-TAIL_CHARS:]
+    return text[:head] + "\n" + text[-tail:]
 
 
 def _lower_equivalent(head: str, low: str) -> bool:
@@ -180,9 +180,11 @@ class Window:
 
     __slots__ = ("ascii", "head", "low", "lowered", "same_case", "text", "words")
 
-    def __init__(self, text: str) -> None:
+    def __init__(
+        self, text: str, head_chars: int = HEAD_CHARS, tail_chars: int = TAIL_CHARS
+    ) -> None:
         self.text = text
-        self.head = head = clip(text)
+        self.head = head = clip(text, head_chars, tail_chars)
         self.low = low = head.lower()
         self.ascii = head.isascii()
         self.words: list[str] = (_WORD_ASCII if self.ascii else _WORD).findall(head)
@@ -238,6 +240,7 @@ def structure(w: Window) -> list[float]:
     ]
 
 
-def structure_vector(text: str) -> list[float]:
-    """The :data:`STRUCTURE_FEATURES` of one prompt (cheap: a few compiled regexes)."""
-    return structure(Window(text))
+def structure_vector(text: str, head: int = HEAD_CHARS, tail: int = TAIL_CHARS) -> list[float]:
+    """The :data:`STRUCTURE_FEATURES` of one prompt (cheap: a few compiled regexes), read over
+    :func:`clip`'s window of ``head`` + ``tail`` characters."""
+    return structure(Window(text, head, tail))

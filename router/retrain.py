@@ -137,7 +137,7 @@ class RetrainReport:
         return out
 
 
-def _bucket(key: str, salt: str) -> float:
+def bucket(key: str, salt: str) -> float:
     """A stable pseudo-random number in [0, 1) for ``key`` (hash-based, never reshuffled)."""
     digest = hashlib.sha256(f"{salt}:{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
@@ -253,8 +253,8 @@ def split_outcomes(
     rows: Sequence[RoutingRow], config: GateConfig
 ) -> tuple[list[RoutingRow], list[RoutingRow]]:
     """(train, held-out) by a hash of the request id: the held-out slice is fixed for good."""
-    held = [r for r in rows if _bucket(r.id, "holdout") < config.holdout]
-    train = [r for r in rows if _bucket(r.id, "holdout") >= config.holdout]
+    held = [r for r in rows if bucket(r.id, "holdout") < config.holdout]
+    train = [r for r in rows if bucket(r.id, "holdout") >= config.holdout]
     return train, held
 
 
@@ -282,9 +282,9 @@ def base_rows(
         if "alpacaeval" in path.name:
             raise ConfigError(f"{path.name}: AlpacaEval is CC BY-NC; it may not train a model")
         rows = load_routing_rows(path)
-        picked = sorted(rows, key=lambda r: _bucket(r.id, "base"))
+        picked = sorted(rows, key=lambda r: bucket(r.id, "base"))
         everything += picked[: config.base_train_cap] if config.base_train_cap else rows
-        evaluation += [r for r in picked if _bucket(r.id, "base") < config.base_eval][
+        evaluation += [r for r in picked if bucket(r.id, "base") < config.base_eval][
             : config.base_eval_cap
         ]
     return everything, evaluation
@@ -340,7 +340,7 @@ def _fit_residual(
     # Always adapt the same base model: a promoted residual model is replaced, not stacked.
     routing = current.routing
     root = routing.base_ if isinstance(routing, ResidualRouting) else routing
-    sample = sorted(base, key=lambda r: _bucket(r.id, "gate"))[: config.gate_base_sample]
+    sample = sorted(base, key=lambda r: bucket(r.id, "gate"))[: config.gate_base_sample]
     model, info = fit_residual(
         root,
         [r.prompt for r in outcomes],

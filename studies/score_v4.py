@@ -69,12 +69,13 @@ BOOT = 1000
 
 
 def _metrics(s: Any, rows: Sequence[RoutingRow]) -> tuple[float, float]:
-    from router.metrics import _point_metrics
+    from router.metrics import apgr_from_curve, cpt_from_curve, routing_curve
 
     w = np.array([r.weak_score for r in rows])
     g = np.array([r.strong_score for r in rows])
-    apgr, _, cpt50, _ = _point_metrics(np.asarray(s, dtype=np.float64), w, g)
-    return apgr, cpt50
+    curve = routing_curve(np.asarray(s, dtype=np.float64), w, g)
+    wq, sq = float(w.mean()), float(g.mean())
+    return apgr_from_curve(curve, wq, sq), cpt_from_curve(curve, wq, sq, 0.5)
 
 
 def paired(a: Any, b: Any, rows: Sequence[RoutingRow], seed: int = 0) -> dict[str, Any]:
@@ -476,8 +477,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def decision_latency() -> dict[str, Any]:
-    """The decision's p50/p99 from the last ``bench/decision.py`` run."""
-    decision = json.loads((ROOT / "bench" / "results" / "decision.json").read_text())
+    """The decision's p50/p99 from the last ``studies/scorer_speed.py`` run."""
+    decision = json.loads((ROOT / "studies" / "results" / "scorer_speed.json").read_text())
     return {
         "model": decision.get("model"),
         "p50_ms": decision["analyze"]["p50_ms"],
@@ -567,9 +568,9 @@ def card_section(r: dict[str, Any]) -> str:
     lat = r["decision_latency"]
     lines += [
         "",
-        f"Decision latency (`bench/decision.py`, `analyze` on one core, model {lat['model']}): "
-        f"p50 {lat['p50_ms']:.3f} ms, p99 {lat['p99_ms']:.3f} ms (budget 0.3 / 1 ms); "
-        f"load {lat.get('load_s', float('nan')):.2f} s.",
+        "Decision latency (`python -m studies.scorer_speed`, `analyze` on one core, "
+        f"model {lat['model']}): p50 {lat['p50_ms']:.3f} ms, p99 {lat['p99_ms']:.3f} ms "
+        f"(budget 0.3 / 1 ms); load {lat.get('load_s', float('nan')):.2f} s.",
         "",
         "### Small talk under the default policy (shipped model, default profile)",
         "",

@@ -21,8 +21,10 @@ from hypothesis import strategies as st
 
 from router.cli import main
 from router.errors import PolicyError
-from router.policy import OPERATORS, parse_policy, policy_json_schema
-from tests.test_policy import DOC_HEAD, _doc_examples
+from router.policy import OPERATORS
+from router.policy_compile import parse_policy
+from router.policy_schema import policy_json_schema
+from tests.test_policy_compile import DOC_HEAD, _doc_examples
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted(
@@ -92,7 +94,7 @@ def test_cli_schema_validates_the_default_policy(capsys: pytest.CaptureFixture[s
 
 def _doc_policies() -> list[str]:
     # Fragments are placed in a minimal policy that defines the models they name, as in
-    # tests/test_policy.py::test_doc_examples_parse.
+    # tests/test_policy_compile.py::test_doc_examples_parse.
     out = []
     for block in _doc_examples():
         if block.startswith("version"):
@@ -287,3 +289,8 @@ def test_schema_agrees_with_loader_on_generated_conditions(condition: Any) -> No
     text = HEAD + yaml.safe_dump({"rules": [{"name": "r", "route": "local", "when": condition}]})
     errors = schema_errors(text)
     assert (errors == []) is loader_accepts(text), errors
+
+
+def test_json_schema_names_operators() -> None:
+    schema = json.dumps(policy_json_schema())
+    assert '"not_in"' in schema and '"target_closed_share"' in schema

@@ -1,38 +1,31 @@
-"""Does router-v3's routing score owe its leave-one-dataset-out gains to the capability model
-having seen the held-out data set's format?
+"""Does router-v3's leave-one-dataset-out score owe its gains to the capability model having seen
+the held-out data set's format?
 
-The shipped capability model trains on the ``commercial_use: true`` rows of capabilities.jsonl,
-which include ``gsm8k-train`` (other GSM8K questions) and ``mmlu-dev`` (other MMLU questions),
-though never a routing label. For each routing file held out as a whole, this fits the routing
-model (router-v3's recipe) on the other two files three ways and scores the held-out file:
+The shipped capability model trains on rows that include ``gsm8k-train`` and ``mmlu-dev`` (other
+questions of the same sets, never a routing label). For each routing file held out, the routing
+model (router-v3's recipe) is fitted on the other two files three ways and scored on it:
+``full_capability`` (the shipped capability model), ``capability_without_overlap`` (refitted
+without the source that shares the held-out format) and ``words_v2`` (no capability model).
 
-* ``full_capability``: reading the shipped capability model (the model card's LODO numbers);
-* ``capability_without_overlap``: reading a capability model refitted without the source that
-  shares the held-out file's format (``mmlu-dev`` for MMLU, ``gsm8k-train`` for GSM8K; Arena-Bench
-  has none, so it repeats the first);
-* ``words_v2``: router-v2's word + structure recipe, which reads no capability model.
-
-    .venv/bin/python bench/capability_overlap.py     # ~2 min; bench/results/capability_overlap.json
+    .venv/bin/python -m studies.capability_overlap   # studies/results/capability_overlap.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from router.metrics import evaluate, summary  # noqa: E402
-from router.training import (  # noqa: E402
+from router.metrics import evaluate, summary
+from router.training import (
     fit_capability,
     fit_routing,
     load_capability_rows,
     load_routing_rows,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 FILES = {
     "mmlu": "routellm_mmlu_mixtral_vs_gpt4turbo.jsonl",
@@ -47,7 +40,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument(
-        "--out", type=Path, default=ROOT / "bench" / "results" / "capability_overlap.json"
+        "--out", type=Path, default=ROOT / "studies" / "results" / "capability_overlap.json"
     )
     args = parser.parse_args()
     rows = {k: load_routing_rows(args.data_dir / f) for k, f in FILES.items()}

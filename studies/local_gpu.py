@@ -1,13 +1,12 @@
 """The local tier on a GPU: Tiergate's in-process llama.cpp backend with ``n_gpu_layers``.
 
 Needs a CUDA build of llama-cpp-python (``make install CMAKE_ARGS="-DGGML_CUDA=on"``); on a
-CPU-only build it says so and exits 0, so ``python -m bench`` can call it anywhere.
-It checks that the build can offload, that loading the GGUF puts every layer on the GPU (from
-llama.cpp's own load log), and then streams the same prompts through
-:class:`router.backends.local.LlamaCppBackend` with ``n_gpu_layers`` 0 and -1: time to the first
-token, generation rate, and whether greedy answers agree between CPU and GPU.
+CPU-only build it says so and exits 0. It checks that the build can offload and that loading the
+GGUF puts every layer on the GPU (from llama.cpp's load log), then streams the same prompts
+through :class:`router.backends.local.LlamaCppBackend` with ``n_gpu_layers`` 0 and -1: time to
+the first token, generation rate, and whether greedy answers agree between CPU and GPU.
 
-    python -m bench.local_gpu [--gguf PATH] [--out bench/results/local_gpu.json]
+    python -m studies.local_gpu [--gguf PATH] [--out studies/results/local_gpu.json]
 """
 
 from __future__ import annotations

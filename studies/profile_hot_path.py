@@ -1,11 +1,11 @@
 """Profile Tiergate's hot path: ``POST /v1/chat/completions``, closed tier, not streaming.
 
 Runs the real app under uvicorn (uvloop, httptools, as ``tiergate serve`` does) in this process
-with cProfile on, drives it with wrk at a fixed concurrency for a few seconds against the fake
-upstream, and prints the top entries by own time and by cumulative time. The figures include
-cProfile's own overhead (it roughly doubles Python-heavy code), so read them as shares.
+with cProfile on, drives it with wrk against ``make bench``'s fake upstream, and prints the top
+entries by own and by cumulative time. cProfile's own overhead inflates Python-heavy code, so
+read the figures as shares.
 
-Run: ``python -m bench.profile_hot_path [--seconds 8] [--connections 16] [--top 30]``.
+    python -m studies.profile_hot_path [--seconds 8] [--connections 16] [--top 30]
 """
 
 from __future__ import annotations

@@ -1,29 +1,21 @@
 """Does the loop learn? Replay AlpacaEval as live traffic, label it, retrain, plot the curve.
 
-``python -m bench.learning_loop`` (``--quick`` for a shorter run). AlpacaEval (CC BY-NC) is used
+``python -m studies.learning_loop`` (``--quick`` for a shorter run). AlpacaEval (CC BY-NC) is used
 only to *simulate* traffic and its labels here; no artifact trained in this run is shipped.
 
-Setup, all in process:
-
-* The AlpacaEval rows are split once by a hash of their id: 25% is the **evaluation slice**, never
-  sent; the rest is replayed, in a fixed order, through a running Tiergate app (real API, real
-  SQLite outcome store, real model store and hot-swap watcher). The local tier is a stub answer
-  (only routing is being learnt); the closed model and the judge are the fake provider of
-  ``tests/fake_provider.py``.
+* The AlpacaEval rows are split once by a hash of their id into an **evaluation slice**, never
+  sent, and traffic replayed in a fixed order through a running Tiergate app (real API, SQLite
+  outcome store, model store and hot-swap watcher). The local tier is a stub answer (only
+  routing is learnt); the closed model and the judge are :class:`SimulatedClosed` on loopback.
 * Labels follow the file's scores: every local answer gets user **feedback** with quality
-  ``weak_score`` (the judge's probability that the weak answer wins); the policy shadows
-  ``--shadow-rate`` (default all) of the local answers, and the fake **judge** prefers the closed
-  answer in each of its two orderings with probability ``strong_score`` (a noisy judge, as real
-  ones are).
+  ``weak_score``; the policy shadows ``--shadow-rate`` of the local answers, and the judge
+  prefers the closed answer with probability ``strong_score`` (noisy, as real judges are).
 * Every ``--every`` labelled outcomes the loop runs :func:`router.retrain.retrain`; a promoted
   version reaches the proxy through the model store's pointer, without a restart.
-* The learning curve is the APGR of the serving model on the evaluation slice (true file scores,
-  bootstrap 95% CI) against the number of labelled outcomes. The **adversarial** run repeats it
-  with inverted feedback (a tenant rating good answers bad and bad ones good; shadow verdicts stay
-  honest); the gate must refuse those candidates.
+* The curve is the serving model's APGR on the evaluation slice against the number of labelled
+  outcomes. The **adversarial** run inverts the feedback; the gate must refuse its candidates.
 
-The starting model is the shipped one (``models/router-v3``) when present, else one fitted here
-the way ``tiergate train`` fits it (MMLU, GSM8K, Arena-Bench + the commercial capability rows).
+The starting model is the shipped one when present, else one fitted as ``tiergate train`` does.
 """
 
 from __future__ import annotations
@@ -36,7 +28,10 @@ import random
 import shutil
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +50,7 @@ from router.retrain import (
     BASE_FILES,
     GateConfig,
     NotEnoughLabelsError,
-    _bucket,
+    bucket,
     compare,
     retrain,
 )
@@ -67,7 +62,6 @@ from router.training import (
     load_capability_rows,
     load_routing_rows,
 )
-from tests.fake_provider import Behaviour, FakeProvider
 
 REPO = Path(__file__).resolve().parent.parent
 ALPACA = "alpacaeval2_openhermes7b_vs_gpt4turbo.jsonl"
@@ -102,7 +96,78 @@ class StubLocal:
         return None
 
 
-def policy_text(fake: FakeProvider, shadow_rate: float) -> str:
+CLOSED_ANSWER = "A longer answer from the closed model."
+
+
+class SimulatedClosed:
+    """The closed model and the shadow judge, on loopback, speaking OpenAI's chat wire format.
+
+    A judge prompt (``router.learning``'s pairwise template) is answered ``[[A]]``/``[[B]]``/
+    ``[[C]]`` as ``judge(question, answer_a, answer_b)`` decides; any other request gets
+    :data:`CLOSED_ANSWER`. Going through HTTP keeps litellm's real path in the loop.
+    """
+
+    def __init__(self, judge: Callable[[str, str, str], str]) -> None:
+        self.judge = judge
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        """What the policy's ``api_base`` points at."""
+        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+
+    def __enter__(self) -> SimulatedClosed:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def answer(self, body: dict[str, Any]) -> str:
+        """The content for one chat request."""
+        messages = body.get("messages") or []
+        if not messages or "impartial judge" not in str(messages[0].get("content")):
+            return CLOSED_ANSWER
+        user = str(messages[-1].get("content"))
+        question = user.split("[User Question]\n", 1)[1].split("\n\n[The Start of", 1)[0]
+        a = user.split("[The Start of Assistant A's Answer]\n", 1)[1].split("\n[The End of", 1)[0]
+        b = user.split("[The Start of Assistant B's Answer]\n", 1)[1].split("\n[The End of", 1)[0]
+        return f"[[{self.judge(question, a, b)}]]"
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        provider = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))))
+                message = {"role": "assistant", "content": provider.answer(body)}
+                data = json.dumps(
+                    {
+                        "id": "closed",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": body.get("model", "closed"),
+                        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                        "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
+                    }
+                ).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return None
+
+        return Handler
+
+
+def policy_text(fake: SimulatedClosed, shadow_rate: float) -> str:
     """Everything local (threshold 1.0), ``shadow_rate`` of it shadowed, prompts stored."""
     return f"""\
 version: 1
@@ -183,8 +248,7 @@ async def replay(
     base = [data / name for name in BASE_FILES]
     points: list[dict[str, Any]] = []
     retrains: list[dict[str, Any]] = []
-    with FakeProvider() as fake:
-        fake.reset(Behaviour(judge_fn=judge))
+    with SimulatedClosed(judge) as fake:
         policy = workdir / mode / "policy.yaml"
         policy.write_text(policy_text(fake, shadow_rate))
         settings = Settings(
@@ -350,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the honest and adversarial replays; write JSON and PNG."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--out", type=Path, default=REPO / "studies" / "results")
     parser.add_argument("--every", type=int, default=100, help="retrain every N labels")
     parser.add_argument("--max-labels", type=int, default=500)
     parser.add_argument("--bootstrap", type=int, default=500)
@@ -373,10 +437,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.max_labels, args.every, args.bootstrap = 200, 100, 200
     rows = load_routing_rows(args.data / ALPACA)
-    evaluation = [r for r in rows if _bucket(r.id, "sim-eval") < 0.25]
+    evaluation = [r for r in rows if bucket(r.id, "sim-eval") < 0.25]
     traffic = sorted(
-        (r for r in rows if _bucket(r.id, "sim-eval") >= 0.25),
-        key=lambda r: _bucket(r.id, "sim-order"),
+        (r for r in rows if bucket(r.id, "sim-eval") >= 0.25),
+        key=lambda r: bucket(r.id, "sim-order"),
     )
     gate = GateConfig(
         n_bootstrap=args.bootstrap,

@@ -1,25 +1,15 @@
 """Does router-v3's ranking hold when the local model is not the one it was trained against?
 
-router-v3 learnt which prompts Mixtral-8x7B loses to GPT-4-1106. A deployment's local model is
-another one, often much smaller. AlpacaEval and Arena-Bench carry, for the same prompts and the
-same judge, the labels of other open models (``alt_weak_scores``; ../shared/data/README.md).
-This scores each of them with the same routing scores:
+router-v3 learnt which prompts Mixtral-8x7B loses to GPT-4-1106; a deployment's local model is
+usually another. AlpacaEval and Arena-Bench carry, for the same prompts and judge, the labels of
+other open models (``alt_weak_scores``). This scores each of them with the same routing scores:
+on AlpacaEval the shipped model (never trained on it), with the weighted and the
+chain-of-thought judge; on Arena-Bench a model fitted with router-v3's recipe on MMLU + GSM8K
+only, since the shipped one trained on Arena-Bench. Rows without a valid judge score are left
+out; where the strong and weak means are too close for APGR to mean anything, the row is
+flagged ``meaningful: false``.
 
-* **AlpacaEval 2.0**: the shipped model (never trained on AlpacaEval), against every other weak
-  model with the weighted GPT-4-Turbo judge, and with the chain-of-thought judge
-  (``alt_weak_scores_cot_judge``, hard 0/1 preferences). Labels are pairwise, so
-  ``strong = 1 - weak``.
-* **Arena-Bench**: the shipped model trained on Arena-Bench, so its scores here would be in-sample.
-  Instead, a model is fitted with router-v3's recipe on MMLU + GSM8K only (the model card's
-  leave-one-dataset-out row), reading the shipped capability model. ``strong`` is GPT-4-1106's
-  judge score.
-
-Rows where the judge gave an alternative model no valid score are left out. APGR divides by the
-gap between the strong and the weak model's means; where that gap is under 0.05 (or negative:
-some FuseChat models beat GPT-4-Turbo on average under AlpacaEval's judge) the figure means
-nothing, and the row is flagged ``meaningful: false``.
-
-    .venv/bin/python bench/weak_swap.py     # ~1 min; bench/results/weak_swap.json
+    .venv/bin/python -m studies.weak_swap   # writes studies/results/weak_swap.json (not committed)
 """
 
 from __future__ import annotations
@@ -32,13 +22,12 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from router.artifact import load_fitted
+from router.classifier import LearnedScorer
+from router.metrics import evaluate, summary
+from router.training import TFIDF_MODEL_NAME, fit_routing, load_routing_rows
 
-from router.artifact import load_fitted  # noqa: E402
-from router.classifier import LearnedScorer  # noqa: E402
-from router.metrics import evaluate, summary  # noqa: E402
-from router.training import TFIDF_MODEL_NAME, fit_routing, load_routing_rows  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 ALPACA = "alpacaeval2_openhermes7b_vs_gpt4turbo.jsonl"
 ARENA = "arenabench_v1_mixtral_vs_gpt4turbo.jsonl"
@@ -99,7 +88,7 @@ def main() -> int:
     """Score both files against every weak model; print a table and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "weak_swap.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "studies" / "results" / "weak_swap.json")
     parser.add_argument("--bootstrap", type=int, default=1000)
     args = parser.parse_args()
     shipped = load_fitted(ROOT / "models" / TFIDF_MODEL_NAME)

@@ -1,10 +1,11 @@
 """CPU cost of Tiergate's telemetry per request, isolated from the rest of the app.
 
-Runs the exact per-request telemetry path (the request-span middleware, the decision span, a
-backend call through ``wrap_backend`` and the ``on_record`` hook) around a no-op request, with
-telemetry off, with metrics only (the default), and with metrics plus traces to a dropping
-exporter. Prints the best of 7 repeats per configuration (the machine is shared; the minimum is
-the least noisy estimate). Run: ``.venv/bin/python bench/telemetry_overhead.py``.
+Runs the per-request telemetry path (the request-span middleware, the decision span, a backend
+call through ``wrap_backend`` and the ``on_record`` hook) around a no-op request with telemetry
+off, metrics only (the default), and metrics plus traces to a dropping exporter, and prints the
+best of several repeats of each (on a shared machine the minimum is the least noisy estimate).
+
+    .venv/bin/python -m studies.telemetry_overhead
 """
 
 from __future__ import annotations

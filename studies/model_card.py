@@ -1,18 +1,13 @@
-"""Reproduce the shipped model and every number in docs/model-card.md with one command.
+"""Reproduce router-v3 and the numbers of its model card (router-v4's: ``studies.score_v4``).
 
-    .venv/bin/python bench/model_card.py --replace
+1. Trains a model (``var/model-card-train``) exactly as ``tiergate train`` does on the
+   licence-permitted files; its sidecar holds the grouped CV metrics.
+2. Adds an in-distribution check (grouped 5-fold CV over the pooled training rows, per file).
+3. Evaluates out of distribution, never training on them: AlpacaEval 2.0 and the
+   ``commercial_use: false`` Auto-J capability rows.
+4. Writes ``studies/results/model_card.json`` and prints the model card's markdown tables.
 
-(router-v3's card; router-v4's figures come from ``python -m studies.score_v4``.)
-
-1. Trains a model (``var/model-card-train``) exactly as ``tiergate train`` does (same
-   ``train_artifact``) on
-   the licence-permitted files: RouteLLM MMLU, RouteLLM GSM8K, Arena-Bench v1, and the
-   ``commercial_use: true`` rows of capabilities.jsonl. Its sidecar holds the grouped CV metrics
-   (leave-one-dataset-out; MMLU grouped by subject; capability leave-one-source-out).
-2. Adds an in-distribution check (5-fold CV over the pooled training rows, scored per file).
-3. Evaluates the shipped model out of distribution, never training on them: AlpacaEval 2.0
-   (OOD chat prompts, CC BY-NC labels) and the ``commercial_use: false`` Auto-J capability rows.
-4. Writes ``bench/results/model_card.json`` and prints the markdown tables of the model card.
+    .venv/bin/python -m studies.model_card --replace
 """
 
 from __future__ import annotations
@@ -26,19 +21,17 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from router.artifact import load_fitted  # noqa: E402
-from router.classifier import PromptClassifier  # noqa: E402
-from router.metrics import evaluate, summary  # noqa: E402
-from router.training import (  # noqa: E402
+from router.artifact import load_fitted
+from router.classifier import PromptClassifier
+from router.metrics import evaluate, summary
+from router.training import (
     RoutingRow,
-    _read_jsonl,
     fit_routing,
     load_routing_rows,
     train_artifact,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 TRAIN_FILES = (
     "routellm_mmlu_mixtral_vs_gpt4turbo.jsonl",
@@ -117,7 +110,7 @@ def main() -> int:
     # instead of over the shipped router-v3 (router-v4's figures: python -m studies.score_v4).
     parser.add_argument("--out", type=Path, default=ROOT / "var" / "model-card-train")
     parser.add_argument("--replace", action="store_true", help="replace an existing --out")
-    parser.add_argument("--results", type=Path, default=ROOT / "bench/results/model_card.json")
+    parser.add_argument("--results", type=Path, default=ROOT / "studies/results/model_card.json")
     args = parser.parse_args()
 
     if args.out.exists() and args.replace:
@@ -135,7 +128,8 @@ def main() -> int:
         [r.strong_score for r in ood],
         n_bootstrap=1000,
     )
-    autoj = [row for _, row in _read_jsonl(args.data_dir / "capabilities.jsonl")]
+    lines = (args.data_dir / "capabilities.jsonl").read_text(encoding="utf-8").splitlines()
+    autoj = [json.loads(line) for line in lines if line.strip()]
     autoj = [r for r in autoj if r.get("commercial_use") is False]
     predicted = [scorer.analyze(r["prompt"]).capability for r in autoj]
     pairs = list(zip(predicted, autoj, strict=True))

@@ -1,15 +1,22 @@
-"""Broken policies: every problem is reported, located by file, line, column and key path."""
+"""Reading a policy: shipped and documented policies load; every problem in a broken one is
+reported, located by file, line, column and key path."""
 
 from __future__ import annotations
 
+import re
+import textwrap
 from pathlib import Path
 
 import pytest
 
 from router.errors import ConfigError, PolicyError
-from router.policy import load_policy, parse_policy
+from router.policy import Decision, evaluate
+from router.policy_compile import load_policy, parse_policy
+from router.signals import Signals
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SHIPPED = sorted([*ROOT.glob("policies/*.yaml"), *ROOT.glob("policies/examples/*.yaml")])
 BROKEN = HERE / "policies_broken"
 
 M = """\
@@ -357,3 +364,43 @@ def test_yaml_aliases_are_refused_where_they_are_written() -> None:
     assert [str(i) for i in caught.value.issues] == [
         "p.yaml:7:5: YAML aliases are not allowed in a policy (*r): write the value out"
     ]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_policies_parse(path: Path) -> None:
+    p = load_policy(path)
+    assert p.source == str(path) and "auto" in p.alias_names()
+    assert isinstance(evaluate(p, Signals(alias="auto")), Decision)
+
+
+def test_shipped_policies_exist() -> None:
+    names = {p.name for p in SHIPPED}
+    assert {"default.yaml", "privacy-first.yaml", "cost-capped.yaml", "quality-first.yaml"} <= names
+
+
+DOC_HEAD = """\
+version: 1
+models:
+  local: {tier: local, context_window: 8192}
+  gpt-4o: {tier: closed, litellm_model: openai/gpt-4o}
+  claude-sonnet: {tier: closed, litellm_model: anthropic/claude-3-5-sonnet-20241022}
+"""
+
+
+def _doc_examples() -> list[str]:
+    doc = (ROOT / "docs/policy.md").read_text(encoding="utf-8")
+    return re.findall(r"```yaml\n(.*?)```", doc, re.S)
+
+
+@pytest.mark.parametrize("block", _doc_examples(), ids=lambda b: b.splitlines()[0])
+def test_doc_examples_parse(block: str) -> None:
+    # fragments are checked inside a minimal policy that defines the models they name
+    if block.startswith("version"):
+        text = block
+    elif block.startswith("models:"):
+        text = "version: 1\n" + block
+    elif block.startswith("when:"):
+        text = DOC_HEAD + "rules:\n  - name: r\n    route: local\n" + textwrap.indent(block, "    ")
+    else:
+        text = DOC_HEAD + block
+    parse_policy(text)

@@ -1,38 +1,18 @@
-"""How much can any learner gain on the AlpacaEval replay from at most 500 labels?
+"""How much can any learner gain on the AlpacaEval replay from a few hundred labels?
 
-The learning-loop goal is +0.05 APGR on the replay's held-out evaluation slice (172 prompts)
-after at most 500 labelled outcomes. The replay has 467 traffic prompts. This study trains on
-their *true* file labels (v = strong_score - weak_score, noiseless, one per prompt). The loop's
-own labels (feedback averaged with noisy judge verdicts, 30% of them held out for the gate) can
-only teach less, so the result is an upper bound on what the loop's learning could reach.
+``studies.learning_loop`` replays AlpacaEval as traffic and retrains on its labels. This study
+trains instead on the traffic prompts' *true* file labels (noiseless, one per prompt), which
+the loop's noisy, partly held-out labels can only teach less: an upper bound on what the loop
+could reach. It fits each learner family over a grid of its regularisation knob: the residual
+over the base model (what ``tiergate retrain`` fits), logistic heads over dense views of the
+prompt (with or without their own TF-IDF), ridge on the label, gradient boosting, and kNN.
 
-It fits every learner family below, each over a grid of its one regularisation knob:
+Each family is scored by repeated 5-fold CV on the traffic prompts and by one fit scored on the
+evaluation slice (paired bootstrap against the base model), at its best grid point chosen after
+the fact: that flatters every learner, as an upper bound should. AlpacaEval is CC BY-NC:
+nothing fitted here is kept.
 
-* ``residual (shipped design)``: :func:`router.residual.fit_residual` over router-v3. This is the
-  candidate ``tiergate retrain`` fits, with its own inner CV.
-* ``head: <features>``: a logistic regression on the soft target over dense views of the prompt:
-  the scaled structure features, the base logit and the capability probabilities.
-* ``head + own TF-IDF``: the same, plus word or character TF-IDF fitted on the training prompts.
-* ``ridge on the label``: a linear regression on v itself instead of a logistic one.
-* ``gradient boosting``: HistGradientBoosting over structure + capability probabilities.
-* ``kNN``: neighbours over the capability model's word TF-IDF.
-
-It then scores each family two ways:
-
-1. **Repeated 5-fold CV on the 467 traffic prompts** (6 repeats; the residual design 3 repeats):
-   the APGR of the out-of-fold scores, against router-v3's APGR on the same rows.
-2. **One fit on all 467 prompts, scored once on the evaluation slice**, against router-v3 on the
-   slice, with a paired 95% bootstrap of the difference.
-
-Two checks follow: kNN (the slice's best) cross-validated over the whole file, to see whether it
-gains with more rows, and the CV bound again with each other weak model's labels from the file.
-
-Each family is reported at its **best** grid point, chosen after the fact and separately for
-the two scorings (the evaluation slice's best is chosen on the slice itself, so its intervals are
-optimistic). That flatters every learner, which is what an upper bound wants. AlpacaEval is
-CC BY-NC: nothing fitted here is kept.
-
-    .venv/bin/python bench/learning_ceiling.py   # ~9 min; bench/results/learning_ceiling.json
+    .venv/bin/python -m studies.learning_ceiling   # writes studies/results/learning_ceiling.json
 """
 
 from __future__ import annotations
@@ -49,19 +29,18 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+from sklearn.ensemble import HistGradientBoostingRegressor
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.neighbors import KNeighborsRegressor
+
+from router.artifact import load_fitted
+from router.metrics import apgr_from_curve, routing_curve
+from router.residual import fit_residual
+from router.retrain import BASE_FILES, bucket
+from router.training import TFIDF_MODEL_NAME, RoutingRow, load_routing_rows
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from sklearn.ensemble import HistGradientBoostingRegressor  # noqa: E402
-from sklearn.feature_extraction.text import TfidfVectorizer  # noqa: E402
-from sklearn.linear_model import LogisticRegression, Ridge  # noqa: E402
-from sklearn.neighbors import KNeighborsRegressor  # noqa: E402
-
-from router.artifact import load_fitted  # noqa: E402
-from router.residual import fit_residual  # noqa: E402
-from router.retrain import BASE_FILES, _apgr, _bucket  # noqa: E402
-from router.training import TFIDF_MODEL_NAME, RoutingRow, load_routing_rows  # noqa: E402
 
 ALPACA = "alpacaeval2_openhermes7b_vs_gpt4turbo.jsonl"
 #: fit(train index, test index) -> scores of the test rows (higher = send closed)
@@ -173,7 +152,9 @@ class Study:
 
     def apgr(self, scores: np.ndarray[Any, Any], idx: np.ndarray[Any, Any]) -> float:
         """APGR of ``scores`` (one per row of ``idx``, in its order) on the rows ``idx``."""
-        return _apgr(scores, self.weak[idx], self.strong[idx])
+        weak, strong = self.weak[idx], self.strong[idx]
+        curve = routing_curve(scores, weak, strong)
+        return apgr_from_curve(curve, float(weak.mean()), float(strong.mean()))
 
     def cv(
         self, fit: Fitter, idx: np.ndarray[Any, Any], repeats: int, folds: int = 5
@@ -257,7 +238,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument(
-        "--out", type=Path, default=ROOT / "bench" / "results" / "learning_ceiling.json"
+        "--out", type=Path, default=ROOT / "studies" / "results" / "learning_ceiling.json"
     )
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--bootstrap", type=int, default=1000)
@@ -265,12 +246,12 @@ def main() -> int:
     warnings.filterwarnings("ignore", category=UserWarning)
     started = time.monotonic()
     rows = load_routing_rows(args.data_dir / ALPACA)
-    # The same split as bench/learning_loop.py.
-    traffic = np.array([i for i, r in enumerate(rows) if _bucket(r.id, "sim-eval") >= 0.25])
-    evaluation = np.array([i for i, r in enumerate(rows) if _bucket(r.id, "sim-eval") < 0.25])
+    # The same split as studies/learning_loop.py.
+    traffic = np.array([i for i, r in enumerate(rows) if bucket(r.id, "sim-eval") >= 0.25])
+    evaluation = np.array([i for i, r in enumerate(rows) if bucket(r.id, "sim-eval") < 0.25])
     base = [r for name in BASE_FILES for r in load_routing_rows(args.data_dir / name)]
     # The retrain's domain-gate sample (GateConfig.gate_base_sample, the same hash order).
-    base_prompts = [r.prompt for r in sorted(base, key=lambda r: _bucket(r.id, "gate"))[:3000]]
+    base_prompts = [r.prompt for r in sorted(base, key=lambda r: bucket(r.id, "gate"))[:3000]]
     study = Study(rows, base_prompts)
     result: dict[str, Any] = {
         "data": ALPACA,

@@ -1,38 +1,29 @@
-"""Grouped-CV feature/estimator study for the routing score (issue #3), with inference cost.
+"""Grouped-CV study of features and estimators for the routing score, with inference cost.
 
-    taskset -c 1 .venv/bin/python bench/feature_study.py     # both stages, ~40 min on one core
-    taskset -c 1 .venv/bin/python bench/feature_study.py --stage explore --candidates a,b
+    taskset -c 1 .venv/bin/python -m studies.feature_study   # both stages
+    taskset -c 1 .venv/bin/python -m studies.feature_study --stage explore --candidates a,b
 
-Two stages: *explore* measures every candidate with MMLU capped at 3,000 rows (stratified by
-subject, seed 0); *confirm* re-measures the FINALISTS on all 11,118 MMLU rows.
-
-Every candidate is measured with the protocol of ``router.training.cross_validate_routing`` and
-``bench/model_card.py`` (same files, same target function, same metrics):
+*explore* measures every candidate with MMLU capped (stratified by subject); *confirm*
+re-measures the FINALISTS on all MMLU rows. The protocol is ``router.training``'s and
+``studies.model_card``'s (same files, target and metrics):
 
 * ``mmlu_subject``: GroupKFold(5) over whole MMLU subjects, GSM8K and Arena-Bench in training.
 * ``gsm8k_lodo`` / ``arena_lodo`` / ``mmlu_lodo``: train on the other two files, score all of one.
-* ``mix_id``: the grouped in-distribution 5-fold of ``model_card.in_distribution_cv`` (MMLU by
-  subject, the others in chunks), out-of-fold scores of GSM8K + Arena-Bench + 1,000 MMLU rows
-  scored as one set (cross-task ranking on mixed traffic, **no AlpacaEval**).
-* ``alpacaeval`` (report only, never used to choose): fitted on all three files, scored on
-  AlpacaEval 2.0; ``mix`` is ``model_card.pooled_mix`` (the model card's 0.615 number, which
-  includes those AlpacaEval scores).
+* ``mix_id``: ``model_card.in_distribution_cv``'s grouped 5-fold, out-of-fold scores of a mix of
+  the three files scored as one set (cross-task ranking; no AlpacaEval).
+* ``alpacaeval`` (reported, never used to choose): fitted on all three files, scored on
+  AlpacaEval 2.0; ``mix`` is ``model_card.pooled_mix``.
 
-Candidates differ in feature blocks (word TF-IDF, char_wb TF-IDF over a bounded window, the 13
-structure features, the 9 capability probabilities, a kNN feature), estimator (logistic
-regression, HistGradientBoosting, kNN alone, calibrated LR) and target/weighting. The selection
-score ``gen`` is the mean of mmlu_subject, gsm8k_lodo, arena_lodo and mix_id; each set also
-gets a paired bootstrap of (candidate - baseline) APGR on the same resampled rows.
+Candidates differ in feature blocks (word TF-IDF, char_wb TF-IDF over a bounded window, the
+structure features, the capability probabilities, a kNN feature), estimator and target. The
+selection score ``gen`` is the mean of mmlu_subject, gsm8k_lodo, arena_lodo and mix_id; each set
+also gets a paired bootstrap of (candidate - baseline) APGR on the same resampled rows.
 
-To keep every fold honest *and* cheap, each text block is tokenised once into a count matrix
-over all prompts; per fold the vocabulary (min_df, max_features), idf and scaling are fitted on
-the training rows only, which reproduces ``TfidfVectorizer`` refitted per fold exactly.
-
-Inference: each candidate refitted on all training rows gets a pure Python/numpy single-prompt
-path (dict lookups, one sparse dot, vectorised trees; no sklearn call), checked against the
-batch scores, and timed per prompt (CPU time of the thread and wall clock) over a few thousand
-prompts. Run pinned to one core (``taskset -c 1``). Writes ``bench/results/feature_study.json``
-and prints a markdown table.
+Each text block is tokenised once into a count matrix over all prompts; per fold the vocabulary,
+idf and scaling are fitted on the training rows only, which reproduces a refitted
+``TfidfVectorizer`` exactly at a fraction of the cost. Each candidate refitted on all rows also
+gets a pure numpy single-prompt path, checked against the batch scores and timed per prompt.
+Writes ``studies/results/feature_study.json`` (not committed) and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -52,22 +43,18 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from model_card import OOD_ROUTING, TRAIN_FILES, pooled_mix  # noqa: E402
-
-from router.classifier import truncate_lower  # noqa: E402
-from router.features import clip, structure_vector  # noqa: E402
-from router.metrics import apgr_from_curve, evaluate, routing_curve, summary  # noqa: E402
-from router.training import (  # noqa: E402
+from router.features import HEAD_CHARS, TAIL_CHARS, clip, structure_vector
+from router.metrics import apgr_from_curve, evaluate, routing_curve, summary
+from router.training import (
     RoutingRow,
     fit_capability,
     load_capability_rows,
     load_routing_rows,
     routing_target,
 )
+from studies.model_card import OOD_ROUTING, TRAIN_FILES, pooled_mix
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SHORT = {"routellm_mmlu": "mmlu", "routellm_gsm8k": "gsm8k", "arenabench_v1": "arena"}
 SETS = ("mmlu_subject", "gsm8k_lodo", "arena_lodo", "mix_id")
@@ -217,9 +204,12 @@ TEXT_BLOCKS: dict[str, dict[str, Any]] = {
 DENSE_BLOCKS = ("struct", "cap", "caplogit", "knn", "wlr")
 
 
-def window_lower(text: str, window: str | int) -> str:
-    """The lower-cased window a text block sees: the shipped clip, or the first N characters."""
-    return clip(text).lower() if window == "clip" else text[: int(window)].lower()
+def window_lower(
+    text: str, window: str | int, clip_window: tuple[int, int] = (HEAD_CHARS, TAIL_CHARS)
+) -> str:
+    """The lower-cased window a text block sees: :func:`clip` (of ``clip_window``, head and tail
+    characters), or the first N characters."""
+    return clip(text, *clip_window).lower() if window == "clip" else text[: int(window)].lower()
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -239,6 +229,8 @@ class Data:
     cap: np.ndarray[Any, Any] | None = None
     caplogit: np.ndarray[Any, Any] | None = None
     cap_model: Any = None
+    #: The head and tail characters :func:`router.features.clip` keeps (the window study varies it).
+    window: tuple[int, int] = (HEAD_CHARS, TAIL_CHARS)
 
     @property
     def prompts(self) -> list[str]:
@@ -249,8 +241,9 @@ class Data:
         return len(self.rows)
 
 
-def load(data_dir: Path, mmlu_cap: int) -> Data:
-    """Read the three training files (MMLU capped per subject if asked) and AlpacaEval."""
+def load(data_dir: Path, mmlu_cap: int, window: tuple[int, int] = (HEAD_CHARS, TAIL_CHARS)) -> Data:
+    """Read the three training files (MMLU capped per subject if asked) and AlpacaEval; the text
+    and structure features will read each prompt through a ``window`` (head, tail) clip."""
     rows = [r for f in TRAIN_FILES[:3] for r in load_routing_rows(data_dir / f)]
     if mmlu_cap:
         rng = np.random.default_rng(0)
@@ -270,6 +263,7 @@ def load(data_dir: Path, mmlu_cap: int) -> Data:
         ood=ood,
         dataset=np.array([short(r.dataset) for r in rows]),
         subject=np.array([r.category or "" for r in rows]),
+        window=window,
     )
 
 
@@ -284,13 +278,16 @@ def precompute(data: Data, blocks: set[str], data_dir: Path) -> None:
         spec = TEXT_BLOCKS[name]
         t0 = time.perf_counter()
         if spec["kind"] == "word":
-            vec = CountVectorizer(preprocessor=truncate_lower, ngram_range=(1, 2), dtype=np.float64)
+            vec = CountVectorizer(
+                preprocessor=partial(window_lower, window="clip", clip_window=data.window),
+                ngram_range=(1, 2),
+                dtype=np.float64,
+            )
         else:
-            w = spec["window"]
             vec = CountVectorizer(
                 analyzer="char_wb",
                 ngram_range=spec["ngram"],
-                preprocessor=lambda t, w=w: window_lower(t, w),
+                preprocessor=partial(window_lower, window=spec["window"], clip_window=data.window),
                 dtype=np.float64,
             )
         data.counts[name] = vec.fit_transform(prompts).tocsr()
@@ -302,7 +299,7 @@ def precompute(data: Data, blocks: set[str], data_dir: Path) -> None:
     if blocks & {"knn", "wlr"} and "words" not in data.counts:
         precompute(data, {"words"}, data_dir)
     if data.struct is None:
-        data.struct = np.array([structure_vector(t) for t in prompts])
+        data.struct = np.array([structure_vector(t, *data.window) for t in prompts])
     if blocks & {"cap", "caplogit"} and data.cap is None:
         caps = load_capability_rows(data_dir / "capabilities.jsonl", commercial_only=True)
         data.cap_model = fit_capability(caps)
@@ -705,8 +702,10 @@ class FastPath:
             self.blocks.append((b, {str(t): j for j, t in enumerate(names)}, fit.idf, offset))
             offset += len(names)
         self.n_text = offset
+        self.window = data.window
         self.word_analyzer = CountVectorizer(
-            preprocessor=truncate_lower, ngram_range=(1, 2)
+            preprocessor=partial(window_lower, window="clip", clip_window=data.window),
+            ngram_range=(1, 2),
         ).build_analyzer()
         self.mean, self.scale = model.mean, model.scale
         self.cap_model = data.cap_model
@@ -757,7 +756,8 @@ class FastPath:
                         counts[j] = counts.get(j, 0) + 1
             else:
                 lo, hi = spec["ngram"]
-                counts = Counter(char_wb_ids(window_lower(text, spec["window"]), lo, hi, vocab))
+                low = window_lower(text, spec["window"], self.window)
+                counts = Counter(char_wb_ids(low, lo, hi, vocab))
             if not counts:
                 continue
             idx = np.fromiter(counts.keys(), dtype=np.intp, count=len(counts))
@@ -799,7 +799,7 @@ class FastPath:
     def dense_vector(self, text: str, cap: Any = None) -> np.ndarray[Any, Any]:
         parts: list[Any] = []
         if "struct" in self.cand.blocks:
-            parts += structure_vector(text)
+            parts += structure_vector(text, *self.window)
         if "cap" in self.cand.blocks:
             probs = self.cap_model.predict_proba_one(text) if cap is None else cap
             parts += list(probs)
@@ -1111,7 +1111,7 @@ def main() -> int:
     parser.add_argument("--candidates", default="", help="comma-separated names (explore)")
     parser.add_argument("--bootstrap", type=int, default=200)
     parser.add_argument("--timing-prompts", type=int, default=3000)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/feature_study.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "studies/results/feature_study.json")
     args = parser.parse_args()
 
     results: dict[str, Any] = {"protocol": __doc__}

@@ -1,35 +1,26 @@
-"""Where the shipped model's scores sit: the policy thresholds' closed share, and score by class.
+"""Where a model's scores sit: the policy thresholds' closed share, and the score by class.
 
 A policy threshold is a point on the model's score scale, and each model has its own scale. This
-scores every prompt in ``../shared/data/*.jsonl`` (16,788) with the shipped model, loaded as the
-proxy loads it, and, with ``--compare DIR``, with another artifact. For each model it gives:
+scores every prompt of the shared data with the shipped model, loaded as the proxy loads it (and
+with ``--compare DIR``, another artifact), and gives the share of prompts at or above each
+threshold the default policy uses, the score quantiles by predicted capability, and the scores
+of a few example prompts (the README's among them).
 
-* the share of prompts at or above each threshold the default policy uses (0.2, 0.25, 0.3, 0.8,
-  0.9);
-* the score quantiles (10%, 50%, 90%) of the prompts by predicted capability;
-* the scores of a few example prompts (the README's among them).
-
-    .venv/bin/python bench/score_scale.py [--compare DIR]   # writes bench/results/score_scale.json
-
-The committed result compares router-v2, taken from git history:
-``mkdir -p /tmp/v2 && git archive fc97e90 models/router-v2 | tar -x -C /tmp/v2`` then
-``--compare /tmp/v2/models/router-v2``.
+    .venv/bin/python -m studies.score_scale [--compare DIR]   # studies/results/score_scale.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from router.artifact import default_model_path, load_scorer
 
-from router.artifact import default_model_path, load_scorer  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 THRESHOLDS = (0.2, 0.25, 0.3, 0.8, 0.9)
 EXAMPLES = (
@@ -66,7 +57,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--compare", type=Path, help="another artifact directory")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/score_scale.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "studies/results/score_scale.json")
     args = parser.parse_args()
     prompts = [
         json.loads(line)["prompt"]

@@ -1,13 +1,11 @@
-"""Decision-speed benchmark: the served scorer's ``analyze`` over every prompt in the shared data.
+"""The served scorer's speed: ``analyze`` over every prompt of the shared data, on one core.
 
-Pins itself to one core, loads the default model the way the proxy does
-(``router.artifact.load_scorer``: its serving form, no scikit-learn; the load is also timed
-in a fresh interpreter),
-then times ``analyze(text)`` for every prompt of every ``../shared/data/*.jsonl`` file after a
-warm-up pass, in ``--passes`` passes, keeping each prompt's fastest time. Writes
-``bench/results/decision.json``. Run from the repo root:
+Loads the default model as the proxy does (``router.artifact.load_scorer``: the serving
+form, no scikit-learn; the load is timed in a fresh interpreter), then times ``analyze(text)``
+per prompt, each prompt's fastest of ``--passes``. ``bench/decision_pipeline.py`` times the
+whole decision (signals + scorer + policy) that ``make bench`` reports.
 
-    .venv/bin/python bench/decision.py [--model models/router-v3] [--data-dir ../shared/data]
+    .venv/bin/python -m studies.scorer_speed [--model DIR] [--data-dir ../shared/data]
 """
 
 from __future__ import annotations
@@ -23,11 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from router.artifact import default_model_path, load_scorer
+from router.training import load_prompts
 
-from router.artifact import default_model_path, load_scorer  # noqa: E402
-from router.training import load_prompts  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 LOAD_SNIPPET = """
 import sys, time
@@ -61,7 +58,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=default_model_path())
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "decision.json")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "studies" / "results" / "scorer_speed.json"
+    )
     parser.add_argument("--passes", type=int, default=3, help="timings per prompt (fastest kept)")
     args = parser.parse_args()
 

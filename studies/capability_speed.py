@@ -1,13 +1,10 @@
 """Capability-path cost: ``CapabilityModel.probabilities`` per prompt, its load, its memory.
 
-Pins itself to one core (BLAS on one thread), loads the shipped capability model
-(``router.capability.load_capability``: numpy only), then times ``probabilities(text)`` for
-every prompt of every ``../shared/data/*.jsonl`` file after a warm-up pass, in ``--passes``
-passes, keeping each prompt's fastest time. In fresh interpreters it measures the resident
-memory of the proxy's scorer (``load_scorer`` of the default model) with and without the
-capability model loaded beside it. Writes ``bench/results/capability.json``. From the repo root:
+Pinned to one core with BLAS on one thread, it times ``probabilities(text)`` for every prompt of
+the shared data (each prompt's fastest of ``--passes``), and in fresh interpreters the resident
+memory of the proxy's scorer with and without the capability model beside it.
 
-    OPENBLAS_NUM_THREADS=1 .venv/bin/python bench/capability.py
+    OPENBLAS_NUM_THREADS=1 .venv/bin/python -m studies.capability_speed
 """
 
 from __future__ import annotations
@@ -22,11 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from router.capability import default_capability_path, load_capability
+from router.training import load_prompts
 
-from router.capability import default_capability_path, load_capability  # noqa: E402
-from router.training import load_prompts  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 RSS_SNIPPET = """
 import json, sys, time
@@ -68,7 +64,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=default_capability_path())
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "capability.json")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "studies" / "results" / "capability_speed.json"
+    )
     parser.add_argument("--passes", type=int, default=3)
     args = parser.parse_args()
 

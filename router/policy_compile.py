@@ -1,0 +1,894 @@
+"""Reading a policy file: YAML with positions, the checker and compiler, and located errors.
+
+:func:`parse_policy` / :func:`load_policy` validate the YAML into a
+:class:`~router.policy.Policy` (pydantic, ``extra="forbid"``), check what needs the whole file
+(unknown models and signals, cycles, duplicate names, operators a signal does not take), and
+compile every rule into plain closures once, so that :func:`router.policy.evaluate` only calls
+them. Every problem is reported with file, line, column and key path in a single
+:class:`~router.errors.PolicyError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import re
+import types
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from router.errors import PolicyError, PolicyIssue
+from router.policy import (
+    OPERATORS,
+    POLICY_HEADER_PREFIX,
+    RESERVED_RULES,
+    Alias,
+    Comparison,
+    CompiledRule,
+    Condition,
+    ModelSpec,
+    Plan,
+    Policy,
+    Rule,
+    RuleTrace,
+    Runtime,
+    Tenant,
+    Test,
+)
+from router.scoring import CAPABILITIES, STAKES
+from router.signals import Signals
+
+__all__ = ["load_policy", "parse_policy"]
+
+#: A key path in the file, as pydantic reports it: ``("rules", 0, "when")``.
+Loc = tuple[str | int, ...]
+#: What a rule, alias or tenant-scoped name may be; a signal name is lower_snake_case.
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+SIGNAL_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_STAKES_RANK = {name: rank for rank, name in enumerate(STAKES)}
+
+
+def _always(_: Signals) -> str | None:
+    return None
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and validate the policy file at ``path``. Raises :class:`PolicyError`."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError([PolicyIssue(source, None, None, "", f"cannot read: {exc}")]) from exc
+    return parse_policy(text, source)
+
+
+def parse_policy(text: str, source: str = "<string>") -> Policy:
+    """Validate policy YAML ``text``; ``source`` names it in messages. Raises PolicyError."""
+    data, positions, issues = _read_yaml(text, source)
+    if issues:
+        raise PolicyError(issues)
+    locate = _Locator(source, positions)
+    if not isinstance(data, dict):
+        raise PolicyError([locate((), "a policy is a mapping that starts with `version: 1`")])
+    try:
+        policy = Policy.model_validate(data)
+    except ValidationError as exc:
+        issues = [_issue_from_pydantic(err, locate) for err in exc.errors()]
+        raise PolicyError(sorted(issues, key=_by_place)) from None
+    checker = _Checker(policy)
+    problems = checker.check()
+    if problems:
+        raise PolicyError(sorted((locate(loc, msg) for loc, msg in problems), key=_by_place))
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+    _build_plans(policy, checker.compiled, digest, source, frozenset(checker.metadata_fields))
+    return policy
+
+
+def _by_place(issue: PolicyIssue) -> tuple[int, int]:
+    return issue.line or 0, issue.column or 0
+
+
+class _AliasError(Exception):
+    def __init__(self, event: yaml.AliasEvent) -> None:
+        super().__init__(event.anchor)
+        self.anchor, self.mark = event.anchor, event.start_mark
+
+
+class _PolicyLoader(yaml.SafeLoader):
+    """SafeLoader without aliases: ``*name`` lets a few hundred bytes stand for gigabytes once
+    expanded (an "alias bomb", which also made the key-path walk exponential), and a policy
+    has no need of them. The first alias is refused before anything is built."""
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            raise _AliasError(self.peek_event())  # type: ignore[no-untyped-call]
+        node: yaml.Node | None = super().compose_node(parent, index)
+        return node
+
+
+def _read_yaml(text: str, source: str) -> tuple[Any, dict[Loc, tuple[int, int]], list[PolicyIssue]]:
+    loader = _PolicyLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except _AliasError as exc:
+        line, col = (exc.mark.line + 1, exc.mark.column + 1) if exc.mark else (None, None)
+        message = f"YAML aliases are not allowed in a policy (*{exc.anchor}): write the value out"
+        return None, {}, [PolicyIssue(source, line, col, "", message)]
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark  # problem_mark is where the parser gave up
+        what = exc.problem or "invalid YAML"
+        if exc.context and exc.context_mark is not None:
+            start = exc.context_mark
+            what += f" ({exc.context} at line {start.line + 1}, column {start.column + 1})"
+        line, col = (mark.line + 1, mark.column + 1) if mark else (None, None)
+        return None, {}, [PolicyIssue(source, line, col, "", f"YAML syntax error: {what}")]
+    except yaml.YAMLError as exc:
+        return None, {}, [PolicyIssue(source, None, None, "", f"YAML error: {exc}")]
+    finally:
+        loader.dispose()
+    positions: dict[Loc, tuple[int, int]] = {}
+    issues: list[PolicyIssue] = []
+    if node is not None:
+        _index(node, (), positions, issues, source)
+    return data, positions, issues
+
+
+def _index(
+    node: yaml.Node,
+    loc: Loc,
+    positions: dict[Loc, tuple[int, int]],
+    issues: list[PolicyIssue],
+    source: str,
+) -> None:
+    """Map every key path to the line and column where it is written."""
+    start = node.start_mark
+    positions.setdefault(loc, (start.line + 1, start.column + 1))
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            mark = key_node.start_mark
+            if key in seen:
+                issues.append(
+                    PolicyIssue(
+                        source,
+                        mark.line + 1,
+                        mark.column + 1,
+                        _path((*loc, key)),
+                        f"duplicate key {key!r} (the later one would silently win)",
+                    )
+                )
+            seen.add(key)
+            positions[(*loc, key)] = (mark.line + 1, mark.column + 1)
+            _index(value_node, (*loc, key), positions, issues, source)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _index(item, (*loc, i), positions, issues, source)
+
+
+def _path(loc: Loc) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+class _Locator:
+    def __init__(self, source: str, positions: dict[Loc, tuple[int, int]]) -> None:
+        self.source, self.positions = source, positions
+
+    def __call__(self, loc: Loc, message: str) -> PolicyIssue:
+        probe = loc
+        while probe and probe not in self.positions:
+            probe = probe[:-1]
+        line, col = self.positions.get(probe, (1, 1))
+        return PolicyIssue(self.source, line, col, _path(loc), message)
+
+
+_FRIENDLY = {
+    "string_type": "expected text",
+    "int_type": "expected a whole number",
+    "float_type": "expected a number",
+    "bool_type": "expected true or false",
+    "list_type": "expected a list",
+    "dict_type": "expected a mapping",
+    "model_type": "expected a mapping",
+    "model_attributes_type": "expected a mapping",
+}
+
+
+_BOUNDS = {
+    "greater_than": ("more than", "gt"),
+    "greater_than_equal": ("at least", "ge"),
+    "less_than": ("less than", "lt"),
+    "less_than_equal": ("at most", "le"),
+}
+
+
+def _issue_from_pydantic(err: Mapping[str, Any], locate: _Locator) -> PolicyIssue:
+    loc: Loc = tuple(p for p in err["loc"] if p != "[key]")
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind == "missing":
+        hint = " (add `version: 1` at the top)" if loc == ("version",) else ""
+        return _with_path(locate(loc[:-1], f"missing required key {loc[-1]!r}{hint}"), loc)
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1])
+        message = f"unknown key {loc[-1]!r}{_suggest(str(loc[-1]), allowed)}"
+        if allowed:
+            message += f" (expected one of {', '.join(allowed)})"
+        return locate(loc, message)
+    if kind == "literal_error":
+        message = f"invalid value {err['input']!r} (expected one of {ctx.get('expected')})"
+        if loc == ("version",):
+            message = f"unsupported version {err['input']!r} (this Tiergate reads version 1)"
+        return locate(loc, message)
+    if kind in _FRIENDLY:
+        return locate(loc, f"{_FRIENDLY[kind]}, got {_describe(err['input'])}")
+    if kind in _BOUNDS:
+        word, key = _BOUNDS[kind]
+        return locate(loc, f"must be {word} {ctx.get(key)}, got {_describe(err['input'])}")
+    message = str(err["msg"])
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    return locate(loc, message[:1].lower() + message[1:])
+
+
+def _with_path(issue: PolicyIssue, loc: Loc) -> PolicyIssue:
+    return PolicyIssue(issue.source, issue.line, issue.column, _path(loc), issue.message)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _unwrap(tp: Any) -> Any:
+    if get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    if get_origin(tp) is Annotated:
+        return get_args(tp)[0]
+    return tp
+
+
+def _allowed_keys(loc: Loc) -> list[str]:
+    """The keys the model at ``loc`` accepts (for 'unknown key' messages)."""
+    tp: Any = Policy
+    for part in loc:
+        tp = _unwrap(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            fields = {(f.alias or n): f.annotation for n, f in tp.model_fields.items()}
+            if part not in fields:
+                return []
+            tp = fields[str(part)]
+        elif get_origin(tp) in (list, dict):
+            tp = get_args(tp)[-1]
+        else:
+            return []
+    tp = _unwrap(tp)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return [
+            f.alias or n for n, f in tp.model_fields.items() if n != "name" or tp is not ModelSpec
+        ]
+    return []
+
+
+# --------------------------------------------------------------------------- checking + compiling
+
+# Built-in signals and the kind of value each holds; the operators each kind takes; the keys a
+# condition mapping may hold. The JSON Schema (router.policy_schema) is written from these too.
+Kind = Literal["bool", "number", "text", "capability", "stakes", "list", "any"]
+BUILTIN_SIGNALS: dict[str, Kind] = {
+    "capability": "capability",
+    "stakes": "stakes",
+    "pii": "bool",
+    "pii_kinds": "list",
+    "prompt_tokens": "number",
+    "max_tokens": "number",
+    "has_images": "bool",
+    "has_tools": "bool",
+    "turns": "number",
+    "score": "number",
+    "local_accuracy": "number",
+    "tenant": "text",
+    "alias": "text",
+}
+KIND_OPERATORS: dict[str, frozenset[str]] = {
+    "bool": frozenset({"eq", "ne"}),
+    "number": frozenset({"eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in"}),
+    "text": frozenset({"eq", "ne", "in", "not_in", "contains", "matches"}),
+    "capability": frozenset({"eq", "ne", "in", "not_in", "matches"}),
+    "stakes": frozenset({"eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in"}),
+    "list": frozenset({"contains", "in", "not_in", "matches"}),
+    "any": frozenset(OPERATORS),
+}
+CONDITION_KEYS = ("all", "any", "not", "signal", "header", *BUILTIN_SIGNALS)
+
+
+class _Checker:
+    """Cross-reference checks that need the whole file, and compilation of the conditions."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self._profile_seen: set[str] = set()
+        self.problems: list[tuple[Loc, str]] = []
+        self.signal_tests: dict[str, tuple[Test, str]] = {}
+        self.resolving: list[str] = []
+        self.compiled: dict[str | None, list[CompiledRule]] = {}
+        self.metadata_fields: set[str] = set()  # top-level metadata keys a condition reads
+
+    def add(self, loc: Loc, message: str) -> None:
+        self.problems.append((loc, message))
+
+    def check(self) -> list[tuple[Loc, str]]:
+        self._check_models()
+        for name in self.policy.signals:
+            self._signal(name, ("signals", name))
+        self._check_aliases(self.policy.aliases, ("aliases",))
+        self.compiled[None] = self._rules(self.policy.rules, ("rules",), set())
+        global_names = {r.name for r in self.policy.rules}
+        for tenant, cfg in self.policy.tenants.items():
+            loc: Loc = ("tenants", tenant)
+            self._check_aliases(cfg.aliases, (*loc, "aliases"), tenant=True)
+            self.compiled[tenant] = self._rules(cfg.rules, (*loc, "rules"), global_names)
+        if "auto" not in self.policy.aliases:
+            self.policy.aliases = {
+                "auto": Alias(threshold=self.policy.threshold),
+                **self.policy.aliases,
+            }
+        return self.problems
+
+    def _check_models(self) -> None:
+        p = self.policy
+        if not p.models:
+            self.add(("models",), "define at least one model")
+        for key, spec in p.models.items():
+            if spec.name and spec.name != key:
+                self.add(
+                    ("models", key, "name"), f"name {spec.name!r} differs from its key {key!r}"
+                )
+            spec.name = key
+            if spec.tier == "closed" and not spec.litellm_model:
+                self.add(("models", key), "a closed model needs litellm_model (e.g. openai/gpt-4o)")
+        if p.local_model is None:
+            p.local_model = next((k for k, m in p.models.items() if m.tier == "local"), None)
+        elif p.local_model not in p.models:
+            self.add(("local_model",), self._unknown_model(p.local_model))
+        elif p.models[p.local_model].tier != "local":
+            self.add(("local_model",), f"model {p.local_model!r} is not tier local")
+        if not p.closed_models:
+            p.closed_models = [k for k, m in p.models.items() if m.tier == "closed"]
+        for i, name in enumerate(p.closed_models):
+            if name not in p.models:
+                self.add(("closed_models", i), self._unknown_model(name))
+            elif p.models[name].tier != "closed":
+                self.add(("closed_models", i), f"model {name!r} is not tier closed")
+
+    def _unknown_model(self, name: str) -> str:
+        return f"unknown model {name!r} (models: {', '.join(self.policy.models) or 'none'})"
+
+    def _check_aliases(self, aliases: Mapping[str, Alias], loc: Loc, tenant: bool = False) -> None:
+        for name in aliases:
+            if name in self.policy.models:
+                self.add((*loc, name), f"alias {name!r} has the name of a model; pick another")
+            elif not NAME.match(name):
+                self.add((*loc, name), f"alias name {name!r}: use letters, digits, '-', '_', '.'")
+
+    # -- rules
+
+    def _rules(self, rules: Sequence[Rule], loc: Loc, taken: set[str]) -> list[CompiledRule]:
+        seen: dict[str, int] = {}
+        out: list[CompiledRule] = []
+        for i, rule in enumerate(rules):
+            rloc: Loc = (*loc, i)
+            self._rule_name(rule.name, (*rloc, "name"), seen, taken, i)
+            compiled = self._rule(rule, rloc)
+            if compiled is not None:
+                out.append(compiled)
+        return out
+
+    def _rule_name(
+        self, name: str, loc: Loc, seen: dict[str, int], taken: set[str], i: int
+    ) -> None:
+        if not NAME.match(name):
+            self.add(loc, f"rule name {name!r}: use letters, digits, '-', '_', '.'")
+        elif name in RESERVED_RULES or name.startswith("budget:"):
+            self.add(loc, f"rule name {name!r} is reserved for the evaluator's own steps")
+        elif name in seen:
+            self.add(loc, f"duplicate rule name {name!r} (first used by rule {seen[name]})")
+        elif name in taken:
+            self.add(loc, f"rule name {name!r} is already used by a global rule")
+        seen.setdefault(name, i)
+
+    def _rule(self, rule: Rule, loc: Loc) -> CompiledRule | None:
+        p = self.policy
+        test: Test = _always
+        desc = "always"
+        if rule.when is not None:  # checked first, so a bad route does not hide its problems
+            test, desc = self._condition(rule.when, (*loc, "when"))
+        route, model = rule.route, None
+        if route not in ("local", "closed", "auto"):
+            if route not in p.models:
+                hint = _suggest(route, list(p.models))
+                self.add(
+                    (*loc, "route"),
+                    f"unknown route {route!r}{hint} (expected local, closed, auto "
+                    f"or a model: {', '.join(p.models)})",
+                )
+                return None
+            route, model = "model", rule.route
+        self._check_route(rule, loc, model)
+        shadow = (rule.shadow or p.shadow).sample_rate
+        return CompiledRule(
+            name=rule.name,
+            priority=rule.priority,
+            test=test,
+            desc=desc,
+            route=route,
+            model=model,
+            on_failure=rule.on_failure or p.on_failure,
+            local_only=rule.local_only,
+            shadow_rate=0.0 if rule.local_only else shadow,
+            # Private traffic keeps its prompt only when the rule says so explicitly.
+            store_prompts=rule.store_prompts or ("none" if rule.local_only else p.store_prompts),
+            hit=RuleTrace(rule.name, rule.priority, True, f"matched: {desc}"),
+            skipped=RuleTrace(rule.name, rule.priority, False, "skipped: the request pins a model"),
+            misses={},
+            reads_profile=rule.when is not None and self._reads_profile(rule.when),
+        )
+
+    def _reads_profile(self, cond: Condition) -> bool:
+        # True when the condition tests local_accuracy, itself or through a named signal.
+        def walk(node: Any) -> bool:
+            if isinstance(node, Mapping):
+                return any(
+                    key == "local_accuracy"
+                    or (key == "signal" and self._signal_reads_profile(str(value)))
+                    or (key in self.policy.signals and self._signal_reads_profile(key))
+                    or walk(value)
+                    for key, value in node.items()
+                )
+            if isinstance(node, list):
+                return any(walk(item) for item in node)
+            return isinstance(node, str) and self._signal_reads_profile(node)
+
+        return walk(cond.model_dump(by_alias=True, exclude_none=True))
+
+    def _signal_reads_profile(self, name: str) -> bool:
+        if name not in self.policy.signals or name in self._profile_seen:
+            return False
+        self._profile_seen.add(name)  # a cycle (refused elsewhere) must not recurse forever
+        try:
+            return self._reads_profile(self.policy.signals[name])
+        finally:
+            self._profile_seen.discard(name)
+
+    def _check_route(self, rule: Rule, loc: Loc, model: str | None) -> None:
+        p = self.policy
+        tier = p.models[model].tier if model is not None else rule.route
+        if tier == "local" and p.local_model is None:
+            self.add((*loc, "route"), "route local needs a model with tier local under models")
+        if tier == "closed" and not p.closed_models:
+            self.add((*loc, "route"), "route closed needs a model with tier closed under models")
+        if rule.local_only:
+            if tier != "local":
+                self.add(
+                    (*loc, "local_only"), "a local_only rule must route to local or a local model"
+                )
+            if rule.shadow is not None and rule.shadow.sample_rate > 0:
+                self.add((*loc, "shadow"), "shadow would send a local_only request to another tier")
+
+    # -- conditions
+
+    def _signal(self, name: str, loc: Loc) -> tuple[Test, str] | None:
+        if name in self.signal_tests:
+            return self.signal_tests[name]
+        if name in self.resolving:
+            cycle = " -> ".join([*self.resolving[self.resolving.index(name) :], name])
+            self.add(loc, f"signals refer to each other in a cycle: {cycle}")
+            return None
+        if name in CONDITION_KEYS or not SIGNAL_NAME.match(name):
+            self.add(
+                ("signals", name), f"signal name {name!r}: use lower_snake_case, not a built-in"
+            )
+        self.resolving.append(name)
+        test = self._condition(self.policy.signals[name], ("signals", name))[0]
+        self.resolving.pop()
+        fail = f"{name} is false"
+
+        def named(s: Signals) -> str | None:
+            return None if test(s) is None else fail
+
+        self.signal_tests[name] = (named, name)
+        return named, name
+
+    def _signal_ref(self, name: str, loc: Loc) -> tuple[Test, str]:
+        if name not in self.policy.signals:
+            defined = ", ".join(self.policy.signals) or "none defined"
+            hint = _suggest(name, list(self.policy.signals))
+            self.add(loc, f"unknown signal {name!r}{hint} (signals: {defined})")
+            return _always, name
+        return self._signal(name, loc) or (_always, name)
+
+    def _condition(self, cond: Condition, loc: Loc) -> tuple[Test, str]:
+        parts: list[tuple[Test, str]] = []
+        if cond.all_ is not None:
+            parts.append(
+                _all([self._condition(c, (*loc, "all", i)) for i, c in enumerate(cond.all_)])
+            )
+        if cond.any_ is not None:
+            parts.append(
+                _any([self._condition(c, (*loc, "any", i)) for i, c in enumerate(cond.any_)])
+            )
+        if cond.not_ is not None:
+            parts.append(_not(self._condition(cond.not_, (*loc, "not"))))
+        if cond.signal is not None:
+            parts.append(self._signal_ref(cond.signal, (*loc, "signal")))
+        for key, kind in BUILTIN_SIGNALS.items():
+            cmp = getattr(cond, key)
+            if cmp is not None:
+                parts.append(self._comparison(key, kind, _getter(key, kind), cmp, (*loc, key)))
+        if cond.header is not None:
+            name = cond.header.name.lower()
+            if not name.startswith(POLICY_HEADER_PREFIX):
+                self.add(
+                    (*loc, "header", "name"),
+                    f"header {cond.header.name!r} never reaches the policy: the proxy passes it "
+                    f"only {POLICY_HEADER_PREFIX}* request headers (those the caller's key may "
+                    f"set); name it {POLICY_HEADER_PREFIX}{name.removeprefix('x-')}",
+                )
+            parts.append(
+                self._comparison(
+                    f"header {name}", "any", _header_getter(name), cond.header, (*loc, "header")
+                )
+            )
+        for key, cmp in (cond.__pydantic_extra__ or {}).items():
+            parts.append(self._extra(key, cmp, (*loc, key)))
+        return _all(parts) if len(parts) != 1 else parts[0]
+
+    def _extra(self, key: str, cmp: Comparison, loc: Loc) -> tuple[Test, str]:
+        if key.startswith("metadata.") and len(key) > len("metadata."):
+            self.metadata_fields.add(key[9:].split(".", maxsplit=1)[0])
+            return self._comparison(key, "any", _metadata_getter(key[9:].split(".")), cmp, loc)
+        if key in self.policy.signals:
+            ref = (self._signal(key, loc) or (_always, key))[0]
+
+            def as_bool(s: Signals) -> bool:
+                return ref(s) is None
+
+            return self._comparison(key, "bool", as_bool, cmp, loc)
+        names = [*CONDITION_KEYS, *self.policy.signals]
+        expected = ", ".join([*names, "metadata.<field>"])
+        self.add(loc, f"unknown signal {key!r}{_suggest(key, names)} (expected one of {expected})")
+        return _always, key
+
+    def _comparison(
+        self, label: str, kind: Kind, get: Callable[[Signals], Any], cmp: Comparison, loc: Loc
+    ) -> tuple[Test, str]:
+        ops = cmp.operators()
+        if not ops:
+            self.add(loc, "no operator given (expected one of " + ", ".join(OPERATORS) + ")")
+            return _always, label
+        parts: list[tuple[Test, str]] = []
+        for op, value in ops:
+            if op not in KIND_OPERATORS[kind]:
+                allowed = ", ".join(o for o in OPERATORS if o in KIND_OPERATORS[kind])
+                self.add((*loc, op), f"operator {op!r} does not apply to {label} (use {allowed})")
+                continue
+            checked = self._value(label, kind, op, value, (*loc, op))
+            if checked is not _NOTHING:  # a bad value may not compile (`matches: null`)
+                parts.append(_leaf(label, kind, get, op, checked))
+        return _all(parts) if len(parts) != 1 else parts[0]
+
+    def _value(self, label: str, kind: Kind, op: str, value: Any, loc: Loc) -> Any:
+        """The value to compile, or ``_NOTHING`` when it is wrong (the problem is recorded)."""
+        if op in ("in", "not_in") and not isinstance(value, list):
+            self.add(loc, f"{label} {op}: expected a list, got {_describe(value)}")
+            return _NOTHING
+        values = value if op in ("in", "not_in") else [value]
+        bad = next((v for v in values if not _value_ok(kind, op, v)), _NOTHING)
+        if bad is not _NOTHING:
+            self.add(loc, _bad_value(label, kind, op, bad))
+            return _NOTHING
+        if kind == "stakes" and op in ("gt", "gte", "lt", "lte"):
+            return _STAKES_RANK.get(value, 0)
+        return value
+
+
+_NOTHING = object()
+
+
+def _value_ok(kind: Kind, op: str, v: Any) -> bool:
+    if op == "matches":
+        return isinstance(v, str)
+    if op == "eq" and v is None:
+        return True
+    if kind == "bool":
+        return isinstance(v, bool)
+    if kind == "number":
+        return isinstance(v, int | float) and not isinstance(v, bool)
+    if kind in ("text", "list"):
+        return isinstance(v, str)
+    if kind == "capability":
+        return v in CAPABILITIES
+    if kind == "stakes":
+        return v in STAKES
+    if op in ("gt", "gte", "lt", "lte"):
+        return isinstance(v, int | float) and not isinstance(v, bool)
+    return v is not None
+
+
+def _bad_value(label: str, kind: Kind, op: str, value: Any) -> str:
+    if op != "matches" and kind in ("capability", "stakes"):
+        names = CAPABILITIES if kind == "capability" else STAKES
+        what = "capability" if kind == "capability" else "stakes level"
+        return f"unknown {what} {value!r}{_suggest(str(value), names)} (expected one of " + (
+            ", ".join(names) + ")"
+        )
+    expected = {
+        "bool": "true or false",
+        "number": "a number",
+        "text": "text",
+        "list": "text",
+        "any": "a number" if op in ORDER else "a value",
+    }[kind]
+    if op == "matches":
+        expected = "a regular expression"
+    return f"{label} {op}: expected {expected}, got {_describe(value)}"
+
+
+def _suggest(word: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.75)
+    return f", did you mean {close[0]!r}?" if close else ""
+
+
+# --------------------------------------------------------------------------- closures
+
+
+def _getter(key: str, kind: Kind) -> Callable[[Signals], Any]:
+    if kind == "stakes":
+        return lambda s: s.stakes
+    return lambda s: getattr(s, key)
+
+
+def _header_getter(name: str) -> Callable[[Signals], Any]:
+    def get(s: Signals) -> Any:
+        headers = s.headers
+        value = headers.get(name)
+        if value is None and headers:
+            value = next((v for k, v in headers.items() if k.lower() == name), None)
+        return value
+
+    return get
+
+
+def _metadata_getter(path: list[str]) -> Callable[[Signals], Any]:
+    def get(s: Signals) -> Any:
+        value: Any = s.metadata
+        for part in path:
+            if not isinstance(value, Mapping):
+                return None
+            value = value.get(part)
+        return value
+
+    return get
+
+
+def _number(x: Any) -> float | None:
+    if isinstance(x, bool) or x is None:
+        return None
+    if isinstance(x, int | float):
+        return x
+    if isinstance(x, str):
+        try:
+            return float(x)
+        except ValueError:
+            return None
+    return None
+
+
+def _same(x: Any, v: Any) -> bool:
+    return bool(x == v) and isinstance(x, bool) == isinstance(v, bool)
+
+
+#: The order operators, and how each compares a signal's value with the policy's.
+ORDER: dict[str, Callable[[Any, Any], bool]] = {
+    "gt": lambda x, v: x > v,
+    "gte": lambda x, v: x >= v,
+    "lt": lambda x, v: x < v,
+    "lte": lambda x, v: x <= v,
+}
+_SYMBOL = {"eq": "==", "ne": "!=", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
+
+
+def _leaf(
+    label: str, kind: Kind, get: Callable[[Signals], Any], op: str, v: Any
+) -> tuple[Test, str]:
+    shown = STAKES[v] if kind == "stakes" and op in ORDER else v
+    if isinstance(shown, float) and shown.is_integer():
+        shown = int(shown)
+    desc = f"{label} {_SYMBOL.get(op, op.replace('_', ' '))} {shown!r}"
+    fail = f"{desc} is false"
+    pred = _predicate(kind, op, v, get)
+
+    def test(s: Signals) -> str | None:
+        return None if pred(s) else fail
+
+    return test, desc
+
+
+def _predicate(
+    kind: Kind, op: str, v: Any, get: Callable[[Signals], Any]
+) -> Callable[[Signals], bool]:
+    if op == "eq":
+        if v is None:
+            return lambda s: get(s) is None
+        if kind == "any":
+            return lambda s: _same(get(s), v)
+        return lambda s: bool(get(s) == v)
+    if op == "ne":
+        if kind == "any":
+            return lambda s: (x := get(s)) is not None and not _same(x, v)
+        return lambda s: (x := get(s)) is not None and x != v
+    if op in ORDER:
+        return _order_predicate(kind, op, v, get)
+    if op in ("in", "not_in"):
+        return _membership(
+            kind, op == "in", frozenset(x for x in v if x is not None), None in v, get
+        )
+    if op == "contains":
+        return lambda s: _contains(get(s), v)
+    rx = re.compile(v)
+    if kind == "list":
+        return lambda s: any(rx.search(x) for x in get(s))
+    return lambda s: isinstance(x := get(s), str) and rx.search(x) is not None
+
+
+def _order_predicate(
+    kind: Kind, op: str, v: Any, get: Callable[[Signals], Any]
+) -> Callable[[Signals], bool]:
+    cmp = ORDER[op]
+    if kind == "stakes":
+        rank = _STAKES_RANK
+        return lambda s: (x := rank.get(get(s))) is not None and cmp(x, v)
+    if kind == "any":
+        return lambda s: (x := _number(get(s))) is not None and cmp(x, v)
+    return lambda s: (x := get(s)) is not None and cmp(x, v)
+
+
+def _membership(
+    kind: Kind,
+    inside: bool,
+    values: frozenset[Any],
+    with_null: bool,
+    get: Callable[[Signals], Any],
+) -> Callable[[Signals], bool]:
+    if kind == "list":
+        if inside:
+            return lambda s: not values.isdisjoint(get(s))
+        return lambda s: values.isdisjoint(get(s))
+
+    def member(x: Any) -> bool:
+        if x is None:
+            return with_null
+        return isinstance(x, str | int | float | bool) and x in values
+
+    if inside:
+        return lambda s: member(get(s))
+    return lambda s: (x := get(s)) is not None and not member(x)
+
+
+def _contains(x: Any, v: Any) -> bool:
+    if isinstance(x, str):
+        return isinstance(v, str) and v in x
+    if isinstance(x, list | tuple | set | frozenset):
+        return v in x
+    return False
+
+
+def _all(parts: list[tuple[Test, str]]) -> tuple[Test, str]:
+    tests = tuple(t for t, _ in parts)
+    desc = "(" + " and ".join(d for _, d in parts) + ")" if parts else "all [] (always)"
+
+    def test(s: Signals) -> str | None:
+        for t in tests:
+            why = t(s)
+            if why is not None:
+                return why
+        return None
+
+    return test, desc
+
+
+def _any(parts: list[tuple[Test, str]]) -> tuple[Test, str]:
+    tests = tuple(t for t, _ in parts)
+    desc = "(" + " or ".join(d for _, d in parts) + ")" if parts else "any [] (never)"
+    fail = f"none of {desc}" if parts else "any [] never matches"
+
+    def test(s: Signals) -> str | None:
+        for t in tests:
+            if t(s) is None:
+                return None
+        return fail
+
+    return test, desc
+
+
+def _not(part: tuple[Test, str]) -> tuple[Test, str]:
+    inner, inner_desc = part
+    desc = f"not {inner_desc}"
+    fail = f"{inner_desc} is true"
+
+    def test(s: Signals) -> str | None:
+        return fail if inner(s) is None else None
+
+    return test, desc
+
+
+def _build_plans(
+    policy: Policy,
+    compiled: Mapping[str | None, list[CompiledRule]],
+    digest: str,
+    source: str,
+    metadata_fields: frozenset[str] = frozenset(),
+) -> None:
+    """Order each tenant's rules once: its own rules, then the global ones, then ``default``.
+
+    Within each list a higher ``priority`` goes first and ties keep file order (a stable sort).
+    """
+    default = CompiledRule(
+        name="default",
+        priority=-(2**63),
+        test=_always,
+        desc="no rule matched",
+        route="auto",
+        model=None,
+        on_failure=policy.on_failure,
+        local_only=False,
+        shadow_rate=policy.shadow.sample_rate,
+        store_prompts=policy.store_prompts,
+        hit=RuleTrace("default", 0, True, "matched: no other rule matched; the score decides"),
+        skipped=RuleTrace("default", 0, False, "skipped: the request pins a model"),
+        misses={},
+    )
+
+    def ordered(rules: Sequence[CompiledRule]) -> list[CompiledRule]:
+        return sorted(rules, key=lambda r: -r.priority)
+
+    def thresholds(tenant: Tenant | None) -> dict[str, float]:
+        aliases = dict(policy.aliases)
+        if tenant is not None:
+            aliases.update(tenant.aliases)
+        # An alias with a target_closed_share starts at the policy threshold until calibrated.
+        return {
+            name: a.threshold if a.threshold is not None else policy.threshold
+            for name, a in aliases.items()
+        }
+
+    global_rules = ordered(compiled[None])
+    plans: dict[str, Plan] = {}
+    for name, tenant in policy.tenants.items():
+        rules = (*ordered(compiled[name]), *global_rules, default)
+        plans[name] = Plan(
+            name, rules, thresholds(tenant), tenant.daily_budget_usd, tenant.over_budget
+        )
+    global_plan = Plan(None, (*global_rules, default), thresholds(None), None, "local")
+    policy._runtime = Runtime(digest, source, plans, global_plan, metadata_fields)
