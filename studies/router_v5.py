@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from router.artifact import load_capability_model, load_for_serving
+from router.artifact import load_capability_model, load_scorer
 from router.classifier import ServedCapability
 from router.profile import default_profile
 from router.training import (
@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             scores["router-v5"][idx], scores["router-v4"][idx], [rows[i] for i in idx]
         )
     ood = load_routing_rows(DATA / OOD_FILE)
-    served = {name: load_for_serving(MODELS / name) for name in CAPABILITIES}
+    served = {name: load_scorer(MODELS / name) for name in CAPABILITIES}
     alpaca = paired(
         [served["router-v5"].score(r.prompt) for r in ood],
         [served["router-v4"].score(r.prompt) for r in ood],

@@ -379,7 +379,7 @@ def test_shipped_models_score_as_before() -> None:
 
     fixture = json.loads(SHIPPED_SCORES.read_text())
     prompts = fixture["prompts"]
-    for name in ("router-v4", "router-v3"):
+    for name in ("router-v5", "router-v4", "router-v3"):
         scorer = load_scorer(REPO / "models" / name)
         for text, want in zip(prompts, fixture[name], strict=True):
             assert scorer.score(text) == pytest.approx(want["score"], abs=1e-9, rel=0)
@@ -395,6 +395,7 @@ def test_shipped_models_score_as_before() -> None:
     np.testing.assert_allclose(
         fitted.capability.predict_proba(prompts), want_fitted["capability_proba"], atol=1e-9, rtol=0
     )
-    capability = load_capability(REPO / "models" / "capability-v1")
-    got = [capability.probabilities(text) for text in prompts]
-    np.testing.assert_allclose(got, fixture["capability-v1"], atol=1e-9, rtol=0)
+    for name in ("capability-v2", "capability-v1"):
+        capability = load_capability(REPO / "models" / name)
+        got = [capability.probabilities(text) for text in prompts]
+        np.testing.assert_allclose(got, fixture[name], atol=1e-9, rtol=0)
