@@ -5,9 +5,10 @@
   training mean and scores them with a linear head: ``prototype`` (shipped: cosine to the mean
   of each capability's :data:`router.capability.DESCRIPTIONS`, temperature fitted on the rows)
   or ``logistic`` (multinomial logistic regression on the rows, and the descriptions when
-  ``descriptions`` is true). ``classes_`` is always :data:`router.scoring.CAPABILITIES` in that
-  order (a capability with no prototype or row gets a logit far below the others), so
-  ``predict_proba`` columns never move.
+  ``descriptions`` is true, and any ``seeds``: prompts written for the project, weighted by
+  ``authored_weight`` with the descriptions). ``classes_`` is always
+  :data:`router.scoring.CAPABILITIES` in that order (a capability with no prototype or row gets
+  a logit far below the others), so ``predict_proba`` columns never move.
   :meth:`CapabilityClassifier.serving` is its numpy serving form
   (:class:`router.capability.CapabilityModel`).
 * :func:`leave_one_source_out`: every source held out in turn, the model refitted on the others
@@ -79,7 +80,10 @@ class CapabilityClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc
     balanced class weights, inverse regularisation ``C``). ``descriptions``: add
     :data:`~router.capability.DESCRIPTIONS` to the training rows; for the prototype head they
     *are* the prototypes (the rows then only set the centre and the temperature), otherwise the
-    prototypes are the rows' class means.
+    prototypes are the rows' class means. ``seeds``: (prompt, capability) pairs written for the
+    project, used as the descriptions are (prototypes, or rows of the logistic head).
+    ``authored_weight``: the sample weight of descriptions and seeds in the logistic head (rows
+    weigh 1): authored prompts vary the phrasing that the sources' own formats do not.
     """
 
     def __init__(
@@ -89,12 +93,17 @@ class CapabilityClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc
         descriptions: bool = True,
         C: float = DEFAULT_C,
         max_iter: int = 5000,
+        *,
+        seeds: tuple[tuple[str, str], ...] = (),
+        authored_weight: float = 1.0,
     ) -> None:
         self.embedding = embedding
         self.head = head
         self.descriptions = descriptions
         self.C = C
         self.max_iter = max_iter
+        self.seeds = seeds
+        self.authored_weight = authored_weight
 
     def fit(self, X: Sequence[str], y: Sequence[str]) -> CapabilityClassifier:
         """Fit on prompts ``X`` labelled ``y`` (names in CAPABILITIES); returns self."""
@@ -107,29 +116,36 @@ class CapabilityClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc
         if unknown := set(labels.tolist()) - set(CAPABILITIES):
             raise ValueError(f"unknown capabilities: {sorted(unknown)}")
         rows = embedding.embed_many(X)
-        desc_labels = np.array([c for c in CAPABILITIES for _ in DESCRIPTIONS[c]])
-        desc = embedding.embed_many([t for c in CAPABILITIES for t in DESCRIPTIONS[c]])
-        center = (np.vstack([rows, desc]) if self.descriptions else rows).mean(axis=0)
+        authored = (
+            [(t, c) for c in CAPABILITIES for t in DESCRIPTIONS[c]] if self.descriptions else []
+        )
+        authored += [(str(t), str(c)) for t, c in self.seeds]
+        if unknown := {c for _, c in authored} - set(CAPABILITIES):
+            raise ValueError(f"unknown capabilities in seeds: {sorted(unknown)}")
+        desc_labels = np.array([c for _, c in authored])
+        desc = (
+            embedding.embed_many([t for t, _ in authored])
+            if authored
+            else np.zeros((0, embedding.width))
+        )
+        center = np.vstack([rows, desc]).mean(axis=0)
         rows, desc = unit(rows - center), unit(desc - center)
         coef = np.zeros((len(CAPABILITIES), embedding.width))
         intercept = np.full(len(CAPABILITIES), _ABSENT)
         if self.head == "prototype":
-            proto_x, proto_y = (desc, desc_labels) if self.descriptions else (rows, labels)
+            proto_x, proto_y = (desc, desc_labels) if authored else (rows, labels)
             for i, cap in enumerate(CAPABILITIES):
                 if (proto_y == cap).any():
                     coef[i] = unit(proto_x[proto_y == cap].mean(axis=0))
                     intercept[i] = 0.0
             coef /= _temperature(rows, labels, coef, intercept)
         else:
-            x, t = (
-                (np.vstack([rows, desc]), np.concatenate([labels, desc_labels]))
-                if self.descriptions
-                else (rows, labels)
-            )
+            x, t = np.vstack([rows, desc]), np.concatenate([labels, desc_labels])
+            weight = np.r_[np.ones(len(rows)), np.full(len(desc), float(self.authored_weight))]
             if len(set(t.tolist())) < 2:
                 raise ValueError("a logistic head needs rows of two capabilities or more")
             lr = LogisticRegression(C=self.C, class_weight="balanced", max_iter=self.max_iter)
-            lr.fit(x, t)
+            lr.fit(x, t, sample_weight=weight)
             at = [CAPABILITIES.index(str(c)) for c in lr.classes_]
             if len(at) == 2:  # sklearn's binary form: one row, for the second class
                 coef[at[1]], intercept[at[0]], intercept[at[1]] = lr.coef_[0], 0.0, lr.intercept_[0]
@@ -194,6 +210,7 @@ def leave_one_source_out(
     fit: Callable[[list[str], list[str]], _Predicts],
     *,
     test_only: Sequence[CapabilityRow] = (),
+    keep_predictions: bool = False,
 ) -> dict[str, Any]:
     """Hold each source of ``rows`` out in turn, ``fit(prompts, labels)`` on the others and
     predict it; ``test_only`` rows (sources never trained on, e.g. research-only licences) are
@@ -202,7 +219,8 @@ def leave_one_source_out(
     Returns, per held-out source, rows, accuracy and macro-F1 (over the capabilities that source
     has), and pooled over ``rows`` and over ``test_only``: accuracy, macro-F1 (over the
     capabilities present in the truth) and the confusion matrix (truth rows x predicted columns,
-    CAPABILITIES order).
+    CAPABILITIES order); with ``keep_predictions``, every row's out-of-fold prediction by id
+    (for paired comparisons of two models).
     """
     sources = sorted({r.source for r in rows})
     pred: dict[str, str] = {}
@@ -249,6 +267,8 @@ def leave_one_source_out(
         )
         out["test_only"]["confusion"] = cm.tolist()
     out["labels"] = list(CAPABILITIES)
+    if keep_predictions:
+        out["predictions"] = pred
     return out
 
 
@@ -275,21 +295,29 @@ def train_capability(
     *,
     params: Mapping[str, Any] | None = None,
     cv: bool = False,
+    seeds: str | Path | None = None,
 ) -> Path:
-    """Fit :class:`CapabilityClassifier` on the ``commercial_use: true`` rows of ``data`` and
-    write its serving form as a capability artifact at ``out`` (with, if ``cv``, the
-    leave-one-source-out figures in the sidecar). Returns ``out``."""
+    """Fit :class:`CapabilityClassifier` on the ``commercial_use: true`` rows of ``data`` (and
+    the prompts of a ``seeds`` file, same schema, as the estimator's ``seeds``) and write its
+    serving form as a capability artifact at ``out`` (with, if ``cv``, the leave-one-source-out
+    figures in the sidecar; seeds stay in every fold's training). Returns ``out``."""
     rows = load_capability_rows(data, commercial_only=True)
+    authored = load_capability_rows(seeds) if seeds is not None else []
     settings = {"head": "prototype", "descriptions": True, **(params or {})}
+    pairs = tuple((r.prompt, r.capability) for r in authored)
 
     def fit(texts: list[str], labels: list[str]) -> CapabilityClassifier:
-        return CapabilityClassifier(embedding, **settings).fit(texts, labels)
+        return CapabilityClassifier(embedding, seeds=pairs, **settings).fit(texts, labels)
 
     model = fit([r.prompt for r in rows], [r.capability for r in rows])
+    files = [data_file_info(Path(data), len(rows))]
+    if seeds is not None:
+        files.append(data_file_info(Path(seeds), len(authored)))
     metadata: dict[str, Any] = {
-        "data_files": [data_file_info(Path(data), len(rows))],
-        "rows": len(rows),
-        "training": "commercial_use: true rows only, plus router.capability.DESCRIPTIONS",
+        "data_files": files,
+        "rows": len(rows) + len(authored),
+        "training": "commercial_use: true rows only, plus router.capability.DESCRIPTIONS"
+        + (" and the seed prompts" if seeds is not None else ""),
         "estimator": {"class": "router.capability_training.CapabilityClassifier", **settings},
         "sklearn": sklearn.__version__,
     }
@@ -305,8 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--embedding", type=Path, required=True, help="static embedding directory")
     parser.add_argument("--out", type=Path, required=True, help="new artifact directory")
     parser.add_argument("--cv", action="store_true", help="add leave-one-source-out figures")
+    parser.add_argument("--seeds", type=Path, help="a .jsonl of seed prompts (same schema)")
     args = parser.parse_args(argv)
-    path = train_capability(args.data, load_embedding_dir(args.embedding), args.out, cv=args.cv)
+    path = train_capability(
+        args.data, load_embedding_dir(args.embedding), args.out, cv=args.cv, seeds=args.seeds
+    )
     print(f"wrote {path}")
     return 0
 

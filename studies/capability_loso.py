@@ -59,7 +59,7 @@ class _Embedded:
         return self.model.predict(self.embed(texts))
 
 
-class _Memo:
+class Memo:
     """An embedding with its prompt vectors memoised (every fold embeds the same prompts)."""
 
     def __init__(self, embedding: Any) -> None:
@@ -122,7 +122,7 @@ def _with_descriptions(texts: list[str], labels: list[str]) -> tuple[list[str], 
     return texts + [t for t, _ in extra], labels + [c for _, c in extra]
 
 
-def _knn(embedding: _Memo) -> Fit:
+def _knn(embedding: Memo) -> Fit:
     def fit(texts: list[str], labels: list[str]) -> _Embedded:
         texts, labels = _with_descriptions(texts, labels)
         knn = KNeighborsClassifier(10, weights="distance", metric="cosine")
@@ -149,15 +149,15 @@ def options(embedding: StaticEmbedding) -> dict[str, Fit]:
     out: dict[str, Fit] = {
         "tfidf": fit_capability_texts,
         "tfidf+descriptions": lambda t, y: fit_capability_texts(*_with_descriptions(t, y)),
-        **_heads("minilm_static", _Memo(embedding)),
+        **_heads("minilm_static", Memo(embedding)),
     }
     try:
         wordllama = _WordLlama()
     except ImportError:
         print("wordllama is not installed: its options are skipped")
     else:
-        out.update(_heads("wordllama", _Memo(wordllama)))
-        both = _Memo(_Both(embedding, wordllama))
+        out.update(_heads("wordllama", Memo(wordllama)))
+        both = Memo(_Both(embedding, wordllama))
         out["minilm_static+wordllama_prototypes"] = lambda t, y: CapabilityClassifier(both).fit(
             t, y
         )

@@ -678,6 +678,7 @@ def test_route_reads_the_configured_local_profile(tmp_path: Path, fake: FakeProv
     """The proxy loads the shipped model with TIERGATE_LOCAL_PROFILE's profile: POST /v1/route
     shows the profile, the entry the decision read, and a lower score than the bundled
     model's profile gives the same maths prompt."""
+    from router.artifact import DEFAULT_MODEL_NAME
     from router.profile import profile_dir
 
     body = {"model": "auto", "messages": [{"role": "user", "content": "Solve 3x^2 - 5x + 2 = 0."}]}
@@ -693,7 +694,7 @@ def test_route_reads_the_configured_local_profile(tmp_path: Path, fake: FakeProv
         ) as srv:
             seen[name] = srv.http.post("/v1/route", json=body).json()
     bundled, llama = seen["bundled"], seen["llama"]
-    assert llama["model_version"] == "router-v4"
+    assert llama["model_version"] == DEFAULT_MODEL_NAME
     assert llama["signals"]["local_profile"] == "Meta-Llama-3.1-8B-Instruct"
     assert bundled["signals"]["local_profile"] == "SmolLM2-135M-Instruct.Q4_1"
     assert llama["signals"]["capability"] == "math"

@@ -217,11 +217,12 @@ def test_leave_one_source_out_never_trains_on_the_held_out_source(
         seen.append(set(texts))
         return CapabilityClassifier(shipped.embedding).fit(texts, labels)
 
-    out = leave_one_source_out(rows, fit)
+    out = leave_one_source_out(rows, fit, keep_predictions=True)
     for held, train in zip(("s0", "s1"), seen, strict=True):
         assert not {r.prompt for r in rows if r.source == held} & train
     assert set(out["per_source"]) == {"s0", "s1"}
     assert np.array(out["pooled"]["confusion"]).sum() == len(rows)
+    assert set(out["predictions"]) == {r.id for r in rows}
 
 
 def test_resaving_the_shipped_model_writes_the_same_bytes(
@@ -230,3 +231,43 @@ def test_resaving_the_shipped_model_writes_the_same_bytes(
     d = save_capability(shipped, tmp_path / "capability-copy")
     for name in (EMBEDDING_FILE, HEAD_FILE):
         assert (d / name).read_bytes() == (default_capability_path() / name).read_bytes()
+
+
+ROLEPLAY_SEEDS = (
+    ("Pretend you are a lighthouse keeper and greet me in character.", "roleplay"),
+    ("Act as a ship's captain and give orders to your crew.", "roleplay"),
+    ("You are a medieval innkeeper. Welcome the tired traveller.", "roleplay"),
+)
+
+
+def test_seeds_teach_the_logistic_head_a_capability_no_row_has(
+    shipped: CapabilityModel,
+) -> None:
+    texts, labels = zip(*TRAIN, strict=True)
+    prompt = "Pretend you are a pirate captain and tell me about your treasure."
+    without = CapabilityClassifier(shipped.embedding, head="logistic", descriptions=False)
+    with_seeds = clone(without).set_params(seeds=ROLEPLAY_SEEDS)
+    assert without.fit(list(texts), list(labels)).predict([prompt])[0] != "roleplay"
+    assert with_seeds.fit(list(texts), list(labels)).predict([prompt])[0] == "roleplay"
+
+
+def test_authored_weight_pulls_the_head_towards_the_seeds(shipped: CapabilityModel) -> None:
+    # One seed contradicts the rows (a maths question labelled reasoning): the heavier the
+    # authored prompts, the more the head believes the seed over the rows.
+    texts, labels = zip(*TRAIN, strict=True)
+    seed = (("Solve 2x + 7 = 19 for x, and say which step you trust least.", "reasoning"),)
+    col = CAPABILITIES.index("reasoning")
+    p = [
+        CapabilityClassifier(
+            shipped.embedding,
+            head="logistic",
+            descriptions=False,
+            seeds=seed,
+            authored_weight=w,
+            C=10.0,
+        )
+        .fit(list(texts), list(labels))
+        .predict_proba([seed[0][0]])[0, col]
+        for w in (1.0, 30.0)
+    ]
+    assert p[1] > p[0]

@@ -88,18 +88,18 @@ def test_dockerignore_keeps_the_context_small() -> None:
     assert {"!pyproject.toml", "!router", "!policies"} <= set(lines)
     reincluded = [line for line in lines if line.startswith("!") and "model" in line]
     assert reincluded == [
-        "!models/router-v4",
-        "!models/capability-v1",
+        "!models/router-v5",
+        "!models/capability-v2",
         "!models/profiles",
     ], "the classifier, its capability model and the profiles, and no GGUF, in the context"
 
 
 def test_runtime_carries_the_shipped_classifier() -> None:
     # Installed from /src, router/ no longer sits beside models/, so the default model path
-    # (<package>/../models/router-v4) is empty: the image must copy it and name it, with the
+    # (<package>/../models/router-v5) is empty: the image must copy it and name it, with the
     # capability model and profiles it reads beside it (found next to the classifier path).
     final = DOCKERFILE.read_text().rsplit("\nFROM ", 1)[1]
-    for name in ("router-v4", "capability-v1", "profiles"):
+    for name in ("router-v5", "capability-v2", "profiles"):
         pattern = rf"^COPY models/{name} /app/models/{name}$"
         assert re.search(pattern, final, flags=re.MULTILINE), name
-    assert "TIERGATE_CLASSIFIER_PATH=/app/models/router-v4" in final
+    assert "TIERGATE_CLASSIFIER_PATH=/app/models/router-v5" in final

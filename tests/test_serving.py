@@ -24,6 +24,7 @@ from router.artifact import (
     save_scorer,
     sha256_file,
 )
+from router.capability import DEFAULT_CAPABILITY_NAME
 from router.classifier import LearnedScorer, ServedCapability
 from router.errors import ArtifactError
 from router.pii import pii_kinds
@@ -108,8 +109,8 @@ def test_router_v3_still_serves_like_its_sklearn_estimators() -> None:
 
 @pytest.mark.skipif(not (SHIPPED / SERVING_FILE).is_file(), reason="no shipped model")
 def test_the_shipped_model_reads_the_shipped_capability_model() -> None:
-    """router-v4 is a profile head over capability-v1: `tiergate classify` gives that model's
-    capability, and the score is the head's formula over its probabilities."""
+    """The shipped model is a profile head over the shipped capability model: `tiergate classify`
+    gives that model's capability, and the score is the head's formula over its probabilities."""
     from router.capability import load_capability
 
     served = load_scorer(SHIPPED, default_profile())
@@ -248,8 +249,8 @@ def test_the_shipped_model_is_format_4_and_router_v3_still_loads() -> None:
     entry = serving_entry(SHIPPED)
     assert (entry["format_version"], entry["routing"]) == (4, "profile")
     assert entry["capability"] == {
-        "name": "capability-v1",
-        "sha256": sha256_file(REPO / "models" / "capability-v1" / METADATA_FILE),
+        "name": DEFAULT_CAPABILITY_NAME,
+        "sha256": sha256_file(REPO / "models" / DEFAULT_CAPABILITY_NAME / METADATA_FILE),
     }
     v3 = load_scorer(V3)
     assert isinstance(v3, ServingScorer) and v3.version == "router-v3"
@@ -378,7 +379,7 @@ def test_shipped_models_score_as_before() -> None:
 
     fixture = json.loads(SHIPPED_SCORES.read_text())
     prompts = fixture["prompts"]
-    for name in ("router-v4", "router-v3"):
+    for name in ("router-v5", "router-v4", "router-v3"):
         scorer = load_scorer(REPO / "models" / name)
         for text, want in zip(prompts, fixture[name], strict=True):
             assert scorer.score(text) == pytest.approx(want["score"], abs=1e-9, rel=0)
@@ -394,6 +395,7 @@ def test_shipped_models_score_as_before() -> None:
     np.testing.assert_allclose(
         fitted.capability.predict_proba(prompts), want_fitted["capability_proba"], atol=1e-9, rtol=0
     )
-    capability = load_capability(REPO / "models" / "capability-v1")
-    got = [capability.probabilities(text) for text in prompts]
-    np.testing.assert_allclose(got, fixture["capability-v1"], atol=1e-9, rtol=0)
+    for name in ("capability-v2", "capability-v1"):
+        capability = load_capability(REPO / "models" / name)
+        got = [capability.probabilities(text) for text in prompts]
+        np.testing.assert_allclose(got, fixture[name], atol=1e-9, rtol=0)

@@ -1,0 +1,133 @@
+"""router-v5: router-v4's recipe over capability-v2, and whether it may ship.
+
+Both routers are router-v4's profile head (:func:`router.training.fit_gap_routing`) over a
+standalone capability model: v4 over ``models/capability-v1``, v5 over
+``models/capability-v2``. Each prompt set of the routing files allowed for shipped models
+(RouteLLM MMLU and GSM8K, Arena-Bench v1, both MMLU-Pro files) is held out in turn, as in
+``studies.score_v4``; each held-out file's rows are read against its weak model's profile,
+cross-fitted from that file's labels. Per file: APGR and CPT(50%) of both, with 95% paired
+bootstrap intervals of v5 minus v4. AlpacaEval (CC BY-NC: evaluation only) is scored by both
+routers fitted on all the allowed files, with the default profile, as ``tiergate score`` would.
+
+v5 may ship only when it is no worse than v4 on any labelled file: no file's APGR interval lies
+wholly below zero. ``--train`` writes ``models/router-v5``
+(:func:`router.training.train_profile_router`) first::
+
+    python -m studies.router_v5 [--train]
+
+Writes ``studies/results/router_v5.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from router.artifact import load_capability_model, load_scorer
+from router.classifier import ServedCapability
+from router.profile import default_profile
+from router.training import (
+    RoutingRow,
+    crossfit_local_accuracy,
+    fit_gap_routing,
+    gap_scores,
+    load_routing_rows,
+    train_profile_router,
+)
+from studies.score_v4 import DATA, OOD_FILE, ROUTING_FILES, paired
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+RESULTS = ROOT / "studies" / "results" / "router_v5.json"
+CAPABILITIES = {"router-v4": "capability-v1", "router-v5": "capability-v2"}
+
+
+class _MemoReader:
+    """A capability reader whose probabilities are memoised (every fold reads the same rows)."""
+
+    def __init__(self, reader: Any) -> None:
+        self.reader = reader
+        self.capabilities, self.version = reader.capabilities, reader.version
+        self.memo: dict[str, np.ndarray] = {}
+
+    def probabilities(self, text: str) -> np.ndarray:
+        if text not in self.memo:
+            self.memo[text] = self.reader.probabilities(text)
+        return self.memo[text]
+
+
+def loso_scores(rows: list[RoutingRow], capability: ServedCapability) -> np.ndarray:
+    """Every row's score by the profile head fitted without the row's prompt set."""
+    local = crossfit_local_accuracy(rows, capability.predict_proba([r.prompt for r in rows]))
+    out = np.zeros(len(rows))
+    for held in sorted({r.prompt_set for r in rows}):
+        idx = [i for i, r in enumerate(rows) if r.prompt_set == held]
+        train = [r for r in rows if r.prompt_set != held]
+        model = fit_gap_routing(train, capability)
+        out[idx] = gap_scores(model, [rows[i] for i in idx], local[idx])
+    return out
+
+
+def ships(per_file: dict[str, dict[str, Any]]) -> bool:
+    """No labelled file's APGR interval (v5 minus v4) lies wholly below zero."""
+    return all(m["apgr_diff_ci"][1] >= 0.0 for m in per_file.values())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the comparison; see the module docstring."""
+    parser = argparse.ArgumentParser(prog="python -m studies.router_v5")
+    parser.add_argument("--train", action="store_true", help="write models/router-v5 first")
+    args = parser.parse_args(argv)
+    if args.train:
+        out = MODELS / "router-v5"
+        shutil.rmtree(out, ignore_errors=True)
+        train_profile_router([DATA / f for f in ROUTING_FILES], MODELS / "capability-v2", out)
+    rows = [r for f in ROUTING_FILES for r in load_routing_rows(DATA / f)]
+    scores = {}
+    for router, cap in CAPABILITIES.items():
+        print(f"{router} over {cap}: leave-one-source-out ...", file=sys.stderr, flush=True)
+        reader = _MemoReader(load_capability_model(MODELS / cap))
+        scores[router] = loso_scores(rows, ServedCapability(reader).fit())
+    per_file = {}
+    for d in sorted({r.dataset for r in rows}):
+        idx = [i for i, r in enumerate(rows) if r.dataset == d]
+        per_file[d] = paired(
+            scores["router-v5"][idx], scores["router-v4"][idx], [rows[i] for i in idx]
+        )
+    ood = load_routing_rows(DATA / OOD_FILE)
+    served = {name: load_scorer(MODELS / name) for name in CAPABILITIES}
+    alpaca = paired(
+        [served["router-v5"].score(r.prompt) for r in ood],
+        [served["router-v4"].score(r.prompt) for r in ood],
+        ood,
+    )
+    results = {
+        "baseline": "router-v4",
+        "candidate": "router-v5",
+        "capability_models": CAPABILITIES,
+        "leave_one_source_out": per_file,
+        "alpacaeval_default_profile": alpaca,
+        "default_profile": default_profile().model,
+        "ships": ships(per_file),
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    for d, m in {**per_file, "alpacaeval (eval only)": alpaca}.items():
+        lo, hi = m["apgr_diff_ci"]
+        print(
+            f"{d:44s} n {m['n']:5d} APGR v5 {m['apgr']:.3f} v4 {m['apgr_baseline']:.3f} "
+            f"diff [{lo:+.3f}, {hi:+.3f}]  CPT50 v5 {m['cpt50']:.3f} v4 {m['cpt50_baseline']:.3f}"
+        )
+    print(f"ships: {results['ships']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
