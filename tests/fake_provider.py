@@ -2,6 +2,7 @@
 
 * OpenAI: ``POST .../chat/completions`` (JSON, or SSE chunks ending in ``data: [DONE]``).
 * Anthropic: ``POST .../v1/messages`` (JSON, or Anthropic's named SSE events).
+* OpenAI Responses: ``POST .../responses`` (JSON, or the named ``response.*`` SSE events).
 
 It records every request it receives (path, headers, JSON body) so tests can assert what left the
 machine, and it can be told to misbehave: fail with a status, rate-limit with ``Retry-After``,
@@ -115,6 +116,7 @@ class FakeProvider:
     def _answer(self, h: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
         b = self.behaviour
         anthropic = h.path.rstrip("/").endswith("/messages")
+        responses = h.path.rstrip("/").endswith("/responses")
         if b.mode == "status":
             self._json(
                 h, b.status, {"error": {"message": "upstream exploded", "type": "server_error"}}
@@ -145,7 +147,9 @@ class FakeProvider:
             return
         if b.mode == "stall":
             time.sleep(b.stall_s)
-        if body.get("stream"):
+        if responses:
+            (self._responses_stream if body.get("stream") else self._responses_json)(h, body)
+        elif body.get("stream"):
             (self._anthropic_stream if anthropic else self._openai_stream)(h, body)
         else:
             (self._anthropic_json if anthropic else self._openai_json)(h, body)
@@ -280,7 +284,21 @@ class FakeProvider:
         h.wfile.write(b"data: [DONE]\n\n")
         h.wfile.flush()
 
+    def _tool_called(self, body: dict[str, Any]) -> str | None:
+        """The tool to call (the first one offered), in ``tool_call`` mode."""
+        tools = body.get("tools") or []
+        if self.behaviour.mode != "tool_call" or not tools:
+            return None
+        first = tools[0]
+        return str(first.get("name") or (first.get("function") or {}).get("name"))
+
     def _anthropic_json(self, h: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        tool = self._tool_called(body)
+        content: list[dict[str, Any]] = [{"type": "text", "text": self.behaviour.text}]
+        if tool is not None:
+            content.append(
+                {"type": "tool_use", "id": "toolu_fake_1", "name": tool, "input": {"city": "Paris"}}
+            )
         self._json(
             h,
             200,
@@ -289,8 +307,8 @@ class FakeProvider:
                 "type": "message",
                 "role": "assistant",
                 "model": body.get("model", "claude"),
-                "content": [{"type": "text", "text": self.behaviour.text}],
-                "stop_reason": "end_turn",
+                "content": content,
+                "stop_reason": "end_turn" if tool is None else "tool_use",
                 "stop_sequence": None,
                 "usage": {"input_tokens": 13, "output_tokens": 9},
             },
@@ -337,15 +355,129 @@ class FakeProvider:
                 },
             )
         event("content_block_stop", {"type": "content_block_stop", "index": 0})
+        tool = self._tool_called(body)
+        if tool is not None:
+            block = {"type": "tool_use", "id": "toolu_fake_1", "name": tool, "input": {}}
+            event(
+                "content_block_start",
+                {"type": "content_block_start", "index": 1, "content_block": block},
+            )
+            for part in ('{"city": ', '"Paris"}'):
+                delta = {"type": "input_json_delta", "partial_json": part}
+                event(
+                    "content_block_delta",
+                    {"type": "content_block_delta", "index": 1, "delta": delta},
+                )
+            event("content_block_stop", {"type": "content_block_stop", "index": 1})
         event(
             "message_delta",
             {
                 "type": "message_delta",
-                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "delta": {
+                    "stop_reason": "end_turn" if tool is None else "tool_use",
+                    "stop_sequence": None,
+                },
                 "usage": {"output_tokens": 9},
             },
         )
         event("message_stop", {"type": "message_stop"})
+
+    # -- OpenAI Responses ----------------------------------------------------------------------
+
+    def _response(self, body: dict[str, Any], status: str) -> dict[str, Any]:
+        """A Response object; complete (text, a function call in tool_call mode) when done."""
+        output: list[dict[str, Any]] = []
+        if status == "completed":
+            text = {"type": "output_text", "text": self.behaviour.text, "annotations": []}
+            output.append(
+                {
+                    "type": "message",
+                    "id": "msg_fake",
+                    "status": "completed",
+                    "role": "assistant",
+                    "content": [text],
+                }
+            )
+            tool = self._tool_called(body)
+            if tool is not None:
+                output.append(self._function_call(tool, "completed"))
+        return {
+            "id": "resp_fake",
+            "object": "response",
+            "created_at": int(time.time()),
+            "model": body.get("model", "fake"),
+            "status": status,
+            "output": output,
+            "parallel_tool_calls": True,
+            "tool_choice": body.get("tool_choice", "auto"),
+            "tools": body.get("tools") or [],
+            "store": body.get("store"),
+            "usage": {
+                "input_tokens": 11,
+                "output_tokens": 7,
+                "total_tokens": 18,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens_details": {"reasoning_tokens": 0},
+            }
+            if status == "completed"
+            else None,
+        }
+
+    @staticmethod
+    def _function_call(tool: str, status: str) -> dict[str, Any]:
+        return {
+            "type": "function_call",
+            "id": "fc_fake_1",
+            "call_id": "call_fake_1",
+            "name": tool,
+            "arguments": '{"city": "Paris"}' if status == "completed" else "",
+            "status": status,
+        }
+
+    def _responses_json(self, h: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        self._json(h, 200, self._response(body, "completed"))
+
+    def _responses_stream(self, h: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        self._sse_start(h)
+        seq = 0
+
+        def event(obj: dict[str, Any]) -> None:
+            nonlocal seq
+            obj["sequence_number"] = seq
+            seq += 1
+            h.wfile.write(f"event: {obj['type']}\ndata: ".encode() + json.dumps(obj).encode())
+            h.wfile.write(b"\n\n")
+            h.wfile.flush()
+
+        event({"type": "response.created", "response": self._response(body, "in_progress")})
+        message = {
+            "type": "message",
+            "id": "msg_fake",
+            "status": "in_progress",
+            "role": "assistant",
+            "content": [],
+        }
+        event({"type": "response.output_item.added", "output_index": 0, "item": message})
+        where = {"item_id": "msg_fake", "output_index": 0, "content_index": 0}
+        for word in self.behaviour.text.split(" "):
+            event({"type": "response.output_text.delta", **where, "delta": word + " "})
+        event({"type": "response.output_text.done", **where, "text": self.behaviour.text})
+        tool = self._tool_called(body)
+        if tool is not None:
+            call = self._function_call(tool, "in_progress")
+            event({"type": "response.output_item.added", "output_index": 1, "item": call})
+            for part in ('{"city": ', '"Paris"}'):
+                event(
+                    {
+                        "type": "response.function_call_arguments.delta",
+                        "item_id": "fc_fake_1",
+                        "output_index": 1,
+                        "delta": part,
+                    }
+                )
+            done = self._function_call(tool, "completed")
+            event({"type": "response.output_item.done", "output_index": 1, "item": done})
+        event({"type": "response.completed", "response": self._response(body, "completed")})
 
 
 def _judge_parts(user: str) -> tuple[str, str, str]:
