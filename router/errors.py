@@ -84,6 +84,18 @@ ANTHROPIC_ERROR_TYPES = {
 }
 
 
+#: The path of Anthropic's front, whose errors take Anthropic's shape.
+MESSAGES_PATH = "/v1/messages"
+
+
+def error_body(exc: TiergateError, path: str) -> dict[str, Any]:
+    """The error JSON for a request to ``path``: Anthropic's shape on its front, else
+    OpenAI's."""
+    if path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/"):
+        return anthropic_error_body(exc)
+    return exc.to_body()
+
+
 def anthropic_error_body(exc: TiergateError) -> dict[str, Any]:
     """``exc`` in Anthropic's error shape, for the ``/v1/messages`` front: the same status and
     message as the OpenAI shape, the error type named as Anthropic names it."""

@@ -10,7 +10,7 @@ An answer the provider gave natively (:mod:`router.backends.native`) is sent as 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,7 +101,7 @@ def _plain(value: Any) -> Any:
 
 def events(
     chunks: AsyncIterator[dict[str, Any]], translation: Translation
-) -> AsyncIterator[dict[str, Any]]:
+) -> AsyncGenerator[dict[str, Any], None]:
     """Anthropic's stream events for a chat chunk stream (or the provider's own events).
 
     Closing this closes ``chunks``.

@@ -13,7 +13,7 @@ so, and a native call is made with ``store: false``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,7 +128,7 @@ class _Chunks:
 
 def events(
     chunks: AsyncIterator[dict[str, Any]], translation: Translation
-) -> AsyncIterator[dict[str, Any]]:
+) -> AsyncGenerator[dict[str, Any], None]:
     """The Responses events for a chat chunk stream (or the provider's own events).
 
     Closing this closes ``chunks``.

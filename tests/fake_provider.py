@@ -278,7 +278,20 @@ class FakeProvider:
                 h.connection.close()
                 return
             send({**base, "choices": [{"index": 0, "delta": {"content": piece}}]})
-        send({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        tool = self._tool_called(body)
+        if tool is not None:
+            call = {
+                "index": 0,
+                "id": "call_fake_1",
+                "type": "function",
+                "function": {"name": tool, "arguments": ""},
+            }
+            send({**base, "choices": [{"index": 0, "delta": {"tool_calls": [call]}}]})
+            for part in ('{"city": ', '"Paris"}'):
+                call = {"index": 0, "function": {"arguments": part}}
+                send({**base, "choices": [{"index": 0, "delta": {"tool_calls": [call]}}]})
+        finish = "stop" if tool is None else "tool_calls"
+        send({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
         if (body.get("stream_options") or {}).get("include_usage"):
             send({**base, "choices": [], "usage": self._usage()})
         h.wfile.write(b"data: [DONE]\n\n")
@@ -459,9 +472,15 @@ class FakeProvider:
         }
         event({"type": "response.output_item.added", "output_index": 0, "item": message})
         where = {"item_id": "msg_fake", "output_index": 0, "content_index": 0}
+        part = {"type": "output_text", "text": "", "annotations": []}
+        event({"type": "response.content_part.added", **where, "part": part})
         for word in self.behaviour.text.split(" "):
             event({"type": "response.output_text.delta", **where, "delta": word + " "})
         event({"type": "response.output_text.done", **where, "text": self.behaviour.text})
+        part = {**part, "text": self.behaviour.text}
+        event({"type": "response.content_part.done", **where, "part": part})
+        done = {**message, "status": "completed", "content": [part]}
+        event({"type": "response.output_item.done", "output_index": 0, "item": done})
         tool = self._tool_called(body)
         if tool is not None:
             call = self._function_call(tool, "in_progress")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -158,7 +158,7 @@ async def native_or(
     translate: Callable[
         [dict[str, Any] | None, AsyncIterator[dict[str, Any]]], AsyncIterator[dict[str, Any]]
     ],
-) -> AsyncIterator[dict[str, Any]]:
+) -> AsyncGenerator[dict[str, Any], None]:
     """A front's events for a chat chunk stream: the provider's own when the chunks carry them
     (a native call), else ``translate(first chunk, the rest)``. Closing this closes ``chunks``."""
     try:
@@ -166,7 +166,8 @@ async def native_or(
         if first is not None and NATIVE in first:
             yield first[NATIVE]
             async for chunk in chunks:
-                yield chunk[NATIVE]
+                if NATIVE in chunk:  # not the gateway's closing usage chunk
+                    yield chunk[NATIVE]
             return
         async for event in translate(first, chunks):
             yield event
