@@ -13,8 +13,9 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -38,6 +39,7 @@ from router.schemas import (
 from router.services import Services, services
 
 _Model = TypeVar("_Model", bound=BaseModel)
+_Tr = TypeVar("_Tr")
 log = logging.getLogger("tiergate.api")
 router = APIRouter()
 
@@ -219,26 +221,44 @@ async def _sse(answer: StreamAnswer, include_usage: bool) -> AsyncIterator[bytes
         await answer.chunks.aclose()
 
 
+@dataclass(frozen=True, slots=True)
+class Front(Generic[_Tr]):
+    """A front other than chat: its request schema and its translation to and from chat."""
+
+    name: str
+    schema: type[BaseModel]
+    to_chat: Callable[[Mapping[str, Any], str], tuple[dict[str, Any], _Tr]]
+    native: Callable[[Mapping[str, Any], Mapping[str, str]], NativeRequest]
+    answer: Callable[[Mapping[str, Any], _Tr], dict[str, Any]]
+    events: Callable[[AsyncIterator[dict[str, Any]], _Tr], AsyncGenerator[dict[str, Any], None]]
+    error_event: Callable[[TiergateError], dict[str, Any]]
+
+
+MESSAGES = Front(
+    "messages",
+    MessagesRequest,
+    messages.to_chat,
+    messages.native,
+    messages.answer,
+    messages.events,
+    messages.error_event,
+)
+RESPONSES = Front(
+    "responses",
+    ResponsesRequest,
+    responses.to_chat,
+    responses.native,
+    responses.answer,
+    responses.events,
+    responses.error_event,
+)
+
+
 @router.post("/v1/messages", openapi_extra=json_request_body(MessagesRequest))
 async def create_message(request: Request) -> Response:
     """Anthropic Messages, routed and served like a chat request (see :mod:`router.messages`).
     Streams Anthropic's events when ``stream`` is true; errors take Anthropic's shape."""
-    kept: list[messages.Translation] = []
-
-    def translate(body: dict[str, Any], request_id: str) -> tuple[dict[str, Any], NativeRequest]:
-        validated(MessagesRequest, body)
-        chat, translation = messages.to_chat(body, request_id)
-        kept.append(translation)
-        return chat, messages.native(body, request.headers)
-
-    call = await call_of(request, front="messages", translate=translate)
-    return await _serve_front(
-        request,
-        call,
-        lambda body: messages.answer(body, kept[0]),
-        lambda chunks: messages.events(chunks, kept[0]),
-        messages.error_event,
-    )
+    return await serve_front(request, MESSAGES)
 
 
 @router.post("/v1/messages/count_tokens", openapi_extra=json_request_body(CountTokensRequest))
@@ -255,47 +275,35 @@ async def count_message_tokens(request: Request) -> dict[str, int]:
 async def create_response(request: Request) -> Response:
     """OpenAI Responses, stateless, routed and served like a chat request (see
     :mod:`router.responses`). Streams the Responses events when ``stream`` is true."""
-    kept: list[responses.Translation] = []
+    return await serve_front(request, RESPONSES)
+
+
+async def serve_front(request: Request, front: Front[_Tr]) -> Response:
+    """Serve a front's request through the gateway and answer in the front's format: its
+    body, or its named events."""
+    kept: list[_Tr] = []
 
     def translate(body: dict[str, Any], request_id: str) -> tuple[dict[str, Any], NativeRequest]:
-        validated(ResponsesRequest, body)
-        chat, translation = responses.to_chat(body, request_id)
+        validated(front.schema, body)
+        chat, translation = front.to_chat(body, request_id)
         kept.append(translation)
-        return chat, responses.native(body, request.headers)
+        return chat, front.native(body, request.headers)
 
-    call = await call_of(request, front="responses", translate=translate)
-    return await _serve_front(
-        request,
-        call,
-        lambda body: responses.answer(body, kept[0]),
-        lambda chunks: responses.events(chunks, kept[0]),
-        responses.error_event,
-    )
-
-
-_Events = AsyncGenerator[dict[str, Any], None]
-
-
-async def _serve_front(
-    request: Request,
-    call: Call,
-    answer: Callable[[dict[str, Any]], dict[str, Any]],
-    events: Callable[[AsyncGenerator[dict[str, Any], None]], _Events],
-    error_event: Callable[[TiergateError], dict[str, Any]],
-) -> Response:
-    """Serve a front's call and answer in the front's format: its body, or its named events."""
+    call = await call_of(request, front=front.name, translate=translate)
     try:
         served = await services(request).gateway.serve(call)
     except ClientDisconnected:  # nobody to answer; the gateway recorded it as aborted
         return Response(status_code=499)
     if isinstance(served, StreamAnswer):
         return StreamingResponse(
-            _event_sse(events(served.chunks), error_event),
+            _event_sse(front.events(served.chunks, kept[0]), front.error_event),
             media_type="text/event-stream",
             headers={**served.headers, "cache-control": "no-cache"},
         )
     return Response(
-        _dumps(answer(served.body)), media_type="application/json", headers=served.headers
+        _dumps(front.answer(served.body, kept[0])),
+        media_type="application/json",
+        headers=served.headers,
     )
 
 
@@ -310,7 +318,8 @@ def _event(event: dict[str, Any]) -> bytes:
 
 
 async def _event_sse(
-    events: _Events, error_event: Callable[[TiergateError], dict[str, Any]]
+    events: AsyncGenerator[dict[str, Any], None],
+    error_event: Callable[[TiergateError], dict[str, Any]],
 ) -> AsyncIterator[bytes]:
     """Frame a front's events as named SSE events (``event:`` and ``data:``); an error
     mid-stream becomes the front's error event (the status line has already gone)."""

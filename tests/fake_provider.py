@@ -272,10 +272,7 @@ class FakeProvider:
         send({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
         for i, piece in enumerate(pieces):
             if b.mode == "reset_mid_stream" and i == 2:
-                h.connection.setsockopt(
-                    socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
-                )
-                h.connection.close()
+                _reset(h)
                 return
             send({**base, "choices": [{"index": 0, "delta": {"content": piece}}]})
         tool = self._tool_called(body)
@@ -358,7 +355,10 @@ class FakeProvider:
                 "content_block": {"type": "text", "text": ""},
             },
         )
-        for word in self.behaviour.text.split(" "):
+        for i, word in enumerate(self.behaviour.text.split(" ")):
+            if self.behaviour.mode == "reset_mid_stream" and i == 2:
+                _reset(h)
+                return
             event(
                 "content_block_delta",
                 {
@@ -497,6 +497,14 @@ class FakeProvider:
             done = self._function_call(tool, "completed")
             event({"type": "response.output_item.done", "output_index": 1, "item": done})
         event({"type": "response.completed", "response": self._response(body, "completed")})
+
+
+def _reset(h: BaseHTTPRequestHandler) -> None:
+    """Cut the connection with a TCP reset, as a provider that fails mid-stream does."""
+    h.connection.setsockopt(
+        socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+    )
+    h.connection.close()
 
 
 def _judge_parts(user: str) -> tuple[str, str, str]:

@@ -501,3 +501,38 @@ def test_both_auth_headers_are_accepted(tmp_path: Path, fake: FakeProvider, how:
                 model="auto", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
             )
         assert denied.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
+
+
+# -- failures mid-stream -------------------------------------------------------------------
+
+
+def test_a_messages_stream_cut_upstream_ends_in_an_error_event(
+    claude_client: anthropic.Anthropic, store: CapturingStore, fake: FakeProvider
+) -> None:
+    fake.reset(Behaviour(mode="reset_mid_stream"))
+    with (
+        claude_client.messages.stream(
+            model="gpt-4o", max_tokens=20, messages=[{"role": "user", "content": "HARD"}]
+        ) as stream,
+        pytest.raises(anthropic.APIStatusError) as failed,
+    ):
+        request_id = stream.response.headers["x-request-id"]
+        list(stream)
+    assert failed.value.body["error"]["type"] == "api_error"  # type: ignore[index]
+    record = recorded(store, request_id, "messages")
+    assert record.status == "error" and record.http_status == 502
+
+
+def test_a_responses_stream_cut_upstream_ends_in_an_error_event(
+    openai_client: openai.OpenAI, store: CapturingStore, fake: FakeProvider
+) -> None:
+    fake.reset(Behaviour(mode="reset_mid_stream"))
+    with openai_client.responses.with_streaming_response.create(
+        model="claude", input="HARD", stream=True
+    ) as response:
+        events = list(response.parse())
+        request_id = response.headers["x-request-id"]
+    assert events[-1].type == "error"
+    assert events[-1].code.startswith("upstream_")  # type: ignore[union-attr]
+    record = recorded(store, request_id, "responses")
+    assert record.status == "error" and record.http_status == 502
