@@ -141,3 +141,24 @@ def test_a_chunk_stream_becomes_responses_events() -> None:
 def test_errors_mid_stream_are_a_responses_error_event() -> None:
     event = responses.error_event(BadRequestError("no", param="input"))
     assert event == {"type": "error", "code": "invalid_request", "message": "no", "param": "input"}
+
+
+def test_a_previous_responses_output_items_can_be_sent_back() -> None:
+    """An agent loop sends the whole conversation: earlier output items come back as input,
+    with their ids, statuses and annotations."""
+    _, translation = responses.to_chat(request(tools=[TOOL]), "req_abc")
+    previous = responses.answer(CHAT_ANSWER, translation)["output"]
+    body = request(
+        input=[
+            {"type": "message", "role": "user", "content": "Weather in Paris?"},
+            *previous,
+            {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+        ],
+        tools=[TOOL],
+    )
+    chat, _ = responses.to_chat(body, "req_def")
+    validate_chat(chat)
+    roles = [m["role"] for m in chat["messages"]]
+    assert roles[0] == "user" and roles[-1] == "tool"
+    assert any(m.get("tool_calls") for m in chat["messages"])
+    assert "Let me check." in json.dumps(chat["messages"])
