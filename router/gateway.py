@@ -295,6 +295,8 @@ class Gateway:
     ``limiter`` reserves each request's tokens (``reserve_tokens`` when it sets no
     ``max_tokens``); ``local_gate`` is the local tier's queue, for readiness. ``learning`` is
     attached once built (it reads the gateway): its hooks see every request served.
+    ``native`` serves a call's own request (``Call.native``) on a model that speaks its front's
+    API (:mod:`router.backends.native`).
     """
 
     def __init__(
