@@ -1,4 +1,5 @@
-"""The HTTP surface: OpenAI-compatible ``/v1/*`` endpoints plus health and readiness.
+"""The HTTP surface: the ``/v1/*`` endpoints (OpenAI chat, Anthropic Messages, OpenAI
+Responses) plus health and readiness.
 
 The HTTP layer parses, applies the size caps, frames and sets headers; everything else about a
 request (deciding, serving, recording) is :meth:`~router.gateway.Gateway.serve`'s. A front
@@ -12,22 +13,33 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
-from typing import Any, TypeVar
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
+from router import messages, responses
 from router.auth import Principal, check_record_access, principal_of
+from router.backends.native import NativeRequest
 from router.errors import BadRequestError, ClientDisconnected, TiergateError
-from router.gateway import NO_CLOSED_FALLBACK, Call, StreamAnswer
+from router.gateway import NO_CLOSED_FALLBACK, Call, StreamAnswer, new_request_id
 from router.limits import check_request_size
 from router.policy import POLICY_HEADER_PREFIX
-from router.schemas import ChatCompletionRequest, FeedbackRequest, json_request_body
+from router.schemas import (
+    ChatCompletionRequest,
+    CountTokensRequest,
+    FeedbackRequest,
+    MessagesRequest,
+    ResponsesRequest,
+    json_request_body,
+)
 from router.services import Services, services
 
 _Model = TypeVar("_Model", bound=BaseModel)
+_Tr = TypeVar("_Tr")
 log = logging.getLogger("tiergate.api")
 router = APIRouter()
 
@@ -133,9 +145,14 @@ def _tenant(request: Request) -> str:
     return str(getattr(request.state, "tenant", "default"))
 
 
-async def call_of(request: Request, *, front: str) -> Call:
-    """``request`` as the gateway serves it: admitted by the rate limiter, read, checked
-    against the chat schema and the size caps.
+#: A front's translation: (its request, the request id) -> (the chat request, the request as
+#: sent for a target that speaks the front's own API, or None).
+Translate = Callable[[dict[str, Any], str], tuple[dict[str, Any], NativeRequest | None]]
+
+
+async def call_of(request: Request, *, front: str, translate: Translate | None = None) -> Call:
+    """``request`` as the gateway serves it: admitted by the rate limiter, read, translated by
+    its front (``translate``; none for chat), checked against the chat schema and the size caps.
 
     A request refused on the way still becomes a :class:`Call`, carrying its refusal, so that
     it is answered and recorded like any other.
@@ -144,10 +161,14 @@ async def call_of(request: Request, *, front: str) -> Call:
     svc = services(request)
     principal = principal_of(request)
     body: dict[str, Any] = {}
+    native: NativeRequest | None = None
     refused: Exception | None = None
+    request_id = new_request_id()
     try:
         await svc.limiter.admit(principal)
         body = await read_json(request)
+        if translate is not None:
+            body, native = translate(body, request_id)
         validate_chat(body)
         check_request_size(body, svc.settings)
     except Exception as exc:  # answered and recorded by the gateway, as it was raised
@@ -160,7 +181,9 @@ async def call_of(request: Request, *, front: str) -> Call:
         policy_headers=_policy_headers(request),
         metadata_keys=_policy_metadata(request),
         disconnected=request.is_disconnected,
+        native=native,
         refused=refused,
+        request_id=request_id,
         started=started,
     )
 
@@ -196,6 +219,117 @@ async def _sse(answer: StreamAnswer, include_usage: bool) -> AsyncIterator[bytes
         yield b"data: " + _dumps(exc.to_body()) + b"\n\n"
     finally:
         await answer.chunks.aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class Front(Generic[_Tr]):
+    """A front other than chat: its request schema and its translation to and from chat."""
+
+    name: str
+    schema: type[BaseModel]
+    to_chat: Callable[[Mapping[str, Any], str], tuple[dict[str, Any], _Tr]]
+    native: Callable[[Mapping[str, Any], Mapping[str, str]], NativeRequest]
+    answer: Callable[[Mapping[str, Any], _Tr], dict[str, Any]]
+    events: Callable[[AsyncIterator[dict[str, Any]], _Tr], AsyncGenerator[dict[str, Any], None]]
+    error_event: Callable[[TiergateError], dict[str, Any]]
+
+
+MESSAGES = Front(
+    "messages",
+    MessagesRequest,
+    messages.to_chat,
+    messages.native,
+    messages.answer,
+    messages.events,
+    messages.error_event,
+)
+RESPONSES = Front(
+    "responses",
+    ResponsesRequest,
+    responses.to_chat,
+    responses.native,
+    responses.answer,
+    responses.events,
+    responses.error_event,
+)
+
+
+@router.post("/v1/messages", openapi_extra=json_request_body(MessagesRequest))
+async def create_message(request: Request) -> Response:
+    """Anthropic Messages, routed and served like a chat request (see :mod:`router.messages`).
+    Streams Anthropic's events when ``stream`` is true; errors take Anthropic's shape."""
+    return await serve_front(request, MESSAGES)
+
+
+@router.post("/v1/messages/count_tokens", openapi_extra=json_request_body(CountTokensRequest))
+async def count_message_tokens(request: Request) -> dict[str, int]:
+    """The prompt's token count as Tiergate estimates it for routing (no model is called)."""
+    svc = services(request)
+    await svc.limiter.admit(principal_of(request), tokens=False)
+    body = await read_json(request)
+    validated(CountTokensRequest, body)
+    return messages.count_tokens(body)
+
+
+@router.post("/v1/responses", openapi_extra=json_request_body(ResponsesRequest))
+async def create_response(request: Request) -> Response:
+    """OpenAI Responses, stateless, routed and served like a chat request (see
+    :mod:`router.responses`). Streams the Responses events when ``stream`` is true."""
+    return await serve_front(request, RESPONSES)
+
+
+async def serve_front(request: Request, front: Front[_Tr]) -> Response:
+    """Serve a front's request through the gateway and answer in the front's format: its
+    body, or its named events."""
+    kept: list[_Tr] = []
+
+    def translate(body: dict[str, Any], request_id: str) -> tuple[dict[str, Any], NativeRequest]:
+        validated(front.schema, body)
+        chat, translation = front.to_chat(body, request_id)
+        kept.append(translation)
+        return chat, front.native(body, request.headers)
+
+    call = await call_of(request, front=front.name, translate=translate)
+    try:
+        served = await services(request).gateway.serve(call)
+    except ClientDisconnected:  # nobody to answer; the gateway recorded it as aborted
+        return Response(status_code=499)
+    if isinstance(served, StreamAnswer):
+        return StreamingResponse(
+            _event_sse(front.events(served.chunks, kept[0]), front.error_event),
+            media_type="text/event-stream",
+            headers={**served.headers, "cache-control": "no-cache"},
+        )
+    return Response(
+        _dumps(front.answer(served.body, kept[0])),
+        media_type="application/json",
+        headers=served.headers,
+    )
+
+
+def _event(event: dict[str, Any]) -> bytes:
+    return (
+        b"event: "
+        + str(event.get("type", "message")).encode()
+        + b"\ndata: "
+        + _dumps(event)
+        + b"\n\n"
+    )
+
+
+async def _event_sse(
+    events: AsyncGenerator[dict[str, Any], None],
+    error_event: Callable[[TiergateError], dict[str, Any]],
+) -> AsyncIterator[bytes]:
+    """Frame a front's events as named SSE events (``event:`` and ``data:``); an error
+    mid-stream becomes the front's error event (the status line has already gone)."""
+    try:
+        async for event in events:
+            yield _event(event)
+    except TiergateError as exc:
+        yield _event(error_event(exc))
+    finally:
+        await events.aclose()
 
 
 @router.post("/v1/feedback")

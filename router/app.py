@@ -26,11 +26,18 @@ from router.auth import AuthMiddleware, build_authenticator
 from router.backends import Backend
 from router.backends.closed import ClosedBackend
 from router.backends.local import ExternalLlamaBackend, LlamaCppBackend, Queued
+from router.backends.native import NativeBackend
 from router.backends.openai_http import OpenAIHTTP
 from router.config import Settings
 from router.costs import CostBook, load_litellm_cost_map
 from router.dashboard import router as observability_router
-from router.errors import BadRequestError, ConfigError, NotFoundError, TiergateError
+from router.errors import (
+    BadRequestError,
+    ConfigError,
+    NotFoundError,
+    TiergateError,
+    error_body,
+)
 from router.gateway import Gateway, PolicyHolder
 from router.learning import LearningLoop, purge_loop
 from router.limits import build_rate_limiter
@@ -145,6 +152,7 @@ def create_app(
             limiter=limiter,
             reserve_tokens=settings.reserve_tokens,
             local_gate=gate,
+            native=NativeBackend(http, timeout_s=settings.closed_timeout_s, environ=environ),
             on_record=tel.on_record,
             telemetry=tel,
         )
@@ -243,24 +251,26 @@ async def _calibrate(gateway: Gateway, every_s: float) -> None:
         await asyncio.sleep(every_s)
 
 
-def _error_response(exc: TiergateError) -> JSONResponse:
-    return JSONResponse(exc.to_body(), status_code=exc.status_code, headers=exc.headers)
+def _error_response(request: Request, exc: TiergateError) -> JSONResponse:
+    return JSONResponse(
+        error_body(exc, request.url.path), status_code=exc.status_code, headers=exc.headers
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """One place where every error becomes OpenAI-shaped JSON."""
+    """One place where every error becomes JSON: OpenAI's shape, or Anthropic's on its front."""
 
-    async def on_tiergate(_: Request, exc: Exception) -> JSONResponse:
+    async def on_tiergate(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, TiergateError)
-        return _error_response(exc)
+        return _error_response(request, exc)
 
-    async def on_validation(_: Request, exc: Exception) -> JSONResponse:
+    async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
         first: dict[str, Any] = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()))
-        return _error_response(BadRequestError(f"{where}: {first.get('msg', 'invalid')}"))
+        return _error_response(request, BadRequestError(f"{where}: {first.get('msg', 'invalid')}"))
 
-    async def on_http(_: Request, exc: Exception) -> JSONResponse:
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         if exc.status_code == 404:
             err: TiergateError = NotFoundError("no such route", code="not_found")
@@ -268,11 +278,11 @@ def install_error_handlers(app: FastAPI) -> None:
             err = TiergateError(str(exc.detail), code=f"http_{exc.status_code}")
             err.status_code = exc.status_code
             err.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return _error_response(err)
+        return _error_response(request, err)
 
-    async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
-        return _error_response(TiergateError("internal error"))
+        return _error_response(request, TiergateError("internal error"))
 
     app.add_exception_handler(TiergateError, on_tiergate)
     app.add_exception_handler(RequestValidationError, on_validation)

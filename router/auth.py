@@ -43,6 +43,7 @@ from router.errors import (
     PayloadTooLargeError,
     PermissionDeniedError,
     TiergateError,
+    error_body,
 )
 
 log = logging.getLogger("tiergate.auth")
@@ -272,9 +273,9 @@ def _content_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
 class AuthMiddleware:
     """Authenticates each HTTP request and caps its body size (a pure ASGI middleware).
 
-    Auth failures are answered here (OpenAI-shaped 401). An oversized body is raised as
-    :class:`PayloadTooLargeError` from ``receive``, i.e. inside the handler reading it, so the
-    chat handler records it like any other error.
+    Auth failures are answered here (a 401 in the error shape of the path's front). An
+    oversized body is raised as :class:`PayloadTooLargeError` from ``receive``, i.e. inside the
+    handler reading it, so the chat handler records it like any other error.
     """
 
     def __init__(self, app: ASGIApp, authenticator: Authenticator, max_body_bytes: int) -> None:
@@ -296,7 +297,7 @@ class AuthMiddleware:
                 if scope["type"] == "websocket":
                     await send({"type": "websocket.close", "code": 1008})
                 else:
-                    await _send_error(exc, send)
+                    await _send_error(exc, scope["path"], send)
                 return
             state = scope.setdefault("state", {})
             state["principal"] = principal
@@ -332,8 +333,8 @@ class AuthMiddleware:
         return capped
 
 
-async def _send_error(exc: TiergateError, send: Send) -> None:
-    body = json.dumps(exc.to_body()).encode()
+async def _send_error(exc: TiergateError, path: str, send: Send) -> None:
+    body = json.dumps(error_body(exc, path)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if isinstance(exc, AuthenticationError):
         headers.append((b"www-authenticate", b"Bearer"))

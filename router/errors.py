@@ -73,6 +73,36 @@ class TiergateError(Exception):
         }
 
 
+#: Anthropic's error ``type`` for each HTTP status Tiergate answers (else ``api_error``).
+ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+}
+
+
+#: The path of Anthropic's front, whose errors take Anthropic's shape.
+MESSAGES_PATH = "/v1/messages"
+
+
+def error_body(exc: TiergateError, path: str) -> dict[str, Any]:
+    """The error JSON for a request to ``path``: Anthropic's shape on its front, else
+    OpenAI's."""
+    if path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/"):
+        return anthropic_error_body(exc)
+    return exc.to_body()
+
+
+def anthropic_error_body(exc: TiergateError) -> dict[str, Any]:
+    """``exc`` in Anthropic's error shape, for the ``/v1/messages`` front: the same status and
+    message as the OpenAI shape, the error type named as Anthropic names it."""
+    kind = ANTHROPIC_ERROR_TYPES.get(exc.status_code, "api_error")
+    return {"type": "error", "error": {"type": kind, "message": exc.message}}
+
+
 class ConfigError(TiergateError):
     """Settings, policy or model artifacts are invalid.
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from router.backends import Backend, Completion, Usage
 from router.backends.local import Gate
+from router.backends.native import NativeBackend, NativeRequest, speaks
 from router.calibration import AliasThreshold, calibrate, calibrated_values
 from router.costs import CostBook
 from router.errors import (
@@ -163,7 +164,7 @@ class Call:
     policy_headers: Mapping[str, str] = field(default_factory=dict)
     metadata_keys: frozenset[str] | None = None
     disconnected: Callable[[], Awaitable[bool]] | None = None
-    native: Any | None = None
+    native: NativeRequest | None = None
     refused: Exception | None = None
     request_id: str = field(default_factory=new_request_id)
     started: float = field(default_factory=time.perf_counter)
@@ -294,6 +295,8 @@ class Gateway:
     ``limiter`` reserves each request's tokens (``reserve_tokens`` when it sets no
     ``max_tokens``); ``local_gate`` is the local tier's queue, for readiness. ``learning`` is
     attached once built (it reads the gateway): its hooks see every request served.
+    ``native`` serves a call's own request (``Call.native``) on a model that speaks its front's
+    API (:mod:`router.backends.native`).
     """
 
     def __init__(
@@ -308,6 +311,7 @@ class Gateway:
         limiter: RateLimiter,
         reserve_tokens: int,
         local_gate: Gate | None = None,
+        native: NativeBackend | None = None,
         on_record: Callable[[OutcomeRecord], None] | None = None,
         telemetry: Telemetry | None = None,
     ) -> None:
@@ -320,6 +324,7 @@ class Gateway:
         self.limiter = limiter
         self.reserve_tokens = reserve_tokens
         self.local_gate = local_gate
+        self.native = native
         self.learning: LearningLoop | None = None
         self.thresholds: dict[str, float] = {}
         self.last_scores: list[float] = []
@@ -387,11 +392,13 @@ class Gateway:
             if self.learning is not None:
                 self.learning.observe(ctx, call.body)
             if not ctx.stream:
-                result = await _unless_disconnected(call, self.complete(ctx, call.body))
+                result = await _unless_disconnected(
+                    call, self.complete(ctx, call.body, call.native)
+                )
                 answer = answer_text(result.body)
                 yield Answer(result.body, self.explain(ctx))
             else:
-                source = await self.stream(ctx, call.body)
+                source = await self.stream(ctx, call.body, call.native)
                 yield _Opened(self.explain(ctx))
                 relay = _Relay(ctx)
                 async for chunk in source:
@@ -619,21 +626,34 @@ class Gateway:
 
     # -- serving ---------------------------------------------------------------------------
 
-    async def complete(self, ctx: RequestContext, body: dict[str, Any]) -> Completion:
-        """Serve a non-streaming request along the fallback chain."""
+    def _native_for(self, model: ModelSpec, native: NativeRequest | None) -> NativeBackend | None:
+        """The native backend when ``model`` speaks the front's own API, else None."""
+        if native is None or self.native is None or not speaks(model, native.api):
+            return None
+        return self.native
+
+    async def complete(
+        self, ctx: RequestContext, body: dict[str, Any], native: NativeRequest | None = None
+    ) -> Completion:
+        """Serve a non-streaming request along the fallback chain; a model that speaks the
+        front's own API gets ``native``, the client's request as sent."""
 
         async def attempt(backend: Backend, model: ModelSpec) -> Completion:
             ctx.usage = Usage()  # filled as the answer is made, so a cancelled call tells too
-            result = await backend.complete(model, body, ctx.usage)
+            passing = self._native_for(model, native)
+            if passing is not None and native is not None:
+                result = await passing.complete(model, native, ctx.usage)
+            else:
+                result = await backend.complete(model, body, ctx.usage)
             ctx.usage = result.usage
             return result
 
         return await self._along_chain(ctx, attempt)
 
     async def stream(
-        self, ctx: RequestContext, body: dict[str, Any]
+        self, ctx: RequestContext, body: dict[str, Any], native: NativeRequest | None = None
     ) -> AsyncGenerator[dict[str, Any], None]:
-        """Open a stream along the fallback chain.
+        """Open a stream along the fallback chain (``native`` as for :meth:`complete`).
 
         Fallback is possible only until the first chunk arrives; this coroutine returns once a
         backend has produced its first chunk (so headers can name who answered), and the
@@ -644,7 +664,11 @@ class Gateway:
             backend: Backend, model: ModelSpec
         ) -> AsyncGenerator[dict[str, Any], None]:
             usage = Usage()
-            source = backend.stream(model, body, usage)
+            passing = self._native_for(model, native)
+            if passing is not None and native is not None:
+                source = passing.stream(model, native, usage)
+            else:
+                source = backend.stream(model, body, usage)
             try:
                 first: dict[str, Any] | None = await anext(source)
             except StopAsyncIteration:

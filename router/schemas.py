@@ -75,6 +75,228 @@ class ChatCompletionRequest(BaseModel):
     metadata: dict[str, Any] | None = None
 
 
+# -- Anthropic Messages (``POST /v1/messages``) -----------------------------------------------
+# Blocks are checked for the fields the translation reads; others (``cache_control``, citations)
+# are kept and passed on.
+
+
+class _Block(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class TextBlock(_Block):
+    """A text content block."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ImageSource(_Block):
+    """An image given inline (base64) or by URL."""
+
+    type: Literal["base64", "url"]
+    media_type: str | None = None
+    data: str | None = None
+    url: str | None = None
+
+    @model_validator(mode="after")
+    def _payload(self) -> ImageSource:
+        if (self.data if self.type == "base64" else self.url) is None:
+            raise ValueError(f"an image source of type {self.type!r} needs its payload")
+        return self
+
+
+class ImageBlock(_Block):
+    """An image content block."""
+
+    type: Literal["image"]
+    source: ImageSource
+
+
+class ToolUseBlock(_Block):
+    """The assistant's call of a tool."""
+
+    type: Literal["tool_use"]
+    id: str = Field(min_length=1)
+    name: str = Field(min_length=1)
+    input: dict[str, Any]
+
+
+class ToolResultBlock(_Block):
+    """What a tool returned, sent back in a user turn."""
+
+    type: Literal["tool_result"]
+    tool_use_id: str = Field(min_length=1)
+    content: str | list[Annotated[TextBlock | ImageBlock, Field(discriminator="type")]] = ""
+    is_error: Flag | None = None
+
+
+class ThinkingBlock(_Block):
+    """Extended thinking an assistant turn carries back."""
+
+    type: Literal["thinking", "redacted_thinking"]
+
+
+ContentBlock = Annotated[
+    TextBlock | ImageBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock,
+    Field(discriminator="type"),
+]
+
+
+class AnthropicMessage(BaseModel):
+    """One turn of an Anthropic conversation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["user", "assistant"]
+    content: str | list[ContentBlock]
+
+
+class AnthropicTool(_Block):
+    """A client tool (``input_schema``); server tools carry a ``type`` and no schema."""
+
+    name: str = Field(min_length=1, max_length=128)
+    description: str | None = None
+    input_schema: dict[str, Any] | None = None
+    type: str | None = None
+
+
+class AnthropicToolChoice(_Block):
+    """``auto``, ``any``, ``none``, or one named ``tool``."""
+
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: Flag | None = None
+
+
+class MessagesRequest(BaseModel):
+    """Anthropic's Messages request. ``max_tokens`` is required, as Anthropic requires it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1)
+    max_tokens: StrictInt = Field(ge=1)
+    messages: list[AnthropicMessage] = Field(min_length=1)
+    system: str | list[TextBlock] | None = None
+    stop_sequences: list[str] | None = None
+    stream: Flag = False
+    temperature: Number | None = Field(None, ge=0, le=1)
+    top_p: Number | None = Field(None, ge=0, le=1)
+    top_k: StrictInt | None = Field(None, ge=0)
+    tools: list[AnthropicTool] | None = None
+    tool_choice: AnthropicToolChoice | None = None
+    metadata: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None
+
+
+class CountTokensRequest(BaseModel):
+    """``POST /v1/messages/count_tokens``: a Messages request without ``max_tokens``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1)
+    messages: list[AnthropicMessage] = Field(min_length=1)
+    system: str | list[TextBlock] | None = None
+    tools: list[AnthropicTool] | None = None
+
+
+# -- OpenAI Responses (``POST /v1/responses``) -------------------------------------------------
+
+
+class InputText(_Block):
+    """Text in a Responses message (``output_text`` in an assistant turn sent back)."""
+
+    type: Literal["input_text", "output_text"]
+    text: str
+
+
+class InputImage(_Block):
+    """An image in a Responses message, by URL (``data:`` URLs included)."""
+
+    type: Literal["input_image"]
+    image_url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class InputMessage(_Block):
+    """A message item; ``type`` may be left out."""
+
+    type: Literal["message"] | None = None
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | list[Annotated[InputText | InputImage, Field(discriminator="type")]]
+
+
+class FunctionCallItem(_Block):
+    """The model's call of a function tool, sent back in a later turn."""
+
+    type: Literal["function_call"]
+    call_id: str = Field(min_length=1)
+    name: str = Field(min_length=1)
+    arguments: str
+
+
+class FunctionCallOutputItem(_Block):
+    """A function tool's result."""
+
+    type: Literal["function_call_output"]
+    call_id: str = Field(min_length=1)
+    output: str
+
+
+class FunctionTool(_Block):
+    """A function tool; Tiergate serves no hosted tools (web or file search)."""
+
+    type: Literal["function"]
+    name: str = Field(min_length=1, max_length=128)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: Flag | None = None
+
+
+class TextFormat(_Block):
+    """``text.format``: plain text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: Flag | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> TextFormat:
+        if self.type == "json_schema" and (self.schema_ is None or not self.name):
+            raise ValueError("a json_schema format needs a name and a schema")
+        return self
+
+
+class TextConfig(_Block):
+    """``text``: the output format."""
+
+    format: TextFormat | None = None
+
+
+class ResponsesRequest(BaseModel):
+    """OpenAI's Responses request, stateless: ``store`` and ``previous_response_id`` are refused
+    by the endpoint rather than here, so the client reads why."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1)
+    input: str | list[InputMessage | FunctionCallItem | FunctionCallOutputItem]
+    instructions: str | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    text: TextConfig | None = None
+    max_output_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: Number | None = Field(None, ge=0, le=2)
+    top_p: Number | None = Field(None, ge=0, le=1)
+    stream: Flag = False
+    store: Flag | None = None
+    previous_response_id: str | None = None
+    parallel_tool_calls: Flag | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+
+
 class FeedbackRequest(BaseModel):
     """A quality signal about one earlier request (``POST /v1/feedback``)."""
 

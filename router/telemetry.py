@@ -41,6 +41,8 @@ request_log = logging.getLogger("tiergate.request")
 _REQUEST_SPAN: contextvars.ContextVar[Any] = contextvars.ContextVar("tiergate_span", default=None)
 
 CHAT_PATH = "/v1/chat/completions"
+#: The paths served through the gateway, each request inside its SERVER span.
+SERVED_PATHS = frozenset({CHAT_PATH, "/v1/messages", "/v1/responses"})
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _PROVIDERS = {"gemini": "gcp.gemini", "vertex_ai": "gcp.vertex_ai", "bedrock": "aws.bedrock"}
@@ -379,7 +381,8 @@ class Telemetry:
         return TracedBackend(backend, self._tracer)
 
     async def serve_traced(self, app: Any, scope: Any, receive: Any, send: Any) -> None:
-        """Run one chat request inside its SERVER span (see :class:`RequestSpanMiddleware`)."""
+        """Run one request, from any front, inside its SERVER span (see
+        :class:`RequestSpanMiddleware`)."""
         from opentelemetry import context, trace
 
         carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
@@ -391,7 +394,7 @@ class Telemetry:
             attributes={
                 "gen_ai.operation.name": "chat",
                 "http.request.method": scope.get("method", ""),
-                "http.route": CHAT_PATH,
+                "http.route": scope.get("path", CHAT_PATH),
                 "url.path": scope.get("path", ""),
             },
         )
@@ -481,7 +484,8 @@ def _prometheus_reader() -> tuple[Any, Any]:
 
 
 class RequestSpanMiddleware:
-    """ASGI middleware: POST /v1/chat/completions runs inside its SERVER span when tracing is on.
+    """ASGI middleware: a request to a served path (chat, Messages, Responses) runs inside its
+    SERVER span when tracing is on.
 
     A pure ASGI middleware (not ``BaseHTTPMiddleware``) so the span covers a streamed answer to
     its last byte, and so the off path is two attribute reads.
@@ -498,7 +502,7 @@ class RequestSpanMiddleware:
             telemetry is None
             or not telemetry.tracing
             or scope["type"] != "http"
-            or scope.get("path") != CHAT_PATH
+            or scope.get("path") not in SERVED_PATHS
         ):
             await self.app(scope, receive, send)
             return

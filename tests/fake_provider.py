@@ -2,6 +2,7 @@
 
 * OpenAI: ``POST .../chat/completions`` (JSON, or SSE chunks ending in ``data: [DONE]``).
 * Anthropic: ``POST .../v1/messages`` (JSON, or Anthropic's named SSE events).
+* OpenAI Responses: ``POST .../responses`` (JSON, or the named ``response.*`` SSE events).
 
 It records every request it receives (path, headers, JSON body) so tests can assert what left the
 machine, and it can be told to misbehave: fail with a status, rate-limit with ``Retry-After``,
@@ -127,6 +128,7 @@ class FakeProvider:
     def _answer(self, h: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
         b = self.behaviour
         anthropic = h.path.rstrip("/").endswith("/messages")
+        responses = h.path.rstrip("/").endswith("/responses")
         if b.mode == "status":
             self._json(
                 h, b.status, {"error": {"message": "upstream exploded", "type": "server_error"}}
@@ -160,7 +162,9 @@ class FakeProvider:
             self._unstalled.wait(b.stall_s)
             with self._lock:
                 self.stalls_ended += generation == self._generation
-        if body.get("stream"):
+        if responses:
+            (self._responses_stream if body.get("stream") else self._responses_json)(h, body)
+        elif body.get("stream"):
             (self._anthropic_stream if anthropic else self._openai_stream)(h, body)
         else:
             (self._anthropic_json if anthropic else self._openai_json)(h, body)
@@ -283,19 +287,43 @@ class FakeProvider:
         send({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
         for i, piece in enumerate(pieces):
             if b.mode == "reset_mid_stream" and i == 2:
-                h.connection.setsockopt(
-                    socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
-                )
-                h.connection.close()
+                _reset(h)
                 return
             send({**base, "choices": [{"index": 0, "delta": {"content": piece}}]})
-        send({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        tool = self._tool_called(body)
+        if tool is not None:
+            call = {
+                "index": 0,
+                "id": "call_fake_1",
+                "type": "function",
+                "function": {"name": tool, "arguments": ""},
+            }
+            send({**base, "choices": [{"index": 0, "delta": {"tool_calls": [call]}}]})
+            for part in ('{"city": ', '"Paris"}'):
+                call = {"index": 0, "function": {"arguments": part}}
+                send({**base, "choices": [{"index": 0, "delta": {"tool_calls": [call]}}]})
+        finish = "stop" if tool is None else "tool_calls"
+        send({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
         if (body.get("stream_options") or {}).get("include_usage"):
             send({**base, "choices": [], "usage": self._usage()})
         h.wfile.write(b"data: [DONE]\n\n")
         h.wfile.flush()
 
+    def _tool_called(self, body: dict[str, Any]) -> str | None:
+        """The tool to call (the first one offered), in ``tool_call`` mode."""
+        tools = body.get("tools") or []
+        if self.behaviour.mode != "tool_call" or not tools:
+            return None
+        first = tools[0]
+        return str(first.get("name") or (first.get("function") or {}).get("name"))
+
     def _anthropic_json(self, h: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        tool = self._tool_called(body)
+        content: list[dict[str, Any]] = [{"type": "text", "text": self.behaviour.text}]
+        if tool is not None:
+            content.append(
+                {"type": "tool_use", "id": "toolu_fake_1", "name": tool, "input": {"city": "Paris"}}
+            )
         self._json(
             h,
             200,
@@ -304,8 +332,8 @@ class FakeProvider:
                 "type": "message",
                 "role": "assistant",
                 "model": body.get("model", "claude"),
-                "content": [{"type": "text", "text": self.behaviour.text}],
-                "stop_reason": "end_turn",
+                "content": content,
+                "stop_reason": "end_turn" if tool is None else "tool_use",
                 "stop_sequence": None,
                 "usage": {"input_tokens": 13, "output_tokens": 9},
             },
@@ -342,7 +370,10 @@ class FakeProvider:
                 "content_block": {"type": "text", "text": ""},
             },
         )
-        for word in self.behaviour.text.split(" "):
+        for i, word in enumerate(self.behaviour.text.split(" ")):
+            if self.behaviour.mode == "reset_mid_stream" and i == 2:
+                _reset(h)
+                return
             event(
                 "content_block_delta",
                 {
@@ -352,15 +383,143 @@ class FakeProvider:
                 },
             )
         event("content_block_stop", {"type": "content_block_stop", "index": 0})
+        tool = self._tool_called(body)
+        if tool is not None:
+            block = {"type": "tool_use", "id": "toolu_fake_1", "name": tool, "input": {}}
+            event(
+                "content_block_start",
+                {"type": "content_block_start", "index": 1, "content_block": block},
+            )
+            for part in ('{"city": ', '"Paris"}'):
+                delta = {"type": "input_json_delta", "partial_json": part}
+                event(
+                    "content_block_delta",
+                    {"type": "content_block_delta", "index": 1, "delta": delta},
+                )
+            event("content_block_stop", {"type": "content_block_stop", "index": 1})
         event(
             "message_delta",
             {
                 "type": "message_delta",
-                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "delta": {
+                    "stop_reason": "end_turn" if tool is None else "tool_use",
+                    "stop_sequence": None,
+                },
                 "usage": {"output_tokens": 9},
             },
         )
         event("message_stop", {"type": "message_stop"})
+
+    # -- OpenAI Responses ----------------------------------------------------------------------
+
+    def _response(self, body: dict[str, Any], status: str) -> dict[str, Any]:
+        """A Response object; complete (text, a function call in tool_call mode) when done."""
+        output: list[dict[str, Any]] = []
+        if status == "completed":
+            text = {"type": "output_text", "text": self.behaviour.text, "annotations": []}
+            output.append(
+                {
+                    "type": "message",
+                    "id": "msg_fake",
+                    "status": "completed",
+                    "role": "assistant",
+                    "content": [text],
+                }
+            )
+            tool = self._tool_called(body)
+            if tool is not None:
+                output.append(self._function_call(tool, "completed"))
+        return {
+            "id": "resp_fake",
+            "object": "response",
+            "created_at": int(time.time()),
+            "model": body.get("model", "fake"),
+            "status": status,
+            "output": output,
+            "parallel_tool_calls": True,
+            "tool_choice": body.get("tool_choice", "auto"),
+            "tools": body.get("tools") or [],
+            "store": body.get("store"),
+            "usage": {
+                "input_tokens": 11,
+                "output_tokens": 7,
+                "total_tokens": 18,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens_details": {"reasoning_tokens": 0},
+            }
+            if status == "completed"
+            else None,
+        }
+
+    @staticmethod
+    def _function_call(tool: str, status: str) -> dict[str, Any]:
+        return {
+            "type": "function_call",
+            "id": "fc_fake_1",
+            "call_id": "call_fake_1",
+            "name": tool,
+            "arguments": '{"city": "Paris"}' if status == "completed" else "",
+            "status": status,
+        }
+
+    def _responses_json(self, h: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        self._json(h, 200, self._response(body, "completed"))
+
+    def _responses_stream(self, h: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        self._sse_start(h)
+        seq = 0
+
+        def event(obj: dict[str, Any]) -> None:
+            nonlocal seq
+            obj["sequence_number"] = seq
+            seq += 1
+            h.wfile.write(f"event: {obj['type']}\ndata: ".encode() + json.dumps(obj).encode())
+            h.wfile.write(b"\n\n")
+            h.wfile.flush()
+
+        event({"type": "response.created", "response": self._response(body, "in_progress")})
+        message = {
+            "type": "message",
+            "id": "msg_fake",
+            "status": "in_progress",
+            "role": "assistant",
+            "content": [],
+        }
+        event({"type": "response.output_item.added", "output_index": 0, "item": message})
+        where = {"item_id": "msg_fake", "output_index": 0, "content_index": 0}
+        part = {"type": "output_text", "text": "", "annotations": []}
+        event({"type": "response.content_part.added", **where, "part": part})
+        for word in self.behaviour.text.split(" "):
+            event({"type": "response.output_text.delta", **where, "delta": word + " "})
+        event({"type": "response.output_text.done", **where, "text": self.behaviour.text})
+        part = {**part, "text": self.behaviour.text}
+        event({"type": "response.content_part.done", **where, "part": part})
+        done = {**message, "status": "completed", "content": [part]}
+        event({"type": "response.output_item.done", "output_index": 0, "item": done})
+        tool = self._tool_called(body)
+        if tool is not None:
+            call = self._function_call(tool, "in_progress")
+            event({"type": "response.output_item.added", "output_index": 1, "item": call})
+            for part in ('{"city": ', '"Paris"}'):
+                event(
+                    {
+                        "type": "response.function_call_arguments.delta",
+                        "item_id": "fc_fake_1",
+                        "output_index": 1,
+                        "delta": part,
+                    }
+                )
+            done = self._function_call(tool, "completed")
+            event({"type": "response.output_item.done", "output_index": 1, "item": done})
+        event({"type": "response.completed", "response": self._response(body, "completed")})
+
+
+def _reset(h: BaseHTTPRequestHandler) -> None:
+    """Cut the connection with a TCP reset, as a provider that fails mid-stream does."""
+    h.connection.setsockopt(
+        socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+    )
+    h.connection.close()
 
 
 def _judge_parts(user: str) -> tuple[str, str, str]:

@@ -595,6 +595,21 @@ def test_readme_python_and_curl_run_as_written_without_keys(
     assert '"usage":' in streamed.stdout and "data: [DONE]" in streamed.stdout
 
 
+def test_readme_anthropic_client_runs_as_written(shipped: LiveServer) -> None:
+    python = _readme_block("python", "import anthropic")
+    out = subprocess.run(
+        [sys.executable, "-c", python],
+        env={**_no_keys(), "ANTHROPIC_BASE_URL": shipped.url, "ANTHROPIC_API_KEY": "unused"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    answer, streamed = out.stdout.split("\n", 1)
+    assert answer.strip() and streamed.strip()
+
+
 def test_readme_first_hour_commands_run_as_written(shipped: LiveServer) -> None:
     block = _readme_block("bash", "curl -s http://127.0.0.1:8000/readyz")
     cli = f"{sys.executable} -m router.cli "

@@ -1,5 +1,5 @@
 """Fuzzing: generated bodies, headers and paths must never get a 5xx, and every 4xx must be an
-OpenAI-shaped error.
+OpenAI-shaped error (Anthropic-shaped on ``/v1/messages``).
 
 Two generators, against a Tiergate with a scripted local tier and a fake closed provider, so no
 real generation happens (over a loopback socket for schemathesis and raw requests, in process
@@ -71,10 +71,16 @@ def api_schema(server: LiveServer) -> Any:
     return schemathesis.openapi.from_dict(server.app.openapi())
 
 
+def is_anthropic(path: str) -> bool:
+    """Whether ``path`` is on the Anthropic front, whose errors take Anthropic's shape."""
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
 def check_response(
-    kind: str, status: int, body: bytes | None, content_type: str, where: str
+    kind: str, status: int, body: bytes | None, content_type: str, where: str, *, path: str = ""
 ) -> None:
-    """No 5xx; a 4xx is ``{"error": {"message": str, "type": str, "code": ...}}``.
+    """No 5xx; a 4xx is ``{"error": {"message": str, "type": str, "code": ...}}``, or on the
+    Anthropic front ``{"type": "error", "error": {"type": str, "message": str}}``.
 
     ``body`` is None for HEAD, which has none to check.
     """
@@ -84,16 +90,26 @@ def check_response(
     assert status < 500, f"{where}: {status} {body[:300]!r}"
     if status >= 400 and body is not None:
         assert content_type.startswith("application/json"), f"{where}: {content_type}"
-        error = json.loads(body)["error"]
+        payload = json.loads(body)
+        error = payload["error"]
         assert isinstance(error["message"], str) and error["message"], where
         assert isinstance(error["type"], str) and error["type"], where
-        assert "code" in error, where
+        if is_anthropic(path):
+            assert payload["type"] == "error", where
+        else:
+            assert "code" in error, where
 
 
 def test_openapi_operations(api_schema: Any, server: LiveServer) -> None:
     """Every operation in the OpenAPI document, positive and negative cases."""
     operations = [result.ok() for result in api_schema.get_all_operations()]
-    assert {"/v1/chat/completions", "/v1/route"} <= {op.path for op in operations}
+    assert {
+        "/v1/chat/completions",
+        "/v1/route",
+        "/v1/messages",
+        "/v1/messages/count_tokens",
+        "/v1/responses",
+    } <= {op.path for op in operations}
     with requests.Session() as session:
         for operation in operations:
             for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
@@ -121,6 +137,7 @@ def _fuzz_operation(
             response.content,
             content_type[0],
             f"{case.method} {case.path} {case.body!r:.300}",
+            path=case.path,
         )
 
     run()
@@ -187,7 +204,18 @@ _body = (
     | _deep
 )
 _path = st.sampled_from(
-    ["/v1/chat/completions", "/v1/route", "/v1/models", "/healthz", "/readyz", "/docs", "/"]
+    [
+        "/v1/chat/completions",
+        "/v1/route",
+        "/v1/models",
+        "/v1/messages",
+        "/v1/messages/count_tokens",
+        "/v1/responses",
+        "/healthz",
+        "/readyz",
+        "/docs",
+        "/",
+    ]
 ) | st.lists(st.text("abcv1/._%-~", max_size=12), max_size=4).map(lambda p: "/" + "/".join(p))
 _header_name = st.sampled_from(
     [
@@ -226,6 +254,7 @@ def test_raw_requests(
         else b'{"error": {"message": "-", "type": "-", "code": 0}}',
         response.headers.get("content-type", ""),
         f"{method} {path} {headers} {body[:200]!r}",
+        path=response.request.url.path,
     )
 
 
@@ -285,3 +314,63 @@ def test_malformed_upstream_answers(
         events = [line[6:] for line in raw.decode().splitlines() if line.startswith("data: ")]
         assert events, raw[:300]
         assert events[-1] == "[DONE]" or "error" in json.loads(events[-1]), events[-1][:300]
+
+
+# The last event of a whole stream on each front.
+_STREAM_ENDS = {"messages": "message_stop", "responses": "response.completed"}
+_FRONT_BODY = {
+    "messages": lambda model, text, stream: {
+        "model": model,
+        "max_tokens": 20,
+        "messages": [{"role": "user", "content": "HARD " + text}],
+        "stream": stream,
+    },
+    "responses": lambda model, text, stream: {
+        "model": model,
+        "input": "HARD " + text,
+        "stream": stream,
+    },
+}
+
+
+@FUZZ
+@given(
+    mode=st.sampled_from(_UPSTREAM),
+    # (front, alias, prompt, stream). Scored closed, both aliases reach gpt-4o first: the
+    # Messages front translates to chat, the Responses front passes through natively.
+    case=st.tuples(
+        st.sampled_from(sorted(_FRONT_BODY)),
+        st.sampled_from(["auto", "auto-best"]),
+        _text,
+        st.booleans(),
+    ),
+)
+def test_malformed_upstream_answers_on_the_fronts(
+    server: LiveServer, fake: FakeProvider, mode: str, case: tuple[str, str, str, bool]
+) -> None:
+    """The fronts, translated or passed through natively, under a broken provider: a request
+    with a fallback gets no 5xx, and a stream ends with the front's last event or its error
+    event."""
+    front, model, text, stream = case
+    fake.reset(Behaviour(mode=mode))
+    body = _FRONT_BODY[front](model, text, stream)
+    path = f"/v1/{front}"
+    try:
+        with httpx.stream(
+            "POST",
+            server.url + path,
+            content=json.dumps(body).encode(),
+            headers={"content-type": "application/json"},
+            timeout=30,
+        ) as response:
+            raw = response.read()
+    finally:
+        fake.reset()
+    content_type = response.headers.get("content-type", "")
+    where = f"{front} {mode} {body!r:.200}"
+    check_response("fronts", response.status_code, raw, content_type, where, path=path)
+    if response.status_code == 200 and stream:
+        data = [line[6:] for line in raw.decode().splitlines() if line.startswith("data: ")]
+        assert data, raw[:300]
+        last = json.loads(data[-1])["type"]
+        assert last in (_STREAM_ENDS[front], "response.incomplete", "error"), where

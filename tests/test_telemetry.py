@@ -390,3 +390,24 @@ def test_spans_reach_a_real_otlp_receiver(
     assert "-> gen_ai.usage.output_tokens: Int(7)" in text
     assert f"-> tiergate.request_id: Str({r.headers['x-request-id']})" in text
     assert "launch codes" not in text
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/messages", {"max_tokens": 20, "messages": [{"role": "user", "content": "HARD"}]}),
+        ("/v1/responses", {"input": "HARD"}),
+    ],
+)
+def test_the_other_fronts_are_traced_too(
+    tmp_path: Path, fake: FakeProvider, path: str, body: dict[str, Any]
+) -> None:
+    fake.reset()
+    with traced(tmp_path, policy_yaml(fake), local=ScriptedLocal()) as (srv, cap):
+        r = httpx.post(srv.url + path, json={"model": "auto", **body}, timeout=60)
+        assert r.status_code == 200
+    server = cap.server_span()
+    attrs = dict(server.attributes or {})
+    assert attrs["http.route"] == path
+    assert attrs["tiergate.request_id"] == r.headers["x-request-id"]
+    assert attrs["tiergate.tier"] == "closed" and attrs["gen_ai.usage.output_tokens"] > 0

@@ -133,12 +133,7 @@ class ClosedBackend:
 
     def _litellm_module(self) -> Any:
         if self._litellm is None:
-            os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-            import litellm
-
-            litellm.telemetry = False
-            litellm.suppress_debug_info = True
-            self._litellm = litellm
+            self._litellm = quiet_litellm()
         return self._litellm
 
     def _litellm_kwargs(self, model: ModelLike, body: dict[str, Any]) -> dict[str, Any]:
@@ -191,6 +186,17 @@ class ClosedBackend:
                 await self._litellm.close_litellm_async_clients()
             except Exception:  # closing must not fail shutdown; nothing is lost here
                 log.debug("closing litellm clients failed", exc_info=True)
+
+
+def quiet_litellm() -> Any:
+    """litellm, imported on first use with its local cost map, no telemetry and no debug
+    banners (it prints one for every model name it does not know, such as Tiergate's)."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    litellm.telemetry = False
+    litellm.suppress_debug_info = True
+    return litellm
 
 
 def map_litellm_error(exc: Exception, label: str) -> TiergateError:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -117,6 +117,65 @@ class OpenAIHTTP:
             )
         return self._session
 
+    async def post_json(
+        self,
+        url: str,
+        body: dict[str, Any],
+        *,
+        headers: dict[str, str],
+        api_key: str | None,
+        label: str,
+        timeout_s: float | None = None,
+    ) -> Any:
+        """POST ``body`` to ``url`` and return the parsed JSON answer (any provider's API)."""
+        try:
+            async with self._client().post(
+                url,
+                data=_dumps(body),
+                headers=headers,
+                timeout=_timeout(timeout_s) if timeout_s is not None else None,
+            ) as response:
+                if response.status >= 400:
+                    raise await _error(response, label, api_key)
+                raw = await response.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise map_transport_error(exc, label) from exc
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise UpstreamBadResponseError(f"{label} sent a body that is not JSON") from exc
+
+    async def post_sse(
+        self,
+        url: str,
+        body: dict[str, Any],
+        *,
+        headers: dict[str, str],
+        api_key: str | None,
+        label: str,
+        timeout_s: float | None = None,
+    ) -> AsyncGenerator[bytes, None]:
+        """POST ``body`` to ``url`` and yield the payload of each SSE ``data:`` line.
+
+        Event names are not read: OpenAI's and Anthropic's events carry their type in the data.
+        Leaving early closes the upstream connection, which stops the provider's generation.
+        """
+        try:
+            async with self._client().post(
+                url,
+                data=_dumps(body),
+                headers=headers,
+                timeout=_timeout(timeout_s) if timeout_s is not None else None,
+            ) as response:
+                if response.status >= 400:
+                    raise await _error(response, label, api_key)
+                async for raw in response.content:
+                    line = raw.strip()
+                    if line.startswith(b"data:"):
+                        yield line[5:].strip()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise map_transport_error(exc, label) from exc
+
     async def complete(
         self,
         base_url: str,
@@ -127,22 +186,14 @@ class OpenAIHTTP:
         timeout_s: float | None = None,
     ) -> Completion:
         """POST a non-streaming request; return the parsed body and its usage."""
-        try:
-            async with self._client().post(
-                _endpoint(base_url),
-                data=_dumps({**body, "stream": False}),
-                headers=_headers(api_key),
-                timeout=_timeout(timeout_s) if timeout_s is not None else None,
-            ) as response:
-                if response.status >= 400:
-                    raise await _error(response, label, api_key)
-                raw = await response.read()
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise map_transport_error(exc, label) from exc
-        try:
-            payload = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-            raise UpstreamBadResponseError(f"{label} sent a body that is not JSON") from exc
+        payload = await self.post_json(
+            _endpoint(base_url),
+            {**body, "stream": False},
+            headers=_headers(api_key),
+            api_key=api_key,
+            label=label,
+            timeout_s=timeout_s,
+        )
         choices = payload.get("choices") if isinstance(payload, dict) else None
         if not (
             isinstance(choices, list)
@@ -171,41 +222,37 @@ class OpenAIHTTP:
         options = dict(body.get("stream_options") or {})
         options["include_usage"] = True
         request = {**body, "stream": True, "stream_options": options}
+        finished = False
+        events = self.post_sse(
+            _endpoint(base_url),
+            request,
+            headers=_headers(api_key),
+            api_key=api_key,
+            label=label,
+            timeout_s=timeout_s,
+        )
         try:
-            async with self._client().post(
-                _endpoint(base_url),
-                data=_dumps(request),
-                headers=_headers(api_key),
-                timeout=_timeout(timeout_s) if timeout_s is not None else None,
-            ) as response:
-                if response.status >= 400:
-                    raise await _error(response, label, api_key)
-                finished = False
-                async for raw in response.content:
-                    line = raw.strip()
-                    if not line.startswith(b"data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == b"[DONE]":
-                        return
-                    chunk = _chunk(data, label)
-                    if chunk.get("usage"):
-                        got = usage_from_body(chunk, label)
-                        usage.prompt_tokens = got.prompt_tokens
-                        usage.completion_tokens = got.completion_tokens
-                    finished = finished or any(
-                        c.get("finish_reason") for c in chunk.get("choices") or ()
-                    )
-                    yield chunk
-                # aiohttp ends a read-until-close body quietly even on a reset: a stream that
-                # stops with neither [DONE] nor a finish_reason was cut off, not finished.
-                if not finished:
-                    raise BackendError(
-                        f"{label} unreachable: the stream ended before it finished",
-                        code="upstream_unreachable",
-                    )
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise map_transport_error(exc, label) from exc
+            async for data in events:
+                if data == b"[DONE]":
+                    return
+                chunk = _chunk(data, label)
+                if chunk.get("usage"):
+                    got = usage_from_body(chunk, label)
+                    usage.prompt_tokens = got.prompt_tokens
+                    usage.completion_tokens = got.completion_tokens
+                finished = finished or any(
+                    c.get("finish_reason") for c in chunk.get("choices") or ()
+                )
+                yield chunk
+        finally:
+            await events.aclose()
+        # aiohttp ends a read-until-close body quietly even on a reset: a stream that stops
+        # with neither [DONE] nor a finish_reason was cut off, not finished.
+        if not finished:
+            raise BackendError(
+                f"{label} unreachable: the stream ended before it finished",
+                code="upstream_unreachable",
+            )
 
     async def aclose(self) -> None:
         """Close pooled connections."""

@@ -1,0 +1,363 @@
+"""Pass a front's request on natively when the closed target speaks that front's API.
+
+An Anthropic model behind ``/v1/messages``, or an OpenAI model behind ``/v1/responses``, gets
+the client's own request (the model id and Tiergate's ``metadata`` aside), and the client gets
+the provider's own answer: no field is lost to a round trip through the chat format.
+
+The rest of Tiergate still sees a chat view of each answer (text, tool calls, finish reason,
+usage), so metering, learning and the outcome record work as for any request. The provider's
+body, or each of its stream events, rides along under :data:`NATIVE`, and the front sends that.
+The chat view is written here rather than taken from litellm: it is Tiergate's internal view of
+a few fields, not a translation a client reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from router.backends import Completion, ModelLike, Usage
+from router.backends.closed import key_for, provider_of
+from router.backends.openai_http import OpenAIHTTP
+from router.errors import BackendError, UpstreamBadResponseError
+
+#: The key, in a chat answer or chunk, that holds the provider's native body or event.
+NATIVE = "tiergate_native"
+#: The Anthropic API version sent when the client names none.
+ANTHROPIC_VERSION = "2023-06-01"
+_ANTHROPIC_BASE = "https://api.anthropic.com"
+_OPENAI_BASE = "https://api.openai.com/v1"
+# Request headers of a client's that a native call passes on.
+_PASSED_HEADERS = ("anthropic-version", "anthropic-beta")
+_ANTHROPIC_FINISH = {"max_tokens": "length", "tool_use": "tool_calls", "refusal": "content_filter"}
+
+Api = Literal["messages", "responses"]
+
+
+@dataclass(frozen=True, slots=True)
+class NativeRequest:
+    """A front's request as its client sent it (validated), for a target that speaks its API.
+
+    ``headers`` holds the client's ``anthropic-version`` and ``anthropic-beta``, if sent.
+    """
+
+    api: Api
+    body: Mapping[str, Any]
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+def passed_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The request headers a native call passes on to the provider."""
+    return {k: headers[k] for k in _PASSED_HEADERS if k in headers}
+
+
+def speaks(model: ModelLike, api: Api) -> bool:
+    """Whether ``model`` is a closed model reached directly over ``api``'s own protocol."""
+    if model.tier != "closed" or not model.litellm_model:
+        return False
+    if getattr(model, "transport", "auto") == "litellm":
+        return False
+    provider = provider_of(model.litellm_model)
+    return (api, provider) in (("messages", "anthropic"), ("responses", "openai"))
+
+
+class NativeBackend:
+    """Calls Anthropic's ``/v1/messages`` and OpenAI's ``/v1/responses`` over the pooled client."""
+
+    def __init__(
+        self, http: OpenAIHTTP, *, timeout_s: float, environ: Mapping[str, str] | None = None
+    ) -> None:
+        self._http = http
+        self._timeout_s = timeout_s
+        self._environ = environ if environ is not None else os.environ
+
+    def _call(
+        self, model: ModelLike, native: NativeRequest, stream: bool
+    ) -> tuple[str, dict[str, Any], dict[str, str], str | None]:
+        """(url, body, headers, key) of the provider call."""
+        key = key_for(model, self._environ)
+        body = {k: v for k, v in native.body.items() if k != "metadata"}
+        body["model"] = (model.litellm_model or "").split("/", 1)[-1]
+        body["stream"] = stream
+        headers = {"content-type": "application/json"}
+        if native.api == "messages":
+            user = (native.body.get("metadata") or {}).get("user_id")
+            if user is not None:
+                body["metadata"] = {"user_id": user}
+            headers["anthropic-version"] = ANTHROPIC_VERSION
+            headers.update(native.headers)
+            if key:
+                headers["x-api-key"] = key
+            return _anthropic_url(model.api_base), body, headers, key
+        body["store"] = False  # Tiergate's Responses front is stateless; so is the call
+        if key:
+            headers["authorization"] = f"Bearer {key}"
+        return (model.api_base or _OPENAI_BASE).rstrip("/") + "/responses", body, headers, key
+
+    async def complete(self, model: ModelLike, native: NativeRequest, usage: Usage) -> Completion:
+        """The provider's answer, as a chat view carrying the native body under :data:`NATIVE`."""
+        url, body, headers, key = self._call(model, native, stream=False)
+        payload = await self._http.post_json(
+            url,
+            body,
+            headers=headers,
+            api_key=key,
+            label=model.name,
+            timeout_s=model.timeout_s or self._timeout_s,
+        )
+        if not isinstance(payload, dict):
+            raise UpstreamBadResponseError(f"{model.name} sent a body that is not an object")
+        payload["model"] = model.name
+        view = _message_view(payload) if native.api == "messages" else _response_view(payload)
+        got = _usage_of(payload.get("usage"), native.api, model.name)
+        usage.prompt_tokens, usage.completion_tokens = got
+        view["usage"] = {
+            "prompt_tokens": got[0],
+            "completion_tokens": got[1],
+            "total_tokens": sum(got),
+        }
+        view[NATIVE] = payload
+        return Completion(body=view, usage=Usage(*got))
+
+    async def stream(
+        self, model: ModelLike, native: NativeRequest, usage: Usage
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Chat chunks, each carrying one native event under :data:`NATIVE`."""
+        url, body, headers, key = self._call(model, native, stream=True)
+        events = self._http.post_sse(
+            url,
+            body,
+            headers=headers,
+            api_key=key,
+            label=model.name,
+            timeout_s=model.timeout_s or self._timeout_s,
+        )
+        view = _AnthropicEvents(model.name) if native.api == "messages" else _ResponseEvents()
+        try:
+            async for data in events:
+                event = _event(data, model.name)
+                chunk = view.chunk(event, usage, model.name)
+                chunk.update(id=view.id, object="chat.completion.chunk", model=model.name)
+                chunk[NATIVE] = event
+                yield chunk
+                if view.done:
+                    return
+        finally:
+            await events.aclose()
+        raise BackendError(
+            f"{model.name} unreachable: the stream ended before it finished",
+            code="upstream_unreachable",
+        )
+
+
+async def native_or(
+    chunks: AsyncIterator[dict[str, Any]],
+    translate: Callable[
+        [dict[str, Any] | None, AsyncIterator[dict[str, Any]]], AsyncIterator[dict[str, Any]]
+    ],
+) -> AsyncGenerator[dict[str, Any], None]:
+    """A front's events for a chat chunk stream: the provider's own when the chunks carry them
+    (a native call), else ``translate(first chunk, the rest)``. Closing this closes ``chunks``."""
+    try:
+        first = await anext(chunks, None)
+        if first is not None and NATIVE in first:
+            yield first[NATIVE]
+            async for chunk in chunks:
+                if NATIVE in chunk:  # not the gateway's closing usage chunk
+                    yield chunk[NATIVE]
+            return
+        async for event in translate(first, chunks):
+            yield event
+    finally:
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def _anthropic_url(api_base: str | None) -> str:
+    base = (api_base or _ANTHROPIC_BASE).rstrip("/")
+    if base.endswith("/v1/messages"):
+        return base
+    return base + ("/messages" if base.endswith("/v1") else "/v1/messages")
+
+
+def _event(data: bytes, label: str) -> dict[str, Any]:
+    try:
+        event = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise UpstreamBadResponseError(f"{label} sent an event that is not JSON") from exc
+    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+        raise UpstreamBadResponseError(f"{label} sent an event without a type")
+    return event
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _usage_of(raw: Any, api: Api, label: str) -> tuple[int, int]:
+    if raw is None:
+        return 0, 0
+    if not isinstance(raw, dict):
+        raise UpstreamBadResponseError(f"{label} sent a 'usage' that is not an object")
+    prompt = _count(raw.get("input_tokens"))
+    if api == "messages":  # Anthropic counts cached prompt tokens apart
+        prompt += _count(raw.get("cache_read_input_tokens"))
+        prompt += _count(raw.get("cache_creation_input_tokens"))
+    return prompt, _count(raw.get("output_tokens"))
+
+
+def _tool_call(call_id: str, name: str, arguments: str, index: int | None = None) -> dict[str, Any]:
+    call: dict[str, Any] = {
+        "id": call_id,
+        "type": "function",
+        "function": {"name": name, "arguments": arguments},
+    }
+    if index is not None:
+        call["index"] = index
+    return call
+
+
+def _chat(message: dict[str, Any], finish: str, rid: str, model: str) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": 0,
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+    }
+
+
+def _message_view(payload: dict[str, Any]) -> dict[str, Any]:
+    """An Anthropic message as a chat completion: its text, tool calls and finish reason."""
+    content = payload.get("content")
+    if not isinstance(content, list):
+        raise UpstreamBadResponseError(f"{payload.get('model')} sent a message without content")
+    blocks = [b for b in content if isinstance(b, dict)]
+    text = "".join(str(b.get("text", "")) for b in blocks if b.get("type") == "text")
+    calls = [
+        _tool_call(str(b.get("id")), str(b.get("name")), json.dumps(b.get("input") or {}))
+        for b in blocks
+        if b.get("type") == "tool_use"
+    ]
+    message: dict[str, Any] = {"role": "assistant", "content": text or None}
+    if calls:
+        message["tool_calls"] = calls
+    finish = _ANTHROPIC_FINISH.get(str(payload.get("stop_reason")), "stop")
+    return _chat(message, finish, str(payload.get("id", "")), str(payload["model"]))
+
+
+def _response_view(payload: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI response as a chat completion: its text, function calls and finish reason."""
+    output = payload.get("output")
+    if not isinstance(output, list):
+        raise UpstreamBadResponseError(f"{payload.get('model')} sent a response without output")
+    items = [item for item in output if isinstance(item, dict)]
+    text = "".join(
+        str(part.get("text", ""))
+        for item in items
+        if item.get("type") == "message"
+        for part in item.get("content") or ()
+        if isinstance(part, dict) and part.get("type") == "output_text"
+    )
+    calls = [
+        _tool_call(str(i.get("call_id")), str(i.get("name")), str(i.get("arguments", "")))
+        for i in items
+        if i.get("type") == "function_call"
+    ]
+    message: dict[str, Any] = {"role": "assistant", "content": text or None}
+    if calls:
+        message["tool_calls"] = calls
+    finish = "tool_calls" if calls else "stop"
+    if payload.get("status") == "incomplete":
+        finish = "length"
+    return _chat(message, finish, str(payload.get("id", "")), str(payload["model"]))
+
+
+def _delta(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+class _AnthropicEvents:
+    """Anthropic's stream events as chat chunks, counting usage as they pass."""
+
+    def __init__(self, model: str) -> None:
+        self.id = ""
+        self.model = model
+        self.done = False
+        self._tools: dict[int, int] = {}  # content block index -> tool call index
+
+    def chunk(self, event: dict[str, Any], usage: Usage, label: str) -> dict[str, Any]:
+        kind = event["type"]
+        if kind == "error":
+            error = event.get("error") or {}
+            message = error.get("message") if isinstance(error, dict) else None
+            raise BackendError(f"{label} failed mid-stream: {message or 'error'}")
+        if kind == "message_start":
+            message = event.get("message") or {}
+            self.id = str(message.get("id", ""))
+            message["model"] = self.model
+            usage.prompt_tokens = _usage_of(message.get("usage"), "messages", label)[0]
+            return _delta({"role": "assistant", "content": ""})
+        block = event.get("content_block") or {}
+        if kind == "content_block_start" and block.get("type") == "tool_use":
+            tool = self._tools[event.get("index", 0)] = len(self._tools)
+            return _delta(
+                {"tool_calls": [_tool_call(block.get("id", ""), block.get("name", ""), "", tool)]}
+            )
+        delta = event.get("delta") or {}
+        if kind == "content_block_delta" and delta.get("type") == "text_delta":
+            return _delta({"content": delta.get("text", "")})
+        if kind == "content_block_delta" and delta.get("type") == "input_json_delta":
+            tool = self._tools.get(event.get("index", 0), 0)
+            partial = {"index": tool, "function": {"arguments": delta.get("partial_json", "")}}
+            return _delta({"tool_calls": [partial]})
+        if kind == "message_delta":
+            usage.completion_tokens = _usage_of(event.get("usage"), "messages", label)[1]
+            return _delta({}, _ANTHROPIC_FINISH.get(str(delta.get("stop_reason")), "stop"))
+        self.done = kind == "message_stop"
+        return {"choices": []}
+
+
+class _ResponseEvents:
+    """OpenAI's Responses stream events as chat chunks, counting usage at the end."""
+
+    def __init__(self) -> None:
+        self.id = ""
+        self.done = False
+        self._tools: dict[int, int] = {}  # output index -> tool call index
+
+    def chunk(self, event: dict[str, Any], usage: Usage, label: str) -> dict[str, Any]:
+        kind = event["type"]
+        response = event.get("response") if isinstance(event.get("response"), dict) else None
+        if response is not None:
+            self.id = str(response.get("id", self.id))
+            response["model"] = label
+        if kind in ("error", "response.failed"):
+            error = (response or event).get("error") or event
+            message = error.get("message") if isinstance(error, dict) else None
+            raise BackendError(f"{label} failed mid-stream: {message or 'error'}")
+        if kind == "response.created":
+            return _delta({"role": "assistant", "content": ""})
+        if kind == "response.output_text.delta":
+            return _delta({"content": str(event.get("delta", ""))})
+        item = event.get("item") or {}
+        if kind == "response.output_item.added" and item.get("type") == "function_call":
+            tool = self._tools[event.get("output_index", 0)] = len(self._tools)
+            call = _tool_call(item.get("call_id", ""), item.get("name", ""), "", tool)
+            return _delta({"tool_calls": [call]})
+        if kind == "response.function_call_arguments.delta":
+            tool = self._tools.get(event.get("output_index", 0), 0)
+            partial = {"index": tool, "function": {"arguments": str(event.get("delta", ""))}}
+            return _delta({"tool_calls": [partial]})
+        if kind in ("response.completed", "response.incomplete") and response is not None:
+            self.done = True
+            usage.prompt_tokens, usage.completion_tokens = _usage_of(
+                response.get("usage"), "responses", label
+            )
+            finish = "tool_calls" if self._tools else "stop"
+            return _delta({}, "length" if kind == "response.incomplete" else finish)
+        return {"choices": []}

@@ -1,0 +1,150 @@
+"""The Anthropic Messages front: ``POST /v1/messages`` and ``/v1/messages/count_tokens``.
+
+A Messages request becomes Tiergate's chat request (:func:`to_chat`), is routed and served like
+any chat request, and its chat answer or chunk stream becomes a Messages answer
+(:func:`answer`) or Anthropic's event stream (:func:`events`). Both directions are litellm's
+Anthropic adapter, the one LiteLLM's proxy serves this endpoint with, imported on first use.
+An answer the provider gave natively (:mod:`router.backends.native`) is sent as it came.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from router.backends.native import NATIVE, NativeRequest, native_or, passed_headers
+from router.errors import BadRequestError, TiergateError, anthropic_error_body
+from router.signals import estimate_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Translation:
+    """What turning the chat answer back needs: the id the message is given and litellm's map
+    of shortened tool names."""
+
+    message_id: str
+    tool_names: dict[str, str] = field(default_factory=dict)
+
+
+def _litellm() -> Any:
+    from router.backends.closed import quiet_litellm
+
+    return quiet_litellm()
+
+
+def to_chat(body: Mapping[str, Any], request_id: str) -> tuple[dict[str, Any], Translation]:
+    """The chat request for a validated Messages request.
+
+    ``metadata`` is kept whole, as on the chat front, so the policy can read it; it is not
+    sent to a provider.
+    """
+    _litellm()
+    from litellm.llms.anthropic.messages.adapters.transformation import (
+        LiteLLMAnthropicMessagesAdapter,
+    )
+
+    try:
+        chat, tool_names = LiteLLMAnthropicMessagesAdapter().translate_anthropic_to_openai(
+            dict(body)  # type: ignore[arg-type]
+        )
+    except Exception as exc:  # the library's errors on a request it cannot read: a 400
+        raise BadRequestError(f"cannot translate the request: {exc}") from exc
+    out: dict[str, Any] = dict(chat)
+    out["messages"] = [_without_nulls(m) for m in out["messages"]]
+    if body.get("metadata") is not None:
+        out["metadata"] = body["metadata"]
+    if body.get("stream"):
+        out["stream"] = True
+        out["stream_options"] = {"include_usage": True}
+    return out, Translation("msg_" + request_id.removeprefix("req_"), dict(tool_names))
+
+
+def _without_nulls(message: Mapping[str, Any]) -> dict[str, Any]:
+    """A translated message without the null fields litellm fills in (``thinking_blocks``),
+    which a strict provider refuses; ``content`` stays, null in a tool call."""
+    return {k: v for k, v in message.items() if v is not None or k == "content"}
+
+
+def native(body: Mapping[str, Any], headers: Mapping[str, str]) -> NativeRequest:
+    """The request as sent, for an Anthropic model reached over its own API."""
+    return NativeRequest("messages", body, passed_headers(headers))
+
+
+def answer(chat: Mapping[str, Any], translation: Translation) -> dict[str, Any]:
+    """The Messages answer for a chat answer (or the provider's own, passed through)."""
+    if NATIVE in chat:
+        passed: dict[str, Any] = chat[NATIVE]
+        return passed
+    _litellm()
+    from litellm.llms.anthropic.messages.adapters.transformation import (
+        LiteLLMAnthropicMessagesAdapter,
+    )
+    from litellm.types.utils import ModelResponse
+
+    message = LiteLLMAnthropicMessagesAdapter().translate_openai_response_to_anthropic(
+        ModelResponse(**chat), translation.tool_names
+    )
+    out: dict[str, Any] = json.loads(json.dumps(message, default=_plain))
+    out["id"] = translation.message_id
+    out["model"] = chat.get("model", out.get("model"))
+    return out
+
+
+def _plain(value: Any) -> Any:
+    dump = getattr(value, "model_dump", None)
+    if dump is None:
+        raise TypeError(f"{type(value).__name__} is not JSON serializable")
+    return dump(exclude_none=True)
+
+
+def events(
+    chunks: AsyncIterator[dict[str, Any]], translation: Translation
+) -> AsyncGenerator[dict[str, Any], None]:
+    """Anthropic's stream events for a chat chunk stream (or the provider's own events).
+
+    Closing this closes ``chunks``.
+    """
+
+    async def translate(
+        first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any]]
+    ) -> AsyncIterator[dict[str, Any]]:
+        _litellm()
+        from litellm.llms.anthropic.messages.adapters.streaming_iterator import (
+            AnthropicStreamWrapper,
+        )
+
+        wrapper = AnthropicStreamWrapper(
+            completion_stream=_typed(first, rest),
+            model=str((first or {}).get("model", "")),
+            tool_name_mapping=translation.tool_names,
+        )
+        async for event in wrapper:
+            out = json.loads(json.dumps(event, default=_plain))
+            if out.get("type") == "message_start":
+                out["message"]["id"] = translation.message_id
+            yield out
+
+    return native_or(chunks, translate)
+
+
+async def _typed(first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any]]) -> Any:
+    from litellm.types.utils import ModelResponseStream
+
+    if first is not None:
+        yield ModelResponseStream(**first)
+    async for chunk in rest:
+        yield ModelResponseStream(**chunk)
+
+
+def error_event(exc: TiergateError) -> dict[str, Any]:
+    """A failure after the stream began, as Anthropic's ``error`` event."""
+    return anthropic_error_body(exc)
+
+
+def count_tokens(body: Mapping[str, Any]) -> dict[str, int]:
+    """``{"input_tokens": n}``: the estimate Tiergate routes and reserves with, made locally
+    without calling a model (not a provider tokenizer's exact count)."""
+    chat, _ = to_chat({**body, "max_tokens": 1, "stream": False}, "req_count")
+    return {"input_tokens": estimate_tokens(chat["messages"], chat.get("tools"))}

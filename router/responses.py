@@ -1,0 +1,163 @@
+"""The OpenAI Responses front: ``POST /v1/responses``, stateless.
+
+A Responses request becomes Tiergate's chat request (:func:`to_chat`), is routed and served like
+any chat request, and its chat answer or chunk stream becomes a Response (:func:`answer`) or
+the Responses event stream (:func:`events`). Both directions are litellm's Responses-to-chat
+transformation, the one litellm's ``responses()`` uses for providers without a Responses API,
+imported on first use. An answer the provider gave natively (:mod:`router.backends.native`) is
+sent as it came.
+
+Nothing is stored: ``store: true`` and ``previous_response_id`` are refused with a 400 that says
+so, and a native call is made with ``store: false``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from router.backends.native import NATIVE, NativeRequest, native_or
+from router.errors import BadRequestError, TiergateError
+
+STATELESS = (
+    "Tiergate's /v1/responses is stateless: send the whole conversation in 'input' "
+    "(and 'store': false or no 'store')"
+)
+# Request fields that are not the Responses request's optional parameters in litellm's sense.
+_NOT_PARAMS = ("model", "input", "stream")
+
+
+@dataclass(frozen=True, slots=True)
+class Translation:
+    """What turning the chat answer back needs: the request's input and parameters (a Response
+    echoes them) and the id the Response is given."""
+
+    input: str | list[Any]
+    params: dict[str, Any]
+    response_id: str
+
+
+def refuse_state(body: Mapping[str, Any]) -> None:
+    """400 for what would need stored responses."""
+    if body.get("previous_response_id") is not None:
+        raise BadRequestError(STATELESS, param="previous_response_id")
+    if body.get("store") is True:
+        raise BadRequestError(STATELESS, param="store")
+
+
+def _config() -> Any:
+    from router.backends.closed import quiet_litellm
+
+    quiet_litellm()
+    from litellm.responses.litellm_completion_transformation.transformation import (
+        LiteLLMCompletionResponsesConfig,
+    )
+
+    return LiteLLMCompletionResponsesConfig
+
+
+def to_chat(body: Mapping[str, Any], request_id: str) -> tuple[dict[str, Any], Translation]:
+    """The chat request for a validated Responses request.
+
+    ``metadata`` is kept whole, as on the chat front, so the policy can read it; it is not
+    sent to a provider.
+    """
+    refuse_state(body)
+    params = {k: v for k, v in body.items() if k not in _NOT_PARAMS and v is not None}
+    try:
+        chat: dict[str, Any] = _config().transform_responses_api_request_to_chat_completion_request(
+            model=body["model"],
+            input=body["input"],
+            responses_api_request=params,
+            stream=bool(body.get("stream")),
+        )
+    except Exception as exc:  # the library's errors on a request it cannot read: a 400
+        raise BadRequestError(f"cannot translate the request: {exc}") from exc
+    if not body.get("stream"):
+        chat.pop("stream", None)
+    if body.get("metadata") is not None:
+        chat["metadata"] = body["metadata"]
+    response_id = "resp_" + request_id.removeprefix("req_")
+    return chat, Translation(body["input"], params, response_id)
+
+
+def native(body: Mapping[str, Any], headers: Mapping[str, str]) -> NativeRequest:
+    """The request as sent, for an OpenAI model reached over its own Responses API."""
+    return NativeRequest("responses", body)
+
+
+def answer(chat: Mapping[str, Any], translation: Translation) -> dict[str, Any]:
+    """The Response for a chat answer (or the provider's own, passed through)."""
+    if NATIVE in chat:
+        passed: dict[str, Any] = chat[NATIVE]
+        return passed
+    response = _config().transform_chat_completion_response_to_responses_api_response(
+        request_input=translation.input,
+        responses_api_request=translation.params,
+        chat_completion_response=dict(chat),
+    )
+    out: dict[str, Any] = response.model_dump(mode="json", exclude_none=True)
+    out["id"] = translation.response_id
+    return out
+
+
+class _Chunks:
+    """A chat chunk stream as the litellm stream wrapper its Responses iterator reads."""
+
+    logging_obj = None
+
+    def __init__(self, first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any]]):
+        self._first = first
+        self._rest = rest
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> Any:
+        from litellm.types.utils import ModelResponseStream
+
+        chunk, self._first = self._first, None
+        if chunk is None:
+            chunk = await anext(self._rest)
+        return ModelResponseStream(**chunk)
+
+    async def aclose(self) -> None:
+        pass  # the caller closes the chunk stream
+
+
+def events(
+    chunks: AsyncIterator[dict[str, Any]], translation: Translation
+) -> AsyncGenerator[dict[str, Any], None]:
+    """The Responses events for a chat chunk stream (or the provider's own events).
+
+    Closing this closes ``chunks``.
+    """
+
+    async def translate(
+        first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any]]
+    ) -> AsyncIterator[dict[str, Any]]:
+        _config()  # litellm, quietened, before its streaming module
+        from litellm.responses.litellm_completion_transformation.streaming_iterator import (
+            LiteLLMCompletionStreamingIterator,
+        )
+
+        iterator = LiteLLMCompletionStreamingIterator(
+            model=str((first or {}).get("model", "")),
+            litellm_custom_stream_wrapper=_Chunks(first, rest),
+            request_input=translation.input,
+            responses_api_request=translation.params,  # type: ignore[arg-type]
+        )
+        async for event in iterator:
+            out: dict[str, Any] = event.model_dump(mode="json", exclude_none=True)
+            response = out.get("response")
+            if isinstance(response, dict):
+                response["id"] = translation.response_id
+            yield out
+
+    return native_or(chunks, translate)
+
+
+def error_event(exc: TiergateError) -> dict[str, Any]:
+    """A failure after the stream began, as the Responses ``error`` event."""
+    return {"type": "error", "code": exc.code, "message": exc.message, "param": exc.param}

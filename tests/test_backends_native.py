@@ -1,0 +1,169 @@
+"""Native pass-through: a front's own request to a provider that speaks its API, over loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from router.backends import Usage
+from router.backends.native import NATIVE, NativeBackend, NativeRequest, speaks
+from router.backends.openai_http import OpenAIHTTP
+from router.errors import BackendError
+from tests.conftest import KEYS, run
+from tests.fake_provider import Behaviour, FakeProvider
+
+
+@dataclass(frozen=True)
+class Model:
+    """The parts of a policy model the backend reads."""
+
+    name: str
+    litellm_model: str | None
+    api_base: str | None
+    tier: str = "closed"
+    api_key_env: str | None = None
+    timeout_s: float | None = None
+    transport: str = "auto"
+
+
+@pytest.fixture
+def models(fake: FakeProvider) -> Iterator[dict[str, Model]]:
+    """claude and gpt-4o on the fake provider."""
+    fake.reset()
+    yield {
+        "claude": Model("claude", "anthropic/claude-3-5-sonnet-20241022", fake.base_url[:-3]),
+        "gpt-4o": Model("gpt-4o", "openai/gpt-4o", fake.base_url),
+    }
+
+
+MESSAGES = {
+    "model": "claude",
+    "max_tokens": 50,
+    "messages": [{"role": "user", "content": "Hi"}],
+    "metadata": {"user_id": "u-1", "team": "search"},
+    "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}],
+}
+RESPONSES = {
+    "model": "gpt-4o",
+    "input": "Hi",
+    "metadata": {"team": "search"},
+    "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}],
+}
+
+
+def test_which_models_speak_which_front() -> None:
+    claude = Model("claude", "anthropic/claude-3-5-sonnet", None)
+    gpt = Model("gpt", "openai/gpt-4o", None)
+    assert speaks(claude, "messages") and not speaks(claude, "responses")
+    assert speaks(gpt, "responses") and not speaks(gpt, "messages")
+    assert not speaks(Model("c", "anthropic/claude", None, transport="litellm"), "messages")
+    assert not speaks(Model("local", None, None, tier="local"), "messages")
+
+
+async def _complete(model: Model, native: NativeRequest) -> tuple[Any, Usage]:
+    http = OpenAIHTTP(timeout_s=10)
+    try:
+        usage = Usage()
+        return await NativeBackend(http, timeout_s=10).complete(model, native, usage), usage
+    finally:
+        await http.aclose()
+
+
+async def _stream(model: Model, native: NativeRequest) -> tuple[list[dict[str, Any]], Usage]:
+    http = OpenAIHTTP(timeout_s=10)
+    try:
+        usage = Usage()
+        chunks = [c async for c in NativeBackend(http, timeout_s=10).stream(model, native, usage)]
+        return chunks, usage
+    finally:
+        await http.aclose()
+
+
+def test_an_anthropic_request_goes_out_as_sent(
+    fake: FakeProvider, models: dict[str, Model]
+) -> None:
+    fake.reset(Behaviour(mode="tool_call"))
+    native = NativeRequest("messages", MESSAGES, {"anthropic-beta": "tools-2024"})
+    result, usage = run(_complete(models["claude"], native))
+    sent = fake.received[-1]
+    assert sent.path == "/v1/messages"
+    assert sent.headers["x-api-key"] == KEYS["ANTHROPIC_API_KEY"]
+    assert sent.headers["anthropic-version"] == "2023-06-01"
+    assert sent.headers["anthropic-beta"] == "tools-2024"
+    assert sent.body["model"] == "claude-3-5-sonnet-20241022"
+    assert sent.body["metadata"] == {"user_id": "u-1"}  # Tiergate's keys stay home
+    assert sent.body["tools"] == MESSAGES["tools"] and sent.body["stream"] is False
+    native_body = result.body[NATIVE]
+    assert native_body["id"] == "msg_fake" and native_body["model"] == "claude"
+    assert native_body["content"][1]["type"] == "tool_use"
+    message = result.body["choices"][0]["message"]
+    assert message["content"] == Behaviour().text
+    assert message["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert result.body["choices"][0]["finish_reason"] == "tool_calls"
+    assert (usage.prompt_tokens, usage.completion_tokens) == (13, 9)
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (13, 9)
+
+
+def test_an_anthropic_stream_carries_each_event(
+    fake: FakeProvider, models: dict[str, Model]
+) -> None:
+    fake.reset(Behaviour(mode="tool_call"))
+    chunks, usage = run(_stream(models["claude"], NativeRequest("messages", MESSAGES)))
+    assert fake.received[-1].body["stream"] is True
+    kinds = [c[NATIVE]["type"] for c in chunks]
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+    assert "content_block_delta" in kinds
+    assert chunks[0][NATIVE]["message"]["model"] == "claude"
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text.strip() == Behaviour().text
+    arguments = "".join(
+        call["function"]["arguments"]
+        for c in chunks
+        if c["choices"]
+        for call in c["choices"][0]["delta"].get("tool_calls") or ()
+    )
+    assert arguments == '{"city": "Paris"}'
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == "claude" for c in chunks)
+    assert (usage.prompt_tokens, usage.completion_tokens) == (13, 9)
+
+
+def test_a_responses_request_goes_out_stateless(
+    fake: FakeProvider, models: dict[str, Model]
+) -> None:
+    fake.reset(Behaviour(mode="tool_call"))
+    result, usage = run(_complete(models["gpt-4o"], NativeRequest("responses", RESPONSES)))
+    sent = fake.received[-1]
+    assert sent.path == "/v1/responses"
+    assert sent.headers["authorization"] == f"Bearer {KEYS['OPENAI_API_KEY']}"
+    assert sent.body["model"] == "gpt-4o" and sent.body["store"] is False
+    assert "metadata" not in sent.body
+    assert result.body[NATIVE]["output"][1]["type"] == "function_call"
+    message = result.body["choices"][0]["message"]
+    assert message["content"] == Behaviour().text
+    assert message["tool_calls"][0]["id"] == "call_fake_1"
+    assert (usage.prompt_tokens, usage.completion_tokens) == (11, 7)
+
+
+def test_a_responses_stream_carries_each_event(
+    fake: FakeProvider, models: dict[str, Model]
+) -> None:
+    fake.reset(Behaviour(mode="tool_call"))
+    chunks, usage = run(_stream(models["gpt-4o"], NativeRequest("responses", RESPONSES)))
+    kinds = [c[NATIVE]["type"] for c in chunks]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert "response.function_call_arguments.delta" in kinds
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    assert (usage.prompt_tokens, usage.completion_tokens) == (11, 7)
+
+
+def test_an_upstream_failure_is_a_backend_error(
+    fake: FakeProvider, models: dict[str, Model]
+) -> None:
+    fake.reset(Behaviour(mode="status", status=500))
+    with pytest.raises(BackendError, match="upstream exploded"):
+        run(_complete(models["claude"], NativeRequest("messages", MESSAGES)))
+    with pytest.raises(BackendError, match="upstream exploded"):
+        run(_stream(models["gpt-4o"], NativeRequest("responses", RESPONSES)))

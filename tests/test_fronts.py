@@ -1,0 +1,538 @@
+"""The Anthropic Messages and OpenAI Responses fronts end to end, driven by the official SDKs.
+
+Tiergate runs over real HTTP with the real GGUF as the local tier; the closed tier is the
+loopback fake speaking OpenAI's chat and Responses protocols and Anthropic's Messages protocol.
+A pinned ``claude`` behind ``/v1/messages`` and a pinned ``gpt-4o`` behind ``/v1/responses``
+are passed through natively; the other pairings go through the chat translation.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from router.auth import hash_key
+from router.outcomes import OutcomeRecord, SQLiteOutcomeStore
+from tests.conftest import GGUF, LiveServer, live, policy_yaml, wait_for
+from tests.fake_provider import Behaviour, FakeProvider
+from tests.scripted_local import ScriptedLocal
+from tests.test_messages import PNG
+
+gguf = pytest.mark.skipif(not GGUF.is_file(), reason="bundled GGUF missing: make model")
+pytestmark = [gguf, pytest.mark.gguf]
+
+WEATHER = {
+    "name": "get_weather",
+    "description": "The weather in a city.",
+    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
+}
+WEATHER_FUNCTION = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+}
+
+
+class CapturingStore(SQLiteOutcomeStore):
+    """The real SQLite store, remembering each record as submitted (``front`` included)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.seen: dict[str, list[OutcomeRecord]] = {}
+
+    def submit(self, record: OutcomeRecord) -> None:
+        """Remember, then store as usual."""
+        self.seen.setdefault(record.id, []).append(record)
+        super().submit(record)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> CapturingStore:
+    """The outcome store of this module's Tiergate."""
+    return CapturingStore(tmp_path_factory.mktemp("fronts-store") / "outcomes.db")
+
+
+@pytest.fixture(scope="module")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, fake: FakeProvider, store: CapturingStore
+) -> Iterator[LiveServer]:
+    """One Tiergate with the real local model, shared by this module's tests."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OPENAI_API_KEY", "sk-test-openai-key")
+        mp.setenv("ANTHROPIC_API_KEY", "sk-ant-test-key")
+        with live(tmp_path_factory.mktemp("fronts"), policy_yaml(fake), outcomes=store) as srv:
+            yield srv
+
+
+@pytest.fixture
+def claude_client(server: LiveServer, fake: FakeProvider) -> Iterator[anthropic.Anthropic]:
+    """Anthropic's SDK, pointed at Tiergate as ``ANTHROPIC_BASE_URL`` would point it."""
+    fake.reset()
+    with anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0) as client:
+        yield client
+
+
+@pytest.fixture
+def openai_client(server: LiveServer, fake: FakeProvider) -> Iterator[openai.OpenAI]:
+    """OpenAI's SDK, for ``responses.create``."""
+    fake.reset()
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as client:
+        yield client
+
+
+def recorded(store: CapturingStore, request_id: str, front: str) -> OutcomeRecord:
+    """The one record of ``request_id``, checked to name ``front``."""
+    assert wait_for(lambda: store.get(request_id) is not None), "no outcome record"
+    (record,) = store.seen[request_id]
+    assert record.front == front
+    return record
+
+
+# -- /v1/messages --------------------------------------------------------------------------
+
+
+def test_messages_from_the_local_model(
+    claude_client: anthropic.Anthropic, store: CapturingStore, fake: FakeProvider
+) -> None:
+    raw = claude_client.messages.with_raw_response.create(
+        model="auto",
+        max_tokens=12,
+        system="Answer in a few words.",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        extra_body={"temperature": 0},
+    )
+    message = raw.parse()
+    assert raw.headers["x-tiergate-tier"] == "local"
+    assert message.type == "message" and message.model == "local"
+    assert message.content[0].type == "text" and message.content[0].text.strip()
+    assert message.stop_reason in ("end_turn", "max_tokens")
+    assert message.usage.output_tokens > 0
+    assert fake.received == []
+    record = recorded(store, raw.headers["x-request-id"], "messages")
+    assert record.tier == "local" and record.status == "ok" and not record.stream
+
+
+def test_messages_stream_from_the_local_model(
+    claude_client: anthropic.Anthropic, store: CapturingStore
+) -> None:
+    with claude_client.messages.stream(
+        model="auto", max_tokens=10, messages=[{"role": "user", "content": "Say hello."}]
+    ) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+        request_id = stream.response.headers["x-request-id"]
+    assert text.strip() and final.content[0].text == text  # type: ignore[union-attr]
+    assert final.usage.output_tokens > 0
+    record = recorded(store, request_id, "messages")
+    assert record.stream and record.tier == "local" and record.completion_tokens > 0
+
+
+def test_a_pinned_claude_is_passed_through_natively(
+    claude_client: anthropic.Anthropic, store: CapturingStore, fake: FakeProvider
+) -> None:
+    raw = claude_client.messages.with_raw_response.create(
+        model="claude",
+        max_tokens=50,
+        system=[{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
+        messages=[{"role": "user", "content": "Hi"}],
+        extra_body={"top_k": 5},
+        metadata={"user_id": "u-7"},
+        extra_headers={"anthropic-beta": "prompt-caching-2024-07-31"},
+    )
+    message = raw.parse()
+    assert raw.headers["x-tiergate-model"] == "claude"
+    assert raw.headers["x-tiergate-rule"] == "pinned"
+    assert message.content[0].text == Behaviour().text  # type: ignore[union-attr]
+    assert message.id == "msg_fake" and message.model == "claude"
+    sent = fake.received[-1]
+    assert sent.path == "/v1/messages"
+    assert sent.headers["x-api-key"] == "sk-ant-test-key"
+    assert sent.headers["anthropic-beta"] == "prompt-caching-2024-07-31"
+    assert sent.body["model"] == "claude-3-5-sonnet-20241022"
+    assert sent.body["system"][0]["cache_control"] == {"type": "ephemeral"}  # nothing lost
+    assert sent.body["top_k"] == 5 and sent.body["metadata"] == {"user_id": "u-7"}
+    record = recorded(store, raw.headers["x-request-id"], "messages")
+    assert record.model == "claude" and record.status == "ok"
+    assert (record.prompt_tokens, record.completion_tokens) == (13, 9)
+
+
+def test_a_native_claude_stream_with_a_tool_call(
+    claude_client: anthropic.Anthropic, store: CapturingStore, fake: FakeProvider
+) -> None:
+    fake.reset(Behaviour(mode="tool_call"))
+    with claude_client.messages.stream(
+        model="claude",
+        max_tokens=50,
+        tools=[WEATHER],  # type: ignore[list-item]
+        messages=[{"role": "user", "content": "Weather in Paris?"}],
+    ) as stream:
+        final = stream.get_final_message()
+        request_id = stream.response.headers["x-request-id"]
+    tool = final.content[-1]
+    assert tool.type == "tool_use" and tool.name == "get_weather"
+    assert tool.input == {"city": "Paris"}
+    assert final.stop_reason == "tool_use"
+    assert fake.received[-1].path == "/v1/messages" and fake.received[-1].body["stream"] is True
+    record = recorded(store, request_id, "messages")
+    assert record.stream and (record.prompt_tokens, record.completion_tokens) == (13, 9)
+
+
+def test_a_tool_call_round_trip_through_an_openai_model(
+    claude_client: anthropic.Anthropic, store: CapturingStore, fake: FakeProvider
+) -> None:
+    fake.reset(Behaviour(mode="tool_call"))
+    question = {"role": "user", "content": "HARD: what is the weather in Paris?"}
+    first = claude_client.messages.with_raw_response.create(
+        model="auto",
+        max_tokens=50,
+        tools=[WEATHER],  # type: ignore[list-item]
+        tool_choice={"type": "any"},
+        messages=[question],  # type: ignore[list-item]
+    )
+    assert first.headers["x-tiergate-model"] == "gpt-4o"
+    message = first.parse()
+    call = next(block for block in message.content if block.type == "tool_use")
+    assert call.name == "get_weather" and call.input == {"city": "Paris"}
+    assert message.stop_reason == "tool_use"
+    sent = fake.received[-1]
+    assert sent.path == "/v1/chat/completions" and sent.body["tool_choice"] == "required"
+    assert sent.body["tools"][0]["function"]["name"] == "get_weather"
+
+    fake.reset()
+    second = claude_client.messages.create(
+        model="auto",
+        max_tokens=50,
+        tools=[WEATHER],  # type: ignore[list-item]
+        messages=[
+            question,  # type: ignore[list-item]
+            {"role": "assistant", "content": message.content},  # type: ignore[dict-item]
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "sunny"}],
+            },
+        ],
+    )
+    assert second.content[0].text == Behaviour().text  # type: ignore[union-attr]
+    back = fake.received[-1].body["messages"]
+    assert back[-2]["tool_calls"][0]["id"] == call.id
+    assert back[-1] == {"role": "tool", "tool_call_id": call.id, "content": "sunny"}
+    recorded(store, first.headers["x-request-id"], "messages")
+
+
+def test_a_translated_stream_keeps_anthropics_event_order(
+    claude_client: anthropic.Anthropic, fake: FakeProvider
+) -> None:
+    fake.reset(Behaviour(mode="tool_call"))
+    with claude_client.messages.stream(
+        model="auto",
+        max_tokens=50,
+        tools=[WEATHER],  # type: ignore[list-item]
+        messages=[{"role": "user", "content": "HARD: weather in Paris?"}],
+    ) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_message()
+    assert fake.received[-1].path == "/v1/chat/completions"
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+    assert "message_delta" in kinds
+    assert final.content[-1].type == "tool_use"
+    assert final.content[-1].input == {"city": "Paris"}  # type: ignore[union-attr]
+
+
+def test_an_image_goes_to_a_closed_model(
+    claude_client: anthropic.Anthropic, fake: FakeProvider
+) -> None:
+    raw = claude_client.messages.with_raw_response.create(
+        model="auto",
+        max_tokens=30,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "image",
+                        "source": {"type": "base64", "media_type": "image/png", "data": PNG},
+                    },
+                    {"type": "text", "text": "What is this?"},
+                ],
+            }
+        ],
+    )
+    assert raw.headers["x-tiergate-tier"] == "closed"
+    image = fake.received[-1].body["messages"][0]["content"][0]
+    assert image == {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}}
+
+
+def test_a_privacy_rule_keeps_a_message_local(
+    claude_client: anthropic.Anthropic, fake: FakeProvider
+) -> None:
+    raw = claude_client.messages.with_raw_response.create(
+        model="auto",
+        max_tokens=8,
+        messages=[{"role": "user", "content": "HARD question about my PII record"}],
+    )
+    assert raw.headers["x-tiergate-tier"] == "local"
+    assert raw.headers["x-tiergate-rule"] == "pii-stays-local"
+    assert fake.received == []
+
+
+def test_messages_errors_take_anthropics_shape(
+    claude_client: anthropic.Anthropic, server: LiveServer
+) -> None:
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        claude_client.messages.create(
+            model="no-such-model", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
+        )
+    assert missing.value.body == {
+        "type": "error",
+        "error": {"type": "not_found_error", "message": missing.value.body["error"]["message"]},  # type: ignore[index]
+    }
+    bare = httpx.post(
+        server.url + "/v1/messages",
+        json={"model": "auto", "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert bare.status_code == 400
+    assert bare.json()["type"] == "error"
+    assert bare.json()["error"]["type"] == "invalid_request_error"
+    assert "max_tokens" in bare.json()["error"]["message"]
+
+
+def test_count_tokens_is_answered_locally(
+    claude_client: anthropic.Anthropic, fake: FakeProvider
+) -> None:
+    counted = claude_client.messages.count_tokens(
+        model="claude",
+        system="Be brief.",
+        messages=[{"role": "user", "content": "What is the weather in Paris today?"}],
+        tools=[WEATHER],  # type: ignore[list-item]
+    )
+    assert counted.input_tokens > 10
+    assert fake.received == []
+
+
+# -- /v1/responses -------------------------------------------------------------------------
+
+
+def test_responses_from_the_local_model(
+    openai_client: openai.OpenAI, store: CapturingStore, fake: FakeProvider
+) -> None:
+    raw = openai_client.responses.with_raw_response.create(
+        model="auto",
+        instructions="Answer in a few words.",
+        input="What is the capital of France?",
+        max_output_tokens=16,
+        temperature=0,
+    )
+    response = raw.parse()
+    assert raw.headers["x-tiergate-tier"] == "local"
+    assert response.object == "response" and response.status == "completed"
+    assert response.output_text.strip()
+    assert response.usage is not None and response.usage.output_tokens > 0
+    assert fake.received == []
+    recorded(store, raw.headers["x-request-id"], "responses")
+
+
+def test_responses_stream_from_the_local_model(
+    openai_client: openai.OpenAI, store: CapturingStore
+) -> None:
+    with openai_client.responses.with_streaming_response.create(
+        model="auto", input="Say hello.", max_output_tokens=16, stream=True
+    ) as response:
+        events = list(response.parse())
+        request_id = response.headers["x-request-id"]
+    kinds = [event.type for event in events]
+    assert kinds[0] == "response.created"
+    assert kinds[-1] in ("response.completed", "response.incomplete")  # incomplete: the cap
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text.strip()
+    final = events[-1].response  # type: ignore[union-attr]
+    assert final.output_text == text and final.usage is not None
+    record = recorded(store, request_id, "responses")
+    assert record.stream and record.tier == "local"
+    assert record.completion_tokens == final.usage.output_tokens
+
+
+def test_a_pinned_openai_model_is_passed_through_natively(
+    openai_client: openai.OpenAI, store: CapturingStore, fake: FakeProvider
+) -> None:
+    schema = {
+        "type": "json_schema",
+        "name": "weather",
+        "schema": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+        "strict": True,
+    }
+    raw = openai_client.responses.with_raw_response.create(
+        model="gpt-4o",
+        instructions="Be brief.",
+        input=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": "Where was this taken?"},
+                    {"type": "input_image", "image_url": f"data:image/png;base64,{PNG}"},
+                ],
+            }
+        ],
+        text={"format": schema},  # type: ignore[typeddict-item]
+        max_output_tokens=40,
+    )
+    response = raw.parse()
+    assert raw.headers["x-tiergate-model"] == "gpt-4o"
+    assert response.output_text == Behaviour().text and response.model == "gpt-4o"
+    sent = fake.received[-1]
+    assert sent.path == "/v1/responses"
+    assert sent.body["store"] is False and sent.body["model"] == "gpt-4o"
+    assert sent.body["text"] == {"format": schema}
+    assert sent.body["input"][0]["content"][1]["type"] == "input_image"  # the image went closed
+    record = recorded(store, raw.headers["x-request-id"], "responses")
+    assert (record.prompt_tokens, record.completion_tokens) == (11, 7)
+
+
+def test_a_native_responses_stream_with_a_function_call(
+    openai_client: openai.OpenAI, fake: FakeProvider
+) -> None:
+    fake.reset(Behaviour(mode="tool_call"))
+    with openai_client.responses.stream(
+        model="gpt-4o",
+        input="Weather in Paris?",
+        tools=[WEATHER_FUNCTION],  # type: ignore[list-item]
+    ) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert "response.function_call_arguments.delta" in kinds
+    call = final.output[-1]
+    assert call.type == "function_call" and json.loads(call.arguments) == {"city": "Paris"}
+    assert fake.received[-1].body["stream"] is True
+
+
+def test_a_function_call_round_trip_through_an_anthropic_model(
+    openai_client: openai.OpenAI, store: CapturingStore, fake: FakeProvider
+) -> None:
+    fake.reset(Behaviour(mode="tool_call"))
+    question: Any = {"role": "user", "content": "What is the weather in Paris?"}
+    first = openai_client.responses.with_raw_response.create(
+        model="claude",
+        input=[question],
+        tools=[WEATHER_FUNCTION],  # type: ignore[list-item]
+    )
+    response = first.parse()
+    call = next(item for item in response.output if item.type == "function_call")
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
+    assert fake.received[-1].path == "/v1/messages"  # claude does not speak Responses
+    recorded(store, first.headers["x-request-id"], "responses")
+
+    fake.reset()
+    second = openai_client.responses.create(
+        model="claude",
+        input=[
+            question,
+            {
+                "type": "function_call",
+                "call_id": call.call_id,
+                "name": call.name,
+                "arguments": call.arguments,
+            },
+            {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"},
+        ],
+        tools=[WEATHER_FUNCTION],  # type: ignore[list-item]
+    )
+    assert second.output_text == Behaviour().text
+    turns = fake.received[-1].body["messages"]
+    result = turns[-1]["content"][0]
+    assert result["type"] == "tool_result" and result["tool_use_id"] == call.call_id
+
+
+def test_a_privacy_rule_keeps_a_response_local(
+    openai_client: openai.OpenAI, fake: FakeProvider
+) -> None:
+    raw = openai_client.responses.with_raw_response.create(
+        model="auto", input="HARD question about my PII record", max_output_tokens=8
+    )
+    assert raw.headers["x-tiergate-tier"] == "local"
+    assert raw.headers["x-tiergate-rule"] == "pii-stays-local"
+    assert fake.received == []
+
+
+@pytest.mark.parametrize(
+    "state", [{"previous_response_id": "resp_1"}, {"store": True}], ids=["chained", "stored"]
+)
+def test_stored_responses_are_refused(openai_client: openai.OpenAI, state: dict[str, Any]) -> None:
+    with pytest.raises(openai.BadRequestError, match="stateless"):
+        openai_client.responses.create(model="auto", input="hi", **state)
+
+
+# -- authentication ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["x-api-key", "bearer"])
+def test_both_auth_headers_are_accepted(tmp_path: Path, fake: FakeProvider, how: str) -> None:
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(f"keys:\n  - {{sha256: {hash_key('tg-fronts-secret-1')}, tenant: acme}}\n")
+    with live(
+        tmp_path, policy_yaml(fake), local_backend_obj=ScriptedLocal(), api_keys_file=keys
+    ) as srv:
+        kwargs = (
+            {"api_key": "tg-fronts-secret-1"}
+            if how == "x-api-key"
+            else {"auth_token": "tg-fronts-secret-1"}
+        )
+        with anthropic.Anthropic(base_url=srv.url, max_retries=0, **kwargs) as client:
+            message = client.messages.create(
+                model="auto", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
+            )
+            assert message.content[0].text.strip() == "w0 w1 w2"  # type: ignore[union-attr]
+        with (
+            anthropic.Anthropic(base_url=srv.url, max_retries=0, api_key="tg-wrong") as client,
+            pytest.raises(anthropic.AuthenticationError) as denied,
+        ):
+            client.messages.create(
+                model="auto", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
+            )
+        assert denied.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
+
+
+# -- failures mid-stream -------------------------------------------------------------------
+
+
+def test_a_messages_stream_cut_upstream_ends_in_an_error_event(
+    claude_client: anthropic.Anthropic, store: CapturingStore, fake: FakeProvider
+) -> None:
+    fake.reset(Behaviour(mode="reset_mid_stream"))
+    with (
+        claude_client.messages.stream(
+            model="gpt-4o", max_tokens=20, messages=[{"role": "user", "content": "HARD"}]
+        ) as stream,
+        pytest.raises(anthropic.APIStatusError) as failed,
+    ):
+        request_id = stream.response.headers["x-request-id"]
+        list(stream)
+    assert failed.value.body["error"]["type"] == "api_error"  # type: ignore[index]
+    record = recorded(store, request_id, "messages")
+    assert record.status == "error" and record.http_status == 502
+
+
+def test_a_responses_stream_cut_upstream_ends_in_an_error_event(
+    openai_client: openai.OpenAI, store: CapturingStore, fake: FakeProvider
+) -> None:
+    fake.reset(Behaviour(mode="reset_mid_stream"))
+    with openai_client.responses.with_streaming_response.create(
+        model="claude", input="HARD", stream=True
+    ) as response:
+        events = list(response.parse())
+        request_id = response.headers["x-request-id"]
+    assert events[-1].type == "error"
+    assert events[-1].code.startswith("upstream_")  # type: ignore[union-attr]
+    record = recorded(store, request_id, "responses")
+    assert record.status == "error" and record.http_status == 502

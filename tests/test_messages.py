@@ -1,0 +1,288 @@
+"""The Anthropic Messages front's translation: request to chat, chat answer and chunks back."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from router import messages
+from router.api import validate_chat, validated
+from router.backends.native import NATIVE
+from router.errors import (
+    AuthenticationError,
+    BadRequestError,
+    BudgetExceededError,
+    TierUnavailableError,
+)
+from router.schemas import MessagesRequest
+from tests.conftest import run
+
+TOOL = {
+    "name": "get_weather",
+    "description": "The weather in a city.",
+    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
+}
+PNG = (  # a 1x1 PNG
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9aw"
+    "AAAABJRU5ErkJggg=="
+)
+
+
+def request(**fields: Any) -> dict[str, Any]:
+    """A Messages request: a user turn, then whatever ``fields`` add or replace."""
+    body: dict[str, Any] = {
+        "model": "auto",
+        "max_tokens": 64,
+        "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+    }
+    body.update(fields)
+    validated(MessagesRequest, body)
+    return body
+
+
+def test_a_full_request_becomes_a_valid_chat_request() -> None:
+    body = request(
+        system=[{"type": "text", "text": "Be brief."}],
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is in this picture, and the weather?"},
+                    {
+                        "type": "image",
+                        "source": {"type": "base64", "media_type": "image/png", "data": PNG},
+                    },
+                ],
+            },
+            {
+                "role": "assistant",
+                "content": [
+                    {
+                        "type": "tool_use",
+                        "id": "toolu_1",
+                        "name": "get_weather",
+                        "input": {"city": "Paris"},
+                    }
+                ],
+            },
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}],
+            },
+        ],
+        tools=[TOOL],
+        tool_choice={"type": "any"},
+        stop_sequences=["END"],
+        metadata={"user_id": "u-1", "team": "search"},
+        temperature=0.5,
+        stream=True,
+    )
+    chat, _ = messages.to_chat(body, "req_abc")
+    validate_chat(chat)
+    system, user, assistant, tool = chat["messages"]
+    assert system["role"] == "system" and "Be brief." in json.dumps(system["content"])
+    image = user["content"][1]
+    assert image["type"] == "image_url"
+    assert image["image_url"]["url"] == f"data:image/png;base64,{PNG}"
+    call = assistant["tool_calls"][0]
+    assert call["id"] == "toolu_1" and json.loads(call["function"]["arguments"]) == {
+        "city": "Paris"
+    }
+    assert "thinking_blocks" not in assistant  # null fields a strict provider refuses are gone
+    assert tool == {"role": "tool", "tool_call_id": "toolu_1", "content": "sunny"}
+    assert chat["tools"][0]["function"]["name"] == "get_weather"
+    assert chat["tool_choice"] == "required"
+    assert chat["stop"] == ["END"]
+    assert chat["max_tokens"] == 64 and chat["temperature"] == 0.5
+    assert chat["metadata"] == {"user_id": "u-1", "team": "search"}  # the policy reads it
+    assert chat["stream"] is True and chat["stream_options"] == {"include_usage": True}
+
+
+def test_a_system_string_leads_the_chat() -> None:
+    chat, _ = messages.to_chat(request(system="You are terse."), "req_1")
+    assert chat["messages"][0]["role"] == "system"
+    assert "You are terse." in json.dumps(chat["messages"][0]["content"])
+    assert "stream" not in chat
+
+
+def test_max_tokens_is_required() -> None:
+    body = request()
+    del body["max_tokens"]
+    with pytest.raises(BadRequestError, match="max_tokens"):
+        validated(MessagesRequest, body)
+
+
+CHAT_ANSWER = {
+    "id": "chatcmpl-1",
+    "object": "chat.completion",
+    "created": 1,
+    "model": "gpt-4o",
+    "choices": [
+        {
+            "index": 0,
+            "message": {
+                "role": "assistant",
+                "content": "Let me check.",
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    }
+                ],
+            },
+            "finish_reason": "tool_calls",
+        }
+    ],
+    "usage": {"prompt_tokens": 20, "completion_tokens": 5, "total_tokens": 25},
+}
+
+
+def test_a_chat_answer_becomes_a_message() -> None:
+    _, translation = messages.to_chat(request(tools=[TOOL]), "req_abc")
+    out = messages.answer(CHAT_ANSWER, translation)
+    assert out["type"] == "message" and out["role"] == "assistant"
+    assert out["id"] == "msg_abc" and out["model"] == "gpt-4o"
+    assert out["content"] == [
+        {"type": "text", "text": "Let me check."},
+        {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}},
+    ]
+    assert out["stop_reason"] == "tool_use"
+    assert out["usage"]["input_tokens"] == 20 and out["usage"]["output_tokens"] == 5
+    json.dumps(out)  # plain JSON
+
+
+def test_a_native_answer_is_sent_as_it_came() -> None:
+    native = {"id": "msg_upstream", "type": "message", "content": [], "extra": {"kept": True}}
+    _, translation = messages.to_chat(request(), "req_1")
+    assert messages.answer({**CHAT_ANSWER, NATIVE: native}, translation) is native
+
+
+def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+    """A chat completion chunk."""
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "local",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        **extra,
+    }
+
+
+TOOL_STREAM = [
+    chunk({"role": "assistant", "content": ""}),
+    chunk({"content": "Let me "}),
+    chunk({"content": "check."}),
+    chunk(
+        {
+            "tool_calls": [
+                {
+                    "index": 0,
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": ""},
+                }
+            ]
+        }
+    ),
+    chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]}),
+    chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]}),
+    chunk({}, "tool_calls"),
+    {**chunk({}), "choices": [], "usage": {"prompt_tokens": 20, "completion_tokens": 5}},
+]
+
+
+class Source:
+    """A chunk stream that records whether it was closed."""
+
+    def __init__(self, chunks: list[dict[str, Any]]) -> None:
+        self.chunks = list(chunks)
+        self.closed = False
+
+    def __aiter__(self) -> Source:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        if not self.chunks:
+            raise StopAsyncIteration
+        return self.chunks.pop(0)
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def collect(events: AsyncIterator[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every event of a stream."""
+    return [event async for event in events]
+
+
+def test_a_chunk_stream_becomes_anthropics_event_sequence() -> None:
+    _, translation = messages.to_chat(request(tools=[TOOL], stream=True), "req_abc")
+    source = Source(TOOL_STREAM)
+    events = run(collect(messages.events(source, translation)))
+    assert [e["type"] for e in events] == [
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    assert events[0]["message"]["id"] == "msg_abc" and events[0]["message"]["model"] == "local"
+    text = "".join(e["delta"].get("text", "") for e in events if e["type"] == "content_block_delta")
+    assert text == "Let me check."
+    assert events[5]["content_block"]["type"] == "tool_use"
+    assert events[5]["content_block"]["name"] == "get_weather"
+    partial = "".join(
+        e["delta"]["partial_json"]
+        for e in events
+        if e.get("delta", {}).get("type") == "input_json_delta"
+    )
+    assert json.loads(partial) == {"city": "Paris"}
+    assert events[-2]["delta"]["stop_reason"] == "tool_use"
+    assert events[-2]["usage"]["output_tokens"] == 5
+    assert source.closed
+
+
+def test_native_events_pass_through_unchanged() -> None:
+    native = [{"type": "message_start", "message": {"id": "m"}}, {"type": "message_stop"}]
+    source = Source([{**chunk({}), NATIVE: event} for event in native])
+    _, translation = messages.to_chat(request(stream=True), "req_1")
+    assert run(collect(messages.events(source, translation))) == native
+    assert source.closed
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (BadRequestError("bad"), "invalid_request_error"),
+        (AuthenticationError("who?"), "authentication_error"),
+        (BudgetExceededError("spent"), "rate_limit_error"),
+        (TierUnavailableError("none"), "api_error"),
+    ],
+)
+def test_errors_take_anthropics_shape(error: Any, kind: str) -> None:
+    assert messages.error_event(error) == {
+        "type": "error",
+        "error": {"type": kind, "message": error.message},
+    }
+
+
+def test_count_tokens_is_the_routing_estimate_and_grows_with_the_prompt() -> None:
+    short = messages.count_tokens({"model": "auto", "messages": request()["messages"]})
+    long = messages.count_tokens(
+        {"model": "auto", "messages": [{"role": "user", "content": "word " * 400}]}
+    )
+    with_tools = messages.count_tokens(
+        {"model": "auto", "messages": request()["messages"], "tools": [TOOL]}
+    )
+    assert 0 < short["input_tokens"] < with_tools["input_tokens"] < long["input_tokens"]
