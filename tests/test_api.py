@@ -469,14 +469,33 @@ def test_local_answer_without_max_tokens_is_bounded(keyless: LiveServer) -> None
     assert completion.choices[0].finish_reason == "length"
 
 
-def test_local_refuses_logprobs_and_fields_it_cannot_honour(client: openai.OpenAI) -> None:
+def test_local_returns_logprobs_of_its_tokens(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(
+        model="local",
+        messages=[{"role": "user", "content": "Name a colour."}],
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    choice = completion.choices[0]
+    assert choice.logprobs is not None and choice.logprobs.content
+    tokens = choice.logprobs.content
+    assert "".join(t.token for t in tokens) == choice.message.content
+    for token in tokens:
+        assert token.logprob <= 0.0
+        top = [t.logprob for t in token.top_logprobs]
+        assert len(top) == 3 and top == sorted(top, reverse=True)
+        assert token.logprob == pytest.approx(top[0])  # greedy: the drawn token is the likeliest
+
+
+def test_local_refuses_top_logprobs_alone_and_fields_it_cannot_honour(
+    client: openai.OpenAI,
+) -> None:
     messages = [{"role": "user", "content": "hi"}]
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model="local", messages=messages, logprobs=True)  # type: ignore[arg-type]
-    assert "logprobs" in str(err.value) and "logits_all" in str(err.value)
-    with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="local", messages=messages, top_logprobs=2)  # type: ignore[arg-type]
-    assert "logits_all" in str(err.value)
+    assert "top_logprobs needs logprobs" in str(err.value)
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(
             model="local",
