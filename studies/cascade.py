@@ -34,10 +34,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
 from router.artifact import default_model_path, load_for_serving
 from router.backends.local import LlamaCppBackend
-from router.cascade import DEFAULT_HOLD_BACK, answer_stats
+from router.cascade import DEFAULT_HOLD_BACK, DEFAULT_THRESHOLD, answer_stats
 from router.cascade_training import (
     CascadeConfidence,
     cascade_features,
@@ -222,6 +223,7 @@ def analyse(
     shipped = np.array([a.score for a in analyses])
     compute_s = np.array([g["generation_s"] for g in gens])
     local_tokens = np.array([g["prompt_tokens"] + g["completion_tokens"] for g in gens])
+    escalated = conf_cascade < DEFAULT_THRESHOLD
     by_subject = {}
     for subject in sorted(set(groups)):
         sel = groups == subject
@@ -247,12 +249,22 @@ def analyse(
         "threshold_cascade": threshold_table(conf_cascade, local, strong),
         "threshold_prompt_only": threshold_table(conf_prompt, local, strong),
         "by_subject": by_subject,
+        "confidence_auroc": {
+            "cascade": float(roc_auc_score(local, conf_cascade)),
+            "prompt_only": float(roc_auc_score(local, conf_prompt)),
+        },
         "local_compute_per_escalation": {
-            "generation_s_mean": float(compute_s.mean()),
-            "generation_s_p90": float(np.percentile(compute_s, 90)),
-            "local_tokens_mean": float(local_tokens.mean()),
+            "threshold": DEFAULT_THRESHOLD,
+            "escalated_share": float(escalated.mean()),
+            "generation_s_mean": float(compute_s[escalated].mean()) if escalated.any() else 0.0,
+            "generation_s_p90": (
+                float(np.percentile(compute_s[escalated], 90)) if escalated.any() else 0.0
+            ),
+            "local_tokens_mean": (
+                float(local_tokens[escalated].mean()) if escalated.any() else 0.0
+            ),
             "completion_tokens_mean": float(np.mean([g["completion_tokens"] for g in gens])),
-            "machine": "shared 2-core CPU, n_threads=1",
+            "machine": "shared 2-core CPU under load from other jobs, n_threads=1",
         },
     }
     report["headline"] = {

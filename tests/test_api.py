@@ -20,6 +20,7 @@ import httpx
 import openai
 import pytest
 
+from router.cascade import HoldBack
 from router.services import services
 from tests.conftest import GGUF, REPO, LiveServer, live, policy_yaml, wait_for
 from tests.fake_provider import Behaviour, FakeProvider
@@ -487,6 +488,27 @@ def test_local_returns_logprobs_of_its_tokens(client: openai.OpenAI) -> None:
         top = [t.logprob for t in token.top_logprobs]
         assert len(top) == 3 and top == sorted(top, reverse=True)
         assert token.logprob == pytest.approx(top[0])  # greedy: the drawn token is the likeliest
+
+
+def test_local_stream_carries_logprobs_a_cascade_can_judge(client: openai.OpenAI) -> None:
+    hold = HoldBack(tokens=3)
+    with client.chat.completions.with_streaming_response.create(
+        model="local",
+        messages=[{"role": "user", "content": "Count from one to ten."}],
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        logprobs=True,
+        top_logprobs=2,
+    ) as response:
+        for chunk in response.parse():
+            if hold.add(chunk.model_dump()):
+                break
+    assert len(hold.logprobs) >= 3 or hold.finish_reason is not None
+    assert hold.text() == "".join(t["token"] for t in hold.logprobs)
+    stats = hold.stats()
+    assert stats.first_margin >= 0.0  # greedy: the drawn token leads its runner-up
+    assert stats.min_logprob <= stats.median_logprob <= 0.0
 
 
 def test_local_refuses_top_logprobs_alone_and_fields_it_cannot_honour(
