@@ -159,6 +159,8 @@ class CascadeModel:
         self._coef = np.asarray(arrays["coef"], dtype=np.float64).reshape(n)
         self._intercept = float(np.asarray(arrays["intercept"], dtype=np.float64).reshape(()))
         self.version = version
+        #: Quality and closed share against the threshold, from the model's evaluation (sidecar).
+        self.curve: list[dict[str, float]] = []
 
     @property
     def reads_answer(self) -> bool:
@@ -200,9 +202,13 @@ def load_cascade(directory: str | Path | None = None) -> tuple[CascadeModel, dic
     meta = read_sidecar(d, CASCADE_FILE, kind=CASCADE_FORMAT, version=CASCADE_FORMAT_VERSION)
     arrays = read_checked_npz(d / CASCADE_FILE, meta.get("sha256"), "confidence model")
     try:
-        return CascadeModel(arrays, str(meta.get("version", d.name))), meta
+        model = CascadeModel(arrays, str(meta.get("version", d.name)))
     except ValueError as exc:
         raise ArtifactError(f"{d / CASCADE_FILE}: unusable confidence model ({exc})") from exc
+    curve = (meta.get("metrics") or {}).get("threshold_curve")
+    if isinstance(curve, list):
+        model.curve = [dict(p) for p in curve if isinstance(p, dict)]
+    return model, meta
 
 
 @dataclass(frozen=True, slots=True)

@@ -132,10 +132,19 @@ def save_cascade(
 ) -> Path:
     """Write ``model`` as a new confidence-model artifact (module docstring); ``directory``
     must not exist yet (a new version is a new directory, a live one is never edited)."""
+    estimator = {"estimator": {"kind": "StandardScaler + LogisticRegression", "C": model.C}}
+    return save_cascade_form(
+        model.serving(Path(directory).name), directory, {**(metadata or {}), **estimator}
+    )
+
+
+def save_cascade_form(
+    form: CascadeModel, directory: str | Path, metadata: Mapping[str, Any] | None = None
+) -> Path:
+    """Write a serving form as a new confidence-model artifact (see :func:`save_cascade`)."""
     d = Path(directory)
     if d.exists():
         raise ArtifactError(f"{d} already exists; write a new version instead of editing one")
-    form = model.serving(d.name)
     d.mkdir(parents=True)
     meta = {
         **(metadata or {}),
@@ -145,7 +154,6 @@ def save_cascade(
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "sha256": write_npz(d / CASCADE_FILE, form.arrays()),
         "features": list(form.features),
-        "estimator": {"kind": "StandardScaler + LogisticRegression", "C": model.C},
         "libraries": {
             "scikit-learn": sklearn.__version__,
             "numpy": np.__version__,

@@ -65,6 +65,9 @@ class OutcomeRecord:
     signals: dict[str, Any] = field(default_factory=dict)
     prompt: str | None = None
     front: str = "chat"  # the API the request came through: chat | messages | responses
+    #: A cascaded request's local part: the judgement (decision, confidence, threshold, reason),
+    #: the local model's tokens, time and cost, and how long a stream held back its first tokens.
+    cascade: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -104,7 +107,7 @@ class Label:
 # ``front`` is not a column yet: the stores' schemas gain it separately.
 FIELDS: tuple[str, ...] = tuple(f.name for f in fields(OutcomeRecord) if f.name != "front")
 LABEL_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Label))
-_JSON_FIELDS = {"signals", "detail"}
+_JSON_FIELDS = {"signals", "detail", "cascade"}
 _BOOL_FIELDS = {"stream"}
 
 
@@ -328,7 +331,7 @@ CREATE TABLE IF NOT EXISTS outcomes (
     model_version TEXT, status TEXT NOT NULL, http_status INTEGER NOT NULL, stream INTEGER NOT NULL,
     latency_ms REAL NOT NULL, ttft_ms REAL, prompt_tokens INTEGER, completion_tokens INTEGER,
     cost_usd REAL, counterfactual_cost_usd REAL, error_type TEXT, fallback TEXT,
-    capability TEXT, stakes TEXT, signals TEXT, prompt TEXT
+    capability TEXT, stakes TEXT, signals TEXT, prompt TEXT, cascade TEXT
 );
 CREATE INDEX IF NOT EXISTS outcomes_ts ON outcomes (ts);
 CREATE INDEX IF NOT EXISTS outcomes_tenant_ts ON outcomes (tenant, ts);
@@ -388,6 +391,9 @@ class SQLiteOutcomeStore:
         """Create the schema, load today's spend and start the writer thread."""
         conn = self._connect()
         conn.executescript(_SCHEMA)
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(outcomes)")}
+        for name in (n for n in FIELDS if n not in columns):  # a store written by an older Tiergate
+            conn.execute(f"ALTER TABLE outcomes ADD COLUMN {name} TEXT")
         start_of_day = _day(time.time()) * 86400
         for tenant, spent in conn.execute(
             "SELECT tenant, SUM(cost_usd) FROM (SELECT tenant, cost_usd FROM outcomes WHERE ts >= ?"

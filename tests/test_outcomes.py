@@ -202,3 +202,23 @@ def test_submit_never_waits_for_a_stuck_writer(
         stuck.set()
         submitter.join()
         store.close()
+
+
+def test_a_store_from_before_the_cascade_column_gains_it(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    old_schema = store_module._SCHEMA.replace(", cascade TEXT", "")
+    assert old_schema != store_module._SCHEMA
+    with sqlite3.connect(path) as conn:
+        conn.executescript(old_schema)
+    store = SQLiteOutcomeStore(path)
+    store.start()
+    record = _quality_record("r1", "closed")
+    record.cascade = {"decision": "escalated", "confidence": 0.1}
+    store.submit(record)
+    store.submit(_quality_record("r2", "local"))
+    store.close()
+    reopened = SQLiteOutcomeStore(path)
+    reopened.start()
+    assert (reopened.get("r1") or {})["cascade"] == {"decision": "escalated", "confidence": 0.1}
+    assert (reopened.get("r2") or {})["cascade"] is None
+    reopened.close()
