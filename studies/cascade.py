@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from router.artifact import default_model_path, load_for_serving
+from router.artifact import default_model_path, load_scorer, sha256_file
 from router.backends.local import LlamaCppBackend
 from router.cascade import DEFAULT_HOLD_BACK, DEFAULT_THRESHOLD, answer_stats
 from router.cascade_training import (
@@ -46,7 +46,6 @@ from router.cascade_training import (
     save_cascade,
 )
 from router.config import Settings
-from router.fetch import sha256_file
 from router.metrics import paired
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -282,7 +281,7 @@ def analyse(
     items: list[dict[str, Any]], generations: dict[str, dict[str, Any]], *, fit_all: bool
 ) -> tuple[dict[str, Any], CascadeConfidence | None]:
     """Out-of-fold confidence, the comparisons and the threshold table (module docstring)."""
-    scorer = load_for_serving(default_model_path())
+    scorer = load_scorer(default_model_path())
     gens = [generations[i["id"]] for i in items]
     stats = [answer_stats(g["logprobs"], g["finish_reason"]) for g in gens]
     analyses = [scorer.analyze(i["prompt"]) for i in items]
