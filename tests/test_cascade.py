@@ -160,3 +160,12 @@ def test_a_tampered_or_foreign_confidence_model_is_refused(tmp_path: Path) -> No
     (other / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(ArtifactError):
         load_cascade(other)
+
+
+def test_the_shipped_confidence_model_loads_with_its_curve_and_local_model() -> None:
+    model, meta = load_cascade()
+    assert model.version == "cascade-v1" and model.reads_answer
+    assert len(model.curve) == 11 and model.curve[0]["closed_share"] == 0.0
+    assert meta["local_model"]["file"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    confident = answer_stats([_entry("A", -0.01, ("B", -6.0))], "stop")
+    assert 0.0 < model.confidence(confident, 0.3, 200) < 1.0
