@@ -28,6 +28,7 @@ from router.backends.closed import ClosedBackend
 from router.backends.local import ExternalLlamaBackend, LlamaCppBackend, Queued
 from router.backends.native import NativeBackend
 from router.backends.openai_http import OpenAIHTTP
+from router.cascade import CascadeModel
 from router.config import Settings
 from router.costs import CostBook, load_litellm_cost_map
 from router.dashboard import router as observability_router
@@ -72,6 +73,30 @@ def configured_scorer(settings: Settings) -> Scorer:
         return HeuristicScorer()
 
 
+def load_cascade_model(settings: Settings) -> CascadeModel | None:
+    """The cascade's confidence model (``cascade_model_path``, else the shipped one), or None
+    when it cannot be loaded: cascades then escalate every request (logged)."""
+    from router.cascade import default_cascade_path, load_cascade
+
+    path = settings.cascade_model_path or default_cascade_path()
+    try:
+        model, meta = load_cascade(path)
+    except (ConfigError, OSError) as exc:
+        log.warning("no cascade model at %s (%s): cascades escalate every request", path, exc)
+        return None
+    fitted_on = (meta.get("local_model") or {}).get("file")
+    if fitted_on and fitted_on != settings.local_model_path.name:
+        # Its confidence reads another model's log-probabilities: refit it for this one.
+        log.warning(
+            "cascade model %s was fitted on %s, the local model is %s: its confidence is "
+            "uncalibrated here (python -m studies.cascade refits it)",
+            path,
+            fitted_on,
+            settings.local_model_path.name,
+        )
+    return model
+
+
 def profile_loader(settings: Settings) -> Callable[[Path], Scorer]:
     """The model store watcher's loader: the trusted-only loader, reading the configured local
     profile (the same one :func:`configured_scorer` reads)."""
@@ -109,6 +134,7 @@ def create_app(
     environ: Mapping[str, str] | None = None,
     local_backend: Backend | None = None,
     telemetry: Telemetry | None = None,
+    cascade_model: CascadeModel | None = None,
 ) -> FastAPI:
     """Build the app. Keyword arguments replace parts (tests, embedding) and are optional."""
     authenticator = build_authenticator(settings)
@@ -155,6 +181,11 @@ def create_app(
             native=NativeBackend(http, timeout_s=settings.closed_timeout_s, environ=environ),
             on_record=tel.on_record,
             telemetry=tel,
+            cascade=(
+                cascade_model
+                if cascade_model is not None
+                else await asyncio.to_thread(load_cascade_model, settings)
+            ),
         )
         learning = LearningLoop(
             gateway,

@@ -45,6 +45,8 @@ def calibrate(
     out: dict[str, AliasThreshold] = {}
     values = [float(v) for v in scores]
     for name, alias in policy.aliases.items():
+        if alias.cascade:  # a cascade alias has no score threshold: its answers' confidence decides
+            continue
         share = alias.target_closed_share
         if share is None:
             threshold = alias.threshold if alias.threshold is not None else policy.threshold

@@ -743,6 +743,12 @@ def _cmd_policy_explain(args: argparse.Namespace) -> int:
     print(f"         {decision.reason}")
     if decision.profile_entry:
         print(f"profile  {decision.profile_entry}")
+    if decision.cascade is not None:
+        c = decision.cascade
+        print(
+            f"cascade  the local answer is judged: confidence below {c.threshold:g} discards it "
+            f"and escalates to '{c.escalate_to}' (a stream holds back {c.hold_back_tokens} tokens)"
+        )
     extras = {
         "fallbacks": ", ".join(decision.fallbacks) or "none",
         "local_only": decision.local_only,

@@ -128,6 +128,11 @@ class Settings(BaseSettings):
     classifier_path: Path | None = Field(
         None, description="Classifier artifact directory; unset: the shipped classifier."
     )
+    cascade_model_path: Path | None = Field(
+        None,
+        description="Cascade confidence model directory (route: cascade); unset: the shipped "
+        "models/cascade-v1, fitted on the bundled SmolLM2's answers.",
+    )
     local_profile: Path | None = Field(
         None,
         description="Profile of the local model (tiergate profile, or declared: "
@@ -182,7 +187,7 @@ class Settings(BaseSettings):
         "info", description="JSON logs on stderr; warning drops the per-request lines."
     )
 
-    @field_validator("classifier_path", "local_profile", mode="before")
+    @field_validator("classifier_path", "cascade_model_path", "local_profile", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         # TIERGATE_LOCAL_PROFILE= (an empty value, as templating leaves it) means "the default",

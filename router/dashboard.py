@@ -30,6 +30,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from router.auth import require
+from router.cascade import CascadeModel
 from router.errors import TiergateError
 from router.outcomes import OutcomeStore, TieredLabel, WindowRow
 from router.services import services
@@ -232,6 +233,60 @@ def alias_thresholds(gateway: Any) -> dict[str, float]:
     return {name: float(t.threshold) for name, t in gateway.alias_thresholds.items()}
 
 
+#: The newest records the cascade panel reads (a window with more cascades shows the newest).
+CASCADE_RECORDS = 2000
+
+
+def cascade_summary(
+    store: OutcomeStore, since_ts: float, model: CascadeModel | None
+) -> dict[str, Any]:
+    """The cascade in this window: requests that cascaded, the share escalated, the median
+    hold-back of streams, and the confidence model's quality-vs-closed-share curve (from its
+    evaluation, in its sidecar) for the threshold in force."""
+    records = store.recent(CASCADE_RECORDS)
+    parts = [r["cascade"] for r in records if r.get("cascade") and r["ts"] >= since_ts]
+    escalated = sum(1 for c in parts if c.get("decision") == "escalated")
+    held = sorted(c["hold_back_ms"] for c in parts if c.get("hold_back_ms") is not None)
+    return {
+        "requests": len(parts),
+        "escalated": escalated,
+        "escalation_rate": escalated / len(parts) if parts else None,
+        "hold_back_ms_p50": held[len(held) // 2] if held else None,
+        "model_version": model.version if model is not None else None,
+        "curve": (model.curve or []) if model is not None else [],
+    }
+
+
+def cascade_block(cascade: dict[str, Any]) -> str:
+    """The cascade panel: escalation rate, hold-back, and the evaluated threshold curve."""
+    if not cascade["requests"] and not cascade["curve"]:
+        return '<p class="empty">No cascaded requests in this window.</p>'
+    rate = cascade["escalation_rate"]
+    lines = [
+        f'<p data-kpi="cascade_escalation">{cascade["requests"]} cascaded, '
+        f"{cascade['escalated']} escalated"
+        + (f" ({rate * 100:.1f}%)" if rate is not None else "")
+        + (
+            f", median hold-back {cascade['hold_back_ms_p50']:.0f} ms"
+            if cascade["hold_back_ms_p50"] is not None
+            else ""
+        )
+        + "</p>"
+    ]
+    if cascade["curve"]:
+        rows = "".join(
+            f"<tr><td>{p['threshold']:.1f}</td><td>{p['closed_share'] * 100:.0f}%</td>"
+            f"<td>{p['quality']:.3f}</td></tr>"
+            for p in cascade["curve"]
+        )
+        lines.append(
+            f"<table><tr><th>threshold</th><th>closed share</th><th>quality</th></tr>{rows}"
+            f'</table><p class="note">{escape(str(cascade["model_version"]))}: evaluation '
+            "of the confidence model (models/README.md)</p>"
+        )
+    return "".join(lines)
+
+
 async def dashboard_data(request: Request, window_s: int) -> dict[str, Any]:
     """Everything the page shows, as JSON-ready data."""
     svc = services(request)
@@ -243,6 +298,7 @@ async def dashboard_data(request: Request, window_s: int) -> dict[str, Any]:
     since = until - window_s
     summary = await asyncio.to_thread(store_summary, store, since, bucket_s, until)
     quality = label_quality(await asyncio.to_thread(store.tiered_labels, since))
+    cascade = await asyncio.to_thread(cascade_summary, store, since, gateway.cascade)
     return {
         "generated_at": now,
         "window_s": window_s,
@@ -254,6 +310,7 @@ async def dashboard_data(request: Request, window_s: int) -> dict[str, Any]:
         },
         "summary": summary,
         "quality": quality,
+        "cascade": cascade,
         "evaluation": load_eval_report(svc.settings),
     }
 
@@ -627,6 +684,7 @@ def render_page(data: dict[str, Any]) -> str:
 <section class="wide"><h2>By front</h2>{fronts_table(summary["by_front"])}</section>
 <section><h2>Quality per tier (feedback, shadow judge)</h2>
 {quality_block(data["quality"])}</section>
+<section><h2>Cascade: escalations</h2>{cascade_block(data["cascade"])}</section>
 <section><h2>Evaluation: quality vs closed share</h2>
 {eval_chart(data["evaluation"], data["live"]["thresholds"])}</section>
 <section class="wide"><h2>Recent fallbacks and errors</h2>

@@ -32,6 +32,7 @@ from router.backends import Backend, Completion, Usage
 from router.backends.local import Gate
 from router.backends.native import NativeBackend, NativeRequest, speaks
 from router.calibration import AliasThreshold, calibrate, calibrated_values
+from router.cascade import CascadeModel, HoldBack, Judgement, answer_stats, judge
 from router.costs import CostBook
 from router.errors import (
     BackendError,
@@ -139,6 +140,16 @@ class RequestContext:
     streamed_chunks: int = 0  # chunks that carried answer text, counted as they passed
     streamed_chars: int = 0
     front: str = "chat"
+    cascade: dict[str, Any] | None = None  # a cascade's local part (record and headers)
+    cascade_usage: Usage | None = None  # the local answer an escalated cascade discarded
+
+    def tokens_used(self) -> int:
+        """The tokens this request used (the rate limiter's charge): its answer's, and those of
+        the local answer an escalated cascade discarded."""
+        used = self.usage.prompt_tokens + self.usage.completion_tokens
+        if self.cascade_usage is not None:
+            used += self.cascade_usage.prompt_tokens + self.cascade_usage.completion_tokens
+        return used
 
 
 def new_request_id() -> str:
@@ -314,8 +325,10 @@ class Gateway:
         native: NativeBackend | None = None,
         on_record: Callable[[OutcomeRecord], None] | None = None,
         telemetry: Telemetry | None = None,
+        cascade: CascadeModel | None = None,
     ) -> None:
         self.policies = policy
+        self.cascade = cascade
         self.scorer = scorer
         self.local = local
         self.closed = closed
@@ -419,7 +432,7 @@ class Gateway:
                 await _close(source, ctx.request_id)
             self.record(ctx, status=status, http_status=http_status, error=error)
             if hold is not None:
-                hold.settle(ctx.usage.prompt_tokens + ctx.usage.completion_tokens)
+                hold.settle(ctx.tokens_used())
         if answer is not None and self.learning is not None:
             self.learning.after_response(ctx, call.body, answer)
 
@@ -469,6 +482,9 @@ class Gateway:
             headers["x-tiergate-model"] = ctx.served.model.name
             if ctx.served.fallback:
                 headers["x-tiergate-fallback"] = ctx.served.fallback
+        if ctx.cascade is not None:
+            headers["x-tiergate-cascade"] = ctx.cascade["decision"]
+            headers["x-tiergate-confidence"] = f"{ctx.cascade['confidence']:.4f}"
         return headers
 
     # -- deciding --------------------------------------------------------------------------
@@ -636,7 +652,8 @@ class Gateway:
         self, ctx: RequestContext, body: dict[str, Any], native: NativeRequest | None = None
     ) -> Completion:
         """Serve a non-streaming request along the fallback chain; a model that speaks the
-        front's own API gets ``native``, the client's request as sent."""
+        front's own API gets ``native``, the client's request as sent. A cascade first asks
+        the local model and keeps its answer, or escalates (:meth:`_cascade_complete`)."""
 
         async def attempt(backend: Backend, model: ModelSpec) -> Completion:
             ctx.usage = Usage()  # filled as the answer is made, so a cancelled call tells too
@@ -648,7 +665,7 @@ class Gateway:
             ctx.usage = result.usage
             return result
 
-        return await self._along_chain(ctx, attempt)
+        return await self._local_first(ctx, attempt, lambda: self._cascade_complete(ctx, body))
 
     async def stream(
         self, ctx: RequestContext, body: dict[str, Any], native: NativeRequest | None = None
@@ -676,15 +693,155 @@ class Gateway:
             ctx.usage = usage
             return _metered(ctx, first, source)
 
-        return await self._along_chain(ctx, attempt)
+        return await self._local_first(ctx, attempt, lambda: self._cascade_stream(ctx, body))
+
+    # -- the cascade: the local model answers first ------------------------------------------
+
+    async def _local_first(
+        self,
+        ctx: RequestContext,
+        attempt: Callable[[Backend, ModelSpec], Awaitable[_T]],
+        cascade: Callable[[], Awaitable[_T | None]],
+    ) -> _T:
+        """Along the chain; for a cascade, the local answer it keeps, else the closed models."""
+        assert ctx.decision is not None
+        if ctx.decision.cascade is None:
+            return await self._along_chain(ctx, attempt)
+        kept = await cascade()
+        if kept is not None:
+            return kept
+        return await self._along_chain(ctx, attempt, self._escalation(ctx.decision))
+
+    def _escalation(self, decision: Decision) -> list[tuple[ModelSpec, str | None]]:
+        """Where an escalated cascade goes: its closed model, then the other closed models."""
+        assert decision.cascade is not None
+        names = [decision.cascade.escalate_to]
+        names += [n for n in decision.fallbacks if n not in names]
+        models = [self.policy.models[n] for n in names]
+        return [(m, "cascade->closed") for m in models if m.tier == "closed"]
+
+    def _cascade_judge(
+        self,
+        ctx: RequestContext,
+        body: Mapping[str, Any],
+        logprobs: list[dict[str, Any]],
+        finish: str | None,
+    ) -> Judgement:
+        decision, signals = ctx.decision, ctx.signals
+        assert decision is not None and decision.cascade is not None and signals is not None
+        plan = decision.cascade
+        if self.cascade is None:
+            return Judgement("escalated", 0.0, plan.threshold, "no_confidence_model")
+        stats = answer_stats(logprobs, finish, limit=plan.hold_back_tokens)
+        chars = len(scoring_text(list(body.get("messages") or [])))
+        confidence = self.cascade.confidence(stats, signals.score, chars)
+        return judge(confidence, plan.threshold, may_escalate=not decision.local_only)
+
+    def _cascade_note(
+        self, ctx: RequestContext, judgement: Judgement, usage: Usage, hold_back_ms: float | None
+    ) -> None:
+        # The cascade's local part, as the record and the headers tell it.
+        ctx.cascade = {
+            **judgement.as_record(),
+            "local_prompt_tokens": usage.prompt_tokens,
+            "local_completion_tokens": usage.completion_tokens,
+            "local_generation_s": round(usage.generation_s, 4),
+            "hold_back_ms": None if hold_back_ms is None else round(hold_back_ms, 1),
+        }
+        if judgement.decision == "escalated":
+            ctx.cascade_usage = usage
+
+    def _cascade_local(self, ctx: RequestContext) -> tuple[Backend, ModelSpec] | None:
+        assert ctx.decision is not None
+        model = self.policy.models[ctx.decision.model]
+        backend = self.backend(model)
+        if backend is None or self.unavailable_reason(model):
+            plan = ctx.decision.cascade
+            assert plan is not None
+            unavailable = Judgement("escalated", 0.0, plan.threshold, "local_unavailable")
+            self._cascade_note(ctx, unavailable, Usage(), None)
+            return None
+        return backend, model
+
+    async def _cascade_complete(
+        self, ctx: RequestContext, body: dict[str, Any]
+    ) -> Completion | None:
+        """The local answer if the cascade keeps it, else None (escalate); a local failure
+        escalates too."""
+        local = self._cascade_local(ctx)
+        if local is None:
+            return None
+        backend, model = local
+        usage = Usage()
+        ctx.served = Served(model)  # a client that leaves meanwhile is charged for the local work
+        try:
+            result = await backend.complete(model, _with_logprobs(body), usage)
+        except TiergateError as exc:
+            ctx.served = None
+            self._cascade_note(ctx, _failed(ctx), usage, None)
+            log.warning("cascade: local model failed for %s: %s", ctx.request_id, exc.message)
+            return None
+        choice = (result.body.get("choices") or [{}])[0]
+        logprobs = (choice.get("logprobs") or {}).get("content") or []
+        judgement = self._cascade_judge(ctx, body, logprobs, choice.get("finish_reason"))
+        self._cascade_note(ctx, judgement, result.usage, None)
+        if judgement.decision == "escalated":
+            ctx.served = None
+            return None
+        ctx.usage = result.usage
+        for c in result.body.get("choices") or []:
+            _client_logprobs(c, body)
+        return result
+
+    async def _cascade_stream(
+        self, ctx: RequestContext, body: dict[str, Any]
+    ) -> AsyncGenerator[dict[str, Any], None] | None:
+        """Hold back the local stream's first tokens, judge them, then stream on (the held
+        chunks first) or close the local stream and return None (escalate)."""
+        local = self._cascade_local(ctx)
+        if local is None:
+            return None
+        backend, model = local
+        assert ctx.decision is not None and ctx.decision.cascade is not None
+        usage = Usage()
+        hold = HoldBack(ctx.decision.cascade.hold_back_tokens)
+        started = time.perf_counter()
+        ctx.served = Served(model)
+        source = backend.stream(model, _with_logprobs(body), usage)
+        try:
+            while not hold.ready:
+                try:
+                    hold.add(await anext(source))
+                except StopAsyncIteration:
+                    break
+        except TiergateError as exc:
+            await _close(source, ctx.request_id)
+            ctx.served = None
+            self._cascade_note(ctx, _failed(ctx), _held_usage(usage, hold, ctx), None)
+            log.warning("cascade: local model failed for %s: %s", ctx.request_id, exc.message)
+            return None
+        held_ms = (time.perf_counter() - started) * 1000.0
+        judgement = self._cascade_judge(ctx, body, hold.logprobs, hold.finish_reason)
+        if judgement.decision == "escalated":
+            await _close(source, ctx.request_id)  # the local model stops generating
+            ctx.served = None
+            self._cascade_note(ctx, judgement, _held_usage(usage, hold, ctx), held_ms)
+            return None
+        self._cascade_note(ctx, judgement, usage, held_ms)
+        ctx.usage = usage
+        return _metered(ctx, None, _released(hold.chunks, source, body))
 
     async def _along_chain(
-        self, ctx: RequestContext, attempt: Callable[[Backend, ModelSpec], Awaitable[_T]]
+        self,
+        ctx: RequestContext,
+        attempt: Callable[[Backend, ModelSpec], Awaitable[_T]],
+        queue: list[tuple[ModelSpec, str | None]] | None = None,
     ) -> _T:
-        """Try the decision's models in order until one answers; spill on a full local queue."""
+        """Try the decision's models (or ``queue``) in order until one answers; spill on a full
+        local queue."""
         assert ctx.decision is not None
         errors: list[str] = []
-        queue = self.chain(ctx.decision)
+        queue = self.chain(ctx.decision) if queue is None else queue
         i = 0
         last: TiergateError | None = None
         failure: BackendError | None = None  # the last model that failed (not refused)
@@ -788,6 +945,18 @@ class Gateway:
         prompt, completion = usage.prompt_tokens, usage.completion_tokens
         cost = 0.0 if model is None else self._cost(model, prompt, completion, usage.generation_s)
         policy = self.policy
+        cascade = dict(ctx.cascade) if ctx.cascade is not None else None
+        discarded = ctx.cascade_usage
+        if cascade is not None and discarded is not None and decision is not None:
+            # An escalated cascade pays for the local answer it discarded, too.
+            local_cost = self._cost(
+                policy.models[decision.model],
+                discarded.prompt_tokens,
+                discarded.completion_tokens,
+                discarded.generation_s,
+            )
+            cascade["local_cost_usd"] = local_cost
+            cost += local_cost
         default_closed = policy.models[policy.closed_models[0]] if policy.closed_models else None
         counterfactual = (
             self.costs.closed_cost(default_closed.litellm_model, prompt, completion)
@@ -822,6 +991,7 @@ class Gateway:
             signals=_record_signals(signals),
             prompt=ctx.prompt,
             front=ctx.front,
+            cascade=cascade,
         )
         if self._on_record is not None:
             self._on_record(record)
@@ -910,9 +1080,12 @@ async def _chunks(
         await life.aclose()
 
 
-async def _close(source: AsyncGenerator[dict[str, Any], None], request_id: str) -> None:
+async def _close(source: AsyncIterator[dict[str, Any]], request_id: str) -> None:
+    aclose = getattr(source, "aclose", None)
+    if aclose is None:
+        return
     try:
-        await source.aclose()
+        await aclose()
     except Exception:  # closing a broken upstream must not mask the outcome
         log.debug("closing stream %s failed", request_id, exc_info=True)
 
@@ -945,6 +1118,58 @@ def settle_usage(ctx: RequestContext) -> None:
     )
     prompt = usage.prompt_tokens or (ctx.signals.prompt_tokens if ctx.signals else 0)
     ctx.usage = Usage(prompt, completion, usage.generation_s)
+
+
+def _with_logprobs(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` asking for the log-probabilities a cascade judges (two alternatives at least,
+    for the first token's margin)."""
+    top = max(2, int(body.get("top_logprobs") or 0))
+    return {**body, "logprobs": True, "top_logprobs": top}
+
+
+def _client_logprobs(choice: dict[str, Any], body: Mapping[str, Any]) -> None:
+    # Give the client the log-probabilities it asked for, not those the cascade asked for.
+    logprobs = choice.get("logprobs")
+    if not logprobs:
+        return
+    if not body.get("logprobs"):
+        choice["logprobs"] = None
+        return
+    top = int(body.get("top_logprobs") or 0)
+    for entry in logprobs.get("content") or []:
+        entry["top_logprobs"] = (entry.get("top_logprobs") or [])[:top]
+
+
+async def _released(
+    held: list[dict[str, Any]], rest: AsyncIterator[dict[str, Any]], body: Mapping[str, Any]
+) -> AsyncGenerator[dict[str, Any], None]:
+    """A kept cascade's stream: the held chunks, then the rest, as the client asked for them."""
+    try:
+        for chunk in held:
+            for choice in chunk.get("choices") or []:
+                _client_logprobs(choice, body)
+            yield chunk
+        async for chunk in rest:
+            for choice in chunk.get("choices") or []:
+                _client_logprobs(choice, body)
+            yield chunk
+    finally:
+        aclose = getattr(rest, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
+
+
+def _failed(ctx: RequestContext) -> Judgement:
+    # The local model failed (busy, error, timeout): the cascade escalates.
+    plan = ctx.decision.cascade if ctx.decision is not None else None
+    return Judgement("escalated", 0.0, plan.threshold if plan else 0.0, "local_failed")
+
+
+def _held_usage(usage: Usage, hold: HoldBack, ctx: RequestContext) -> Usage:
+    # A local stream closed early may not have reported its usage yet: count what was held.
+    prompt = usage.prompt_tokens or (ctx.signals.prompt_tokens if ctx.signals else 0)
+    return Usage(prompt, usage.completion_tokens or len(hold.logprobs), usage.generation_s)
 
 
 def _record_signals(signals: Signals | None) -> dict[str, Any]:

@@ -62,6 +62,9 @@ class OutcomeRecord:
     signals: dict[str, Any] = field(default_factory=dict)
     prompt: str | None = None
     front: str = "chat"  # the API the request came through: chat | messages | responses
+    #: A cascaded request's local part: the judgement (decision, confidence, threshold, reason),
+    #: the local model's tokens, time and cost, and how long a stream held back its first tokens.
+    cascade: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -102,7 +105,7 @@ Item = OutcomeRecord | Label
 
 FIELDS: tuple[str, ...] = tuple(f.name for f in fields(OutcomeRecord))
 LABEL_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Label))
-_JSON_FIELDS = {"signals", "detail"}
+_JSON_FIELDS = {"signals", "detail", "cascade"}
 _BOOL_FIELDS = {"stream"}
 
 
@@ -691,6 +694,7 @@ _OUTCOME_COLUMNS = {
     "completion_tokens": "INTEGER", "cost_usd": "REAL", "counterfactual_cost_usd": "REAL",
     "error_type": "TEXT", "fallback": "TEXT", "capability": "TEXT", "stakes": "TEXT",
     "front": "TEXT NOT NULL DEFAULT 'chat'", "signals": "TEXT", "prompt": "TEXT",
+    "cascade": "TEXT",
 }  # fmt: skip
 
 _SCHEMA = f"""

@@ -276,18 +276,30 @@ class Rule(_Strict):
     store_prompts: StorePrompts | None = None
 
 
+class Cascade(_Strict):
+    """How a cascade runs: the local model answers first, and an answer whose confidence (the
+    cascade model's P(the local answer is right)) is below ``threshold`` escalates to the
+    closed tier. A stream holds back its first ``hold_back_tokens`` tokens until then."""
+
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    hold_back_tokens: int = Field(16, ge=1, le=512)
+
+
 class Alias(_Strict):
-    """A virtual model name (``auto``, ``auto-cheap``): exactly one of the two settings."""
+    """A virtual model name (``auto``, ``auto-cheap``): exactly one of the settings. ``cascade:
+    true`` makes the score's ``auto`` route a cascade instead (``auto-cascade``)."""
 
     description: str | None = None
     threshold: float | None = Field(None, ge=0.0, le=1.0)
     target_closed_share: float | None = Field(None, ge=0.0, le=1.0)
+    cascade: bool = False
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Alias:
-        if (self.threshold is None) == (self.target_closed_share is None):
+        settings = (self.threshold is not None, self.target_closed_share is not None, self.cascade)
+        if sum(settings) != 1:
             raise PydanticCustomError(
-                "alias_setting", "set exactly one of threshold or target_closed_share"
+                "alias_setting", "set exactly one of threshold, target_closed_share or cascade"
             )
         return self
 
@@ -326,6 +338,7 @@ class Policy(_Strict):
     store_prompts: StorePrompts = "full"
     retention_days: int | None = Field(30, ge=1)
     shadow: Shadow = Field(default_factory=Shadow)
+    cascade: Cascade = Field(default_factory=Cascade)
     signals: dict[str, Condition] = Field(default_factory=dict)
     rules: list[Rule] = Field(default_factory=list)
     aliases: dict[str, Alias] = Field(default_factory=dict)
@@ -399,6 +412,24 @@ class RuleTrace:
 
 
 @dataclass(frozen=True, slots=True)
+class CascadePlan:
+    """A decision that cascades: ``model`` (local) answers first; an answer whose confidence is
+    below ``threshold`` is discarded and the request goes to ``escalate_to`` (closed)."""
+
+    threshold: float
+    hold_back_tokens: int
+    escalate_to: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready view."""
+        return {
+            "threshold": self.threshold,
+            "hold_back_tokens": self.hold_back_tokens,
+            "escalate_to": self.escalate_to,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     """Where one request goes, and why.
 
@@ -415,6 +446,9 @@ class Decision:
       ``local`` so that a caller that forgets the check still spends nothing.
     * ``no_closed_local``: no closed model was available (no API key) and the policy does not say
       ``fail_closed``, so the local model ends the fallback chain of this closed decision.
+    * ``cascade``: set when the request cascades (a ``route: cascade`` rule, or ``auto`` under a
+      cascade alias) and can: the local model serves it, no constraint moved it, it is not
+      ``local_only`` and a closed model is available to escalate to.
     """
 
     tier: Tier
@@ -438,6 +472,7 @@ class Decision:
 
     no_closed_local: bool = False
     profile_entry: str | None = None
+    cascade: CascadePlan | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready view for headers, outcome records and trace spans."""
@@ -460,6 +495,7 @@ class Decision:
             "reason": self.reason,
             "policy_version": self.policy_version,
             "profile_entry": self.profile_entry,
+            "cascade": self.cascade.as_dict() if self.cascade is not None else None,
             "trace": [step.as_dict() for step in self.trace],
         }
 
@@ -479,7 +515,7 @@ class CompiledRule:
     priority: int
     test: Test
     desc: str
-    route: str  # "local", "closed", "auto" or "model"
+    route: str  # "local", "closed", "auto", "cascade" or "model"
     model: str | None
     on_failure: OnFailure
     local_only: bool
@@ -518,6 +554,7 @@ class Plan:
     thresholds: Mapping[str, float]
     budget_usd: float | None
     over_budget: Literal["local", "reject"]
+    cascade_aliases: frozenset[str] = frozenset()
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -547,11 +584,13 @@ def evaluate(
         raise TypeError("build a Policy with parse_policy() or load_policy()")
     plan = runtime.plans.get(signals.tenant, runtime.global_plan)
     pinned = signals.alias if signals.alias in policy.models else None
-    alias = signals.alias if signals.alias in plan.thresholds else "auto"
+    known = signals.alias in plan.thresholds or signals.alias in plan.cascade_aliases
+    alias = signals.alias if known else "auto"
     trace: list[RuleTrace] = []
     rule = _first_match(plan, signals, pinned is not None, trace)
 
     threshold: float | None = None
+    cascades = False
     on_failure: OnFailure
     if rule is None:
         assert pinned is not None  # the default rule matches every unpinned request
@@ -562,17 +601,12 @@ def evaluate(
     else:
         name, on_failure, local_only = rule.name, rule.on_failure, rule.local_only
         shadow_rate, store = rule.shadow_rate, rule.store_prompts
-        if rule.route == "auto":
-            threshold = plan.thresholds[alias]
-            if thresholds is not None:
-                threshold = thresholds.get(alias, threshold)
-            model, reason = _auto(policy, signals.score, threshold, alias)
-            reason = f"rule '{name}': {reason}"
-        else:
-            model = _route_model(policy, rule)
-            reason = (
-                f"rule '{name}' routes to {rule.route if rule.model is None else 'model'} '{model}'"
-            )
+        cascades = rule.route == "cascade" or (
+            rule.route == "auto" and alias in plan.cascade_aliases
+        )
+        model, reason, threshold = _route(
+            policy, plan, rule, alias, score=signals.score, thresholds=thresholds
+        )
 
     step = _Step(
         policy,
@@ -602,6 +636,10 @@ def evaluate(
         if no_closed_local:
             on_failure, fallbacks = "local", (*fallbacks, policy.local_model or "")
     spec = policy.models[step.model]
+    cascade = None
+    if cascades:
+        cascade, why = _cascade_plan(policy, spec, local_only, closed_available)
+        step.reason += why
     profile_entry = None
     if rule is not None and any(r.reads_profile for r in plan.rules[: len(trace)]):
         profile_entry = _profile_entry(signals, plan, trace)
@@ -626,7 +664,58 @@ def evaluate(
         budget_usd=plan.budget_usd,
         no_closed_local=no_closed_local,
         profile_entry=profile_entry,
+        cascade=cascade,
     )
+
+
+def _route(
+    policy: Policy,
+    plan: Plan,
+    rule: CompiledRule,
+    alias: str,
+    *,
+    score: float,
+    thresholds: Mapping[str, float] | None,
+) -> tuple[str, str, float | None]:
+    # The model a matched rule routes to, why, and the score threshold it used (if any).
+    name = rule.name
+    if rule.route == "cascade":
+        return (*_cascade_start(policy, name, None), None)
+    if rule.route == "auto" and alias in plan.cascade_aliases:
+        return (*_cascade_start(policy, name, alias), None)
+    if rule.route == "auto":
+        threshold = plan.thresholds[alias]
+        if thresholds is not None:
+            threshold = thresholds.get(alias, threshold)
+        model, reason = _auto(policy, score, threshold, alias)
+        return model, f"rule '{name}': {reason}", threshold
+    model = _route_model(policy, rule)
+    kind = rule.route if rule.model is None else "model"
+    return model, f"rule '{name}' routes to {kind} '{model}'", None
+
+
+def _cascade_start(policy: Policy, rule: str, alias: str | None) -> tuple[str, str]:
+    # A cascade starts on the local model (the checker requires one).
+    model = _default_model(policy, "local")
+    assert model is not None
+    via = f" (alias '{alias}')" if alias is not None else ""
+    return model, f"rule '{rule}'{via}: cascade, the local model '{model}' answers first"
+
+
+def _cascade_plan(
+    policy: Policy, spec: ModelSpec, local_only: bool, closed_available: bool
+) -> tuple[CascadePlan | None, str]:
+    # The cascade as it will run, or None and why it will not.
+    if spec.tier != "local":
+        return None, "; no cascade: the request cannot be served locally"
+    if local_only:
+        return None, "; no cascade: local_only, the local answer is kept whatever its confidence"
+    if not policy.closed_models or not closed_available:
+        return None, "; no cascade: no closed model to escalate to"
+    settings = policy.cascade
+    target = policy.closed_models[0]
+    plan = CascadePlan(settings.threshold, settings.hold_back_tokens, target)
+    return plan, f"; confidence below {settings.threshold:g} escalates to '{target}'"
 
 
 def _profile_entry(signals: Signals, plan: Plan, trace: list[RuleTrace]) -> str:

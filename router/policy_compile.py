@@ -425,12 +425,12 @@ class _Checker:
         if rule.when is not None:  # checked first, so a bad route does not hide its problems
             test, desc = self._condition(rule.when, (*loc, "when"))
         route, model = rule.route, None
-        if route not in ("local", "closed", "auto"):
+        if route not in ("local", "closed", "auto", "cascade"):
             if route not in p.models:
                 hint = _suggest(route, list(p.models))
                 self.add(
                     (*loc, "route"),
-                    f"unknown route {route!r}{hint} (expected local, closed, auto "
+                    f"unknown route {route!r}{hint} (expected local, closed, auto, cascade "
                     f"or a model: {', '.join(p.models)})",
                 )
                 return None
@@ -484,6 +484,15 @@ class _Checker:
     def _check_route(self, rule: Rule, loc: Loc, model: str | None) -> None:
         p = self.policy
         tier = p.models[model].tier if model is not None else rule.route
+        if tier == "cascade":
+            if p.local_model is None or not p.closed_models:
+                self.add((*loc, "route"), "route cascade needs a local and a closed model")
+            if rule.local_only:
+                self.add(
+                    (*loc, "local_only"),
+                    "a local_only rule cannot cascade (it would never escalate)",
+                )
+            return
         if tier == "local" and p.local_model is None:
             self.add((*loc, "route"), "route local needs a model with tier local under models")
         if tier == "closed" and not p.closed_models:
@@ -881,14 +890,28 @@ def _build_plans(
         return {
             name: a.threshold if a.threshold is not None else policy.threshold
             for name, a in aliases.items()
+            if not a.cascade
         }
+
+    def cascading(tenant: Tenant | None) -> frozenset[str]:
+        aliases = dict(policy.aliases)
+        if tenant is not None:
+            aliases.update(tenant.aliases)
+        return frozenset(name for name, a in aliases.items() if a.cascade)
 
     global_rules = ordered(compiled[None])
     plans: dict[str, Plan] = {}
     for name, tenant in policy.tenants.items():
         rules = (*ordered(compiled[name]), *global_rules, default)
         plans[name] = Plan(
-            name, rules, thresholds(tenant), tenant.daily_budget_usd, tenant.over_budget
+            name,
+            rules,
+            thresholds(tenant),
+            tenant.daily_budget_usd,
+            tenant.over_budget,
+            cascading(tenant),
         )
-    global_plan = Plan(None, (*global_rules, default), thresholds(None), None, "local")
+    global_plan = Plan(
+        None, (*global_rules, default), thresholds(None), None, "local", cascading(None)
+    )
     policy._runtime = Runtime(digest, source, plans, global_plan, metadata_fields)

@@ -39,9 +39,12 @@ def policy_json_schema() -> dict[str, Any]:
     model["required"] = [k for k in model["required"] if not k.startswith("supports_")]
     for key in ("supports_tools", "supports_images"):
         model["properties"][key]["description"] = "default: true for tier closed, false for local"
-    defs["Alias"]["oneOf"] = [  # exactly one of the two settings
-        {"required": [key], "properties": {key: {"type": "number"}}}
-        for key in ("threshold", "target_closed_share")
+    defs["Alias"]["oneOf"] = [  # exactly one of the settings
+        *(
+            {"required": [key], "properties": {key: {"type": "number"}}}
+            for key in ("threshold", "target_closed_share")
+        ),
+        {"required": ["cascade"], "properties": {"cascade": {"const": True}}},
     ]
     rule_name = defs["Rule"]["properties"]["name"]
     rule_name["pattern"] = NAME.pattern

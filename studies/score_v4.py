@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from router import metrics
 from router.artifact import load_fitted, load_scorer
 from router.classifier import GapRouting, PromptClassifier, ServedCapability
 from router.profile import default_profile, load_profile
@@ -81,24 +82,9 @@ def _metrics(s: Any, rows: Sequence[RoutingRow]) -> tuple[float, float]:
 def paired(a: Any, b: Any, rows: Sequence[RoutingRow], seed: int = 0) -> dict[str, Any]:
     """APGR and CPT(50%) of scores ``a`` and ``b`` on ``rows``, with the 95% paired bootstrap
     interval of ``a - b`` (the same resampled rows for both)."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    diffs = np.zeros((BOOT, 2))
-    for k in range(BOOT):
-        idx = rng.integers(0, len(rows), len(rows))
-        sub = [rows[i] for i in idx]
-        diffs[k] = np.subtract(_metrics(a[idx], sub), _metrics(b[idx], sub))
-    ma, mb = _metrics(a, rows), _metrics(b, rows)
-    lo, hi = np.nanpercentile(diffs, [2.5, 97.5], axis=0)
-    return {
-        "n": len(rows),
-        "apgr": ma[0],
-        "apgr_baseline": mb[0],
-        "apgr_diff_ci": [float(lo[0]), float(hi[0])],
-        "cpt50": ma[1],
-        "cpt50_baseline": mb[1],
-        "cpt50_diff_ci": [float(lo[1]), float(hi[1])],
-    }
+    weak = [r.weak_score for r in rows]
+    strong = [r.strong_score for r in rows]
+    return {"n": len(rows), **metrics.paired(a, b, weak, strong, n_bootstrap=BOOT, seed=seed)}
 
 
 def loso(

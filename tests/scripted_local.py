@@ -21,6 +21,8 @@ class ScriptedLocal:
     """``mode``: ok, fail (raises during generation), hold (waits for ``release``).
 
     It answers ``w0 w1 w2`` (``words`` of them), or, when ``reply`` is set, ``reply(body)``.
+    Asked for ``logprobs``, every token gets log-probability ``logprob``, with one runner-up a
+    nat behind it.
     """
 
     def __init__(
@@ -31,6 +33,7 @@ class ScriptedLocal:
         reply: Callable[[dict[str, Any]], str] | None = None,
     ) -> None:
         self.mode = "ok"
+        self.logprob = -0.1
         self.words = words
         self.reply = reply
         self.token_delay_s = 0.0
@@ -49,8 +52,10 @@ class ScriptedLocal:
         """Join the stream into one answer, counting into ``usage`` as it goes."""
         usage = usage if usage is not None else Usage()
         text = ""
+        logprobs: list[dict[str, Any]] = []
         async for chunk in self.stream(model, body, usage):
             text += chunk["choices"][0]["delta"].get("content") or ""
+            logprobs += (chunk["choices"][0].get("logprobs") or {}).get("content") or []
         return Completion(
             body={
                 "id": "chatcmpl-local",
@@ -62,6 +67,7 @@ class ScriptedLocal:
                         "index": 0,
                         "message": {"role": "assistant", "content": text},
                         "finish_reason": "stop",
+                        "logprobs": {"content": logprobs} if body.get("logprobs") else None,
                     }
                 ],
                 "usage": {
@@ -92,18 +98,28 @@ class ScriptedLocal:
                 if self.token_delay_s:
                     await asyncio.sleep(self.token_delay_s)
                 usage.prompt_tokens, usage.completion_tokens = 5, i + 1
+                choice: dict[str, Any] = {"index": 0, "delta": {"content": piece}}
+                if body.get("logprobs"):
+                    choice["logprobs"] = {"content": [self._entry(piece, body)]}
                 yield {
                     "id": "chatcmpl-local",
                     "object": "chat.completion.chunk",
                     "created": 0,
                     "model": model.name,
-                    "choices": [{"index": 0, "delta": {"content": piece}}],
+                    "choices": [choice],
                 }
         except (asyncio.CancelledError, GeneratorExit):
             self.cancelled += 1
             raise
         finally:
             self.gate.release()
+
+    def _entry(self, piece: str, body: dict[str, Any]) -> dict[str, Any]:
+        top = [
+            {"token": piece, "logprob": self.logprob, "bytes": list(piece.encode())},
+            {"token": "~", "logprob": self.logprob - 1.0, "bytes": [126]},
+        ]
+        return {**top[0], "top_logprobs": top[: int(body.get("top_logprobs") or 0)]}
 
     async def aclose(self) -> None:
         """Nothing to close."""

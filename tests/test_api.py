@@ -20,6 +20,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from router.cascade import HoldBack
 from router.services import services
 from tests.conftest import REPO, LiveServer, live, policy_yaml, wait_for
 from tests.fake_provider import Behaviour, FakeProvider
@@ -505,16 +506,58 @@ def test_local_answer_without_max_tokens_is_bounded(tmp_path: Path, fake: FakePr
     assert completion.choices[0].finish_reason == "length"
 
 
+@pytest.mark.gguf  # log-probabilities of the real model
+def test_local_returns_logprobs_of_its_tokens(gguf_client: openai.OpenAI) -> None:
+    completion = gguf_client.chat.completions.create(
+        model="local",
+        messages=[{"role": "user", "content": "Name a colour."}],
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    choice = completion.choices[0]
+    assert choice.logprobs is not None and choice.logprobs.content
+    tokens = choice.logprobs.content
+    assert "".join(t.token for t in tokens) == choice.message.content
+    for token in tokens:
+        assert token.logprob <= 0.0
+        top = [t.logprob for t in token.top_logprobs]
+        assert len(top) == 3 and top == sorted(top, reverse=True)
+        assert token.logprob == pytest.approx(top[0])  # greedy: the drawn token is the likeliest
+
+
+@pytest.mark.gguf
+def test_local_stream_carries_logprobs_a_cascade_can_judge(gguf_client: openai.OpenAI) -> None:
+    hold = HoldBack(tokens=3)
+    with gguf_client.chat.completions.with_streaming_response.create(
+        model="local",
+        messages=[{"role": "user", "content": "Count from one to ten."}],
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        logprobs=True,
+        top_logprobs=2,
+    ) as response:
+        for chunk in response.parse():
+            if hold.add(chunk.model_dump()):
+                break
+    assert len(hold.logprobs) >= 3 or hold.finish_reason is not None
+    assert hold.text() == "".join(t["token"] for t in hold.logprobs)
+    stats = hold.stats()
+    assert stats.first_margin >= 0.0  # greedy: the drawn token leads its runner-up
+    assert stats.min_logprob <= stats.median_logprob <= 0.0
+
+
 @pytest.mark.gguf  # the real backend refuses what its loaded model cannot do
-def test_local_refuses_logprobs_and_fields_it_cannot_honour(gguf_client: openai.OpenAI) -> None:
+def test_local_refuses_top_logprobs_alone_and_fields_it_cannot_honour(
+    gguf_client: openai.OpenAI,
+) -> None:
     client = gguf_client
     messages = [{"role": "user", "content": "hi"}]
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model="local", messages=messages, logprobs=True)  # type: ignore[arg-type]
-    assert "logprobs" in str(err.value) and "logits_all" in str(err.value)
-    with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="local", messages=messages, top_logprobs=2)  # type: ignore[arg-type]
-    assert "logits_all" in str(err.value)
+    assert "top_logprobs needs logprobs" in str(err.value)
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(
             model="local",

@@ -6,9 +6,17 @@ import asyncio
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
-from router.backends.local import Gate, check_local_request, local_timeout, with_system_prompt
+from router.backends.local import (
+    Gate,
+    TokenLogprobs,
+    check_in_process_fields,
+    check_local_request,
+    local_timeout,
+    with_system_prompt,
+)
 from router.config import Settings
 from router.errors import BadRequestError, LocalOverloadedError
 from tests.conftest import live, policy_yaml
@@ -117,3 +125,34 @@ def test_local_timeout_prefers_the_model() -> None:
     assert local_timeout(model, settings) == 300  # type: ignore[arg-type]
     model.timeout_s = 7.5
     assert local_timeout(model, settings) == 7.5  # type: ignore[arg-type]
+
+
+class _Vocab:
+    """Detokenizes token ``i`` to the letter ``chr(97 + i)``."""
+
+    def detokenize(self, tokens: list[int]) -> bytes:
+        return bytes(97 + t for t in tokens)
+
+
+def test_token_logprobs_read_the_model_before_the_bias_and_pair_each_drawn_token() -> None:
+    recorder = TokenLogprobs(_Vocab(), top=2, bias={3: 50.0})
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], dtype=np.float32))
+    biased = recorder.process(np.array([7]), logits)
+    assert int(np.argmax(biased)) == 3  # the request's logit_bias still steers sampling
+    recorder.sampled(3, end=False)
+    recorder.process(np.array([7, 3]), logits)
+    recorder.sampled(0, end=True)  # end of generation: not part of the answer
+    [entry] = recorder.take()
+    assert entry["token"] == "d" and entry["bytes"] == [100]
+    assert entry["logprob"] == pytest.approx(np.log(0.05), abs=1e-6)  # the model's, unbiased
+    assert [t["token"] for t in entry["top_logprobs"]] == ["a", "b"]
+    assert entry["top_logprobs"][0]["logprob"] == pytest.approx(np.log(0.5), abs=1e-6)
+    assert recorder.take() == []
+
+
+def test_top_logprobs_without_logprobs_is_refused() -> None:
+    body = {"messages": [], "top_logprobs": 2}
+    with pytest.raises(BadRequestError) as err:
+        check_in_process_fields(body)
+    assert err.value.param == "top_logprobs"
+    check_in_process_fields({**body, "logprobs": True})

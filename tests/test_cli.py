@@ -83,6 +83,19 @@ def test_policy_explain_shows_rules_and_decision(capsys: pytest.CaptureFixture[s
     assert "--header X-Team ignored" in captured.err
 
 
+def test_policy_explain_says_when_a_request_would_cascade(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    policy = str(REPO / "policies" / "default.yaml")
+    args = ["policy", "explain", policy, "--prompt", "What is 17 times 23?", "--model"]
+    assert main([*args, "auto-cascade"]) == 0
+    out = capsys.readouterr().out
+    assert "decision local -> local" in out
+    assert "cascade  the local answer is judged" in out and "escalates to 'gpt-4o'" in out
+    assert main([*args, "auto"]) == 0
+    assert "cascade  " not in capsys.readouterr().out
+
+
 def test_outcomes_command_prints_records(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

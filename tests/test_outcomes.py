@@ -225,3 +225,21 @@ def test_a_database_from_before_fronts_gets_the_column_and_keeps_its_rows(
         assert fronts == [("before", "chat"), ("after", "responses")]
     finally:
         store.close()
+
+
+def test_a_store_from_before_the_cascade_column_gains_it(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    old_schema = store_module._SCHEMA.replace(", cascade TEXT", "")
+    assert old_schema != store_module._SCHEMA
+    with sqlite3.connect(path) as conn:
+        conn.executescript(old_schema)
+    store = SQLiteOutcomeStore(path)
+    store.start()
+    store.submit(outcome("r1", tier="closed", cascade={"decision": "escalated", "confidence": 0.1}))
+    store.submit(outcome("r2"))
+    store.close()
+    reopened = SQLiteOutcomeStore(path)
+    reopened.start()
+    assert (reopened.get("r1") or {})["cascade"] == {"decision": "escalated", "confidence": 0.1}
+    assert (reopened.get("r2") or {})["cascade"] is None
+    reopened.close()

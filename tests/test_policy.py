@@ -611,3 +611,54 @@ def test_a_profile_signal_may_be_named_or_inline() -> None:
 def test_default_policy_stores_pii_prompts_redacted() -> None:
     decision = evaluate(load_policy(ROOT / "policies/default.yaml"), signals(pii=True))
     assert decision.store_prompts == "redacted" and decision.local_only
+
+
+# --------------------------------------------------------------------------- cascade
+
+CASCADE = """
+cascade: {threshold: 0.6, hold_back_tokens: 8}
+rules:
+  - {name: private, priority: 10, when: {pii: true}, route: local, local_only: true}
+  - {name: try-local, when: {capability: knowledge_qa}, route: cascade}
+aliases:
+  auto-cascade: {cascade: true}
+"""
+
+
+def test_a_cascade_rule_starts_on_the_local_model_and_names_its_escalation() -> None:
+    d = evaluate(policy(CASCADE), signals(capability="knowledge_qa", score=0.9))
+    assert (d.tier, d.model, d.rule) == ("local", "small", "try-local")
+    assert d.cascade is not None and d.cascade.as_dict() == {
+        "threshold": 0.6,
+        "hold_back_tokens": 8,
+        "escalate_to": "notools",
+    }
+    assert "cascade" in d.reason and "escalates to 'notools'" in d.reason
+    assert d.as_dict()["cascade"]["escalate_to"] == "notools"
+
+
+def test_the_cascade_alias_turns_the_score_route_into_a_cascade() -> None:
+    p = policy(CASCADE)
+    cascaded = evaluate(p, signals(alias="auto-cascade", score=0.9))
+    assert (cascaded.rule, cascaded.alias, cascaded.tier) == ("default", "auto-cascade", "local")
+    assert cascaded.cascade is not None and cascaded.threshold is None
+    scored = evaluate(p, signals(alias="auto", score=0.9))
+    assert scored.cascade is None and scored.tier == "closed"
+    assert "auto-cascade" in p.alias_names()
+
+
+def test_no_cascade_where_it_could_not_escalate_or_serve_locally() -> None:
+    p = policy(CASCADE)
+    private = evaluate(p, signals(alias="auto-cascade", pii=True))
+    assert private.local_only and private.cascade is None
+    no_closed = evaluate(p, signals(capability="knowledge_qa"), closed_available=False)
+    assert no_closed.cascade is None and "no closed model" in no_closed.reason
+    images = evaluate(p, signals(capability="knowledge_qa", has_images=True))
+    assert images.tier == "closed" and images.cascade is None
+
+
+def test_a_local_only_rule_cannot_cascade() -> None:
+    from router.errors import PolicyError
+
+    with pytest.raises(PolicyError, match="cannot cascade"):
+        policy("rules:\n  - {name: x, route: cascade, local_only: true}\n")

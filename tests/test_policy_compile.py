@@ -110,8 +110,8 @@ CORPUS: list[tuple[str, str, list[str]]] = [
         [
             "p.yaml:5:1: rulez: unknown key 'rulez', did you mean 'rules'? (expected one of "
             "version, description, models, local_model, closed_models, threshold, on_failure, "
-            "queue_full, fail_closed, store_prompts, retention_days, shadow, signals, rules, "
-            "aliases, tenants)"
+            "queue_full, fail_closed, store_prompts, retention_days, shadow, cascade, signals, "
+            "rules, aliases, tenants)"
         ],
     ),
     (
@@ -237,7 +237,7 @@ CORPUS: list[tuple[str, str, list[str]]] = [
         M + "rules:\n  - {name: a, route: gpt-5}\n",
         [
             "p.yaml:6:15: rules[0].route: unknown route 'gpt-5', did you mean 'gpt'? "
-            "(expected local, closed, auto or "
+            "(expected local, closed, auto, cascade or "
             "a model: local, gpt)"
         ],
     ),
@@ -277,12 +277,15 @@ CORPUS: list[tuple[str, str, list[str]]] = [
     (
         "alias-both-settings",
         M + "aliases:\n  auto: {threshold: 0.5, target_closed_share: 0.2}\n",
-        ["p.yaml:6:3: aliases.auto: set exactly one of threshold or target_closed_share"],
+        ["p.yaml:6:3: aliases.auto: set exactly one of threshold, target_closed_share or cascade"],
     ),
     (
         "alias-no-setting",
         M + "aliases:\n  auto-cheap: {}\n",
-        ["p.yaml:6:3: aliases.auto-cheap: set exactly one of threshold or target_closed_share"],
+        [
+            "p.yaml:6:3: aliases.auto-cheap: set exactly one of threshold, target_closed_share "
+            "or cascade"
+        ],
     ),
     (
         "alias-named-like-model",
@@ -322,8 +325,8 @@ def test_reference_problems_are_all_listed() -> None:
         "13:12 rules[1].when.capability.eq: unknown capability 'cooding', did you mean "
         "'coding'? (expected one of coding, math, reasoning, extraction, summarization, "
         "knowledge_qa, creative_writing, roleplay, chat)",
-        "14:5 rules[1].route: unknown route 'gpt-5' (expected local, closed, auto or a model: "
-        "local, gpt-4o)",
+        "14:5 rules[1].route: unknown route 'gpt-5' (expected local, closed, auto, cascade or a "
+        "model: local, gpt-4o)",
         "15:5 rules[2].name: duplicate rule name 'long' (first used by rule 0)",
     ]
 

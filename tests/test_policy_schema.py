@@ -294,3 +294,11 @@ def test_schema_agrees_with_loader_on_generated_conditions(condition: Any) -> No
 def test_json_schema_names_operators() -> None:
     schema = json.dumps(policy_json_schema())
     assert '"not_in"' in schema and '"target_closed_share"' in schema
+
+
+def test_schema_takes_a_cascade_alias_as_one_setting() -> None:
+    head = "version: 1\nmodels:\n  l: {tier: local}\n  c: {tier: closed, litellm_model: openai/x}\n"
+    ok = head + "aliases:\n  auto-cascade: {cascade: true}\n"
+    both = head + "aliases:\n  auto-cascade: {cascade: true, threshold: 0.3}\n"
+    assert loader_accepts(ok) and schema_errors(ok) == []
+    assert not loader_accepts(both) and schema_errors(both) != []

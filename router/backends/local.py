@@ -5,18 +5,26 @@ inference never blocks the event loop. Requests wait in a bounded queue (:class:
 is full the caller gets :class:`~router.errors.LocalOverloadedError` and the policy decides
 whether to spill to the closed tier or answer 429. Streams are bridged from the worker thread to
 asyncio; when the consumer goes away (client disconnect), generation stops at the next token.
+
+Asked for ``logprobs``, the in-process backend reads each sampled token's log-probability from
+the logits llama.cpp computes for that step anyway (:class:`TokenLogprobs`), so it needs no
+``logits_all`` model and costs one log-softmax over the vocabulary per token.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from numpy.typing import NDArray
 
 from router.backends import Completion, ModelLike, Usage
 from router.backends.openai_http import OpenAIHTTP
@@ -57,14 +65,6 @@ _HANDLED = frozenset(
     | {"tool_choice", "parallel_tool_calls", "function_call"}
 )
 _NO_EFFECT = frozenset({"user", "metadata", "store", "service_tier", "prediction"})
-#: Why the in-process backend refuses log probabilities. llama.cpp returns them only from a model
-#: loaded with ``logits_all=True``, which keeps a float for every vocabulary entry at every
-#: context position and slows every generation, whether or not it asked for them.
-LOGPROBS_REFUSAL = (
-    "the in-process local model does not return logprobs (llama.cpp computes them only with "
-    "logits_all, which costs n_ctx x vocabulary floats per model and slows every request); "
-    "use a closed model or an external llama.cpp server (TIERGATE_LOCAL_BACKEND=openai_http)"
-)
 
 
 class Gate:
@@ -161,9 +161,8 @@ def check_in_process_fields(body: dict[str, Any]) -> None:
     """Refuse (400) a request field the in-process backend would otherwise drop: each field is
     honoured (:data:`_PASSTHROUGH`, :data:`_HANDLED`), has no effect on the answer
     (:data:`_NO_EFFECT`), or is refused here."""
-    if body.get("logprobs") or body.get("top_logprobs") is not None:
-        param = "logprobs" if body.get("logprobs") else "top_logprobs"
-        raise BadRequestError(LOGPROBS_REFUSAL, param=param)
+    if body.get("top_logprobs") is not None and not body.get("logprobs"):
+        raise BadRequestError("top_logprobs needs logprobs set to true", param="top_logprobs")
     choice = body.get("tool_choice", body.get("function_call"))
     if choice not in (None, "none", "auto"):
         raise BadRequestError("the local model does not support tools", param="tool_choice")
@@ -174,6 +173,87 @@ def check_in_process_fields(body: dict[str, Any]) -> None:
                 f"{', '.join(sorted(_PASSTHROUGH))}, max_tokens, logit_bias and n=1)",
                 param=key,
             )
+
+
+class TokenLogprobs:
+    """The log-probabilities of one generation's tokens, in OpenAI's ``logprobs.content`` shape.
+
+    llama.cpp computes the next-token logits at every step; :meth:`process` (a llama-cpp-python
+    logits processor, first in the sampler chain) turns them into log-probabilities before
+    temperature, top-k or penalties change them, and :meth:`sampled` pairs them with the token
+    drawn. ``bias``: the request's ``logit_bias``, applied here after reading, since
+    llama-cpp-python drops its own bias when a request also has a logits processor.
+    """
+
+    def __init__(self, llm: Any, top: int, bias: dict[int, float] | None = None) -> None:
+        self._llm = llm
+        self._top = top
+        self._bias = bias or {}
+        self._step: NDArray[np.float64] | None = None
+        self._pending: list[dict[str, Any]] = []
+
+    def process(self, input_ids: NDArray[Any], logits: NDArray[np.float32]) -> NDArray[np.float32]:
+        """Read one step's logits (and return them, biased as the request asks)."""
+        z = logits.astype(np.float64)
+        top = z.max()
+        self._step = z - (top + np.log(np.exp(z - top).sum()))
+        if not self._bias:
+            return logits
+        biased = logits.copy()
+        for token, value in self._bias.items():
+            biased[token] += value
+        return biased
+
+    def _entry(self, token: int, logprob: float) -> dict[str, Any]:
+        raw = bytes(self._llm.detokenize([token]))
+        return {"token": raw.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw)}
+
+    def sampled(self, token: int, *, end: bool) -> None:
+        """The token the step drew; an end-of-generation token is not part of the answer."""
+        step, self._step = self._step, None
+        if step is None or end:
+            return
+        entry = self._entry(token, float(step[token]))
+        best: list[int] = []
+        if self._top:
+            best = np.argpartition(-step, self._top)[: self._top].tolist()
+            best.sort(key=lambda t: -step[t])
+        entry["top_logprobs"] = [self._entry(t, float(step[t])) for t in best]
+        self._pending.append(entry)
+
+    def take(self) -> list[dict[str, Any]]:
+        """The entries of the tokens drawn since the last call."""
+        out, self._pending = self._pending, []
+        return out
+
+
+@functools.cache
+def _recording_llama() -> type[Any]:
+    # llama_cpp.Llama that tells a TokenLogprobs which token each sampling step drew; built on
+    # first use, since llama-cpp-python is the optional ``local`` extra.
+    import llama_cpp
+
+    class RecordingLlama(llama_cpp.Llama):
+        recorder: TokenLogprobs | None = None
+
+        def sample(self, *args: Any, **kwargs: Any) -> int:
+            token = int(super().sample(*args, **kwargs))
+            if self.recorder is not None:
+                end = bool(llama_cpp.llama_vocab_is_eog(self._model.vocab, token))
+                self.recorder.sampled(token, end=end)
+            return token
+
+    return RecordingLlama
+
+
+def _attach_logprobs(chunk: dict[str, Any], recorder: TokenLogprobs) -> None:
+    # The tokens drawn since the last chunk go with the chunk that shows their text; tokens whose
+    # text is never shown (a stop sequence) are dropped with it.
+    for choice in chunk.get("choices") or []:
+        if choice.get("delta", {}).get("content"):
+            choice["logprobs"] = {"content": recorder.take(), "refusal": None}
+        else:
+            choice["logprobs"] = None
 
 
 class _CancelledError(Exception):
@@ -197,13 +277,13 @@ class LlamaCppBackend:
             self.load_error = f"GGUF not found at {path} (run 'tiergate fetch-model')"
             raise ConfigError(self.load_error)
         try:
-            from llama_cpp import Llama
+            llama_class = _recording_llama()
         except ImportError as exc:
             error = MissingExtraError("the in-process local model (llama-cpp-python)", "local")
             self.load_error = error.message
             raise error from exc
         try:
-            self._llm = Llama(
+            self._llm = llama_class(
                 model_path=str(path),
                 n_ctx=self._settings.n_ctx,
                 n_threads=self._settings.n_threads,
@@ -263,11 +343,13 @@ class LlamaCppBackend:
         counted = usage if usage is not None else Usage()
         usage = Usage()  # the worker's own count, exact once generation ends
         parts: list[str] = []
+        logprobs: list[dict[str, Any]] = []
         finish: str | None = None
         async for chunk in self.stream(model, body, usage, _kwargs=kwargs):
             for choice in chunk.get("choices") or []:
                 text = choice.get("delta", {}).get("content") or ""
                 parts.append(text)
+                logprobs.extend((choice.get("logprobs") or {}).get("content") or [])
                 counted.completion_tokens += bool(text)
                 finish = choice.get("finish_reason") or finish
         counted.prompt_tokens, counted.completion_tokens = (
@@ -287,7 +369,9 @@ class LlamaCppBackend:
                         "index": 0,
                         "message": {"role": "assistant", "content": "".join(parts)},
                         "finish_reason": finish or "stop",
-                        "logprobs": None,
+                        "logprobs": (
+                            {"content": logprobs, "refusal": None} if body.get("logprobs") else None
+                        ),
                     }
                 ],
                 "usage": {
@@ -310,7 +394,13 @@ class LlamaCppBackend:
         """Stream chunks from the worker thread; stop generating when the consumer leaves."""
         if self._llm is None:
             raise BackendError(self.unavailable_reason(model) or "local model not loaded")
-        kwargs = _kwargs if _kwargs is not None else self._kwargs(body)
+        kwargs = dict(_kwargs if _kwargs is not None else self._kwargs(body))
+        recorder = None
+        if body.get("logprobs"):
+            recorder = TokenLogprobs(
+                self._llm, int(body.get("top_logprobs") or 0), kwargs.pop("logit_bias", None)
+            )
+            kwargs["logits_processor"] = [recorder.process]
         await self.gate.acquire()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -322,7 +412,7 @@ class LlamaCppBackend:
 
         def work() -> None:
             try:
-                for chunk in self._generate(kwargs, cancel, usage):
+                for chunk in self._generate(kwargs, cancel, usage, recorder):
                     emit(chunk)
             except BaseException as exc:  # handed to the consumer, which re-raises it
                 emit(exc)
@@ -359,10 +449,15 @@ class LlamaCppBackend:
             cancel.set()
 
     def _generate(
-        self, kwargs: dict[str, Any], cancel: threading.Event, usage: Usage
+        self,
+        kwargs: dict[str, Any],
+        cancel: threading.Event,
+        usage: Usage,
+        recorder: TokenLogprobs | None = None,
     ) -> Iterator[dict[str, Any]]:
         llm = self._llm
         started = time.perf_counter()
+        llm.recorder = recorder
         chunks = llm.create_chat_completion(**kwargs, stream=True)
         completion = 0
         try:
@@ -372,10 +467,13 @@ class LlamaCppBackend:
                 choice = (chunk.get("choices") or [{}])[0]
                 if choice.get("delta", {}).get("content"):
                     completion += 1
+                if recorder is not None:
+                    _attach_logprobs(chunk, recorder)
                 yield chunk
         finally:
             with contextlib.suppress(Exception):
                 chunks.close()
+            llm.recorder = None
             usage.completion_tokens = completion
             usage.prompt_tokens = max(0, int(llm.n_tokens) - completion)
             usage.generation_s = time.perf_counter() - started

@@ -1,0 +1,221 @@
+"""The cascade end to end: a scripted local model whose log-probabilities are known answers
+first; the gateway keeps or escalates, holds a stream back, explains, records and charges."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from router.cascade import CascadeModel, feature_names
+from router.cascade_training import save_cascade_form
+from tests.conftest import LiveServer, live, policy_yaml, wait_for
+from tests.fake_provider import FakeProvider
+from tests.scripted_local import ScriptedLocal
+
+CONFIDENT, DOUBTFUL = -0.1, -4.0  # the scripted tokens' log-probability
+
+
+def _confidence_model(path: Path) -> Path:
+    """Confidence read from the first token's log-probability alone: sigmoid(2 lp + 2), so
+    -0.1 gives 0.86 (kept) and -4 gives 0.0025 (escalated)."""
+    names = feature_names()
+    coef = np.zeros(len(names))
+    coef[names.index("first_logprob")] = 2.0
+    form = CascadeModel(
+        {
+            "mean": np.zeros(len(names)),
+            "scale": np.ones(len(names)),
+            "coef": coef,
+            "intercept": np.asarray(2.0),
+            "features": np.asarray(names),
+        }
+    )
+    curve = [{"threshold": 0.5, "closed_share": 0.4, "quality": 0.7}]
+    return save_cascade_form(form, path / "cascade-test", {"metrics": {"threshold_curve": curve}})
+
+
+CASCADE_POLICY = """\
+cascade: {threshold: 0.5, hold_back_tokens: 4}
+"""
+
+
+@pytest.fixture
+def scripted() -> ScriptedLocal:
+    return ScriptedLocal(words=12)
+
+
+@pytest.fixture
+def server(tmp_path: Path, fake: FakeProvider, scripted: ScriptedLocal) -> Iterator[LiveServer]:
+    fake.reset()
+    policy = policy_yaml(fake, on_failure="closed", extra=CASCADE_POLICY).replace(
+        "  auto-best: {threshold: 0.05}\n",
+        "  auto-best: {threshold: 0.05}\n  auto-cascade: {cascade: true}\n",
+    )
+    with live(
+        tmp_path,
+        policy,
+        local_backend_obj=scripted,
+        cascade_model_path=_confidence_model(tmp_path),
+        local_price_per_mtok=1000.0,
+    ) as srv:
+        yield srv
+
+
+def _record(server: LiveServer, request_id: str) -> dict[str, Any]:
+    store = server.gateway.outcomes
+    assert wait_for(lambda: store.get(request_id) is not None), "no outcome record"
+    record = store.get(request_id)
+    assert record is not None
+    return record
+
+
+def _ask(server: LiveServer, content: str = "What is 2+2?", **extra: Any) -> httpx.Response:
+    body = {"model": "auto-cascade", "messages": [{"role": "user", "content": content}], **extra}
+    return httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
+
+
+def test_a_confident_local_answer_is_kept(
+    server: LiveServer, scripted: ScriptedLocal, fake: FakeProvider
+) -> None:
+    scripted.logprob = CONFIDENT
+    response = _ask(server)
+    assert response.status_code == 200
+    assert response.headers["x-tiergate-cascade"] == "kept"
+    assert float(response.headers["x-tiergate-confidence"]) == pytest.approx(0.858, abs=0.01)
+    assert response.headers["x-tiergate-tier"] == "local"
+    answer = response.json()
+    assert answer["choices"][0]["message"]["content"].startswith("w0 w1")
+    assert answer["choices"][0]["logprobs"] is None  # the client did not ask for them
+    assert fake.received == []
+    record = _record(server, response.headers["x-request-id"])
+    assert record["tier"] == "local"
+    assert record["cascade"]["decision"] == "kept" and record["cascade"]["reason"] == "confident"
+    assert record["cascade"]["local_completion_tokens"] == 12
+
+
+def test_a_doubtful_local_answer_is_discarded_and_the_closed_model_answers(
+    server: LiveServer, scripted: ScriptedLocal, fake: FakeProvider
+) -> None:
+    scripted.logprob = DOUBTFUL
+    response = _ask(server)
+    assert response.status_code == 200
+    assert response.headers["x-tiergate-cascade"] == "escalated"
+    assert float(response.headers["x-tiergate-confidence"]) < 0.01
+    assert response.headers["x-tiergate-tier"] == "closed"
+    assert response.headers["x-tiergate-model"] == "gpt-4o"
+    assert response.headers["x-tiergate-fallback"] == "cascade->closed"
+    text = response.json()["choices"][0]["message"]["content"]
+    assert "closed model" in text and "w0" not in text
+    assert len(fake.received) == 1 and "logprobs" not in fake.received[0].body
+    record = _record(server, response.headers["x-request-id"])
+    cascade = record["cascade"]
+    assert record["tier"] == "closed" and cascade["decision"] == "escalated"
+    assert cascade["reason"] == "low_confidence"
+    assert (cascade["local_prompt_tokens"], cascade["local_completion_tokens"]) == (5, 12)
+    # One record holds both parts, and the cost charges both calls.
+    closed_cost = server.gateway.costs.closed_cost(
+        "openai/gpt-4o", record["prompt_tokens"], record["completion_tokens"]
+    )
+    assert cascade["local_cost_usd"] == pytest.approx(17 * 1000.0 / 1e6)
+    assert record["cost_usd"] == pytest.approx(closed_cost + cascade["local_cost_usd"])
+
+
+def _stream(server: LiveServer, **extra: Any) -> tuple[httpx.Response, str, list[dict[str, Any]]]:
+    body = {
+        "model": "auto-cascade",
+        "messages": [{"role": "user", "content": "Tell me a story."}],
+        "stream": True,
+        **extra,
+    }
+    chunks = []
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(json.loads(line[6:]))
+        response = r
+    text = "".join(
+        (c["choices"][0].get("delta") or {}).get("content") or "" for c in chunks if c["choices"]
+    )
+    return response, text, chunks
+
+
+def test_a_kept_stream_releases_the_held_tokens_then_streams_on(
+    server: LiveServer, scripted: ScriptedLocal, fake: FakeProvider
+) -> None:
+    scripted.logprob = CONFIDENT
+    response, text, chunks = _stream(server, logprobs=True, top_logprobs=1)
+    assert response.headers["x-tiergate-cascade"] == "kept"
+    assert text == "".join(f"w{i} " for i in range(12))  # nothing held back is lost
+    tops = [
+        len(t["top_logprobs"])
+        for c in chunks
+        if c["choices"] and c["choices"][0].get("logprobs")
+        for t in c["choices"][0]["logprobs"]["content"]
+    ]
+    assert tops == [1] * 12  # the client's top_logprobs, not the cascade's
+    assert fake.received == []
+    record = _record(server, response.headers["x-request-id"])
+    assert record["cascade"]["decision"] == "kept"
+    assert record["cascade"]["hold_back_ms"] is not None
+
+
+def test_an_escalated_stream_never_shows_the_local_tokens(
+    server: LiveServer, scripted: ScriptedLocal, fake: FakeProvider
+) -> None:
+    scripted.logprob = DOUBTFUL
+    response, text, _ = _stream(server)
+    assert response.headers["x-tiergate-cascade"] == "escalated"
+    assert response.headers["x-tiergate-tier"] == "closed"
+    assert "w0" not in text and "closed model" in text
+    assert scripted.cancelled == 1  # the local stream was stopped after the hold-back
+    record = _record(server, response.headers["x-request-id"])
+    cascade = record["cascade"]
+    assert cascade["decision"] == "escalated" and cascade["hold_back_ms"] is not None
+    assert cascade["local_completion_tokens"] == 4  # the held tokens, charged
+    assert record["cost_usd"] > cascade["local_cost_usd"] > 0
+
+
+def test_a_private_request_never_escalates(
+    server: LiveServer, scripted: ScriptedLocal, fake: FakeProvider
+) -> None:
+    scripted.logprob = DOUBTFUL
+    response = _ask(server, "My email is jane.doe@example.com, what is 2+2?")
+    assert response.status_code == 200
+    assert response.headers["x-tiergate-tier"] == "local"
+    assert "x-tiergate-cascade" not in response.headers
+    assert fake.received == []
+
+
+def test_route_says_when_a_request_would_cascade(server: LiveServer) -> None:
+    body = {"model": "auto-cascade", "messages": [{"role": "user", "content": "2+2?"}]}
+    plan = httpx.post(server.url + "/v1/route", json=body).json()
+    assert plan["decision"]["cascade"] == {
+        "threshold": 0.5,
+        "hold_back_tokens": 4,
+        "escalate_to": "gpt-4o",
+    }
+    body["model"] = "auto"
+    assert httpx.post(server.url + "/v1/route", json=body).json()["decision"]["cascade"] is None
+
+
+def test_dashboard_shows_the_escalation_rate_and_the_evaluated_curve(
+    server: LiveServer, scripted: ScriptedLocal
+) -> None:
+    scripted.logprob = CONFIDENT
+    kept = _ask(server).headers["x-request-id"]
+    scripted.logprob = DOUBTFUL
+    escalated = _ask(server).headers["x-request-id"]
+    _record(server, kept), _record(server, escalated)
+    assert wait_for(lambda: server.gateway.outcomes.flush(0.1))
+    cascade = httpx.get(server.url + "/dashboard/data").json()["cascade"]
+    assert (cascade["requests"], cascade["escalated"]) == (2, 1)
+    assert cascade["escalation_rate"] == pytest.approx(0.5)
+    assert cascade["curve"] == [{"threshold": 0.5, "closed_share": 0.4, "quality": 0.7}]
+    page = httpx.get(server.url + "/dashboard").text
+    assert "2 cascaded, 1 escalated (50.0%)" in page
