@@ -68,7 +68,9 @@ def server(
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OPENAI_API_KEY", "sk-test-openai-key")
         mp.setenv("ANTHROPIC_API_KEY", "sk-ant-test-key")
-        with live(tmp_path_factory.mktemp("fronts"), policy_yaml(fake), outcomes=store) as srv:
+        with live(
+            tmp_path_factory.mktemp("fronts"), policy_yaml(fake), outcomes=store, gguf=True
+        ) as srv:
             yield srv
 
 
