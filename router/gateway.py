@@ -577,19 +577,33 @@ class Gateway:
 
     # -- reserving -------------------------------------------------------------------------
 
-    def reserved_tokens(self, ctx: RequestContext, default_completion: int) -> tuple[int, int]:
-        """(prompt, completion) tokens to reserve for ``ctx`` before it is served: the prompt
-        estimate, and ``max_tokens`` or else ``default_completion``."""
+    def _one_call(self, ctx: RequestContext, default_completion: int) -> tuple[int, int]:
+        # (prompt, completion) tokens one model call may use: the prompt estimate, and
+        # ``max_tokens`` or else ``default_completion``.
         assert ctx.signals is not None
         return ctx.signals.prompt_tokens, ctx.signals.max_tokens or default_completion
 
+    def reserved_tokens(self, ctx: RequestContext, default_completion: int) -> tuple[int, int]:
+        """(prompt, completion) tokens to reserve for ``ctx`` before it is served: one call's,
+        or for a cascade two: the local answer and the closed call it may escalate to."""
+        prompt, completion = self._one_call(ctx, default_completion)
+        calls = 2 if ctx.decision is not None and ctx.decision.cascade is not None else 1
+        return calls * prompt, calls * completion
+
     def _reserved_usd(self, ctx: RequestContext, default_completion: int) -> float:
-        """The reserved tokens priced at the dearest model the request may reach (its
-        fallbacks and spill included)."""
-        assert ctx.decision is not None
-        prompt, completion = self.reserved_tokens(ctx, default_completion)
-        models = [spec for spec, _ in self.chain(ctx.decision) + self.spill_chain(ctx.decision)]
-        return max(self._cost(m, prompt, completion, 0.0) for m in models)
+        """One call priced at the dearest model the request may reach (its fallbacks and spill
+        included); for a cascade, its local answer plus the dearest model it may escalate to."""
+        decision = ctx.decision
+        assert decision is not None
+        prompt, completion = self._one_call(ctx, default_completion)
+        if decision.cascade is not None:
+            local = self._cost(self.policy.models[decision.model], prompt, completion, 0.0)
+            escalation = self._escalation(decision)
+            return local + max(
+                (self._cost(m, prompt, completion, 0.0) for m, _ in escalation), default=0.0
+            )
+        reach = self.chain(decision) + self.spill_chain(decision)
+        return max(self._cost(spec, prompt, completion, 0.0) for spec, _ in reach)
 
     async def hold_spend(self, ctx: RequestContext, default_completion: int) -> None:
         """Reserve the request's estimated cost against its tenant's daily budget.

@@ -4,7 +4,9 @@ first; the gateway keeps or escalates, holds a stream back, explains, records an
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +52,12 @@ def scripted() -> ScriptedLocal:
     return ScriptedLocal(words=12)
 
 
-@pytest.fixture
-def server(tmp_path: Path, fake: FakeProvider, scripted: ScriptedLocal) -> Iterator[LiveServer]:
+@contextmanager
+def _cascading(
+    tmp_path: Path, fake: FakeProvider, scripted: ScriptedLocal, extra: str = "", **settings: Any
+) -> Iterator[LiveServer]:
     fake.reset()
-    policy = policy_yaml(fake, on_failure="closed", extra=CASCADE_POLICY).replace(
+    policy = policy_yaml(fake, on_failure="closed", extra=CASCADE_POLICY + extra).replace(
         "  auto-best: {threshold: 0.05}\n",
         "  auto-best: {threshold: 0.05}\n  auto-cascade: {cascade: true}\n",
     )
@@ -63,7 +67,14 @@ def server(tmp_path: Path, fake: FakeProvider, scripted: ScriptedLocal) -> Itera
         local_backend_obj=scripted,
         cascade_model_path=_confidence_model(tmp_path),
         local_price_per_mtok=1000.0,
+        **settings,
     ) as srv:
+        yield srv
+
+
+@pytest.fixture
+def server(tmp_path: Path, fake: FakeProvider, scripted: ScriptedLocal) -> Iterator[LiveServer]:
+    with _cascading(tmp_path, fake, scripted) as srv:
         yield srv
 
 
@@ -219,3 +230,55 @@ def test_dashboard_shows_the_escalation_rate_and_the_evaluated_curve(
     assert cascade["curve"] == [{"threshold": 0.5, "closed_share": 0.4, "quality": 0.7}]
     page = httpx.get(server.url + "/dashboard").text
     assert "2 cascaded, 1 escalated (50.0%)" in page
+
+
+def _held_local(server: LiveServer, scripted: ScriptedLocal) -> tuple[threading.Thread, list[Any]]:
+    """A doubtful cascade request whose local answer is held: its reservations stand."""
+    scripted.logprob, scripted.mode = DOUBTFUL, "hold"
+    answers: list[Any] = []
+    asking = threading.Thread(target=lambda: answers.append(_ask(server, max_tokens=100)))
+    asking.start()
+    assert wait_for(lambda: scripted.calls == 1)
+    return asking, answers
+
+
+def test_the_spend_reserved_up_front_covers_the_local_answer_and_the_closed_call(
+    tmp_path: Path, fake: FakeProvider, scripted: ScriptedLocal
+) -> None:
+    budget = "tenants:\n  default: {daily_budget_usd: 100, over_budget: reject}\n"
+    with _cascading(tmp_path, fake, scripted, budget) as server:
+        body = {"model": "auto-cascade", "messages": [{"role": "user", "content": "What is 2+2?"}]}
+        prompt = httpx.post(server.url + "/v1/route", json=body).json()["signals"]["prompt_tokens"]
+        costs, store = server.gateway.costs, server.gateway.outcomes
+        closed = max(
+            costs.closed_cost(m, prompt, 100)
+            for m in ("openai/gpt-4o", "anthropic/claude-3-5-sonnet-20241022")
+        )
+        asking, answers = _held_local(server, scripted)
+        try:
+            held = store.spend_today("default")
+        finally:
+            scripted.release.set()
+            asking.join(30)
+        assert held == pytest.approx(closed + costs.local_cost(prompt, 100))
+        record = _record(server, answers[0].headers["x-request-id"])
+        assert record["cascade"]["decision"] == "escalated"
+        # Settled to what both calls cost.
+        assert store.spend_today("default") == pytest.approx(record["cost_usd"])
+
+
+def test_the_tokens_reserved_up_front_cover_both_calls(
+    tmp_path: Path, fake: FakeProvider, scripted: ScriptedLocal
+) -> None:
+    # One call (~105 tokens) fits under 200 a minute; a cascade's two (~210) fill it, so a
+    # second request while the first is in flight is refused before any model is called.
+    with _cascading(tmp_path, fake, scripted, tpm_limit=200) as server:
+        asking, answers = _held_local(server, scripted)
+        try:
+            second = _ask(server, max_tokens=100)
+        finally:
+            scripted.release.set()
+            asking.join(30)
+        assert second.status_code == 429
+        assert second.json()["error"]["code"] == "tpm_limit_exceeded"
+        assert answers[0].status_code == 200 and scripted.calls == 1
