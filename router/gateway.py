@@ -68,6 +68,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tiergate.gateway")
 _T = TypeVar("_T")
+#: A cascade's decision when it escalated, every closed model failed, and the local answer it
+#: had discarded was served after all (header ``x-tiergate-cascade`` and the record).
+ESCALATION_FAILED = "escalation-failed"
 
 #: The ``x-tiergate-fallback`` of a request served locally because no closed model is available.
 NO_CLOSED_FALLBACK = "no-closed->local"
@@ -715,16 +718,36 @@ class Gateway:
         self,
         ctx: RequestContext,
         attempt: Callable[[Backend, ModelSpec], Awaitable[_T]],
-        cascade: Callable[[], Awaitable[_T | None]],
+        cascade: Callable[[], Awaitable[tuple[_T | None, _T | None]]],
     ) -> _T:
-        """Along the chain; for a cascade, the local answer it keeps, else the closed models."""
+        """Along the chain; for a cascade, the local answer it keeps, else the closed models,
+        and if every one of those fails, the whole local answer it discarded (if it has one):
+        a doubtful answer serves the client better than an error."""
         assert ctx.decision is not None
         if ctx.decision.cascade is None:
             return await self._along_chain(ctx, attempt)
-        kept = await cascade()
+        kept, discarded = await cascade()
         if kept is not None:
             return kept
-        return await self._along_chain(ctx, attempt, self._escalation(ctx.decision))
+        try:
+            return await self._along_chain(ctx, attempt, self._escalation(ctx.decision))
+        except TiergateError as exc:
+            if discarded is None:
+                raise
+            self._escalation_failed(ctx, exc)
+            return discarded
+
+    def _escalation_failed(self, ctx: RequestContext, exc: TiergateError) -> None:
+        # The discarded local answer is served after all: charged as the answer, recorded so.
+        assert ctx.decision is not None and ctx.cascade is not None
+        ctx.served = Served(self.policy.models[ctx.decision.model], "closed->local")
+        ctx.usage, ctx.cascade_usage = ctx.cascade_usage or Usage(), None
+        ctx.cascade = {
+            **ctx.cascade,
+            "decision": ESCALATION_FAILED,
+            "escalation_error": exc.message,
+        }
+        log.warning("cascade: escalation failed for %s: %s", ctx.request_id, exc.message)
 
     def _escalation(self, decision: Decision) -> list[tuple[ModelSpec, str | None]]:
         """Where an escalated cascade goes: its closed model, then the other closed models."""
@@ -779,12 +802,12 @@ class Gateway:
 
     async def _cascade_complete(
         self, ctx: RequestContext, body: dict[str, Any]
-    ) -> Completion | None:
-        """The local answer if the cascade keeps it, else None (escalate); a local failure
-        escalates too."""
+    ) -> tuple[Completion | None, Completion | None]:
+        """(the local answer if the cascade keeps it, else None: escalate; the answer it
+        discarded, served if the escalation fails). A local failure escalates too."""
         local = self._cascade_local(ctx)
         if local is None:
-            return None
+            return None, None
         backend, model = local
         usage = Usage()
         ctx.served = Served(model)  # a client that leaves meanwhile is charged for the local work
@@ -794,27 +817,31 @@ class Gateway:
             ctx.served = None
             self._cascade_note(ctx, _failed(ctx), usage, None)
             log.warning("cascade: local model failed for %s: %s", ctx.request_id, exc.message)
-            return None
+            return None, None
         choice = (result.body.get("choices") or [{}])[0]
         logprobs = (choice.get("logprobs") or {}).get("content") or []
         judgement = self._cascade_judge(ctx, body, logprobs, choice.get("finish_reason"))
         self._cascade_note(ctx, judgement, result.usage, None)
-        if judgement.decision == "escalated":
-            ctx.served = None
-            return None
-        ctx.usage = result.usage
         for c in result.body.get("choices") or []:
             _client_logprobs(c, body)
-        return result
+        if judgement.decision == "escalated":
+            ctx.served = None
+            return None, result
+        ctx.usage = result.usage
+        return result, None
 
     async def _cascade_stream(
         self, ctx: RequestContext, body: dict[str, Any]
-    ) -> AsyncGenerator[dict[str, Any], None] | None:
+    ) -> tuple[
+        AsyncGenerator[dict[str, Any], None] | None, AsyncGenerator[dict[str, Any], None] | None
+    ]:
         """Hold back the local stream's first tokens, judge them, then stream on (the held
-        chunks first) or close the local stream and return None (escalate)."""
+        chunks first) or close the local stream and escalate: (the kept stream or None; the
+        held chunks when they are the whole answer, served if the escalation fails; a part
+        of an answer is never served as if it were all of it)."""
         local = self._cascade_local(ctx)
         if local is None:
-            return None
+            return None, None
         backend, model = local
         assert ctx.decision is not None and ctx.decision.cascade is not None
         usage = Usage()
@@ -822,28 +849,31 @@ class Gateway:
         started = time.perf_counter()
         ctx.served = Served(model)
         source = backend.stream(model, _with_logprobs(body), usage)
+        ended = False
         try:
             while not hold.ready:
                 try:
                     hold.add(await anext(source))
                 except StopAsyncIteration:
+                    ended = True
                     break
         except TiergateError as exc:
             await _close(source, ctx.request_id)
             ctx.served = None
             self._cascade_note(ctx, _failed(ctx), _held_usage(usage, hold, ctx), None)
             log.warning("cascade: local model failed for %s: %s", ctx.request_id, exc.message)
-            return None
+            return None, None
         held_ms = (time.perf_counter() - started) * 1000.0
         judgement = self._cascade_judge(ctx, body, hold.logprobs, hold.finish_reason)
         if judgement.decision == "escalated":
             await _close(source, ctx.request_id)  # the local model stops generating
             ctx.served = None
             self._cascade_note(ctx, judgement, _held_usage(usage, hold, ctx), held_ms)
-            return None
+            whole = ended or hold.finish_reason is not None
+            return None, _metered(ctx, None, _released(hold.chunks, None, body)) if whole else None
         self._cascade_note(ctx, judgement, usage, held_ms)
         ctx.usage = usage
-        return _metered(ctx, None, _released(hold.chunks, source, body))
+        return _metered(ctx, None, _released(hold.chunks, source, body)), None
 
     async def _along_chain(
         self,
@@ -1155,14 +1185,19 @@ def _client_logprobs(choice: dict[str, Any], body: Mapping[str, Any]) -> None:
 
 
 async def _released(
-    held: list[dict[str, Any]], rest: AsyncIterator[dict[str, Any]], body: Mapping[str, Any]
+    held: list[dict[str, Any]],
+    rest: AsyncIterator[dict[str, Any]] | None,
+    body: Mapping[str, Any],
 ) -> AsyncGenerator[dict[str, Any], None]:
-    """A kept cascade's stream: the held chunks, then the rest, as the client asked for them."""
+    """A kept cascade's stream: the held chunks, then the rest (if any), as the client asked
+    for them."""
     try:
         for chunk in held:
             for choice in chunk.get("choices") or []:
                 _client_logprobs(choice, body)
             yield chunk
+        if rest is None:
+            return
         async for chunk in rest:
             for choice in chunk.get("choices") or []:
                 _client_logprobs(choice, body)

@@ -17,7 +17,7 @@ import pytest
 from router.cascade import CascadeModel, feature_names
 from router.cascade_training import save_cascade_form
 from tests.conftest import LiveServer, live, policy_yaml, wait_for
-from tests.fake_provider import FakeProvider
+from tests.fake_provider import Behaviour, FakeProvider
 from tests.scripted_local import ScriptedLocal
 
 CONFIDENT, DOUBTFUL = -0.1, -4.0  # the scripted tokens' log-probability
@@ -282,3 +282,51 @@ def test_the_tokens_reserved_up_front_cover_both_calls(
         assert second.status_code == 429
         assert second.json()["error"]["code"] == "tpm_limit_exceeded"
         assert answers[0].status_code == 200 and scripted.calls == 1
+
+
+def test_when_every_closed_model_fails_the_discarded_local_answer_is_served(
+    server: LiveServer, scripted: ScriptedLocal, fake: FakeProvider
+) -> None:
+    scripted.logprob = DOUBTFUL
+    fake.reset(Behaviour(mode="status", status=500))
+    response = _ask(server)
+    assert response.status_code == 200
+    assert response.headers["x-tiergate-cascade"] == "escalation-failed"
+    assert response.headers["x-tiergate-tier"] == "local"
+    assert response.headers["x-tiergate-fallback"] == "closed->local"
+    assert response.json()["choices"][0]["message"]["content"].startswith("w0 w1")
+    assert response.json()["choices"][0]["logprobs"] is None
+    assert len(fake.received) == 2  # gpt-4o, then claude
+    record = _record(server, response.headers["x-request-id"])
+    cascade = record["cascade"]
+    assert record["status"] == "ok" and record["tier"] == "local"
+    assert cascade["decision"] == "escalation-failed" and cascade["reason"] == "low_confidence"
+    assert "gpt-4o" in cascade["escalation_error"]
+    # Charged once, as the answer it is.
+    assert (record["prompt_tokens"], record["completion_tokens"]) == (5, 12)
+    assert "local_cost_usd" not in cascade
+    assert record["cost_usd"] == pytest.approx(17 * 1000.0 / 1e6)
+
+
+def test_a_short_held_answer_is_released_when_the_escalation_fails(
+    server: LiveServer, scripted: ScriptedLocal, fake: FakeProvider
+) -> None:
+    scripted.logprob, scripted.words = DOUBTFUL, 3  # the whole answer fits in the hold-back
+    fake.reset(Behaviour(mode="status", status=500))
+    response, text, _ = _stream(server)
+    assert response.status_code == 200
+    assert response.headers["x-tiergate-cascade"] == "escalation-failed"
+    assert text == "w0 w1 w2 "
+    record = _record(server, response.headers["x-request-id"])
+    assert record["cascade"]["decision"] == "escalation-failed"
+    assert record["completion_tokens"] == 3
+
+
+def test_a_part_of_a_held_answer_is_never_served_as_the_answer(
+    server: LiveServer, scripted: ScriptedLocal, fake: FakeProvider
+) -> None:
+    scripted.logprob = DOUBTFUL  # 12 words: only 4 are held when the cascade escalates
+    fake.reset(Behaviour(mode="status", status=500))
+    response, text, _ = _stream(server)
+    assert response.status_code == 502 and "w0" not in text
+    assert response.headers["x-tiergate-cascade"] == "escalated"
