@@ -55,6 +55,11 @@ ANSWER_FEATURES: tuple[str, ...] = (
 )
 
 Decision = Literal["kept", "escalated"]
+#: A cascade's decision when it escalated, every closed model failed, and the local answer it
+#: had discarded was served after all (header ``x-tiergate-cascade`` and the record).
+ESCALATION_FAILED = "escalation-failed"
+#: The recorded decisions of a cascade that judged its local answer doubtful.
+ESCALATED = frozenset({"escalated", ESCALATION_FAILED})
 FloatArray = NDArray[np.float64]
 
 

@@ -4,7 +4,8 @@
 The page is rendered on the server as plain HTML with inline SVG charts drawn here: no
 JavaScript, no CDN, works offline, and every chart element carries ``data-*`` attributes with the
 numbers it draws. :func:`summarize` is the one aggregate, over the records the store returns for
-the window (``window``); quality per tier comes from its ``tiered_labels``; the evaluation curve
+the window (``window``), the cascade's escalations included; quality per tier comes from its
+``tiered_labels``; the evaluation curve
 from a JSON report (``tiergate eval --json``) at ``eval_report``, else ``eval.json`` beside the
 classifier.
 
@@ -30,7 +31,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from router.auth import require
-from router.cascade import CascadeModel
+from router.cascade import ESCALATED, CascadeModel
 from router.errors import TiergateError
 from router.outcomes import OutcomeStore, TieredLabel, WindowRow
 from router.services import services
@@ -91,7 +92,8 @@ def summarize(
     ``buckets`` are ``bucket_s`` wide from ``since_ts`` to ``until_ts`` (default: now), empty
     ones included so a chart's x axis is time; a record newer than ``until_ts`` joins the last.
     Requests count under :func:`summary_tier`; ``local_share`` (and each front's
-    ``closed_share``) is of the requests a tier served.
+    ``closed_share``) is of the requests a tier served; ``cascade`` counts the requests that
+    cascaded, those escalated, and the median hold-back of streams.
     """
     bucket_s = max(1.0, float(bucket_s))
     until = time.time() if until_ts is None else until_ts
@@ -101,10 +103,16 @@ def summarize(
     fronts: dict[str, dict[str, Any]] = {}
     versions: dict[tuple[Any, Any], list[Any]] = {}
     bad: list[WindowRow] = []
-    errors = fallbacks = 0
+    errors = fallbacks = cascaded = escalated = 0
+    held: list[float] = []
     for r in records:
         if r.ts < since_ts:
             continue
+        if r.cascade_decision is not None:
+            cascaded += 1
+            escalated += r.cascade_decision in ESCALATED
+            if r.hold_back_ms is not None:
+                held.append(r.hold_back_ms)
         i, tier = min(int((r.ts - since_ts) // bucket_s), n_buckets - 1), summary_tier(r)
         cost = r.cost_usd or 0.0
         tiers[i][tier] += 1
@@ -133,6 +141,7 @@ def summarize(
     total_cost, total_cf = sum(costs), sum(counterfactuals)
     newest = heapq.nlargest(problems, bad, key=lambda r: r.ts)
     latest = heapq.nlargest(10, versions.items(), key=lambda kv: kv[1][1])
+    held.sort()
     return {
         "since": since_ts,
         "bucket_s": bucket_s,
@@ -169,6 +178,12 @@ def summarize(
             {"policy_version": p, "model_version": m, "requests": n, "last_ts": t}
             for (p, m), (n, t) in latest
         ],
+        "cascade": {
+            "requests": cascaded,
+            "escalated": escalated,
+            "escalation_rate": escalated / cascaded if cascaded else None,
+            "hold_back_ms_p50": held[len(held) // 2] if held else None,
+        },
     }
 
 
@@ -233,25 +248,12 @@ def alias_thresholds(gateway: Any) -> dict[str, float]:
     return {name: float(t.threshold) for name, t in gateway.alias_thresholds.items()}
 
 
-#: The newest records the cascade panel reads (a window with more cascades shows the newest).
-CASCADE_RECORDS = 2000
-
-
-def cascade_summary(
-    store: OutcomeStore, since_ts: float, model: CascadeModel | None
-) -> dict[str, Any]:
-    """The cascade in this window: requests that cascaded, the share escalated, the median
-    hold-back of streams, and the confidence model's quality-vs-closed-share curve (from its
-    evaluation, in its sidecar) for the threshold in force."""
-    records = store.recent(CASCADE_RECORDS)
-    parts = [r["cascade"] for r in records if r.get("cascade") and r["ts"] >= since_ts]
-    escalated = sum(1 for c in parts if c.get("decision") == "escalated")
-    held = sorted(c["hold_back_ms"] for c in parts if c.get("hold_back_ms") is not None)
+def cascade_summary(summary: dict[str, Any], model: CascadeModel | None) -> dict[str, Any]:
+    """The cascade panel's data: the window's cascades as :func:`summarize` counted them
+    (requests that cascaded, the share escalated, the median hold-back of streams) and the
+    confidence model's quality-vs-closed-share curve (from its evaluation, in its sidecar)."""
     return {
-        "requests": len(parts),
-        "escalated": escalated,
-        "escalation_rate": escalated / len(parts) if parts else None,
-        "hold_back_ms_p50": held[len(held) // 2] if held else None,
+        **summary["cascade"],
         "model_version": model.version if model is not None else None,
         "curve": (model.curve or []) if model is not None else [],
     }
@@ -298,7 +300,7 @@ async def dashboard_data(request: Request, window_s: int) -> dict[str, Any]:
     since = until - window_s
     summary = await asyncio.to_thread(store_summary, store, since, bucket_s, until)
     quality = label_quality(await asyncio.to_thread(store.tiered_labels, since))
-    cascade = await asyncio.to_thread(cascade_summary, store, since, gateway.cascade)
+    cascade = cascade_summary(summary, gateway.cascade)
     return {
         "generated_at": now,
         "window_s": window_s,

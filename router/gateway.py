@@ -32,7 +32,14 @@ from router.backends import Backend, Completion, Usage
 from router.backends.local import Gate
 from router.backends.native import NativeBackend, NativeRequest, speaks
 from router.calibration import AliasThreshold, calibrate, calibrated_values
-from router.cascade import CascadeModel, HoldBack, Judgement, answer_stats, judge
+from router.cascade import (
+    ESCALATION_FAILED,
+    CascadeModel,
+    HoldBack,
+    Judgement,
+    answer_stats,
+    judge,
+)
 from router.costs import CostBook
 from router.errors import (
     BackendError,
@@ -68,9 +75,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tiergate.gateway")
 _T = TypeVar("_T")
-#: A cascade's decision when it escalated, every closed model failed, and the local answer it
-#: had discarded was served after all (header ``x-tiergate-cascade`` and the record).
-ESCALATION_FAILED = "escalation-failed"
 
 #: The ``x-tiergate-fallback`` of a request served locally because no closed model is available.
 NO_CLOSED_FALLBACK = "no-closed->local"

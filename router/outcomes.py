@@ -128,11 +128,20 @@ class WindowRow(NamedTuple):
     policy_version: str | None
     model_version: str | None
     front: str
+    #: A cascaded request's decision (``kept``, ``escalated``...) and a stream's hold-back.
+    cascade_decision: str | None = None
+    hold_back_ms: float | None = None
 
     @classmethod
     def of(cls, record: Mapping[str, Any]) -> WindowRow:
         """The row of a record dict; a record from before fronts were recorded is ``chat``'s."""
-        row = cls._make(map(record.get, cls._fields))
+        part = record.get("cascade") or {}
+        values = {
+            **record,
+            "cascade_decision": part.get("decision"),
+            "hold_back_ms": part.get("hold_back_ms"),
+        }
+        row = cls._make(map(values.get, cls._fields))
         return row if row.front else row._replace(front="chat")
 
 
@@ -710,7 +719,15 @@ CREATE INDEX IF NOT EXISTS labels_ts ON labels (ts);
 """
 
 
-_WINDOW_SQL = f"SELECT {', '.join(WindowRow._fields)} FROM outcomes WHERE ts >= ? ORDER BY ts"
+#: How SQLite reads each :class:`WindowRow` field: a column, or a value of the cascade's JSON.
+_WINDOW_COLUMNS = {
+    **{name: name for name in WindowRow._fields},
+    "cascade_decision": "json_extract(cascade, '$.decision')",
+    "hold_back_ms": "json_extract(cascade, '$.hold_back_ms')",
+}
+_WINDOW_SQL = (
+    f"SELECT {', '.join(_WINDOW_COLUMNS.values())} FROM outcomes WHERE ts >= ? ORDER BY ts"
+)
 
 
 def _migrate(conn: sqlite3.Connection) -> None:

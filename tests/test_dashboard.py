@@ -89,6 +89,28 @@ def test_summary_buckets_tiers_spend_and_problems(tmp_path: Path) -> None:
     assert summary["versions"][0]["requests"] == 5
 
 
+def test_the_cascade_panel_counts_the_whole_window_not_the_newest_records(
+    tmp_path: Path,
+) -> None:
+    # One cascaded request, then more plain ones than any "newest records" read would hold.
+    store = SQLiteOutcomeStore(tmp_path / "o.db")
+    store.start()
+    now = time.time()
+    store.submit(_record(0, now - 60, "closed", cascade={"decision": "escalated"}))
+    for i in range(1, 2502):
+        store.submit(_record(i, now - 50 + i / 100, "local"))
+    assert store.flush(30)
+    summary = store_summary(store, now - 3600, 120, until_ts=now + 1)
+    store.close()
+    assert summary["totals"]["requests"] == 2502
+    assert summary["cascade"] == {
+        "requests": 1,
+        "escalated": 1,
+        "escalation_rate": 1.0,
+        "hold_back_ms_p50": None,
+    }
+
+
 def test_failed_closed_requests_count_as_failures_not_as_closed(tmp_path: Path) -> None:
     now = time.time()
     records = [

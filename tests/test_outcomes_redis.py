@@ -396,3 +396,41 @@ def test_a_dead_redis_writer_shows_in_health_and_is_restarted(
         assert s.count() == 2  # the batch the dead writer held was kept and written
     finally:
         s.close()
+
+
+def test_both_stores_give_the_dashboard_the_window_s_cascades(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The cascade panel's escalation rate and median hold-back come from the window's rows,
+    read the same from either store; records outside the window do not count."""
+    now = time.time()
+    parts = [
+        {"decision": "kept", "confidence": 0.9, "hold_back_ms": 30.0},
+        {"decision": "escalated", "confidence": 0.1, "hold_back_ms": 10.0},
+        {"decision": "escalation-failed", "confidence": 0.2, "hold_back_ms": None},
+        {"decision": "kept", "confidence": 0.8, "hold_back_ms": 20.0},
+        None,
+    ]
+    records = [outcome(ts=now - 100 + i, cascade=part) for i, part in enumerate(parts)]
+    records.append(outcome(ts=now - 2000, cascade={"decision": "escalated"}))  # before it
+    sqlite = SQLiteOutcomeStore(tmp_path / "o.db")
+    sqlite.start()
+    rstore = store(redis_server, tmp_path)
+    try:
+        for s in (sqlite, rstore):
+            for rec in records:
+                s.submit(rec)
+            assert s.flush(10)
+            rows = s.window(now - 900)
+            assert [r.cascade_decision for r in rows] == [p and p["decision"] for p in parts]
+            assert [r.hold_back_ms for r in rows] == [p and p["hold_back_ms"] for p in parts]
+            cascade = store_summary(s, now - 900, 60, now + 1)["cascade"]
+            assert cascade == {
+                "requests": 4,
+                "escalated": 2,
+                "escalation_rate": 0.5,
+                "hold_back_ms_p50": 20.0,
+            }
+    finally:
+        sqlite.close()
+        rstore.close()
