@@ -379,7 +379,8 @@ class Gateway:
             signals=signals,
             decision=decision,
             chain=[
-                (spec, label, self.unavailable_reason(spec)) for spec, label in self.chain(decision)
+                (spec, label, self.unavailable_reason(spec))
+                for spec, label in self._planned(decision)
             ],
             policy_version=self.policy.digest,
             model_version=self.scorer.version,
@@ -752,6 +753,13 @@ class Gateway:
             "escalation_error": exc.message,
         }
         log.warning("cascade: escalation failed for %s: %s", ctx.request_id, exc.message)
+
+    def _planned(self, decision: Decision) -> list[tuple[ModelSpec, str | None]]:
+        """The models serving would try: the chain, or a cascade's local model and then the
+        closed models it escalates to."""
+        if decision.cascade is None:
+            return self.chain(decision)
+        return [self.chain(decision)[0], *self._escalation(decision)]
 
     def _escalation(self, decision: Decision) -> list[tuple[ModelSpec, str | None]]:
         """Where an escalated cascade goes: its closed model, then the other closed models."""

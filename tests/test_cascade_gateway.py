@@ -211,6 +211,12 @@ def test_route_says_when_a_request_would_cascade(server: LiveServer) -> None:
         "hold_back_tokens": 4,
         "escalate_to": "gpt-4o",
     }
+    # The chain is the one serving walks: the local answer, then the escalation.
+    assert [(m["model"], m["fallback"]) for m in plan["chain"]] == [
+        ("local", None),
+        ("gpt-4o", "cascade->closed"),
+        ("claude", "cascade->closed"),
+    ]
     body["model"] = "auto"
     assert httpx.post(server.url + "/v1/route", json=body).json()["decision"]["cascade"] is None
 
