@@ -166,6 +166,8 @@ class CascadeModel:
         self.version = version
         #: Quality and closed share against the threshold, from the model's evaluation (sidecar).
         self.curve: list[dict[str, float]] = []
+        #: The scorer whose routing score it was fitted on (sidecar); None when unknown.
+        self.scorer: str | None = None
 
     @property
     def reads_answer(self) -> bool:
@@ -213,6 +215,8 @@ def load_cascade(directory: str | Path | None = None) -> tuple[CascadeModel, dic
     curve = (meta.get("metrics") or {}).get("threshold_curve")
     if isinstance(curve, list):
         model.curve = [dict(p) for p in curve if isinstance(p, dict)]
+    scorer = meta.get("scorer")
+    model.scorer = str(scorer) if scorer else None
     return model, meta
 
 

@@ -337,6 +337,15 @@ class Gateway:
         self.policies = policy
         self.cascade = cascade
         self.scorer = scorer
+        if cascade is not None and cascade.scorer not in (None, scorer.version):
+            # The confidence model reads the routing score: another scorer's is not its input.
+            log.warning(
+                "cascade model %s was fitted on %s's score, the scorer is %s: its confidence "
+                "is uncalibrated here (python -m studies.cascade refits it)",
+                cascade.version,
+                cascade.scorer,
+                scorer.version,
+            )
         self.local = local
         self.closed = closed
         self.costs = costs

@@ -169,3 +169,11 @@ def test_the_shipped_confidence_model_loads_with_its_curve_and_local_model() -> 
     assert meta["local_model"]["file"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
     confident = answer_stats([_entry("A", -0.01, ("B", -6.0))], "stop")
     assert 0.0 < model.confidence(confident, 0.3, 200) < 1.0
+
+
+def test_the_shipped_confidence_model_reads_the_default_scorer_s_score() -> None:
+    # Its first feature is the routing score the gateway passes, the default scorer's.
+    from router.artifact import default_model_path, load_scorer
+
+    model, meta = load_cascade()
+    assert model.scorer == meta["scorer"] == load_scorer(default_model_path()).version

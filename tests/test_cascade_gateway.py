@@ -4,6 +4,7 @@ first; the gateway keeps or escalates, holds a stream back, explains, records an
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from tests.scripted_local import ScriptedLocal
 CONFIDENT, DOUBTFUL = -0.1, -4.0  # the scripted tokens' log-probability
 
 
-def _confidence_model(path: Path) -> Path:
+def _confidence_model(path: Path, scorer: str | None = None) -> Path:
     """Confidence read from the first token's log-probability alone: sigmoid(2 lp + 2), so
     -0.1 gives 0.86 (kept) and -4 gives 0.0025 (escalated)."""
     names = feature_names()
@@ -39,7 +40,10 @@ def _confidence_model(path: Path) -> Path:
         }
     )
     curve = [{"threshold": 0.5, "closed_share": 0.4, "quality": 0.7}]
-    return save_cascade_form(form, path / "cascade-test", {"metrics": {"threshold_curve": curve}})
+    meta: dict[str, Any] = {"metrics": {"threshold_curve": curve}}
+    if scorer is not None:
+        meta["scorer"] = scorer
+    return save_cascade_form(form, path / "cascade-test", meta)
 
 
 CASCADE_POLICY = """\
@@ -54,7 +58,12 @@ def scripted() -> ScriptedLocal:
 
 @contextmanager
 def _cascading(
-    tmp_path: Path, fake: FakeProvider, scripted: ScriptedLocal, extra: str = "", **settings: Any
+    tmp_path: Path,
+    fake: FakeProvider,
+    scripted: ScriptedLocal,
+    extra: str = "",
+    fitted_on: str | None = None,
+    **settings: Any,
 ) -> Iterator[LiveServer]:
     fake.reset()
     policy = policy_yaml(fake, on_failure="closed", extra=CASCADE_POLICY + extra).replace(
@@ -65,7 +74,7 @@ def _cascading(
         tmp_path,
         policy,
         local_backend_obj=scripted,
-        cascade_model_path=_confidence_model(tmp_path),
+        cascade_model_path=_confidence_model(tmp_path, fitted_on),
         local_price_per_mtok=1000.0,
         **settings,
     ) as srv:
@@ -336,3 +345,14 @@ def test_a_part_of_a_held_answer_is_never_served_as_the_answer(
     response, text, _ = _stream(server)
     assert response.status_code == 502 and "w0" not in text
     assert response.headers["x-tiergate-cascade"] == "escalated"
+
+
+def test_a_confidence_model_fitted_on_another_scorer_s_score_is_named(
+    tmp_path: Path, fake: FakeProvider, scripted: ScriptedLocal, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        caplog.at_level(logging.WARNING, logger="tiergate.gateway"),
+        _cascading(tmp_path, fake, scripted, fitted_on="router-v0") as server,
+    ):
+        version = server.gateway.scorer.version
+    assert f"fitted on router-v0's score, the scorer is {version}" in caplog.text
