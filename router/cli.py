@@ -469,7 +469,10 @@ def _bind(host: str, port: int) -> Any:
     from router.errors import ConfigError
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named, not left 0: the accepted sockets inherit it, and asyncio sets
+    # TCP_NODELAY only on sockets whose proto says TCP. Without it Nagle holds each answer's
+    # body behind its head until the client's delayed ACK, ~40 ms per kept-alive request.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

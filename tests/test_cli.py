@@ -445,3 +445,30 @@ def test_profile_without_a_usable_local_model_is_a_clear_error(
     assert not out.exists()
     with pytest.raises(SystemExit):  # one backend at a time
         main(["profile", "--model", str(missing), "--base-url", "http://127.0.0.1:1/v1"])
+
+
+def test_serve_sockets_send_small_writes_at_once() -> None:
+    """A connection ``tiergate serve`` accepts has TCP_NODELAY, as asyncio gives TCP sockets:
+    without it an answer's body waits behind its head for the client's delayed ACK."""
+    import asyncio
+
+    from router.cli import _bind
+
+    async def accepted_nodelay() -> int:
+        listening = _bind("127.0.0.1", 0)
+        got: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                sock = transport.get_extra_info("socket")
+                got.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+        server = await asyncio.get_running_loop().create_server(Probe, sock=listening)
+        async with server:
+            port = listening.getsockname()[1]
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            value = await asyncio.wait_for(got, 10)
+            writer.close()
+        return value
+
+    assert asyncio.run(accepted_nodelay()) != 0
