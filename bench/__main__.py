@@ -10,7 +10,9 @@ Phases (each figure is compared with its reference measured in the same run):
 4. decision at the size cap: the same decision on 8 MiB bodies of several shapes
    (``bench/decision_cap.py``), one core.
 
-Run: ``python -m bench [--quick] [--only proxy,decision,local,decision_cap] [--out FILE]``.
+Run: ``python -m bench [--quick] [--only proxy,decision,local,decision_cap] [--out FILE]``;
+``--quick`` shortens the runs (3 s, one repeat, fewer requests for memory and streaming) except
+where ``--duration`` or ``--repeats`` is given.
 Phases that need no upstream (decision, decision_cap) run without wrk. ``--out`` writes the
 run's results to FILE only (not latest.json, the dated copy or the README table): for running
 one phase alone, e.g. ``python -m bench --only decision_cap --out
@@ -208,6 +210,8 @@ def _upstream_phases(
             results["streaming"] = got["streaming"]
             results["memory"].update(got["memory"])
             results["proxy_runs"] = got["runs"]
+            results["fronts"] = got["fronts"]
+            results["front_runs"] = got["front_runs"]
         if "decision" in phases:
             print("decision latency ...", flush=True)
             results["decision"] = decision_phase(2000 if args.quick else None)
@@ -236,16 +240,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short runs, for development")
     parser.add_argument("--only", default="proxy,decision,local,decision_cap", help="phases to run")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--duration", type=float, help="seconds per wrk run (10; --quick: 3)")
+    parser.add_argument("--repeats", type=int, help="interleaved repeats (3; --quick: 1)")
     parser.add_argument("--concurrency", default="1,16,64,256")
     parser.add_argument("--no-write", action="store_true", help="print, do not write results")
     parser.add_argument(
         "--out", type=Path, help="write the results here only (not latest.json or the README)"
     )
     args = parser.parse_args()
-    if args.quick:
-        args.duration, args.repeats = 3.0, 1
+    # --quick shortens what it is not told: e.g. --quick --repeats 3 keeps three repeats.
+    if args.duration is None:
+        args.duration = 3.0 if args.quick else 10.0
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
     phases = set(args.only.split(","))
     ensure_tools(phases)
     concurrency = [int(c) for c in args.concurrency.split(",")]
@@ -264,6 +271,10 @@ def main() -> int:
             "all": "make bench   # = .venv/bin/python -m bench",
             "wrk": f"wrk -t1 -c<C> -d{args.duration:g}s --timeout 10s -s bench/post.lua "
             "http://127.0.0.1:<port>/v1/chat/completions",
+            "wrk_fronts": f"BENCH_BODY=bench/<messages|responses>.json wrk -t1 -c<C> "
+            f"-d{args.duration:g}s --timeout 10s -s bench/post.lua "
+            "http://127.0.0.1:<port>/v1/<messages|responses>",
+            "tiergate_anthropic": "the same, its policy's closed models [claude, gpt-4o]",
             "upstream": "python -m bench.upstream --port <up>",
             "tiergate": "TIERGATE_POLICY=<bench-policy.yaml> TIERGATE_LOCAL_BACKEND=none "
             "BENCH_OPENAI_KEY=sk-bench tiergate serve --port <port>",

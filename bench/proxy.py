@@ -1,22 +1,32 @@
 """Proxy overhead and memory: the fake upstream direct, through Tiergate, through LiteLLM proxy.
 
-All three servers run side by side for the whole phase; for each concurrency the three paths are
+All the servers run side by side for the whole phase; for each concurrency the paths are
 measured in turn, repeat after repeat (a, b, c, a, b, c, ...), so that load from other users of
 the machine falls on all of them alike. Figures are medians over the repeats.
+
+Beside chat completions, each of Tiergate's other fronts (:data:`FRONTS`) is measured at
+:data:`FRONT_CONCURRENCY` against the upstream called directly in that front's own API, once
+per route a front can take: native (the closed model speaks the front's API and gets the
+client's request as sent) and translated (the request becomes a chat request for a model that
+does not). A second Tiergate whose default closed model is Anthropic's serves the Anthropic
+routes; LiteLLM proxy's ``/v1/messages`` is the anchor, through both kinds of model.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import statistics
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import httpx
 import yaml
 
 from bench import streaming
@@ -27,26 +37,75 @@ BENCH_KEY = "sk-bench-not-a-real-key"
 CLIENT_KEY = "sk-bench-3f9c2a7e41d05b86c1e9a4f27d3b6058"
 LITELLM_VENV = ROOT / "bench" / ".venv-litellm"
 CHAT = "/v1/chat/completions"
+#: The Anthropic model of the bench policies and LiteLLM's config, at the same upstream.
+ANTHROPIC_MODEL = "anthropic/claude-3-5-sonnet-20241022"
+#: The concurrencies the other fronts are measured at: added latency alone, and throughput.
+FRONT_CONCURRENCY = (1, 64)
 
 
-def bench_policy(upstream_port: int, dest: Path) -> Path:
+@dataclass(frozen=True)
+class Front:
+    """A front measured beside chat completions: its path, its request (``bench/<body>``) and
+    the routes through it, each ``name: (server, model)``; ``model`` replaces the body's
+    ``auto`` where the route needs a named model (LiteLLM has no router to pick one)."""
+
+    path: str
+    body: str
+    routes: dict[str, tuple[str, str | None]]
+
+
+FRONTS = {
+    "messages": Front(
+        "/v1/messages",
+        "messages.json",
+        {
+            # Tiergate: an Anthropic model gets the request as sent; an OpenAI one a chat request.
+            "tiergate_native": ("tiergate_anthropic", None),
+            "tiergate_translated": ("tiergate", None),
+            "litellm_native": ("litellm", "claude"),
+            "litellm_translated": ("litellm", None),
+        },
+    ),
+    "responses": Front(
+        "/v1/responses",
+        "responses.json",
+        {
+            # An OpenAI model gets the request as sent; an Anthropic one a chat request (then
+            # litellm's Anthropic chat path, as any chat request to that model).
+            "tiergate_native": ("tiergate", None),
+            "tiergate_translated": ("tiergate_anthropic", None),
+        },
+    ),
+}
+
+
+def bench_policy(upstream_port: int, dest: Path, *, anthropic_first: bool = False) -> Path:
     """policies/default.yaml with its closed tier pointed at the fake upstream, threshold 0.
 
     The rules stay as shipped (so evaluation costs what it costs in production); the closed
-    model is the upstream, and ``auto`` has threshold 0 so every request is routed closed.
+    models are the upstream, and ``auto`` has threshold 0 so every request is routed closed, to
+    the first closed model: OpenAI's, or with ``anthropic_first`` Anthropic's.
     """
     policy = yaml.safe_load((ROOT / "policies" / "default.yaml").read_text())
+    base = f"http://127.0.0.1:{upstream_port}"
     policy["models"] = {
         "local": policy["models"]["local"],
         "gpt-4o": {
             "tier": "closed",
             "litellm_model": "openai/gpt-4o",
-            "api_base": f"http://127.0.0.1:{upstream_port}/v1",
+            "api_base": base + "/v1",
             "api_key_env": BENCH_KEY_ENV,
             "context_window": 128000,
         },
+        "claude": {
+            "tier": "closed",
+            "litellm_model": ANTHROPIC_MODEL,
+            "api_base": base,
+            "api_key_env": BENCH_KEY_ENV,
+            "context_window": 200000,
+        },
     }
-    policy["closed_models"] = ["gpt-4o"]
+    policy["closed_models"] = ["claude", "gpt-4o"] if anthropic_first else ["gpt-4o", "claude"]
     policy["threshold"] = 0.0
     policy["aliases"] = {"auto": {"threshold": 0.0}}
     policy["store_prompts"] = "none"
@@ -65,7 +124,15 @@ def litellm_config(upstream_port: int, dest: Path) -> Path:
                     "api_base": f"http://127.0.0.1:{upstream_port}/v1",
                     "api_key": f"os.environ/{BENCH_KEY_ENV}",
                 },
-            }
+            },
+            {
+                "model_name": "claude",
+                "litellm_params": {
+                    "model": ANTHROPIC_MODEL,
+                    "api_base": f"http://127.0.0.1:{upstream_port}",
+                    "api_key": f"os.environ/{BENCH_KEY_ENV}",
+                },
+            },
         ],
         "litellm_settings": {"telemetry": False, "drop_params": True},
         # A master key, as a deployment has (LiteLLM refuses to start without one); the load
@@ -106,12 +173,14 @@ def tiergate_env(workdir: Path, policy: Path, *, local: bool) -> dict[str, str]:
 
 
 @contextmanager
-def tiergate(workdir: Path, policy: Path, *, local: bool = False) -> Iterator[Server]:
+def tiergate(
+    workdir: Path, policy: Path, *, local: bool = False, name: str | None = None
+) -> Iterator[Server]:
     """``tiergate serve``: one worker, the closed tier at the upstream."""
     port = free_port()
     tiergate_bin = Path(python()).parent / "tiergate"
     with server(
-        "tiergate-model" if local else "tiergate",
+        name or ("tiergate-model" if local else "tiergate"),
         [str(tiergate_bin), "serve", "--port", str(port)],
         port=port,
         ready_path="/healthz",
@@ -203,10 +272,14 @@ def run(
     requests_for_memory: int,
 ) -> dict[str, Any]:
     """The proxy phase; returns per-concurrency medians, streaming and the memory figures."""
-    results: dict[str, Any] = {"runs": {}, "memory": {}}
+    results: dict[str, Any] = {"runs": {}, "front_runs": {}, "memory": {}}
     with ExitStack() as stack:
         config = litellm_config(up.port, workdir / "litellm.yaml")
         tg = stack.enter_context(tiergate(workdir, policy))
+        anthropic = bench_policy(
+            up.port, workdir / "bench-policy-anthropic.yaml", anthropic_first=True
+        )
+        tga = stack.enter_context(tiergate(workdir, anthropic, name="tiergate-anthropic"))
         ll = stack.enter_context(litellm(workdir, config))
         mem = results["memory"]
         mem["tiergate_idle_rss_mb"] = settle_rss(tg)
@@ -230,17 +303,28 @@ def run(
             flush=True,
         )
         paths = {"direct": up, "tiergate": tg, "litellm": ll}
+        servers = {**paths, "tiergate_anthropic": tga}
+        routes = front_routes(workdir, servers)
         for conc in concurrency:
             runs: dict[str, list[dict[str, Any]]] = {name: [] for name in paths}
+            by_front = {f: {n: [] for n in r} for f, r in routes.items()}
+            measure_fronts = conc in FRONT_CONCURRENCY
             for _ in range(repeats):
                 for name, srv in paths.items():
                     runs[name].append(wrk(srv.base + CHAT, connections=conc, duration_s=duration_s))
+                for front, named in routes.items() if measure_fronts else ():
+                    for name, (url, body) in named.items():
+                        by_front[front][name].append(
+                            wrk(url, connections=conc, duration_s=duration_s, body_file=body)
+                        )
             results["runs"][f"c{conc}"] = runs
+            if measure_fronts:
+                results["front_runs"][f"c{conc}"] = by_front
             print(
                 f"  c{conc}: "
                 + ", ".join(
                     f"{n} p50 {median(r, 'p50'):.3f} ms {median(r, 'rps'):.0f} rps"
-                    for n, r in runs.items()
+                    for n, r in [*runs.items(), *_flat(by_front if measure_fronts else {})]
                 ),
                 flush=True,
             )
@@ -251,7 +335,51 @@ def run(
         results["streaming"] = summarise_streams(streams)
         print(f"  streaming: {results['streaming']}", flush=True)
     results["proxy"] = summarise(results["runs"])
+    results["fronts"] = summarise_fronts(results["runs"], results["front_runs"])
     return results
+
+
+def front_routes(
+    workdir: Path, servers: dict[str, Server]
+) -> dict[str, dict[str, tuple[str, Path]]]:
+    """Per front, ``{route: (url, request body file)}``, ``direct`` first; each route is checked
+    once to answer 200, and each Tiergate route to be native or translated as named."""
+    out: dict[str, dict[str, tuple[str, Path]]] = {}
+    for front, spec in FRONTS.items():
+        source = ROOT / "bench" / spec.body
+        named = {"direct": (servers["direct"].base + spec.path, source)}
+        for name, (srv, model) in spec.routes.items():
+            body = source
+            if model is not None:
+                body = workdir / f"{front}-{name}.json"
+                body.write_text(json.dumps({**json.loads(source.read_text()), "model": model}))
+            named[name] = (servers[srv].base + spec.path, body)
+            _check_route(front, name, *named[name])
+        out[front] = named
+    return out
+
+
+def _check_route(front: str, name: str, url: str, body: Path) -> None:
+    """Refuse to measure a route that fails or does not take the path its name says.
+
+    A native answer is the upstream's own (its ``id``); a translated one is Tiergate's.
+    """
+    headers = {"content-type": "application/json", "authorization": f"Bearer {CLIENT_KEY}"}
+    response = httpx.post(url, content=body.read_bytes(), headers=headers, timeout=30.0)
+    if response.status_code != 200:
+        raise RuntimeError(f"{front} {name}: {response.status_code} {response.text[:500]}")
+    if name.startswith("tiergate_"):
+        native = response.json().get("id") in ("msg_bench", "resp_bench")
+        if native != name.endswith("_native"):
+            raise RuntimeError(
+                f"{front} {name}: the answer came {'native' if native else 'translated'}"
+            )
+
+
+def _flat(by_front: dict[str, dict[str, list[dict[str, Any]]]]) -> list[tuple[str, Any]]:
+    return [
+        (f"{front} {name}", rs) for front, named in by_front.items() for name, rs in named.items()
+    ]
 
 
 def median(runs: list[dict[str, Any]], key: str) -> float:
@@ -259,25 +387,47 @@ def median(runs: list[dict[str, Any]], key: str) -> float:
     return float(statistics.median(r[key] for r in runs))
 
 
+def _level(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Medians for each path at one concurrency, and each path's added latency over direct."""
+    row: dict[str, Any] = {}
+    for name, rs in runs.items():
+        for key in ("p50", "p95", "p99", "rps"):
+            row[f"{name}_{key}"] = round(median(rs, key), 3)
+        row[f"{name}_errors"] = int(sum(r["errors"] for r in rs))
+    for name, rs in runs.items():
+        if name == "direct":
+            continue
+        for key in ("p50", "p95", "p99"):
+            # Added latency per repeat (same-run pairs), then the median.
+            added = [p[key] - d[key] for p, d in zip(rs, runs["direct"], strict=True)]
+            row[f"{name}_added_{key}"] = round(float(statistics.median(added)), 3)
+    return row
+
+
 def summarise(all_runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
     """Per concurrency: medians for each path, added latency, ratios."""
     out: dict[str, Any] = {}
     for level, runs in all_runs.items():
-        row: dict[str, Any] = {}
-        for name, rs in runs.items():
-            for key in ("p50", "p95", "p99", "rps"):
-                row[f"{name}_{key}"] = round(median(rs, key), 3)
-            row[f"{name}_errors"] = int(sum(r["errors"] for r in rs))
-        for name in ("tiergate", "litellm"):
-            for key in ("p50", "p95", "p99"):
-                # Added latency per repeat (same-run pairs), then the median.
-                added = [p[key] - d[key] for p, d in zip(runs[name], runs["direct"], strict=True)]
-                row[f"{name}_added_{key}"] = round(float(statistics.median(added)), 3)
+        row = _level(runs)
         row["tiergate_vs_litellm_added_p50"] = _ratio(
             row["tiergate_added_p50"], row["litellm_added_p50"]
         )
         row["tiergate_vs_litellm_rps"] = _ratio(row["tiergate_rps"], row["litellm_rps"])
         out[level] = row
+    return out
+
+
+def summarise_fronts(
+    chat_runs: dict[str, dict[str, list[dict[str, Any]]]],
+    front_runs: dict[str, dict[str, dict[str, list[dict[str, Any]]]]],
+) -> dict[str, Any]:
+    """Per front (chat completions first), per measured concurrency: as :func:`summarise`'s
+    rows, each route against the upstream called directly in that front's API."""
+    out: dict[str, Any] = {"chat": {}}
+    for level, by_front in front_runs.items():
+        out["chat"][level] = _level(chat_runs[level])
+        for front, runs in by_front.items():
+            out.setdefault(front, {})[level] = _level(runs)
     return out
 
 

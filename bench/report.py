@@ -60,6 +60,7 @@ def render(results: dict[str, Any]) -> str:
                 f"| {r['tiergate_errors']} / {r['litellm_errors']} |"
             )
         lines.append("")
+    lines += _fronts_lines(results.get("fronts"))
     s = results.get("streaming")
     if s:
         lines += [
@@ -117,6 +118,44 @@ def render(results: dict[str, Any]) -> str:
         lines.append("")
     lines.append(END)
     return "\n".join(lines)
+
+
+#: Each front's routes as the fronts table names them: (front, route key, proxy, route).
+_ROUTES = (
+    ("chat", "tiergate", "Tiergate", "OpenAI model: chat completions"),
+    ("chat", "litellm", "LiteLLM", "OpenAI model: chat completions"),
+    ("messages", "tiergate_native", "Tiergate", "Anthropic model: native /v1/messages"),
+    ("messages", "tiergate_translated", "Tiergate", "OpenAI model: translated to chat"),
+    ("messages", "litellm_native", "LiteLLM", "Anthropic model: native /v1/messages"),
+    ("messages", "litellm_translated", "LiteLLM", "OpenAI model: translated to chat"),
+    ("responses", "tiergate_native", "Tiergate", "OpenAI model: native /v1/responses"),
+    ("responses", "tiergate_translated", "Tiergate", "Anthropic model: translated to chat"),
+)
+
+
+def _fronts_lines(fronts: dict[str, Any] | None) -> list[str]:
+    if not fronts:
+        return []
+    lines = [
+        "**Fronts** (non-streaming; each front against the upstream called directly in its own "
+        "API; medians over repeats):",
+        "",
+        "| front | proxy | route | direct p50 c1 | added p50 c1 | added p99 c1 | rps c64 "
+        "| direct rps c64 | errors c1 / c64 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for front, key, proxy, route in _ROUTES:
+        c1, c64 = fronts.get(front, {}).get("c1", {}), fronts.get(front, {}).get("c64", {})
+        if f"{key}_p50" not in c1 and f"{key}_rps" not in c64:
+            continue
+        lines.append(
+            f"| {front} | {proxy} | {route} | {_f(c1.get('direct_p50'), 3)} "
+            f"| {_f(c1.get(f'{key}_added_p50'), 3)} | {_f(c1.get(f'{key}_added_p99'), 3)} "
+            f"| {_f(c64.get(f'{key}_rps'), 0)} | {_f(c64.get('direct_rps'), 0)} "
+            f"| {c1.get(f'{key}_errors', '-')} / {c64.get(f'{key}_errors', '-')} |"
+        )
+    lines.append("")
+    return lines
 
 
 def _decision_cap_lines(cap: dict[str, Any] | None) -> list[str]:
