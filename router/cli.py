@@ -16,7 +16,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -396,8 +396,6 @@ class _ServeHelp(argparse.Action):
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import asyncio
-
     from router.app import create_app
     from router.config import load_settings
     from router.logs import configure_logging
@@ -408,7 +406,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     sock = _bind(settings.host, settings.port)
     app = create_app(settings)
     try:
-        asyncio.run(_serve(app, settings, sock))
+        event_loop_runner()(_serve(app, settings, sock))
     except KeyboardInterrupt:
         pass
     finally:
@@ -484,6 +482,18 @@ def _bind(host: str, port: int) -> Any:
         ) from exc
     sock.set_inheritable(True)
     return sock
+
+
+def event_loop_runner() -> Callable[[Coroutine[Any, Any, None]], None]:
+    """How ``serve`` runs its event loop: uvloop where installed (``uvicorn[standard]`` brings
+    it on Linux and macOS; uvicorn picks it the same way), else asyncio's own loop."""
+    import asyncio
+
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run
+    return uvloop.run
 
 
 async def _serve(app: Any, settings: Any, sock: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from router import cli
 from router.cli import main
 from router.outcomes import OutcomeRecord, SQLiteOutcomeStore
 from router.scoring import CAPABILITIES
@@ -472,3 +474,10 @@ def test_serve_sockets_send_small_writes_at_once() -> None:
         return value
 
     assert asyncio.run(accepted_nodelay()) != 0
+
+
+def test_serve_runs_on_uvloop_where_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    uvloop = pytest.importorskip("uvloop")
+    assert cli.event_loop_runner() is uvloop.run
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if it were not installed
+    assert cli.event_loop_runner() is asyncio.run
