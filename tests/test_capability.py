@@ -15,35 +15,20 @@ from sklearn.base import clone
 
 from router.artifact import METADATA_FILE, write_npz
 from router.capability import (
-    DESCRIPTIONS,
     HEAD_FILE,
     CapabilityModel,
     default_capability_path,
     load_capability,
     save_capability,
 )
-from router.capability_training import CapabilityClassifier, leave_one_source_out
-from router.embedding import EMBEDDING_FILE, StaticEmbedding, WordPiece
+from router.capability_training import CapabilityClassifier
+from router.embedding import EMBEDDING_FILE
 from router.errors import ArtifactError
 from router.scoring import CAPABILITIES
-from router.training import CapabilityRow
+from tests.test_capability_training import TRAIN
 
 REPO = Path(__file__).resolve().parent.parent
 
-TRAIN = [
-    ("Write a Python function that reverses a linked list.", "coding"),
-    ("Fix the TypeError in this JavaScript code: const x = undefined.foo;", "coding"),
-    ("Implement binary search in C++ and explain its complexity.", "coding"),
-    ("Solve 2x + 7 = 19 for x.", "math"),
-    ("What is the integral of x^3 from 0 to 2?", "math"),
-    ("A car goes 45 miles per hour for 3 hours. How far does it travel?", "math"),
-    ("Write a sonnet about the winter sea.", "creative_writing"),
-    ("Write a short story about a robot who learns to paint.", "creative_writing"),
-    ("Compose lyrics for a song about leaving home.", "creative_writing"),
-    ("Hey! How's your weekend going?", "chat"),
-    ("Good evening, nice to meet you.", "chat"),
-    ("Thanks so much, you made my day!", "chat"),
-]
 ARTICLE = (
     "The city council met on Tuesday to discuss the new budget. Members argued about funding "
     "for parks, schools and road repairs. The mayor proposed raising property taxes by two "
@@ -98,14 +83,6 @@ def test_every_capability_has_a_column_even_without_rows(shipped: CapabilityMode
     assert proba[:, missing].max() < 1e-9
     assert set(model.predict(SAMPLE)) <= {"coding", "math", "creative_writing", "chat"}
     assert clone(model).get_params()["descriptions"] is False
-
-
-def test_descriptions_let_an_unseen_capability_be_recognised(shipped: CapabilityModel) -> None:
-    texts, labels = zip(*TRAIN, strict=True)
-    model = CapabilityClassifier(shipped.embedding).fit(list(texts), list(labels))
-    assert set(DESCRIPTIONS) == set(CAPABILITIES)
-    prompt = "Extract every person's name and birth date from the text below as JSON."
-    assert model.predict([prompt])[0] == "extraction"
 
 
 @pytest.mark.parametrize(
@@ -193,81 +170,9 @@ def test_loading_refuses_a_foreign_sidecar(fitted: CapabilityClassifier, tmp_pat
         load_capability(d)
 
 
-def test_wordpiece_splits_like_bert(shipped: CapabilityModel) -> None:
-    vocab = shipped.embedding.vocab
-    ids = WordPiece(vocab).ids("Hello, world! unaffable NAÏVE")
-    assert [vocab[i] for i in ids] == ["hello", ",", "world", "!", "una", "##ffa", "##ble", "naive"]
-
-
-def test_embedding_refuses_a_table_that_does_not_fit_its_vocabulary() -> None:
-    with pytest.raises(ValueError, match="one row per vocabulary token"):
-        StaticEmbedding(np.zeros((3, 4), dtype=np.float16), ["[UNK]", "a"])
-
-
-def test_leave_one_source_out_never_trains_on_the_held_out_source(
-    shipped: CapabilityModel,
-) -> None:
-    rows = [
-        CapabilityRow(f"s{i % 2}/{i}", text, cap, f"s{i % 2}")
-        for i, (text, cap) in enumerate(TRAIN)
-    ]
-    seen: list[set[str]] = []
-
-    def fit(texts: list[str], labels: list[str]) -> CapabilityClassifier:
-        seen.append(set(texts))
-        return CapabilityClassifier(shipped.embedding).fit(texts, labels)
-
-    out = leave_one_source_out(rows, fit, keep_predictions=True)
-    for held, train in zip(("s0", "s1"), seen, strict=True):
-        assert not {r.prompt for r in rows if r.source == held} & train
-    assert set(out["per_source"]) == {"s0", "s1"}
-    assert np.array(out["pooled"]["confusion"]).sum() == len(rows)
-    assert set(out["predictions"]) == {r.id for r in rows}
-
-
 def test_resaving_the_shipped_model_writes_the_same_bytes(
     shipped: CapabilityModel, tmp_path: Path
 ) -> None:
     d = save_capability(shipped, tmp_path / "capability-copy")
     for name in (EMBEDDING_FILE, HEAD_FILE):
         assert (d / name).read_bytes() == (default_capability_path() / name).read_bytes()
-
-
-ROLEPLAY_SEEDS = (
-    ("Pretend you are a lighthouse keeper and greet me in character.", "roleplay"),
-    ("Act as a ship's captain and give orders to your crew.", "roleplay"),
-    ("You are a medieval innkeeper. Welcome the tired traveller.", "roleplay"),
-)
-
-
-def test_seeds_teach_the_logistic_head_a_capability_no_row_has(
-    shipped: CapabilityModel,
-) -> None:
-    texts, labels = zip(*TRAIN, strict=True)
-    prompt = "Pretend you are a pirate captain and tell me about your treasure."
-    without = CapabilityClassifier(shipped.embedding, head="logistic", descriptions=False)
-    with_seeds = clone(without).set_params(seeds=ROLEPLAY_SEEDS)
-    assert without.fit(list(texts), list(labels)).predict([prompt])[0] != "roleplay"
-    assert with_seeds.fit(list(texts), list(labels)).predict([prompt])[0] == "roleplay"
-
-
-def test_authored_weight_pulls_the_head_towards_the_seeds(shipped: CapabilityModel) -> None:
-    # One seed contradicts the rows (a maths question labelled reasoning): the heavier the
-    # authored prompts, the more the head believes the seed over the rows.
-    texts, labels = zip(*TRAIN, strict=True)
-    seed = (("Solve 2x + 7 = 19 for x, and say which step you trust least.", "reasoning"),)
-    col = CAPABILITIES.index("reasoning")
-    p = [
-        CapabilityClassifier(
-            shipped.embedding,
-            head="logistic",
-            descriptions=False,
-            seeds=seed,
-            authored_weight=w,
-            C=10.0,
-        )
-        .fit(list(texts), list(labels))
-        .predict_proba([seed[0][0]])[0, col]
-        for w in (1.0, 30.0)
-    ]
-    assert p[1] > p[0]
