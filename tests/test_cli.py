@@ -276,26 +276,6 @@ def test_policy_commands_and_help_examples_work_outside_the_repo(
     assert "MATCH high-stakes" in capsys.readouterr().out
 
 
-def test_state_lives_in_tiergate_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from router.config import BUNDLED_GGUF, Settings
-    from router.locations import user_data_dir
-
-    monkeypatch.setenv("TIERGATE_HOME", str(tmp_path))
-    settings = Settings()
-    assert settings.sqlite_path == tmp_path / "tiergate.db"
-    assert settings.outcome_journal_path == tmp_path / "outcomes-journal.jsonl"
-    assert settings.model_store == tmp_path / "model-store"
-    assert settings.local_model_path == tmp_path / "models" / BUNDLED_GGUF
-    assert Settings(sqlite_path=Path("x.db")).sqlite_path == Path("x.db")  # named: kept
-    home = {"HOME": "/h"}
-    assert user_data_dir({**home, "XDG_DATA_HOME": "/x"}, "linux") == Path("/x/tiergate")
-    assert user_data_dir({**home, "XDG_DATA_HOME": "rel"}, "linux") == Path(
-        "/h/.local/share/tiergate"
-    )  # the XDG rule: a relative value is ignored
-    assert user_data_dir(home, "darwin") == Path("/h/Library/Application Support/tiergate")
-    assert user_data_dir({**home, "LOCALAPPDATA": "C:/L"}, "win32") == Path("C:/L/tiergate")
-
-
 # -- tiergate profile ----------------------------------------------------------------------------
 
 
