@@ -1,0 +1,104 @@
+"""The direct OpenAI-compatible client: answers and streams over loopback, upstream statuses
+and transport failures become Tiergate errors, and a key an upstream echoes is scrubbed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from router.backends import Usage
+from router.backends.openai_http import OpenAIHTTP, error_for_status, map_transport_error
+from router.errors import (
+    BackendError,
+    UpstreamBadRequestError,
+    UpstreamBadResponseError,
+    UpstreamRateLimitedError,
+    UpstreamTimeoutError,
+)
+from tests.conftest import run
+from tests.fake_provider import Behaviour, FakeProvider
+
+BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}
+KEY = "sk-test-openai-key"
+
+
+@pytest.fixture
+def provider(fake: FakeProvider) -> Iterator[FakeProvider]:
+    fake.reset()
+    yield fake
+
+
+async def _call(base_url: str, *, stream: bool = False) -> tuple[Any, Usage]:
+    http = OpenAIHTTP(timeout_s=10)
+    usage = Usage()
+    try:
+        if stream:
+            chunks = http.stream(base_url, BODY, usage, api_key=KEY, label="gpt-4o")
+            return [c async for c in chunks], usage
+        return await http.complete(base_url, BODY, api_key=KEY, label="gpt-4o"), usage
+    finally:
+        await http.aclose()
+
+
+def test_an_answer_carries_its_body_and_usage(provider: FakeProvider) -> None:
+    completion, _ = run(_call(provider.base_url))
+    assert completion.body["choices"][0]["message"]["content"]
+    assert completion.usage.prompt_tokens > 0 and completion.usage.completion_tokens > 0
+    sent = provider.received[-1]
+    assert sent.path.endswith("/chat/completions") and sent.body["stream"] is False
+    assert sent.headers["authorization"] == f"Bearer {KEY}"
+
+
+def test_a_stream_yields_chunks_and_fills_in_its_usage(provider: FakeProvider) -> None:
+    chunks, usage = run(_call(provider.base_url, stream=True))
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text.strip() == Behaviour().text
+    assert usage.completion_tokens > 0
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "error"),
+    [
+        (Behaviour(mode="rate_limit"), UpstreamRateLimitedError),
+        (Behaviour(mode="status", status=400), UpstreamBadRequestError),
+        (Behaviour(mode="status", status=503), BackendError),
+        (Behaviour(mode="array_body"), UpstreamBadResponseError),
+    ],
+)
+def test_an_upstream_failure_is_a_tiergate_error(
+    provider: FakeProvider, behaviour: Behaviour, error: type[BackendError]
+) -> None:
+    provider.reset(behaviour)
+    with pytest.raises(error) as raised:
+        run(_call(provider.base_url))
+    assert type(raised.value) is error
+
+
+def test_a_key_the_upstream_repeats_is_scrubbed(provider: FakeProvider) -> None:
+    provider.reset(Behaviour(mode="echo_auth"))
+    with pytest.raises(BackendError) as raised:
+        run(_call(provider.base_url))
+    assert KEY not in str(raised.value)
+
+
+def test_statuses_map_to_the_error_a_client_and_the_fallback_see() -> None:
+    limited = error_for_status(429, b"{}", "m", retry_after="3")
+    assert isinstance(limited, UpstreamRateLimitedError) and limited.retry_after == 3.0
+    assert isinstance(error_for_status(504, b"", "m"), UpstreamTimeoutError)
+    message = b'{"error": {"message": "context too long"}}'
+    bad = error_for_status(413, message, "m")
+    assert isinstance(bad, UpstreamBadRequestError) and "context too long" in str(bad)
+
+
+def test_transport_failures_are_timeouts_or_unreachable() -> None:
+    assert isinstance(map_transport_error(TimeoutError(), "m"), UpstreamTimeoutError)
+    refused = map_transport_error(ConnectionRefusedError(), "m")
+    assert type(refused) is BackendError and refused.code == "upstream_unreachable"
+
+
+def test_a_closed_port_is_unreachable() -> None:
+    with pytest.raises(BackendError) as raised:
+        run(_call("http://127.0.0.1:9/v1"))
+    assert raised.value.code == "upstream_unreachable"
