@@ -1,0 +1,122 @@
+"""The closed tier: keys by provider, the direct OpenAI path and litellm for other providers,
+and litellm's errors mapped into Tiergate's hierarchy."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from router.backends import Completion
+from router.backends.closed import ClosedBackend, key_for, map_litellm_error, provider_of
+from router.backends.openai_http import OpenAIHTTP
+from router.errors import (
+    BackendError,
+    UpstreamBadRequestError,
+    UpstreamRateLimitedError,
+    UpstreamTimeoutError,
+)
+from tests.conftest import KEYS, run
+from tests.fake_provider import FakeProvider
+
+BODY = {
+    "model": "auto",
+    "messages": [{"role": "user", "content": "Hi"}],
+    "metadata": {"team": "search"},
+}
+
+
+@dataclass(frozen=True)
+class Model:
+    """The parts of a policy model the backend reads."""
+
+    name: str
+    litellm_model: str | None
+    api_base: str | None = None
+    tier: str = "closed"
+    api_key_env: str | None = None
+    timeout_s: float | None = None
+    transport: str = "auto"
+
+
+@pytest.fixture
+def provider(fake: FakeProvider) -> Iterator[FakeProvider]:
+    fake.reset()
+    yield fake
+
+
+async def _complete(model: Model) -> Completion:
+    http = OpenAIHTTP(timeout_s=10)
+    backend = ClosedBackend(http, timeout_s=10, environ=KEYS)
+    try:
+        return await backend.complete(model, BODY)
+    finally:
+        await backend.aclose()
+        await http.aclose()
+
+
+def test_a_model_takes_its_provider_key_unless_it_names_its_own() -> None:
+    assert provider_of("anthropic/claude-3-5-sonnet") == "anthropic"
+    assert provider_of("gpt-4o") == "openai"
+    env = {"OPENAI_API_KEY": "sk-o", "TEAM_KEY": "sk-t"}
+    assert key_for(Model("g", "openai/gpt-4o"), env) == "sk-o"
+    assert key_for(Model("g", "openai/gpt-4o", api_key_env="TEAM_KEY"), env) == "sk-t"
+    assert key_for(Model("c", "anthropic/claude"), env) is None
+
+
+def test_a_model_without_a_key_says_which_variable_to_set() -> None:
+    backend = ClosedBackend(OpenAIHTTP(timeout_s=1), timeout_s=1, environ={})
+    assert backend.unavailable_reason(Model("c", "anthropic/claude")) == (
+        "no API key: set ANTHROPIC_API_KEY"
+    )
+    assert backend.unavailable_reason(Model("x", None)) == "closed model has no litellm_model"
+    keyed = ClosedBackend(OpenAIHTTP(timeout_s=1), timeout_s=1, environ=KEYS)
+    assert keyed.unavailable_reason(Model("g", "openai/gpt-4o")) is None
+
+
+def test_an_openai_model_is_called_directly_with_its_provider_name(
+    provider: FakeProvider,
+) -> None:
+    answer = run(_complete(Model("gpt-4o", "openai/gpt-4o", provider.base_url)))
+    assert answer.body["model"] == "gpt-4o" and answer.usage.completion_tokens > 0
+    sent = provider.received[-1]
+    assert sent.path.endswith("/chat/completions")
+    assert sent.body["model"] == "gpt-4o" and "metadata" not in sent.body
+    assert sent.headers["authorization"] == f"Bearer {KEYS['OPENAI_API_KEY']}"
+
+
+def test_another_provider_goes_through_litellm_in_its_own_protocol(
+    provider: FakeProvider,
+) -> None:
+    model = Model("claude", "anthropic/claude-3-5-sonnet-20241022", provider.base_url[:-3])
+    answer = run(_complete(model))
+    assert answer.body["model"] == "claude"
+    assert answer.body["choices"][0]["message"]["content"]
+    assert provider.received[-1].path.endswith("/messages")
+
+
+class RateLimitError(Exception):
+    status_code = 429
+
+
+class Timeout(Exception):  # noqa: N818 (litellm's own name)
+    status_code = None
+
+
+class APIConnectionError(Exception):
+    status_code = None
+
+
+def test_litellm_errors_map_by_status_and_kind() -> None:
+    assert isinstance(map_litellm_error(RateLimitError("slow"), "m"), UpstreamRateLimitedError)
+    assert isinstance(map_litellm_error(Timeout("late"), "m"), UpstreamTimeoutError)
+    bad = type("BadRequestError", (Exception,), {"status_code": 400})("too long")
+    assert isinstance(map_litellm_error(bad, "m"), UpstreamBadRequestError)
+    gone = map_litellm_error(APIConnectionError("refused"), "m")
+    assert type(gone) is BackendError and gone.code == "upstream_unreachable"
+
+
+def test_a_key_in_a_litellm_error_is_scrubbed() -> None:
+    error = map_litellm_error(Exception("bad key sk-ant-abcdefghijklmnopqrstuvwx"), "m")
+    assert "abcdefghijklmnopqrstuvwx" not in str(error) and "[redacted]" in str(error)
