@@ -1,0 +1,98 @@
+"""The versioned model store: adopting, promoting and rolling back move only the pointer, and
+the watcher swaps the serving model only once a version has loaded."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from router.errors import ConfigError
+from router.registry import ModelStore, watch_model_store
+
+
+def _artifact(tmp_path: Path, name: str, parent: str | None = None) -> Path:
+    d = tmp_path / name
+    d.mkdir()
+    meta = {"created_at": name, "lineage": {"parent": parent, "gate": {"decision": "promote"}}}
+    (d / "metadata.json").write_text(json.dumps(meta))
+    return d
+
+
+def test_the_first_adopted_version_serves_and_later_ones_wait(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "store")
+    assert store.current() is None and store.version_ids() == []
+    assert store.adopt(_artifact(tmp_path, "a")) == "v0001"
+    assert store.adopt(_artifact(tmp_path, "b", parent="v0001")) == "v0002"
+    assert store.current() == "v0001"
+    listing = {row["version"]: row for row in store.listing()}
+    assert listing["v0001"]["current"] and not listing["v0002"]["current"]
+    assert listing["v0002"]["parent"] == "v0001" and listing["v0002"]["gate"] == "promote"
+
+
+def test_promote_and_rollback_move_the_pointer_and_keep_history(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "store")
+    store.adopt(_artifact(tmp_path, "a"))
+    store.adopt(_artifact(tmp_path, "b"))
+    store.promote("v0002", reason="better")
+    assert store.current() == "v0002"
+    assert store.rollback() == "v0001" and store.current() == "v0001"
+    actions = [(e["action"], e["version"], e["previous"]) for e in store.history()]
+    assert actions == [
+        ("promote", "v0001", None),
+        ("promote", "v0002", "v0001"),
+        ("rollback", "v0001", "v0002"),
+    ]
+    assert (store.path("v0002") / "metadata.json").is_file()  # versions are never removed
+
+
+def test_unknown_versions_and_an_empty_store_are_refused(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "store")
+    with pytest.raises(ConfigError):
+        store.load_current()
+    store.adopt(_artifact(tmp_path, "a"))
+    for bad in ("v0009", "../a", "latest"):
+        with pytest.raises(ConfigError):
+            store.promote(bad)
+    with pytest.raises(ConfigError, match="nothing to roll back"):
+        store.rollback()
+    assert store.load_current(lambda p: p.name) == ("v0001", "v0001")
+
+
+def test_the_watcher_swaps_in_a_promoted_version_but_never_a_broken_one(
+    tmp_path: Path,
+) -> None:
+    store = ModelStore(tmp_path / "store")
+    store.adopt(_artifact(tmp_path, "a"))
+    store.adopt(_artifact(tmp_path, "b"))
+    store.adopt(_artifact(tmp_path, "c"))
+    gateway = SimpleNamespace(scorer=SimpleNamespace(version="v0001"))
+    settings = SimpleNamespace(model_store=store.root, model_watch_s=0.01)
+
+    tried: list[str] = []
+
+    def loader(path: Path) -> Any:
+        tried.append(path.name)
+        if path.name == "v0003":
+            raise ValueError("tampered")
+        return SimpleNamespace(version=path.name)
+
+    async def serving_after(version: str) -> str:
+        task = asyncio.create_task(watch_model_store(gateway, settings, loader))
+        try:
+            store.promote(version)
+            for _ in range(1000):
+                await asyncio.sleep(0.01)
+                if version in tried and version in ("v0003", gateway.scorer.version):
+                    break
+            return str(gateway.scorer.version)
+        finally:
+            task.cancel()
+
+    assert asyncio.run(serving_after("v0002")) == "v0002"
+    assert asyncio.run(serving_after("v0003")) == "v0002"  # the broken version never serves
+    assert asyncio.run(serving_after("v0001")) == "v0001"
