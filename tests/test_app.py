@@ -1,0 +1,45 @@
+"""The app factory: which scorer and store a configuration gets, the lifespan that builds the
+services, and one error handler that answers every failure as JSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from router.app import build_outcome_store, configured_scorer, create_app
+from router.outcomes import SQLiteOutcomeStore
+from router.scoring import HeuristicScorer
+from tests.conftest import make_settings, policy_yaml
+from tests.fake_provider import FakeProvider
+from tests.scripted_local import ScriptedLocal
+
+
+def test_the_shipped_model_scores_unless_the_configured_one_cannot_load(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    settings = make_settings(tmp_path, policy_yaml(fake))
+    assert not isinstance(configured_scorer(settings), HeuristicScorer)
+    missing = settings.model_copy(update={"classifier_path": tmp_path / "no-such-model"})
+    assert isinstance(configured_scorer(missing), HeuristicScorer)
+
+
+def test_outcomes_go_to_sqlite_without_a_redis_url(tmp_path: Path, fake: FakeProvider) -> None:
+    store = build_outcome_store(make_settings(tmp_path, policy_yaml(fake)))
+    assert isinstance(store, SQLiteOutcomeStore)
+
+
+def test_every_failure_is_answered_as_json_in_the_fronts_shape(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    fake.reset()
+    app = create_app(make_settings(tmp_path, policy_yaml(fake)), local_backend=ScriptedLocal())
+    with TestClient(app) as client:
+        missing = client.get("/v1/no-such-route")
+        assert missing.status_code == 404
+        assert missing.json()["error"]["code"] == "not_found"
+        bad = client.post("/v1/chat/completions", json={"model": "auto"})
+        assert bad.status_code == 400
+        assert bad.json()["error"]["type"] == "invalid_request_error"
+        anthropic = client.post("/v1/messages", json={"model": "auto"})
+        assert anthropic.status_code == 400 and anthropic.json()["type"] == "error"
