@@ -1,0 +1,57 @@
+"""Deployment settings: overrides beat ``TIERGATE_*`` variables, which beat the config file;
+files not named land in the data directory; a bad value is one readable ConfigError."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from router.config import load_settings
+from router.errors import ConfigError
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "tiergate.yaml"
+    path.write_text("PORT: 9001\nlog_level: warning\nn_threads: 3\n")
+    # load_settings sets TIERGATE_CONFIG; monkeypatch restores it after the test.
+    monkeypatch.setenv("TIERGATE_CONFIG", str(path))
+    monkeypatch.setenv("TIERGATE_HOME", str(tmp_path / "home"))
+    return path
+
+
+def test_overrides_then_environment_then_file(
+    config_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TIERGATE_LOG_LEVEL", "error")
+    settings = load_settings(config_file, n_threads=None, port=9002)
+    assert settings.port == 9002  # an override beats the file
+    assert settings.log_level == "error"  # the environment beats the file
+    assert settings.n_threads == 3  # the file beats the default; None is no override
+
+
+def test_unnamed_files_land_in_the_data_directory(config_file: Path, tmp_path: Path) -> None:
+    settings = load_settings(config_file, sqlite_path=tmp_path / "mine.db")
+    assert settings.sqlite_path == tmp_path / "mine.db"
+    assert settings.model_store == tmp_path / "home" / "model-store"
+
+
+def test_a_bad_value_or_file_is_one_readable_config_error(
+    config_file: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match="port"):
+        load_settings(config_file, port=70000)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- port\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_settings(listed)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(tmp_path / "missing.yaml")
+
+
+def test_an_empty_path_variable_means_the_default(
+    config_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TIERGATE_CLASSIFIER_PATH", "  ")
+    assert load_settings(config_file).classifier_path is None
