@@ -64,8 +64,8 @@ def calibrate(
 def quantile(values: Sequence[float], q: float) -> float:
     """``numpy.quantile(values, q)`` (its default, linear method) without importing numpy.
 
-    numpy costs ~15 MB of resident memory and 0.2 s of start-up, and this is its only use on the
-    serving path (bench/README.md).
+    This is numpy's only use on the serving path, so the server need not load numpy
+    (memory and start-up: bench/README.md).
     """
     ordered = sorted(values)
     pos = q * (len(ordered) - 1)

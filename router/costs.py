@@ -1,7 +1,7 @@
 """Cost accounting: USD per request, closed and local, and the all-closed counterfactual.
 
 Closed prices come from litellm's bundled cost map, read as JSON straight from the installed
-package: offline, and without importing litellm (which takes seconds and much memory). Local
+package: offline, and without importing litellm (slow to import, heavy in memory). Local
 calls are charged at a configured price per million tokens plus a price per GPU-hour, applied to
 the request's local generation time. The counterfactual is what the same tokens would have cost
 on the default closed model; "saved versus all-closed" is sum(counterfactual) - sum(cost).

@@ -16,10 +16,10 @@ table the model2vec way, from the sentence encoder ``sentence-transformers/all-M
    the vocabulary, which BERT orders roughly by frequency), and the table is stored as float16.
 
 The result is deterministic (float64 PCA, a fixed sign per axis) and ships inside the
-capability artifact (``models/capability-v1/embedding.npz``, 14.7 MB) with its sha256, so
+capability artifact (``models/capability-v1/embedding.npz``) with its sha256, so
 nothing is fetched or computed when the proxy starts. To rebuild both from scratch::
 
-    python -m router.distill /tmp/minilm-static      # about a minute on one core
+    python -m router.distill /tmp/minilm-static
     python -m router.capability_training --data ../shared/data/capabilities.jsonl \
         --embedding /tmp/minilm-static --out /tmp/capability-v1
 

@@ -2,8 +2,8 @@
 
 The capability model (:mod:`router.capability`) reads a prompt as the mean of its tokens'
 vectors, taken from a table that :mod:`router.distill` derived once from all-MiniLM-L6-v2
-(Apache-2.0). A prompt costs one tokenisation and one row gather, tens of microseconds, which
-fits the decision budget where a transformer forward pass would not.
+(Apache-2.0). A prompt costs one tokenisation and one row gather, which fits the decision
+budget where a transformer forward pass would not (docs/model-card.md).
 
 * :class:`WordPiece`: BERT's uncased tokeniser in plain Python (lower case, accents stripped,
   punctuation split off, greedy longest-match word pieces), with a per-word cache. It follows
@@ -102,9 +102,9 @@ class StaticEmbedding:
         if table.ndim != 2 or table.shape[0] != len(vocab) or not np.isfinite(table).all():
             raise ValueError("embedding: table must be finite, one row per vocabulary token")
         self.vocab = list(vocab)
-        # float32 at run time: the row gather and mean of a float16 table take about 1.5 times
-        # as long (tens of microseconds a prompt) for 15 MB less memory; the decision budget is
-        # the tighter limit. Saved back in its stored type (float16 converts exactly).
+        # float32 at run time: a float16 table saves memory but is slower to gather and mean,
+        # and the decision budget is the tighter limit (docs/model-card.md). Saved back in its
+        # stored type (float16 converts exactly).
         self.table: NDArray[np.float32] = np.asarray(table, dtype=np.float32)
         self.stored_dtype = table.dtype
         self.tokenizer = WordPiece(self.vocab)

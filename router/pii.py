@@ -294,8 +294,8 @@ class _Reading:
         self.raw = raw = text.encode("ascii", "replace") if normalized else _encode(text)
         self.masks: dict[str, bytes | None] = {}
         self.runs: dict[str, list[tuple[int, int]]] = {}
-        # Every detector but email runs only if the text has two adjacent digits (as before;
-        # so a lone "1.2.3.4" is not reported as an IP address).
+        # Every detector but email runs only if the text has two adjacent digits (so a lone
+        # "1.2.3.4" is not reported as an IP address).
         if raw is not None and self.ascii_digits:
             # The digits mask (digits are 1) settles it, and the card and SSN runs need it.
             digits = raw.translate(_MASKS["digits"][0])

@@ -1,8 +1,8 @@
 """The HTTP server ``tiergate serve`` runs: uvicorn, with a bound on a request's head.
 
 uvicorn's default parser (httptools) buffers a request line and headers for as long as a client
-sends them: ten unauthenticated connections each sending a 64 MiB unfinished header grew the
-server by 630 MiB. :class:`BoundedHttpTools` counts the bytes of each request head and answers
+sends them, so a few unauthenticated connections could grow the server without bound.
+:class:`BoundedHttpTools` counts the bytes of each request head and answers
 431 and closes the connection past :data:`MAX_HEAD_BYTES`. Where httptools is missing, uvicorn's
 h11 parser is used with the same bound (``h11_max_incomplete_event_size``).
 """

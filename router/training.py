@@ -187,11 +187,11 @@ def routing_target(
     scores are not.
 
     By default every row weighs the same, so the pooled base rates come through: data sets differ
-    in how often the strong model wins (15% on MMLU, 60% on Arena-Bench), and on mixed traffic
-    telling task types apart (multiple-choice trivia vs. open chat vs. maths) *is* most of the
-    routing signal. With ``balance`` every (data set, class) cell gets the same total weight
-    instead, which only optimises ranking within one data set; on the pooled mixed evaluation it
-    was clearly worse (APGR 0.56 vs 0.62, docs/model-card.md).
+    in how often the strong model wins, and on mixed traffic telling task types apart
+    (multiple-choice trivia vs. open chat vs. maths) *is* most of the routing signal. With
+    ``balance`` every (data set, class) cell gets the same total weight instead, which only
+    optimises ranking within one data set; it is worse on the pooled mixed evaluation
+    (docs/model-card.md).
     """
     gap = np.array([r.strong_score - r.weak_score for r in rows])
     y = (gap > margin).astype(np.int64)
@@ -205,7 +205,7 @@ def routing_target(
 
 
 DEFAULT_ROUTING_PARAMS: dict[str, Any] = {"C": 1.0, "solver": "liblinear"}
-#: The word-feature routing model of router-v1/v2 (``fit_routing(..., capability=None)``).
+#: The word-feature routing model (``fit_routing(..., capability=None)``).
 WORD_ROUTING_PARAMS: dict[str, Any] = {
     "C": 1.0,
     "ngram_max": 2,
@@ -224,8 +224,8 @@ def fit_routing(
     params: dict[str, Any] | None = None,
 ) -> PromptClassifier:
     """Fit the binary routing classifier on routing rows: a :class:`CapabilityRouting` over the
-    fitted ``capability`` model's probabilities (the shipped design since router-v3), or with
-    ``capability=None`` the word + structure :class:`PromptClassifier` of router-v1/v2."""
+    fitted ``capability`` model's probabilities (the shipped design), or with
+    ``capability=None`` the word + structure :class:`PromptClassifier`."""
     y, w = routing_target(rows, margin=margin, balance=balance)
     if len(set(y.tolist())) < 2:
         raise DataFormatError("routing data needs prompts where the strong model is better and not")

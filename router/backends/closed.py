@@ -1,11 +1,11 @@
 """The closed tier: frontier APIs named by litellm model names (``openai/...``, ``anthropic/...``).
 
 ``openai/...`` models, and any model with an OpenAI-compatible ``api_base``, are called directly
-over the pooled httpx client (:mod:`router.backends.openai_http`): that path adds well under a
-millisecond. Every other provider goes through ``litellm.acompletion``, which translates the
-request to the provider's own protocol. litellm is imported lazily, on the first such call, with
-``LITELLM_LOCAL_MODEL_COST_MAP=True`` so it never reaches for the network. A model can force
-the litellm path with ``transport: litellm`` in the policy.
+over the pooled HTTP client (:mod:`router.backends.openai_http`): that path adds little
+latency (bench/README.md). Every other provider goes through ``litellm.acompletion``, which
+translates the request to the provider's own protocol. litellm is imported lazily, on the first
+such call, with ``LITELLM_LOCAL_MODEL_COST_MAP=True`` so it never reaches for the network. A
+model can force the litellm path with ``transport: litellm`` in the policy.
 """
 
 from __future__ import annotations

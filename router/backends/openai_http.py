@@ -95,7 +95,7 @@ def _dumps(body: dict[str, Any]) -> bytes:
 class OpenAIHTTP:
     """A pooled client (aiohttp, HTTP/1.1 keep-alive) for OpenAI-compatible base URLs.
 
-    aiohttp rather than httpx: on the proxy's hot path httpx's connection pool cost about 80% of
+    aiohttp rather than httpx: on the proxy's hot path httpx's connection pool dominated
     Tiergate's own CPU per request (it scans and polls every pooled connection per request;
     see bench/README.md), aiohttp's a small fraction of that. Timeouts keep httpx's meaning: the
     limit applies to connecting and to each read, not to a whole (possibly long) stream.
