@@ -31,6 +31,7 @@ def test_an_endless_header_is_cut_off(
     from router.server import uvicorn_config
     from tests.conftest import free_port, make_settings
 
+    fake.reset()  # answer normally, whatever the test before left it doing
     if parser == "h11":  # as where httptools is not installed
         monkeypatch.setattr(serving, "_bounded_httptools", lambda: None)
 
