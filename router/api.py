@@ -230,7 +230,9 @@ class Front(Generic[_Tr]):
     to_chat: Callable[[Mapping[str, Any], str], tuple[dict[str, Any], _Tr]]
     native: Callable[[Mapping[str, Any], Mapping[str, str]], NativeRequest]
     answer: Callable[[Mapping[str, Any], _Tr], dict[str, Any]]
-    events: Callable[[AsyncIterator[dict[str, Any]], _Tr], AsyncGenerator[dict[str, Any], None]]
+    events: Callable[
+        [AsyncGenerator[dict[str, Any], None], _Tr], AsyncGenerator[dict[str, Any], None]
+    ]
     error_event: Callable[[TiergateError], dict[str, Any]]
 
 
@@ -328,6 +330,9 @@ async def _event_sse(
             yield _event(event)
     except TiergateError as exc:
         yield _event(error_event(exc))
+    except Exception:  # a translation that failed; recorded as an error (see native_or)
+        log.exception("a front's stream failed")
+        yield _event(error_event(TiergateError("internal error")))
     finally:
         await events.aclose()
 

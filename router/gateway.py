@@ -1136,11 +1136,17 @@ class _Relay:
 async def _chunks(
     life: AsyncGenerator[Answer | _Opened | dict[str, Any], None],
 ) -> AsyncGenerator[dict[str, Any], None]:
-    """The chunks of a stream's life; closing this closes the life, which records it."""
+    """The chunks of a stream's life; closing this closes the life, which records it. An
+    exception thrown in (``athrow``: a front failed to translate a chunk) is thrown into the
+    life, which records it as that error rather than as a client that left."""
     try:
         async for item in life:
             assert isinstance(item, dict)
-            yield item
+            try:
+                yield item
+            except Exception as exc:
+                await life.athrow(exc)
+                raise
     finally:
         await life.aclose()
 

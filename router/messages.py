@@ -100,7 +100,7 @@ def _plain(value: Any) -> Any:
 
 
 def events(
-    chunks: AsyncIterator[dict[str, Any]], translation: Translation
+    chunks: AsyncGenerator[dict[str, Any], None], translation: Translation
 ) -> AsyncGenerator[dict[str, Any], None]:
     """Anthropic's stream events for a chat chunk stream (or the provider's own events).
 

@@ -127,7 +127,7 @@ class _Chunks:
 
 
 def events(
-    chunks: AsyncIterator[dict[str, Any]], translation: Translation
+    chunks: AsyncGenerator[dict[str, Any], None], translation: Translation
 ) -> AsyncGenerator[dict[str, Any], None]:
     """The Responses events for a chat chunk stream (or the provider's own events).
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -15,10 +15,13 @@ import openai
 import pytest
 
 import router.gateway as gateway_module
+from router import messages
+from router.api import _event_sse
 from router.auth import Principal
 from router.backends import Completion, ModelLike, Usage
 from router.backends.closed import ClosedBackend
 from router.backends.local import Gate
+from router.backends.native import native_or
 from router.backends.openai_http import OpenAIHTTP
 from router.costs import CostBook
 from router.errors import BackendError, BadRequestError, ClientDisconnected, PermissionDeniedError
@@ -763,5 +766,48 @@ def test_an_exhausted_chain_is_one_error_and_one_record(tmp_path: Path, fake: Fa
                 assert err.value.status_code == 502
                 assert "x-request-id" in err.value.headers
             assert [(r.status, r.http_status) for r in srv.records] == [("error", 502)] * 2
+
+    asyncio.run(scenario())
+
+
+def test_a_front_whose_translation_fails_mid_stream_is_recorded_as_an_error(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    # A front's translation that fails after its first event is the server's error (500), not
+    # a client that left (499); the client gets the front's error event.
+    fake.reset()
+
+    def failing(
+        chunks: AsyncGenerator[dict[str, Any], None], _: object
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        async def translate(
+            first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any]]
+        ) -> AsyncIterator[dict[str, Any]]:
+            yield {"type": "message_start"}
+            await anext(rest)
+            raise RuntimeError("cannot translate this chunk")
+
+        return native_or(chunks, translate)
+
+    async def scenario() -> None:
+        async with serving(tmp_path, fake, ScriptedStream(words=5)) as srv:
+            call = Call(
+                body=srv.call("easy", stream=True).body,
+                principal=CALLER,
+                tenant="acme",
+                front="messages",
+            )
+            answer = await srv.gateway.serve(call)
+            assert isinstance(answer, StreamAnswer)
+            framed = [
+                part
+                async for part in _event_sse(failing(answer.chunks, None), messages.error_event)
+            ]
+            assert framed[0].startswith(b"event: message_start")
+            assert framed[-1].startswith(b"event: error")
+            assert b'"api_error"' in framed[-1]
+            assert [(r.status, r.http_status, r.front) for r in srv.records] == [
+                ("error", 500, "messages")
+            ]
 
     asyncio.run(scenario())

@@ -13,6 +13,7 @@ a few fields, not a translation a client reads.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
@@ -154,13 +155,15 @@ class NativeBackend:
 
 
 async def native_or(
-    chunks: AsyncIterator[dict[str, Any]],
+    chunks: AsyncGenerator[dict[str, Any], None],
     translate: Callable[
         [dict[str, Any] | None, AsyncIterator[dict[str, Any]]], AsyncIterator[dict[str, Any]]
     ],
 ) -> AsyncGenerator[dict[str, Any], None]:
     """A front's events for a chat chunk stream: the provider's own when the chunks carry them
-    (a native call), else ``translate(first chunk, the rest)``. Closing this closes ``chunks``."""
+    (a native call), else ``translate(first chunk, the rest)``. Closing this closes ``chunks``;
+    a failure of ``translate`` is thrown into ``chunks`` first, so that the stream's owner
+    records it as the error it is (a failure of ``chunks`` itself has ended them already)."""
     try:
         first = await anext(chunks, None)
         if first is not None and NATIVE in first:
@@ -171,10 +174,12 @@ async def native_or(
             return
         async for event in translate(first, chunks):
             yield event
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            await chunks.athrow(exc)
+        raise
     finally:
-        aclose = getattr(chunks, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await chunks.aclose()
 
 
 def _anthropic_url(api_base: str | None) -> str:
