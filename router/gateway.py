@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -481,6 +482,7 @@ class Gateway:
             tenant=call.tenant,
             headers=call.policy_headers,
             metadata_keys=call.metadata_keys,
+            sent=call.native.body if call.native is not None else None,
         )
 
     def explain(self, ctx: RequestContext) -> dict[str, str]:
@@ -540,11 +542,13 @@ class Gateway:
         tenant: str,
         headers: Mapping[str, str],
         metadata_keys: Collection[str] | None = None,
+        sent: Mapping[str, Any] | None = None,
     ) -> tuple[Signals, Decision]:
         """Run signals -> score -> policy for one request. Raises 404 for an unknown model.
 
         ``metadata_keys``: the ``metadata`` keys the caller may steer the policy with (None: all);
-        the signals keep only those the policy reads.
+        the signals keep only those the policy reads. ``sent``: a front's native request, read
+        for personal data too (see :func:`~router.signals.extract_signals`).
         """
         policy = self.policy
         alias = str(body.get("model", "auto"))
@@ -562,6 +566,7 @@ class Gateway:
                 tenant=tenant,
                 headers=headers,
                 metadata_keys=read if metadata_keys is None else read & set(metadata_keys),
+                sent=sent,
             )
             decision = evaluate(
                 policy,
@@ -580,17 +585,24 @@ class Gateway:
         tenant: str,
         headers: Mapping[str, str],
         metadata_keys: Collection[str] | None = None,
+        sent: Mapping[str, Any] | None = None,
     ) -> tuple[Signals, Decision]:
         """:meth:`decide`, moved off the event loop when the request is large.
 
         Scoring a short prompt costs less than a thread hop; a long one (or a large request,
         all of which is read for personal data) would stall every other request on the loop.
         """
-        if _is_large(body):
-            return await asyncio.to_thread(
-                self.decide, body, tenant=tenant, headers=headers, metadata_keys=metadata_keys
-            )
-        return self.decide(body, tenant=tenant, headers=headers, metadata_keys=metadata_keys)
+        decide = functools.partial(
+            self.decide,
+            body,
+            tenant=tenant,
+            headers=headers,
+            metadata_keys=metadata_keys,
+            sent=sent,
+        )
+        if _is_large(body) or (sent is not None and _is_large(sent)):
+            return await asyncio.to_thread(decide)
+        return decide()
 
     # -- reserving -------------------------------------------------------------------------
 

@@ -210,11 +210,14 @@ def extract_signals(
     tenant: str = "default",
     headers: Mapping[str, str] | None = None,
     metadata_keys: Collection[str] | None = None,
+    sent: Mapping[str, Any] | None = None,
 ) -> Signals:
     """Read the request's signals and score it. ``body`` is a validated chat request dict.
 
     ``metadata_keys``: the top-level ``metadata`` keys the signals keep (those the policy reads
     and the caller may set); None keeps them all. All of ``metadata`` is still read for PII.
+    ``sent``: the request as a front may send it instead of ``body`` (a native pass-through),
+    read for PII too: fields the chat translation drops would otherwise go upstream unread.
     """
     messages: list[Mapping[str, Any]] = list(body.get("messages") or [])
     tools = body.get("tools") or body.get("functions")
@@ -226,6 +229,8 @@ def extract_signals(
     analysis: Analysis = scorer.analyze(text, has_tools=has_tools)
     rest = request_pii_kinds(body, read=_scored_strings(messages))
     found = {*prompt_kinds, *rest, *analysis.pii_kinds}
+    if sent is not None:
+        found.update(request_pii_kinds(sent))
     kinds = tuple(k for k in PII_KINDS if k in found) + tuple(sorted(found - set(PII_KINDS)))
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
     metadata = body.get("metadata")

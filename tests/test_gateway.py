@@ -15,13 +15,13 @@ import openai
 import pytest
 
 import router.gateway as gateway_module
-from router import messages
+from router import messages, responses
 from router.api import _event_sse
 from router.auth import Principal
 from router.backends import Completion, ModelLike, Usage
 from router.backends.closed import ClosedBackend
 from router.backends.local import Gate
-from router.backends.native import native_or
+from router.backends.native import NativeRequest, native_or
 from router.backends.openai_http import OpenAIHTTP
 from router.costs import CostBook
 from router.errors import BackendError, BadRequestError, ClientDisconnected, PermissionDeniedError
@@ -809,5 +809,36 @@ def test_a_front_whose_translation_fails_mid_stream_is_recorded_as_an_error(
             assert [(r.status, r.http_status, r.front) for r in srv.records] == [
                 ("error", 500, "messages")
             ]
+
+    asyncio.run(scenario())
+
+
+def test_personal_data_only_in_a_native_request_keeps_it_local(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    # A Responses ``prompt``'s variables are dropped by the chat translation but passed on to
+    # an OpenAI model as sent: the privacy rule must see them.
+    fake.reset()
+    sent = {
+        "model": "gpt-4o",
+        "input": "Summarise the customer's case.",
+        "prompt": {"id": "pmpt_1", "variables": {"ssn": "123-45-6789"}},
+    }
+    chat, _ = responses.to_chat(sent, "req_x")
+    pinner = Principal(tenant="acme", permissions=frozenset({"pin_closed"}), key_id="test")
+
+    async def scenario() -> None:
+        async with serving(tmp_path, fake, ScriptedStream()) as srv:
+            call = Call(
+                body=chat,
+                principal=pinner,
+                tenant="acme",
+                front="responses",
+                native=NativeRequest("responses", sent),
+            )
+            plan = await srv.gateway.route(call)
+            assert plan.signals.pii and "ssn" in plan.signals.pii_kinds
+            assert plan.decision.rule == "pii-stays-local" and plan.decision.local_only
+            assert [spec.tier for spec, _, _ in plan.chain] == ["local"]
 
     asyncio.run(scenario())
