@@ -638,7 +638,7 @@ def evaluate(
     spec = policy.models[step.model]
     cascade = None
     if cascades:
-        cascade, why = _cascade_plan(policy, spec, local_only, closed_available)
+        cascade, why = _cascade_plan(policy, spec, local_only, step.over_budget, closed_available)
         step.reason += why
     profile_entry = None
     if rule is not None and any(r.reads_profile for r in plan.rules[: len(trace)]):
@@ -703,13 +703,15 @@ def _cascade_start(policy: Policy, rule: str, alias: str | None) -> tuple[str, s
 
 
 def _cascade_plan(
-    policy: Policy, spec: ModelSpec, local_only: bool, closed_available: bool
+    policy: Policy, spec: ModelSpec, local_only: bool, over_budget: bool, closed_available: bool
 ) -> tuple[CascadePlan | None, str]:
     # The cascade as it will run, or None and why it will not.
     if spec.tier != "local":
         return None, "; no cascade: the request cannot be served locally"
     if local_only:
         return None, "; no cascade: local_only, the local answer is kept whatever its confidence"
+    if over_budget:  # escalating would spend the exhausted budget
+        return None, "; no cascade: over budget, the local answer is kept whatever its confidence"
     if not policy.closed_models or not closed_available:
         return None, "; no cascade: no closed model to escalate to"
     settings = policy.cascade

@@ -597,7 +597,11 @@ class Serving:
 async def serving(
     tmp_path: Path, fake: FakeProvider, local: ScriptedStream, **policy: Any
 ) -> AsyncIterator[Serving]:
-    (tmp_path / "policy.yaml").write_text(policy_yaml(fake, **policy))
+    text = policy_yaml(fake, **policy).replace(
+        "  auto-best: {threshold: 0.05}\n",
+        "  auto-best: {threshold: 0.05}\n  auto-cascade: {cascade: true}\n",
+    )
+    (tmp_path / "policy.yaml").write_text(text)
     store = SQLiteOutcomeStore(tmp_path / "outcomes.db")
     store.start()
     http = OpenAIHTTP(timeout_s=5)
@@ -840,5 +844,39 @@ def test_personal_data_only_in_a_native_request_keeps_it_local(
             assert plan.signals.pii and "ssn" in plan.signals.pii_kinds
             assert plan.decision.rule == "pii-stays-local" and plan.decision.local_only
             assert [spec.tier for spec, _, _ in plan.chain] == ["local"]
+
+    asyncio.run(scenario())
+
+
+def test_a_cascade_reserves_its_escalation_against_the_budget(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    # A cascade may escalate to a closed model, so its spend hold is priced at that model: of
+    # concurrent cascades under a budget one reservation can pay for, one may escalate and the
+    # others are served locally (over budget), rather than all escalating on a $0 hold.
+    fake.reset()
+    local = ScriptedStream(queue_size=4)
+    local.logprob = -4.0  # doubtful: a cascade that runs escalates
+    local.mode = "hold"
+
+    async def scenario() -> None:
+        async with serving(
+            tmp_path,
+            fake,
+            local,
+            queue_full="reject",  # no spill: the closed models are reached only by escalation
+            extra="cascade: {threshold: 0.5, hold_back_tokens: 2}\n"
+            "tenants:\n  acme: {daily_budget_usd: 0.001, over_budget: local}\n",
+        ) as srv:
+            calls = [srv.call("HARD one", model="auto-cascade", max_tokens=200) for _ in range(3)]
+            tasks = [asyncio.create_task(srv.gateway.serve(c)) for c in calls]
+            while local.calls < 3:  # all three admitted and at the local model
+                await asyncio.sleep(0.01)
+            local.release.set()
+            answers = await asyncio.gather(*tasks)
+            tiers = sorted(a.headers["x-tiergate-tier"] for a in answers)
+            assert tiers == ["closed", "local", "local"]
+            assert len(fake.received) == 1
+            assert len(srv.records) == 3
 
     asyncio.run(scenario())
