@@ -243,6 +243,8 @@ class ModelSpec(_Strict):
     supports_tools: bool
     supports_images: bool
     timeout_s: float | None = Field(None, gt=0)
+    # "litellm": always call through litellm (no direct OpenAI call, no native pass-through).
+    transport: Literal["auto", "litellm"] = "auto"
     description: str | None = None
 
     @model_validator(mode="before")

@@ -39,6 +39,7 @@ class ProfiledModel:
     api_base: str | None = None
     api_key_env: str | None = None
     timeout_s: float | None = None
+    transport: str = "auto"
 
 
 @dataclass(frozen=True, slots=True)

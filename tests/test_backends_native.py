@@ -12,7 +12,8 @@ from router.backends import Usage
 from router.backends.native import NATIVE, NativeBackend, NativeRequest, speaks
 from router.backends.openai_http import OpenAIHTTP
 from router.errors import BackendError
-from tests.conftest import KEYS, run
+from router.policy import parse_policy
+from tests.conftest import KEYS, policy_yaml, run
 from tests.fake_provider import Behaviour, FakeProvider
 
 
@@ -61,6 +62,20 @@ def test_which_models_speak_which_front() -> None:
     assert speaks(gpt, "responses") and not speaks(gpt, "messages")
     assert not speaks(Model("c", "anthropic/claude", None, transport="litellm"), "messages")
     assert not speaks(Model("local", None, None, tier="local"), "messages")
+
+
+def test_a_policy_model_can_ask_for_the_litellm_transport(fake: FakeProvider) -> None:
+    # ``transport: litellm`` (documented in router/backends/closed.py) is a policy setting: it
+    # turns off the native pass-through and the direct OpenAI path for that model.
+    policy = parse_policy(
+        policy_yaml(fake).replace(
+            "    litellm_model: anthropic/claude-3-5-sonnet-20241022\n",
+            "    litellm_model: anthropic/claude-3-5-sonnet-20241022\n    transport: litellm\n",
+        )
+    )
+    assert policy.models["claude"].transport == "litellm"
+    assert not speaks(policy.models["claude"], "messages")
+    assert speaks(policy.models["gpt-4o"], "responses")
 
 
 async def _complete(model: Model, native: NativeRequest) -> tuple[Any, Usage]:

@@ -81,7 +81,7 @@ class ClosedBackend:
         return f"no API key: set {env}"
 
     def _direct(self, model: ModelLike) -> bool:
-        if getattr(model, "transport", "auto") == "litellm":
+        if model.transport == "litellm":
             return False
         return provider_of(model.litellm_model or "") == "openai"
 

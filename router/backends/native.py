@@ -59,7 +59,7 @@ def speaks(model: ModelLike, api: Api) -> bool:
     """Whether ``model`` is a closed model reached directly over ``api``'s own protocol."""
     if model.tier != "closed" or not model.litellm_model:
         return False
-    if getattr(model, "transport", "auto") == "litellm":
+    if model.transport == "litellm":
         return False
     provider = provider_of(model.litellm_model)
     return (api, provider) in (("messages", "anthropic"), ("responses", "openai"))
