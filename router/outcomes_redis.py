@@ -43,7 +43,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from router.errors import MissingExtraError, StoreUnavailableError
 from router.outcomes import (
@@ -56,6 +56,9 @@ from router.outcomes import (
     valid_json,
     valid_text,
 )
+
+if TYPE_CHECKING:
+    from router.config import Settings
 
 log = logging.getLogger("tiergate.outcomes")
 
@@ -172,16 +175,14 @@ class RedisOutcomeStore(OutcomeWriter):
         self,
         url: str,
         *,
-        settings: Any = None,
+        settings: Settings | None = None,
         journal: Path | None = None,
         buffer_size: int | None = None,
         retention_s: float | None = 30 * 86400,
         prefix: str = "tiergate",
         batch: int = 200,
     ) -> None:
-        size = buffer_size or (
-            int(settings.outcome_queue_size) if settings is not None else 100_000
-        )
+        size = buffer_size or (settings.outcome_queue_size if settings is not None else 100_000)
         super().__init__("redis-outcome-writer", buffer_size=size, batch=batch, linger_s=0.0)
         self.url = url
         self.prefix = prefix
