@@ -14,7 +14,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
 from fastapi import APIRouter, Request
@@ -292,6 +292,9 @@ async def serve_front(request: Request, front: Front[_Tr]) -> Response:
         return chat, front.native(body, request.headers)
 
     call = await call_of(request, front=front.name, translate=translate)
+    if kept:  # the front's answer is made before the request is recorded
+        translation = kept[0]
+        call = replace(call, shape=lambda chat: front.answer(chat, translation))
     try:
         served = await services(request).gateway.serve(call)
     except ClientDisconnected:  # nobody to answer; the gateway recorded it as aborted
@@ -302,11 +305,7 @@ async def serve_front(request: Request, front: Front[_Tr]) -> Response:
             media_type="text/event-stream",
             headers={**served.headers, "cache-control": "no-cache"},
         )
-    return Response(
-        _dumps(front.answer(served.body, kept[0])),
-        media_type="application/json",
-        headers=served.headers,
-    )
+    return Response(_dumps(served.body), media_type="application/json", headers=served.headers)
 
 
 def _event(event: dict[str, Any]) -> bytes:

@@ -173,7 +173,8 @@ class Call:
     request turned away while it was read (rate limit, size cap, malformed JSON), which is
     answered with that error and recorded like any other request. ``disconnected`` tells
     whether the client has gone; ``native`` is the front's own body, kept for a target that
-    speaks the same API.
+    speaks the same API. ``shape`` makes the front's answer from a whole chat answer, before
+    the request is recorded: an answer the front cannot give is the request's error.
     """
 
     body: dict[str, Any]
@@ -185,6 +186,7 @@ class Call:
     disconnected: Callable[[], Awaitable[bool]] | None = None
     native: NativeRequest | None = None
     refused: Exception | None = None
+    shape: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     request_id: str = field(default_factory=new_request_id)
     started: float = field(default_factory=time.perf_counter)
 
@@ -426,8 +428,9 @@ class Gateway:
                 result = await _unless_disconnected(
                     call, self.complete(ctx, call.body, call.native)
                 )
+                body = result.body if call.shape is None else _shaped(call.shape, result.body)
                 answer = answer_text(result.body)
-                yield Answer(result.body, self.explain(ctx))
+                yield Answer(body, self.explain(ctx))
             else:
                 source = await self.stream(ctx, call.body, call.native)
                 yield _Opened(self.explain(ctx))
@@ -1113,6 +1116,19 @@ async def _unless_disconnected(call: Call, work: Awaitable[_T]) -> _T:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+def _shaped(
+    shape: Callable[[dict[str, Any]], dict[str, Any]], body: dict[str, Any]
+) -> dict[str, Any]:
+    """The front's answer for a chat answer; a 500 naming why it cannot be made."""
+    try:
+        return shape(body)
+    except TiergateError:
+        raise
+    except Exception as exc:  # the translation library's own errors
+        log.exception("cannot shape the answer")
+        raise TiergateError(f"cannot give the answer in this API's format: {exc}") from exc
 
 
 def _outcome(exc: BaseException) -> tuple[str, int, str | None]:

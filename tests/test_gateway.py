@@ -24,7 +24,13 @@ from router.backends.local import Gate
 from router.backends.native import NativeRequest, native_or
 from router.backends.openai_http import OpenAIHTTP
 from router.costs import CostBook
-from router.errors import BackendError, BadRequestError, ClientDisconnected, PermissionDeniedError
+from router.errors import (
+    BackendError,
+    BadRequestError,
+    ClientDisconnected,
+    PermissionDeniedError,
+    TiergateError,
+)
 from router.gateway import Answer, Call, Gateway, PolicyHolder, StreamAnswer
 from router.limits import RateLimiter
 from router.outcomes import OutcomeRecord, SQLiteOutcomeStore
@@ -878,5 +884,35 @@ def test_a_cascade_reserves_its_escalation_against_the_budget(
             assert tiers == ["closed", "local", "local"]
             assert len(fake.received) == 1
             assert len(srv.records) == 3
+
+    asyncio.run(scenario())
+
+
+def test_a_front_whose_answer_cannot_be_shaped_is_recorded_as_an_error(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    # The front's answer is made before the record: when it cannot be made (litellm refuses a
+    # tool call cut short by max_tokens, say) the record says so, not "ok".
+    fake.reset()
+
+    def shape(chat: dict[str, Any]) -> dict[str, Any]:
+        raise ValueError("Failed to parse tool call arguments")
+
+    async def scenario() -> None:
+        async with serving(tmp_path, fake, ScriptedStream()) as srv:
+            call = Call(
+                body=srv.call("easy").body,
+                principal=CALLER,
+                tenant="acme",
+                front="messages",
+                shape=shape,
+            )
+            with pytest.raises(TiergateError) as err:
+                await srv.gateway.serve(call)
+            assert err.value.status_code == 500 and "tool call arguments" in err.value.message
+            assert err.value.headers["x-tiergate-tier"] == "local"
+            assert [(r.status, r.http_status, r.front) for r in srv.records] == [
+                ("error", 500, "messages")
+            ]
 
     asyncio.run(scenario())
