@@ -23,7 +23,8 @@ import sqlite3
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -797,9 +798,10 @@ class SQLiteOutcomeStore(OutcomeWriter):
         if stopped and self._conn is not None:  # else the writer is still using it
             self._conn.close()
             self._conn = None
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+        with self._read_lock:  # a read or purge on another thread may be using it
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
 
     def health(self) -> dict[str, Any]:
         """Whether the writer runs, and what it has written, dropped or could not write."""
@@ -815,11 +817,18 @@ class SQLiteOutcomeStore(OutcomeWriter):
             _insert_many(conn, "outcomes", FIELDS, rows)
             _insert_many(conn, "labels", LABEL_FIELDS, labels)
 
-    def _query(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        if self._reader is None:
-            self._reader = self._connect()
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        # The reader connection, held under the lock for the whole read: closing a connection
+        # another thread is using crashes the process (SQLite's C library, not an exception).
         with self._read_lock:
-            return list(self._reader.execute(sql, tuple(params)))
+            if self._reader is None:
+                self._reader = self._connect()
+            yield self._reader
+
+    def _query(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        with self._reading() as reader:
+            return list(reader.execute(sql, tuple(params)))
 
     def recent(self, limit: int = 20, tenant: str | None = None) -> list[dict[str, Any]]:
         """The newest records, newest first."""
@@ -841,10 +850,8 @@ class SQLiteOutcomeStore(OutcomeWriter):
 
     def window(self, since_ts: float) -> list[WindowRow]:
         """The records stored since ``since_ts``, oldest first."""
-        if self._reader is None:
-            self._reader = self._connect()
-        with self._read_lock:
-            cursor = self._reader.cursor()
+        with self._reading() as reader:
+            cursor = reader.cursor()
             cursor.row_factory = None  # plain tuples: a window may hold many rows
             rows = cursor.execute(_WINDOW_SQL, (since_ts,)).fetchall()
         return list(map(WindowRow._make, rows))
@@ -871,9 +878,7 @@ class SQLiteOutcomeStore(OutcomeWriter):
 
     def purge(self, before_ts: float) -> int:
         """Delete records and labels older than ``before_ts`` (the retention period)."""
-        if self._reader is None:
-            self._reader = self._connect()
-        with self._read_lock, self._reader as conn:
+        with self._reading() as reader, reader as conn:
             gone = conn.execute("DELETE FROM outcomes WHERE ts < ?", (before_ts,)).rowcount
             conn.execute("DELETE FROM labels WHERE ts < ?", (before_ts,))
         return int(gone)

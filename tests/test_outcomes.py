@@ -243,3 +243,32 @@ def test_a_store_from_before_the_cascade_column_gains_it(tmp_path: Path) -> None
     assert (reopened.get("r1") or {})["cascade"] == {"decision": "escalated", "confidence": 0.1}
     assert (reopened.get("r2") or {})["cascade"] is None
     reopened.close()
+
+
+def test_close_waits_for_a_read_in_progress_on_another_thread(tmp_path: Path) -> None:
+    # Closing the reader connection under a purge or dashboard read on a worker thread crashed
+    # the process (a segfault in SQLite, seen in a full test run): close must wait for it.
+    store = SQLiteOutcomeStore(tmp_path / "o.db")
+    store.start()
+    store.submit(outcome("r1"))
+    assert store.flush(10)
+    reading, release = threading.Event(), threading.Event()
+    rows: list[int] = []
+
+    def read() -> None:
+        with store._reading() as reader:
+            reading.set()
+            release.wait(10)
+            rows.append(len(reader.execute("SELECT id FROM outcomes").fetchall()))
+
+    reader_thread = threading.Thread(target=read)
+    reader_thread.start()
+    assert reading.wait(10)
+    closer = threading.Thread(target=store.close)
+    closer.start()
+    closer.join(0.5)
+    assert closer.is_alive()  # still waiting for the read
+    release.set()
+    reader_thread.join(10)
+    closer.join(10)
+    assert not closer.is_alive() and rows == [1]
