@@ -545,7 +545,8 @@ def _format_row(row: dict[str, Any]) -> str:
     score = f"{row['score']:.3f}" if row.get("score") is not None else "-"
     ttft = f"{row['ttft_ms']:.0f}" if row.get("ttft_ms") is not None else "-"
     return (
-        f"{when}  {row['id'][:16]:16}  {row['tenant'][:10]:10}  {row['tier']!s:6}  "
+        f"{when}  {row['id'][:16]:16}  {row['tenant'][:10]:10}  {row.get('front') or 'chat':9}  "
+        f"{row['tier']!s:6}  "
         f"{str(row['model'])[:18]:18}  {str(row['rule'])[:18]:18}  {score:>6}  "
         f"{row['status']:7} {row['http_status']:>3}  {row['latency_ms']:>8.1f}  {ttft:>6}  "
         f"{row['prompt_tokens']:>6}/{row['completion_tokens']:<6}  ${row['cost_usd']:.6f}"
@@ -600,7 +601,7 @@ def _cmd_outcomes(args: argparse.Namespace) -> int:
             print(json.dumps(row, default=str))
         return 0
     print(
-        f"{'time (UTC)':19}  {'request':16}  {'tenant':10}  {'tier':6}  {'model':18}  "
+        f"{'time (UTC)':19}  {'request':16}  {'tenant':10}  {'front':9}  {'tier':6}  {'model':18}  "
         f"{'rule':18}  {'score':>6}  {'status':7} {'st':>3}  {'ms':>8}  {'ttft':>6}  "
         f"{'tokens in/out':13}  cost  fallback"
     )

@@ -107,6 +107,9 @@ def test_outcomes_command_prints_records(
     out = capsys.readouterr().out
     assert "req_2" in out and "req_1" in out and "req_0" not in out
     assert "2 shown of 3 records" in out
+    header, newest, older = out.splitlines()[:3]
+    assert header.split()[4] == "front"
+    assert newest.split()[3:5] == ["acme", "messages"] and older.split()[4] == "chat"
     assert main(["outcomes", "--db", str(db), "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["id"] for r in rows] == ["req_2", "req_1", "req_0"]
@@ -172,6 +175,7 @@ def _many_records(db: Path, n: int) -> None:
                 http_status=200,
                 stream=False,
                 latency_ms=12.5,
+                front="messages" if i == 2 else "chat",
             )
         )
     store.close()
