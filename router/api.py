@@ -217,6 +217,9 @@ async def _sse(answer: StreamAnswer, include_usage: bool) -> AsyncIterator[bytes
         yield b"data: [DONE]\n\n"
     except TiergateError as exc:
         yield b"data: " + _dumps(exc.to_body()) + b"\n\n"
+    except Exception:  # a defect mid-stream: recorded as an error 500 by the gateway
+        log.exception("a chat stream failed")
+        yield b"data: " + _dumps(TiergateError("internal error").to_body()) + b"\n\n"
     finally:
         await answer.chunks.aclose()
 

@@ -18,7 +18,8 @@ from router.errors import BackendError
 
 
 class ScriptedLocal:
-    """``mode``: ok, fail (raises during generation), hold (waits for ``release``).
+    """``mode``: ok, fail (raises during generation), defect (a non-Tiergate exception after
+    the first chunk), hold (waits for ``release``).
 
     It answers ``w0 w1 w2`` (``words`` of them), or, when ``reply`` is set, ``reply(body)``.
     Asked for ``logprobs``, every token gets log-probability ``logprob``, with one runner-up a
@@ -95,6 +96,8 @@ class ScriptedLocal:
             for i, piece in enumerate(pieces):
                 if self.mode == "fail" and i == 0:
                     raise BackendError("local generation failed: scripted failure")
+                if self.mode == "defect" and i == 1:
+                    raise RuntimeError("scripted defect")
                 if self.token_delay_s:
                     await asyncio.sleep(self.token_delay_s)
                 usage.prompt_tokens, usage.completion_tokens = 5, i + 1

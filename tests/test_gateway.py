@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
@@ -16,7 +17,7 @@ import pytest
 
 import router.gateway as gateway_module
 from router import messages, responses
-from router.api import _event_sse
+from router.api import _event_sse, _sse
 from router.auth import Principal
 from router.backends import Completion, ModelLike, Usage
 from router.backends.closed import ClosedBackend
@@ -819,6 +820,30 @@ def test_a_front_whose_translation_fails_mid_stream_is_recorded_as_an_error(
             assert [(r.status, r.http_status, r.front) for r in srv.records] == [
                 ("error", 500, "messages")
             ]
+
+    asyncio.run(scenario())
+
+
+def test_a_chat_stream_that_fails_with_a_defect_ends_in_an_error_event(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    # Not a Tiergate error (a bug, say) after the first chunk: the status line has gone, so
+    # the client gets an error envelope as the last event and no [DONE]; the record is a 500.
+    fake.reset()
+    local = ScriptedStream(words=5)
+    local.mode = "defect"
+
+    async def scenario() -> None:
+        async with serving(tmp_path, fake, local) as srv:
+            answer = await srv.gateway.serve(srv.call("easy", stream=True))
+            assert isinstance(answer, StreamAnswer)
+            framed = [part async for part in _sse(answer, include_usage=False)]
+            assert b'"content":"w0 "' in framed[0]
+            assert json.loads(framed[-1].removeprefix(b"data: "))["error"]["type"] == (
+                "server_error"
+            )
+            assert b"[DONE]" not in b"".join(framed)
+            assert [(r.status, r.http_status) for r in srv.records] == [("error", 500)]
 
     asyncio.run(scenario())
 
