@@ -6,6 +6,8 @@ An artifact is a directory::
     serving.npz     the same models as plain arrays (router.serving): what is scored
     metadata.json   the sidecar: format and library versions, training data, metrics, and the
                     sha256 of model.joblib and of serving.npz (with its own format version)
+    profile.json    optional, a profile router's local profile learnt by ``tiergate retrain``
+                    (router.retrain), served in place of the configured one it was learnt over
 
 Only what Tiergate wrote is loaded: the sidecar's format versions and sha256s are checked
 before a byte is parsed, ``serving.npz`` is read with ``allow_pickle=False``, and
@@ -39,7 +41,7 @@ from router import __version__
 from router.errors import ArtifactError
 from router.features import HEAD_CHARS, MAX_CHARS, STRUCTURE_FEATURES, TAIL_CHARS, window_mismatch
 from router.locations import shipped
-from router.profile import LocalProfile, default_profile
+from router.profile import LocalProfile, default_profile, profile_from_dict, write_profile
 from router.scoring import Scorer
 from router.serving import CapabilityReader, ProfileScorer, ServingScorer
 
@@ -53,6 +55,9 @@ ARTIFACT_FORMAT_VERSION = 1
 MODEL_FILE = "model.joblib"
 METADATA_FILE = "metadata.json"
 SERVING_FILE = "serving.npz"
+#: A profile router's learnt local profile (``tiergate retrain``), read in place of the
+#: configured one when it was learnt over that same profile (:func:`served_profile`).
+PROFILE_FILE = "profile.json"
 #: The layout of ``serving.npz`` (:data:`router.serving.FORM_ARRAYS`); a reader refuses others.
 #: Format 1 lacks ``cap_coef`` (read as zeros), format 2 has it, format 3 adds the ``profile``
 #: routing kind; a form is written in the oldest format that holds it, so older replicas can
@@ -277,8 +282,7 @@ def load_serving_form(
     file = p / SERVING_FILE
     form = read_checked_npz(file, entry.get("sha256"), "serving form")
     try:
-        if profile is None:
-            profile = default_profile()
+        profile = served_profile(p, meta, default_profile() if profile is None else profile)
         version = str(meta.get("version", p.name))
         if found == PROFILE_HEAD_FORMAT:
             return ProfileScorer(_capability_of(p, entry), form, version, profile)
@@ -287,6 +291,98 @@ def load_serving_form(
         return ServingScorer(form, version, profile)
     except ValueError as exc:
         raise ArtifactError(f"{file}: unusable serving form ({exc})") from exc
+
+
+def is_profile_router(path: str | Path) -> bool:
+    """Whether the artifact at ``path`` is a profile head over a capability model (serving form
+    4): what it learns from outcomes is the local profile, not estimators."""
+    serving = read_sidecar(path).get("serving")
+    return isinstance(serving, dict) and serving.get("format_version") == PROFILE_HEAD_FORMAT
+
+
+def served_profile(path: Path, meta: Mapping[str, Any], configured: LocalProfile) -> LocalProfile:
+    """The local profile an artifact serves with: its learnt ``profile.json`` (checked against
+    the sidecar's sha256) when it has one and it was learnt over ``configured``; else
+    ``configured``. A learnt profile read over another local model's would route for the wrong
+    model, so a changed configured profile wins (logged) until a retrain relearns it."""
+    entry = meta.get("profile")
+    if entry is None:
+        return configured
+    file = path / PROFILE_FILE
+    if not isinstance(entry, dict) or entry.get("file") != PROFILE_FILE:
+        raise ArtifactError(f"{path / METADATA_FILE}: no valid profile entry")
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise ArtifactError(f"{file}: named by its sidecar, cannot be read") from exc
+    if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        raise ArtifactError(f"{file}: sha256 does not match its sidecar; refusing to load")
+    try:
+        learnt = profile_from_dict(json.loads(data), origin=str(file))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{file}: not a valid profile file ({exc})") from exc
+    found = entry.get("prior")
+    prior: dict[str, Any] = found if isinstance(found, dict) else {}
+    if prior.get("fingerprint") != configured.fingerprint():
+        log.warning(
+            "model %s: its profile was learnt over %s's %s profile, but the configured local "
+            "profile is %s's (%s): serving the configured one (`tiergate retrain` relearns it)",
+            path,
+            prior.get("model"),
+            prior.get("source"),
+            configured.model,
+            configured.origin or configured.source,
+        )
+        return configured
+    return learnt
+
+
+def save_learned_profile(
+    parent: str | Path,
+    out_dir: str | Path,
+    profile: LocalProfile,
+    prior: LocalProfile,
+    *,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write a new version of the profile router ``parent`` that serves ``profile`` (learnt
+    over the configured ``prior``): the parent's profile head and capability pin unchanged,
+    ``profile.json`` and its sidecar entry (sha256, the prior's fingerprint) added."""
+    src = Path(parent)
+    meta = read_sidecar(src)
+    if not is_profile_router(src):
+        raise ArtifactError(f"{src}: not a profile router; only its local profile is learnt")
+    import shutil
+
+    serving = dict(meta["serving"])
+    read_checked_npz(src / SERVING_FILE, serving.get("sha256"), "serving form")  # checked
+    out = Path(out_dir)
+    tmp = _aside(out)
+    shutil.copyfile(src / SERVING_FILE, tmp / SERVING_FILE)
+    cap: dict[str, Any] = serving.get("capability") or {}
+    if isinstance(cap.get("name"), str) and (src / cap["name"]).is_dir():
+        # The parent carries its capability model inside: so does the child.
+        shutil.copytree(src / cap["name"], tmp / cap["name"])
+    write_profile(profile, tmp / PROFILE_FILE)
+    entry = {
+        "file": PROFILE_FILE,
+        "sha256": sha256_file(tmp / PROFILE_FILE),
+        "prior": {
+            "model": prior.model,
+            "source": prior.source,
+            "origin": prior.origin,
+            "fingerprint": prior.fingerprint(),
+        },
+    }
+    kept: dict[str, Any] = {k: meta[k] for k in ("features", "gap", "target") if k in meta}
+    sidecar = {
+        **_sidecar_head(out.name, out.name),
+        **kept,
+        **(metadata or {}),
+        "profile": entry,
+        "serving": serving,
+    }
+    return _publish(tmp, out, sidecar)
 
 
 def library_versions() -> dict[str, str]:
@@ -423,9 +519,9 @@ def load_fitted(path: str | Path) -> LearnedScorer:
         serving = read_sidecar(p).get("serving") or {}
         if serving.get("format_version") == PROFILE_HEAD_FORMAT:
             raise ArtifactError(
-                f"{p}: a profile head over a capability model (router-v4) has no scikit-learn "
-                "estimators to load; refit it with `tiergate train --capability` (the retrain "
-                "loop does not adapt it yet)"
+                f"{p}: a profile head over a capability model (router-v4 and later) has no "
+                "scikit-learn estimators to load; `tiergate retrain` relearns its local profile "
+                "instead (--candidate auto or profile), `tiergate train --capability` refits it"
             )
     meta = read_metadata(p)
     features = meta.get("features") or {}
@@ -494,6 +590,6 @@ def load_scorer(path: str | Path, profile: LocalProfile | None = None) -> Scorer
         "model %s loaded from its serving form (%s, numpy only), local profile %s",
         p,
         SERVING_FILE,
-        scorer.profile.model if scorer.profile is not None else "none",
+        scorer.profile.label if scorer.profile is not None else "none",
     )
     return scorer

@@ -869,6 +869,8 @@ def _seed_model_store(store: Any, args: argparse.Namespace) -> None:
 
 
 def _cmd_retrain(args: argparse.Namespace) -> int:
+    from router.config import load_settings
+    from router.profile import default_profile
     from router.retrain import BASE_FILES, GateConfig, format_report, retrain
 
     store = _model_store(args)
@@ -886,7 +888,9 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     )
     base = [args.base / name for name in BASE_FILES]
     try:
-        report = retrain(outcomes, store, base, config)
+        # The profile a profile router is scored with and relearnt over: the proxy's.
+        profile = default_profile(load_settings(args.config).local_profile)
+        report = retrain(outcomes, store, base, config, profile=profile)
     finally:
         outcomes.close()
     if args.json:
@@ -919,10 +923,12 @@ def _add_retrain_command(sub: Any) -> None:
     retrain.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     retrain.add_argument(
         "--candidate",
-        choices=("residual", "refit"),
-        default="residual",
-        help="candidate design: keep the base model and add a traffic head where prompts look "
-        "like logged traffic (residual, default), or refit one model on base rows + outcomes",
+        choices=("auto", "profile", "residual", "refit"),
+        default="auto",
+        help="candidate design: relearn the local profile (profile; a profile router such as "
+        "the shipped one), keep the base model and add a traffic head where prompts look like "
+        "logged traffic (residual), or refit one model on base rows + outcomes (refit); auto "
+        "(default) picks profile or residual by the current model",
     )
     retrain.add_argument("--json", action="store_true", help="machine-readable report")
     retrain.add_argument("--config", type=Path, help="YAML settings file")

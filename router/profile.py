@@ -3,8 +3,9 @@
 A profile says, per capability (:data:`router.scoring.CAPABILITIES`), how often the local model
 answers right, with an interval and the number of probes behind it. It is *measured* by
 ``tiergate profile`` (auto-graded probes run through the configured local backend), *declared*
-by hand, or taken from *published* benchmark figures for models too large to run here. The
-routing score is P(closed materially better | prompt, local profile), so the same prompt routes
+by hand, or taken from *published* benchmark figures for models too large to run here; a
+*learned* one is relearnt by ``tiergate retrain`` from labelled outcomes (:mod:`router.retrain`).
+The routing score is P(closed materially better | prompt, local profile), so the same prompt routes
 differently when the operator swaps a 135M model for an 8B one.
 
 File format (JSON, or YAML for hand-written ones)::
@@ -12,7 +13,7 @@ File format (JSON, or YAML for hand-written ones)::
     format: tiergate-profile
     format_version: 1
     model: SmolLM2-135M-Instruct.Q4_1      # free text: what was profiled
-    source: measured                       # measured | declared | published
+    source: measured                       # measured | declared | published | learned
     created: "2026-12-04T17:00:00Z"        # optional
     notes: "..."                           # optional
     capabilities:
@@ -27,6 +28,7 @@ This module is pure: no web code, nothing at import.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -57,7 +59,7 @@ BUNDLED_PROFILES: tuple[str, ...] = (
 
 PROFILE_FORMAT = "tiergate-profile"
 PROFILE_FORMAT_VERSION = 1
-SOURCES: tuple[str, ...] = ("measured", "declared", "published")
+SOURCES: tuple[str, ...] = ("measured", "declared", "published", "learned")
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +100,19 @@ class LocalProfile:
         if not self.capabilities:
             return 0.5
         return sum(c.accuracy for c in self.capabilities.values()) / len(self.capabilities)
+
+    @property
+    def label(self) -> str:
+        """How decisions name the profile (``policy explain``, the outcome record): the model,
+        and for a profile relearnt from outcomes, that it was learnt."""
+        return f"{self.model} (source: learned)" if self.source == "learned" else self.model
+
+    def fingerprint(self) -> str:
+        """The sha256 of what routing reads of the profile (model, source, accuracies): a
+        learnt profile records its prior's, so it is read only over that same prior."""
+        data = self.as_dict()
+        key = {k: data[k] for k in ("model", "source", "capabilities")}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
     def accuracy(self, capability: str) -> float:
         """The local model's accuracy on ``capability`` (the profile's default when absent)."""

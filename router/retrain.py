@@ -12,14 +12,21 @@
    because user feedback can be wrong or gamed: a candidate must not be judged by the labels it
    may have been misled by. With fewer than ``min_trusted_eval`` trusted held-out rows the gate
    refuses (``trusted_only=False`` falls back to all labels instead).
-3. **Candidate** (the capability classifier is kept). By default (``candidate="residual"``)
-   the base routing classifier is kept unchanged and a traffic head, fitted on the labelled
-   outcomes alone with its regularisation chosen by cross-validation on them, is mixed in where
-   a domain gate says a prompt looks like logged traffic rather than base data
-   (:mod:`router.residual`, which says why). ``candidate="refit"`` refits one routing
-   classifier on base rows (:func:`router.training.routing_target`, hard target) plus the
-   outcomes, all together weighing ``outcome_weight`` times one base file. Either way a label is
-   a probability and enters as both classes weighted ``v`` and ``1 - v`` (cross-entropy against
+3. **Candidate** (the capability classifier is kept). A profile router (serving form 4, whose
+   score reads the local model's profile; ``candidate="profile"``, what ``"auto"`` picks for
+   it) keeps its head and relearns the **local profile**: per capability, the q-weighted mean
+   quality of the local answers (a row's weak score, ``1 - v``; every label with a value is
+   about a local answer), shrunk by ``profile_prior`` pseudo-rows towards the configured
+   profile (``TIERGATE_LOCAL_PROFILE`` or the bundled one). It is always relearnt over the
+   configured profile, never over an earlier learnt one. For a scikit-learn router,
+   ``"auto"`` is ``"residual"``: the base routing classifier is kept unchanged and a traffic
+   head, fitted on the labelled outcomes alone with its regularisation chosen by
+   cross-validation on them, is mixed in where a domain gate says a prompt looks like logged
+   traffic rather than base data (:mod:`router.residual`, which says why).
+   ``candidate="refit"`` refits one routing classifier on base rows
+   (:func:`router.training.routing_target`, hard target) plus the outcomes, all together
+   weighing ``outcome_weight`` times one base file. Either of those two takes a label as a
+   probability: it enters as both classes weighted ``v`` and ``1 - v`` (cross-entropy against
    the soft target), so a 0.6 and a 0.95 verdict are not flattened into the same "1".
 4. **Gate**: candidate and current are compared on the held-out slice and on a fixed evaluation
    slice of the base data, by APGR (RouteLLM's definition, :mod:`router.metrics`) with a paired
@@ -30,6 +37,9 @@
    ``require_significant`` asks instead for the whole interval to be above ``min_gain``.
 5. **Artifact**: every candidate is written as a new version with its lineage (parent version,
    label counts, both comparisons, the gate decision); only a passing one becomes ``current``.
+   A profile candidate is the parent's head with the learnt ``profile.json`` beside it
+   (:func:`router.artifact.save_learned_profile`), which the proxy then serves in place of the
+   configured profile it was learnt over.
 """
 
 from __future__ import annotations
@@ -38,23 +48,34 @@ import hashlib
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from router.artifact import load_fitted, save_scorer
+from router.artifact import (
+    is_profile_router,
+    load_fitted,
+    load_scorer,
+    save_learned_profile,
+    save_scorer,
+)
 from router.classifier import CapabilityRouting, LearnedScorer, PromptClassifier
 from router.errors import ConfigError
 from router.metrics import apgr_from_curve, routing_curve
 from router.outcomes import OutcomeStore
+from router.profile import LocalProfile, default_profile
 from router.registry import ModelStore
 from router.residual import ResidualRouting, fit_residual
+from router.serving import ProfileScorer, profile_vector
 from router.training import (
     DEFAULT_ROUTING_PARAMS,
+    PROFILE_PRIOR,
     WORD_ROUTING_PARAMS,
     RoutingRow,
+    estimate_profile,
     load_routing_rows,
     routing_target,
 )
@@ -66,6 +87,8 @@ BASE_FILES: tuple[str, ...] = (
     "arenabench_v1_mixtral_vs_gpt4turbo.jsonl",
 )
 TRUSTED_SOURCES: frozenset[str] = frozenset({"shadow", "escalation"})
+#: Candidate designs (see the module docstring); ``auto`` picks by the current model's kind.
+DESIGNS: tuple[str, ...] = ("auto", "profile", "residual", "refit")
 OUTCOMES_DATASET = "outcomes"
 
 
@@ -90,8 +113,9 @@ class GateConfig:
     outcome_weight: float = 10.0
     base_train_cap: int | None = None
     seed: int = 0
-    candidate: str = "residual"
+    candidate: str = "auto"
     gate_base_sample: int = 3000
+    profile_prior: float = PROFILE_PRIOR
 
 
 @dataclass(frozen=True)
@@ -351,6 +375,67 @@ def _fit_residual(
     return LearnedScorer(model, current.capability, version), {"design": "residual", **asdict(info)}
 
 
+def fit_profile_candidate(
+    outcomes: Sequence[RoutingRow],
+    current: ProfileScorer,
+    prior: LocalProfile,
+    config: GateConfig,
+) -> tuple[ProfileScorer, dict[str, Any]]:
+    """The current profile router reading a local profile relearnt from ``outcomes`` over the
+    configured ``prior`` (see the module docstring), and what changed per capability."""
+    names = list(current.capability.capabilities)
+    q = np.vstack([current.capability.probabilities(r.prompt) for r in outcomes])
+    start = profile_vector(prior, names)
+    learnt = estimate_profile(
+        outcomes,
+        q,
+        names,
+        model=prior.model,
+        prior=config.profile_prior,
+        toward=list(start),
+        source="learned",
+        notes=f"relearnt by tiergate retrain from {len(outcomes)} labelled outcomes over the "
+        f"{prior.source} profile of {prior.model}",
+    )
+    learnt = replace(learnt, created=datetime.now(UTC).isoformat(timespec="seconds"))
+    changes = {
+        c: {
+            "prior": round(float(p0), 4),
+            "learned": round(learnt.accuracy(c), 4),
+            "mass": round(float(m), 1),
+        }
+        for c, p0, m in zip(names, start, q.sum(axis=0), strict=True)
+    }
+    info = {
+        "design": "profile",
+        "prior": {
+            "model": prior.model,
+            "source": prior.source,
+            "origin": prior.origin,
+            "fingerprint": prior.fingerprint(),
+        },
+        "prior_rows": config.profile_prior,
+        "profile": changes,
+    }
+    return current.with_profile(learnt), info
+
+
+def candidate_design(path: Path, requested: str) -> str:
+    """The design a retrain of the artifact at ``path`` uses: ``requested``, with ``auto``
+    resolved (``profile`` for a profile router, else ``residual``); a design the artifact
+    cannot take is a :class:`ConfigError`."""
+    if requested not in DESIGNS:
+        raise ConfigError(f"unknown candidate design {requested!r} ({', '.join(DESIGNS)})")
+    profile_router = is_profile_router(path)
+    if requested == "auto":
+        return "profile" if profile_router else "residual"
+    if (requested == "profile") != profile_router:
+        kind = "a profile router" if profile_router else "a scikit-learn router"
+        fits = "profile" if profile_router else "residual or refit"
+        raise ConfigError(f"{path} is {kind}: candidate design {requested!r} does not fit ({fits})")
+    return requested
+
+
 def retrain(
     outcomes: OutcomeStore,
     models: ModelStore,
@@ -358,11 +443,23 @@ def retrain(
     config: GateConfig | None = None,
     *,
     extra_rows: Sequence[RoutingRow] = (),
+    profile: LocalProfile | None = None,
 ) -> RetrainReport:
-    """One retrain: build, fit, compare, write a version, promote if it passes the gate."""
+    """One retrain: build, fit, compare, write a version, promote if it passes the gate.
+    ``profile``: the configured local profile (default: the bundled model's), which a profile
+    router is scored with and relearnt over."""
     config = config or GateConfig()
     started = time.monotonic()
-    parent, current = models.load_current(load_fitted)
+    parent = models.current()
+    if parent is None:
+        raise ConfigError(f"model store {models.root} has no current version")
+    design = candidate_design(models.path(parent), config.candidate)
+    configured = profile if profile is not None else default_profile()
+    current: Any = (
+        load_scorer(models.path(parent), configured)
+        if design == "profile"
+        else load_fitted(models.path(parent))
+    )
     rows, counts = labelled_rows(outcomes)
     rows = [*rows, *extra_rows]
     train, held = split_outcomes(rows, config)
@@ -375,7 +472,13 @@ def retrain(
         )
     base_all, base_eval = base_rows(base_files, config)
     version = models.next_version()
-    candidate, fitted = fit_candidate(base_all, train, current, version, config)
+    candidate: Any
+    if design == "profile":
+        candidate, fitted = fit_profile_candidate(train, current, configured, config)
+    else:
+        candidate, fitted = fit_candidate(
+            base_all, train, current, version, replace(config, candidate=design)
+        )
     comparisons = [
         compare(
             f"labelled held-out ({held_kind})",
@@ -424,7 +527,13 @@ def retrain(
         "base_files": [p.name for p in base_files],
         "candidate": fitted,
     }
-    save_scorer(candidate, models.versions_dir / version, metadata={"lineage": lineage})
+    out = models.versions_dir / version
+    if design == "profile":
+        save_learned_profile(
+            models.path(parent), out, candidate.profile, configured, metadata={"lineage": lineage}
+        )
+    else:
+        save_scorer(candidate, out, metadata={"lineage": lineage})
     if passed:
         models.promote(version, reason=f"retrain gate passed against {parent}")
     return report
@@ -442,6 +551,15 @@ def format_report(report: RetrainReport) -> str:
         lines.append(
             f"{c.name:42} {c.n:>5}  {c.current:>12.3f}  {c.candidate:>9.3f}  "
             f"{c.diff:+.3f} [{c.diff_low:+.3f}, {c.diff_high:+.3f}]"
+        )
+    fitted = report.extra.get("candidate") or {}
+    if fitted.get("design") == "profile":
+        lines.append(
+            f"profile  {fitted['prior']['model']}, relearnt over its {fitted['prior']['source']}"
+            " profile: "
+            + ", ".join(
+                f"{c} {e['prior']:.2f}->{e['learned']:.2f}" for c, e in fitted["profile"].items()
+            )
         )
     lines.append(f"gate     {report.decision.upper()}: " + "; ".join(report.reasons))
     return "\n".join(lines)

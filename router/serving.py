@@ -359,7 +359,7 @@ class ServingScorer:
             pii=bool(kinds),
             pii_kinds=kinds,
             local_accuracy=None if profile is None else profile.accuracy(capability),
-            local_profile=None if profile is None else profile.model,
+            local_profile=None if profile is None else profile.label,
         )
 
 
@@ -446,7 +446,7 @@ class ProfileScorer:
             pii=bool(kinds),
             pii_kinds=kinds,
             local_accuracy=self.profile.accuracy(capability),
-            local_profile=self.profile.model,
+            local_profile=self.profile.label,
         )
 
 

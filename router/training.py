@@ -288,22 +288,24 @@ def estimate_profile(
     *,
     model: str,
     prior: float = PROFILE_PRIOR,
+    toward: Sequence[float] | None = None,
+    source: str = "declared",
+    notes: str = "estimated from labelled rows (router.training.estimate_profile)",
 ) -> LocalProfile:
     """A profile of one weak model from its labelled rows (all of them): per capability the
-    q-weighted mean weak score, shrunk like :func:`crossfit_local_accuracy`'s; ``n`` is the
-    capability's probability mass in rows."""
+    q-weighted mean weak score, shrunk by ``prior`` pseudo-rows towards ``toward`` (a prior
+    accuracy per capability, such as the configured profile's) or, by default, the rows' mean
+    weak score as in :func:`crossfit_local_accuracy`; ``n`` is the capability's probability
+    mass in rows."""
     weak = np.array([r.weak_score for r in rows])
-    acc = (q.T @ weak + prior * weak.mean()) / (q.sum(axis=0) + prior)
+    centre = np.full(len(capabilities), weak.mean()) if toward is None else np.asarray(toward)
     mass = q.sum(axis=0)
-    return LocalProfile(
-        model=model,
-        source="declared",
-        capabilities={
-            c: CapabilityAccuracy(float(a), n=round(float(m)))
-            for c, a, m in zip(capabilities, acc, mass, strict=True)
-        },
-        notes="estimated from labelled rows (router.training.estimate_profile)",
-    )
+    acc = np.clip((q.T @ weak + prior * centre) / (mass + prior), 0.0, 1.0)
+    entries = {
+        c: CapabilityAccuracy(float(a), n=round(float(m)))
+        for c, a, m in zip(capabilities, acc, mass, strict=True)
+    }
+    return LocalProfile(model=model, source=source, capabilities=entries, notes=notes)
 
 
 def fit_gap_routing(
