@@ -16,8 +16,9 @@ from router.artifact import load_fitted, load_scorer, save_scorer
 from router.classifier import LearnedScorer
 from router.cli import main
 from router.outcomes import Label, OutcomeRecord, SQLiteOutcomeStore
+from router.profile import LocalProfile, default_profile, load_profile
 from router.registry import ModelStore
-from router.retrain import GateConfig, compare, retrain
+from router.retrain import GateConfig, NotEnoughLabelsError, RetrainReport, compare, retrain
 from router.serving import ServingScorer
 from router.training import CapabilityRow, fit_scorer, load_routing_rows
 from tests.conftest import live, policy_yaml
@@ -84,8 +85,8 @@ def first_version(tmp_path: Path, base: Path) -> ModelStore:
     return models
 
 
-def outcome(store: SQLiteOutcomeStore, prompt: str) -> str:
-    rid = f"req_{uuid.uuid4().hex}"
+def outcome(store: SQLiteOutcomeStore, prompt: str, rid: str | None = None) -> str:
+    rid = rid or f"req_{uuid.uuid4().hex}"
     store.submit(
         OutcomeRecord(
             id=rid,
@@ -316,3 +317,211 @@ def test_retrain_cli_seeds_an_empty_store_with_the_serving_model(
         serving / "model.joblib"
     ).read_bytes()
     assert models.current() in ("v0001", "v0002")
+
+
+# --- profile routers (router-v4 and later): the loop relearns the local profile ---------------
+
+WORDS = ("autumn", "cat", "river", "teacher", "mountain", "robot", "garden", "dragon", "sea")
+
+
+def maths_prompt(i: int) -> str:
+    return f"Solve for x: {i % 9 + 2}x + {3 * i + 1} = {7 * i + 5}. Show your working."
+
+
+def writing_prompt(i: int) -> str:
+    return f"Write a short poem about a {WORDS[i % len(WORDS)]} and the number {i}."
+
+
+def declared(tmp_path: Path, *, math: float, writing: float) -> Path:
+    """A declared profile of a local model called Test-8B (what the operator configured)."""
+    path = tmp_path / "test-8b.yaml"
+    path.write_text(
+        "format: tiergate-profile\nformat_version: 1\nmodel: Test-8B\nsource: declared\n"
+        f"capabilities:\n  math: {{accuracy: {math}}}\n  creative_writing: {{accuracy: {writing}}}"
+        "\n  chat: {accuracy: 0.8}\n"
+    )
+    return path
+
+
+def profile_store(tmp_path: Path) -> ModelStore:
+    """A model store serving a copy of the shipped router-v5."""
+    from router.artifact import DEFAULT_MODEL_NAME
+    from router.locations import shipped
+
+    models = ModelStore(tmp_path / "models")
+    models.adopt(shipped("models", DEFAULT_MODEL_NAME))
+    return models
+
+
+def profile_base_file(tmp_path: Path) -> Path:
+    """Base rows where the local model does maths and cannot write (as the traffic says)."""
+    rows = [
+        {
+            "id": f"pb{i}",
+            "prompt": (maths_prompt if i % 2 else writing_prompt)(500 + i),
+            "weak_score": float(i % 2),
+            "strong_score": 1.0,
+        }
+        for i in range(100)
+    ]
+    path = tmp_path / "profile-base.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def label_skills(
+    store: SQLiteOutcomeStore, *, source: str, honest: bool, n: int, start: int = 0
+) -> None:
+    """``n`` locally served requests, half maths (the local answer was right) and half writing
+    (it was not), each labelled by ``source``: feedback rates the served answer (quality),
+    shadow says whether the closed one was better. ``honest=False`` inverts the labels."""
+    for i in range(start, start + n):
+        maths = i % 2 == 0
+        rid = f"req_{source}_{i}"  # fixed ids: the held-out share is the same on every run
+        outcome(store, (maths_prompt if maths else writing_prompt)(i), rid)
+        quality = float(maths == honest)
+        store.label(
+            Label(
+                rid,
+                "t",
+                source,
+                1.0 - quality,
+                time.time(),
+                quality=quality if source == "feedback" else None,
+            )
+        )
+
+
+def honest_retrain(
+    tmp_path: Path, outcomes: SQLiteOutcomeStore
+) -> tuple[ModelStore, LocalProfile, RetrainReport]:
+    """The operator declared the local model weak at maths and good at writing; honest labels
+    say the opposite, so the current router sends maths closed and keeps writing local. One
+    retrain over the shipped router-v5."""
+    prior = load_profile(declared(tmp_path, math=0.1, writing=0.9))
+    models = profile_store(tmp_path)
+    label_skills(outcomes, source="shadow", honest=True, n=80)
+    label_skills(outcomes, source="feedback", honest=True, n=120, start=1000)
+    outcomes.flush()
+    report = retrain(outcomes, models, [profile_base_file(tmp_path)], CONFIG, profile=prior)
+    return models, prior, report
+
+
+def test_retrain_relearns_the_local_profile_from_honest_labels(
+    tmp_path: Path, outcomes: SQLiteOutcomeStore
+) -> None:
+    models, prior, report = honest_retrain(tmp_path, outcomes)
+    labelled, base_cmp = report.comparisons
+    assert report.promoted, report.reasons
+    assert labelled.candidate > labelled.current + 0.3
+    assert not base_cmp.worse_beyond_noise
+    assert models.current() == "v0002"
+    learnt = report.extra["candidate"]["profile"]
+    assert report.extra["candidate"]["design"] == "profile"
+    assert learnt["math"]["learned"] > 0.6 and learnt["creative_writing"]["learned"] < 0.4
+    assert learnt["chat"]["learned"] == pytest.approx(0.8, abs=0.05)  # no labels: the prior
+    served = load_scorer(models.path("v0002"), prior)
+    assert served.profile is not None and served.profile.source == "learned"
+    assert served.profile.accuracy("math") == pytest.approx(learnt["math"]["learned"], abs=1e-4)
+    assert served.score(maths_prompt(7)) < served.score(writing_prompt(7))
+    meta = models.metadata("v0002")
+    assert meta["lineage"]["parent"] == "v0001"
+    assert meta["profile"]["prior"]["fingerprint"] == prior.fingerprint()
+    # The head is the parent's: only the profile was learnt.
+    assert (models.path("v0002") / "serving.npz").read_bytes() == (
+        models.path("v0001") / "serving.npz"
+    ).read_bytes()
+
+
+def test_retrain_refuses_a_profile_learnt_from_adversarial_feedback(
+    tmp_path: Path, outcomes: SQLiteOutcomeStore
+) -> None:
+    # The declared profile is right; a tenant's feedback says the local model cannot do maths
+    # and writes well. The trusted shadow verdicts on held-out requests say otherwise.
+    prior = load_profile(declared(tmp_path, math=0.9, writing=0.1))
+    models = profile_store(tmp_path)
+    label_skills(outcomes, source="shadow", honest=True, n=60)
+    label_skills(outcomes, source="feedback", honest=False, n=300, start=1000)
+    outcomes.flush()
+    report = retrain(outcomes, models, [profile_base_file(tmp_path)], CONFIG, profile=prior)
+    labelled, _ = report.comparisons
+    learnt = report.extra["candidate"]["profile"]
+    assert learnt["math"]["learned"] < 0.5 < learnt["creative_writing"]["learned"]  # misled
+    assert not report.promoted
+    assert labelled.worse_beyond_noise
+    assert models.current() == "v0001"
+    assert models.metadata("v0002")["lineage"]["gate"]["decision"] == "refused"
+    assert load_scorer(models.path("v0001"), prior).profile == prior  # still the declared one
+
+
+def test_retrain_of_a_profile_router_needs_enough_labels(
+    tmp_path: Path, outcomes: SQLiteOutcomeStore
+) -> None:
+    prior = load_profile(declared(tmp_path, math=0.1, writing=0.9))
+    models = profile_store(tmp_path)
+    label_skills(outcomes, source="shadow", honest=True, n=12)
+    outcomes.flush()
+    with pytest.raises(NotEnoughLabelsError):
+        retrain(outcomes, models, [profile_base_file(tmp_path)], CONFIG, profile=prior)
+    assert models.version_ids() == ["v0001"]  # nothing was written
+
+
+@pytest.mark.parametrize("design", ["residual", "refit"])
+def test_a_profile_router_takes_only_the_profile_design(
+    tmp_path: Path, outcomes: SQLiteOutcomeStore, design: str
+) -> None:
+    from router.errors import ConfigError
+
+    models = profile_store(tmp_path)
+    label_skills(outcomes, source="shadow", honest=True, n=80)
+    outcomes.flush()
+    with pytest.raises(ConfigError, match="profile router"):
+        retrain(outcomes, models, [profile_base_file(tmp_path)], GateConfig(candidate=design))
+
+
+def test_the_proxy_serves_a_promoted_learnt_profile(
+    tmp_path: Path,
+    outcomes: SQLiteOutcomeStore,
+    fake: FakeProvider,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    models, prior, report = honest_retrain(tmp_path, outcomes)
+    assert report.promoted
+    path = Path(prior.origin or "")
+    learnt = load_scorer(models.path("v0002"), prior).profile
+    assert learnt is not None
+    body = {"model": "auto", "messages": [{"role": "user", "content": maths_prompt(3)}]}
+    policy = (Path(__file__).resolve().parent.parent / "policies" / "default.yaml").read_text()
+    (tmp_path / "proxy").mkdir()
+    with live(
+        tmp_path / "proxy",
+        policy,
+        scorer=None,
+        local_backend="none",
+        local_profile=path,
+        model_store=models.root,
+    ) as srv:
+        route = srv.http.post("/v1/route", json=body).json()
+    assert route["model_version"] == "v0002"
+    assert route["signals"]["local_profile"] == "Test-8B (source: learned)"
+    assert route["signals"]["local_accuracy"] == pytest.approx(learnt.accuracy("math"))
+    assert route["decision"]["profile_entry"].startswith("Test-8B (source: learned): math")
+    # policy explain reads the same model store and profile.
+    monkeypatch.setenv("TIERGATE_MODEL_STORE", str(models.root))
+    monkeypatch.setenv("TIERGATE_LOCAL_PROFILE", str(path))
+    assert main(["policy", "explain", "--prompt", maths_prompt(3)]) == 0
+    assert "profile  Test-8B (source: learned): math accuracy" in capsys.readouterr().out
+
+
+def test_a_learnt_profile_is_not_read_over_another_local_model(
+    tmp_path: Path, outcomes: SQLiteOutcomeStore
+) -> None:
+    models, prior, report = honest_retrain(tmp_path, outcomes)
+    assert report.promoted
+    # The operator swaps the local model: the profile learnt for Test-8B must not route it.
+    other = default_profile()
+    assert load_scorer(models.path("v0002"), other).profile == other
+    # Rolling back to the parent serves the declared profile again.
+    models.rollback()
+    assert load_scorer(models.path(models.current() or ""), prior).profile == prior
