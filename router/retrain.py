@@ -460,6 +460,8 @@ def retrain(
         if design == "profile"
         else load_fitted(models.path(parent))
     )
+    if design == "profile" and not isinstance(current, ProfileScorer):
+        raise ConfigError(f"{models.path(parent)}: its serving form is not a profile head")
     rows, counts = labelled_rows(outcomes)
     rows = [*rows, *extra_rows]
     train, held = split_outcomes(rows, config)
