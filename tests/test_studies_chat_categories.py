@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
 from studies.chat_categories import (
     DEV_FILE,
     LOOSE,
+    RESULTS,
+    ROOT,
     STRICT,
     agreement,
     bootstrap_mean,
     confusion,
     shared_runs,
+    summary_line,
 )
 
 CATS = ["writing", "stem", "humanities", "math", "extraction"]
@@ -61,3 +65,11 @@ def test_the_dev_set_has_twenty_prompts_per_category_written_for_tiergate() -> N
     assert Counter(r["category"] for r in rows) == dict.fromkeys(STRICT, 20)
     assert {r["author"] for r in rows} == {"tiergate"}
     assert len({r["id"] for r in rows}) == len({r["prompt"] for r in rows}) == 160
+
+
+def test_the_model_card_quotes_the_committed_results() -> None:
+    card = (ROOT / "docs" / "model-card.md").read_text(encoding="utf-8")
+    for path in (RESULTS, Path(RESULTS).with_name("chat_categories_router_v4.json")):
+        res = json.loads(path.read_text(encoding="utf-8"))
+        assert summary_line(res) in card, path.name
+        assert res["rows_sharing_8_word_runs"] == {}
