@@ -261,6 +261,20 @@ def _capability_of(artifact: Path, entry: Mapping[str, Any]) -> CapabilityReader
     return load_capability_model(where)
 
 
+def router_capability(path: str | Path) -> CapabilityReader:
+    """The capability model a profile-reading router (serving form 4) reads prompts through,
+    checked as :func:`load_serving_form` checks it; other routers read no profile per
+    capability through one, and are refused."""
+    p = Path(path)
+    entry = read_sidecar(p).get("serving")
+    if not isinstance(entry, dict) or entry.get("format_version") != PROFILE_HEAD_FORMAT:
+        raise ArtifactError(
+            f"{p}: not a router that reads the local profile through a capability model "
+            f"(serving form {PROFILE_HEAD_FORMAT}, as {DEFAULT_MODEL_NAME})"
+        )
+    return _capability_of(p, entry)
+
+
 def load_serving_form(
     path: str | Path,
     meta: Mapping[str, Any] | None = None,

@@ -6,7 +6,8 @@
   docs/model-card.md).
 * ``models``, ``retrain``: the versioned model store and the learning loop's retraining.
 * ``keys``: client API keys (see SECURITY.md).
-* ``profile``: measure the local model's per-capability accuracy (docs/profile.md).
+* ``profile``: measure the local model's per-capability accuracy, or estimate it from labelled
+  rows (docs/profile.md).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import sys
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
@@ -246,7 +248,57 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9_]+", "-", name.lower()).strip("-") or "local"
 
 
+def _cmd_profile_from_labels(args: argparse.Namespace) -> int:
+    from router.artifact import default_model_path, router_capability
+    from router.config import load_settings
+    from router.locations import tiergate_home
+    from router.profile import write_profile
+    from router.profiler import profile_from_files
+
+    router = args.router or load_settings(args.config).classifier_path or default_model_path()
+    profile = profile_from_files(
+        args.from_labels,
+        router_capability(router),
+        name=args.name,
+        weak_model=args.weak_model,
+    )
+    out = args.out or tiergate_home() / "profiles" / f"{_slug(profile.model)}.json"
+    command = ["tiergate", "profile", "--from-labels", *map(str, args.from_labels)]
+    for flag, value in (("--weak-model", args.weak_model), ("--name", args.name)):
+        command += [flag, value] if value else []
+    command += ["--out", str(out)]
+    write_profile(profile, out, comment=f"written by: {shlex.join(command)}")
+    print(f"{'capability':18} {'rows (q mass)':>13}  accuracy  95% interval")
+    for capability, entry in profile.capabilities.items():
+        print(
+            f"{capability:18} {entry.n:>13}  {entry.accuracy:8.2f}  "
+            f"{entry.low:.2f}-{entry.high:.2f}"
+        )
+    print(f"wrote {out} ({profile.notes})")
+    return 0
+
+
 def _cmd_profile(args: argparse.Namespace) -> int:
+    from router.errors import ConfigError
+
+    if args.from_labels:
+        probe_only = [
+            flag
+            for flag, value in (
+                ("--per-capability", args.per_capability),
+                ("--seed", args.seed),
+                ("--capability", args.capability),
+                ("--details", args.details),
+            )
+            if value is not None
+        ]
+        if probe_only:
+            raise ConfigError(f"--from-labels runs no probes: drop {', '.join(probe_only)}")
+        return _cmd_profile_from_labels(args)
+    if args.router or args.weak_model:
+        raise ConfigError("--router and --weak-model go with --from-labels")
+    args.per_capability = 8 if args.per_capability is None else args.per_capability
+    args.seed = 0 if args.seed is None else args.seed
     import asyncio
     from urllib.parse import urlsplit
 
@@ -312,22 +364,26 @@ def _add_profile_command(sub: Any) -> None:
         "answers, multiple choice, code run against unit tests in a sandbox, JSON extraction\n"
         "checked against a schema, and instructions with verifiable constraints. Writes, per\n"
         "capability, the share answered right with its 95% Wilson interval and n\n"
-        "(docs/profile.md).",
+        "(docs/profile.md).\n\n"
+        "With --from-labels it runs no model: it estimates the profile from labelled rows\n"
+        "(JSONL with prompt and weak_score in [0, 1], optionally weak_model), read through the\n"
+        "router's capability model: per capability the probability-weighted mean score, on\n"
+        "the scale the router was fitted on (source: estimated).",
         epilog="examples:\n"
         "  tiergate profile --per-capability 2 --out var/profile.json\n"
         "  TIERGATE_N_THREADS=2 tiergate profile --model models/SmolLM2-135M-Instruct.Q4_1.gguf "
         "--out var/smollm2.json\n"
-        "  tiergate profile --base-url http://127.0.0.1:8080/v1 --name llama-3.1-8b-q4_k_m",
+        "  tiergate profile --base-url http://127.0.0.1:8080/v1 --name llama-3.1-8b-q4_k_m\n"
+        "  tiergate profile --from-labels evals/*.jsonl --name my-8b --out var/my-8b.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     profile.add_argument(
         "--per-capability",
         type=_at_least_one,
-        default=8,
         metavar="N",
         help="probes per capability (8)",
     )
-    profile.add_argument("--seed", type=int, default=0, help="probe set seed (0)")
+    profile.add_argument("--seed", type=int, help="probe set seed (0)")
     profile.add_argument(
         "--capability",
         action="append",
@@ -342,8 +398,30 @@ def _add_profile_command(sub: Any) -> None:
     backend.add_argument(
         "--base-url", help="external llama.cpp server, e.g. http://host:8080/v1 (instead of a GGUF)"
     )
+    backend.add_argument(
+        "--from-labels",
+        nargs="+",
+        type=Path,
+        metavar="FILE",
+        help="estimate the profile from these labelled JSONL files instead of running a model",
+    )
     profile.add_argument(
-        "--name", help="the model's name in the profile (default: the GGUF name or server host)"
+        "--weak-model",
+        metavar="NAME",
+        help="with --from-labels: only rows whose weak_model is NAME (needed when the files "
+        "hold several)",
+    )
+    profile.add_argument(
+        "--router",
+        type=Path,
+        metavar="DIR",
+        help="with --from-labels: the router whose capability model reads the prompts "
+        "(default: classifier_path, $TIERGATE_CLASSIFIER_PATH or the shipped router)",
+    )
+    profile.add_argument(
+        "--name",
+        help="the model's name in the profile (default: the GGUF name, the server host, or the "
+        "rows' weak_model)",
     )
     profile.add_argument(
         "--out", type=Path, help="profile file (default: $TIERGATE_HOME/profiles/NAME.json)"

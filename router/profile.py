@@ -2,9 +2,11 @@
 
 A profile says, per capability (:data:`router.scoring.CAPABILITIES`), how often the local model
 answers right, with an interval and the number of probes behind it. It is *measured* by
-``tiergate profile`` (auto-graded probes run through the configured local backend), *declared*
-by hand, or taken from *published* benchmark figures for models too large to run here; a
-*learned* one is relearnt by ``tiergate retrain`` from labelled outcomes (:mod:`router.retrain`).
+``tiergate profile`` (auto-graded probes run through the configured local backend), *estimated*
+from labelled rows (``tiergate profile --from-labels``: an operator's own evaluation logs, read
+through the router's capability model), *declared* by hand, or taken from *published* benchmark
+figures for models too large to run here; a *learned* one is relearnt by ``tiergate retrain``
+from labelled outcomes (:mod:`router.retrain`).
 The routing score is P(closed materially better | prompt, local profile), so the same prompt routes
 differently when the operator swaps a 135M model for an 8B one.
 
@@ -13,7 +15,7 @@ File format (JSON, or YAML for hand-written ones)::
     format: tiergate-profile
     format_version: 1
     model: SmolLM2-135M-Instruct.Q4_1      # free text: what was profiled
-    source: measured                       # measured | declared | published | learned
+    source: measured                       # measured | estimated | declared | published | learned
     created: "2026-12-04T17:00:00Z"        # optional
     notes: "..."                           # optional
     capabilities:
@@ -59,7 +61,7 @@ BUNDLED_PROFILES: tuple[str, ...] = (
 
 PROFILE_FORMAT = "tiergate-profile"
 PROFILE_FORMAT_VERSION = 1
-SOURCES: tuple[str, ...] = ("measured", "declared", "published", "learned")
+SOURCES: tuple[str, ...] = ("measured", "estimated", "declared", "published", "learned")
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,8 +141,9 @@ class LocalProfile:
         return out
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval for a binomial rate (95% by default); (0, 1) when n is 0."""
+def wilson_interval(successes: float, n: float, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval for a binomial rate (95% by default); (0, 1) when n is 0.
+    ``n`` may be a weighted count of rows, so neither need be whole."""
     if n <= 0:
         return 0.0, 1.0
     p = successes / n
@@ -233,12 +236,21 @@ def load_profile(path: str | Path) -> LocalProfile:
     return profile_from_dict(data, origin=str(p))
 
 
-def write_profile(profile: LocalProfile, path: str | Path) -> None:
-    """Write ``profile`` as JSON, atomically (a reader never sees half a file)."""
+def write_profile(profile: LocalProfile, path: str | Path, *, comment: str | None = None) -> None:
+    """Write ``profile`` atomically (a reader never sees half a file): YAML for ``.yaml``/``.yml``,
+    headed by ``comment`` as ``#`` lines (provenance a reader keeps with the file), else JSON."""
     p = Path(path)
+    if p.suffix.lower() in {".yaml", ".yml"}:
+        head = "".join(f"# {line}".rstrip() + "\n" for line in (comment or "").splitlines())
+        body = yaml.safe_dump(
+            profile.as_dict(), sort_keys=False, allow_unicode=True, default_flow_style=None
+        )
+        text = head + body
+    else:
+        text = json.dumps(profile.as_dict(), indent=2) + "\n"
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(profile.as_dict(), indent=2) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(p)
 
 

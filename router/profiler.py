@@ -1,4 +1,5 @@
-"""Measure a local model's profile: run the probe set through the local backend and grade it.
+"""Measure a local model's profile: run the probe set through the local backend and grade it,
+or estimate it from labelled rows (an operator's evaluation logs).
 
 ``tiergate profile`` calls :func:`profile_local_model`. The backend is the one the proxy would
 use (:mod:`router.backends.local`): the GGUF in process or an external llama.cpp server, with
@@ -9,6 +10,11 @@ result is the share of probes answered right with its Wilson interval
 
 A probe the backend fails to answer (unreachable server, timeout) stops the run with that
 error: a profile never counts a failed call as a wrong answer, nor leaves it out.
+
+``tiergate profile --from-labels`` calls :func:`profile_from_files`: rows that say how well the
+local model answered real prompts are read through the router's own capability model and
+averaged per capability, as the router's head was fitted against each weak model's labels
+(:func:`router.training.crossfit_local_accuracy`), so the profile is on the router's scale.
 """
 
 from __future__ import annotations
@@ -19,7 +25,11 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from router.backends import Backend
 from router.config import Settings
@@ -27,6 +37,13 @@ from router.errors import BackendError, ConfigError, TiergateError
 from router.probes import PROBE_SET_VERSION, Probe
 from router.profile import CapabilityAccuracy, LocalProfile, wilson_interval
 from router.scoring import CAPABILITIES
+
+if TYPE_CHECKING:
+    from router.serving import CapabilityReader
+
+#: Pseudo-rows at the weak model's mean score that each capability's estimate is shrunk by (at
+#: most a tenth of the rows): a capability the rows barely touch reads near the model's mean.
+LABEL_PRIOR = 20.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +148,10 @@ async def run_probes(
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def _today() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def build_profile(
     results: Sequence[ProbeResult], *, model: str, notes: str | None = None
 ) -> LocalProfile:
@@ -147,7 +168,7 @@ def build_profile(
         model=model,
         source="measured",
         capabilities=entries,
-        created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        created=_today(),
         notes=notes,
     )
 
@@ -185,3 +206,108 @@ async def profile_local_model(
         )
     notes = describe_run(settings, per_capability, seed, time.perf_counter() - started)
     return build_profile(results, model=model, notes=notes), results
+
+
+def label_accuracy(
+    weak: NDArray[np.float64], q: NDArray[np.float64], shrink: float
+) -> NDArray[np.float64]:
+    """Per capability (``q``'s columns), the ``q``-weighted mean of the scores ``weak``, shrunk
+    towards their mean by ``shrink`` pseudo-rows: the local accuracy the router reads."""
+    out: NDArray[np.float64] = (q.T @ weak + shrink * float(weak.mean())) / (q.sum(axis=0) + shrink)
+    return out
+
+
+def profile_from_labels(
+    weak: ArrayLike,
+    q: ArrayLike,
+    capabilities: Sequence[str],
+    *,
+    model: str,
+    prior: float = LABEL_PRIOR,
+    notes: str | None = None,
+    created: str | None = None,
+) -> LocalProfile:
+    """A profile from labelled rows: per capability, the mean of the local model's scores
+    ``weak`` weighted by the rows' capability probabilities ``q`` (rows x ``capabilities``),
+    shrunk towards the overall mean by ``min(prior, rows / 10)`` pseudo-rows. ``n`` is the
+    capability's probability mass (rows' worth), and the interval Wilson's at the estimate with
+    that n: conservative, as the mass never exceeds the weighted mean's effective sample size
+    and a [0, 1] score varies no more than a 0/1 one."""
+    w = np.asarray(weak, dtype=np.float64)
+    p = np.asarray(q, dtype=np.float64)
+    if w.ndim != 1 or p.shape != (w.size, len(capabilities)) or w.size == 0:
+        raise ValueError("profile_from_labels: one score and one probability row per row")
+    mass = p.sum(axis=0)
+    acc = label_accuracy(w, p, min(prior, w.size / 10))
+    entries = {}
+    for name, a, m in zip(capabilities, acc, mass, strict=True):
+        low, high = wilson_interval(float(a * m), float(m))
+        entries[str(name)] = CapabilityAccuracy(float(a), low, high, round(float(m)))
+    return LocalProfile(
+        model=model, source="estimated", capabilities=entries, created=created, notes=notes
+    )
+
+
+def _select(
+    files: Sequence[Path], weak_model: str | None
+) -> tuple[list[Any], list[tuple[Path, int]], str]:
+    # The rows of one weak model across files (the only one, or the one asked for).
+    from router.training import load_weak_labels
+
+    rows, used = [], []
+    seen: set[str] = set()
+    for path in files:
+        labels = load_weak_labels(path)
+        seen.update(r.weak_model for r in labels)
+        kept = [r for r in labels if weak_model is None or r.weak_model == weak_model]
+        rows += kept
+        used.append((path, len(kept)))
+    if weak_model is not None and not rows:
+        raise ConfigError(
+            f"no rows of weak model {weak_model!r} (the files hold: "
+            f"{', '.join(sorted(repr(m) for m in seen))})"
+        )
+    if weak_model is None and len(seen) > 1:
+        raise ConfigError(
+            "the files hold rows of several local models; choose one with --weak-model: "
+            + ", ".join(sorted(repr(m) for m in seen))
+        )
+    return rows, used, weak_model if weak_model is not None else next(iter(seen))
+
+
+def profile_from_files(
+    files: Sequence[str | Path],
+    capability: CapabilityReader,
+    *,
+    name: str | None = None,
+    weak_model: str | None = None,
+    prior: float = LABEL_PRIOR,
+) -> LocalProfile:
+    """Estimate a profile (:func:`profile_from_labels`) from JSONL files of labelled rows
+    (``prompt``, ``weak_score``, optionally ``weak_model``; only ``weak_model``'s rows when
+    given), read through ``capability``. ``name`` defaults to the rows' weak model; the notes
+    name each file with its sha256 and the rows used, so the profile can be traced and rebuilt."""
+    from router.artifact import sha256_file
+
+    paths = [Path(f) for f in files]
+    rows, used, model = _select(paths, weak_model)
+    name = name or model
+    if not name:
+        raise ConfigError("the rows name no weak_model: give the profile a --name")
+    q = np.array([capability.probabilities(r.prompt) for r in rows])
+    sources = "; ".join(f"{p.name} ({n} rows, sha256 {sha256_file(p)})" for p, n in used)
+    notes = (
+        f"tiergate profile --from-labels: {len(rows)} rows"
+        + (f" of weak model {weak_model}" if weak_model else "")
+        + f" from {sources}; capability model {capability.version}; "
+        f"shrunk by min({prior:g}, rows/10) pseudo-rows"
+    )
+    return profile_from_labels(
+        [r.weak_score for r in rows],
+        q,
+        capability.capabilities,
+        model=name,
+        prior=prior,
+        notes=notes,
+        created=_today(),
+    )

@@ -41,6 +41,7 @@ from router.classifier import (
 )
 from router.errors import ConfigError
 from router.profile import CapabilityAccuracy, LocalProfile
+from router.profiler import LABEL_PRIOR, label_accuracy
 from router.scoring import CAPABILITIES
 from router.serving import gap_logit, logistic
 
@@ -146,6 +147,35 @@ def load_routing_rows(path: str | Path) -> list[RoutingRow]:
     return rows
 
 
+@dataclass(frozen=True, slots=True)
+class WeakLabel:
+    """One prompt of an evaluation log and how well the local model answered it, in [0, 1]."""
+
+    prompt: str
+    weak_score: float
+    weak_model: str = ""
+
+
+def load_weak_labels(path: str | Path) -> list[WeakLabel]:
+    """``prompt``, ``weak_score`` and, when present, ``weak_model`` of each row of a JSONL file
+    (the routing schema's fields, nothing else required): what ``tiergate profile
+    --from-labels`` estimates a profile from. A score outside [0, 1] is refused, as a profile's
+    accuracy is a rate."""
+    p = Path(path)
+    rows = []
+    for n, row in _read_jsonl(p):
+        weak = _field(p, n, row, "weak_score", float)
+        if not (math_isfinite(weak) and 0.0 <= weak <= 1.0):
+            raise DataFormatError(f"{p}:{n}: weak_score must be a number in [0, 1]")
+        model = row.get("weak_model")
+        if model is not None and not isinstance(model, str):
+            raise DataFormatError(f"{p}:{n}: field 'weak_model' must be a str")
+        rows.append(WeakLabel(_field(p, n, row, "prompt", str), weak, model or ""))
+    if not rows:
+        raise DataFormatError(f"{p}: no rows")
+    return rows
+
+
 def math_isfinite(x: float) -> bool:
     """True for a finite float (NaN and infinities are not valid scores)."""
     return bool(np.isfinite(x))
@@ -241,10 +271,10 @@ def fit_routing(
 
 #: Folds and shrinkage of the cross-fitted local profiles the gap routing is fitted against.
 PROFILE_FOLDS = 5
+PROFILE_PRIOR = LABEL_PRIOR
 #: The shipped model whose word TF-IDF capability classifier `tiergate train` reuses when it is
 #: given no capability file, and which the router-v3-era benches and the retrain loop adapt.
 TFIDF_MODEL_NAME = "router-v3"
-PROFILE_PRIOR = 20.0
 MIN_CROSSFIT_ROWS = 200
 
 
@@ -276,8 +306,7 @@ def crossfit_local_accuracy(
             tr = idx[fold != k] if k_folds > 1 else idx
             if te.size == 0:
                 continue
-            mean = float(weak[tr].mean())
-            out[te] = (q[tr].T @ weak[tr] + shrink * mean) / (q[tr].sum(axis=0) + shrink)
+            out[te] = label_accuracy(weak[tr], q[tr], shrink)
     return out
 
 

@@ -377,6 +377,74 @@ def test_profile_stops_when_the_server_cannot_answer(
     assert not out.exists()  # no profile that counts failed calls as wrong answers
 
 
+_MATHS = (
+    "Solve for x: 3x^2 - 5x + 2 = 0.",
+    "What is the derivative of x^3 + 2x with respect to x?",
+    "A train travels 120 km in 1.5 hours. What is its average speed in km/h?",
+    "Compute the integral of 2x from 0 to 3.",
+)
+_CHAT = ("Hello! How are you today?", "Thanks so much, that helped a lot.")
+
+
+def test_profile_from_labels_round_trips_into_the_score(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Labelled rows where the local model fails every maths prompt and answers every chat one:
+    the estimated profile (through the shipped router's capability model) rates maths below
+    chat, loads back as written, and `tiergate score` reads it: a maths prompt then scores
+    higher than with a profile estimated from rows it got right."""
+    from router.profile import load_profile
+
+    rows = [{"prompt": p, "weak_score": 0.0, "weak_model": "weak"} for p in _MATHS * 5]
+    rows += [{"prompt": p, "weak_score": 1.0, "weak_model": "weak"} for p in _CHAT * 5]
+    rows += [{"prompt": p, "weak_score": 1.0, "weak_model": "other"} for p in _MATHS]
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "weak.yaml"
+    args = ["profile", "--from-labels", str(labels), "--weak-model", "weak", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "rows (q mass)" in printed and f"wrote {out}" in printed
+    assert out.read_text().startswith(f"# written by: tiergate {' '.join(args)}\n")
+    weak = load_profile(out)
+    assert (weak.model, weak.source) == ("weak", "estimated")
+    assert weak.accuracy("math") < 0.5 < weak.accuracy("chat")
+    assert "30 rows of weak model weak from labels.jsonl (30 rows, sha256 " in (weak.notes or "")
+    # the other model alone, to a JSON file named after it
+    good = tmp_path / "good.json"
+    args = ["profile", "--from-labels", str(labels), "--weak-model", "other", "--out", str(good)]
+    assert main(args) == 0
+    assert load_profile(good).accuracy("math") == pytest.approx(1.0)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "m", "prompt": _MATHS[0]}) + "\n", encoding="utf-8")
+    capsys.readouterr()
+
+    def score(profile: Path) -> float:
+        assert main(["score", "--data", str(prompts), "--out", "-", "--profile", str(profile)]) == 0
+        return float(json.loads(capsys.readouterr().out)["score"])
+
+    assert score(out) > score(good) + 0.2
+
+
+def test_profile_from_labels_refuses_probe_options_and_mixed_models(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    labels = tmp_path / "labels.jsonl"
+    rows = [{"prompt": "Hi", "weak_score": 1.0, "weak_model": m} for m in ("a", "b")]
+    labels.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "p.json"
+    base = ["profile", "--from-labels", str(labels), "--out", str(out)]
+    assert main([*base, "--per-capability", "2"]) == 2
+    assert "runs no probes: drop --per-capability" in capsys.readouterr().err
+    assert main(base) == 2
+    assert "choose one with --weak-model: 'a', 'b'" in capsys.readouterr().err
+    assert main(["profile", "--weak-model", "a", "--out", str(out)]) == 2
+    assert "go with --from-labels" in capsys.readouterr().err
+    assert main([*base, "--weak-model", "a", "--router", "models/router-v3"]) == 2
+    assert "not a router that reads the local profile" in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.gguf
 def test_profile_runs_the_bundled_gguf(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
@@ -409,7 +477,7 @@ def test_profile_help_examples_are_valid_commands(capsys: pytest.CaptureFixture[
         for line in capsys.readouterr().out.splitlines()
         if line.startswith("  ") and "tiergate profile" in line
     ]
-    assert len(examples) == 3
+    assert len(examples) == 4
     for example in examples:
         args = build_parser().parse_args(shlex.split(example))
         assert args.command == "profile"
