@@ -216,26 +216,23 @@ def _ci(pair: Sequence[float]) -> str:
     return f"[{pair[0]:+.3f}, {pair[1]:+.3f}]"
 
 
-def report(r: dict[str, Any]) -> None:
-    """The study's tables, as the model card quotes them."""
-    print("| file | n | APGR est. | declared | diff 95% CI | default | diff 95% CI |")
+def _metric_table(r: dict[str, Any], key: str, title: str) -> None:
+    print(f"| file | n | {title} est. | declared | diff 95% CI | default | diff 95% CI |")
     print("| --- | ---: | ---: | ---: | --- | ---: | --- |")
     for name, f in r["files"].items():
         d, b = f["vs_declared"], f["vs_default"]
         print(
-            f"| {name} | {f['n']} | {d['apgr']:.3f} | {d['apgr_baseline']:.3f} | "
-            f"{_ci(d['apgr_diff_ci'])} | {b['apgr_baseline']:.3f} | {_ci(b['apgr_diff_ci'])} |"
+            f"| {name} | {f['n']} | {d[key]:.3f} | {d[key + '_baseline']:.3f} | "
+            f"{_ci(d[key + '_diff_ci'])} | {b[key + '_baseline']:.3f} | "
+            f"{_ci(b[key + '_diff_ci'])} |"
         )
     print()
-    print("| file | CPT(50%) est. | declared | diff 95% CI | default | diff 95% CI |")
-    print("| --- | ---: | ---: | --- | ---: | --- |")
-    for name, f in r["files"].items():
-        d, b = f["vs_declared"], f["vs_default"]
-        print(
-            f"| {name} | {d['cpt50']:.3f} | {d['cpt50_baseline']:.3f} | "
-            f"{_ci(d['cpt50_diff_ci'])} | {b['cpt50_baseline']:.3f} | {_ci(b['cpt50_diff_ci'])} |"
-        )
-    print()
+
+
+def report(r: dict[str, Any]) -> None:
+    """The study's tables, as the model card quotes them."""
+    _metric_table(r, "apgr", "APGR")
+    _metric_table(r, "cpt50", "CPT(50%)")
     names = list(r["strong"])
     print("| profile | " + " | ".join(names) + " |")
     print("| --- |" + " ---: |" * len(names))
