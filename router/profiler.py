@@ -209,12 +209,17 @@ async def profile_local_model(
 
 
 def label_accuracy(
-    weak: NDArray[np.float64], q: NDArray[np.float64], shrink: float
+    weak: NDArray[np.float64],
+    q: NDArray[np.float64],
+    shrink: float,
+    toward: ArrayLike | None = None,
 ) -> NDArray[np.float64]:
     """Per capability (``q``'s columns), the ``q``-weighted mean of the scores ``weak``, shrunk
-    towards their mean by ``shrink`` pseudo-rows: the local accuracy the router reads."""
-    out: NDArray[np.float64] = (q.T @ weak + shrink * float(weak.mean())) / (q.sum(axis=0) + shrink)
-    return out
+    by ``shrink`` pseudo-rows towards ``toward`` (a prior accuracy per capability) or, by
+    default, the scores' mean: the local accuracy the router reads."""
+    centre = float(weak.mean()) if toward is None else np.asarray(toward, dtype=np.float64)
+    out: NDArray[np.float64] = (q.T @ weak + shrink * centre) / (q.sum(axis=0) + shrink)
+    return np.clip(out, 0.0, 1.0)
 
 
 def profile_from_labels(

@@ -326,10 +326,8 @@ def estimate_profile(
     accuracy per capability, such as the configured profile's) or, by default, the rows' mean
     weak score as in :func:`crossfit_local_accuracy`; ``n`` is the capability's probability
     mass in rows."""
-    weak = np.array([r.weak_score for r in rows])
-    centre = np.full(len(capabilities), weak.mean()) if toward is None else np.asarray(toward)
     mass = q.sum(axis=0)
-    acc = np.clip((q.T @ weak + prior * centre) / (mass + prior), 0.0, 1.0)
+    acc = label_accuracy(np.array([r.weak_score for r in rows]), q, prior, toward)
     entries = {
         c: CapabilityAccuracy(float(a), n=round(float(m)))
         for c, a, m in zip(capabilities, acc, mass, strict=True)
