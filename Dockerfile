@@ -98,10 +98,12 @@ RUN groupadd --system --gid 10001 tiergate \
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /models /models
 COPY policies /app/policies
-# The shipped routing classifier (router-v5), the capability model it reads and the local
-# model profiles: without them the proxy falls back to the heuristic scorer.
+# The shipped routing classifier (router-v5), the capability model it reads (whose embedding
+# table is capability-v1's file) and the local model profiles: without them the proxy falls back
+# to the heuristic scorer.
 COPY models/router-v5 /app/models/router-v5
 COPY models/capability-v2 /app/models/capability-v2
+COPY models/capability-v1 /app/models/capability-v1
 COPY models/profiles /app/models/profiles
 
 ENV PATH=/opt/venv/bin:$PATH \

@@ -17,7 +17,8 @@ API:
   fitted estimator's ``predict_proba`` (tested).
 * :func:`load_capability` / :func:`save_capability`: a capability artifact directory::
 
-      embedding.npz   the token table (float16) and its vocabulary (router.embedding)
+      embedding.npz   the token table (float16) and its vocabulary (router.embedding), or
+                      none: the sidecar then names a sibling's, ``../NAME/embedding.npz``
       head.npz        center (embedding width), coef (capabilities x width), intercept,
                       capabilities
       metadata.json   format, sha256 of both files, the table's provenance and licence,
@@ -48,7 +49,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from router.artifact import read_checked_npz, read_sidecar, write_npz, write_sidecar
-from router.embedding import StaticEmbedding, read_embedding, write_embedding
+from router.embedding import StaticEmbedding, read_embedding, share_embedding, write_embedding
 from router.errors import ArtifactError
 from router.locations import shipped
 from router.scoring import CAPABILITIES
@@ -337,12 +338,24 @@ class CapabilityModel:
 
 
 def save_capability(
-    model: CapabilityModel, directory: str | Path, metadata: Mapping[str, Any] | None = None
+    model: CapabilityModel,
+    directory: str | Path,
+    metadata: Mapping[str, Any] | None = None,
+    *,
+    share: str | Path | None = None,
 ) -> Path:
     """Write ``model`` as a capability artifact (module docstring) into ``directory``, which
-    must not exist yet (a new version is a new directory; a live one is never edited)."""
+    must not exist yet (a new version is a new directory; a live one is never edited). With
+    ``share``, a sibling capability artifact over the same embedding, the new one reads that
+    artifact's embedding file rather than carrying a copy."""
     d = Path(directory)
+    if share is not None:
+        owner = Path(share)
+        meta = read_sidecar(owner, kind=CAPABILITY_FORMAT, version=CAPABILITY_FORMAT_VERSION)
+        embedding_entry = share_embedding(d, owner, meta.get("embedding"), model.embedding)
     d.mkdir(parents=True)
+    if share is None:
+        embedding_entry = write_embedding(d, model.embedding)
     head = {
         "center": model.center,
         "coef": model.coef,
@@ -354,7 +367,7 @@ def save_capability(
         "format": CAPABILITY_FORMAT,
         "format_version": CAPABILITY_FORMAT_VERSION,
         "version": d.name,
-        "embedding": write_embedding(d, model.embedding),
+        "embedding": embedding_entry,
         "head": {"file": HEAD_FILE, "sha256": write_npz(d / HEAD_FILE, head)},
         "numpy": np.__version__,
     }

@@ -53,7 +53,6 @@ from router.capability import (
     unit,
 )
 from router.embedding import (
-    EMBEDDING_FILE,
     EMBEDDING_FORMAT,
     EMBEDDING_FORMAT_VERSION,
     StaticEmbedding,
@@ -281,7 +280,7 @@ def load_embedding_dir(directory: str | Path) -> StaticEmbedding:
         (CAPABILITY_FORMAT, CAPABILITY_FORMAT_VERSION),
     ):
         try:
-            meta = read_sidecar(d, EMBEDDING_FILE, kind=kind, version=version)
+            meta = read_sidecar(d, kind=kind, version=version)
         except ArtifactError:
             continue
         return read_embedding(d, meta.get("embedding"))
@@ -295,14 +294,18 @@ def train_capability(
     *,
     params: Mapping[str, Any] | None = None,
     cv: bool = False,
-    seeds: str | Path | None = None,
+    seeds: str | Path | Sequence[str | Path] | None = None,
+    share: str | Path | None = None,
 ) -> Path:
     """Fit :class:`CapabilityClassifier` on the ``commercial_use: true`` rows of ``data`` (and
-    the prompts of a ``seeds`` file, same schema, as the estimator's ``seeds``) and write its
-    serving form as a capability artifact at ``out`` (with, if ``cv``, the leave-one-source-out
-    figures in the sidecar; seeds stay in every fold's training). Returns ``out``."""
+    the prompts of one or more ``seeds`` files, same schema, as the estimator's ``seeds``) and
+    write its serving form as a capability artifact at ``out`` (with, if ``cv``, the
+    leave-one-source-out figures in the sidecar; seeds stay in every fold's training); with
+    ``share``, reading that sibling artifact's embedding file
+    (:func:`router.capability.save_capability`). Returns ``out``."""
     rows = load_capability_rows(data, commercial_only=True)
-    authored = load_capability_rows(seeds) if seeds is not None else []
+    seed_files = [Path(seeds)] if isinstance(seeds, (str, Path)) else [Path(s) for s in seeds or ()]
+    authored = [r for f in seed_files for r in load_capability_rows(f)]
     settings = {"head": "prototype", "descriptions": True, **(params or {})}
     pairs = tuple((r.prompt, r.capability) for r in authored)
 
@@ -311,19 +314,18 @@ def train_capability(
 
     model = fit([r.prompt for r in rows], [r.capability for r in rows])
     files = [data_file_info(Path(data), len(rows))]
-    if seeds is not None:
-        files.append(data_file_info(Path(seeds), len(authored)))
+    files += [data_file_info(f, len(load_capability_rows(f))) for f in seed_files]
     metadata: dict[str, Any] = {
         "data_files": files,
         "rows": len(rows) + len(authored),
         "training": "commercial_use: true rows only, plus router.capability.DESCRIPTIONS"
-        + (" and the seed prompts" if seeds is not None else ""),
+        + (" and the seed prompts" if seed_files else ""),
         "estimator": {"class": "router.capability_training.CapabilityClassifier", **settings},
         "sklearn": sklearn.__version__,
     }
     if cv:
         metadata["leave_one_source_out"] = leave_one_source_out(rows, fit)
-    return save_capability(model.serving(Path(out).name), out, metadata)
+    return save_capability(model.serving(Path(out).name), out, metadata, share=share)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -333,10 +335,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--embedding", type=Path, required=True, help="static embedding directory")
     parser.add_argument("--out", type=Path, required=True, help="new artifact directory")
     parser.add_argument("--cv", action="store_true", help="add leave-one-source-out figures")
-    parser.add_argument("--seeds", type=Path, help="a .jsonl of seed prompts (same schema)")
+    parser.add_argument(
+        "--seeds", type=Path, action="append", help="a .jsonl of seed prompts (same schema)"
+    )
+    parser.add_argument(
+        "--share", action="store_true", help="read --embedding's file instead of copying it"
+    )
     args = parser.parse_args(argv)
     path = train_capability(
-        args.data, load_embedding_dir(args.embedding), args.out, cv=args.cv, seeds=args.seeds
+        args.data,
+        load_embedding_dir(args.embedding),
+        args.out,
+        cv=args.cv,
+        seeds=args.seeds,
+        share=args.embedding if args.share else None,
     )
     print(f"wrote {path}")
     return 0

@@ -181,24 +181,69 @@ def write_embedding(directory: Path, embedding: StaticEmbedding) -> dict[str, An
     }
 
 
+def embedding_path(directory: Path, entry: object) -> Path:
+    """The file an artifact's sidecar ``entry`` names: its own ``embedding.npz``, or a sibling
+    artifact's (``../NAME/embedding.npz``), so that models over one table ship it once. Any
+    other name is refused, so a sidecar cannot point outside the models directory."""
+    name = entry.get("file") if isinstance(entry, dict) else None
+    if name == EMBEDDING_FILE:
+        return directory / EMBEDDING_FILE
+    parts = name.split("/") if isinstance(name, str) else []
+    if (
+        len(parts) == 3
+        and parts[0] == ".."
+        and parts[1] not in ("", ".", "..")
+        and "\\" not in parts[1]
+        and parts[2] == EMBEDDING_FILE
+    ):
+        return directory.parent / parts[1] / EMBEDDING_FILE
+    raise ArtifactError(f"{directory}: its sidecar names no {EMBEDDING_FILE}")
+
+
 def read_embedding(directory: Path, entry: object) -> StaticEmbedding:
-    """The :class:`StaticEmbedding` an artifact's sidecar ``entry`` names, checked for its
-    format version and sha256 before its bytes are read (plain arrays, no pickle)."""
-    if not isinstance(entry, dict) or entry.get("file") != EMBEDDING_FILE:
-        raise ArtifactError(f"{directory}: its sidecar names no {EMBEDDING_FILE}")
+    """The :class:`StaticEmbedding` an artifact's sidecar ``entry`` names
+    (:func:`embedding_path`), checked for its format version and sha256 before its bytes are
+    read (plain arrays, no pickle)."""
+    path = embedding_path(directory, entry)
+    assert isinstance(entry, dict)  # embedding_path refuses anything else
     if entry.get("format_version") != EMBEDDING_FORMAT_VERSION:
         raise ArtifactError(
             f"{directory}: embedding format {entry.get('format_version')!r}, "
             f"this Tiergate reads {EMBEDDING_FORMAT_VERSION}"
         )
-    arrays = read_checked_npz(directory / EMBEDDING_FILE, entry.get("sha256"))
+    arrays = read_checked_npz(path, entry.get("sha256"))
     table, vocab = arrays.get("table"), arrays.get("vocab")
     if table is None or vocab is None or table.dtype.kind != "f" or vocab.dtype.kind != "U":
-        raise ArtifactError(f"{directory / EMBEDDING_FILE}: not a static embedding")
+        raise ArtifactError(f"{path}: not a static embedding")
     try:
         return StaticEmbedding(table, vocab.tolist(), entry.get("provenance"))
     except (ValueError, KeyError) as exc:
-        raise ArtifactError(f"{directory / EMBEDDING_FILE}: unusable embedding ({exc})") from exc
+        raise ArtifactError(f"{path}: unusable embedding ({exc})") from exc
+
+
+def share_embedding(
+    directory: Path, owner: Path, entry: object, embedding: StaticEmbedding
+) -> dict[str, Any]:
+    """The sidecar entry by which a new artifact in ``directory`` reads the embedding file of
+    ``owner``, a sibling artifact whose sidecar ``entry`` names it, instead of writing a copy.
+    Refused (:class:`ValueError`) unless the two are siblings and that file holds exactly
+    ``embedding``'s table and vocabulary."""
+    if directory.resolve().parent != owner.resolve().parent:
+        raise ValueError(f"{owner} is not beside {directory}")
+    theirs = read_embedding(owner, entry)
+    assert isinstance(entry, dict)
+    mine = embedding.table.astype(embedding.stored_dtype)
+    if (
+        theirs.vocab != embedding.vocab
+        or theirs.stored_dtype != embedding.stored_dtype
+        or not np.array_equal(theirs.table.astype(theirs.stored_dtype), mine)
+    ):
+        raise ValueError(f"{owner}'s embedding is not the one the model was fitted with")
+    name = entry["file"]
+    return {
+        **entry,
+        "file": f"../{owner.name}/{EMBEDDING_FILE}" if name == EMBEDDING_FILE else name,
+    }
 
 
 def load(directory: str | Path) -> StaticEmbedding:

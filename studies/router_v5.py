@@ -49,7 +49,7 @@ RESULTS = ROOT / "studies" / "results" / "router_v5.json"
 CAPABILITIES = {"router-v4": "capability-v1", "router-v5": "capability-v2"}
 
 
-class _MemoReader:
+class MemoReader:
     """A capability reader whose probabilities are memoised (every fold reads the same rows)."""
 
     def __init__(self, reader: Any) -> None:
@@ -93,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     scores = {}
     for router, cap in CAPABILITIES.items():
         print(f"{router} over {cap}: leave-one-source-out ...", file=sys.stderr, flush=True)
-        reader = _MemoReader(load_capability_model(MODELS / cap))
+        reader = MemoReader(load_capability_model(MODELS / cap))
         scores[router] = loso_scores(rows, ServedCapability(reader).fit())
     per_file = {}
     for d in sorted({r.dataset for r in rows}):

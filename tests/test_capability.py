@@ -22,7 +22,7 @@ from router.capability import (
     save_capability,
 )
 from router.capability_training import CapabilityClassifier
-from router.embedding import EMBEDDING_FILE
+from router.embedding import EMBEDDING_FILE, StaticEmbedding, embedding_path
 from router.errors import ArtifactError
 from router.scoring import CAPABILITIES
 from tests.test_capability_training import TRAIN
@@ -174,5 +174,73 @@ def test_resaving_the_shipped_model_writes_the_same_bytes(
     shipped: CapabilityModel, tmp_path: Path
 ) -> None:
     d = save_capability(shipped, tmp_path / "capability-copy")
-    for name in (EMBEDDING_FILE, HEAD_FILE):
-        assert (d / name).read_bytes() == (default_capability_path() / name).read_bytes()
+    home = default_capability_path()
+    entry = json.loads((home / METADATA_FILE).read_text())["embedding"]
+    assert (d / EMBEDDING_FILE).read_bytes() == embedding_path(home, entry).read_bytes()
+    assert (d / HEAD_FILE).read_bytes() == (home / HEAD_FILE).read_bytes()
+
+
+def test_the_shipped_capability_models_carry_one_embedding_file() -> None:
+    # Every capability model over the MiniLM table reads capability-v1's file: the wheel and
+    # the image carry 15 MB once, not once per model.
+    models = REPO / "models"
+    copies = sorted(p.parent.name for p in models.glob(f"capability-v*/{EMBEDDING_FILE}"))
+    assert copies == ["capability-v1"]
+    for d in sorted(models.glob("capability-v*")):
+        entry = json.loads((d / METADATA_FILE).read_text())["embedding"]
+        assert embedding_path(d, entry) == d.parent / "capability-v1" / EMBEDDING_FILE
+        load_capability(d)
+
+
+def test_a_new_model_can_share_a_siblings_embedding(
+    fitted: CapabilityClassifier, tmp_path: Path
+) -> None:
+    owner = save_capability(fitted.serving(), tmp_path / "cap-a")
+    d = save_capability(fitted.serving(), tmp_path / "cap-b", share=owner)
+    assert not (d / EMBEDDING_FILE).exists()
+    got = load_capability(d)
+    np.testing.assert_array_equal(
+        got.probabilities("Write a poem."), fitted.predict_proba(["Write a poem."])[0]
+    )
+    # The shared file is still checked against the reader's sidecar.
+    table = fitted.embedding_.table.astype(np.float16)
+    table[7] += np.float16(0.5)
+    write_npz(owner / EMBEDDING_FILE, {"table": table, "vocab": np.array(fitted.embedding_.vocab)})
+    with pytest.raises(ArtifactError, match="sha256"):
+        load_capability(d)
+
+
+def test_sharing_refuses_another_embedding(fitted: CapabilityClassifier, tmp_path: Path) -> None:
+    owner = save_capability(fitted.serving(), tmp_path / "cap-a")
+    other = fitted.embedding_
+    table = other.table.copy()
+    table[3] += 1.0
+    changed = CapabilityModel(
+        StaticEmbedding(table.astype(np.float16), other.vocab, other.provenance),
+        fitted.center_,
+        fitted.coef_,
+        fitted.intercept_,
+    )
+    with pytest.raises(ValueError, match="not the one"):
+        save_capability(changed, tmp_path / "cap-b", share=owner)
+    assert not (tmp_path / "cap-b").exists()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../../elsewhere/embedding.npz",
+        "/tmp/embedding.npz",
+        "../cap-a/other.npz",
+        "../../embedding.npz",
+    ],
+)
+def test_a_sidecar_cannot_name_an_embedding_outside_the_models(
+    fitted: CapabilityClassifier, tmp_path: Path, name: str
+) -> None:
+    d = save_capability(fitted.serving(), tmp_path / "models" / "cap-a")
+    meta = json.loads((d / METADATA_FILE).read_text())
+    meta["embedding"]["file"] = name
+    (d / METADATA_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match=r"names no embedding\.npz"):
+        load_capability(d)

@@ -90,16 +90,18 @@ def test_dockerignore_keeps_the_context_small() -> None:
     assert reincluded == [
         "!models/router-v5",
         "!models/capability-v2",
+        "!models/capability-v1",
         "!models/profiles",
-    ], "the classifier, its capability model and the profiles, and no GGUF, in the context"
+    ], "the classifier, its capability model, its embedding table, the profiles, and no GGUF"
 
 
 def test_runtime_carries_the_shipped_classifier() -> None:
     # Installed from /src, router/ no longer sits beside models/, so the default model path
     # (<package>/../models/router-v5) is empty: the image must copy it and name it, with the
-    # capability model and profiles it reads beside it (found next to the classifier path).
+    # capability model, the embedding table it shares and the profiles it reads beside it (found
+    # next to the classifier path).
     final = DOCKERFILE.read_text().rsplit("\nFROM ", 1)[1]
-    for name in ("router-v5", "capability-v2", "profiles"):
+    for name in ("router-v5", "capability-v2", "capability-v1", "profiles"):
         pattern = rf"^COPY models/{name} /app/models/{name}$"
         assert re.search(pattern, final, flags=re.MULTILINE), name
     assert "TIERGATE_CLASSIFIER_PATH=/app/models/router-v5" in final

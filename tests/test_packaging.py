@@ -33,6 +33,7 @@ import pytest
 from router.artifact import DEFAULT_MODEL_NAME
 from router.capability import DEFAULT_CAPABILITY_NAME
 from router.config import BUNDLED_GGUF
+from router.embedding import embedding_path
 from tests.conftest import GGUF, REPO, free_port
 
 pytestmark = pytest.mark.slow  # builds a wheel and a fresh venv
@@ -120,9 +121,15 @@ def test_wheel_carries_policy_classifier_and_report_but_no_gguf(wheel: Path) -> 
     model = f"{SHIPPED}/models/{DEFAULT_MODEL_NAME}"
     for needed in ("metadata.json", "serving.npz", "eval.json"):
         assert f"{model}/{needed}" in names
-    # The capability model the classifier reads, with its embedding table.
-    for needed in ("metadata.json", "embedding.npz", "head.npz"):
+    # The capability model the classifier reads, with the embedding table its sidecar names
+    # (shared by the capability models: the wheel carries it once).
+    capability = REPO / "models" / DEFAULT_CAPABILITY_NAME
+    for needed in ("metadata.json", "head.npz"):
         assert f"{SHIPPED}/models/{DEFAULT_CAPABILITY_NAME}/{needed}" in names
+    entry = json.loads((capability / "metadata.json").read_text())["embedding"]
+    table = embedding_path(capability, entry).resolve().relative_to(REPO / "models")
+    assert f"{SHIPPED}/models/{table.as_posix()}" in names
+    assert len([n for n in names if n.endswith("/embedding.npz")]) == 1
     assert f"{SHIPPED}/policies/default.yaml" in names
     examples = {p.name for p in (REPO / "policies" / "examples").glob("*.yaml")}
     assert {f"{SHIPPED}/policies/examples/{e}" for e in examples} <= names
