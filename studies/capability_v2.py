@@ -98,6 +98,33 @@ def paired_gain(
     }
 
 
+def score_option(
+    name: str,
+    params: dict[str, Any],
+    commercial: Sequence[CapabilityRow],
+    research: Sequence[CapabilityRow],
+    memo: Memo,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Leave-one-source-out figures of one option (estimator ``params``) on the commercial
+    rows, Auto-J (``research``) predicted by a fit on all of them; printed on one line.
+    Returns the figures (with the seconds taken) and every row's prediction by id."""
+    start = time.perf_counter()
+
+    def fit(texts: list[str], labels: list[str]) -> Any:
+        return CapabilityClassifier(memo, **params).fit(texts, labels)
+
+    res = leave_one_source_out(commercial, fit, test_only=research, keep_predictions=True)
+    oof: dict[str, str] = res.pop("predictions")
+    res["seconds"] = round(time.perf_counter() - start, 1)
+    p, a = res["pooled"], res["test_only"]
+    print(
+        f"{name:24s} LOSO acc {p['accuracy']:.3f} F1 {p['macro_f1']:.3f}"
+        f" | Auto-J acc {a['accuracy']:.3f} F1 {a['macro_f1']:.3f} ({res['seconds']:.0f} s)",
+        flush=True,
+    )
+    return res, oof
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run every option, choose by leave-one-source-out macro-F1, optionally write the model."""
     parser = argparse.ArgumentParser(prog="python -m studies.capability_v2")
@@ -115,24 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, Any] = {}
     predictions: dict[str, list[str]] = {}
     for name, option in OPTIONS.items():
-        start = time.perf_counter()
-        params = settings(option, seeds)
-
-        def fit(texts: list[str], labels: list[str], params: dict[str, Any] = params) -> Any:
-            return CapabilityClassifier(memo, **params).fit(texts, labels)
-
-        res = leave_one_source_out(commercial, fit, test_only=research, keep_predictions=True)
-        oof = res.pop("predictions")
+        res, oof = score_option(name, settings(option, seeds), commercial, research, memo)
         predictions[name] = [oof[r.id] for r in commercial]
-        res["seconds"] = round(time.perf_counter() - start, 1)
         res["settings"] = option
         results[name] = res
-        p, a = res["pooled"], res["test_only"]
-        print(
-            f"{name:24s} LOSO acc {p['accuracy']:.3f} F1 {p['macro_f1']:.3f}"
-            f" | Auto-J acc {a['accuracy']:.3f} F1 {a['macro_f1']:.3f} ({res['seconds']:.0f} s)",
-            flush=True,
-        )
     chosen = max(results, key=lambda n: (results[n]["pooled"]["macro_f1"], n != BASELINE))
     truth = [r.capability for r in commercial]
     gain = paired_gain(truth, predictions[chosen], predictions[BASELINE])

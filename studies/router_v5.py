@@ -76,8 +76,55 @@ def loso_scores(rows: list[RoutingRow], capability: ServedCapability) -> np.ndar
 
 
 def ships(per_file: dict[str, dict[str, Any]]) -> bool:
-    """No labelled file's APGR interval (v5 minus v4) lies wholly below zero."""
+    """No labelled file's APGR interval (candidate minus baseline) lies wholly below zero."""
     return all(m["apgr_diff_ci"][1] >= 0.0 for m in per_file.values())
+
+
+def compare(capabilities: dict[str, str], results_path: Path) -> dict[str, Any]:
+    """Compare two routers, each router-v4's profile head over a capability model
+    (``capabilities``: router name to capability artifact name, the baseline first, the
+    candidate second): leave-one-source-out APGR and CPT(50%) per file with paired intervals of
+    candidate minus baseline, AlpacaEval with the shipped artifacts; print, write
+    ``results_path`` and return the results."""
+    baseline, candidate = capabilities
+    rows = [r for f in ROUTING_FILES for r in load_routing_rows(DATA / f)]
+    scores = {}
+    for router, cap in capabilities.items():
+        print(f"{router} over {cap}: leave-one-source-out ...", file=sys.stderr, flush=True)
+        reader = MemoReader(load_capability_model(MODELS / cap))
+        scores[router] = loso_scores(rows, ServedCapability(reader).fit())
+    per_file = {}
+    for d in sorted({r.dataset for r in rows}):
+        idx = [i for i, r in enumerate(rows) if r.dataset == d]
+        per_file[d] = paired(scores[candidate][idx], scores[baseline][idx], [rows[i] for i in idx])
+    ood = load_routing_rows(DATA / OOD_FILE)
+    served = {name: load_scorer(MODELS / name) for name in capabilities}
+    alpaca = paired(
+        [served[candidate].score(r.prompt) for r in ood],
+        [served[baseline].score(r.prompt) for r in ood],
+        ood,
+    )
+    results = {
+        "baseline": baseline,
+        "candidate": candidate,
+        "capability_models": capabilities,
+        "leave_one_source_out": per_file,
+        "alpacaeval_default_profile": alpaca,
+        "default_profile": default_profile().model,
+        "ships": ships(per_file),
+    }
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(json.dumps(results, indent=2) + "\n")
+    new, old = candidate.removeprefix("router-"), baseline.removeprefix("router-")
+    for d, m in {**per_file, "alpacaeval (eval only)": alpaca}.items():
+        lo, hi = m["apgr_diff_ci"]
+        print(
+            f"{d:44s} n {m['n']:5d} APGR {new} {m['apgr']:.3f} {old} {m['apgr_baseline']:.3f} "
+            f"diff [{lo:+.3f}, {hi:+.3f}]  CPT50 {new} {m['cpt50']:.3f} "
+            f"{old} {m['cpt50_baseline']:.3f}"
+        )
+    print(f"ships: {results['ships']}")
+    return results
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -89,43 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = MODELS / "router-v5"
         shutil.rmtree(out, ignore_errors=True)
         train_profile_router([DATA / f for f in ROUTING_FILES], MODELS / "capability-v2", out)
-    rows = [r for f in ROUTING_FILES for r in load_routing_rows(DATA / f)]
-    scores = {}
-    for router, cap in CAPABILITIES.items():
-        print(f"{router} over {cap}: leave-one-source-out ...", file=sys.stderr, flush=True)
-        reader = MemoReader(load_capability_model(MODELS / cap))
-        scores[router] = loso_scores(rows, ServedCapability(reader).fit())
-    per_file = {}
-    for d in sorted({r.dataset for r in rows}):
-        idx = [i for i, r in enumerate(rows) if r.dataset == d]
-        per_file[d] = paired(
-            scores["router-v5"][idx], scores["router-v4"][idx], [rows[i] for i in idx]
-        )
-    ood = load_routing_rows(DATA / OOD_FILE)
-    served = {name: load_scorer(MODELS / name) for name in CAPABILITIES}
-    alpaca = paired(
-        [served["router-v5"].score(r.prompt) for r in ood],
-        [served["router-v4"].score(r.prompt) for r in ood],
-        ood,
-    )
-    results = {
-        "baseline": "router-v4",
-        "candidate": "router-v5",
-        "capability_models": CAPABILITIES,
-        "leave_one_source_out": per_file,
-        "alpacaeval_default_profile": alpaca,
-        "default_profile": default_profile().model,
-        "ships": ships(per_file),
-    }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    for d, m in {**per_file, "alpacaeval (eval only)": alpaca}.items():
-        lo, hi = m["apgr_diff_ci"]
-        print(
-            f"{d:44s} n {m['n']:5d} APGR v5 {m['apgr']:.3f} v4 {m['apgr_baseline']:.3f} "
-            f"diff [{lo:+.3f}, {hi:+.3f}]  CPT50 v5 {m['cpt50']:.3f} v4 {m['cpt50_baseline']:.3f}"
-        )
-    print(f"ships: {results['ships']}")
+    compare(CAPABILITIES, RESULTS)
     return 0
 
 
