@@ -98,11 +98,11 @@ RUN groupadd --system --gid 10001 tiergate \
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /models /models
 COPY policies /app/policies
-# The shipped routing classifier (router-v5), the capability model it reads (whose embedding
+# The shipped routing classifier (router-v6), the capability model it reads (whose embedding
 # table is capability-v1's file) and the local model profiles: without them the proxy falls back
 # to the heuristic scorer.
-COPY models/router-v5 /app/models/router-v5
-COPY models/capability-v2 /app/models/capability-v2
+COPY models/router-v6 /app/models/router-v6
+COPY models/capability-v3 /app/models/capability-v3
 COPY models/capability-v1 /app/models/capability-v1
 COPY models/profiles /app/models/profiles
 
@@ -112,7 +112,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     LITELLM_LOCAL_MODEL_COST_MAP=True \
     TIERGATE_HOME=/app/var \
     TIERGATE_POLICY=/app/policies/default.yaml \
-    TIERGATE_CLASSIFIER_PATH=/app/models/router-v5 \
+    TIERGATE_CLASSIFIER_PATH=/app/models/router-v6 \
     TIERGATE_LOCAL_MODEL_PATH=/models/SmolLM2-135M-Instruct.Q4_1.gguf \
     TIERGATE_SQLITE_PATH=/app/var/tiergate.db
 

@@ -66,7 +66,7 @@ PROFILE_FILE = "profile.json"
 SERVING_FORMAT_VERSION = 3
 PROFILE_HEAD_FORMAT = 4
 READABLE_SERVING_FORMATS = (1, 2, 3, 4)
-DEFAULT_MODEL_NAME = "router-v5"
+DEFAULT_MODEL_NAME = "router-v6"
 ENV_MODEL_PATH = "TIERGATE_CLASSIFIER_PATH"
 
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can carry

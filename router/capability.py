@@ -26,7 +26,7 @@ API:
 
   Loading checks the format and each file's sha256 on the bytes it then reads, and refuses any
   mismatch with an :class:`~router.errors.ArtifactError`. The shipped one is
-  ``models/capability-v2`` (:func:`default_capability_path`).
+  ``models/capability-v3`` (:func:`default_capability_path`).
 * The scikit-learn side, :class:`router.capability_training.CapabilityClassifier` (``fit``
   returns ``self``, fitted state ends in ``_``, ``classes_`` is CAPABILITIES), and the training
   entry point ``python -m router.capability_training`` live apart so that this module imports
@@ -57,7 +57,7 @@ from router.scoring import CAPABILITIES
 CAPABILITY_FORMAT = "tiergate-capability"
 CAPABILITY_FORMAT_VERSION = 1
 HEAD_FILE = "head.npz"
-DEFAULT_CAPABILITY_NAME = "capability-v2"
+DEFAULT_CAPABILITY_NAME = "capability-v3"
 
 FloatArray = NDArray[np.float64]
 
@@ -271,7 +271,7 @@ DESCRIPTIONS: dict[str, tuple[str, ...]] = {
 
 
 def default_capability_path() -> Path:
-    """The shipped capability model: ``models/capability-v2`` of the checkout or the wheel."""
+    """The shipped capability model: ``models/capability-v3`` of the checkout or the wheel."""
     return shipped("models", DEFAULT_CAPABILITY_NAME)
 
 

@@ -344,7 +344,7 @@ def declared(tmp_path: Path, *, math: float, writing: float) -> Path:
 
 
 def profile_store(tmp_path: Path) -> ModelStore:
-    """A model store serving a copy of the shipped router-v5."""
+    """A model store serving a copy of the shipped router-v6."""
     from router.artifact import DEFAULT_MODEL_NAME
     from router.locations import shipped
 
@@ -397,7 +397,7 @@ def honest_retrain(
 ) -> tuple[ModelStore, LocalProfile, RetrainReport]:
     """The operator declared the local model weak at maths and good at writing; honest labels
     say the opposite, so the current router sends maths closed and keeps writing local. One
-    retrain over the shipped router-v5."""
+    retrain over the shipped router-v6."""
     prior = load_profile(declared(tmp_path, math=0.1, writing=0.9))
     models = profile_store(tmp_path)
     label_skills(outcomes, source="shadow", honest=True, n=80)
