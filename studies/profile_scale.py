@@ -1,10 +1,10 @@
 """Profile scale: does a profile estimated from labelled rows route better than a declared one?
 
-router-v5 reads ``local_c`` from the local profile beside ``strong_c``, the strong model's
+The shipped router reads ``local_c`` from the local profile beside ``strong_c``, the strong model's
 accuracy per capability fitted on the labelled files. Published figures come from easier
 benchmarks than those files, so a declared profile sits on another scale: Mixtral's GSM8K figure
 (0.744) makes a maths prompt score lowest of all capabilities, where the gap is largest. This
-study keeps the shipped router-v5 fixed (its head is not refitted) and compares, per weak model
+study keeps the shipped router fixed (its head is not refitted) and compares, per weak model
 we hold labels for, three local profiles on each held-out file:
 
 * **estimated**: :func:`router.profiler.profile_from_labels` over rows the file never lends a
@@ -18,7 +18,7 @@ we hold labels for, three local profiles on each held-out file:
 Per file: APGR and CPT(50%) with 95% paired bootstrap intervals (1,000 resamples) of estimated
 minus declared and estimated minus default. Then the "pure" score per capability (``q`` one-hot)
 under each model's full estimated profile (all its files), the declared and the default one, so
-an inversion (a capability with a large gap scored low) shows. router-v5 was fitted on these
+an inversion (a capability with a large gap scored low) shows. The router was fitted on these
 files, so its ``strong_c``, slope and intercept have seen every held-out label: the comparison
 is between profiles under one fixed head, not a held-out score of the router. AlpacaEval has no
 profile to estimate (its weak model has no other labels) and is not used.
@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from router import metrics
-from router.artifact import load_scorer
+from router.artifact import DEFAULT_MODEL_NAME, load_scorer
 from router.profile import LocalProfile, default_profile, load_profile
 from router.profiler import profile_from_labels
 from router.serving import ProfileScorer, gap_logit, logistic, profile_vector
@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
 PROFILES = ROOT / "models" / "profiles"
 RESULTS = ROOT / "studies" / "results" / "profile_scale.json"
-ROUTER = ROOT / "models" / "router-v5"
+ROUTER = ROOT / "models" / DEFAULT_MODEL_NAME
 BOOT = 1000
 FOLDS = 5
 
@@ -84,7 +84,7 @@ SHIPPED = {
 
 
 class Head:
-    """router-v5's score for rows whose probabilities and local profiles are given."""
+    """The router's score for rows whose probabilities and local profiles are given."""
 
     def __init__(self, scorer: ProfileScorer) -> None:
         self.capability = scorer.capability
@@ -236,7 +236,7 @@ def report(r: dict[str, Any]) -> None:
     names = list(r["strong"])
     print("| profile | " + " | ".join(names) + " |")
     print("| --- |" + " ---: |" * len(names))
-    print("| strong_c (router-v5) | " + " | ".join(f"{r['strong'][c]:.2f}" for c in names) + " |")
+    print(f"| strong_c ({ROUTER.name}) | " + " | ".join(f"{r['strong'][c]:.2f}" for c in names) + " |")
     for model, by in r["pure_scores"].items():
         rows = {"default": by} if model == "default" else by
         for label, scores in rows.items():
