@@ -236,7 +236,8 @@ def report(r: dict[str, Any]) -> None:
     names = list(r["strong"])
     print("| profile | " + " | ".join(names) + " |")
     print("| --- |" + " ---: |" * len(names))
-    print(f"| strong_c ({ROUTER.name}) | " + " | ".join(f"{r['strong'][c]:.2f}" for c in names) + " |")
+    strong = " | ".join(f"{r['strong'][c]:.2f}" for c in names)
+    print(f"| strong_c ({ROUTER.name}) | {strong} |")
     for model, by in r["pure_scores"].items():
         rows = {"default": by} if model == "default" else by
         for label, scores in rows.items():
