@@ -923,13 +923,17 @@ def _cmd_models(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(rows, indent=2))
             return 0
-        print(f"{'':2}{'version':8}  {'created (UTC)':25}  {'parent':8}  {'labels':>6}  gate")
+        print(
+            f"{'':2}{'version':8}  {'created (UTC)':25}  {'parent':8}  {'labels':>6}  "
+            f"{'design':8}  gate"
+        )
         for row in rows:
             mark = "* " if row["current"] else "  "
             labels = "-" if row["labels"] is None else row["labels"]
             print(
                 f"{mark}{row['version']:8}  {row['created_at'] or '-':25}  "
-                f"{row['parent'] or '-':8}  {labels:>6}  {row['gate'] or '-'}"
+                f"{row['parent'] or '-':8}  {labels:>6}  {row['design'] or '-':8}  "
+                f"{row['gate'] or '-'}"
             )
         print(f"-- {len(rows)} versions in {store.root}; * = current")
     return 0

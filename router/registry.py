@@ -157,6 +157,7 @@ class ModelStore:
                     "parent": lineage.get("parent"),
                     "labels": lineage.get("labels", {}).get("used"),
                     "gate": lineage.get("gate", {}).get("decision"),
+                    "design": lineage.get("candidate", {}).get("design"),
                 }
             )
         return out

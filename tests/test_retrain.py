@@ -431,6 +431,10 @@ def test_retrain_relearns_the_local_profile_from_honest_labels(
     assert (models.path("v0002") / "serving.npz").read_bytes() == (
         models.path("v0001") / "serving.npz"
     ).read_bytes()
+    assert {r["version"]: r["design"] for r in models.listing()} == {
+        "v0001": None,
+        "v0002": "profile",
+    }
 
 
 def test_retrain_refuses_a_profile_learnt_from_adversarial_feedback(
