@@ -33,15 +33,15 @@ import numpy as np
 from router.artifact import load_capability_model, load_scorer
 from router.classifier import ServedCapability
 from router.profile import default_profile
-from router.training import (
-    RoutingRow,
-    crossfit_local_accuracy,
-    fit_gap_routing,
-    gap_scores,
-    load_routing_rows,
-    train_profile_router,
+from router.training import load_routing_rows, train_profile_router
+from studies.score_v4 import (
+    DATA,
+    OOD_FILE,
+    ROUTING_FILES,
+    gap_loso_scores,
+    paired,
+    paired_per_file,
 )
-from studies.score_v4 import DATA, OOD_FILE, ROUTING_FILES, paired
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
@@ -63,18 +63,6 @@ class MemoReader:
         return self.memo[text]
 
 
-def loso_scores(rows: list[RoutingRow], capability: ServedCapability) -> np.ndarray:
-    """Every row's score by the profile head fitted without the row's prompt set."""
-    local = crossfit_local_accuracy(rows, capability.predict_proba([r.prompt for r in rows]))
-    out = np.zeros(len(rows))
-    for held in sorted({r.prompt_set for r in rows}):
-        idx = [i for i, r in enumerate(rows) if r.prompt_set == held]
-        train = [r for r in rows if r.prompt_set != held]
-        model = fit_gap_routing(train, capability)
-        out[idx] = gap_scores(model, [rows[i] for i in idx], local[idx])
-    return out
-
-
 def ships(per_file: dict[str, dict[str, Any]]) -> bool:
     """No labelled file's APGR interval (candidate minus baseline) lies wholly below zero."""
     return all(m["apgr_diff_ci"][1] >= 0.0 for m in per_file.values())
@@ -92,11 +80,8 @@ def compare(capabilities: dict[str, str], results_path: Path) -> dict[str, Any]:
     for router, cap in capabilities.items():
         print(f"{router} over {cap}: leave-one-source-out ...", file=sys.stderr, flush=True)
         reader = MemoReader(load_capability_model(MODELS / cap))
-        scores[router] = loso_scores(rows, ServedCapability(reader).fit())
-    per_file = {}
-    for d in sorted({r.dataset for r in rows}):
-        idx = [i for i, r in enumerate(rows) if r.dataset == d]
-        per_file[d] = paired(scores[candidate][idx], scores[baseline][idx], [rows[i] for i in idx])
+        scores[router] = gap_loso_scores(rows, ServedCapability(reader).fit())
+    per_file = paired_per_file(scores[candidate], scores[baseline], rows)
     ood = load_routing_rows(DATA / OOD_FILE)
     served = {name: load_scorer(MODELS / name) for name in capabilities}
     alpaca = paired(

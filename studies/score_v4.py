@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -87,75 +87,98 @@ def paired(a: Any, b: Any, rows: Sequence[RoutingRow], seed: int = 0) -> dict[st
     return {"n": len(rows), **metrics.paired(a, b, weak, strong, n_bootstrap=BOOT, seed=seed)}
 
 
+def gap_loso_scores(rows: list[RoutingRow], capability: Any) -> np.ndarray[Any, Any]:
+    """Every row's score by the profile head fitted without the row's prompt set, each row read
+    against its weak model's profile cross-fitted from its file's labels."""
+    local = crossfit_local_accuracy(rows, capability.predict_proba([r.prompt for r in rows]))
+    out = np.zeros(len(rows))
+    for held in sorted({r.prompt_set for r in rows}):
+        idx = [i for i, r in enumerate(rows) if r.prompt_set == held]
+        train = [r for r in rows if r.prompt_set != held]
+        model = fit_gap_routing(train, capability)
+        out[idx] = gap_scores(model, [rows[i] for i in idx], local[idx])
+    return out
+
+
+def v3_loso_scores(rows: list[RoutingRow], v3_capability: PromptClassifier) -> np.ndarray[Any, Any]:
+    """Every row's score by router-v3's recipe refitted without the row's prompt set (the
+    shipped router-v3 for prompt sets it never saw)."""
+    out = np.zeros(len(rows))
+    shipped_v3 = load_fitted(ROOT / "models" / "router-v3")
+    for held in sorted({r.prompt_set for r in rows}):
+        idx = [i for i, r in enumerate(rows) if r.prompt_set == held]
+        test = [rows[i] for i in idx]
+        if test[0].dataset + ".jsonl" in V3_FILES:
+            train = [r for r in rows if r.prompt_set != held and r.dataset + ".jsonl" in V3_FILES]
+            model = fit_routing(train, v3_capability)
+            out[idx] = model.predict_proba([r.prompt for r in test])[:, 1]
+        else:
+            out[idx] = [shipped_v3.score(r.prompt) for r in test]
+    return out
+
+
+def paired_per_file(a: Any, b: Any, rows: Sequence[RoutingRow]) -> dict[str, Any]:
+    """:func:`paired` of scores ``a`` against ``b`` within each labelled file of ``rows``."""
+    out = {}
+    for d in sorted({r.dataset for r in rows}):
+        idx = [i for i, r in enumerate(rows) if r.dataset == d]
+        out[d] = paired(np.asarray(a)[idx], np.asarray(b)[idx], [rows[i] for i in idx])
+    return out
+
+
 def loso(
     rows: list[RoutingRow], capability: Any, v3_capability: PromptClassifier
 ) -> tuple[dict[str, Any], np.ndarray[Any, Any], np.ndarray[Any, Any]]:
     """Leave-one-prompt-set-out scores of v4 and of router-v3's recipe for every row."""
-    local = crossfit_local_accuracy(rows, capability.predict_proba([r.prompt for r in rows]))
-    v4 = np.zeros(len(rows))
-    v3 = np.zeros(len(rows))
-    shipped_v3 = load_fitted(ROOT / "models" / "router-v3")
-    for held in sorted({r.prompt_set for r in rows}):
-        idx = [i for i, r in enumerate(rows) if r.prompt_set == held]
-        train = [r for r in rows if r.prompt_set != held]
-        test = [rows[i] for i in idx]
-        v4[idx] = gap_scores(fit_gap_routing(train, capability), test, local[idx])
-        if test[0].dataset + ".jsonl" in V3_FILES:
-            v3_train = [r for r in train if r.dataset + ".jsonl" in V3_FILES]
-            model = fit_routing(v3_train, v3_capability)
-            v3[idx] = model.predict_proba([r.prompt for r in test])[:, 1]
-        else:
-            v3[idx] = [shipped_v3.score(r.prompt) for r in test]
-    out = {}
-    for d in sorted({r.dataset for r in rows}):
-        idx = [i for i, r in enumerate(rows) if r.dataset == d]
-        out[d] = paired(v4[idx], v3[idx], [rows[i] for i in idx])
-    return out, v4, v3
+    v4 = gap_loso_scores(rows, capability)
+    v3 = v3_loso_scores(rows, v3_capability)
+    return paired_per_file(v4, v3, rows), v4, v3
 
 
-def capability_table(rows: list[RoutingRow], v4: Any, v3: Any, capability: Any) -> dict[str, Any]:
+def capability_table(
+    rows: list[RoutingRow], scores: Mapping[str, Any], capability: Any
+) -> dict[str, Any]:
     """Per predicted capability: rows, mean labelled gap, share materially better, mean score
-    of each router (out of fold), and the rank correlation of each router's means with the
-    labelled share."""
+    of each router in ``scores`` (name -> out-of-fold scores), and the rank correlation of each
+    router's means with the labelled share, pooled and within file."""
     from scipy.stats import spearmanr
 
     pred = capability.predict([r.prompt for r in rows])
     y, _ = routing_target(rows)
     gap = np.array([r.strong_score - r.weak_score for r in rows])
-    v4, v3 = np.asarray(v4), np.asarray(v3)
+    values = {"y": y, **{name: np.asarray(s, dtype=np.float64) for name, s in scores.items()}}
     # Within-file view: each value minus its file's mean, so a file's label scale (judge scores
     # rarely tie, correctness often does) does not pass for a capability's gap.
     files = np.array([r.dataset for r in rows])
-    centred = {name: np.zeros(len(rows)) for name in ("y", "v4", "v3")}
+    centred = {name: np.zeros(len(rows)) for name in values}
     for d in set(files.tolist()):
         m = files == d
-        for name, values in (("y", y), ("v4", v4), ("v3", v3)):
-            centred[name][m] = values[m] - values[m].mean()
+        for name, v in values.items():
+            centred[name][m] = v[m] - v[m].mean()
     table = {}
     for c in sorted(set(pred.tolist())):
         m = pred == c
         if m.sum() < 20:
             continue
-        table[str(c)] = {
+        entry = {
             "n": int(m.sum()),
             "gap": float(gap[m].mean()),
             "better_share": float(y[m].mean()),
-            "v4": float(np.mean(v4[m])),
-            "v3": float(np.mean(v3[m])),
+            **{name: float(values[name][m].mean()) for name in scores},
             "within_file_share": float(centred["y"][m].mean()),
-            "within_file_v4": float(centred["v4"][m].mean()),
-            "within_file_v3": float(centred["v3"][m].mean()),
         }
+        entry.update({f"within_file_{name}": float(centred[name][m].mean()) for name in scores})
+        table[str(c)] = entry
     t = table.values()
     share = [x["better_share"] for x in t]
     within = [x["within_file_share"] for x in t]
-    return {
-        "rows": table,
-        "spearman_v4": float(spearmanr([x["v4"] for x in t], share)[0]),
-        "spearman_v3": float(spearmanr([x["v3"] for x in t], share)[0]),
-        "spearman_within_v4": float(spearmanr([x["within_file_v4"] for x in t], within)[0]),
-        "spearman_within_v3": float(spearmanr([x["within_file_v3"] for x in t], within)[0]),
-    }
+    out: dict[str, Any] = {"rows": table}
+    for name in scores:
+        out[f"spearman_{name}"] = float(spearmanr([x[name] for x in t], share)[0])
+    for name in scores:
+        key = f"within_file_{name}"
+        out[f"spearman_within_{name}"] = float(spearmanr([x[key] for x in t], within)[0])
+    return out
 
 
 def profile_swap(rows: list[RoutingRow], capability: Any) -> dict[str, Any]:
@@ -432,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = [r for f in ROUTING_FILES for r in load_routing_rows(DATA / f)]
     print("leave-one-source-out ...", file=sys.stderr)
     per_source, v4, v3 = loso(rows, capability, v3_capability)
-    table = capability_table(rows, v4, v3, capability)
+    table = capability_table(rows, {"v4": v4, "v3": v3}, capability)
     print("ablation ...", file=sys.stderr)
     ablate = ablation(rows, capability)
     print("profile swap ...", file=sys.stderr)
@@ -473,17 +496,26 @@ def decision_latency() -> dict[str, Any]:
     }
 
 
+def replace_block(card: str, markers: tuple[str, str], text: str) -> str:
+    """``card`` with the text between its ``markers`` (kept) replaced by ``text``; refuses a
+    card that lacks either marker or has them out of order (ValueError)."""
+    start, end = card.find(markers[0]), card.find(markers[1])
+    if start < 0 or end < start:
+        raise ValueError(f"the card has no {markers[0]} ... {markers[1]} block")
+    return card[: start + len(markers[0])] + "\n" + text.strip("\n") + "\n" + card[end:]
+
+
 def write_card(text: str) -> None:
-    """Replace the model card's generated router-v4 block (between :data:`MARKERS`)."""
+    """Replace the model card's generated router-v4 block (between :data:`MARKERS`), adding
+    the markers at the end of the card when it has none."""
     card = CARD.read_text()
-    start, end = card.find(MARKERS[0]), card.find(MARKERS[1])
-    if start < 0 or end < 0:
+    if MARKERS[0] not in card:
         card = card + "\n" + MARKERS[0] + "\n" + MARKERS[1] + "\n"
-        start, end = card.find(MARKERS[0]), card.find(MARKERS[1])
-    CARD.write_text(card[: start + len(MARKERS[0])] + "\n" + text + "\n" + card[end:])
+    CARD.write_text(replace_block(card, MARKERS, text))
 
 
-def _ci(pair: Sequence[float]) -> str:
+def ci(pair: Sequence[float]) -> str:
+    """A 95% interval of a difference, as the card prints it."""
     return f"[{pair[0]:+.3f}, {pair[1]:+.3f}]"
 
 
@@ -506,14 +538,14 @@ def card_section(r: dict[str, Any]) -> str:
     for d, m in r["leave_one_source_out"].items():
         lines.append(
             f"| {d} | {m['n']} | {m['apgr']:.3f} | {m['apgr_baseline']:.3f} | "
-            f"{_ci(m['apgr_diff_ci'])} | {m['cpt50']:.3f} | {m['cpt50_baseline']:.3f} | "
-            f"{_ci(m['cpt50_diff_ci'])} |"
+            f"{ci(m['apgr_diff_ci'])} | {m['cpt50']:.3f} | {m['cpt50_baseline']:.3f} | "
+            f"{ci(m['cpt50_diff_ci'])} |"
         )
     a = r["alpacaeval_default_profile"]
     lines += [
         f"| AlpacaEval (eval only; default profile, shipped models) | {a['n']} | "
-        f"{a['apgr']:.3f} | {a['apgr_baseline']:.3f} | {_ci(a['apgr_diff_ci'])} | "
-        f"{a['cpt50']:.3f} | {a['cpt50_baseline']:.3f} | {_ci(a['cpt50_diff_ci'])} |",
+        f"{a['apgr']:.3f} | {a['apgr_baseline']:.3f} | {ci(a['apgr_diff_ci'])} | "
+        f"{a['cpt50']:.3f} | {a['cpt50_baseline']:.3f} | {ci(a['cpt50_diff_ci'])} |",
         "",
         "### Why one term (leave-one-source-out APGR per file)",
         "",
@@ -587,8 +619,7 @@ def card_section(r: dict[str, Any]) -> str:
         ):
             m = learn[key]
             lines.append(
-                f"| {name} | {m['apgr']:.3f} | {m['apgr_baseline']:.3f} | "
-                f"{_ci(m['apgr_diff_ci'])} |"
+                f"| {name} | {m['apgr']:.3f} | {m['apgr_baseline']:.3f} | {ci(m['apgr_diff_ci'])} |"
             )
         lines += [
             "",
@@ -603,8 +634,8 @@ def card_section(r: dict[str, Any]) -> str:
         for mode, m in learn["gated"].items():
             rep = m["report"]
             lines.append(
-                f"| {mode} | {_ci(m['gate']['apgr_diff_ci'])} | {'yes' if m['promoted'] else 'no'} "
-                f"| {rep['apgr']:.3f} | {rep['apgr_baseline']:.3f} | {_ci(rep['apgr_diff_ci'])} |"
+                f"| {mode} | {ci(m['gate']['apgr_diff_ci'])} | {'yes' if m['promoted'] else 'no'} "
+                f"| {rep['apgr']:.3f} | {rep['apgr_baseline']:.3f} | {ci(rep['apgr_diff_ci'])} |"
             )
     lines += [
         "",
@@ -626,14 +657,14 @@ def card_section(r: dict[str, Any]) -> str:
             o = m["own"]
             lines.append(
                 f"| {kind} | {d} | {o['apgr']:.3f} | {o['apgr_baseline']:.3f} | "
-                f"{_ci(o['apgr_diff_ci'])} | {m['closed_share_at_0.5']['own']:.3f} / "
+                f"{ci(o['apgr_diff_ci'])} | {m['closed_share_at_0.5']['own']:.3f} / "
                 f"{m['closed_share_at_0.5']['other']:.3f} | {m['quality_at_0.5']['own']:.3f} / "
                 f"{m['quality_at_0.5']['other']:.3f} |"
             )
         p = res["pooled_both_models"]
         lines.append(
             f"| {kind} | pooled (both files) | {p['apgr']:.3f} | {p['apgr_baseline']:.3f} | "
-            f"{_ci(p['apgr_diff_ci'])} | | |"
+            f"{ci(p['apgr_diff_ci'])} | | |"
         )
     return "\n".join(lines)
 
