@@ -15,7 +15,7 @@ CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGM
 export CMAKE_ARGS
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
-.PHONY: install model run test test-fast lint typecheck unit bench fuzz-long load-test limits-load clean help
+.PHONY: install model run test test-fast lint typecheck unit bench fuzz-long load-test limits-load model-card clean help
 
 help:
 	@echo "make run    - install, fetch the bundled model, serve on 127.0.0.1:8000"
@@ -25,6 +25,7 @@ help:
 	@echo "make load-test - 20,000 requests at 200 concurrent; bench/results/load.json"
 	@echo "make limits-load - 200 concurrent requests at a token limit and a budget; bench/results/limits_load.json"
 	@echo "make fuzz-long - over 25,000 fuzzed requests; bench/results/fuzz.json"
+	@echo "make model-card - the shipped router's block of docs/model-card.md; studies/results/card.json"
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -79,6 +80,12 @@ load-test: install
 # overshoot of each goes to bench/results/limits_load.json.
 limits-load: install
 	$(BIN)/python -m bench.limits_load
+
+# The shipped router's figures (capability and routing leave-one-source-out, score against gap,
+# decision latency) into studies/results/card.json and docs/model-card.md's shipped block.
+# MODEL_CARD_ARGS="--latency" reruns the decision benchmark first.
+model-card: install
+	$(BIN)/python -m studies.card $(MODEL_CARD_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -519,6 +519,31 @@ def ci(pair: Sequence[float]) -> str:
     return f"[{pair[0]:+.3f}, {pair[1]:+.3f}]"
 
 
+def capability_table_lines(t: Mapping[str, Any], titles: Mapping[str, str]) -> list[str]:
+    """:func:`capability_table`'s rows as a markdown table; ``titles`` maps each router's key in
+    the table to its column title."""
+    keys = list(titles)
+    lines = [
+        "| predicted capability | rows | mean strong - weak | share strong materially better | "
+        + " | ".join(f"mean score {titles[k]}" for k in keys)
+        + " | share, within file | "
+        + " | ".join(f"{titles[k]}, within file" for k in keys)
+        + " |",
+        "| --- | ---: | ---: | ---: |" + " ---: |" * (2 * len(keys) + 1),
+    ]
+    for c, m in t["rows"].items():
+        cells = [
+            str(m["n"]),
+            f"{m['gap']:.3f}",
+            f"{m['better_share']:.3f}",
+            *(f"{m[k]:.3f}" for k in keys),
+            f"{m['within_file_share']:+.3f}",
+            *(f"{m[f'within_file_{k}']:+.3f}" for k in keys),
+        ]
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def card_section(r: dict[str, Any]) -> str:
     """The markdown of the model card's router-v4 figures."""
     lines = [
@@ -565,18 +590,9 @@ def card_section(r: dict[str, Any]) -> str:
         "each value minus its file's mean first, so a file's label scale does not count as a "
         "capability's gap.",
         "",
-        "| predicted capability | rows | mean strong - weak | share strong materially better "
-        "| mean score v4 | mean score v3 | share, within file | v4, within file "
-        "| v3, within file |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     t = r["capability_table"]
-    for c, m in t["rows"].items():
-        lines.append(
-            f"| {c} | {m['n']} | {m['gap']:.3f} | {m['better_share']:.3f} | {m['v4']:.3f} | "
-            f"{m['v3']:.3f} | {m['within_file_share']:+.3f} | {m['within_file_v4']:+.3f} | "
-            f"{m['within_file_v3']:+.3f} |"
-        )
+    lines += capability_table_lines(t, {"v4": "v4", "v3": "v3"})
     lines += [
         "",
         f"Spearman rank correlation of the mean score with the share materially better, pooled: "
