@@ -356,10 +356,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, help="router directory (default: the shipped one)")
     parser.add_argument("--latency", action="store_true", help="rerun the decision benchmark")
     parser.add_argument("--card-only", action="store_true", help="block from the last results")
-    parser.add_argument("--card", type=Path, default=CARD)
+    parser.add_argument("--card", type=Path, default=CARD, help="the card to write the block in")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="the results file")
     args = parser.parse_args(argv)
     if args.card_only:
-        write_block(card_block(json.loads(RESULTS.read_text())), args.card)
+        write_block(card_block(json.loads(args.out.read_text())), args.card)
         return 0
     start = time.perf_counter()
     model = (args.model or default_model_path()).resolve()
@@ -384,8 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "labels": list(CAPABILITIES),
         "seconds": round(time.perf_counter() - start, 1),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
     text = card_block(results)
     print(text)
     write_block(text, args.card)
