@@ -40,7 +40,7 @@ from router.capability_training import CapabilityClassifier, leave_one_source_ou
 from router.embedding import POOL_TOKENS, StaticEmbedding
 from router.features import clip
 from router.scoring import CAPABILITIES
-from router.training import fit_capability, load_capability_rows
+from router.training import CapabilityRow, fit_capability, load_capability_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "capabilities.jsonl"
@@ -164,6 +164,15 @@ def options(embedding: StaticEmbedding) -> dict[str, Fit]:
     return out
 
 
+def licence_split(data: str | Path) -> tuple[list[CapabilityRow], list[CapabilityRow]]:
+    """The rows of ``data`` that may train a shipped model (``commercial_use: true``) and the
+    research-only rest, which is only ever scored."""
+    commercial = load_capability_rows(data, commercial_only=True)
+    ids = {r.id for r in commercial}
+    research = [r for r in load_capability_rows(data, commercial_only=False) if r.id not in ids]
+    return commercial, research
+
+
 def fit_capability_texts(texts: list[str], labels: list[str]) -> Any:
     """router-v3's capability recipe on plain prompts and labels."""
     from router.training import CapabilityRow
@@ -181,10 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--only", nargs="*", help="run only these options")
     args = parser.parse_args(argv)
-    every = load_capability_rows(args.data, commercial_only=False)
-    commercial = load_capability_rows(args.data, commercial_only=True)
-    ids = {r.id for r in commercial}
-    research = [r for r in every if r.id not in ids]
+    commercial, research = licence_split(args.data)
     embedding = load_capability().embedding
     results: dict[str, Any] = {}
     for name, fit in options(embedding).items():

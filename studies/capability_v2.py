@@ -40,7 +40,7 @@ from router.capability_training import (
 )
 from router.scoring import CAPABILITIES
 from router.training import CapabilityRow, load_capability_rows
-from studies.capability_loso import Memo
+from studies.capability_loso import Memo, licence_split
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "capabilities.jsonl"
@@ -131,11 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--train", action="store_true", help="write models/capability-v2")
     args = parser.parse_args(argv)
-    commercial = load_capability_rows(args.data, commercial_only=True)
-    ids = {r.id for r in commercial}
-    research = [
-        r for r in load_capability_rows(args.data, commercial_only=False) if r.id not in ids
-    ]
+    commercial, research = licence_split(args.data)
     seeds = load_capability_rows(SEEDS)
     embedding = load_capability().embedding
     memo = Memo(embedding)

@@ -36,7 +36,7 @@ from router.capability_training import (
 )
 from router.scoring import CAPABILITIES
 from router.training import load_capability_rows
-from studies.capability_loso import Memo
+from studies.capability_loso import Memo, licence_split
 from studies.capability_v2 import paired_gain, score_option
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,11 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--train", action="store_true", help="write models/capability-v3")
     args = parser.parse_args(argv)
-    commercial = load_capability_rows(args.data, commercial_only=True)
-    ids = {r.id for r in commercial}
-    research = [
-        r for r in load_capability_rows(args.data, commercial_only=False) if r.id not in ids
-    ]
+    commercial, research = licence_split(args.data)
     embedding = load_capability().embedding
     memo = Memo(embedding)
     results: dict[str, Any] = {}

@@ -58,7 +58,7 @@ from router.classifier import ServedCapability
 from router.profile import default_profile
 from router.scoring import CAPABILITIES
 from router.training import RoutingRow, load_capability_rows, load_routing_rows
-from studies.capability_loso import Memo
+from studies.capability_loso import Memo, licence_split
 from studies.router_v5 import MemoReader
 from studies.score_v4 import (
     BOOT,
@@ -132,9 +132,7 @@ def capability_figures(cap_dir: Path) -> tuple[dict[str, Any], Any]:
     the shipped head when fitted on every row; also returns the served reader (memoised)."""
     params, files = rebuild_capability(cap_dir)
     data = next(f["path"] for f in files if not f["seed"])
-    commercial = load_capability_rows(data, commercial_only=True)
-    ids = {r.id for r in commercial}
-    research = [r for r in load_capability_rows(data, commercial_only=False) if r.id not in ids]
+    commercial, research = licence_split(data)
     reader = MemoReader(load_capability_model(cap_dir))
     memo: Any = Memo(reader.reader.embedding)  # a StaticEmbedding with a memo
 
