@@ -67,6 +67,9 @@ SERVING_FORMAT_VERSION = 3
 PROFILE_HEAD_FORMAT = 4
 READABLE_SERVING_FORMATS = (1, 2, 3, 4)
 DEFAULT_MODEL_NAME = "router-v6"
+#: The shipped router over the static table alone (sub-millisecond decisions): the default's
+#: stand-in where the encoder's weights have not been fetched.
+STATIC_MODEL_NAME = "router-v6"
 ENV_MODEL_PATH = "TIERGATE_CLASSIFIER_PATH"
 
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can carry
@@ -83,10 +86,25 @@ def sha256_file(path: str | Path) -> str:
 
 def default_model_path() -> Path:
     """The default model: ``$TIERGATE_CLASSIFIER_PATH``, else the shipped
-    ``models/<DEFAULT_MODEL_NAME>`` (package data, :func:`router.locations.shipped`)."""
+    ``models/<DEFAULT_MODEL_NAME>`` (package data, :func:`router.locations.shipped`); where
+    that reads the encoder and its weights are not there (``tiergate fetch-model`` not run),
+    ``models/<STATIC_MODEL_NAME>``, with a warning that says how to fetch them."""
     env = os.environ.get(ENV_MODEL_PATH)
     if env:
         return Path(env)
+    if DEFAULT_MODEL_NAME != STATIC_MODEL_NAME:
+        from router.encoder import ENCODER_FILE, encoder_path
+
+        found = encoder_path()
+        if found is None or not found.is_file():
+            log.warning(
+                "%s needs the encoder weights (%s), which are not fetched: serving %s instead "
+                "(run `tiergate fetch-model --only encoder`)",
+                DEFAULT_MODEL_NAME,
+                ENCODER_FILE,
+                STATIC_MODEL_NAME,
+            )
+            return shipped("models", STATIC_MODEL_NAME)
     return shipped("models", DEFAULT_MODEL_NAME)
 
 

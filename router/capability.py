@@ -323,6 +323,11 @@ class CapabilityModel:
         self.capabilities = CAPABILITIES
         self.version = version
 
+    @property
+    def costly(self) -> bool:
+        """Whether reading a prompt runs the encoder (milliseconds, not microseconds)."""
+        return isinstance(self.embedding, ContextualEmbedding)
+
     def logits(self, text: str) -> FloatArray:
         """The head's decision values for one prompt, one per capability."""
         out: FloatArray = self.coef @ unit(self.embedding.embed(text) - self.center)

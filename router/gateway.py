@@ -593,7 +593,8 @@ class Gateway:
         """:meth:`decide`, moved off the event loop when the request is large.
 
         Scoring a short prompt costs less than a thread hop; a long one (or a large request,
-        all of which is read for personal data) would stall every other request on the loop.
+        all of which is read for personal data), or any prompt read by a scorer with an encoder
+        (``costly``), would stall every other request on the loop.
         """
         decide = functools.partial(
             self.decide,
@@ -603,7 +604,8 @@ class Gateway:
             metadata_keys=metadata_keys,
             sent=sent,
         )
-        if _is_large(body) or (sent is not None and _is_large(sent)):
+        costly = getattr(self.scorer, "costly", False)
+        if costly or _is_large(body) or (sent is not None and _is_large(sent)):
             return await asyncio.to_thread(decide)
         return decide()
 

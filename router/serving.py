@@ -418,6 +418,9 @@ class ProfileScorer:
         self._slope = float(a["gap_slope"])
         self._intercept = float(a["intercept"])
         self._local = profile_vector(profile, names)
+        #: Whether a decision costs milliseconds (a capability model with an encoder), so the
+        #: gateway scores every request off the event loop.
+        self.costly = bool(getattr(capability, "costly", False))
 
     def with_profile(self, profile: LocalProfile) -> ProfileScorer:
         """The same model reading another local profile."""

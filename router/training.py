@@ -43,7 +43,7 @@ from router.errors import ConfigError
 from router.profile import CapabilityAccuracy, LocalProfile
 from router.profiler import LABEL_PRIOR, label_accuracy
 from router.scoring import CAPABILITIES
-from router.serving import gap_logit, logistic
+from router.serving import CapabilityReader, gap_logit, logistic
 
 #: Routing-label choices measured in docs/model-card.md; the shipped model uses the defaults.
 DEFAULT_MARGIN = 0.0
@@ -435,12 +435,19 @@ def fit_scorer(
 
 
 def train_profile_router(
-    data: Sequence[str | Path], capability: str | Path, out: str | Path, *, cv: bool = True
+    data: Sequence[str | Path],
+    capability: str | Path,
+    out: str | Path,
+    *,
+    cv: bool = True,
+    reader: CapabilityReader | None = None,
 ) -> Path:
     """``tiergate train --capability DIR``: fit router-v4's profile head on the routing files
-    over a standalone capability model and save it (:func:`save_profile_router`)."""
+    over a standalone capability model and save it (:func:`save_profile_router`). ``reader``:
+    the capability model already loaded (a study passes one whose probabilities it keeps)."""
     rows = [r for f in data for r in load_routing_rows(f)]
-    reader = load_capability_model(Path(capability))
+    if reader is None:
+        reader = load_capability_model(Path(capability))
     served = ServedCapability(reader).fit()
     routing = fit_gap_routing(rows, served)
     metrics = {"routing": cross_validate_gap(rows, served)} if cv else {}

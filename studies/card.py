@@ -46,7 +46,6 @@ from router.artifact import (
     capability_dir,
     default_model_path,
     is_profile_router,
-    load_capability_model,
     load_fitted,
     load_scorer,
     read_sidecar,
@@ -59,7 +58,7 @@ from router.profile import default_profile
 from router.scoring import CAPABILITIES
 from router.training import RoutingRow, load_capability_rows, load_routing_rows
 from studies.capability_loso import Memo, licence_split
-from studies.router_v5 import MemoReader
+from studies.router_v5 import cached_reader
 from studies.score_v4 import (
     BOOT,
     DATA,
@@ -133,7 +132,7 @@ def capability_figures(cap_dir: Path) -> tuple[dict[str, Any], Any]:
     params, files = rebuild_capability(cap_dir)
     data = next(f["path"] for f in files if not f["seed"])
     commercial, research = licence_split(data)
-    reader = MemoReader(load_capability_model(cap_dir))
+    reader = cached_reader(cap_dir)
     memo: Any = Memo(reader.reader.embedding)  # a StaticEmbedding with a memo
 
     def fit(texts: list[str], labels: list[str]) -> CapabilityClassifier:
@@ -370,6 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cap, reader = capability_figures(cap_dir)
     print(f"{model.name}: routing leave-one-source-out ...", file=sys.stderr)
     routing = routing_figures(model, reader)
+    reader.save()
     lat = latency(model, args.latency)
     command = COMMAND + (f" --model {args.model}" if args.model else "")
     results = {

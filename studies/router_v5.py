@@ -21,6 +21,7 @@ Writes ``studies/results/router_v5.json``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -30,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from router.artifact import load_capability_model, load_scorer
+from router.artifact import load_capability_model, load_scorer, sha256_file
 from router.classifier import ServedCapability
 from router.profile import default_profile
 from router.training import load_routing_rows, train_profile_router
@@ -47,20 +48,54 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
 RESULTS = ROOT / "studies" / "results" / "router_v5.json"
 CAPABILITIES = {"router-v4": "capability-v1", "router-v5": "capability-v2"}
+#: Capability probabilities kept between study runs (not committed).
+CACHE = ROOT / "studies" / ".cache"
 
 
 class MemoReader:
-    """A capability reader whose probabilities are memoised (every fold reads the same rows)."""
+    """A capability reader whose probabilities are memoised (every fold reads the same rows);
+    with ``cache``, also kept on disk between runs (:func:`cached_reader`)."""
 
-    def __init__(self, reader: Any) -> None:
+    def __init__(self, reader: Any, cache: Path | None = None) -> None:
         self.reader = reader
         self.capabilities, self.version = reader.capabilities, reader.version
         self.memo: dict[str, np.ndarray] = {}
+        self.cache, self._stored = cache, 0
+        if cache is not None and cache.is_file():
+            with np.load(cache) as f:
+                self._disk = dict(zip(f["keys"].tolist(), f["probabilities"], strict=True))
+        else:
+            self._disk = {}
+        self._stored = len(self._disk)
 
     def probabilities(self, text: str) -> np.ndarray:
         if text not in self.memo:
-            self.memo[text] = self.reader.probabilities(text)
+            key = hashlib.sha256(text.encode()).hexdigest()
+            if key not in self._disk:
+                self._disk[key] = self.reader.probabilities(text)
+            self.memo[text] = self._disk[key]
         return self.memo[text]
+
+    def save(self) -> None:
+        """Write the disk cache, when there is one and it grew."""
+        if self.cache is None or len(self._disk) == self._stored:
+            return
+        self.cache.parent.mkdir(parents=True, exist_ok=True)
+        keys = sorted(self._disk)
+        partial = self.cache.with_suffix(".part.npz")
+        np.savez(
+            partial, keys=np.array(keys), probabilities=np.vstack([self._disk[k] for k in keys])
+        )
+        partial.replace(self.cache)
+        self._stored = len(self._disk)
+
+
+def cached_reader(directory: Path) -> MemoReader:
+    """The capability model in ``directory``, memoised on disk under ``studies/.cache`` keyed
+    by its sidecar's sha256 (which pins its head, table and encoder): the encoder costs
+    milliseconds a prompt, and the studies read the same 25,000 prompts again and again."""
+    key = sha256_file(directory / "metadata.json")[:16]
+    return MemoReader(load_capability_model(directory), CACHE / f"{directory.name}-{key}.npz")
 
 
 def ships(per_file: dict[str, dict[str, Any]]) -> bool:
@@ -79,8 +114,9 @@ def compare(capabilities: dict[str, str], results_path: Path) -> dict[str, Any]:
     scores = {}
     for router, cap in capabilities.items():
         print(f"{router} over {cap}: leave-one-source-out ...", file=sys.stderr, flush=True)
-        reader = MemoReader(load_capability_model(MODELS / cap))
+        reader = cached_reader(MODELS / cap)
         scores[router] = gap_loso_scores(rows, ServedCapability(reader).fit())
+        reader.save()
     per_file = paired_per_file(scores[candidate], scores[baseline], rows)
     ood = load_routing_rows(DATA / OOD_FILE)
     served = {name: load_scorer(MODELS / name) for name in capabilities}
