@@ -104,15 +104,17 @@ COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /models /models
 COPY --from=builder /encoder/all-MiniLM-L6-v2.safetensors /app/models/all-MiniLM-L6-v2.safetensors
 COPY policies /app/policies
-# The shipped routing classifier (router-v6), the capability model it reads (whose embedding
-# table is capability-v1's file) and the local model profiles: without them the proxy falls back
-# to the heuristic scorer.
+# The shipped routing classifier (router-v7), the capability model it reads (capability-v4,
+# whose embedding table is capability-v1's file and whose encoder is the weights above), the
+# static-only router-v6 over capability-v3 (sub-millisecond decisions; the policy's
+# `encoder: false`) and the local model profiles: without them the proxy falls back to the
+# heuristic scorer.
+COPY models/router-v7 /app/models/router-v7
+COPY models/capability-v4 /app/models/capability-v4
 COPY models/router-v6 /app/models/router-v6
 COPY models/capability-v3 /app/models/capability-v3
 COPY models/capability-v1 /app/models/capability-v1
 COPY models/profiles /app/models/profiles
-# A classifier over another capability model adds its folder here (COPY models/capability-vN
-# /app/models/capability-vN) and names itself in TIERGATE_CLASSIFIER_PATH below.
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -120,7 +122,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     LITELLM_LOCAL_MODEL_COST_MAP=True \
     TIERGATE_HOME=/app/var \
     TIERGATE_POLICY=/app/policies/default.yaml \
-    TIERGATE_CLASSIFIER_PATH=/app/models/router-v6 \
+    TIERGATE_CLASSIFIER_PATH=/app/models/router-v7 \
     TIERGATE_ENCODER_PATH=/app/models/all-MiniLM-L6-v2.safetensors \
     TIERGATE_LOCAL_MODEL_PATH=/models/SmolLM2-135M-Instruct.Q4_1.gguf \
     TIERGATE_SQLITE_PATH=/app/var/tiergate.db

@@ -66,7 +66,7 @@ PROFILE_FILE = "profile.json"
 SERVING_FORMAT_VERSION = 3
 PROFILE_HEAD_FORMAT = 4
 READABLE_SERVING_FORMATS = (1, 2, 3, 4)
-DEFAULT_MODEL_NAME = "router-v6"
+DEFAULT_MODEL_NAME = "router-v7"
 #: The shipped router over the static table alone (sub-millisecond decisions): the default's
 #: stand-in where the encoder's weights have not been fetched.
 STATIC_MODEL_NAME = "router-v6"
