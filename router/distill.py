@@ -90,8 +90,8 @@ def fetch_encoder(dest: Path) -> tuple[bytes, list[str]]:
     return weights, vocab_bytes.decode("utf-8").splitlines()
 
 
-def read_safetensors(data: bytes) -> dict[str, FloatArray]:
-    """The float32 tensors of a safetensors file, as float64 arrays (the format is a length, a
+def read_safetensors(data: bytes, dtype: type[np.floating[Any]] = np.float64) -> dict[str, Any]:
+    """The float32 tensors of a safetensors file, as ``dtype`` arrays (the format is a length, a
     JSON header of names, dtypes, shapes and offsets, then the raw little-endian bytes)."""
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
@@ -102,7 +102,7 @@ def read_safetensors(data: bytes) -> dict[str, FloatArray]:
             continue
         start, end = info["data_offsets"]
         arr = np.frombuffer(data[base + start : base + end], dtype="<f4")
-        out[name] = arr.reshape(info["shape"]).astype(np.float64)
+        out[name] = arr.reshape(info["shape"]).astype(dtype)
     return out
 
 

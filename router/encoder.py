@@ -239,7 +239,7 @@ def load_encoder(path: Path | None = None) -> MiniLM:
         if hashlib.sha256(data).hexdigest() != WEIGHTS_SHA256:
             raise ArtifactError(f"{p}: sha256 does not match the pinned {SOURCE_MODEL} weights")
         _LOADED.clear()
-        _LOADED[key] = MiniLM(read_safetensors(data))
+        _LOADED[key] = MiniLM(read_safetensors(data, np.float32))
     return _LOADED[key]
 
 
