@@ -73,6 +73,29 @@ def configured_scorer(settings: Settings) -> Scorer:
         return HeuristicScorer()
 
 
+def static_companion(scorer: Scorer) -> Scorer | None:
+    """The scorer that decides in place of ``scorer`` under a policy with ``encoder: false``:
+    the shipped static router (``router-v6``, sub-millisecond) read with ``scorer``'s local
+    profile. None when ``scorer`` runs no encoder (nothing to turn off), or when the companion
+    cannot load: that is logged and ``scorer`` keeps deciding, never the heuristic."""
+    if not getattr(scorer, "costly", False):
+        return None
+    from router.artifact import STATIC_MODEL_NAME, load_scorer
+    from router.locations import shipped
+
+    path = shipped("models", STATIC_MODEL_NAME)
+    try:
+        return load_scorer(path, getattr(scorer, "profile", None))
+    except (ConfigError, OSError) as exc:
+        log.warning(
+            "the policy turns the encoder off, but %s cannot load (%s): %s keeps scoring",
+            path,
+            exc,
+            scorer.version,
+        )
+        return None
+
+
 def load_cascade_model(settings: Settings) -> CascadeModel | None:
     """The cascade's confidence model (``cascade_model_path``, else the shipped one), or None
     when it cannot be loaded: cascades then escalate every request (logged)."""
@@ -186,7 +209,11 @@ def create_app(
                 if cascade_model is not None
                 else await asyncio.to_thread(load_cascade_model, settings)
             ),
+            companion=static_companion,
         )
+        # A policy that starts with `encoder: false` loads the static companion now, not on
+        # the first request.
+        deciding = await asyncio.to_thread(gateway.scorer_for, policy.policy)
         learning = LearningLoop(
             gateway,
             judge_model=settings.judge_model,
@@ -201,7 +228,7 @@ def create_app(
         log.info(
             "tiergate ready: policy %s, scorer %s, local %s",
             policy.policy.digest,
-            gateway.scorer.version,
+            deciding.version,
             settings.local_backend,
         )
         try:

@@ -792,7 +792,7 @@ def _explain_body(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_policy_explain(args: argparse.Namespace) -> int:
-    from router.app import configured_scorer
+    from router.app import configured_scorer, static_companion
     from router.backends.closed import key_for
     from router.config import load_settings
     from router.policy import POLICY_HEADER_PREFIX, evaluate, load_policy
@@ -800,7 +800,10 @@ def _cmd_policy_explain(args: argparse.Namespace) -> int:
 
     args.file = args.file or _serving_policy(args.config)
     policy = load_policy(args.file)
-    scorer = configured_scorer(load_settings(args.config))
+    main = configured_scorer(load_settings(args.config))
+    # As the proxy decides: `encoder: false` scores with the static companion, where one loads.
+    companion = None if policy.encoder else static_companion(main)
+    scorer = main if companion is None else companion
     body = _explain_body(args)
     headers = {}
     for item in args.header:
@@ -820,10 +823,12 @@ def _cmd_policy_explain(args: argparse.Namespace) -> int:
         policy, signals, spend_today_usd=args.spend_today, closed_available=closed_available
     )
     if args.json:
-        print(json.dumps({"signals": signals.as_dict(), "decision": decision.as_dict()}, indent=2))
+        shown = {"model_version": scorer.version, "signals": signals.as_dict()}
+        print(json.dumps({**shown, "decision": decision.as_dict()}, indent=2))
         return 0
     print(f"policy   {args.file} (version {policy.digest})")
-    print(f"scorer   {scorer.name} {scorer.version}")
+    off = f" (encoder: false in the policy, in place of {main.version})" if companion else ""
+    print(f"scorer   {scorer.name} {scorer.version}{off}")
     print("signals")
     for key, value in signals.as_dict().items():
         if value not in (None, {}, []):

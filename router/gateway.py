@@ -144,6 +144,7 @@ class RequestContext:
     usage: Usage = field(default_factory=Usage)
     ttft_ms: float | None = None
     policy_version: str | None = None
+    model_version: str | None = None  # the scorer that scored it (see Gateway.scorer_for)
     prompt: str | None = None
     streamed_chunks: int = 0  # chunks that carried answer text, counted as they passed
     streamed_chars: int = 0
@@ -317,7 +318,9 @@ class Gateway:
     ``max_tokens``); ``local_gate`` is the local tier's queue, for readiness. ``learning`` is
     attached once built (it reads the gateway): its hooks see every request served.
     ``native`` serves a call's own request (``Call.native``) on a model that speaks its front's
-    API (:mod:`router.backends.native`).
+    API (:mod:`router.backends.native`). ``companion`` loads the static scorer that decides in
+    place of a costly one under a policy with ``encoder: false`` (:meth:`scorer_for`), or
+    returns None where there is none.
     """
 
     def __init__(
@@ -336,10 +339,14 @@ class Gateway:
         on_record: Callable[[OutcomeRecord], None] | None = None,
         telemetry: Telemetry | None = None,
         cascade: CascadeModel | None = None,
+        companion: Callable[[Scorer], Scorer | None] | None = None,
     ) -> None:
         self.policies = policy
         self.cascade = cascade
         self.scorer = scorer
+        self._companion = companion
+        # (main scorer, its companion): loaded once per main scorer, so a hot swap reloads it.
+        self._static: tuple[Scorer, Scorer | None] | None = None
         if cascade is not None and cascade.scorer not in (None, scorer.version):
             # The confidence model reads the routing score: another scorer's is not its input.
             log.warning(
@@ -386,7 +393,7 @@ class Gateway:
         if call.refused is not None:
             raise call.refused
         self._check_pin(call)
-        signals, decision = await self._decide(call)
+        signals, decision, model_version = await self._decide(call)
         return RoutePlan(
             signals=signals,
             decision=decision,
@@ -395,7 +402,7 @@ class Gateway:
                 for spec, label in self._planned(decision)
             ],
             policy_version=self.policy.digest,
-            model_version=self.scorer.version,
+            model_version=model_version,
         )
 
     async def _life(self, call: Call) -> AsyncGenerator[Answer | _Opened | dict[str, Any], None]:
@@ -461,7 +468,7 @@ class Gateway:
         """Check the pin, decide, choose what to store, reserve spend, refuse (budget,
         unsatisfiable), and reserve the tokens (or refuse: 429)."""
         self._check_pin(call)
-        ctx.signals, ctx.decision = await self._decide(call)
+        ctx.signals, ctx.decision, ctx.model_version = await self._decide(call)
         ctx.prompt = _prompt_to_store(ctx.decision, call.body)
         await self.hold_spend(ctx, self.reserve_tokens)
         if ctx.decision.rejected:
@@ -479,7 +486,7 @@ class Gateway:
                 param="model",
             )
 
-    async def _decide(self, call: Call) -> tuple[Signals, Decision]:
+    async def _decide(self, call: Call) -> tuple[Signals, Decision, str]:
         return await self.decide_async(
             call.body,
             tenant=call.tenant,
@@ -493,7 +500,7 @@ class Gateway:
         headers = {"x-request-id": ctx.request_id}
         if ctx.policy_version:
             headers["x-tiergate-policy-version"] = ctx.policy_version
-        headers["x-tiergate-model-version"] = self.scorer.version
+        headers["x-tiergate-model-version"] = ctx.model_version or self.scorer.version
         if ctx.decision is not None:
             headers["x-tiergate-rule"] = ctx.decision.rule
             headers["x-tiergate-score"] = f"{ctx.decision.score:.4f}"
@@ -538,6 +545,31 @@ class Gateway:
         policy = self.policy
         return any(self.unavailable_reason(policy.models[n]) is None for n in policy.closed_models)
 
+    def scorer_for(self, policy: Policy) -> Scorer:
+        """The scorer that decides under ``policy``: the main one, or its static companion
+        where the policy turns the encoder off (``encoder: false``) and the main one has one.
+
+        The companion is loaded here on first need, once per main scorer (a hot swap brings a
+        new one); a main scorer without an encoder has none, and one whose companion failed to
+        load (logged by the loader) keeps deciding itself.
+        """
+        main = self.scorer
+        if policy.encoder or self._companion is None:
+            return main
+        known = self._static
+        if known is None or known[0] is not main:
+            known = self._static = (main, self._companion(main))
+        return main if known[1] is None else known[1]
+
+    def _companion_unloaded(self, policy: Policy) -> bool:
+        # Whether scorer_for would load the companion now (it reads files: off the loop).
+        known = self._static
+        return (
+            not policy.encoder
+            and self._companion is not None
+            and (known is None or known[0] is not self.scorer)
+        )
+
     def decide(
         self,
         body: Mapping[str, Any],
@@ -546,12 +578,14 @@ class Gateway:
         headers: Mapping[str, str],
         metadata_keys: Collection[str] | None = None,
         sent: Mapping[str, Any] | None = None,
+        scorer: Scorer | None = None,
     ) -> tuple[Signals, Decision]:
         """Run signals -> score -> policy for one request. Raises 404 for an unknown model.
 
         ``metadata_keys``: the ``metadata`` keys the caller may steer the policy with (None: all);
         the signals keep only those the policy reads. ``sent``: a front's native request, read
-        for personal data too (see :func:`~router.signals.extract_signals`).
+        for personal data too (see :func:`~router.signals.extract_signals`). ``scorer``: the
+        one that scores it (default: :meth:`scorer_for` the serving policy).
         """
         policy = self.policy
         alias = str(body.get("model", "auto"))
@@ -565,7 +599,7 @@ class Gateway:
             read = policy.metadata_fields
             signals = extract_signals(
                 body,
-                self.scorer,
+                self.scorer_for(policy) if scorer is None else scorer,
                 tenant=tenant,
                 headers=headers,
                 metadata_keys=read if metadata_keys is None else read & set(metadata_keys),
@@ -589,13 +623,19 @@ class Gateway:
         headers: Mapping[str, str],
         metadata_keys: Collection[str] | None = None,
         sent: Mapping[str, Any] | None = None,
-    ) -> tuple[Signals, Decision]:
-        """:meth:`decide`, moved off the event loop when the request is large.
+    ) -> tuple[Signals, Decision, str]:
+        """:meth:`decide`, moved off the event loop when the request is large; also returns the
+        version of the scorer that scored it (:meth:`scorer_for`), for headers and the record.
 
         Scoring a short prompt costs less than a thread hop; a long one (or a large request,
         all of which is read for personal data), or any prompt read by a scorer with an encoder
         (``costly``), would stall every other request on the loop.
         """
+        policy = self.policy
+        if self._companion_unloaded(policy):
+            scorer = await asyncio.to_thread(self.scorer_for, policy)
+        else:
+            scorer = self.scorer_for(policy)
         decide = functools.partial(
             self.decide,
             body,
@@ -603,11 +643,14 @@ class Gateway:
             headers=headers,
             metadata_keys=metadata_keys,
             sent=sent,
+            scorer=scorer,
         )
-        costly = getattr(self.scorer, "costly", False)
+        costly = getattr(scorer, "costly", False)
         if costly or _is_large(body) or (sent is not None and _is_large(sent)):
-            return await asyncio.to_thread(decide)
-        return decide()
+            signals, decision = await asyncio.to_thread(decide)
+        else:
+            signals, decision = decide()
+        return signals, decision, scorer.version
 
     # -- reserving -------------------------------------------------------------------------
 
@@ -1056,7 +1099,7 @@ class Gateway:
             score=signals.score if signals else None,
             threshold=decision.threshold if decision else None,
             policy_version=ctx.policy_version,
-            model_version=self.scorer.version,
+            model_version=ctx.model_version or self.scorer.version,
             status=status,
             http_status=http_status,
             stream=ctx.stream,

@@ -329,6 +329,12 @@ class Policy(_Strict):
     local_model: str | None = None
     closed_models: list[str] = Field(default_factory=list)
     threshold: float = Field(0.5, ge=0.0, le=1.0)
+    encoder: bool = Field(
+        True,
+        description="Whether a classifier with a contextual encoder (router-v7) scores requests: "
+        "false scores them with its static companion (router-v6), which decides in well under "
+        "a millisecond; a classifier without an encoder is unaffected.",
+    )
     on_failure: OnFailure = "closed"
     queue_full: Literal["spill", "reject"] = "spill"
     fail_closed: bool = Field(

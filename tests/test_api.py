@@ -759,3 +759,28 @@ def test_route_reads_the_configured_local_profile(tmp_path: Path, fake: FakeProv
     assert llama["signals"]["score"] < bundled["signals"]["score"] - 0.2
     assert llama["decision"]["profile_entry"].startswith("Meta-Llama-3.1-8B-Instruct: math")
     assert (bundled["decision"]["tier"], llama["decision"]["tier"]) == ("closed", "local")
+
+
+def test_encoder_false_routes_with_the_static_router_and_the_same_profile(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """The shipped router-v7 loaded, a policy with `encoder: false`: /v1/route answers with
+    router-v6's score, read with the configured (Llama) profile, and names router-v6."""
+    from router.artifact import DEFAULT_MODEL_NAME, STATIC_MODEL_NAME, load_scorer
+    from router.locations import shipped
+    from router.profile import default_profile, profile_dir
+
+    llama = profile_dir() / "Llama-3.1-8B-Instruct.yaml"
+    prompt = "Solve 3x^2 - 5x + 2 = 0."
+    body = {"model": "auto", "messages": [{"role": "user", "content": prompt}]}
+    policy = (REPO / "policies" / "default.yaml").read_text()
+    off = policy.replace("\nencoder: true", "\nencoder: false")
+    assert off != policy
+    with live(tmp_path, off, scorer=None, local_backend="none", local_profile=llama) as srv:
+        assert srv.gateway.scorer.version == DEFAULT_MODEL_NAME
+        assert srv.gateway.scorer.costly
+        route = srv.http.post("/v1/route", json=body).json()
+    static = load_scorer(shipped("models", STATIC_MODEL_NAME), default_profile(llama))
+    assert route["model_version"] == STATIC_MODEL_NAME
+    assert route["signals"]["local_profile"] == "Meta-Llama-3.1-8B-Instruct"
+    assert route["signals"]["score"] == pytest.approx(static.analyze(prompt).score, abs=1e-6)

@@ -85,6 +85,27 @@ def test_policy_explain_shows_rules_and_decision(capsys: pytest.CaptureFixture[s
     assert "--header X-Team ignored" in captured.err
 
 
+def test_policy_explain_names_the_scorer_an_encoder_false_policy_uses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from router.artifact import DEFAULT_MODEL_NAME, STATIC_MODEL_NAME
+
+    default = REPO / "policies" / "default.yaml"
+    shipped = default.read_text()
+    assert "\nencoder: true" in shipped
+    off = tmp_path / "off.yaml"
+    off.write_text(shipped.replace("\nencoder: true", "\nencoder: false"))
+    args = ["--prompt", "Refactor this function to use a generator."]
+    assert main(["policy", "explain", str(default), *args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model_version"] == DEFAULT_MODEL_NAME
+    assert main(["policy", "explain", str(off), *args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model_version"] == STATIC_MODEL_NAME
+    assert main(["policy", "explain", str(off), *args]) == 0
+    out = capsys.readouterr().out
+    said = f"(encoder: false in the policy, in place of {DEFAULT_MODEL_NAME})"
+    assert f"scorer   learned {STATIC_MODEL_NAME} {said}" in out
+
+
 def test_policy_explain_says_when_a_request_would_cascade(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

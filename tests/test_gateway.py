@@ -941,3 +941,103 @@ def test_a_front_whose_answer_cannot_be_shaped_is_recorded_as_an_error(
             ]
 
     asyncio.run(scenario())
+
+
+class CostlyScorer:
+    """Stands in for a scorer with an encoder (router-v7): ``costly``, reading the bundled
+    local profile; it scores as :class:`KeywordScorer` and counts its calls."""
+
+    name, version, costly = "learned", "costly-test", True
+
+    def __init__(self) -> None:
+        from router.profile import default_profile
+
+        self.calls = 0
+        self.profile = default_profile()
+
+    def analyze(self, text: str, *, has_tools: bool = False) -> Any:
+        self.calls += 1
+        return KeywordScorer().analyze(text, has_tools=has_tools)
+
+
+HELLO = {"model": "auto", "messages": [{"role": "user", "content": "Hello there"}]}
+
+
+def _stored_versions(srv: Any) -> list[str]:
+    store = srv.gateway.outcomes
+    assert store.flush()
+    return [r["model_version"] for r in reversed(store.recent(50))]
+
+
+def test_encoder_false_scores_with_the_static_router_until_a_reload_turns_it_on(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    from router.artifact import STATIC_MODEL_NAME
+
+    fake.reset()
+    costly = CostlyScorer()
+    with live(
+        tmp_path,
+        policy_yaml(fake, encoder="false"),
+        scorer=costly,
+        local_backend_obj=ScriptedLocal(),
+        policy_reload_s=0.05,
+    ) as srv:
+        off = srv.http.post("/v1/chat/completions", json=HELLO)
+        assert off.status_code == 200, off.text
+        assert off.headers["x-tiergate-model-version"] == STATIC_MODEL_NAME
+        plan = srv.http.post("/v1/route", json=HELLO).json()
+        assert plan["model_version"] == STATIC_MODEL_NAME
+        assert plan["signals"]["local_profile"] == costly.profile.label  # the same profile
+        assert costly.calls == 0  # the costly scorer never ran
+        # The policy's hot reload turns the encoder back on: no restart.
+        (tmp_path / "policy.yaml").write_text(policy_yaml(fake, encoder="true"))
+        assert wait_for(lambda: srv.gateway.policy.encoder)
+        on = srv.http.post("/v1/chat/completions", json=HELLO)
+        assert on.status_code == 200, on.text
+        assert on.headers["x-tiergate-model-version"] == "costly-test"
+        assert costly.calls == 1
+        assert _stored_versions(srv) == [STATIC_MODEL_NAME, "costly-test"]
+
+
+def test_encoder_false_changes_nothing_for_a_scorer_without_an_encoder(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    fake.reset()
+    text = policy_yaml(fake, encoder="false")
+    with live(tmp_path, text, local_backend_obj=ScriptedLocal()) as srv:
+        answer = srv.http.post("/v1/chat/completions", json=HELLO)
+        assert answer.headers["x-tiergate-model-version"] == KeywordScorer.version
+        plan = srv.http.post("/v1/route", json=HELLO).json()
+        assert plan["model_version"] == KeywordScorer.version
+        assert plan["signals"]["score"] == pytest.approx(0.1)  # the keyword scorer's
+        assert _stored_versions(srv) == [KeywordScorer.version]
+
+
+def test_a_static_router_that_cannot_load_leaves_the_costly_scorer_deciding(
+    tmp_path: Path,
+    fake: FakeProvider,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    import router.artifact
+
+    fake.reset()
+    monkeypatch.setattr(router.artifact, "STATIC_MODEL_NAME", "no-such-router")
+    costly = CostlyScorer()
+    with (
+        caplog.at_level(logging.WARNING, logger="tiergate.app"),
+        live(
+            tmp_path,
+            policy_yaml(fake, encoder="false"),
+            scorer=costly,
+            local_backend_obj=ScriptedLocal(),
+        ) as srv,
+    ):
+        answer = srv.http.post("/v1/chat/completions", json=HELLO)
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["x-tiergate-model-version"] == "costly-test"  # not the heuristic
+        assert costly.calls == 1
+    assert "no-such-router" in caplog.text and "costly-test keeps scoring" in caplog.text

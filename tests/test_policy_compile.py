@@ -78,6 +78,11 @@ CORPUS: list[tuple[str, str, list[str]]] = [
         ["p.yaml:5:1: rules: expected a list, got a mapping"],
     ),
     (
+        "wrong-type-bool",
+        M + "encoder: 'false'\n",
+        ["p.yaml:5:1: encoder: expected true or false, got str 'false'"],
+    ),
+    (
         "wrong-type-mapping",
         "version: 1\nmodels: [a, b]\n",
         ["p.yaml:2:1: models: expected a mapping, got a list"],
@@ -109,9 +114,9 @@ CORPUS: list[tuple[str, str, list[str]]] = [
         M + "rulez: []\n",
         [
             "p.yaml:5:1: rulez: unknown key 'rulez', did you mean 'rules'? (expected one of "
-            "version, description, models, local_model, closed_models, threshold, on_failure, "
-            "queue_full, fail_closed, store_prompts, retention_days, shadow, cascade, signals, "
-            "rules, aliases, tenants)"
+            "version, description, models, local_model, closed_models, threshold, encoder, "
+            "on_failure, queue_full, fail_closed, store_prompts, retention_days, shadow, cascade, "
+            "signals, rules, aliases, tenants)"
         ],
     ),
     (

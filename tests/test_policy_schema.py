@@ -166,6 +166,7 @@ CASES: list[tuple[str, str, bool]] = [
     ("empty-when", when("{}"), True),
     ("null-when", when("null"), True),
     ("retention-forever", HEAD + "retention_days: null\n", True),
+    ("encoder-off", HEAD + "encoder: false\n", True),
     ("alias-share", HEAD + "aliases: {auto-cheap: {target_closed_share: 0.2}}\n", True),
     ("alias-one-null", HEAD + "aliases: {a: {threshold: 0.1, target_closed_share: null}}\n", True),
     (
@@ -180,6 +181,9 @@ CASES: list[tuple[str, str, bool]] = [
     ("unknown-rule-key", HEAD + "rules: [{name: r, route: local, colour: red}]\n", False),
     ("unknown-operator", when("{capability: {equals: coding}}"), False),
     ("wrong-type-threshold", HEAD + "threshold: high\n", False),
+    ("wrong-type-encoder", HEAD + "encoder: 'false'\n", False),
+    ("encoder-not-a-number", HEAD + "encoder: 0\n", False),
+    ("encoder-not-null", HEAD + "encoder: null\n", False),
     ("wrong-type-priority", HEAD + "rules: [{name: r, route: local, priority: high}]\n", False),
     ("wrong-type-supports", local_model("tier: local, supports_tools: 1"), False),
     ("threshold-out-of-range", HEAD + "threshold: 1.5\n", False),
