@@ -78,15 +78,7 @@ def render(results: dict[str, Any]) -> str:
                 f"| {_f(s.get(f'{name}_added_total_p50'), 3)} |"
             )
         lines.append("")
-    d = results.get("decision")
-    if d:
-        lines += [
-            f"**Decision latency** (signals + scorer + policy, one core, {d['prompts']} prompts, "
-            f"scorer `{d['scorer']}`): p50 {_f(d['p50'], 4)} ms, p99 {_f(d['p99'], 4)} ms, "
-            f"max {_f(d['max'], 3)} ms, mean {_f(d['mean'], 4)} ms; the policy's `evaluate` "
-            f"alone p50 {_f(d.get('evaluate_p50'), 4)} ms, p99 {_f(d.get('evaluate_p99'), 4)} ms.",
-            "",
-        ]
+    lines += decision_lines(results)
     lines += _decision_cap_lines(results.get("decision_cap"))
     loc = results.get("local")
     if loc:
@@ -156,6 +148,68 @@ def _fronts_lines(fronts: dict[str, Any] | None) -> list[str]:
         )
     lines.append("")
     return lines
+
+
+def decision_lines(results: dict[str, Any]) -> list[str]:
+    """The decision table: the server's router (``decision``) and the static router timed
+    beside it (``decision_static``, absent when the server's router is the static one), the
+    budget (the run's ``goals``) against the static one, and a costly router's cost, also by
+    prompt length."""
+    default, static = results.get("decision"), results.get("decision_static")
+    if not default:
+        return []
+    rows = [("server's router", default)] + ([("static router", static)] if static else [])
+    lines = [
+        "**Decision latency** (signals + scorer + policy, one core, ms; each prompt's fastest "
+        "of the passes):",
+        "",
+        "| router | scorer | prompts | passes | p50 | p90 | p99 | max | mean "
+        "| evaluate p50 / p99 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for role, d in rows:
+        prompts = f"{d['sampled']} (sampled)" if d.get("sampled") else str(d["prompts"])
+        kind = ", encoder" if d.get("costly") else ""
+        lines.append(
+            f"| {role} | `{d['scorer']}`{kind} | {prompts} | {d['passes']} | {_f(d['p50'], 4)} "
+            f"| {_f(d.get('p90'), 4)} | {_f(d['p99'], 4)} | {_f(d['max'], 3)} "
+            f"| {_f(d['mean'], 4)} | {_f(d.get('evaluate_p50'), 4)} / "
+            f"{_f(d.get('evaluate_p99'), 4)} |"
+        )
+    notes = []
+    goals = results.get("goals", {})
+    p50, p99 = goals.get("decision_p50_ms"), goals.get("decision_p99_ms")
+    if p50 and p99:
+        met = "met" if p50["met"] and p99["met"] else "**not met**"
+        notes.append(
+            f"Budget p50 <= {p50['target']} ms, p99 <= {p99['target']} ms, applied to "
+            f"`{(static or default)['scorer']}`: {met}."
+        )
+    if static and default.get("costly"):
+        notes.append(
+            f"`{default['scorer']}` reads every prompt through the encoder: p50 "
+            f"{_f(default['p50'], 2)} ms, p99 {_f(default['p99'], 2)} ms, "
+            f"{default['p50'] / static['p50']:.0f}x and {default['p99'] / static['p99']:.0f}x "
+            "the static router's; it is not held to the budget, and the gateway decides its "
+            "requests off the event loop."
+        )
+    if notes:
+        lines += ["", *notes]
+    for role, d in rows:
+        if d.get("length_bands"):
+            lines += [
+                "",
+                f"By prompt length ({role}, `{d['scorer']}`; WordPiece tokens of the clipped "
+                "prompt):",
+                "",
+                "| tokens | prompts | p50 | p99 |",
+                "|---|---|---|---|",
+            ]
+            lines += [
+                f"| {band} | {b['prompts']} | {_f(b.get('p50'), 3)} | {_f(b.get('p99'), 3)} |"
+                for band, b in d["length_bands"].items()
+            ]
+    return [*lines, ""]
 
 
 def _decision_cap_lines(cap: dict[str, Any] | None) -> list[str]:
