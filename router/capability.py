@@ -26,7 +26,7 @@ API:
 
   Loading checks the format and each file's sha256 on the bytes it then reads, and refuses any
   mismatch with an :class:`~router.errors.ArtifactError`. The shipped one is
-  ``models/capability-v3`` (:func:`default_capability_path`).
+  ``models/capability-v4`` (:func:`default_capability_path`).
 * The scikit-learn side, :class:`router.capability_training.CapabilityClassifier` (``fit``
   returns ``self``, fitted state ends in ``_``, ``classes_`` is CAPABILITIES), and the training
   entry point ``python -m router.capability_training`` live apart so that this module imports
@@ -58,7 +58,7 @@ from router.scoring import CAPABILITIES
 CAPABILITY_FORMAT = "tiergate-capability"
 CAPABILITY_FORMAT_VERSION = 1
 HEAD_FILE = "head.npz"
-DEFAULT_CAPABILITY_NAME = "capability-v3"
+DEFAULT_CAPABILITY_NAME = "capability-v4"
 
 FloatArray = NDArray[np.float64]
 

@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="run only these options")
     args = parser.parse_args(argv)
     commercial, research = licence_split(args.data)
-    embedding = load_capability().embedding
+    # The static table (capability-v1's file), which every option here reads.
+    embedding = load_capability(ROOT / "models" / "capability-v1").embedding
     results: dict[str, Any] = {}
     for name, fit in options(embedding).items():
         if args.only and name not in args.only:

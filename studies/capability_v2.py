@@ -133,7 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     commercial, research = licence_split(args.data)
     seeds = load_capability_rows(SEEDS)
-    embedding = load_capability().embedding
+    # The static table (capability-v1's file), which every option here reads.
+    embedding = load_capability(ROOT / "models" / "capability-v1").embedding
     memo = Memo(embedding)
     results: dict[str, Any] = {}
     predictions: dict[str, list[str]] = {}

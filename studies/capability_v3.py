@@ -81,7 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--train", action="store_true", help="write models/capability-v3")
     args = parser.parse_args(argv)
     commercial, research = licence_split(args.data)
-    embedding = load_capability().embedding
+    # The static table (capability-v1's file), which every option here reads.
+    embedding = load_capability(ROOT / "models" / "capability-v1").embedding
     memo = Memo(embedding)
     results: dict[str, Any] = {}
     predictions: dict[str, list[str]] = {}

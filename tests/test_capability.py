@@ -3,6 +3,7 @@ proxy's loader needs no scikit-learn, and a tampered artifact is refused."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -22,7 +23,7 @@ from router.capability import (
     save_capability,
 )
 from router.capability_training import CapabilityClassifier
-from router.embedding import EMBEDDING_FILE, StaticEmbedding, embedding_path
+from router.embedding import EMBEDDING_FILE, embedding_path
 from router.errors import ArtifactError
 from router.scoring import CAPABILITIES
 from tests.test_capability_training import TRAIN
@@ -212,11 +213,12 @@ def test_a_new_model_can_share_a_siblings_embedding(
 
 def test_sharing_refuses_another_embedding(fitted: CapabilityClassifier, tmp_path: Path) -> None:
     owner = save_capability(fitted.serving(), tmp_path / "cap-a")
-    other = fitted.embedding_
-    table = other.table.copy()
-    table[3] += 1.0
+    # The shipped embedding (static table and encoder) with one token's row moved.
+    other = copy.copy(fitted.embedding_)
+    other.table = other.table.copy()
+    other.table[3] += 1.0
     changed = CapabilityModel(
-        StaticEmbedding(table.astype(np.float16), other.vocab, other.provenance),
+        other,
         fitted.center_,
         fitted.coef_,
         fitted.intercept_,

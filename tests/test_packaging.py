@@ -30,10 +30,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from router.artifact import DEFAULT_MODEL_NAME
+from router.artifact import DEFAULT_MODEL_NAME, STATIC_MODEL_NAME
 from router.capability import DEFAULT_CAPABILITY_NAME
 from router.config import BUNDLED_GGUF
 from router.embedding import embedding_path
+from router.encoder import ENCODER_FILE
 from tests.conftest import GGUF, REPO, free_port
 
 pytestmark = pytest.mark.slow  # builds a wheel and a fresh venv
@@ -136,6 +137,10 @@ def test_wheel_carries_policy_classifier_and_report_but_no_gguf(wheel: Path) -> 
     profiles = {p.name for p in (REPO / "models" / "profiles").glob("*")}
     assert {f"{SHIPPED}/models/profiles/{p}" for p in profiles} <= names
     assert not [n for n in names if n.endswith(".gguf")]
+    # The static-only router the proxy falls back to without the encoder, and not the encoder's
+    # 91 MB of weights (`tiergate fetch-model` puts them in TIERGATE_HOME).
+    assert f"{SHIPPED}/models/{STATIC_MODEL_NAME}/serving.npz" in names
+    assert not [n for n in names if n.endswith(".safetensors")]
 
 
 @pytest.fixture
@@ -146,6 +151,7 @@ def served(venv: Path, tmp_path: Path) -> Iterator[tuple[str, Path, Path]]:
     # Where `tiergate fetch-model` puts the bundled model by default.
     (home / "models").mkdir(parents=True)
     (home / "models" / BUNDLED_GGUF).symlink_to(GGUF)
+    (home / "models" / ENCODER_FILE).symlink_to(REPO / "models" / ENCODER_FILE)
     port = free_port()
     env = _clean_env(home, TIERGATE_PORT=str(port), TIERGATE_N_THREADS="1")
     log = tmp_path / "serve.log"
@@ -257,7 +263,9 @@ def test_installed_cli_finds_the_shipped_policy_and_its_records(venv: Path, tmp_
             check=True,
         ).stdout
     )
-    assert report["model_version"] == DEFAULT_MODEL_NAME
+    # Neither the GGUF nor the encoder's weights are in this HOME: the default router needs the
+    # encoder, so the static-only router stands in for it.
+    assert report["model_version"] == STATIC_MODEL_NAME
 
 
 _EVAL_PATH = (
