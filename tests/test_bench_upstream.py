@@ -16,9 +16,16 @@ from bench import upstream
 
 @pytest.fixture(scope="module")
 def base() -> Iterator[str]:
+    transports: list[asyncio.BaseTransport] = []
+
+    class Tracked(upstream._Upstream):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            transports.append(transport)
+            super().connection_made(transport)
+
     loop = asyncio.new_event_loop()
     server = loop.run_until_complete(
-        loop.create_server(upstream._Upstream, "127.0.0.1", 0, reuse_address=True)
+        loop.create_server(Tracked, "127.0.0.1", 0, reuse_address=True)
     )
     port = server.sockets[0].getsockname()[1]
     thread = threading.Thread(target=loop.run_forever, daemon=True)
@@ -26,7 +33,13 @@ def base() -> Iterator[str]:
     yield f"http://127.0.0.1:{port}"
     loop.call_soon_threadsafe(loop.stop)
     thread.join(10)
+    # Accepted connections outlive server.close(): close them and let their callbacks run, or
+    # their sockets are collected open (a ResourceWarning in whichever test runs next).
     server.close()
+    for transport in transports:
+        transport.close()
+    loop.run_until_complete(server.wait_closed())
+    loop.run_until_complete(asyncio.sleep(0.01))
     loop.close()
 
 
