@@ -429,6 +429,7 @@ async def readyz(request: Request) -> JSONResponse:
 def readiness(svc: Services) -> dict[str, Any]:
     """The readiness report: policy, local tier, closed models, scorer, outcome writer."""
     gateway = svc.gateway
+    deciding = gateway.deciding()
     holder = gateway.policies
     policy = gateway.policy
     local_reason = None
@@ -474,6 +475,10 @@ def readiness(svc: Services) -> dict[str, Any]:
             "queue_depth": local_depth,
         },
         "closed": closed,
-        "scorer": {"name": gateway.scorer.name, "version": gateway.scorer.version},
+        "scorer": {
+            "name": deciding.name,
+            "version": deciding.version,
+            "loaded": gateway.scorer.version,  # differs under `encoder: false`
+        },
         "aliases": {name: t.as_dict() for name, t in gateway.alias_thresholds.items()},
     }

@@ -56,17 +56,14 @@ def configured_scorer(settings: Settings) -> Scorer:
     ``classifier_path``, else the shipped model; the heuristic when none loads."""
     from router.artifact import default_model_path, load_scorer
     from router.profile import default_profile
-    from router.registry import ModelStore
+    from router.registry import configured_model_path
 
     path = settings.classifier_path or default_model_path()
     # A configured profile that cannot be read stops the start: routing for another local
     # model than the one running is a wrong route that looks like success.
     profile = default_profile(settings.local_profile)
     try:
-        if settings.model_store is not None and (
-            current := ModelStore(settings.model_store).current()
-        ):
-            path = ModelStore(settings.model_store).path(current)
+        path = configured_model_path(settings)
         return load_scorer(path, profile)
     except (ConfigError, OSError) as exc:
         log.warning("no usable classifier at %s (%s); using the heuristic scorer", path, exc)

@@ -249,13 +249,14 @@ def _slug(name: str) -> str:
 
 
 def _cmd_profile_from_labels(args: argparse.Namespace) -> int:
-    from router.artifact import default_model_path, router_capability
+    from router.artifact import router_capability
     from router.config import load_settings
     from router.locations import tiergate_home
     from router.profile import write_profile
     from router.profiler import profile_from_files
+    from router.registry import configured_model_path
 
-    router = args.router or load_settings(args.config).classifier_path or default_model_path()
+    router = args.router or configured_model_path(load_settings(args.config))
     profile = profile_from_files(
         args.from_labels,
         router_capability(router),
@@ -416,7 +417,8 @@ def _add_profile_command(sub: Any) -> None:
         type=Path,
         metavar="DIR",
         help="with --from-labels: the router whose capability model reads the prompts "
-        "(default: classifier_path, $TIERGATE_CLASSIFIER_PATH or the shipped router)",
+        "(default: the model store's current version, classifier_path, "
+        "$TIERGATE_CLASSIFIER_PATH or the shipped router)",
     )
     profile.add_argument(
         "--name",

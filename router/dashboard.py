@@ -306,8 +306,8 @@ async def dashboard_data(request: Request, window_s: int) -> dict[str, Any]:
         "window_s": window_s,
         "live": {
             "policy_version": gateway.policy.digest,
-            "model_version": gateway.scorer.version,
-            "scorer": gateway.scorer.name,
+            "model_version": gateway.deciding().version,
+            "scorer": gateway.deciding().name,
             "thresholds": alias_thresholds(gateway),
         },
         "summary": summary,

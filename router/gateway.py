@@ -561,6 +561,15 @@ class Gateway:
             known = self._static = (main, self._companion(main))
         return main if known[1] is None else known[1]
 
+    def deciding(self) -> Scorer:
+        """The scorer that decides now, as far as it is loaded: what ``/readyz`` and the
+        dashboard name. It never loads the companion (the next request does, off the loop), so
+        right after a reload to ``encoder: false`` it names the main scorer until then."""
+        known = self._static
+        if self.policy.encoder or known is None or known[0] is not self.scorer:
+            return self.scorer
+        return self.scorer if known[1] is None else known[1]
+
     def _companion_unloaded(self, policy: Policy) -> bool:
         # Whether scorer_for would load the companion now (it reads files: off the loop).
         known = self._static

@@ -170,6 +170,20 @@ class ModelStore:
         return version, loader(self.path(version))
 
 
+def configured_model_path(settings: Any) -> Path:
+    """The classifier the settings serve: the model store's current version when
+    ``model_store`` is set and names one, else ``classifier_path``, else the shipped default.
+    The proxy and the commands that read "the configured router" resolve it here alike."""
+    from router.artifact import default_model_path
+
+    if settings.model_store is not None:
+        store = ModelStore(settings.model_store)
+        if (current := store.current()) is not None:
+            return store.path(current)
+    path: Path = settings.classifier_path or default_model_path()
+    return path
+
+
 async def watch_model_store(
     gateway: Any, settings: Any, loader: Callable[[Path], Any] = default_loader
 ) -> None:

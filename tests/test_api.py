@@ -780,7 +780,12 @@ def test_encoder_false_routes_with_the_static_router_and_the_same_profile(
         assert srv.gateway.scorer.version == DEFAULT_MODEL_NAME
         assert srv.gateway.scorer.costly
         route = srv.http.post("/v1/route", json=body).json()
+        ready = srv.http.get("/readyz").json()["scorer"]
+        live_view = srv.http.get("/dashboard/data").json()["live"]
     static = load_scorer(shipped("models", STATIC_MODEL_NAME), default_profile(llama))
     assert route["model_version"] == STATIC_MODEL_NAME
     assert route["signals"]["local_profile"] == "Meta-Llama-3.1-8B-Instruct"
     assert route["signals"]["score"] == pytest.approx(static.analyze(prompt).score, abs=1e-6)
+    # What decides is what /readyz and the dashboard name; /readyz also names what is loaded.
+    assert ready == {"name": "learned", "version": STATIC_MODEL_NAME, "loaded": DEFAULT_MODEL_NAME}
+    assert live_view["model_version"] == STATIC_MODEL_NAME

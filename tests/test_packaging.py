@@ -190,7 +190,11 @@ def test_installed_wheel_serves_from_an_empty_folder(
     url, home, cwd = served
     ready = httpx.get(url + "/readyz").json()
     assert ready["ready"] is True
-    assert ready["scorer"] == {"name": "learned", "version": DEFAULT_MODEL_NAME}
+    assert ready["scorer"] == {
+        "name": "learned",
+        "version": DEFAULT_MODEL_NAME,
+        "loaded": DEFAULT_MODEL_NAME,
+    }
     assert ready["no_closed"]["serves"] == "local"
     assert "_shipped" in ready["policy"]["path"]
     body = {"model": "auto", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from router.errors import ConfigError
-from router.registry import ModelStore, watch_model_store
+from router.registry import ModelStore, configured_model_path, watch_model_store
 
 
 def _artifact(tmp_path: Path, name: str, parent: str | None = None) -> Path:
@@ -32,6 +32,23 @@ def test_the_first_adopted_version_serves_and_later_ones_wait(tmp_path: Path) ->
     listing = {row["version"]: row for row in store.listing()}
     assert listing["v0001"]["current"] and not listing["v0002"]["current"]
     assert listing["v0002"]["parent"] == "v0001" and listing["v0002"]["gate"] == "promote"
+
+
+def test_the_configured_model_is_the_stores_current_then_the_path_then_the_shipped_one(
+    tmp_path: Path,
+) -> None:
+    """The proxy and `tiergate profile --from-labels` resolve "the configured router" alike."""
+    from router.artifact import default_model_path
+
+    pinned = tmp_path / "pinned"
+    settings = SimpleNamespace(model_store=None, classifier_path=None)
+    assert configured_model_path(settings) == default_model_path()
+    settings.classifier_path = pinned
+    assert configured_model_path(settings) == pinned
+    settings.model_store = tmp_path / "store"  # a store with no version yet: the path serves
+    assert configured_model_path(settings) == pinned
+    ModelStore(settings.model_store).adopt(_artifact(tmp_path, "a"))
+    assert configured_model_path(settings) == settings.model_store / "versions" / "v0001"
 
 
 def test_promote_and_rollback_move_the_pointer_and_keep_history(tmp_path: Path) -> None:
