@@ -23,7 +23,9 @@ Nothing happens at import; numpy is the only dependency.
 
 from __future__ import annotations
 
+import itertools
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -115,23 +117,117 @@ class MiniLM:
 
     def forward(self, ids: Sequence[int]) -> F32:
         """The last hidden states of one id sequence: ``(len(ids), hidden)``."""
-        n, h = len(ids), self.hidden
+        return self.forward_many([ids])[0]
+
+    def forward_many(self, sequences: Sequence[Sequence[int]]) -> list[F32]:
+        """The last hidden states of several id sequences, one array each.
+
+        The sequences' tokens are stacked, so every dense layer is one matrix product over all
+        of them: a short prompt's pass is bound by reading the weights (about 42 MB), and a
+        batch reads them once. Attention stays within each sequence.
+        """
+        lengths = [len(ids) for ids in sequences]
+        bounds = np.cumsum([0, *lengths])
+        h = self.hidden
         size = h // _HEADS
-        x = self.word[np.asarray(ids, dtype=np.int64)] + self.position[:n] + self.token_type
+        flat = np.fromiter((i for ids in sequences for i in ids), dtype=np.int64)
+        positions = np.concatenate([np.arange(n) for n in lengths])
+        x = self.word[flat] + self.position[positions] + self.token_type
         x = _layer_norm(x, *self.norm)
         scale = np.float32(1.0 / np.sqrt(size))
         for lay in self.layers:
             qkv = x @ lay["qkv"] + lay["qkv_b"]
-            q, k, v = (qkv[:, i * h : (i + 1) * h].reshape(n, _HEADS, size) for i in range(3))
-            q, k, v = q.transpose(1, 0, 2), k.transpose(1, 0, 2), v.transpose(1, 0, 2)
-            att = q @ k.transpose(0, 2, 1) * scale
-            att = np.exp(att - att.max(-1, keepdims=True))
-            att /= att.sum(-1, keepdims=True)
-            ctx = (att @ v).transpose(1, 0, 2).reshape(n, h)
+            ctx = np.empty_like(x)
+            for start, end in itertools.pairwise(bounds):
+                n = int(end - start)
+                q, k, v = (
+                    qkv[start:end, i * h : (i + 1) * h].reshape(n, _HEADS, size).transpose(1, 0, 2)
+                    for i in range(3)
+                )
+                att = q @ k.transpose(0, 2, 1) * scale
+                att = np.exp(att - att.max(-1, keepdims=True))
+                att /= att.sum(-1, keepdims=True)
+                ctx[start:end] = (att @ v).transpose(1, 0, 2).reshape(n, h)
             x = _layer_norm(x + ctx @ lay["out"] + lay["out_b"], lay["ln1_w"], lay["ln1_b"])
             up = _gelu(x @ lay["up"] + lay["up_b"])
             x = _layer_norm(x + up @ lay["down"] + lay["down_b"], lay["ln2_w"], lay["ln2_b"])
-        return x
+        return [x[start:end] for start, end in itertools.pairwise(bounds)]
+
+
+class _Job:
+    """One caller's sequences, and what the batch that ran them gave back."""
+
+    def __init__(self, sequences: list[list[int]]) -> None:
+        self.sequences = sequences
+        self.out: list[F32] | None = None
+        self.error: BaseException | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.out is not None or self.error is not None
+
+
+class EncoderBatcher:
+    """Runs the encoder once for the threads that ask at the same time.
+
+    The gateway scores costly prompts on worker threads; a caller that finds no batch running
+    leads: it runs what is queued (up to :attr:`max_tokens` tokens a batch, its own request
+    included) through :meth:`MiniLM.forward_many` until its own is done, then hands over. The
+    others wait for their results. A lone caller runs alone, as :meth:`MiniLM.forward` would.
+    """
+
+    max_tokens = 2048
+
+    def __init__(self, encoder: MiniLM) -> None:
+        self.encoder = encoder
+        self._queue: list[_Job] = []
+        self._running = False
+        self._cond = threading.Condition()
+
+    def forward(self, sequences: list[list[int]]) -> list[F32]:
+        """The last hidden states of ``sequences``, run in a batch with whatever else waits."""
+        job = _Job(sequences)
+        with self._cond:
+            self._queue.append(job)
+            while self._running and not job.finished:
+                self._cond.wait()
+            lead = not job.finished
+            self._running |= lead
+        if lead:
+            try:
+                while not job.finished:
+                    self._run(self._take())
+            finally:
+                with self._cond:
+                    self._running = False
+                    self._cond.notify_all()
+        if job.error is not None:
+            raise job.error
+        assert job.out is not None
+        return job.out
+
+    def _take(self) -> list[_Job]:
+        with self._cond:
+            batch: list[_Job] = []
+            tokens = 0
+            while self._queue and (not batch or tokens < self.max_tokens):
+                job = self._queue.pop(0)
+                batch.append(job)
+                tokens += sum(len(s) for s in job.sequences)
+            return batch
+
+    def _run(self, batch: list[_Job]) -> None:
+        try:
+            hidden = self.encoder.forward_many([s for job in batch for s in job.sequences])
+        except BaseException as exc:  # every caller of the batch gets it, the leader included
+            for job in batch:
+                job.error = exc
+        else:
+            at = 0
+            for job in batch:
+                job.out, at = hidden[at : at + len(job.sequences)], at + len(job.sequences)
+        with self._cond:
+            self._cond.notify_all()
 
 
 class ContextualEmbedding(StaticEmbedding):
@@ -160,6 +256,7 @@ class ContextualEmbedding(StaticEmbedding):
         if encoder.word.shape[0] != len(self.vocab):
             raise ValueError("the encoder's vocabulary is not the static table's")
         self.encoder = encoder
+        self.batcher = EncoderBatcher(encoder)
         self.head_tokens, self.tail_tokens, self.weight = head_tokens, tail_tokens, weight
         self._cls, self._sep = self.vocab.index("[CLS]"), self.vocab.index("[SEP]")
 
@@ -168,20 +265,24 @@ class ContextualEmbedding(StaticEmbedding):
         """The static vector's length plus two encoder pools."""
         return 3 * self.dims + 2 * self.encoder.hidden
 
-    def _pool(self, ids: list[int]) -> FloatArray:
-        hidden = self.encoder.forward([self._cls, *ids, self._sep])
+    @staticmethod
+    def _pool(hidden: F32) -> FloatArray:
         out: FloatArray = hidden.mean(axis=0, dtype=np.float64)
         norm = float(np.sqrt(out @ out))
         return out / norm if norm > 0.0 else out
 
     def embed(self, text: str) -> FloatArray:
-        """The prompt vector of ``clip(text)`` (class docstring)."""
+        """The prompt vector of ``clip(text)`` (class docstring). Concurrent callers share
+        the encoder's passes (:class:`EncoderBatcher`)."""
         static = super().embed(text)
         ids = self.tokenizer.ids(clip(text))
         if not ids:
             return np.concatenate([static, np.zeros(2 * self.encoder.hidden)])
-        head = self._pool(ids[: self.head_tokens - 2])
-        tail = head if len(ids) <= self.head_tokens - 2 else self._pool(ids[2 - self.tail_tokens :])
+        windows = [[self._cls, *ids[: self.head_tokens - 2], self._sep]]
+        if len(ids) > self.head_tokens - 2:
+            windows.append([self._cls, *ids[2 - self.tail_tokens :], self._sep])
+        pools = [self._pool(hidden) for hidden in self.batcher.forward(windows)]
+        head, tail = pools[0], pools[-1]
         return np.concatenate([static, self.weight * head, self.weight * tail])
 
     def entry(self) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from collections.abc import (
     Collection,
     Mapping,
 )
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -75,6 +76,9 @@ if TYPE_CHECKING:
     from router.limits import RateLimiter, TokenHold
 
 log = logging.getLogger("tiergate.gateway")
+#: Threads that score with a costly (encoder) scorer: prompts that wait together share one
+#: encoder pass (router.encoder.EncoderBatcher), so more waiting threads make larger batches.
+SCORING_THREADS = 16
 _T = TypeVar("_T")
 
 #: The ``x-tiergate-fallback`` of a request served locally because no closed model is available.
@@ -347,6 +351,9 @@ class Gateway:
         self._companion = companion
         # (main scorer, its companion): loaded once per main scorer, so a hot swap reloads it.
         self._static: tuple[Scorer, Scorer | None] | None = None
+        # Costly scorers score here, not in asyncio's default pool (a handful of threads on a
+        # small machine): the encoder batches the prompts of the threads that wait together.
+        self._scoring: ThreadPoolExecutor | None = None
         if cascade is not None and cascade.scorer not in (None, scorer.version):
             # The confidence model reads the routing score: another scorer's is not its input.
             log.warning(
@@ -655,7 +662,12 @@ class Gateway:
             scorer=scorer,
         )
         costly = getattr(scorer, "costly", False)
-        if costly or _is_large(body) or (sent is not None and _is_large(sent)):
+        if costly:
+            if self._scoring is None:
+                self._scoring = ThreadPoolExecutor(SCORING_THREADS, "tiergate-score")
+            loop = asyncio.get_running_loop()
+            signals, decision = await loop.run_in_executor(self._scoring, decide)
+        elif _is_large(body) or (sent is not None and _is_large(sent)):
             signals, decision = await asyncio.to_thread(decide)
         else:
             signals, decision = decide()
@@ -1137,7 +1149,9 @@ class Gateway:
         return self.local_gate.depth if self.local_gate is not None else 0
 
     async def aclose(self) -> None:
-        """Close both tiers."""
+        """Close both tiers and the scoring threads."""
+        if self._scoring is not None:
+            self._scoring.shutdown(wait=False, cancel_futures=True)
         for backend in (self.local, self.closed):
             if backend is not None:
                 with contextlib.suppress(Exception):

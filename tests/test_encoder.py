@@ -10,6 +10,7 @@ import json
 import re
 import struct
 import subprocess
+import threading
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,7 @@ from router.encoder import (
     ENCODER_FILE,
     ENV_ENCODER_PATH,
     ContextualEmbedding,
+    EncoderBatcher,
     MiniLM,
     encoder_path,
     fetch_encoder,
@@ -36,6 +38,7 @@ from router.encoder import (
 )
 from router.errors import ArtifactError, ConfigError
 from router.scoring import CAPABILITIES
+from tests.conftest import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 #: Fetched by `make model`, which `make unit` (so `make test`) and `make test-fast` depend on.
@@ -123,6 +126,94 @@ def test_forward_matches_the_float64_reference_up_to_the_tanh_gelu(seed: int, le
     other = ids.copy()
     other[0] = (other[0] + 1) % 50
     assert np.abs(_reference(w, other) - want).max() > 0.05
+
+
+def test_a_batch_answers_as_each_sequence_alone() -> None:
+    """Stacked tokens, attention kept within each sequence: every sequence's states are those
+    of its own pass (a leak across sequences would move them by far more than 1e-5)."""
+    model = MiniLM(tiny_bert(3))
+    rng = np.random.default_rng(7)
+    sequences = [rng.integers(0, 50, size=n).tolist() for n in (1, 16, 5, 9)]
+    together = model.forward_many(sequences)
+    for ids, got in zip(sequences, together, strict=True):
+        assert got.shape == (len(ids), 24)
+        assert np.abs(got - model.forward(ids)).max() < 1e-5
+        assert np.abs(got - _reference(tiny_bert(3), np.asarray(ids))).max() < 2e-3
+
+
+class _Gated(MiniLM):
+    """A MiniLM whose first batch holds until the test releases it, counting batch sizes."""
+
+    def __init__(self, weights: dict[str, NDArray[np.float32]]) -> None:
+        super().__init__(weights)
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.batches: list[int] = []
+        self.fail_batch: int | None = None
+
+    def forward_many(self, sequences: Any) -> list[NDArray[np.float32]]:
+        if not self.batches:
+            self.entered.set()
+            assert self.release.wait(10)
+        self.batches.append(len(sequences))
+        if self.fail_batch == len(self.batches) - 1:
+            raise RuntimeError("encoder failed")
+        return super().forward_many(sequences)
+
+
+def _run_queued(model: _Gated, batcher: EncoderBatcher, asks: list[list[list[int]]]) -> list[Any]:
+    """The first ask leads and holds in its pass; the others queue behind it, then all run."""
+    got: list[Any] = [None] * len(asks)
+
+    def ask(i: int) -> None:
+        try:
+            got[i] = batcher.forward(asks[i])
+        except RuntimeError as exc:
+            got[i] = exc
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asks))]
+    threads[0].start()
+    assert model.entered.wait(10)
+    for t in threads[1:]:
+        t.start()
+    assert wait_for(lambda: len(batcher._queue) == len(asks) - 1)
+    model.release.set()
+    for t in threads:
+        t.join(10)
+    return got
+
+
+def test_callers_that_arrive_together_share_one_pass_and_get_their_own_answers() -> None:
+    model = _Gated(tiny_bert(4))
+    batcher = EncoderBatcher(model)
+    rng = np.random.default_rng(8)
+    asks = [[rng.integers(0, 50, size=n).tolist()] for n in (3, 7, 2, 12, 5, 9)]
+    got = _run_queued(model, batcher, asks)
+    # The leader ran alone; the five that queued meanwhile ran as one batch, led by one of them.
+    assert model.batches == [1, 5]
+    alone = MiniLM(tiny_bert(4))
+    for ask, answer in zip(asks, got, strict=True):
+        assert np.abs(answer[0] - alone.forward(ask[0])).max() < 1e-5
+    assert not batcher._running and not batcher._queue
+
+
+def test_a_batch_holds_at_most_max_tokens_beyond_its_first_job() -> None:
+    model = _Gated(tiny_bert(4))
+    batcher = EncoderBatcher(model)
+    batcher.max_tokens = 10
+    _run_queued(model, batcher, [[[1] * n] for n in (2, 8, 8, 8)])
+    assert model.batches == [1, 2, 1]  # 8 + 8 tokens reach the cap: the third waits its turn
+
+
+def test_a_batch_that_fails_fails_each_of_its_callers_and_the_next_one_runs() -> None:
+    model = _Gated(tiny_bert(4))
+    model.fail_batch = 1
+    batcher = EncoderBatcher(model)
+    got = _run_queued(model, batcher, [[[1, 2, 3]]] * 4)
+    assert model.batches == [1, 3]
+    assert got[0][0].shape == (3, 24)
+    assert all(isinstance(g, RuntimeError) and str(g) == "encoder failed" for g in got[1:])
+    assert not batcher._running and not batcher._queue
+    assert batcher.forward([[1, 2, 3]])[0].shape == (3, 24)
 
 
 def test_forward_with_the_erf_gelu_matches_the_reference_to_float32_precision(

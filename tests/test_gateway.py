@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -998,6 +999,44 @@ def test_encoder_false_scores_with_the_static_router_until_a_reload_turns_it_on(
         assert on.headers["x-tiergate-model-version"] == "costly-test"
         assert costly.calls == 1
         assert _stored_versions(srv) == [STATIC_MODEL_NAME, "costly-test"]
+
+
+class BarrierScorer(CostlyScorer):
+    """A costly scorer that answers only once ``parties`` prompts are being scored at once."""
+
+    def __init__(self, parties: int) -> None:
+        super().__init__()
+        self.barrier = threading.Barrier(parties, timeout=20)
+        self.threads: set[str] = set()
+
+    def analyze(self, text: str, *, has_tools: bool = False) -> Any:
+        self.threads.add(threading.current_thread().name)
+        self.barrier.wait()  # BrokenBarrierError (a 500) unless all parties arrive together
+        return super().analyze(text, has_tools=has_tools)
+
+
+def test_a_costly_scorer_scores_many_prompts_at_once_off_the_loop(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """Prompts that wait for the encoder together are batched (router.encoder): the gateway
+    scores them on its own threads, more than asyncio's default pool holds on a small machine."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from router.gateway import SCORING_THREADS
+
+    parties = 12
+    assert parties <= SCORING_THREADS
+    scorer = BarrierScorer(parties)
+    with live(tmp_path, policy_yaml(fake), scorer=scorer, local_backend="none") as srv:
+        with ThreadPoolExecutor(parties) as clients:
+            answers = list(
+                clients.map(lambda _: srv.http.post("/v1/route", json=HELLO), range(parties))
+            )
+        loop_thread = srv.thread.name
+    assert [a.status_code for a in answers] == [200] * parties
+    assert scorer.calls == parties and len(scorer.threads) == parties
+    assert all(name.startswith("tiergate-score") for name in scorer.threads)
+    assert loop_thread not in scorer.threads
 
 
 def test_encoder_false_changes_nothing_for_a_scorer_without_an_encoder(
