@@ -216,6 +216,19 @@ def test_a_batch_that_fails_fails_each_of_its_callers_and_the_next_one_runs() ->
     assert batcher.forward([[1, 2, 3]])[0].shape == (3, 24)
 
 
+def test_a_copied_or_pickled_embedding_gets_its_own_idle_batcher(
+    contextual: ContextualEmbedding,
+) -> None:
+    """scikit-learn's clone deep-copies the embedding a classifier holds; a lock cannot be."""
+    import copy
+    import pickle
+
+    for twin in (copy.deepcopy(contextual), pickle.loads(pickle.dumps(contextual))):
+        assert twin.batcher is not contextual.batcher
+        assert twin.batcher.encoder is twin.encoder and not twin.batcher._queue
+        np.testing.assert_array_equal(twin.embed(LONG), contextual.embed(LONG))
+
+
 def test_forward_with_the_erf_gelu_matches_the_reference_to_float32_precision(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
