@@ -149,8 +149,10 @@ class _Gated(MiniLM):
         self.entered, self.release = threading.Event(), threading.Event()
         self.batches: list[int] = []
         self.fail_batch: int | None = None
+        self.threads: set[str] = set()
 
     def forward_many(self, sequences: Any) -> list[NDArray[np.float32]]:
+        self.threads.add(threading.current_thread().name)
         if not self.batches:
             self.entered.set()
             assert self.release.wait(10)
@@ -190,6 +192,8 @@ def test_callers_that_arrive_together_share_one_pass_and_get_their_own_answers()
     got = _run_queued(model, batcher, asks)
     # The leader ran alone; the five that queued meanwhile ran as one batch, led by one of them.
     assert model.batches == [1, 5]
+    # Both passes ran on the batcher's one compute thread, whichever caller led them.
+    assert len(model.threads) == 1 and model.threads.pop().startswith("tiergate-encoder")
     alone = MiniLM(tiny_bert(4))
     for ask, answer in zip(asks, got, strict=True):
         assert np.abs(answer[0] - alone.forward(ask[0])).max() < 1e-5
