@@ -98,20 +98,39 @@ def paired_gain(
     }
 
 
+class _Filing:
+    """A fitted capability classifier whose predictions also file each prompt's probabilities
+    (its label is the most probable capability, as :meth:`CapabilityClassifier.predict`)."""
+
+    def __init__(self, model: CapabilityClassifier, into: dict[str, np.ndarray]) -> None:
+        self.model, self.into = model, into
+
+    def predict(self, texts: Sequence[str]) -> np.ndarray:
+        p = self.model.predict_proba(texts)
+        self.into.update(zip(texts, p, strict=True))
+        out: np.ndarray = self.model.classes_[p.argmax(axis=1)]
+        return out
+
+
 def score_option(
     name: str,
     params: dict[str, Any],
     commercial: Sequence[CapabilityRow],
     research: Sequence[CapabilityRow],
     memo: Memo,
+    *,
+    probabilities: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """Leave-one-source-out figures of one option (estimator ``params``) on the commercial
     rows, Auto-J (``research``) predicted by a fit on all of them; printed on one line.
-    Returns the figures (with the seconds taken) and every row's prediction by id."""
+    Returns the figures (with the seconds taken) and every row's prediction by id; with
+    ``probabilities``, also fills it with every row's out-of-fold probabilities (CAPABILITIES
+    order) by prompt, for studies that need more than the label (prompts must be unique)."""
     start = time.perf_counter()
 
     def fit(texts: list[str], labels: list[str]) -> Any:
-        return CapabilityClassifier(memo, **params).fit(texts, labels)
+        model = CapabilityClassifier(memo, **params).fit(texts, labels)
+        return model if probabilities is None else _Filing(model, probabilities)
 
     res = leave_one_source_out(commercial, fit, test_only=research, keep_predictions=True)
     oof: dict[str, str] = res.pop("predictions")
