@@ -104,12 +104,13 @@ COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /models /models
 COPY --from=builder /encoder/all-MiniLM-L6-v2.safetensors /app/models/all-MiniLM-L6-v2.safetensors
 COPY policies /app/policies
-# The shipped routing classifier (router-v7), the capability model it reads (capability-v4,
-# whose embedding table is capability-v1's file and whose encoder is the weights above), the
-# static-only router-v6 over capability-v3 (sub-millisecond decisions; the policy's
-# `encoder: false`) and the local model profiles: without them the proxy falls back to the
-# heuristic scorer.
-COPY models/router-v7 /app/models/router-v7
+# The shipped routing classifier (router-v8), the capability model it reads (capability-v5: a
+# gate over the static capability-v3 and capability-v4, whose embedding table is capability-v1's
+# file and whose encoder is the weights above), the static-only router-v6 over capability-v3
+# (sub-millisecond decisions; the policy's `encoder: false`) and the local model profiles:
+# without them the proxy falls back to the heuristic scorer.
+COPY models/router-v8 /app/models/router-v8
+COPY models/capability-v5 /app/models/capability-v5
 COPY models/capability-v4 /app/models/capability-v4
 COPY models/router-v6 /app/models/router-v6
 COPY models/capability-v3 /app/models/capability-v3
@@ -122,7 +123,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     LITELLM_LOCAL_MODEL_COST_MAP=True \
     TIERGATE_HOME=/app/var \
     TIERGATE_POLICY=/app/policies/default.yaml \
-    TIERGATE_CLASSIFIER_PATH=/app/models/router-v7 \
+    TIERGATE_CLASSIFIER_PATH=/app/models/router-v8 \
     TIERGATE_ENCODER_PATH=/app/models/all-MiniLM-L6-v2.safetensors \
     TIERGATE_LOCAL_MODEL_PATH=/models/SmolLM2-135M-Instruct.Q4_1.gguf \
     TIERGATE_SQLITE_PATH=/app/var/tiergate.db

@@ -277,6 +277,12 @@ def main() -> int:
     parser.add_argument("--concurrency", default="1,16,64,256")
     parser.add_argument("--no-write", action="store_true", help="print, do not write results")
     parser.add_argument(
+        "--body",
+        type=Path,
+        help="the chat request of the proxy phase (bench/chat.json; bench/chat_encoded.json: "
+        "a prompt the gated capability model reads through the encoder)",
+    )
+    parser.add_argument(
         "--out", type=Path, help="write the results here only (not latest.json or the README)"
     )
     args = parser.parse_args()
@@ -286,6 +292,8 @@ def main() -> int:
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
     phases = set(args.only.split(","))
+    if args.body is not None:
+        os.environ["BENCH_BODY"] = str(args.body.resolve())  # wrk's post.lua reads it too
     ensure_tools(phases)
     concurrency = [int(c) for c in args.concurrency.split(",")]
     started = time.monotonic()
@@ -298,6 +306,7 @@ def main() -> int:
             "concurrency": concurrency,
             "stream_requests_per_repeat": 30 if args.quick else 100,
             "requests_for_memory": 2000 if args.quick else 10_000,
+            "chat_body": str(proxy.chat_body().resolve().relative_to(ROOT)),
         },
         "commands": {
             "all": "make bench   # = .venv/bin/python -m bench",

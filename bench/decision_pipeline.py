@@ -91,14 +91,43 @@ def _pct(ordered: Sequence[float], pct: float) -> float:
 
 def _token_counter(scorer: Scorer) -> Callable[[str], int] | None:
     """How many WordPiece tokens of a prompt the scorer's encoder reads (None: no encoder)."""
-    from router.capability import CapabilityModel
+    from router.capability import CapabilityModel, GatedCapability
     from router.features import clip
     from router.serving import ProfileScorer
 
-    if not isinstance(scorer, ProfileScorer) or not isinstance(scorer.capability, CapabilityModel):
+    if not isinstance(scorer, ProfileScorer):
         return None
-    tokenizer = scorer.capability.embedding.tokenizer
+    model = scorer.capability
+    if isinstance(model, GatedCapability):
+        model = model.then
+    if not isinstance(model, CapabilityModel):
+        return None
+    tokenizer = model.embedding.tokenizer
     return lambda text: len(tokenizer.ids(clip(text)))
+
+
+def _gate_split(scorer: Scorer) -> Callable[[str], bool] | None:
+    """Whether a prompt is read by the encoder, for a scorer over a capability gate (None for
+    any other scorer): the gate's first model is unsure of it."""
+    from router.capability import GatedCapability
+    from router.serving import ProfileScorer
+
+    gate = scorer.capability if isinstance(scorer, ProfileScorer) else None
+    if not isinstance(gate, GatedCapability):
+        return None
+    return lambda text: float(gate.first.probabilities(text).max()) < gate.threshold
+
+
+def gate_bands(ms: Sequence[float], encoded: Sequence[bool]) -> dict[str, dict[str, Any]]:
+    """p50 / p99 of the timings ``ms`` of the prompts the gate decided from its first model
+    (``table``) and of those it read through the encoder (``encoder``)."""
+    out: dict[str, dict[str, Any]] = {}
+    for label, want in (("table", False), ("encoder", True)):
+        got = sorted(m for m, e in zip(ms, encoded, strict=True) if e is want)
+        out[label] = {"prompts": len(got)}
+        if got:
+            out[label] |= {"p50": round(statistics.median(got), 4), "p99": round(_pct(got, 99), 4)}
+    return out
 
 
 def load(model: Path | None) -> Scorer:
@@ -171,6 +200,8 @@ def run(
     policy_ms = sorted(min(ts) * 1000.0 for ts in zip(*policy_passes, strict=True))
     count = _token_counter(scorer) if costly else None
     bands = length_bands(per_prompt, [count(t) for t in texts]) if count is not None else None
+    reads = _gate_split(scorer)
+    gate = gate_bands(per_prompt, [reads(t) for t in texts]) if reads is not None else None
     return {
         "p50": round(statistics.median(ms), 4),
         "p90": round(_pct(ms, 90), 4),
@@ -190,6 +221,7 @@ def run(
         "model": None if model is None else str(model),
         "costly": costly,
         "length_bands": bands,
+        "gate": gate,
         "routes": routes,
         "mean_prompt_chars": round(statistics.fmean(len(t) for t in texts), 1),
         "loadavg_start": loadavg_start,

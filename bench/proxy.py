@@ -163,6 +163,10 @@ def tiergate_env(workdir: Path, policy: Path, *, local: bool) -> dict[str, str]:
         BENCH_KEY_ENV: BENCH_KEY,
         "TIERGATE_POLICY": str(policy),
         "TIERGATE_LOCAL_BACKEND": "llama_cpp" if local else "none",
+        # The GGUF `make model` fetches into the checkout (the server's own default is the
+        # user data directory, where a fresh machine has none).
+        "TIERGATE_LOCAL_MODEL_PATH": os.environ.get("TIERGATE_LOCAL_MODEL_PATH")
+        or str(ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"),
         "TIERGATE_SQLITE_PATH": str(workdir / f"outcomes-{time.monotonic_ns()}.db"),
         "TIERGATE_LOG_LEVEL": "warning",
         "TIERGATE_N_THREADS": "1",
@@ -228,6 +232,12 @@ def settle_rss(srv: Server, seconds: float = 3.0) -> float:
     return round(srv.rss_mb(), 1)
 
 
+def chat_body() -> Path:
+    """The chat request every chat-completions path is measured with: ``$BENCH_BODY`` (which
+    ``post.lua`` reads too; ``python -m bench --body``), else ``bench/chat.json``."""
+    return Path(os.environ.get("BENCH_BODY") or ROOT / "bench" / "chat.json")
+
+
 def send_n(srv: Server, n: int, connections: int = 32, max_s: float = 150.0) -> dict[str, Any]:
     """Send ``n`` requests, ``connections`` at a time (wrk cannot stop at a count).
 
@@ -238,7 +248,7 @@ def send_n(srv: Server, n: int, connections: int = 32, max_s: float = 150.0) -> 
 
 
 async def _send_n(url: str, n: int, connections: int, max_s: float) -> dict[str, Any]:
-    body = (ROOT / "bench" / "chat.json").read_bytes()
+    body = chat_body().read_bytes()
     headers = {"content-type": "application/json", "authorization": f"Bearer {CLIENT_KEY}"}
     left = n
     sent = errors = 0
@@ -329,9 +339,10 @@ def run(
                 flush=True,
             )
         streams: dict[str, list[dict[str, Any]]] = {name: [] for name in paths}
+        stream_body = {**json.loads(chat_body().read_text()), "stream": True}
         for _ in range(repeats):
             for name, srv in paths.items():
-                streams[name].append(streaming.measure(srv.base + CHAT, stream_n))
+                streams[name].append(streaming.measure(srv.base + CHAT, stream_n, stream_body))
         results["streaming"] = summarise_streams(streams)
         print(f"  streaming: {results['streaming']}", flush=True)
     results["proxy"] = summarise(results["runs"])

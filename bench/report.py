@@ -185,14 +185,28 @@ def decision_lines(results: dict[str, Any]) -> list[str]:
             f"Budget p50 <= {p50['target']} ms, p99 <= {p99['target']} ms, applied to "
             f"`{(static or default)['scorer']}`: {met}."
         )
+    gate = default.get("gate")
     if static and default.get("costly"):
+        reads = "every prompt"
+        if gate:
+            read = gate["encoder"]["prompts"] / (
+                gate["encoder"]["prompts"] + gate["table"]["prompts"]
+            )
+            reads = f"{read:.0%} of the prompts (those its static table is unsure of)"
         notes.append(
-            f"`{default['scorer']}` reads every prompt through the encoder: p50 "
+            f"`{default['scorer']}` reads {reads} through the encoder: p50 "
             f"{_f(default['p50'], 2)} ms, p99 {_f(default['p99'], 2)} ms, "
             f"{default['p50'] / static['p50']:.0f}x and {default['p99'] / static['p99']:.0f}x "
             "the static router's; it is not held to the budget, and the gateway decides its "
             "requests off the event loop."
         )
+        if gate and gate["table"].get("p50") is not None and gate["encoder"].get("p50") is not None:
+            notes.append(
+                f"Decided from the table alone: {gate['table']['prompts']} prompts, p50 "
+                f"{_f(gate['table']['p50'], 3)} ms, p99 {_f(gate['table']['p99'], 3)} ms; read "
+                f"through the encoder: {gate['encoder']['prompts']} prompts, p50 "
+                f"{_f(gate['encoder']['p50'], 2)} ms, p99 {_f(gate['encoder']['p99'], 2)} ms."
+            )
     if notes:
         lines += ["", *notes]
     for role, d in rows:
@@ -219,14 +233,16 @@ def _decision_cap_lines(cap: dict[str, Any] | None) -> list[str]:
         f"**Decision at the size cap** ({cap['cap_bytes']} bytes, one core, scorer "
         f"`{cap['scorer']}`, {cap['repeats']} runs, ms):",
         "",
-        "| body | bytes | fastest | median | CPU (fastest) | pii | tier |",
-        "|---|---|---|---|---|---|---|",
+        "| body | bytes | fastest | median | CPU (fastest) | outcome |",
+        "|---|---|---|---|---|---|",
     ]
     for name, row in cap["shapes"].items():
+        # ``outcome``: the tier, "(pii)" when flagged, or the 400 a body over the window gets
+        # (older results: ``tier`` and ``pii`` apart).
+        outcome = row.get("outcome") or f"{row['tier']}" + (" (pii)" if row.get("pii") else "")
         lines.append(
             f"| {name} | {row['body_bytes']} | {_f(row['min_ms'], 1)} "
-            f"| {_f(row['median_ms'], 1)} | {_f(row.get('cpu_min_ms'), 1)} | {row['pii']} "
-            f"| {row['tier']} |"
+            f"| {_f(row['median_ms'], 1)} | {_f(row.get('cpu_min_ms'), 1)} | {outcome} |"
         )
     return [*lines, ""]
 

@@ -66,7 +66,7 @@ PROFILE_FILE = "profile.json"
 SERVING_FORMAT_VERSION = 3
 PROFILE_HEAD_FORMAT = 4
 READABLE_SERVING_FORMATS = (1, 2, 3, 4)
-DEFAULT_MODEL_NAME = "router-v7"
+DEFAULT_MODEL_NAME = "router-v8"
 #: The shipped router over the static table alone (sub-millisecond decisions): the default's
 #: stand-in where the encoder's weights have not been fetched.
 STATIC_MODEL_NAME = "router-v6"
@@ -257,11 +257,12 @@ def capability_dir(artifact: Path, name: str) -> Path:
 
 
 def load_capability_model(directory: Path) -> CapabilityReader:
-    """A standalone capability artifact (``router.capability``'s format), numpy only."""
+    """A standalone capability artifact (``router.capability``'s format, a head or a gate of
+    two), numpy only."""
     # Imported here: router.capability reads its files through this module's helpers.
-    from router.capability import load_capability
+    from router.capability import load_reader
 
-    return load_capability(directory)
+    return load_reader(directory)
 
 
 def _capability_of(artifact: Path, entry: Mapping[str, Any]) -> CapabilityReader:

@@ -25,8 +25,14 @@ API:
                       library versions, training data and estimator settings
 
   Loading checks the format and each file's sha256 on the bytes it then reads, and refuses any
-  mismatch with an :class:`~router.errors.ArtifactError`. The shipped one is
+  mismatch with an :class:`~router.errors.ArtifactError`. The shipped head with the encoder is
   ``models/capability-v4`` (:func:`default_capability_path`).
+* :class:`GatedCapability`, :func:`save_gate` / :func:`load_gate`: two capability artifacts in
+  series (``models/capability-v5``: capability-v3, static, then capability-v4, encoder). The
+  first one's probabilities stand where its largest reaches the gate's ``threshold``; the
+  other prompts are read by the second. A gate directory holds only ``metadata.json`` (format
+  :data:`GATE_FORMAT`), which names both members and pins each by its sidecar's sha256.
+  :func:`load_reader` loads either kind.
 * The scikit-learn side, :class:`router.capability_training.CapabilityClassifier` (``fit``
   returns ``self``, fitted state ends in ``_``, ``classes_`` is CAPABILITIES), and the training
   entry point ``python -m router.capability_training`` live apart so that this module imports
@@ -41,6 +47,7 @@ Nothing happens at import; no scikit-learn, scipy or torch.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -48,7 +55,15 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from router.artifact import read_checked_npz, read_sidecar, write_npz, write_sidecar
+from router.artifact import (
+    METADATA_FILE,
+    capability_dir,
+    read_checked_npz,
+    read_sidecar,
+    sha256_file,
+    write_npz,
+    write_sidecar,
+)
 from router.embedding import StaticEmbedding, read_embedding, share_embedding, write_embedding
 from router.encoder import ContextualEmbedding, read_encoder
 from router.errors import ArtifactError
@@ -57,6 +72,8 @@ from router.scoring import CAPABILITIES
 
 CAPABILITY_FORMAT = "tiergate-capability"
 CAPABILITY_FORMAT_VERSION = 1
+GATE_FORMAT = "tiergate-capability-gate"
+GATE_FORMAT_VERSION = 1
 HEAD_FILE = "head.npz"
 DEFAULT_CAPABILITY_NAME = "capability-v4"
 
@@ -272,7 +289,8 @@ DESCRIPTIONS: dict[str, tuple[str, ...]] = {
 
 
 def default_capability_path() -> Path:
-    """The shipped capability model: ``models/capability-v3`` of the checkout or the wheel."""
+    """The shipped head with the encoder: ``models/capability-v4`` of the checkout or the wheel
+    (the shipped router reads it through the gate ``models/capability-v5``)."""
     return shipped("models", DEFAULT_CAPABILITY_NAME)
 
 
@@ -412,3 +430,112 @@ def load_capability(directory: str | Path | None = None) -> CapabilityModel:
         )
     except (KeyError, ValueError) as exc:
         raise ArtifactError(f"{d / HEAD_FILE}: unusable capability head ({exc})") from exc
+
+
+class GatedCapability:
+    """Two capability models in series: ``first``'s probabilities where its largest is at least
+    ``threshold``, else ``then``'s. With a static ``first`` and an encoder ``then``
+    (capability-v3, capability-v4), the encoder reads only the prompts the table is unsure of;
+    ``python -m studies.capability_gate`` chose the threshold leave-one-source-out."""
+
+    def __init__(
+        self,
+        first: CapabilityModel,
+        then: CapabilityModel,
+        threshold: float,
+        version: str = "gate",
+    ) -> None:
+        if first.capabilities != then.capabilities:
+            raise ValueError("capability gate: its two models order their capabilities apart")
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"capability gate: threshold {threshold!r} is not in (0, 1]")
+        self.first, self.then, self.threshold = first, then, float(threshold)
+        self.capabilities = first.capabilities
+        self.version = version
+
+    @property
+    def costly(self) -> bool:
+        """Whether reading a prompt may run the encoder (either member's)."""
+        return self.first.costly or self.then.costly
+
+    def probabilities(self, text: str) -> FloatArray:
+        """P(capability | text), in :data:`~router.scoring.CAPABILITIES` order."""
+        p = self.first.probabilities(text)
+        return p if float(p.max()) >= self.threshold else self.then.probabilities(text)
+
+    def predict(self, text: str) -> str:
+        """The most probable capability of one prompt."""
+        return self.capabilities[int(np.argmax(self.probabilities(text)))]
+
+
+def _member(directory: Path) -> dict[str, str]:
+    return {"name": directory.name, "sha256": sha256_file(directory / METADATA_FILE)}
+
+
+def save_gate(
+    directory: str | Path,
+    first: str | Path,
+    then: str | Path,
+    threshold: float,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a gate over the capability artifacts ``first`` and ``then`` (siblings of
+    ``directory`` or shipped ones) into ``directory``, which must not exist yet; both are
+    loaded first, so a gate over models that do not fit together is never written."""
+    d, a, b = Path(directory), Path(first), Path(then)
+    GatedCapability(load_capability(a), load_capability(b), threshold)
+    d.mkdir(parents=True)
+    meta = {
+        **(metadata or {}),
+        "format": GATE_FORMAT,
+        "format_version": GATE_FORMAT_VERSION,
+        "version": d.name,
+        "gate": {"threshold": float(threshold), "first": _member(a), "then": _member(b)},
+    }
+    write_sidecar(d, meta)
+    return d
+
+
+def load_gate(directory: str | Path) -> GatedCapability:
+    """The gate in ``directory``: each member found as :func:`router.artifact.capability_dir`
+    finds a router's capability model and refused unless its sidecar is the pinned one."""
+    d = Path(directory)
+    meta = read_sidecar(d, kind=GATE_FORMAT, version=GATE_FORMAT_VERSION)
+    gate = meta.get("gate")
+    if not isinstance(gate, dict) or not isinstance(gate.get("threshold"), int | float):
+        raise ArtifactError(f"{d / METADATA_FILE}: names no gate threshold")
+    members = []
+    for role in ("first", "then"):
+        entry = gate.get(role)
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise ArtifactError(f"{d / METADATA_FILE}: names no {role} capability model")
+        where = capability_dir(d, entry["name"])
+        pinned = (where / METADATA_FILE).is_file() and sha256_file(
+            where / METADATA_FILE
+        ) == entry.get("sha256")
+        if not pinned:
+            raise ArtifactError(
+                f"{d}: its {role} capability model {where} is missing or not the pinned one"
+            )
+        members.append(load_capability(where))
+    first, then = members
+    try:
+        return GatedCapability(
+            first, then, float(gate["threshold"]), str(meta.get("version", d.name))
+        )
+    except ValueError as exc:
+        raise ArtifactError(f"{d}: unusable capability gate ({exc})") from exc
+
+
+def is_gate(directory: str | Path) -> bool:
+    """Whether ``directory``'s sidecar says it is a gate (its other fields are not checked)."""
+    try:
+        meta = json.loads((Path(directory) / METADATA_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == GATE_FORMAT
+
+
+def load_reader(directory: str | Path) -> CapabilityModel | GatedCapability:
+    """The capability model or the gate in ``directory``."""
+    return load_gate(directory) if is_gate(directory) else load_capability(directory)

@@ -11,6 +11,8 @@ For the router at ``--model`` (default: the shipped one,
    ``commercial_use: true`` rows (:func:`router.capability_training.leave_one_source_out`;
    Auto-J, research-only, is only predicted): per source and pooled accuracy and macro-F1, the
    pooled confusion matrix. The rebuild fitted on every row is compared with the shipped head.
+   A gate (:class:`router.capability.GatedCapability`) is rebuilt as both of its members, each
+   fold's first member gating its own second, with the share of rows the second one read.
 2. **routing**: the router's recipe (:func:`studies.score_v4.gap_loso_scores`) on every labelled
    file its sidecar lists, each prompt set held out in turn, against router-v3's recipe refitted
    without that set (:func:`studies.score_v4.v3_loso_scores`): APGR and CPT(50%) per file with
@@ -22,7 +24,8 @@ For the router at ``--model`` (default: the shipped one,
 
 Writes ``studies/results/card.json`` and the block between :data:`MARKERS` in
 docs/model-card.md (a card without the block is refused). ``--card-only`` rewrites the block
-from the last ``card.json``. router-v3's out-of-fold scores are cached under ``var/card/``,
+from the last ``card.json`` (with ``--latency``, after rerunning only the decision benchmark).
+router-v3's out-of-fold scores are cached under ``var/card/``,
 keyed by the data's and router-v3's hashes.
 """
 
@@ -51,12 +54,19 @@ from router.artifact import (
     read_sidecar,
     sha256_file,
 )
-from router.capability import CAPABILITY_FORMAT, CAPABILITY_FORMAT_VERSION
+from router.capability import (
+    CAPABILITY_FORMAT,
+    CAPABILITY_FORMAT_VERSION,
+    GATE_FORMAT,
+    GATE_FORMAT_VERSION,
+    is_gate,
+)
 from router.capability_training import CapabilityClassifier, leave_one_source_out
 from router.classifier import ServedCapability
 from router.profile import default_profile
 from router.scoring import CAPABILITIES
 from router.training import RoutingRow, load_capability_rows, load_routing_rows
+from studies.capability_gate import GatedReader
 from studies.capability_loso import Memo, licence_split
 from studies.router_v5 import cached_reader
 from studies.score_v4 import (
@@ -126,17 +136,62 @@ def rebuild_capability(cap_dir: Path) -> tuple[dict[str, Any], list[dict[str, An
     return params, files
 
 
-def capability_figures(cap_dir: Path) -> tuple[dict[str, Any], Any]:
-    """Leave-one-source-out figures of the rebuilt capability estimator, and its agreement with
-    the shipped head when fitted on every row; also returns the served reader (memoised)."""
-    params, files = rebuild_capability(cap_dir)
-    data = next(f["path"] for f in files if not f["seed"])
-    commercial, research = licence_split(data)
-    reader = cached_reader(cap_dir)
-    memo: Any = Memo(reader.reader.embedding)  # a StaticEmbedding with a memo
+class _Gated:
+    """Two fitted capability estimators as a gate (:class:`router.capability.GatedCapability`),
+    counting per ``predict`` call the rows and the rows its second estimator read."""
 
-    def fit(texts: list[str], labels: list[str]) -> CapabilityClassifier:
-        return CapabilityClassifier(memo, **params).fit(texts, labels)
+    def __init__(self, first: Any, then: Any, threshold: float, calls: list[tuple[int, int]]):
+        self.first, self.then, self.threshold, self.calls = first, then, threshold, calls
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray[Any, Any]:
+        p = np.array(self.first.predict_proba(list(texts)), dtype=np.float64)
+        unsure = np.flatnonzero(p.max(axis=1) < self.threshold)
+        if len(unsure):
+            p[unsure] = self.then.predict_proba([texts[i] for i in unsure])
+        self.calls.append((len(texts), len(unsure)))
+        return p
+
+    def predict(self, texts: Sequence[str]) -> np.ndarray[Any, Any]:
+        return np.array(CAPABILITIES)[self.predict_proba(texts).argmax(axis=1)]
+
+
+class _GateReader(GatedReader):
+    """The members' cached readers composed as the gate (saved together)."""
+
+    def save(self) -> None:
+        self.static.save()
+        self.encoder.save()
+
+
+def capability_figures(cap_dir: Path) -> tuple[dict[str, Any], Any]:
+    """Leave-one-source-out figures of the rebuilt capability estimator (both members of a
+    gate), and its agreement with the shipped model when fitted on every row; also returns the
+    served reader (memoised)."""
+    if is_gate(cap_dir):
+        gate = read_sidecar(cap_dir, kind=GATE_FORMAT, version=GATE_FORMAT_VERSION)["gate"]
+        members = [capability_dir(cap_dir, gate[role]["name"]) for role in ("first", "then")]
+        threshold = float(gate["threshold"])
+    else:
+        members, threshold = [cap_dir], 0.0
+    rebuilt = [rebuild_capability(d) for d in members]
+    data_files = {next(f["file"] for f in files if not f["seed"]) for _, files in rebuilt}
+    if len(data_files) != 1:
+        raise SystemExit(f"{cap_dir}: its members were fitted on different files {data_files}")
+    data = next(f["path"] for f in rebuilt[0][1] if not f["seed"])
+    commercial, research = licence_split(data)
+    readers = [cached_reader(d) for d in members]
+    reader: Any = (
+        _GateReader(readers[0], readers[1], threshold) if len(readers) == 2 else readers[0]
+    )
+    memos: list[Any] = [Memo(r.reader.embedding) for r in readers]  # the tables, memoised
+    calls: list[tuple[int, int]] = []
+
+    def fit(texts: list[str], labels: list[str]) -> Any:
+        fitted = [
+            CapabilityClassifier(memo, **params).fit(texts, labels)
+            for memo, (params, _) in zip(memos, rebuilt, strict=True)
+        ]
+        return fitted[0] if len(fitted) == 1 else _Gated(*fitted, threshold, calls)
 
     start = time.perf_counter()
     res = leave_one_source_out(commercial, fit, test_only=research)
@@ -150,9 +205,27 @@ def capability_figures(cap_dir: Path) -> tuple[dict[str, Any], Any]:
         "max_abs_probability_diff": float(np.abs(mine - shipped).max()),
     }
     res["seconds"] = round(time.perf_counter() - start, 1)
-    settings = {k: v for k, v in params.items() if k != "seeds"}
-    res["estimator"] = {**settings, "seed_prompts": len(params["seeds"])}
-    res["data_files"] = _public(files)
+    settings = [
+        {**{k: v for k, v in params.items() if k != "seeds"}, "seed_prompts": len(params["seeds"])}
+        for params, _ in rebuilt
+    ]
+    res["estimator"] = settings[0]
+    res["data_files"] = _public(rebuilt[0][1])
+    if len(members) == 2:
+        # The folds' predict calls: one per held-out source, then Auto-J (fitted on all rows).
+        folds = calls[: len(calls) - 1]  # the last call is the full fit's, above
+        loso = folds[:-1] if research else folds
+        res["gate"] = {
+            "threshold": threshold,
+            "members": [d.name for d in members],
+            "estimators": settings,
+            "second_read": {
+                "loso": round(sum(b for _, b in loso) / sum(a for a, _ in loso), 4),
+                **({"test_only": round(folds[-1][1] / folds[-1][0], 4)} if research else {}),
+            },
+        }
+        unique = {f["file"]: f for _, files in rebuilt for f in files}
+        res["data_files"] = _public(list(unique.values()))
     res["trained_sources"] = sorted({r.source for r in commercial})
     return res, reader
 
@@ -237,12 +310,28 @@ def _capability_lines(c: dict[str, Any]) -> list[str]:
         f"`{f['file']}` ({f['rows']} rows{'' if f['sha256_matches'] else ', sha256 differs'})"
         for f in c["data_files"]
     )
+    if gate := c.get("gate"):
+        first, then = gate["members"]
+        est_first, est_then = gate["estimators"]
+        read = gate["second_read"]
+        rebuilt = (
+            f"A gate: {first}'s probabilities where their largest is at least "
+            f"{gate['threshold']:g}, else {then}'s. Both rebuilt from their sidecars "
+            f"(`CapabilityClassifier` {json.dumps(est_first)} and {json.dumps(est_then)}), each "
+            f"fold's {first} "
+            f"gating its own {then}, which read {read['loso']:.1%} of the held-out rows"
+            + (f" and {read['test_only']:.1%} of Auto-J" if "test_only" in read else "")
+            + f"; data {files}. Fitted on every row, the rebuilt gate picks the shipped one's "
+        )
+    else:
+        rebuilt = (
+            f"Rebuilt from its sidecar: `CapabilityClassifier` {json.dumps(c['estimator'])}; "
+            f"data {files}. Fitted on every row, the rebuild picks the shipped head's "
+        )
     lines = [
         f"### Capability model `{c['name']}`, leave-one-source-out",
         "",
-        f"Rebuilt from its sidecar: `CapabilityClassifier` {json.dumps(c['estimator'])}; "
-        f"data {files}. "
-        f"Fitted on every row, the rebuild picks the shipped head's capability on "
+        rebuilt + "capability on "
         f"{reb['same_argmax']:.1%} of {reb['rows']} prompts (largest probability difference "
         f"{reb['max_abs_probability_diff']:.2g}). Each commercial source held out in turn; seeds "
         "and descriptions in every fold's training; Auto-J (research-only) only predicted.",
@@ -371,12 +460,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="router directory (default: the shipped one)")
     parser.add_argument("--latency", action="store_true", help="rerun the decision benchmark")
-    parser.add_argument("--card-only", action="store_true", help="block from the last results")
+    parser.add_argument(
+        "--card-only",
+        action="store_true",
+        help="block from the last results (with --latency: rerun only the decision benchmark)",
+    )
     parser.add_argument("--card", type=Path, default=CARD, help="the card to write the block in")
     parser.add_argument("--out", type=Path, default=RESULTS, help="the results file")
     args = parser.parse_args(argv)
     if args.card_only:
-        write_block(card_block(json.loads(args.out.read_text())), args.card)
+        results = json.loads(args.out.read_text())
+        if args.latency:  # only the decision benchmark rerun, for the model card.json names
+            model = (args.model or default_model_path()).resolve()
+            if model.name != results["model"]:
+                raise SystemExit(f"{args.out} is {results['model']}'s, not {model.name}'s")
+            results["latency"] = latency(model, True)
+            args.out.write_text(json.dumps(results, indent=1) + "\n")
+        write_block(card_block(results), args.card)
         return 0
     start = time.perf_counter()
     model = (args.model or default_model_path()).resolve()

@@ -103,17 +103,23 @@ def ships(per_file: dict[str, dict[str, Any]]) -> bool:
     return all(m["apgr_diff_ci"][1] >= 0.0 for m in per_file.values())
 
 
-def compare(capabilities: dict[str, str], results_path: Path) -> dict[str, Any]:
+def compare(
+    capabilities: dict[str, str], results_path: Path, readers: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Compare two routers, each router-v4's profile head over a capability model
     (``capabilities``: router name to capability artifact name, the baseline first, the
     candidate second): leave-one-source-out APGR and CPT(50%) per file with paired intervals of
     candidate minus baseline, AlpacaEval with the shipped artifacts; print, write
-    ``results_path`` and return the results."""
+    ``results_path`` and return the results. ``readers``: capability readers by artifact name
+    to use in place of :func:`cached_reader`'s (the caller saves them)."""
     baseline, candidate = capabilities
     rows = [r for f in ROUTING_FILES for r in load_routing_rows(DATA / f)]
     scores = {}
     for router, cap in capabilities.items():
         print(f"{router} over {cap}: leave-one-source-out ...", file=sys.stderr, flush=True)
+        if readers and cap in readers:
+            scores[router] = gap_loso_scores(rows, ServedCapability(readers[cap]).fit())
+            continue
         reader = cached_reader(MODELS / cap)
         scores[router] = gap_loso_scores(rows, ServedCapability(reader).fit())
         reader.save()

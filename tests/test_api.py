@@ -764,7 +764,7 @@ def test_route_reads_the_configured_local_profile(tmp_path: Path, fake: FakeProv
 def test_encoder_false_routes_with_the_static_router_and_the_same_profile(
     tmp_path: Path, fake: FakeProvider
 ) -> None:
-    """The shipped router-v7 loaded, a policy with `encoder: false`: /v1/route answers with
+    """The shipped router-v8 loaded, a policy with `encoder: false`: /v1/route answers with
     router-v6's score, read with the configured (Llama) profile, and names router-v6."""
     from router.artifact import DEFAULT_MODEL_NAME, STATIC_MODEL_NAME, load_scorer
     from router.locations import shipped

@@ -19,6 +19,7 @@ from bench.__main__ import goals
 from bench.decision_pipeline import BANDS, evenly_spaced, length_bands, run
 from bench.report import decision_lines
 from router.artifact import STATIC_MODEL_NAME, load_capability_model, save_profile_router
+from router.capability import GatedCapability
 from router.classifier import ServedCapability
 from router.encoder import ENCODER_FILE
 from router.training import RoutingRow, fit_gap_routing
@@ -149,3 +150,61 @@ def test_a_run_with_one_router_is_held_to_the_budget_and_still_renders() -> None
     text = "\n".join(decision_lines(old))
     assert "| server's router | `learned x` | 100 | 3 | 0.4000 | - |" in text
     assert "**not met**" in text and "static router" not in text
+
+
+def test_a_scorer_over_a_gate_is_timed_apart_for_the_prompts_the_encoder_reads(
+    tmp_path: Path,
+) -> None:
+    gate_dir = REPO / "models" / "capability-v5"
+    gate = load_capability_model(gate_dir)
+    assert isinstance(gate, GatedCapability)
+    rows = [
+        RoutingRow(f"s/{i}", f"Prove that {i} is prime" if i % 2 else f"hi {i}", i % 2, 1.0)
+        for i in range(20)
+    ]
+    routing = fit_gap_routing(rows, ServedCapability(gate).fit())
+    router = save_profile_router(routing, gate_dir, tmp_path / "models" / "router-gate")
+    data = tmp_path / "data"
+    data.mkdir()
+    texts = ["Write a haiku about the sea.", "Give me three ideas for a weekend trip near Lyon."]
+    texts = [t for t in texts for _ in range(3)]
+    (data / "a.jsonl").write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    got = run(data, model=router, sample=6)
+    split = got["gate"]
+    unsure = sum(float(gate.first.probabilities(t).max()) < gate.threshold for t in texts)
+    assert unsure == 3  # the second prompt only: the table is sure of the haiku
+    assert (split["encoder"]["prompts"], split["table"]["prompts"]) == (3, 3)
+    assert sum(b["prompts"] for b in got["length_bands"].values()) == 6
+    assert run(data, model=STATIC)["gate"] is None
+
+
+def test_the_report_says_what_share_of_prompts_a_gate_reads_through_the_encoder() -> None:
+    costly = _figures(
+        9.0,
+        46.0,
+        scorer="learned router-v8",
+        costly=True,
+        passes=1,
+        gate={
+            "table": {"prompts": 300, "p50": 0.31, "p99": 0.9},
+            "encoder": {"prompts": 700, "p50": 21.0, "p99": 47.0},
+        },
+    )
+    static = _figures(0.27, 0.84, scorer=f"learned {STATIC_MODEL_NAME}")
+    text = "\n".join(decision_lines({"decision": costly, "decision_static": static}))
+    assert "`learned router-v8` reads 70% of the prompts (those its static table is unsure" in text
+    assert "Decided from the table alone: 300 prompts, p50 0.310 ms, p99 0.900 ms" in text
+    assert "read through the encoder: 700 prompts, p50 21.00 ms, p99 47.00 ms." in text
+
+
+def test_the_size_cap_table_renders_the_outcome_of_new_and_old_results() -> None:
+    from bench.report import _decision_cap_lines
+
+    shape = {"body_bytes": 8388608, "min_ms": 0.1, "median_ms": 0.2, "cpu_min_ms": 0.1}
+    cap = {"cap_bytes": 8388608, "scorer": "learned x", "repeats": 5, "shapes": {
+        "prose": {**shape, "outcome": "400 context_length_exceeded"},
+        "older": {**shape, "tier": "local", "pii": True},
+    }}  # fmt: skip
+    text = "\n".join(_decision_cap_lines(cap))
+    assert "| prose | 8388608 | 0.1 | 0.2 | 0.1 | 400 context_length_exceeded |" in text
+    assert "| older | 8388608 | 0.1 | 0.2 | 0.1 | local (pii) |" in text

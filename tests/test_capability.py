@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,13 +15,17 @@ import numpy as np
 import pytest
 from sklearn.base import clone
 
-from router.artifact import METADATA_FILE, write_npz
+from router.artifact import METADATA_FILE, load_capability_model, write_npz
 from router.capability import (
     HEAD_FILE,
     CapabilityModel,
+    GatedCapability,
     default_capability_path,
+    is_gate,
     load_capability,
+    load_reader,
     save_capability,
+    save_gate,
 )
 from router.capability_training import CapabilityClassifier
 from router.embedding import EMBEDDING_FILE, embedding_path
@@ -187,7 +192,7 @@ def test_the_shipped_capability_models_carry_one_embedding_file() -> None:
     models = REPO / "models"
     copies = sorted(p.parent.name for p in models.glob(f"capability-v*/{EMBEDDING_FILE}"))
     assert copies == ["capability-v1"]
-    for d in sorted(models.glob("capability-v*")):
+    for d in sorted(d for d in models.glob("capability-v*") if not is_gate(d)):
         entry = json.loads((d / METADATA_FILE).read_text())["embedding"]
         assert embedding_path(d, entry) == d.parent / "capability-v1" / EMBEDDING_FILE
         load_capability(d)
@@ -246,3 +251,75 @@ def test_a_sidecar_cannot_name_an_embedding_outside_the_models(
     (d / METADATA_FILE).write_text(json.dumps(meta))
     with pytest.raises(ArtifactError, match=r"names no embedding\.npz"):
         load_capability(d)
+
+
+@pytest.fixture(scope="module")
+def other(shipped: CapabilityModel) -> CapabilityClassifier:
+    # A second head over the same table, fitted without the descriptions: it disagrees with
+    # ``fitted`` often enough to tell which one a gate read.
+    texts, labels = zip(*TRAIN, strict=True)
+    return CapabilityClassifier(shipped.embedding, descriptions=False).fit(
+        list(texts), list(labels)
+    )
+
+
+def test_a_gate_reads_its_second_model_only_where_the_first_is_unsure(
+    fitted: CapabilityClassifier, other: CapabilityClassifier
+) -> None:
+    first, then = fitted.serving(), other.serving()
+    tops = sorted(float(first.probabilities(t).max()) for t in SAMPLE)
+    threshold = (tops[2] + tops[3]) / 2  # three prompts below, the rest above
+    gate = GatedCapability(first, then, threshold, "cap-gate")
+    went = []
+    for text in SAMPLE:
+        p1, p2 = first.probabilities(text), then.probabilities(text)
+        assert not np.array_equal(p1, p2)
+        sure = float(p1.max()) >= threshold
+        np.testing.assert_array_equal(gate.probabilities(text), p1 if sure else p2)
+        assert gate.predict(text) == CAPABILITIES[int(np.argmax(p1 if sure else p2))]
+        went.append(sure)
+    assert went.count(False) == 3
+    assert first.costly and gate.costly  # the shipped table with the encoder, as capability-v4
+    with pytest.raises(ValueError, match="threshold"):
+        GatedCapability(first, then, 0.0)
+
+
+def test_a_gate_is_saved_and_loaded_with_its_members_pinned(
+    fitted: CapabilityClassifier, other: CapabilityClassifier, tmp_path: Path
+) -> None:
+    a = save_capability(fitted.serving(), tmp_path / "cap-a")
+    b = save_capability(other.serving(), tmp_path / "cap-b", share=a)
+    d = save_gate(tmp_path / "cap-gate", a, b, 0.6, {"chosen_by": "test"})
+    assert sorted(p.name for p in d.iterdir()) == [METADATA_FILE]  # members are not copied
+    assert is_gate(d) and not is_gate(a)
+    gate = load_reader(d)
+    assert isinstance(gate, GatedCapability)
+    assert (gate.version, gate.threshold) == ("cap-gate", 0.6)
+    assert isinstance(load_capability_model(d), GatedCapability)  # what routers load
+    assert isinstance(load_reader(a), CapabilityModel)
+    want = GatedCapability(fitted.serving(), other.serving(), 0.6)
+    for text in SAMPLE:
+        np.testing.assert_array_equal(gate.probabilities(text), want.probabilities(text))
+    # A member refitted in place is not the one the gate was chosen over: refused.
+    shutil.rmtree(b)
+    save_capability(fitted.serving(), b, share=a)
+    with pytest.raises(ArtifactError, match=r"then capability model .* not the pinned one"):
+        load_reader(d)
+    shutil.rmtree(b)
+    with pytest.raises(ArtifactError, match="missing"):
+        load_reader(d)
+
+
+def test_a_gate_sidecar_without_a_threshold_is_refused(
+    fitted: CapabilityClassifier, tmp_path: Path
+) -> None:
+    a = save_capability(fitted.serving(), tmp_path / "cap-a")
+    d = save_gate(tmp_path / "cap-gate", a, a, 0.9)
+    meta = json.loads((d / METADATA_FILE).read_text())
+    del meta["gate"]["threshold"]
+    (d / METADATA_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="threshold"):
+        load_reader(d)
+    with pytest.raises(ValueError, match="threshold"):
+        save_gate(tmp_path / "cap-gate-2", a, a, 1.5)
+    assert not (tmp_path / "cap-gate-2").exists()

@@ -945,7 +945,7 @@ def test_a_front_whose_answer_cannot_be_shaped_is_recorded_as_an_error(
 
 
 class CostlyScorer:
-    """Stands in for a scorer with an encoder (router-v7): ``costly``, reading the bundled
+    """Stands in for a scorer with an encoder (router-v8): ``costly``, reading the bundled
     local profile; it scores as :class:`KeywordScorer` and counts its calls."""
 
     name, version, costly = "learned", "costly-test", True

@@ -20,11 +20,12 @@ from router.artifact import (
     default_model_path,
     load_fitted,
     load_scorer,
+    router_capability,
     save_profile_router,
     save_scorer,
     sha256_file,
 )
-from router.capability import DEFAULT_CAPABILITY_NAME
+from router.capability import GatedCapability
 from router.classifier import LearnedScorer, ServedCapability
 from router.errors import ArtifactError
 from router.pii import pii_kinds
@@ -52,6 +53,8 @@ from tests.test_training import capability_rows, routing_rows, write_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = default_model_path()
+#: The shipped router's capability model: the gate over capability-v3 and capability-v4.
+SHIPPED_CAPABILITY = "capability-v5"
 
 SAMPLE = [
     *HARD,
@@ -111,12 +114,10 @@ def test_router_v3_still_serves_like_its_sklearn_estimators() -> None:
 def test_the_shipped_model_reads_the_shipped_capability_model() -> None:
     """The shipped model is a profile head over the shipped capability model: `tiergate classify`
     gives that model's capability, and the score is the head's formula over its probabilities."""
-    from router.capability import load_capability
-
     served = load_scorer(SHIPPED, default_profile())
     assert isinstance(served, ProfileScorer)
     assert (served.name, served.version) == ("learned", DEFAULT_MODEL_NAME)
-    capability = load_capability()
+    capability = router_capability(SHIPPED)
     head = dict(served.head)
     local = np.array([default_profile().accuracy(c) for c in capability.capabilities])
     for text in SAMPLE:
@@ -249,9 +250,14 @@ def test_the_shipped_model_is_format_4_and_router_v3_still_loads() -> None:
     entry = serving_entry(SHIPPED)
     assert (entry["format_version"], entry["routing"]) == (4, "profile")
     assert entry["capability"] == {
-        "name": DEFAULT_CAPABILITY_NAME,
-        "sha256": sha256_file(REPO / "models" / DEFAULT_CAPABILITY_NAME / METADATA_FILE),
+        "name": SHIPPED_CAPABILITY,
+        "sha256": sha256_file(REPO / "models" / SHIPPED_CAPABILITY / METADATA_FILE),
     }
+    gate = router_capability(SHIPPED)
+    assert isinstance(gate, GatedCapability)
+    assert (gate.first.version, gate.then.version) == ("capability-v3", "capability-v4")
+    chosen = json.loads((REPO / "studies" / "results" / "capability_gate.json").read_text())
+    assert chosen["chosen"] == f"gate_{gate.threshold:g}"  # the threshold the study chose
     v3 = load_scorer(V3)
     assert isinstance(v3, ServingScorer) and v3.version == "router-v3"
     a = v3.analyze(MATHS)
@@ -318,7 +324,7 @@ def test_a_profile_head_over_a_standalone_capability_model_serves_as_fitted(
 
     reader = KeywordCapabilities()
     fake = types.ModuleType("router.capability")
-    fake.load_capability = lambda directory: reader  # type: ignore[attr-defined]
+    fake.load_reader = lambda directory: reader  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "router.capability", fake)
     cap_dir = tmp_path / "capability-test"
     cap_dir.mkdir()

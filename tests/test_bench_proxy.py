@@ -1,0 +1,35 @@
+"""The proxy benchmark's two chat requests: ``bench/chat.json``'s prompt is one the shipped
+gate decides from the static table, ``bench/chat_encoded.json``'s one it reads through the
+encoder, so ``python -m bench --body`` measures both paths (bench/README.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.proxy import chat_body
+from router.artifact import default_model_path, router_capability
+from router.capability import GatedCapability
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _prompt(path: Path) -> str:
+    return str(json.loads(path.read_text())["messages"][-1]["content"])
+
+
+def test_the_two_bench_prompts_take_the_gate_s_two_paths() -> None:
+    gate = router_capability(default_model_path())
+    assert isinstance(gate, GatedCapability)
+    sure = gate.first.probabilities(_prompt(REPO / "bench" / "chat.json")).max()
+    unsure = gate.first.probabilities(_prompt(REPO / "bench" / "chat_encoded.json")).max()
+    assert sure >= gate.threshold > unsure
+
+
+def test_the_chat_body_is_bench_body_when_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("BENCH_BODY", raising=False)
+    assert chat_body() == REPO / "bench" / "chat.json"
+    monkeypatch.setenv("BENCH_BODY", str(REPO / "bench" / "chat_encoded.json"))
+    assert chat_body() == REPO / "bench" / "chat_encoded.json"
