@@ -77,10 +77,7 @@ def length_bands(
     out: dict[str, dict[str, Any]] = {}
     low = -1.0
     for label, high in bands:
-        got = sorted(m for m, t in zip(ms, tokens, strict=True) if low < t <= high)
-        out[label] = {"prompts": len(got)}
-        if got:
-            out[label] |= {"p50": round(statistics.median(got), 4), "p99": round(_pct(got, 99), 4)}
+        out[label] = _band([m for m, t in zip(ms, tokens, strict=True) if low < t <= high])
         low = high
     return out
 
@@ -113,9 +110,7 @@ def _gate_split(scorer: Scorer) -> Callable[[str], bool] | None:
     from router.serving import ProfileScorer
 
     gate = scorer.capability if isinstance(scorer, ProfileScorer) else None
-    if not isinstance(gate, GatedCapability):
-        return None
-    return lambda text: float(gate.first.probabilities(text).max()) < gate.threshold
+    return gate.reads_second if isinstance(gate, GatedCapability) else None
 
 
 def gate_bands(ms: Sequence[float], encoded: Sequence[bool]) -> dict[str, dict[str, Any]]:
@@ -123,10 +118,16 @@ def gate_bands(ms: Sequence[float], encoded: Sequence[bool]) -> dict[str, dict[s
     (``table``) and of those it read through the encoder (``encoder``)."""
     out: dict[str, dict[str, Any]] = {}
     for label, want in (("table", False), ("encoder", True)):
-        got = sorted(m for m, e in zip(ms, encoded, strict=True) if e is want)
-        out[label] = {"prompts": len(got)}
-        if got:
-            out[label] |= {"p50": round(statistics.median(got), 4), "p99": round(_pct(got, 99), 4)}
+        out[label] = _band([m for m, e in zip(ms, encoded, strict=True) if e is want])
+    return out
+
+
+def _band(ms: Sequence[float]) -> dict[str, Any]:
+    # A band's prompt count, and its p50 / p99 when it has any.
+    got = sorted(ms)
+    out: dict[str, Any] = {"prompts": len(got)}
+    if got:
+        out |= {"p50": round(statistics.median(got), 4), "p99": round(_pct(got, 99), 4)}
     return out
 
 

@@ -463,6 +463,10 @@ class GatedCapability:
         p = self.first.probabilities(text)
         return p if float(p.max()) >= self.threshold else self.then.probabilities(text)
 
+    def reads_second(self, text: str) -> bool:
+        """Whether :meth:`probabilities` reads ``text`` through ``then`` (``first`` unsure)."""
+        return float(self.first.probabilities(text).max()) < self.threshold
+
     def predict(self, text: str) -> str:
         """The most probable capability of one prompt."""
         return self.capabilities[int(np.argmax(self.probabilities(text)))]

@@ -88,6 +88,11 @@ class GatedReader:
         out: FloatArray = p3 if p3.max() >= self.tau else self.encoder.probabilities(text)
         return out
 
+    def save(self) -> None:
+        """Write both members' disk caches (:meth:`studies.router_v5.MemoReader.save`)."""
+        self.static.save()
+        self.encoder.save()
+
 
 def _figures(truth: Sequence[str], guess: Sequence[str]) -> dict[str, float]:
     """Accuracy and macro-F1 over the capabilities in the truth (as leave_one_source_out)."""

@@ -155,14 +155,6 @@ class _Gated:
         return np.array(CAPABILITIES)[self.predict_proba(texts).argmax(axis=1)]
 
 
-class _GateReader(GatedReader):
-    """The members' cached readers composed as the gate (saved together)."""
-
-    def save(self) -> None:
-        self.static.save()
-        self.encoder.save()
-
-
 def capability_figures(cap_dir: Path) -> tuple[dict[str, Any], Any]:
     """Leave-one-source-out figures of the rebuilt capability estimator (both members of a
     gate), and its agreement with the shipped model when fitted on every row; also returns the
@@ -181,7 +173,7 @@ def capability_figures(cap_dir: Path) -> tuple[dict[str, Any], Any]:
     commercial, research = licence_split(data)
     readers = [cached_reader(d) for d in members]
     reader: Any = (
-        _GateReader(readers[0], readers[1], threshold) if len(readers) == 2 else readers[0]
+        GatedReader(readers[0], readers[1], threshold) if len(readers) == 2 else readers[0]
     )
     memos: list[Any] = [Memo(r.reader.embedding) for r in readers]  # the tables, memoised
     calls: list[tuple[int, int]] = []

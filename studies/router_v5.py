@@ -117,12 +117,11 @@ def compare(
     scores = {}
     for router, cap in capabilities.items():
         print(f"{router} over {cap}: leave-one-source-out ...", file=sys.stderr, flush=True)
-        if readers and cap in readers:
-            scores[router] = gap_loso_scores(rows, ServedCapability(readers[cap]).fit())
-            continue
-        reader = cached_reader(MODELS / cap)
+        given = (readers or {}).get(cap)
+        reader = given if given is not None else cached_reader(MODELS / cap)
         scores[router] = gap_loso_scores(rows, ServedCapability(reader).fit())
-        reader.save()
+        if given is None:
+            reader.save()
     per_file = paired_per_file(scores[candidate], scores[baseline], rows)
     ood = load_routing_rows(DATA / OOD_FILE)
     served = {name: load_scorer(MODELS / name) for name in capabilities}

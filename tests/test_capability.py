@@ -276,6 +276,7 @@ def test_a_gate_reads_its_second_model_only_where_the_first_is_unsure(
         assert not np.array_equal(p1, p2)
         sure = float(p1.max()) >= threshold
         np.testing.assert_array_equal(gate.probabilities(text), p1 if sure else p2)
+        assert gate.reads_second(text) is not sure
         assert gate.predict(text) == CAPABILITIES[int(np.argmax(p1 if sure else p2))]
         went.append(sure)
     assert went.count(False) == 3
