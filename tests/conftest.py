@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
 import textwrap
 import threading
 import time
@@ -121,6 +122,18 @@ def _tiergate_home(tmp_path_factory: pytest.TempPathFactory) -> None:
 def _provider_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     for key, value in KEYS.items():
         monkeypatch.setenv(key, value)
+
+
+def checkout_files() -> list[str]:
+    """The files git would commit (tracked, or untracked and not ignored): what a clean
+    checkout holds, as paths relative to the repository."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    return [name for name in listed.split("\0") if name]
 
 
 def free_port() -> int:

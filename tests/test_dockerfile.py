@@ -4,6 +4,7 @@ the classifier reads)."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import shutil
@@ -13,7 +14,11 @@ from pathlib import Path
 
 import pytest
 
+import router.locations
+from router.artifact import DEFAULT_MODEL_NAME, STATIC_MODEL_NAME, load_scorer
+from router.cascade import DEFAULT_CASCADE_NAME, default_cascade_path, load_cascade
 from router.encoder import ENCODER_FILE, ENV_ENCODER_PATH
+from tests.conftest import checkout_files
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"
@@ -97,8 +102,51 @@ def test_dockerignore_keeps_the_context_small() -> None:
         "!models/router-v6",
         "!models/capability-v3",
         "!models/capability-v1",
+        "!models/cascade-v1",
         "!models/profiles",
-    ], "both classifiers, their capability models, the embedding table, the profiles, no GGUF"
+    ], "both classifiers, their capability models, the embedding table, the cascade's "
+    "confidence model, the profiles, no GGUF"
+
+
+def _docker_context() -> list[str]:
+    """The checkout's files (what git would commit) that the build context keeps: the last
+    ``.dockerignore`` pattern that matches a path decides, and a pattern that matches a folder
+    also matches everything under it."""
+    rules = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    kept = []
+    for name in checkout_files():
+        keep = True
+        for rule in rules:
+            pattern = rule.removeprefix("!").replace("**", "*")
+            if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + "/*"):
+                keep = rule.startswith("!")
+        if keep and (REPO / name).is_file():
+            kept.append(name)
+    return kept
+
+
+def test_the_build_context_holds_every_model_the_image_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The wheel the builder installs carries models/ as the context holds it (pyproject.toml's
+    # package data), and the runtime copies from the context: load the shipped routers, their
+    # profile and the cascade's confidence model from the context's files alone.
+    for name in _docker_context():
+        if name.startswith("models/"):
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, tmp_path / name)
+    monkeypatch.setattr(router.locations, "shipped_root", lambda: tmp_path)
+    # The image fetches the encoder's weights apart from the context (the test above).
+    monkeypatch.setenv(ENV_ENCODER_PATH, str(REPO / "models" / ENCODER_FILE))
+    models = tmp_path / "models"
+    for name in (DEFAULT_MODEL_NAME, STATIC_MODEL_NAME):
+        assert 0.0 <= load_scorer(models / name).score("Prove that 17 is prime.") <= 1.0
+    load_cascade(models / DEFAULT_CASCADE_NAME)
+    assert default_cascade_path() == models / DEFAULT_CASCADE_NAME
 
 
 def test_runtime_carries_the_shipped_classifier() -> None:

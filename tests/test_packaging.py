@@ -35,7 +35,7 @@ from router.capability import DEFAULT_CAPABILITY_NAME
 from router.config import BUNDLED_GGUF
 from router.embedding import embedding_path
 from router.encoder import ENCODER_FILE
-from tests.conftest import GGUF, REPO, free_port
+from tests.conftest import GGUF, REPO, checkout_files, free_port
 
 pytestmark = pytest.mark.slow  # builds a wheel and a fresh venv
 
@@ -44,13 +44,7 @@ SHIPPED = "router/_shipped"
 
 def _source_tree(dest: Path) -> Path:
     """The files git would commit (tracked or not ignored), copied: what a clean checkout holds."""
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=REPO,
-        capture_output=True,
-        check=True,
-    ).stdout.decode()
-    for name in filter(None, listed.split("\0")):
+    for name in checkout_files():
         src = REPO / name
         if src.is_file() and not src.is_symlink():
             target = dest / name
