@@ -208,16 +208,21 @@ def write_npz(path: Path, arrays: Mapping[str, NDArray[Any]]) -> str:
     return sha256_file(path)
 
 
-def read_checked_npz(path: Path, sha256: object, what: str = "arrays") -> dict[str, NDArray[Any]]:
-    """The arrays of an ``.npz`` whose bytes hash to ``sha256`` (the sidecar's), read from the
-    very bytes that were hashed, without pickles; an :class:`ArtifactError` (naming the file as
-    ``what``) otherwise."""
+def read_checked(path: Path, sha256: object) -> bytes:
+    """The bytes of a file an artifact's sidecar names, refused (:class:`ArtifactError`) unless
+    they hash to ``sha256`` (the sidecar's)."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise ArtifactError(f"{path}: named by its sidecar, cannot be read") from exc
     if hashlib.sha256(data).hexdigest() != sha256:
         raise ArtifactError(f"{path}: sha256 does not match its sidecar; refusing to load")
+    return data
+
+
+def parse_npz(path: Path, data: bytes, what: str = "arrays") -> dict[str, NDArray[Any]]:
+    """The arrays of the ``.npz`` bytes ``data`` (read from ``path``), without pickles; an
+    :class:`ArtifactError` (naming the file as ``what``) otherwise."""
     try:
         loaded = np.load(io.BytesIO(data), allow_pickle=False)
         if not isinstance(loaded, NpzFile):
@@ -226,6 +231,13 @@ def read_checked_npz(path: Path, sha256: object, what: str = "arrays") -> dict[s
             return {key: loaded[key] for key in loaded.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise ArtifactError(f"{path}: unusable {what} ({exc})") from exc
+
+
+def read_checked_npz(path: Path, sha256: object, what: str = "arrays") -> dict[str, NDArray[Any]]:
+    """The arrays of an ``.npz`` whose bytes hash to ``sha256`` (the sidecar's), read from the
+    very bytes that were hashed, without pickles; an :class:`ArtifactError` (naming the file as
+    ``what``) otherwise."""
+    return parse_npz(path, read_checked(path, sha256), what)
 
 
 def write_serving_form(directory: Path, form: Mapping[str, NDArray[Any]]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ Nothing happens at import beyond compiling two regexes; no scikit-learn, scipy o
 
 from __future__ import annotations
 
+import copy
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from router.artifact import read_checked_npz, read_sidecar, write_npz, write_sidecar
+from router.artifact import parse_npz, read_checked, read_sidecar, write_npz, write_sidecar
 from router.errors import ArtifactError
 from router.features import clip
 
@@ -55,6 +56,7 @@ class WordPiece:
     def __init__(self, vocab: Sequence[str]) -> None:
         self.index = {token: i for i, token in enumerate(vocab)}
         self.unk = self.index["[UNK]"]
+        self.vocab_size = len(vocab)
         self._cache: dict[str, tuple[int, ...]] = {}
 
     def _word(self, word: str) -> tuple[int, ...]:
@@ -97,7 +99,12 @@ class StaticEmbedding:
     """Token vectors (``table``, one row per ``vocab`` entry) mean-pooled into a prompt vector."""
 
     def __init__(
-        self, table: NDArray[Any], vocab: Sequence[str], provenance: Mapping[str, Any] | None = None
+        self,
+        table: NDArray[Any],
+        vocab: Sequence[str],
+        provenance: Mapping[str, Any] | None = None,
+        *,
+        tokenizer: WordPiece | None = None,
     ) -> None:
         if table.ndim != 2 or table.shape[0] != len(vocab) or not np.isfinite(table).all():
             raise ValueError("embedding: table must be finite, one row per vocabulary token")
@@ -107,7 +114,11 @@ class StaticEmbedding:
         # stored type (float16 converts exactly).
         self.table: NDArray[np.float32] = np.asarray(table, dtype=np.float32)
         self.stored_dtype = table.dtype
-        self.tokenizer = WordPiece(self.vocab)
+        # ``tokenizer``: one already built over this very vocabulary, shared (its index and word
+        # cache are megabytes) rather than built again.
+        if tokenizer is not None and tokenizer.vocab_size != len(self.vocab):
+            raise ValueError("embedding: the tokenizer is not over this vocabulary")
+        self.tokenizer = tokenizer if tokenizer is not None else WordPiece(self.vocab)
         self.provenance = dict(provenance or {})
 
     @property
@@ -200,10 +211,16 @@ def embedding_path(directory: Path, entry: object) -> Path:
     raise ArtifactError(f"{directory}: its sidecar names no {EMBEDDING_FILE}")
 
 
+#: The table last read, by the sha256 of its file: the capability models of a gate, or a
+#: router and its hot-swapped successor, share one copy of it.
+_READ: dict[str, StaticEmbedding] = {}
+
+
 def read_embedding(directory: Path, entry: object) -> StaticEmbedding:
     """The :class:`StaticEmbedding` an artifact's sidecar ``entry`` names
     (:func:`embedding_path`), checked for its format version and sha256 before its bytes are
-    read (plain arrays, no pickle)."""
+    parsed (plain arrays, no pickle). Bytes already parsed, by their hash, are not parsed
+    again: the result shares their table and tokenizer (neither is ever written to)."""
     path = embedding_path(directory, entry)
     assert isinstance(entry, dict)  # embedding_path refuses anything else
     if entry.get("format_version") != EMBEDDING_FORMAT_VERSION:
@@ -211,14 +228,24 @@ def read_embedding(directory: Path, entry: object) -> StaticEmbedding:
             f"{directory}: embedding format {entry.get('format_version')!r}, "
             f"this Tiergate reads {EMBEDDING_FORMAT_VERSION}"
         )
-    arrays = read_checked_npz(path, entry.get("sha256"))
-    table, vocab = arrays.get("table"), arrays.get("vocab")
-    if table is None or vocab is None or table.dtype.kind != "f" or vocab.dtype.kind != "U":
-        raise ArtifactError(f"{path}: not a static embedding")
-    try:
-        return StaticEmbedding(table, vocab.tolist(), entry.get("provenance"))
-    except (ValueError, KeyError) as exc:
-        raise ArtifactError(f"{path}: unusable embedding ({exc})") from exc
+    digest = str(entry.get("sha256"))
+    data = read_checked(path, digest)
+    read = _READ.get(digest)
+    if read is None:
+        arrays = parse_npz(path, data)
+        table, vocab = arrays.get("table"), arrays.get("vocab")
+        if table is None or vocab is None or table.dtype.kind != "f" or vocab.dtype.kind != "U":
+            raise ArtifactError(f"{path}: not a static embedding")
+        try:
+            read = StaticEmbedding(table, vocab.tolist())
+        except (ValueError, KeyError) as exc:
+            raise ArtifactError(f"{path}: unusable embedding ({exc})") from exc
+        read.table.flags.writeable = False
+        _READ.clear()
+        _READ[digest] = read
+    out = copy.copy(read)
+    out.provenance = dict(entry.get("provenance") or {})
+    return out
 
 
 def share_embedding(

@@ -42,7 +42,6 @@ from router.distill import (
     VOCAB_SHA256,
     WEIGHTS_SHA256,
     WHEEL_SHA256,
-    read_safetensors,
 )
 from router.embedding import StaticEmbedding
 from router.errors import ArtifactError
@@ -266,7 +265,7 @@ class ContextualEmbedding(StaticEmbedding):
         tail_tokens: int = 64,
         weight: float = 1.0,
     ) -> None:
-        super().__init__(static.table, static.vocab, static.provenance)
+        super().__init__(static.table, static.vocab, static.provenance, tokenizer=static.tokenizer)
         self.stored_dtype = static.stored_dtype
         if not 3 <= tail_tokens <= head_tokens <= encoder.max_positions:
             raise ValueError("encoder window: need 3 <= tail_tokens <= head_tokens <= positions")
@@ -332,10 +331,51 @@ def encoder_path(environ: Mapping[str, str] | None = None) -> Path | None:
 _LOADED: dict[tuple[str, int, int], MiniLM] = {}
 
 
+def map_weights(path: Path, sha256: str = WEIGHTS_SHA256) -> dict[str, F32]:
+    """The float32 tensors of the safetensors file at ``path``, mapped read-only from it, not
+    copied, once the mapped bytes hash to ``sha256`` (the pinned weights' by default).
+
+    Mapped pages are the page cache's, not the process's own: processes serving the same file
+    (uvicorn workers, replicas on one node) share one copy, and the kernel may drop clean pages
+    under pressure and read them again. Hashing touches every page; the mapping then releases
+    them (``MADV_DONTNEED``), so an idle process holds only what loading read, and pages come
+    back into its resident set as the encoder reads them (with the kernel's fault-around, in
+    practice the whole file after a few hundred prompts). A file replaced by a rename (as
+    ``tiergate fetch-model`` writes it) leaves the mapping on the bytes that were hashed; do
+    not write over the weights in place. A tensor the mapping cannot give aligned is copied.
+    """
+    import hashlib
+    import json
+    import mmap
+    import struct
+
+    with path.open("rb") as f:
+        try:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(f"{path}: cannot be mapped ({exc})") from exc
+    if hashlib.sha256(mapped).hexdigest() != sha256:
+        mapped.close()
+        raise ArtifactError(f"{path}: sha256 does not match the pinned {SOURCE_MODEL} weights")
+    if hasattr(mmap, "MADV_DONTNEED"):
+        mapped.madvise(mmap.MADV_DONTNEED)
+    (n,) = struct.unpack("<Q", mapped[:8])
+    header = json.loads(mapped[8 : 8 + n])
+    out: dict[str, F32] = {}
+    for name, info in header.items():
+        if name == "__metadata__" or info["dtype"] != "F32":
+            continue
+        start, end = info["data_offsets"]
+        arr = np.frombuffer(mapped, dtype="<f4", count=(end - start) // 4, offset=8 + n + start)
+        arr = arr.reshape(info["shape"])
+        out[name] = arr if arr.flags.aligned else arr.copy()
+    return out
+
+
 def load_encoder(path: Path | None = None) -> MiniLM:
     """The encoder whose weights are at ``path`` (default :func:`encoder_path`), sha256-checked
-    against :data:`~router.distill.WEIGHTS_SHA256`. Kept per file, so a hot swap or a second
-    scorer does not read 90 MB again."""
+    against :data:`~router.distill.WEIGHTS_SHA256` and mapped from the file
+    (:func:`map_weights`). Kept per file, so a hot swap or a second scorer maps it once."""
     p = path if path is not None else encoder_path()
     if p is None or not p.is_file():
         where = f" at {p}" if p is not None else ""
@@ -347,13 +387,9 @@ def load_encoder(path: Path | None = None) -> MiniLM:
     stat = p.stat()
     key = (str(p.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _LOADED:
-        import hashlib
-
-        data = p.read_bytes()
-        if hashlib.sha256(data).hexdigest() != WEIGHTS_SHA256:
-            raise ArtifactError(f"{p}: sha256 does not match the pinned {SOURCE_MODEL} weights")
+        encoder = MiniLM(map_weights(p))
         _LOADED.clear()
-        _LOADED[key] = MiniLM(read_safetensors(data, np.float32))
+        _LOADED[key] = encoder
     return _LOADED[key]
 
 

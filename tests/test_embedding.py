@@ -6,7 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from router.capability import CapabilityModel, load_capability
+from router.capability import (
+    CapabilityModel,
+    GatedCapability,
+    default_capability_path,
+    load_capability,
+    load_reader,
+)
 from router.embedding import StaticEmbedding, WordPiece
 
 
@@ -24,3 +30,13 @@ def test_wordpiece_splits_like_bert(shipped: CapabilityModel) -> None:
 def test_embedding_refuses_a_table_that_does_not_fit_its_vocabulary() -> None:
     with pytest.raises(ValueError, match="one row per vocabulary token"):
         StaticEmbedding(np.zeros((3, 4), dtype=np.float16), ["[UNK]", "a"])
+
+
+def test_the_gates_two_capability_models_share_one_table_and_tokenizer() -> None:
+    # capability-v3 and capability-v4 name one table file; the gate over them holds it once.
+    gate = load_reader(default_capability_path().parent / "capability-v5")
+    assert isinstance(gate, GatedCapability)
+    first, then = gate.first.embedding, gate.then.embedding
+    assert first.table is then.table and first.tokenizer is then.tokenizer
+    assert not first.table.flags.writeable
+    assert first.provenance == then.provenance and first.provenance is not then.provenance

@@ -34,6 +34,7 @@ from router.encoder import (
     encoder_path,
     fetch_encoder,
     load_encoder,
+    map_weights,
     read_encoder,
 )
 from router.errors import ArtifactError, ConfigError
@@ -399,9 +400,8 @@ def test_missing_weights_name_the_command_that_fetches_them(
         load_encoder()
 
 
-def test_weights_that_are_not_the_pinned_ones_are_refused(tmp_path: Path) -> None:
-    # A well-formed safetensors file of a BERT encoder, but not the pinned bytes.
-    w = tiny_bert(0)
+def write_safetensors(path: Path, w: dict[str, NDArray[np.float32]], pad: int = 0) -> str:
+    """Write ``w`` as a safetensors file, its header padded by ``pad`` spaces; its sha256."""
     header: dict[str, Any] = {}
     blob = b""
     for name, arr in w.items():
@@ -411,12 +411,46 @@ def test_weights_that_are_not_the_pinned_ones_are_refused(tmp_path: Path) -> Non
             "data_offsets": [len(blob), len(blob) + arr.nbytes],
         }
         blob += arr.astype("<f4").tobytes()
-    raw = json.dumps(header).encode()
-    path = tmp_path / ENCODER_FILE
+    raw = json.dumps(header).encode() + b" " * pad
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + blob)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_weights_that_are_not_the_pinned_ones_are_refused(tmp_path: Path) -> None:
+    # A well-formed safetensors file of a BERT encoder, but not the pinned bytes.
+    w = tiny_bert(0)
+    path = tmp_path / ENCODER_FILE
+    write_safetensors(path, w)
     assert set(read_safetensors(path.read_bytes())) == set(w)
     with pytest.raises(ArtifactError, match="does not match the pinned"):
         load_encoder(path)
+
+
+def test_the_shipped_weights_are_mapped_from_their_file_not_copied(encoder: MiniLM) -> None:
+    copied = read_safetensors(WEIGHTS.read_bytes(), np.float32)
+    # The word table (half the weights, mostly never read) and the unfused matrices are views
+    # of the read-only mapping, equal to the bytes read the ordinary way.
+    assert not encoder.word.flags.owndata and not encoder.word.flags.writeable
+    np.testing.assert_array_equal(encoder.word, copied["embeddings.word_embeddings.weight"])
+    up = encoder.layers[0]["up"]
+    assert not up.flags.owndata and not up.flags.writeable
+    np.testing.assert_array_equal(up, copied["encoder.layer.0.intermediate.dense.weight"])
+
+
+@pytest.mark.parametrize("pad", [0, 1, 2, 3])
+def test_mapped_weights_equal_the_file_at_any_alignment(tmp_path: Path, pad: int) -> None:
+    w = tiny_bert(1)
+    path = tmp_path / "tiny.safetensors"
+    mapped = map_weights(path, write_safetensors(path, w, pad))
+    (header,) = struct.unpack("<Q", path.read_bytes()[:8])
+    assert set(mapped) == set(w)
+    for name, arr in w.items():
+        # A tensor the mapping gives unaligned is copied; either way the values are the file's.
+        assert mapped[name].flags.aligned
+        assert mapped[name].flags.owndata == bool((8 + header) % 4)
+        np.testing.assert_array_equal(mapped[name], arr)
+    with pytest.raises(ArtifactError, match="sha256"):
+        map_weights(path, "0" * 64)
 
 
 def test_the_loaded_encoder_is_kept_per_file(encoder: MiniLM) -> None:
