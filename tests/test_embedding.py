@@ -40,3 +40,12 @@ def test_the_gates_two_capability_models_share_one_table_and_tokenizer() -> None
     assert first.table is then.table and first.tokenizer is then.tokenizer
     assert not first.table.flags.writeable
     assert first.provenance == then.provenance and first.provenance is not then.provenance
+
+
+def test_a_shared_tokenizer_must_be_over_the_same_vocabulary() -> None:
+    vocab = ["[UNK]", "a", "b"]
+    table = np.zeros((3, 4), dtype=np.float16)
+    shared = StaticEmbedding(table, vocab).tokenizer
+    assert StaticEmbedding(table, vocab, tokenizer=shared).tokenizer is shared
+    with pytest.raises(ValueError, match="not over this vocabulary"):
+        StaticEmbedding(np.zeros((2, 4)), ["[UNK]", "a"], tokenizer=shared)
