@@ -90,20 +90,25 @@ def fetch_encoder(dest: Path) -> tuple[bytes, list[str]]:
     return weights, vocab_bytes.decode("utf-8").splitlines()
 
 
-def read_safetensors(data: bytes, dtype: type[np.floating[Any]] = np.float64) -> dict[str, Any]:
-    """The float32 tensors of a safetensors file, as ``dtype`` arrays (the format is a length, a
-    JSON header of names, dtypes, shapes and offsets, then the raw little-endian bytes)."""
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + n])
-    base = 8 + n
+def safetensors_views(buffer: Any) -> dict[str, NDArray[Any]]:
+    """The float32 tensors of safetensors bytes (``bytes``, or any buffer such as a read-only
+    mapping), as little-endian float32 views of ``buffer``, not copies. The format is a length,
+    a JSON header of names, dtypes, shapes and offsets, then the raw little-endian bytes."""
+    (n,) = struct.unpack("<Q", buffer[:8])
+    header = json.loads(buffer[8 : 8 + n])
     out = {}
     for name, info in header.items():
         if name == "__metadata__" or info["dtype"] != "F32":
             continue
         start, end = info["data_offsets"]
-        arr = np.frombuffer(data[base + start : base + end], dtype="<f4")
-        out[name] = arr.reshape(info["shape"]).astype(dtype)
+        arr = np.frombuffer(buffer, dtype="<f4", count=(end - start) // 4, offset=8 + n + start)
+        out[name] = arr.reshape(info["shape"])
     return out
+
+
+def read_safetensors(data: bytes, dtype: type[np.floating[Any]] = np.float64) -> dict[str, Any]:
+    """The float32 tensors of a safetensors file, as ``dtype`` arrays of their own."""
+    return {name: arr.astype(dtype) for name, arr in safetensors_views(data).items()}
 
 
 def _layer_norm(x: FloatArray, w: FloatArray, b: FloatArray) -> FloatArray:

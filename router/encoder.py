@@ -42,6 +42,7 @@ from router.distill import (
     VOCAB_SHA256,
     WEIGHTS_SHA256,
     WHEEL_SHA256,
+    safetensors_views,
 )
 from router.embedding import StaticEmbedding
 from router.errors import ArtifactError
@@ -345,9 +346,7 @@ def map_weights(path: Path, sha256: str = WEIGHTS_SHA256) -> dict[str, F32]:
     not write over the weights in place. A tensor the mapping cannot give aligned is copied.
     """
     import hashlib
-    import json
     import mmap
-    import struct
 
     with path.open("rb") as f:
         try:
@@ -359,17 +358,8 @@ def map_weights(path: Path, sha256: str = WEIGHTS_SHA256) -> dict[str, F32]:
         raise ArtifactError(f"{path}: sha256 does not match the pinned {SOURCE_MODEL} weights")
     if hasattr(mmap, "MADV_DONTNEED"):
         mapped.madvise(mmap.MADV_DONTNEED)
-    (n,) = struct.unpack("<Q", mapped[:8])
-    header = json.loads(mapped[8 : 8 + n])
-    out: dict[str, F32] = {}
-    for name, info in header.items():
-        if name == "__metadata__" or info["dtype"] != "F32":
-            continue
-        start, end = info["data_offsets"]
-        arr = np.frombuffer(mapped, dtype="<f4", count=(end - start) // 4, offset=8 + n + start)
-        arr = arr.reshape(info["shape"])
-        out[name] = arr if arr.flags.aligned else arr.copy()
-    return out
+    views = safetensors_views(mapped)
+    return {name: arr if arr.flags.aligned else arr.copy() for name, arr in views.items()}
 
 
 def load_encoder(path: Path | None = None) -> MiniLM:

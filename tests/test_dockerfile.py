@@ -140,7 +140,8 @@ def test_the_build_context_holds_every_model_the_image_loads(
             (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, tmp_path / name)
     monkeypatch.setattr(router.locations, "shipped_root", lambda: tmp_path)
-    # The image fetches the encoder's weights apart from the context (the test above).
+    # The image fetches the encoder's weights apart from the context
+    # (test_every_image_carries_the_encoder_weights).
     monkeypatch.setenv(ENV_ENCODER_PATH, str(REPO / "models" / ENCODER_FILE))
     models = tmp_path / "models"
     for name in (DEFAULT_MODEL_NAME, STATIC_MODEL_NAME):
