@@ -74,6 +74,8 @@ CAPABILITY_FORMAT = "tiergate-capability"
 CAPABILITY_FORMAT_VERSION = 1
 GATE_FORMAT = "tiergate-capability-gate"
 GATE_FORMAT_VERSION = 1
+SPLIT_FORMAT = "tiergate-capability-split"
+SPLIT_FORMAT_VERSION = 1
 HEAD_FILE = "head.npz"
 DEFAULT_CAPABILITY_NAME = "capability-v4"
 
@@ -348,7 +350,11 @@ class CapabilityModel:
 
     def logits(self, text: str) -> FloatArray:
         """The head's decision values for one prompt, one per capability."""
-        out: FloatArray = self.coef @ unit(self.embedding.embed(text) - self.center)
+        return self.logits_of(self.embedding.embed(text))
+
+    def logits_of(self, vector: FloatArray) -> FloatArray:
+        """The head's decision values for a prompt vector :attr:`embedding` already gave."""
+        out: FloatArray = self.coef @ unit(vector - self.center)
         out += self.intercept
         return out
 
@@ -500,6 +506,22 @@ def save_gate(
     return d
 
 
+def _pinned(d: Path, entry: object, role: str) -> Path:
+    # The directory of the member a gate or split sidecar names as ``role``, refused unless its
+    # sidecar is the one pinned by sha256.
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        raise ArtifactError(f"{d / METADATA_FILE}: names no {role} capability model")
+    where = capability_dir(d, entry["name"])
+    pinned = (where / METADATA_FILE).is_file() and sha256_file(where / METADATA_FILE) == entry.get(
+        "sha256"
+    )
+    if not pinned:
+        raise ArtifactError(
+            f"{d}: its {role} capability model {where} is missing or not the pinned one"
+        )
+    return where
+
+
 def load_gate(directory: str | Path) -> GatedCapability:
     """The gate in ``directory``: each member found as :func:`router.artifact.capability_dir`
     finds a router's capability model and refused unless its sidecar is the pinned one."""
@@ -508,21 +530,7 @@ def load_gate(directory: str | Path) -> GatedCapability:
     gate = meta.get("gate")
     if not isinstance(gate, dict) or not isinstance(gate.get("threshold"), int | float):
         raise ArtifactError(f"{d / METADATA_FILE}: names no gate threshold")
-    members = []
-    for role in ("first", "then"):
-        entry = gate.get(role)
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-            raise ArtifactError(f"{d / METADATA_FILE}: names no {role} capability model")
-        where = capability_dir(d, entry["name"])
-        pinned = (where / METADATA_FILE).is_file() and sha256_file(
-            where / METADATA_FILE
-        ) == entry.get("sha256")
-        if not pinned:
-            raise ArtifactError(
-                f"{d}: its {role} capability model {where} is missing or not the pinned one"
-            )
-        members.append(load_capability(where))
-    first, then = members
+    first, then = (load_capability(_pinned(d, gate.get(role), role)) for role in ("first", "then"))
     try:
         return GatedCapability(
             first, then, float(gate["threshold"]), str(meta.get("version", d.name))
@@ -531,15 +539,134 @@ def load_gate(directory: str | Path) -> GatedCapability:
         raise ArtifactError(f"{d}: unusable capability gate ({exc})") from exc
 
 
-def is_gate(directory: str | Path) -> bool:
-    """Whether ``directory``'s sidecar says it is a gate (its other fields are not checked)."""
+def _format(directory: str | Path) -> object:
+    # The format a sidecar claims (its other fields are not checked), or None.
     try:
         meta = json.loads((Path(directory) / METADATA_FILE).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(meta, dict) and meta.get("format") == GATE_FORMAT
+        return None
+    return meta.get("format") if isinstance(meta, dict) else None
 
 
-def load_reader(directory: str | Path) -> CapabilityModel | GatedCapability:
-    """The capability model or the gate in ``directory``."""
+def is_gate(directory: str | Path) -> bool:
+    """Whether ``directory``'s sidecar says it is a gate (its other fields are not checked)."""
+    return _format(directory) == GATE_FORMAT
+
+
+def is_split(directory: str | Path) -> bool:
+    """Whether ``directory``'s sidecar says it is a split reader (other fields not checked)."""
+    return _format(directory) == SPLIT_FORMAT
+
+
+Reader = CapabilityModel | GatedCapability
+
+
+class SplitCapability:
+    """Two capability readers over one prompt: ``score``'s probabilities feed the routing score
+    (what a router's head and a profile estimate were fitted on), ``label``'s arg-max names the
+    capability (what the policy, ``classify`` and the local profile's entry read).
+
+    A capability model that recognises categories better can move the probabilities a routing
+    head had learnt to rank by (``python -m studies.capability_v6``), so the two roles may be
+    filled by different models. Members whose embeddings read alike
+    (:meth:`router.embedding.StaticEmbedding.reads_like`) share one prompt vector, so the
+    encoder runs at most once per prompt."""
+
+    def __init__(self, score: Reader, label: Reader, version: str = "split") -> None:
+        if score.capabilities != label.capabilities:
+            raise ValueError("capability split: its two readers order their capabilities apart")
+        self.score, self.label = score, label
+        self.capabilities = score.capabilities
+        self.version = version
+        models = [m for r in (score, label) for m in _members(r)]
+        #: Per member (by position in ``models``), the index of the first member reading alike.
+        self._alike = [
+            next(j for j, o in enumerate(models) if o.embedding.reads_like(m.embedding))
+            for m in models
+        ]
+        self._models = models
+
+    @property
+    def costly(self) -> bool:
+        """Whether reading a prompt may run the encoder (any member's)."""
+        return any(m.costly for m in self._models)
+
+    def read(self, text: str) -> tuple[FloatArray, FloatArray]:
+        """The score's probabilities and the label's, each member's vector computed once."""
+        vectors: dict[int, FloatArray] = {}
+
+        def probabilities(i: int) -> FloatArray:
+            k = self._alike[i]
+            if k not in vectors:
+                vectors[k] = self._models[k].embedding.embed(text)
+            return softmax(self._models[i].logits_of(vectors[k]))
+
+        out = []
+        first = 0
+        for reader in (self.score, self.label):
+            p = probabilities(first)
+            if isinstance(reader, GatedCapability):
+                p = p if float(p.max()) >= reader.threshold else probabilities(first + 1)
+                first += 2
+            else:
+                first += 1
+            out.append(p)
+        return out[0], out[1]
+
+    def probabilities(self, text: str) -> FloatArray:
+        """The score's P(capability | text), in :data:`~router.scoring.CAPABILITIES` order."""
+        return self.score.probabilities(text)
+
+    def predict(self, text: str) -> str:
+        """The label's most probable capability of one prompt."""
+        return self.capabilities[int(np.argmax(self.label.probabilities(text)))]
+
+
+def _members(reader: Reader) -> list[CapabilityModel]:
+    return [reader.first, reader.then] if isinstance(reader, GatedCapability) else [reader]
+
+
+def save_split(
+    directory: str | Path,
+    score: str | Path,
+    label: str | Path,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a split reader over the capability artifacts (heads or gates) ``score`` and
+    ``label`` into ``directory``, which must not exist yet; both are loaded first."""
+    d, a, b = Path(directory), Path(score), Path(label)
+    SplitCapability(_load_member(a), _load_member(b))
+    d.mkdir(parents=True)
+    meta = {
+        **(metadata or {}),
+        "format": SPLIT_FORMAT,
+        "format_version": SPLIT_FORMAT_VERSION,
+        "version": d.name,
+        "split": {"score": _member(a), "label": _member(b)},
+    }
+    write_sidecar(d, meta)
+    return d
+
+
+def _load_member(directory: Path) -> Reader:
     return load_gate(directory) if is_gate(directory) else load_capability(directory)
+
+
+def load_split(directory: str | Path) -> SplitCapability:
+    """The split reader in ``directory``, each member (a head or a gate) found as a gate's are
+    and refused unless its sidecar is the pinned one."""
+    d = Path(directory)
+    meta = read_sidecar(d, kind=SPLIT_FORMAT, version=SPLIT_FORMAT_VERSION)
+    split = meta.get("split")
+    if not isinstance(split, dict):
+        raise ArtifactError(f"{d / METADATA_FILE}: names no score and label readers")
+    score, label = (_load_member(_pinned(d, split.get(r), r)) for r in ("score", "label"))
+    try:
+        return SplitCapability(score, label, str(meta.get("version", d.name)))
+    except ValueError as exc:
+        raise ArtifactError(f"{d}: unusable capability split ({exc})") from exc
+
+
+def load_reader(directory: str | Path) -> CapabilityModel | GatedCapability | SplitCapability:
+    """The capability model, the gate or the split reader in ``directory``."""
+    return load_split(directory) if is_split(directory) else _load_member(Path(directory))

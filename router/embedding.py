@@ -121,6 +121,16 @@ class StaticEmbedding:
         self.tokenizer = tokenizer if tokenizer is not None else WordPiece(self.vocab)
         self.provenance = dict(provenance or {})
 
+    def reads_like(self, other: object) -> bool:
+        """Whether ``other`` gives every prompt the same vector as this embedding does (the
+        same class over the very same table and tokenizer), so that one vector can serve both."""
+        return (
+            type(other) is type(self)
+            and isinstance(other, StaticEmbedding)
+            and other.table is self.table
+            and other.tokenizer is self.tokenizer
+        )
+
     @property
     def dims(self) -> int:
         """The length of one token vector."""

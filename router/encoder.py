@@ -277,6 +277,17 @@ class ContextualEmbedding(StaticEmbedding):
         self.head_tokens, self.tail_tokens, self.weight = head_tokens, tail_tokens, weight
         self._cls, self._sep = self.vocab.index("[CLS]"), self.vocab.index("[SEP]")
 
+    def reads_like(self, other: object) -> bool:
+        """As :meth:`StaticEmbedding.reads_like`, and through the very same encoder with the same
+        window and weight."""
+        return (
+            super().reads_like(other)
+            and isinstance(other, ContextualEmbedding)
+            and other.encoder is self.encoder
+            and (other.head_tokens, other.tail_tokens, other.weight)
+            == (self.head_tokens, self.tail_tokens, self.weight)
+        )
+
     @property
     def width(self) -> int:
         """The static vector's length plus two encoder pools."""

@@ -16,7 +16,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import chain, pairwise, repeat
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from numpy.typing import NDArray
@@ -385,10 +385,21 @@ HEAD_ARRAYS: dict[str, tuple[str, int]] = {
 }
 
 
+@runtime_checkable
+class LabellingReader(CapabilityReader, Protocol):
+    """A capability reader whose label may come from another model than its probabilities
+    (:class:`router.capability.SplitCapability`): :meth:`read` gives both at once."""
+
+    def read(self, text: str) -> tuple[FloatArray, FloatArray]:
+        """The probabilities the score reads and those the label is the arg-max of."""
+        ...
+
+
 class ProfileScorer:
     """router-v4 over a standalone capability model: the score is
     ``logistic(intercept + slope * gap_logit(q, gap_strong, local))`` with ``q`` the capability
-    model's probabilities and ``local`` the profile's accuracies; stakes and PII as
+    model's probabilities and ``local`` the profile's accuracies; the capability is the arg-max
+    of ``q``, or of the label's probabilities for a :class:`LabellingReader`; stakes and PII as
     :class:`ServingScorer`'s. ``head`` holds :data:`HEAD_ARRAYS`."""
 
     name = "learned"
@@ -421,6 +432,7 @@ class ProfileScorer:
         #: Whether a decision costs milliseconds (a capability model with an encoder), so the
         #: gateway scores every request off the event loop.
         self.costly = bool(getattr(capability, "costly", False))
+        self._read = capability.read if isinstance(capability, LabellingReader) else None
 
     def with_profile(self, profile: LocalProfile) -> ProfileScorer:
         """The same model reading another local profile."""
@@ -437,8 +449,11 @@ class ProfileScorer:
 
     def analyze(self, text: str, *, has_tools: bool = False) -> Analysis:
         """Score, capability, stakes and PII for one prompt."""
-        q = self.capability.probabilities(text)
-        capability = self._names[int(np.argmax(q))]
+        if self._read is not None:
+            q, labelled = self._read(text)
+        else:
+            q = labelled = self.capability.probabilities(text)
+        capability = self._names[int(np.argmax(labelled))]
         kinds = pii_kinds(text)
         stakes, reason = assess(Window(text), has_tools=has_tools, pii=bool(kinds))
         return Analysis(

@@ -104,14 +104,18 @@ def ships(per_file: dict[str, dict[str, Any]]) -> bool:
 
 
 def compare(
-    capabilities: dict[str, str], results_path: Path, readers: dict[str, Any] | None = None
+    capabilities: dict[str, str],
+    results_path: Path,
+    readers: dict[str, Any] | None = None,
+    routers: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
     """Compare two routers, each router-v4's profile head over a capability model
     (``capabilities``: router name to capability artifact name, the baseline first, the
     candidate second): leave-one-source-out APGR and CPT(50%) per file with paired intervals of
     candidate minus baseline, AlpacaEval with the shipped artifacts; print, write
     ``results_path`` and return the results. ``readers``: capability readers by artifact name
-    to use in place of :func:`cached_reader`'s (the caller saves them)."""
+    to use in place of :func:`cached_reader`'s (the caller saves them); ``routers``: a
+    router's artifact directory by name, for AlpacaEval, where it is not ``models/NAME``."""
     baseline, candidate = capabilities
     rows = [r for f in ROUTING_FILES for r in load_routing_rows(DATA / f)]
     scores = {}
@@ -124,7 +128,8 @@ def compare(
             reader.save()
     per_file = paired_per_file(scores[candidate], scores[baseline], rows)
     ood = load_routing_rows(DATA / OOD_FILE)
-    served = {name: load_scorer(MODELS / name) for name in capabilities}
+    where = {name: MODELS / name for name in capabilities} | (routers or {})
+    served = {name: load_scorer(where[name]) for name in capabilities}
     alpaca = paired(
         [served[candidate].score(r.prompt) for r in ood],
         [served[baseline].score(r.prompt) for r in ood],

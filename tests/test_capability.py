@@ -20,15 +20,19 @@ from router.capability import (
     HEAD_FILE,
     CapabilityModel,
     GatedCapability,
+    SplitCapability,
     default_capability_path,
     is_gate,
+    is_split,
     load_capability,
     load_reader,
     save_capability,
     save_gate,
+    save_split,
 )
 from router.capability_training import CapabilityClassifier
-from router.embedding import EMBEDDING_FILE, embedding_path
+from router.embedding import EMBEDDING_FILE, StaticEmbedding, embedding_path
+from router.encoder import ContextualEmbedding
 from router.errors import ArtifactError
 from router.scoring import CAPABILITIES
 from tests.test_capability_training import TRAIN
@@ -192,7 +196,7 @@ def test_the_shipped_capability_models_carry_one_embedding_file() -> None:
     models = REPO / "models"
     copies = sorted(p.parent.name for p in models.glob(f"capability-v*/{EMBEDDING_FILE}"))
     assert copies == ["capability-v1"]
-    for d in sorted(d for d in models.glob("capability-v*") if not is_gate(d)):
+    for d in sorted(d for d in models.glob("capability-v*") if not (is_gate(d) or is_split(d))):
         entry = json.loads((d / METADATA_FILE).read_text())["embedding"]
         assert embedding_path(d, entry) == d.parent / "capability-v1" / EMBEDDING_FILE
         load_capability(d)
@@ -324,3 +328,78 @@ def test_a_gate_sidecar_without_a_threshold_is_refused(
     with pytest.raises(ValueError, match="threshold"):
         save_gate(tmp_path / "cap-gate-2", a, a, 1.5)
     assert not (tmp_path / "cap-gate-2").exists()
+
+
+def test_a_split_scores_with_one_reader_and_labels_with_the_other(
+    fitted: CapabilityClassifier, other: CapabilityClassifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, then = fitted.serving(), other.serving()
+    tops = sorted(float(first.probabilities(t).max()) for t in SAMPLE)
+    score = GatedCapability(first, then, (tops[2] + tops[3]) / 2)
+    split = SplitCapability(score, then, "cap-split")
+    assert split.costly and split.capabilities == CAPABILITIES
+    # All three members read one embedding: each prompt is embedded (the encoder run) once.
+    calls: list[str] = []
+    embed = first.embedding.embed
+    monkeypatch.setattr(first.embedding, "embed", lambda t: calls.append(t) or embed(t))
+    labels_differ = 0
+    for text in SAMPLE:
+        q, labelled = split.read(text)
+        assert calls == [text]
+        calls.clear()
+        np.testing.assert_allclose(q, score.probabilities(text), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(labelled, then.probabilities(text), rtol=0, atol=1e-12)
+        calls.clear()
+        np.testing.assert_array_equal(split.probabilities(text), score.probabilities(text))
+        assert split.predict(text) == CAPABILITIES[int(np.argmax(then.probabilities(text)))]
+        labels_differ += int(np.argmax(q) != np.argmax(labelled))
+        calls.clear()
+    assert labels_differ > 0  # the two readers disagree somewhere, so the test tells them apart
+
+
+def test_embeddings_read_alike_only_over_the_same_table_tokenizer_and_encoder(
+    shipped: CapabilityModel,
+) -> None:
+    emb = shipped.embedding
+    assert isinstance(emb, ContextualEmbedding)
+    static = StaticEmbedding(emb.table, emb.vocab, tokenizer=emb.tokenizer)
+    assert emb.reads_like(emb) and static.reads_like(
+        StaticEmbedding(emb.table, emb.vocab, tokenizer=emb.tokenizer)
+    )
+    assert not static.reads_like(emb) and not emb.reads_like(static)
+    assert not static.reads_like(
+        StaticEmbedding(emb.table.copy(), emb.vocab, tokenizer=emb.tokenizer)
+    )
+    other_window = ContextualEmbedding(static, emb.encoder, head_tokens=64, tail_tokens=32)
+    assert not emb.reads_like(other_window)
+    same = ContextualEmbedding(
+        static, emb.encoder, head_tokens=emb.head_tokens, tail_tokens=emb.tail_tokens
+    )
+    assert emb.reads_like(same)
+
+
+def test_a_split_is_saved_and_loaded_with_its_members_pinned(
+    fitted: CapabilityClassifier, other: CapabilityClassifier, tmp_path: Path
+) -> None:
+    a = save_capability(fitted.serving(), tmp_path / "cap-a")
+    b = save_capability(other.serving(), tmp_path / "cap-b", share=a)
+    g = save_gate(tmp_path / "cap-gate", a, b, 0.6)
+    d = save_split(tmp_path / "cap-split", g, b, {"chosen_by": "test"})
+    assert sorted(p.name for p in d.iterdir()) == [METADATA_FILE]
+    assert is_split(d) and not is_split(g) and not is_gate(d)
+    split = load_reader(d)
+    assert isinstance(split, SplitCapability) and split.version == "cap-split"
+    assert isinstance(split.score, GatedCapability) and isinstance(split.label, CapabilityModel)
+    assert isinstance(load_capability_model(d), SplitCapability)  # what routers load
+    for text in SAMPLE:
+        np.testing.assert_array_equal(split.probabilities(text), load_reader(g).probabilities(text))
+        assert split.predict(text) == load_reader(b).predict(text)
+    shutil.rmtree(b)
+    save_capability(fitted.serving(), b, share=a)
+    with pytest.raises(ArtifactError, match=r"not the pinned one"):
+        load_reader(d)
+    meta = json.loads((d / METADATA_FILE).read_text())
+    del meta["split"]
+    (d / METADATA_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="names no score and label"):
+        load_reader(d)
