@@ -104,12 +104,17 @@ COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /models /models
 COPY --from=builder /encoder/all-MiniLM-L6-v2.safetensors /app/models/all-MiniLM-L6-v2.safetensors
 COPY policies /app/policies
-# The shipped routing classifier (router-v8), the capability model it reads (capability-v5: a
-# gate over the static capability-v3 and capability-v4, whose embedding table is capability-v1's
-# file and whose encoder is the weights above), the static-only router-v6 over capability-v3
-# (sub-millisecond decisions; the policy's `encoder: false`) and the local model profiles:
-# without them the proxy falls back to the heuristic scorer.
-COPY models/router-v8 /app/models/router-v8
+# The shipped routing classifier (router-v9), the capability model it reads (capability-v9: it
+# scores through capability-v5, a gate over the static capability-v3 and capability-v4, and
+# names the capability through capability-v8, a gate over capability-v6 and capability-v7; all
+# share capability-v1's embedding table and the encoder weights above), the static-only
+# router-v6 over capability-v3 (sub-millisecond decisions; the policy's `encoder: false`) and the
+# local model profiles: without them the proxy falls back to the heuristic scorer.
+COPY models/router-v9 /app/models/router-v9
+COPY models/capability-v9 /app/models/capability-v9
+COPY models/capability-v8 /app/models/capability-v8
+COPY models/capability-v7 /app/models/capability-v7
+COPY models/capability-v6 /app/models/capability-v6
 COPY models/capability-v5 /app/models/capability-v5
 COPY models/capability-v4 /app/models/capability-v4
 COPY models/router-v6 /app/models/router-v6
@@ -123,7 +128,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     LITELLM_LOCAL_MODEL_COST_MAP=True \
     TIERGATE_HOME=/app/var \
     TIERGATE_POLICY=/app/policies/default.yaml \
-    TIERGATE_CLASSIFIER_PATH=/app/models/router-v8 \
+    TIERGATE_CLASSIFIER_PATH=/app/models/router-v9 \
     TIERGATE_ENCODER_PATH=/app/models/all-MiniLM-L6-v2.safetensors \
     TIERGATE_LOCAL_MODEL_PATH=/models/SmolLM2-135M-Instruct.Q4_1.gguf \
     TIERGATE_SQLITE_PATH=/app/var/tiergate.db

@@ -88,13 +88,15 @@ def _pct(ordered: Sequence[float], pct: float) -> float:
 
 def _token_counter(scorer: Scorer) -> Callable[[str], int] | None:
     """How many WordPiece tokens of a prompt the scorer's encoder reads (None: no encoder)."""
-    from router.capability import CapabilityModel, GatedCapability
+    from router.capability import CapabilityModel, GatedCapability, SplitCapability
     from router.features import clip
     from router.serving import ProfileScorer
 
     if not isinstance(scorer, ProfileScorer):
         return None
     model = scorer.capability
+    if isinstance(model, SplitCapability):
+        model = model.score
     if isinstance(model, GatedCapability):
         model = model.then
     if not isinstance(model, CapabilityModel):
@@ -104,13 +106,13 @@ def _token_counter(scorer: Scorer) -> Callable[[str], int] | None:
 
 
 def _gate_split(scorer: Scorer) -> Callable[[str], bool] | None:
-    """Whether a prompt is read by the encoder, for a scorer over a capability gate (None for
-    any other scorer): the gate's first model is unsure of it."""
-    from router.capability import GatedCapability
+    """Whether a prompt is read by the encoder, for a scorer over a capability gate or a split
+    of gates (None for any other scorer): a gate's first model is unsure of it."""
+    from router.capability import GatedCapability, SplitCapability
     from router.serving import ProfileScorer
 
     gate = scorer.capability if isinstance(scorer, ProfileScorer) else None
-    return gate.reads_second if isinstance(gate, GatedCapability) else None
+    return gate.reads_second if isinstance(gate, GatedCapability | SplitCapability) else None
 
 
 def gate_bands(ms: Sequence[float], encoded: Sequence[bool]) -> dict[str, dict[str, Any]]:

@@ -66,7 +66,7 @@ PROFILE_FILE = "profile.json"
 SERVING_FORMAT_VERSION = 3
 PROFILE_HEAD_FORMAT = 4
 READABLE_SERVING_FORMATS = (1, 2, 3, 4)
-DEFAULT_MODEL_NAME = "router-v8"
+DEFAULT_MODEL_NAME = "router-v9"
 #: The shipped router over the static table alone (sub-millisecond decisions): the default's
 #: stand-in where the encoder's weights have not been fetched.
 STATIC_MODEL_NAME = "router-v6"
@@ -330,7 +330,10 @@ def load_serving_form(
         profile = served_profile(p, meta, default_profile() if profile is None else profile)
         version = str(meta.get("version", p.name))
         if found == PROFILE_HEAD_FORMAT:
-            return ProfileScorer(_capability_of(p, entry), form, version, profile)
+            score_of = meta.get("score_of")
+            if score_of is not None and not isinstance(score_of, str):
+                raise ValueError(f"score_of must be a router's name, not {score_of!r}")
+            return ProfileScorer(_capability_of(p, entry), form, version, profile, score_of)
         if found != 1 and "cap_coef" not in form:  # only format 1 predates it
             raise ValueError(f"format {found} needs 'cap_coef'")
         return ServingScorer(form, version, profile)

@@ -32,7 +32,11 @@ API:
   first one's probabilities stand where its largest reaches the gate's ``threshold``; the
   other prompts are read by the second. A gate directory holds only ``metadata.json`` (format
   :data:`GATE_FORMAT`), which names both members and pins each by its sidecar's sha256.
-  :func:`load_reader` loads either kind.
+* :class:`SplitCapability`, :func:`save_split` / :func:`load_split`: two readers (heads or
+  gates) over one prompt, one whose probabilities the routing score reads and one whose arg-max
+  names the capability (``models/capability-v9``: capability-v5 scores, capability-v8 labels),
+  each prompt vector computed once for both. Its directory, too, holds only ``metadata.json``
+  (format :data:`SPLIT_FORMAT`). :func:`load_reader` loads any of the three kinds.
 * The scikit-learn side, :class:`router.capability_training.CapabilityClassifier` (``fit``
   returns ``self``, fitted state ends in ``_``, ``classes_`` is CAPABILITIES), and the training
   entry point ``python -m router.capability_training`` live apart so that this module imports
@@ -292,7 +296,8 @@ DESCRIPTIONS: dict[str, tuple[str, ...]] = {
 
 def default_capability_path() -> Path:
     """The shipped head with the encoder: ``models/capability-v4`` of the checkout or the wheel
-    (the shipped router reads it through the gate ``models/capability-v5``)."""
+    (the shipped router reads it through the gate ``models/capability-v5``, inside the split
+    ``models/capability-v9``)."""
     return shipped("models", DEFAULT_CAPABILITY_NAME)
 
 
@@ -616,6 +621,13 @@ class SplitCapability:
     def probabilities(self, text: str) -> FloatArray:
         """The score's P(capability | text), in :data:`~router.scoring.CAPABILITIES` order."""
         return self.score.probabilities(text)
+
+    def reads_second(self, text: str) -> bool:
+        """Whether :meth:`read` runs a gate's second model for ``text`` (either gate unsure)."""
+        return any(
+            isinstance(r, GatedCapability) and r.reads_second(text)
+            for r in (self.score, self.label)
+        )
 
     def predict(self, text: str) -> str:
         """The label's most probable capability of one prompt."""

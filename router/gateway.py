@@ -354,7 +354,8 @@ class Gateway:
         # Costly scorers score here, not in asyncio's default pool (a handful of threads on a
         # small machine): the encoder batches the prompts of the threads that wait together.
         self._scoring: ThreadPoolExecutor | None = None
-        if cascade is not None and cascade.scorer not in (None, scorer.version):
+        reads = (None, scorer.version, getattr(scorer, "score_of", None))
+        if cascade is not None and cascade.scorer not in reads:
             # The confidence model reads the routing score: another scorer's is not its input.
             log.warning(
                 "cascade model %s was fitted on %s's score, the scorer is %s: its confidence "

@@ -331,7 +331,7 @@ class Policy(_Strict):
     threshold: float = Field(0.5, ge=0.0, le=1.0)
     encoder: bool = Field(
         True,
-        description="Whether a classifier with a contextual encoder (router-v8) scores requests: "
+        description="Whether a classifier with a contextual encoder (router-v9) scores requests: "
         "false scores them with its static companion (router-v6), which decides in well under "
         "a millisecond; a classifier without an encoder is unaffected.",
     )

@@ -410,6 +410,7 @@ class ProfileScorer:
         head: Mapping[str, NDArray[Any]],
         version: str,
         profile: LocalProfile,
+        score_of: str | None = None,
     ) -> None:
         a = {
             key: _checked(head, key, kind, ndim, what="profile head")
@@ -423,6 +424,10 @@ class ProfileScorer:
         self.head = head
         self.capability = capability
         self.version = version
+        #: The router whose routing score this one's is (its sidecar's ``score_of``: the same
+        #: head over the same capability probabilities), so a model fitted on that score, such
+        #: as the cascade's confidence model, reads this one's too; None when it is its own.
+        self.score_of = score_of
         self.profile = profile
         self._names = names
         self._strong = np.asarray(a["gap_strong"], dtype=np.float64)
@@ -436,7 +441,7 @@ class ProfileScorer:
 
     def with_profile(self, profile: LocalProfile) -> ProfileScorer:
         """The same model reading another local profile."""
-        return ProfileScorer(self.capability, self.head, self.version, profile)
+        return ProfileScorer(self.capability, self.head, self.version, profile, self.score_of)
 
     def _score(self, q: FloatArray) -> float:
         return sigmoid(

@@ -15,7 +15,7 @@ format to ``tiergate train`` and ``tiergate eval``. The fitted models are writte
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -441,24 +441,28 @@ def train_profile_router(
     *,
     cv: bool = True,
     reader: CapabilityReader | None = None,
+    metadata: Mapping[str, Any] | None = None,
 ) -> Path:
     """``tiergate train --capability DIR``: fit router-v4's profile head on the routing files
     over a standalone capability model and save it (:func:`save_profile_router`). ``reader``:
-    the capability model already loaded (a study passes one whose probabilities it keeps)."""
+    the capability model already loaded (a study passes one whose probabilities it keeps);
+    ``metadata``: more sidecar fields (a study that reproduces a router's score names it as
+    ``score_of``)."""
     rows = [r for f in data for r in load_routing_rows(f)]
     if reader is None:
         reader = load_capability_model(Path(capability))
     served = ServedCapability(reader).fit()
     routing = fit_gap_routing(rows, served)
     metrics = {"routing": cross_validate_gap(rows, served)} if cv else {}
-    metadata = {
+    sidecar = {
         "data_files": [data_file_info(f, len(load_routing_rows(f))) for f in data],
         "rows": {"routing": len(rows)},
         "target": {"rule": "strong_score - weak_score > margin", "margin": DEFAULT_MARGIN},
         "gap": _gap_summary(routing),
         "cv_metrics": metrics,
+        **(metadata or {}),
     }
-    return save_profile_router(routing, Path(capability), out, metadata=metadata)
+    return save_profile_router(routing, Path(capability), out, metadata=sidecar)
 
 
 def _gap_summary(routing: GapRouting) -> dict[str, Any]:

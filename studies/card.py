@@ -59,7 +59,10 @@ from router.capability import (
     CAPABILITY_FORMAT_VERSION,
     GATE_FORMAT,
     GATE_FORMAT_VERSION,
+    SPLIT_FORMAT,
+    SPLIT_FORMAT_VERSION,
     is_gate,
+    is_split,
 )
 from router.capability_training import CapabilityClassifier, leave_one_source_out
 from router.classifier import ServedCapability
@@ -155,26 +158,46 @@ class _Gated:
         return np.array(CAPABILITIES)[self.predict_proba(texts).argmax(axis=1)]
 
 
+def _members(cap_dir: Path) -> tuple[list[Path], float]:
+    # A gate's two member directories and its threshold, or the head's own directory.
+    if is_gate(cap_dir):
+        gate = read_sidecar(cap_dir, kind=GATE_FORMAT, version=GATE_FORMAT_VERSION)["gate"]
+        members = [capability_dir(cap_dir, gate[role]["name"]) for role in ("first", "then")]
+        return members, float(gate["threshold"])
+    return [cap_dir], 0.0
+
+
+def served_reader(cap_dir: Path) -> Any:
+    """The capability model (a head or a gate) at ``cap_dir`` as the proxy reads it, its
+    members' probabilities memoised on disk (:func:`studies.router_v5.cached_reader`)."""
+    members, threshold = _members(cap_dir)
+    readers = [cached_reader(d) for d in members]
+    return GatedReader(readers[0], readers[1], threshold) if len(readers) == 2 else readers[0]
+
+
+def split_roles(cap_dir: Path) -> tuple[Path, Path]:
+    """The capability models whose probabilities score and whose arg-max labels: a split's two
+    members (:class:`router.capability.SplitCapability`), else ``cap_dir`` twice."""
+    if not is_split(cap_dir):
+        return cap_dir, cap_dir
+    split = read_sidecar(cap_dir, kind=SPLIT_FORMAT, version=SPLIT_FORMAT_VERSION)["split"]
+    score, label = (capability_dir(cap_dir, split[role]["name"]) for role in ("score", "label"))
+    return score, label
+
+
 def capability_figures(cap_dir: Path) -> tuple[dict[str, Any], Any]:
     """Leave-one-source-out figures of the rebuilt capability estimator (both members of a
     gate), and its agreement with the shipped model when fitted on every row; also returns the
     served reader (memoised)."""
-    if is_gate(cap_dir):
-        gate = read_sidecar(cap_dir, kind=GATE_FORMAT, version=GATE_FORMAT_VERSION)["gate"]
-        members = [capability_dir(cap_dir, gate[role]["name"]) for role in ("first", "then")]
-        threshold = float(gate["threshold"])
-    else:
-        members, threshold = [cap_dir], 0.0
+    members, threshold = _members(cap_dir)
     rebuilt = [rebuild_capability(d) for d in members]
     data_files = {next(f["file"] for f in files if not f["seed"]) for _, files in rebuilt}
     if len(data_files) != 1:
         raise SystemExit(f"{cap_dir}: its members were fitted on different files {data_files}")
     data = next(f["path"] for f in rebuilt[0][1] if not f["seed"])
     commercial, research = licence_split(data)
-    readers = [cached_reader(d) for d in members]
-    reader: Any = (
-        GatedReader(readers[0], readers[1], threshold) if len(readers) == 2 else readers[0]
-    )
+    reader = served_reader(cap_dir)
+    readers = [reader.static, reader.encoder] if len(members) == 2 else [reader]
     memos: list[Any] = [Memo(r.reader.embedding) for r in readers]  # the tables, memoised
     calls: list[tuple[int, int]] = []
 
@@ -236,9 +259,10 @@ def _cached_v3(rows: list[RoutingRow], keys: Sequence[str]) -> np.ndarray[Any, A
     return scores
 
 
-def routing_figures(model: Path, reader: Any) -> dict[str, Any]:
+def routing_figures(model: Path, reader: Any, label: Any = None) -> dict[str, Any]:
     """Leave-one-prompt-set-out APGR and CPT(50%) per labelled file against router-v3, the
-    per-capability score-vs-gap table, and AlpacaEval with the default profile."""
+    per-capability score-vs-gap table (capabilities from ``label`` where the router's labels
+    come from another reader than its score's), and AlpacaEval with the default profile."""
     meta = read_sidecar(model)
     files = [_file_entry(e) for e in meta.get("data_files", [])]
     if missing := [f["file"] for f in files if not f["path"].is_file()]:
@@ -253,7 +277,9 @@ def routing_figures(model: Path, reader: Any) -> dict[str, Any]:
     return {
         "data_files": _public(files),
         "leave_one_source_out": paired_per_file(shipped, v3, rows),
-        "capability_table": capability_table(rows, scores, capability),
+        "capability_table": capability_table(
+            rows, scores, capability if label is None else ServedCapability(label).fit()
+        ),
         "alpacaeval_default_profile": {
             "file": OOD_FILE,
             **alpaca_against_v3(load_scorer(model)),
@@ -320,9 +346,21 @@ def _capability_lines(c: dict[str, Any]) -> list[str]:
             f"Rebuilt from its sidecar: `CapabilityClassifier` {json.dumps(c['estimator'])}; "
             f"data {files}. Fitted on every row, the rebuild picks the shipped head's "
         )
+    split = c.get("split")
     lines = [
         f"### Capability model `{c['name']}`, leave-one-source-out",
         "",
+        *(
+            [
+                f"The router reads `{split['name']}`, a split: its score reads "
+                f"`{split['score']}`'s probabilities and its capability is `{split['label']}`'s. "
+                "This section is "
+                f"`{split['label']}`'s; the score against gap table groups prompts by it.",
+                "",
+            ]
+            if split
+            else []
+        ),
         rebuilt + "capability on "
         f"{reb['same_argmax']:.1%} of {reb['rows']} prompts (largest probability difference "
         f"{reb['max_abs_probability_diff']:.2g}). Each commercial source held out in turn; seeds "
@@ -435,7 +473,8 @@ def card_block(r: dict[str, Any]) -> str:
     """The markdown between the card's :data:`MARKERS`."""
     name = r["model"]
     lines = [
-        f"_Generated by `{r['command']}` for **{name}** (over {r['capability']['name']}) on "
+        f"_Generated by `{r['command']}` for **{name}** (over "
+        f"{r['capability'].get('split', r['capability'])['name']}) on "
         f"{r['date']}, {r['bootstrap']} paired bootstrap resamples, in {r['seconds']:.0f} s; "
         "do not edit by hand: rerun the command._",
         "",
@@ -476,11 +515,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"{model}: not a profile head over a capability model")
     serving = read_sidecar(model)["serving"]
     cap_dir = capability_dir(model, serving["capability"]["name"])
-    print(f"{model.name}: capability {cap_dir.name} leave-one-source-out ...", file=sys.stderr)
-    cap, reader = capability_figures(cap_dir)
+    score_dir, label_dir = split_roles(cap_dir)
+    print(f"{model.name}: capability {label_dir.name} leave-one-source-out ...", file=sys.stderr)
+    cap, reader = capability_figures(label_dir)
+    if score_dir != label_dir:
+        cap["split"] = {"name": cap_dir.name, "score": score_dir.name, "label": label_dir.name}
+        label, reader = reader, served_reader(score_dir)
+    else:
+        label = None
     print(f"{model.name}: routing leave-one-source-out ...", file=sys.stderr)
-    routing = routing_figures(model, reader)
-    reader.save()
+    routing = routing_figures(model, reader, label)
+    for r in (reader, label):
+        if r is not None:
+            r.save()
     lat = latency(model, args.latency)
     command = COMMAND + (f" --model {args.model}" if args.model else "")
     results = {
@@ -488,7 +535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "model": routing["model"],
         "date": dt.datetime.now(dt.UTC).date().isoformat(),
         "bootstrap": BOOT,
-        "capability": {"name": cap_dir.name, **cap},
+        "capability": {"name": label_dir.name, **cap},
         "routing": routing,
         "latency": lat,
         "labels": list(CAPABILITIES),

@@ -46,7 +46,8 @@ from router.scoring import CAPABILITIES
 ROOT = Path(__file__).resolve().parent.parent
 DEV_FILE = ROOT / "studies" / "data" / "chat_categories_dev.jsonl"
 SHARED = ROOT.parent / "shared" / "data"
-SEEDS = ROOT / "studies" / "data" / "capability_seeds.jsonl"
+#: Every capability seed set (the capability models' authored training prompts).
+SEEDS = sorted((ROOT / "studies" / "data").glob("capability_seeds*.jsonl"))
 RESULTS = ROOT / "studies" / "results" / "chat_categories.json"
 
 CATEGORIES: tuple[str, ...] = (
@@ -157,7 +158,7 @@ def shared_runs(
 
 def reference_prompts() -> Iterable[str]:
     """Every prompt of ``../shared/data/*.jsonl`` and of the capability seeds."""
-    for path in [*sorted(SHARED.glob("*.jsonl")), SEEDS]:
+    for path in [*sorted(SHARED.glob("*.jsonl")), *SEEDS]:
         with open(path, encoding="utf-8") as fh:
             for line in fh:
                 if line.strip():

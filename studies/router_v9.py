@@ -10,10 +10,11 @@ router-v9 instead reads a **split** capability artifact, ``models/capability-v9`
 (:class:`router.capability.SplitCapability`): capability-v5's probabilities feed the routing
 score, so the profile head refitted over it (:func:`router.training.train_profile_router`, as
 ``tiergate train --capability models/capability-v9`` does) is router-v8's (checked: within
-:data:`HEAD_TOLERANCE`); capability-v8's arg-max names the capability that the policy,
-``classify`` and the profile's entry read. ``--train`` writes both, then each prompt set of the
-routing files is held out in turn and router-v9 compared with router-v8 as
-:mod:`studies.router_v5` does.
+:data:`HEAD_TOLERANCE`; its sidecar says so as ``score_of: router-v8``, which lets the cascade's
+confidence model, fitted on router-v8's score, read it); capability-v8's arg-max names the
+capability that the policy, ``classify`` and the profile's entry read. ``--train`` writes both,
+then each prompt set of the routing files is held out in turn and router-v9 compared with
+router-v8 as :mod:`studies.router_v5` does.
 
 Both encoder heads read the same encoder vectors, so the vectors (not each head's
 probabilities) are kept on disk under ``studies/.cache``, keyed by the table's provenance, the
@@ -187,9 +188,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 MODELS / LABEL,
                 {"chosen_by": "python -m studies.router_v9", "results": RESULTS.name},
             )
-            train_profile_router(files, MODELS / SPLIT, MODELS / CANDIDATE, reader=found[SCORE])
+            train_profile_router(
+                files,
+                MODELS / SPLIT,
+                MODELS / CANDIDATE,
+                reader=found[SCORE],
+                metadata={"score_of": BASELINE},
+            )
         diff = _head_difference(MODELS / BASELINE, MODELS / CANDIDATE)
         if diff > HEAD_TOLERANCE:
+            if args.train:  # its sidecar would claim router-v8's score: withdraw it
+                shutil.rmtree(MODELS / CANDIDATE)
             raise SystemExit(f"{CANDIDATE}'s head is not {BASELINE}'s (largest difference {diff})")
         print(f"{CANDIDATE}'s head is {BASELINE}'s: largest difference {diff:.1e}")
         compare(

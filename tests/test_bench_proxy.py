@@ -1,5 +1,5 @@
 """The proxy benchmark's two chat requests: ``bench/chat.json``'s prompt is one the shipped
-gate decides from the static table, ``bench/chat_encoded.json``'s one it reads through the
+gates decide from the static table, ``bench/chat_encoded.json``'s one they read through the
 encoder, so ``python -m bench --body`` measures both paths (bench/README.md)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 
 from bench.proxy import chat_body
 from router.artifact import default_model_path, router_capability
-from router.capability import GatedCapability
+from router.capability import GatedCapability, SplitCapability
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -21,11 +21,19 @@ def _prompt(path: Path) -> str:
 
 
 def test_the_two_bench_prompts_take_the_gate_s_two_paths() -> None:
-    gate = router_capability(default_model_path())
-    assert isinstance(gate, GatedCapability)
-    sure = gate.first.probabilities(_prompt(REPO / "bench" / "chat.json")).max()
-    unsure = gate.first.probabilities(_prompt(REPO / "bench" / "chat_encoded.json")).max()
-    assert sure >= gate.threshold > unsure
+    # The shipped router reads a split of two gates: the table decides a prompt only where both
+    # gates' static heads are sure of it.
+    split = router_capability(default_model_path())
+    assert isinstance(split, SplitCapability)
+    gates = (split.score, split.label)
+    assert all(isinstance(g, GatedCapability) for g in gates)
+    assert not split.reads_second(_prompt(REPO / "bench" / "chat.json"))
+    assert split.reads_second(_prompt(REPO / "bench" / "chat_encoded.json"))
+    for gate in gates:
+        assert isinstance(gate, GatedCapability)
+        sure = gate.first.probabilities(_prompt(REPO / "bench" / "chat.json")).max()
+        unsure = gate.first.probabilities(_prompt(REPO / "bench" / "chat_encoded.json")).max()
+        assert sure >= gate.threshold > unsure
 
 
 def test_the_chat_body_is_bench_body_when_set(monkeypatch: pytest.MonkeyPatch) -> None:

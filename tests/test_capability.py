@@ -352,6 +352,7 @@ def test_a_split_scores_with_one_reader_and_labels_with_the_other(
         calls.clear()
         np.testing.assert_array_equal(split.probabilities(text), score.probabilities(text))
         assert split.predict(text) == CAPABILITIES[int(np.argmax(then.probabilities(text)))]
+        assert split.reads_second(text) is score.reads_second(text)  # the label is no gate
         labels_differ += int(np.argmax(q) != np.argmax(labelled))
         calls.clear()
     assert labels_differ > 0  # the two readers disagree somewhere, so the test tells them apart

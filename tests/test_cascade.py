@@ -98,4 +98,7 @@ def test_the_shipped_confidence_model_reads_the_default_scorer_s_score() -> None
     from router.artifact import default_model_path, load_scorer
 
     model, meta = load_cascade()
-    assert model.scorer == meta["scorer"] == load_scorer(default_model_path()).version
+    scorer = load_scorer(default_model_path())
+    assert model.scorer == meta["scorer"]
+    # router-v9's score is router-v8's (its sidecar's score_of), on which cascade-v1 was fitted.
+    assert model.scorer in (scorer.version, getattr(scorer, "score_of", None))

@@ -17,7 +17,7 @@ import pytest
 
 from router.cascade import CascadeModel, feature_names
 from router.cascade_training import save_cascade_form
-from tests.conftest import LiveServer, live, policy_yaml, wait_for
+from tests.conftest import KeywordScorer, LiveServer, live, policy_yaml, wait_for
 from tests.fake_provider import Behaviour, FakeProvider
 from tests.scripted_local import ScriptedLocal
 
@@ -347,12 +347,31 @@ def test_a_part_of_a_held_answer_is_never_served_as_the_answer(
     assert response.headers["x-tiergate-cascade"] == "escalated"
 
 
+class _ScoresAs(KeywordScorer):
+    """A scorer whose score is another router's (as router-v9's is router-v8's)."""
+
+    score_of = "router-v8"
+
+
+@pytest.mark.parametrize(
+    ("fitted_on", "warned"),
+    [("router-v0", True), ("router-v8", False), ("keyword-test-1", False)],
+)
 def test_a_confidence_model_fitted_on_another_scorer_s_score_is_named(
-    tmp_path: Path, fake: FakeProvider, scripted: ScriptedLocal, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    *,
+    fake: FakeProvider,
+    scripted: ScriptedLocal,
+    caplog: pytest.LogCaptureFixture,
+    fitted_on: str,
+    warned: bool,
 ) -> None:
+    # A confidence model reads the score it was fitted on: the scorer's own, or the one its
+    # sidecar says it reproduces (score_of); any other is named in a warning.
     with (
         caplog.at_level(logging.WARNING, logger="tiergate.gateway"),
-        _cascading(tmp_path, fake, scripted, fitted_on="router-v0") as server,
+        _cascading(tmp_path, fake, scripted, fitted_on=fitted_on, scorer=_ScoresAs()) as server,
     ):
-        version = server.gateway.scorer.version
-    assert f"fitted on router-v0's score, the scorer is {version}" in caplog.text
+        assert server.gateway.scorer.version == "keyword-test-1"
+    named = f"fitted on {fitted_on}'s score, the scorer is keyword-test-1" in caplog.text
+    assert named is warned

@@ -96,7 +96,11 @@ def test_dockerignore_keeps_the_context_small() -> None:
     assert {"!pyproject.toml", "!router", "!policies"} <= set(lines)
     reincluded = [line for line in lines if line.startswith("!") and "model" in line]
     assert reincluded == [
-        "!models/router-v8",
+        "!models/router-v9",
+        "!models/capability-v9",
+        "!models/capability-v8",
+        "!models/capability-v7",
+        "!models/capability-v6",
         "!models/capability-v5",
         "!models/capability-v4",
         "!models/router-v6",
@@ -152,12 +156,17 @@ def test_the_build_context_holds_every_model_the_image_loads(
 
 def test_runtime_carries_the_shipped_classifier() -> None:
     # Installed from /src, router/ no longer sits beside models/, so the default model path
-    # (<package>/../models/router-v8) is empty: the image must copy it and name it, with the
-    # capability model, the embedding table it shares and the profiles it reads beside it (found
-    # next to the classifier path), and the static-only router-v6 with its capability model.
+    # (<package>/../models/router-v9) is empty: the image must copy it and name it, with the
+    # capability models it reads, the embedding table they share and the profiles it reads
+    # beside it (found next to the classifier path), and the static-only router-v6 with its
+    # capability model.
     final = DOCKERFILE.read_text().rsplit("\nFROM ", 1)[1]
     names = (
-        "router-v8",
+        "router-v9",
+        "capability-v9",
+        "capability-v8",
+        "capability-v7",
+        "capability-v6",
         "capability-v5",
         "capability-v4",
         "router-v6",
@@ -167,7 +176,7 @@ def test_runtime_carries_the_shipped_classifier() -> None:
     for name in (*names, "profiles"):
         pattern = rf"^COPY models/{name} /app/models/{name}$"
         assert re.search(pattern, final, flags=re.MULTILINE), name
-    assert "TIERGATE_CLASSIFIER_PATH=/app/models/router-v8" in final
+    assert "TIERGATE_CLASSIFIER_PATH=/app/models/router-v9" in final
 
 
 def test_every_image_carries_the_encoder_weights() -> None:

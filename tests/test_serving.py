@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ from router.artifact import (
     save_scorer,
     sha256_file,
 )
-from router.capability import GatedCapability
+from router.capability import GatedCapability, SplitCapability
 from router.classifier import LearnedScorer, ServedCapability
 from router.errors import ArtifactError
 from router.pii import pii_kinds
@@ -53,8 +54,8 @@ from tests.test_training import capability_rows, routing_rows, write_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = default_model_path()
-#: The shipped router's capability model: the gate over capability-v3 and capability-v4.
-SHIPPED_CAPABILITY = "capability-v5"
+#: The shipped router's capability model: the split over two gates (capability-v5, capability-v8).
+SHIPPED_CAPABILITY = "capability-v9"
 
 SAMPLE = [
     *HARD,
@@ -253,11 +254,31 @@ def test_the_shipped_model_is_format_4_and_router_v3_still_loads() -> None:
         "name": SHIPPED_CAPABILITY,
         "sha256": sha256_file(REPO / "models" / SHIPPED_CAPABILITY / METADATA_FILE),
     }
-    gate = router_capability(SHIPPED)
-    assert isinstance(gate, GatedCapability)
+    split = router_capability(SHIPPED)
+    assert isinstance(split, SplitCapability)
+    gate, label = split.score, split.label
+    assert isinstance(gate, GatedCapability) and isinstance(label, GatedCapability)
     assert (gate.first.version, gate.then.version) == ("capability-v3", "capability-v4")
+    assert (label.first.version, label.then.version) == ("capability-v6", "capability-v7")
     chosen = json.loads((REPO / "studies" / "results" / "capability_gate.json").read_text())
     assert chosen["chosen"] == f"gate_{gate.threshold:g}"  # the threshold the study chose
+    assert label.threshold == gate.threshold  # not re-chosen (studies/capability_v6.py)
+    # The score reads the gate router-v8 was fitted over: router-v9's head is router-v8's.
+    v8 = load_scorer(REPO / "models" / "router-v8")
+    assert isinstance(v8, ProfileScorer)
+    served = load_scorer(SHIPPED, v8.profile)
+    assert isinstance(served, ProfileScorer)
+    assert list(served.head["capabilities"]) == list(v8.head["capabilities"])
+    for name in ("gap_strong", "gap_slope", "intercept"):
+        np.testing.assert_allclose(served.head[name], v8.head[name], rtol=0, atol=1e-8)
+    # ... and names the capability by capability-v8's gate, where the two disagree too.
+    disagree = 0
+    for text in SAMPLE:
+        got = served.analyze(text)
+        assert got.capability == label.predict(text)
+        assert got.score == pytest.approx(v8.analyze(text).score, abs=1e-8)
+        disagree += got.capability != gate.predict(text)
+    assert disagree > 0
     v3 = load_scorer(V3)
     assert isinstance(v3, ServingScorer) and v3.version == "router-v3"
     a = v3.analyze(MATHS)
@@ -405,3 +426,16 @@ def test_shipped_models_score_as_before() -> None:
         capability = load_capability(REPO / "models" / name)
         got = [capability.probabilities(text) for text in prompts]
         np.testing.assert_allclose(got, fixture[name], atol=1e-9, rtol=0)
+
+
+def test_a_router_names_the_router_whose_score_it_reproduces(tmp_path: Path) -> None:
+    served = load_scorer(SHIPPED)
+    assert isinstance(served, ProfileScorer) and served.score_of == "router-v8"
+    assert served.with_profile(default_profile()).score_of == "router-v8"
+    copy = tmp_path / "router-x"
+    shutil.copytree(SHIPPED, copy)
+    meta = json.loads((copy / METADATA_FILE).read_text())
+    meta["score_of"] = 8
+    (copy / METADATA_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="score_of"):
+        load_scorer(copy)

@@ -17,9 +17,15 @@ from studies.chat_categories import (
     agreement,
     bootstrap_mean,
     confusion,
+    load_rows,
+    reference_prompts,
     shared_runs,
     summary_line,
 )
+
+TEST_FILE = ROOT / "studies" / "data" / "chat_categories_test.jsonl"
+#: The dev prompts that share a run of eight words with a seed set (seed set 2).
+KNOWN_DEV_OVERLAP = {"chatdev/reasoning/12", "chatdev/stem/17"}
 
 CATS = ["writing", "stem", "humanities", "math", "extraction"]
 PRED = ["creative_writing", "reasoning", "knowledge_qa", "reasoning", "extraction"]
@@ -67,9 +73,23 @@ def test_the_dev_set_has_twenty_prompts_per_category_written_for_tiergate() -> N
     assert len({r["id"] for r in rows}) == len({r["prompt"] for r in rows}) == 160
 
 
+def test_the_test_set_was_written_apart_from_every_seed_set_and_the_dev_set() -> None:
+    # It judges capability models fitted on the seeds, so no prompt of it may share a run of
+    # eight words with a seed set, the dev set or the shared data.
+    rows = load_rows(TEST_FILE)
+    assert Counter(r["category"] for r in rows) == dict.fromkeys(STRICT, 20)
+    assert {r["author"] for r in rows} == {"tiergate"}
+    assert len({r["id"] for r in rows}) == len({r["prompt"] for r in rows}) == 160
+    dev = [str(r["prompt"]) for r in load_rows(DEV_FILE)]
+    assert shared_runs(rows, [*reference_prompts(), *dev]) == {}
+
+
 def test_the_model_card_quotes_the_committed_results() -> None:
     card = (ROOT / "docs" / "model-card.md").read_text(encoding="utf-8")
     others = (
+        "chat_categories_test.json",
+        "chat_categories_test_router_v8.json",
+        "chat_categories_router_v8.json",
         "chat_categories_router_v7.json",
         "chat_categories_router_v6.json",
         "chat_categories_router_v5.json",
@@ -78,4 +98,6 @@ def test_the_model_card_quotes_the_committed_results() -> None:
     for path in (RESULTS, *(Path(RESULTS).with_name(name) for name in others)):
         res = json.loads(path.read_text(encoding="utf-8"))
         assert summary_line(res) in card, path.name
-        assert res["rows_sharing_8_word_runs"] == {}
+        # Two dev prompts share a run with seed set 2 (found once the check read every seed
+        # set; the model card says so); the test set shares none.
+        assert set(res["rows_sharing_8_word_runs"]) <= KNOWN_DEV_OVERLAP, path.name
