@@ -112,7 +112,9 @@ def _gate_split(scorer: Scorer) -> Callable[[str], bool] | None:
     from router.serving import ProfileScorer
 
     gate = scorer.capability if isinstance(scorer, ProfileScorer) else None
-    return gate.reads_second if isinstance(gate, GatedCapability | SplitCapability) else None
+    if not isinstance(gate, GatedCapability | SplitCapability) or not gate.costly:
+        return None  # no gate, or a split of static heads: nothing runs the encoder
+    return gate.reads_second
 
 
 def gate_bands(ms: Sequence[float], encoded: Sequence[bool]) -> dict[str, dict[str, Any]]:

@@ -34,6 +34,7 @@ import argparse
 import hashlib
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,31 @@ GATES = {
     "capability-v8": ("capability-v6", "capability-v7"),
 }
 SCORE, LABEL, SPLIT = "capability-v5", "capability-v8", "capability-v9"
+
+
+@dataclass(frozen=True)
+class Split:
+    """A router that scores as ``baseline`` through ``score`` and labels through ``label``,
+    the two read through the split artifact ``split``."""
+
+    baseline: str
+    candidate: str
+    score: str
+    label: str
+    split: str
+    results: Path
+
+
+ENCODER = Split(BASELINE, CANDIDATE, SCORE, LABEL, SPLIT, RESULTS)
+#: The static companion (``encoder: false``): router-v6's score, capability-v6's labels.
+STATIC = Split(
+    "router-v6",
+    "router-v10",
+    "capability-v3",
+    "capability-v6",
+    "capability-v10",
+    RESULTS.with_name("router_v10.json"),
+)
 #: How far router-v9's refitted head may be from router-v8's: the refit reads probabilities
 #: composed from float32 encoder vectors (the cache), router-v8's fit read float64 ones.
 HEAD_TOLERANCE = 1e-8
@@ -153,20 +179,71 @@ def _head_difference(a: Path, b: Path) -> float:
         return max(float(np.abs(x[k] - y[k]).max()) for k in x.files if x[k].dtype.kind == "f")
 
 
+def split_router(
+    pair: Split, found: dict[str, Any], files: list[Path], *, train: bool
+) -> dict[str, Any]:
+    """With ``train``, write ``pair``'s split artifact and its router (the head refitted over the
+    score's probabilities, naming the baseline as ``score_of``); then check that the head is the
+    baseline's and compare the two routers leave-one-source-out."""
+    if train:
+        for name in (pair.split, pair.candidate):
+            shutil.rmtree(MODELS / name, ignore_errors=True)
+        save_split(
+            MODELS / pair.split,
+            MODELS / pair.score,
+            MODELS / pair.label,
+            {"chosen_by": "python -m studies.router_v9", "results": pair.results.name},
+        )
+        train_profile_router(
+            files,
+            MODELS / pair.split,
+            MODELS / pair.candidate,
+            reader=found[pair.score],
+            metadata={"score_of": pair.baseline},
+        )
+    diff = _head_difference(MODELS / pair.baseline, MODELS / pair.candidate)
+    if diff > HEAD_TOLERANCE:
+        if train:  # its sidecar would claim the baseline's score: withdraw it
+            shutil.rmtree(MODELS / pair.candidate)
+        raise SystemExit(
+            f"{pair.candidate}'s head is not {pair.baseline}'s (largest difference {diff})"
+        )
+    print(f"{pair.candidate}'s head is {pair.baseline}'s: largest difference {diff:.1e}")
+    return compare(
+        {pair.baseline: pair.score, pair.candidate: pair.split},
+        pair.results,
+        readers={**found, pair.split: found[pair.score]},
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the comparison; see the module docstring."""
     parser = argparse.ArgumentParser(prog="python -m studies.router_v9")
     parser.add_argument(
-        "--train", action="store_true", help="write models/capability-v9 and models/router-v9"
+        "--train",
+        action="store_true",
+        help="write models/capability-v9 and models/router-v9 (with --static: -v10)",
     )
     parser.add_argument(
         "--over-gate",
         action="store_true",
         help="the first candidate: router-v8's recipe over capability-v8, under var/",
     )
+    parser.add_argument(
+        "--static",
+        action="store_true",
+        help="the static companion: router-v6's score with capability-v6's labels (router-v10)",
+    )
     args = parser.parse_args(argv)
-    found = readers()
     files = [DATA / f for f in ROUTING_FILES]
+    if args.static:
+        reader = cached_reader(MODELS / STATIC.score)
+        try:
+            split_router(STATIC, {STATIC.score: reader}, files, train=args.train)
+        finally:
+            reader.save()
+        return 0
+    found = readers()
     try:
         if args.over_gate:
             out = MODELS.parent / "var" / "router_v9" / CANDIDATE
@@ -179,31 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 routers={CANDIDATE: out},
             )
             return 0
-        if args.train:
-            for name in (SPLIT, CANDIDATE):
-                shutil.rmtree(MODELS / name, ignore_errors=True)
-            save_split(
-                MODELS / SPLIT,
-                MODELS / SCORE,
-                MODELS / LABEL,
-                {"chosen_by": "python -m studies.router_v9", "results": RESULTS.name},
-            )
-            train_profile_router(
-                files,
-                MODELS / SPLIT,
-                MODELS / CANDIDATE,
-                reader=found[SCORE],
-                metadata={"score_of": BASELINE},
-            )
-        diff = _head_difference(MODELS / BASELINE, MODELS / CANDIDATE)
-        if diff > HEAD_TOLERANCE:
-            if args.train:  # its sidecar would claim router-v8's score: withdraw it
-                shutil.rmtree(MODELS / CANDIDATE)
-            raise SystemExit(f"{CANDIDATE}'s head is not {BASELINE}'s (largest difference {diff})")
-        print(f"{CANDIDATE}'s head is {BASELINE}'s: largest difference {diff:.1e}")
-        compare(
-            {BASELINE: SCORE, CANDIDATE: SPLIT}, RESULTS, readers={**found, SPLIT: found[SCORE]}
-        )
+        split_router(ENCODER, found, files, train=args.train)
     finally:
         for reader in found.values():
             reader.static.save()

@@ -26,7 +26,7 @@ from router.artifact import (
     save_scorer,
     sha256_file,
 )
-from router.capability import GatedCapability, SplitCapability
+from router.capability import GatedCapability, SplitCapability, load_reader, save_split
 from router.classifier import LearnedScorer, ServedCapability
 from router.errors import ArtifactError
 from router.pii import pii_kinds
@@ -43,6 +43,7 @@ from router.training import (
     fit_routing,
     load_capability_rows,
     load_routing_rows,
+    train_profile_router,
 )
 from tests.test_artifact import (
     artifact_fixture,  # noqa: F401 (a fixture)
@@ -439,3 +440,42 @@ def test_a_router_names_the_router_whose_score_it_reproduces(tmp_path: Path) -> 
     (copy / METADATA_FILE).write_text(json.dumps(meta))
     with pytest.raises(ArtifactError, match="score_of"):
         load_scorer(copy)
+
+
+def test_a_router_trained_over_a_split_scores_with_one_model_and_labels_with_the_other(
+    tmp_path: Path,
+) -> None:
+    # tiergate train --capability over a split of the two static heads (capability-v3 scores,
+    # capability-v6 labels): the head is the one fitted over capability-v3 alone, and the
+    # label is capability-v6's.
+    data = write_jsonl(tmp_path / "r.jsonl", routing_rows(24))
+    models = REPO / "models"
+    split = save_split(tmp_path / "cap-split", models / "capability-v3", models / "capability-v6")
+    over_split = train_profile_router(
+        [data], split, tmp_path / "router-s", cv=False, metadata={"score_of": "router-a"}
+    )
+    alone = train_profile_router([data], models / "capability-v3", tmp_path / "router-a", cv=False)
+    s, a = load_scorer(over_split), load_scorer(alone)
+    assert isinstance(s, ProfileScorer) and isinstance(a, ProfileScorer)
+    assert (s.score_of, a.score_of) == ("router-a", None)
+    label, scored = load_reader(models / "capability-v6"), load_reader(models / "capability-v3")
+    differ = 0
+    for text in SAMPLE:
+        assert s.score(text) == pytest.approx(a.score(text), abs=1e-9)
+        assert s.analyze(text).capability == label.predict(text)
+        differ += label.predict(text) != scored.predict(text)
+    assert differ > 0  # the two static heads disagree somewhere, so the label's source shows
+
+
+def test_the_shipped_static_split_scores_as_router_v6_and_labels_as_capability_v6() -> None:
+    v6, v10 = (
+        load_scorer(REPO / "models" / "router-v6"),
+        load_scorer(REPO / "models" / "router-v10"),
+    )
+    assert isinstance(v6, ProfileScorer) and isinstance(v10, ProfileScorer)
+    assert v10.score_of == "router-v6" and not v10.costly
+    label = load_reader(REPO / "models" / "capability-v6")
+    for text in SAMPLE:
+        got = v10.analyze(text)
+        assert got.score == pytest.approx(v6.analyze(text).score, abs=1e-12)
+        assert got.capability == label.predict(text)
