@@ -23,9 +23,10 @@ checked against its shipped artifact, loaded as the proxy loads it, on a sample 
 
     python -m studies.router_v9 [--train]
     python -m studies.router_v9 --over-gate    # the first candidate, written under var/
+    python -m studies.router_v9 --static [--train]   # router-v10, the opt-in static split
 
 Needs the encoder's weights (``make model``). Writes ``studies/results/router_v9.json``
-(``router_v9_gate_123.json`` with ``--over-gate``).
+(``router_v9_gate_123.json`` with ``--over-gate``, ``router_v10.json`` with ``--static``).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class Split:
 
 
 ENCODER = Split(BASELINE, CANDIDATE, SCORE, LABEL, SPLIT, RESULTS)
-#: The static companion (``encoder: false``): router-v6's score, capability-v6's labels.
+#: A static split (opt-in, through ``classifier_path``): router-v6's score, capability-v6's labels.
 STATIC = Split(
     "router-v6",
     "router-v10",
@@ -232,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--static",
         action="store_true",
-        help="the static companion: router-v6's score with capability-v6's labels (router-v10)",
+        help="the static split: router-v6's score with capability-v6's labels (router-v10)",
     )
     args = parser.parse_args(argv)
     files = [DATA / f for f in ROUTING_FILES]
