@@ -469,14 +469,19 @@ class GatedCapability:
         """Whether reading a prompt may run the encoder (either member's)."""
         return self.first.costly or self.then.costly
 
+    def sure(self, first: FloatArray) -> bool:
+        """Whether ``first``'s probabilities for a prompt stand (their largest reaches the
+        threshold), so ``then`` need not read it."""
+        return float(first.max()) >= self.threshold
+
     def probabilities(self, text: str) -> FloatArray:
         """P(capability | text), in :data:`~router.scoring.CAPABILITIES` order."""
         p = self.first.probabilities(text)
-        return p if float(p.max()) >= self.threshold else self.then.probabilities(text)
+        return p if self.sure(p) else self.then.probabilities(text)
 
     def reads_second(self, text: str) -> bool:
         """Whether :meth:`probabilities` reads ``text`` through ``then`` (``first`` unsure)."""
-        return float(self.first.probabilities(text).max()) < self.threshold
+        return not self.sure(self.first.probabilities(text))
 
     def predict(self, text: str) -> str:
         """The most probable capability of one prompt."""
@@ -611,7 +616,7 @@ class SplitCapability:
         for reader in (self.score, self.label):
             p = probabilities(first)
             if isinstance(reader, GatedCapability):
-                p = p if float(p.max()) >= reader.threshold else probabilities(first + 1)
+                p = p if reader.sure(p) else probabilities(first + 1)
                 first += 2
             else:
                 first += 1

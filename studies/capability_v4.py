@@ -69,13 +69,19 @@ def embedding_for(window: tuple[int, int] | None) -> Any:
     return ContextualEmbedding(static, load_encoder(), head_tokens=window[0], tail_tokens=window[1])
 
 
-def estimator_params(option: dict[str, Any]) -> dict[str, Any]:
-    """The :class:`CapabilityClassifier` parameters of an option (seeds as pairs)."""
-    out = {k: v for k, v in option.items() if k not in ("seeds", "window")}
+def head_settings(option: dict[str, Any]) -> dict[str, Any]:
+    """An option's estimator settings: all but its seed-set names and encoder window."""
+    return {k: v for k, v in option.items() if k not in ("seeds", "window")}
+
+
+def estimator_params(option: dict[str, Any], files: dict[str, Path] = SEED_FILES) -> dict[str, Any]:
+    """The :class:`CapabilityClassifier` parameters of an option (seeds as pairs, the seed
+    sets it names read from ``files``)."""
+    out = head_settings(option)
     out["seeds"] = tuple(
         (r.prompt, r.capability)
         for name in option["seeds"]
-        for r in load_capability_rows(SEED_FILES[name])
+        for r in load_capability_rows(files[name])
     )
     return out
 
@@ -124,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.train:
         shutil.rmtree(MODEL, ignore_errors=True)
         option = OPTIONS[chosen]
-        params = {k: v for k, v in option.items() if k not in ("seeds", "window")}
+        params = head_settings(option)
         train_capability(
             args.data,
             embedding_for(option["window"]),

@@ -62,7 +62,7 @@ from studies.capability_loso import Memo, licence_split
 from studies.capability_v2 import paired_gain, score_option
 from studies.capability_v3 import EMBEDDING_DIR, SEED_FILES
 from studies.capability_v4 import OPTIONS as V4_OPTIONS
-from studies.capability_v4 import embedding_for
+from studies.capability_v4 import embedding_for, estimator_params, head_settings
 from studies.chat_categories import (
     LOOSE,
     STRICT,
@@ -115,11 +115,7 @@ GATE_MODEL = "capability-v8"
 def params(head: str) -> dict[str, Any]:
     """The :class:`CapabilityClassifier` parameters of a head (its seed prompts as pairs)."""
     option, seeds, _ = HEADS[head]
-    out = {k: v for k, v in V4_OPTIONS[option].items() if k not in ("seeds", "window")}
-    out["seeds"] = tuple(
-        (r.prompt, r.capability) for s in seeds for r in load_capability_rows(_FILES[s])
-    )
-    return out
+    return estimator_params({**V4_OPTIONS[option], "seeds": seeds}, _FILES)
 
 
 def window(head: str) -> tuple[int, int] | None:
@@ -170,12 +166,11 @@ def run(data: Path) -> dict[str, Any]:
         if w not in memos:
             memos[w] = Memo(embedding_for(w))
         filed: dict[str, np.ndarray] = {}
-        res, _ = score_option(
-            head, params(head), commercial, research, memos[w], probabilities=filed
-        )
+        settings = params(head)
+        res, _ = score_option(head, settings, commercial, research, memos[w], probabilities=filed)
         heads[head] = res
         oof[head] = np.vstack([filed[r.prompt] for r in every])
-        model = CapabilityClassifier(memos[w], **params(head)).fit(
+        model = CapabilityClassifier(memos[w], **settings).fit(
             [r.prompt for r in commercial], [r.capability for r in commercial]
         )
         for k, rows in chats.items():
@@ -233,12 +228,11 @@ def train(data: Path, candidate: str) -> None:
         option, seeds, artifact = HEADS[head]
         out = MODELS / artifact
         shutil.rmtree(out, ignore_errors=True)
-        settings = {k: v for k, v in V4_OPTIONS[option].items() if k not in ("seeds", "window")}
         train_capability(
             data,
             embedding_for(window(head)),
             out,
-            params=settings,
+            params=head_settings(V4_OPTIONS[option]),
             seeds=[_FILES[s] for s in seeds],
             share=EMBEDDING_DIR,
         )

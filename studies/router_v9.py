@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from router.artifact import load_capability_model
-from router.capability import CapabilityModel, save_split, softmax, unit
+from router.capability import CapabilityModel, save_split, softmax
 from router.distill import WEIGHTS_SHA256
 from router.encoder import ContextualEmbedding
 from router.training import load_routing_rows, train_profile_router
@@ -126,9 +126,8 @@ class HeadReader:
         self.capabilities, self.version = model.capabilities, model.version
 
     def probabilities(self, text: str) -> np.ndarray:
-        m = self.model
         x = self.store.vector(text).astype(np.float64)
-        out: np.ndarray = softmax(m.coef @ unit(x - m.center) + m.intercept)
+        out: np.ndarray = softmax(self.model.logits_of(x))
         return out
 
     def save(self) -> None:
