@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router.api import router as api_router
+from router.artifact import release_freed_memory
 from router.auth import AuthMiddleware, build_authenticator
 from router.backends import Backend
 from router.backends.closed import ClosedBackend
@@ -211,6 +212,7 @@ def create_app(
         # A policy that starts with `encoder: false` loads the static companion now, not on
         # the first request.
         deciding = await asyncio.to_thread(gateway.scorer_for, policy.policy)
+        release_freed_memory()  # what loading freed, before the proxy idles
         learning = LearningLoop(
             gateway,
             judge_model=settings.judge_model,

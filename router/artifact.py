@@ -613,6 +613,23 @@ def add_serving_form(path: str | Path) -> dict[str, Any]:
     return dict(meta["serving"])
 
 
+def release_freed_memory() -> bool:
+    """Hand the heap pages freed since loading back to the system (glibc's ``malloc_trim``);
+    False where the C library has none. Reading an artifact holds its compressed bytes, its
+    parsed arrays and their float32 copies at once (a peak of about 60 MB for the shipped
+    capability table), and glibc keeps what is then freed for later allocations, so an idle
+    proxy would hold it for good. The proxy calls this once it has started and after a hot
+    swap (bench/README.md gives the figures)."""
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return False
+    trim(0)
+    return True
+
+
 def load_scorer(path: str | Path, profile: LocalProfile | None = None) -> Scorer:
     """The scorer of an artifact, reading ``profile`` as the local model's (default: the bundled
     model's): the proxy's start-up and hot swap, the CLI and the benches load through here.

@@ -30,8 +30,15 @@ class Price:
         return prompt_tokens * self.input_per_token + completion_tokens * self.output_per_token
 
 
+#: The fields of a cost-map entry that :class:`CostBook` reads; the rest is dropped at load.
+_PRICE_FIELDS = ("input_cost_per_token", "output_cost_per_token")
+
+
 def load_litellm_cost_map() -> dict[str, Any]:
-    """litellm's bundled price table, or an empty one if litellm is not installed."""
+    """litellm's bundled price table, or an empty one if litellm is not installed: per model,
+    only the fields :class:`CostBook` reads, of the models that have a price. The whole table
+    parses into about 70,000 objects that the server would hold for as long as it runs; the
+    prices alone take a quarter of the memory (bench/README.md)."""
     spec = importlib.util.find_spec("litellm")
     if spec is None or not spec.submodule_search_locations:
         return {}
@@ -40,7 +47,13 @@ def load_litellm_cost_map() -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return {}
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    return {
+        name: {k: entry[k] for k in _PRICE_FIELDS if k in entry}
+        for name, entry in data.items()
+        if isinstance(entry, dict) and _PRICE_FIELDS[0] in entry
+    }
 
 
 class CostBook:

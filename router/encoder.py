@@ -71,10 +71,17 @@ def _gelu(x: F32) -> F32:
     return out
 
 
+#: The attention projections, each read straight from the weights (see :class:`MiniLM`).
+_QKV = ("query", "key", "value")
+
+
 class MiniLM:
-    """A BERT encoder's forward pass, float32, weights laid out for speed: query, key and value
-    fused, and every matrix kept as torch stores it, ``(out, in)``, as the left operand of
-    ``W @ x.T`` (10-20% faster than ``x @ W.T`` with OpenBLAS on one core past 32 tokens)."""
+    """A BERT encoder's forward pass, float32, every matrix kept as torch stores it, ``(out,
+    in)``, as the left operand of ``W @ x.T`` (10-20% faster than ``x @ W.T`` with OpenBLAS on
+    one core past 32 tokens). Every matrix is a view of the weights as given, not a copy:
+    mapped weights (:func:`map_weights`) stay the page cache's. Fusing query, key and value into
+    one matrix would copy 10.6 MB into each process for no measurable speed
+    (bench/README.md)."""
 
     def __init__(self, weights: Mapping[str, NDArray[Any]]) -> None:
         def get(name: str) -> F32:
@@ -91,12 +98,10 @@ class MiniLM:
         self.layers: list[dict[str, F32]] = []
         while f"encoder.layer.{len(self.layers)}.attention.self.query.weight" in weights:
             p = f"encoder.layer.{len(self.layers)}."
-            attn = [get(f"{p}attention.self.{n}.weight") for n in ("query", "key", "value")]
-            bias = [get(f"{p}attention.self.{n}.bias") for n in ("query", "key", "value")]
             self.layers.append(
                 {
-                    "qkv": np.ascontiguousarray(np.vstack(attn)),
-                    "qkv_b": np.concatenate(bias),
+                    **{n[0]: get(f"{p}attention.self.{n}.weight") for n in _QKV},
+                    **{f"{n[0]}_b": get(f"{p}attention.self.{n}.bias") for n in _QKV},
                     "out": get(f"{p}attention.output.dense.weight"),
                     "out_b": get(f"{p}attention.output.dense.bias"),
                     "ln1_w": get(f"{p}attention.output.LayerNorm.weight"),
@@ -138,14 +143,11 @@ class MiniLM:
         x = _layer_norm(x, *self.norm)
         scale = np.float32(1.0 / np.sqrt(size))
         for lay in self.layers:
-            qkv = (lay["qkv"] @ x.T).T + lay["qkv_b"]
+            qkv = [(lay[w] @ x.T).T + lay[f"{w}_b"] for w in "qkv"]
             ctx = np.empty_like(x)
             for start, end in itertools.pairwise(bounds):
                 n = int(end - start)
-                q, k, v = (
-                    qkv[start:end, i * h : (i + 1) * h].reshape(n, _HEADS, size).transpose(1, 0, 2)
-                    for i in range(3)
-                )
+                q, k, v = (m[start:end].reshape(n, _HEADS, size).transpose(1, 0, 2) for m in qkv)
                 att = q @ k.transpose(0, 2, 1) * scale
                 att = np.exp(att - att.max(-1, keepdims=True))
                 att /= att.sum(-1, keepdims=True)

@@ -195,6 +195,8 @@ async def watch_model_store(
     """
     if settings.model_store is None or settings.model_watch_s <= 0:
         return
+    from router.artifact import release_freed_memory
+
     store = ModelStore(settings.model_store)
     loaded: str | None = getattr(gateway.scorer, "version", None)
     while True:
@@ -203,6 +205,7 @@ async def watch_model_store(
             if version is not None and version != loaded:
                 scorer = await asyncio.to_thread(loader, store.path(version))
                 gateway.scorer = scorer
+                release_freed_memory()  # what the swapped-out model held, once collected
                 log.info("model %s now serving (was %s)", version, loaded)
                 loaded = version
         except Exception:  # a bad version must not stop the watcher; the old model serves on

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 
+import router.app
 from router.app import build_outcome_store, configured_scorer, create_app
 from router.outcomes import SQLiteOutcomeStore
 from router.scoring import HeuristicScorer
@@ -43,3 +45,15 @@ def test_every_failure_is_answered_as_json_in_the_fronts_shape(
         assert bad.json()["error"]["type"] == "invalid_request_error"
         anthropic = client.post("/v1/messages", json={"model": "auto"})
         assert anthropic.status_code == 400 and anthropic.json()["type"] == "error"
+
+
+def test_the_proxy_hands_back_what_loading_freed_before_it_serves(
+    tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[bool] = []
+    monkeypatch.setattr(router.app, "release_freed_memory", lambda: calls.append(True) or True)
+    app = create_app(make_settings(tmp_path, policy_yaml(fake)), local_backend=ScriptedLocal())
+    assert not calls
+    with TestClient(app) as client:
+        assert calls == [True]
+        assert client.get("/healthz").status_code == 200

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from router.artifact import (
     load_fitted,
     load_scorer,
     read_metadata,
+    release_freed_memory,
     save_scorer,
     sha256_file,
 )
@@ -252,3 +254,25 @@ def test_a_profile_head_says_why_it_cannot_be_retrained() -> None:
     """router-v4 has no pickled estimators: loading it for retraining names the reason."""
     with pytest.raises(ArtifactError, match="no scikit-learn estimators"):
         load_fitted(default_model_path())
+
+
+def _anon_rss_kb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_freed_heap_memory_goes_back_to_the_system() -> None:
+    # 80 MB of heap blocks (64 KB, under glibc's mmap threshold), every other one then freed:
+    # the holes between the blocks that stay are kept for later allocations, until trimmed.
+    blocks = []
+    for _ in range(1280):
+        blocks.append(bytearray(65_536))
+        blocks[-1][::4096] = b"x" * 16  # touch every page
+    del blocks[::2]
+    held = _anon_rss_kb()
+    assert release_freed_memory()
+    assert held - _anon_rss_kb() > 20_000
+    assert len(blocks) == 640

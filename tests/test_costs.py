@@ -37,3 +37,11 @@ def test_a_local_call_pays_per_token_and_per_gpu_hour() -> None:
 def test_litellms_bundled_table_is_read_offline() -> None:
     table = load_litellm_cost_map()
     assert CostBook(table).closed_cost("openai/gpt-4o", 1_000_000, 0) > 0.0
+
+
+def test_the_loaded_table_keeps_only_prices() -> None:
+    table = load_litellm_cost_map()
+    assert table, "litellm's table should be installed with the dev dependencies"
+    for entry in table.values():
+        assert "input_cost_per_token" in entry
+        assert set(entry) <= {"input_cost_per_token", "output_cost_per_token"}

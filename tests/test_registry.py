@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+import router.artifact
 from router.errors import ConfigError
 from router.registry import ModelStore, configured_model_path, watch_model_store
 
@@ -81,8 +82,12 @@ def test_unknown_versions_and_an_empty_store_are_refused(tmp_path: Path) -> None
 
 
 def test_the_watcher_swaps_in_a_promoted_version_but_never_a_broken_one(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    released: list[bool] = []
+    monkeypatch.setattr(
+        router.artifact, "release_freed_memory", lambda: released.append(True) or True
+    )
     store = ModelStore(tmp_path / "store")
     store.adopt(_artifact(tmp_path, "a"))
     store.adopt(_artifact(tmp_path, "b"))
@@ -113,3 +118,4 @@ def test_the_watcher_swaps_in_a_promoted_version_but_never_a_broken_one(
     assert asyncio.run(serving_after("v0002")) == "v0002"
     assert asyncio.run(serving_after("v0003")) == "v0002"  # the broken version never serves
     assert asyncio.run(serving_after("v0001")) == "v0001"
+    assert len(released) == 2  # after each swap, what the old model held goes back
