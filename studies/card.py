@@ -49,6 +49,7 @@ from router.artifact import (
     capability_dir,
     default_model_path,
     is_profile_router,
+    load_capability_model,
     load_fitted,
     load_scorer,
     read_sidecar,
@@ -61,17 +62,20 @@ from router.capability import (
     GATE_FORMAT_VERSION,
     SPLIT_FORMAT,
     SPLIT_FORMAT_VERSION,
+    CapabilityModel,
     is_gate,
     is_split,
 )
 from router.capability_training import CapabilityClassifier, leave_one_source_out
 from router.classifier import ServedCapability
+from router.encoder import ContextualEmbedding
 from router.profile import default_profile
 from router.scoring import CAPABILITIES
 from router.training import RoutingRow, load_capability_rows, load_routing_rows
 from studies.capability_gate import GatedReader
 from studies.capability_loso import Memo, licence_split
 from studies.router_v5 import cached_reader
+from studies.router_v9 import VectorStore, check_prompts, composed_gate
 from studies.score_v4 import (
     BOOT,
     DATA,
@@ -167,10 +171,20 @@ def _members(cap_dir: Path) -> tuple[list[Path], float]:
     return [cap_dir], 0.0
 
 
-def served_reader(cap_dir: Path) -> Any:
+def served_reader(cap_dir: Path, stores: dict[Path, VectorStore] | None = None) -> Any:
     """The capability model (a head or a gate) at ``cap_dir`` as the proxy reads it, its
-    members' probabilities memoised on disk (:func:`studies.router_v5.cached_reader`)."""
+    members' probabilities memoised on disk (:func:`studies.router_v5.cached_reader`). With
+    ``stores``, a gate whose second member reads the encoder is composed over encoder vectors
+    kept on disk and shared by every such head (:func:`studies.router_v9.composed_gate`,
+    checked against the shipped gate): a split's two gates then run the encoder once a prompt,
+    and a later run not at all."""
     members, threshold = _members(cap_dir)
+    if stores is not None and len(members) == 2:
+        second = load_capability_model(members[1])
+        if isinstance(second, CapabilityModel) and isinstance(
+            second.embedding, ContextualEmbedding
+        ):
+            return composed_gate(cap_dir, *members, stores, check_prompts())
     readers = [cached_reader(d) for d in members]
     return GatedReader(readers[0], readers[1], threshold) if len(readers) == 2 else readers[0]
 
@@ -517,17 +531,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     cap_dir = capability_dir(model, serving["capability"]["name"])
     score_dir, label_dir = split_roles(cap_dir)
     print(f"{model.name}: capability {label_dir.name} leave-one-source-out ...", file=sys.stderr)
-    cap, reader = capability_figures(label_dir)
+    cap, exact = capability_figures(label_dir)
+    exact.save()
+    stores: dict[Path, VectorStore] = {}
+    reader, label = served_reader(score_dir, stores), None
     if score_dir != label_dir:
         cap["split"] = {"name": cap_dir.name, "score": score_dir.name, "label": label_dir.name}
-        label, reader = reader, served_reader(score_dir)
-    else:
-        label = None
+        label = served_reader(label_dir, stores)
     print(f"{model.name}: routing leave-one-source-out ...", file=sys.stderr)
-    routing = routing_figures(model, reader, label)
-    for r in (reader, label):
-        if r is not None:
-            r.save()
+    try:
+        routing = routing_figures(model, reader, label)
+    finally:
+        for r in (reader, label, *stores.values()):
+            if r is not None:
+                r.save()
     lat = latency(model, args.latency)
     command = COMMAND + (f" --model {args.model}" if args.model else "")
     results = {

@@ -134,38 +134,53 @@ class HeadReader:
         self.store.save()
 
 
-def _store(model: CapabilityModel) -> VectorStore:
+def store_for(model: CapabilityModel, stores: dict[Path, VectorStore]) -> VectorStore:
+    """The vector store of ``model``'s encoder, kept on disk under a key of the table's
+    provenance, the weights' sha256 and the window, and shared through ``stores`` (by that
+    file) with every other head that reads the same vectors."""
     emb = model.embedding
     if not isinstance(emb, ContextualEmbedding):
         raise SystemExit(f"{model.version}: not an encoder model")
     pinned = (sorted(emb.provenance.items()), WEIGHTS_SHA256, emb.head_tokens, emb.tail_tokens)
-    key = hashlib.sha256(repr(pinned).encode()).hexdigest()[:16]
-    return VectorStore(emb, CACHE / f"encoder-vectors-{key}.npz")
+    cache = CACHE / f"encoder-vectors-{hashlib.sha256(repr(pinned).encode()).hexdigest()[:16]}.npz"
+    if cache not in stores:
+        stores[cache] = VectorStore(emb, cache)
+    return stores[cache]
+
+
+def composed_gate(
+    gate: Path, static: Path, encoder: Path, stores: dict[Path, VectorStore], check: Sequence[str]
+) -> GatedReader:
+    """The gate in ``gate`` composed from ``static``'s cached probabilities and ``encoder``'s
+    head over its shared vector store (:func:`store_for`), refused unless it agrees with the
+    shipped gate, loaded as the proxy loads it, on the prompts in ``check``."""
+    model = load_capability_model(encoder)
+    assert isinstance(model, CapabilityModel)
+    shipped = load_capability_model(gate)
+    composed = GatedReader(
+        cached_reader(static),
+        MemoReader(HeadReader(model, store_for(model, stores))),
+        shipped.threshold,  # type: ignore[attr-defined]
+    )
+    for text in check:
+        if np.abs(shipped.probabilities(text) - composed.probabilities(text)).max() > 1e-6:
+            raise SystemExit(f"{gate.name}: the shipped gate and the composed one disagree")
+    return composed
+
+
+def check_prompts() -> list[str]:
+    """:data:`SAMPLE` routing prompts, evenly spaced, that composed gates are checked on."""
+    rows = [r for f in ROUTING_FILES for r in load_routing_rows(DATA / f)]
+    return [r.prompt for r in rows[:: max(1, len(rows) // SAMPLE)]]
 
 
 def readers() -> dict[str, Any]:
-    """Readers per gate, composed from cached static heads and encoder heads over one shared
-    vector store, each checked against its shipped gate on :data:`SAMPLE` routing prompts."""
-    rows = [r for f in ROUTING_FILES for r in load_routing_rows(DATA / f)]
-    store: VectorStore | None = None
-    out: dict[str, Any] = {}
-    for gate_name, (static_name, encoder_name) in GATES.items():
-        encoder = load_capability_model(MODELS / encoder_name)
-        assert isinstance(encoder, CapabilityModel)
-        store = store or _store(encoder)
-        head = HeadReader(encoder, store)
-        shipped = load_capability_model(MODELS / gate_name)
-        composed = GatedReader(
-            cached_reader(MODELS / static_name),
-            MemoReader(head),
-            shipped.threshold,  # type: ignore[attr-defined]
-        )
-        for r in rows[:: max(1, len(rows) // SAMPLE)]:
-            got, want = shipped.probabilities(r.prompt), composed.probabilities(r.prompt)
-            if np.abs(got - want).max() > 1e-6:
-                raise SystemExit(f"{gate_name}: the shipped gate and the composed one disagree")
-        out[gate_name] = composed
-    return out
+    """Readers per gate (:func:`composed_gate`), their encoder heads over shared vectors."""
+    check, stores = check_prompts(), {}
+    return {
+        gate: composed_gate(MODELS / gate, MODELS / static, MODELS / encoder, stores, check)
+        for gate, (static, encoder) in GATES.items()
+    }
 
 
 def _head_difference(a: Path, b: Path) -> float:

@@ -47,3 +47,31 @@ def test_the_committed_card_carries_the_shipped_routers_results() -> None:
     block = card[card.index(START) + len(START) : card.index(END)]
     assert block.strip("\n") == card_block(results)
     assert f"**{results['model']}**" in block and results["command"] in block
+
+
+def test_a_splits_two_gates_read_one_store_of_encoder_vectors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The card's routing readers: router-v9's score gate and label gate, composed over encoder
+    vectors kept in one store (each checked against its shipped gate), run the encoder at most
+    once a prompt and leave the vectors on disk for the next run."""
+    from studies import card, router_v9
+
+    prompts = [
+        "Give me three ideas for a weekend trip near Lyon.",  # the table is unsure: encoded
+        "Write a haiku about routers and the sea.",
+        "What is 17 times 23? Show your working.",
+        "hey, how's it going?",
+    ]
+    monkeypatch.setattr(card, "check_prompts", lambda: prompts)
+    monkeypatch.setattr(router_v9, "CACHE", tmp_path)
+    score, label = card.split_roles(card.ROOT / "models" / "capability-v9")
+    stores: dict[Path, router_v9.VectorStore] = {}
+    readers = [card.served_reader(d, stores) for d in (score, label)]
+    assert [type(r).__name__ for r in readers] == ["GatedReader", "GatedReader"]
+    assert len(stores) == 1
+    (store,) = stores.values()
+    assert 1 <= len(store.vectors) <= len(prompts)
+    store.save()
+    again = router_v9.VectorStore(store.embedding, store.cache)
+    assert store.cache.parent == tmp_path and sorted(again.vectors) == sorted(store.vectors)
