@@ -184,7 +184,7 @@ def served_reader(cap_dir: Path, stores: dict[Path, VectorStore] | None = None) 
         if isinstance(second, CapabilityModel) and isinstance(
             second.embedding, ContextualEmbedding
         ):
-            return composed_gate(cap_dir, *members, stores, check_prompts())
+            return composed_gate(cap_dir, members[0], second, stores, check_prompts())
     readers = [cached_reader(d) for d in members]
     return GatedReader(readers[0], readers[1], threshold) if len(readers) == 2 else readers[0]
 

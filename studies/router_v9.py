@@ -32,6 +32,7 @@ Needs the encoder's weights (``make model``). Writes ``studies/results/router_v9
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import shutil
 from collections.abc import Sequence
@@ -149,17 +150,19 @@ def store_for(model: CapabilityModel, stores: dict[Path, VectorStore]) -> Vector
 
 
 def composed_gate(
-    gate: Path, static: Path, encoder: Path, stores: dict[Path, VectorStore], check: Sequence[str]
+    gate: Path,
+    static: Path,
+    encoder: CapabilityModel,
+    stores: dict[Path, VectorStore],
+    check: Sequence[str],
 ) -> GatedReader:
-    """The gate in ``gate`` composed from ``static``'s cached probabilities and ``encoder``'s
-    head over its shared vector store (:func:`store_for`), refused unless it agrees with the
-    shipped gate, loaded as the proxy loads it, on the prompts in ``check``."""
-    model = load_capability_model(encoder)
-    assert isinstance(model, CapabilityModel)
+    """The gate in ``gate`` composed from ``static``'s cached probabilities and the ``encoder``
+    head (its second member, loaded) over its shared vector store (:func:`store_for`), refused
+    unless it agrees with the shipped gate, loaded as the proxy loads it, on ``check``."""
     shipped = load_capability_model(gate)
     composed = GatedReader(
         cached_reader(static),
-        MemoReader(HeadReader(model, store_for(model, stores))),
+        MemoReader(HeadReader(encoder, store_for(encoder, stores))),
         shipped.threshold,  # type: ignore[attr-defined]
     )
     for text in check:
@@ -168,17 +171,27 @@ def composed_gate(
     return composed
 
 
-def check_prompts() -> list[str]:
-    """:data:`SAMPLE` routing prompts, evenly spaced, that composed gates are checked on."""
+@functools.cache
+def check_prompts() -> tuple[str, ...]:
+    """:data:`SAMPLE` routing prompts, evenly spaced, that composed gates are checked on (read
+    once a run)."""
     rows = [r for f in ROUTING_FILES for r in load_routing_rows(DATA / f)]
-    return [r.prompt for r in rows[:: max(1, len(rows) // SAMPLE)]]
+    return tuple(r.prompt for r in rows[:: max(1, len(rows) // SAMPLE)])
+
+
+def _encoder_head(directory: Path) -> CapabilityModel:
+    model = load_capability_model(directory)
+    assert isinstance(model, CapabilityModel)
+    return model
 
 
 def readers() -> dict[str, Any]:
     """Readers per gate (:func:`composed_gate`), their encoder heads over shared vectors."""
-    check, stores = check_prompts(), {}
+    stores: dict[Path, VectorStore] = {}
     return {
-        gate: composed_gate(MODELS / gate, MODELS / static, MODELS / encoder, stores, check)
+        gate: composed_gate(
+            MODELS / gate, MODELS / static, _encoder_head(MODELS / encoder), stores, check_prompts()
+        )
         for gate, (static, encoder) in GATES.items()
     }
 
