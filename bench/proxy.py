@@ -238,17 +238,44 @@ def chat_body() -> Path:
     return Path(os.environ.get("BENCH_BODY") or ROOT / "bench" / "chat.json")
 
 
-def send_n(srv: Server, n: int, connections: int = 32, max_s: float = 150.0) -> dict[str, Any]:
-    """Send ``n`` requests, ``connections`` at a time (wrk cannot stop at a count).
+#: Prompts written for Tiergate (studies/data, one per capability in turn), for the memory a
+#: proxy holds after varied traffic: a prompt reads its own rows of the capability table (a
+#: mapped file), where one repeated body reads the same few.
+VARIED_PROMPTS = ROOT / "studies" / "data" / "capability_seeds_3.jsonl"
+
+
+def varied_bodies() -> list[bytes]:
+    """:func:`chat_body` with its user message replaced by each of :data:`VARIED_PROMPTS`."""
+    template = json.loads(chat_body().read_text())
+    out = []
+    for line in VARIED_PROMPTS.read_text().splitlines():
+        body = json.loads(json.dumps(template))
+        body["messages"][-1]["content"] = json.loads(line)["prompt"]
+        out.append(json.dumps(body).encode())
+    return out
+
+
+def send_n(
+    srv: Server,
+    n: int,
+    connections: int = 32,
+    max_s: float = 150.0,
+    bodies: list[bytes] | None = None,
+) -> dict[str, Any]:
+    """Send ``n`` requests, ``connections`` at a time (wrk cannot stop at a count): the
+    :func:`chat_body`, or ``bodies`` in turn.
 
     Stops early after ``max_s`` seconds (a slow proxy on a loaded machine would otherwise hold
     the whole run); the number actually sent is returned and reported.
     """
-    return asyncio.run(_send_n(srv.base + CHAT, n, connections, max_s))
+    if bodies is None:
+        bodies = [chat_body().read_bytes()]
+    return asyncio.run(_send_n(srv.base + CHAT, n, connections, max_s, bodies))
 
 
-async def _send_n(url: str, n: int, connections: int, max_s: float) -> dict[str, Any]:
-    body = chat_body().read_bytes()
+async def _send_n(
+    url: str, n: int, connections: int, max_s: float, bodies: list[bytes]
+) -> dict[str, Any]:
     headers = {"content-type": "application/json", "authorization": f"Bearer {CLIENT_KEY}"}
     left = n
     sent = errors = 0
@@ -260,6 +287,7 @@ async def _send_n(url: str, n: int, connections: int, max_s: float) -> dict[str,
             nonlocal left, sent, errors
             while left > 0 and time.perf_counter() < deadline:
                 left -= 1
+                body = bodies[left % len(bodies)]
                 async with http.post(url, data=body, headers=headers) as response:
                     await response.read()
                     sent += 1
@@ -268,6 +296,24 @@ async def _send_n(url: str, n: int, connections: int, max_s: float) -> dict[str,
         await asyncio.gather(*(worker() for _ in range(connections)))
     elapsed = time.perf_counter() - start
     return {"requests": sent, "errors": errors, "rps": round(sent / elapsed, 1)}
+
+
+def _rss_after(
+    mem: dict[str, Any],
+    servers: tuple[Server, ...],
+    n: int,
+    what: str,
+    bodies: list[bytes] | None,
+) -> dict[str, dict[str, Any]]:
+    """Send ``n`` requests (:func:`send_n`) to each server in turn, then record each one's RSS
+    as ``mem[f"{name}_rss_after_{what}_mb"]``; what each send returned, by server name."""
+    sent = {srv.name: send_n(srv, n, bodies=bodies) for srv in servers}
+    for srv in servers:
+        mem[f"{srv.name}_rss_after_{what}_mb"] = round(srv.rss_mb(), 1)
+    rows = ", ".join(f"{srv.name} {mem[f'{srv.name}_rss_after_{what}_mb']} MB" for srv in servers)
+    kind = f"more requests, {len(bodies)} prompts in turn" if bodies else "requests"
+    print(f"  RSS after {n} {kind}: {rows}", flush=True)
+    return sent
 
 
 def run(
@@ -299,19 +345,13 @@ def run(
             f"litellm {mem['litellm_idle_rss_mb']} MB",
             flush=True,
         )
-        warm = {}
-        for srv in (tg, ll):
-            warm[srv.name] = send_n(srv, requests_for_memory)
-        mem["tiergate_rss_after_requests_mb"] = round(tg.rss_mb(), 1)
-        mem["litellm_rss_after_requests_mb"] = round(ll.rss_mb(), 1)
+        warm = _rss_after(mem, (tg, ll), requests_for_memory, "requests", None)
         mem["requests_for_memory"] = {k: v["requests"] for k, v in warm.items()}
         mem["memory_requests_errors"] = {k: v["errors"] for k, v in warm.items()}
-        print(
-            f"  RSS after {requests_for_memory} requests: "
-            f"tiergate {mem['tiergate_rss_after_requests_mb']} MB, "
-            f"litellm {mem['litellm_rss_after_requests_mb']} MB",
-            flush=True,
-        )
+        varied = varied_bodies()
+        warm = _rss_after(mem, (tg, ll), requests_for_memory, "varied", varied)
+        mem["varied_prompts"] = len(varied)
+        mem["varied_requests_errors"] = {k: v["errors"] for k, v in warm.items()}
         paths = {"direct": up, "tiergate": tg, "litellm": ll}
         servers = {**paths, "tiergate_anthropic": tga}
         routes = front_routes(workdir, servers)

@@ -157,9 +157,9 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def _replace(path: Path, write: Any) -> None:
-    # Write a sibling temporary file, then rename it over ``path``: a reader sees the old file
-    # or the new one, never half of one.
+def replace_file(path: Path, write: Any) -> None:
+    """Call ``write`` on a sibling temporary file, then rename it over ``path``: a reader sees
+    the old file or the new one, never half of one (and a mapping of the old keeps its bytes)."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         write(tmp)
@@ -171,7 +171,7 @@ def _replace(path: Path, write: Any) -> None:
 def write_sidecar(directory: Path, meta: Mapping[str, Any]) -> None:
     """Write an artifact's sidecar (atomically replacing one that is there)."""
     text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-    _replace(directory / METADATA_FILE, lambda tmp: tmp.write_text(text))
+    replace_file(directory / METADATA_FILE, lambda tmp: tmp.write_text(text))
 
 
 def _write_npz(path: Path, form: Mapping[str, NDArray[Any]]) -> None:
@@ -204,7 +204,7 @@ def write_profile_head(
 def write_npz(path: Path, arrays: Mapping[str, NDArray[Any]]) -> str:
     """Write ``arrays`` as a reproducible ``.npz`` (atomically replacing ``path``); returns its
     sha256 for the sidecar, which :func:`read_checked_npz` checks."""
-    _replace(path, lambda tmp: _write_npz(tmp, arrays))
+    replace_file(path, lambda tmp: _write_npz(tmp, arrays))
     return sha256_file(path)
 
 

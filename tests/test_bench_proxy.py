@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.proxy import chat_body
+from bench.proxy import VARIED_PROMPTS, chat_body, varied_bodies
 from router.artifact import default_model_path, router_capability
 from router.capability import GatedCapability, SplitCapability
 
@@ -41,3 +41,19 @@ def test_the_chat_body_is_bench_body_when_set(monkeypatch: pytest.MonkeyPatch) -
     assert chat_body() == REPO / "bench" / "chat.json"
     monkeypatch.setenv("BENCH_BODY", str(REPO / "bench" / "chat_encoded.json"))
     assert chat_body() == REPO / "bench" / "chat_encoded.json"
+
+
+def test_the_varied_bodies_are_the_chat_body_with_each_prompt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("BENCH_BODY", raising=False)
+    template = json.loads((REPO / "bench" / "chat.json").read_text())
+    prompts = [json.loads(line)["prompt"] for line in VARIED_PROMPTS.read_text().splitlines()]
+    bodies = [json.loads(b) for b in varied_bodies()]
+    assert len(bodies) == len(prompts) == len(set(prompts)) >= 100
+    for body, prompt in zip(bodies, prompts, strict=True):
+        assert body["messages"][-1] == {"role": "user", "content": prompt}
+        assert {**body, "messages": body["messages"][:-1]} == {
+            **template,
+            "messages": template["messages"][:-1],
+        }

@@ -156,7 +156,7 @@ def test_fetch_model_help_names_both_pinned_packages(capsys: pytest.CaptureFixtu
     out = " ".join(capsys.readouterr().out.split())
     for text in (GGUF_PACKAGE, ENCODER_PACKAGE, "sentence-transformers/all-MiniLM-L6-v2"):
         assert text in out
-    assert "--only {gguf,encoder}" in out and "$TIERGATE_HOME/models" in out
+    assert "--only {gguf,encoder,table}" in out and "$TIERGATE_HOME/models" in out
 
 
 def test_fetch_model_puts_the_encoder_where_serve_looks(

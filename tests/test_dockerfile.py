@@ -17,6 +17,7 @@ import pytest
 import router.locations
 from router.artifact import DEFAULT_MODEL_NAME, STATIC_MODEL_NAME, load_scorer
 from router.cascade import DEFAULT_CASCADE_NAME, default_cascade_path, load_cascade
+from router.embedding import TABLE_FILE
 from router.encoder import ENCODER_FILE, ENV_ENCODER_PATH
 from tests.conftest import checkout_files
 
@@ -194,3 +195,17 @@ def test_every_image_carries_the_encoder_weights() -> None:
     copy = rf"^COPY --from=builder {fetch.group(1)}/{ENCODER_FILE} {path}$"
     assert re.search(copy, final, flags=re.MULTILINE)
     assert re.search(rf"^\s+{ENV_ENCODER_PATH}={path} \\$", final, flags=re.MULTILINE)
+
+
+def test_every_image_carries_the_table_the_proxy_maps() -> None:
+    # The builder derives the float32 table beside the embedding.npz it copied (never one from
+    # the build context, which .dockerignore leaves out), and the runtime puts it beside the
+    # runtime's copy, where router.embedding.read_embedding looks for it.
+    text = DOCKERFILE.read_text()
+    builder = text.split(" AS builder\n", 1)[1].split("\nFROM ", 1)[0]
+    assert re.search(r"^COPY models \./models$", builder, re.M)
+    assert "&& tiergate fetch-model --only table --dest /src/models \\" in builder
+    final = text.rsplit("\nFROM ", 1)[1]
+    table = f"models/capability-v1/{TABLE_FILE}"
+    assert re.search(rf"^COPY --from=builder /src/{table} /app/{table}$", final, re.M)
+    assert f"models/*/{TABLE_FILE}" in (REPO / ".dockerignore").read_text().splitlines()

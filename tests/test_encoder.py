@@ -31,6 +31,7 @@ from router.encoder import (
     ContextualEmbedding,
     EncoderBatcher,
     MiniLM,
+    _Job,
     encoder_path,
     fetch_encoder,
     load_encoder,
@@ -221,6 +222,42 @@ def test_a_batch_that_fails_fails_each_of_its_callers_and_the_next_one_runs() ->
     assert batcher.forward([[1, 2, 3]])[0].shape == (3, 24)
 
 
+def test_the_batcher_hands_its_buffers_back_once_nothing_waits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import router.encoder as encoder_module
+
+    trims: list[str] = []
+    monkeypatch.setattr(
+        encoder_module,
+        "release_freed_memory",
+        lambda: trims.append(threading.current_thread().name) or True,
+    )
+    batcher = EncoderBatcher(MiniLM(tiny_bert(4)))
+    batcher.trim_tokens = 5
+    waiting = _Job([[1, 2], [3, 4, 5]])
+    batcher._queue.append(waiting)  # another caller's job: the batcher is not idle yet
+    first = _Job([[3, 4, 5]])
+    batcher._run([first])
+    assert first.out is not None and first.out[0].shape == (3, 24)
+    assert batcher._compute is not None
+    batcher._compute.submit(lambda: None).result()  # what the batcher's thread was given ran
+    assert trims == []
+    batcher._run(batcher._take())
+    assert waiting.out is not None and not batcher._queue
+    batcher._compute.submit(lambda: None).result()
+    assert len(trims) == 1 and trims[0].startswith("tiergate-encoder")
+    batcher._run([_Job([[1, 2, 3, 4]])])  # idle again, but a pass too small to bother
+    batcher._compute.submit(lambda: None).result()
+    assert len(trims) == 1
+    # A large batch while another waits is trimmed after the small one that empties the queue.
+    batcher._queue.append(_Job([[1]]))
+    batcher._run([_Job([[1, 2, 3, 4, 5, 6]])])
+    batcher._run(batcher._take())
+    batcher._compute.submit(lambda: None).result()
+    assert len(trims) == 2
+
+
 def test_a_copied_or_pickled_embedding_gets_its_own_idle_batcher(
     contextual: ContextualEmbedding,
 ) -> None:
@@ -282,6 +319,17 @@ def test_the_real_weights_pool_as_the_reference_and_rank_paraphrases_closest(
 
 
 # ---- the prompt vector ------------------------------------------------------------------------
+
+
+def test_the_encoder_reads_the_static_table_as_it_is(
+    contextual: ContextualEmbedding, static: StaticEmbedding
+) -> None:
+    # Shared, not copied or checked again (a check would read a mapped table's pages back in).
+    assert contextual.table is static.table and contextual.vocab is static.vocab
+    assert contextual.tokenizer is static.tokenizer
+    assert contextual.stored_dtype == static.stored_dtype == np.float16
+    assert contextual.provenance == static.provenance
+    assert contextual.provenance is not static.provenance
 
 
 def test_the_prompt_vector_is_the_static_one_then_two_unit_pools(
