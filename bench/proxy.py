@@ -238,9 +238,9 @@ def chat_body() -> Path:
     return Path(os.environ.get("BENCH_BODY") or ROOT / "bench" / "chat.json")
 
 
-#: Prompts written for Tiergate (studies/data, one per capability in turn), for the memory a
-#: proxy holds after varied traffic: a prompt reads its own rows of the capability table (a
-#: mapped file), where one repeated body reads the same few.
+#: 240 prompts written for Tiergate (40 for each of six capabilities), for the memory a proxy
+#: holds after varied traffic: a prompt reads its own rows of the capability table (a mapped
+#: file) and, where the table is unsure, its own encoder pass; one repeated body reads the same.
 VARIED_PROMPTS = ROOT / "studies" / "data" / "capability_seeds_3.jsonl"
 
 
