@@ -387,16 +387,22 @@ def map_table(path: Path, table: NDArray[Any]) -> NDArray[np.float32] | None:
     return out
 
 
-def _release_pages(table: NDArray[Any]) -> None:
-    # Drop a mapped table's pages from this process's resident set (they stay in the page
-    # cache): reading and checking it touched every one, serving touches only the rows it reads.
+def table_mapping(table: NDArray[Any]) -> mmap.mmap | None:
+    """The file mapping ``table`` is a view of (:func:`map_table`), or None for a copy."""
     base: object = table
     while isinstance(base, np.ndarray):
         base = base.base
     if isinstance(base, memoryview):  # what np.frombuffer keeps of the mapping
         base = base.obj
-    if isinstance(base, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
-        base.madvise(mmap.MADV_DONTNEED)
+    return base if isinstance(base, mmap.mmap) else None
+
+
+def _release_pages(table: NDArray[Any]) -> None:
+    # Drop a mapped table's pages from this process's resident set (they stay in the page
+    # cache): reading and checking it touched every one, serving touches only the rows it reads.
+    mapping = table_mapping(table)
+    if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 def write_table(directory: str | Path, dest: Path | None = None) -> Path | None:

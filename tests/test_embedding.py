@@ -29,6 +29,7 @@ from router.embedding import (
     WordPiece,
     load,
     save,
+    table_mapping,
     write_embedding,
     write_table,
     write_tables,
@@ -88,13 +89,6 @@ def _saved(directory: Path, rows: int = 300, seed: int = 0) -> NDArray[np.float1
     return table
 
 
-def _mapping(table: NDArray[Any]) -> object:
-    base: object = table
-    while isinstance(base, np.ndarray):
-        base = base.base
-    return base.obj if isinstance(base, memoryview) else base
-
-
 PROMPTS = ["w1 w2 w3", "w7 w7 w250 [CLS] unknown words", "", "w" + " w".join(map(str, range(99)))]
 
 
@@ -102,12 +96,12 @@ PROMPTS = ["w1 w2 w3", "w7 w7 w250 [CLS] unknown words", "", "w" + " w".join(map
 def test_a_written_table_is_mapped_and_reads_exactly_as_the_stored_one(tmp_path: Path) -> None:
     table = _saved(tmp_path)
     copy_ = load(tmp_path)  # no table file yet: a float32 copy of its own
-    assert not isinstance(_mapping(copy_.table), mmap.mmap)
+    assert not isinstance(table_mapping(copy_.table), mmap.mmap)
     path = write_table(tmp_path)
     assert path == tmp_path / TABLE_FILE and path.is_file()
     embedding_module._READ.clear()
     mapped = load(tmp_path)
-    assert isinstance(_mapping(mapped.table), mmap.mmap)
+    assert isinstance(table_mapping(mapped.table), mmap.mmap)
     assert not mapped.table.flags.writeable and mapped.stored_dtype == np.float16
     assert mapped.table.dtype == np.float32 and mapped.table.shape == table.shape
     bits = table.astype(np.float32).view(np.uint32)
@@ -176,13 +170,13 @@ def test_a_table_file_that_does_not_hold_the_table_is_ignored_with_a_warning(
         path.write_bytes(b"")
     with caplog.at_level(logging.WARNING, logger="tiergate.embedding"):
         loaded = load(tmp_path)
-    assert not isinstance(_mapping(loaded.table), mmap.mmap)
+    assert not isinstance(table_mapping(loaded.table), mmap.mmap)
     np.testing.assert_array_equal(loaded.table, good)
     assert any(str(path) in r.getMessage() and "copy" in r.getMessage() for r in caplog.records)
     # write_table puts the right one in its place, which the next read maps.
     assert write_table(tmp_path) == path
     embedding_module._READ.clear()
-    assert isinstance(_mapping(load(tmp_path).table), mmap.mmap)
+    assert isinstance(table_mapping(load(tmp_path).table), mmap.mmap)
 
 
 @pytest.mark.usefixtures("fresh_reads")
@@ -236,7 +230,7 @@ def test_without_dest_the_table_goes_to_the_data_directory_and_is_found_there(
     assert capsys.readouterr().out.split() == [str(written)]
     assert not (tmp_path / "models" / "owner" / TABLE_FILE).exists()
     mapped = load(tmp_path / "models" / "owner")
-    assert isinstance(_mapping(mapped.table), mmap.mmap)
+    assert isinstance(table_mapping(mapped.table), mmap.mmap)
     maps = Path("/proc/self/maps")
     assert not maps.exists() or str(written) in maps.read_text()  # that very file
     np.testing.assert_array_equal(mapped.table, table.astype(np.float32))
@@ -244,10 +238,10 @@ def test_without_dest_the_table_goes_to_the_data_directory_and_is_found_there(
     # passed over with a warning.
     np.save(written, np.zeros(table.shape, np.float32))
     embedding_module._READ.clear()
-    assert not isinstance(_mapping(load(tmp_path / "models" / "owner").table), mmap.mmap)
+    assert not isinstance(table_mapping(load(tmp_path / "models" / "owner").table), mmap.mmap)
     write_table(tmp_path / "models" / "owner")
     embedding_module._READ.clear()
-    assert isinstance(_mapping(load(tmp_path / "models" / "owner").table), mmap.mmap)
+    assert isinstance(table_mapping(load(tmp_path / "models" / "owner").table), mmap.mmap)
 
 
 @pytest.mark.usefixtures("fresh_reads")
