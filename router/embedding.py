@@ -335,16 +335,20 @@ def _home_name(digest: str) -> str:
     return f"embedding-{digest[:16]}.f32.npy"
 
 
-def map_table(path: Path, table: NDArray[Any]) -> NDArray[np.float32] | None:
+def map_table(
+    path: Path, table: NDArray[Any], *, quiet: bool = False
+) -> NDArray[np.float32] | None:
     """``table`` as float32, mapped read-only from the ``.npy`` file at ``path`` when that holds
     exactly it, bit for bit (every row is compared with ``table`` converted); None when there
     is no such file, and None with a warning when the file holds anything else (stale, cut
     short or tampered with): the caller then keeps a copy, as it would without the file.
+    ``quiet`` logs that at debug level, for :func:`write_table`, which replaces such a file.
 
     Mapped pages are the page cache's: processes on one node share them, the kernel may drop
     them under pressure, and they count in a process's resident set only once it reads them.
     Do not write over the file in place; :func:`write_table` replaces it by a rename."""
     want = np.dtype("<f4")
+    report = log.debug if quiet else log.warning
     try:
         with path.open("rb") as f:
             version = np.lib.format.read_magic(f)
@@ -360,7 +364,7 @@ def map_table(path: Path, table: NDArray[Any]) -> NDArray[np.float32] | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        log.warning("%s: not a table to map (%s); holding a copy instead", path, exc)
+        report("%s: not a table to map (%s); holding a copy instead", path, exc)
         return None
     if (
         mapped is None
@@ -371,14 +375,14 @@ def map_table(path: Path, table: NDArray[Any]) -> NDArray[np.float32] | None:
     ):
         if mapped is not None:
             mapped.close()
-        log.warning("%s: not this table's shape or type; holding a copy instead", path)
+        report("%s: not this table's shape or type; holding a copy instead", path)
         return None
     out = np.frombuffer(mapped, dtype=want, count=table.size, offset=offset).reshape(table.shape)
     step = 4096
     for i in range(0, table.shape[0], step):
         mine = np.asarray(table[i : i + step], dtype=want).view(np.uint32)
         if not np.array_equal(out[i : i + step].view(np.uint32), mine):
-            log.warning(
+            report(
                 "%s: does not hold this table (run `tiergate fetch-model --only table`); "
                 "holding a copy instead",
                 path,
@@ -425,7 +429,7 @@ def write_table(directory: str | Path, dest: Path | None = None) -> Path | None:
     table = parse_npz(d / EMBEDDING_FILE, data).get("table")
     if table is None or table.ndim != 2 or table.dtype.kind != "f":
         raise ArtifactError(f"{d / EMBEDDING_FILE}: not a static embedding")
-    if map_table(path, table) is None:
+    if map_table(path, table, quiet=True) is None:  # none there, or one to replace
         expanded = np.ascontiguousarray(table, dtype="<f4")
 
         def write(tmp: Path) -> None:
