@@ -233,6 +233,23 @@ def leave_one_source_out(
         for r, p in zip(test, model.predict([r.prompt for r in test]), strict=True):
             pred[r.id] = str(p)
 
+    out = prediction_report(rows, pred, test_only=test_only)
+    if keep_predictions:
+        out["predictions"] = pred
+    return out
+
+
+def prediction_report(
+    rows: Sequence[CapabilityRow],
+    pred: Mapping[str, str],
+    *,
+    test_only: Sequence[CapabilityRow] = (),
+) -> dict[str, Any]:
+    """:func:`leave_one_source_out`'s figures for the predictions ``pred`` (by row id) of
+    ``rows`` and ``test_only``: per source; pooled over ``rows`` and over ``test_only``, each
+    with its confusion matrix; the labels. Also for predictions adjusted after the fact, such
+    as the served label's (:func:`router.persona.persona_label`)."""
+
     def report(subset: Sequence[CapabilityRow]) -> dict[str, Any]:
         truth = [r.capability for r in subset]
         guess = [pred[r.id] for r in subset]
@@ -245,29 +262,24 @@ def leave_one_source_out(
             ),
         }
 
+    def confusion(subset: Sequence[CapabilityRow]) -> list[list[int]]:
+        cm = confusion_matrix(
+            [r.capability for r in subset], [pred[r.id] for r in subset], labels=list(CAPABILITIES)
+        )
+        out: list[list[int]] = cm.tolist()
+        return out
+
     every = [*rows, *test_only]
     out: dict[str, Any] = {
         "per_source": {
             s: report([r for r in every if r.source == s])
             for s in sorted({r.source for r in every})
         },
-        "pooled": report(rows),
+        "pooled": {**report(rows), "confusion": confusion(rows)},
     }
-    cm = confusion_matrix(
-        [r.capability for r in rows], [pred[r.id] for r in rows], labels=list(CAPABILITIES)
-    )
-    out["pooled"]["confusion"] = cm.tolist()
     if test_only:
-        out["test_only"] = report(test_only)
-        cm = confusion_matrix(
-            [r.capability for r in test_only],
-            [pred[r.id] for r in test_only],
-            labels=list(CAPABILITIES),
-        )
-        out["test_only"]["confusion"] = cm.tolist()
+        out["test_only"] = {**report(test_only), "confusion": confusion(test_only)}
     out["labels"] = list(CAPABILITIES)
-    if keep_predictions:
-        out["predictions"] = pred
     return out
 
 

@@ -5,8 +5,8 @@ A model artifact (:mod:`router.artifact`) carries, beside the fitted scikit-lear
 evaluates as one :class:`JointLinear` map (or, for a profile head over a standalone capability
 model, :class:`ProfileScorer`). The proxy, the CLI and training all score through these, so a
 decision needs neither scikit-learn, scipy nor unpickling; both add the stakes rules
-(:mod:`router.stakes`) and PII (:mod:`router.pii`). Pure: no web code, no litellm, nothing at
-import.
+(:mod:`router.stakes`), PII (:mod:`router.pii`) and the persona rule on the capability
+(:mod:`router.persona`). Pure: no web code, no litellm, nothing at import.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from router.features import STRUCTURE_FEATURES, Window, structure, window_mismatch
+from router.persona import persona_label
 from router.pii import pii_kinds
 from router.profile import LocalProfile
 from router.scoring import CAPABILITIES, Analysis
@@ -349,7 +350,7 @@ class ServingScorer:
         z = self._joint.decision(w, structure(w))  # [routing rows, capability logits]
         kinds = pii_kinds(text)  # always the whole text: personal data anywhere counts
         stakes, reason = assess(w, has_tools=has_tools, pii=bool(kinds))
-        capability = self._capability(z)
+        capability = persona_label(self._capability(z), text)
         profile = self.profile
         return Analysis(
             score=self._routing_score(z),
@@ -399,8 +400,9 @@ class ProfileScorer:
     """router-v4 over a standalone capability model: the score is
     ``logistic(intercept + slope * gap_logit(q, gap_strong, local))`` with ``q`` the capability
     model's probabilities and ``local`` the profile's accuracies; the capability is the arg-max
-    of ``q``, or of the label's probabilities for a :class:`LabellingReader`; stakes and PII as
-    :class:`ServingScorer`'s. ``head`` holds :data:`HEAD_ARRAYS`."""
+    of ``q``, or of the label's probabilities for a :class:`LabellingReader`, through
+    :func:`router.persona.persona_label`; stakes and PII as :class:`ServingScorer`'s. ``head``
+    holds :data:`HEAD_ARRAYS`."""
 
     name = "learned"
 
@@ -458,7 +460,7 @@ class ProfileScorer:
             q, labelled = self._read(text)
         else:
             q = labelled = self.capability.probabilities(text)
-        capability = self._names[int(np.argmax(labelled))]
+        capability = persona_label(self._names[int(np.argmax(labelled))], text)
         kinds = pii_kinds(text)
         stakes, reason = assess(Window(text), has_tools=has_tools, pii=bool(kinds))
         return Analysis(

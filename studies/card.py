@@ -10,7 +10,10 @@ For the router at ``--model`` (default: the shipped one,
    ``studies/data/``, each checked against its sha256) and scored leave-one-source-out on the
    ``commercial_use: true`` rows (:func:`router.capability_training.leave_one_source_out`;
    Auto-J, research-only, is only predicted): per source and pooled accuracy and macro-F1, the
-   pooled confusion matrix. The rebuild fitted on every row is compared with the shipped head.
+   pooled confusion matrix; the same out-of-fold predictions through the persona rule
+   (:func:`router.persona.persona_label`) as the **served label**, per source and pooled, with
+   paired intervals against the model's own. The rebuild fitted on every row is compared with
+   the shipped head.
    A gate (:class:`router.capability.GatedCapability`) is rebuilt as both of its members, each
    fold's first member gating its own second, with the share of rows the second one read.
 2. **routing**: the router's recipe (:func:`studies.score_v4.gap_loso_scores`) on every labelled
@@ -66,14 +69,20 @@ from router.capability import (
     is_gate,
     is_split,
 )
-from router.capability_training import CapabilityClassifier, leave_one_source_out
+from router.capability_training import (
+    CapabilityClassifier,
+    leave_one_source_out,
+    prediction_report,
+)
 from router.classifier import ServedCapability
 from router.encoder import ContextualEmbedding
+from router.persona import persona_label
 from router.profile import default_profile
 from router.scoring import CAPABILITIES
-from router.training import RoutingRow, load_capability_rows, load_routing_rows
+from router.training import CapabilityRow, RoutingRow, load_capability_rows, load_routing_rows
 from studies.capability_gate import GatedReader
 from studies.capability_loso import Memo, licence_split
+from studies.capability_v2 import paired_gain
 from studies.router_v5 import cached_reader
 from studies.router_v9 import VectorStore, check_prompts, composed_gate
 from studies.score_v4 import (
@@ -223,7 +232,8 @@ def capability_figures(cap_dir: Path) -> tuple[dict[str, Any], Any]:
         return fitted[0] if len(fitted) == 1 else _Gated(*fitted, threshold, calls)
 
     start = time.perf_counter()
-    res = leave_one_source_out(commercial, fit, test_only=research)
+    res = leave_one_source_out(commercial, fit, test_only=research, keep_predictions=True)
+    res["served"] = served_label_figures(commercial, research, res.pop("predictions"))
     full = fit([r.prompt for r in commercial], [r.capability for r in commercial])
     prompts = [r.prompt for r in (*commercial, *research)]
     mine = full.predict_proba(prompts)
@@ -257,6 +267,27 @@ def capability_figures(cap_dir: Path) -> tuple[dict[str, Any], Any]:
         res["data_files"] = _public(list(unique.values()))
     res["trained_sources"] = sorted({r.source for r in commercial})
     return res, reader
+
+
+def served_label_figures(
+    commercial: Sequence[CapabilityRow],
+    research: Sequence[CapabilityRow],
+    pred: dict[str, str],
+) -> dict[str, Any]:
+    """The served label's figures: the same out-of-fold predictions through the persona rule
+    (:func:`router.persona.persona_label`, which the proxy applies to the model's label), and
+    per part the paired difference from the model's own (95% bootstrap intervals)."""
+    served = {r.id: persona_label(pred[r.id], r.prompt) for r in (*commercial, *research)}
+    out = prediction_report(commercial, served, test_only=research)
+    out["rows_changed"] = sum(served[k] != pred[k] for k in pred)
+    out["against_model"] = {
+        part: paired_gain(
+            [r.capability for r in rows], [served[r.id] for r in rows], [pred[r.id] for r in rows]
+        )
+        for part, rows in (("loso", commercial), ("test_only", research))
+        if rows
+    }
+    return out
 
 
 def _cached_v3(rows: list[RoutingRow], keys: Sequence[str]) -> np.ndarray[Any, Any]:
@@ -384,12 +415,38 @@ def _capability_lines(c: dict[str, Any]) -> list[str]:
         f"**{p['macro_f1']:.3f}**"
         + (f"; Auto-J: accuracy {a['accuracy']:.3f}, macro-F1 {a['macro_f1']:.3f}." if a else "."),
         "",
-        "| source | rows | accuracy | macro-F1 |",
-        "| --- | ---: | ---: | ---: |",
+    ]
+    served = c.get("served")
+    if served:
+        sp, sa = served["pooled"], served.get("test_only", {})
+        g, ga = served["against_model"]["loso"], served["against_model"].get("test_only")
+        lines += [
+            "**The served label** (what the proxy, `tiergate classify` and `tiergate score` "
+            "give): the model's, through the persona rule (`router.persona`: a prompt that opens "
+            "by casting the model as a role is role-play where the model read knowledge QA or "
+            f"creative writing; {served['rows_changed']} of these rows change). Pooled: accuracy "
+            f"**{sp['accuracy']:.3f}**, macro-F1 **{sp['macro_f1']:.3f}**; against the model's "
+            f"label {g['accuracy_diff']:+.3f} {ci(g['accuracy_diff_ci'])} accuracy, "
+            f"{g['macro_f1_diff']:+.3f} {ci(g['macro_f1_diff_ci'])} macro-F1 (95% paired "
+            "bootstrap)"
+            + (
+                f"; Auto-J: accuracy {sa['accuracy']:.3f}, macro-F1 {sa['macro_f1']:.3f}, "
+                f"{ga['accuracy_diff']:+.3f} {ci(ga['accuracy_diff_ci'])} accuracy."
+                if sa and ga
+                else "."
+            ),
+            "",
+        ]
+    lines += [
+        "| source | rows | accuracy | macro-F1 |" + (" served accuracy |" if served else ""),
+        "| --- | ---: | ---: | ---: |" + (" ---: |" if served else ""),
     ]
     for s, m in c["per_source"].items():
         where = s if s in c["trained_sources"] else f"{s} (test only)"
-        lines.append(f"| {where} | {m['rows']} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} |")
+        lines.append(
+            f"| {where} | {m['rows']} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} |"
+            + (f" {served['per_source'][s]['accuracy']:.3f} |" if served else "")
+        )
     labels = c["labels"]
     absent = [x for x, row in zip(labels, p["confusion"], strict=True) if not sum(row)]
     lines += [

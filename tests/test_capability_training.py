@@ -8,7 +8,11 @@ import pytest
 from sklearn.base import clone
 
 from router.capability import DESCRIPTIONS, CapabilityModel, load_capability
-from router.capability_training import CapabilityClassifier, leave_one_source_out
+from router.capability_training import (
+    CapabilityClassifier,
+    leave_one_source_out,
+    prediction_report,
+)
 from router.scoring import CAPABILITIES
 from router.training import CapabilityRow
 
@@ -61,6 +65,27 @@ def test_leave_one_source_out_never_trains_on_the_held_out_source(
     assert set(out["per_source"]) == {"s0", "s1"}
     assert np.array(out["pooled"]["confusion"]).sum() == len(rows)
     assert set(out["predictions"]) == {r.id for r in rows}
+
+
+def test_prediction_report_scores_given_predictions_per_source_and_pooled() -> None:
+    rows = [
+        CapabilityRow("a/1", "x", "coding", "a"),
+        CapabilityRow("a/2", "y", "math", "a"),
+        CapabilityRow("b/1", "z", "chat", "b"),
+    ]
+    research = [CapabilityRow("c/1", "w", "roleplay", "c")]
+    pred = {"a/1": "coding", "a/2": "coding", "b/1": "chat", "c/1": "chat"}
+    out = prediction_report(rows, pred, test_only=research)
+    assert out["per_source"]["a"]["accuracy"] == 0.5
+    assert out["per_source"]["b"]["accuracy"] == 1.0
+    assert out["per_source"]["c"]["accuracy"] == 0.0
+    assert out["pooled"]["rows"] == 3
+    assert out["pooled"]["accuracy"] == round(2 / 3, 4)
+    confusion = np.array(out["pooled"]["confusion"])
+    assert confusion[CAPABILITIES.index("math"), CAPABILITIES.index("coding")] == 1
+    assert confusion.sum() == 3
+    assert out["test_only"]["rows"] == 1
+    assert np.array(out["test_only"]["confusion"]).sum() == 1
 
 
 ROLEPLAY_SEEDS = (

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from router.artifact import DEFAULT_MODEL_NAME
-from studies.card import CARD, MARKERS, RESULTS, card_block, write_block
+from router.training import CapabilityRow
+from studies.card import CARD, MARKERS, RESULTS, card_block, served_label_figures, write_block
 
 START, END = MARKERS
 
@@ -47,6 +48,30 @@ def test_the_committed_card_carries_the_shipped_routers_results() -> None:
     block = card[card.index(START) + len(START) : card.index(END)]
     assert block.strip("\n") == card_block(results)
     assert f"**{results['model']}**" in block and results["command"] in block
+
+
+def test_the_served_label_figures_put_out_of_fold_predictions_through_the_persona_rule() -> None:
+    persona = "Imagine you are a historian of ancient Egypt and describe the Rosetta Stone to me."
+    review = "You are a senior engineer. Review this code for bugs, please: def f(): return 1"
+    rows = [
+        CapabilityRow("a/1", persona, "roleplay", "a"),
+        CapabilityRow("a/2", "What is the capital of France, and why there?", "knowledge_qa", "a"),
+        CapabilityRow("b/1", "Write a haiku about rain on a tin roof.", "creative_writing", "b"),
+    ]
+    research = [CapabilityRow("r/1", review, "coding", "r")]
+    pred = {
+        "a/1": "knowledge_qa",
+        "a/2": "knowledge_qa",
+        "b/1": "creative_writing",
+        "r/1": "coding",
+    }
+    out = served_label_figures(rows, research, pred)
+    assert out["rows_changed"] == 1  # the persona; the review keeps its task's label
+    assert out["pooled"]["accuracy"] == 1.0
+    assert out["per_source"]["a"]["accuracy"] == 1.0
+    assert out["test_only"]["accuracy"] == 1.0
+    assert out["against_model"]["loso"]["accuracy_diff"] == pytest.approx(1 / 3)
+    assert out["against_model"]["test_only"]["accuracy_diff"] == 0.0
 
 
 def test_a_splits_two_gates_read_one_store_of_encoder_vectors(
