@@ -103,6 +103,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
             record = {
                 "id": row_id,
                 "capability": a.capability,
+                "capability_reason": a.capability_reason,
                 "stakes": a.stakes,
                 "pii": a.pii,
                 "stakes_reason": a.stakes_reason,
@@ -219,7 +220,8 @@ def _add_model_commands(sub: Any) -> None:
 
     p = sub.add_parser(
         "classify",
-        help="write {id, capability, stakes, pii, stakes_reason, pii_kinds} per prompt",
+        help="write {id, capability, capability_reason, stakes, pii, stakes_reason, pii_kinds} "
+        "per prompt",
     )
     p.add_argument("--data", required=True, help="JSONL with id and prompt")
     p.add_argument("--out", required=True, help="output JSONL ('-' for stdout)")
@@ -846,7 +848,7 @@ def _cmd_policy_explain(args: argparse.Namespace) -> int:
     print("signals")
     for key, value in signals.as_dict().items():
         if value not in (None, {}, []):
-            print(f"  {key:14} {value}")
+            print(f"  {key:17} {value}")
     print("rules considered (in order)")
     for step in decision.trace:
         mark = "MATCH" if step.matched else "  -  "

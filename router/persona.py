@@ -65,3 +65,12 @@ def persona_label(capability: str, text: str) -> str:
     if capability in RELABELLED and is_persona(text):
         return "roleplay"
     return capability
+
+
+def served_label(capability: str, text: str) -> tuple[str, str | None]:
+    """The label the scorers serve for the model's ``capability`` of ``text``, and why it is not
+    the model's (None when it is): the ``capability_reason`` of records and explanations."""
+    label = persona_label(capability, text)
+    if label == capability:
+        return label, None
+    return label, f"persona request (the capability model read {capability})"

@@ -40,6 +40,8 @@ class Analysis:
 
     score: float
     capability: str | None = None
+    #: Why the capability is not the capability model's own label (:mod:`router.persona`).
+    capability_reason: str | None = None
     stakes: str | None = None
     stakes_reason: str | None = None
     pii: bool = False

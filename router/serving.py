@@ -22,7 +22,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from router.features import STRUCTURE_FEATURES, Window, structure, window_mismatch
-from router.persona import persona_label
+from router.persona import served_label
 from router.pii import pii_kinds
 from router.profile import LocalProfile
 from router.scoring import CAPABILITIES, Analysis
@@ -350,11 +350,12 @@ class ServingScorer:
         z = self._joint.decision(w, structure(w))  # [routing rows, capability logits]
         kinds = pii_kinds(text)  # always the whole text: personal data anywhere counts
         stakes, reason = assess(w, has_tools=has_tools, pii=bool(kinds))
-        capability = persona_label(self._capability(z), text)
+        capability, capability_reason = served_label(self._capability(z), text)
         profile = self.profile
         return Analysis(
             score=self._routing_score(z),
             capability=capability,
+            capability_reason=capability_reason,
             stakes=stakes,
             stakes_reason=reason,
             pii=bool(kinds),
@@ -401,7 +402,7 @@ class ProfileScorer:
     ``logistic(intercept + slope * gap_logit(q, gap_strong, local))`` with ``q`` the capability
     model's probabilities and ``local`` the profile's accuracies; the capability is the arg-max
     of ``q``, or of the label's probabilities for a :class:`LabellingReader`, through
-    :func:`router.persona.persona_label`; stakes and PII as :class:`ServingScorer`'s. ``head``
+    :func:`router.persona.served_label`; stakes and PII as :class:`ServingScorer`'s. ``head``
     holds :data:`HEAD_ARRAYS`."""
 
     name = "learned"
@@ -460,12 +461,13 @@ class ProfileScorer:
             q, labelled = self._read(text)
         else:
             q = labelled = self.capability.probabilities(text)
-        capability = persona_label(self._names[int(np.argmax(labelled))], text)
+        capability, capability_reason = served_label(self._names[int(np.argmax(labelled))], text)
         kinds = pii_kinds(text)
         stakes, reason = assess(Window(text), has_tools=has_tools, pii=bool(kinds))
         return Analysis(
             score=self._score(q),
             capability=capability,
+            capability_reason=capability_reason,
             stakes=stakes,
             stakes_reason=reason,
             pii=bool(kinds),

@@ -39,6 +39,7 @@ class Signals:
     turns: int = 1
     score: float = 0.0
     capability: str | None = None
+    capability_reason: str | None = None
     stakes: str | None = None
     stakes_reason: str | None = None
     pii: bool = False
@@ -60,6 +61,7 @@ class Signals:
             "turns": self.turns,
             "score": round(self.score, 6),
             "capability": self.capability,
+            "capability_reason": self.capability_reason,
             "stakes": self.stakes,
             "stakes_reason": self.stakes_reason,
             "pii": self.pii,
@@ -247,6 +249,7 @@ def extract_signals(
         turns=sum(1 for m in messages if m.get("role") == "user"),
         score=analysis.score,
         capability=analysis.capability,
+        capability_reason=analysis.capability_reason,
         stakes=analysis.stakes,
         stakes_reason=analysis.stakes_reason,
         pii=bool(kinds) or analysis.pii,

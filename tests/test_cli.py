@@ -85,6 +85,38 @@ def test_policy_explain_shows_rules_and_decision(capsys: pytest.CaptureFixture[s
     assert "--header X-Team ignored" in captured.err
 
 
+def test_policy_explain_and_classify_say_when_the_persona_rule_named_the_capability(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    persona = (
+        "Act as a famous poet from the Romantic era and write a short verse about autumn rain."
+    )
+    plain = "Write a short verse about autumn rain in the style of the Romantic poets."
+    policy = str(REPO / "policies" / "default.yaml")
+    assert main(["policy", "explain", policy, "--prompt", persona]) == 0
+    out = capsys.readouterr().out
+    assert "  capability        roleplay\n" in out
+    assert "capability_reason persona request (the capability model read creative_writing)" in out
+    assert main(["policy", "explain", policy, "--prompt", plain, "--json"]) == 0
+    signals = json.loads(capsys.readouterr().out)["signals"]
+    assert signals["capability"] == "creative_writing" and signals["capability_reason"] is None
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(
+            json.dumps({"id": i, "prompt": p}) + "\n" for i, p in (("a", persona), ("b", plain))
+        )
+    )
+    out_file = tmp_path / "labels.jsonl"
+    assert main(["classify", "--data", str(prompts), "--out", str(out_file)]) == 0
+    a, b = (json.loads(line) for line in out_file.read_text().splitlines())
+    assert (a["capability"], a["capability_reason"]) == (
+        "roleplay",
+        "persona request (the capability model read creative_writing)",
+    )
+    assert (b["capability"], b["capability_reason"]) == ("creative_writing", None)
+
+
 def test_policy_explain_names_the_scorer_an_encoder_false_policy_uses(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

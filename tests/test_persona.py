@@ -73,8 +73,13 @@ def test_the_served_label_applies_the_rule_over_the_shipped_model() -> None:
         "Act as a famous poet from the Romantic era and write a short verse about autumn rain."
     )
     assert model_label(persona) == "creative_writing"
-    assert scorer.analyze(persona).capability == "roleplay"
+    served = scorer.analyze(persona)
+    assert served.capability == "roleplay"
+    assert (
+        served.capability_reason == "persona request (the capability model read creative_writing)"
+    )
     # The score is the model's: the rule names the capability, it does not move the score.
     assert scorer.analyze(persona).score == scorer.score(persona)
     for text in NOT_PERSONAS:
-        assert scorer.analyze(text).capability == model_label(text)
+        analysis = scorer.analyze(text)
+        assert (analysis.capability, analysis.capability_reason) == (model_label(text), None)
