@@ -165,6 +165,7 @@ class _Job:
 
     def __init__(self, sequences: list[list[int]]) -> None:
         self.sequences = sequences
+        self.tokens = sum(len(s) for s in sequences)
         self.out: list[F32] | None = None
         self.error: BaseException | None = None
 
@@ -235,7 +236,7 @@ class EncoderBatcher:
             while self._queue and (not batch or tokens < self.max_tokens):
                 job = self._queue.pop(0)
                 batch.append(job)
-                tokens += sum(len(s) for s in job.sequences)
+                tokens += job.tokens
             return batch
 
     def _run(self, batch: list[_Job]) -> None:
@@ -251,9 +252,8 @@ class EncoderBatcher:
             at = 0
             for job in batch:
                 job.out, at = hidden[at : at + len(job.sequences)], at + len(job.sequences)
-        tokens = sum(len(s) for job in batch for s in job.sequences)
         with self._cond:
-            self._largest = max(self._largest, tokens)
+            self._largest = max(self._largest, sum(job.tokens for job in batch))
             trim = not self._queue and self._largest >= self.trim_tokens
             if trim:
                 self._largest = 0
