@@ -247,6 +247,29 @@ def embedding_path(directory: Path, entry: object) -> Path:
 _READ: dict[str, StaticEmbedding] = {}
 
 
+def _require_format(directory: Path, entry: Mapping[str, Any]) -> None:
+    if entry.get("format_version") != EMBEDDING_FORMAT_VERSION:
+        raise ArtifactError(
+            f"{directory}: embedding format {entry.get('format_version')!r}, "
+            f"this Tiergate reads {EMBEDDING_FORMAT_VERSION}"
+        )
+
+
+def _parse(path: Path, data: bytes) -> tuple[NDArray[Any], NDArray[Any]]:
+    # The table and vocabulary of checked ``embedding.npz`` bytes: plain arrays, no pickle.
+    arrays = parse_npz(path, data)
+    table, vocab = arrays.get("table"), arrays.get("vocab")
+    if (
+        table is None
+        or vocab is None
+        or table.ndim != 2
+        or table.dtype.kind != "f"
+        or vocab.dtype.kind != "U"
+    ):
+        raise ArtifactError(f"{path}: not a static embedding")
+    return table, vocab
+
+
 def read_embedding(directory: Path, entry: object) -> StaticEmbedding:
     """The :class:`StaticEmbedding` an artifact's sidecar ``entry`` names
     (:func:`embedding_path`), checked for its format version and sha256 before its bytes are
@@ -256,19 +279,12 @@ def read_embedding(directory: Path, entry: object) -> StaticEmbedding:
     (neither is ever written to)."""
     path = embedding_path(directory, entry)
     assert isinstance(entry, dict)  # embedding_path refuses anything else
-    if entry.get("format_version") != EMBEDDING_FORMAT_VERSION:
-        raise ArtifactError(
-            f"{directory}: embedding format {entry.get('format_version')!r}, "
-            f"this Tiergate reads {EMBEDDING_FORMAT_VERSION}"
-        )
+    _require_format(directory, entry)
     digest = str(entry.get("sha256"))
     data = read_checked(path, digest)
     read = _READ.get(digest)
     if read is None:
-        arrays = parse_npz(path, data)
-        table, vocab = arrays.get("table"), arrays.get("vocab")
-        if table is None or vocab is None or table.dtype.kind != "f" or vocab.dtype.kind != "U":
-            raise ArtifactError(f"{path}: not a static embedding")
+        table, vocab = _parse(path, data)
         mapped = None
         for candidate in table_paths(path, digest):
             if (mapped := map_table(candidate, table)) is not None:
@@ -423,12 +439,10 @@ def write_table(directory: str | Path, dest: Path | None = None) -> Path | None:
     entry = meta.get("embedding") if isinstance(meta, dict) else None
     if not isinstance(entry, dict) or entry.get("file") != EMBEDDING_FILE:
         return None
+    _require_format(d, entry)
     digest = str(entry.get("sha256"))
     path = d / TABLE_FILE if dest is None else dest / _home_name(digest)
-    data = read_checked(d / EMBEDDING_FILE, digest)
-    table = parse_npz(d / EMBEDDING_FILE, data).get("table")
-    if table is None or table.ndim != 2 or table.dtype.kind != "f":
-        raise ArtifactError(f"{d / EMBEDDING_FILE}: not a static embedding")
+    table, _ = _parse(d / EMBEDDING_FILE, read_checked(d / EMBEDDING_FILE, digest))
     if map_table(path, table, quiet=True) is None:  # none there, or one to replace
         expanded = np.ascontiguousarray(table, dtype="<f4")
 

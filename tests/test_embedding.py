@@ -274,3 +274,18 @@ def test_a_table_is_written_only_from_bytes_that_match_the_sidecar(tmp_path: Pat
     with pytest.raises(ArtifactError, match="sha256"):
         write_table(tmp_path)
     assert not (tmp_path / TABLE_FILE).exists()
+
+
+@pytest.mark.usefixtures("fresh_reads")
+def test_a_table_is_not_written_for_an_embedding_format_this_tiergate_does_not_read(
+    tmp_path: Path,
+) -> None:
+    # The reader refuses such an artifact, so a table written for it could never be mapped.
+    _saved(tmp_path)
+    meta = json.loads((tmp_path / METADATA_FILE).read_text())
+    meta["embedding"]["format_version"] = 999
+    (tmp_path / METADATA_FILE).write_text(json.dumps(meta))
+    for act in (lambda: write_table(tmp_path), lambda: load(tmp_path)):
+        with pytest.raises(ArtifactError, match="embedding format 999"):
+            act()
+    assert not (tmp_path / TABLE_FILE).exists()
