@@ -1,14 +1,17 @@
 """The HTTP server ``tiergate serve`` runs: uvicorn, with a bound on a request's head.
 
 uvicorn's default parser (httptools) buffers a request line and headers for as long as a client
-sends them, so a few unauthenticated connections could grow the server without bound.
-:class:`BoundedHttpTools` counts the bytes of each request head and answers
-431 and closes the connection past :data:`MAX_HEAD_BYTES`. Where httptools is missing, uvicorn's
-h11 parser is used with the same bound (``h11_max_incomplete_event_size``).
+sends them, so a few unauthenticated connections could grow the server without bound, and it
+passes on a head of any size that arrives in one read. :class:`BoundedHttpTools` answers 431
+and closes the connection when a request head is over :data:`MAX_HEAD_BYTES`: one still
+unfinished after that many bytes, or a parsed one whose line and headers add up to more. Where
+httptools is missing, uvicorn's h11 parser is used with the same two bounds
+(``h11_max_incomplete_event_size``, :class:`BoundedH11`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
@@ -29,6 +32,39 @@ _BODY = (
 )
 
 
+def _head_size(method: bytes, target: bytes, headers: Iterable[tuple[bytes, bytes]]) -> int:
+    # The bytes of a request line and headers as sent: "GET /x HTTP/1.1\r\n", "name: value\r\n"
+    # each, and the blank line that ends them.
+    return len(method) + len(target) + 11 + sum(len(k) + len(v) + 4 for k, v in headers) + 2
+
+
+class _HeadLimit:
+    """What both bounded protocols share: the bytes of the request head parsed so far and,
+    past :data:`MAX_HEAD_BYTES`, a parse error that uvicorn answers through
+    ``send_400_response``, which then sends the 431 instead of its 400."""
+
+    transport: Any
+    _parsed = 0
+    _refused = False
+
+    def _count(self, n: int, error: type[Exception] = ValueError) -> None:
+        self._parsed += n
+        if self._parsed > MAX_HEAD_BYTES:
+            self._refused = True
+            raise error("request head over the limit")
+
+    def send_400_response(self, msg: str) -> None:
+        if not self._refused:
+            super().send_400_response(msg)  # type: ignore[misc]
+        elif not self.transport.is_closing():
+            _refuse(self.transport)
+
+
+def _refuse(transport: Any) -> None:
+    transport.write(_REFUSAL % (len(_BODY), _BODY))
+    transport.close()
+
+
 def _bounded_httptools() -> type[Any] | None:
     """uvicorn's httptools protocol with a bounded request head, or None without httptools."""
     try:
@@ -36,9 +72,10 @@ def _bounded_httptools() -> type[Any] | None:
     except ImportError:
         return None
 
-    class BoundedHttpTools(HttpToolsProtocol):
-        """Counts the bytes received while a request's head is incomplete; past
-        :data:`MAX_HEAD_BYTES` the client gets a 431 and the connection is closed."""
+    class BoundedHttpTools(_HeadLimit, HttpToolsProtocol):
+        """Counts the bytes received while a request's head is incomplete, and the bytes of
+        its line and headers as the parser hands them over; past :data:`MAX_HEAD_BYTES` by
+        either count the client gets a 431 and the connection is closed."""
 
         _in_head = True
         _head_bytes = 0
@@ -47,7 +84,7 @@ def _bounded_httptools() -> type[Any] | None:
         def data_received(self, data: bytes) -> None:
             # Counted after parsing, and only when all of ``data`` went into one unfinished
             # head: body bytes read together with a head's end, or a request that ended in
-            # this read (a read is up to 256 KiB), do not count.
+            # this read, do not count (the parser callbacks below count those heads).
             messages = self._messages
             super().data_received(data)
             if not self._in_head or self._messages != messages or self.transport.is_closing():
@@ -55,8 +92,20 @@ def _bounded_httptools() -> type[Any] | None:
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._in_head = False
-                self.transport.write(_REFUSAL % (len(_BODY), _BODY))
-                self.transport.close()
+                _refuse(self.transport)
+
+        def on_message_begin(self) -> None:
+            self._parsed = 0
+            self._count(_head_size(b"OPTIONS", b"", ()))  # the longest common method
+            super().on_message_begin()
+
+        def on_url(self, url: bytes) -> None:  # called once per read the URL spans
+            self._count(len(url))
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._count(len(name) + len(value) + 4)
+            super().on_header(name, value)
 
         def on_headers_complete(self) -> None:
             self._in_head = False
@@ -69,6 +118,35 @@ def _bounded_httptools() -> type[Any] | None:
             super().on_message_complete()
 
     return BoundedHttpTools
+
+
+def _bounded_h11() -> type[Any]:
+    """uvicorn's h11 protocol refusing a parsed request whose head is over the limit (h11's
+    ``max_incomplete_event_size`` bounds only heads still unfinished)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class BoundedH11(_HeadLimit, H11Protocol):
+        """Answers 431 and closes for a request whose line and headers are over
+        :data:`MAX_HEAD_BYTES`, before the application sees it."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            next_event = self.conn.next_event
+
+            def bounded() -> Any:
+                event = next_event()
+                if isinstance(event, h11.Request):
+                    self._parsed = 0
+                    self._count(
+                        _head_size(event.method, event.target, event.headers.raw_items()),
+                        h11.RemoteProtocolError,
+                    )
+                return event
+
+            self.conn.next_event = bounded  # type: ignore[method-assign]
+
+    return BoundedH11
 
 
 def uvicorn_config(
@@ -87,6 +165,6 @@ def uvicorn_config(
         access_log=False,
         log_config=None,  # keep the JSON logging configured by the caller
         lifespan=lifespan,
-        http=protocol if protocol is not None else "h11",
+        http=protocol if protocol is not None else _bounded_h11(),
         h11_max_incomplete_event_size=MAX_HEAD_BYTES,
     )

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -15,15 +18,11 @@ from tests.scripted_local import ScriptedLocal
 CHAT = {"model": "auto", "messages": [{"role": "user", "content": "hi"}]}
 
 
-@pytest.mark.parametrize("parser", ["httptools", "h11"])
-def test_an_endless_header_is_cut_off(
+@contextmanager
+def _serving(
     tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch, parser: str
-) -> None:
-    """``tiergate serve``'s server refuses a header block past its limit instead of buffering
-    it: a client that keeps sending one unfinished header is answered and disconnected. A
-    large body is not a large head: it is still served."""
-    import threading
-
+) -> Iterator[int]:
+    # ``tiergate serve``'s uvicorn server on a free port, with the given parser.
     import uvicorn
 
     from router import server as serving
@@ -34,7 +33,6 @@ def test_an_endless_header_is_cut_off(
     fake.reset()  # answer normally, whatever the test before left it doing
     if parser == "h11":  # as where httptools is not installed
         monkeypatch.setattr(serving, "_bounded_httptools", lambda: None)
-
     settings = make_settings(tmp_path, policy_yaml(fake), port=free_port())
     app = create_app(settings, local_backend=ScriptedLocal())
     server = uvicorn.Server(uvicorn_config(app, settings))
@@ -42,7 +40,31 @@ def test_an_endless_header_is_cut_off(
     thread.start()
     try:
         assert wait_for(lambda: server.started, 30)
-        with socket.create_connection(("127.0.0.1", settings.port), timeout=10) as sock:
+        yield settings.port
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def _answer(port: int, heads: bytes) -> bytes:
+    # All the server answers to ``heads``, sent whole in one write, until it closes.
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(heads)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_an_endless_header_is_cut_off(
+    tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch, parser: str
+) -> None:
+    """``tiergate serve``'s server refuses a header block past its limit instead of buffering
+    it: a client that keeps sending one unfinished header is answered and disconnected. A
+    large body is not a large head: it is still served."""
+    with _serving(tmp_path, fake, monkeypatch, parser) as port:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-filler: ")
             sent, answer = 0, b""
             try:
@@ -57,11 +79,38 @@ def test_an_endless_header_is_cut_off(
                 answer = b""
         assert sent < 8 * 1024 * 1024 or answer.startswith(b"HTTP/1.1 4"), (sent, answer)
         assert answer == b"" or answer.startswith(b"HTTP/1.1 4"), answer
-        ok = httpx.get(f"http://127.0.0.1:{settings.port}/healthz", timeout=10)
+        ok = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
         assert ok.status_code == 200
         big = {**CHAT, "messages": [{"role": "user", "content": "x" * 600_000}]}
-        url = f"http://127.0.0.1:{settings.port}/v1/chat/completions"
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
         assert httpx.post(url, json=big, timeout=30).status_code == 200
-    finally:
-        server.should_exit = True
-        thread.join(30)
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_a_whole_head_over_the_limit_gets_431_in_one_write(
+    tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch, parser: str
+) -> None:
+    """The 64 KiB limit holds for a head that arrives complete in one read too, in headers or
+    in the request line, and on a kept-alive connection's second request; a head just under
+    it is served."""
+    from router.server import MAX_HEAD_BYTES
+
+    def head(target: str = "/healthz", filler: int = 0, close: bool = True) -> bytes:
+        fields = f"host: x\r\nx-filler: {'a' * filler}\r\n" + ("connection: close\r\n" * close)
+        return f"GET {target} HTTP/1.1\r\n{fields}\r\n".encode()
+
+    with _serving(tmp_path, fake, monkeypatch, parser) as port:
+        under = _answer(port, head(filler=MAX_HEAD_BYTES - 200))
+        assert under.startswith(b"HTTP/1.1 200"), under[:100]
+        for over in (
+            head(filler=MAX_HEAD_BYTES + 10),
+            head(filler=100_000),
+            head(target="/healthz?" + "q" * (MAX_HEAD_BYTES + 10)),
+        ):
+            answer = _answer(port, over)
+            assert answer.startswith(b"HTTP/1.1 431"), answer[:100]
+            assert b'"code":"headers_too_large"' in answer
+        # Pipelined behind a small request on a kept-alive connection, in the same write.
+        answer = _answer(port, head(close=False) + head(filler=MAX_HEAD_BYTES + 10))
+        assert b"HTTP/1.1 431" in answer, answer[-300:]
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
