@@ -1057,6 +1057,8 @@ class Gateway:
             )
         else:
             message = f"no tier could serve the request: {detail}"
+        if tried == 0 and ctx.decision is not None:  # say how the chain came to be these
+            message += f" (decision: {ctx.decision.reason})"
         if failure is not None:
             return failure.restated(message)
         transient = isinstance(last, LocalOverloadedError)

@@ -490,6 +490,25 @@ def test_fail_closed_policy_answers_503_without_keys(
         assert "x-tiergate-fallback" not in easy.headers
 
 
+def test_a_503_says_why_the_local_model_was_passed_over(
+    tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An easy request the local model cannot take (here: more tokens than its window) is
+    moved to the closed tier; with no key there, the 503 says both halves, not only the keys."""
+    for key in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY"):
+        monkeypatch.delenv(key)
+    with live(tmp_path, policy_yaml(fake), socket=True) as server, _keyless_client(server) as c:
+        with pytest.raises(openai.InternalServerError) as err:
+            c.chat.completions.create(
+                model="auto", messages=[{"role": "user", "content": "easy"}], max_tokens=5000
+            )
+        assert err.value.status_code == 503
+        message = str(err.value)
+        assert "OPENAI_API_KEY" in message
+        assert "model 'local' cannot take" in message and "context window 2048" in message
+    assert fake.received == []
+
+
 @pytest.mark.gguf
 def test_local_answer_without_max_tokens_is_bounded(tmp_path: Path, fake: FakeProvider) -> None:
     policy = policy_yaml(fake, on_failure="closed")
