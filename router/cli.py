@@ -464,6 +464,14 @@ def settings_help() -> str:
             lines += textwrap.wrap(
                 field.description, 88, initial_indent=" " * 6, subsequent_indent=" " * 6
             )
+    lines += [
+        "",
+        "environment only (not --config keys; every command reads them):",
+        "  TIERGATE_CONFIG (default: unset)",
+        "      The YAML settings file, as --config.",
+        "  TIERGATE_ENCODER_PATH (default: models/ of a checkout, else $TIERGATE_HOME/models/)",
+        "      The all-MiniLM-L6-v2 weights a capability model with an encoder reads.",
+    ]
     return "\n".join(lines)
 
 
@@ -667,7 +675,12 @@ def _open_outcomes(args: argparse.Namespace) -> tuple[Any, str] | None:
         return redis_store, _without_password(settings.redis_url)
     path = args.db or settings.sqlite_path
     if not path.exists():
-        print(f"no outcome store at {path} yet: serve some requests first", file=sys.stderr)
+        hint = (
+            ""
+            if args.db is not None
+            else ", or name the server's: its TIERGATE_HOME (`make run` sets var/) or --db"
+        )
+        print(f"no outcome store at {path} yet: serve some requests first{hint}", file=sys.stderr)
         return None
     return SQLiteOutcomeStore(path), str(path)
 

@@ -7,7 +7,9 @@ behaviour (models, rules, aliases, tenants) lives in the policy file, not here.
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,7 +23,7 @@ from pydantic_settings import (
 )
 
 from router.errors import ConfigError
-from router.locations import default_policy_path, user_data_dir
+from router.locations import default_policy_path, shipped, user_data_dir
 
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: How ``tiergate serve --help`` shows a default inside the data directory.
@@ -33,6 +35,13 @@ HOME_FILES: dict[str, Path] = {
     "local_model_path": Path("models") / BUNDLED_GGUF,
     "model_store": Path("model-store"),
 }
+
+
+def checkout_gguf() -> Path | None:
+    """The bundled GGUF in the shipped ``models/`` folder (a source checkout after ``make
+    model``; a wheel carries no GGUF), or None when it is not there."""
+    path = shipped("models", BUNDLED_GGUF)
+    return path if path.is_file() else None
 
 
 class Settings(BaseSettings):
@@ -68,7 +77,8 @@ class Settings(BaseSettings):
     local_model_path: Path = Field(
         HOME / HOME_FILES["local_model_path"],
         description="GGUF file of the in-process local model (tiergate fetch-model puts the "
-        "bundled one there).",
+        "bundled one there); in a source checkout whose models/ holds the bundled GGUF "
+        "(make model), that file.",
     )
     local_base_url: str | None = Field(
         None, description="Base URL of an external OpenAI-compatible llama.cpp server (…/v1)."
@@ -197,10 +207,14 @@ class Settings(BaseSettings):
     @model_validator(mode="before")
     @classmethod
     def _files_in_home(cls, data: Any) -> Any:
-        # The files a deployment does not name go into the data directory (TIERGATE_HOME).
+        # The files a deployment does not name go into the data directory (TIERGATE_HOME);
+        # the bundled GGUF is read from a checkout's models/ when `make model` put it there,
+        # as the encoder's weights are (router.encoder.encoder_path).
         if isinstance(data, dict):
             home = data.get("home") or user_data_dir()
             data = {**data, "home": home}
+            if "local_model_path" not in data and (bundled := checkout_gguf()) is not None:
+                data["local_model_path"] = bundled
             for key, name in HOME_FILES.items():
                 if key not in data:
                     data[key] = Path(home) / name
@@ -246,6 +260,16 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+            f"{'.'.join(str(p) for p in err['loc'])}: {_problem(err)}" for err in exc.errors()
         )
         raise ConfigError(f"invalid settings: {problems}") from exc
+
+
+def _problem(err: Mapping[str, Any]) -> str:
+    # pydantic's wording, except for a key no setting has: say so, and suggest the nearest.
+    if err["type"] != "extra_forbidden":
+        return str(err["msg"])
+    name = str(err["loc"][-1]) if err["loc"] else ""
+    near = difflib.get_close_matches(name, list(Settings.model_fields), n=1, cutoff=0.7)
+    hint = f"; did you mean '{near[0]}'?" if near else ""
+    return f"no such setting (`tiergate serve --help` lists them){hint}"

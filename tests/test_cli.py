@@ -234,6 +234,8 @@ def test_serve_help_lists_every_setting_with_its_default(
     for name in Settings.model_fields:
         assert f"TIERGATE_{name.upper()} (default: " in out, name
     assert "TIERGATE_PORT (default: 8000)" in out
+    for variable in ("TIERGATE_CONFIG", "TIERGATE_ENCODER_PATH"):  # environment only
+        assert f"  {variable} (default: " in out
     assert "TIERGATE_ALLOW_ANONYMOUS (default: false)" in out
     for endpoint in ("/v1/route", "/v1/feedback", "/metrics", "/dashboard"):
         assert endpoint in out
@@ -283,6 +285,22 @@ def _cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return {**env, "PYTHONPATH": str(REPO), "TIERGATE_HOME": str(tmp_path / "home"), **extra}
 
 
+def test_outcomes_without_a_store_says_where_it_looked_and_how_to_name_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TIERGATE_HOME", str(tmp_path / "home"))
+    assert main(["outcomes"]) == 1
+    err = capsys.readouterr().err
+    assert f"no outcome store at {tmp_path / 'home' / 'tiergate.db'} yet" in err
+    assert "TIERGATE_HOME (`make run` sets var/) or --db" in err
+    assert main(["outcomes", "--db", str(tmp_path / "o.db")]) == 1
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(f"no outcome store at {tmp_path / 'o.db'} yet: serve some requests first")
+    )
+
+
 def test_outcomes_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     db = tmp_path / "o.db"
     _many_records(db, 2000)
@@ -325,7 +343,10 @@ def test_start_up_failures_are_one_line_and_a_non_zero_exit(tmp_path: Path) -> N
     assert first == "tiergate: invalid policy: 3 problems"
     assert len(problems) == 3 and all("several-problems.yaml:" in p for p in problems)
 
-    no_gguf = _serve(tmp_path)  # an empty TIERGATE_HOME: nothing fetched yet
+    # An empty TIERGATE_HOME, nothing fetched yet, as from a wheel (a checkout would serve its
+    # own models/ GGUF): the data directory's path, named as its default would be.
+    home_gguf = str(tmp_path / "home" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    no_gguf = _serve(tmp_path, TIERGATE_LOCAL_MODEL_PATH=home_gguf)
     assert no_gguf.returncode == 2
     assert no_gguf.stderr.count("\n") == 1
     assert "tiergate fetch-model" in no_gguf.stderr

@@ -48,6 +48,15 @@ def test_a_bad_value_or_file_is_one_readable_config_error(
         load_settings(listed)
     with pytest.raises(ConfigError, match="cannot read"):
         load_settings(tmp_path / "missing.yaml")
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("prot: 9001\nencoder_path: /w.safetensors\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(typo)
+    assert str(err.value) == (
+        "invalid settings: prot: no such setting (`tiergate serve --help` lists them); "
+        "did you mean 'port'?; encoder_path: no such setting (`tiergate serve --help` lists "
+        "them)"
+    )
 
 
 def test_an_empty_path_variable_means_the_default(
