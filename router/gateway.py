@@ -455,7 +455,7 @@ class Gateway:
                     yield chunk
                 answer = "".join(relay.text)
                 if not relay.saw_usage:
-                    yield _usage_chunk(ctx)
+                    yield _usage_chunk(ctx, relay.id, relay.model)
         except (Exception, asyncio.CancelledError, GeneratorExit) as exc:
             status, http_status, error = _outcome(exc)
             if isinstance(exc, TiergateError):
@@ -1215,14 +1215,20 @@ def _outcome(exc: BaseException) -> tuple[str, int, str | None]:
 
 class _Relay:
     """What a stream's life notes of the chunks passing: the first token's time, the answer
-    text (for the learning hooks) and whether the backend sent its usage."""
+    text (for the learning hooks), whether the backend sent its usage, and the stream's id and
+    model, which a usage chunk Tiergate adds carries too."""
 
     def __init__(self, ctx: RequestContext) -> None:
         self.ctx = ctx
         self.text: list[str] = []
         self.saw_usage = False
+        self.id: str | None = None
+        self.model: str | None = None
 
     def passing(self, chunk: dict[str, Any]) -> None:
+        if self.id is None and isinstance(chunk.get("id"), str):
+            self.id = chunk["id"]
+            self.model = chunk.get("model") if isinstance(chunk.get("model"), str) else None
         choices = chunk.get("choices")
         if choices:
             if self.ctx.ttft_ms is None:
@@ -1260,13 +1266,15 @@ async def _close(source: AsyncIterator[dict[str, Any]], request_id: str) -> None
         log.debug("closing stream %s failed", request_id, exc_info=True)
 
 
-def _usage_chunk(ctx: RequestContext) -> dict[str, Any]:
+def _usage_chunk(ctx: RequestContext, stream_id: str | None, model: str | None) -> dict[str, Any]:
+    # The last chunk of a stream whose backend sent no usage: the stream's own id and model
+    # (an OpenAI stream's chunks all share them), else the request's.
     usage = ctx.usage
     return {
-        "id": ctx.request_id,
+        "id": stream_id or ctx.request_id,
         "object": "chat.completion.chunk",
         "created": int(time.time()),
-        "model": ctx.served.model.name if ctx.served else "",
+        "model": model or (ctx.served.model.name if ctx.served else ""),
         "choices": [],
         "usage": {
             "prompt_tokens": usage.prompt_tokens,

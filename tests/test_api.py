@@ -120,6 +120,7 @@ def test_local_stream_with_usage(gguf_client: openai.OpenAI, gguf_server: LiveSe
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.strip()
     assert all(c.model == "local" for c in chunks)
+    assert len({c.id for c in chunks}) == 1  # the usage chunk's too
     usage = [c.usage for c in chunks if c.usage]
     assert usage and usage[-1].completion_tokens > 0
     record = _record(server, request_id)

@@ -676,6 +676,8 @@ def test_a_stream_ends_with_its_usage_and_is_recorded_once(
                 assert srv.records == []  # recorded when the stream ends, not before
                 chunks = await _drain(answer)
                 assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"]
+                # One stream, one id and model, the usage chunk included (as OpenAI's).
+                assert len({(c["id"], c["model"]) for c in chunks}) == 1, chunks
                 assert len(srv.records) == 1 and srv.records[0].status == "ok"
                 assert srv.records[0].stream and srv.records[0].ttft_ms is not None
                 srv.records.clear()
