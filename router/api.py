@@ -27,7 +27,7 @@ from router.backends.native import NativeRequest
 from router.errors import BadRequestError, ClientDisconnected, TiergateError
 from router.gateway import NO_CLOSED_FALLBACK, Call, StreamAnswer, new_request_id
 from router.limits import check_request_size
-from router.policy import POLICY_HEADER_PREFIX
+from router.policy import POLICY_HEADER_PREFIX, Policy
 from router.schemas import (
     ChatCompletionRequest,
     CountTokensRequest,
@@ -480,5 +480,24 @@ def readiness(svc: Services) -> dict[str, Any]:
             "version": deciding.version,
             "loaded": gateway.scorer.version,  # differs under `encoder: false`
         },
-        "aliases": {name: t.as_dict() for name, t in gateway.alias_thresholds.items()},
+        "aliases": {
+            **{name: t.as_dict() for name, t in gateway.alias_thresholds.items()},
+            **_cascade_aliases(policy, gateway.closed_available()),
+        },
+    }
+
+
+def _cascade_aliases(policy: Policy, closed_available: bool) -> dict[str, dict[str, Any]]:
+    # A cascade alias has no score threshold: its answers' confidence decides, and it can
+    # escalate only while a closed model is available.
+    settings = policy.cascade
+    return {
+        name: {
+            "cascade": True,
+            "confidence_threshold": settings.threshold,
+            "hold_back_tokens": settings.hold_back_tokens,
+            "escalates": bool(policy.closed_models) and closed_available,
+        }
+        for name, alias in policy.aliases.items()
+        if alias.cascade
     }

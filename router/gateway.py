@@ -522,6 +522,8 @@ class Gateway:
         if ctx.cascade is not None:
             headers["x-tiergate-cascade"] = ctx.cascade["decision"]
             headers["x-tiergate-confidence"] = f"{ctx.cascade['confidence']:.4f}"
+        elif ctx.decision is not None and ctx.decision.cascade_skipped is not None:
+            headers["x-tiergate-cascade"] = "skipped"  # why: /v1/route, policy explain
         return headers
 
     # -- deciding --------------------------------------------------------------------------

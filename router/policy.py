@@ -457,6 +457,8 @@ class Decision:
     * ``cascade``: set when the request cascades (a ``route: cascade`` rule, or ``auto`` under a
       cascade alias) and can: the local model serves it, no constraint moved it, it is not
       ``local_only`` and a closed model is available to escalate to.
+    * ``cascade_skipped``: why a request that asked for a cascade does not cascade (it is
+      served as decided, without the confidence check), else None.
     """
 
     tier: Tier
@@ -481,6 +483,7 @@ class Decision:
     no_closed_local: bool = False
     profile_entry: str | None = None
     cascade: CascadePlan | None = None
+    cascade_skipped: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready view for headers, outcome records and trace spans."""
@@ -504,6 +507,7 @@ class Decision:
             "policy_version": self.policy_version,
             "profile_entry": self.profile_entry,
             "cascade": self.cascade.as_dict() if self.cascade is not None else None,
+            "cascade_skipped": self.cascade_skipped,
             "trace": [step.as_dict() for step in self.trace],
         }
 
@@ -644,10 +648,12 @@ def evaluate(
         if no_closed_local:
             on_failure, fallbacks = "local", (*fallbacks, policy.local_model or "")
     spec = policy.models[step.model]
-    cascade = None
+    cascade = cascade_skipped = None
     if cascades:
         cascade, why = _cascade_plan(policy, spec, local_only, step.over_budget, closed_available)
         step.reason += why
+        if cascade is None:
+            cascade_skipped = why.removeprefix("; no cascade: ")
     profile_entry = None
     if rule is not None and any(r.reads_profile for r in plan.rules[: len(trace)]):
         profile_entry = _profile_entry(signals, plan, trace)
@@ -673,6 +679,7 @@ def evaluate(
         no_closed_local=no_closed_local,
         profile_entry=profile_entry,
         cascade=cascade,
+        cascade_skipped=cascade_skipped,
     )
 
 

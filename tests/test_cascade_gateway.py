@@ -212,6 +212,36 @@ def test_a_private_request_never_escalates(
     assert fake.received == []
 
 
+def test_a_cascade_with_no_closed_model_to_escalate_to_says_it_was_skipped(
+    tmp_path: Path, fake: FakeProvider, scripted: ScriptedLocal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without provider keys the local answer is served as it is, and the headers say so
+    rather than looking like a plain local answer; /v1/route gives the reason."""
+    for key in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY"):
+        monkeypatch.delenv(key)
+    scripted.logprob = DOUBTFUL  # would escalate, had it somewhere to go
+    with _cascading(tmp_path, fake, scripted) as server:
+        response = _ask(server)
+        assert response.status_code == 200
+        assert response.headers["x-tiergate-tier"] == "local"
+        assert response.headers["x-tiergate-cascade"] == "skipped"
+        assert "x-tiergate-confidence" not in response.headers
+        body = {"model": "auto-cascade", "messages": [{"role": "user", "content": "2+2?"}]}
+        plan = httpx.post(server.url + "/v1/route", json=body).json()["decision"]
+        assert plan["cascade"] is None
+        assert plan["cascade_skipped"] == "no closed model to escalate to"
+        assert _record(server, response.headers["x-request-id"])["cascade"] is None
+        ready = httpx.get(server.url + "/readyz").json()["aliases"]
+        assert ready["auto-cascade"] == {
+            "cascade": True,
+            "confidence_threshold": 0.5,
+            "hold_back_tokens": 4,
+            "escalates": False,
+        }
+        assert ready["auto"]["threshold"] == 0.5
+    assert fake.received == []
+
+
 def test_route_says_when_a_request_would_cascade(server: LiveServer) -> None:
     body = {"model": "auto-cascade", "messages": [{"role": "user", "content": "2+2?"}]}
     plan = httpx.post(server.url + "/v1/route", json=body).json()

@@ -642,8 +642,10 @@ def test_the_cascade_alias_turns_the_score_route_into_a_cascade() -> None:
     cascaded = evaluate(p, signals(alias="auto-cascade", score=0.9))
     assert (cascaded.rule, cascaded.alias, cascaded.tier) == ("default", "auto-cascade", "local")
     assert cascaded.cascade is not None and cascaded.threshold is None
+    assert cascaded.cascade_skipped is None
     scored = evaluate(p, signals(alias="auto", score=0.9))
     assert scored.cascade is None and scored.tier == "closed"
+    assert scored.cascade_skipped is None  # no cascade was asked for
     assert "auto-cascade" in p.alias_names()
 
 
@@ -653,8 +655,12 @@ def test_no_cascade_where_it_could_not_escalate_or_serve_locally() -> None:
     assert private.local_only and private.cascade is None
     no_closed = evaluate(p, signals(capability="knowledge_qa"), closed_available=False)
     assert no_closed.cascade is None and "no closed model" in no_closed.reason
+    assert no_closed.cascade_skipped == "no closed model to escalate to"
+    assert no_closed.as_dict()["cascade_skipped"] == no_closed.cascade_skipped
     images = evaluate(p, signals(capability="knowledge_qa", has_images=True))
     assert images.tier == "closed" and images.cascade is None
+    assert images.cascade_skipped == "the request cannot be served locally"
+    assert private.cascade_skipped is None  # a privacy rule, not a cascade, decided it
 
 
 def test_a_local_only_rule_cannot_cascade() -> None:
