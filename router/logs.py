@@ -29,7 +29,9 @@ class JSONFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         for key, value in vars(record).items():
-            if key not in _STANDARD and not key.startswith("_"):
+            # A bare object() is a library's private marker (litellm stamps the records its
+            # redaction filter saw), not a field: "<object object at 0x...>" tells no one anything.
+            if key not in _STANDARD and not key.startswith("_") and type(value) is not object:
                 data[key] = value
         if record.exc_info:
             data["exc"] = self.formatException(record.exc_info)

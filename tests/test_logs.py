@@ -69,3 +69,16 @@ def test_every_stderr_line_is_json_and_tracebacks_are_a_field() -> None:
         assert any(raised in str(r.get("exc", "")) for r in records), (raised, text)
     assert any("a library warns" in r["msg"] for r in records), text
     assert all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
+
+
+def test_fields_are_kept_but_a_library_s_bare_marker_is_not() -> None:
+    import logging
+
+    from router.logs import JSONFormatter
+
+    record = logging.LogRecord("tiergate.x", logging.INFO, __file__, 1, "done %s", ("ok",), None)
+    record.request_id = "req_1"
+    record.litellm_redacted = object()  # what litellm's redaction filter stamps on a record
+    line = json.loads(JSONFormatter().format(record))
+    assert line["msg"] == "done ok" and line["request_id"] == "req_1"
+    assert "litellm_redacted" not in line
