@@ -156,3 +156,18 @@ def test_top_logprobs_without_logprobs_is_refused() -> None:
         check_in_process_fields(body)
     assert err.value.param == "top_logprobs"
     check_in_process_fields({**body, "logprobs": True})
+
+
+def test_the_refusal_of_an_unknown_field_names_every_field_it_honours() -> None:
+    from router.backends.local import _PASSTHROUGH
+
+    with pytest.raises(BadRequestError) as err:
+        check_in_process_fields({"messages": [], "foo_bar": 1})
+    assert err.value.param == "foo_bar"
+    listed = err.value.message.split("(it honours ", 1)[1]
+    for field in (*_PASSTHROUGH, "max_tokens", "max_completion_tokens", "logit_bias"):
+        assert field in listed, field
+    honoured = {"logprobs": True, "top_logprobs": 2, "stream_options": {"include_usage": True}}
+    for field in honoured:
+        assert field in listed, field
+    check_in_process_fields({"messages": [], **honoured})  # and it does take them

@@ -170,7 +170,8 @@ def check_in_process_fields(body: dict[str, Any]) -> None:
         if key not in _HANDLED and key not in _NO_EFFECT and key not in _PASSTHROUGH:
             raise BadRequestError(
                 f"the in-process local model cannot honour '{key}' (it honours "
-                f"{', '.join(sorted(_PASSTHROUGH))}, max_tokens, logit_bias and n=1)",
+                f"{', '.join(sorted(_PASSTHROUGH))}, max_tokens, max_completion_tokens, "
+                "logit_bias, logprobs, top_logprobs, stream_options and n=1)",
                 param=key,
             )
 
