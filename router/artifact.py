@@ -602,12 +602,13 @@ def add_serving_form(path: str | Path) -> dict[str, Any]:
     is only checked (a version in a model store is never edited).
     """
     p = Path(path)
-    scorer = load_fitted(p)
-    meta = read_metadata(p)
-    if "serving" in meta:
+    meta = read_sidecar(p)
+    if "serving" in meta:  # any artifact with one, a profile router's (no model.joblib) too
         load_serving_form(p, meta)  # refuses one that does not match its sidecar
         entry: dict[str, Any] = meta["serving"]
         return entry
+    scorer = load_fitted(p)
+    meta = read_metadata(p)
     meta["serving"] = write_serving_form(p, scorer.form)
     write_sidecar(p, meta)
     return dict(meta["serving"])

@@ -191,3 +191,18 @@ def test_an_empty_profile_setting_means_the_bundled_profile(
     policy = str(profile_dir().parent.parent / "policies" / "default.yaml")
     assert main(["policy", "explain", policy, "--prompt", "Hello"]) == 0
     assert f"profile  {default_profile().model}:" in capsys.readouterr().out
+
+
+def test_serving_form_on_the_shipped_router_only_checks_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Its help says the default is the shipped model and that one with a form is only checked:
+    the shipped router is a profile head with no model.joblib, and that is not an error."""
+    from router.artifact import SERVING_FILE, default_model_path, read_sidecar
+
+    shipped = default_model_path()
+    assert not (shipped / "model.joblib").exists()
+    stamp = (shipped / SERVING_FILE).stat().st_mtime_ns
+    assert main(["serving-form"]) == 0
+    assert read_sidecar(shipped)["serving"]["sha256"] in capsys.readouterr().err
+    assert (shipped / SERVING_FILE).stat().st_mtime_ns == stamp
