@@ -647,14 +647,23 @@ def _cmd_fetch_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cell(value: object, width: int) -> str:
+    # A column of the outcomes table: "-" for nothing (a request refused before a decision),
+    # and a value cut to the column ends in "~" so it does not pass for a whole name.
+    text = "-" if value is None else str(value)
+    if len(text) > width:
+        text = text[: width - 1] + "~"
+    return f"{text:{width}}"
+
+
 def _format_row(row: dict[str, Any]) -> str:
     when = datetime.fromtimestamp(row["ts"], tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
     score = f"{row['score']:.3f}" if row.get("score") is not None else "-"
     ttft = f"{row['ttft_ms']:.0f}" if row.get("ttft_ms") is not None else "-"
     return (
         f"{when}  {row['id'][:16]:16}  {row['tenant'][:10]:10}  {row.get('front') or 'chat':9}  "
-        f"{row['tier']!s:6}  "
-        f"{str(row['model'])[:18]:18}  {str(row['rule'])[:18]:18}  {score:>6}  "
+        f"{_cell(row['tier'], 6)}  {_cell(row['model'], 18)}  {_cell(row['rule'], 22)}  "
+        f"{score:>6}  "
         f"{row['status']:7} {row['http_status']:>3}  {row['latency_ms']:>8.1f}  {ttft:>6}  "
         f"{row['prompt_tokens']:>6}/{row['completion_tokens']:<6}  ${row['cost_usd']:.6f}"
         f"  {row.get('fallback') or ''}"
@@ -714,7 +723,7 @@ def _cmd_outcomes(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{'time (UTC)':19}  {'request':16}  {'tenant':10}  {'front':9}  {'tier':6}  {'model':18}  "
-        f"{'rule':18}  {'score':>6}  {'status':7} {'st':>3}  {'ms':>8}  {'ttft':>6}  "
+        f"{'rule':22}  {'score':>6}  {'status':7} {'st':>3}  {'ms':>8}  {'ttft':>6}  "
         f"{'tokens in/out':13}  cost  fallback"
     )
     for row in rows:
@@ -1083,8 +1092,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         help="run the OpenAI-compatible proxy",
-        description="Serve /v1/chat/completions, /v1/models, /v1/route, /v1/feedback,\n"
-        "/healthz, /readyz, /metrics and /dashboard. Settings come from TIERGATE_*\n"
+        description="Serve /v1/chat/completions, /v1/messages (and /count_tokens),\n"
+        "/v1/responses, /v1/models, /v1/route, /v1/feedback, /healthz, /readyz, /metrics,\n"
+        "/dashboard (and /dashboard/data) and /openapi.json. Settings come from TIERGATE_*\n"
         "environment variables and an optional --config file; every one is listed below.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         add_help=False,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -169,6 +170,14 @@ def test_outcomes_command_prints_records(
     assert main(["outcomes", "--db", str(tmp_path / "missing.db")]) == 1
 
 
+def test_outcomes_table_cells_show_nothing_as_a_dash_and_mark_a_cut() -> None:
+    from router.cli import _cell
+
+    assert _cell(None, 6) == "-     "  # a request refused before any decision
+    assert _cell("open-model-strengths", 22) == "open-model-strengths  "  # the default's rules fit
+    assert _cell("a-rule-name-longer-than-its-column", 22) == "a-rule-name-longer-th~"
+
+
 def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
@@ -237,8 +246,19 @@ def test_serve_help_lists_every_setting_with_its_default(
     for variable in ("TIERGATE_CONFIG", "TIERGATE_ENCODER_PATH"):  # environment only
         assert f"  {variable} (default: " in out
     assert "TIERGATE_ALLOW_ANONYMOUS (default: false)" in out
-    for endpoint in ("/v1/route", "/v1/feedback", "/metrics", "/dashboard"):
-        assert endpoint in out
+    from router import api, dashboard
+
+    served = {  # every path a route decorator names
+        path
+        for module in (api, dashboard)
+        for path in re.findall(
+            r'@router\.(?:get|post)\("([^"]+)"', Path(module.__file__).read_text()
+        )
+    }
+    assert served >= {"/v1/chat/completions", "/v1/messages", "/v1/responses", "/dashboard"}
+    for endpoint in served - {"/v1/messages/count_tokens"}:
+        assert endpoint in out, endpoint
+    assert "/v1/messages (and /count_tokens)" in out and "/openapi.json" in out
 
 
 def test_printed_store_urls_hide_the_password() -> None:
