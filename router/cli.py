@@ -972,16 +972,16 @@ def _cmd_models(args: argparse.Namespace) -> int:
             print(json.dumps(rows, indent=2))
             return 0
         print(
-            f"{'':2}{'version':8}  {'created (UTC)':25}  {'parent':8}  {'labels':>6}  "
-            f"{'design':8}  gate"
+            f"{'':2}{'version':8}  {'model':14}  {'created (UTC)':25}  {'parent':8}  "
+            f"{'labels':>6}  {'design':8}  gate"
         )
         for row in rows:
             mark = "* " if row["current"] else "  "
             labels = "-" if row["labels"] is None else row["labels"]
             print(
-                f"{mark}{row['version']:8}  {row['created_at'] or '-':25}  "
-                f"{row['parent'] or '-':8}  {labels:>6}  {row['design'] or '-':8}  "
-                f"{row['gate'] or '-'}"
+                f"{mark}{row['version']:8}  {_cell(row['model'], 14)}  "
+                f"{row['created_at'] or '-':25}  {row['parent'] or '-':8}  {labels:>6}  "
+                f"{row['design'] or '-':8}  {row['gate'] or row['error'] or '-'}"
             )
         print(f"-- {len(rows)} versions in {store.root}; * = current")
     return 0
@@ -990,10 +990,14 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _seed_model_store(store: Any, args: argparse.Namespace) -> None:
     """An empty store starts from the model the proxies serve without one (classifier_path, else
     the shipped model), so the first retrain, such as a fresh chart's CronJob, has a parent."""
-    from router.artifact import default_model_path
+    from router.artifact import DEFAULT_MODEL_NAME
     from router.config import load_settings
+    from router.locations import shipped
 
-    seed = load_settings(args.config).classifier_path or default_model_path()
+    # The shipped model itself, not the static stand-in a proxy serves while the encoder is
+    # missing: a stored version outlives that. Adopting loads it, so a missing encoder is
+    # refused here with the loader's own "run `tiergate fetch-model`".
+    seed = load_settings(args.config).classifier_path or shipped("models", DEFAULT_MODEL_NAME)
     version = store.adopt(seed)
     print(f"model store {store.root} was empty: adopted {seed} as {version}", file=sys.stderr)
 
@@ -1004,9 +1008,7 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     from router.retrain import BASE_FILES, GateConfig, format_report, retrain
 
     store = _model_store(args)
-    if store.current() is None:
-        _seed_model_store(store, args)
-    opened = _open_outcomes(args)
+    opened = _open_outcomes(args)  # before the store is seeded: a run that ends here leaves none
     if opened is None:
         return 1
     outcomes, _ = opened
@@ -1018,6 +1020,8 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     )
     base = [args.base / name for name in BASE_FILES]
     try:
+        if store.current() is None:
+            _seed_model_store(store, args)
         # The profile a profile router is scored with and relearnt over: the proxy's.
         profile = default_profile(load_settings(args.config).local_profile)
         report = retrain(outcomes, store, base, config, profile=profile)

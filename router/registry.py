@@ -106,15 +106,22 @@ class ModelStore:
         with (self.root / "history.jsonl").open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(entry) + "\n")
 
-    def adopt(self, artifact: Path) -> str:
-        """Copy an existing artifact directory in as the next version (current if none is)."""
+    def adopt(self, artifact: Path, loader: Callable[[Path], Any] = default_loader) -> str:
+        """Copy an existing artifact directory in as the next version (current if none is),
+        once ``loader`` (the proxy's) has loaded it: a folder the proxies could not serve is
+        refused (its loader's error), never stored."""
         import shutil
 
+        loader(Path(artifact))
         version = self.next_version()
         self.versions_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=self.versions_dir))
-        shutil.copytree(artifact, tmp, dirs_exist_ok=True)
-        os.replace(tmp, self.versions_dir / version)
+        try:
+            shutil.copytree(artifact, tmp, dirs_exist_ok=True)
+            os.replace(tmp, self.versions_dir / version)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if self.current() is None:
             self.promote(version, reason=f"adopted {artifact}")
         return version
@@ -147,12 +154,17 @@ class ModelStore:
         current = self.current()
         out = []
         for version in self.version_ids():
-            meta = self.metadata(version)
+            try:
+                meta = self.metadata(version)
+            except (OSError, ValueError) as exc:  # listed, not fatal: the others still show
+                meta = {"error": f"unreadable sidecar ({exc.__class__.__name__})"}
             lineage = meta.get("lineage", {})
             out.append(
                 {
                     "version": version,
                     "current": version == current,
+                    "model": meta.get("version"),
+                    "error": meta.get("error"),
                     "created_at": meta.get("created_at"),
                     "parent": lineage.get("parent"),
                     "labels": lineage.get("labels", {}).get("used"),

@@ -24,15 +24,46 @@ def _artifact(tmp_path: Path, name: str, parent: str | None = None) -> Path:
     return d
 
 
+def _unchecked(path: Path) -> None:
+    """A loader that takes these sidecar-only stand-ins (the real one loads an artifact)."""
+
+
 def test_the_first_adopted_version_serves_and_later_ones_wait(tmp_path: Path) -> None:
     store = ModelStore(tmp_path / "store")
     assert store.current() is None and store.version_ids() == []
-    assert store.adopt(_artifact(tmp_path, "a")) == "v0001"
-    assert store.adopt(_artifact(tmp_path, "b", parent="v0001")) == "v0002"
+    assert store.adopt(_artifact(tmp_path, "a"), loader=_unchecked) == "v0001"
+    assert store.adopt(_artifact(tmp_path, "b", parent="v0001"), loader=_unchecked) == "v0002"
     assert store.current() == "v0001"
     listing = {row["version"]: row for row in store.listing()}
     assert listing["v0001"]["current"] and not listing["v0002"]["current"]
     assert listing["v0002"]["parent"] == "v0001" and listing["v0002"]["gate"] == "promote"
+
+
+def test_adopting_what_the_proxy_could_not_load_is_refused_and_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    from router.artifact import shipped
+    from router.errors import ArtifactError
+
+    store = ModelStore(tmp_path / "store")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for folder in (plain, tmp_path / "missing"):
+        with pytest.raises(ArtifactError, match="not a Tiergate model"):
+            store.adopt(folder)
+    assert store.current() is None and not store.root.exists()
+    assert store.adopt(shipped("models", "router-v6")) == "v0001"  # the real loader
+    assert [r["model"] for r in store.listing()] == ["router-v6"]
+
+
+def test_a_version_with_a_broken_sidecar_is_listed_not_fatal(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "store")
+    store.adopt(_artifact(tmp_path, "a"), loader=_unchecked)
+    store.adopt(_artifact(tmp_path, "b"), loader=_unchecked)
+    (store.path("v0002") / "metadata.json").unlink()  # emptied by hand, say
+    listing = {row["version"]: row for row in store.listing()}
+    assert listing["v0001"]["error"] is None and listing["v0001"]["current"]
+    assert listing["v0002"]["error"] == "unreadable sidecar (FileNotFoundError)"
 
 
 def test_the_configured_model_is_the_stores_current_then_the_path_then_the_shipped_one(
@@ -48,14 +79,14 @@ def test_the_configured_model_is_the_stores_current_then_the_path_then_the_shipp
     assert configured_model_path(settings) == pinned
     settings.model_store = tmp_path / "store"  # a store with no version yet: the path serves
     assert configured_model_path(settings) == pinned
-    ModelStore(settings.model_store).adopt(_artifact(tmp_path, "a"))
+    ModelStore(settings.model_store).adopt(_artifact(tmp_path, "a"), loader=_unchecked)
     assert configured_model_path(settings) == settings.model_store / "versions" / "v0001"
 
 
 def test_promote_and_rollback_move_the_pointer_and_keep_history(tmp_path: Path) -> None:
     store = ModelStore(tmp_path / "store")
-    store.adopt(_artifact(tmp_path, "a"))
-    store.adopt(_artifact(tmp_path, "b"))
+    store.adopt(_artifact(tmp_path, "a"), loader=_unchecked)
+    store.adopt(_artifact(tmp_path, "b"), loader=_unchecked)
     store.promote("v0002", reason="better")
     assert store.current() == "v0002"
     assert store.rollback() == "v0001" and store.current() == "v0001"
@@ -72,7 +103,7 @@ def test_unknown_versions_and_an_empty_store_are_refused(tmp_path: Path) -> None
     store = ModelStore(tmp_path / "store")
     with pytest.raises(ConfigError):
         store.load_current()
-    store.adopt(_artifact(tmp_path, "a"))
+    store.adopt(_artifact(tmp_path, "a"), loader=_unchecked)
     for bad in ("v0009", "../a", "latest"):
         with pytest.raises(ConfigError):
             store.promote(bad)
@@ -89,9 +120,9 @@ def test_the_watcher_swaps_in_a_promoted_version_but_never_a_broken_one(
         router.artifact, "release_freed_memory", lambda: released.append(True) or True
     )
     store = ModelStore(tmp_path / "store")
-    store.adopt(_artifact(tmp_path, "a"))
-    store.adopt(_artifact(tmp_path, "b"))
-    store.adopt(_artifact(tmp_path, "c"))
+    store.adopt(_artifact(tmp_path, "a"), loader=_unchecked)
+    store.adopt(_artifact(tmp_path, "b"), loader=_unchecked)
+    store.adopt(_artifact(tmp_path, "c"), loader=_unchecked)
     gateway = SimpleNamespace(scorer=SimpleNamespace(version="v0001"))
     settings = SimpleNamespace(model_store=store.root, model_watch_s=0.01)
 

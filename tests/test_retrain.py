@@ -319,6 +319,29 @@ def test_retrain_cli_seeds_an_empty_store_with_the_serving_model(
     assert models.current() in ("v0001", "v0002")
 
 
+def test_a_retrain_that_cannot_run_leaves_the_store_empty(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing to learn from (no outcome store yet), or the shipped router cannot load (its
+    encoder not fetched): the run ends with its reason and stores nothing; above all not the
+    static stand-in a proxy serves meanwhile, which would outlive the missing encoder."""
+    from router.encoder import ENV_ENCODER_PATH
+
+    store = tmp_path / "store"
+    monkeypatch.delenv("TIERGATE_CLASSIFIER_PATH", raising=False)
+    argv = ["retrain", "--store", str(store), "--db", str(tmp_path / "none.db")]
+    assert main(argv) == 1
+    assert "no outcome store" in capsys.readouterr().err
+    assert not store.exists()
+    empty = SQLiteOutcomeStore(tmp_path / "o.db")  # an outcome store, with nothing in it
+    empty.start()
+    empty.close()
+    monkeypatch.setenv(ENV_ENCODER_PATH, str(tmp_path / "absent.safetensors"))
+    assert main([*argv[:-1], str(tmp_path / "o.db")]) == 2
+    assert "tiergate fetch-model" in capsys.readouterr().err
+    assert ModelStore(store).current() is None and ModelStore(store).version_ids() == []
+
+
 # --- profile routers (router-v4 and later): the loop relearns the local profile ---------------
 
 WORDS = ("autumn", "cat", "river", "teacher", "mountain", "robot", "garden", "dragon", "sea")
