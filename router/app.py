@@ -63,6 +63,8 @@ def configured_scorer(settings: Settings) -> Scorer:
     # A configured profile that cannot be read stops the start: routing for another local
     # model than the one running is a wrong route that looks like success.
     profile = default_profile(settings.local_profile)
+    if (gaps := profile.gaps_warning()) is not None:
+        log.warning("%s", gaps)
     try:
         path = configured_model_path(settings)
         return load_scorer(path, profile)

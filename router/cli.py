@@ -19,7 +19,7 @@ import re
 import shlex
 import sys
 from collections.abc import Callable, Coroutine, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -251,6 +251,8 @@ def _slug(name: str) -> str:
 
 
 def _cmd_profile_from_labels(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from router.artifact import router_capability
     from router.config import load_settings
     from router.locations import tiergate_home
@@ -259,12 +261,21 @@ def _cmd_profile_from_labels(args: argparse.Namespace) -> int:
     from router.registry import configured_model_path
 
     router = args.router or configured_model_path(load_settings(args.config))
-    profile = profile_from_files(
-        args.from_labels,
-        router_capability(router),
-        name=args.name,
-        weak_model=args.weak_model,
-    )
+    with ExitStack() as stack:  # the progress bar, once the rows are counted, closed after
+
+        def progress(total: int) -> Callable[[], object]:
+            bar = stack.enter_context(
+                tqdm(total=total, desc="tiergate profile", unit="row", file=sys.stderr)
+            )
+            return lambda: bar.update(1)
+
+        profile = profile_from_files(
+            args.from_labels,
+            router_capability(router),
+            name=args.name,
+            weak_model=args.weak_model,
+            on_rows=progress,
+        )
     out = args.out or tiergate_home() / "profiles" / f"{_slug(profile.model)}.json"
     command = ["tiergate", "profile", "--from-labels", *map(str, args.from_labels)]
     for flag, value in (("--weak-model", args.weak_model), ("--name", args.name)):
@@ -277,8 +288,17 @@ def _cmd_profile_from_labels(args: argparse.Namespace) -> int:
             f"{capability:18} {entry.n:>13}  {entry.accuracy:8.2f}  "
             f"{entry.low:.2f}-{entry.high:.2f}"
         )
-    print(f"wrote {out} ({profile.notes})")
+    _wrote_profile(profile, out)
     return 0
+
+
+def _wrote_profile(profile: Any, out: Path) -> None:
+    # The last lines of `tiergate profile`: where the file is, how to route with it, and (on
+    # stderr) what it leaves out.
+    print(f"wrote {out} ({profile.notes})")
+    print(f"route with it: TIERGATE_LOCAL_PROFILE={out}")
+    if (gaps := profile.gaps_warning()) is not None:
+        print(f"warning: {gaps}", file=sys.stderr)
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
@@ -352,7 +372,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
             f"{capability:18} {f'{right}/{entry.n}':>7}  {entry.accuracy:8.2f}  "
             f"{entry.low:.2f}-{entry.high:.2f}"
         )
-    print(f"wrote {out} ({profile.notes})")
+    _wrote_profile(profile, out)
     return 0
 
 

@@ -116,6 +116,26 @@ class LocalProfile:
         key = {k: data[k] for k in ("model", "source", "capabilities")}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
+    @property
+    def missing(self) -> tuple[str, ...]:
+        """The capabilities the profile does not give (read as :attr:`default_accuracy`)."""
+        return tuple(c for c in CAPABILITIES if c not in self.capabilities)
+
+    def gaps_warning(self) -> str | None:
+        """What to tell an operator routing with a measured, estimated or learnt profile that
+        covers only some capabilities (``tiergate profile --capability``, say), where the rest
+        read as the mean of the few it has; None when it covers all, or is declared or
+        published (a hand-written file may leave capabilities out on purpose)."""
+        if not self.missing or self.source in ("declared", "published"):
+            return None
+        where = f"{self.origin}: " if self.origin else ""
+        return (
+            f"{where}this {self.source} profile gives {len(self.capabilities)} of "
+            f"{len(CAPABILITIES)} capabilities; routing reads the other {len(self.missing)} "
+            f"({', '.join(self.missing)}) as their mean, {self.default_accuracy:.2f}: profile "
+            "every capability before routing with it"
+        )
+
     def accuracy(self, capability: str) -> float:
         """The local model's accuracy on ``capability`` (the profile's default when absent)."""
         entry = self.capabilities.get(capability)

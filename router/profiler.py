@@ -181,7 +181,8 @@ def describe_run(settings: Settings, per_capability: int, seed: int, seconds: fl
         where = "external llama.cpp server"
     return (
         f"tiergate profile: probe set v{PROBE_SET_VERSION}, seed {seed}, {per_capability} "
-        f"probes per capability, greedy; {where}; took {seconds:.0f} s"
+        f"probe{'s' if per_capability != 1 else ''} per capability, greedy; {where}; "
+        f"took {seconds:.0f} s"
     )
 
 
@@ -287,11 +288,13 @@ def profile_from_files(
     name: str | None = None,
     weak_model: str | None = None,
     prior: float = LABEL_PRIOR,
+    on_rows: Callable[[int], Callable[[], object]] | None = None,
 ) -> LocalProfile:
     """Estimate a profile (:func:`profile_from_labels`) from JSONL files of labelled rows
     (``prompt``, ``weak_score``, optionally ``weak_model``; only ``weak_model``'s rows when
     given), read through ``capability``. ``name`` defaults to the rows' weak model; the notes
-    name each file with its sha256 and the rows used, so the profile can be traced and rebuilt."""
+    name each file with its sha256 and the rows used, so the profile can be traced and rebuilt.
+    ``on_rows``: given the number of rows, a callback to call as each one is read (progress)."""
     from router.artifact import sha256_file
 
     paths = [Path(f) for f in files]
@@ -299,7 +302,12 @@ def profile_from_files(
     name = name or model
     if not name:
         raise ConfigError("the rows name no weak_model: give the profile a --name")
-    q = np.array([capability.probabilities(r.prompt) for r in rows])
+    tick = on_rows(len(rows)) if on_rows is not None else None
+    q = np.empty((len(rows), len(capability.capabilities)))
+    for i, r in enumerate(rows):
+        q[i] = capability.probabilities(r.prompt)
+        if tick is not None:
+            tick()
     sources = "; ".join(f"{p.name} ({n} rows, sha256 {sha256_file(p)})" for p, n in used)
     notes = (
         f"tiergate profile --from-labels: {len(rows)} rows"

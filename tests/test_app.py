@@ -26,6 +26,38 @@ def test_the_shipped_model_scores_unless_the_configured_one_cannot_load(
     assert isinstance(configured_scorer(missing), HeuristicScorer)
 
 
+def test_serving_with_a_profile_that_measured_only_some_capabilities_warns(
+    tmp_path: Path, fake: FakeProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`tiergate profile --capability chat` writes a valid profile of one capability; served,
+    the other eight read as its mean, so the start says so (and still serves)."""
+    import json
+    import logging
+
+    partial = tmp_path / "chat-only.json"
+    partial.write_text(
+        json.dumps(
+            {
+                "format": "tiergate-profile",
+                "format_version": 1,
+                "model": "quick look",
+                "source": "measured",
+                "capabilities": {"chat": {"accuracy": 1.0, "low": 0.21, "high": 1.0, "n": 1}},
+            }
+        )
+    )
+    settings = make_settings(tmp_path, policy_yaml(fake)).model_copy(
+        update={"local_profile": partial}
+    )
+    with caplog.at_level(logging.WARNING, logger="tiergate.app"):
+        assert not isinstance(configured_scorer(settings), HeuristicScorer)
+    assert f"{partial}: this measured profile gives 1 of 9 capabilities" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tiergate.app"):
+        configured_scorer(make_settings(tmp_path, policy_yaml(fake)))  # the bundled, complete
+    assert "capabilities" not in caplog.text
+
+
 def test_outcomes_go_to_sqlite_without_a_redis_url(tmp_path: Path, fake: FakeProvider) -> None:
     store = build_outcome_store(make_settings(tmp_path, policy_yaml(fake)))
     assert isinstance(store, SQLiteOutcomeStore)

@@ -473,12 +473,17 @@ def test_profile_measures_a_scripted_local_backend(
             pytest.approx(high, abs=1e-4),
         )
     assert scripted.calls == 6 * len(CAPABILITIES)
-    printed = capsys.readouterr().out
-    assert "coding                 3/6" in printed and "probe set v1, seed 0" in printed
+    printed = capsys.readouterr()
+    assert "coding                 3/6" in printed.out and "probe set v1, seed 0" in printed.out
+    assert f"route with it: TIERGATE_LOCAL_PROFILE={out}" in printed.out
+    assert "warning" not in printed.err  # every capability measured
 
 
 def test_profile_against_an_external_llama_server(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake: FakeProvider
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fake: FakeProvider,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     from router.profile import load_profile
 
@@ -495,6 +500,10 @@ def test_profile_against_an_external_llama_server(
         "chat": (1.0, 4),
     }
     assert "external llama.cpp server" in (profile.notes or "")
+    # Two of nine: the other seven would read as their mean, 0.75, if it routed; it says so.
+    warning = " ".join(capsys.readouterr().err.split())
+    assert "gives 2 of 9 capabilities" in warning and "as their mean, 0.75" in warning
+    assert profile.gaps_warning() is not None
     assert len(fake.received) == 8
     assert all(r.path == "/v1/chat/completions" for r in fake.received)
     assert fake.received[0].body["model"] == "Llama-3.1-8B Q4_K_M"
@@ -541,8 +550,10 @@ def test_profile_from_labels_round_trips_into_the_score(
     out = tmp_path / "weak.yaml"
     args = ["profile", "--from-labels", str(labels), "--weak-model", "weak", "--out", str(out)]
     assert main(args) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "rows (q mass)" in printed and f"wrote {out}" in printed
+    assert "30/30" in captured.err and "row" in captured.err  # the progress of a long read
     assert out.read_text().startswith(f"# written by: tiergate {' '.join(args)}\n")
     weak = load_profile(out)
     assert (weak.model, weak.source) == ("weak", "estimated")

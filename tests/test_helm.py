@@ -646,6 +646,14 @@ def test_notes_tell_how_to_reach_the_router(chart: Any) -> None:
     notes = chart.render({}, name=RELEASE, namespace=NAMESPACE)["tiergate/templates/NOTES.txt"]
     assert f"kubectl port-forward --namespace {NAMESPACE} svc/{FULLNAME} 8000:8000" in notes
     assert "secrets.existingSecret is empty" in notes
+    # With Redis (the default) keys are required: a keyless install refuses every request.
+    assert "with Redis, Tiergate requires keys" in " ".join(notes.split())
+    sqlite = chart.render(VALUE_SETS["minimal"], name=RELEASE, namespace=NAMESPACE)
+    sqlite_notes = " ".join(sqlite["tiergate/templates/NOTES.txt"].split())
+    assert "refuses to start without keys" in sqlite_notes and "with Redis" not in sqlite_notes
+    anonymous = {**VALUE_SETS["minimal"], "secrets": {"allowAnonymous": True}}
+    open_notes = chart.render(anonymous, name=RELEASE, namespace=NAMESPACE)
+    assert "client key" not in open_notes["tiergate/templates/NOTES.txt"]
     ingress = chart.render(VALUE_SETS["ingress-hpa"], name=RELEASE, namespace=NAMESPACE)
     assert "https://tiergate.example.com/v1" in ingress["tiergate/templates/NOTES.txt"]
 
