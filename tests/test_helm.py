@@ -266,6 +266,7 @@ def test_schema_accepts_the_defaults_and_every_value_set(chart: Any) -> None:
         ({"modelServer": {"gpu": {"count": 0}}}, "/modelServer/gpu/count"),
         ({"redis": {"persistence": {"size": "lots"}}}, "/redis/persistence/size"),
         ({"replicaCount": 3}, "replicaCount"),  # a typo of router.replicaCount
+        ({"localModel": {"profile": "profiles/x.yaml"}}, "/localModel/profile"),
     ],
 )
 def test_schema_rejects_bad_values(chart: Any, values: dict[str, Any], where: str) -> None:
@@ -364,6 +365,26 @@ def test_router_uses_the_model_server_through_the_external_llama_backend(render:
     assert container(server, "llama-server")["args"][:2] == ["-m", "/models/qwen2.5-7b-q4_k_m.gguf"]
     models = next(v for v in pod_spec(server)["volumes"] if v["name"] == "models")
     assert models["persistentVolumeClaim"] == {"claimName": "gguf-models", "readOnly": True}
+
+
+def test_the_local_model_s_profile_reaches_the_routers_and_the_retrain_job(
+    render: Render,
+) -> None:
+    """The model server runs another model than the bundled one: the routers score with its
+    profile, and the retrain job relearns over the same one. A name is one the image ships."""
+    shipped = "Llama-3.1-8B-Instruct.estimated.yaml"
+    assert (REPO / "models" / "profiles" / shipped).is_file()  # the image copies models/profiles
+    values = {**VALUE_SETS["full"], "localModel": {"profile": shipped}}
+    docs = render(values)
+    router_env = env_of(container(find(docs, "Deployment", FULLNAME), "router"))
+    assert router_env["TIERGATE_LOCAL_PROFILE"] == f"/app/models/profiles/{shipped}"
+    job = find(docs, "CronJob", f"{FULLNAME}-retrain")
+    assert f"/app/models/profiles/{shipped}" in json.dumps(job)
+    own = render({**values, "localModel": {"profile": "/etc/profiles/qwen.json"}})
+    router_env = env_of(container(find(own, "Deployment", FULLNAME), "router"))
+    assert router_env["TIERGATE_LOCAL_PROFILE"] == "/etc/profiles/qwen.json"
+    bundled = env_of(container(find(render(), "Deployment", FULLNAME), "router"))
+    assert "TIERGATE_LOCAL_PROFILE" not in bundled
 
 
 def test_in_process_model_is_fetched_into_the_router_pod(render: Render) -> None:

@@ -162,6 +162,10 @@ Secret values only ever appear as secretKeyRef; $(REDIS_PASSWORD) is expanded by
   value: {{ $value | quote }}
 {{- end }}
 {{- end }}
+{{- with .Values.localModel.profile }}
+- name: TIERGATE_LOCAL_PROFILE
+  value: {{ ternary . (printf "/app/models/profiles/%s" .) (hasPrefix "/" .) | quote }}
+{{- end }}
 {{- if .Values.router.classifierPath }}
 - name: TIERGATE_CLASSIFIER_PATH
   value: {{ .Values.router.classifierPath | quote }}
