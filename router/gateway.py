@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import json
 import logging
@@ -669,7 +670,10 @@ class Gateway:
             if self._scoring is None:
                 self._scoring = ThreadPoolExecutor(SCORING_THREADS, "tiergate-score")
             loop = asyncio.get_running_loop()
-            signals, decision = await loop.run_in_executor(self._scoring, decide)
+            # In this request's context (its trace span, as asyncio.to_thread would carry), so
+            # the decide span is the request's child, not a trace of its own.
+            in_context = functools.partial(contextvars.copy_context().run, decide)
+            signals, decision = await loop.run_in_executor(self._scoring, in_context)
         elif _is_large(body) or (sent is not None and _is_large(sent)):
             signals, decision = await asyncio.to_thread(decide)
         else:

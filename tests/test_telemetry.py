@@ -66,14 +66,21 @@ class Captured:
         return out
 
 
+class CostlyKeywordScorer(KeywordScorer):
+    """The keyword scorer marked costly, as an encoder router is: the gateway decides with it
+    on its scoring thread pool instead of inline."""
+
+    costly = True
+
+
 @contextmanager
 def traced(
-    tmp_path: Path, policy: str, local: Any = None, **settings: Any
+    tmp_path: Path, policy: str, local: Any = None, scorer: Any = None, **settings: Any
 ) -> Iterator[tuple[LiveServer, Captured]]:
     captured = Captured()
     app = create_app(
         make_settings(tmp_path, policy, **settings),
-        scorer=KeywordScorer(),
+        scorer=scorer or KeywordScorer(),
         local_backend=local,
         telemetry=captured.telemetry,
     )
@@ -93,11 +100,17 @@ def _no_prompt_text(spans: list[ReadableSpan]) -> None:
             assert "launch codes" not in str(value), (span.name, value)
 
 
+@pytest.mark.parametrize("scorer", [KeywordScorer, CostlyKeywordScorer])
 def test_closed_request_span_has_genai_and_tiergate_attributes(
-    tmp_path: Path, fake: FakeProvider
+    tmp_path: Path, fake: FakeProvider, scorer: type[KeywordScorer]
 ) -> None:
+    """Whether the decision runs inline or on the scoring pool (a costly scorer), its span is
+    the request's child, in the request's trace."""
     fake.reset()
-    with traced(tmp_path, policy_yaml(fake), local=ScriptedLocal()) as (srv, cap):
+    with traced(tmp_path, policy_yaml(fake), local=ScriptedLocal(), scorer=scorer()) as (
+        srv,
+        cap,
+    ):
         r = _chat(
             srv,
             SECRET_PROMPT,
