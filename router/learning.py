@@ -107,6 +107,14 @@ def feedback_label(req: FeedbackRequest, record: Mapping[str, Any]) -> Label:
     """The label for one feedback request about ``record`` (already checked to be the tenant's)."""
     if req.score is None and req.thumbs is None:
         raise BadRequestError("feedback needs a score in [0, 1] or thumbs up/down", param="score")
+    if req.score is not None and req.thumbs is not None:
+        raise BadRequestError("feedback takes a score or thumbs, not both", param="thumbs")
+    if record.get("status") == "error":  # refused or failed: no answer was served to rate
+        raise BadRequestError(
+            f"request '{req.request_id}' was answered with an error "
+            f"({record.get('http_status')}): it served no answer to rate",
+            param="request_id",
+        )
     quality = req.score if req.score is not None else (1.0 if req.thumbs == "up" else 0.0)
     value = 1.0 - quality if record.get("tier") == "local" else None
     return Label(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
 
 # The body is passed on as the client sent it, so a value must already have the type the
 # backends take: "100" or 100.0 for max_tokens would pass a lax check, skip the cap and reach
@@ -303,7 +303,7 @@ class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     request_id: str = Field(min_length=1, max_length=128)
-    score: float | None = Field(None, ge=0, le=1)
+    score: Annotated[float, Strict()] | None = Field(None, ge=0, le=1)  # a number, not "0.5"
     thumbs: Literal["up", "down"] | None = None
     comment: str | None = Field(None, max_length=2000)
 

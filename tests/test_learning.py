@@ -99,6 +99,15 @@ def test_feedback_is_tenant_isolated(
         assert scored.json()["value"] is None and scored.json()["quality"] == 0.9
         assert feedback(srv, "acme", request_id=rid).status_code == 400
         assert feedback(srv, "acme", request_id=rid, score=1.5).status_code == 400
+        assert feedback(srv, "acme", request_id=rid, score="0.5").status_code == 400  # a number
+        both = feedback(srv, "acme", request_id=rid, score=0.2, thumbs="up")
+        assert both.status_code == 400 and both.json()["error"]["param"] == "thumbs"
+        # A request answered with an error served nothing to rate.
+        refused = chat(srv, "acme", "say hi", max_tokens=-1)
+        assert refused.status_code == 400
+        srv.gateway.outcomes.flush(10)
+        nothing = feedback(srv, "acme", request_id=refused.headers["x-request-id"], thumbs="up")
+        assert nothing.status_code == 400 and "served no answer" in nothing.text
 
         stored = labels(srv, "feedback")
         assert {(x["request_id"], x["tenant"], x["value"]) for x in stored} == {
