@@ -8,6 +8,7 @@ llama.cpp) are mapped into it in one place per backend (``raise ... from exc``),
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -223,9 +224,16 @@ class LocalOverloadedError(RateLimitError):
 
 
 class BudgetExceededError(RateLimitError):
-    """The tenant's daily budget is spent and its policy says reject."""
+    """The tenant's daily budget is spent and its policy says reject. A retry cannot help
+    before the budget's day (UTC) ends: ``x-should-retry: false`` (OpenAI's SDKs would retry a
+    429 twice, each one recorded), and ``Retry-After`` says when it ends."""
 
     code = "budget_exceeded"
+    should_retry = False
+
+    def __init__(self, message: str, *, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        super().__init__(message, retry_after=86400 - now % 86400)
 
 
 class BackendError(TiergateError):

@@ -322,8 +322,12 @@ def test_concurrent_requests_stay_within_the_budget(tmp_path: Path, fake: FakePr
         got = asyncio.run(_burst(srv.url, HARD_LONG, 30))
         codes = [r.status_code for r in got]
         assert codes.count(200) >= 2 and codes.count(429) >= 10
-        message = next(r for r in got if r.status_code == 429).json()["error"]["message"]
+        refused = next(r for r in got if r.status_code == 429)
+        message = refused.json()["error"]["message"]
         assert re.search(r"spent \$0\.000\d+ of its \$0\.0003 daily budget", message), message
+        # No retry before the budget's UTC day ends (an SDK retry would be refused, and recorded).
+        assert refused.headers["x-should-retry"] == "false"
+        assert 0 < int(refused.headers["retry-after"]) <= 86400
         store = srv.gateway.outcomes
         assert wait_for(lambda: store.count() == 30) and store.flush()
         rows = [r for r in store.recent(100) if r["status"] == "ok"]
@@ -355,7 +359,11 @@ def test_a_stream_left_after_finish_reason_is_charged(tmp_path: Path, fake: Fake
 
 
 def test_budget_error_prints_amounts_that_read() -> None:
+    from router.errors import BudgetExceededError
     from router.policy import usd
+
+    # Retry-After runs to the end of the UTC day the budget counts.
+    assert BudgetExceededError("x", now=86400 * 20000 + 3600).headers["retry-after"] == "82800"
 
     assert usd(0.0075) == "$0.0075" and usd(0.0001) == "$0.0001" and usd(0.0) == "$0.00"
     assert usd(0.05) == "$0.05" and usd(12.5) == "$12.50" and usd(0.012345) == "$0.012"
