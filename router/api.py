@@ -441,6 +441,7 @@ def readiness(svc: Services) -> dict[str, Any]:
         name: {
             "available": (reason := gateway.unavailable_reason(policy.models[name])) is None,
             "reason": reason,
+            "priced": gateway.costs.closed_price(policy.models[name]) is not None,
         }
         for name in policy.closed_models
     }

@@ -294,6 +294,7 @@ async def _watch_policy(gateway: Gateway, every_s: float) -> None:
             # Reading, parsing and checking a policy is CPU work: off the event loop.
             if await asyncio.to_thread(gateway.policies.check):
                 gateway.recalibrate(gateway.last_scores)
+                gateway.warn_unpriced()
         except Exception:  # the watcher must survive anything; the error is logged
             log.exception("policy watcher failed")
 

@@ -813,10 +813,12 @@ def _serving_policy(config: Path | None) -> Path:
 
 
 def _cmd_policy_check(args: argparse.Namespace) -> int:
+    from router.costs import CostBook, load_litellm_cost_map
     from router.errors import PolicyError
     from router.policy import load_policy
 
     failed = 0
+    costs = CostBook(load_litellm_cost_map())
     for path in args.files or [_serving_policy(None)]:
         try:
             policy = load_policy(path)
@@ -828,6 +830,14 @@ def _cmd_policy_check(args: argparse.Namespace) -> int:
             f"{path}: ok (version {policy.digest}, {len(policy.rules)} rules, "
             f"{len(policy.models)} models, aliases: {', '.join(policy.alias_names())})"
         )
+        for name in costs.unpriced(policy.models.values()):  # valid, but worth knowing
+            print(
+                f"{path}: warning: models.{name}: no price for litellm_model "
+                f"{policy.models[name].litellm_model!r} in the installed litellm's table: its "
+                "calls count $0 in costs and budgets (give it price: {input_per_mtok, "
+                "output_per_mtok})",
+                file=sys.stderr,
+            )
     return 1 if failed else 0
 
 

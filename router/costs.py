@@ -1,7 +1,9 @@
 """Cost accounting: USD per request, closed and local, and the all-closed counterfactual.
 
-Closed prices come from litellm's bundled cost map, read as JSON straight from the installed
-package: offline, and without importing litellm (slow to import, heavy in memory). Local
+Closed prices come from a model's ``price`` in the policy, else litellm's bundled cost map, read
+as JSON straight from the installed package: offline, and without importing litellm (slow to
+import, heavy in memory). A closed model neither prices costs $0 (:meth:`CostBook.unpriced`
+names those, for the warnings of ``serve`` and ``policy check``). Local
 calls are charged at a configured price per million tokens plus a price per GPU-hour, applied to
 the request's local generation time. The counterfactual is what the same tokens would have cost
 on the default closed model; "saved versus all-closed" is sum(counterfactual) - sum(cost).
@@ -11,9 +13,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from router.policy import ModelSpec
 
 _COST_MAP_FILE = "model_prices_and_context_window_backup.json"
 
@@ -90,10 +96,25 @@ class CostBook:
                 )
         return None
 
-    def closed_cost(self, litellm_model: str | None, prompt: int, completion: int) -> float:
-        """USD for a closed call; 0.0 when the model's price is unknown."""
-        price = self.price(litellm_model)
+    def closed_price(self, model: ModelSpec | str | None) -> Price | None:
+        """A closed model's price: its policy ``price`` when it names one, else litellm's table
+        by its ``litellm_model`` (a bare string is a litellm name); None when neither knows it."""
+        if model is None or isinstance(model, str):
+            return self.price(model)
+        if model.price is not None:
+            return Price(model.price.input_per_mtok / 1e6, model.price.output_per_mtok / 1e6)
+        return self.price(model.litellm_model)
+
+    def closed_cost(self, model: ModelSpec | str | None, prompt: int, completion: int) -> float:
+        """USD for a call to the closed ``model``; 0.0 when its price is unknown
+        (:meth:`unpriced` names such models, for a warning)."""
+        price = self.closed_price(model)
         return price.cost(prompt, completion) if price else 0.0
+
+    def unpriced(self, models: Iterable[ModelSpec]) -> list[str]:
+        """The closed models among ``models`` whose calls would count $0: no policy price and
+        none in litellm's table."""
+        return [m.name for m in models if m.tier == "closed" and self.closed_price(m) is None]
 
     def local_cost(self, prompt: int, completion: int, generation_s: float = 0.0) -> float:
         """USD for a local call: tokens at the per-1M price plus generation time per GPU-hour."""

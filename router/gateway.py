@@ -378,6 +378,7 @@ class Gateway:
         self.last_scores: list[float] = []
         self.alias_thresholds: dict[str, AliasThreshold] = calibrate(self.policy, [])
         self._on_record = on_record
+        self.warn_unpriced()
         self.telemetry = telemetry if telemetry is not None else Telemetry.off()
 
     # -- a request's life ------------------------------------------------------------------
@@ -539,6 +540,20 @@ class Gateway:
     def policy(self) -> Policy:
         """The policy serving right now."""
         return self.policies.policy
+
+    def warn_unpriced(self) -> list[str]:
+        """Log the policy's closed models that no price covers (their calls would count $0 in
+        costs and budgets: litellm's table lacks them and the policy gives no ``price``), and
+        return their names."""
+        names = self.costs.unpriced(self.policy.models.values())
+        if names:
+            log.warning(
+                "no price for closed model(s) %s: litellm's table does not list their "
+                "litellm_model, so their calls count $0 in costs and budgets; give each a "
+                "price in the policy (price: {input_per_mtok, output_per_mtok})",
+                ", ".join(names),
+            )
+        return names
 
     def backend(self, model: ModelSpec) -> Backend | None:
         """The backend for a model's tier (None when the local tier is switched off)."""
@@ -1089,7 +1104,7 @@ class Gateway:
 
     def _cost(self, model: ModelSpec, prompt: int, completion: int, generation_s: float) -> float:
         if model.tier == "closed":
-            return self.costs.closed_cost(model.litellm_model, prompt, completion)
+            return self.costs.closed_cost(model, prompt, completion)
         return self.costs.local_cost(prompt, completion, generation_s)
 
     def _build_record(
@@ -1114,9 +1129,7 @@ class Gateway:
             cost += local_cost
         default_closed = policy.models[policy.closed_models[0]] if policy.closed_models else None
         counterfactual = (
-            self.costs.closed_cost(default_closed.litellm_model, prompt, completion)
-            if default_closed
-            else 0.0
+            self.costs.closed_cost(default_closed, prompt, completion) if default_closed else 0.0
         )
         record = OutcomeRecord(
             id=ctx.request_id,

@@ -284,7 +284,7 @@ class LearningLoop:
         result: Completion = await self.gateway.closed.complete(spec, request)
         cost = float(
             self.gateway.costs.closed_cost(
-                spec.litellm_model, result.usage.prompt_tokens, result.usage.completion_tokens
+                spec, result.usage.prompt_tokens, result.usage.completion_tokens
             )
         )
         return result, cost

@@ -231,6 +231,15 @@ class Condition(BaseModel):
         return _condition_from_string(value)
 
 
+class ModelPrice(_Strict):
+    """What a closed model costs, USD per million tokens: for a model litellm's price table does
+    not know (a private endpoint, a model newer or older than the installed litellm), else its
+    calls count $0 in costs and budgets."""
+
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+
+
 class ModelSpec(_Strict):
     """One concrete model clients may pin (by its key) and rules may target."""
 
@@ -245,6 +254,7 @@ class ModelSpec(_Strict):
     timeout_s: float | None = Field(None, gt=0)
     # "litellm": always call through litellm (no direct OpenAI call, no native pass-through).
     transport: Literal["auto", "litellm"] = "auto"
+    price: ModelPrice | None = None  # else litellm's table, by litellm_model
     description: str | None = None
 
     @model_validator(mode="before")

@@ -361,13 +361,7 @@ class _Checker:
         if not p.models:
             self.add(("models",), "define at least one model")
         for key, spec in p.models.items():
-            if spec.name and spec.name != key:
-                self.add(
-                    ("models", key, "name"), f"name {spec.name!r} differs from its key {key!r}"
-                )
-            spec.name = key
-            if spec.tier == "closed" and not spec.litellm_model:
-                self.add(("models", key), "a closed model needs litellm_model (e.g. openai/gpt-4o)")
+            self._check_model(key, spec)
         if p.local_model is None:
             p.local_model = next((k for k, m in p.models.items() if m.tier == "local"), None)
         elif p.local_model not in p.models:
@@ -381,6 +375,19 @@ class _Checker:
                 self.add(("closed_models", i), self._unknown_model(name))
             elif p.models[name].tier != "closed":
                 self.add(("closed_models", i), f"model {name!r} is not tier closed")
+
+    def _check_model(self, key: str, spec: ModelSpec) -> None:
+        if spec.name and spec.name != key:
+            self.add(("models", key, "name"), f"name {spec.name!r} differs from its key {key!r}")
+        spec.name = key
+        if spec.tier == "closed" and not spec.litellm_model:
+            self.add(("models", key), "a closed model needs litellm_model (e.g. openai/gpt-4o)")
+        if spec.tier == "local" and spec.price is not None:
+            self.add(
+                ("models", key, "price"),
+                "a local model's price is a setting (TIERGATE_LOCAL_PRICE_PER_MTOK, "
+                "TIERGATE_LOCAL_PRICE_PER_GPU_HOUR), not a policy key",
+            )
 
     def _unknown_model(self, name: str) -> str:
         return f"unknown model {name!r} (models: {', '.join(self.policy.models) or 'none'})"

@@ -58,6 +58,21 @@ def test_serving_with_a_profile_that_measured_only_some_capabilities_warns(
     assert "capabilities" not in caplog.text
 
 
+def test_a_closed_model_without_a_price_is_named_at_start_and_in_readyz(
+    tmp_path: Path, fake: FakeProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The test policy's claude model is one the installed litellm's table no longer lists: its
+    calls would count $0, so the start says so and /readyz marks it."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="tiergate.gateway"):
+        app = create_app(make_settings(tmp_path, policy_yaml(fake)), local_backend=ScriptedLocal())
+        with TestClient(app) as client:
+            closed = client.get("/readyz").json()["closed"]
+    assert "no price for closed model(s) claude:" in caplog.text
+    assert (closed["gpt-4o"]["priced"], closed["claude"]["priced"]) == (True, False)
+
+
 def test_outcomes_go_to_sqlite_without_a_redis_url(tmp_path: Path, fake: FakeProvider) -> None:
     store = build_outcome_store(make_settings(tmp_path, policy_yaml(fake)))
     assert isinstance(store, SQLiteOutcomeStore)

@@ -31,8 +31,40 @@ def test_policy_check_accepts_every_shipped_policy(capsys: pytest.CaptureFixture
         *sorted((REPO / "policies/examples").glob("*.yaml")),
     ]
     assert main(["policy", "check", *map(str, files)]) == 0
-    out = capsys.readouterr().out
-    assert out.count(": ok (version ") == len(files)
+    printed = capsys.readouterr()
+    assert printed.out.count(": ok (version ") == len(files)
+    assert "warning" not in printed.err  # every shipped closed model has a price
+
+
+def test_policy_check_warns_of_a_closed_model_no_price_covers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Valid (exit 0), but its calls would count $0 in costs and budgets: say so, and how to
+    fix it; a policy price covers it, and a local model may not take one."""
+    models = (
+        "version: 1\nmodels:\n  local: {tier: local}\n"
+        "  gone: {tier: closed, litellm_model: anthropic/claude-3-5-sonnet-20241022}\n"
+    )
+    unpriced = tmp_path / "unpriced.yaml"
+    unpriced.write_text(models)
+    assert main(["policy", "check", str(unpriced)]) == 0
+    err = capsys.readouterr().err
+    assert f"{unpriced}: warning: models.gone: no price for litellm_model" in err
+    assert "count $0 in costs and budgets" in err
+    priced = tmp_path / "priced.yaml"
+    priced.write_text(
+        models.replace("20241022}", "20241022, price: {input_per_mtok: 3, output_per_mtok: 15}}")
+    )
+    assert main(["policy", "check", str(priced)]) == 0
+    assert "warning" not in capsys.readouterr().err
+    local = tmp_path / "local.yaml"
+    local.write_text(
+        models.replace(
+            "{tier: local}", "{tier: local, price: {input_per_mtok: 1, output_per_mtok: 1}}"
+        )
+    )
+    assert main(["policy", "check", str(local)]) == 1
+    assert "models.local.price: a local model's price is a setting" in capsys.readouterr().err
 
 
 def test_policy_check_reports_located_errors(

@@ -3,6 +3,8 @@ token and per GPU-hour, and an unknown model costing nothing rather than failing
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from router.costs import CostBook, Price, load_litellm_cost_map
@@ -45,3 +47,31 @@ def test_the_loaded_table_keeps_only_prices() -> None:
     for entry in table.values():
         assert "input_cost_per_token" in entry
         assert set(entry) <= {"input_cost_per_token", "output_cost_per_token"}
+
+
+def test_a_policy_price_wins_and_unpriced_closed_models_are_named() -> None:
+    """A model the installed litellm's table does not list would count $0 in costs and budgets:
+    the policy's ``price`` covers it, and ``unpriced`` names those it does not cover."""
+    from router.policy import ModelPrice, ModelSpec
+
+    def spec(name: str, tier: str, litellm: str | None, price: ModelPrice | None = None) -> Any:
+        return ModelSpec(
+            name=name,
+            tier=tier,  # type: ignore[arg-type]
+            litellm_model=litellm,
+            supports_tools=True,
+            supports_images=True,
+            price=price,
+        )
+
+    book = CostBook(MAP)
+    listed = spec("gpt", "closed", "openai/gpt-4o")
+    unknown = spec("old", "closed", "anthropic/claude-gone")
+    priced = spec(
+        "own", "closed", "openai/private", ModelPrice(input_per_mtok=3, output_per_mtok=15)
+    )
+    local = spec("local", "local", None)
+    assert book.closed_cost(listed, 1000, 100) == pytest.approx(0.0035)
+    assert book.closed_cost(unknown, 1000, 100) == 0.0
+    assert book.closed_cost(priced, 1_000_000, 100_000) == pytest.approx(3 + 1.5)
+    assert book.unpriced([listed, unknown, priced, local]) == ["old"]
