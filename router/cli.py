@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from router.errors import TiergateError
+from router.errors import ConfigError, TiergateError
 
 
 @contextmanager
@@ -302,7 +302,6 @@ def _wrote_profile(profile: Any, out: Path) -> None:
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
-    from router.errors import ConfigError
 
     if args.from_labels:
         probe_only = [
@@ -529,7 +528,6 @@ def check_can_start(settings: Any) -> None:
     an in-process local model has its GGUF and llama-cpp-python. Raises a :class:`ConfigError`
     whose message is the one line (plus a bad policy's located problems) the user sees."""
     from router.config import BUNDLED_GGUF
-    from router.errors import ConfigError
     from router.policy import load_policy
 
     if not settings.policy.is_file():
@@ -573,8 +571,6 @@ def check_can_start(settings: Any) -> None:
 def _bind(host: str, port: int) -> Any:
     """The listening socket, bound before anything loads, so a port in use is one line."""
     import socket
-
-    from router.errors import ConfigError
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP named, not left 0: the accepted sockets inherit it, and asyncio sets
@@ -850,9 +846,14 @@ def _cmd_policy_schema(args: argparse.Namespace) -> int:
 
 def _explain_body(args: argparse.Namespace) -> dict[str, Any]:
     if args.request is not None:
-        body = json.loads(Path(args.request).read_text(encoding="utf-8"))
+        try:
+            body = json.loads(Path(args.request).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"--request {args.request}: cannot read it ({exc.strerror})") from exc
+        except ValueError as exc:
+            raise ConfigError(f"--request {args.request}: not JSON ({exc})") from exc
         if not isinstance(body, dict):
-            raise SystemExit("--request must hold a JSON chat request object")
+            raise ConfigError(f"--request {args.request} must hold a JSON chat request object")
         return body
     if args.prompt is None:
         raise SystemExit("give --prompt TEXT or --request FILE")
@@ -875,7 +876,9 @@ def _cmd_policy_explain(args: argparse.Namespace) -> int:
     body = _explain_body(args)
     headers = {}
     for item in args.header:
-        name, _, value = item.partition("=")
+        name, equals, value = item.partition("=")
+        if not equals:
+            raise ConfigError(f"--header {item!r}: write it NAME=VALUE")
         if not name.lower().startswith(POLICY_HEADER_PREFIX):
             print(
                 f"note: --header {name} ignored: the proxy passes the policy only "
@@ -958,7 +961,9 @@ def _add_policy_commands(sub: Any) -> None:
         help="policy YAML file (default: the serving policy, TIERGATE_POLICY or the shipped one)",
     )
     explain.add_argument("--prompt", help="a user prompt to route")
-    explain.add_argument("--request", type=Path, help="a JSON chat request to route")
+    explain.add_argument(
+        "--request", type=Path, metavar="FILE", help="a file holding a JSON chat request to route"
+    )
     explain.add_argument("--model", default="auto", help="alias or model for --prompt (auto)")
     explain.add_argument("--tenant", default="default", help="tenant making the request")
     explain.add_argument(
@@ -978,7 +983,6 @@ def _add_policy_commands(sub: Any) -> None:
 
 def _model_store(args: argparse.Namespace) -> Any:
     from router.config import load_settings
-    from router.errors import ConfigError
     from router.registry import ModelStore
 
     root = args.store or load_settings(args.config).model_store

@@ -86,6 +86,25 @@ def test_policy_schema_is_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert "version" in schema["properties"] and "rules" in schema["properties"]
 
 
+def test_policy_explain_says_what_is_wrong_with_its_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--request names a file: inline JSON, a missing or non-JSON file, and a header without
+    "=" are one line each, not a traceback."""
+    policy = str(REPO / "policies" / "default.yaml")
+    notjson = tmp_path / "req.txt"
+    notjson.write_text("hello")
+    cases = [
+        (["--request", '{"messages": []}'], "cannot read it"),
+        (["--request", str(notjson)], "not JSON"),
+        (["--prompt", "hi", "--header", "x-tiergate-stakes"], "write it NAME=VALUE"),
+    ]
+    for extra, message in cases:
+        assert main(["policy", "explain", policy, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+
 def test_policy_explain_shows_rules_and_decision(capsys: pytest.CaptureFixture[str]) -> None:
     policy = str(REPO / "policies" / "default.yaml")
     assert (
