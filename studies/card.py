@@ -21,7 +21,8 @@ For the router at ``--model`` (default: the shipped one,
    without that set (:func:`studies.score_v4.v3_loso_scores`): APGR and CPT(50%) per file with
    95% paired bootstrap intervals. AlpacaEval (evaluation only) is scored by both shipped
    models, the default profile for this one.
-3. **score against gap** per predicted capability (:func:`studies.score_v4.capability_table`).
+3. **score against gap** per served capability, the persona rule applied
+   (:func:`studies.score_v4.capability_table`).
 4. **decision latency** from ``bench/results/decision_pipeline.json`` (``make bench``'s decision
    phase); ``--latency`` reruns ``python -m bench.decision_pipeline`` for this model first.
 
@@ -304,6 +305,18 @@ def _cached_v3(rows: list[RoutingRow], keys: Sequence[str]) -> np.ndarray[Any, A
     return scores
 
 
+class _ServedLabel:
+    """The capability the proxy serves for a prompt: ``model``'s label through the persona rule
+    (:func:`router.persona.persona_label`), which is what the score against gap table groups by."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def predict(self, prompts: Sequence[str]) -> np.ndarray[Any, Any]:
+        labels = self.model.predict(prompts)
+        return np.array([persona_label(str(c), t) for c, t in zip(labels, prompts, strict=True)])
+
+
 def routing_figures(model: Path, reader: Any, label: Any = None) -> dict[str, Any]:
     """Leave-one-prompt-set-out APGR and CPT(50%) per labelled file against router-v3, the
     per-capability score-vs-gap table (capabilities from ``label`` where the router's labels
@@ -323,7 +336,9 @@ def routing_figures(model: Path, reader: Any, label: Any = None) -> dict[str, An
         "data_files": _public(files),
         "leave_one_source_out": paired_per_file(shipped, v3, rows),
         "capability_table": capability_table(
-            rows, scores, capability if label is None else ServedCapability(label).fit()
+            rows,
+            scores,
+            _ServedLabel(capability if label is None else ServedCapability(label).fit()),
         ),
         "alpacaeval_default_profile": {
             "file": OOD_FILE,
@@ -400,7 +415,8 @@ def _capability_lines(c: dict[str, Any]) -> list[str]:
                 f"The router reads `{split['name']}`, a split: its score reads "
                 f"`{split['score']}`'s probabilities and its capability is `{split['label']}`'s. "
                 "This section is "
-                f"`{split['label']}`'s; the score against gap table groups prompts by it.",
+                f"`{split['label']}`'s; the score against gap table groups prompts by its "
+                "served label (the persona rule applied).",
                 "",
             ]
             if split
@@ -494,7 +510,7 @@ def _routing_lines(r: dict[str, Any]) -> list[str]:
     t = r["capability_table"]
     lines += [
         "",
-        "### Score against labelled gap, per predicted capability (out of fold)",
+        "### Score against labelled gap, per served capability (out of fold)",
         "",
         "Pooled over all labelled files, and within file (each value minus its file's mean, so "
         "a file's label scale does not count as a capability's gap). A router whose mean score "
