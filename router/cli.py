@@ -302,7 +302,6 @@ def _wrote_profile(profile: Any, out: Path) -> None:
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
-
     if args.from_labels:
         probe_only = [
             flag
