@@ -105,6 +105,22 @@ def test_policy_explain_says_what_is_wrong_with_its_input(
         assert message in err and "Traceback" not in err, err
 
 
+def test_quality_first_keeps_easy_extraction_local_only_for_a_strong_local_model(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The example's easy-local rule reads the score the shipped router gives: it fires under a
+    Mixtral-class profile and not under the bundled SmolLM2-135M's (its threshold of 0.1 had
+    matched under neither)."""
+    policy = str(REPO / "policies" / "examples" / "quality-first.yaml")
+    prompt = "Extract the names and dates from this text as JSON: Alice met Bob on 3 March."
+    rules = {}
+    for profile in ("", str(REPO / "models/profiles/Mixtral-8x7B-Instruct-v0.1.yaml")):
+        monkeypatch.setenv("TIERGATE_LOCAL_PROFILE", profile)
+        assert main(["policy", "explain", policy, "--prompt", prompt, "--json"]) == 0
+        rules[profile] = json.loads(capsys.readouterr().out)["decision"]["rule"]
+    assert list(rules.values()) == ["closed-by-default", "easy-local"]
+
+
 def test_policy_explain_shows_rules_and_decision(capsys: pytest.CaptureFixture[str]) -> None:
     policy = str(REPO / "policies" / "default.yaml")
     assert (
