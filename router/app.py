@@ -220,6 +220,7 @@ def create_app(
             judge_model=settings.judge_model,
             concurrency=settings.shadow_concurrency,
             escalation_window_s=settings.escalation_window_s,
+            telemetry=tel,
         )
         gateway.learning = learning
         app.state.services = Services(

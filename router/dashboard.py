@@ -209,6 +209,14 @@ def label_quality(labels: Iterable[TieredLabel]) -> dict[str, Any]:
     return {"available": bool(tiers), "tiers": tiers, "note": note}
 
 
+def judging_spend(labels: Iterable[TieredLabel]) -> dict[str, Any]:
+    """Shadow judging in the window: the verdicts stored and what their calls to the closed
+    model and the judge cost. That spend counts against budgets but not in the request totals,
+    which say what serving the requests cost."""
+    shadow = [label for label in labels if label.source == "shadow"]
+    return {"judgements": len(shadow), "cost_usd": sum(label.cost_usd for label in shadow)}
+
+
 def store_summary(
     store: OutcomeStore, since_ts: float, bucket_s: float, until_ts: float | None = None
 ) -> dict[str, Any]:
@@ -299,7 +307,7 @@ async def dashboard_data(request: Request, window_s: int) -> dict[str, Any]:
     until = math.ceil(now / bucket_s) * bucket_s  # the end of the bucket that holds now
     since = until - window_s
     summary = await asyncio.to_thread(store_summary, store, since, bucket_s, until)
-    quality = label_quality(await asyncio.to_thread(store.tiered_labels, since))
+    labels = await asyncio.to_thread(store.tiered_labels, since)
     cascade = cascade_summary(summary, gateway.cascade)
     return {
         "generated_at": now,
@@ -311,7 +319,8 @@ async def dashboard_data(request: Request, window_s: int) -> dict[str, Any]:
             "thresholds": alias_thresholds(gateway),
         },
         "summary": summary,
-        "quality": quality,
+        "quality": label_quality(labels),
+        "judging": judging_spend(labels),
         "cascade": cascade,
         "evaluation": load_eval_report(svc.settings),
     }
@@ -668,6 +677,7 @@ def render_page(data: dict[str, Any]) -> str:
             _tile("spent", _usd(totals["cost_usd"]), "cost"),
             _tile("all-closed would be", _usd(totals["counterfactual_usd"]), "counterfactual"),
             _tile("saved", _usd(totals["saved_usd"]), "saved"),
+            _tile("shadow judging", _usd(data["judging"]["cost_usd"]), "judging"),
             _tile("fallbacks", str(totals["fallbacks"]), "fallbacks"),
             _tile("errors", str(totals["errors"]), "errors"),
         )

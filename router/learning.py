@@ -35,6 +35,7 @@ from router.errors import BadRequestError, NotFoundError, TiergateError
 from router.outcomes import Label, OutcomeStore
 from router.policy import ModelSpec
 from router.schemas import FeedbackRequest
+from router.telemetry import Telemetry
 
 log = logging.getLogger("tiergate.learning")
 
@@ -133,7 +134,8 @@ class LearningLoop:
     """Per-process state of the quality signals: shadow tasks and the escalation map.
 
     ``gateway`` is the running :class:`~router.gateway.Gateway` (for the policy, the closed
-    backend, the cost book and the outcome store).
+    backend, the cost book and the outcome store); ``telemetry``, when given, counts the shadow
+    judgements and their cost.
     """
 
     def __init__(
@@ -146,8 +148,10 @@ class LearningLoop:
         max_pending: int | None = None,
         max_fingerprints: int = 50_000,
         rng: Callable[[], float] = random.random,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.gateway = gateway
+        self._telemetry = telemetry
         self.judge_model = judge_model
         self.escalation_window_s = escalation_window_s
         self._sem = asyncio.Semaphore(concurrency)
@@ -161,6 +165,8 @@ class LearningLoop:
         self.shadow_skipped = 0
         self.shadow_failed = 0
         self.escalations = 0
+        if telemetry is not None:
+            telemetry.watch_learning(self)
 
     @property
     def pending(self) -> int:
@@ -269,6 +275,8 @@ class LearningLoop:
         if label is not None:
             self.store.label(label)
             self.shadow_labelled += 1
+            if self._telemetry is not None:
+                self._telemetry.on_label(label)
 
     def _closed_spec(self, name: str | None) -> ModelSpec:
         policy = self.gateway.policy

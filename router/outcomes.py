@@ -147,12 +147,14 @@ class WindowRow(NamedTuple):
 
 
 class TieredLabel(NamedTuple):
-    """A label with the tier that served the request it is about."""
+    """A label with the tier that served the request it is about, and what producing the
+    label cost (shadow judging's calls)."""
 
     tier: str | None
     source: str
     value: float | None
     quality: float | None
+    cost_usd: float = 0.0
 
 
 class OutcomeStore(Protocol):
@@ -859,7 +861,7 @@ class SQLiteOutcomeStore(OutcomeWriter):
     def tiered_labels(self, since_ts: float) -> list[TieredLabel]:
         """Labels stored since ``since_ts`` with the tier of their record."""
         rows = self._query(
-            "SELECT o.tier, l.source, l.value, l.quality "
+            "SELECT o.tier, l.source, l.value, l.quality, COALESCE(l.cost_usd, 0.0) "
             "FROM labels l JOIN outcomes o ON o.id = l.request_id WHERE l.ts >= ?",
             (since_ts,),
         )

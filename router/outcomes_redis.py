@@ -511,7 +511,13 @@ class RedisOutcomeStore(OutcomeWriter):
         raws = self._read(self._client.mget, [self.key("outcome", i) for i in ids])
         tier_of = {i: json.loads(r).get("tier") for i, r in zip(ids, raws, strict=True) if r}
         return [
-            TieredLabel(tier_of[lb["request_id"]], lb["source"], lb["value"], lb.get("quality"))
+            TieredLabel(
+                tier_of[lb["request_id"]],
+                lb["source"],
+                lb["value"],
+                lb.get("quality"),
+                float(lb.get("cost_usd") or 0.0),
+            )
             for lb in labels
             if lb["request_id"] in tier_of
         ]

@@ -32,7 +32,7 @@ from typing import Any
 from router.backends import Backend, Completion, ModelLike, Usage
 from router.backends.local import Gate
 from router.errors import MissingExtraError, TiergateError
-from router.outcomes import OutcomeRecord
+from router.outcomes import Label, OutcomeRecord
 
 log = logging.getLogger("tiergate.telemetry")
 request_log = logging.getLogger("tiergate.request")
@@ -170,6 +170,7 @@ class Telemetry:
             self._propagator = TraceContextTextMapPropagator()
         self._queue_depth: Callable[[], int] | None = None
         self._policy_failures: Callable[[], int] | None = None
+        self._shadow: Callable[[], dict[str, int]] | None = None
         self._instruments: dict[str, Any] = {}
         if meter_provider is not None:
             self._create_instruments(meter_provider.get_meter("tiergate"))
@@ -291,7 +292,18 @@ class Telemetry:
             "fallbacks": counter(
                 "tiergate.fallbacks", unit="{request}", description="Requests served by a fallback."
             ),
+            "shadow_cost": counter(
+                "tiergate.shadow.cost.usd",
+                unit="1",
+                description="Shadow judging spend in USD (the closed answer and the judge calls).",
+            ),
         }
+        meter.create_observable_counter(
+            "tiergate.shadow.judgements",
+            callbacks=[self._observe_shadow],
+            unit="{judgement}",
+            description="Shadow judgements of local answers, by outcome.",
+        )
         meter.create_observable_gauge(
             "tiergate.local.queue_depth",
             callbacks=[self._observe_queue],
@@ -316,6 +328,25 @@ class Telemetry:
     def watch_policy(self, holder: object) -> None:
         """Report ``holder.reload_failures`` (refused policy edits) as a counter."""
         self._policy_failures = lambda: int(getattr(holder, "reload_failures", 0))
+
+    def _observe_shadow(self, _options: Any) -> Iterable[Any]:
+        from opentelemetry.metrics import Observation
+
+        if self._shadow is None:
+            return []
+        return [Observation(n, {"outcome": k}) for k, n in self._shadow().items()]
+
+    def watch_learning(self, loop: object) -> None:
+        """Report ``loop``'s shadow judgements (labelled, failed, skipped) as a counter."""
+        self._shadow = lambda: {
+            outcome: int(getattr(loop, f"shadow_{outcome}", 0))
+            for outcome in ("labelled", "failed", "skipped")
+        }
+
+    def on_label(self, label: Label) -> None:
+        """Count what producing ``label`` cost (shadow judging), by tenant."""
+        if self._instruments and label.cost_usd:
+            self._instruments["shadow_cost"].add(label.cost_usd, {"tenant": label.tenant})
 
     def _observe_queue(self, _options: Any) -> Iterable[Any]:
         from opentelemetry.metrics import Observation

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from router.auth import hash_key
 from router.learning import LearningLoop, closed_better, parse_verdict
@@ -155,6 +156,24 @@ def test_shadow_judging_runs_in_the_background_and_labels(
             x for x in labels(srv, "shadow") if x["request_id"] == streamed.headers["x-request-id"]
         )
         assert second["value"] == 0.0
+
+        # Cost watchers see the judging: its spend on the dashboard (apart from serving's) and
+        # in /metrics, with the judgements by outcome.
+        ops = {"authorization": f"Bearer {_key('ops')}"}
+        spent = label["cost_usd"] + second["cost_usd"]
+        data = srv.http.get("/dashboard/data?window_s=900", headers=ops).json()
+        assert data["judging"] == {"judgements": 2, "cost_usd": pytest.approx(spent)}
+        assert data["summary"]["totals"]["cost_usd"] == 0.0  # both answers were local
+        page = srv.http.get("/dashboard?window_s=900", headers=ops).text
+        assert 'data-kpi="judging"' in page
+        families = {
+            f.name: [(x.labels, x.value) for x in f.samples if x.name.endswith("_total")]
+            for f in text_string_to_metric_families(srv.http.get("/metrics", headers=ops).text)
+        }
+        ((cost_labels, cost),) = families["tiergate_shadow_cost_usd"]
+        assert cost_labels["tenant"] == "acme" and cost == pytest.approx(spent)
+        judged = {x["outcome"]: v for x, v in families["tiergate_shadow_judgements"]}
+        assert judged == {"labelled": 2, "failed": 0, "skipped": 0}
 
 
 def test_no_shadow_for_local_only_traffic(tmp_path: Path, fake: FakeProvider) -> None:

@@ -70,7 +70,7 @@ def test_labels_are_read_with_the_tier_that_served_their_request(tmp_path: Path)
     for i, tier in enumerate(["local", "local", "closed"]):
         store.submit(outcome(f"r{i}", tier=tier))
     store.label(Label("r0", "default", "feedback", None, 1000.0, quality=0.9))
-    store.label(Label("r1", "default", "shadow", 0.75, 1000.0))
+    store.label(Label("r1", "default", "shadow", 0.75, 1000.0, cost_usd=0.0125))
     store.label(Label("r2", "default", "escalation", 1.0, 1001.0))
     store.label(Label("gone", "default", "feedback", None, 1000.0, quality=0.5))  # no record
     assert store.flush()
@@ -80,7 +80,7 @@ def test_labels_are_read_with_the_tier_that_served_their_request(tmp_path: Path)
     assert sorted(labels) == [
         TieredLabel("closed", "escalation", 1.0, None),
         TieredLabel("local", "feedback", None, 0.9),
-        TieredLabel("local", "shadow", 0.75, None),
+        TieredLabel("local", "shadow", 0.75, None, 0.0125),
     ]
     assert later == [TieredLabel("closed", "escalation", 1.0, None)]
 

@@ -195,7 +195,7 @@ def test_both_stores_give_the_dashboard_the_same_window(
         records.append(rec)
     labels = [
         Label(records[1].id, "acme", "feedback", None, now, quality=0.8),
-        Label(records[2].id, "acme", "shadow", 0.25, now),
+        Label(records[2].id, "acme", "shadow", 0.25, now, cost_usd=0.0125),
         Label(records[3].id, "acme", "feedback", None, now, quality=0.4),
         Label("req_gone", "acme", "feedback", None, now, quality=0.1),  # its record is not stored
     ]
@@ -226,7 +226,7 @@ def test_both_stores_give_the_dashboard_the_same_window(
             == [
                 TieredLabel("closed", "feedback", None, 0.4),
                 TieredLabel("local", "feedback", None, 0.8),
-                TieredLabel("local", "shadow", 0.25, None),
+                TieredLabel("local", "shadow", 0.25, None, 0.0125),
             ]
         )
     finally:
