@@ -156,6 +156,7 @@ class RequestContext:
     front: str = "chat"
     cascade: dict[str, Any] | None = None  # a cascade's local part (record and headers)
     cascade_usage: Usage | None = None  # the local answer an escalated cascade discarded
+    choices: int = 1  # the request's ``n``: a provider bills each choice's completion
 
     def tokens_used(self) -> int:
         """The tokens this request used (the rate limiter's charge): its answer's, and those of
@@ -478,6 +479,7 @@ class Gateway:
         """Check the pin, decide, choose what to store, reserve spend, refuse (budget,
         unsatisfiable), and reserve the tokens (or refuse: 429)."""
         self._check_pin(call)
+        ctx.choices = _choices(call.body)
         ctx.signals, ctx.decision, ctx.model_version = await self._decide(call)
         ctx.prompt = _prompt_to_store(ctx.decision, call.body)
         await self.hold_spend(ctx, self.reserve_tokens)
@@ -699,9 +701,10 @@ class Gateway:
 
     def _one_call(self, ctx: RequestContext, default_completion: int) -> tuple[int, int]:
         # (prompt, completion) tokens one model call may use: the prompt estimate, and
-        # ``max_tokens`` or else ``default_completion``.
+        # ``max_tokens`` or else ``default_completion`` for each of the ``n`` choices.
         assert ctx.signals is not None
-        return ctx.signals.prompt_tokens, ctx.signals.max_tokens or default_completion
+        completion = ctx.signals.max_tokens or default_completion
+        return ctx.signals.prompt_tokens, completion * ctx.choices
 
     def reserved_tokens(self, ctx: RequestContext, default_completion: int) -> tuple[int, int]:
         """(prompt, completion) tokens to reserve for ``ctx`` before it is served: one call's,
@@ -1178,6 +1181,12 @@ class Gateway:
             if backend is not None:
                 with contextlib.suppress(Exception):
                     await backend.aclose()
+
+
+def _choices(body: Mapping[str, Any]) -> int:
+    """The choices a request asks for (``n``, validated as an integer from 1 to 16)."""
+    n = body.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
 
 
 def _prompt_to_store(decision: Decision, body: Mapping[str, Any]) -> str | None:

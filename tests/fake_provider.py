@@ -53,6 +53,8 @@ class Behaviour:
     judge_fn: Callable[[str, str, str], str] | None = None
     # When set, the OpenAI JSON answer to each request body (a scripted model) instead of text.
     reply_fn: Callable[[dict[str, Any]], str] | None = None
+    # Bill each of the request's ``n`` choices, as OpenAI does (usage grows with ``n``).
+    bill_choices: bool = False
 
 
 @dataclass
@@ -234,14 +236,19 @@ class FakeProvider:
                 "created": int(time.time()),
                 "model": body.get("model", "fake"),
                 "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-                "usage": self._usage(),
+                "usage": self._usage(body),
             },
         )
 
-    def _usage(self) -> Any:
+    def _usage(self, body: dict[str, Any]) -> Any:
         if self.behaviour.mode == "bad_usage":
             return "lots"
-        return {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
+        completion = 7 * (int(body.get("n") or 1) if self.behaviour.bill_choices else 1)
+        return {
+            "prompt_tokens": 11,
+            "completion_tokens": completion,
+            "total_tokens": 11 + completion,
+        }
 
     def _sse_start(self, h: BaseHTTPRequestHandler) -> None:
         h.send_response(200)
@@ -305,7 +312,7 @@ class FakeProvider:
         finish = "stop" if tool is None else "tool_calls"
         send({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
         if (body.get("stream_options") or {}).get("include_usage"):
-            send({**base, "choices": [], "usage": self._usage()})
+            send({**base, "choices": [], "usage": self._usage(body)})
         h.wfile.write(b"data: [DONE]\n\n")
         h.wfile.flush()
 

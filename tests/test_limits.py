@@ -337,6 +337,26 @@ def test_concurrent_requests_stay_within_the_budget(tmp_path: Path, fake: FakePr
         assert spent <= 0.0003 + reservation, (spent, reservation)
 
 
+def test_each_choice_of_n_counts_against_the_budget(tmp_path: Path, fake: FakeProvider) -> None:
+    # Requests asking for n=16 choices held the cost of one, while the provider billed sixteen:
+    # 30 concurrent ones spent several times the budget plus one reservation.
+    from tests.fake_provider import Behaviour
+
+    fake.reset(Behaviour(mode="stall", stall_s=0.5, bill_choices=True))
+    body = {**HARD_LONG, "n": 16}
+    with live(tmp_path, _budget_policy(fake, 0.0003), local_backend_obj=ScriptedLocal()) as srv:
+        got = asyncio.run(_burst(srv.url, body, 30))
+        assert [r.status_code for r in got].count(200) >= 1
+        store = srv.gateway.outcomes
+        assert wait_for(lambda: store.count() == 30) and store.flush()
+        rows = [r for r in store.recent(100) if r["status"] == "ok"]
+        assert all(r["completion_tokens"] == 7 * 16 for r in rows)
+        spent = sum(float(r["cost_usd"]) for r in rows)
+        prompt = int(rows[0]["signals"]["prompt_tokens"])
+        reservation = srv.gateway.costs.closed_cost("openai/gpt-4o", prompt, 7 * 16)
+        assert spent <= 0.0003 + reservation, (spent, reservation)
+
+
 def test_a_stream_left_after_finish_reason_is_charged(tmp_path: Path, fake: FakeProvider) -> None:
     # Reading to finish_reason and leaving before the usage chunk used to cost nothing.
     from tests.fake_provider import Behaviour
