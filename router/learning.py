@@ -63,6 +63,10 @@ def parse_verdict(text: str) -> str | None:
     return found[-1] if found else None
 
 
+#: The judge's completion cap per verdict.
+JUDGE_TOKENS = 512
+
+
 def judge_messages(question: str, answer_a: str, answer_b: str) -> list[dict[str, str]]:
     """The pairwise judge prompt (MT-Bench's pairwise template, documented in the docs)."""
     user = JUDGE_TEMPLATE.format(question=question, answer_a=answer_a, answer_b=answer_b)
@@ -251,8 +255,11 @@ class LearningLoop:
             if len(self._tasks) >= self._max_pending:
                 self.shadow_skipped += 1
                 return
+            hold = None
+            if decision.budget_usd is not None:
+                hold = (self._shadow_cost(body, answer), decision.budget_usd)
             task = asyncio.get_running_loop().create_task(
-                self._shadow(ctx.request_id, ctx.tenant, dict(body), answer)
+                self._shadow(ctx.request_id, ctx.tenant, dict(body), answer, hold)
             )
             self.shadow_started += 1
             self._tasks.add(task)
@@ -260,23 +267,63 @@ class LearningLoop:
         except Exception:  # a learning hiccup must never fail a served request; it is logged
             log.exception("after_response failed for %s", getattr(ctx, "request_id", "?"))
 
-    async def _shadow(self, request_id: str, tenant: str, body: dict[str, Any], local: str) -> None:
+    async def _shadow(
+        self,
+        request_id: str,
+        tenant: str,
+        body: dict[str, Any],
+        local: str,
+        hold: tuple[float, float] | None = None,
+    ) -> None:
+        # ``hold``: (the judgement's estimated cost, the tenant's budget). The estimate is held
+        # against the budget like a request's, so shadow calls cannot spend past it, and the
+        # label's cost replaces the hold.
+        hold_id = f"{request_id}:shadow"
+        label: Label | None = None
         async with self._sem:
+            if hold is not None:
+                usd, budget = hold
+                if not await asyncio.to_thread(
+                    self.store.reserve_spend, tenant, hold_id, usd, budget
+                ):
+                    self.shadow_skipped += 1  # the budget is spent: no judgement today
+                    return
             try:
                 label = await self.judge(request_id, tenant, body, local)
             except TiergateError as exc:
                 self.shadow_failed += 1
                 log.warning("shadow judgement of %s failed: %s", request_id, exc.message)
-                return
             except Exception:  # counted and logged; the user's answer is long gone
                 self.shadow_failed += 1
                 log.exception("shadow judgement of %s failed", request_id)
-                return
-        if label is not None:
-            self.store.label(label)
-            self.shadow_labelled += 1
-            if self._telemetry is not None:
-                self._telemetry.on_label(label)
+            finally:
+                if label is not None:  # queued first, so its cost counts before the hold goes
+                    self.store.label(label)
+                    self.shadow_labelled += 1
+                    if self._telemetry is not None:
+                        self._telemetry.on_label(label)
+                if hold is not None:
+                    await asyncio.to_thread(self.store.release_spend, hold_id)
+
+    def _shadow_cost(self, body: Mapping[str, Any], local: str) -> float:
+        """What a shadow judgement may cost: the default closed model answering ``body`` and
+        the judge reading both answers twice, each call priced at its prompt estimate and its
+        completion cap (``max_tokens``, else the gateway's ``reserve_tokens``)."""
+        from router.signals import estimate_tokens, scoring_text
+
+        messages = list(body.get("messages") or [])
+        prompt = estimate_tokens(messages, body.get("tools") or body.get("functions"))
+        n = body.get("n")
+        choices = n if isinstance(n, int) and n > 1 else 1
+        cap = body.get("max_completion_tokens") or body.get("max_tokens")
+        completion = (cap if isinstance(cap, int) else self.gateway.reserve_tokens) * choices
+        costs = self.gateway.costs
+        closed = costs.closed_cost(self._closed_spec(None), prompt, completion)
+        # The judge reads the question and both answers (the closed one at most its cap).
+        judged: list[Mapping[str, Any]] = [*judge_messages(scoring_text(messages), local, "")]
+        judge_prompt = estimate_tokens(judged) + completion
+        judge = costs.closed_cost(self._closed_spec(self.judge_model), judge_prompt, JUDGE_TOKENS)
+        return float(closed + 2 * judge)
 
     def _closed_spec(self, name: str | None) -> ModelSpec:
         policy = self.gateway.policy
@@ -317,7 +364,11 @@ class LearningLoop:
             )
             judged, judge_cost = await self._ask(
                 judge_spec,
-                {"messages": judge_messages(question, a, b), "temperature": 0, "max_tokens": 512},
+                {
+                    "messages": judge_messages(question, a, b),
+                    "temperature": 0,
+                    "max_tokens": JUDGE_TOKENS,
+                },
             )
             cost += judge_cost
             verdicts.append((closed_pos, parse_verdict(answer_text(judged.body))))

@@ -394,18 +394,20 @@ class SpendLedger:
         self._holds[request_id] = (tenant, usd)
         self._held[tenant] += usd
 
-    def release(self, request_id: str) -> None:
-        """Drop ``request_id``'s hold, if it has one."""
+    def release(self, request_id: str) -> str | None:
+        """Drop ``request_id``'s hold, if it has one; the tenant it was held for."""
         with self._lock:
-            self._release(request_id)
+            return self._release(request_id)
 
-    def _release(self, request_id: str) -> None:
+    def _release(self, request_id: str) -> str | None:
         hold = self._holds.pop(request_id, None)
-        if hold is not None:
-            tenant, usd = hold
-            self._held[tenant] -= usd
-            if not self._held[tenant] > 1e-12:
-                del self._held[tenant]
+        if hold is None:
+            return None
+        tenant, usd = hold
+        self._held[tenant] -= usd
+        if not self._held[tenant] > 1e-12:
+            del self._held[tenant]
+        return tenant
 
     def get(self, tenant: str) -> float:
         """USD spent today by ``tenant``: stored, queued and held."""

@@ -450,6 +450,24 @@ class RedisOutcomeStore(OutcomeWriter):
             self.ledger.hold(tenant, request_id, usd)
         return held
 
+    def release_spend(self, request_id: str) -> None:
+        """Drop a hold taken by :meth:`reserve_spend` here and in Redis, where it would
+        otherwise count against the budget until it lapses. Best effort: with Redis
+        unreachable the hold lapses after :data:`HOLD_TTL_S`."""
+        from redis import RedisError
+
+        tenant = self.ledger.release(request_id)
+        if tenant is None:
+            return
+        tenant_key, rid = valid_text(tenant), valid_text(request_id)
+        try:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.hdel(self.key("hold", tenant_key), rid)
+            pipe.zrem(self.key("holds", tenant_key), rid)
+            pipe.execute()
+        except (RedisError, OSError) as exc:
+            log.warning("budget hold of %s not released in redis: %s", request_id, exc)
+
     def get(self, record_id: str) -> dict[str, Any] | None:
         """One record by request id, including one still buffered here."""
         queued = self.queued(record_id)

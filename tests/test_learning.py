@@ -176,6 +176,42 @@ def test_shadow_judging_runs_in_the_background_and_labels(
         assert judged == {"labelled": 2, "failed": 0, "skipped": 0}
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_shadow_judging_stays_within_the_tenant_budget(
+    tmp_path: Path, fake: FakeProvider, backend: str, request: pytest.FixtureRequest
+) -> None:
+    # Shadow calls held nothing against the budget: 20 local answers, each shadowed while
+    # the closed model was slow, spent $0.0059 of shadow calls against a $0.0003 budget.
+    fake.reset(Behaviour(mode="stall", stall_s=60.0, judge="closed"))
+    outcomes = None
+    if backend == "redis":
+        server = request.getfixturevalue("redis_server")
+        outcomes = RedisOutcomeStore(server.url, journal=tmp_path / "journal.jsonl")
+    policy = policy_yaml(
+        fake,
+        shadow="{sample_rate: 1.0}",
+        queue_full="reject",  # a local answer holds nothing: only the shadow spends
+        on_failure="error",
+        extra="tenants:\n  acme: {daily_budget_usd: 0.0003, over_budget: reject}\n",
+    )
+    with serve(tmp_path, policy, outcomes) as srv:
+        for i in range(20):
+            assert chat(srv, "acme", f"tell me joke {i}").headers["x-tiergate-tier"] == "local"
+        learning = srv.gateway.learning
+        assert learning.shadow_started >= 1
+        fake.behaviour = Behaviour(judge="closed")
+        fake.unstall()
+        assert wait_for(lambda: learning.pending == 0, 30)
+        shadows = labels(srv, "shadow")
+        spent = sum(x["cost_usd"] for x in shadows)
+        # Each judgement held its estimate: once one was held, the budget was spent.
+        assert 0 < spent <= 0.0003 + max(x["cost_usd"] for x in shadows), (spent, len(shadows))
+        # The holds are gone: what is left counts against the budget is what was spent.
+        assert srv.gateway.outcomes.spend_today("acme") == pytest.approx(spent)
+        if spent < 0.0003:  # and no hold is left over (in Redis too) to refuse the next request
+            assert chat(srv, "acme", "a HARD question").headers["x-tiergate-tier"] == "closed"
+
+
 def test_no_shadow_for_local_only_traffic(tmp_path: Path, fake: FakeProvider) -> None:
     fake.reset()
     policy = policy_yaml(fake, shadow="{sample_rate: 1.0}")
