@@ -866,7 +866,9 @@ def _build_plans(
     source: str,
     metadata_fields: frozenset[str] = frozenset(),
 ) -> None:
-    """Order each tenant's rules once: its own rules, then the global ones, then ``default``.
+    """Order each tenant's rules once: the global ``local_only`` rules, its own rules, then the
+    other global ones, then ``default``. A tenant rule cannot take precedence over a global
+    ``local_only`` rule: a tenant's ``route: gpt-4o`` would otherwise carry personal data out.
 
     Within each list a higher ``priority`` goes first and ties keep file order (a stable sort).
     """
@@ -907,9 +909,11 @@ def _build_plans(
         return frozenset(name for name, a in aliases.items() if a.cascade)
 
     global_rules = ordered(compiled[None])
+    kept_local = [r for r in global_rules if r.local_only]
+    rest = [r for r in global_rules if not r.local_only]
     plans: dict[str, Plan] = {}
     for name, tenant in policy.tenants.items():
-        rules = (*ordered(compiled[name]), *global_rules, default)
+        rules = (*kept_local, *ordered(compiled[name]), *rest, default)
         plans[name] = Plan(
             name,
             rules,

@@ -367,3 +367,48 @@ def test_metadata_is_stored_redacted_capped_and_only_where_the_policy_reads_it(
     assert stored["team"].startswith("sales, ask [EMAIL] xxx")
     assert "jane" not in json.dumps(record) and "123-45-6789" not in json.dumps(record)
     assert len(json.dumps(stored)) < 1000
+
+
+TENANT_RULE = """\
+tenants:
+  acme:
+    rules:
+      - name: acme-legal
+        when: {metadata.team: legal}
+        route: gpt-4o
+"""
+
+
+def test_a_tenant_rule_cannot_send_personal_data_out(tmp_path: Path, fake: FakeProvider) -> None:
+    # Tenant rules run before the global ones, and used to run before the global local_only
+    # rule too: acme's legal team (policies/examples/cost-capped.yaml) sent personal data to
+    # gpt-4o.
+    fake.reset()
+    keys = tmp_path / "keys.yaml"
+    entry = {"sha256": hash_key(ALLOWED), "tenant": "acme", "policy_metadata": ["team"]}
+    keys.write_text(yaml.safe_dump({"keys": [entry]}))
+    with live(
+        tmp_path,
+        policy_yaml(fake, on_failure="closed", extra=TENANT_RULE),
+        scorer=BlindScorer(),
+        local_backend_obj=ScriptedLocal(),
+        api_keys_file=keys,
+    ) as srv:
+        auth = {"authorization": f"Bearer {ALLOWED}"}
+        for stream in (False, True):
+            body = {
+                "model": "auto",
+                "stream": stream,
+                "messages": [{"role": "user", "content": "Summarise."}],
+                "metadata": {"team": "legal"},
+            }
+            clean = srv.http.post("/v1/chat/completions", json=body, headers=auth)
+            assert clean.headers["x-tiergate-rule"] == "acme-legal"
+            assert clean.headers["x-tiergate-tier"] == "closed"
+            fake.reset()
+            body["messages"][0]["content"] = "Summarise. I am jane.doe@example.com"
+            secret = srv.http.post("/v1/chat/completions", json=body, headers=auth)
+            assert secret.status_code == 200, secret.text
+            assert secret.headers["x-tiergate-rule"] == "pii-stays-local"
+            assert secret.headers["x-tiergate-tier"] == "local"
+            assert fake.received == []
