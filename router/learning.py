@@ -299,7 +299,7 @@ class LearningLoop:
             finally:
                 if label is not None:  # queued first, so its cost counts before the hold goes
                     self.store.label(label)
-                    self.shadow_labelled += 1
+                    self.shadow_labelled += "error" not in label.detail
                     if self._telemetry is not None:
                         self._telemetry.on_label(label)
                 if hold is not None:
@@ -356,25 +356,36 @@ class LearningLoop:
         closed_answer = answer_text(closed.body)
         question = scoring_text(list(body.get("messages") or []))
         verdicts: list[tuple[str, str | None]] = []
-        for closed_pos in ("A", "B"):
-            a, b = (
-                (closed_answer, local_answer)
-                if closed_pos == "A"
-                else (local_answer, closed_answer)
-            )
-            judged, judge_cost = await self._ask(
-                judge_spec,
-                {
-                    "messages": judge_messages(question, a, b),
-                    "temperature": 0,
-                    "max_tokens": JUDGE_TOKENS,
-                },
-            )
-            cost += judge_cost
-            verdicts.append((closed_pos, parse_verdict(answer_text(judged.body))))
-        value = closed_better(verdicts)
-        if value is None:
-            log.warning("judge gave no verdict for %s", request_id)
+        detail: dict[str, Any] = {"closed_model": closed_spec.name, "judge_model": judge_spec.name}
+        value = None
+        try:
+            for closed_pos in ("A", "B"):
+                a, b = (
+                    (closed_answer, local_answer)
+                    if closed_pos == "A"
+                    else (local_answer, closed_answer)
+                )
+                judged, judge_cost = await self._ask(
+                    judge_spec,
+                    {
+                        "messages": judge_messages(question, a, b),
+                        "temperature": 0,
+                        "max_tokens": JUDGE_TOKENS,
+                    },
+                )
+                cost += judge_cost
+                verdicts.append((closed_pos, parse_verdict(answer_text(judged.body))))
+        except TiergateError as exc:
+            # The closed answer was paid for: the label keeps its cost (it counts against the
+            # budget) and no value.
+            self.shadow_failed += 1
+            log.warning("shadow judgement of %s failed: %s", request_id, exc.message)
+            detail["error"] = exc.code
+        else:
+            value = closed_better(verdicts)
+            if value is None:
+                log.warning("judge gave no verdict for %s", request_id)
+        detail["verdicts"] = [{"closed_position": p, "verdict": v} for p, v in verdicts]
         return Label(
             request_id=request_id,
             tenant=tenant,
@@ -382,11 +393,7 @@ class LearningLoop:
             value=value,
             ts=time.time(),
             cost_usd=cost,
-            detail={
-                "closed_model": closed_spec.name,
-                "judge_model": judge_spec.name,
-                "verdicts": [{"closed_position": p, "verdict": v} for p, v in verdicts],
-            },
+            detail=detail,
         )
 
     async def drain(self, timeout_s: float = 10.0) -> None:

@@ -212,6 +212,29 @@ def test_shadow_judging_stays_within_the_tenant_budget(
             assert chat(srv, "acme", "a HARD question").headers["x-tiergate-tier"] == "closed"
 
 
+def _judge_down(question: str, answer_a: str, answer_b: str) -> str:
+    raise RuntimeError("the judge is down")  # the fake drops the connection: a failed call
+
+
+def test_a_failed_judgement_still_counts_what_it_spent(tmp_path: Path, fake: FakeProvider) -> None:
+    # The closed model answered and the judge failed: the answer was paid for, but nothing
+    # was stored, so five shadowed requests cost $0 against the budget.
+    fake.reset(Behaviour(judge_fn=_judge_down))
+    with serve(tmp_path, policy_yaml(fake, shadow="{sample_rate: 1.0}")) as srv:
+        for i in range(5):
+            assert chat(srv, "acme", f"tell me joke {i}").headers["x-tiergate-tier"] == "local"
+        learning = srv.gateway.learning
+        assert wait_for(lambda: learning.pending == 0, 30)
+        assert learning.shadow_failed == 5 and learning.shadow_labelled == 0
+        asked = [r for r in fake.received if r not in judge_calls(fake)]
+        assert len(asked) == 5  # five closed answers the provider billed
+        shadows = labels(srv, "shadow")
+        assert len(shadows) == 5 and all(x["value"] is None for x in shadows)
+        assert all(x["detail"]["error"] for x in shadows)
+        one = srv.gateway.costs.closed_cost("openai/gpt-4o", 11, 7)
+        assert srv.gateway.outcomes.spend_today("acme") == pytest.approx(5 * one)
+
+
 def test_no_shadow_for_local_only_traffic(tmp_path: Path, fake: FakeProvider) -> None:
     fake.reset()
     policy = policy_yaml(fake, shadow="{sample_rate: 1.0}")
