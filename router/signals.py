@@ -154,24 +154,30 @@ def _without_data_payload(text: str) -> str:
     return text
 
 
+#: The object keys whose string value may be an inline file (``data:...;base64,...``): OpenAI's
+#: ``image_url.url`` and ``file.file_data``, the Responses API's ``image_url`` and ``file_data``.
+FILE_FIELDS = frozenset({"url", "image_url", "file_data"})
+
+
 def request_strings(body: Any) -> Iterator[str]:
     """Every string in a JSON value, each once: object keys and values, list items, and
     integers written out (a card number sent as a JSON number is still a card number). An
-    inline ``data:...;base64,`` file is read up to its payload.
+    inline ``data:...;base64,`` file in a file field (:data:`FILE_FIELDS`) is read up to its
+    payload; anywhere else such a string is text a model reads, and is read whole.
 
     Iterative, so nesting depth costs no stack.
     """
-    stack = [body]
+    stack: list[tuple[Any, bool]] = [(body, False)]
     while stack:
-        value = stack.pop()
+        value, file_field = stack.pop()
         if isinstance(value, str):
-            yield _without_data_payload(value)
+            yield _without_data_payload(value) if file_field else value
         elif isinstance(value, Mapping):
             for key, item in value.items():
                 yield str(key)
-                stack.append(item)
+                stack.append((item, key in FILE_FIELDS))
         elif isinstance(value, list | tuple):
-            stack.extend(value)
+            stack.extend((item, False) for item in value)
         elif isinstance(value, int) and not isinstance(value, bool):
             yield str(value)
 

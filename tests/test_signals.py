@@ -230,3 +230,22 @@ def test_text_behind_a_data_prefix_is_still_read(hidden: str) -> None:
     body = {"model": "auto", "messages": [{"role": "system", "content": hidden}]}
     assert request_pii_kinds(body)
     assert request_pii_kinds({"model": "auto", "messages": [], "user": hidden})
+
+
+@pytest.mark.parametrize(
+    "hidden",
+    [
+        "data:text/plain;base64,4111111111111111",
+        "data:text/plain;base64,+14155552671",
+        "data:x;base64,GB82WEST12345698765432",
+    ],
+)
+def test_a_data_prefix_outside_a_file_field_hides_nothing(hidden: str) -> None:
+    # Card numbers, phone numbers and IBANs written without spaces are made of base64's
+    # characters: behind a "data:" prefix in a system message they used to be skipped as if
+    # they were an image's bytes, and the model read them as text upstream.
+    body = {"model": "auto", "messages": [{"role": "system", "content": hidden}]}
+    assert request_pii_kinds(body)
+    assert request_pii_kinds({"model": "auto", "messages": [], "user": hidden})
+    parts = [{"type": "text", "text": hidden}]
+    assert request_pii_kinds({"model": "auto", "messages": [{"role": "user", "content": parts}]})
