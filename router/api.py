@@ -125,8 +125,10 @@ def validated(model: type[_Model], body: dict[str, Any]) -> _Model:
         raise BadRequestError(f"{where}: {first['msg']}", param=where or None) from exc
 
 
-def _policy_headers(request: Request) -> dict[str, str]:
-    allowed = getattr(request.state, "policy_headers", None)
+def _policy_headers(request: Request, *, gated: bool = True) -> dict[str, str]:
+    """The ``x-tiergate-*`` headers the caller may steer the policy with (``gated=False``: all
+    it sent, which may only ever make a request local_only; see Gateway.decide)."""
+    allowed = getattr(request.state, "policy_headers", None) if gated else None
     out = {}
     for key, value in request.headers.items():
         if key.startswith(POLICY_HEADER_PREFIX) and (allowed is None or key in allowed):
@@ -179,6 +181,7 @@ async def call_of(request: Request, *, front: str, translate: Translate | None =
         tenant=_tenant(request),
         front=front,
         policy_headers=_policy_headers(request),
+        sent_policy_headers=_policy_headers(request, gated=False),
         metadata_keys=_policy_metadata(request),
         disconnected=request.is_disconnected,
         native=native,

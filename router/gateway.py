@@ -27,7 +27,7 @@ from collections.abc import (
     Mapping,
 )
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -190,6 +190,7 @@ class Call:
     front: str = "chat"
     policy_headers: Mapping[str, str] = field(default_factory=dict)
     metadata_keys: frozenset[str] | None = None
+    sent_policy_headers: Mapping[str, str] | None = None  # all x-tiergate-* sent (None: as above)
     disconnected: Callable[[], Awaitable[bool]] | None = None
     native: NativeRequest | None = None
     refused: Exception | None = None
@@ -505,6 +506,7 @@ class Gateway:
             headers=call.policy_headers,
             metadata_keys=call.metadata_keys,
             sent=call.native.body if call.native is not None else None,
+            sent_headers=call.sent_policy_headers,
         )
 
     def explain(self, ctx: RequestContext) -> dict[str, str]:
@@ -616,6 +618,7 @@ class Gateway:
         metadata_keys: Collection[str] | None = None,
         sent: Mapping[str, Any] | None = None,
         scorer: Scorer | None = None,
+        sent_headers: Mapping[str, str] | None = None,
     ) -> tuple[Signals, Decision]:
         """Run signals -> score -> policy for one request. Raises 404 for an unknown model.
 
@@ -623,6 +626,11 @@ class Gateway:
         the signals keep only those the policy reads. ``sent``: a front's native request, read
         for personal data too (see :func:`~router.signals.extract_signals`). ``scorer``: the
         one that scores it (default: :meth:`scorer_for` the serving policy).
+
+        ``sent_headers``: every ``x-tiergate-*`` header the caller sent. A caller may always
+        make its request more private: when the policy, reading every header and ``metadata``
+        field sent, would keep the request local_only, it does, though the caller may not
+        steer the policy otherwise (a plain key's ``x-tiergate-private: true`` stays local).
         """
         policy = self.policy
         alias = str(body.get("model", "auto"))
@@ -642,13 +650,19 @@ class Gateway:
                 metadata_keys=read if metadata_keys is None else read & set(metadata_keys),
                 sent=sent,
             )
-            decision = evaluate(
+            decide = functools.partial(
+                evaluate,
                 policy,
-                signals,
                 thresholds=self.thresholds,
                 spend_today_usd=self.outcomes.spend_today(tenant),
                 closed_available=self.closed_available(),
             )
+            decision = decide(signals)
+            wider = _as_sent(signals, body, read, sent_headers)
+            if not decision.local_only and wider is not None:
+                private = decide(wider)
+                if private.local_only:
+                    decision = private
             span.decided(decision)
         return signals, decision
 
@@ -660,6 +674,7 @@ class Gateway:
         headers: Mapping[str, str],
         metadata_keys: Collection[str] | None = None,
         sent: Mapping[str, Any] | None = None,
+        sent_headers: Mapping[str, str] | None = None,
     ) -> tuple[Signals, Decision, str]:
         """:meth:`decide`, moved off the event loop when the request is large; also returns the
         version of the scorer that scored it (:meth:`scorer_for`), for headers and the record.
@@ -681,6 +696,7 @@ class Gateway:
             metadata_keys=metadata_keys,
             sent=sent,
             scorer=scorer,
+            sent_headers=sent_headers,
         )
         costly = getattr(scorer, "costly", False)
         if costly:
@@ -1181,6 +1197,24 @@ class Gateway:
             if backend is not None:
                 with contextlib.suppress(Exception):
                     await backend.aclose()
+
+
+def _as_sent(
+    signals: Signals,
+    body: Mapping[str, Any],
+    read: Collection[str],
+    sent_headers: Mapping[str, str] | None,
+) -> Signals | None:
+    """``signals`` with every policy header and read ``metadata`` field the caller sent, or None
+    when the caller was allowed them all already."""
+    metadata = body.get("metadata")
+    sent_metadata = (
+        {k: v for k, v in metadata.items() if k in read} if isinstance(metadata, Mapping) else {}
+    )
+    headers = signals.headers if sent_headers is None else sent_headers
+    if headers == signals.headers and sent_metadata == signals.metadata:
+        return None
+    return replace(signals, headers=dict(headers), metadata=sent_metadata)
 
 
 def _choices(body: Mapping[str, Any]) -> int:

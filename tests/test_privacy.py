@@ -412,3 +412,45 @@ def test_a_tenant_rule_cannot_send_personal_data_out(tmp_path: Path, fake: FakeP
             assert secret.headers["x-tiergate-rule"] == "pii-stays-local"
             assert secret.headers["x-tiergate-tier"] == "local"
             assert fake.received == []
+
+
+@pytest.mark.parametrize(
+    "marker",
+    [
+        {"headers": {"x-tiergate-private": "true"}},
+        {"json": {"metadata": {"data_class": "confidential"}}},
+    ],
+    ids=["header", "metadata"],
+)
+def test_any_key_may_mark_its_request_private(
+    tmp_path: Path, fake: FakeProvider, marker: dict[str, dict[str, Any]]
+) -> None:
+    # SECURITY.md: put data the detectors miss behind an x-tiergate-private header or
+    # metadata.data_class. A key without set_policy_headers (or the field in its allow-lists)
+    # had its marker ignored, silently: policies/examples/privacy-first.yaml sent it closed.
+    fake.reset()
+    policy = Path("policies/examples/privacy-first.yaml").read_text()
+    policy = policy.replace(
+        "litellm_model: openai/gpt-4o",
+        f"litellm_model: openai/gpt-4o\n    api_base: {fake.base_url}",
+    )
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(yaml.safe_dump({"keys": [{"sha256": hash_key(PLAIN), "tenant": "acme"}]}))
+    body = {"model": "auto", "messages": [{"role": "user", "content": "HARD: the merger plan"}]}
+    auth = {"authorization": f"Bearer {PLAIN}"}
+    with live(tmp_path, policy, local_backend_obj=ScriptedLocal(), api_keys_file=keys) as srv:
+        url = "/v1/chat/completions"
+        control = srv.http.post(url, json=body, headers=auth)
+        assert control.headers["x-tiergate-tier"] == "closed"
+        fake.reset()
+        headers = {**auth, **marker.get("headers", {})}
+        marked = srv.http.post(url, json={**body, **marker.get("json", {})}, headers=headers)
+        assert marked.status_code == 200, marked.text
+        assert marked.headers["x-tiergate-rule"] == "private-stays-local"
+        assert marked.headers["x-tiergate-tier"] == "local"
+        assert fake.received == []
+        # The marker does not give the key a say otherwise: what it may not set is not stored.
+        store = srv.gateway.outcomes
+        assert store.flush()
+        record = store.get(marked.headers["x-request-id"])
+        assert record is not None and record["signals"]["metadata"] == {}
