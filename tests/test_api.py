@@ -127,6 +127,34 @@ def test_local_stream_with_usage(gguf_client: openai.OpenAI, gguf_server: LiveSe
     assert record["stream"] is True and record["ttft_ms"] is not None
 
 
+YES_NO = {
+    "type": "object",
+    "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},
+    "required": ["answer"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.gguf
+def test_a_json_schema_response_format_constrains_the_local_answer(
+    gguf_client: openai.OpenAI,
+) -> None:
+    # OpenAI's structured-output form reached llama-cpp-python as it came, which reads only
+    # {"type": "json_object"}: the local model answered in free text.
+    completion = gguf_client.chat.completions.create(
+        model="local",
+        messages=[{"role": "user", "content": "Is Paris in France? Tell me about it."}],
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "yes_no", "schema": YES_NO, "strict": True},
+        },
+        max_tokens=40,
+        temperature=0,
+    )
+    content = completion.choices[0].message.content
+    assert content is not None and json.loads(content)["answer"] in ("yes", "no")
+
+
 def test_closed_non_stream_via_openai_protocol(
     client: openai.OpenAI, server: LiveServer, fake: FakeProvider
 ) -> None:

@@ -361,6 +361,30 @@ def test_responses_stream_from_the_local_model(
     assert record.completion_tokens == final.usage.output_tokens
 
 
+def test_a_json_schema_text_format_constrains_the_local_answer(
+    openai_client: openai.OpenAI,
+) -> None:
+    # text.format becomes chat's json_schema response_format, which the local model ignored.
+    schema = {
+        "type": "json_schema",
+        "name": "yes_no",
+        "schema": {
+            "type": "object",
+            "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},
+            "required": ["answer"],
+            "additionalProperties": False,
+        },
+    }
+    response = openai_client.responses.create(
+        model="local",
+        input="Is Paris in France? Tell me about it.",
+        text={"format": schema},  # type: ignore[typeddict-item]
+        max_output_tokens=40,
+        temperature=0,
+    )
+    assert json.loads(response.output_text)["answer"] in ("yes", "no")
+
+
 def test_a_pinned_openai_model_is_passed_through_natively(
     openai_client: openai.OpenAI, store: CapturingStore, fake: FakeProvider
 ) -> None:

@@ -157,6 +157,24 @@ def _text_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def llama_response_format(response_format: Any) -> Any:
+    """OpenAI's ``response_format`` as llama-cpp-python reads it.
+
+    llama-cpp-python constrains the answer only for ``{"type": "json_object"}`` (with an optional
+    ``schema``) and ignores OpenAI's structured-output form, ``{"type": "json_schema",
+    "json_schema": {"schema": ...}}``, which the Responses front's ``text.format`` also becomes:
+    passed as it came, a request for JSON got free text. The schema moves to where llama.cpp
+    turns it into a grammar.
+    """
+    if not isinstance(response_format, dict) or response_format.get("type") != "json_schema":
+        return response_format
+    spec = response_format.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if isinstance(schema, dict):
+        return {"type": "json_object", "schema": schema}
+    return {"type": "json_object"}
+
+
 def check_in_process_fields(body: dict[str, Any]) -> None:
     """Refuse (400) a request field the in-process backend would otherwise drop: each field is
     honoured (:data:`_PASSTHROUGH`, :data:`_HANDLED`), has no effect on the answer
@@ -316,6 +334,8 @@ class LlamaCppBackend:
         for key in _PASSTHROUGH:
             if body.get(key) is not None:
                 kwargs[key] = body[key]
+        if "response_format" in kwargs:
+            kwargs["response_format"] = llama_response_format(kwargs["response_format"])
         kwargs["max_tokens"] = local_max_tokens(body, self._settings)
         if body.get("logit_bias"):
             kwargs["logit_bias"] = self._logit_bias(body["logit_bias"])
