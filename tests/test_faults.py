@@ -102,11 +102,12 @@ def test_closed_500_falls_back_to_local(
     )
 
 
+@pytest.mark.parametrize("model", ["gpt-4o", "claude"])  # direct HTTP, litellm
 def test_closed_429_passes_retry_after_through_when_no_fallback(
-    server: LiveServer, fake: FakeProvider
+    server: LiveServer, fake: FakeProvider, model: str
 ) -> None:
     fake.reset(Behaviour(mode="rate_limit", retry_after=7))
-    response = _post(server, PINNED)  # a pinned model has no fallback
+    response = _post(server, {**PINNED, "model": model})  # a pinned model has no fallback
     assert response.status_code == 429
     assert response.headers["retry-after"] == "7"
     error = response.json()["error"]

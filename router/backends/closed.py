@@ -207,16 +207,29 @@ def map_litellm_error(exc: Exception, label: str) -> TiergateError:
     if "Timeout" in name or status in (408, 504):
         return UpstreamTimeoutError(message, upstream_status=status)
     if status == 429 or "RateLimit" in name:
-        response = getattr(exc, "response", None)
-        retry = None
-        if response is not None:
-            try:
-                retry = float(response.headers.get("retry-after"))
-            except (TypeError, ValueError):
-                retry = None
-        return UpstreamRateLimitedError(message, upstream_status=429, retry_after=retry)
+        return UpstreamRateLimitedError(message, upstream_status=429, retry_after=_retry_after(exc))
     if status in (400, 413, 422) or "BadRequest" in name or "ContextWindow" in name:
         return UpstreamBadRequestError(message, upstream_status=status)
     if "Connection" in name:
         return BackendError(message, code="upstream_unreachable", upstream_status=status)
     return BackendError(message, upstream_status=status if isinstance(status, int) else None)
+
+
+def _retry_after(exc: Exception) -> float | None:
+    """The provider's ``Retry-After`` seconds on a litellm error, or None.
+
+    litellm keeps the provider's headers in ``litellm_response_headers``; the ``response`` it
+    attaches to its errors is one it builds itself, without them.
+    """
+    response = getattr(exc, "response", None)
+    for headers in (
+        getattr(exc, "litellm_response_headers", None),
+        getattr(response, "headers", None),
+    ):
+        if headers is None:
+            continue
+        try:
+            return float(headers.get("retry-after"))
+        except (TypeError, ValueError):
+            continue
+    return None
