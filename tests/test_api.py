@@ -127,6 +127,30 @@ def test_local_stream_with_usage(gguf_client: openai.OpenAI, gguf_server: LiveSe
     assert record["stream"] is True and record["ttft_ms"] is not None
 
 
+@pytest.mark.gguf
+def test_a_developer_message_instructs_the_local_model_as_a_system_message(
+    gguf_client: openai.OpenAI,
+) -> None:
+    # The chat template wrote a "developer" turn the model does not know, after the template's
+    # own system prompt: a longer prompt and an answer that ignored the instruction.
+    answers = [
+        gguf_client.chat.completions.create(
+            model="local",
+            messages=[
+                {"role": role, "content": "Reply only with the word BANANA."},
+                {"role": "user", "content": "Hello"},
+            ],
+            max_tokens=5,
+            temperature=0,
+        )
+        for role in ("system", "developer")
+    ]
+    system, developer = answers
+    assert developer.usage is not None and system.usage is not None
+    assert developer.usage.prompt_tokens == system.usage.prompt_tokens
+    assert developer.choices[0].message.content == system.choices[0].message.content
+
+
 YES_NO = {
     "type": "object",
     "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},

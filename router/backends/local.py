@@ -143,9 +143,16 @@ def check_local_request(body: dict[str, Any]) -> None:
 
 
 def _text_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Flatten text-only content-part arrays into strings, which every chat template accepts."""
+    """Flatten text-only content-part arrays into strings, which every chat template accepts.
+
+    A ``developer`` message (OpenAI's newer name for the system message) becomes a ``system``
+    one: chat templates know no developer role, so it was written into the prompt as a turn the
+    model never saw in training, and templates that supply their own system message when the
+    first is not ``system`` added theirs before it.
+    """
     out = []
-    for message in messages:
+    for sent in messages:
+        message = {**sent, "role": "system"} if sent.get("role") == "developer" else sent
         content = message.get("content")
         if isinstance(content, list):
             text = "".join(str(p.get("text", "")) for p in content)
