@@ -99,7 +99,21 @@ def answer(chat: Mapping[str, Any], translation: Translation) -> dict[str, Any]:
     )
     out: dict[str, Any] = response.model_dump(mode="json", exclude_none=True)
     out["id"] = translation.response_id
+    _complete_usage(out)
     return out
+
+
+def _complete_usage(response: dict[str, Any]) -> None:
+    """Give a Response's usage the token details OpenAI always sends.
+
+    litellm fills them only from the chat answer's own details, which the local model has not:
+    clients read ``usage.input_tokens_details.cached_tokens`` (the Agents SDK copies both into
+    its usage), and met None.
+    """
+    usage = response.get("usage")
+    if isinstance(usage, dict):
+        usage.setdefault("input_tokens_details", {"cached_tokens": 0})
+        usage.setdefault("output_tokens_details", {"reasoning_tokens": 0})
 
 
 class _Chunks:
@@ -153,6 +167,7 @@ def events(
             response = out.get("response")
             if isinstance(response, dict):
                 response["id"] = translation.response_id
+                _complete_usage(response)
             yield out
 
     return native_or(chunks, translate)

@@ -112,6 +112,19 @@ def test_a_chat_answer_becomes_a_response() -> None:
     json.dumps(out)
 
 
+def test_a_responses_usage_has_the_token_details_openai_always_sends() -> None:
+    # A chat answer without token details (the local model's) gave a usage without them, and
+    # clients reading usage.input_tokens_details.cached_tokens (the Agents SDK) met None.
+    _, translation = responses.to_chat(request(), "req_abc")
+    usages = [responses.answer(CHAT_ANSWER, translation)["usage"]]
+    _, translation = responses.to_chat(request(tools=[TOOL], stream=True), "req_abc")
+    events = run(collect(responses.events(Source(TOOL_STREAM), translation)))
+    usages.append(events[-1]["response"]["usage"])
+    for usage in usages:
+        assert usage["input_tokens_details"]["cached_tokens"] == 0
+        assert usage["output_tokens_details"]["reasoning_tokens"] == 0
+
+
 def test_a_native_answer_is_sent_as_it_came() -> None:
     native = {"id": "resp_upstream", "object": "response", "output": []}
     _, translation = responses.to_chat(request(), "req_1")
