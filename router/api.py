@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 from router import messages, responses
 from router.auth import Principal, check_record_access, principal_of
 from router.backends.native import NativeRequest
-from router.errors import BadRequestError, ClientDisconnected, TiergateError
+from router.errors import BadRequestError, ClientDisconnected, NotFoundError, TiergateError
 from router.gateway import NO_CLOSED_FALLBACK, Call, StreamAnswer, new_request_id
 from router.limits import check_request_size
 from router.policy import POLICY_HEADER_PREFIX, Policy
@@ -367,9 +367,27 @@ async def list_models(request: Request) -> dict[str, Any]:
     """Routing aliases and configured models, each with its availability."""
     svc = services(request)
     await svc.limiter.admit(principal_of(request), tokens=False)
+    return {"object": "list", "data": _model_entries(svc, _tenant(request))}
+
+
+@router.get("/v1/models/{model_id}")
+async def retrieve_model(request: Request, model_id: str) -> dict[str, Any]:
+    """One alias or configured model as ``GET /v1/models`` lists it (OpenAI's
+    ``models.retrieve``, which clients call to check a model name), or a 404."""
+    svc = services(request)
+    await svc.limiter.admit(principal_of(request), tokens=False)
+    for entry in _model_entries(svc, _tenant(request)):
+        if entry["id"] == model_id:
+            return entry
+    raise NotFoundError(
+        f"model '{model_id}' is not an alias or a configured model; see GET /v1/models",
+        param="model",
+    )
+
+
+def _model_entries(svc: Services, tenant: str) -> list[dict[str, Any]]:
     gateway = svc.gateway
     policy = gateway.policy
-    tenant = _tenant(request)
     data: list[dict[str, Any]] = []
     for name in policy.alias_names(tenant):
         info: dict[str, Any] = {"kind": "alias"}
@@ -395,7 +413,7 @@ async def list_models(request: Request) -> dict[str, Any]:
                 },
             }
         )
-    return {"object": "list", "data": data}
+    return data
 
 
 @router.post("/v1/route", openapi_extra=json_request_body(ChatCompletionRequest))

@@ -364,6 +364,17 @@ def test_models_lists_aliases_and_models(server: LiveServer) -> None:
     assert ids["local"]["tiergate"]["tier"] == "local"
 
 
+def test_a_model_is_retrieved_by_name(client: openai.OpenAI) -> None:
+    # OpenAI's models.retrieve (GET /v1/models/{id}), which clients call to check a model
+    # name, was a 404 "no such route" even for "auto".
+    assert client.models.retrieve("auto").owned_by == "tiergate"
+    claude = client.models.retrieve("claude")
+    assert claude.id == "claude" and claude.owned_by == "anthropic"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("gpt-9")
+    assert missing.value.code == "model_not_found"
+
+
 def test_health_and_readiness(server: LiveServer) -> None:
     assert server.http.get("/healthz").json() == {"status": "ok"}
     ready = server.http.get("/readyz")
