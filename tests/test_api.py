@@ -151,6 +151,18 @@ def test_a_developer_message_instructs_the_local_model_as_a_system_message(
     assert developer.choices[0].message.content == system.choices[0].message.content
 
 
+@pytest.mark.gguf
+def test_a_prompt_over_the_local_window_is_a_400_not_a_502(gguf_client: openai.OpenAI) -> None:
+    # Chinese text takes more tokens per character than the policy's estimate allows, so the
+    # prompt reached llama.cpp over its window: a 502 upstream_error, which SDKs retry.
+    text = "机器学习是人工智能的一个分支它使计算机能够从数据中学习。" * 90
+    messages = [{"role": "user", "content": "请总结" + text}]
+    with pytest.raises(openai.BadRequestError) as refused:
+        gguf_client.chat.completions.create(model="local", messages=messages, max_tokens=5)
+    assert refused.value.code == "context_length_exceeded"
+    assert "context window" in refused.value.message
+
+
 YES_NO = {
     "type": "object",
     "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},

@@ -282,6 +282,23 @@ def _attach_logprobs(chunk: dict[str, Any], recorder: TokenLogprobs) -> None:
             choice["logprobs"] = None
 
 
+def _generation_error(exc: BaseException) -> BadRequestError | BackendError:
+    """What a failed local generation is to the client.
+
+    A prompt longer than the context window is the request's fault, as at OpenAI: a 400
+    ``context_length_exceeded`` (which a request that did not pin the local model falls back
+    from) rather than a 502 that SDKs retry. Prompts reach llama.cpp over the window when the
+    policy's character-based estimate undercounts them (Chinese, code, emoji).
+    """
+    if isinstance(exc, ValueError) and "exceed context window" in str(exc):
+        return BadRequestError(
+            f"the prompt is longer than the local model's context window: {exc}",
+            code="context_length_exceeded",
+            param="messages",
+        )
+    return BackendError(f"local generation failed: {exc}")
+
+
 class _CancelledError(Exception):
     """Raised inside the worker when the consumer has gone away."""
 
@@ -469,7 +486,7 @@ class LlamaCppBackend:
                 if isinstance(item, _CancelledError):
                     return
                 if isinstance(item, BaseException):
-                    raise BackendError(f"local generation failed: {item}") from item
+                    raise _generation_error(item) from item
                 item["id"] = chat_id
                 item["model"] = model.name
                 yield item
