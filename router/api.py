@@ -116,13 +116,39 @@ def validate_chat(body: dict[str, Any]) -> None:
 
 
 def validated(model: type[_Model], body: dict[str, Any]) -> _Model:
-    """``body`` parsed as ``model``, or a 400 naming the first invalid field."""
+    """``body`` parsed as ``model``, or a 400 naming the invalid field.
+
+    Where a field may take several shapes (a string or a list of blocks), pydantic reports one
+    error per shape, the string's first, with the shape's name in the location. The error told
+    is the one that reaches deepest into what the client sent, at its path in the request: a
+    list item missing ``text`` is ``messages.0.content.0.text: Field required``, not
+    ``messages.0.content.str: Input should be a valid string``.
+    """
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise BadRequestError(f"{where}: {first['msg']}", param=where or None) from exc
+        located = [(_request_path(body, error["loc"]), error["msg"]) for error in exc.errors()]
+        (_, where), message = max(located, key=lambda item: item[0][0])
+        raise BadRequestError(f"{where}: {message}", param=where or None) from exc
+
+
+def _request_path(body: Any, loc: tuple[int | str, ...]) -> tuple[int, str]:
+    """How deep ``loc`` reaches into ``body``, and its path there. A missing field at the end
+    counts; a union member's name in ``loc`` is not part of the request and is left out."""
+    node, parts = body, []
+    for i, key in enumerate(loc):
+        if _holds(node, key):
+            node = node[key]
+        elif i < len(loc) - 1 or not isinstance(node, dict):
+            continue
+        parts.append(str(key))
+    return len(parts), ".".join(parts)
+
+
+def _holds(node: Any, key: int | str) -> bool:
+    if isinstance(node, dict):
+        return isinstance(key, str) and key in node
+    return isinstance(node, list) and isinstance(key, int) and 0 <= key < len(node)
 
 
 def _policy_headers(request: Request, *, gated: bool = True) -> dict[str, str]:

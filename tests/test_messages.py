@@ -115,6 +115,25 @@ def test_max_tokens_is_required() -> None:
         validated(MessagesRequest, body)
 
 
+@pytest.mark.parametrize(
+    ("content", "param", "says"),
+    [
+        ([{"type": "text"}], "messages.0.content.0.text", "Field required"),
+        ([{"type": "text", "text": 5}], "messages.0.content.0.text", "valid string"),
+        ([{"type": "document", "source": {}}], "messages.0.content.0", "'document'"),
+    ],
+)
+def test_an_invalid_block_is_named_where_it_is(content: Any, param: str, says: str) -> None:
+    # Every invalid list of blocks was "messages.0.content.str: Input should be a valid
+    # string": the error of the string form the content could also have taken.
+    body = request()
+    body["messages"] = [{"role": "user", "content": content}]
+    with pytest.raises(BadRequestError) as refused:
+        validated(MessagesRequest, body)
+    assert refused.value.param == param
+    assert refused.value.message.startswith(f"{param}: ") and says in refused.value.message
+
+
 CHAT_ANSWER = {
     "id": "chatcmpl-1",
     "object": "chat.completion",
