@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, model_validator
 
 # The body is passed on as the client sent it, so a value must already have the type the
 # backends take: "100" or 100.0 for max_tokens would pass a lax check, skip the cap and reach
@@ -243,6 +243,29 @@ class FunctionCallOutputItem(_Block):
     output: str
 
 
+def _item_type(item: Any) -> str:
+    # A message item may leave its type out.
+    kind = item.get("type") if isinstance(item, dict) else getattr(item, "type", None)
+    return str(kind or "message")
+
+
+#: A Responses input item, told apart by its ``type``: an unknown type is refused as such, and
+#: a known one is checked against its own fields only.
+InputItem = Annotated[
+    Annotated[InputMessage, Tag("message")]
+    | Annotated[FunctionCallItem, Tag("function_call")]
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")],
+    Discriminator(
+        _item_type,
+        custom_error_type="invalid_item_type",
+        custom_error_message=(
+            "Tiergate's /v1/responses takes input items of type 'message', 'function_call' "
+            "and 'function_call_output'"
+        ),
+    ),
+]
+
+
 class FunctionTool(_Block):
     """A function tool; Tiergate serves no hosted tools (web or file search)."""
 
@@ -281,7 +304,7 @@ class ResponsesRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str = Field(min_length=1)
-    input: str | list[InputMessage | FunctionCallItem | FunctionCallOutputItem]
+    input: str | list[InputItem]
     instructions: str | None = None
     tools: list[FunctionTool] | None = None
     tool_choice: str | dict[str, Any] | None = None

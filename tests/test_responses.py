@@ -94,6 +94,30 @@ def test_stored_state_is_refused_with_a_clear_400(fields: dict[str, Any], param:
     assert caught.value.param == param
 
 
+@pytest.mark.parametrize(
+    ("item", "param", "says"),
+    [
+        ({"type": "reasoning", "id": "rs_1", "summary": []}, "input.1", "'function_call_output'"),
+        (
+            {"type": "function_call_output", "call_id": "call_1", "output": [{"type": "x"}]},
+            "input.1.output",
+            "valid string",
+        ),
+        ({"type": "function_call", "call_id": "call_1", "name": "f"}, "input.1.arguments", ""),
+    ],
+)
+def test_an_invalid_input_item_is_named_by_its_own_fields(
+    item: dict[str, Any], param: str, says: str
+) -> None:
+    # Each item was checked against every item type, and the error told was the message
+    # type's: "input.1.type: Input should be 'message'" for a reasoning item or a
+    # function_call_output whose output was not a string.
+    body = {"model": "auto", "input": [{"role": "user", "content": "Hi"}, item]}
+    with pytest.raises(BadRequestError) as refused:
+        validated(ResponsesRequest, body)
+    assert refused.value.param == param and says in refused.value.message
+
+
 def test_store_false_is_served() -> None:
     chat, _ = responses.to_chat(request(store=False), "req_1")
     assert "store" not in chat
