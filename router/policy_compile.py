@@ -343,6 +343,13 @@ class _Checker:
         for name in self.policy.signals:
             self._signal(name, ("signals", name))
         self._check_aliases(self.policy.aliases, ("aliases",))
+        if "auto" in self.policy.models and "auto" not in self.policy.aliases:
+            # Every policy has the `auto` alias (added below when the file does not define it):
+            # a model of that name would turn every `model: "auto"` request into a pin.
+            self.add(
+                ("models", "auto"),
+                "model 'auto' has the name of the alias every policy has; pick another",
+            )
         self.compiled[None] = self._rules(self.policy.rules, ("rules",), set())
         global_names = {r.name for r in self.policy.rules}
         for tenant, cfg in self.policy.tenants.items():

@@ -298,6 +298,15 @@ CORPUS: list[tuple[str, str, list[str]]] = [
         M + "aliases:\n  gpt: {threshold: 0.5}\n",
         ["p.yaml:6:3: aliases.gpt: alias 'gpt' has the name of a model; pick another"],
     ),
+    (
+        "model-named-like-the-implicit-auto-alias",
+        "version: 1\nmodels:\n  local: {tier: local}\n"
+        "  auto: {tier: closed, litellm_model: openai/gpt-4o}\n",
+        [
+            "p.yaml:4:3: models.auto: model 'auto' has the name of the alias every policy has; "
+            "pick another"
+        ],
+    ),
 ]
 
 
