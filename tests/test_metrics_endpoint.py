@@ -88,3 +88,6 @@ def test_metrics_off_answers_503(tmp_path: Path, fake: FakeProvider) -> None:
         response = srv.http.get("/metrics")
     assert response.status_code == 503
     assert "metrics are off" in response.text
+    # It names the setting that turned them off, not an extra: /metrics needs none.
+    assert "TIERGATE_METRICS_ENABLED=false" in response.text
+    assert "tiergate[otel]" not in response.text
