@@ -185,7 +185,9 @@ class Settings(BaseSettings):
     otel_enabled: bool | None = Field(
         None,
         description="OpenTelemetry traces/OTLP metrics: unset follows the OTEL_* env vars "
-        "(on when OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_TRACES_EXPORTER is set).",
+        "(OTEL_TRACES_EXPORTER set: on unless it is none; else on when "
+        "OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set; "
+        "OTEL_SDK_DISABLED=true wins).",
     )
     metrics_enabled: bool = Field(True, description="Record request metrics for GET /metrics.")
     eval_report: Path | None = Field(
