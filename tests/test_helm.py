@@ -313,6 +313,10 @@ def test_schema_rejects_bad_values(chart: Any, values: dict[str, Any], where: st
             "the llama.cpp server image holds no model",
         ),
         ({"model": {"source": "pvc"}}, "model.source=pvc needs model.existingClaim"),
+        (
+            {"model": {"source": "url", "url": "https://models.example/m.gguf"}},
+            "model.source=url needs model.sha256",
+        ),
         ({"model": {"file": "big.gguf"}}, "model.source=fetch only fetches the bundled"),
         (
             {"policy": {"name": "missing.yaml"}},

@@ -383,6 +383,9 @@ Included at the top of the router Deployment so every render runs it.
 {{- if and (eq .Values.model.source "url") (not .Values.model.url) -}}
 {{- $errors = append $errors "model.source=url needs model.url" -}}
 {{- end -}}
+{{- if and (eq .Values.model.source "url") (not .Values.model.sha256) -}}
+{{- $errors = append $errors "model.source=url needs model.sha256: the init container verifies the download against it" -}}
+{{- end -}}
 {{- if and (not (include "tiergate.redis.used" .)) (or .Values.autoscaling.enabled (gt (int .Values.router.replicaCount) 1)) -}}
 {{- $errors = append $errors "more than one router replica (router.replicaCount > 1 or autoscaling.enabled) needs shared state: enable redis or set externalRedis; SQLite is per pod" -}}
 {{- end -}}
