@@ -14,7 +14,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
 from fastapi import APIRouter, Request
@@ -178,7 +178,13 @@ def _tenant(request: Request) -> str:
 Translate = Callable[[dict[str, Any], str], tuple[dict[str, Any], NativeRequest | None]]
 
 
-async def call_of(request: Request, *, front: str, translate: Translate | None = None) -> Call:
+async def call_of(
+    request: Request,
+    *,
+    front: str,
+    translate: Translate | None = None,
+    fields: Mapping[str, str] | None = None,
+) -> Call:
     """``request`` as the gateway serves it: admitted by the rate limiter, read, translated by
     its front (``translate``; none for chat), checked against the chat schema and the size caps.
 
@@ -198,7 +204,7 @@ async def call_of(request: Request, *, front: str, translate: Translate | None =
         if translate is not None:
             body, native = translate(body, request_id)
         validate_chat(body)
-        check_request_size(body, svc.settings)
+        check_request_size(body, svc.settings, fields)
     except Exception as exc:  # answered and recorded by the gateway, as it was raised
         refused = exc
     return Call(
@@ -266,6 +272,8 @@ class Front(Generic[_Tr]):
         [AsyncGenerator[dict[str, Any], None], _Tr], AsyncGenerator[dict[str, Any], None]
     ]
     error_event: Callable[[TiergateError], dict[str, Any]]
+    #: A chat field's name on this front, where it differs, for errors about the request.
+    fields: Mapping[str, str] = field(default_factory=dict)
 
 
 MESSAGES = Front(
@@ -285,6 +293,7 @@ RESPONSES = Front(
     responses.answer,
     responses.events,
     responses.error_event,
+    {"max_tokens": "max_output_tokens", "messages": "input"},
 )
 
 
@@ -323,7 +332,7 @@ async def serve_front(request: Request, front: Front[_Tr]) -> Response:
         kept.append(translation)
         return chat, front.native(body, request.headers)
 
-    call = await call_of(request, front=front.name, translate=translate)
+    call = await call_of(request, front=front.name, translate=translate, fields=front.fields)
     if kept:  # the front's answer is made before the request is recorded
         translation = kept[0]
         call = replace(call, shape=lambda chat: front.answer(chat, translation))

@@ -308,17 +308,25 @@ def build_rate_limiter(settings: Settings) -> RateLimiter:
     return RateLimiter(rpm=settings.rpm_limit, tpm=settings.tpm_limit, redis_url=settings.redis_url)
 
 
-def check_request_size(body: Mapping[str, Any], settings: Settings) -> None:
-    """Refuse (400) too many messages or a ``max_tokens`` over the cap; see SECURITY.md."""
+def check_request_size(
+    body: Mapping[str, Any], settings: Settings, fields: Mapping[str, str] | None = None
+) -> None:
+    """Refuse (400) too many messages or a ``max_tokens`` over the cap; see SECURITY.md.
+
+    ``body`` is a chat request; ``fields`` names a chat field as the client's front calls it
+    (Responses: ``max_output_tokens``, ``input``), so the error points at what was sent."""
+    named = fields or {}
     messages = body.get("messages")
     if isinstance(messages, list) and len(messages) > settings.max_messages:
         raise BadRequestError(
-            f"too many messages: {len(messages)} > {settings.max_messages}", param="messages"
+            f"too many messages: {len(messages)} > {settings.max_messages}",
+            param=named.get("messages", "messages"),
         )
     for name in ("max_tokens", "max_completion_tokens"):
         value = body.get(name)
         if isinstance(value, int) and value > settings.max_tokens_cap:
+            sent = named.get(name, name)
             raise BadRequestError(
-                f"{name} {value} is over this deployment's cap of {settings.max_tokens_cap}",
-                param=name,
+                f"{sent} {value} is over this deployment's cap of {settings.max_tokens_cap}",
+                param=sent,
             )

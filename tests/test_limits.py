@@ -184,6 +184,19 @@ def test_too_many_messages_and_max_tokens_over_the_cap(small: LiveServer) -> Non
     assert _post(small, {**CHAT, "max_tokens": 100}).status_code == 200
 
 
+def test_a_responses_request_over_a_cap_is_told_its_own_field(small: LiveServer) -> None:
+    """/v1/responses has no max_tokens or messages: the 400 names the fields it was sent."""
+    over = small.http.post(
+        "/v1/responses", json={"model": "auto", "input": "hi", "max_output_tokens": 101}
+    )
+    assert over.status_code == 400, over.text
+    assert over.json()["error"]["param"] == "max_output_tokens"
+    assert over.json()["error"]["message"].startswith("max_output_tokens 101 ")
+    many = [{"role": "user", "content": "hi"}] * 5
+    response = small.http.post("/v1/responses", json={"model": "auto", "input": many})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "input"
+
+
 def test_the_dry_run_refuses_what_chat_refuses(small: LiveServer) -> None:
     """/v1/route applies chat's size caps, so it never explains a route chat would refuse."""
     many = {"model": "auto", "messages": [{"role": "user", "content": "hi"}] * 5}
