@@ -424,10 +424,14 @@ def _model_entries(svc: Services, tenant: str) -> list[dict[str, Any]]:
     gateway = svc.gateway
     policy = gateway.policy
     data: list[dict[str, Any]] = []
+    closed_available = gateway.closed_available()
     for name in policy.alias_names(tenant):
         info: dict[str, Any] = {"kind": "alias"}
+        alias = policy.alias_for(name, tenant)
         calibrated = gateway.alias_thresholds.get(name)
-        if calibrated is not None:
+        if alias is not None and alias.cascade:
+            info.update(_cascade_info(policy, closed_available))
+        elif calibrated is not None:
             info.update(calibrated.as_dict())
         data.append(
             {"id": name, "object": "model", "created": 0, "owned_by": "tiergate", "tiergate": info}
@@ -545,16 +549,20 @@ def readiness(svc: Services) -> dict[str, Any]:
 
 
 def _cascade_aliases(policy: Policy, closed_available: bool) -> dict[str, dict[str, Any]]:
+    return {
+        name: _cascade_info(policy, closed_available)
+        for name, alias in policy.aliases.items()
+        if alias.cascade
+    }
+
+
+def _cascade_info(policy: Policy, closed_available: bool) -> dict[str, Any]:
     # A cascade alias has no score threshold: its answers' confidence decides, and it can
     # escalate only while a closed model is available.
     settings = policy.cascade
     return {
-        name: {
-            "cascade": True,
-            "confidence_threshold": settings.threshold,
-            "hold_back_tokens": settings.hold_back_tokens,
-            "escalates": bool(policy.closed_models) and closed_available,
-        }
-        for name, alias in policy.aliases.items()
-        if alias.cascade
+        "cascade": True,
+        "confidence_threshold": settings.threshold,
+        "hold_back_tokens": settings.hold_back_tokens,
+        "escalates": bool(policy.closed_models) and closed_available,
     }

@@ -239,6 +239,11 @@ def test_a_cascade_with_no_closed_model_to_escalate_to_says_it_was_skipped(
             "escalates": False,
         }
         assert ready["auto"]["threshold"] == 0.5
+        # A client sees the same in GET /v1/models, which lists each alias's thresholds.
+        listed = {
+            m["id"]: m["tiergate"] for m in httpx.get(server.url + "/v1/models").json()["data"]
+        }
+        assert listed["auto-cascade"] == {"kind": "alias", **ready["auto-cascade"]}
     assert fake.received == []
 
 
