@@ -1049,7 +1049,9 @@ class Gateway:
                 spill = self.spill_chain(ctx.decision)
                 if not spill:
                     raise
-                queue[i:i] = spill
+                # The spill goes first; a fallback it already holds is not tried twice.
+                spilled = {spec.name for spec, _ in spill}
+                queue[i:] = [*spill, *(m for m in queue[i:] if m[0].name not in spilled)]
                 errors.append(f"{model.name}: queue full")
                 continue
             except BadRequestError as exc:

@@ -77,6 +77,24 @@ def server(tmp_path: Path, fake: FakeProvider, local: ScriptedLocal) -> Iterator
 # -- closed provider faults --------------------------------------------------------------------
 
 
+def test_a_spilled_request_calls_each_closed_model_once(
+    tmp_path: Path, fake: FakeProvider, local: ScriptedLocal
+) -> None:
+    """With on_failure: closed a local decision's fallbacks are the closed models already;
+    spilling from a full queue must not queue them a second time."""
+    fake.reset(Behaviour(mode="status", status=500))
+    with live(tmp_path, policy_yaml(fake, on_failure="closed"), local_backend_obj=local) as srv:
+        local.mode = "hold"
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(_post, srv, EASY)
+            assert wait_for(lambda: local.gate.running == 1)
+            spilled = _post(srv, EASY)
+            local.release.set()
+            held.result()
+    assert spilled.status_code == 502, spilled.text
+    assert len(fake.received) == 2, [r.path for r in fake.received]  # gpt-4o, then claude
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_closed_500_falls_back_to_local(
     server: LiveServer, fake: FakeProvider, stream: bool
