@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from router.errors import PolicyError, PolicyIssue
+from router.pii import PII_KINDS
 from router.policy import (
     OPERATORS,
     POLICY_HEADER_PREFIX,
@@ -648,8 +649,10 @@ def _value_ok(kind: Kind, op: str, v: Any) -> bool:
         return isinstance(v, bool)
     if kind == "number":
         return isinstance(v, int | float) and not isinstance(v, bool)
-    if kind in ("text", "list"):
+    if kind == "text":
         return isinstance(v, str)
+    if kind == "list":  # pii_kinds: a misspelt kind would never match, silently
+        return v in PII_KINDS
     if kind == "capability":
         return v in CAPABILITIES
     if kind == "stakes":
@@ -660,9 +663,9 @@ def _value_ok(kind: Kind, op: str, v: Any) -> bool:
 
 
 def _bad_value(label: str, kind: Kind, op: str, value: Any) -> str:
-    if op != "matches" and kind in ("capability", "stakes"):
-        names = CAPABILITIES if kind == "capability" else STAKES
-        what = "capability" if kind == "capability" else "stakes level"
+    if op != "matches" and kind in ("capability", "stakes", "list"):
+        names = {"capability": CAPABILITIES, "stakes": STAKES, "list": PII_KINDS}[kind]
+        what = {"capability": "capability", "stakes": "stakes level", "list": "pii kind"}[kind]
         return f"unknown {what} {value!r}{_suggest(str(value), names)} (expected one of " + (
             ", ".join(names) + ")"
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, get_args
 
+from router.pii import PII_KINDS
 from router.policy import OPERATORS, POLICY_HEADER_PREFIX, RESERVED_RULES, Policy
 from router.policy_compile import (
     BUILTIN_SIGNALS,
@@ -136,8 +137,10 @@ def _value_schema(kind: Kind, op: str) -> dict[str, Any]:
         return {"type": "boolean"}
     if kind == "number" or (kind == "any" and op in ORDER):
         return {"type": "number"}
-    if kind in ("text", "list"):
+    if kind == "text":
         return {"type": "string"}
+    if kind == "list":
+        return {"enum": list(PII_KINDS)}
     if kind in ("capability", "stakes"):
         return {"enum": list(CAPABILITIES if kind == "capability" else STAKES)}
     return {"type": ["string", "number", "boolean"]}

@@ -279,6 +279,15 @@ CORPUS: list[tuple[str, str, list[str]]] = [
         "rules:\n  - {name: a, route: local}\n",
         ["p.yaml:5:15: rules[0].route: route local needs a model with tier local under models"],
     ),
+    (
+        "unknown-pii-kind",
+        M + "rules:\n  - {name: a, route: local, local_only: true, "
+        "when: {pii_kinds: {contains: emial}}}\n",
+        [
+            "p.yaml:6:66: rules[0].when.pii_kinds.contains: unknown pii kind 'emial', did you "
+            "mean 'email'? (expected one of email, phone, card, iban, ssn, uk_nino, ip_address)"
+        ],
+    ),
     # --- aliases
     (
         "alias-both-settings",

@@ -195,6 +195,7 @@ CASES: list[tuple[str, str, bool]] = [
     ("list-not-for-bool", when("{pii: [true]}"), False),
     ("bare-value-not-for-list", when("{pii_kinds: ssn}"), False),
     ("unknown-capability", when("{capability: codng}"), False),
+    ("unknown-pii-kind", when("{pii_kinds: {contains: emial}}"), False),
     ("unknown-stakes", when("{stakes: {gte: 2}}"), False),
     ("number-as-text", when("{turns: {gte: '2'}}"), False),
     ("no-operator", when("{turns: {}}"), False),
