@@ -508,16 +508,20 @@ def readiness(svc: Services) -> dict[str, Any]:
     local_ok = gateway.local is None or local_reason is None
     no_closed = None
     if policy.closed_models and not gateway.closed_available():
-        no_closed = {
-            "serves": "error" if policy.fail_closed else "local",
-            "note": "no closed model is available (no API key): "
-            + (
-                "the policy says fail_closed, so requests routed closed get 503"
-                if policy.fail_closed
-                else "requests routed closed are served by the local model "
+        if policy.fail_closed:
+            serves, then = "error", "the policy says fail_closed, so requests routed closed get 503"
+        elif gateway.local is None or not policy.local_model:
+            serves, then = (
+                "error",
+                "there is no local tier either, so requests routed closed get 503",
+            )
+        else:
+            serves = "local"
+            then = (
+                "requests routed closed are served by the local model "
                 f"(x-tiergate-fallback: {NO_CLOSED_FALLBACK})"
-            ),
-        }
+            )
+        no_closed = {"serves": serves, "note": f"no closed model is available (no API key): {then}"}
     # A dead outcome writer is started again here, and this one probe says it was dead.
     restarted = gateway.outcomes.check_writer()
     return {

@@ -546,6 +546,20 @@ def test_without_keys_auto_serves_closed_requests_locally_and_says_so(
     assert fake.received == []
 
 
+def test_readiness_does_not_promise_a_local_tier_that_is_off(
+    tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No keys and TIERGATE_LOCAL_BACKEND=none: closed-bound requests get 503, as /readyz says."""
+    for key in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY"):
+        monkeypatch.delenv(key)
+    policy = policy_yaml(fake, on_failure="closed")
+    with live(tmp_path, policy, local_backend="none") as server:
+        no_closed = server.http.get("/readyz").json()["no_closed"]
+        assert no_closed["serves"] == "error", no_closed
+        hard = {"model": "auto", "messages": [{"role": "user", "content": "A HARD question"}]}
+        assert server.http.post("/v1/chat/completions", json=hard).status_code == 503
+
+
 def test_fail_closed_policy_answers_503_without_keys(
     tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:
