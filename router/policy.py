@@ -646,11 +646,14 @@ def evaluate(
     if step.over_budget:  # shadow traffic would spend the exhausted budget
         shadow_rate = 0.0
     # (local_only rules are compiled with shadow 0; fallbacks() turns their on_failure to error)
+    configured = on_failure  # fallbacks() says "error" too when no other closed model is left
     on_failure, fallbacks = step.fallbacks(on_failure, local_only or step.over_budget)
     no_closed_local = False
     if (
         not closed_available
-        and on_failure != "error"
+        and configured != "error"
+        and step.rejected is None
+        and step.unsatisfiable is None
         and not policy.fail_closed
         and policy.local_model not in fallbacks  # on_failure: local has put it there already
     ):

@@ -668,3 +668,23 @@ def test_a_local_only_rule_cannot_cascade() -> None:
 
     with pytest.raises(PolicyError, match="cannot cascade"):
         policy("rules:\n  - {name: x, route: cascade, local_only: true}\n")
+
+
+def test_without_keys_a_lone_closed_model_still_falls_back_to_local() -> None:
+    """A policy with one closed model (docs/policy.md's first policy): with no key, a decision
+    for it ends with the local model, as with several (fail_closed: false)."""
+    one = parse_policy(
+        "version: 1\nmodels:\n  local: {tier: local}\n"
+        "  gpt-4o: {tier: closed, litellm_model: openai/gpt-4o}\n"
+    )
+    decision = evaluate(one, signals(score=0.9), closed_available=False)
+    assert decision.tier == "closed" and decision.no_closed_local
+    assert decision.fallbacks == ("local",) and decision.on_failure == "local"
+    # A pin, on_failure: error and fail_closed still keep it where it is.
+    assert evaluate(one, signals(alias="gpt-4o"), closed_available=False).fallbacks == ()
+    for extra in ("on_failure: error\n", "fail_closed: true\n"):
+        strict = parse_policy(
+            "version: 1\n" + extra + "models:\n  local: {tier: local}\n"
+            "  gpt-4o: {tier: closed, litellm_model: openai/gpt-4o}\n"
+        )
+        assert evaluate(strict, signals(score=0.9), closed_available=False).fallbacks == ()
