@@ -355,8 +355,8 @@ async def metrics(request: Request) -> Response:
     telemetry = services(request).telemetry
     if telemetry.registry is None:
         return Response(
-            "# metrics are off: TIERGATE_METRICS_ENABLED=false (or opentelemetry-sdk, a "
-            "dependency of tiergate, is missing: see the log)\n",
+            "# metrics are off: TIERGATE_METRICS_ENABLED=false or OTEL_SDK_DISABLED=true (or "
+            "opentelemetry-sdk, a dependency of tiergate, is missing: see the log)\n",
             status_code=503,
             media_type="text/plain",
         )

@@ -186,6 +186,10 @@ class Telemetry:
     def from_settings(cls, settings: Any, environ: Mapping[str, str] | None = None) -> Telemetry:
         """Traces per the OTEL_* variables and ``otel_enabled``; metrics per ``metrics_enabled``."""
         env = os.environ if environ is None else environ
+        if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+            # The SDK would hand out no-op meters: /metrics would answer 200 with no series.
+            log.info("OTEL_SDK_DISABLED=true: no traces and no /metrics")
+            return cls.off()
         tracing = tracing_configured(env, settings.otel_enabled)
         if not tracing and not settings.metrics_enabled:
             return cls.off()

@@ -306,6 +306,9 @@ def test_tracing_off_unless_configured(tmp_path: Path, fake: FakeProvider) -> No
         Settings(**{**settings.model_dump(), "metrics_enabled": False}), environ={}
     )
     assert not off.tracing and not off.metrics and off.registry is None
+    # OTEL_SDK_DISABLED wins over metrics_enabled too: /metrics is off (503), not empty.
+    disabled = Telemetry.from_settings(settings, environ={"OTEL_SDK_DISABLED": "true"})
+    assert not disabled.tracing and not disabled.metrics and disabled.registry is None
     # With traces on, metrics still go out over OTLP, but /metrics stays off as configured.
     pushed = Telemetry.from_settings(
         Settings(**{**settings.model_dump(), "metrics_enabled": False}),
