@@ -77,7 +77,7 @@ test-fast: install $(ENCODER)
 bench: install model
 	$(BIN)/python -m bench
 
-# Over 10,000 generated requests (schemathesis from the OpenAPI schema + hypothesis raw requests);
+# Over 25,000 generated requests (schemathesis from the OpenAPI schema + hypothesis raw requests);
 # counts go to bench/results/fuzz.json. `make test` runs the same tests with a short profile.
 fuzz-long: install
 	mkdir -p bench/results
