@@ -18,6 +18,7 @@ are imported only by the functions that read or write the pickle; nothing happen
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -97,15 +98,21 @@ def default_model_path() -> Path:
 
         found = encoder_path()
         if found is None or not found.is_file():
-            log.warning(
-                "%s needs the encoder weights (%s), which are not fetched: serving %s instead "
-                "(run `tiergate fetch-model --only encoder`)",
-                DEFAULT_MODEL_NAME,
-                ENCODER_FILE,
-                STATIC_MODEL_NAME,
-            )
+            _warn_static_stand_in(ENCODER_FILE)
             return shipped("models", STATIC_MODEL_NAME)
     return shipped("models", DEFAULT_MODEL_NAME)
+
+
+@functools.cache
+def _warn_static_stand_in(encoder_file: str) -> None:
+    # Once a process: start-up asks for the default model from several places.
+    log.warning(
+        "%s needs the encoder weights (%s), which are not fetched: serving %s instead "
+        "(run `tiergate fetch-model --only encoder`)",
+        DEFAULT_MODEL_NAME,
+        encoder_file,
+        STATIC_MODEL_NAME,
+    )
 
 
 def read_sidecar(

@@ -233,6 +233,24 @@ def test_default_model_path_env_override(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert default_model_path().parent.name == "models"
 
 
+def test_default_model_without_encoder_weights_is_the_static_one_with_one_warning(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from router.artifact import DEFAULT_MODEL_NAME, STATIC_MODEL_NAME, _warn_static_stand_in
+    from router.encoder import ENV_ENCODER_PATH
+
+    if DEFAULT_MODEL_NAME == STATIC_MODEL_NAME:
+        pytest.skip("the shipped model reads no encoder")
+    monkeypatch.delenv("TIERGATE_CLASSIFIER_PATH", raising=False)
+    monkeypatch.setenv(ENV_ENCODER_PATH, str(tmp_path / "missing.safetensors"))
+    _warn_static_stand_in.cache_clear()
+    with caplog.at_level("WARNING", logger="tiergate"):
+        paths = [default_model_path() for _ in range(3)]  # start-up asks from several places
+    assert {p.name for p in paths} == {STATIC_MODEL_NAME}
+    warned = [r for r in caplog.records if "encoder weights" in r.getMessage()]
+    assert len(warned) == 1 and "tiergate fetch-model --only encoder" in warned[0].getMessage()
+
+
 def test_install_constraints_pin_what_the_shipped_model_was_written_with() -> None:
     """`make` and the Dockerfile install with constraints.txt; a fresh install must be able to
     read the shipped model, so the pins and the model's recorded library versions agree."""
