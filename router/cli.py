@@ -1130,9 +1130,10 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the OpenAI-compatible proxy",
         description="Serve /v1/chat/completions, /v1/messages (and /count_tokens),\n"
-        "/v1/responses, /v1/models, /v1/route, /v1/feedback, /healthz, /readyz, /metrics,\n"
-        "/dashboard (and /dashboard/data) and /openapi.json. Settings come from TIERGATE_*\n"
-        "environment variables and an optional --config file; every one is listed below.",
+        "/v1/responses, /v1/models (and /v1/models/{model_id}), /v1/route, /v1/feedback,\n"
+        "/healthz, /readyz, /metrics, /dashboard (and /dashboard/data) and /openapi.json.\n"
+        "Settings come from TIERGATE_* environment variables and an optional --config file;\n"
+        "every one is listed below.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         add_help=False,
     )
