@@ -440,6 +440,10 @@ class OutcomeWriter:
     #: Without room in the buffer or elsewhere (:meth:`_keep_elsewhere`), the buffer may grow to
     #: this many times ``buffer_size`` before outcomes are dropped.
     memory_factor = 1
+    #: Stopping with the store unavailable: keep what is left elsewhere (a journal) at the first
+    #: failed attempt rather than retrying until the drain time is up, which may come after
+    #: the process manager's SIGKILL. Without anywhere else to keep it, the writer retries.
+    keep_elsewhere_at_stop = False
 
     def __init__(self, name: str, *, buffer_size: int, batch: int, linger_s: float) -> None:
         self.buffer_size = buffer_size
@@ -562,8 +566,7 @@ class OutcomeWriter:
                 if self.connected:
                     log.warning("outcome store unavailable, buffering: %s", exc)
                 self.connected = False
-                if stopping and time.monotonic() > self._deadline:
-                    self._abandon()
+                if stopping and self._abandon(drop=time.monotonic() > self._deadline):
                     break
                 if batch and not wrote and attempts >= (self.max_attempts or math.inf):
                     log.error("gave up writing %d outcome records and labels", len(batch))
@@ -624,19 +627,25 @@ class OutcomeWriter:
                 self._buffer.popleft()
             self._drop(batch)
 
-    def _abandon(self) -> None:
+    def _abandon(self, *, drop: bool) -> bool:
         """Shutting down with the store still unavailable: keep what is left elsewhere (a
-        journal), else drop it."""
+        journal) when :attr:`keep_elsewhere_at_stop` or ``drop`` says so, and with ``drop``
+        drop what cannot be kept. Whether the writer may stop."""
+        if not (drop or self.keep_elsewhere_at_stop):
+            return False
         with self._cond:
             left = list(self._buffer)
-            self._buffer.clear()
             if not left:
-                return
+                return True
             if self._keep_elsewhere(left):
                 log.error("outcome store still down at shutdown; %d outcomes kept", len(left))
-            else:
+            elif drop:
                 self._drop(left)
+            else:
+                return False  # nowhere to keep them: retry until the drain time is up
+            self._buffer.clear()
             self._cond.notify_all()
+            return True
 
     # -- lifecycle and state ---------------------------------------------------------------
 

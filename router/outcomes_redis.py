@@ -31,8 +31,9 @@ is :class:`~router.outcomes.OutcomeWriter`, as for SQLite; this module adds the 
 and the journal. Records submitted while Redis is unreachable wait in the writer's bounded
 buffer; past that bound they are appended to an on-disk journal (JSON lines). The writer retries
 with backoff, then writes the buffer and replays the journal when Redis returns. ``close``
-drains everything it can and, if Redis is still down when its time is up, moves what is left to
-the journal, which the next start replays. Redis itself must persist (AOF with ``appendfsync
+drains everything it can and, if Redis does not answer, moves what is left to the journal at
+once (not at the end of its drain time, which a process manager's SIGKILL may cut short); the
+next start replays it. Redis itself must persist (AOF with ``appendfsync
 everysec`` or ``always``), or a Redis restart loses what it held, which no client can prevent.
 """
 
@@ -170,6 +171,7 @@ class RedisOutcomeStore(OutcomeWriter):
     """
 
     memory_factor = _MEMORY_FACTOR
+    keep_elsewhere_at_stop = True  # the journal, which the next start replays
 
     def __init__(
         self,
@@ -250,7 +252,8 @@ class RedisOutcomeStore(OutcomeWriter):
         self._start_writer()
 
     def close(self, timeout_s: float = 30.0) -> None:
-        """Write everything buffered; whatever Redis cannot take in time goes to the journal."""
+        """Write everything buffered; if Redis does not answer, what is left goes to the
+        journal at once."""
         self._stop_writer(timeout_s)
         if self._client is not None:
             self._client.close()

@@ -139,6 +139,24 @@ def test_shutdown_while_redis_is_down_keeps_records_in_the_journal(
         again.close()
 
 
+def test_shutdown_while_redis_is_down_journals_at_once(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A stop while Redis is down does not spend its whole drain time retrying Redis: the
+    journal takes the records at once, so a SIGKILL at the end of a container's grace period
+    (Kubernetes: 30 s, ``docker stop``: 10 s) cannot come before they are on disk."""
+    s = store(redis_server, tmp_path)
+    redis_server.stop()
+    for _ in range(5):
+        s.submit(outcome(tenant="acme"))
+    assert wait_for(lambda: not s.connected, 10)
+    started = time.monotonic()
+    s.close()  # the default drain time, as the app's lifespan calls it
+    assert time.monotonic() - started < 5
+    assert s.dropped == 0
+    assert len((tmp_path / "journal.jsonl").read_text().splitlines()) == 5
+
+
 def test_sqlite_store_labels_and_purge(tmp_path: Path) -> None:
     s = SQLiteOutcomeStore(tmp_path / "o.db")
     s.start()
