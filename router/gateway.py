@@ -787,9 +787,11 @@ class Gateway:
         return chain
 
     def spill_chain(self, decision: Decision) -> list[tuple[ModelSpec, str | None]]:
-        """Where a request goes when the local queue is full and the policy says spill."""
+        """Where a request goes when the local queue is full and the policy says spill: never
+        for a ``local_only`` decision, nor for one that pins the local model (a pinned model is
+        never swapped, docs/policy.md)."""
         policy = self.policy
-        if decision.local_only or policy.queue_full != "spill":
+        if decision.local_only or decision.rule == "pinned" or policy.queue_full != "spill":
             return []
         return [(policy.models[name], "local-full->closed") for name in policy.closed_models]
 

@@ -206,6 +206,28 @@ def test_local_overloaded_spills_or_refuses(
     assert rows[private.headers["x-request-id"]]["http_status"] == 429
 
 
+def test_a_request_pinning_the_local_model_is_not_spilled(
+    server: LiveServer, fake: FakeProvider, local: ScriptedLocal
+) -> None:
+    """docs/policy.md: a pinned model is never swapped. A full local queue answers a request
+    that pins the local model 429 with Retry-After; its prompt does not go to a closed
+    provider."""
+    local.mode = "hold"
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(_post, server, EASY)
+        assert wait_for(lambda: local.gate.running == 1)
+        pinned = _post(server, {**EASY, "model": "local"})
+        local.release.set()
+        assert held.result().status_code == 200
+    assert pinned.status_code == 429
+    assert pinned.json()["error"]["code"] == "local_queue_full"
+    assert pinned.headers["retry-after"] == "1"
+    assert "x-tiergate-tier" not in pinned.headers
+    assert fake.received == []
+    rows = {r["id"]: r for r in _records(server, 2)}
+    assert rows[pinned.headers["x-request-id"]]["http_status"] == 429
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_local_failing_falls_back_to_closed(
     tmp_path: Path, fake: FakeProvider, stream: bool
