@@ -1109,7 +1109,10 @@ def _add_model_store_commands(sub: Any) -> None:
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     promote = msub.add_parser("promote", help="make VERSION current (proxies pick it up live)")
     promote.add_argument("version", help="a version id such as v0003")
-    msub.add_parser("rollback", help="point back to the version current before this one")
+    msub.add_parser(
+        "rollback",
+        help="point back to the version promoted before the current one (again: further back)",
+    )
     adopt = msub.add_parser("adopt", help="copy a model artifact in as a new version")
     adopt.add_argument("artifact", type=Path, help="artifact directory (tiergate train output)")
     for parser in (listing, promote, msub.choices["rollback"], adopt):

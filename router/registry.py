@@ -138,14 +138,35 @@ class ModelStore:
             return []
         return [json.loads(line) for line in lines if line.strip()]
 
+    def _promoted(self) -> list[str]:
+        """The versions promoted and not rolled back since, oldest first: each rollback undoes
+        the promotion on top, so rolling back again walks further back instead of returning
+        to the version just rolled back from."""
+        stack: list[str] = []
+        for entry in self.history():
+            if entry["action"] == "rollback" and stack:
+                stack.pop()
+            if not stack or stack[-1] != entry["version"]:
+                stack.append(entry["version"])
+        return stack
+
     def rollback(self) -> str:
-        """Point back to the version that served before the current one; returns its id."""
-        previous = next(
-            (e["previous"] for e in reversed(self.history()) if e["version"] == self.current()),
-            None,
-        )
+        """Point back to the version that served before the current one was promoted; returns
+        its id. Repeated, it steps back through the promotions one at a time."""
+        current = self.current()
+        stack = self._promoted()
+        if stack and stack[-1] == current:
+            previous = stack[-2] if len(stack) > 1 else None
+        else:  # the pointer was moved by hand: the version it replaced
+            previous = next(
+                (e["previous"] for e in reversed(self.history()) if e["version"] == current),
+                None,
+            )
         if not previous:
-            raise ConfigError(f"nothing to roll back to in {self.root}")
+            raise ConfigError(
+                f"nothing to roll back to in {self.root} (tiergate models promote VERSION "
+                "points at any version)"
+            )
         self._point(previous, "rollback", f"rollback from {self.current()}")
         return str(previous)
 

@@ -99,6 +99,22 @@ def test_promote_and_rollback_move_the_pointer_and_keep_history(tmp_path: Path) 
     assert (store.path("v0002") / "metadata.json").is_file()  # versions are never removed
 
 
+def test_rolling_back_again_steps_further_back(tmp_path: Path) -> None:
+    """Two bad promotions in a row are undone by two rollbacks; the second never re-serves
+    the version the first one rolled back from."""
+    store = ModelStore(tmp_path / "store")
+    for name in ("a", "b", "c"):
+        store.adopt(_artifact(tmp_path, name), loader=_unchecked)
+    store.promote("v0002")
+    store.promote("v0003")
+    assert store.rollback() == "v0002"
+    assert store.rollback() == "v0001" and store.current() == "v0001"
+    with pytest.raises(ConfigError, match="nothing to roll back"):
+        store.rollback()
+    store.promote("v0003")  # a promotion after rollbacks rolls back to where it came from
+    assert store.rollback() == "v0001"
+
+
 def test_unknown_versions_and_an_empty_store_are_refused(tmp_path: Path) -> None:
     store = ModelStore(tmp_path / "store")
     with pytest.raises(ConfigError):
