@@ -18,7 +18,7 @@ import os
 import re
 import shlex
 import sys
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -625,10 +625,32 @@ async def _serve(app: Any, settings: Any, sock: Any) -> None:
                     signal.signal(sig, handler)
 
     config = uvicorn_config(app, settings, lifespan="off")
+    server = _Server(config)
     async with app.router.lifespan_context(app):
         host, port = sock.getsockname()[:2]
         logging.getLogger("tiergate.cli").info("listening on http://%s:%d", host, port)
-        await _Server(config).serve(sockets=[sock])
+        try:
+            await server.serve(sockets=[sock])
+        finally:
+            await _end_requests(server.server_state.tasks)
+
+
+async def _end_requests(tasks: Iterable[Any], timeout_s: float = 10.0) -> None:
+    """End the requests uvicorn stopped waiting for (a second Ctrl-C), before the lifespan
+    drains the outcome store and stops the local model: each is cancelled and awaited, so it
+    writes its one record (``aborted``) while the store still takes it."""
+    import asyncio
+    import logging
+
+    running = [task for task in tasks if not task.done()]
+    if not running:
+        return
+    logging.getLogger("tiergate.cli").warning(
+        "stopping %d request(s) still running at shutdown", len(running)
+    )
+    for task in running:
+        task.cancel()
+    await asyncio.wait(running, timeout=timeout_s)
 
 
 def _cmd_fetch_model(args: argparse.Namespace) -> int:

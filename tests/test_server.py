@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -114,3 +121,96 @@ def test_a_whole_head_over_the_limit_gets_431_in_one_write(
         answer = _answer(port, head(close=False) + head(filler=MAX_HEAD_BYTES + 10))
         assert b"HTTP/1.1 431" in answer, answer[-300:]
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
+
+
+# -- shutdown ---------------------------------------------------------------------------------
+
+_RUNNER = """
+import asyncio, sys
+from pathlib import Path
+
+from router.app import create_app
+from router.cli import _bind, _serve
+from tests.conftest import KeywordScorer, make_settings
+from tests.scripted_local import ScriptedLocal
+
+tmp, port, extra = Path(sys.argv[1]), int(sys.argv[2]), eval(sys.argv[3])
+settings = make_settings(tmp, (tmp / "policy.text").read_text(), port=port, **extra)
+local = ScriptedLocal(words=100_000, queue_size=4)  # answers that would run for minutes
+local.token_delay_s = 0.005
+app = create_app(settings, scorer=KeywordScorer(), local_backend=local)
+asyncio.run(_serve(app, settings, _bind("127.0.0.1", port)))
+"""
+
+
+def _records(db: Path) -> list[tuple[str, int]]:
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return [tuple(r) for r in conn.execute("SELECT status, http_status FROM outcomes")]
+
+
+@contextmanager
+def _serve_process(tmp_path: Path, fake: FakeProvider, **settings: object) -> Iterator[Any]:
+    # ``tiergate serve``'s own loop (router.cli._serve) in a process of its own, so that it can
+    # be sent signals; the local tier is scripted, answering one long stream.
+    from tests.conftest import free_port
+
+    (tmp_path / "policy.text").write_text(policy_yaml(fake))
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _RUNNER, str(tmp_path), str(port), repr(settings)],
+        cwd=Path(__file__).resolve().parent.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert wait_for(lambda: _listening(port) or proc.poll() is not None, 60)
+        assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def _listening(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+        return True
+    return False
+
+
+def _start_stream(port: int) -> httpx.Response:
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+    body = {**CHAT, "model": "local", "stream": True}
+    response = client.send(
+        client.build_request("POST", "/v1/chat/completions", json=body), stream=True
+    )
+    assert response.status_code == 200
+    next(response.iter_lines())  # the stream has begun
+    return response
+
+
+def test_a_request_still_running_at_a_forced_stop_is_recorded(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """A second Ctrl-C stops waiting for requests in flight. Those still running (a stream,
+    and a request queued behind it for the local model) are ended before the lifespan drains
+    the outcome store and stops the local model, so each still gets its one record."""
+    with _serve_process(tmp_path, fake) as (proc, port), ThreadPoolExecutor(1) as pool:
+        response = _start_stream(port)
+        queued = pool.submit(
+            httpx.post,
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            json={**CHAT, "model": "local"},
+            timeout=60,
+        )
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        response.close()
+        with contextlib.suppress(httpx.HTTPError):
+            queued.result()
+    assert sorted(_records(tmp_path / "outcomes.db")) == [("aborted", 499)] * 2
