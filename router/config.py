@@ -105,6 +105,13 @@ class Settings(BaseSettings):
     closed_timeout_s: float = Field(
         120.0, gt=0, description="Closed-provider timeout, seconds (a model's timeout_s wins)."
     )
+    shutdown_timeout_s: int = Field(
+        15,
+        ge=1,
+        description="At SIGTERM, how long requests in flight may run on before they are stopped "
+        "(each recorded aborted); keep it well under the grace period of whatever sends the "
+        "SIGTERM (Kubernetes: 30 s by default).",
+    )
     default_system_prompt: str = Field(
         "You are a helpful assistant.",
         description="Added for the local model when the client sent no system message.",

@@ -180,15 +180,28 @@ def _listening(port: int) -> bool:
     return False
 
 
-def _start_stream(port: int) -> httpx.Response:
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-    body = {**CHAT, "model": "local", "stream": True}
-    response = client.send(
-        client.build_request("POST", "/v1/chat/completions", json=body), stream=True
-    )
-    assert response.status_code == 200
-    next(response.iter_lines())  # the stream has begun
-    return response
+@contextmanager
+def _streaming(port: int) -> Iterator[httpx.Response]:
+    # A local stream that has begun, its client connected (and reading) until the block ends.
+    with (
+        httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client,
+        client.stream(
+            "POST", "/v1/chat/completions", json={**CHAT, "model": "local", "stream": True}
+        ) as response,
+    ):
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        next(lines)  # the stream has begun
+
+        def read() -> None:  # keep reading, as a client does, until the server ends it
+            with contextlib.suppress(httpx.HTTPError):
+                for _ in lines:
+                    pass
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        yield response
+        reader.join(30)
 
 
 def test_a_request_still_running_at_a_forced_stop_is_recorded(
@@ -197,8 +210,11 @@ def test_a_request_still_running_at_a_forced_stop_is_recorded(
     """A second Ctrl-C stops waiting for requests in flight. Those still running (a stream,
     and a request queued behind it for the local model) are ended before the lifespan drains
     the outcome store and stops the local model, so each still gets its one record."""
-    with _serve_process(tmp_path, fake) as (proc, port), ThreadPoolExecutor(1) as pool:
-        response = _start_stream(port)
+    with (
+        _serve_process(tmp_path, fake) as (proc, port),
+        ThreadPoolExecutor(1) as pool,
+        _streaming(port),
+    ):
         queued = pool.submit(
             httpx.post,
             f"http://127.0.0.1:{port}/v1/chat/completions",
@@ -210,7 +226,18 @@ def test_a_request_still_running_at_a_forced_stop_is_recorded(
         time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
-        response.close()
         with contextlib.suppress(httpx.HTTPError):
             queued.result()
     assert sorted(_records(tmp_path / "outcomes.db")) == [("aborted", 499)] * 2
+
+
+def test_sigterm_gives_requests_in_flight_the_shutdown_timeout(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """A stream that would outlast the container's grace period is stopped when
+    TIERGATE_SHUTDOWN_TIMEOUT_S is up, so the process exits (and drains the store) before a
+    SIGKILL, and the stream is recorded."""
+    with _serve_process(tmp_path, fake, shutdown_timeout_s=1) as (proc, port), _streaming(port):
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    assert _records(tmp_path / "outcomes.db") == [("aborted", 499)]
