@@ -70,6 +70,9 @@ _MEMORY_FACTOR = 4
 _STREAM_MAXLEN = 1_000_000
 #: A budget hold whose request never wrote a record (its replica died) lapses after this long.
 HOLD_TTL_S = 900
+#: After Redis failed a budget hold, holds use this replica's view for this long without asking
+#: Redis (as the rate limits do): no connect timeout per request, no warning per request.
+HOLD_RETRY_S = 1.0
 
 # KEYS: spend hash, hold hash, holds zset. ARGV: tenant, id, usd, budget (<0: none), now,
 # expiry. Returns 1 when the hold was taken, 0 when spend + holds had reached the budget.
@@ -203,6 +206,7 @@ class RedisOutcomeStore(OutcomeWriter):
         self.duplicates = 0
         self.spilled = 0
         self.journal_errors = 0  # journal writes that failed (unwritable path, full disk)
+        self._holds_down_until = 0.0  # budget holds skip Redis until then (monotonic)
 
     # -- keys ------------------------------------------------------------------------------
 
@@ -426,6 +430,8 @@ class RedisOutcomeStore(OutcomeWriter):
         checks see its holds at once; in Redis a hold lapses after :data:`HOLD_TTL_S`."""
         from redis import RedisError
 
+        if time.monotonic() < self._holds_down_until:
+            return self.ledger.reserve(tenant, request_id, usd, budget)
         tenant_key = valid_text(tenant)
         now = time.time()
         try:
@@ -447,7 +453,10 @@ class RedisOutcomeStore(OutcomeWriter):
                 )
             )
         except (RedisError, OSError) as exc:
-            log.warning("budget hold: redis unavailable (%s); checking this replica's view", exc)
+            log.warning(
+                "budget holds: redis unavailable (%s); checking this replica's view for now", exc
+            )
+            self._holds_down_until = time.monotonic() + HOLD_RETRY_S
             return self.ledger.reserve(tenant, request_id, usd, budget)
         if held:
             self.ledger.hold(tenant, request_id, usd)

@@ -157,6 +157,23 @@ def test_shutdown_while_redis_is_down_journals_at_once(
     assert len((tmp_path / "journal.jsonl").read_text().splitlines()) == 5
 
 
+def test_budget_holds_during_an_outage_log_once_and_still_hold(
+    redis_server: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With Redis down, a burst of budget holds is checked on this replica's view without
+    asking Redis for each (one warning, not one per request), and the budget still holds."""
+    s = store(redis_server, tmp_path)
+    try:
+        redis_server.stop()
+        caplog.set_level("WARNING", logger="tiergate.outcomes")
+        held = [s.reserve_spend("acme", f"req_{i}", 0.01, 0.05) for i in range(20)]
+        assert held == [True] * 5 + [False] * 15
+        warnings = [r for r in caplog.records if "budget hold" in r.getMessage()]
+        assert len(warnings) == 1
+    finally:
+        s.close(timeout_s=0.5)
+
+
 def test_sqlite_store_labels_and_purge(tmp_path: Path) -> None:
     s = SQLiteOutcomeStore(tmp_path / "o.db")
     s.start()
