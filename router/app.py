@@ -37,6 +37,7 @@ from router.errors import (
     BadRequestError,
     ConfigError,
     NotFoundError,
+    StoreUnavailableError,
     TiergateError,
     error_body,
 )
@@ -307,6 +308,8 @@ async def _calibrate(gateway: Gateway, every_s: float) -> None:
         try:
             scores = await asyncio.to_thread(gateway.outcomes.recent_scores, None, 2000)
             gateway.recalibrate(scores)
+        except StoreUnavailableError as exc:  # an outage the store reports itself: one line
+            log.warning("threshold calibration skipped: %s", exc.message)
         except Exception:  # calibration must survive a store hiccup; the error is logged
             log.exception("threshold calibration failed")
         await asyncio.sleep(every_s)

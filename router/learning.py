@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from router.backends import Completion
-from router.errors import BadRequestError, NotFoundError, TiergateError
+from router.errors import BadRequestError, NotFoundError, StoreUnavailableError, TiergateError
 from router.outcomes import Label, OutcomeStore
 from router.policy import ModelSpec
 from router.schemas import FeedbackRequest
@@ -424,6 +424,8 @@ async def purge_loop(
                 gone = await asyncio.to_thread(store.purge, time.time() - days * 86400.0)
                 if gone:
                     log.info("purged %d outcome records older than %d days", gone, days)
+            except StoreUnavailableError as exc:  # an outage the store reports itself
+                log.warning("outcome purge skipped: %s", exc.message)
             except Exception:  # the purge must survive a store hiccup; the error is logged
                 log.exception("outcome purge failed")
         await asyncio.sleep(every_s)
