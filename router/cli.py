@@ -1017,7 +1017,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
     if args.models_command == "adopt":
         print(f"{args.artifact} stored as {store.adopt(args.artifact)} in {store.root}")
     elif args.models_command == "promote":
-        store.promote(args.version, reason="tiergate models promote")
+        store.promote(args.version, reason="tiergate models promote", force=args.force)
         print(f"{args.version} is now current in {store.root}")
     elif args.models_command == "rollback":
         print(f"rolled back to {store.rollback()} in {store.root}")
@@ -1131,6 +1131,9 @@ def _add_model_store_commands(sub: Any) -> None:
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     promote = msub.add_parser("promote", help="make VERSION current (proxies pick it up live)")
     promote.add_argument("version", help="a version id such as v0003")
+    promote.add_argument(
+        "--force", action="store_true", help="promote a version the retrain gate refused"
+    )
     msub.add_parser(
         "rollback",
         help="point back to the version promoted before the current one (again: further back)",

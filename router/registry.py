@@ -126,8 +126,16 @@ class ModelStore:
             self.promote(version, reason=f"adopted {artifact}")
         return version
 
-    def promote(self, version: str, reason: str = "manual") -> None:
-        """Make ``version`` the serving model."""
+    def promote(self, version: str, reason: str = "manual", *, force: bool = False) -> None:
+        """Make ``version`` the serving model. A version the retrain gate refused is refused
+        here too unless ``force``: the gate is what keeps a worse model from serving."""
+        self.path(version)
+        gate = self.metadata(version).get("lineage", {}).get("gate", {})
+        if gate.get("decision") == "refused" and not force:
+            why = "; ".join(str(r) for r in gate.get("reasons") or []) or "no reason recorded"
+            raise ConfigError(
+                f"{version} was refused by the retrain gate ({why}); promote it anyway with --force"
+            )
         self._point(version, "promote", reason)
 
     def history(self) -> list[dict[str, Any]]:

@@ -115,6 +115,27 @@ def test_rolling_back_again_steps_further_back(tmp_path: Path) -> None:
     assert store.rollback() == "v0001"
 
 
+def test_a_version_the_gate_refused_is_promoted_only_with_force(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from router.cli import main
+
+    store = ModelStore(tmp_path / "store")
+    store.adopt(_artifact(tmp_path, "a"), loader=_unchecked)
+    refused = _artifact(tmp_path, "b", parent="v0001")
+    meta = json.loads((refused / "metadata.json").read_text())
+    meta["lineage"]["gate"] = {"decision": "refused", "reasons": ["worse on held-out traffic"]}
+    (refused / "metadata.json").write_text(json.dumps(meta))
+    store.adopt(refused, loader=_unchecked)
+    with pytest.raises(ConfigError, match=r"refused by the retrain gate \(worse on held-out"):
+        store.promote("v0002")
+    assert store.current() == "v0001"
+    assert main(["models", "promote", "v0002", "--store", str(store.root)]) == 2
+    assert "--force" in capsys.readouterr().err and store.current() == "v0001"
+    assert main(["models", "promote", "v0002", "--force", "--store", str(store.root)]) == 0
+    assert store.current() == "v0002"
+
+
 def test_unknown_versions_and_an_empty_store_are_refused(tmp_path: Path) -> None:
     store = ModelStore(tmp_path / "store")
     with pytest.raises(ConfigError):
