@@ -24,7 +24,13 @@ from pydantic import BaseModel, ValidationError
 from router import messages, responses
 from router.auth import Principal, check_record_access, principal_of
 from router.backends.native import NativeRequest
-from router.errors import BadRequestError, ClientDisconnected, NotFoundError, TiergateError
+from router.errors import (
+    MESSAGES_PATH,
+    BadRequestError,
+    ClientDisconnected,
+    NotFoundError,
+    TiergateError,
+)
 from router.gateway import NO_CLOSED_FALLBACK, Call, StreamAnswer, new_request_id
 from router.limits import check_request_size
 from router.policy import POLICY_HEADER_PREFIX, Policy
@@ -375,6 +381,16 @@ async def _event_sse(
         yield _event(error_event(TiergateError("internal error")))
     finally:
         await events.aclose()
+
+
+def stream_error(path: str, exc: TiergateError) -> bytes:
+    """``exc`` framed as the last event of a stream on ``path`` whose status line has gone:
+    the front's error event on ``/v1/messages`` and ``/v1/responses``, else chat's."""
+    fronts: dict[str, Front[Any]] = {MESSAGES_PATH: MESSAGES, "/v1/responses": RESPONSES}
+    front = fronts.get(path)
+    if front is None:
+        return b"data: " + _dumps(exc.to_body()) + b"\n\n"
+    return _event(front.error_event(exc))
 
 
 @router.post("/v1/feedback")

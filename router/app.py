@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router.api import router as api_router
+from router.api import stream_error
 from router.artifact import release_freed_memory
 from router.auth import AuthMiddleware, build_authenticator
 from router.backends import Backend
@@ -37,6 +38,7 @@ from router.errors import (
     BadRequestError,
     ConfigError,
     NotFoundError,
+    ServerShuttingDownError,
     StoreUnavailableError,
     TiergateError,
     error_body,
@@ -275,6 +277,63 @@ def _telemetry(app: FastAPI) -> Telemetry | None:
     return svc.telemetry if svc is not None else None
 
 
+def _stopping(app: FastAPI) -> bool:
+    svc = running(app)
+    return svc is not None and svc.gateway.stopping
+
+
+class StoppedAtShutdown:
+    """ASGI middleware: how a request the server stops at shutdown is answered.
+
+    ``tiergate serve`` cancels the requests still running when ``TIERGATE_SHUTDOWN_TIMEOUT_S``
+    is up (``stopping()`` is then true). uvicorn would log each cancellation as a traceback
+    and answer a bare 500; here one whose response had not begun gets a retryable 503
+    (:class:`ServerShuttingDownError`) and a stream already under way ends with that error as
+    its last event. The gateway has recorded the request by then, as stopped by the server.
+    """
+
+    def __init__(self, app: Any, stopping: Callable[[], bool]) -> None:
+        self.app = app
+        self.stopping = stopping
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        """Pass through; answer a request cancelled at shutdown."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        sent: dict[str, Any] = {}  # the response's start, once sent, and whether it ended
+
+        async def sending(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                sent["start"] = message
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                sent["ended"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except asyncio.CancelledError:
+            start = sent.get("start")
+            stream = start is not None and any(
+                k.lower() == b"content-type" and v.startswith(b"text/event-stream")
+                for k, v in start.get("headers", ())
+            )
+            if not self.stopping() or sent.get("ended") or (start is not None and not stream):
+                raise
+            task = asyncio.current_task()
+            if task is not None:  # cancelled once, on purpose: what follows is the answer
+                task.uncancel()
+            exc = ServerShuttingDownError("the server is shutting down; retry the request")
+            path = str(scope.get("path", ""))
+            if start is None:
+                await JSONResponse(
+                    error_body(exc, path), status_code=exc.status_code, headers=exc.headers
+                )(scope, receive, send)
+            else:
+                body = stream_error(path, exc)
+                await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
 def start_loops(gateway: Gateway, settings: Settings) -> list[asyncio.Task[None]]:
     """Start every background loop the app runs: policy hot reload, threshold calibration,
     the retention purge and the model store watcher. The lifespan cancels them at shutdown."""
@@ -322,7 +381,9 @@ def _error_response(request: Request, exc: TiergateError) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """One place where every error becomes JSON: OpenAI's shape, or Anthropic's on its front."""
+    """One place where every error becomes JSON: OpenAI's shape, or Anthropic's on its front
+    (a request stopped at shutdown too: :class:`StoppedAtShutdown`)."""
+    app.add_middleware(StoppedAtShutdown, stopping=lambda: _stopping(app))
 
     async def on_tiergate(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, TiergateError)

@@ -604,6 +604,8 @@ def event_loop_runner() -> Callable[[Coroutine[Any, Any, None]], None]:
 async def _serve(app: Any, settings: Any, sock: Any) -> None:
     """Run the app's lifespan here rather than inside uvicorn, so a start-up failure (a
     :class:`TiergateError`) reaches :func:`main` as one line instead of uvicorn's traceback."""
+    import asyncio
+    import contextlib
     import logging
     import signal
 
@@ -612,6 +614,12 @@ async def _serve(app: Any, settings: Any, sock: Any) -> None:
     from router.server import uvicorn_config
 
     class _Server(uvicorn.Server):
+        # Requests in flight get TIERGATE_SHUTDOWN_TIMEOUT_S; then _end_requests stops them.
+        async def shutdown(self, sockets: list[Any] | None = None) -> None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(settings.shutdown_timeout_s):
+                    await super().shutdown(sockets)
+
         # uvicorn re-raises a caught SIGTERM/SIGINT once it has stopped serving, which would
         # kill the process before the lifespan below drains the outcome store.
         @contextmanager
@@ -632,15 +640,19 @@ async def _serve(app: Any, settings: Any, sock: Any) -> None:
         try:
             await server.serve(sockets=[sock])
         finally:
-            await _end_requests(server.server_state.tasks)
+            await _end_requests(app, server.server_state.tasks)
 
 
-async def _end_requests(tasks: Iterable[Any], timeout_s: float = 10.0) -> None:
-    """End the requests uvicorn stopped waiting for (a second Ctrl-C), before the lifespan
-    drains the outcome store and stops the local model: each is cancelled and awaited, so it
-    writes its one record (``aborted``) while the store still takes it."""
+async def _end_requests(app: Any, tasks: Iterable[Any], timeout_s: float = 10.0) -> None:
+    """End the requests still running once the shutdown timeout is up (or at a second
+    Ctrl-C), before the lifespan drains the outcome store and stops the local model: each is
+    cancelled as stopped by the server and awaited, so it writes its one record
+    (``server_shutting_down``) while the store still takes it, and its client gets a retryable
+    503 where no response had begun (:class:`router.app.StoppedAtShutdown`)."""
     import asyncio
     import logging
+
+    from router.services import running as services
 
     running = [task for task in tasks if not task.done()]
     if not running:
@@ -648,6 +660,9 @@ async def _end_requests(tasks: Iterable[Any], timeout_s: float = 10.0) -> None:
     logging.getLogger("tiergate.cli").warning(
         "stopping %d request(s) still running at shutdown", len(running)
     )
+    svc = services(app)
+    if svc is not None:
+        svc.gateway.stopping = True
     for task in running:
         task.cancel()
     await asyncio.wait(running, timeout=timeout_s)

@@ -109,7 +109,8 @@ class Settings(BaseSettings):
         15,
         ge=1,
         description="At SIGTERM, how long requests in flight may run on before they are stopped "
-        "(each recorded aborted); keep it well under the grace period of whatever sends the "
+        "(each answered 503 server_shutting_down, or its stream ended with that error, and "
+        "recorded so); keep it well under the grace period of whatever sends the "
         "SIGTERM (Kubernetes: 30 s by default).",
     )
     default_system_prompt: str = Field(

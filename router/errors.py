@@ -319,6 +319,17 @@ class StoreUnavailableError(TiergateError):
     code = "store_unavailable"
 
 
+class ServerShuttingDownError(TiergateError):
+    """The server stopped the request at shutdown: it was still running when
+    ``TIERGATE_SHUTDOWN_TIMEOUT_S`` ran out (or at a second Ctrl-C). Another replica, or this
+    one restarted, can serve it: 503 with ``x-should-retry: true``."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "server_shutting_down"
+    should_retry = True
+
+
 class ClientDisconnected(TiergateError):  # noqa: N818 (a state, not an error)
     """The client went away mid-request; recorded as ``aborted``, never sent."""
 

@@ -53,6 +53,7 @@ from router.errors import (
     NotFoundError,
     PermissionDeniedError,
     PolicyError,
+    ServerShuttingDownError,
     TiergateError,
     TierUnavailableError,
     UpstreamRateLimitedError,
@@ -382,6 +383,9 @@ class Gateway:
         self._on_record = on_record
         self.warn_unpriced()
         self.telemetry = telemetry if telemetry is not None else Telemetry.off()
+        # Set by ``tiergate serve`` just before it cancels the requests still running at
+        # shutdown: each is then recorded as stopped by the server (``server_shutting_down``).
+        self.stopping = False
 
     # -- a request's life ------------------------------------------------------------------
 
@@ -461,7 +465,7 @@ class Gateway:
                 if not relay.saw_usage:
                     yield _usage_chunk(ctx, relay.id, relay.model)
         except (Exception, asyncio.CancelledError, GeneratorExit) as exc:
-            status, http_status, error = _outcome(exc)
+            status, http_status, error = _outcome(exc, self.stopping)
             if isinstance(exc, TiergateError):
                 exc.headers.update(self.explain(ctx))
             elif http_status == 500 and source is not None:
@@ -1268,8 +1272,12 @@ def _shaped(
         raise TiergateError(f"cannot give the answer in this API's format: {exc}") from exc
 
 
-def _outcome(exc: BaseException) -> tuple[str, int, str | None]:
-    """(status, HTTP status, error code) of a request that ended with ``exc``."""
+def _outcome(exc: BaseException, stopping: bool = False) -> tuple[str, int, str | None]:
+    """(status, HTTP status, error code) of a request that ended with ``exc``; ``stopping``:
+    the server is cancelling the requests still running at shutdown, so a cancellation is its
+    doing, not a client that left."""
+    if stopping and isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return "error", ServerShuttingDownError.status_code, ServerShuttingDownError.code
     if isinstance(exc, ClientDisconnected):  # nobody to answer: recorded, and charged, aborted
         return "aborted", 499, exc.code
     if isinstance(exc, TiergateError):

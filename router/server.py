@@ -167,7 +167,6 @@ def uvicorn_config(
         lifespan=lifespan,
         http=protocol if protocol is not None else _bounded_h11(),
         h11_max_incomplete_event_size=MAX_HEAD_BYTES,
-        # Past it, uvicorn cancels the requests still running; tiergate serve then waits for
-        # them to write their records before the lifespan drains the store.
-        timeout_graceful_shutdown=settings.shutdown_timeout_s,
+        # No timeout_graceful_shutdown: tiergate serve keeps TIERGATE_SHUTDOWN_TIMEOUT_S
+        # itself, so that it, not uvicorn, stops the requests still running (router.cli).
     )

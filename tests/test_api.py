@@ -898,3 +898,16 @@ def test_encoder_false_routes_with_the_static_router_and_the_same_profile(
     # What decides is what /readyz and the dashboard name; /readyz also names what is loaded.
     assert ready == {"name": "learned", "version": STATIC_MODEL_NAME, "loaded": DEFAULT_MODEL_NAME}
     assert live_view["model_version"] == STATIC_MODEL_NAME
+
+
+def test_a_stream_stopped_at_shutdown_ends_with_its_fronts_error_event() -> None:
+    """The last event of a stream the server stops takes the stream's own format."""
+    from router.api import stream_error
+    from router.errors import ServerShuttingDownError
+
+    exc = ServerShuttingDownError("the server is shutting down")
+    assert stream_error("/v1/chat/completions", exc).startswith(b'data: {"error":{')
+    messages = stream_error("/v1/messages", exc)
+    assert messages.startswith(b"event: error\ndata: ") and b'"type":"error"' in messages
+    responses = stream_error("/v1/responses", exc)
+    assert responses.startswith(b"event: error\n") and b'"server_shutting_down"' in responses

@@ -143,11 +143,15 @@ asyncio.run(_serve(app, settings, _bind("127.0.0.1", port)))
 """
 
 
-def _records(db: Path) -> list[tuple[str, int]]:
+def _records(db: Path) -> list[tuple[str, int, str | None]]:
     import sqlite3
 
     with contextlib.closing(sqlite3.connect(db)) as conn:
-        return [tuple(r) for r in conn.execute("SELECT status, http_status FROM outcomes")]
+        query = "SELECT status, http_status, error_type FROM outcomes"
+        return [tuple(r) for r in conn.execute(query)]
+
+
+STOPPED = ("error", 503, "server_shutting_down")  # the record of a request stopped at shutdown
 
 
 @contextmanager
@@ -228,7 +232,7 @@ def test_a_request_still_running_at_a_forced_stop_is_recorded(
         assert proc.wait(30) == 0
         with contextlib.suppress(httpx.HTTPError):
             queued.result()
-    assert sorted(_records(tmp_path / "outcomes.db")) == [("aborted", 499)] * 2
+    assert _records(tmp_path / "outcomes.db") == [STOPPED] * 2
 
 
 def test_sigterm_gives_requests_in_flight_the_shutdown_timeout(
@@ -240,4 +244,34 @@ def test_sigterm_gives_requests_in_flight_the_shutdown_timeout(
     with _serve_process(tmp_path, fake, shutdown_timeout_s=1) as (proc, port), _streaming(port):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
-    assert _records(tmp_path / "outcomes.db") == [("aborted", 499)]
+    assert _records(tmp_path / "outcomes.db") == [STOPPED]
+
+
+def test_a_request_stopped_at_shutdown_is_told_to_retry(tmp_path: Path, fake: FakeProvider) -> None:
+    """When the shutdown timeout is up, a request whose answer had not begun gets a 503 with
+    ``x-should-retry: true`` (another replica can serve it), a stream under way ends with that
+    error as its last event, no traceback is logged, and each record says the server stopped
+    it rather than that its client left."""
+    with (
+        _serve_process(tmp_path, fake, shutdown_timeout_s=1) as (proc, port),
+        ThreadPoolExecutor(1) as pool,
+        httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client,
+        client.stream(
+            "POST", "/v1/chat/completions", json={**CHAT, "model": "local", "stream": True}
+        ) as stream,
+    ):
+        lines = stream.iter_lines()
+        next(lines)  # the stream has begun; the next request waits behind it for the model
+        queued = pool.submit(client.post, "/v1/chat/completions", json={**CHAT, "model": "local"})
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        last = [line for line in lines if line][-1]
+        answer = queued.result()
+        assert proc.wait(20) == 0
+        log = proc.stderr.read().decode()
+    assert answer.status_code == 503
+    assert answer.headers["x-should-retry"] == "true"
+    assert answer.json()["error"]["code"] == "server_shutting_down"
+    assert last.startswith("data: ") and '"code":"server_shutting_down"' in last
+    assert "Traceback" not in log and "Exception in ASGI application" not in log
+    assert _records(tmp_path / "outcomes.db") == [STOPPED] * 2
