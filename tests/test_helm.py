@@ -267,6 +267,7 @@ def test_schema_accepts_the_defaults_and_every_value_set(chart: Any) -> None:
         ({"redis": {"persistence": {"size": "lots"}}}, "/redis/persistence/size"),
         ({"replicaCount": 3}, "replicaCount"),  # a typo of router.replicaCount
         ({"localModel": {"profile": "profiles/x.yaml"}}, "/localModel/profile"),
+        ({"router": {"preStopSleepSeconds": -1}}, "/router/preStopSleepSeconds"),
     ],
 )
 def test_schema_rejects_bad_values(chart: Any, values: dict[str, Any], where: str) -> None:
@@ -318,6 +319,15 @@ def test_schema_rejects_bad_values(chart: Any, values: dict[str, Any], where: st
             "model.source=url needs model.sha256",
         ),
         ({"model": {"file": "big.gguf"}}, "model.source=fetch only fetches the bundled"),
+        (
+            {"router": {"terminationGracePeriodSeconds": 20}},
+            "router.terminationGracePeriodSeconds=20 must exceed router.preStopSleepSeconds (5)"
+            " + TIERGATE_SHUTDOWN_TIMEOUT_S (15)",
+        ),
+        (
+            {"router": {"extraEnv": [{"name": "TIERGATE_SHUTDOWN_TIMEOUT_S", "value": "60"}]}},
+            "TIERGATE_SHUTDOWN_TIMEOUT_S (60)",
+        ),
         (
             {"policy": {"name": "missing.yaml"}},
             "policy.name=missing.yaml is not a policy bundled in the chart"
@@ -596,6 +606,23 @@ def test_router_is_hardened_and_probed(render: Render) -> None:
     assert router["resources"]["requests"]["memory"] == "1Gi"
     assert env_of(router)["LITELLM_LOCAL_MODEL_COST_MAP"] == "True"
     assert spec["automountServiceAccountToken"] is False
+
+
+def test_router_keeps_serving_until_its_service_lets_it_go(render: Render) -> None:
+    """At termination the router first sleeps (preStop) while endpoints drop the pod, and its
+    grace period covers that, the shutdown timeout and the drain."""
+    deployment = find(render(), "Deployment", FULLNAME)
+    router = container(deployment, "router")
+    assert router["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", "5"]}}
+    assert pod_spec(deployment)["terminationGracePeriodSeconds"] > 5 + 15
+    changed = find(
+        render({"router": {"preStopSleepSeconds": 10, "terminationGracePeriodSeconds": 40}}),
+        "Deployment",
+        FULLNAME,
+    )
+    assert container(changed, "router")["lifecycle"]["preStop"]["exec"]["command"][1] == "10"
+    off = find(render({"router": {"preStopSleepSeconds": 0}}), "Deployment", FULLNAME)
+    assert "lifecycle" not in container(off, "router")
 
 
 def test_hpa_owns_the_replica_count(render: Render) -> None:

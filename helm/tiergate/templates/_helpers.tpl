@@ -401,6 +401,16 @@ Included at the top of the router Deployment so every render runs it.
 {{- if and .Values.autoscaling.enabled (not .Values.autoscaling.targetCPUUtilizationPercentage) (not .Values.autoscaling.targetMemoryUtilizationPercentage) -}}
 {{- $errors = append $errors "autoscaling.enabled needs targetCPUUtilizationPercentage or targetMemoryUtilizationPercentage" -}}
 {{- end -}}
+{{- $shutdown := 15 -}}
+{{- range .Values.router.extraEnv -}}
+{{- if and (eq (toString .name) "TIERGATE_SHUTDOWN_TIMEOUT_S") .value -}}
+{{- $shutdown = int .value -}}
+{{- end -}}
+{{- end -}}
+{{- $preStop := int .Values.router.preStopSleepSeconds -}}
+{{- if le (int .Values.router.terminationGracePeriodSeconds) (add $preStop $shutdown) -}}
+{{- $errors = append $errors (printf "router.terminationGracePeriodSeconds=%d must exceed router.preStopSleepSeconds (%d) + TIERGATE_SHUTDOWN_TIMEOUT_S (%d), with a few seconds more to drain the outcome store, or SIGKILL cuts requests and records off" (int .Values.router.terminationGracePeriodSeconds) $preStop $shutdown) -}}
+{{- end -}}
 {{- if not .Values.policy.existingConfigMap -}}
 {{- $policyPath := printf "policies/%s" .Values.policy.name -}}
 {{- if not (.Files.Get $policyPath) -}}
