@@ -444,6 +444,8 @@ class OutcomeWriter:
     #: failed attempt rather than retrying until the drain time is up, which may come after
     #: the process manager's SIGKILL. Without anywhere else to keep it, the writer retries.
     keep_elsewhere_at_stop = False
+    #: What else an outage changes, for its log line (after "buffering outcomes").
+    outage_note = ""
 
     def __init__(self, name: str, *, buffer_size: int, batch: int, linger_s: float) -> None:
         self.buffer_size = buffer_size
@@ -464,6 +466,9 @@ class OutcomeWriter:
         self.write_errors = 0
         self.dropped = 0  # outcomes lost: buffer full and nowhere else to keep them, or given up
         self.unwritable = 0  # records and labels that could not be written at all (logged)
+        self.spilled = 0  # items kept elsewhere (:meth:`_keep_elsewhere`) when the buffer was full
+        # While the store is unavailable: when that began, and ``written``/``spilled`` then.
+        self._outage: tuple[float, int, int] | None = None
 
     # -- what a store implements -----------------------------------------------------------
 
@@ -563,9 +568,7 @@ class OutcomeWriter:
                 self._holding = []
                 self.write_errors += 1
                 attempts += 1
-                if self.connected:
-                    log.warning("outcome store unavailable, buffering: %s", exc)
-                self.connected = False
+                self.unavailable(exc)
                 if stopping and self._abandon(drop=time.monotonic() > self._deadline):
                     break
                 if batch and not wrote and attempts >= (self.max_attempts or math.inf):
@@ -580,10 +583,38 @@ class OutcomeWriter:
                 backoff = min(backoff * 2, 1.0)
                 continue
             self.connected, backoff, attempts = True, 0.05, 0
+            if self._outage is not None:
+                self._note_recovery()
             if wrote and not stopping and self._linger_s > 0:
                 # Let records gather: a writer waiting on the buffer is woken by every submit,
                 # and each wake-up takes the GIL from the event loop (bench/README.md).
                 time.sleep(self._linger_s)
+
+    def unavailable(self, exc: BaseException) -> None:
+        """The store did not answer (the writer, or a budget hold): the first time since it
+        last answered, one warning line, not one per request or batch."""
+        with self._cond:
+            self.connected = False
+            if self._outage is not None:
+                return
+            self._outage = (time.monotonic(), self.written, self.spilled)
+        log.warning("outcome store unavailable, buffering outcomes%s: %s", self.outage_note, exc)
+
+    def _note_recovery(self) -> None:
+        """Once the store answers again and what waited for it is written (the buffer down to
+        less than a batch, nothing left to replay), one line says what was written."""
+        with self._cond:
+            if self._outage is None or self._has_backlog() or len(self._buffer) >= self._batch:
+                return
+            began, written, spilled = self._outage
+            self._outage = None
+        log.warning(
+            "outcome store available again after %.1f s: %d outcome items written since it "
+            "went down, %d of them replayed from the journal",
+            time.monotonic() - began,
+            self.written - written,
+            self.spilled - spilled,
+        )
 
     def _write(self, batch: list[Item]) -> Mapping[str, float] | None:
         """Write a batch, else its items one by one, skipping (and counting) those that fail;

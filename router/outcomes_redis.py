@@ -175,6 +175,7 @@ class RedisOutcomeStore(OutcomeWriter):
 
     memory_factor = _MEMORY_FACTOR
     keep_elsewhere_at_stop = True  # the journal, which the next start replays
+    outage_note = " (budget holds check this replica's view)"
 
     def __init__(
         self,
@@ -204,7 +205,6 @@ class RedisOutcomeStore(OutcomeWriter):
         self._reserve_script: Any = None
         self._label_script: Any = None
         self.duplicates = 0
-        self.spilled = 0
         self.journal_errors = 0  # journal writes that failed (unwritable path, full disk)
         self._holds_down_until = 0.0  # budget holds skip Redis until then (monotonic)
 
@@ -411,7 +411,9 @@ class RedisOutcomeStore(OutcomeWriter):
             draining.unlink()
             self._journal_lines -= len(items)
             self._settle(items, spend)
-        log.info("replayed %d journalled outcome items into redis", len(items))
+            after_outage = self._outage is not None
+        if not after_outage:  # after an outage, the line saying it is over counts them
+            log.info("replayed %d journalled outcome items into redis", len(items))
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -453,10 +455,8 @@ class RedisOutcomeStore(OutcomeWriter):
                 )
             )
         except (RedisError, OSError) as exc:
-            log.warning(
-                "budget holds: redis unavailable (%s); checking this replica's view for now", exc
-            )
             self._holds_down_until = time.monotonic() + HOLD_RETRY_S
+            self.unavailable(exc)  # one line per outage, shared with the writer
             return self.ledger.reserve(tenant, request_id, usd, budget)
         if held:
             self.ledger.hold(tenant, request_id, usd)
@@ -465,11 +465,12 @@ class RedisOutcomeStore(OutcomeWriter):
     def release_spend(self, request_id: str) -> None:
         """Drop a hold taken by :meth:`reserve_spend` here and in Redis, where it would
         otherwise count against the budget until it lapses. Best effort: with Redis
-        unreachable the hold lapses after :data:`HOLD_TTL_S`."""
+        unreachable (or failed within :data:`HOLD_RETRY_S`) the hold lapses after
+        :data:`HOLD_TTL_S`."""
         from redis import RedisError
 
         tenant = self.ledger.release(request_id)
-        if tenant is None:
+        if tenant is None or time.monotonic() < self._holds_down_until:
             return
         tenant_key, rid = valid_text(tenant), valid_text(request_id)
         try:
@@ -478,7 +479,8 @@ class RedisOutcomeStore(OutcomeWriter):
             pipe.zrem(self.key("holds", tenant_key), rid)
             pipe.execute()
         except (RedisError, OSError) as exc:
-            log.warning("budget hold of %s not released in redis: %s", request_id, exc)
+            self._holds_down_until = time.monotonic() + HOLD_RETRY_S
+            self.unavailable(exc)
 
     def get(self, record_id: str) -> dict[str, Any] | None:
         """One record by request id, including one still buffered here."""

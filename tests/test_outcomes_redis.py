@@ -174,6 +174,34 @@ def test_budget_holds_during_an_outage_log_once_and_still_hold(
         s.close(timeout_s=0.5)
 
 
+def test_an_outage_and_its_end_are_one_line_each(
+    redis_server: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Requests through a Redis outage (each holding budget, recording, releasing) log one
+    line when Redis goes away and one when it is back, saying what was written and replayed
+    from the journal; not a line per request."""
+    s = store(redis_server, tmp_path, buffer_size=20, batch=10)
+    caplog.set_level("INFO", logger="tiergate.outcomes")
+    try:
+        redis_server.stop()
+        for i in range(60):  # about two seconds: past the holds' one-second retry
+            s.reserve_spend("acme", f"req_{i}", 0.001, 10.0)
+            s.submit(outcome(tenant="acme"))
+            s.release_spend(f"req_{i}")
+            time.sleep(0.03)
+        assert s.spilled == 40  # what the buffer could not hold went to the journal
+        redis_server.start()
+        assert s.flush(20)
+        assert wait_for(lambda: len(caplog.records) >= 2, 10)
+    finally:
+        s.close(timeout_s=1.0)
+    lines = [r.getMessage() for r in caplog.records if r.name == "tiergate.outcomes"]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("outcome store unavailable, buffering outcomes")
+    assert lines[1].startswith("outcome store available again after ")
+    assert "60 outcome items written since it went down, 40 of them replayed" in lines[1]
+
+
 def test_sqlite_store_labels_and_purge(tmp_path: Path) -> None:
     s = SQLiteOutcomeStore(tmp_path / "o.db")
     s.start()
