@@ -503,7 +503,9 @@ class OutcomeWriter:
     def _enqueue(self, item: Item) -> None:
         with self._cond:
             self._adopt([item])
-            if len(self._buffer) < self.buffer_size:
+            # While the store is known to be down, an item goes where a crash cannot take it
+            # (the journal) at once, rather than once the buffer is full.
+            if self.connected and len(self._buffer) < self.buffer_size:
                 self._buffer.append(item)
             elif self._keep_elsewhere([item]):
                 pass

@@ -1,4 +1,5 @@
-"""The Redis outcome store, shared by several Tiergate replicas; it loses no record in an outage.
+"""The Redis outcome store, shared by several Tiergate replicas; an outage loses no record that
+reaches the journal (see docs/learning-loop.md for what that does and does not cover).
 
 Structures (``P`` is the key prefix, ``tiergate`` by default; for Redis Cluster use a hash tag
 such as ``{tiergate}`` so one Lua script can touch every key):
@@ -28,8 +29,9 @@ such as ``{tiergate}`` so one Lua script can touch every key):
 
 Every write is one Lua script per record or label, so it is atomic and idempotent. The writer
 is :class:`~router.outcomes.OutcomeWriter`, as for SQLite; this module adds the writes, the reads
-and the journal. Records submitted while Redis is unreachable wait in the writer's bounded
-buffer; past that bound they are appended to an on-disk journal (JSON lines). The writer retries
+and the journal. Records submitted once the store has found Redis unreachable, or when the
+writer's bounded buffer is full, are appended to an on-disk journal (JSON lines) at once; only
+those submitted before it noticed wait in memory. The writer retries
 with backoff, then writes the buffer and replays the journal when Redis returns. ``close``
 drains everything it can and, if Redis does not answer, moves what is left to the journal at
 once (not at the end of its drain time, which a process manager's SIGKILL may cut short); the
@@ -310,6 +312,8 @@ class RedisOutcomeStore(OutcomeWriter):
         """Replay the journal once the buffer is empty; refresh the shared spend every second
         (other replicas spend too)."""
         if idle and self._journal_lines:
+            if not self.connected:  # still down: fail on a PING, not after parsing the journal
+                self._client.ping()
             self._replay_journal()
         if time.monotonic() - self._last_refresh > 1.0:
             spend = self._client.hgetall(self._spend_key(time.time()))

@@ -189,7 +189,7 @@ def test_an_outage_and_its_end_are_one_line_each(
             s.submit(outcome(tenant="acme"))
             s.release_spend(f"req_{i}")
             time.sleep(0.03)
-        assert s.spilled == 40  # what the buffer could not hold went to the journal
+        assert s.spilled == 60  # each went to the journal: Redis was known to be down
         redis_server.start()
         assert s.flush(20)
         assert wait_for(lambda: len(caplog.records) >= 2, 10)
@@ -199,7 +199,38 @@ def test_an_outage_and_its_end_are_one_line_each(
     assert len(lines) == 2, lines
     assert lines[0].startswith("outcome store unavailable, buffering outcomes")
     assert lines[1].startswith("outcome store available again after ")
-    assert "60 outcome items written since it went down, 40 of them replayed" in lines[1]
+    assert "60 outcome items written since it went down, 60 of them replayed" in lines[1]
+
+
+def test_in_an_outage_records_go_to_the_journal_as_they_come(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the store knows Redis is down, a record is on disk when ``submit`` returns, not
+    held in memory until the buffer is full: a crash (SIGKILL, OOM) of the process then loses
+    at most what was submitted before the outage was noticed. The writer does not read the
+    journal back while Redis is still down (a long outage's journal, parsed at each retry)."""
+    from router import outcomes_redis
+
+    reads: list[Path] = []
+    read_journal = outcomes_redis._read_journal
+    monkeypatch.setattr(
+        outcomes_redis, "_read_journal", lambda path: reads.append(path) or read_journal(path)
+    )
+    s = store(redis_server, tmp_path)  # a buffer of 100,000
+    try:
+        redis_server.stop()
+        s.reserve_spend("acme", "req_0", 0.01, None)  # a budget hold finds Redis gone
+        assert not s.connected
+        for _ in range(10):
+            s.submit(outcome(tenant="acme"))
+        assert len((tmp_path / "journal.jsonl").read_text().splitlines()) == 10
+        time.sleep(1.5)  # the writer retries meanwhile
+        assert reads == []
+        redis_server.start()
+        assert s.flush(20)
+        assert s.count() == 10
+    finally:
+        s.close(timeout_s=1.0)
 
 
 def test_sqlite_store_labels_and_purge(tmp_path: Path) -> None:
