@@ -7,8 +7,8 @@ transformation, the one litellm's ``responses()`` uses for providers without a R
 imported on first use. An answer the provider gave natively (:mod:`router.backends.native`) is
 sent as it came.
 
-Nothing is stored: ``store: true`` and ``previous_response_id`` are refused with a 400 that says
-so, and a native call is made with ``store: false``.
+Nothing is stored: ``store: true``, ``previous_response_id`` and ``conversation`` are refused with
+a 400 that says so, and a native call is made with ``store: false``.
 """
 
 from __future__ import annotations
@@ -39,9 +39,10 @@ class Translation:
 
 
 def refuse_state(body: Mapping[str, Any]) -> None:
-    """400 for what would need stored responses."""
-    if body.get("previous_response_id") is not None:
-        raise BadRequestError(STATELESS, param="previous_response_id")
+    """400 for what would need stored responses or a stored conversation."""
+    for param in ("previous_response_id", "conversation"):
+        if body.get(param) is not None:
+            raise BadRequestError(STATELESS, param=param)
     if body.get("store") is True:
         raise BadRequestError(STATELESS, param="store")
 

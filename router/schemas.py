@@ -298,8 +298,8 @@ class TextConfig(_Block):
 
 
 class ResponsesRequest(BaseModel):
-    """OpenAI's Responses request, stateless: ``store`` and ``previous_response_id`` are refused
-    by the endpoint rather than here, so the client reads why."""
+    """OpenAI's Responses request, stateless: ``store``, ``previous_response_id`` and
+    ``conversation`` are refused by the endpoint rather than here, so the client reads why."""
 
     model_config = ConfigDict(extra="allow")
 

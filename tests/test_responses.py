@@ -86,7 +86,12 @@ def test_items_tools_and_a_json_schema_become_a_chat_request() -> None:
 
 @pytest.mark.parametrize(
     ("fields", "param"),
-    [({"previous_response_id": "resp_1"}, "previous_response_id"), ({"store": True}, "store")],
+    [
+        ({"previous_response_id": "resp_1"}, "previous_response_id"),
+        ({"store": True}, "store"),
+        ({"conversation": "conv_1"}, "conversation"),
+        ({"conversation": {"id": "conv_1"}}, "conversation"),
+    ],
 )
 def test_stored_state_is_refused_with_a_clear_400(fields: dict[str, Any], param: str) -> None:
     with pytest.raises(BadRequestError, match="stateless") as caught:
