@@ -3,7 +3,8 @@
 :func:`extract_signals` turns an OpenAI chat request (a plain dict) plus the scorer's
 :class:`~router.scoring.Analysis` into a :class:`Signals` value, the only input the policy sees.
 It is pure and fast: no tokenizer, no network. Token counts are estimated from characters
-(about four per token for English, rounded up), which is what the long-context rule needs.
+(about four per token for English, rounded up), which is what the long-context rule needs, and
+images and files by a fixed guess each (:func:`estimate_tokens`).
 
 The routing score reads the last user turn (:func:`scoring_text`); the ``pii`` signal reads
 every string the request would send upstream (:func:`request_strings`: every message, part,
@@ -126,16 +127,53 @@ def _scored_strings(messages: list[Mapping[str, Any]]) -> set[int]:
     return set()
 
 
+#: Tokens one image part counts for. Anthropic bills about width x height / 750 and scales an
+#: image down past 1.15 megapixels (about 1,600 tokens at most); OpenAI's high detail bills 85
+#: plus 170 per 512-pixel tile, 1,445 at most for gpt-4o. The image itself is not decoded.
+IMAGE_TOKENS = 1600
+#: Tokens one file part (a PDF, audio, any other non-text part) counts for: one PDF page as
+#: Anthropic bills it, up to 3,000 tokens of extracted text plus the page's image. The payload
+#: is not read, so a file of many pages counts as one; the provider's usage settles the hold.
+FILE_TOKENS = 3000 + IMAGE_TOKENS
+#: Part types that carry an image (OpenAI chat, Responses, Anthropic).
+IMAGE_PARTS = frozenset({"image_url", "input_image", "image"})
+
+
+def _content_size(content: Any) -> tuple[int, int]:
+    # (characters of text, tokens of images and files) in one message's content. A part's
+    # ``text`` counts whatever its type (``text``, ``input_text``, ``output_text``); an image or
+    # file counts by the guesses above, so its payload is never read.
+    if isinstance(content, str):
+        return len(content), 0
+    chars = media = 0
+    if isinstance(content, list):
+        for part in content:
+            if not isinstance(part, Mapping):
+                continue
+            text = part.get("text")
+            if part.get("type") in IMAGE_PARTS:
+                media += IMAGE_TOKENS
+            elif isinstance(text, str):
+                chars += len(text)
+            else:
+                media += FILE_TOKENS
+    return chars, media
+
+
 def estimate_tokens(messages: list[Mapping[str, Any]], tools: Any = None) -> int:
-    """Conservative prompt-token estimate from characters (see module docstring)."""
-    chars = sum(len(message_text(m)) for m in messages)
+    """Conservative prompt-token estimate: text from characters (see module docstring), each
+    image as :data:`IMAGE_TOKENS` and each file as :data:`FILE_TOKENS`."""
+    chars = media = 0
     for m in messages:
+        text, parts = _content_size(m.get("content"))
+        chars += text
+        media += parts
         calls = m.get("tool_calls")
         if calls:
             chars += len(str(calls))
     if tools:
         chars += len(str(tools))
-    return int(chars / CHARS_PER_TOKEN + 0.999) + TOKENS_PER_MESSAGE * len(messages)
+    return int(chars / CHARS_PER_TOKEN + 0.999) + media + TOKENS_PER_MESSAGE * len(messages)
 
 
 #: The characters of a base64 payload (line breaks allowed, as MIME writes them).

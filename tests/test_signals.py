@@ -10,7 +10,14 @@ from typing import Any
 import pytest
 
 from router.scoring import Analysis
-from router.signals import extract_signals, request_pii_kinds, request_strings
+from router.signals import (
+    FILE_TOKENS,
+    IMAGE_TOKENS,
+    estimate_tokens,
+    extract_signals,
+    request_pii_kinds,
+    request_strings,
+)
 
 SSN = "123-45-6789"
 
@@ -249,3 +256,45 @@ def test_a_data_prefix_outside_a_file_field_hides_nothing(hidden: str) -> None:
     assert request_pii_kinds({"model": "auto", "messages": [], "user": hidden})
     parts = [{"type": "text", "text": hidden}]
     assert request_pii_kinds({"model": "auto", "messages": [{"role": "user", "content": parts}]})
+
+
+# -- the prompt estimate: what budgets and token limits reserve --------------------------------
+
+PDF = "data:application/pdf;base64," + "JVBERi0xLjQK" * 350_000  # about 4 MB
+
+
+def _prompt_tokens(content: list[dict[str, Any]]) -> int:
+    body = {"model": "auto", "messages": [{"role": "user", "content": content}]}
+    return extract_signals(body, BlindScorer()).prompt_tokens
+
+
+def test_images_and_files_count_toward_the_prompt_estimate() -> None:
+    # A 4 MB PDF and an image were estimated at 9 tokens, so a budget or a token limit
+    # reserved nearly nothing for a request that costs thousands.
+    text = [{"type": "text", "text": "Summarise this."}]
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    pdf = {"type": "file", "file": {"filename": "report.pdf", "file_data": PDF}}
+    assert _prompt_tokens([*text, image]) >= _prompt_tokens(text) + IMAGE_TOKENS
+    assert _prompt_tokens([*text, pdf, image]) >= _prompt_tokens(text) + FILE_TOKENS + IMAGE_TOKENS
+    responses_image = {"type": "input_image", "image_url": "data:image/png;base64,iVBORw0KGgo="}
+    assert _prompt_tokens([*text, responses_image]) >= _prompt_tokens(text) + IMAGE_TOKENS
+
+
+def test_input_text_parts_count_as_text() -> None:
+    # A 100,000-character input_text part was estimated at 4 tokens (the message's framing).
+    assert _prompt_tokens([{"type": "input_text", "text": "x" * 100_000}]) >= 100_000 // 4
+
+
+class _Unread(dict[str, Any]):
+    """A file part's payload that fails the test if the estimate reads it."""
+
+    def __getitem__(self, key: str) -> Any:
+        raise AssertionError("the estimate read a file's payload")
+
+    def get(self, key: str, default: Any = None) -> Any:
+        raise AssertionError("the estimate read a file's payload")
+
+
+def test_the_estimate_never_reads_a_files_payload() -> None:
+    parts = [{"type": "file", "file": _Unread(file_data=PDF)}]
+    assert estimate_tokens([{"role": "user", "content": parts}]) == FILE_TOKENS + 4
