@@ -280,6 +280,8 @@ class Front(Generic[_Tr]):
     error_event: Callable[[TiergateError], dict[str, Any]]
     #: A chat field's name on this front, where it differs, for errors about the request.
     fields: Mapping[str, str] = field(default_factory=dict)
+    #: The chat fields its translation makes that a model may go without (``Call.optional``).
+    optional: frozenset[str] = frozenset()
 
 
 MESSAGES = Front(
@@ -290,6 +292,7 @@ MESSAGES = Front(
     messages.answer,
     messages.events,
     messages.error_event,
+    optional=messages.OPTIONAL,
 )
 RESPONSES = Front(
     "responses",
@@ -341,7 +344,9 @@ async def serve_front(request: Request, front: Front[_Tr]) -> Response:
     call = await call_of(request, front=front.name, translate=translate, fields=front.fields)
     if kept:  # the front's answer is made before the request is recorded
         translation = kept[0]
-        call = replace(call, shape=lambda chat: front.answer(chat, translation))
+        call = replace(
+            call, shape=lambda chat: front.answer(chat, translation), optional=front.optional
+        )
     try:
         served = await services(request).gateway.serve(call)
     except ClientDisconnected:  # nobody to answer; the gateway recorded it as aborted

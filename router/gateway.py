@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from router.backends import Backend, Completion, Usage
+from router.backends import Backend, Completion, Usage, closed, local
 from router.backends.local import Gate
 from router.backends.native import NativeBackend, NativeRequest, speaks
 from router.calibration import AliasThreshold, calibrate, calibrated_values
@@ -158,6 +158,7 @@ class RequestContext:
     cascade: dict[str, Any] | None = None  # a cascade's local part (record and headers)
     cascade_usage: Usage | None = None  # the local answer an escalated cascade discarded
     choices: int = 1  # the request's ``n``: a provider bills each choice's completion
+    optional: frozenset[str] = frozenset()  # see Call.optional
 
     def tokens_used(self) -> int:
         """The tokens this request used (the rate limiter's charge): its answer's, and those of
@@ -183,6 +184,9 @@ class Call:
     whether the client has gone; ``native`` is the front's own body, kept for a target that
     speaks the same API. ``shape`` makes the front's answer from a whole chat answer, before
     the request is recorded: an answer the front cannot give is the request's error.
+    ``optional``: the chat fields the front made from parameters of its own API, which a model
+    that cannot take them goes without (:func:`fitted`); a client of the chat API gets what it
+    sent passed on, or refused, as it sent it.
     """
 
     body: dict[str, Any]
@@ -196,6 +200,7 @@ class Call:
     native: NativeRequest | None = None
     refused: Exception | None = None
     shape: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    optional: frozenset[str] = frozenset()
     request_id: str = field(default_factory=new_request_id)
     started: float = field(default_factory=time.perf_counter)
 
@@ -436,6 +441,7 @@ class Gateway:
             stream=call.stream,
             policy_version=self.policy.digest,
             front=call.front,
+            optional=call.optional,
         )
         status, http_status, error = "ok", 200, None
         hold: TokenHold | None = None
@@ -820,7 +826,7 @@ class Gateway:
             if passing is not None and native is not None:
                 result = await passing.complete(model, native, ctx.usage)
             else:
-                result = await backend.complete(model, body, ctx.usage)
+                result = await backend.complete(model, fitted(model, body, ctx), ctx.usage)
             ctx.usage = result.usage
             return result
 
@@ -844,7 +850,7 @@ class Gateway:
             if passing is not None and native is not None:
                 source = passing.stream(model, native, usage)
             else:
-                source = backend.stream(model, body, usage)
+                source = backend.stream(model, fitted(model, body, ctx), usage)
             try:
                 first: dict[str, Any] | None = await anext(source)
             except StopAsyncIteration:
@@ -961,7 +967,7 @@ class Gateway:
         usage = Usage()
         ctx.served = Served(model)  # a client that leaves meanwhile is charged for the local work
         try:
-            result = await backend.complete(model, _with_logprobs(body), usage)
+            result = await backend.complete(model, _with_logprobs(fitted(model, body, ctx)), usage)
         except TiergateError as exc:
             ctx.served = None
             self._cascade_note(ctx, _failed(ctx), usage, None)
@@ -997,7 +1003,7 @@ class Gateway:
         hold = HoldBack(ctx.decision.cascade.hold_back_tokens)
         started = time.perf_counter()
         ctx.served = Served(model)
-        source = backend.stream(model, _with_logprobs(body), usage)
+        source = backend.stream(model, _with_logprobs(fitted(model, body, ctx)), usage)
         ended = False
         try:
             while not hold.ready:
@@ -1223,6 +1229,22 @@ def _as_sent(
     if headers == signals.headers and sent_metadata == signals.metadata:
         return None
     return replace(signals, headers=dict(headers), metadata=sent_metadata)
+
+
+def fitted(model: ModelSpec, body: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+    """``body`` for ``model``: without the fields a front made (``Call.optional``) that the
+    model cannot take, such as an Anthropic request's ``top_k`` for an OpenAI model, which
+    OpenAI would refuse with a 400 the client, who did not choose the model, cannot avoid."""
+    names = ctx.optional.intersection(body)
+    if not names:
+        return body
+    dropped = (
+        closed.cannot_take(model, names) if model.tier == "closed" else local.cannot_take(names)
+    )
+    if not dropped:
+        return body
+    log.debug("%s goes without %s for %s", model.name, sorted(dropped), ctx.request_id)
+    return {k: v for k, v in body.items() if k not in dropped}
 
 
 def _choices(body: Mapping[str, Any]) -> int:

@@ -18,6 +18,10 @@ from router.backends.native import NATIVE, NativeRequest, native_or, passed_head
 from router.errors import BadRequestError, TiergateError, anthropic_error_body
 from router.signals import estimate_tokens
 
+#: The chat fields the translation makes from Anthropic-only parameters (``top_k``; ``thinking``
+#: as ``reasoning_effort``): a model that cannot take them goes without (``Call.optional``).
+OPTIONAL = frozenset({"top_k", "reasoning_effort"})
+
 
 @dataclass(frozen=True, slots=True)
 class Translation:

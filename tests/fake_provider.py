@@ -55,6 +55,41 @@ class Behaviour:
     reply_fn: Callable[[dict[str, Any]], str] | None = None
     # Bill each of the request's ``n`` choices, as OpenAI does (usage grows with ``n``).
     bill_choices: bool = False
+    # Refuse a chat request field OpenAI's API does not take, and ``reasoning_effort`` for a
+    # model that does not reason, with OpenAI's 400s (the fake otherwise takes anything).
+    strict: bool = False
+
+
+#: The fields of a chat request OpenAI's API takes; it refuses any other with a 400.
+OPENAI_CHAT_FIELDS = frozenset(
+    {"model", "messages", "audio", "frequency_penalty", "function_call", "functions"}
+    | {"logit_bias", "logprobs", "max_completion_tokens", "max_tokens", "metadata", "modalities"}
+    | {"n", "parallel_tool_calls", "prediction", "presence_penalty", "prompt_cache_key"}
+    | {"reasoning_effort", "response_format", "safety_identifier", "seed", "service_tier"}
+    | {"stop", "store", "stream", "stream_options", "temperature", "tool_choice", "tools"}
+    | {"top_logprobs", "top_p", "user", "verbosity", "web_search_options"}
+)
+#: Model name prefixes of OpenAI's reasoning models, the only ones that take reasoning_effort.
+OPENAI_REASONING = ("o1", "o3", "o4", "gpt-5")
+
+
+def openai_refusal(body: dict[str, Any]) -> dict[str, Any] | None:
+    """OpenAI's 400 body for a chat request it would refuse for its fields, else None."""
+    for key in body:
+        if key not in OPENAI_CHAT_FIELDS:
+            message = f"Unrecognized request argument supplied: {key}"
+            return {"message": message, "type": "invalid_request_error", "param": None}
+    reasoning = str(body.get("model", "")).startswith(OPENAI_REASONING)
+    if "reasoning_effort" in body and not reasoning:
+        return {
+            "message": (
+                "Unsupported parameter: 'reasoning_effort' is not supported with this model."
+            ),
+            "type": "invalid_request_error",
+            "param": "reasoning_effort",
+            "code": "unsupported_parameter",
+        }
+    return None
 
 
 @dataclass
@@ -150,6 +185,10 @@ class FakeProvider:
                 {"error": {"message": "slow down", "type": "rate_limit_error"}},
                 extra={"retry-after": str(b.retry_after)},
             )
+            return
+        refusal = openai_refusal(body) if b.strict and not (anthropic or responses) else None
+        if refusal is not None:
+            self._json(h, 400, {"error": refusal})
             return
         if b.mode == "array_body":
             if body.get("stream"):

@@ -9,7 +9,13 @@ from dataclasses import dataclass
 import pytest
 
 from router.backends import Completion
-from router.backends.closed import ClosedBackend, key_for, map_litellm_error, provider_of
+from router.backends.closed import (
+    ClosedBackend,
+    cannot_take,
+    key_for,
+    map_litellm_error,
+    provider_of,
+)
 from router.backends.openai_http import OpenAIHTTP
 from router.errors import (
     BackendError,
@@ -120,3 +126,18 @@ def test_litellm_errors_map_by_status_and_kind() -> None:
 def test_a_key_in_a_litellm_error_is_scrubbed() -> None:
     error = map_litellm_error(Exception("bad key sk-ant-abcdefghijklmnopqrstuvwx"), "m")
     assert "abcdefghijklmnopqrstuvwx" not in str(error) and "[redacted]" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("litellm_model", "dropped"),
+    [
+        ("openai/gpt-4o", {"top_k", "reasoning_effort"}),
+        ("openai/gpt-4.1", {"top_k", "reasoning_effort"}),
+        ("openai/o3-mini", {"top_k"}),  # a reasoning model takes reasoning_effort
+        ("openai/my-org/llama-3-70b", set()),  # unknown to litellm: a vLLM may take both
+        ("anthropic/claude-3-5-sonnet-20241022", set()),  # litellm translates for Anthropic
+    ],
+)
+def test_what_a_closed_model_cannot_take(litellm_model: str, dropped: set[str]) -> None:
+    names = {"top_k", "reasoning_effort", "temperature"}
+    assert cannot_take(Model("m", litellm_model), names) == dropped

@@ -285,6 +285,90 @@ def test_a_privacy_rule_keeps_a_message_local(
     assert fake.received == []
 
 
+THINKING = {"type": "enabled", "budget_tokens": 1024}
+
+
+@pytest.mark.parametrize("model", ["auto", "gpt-4o"], ids=["routed", "pinned"])
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_anthropic_only_parameters_are_dropped_for_an_openai_model(
+    claude_client: anthropic.Anthropic, fake: FakeProvider, model: str, stream: bool
+) -> None:
+    # top_k and thinking (as reasoning_effort) went on to gpt-4o, which OpenAI refuses with a
+    # 400: the client spoke Anthropic's API and cannot know which model serves it.
+    fake.reset(Behaviour(strict=True))
+    request: dict[str, Any] = {
+        "model": model,
+        "max_tokens": 2048,
+        "messages": [{"role": "user", "content": "HARD: name a prime number."}],
+        "thinking": THINKING,
+        "extra_body": {"top_k": 5},
+    }
+    if stream:
+        with claude_client.messages.stream(**request) as events:
+            message = events.get_final_message()
+    else:
+        message = claude_client.messages.create(**request)
+    assert message.content[0].text.strip() == Behaviour().text  # type: ignore[union-attr]
+    sent = fake.received[-1]
+    assert sent.path == "/v1/chat/completions" and sent.body["model"] == "gpt-4o"
+    assert "top_k" not in sent.body and "reasoning_effort" not in sent.body
+
+
+def test_thinking_routed_to_the_local_model_is_answered_there(
+    claude_client: anthropic.Anthropic, fake: FakeProvider
+) -> None:
+    # The local model cannot think: reasoning_effort from the translation is dropped for it,
+    # as for an OpenAI model that does not reason, rather than refused.
+    fake.reset(Behaviour(strict=True))
+    raw = claude_client.messages.with_raw_response.create(
+        model="auto",
+        max_tokens=8,
+        messages=[{"role": "user", "content": "Say hello."}],
+        thinking=THINKING,  # type: ignore[arg-type]
+        extra_body={"top_k": 5},
+    )
+    assert raw.headers["x-tiergate-tier"] == "local"
+    assert "x-tiergate-fallback" not in raw.headers
+    assert raw.parse().content[0].text.strip()  # type: ignore[union-attr]
+    assert fake.received == []
+
+
+def test_a_chat_client_that_sends_top_k_still_sends_it(
+    server: LiveServer, fake: FakeProvider
+) -> None:
+    # Only what the Anthropic translation added is dropped: a chat client's own top_k goes on.
+    fake.reset()
+    answer = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "top_k": 5},
+    )
+    assert answer.status_code == 200
+    assert fake.received[-1].body["top_k"] == 5
+
+
+def test_a_model_litellm_does_not_know_keeps_top_k(tmp_path: Path, fake: FakeProvider) -> None:
+    # An OpenAI-compatible server (vLLM) serving a model litellm's map does not know may take
+    # top_k: what it can take is not known, so nothing is dropped.
+    fake.reset()
+    vllm = (
+        "  vllm:\n    tier: closed\n    litellm_model: openai/my-org/llama-3-70b\n"
+        f"    api_base: {fake.base_url}\n    api_key_env: OPENAI_API_KEY\n"
+    )
+    policy = policy_yaml(fake).replace("models:\n", "models:\n" + vllm, 1)
+    with live(tmp_path, policy, local_backend_obj=ScriptedLocal()) as srv:
+        answer = srv.http.post(
+            "/v1/messages",
+            json={
+                "model": "vllm",
+                "max_tokens": 20,
+                "top_k": 5,
+                "messages": [{"role": "user", "content": "hi"}],
+            },
+        )
+    assert answer.status_code == 200, answer.text
+    assert fake.received[-1].body["top_k"] == 5
+
+
 def test_messages_errors_take_anthropics_shape(
     claude_client: anthropic.Anthropic, server: LiveServer
 ) -> None:

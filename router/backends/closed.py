@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from typing import Any
 
 from router.backends import Completion, ModelLike, Usage, usage_from_body
@@ -54,6 +54,26 @@ def key_for(model: ModelLike, environ: Mapping[str, str]) -> str | None:
     """The key for ``model`` from its ``api_key_env`` or its provider's usual variable."""
     env = model.api_key_env or PROVIDER_KEY_ENV.get(provider_of(model.litellm_model or ""))
     return environ.get(env) if env else None
+
+
+def cannot_take(model: ModelLike, names: Collection[str]) -> frozenset[str]:
+    """Of the chat fields ``names``, those ``model`` is known not to take.
+
+    For an OpenAI model in litellm's model map (read offline), the fields outside the
+    parameters litellm lists for it: ``top_k`` for every model, ``reasoning_effort`` for one
+    that does not reason (gpt-4o, gpt-4.1), which OpenAI refuses with a 400. A model the map
+    does not know, such as one an OpenAI-compatible server (vLLM) serves, may take them, and
+    litellm translates the fields for the other providers: for those, none.
+    """
+    litellm_model = model.litellm_model or ""
+    if provider_of(litellm_model) != "openai":
+        return frozenset()
+    litellm = quiet_litellm()
+    name = litellm_model.split("/", 1)[-1]
+    if litellm.model_cost.get(name, {}).get("litellm_provider") != "openai":
+        return frozenset()
+    supported = litellm.get_supported_openai_params(model=name, custom_llm_provider="openai")
+    return frozenset(names) - frozenset(supported or ())
 
 
 class ClosedBackend:

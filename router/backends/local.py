@@ -19,7 +19,7 @@ import functools
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, runtime_checkable
 
@@ -182,6 +182,12 @@ def llama_response_format(response_format: Any) -> Any:
     return {"type": "json_object"}
 
 
+def cannot_take(names: Collection[str]) -> frozenset[str]:
+    """Of the request fields ``names``, those the in-process backend cannot honour: neither
+    honoured (:data:`_PASSTHROUGH`, :data:`_HANDLED`) nor without effect (:data:`_NO_EFFECT`)."""
+    return frozenset(names).difference(_PASSTHROUGH, _HANDLED, _NO_EFFECT)
+
+
 def check_in_process_fields(body: dict[str, Any]) -> None:
     """Refuse (400) a request field the in-process backend would otherwise drop: each field is
     honoured (:data:`_PASSTHROUGH`, :data:`_HANDLED`), has no effect on the answer
@@ -191,14 +197,15 @@ def check_in_process_fields(body: dict[str, Any]) -> None:
     choice = body.get("tool_choice", body.get("function_call"))
     if choice not in (None, "none", "auto"):
         raise BadRequestError("the local model does not support tools", param="tool_choice")
-    for key in body:
-        if key not in _HANDLED and key not in _NO_EFFECT and key not in _PASSTHROUGH:
-            raise BadRequestError(
-                f"the in-process local model cannot honour '{key}' (it honours "
-                f"{', '.join(sorted(_PASSTHROUGH))}, max_tokens, max_completion_tokens, "
-                "logit_bias, logprobs, top_logprobs, stream_options and n=1)",
-                param=key,
-            )
+    refused = cannot_take(body)
+    key = next((key for key in body if key in refused), None)  # the first, in the body's order
+    if key is not None:
+        raise BadRequestError(
+            f"the in-process local model cannot honour '{key}' (it honours "
+            f"{', '.join(sorted(_PASSTHROUGH))}, max_tokens, max_completion_tokens, "
+            "logit_bias, logprobs, top_logprobs, stream_options and n=1)",
+            param=key,
+        )
 
 
 class TokenLogprobs:
