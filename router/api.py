@@ -274,8 +274,9 @@ class Front(Generic[_Tr]):
     to_chat: Callable[[Mapping[str, Any], str], tuple[dict[str, Any], _Tr]]
     native: Callable[[Mapping[str, Any], Mapping[str, str]], NativeRequest]
     answer: Callable[[Mapping[str, Any], _Tr], dict[str, Any]]
+    #: (chat chunks, the translation, the prompt's tokens as known when the stream opened).
     events: Callable[
-        [AsyncGenerator[dict[str, Any], None], _Tr], AsyncGenerator[dict[str, Any], None]
+        [AsyncGenerator[dict[str, Any], None], _Tr, int], AsyncGenerator[dict[str, Any], None]
     ]
     error_event: Callable[[TiergateError], dict[str, Any]]
     #: A chat field's name on this front, where it differs, for errors about the request.
@@ -353,7 +354,9 @@ async def serve_front(request: Request, front: Front[_Tr]) -> Response:
         return Response(status_code=499)
     if isinstance(served, StreamAnswer):
         return StreamingResponse(
-            _event_sse(front.events(served.chunks, kept[0]), front.error_event),
+            _event_sse(
+                front.events(served.chunks, kept[0], served.prompt_tokens), front.error_event
+            ),
             media_type="text/event-stream",
             headers={**served.headers, "cache-control": "no-cache"},
         )

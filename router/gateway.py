@@ -223,12 +223,16 @@ class StreamAnswer:
     """A streamed answer: chat completion chunks, the last one carrying the usage.
 
     The request is recorded when ``chunks`` ends, fails or is closed (``aclose``); a client
-    that leaves is recorded as aborted and charged for what was generated.
+    that leaves is recorded as aborted and charged for what was generated. ``prompt_tokens``:
+    the prompt's tokens as known when the stream opened, before the closing usage: the model's
+    own count where it gives one by its first chunk (the in-process local model), else the
+    estimate the request was routed and reserved with.
     """
 
     chunks: AsyncGenerator[dict[str, Any], None]
     headers: dict[str, str]
     request_id: str
+    prompt_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,9 +261,11 @@ class RoutePlan:
 
 @dataclass(frozen=True, slots=True)
 class _Opened:
-    """A stream's head: a model has produced its first chunk, so the headers can name it."""
+    """A stream's head: a model has produced its first chunk, so the headers can name it, and
+    the prompt's tokens as known then (see :class:`StreamAnswer`)."""
 
     headers: dict[str, str]
+    prompt_tokens: int
 
 
 class PolicyHolder:
@@ -406,7 +412,7 @@ class Gateway:
             await anext(life, None)  # the rest of its life: the record, the learning hooks
             return head
         assert isinstance(head, _Opened)
-        return StreamAnswer(_chunks(life), head.headers, call.request_id)
+        return StreamAnswer(_chunks(life), head.headers, call.request_id, head.prompt_tokens)
 
     async def route(self, call: Call) -> RoutePlan:
         """How ``call`` would be routed, after the same admission as :meth:`serve`; no model
@@ -462,7 +468,8 @@ class Gateway:
                 yield Answer(body, self.explain(ctx))
             else:
                 source = await self.stream(ctx, call.body, call.native)
-                yield _Opened(self.explain(ctx))
+                estimate = ctx.signals.prompt_tokens if ctx.signals is not None else 0
+                yield _Opened(self.explain(ctx), ctx.usage.prompt_tokens or estimate)
                 relay = _Relay(ctx)
                 async for chunk in source:
                     relay.passing(chunk)

@@ -104,11 +104,13 @@ def _plain(value: Any) -> Any:
 
 
 def events(
-    chunks: AsyncGenerator[dict[str, Any], None], translation: Translation
+    chunks: AsyncGenerator[dict[str, Any], None], translation: Translation, prompt_tokens: int = 0
 ) -> AsyncGenerator[dict[str, Any], None]:
     """Anthropic's stream events for a chat chunk stream (or the provider's own events).
 
-    Closing this closes ``chunks``.
+    ``message_start`` carries ``prompt_tokens`` as its ``input_tokens``, as Anthropic gives
+    them there: a chat stream reports its usage only at its end (in ``message_delta``, which
+    then corrects an estimate). Closing this closes ``chunks``.
     """
 
     async def translate(
@@ -128,6 +130,9 @@ def events(
             out = json.loads(json.dumps(event, default=_plain))
             if out.get("type") == "message_start":
                 out["message"]["id"] = translation.message_id
+                usage = out["message"].get("usage")
+                if isinstance(usage, dict) and not usage.get("input_tokens"):
+                    usage["input_tokens"] = prompt_tokens
             yield out
 
     return native_or(chunks, translate)

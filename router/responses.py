@@ -142,10 +142,11 @@ class _Chunks:
 
 
 def events(
-    chunks: AsyncGenerator[dict[str, Any], None], translation: Translation
+    chunks: AsyncGenerator[dict[str, Any], None], translation: Translation, prompt_tokens: int = 0
 ) -> AsyncGenerator[dict[str, Any], None]:
     """The Responses events for a chat chunk stream (or the provider's own events).
 
+    ``prompt_tokens`` is not read: a Response has no usage until ``response.completed``.
     Closing this closes ``chunks``.
     """
 

@@ -137,6 +137,31 @@ def test_messages_stream_from_the_local_model(
     assert record.stream and record.tier == "local" and record.completion_tokens > 0
 
 
+def _input_tokens(client: anthropic.Anthropic, prompt: str) -> tuple[str, int, int]:
+    """(the tier that answered, message_start's input_tokens, the final message's)."""
+    with client.messages.stream(
+        model="auto", max_tokens=5, messages=[{"role": "user", "content": prompt}]
+    ) as stream:
+        start = next(event for event in stream if event.type == "message_start")
+        final = stream.get_final_message()
+        tier = stream.response.headers["x-tiergate-tier"]
+    assert start.type == "message_start"
+    return tier, start.message.usage.input_tokens, final.usage.input_tokens
+
+
+def test_a_translated_stream_gives_its_input_tokens_in_message_start(
+    claude_client: anthropic.Anthropic,
+) -> None:
+    # message_start said input_tokens: 0; real Anthropic gives the prompt's count there. The
+    # local model's count is known by its first chunk, and is the one message_delta gives.
+    tier, start, final = _input_tokens(claude_client, "Say hello.")
+    assert tier == "local" and start == final > 0
+    # A closed model counts only at the end: message_start has Tiergate's estimate, and the
+    # final message the provider's count.
+    tier, start, final = _input_tokens(claude_client, "HARD: say hello.")
+    assert tier == "closed" and start > 0 and final == 11
+
+
 def test_a_pinned_claude_is_passed_through_natively(
     claude_client: anthropic.Anthropic, store: CapturingStore, fake: FakeProvider
 ) -> None:

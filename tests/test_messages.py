@@ -272,6 +272,14 @@ def test_a_chunk_stream_becomes_anthropics_event_sequence() -> None:
     assert source.closed
 
 
+def test_message_start_carries_the_prompt_tokens_known_before_the_answer() -> None:
+    # Anthropic gives input_tokens in message_start; the translation gave 0 there.
+    _, translation = messages.to_chat(request(tools=[TOOL], stream=True), "req_abc")
+    events = run(collect(messages.events(Source(TOOL_STREAM), translation, 42)))
+    assert events[0]["type"] == "message_start"
+    assert events[0]["message"]["usage"]["input_tokens"] == 42
+
+
 def test_native_events_pass_through_unchanged() -> None:
     native = [{"type": "message_start", "message": {"id": "m"}}, {"type": "message_stop"}]
     source = Source([{**chunk({}), NATIVE: event} for event in native])

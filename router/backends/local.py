@@ -511,11 +511,13 @@ class LlamaCppBackend:
         started = time.perf_counter()
         llm.recorder = recorder
         chunks = llm.create_chat_completion(**kwargs, stream=True)
-        completion = 0
+        completion = prompt = 0
         try:
             for chunk in chunks:
                 if cancel.is_set():
                     raise _CancelledError
+                if not prompt:  # by its first chunk the context holds the prompt, read in whole
+                    prompt = usage.prompt_tokens = int(llm.n_tokens)
                 choice = (chunk.get("choices") or [{}])[0]
                 if choice.get("delta", {}).get("content"):
                     completion += 1
@@ -527,7 +529,7 @@ class LlamaCppBackend:
                 chunks.close()
             llm.recorder = None
             usage.completion_tokens = completion
-            usage.prompt_tokens = max(0, int(llm.n_tokens) - completion)
+            usage.prompt_tokens = prompt or max(0, int(llm.n_tokens) - completion)
             usage.generation_s = time.perf_counter() - started
 
     async def aclose(self) -> None:
