@@ -185,8 +185,8 @@ class Call:
     speaks the same API. ``shape`` makes the front's answer from a whole chat answer, before
     the request is recorded: an answer the front cannot give is the request's error.
     ``optional``: the chat fields the front made from parameters of its own API, which a model
-    that cannot take them goes without (:func:`fitted`); a client of the chat API gets what it
-    sent passed on, or refused, as it sent it.
+    that cannot take them goes without (:meth:`Gateway.fitted`); what a chat client sent goes
+    on as it sent it.
     """
 
     body: dict[str, Any]
@@ -814,6 +814,23 @@ class Gateway:
 
     # -- serving ---------------------------------------------------------------------------
 
+    @staticmethod
+    def fitted(model: ModelSpec, body: dict[str, Any], optional: frozenset[str]) -> dict[str, Any]:
+        """``body`` for ``model``: without the fields a front made (``Call.optional``) that the
+        model cannot take, such as an Anthropic request's ``top_k`` for an OpenAI model, which
+        OpenAI would refuse with a 400 the client, who did not choose the model, cannot avoid."""
+        names = optional.intersection(body)
+        if not names:
+            return body
+        if model.tier == "closed":
+            dropped = closed.cannot_take(model, names)
+        else:
+            dropped = local.cannot_take(names)
+        if not dropped:
+            return body
+        log.debug("%s goes without %s", model.name, ", ".join(sorted(dropped)))
+        return {k: v for k, v in body.items() if k not in dropped}
+
     def _native_for(self, model: ModelSpec, native: NativeRequest | None) -> NativeBackend | None:
         """The native backend when ``model`` speaks the front's own API, else None."""
         if native is None or self.native is None or not speaks(model, native.api):
@@ -833,7 +850,9 @@ class Gateway:
             if passing is not None and native is not None:
                 result = await passing.complete(model, native, ctx.usage)
             else:
-                result = await backend.complete(model, fitted(model, body, ctx), ctx.usage)
+                result = await backend.complete(
+                    model, self.fitted(model, body, ctx.optional), ctx.usage
+                )
             ctx.usage = result.usage
             return result
 
@@ -857,7 +876,7 @@ class Gateway:
             if passing is not None and native is not None:
                 source = passing.stream(model, native, usage)
             else:
-                source = backend.stream(model, fitted(model, body, ctx), usage)
+                source = backend.stream(model, self.fitted(model, body, ctx.optional), usage)
             try:
                 first: dict[str, Any] | None = await anext(source)
             except StopAsyncIteration:
@@ -974,7 +993,9 @@ class Gateway:
         usage = Usage()
         ctx.served = Served(model)  # a client that leaves meanwhile is charged for the local work
         try:
-            result = await backend.complete(model, _with_logprobs(fitted(model, body, ctx)), usage)
+            result = await backend.complete(
+                model, _with_logprobs(self.fitted(model, body, ctx.optional)), usage
+            )
         except TiergateError as exc:
             ctx.served = None
             self._cascade_note(ctx, _failed(ctx), usage, None)
@@ -1010,7 +1031,9 @@ class Gateway:
         hold = HoldBack(ctx.decision.cascade.hold_back_tokens)
         started = time.perf_counter()
         ctx.served = Served(model)
-        source = backend.stream(model, _with_logprobs(fitted(model, body, ctx)), usage)
+        source = backend.stream(
+            model, _with_logprobs(self.fitted(model, body, ctx.optional)), usage
+        )
         ended = False
         try:
             while not hold.ready:
@@ -1236,22 +1259,6 @@ def _as_sent(
     if headers == signals.headers and sent_metadata == signals.metadata:
         return None
     return replace(signals, headers=dict(headers), metadata=sent_metadata)
-
-
-def fitted(model: ModelSpec, body: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
-    """``body`` for ``model``: without the fields a front made (``Call.optional``) that the
-    model cannot take, such as an Anthropic request's ``top_k`` for an OpenAI model, which
-    OpenAI would refuse with a 400 the client, who did not choose the model, cannot avoid."""
-    names = ctx.optional.intersection(body)
-    if not names:
-        return body
-    dropped = (
-        closed.cannot_take(model, names) if model.tier == "closed" else local.cannot_take(names)
-    )
-    if not dropped:
-        return body
-    log.debug("%s goes without %s for %s", model.name, sorted(dropped), ctx.request_id)
-    return {k: v for k, v in body.items() if k not in dropped}
 
 
 def _choices(body: Mapping[str, Any]) -> int:

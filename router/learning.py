@@ -258,8 +258,11 @@ class LearningLoop:
             hold = None
             if decision.budget_usd is not None:
                 hold = (self._shadow_cost(body, answer), decision.budget_usd)
+            # Asked as the gateway would ask it: without the fields a front made that it
+            # cannot take (an Anthropic request's top_k for an OpenAI model).
+            asked = self.gateway.fitted(self._closed_spec(None), dict(body), ctx.optional)
             task = asyncio.get_running_loop().create_task(
-                self._shadow(ctx.request_id, ctx.tenant, dict(body), answer, hold)
+                self._shadow(ctx.request_id, ctx.tenant, asked, answer, hold)
             )
             self.shadow_started += 1
             self._tasks.add(task)

@@ -235,6 +235,32 @@ def test_a_failed_judgement_still_counts_what_it_spent(tmp_path: Path, fake: Fak
         assert srv.gateway.outcomes.spend_today("acme") == pytest.approx(5 * one)
 
 
+def test_a_shadowed_anthropic_request_goes_without_what_the_closed_model_refuses(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    # A /v1/messages request served locally was shadowed to gpt-4o with top_k and thinking
+    # (as reasoning_effort), which OpenAI refuses: every such judgement failed.
+    fake.reset(Behaviour(strict=True, judge="closed"))
+    with serve(tmp_path, policy_yaml(fake, shadow="{sample_rate: 1.0}")) as srv:
+        answer = srv.http.post(
+            "/v1/messages",
+            json={
+                "model": "auto",
+                "max_tokens": 4,
+                "messages": [{"role": "user", "content": "tell me a joke"}],
+                "top_k": 5,
+                "thinking": {"type": "enabled", "budget_tokens": 1024},
+            },
+            headers={"authorization": f"Bearer {_key('acme')}"},
+        )
+        assert answer.headers["x-tiergate-tier"] == "local"
+        assert wait_for(lambda: labels(srv, "shadow"), 30)
+        (label,) = labels(srv, "shadow")
+        assert label["value"] == 1.0 and "error" not in label["detail"]
+        asked = next(r for r in fake.received if r not in judge_calls(fake))
+        assert "top_k" not in asked.body and "reasoning_effort" not in asked.body
+
+
 def test_no_shadow_for_local_only_traffic(tmp_path: Path, fake: FakeProvider) -> None:
     fake.reset()
     policy = policy_yaml(fake, shadow="{sample_rate: 1.0}")
