@@ -90,6 +90,31 @@ def test_external_llama_server_backend(tmp_path: Path, fake: FakeProvider) -> No
         assert srv.http.get("/readyz").json()["local"]["backend"] == "openai_http"
 
 
+def test_structured_output_reaches_the_external_server_in_the_form_llama_cpp_reads(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """OpenAI's ``json_schema`` response_format reaches a llama.cpp server as ``json_object``
+    with the schema: llama-cpp-python's server refuses ``json_schema`` (500), and llama-server
+    reads the schema in either form."""
+    fake.reset()
+    schema = {"type": "object", "properties": {"age": {"type": "integer"}}, "required": ["age"]}
+    policy = policy_yaml(fake, on_failure="error")
+    with live(tmp_path, policy, local_backend="openai_http", local_base_url=fake.base_url) as srv:
+        response = srv.http.post(
+            "/v1/chat/completions",
+            json={
+                "model": "local",
+                "messages": [{"role": "user", "content": "Give an age as JSON"}],
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "age", "schema": schema},
+                },
+            },
+        )
+    assert response.status_code == 200, response.text
+    assert fake.received[-1].body["response_format"] == {"type": "json_object", "schema": schema}
+
+
 def test_a_local_models_policy_timeout_wins_over_the_setting(
     tmp_path: Path, fake: FakeProvider
 ) -> None:

@@ -559,12 +559,15 @@ class ExternalLlamaBackend:
     def _body(self, model: ModelLike, body: dict[str, Any]) -> dict[str, Any]:
         check_local_request(body)
         messages = with_system_prompt(list(body["messages"]), self._settings.default_system_prompt)
-        return {
+        request = {
             **body,
             "model": model.litellm_model or model.name,
             "messages": messages,
             "max_tokens": local_max_tokens(body, self._settings),
         }
+        if "response_format" in body:  # llama-cpp-python's server refuses json_schema
+            request["response_format"] = llama_response_format(body["response_format"])
+        return request
 
     async def complete(
         self, model: ModelLike, body: dict[str, Any], usage: Usage | None = None
