@@ -1378,7 +1378,9 @@ async def _close(source: AsyncIterator[dict[str, Any]], request_id: str) -> None
 
 def _usage_chunk(ctx: RequestContext, stream_id: str | None, model: str | None) -> dict[str, Any]:
     # The last chunk of a stream whose backend sent no usage: the stream's own id and model
-    # (an OpenAI stream's chunks all share them), else the request's.
+    # (an OpenAI stream's chunks all share them), else the request's, and the counts the
+    # record will hold (estimated, as the backend reported none: llama_cpp.server sends none).
+    settle_usage(ctx)
     usage = ctx.usage
     return {
         "id": stream_id or ctx.request_id,

@@ -39,7 +39,9 @@ class Behaviour:
     """How to answer the next requests. ``mode`` is one of:
     ok, status, rate_limit, stall, reset_mid_stream, tool_call, echo_auth (a 500 whose message
     repeats the Authorization header it got, as careless providers do), bad_usage (``usage``
-    is a string), array_body (a 200 whose JSON body, or each streamed chunk, is an array).
+    is a string), array_body (a 200 whose JSON body, or each streamed chunk, is an array),
+    no_stream_usage (a stream without a usage chunk even when asked, as llama-cpp-python's
+    server sends it).
     ``chunk_delay_s`` paces streamed chunks."""
 
     mode: str = "ok"
@@ -350,7 +352,9 @@ class FakeProvider:
                 send({**base, "choices": [{"index": 0, "delta": {"tool_calls": [call]}}]})
         finish = "stop" if tool is None else "tool_calls"
         send({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
-        if (body.get("stream_options") or {}).get("include_usage"):
+        if (body.get("stream_options") or {}).get("include_usage") and (
+            b.mode != "no_stream_usage"
+        ):
             send({**base, "choices": [], "usage": self._usage(body)})
         h.wfile.write(b"data: [DONE]\n\n")
         h.wfile.flush()

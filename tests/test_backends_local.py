@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,7 +20,7 @@ from router.backends.local import (
 )
 from router.config import Settings
 from router.errors import BadRequestError, LocalOverloadedError
-from tests.conftest import live, policy_yaml
+from tests.conftest import live, policy_yaml, wait_for
 from tests.fake_provider import Behaviour, FakeProvider
 
 
@@ -113,6 +114,40 @@ def test_structured_output_reaches_the_external_server_in_the_form_llama_cpp_rea
         )
     assert response.status_code == 200, response.text
     assert fake.received[-1].body["response_format"] == {"type": "json_object", "schema": schema}
+
+
+def test_a_stream_without_upstream_usage_gives_the_client_the_recorded_counts(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """llama-cpp-python's server sends no usage chunk: the one Tiergate adds for a client that
+    asked for usage carries the counts the record holds (estimated), not zeros."""
+    fake.reset(Behaviour(mode="no_stream_usage"))
+    policy = policy_yaml(fake, on_failure="error")
+    with live(tmp_path, policy, local_backend="openai_http", local_base_url=fake.base_url) as srv:
+        with srv.http.stream(
+            "POST",
+            "/v1/chat/completions",
+            json={
+                "model": "local",
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "messages": [{"role": "user", "content": "Say hello to the whole team."}],
+            },
+        ) as stream:
+            chunks = [
+                json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: {")
+            ]
+        store = srv.gateway.outcomes
+        store.flush()
+        assert wait_for(lambda: store.recent(1), 10)
+        (record,) = store.recent(1)
+    usage = chunks[-1]["usage"]
+    assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (
+        record["prompt_tokens"],
+        record["completion_tokens"],
+    )
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
 def test_a_local_models_policy_timeout_wins_over_the_setting(
