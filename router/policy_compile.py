@@ -396,6 +396,16 @@ class _Checker:
                 "a local model's price is a setting (TIERGATE_LOCAL_PRICE_PER_MTOK, "
                 "TIERGATE_LOCAL_PRICE_PER_GPU_HOUR), not a policy key",
             )
+        for key_name, flag, what in (
+            ("supports_tools", spec.supports_tools, "tools"),
+            ("supports_images", spec.supports_images, "images"),
+        ):
+            if spec.tier == "local" and flag:  # the decision would pick a model that refuses
+                self.add(
+                    ("models", key, key_name),
+                    f"the local tier takes no {what} (both local backends refuse them with a "
+                    f"400): leave it false, so {what[:-1]} requests go closed",
+                )
 
     def _unknown_model(self, name: str) -> str:
         return f"unknown model {name!r} (models: {', '.join(self.policy.models) or 'none'})"

@@ -274,6 +274,17 @@ CORPUS: list[tuple[str, str, list[str]]] = [
         ["p.yaml:3:3: models.gpt: a closed model needs litellm_model (e.g. openai/gpt-4o)"],
     ),
     (
+        "local-takes-no-tools-or-images",
+        "version: 1\nmodels:\n"
+        "  local: {tier: local, supports_tools: true, supports_images: true}\n",
+        [
+            "p.yaml:3:24: models.local.supports_tools: the local tier takes no tools (both "
+            "local backends refuse them with a 400): leave it false, so tool requests go closed",
+            "p.yaml:3:46: models.local.supports_images: the local tier takes no images (both "
+            "local backends refuse them with a 400): leave it false, so image requests go closed",
+        ],
+    ),
+    (
         "route-local-without-local-model",
         "version: 1\nmodels:\n  gpt: {tier: closed, litellm_model: openai/gpt-4o}\n"
         "rules:\n  - {name: a, route: local}\n",

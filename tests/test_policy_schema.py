@@ -146,7 +146,7 @@ def local_model(spec: str) -> str:
 CASES: list[tuple[str, str, bool]] = [
     # shorthands and defaults
     ("supports-defaults", HEAD, True),
-    ("supports-explicit", local_model("tier: local, supports_tools: true"), True),
+    ("supports-explicit", local_model("tier: local, supports_tools: false"), True),
     ("integer-threshold", HEAD + "threshold: 1\n", True),
     ("bare-bool", when("{pii: true}"), True),
     ("bare-value", when("{capability: coding}"), True),
