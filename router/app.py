@@ -31,7 +31,7 @@ from router.backends.local import ExternalLlamaBackend, LlamaCppBackend, Queued
 from router.backends.native import NativeBackend
 from router.backends.openai_http import OpenAIHTTP
 from router.cascade import CascadeModel
-from router.config import Settings
+from router.config import BUNDLED_GGUF, Settings
 from router.costs import CostBook, load_litellm_cost_map
 from router.dashboard import router as observability_router
 from router.errors import (
@@ -68,12 +68,29 @@ def configured_scorer(settings: Settings) -> Scorer:
     profile = default_profile(settings.local_profile)
     if (gaps := profile.gaps_warning()) is not None:
         log.warning("%s", gaps)
+    if settings.local_profile is None and (other := _unbundled_local(settings)) is not None:
+        log.warning(
+            "the local model is %s, but routing reads the bundled %s's profile "
+            "(TIERGATE_LOCAL_PROFILE is not set): point TIERGATE_LOCAL_PROFILE at its profile "
+            "(tiergate profile, or models/profiles/; docs/profile.md)",
+            other,
+            profile.model,
+        )
     try:
         path = configured_model_path(settings)
         return load_scorer(path, profile)
     except (ConfigError, OSError) as exc:
         log.warning("no usable classifier at %s (%s); using the heuristic scorer", path, exc)
         return HeuristicScorer()
+
+
+def _unbundled_local(settings: Settings) -> str | None:
+    # The local model when it is not the bundled GGUF, whose profile is the default one.
+    if settings.local_backend == "openai_http":
+        return "an external llama.cpp server (TIERGATE_LOCAL_BASE_URL)"
+    if settings.local_backend == "llama_cpp" and settings.local_model_path.name != BUNDLED_GGUF:
+        return f"the GGUF {settings.local_model_path.name}"
+    return None
 
 
 def static_companion(scorer: Scorer) -> Scorer | None:

@@ -12,7 +12,7 @@ import router.app
 from router.app import build_outcome_store, configured_scorer, create_app
 from router.outcomes import SQLiteOutcomeStore
 from router.scoring import HeuristicScorer
-from tests.conftest import make_settings, policy_yaml
+from tests.conftest import REPO, make_settings, policy_yaml
 from tests.fake_provider import FakeProvider
 from tests.scripted_local import ScriptedLocal
 
@@ -56,6 +56,39 @@ def test_serving_with_a_profile_that_measured_only_some_capabilities_warns(
     with caplog.at_level(logging.WARNING, logger="tiergate.app"):
         configured_scorer(make_settings(tmp_path, policy_yaml(fake)))  # the bundled, complete
     assert "capabilities" not in caplog.text
+
+
+def test_serving_another_local_model_with_the_bundled_profile_warns(
+    tmp_path: Path, fake: FakeProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without TIERGATE_LOCAL_PROFILE the score reads the bundled SmolLM2's profile: for an
+    external server or another GGUF that routes for a model that is not running, so the start
+    says so; with the bundled GGUF, or a profile set, it does not."""
+    import logging
+
+    base = make_settings(tmp_path, policy_yaml(fake))
+    others = {
+        "external": base.model_copy(
+            update={"local_backend": "openai_http", "local_base_url": "http://gpu-box:8080/v1"}
+        ),
+        "gguf": base.model_copy(update={"local_model_path": tmp_path / "llama-3.1-8b.gguf"}),
+    }
+    for name, settings in others.items():
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="tiergate.app"):
+            configured_scorer(settings)
+        assert "TIERGATE_LOCAL_PROFILE" in caplog.text, name
+    for settings in (
+        base,
+        base.model_copy(update={"local_backend": "none"}),
+        others["external"].model_copy(
+            update={"local_profile": REPO / "models/profiles/Llama-3.1-8B-Instruct.yaml"}
+        ),
+    ):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="tiergate.app"):
+            configured_scorer(settings)
+        assert "TIERGATE_LOCAL_PROFILE" not in caplog.text, settings.local_backend
 
 
 def test_a_closed_model_without_a_price_is_named_at_start_and_in_readyz(
