@@ -341,7 +341,8 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     if args.name:
         name = args.name
     elif settings.local_backend == "openai_http":
-        name = urlsplit(settings.local_base_url or "").netloc or "local-server"
+        # The host and port, never a user:password@ the URL may carry.
+        name = urlsplit(settings.local_base_url or "").netloc.rpartition("@")[2] or "local-server"
     else:
         name = settings.local_model_path.name.removesuffix(".gguf")
     out = args.out or tiergate_home() / "profiles" / f"{_slug(name)}.json"

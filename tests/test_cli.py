@@ -578,6 +578,25 @@ def test_profile_against_an_external_llama_server(
     assert [d["correct"] for d in details if d["capability"] == "math"] == [True, False] * 2
 
 
+def test_a_profile_named_after_its_server_keeps_no_credentials_of_the_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake: FakeProvider
+) -> None:
+    """Without --name the profile is named after the server's host: a password in the base
+    URL (``http://user:pass@host/v1``) stays out of the name, the file name and the request."""
+    from router.profile import load_profile
+
+    fake.reset()
+    monkeypatch.setenv("TIERGATE_HOME", str(tmp_path))
+    port = fake.base_url.split(":")[-1].split("/")[0]
+    url = fake.base_url.replace("http://", "http://ops:s3cret@")
+    args = ["profile", "--base-url", url, "--per-capability", "1", "--capability", "chat"]
+    assert main(args) == 0
+    (written,) = (tmp_path / "profiles").iterdir()
+    assert written.name == f"127-0-0-1-{port}.json"
+    assert load_profile(written).model == f"127.0.0.1:{port}"
+    assert "s3cret" not in json.dumps(fake.received[-1].body)
+
+
 def test_profile_stops_when_the_server_cannot_answer(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
