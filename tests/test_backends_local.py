@@ -6,6 +6,7 @@ import asyncio
 import json
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -91,29 +92,49 @@ def test_external_llama_server_backend(tmp_path: Path, fake: FakeProvider) -> No
         assert srv.http.get("/readyz").json()["local"]["backend"] == "openai_http"
 
 
+def _sent_to_external_server(tmp_path: Path, fake: FakeProvider, **body: Any) -> dict[str, Any]:
+    """The body an external llama.cpp server gets for a request that pins the local model."""
+    fake.reset()
+    policy = policy_yaml(fake, on_failure="error")
+    with live(tmp_path, policy, local_backend="openai_http", local_base_url=fake.base_url) as srv:
+        response = srv.http.post("/v1/chat/completions", json={"model": "local", **body})
+    assert response.status_code == 200, response.text
+    return fake.received[-1].body
+
+
 def test_structured_output_reaches_the_external_server_in_the_form_llama_cpp_reads(
     tmp_path: Path, fake: FakeProvider
 ) -> None:
     """OpenAI's ``json_schema`` response_format reaches a llama.cpp server as ``json_object``
     with the schema: llama-cpp-python's server refuses ``json_schema`` (500), and llama-server
     reads the schema in either form."""
-    fake.reset()
     schema = {"type": "object", "properties": {"age": {"type": "integer"}}, "required": ["age"]}
-    policy = policy_yaml(fake, on_failure="error")
-    with live(tmp_path, policy, local_backend="openai_http", local_base_url=fake.base_url) as srv:
-        response = srv.http.post(
-            "/v1/chat/completions",
-            json={
-                "model": "local",
-                "messages": [{"role": "user", "content": "Give an age as JSON"}],
-                "response_format": {
-                    "type": "json_schema",
-                    "json_schema": {"name": "age", "schema": schema},
-                },
-            },
-        )
-    assert response.status_code == 200, response.text
-    assert fake.received[-1].body["response_format"] == {"type": "json_object", "schema": schema}
+    sent = _sent_to_external_server(
+        tmp_path,
+        fake,
+        messages=[{"role": "user", "content": "Give an age as JSON"}],
+        response_format={"type": "json_schema", "json_schema": {"name": "age", "schema": schema}},
+    )
+    assert sent["response_format"] == {"type": "json_object", "schema": schema}
+
+
+def test_the_external_server_gets_messages_every_chat_template_reads(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """As in process: text content arrays (the Anthropic front's blocks) become strings and a
+    ``developer`` message a ``system`` one. llama-cpp-python's server answered 500 to both."""
+    sent = _sent_to_external_server(
+        tmp_path,
+        fake,
+        messages=[
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hello"}]},
+        ],
+    )
+    assert sent["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hello"},
+    ]
 
 
 def test_a_stream_without_upstream_usage_gives_the_client_the_recorded_counts(

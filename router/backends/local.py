@@ -143,7 +143,8 @@ def check_local_request(body: dict[str, Any]) -> None:
 
 
 def _text_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Flatten text-only content-part arrays into strings, which every chat template accepts.
+    """Flatten text-only content-part arrays into strings, which every chat template accepts
+    (llama-cpp-python's server, too, fails on arrays and on the developer role).
 
     A ``developer`` message (OpenAI's newer name for the system message) becomes a ``system``
     one: chat templates know no developer role, so it was written into the prompt as a turn the
@@ -558,7 +559,9 @@ class ExternalLlamaBackend:
 
     def _body(self, model: ModelLike, body: dict[str, Any]) -> dict[str, Any]:
         check_local_request(body)
-        messages = with_system_prompt(list(body["messages"]), self._settings.default_system_prompt)
+        messages = with_system_prompt(
+            _text_messages(list(body["messages"])), self._settings.default_system_prompt
+        )
         request = {
             **body,
             "model": model.litellm_model or model.name,
