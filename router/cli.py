@@ -443,8 +443,8 @@ def _add_profile_command(sub: Any) -> None:
     )
     profile.add_argument(
         "--name",
-        help="the model's name in the profile (default: the GGUF name, the server host, or the "
-        "rows' weak_model)",
+        help="the model's name in the profile (default: the GGUF name, the server's host:port, "
+        "or the rows' weak_model)",
     )
     profile.add_argument(
         "--out", type=Path, help="profile file (default: $TIERGATE_HOME/profiles/NAME.json)"
