@@ -95,6 +95,12 @@ class Settings(BaseSettings):
     local_queue_size: int = Field(
         8, ge=0, description="Requests that may wait for the local model before it is 'full'."
     )
+    local_slots: int = Field(
+        4,
+        ge=1,
+        description="Requests sent to an external local server at once (openai_http): its "
+        "decoding slots (llama-server --parallel) times its replicas, over the routers.",
+    )
     local_timeout_s: float = Field(300.0, gt=0, description="Longest local generation, seconds.")
     local_max_tokens: int = Field(
         512,

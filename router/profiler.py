@@ -98,7 +98,7 @@ async def open_local_backend(settings: Settings) -> AsyncIterator[tuple[Backend,
 
         http = OpenAIHTTP(timeout_s=settings.local_timeout_s)
         try:
-            yield ExternalLlamaBackend(settings, http), 4
+            yield ExternalLlamaBackend(settings, http), settings.local_slots
         finally:
             await http.aclose()
     else:

@@ -44,6 +44,34 @@ def test_gate_bounds_waiting_and_reports_depth() -> None:
     asyncio.run(scenario())
 
 
+def test_an_external_server_gets_as_many_requests_at_once_as_local_slots_says() -> None:
+    """One router sends an external server TIERGATE_LOCAL_SLOTS requests at once (default 4),
+    so a server with more decoding slots (llama-server --parallel, several replicas) is used
+    before the queue fills and spills to the closed tier."""
+    from router.backends.local import ExternalLlamaBackend
+    from router.backends.openai_http import OpenAIHTTP
+
+    def running_at_once(**settings: Any) -> int:
+        backend = ExternalLlamaBackend(
+            Settings(local_base_url="http://gpu-box:8080/v1", **settings), OpenAIHTTP(timeout_s=1)
+        )
+
+        async def scenario() -> int:
+            taken = 0
+            while taken < 64:
+                try:
+                    await asyncio.wait_for(backend.gate.acquire(), 0.05)
+                except TimeoutError:
+                    return taken
+                taken += 1
+            return taken
+
+        return asyncio.run(scenario())
+
+    assert running_at_once() == 4
+    assert running_at_once(local_slots=16) == 16
+
+
 def test_system_prompt_added_only_when_missing() -> None:
     user = [{"role": "user", "content": "hi"}]
     assert with_system_prompt(user, "Be nice.")[0] == {"role": "system", "content": "Be nice."}

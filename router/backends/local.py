@@ -545,13 +545,13 @@ class LlamaCppBackend:
 class ExternalLlamaBackend:
     """A llama.cpp OpenAI-compatible server reached by URL: how the local tier scales out."""
 
-    def __init__(self, settings: Settings, http: OpenAIHTTP, *, slots: int = 4) -> None:
+    def __init__(self, settings: Settings, http: OpenAIHTTP) -> None:
         if not settings.local_base_url:
             raise ConfigError("local_backend=openai_http needs TIERGATE_LOCAL_BASE_URL")
         self._settings = settings
         self._base = settings.local_base_url
         self._http = http
-        self.gate = Gate(slots=slots, queue_size=settings.local_queue_size)
+        self.gate = Gate(slots=settings.local_slots, queue_size=settings.local_queue_size)
 
     def unavailable_reason(self, model: ModelLike) -> str | None:
         """Always None: reachability shows per request and triggers the fallback."""
