@@ -60,6 +60,8 @@ class Behaviour:
     # Refuse a chat request field OpenAI's API does not take, and ``reasoning_effort`` for a
     # model that does not reason, with OpenAI's 400s (the fake otherwise takes anything).
     strict: bool = False
+    # In ``status`` mode, the JSON body of the error instead of a generic one.
+    error_body: dict[str, Any] | None = None
 
 
 #: The fields of a chat request OpenAI's API takes; it refuses any other with a 400.
@@ -169,9 +171,8 @@ class FakeProvider:
         anthropic = h.path.rstrip("/").endswith("/messages")
         responses = h.path.rstrip("/").endswith("/responses")
         if b.mode == "status":
-            self._json(
-                h, b.status, {"error": {"message": "upstream exploded", "type": "server_error"}}
-            )
+            generic = {"error": {"message": "upstream exploded", "type": "server_error"}}
+            self._json(h, b.status, b.error_body or generic)
             return
         if b.mode == "echo_auth":
             leak = (

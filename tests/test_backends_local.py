@@ -199,6 +199,74 @@ def test_a_stream_without_upstream_usage_gives_the_client_the_recorded_counts(
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
+# How each llama.cpp server says a prompt does not fit its context (HTTP 400).
+_CONTEXT_ERRORS = {
+    "llama-server": {
+        "error": {
+            "code": 400,
+            "message": "the request exceeds the available context size, try increasing it",
+            "type": "exceed_context_size_error",
+            "n_prompt_tokens": 4200,
+            "n_ctx": 4096,
+        }
+    },
+    "llama_cpp.server": {
+        "error": {
+            "message": "This model's maximum context length is 4096 tokens. However, you "
+            "requested 4210 tokens (4200 in the messages, 10 in the completion).",
+            "type": "invalid_request_error",
+            "param": "messages",
+            "code": "context_length_exceeded",
+        }
+    },
+}
+
+
+@pytest.mark.parametrize("server", sorted(_CONTEXT_ERRORS))
+def test_a_prompt_over_the_external_servers_context_moves_closed_as_in_process(
+    tmp_path: Path, fake: FakeProvider, server: str
+) -> None:
+    """The policy's token estimate can undercount a prompt: when the server says it does not
+    fit, a request that did not pin the local model is answered by the closed tier (as with
+    the GGUF in process), and one that pinned it gets 400 ``context_length_exceeded``."""
+    fake.reset()
+    policy = policy_yaml(fake, on_failure="closed")
+    body = {"messages": [{"role": "user", "content": "What is the capital of France?"}]}
+    with FakeProvider() as local:
+        local.reset(Behaviour(mode="status", status=400, error_body=_CONTEXT_ERRORS[server]))
+        with live(
+            tmp_path, policy, local_backend="openai_http", local_base_url=local.base_url
+        ) as srv:
+            routed = srv.http.post("/v1/chat/completions", json={"model": "auto", **body})
+            pinned = srv.http.post("/v1/chat/completions", json={"model": "local", **body})
+            streamed = srv.http.post(
+                "/v1/chat/completions", json={"model": "auto", "stream": True, **body}
+            )
+        assert len(local.received) == 3  # each was tried on the local server first
+    assert routed.status_code == 200, routed.text
+    assert routed.headers["x-tiergate-tier"] == "closed"
+    assert streamed.status_code == 200 and streamed.headers["x-tiergate-tier"] == "closed"
+    assert pinned.status_code == 400
+    assert pinned.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_another_400_from_the_external_server_stands(tmp_path: Path, fake: FakeProvider) -> None:
+    """A 400 that is not about the context (a bad grammar, say) is the request's fault: no
+    closed call is made for it."""
+    fake.reset()
+    policy = policy_yaml(fake, on_failure="closed")
+    body = {"messages": [{"role": "user", "content": "What is the capital of France?"}]}
+    with FakeProvider() as local:
+        local.reset(Behaviour(mode="status", status=400))
+        with live(
+            tmp_path, policy, local_backend="openai_http", local_base_url=local.base_url
+        ) as srv:
+            routed = srv.http.post("/v1/chat/completions", json={"model": "auto", **body})
+    assert routed.status_code == 400
+    assert routed.json()["error"]["code"] == "upstream_bad_request"
+    assert fake.received == []
+
+
 def test_a_local_models_policy_timeout_wins_over_the_setting(
     tmp_path: Path, fake: FakeProvider
 ) -> None:

@@ -35,6 +35,7 @@ from router.errors import (
     ConfigError,
     LocalOverloadedError,
     MissingExtraError,
+    UpstreamBadRequestError,
     UpstreamTimeoutError,
 )
 
@@ -542,6 +543,23 @@ class LlamaCppBackend:
                 llm.close()
 
 
+# How llama-server and llama-cpp-python's server word a 400 for a prompt over their context.
+_OVER_CONTEXT = ("exceeds the available context size", "maximum context length")
+
+
+def _external_error(exc: UpstreamBadRequestError) -> BadRequestError | None:
+    """An external server's 400 for a prompt over its context, as the in-process backend
+    reports one (:func:`_generation_error`): a request that did not pin the local model falls
+    back from it. Any other 400 stands as the server's."""
+    if not any(phrase in exc.message for phrase in _OVER_CONTEXT):
+        return None
+    return BadRequestError(
+        f"the prompt is longer than the local server's context window: {exc.message}",
+        code="context_length_exceeded",
+        param="messages",
+    )
+
+
 class ExternalLlamaBackend:
     """A llama.cpp OpenAI-compatible server reached by URL: how the local tier scales out."""
 
@@ -587,6 +605,10 @@ class ExternalLlamaBackend:
                 label="local llama.cpp server",
                 timeout_s=local_timeout(model, self._settings),
             )
+        except UpstreamBadRequestError as exc:
+            if (over := _external_error(exc)) is None:
+                raise
+            raise over from exc
         finally:
             self.gate.release()
         result.usage.generation_s = time.perf_counter() - started
@@ -611,6 +633,10 @@ class ExternalLlamaBackend:
             ):
                 chunk["model"] = model.name
                 yield chunk
+        except UpstreamBadRequestError as exc:
+            if (over := _external_error(exc)) is None:
+                raise
+            raise over from exc
         finally:
             usage.generation_s = time.perf_counter() - started
             self.gate.release()
