@@ -283,6 +283,8 @@ class Front(Generic[_Tr]):
     fields: Mapping[str, str] = field(default_factory=dict)
     #: The chat fields its translation makes that a model may go without (``Call.optional``).
     optional: frozenset[str] = frozenset()
+    #: The fields only a model speaking this front's API serves (``Call.native_only``).
+    native_only: frozenset[str] = frozenset()
 
 
 MESSAGES = Front(
@@ -294,6 +296,7 @@ MESSAGES = Front(
     messages.events,
     messages.error_event,
     optional=messages.OPTIONAL,
+    native_only=messages.NATIVE_ONLY,
 )
 RESPONSES = Front(
     "responses",
@@ -346,7 +349,10 @@ async def serve_front(request: Request, front: Front[_Tr]) -> Response:
     if kept:  # the front's answer is made before the request is recorded
         translation = kept[0]
         call = replace(
-            call, shape=lambda chat: front.answer(chat, translation), optional=front.optional
+            call,
+            shape=lambda chat: front.answer(chat, translation),
+            optional=front.optional,
+            native_only=front.native_only,
         )
     try:
         served = await services(request).gateway.serve(call)

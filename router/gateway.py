@@ -159,6 +159,7 @@ class RequestContext:
     cascade_usage: Usage | None = None  # the local answer an escalated cascade discarded
     choices: int = 1  # the request's ``n``: a provider bills each choice's completion
     optional: frozenset[str] = frozenset()  # see Call.optional
+    native_only: frozenset[str] = frozenset()  # see Call.native_only
 
     def tokens_used(self) -> int:
         """The tokens this request used (the rate limiter's charge): its answer's, and those of
@@ -186,7 +187,9 @@ class Call:
     the request is recorded: an answer the front cannot give is the request's error.
     ``optional``: the chat fields the front made from parameters of its own API, which a model
     that cannot take them goes without (:meth:`Gateway.fitted`); what a chat client sent goes
-    on as it sent it.
+    on as it sent it. ``native_only``: the front's own fields that only a model of its API's
+    provider serves (Anthropic's ``mcp_servers``); another model refuses the request (400),
+    and the chain goes on to the next.
     """
 
     body: dict[str, Any]
@@ -201,6 +204,7 @@ class Call:
     refused: Exception | None = None
     shape: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     optional: frozenset[str] = frozenset()
+    native_only: frozenset[str] = frozenset()
     request_id: str = field(default_factory=new_request_id)
     started: float = field(default_factory=time.perf_counter)
 
@@ -448,6 +452,7 @@ class Gateway:
             policy_version=self.policy.digest,
             front=call.front,
             optional=call.optional,
+            native_only=call.native_only,
         )
         status, http_status, error = "ok", 200, None
         hold: TokenHold | None = None
@@ -815,10 +820,28 @@ class Gateway:
     # -- serving ---------------------------------------------------------------------------
 
     @staticmethod
-    def fitted(model: ModelSpec, body: dict[str, Any], optional: frozenset[str]) -> dict[str, Any]:
+    def fitted(
+        model: ModelSpec,
+        body: dict[str, Any],
+        optional: frozenset[str],
+        native_only: frozenset[str] = frozenset(),
+    ) -> dict[str, Any]:
         """``body`` for ``model``: without the fields a front made (``Call.optional``) that the
         model cannot take, such as an Anthropic request's ``top_k`` for an OpenAI model, which
-        OpenAI would refuse with a 400 the client, who did not choose the model, cannot avoid."""
+        OpenAI would refuse with a 400 the client, who did not choose the model, cannot avoid.
+
+        A request with fields only its front's own provider serves (``Call.native_only``) is
+        refused (400) for a model of another provider, so the chain tries the next model.
+        """
+        kept = native_only.intersection(body)
+        if kept and (
+            model.tier != "closed" or closed.provider_of(model.litellm_model or "") != "anthropic"
+        ):
+            names_kept = ", ".join(sorted(kept))
+            raise BadRequestError(
+                f"{model.name} cannot serve {names_kept}: only an Anthropic model does",
+                param=sorted(kept)[0],
+            )
         names = optional.intersection(body)
         if not names:
             return body
@@ -851,7 +874,7 @@ class Gateway:
                 result = await passing.complete(model, native, ctx.usage)
             else:
                 result = await backend.complete(
-                    model, self.fitted(model, body, ctx.optional), ctx.usage
+                    model, self.fitted(model, body, ctx.optional, ctx.native_only), ctx.usage
                 )
             ctx.usage = result.usage
             return result
@@ -876,7 +899,9 @@ class Gateway:
             if passing is not None and native is not None:
                 source = passing.stream(model, native, usage)
             else:
-                source = backend.stream(model, self.fitted(model, body, ctx.optional), usage)
+                source = backend.stream(
+                    model, self.fitted(model, body, ctx.optional, ctx.native_only), usage
+                )
             try:
                 first: dict[str, Any] | None = await anext(source)
             except StopAsyncIteration:
@@ -994,7 +1019,9 @@ class Gateway:
         ctx.served = Served(model)  # a client that leaves meanwhile is charged for the local work
         try:
             result = await backend.complete(
-                model, _with_logprobs(self.fitted(model, body, ctx.optional)), usage
+                model,
+                _with_logprobs(self.fitted(model, body, ctx.optional, ctx.native_only)),
+                usage,
             )
         except TiergateError as exc:
             ctx.served = None
@@ -1032,7 +1059,7 @@ class Gateway:
         started = time.perf_counter()
         ctx.served = Served(model)
         source = backend.stream(
-            model, _with_logprobs(self.fitted(model, body, ctx.optional)), usage
+            model, _with_logprobs(self.fitted(model, body, ctx.optional, ctx.native_only)), usage
         )
         ended = False
         try:

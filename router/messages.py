@@ -21,6 +21,10 @@ from router.signals import estimate_tokens
 #: The chat fields the translation makes from Anthropic-only parameters (``top_k``; ``thinking``
 #: as ``reasoning_effort``): a model that cannot take them goes without (``Call.optional``).
 OPTIONAL = frozenset({"top_k", "reasoning_effort"})
+#: Anthropic's server-side features, which the translation passes on as they are: only an
+#: Anthropic model serves a request with them (``Call.native_only``); dropping them would
+#: change what the client asked for, and another model would refuse them.
+NATIVE_ONLY = frozenset({"mcp_servers", "container", "context_management"})
 
 
 @dataclass(frozen=True, slots=True)

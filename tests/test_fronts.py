@@ -358,6 +358,35 @@ def test_thinking_routed_to_the_local_model_is_answered_there(
     assert fake.received == []
 
 
+MCP = [{"type": "url", "url": "https://mcp.example.com/sse", "name": "example"}]
+
+
+def test_anthropic_server_features_are_served_only_by_an_anthropic_model(
+    claude_client: anthropic.Anthropic, fake: FakeProvider
+) -> None:
+    # mcp_servers (like container, context_management) is Anthropic's own: the translation
+    # passed it to gpt-4o, which refuses unknown fields. Pinned to gpt-4o: a 400 naming it,
+    # nothing sent. Routed along a chain with no Anthropic model (gpt-4o, then local): each
+    # refuses it, and the 503 says why. Pinned to claude: served, natively, with it.
+    fake.reset(Behaviour(strict=True))
+    request: dict[str, Any] = {
+        "max_tokens": 20,
+        "messages": [{"role": "user", "content": "HARD: what can the tool do?"}],
+        "extra_body": {"mcp_servers": MCP},
+    }
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        claude_client.messages.create(model="gpt-4o", **request)
+    assert "gpt-4o cannot serve mcp_servers" in str(refused.value)
+    with pytest.raises(anthropic.APIStatusError) as routed:
+        claude_client.messages.create(model="auto", **request)
+    assert routed.value.status_code == 503 and "local cannot serve mcp_servers" in str(routed.value)
+    assert fake.received == []
+    raw = claude_client.messages.with_raw_response.create(model="claude", **request)
+    assert raw.headers["x-tiergate-model"] == "claude"
+    sent = fake.received[-1]
+    assert sent.path == "/v1/messages" and sent.body["mcp_servers"] == MCP
+
+
 def test_a_chat_client_that_sends_top_k_still_sends_it(
     server: LiveServer, fake: FakeProvider
 ) -> None:
