@@ -86,8 +86,13 @@ class CapabilityRow:
 
 def _read_jsonl(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
     try:
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
+        with path.open("rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                try:  # decoded line by line, so the error can name the line
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    msg = f"{path}:{lineno}: not valid UTF-8 ({exc.reason})"
+                    raise DataFormatError(msg) from exc
                 if not line.strip():
                     continue
                 try:

@@ -125,3 +125,15 @@ def test_train_artifact_records_data_hashes_and_cv(
     assert 0.0 <= meta["cv_metrics"]["capability"]["accuracy"] <= 1.0
     assert steps[-1] == "save"
     assert meta["serving"]["file"] == "serving.npz" and len(meta["serving"]["sha256"]) == 64
+
+
+def test_a_file_that_is_not_utf8_is_refused_with_its_line(tmp_path: Path) -> None:
+    # Latin-1 text saved by a spreadsheet: the user must learn which file and line, not see a
+    # UnicodeDecodeError traceback.
+    path = tmp_path / "latin1.jsonl"
+    ok = b'{"id": "a", "prompt": "ok", "weak_score": 1, "strong_score": 1}\n'
+    path.write_bytes(ok + b'{"id": "b", "prompt": "caf\xe9"}\n')
+    with pytest.raises(DataFormatError, match=r"latin1.jsonl:2: not valid UTF-8"):
+        load_prompts(path)
+    with pytest.raises(DataFormatError, match=r"latin1.jsonl:2: not valid UTF-8"):
+        load_routing_rows(path)
