@@ -127,14 +127,14 @@ def load_prompts(path: str | Path) -> list[tuple[str, str]]:
 
 
 def load_routing_rows(path: str | Path) -> list[RoutingRow]:
-    """Rows of a routing file in the documented schema, validated (scores must be finite)."""
+    """Rows of a routing file in the documented schema, validated (scores in [0, 1])."""
     p = Path(path)
     rows = []
     for n, row in _read_jsonl(p):
         weak = _field(p, n, row, "weak_score", float)
         strong = _field(p, n, row, "strong_score", float)
-        if not (math_isfinite(weak) and math_isfinite(strong)):
-            raise DataFormatError(f"{p}:{n}: weak_score/strong_score must be finite")
+        if not all(math_isfinite(s) and 0.0 <= s <= 1.0 for s in (weak, strong)):
+            raise DataFormatError(f"{p}:{n}: weak_score/strong_score must be numbers in [0, 1]")
         category = row.get("category")
         rows.append(
             RoutingRow(

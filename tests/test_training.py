@@ -137,3 +137,11 @@ def test_a_file_that_is_not_utf8_is_refused_with_its_line(tmp_path: Path) -> Non
         load_prompts(path)
     with pytest.raises(DataFormatError, match=r"latin1.jsonl:2: not valid UTF-8"):
         load_routing_rows(path)
+
+
+def test_a_routing_score_outside_0_1_is_refused(tmp_path: Path) -> None:
+    # A 1-10 judge score left unscaled would make eval's oracle and APGR meaningless.
+    rows = routing_rows(4)
+    rows[2]["weak_score"] = 7.0
+    with pytest.raises(DataFormatError, match=r"r.jsonl:3: weak_score/strong_score must be"):
+        load_routing_rows(write_jsonl(tmp_path / "r.jsonl", rows))
