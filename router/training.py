@@ -117,19 +117,31 @@ def _field(path: Path, lineno: int, row: dict[str, Any], key: str, kind: type) -
     return value
 
 
+def _unique_id(path: Path, lineno: int, row: dict[str, Any], seen: dict[str, int]) -> str:
+    # Outputs are joined back by id, and a repeated row would count twice in a fit or an APGR.
+    row_id = str(_field(path, lineno, row, "id", str))
+    if row_id in seen:
+        raise DataFormatError(f"{path}:{lineno}: id {row_id!r} repeats line {seen[row_id]}")
+    seen[row_id] = lineno
+    return row_id
+
+
 def load_prompts(path: str | Path) -> list[tuple[str, str]]:
-    """``(id, prompt)`` pairs of a JSONL file; reads no other field (``tiergate score``)."""
+    """``(id, prompt)`` pairs of a JSONL file, ids unique; reads no other field (``tiergate
+    score``)."""
     p = Path(path)
+    seen: dict[str, int] = {}
     return [
-        (str(_field(p, n, row, "id", str)), _field(p, n, row, "prompt", str))
-        for n, row in _read_jsonl(p)
+        (_unique_id(p, n, row, seen), _field(p, n, row, "prompt", str)) for n, row in _read_jsonl(p)
     ]
 
 
 def load_routing_rows(path: str | Path) -> list[RoutingRow]:
-    """Rows of a routing file in the documented schema, validated (scores in [0, 1])."""
+    """Rows of a routing file in the documented schema, validated (scores in [0, 1], ids
+    unique)."""
     p = Path(path)
     rows = []
+    seen: dict[str, int] = {}
     for n, row in _read_jsonl(p):
         weak = _field(p, n, row, "weak_score", float)
         strong = _field(p, n, row, "strong_score", float)
@@ -138,7 +150,7 @@ def load_routing_rows(path: str | Path) -> list[RoutingRow]:
         category = row.get("category")
         rows.append(
             RoutingRow(
-                id=str(_field(p, n, row, "id", str)),
+                id=_unique_id(p, n, row, seen),
                 prompt=_field(p, n, row, "prompt", str),
                 weak_score=weak,
                 strong_score=strong,

@@ -145,3 +145,14 @@ def test_a_routing_score_outside_0_1_is_refused(tmp_path: Path) -> None:
     rows[2]["weak_score"] = 7.0
     with pytest.raises(DataFormatError, match=r"r.jsonl:3: weak_score/strong_score must be"):
         load_routing_rows(write_jsonl(tmp_path / "r.jsonl", rows))
+
+
+def test_a_repeated_id_is_refused_with_both_lines(tmp_path: Path) -> None:
+    # A row pasted twice would count twice in training and in eval's APGR, and make score's
+    # output impossible to join back by id.
+    rows = routing_rows(4)
+    rows.append(dict(rows[1]))
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    for load in (load_routing_rows, load_prompts):
+        with pytest.raises(DataFormatError, match=r"d.jsonl:5: id 'a/1' repeats line 2"):
+            load(path)
