@@ -1133,7 +1133,8 @@ def _add_retrain_command(sub: Any) -> None:
         help="candidate design: relearn the local profile (profile; a profile router such as "
         "the shipped one), keep the base model and add a traffic head where prompts look like "
         "logged traffic (residual), or refit one model on base rows + outcomes (refit); auto "
-        "(default) picks profile or residual by the current model",
+        "(default) picks by the current model: profile, else residual, else (a tiergate "
+        "train gap head) refit",
     )
     retrain.add_argument("--json", action="store_true", help="machine-readable report")
     retrain.add_argument("--config", type=Path, help="YAML settings file")

@@ -22,7 +22,8 @@
    ``"auto"`` is ``"residual"``: the base routing classifier is kept unchanged and a traffic
    head, fitted on the labelled outcomes alone with its regularisation chosen by
    cross-validation on them, is mixed in where a domain gate says a prompt looks like logged
-   traffic rather than base data (:mod:`router.residual`, which says why).
+   traffic rather than base data (:mod:`router.residual`, which says why); a gap head
+   (``tiergate train`` on routing files) has no structure features for it and is refitted.
    ``candidate="refit"`` refits one routing classifier on base rows
    (:func:`router.training.routing_target`, hard target) plus the outcomes, all together
    weighing ``outcome_weight`` times one base file. Either of those two takes a label as a
@@ -337,9 +338,7 @@ def fit_candidate(
         prompts += [r.prompt, r.prompt]
         targets += [1, 0]
         weights += [per_row * v, per_row * (1.0 - v)]
-    root = (
-        current.routing.base_ if isinstance(current.routing, ResidualRouting) else current.routing
-    )
+    root = _root(current.routing)
     # The current model's design: capability probabilities when it reads them, else words.
     routing: PromptClassifier = (
         CapabilityRouting(capability=current.capability, **DEFAULT_ROUTING_PARAMS)
@@ -348,6 +347,11 @@ def fit_candidate(
     )
     routing.fit(prompts, np.array(targets), sample_weight=np.array(weights))
     return LearnedScorer(routing, current.capability, version), {"design": "refit"}
+
+
+def _root(routing: Any) -> Any:
+    """The base routing model a residual one adapts (a residual is replaced, never stacked)."""
+    return routing.base_ if isinstance(routing, ResidualRouting) else routing
 
 
 def _label_value(row: RoutingRow) -> float:
@@ -362,8 +366,7 @@ def _fit_residual(
     config: GateConfig,
 ) -> tuple[LearnedScorer, dict[str, Any]]:
     # Always adapt the same base model: a promoted residual model is replaced, not stacked.
-    routing = current.routing
-    root = routing.base_ if isinstance(routing, ResidualRouting) else routing
+    root = _root(current.routing)
     sample = sorted(base, key=lambda r: bucket(r.id, "gate"))[: config.gate_base_sample]
     model, info = fit_residual(
         root,
@@ -462,6 +465,14 @@ def retrain(
     )
     if design == "profile" and not isinstance(current, ProfileScorer):
         raise ConfigError(f"{models.path(parent)}: its serving form is not a profile head")
+    if design == "residual" and not _root(current.routing).use_structure:
+        # A gap head (`tiergate train` on routing files) has no structure features to adapt.
+        if config.candidate != "auto":
+            raise ConfigError(
+                f"{models.path(parent)} has no structure features for the residual head; "
+                "retrain it with --candidate refit"
+            )
+        design = "refit"
     rows, counts = labelled_rows(outcomes)
     rows = [*rows, *extra_rows]
     train, held = split_outcomes(rows, config)

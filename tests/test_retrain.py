@@ -7,6 +7,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -15,6 +16,7 @@ import pytest
 from router.artifact import load_fitted, load_scorer, save_scorer
 from router.classifier import LearnedScorer
 from router.cli import main
+from router.errors import ConfigError
 from router.outcomes import Label, OutcomeRecord, SQLiteOutcomeStore
 from router.profile import LocalProfile, default_profile, load_profile
 from router.registry import ModelStore
@@ -552,3 +554,22 @@ def test_a_learnt_profile_is_not_read_over_another_local_model(
     # Rolling back to the parent serves the declared profile again.
     models.rollback()
     assert load_scorer(models.path(models.current() or ""), prior).profile == prior
+
+
+@pytest.mark.slow  # trains and retrains a classifier
+def test_auto_retrains_what_tiergate_train_writes(
+    tmp_path: Path, outcomes: SQLiteOutcomeStore
+) -> None:
+    # `tiergate train` on routing files writes a gap head without structure features, which the
+    # residual head cannot adapt: the default design must still retrain it (by refitting).
+    from router.training import train_artifact
+
+    base = base_file(tmp_path)
+    models = ModelStore(tmp_path / "models")
+    models.adopt(train_artifact([base], tmp_path / "mine", cv=False))
+    label_traffic(outcomes, source="shadow", honest=True, n=100)  # ~30 held out by id hash
+    outcomes.flush()
+    with pytest.raises(ConfigError, match="retrain it with --candidate refit"):
+        retrain(outcomes, models, [base], replace(CONFIG, candidate="residual"))
+    report = retrain(outcomes, models, [base], CONFIG)
+    assert models.metadata(report.version)["lineage"]["candidate"]["design"] == "refit"
