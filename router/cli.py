@@ -215,7 +215,9 @@ def _add_model_commands(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.add_argument("--plot", metavar="PNG", help="draw the curve to this image")
     p.add_argument("--threshold", type=float, help="policy score threshold to mark")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
+    p.add_argument(
+        "--bootstrap", type=_at_least_one, default=1000, help="bootstrap resamples for CIs"
+    )
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser(
@@ -1125,7 +1127,9 @@ def _add_retrain_command(sub: Any) -> None:
         action="store_true",
         help="the gain's whole 95%% interval must exceed --min-gain",
     )
-    retrain.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    retrain.add_argument(
+        "--bootstrap", type=_at_least_one, default=1000, help="bootstrap resamples"
+    )
     retrain.add_argument(
         "--candidate",
         choices=("auto", "profile", "residual", "refit"),

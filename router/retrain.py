@@ -118,6 +118,11 @@ class GateConfig:
     gate_base_sample: int = 3000
     profile_prior: float = PROFILE_PRIOR
 
+    def __post_init__(self) -> None:
+        # Without resamples the noise intervals are NaN, and NaN is never "worse beyond noise".
+        if self.n_bootstrap < 1:
+            raise ConfigError(f"n_bootstrap must be at least 1, not {self.n_bootstrap}")
+
 
 @dataclass(frozen=True)
 class Comparison:

@@ -206,3 +206,11 @@ def test_serving_form_on_the_shipped_router_only_checks_it(
     assert main(["serving-form"]) == 0
     assert read_sidecar(shipped)["serving"]["sha256"] in capsys.readouterr().err
     assert (shipped / SERVING_FILE).stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("command", ["eval", "retrain"])
+def test_bootstrap_below_one_is_a_usage_error(command: str) -> None:
+    # eval printed NaN intervals (0) or a numpy traceback (negative); retrain promoted on NaN.
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--bootstrap", "0", *(["--data", "x.jsonl"] if command == "eval" else [])])
+    assert exc.value.code == 2

@@ -573,3 +573,10 @@ def test_auto_retrains_what_tiergate_train_writes(
         retrain(outcomes, models, [base], replace(CONFIG, candidate="residual"))
     report = retrain(outcomes, models, [base], CONFIG)
     assert models.metadata(report.version)["lineage"]["candidate"]["design"] == "refit"
+
+
+def test_a_gate_without_bootstrap_resamples_is_refused() -> None:
+    # No resamples leaves the noise intervals NaN, and a NaN interval is never "worse beyond
+    # noise": such a gate would promote any candidate with a point gain.
+    with pytest.raises(ConfigError, match="n_bootstrap must be at least 1"):
+        GateConfig(n_bootstrap=0)
