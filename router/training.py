@@ -127,13 +127,16 @@ def _unique_id(path: Path, lineno: int, row: dict[str, Any], seen: dict[str, int
 
 
 def load_prompts(path: str | Path) -> list[tuple[str, str]]:
-    """``(id, prompt)`` pairs of a JSONL file, ids unique; reads no other field (``tiergate
-    score``)."""
+    """``(id, prompt)`` pairs of a JSONL file, at least one, ids unique; reads no other field
+    (``tiergate score``)."""
     p = Path(path)
     seen: dict[str, int] = {}
-    return [
+    rows = [
         (_unique_id(p, n, row, seen), _field(p, n, row, "prompt", str)) for n, row in _read_jsonl(p)
     ]
+    if not rows:
+        raise DataFormatError(f"{p}: no rows")
+    return rows
 
 
 def load_routing_rows(path: str | Path) -> list[RoutingRow]:

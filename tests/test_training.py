@@ -156,3 +156,11 @@ def test_a_repeated_id_is_refused_with_both_lines(tmp_path: Path) -> None:
     for load in (load_routing_rows, load_prompts):
         with pytest.raises(DataFormatError, match=r"d.jsonl:5: id 'a/1' repeats line 2"):
             load(path)
+
+
+def test_an_empty_prompt_file_is_refused_like_the_other_loaders(tmp_path: Path) -> None:
+    # score and classify exited 0 with no output on an empty (say, truncated) file, where
+    # train, eval and profile --from-labels say "no rows".
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataFormatError, match=r"empty.jsonl: no rows"):
+        load_prompts(tmp_path / "empty.jsonl")
