@@ -107,7 +107,9 @@ def _read_jsonl(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
 
 
 def _field(path: Path, lineno: int, row: dict[str, Any], key: str, kind: type) -> Any:
-    value = row.get(key)
+    if key not in row:  # most often a file in another schema: say so, not "must be a str"
+        raise DataFormatError(f"{path}:{lineno}: missing field {key!r}")
+    value = row[key]
     if key == "id" and isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     if kind is float and isinstance(value, int | float) and not isinstance(value, bool):

@@ -140,7 +140,7 @@ def test_profile_from_files_takes_one_weak_model_and_names_its_files(tmp_path: P
 
 def test_labelled_rows_must_hold_a_prompt_and_a_rate(tmp_path: Path) -> None:
     bad = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "weak_score": 0.5}, {"prompt": "y"}])
-    with pytest.raises(DataFormatError, match=r"bad.jsonl:2: field 'weak_score'"):
+    with pytest.raises(DataFormatError, match=r"bad.jsonl:2: missing field 'weak_score'"):
         load_weak_labels(bad)
     judge = _jsonl(tmp_path / "judge.jsonl", [{"prompt": "x", "weak_score": 8}])
     with pytest.raises(DataFormatError, match=r"judge.jsonl:1: weak_score must be .* \[0, 1\]"):

@@ -164,3 +164,10 @@ def test_an_empty_prompt_file_is_refused_like_the_other_loaders(tmp_path: Path) 
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(DataFormatError, match=r"empty.jsonl: no rows"):
         load_prompts(tmp_path / "empty.jsonl")
+
+
+def test_a_missing_field_is_named_as_missing(tmp_path: Path) -> None:
+    # A file in another schema ({"text", "label"}) read "field 'prompt' must be a str".
+    path = write_jsonl(tmp_path / "other.jsonl", [{"id": "a", "text": "hi", "label": 1}])
+    with pytest.raises(DataFormatError, match=r"other.jsonl:1: missing field 'prompt'"):
+        load_prompts(path)
