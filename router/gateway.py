@@ -67,6 +67,7 @@ from router.signals import (
     CHARS_PER_TOKEN,
     Signals,
     extract_signals,
+    policy_metadata,
     request_strings,
     scoring_text,
 )
@@ -737,9 +738,9 @@ class Gateway:
 
     # -- reserving -------------------------------------------------------------------------
 
-    def _one_call(self, ctx: RequestContext, default_completion: int) -> tuple[int, int]:
-        # (prompt, completion) tokens one model call may use: the prompt estimate, and
-        # ``max_tokens`` or else ``default_completion`` for each of the ``n`` choices.
+    def call_tokens(self, ctx: RequestContext, default_completion: int) -> tuple[int, int]:
+        """(prompt, completion) tokens one model call for ``ctx`` may use: the prompt estimate,
+        and ``max_tokens`` or else ``default_completion`` for each of the ``n`` choices."""
         assert ctx.signals is not None
         completion = ctx.signals.max_tokens or default_completion
         return ctx.signals.prompt_tokens, completion * ctx.choices
@@ -747,7 +748,7 @@ class Gateway:
     def reserved_tokens(self, ctx: RequestContext, default_completion: int) -> tuple[int, int]:
         """(prompt, completion) tokens to reserve for ``ctx`` before it is served: one call's,
         or for a cascade two: the local answer and the closed call it may escalate to."""
-        prompt, completion = self._one_call(ctx, default_completion)
+        prompt, completion = self.call_tokens(ctx, default_completion)
         calls = 2 if ctx.decision is not None and ctx.decision.cascade is not None else 1
         return calls * prompt, calls * completion
 
@@ -756,7 +757,7 @@ class Gateway:
         included); for a cascade, its local answer plus the dearest model it may escalate to."""
         decision = ctx.decision
         assert decision is not None
-        prompt, completion = self._one_call(ctx, default_completion)
+        prompt, completion = self.call_tokens(ctx, default_completion)
         if decision.cascade is not None:
             local = self._cost(self.policy.models[decision.model], prompt, completion, 0.0)
             escalation = self._escalation(decision)
@@ -1278,10 +1279,7 @@ def _as_sent(
 ) -> Signals | None:
     """``signals`` with every policy header and read ``metadata`` field the caller sent, or None
     when the caller was allowed them all already."""
-    metadata = body.get("metadata")
-    sent_metadata = (
-        {k: v for k, v in metadata.items() if k in read} if isinstance(metadata, Mapping) else {}
-    )
+    sent_metadata = policy_metadata(body, read)
     headers = signals.headers if sent_headers is None else sent_headers
     if headers == signals.headers and sent_metadata == signals.metadata:
         return None

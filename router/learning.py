@@ -257,7 +257,7 @@ class LearningLoop:
                 return
             hold = None
             if decision.budget_usd is not None:
-                hold = (self._shadow_cost(body, answer), decision.budget_usd)
+                hold = (self._shadow_cost(ctx, body, answer), decision.budget_usd)
             # Asked as the gateway would ask it: without the fields a front made that it
             # cannot take (an Anthropic request's top_k for an OpenAI model).
             asked = self.gateway.fitted(self._closed_spec(None), dict(body), ctx.optional)
@@ -308,22 +308,18 @@ class LearningLoop:
                 if hold is not None:
                     await asyncio.to_thread(self.store.release_spend, hold_id)
 
-    def _shadow_cost(self, body: Mapping[str, Any], local: str) -> float:
-        """What a shadow judgement may cost: the default closed model answering ``body`` and
-        the judge reading both answers twice, each call priced at its prompt estimate and its
-        completion cap (``max_tokens``, else the gateway's ``reserve_tokens``)."""
+    def _shadow_cost(self, ctx: Any, body: Mapping[str, Any], local: str) -> float:
+        """What a shadow judgement may cost: the default closed model answering the request
+        (the tokens the gateway reserved one call for) and the judge reading both answers
+        twice, each call priced at its prompt estimate and its completion cap."""
         from router.signals import estimate_tokens, scoring_text
 
-        messages = list(body.get("messages") or [])
-        prompt = estimate_tokens(messages, body.get("tools") or body.get("functions"))
-        n = body.get("n")
-        choices = n if isinstance(n, int) and n > 1 else 1
-        cap = body.get("max_completion_tokens") or body.get("max_tokens")
-        completion = (cap if isinstance(cap, int) else self.gateway.reserve_tokens) * choices
+        prompt, completion = self.gateway.call_tokens(ctx, self.gateway.reserve_tokens)
         costs = self.gateway.costs
         closed = costs.closed_cost(self._closed_spec(None), prompt, completion)
         # The judge reads the question and both answers (the closed one at most its cap).
-        judged: list[Mapping[str, Any]] = [*judge_messages(scoring_text(messages), local, "")]
+        question = scoring_text(list(body.get("messages") or []))
+        judged: list[Mapping[str, Any]] = [*judge_messages(question, local, "")]
         judge_prompt = estimate_tokens(judged) + completion
         judge = costs.closed_cost(self._closed_spec(self.judge_model), judge_prompt, JUDGE_TOKENS)
         return float(closed + 2 * judge)

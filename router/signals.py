@@ -279,10 +279,6 @@ def extract_signals(
         found.update(request_pii_kinds(sent))
     kinds = tuple(k for k in PII_KINDS if k in found) + tuple(sorted(found - set(PII_KINDS)))
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-    metadata = body.get("metadata")
-    kept: dict[str, Any] = {}
-    if isinstance(metadata, Mapping):
-        kept = {k: v for k, v in metadata.items() if metadata_keys is None or k in metadata_keys}
     return Signals(
         alias=str(body.get("model", "auto")),
         tenant=tenant,
@@ -301,5 +297,14 @@ def extract_signals(
         local_accuracy=analysis.local_accuracy,
         local_profile=analysis.local_profile,
         headers=dict(headers or {}),
-        metadata=kept,
+        metadata=policy_metadata(body, metadata_keys),
     )
+
+
+def policy_metadata(body: Mapping[str, Any], keys: Collection[str] | None) -> dict[str, Any]:
+    """The request's top-level ``metadata`` fields named in ``keys`` (None: all of them), as
+    the policy sees them."""
+    metadata = body.get("metadata")
+    if not isinstance(metadata, Mapping):
+        return {}
+    return {k: v for k, v in metadata.items() if keys is None or k in keys}
