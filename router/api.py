@@ -219,7 +219,12 @@ async def call_of(
         tenant=_tenant(request),
         front=front,
         policy_headers=_policy_headers(request),
-        sent_policy_headers=_policy_headers(request, gated=False),
+        # All the caller sent, where its key may not set every one (else the same headers).
+        sent_policy_headers=(
+            None
+            if getattr(request.state, "policy_headers", None) is None
+            else _policy_headers(request, gated=False)
+        ),
         metadata_keys=_policy_metadata(request),
         disconnected=request.is_disconnected,
         native=native,
