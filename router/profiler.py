@@ -258,8 +258,9 @@ def _select(
     files: Sequence[Path], weak_model: str | None
 ) -> tuple[list[Any], list[tuple[Path, int]], str]:
     # The rows of one weak model across files (the only one, or the one asked for).
-    from router.training import load_weak_labels
+    from router.training import distinct_files, load_weak_labels
 
+    distinct_files(files)
     rows, used = [], []
     seen: set[str] = set()
     for path in files:

@@ -470,6 +470,7 @@ def train_profile_router(
     the capability model already loaded (a study passes one whose probabilities it keeps);
     ``metadata``: more sidecar fields (a study that reproduces a router's score names it as
     ``score_of``)."""
+    distinct_files(data)
     rows = [r for f in data for r in load_routing_rows(f)]
     if reader is None:
         reader = load_capability_model(Path(capability))
@@ -496,6 +497,21 @@ def _gap_summary(routing: GapRouting) -> dict[str, Any]:
         "profiles": "each weak model's, cross-fitted from its labels "
         f"({PROFILE_FOLDS} folds, {PROFILE_PRIOR:g} pseudo-rows)",
     }
+
+
+def distinct_files(data: Sequence[str | Path]) -> None:
+    """Refuse a training file given twice (by its bytes): its rows would weigh double in the fit
+    and count twice in the cross-validated figures."""
+    seen: dict[str, Path] = {}
+    for f in data:
+        p = Path(f)
+        try:
+            digest = sha256_file(p)
+        except OSError as exc:
+            raise DataFormatError(f"cannot read {p}: {exc.strerror}") from exc
+        if digest in seen:
+            raise DataFormatError(f"{p}: the same data as {seen[digest]} (given twice)")
+        seen[digest] = p
 
 
 def data_file_info(path: str | Path, rows: int) -> dict[str, Any]:
@@ -620,6 +636,7 @@ def train_artifact(
         if progress:
             progress(name)
 
+    distinct_files(data)
     routing_rows: list[RoutingRow] = []
     capability_rows: list[CapabilityRow] = []
     files = []

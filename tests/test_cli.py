@@ -677,6 +677,9 @@ def test_profile_from_labels_refuses_probe_options_and_mixed_models(
     assert "go with --from-labels" in capsys.readouterr().err
     assert main([*base, "--weak-model", "a", "--router", "models/router-v3"]) == 2
     assert "not a router that reads the local profile" in capsys.readouterr().err
+    twice = ["profile", "--from-labels", str(labels), str(labels), "--weak-model", "a"]
+    assert main([*twice, "--out", str(out)]) == 2  # its rows would weigh double
+    assert "labels.jsonl (given twice)" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -158,6 +158,18 @@ def test_a_repeated_id_is_refused_with_both_lines(tmp_path: Path) -> None:
             load(path)
 
 
+def test_a_training_file_given_twice_is_refused(tmp_path: Path) -> None:
+    # `tiergate train a.jsonl a.jsonl` (or a copy under another name) fitted every row twice
+    # and reported cross-validated figures over the doubled rows.
+    first = write_jsonl(tmp_path / "a.jsonl", routing_rows(12))
+    copy = tmp_path / "copy.jsonl"
+    copy.write_bytes(first.read_bytes())
+    for data in ([first, first], [first, copy]):
+        with pytest.raises(DataFormatError, match=r"the same data as .*a.jsonl \(given twice\)"):
+            train_artifact(data, tmp_path / "out", cv=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_empty_prompt_file_is_refused_like_the_other_loaders(tmp_path: Path) -> None:
     # score and classify exited 0 with no output on an empty (say, truncated) file, where
     # train, eval and profile --from-labels say "no rows".
