@@ -459,8 +459,7 @@ class RedisOutcomeStore(OutcomeWriter):
                 )
             )
         except (RedisError, OSError) as exc:
-            self._holds_down_until = time.monotonic() + HOLD_RETRY_S
-            self.unavailable(exc)  # one line per outage, shared with the writer
+            self._holds_down(exc)
             return self.ledger.reserve(tenant, request_id, usd, budget)
         if held:
             self.ledger.hold(tenant, request_id, usd)
@@ -483,8 +482,12 @@ class RedisOutcomeStore(OutcomeWriter):
             pipe.zrem(self.key("holds", tenant_key), rid)
             pipe.execute()
         except (RedisError, OSError) as exc:
-            self._holds_down_until = time.monotonic() + HOLD_RETRY_S
-            self.unavailable(exc)
+            self._holds_down(exc)
+
+    def _holds_down(self, exc: BaseException) -> None:
+        # Holds skip Redis for HOLD_RETRY_S; the outage is logged once, shared with the writer.
+        self._holds_down_until = time.monotonic() + HOLD_RETRY_S
+        self.unavailable(exc)
 
     def get(self, record_id: str) -> dict[str, Any] | None:
         """One record by request id, including one still buffered here."""
