@@ -168,7 +168,7 @@ def estimate_tokens(messages: list[Mapping[str, Any]], tools: Any = None) -> int
         text, parts = _content_size(m.get("content"))
         chars += text
         media += parts
-        calls = m.get("tool_calls")
+        calls = m.get("tool_calls") or m.get("function_call")
         if calls:
             chars += len(str(calls))
     if tools:
@@ -249,6 +249,15 @@ def request_pii_kinds(body: Mapping[str, Any], *, read: Collection[int] = ()) ->
     return pii_kinds("\n".join(texts))
 
 
+def _tool_turn(message: Mapping[str, Any]) -> bool:
+    # A tool call or its result, in either form: ``tool_calls`` and ``tool`` messages, or the
+    # older ``function_call`` and ``function`` ones. A conversation that holds one needs a model
+    # that takes tools: chat templates render the call as an empty assistant turn.
+    return message.get("role") in ("tool", "function") or bool(
+        message.get("tool_calls") or message.get("function_call")
+    )
+
+
 def extract_signals(
     body: Mapping[str, Any],
     scorer: Scorer,
@@ -267,7 +276,7 @@ def extract_signals(
     """
     messages: list[Mapping[str, Any]] = list(body.get("messages") or [])
     tools = body.get("tools") or body.get("functions")
-    has_tools = bool(tools) or any(m.get("role") == "tool" for m in messages)
+    has_tools = bool(tools) or any(_tool_turn(m) for m in messages)
     text = scoring_text(messages)
     # The prompt is read here and by the scorer (for its stakes): pii_kinds remembers the last
     # long string, so it is read once. The rest of the body is read without it.

@@ -316,6 +316,25 @@ def test_tool_calls_round_trip_through_the_closed_tier(
     assert sent[2] == {"role": "tool", "tool_call_id": "call_fake_1", "content": '{"temp_c": 21}'}
 
 
+def test_a_function_call_history_goes_to_the_closed_tier(
+    client: openai.OpenAI, fake: FakeProvider
+) -> None:
+    # The older function-calling form: chat templates render the call as an empty assistant
+    # turn, so the local model would answer without it, as it would from a tool call.
+    fake.reset()
+    call = {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    messages: list[dict[str, object]] = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "function_call": call},
+        {"role": "function", "name": "get_weather", "content": '{"temp_c": 21}'},
+    ]
+    raw = client.chat.completions.with_raw_response.create(model="auto", messages=messages)  # type: ignore[arg-type]
+    assert raw.headers["x-tiergate-tier"] == "closed"
+    assert fake.received[-1].body["messages"][1]["function_call"] == call
+    with pytest.raises(openai.BadRequestError, match="tools"):
+        client.chat.completions.create(model="local", messages=messages)  # type: ignore[arg-type]
+
+
 def test_closed_failure_falls_back_to_local(
     client: openai.OpenAI, server: LiveServer, fake: FakeProvider
 ) -> None:

@@ -298,3 +298,35 @@ class _Unread(dict[str, Any]):
 def test_the_estimate_never_reads_a_files_payload() -> None:
     parts = [{"type": "file", "file": _Unread(file_data=PDF)}]
     assert estimate_tokens([{"role": "user", "content": parts}]) == FILE_TOKENS + 4
+
+
+CALL = {"name": "get_weather", "arguments": "{}"}
+
+
+@pytest.mark.parametrize(
+    ("extra", "has_tools"),
+    [
+        ({}, False),
+        ({"tools": [{"type": "function", "function": {"name": "get_weather"}}]}, True),
+        ({"functions": [{"name": "get_weather"}]}, True),
+        ({"messages": [{"role": "tool", "tool_call_id": "c1", "content": "21"}]}, True),
+        ({"messages": [{"role": "function", "name": "get_weather", "content": "21"}]}, True),
+        ({"messages": [{"role": "assistant", "content": None, "function_call": CALL}]}, True),
+        (
+            {"messages": [{"role": "assistant", "tool_calls": [{"id": "c1", "function": CALL}]}]},
+            True,
+        ),
+    ],
+)
+def test_a_tool_call_or_result_in_either_form_sets_has_tools(
+    extra: dict[str, Any], has_tools: bool
+) -> None:
+    body = {**_base(), **{k: v for k, v in extra.items() if k != "messages"}}
+    body["messages"] = [*body["messages"], *extra.get("messages", [])]
+    assert extract_signals(body, BlindScorer()).has_tools is has_tools
+
+
+def test_a_function_call_counts_toward_the_prompt_estimate() -> None:
+    message = {"role": "assistant", "content": None}
+    called = {**message, "function_call": {"name": "f", "arguments": "x" * 700}}
+    assert estimate_tokens([called]) - estimate_tokens([message]) >= 200
