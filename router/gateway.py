@@ -510,6 +510,10 @@ class Gateway:
         if ctx.decision.rejected:
             raise BudgetExceededError(ctx.decision.rejected)
         if ctx.decision.unsatisfiable:
+            if ctx.decision.context_exceeded:
+                raise BadRequestError(
+                    ctx.decision.unsatisfiable, code="context_length_exceeded", param="messages"
+                )
             raise BadRequestError(ctx.decision.unsatisfiable)
         tokens = sum(self.reserved_tokens(ctx, self.reserve_tokens))
         return await self.limiter.reserve(call.principal, tokens)

@@ -459,6 +459,9 @@ class Decision:
     * ``unsatisfiable``: set when the request needs something the chosen model lacks (images,
       tools, context) and the policy forbids moving it (local_only, or a pinned model). The
       caller answers with an error instead of calling the model (400).
+    * ``context_exceeded``: the request is unsatisfiable for want of room (prompt plus
+      ``max_tokens`` over the window): the 400 is ``context_length_exceeded``, as OpenAI's and
+      the local model's own are, the code agent loops read to shorten their history.
     * ``rejected``: set when the tenant's daily budget is spent and its ``over_budget`` is
       ``reject``; the caller answers 429 ``budget_exceeded`` and calls no model. ``tier`` is then
       ``local`` so that a caller that forgets the check still spends nothing.
@@ -494,6 +497,7 @@ class Decision:
     profile_entry: str | None = None
     cascade: CascadePlan | None = None
     cascade_skipped: str | None = None
+    context_exceeded: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready view for headers, outcome records and trace spans."""
@@ -693,6 +697,7 @@ def evaluate(
         profile_entry=profile_entry,
         cascade=cascade,
         cascade_skipped=cascade_skipped,
+        context_exceeded=step.context_exceeded,
     )
 
 
@@ -830,6 +835,7 @@ class _Step:
     """The post-rule steps of one decision: hard constraints, budget, fallbacks."""
 
     __slots__ = (
+        "context_exceeded",
         "forced_local",
         "local_only",
         "model",
@@ -858,6 +864,7 @@ class _Step:
         self.policy, self.signals, self.model, self.reason = policy, signals, model, reason
         self.local_only, self.pinned, self.trace = local_only, pinned, trace
         self.unsatisfiable: str | None = None
+        self.context_exceeded = False
         self.rejected: str | None = None
         self.rule: str | None = None
         self.forced_local = False
@@ -876,15 +883,18 @@ class _Step:
         if unfit is None:
             return
         what = f"model '{self.model}' cannot take {unfit}"
+        room = unfit not in ("images", "tools")  # it lacks room, not a feature (see _unfit)
         if self.local_only or self.pinned:
             why = "the rule is local_only" if self.local_only else "the request pins it"
             self.unsatisfiable = f"{what} and {why}"
+            self.context_exceeded = room
             self.trace.append(RuleTrace("constraint", 0, False, self.unsatisfiable))
             self.reason += f"; {self.unsatisfiable}"
             return
         target = self._first_closed_fit(self.model)
         if target is None:
             self.unsatisfiable = f"{what} and no closed model can either"
+            self.context_exceeded = room
             self.trace.append(RuleTrace("constraint", 0, False, self.unsatisfiable))
             self.reason += f"; {self.unsatisfiable}"
             return

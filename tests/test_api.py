@@ -163,6 +163,28 @@ def test_a_prompt_over_the_local_window_is_a_400_not_a_502(gguf_client: openai.O
     assert "context window" in refused.value.message
 
 
+def test_a_history_over_the_window_of_a_model_it_must_stay_on_is_context_length_exceeded(
+    client: openai.OpenAI, fake: FakeProvider
+) -> None:
+    # The estimate finds it over the local window (2,048 tokens) before any model runs: an
+    # agent loop reads the same code as when llama.cpp finds it, or OpenAI, and trims.
+    fake.reset()
+    history: list[dict[str, str]] = []
+    for i in range(40):
+        history += [
+            {"role": "user", "content": f"Step {i}: " + "carry on with the plan. " * 4},
+            {"role": "assistant", "content": "Done, moving on to the next step. " * 4},
+        ]
+    for model, last in (("local", "Go on."), ("auto", "Go on, PII.")):  # pinned; local_only
+        messages = [*history, {"role": "user", "content": last}]
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model=model, messages=messages, max_tokens=5)  # type: ignore[arg-type]
+        assert refused.value.code == "context_length_exceeded"
+        assert refused.value.param == "messages"
+        assert "context window 2048" in refused.value.message
+    assert fake.received == []
+
+
 YES_NO = {
     "type": "object",
     "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},
