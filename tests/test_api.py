@@ -185,6 +185,31 @@ def test_a_history_over_the_window_of_a_model_it_must_stay_on_is_context_length_
     assert fake.received == []
 
 
+def test_a_closed_models_context_length_exceeded_keeps_its_code(
+    client: openai.OpenAI, fake: FakeProvider
+) -> None:
+    # OpenAI's 400 for a history over gpt-4o's window: the code an agent loop trims on.
+    over = {
+        "message": "This model's maximum context length is 128000 tokens.",
+        "type": "invalid_request_error",
+        "param": "messages",
+        "code": "context_length_exceeded",
+    }
+    fake.reset(Behaviour(mode="status", status=400, error_body={"error": over}))
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "Go on."}]
+        )
+    assert refused.value.code == "context_length_exceeded"
+    assert "maximum context length is 128000" in refused.value.message
+    fake.reset(Behaviour(mode="status", status=400))  # any other 400 stays the provider's
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "Go on."}]
+        )
+    assert refused.value.code == "upstream_bad_request"
+
+
 YES_NO = {
     "type": "object",
     "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},

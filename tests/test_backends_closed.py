@@ -119,6 +119,9 @@ def test_litellm_errors_map_by_status_and_kind() -> None:
     assert isinstance(map_litellm_error(Timeout("late"), "m"), UpstreamTimeoutError)
     bad = type("BadRequestError", (Exception,), {"status_code": 400})("too long")
     assert isinstance(map_litellm_error(bad, "m"), UpstreamBadRequestError)
+    assert map_litellm_error(bad, "m").code == "upstream_bad_request"
+    over = type("ContextWindowExceededError", (Exception,), {"status_code": 400})("too long")
+    assert map_litellm_error(over, "m").code == "context_length_exceeded"
     gone = map_litellm_error(APIConnectionError("refused"), "m")
     assert type(gone) is BackendError and gone.code == "upstream_unreachable"
 

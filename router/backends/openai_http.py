@@ -36,13 +36,18 @@ def _retry_after(value: str | None) -> float | None:
         return None
 
 
-def _upstream_message(raw: bytes, reason: str | None) -> str:
+def _upstream_error(raw: bytes) -> dict[str, Any]:
+    """The ``error`` object of an OpenAI-shaped error body, or an empty one."""
     try:
         payload = json.loads(raw)
-        message = payload.get("error", {}).get("message") if isinstance(payload, dict) else None
     except (json.JSONDecodeError, UnicodeDecodeError):
-        message = None
-    return str(message or reason or "error")[:500]
+        return {}
+    error = payload.get("error") if isinstance(payload, dict) else None
+    return error if isinstance(error, dict) else {}
+
+
+def _upstream_message(error: dict[str, Any], reason: str | None) -> str:
+    return str(error.get("message") or reason or "error")[:500]
 
 
 def error_for_status(
@@ -57,14 +62,19 @@ def error_for_status(
     """Map an upstream HTTP error status to the Tiergate error a client and the fallback see.
 
     The upstream's message is repeated with credentials scrubbed (some providers echo keys).
+    A prompt over the model's window keeps OpenAI's ``context_length_exceeded``: agent loops
+    read that code to shorten their history.
     """
-    message = f"{label} answered {status}: {scrub(_upstream_message(raw, reason), [api_key])}"
+    error = _upstream_error(raw)
+    message = f"{label} answered {status}: {scrub(_upstream_message(error, reason), [api_key])}"
     if status == 429:
         return UpstreamRateLimitedError(
             message, upstream_status=status, retry_after=_retry_after(retry_after)
         )
     if status in (400, 413, 422):
-        return UpstreamBadRequestError(message, upstream_status=status)
+        over = error.get("code") == "context_length_exceeded"
+        code = "context_length_exceeded" if over else None
+        return UpstreamBadRequestError(message, code=code, upstream_status=status)
     if status in (408, 504):
         return UpstreamTimeoutError(message, upstream_status=status)
     return BackendError(message, upstream_status=status)
