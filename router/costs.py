@@ -3,7 +3,10 @@
 Closed prices come from a model's ``price`` in the policy, else litellm's bundled cost map, read
 as JSON straight from the installed package: offline, and without importing litellm (slow to
 import, heavy in memory). A closed model neither prices costs $0 (:meth:`CostBook.unpriced`
-names those, for the warnings of ``serve`` and ``policy check``). Local
+names those, for the warnings of ``serve`` and ``policy check``). Prompt tokens a provider read
+from or wrote to its prompt cache are priced at its cache prices where the price knows them (as
+providers bill them: OpenAI's cached tokens at a half or a tenth, Anthropic's cache reads at a
+tenth and cache writes at 1.25 times the input price), else as any input token. Local
 calls are charged at a configured price per million tokens plus a price per GPU-hour, applied to
 the request's local generation time. The counterfactual is what the same tokens would have cost
 on the default closed model; "saved versus all-closed" is sum(counterfactual) - sum(cost).
@@ -26,18 +29,43 @@ _COST_MAP_FILE = "model_prices_and_context_window_backup.json"
 
 @dataclass(frozen=True, slots=True)
 class Price:
-    """USD per token, input and output."""
+    """USD per token, input and output, and for prompt tokens read from or written to the
+    provider's prompt cache (None: priced as input)."""
 
     input_per_token: float
     output_per_token: float
+    cache_read_per_token: float | None = None
+    cache_write_per_token: float | None = None
 
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        """USD for the given token counts."""
-        return prompt_tokens * self.input_per_token + completion_tokens * self.output_per_token
+    def cost(
+        self, prompt_tokens: int, completion_tokens: int, *, cached: int = 0, cache_write: int = 0
+    ) -> float:
+        """USD for the given token counts; ``cached`` and ``cache_write`` are the prompt tokens
+        (counted in ``prompt_tokens``) read from and written to the prompt cache."""
+        read_price = self.input_per_token
+        if self.cache_read_per_token is not None:
+            read_price = self.cache_read_per_token
+        write_price = self.input_per_token
+        if self.cache_write_per_token is not None:
+            write_price = self.cache_write_per_token
+        cached = min(max(0, cached), prompt_tokens)
+        cache_write = min(max(0, cache_write), prompt_tokens - cached)
+        uncached = prompt_tokens - cached - cache_write
+        return (
+            uncached * self.input_per_token
+            + cached * read_price
+            + cache_write * write_price
+            + completion_tokens * self.output_per_token
+        )
 
 
 #: The fields of a cost-map entry that :class:`CostBook` reads; the rest is dropped at load.
-_PRICE_FIELDS = ("input_cost_per_token", "output_cost_per_token")
+_PRICE_FIELDS = (
+    "input_cost_per_token",
+    "output_cost_per_token",
+    "cache_read_input_token_cost",
+    "cache_creation_input_token_cost",
+)
 
 
 def load_litellm_cost_map() -> dict[str, Any]:
@@ -93,6 +121,8 @@ class CostBook:
                 return Price(
                     float(entry.get("input_cost_per_token") or 0.0),
                     float(entry.get("output_cost_per_token") or 0.0),
+                    _optional(entry.get("cache_read_input_token_cost")),
+                    _optional(entry.get("cache_creation_input_token_cost")),
                 )
         return None
 
@@ -102,14 +132,31 @@ class CostBook:
         if model is None or isinstance(model, str):
             return self.price(model)
         if model.price is not None:
-            return Price(model.price.input_per_mtok / 1e6, model.price.output_per_mtok / 1e6)
+            given = model.price
+            return Price(
+                given.input_per_mtok / 1e6,
+                given.output_per_mtok / 1e6,
+                None if given.cache_read_per_mtok is None else given.cache_read_per_mtok / 1e6,
+                None if given.cache_write_per_mtok is None else given.cache_write_per_mtok / 1e6,
+            )
         return self.price(model.litellm_model)
 
-    def closed_cost(self, model: ModelSpec | str | None, prompt: int, completion: int) -> float:
-        """USD for a call to the closed ``model``; 0.0 when its price is unknown
+    def closed_cost(
+        self,
+        model: ModelSpec | str | None,
+        prompt: int,
+        completion: int,
+        *,
+        cached: int = 0,
+        cache_write: int = 0,
+    ) -> float:
+        """USD for a call to the closed ``model``, ``cached`` and ``cache_write`` of its prompt
+        tokens at the model's cache prices (:meth:`Price.cost`); 0.0 when its price is unknown
         (:meth:`unpriced` names such models, for a warning)."""
         price = self.closed_price(model)
-        return price.cost(prompt, completion) if price else 0.0
+        return (
+            price.cost(prompt, completion, cached=cached, cache_write=cache_write) if price else 0.0
+        )
 
     def unpriced(self, models: Iterable[ModelSpec]) -> list[str]:
         """The closed models among ``models`` whose calls would count $0: no policy price and
@@ -119,3 +166,8 @@ class CostBook:
     def local_cost(self, prompt: int, completion: int, generation_s: float = 0.0) -> float:
         """USD for a local call: tokens at the per-1M price plus generation time per GPU-hour."""
         return self._local.cost(prompt, completion) + generation_s * self._local_per_second
+
+
+def _optional(value: Any) -> float | None:
+    # A cache price in litellm's table: a number, else None (priced as input).
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None

@@ -762,14 +762,13 @@ class Gateway:
         decision = ctx.decision
         assert decision is not None
         prompt, completion = self.call_tokens(ctx, default_completion)
+        call = Usage(prompt, completion)
         if decision.cascade is not None:
-            local = self._cost(self.policy.models[decision.model], prompt, completion, 0.0)
+            local = self._cost(self.policy.models[decision.model], call)
             escalation = self._escalation(decision)
-            return local + max(
-                (self._cost(m, prompt, completion, 0.0) for m, _ in escalation), default=0.0
-            )
+            return local + max((self._cost(m, call) for m, _ in escalation), default=0.0)
         reach = self.chain(decision) + self.spill_chain(decision)
-        return max(self._cost(spec, prompt, completion, 0.0) for spec, _ in reach)
+        return max(self._cost(spec, call) for spec, _ in reach)
 
     async def hold_spend(self, ctx: RequestContext, default_completion: int) -> None:
         """Reserve the request's estimated cost against its tenant's daily budget.
@@ -1197,10 +1196,20 @@ class Gateway:
             log.exception("could not build outcome record for %s", ctx.request_id)
             self.outcomes.release_spend(ctx.request_id)
 
-    def _cost(self, model: ModelSpec, prompt: int, completion: int, generation_s: float) -> float:
+    def _cost(self, model: ModelSpec, usage: Usage) -> float:
+        # What a call to ``model`` that used ``usage`` costs: a closed one's cached prompt
+        # tokens at the model's cache prices, as the provider bills them.
         if model.tier == "closed":
-            return self.costs.closed_cost(model, prompt, completion)
-        return self.costs.local_cost(prompt, completion, generation_s)
+            return self.costs.closed_cost(
+                model,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                cached=usage.cached_tokens,
+                cache_write=usage.cache_write_tokens,
+            )
+        return self.costs.local_cost(
+            usage.prompt_tokens, usage.completion_tokens, usage.generation_s
+        )
 
     def _build_record(
         self, ctx: RequestContext, status: str, http_status: int, error: str | None
@@ -1208,24 +1217,17 @@ class Gateway:
         decision, signals, served, usage = ctx.decision, ctx.signals, ctx.served, ctx.usage
         model = served.model if served else None
         prompt, completion = usage.prompt_tokens, usage.completion_tokens
-        cost = 0.0 if model is None else self._cost(model, prompt, completion, usage.generation_s)
+        cost = 0.0 if model is None else self._cost(model, usage)
         policy = self.policy
         cascade = dict(ctx.cascade) if ctx.cascade is not None else None
         discarded = ctx.cascade_usage
         if cascade is not None and discarded is not None and decision is not None:
             # An escalated cascade pays for the local answer it discarded, too.
-            local_cost = self._cost(
-                policy.models[decision.model],
-                discarded.prompt_tokens,
-                discarded.completion_tokens,
-                discarded.generation_s,
-            )
+            local_cost = self._cost(policy.models[decision.model], discarded)
             cascade["local_cost_usd"] = local_cost
             cost += local_cost
         default_closed = policy.models[policy.closed_models[0]] if policy.closed_models else None
-        counterfactual = (
-            self.costs.closed_cost(default_closed, prompt, completion) if default_closed else 0.0
-        )
+        counterfactual = self._cost(default_closed, usage) if default_closed else 0.0
         record = OutcomeRecord(
             id=ctx.request_id,
             ts=time.time(),
@@ -1436,7 +1438,7 @@ def settle_usage(ctx: RequestContext) -> None:
         ctx.streamed_chunks, math.ceil(ctx.streamed_chars / CHARS_PER_TOKEN)
     )
     prompt = usage.prompt_tokens or (ctx.signals.prompt_tokens if ctx.signals else 0)
-    ctx.usage = Usage(prompt, completion, usage.generation_s)
+    ctx.usage = replace(usage, prompt_tokens=prompt, completion_tokens=completion)
 
 
 def _with_logprobs(body: dict[str, Any]) -> dict[str, Any]:

@@ -238,6 +238,9 @@ class ModelPrice(_Strict):
 
     input_per_mtok: float = Field(ge=0)
     output_per_mtok: float = Field(ge=0)
+    # Prompt tokens read from / written to the provider's prompt cache; None: the input price.
+    cache_read_per_mtok: float | None = Field(None, ge=0)
+    cache_write_per_mtok: float | None = Field(None, ge=0)
 
 
 class ModelSpec(_Strict):

@@ -62,6 +62,12 @@ class Behaviour:
     strict: bool = False
     # In ``status`` mode, the JSON body of the error instead of a generic one.
     error_body: dict[str, Any] | None = None
+    # Prompt tokens read from (and, Anthropic only, written to) the provider's prompt cache,
+    # reported in each protocol's own shape: OpenAI's ``prompt_tokens_details.cached_tokens``
+    # and ``input_tokens_details.cached_tokens`` (within the prompt count), Anthropic's
+    # ``cache_read_input_tokens`` and ``cache_creation_input_tokens`` (beside ``input_tokens``).
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
 
 
 #: The fields of a chat request OpenAI's API takes; it refuses any other with a 400.
@@ -286,11 +292,23 @@ class FakeProvider:
         if self.behaviour.mode == "bad_usage":
             return "lots"
         completion = 7 * (int(body.get("n") or 1) if self.behaviour.bill_choices else 1)
-        return {
-            "prompt_tokens": 11,
+        prompt = 11 + self.behaviour.cached_tokens
+        usage: dict[str, Any] = {
+            "prompt_tokens": prompt,
             "completion_tokens": completion,
-            "total_tokens": 11 + completion,
+            "total_tokens": prompt + completion,
         }
+        if self.behaviour.cached_tokens:
+            usage["prompt_tokens_details"] = {"cached_tokens": self.behaviour.cached_tokens}
+        return usage
+
+    def _anthropic_usage(self, output_tokens: int) -> dict[str, Any]:
+        usage: dict[str, Any] = {"input_tokens": 13, "output_tokens": output_tokens}
+        b = self.behaviour
+        if b.cached_tokens or b.cache_write_tokens:
+            usage["cache_read_input_tokens"] = b.cached_tokens
+            usage["cache_creation_input_tokens"] = b.cache_write_tokens
+        return usage
 
     def _sse_start(self, h: BaseHTTPRequestHandler) -> None:
         h.send_response(200)
@@ -386,7 +404,7 @@ class FakeProvider:
                 "content": content,
                 "stop_reason": "end_turn" if tool is None else "tool_use",
                 "stop_sequence": None,
-                "usage": {"input_tokens": 13, "output_tokens": 9},
+                "usage": self._anthropic_usage(9),
             },
         )
 
@@ -409,7 +427,7 @@ class FakeProvider:
                     "model": body.get("model", "claude"),
                     "stop_reason": None,
                     "stop_sequence": None,
-                    "usage": {"input_tokens": 13, "output_tokens": 1},
+                    "usage": self._anthropic_usage(1),
                 },
             },
         )
@@ -492,10 +510,10 @@ class FakeProvider:
             "tools": body.get("tools") or [],
             "store": body.get("store"),
             "usage": {
-                "input_tokens": 11,
+                "input_tokens": 11 + self.behaviour.cached_tokens,
                 "output_tokens": 7,
-                "total_tokens": 18,
-                "input_tokens_details": {"cached_tokens": 0},
+                "total_tokens": 18 + self.behaviour.cached_tokens,
+                "input_tokens_details": {"cached_tokens": self.behaviour.cached_tokens},
                 "output_tokens_details": {"reasoning_tokens": 0},
             }
             if status == "completed"

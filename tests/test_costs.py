@@ -3,11 +3,14 @@ token and per GPU-hour, and an unknown model costing nothing rather than failing
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from router.costs import CostBook, Price, load_litellm_cost_map
+from tests.conftest import KEYS, LiveServer, live, policy_yaml, wait_for
+from tests.fake_provider import Behaviour, FakeProvider
 
 MAP = {
     "gpt-4o": {"input_cost_per_token": 2.5e-6, "output_cost_per_token": 1e-5},
@@ -46,7 +49,115 @@ def test_the_loaded_table_keeps_only_prices() -> None:
     assert table, "litellm's table should be installed with the dev dependencies"
     for entry in table.values():
         assert "input_cost_per_token" in entry
-        assert set(entry) <= {"input_cost_per_token", "output_cost_per_token"}
+        assert set(entry) <= {
+            "input_cost_per_token",
+            "output_cost_per_token",
+            "cache_read_input_token_cost",
+            "cache_creation_input_token_cost",
+        }
+
+
+def test_cached_prompt_tokens_are_priced_at_the_cache_prices() -> None:
+    """Providers bill prompt tokens read from their prompt cache at a fraction of the input
+    price and (Anthropic) those written to it at more; a price that names no cache price
+    charges them as input."""
+    from router.policy import ModelPrice, ModelSpec
+
+    book = CostBook(
+        {
+            "gpt-4o": {**MAP["gpt-4o"], "cache_read_input_token_cost": 1.25e-6},
+            "claude-x": {
+                **MAP["anthropic/claude-x"],
+                "cache_read_input_token_cost": 3e-7,
+                "cache_creation_input_token_cost": 3.75e-6,
+            },
+        }
+    )
+    # 1,000 prompt tokens of which 800 cached: 200 at input, 800 at the cache read price.
+    assert book.closed_cost("openai/gpt-4o", 1000, 100, cached=800) == pytest.approx(
+        200 * 2.5e-6 + 800 * 1.25e-6 + 100 * 1e-5
+    )
+    assert book.closed_cost(
+        "anthropic/claude-x", 1000, 100, cached=600, cache_write=300
+    ) == pytest.approx(100 * 3e-6 + 600 * 3e-7 + 300 * 3.75e-6 + 100 * 1.5e-5)
+    # No cache price: cached tokens cost what input tokens do.
+    assert CostBook(MAP).closed_cost("gpt-4o", 1000, 100, cached=800) == pytest.approx(0.0035)
+    own = ModelSpec(
+        name="own",
+        tier="closed",
+        litellm_model="openai/private",
+        supports_tools=True,
+        supports_images=True,
+        price=ModelPrice(input_per_mtok=2, output_per_mtok=8, cache_read_per_mtok=0.5),
+    )
+    assert book.closed_cost(own, 1_000_000, 0, cached=500_000) == pytest.approx(1.0 + 0.25)
+
+
+CACHED, WRITTEN = 4000, 1000
+
+
+@pytest.fixture(scope="module")
+def priced(tmp_path_factory: pytest.TempPathFactory, fake: FakeProvider) -> Iterator[LiveServer]:
+    """Tiergate with gpt-4o and a Claude model litellm's table prices, on the fake provider."""
+    policy = policy_yaml(fake).replace(
+        "anthropic/claude-3-5-sonnet-20241022", "anthropic/claude-sonnet-4-5-20250929"
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in KEYS.items():
+            mp.setenv(key, value)
+        with live(tmp_path_factory.mktemp("costs"), policy) as srv:
+            yield srv
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize(
+    ("path", "model"),
+    [
+        ("/v1/chat/completions", "gpt-4o"),  # the direct OpenAI path
+        ("/v1/chat/completions", "claude"),  # litellm's Anthropic path
+        ("/v1/messages", "claude"),  # passed through natively
+        ("/v1/messages", "gpt-4o"),
+        ("/v1/responses", "gpt-4o"),  # passed through natively
+        ("/v1/responses", "claude"),
+    ],
+)
+def test_the_recorded_cost_is_what_the_provider_bills_for_cached_prompts(
+    priced: LiveServer, fake: FakeProvider, path: str, model: str, stream: bool
+) -> None:
+    """With prompt caching, the record's cost is the provider's usage priced by litellm
+    (cache reads and writes at their own prices), on every front, streamed or not."""
+    import litellm
+
+    fake.reset(Behaviour(cached_tokens=CACHED, cache_write_tokens=WRITTEN))
+    messages = [{"role": "user", "content": "HARD question"}]
+    body: dict[str, Any] = {"model": model, "stream": stream}
+    if path == "/v1/responses":
+        body["input"] = "HARD question"
+    else:
+        body.update(messages=messages, max_tokens=50)
+    response = priced.http.post(path, json=body)
+    assert response.status_code == 200, response.text
+    store = priced.gateway.outcomes
+    request_id = response.headers["x-request-id"]
+    assert wait_for(lambda: store.get(request_id) is not None), "no outcome record"
+    record = store.get(request_id)
+    if model == "gpt-4o":  # OpenAI bills no cache writes
+        name, written, prompt, completion = "gpt-4o", 0, 11 + CACHED, 7
+    else:
+        name, written, prompt, completion = "claude-sonnet-4-5-20250929", WRITTEN, 13, 9
+        prompt += CACHED + WRITTEN
+    usage = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "prompt_tokens_details": {"cached_tokens": CACHED},
+        "cache_creation_input_tokens": written,
+    }
+    billed = litellm.completion_cost(
+        completion_response={"model": name, "usage": usage, "choices": []}, model=name
+    )
+    assert record is not None
+    assert (record["prompt_tokens"], record["completion_tokens"]) == (prompt, completion)
+    assert record["cost_usd"] == pytest.approx(billed, rel=1e-9)
 
 
 def test_a_policy_price_wins_and_unpriced_closed_models_are_named() -> None:

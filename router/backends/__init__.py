@@ -38,12 +38,21 @@ class Usage:
     """Token counts of one call; filled in as a stream goes, complete once it ends.
 
     ``generation_s`` is the time the local model spent generating (queueing excluded); the local
-    tier's per-GPU-hour price is charged on it.
+    tier's per-GPU-hour price is charged on it. ``cached_tokens`` and ``cache_write_tokens`` are
+    the prompt tokens (counted in ``prompt_tokens``) the provider read from and wrote to its
+    prompt cache, which it bills at other prices.
     """
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     generation_s: float = 0.0
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+
+    def take(self, other: Usage) -> None:
+        """Copy ``other``'s token counts (a stream's closing usage) into this one."""
+        self.prompt_tokens, self.completion_tokens = other.prompt_tokens, other.completion_tokens
+        self.cached_tokens, self.cache_write_tokens = other.cached_tokens, other.cache_write_tokens
 
 
 @dataclass(slots=True)
@@ -82,6 +91,8 @@ class Backend(Protocol):
 def usage_from_body(body: dict[str, Any], label: str = "the upstream") -> Usage:
     """Read OpenAI's ``usage`` object (absent or partial is fine).
 
+    The prompt tokens read from the prompt cache are ``prompt_tokens_details.cached_tokens``;
+    those written to it (litellm reports them for Anthropic models) ``cache_creation_input_tokens``.
     A ``usage`` that is not an object of token counts is a malformed answer: raised as
     :class:`UpstreamBadResponseError`, an upstream failure that falls back like any other.
     """
@@ -91,4 +102,16 @@ def usage_from_body(body: dict[str, Any], label: str = "the upstream") -> Usage:
     counts = [raw.get("prompt_tokens") or 0, raw.get("completion_tokens") or 0]
     if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
         raise UpstreamBadResponseError(f"{label} sent token counts that are not counts")
-    return Usage(prompt_tokens=counts[0], completion_tokens=counts[1])
+    details = raw.get("prompt_tokens_details")
+    cached = token_count(details.get("cached_tokens")) if isinstance(details, dict) else 0
+    return Usage(
+        prompt_tokens=counts[0],
+        completion_tokens=counts[1],
+        cached_tokens=cached,
+        cache_write_tokens=token_count(raw.get("cache_creation_input_tokens")),
+    )
+
+
+def token_count(value: Any) -> int:
+    """A token count of a provider's usage: a non-negative integer, else 0 (absent, null)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0

@@ -188,11 +188,7 @@ class ClosedBackend:
             async for chunk in response:
                 data = chunk.model_dump(exclude_none=True)
                 if data.get("usage"):
-                    got = usage_from_body(data, model.name)
-                    usage.prompt_tokens, usage.completion_tokens = (
-                        got.prompt_tokens,
-                        got.completion_tokens,
-                    )
+                    usage.take(usage_from_body(data, model.name))
                 yield data
         except TiergateError:
             raise

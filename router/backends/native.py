@@ -20,7 +20,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from router.backends import Completion, ModelLike, Usage
+from router.backends import Completion, ModelLike, Usage, token_count
 from router.backends.closed import key_for, provider_of
 from router.backends.openai_http import OpenAIHTTP
 from router.errors import BackendError, UpstreamBadResponseError
@@ -114,14 +114,14 @@ class NativeBackend:
         payload["model"] = model.name
         view = _message_view(payload) if native.api == "messages" else _response_view(payload)
         got = _usage_of(payload.get("usage"), native.api, model.name)
-        usage.prompt_tokens, usage.completion_tokens = got
+        usage.take(got)
         view["usage"] = {
-            "prompt_tokens": got[0],
-            "completion_tokens": got[1],
-            "total_tokens": sum(got),
+            "prompt_tokens": got.prompt_tokens,
+            "completion_tokens": got.completion_tokens,
+            "total_tokens": got.prompt_tokens + got.completion_tokens,
         }
         view[NATIVE] = payload
-        return Completion(body=view, usage=Usage(*got))
+        return Completion(body=view, usage=got)
 
     async def stream(
         self, model: ModelLike, native: NativeRequest, usage: Usage
@@ -199,20 +199,28 @@ def _event(data: bytes, label: str) -> dict[str, Any]:
     return event
 
 
-def _count(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
-
-
-def _usage_of(raw: Any, api: Api, label: str) -> tuple[int, int]:
+def _usage_of(raw: Any, api: Api, label: str) -> Usage:
+    """A native ``usage`` as a chat view's: the prompt tokens include those read from and
+    written to the prompt cache, which are also counted apart (they are billed apart)."""
     if raw is None:
-        return 0, 0
+        return Usage()
     if not isinstance(raw, dict):
         raise UpstreamBadResponseError(f"{label} sent a 'usage' that is not an object")
-    prompt = _count(raw.get("input_tokens"))
-    if api == "messages":  # Anthropic counts cached prompt tokens apart
-        prompt += _count(raw.get("cache_read_input_tokens"))
-        prompt += _count(raw.get("cache_creation_input_tokens"))
-    return prompt, _count(raw.get("output_tokens"))
+    prompt = token_count(raw.get("input_tokens"))
+    if api == "messages":  # Anthropic counts cached prompt tokens apart from input_tokens
+        cached = token_count(raw.get("cache_read_input_tokens"))
+        written = token_count(raw.get("cache_creation_input_tokens"))
+        prompt += cached + written
+    else:  # OpenAI's input_tokens include the cached ones
+        details = raw.get("input_tokens_details")
+        cached = token_count(details.get("cached_tokens")) if isinstance(details, dict) else 0
+        written = 0
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=token_count(raw.get("output_tokens")),
+        cached_tokens=cached,
+        cache_write_tokens=written,
+    )
 
 
 def _tool_call(call_id: str, name: str, arguments: str, index: int | None = None) -> dict[str, Any]:
@@ -305,7 +313,12 @@ class _AnthropicEvents:
             message = event.get("message") or {}
             self.id = str(message.get("id", ""))
             message["model"] = self.model
-            usage.prompt_tokens = _usage_of(message.get("usage"), "messages", label)[0]
+            got = _usage_of(message.get("usage"), "messages", label)
+            usage.prompt_tokens = got.prompt_tokens
+            usage.cached_tokens, usage.cache_write_tokens = (
+                got.cached_tokens,
+                got.cache_write_tokens,
+            )
             return _delta({"role": "assistant", "content": ""})
         block = event.get("content_block") or {}
         if kind == "content_block_start" and block.get("type") == "tool_use":
@@ -321,7 +334,9 @@ class _AnthropicEvents:
             partial = {"index": tool, "function": {"arguments": delta.get("partial_json", "")}}
             return _delta({"tool_calls": [partial]})
         if kind == "message_delta":
-            usage.completion_tokens = _usage_of(event.get("usage"), "messages", label)[1]
+            usage.completion_tokens = _usage_of(
+                event.get("usage"), "messages", label
+            ).completion_tokens
             return _delta({}, _ANTHROPIC_FINISH.get(str(delta.get("stop_reason")), "stop"))
         self.done = kind == "message_stop"
         return {"choices": []}
@@ -360,9 +375,7 @@ class _ResponseEvents:
             return _delta({"tool_calls": [partial]})
         if kind in ("response.completed", "response.incomplete") and response is not None:
             self.done = True
-            usage.prompt_tokens, usage.completion_tokens = _usage_of(
-                response.get("usage"), "responses", label
-            )
+            usage.take(_usage_of(response.get("usage"), "responses", label))
             finish = "tool_calls" if self._tools else "stop"
             return _delta({}, "length" if kind == "response.incomplete" else finish)
         return {"choices": []}

@@ -247,9 +247,7 @@ class OpenAIHTTP:
                     return
                 chunk = _chunk(data, label)
                 if chunk.get("usage"):
-                    got = usage_from_body(chunk, label)
-                    usage.prompt_tokens = got.prompt_tokens
-                    usage.completion_tokens = got.completion_tokens
+                    usage.take(usage_from_body(chunk, label))
                 finished = finished or any(
                     c.get("finish_reason") for c in chunk.get("choices") or ()
                 )
