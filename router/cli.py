@@ -32,8 +32,12 @@ def _output(path: str) -> Iterator[IO[str]]:
     if path == "-":
         yield sys.stdout
         return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "w", encoding="utf-8")  # noqa: SIM115 (closed below, errors told apart)
+    except OSError as exc:
+        raise ConfigError(f"--out {path}: cannot write it ({exc.strerror})") from exc
+    with fh:
         yield fh
 
 

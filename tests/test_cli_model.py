@@ -214,3 +214,14 @@ def test_bootstrap_below_one_is_a_usage_error(command: str) -> None:
     with pytest.raises(SystemExit) as exc:
         main([command, "--bootstrap", "0", *(["--data", "x.jsonl"] if command == "eval" else [])])
     assert exc.value.code == 2
+
+
+def test_an_out_that_cannot_be_written_is_one_line_not_a_traceback(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for out in (tmp_path, blocker / "sub" / "s.jsonl"):  # a folder; a path under a file
+        for cmd in ("score", "classify"):
+            assert main([cmd, "--data", str(data), "--out", str(out)]) == 2
+            assert f"--out {out}: cannot write it" in capsys.readouterr().err
