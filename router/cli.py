@@ -29,16 +29,27 @@ from router.errors import ConfigError, TiergateError
 
 @contextmanager
 def _output(path: str) -> Iterator[IO[str]]:
+    # A file is written whole or not at all: the rows go to a temporary file beside it, which
+    # takes its name only once the last row is in. A run that fails or is interrupted leaves
+    # what was there before, not a shorter file that reads as complete.
     if path == "-":
         yield sys.stdout
         return
+    out = Path(path)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    if out.is_dir():  # checked first: the rename at the end would fail only after the run
+        raise ConfigError(f"--out {path}: cannot write it (it is a folder)")
     try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fh = open(path, "w", encoding="utf-8")  # noqa: SIM115 (closed below, errors told apart)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(tmp, "w", encoding="utf-8")  # noqa: SIM115 (closed below, errors told apart)
     except OSError as exc:
         raise ConfigError(f"--out {path}: cannot write it ({exc.strerror})") from exc
-    with fh:
-        yield fh
+    try:
+        with fh:
+            yield fh
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _load_model(path: str | None, profile: str | None = None) -> Any:

@@ -225,3 +225,27 @@ def test_an_out_that_cannot_be_written_is_one_line_not_a_traceback(
         for cmd in ("score", "classify"):
             assert main([cmd, "--data", str(data), "--out", str(out)]) == 2
             assert f"--out {out}: cannot write it" in capsys.readouterr().err
+
+
+def test_a_run_that_fails_midway_leaves_the_previous_out_untouched(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import router.cli
+
+    class FailsOnTheThirdPrompt:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def analyze(self, prompt: str) -> object:
+            self.calls += 1
+            if self.calls == 3:
+                raise KeyboardInterrupt  # Ctrl-C, or any failure, after two rows were written
+            return type("A", (), {"score": 0.5})()
+
+    monkeypatch.setattr(router.cli, "_load_model", lambda *_: FailsOnTheThirdPrompt())
+    out = tmp_path / "scores.jsonl"
+    out.write_text("the previous run's scores\n")
+    with pytest.raises(KeyboardInterrupt):
+        main(["score", "--data", str(data), "--out", str(out)])
+    assert out.read_text() == "the previous run's scores\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl", "scores.jsonl"]
