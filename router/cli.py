@@ -28,14 +28,19 @@ from router.errors import ConfigError, TiergateError
 
 
 @contextmanager
-def _output(path: str) -> Iterator[IO[str]]:
+def _output(path: str, *, data: str | None = None) -> Iterator[IO[str]]:
     # A file is written whole or not at all: the rows go to a temporary file beside it, which
     # takes its name only once the last row is in. A run that fails or is interrupted leaves
-    # what was there before, not a shorter file that reads as complete.
+    # what was there before, not a shorter file that reads as complete. It is never the
+    # command's own input (`data`): that would replace the prompts with their scores.
     if path == "-":
         yield sys.stdout
         return
     out = Path(path)
+    if data is not None and out.exists() and out.samefile(data):
+        raise ConfigError(
+            f"--out {path} is the --data file: give another, the rows would replace it"
+        )
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     if out.is_dir():  # checked first: the rename at the end would fail only after the run
         raise ConfigError(f"--out {path}: cannot write it (it is a folder)")
@@ -100,7 +105,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
     scorer = _load_model(args.model, args.profile)
     rows = load_prompts(args.data)
-    with _output(args.out) as out:
+    with _output(args.out, data=args.data) as out:
         for row_id, prompt in rows:
             score = scorer.analyze(prompt).score
             out.write(json.dumps({"id": row_id, "score": score}) + "\n")
@@ -112,7 +117,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
 
     scorer = _load_model(args.model, args.profile)
     rows = load_prompts(args.data)
-    with _output(args.out) as out:
+    with _output(args.out, data=args.data) as out:
         for row_id, prompt in rows:
             a = scorer.analyze(prompt)
             record = {

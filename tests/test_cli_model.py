@@ -249,3 +249,15 @@ def test_a_run_that_fails_midway_leaves_the_previous_out_untouched(
         main(["score", "--data", str(data), "--out", str(out)])
     assert out.read_text() == "the previous run's scores\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl", "scores.jsonl"]
+
+
+def test_out_that_is_the_data_file_is_refused_and_the_prompts_stay(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = data.read_text()
+    monkeypatch.chdir(tmp_path)
+    for cmd in ("score", "classify"):
+        for out in (str(data), "./data.jsonl"):  # the same path, or the same file by another
+            assert main([cmd, "--data", str(data), "--out", out]) == 2
+            assert "is the --data file" in capsys.readouterr().err
+            assert data.read_text() == before
