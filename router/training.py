@@ -93,6 +93,8 @@ def _read_jsonl(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
                 except UnicodeDecodeError as exc:
                     msg = f"{path}:{lineno}: not valid UTF-8 ({exc.reason})"
                     raise DataFormatError(msg) from exc
+                if lineno == 1:  # the byte-order mark some editors and Windows tools write
+                    line = line.removeprefix("\ufeff")
                 if not line.strip():
                     continue
                 try:

@@ -139,6 +139,22 @@ def test_a_file_that_is_not_utf8_is_refused_with_its_line(tmp_path: Path) -> Non
         load_routing_rows(path)
 
 
+def test_a_windows_file_with_a_bom_and_crlf_lines_reads_as_any_other(tmp_path: Path) -> None:
+    # Notepad, PowerShell's Out-File and Excel's "CSV UTF-8" write a byte-order mark first.
+    rows = routing_rows(3)
+    text = "\r\n".join(json.dumps(r) for r in rows) + "\r\n\r\n"
+    path = tmp_path / "windows.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    (tmp_path / "unix").mkdir()
+    unix = write_jsonl(tmp_path / "unix" / "windows.jsonl", rows)  # same name: same dataset
+    assert load_routing_rows(path) == load_routing_rows(unix)
+    assert [row_id for row_id, _ in load_prompts(path)] == [r["id"] for r in rows]
+    # Only at the start: elsewhere it is a character inside a line, and not JSON.
+    path.write_bytes(text.encode() + b"\xef\xbb\xbf" + json.dumps(rows[0]).encode())
+    with pytest.raises(DataFormatError, match=r"windows.jsonl:5: not valid JSON"):
+        load_prompts(path)
+
+
 def test_a_routing_score_outside_0_1_is_refused(tmp_path: Path) -> None:
     # A 1-10 judge score left unscaled would make eval's oracle and APGR meaningless.
     rows = routing_rows(4)
