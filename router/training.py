@@ -130,14 +130,16 @@ def _unique_id(path: Path, lineno: int, row: dict[str, Any], seen: dict[str, int
     return row_id
 
 
-def load_prompts(path: str | Path) -> list[tuple[str, str]]:
+def load_prompts(path: str | Path) -> list[tuple[str | int, str]]:
     """``(id, prompt)`` pairs of a JSONL file, at least one, ids unique; reads no other field
-    (``tiergate score``)."""
+    (``tiergate score``). The id is the file's own, a string or an integer, so that the rows
+    written for it join back to the file's rows by id."""
     p = Path(path)
     seen: dict[str, int] = {}
-    rows = [
-        (_unique_id(p, n, row, seen), _field(p, n, row, "prompt", str)) for n, row in _read_jsonl(p)
-    ]
+    rows = []
+    for n, row in _read_jsonl(p):
+        _unique_id(p, n, row, seen)  # also checks its type; 7 and "7" are the same id
+        rows.append((row["id"], _field(p, n, row, "prompt", str)))
     if not rows:
         raise DataFormatError(f"{p}: no rows")
     return rows

@@ -261,3 +261,18 @@ def test_out_that_is_the_data_file_is_refused_and_the_prompts_stay(
             assert main([cmd, "--data", str(data), "--out", out]) == 2
             assert "is the --data file" in capsys.readouterr().err
             assert data.read_text() == before
+
+
+def test_score_and_classify_give_back_each_id_as_the_file_has_it(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    # A benchmark keyed by integers joins its scores back by `labels[row["id"]]`: a "1" for 1
+    # finds nothing.
+    rows = [{"id": 1, "prompt": EASY.format("up")}, {"id": "q-2", "prompt": HARD.format("e")}]
+    data = write_jsonl(tmp_path / "ints.jsonl", rows)
+    for cmd in ("score", "classify"):
+        out = tmp_path / f"{cmd}.jsonl"
+        assert main([cmd, "--data", str(data), "--out", str(out), "--model", str(model_dir)]) == 0
+        assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == [1, "q-2"]
+    dup = write_jsonl(tmp_path / "dup.jsonl", [*rows, {"id": "1", "prompt": "again"}])
+    assert main(["score", "--data", str(dup), "--out", "-", "--model", str(model_dir)]) == 2

@@ -81,7 +81,7 @@ def test_loaders_validate_schema(tmp_path: Path, files: tuple[Path, Path]) -> No
 
 def test_load_prompts_reads_only_id_and_prompt(tmp_path: Path) -> None:
     p = write_jsonl(tmp_path / "p.jsonl", [{"id": 7, "prompt": "hello", "weak_score": "junk"}])
-    assert load_prompts(p) == [("7", "hello")]
+    assert load_prompts(p) == [(7, "hello")]
 
 
 def test_routing_target_balances_datasets_only_on_request() -> None:
