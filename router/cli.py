@@ -100,15 +100,24 @@ def _cmd_serving_form(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyses(scorer: Any, prompts: Sequence[str], command: str) -> Iterator[Any]:
+    # Each prompt's analysis, with a progress bar on stderr: a few thousand prompts take a
+    # minute or more on one core, where the encoder reads most of them.
+    from tqdm import tqdm
+
+    for prompt in tqdm(prompts, desc=f"tiergate {command}", unit="prompt", file=sys.stderr):
+        yield scorer.analyze(prompt)
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
     from router.training import load_prompts
 
     scorer = _load_model(args.model, args.profile)
     rows = load_prompts(args.data)
+    analyses = _analyses(scorer, [prompt for _, prompt in rows], "score")
     with _output(args.out, data=args.data) as out:
-        for row_id, prompt in rows:
-            score = scorer.analyze(prompt).score
-            out.write(json.dumps({"id": row_id, "score": score}) + "\n")
+        for (row_id, _), a in zip(rows, analyses, strict=True):
+            out.write(json.dumps({"id": row_id, "score": a.score}) + "\n")
     return 0
 
 
@@ -117,9 +126,9 @@ def _cmd_classify(args: argparse.Namespace) -> int:
 
     scorer = _load_model(args.model, args.profile)
     rows = load_prompts(args.data)
+    analyses = _analyses(scorer, [prompt for _, prompt in rows], "classify")
     with _output(args.out, data=args.data) as out:
-        for row_id, prompt in rows:
-            a = scorer.analyze(prompt)
+        for (row_id, _), a in zip(rows, analyses, strict=True):
             record = {
                 "id": row_id,
                 "capability": a.capability,
@@ -139,7 +148,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     scorer = _load_model(args.model, args.profile)
     rows = load_routing_rows(args.data)
-    scores = [scorer.analyze(r.prompt).score for r in rows]
+    scores = [a.score for a in _analyses(scorer, [r.prompt for r in rows], "eval")]
     report = evaluate(
         scores,
         [r.weak_score for r in rows],

@@ -276,3 +276,15 @@ def test_score_and_classify_give_back_each_id_as_the_file_has_it(
         assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == [1, "q-2"]
     dup = write_jsonl(tmp_path / "dup.jsonl", [*rows, {"id": "1", "prompt": "again"}])
     assert main(["score", "--data", str(dup), "--out", "-", "--model", str(model_dir)]) == 2
+
+
+def test_score_classify_and_eval_show_their_progress_on_stderr(
+    model_dir: Path, data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 2,000 prompts take a minute or more on one core: the user sees that it runs, and how far.
+    for cmd in ("score", "classify", "eval"):
+        args = [cmd, "--data", str(data), "--model", str(model_dir)]
+        assert main([*args, "--bootstrap", "10"] if cmd == "eval" else [*args, "--out", "-"]) == 0
+        printed = capsys.readouterr()
+        assert f"tiergate {cmd}: 100%" in printed.err and "4/4" in printed.err
+        assert "tiergate" not in printed.out  # stdout keeps only the rows or the report
