@@ -202,19 +202,36 @@ def format_report(report: Any) -> str:
     return "\n".join(lines)
 
 
-def _add_model_arg(p: argparse.ArgumentParser, *, profile: bool = True) -> None:
+_PROMPTS_FILE = (
+    "JSONL with `id` (a string or an integer, unique) and `prompt`; other fields are ignored"
+)
+_SCORE_MEANING = (
+    "The score is P(the closed model's answer is materially better than the local model's | "
+    "prompt, local profile), in [0, 1]: what the proxy scores a request with this prompt as its "
+    "one user message under the same model and profile (its outcome record; /v1/route rounds it "
+    "to 6 places, the x-tiergate-score header to 4). The policy's `auto` rule routes closed at "
+    "or above its threshold (0.5 in the default policy)."
+)
+
+
+def _add_model_arg(p: argparse.ArgumentParser, *, profile: str | None = "the score reads") -> None:
     p.add_argument(
-        "--model", help="model directory (default: $TIERGATE_CLASSIFIER_PATH or shipped)"
+        "--model",
+        help="model directory (default: $TIERGATE_CLASSIFIER_PATH, else the shipped router-v9; "
+        "router-v6, with a warning, while the encoder weights are not fetched)",
     )
-    if profile:
+    if profile is not None:
         p.add_argument(
             "--profile",
-            help="local model profile the score reads (default: $TIERGATE_LOCAL_PROFILE or the "
-            "bundled model's)",
+            help=f"local model profile {profile} (default: $TIERGATE_LOCAL_PROFILE, else the "
+            "bundled SmolLM2-135M's measured profile)",
         )
 
 
 def _add_model_commands(sub: Any) -> None:
+    from router.pii import PII_KINDS
+    from router.scoring import CAPABILITIES
+
     p = sub.add_parser("train", help="fit and save a versioned classifier artifact")
     p.add_argument(
         "--data",
@@ -232,14 +249,30 @@ def _add_model_commands(sub: Any) -> None:
     )
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("score", help="write {id, score} per prompt")
-    p.add_argument("--data", required=True, help="JSONL with id and prompt")
+    p = sub.add_parser(
+        "score",
+        help="write {id, score} per prompt",
+        description="Write one JSON line per row of --data, in its order: {id, score}. "
+        + _SCORE_MEANING,
+    )
+    p.add_argument("--data", required=True, help=_PROMPTS_FILE)
     p.add_argument("--out", required=True, help="output JSONL ('-' for stdout)")
     _add_model_arg(p)
     p.set_defaults(func=_cmd_score)
 
-    p = sub.add_parser("eval", help="APGR / CPT of the model on a routing file")
-    p.add_argument("--data", required=True, help="JSONL routing file")
+    p = sub.add_parser(
+        "eval",
+        help="APGR / CPT of the model on a routing file",
+        description="Score every prompt of a routing file and measure the routing against its "
+        "labels: the quality-versus-closed-share curve, APGR and CPT(50%)/CPT(80%) with "
+        "bootstrap 95% intervals, and the random and oracle references. " + _SCORE_MEANING,
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        help="JSONL routing file: id, prompt, weak_score and strong_score (the local and the "
+        "closed model's answer quality, each in [0, 1]), optional category",
+    )
     _add_model_arg(p)
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.add_argument("--plot", metavar="PNG", help="draw the curve to this image")
@@ -253,10 +286,16 @@ def _add_model_commands(sub: Any) -> None:
         "classify",
         help="write {id, capability, capability_reason, stakes, pii, stakes_reason, pii_kinds} "
         "per prompt",
+        description="Write one JSON line per row of --data, in its order: id; capability, one "
+        f"of {', '.join(CAPABILITIES)}; capability_reason, null or why a rule changed the "
+        "model's label (a persona that opens the prompt); stakes, low, medium or high, and "
+        "stakes_reason; pii, true when personal data was found, and pii_kinds, which "
+        f"({', '.join(PII_KINDS)}). The proxy's signals for the same prompt carry the same "
+        "labels.",
     )
-    p.add_argument("--data", required=True, help="JSONL with id and prompt")
+    p.add_argument("--data", required=True, help=_PROMPTS_FILE)
     p.add_argument("--out", required=True, help="output JSONL ('-' for stdout)")
-    _add_model_arg(p)
+    _add_model_arg(p, profile="(read by the score only: the labels do not depend on it)")
     p.set_defaults(func=_cmd_classify)
 
     p = sub.add_parser(
@@ -266,7 +305,7 @@ def _add_model_commands(sub: Any) -> None:
         "from the artifact's model.joblib (left unchanged) and records its sha256 in the "
         "sidecar. An artifact that has one is only checked.",
     )
-    _add_model_arg(p, profile=False)
+    _add_model_arg(p, profile=None)
     p.set_defaults(func=_cmd_serving_form)
 
 

@@ -288,3 +288,32 @@ def test_score_classify_and_eval_show_their_progress_on_stderr(
         printed = capsys.readouterr()
         assert f"tiergate {cmd}: 100%" in printed.err and "4/4" in printed.err
         assert "tiergate" not in printed.out  # stdout keeps only the rows or the report
+
+
+def test_score_classify_and_eval_help_say_what_they_read_write_and_default_to(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from router.artifact import DEFAULT_MODEL_NAME, STATIC_MODEL_NAME
+    from router.pii import PII_KINDS
+    from router.profile import default_profile
+    from router.scoring import CAPABILITIES
+
+    def help_of(cmd: str) -> str:
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        return " ".join(capsys.readouterr().out.split())
+
+    assert "SmolLM2-135M" in default_profile().model and default_profile().source == "measured"
+    for cmd in ("score", "classify", "eval"):
+        text = help_of(cmd)
+        assert f"the shipped {DEFAULT_MODEL_NAME}; {STATIC_MODEL_NAME}, with a warning" in text
+        assert "else the bundled SmolLM2-135M's measured profile" in text
+    for cmd in ("score", "eval"):
+        assert "materially better than the local model's | prompt, local profile), in [0, 1]" in (
+            help_of(cmd)
+        )
+    assert "`id` (a string or an integer, unique) and `prompt`; other fields" in help_of("score")
+    assert "weak_score and strong_score" in help_of("eval")
+    classify = help_of("classify")
+    assert all(name in classify for name in (*CAPABILITIES, *PII_KINDS))
+    assert "the labels do not depend on it" in classify
