@@ -117,7 +117,8 @@ def _field(path: Path, lineno: int, row: dict[str, Any], key: str, kind: type) -
     if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, kind):
-        raise DataFormatError(f"{path}:{lineno}: field {key!r} must be a {kind.__name__}")
+        what = "a string or an integer" if key == "id" else f"a {kind.__name__}"
+        raise DataFormatError(f"{path}:{lineno}: field {key!r} must be {what}")
     return value
 
 

@@ -199,3 +199,11 @@ def test_a_missing_field_is_named_as_missing(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "other.jsonl", [{"id": "a", "text": "hi", "label": 1}])
     with pytest.raises(DataFormatError, match=r"other.jsonl:1: missing field 'prompt'"):
         load_prompts(path)
+
+
+def test_an_id_of_another_type_is_refused_saying_what_an_id_may_be(tmp_path: Path) -> None:
+    # Integer ids are read, so "must be a str" sent users to quote ids that were fine.
+    for bad in (1.5, None, True, ["a"]):
+        path = write_jsonl(tmp_path / "ids.jsonl", [{"id": bad, "prompt": "hi"}])
+        with pytest.raises(DataFormatError, match=r"ids.jsonl:1: field 'id' must be a string or"):
+            load_prompts(path)
