@@ -47,7 +47,7 @@ async def operator_access(request: Request) -> None:
 
 router = APIRouter(dependencies=[Depends(operator_access)])
 
-#: ``failed``: routed to a tier that did not answer (an error); ``none``: refused before routing.
+#: ``failed``: routed to a tier that did not answer (an error); ``none``: no model was called.
 TIER_COLOURS = {"local": "#2e8b57", "closed": "#3b6fd4", "failed": "#c0392b", "none": "#9a9a9a"}
 #: The windows the page offers, each with its bucket width. Buckets start on multiples of their
 #: width since the epoch (whole minutes, quarter hours, hours, 6-hour blocks in UTC), so a refresh
@@ -68,7 +68,7 @@ PROBLEM_FIELDS = (
 
 def summary_tier(row: WindowRow) -> str:
     """Where a record counts: its tier, ``failed`` when that tier did not answer (an error),
-    ``none`` when the request was refused before routing."""
+    ``none`` when no model was called (refused before routing, or at admission: over budget)."""
     if row.tier is None:
         return "none"
     return "failed" if row.status == "error" else row.tier

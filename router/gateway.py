@@ -161,6 +161,7 @@ class RequestContext:
     choices: int = 1  # the request's ``n``: a provider bills each choice's completion
     optional: frozenset[str] = frozenset()  # see Call.optional
     native_only: frozenset[str] = frozenset()  # see Call.native_only
+    admitted: bool = False  # past admission: a model was to be called (else no tier recorded)
 
     def tokens_used(self) -> int:
         """The tokens this request used (the rate limiter's charge): its answer's, and those of
@@ -463,6 +464,7 @@ class Gateway:
             if call.refused is not None:
                 raise call.refused
             hold = await self._admit(call, ctx)
+            ctx.admitted = True
             if self.learning is not None:
                 self.learning.observe(ctx, call.body)
             if not ctx.stream:
@@ -1228,13 +1230,16 @@ class Gateway:
             cost += local_cost
         default_closed = policy.models[policy.closed_models[0]] if policy.closed_models else None
         counterfactual = self._cost(default_closed, usage) if default_closed else 0.0
+        # A request refused at admission (over budget, unsatisfiable, over a token limit) called
+        # no model: it has no tier, as one refused before routing, though its decision is kept.
+        routed = decision if ctx.admitted else None
         record = OutcomeRecord(
             id=ctx.request_id,
             ts=time.time(),
             tenant=ctx.tenant,
             alias=signals.alias if signals else "",
-            tier=model.tier if model else (decision.tier if decision else None),
-            model=model.name if model else (decision.model if decision else None),
+            tier=model.tier if model else (routed.tier if routed else None),
+            model=model.name if model else (routed.model if routed else None),
             rule=decision.rule if decision else None,
             score=signals.score if signals else None,
             threshold=decision.threshold if decision else None,

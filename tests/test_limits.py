@@ -348,6 +348,12 @@ def test_concurrent_requests_stay_within_the_budget(tmp_path: Path, fake: FakePr
         prompt = int(rows[0]["signals"]["prompt_tokens"])
         reservation = srv.gateway.costs.closed_cost("openai/gpt-4o", prompt, 7)
         assert spent <= 0.0003 + reservation, (spent, reservation)
+        # A refusal called no model: no tier (it counted as a local failure on the dashboard
+        # and in tiergate_requests_total{tier="local"}), its decision kept for the explanation.
+        refusals = [r for r in store.recent(100) if r["http_status"] == 429]
+        assert len(refusals) == codes.count(429)
+        assert all(r["tier"] is None and r["model"] is None for r in refusals)
+        assert all(r["error_type"] == "budget_exceeded" and r["rule"] for r in refusals)
 
 
 def test_each_choice_of_n_counts_against_the_budget(tmp_path: Path, fake: FakeProvider) -> None:
