@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from router.backends import Backend, Completion, Usage, closed, local
+from router.backends import MESSAGE_FIELD, Backend, Completion, Usage, closed, local
 from router.backends.local import Gate
 from router.backends.native import NativeBackend, NativeRequest, speaks
 from router.calibration import AliasThreshold, calibrate, calibrated_values
@@ -834,7 +834,9 @@ class Gateway:
     ) -> dict[str, Any]:
         """``body`` for ``model``: without the fields a front made (``Call.optional``) that the
         model cannot take, such as an Anthropic request's ``top_k`` for an OpenAI model, which
-        OpenAI would refuse with a 400 the client, who did not choose the model, cannot avoid.
+        OpenAI would refuse with a 400 the client, who did not choose the model, cannot avoid,
+        or an assistant turn's ``thinking_blocks`` (``messages.thinking_blocks``) for any model
+        but an Anthropic one.
 
         A request with fields only its front's own provider serves (``Call.native_only``) is
         refused (400) for a model of another provider, so the chain tries the next model.
@@ -848,7 +850,7 @@ class Gateway:
                 f"{model.name} cannot serve {names_kept}: only an Anthropic model does",
                 param=sorted(kept)[0],
             )
-        names = optional.intersection(body)
+        names = optional.intersection(_field_names(body))
         if not names:
             return body
         if model.tier == "closed":
@@ -858,7 +860,14 @@ class Gateway:
         if not dropped:
             return body
         log.debug("%s goes without %s", model.name, ", ".join(sorted(dropped)))
-        return {k: v for k, v in body.items() if k not in dropped}
+        fitted = {k: v for k, v in body.items() if k not in dropped}
+        fields = {n.removeprefix(MESSAGE_FIELD) for n in dropped if n.startswith(MESSAGE_FIELD)}
+        if fields:
+            fitted["messages"] = [
+                {k: v for k, v in message.items() if k not in fields}
+                for message in body["messages"]
+            ]
+        return fitted
 
     def _native_for(self, model: ModelSpec, native: NativeRequest | None) -> NativeBackend | None:
         """The native backend when ``model`` speaks the front's own API, else None."""
@@ -1444,6 +1453,14 @@ def settle_usage(ctx: RequestContext) -> None:
     )
     prompt = usage.prompt_tokens or (ctx.signals.prompt_tokens if ctx.signals else 0)
     ctx.usage = replace(usage, prompt_tokens=prompt, completion_tokens=completion)
+
+
+def _field_names(body: dict[str, Any]) -> set[str]:
+    """The request's fields, and each field of its messages as ``messages.NAME``."""
+    names = set(body)
+    for message in body.get("messages") or ():
+        names.update(MESSAGE_FIELD + key for key in message)
+    return names
 
 
 def _with_logprobs(body: dict[str, Any]) -> dict[str, Any]:

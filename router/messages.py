@@ -19,8 +19,11 @@ from router.errors import BadRequestError, TiergateError, anthropic_error_body
 from router.signals import estimate_tokens
 
 #: The chat fields the translation makes from Anthropic-only parameters (``top_k``; ``thinking``
-#: as ``reasoning_effort``): a model that cannot take them goes without (``Call.optional``).
-OPTIONAL = frozenset({"top_k", "reasoning_effort"})
+#: as ``reasoning_effort``), and the fields it gives an assistant turn from its thinking blocks:
+#: a model that cannot take them goes without (``Call.optional``).
+OPTIONAL = frozenset(
+    {"top_k", "reasoning_effort", "messages.thinking_blocks", "messages.reasoning_content"}
+)
 #: Anthropic's server-side features, which the translation passes on as they are: only an
 #: Anthropic model serves a request with them (``Call.native_only``); dropping them would
 #: change what the client asked for, and another model would refuse them.

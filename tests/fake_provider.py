@@ -57,8 +57,9 @@ class Behaviour:
     reply_fn: Callable[[dict[str, Any]], str] | None = None
     # Bill each of the request's ``n`` choices, as OpenAI does (usage grows with ``n``).
     bill_choices: bool = False
-    # Refuse a chat request field OpenAI's API does not take, and ``reasoning_effort`` for a
-    # model that does not reason, with OpenAI's 400s (the fake otherwise takes anything).
+    # Refuse a chat request field OpenAI's API does not take, a message field its schema does not
+    # have, and ``reasoning_effort`` for a model that does not reason, with OpenAI's 400s (the
+    # fake otherwise takes anything).
     strict: bool = False
     # In ``status`` mode, the JSON body of the error instead of a generic one.
     error_body: dict[str, Any] | None = None
@@ -79,6 +80,10 @@ OPENAI_CHAT_FIELDS = frozenset(
     | {"stop", "store", "stream", "stream_options", "temperature", "tool_choice", "tools"}
     | {"top_logprobs", "top_p", "user", "verbosity", "web_search_options"}
 )
+#: The fields of a chat message OpenAI's schema has; it refuses a message with any other.
+OPENAI_MESSAGE_FIELDS = frozenset(
+    {"role", "content", "name", "tool_calls", "tool_call_id", "function_call", "refusal", "audio"}
+)
 #: Model name prefixes of OpenAI's reasoning models, the only ones that take reasoning_effort.
 OPENAI_REASONING = ("o1", "o3", "o4", "gpt-5")
 
@@ -88,6 +93,15 @@ def openai_refusal(body: dict[str, Any]) -> dict[str, Any] | None:
     for key in body:
         if key not in OPENAI_CHAT_FIELDS:
             message = f"Unrecognized request argument supplied: {key}"
+            return {"message": message, "type": "invalid_request_error", "param": None}
+    for index, chat_message in enumerate(body.get("messages") or ()):
+        extra = sorted(set(chat_message) - OPENAI_MESSAGE_FIELDS)
+        if extra:
+            names = ", ".join(repr(name) for name in extra)
+            message = (
+                f"Additional properties are not allowed ({names} "
+                f"{'was' if len(extra) == 1 else 'were'} unexpected) - 'messages.{index}'"
+            )
             return {"message": message, "type": "invalid_request_error", "param": None}
     reasoning = str(body.get("model", "")).startswith(OPENAI_REASONING)
     if "reasoning_effort" in body and not reasoning:

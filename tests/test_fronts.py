@@ -358,6 +358,56 @@ def test_thinking_routed_to_the_local_model_is_answered_there(
     assert fake.received == []
 
 
+SIGNED = {"type": "thinking", "thinking": "17 times 23 is 391.", "signature": "EqQBCkYIARgC-sig"}
+THOUGHT_HISTORY: list[dict[str, Any]] = [
+    {"role": "user", "content": "HARD: what is 17 times 23?"},
+    {"role": "assistant", "content": [SIGNED, {"type": "text", "text": "391"}]},
+    {"role": "user", "content": "HARD: and twice that?"},
+]
+
+
+@pytest.mark.parametrize("model", ["auto", "gpt-4o"], ids=["routed", "pinned"])
+def test_a_thought_history_reaches_an_openai_model_without_claudes_thinking(
+    claude_client: anthropic.Anthropic, fake: FakeProvider, model: str
+) -> None:
+    # A signed thinking block from an earlier Claude turn became the assistant message's
+    # thinking_blocks and reasoning_content, fields OpenAI's message schema does not have:
+    # a strict server refused the whole conversation. Only an Anthropic model reads them.
+    fake.reset(Behaviour(strict=True))
+    message = claude_client.messages.create(
+        model=model,
+        max_tokens=50,
+        messages=THOUGHT_HISTORY,  # type: ignore[arg-type]
+    )
+    assert message.content[0].text == Behaviour().text  # type: ignore[union-attr]
+    sent = fake.received[-1]
+    assert sent.path == "/v1/chat/completions" and sent.body["model"] == "gpt-4o"
+    assert sent.body["messages"][1] == {"role": "assistant", "content": "391"}
+
+
+def test_a_thought_history_keeps_claudes_thinking_for_an_anthropic_model(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    # Claude through litellm's chat path gets its signed thinking block back, as Anthropic
+    # requires of a turn that thought; gpt-4o, next on the chain, goes without it.
+    fake.reset()
+    policy = policy_yaml(fake).replace(
+        "    litellm_model: anthropic/claude-3-5-sonnet-20241022\n",
+        "    litellm_model: anthropic/claude-3-5-sonnet-20241022\n    transport: litellm\n",
+    )
+    body = {"max_tokens": 50, "messages": THOUGHT_HISTORY}
+    with live(tmp_path, policy, local_backend_obj=ScriptedLocal()) as srv:
+        answer = srv.http.post("/v1/messages", json={"model": "claude", **body})
+        assert answer.status_code == 200, answer.text
+        sent = fake.received[-1]
+        assert sent.path == "/v1/messages"
+        assert SIGNED in sent.body["messages"][1]["content"]
+        fake.reset(Behaviour(strict=True))
+        answer = srv.http.post("/v1/messages", json={"model": "gpt-4o", **body})
+        assert answer.status_code == 200, answer.text
+        assert fake.received[-1].body["messages"][1] == {"role": "assistant", "content": "391"}
+
+
 MCP = [{"type": "url", "url": "https://mcp.example.com/sse", "name": "example"}]
 
 

@@ -13,6 +13,10 @@ from typing import Any, Protocol
 
 from router.errors import UpstreamBadResponseError
 
+#: How a front's optional fields (``Call.optional``) name a field of the chat messages:
+#: ``messages.thinking_blocks`` is that field of any message.
+MESSAGE_FIELD = "messages."
+
 
 class ModelLike(Protocol):
     """The parts of a policy ``ModelSpec`` a backend reads."""

@@ -15,7 +15,7 @@ import os
 from collections.abc import AsyncIterator, Collection, Mapping
 from typing import Any
 
-from router.backends import Completion, ModelLike, Usage, usage_from_body
+from router.backends import MESSAGE_FIELD, Completion, ModelLike, Usage, usage_from_body
 from router.backends.openai_http import OpenAIHTTP
 from router.errors import (
     BackendError,
@@ -64,14 +64,23 @@ def cannot_take(model: ModelLike, names: Collection[str]) -> frozenset[str]:
     that does not reason (gpt-4o, gpt-4.1), which OpenAI refuses with a 400. A model the map
     does not know, such as one an OpenAI-compatible server (vLLM) serves, may take them, and
     litellm translates the fields for the other providers: for those, none.
+
+    A message field (``messages.NAME``) is the reasoning a translation replays on an assistant
+    turn (``thinking_blocks`` with Anthropic's signatures, ``reasoning_content``): only an
+    Anthropic model reads it back; OpenAI's message schema, and strict servers after it,
+    refuse a message that carries it.
     """
     litellm_model = model.litellm_model or ""
-    if provider_of(litellm_model) != "openai":
+    provider = provider_of(litellm_model)
+    replayed = frozenset(n for n in names if n.startswith(MESSAGE_FIELD))
+    if provider == "anthropic":
         return frozenset()
+    if provider != "openai":
+        return replayed
     litellm = quiet_litellm()
     name = litellm_model.split("/", 1)[-1]
     if litellm.model_cost.get(name, {}).get("litellm_provider") != "openai":
-        return frozenset()
+        return replayed
     supported = litellm.get_supported_openai_params(model=name, custom_llm_provider="openai")
     return frozenset(names) - frozenset(supported or ())
 
