@@ -312,6 +312,7 @@ RESPONSES = Front(
     responses.events,
     responses.error_event,
     {"max_tokens": "max_output_tokens", "messages": "input"},
+    optional=responses.OPTIONAL,
 )
 
 

@@ -26,6 +26,10 @@ STATELESS = (
 )
 # Request fields that are not the Responses request's optional parameters in litellm's sense.
 _NOT_PARAMS = ("model", "input", "stream")
+#: The fields the translation gives an assistant turn from a ``reasoning`` item (its summary as
+#: ``reasoning_content``; ``thinking_blocks`` from what litellm encrypted): a model that cannot
+#: take them goes without (``Call.optional``).
+OPTIONAL = frozenset({"messages.thinking_blocks", "messages.reasoning_content"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +88,24 @@ def to_chat(body: Mapping[str, Any], request_id: str) -> tuple[dict[str, Any], T
 
 
 def native(body: Mapping[str, Any], headers: Mapping[str, str]) -> NativeRequest:
-    """The request as sent, for an OpenAI model reached over its own Responses API."""
+    """The request as sent, for an OpenAI model reached over its own Responses API.
+
+    A ``reasoning`` item without ``encrypted_content`` names an item stored at OpenAI, which
+    the call, made with ``store: false``, cannot read (OpenAI answers 404 and says to remove
+    it): it is left out.
+    """
+    items = body["input"]
+    if isinstance(items, list) and any(_stored_reasoning(item) for item in items):
+        body = {**body, "input": [item for item in items if not _stored_reasoning(item)]}
     return NativeRequest("responses", body)
+
+
+def _stored_reasoning(item: Any) -> bool:
+    return (
+        isinstance(item, dict)
+        and item.get("type") == "reasoning"
+        and not item.get("encrypted_content")
+    )
 
 
 def answer(chat: Mapping[str, Any], translation: Translation) -> dict[str, Any]:

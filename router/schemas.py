@@ -243,6 +243,15 @@ class FunctionCallOutputItem(_Block):
     output: str
 
 
+class ReasoningItem(_Block):
+    """A reasoning model's reasoning, sent back in a later turn (the Agents SDK does): its
+    summary, and ``encrypted_content`` when the client asked for it (``include``)."""
+
+    type: Literal["reasoning"]
+    summary: list[dict[str, Any]] = Field(default_factory=list)
+    encrypted_content: str | None = None
+
+
 def _item_type(item: Any) -> str:
     # A message item may leave its type out.
     kind = item.get("type") if isinstance(item, dict) else getattr(item, "type", None)
@@ -254,13 +263,14 @@ def _item_type(item: Any) -> str:
 InputItem = Annotated[
     Annotated[InputMessage, Tag("message")]
     | Annotated[FunctionCallItem, Tag("function_call")]
-    | Annotated[FunctionCallOutputItem, Tag("function_call_output")],
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+    | Annotated[ReasoningItem, Tag("reasoning")],
     Discriminator(
         _item_type,
         custom_error_type="invalid_item_type",
         custom_error_message=(
-            "Tiergate's /v1/responses takes input items of type 'message', 'function_call' "
-            "and 'function_call_output'"
+            "Tiergate's /v1/responses takes input items of type 'message', 'function_call', "
+            "'function_call_output' and 'reasoning'"
         ),
     ),
 ]

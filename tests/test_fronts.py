@@ -668,6 +668,101 @@ def test_a_function_call_round_trip_through_an_anthropic_model(
     assert result["type"] == "tool_result" and result["tool_use_id"] == call.call_id
 
 
+#: The Agents SDK's second turn after a reasoning model called a tool: its reasoning item
+#: (with ``encrypted_content`` when the client asked ``include`` for it), then the call and
+#: its result.
+REASONING = {
+    "type": "reasoning",
+    "id": "rs_1",
+    "summary": [{"type": "summary_text", "text": "The weather tool answers this."}],
+    "encrypted_content": "gAAAAB-opaque",
+}
+CALLED: list[Any] = [
+    {"role": "user", "content": "What is the weather in Paris?"},
+    REASONING,
+    {
+        "type": "function_call",
+        "id": "fc_1",
+        "call_id": "call_1",
+        "name": "get_weather",
+        "arguments": '{"city": "Paris"}',
+        "status": "completed",
+    },
+    {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+]
+
+
+def test_reasoning_items_go_back_to_an_openai_model_as_sent(
+    openai_client: openai.OpenAI, fake: FakeProvider
+) -> None:
+    # The Agents SDK sends a reasoning model's reasoning items back on the next turn: they
+    # were refused (400), which broke its loop at the first tool call. An item without
+    # encrypted_content names a stored item, which the stateless call (store: false) cannot
+    # find (OpenAI answers 404): it is left out.
+    by_id = {"type": "reasoning", "id": "rs_0", "summary": []}
+    response = openai_client.responses.create(
+        model="gpt-4o",
+        input=[by_id, *CALLED],
+        tools=[WEATHER_FUNCTION],  # type: ignore[list-item]
+        include=["reasoning.encrypted_content"],
+    )
+    assert response.output_text == Behaviour().text
+    sent = fake.received[-1]
+    assert sent.path == "/v1/responses" and sent.body["input"] == CALLED
+    assert sent.body["include"] == ["reasoning.encrypted_content"]
+
+
+def test_reasoning_items_are_left_out_of_a_translated_request(
+    openai_client: openai.OpenAI, fake: FakeProvider
+) -> None:
+    # A model reached through the chat translation gets the call and its result without the
+    # reasoning, which was another model's (its summary became reasoning_content).
+    response = openai_client.responses.create(
+        model="claude",
+        input=CALLED,
+        tools=[WEATHER_FUNCTION],  # type: ignore[list-item]
+    )
+    assert response.output_text == Behaviour().text
+    turns = fake.received[-1].body["messages"]
+    assert [block["type"] for block in turns[1]["content"]] == ["tool_use"]
+
+
+def test_a_reasoning_item_before_an_answer_reaches_the_local_model(
+    openai_client: openai.OpenAI, fake: FakeProvider
+) -> None:
+    raw = openai_client.responses.with_raw_response.create(
+        model="local",
+        input=[
+            {"role": "user", "content": "What is 17 times 23?"},
+            REASONING,
+            {"role": "assistant", "content": "391"},
+            {"role": "user", "content": "And twice that?"},
+        ],
+        max_output_tokens=8,
+    )
+    assert raw.headers["x-tiergate-model"] == "local"
+    assert raw.parse().output_text.strip()
+    assert fake.received == []
+
+
+def test_reasoning_items_are_left_out_for_an_openai_chat_model(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    # gpt-4o over litellm's chat path: a strict server refused the replayed reasoning_content.
+    fake.reset(Behaviour(strict=True))
+    policy = policy_yaml(fake).replace(
+        "    litellm_model: openai/gpt-4o\n",
+        "    litellm_model: openai/gpt-4o\n    transport: litellm\n",
+    )
+    with live(tmp_path, policy, local_backend_obj=ScriptedLocal()) as srv:
+        answer = srv.http.post(
+            "/v1/responses", json={"model": "gpt-4o", "input": CALLED, "tools": [WEATHER_FUNCTION]}
+        )
+    assert answer.status_code == 200, answer.text
+    assistant = fake.received[-1].body["messages"][1]
+    assert assistant["role"] == "assistant" and "reasoning_content" not in assistant
+
+
 def test_a_privacy_rule_keeps_a_response_local(
     openai_client: openai.OpenAI, fake: FakeProvider
 ) -> None:

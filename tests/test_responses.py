@@ -102,7 +102,8 @@ def test_stored_state_is_refused_with_a_clear_400(fields: dict[str, Any], param:
 @pytest.mark.parametrize(
     ("item", "param", "says"),
     [
-        ({"type": "reasoning", "id": "rs_1", "summary": []}, "input.1", "'function_call_output'"),
+        ({"type": "web_search_call", "id": "ws_1"}, "input.1", "'function_call_output'"),
+        ({"type": "reasoning", "summary": "short"}, "input.1.summary", "valid list"),
         (
             {"type": "function_call_output", "call_id": "call_1", "output": [{"type": "x"}]},
             "input.1.output",
@@ -115,8 +116,8 @@ def test_an_invalid_input_item_is_named_by_its_own_fields(
     item: dict[str, Any], param: str, says: str
 ) -> None:
     # Each item was checked against every item type, and the error told was the message
-    # type's: "input.1.type: Input should be 'message'" for a reasoning item or a
-    # function_call_output whose output was not a string.
+    # type's: "input.1.type: Input should be 'message'" for an item of a type Tiergate does
+    # not take or a function_call_output whose output was not a string.
     body = {"model": "auto", "input": [{"role": "user", "content": "Hi"}, item]}
     with pytest.raises(BadRequestError) as refused:
         validated(ResponsesRequest, body)
