@@ -1148,7 +1148,12 @@ class Gateway:
                 errors.append(f"{model.name}: {exc.message}")
                 log.warning("%s failed for %s: %s", model.name, ctx.request_id, exc.message)
                 if not exc.retryable:
-                    raise
+                    wider = (
+                        _wider(model, queue[i:]) if exc.code == "context_length_exceeded" else []
+                    )
+                    if not wider:
+                        raise
+                    queue[i:] = wider
                 continue
             ctx.served = Served(model, fallback)
             return result
@@ -1453,6 +1458,18 @@ def settle_usage(ctx: RequestContext) -> None:
     )
     prompt = usage.prompt_tokens or (ctx.signals.prompt_tokens if ctx.signals else 0)
     ctx.usage = replace(usage, prompt_tokens=prompt, completion_tokens=completion)
+
+
+def _wider(
+    model: ModelSpec, rest: list[tuple[ModelSpec, str | None]]
+) -> list[tuple[ModelSpec, str | None]]:
+    """Of the chain's ``rest``, the models with a larger declared context window than
+    ``model``'s: where a prompt ``model`` found over its window goes next (litellm's
+    context-window fallbacks). Other failures that a retry cannot fix end the chain."""
+    window = model.context_window
+    if window is None:
+        return []
+    return [entry for entry in rest if (entry[0].context_window or 0) > window]
 
 
 def _field_names(body: dict[str, Any]) -> set[str]:

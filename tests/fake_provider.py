@@ -69,6 +69,9 @@ class Behaviour:
     # ``cache_read_input_tokens`` and ``cache_creation_input_tokens`` (beside ``input_tokens``).
     cached_tokens: int = 0
     cache_write_tokens: int = 0
+    # In ``status`` mode, fail only the requests to paths ending so (``/chat/completions``: the
+    # OpenAI model), and answer the others.
+    failing_path: str | None = None
 
 
 #: The fields of a chat request OpenAI's API takes; it refuses any other with a 400.
@@ -190,7 +193,8 @@ class FakeProvider:
         b = self.behaviour
         anthropic = h.path.rstrip("/").endswith("/messages")
         responses = h.path.rstrip("/").endswith("/responses")
-        if b.mode == "status":
+        failing = b.failing_path is None or h.path.rstrip("/").endswith(b.failing_path)
+        if b.mode == "status" and failing:
             generic = {"error": {"message": "upstream exploded", "type": "server_error"}}
             self._json(h, b.status, b.error_body or generic)
             return

@@ -145,6 +145,78 @@ def test_local_failure_without_fallback_is_a_clear_error(
         assert fake.received == []
 
 
+#: OpenAI's 400 for a prompt over gpt-4o's window.
+OVER_WINDOW = {
+    "message": "This model's maximum context length is 128000 tokens.",
+    "type": "invalid_request_error",
+    "param": "messages",
+    "code": "context_length_exceeded",
+}
+
+
+def _windows(fake: FakeProvider, claude_window: int) -> str:
+    """The test policy with gpt-4o's window (128,000 tokens) and claude's, falling back closed."""
+    return (
+        policy_yaml(fake, on_failure="closed")
+        .replace(
+            "litellm_model: openai/gpt-4o\n",
+            "litellm_model: openai/gpt-4o\n    context_window: 128000\n",
+        )
+        .replace(
+            "litellm_model: anthropic/claude-3-5-sonnet-20241022\n",
+            "litellm_model: anthropic/claude-3-5-sonnet-20241022\n"
+            f"    context_window: {claude_window}\n",
+        )
+    )
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_prompt_over_a_closed_window_goes_to_a_larger_one(
+    tmp_path: Path, fake: FakeProvider, stream: bool
+) -> None:
+    # The estimate fit gpt-4o's 128k window and OpenAI counted more: its 400 was final while
+    # claude, next on the chain with 200k, was never tried.
+    fake.reset(
+        Behaviour(
+            mode="status",
+            status=400,
+            error_body={"error": OVER_WINDOW},
+            failing_path="/completions",
+        )
+    )
+    body = {"model": "auto", "messages": [{"role": "user", "content": "HARD"}], "stream": stream}
+    with live(tmp_path, _windows(fake, 200000)) as srv:
+        answer = srv.http.post("/v1/chat/completions", json=body)
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["x-tiergate-model"] == "claude"
+        assert answer.headers["x-tiergate-fallback"] == "closed->closed"
+        assert [r.path for r in fake.received] == ["/v1/chat/completions", "/v1/messages"]
+        request_id = answer.headers["x-request-id"]
+        assert wait_for(lambda: srv.gateway.outcomes.get(request_id) is not None)
+        record = srv.gateway.outcomes.get(request_id)
+        assert (record["model"], record["fallback"], record["status"]) == (
+            "claude",
+            "closed->closed",
+            "ok",
+        )
+
+
+@pytest.mark.parametrize(
+    ("error", "claude_window"),
+    [(OVER_WINDOW, 128000), ({**OVER_WINDOW, "code": "invalid_value"}, 200000)],
+    ids=["no-larger-window", "another-400"],
+)
+def test_a_closed_400_stays_final_without_a_larger_window(
+    tmp_path: Path, fake: FakeProvider, error: dict[str, Any], claude_window: int
+) -> None:
+    fake.reset(Behaviour(mode="status", status=400, error_body={"error": error}))
+    body = {"model": "auto", "messages": [{"role": "user", "content": "HARD"}]}
+    with live(tmp_path, _windows(fake, claude_window)) as srv:
+        answer = srv.http.post("/v1/chat/completions", json=body)
+    assert answer.status_code == 400
+    assert [r.path for r in fake.received] == ["/v1/chat/completions"]
+
+
 async def _burst_hold(url: str, local: ScriptedLocal, n: int) -> list[httpx.Response]:
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
         body = {"model": "auto", "messages": [{"role": "user", "content": "easy"}]}
