@@ -821,12 +821,17 @@ def _route_model(policy: Policy, rule: CompiledRule) -> str:
     return model
 
 
+#: What a model without tools cannot take when the request offers none but its conversation
+#: holds tool calls or results: the sender then knows to change the history, not ``tools``.
+_TOOL_HISTORY = "tool calls in the conversation"
+
+
 def _unfit(spec: ModelSpec, signals: Signals) -> str | None:
     """Why ``spec`` cannot serve the request without dropping part of it, or None."""
     if signals.has_images and not spec.supports_images:
         return "images"
     if signals.has_tools and not spec.supports_tools:
-        return "tools"
+        return _TOOL_HISTORY if signals.tool_history else "tools"
     if spec.context_window is not None:
         needed = signals.prompt_tokens + (signals.max_tokens or 0)
         if needed > spec.context_window:
@@ -886,7 +891,7 @@ class _Step:
         if unfit is None:
             return
         what = f"model '{self.model}' cannot take {unfit}"
-        room = unfit not in ("images", "tools")  # it lacks room, not a feature (see _unfit)
+        room = unfit not in ("images", "tools", _TOOL_HISTORY)  # room, not a feature (_unfit)
         if self.local_only or self.pinned:
             why = "the rule is local_only" if self.local_only else "the request pins it"
             self.unsatisfiable = f"{what} and {why}"

@@ -37,6 +37,8 @@ class Signals:
     max_tokens: int | None = None
     has_images: bool = False
     has_tools: bool = False
+    # has_tools only for the conversation's tool calls or results: the request offers no tools.
+    tool_history: bool = False
     turns: int = 1
     score: float = 0.0
     capability: str | None = None
@@ -59,6 +61,7 @@ class Signals:
             "max_tokens": self.max_tokens,
             "has_images": self.has_images,
             "has_tools": self.has_tools,
+            "tool_history": self.tool_history,
             "turns": self.turns,
             "score": round(self.score, 6),
             "capability": self.capability,
@@ -276,7 +279,8 @@ def extract_signals(
     """
     messages: list[Mapping[str, Any]] = list(body.get("messages") or [])
     tools = body.get("tools") or body.get("functions")
-    has_tools = bool(tools) or any(_tool_turn(m) for m in messages)
+    tool_history = not tools and any(_tool_turn(m) for m in messages)
+    has_tools = bool(tools) or tool_history
     text = scoring_text(messages)
     # The prompt is read here and by the scorer (for its stakes): pii_kinds remembers the last
     # long string, so it is read once. The rest of the body is read without it.
@@ -295,6 +299,7 @@ def extract_signals(
         max_tokens=int(max_tokens) if isinstance(max_tokens, int) else None,
         has_images=has_image_parts(messages),
         has_tools=has_tools,
+        tool_history=tool_history,
         turns=sum(1 for m in messages if m.get("role") == "user"),
         score=analysis.score,
         capability=analysis.capability,

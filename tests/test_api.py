@@ -16,6 +16,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -378,7 +379,7 @@ def test_a_function_call_history_goes_to_the_closed_tier(
     raw = client.chat.completions.with_raw_response.create(model="auto", messages=messages)  # type: ignore[arg-type]
     assert raw.headers["x-tiergate-tier"] == "closed"
     assert fake.received[-1].body["messages"][1]["function_call"] == call
-    with pytest.raises(openai.BadRequestError, match="tools"):
+    with pytest.raises(openai.BadRequestError, match="tool calls in the conversation"):
         client.chat.completions.create(model="local", messages=messages)  # type: ignore[arg-type]
 
 
@@ -884,6 +885,46 @@ def test_bad_parameters_are_a_400_naming_them(
     error = response.json()["error"]
     assert error["param"] is not None and error["param"].startswith(param), error
     assert "TypeError" not in error["message"] and "argument" not in error["message"]
+    assert fake.received == []
+
+
+CALLED_WEATHER: list[dict[str, Any]] = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    {"role": "user", "content": "Thanks. Anything else?"},
+]
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        ({}, "model 'local' cannot take tool calls in the conversation and the request pins it"),
+        ({"tools": [WEATHER_TOOL]}, "model 'local' cannot take tools and the request pins it"),
+    ],
+    ids=["history", "tools"],
+)
+def test_a_pinned_local_model_says_where_the_tools_are(
+    server: LiveServer, fake: FakeProvider, extra: dict[str, Any], says: str
+) -> None:
+    # A request without tools whose history held a tool call was told the local model
+    # "cannot take tools": its sender, who sent none, could not tell what to change.
+    fake.reset()
+    body = {"model": "local", "messages": CALLED_WEATHER, **extra}
+    response = server.http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == says
     assert fake.received == []
 
 
