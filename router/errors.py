@@ -254,20 +254,23 @@ class BackendError(TiergateError):
         code: str | None = None,
         upstream_status: int | None = None,
         retry_after: float | None = None,
+        param: str | None = None,
     ) -> None:
-        # An upstream Retry-After reaches the client when this error is the final answer.
+        # An upstream Retry-After reaches the client when this error is the final answer, and
+        # so does the request field a provider's 400 names (``param``).
         headers = {"retry-after": str(max(1, round(retry_after)))} if retry_after else None
-        super().__init__(message, code=code, headers=headers)
+        super().__init__(message, code=code, param=param, headers=headers)
         self.upstream_status = upstream_status
         self.retry_after = retry_after
 
     def restated(self, message: str) -> BackendError:
-        """The same failure (class, status, code, Retry-After) with a new message."""
+        """The same failure (class, status, code, param, Retry-After) with a new message."""
         return type(self)(
             message,
             code=self.code,
             upstream_status=self.upstream_status,
             retry_after=self.retry_after,
+            param=self.param,
         )
 
 

@@ -211,6 +211,33 @@ def test_a_closed_models_context_length_exceeded_keeps_its_code(
     assert refused.value.code == "upstream_bad_request"
 
 
+@pytest.mark.parametrize("transport", ["direct", "litellm"])
+def test_a_providers_400_keeps_its_param(
+    tmp_path: Path, fake: FakeProvider, transport: str
+) -> None:
+    # OpenAI names the offending field in "param"; the client got param: null, and could not
+    # tell which part of its request to fix.
+    bad = {
+        "message": "Invalid 'messages[0].content': string too long.",
+        "type": "invalid_request_error",
+        "param": "messages[0].content",
+        "code": "string_above_max_length",
+    }
+    fake.reset(Behaviour(mode="status", status=400, error_body={"error": bad}))
+    policy = policy_yaml(fake)
+    if transport == "litellm":
+        policy = policy.replace(
+            "litellm_model: openai/gpt-4o\n",
+            "litellm_model: openai/gpt-4o\n    transport: litellm\n",
+        )
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Go on."}]}
+    with live(tmp_path, policy) as srv:
+        answer = srv.http.post("/v1/chat/completions", json=body)
+    assert answer.status_code == 400
+    error = answer.json()["error"]
+    assert error["param"] == "messages[0].content" and "string too long" in error["message"]
+
+
 YES_NO = {
     "type": "object",
     "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},

@@ -233,12 +233,14 @@ def map_litellm_error(exc: Exception, label: str) -> TiergateError:
         return UpstreamTimeoutError(message, upstream_status=status)
     if status == 429 or "RateLimit" in name:
         return UpstreamRateLimitedError(message, upstream_status=429, retry_after=_retry_after(exc))
+    param = getattr(exc, "param", None)  # the field the provider's 400 named, if it did
+    param = param if isinstance(param, str) else None
     if "ContextWindow" in name:  # the prompt is over the model's window: OpenAI's code
         return UpstreamBadRequestError(
-            message, code="context_length_exceeded", upstream_status=status
+            message, code="context_length_exceeded", upstream_status=status, param=param
         )
     if status in (400, 413, 422) or "BadRequest" in name:
-        return UpstreamBadRequestError(message, upstream_status=status)
+        return UpstreamBadRequestError(message, upstream_status=status, param=param)
     if "Connection" in name:
         return BackendError(message, code="upstream_unreachable", upstream_status=status)
     return BackendError(message, upstream_status=status if isinstance(status, int) else None)

@@ -63,7 +63,8 @@ def error_for_status(
 
     The upstream's message is repeated with credentials scrubbed (some providers echo keys).
     A prompt over the model's window keeps OpenAI's ``context_length_exceeded``: agent loops
-    read that code to shorten their history.
+    read that code to shorten their history. A 400 keeps the field the provider named
+    (``param``), so the client knows what to fix.
     """
     error = _upstream_error(raw)
     message = f"{label} answered {status}: {scrub(_upstream_message(error, reason), [api_key])}"
@@ -74,7 +75,13 @@ def error_for_status(
     if status in (400, 413, 422):
         over = error.get("code") == "context_length_exceeded"
         code = "context_length_exceeded" if over else None
-        return UpstreamBadRequestError(message, code=code, upstream_status=status)
+        param = error.get("param")
+        return UpstreamBadRequestError(
+            message,
+            code=code,
+            upstream_status=status,
+            param=param if isinstance(param, str) else None,
+        )
     if status in (408, 504):
         return UpstreamTimeoutError(message, upstream_status=status)
     return BackendError(message, upstream_status=status)
