@@ -850,7 +850,7 @@ class Gateway:
                 f"{model.name} cannot serve {names_kept}: only an Anthropic model does",
                 param=sorted(kept)[0],
             )
-        names = optional.intersection(_field_names(body))
+        names = optional.intersection(_field_names(body)) if optional else None
         if not names:
             return body
         if model.tier == "closed":
