@@ -777,13 +777,30 @@ _WINDOW_SQL = (
 )
 
 
-def _migrate(conn: sqlite3.Connection) -> None:
-    """Add the columns an older database lacks (the outcomes table only grows)."""
-    have = {row[1] for row in conn.execute("PRAGMA table_info(outcomes)")}
-    with conn:
-        for name, definition in _OUTCOME_COLUMNS.items():
-            if name not in have:
-                conn.execute(f"ALTER TABLE outcomes ADD COLUMN {name} {definition}")
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    """Add the columns an older database lacks (the outcomes table only grows), and log them.
+
+    The look and the additions are one write transaction: processes that start together on an
+    older file take turns, and the later ones find the columns there instead of adding them
+    again (which fails, "duplicate column name").
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        have = {row[1] for row in conn.execute("PRAGMA table_info(outcomes)")}
+        added = [name for name in _OUTCOME_COLUMNS if name not in have]
+        for name in added:
+            conn.execute(f"ALTER TABLE outcomes ADD COLUMN {name} {_OUTCOME_COLUMNS[name]}")
+    except BaseException:
+        conn.rollback()
+        raise
+    conn.commit()
+    if added:
+        log.info(
+            "outcome store %s: added the column%s %s (a database an older Tiergate wrote)",
+            path,
+            "s" if len(added) > 1 else "",
+            ", ".join(added),
+        )
 
 
 def row_to_dict(row: sqlite3.Row) -> dict[str, Any]:
@@ -826,7 +843,7 @@ class SQLiteOutcomeStore(OutcomeWriter):
         """Create or migrate the schema, load today's spend and start the writer thread."""
         conn = self._connect()
         conn.executescript(_SCHEMA)
-        _migrate(conn)
+        _migrate(conn, self.path)
         start_of_day = _day(time.time()) * 86400
         spend = conn.execute(
             "SELECT tenant, SUM(cost_usd) FROM (SELECT tenant, cost_usd FROM outcomes WHERE ts >= ?"

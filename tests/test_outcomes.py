@@ -245,6 +245,64 @@ def test_a_store_from_before_the_cascade_column_gains_it(tmp_path: Path) -> None
     reopened.close()
 
 
+def test_two_replicas_starting_on_an_older_database_both_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Two processes upgraded together (or serve and another start) read the old columns, then
+    # both added "front": the second start died with "duplicate column name: front".
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.executescript(store_module._SCHEMA.replace(", cascade TEXT", ""))
+    conn.close()
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # the other replica, migrating first
+    migrating = threading.Event()
+    connect = SQLiteOutcomeStore._connect
+
+    def traced(self: SQLiteOutcomeStore) -> sqlite3.Connection:
+        conn = connect(self)
+        conn.set_trace_callback(
+            lambda sql: migrating.set() if sql.startswith(("ALTER", "BEGIN IMMEDIATE")) else None
+        )
+        return conn
+
+    monkeypatch.setattr(SQLiteOutcomeStore, "_connect", traced)
+    store = SQLiteOutcomeStore(path)
+    failed: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            store.start()
+        except BaseException as exc:
+            failed.append(exc)
+
+    caplog.set_level("INFO", logger="tiergate.outcomes")
+    starter = threading.Thread(target=start)
+    starter.start()
+    assert migrating.wait(10)  # this one has begun migrating, and waits for the lock
+    other.execute("ALTER TABLE outcomes ADD COLUMN cascade TEXT")
+    other.execute("COMMIT")
+    other.close()
+    starter.join(30)
+    assert failed == []
+    try:
+        store.submit(outcome("r1", cascade={"decision": "kept"}))
+        assert store.flush(10)
+        assert (store.get("r1") or {})["cascade"] == {"decision": "kept"}
+    finally:
+        store.close()
+    assert "added" not in caplog.text  # the other replica added it
+    older = tmp_path / "older.db"
+    with sqlite3.connect(older) as conn:
+        conn.executescript(store_module._SCHEMA.replace(", cascade TEXT", ""))
+    conn.close()
+    alone = SQLiteOutcomeStore(older)
+    alone.start()
+    alone.close()
+    assert f"{older}: added the column cascade" in caplog.text  # a migration is logged
+
+
 def test_close_waits_for_a_read_in_progress_on_another_thread(tmp_path: Path) -> None:
     # Closing the reader connection under a purge or dashboard read on a worker thread crashed
     # the process (a segfault in SQLite, seen in a full test run): close must wait for it.
