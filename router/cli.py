@@ -1294,7 +1294,7 @@ def build_parser() -> argparse.ArgumentParser:
     outcomes = sub.add_parser(
         "outcomes", help="show recent outcome records (Redis when TIERGATE_REDIS_URL, else SQLite)"
     )
-    outcomes.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    outcomes.add_argument("--limit", type=_at_least_one, default=20, help="how many (default 20)")
     outcomes.add_argument("--tenant", help="only this tenant's records")
     outcomes.add_argument("--db", type=Path, help="SQLite file (default: TIERGATE_SQLITE_PATH)")
     outcomes.add_argument("--json", action="store_true", help="one JSON record per line")

@@ -237,6 +237,16 @@ def test_outcomes_command_prints_records(
     assert main(["outcomes", "--db", str(tmp_path / "missing.db")]) == 1
 
 
+@pytest.mark.parametrize("limit", ["0", "-1"])
+def test_outcomes_limit_below_one_is_a_usage_error(limit: str, tmp_path: Path) -> None:
+    # SQLite showed no record for 0 and all for -1; Redis all for 0 and all but one for -1.
+    db = tmp_path / "o.db"
+    _many_records(db, 3)
+    with pytest.raises(SystemExit) as exc:
+        main(["outcomes", "--db", str(db), "--limit", limit])
+    assert exc.value.code == 2
+
+
 def test_outcomes_table_cells_show_nothing_as_a_dash_and_mark_a_cut() -> None:
     from router.cli import _cell
 
