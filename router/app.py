@@ -47,7 +47,7 @@ from router.gateway import Gateway, PolicyHolder
 from router.learning import LearningLoop, purge_loop
 from router.limits import build_rate_limiter
 from router.outcomes import OutcomeStore, SQLiteOutcomeStore
-from router.registry import watch_model_store
+from router.registry import store_version, watch_model_store
 from router.scoring import HeuristicScorer, Scorer
 from router.services import Services, running
 from router.telemetry import RequestSpanMiddleware, Telemetry
@@ -203,6 +203,9 @@ def create_app(
         tel = telemetry if telemetry is not None else Telemetry.from_settings(settings)
         tel.watch_queue(gate)
         tel.watch_policy(policy)
+        # The store version the scorer loads from, read before it loads: a promotion in between
+        # is then loaded by the watcher, never missed; one that did not load is tried again.
+        from_store = None if scorer is not None else store_version(settings)
         gateway = Gateway(
             policy=policy,
             scorer=scorer
@@ -246,7 +249,7 @@ def create_app(
         app.state.services = Services(
             settings=settings, gateway=gateway, learning=learning, telemetry=tel, limiter=limiter
         )
-        tasks = start_loops(gateway, settings)
+        tasks = start_loops(gateway, settings, from_store)
         log.info(
             "tiergate ready: policy %s, scorer %s, local %s",
             policy.policy.digest,
@@ -257,11 +260,7 @@ def create_app(
             yield
         finally:
             await learning.drain()
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await stop_loops(tasks)
             await gateway.aclose()
             await http.aclose()
             await limiter.aclose()
@@ -351,16 +350,30 @@ class StoppedAtShutdown:
                 await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def start_loops(gateway: Gateway, settings: Settings) -> list[asyncio.Task[None]]:
+def start_loops(
+    gateway: Gateway, settings: Settings, from_store: str | None = None
+) -> list[asyncio.Task[None]]:
     """Start every background loop the app runs: policy hot reload, threshold calibration,
-    the retention purge and the model store watcher. The lifespan cancels them at shutdown."""
+    the retention purge and the model store watcher (``from_store``: the store version the
+    scorer was loaded from, unless it did not load). The lifespan stops them at shutdown."""
+    if isinstance(gateway.scorer, HeuristicScorer):
+        from_store = None  # the watcher tries it again
     loops = [
         _watch_policy(gateway, settings.policy_reload_s),
         _calibrate(gateway, settings.calibrate_every_s),
         purge_loop(gateway.outcomes, lambda: gateway.policy.retention_days, settings.purge_every_s),
-        watch_model_store(gateway, settings, profile_loader(settings)),
+        watch_model_store(gateway, settings, profile_loader(settings), from_store),
     ]
     return [asyncio.create_task(loop) for loop in loops]
+
+
+async def stop_loops(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel the loops :func:`start_loops` started and wait until each has ended."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _watch_policy(gateway: Gateway, every_s: float) -> None:

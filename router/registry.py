@@ -211,25 +211,33 @@ class ModelStore:
         return version, loader(self.path(version))
 
 
+def store_version(settings: Any) -> str | None:
+    """The model store version the settings serve, or None (no store, or none promoted)."""
+    return None if settings.model_store is None else ModelStore(settings.model_store).current()
+
+
 def configured_model_path(settings: Any) -> Path:
     """The classifier the settings serve: the model store's current version when
     ``model_store`` is set and names one, else ``classifier_path``, else the shipped default.
     The proxy and the commands that read "the configured router" resolve it here alike."""
     from router.artifact import default_model_path
 
-    if settings.model_store is not None:
-        store = ModelStore(settings.model_store)
-        if (current := store.current()) is not None:
-            return store.path(current)
+    if (current := store_version(settings)) is not None:
+        return ModelStore(settings.model_store).path(current)
     path: Path = settings.classifier_path or default_model_path()
     return path
 
 
 async def watch_model_store(
-    gateway: Any, settings: Any, loader: Callable[[Path], Any] = default_loader
+    gateway: Any,
+    settings: Any,
+    loader: Callable[[Path], Any] = default_loader,
+    serving: str | None = None,
 ) -> None:
     """Poll the store's pointer and swap ``gateway.scorer`` when it names a new version.
 
+    ``serving`` is the version the gateway's scorer was loaded from, if any: an adopted
+    version's model keeps its own name (router-v9 as v0001), so the scorer's name cannot say.
     The artifact loads (and is trust-checked) in a worker thread; only a fully loaded scorer is
     swapped in, with one attribute assignment, so no request ever sees a half-built one. A
     version that fails to load is logged and the serving model stays.
@@ -239,7 +247,7 @@ async def watch_model_store(
     from router.artifact import release_freed_memory
 
     store = ModelStore(settings.model_store)
-    loaded: str | None = getattr(gateway.scorer, "version", None)
+    loaded: str | None = serving or getattr(gateway.scorer, "version", None)
     while True:
         try:
             version = store.current()

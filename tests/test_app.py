@@ -137,3 +137,30 @@ def test_the_proxy_hands_back_what_loading_freed_before_it_serves(
     with TestClient(app) as client:
         assert calls == [True]
         assert client.get("/healthz").status_code == 200
+
+
+def test_a_proxy_started_on_an_adopted_version_does_not_load_it_again(
+    tmp_path: Path, fake: FakeProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store's first version is an adopted router (the shipped one, after a first retrain)
+    whose model is named e.g. router-v9, not v0001: the watcher took the model the proxy had
+    just started with for another version, loaded it again at every start and logged "model
+    v0001 now serving (was router-v9)". A later promotion still swaps."""
+    import logging
+
+    from router.registry import ModelStore
+    from tests.conftest import wait_for
+
+    store = ModelStore(tmp_path / "store")
+    store.adopt(REPO / "models" / "router-v6")
+    store.adopt(REPO / "models" / "router-v6")  # v0002: another version of the same model
+    settings = make_settings(
+        tmp_path, policy_yaml(fake), model_store=store.root, model_watch_s=0.01
+    )
+    app = create_app(settings, local_backend=ScriptedLocal())
+    with caplog.at_level(logging.INFO, logger="tiergate.registry"), TestClient(app) as client:
+        assert client.get("/healthz").status_code == 200  # the watcher has looked once
+        store.promote("v0002")
+        assert wait_for(lambda: "model v0002 now serving" in caplog.text)
+    assert "model v0001 now serving" not in caplog.text
+    assert "model v0002 now serving (was v0001)" in caplog.text
