@@ -672,6 +672,15 @@ def test_redis_choice_sets_the_url_or_sqlite(render: Render) -> None:
     )
 
 
+def test_a_persistent_sqlite_file_is_never_written_by_two_pods(render: Render) -> None:
+    # A rolling upgrade started the new pod while the old one held the ReadWriteOnce volume:
+    # it waited on the volume, or both wrote one file and counted budgets apart.
+    sqlite = {**VALUE_SETS["minimal"], "sqlite": {"persistence": {"enabled": True}}}
+    assert find(render(sqlite), "Deployment", FULLNAME)["spec"]["strategy"] == {"type": "Recreate"}
+    for values in ({}, VALUE_SETS["minimal"]):  # Redis, or an emptyDir per pod: rolling
+        assert "strategy" not in find(render(values), "Deployment", FULLNAME)["spec"]
+
+
 def test_service_monitor_scrapes_metrics(render: Render) -> None:
     monitor = find(render(VALUE_SETS["full"]), "ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
