@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import IO, Any, NamedTuple, Protocol
 
 log = logging.getLogger("tiergate.outcomes")
 
@@ -815,6 +815,34 @@ def row_to_dict(row: sqlite3.Row) -> dict[str, Any]:
     return out
 
 
+def _claim_writer(path: Path) -> IO[bytes] | None:
+    """Lock ``path``'s writer lock file (``NAME.lock``) and return it open, or warn and return
+    None when another process holds it: each writer's ledger is then only its own spend, so
+    together they can spend past a budget (a second ``tiergate serve`` on the same file, an
+    old and a new one overlapping during an upgrade)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no check
+        return None
+    lock = path.with_name(path.name + ".lock")
+    try:
+        handle = lock.open("ab")
+    except OSError:
+        return None  # a read-only folder: the writes will say so
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        log.warning(
+            "outcome store %s: another process is writing it; budgets and the spend each "
+            "process counts are its own, so together they can overspend. Give each process "
+            "its own TIERGATE_SQLITE_PATH, or share Redis (TIERGATE_REDIS_URL)",
+            path,
+        )
+        return None
+    return handle
+
+
 class SQLiteOutcomeStore(OutcomeWriter):
     """Records in one SQLite file (WAL mode). This writer is the file's only one, so its ledger
     is the spend: loaded at start, counted as records are submitted."""
@@ -830,6 +858,7 @@ class SQLiteOutcomeStore(OutcomeWriter):
         self._read_lock = threading.Lock()
         self._reader: sqlite3.Connection | None = None
         self._conn: sqlite3.Connection | None = None  # the writer thread's
+        self._claim: IO[bytes] | None = None  # the open lock file while this one writes
 
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -842,6 +871,7 @@ class SQLiteOutcomeStore(OutcomeWriter):
     def start(self) -> None:
         """Create or migrate the schema, load today's spend and start the writer thread."""
         conn = self._connect()
+        self._claim = _claim_writer(self.path)
         conn.executescript(_SCHEMA)
         _migrate(conn, self.path)
         start_of_day = _day(time.time()) * 86400
@@ -865,6 +895,9 @@ class SQLiteOutcomeStore(OutcomeWriter):
             if self._reader is not None:
                 self._reader.close()
                 self._reader = None
+        if self._claim is not None:
+            self._claim.close()  # releases the lock
+            self._claim = None
 
     def health(self) -> dict[str, Any]:
         """Whether the writer runs, and what it has written, dropped or could not write."""

@@ -330,3 +330,23 @@ def test_close_waits_for_a_read_in_progress_on_another_thread(tmp_path: Path) ->
     reader_thread.join(10)
     closer.join(10)
     assert not closer.is_alive() and rows == [1]
+
+
+def test_a_second_writer_of_one_file_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Two `tiergate serve` on one SQLite file (an upgrade's old and new overlapping) each
+    # counted only its own spend: a $0.0005 budget was spent to $0.00117, without a word.
+    path = tmp_path / "o.db"
+    first, second = SQLiteOutcomeStore(path), SQLiteOutcomeStore(path)
+    first.start()
+    assert "another process is writing it" not in caplog.text
+    second.start()
+    assert f"outcome store {path}: another process is writing it" in caplog.text
+    second.close()
+    first.close()
+    caplog.clear()
+    third = SQLiteOutcomeStore(path)  # the first has let the file go
+    third.start()
+    third.close()
+    assert "another process" not in caplog.text
