@@ -9,11 +9,13 @@ gateway answers.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
@@ -46,6 +48,7 @@ from router.services import Services, services
 
 _Model = TypeVar("_Model", bound=BaseModel)
 _Tr = TypeVar("_Tr")
+_T = TypeVar("_T")
 log = logging.getLogger("tiergate.api")
 router = APIRouter()
 
@@ -58,10 +61,33 @@ def _dumps(data: Any) -> bytes:
 # recursion limit in whatever walks them next (validation, PII scanning, the encoder).
 MAX_JSON_DEPTH = 64
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# How a lone surrogate can reach a parsed string: a \uD800-\uDFFF escape, or its
+# UTF-8 form (json.loads decodes bytes with ``surrogatepass``). A body without either has none.
+_SURROGATE_BYTES = re.compile(rb"\\u[dD][89abcdefABCDEF]|\xed[\xa0-\xbf]")
+#: A body longer than this is parsed and checked on a worker thread (off_loop_when_large).
+OFFLOAD_BODY_BYTES = 64 * 1024
 
 
 async def read_json(request: Request) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400 naming what is wrong with it.
+    """The request body as a JSON object (:func:`parse_json`), parsed on a worker thread when
+    it is large (:func:`off_loop_when_large`)."""
+    raw = await request.body()
+    return await off_loop_when_large(raw, functools.partial(parse_json, raw))
+
+
+async def off_loop_when_large(raw: bytes, work: Callable[[], _T]) -> _T:
+    """``work()``, on a worker thread when the body ``raw`` is over :data:`OFFLOAD_BODY_BYTES`.
+
+    Parsing and checking a body near the size cap is CPU work that grows with the number of
+    values in it: eight MiB of ``[1,1,...]`` costs seconds, during which the event loop would
+    answer nothing else (not even ``/healthz``)."""
+    if len(raw) > OFFLOAD_BODY_BYTES:
+        return await asyncio.to_thread(work)
+    return work()
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """``raw`` as a JSON object, or a 400 naming what is wrong with it.
 
     Lone surrogates (``"\\ud800"``, in values and keys, at any depth) are replaced by U+FFFD
     rather than refused. Such a string cannot be encoded as UTF-8, so it would fail at the
@@ -70,7 +96,6 @@ async def read_json(request: Request) -> dict[str, Any]:
     decoder, WHATWG's ``TextEncoder`` and Go's ``encoding/json`` do. Nesting deeper than
     :data:`MAX_JSON_DEPTH` is a 400.
     """
-    raw = await request.body()
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -79,8 +104,8 @@ async def read_json(request: Request) -> dict[str, Any]:
         raise BadRequestError(_too_deep()) from exc
     if not isinstance(body, dict):
         raise BadRequestError("request body must be a JSON object")
-    cleaned: dict[str, Any] = _clean(body)
-    return cleaned
+    _clean(body, surrogates=_SURROGATE_BYTES.search(raw) is not None)
+    return body
 
 
 def _too_deep() -> str:
@@ -91,29 +116,34 @@ def _clean_text(text: str) -> str:
     return text if text.isascii() else _SURROGATE.sub("\ufffd", text)
 
 
-def _clean(body: Any) -> Any:
-    """``body`` with lone surrogates replaced, or a 400 when it is nested too deep.
+def _clean(body: dict[str, Any], *, surrogates: bool) -> None:
+    """Replace lone surrogates in ``body`` in place (only where ``surrogates``: the raw body
+    may hold one), or raise a 400 when it is nested too deep.
 
-    Iterative, so that the depth check itself cannot overflow the stack.
+    Iterative, so that the depth check itself cannot overflow the stack; only containers go
+    on the stack, so a body of millions of numbers or short strings is one pass over each.
     """
-    root: list[Any] = [body]
-    stack: list[tuple[list[Any] | dict[str, Any], Any, int]] = [(root, 0, 0)]
+    stack: list[tuple[list[Any] | dict[str, Any], int]] = [(body, 0)]
     while stack:
-        parent, key, depth = stack.pop()
-        value = parent[key]
-        if isinstance(value, str):
-            parent[key] = _clean_text(value)
-        elif isinstance(value, list | dict):
-            if depth >= MAX_JSON_DEPTH:
-                raise BadRequestError(_too_deep())
-            if isinstance(value, dict):
-                if not all(k.isascii() for k in value):
-                    value = {_clean_text(k): v for k, v in value.items()}
-                    parent[key] = value
-                stack.extend((value, k, depth + 1) for k in value)
-            else:
-                stack.extend((value, i, depth + 1) for i in range(len(value)))
-    return root[0]
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            if surrogates and not all(k.isascii() for k in node):
+                cleaned = {_clean_text(k): v for k, v in node.items()}
+                node.clear()
+                node.update(cleaned)
+            items: Iterable[tuple[Any, Any]] = node.items()
+        else:
+            items = enumerate(node)
+        for key, value in items:
+            kind = type(value)  # json.loads makes exactly these types, never subclasses
+            if kind is str:
+                if surrogates and not value.isascii():
+                    node[key] = _clean_text(value)
+            elif kind is list or kind is dict:
+                if depth + 1 >= MAX_JSON_DEPTH:
+                    raise BadRequestError(_too_deep())
+                if value:
+                    stack.append((value, depth + 1))
 
 
 def validate_chat(body: dict[str, Any]) -> None:
@@ -204,13 +234,20 @@ async def call_of(
     native: NativeRequest | None = None
     refused: Exception | None = None
     request_id = new_request_id()
-    try:
-        await svc.limiter.admit(principal)
-        body = await read_json(request)
+
+    def read(raw: bytes) -> None:
+        # Parsed, translated and checked in one step, off the event loop for a large body.
+        nonlocal body, native
+        body = parse_json(raw)
         if translate is not None:
             body, native = translate(body, request_id)
         validate_chat(body)
         check_request_size(body, svc.settings, fields)
+
+    try:
+        await svc.limiter.admit(principal)
+        raw = await request.body()
+        await off_loop_when_large(raw, functools.partial(read, raw))
     except Exception as exc:  # answered and recorded by the gateway, as it was raised
         refused = exc
     return Call(

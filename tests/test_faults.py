@@ -519,6 +519,44 @@ def test_deep_nesting_is_a_400_not_a_crash(server: LiveServer) -> None:
     assert sorted(r["http_status"] for r in rows) == [200, 400, 400, 400]
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages", "/v1/feedback"])
+def test_a_large_body_is_read_off_the_event_loop(
+    server: LiveServer, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """Reading a body near the size cap can take seconds (eight MiB of ``[1,1,...]`` took 7 s
+    on the event loop): it is read on a worker thread, so while it is, /healthz and other
+    requests are answered."""
+    import router.api
+
+    entered, release = threading.Event(), threading.Event()
+    real = router.api._clean
+
+    def slow(body: Any, **kwargs: Any) -> Any:
+        if "pad" in body.get("metadata", {}):
+            entered.set()
+            release.wait(30)
+        return real(body, **kwargs)
+
+    def answered(url: str) -> int | None:
+        try:
+            return httpx.get(url, timeout=3).status_code
+        except httpx.TimeoutException:
+            return None
+
+    monkeypatch.setattr(router.api, "_clean", slow)
+    large = {**EASY, "max_tokens": 8, "metadata": {"pad": "x" * 100_000}}
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(httpx.post, server.url + path, json=large, timeout=60)
+        try:
+            assert wait_for(entered.is_set, 10)
+            assert answered(server.url + "/healthz") == 200
+            assert _post(server, EASY).status_code == 200
+            assert not pending.done()
+        finally:
+            release.set()
+        assert pending.result().status_code in (200, 400)  # feedback: no such request
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_failing_upstream_without_fallback_is_a_502(
     server: LiveServer, fake: FakeProvider, stream: bool
