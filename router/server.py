@@ -7,6 +7,13 @@ and closes the connection when a request head is over :data:`MAX_HEAD_BYTES`: on
 unfinished after that many bytes, or a parsed one whose line and headers add up to more. Where
 httptools is missing, uvicorn's h11 parser is used with the same two bounds
 (``h11_max_incomplete_event_size``, :class:`BoundedH11`).
+
+Both also bound how long a request may take to arrive, which uvicorn does not (its keep-alive
+timeout runs only between requests): a client that opens a connection and sends nothing, or
+trickles a head or a body a byte at a time, would hold its connection, and a file descriptor,
+for ever. A head must be whole within :data:`HEAD_TIMEOUT_S` of its first byte (or of the
+connection's opening), a body within :data:`BODY_TIMEOUT_S` of its head; past either, the
+client gets a 408 and the connection is closed.
 """
 
 from __future__ import annotations
@@ -21,6 +28,10 @@ if TYPE_CHECKING:
 
 # A request line plus headers past this is refused (nginx: 32 KiB, Node: 16 KiB by default).
 MAX_HEAD_BYTES = 64 * 1024
+# Seconds for a request's head to arrive whole (nginx: 60, Apache: 20 to 40), and for its body
+# after that (8 MiB at 70 KB/s; Node gives a whole request 300).
+HEAD_TIMEOUT_S = 30.0
+BODY_TIMEOUT_S = 120.0
 
 _REFUSAL = (
     b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
@@ -29,6 +40,16 @@ _REFUSAL = (
 _BODY = (
     b'{"error":{"message":"request line and headers are over the %d-byte limit",'
     b'"type":"invalid_request_error","param":null,"code":"headers_too_large"}}' % MAX_HEAD_BYTES
+)
+
+
+_TIMEOUT = (
+    b"HTTP/1.1 408 Request Timeout\r\n"
+    b"content-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
+)
+_TIMEOUT_BODY = (
+    b'{"error":{"message":"the request %s did not arrive within %d seconds",'
+    b'"type":"invalid_request_error","param":null,"code":"request_timeout"}}'
 )
 
 
@@ -44,8 +65,45 @@ class _HeadLimit:
     ``send_400_response``, which then sends the 431 instead of its 400."""
 
     transport: Any
+    loop: Any
+    cycle: Any
     _parsed = 0
     _refused = False
+    _deadline: Any = None  # the TimerHandle of the part of a request now awaited
+
+    def _await_part(self, part: str | None) -> None:
+        """Start the clock for ``part`` of a request ("head" or "body"), or stop it (None)."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        if part is not None:
+            seconds = HEAD_TIMEOUT_S if part == "head" else BODY_TIMEOUT_S
+            self._deadline = self.loop.call_later(seconds, self._too_slow, part, seconds)
+
+    def _too_slow(self, part: str, seconds: float) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        # Answered only where no answer is under way on the connection: for a slow head, the
+        # one to the request before it has ended; for a slow body, its own has not begun (and
+        # none to an earlier request it is pipelined behind). Else just closed.
+        cycle = self.cycle
+        if part == "head":
+            idle = cycle is None or cycle.response_complete
+        else:
+            idle = not cycle.response_started
+        if idle and not getattr(self, "pipeline", ()):
+            body = _TIMEOUT_BODY % (part.encode(), seconds)
+            self.transport.write(_TIMEOUT % (len(body), body))
+        self.transport.close()
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self._await_part("head")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._await_part(None)
+        super().connection_lost(exc)  # type: ignore[misc]
 
     def _count(self, n: int, error: type[Exception] = ValueError) -> None:
         self._parsed += n
@@ -75,7 +133,8 @@ def _bounded_httptools() -> type[Any] | None:
     class BoundedHttpTools(_HeadLimit, HttpToolsProtocol):
         """Counts the bytes received while a request's head is incomplete, and the bytes of
         its line and headers as the parser hands them over; past :data:`MAX_HEAD_BYTES` by
-        either count the client gets a 431 and the connection is closed."""
+        either count the client gets a 431 and the connection is closed. A head or body too
+        slow to arrive gets a 408 (:meth:`_HeadLimit._await_part`)."""
 
         _in_head = True
         _head_bytes = 0
@@ -95,6 +154,8 @@ def _bounded_httptools() -> type[Any] | None:
                 _refuse(self.transport)
 
         def on_message_begin(self) -> None:
+            if self._deadline is None:  # a later request's head begins
+                self._await_part("head")
             self._parsed = 0
             self._count(_head_size(b"OPTIONS", b"", ()))  # the longest common method
             super().on_message_begin()
@@ -109,12 +170,14 @@ def _bounded_httptools() -> type[Any] | None:
 
         def on_headers_complete(self) -> None:
             self._in_head = False
+            self._await_part("body")
             super().on_headers_complete()
 
         def on_message_complete(self) -> None:
             # The next bytes on a kept-alive connection start the next request's head.
             self._in_head, self._head_bytes = True, 0
             self._messages += 1
+            self._await_part(None)  # the next head's clock starts with its first byte
             super().on_message_complete()
 
     return BoundedHttpTools
@@ -128,7 +191,8 @@ def _bounded_h11() -> type[Any]:
 
     class BoundedH11(_HeadLimit, H11Protocol):
         """Answers 431 and closes for a request whose line and headers are over
-        :data:`MAX_HEAD_BYTES`, before the application sees it."""
+        :data:`MAX_HEAD_BYTES`, before the application sees it, and 408 for one whose head or
+        body is too slow to arrive."""
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -142,9 +206,22 @@ def _bounded_h11() -> type[Any]:
                         _head_size(event.method, event.target, event.headers.raw_items()),
                         h11.RemoteProtocolError,
                     )
+                    self._in_head = False
+                    self._await_part("body")
+                elif isinstance(event, h11.EndOfMessage):
+                    # The next head's clock starts with its first byte, which may be here.
+                    self._in_head = True
+                    self._await_part("head" if self.conn.trailing_data[0] else None)
                 return event
 
             self.conn.next_event = bounded  # type: ignore[method-assign]
+
+        _in_head = True
+
+        def data_received(self, data: bytes) -> None:
+            if self._in_head and self._deadline is None:  # a later request's head begins
+                self._await_part("head")
+            super().data_received(data)
 
     return BoundedH11
 

@@ -123,6 +123,58 @@ def test_a_whole_head_over_the_limit_gets_431_in_one_write(
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
 
 
+def _left_waiting(port: int, sent: bytes, trickle: bytes = b"") -> bytes:
+    # What the server answers a client that sends ``sent`` and then, every 0.1 s, ``trickle``
+    # (never finishing its request), until the server closes (b"" after 10 s: never closed).
+    with socket.create_connection(("127.0.0.1", port), timeout=0.1) as sock:
+        sock.sendall(sent)
+        answer, deadline = b"", time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                with contextlib.suppress(OSError):
+                    sock.sendall(trickle)
+                continue
+            if not chunk:
+                return answer
+            answer += chunk
+        return b""
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_a_client_too_slow_to_send_its_request_is_cut_off(
+    tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch, parser: str
+) -> None:
+    """A connection that sends nothing, or trickles a head or a body, is answered 408 and
+    closed once its time is up, instead of holding a connection for ever (slowloris); the
+    clock stops once the request has arrived, so a slow answer is not cut."""
+    from router import server as serving
+    from tests.fake_provider import Behaviour
+
+    monkeypatch.setattr(serving, "HEAD_TIMEOUT_S", 0.5, raising=False)
+    monkeypatch.setattr(serving, "BODY_TIMEOUT_S", 0.5, raising=False)
+    post = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+    with _serving(tmp_path, fake, monkeypatch, parser) as port:
+        for sent, trickle, part in [
+            (b"", b"", b"head"),  # connects and says nothing
+            (post, b"x-more: 1\r\n", b"head"),
+            (post + b"content-length: 1000\r\n\r\n{", b" ", b"body"),
+            # A kept-alive connection's second request.
+            (b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\nGET /healthz HTTP/1.1\r\n", b"", b"head"),
+        ]:
+            answer = _left_waiting(port, sent, trickle)
+            assert answer, (sent, "still open after 10 s")
+            last = answer[answer.rindex(b"HTTP/1.1 ") :]
+            assert last.startswith(b"HTTP/1.1 408"), answer[-300:]
+            assert b"request " + part + b" did not arrive" in last, last
+        fake.reset(Behaviour(chunk_delay_s=0.15))  # a stream of about 1.5 s
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        with httpx.stream("POST", url, json={**CHAT, "model": "gpt-4o", "stream": True}) as s:
+            assert s.status_code == 200
+            assert s.read().rstrip().endswith(b"data: [DONE]")
+
+
 # -- shutdown ---------------------------------------------------------------------------------
 
 _RUNNER = """
