@@ -22,6 +22,7 @@ from typing import Any, Generic, TypeVar
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 from router import messages, responses
 from router.auth import Principal, check_record_access, principal_of
@@ -71,8 +72,17 @@ OFFLOAD_BODY_BYTES = 64 * 1024
 async def read_json(request: Request) -> dict[str, Any]:
     """The request body as a JSON object (:func:`parse_json`), parsed on a worker thread when
     it is large (:func:`off_loop_when_large`)."""
-    raw = await request.body()
+    raw = await read_body(request)
     return await off_loop_when_large(raw, functools.partial(parse_json, raw))
+
+
+async def read_body(request: Request) -> bytes:
+    """The request's body, or :class:`ClientDisconnected` (recorded ``aborted``, 499) when the
+    client leaves before all of it has arrived: a client that goes is not a server fault."""
+    try:
+        return await request.body()
+    except ClientDisconnect as exc:
+        raise ClientDisconnected("the client left before its request had arrived") from exc
 
 
 async def off_loop_when_large(raw: bytes, work: Callable[[], _T]) -> _T:
@@ -246,7 +256,7 @@ async def call_of(
 
     try:
         await svc.limiter.admit(principal)
-        raw = await request.body()
+        raw = await read_body(request)
         await off_loop_when_large(raw, functools.partial(read, raw))
     except Exception as exc:  # answered and recorded by the gateway, as it was raised
         refused = exc

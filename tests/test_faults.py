@@ -9,6 +9,8 @@ closed tier is the fake provider told to misbehave; the local tier is :class:`Sc
 from __future__ import annotations
 
 import json
+import logging
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -517,6 +519,33 @@ def test_deep_nesting_is_a_400_not_a_crash(server: LiveServer) -> None:
     assert _post(server, EASY).status_code == 200
     rows = _records(server, 4)
     assert sorted(r["http_status"] for r in rows) == [200, 400, 400, 400]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages", "/v1/route"])
+def test_a_client_leaving_mid_upload_is_aborted_not_a_server_error(
+    server: LiveServer, path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that closes its connection before its body has all arrived is recorded
+    ``aborted`` (499, ``client_disconnected``), as one that leaves mid-answer is: no 500
+    ``internal_error``, and no traceback in the log."""
+    head = (
+        f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        "content-length: 1000\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head.encode() + b'{"model": "auto", ')
+        time.sleep(0.3)
+    if path != "/v1/route":  # a dry run is not recorded
+        row = _records(server, 1)[0]
+        assert (row["status"], row["http_status"], row["error_type"]) == (
+            "aborted",
+            499,
+            "client_disconnected",
+        )
+    time.sleep(0.2)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
+    assert _post(server, EASY).status_code == 200
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages", "/v1/feedback"])
