@@ -144,3 +144,27 @@ def test_a_key_in_a_litellm_error_is_scrubbed() -> None:
 def test_what_a_closed_model_cannot_take(litellm_model: str, dropped: set[str]) -> None:
     names = {"top_k", "reasoning_effort", "temperature"}
     assert cannot_take(Model("m", litellm_model), names) == dropped
+
+
+@pytest.mark.parametrize(("env", "limit"), [(None, 5.0), ("2", 2.0)])
+def test_litellm_downloads_an_image_url_up_to_5_mb_unless_told(
+    env: str | None, limit: float
+) -> None:
+    # litellm fetches an Anthropic model's image URLs itself, up to 50 MB each by default: one
+    # small request with ten URLs held hundreds of megabytes. Read when litellm is imported,
+    # so a fresh interpreter tells.
+    import os
+    import subprocess
+    import sys
+
+    environ = {k: v for k, v in os.environ.items() if k != "MAX_IMAGE_URL_DOWNLOAD_SIZE_MB"}
+    if env is not None:
+        environ["MAX_IMAGE_URL_DOWNLOAD_SIZE_MB"] = env
+    code = (
+        "from router.backends.closed import quiet_litellm; quiet_litellm(); "
+        "from litellm.constants import MAX_IMAGE_URL_DOWNLOAD_SIZE_MB as mb; print(mb)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=environ, capture_output=True, text=True, check=True
+    )
+    assert float(out.stdout.strip().splitlines()[-1]) == limit

@@ -213,10 +213,19 @@ class ClosedBackend:
                 log.debug("closing litellm clients failed", exc_info=True)
 
 
+#: The most litellm downloads for one image URL it must send inline (Anthropic models: it
+#: fetches the image itself), unless ``MAX_IMAGE_URL_DOWNLOAD_SIZE_MB`` is set: Anthropic's
+#: own limit per image. litellm's default, 50, let a 900-byte request with ten image URLs make
+#: the process download and hold hundreds of megabytes (SECURITY.md).
+IMAGE_URL_MB = "5"
+
+
 def quiet_litellm() -> Any:
     """litellm, imported on first use with its local cost map, no telemetry and no debug
-    banners (it prints one for every model name it does not know, such as Tiergate's)."""
+    banners (it prints one for every model name it does not know, such as Tiergate's), and
+    image URL downloads bounded by :data:`IMAGE_URL_MB` (read when litellm is imported)."""
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    os.environ.setdefault("MAX_IMAGE_URL_DOWNLOAD_SIZE_MB", IMAGE_URL_MB)
     import litellm
 
     litellm.telemetry = False
