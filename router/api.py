@@ -33,6 +33,7 @@ from router.errors import (
     ClientDisconnected,
     NotFoundError,
     TiergateError,
+    UnsupportedEncodingError,
 )
 from router.gateway import NO_CLOSED_FALLBACK, Call, StreamAnswer, new_request_id
 from router.limits import check_request_size
@@ -78,7 +79,14 @@ async def read_json(request: Request) -> dict[str, Any]:
 
 async def read_body(request: Request) -> bytes:
     """The request's body, or :class:`ClientDisconnected` (recorded ``aborted``, 499) when the
-    client leaves before all of it has arrived: a client that goes is not a server fault."""
+    client leaves before all of it has arrived: a client that goes is not a server fault. A
+    compressed body is refused (415): decoding one would let a small request expand past the
+    size cap."""
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedEncodingError(
+            f"Content-Encoding {encoding!r} is not supported: send the body uncompressed"
+        )
     try:
         return await request.body()
     except ClientDisconnect as exc:

@@ -81,6 +81,7 @@ ANTHROPIC_ERROR_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     413: "request_too_large",
+    415: "invalid_request_error",
     429: "rate_limit_error",
 }
 
@@ -170,6 +171,14 @@ class BadRequestError(TiergateError):
     status_code = 400
     error_type = "invalid_request_error"
     code = "invalid_request"
+
+
+class UnsupportedEncodingError(BadRequestError):
+    """A request body in a ``Content-Encoding`` Tiergate does not decode (gzip and the like):
+    415, rather than a 400 about the bytes it could not read as JSON."""
+
+    status_code = 415
+    code = "unsupported_content_encoding"
 
 
 class AuthenticationError(TiergateError):

@@ -548,6 +548,26 @@ def test_a_client_leaving_mid_upload_is_aborted_not_a_server_error(
     assert _post(server, EASY).status_code == 200
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages", "/v1/route"])
+def test_a_compressed_body_is_refused_with_415(server: LiveServer, path: str) -> None:
+    """A gzip body got a 400 about byte 0x8b not being UTF-8: it is a 415 that names the
+    encoding (decoding it would let a small request expand past the size cap)."""
+    import gzip
+    import json
+
+    raw = gzip.compress(json.dumps(EASY).encode())
+    got = server.http.post(
+        path, content=raw, headers={"content-type": "application/json", "content-encoding": "gzip"}
+    )
+    assert got.status_code == 415, got.text
+    error = got.json()["error"]
+    message = error["message"]
+    assert message == "Content-Encoding 'gzip' is not supported: send the body uncompressed"
+    if path != "/v1/messages":
+        assert error["code"] == "unsupported_content_encoding"
+    assert _post(server, EASY).status_code == 200
+
+
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages", "/v1/feedback"])
 def test_a_large_body_is_read_off_the_event_loop(
     server: LiveServer, monkeypatch: pytest.MonkeyPatch, path: str
