@@ -475,7 +475,9 @@ class Gateway:
                 answer = answer_text(result.body)
                 yield Answer(body, self.explain(ctx))
             else:
-                source = await self.stream(ctx, call.body, call.native)
+                # Until the first chunk (queued for the local slot, or reading the prompt) no
+                # response has started to notice a client that leaves: watch for it here.
+                source = await _unless_disconnected(call, self.stream(ctx, call.body, call.native))
                 estimate = ctx.signals.prompt_tokens if ctx.signals is not None else 0
                 yield _Opened(self.explain(ctx), ctx.usage.prompt_tokens or estimate)
                 relay = _Relay(ctx)
@@ -1327,7 +1329,8 @@ def _prompt_to_store(decision: Decision, body: Mapping[str, Any]) -> str | None:
 
 async def _unless_disconnected(call: Call, work: Awaitable[_T]) -> _T:
     """``work``'s result, or :class:`ClientDisconnected` once the client has gone, with
-    ``work`` cancelled (the local backend then stops generating and frees its slot)."""
+    ``work`` cancelled (the local backend then stops generating, or leaves its queue, and frees
+    its place). ``work`` is a whole answer, or a stream up to its first chunk."""
     if call.disconnected is None:
         return await work
     task = asyncio.ensure_future(work)
@@ -1337,6 +1340,8 @@ async def _unless_disconnected(call: Call, work: Awaitable[_T]) -> _T:
             if done:
                 return task.result()
             if await call.disconnected():
+                if task.done():  # it finished while we asked: what is made is answered
+                    return task.result()
                 raise ClientDisconnected("the client closed the connection")
     finally:
         if not task.done():

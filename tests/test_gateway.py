@@ -819,6 +819,34 @@ def test_a_client_that_leaves_is_recorded_once_as_aborted(
     asyncio.run(scenario())
 
 
+def test_a_stream_whose_client_leaves_while_queued_gives_up_its_place(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    fake.reset()
+    local = ScriptedStream(queue_size=1)
+
+    async def gone() -> bool:
+        return True
+
+    async def scenario() -> None:
+        async with serving(tmp_path, fake, local) as srv:
+            await local.gate.acquire()  # a long generation holds the local slot
+            call = Call(
+                body=srv.call("easy", stream=True).body,
+                principal=CALLER,
+                tenant="acme",
+                disconnected=gone,
+            )
+            with pytest.raises(ClientDisconnected):
+                await asyncio.wait_for(srv.gateway.serve(call), timeout=5)
+            # Its place in the queue is free at once, not when the slot comes round to it.
+            assert (local.gate.waiting, local.calls) == (0, 1)
+            assert [(r.status, r.http_status) for r in srv.records] == [("aborted", 499)]
+            local.gate.release()
+
+    asyncio.run(scenario())
+
+
 def test_an_aborted_stream_is_recorded_once_and_charged(tmp_path: Path, fake: FakeProvider) -> None:
     fake.reset()
     local = ScriptedStream(words=50)
