@@ -623,14 +623,19 @@ def check_can_start(settings: Any) -> None:
     if settings.local_backend != "llama_cpp":
         return
     gguf = settings.local_model_path
+    if gguf.name == BUNDLED_GGUF:  # fetch-model puts it where this setting points
+        hint = "fetch the bundled model with `tiergate fetch-model`"
+    else:
+        hint = "point TIERGATE_LOCAL_MODEL_PATH at a GGUF file"
+    hint += " (or TIERGATE_LOCAL_BACKEND=none to serve without a local tier)"
     if not gguf.is_file():
-        if gguf.name == BUNDLED_GGUF:  # fetch-model puts it where this setting points
-            hint = "fetch the bundled model with `tiergate fetch-model`"
-        else:
-            hint = "point TIERGATE_LOCAL_MODEL_PATH at a GGUF file"
+        raise ConfigError(f"cannot start: no GGUF at {gguf}: {hint}")
+    with gguf.open("rb") as file:
+        magic = file.read(4)
+    if magic != b"GGUF":  # llama.cpp would refuse it after start, leaving the local tier down
         raise ConfigError(
-            f"cannot start: no GGUF at {gguf}: {hint} (or TIERGATE_LOCAL_BACKEND=none to serve "
-            "without a local tier)"
+            f"cannot start: {gguf} is not a GGUF file (it does not begin with 'GGUF': an empty "
+            f"file, a Git LFS pointer, another format?): {hint}"
         )
     if importlib.util.find_spec("llama_cpp") is None:
         raise MissingExtraError(

@@ -462,6 +462,25 @@ def test_start_up_failures_are_one_line_and_a_non_zero_exit(tmp_path: Path) -> N
         assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"version https://git-lfs.github.com/spec/v1\noid sha256:00\n", bytes(range(256)) * 64],
+    ids=["empty", "lfs-pointer", "random"],
+)
+def test_a_file_that_is_not_a_gguf_is_refused_before_start(tmp_path: Path, content: bytes) -> None:
+    # Once started, llama.cpp would refuse it and the server would run on with no local tier.
+    from router.cli import check_can_start
+    from router.config import Settings
+    from router.errors import ConfigError
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(content)
+    with pytest.raises(ConfigError) as err:
+        check_can_start(Settings(home=tmp_path, local_model_path=gguf))
+    assert err.value.message.startswith(f"cannot start: {gguf} is not a GGUF file")
+    assert "TIERGATE_LOCAL_MODEL_PATH" in err.value.message and "\n" not in err.value.message
+
+
 def test_a_missing_extra_names_the_one_to_install(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
