@@ -595,7 +595,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def check_can_start(settings: Any) -> None:
     """What ``tiergate serve`` checks before it binds: the policy file exists and is valid, and
-    an in-process local model has its GGUF and llama-cpp-python. Raises a :class:`ConfigError`
+    an in-process local model has its GGUF and llama-cpp-python (built with GPU support when
+    it is to offload layers). Raises a :class:`ConfigError`
     whose message is the one line (plus a bad policy's located problems) the user sees."""
     from router.config import BUNDLED_GGUF
     from router.policy import load_policy
@@ -641,6 +642,16 @@ def check_can_start(settings: Any) -> None:
         raise MissingExtraError(
             "cannot start: the in-process local model (llama-cpp-python)", "local"
         )
+    if settings.n_gpu_layers:
+        import llama_cpp
+
+        # Without GPU support llama.cpp keeps every layer on the CPU, and says nothing.
+        if not llama_cpp.llama_supports_gpu_offload():
+            raise ConfigError(
+                f"cannot start: TIERGATE_N_GPU_LAYERS={settings.n_gpu_layers} asks for layers "
+                "on a GPU, but this llama-cpp-python has no GPU support: build it with one "
+                '(make install CMAKE_ARGS="-DGGML_CUDA=on") or set TIERGATE_N_GPU_LAYERS=0'
+            )
 
 
 def _bind(host: str, port: int) -> Any:

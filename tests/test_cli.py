@@ -481,6 +481,26 @@ def test_a_file_that_is_not_a_gguf_is_refused_before_start(tmp_path: Path, conte
     assert "TIERGATE_LOCAL_MODEL_PATH" in err.value.message and "\n" not in err.value.message
 
 
+def test_gpu_layers_without_a_gpu_build_are_refused_before_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import llama_cpp
+
+    from router.cli import check_can_start
+    from router.config import Settings
+    from router.errors import ConfigError
+
+    gguf = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: False)  # a CPU build
+    check_can_start(Settings(home=tmp_path, local_model_path=gguf))  # no GPU asked for
+    with pytest.raises(ConfigError) as err:
+        check_can_start(Settings(home=tmp_path, local_model_path=gguf, n_gpu_layers=-1))
+    assert "TIERGATE_N_GPU_LAYERS=-1" in err.value.message
+    assert "-DGGML_CUDA=on" in err.value.message and "\n" not in err.value.message
+    monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: True)  # a CUDA build
+    check_can_start(Settings(home=tmp_path, local_model_path=gguf, n_gpu_layers=-1))
+
+
 def test_a_missing_extra_names_the_one_to_install(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
