@@ -11,8 +11,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from router.backends import Usage
 from router.backends.local import (
     Gate,
+    LlamaCppBackend,
     TokenLogprobs,
     check_in_process_fields,
     check_local_request,
@@ -20,8 +22,8 @@ from router.backends.local import (
     with_system_prompt,
 )
 from router.config import Settings
-from router.errors import BadRequestError, LocalOverloadedError
-from tests.conftest import live, policy_yaml, wait_for
+from router.errors import BadRequestError, LocalOverloadedError, UpstreamTimeoutError
+from tests.conftest import GGUF, live, policy_yaml, wait_for
 from tests.fake_provider import Behaviour, FakeProvider
 
 
@@ -302,6 +304,35 @@ def test_local_timeout_prefers_the_model() -> None:
     assert local_timeout(model, settings) == 300  # type: ignore[arg-type]
     model.timeout_s = 7.5
     assert local_timeout(model, settings) == 7.5  # type: ignore[arg-type]
+
+
+@pytest.mark.gguf
+def test_a_generation_stopped_while_it_reads_a_long_prompt_stops_reading_it(
+    tmp_path: Path,
+) -> None:
+    """Past its timeout (or when its client leaves) a generation still reading its prompt frees
+    the model at the next n_batch tokens of it, not once the whole prompt is read."""
+    settings = Settings(home=tmp_path, local_model_path=GGUF, n_threads=1, n_batch=32)
+    backend = LlamaCppBackend(settings)
+    backend.load()
+    model = SimpleNamespace(name="local", timeout_s=0.2)
+    text = " ".join(["The river runs past the old mill, and the mill wheel turns."] * 150)
+    body = {"messages": [{"role": "user", "content": text}], "max_tokens": 4}  # ~2,300 tokens
+
+    async def scenario() -> Usage:
+        usage = Usage()
+        with pytest.raises(UpstreamTimeoutError):
+            async for _ in backend.stream(model, body, usage):  # type: ignore[arg-type]
+                pass
+        for _ in range(1200):  # the worker stops, then gives the slot back
+            if backend.gate.depth == 0:
+                break
+            await asyncio.sleep(0.1)
+        await backend.aclose()
+        return usage
+
+    usage = asyncio.run(scenario())
+    assert 0 < usage.prompt_tokens < 1000  # the prompt tokens it read before it stopped
 
 
 class _Vocab:

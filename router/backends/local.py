@@ -4,7 +4,8 @@ In process, one ``Llama`` instance generates one answer at a time on a dedicated
 inference never blocks the event loop. Requests wait in a bounded queue (:class:`Gate`); when it
 is full the caller gets :class:`~router.errors.LocalOverloadedError` and the policy decides
 whether to spill to the closed tier or answer 429. Streams are bridged from the worker thread to
-asyncio; when the consumer goes away (client disconnect), generation stops at the next token.
+asyncio; when the consumer goes away (client disconnect, timeout), generation stops at the next
+token, or while the prompt is read, at its next ``n_batch`` tokens.
 
 Asked for ``logprobs``, the in-process backend reads each sampled token's log-probability from
 the logits llama.cpp computes for that step anyway (:class:`TokenLogprobs`), so it needs no
@@ -19,7 +20,7 @@ import functools
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Collection, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, runtime_checkable
 
@@ -264,12 +265,23 @@ class TokenLogprobs:
 
 @functools.cache
 def _recording_llama() -> type[Any]:
-    # llama_cpp.Llama that tells a TokenLogprobs which token each sampling step drew; built on
-    # first use, since llama-cpp-python is the optional ``local`` extra.
+    # llama_cpp.Llama that tells a TokenLogprobs which token each sampling step drew, and stops
+    # reading a prompt once its generation is cancelled; built on first use, since
+    # llama-cpp-python is the optional ``local`` extra.
     import llama_cpp
 
     class RecordingLlama(llama_cpp.Llama):
         recorder: TokenLogprobs | None = None
+        cancel: threading.Event | None = None
+
+        def eval(self, tokens: Sequence[int]) -> None:
+            # llama.cpp reads a prompt in one call that nothing stops (a long one takes
+            # seconds to minutes on a CPU): fed here n_batch tokens at a time, a generation
+            # whose client left or whose time is up frees the model at the next batch.
+            for start in range(0, len(tokens), self.n_batch):
+                if self.cancel is not None and self.cancel.is_set():
+                    raise _CancelledError
+                super().eval(tokens[start : start + self.n_batch])
 
         def sample(self, *args: Any, **kwargs: Any) -> int:
             token = int(super().sample(*args, **kwargs))
@@ -511,7 +523,7 @@ class LlamaCppBackend:
     ) -> Iterator[dict[str, Any]]:
         llm = self._llm
         started = time.perf_counter()
-        llm.recorder = recorder
+        llm.recorder, llm.cancel = recorder, cancel
         chunks = llm.create_chat_completion(**kwargs, stream=True)
         completion = prompt = 0
         try:
@@ -529,7 +541,7 @@ class LlamaCppBackend:
         finally:
             with contextlib.suppress(Exception):
                 chunks.close()
-            llm.recorder = None
+            llm.recorder = llm.cancel = None
             usage.completion_tokens = completion
             usage.prompt_tokens = prompt or max(0, int(llm.n_tokens) - completion)
             usage.generation_s = time.perf_counter() - started
