@@ -46,6 +46,34 @@ def test_gate_bounds_waiting_and_reports_depth() -> None:
     asyncio.run(scenario())
 
 
+def test_a_full_gate_says_to_come_back_when_a_slot_is_likely_to_free(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from router.backends import local
+
+    now = [100.0]
+    monkeypatch.setattr(local.time, "monotonic", lambda: now[0])
+
+    async def retry_after() -> str:
+        with pytest.raises(LocalOverloadedError) as err:
+            await gate.acquire()
+        return err.value.headers["retry-after"]
+
+    async def scenario() -> None:
+        await gate.acquire()
+        assert await retry_after() == "1"  # nothing given back yet: nothing known
+        now[0] += 12.0
+        gate.release()  # a generation held the slot 12 s
+        await gate.acquire()
+        now[0] += 3.0
+        assert await retry_after() == "9"  # the running one, 3 s in, has about 9 s to go
+        now[0] += 20.0
+        assert await retry_after() == "1"  # past its expected end: any moment now
+
+    gate = Gate(slots=1, queue_size=0)
+    asyncio.run(scenario())
+
+
 def test_an_external_server_gets_as_many_requests_at_once_as_local_slots_says() -> None:
     """One router sends an external server TIERGATE_LOCAL_SLOTS requests at once (default 4),
     so a server with more decoding slots (llama-server --parallel, several replicas) is used

@@ -15,6 +15,7 @@ the logits llama.cpp computes for that step anyway (:class:`TokenLogprobs`), so 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import threading
@@ -70,13 +71,28 @@ _NO_EFFECT = frozenset({"user", "metadata", "store", "service_tier", "prediction
 
 
 class Gate:
-    """At most ``slots`` callers run at once and at most ``queue_size`` wait; beyond that, full."""
+    """At most ``slots`` callers run at once and at most ``queue_size`` wait; beyond that, full.
+
+    A full gate's error says when to come back (``Retry-After``): about when the next slot
+    frees, from how long callers have held one lately, so that a client's retries (OpenAI's
+    SDKs wait as long as it says) come when a place may be free rather than spent in a second.
+    """
 
     def __init__(self, slots: int, queue_size: int) -> None:
         self._sem = asyncio.Semaphore(slots)
+        self._slots = slots
         self._queue_size = queue_size
         self.waiting = 0
         self.running = 0
+        self._taken: collections.deque[float] = collections.deque()  # when each slot was taken
+        self._held_s: float | None = None  # moving average of how long a slot is held
+
+    def retry_after(self) -> float:
+        """Seconds until a slot is likely to free (at least 1; 1 before any was given back)."""
+        if self._held_s is None or not self._taken:
+            return 1.0
+        oldest = time.monotonic() - self._taken[0]
+        return max(1.0, min(self._held_s / self._slots, self._held_s - oldest))
 
     @property
     def depth(self) -> int:
@@ -88,7 +104,7 @@ class Gate:
         if self._sem.locked() and self.waiting >= self._queue_size:
             raise LocalOverloadedError(
                 f"local model busy: {self.running} running, {self.waiting} waiting",
-                retry_after=1.0,
+                retry_after=self.retry_after(),
             )
         self.waiting += 1
         try:
@@ -96,10 +112,14 @@ class Gate:
         finally:
             self.waiting -= 1
         self.running += 1
+        self._taken.append(time.monotonic())
 
     def release(self) -> None:
         """Give the slot back."""
         self.running -= 1
+        if self._taken:  # the oldest: exact with one slot, an estimate's input with several
+            held = time.monotonic() - self._taken.popleft()
+            self._held_s = held if self._held_s is None else 0.8 * self._held_s + 0.2 * held
         self._sem.release()
 
 
