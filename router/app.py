@@ -47,6 +47,7 @@ from router.gateway import Gateway, PolicyHolder
 from router.learning import LearningLoop, purge_loop
 from router.limits import build_rate_limiter
 from router.outcomes import OutcomeStore, SQLiteOutcomeStore
+from router.policy import Policy
 from router.registry import store_version, watch_model_store
 from router.scoring import HeuristicScorer, Scorer
 from router.services import Services, running
@@ -82,6 +83,21 @@ def configured_scorer(settings: Settings) -> Scorer:
     except (ConfigError, OSError) as exc:
         log.warning("no usable classifier at %s (%s); using the heuristic scorer", path, exc)
         return HeuristicScorer()
+
+
+def _warn_window(policy: Policy, n_ctx: int) -> None:
+    # The policy decides what fits the local model by its context_window; the in-process model
+    # holds TIERGATE_N_CTX tokens. Larger, and a request the policy sends local overflows it
+    # (400 context_length_exceeded); smaller, and one that would fit goes closed.
+    for name, spec in policy.models.items():
+        if spec.tier == "local" and spec.context_window not in (None, n_ctx):
+            log.warning(
+                "policy model '%s' has context_window %d, but the local model holds "
+                "TIERGATE_N_CTX=%d tokens: set the two equal",
+                name,
+                spec.context_window,
+                n_ctx,
+            )
 
 
 def _unbundled_local(settings: Settings) -> str | None:
@@ -197,6 +213,7 @@ def create_app(
             except ConfigError as exc:
                 log.error("local model not loaded: %s", exc)
             local = llama
+            _warn_window(policy.policy, settings.n_ctx)
         elif local is None and settings.local_backend == "openai_http":
             local = ExternalLlamaBackend(settings, http)
         gate = local.gate if isinstance(local, Queued) else None

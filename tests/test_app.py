@@ -91,6 +91,25 @@ def test_serving_another_local_model_with_the_bundled_profile_warns(
         assert "TIERGATE_LOCAL_PROFILE" not in caplog.text, settings.local_backend
 
 
+def test_a_local_window_unlike_the_models_context_is_warned_about(
+    tmp_path: Path,
+    fake: FakeProvider,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The policy's context_window decides what the local model is sent; TIERGATE_N_CTX what
+    it holds. The default policy says to keep them equal; a start where they differ says so."""
+    monkeypatch.setattr(router.app.LlamaCppBackend, "load", lambda self: None)
+    caplog.set_level("WARNING", logger="tiergate.app")
+    for n_ctx, warned in ((2048, False), (1024, True)):  # the test policy's window is 2048
+        caplog.clear()
+        app = create_app(make_settings(tmp_path, policy_yaml(fake), n_ctx=n_ctx))
+        with TestClient(app):
+            pass
+        message = "policy model 'local' has context_window 2048, but the local model holds "
+        assert (message + "TIERGATE_N_CTX=1024 tokens" in caplog.text) is warned
+
+
 def test_a_closed_model_without_a_price_is_named_at_start_and_in_readyz(
     tmp_path: Path, fake: FakeProvider, caplog: pytest.LogCaptureFixture
 ) -> None:

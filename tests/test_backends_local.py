@@ -363,6 +363,23 @@ def test_a_generation_stopped_while_it_reads_a_long_prompt_stops_reading_it(
     assert 0 < usage.prompt_tokens < 1000  # the prompt tokens it read before it stopped
 
 
+@pytest.mark.gguf
+def test_a_context_past_what_the_model_was_trained_on_is_warned_about(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """TIERGATE_N_CTX over the GGUF's training context started in silence (only llama.cpp's own
+    stderr said so): the start now warns, naming both."""
+    import router.backends.local as local_module
+
+    backend = LlamaCppBackend(Settings(home=tmp_path, local_model_path=GGUF, n_threads=1))
+    backend.load()
+    assert local_module._trained_context(backend._llm) == 8192  # SmolLM2's GGUF says so
+    monkeypatch.setattr(local_module, "_trained_context", lambda llm: 1024)
+    caplog.set_level("WARNING", logger="tiergate.local")
+    backend.load()
+    assert "TIERGATE_N_CTX=4096 is over the 1024 tokens SmolLM2" in caplog.text
+
+
 class _Vocab:
     """Detokenizes token ``i`` to the letter ``chr(97 + i)``."""
 

@@ -18,6 +18,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import logging
 import threading
 import time
 import uuid
@@ -40,6 +41,8 @@ from router.errors import (
     UpstreamBadRequestError,
     UpstreamTimeoutError,
 )
+
+log = logging.getLogger("tiergate.local")
 
 # Request fields llama-cpp-python's create_chat_completion honours, passed through unchanged
 # (from top_k on, llama.cpp's own sampling settings, which some clients send).
@@ -283,6 +286,14 @@ class TokenLogprobs:
         return out
 
 
+def _trained_context(llm: Any) -> int | None:
+    """The context length the loaded model was trained on (its GGUF says), or None."""
+    try:
+        return int(llm._model.n_ctx_train())
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
 @functools.cache
 def _recording_llama() -> type[Any]:
     # llama_cpp.Llama that tells a TokenLogprobs which token each sampling step drew, and stops
@@ -379,6 +390,18 @@ class LlamaCppBackend:
             self.load_error = f"cannot load GGUF {path}: {exc}"
             raise ConfigError(self.load_error) from exc
         self.load_error = None
+        trained = _trained_context(self._llm)
+        if trained and self._settings.n_ctx > trained:
+            log.warning(
+                "TIERGATE_N_CTX=%d is over the %d tokens %s was trained on: answers to prompts "
+                "past %d tokens are likely to be poor; set TIERGATE_N_CTX (and the policy's "
+                "context_window for the local model) to %d or less",
+                self._settings.n_ctx,
+                trained,
+                path.name,
+                trained,
+                trained,
+            )
 
     @property
     def loaded(self) -> bool:
