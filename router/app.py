@@ -241,7 +241,9 @@ def create_app(
             limiter=limiter,
             reserve_tokens=settings.reserve_tokens,
             local_gate=gate,
-            native=NativeBackend(http, timeout_s=settings.closed_timeout_s, environ=environ),
+            native=tel.wrap_native(
+                NativeBackend(http, timeout_s=settings.closed_timeout_s, environ=environ)
+            ),
             on_record=tel.on_record,
             telemetry=tel,
             cascade=(

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from router.backends import MESSAGE_FIELD, Backend, Completion, Usage, closed, local
 from router.backends.local import Gate
-from router.backends.native import NativeBackend, NativeRequest, speaks
+from router.backends.native import NativeCaller, NativeRequest, speaks
 from router.calibration import AliasThreshold, calibrate, calibrated_values
 from router.cascade import (
     ESCALATION_FAILED,
@@ -360,7 +360,7 @@ class Gateway:
         limiter: RateLimiter,
         reserve_tokens: int,
         local_gate: Gate | None = None,
-        native: NativeBackend | None = None,
+        native: NativeCaller | None = None,
         on_record: Callable[[OutcomeRecord], None] | None = None,
         telemetry: Telemetry | None = None,
         cascade: CascadeModel | None = None,
@@ -871,7 +871,7 @@ class Gateway:
             ]
         return fitted
 
-    def _native_for(self, model: ModelSpec, native: NativeRequest | None) -> NativeBackend | None:
+    def _native_for(self, model: ModelSpec, native: NativeRequest | None) -> NativeCaller | None:
         """The native backend when ``model`` speaks the front's own API, else None."""
         if native is None or self.native is None or not speaks(model, native.api):
             return None

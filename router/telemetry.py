@@ -26,11 +26,20 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    MutableMapping,
+)
 from typing import Any
 
 from router.backends import Backend, Completion, ModelLike, Usage
 from router.backends.local import Gate
+from router.backends.native import NativeCaller, NativeRequest
 from router.errors import MissingExtraError, TiergateError
 from router.outcomes import Label, OutcomeRecord
 
@@ -415,6 +424,13 @@ class Telemetry:
             return backend
         return TracedBackend(backend, self._tracer)
 
+    def wrap_native(self, native: NativeCaller) -> NativeCaller:
+        """``native`` (calls in a front's own API) with a CLIENT span per call, as
+        :meth:`wrap_backend`; unchanged when tracing is off."""
+        if self._tracer is None:
+            return native
+        return TracedNative(native, self._tracer)
+
     async def serve_traced(self, app: Any, scope: Any, receive: Any, send: Any) -> None:
         """Run one request, from any front, inside its SERVER span (see
         :class:`RequestSpanMiddleware`)."""
@@ -624,84 +640,127 @@ class TracedBackend:
         """Close the wrapped backend."""
         await self.inner.aclose()
 
-    def _start(self, model: ModelLike, body: Mapping[str, Any], stream: bool) -> Any:
-        from opentelemetry.trace import SpanKind
-
-        provider = provider_name(model)
-        attrs: dict[str, Any] = {
-            "gen_ai.operation.name": "chat",
-            "gen_ai.provider.name": provider,
-            "gen_ai.system": provider,
-            "gen_ai.request.model": model.litellm_model or model.name,
-            "tiergate.tier": model.tier,
-            "tiergate.model": model.name,
-            "tiergate.stream": stream,
-        }
-        request_attrs = _request_params(body)
-        attrs.update(request_attrs)
-        parent = _REQUEST_SPAN.get()
-        if parent is not None:
-            parent.set_attributes(
-                {"gen_ai.provider.name": provider, "gen_ai.system": provider, **request_attrs}
-            )
-        return self._tracer.start_span(
-            f"chat {model.litellm_model or model.name}", kind=SpanKind.CLIENT, attributes=attrs
-        )
-
     async def complete(
         self, model: ModelLike, body: dict[str, Any], usage: Usage | None = None
     ) -> Completion:
         """Call the wrapped backend inside a CLIENT span."""
-        span = self._start(model, body, stream=False)
-        try:
-            result = await self.inner.complete(model, body, usage)
-        except BaseException as exc:
-            _end_failed(span, exc)
-            raise
-        reasons = [
-            str(c.get("finish_reason"))
-            for c in result.body.get("choices") or []
-            if c.get("finish_reason")
-        ]
-        _end_ok(span, result.usage, result.body.get("model"), result.body.get("id"), reasons)
-        return result
+        span = _client_span(self._tracer, model, body, stream=False)
+        return await _traced_complete(span, self.inner.complete(model, body, usage))
 
-    async def stream(
+    def stream(
         self, model: ModelLike, body: dict[str, Any], usage: Usage
     ) -> AsyncIterator[dict[str, Any]]:
         """Stream from the wrapped backend; the span ends with the stream."""
-        span = self._start(model, body, stream=True)
-        source = self.inner.stream(model, body, usage)
-        reasons: list[str] = []
-        response_model = response_id = None
-        started = time.perf_counter()
-        first = True
-        try:
-            async for chunk in source:
-                if first:
-                    first = False
-                    span.set_attribute(
-                        "tiergate.time_to_first_chunk_ms", (time.perf_counter() - started) * 1e3
-                    )
-                response_model = chunk.get("model") or response_model
-                response_id = chunk.get("id") or response_id
-                for choice in chunk.get("choices") or []:
-                    if choice.get("finish_reason"):
-                        reasons.append(str(choice["finish_reason"]))
-                yield chunk
-        except BaseException as exc:
-            _end_failed(span, exc)
-            raise
-        finally:
-            aclose = getattr(source, "aclose", None)
-            if aclose is not None:
-                await aclose()
-        _end_ok(span, usage, response_model, response_id, reasons)
+        return _traced_stream(
+            lambda: _client_span(self._tracer, model, body, stream=True),
+            lambda: self.inner.stream(model, body, usage),
+            usage,
+        )
+
+
+class TracedNative:
+    """The native backend (a front's own API, :mod:`router.backends.native`) with a
+    ``chat {model}`` CLIENT span per call, as :class:`TracedBackend` (tracing on only)."""
+
+    def __init__(self, inner: NativeCaller, tracer: Any) -> None:
+        self.inner = inner
+        self._tracer = tracer
+
+    async def complete(self, model: ModelLike, native: NativeRequest, usage: Usage) -> Completion:
+        """Call the wrapped backend inside a CLIENT span."""
+        span = _client_span(self._tracer, model, native.body, stream=False)
+        return await _traced_complete(span, self.inner.complete(model, native, usage))
+
+    def stream(
+        self, model: ModelLike, native: NativeRequest, usage: Usage
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Stream from the wrapped backend; the span ends with the stream."""
+        return _traced_stream(
+            lambda: _client_span(self._tracer, model, native.body, stream=True),
+            lambda: self.inner.stream(model, native, usage),
+            usage,
+        )
+
+
+def _client_span(tracer: Any, model: ModelLike, body: Mapping[str, Any], stream: bool) -> Any:
+    """A backend attempt's CLIENT span; its request parameters go on the request span too."""
+    from opentelemetry.trace import SpanKind
+
+    provider = provider_name(model)
+    attrs: dict[str, Any] = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": provider,
+        "gen_ai.system": provider,
+        "gen_ai.request.model": model.litellm_model or model.name,
+        "tiergate.tier": model.tier,
+        "tiergate.model": model.name,
+        "tiergate.stream": stream,
+    }
+    request_attrs = _request_params(body)
+    attrs.update(request_attrs)
+    parent = _REQUEST_SPAN.get()
+    if parent is not None:
+        parent.set_attributes(
+            {"gen_ai.provider.name": provider, "gen_ai.system": provider, **request_attrs}
+        )
+    return tracer.start_span(
+        f"chat {model.litellm_model or model.name}", kind=SpanKind.CLIENT, attributes=attrs
+    )
+
+
+async def _traced_complete(span: Any, call: Awaitable[Completion]) -> Completion:
+    try:
+        result = await call
+    except BaseException as exc:
+        _end_failed(span, exc)
+        raise
+    reasons = [
+        str(c.get("finish_reason"))
+        for c in result.body.get("choices") or []
+        if c.get("finish_reason")
+    ]
+    _end_ok(span, result.usage, result.body.get("model"), result.body.get("id"), reasons)
+    return result
+
+
+async def _traced_stream(
+    start: Callable[[], Any], open_source: Callable[[], AsyncIterator[dict[str, Any]]], usage: Usage
+) -> AsyncIterator[dict[str, Any]]:
+    span = start()
+    source = open_source()
+    reasons: list[str] = []
+    response_model = response_id = None
+    started = time.perf_counter()
+    first = True
+    try:
+        async for chunk in source:
+            if first:
+                first = False
+                span.set_attribute(
+                    "tiergate.time_to_first_chunk_ms", (time.perf_counter() - started) * 1e3
+                )
+            response_model = chunk.get("model") or response_model
+            response_id = chunk.get("id") or response_id
+            for choice in chunk.get("choices") or []:
+                if choice.get("finish_reason"):
+                    reasons.append(str(choice["finish_reason"]))
+            yield chunk
+    except BaseException as exc:
+        _end_failed(span, exc)
+        raise
+    finally:
+        aclose = getattr(source, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    _end_ok(span, usage, response_model, response_id, reasons)
 
 
 def _request_params(body: Mapping[str, Any]) -> dict[str, Any]:
     attrs: dict[str, Any] = {}
-    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+    # Chat's two names, and the Responses API's (a native call's body is the front's own).
+    max_tokens = (
+        body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
+    )
     if isinstance(max_tokens, int):
         attrs["gen_ai.request.max_tokens"] = max_tokens
     for key in ("temperature", "top_p", "frequency_penalty", "presence_penalty"):

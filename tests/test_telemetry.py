@@ -25,7 +25,7 @@ from router.config import Settings
 from router.telemetry import Telemetry, tracing_configured
 from tests.conftest import KeywordScorer, LiveServer, free_port, make_settings, policy_yaml
 from tests.conftest import live as live_server
-from tests.fake_provider import FakeProvider
+from tests.fake_provider import Behaviour, FakeProvider
 from tests.test_gateway import ScriptedLocal
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -427,3 +427,55 @@ def test_the_other_fronts_are_traced_too(
     assert attrs["http.route"] == path
     assert attrs["tiergate.request_id"] == r.headers["x-request-id"]
     assert attrs["tiergate.tier"] == "closed" and attrs["gen_ai.usage.output_tokens"] > 0
+
+
+_NATIVE_CALLS = {
+    # front: (request, the CLIENT span of its native call)
+    "/v1/messages": (
+        {"model": "claude", "max_tokens": 20, "messages": [{"role": "user", "content": "HARD"}]},
+        "chat anthropic/claude-3-5-sonnet-20241022",
+    ),
+    "/v1/responses": ({"model": "auto", "input": "HARD"}, "chat openai/gpt-4o"),
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("path", sorted(_NATIVE_CALLS))
+def test_a_native_call_has_its_client_span(
+    tmp_path: Path, fake: FakeProvider, path: str, stream: bool
+) -> None:
+    """A front's request passed on in the provider's own API (Messages to an Anthropic model,
+    Responses to an OpenAI one) is a backend attempt like any other: it has its CLIENT span."""
+    body, client_span = _NATIVE_CALLS[path]
+    fake.reset()
+    with traced(tmp_path, policy_yaml(fake), local=ScriptedLocal()) as (srv, cap):
+        r = srv.http.post(
+            path, json={**body, "stream": stream}, headers={"traceparent": TRACEPARENT}
+        )
+        assert r.status_code == 200
+        assert fake.received[-1].path.endswith(path.removeprefix("/v1"))  # the native call
+    server = cap.server_span()
+    (client,) = cap.by_name(client_span)
+    assert client.kind == SpanKind.CLIENT
+    assert client.parent is not None and client.parent.span_id == server.context.span_id
+    assert client.attributes["gen_ai.usage.output_tokens"] > 0
+    assert client.attributes["tiergate.stream"] is stream
+    assert server.attributes["gen_ai.provider.name"] == client.attributes["gen_ai.provider.name"]
+
+
+def test_a_failed_native_call_shows_before_the_fallback(tmp_path: Path, fake: FakeProvider) -> None:
+    # "auto" sends a hard request to gpt-4o in the Responses API; it fails, the local one answers.
+    body, client_span = _NATIVE_CALLS["/v1/responses"]
+    fake.reset(Behaviour(mode="status", status=503, failing_path="/responses"))
+    with traced(tmp_path, policy_yaml(fake, on_failure="local"), local=ScriptedLocal()) as (
+        srv,
+        cap,
+    ):
+        r = srv.http.post("/v1/responses", json=body)
+        assert r.status_code == 200
+    assert cap.server_span().attributes["tiergate.fallback"] == "closed->local"
+    (failed,) = cap.by_name(client_span)
+    (answered,) = cap.by_name("chat local")
+    assert failed.status.status_code == StatusCode.ERROR
+    assert failed.attributes["error.type"] == "upstream_error"
+    assert failed.end_time <= answered.start_time

@@ -18,7 +18,7 @@ import json
 import os
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from router.backends import Completion, ModelLike, Usage, token_count
 from router.backends.closed import key_for, provider_of
@@ -63,6 +63,21 @@ def speaks(model: ModelLike, api: Api) -> bool:
         return False
     provider = provider_of(model.litellm_model)
     return (api, provider) in (("messages", "anthropic"), ("responses", "openai"))
+
+
+class NativeCaller(Protocol):
+    """What the gateway calls for a native request: :class:`NativeBackend`, or that backend
+    inside telemetry's CLIENT spans."""
+
+    async def complete(self, model: ModelLike, native: NativeRequest, usage: Usage) -> Completion:
+        """The provider's answer, as a chat view carrying the native body."""
+        ...
+
+    def stream(
+        self, model: ModelLike, native: NativeRequest, usage: Usage
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Chat chunks, each carrying one native event."""
+        ...
 
 
 class NativeBackend:
