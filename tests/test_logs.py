@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 from tests.conftest import REPO
 
@@ -46,24 +47,30 @@ _PROGRAM = textwrap.dedent(
 )
 
 
-def test_every_stderr_line_is_json_and_tracebacks_are_a_field() -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "always"}
+def _json_lines(program: str, **env: str) -> tuple[int, list[dict[str, Any]]]:
+    """Run ``program`` in a fresh interpreter: its exit status and the JSON object of every
+    line it wrote to stdout or stderr (a line that is not one fails the test)."""
     done = subprocess.run(
-        [sys.executable, "-c", _PROGRAM],
-        env=env,
+        [sys.executable, "-c", program],
+        env={**os.environ, "PYTHONPATH": str(REPO), **env},
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
         check=False,
     )
-    assert done.returncode != 0
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
     records = []
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise AssertionError(f"raw line on stderr: {line!r}\n{done.stderr}") from None
+    for line in (done.stdout + done.stderr).splitlines():
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise AssertionError(f"raw line: {line!r}\n{done.stdout}{done.stderr}") from None
+    return done.returncode, records
+
+
+def test_every_stderr_line_is_json_and_tracebacks_are_a_field() -> None:
+    returncode, records = _json_lines(_PROGRAM, PYTHONWARNINGS="always")
+    assert returncode != 0
     text = json.dumps(records)
     for raised in ("ZeroDivisionError", "raised in __del__", "KeyError", "SystemError"):
         assert any(raised in str(r.get("exc", "")) for r in records), (raised, text)
@@ -82,3 +89,31 @@ def test_fields_are_kept_but_a_library_s_bare_marker_is_not() -> None:
     line = json.loads(JSONFormatter().format(record))
     assert line["msg"] == "done ok" and line["request_id"] == "req_1"
     assert "litellm_redacted" not in line
+
+
+_LITELLM_CALL = textwrap.dedent(
+    """
+    from router.backends.closed import quiet_litellm
+    from router.logs import configure_logging
+    from tests.fake_provider import FakeProvider
+
+    configure_logging("info")
+    litellm = quiet_litellm()
+    with FakeProvider() as fake:
+        litellm.completion(
+            model="anthropic/claude-3-5-sonnet-20241022",
+            api_base=fake.base_url.removesuffix("/v1"),
+            api_key="k",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=5,
+        )
+    """
+)
+
+
+def test_a_call_through_litellm_logs_json_lines_only() -> None:
+    """litellm writes its records with a plain-text handler of its own (INFO to stdout, two
+    lines per call); under Tiergate they are JSON lines like every other record."""
+    returncode, records = _json_lines(_LITELLM_CALL, LITELLM_LOCAL_MODEL_COST_MAP="True")
+    assert returncode == 0, records
+    assert any(r["logger"] == "LiteLLM" for r in records), records  # its record, kept

@@ -38,6 +38,8 @@ PROVIDER_KEY_ENV = {
     "openrouter": "OPENROUTER_API_KEY",
 }
 log = logging.getLogger("tiergate.closed")
+# The loggers litellm._logging attaches its own stream handler to.
+_LITELLM_LOGGERS = ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy")
 _OPENAI_DEFAULT_BASE = "https://api.openai.com/v1"
 # Fields of an OpenAI chat request that Tiergate sets itself or that must not reach a provider.
 _STRIP = ("model", "metadata")
@@ -223,13 +225,19 @@ IMAGE_URL_MB = "5"
 def quiet_litellm() -> Any:
     """litellm, imported on first use with its local cost map, no telemetry and no debug
     banners (it prints one for every model name it does not know, such as Tiergate's), and
-    image URL downloads bounded by :data:`IMAGE_URL_MB` (read when litellm is imported)."""
+    image URL downloads bounded by :data:`IMAGE_URL_MB` (read when litellm is imported).
+
+    litellm's loggers lose the plain-text handler it gives them at import (INFO on stdout,
+    one record on two lines): their records go to the application's logging alone, which under
+    ``tiergate serve`` writes JSON lines (:mod:`router.logs`)."""
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     os.environ.setdefault("MAX_IMAGE_URL_DOWNLOAD_SIZE_MB", IMAGE_URL_MB)
     import litellm
 
     litellm.telemetry = False
     litellm.suppress_debug_info = True
+    for name in _LITELLM_LOGGERS:
+        logging.getLogger(name).handlers.clear()
     return litellm
 
 
