@@ -40,7 +40,7 @@ from typing import Any
 from router.backends import Backend, Completion, ModelLike, Usage
 from router.backends.local import Gate
 from router.backends.native import NativeCaller, NativeRequest
-from router.errors import MissingExtraError, TiergateError
+from router.errors import ConfigError, MissingExtraError, TiergateError
 from router.outcomes import Label, OutcomeRecord
 
 log = logging.getLogger("tiergate.telemetry")
@@ -489,11 +489,28 @@ def _otel_extra() -> Iterator[None]:
         raise MissingExtraError("OTLP export (OTEL_* variables)", "otel") from exc
 
 
+def _check_protocol(env: Mapping[str, str], signal: str) -> None:
+    """The exporters speak OTLP over HTTP/protobuf only. A collector's gRPC port answers them
+    with an HTTP/2 frame and every batch is lost, so another protocol stops the start."""
+    for name in (f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        value = env.get(name, "").strip()
+        if not value:
+            continue
+        if value.lower() != "http/protobuf":
+            raise ConfigError(
+                f"{name}={value}: Tiergate exports OTLP over http/protobuf only; point "
+                "OTEL_EXPORTER_OTLP_ENDPOINT at the collector's OTLP/HTTP port (4318 by default) "
+                f"and set {name}=http/protobuf"
+            )
+        return  # the signal's own setting wins over the general one
+
+
 def _span_exporters(env: Mapping[str, str]) -> list[Any]:
     names = [n.strip() for n in env.get("OTEL_TRACES_EXPORTER", "otlp").split(",") if n.strip()]
     exporters: list[Any] = []
     for name in names:
         if name == "otlp":
+            _check_protocol(env, "TRACES")
             with _otel_extra():
                 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
@@ -511,6 +528,7 @@ def _otlp_metric_readers(env: Mapping[str, str]) -> list[Any]:
     names = [n.strip() for n in env.get("OTEL_METRICS_EXPORTER", "otlp").split(",") if n.strip()]
     if "otlp" not in names:
         return []
+    _check_protocol(env, "METRICS")
     with _otel_extra():
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
     from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader

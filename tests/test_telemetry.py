@@ -22,6 +22,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from router.app import create_app
 from router.config import Settings
+from router.errors import ConfigError
 from router.telemetry import Telemetry, tracing_configured
 from tests.conftest import KeywordScorer, LiveServer, free_port, make_settings, policy_yaml
 from tests.conftest import live as live_server
@@ -318,6 +319,35 @@ def test_tracing_off_unless_configured(tmp_path: Path, fake: FakeProvider) -> No
         assert pushed.tracing and pushed.metrics and pushed.registry is None
     finally:
         pushed.shutdown()
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+        {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc"},
+        # Traces over HTTP, but metrics (pushed with them) still over gRPC.
+        {
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+        },
+    ],
+)
+def test_an_otlp_protocol_other_than_http_protobuf_stops_the_start(
+    tmp_path: Path, fake: FakeProvider, environ: dict[str, str]
+) -> None:
+    """The exporters speak OTLP over HTTP/protobuf only: sent to a gRPC port, every batch fails
+    ("BadStatusLine") and the spans are lost, so a gRPC setting is refused, naming itself."""
+    settings = make_settings(tmp_path, policy_yaml(fake))
+    endpoint = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317"}
+    with pytest.raises(ConfigError, match=r"OTEL_EXPORTER_OTLP_\w*PROTOCOL=grpc.*http/protobuf"):
+        Telemetry.from_settings(settings, environ={**endpoint, **environ})
+    # http/protobuf said explicitly, or gRPC only for a signal that is not exported, is fine.
+    for fine in (
+        {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"},
+        {"OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "grpc", "OTEL_METRICS_EXPORTER": "none"},
+    ):
+        Telemetry.from_settings(settings, environ={**endpoint, **fine}).shutdown()
 
 
 # -- a real OTLP receiver over the network -------------------------------------------------
