@@ -54,7 +54,23 @@ CHAT_PATH = "/v1/chat/completions"
 SERVED_PATHS = frozenset({CHAT_PATH, "/v1/messages", "/v1/responses"})
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-_PROVIDERS = {"gemini": "gcp.gemini", "vertex_ai": "gcp.vertex_ai", "bedrock": "aws.bedrock"}
+# litellm's provider prefix -> the GenAI semantic conventions' gen_ai.provider.name, where the
+# two differ (the rest, such as openai, anthropic, groq, deepseek, perplexity, are the same).
+_PROVIDERS = {
+    "gemini": "gcp.gemini",
+    "vertex_ai": "gcp.vertex_ai",
+    "vertex_ai_beta": "gcp.vertex_ai",
+    "bedrock": "aws.bedrock",
+    "azure": "azure.ai.openai",
+    "azure_text": "azure.ai.openai",
+    "azure_ai": "azure.ai.inference",
+    "mistral": "mistral_ai",
+    "xai": "x_ai",
+    "watsonx": "ibm.watsonx.ai",
+    "watsonx_text": "ibm.watsonx.ai",
+    "cohere_chat": "cohere",
+    "anthropic_text": "anthropic",
+}
 
 
 def tracing_configured(environ: Mapping[str, str], setting: bool | None) -> bool:

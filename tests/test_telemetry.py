@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -23,7 +24,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from router.app import create_app
 from router.config import Settings
 from router.errors import ConfigError
-from router.telemetry import Telemetry, tracing_configured
+from router.telemetry import Telemetry, provider_name, tracing_configured
 from tests.conftest import KeywordScorer, LiveServer, free_port, make_settings, policy_yaml
 from tests.conftest import live as live_server
 from tests.fake_provider import Behaviour, FakeProvider
@@ -509,3 +510,28 @@ def test_a_failed_native_call_shows_before_the_fallback(tmp_path: Path, fake: Fa
     assert failed.status.status_code == StatusCode.ERROR
     assert failed.attributes["error.type"] == "upstream_error"
     assert failed.end_time <= answered.start_time
+
+
+@pytest.mark.parametrize(
+    ("litellm_model", "provider"),
+    [
+        ("openai/gpt-4o", "openai"),
+        ("gpt-4o", "openai"),
+        ("anthropic/claude-3-5-sonnet-20241022", "anthropic"),
+        ("gemini/gemini-1.5-pro", "gcp.gemini"),
+        ("vertex_ai/gemini-1.5-pro", "gcp.vertex_ai"),
+        ("bedrock/anthropic.claude-3-sonnet", "aws.bedrock"),
+        ("azure/my-gpt-4o-deployment", "azure.ai.openai"),
+        ("azure_ai/mistral-large", "azure.ai.inference"),
+        ("mistral/mistral-large-latest", "mistral_ai"),
+        ("xai/grok-2", "x_ai"),
+        ("watsonx/ibm/granite-13b-chat-v2", "ibm.watsonx.ai"),
+        ("cohere_chat/command-r", "cohere"),
+        ("groq/llama3-70b-8192", "groq"),
+    ],
+)
+def test_provider_name_is_the_semantic_conventions_value(litellm_model: str, provider: str) -> None:
+    """gen_ai.provider.name takes the GenAI semantic conventions' well-known values, not
+    litellm's prefixes, so dashboards that group by it find every provider."""
+    model = SimpleNamespace(tier="closed", litellm_model=litellm_model)
+    assert provider_name(model) == provider
