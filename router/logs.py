@@ -1,4 +1,5 @@
-"""Structured JSON logs on stderr: one object per line, with the request id where there is one.
+"""Structured JSON logs on stderr: one object per line, with the request id where there is one,
+and the trace and span ids of the traced request a line was written in.
 
 Prompt text and secrets are never logged: handlers log ids, decisions and error codes only.
 """
@@ -12,6 +13,8 @@ import threading
 import time
 from types import TracebackType
 from typing import Any
+
+from opentelemetry import trace
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -33,6 +36,13 @@ class JSONFormatter(logging.Formatter):
             # redaction filter saw), not a field: "<object object at 0x...>" tells no one anything.
             if key not in _STANDARD and not key.startswith("_") and type(value) is not object:
                 data[key] = value
+        if "trace_id" not in data:
+            # Formatted as it is written, in the writer's context: inside a traced request, its
+            # span (a no-op span, whose context is not valid, when tracing is off).
+            context = trace.get_current_span().get_span_context()
+            if context.is_valid:
+                data["trace_id"] = f"{context.trace_id:032x}"
+                data["span_id"] = f"{context.span_id:016x}"
         if record.exc_info:
             data["exc"] = self.formatException(record.exc_info)
         return json.dumps(data, default=str)

@@ -651,7 +651,9 @@ def _log_fields(record: OutcomeRecord, span: Any) -> dict[str, Any]:
     if record.error_type:
         fields["error_type"] = record.error_type
     if span is not None:
-        fields["trace_id"] = f"{span.get_span_context().trace_id:032x}"
+        context = span.get_span_context()
+        fields["trace_id"] = f"{context.trace_id:032x}"
+        fields["span_id"] = f"{context.span_id:016x}"
     return fields
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -24,6 +25,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from router.app import create_app
 from router.config import Settings
 from router.errors import ConfigError
+from router.logs import JSONFormatter
 from router.telemetry import Telemetry, provider_name, tracing_configured
 from tests.conftest import KeywordScorer, LiveServer, free_port, make_settings, policy_yaml
 from tests.conftest import live as live_server
@@ -535,3 +537,28 @@ def test_provider_name_is_the_semantic_conventions_value(litellm_model: str, pro
     litellm's prefixes, so dashboards that group by it find every provider."""
     model = SimpleNamespace(tier="closed", litellm_model=litellm_model)
     assert provider_name(model) == provider
+
+
+def test_log_lines_in_a_traced_request_carry_its_trace_and_span(
+    tmp_path: Path, fake: FakeProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every JSON log line written while a traced request runs (here the warning about the
+    attempt that failed before the fallback, and the request line) names the request's trace
+    and span, so a log search by trace id finds them all."""
+    fake.reset(Behaviour(mode="status", status=500))
+    caplog.set_level(logging.INFO, logger="tiergate")
+    caplog.handler.setFormatter(JSONFormatter())  # formats as each record is written
+    with traced(tmp_path, policy_yaml(fake, on_failure="local"), local=ScriptedLocal()) as (
+        srv,
+        cap,
+    ):
+        r = _chat(srv, "HARD question", headers={"traceparent": TRACEPARENT})
+        assert r.status_code == 200 and r.headers["x-tiergate-fallback"] == "closed->local"
+    lines = [json.loads(line) for line in caplog.text.splitlines()]
+    failed = [line for line in lines if "gpt-4o failed for" in line["msg"]]
+    request = [line for line in lines if line["logger"] == "tiergate.request"]
+    assert len(failed) == len(request) == 1, lines
+    span_id = f"{cap.server_span().context.span_id:016x}"
+    for line in failed + request:
+        assert (line.get("trace_id"), line.get("span_id")) == (TRACE_ID, span_id), line
+    assert not any("trace_id" in line for line in lines if line not in failed + request)
