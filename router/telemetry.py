@@ -54,6 +54,7 @@ CHAT_PATH = "/v1/chat/completions"
 SERVED_PATHS = frozenset({CHAT_PATH, "/v1/messages", "/v1/responses"})
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_QUEUE_BUCKETS_S = (0.001, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 # litellm's provider prefix -> the GenAI semantic conventions' gen_ai.provider.name, where the
 # two differ (the rest, such as openai, anthropic, groq, deepseek, perplexity, are the same).
 _PROVIDERS = {
@@ -301,6 +302,12 @@ class Telemetry:
                 description="Chat request latency, until the last byte of the answer.",
                 explicit_bucket_boundaries_advisory=_LATENCY_BUCKETS_S,
             ),
+            "queue_wait": histogram(
+                "tiergate.local.queue_wait",
+                unit="s",
+                description="Local tier: how long a request waited for the local model's slot.",
+                explicit_bucket_boundaries_advisory=_QUEUE_BUCKETS_S,
+            ),
             "ttft": histogram(
                 "tiergate.time_to_first_token",
                 unit="s",
@@ -385,9 +392,12 @@ class Telemetry:
         return [Observation(self._queue_depth())]
 
     def watch_queue(self, gate: Gate | None) -> None:
-        """Report ``gate.depth`` (the local queue) as the queue-depth gauge."""
+        """Report ``gate.depth`` (the local queue) as the queue-depth gauge, and each caller's
+        wait for a slot in the queue-wait histogram."""
         if gate is not None:
             self._queue_depth = lambda: gate.depth
+            if self._instruments:
+                gate.on_wait = self._instruments["queue_wait"].record
 
     @property
     def metrics(self) -> bool:

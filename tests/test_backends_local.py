@@ -363,6 +363,26 @@ def test_a_generation_stopped_while_it_reads_a_long_prompt_stops_reading_it(
     assert 0 < usage.prompt_tokens < 1000  # the prompt tokens it read before it stopped
 
 
+def test_a_gate_tells_how_long_each_caller_waited_for_its_slot() -> None:
+    # The queue depth said how many waited, nothing how long; TTFT mixes the wait with the
+    # prompt's reading. The wait is what tiergate_local_queue_wait_seconds shows.
+    waits: list[float] = []
+
+    async def scenario() -> None:
+        gate = Gate(slots=1, queue_size=4)
+        gate.on_wait = waits.append
+        await gate.acquire()
+        second = asyncio.ensure_future(gate.acquire())
+        await asyncio.sleep(0.2)
+        gate.release()
+        await second
+        gate.release()
+
+    asyncio.run(scenario())
+    assert len(waits) == 2
+    assert waits[0] < 0.05 and waits[1] >= 0.19
+
+
 @pytest.mark.gguf
 def test_a_context_past_what_the_model_was_trained_on_is_warned_about(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture

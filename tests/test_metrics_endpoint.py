@@ -77,6 +77,8 @@ def test_metrics_count_the_traffic_sent(tmp_path: Path, fake: FakeProvider) -> N
     }
     assert counts == {"local": 4, "closed": 3, "none": 2}
     assert families["tiergate_local_queue_depth"][0][2] == 0
+    waits = families["tiergate_local_queue_wait_seconds"]
+    assert [v for n, _, v in waits if n == "tiergate_local_queue_wait_seconds_count"] == [4]
     assert "tiergate_fallbacks" not in families or not families["tiergate_fallbacks"]
 
 

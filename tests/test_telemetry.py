@@ -200,6 +200,8 @@ def test_local_request_and_metrics(tmp_path: Path, fake: FakeProvider) -> None:
     assert durations == {"local": 3, "closed": 1}
     (depth,) = cap.points("tiergate.local.queue_depth")
     assert depth.value == 0
+    (waits,) = cap.points("tiergate.local.queue_wait")  # each local request took the slot
+    assert waits.count == 3
 
 
 def test_fallback_shows_failed_attempt_then_answer(tmp_path: Path, fake: FakeProvider) -> None:

@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Collection, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, runtime_checkable
 
@@ -89,6 +89,8 @@ class Gate:
         self.running = 0
         self._taken: collections.deque[float] = collections.deque()  # when each slot was taken
         self._held_s: float | None = None  # moving average of how long a slot is held
+        # Told how long each caller waited for its slot (the queue-wait histogram).
+        self.on_wait: Callable[[float], None] | None = None
 
     def retry_after(self) -> float:
         """Seconds until a slot is likely to free (at least 1; 1 before any was given back)."""
@@ -110,12 +112,16 @@ class Gate:
                 retry_after=self.retry_after(),
             )
         self.waiting += 1
+        asked = time.monotonic()
         try:
             await self._sem.acquire()
         finally:
             self.waiting -= 1
         self.running += 1
-        self._taken.append(time.monotonic())
+        taken = time.monotonic()
+        self._taken.append(taken)
+        if self.on_wait is not None:
+            self.on_wait(taken - asked)
 
     def release(self) -> None:
         """Give the slot back."""
