@@ -16,7 +16,13 @@ from typing import Any
 
 from opentelemetry import trace
 
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+# uvicorn's ``color_message`` repeats the message with ANSI colour codes for its own console
+# formatter: in a JSON line it is escape codes a log pipeline stores and nobody reads.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "color_message",
+}
 
 
 class JSONFormatter(logging.Formatter):

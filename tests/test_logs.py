@@ -86,9 +86,10 @@ def test_fields_are_kept_but_a_library_s_bare_marker_is_not() -> None:
     record = logging.LogRecord("tiergate.x", logging.INFO, __file__, 1, "done %s", ("ok",), None)
     record.request_id = "req_1"
     record.litellm_redacted = object()  # what litellm's redaction filter stamps on a record
+    record.color_message = "\x1b[32mdone ok\x1b[0m"  # uvicorn's, for its console formatter
     line = json.loads(JSONFormatter().format(record))
     assert line["msg"] == "done ok" and line["request_id"] == "req_1"
-    assert "litellm_redacted" not in line
+    assert "litellm_redacted" not in line and "color_message" not in line
 
 
 _LITELLM_CALL = textwrap.dedent(
