@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from router.backends import Completion
+from router.backends import Completion, Usage
 from router.backends.closed import (
     ClosedBackend,
     cannot_take,
@@ -23,7 +23,7 @@ from router.errors import (
     UpstreamRateLimitedError,
     UpstreamTimeoutError,
 )
-from tests.conftest import KEYS, run
+from tests.conftest import KEYS, free_port, run
 from tests.fake_provider import FakeProvider
 
 BODY = {
@@ -124,6 +124,32 @@ def test_litellm_errors_map_by_status_and_kind() -> None:
     assert map_litellm_error(over, "m").code == "context_length_exceeded"
     gone = map_litellm_error(APIConnectionError("refused"), "m")
     assert type(gone) is BackendError and gone.code == "upstream_unreachable"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_provider_litellm_cannot_connect_to_is_unreachable(stream: bool) -> None:
+    """litellm wraps a refused connection to an Anthropic model as InternalServerError (500);
+    the proxy answers it as the direct OpenAI path does, 502 ``upstream_unreachable``."""
+    model = Model(
+        "claude", "anthropic/claude-3-5-sonnet-20241022", f"http://127.0.0.1:{free_port()}"
+    )
+
+    async def call() -> None:
+        http = OpenAIHTTP(timeout_s=10)
+        backend = ClosedBackend(http, timeout_s=10, environ=KEYS)
+        try:
+            if stream:
+                async for _ in backend.stream(model, {**BODY, "stream": True}, Usage()):
+                    pass
+            else:
+                await backend.complete(model, BODY)
+        finally:
+            await backend.aclose()
+            await http.aclose()
+
+    with pytest.raises(BackendError) as raised:
+        run(call())
+    assert raised.value.code == "upstream_unreachable"
 
 
 def test_a_key_in_a_litellm_error_is_scrubbed() -> None:

@@ -15,6 +15,8 @@ import os
 from collections.abc import AsyncIterator, Collection, Mapping
 from typing import Any
 
+import httpx
+
 from router.backends import MESSAGE_FIELD, Completion, ModelLike, Usage, usage_from_body
 from router.backends.openai_http import OpenAIHTTP
 from router.errors import (
@@ -258,9 +260,23 @@ def map_litellm_error(exc: Exception, label: str) -> TiergateError:
         )
     if status in (400, 413, 422) or "BadRequest" in name:
         return UpstreamBadRequestError(message, upstream_status=status, param=param)
-    if "Connection" in name:
+    if "Connection" in name or _cannot_connect(exc):
         return BackendError(message, code="upstream_unreachable", upstream_status=status)
     return BackendError(message, upstream_status=status if isinstance(status, int) else None)
+
+
+def _cannot_connect(exc: BaseException) -> bool:
+    """Whether a connection failure caused ``exc``: litellm reports one to an Anthropic model
+    (or an OpenAI one it calls) as ``InternalServerError`` with status 500, over the
+    ``httpx.ConnectError`` its HTTP client raised."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, (httpx.ConnectError, ConnectionError)):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _retry_after(exc: Exception) -> float | None:
