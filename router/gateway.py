@@ -948,16 +948,20 @@ class Gateway:
         try:
             return await self._along_chain(ctx, attempt, self._escalation(ctx.decision))
         except TiergateError as exc:
+            self._escalation_failed(ctx, exc, serving_local=discarded is not None)
             if discarded is None:
                 raise
-            self._escalation_failed(ctx, exc)
             return discarded
 
-    def _escalation_failed(self, ctx: RequestContext, exc: TiergateError) -> None:
-        # The discarded local answer is served after all: charged as the answer, recorded so.
+    def _escalation_failed(
+        self, ctx: RequestContext, exc: TiergateError, *, serving_local: bool
+    ) -> None:
+        # Recorded (and told in the headers) as failed, not as answered by the closed model;
+        # where the discarded local answer is served after all, it is charged as the answer.
         assert ctx.decision is not None and ctx.cascade is not None
-        ctx.served = Served(self.policy.models[ctx.decision.model], "closed->local")
-        ctx.usage, ctx.cascade_usage = ctx.cascade_usage or Usage(), None
+        if serving_local:
+            ctx.served = Served(self.policy.models[ctx.decision.model], "closed->local")
+            ctx.usage, ctx.cascade_usage = ctx.cascade_usage or Usage(), None
         ctx.cascade = {
             **ctx.cascade,
             "decision": ESCALATION_FAILED,

@@ -379,7 +379,11 @@ def test_a_part_of_a_held_answer_is_never_served_as_the_answer(
     fake.reset(Behaviour(mode="status", status=500))
     response, text, _ = _stream(server)
     assert response.status_code == 502 and "w0" not in text
-    assert response.headers["x-tiergate-cascade"] == "escalated"
+    # Not "escalated", which says the closed model answered (it said so on this 502).
+    assert response.headers["x-tiergate-cascade"] == "escalation-failed"
+    record = _record(server, response.headers["x-request-id"])
+    assert (record["status"], record["cascade"]["decision"]) == ("error", "escalation-failed")
+    assert "gpt-4o" in record["cascade"]["escalation_error"]
 
 
 class _ScoresAs(KeywordScorer):
