@@ -41,7 +41,9 @@ class AliasThreshold:
 def calibrate(
     policy: Policy, scores: Sequence[float], *, min_samples: int = MIN_SAMPLES
 ) -> dict[str, AliasThreshold]:
-    """Thresholds for every global alias; calibrated ones from ``scores`` (recent live traffic)."""
+    """Thresholds for every global alias, and for each tenant's own alias with a target share
+    (under ``tenant/alias``, :meth:`~router.policy.Policy.calibration_key`); calibrated ones
+    from ``scores`` (recent live traffic, every tenant's)."""
     out: dict[str, AliasThreshold] = {}
     values = [float(v) for v in scores]
     for name, alias in policy.aliases.items():
@@ -51,14 +53,26 @@ def calibrate(
         if share is None:
             threshold = alias.threshold if alias.threshold is not None else policy.threshold
             out[name] = AliasThreshold(name, threshold, "policy")
-        elif len(values) < min_samples:
-            out[name] = AliasThreshold(name, policy.threshold, "calibrating", share, len(values))
         else:
-            # score >= threshold goes closed, so the (1 - share) quantile leaves `share` above it.
-            threshold = quantile(values, 1.0 - share) if share > 0 else float("inf")
-            threshold = min(max(threshold, 0.0), 1.0 + 1e-9)
-            out[name] = AliasThreshold(name, threshold, "calibrated", share, len(values))
+            out[name] = _for_share(name, share, values, policy.threshold, min_samples)
+    for tenant, settings in policy.tenants.items():
+        for name, alias in settings.aliases.items():
+            key = policy.calibration_key(name, tenant)
+            if key is not None and alias.target_closed_share is not None:
+                share = alias.target_closed_share
+                out[key] = _for_share(key, share, values, policy.threshold, min_samples)
     return out
+
+
+def _for_share(
+    key: str, share: float, values: list[float], default: float, min_samples: int
+) -> AliasThreshold:
+    if len(values) < min_samples:
+        return AliasThreshold(key, default, "calibrating", share, len(values))
+    # score >= threshold goes closed, so the (1 - share) quantile leaves `share` above it.
+    threshold = quantile(values, 1.0 - share) if share > 0 else float("inf")
+    threshold = min(max(threshold, 0.0), 1.0 + 1e-9)
+    return AliasThreshold(key, threshold, "calibrated", share, len(values))
 
 
 def quantile(values: Sequence[float], q: float) -> float:

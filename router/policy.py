@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 from pydantic import (
@@ -402,6 +402,17 @@ class Policy(_Strict):
                 return override
         return self.aliases.get(name)
 
+    def calibration_key(self, name: str, tenant: str | None = None) -> str | None:
+        """Where alias ``name``'s calibrated threshold for ``tenant`` is kept: ``name`` for a
+        global alias with a ``target_closed_share``, ``tenant/name`` for such an alias the
+        tenant sets itself (alias names hold no ``/``), None when the alias in force has a fixed
+        threshold or cascades. A tenant's own alias is never given the global calibration."""
+        alias = self.alias_for(name, tenant)
+        if alias is None or alias.target_closed_share is None:
+            return None
+        own = self.tenants.get(tenant) if tenant is not None else None
+        return f"{tenant}/{name}" if own is not None and name in own.aliases else name
+
     def is_known_model(self, name: str, tenant: str | None = None) -> bool:
         """Whether ``name`` is an alias or a model; anything else is a 404 for the client."""
         return name in self.models or self.alias_for(name, tenant) is not None
@@ -584,6 +595,9 @@ class Plan:
     budget_usd: float | None
     over_budget: Literal["local", "reject"]
     cascade_aliases: frozenset[str] = frozenset()
+    #: Alias -> its key in ``evaluate(thresholds=...)`` (:meth:`Policy.calibration_key`), for
+    #: the aliases with a ``target_closed_share`` only.
+    calibrated: Mapping[str, str] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -600,7 +614,9 @@ def evaluate(
     """Decide where one request goes. Pure, total on a valid policy, no I/O.
 
     ``thresholds`` holds calibrated thresholds per alias (the web layer calibrates aliases with a
-    ``target_closed_share`` from the outcome store); a value there wins over the policy's.
+    ``target_closed_share`` from the outcome store), keyed by :meth:`Policy.calibration_key`: a
+    value there wins over the policy's for an alias with a target share, and only for the
+    tenants that alias is in force for.
     ``spend_today_usd`` is the tenant's closed-tier spend today, checked against its budget.
     ``closed_available`` false (no closed model has its API key) adds the local model as the
     last fallback of a closed decision, unless the policy says ``fail_closed``, the request pins
@@ -721,8 +737,9 @@ def _route(
         return (*_cascade_start(policy, name, alias), None)
     if rule.route == "auto":
         threshold = plan.thresholds[alias]
-        if thresholds is not None:
-            threshold = thresholds.get(alias, threshold)
+        key = plan.calibrated.get(alias)
+        if thresholds is not None and key is not None:
+            threshold = thresholds.get(key, threshold)
         model, reason = _auto(policy, score, threshold, alias)
         return model, f"rule '{name}': {reason}", threshold
     model = _route_model(policy, rule)

@@ -922,6 +922,11 @@ def _build_plans(
             if not a.cascade
         }
 
+    def calibrated(tenant: str | None) -> dict[str, str]:
+        names = policy.alias_names(tenant)
+        keys = {name: policy.calibration_key(name, tenant) for name in names}
+        return {name: key for name, key in keys.items() if key is not None}
+
     def cascading(tenant: Tenant | None) -> frozenset[str]:
         aliases = dict(policy.aliases)
         if tenant is not None:
@@ -941,8 +946,15 @@ def _build_plans(
             tenant.daily_budget_usd,
             tenant.over_budget,
             cascading(tenant),
+            calibrated(name),
         )
     global_plan = Plan(
-        None, (*global_rules, default), thresholds(None), None, "local", cascading(None)
+        None,
+        (*global_rules, default),
+        thresholds(None),
+        None,
+        "local",
+        cascading(None),
+        calibrated(None),
     )
     policy._runtime = Runtime(digest, source, plans, global_plan, metadata_fields)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -309,6 +310,34 @@ def test_tenant_alias_override() -> None:
     p = policy(TENANTS)
     assert evaluate(p, signals(tenant="acme", score=0.6)).tier == "local"
     assert evaluate(p, signals(tenant="other", score=0.6)).tier == "closed"
+
+
+def test_a_global_calibration_does_not_replace_a_tenants_own_alias() -> None:
+    # Calibrated thresholds come from every tenant's traffic: they must reach only the tenants
+    # that use the global alias, not one whose policy sets the alias itself.
+    p = policy(
+        ALIASES.rstrip(" ")
+        + """\
+    tenants:
+      fixed: {aliases: {auto-cheap: {threshold: 0.95}}}
+      share:
+        aliases:
+          auto-cheap: {target_closed_share: 0.5}
+          auto-own: {target_closed_share: 0.01}
+    """
+    )
+    calibrated = {"auto-cheap": 0.7, "share/auto-cheap": 0.4, "share/auto-own": 0.99}
+    s = signals(alias="auto-cheap", score=0.8)
+    assert evaluate(p, s, thresholds=calibrated).threshold == 0.7  # no tenant entry
+    assert evaluate(p, replace(s, tenant="fixed"), thresholds=calibrated).threshold == 0.95
+    assert evaluate(p, replace(s, tenant="share"), thresholds=calibrated).threshold == 0.4
+    own = signals(alias="auto-own", tenant="share", score=0.8)
+    assert evaluate(p, own, thresholds=calibrated).threshold == 0.99
+    assert evaluate(p, own).threshold == 0.5  # uncalibrated: the policy threshold
+    assert p.calibration_key("auto-cheap") == "auto-cheap"
+    assert p.calibration_key("auto-cheap", "fixed") is None
+    assert p.calibration_key("auto-own", "share") == "share/auto-own"
+    assert p.calibration_key("auto") is None
 
 
 @pytest.mark.parametrize("spend", [None, 0.0, 4.99])
