@@ -27,6 +27,7 @@ from starlette.requests import ClientDisconnect
 from router import messages, responses
 from router.auth import Principal, check_record_access, principal_of
 from router.backends.native import NativeRequest
+from router.calibration import AliasThreshold
 from router.errors import (
     MESSAGES_PATH,
     BadRequestError,
@@ -519,11 +520,13 @@ def _model_entries(svc: Services, tenant: str) -> list[dict[str, Any]]:
     for name in policy.alias_names(tenant):
         info: dict[str, Any] = {"kind": "alias"}
         alias = policy.alias_for(name, tenant)
-        calibrated = gateway.alias_thresholds.get(name)
+        key = policy.calibration_key(name, tenant)
         if alias is not None and alias.cascade:
             info.update(_cascade_info(policy, closed_available))
-        elif calibrated is not None:
-            info.update(calibrated.as_dict())
+        elif key is not None and key in gateway.alias_thresholds:
+            info.update(gateway.alias_thresholds[key].as_dict())
+        elif alias is not None and alias.threshold is not None:  # as the tenant's plan has it
+            info.update(AliasThreshold(name, alias.threshold, "policy").as_dict())
         data.append(
             {"id": name, "object": "model", "created": 0, "owned_by": "tiergate", "tiergate": info}
         )

@@ -319,3 +319,39 @@ def test_feedback_and_models_count_against_the_rate_limit(
         _assert_openai_error(feedback, 429, "rate_limit_error")
         other = {"authorization": f"Bearer {GLOBEX}"}  # another tenant has its own window
         assert srv.http.get("/v1/models", headers=other).status_code == 200
+
+
+def test_models_lists_the_thresholds_in_force_for_the_callers_tenant(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    # acme's `auto` was listed with the global threshold while its requests used its own, and
+    # its own aliases without any threshold.
+    tenants = """\
+    tenants:
+      acme:
+        aliases:
+          auto: {threshold: 0.9}
+          auto-acme: {threshold: 0.3}
+          auto-share: {target_closed_share: 0.2}
+    """
+    with live(
+        tmp_path,
+        policy_yaml(fake, extra=tenants),
+        local_backend_obj=ScriptedLocal(),
+        api_keys_file=write_keys(tmp_path / "keys.yaml"),
+    ) as srv:
+
+        def listed(key: str) -> dict[str, dict[str, object]]:
+            got = srv.http.get("/v1/models", headers={"authorization": f"Bearer {key}"})
+            return {m["id"]: m["tiergate"] for m in got.json()["data"]}
+
+        acme, globex = listed(ACME), listed(GLOBEX)
+        auth = {"authorization": f"Bearer {ACME}"}
+        route = srv.http.post("/v1/route", json=CHAT, headers=auth).json()["decision"]
+        assert acme["auto"]["threshold"] == route["threshold"] == 0.9
+        assert acme["auto-acme"]["threshold"] == 0.3 and acme["auto-acme"]["source"] == "policy"
+        assert acme["auto-share"]["source"] == "calibrating"
+        assert acme["auto-share"]["target_closed_share"] == 0.2
+        retrieved = srv.http.get("/v1/models/auto-acme", headers=auth).json()
+        assert retrieved["tiergate"]["threshold"] == 0.3
+        assert globex["auto"]["threshold"] == 0.5 and "auto-acme" not in globex
