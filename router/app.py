@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -83,6 +83,31 @@ def configured_scorer(settings: Settings) -> Scorer:
     except (ConfigError, OSError) as exc:
         log.warning("no usable classifier at %s (%s); using the heuristic scorer", path, exc)
         return HeuristicScorer()
+
+
+def _warn_at_start(
+    policy: Policy, settings: Settings, authenticator: Any, *, in_process: bool
+) -> None:
+    """What a start can tell an operator is likely wrong but still serves: keys whose tenant
+    the policy does not name, and an in-process model whose context the policy misreads."""
+    _warn_unknown_tenants(policy, authenticator.keys.values())
+    if in_process:
+        _warn_window(policy, settings.n_ctx)
+
+
+def _warn_unknown_tenants(policy: Policy, keys: Iterable[Any]) -> None:
+    # A key's tenant the policy names nowhere (a typo, "Acme" for "acme") gets the global rules
+    # and no budget, silently; said once at start, where the policy has tenants at all.
+    if not policy.tenants:
+        return
+    unknown = sorted({k.tenant for k in keys} - set(policy.tenants) - {"admin"})
+    if unknown:
+        log.warning(
+            "API keys act for tenant(s) the policy does not name: %s (policy tenants: %s); "
+            "their requests get the global rules and no budget",
+            ", ".join(map(repr, unknown)),
+            ", ".join(sorted(policy.tenants)),
+        )
 
 
 def _warn_window(policy: Policy, n_ctx: int) -> None:
@@ -213,10 +238,15 @@ def create_app(
             except ConfigError as exc:
                 log.error("local model not loaded: %s", exc)
             local = llama
-            _warn_window(policy.policy, settings.n_ctx)
         elif local is None and settings.local_backend == "openai_http":
             local = ExternalLlamaBackend(settings, http)
         gate = local.gate if isinstance(local, Queued) else None
+        _warn_at_start(
+            policy.policy,
+            settings,
+            authenticator,
+            in_process=local_backend is None and isinstance(local, LlamaCppBackend),
+        )
         tel = telemetry if telemetry is not None else Telemetry.from_settings(settings)
         tel.watch_queue(gate)
         tel.watch_policy(policy)

@@ -110,6 +110,11 @@ def parse_entry(data: Any, where: str) -> tuple[str, Principal]:
     tenant = data.get("tenant")
     if not isinstance(tenant, str) or not tenant:
         raise ConfigError(f"{where}: 'tenant' is required")
+    if tenant != tenant.strip() or not tenant.isprintable():
+        # "acme " is not the policy's acme: its requests would get no budget and no rules.
+        raise ConfigError(
+            f"{where}: 'tenant' {tenant!r} begins or ends with spaces or holds control characters"
+        )
     perms = data.get("permissions") or []
     unknown = [p for p in perms if p not in PERMISSIONS]
     if unknown:

@@ -201,6 +201,35 @@ def test_bad_keys_file_refuses_to_start(tmp_path: Path, fake: FakeProvider) -> N
         create_app(make_settings(tmp_path, policy_yaml(fake), api_keys_file=bad))
 
 
+def test_a_tenant_with_surrounding_spaces_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    # `keys add --tenant "acme "` made a key whose requests matched none of acme's rules or its
+    # budget, silently.
+    assert cli_main(["keys", "add", "--tenant", "acme "]) == 2
+    assert "'tenant' 'acme ' begins or ends with spaces" in capsys.readouterr().err
+
+
+def test_keys_for_a_tenant_the_policy_does_not_name_are_warned_about(
+    tmp_path: Path, fake: FakeProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from router.app import create_app
+
+    keys = tmp_path / "keys.yaml"
+    entries = [{"sha256": hash_key(k), "tenant": t} for k, t in (("a", "acme"), ("b", "Acme"))]
+    keys.write_text(yaml.safe_dump({"keys": entries}))
+    policy = policy_yaml(fake, extra="tenants:\n  acme: {daily_budget_usd: 1}\n")
+    caplog.set_level("WARNING", logger="tiergate.app")
+    app = create_app(
+        make_settings(tmp_path, policy, api_keys_file=keys), local_backend=ScriptedLocal()
+    )
+    with TestClient(app):
+        pass
+    assert "API keys act for tenant(s) the policy does not name: 'Acme' (policy tenants: acme)" in (
+        caplog.text
+    )
+
+
 def test_keys_cli_makes_a_working_entry(
     tmp_path: Path, fake: FakeProvider, capsys: pytest.CaptureFixture[str]
 ) -> None:
