@@ -86,7 +86,11 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "model": {"source": "url", "url": "https://models.example/m.gguf", "sha256": "a" * 64},
         "retrain": {"enabled": True, "timeZone": "Etc/UTC"},
         "modelStore": {"persistence": {"enabled": True}},
-        "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+        "serviceMonitor": {
+            "enabled": True,
+            "labels": {"release": "prometheus"},
+            "keySecret": {"name": "prom-key"},
+        },
         "otel": {
             "endpoint": "http://otel-collector:4318",
             "env": {"OTEL_TRACES_SAMPLER": "always_on"},
@@ -327,6 +331,19 @@ def test_schema_rejects_bad_values(chart: Any, values: dict[str, Any], where: st
         (
             {"router": {"extraEnv": [{"name": "TIERGATE_SHUTDOWN_TIMEOUT_S", "value": "60"}]}},
             "TIERGATE_SHUTDOWN_TIMEOUT_S (60)",
+        ),
+        (
+            {"serviceMonitor": {"enabled": True}},
+            "serviceMonitor.enabled without serviceMonitor.keySecret.name: the router requires",
+        ),
+        (
+            {
+                **PROVIDERS,
+                "redis": {"enabled": False},
+                "router": {"replicaCount": 1},
+                "serviceMonitor": {"enabled": True},
+            },
+            "serviceMonitor.enabled without serviceMonitor.keySecret.name: the router requires",
         ),
         (
             {"policy": {"name": "missing.yaml"}},
@@ -687,20 +704,17 @@ def test_service_monitor_scrapes_metrics(render: Render) -> None:
     assert monitor["spec"]["endpoints"][0]["port"] == "http"
     assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
     assert monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "router"
-    assert "authorization" not in monitor["spec"]["endpoints"][0]
-    keyed = find(
-        render(
-            {
-                **VALUE_SETS["full"],
-                "serviceMonitor": {"enabled": True, "keySecret": {"name": "prom-key"}},
-            }
-        ),
-        "ServiceMonitor",
-    )
-    assert keyed["spec"]["endpoints"][0]["authorization"] == {
+    assert monitor["spec"]["endpoints"][0]["authorization"] == {
         "type": "Bearer",
         "credentials": {"name": "prom-key", "key": "metrics-key"},
     }
+    # Only a router without keys (no Redis, anonymous) answers a scrape that sends none.
+    anonymous = {
+        **VALUE_SETS["minimal"],
+        "secrets": {"allowAnonymous": True},
+        "serviceMonitor": {"enabled": True},
+    }
+    assert "authorization" not in find(render(anonymous), "ServiceMonitor")["spec"]["endpoints"][0]
 
 
 def test_notes_tell_how_to_reach_the_router(chart: Any) -> None:

@@ -401,6 +401,10 @@ Included at the top of the router Deployment so every render runs it.
 {{- if and .Values.autoscaling.enabled (not .Values.autoscaling.targetCPUUtilizationPercentage) (not .Values.autoscaling.targetMemoryUtilizationPercentage) -}}
 {{- $errors = append $errors "autoscaling.enabled needs targetCPUUtilizationPercentage or targetMemoryUtilizationPercentage" -}}
 {{- end -}}
+{{- $keyed := or (include "tiergate.redis.used" .) (and .Values.secrets.existingSecret .Values.secrets.apiKeysFileKey) -}}
+{{- if and .Values.serviceMonitor.enabled (not .Values.serviceMonitor.keySecret.name) $keyed -}}
+{{- $errors = append $errors "serviceMonitor.enabled without serviceMonitor.keySecret.name: the router requires client keys (always with Redis, and with secrets.apiKeysFileKey), so /metrics would answer every scrape 401; put a key with the dashboard permission (tiergate keys add --tenant prometheus --perm dashboard) in a Secret and name it in serviceMonitor.keySecret.name" -}}
+{{- end -}}
 {{- $shutdown := 15 -}}
 {{- range .Values.router.extraEnv -}}
 {{- if and (eq (toString .name) "TIERGATE_SHUTDOWN_TIMEOUT_S") .value -}}
