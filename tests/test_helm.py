@@ -730,7 +730,19 @@ def test_notes_tell_how_to_reach_the_router(chart: Any) -> None:
     open_notes = chart.render(anonymous, name=RELEASE, namespace=NAMESPACE)
     assert "client key" not in open_notes["tiergate/templates/NOTES.txt"]
     ingress = chart.render(VALUE_SETS["ingress-hpa"], name=RELEASE, namespace=NAMESPACE)
-    assert "https://tiergate.example.com/v1" in ingress["tiergate/templates/NOTES.txt"]
+    # The curl lines below read $TIERGATE_URL, so every way of reaching the router sets it.
+    assert (
+        "export TIERGATE_URL=https://tiergate.example.com\n"
+        in ingress["tiergate/templates/NOTES.txt"]
+    )
+    hosts = [
+        {"host": "a.example.com", "paths": [{"path": "/", "pathType": "Prefix"}]},
+        {"host": "b.example.com", "paths": [{"path": "/", "pathType": "Prefix"}]},
+    ]
+    values = {**PROVIDERS, "ingress": {"enabled": True, "hosts": hosts, "tls": []}}
+    plain = chart.render(values, name=RELEASE, namespace=NAMESPACE)["tiergate/templates/NOTES.txt"]
+    assert "export TIERGATE_URL=http://a.example.com\n" in plain
+    assert "http://b.example.com" in plain
 
 
 # ---- the chart's copy of the repo's policies -------------------------------------------------
