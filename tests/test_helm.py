@@ -505,6 +505,14 @@ def test_config_checksum_rolls_pods_when_a_policy_changes(tmp_path: Path, render
     assert after != before
 
 
+def test_config_checksum_ignores_labels_and_annotations(render: Render) -> None:
+    """Only what the pods read rolls them: a label or annotation for every resource leaves
+    the router pods (with SQLite, one pod and its Recreate) alone."""
+    before = _checksum(render())
+    for values in ({"commonLabels": {"team": "ml"}}, {"commonAnnotations": {"owner": "ml"}}):
+        assert _checksum(render(values)) == before, values
+
+
 def test_policies_configmap_and_selection(render: Render) -> None:
     docs = render({"policy": {"name": "examples/cost-first.yaml"}})
     configmap = find(docs, "ConfigMap", f"{FULLNAME}-policies")
