@@ -88,7 +88,10 @@ class Settings(BaseSettings):
     )
     n_ctx: int = Field(4096, ge=256, description="Local context window in tokens.")
     n_threads: int | None = Field(
-        None, ge=1, description="CPU threads for llama.cpp; unset: half the cores (its default)."
+        None,
+        ge=1,
+        description="CPU threads for llama.cpp, to generate and to read a prompt; unset: its "
+        "defaults (half the cores to generate, all of them to read).",
     )
     n_batch: int = Field(512, ge=1, description="llama.cpp prompt batch size in tokens.")
     n_gpu_layers: int = Field(0, ge=-1, description="Layers offloaded to the GPU; -1 = all.")

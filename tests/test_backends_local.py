@@ -400,6 +400,22 @@ def test_a_context_past_what_the_model_was_trained_on_is_warned_about(
     assert "TIERGATE_N_CTX=4096 is over the 1024 tokens SmolLM2" in caplog.text
 
 
+@pytest.mark.gguf
+def test_n_threads_bounds_reading_a_prompt_as_well_as_generating(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TIERGATE_N_THREADS=1 bounded only generation: llama.cpp read prompts with every core
+    the machine has (a node's, in a pod with a CPU limit of one)."""
+    import multiprocessing
+
+    monkeypatch.setattr(multiprocessing, "cpu_count", lambda: 16)  # a bigger machine
+    backend = LlamaCppBackend(Settings(home=tmp_path, local_model_path=GGUF, n_threads=1))
+    backend.load()
+    assert backend._llm is not None
+    params = backend._llm.context_params
+    assert (params.n_threads, params.n_threads_batch) == (1, 1)
+
+
 class _Vocab:
     """Detokenizes token ``i`` to the letter ``chr(97 + i)``."""
 

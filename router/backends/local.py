@@ -387,7 +387,10 @@ class LlamaCppBackend:
             self._llm = llama_class(
                 model_path=str(path),
                 n_ctx=self._settings.n_ctx,
+                # Reading a prompt takes the same bound: llama.cpp's default for it is every
+                # core the machine has, whatever the container may use.
                 n_threads=self._settings.n_threads,
+                n_threads_batch=self._settings.n_threads,
                 n_batch=self._settings.n_batch,
                 n_gpu_layers=self._settings.n_gpu_layers,
                 verbose=False,
