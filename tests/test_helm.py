@@ -346,6 +346,14 @@ def test_schema_rejects_bad_values(chart: Any, values: dict[str, Any], where: st
             "serviceMonitor.enabled without serviceMonitor.keySecret.name: the router requires",
         ),
         (
+            {"otel": {"env": {"OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer s3cr3t"}}},
+            "otel.env.OTEL_EXPORTER_OTLP_HEADERS would put the collector's credentials",
+        ),
+        (
+            {"otel": {"env": {"OTEL_EXPORTER_OTLP_TRACES_HEADERS": "api-key=s3cr3t"}}},
+            "otel.env.OTEL_EXPORTER_OTLP_TRACES_HEADERS would put",
+        ),
+        (
             {"policy": {"name": "missing.yaml"}},
             "policy.name=missing.yaml is not a policy bundled in the chart"
             " (available: default.yaml, examples/cost-first.yaml)",
@@ -486,6 +494,28 @@ def test_no_plaintext_secrets(render: Render, value_set: str) -> None:
             if sensitive.search(entry["name"]) and entry["name"] not in {"TIERGATE_API_KEYS_FILE"}:
                 assert "valueFrom" in entry, f"{c['name']}: {entry['name']} is set in plain text"
             assert not re.search(r"://[^/\s]*:[^$/\s][^/\s]*@", str(entry.get("value", ""))), entry
+
+
+def test_otlp_headers_come_from_the_existing_secret(render: Render) -> None:
+    """A collector's API key travels in OTEL_EXPORTER_OTLP_HEADERS: it is mapped from the
+    Secret like a provider key, for the router and the retrain job alike."""
+    values = {
+        **VALUE_SETS["full"],
+        "secrets": {
+            "existingSecret": "tiergate-providers",
+            "providerKeys": {"OTEL_EXPORTER_OTLP_HEADERS": "otlp-headers"},
+        },
+    }
+    docs = render(values)
+    ref = {"secretKeyRef": {"name": "tiergate-providers", "key": "otlp-headers", "optional": True}}
+    assert (
+        env_of(container(find(docs, "Deployment", FULLNAME), "router"))[
+            "OTEL_EXPORTER_OTLP_HEADERS"
+        ]
+        == ref
+    )
+    job = find(docs, "CronJob", f"{FULLNAME}-retrain")
+    assert env_of(container(job, "retrain"))["OTEL_EXPORTER_OTLP_HEADERS"] == ref
 
 
 def _checksum(docs: list[dict[str, Any]]) -> str:

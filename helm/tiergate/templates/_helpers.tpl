@@ -405,6 +405,11 @@ Included at the top of the router Deployment so every render runs it.
 {{- if and .Values.serviceMonitor.enabled (not .Values.serviceMonitor.keySecret.name) $keyed -}}
 {{- $errors = append $errors "serviceMonitor.enabled without serviceMonitor.keySecret.name: the router requires client keys (always with Redis, and with secrets.apiKeysFileKey), so /metrics would answer every scrape 401; put a key with the dashboard permission (tiergate keys add --tenant prometheus --perm dashboard) in a Secret and name it in serviceMonitor.keySecret.name" -}}
 {{- end -}}
+{{- range $name, $_ := .Values.otel.env -}}
+{{- if regexMatch "^OTEL_EXPORTER_OTLP_([A-Z]+_)?HEADERS$" $name -}}
+{{- $errors = append $errors (printf "otel.env.%s would put the collector's credentials in the pod spec in plain text: put the value in secrets.existingSecret and map it with secrets.providerKeys (e.g. --set secrets.providerKeys.%s=otlp-headers)" $name $name) -}}
+{{- end -}}
+{{- end -}}
 {{- $shutdown := 15 -}}
 {{- range .Values.router.extraEnv -}}
 {{- if and (eq (toString .name) "TIERGATE_SHUTDOWN_TIMEOUT_S") .value -}}
