@@ -22,9 +22,12 @@ from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from router.errors import ConfigError, TiergateError
+
+if TYPE_CHECKING:
+    from router.policy import Policy
 
 
 @contextmanager
@@ -983,6 +986,17 @@ def _explain_body(args: argparse.Namespace) -> dict[str, Any]:
     return {"model": args.model, "messages": [{"role": "user", "content": args.prompt}]}
 
 
+def _explain_model(args: argparse.Namespace, policy: Policy, asked: str) -> None:
+    """Refuse the model name the proxy would answer 404 ``model_not_found`` (a misspelt alias
+    would otherwise be explained as the ``auto`` alias)."""
+    if not policy.is_known_model(asked, args.tenant):
+        names = [*policy.alias_names(args.tenant), *policy.models]
+        raise ConfigError(
+            f"model {asked!r} is not an alias or a model of {args.file} (the proxy answers "
+            f"404 model_not_found); names tenant {args.tenant!r} may send: {', '.join(names)}"
+        )
+
+
 def _cmd_policy_explain(args: argparse.Namespace) -> int:
     from router.app import configured_scorer, static_companion
     from router.backends.closed import key_for
@@ -997,6 +1011,7 @@ def _cmd_policy_explain(args: argparse.Namespace) -> int:
     companion = None if policy.encoder else static_companion(main)
     scorer = main if companion is None else companion
     body = _explain_body(args)
+    _explain_model(args, policy, str(body.get("model", "auto")))
     headers = {}
     for item in args.header:
         name, equals, value = item.partition("=")

@@ -105,6 +105,31 @@ def test_policy_explain_says_what_is_wrong_with_its_input(
         assert message in err and "Traceback" not in err, err
 
 
+def test_policy_explain_refuses_a_model_the_proxy_answers_404(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A misspelt alias is a 404 model_not_found at the proxy: explain says so instead of
+    printing the decision of the `auto` alias; a tenant's own alias is known to that tenant."""
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        "version: 1\nmodels:\n  local: {tier: local}\n"
+        "  gpt-4o: {tier: closed, litellm_model: openai/gpt-4o}\n"
+        "aliases:\n  auto-best: {threshold: 0.2}\n"
+        "tenants:\n  acme:\n    aliases:\n      acme-fast: {threshold: 0.9}\n"
+    )
+    request = tmp_path / "req.json"
+    request.write_text('{"model": "gpt4o", "messages": [{"role": "user", "content": "hi"}]}')
+    for extra in (["--prompt", "hi", "--model", "auto-bset"], ["--request", str(request)]):
+        assert main(["policy", "explain", str(policy), *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert "404 model_not_found" in err and "auto, auto-best, local, gpt-4o" in err, err
+    args = ["policy", "explain", str(policy), "--prompt", "hi", "--model", "acme-fast", "--json"]
+    assert main(args) == 2
+    assert "404 model_not_found" in capsys.readouterr().err
+    assert main([*args, "--tenant", "acme"]) == 0
+    assert json.loads(capsys.readouterr().out)["decision"]["alias"] == "acme-fast"
+
+
 def test_quality_first_keeps_easy_extraction_local_only_for_a_strong_local_model(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
