@@ -296,7 +296,9 @@ def _allowed_keys(loc: Loc) -> list[str]:
 
 # Built-in signals and the kind of value each holds; the operators each kind takes; the keys a
 # condition mapping may hold. The JSON Schema (router.policy_schema) is written from these too.
-Kind = Literal["bool", "number", "text", "capability", "stakes", "list", "any"]
+# "fraction": a number from 0 to 1 (the score, a profile accuracy), where `gte: 70` meant as a
+# percentage would silently never match.
+Kind = Literal["bool", "number", "fraction", "text", "capability", "stakes", "list", "any"]
 BUILTIN_SIGNALS: dict[str, Kind] = {
     "capability": "capability",
     "stakes": "stakes",
@@ -307,14 +309,15 @@ BUILTIN_SIGNALS: dict[str, Kind] = {
     "has_images": "bool",
     "has_tools": "bool",
     "turns": "number",
-    "score": "number",
-    "local_accuracy": "number",
+    "score": "fraction",
+    "local_accuracy": "fraction",
     "tenant": "text",
     "alias": "text",
 }
 KIND_OPERATORS: dict[str, frozenset[str]] = {
     "bool": frozenset({"eq", "ne"}),
     "number": frozenset({"eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in"}),
+    "fraction": frozenset({"eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in"}),
     "text": frozenset({"eq", "ne", "in", "not_in", "contains", "matches"}),
     "capability": frozenset({"eq", "ne", "in", "not_in", "matches"}),
     "stakes": frozenset({"eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in"}),
@@ -659,6 +662,8 @@ def _value_ok(kind: Kind, op: str, v: Any) -> bool:
         return isinstance(v, bool)
     if kind == "number":
         return isinstance(v, int | float) and not isinstance(v, bool)
+    if kind == "fraction":
+        return isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1
     if kind == "text":
         return isinstance(v, str)
     if kind == "list":  # pii_kinds: a misspelt kind would never match, silently
@@ -682,13 +687,17 @@ def _bad_value(label: str, kind: Kind, op: str, value: Any) -> str:
     expected = {
         "bool": "true or false",
         "number": "a number",
+        "fraction": "a number from 0 to 1",
         "text": "text",
         "list": "text",
         "any": "a number" if op in ORDER else "a value",
     }[kind]
     if op == "matches":
         expected = "a regular expression"
-    return f"{label} {op}: expected {expected}, got {_describe(value)}"
+    hint = ""
+    if kind == "fraction" and isinstance(value, int | float) and value in range(2, 101):
+        hint = f" (for {value:g}% write {value / 100:g})"
+    return f"{label} {op}: expected {expected}, got {_describe(value)}{hint}"
 
 
 def _suggest(word: str, options: Sequence[str]) -> str:

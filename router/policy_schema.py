@@ -137,6 +137,8 @@ def _value_schema(kind: Kind, op: str) -> dict[str, Any]:
         return {"type": "boolean"}
     if kind == "number" or (kind == "any" and op in ORDER):
         return {"type": "number"}
+    if kind == "fraction":
+        return {"type": "number", "minimum": 0, "maximum": 1}
     if kind == "text":
         return {"type": "string"}
     if kind == "list":

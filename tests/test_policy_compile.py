@@ -171,6 +171,19 @@ CORPUS: list[tuple[str, str, list[str]]] = [
         ],
     ),
     (
+        # score and local_accuracy are 0..1: a percentage would silently never match
+        "score-as-percentage",
+        M
+        + "rules:\n  - {name: a, when: {score: {gte: 70}}, route: gpt}\n"
+        + "  - {name: b, when: {local_accuracy: [0.5, 1.5]}, route: local}\n",
+        [
+            "p.yaml:6:30: rules[0].when.score.gte: score gte: expected a number from 0 to 1, "
+            "got int 70 (for 70% write 0.7)",
+            "p.yaml:7:22: rules[1].when.local_accuracy.in: local_accuracy in: expected a number "
+            "from 0 to 1, got float 1.5",
+        ],
+    ),
+    (
         "unknown-stakes",
         M + "rules:\n  - {name: a, when: {stakes: {gte: huge}}, route: local}\n",
         [
