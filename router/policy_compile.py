@@ -126,6 +126,8 @@ def _read_yaml(text: str, source: str) -> tuple[Any, dict[Loc, tuple[int, int]],
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark  # problem_mark is where the parser gave up
         what = exc.problem or "invalid YAML"
+        if "'\\t'" in what:  # PyYAML's words do not say what to do about a tab
+            what += " (use spaces: YAML takes no tab here)"
         if exc.context and exc.context_mark is not None:
             start = exc.context_mark
             what += f" ({exc.context} at line {start.line + 1}, column {start.column + 1})"

@@ -42,7 +42,10 @@ CORPUS: list[tuple[str, str, list[str]]] = [
     (
         "yaml-tab",
         "version: 1\nmodels:\n\tlocal: x\n",
-        ["p.yaml:3:1: YAML syntax error: found character '\\t' that cannot start any token"],
+        [
+            "p.yaml:3:1: YAML syntax error: found character '\\t' that cannot start any token "
+            "(use spaces: YAML takes no tab here)"
+        ],
     ),
     (
         "duplicate-key",
