@@ -237,7 +237,10 @@ def _issue_from_pydantic(err: Mapping[str, Any], locate: _Locator) -> PolicyIssu
             message = f"unsupported version {err['input']!r} (this Tiergate reads version 1)"
         return locate(loc, message)
     if kind in _FRIENDLY:
-        return locate(loc, f"{_FRIENDLY[kind]}, got {_describe(err['input'])}")
+        hint = ""
+        if kind == "model_type" and isinstance(err["input"], list) and _is_condition(loc):
+            hint = " (conditions that must all hold: `all: [...]`; any one of them: `any: [...]`)"
+        return locate(loc, f"{_FRIENDLY[kind]}, got {_describe(err['input'])}{hint}")
     if kind in _BOUNDS:
         word, key = _BOUNDS[kind]
         return locate(loc, f"must be {word} {ctx.get(key)}, got {_describe(err['input'])}")
@@ -245,6 +248,11 @@ def _issue_from_pydantic(err: Mapping[str, Any], locate: _Locator) -> PolicyIssu
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
     return locate(loc, message[:1].lower() + message[1:])
+
+
+def _is_condition(loc: Loc) -> bool:
+    # Where a condition is written: a rule's `when`, a `not`, a named signal's definition.
+    return bool(loc) and (loc[-1] in ("when", "not") or (len(loc) == 2 and loc[0] == "signals"))
 
 
 def _with_path(issue: PolicyIssue, loc: Loc) -> PolicyIssue:

@@ -166,6 +166,22 @@ CORPUS: list[tuple[str, str, list[str]]] = [
         [f"p.yaml:6:22: rules[0].when.pii: no operator given (expected one of {OPS})"],
     ),
     (
+        # a list of conditions is not a condition: say how to combine them
+        "when-as-a-list",
+        M
+        + "signals:\n  s: [{pii: true}]\nrules:\n"
+        + "  - {name: a, when: [{pii: true}], route: local}\n"
+        + "  - {name: b, when: {not: [s]}, route: local}\n",
+        [
+            "p.yaml:6:3: signals.s: expected a mapping, got a list (conditions that must all "
+            "hold: `all: [...]`; any one of them: `any: [...]`)",
+            "p.yaml:8:15: rules[0].when: expected a mapping, got a list (conditions that must "
+            "all hold: `all: [...]`; any one of them: `any: [...]`)",
+            "p.yaml:9:22: rules[1].when.not: expected a mapping, got a list (conditions that "
+            "must all hold: `all: [...]`; any one of them: `any: [...]`)",
+        ],
+    ),
+    (
         "wrong-value-type",
         M + "rules:\n  - {name: a, when: {prompt_tokens: {lt: many}}, route: local}\n",
         [
