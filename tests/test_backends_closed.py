@@ -100,6 +100,9 @@ def test_another_provider_goes_through_litellm_in_its_own_protocol(
     assert answer.body["model"] == "claude"
     assert answer.body["choices"][0]["message"]["content"]
     assert provider.received[-1].path.endswith("/messages")
+    # litellm's empty provider_specific_fields ({"citations": null, ...}) would go back to the
+    # next model with the message a client appends to its history; a strict one refuses it.
+    assert "provider_specific_fields" not in answer.body["choices"][0]["message"]
 
 
 class RateLimitError(Exception):

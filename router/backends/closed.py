@@ -185,7 +185,7 @@ class ClosedBackend:
             response = await litellm.acompletion(**self._litellm_kwargs(model, body), stream=False)
         except Exception as exc:  # litellm raises many types; mapped in one place
             raise map_litellm_error(exc, model.name) from exc
-        payload = response.model_dump(exclude_none=True)
+        payload = _tidy(response.model_dump(exclude_none=True))
         return Completion(body=payload, usage=usage_from_body(payload, model.name))
 
     async def _litellm_stream(
@@ -199,7 +199,7 @@ class ClosedBackend:
         try:
             response = await litellm.acompletion(**kwargs, stream=True)
             async for chunk in response:
-                data = chunk.model_dump(exclude_none=True)
+                data = _tidy(chunk.model_dump(exclude_none=True))
                 if data.get("usage"):
                     usage.take(usage_from_body(data, model.name))
                 yield data
@@ -263,6 +263,20 @@ def map_litellm_error(exc: Exception, label: str) -> TiergateError:
     if "Connection" in name or _cannot_connect(exc):
         return BackendError(message, code="upstream_unreachable", upstream_status=status)
     return BackendError(message, upstream_status=status if isinstance(status, int) else None)
+
+
+def _tidy(payload: dict[str, Any]) -> dict[str, Any]:
+    """``payload`` without the ``provider_specific_fields`` litellm puts on each message or
+    delta when every one of them is null (``{"citations": null, "thinking_blocks": null}`` for
+    an Anthropic model): a client that appends the message to its history would send the field
+    on to the next model, and a strict one refuses it. A field that says something stays."""
+    for choice in payload.get("choices") or ():
+        for key in ("message", "delta"):
+            part = choice.get(key)
+            extra = part.get("provider_specific_fields") if isinstance(part, dict) else None
+            if isinstance(extra, dict) and not any(v is not None for v in extra.values()):
+                del part["provider_specific_fields"]
+    return payload
 
 
 def _cannot_connect(exc: BaseException) -> bool:
