@@ -352,6 +352,15 @@ class _Checker:
     def add(self, loc: Loc, message: str) -> None:
         self.problems.append((loc, message))
 
+    def _request_models(self) -> set[str]:
+        """The names a request may send as its model: every alias (``auto``, the global ones,
+        any tenant's own) and every model."""
+        names = {"auto", *self.policy.aliases, *self.policy.models}
+        for tenant in self.policy.tenants.values():
+            if tenant is not None:
+                names.update(tenant.aliases)
+        return names
+
     def check(self) -> list[tuple[Loc, str]]:
         self._check_models()
         for name in self.policy.signals:
@@ -655,6 +664,18 @@ class _Checker:
         if bad is not _NOTHING:
             self.add(loc, _bad_value(label, kind, op, bad))
             return _NOTHING
+        if label == "alias" and op in ("eq", "ne", "in", "not_in"):
+            # A request names an alias or a model (any other name is a 404 before the policy):
+            # a misspelt one here would never match, silently.
+            names = self._request_models()
+            unknown = next((v for v in values if isinstance(v, str) and v not in names), None)
+            if unknown is not None:
+                self.add(
+                    loc,
+                    f"unknown alias {unknown!r}{_suggest(unknown, sorted(names))} (a request "
+                    "names an alias or a model: " + ", ".join(sorted(names)) + ")",
+                )
+                return _NOTHING
         if kind == "stakes" and op in ("gt", "gte", "lt", "lte"):
             return _STAKES_RANK.get(value, 0)
         return value

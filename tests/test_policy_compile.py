@@ -203,6 +203,17 @@ CORPUS: list[tuple[str, str, list[str]]] = [
         ],
     ),
     (
+        # a request names an alias or a model (anything else is a 404): a typo never matched
+        "unknown-alias",
+        M
+        + "rules:\n  - {name: a, when: {alias: auto-bset}, route: gpt}\n"
+        + "  - {name: b, when: {alias: {in: [auto, gpt]}}, route: local}\n",
+        [
+            "p.yaml:6:22: rules[0].when.alias.eq: unknown alias 'auto-bset' (a request names "
+            "an alias or a model: auto, gpt, local)",
+        ],
+    ),
+    (
         "unknown-stakes",
         M + "rules:\n  - {name: a, when: {stakes: {gte: huge}}, route: local}\n",
         [
