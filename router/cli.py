@@ -1060,6 +1060,13 @@ def _cmd_policy_explain(args: argparse.Namespace) -> int:
             f"cascade  the local answer is judged: confidence below {c.threshold:g} discards it "
             f"and escalates to '{c.escalate_to}' (a stream holds back {c.hold_back_tokens} tokens)"
         )
+    _print_outcome(policy, decision, closed_available)
+    return 0
+
+
+def _print_outcome(policy: Policy, decision: Any, closed_available: bool) -> None:
+    # The decision's fallbacks and settings, and what the proxy would answer instead of serving
+    # it: a budget refusal, an unsatisfiable request, no model it can reach (503).
     extras = {
         "fallbacks": ", ".join(decision.fallbacks) or "none",
         "local_only": decision.local_only,
@@ -1071,7 +1078,12 @@ def _cmd_policy_explain(args: argparse.Namespace) -> int:
         print(f"         REJECTED: {decision.rejected}")
     if decision.unsatisfiable:
         print(f"         UNSATISFIABLE: {decision.unsatisfiable}")
-    return 0
+    chain = [decision.model, *decision.fallbacks]
+    if not closed_available and all(policy.models[n].tier == "closed" for n in chain):
+        print(
+            "         UNAVAILABLE: no closed model has its API key here and no local model "
+            "follows: the proxy started here would answer 503 tier_unavailable"
+        )
 
 
 def _add_policy_commands(sub: Any) -> None:

@@ -130,6 +130,25 @@ def test_policy_explain_refuses_a_model_the_proxy_answers_404(
     assert json.loads(capsys.readouterr().out)["decision"]["alias"] == "acme-fast"
 
 
+def test_policy_explain_says_when_the_proxy_would_answer_503(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under fail_closed, without a provider key, explain printed a closed decision as if it
+    would be served; the proxy answers it 503 tier_unavailable."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    policy = tmp_path / "p.yaml"
+    head = (
+        "version: 1\nmodels:\n  local: {tier: local}\n"
+        "  gpt-4o: {tier: closed, litellm_model: openai/gpt-4o}\n"
+        "rules:\n  - {name: all-closed, route: closed}\n"
+    )
+    for fail_closed, unavailable in (("true", True), ("false", False)):
+        policy.write_text(head + f"fail_closed: {fail_closed}\n")
+        assert main(["policy", "explain", str(policy), "--prompt", "hi"]) == 0
+        out = capsys.readouterr().out
+        assert ("would answer 503 tier_unavailable" in out) is unavailable, out
+
+
 def test_quality_first_keeps_easy_extraction_local_only_for_a_strong_local_model(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
