@@ -134,7 +134,8 @@ class Settings(BaseSettings):
     )
     outcome_journal_path: Path = Field(
         HOME / HOME_FILES["outcome_journal_path"],
-        description="Where Redis-bound outcomes wait on disk while Redis is unreachable.",
+        description="Where Redis-bound outcomes wait on disk while Redis is unreachable; one "
+        "per process.",
     )
     purge_every_s: float = Field(
         3600.0, ge=0, description="How often records past the policy's retention_days are purged."

@@ -815,31 +815,40 @@ def row_to_dict(row: sqlite3.Row) -> dict[str, Any]:
     return out
 
 
+def lock_beside(path: Path) -> tuple[bool, IO[bytes] | None]:
+    """Lock ``NAME.lock`` beside ``path`` for this process: (True, the open lock file, whose
+    closing releases it), (False, None) when another process holds it, or (True, None) where
+    no lock can be taken (not POSIX, a folder that cannot be written)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no check
+        return True, None
+    lock = path.with_name(path.name + ".lock")
+    try:
+        handle = lock.open("ab")
+    except OSError:
+        return True, None  # a read-only folder: the writes will say so
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return False, None
+    return True, handle
+
+
 def _claim_writer(path: Path) -> IO[bytes] | None:
     """Lock ``path``'s writer lock file (``NAME.lock``) and return it open, or warn and return
     None when another process holds it: each writer's ledger is then only its own spend, so
     together they can spend past a budget (a second ``tiergate serve`` on the same file, an
     old and a new one overlapping during an upgrade)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no check
-        return None
-    lock = path.with_name(path.name + ".lock")
-    try:
-        handle = lock.open("ab")
-    except OSError:
-        return None  # a read-only folder: the writes will say so
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
+    free, handle = lock_beside(path)
+    if not free:
         log.warning(
             "outcome store %s: another process is writing it; budgets and the spend each "
             "process counts are its own, so together they can overspend. Give each process "
             "its own TIERGATE_SQLITE_PATH, or share Redis (TIERGATE_REDIS_URL)",
             path,
         )
-        return None
     return handle
 
 

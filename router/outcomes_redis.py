@@ -46,9 +46,9 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from router.errors import MissingExtraError, StoreUnavailableError
+from router.errors import ConfigError, MissingExtraError, StoreUnavailableError
 from router.outcomes import (
     Item,
     Label,
@@ -56,6 +56,7 @@ from router.outcomes import (
     OutcomeWriter,
     TieredLabel,
     WindowRow,
+    lock_beside,
     valid_json,
     valid_text,
 )
@@ -209,6 +210,7 @@ class RedisOutcomeStore(OutcomeWriter):
         self.duplicates = 0
         self.journal_errors = 0  # journal writes that failed (unwritable path, full disk)
         self._holds_down_until = 0.0  # budget holds skip Redis until then (monotonic)
+        self._claim: IO[bytes] | None = None  # the journal's open lock file while this one runs
 
     # -- keys ------------------------------------------------------------------------------
 
@@ -242,12 +244,20 @@ class RedisOutcomeStore(OutcomeWriter):
 
     def start(self) -> None:
         """Connect (lazily: an unreachable Redis is not a start-up failure), take up the journal
-        an earlier run left, and start writing."""
-        self.connect()
+        an earlier run left, and start writing. A journal another process holds (its
+        ``NAME.lock``) is refused: each would replay the other's records and count them as
+        its own, forever waiting for a backlog the other had written."""
         try:
             self.journal.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # serve anyway: only an outage needs the journal (then see _spill)
             log.error("outcome journal directory %s unusable: %s", self.journal.parent, exc)
+        free, self._claim = lock_beside(self.journal)
+        if not free:
+            raise ConfigError(
+                f"outcome journal {self.journal} is in use by another Tiergate process: give "
+                "each replica its own TIERGATE_OUTCOME_JOURNAL_PATH (or TIERGATE_HOME)"
+            )
+        self.connect()
         with self._cond:
             for path in self._journal_files():
                 items = _read_journal(path)
@@ -263,6 +273,9 @@ class RedisOutcomeStore(OutcomeWriter):
         self._stop_writer(timeout_s)
         if self._client is not None:
             self._client.close()
+        if self._claim is not None:
+            self._claim.close()  # releases the journal for the next process
+            self._claim = None
 
     def health(self) -> dict[str, Any]:
         """Whether the writer runs and Redis answers, and the writer's counters."""

@@ -16,6 +16,7 @@ import redis
 from router.app import start_outcome_store
 from router.cli import main
 from router.dashboard import store_summary
+from router.errors import ConfigError
 from router.learning import purge_loop
 from router.outcomes import Label, OutcomeRecord, SQLiteOutcomeStore, TieredLabel
 from router.outcomes_redis import RedisOutcomeStore
@@ -155,6 +156,26 @@ def test_shutdown_while_redis_is_down_journals_at_once(
     assert time.monotonic() - started < 5
     assert s.dropped == 0
     assert len((tmp_path / "journal.jsonl").read_text().splitlines()) == 5
+
+
+def test_a_second_process_on_the_same_journal_is_refused(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Two replicas given one journal (one TIERGATE_HOME on a host, a shared volume) each
+    replayed the other's records after an outage, and one then waited for ever on a backlog
+    the other had written: its writer spun at 100% CPU and its spend view counted them twice.
+    The second refuses to start, naming the setting; once the first has stopped it starts."""
+    first = store(redis_server, tmp_path)
+    try:
+        with pytest.raises(ConfigError, match="TIERGATE_OUTCOME_JOURNAL_PATH"):
+            store(redis_server, tmp_path)
+    finally:
+        first.close()
+    redis_server.stop()
+    after = store(redis_server, tmp_path)
+    after.submit(outcome(tenant="acme"))
+    after.close(timeout_s=0.5)
+    assert len((tmp_path / "journal.jsonl").read_text().splitlines()) == 1
 
 
 def test_budget_holds_during_an_outage_log_once_and_still_hold(
