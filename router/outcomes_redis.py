@@ -136,8 +136,12 @@ return 1
 
 # KEYS: label hash, labels zset, spend hash.
 # ARGV: source, json, member, ts, tenant, cost, ttl (0: none)
+# A label older than the one stored for its source is not written: a journal replayed after
+# an outage must not put back what a later label (from another replica) replaced.
 _LABEL_LUA = """
-if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return 0 end
+local stored = redis.call('HGET', KEYS[1], ARGV[1])
+if stored == ARGV[2] then return 0 end
+if stored and tonumber(cjson.decode(stored)['ts']) > tonumber(ARGV[4]) then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 if tonumber(ARGV[7]) > 0 then
   redis.call('EXPIRE', KEYS[1], ARGV[7])

@@ -60,6 +60,33 @@ def test_round_trip_and_shared_spend(redis_server: RedisServer, tmp_path: Path) 
         b.close()
 
 
+def test_a_replayed_label_does_not_replace_a_later_one(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Thumbs down through replica A during an outage waits in A's journal; A stops, Redis
+    returns, the user's later thumbs up goes through replica B. When A starts again and
+    replays its journal, the label stays B's: the newer label of a source wins, not the
+    last one written."""
+    a = store(redis_server, tmp_path / "a")
+    rec = outcome(tenant="acme")
+    a.submit(rec)
+    assert a.flush(10)
+    redis_server.stop()
+    a.label(Label(rec.id, "acme", "feedback", None, time.time() - 60, quality=0.0))
+    a.close(timeout_s=0.5)
+    redis_server.start()
+    b = store(redis_server, tmp_path / "b")
+    try:
+        b.label(Label(rec.id, "acme", "feedback", None, time.time(), quality=1.0))
+        assert b.flush(10)
+        again = store(redis_server, tmp_path / "a")  # replays the thumbs down
+        assert again.flush(10)
+        again.close()
+        assert [x["quality"] for x in b.labels()] == [1.0]
+    finally:
+        b.close()
+
+
 def test_purge_removes_old_records_and_labels(redis_server: RedisServer, tmp_path: Path) -> None:
     s = store(redis_server, tmp_path)
     try:
