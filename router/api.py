@@ -10,6 +10,7 @@ gateway answers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -294,21 +295,143 @@ async def call_of(
 async def chat_completions(request: Request) -> Response:
     """OpenAI chat completions, routed. Streams as SSE when ``stream`` is true."""
     call = await call_of(request, front="chat")
+    include_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
+    return await _respond(
+        request,
+        call,
+        lambda answer: _sse(answer, include_usage),
+        lambda exc: b"data: " + _dumps(exc.to_body()) + b"\n\n",
+    )
+
+
+#: What a stream sends when it has had nothing to send for ``stream_keepalive_s``: an SSE
+#: comment, which every SSE client skips, so that a proxy does not close the connection as idle.
+KEEPALIVE = b": keep-alive\n\n"
+
+
+async def _respond(
+    request: Request,
+    call: Call,
+    frame: Callable[[StreamAnswer], AsyncGenerator[bytes, None]],
+    frame_error: Callable[[TiergateError], bytes],
+) -> Response:
+    """The gateway's answer to ``call``: its JSON body, or its stream framed by ``frame``.
+
+    With ``stream_keepalive_s`` set, a stream sends :data:`KEEPALIVE` whenever it has had
+    nothing to send for that long; one whose first chunk has not come by then starts at once
+    (the headers that name the model have not been decided) and ends with ``frame_error`` if
+    the request fails after all.
+    """
+    svc = services(request)
+    every = svc.settings.stream_keepalive_s if call.stream else 0.0
     try:
-        answer = await services(request).gateway.serve(call)
+        if every:
+            serving = asyncio.ensure_future(svc.gateway.serve(call))
+            try:
+                await asyncio.wait({serving}, timeout=every)
+            except BaseException:
+                await _cancel(serving)
+                raise
+            if not serving.done():
+                return StreamingResponse(
+                    _opened_early(serving, frame, frame_error, every),
+                    media_type="text/event-stream",
+                    headers={"x-request-id": call.request_id, "cache-control": "no-cache"},
+                )
+            answer = serving.result()
+        else:
+            answer = await svc.gateway.serve(call)
     except ClientDisconnected:  # nobody to answer; the gateway recorded it as aborted
         return Response(status_code=499)
     if isinstance(answer, StreamAnswer):
-        include_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
         return StreamingResponse(
-            _sse(answer, include_usage),
+            _kept_alive(frame(answer), every) if every else frame(answer),
             media_type="text/event-stream",
             headers={**answer.headers, "cache-control": "no-cache"},
         )
     return Response(_dumps(answer.body), media_type="application/json", headers=answer.headers)
 
 
-async def _sse(answer: StreamAnswer, include_usage: bool) -> AsyncIterator[bytes]:
+async def _opened_early(
+    serving: asyncio.Future[Any],
+    frame: Callable[[StreamAnswer], AsyncGenerator[bytes, None]],
+    frame_error: Callable[[TiergateError], bytes],
+    every: float,
+) -> AsyncIterator[bytes]:
+    """A stream begun before the gateway opened it: keep-alives until it has, then its parts;
+    or, if it failed, its error as the last event (the status line has already gone)."""
+    try:
+        while not serving.done():
+            yield KEEPALIVE
+            await asyncio.wait({serving}, timeout=every)
+        try:
+            answer = serving.result()
+        except ClientDisconnected:  # the gateway recorded it as aborted
+            return
+        except TiergateError as exc:
+            yield frame_error(exc)
+            return
+        except Exception:  # a defect: recorded as an error 500 by the gateway
+            log.exception("a stream failed before its first chunk")
+            yield frame_error(TiergateError("internal error"))
+            return
+    finally:
+        await _cancel(serving)
+    assert isinstance(answer, StreamAnswer)  # a stream's call is answered with one
+    async for part in _kept_alive(frame(answer), every):
+        yield part
+
+
+async def _kept_alive(
+    parts: AsyncGenerator[bytes, None], every: float
+) -> AsyncGenerator[bytes, None]:
+    """``parts``, and :data:`KEEPALIVE` whenever the next one takes over ``every`` seconds.
+    ``parts`` runs in a task of its own, at most one part ahead of the client, so a client that
+    reads slowly still holds the stream back."""
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=1)
+
+    async def pump() -> None:
+        try:
+            async for part in parts:
+                await queue.put(part)
+            await queue.put(None)
+        finally:
+            await parts.aclose()
+
+    pumping = asyncio.ensure_future(pump())
+    taking: asyncio.Future[bytes | None] | None = None
+    try:
+        while True:
+            taking = taking or asyncio.ensure_future(queue.get())
+            waiting: set[asyncio.Future[Any]] = {taking, pumping}
+            done, _ = await asyncio.wait(
+                waiting, timeout=every, return_when=asyncio.FIRST_COMPLETED
+            )
+            if taking in done:
+                part, taking = taking.result(), None
+                if part is None:
+                    return
+                yield part
+            elif pumping in done:  # all its parts were taken: what is left is its end
+                pumping.result()  # or it broke: a defect, as its framing catches errors
+                return
+            elif not done:
+                yield KEEPALIVE
+    finally:
+        if taking is not None:
+            taking.cancel()
+        await _cancel(pumping)
+
+
+async def _cancel(task: asyncio.Future[Any]) -> None:
+    # Cancel ``task`` and wait until it has ended, so that the request it serves is recorded.
+    if not task.done():
+        task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+
+
+async def _sse(answer: StreamAnswer, include_usage: bool) -> AsyncGenerator[bytes, None]:
     """Frame chunks as chat SSE; the closing usage chunk only when the client asked for it.
     An error mid-stream becomes an error event (the status line has already gone)."""
     try:
@@ -416,19 +539,14 @@ async def serve_front(request: Request, front: Front[_Tr]) -> Response:
             optional=front.optional,
             native_only=front.native_only,
         )
-    try:
-        served = await services(request).gateway.serve(call)
-    except ClientDisconnected:  # nobody to answer; the gateway recorded it as aborted
-        return Response(status_code=499)
-    if isinstance(served, StreamAnswer):
-        return StreamingResponse(
-            _event_sse(
-                front.events(served.chunks, kept[0], served.prompt_tokens), front.error_event
-            ),
-            media_type="text/event-stream",
-            headers={**served.headers, "cache-control": "no-cache"},
-        )
-    return Response(_dumps(served.body), media_type="application/json", headers=served.headers)
+    return await _respond(
+        request,
+        call,
+        lambda served: _event_sse(
+            front.events(served.chunks, kept[0], served.prompt_tokens), front.error_event
+        ),
+        lambda exc: _event(front.error_event(exc)),
+    )
 
 
 def _event(event: dict[str, Any]) -> bytes:
@@ -444,7 +562,7 @@ def _event(event: dict[str, Any]) -> bytes:
 async def _event_sse(
     events: AsyncGenerator[dict[str, Any], None],
     error_event: Callable[[TiergateError], dict[str, Any]],
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """Frame a front's events as named SSE events (``event:`` and ``data:``); an error
     mid-stream becomes the front's error event (the status line has already gone)."""
     try:

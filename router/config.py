@@ -122,6 +122,15 @@ class Settings(BaseSettings):
         "recorded so); keep it well under the grace period of whatever sends the "
         "SIGTERM (Kubernetes: 30 s by default).",
     )
+    stream_keepalive_s: float = Field(
+        0.0,
+        ge=0,
+        description="A stream that has sent nothing for this long sends an SSE comment "
+        "(': keep-alive'), so that a proxy does not close it as idle; one still waiting for "
+        "its first token then starts at once (200 with x-request-id alone, and a failure as "
+        "the stream's error event). Set it under the proxy's idle timeout (nginx: 60 s); "
+        "0 = off.",
+    )
     default_system_prompt: str = Field(
         "You are a helpful assistant.",
         description="Added for the local model when the client sent no system message.",

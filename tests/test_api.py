@@ -1045,3 +1045,151 @@ def test_a_stream_stopped_at_shutdown_ends_with_its_fronts_error_event() -> None
     assert messages.startswith(b"event: error\ndata: ") and b'"type":"error"' in messages
     responses = stream_error("/v1/responses", exc)
     assert responses.startswith(b"event: error\n") and b'"server_shutting_down"' in responses
+
+
+# -- keep-alives (stream_keepalive_s) ---------------------------------------------------------
+
+KEEPALIVE_FRONTS = {
+    "chat": (
+        "/v1/chat/completions",
+        {"model": "local", "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+    ),
+    "messages": (
+        "/v1/messages",
+        {
+            "model": "local",
+            "stream": True,
+            "max_tokens": 16,
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+    ),
+    "responses": ("/v1/responses", {"model": "local", "stream": True, "input": "hi"}),
+}
+
+
+@contextmanager
+def _keeping_alive(tmp_path: Path, fake: FakeProvider, local: Any) -> Iterator[LiveServer]:
+    fake.reset()
+    with live(
+        tmp_path, policy_yaml(fake), socket=True, local_backend_obj=local, stream_keepalive_s=0.1
+    ) as srv:
+        yield srv
+
+
+def _lines_until_keepalives(response: Any, release: Any, count: int = 2) -> list[str]:
+    """The stream's lines; ``release()`` once ``count`` keep-alives have come."""
+    lines, seen = [], 0
+    for line in response.iter_lines():
+        lines.append(line)
+        seen += line == ": keep-alive"
+        if seen == count:
+            release()
+    return lines
+
+
+@pytest.mark.parametrize("front", KEEPALIVE_FRONTS)
+def test_a_stream_waiting_for_its_first_token_sends_keep_alives(
+    tmp_path: Path, fake: FakeProvider, front: str
+) -> None:
+    """A proxy cuts a connection idle for its timeout (nginx: 60 s); a stream still queued or
+    reading its prompt starts at once and sends SSE comments until its first token."""
+    import httpx
+
+    from tests.scripted_local import ScriptedLocal
+
+    local = ScriptedLocal()
+    local.mode = "hold"
+    path, body = KEEPALIVE_FRONTS[front]
+    with _keeping_alive(tmp_path, fake, local) as srv:
+        with httpx.stream("POST", srv.url + path, json=body, timeout=30) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            rid = response.headers["x-request-id"]
+            lines = _lines_until_keepalives(response, local.release.set)
+        record = srv.gateway.outcomes
+        assert wait_for(lambda: record.count() == 1)
+        record.flush()
+        row = record.recent(1)[0]
+    assert lines[:4] == [": keep-alive", "", ": keep-alive", ""]
+    data = [line[6:] for line in lines if line.startswith("data: ")]
+    text = "".join(data)
+    assert "w0" in text and "w2" in text
+    assert (data[-1] == "[DONE]") == (front == "chat")
+    assert (row["id"], row["status"], row["http_status"]) == (rid, "ok", 200)
+
+
+@pytest.mark.parametrize("front", KEEPALIVE_FRONTS)
+def test_a_stream_that_fails_after_starting_early_ends_with_its_fronts_error(
+    tmp_path: Path, fake: FakeProvider, front: str
+) -> None:
+    """Once a stream has started its status line has gone: a failure is its last event, in
+    the front's own format, and the record says error."""
+    import httpx
+
+    from tests.scripted_local import ScriptedLocal
+
+    local = ScriptedLocal()
+    local.mode = "hold"
+
+    def fail() -> None:
+        local.mode = "fail"
+        local.release.set()
+
+    path, body = KEEPALIVE_FRONTS[front]
+    with _keeping_alive(tmp_path, fake, local) as srv:
+        with httpx.stream("POST", srv.url + path, json=body, timeout=30) as response:
+            assert response.status_code == 200
+            lines = _lines_until_keepalives(response, fail)
+        store = srv.gateway.outcomes
+        assert wait_for(lambda: store.count() == 1)
+        store.flush()
+        row = store.recent(1)[0]
+    events = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+    assert len(events) == 1  # the error alone: no [DONE], nothing made up
+    if front == "chat":
+        assert events[0]["error"]["code"] == "upstream_error"
+    elif front == "messages":
+        assert "event: error" in lines
+        assert events[0]["type"] == "error" and events[0]["error"]["type"] == "api_error"
+    else:
+        assert "event: error" in lines
+        assert events[0]["type"] == "error" and events[0]["code"] == "upstream_error"
+    assert (row["status"], row["http_status"]) == ("error", 502)
+    assert row["error_type"] == "upstream_error"
+
+
+def test_the_official_clients_read_a_stream_with_keep_alives(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """Keep-alives before the first token and between tokens are SSE comments, which the
+    OpenAI and Anthropic SDKs skip: each front's answer and usage come through whole."""
+    import anthropic
+
+    from tests.scripted_local import ScriptedLocal
+
+    local = ScriptedLocal()
+    local.token_delay_s = 0.35  # more than two keep-alives before each token
+    with _keeping_alive(tmp_path, fake, local) as srv:
+        oc = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        ac = anthropic.Anthropic(base_url=srv.url, api_key="unused", max_retries=0)
+        chunks = list(
+            oc.chat.completions.create(
+                model="local",
+                stream=True,
+                stream_options={"include_usage": True},
+                messages=[{"role": "user", "content": "hi"}],
+            )
+        )
+        with ac.messages.stream(
+            model="local", max_tokens=16, messages=[{"role": "user", "content": "hi"}]
+        ) as stream:
+            message = stream.get_final_message()
+        with oc.responses.stream(model="local", input="hi") as events:
+            response = events.get_final_response()
+    chat_text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chat_text == "w0 w1 w2 "
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
+    assert message.content[0].text == "w0 w1 w2 "  # type: ignore[union-attr]
+    assert message.usage.input_tokens == 5
+    assert response.output_text == "w0 w1 w2 "
+    assert response.usage is not None and response.usage.output_tokens == 3
