@@ -197,3 +197,34 @@ def test_litellm_downloads_an_image_url_up_to_5_mb_unless_told(
         [sys.executable, "-c", code], env=environ, capture_output=True, text=True, check=True
     )
     assert float(out.stdout.strip().splitlines()[-1]) == limit
+
+
+def test_a_stream_litellm_sees_cut_is_unreachable_under_its_own_name(
+    provider: FakeProvider,
+) -> None:
+    """litellm wraps a failure mid-stream as MidStreamFallbackError; the error is the one it
+    wraps, as the direct OpenAI path reports it: ``upstream_unreachable``, said once."""
+    from tests.fake_provider import Behaviour
+
+    provider.reset(Behaviour(mode="reset_mid_stream"))
+    model = Model(
+        "claude", "anthropic/claude-3-5-sonnet-20241022", provider.base_url.removesuffix("/v1")
+    )
+    got: list[dict[str, object]] = []
+
+    async def call() -> None:
+        http = OpenAIHTTP(timeout_s=10)
+        backend = ClosedBackend(http, timeout_s=10, environ=KEYS)
+        try:
+            async for chunk in backend.stream(model, {**BODY, "stream": True}, Usage()):
+                got.append(chunk)
+        finally:
+            await backend.aclose()
+            await http.aclose()
+
+    with pytest.raises(BackendError) as raised:
+        run(call())
+    assert got  # it failed after the stream began
+    assert raised.value.code == "upstream_unreachable"
+    assert "MidStreamFallbackError" not in raised.value.message
+    assert raised.value.message.count("Stream ended before a finish_reason") == 1

@@ -244,7 +244,13 @@ def quiet_litellm() -> Any:
 
 
 def map_litellm_error(exc: Exception, label: str) -> TiergateError:
-    """Map a litellm exception to Tiergate's hierarchy by its HTTP status and kind."""
+    """Map a litellm exception to Tiergate's hierarchy by its HTTP status and kind.
+
+    A failure mid-stream comes wrapped in a ``MidStreamFallbackError`` (for litellm's router,
+    which Tiergate does not use): the error it wraps is the one mapped, and named once."""
+    wrapped = getattr(exc, "original_exception", None)
+    if type(exc).__name__ == "MidStreamFallbackError" and isinstance(wrapped, Exception):
+        exc = wrapped
     status = getattr(exc, "status_code", None)
     name = type(exc).__name__
     message = f"{label}: {name}: {scrub(str(exc))[:300]}"
