@@ -141,7 +141,8 @@ return 1
 _LABEL_LUA = """
 local stored = redis.call('HGET', KEYS[1], ARGV[1])
 if stored == ARGV[2] then return 0 end
-if stored and tonumber(cjson.decode(stored)['ts']) > tonumber(ARGV[4]) then return 0 end
+local older = stored and tonumber(cjson.decode(stored)['ts'])
+if older and older > tonumber(ARGV[4]) then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 if tonumber(ARGV[7]) > 0 then
   redis.call('EXPIRE', KEYS[1], ARGV[7])

@@ -87,6 +87,24 @@ def test_a_replayed_label_does_not_replace_a_later_one(
         b.close()
 
 
+def test_a_stored_label_without_a_time_is_replaced(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # The older-label check reads the stored label's ts: one without it must not fail the
+    # script (and lose the new label), it is simply replaced.
+    s = store(redis_server, tmp_path)
+    try:
+        rec = outcome(tenant="acme")
+        s.submit(rec)
+        assert s.flush(10)
+        s._client.hset(s.key("label", rec.id), "feedback", '{"quality": 0.0}')
+        s.label(Label(rec.id, "acme", "feedback", None, time.time(), quality=1.0))
+        assert s.flush(10)
+        assert [x["quality"] for x in s.labels()] == [1.0]
+    finally:
+        s.close()
+
+
 def test_purge_removes_old_records_and_labels(redis_server: RedisServer, tmp_path: Path) -> None:
     s = store(redis_server, tmp_path)
     try:
