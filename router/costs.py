@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from router.backends import Usage
     from router.policy import ModelSpec
 
 _COST_MAP_FILE = "model_prices_and_context_window_backup.json"
@@ -166,6 +167,20 @@ class CostBook:
     def local_cost(self, prompt: int, completion: int, generation_s: float = 0.0) -> float:
         """USD for a local call: tokens at the per-1M price plus generation time per GPU-hour."""
         return self._local.cost(prompt, completion) + generation_s * self._local_per_second
+
+    def call_cost(self, model: ModelSpec, usage: Usage) -> float:
+        """USD for one call to ``model`` that used ``usage``: a closed model's at its prices, the
+        cached prompt tokens at its cache prices, as the provider bills them; a local one's at
+        the local prices, generation time included."""
+        if model.tier == "closed":
+            return self.closed_cost(
+                model,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                cached=usage.cached_tokens,
+                cache_write=usage.cache_write_tokens,
+            )
+        return self.local_cost(usage.prompt_tokens, usage.completion_tokens, usage.generation_s)
 
 
 def _optional(value: Any) -> float | None:

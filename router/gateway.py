@@ -768,11 +768,11 @@ class Gateway:
         prompt, completion = self.call_tokens(ctx, default_completion)
         call = Usage(prompt, completion)
         if decision.cascade is not None:
-            local = self._cost(self.policy.models[decision.model], call)
+            local = self.costs.call_cost(self.policy.models[decision.model], call)
             escalation = self._escalation(decision)
-            return local + max((self._cost(m, call) for m, _ in escalation), default=0.0)
+            return local + max((self.costs.call_cost(m, call) for m, _ in escalation), default=0.0)
         reach = self.chain(decision) + self.spill_chain(decision)
-        return max(self._cost(spec, call) for spec, _ in reach)
+        return max(self.costs.call_cost(spec, call) for spec, _ in reach)
 
     async def hold_spend(self, ctx: RequestContext, default_completion: int) -> None:
         """Reserve the request's estimated cost against its tenant's daily budget.
@@ -1218,38 +1218,23 @@ class Gateway:
             log.exception("could not build outcome record for %s", ctx.request_id)
             self.outcomes.release_spend(ctx.request_id)
 
-    def _cost(self, model: ModelSpec, usage: Usage) -> float:
-        # What a call to ``model`` that used ``usage`` costs: a closed one's cached prompt
-        # tokens at the model's cache prices, as the provider bills them.
-        if model.tier == "closed":
-            return self.costs.closed_cost(
-                model,
-                usage.prompt_tokens,
-                usage.completion_tokens,
-                cached=usage.cached_tokens,
-                cache_write=usage.cache_write_tokens,
-            )
-        return self.costs.local_cost(
-            usage.prompt_tokens, usage.completion_tokens, usage.generation_s
-        )
-
     def _build_record(
         self, ctx: RequestContext, status: str, http_status: int, error: str | None
     ) -> OutcomeRecord:
         decision, signals, served, usage = ctx.decision, ctx.signals, ctx.served, ctx.usage
         model = served.model if served else None
         prompt, completion = usage.prompt_tokens, usage.completion_tokens
-        cost = 0.0 if model is None else self._cost(model, usage)
+        cost = 0.0 if model is None else self.costs.call_cost(model, usage)
         policy = self.policy
         cascade = dict(ctx.cascade) if ctx.cascade is not None else None
         discarded = ctx.cascade_usage
         if cascade is not None and discarded is not None and decision is not None:
             # An escalated cascade pays for the local answer it discarded, too.
-            local_cost = self._cost(policy.models[decision.model], discarded)
+            local_cost = self.costs.call_cost(policy.models[decision.model], discarded)
             cascade["local_cost_usd"] = local_cost
             cost += local_cost
         default_closed = policy.models[policy.closed_models[0]] if policy.closed_models else None
-        counterfactual = self._cost(default_closed, usage) if default_closed else 0.0
+        counterfactual = self.costs.call_cost(default_closed, usage) if default_closed else 0.0
         # A request refused at admission (over budget, unsatisfiable, over a token limit) called
         # no model: it has no tier, as one refused before routing, though its decision is kept.
         routed = decision if ctx.admitted else None

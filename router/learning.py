@@ -336,17 +336,7 @@ class LearningLoop:
         request = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
         request["model"] = spec.name
         result: Completion = await self.gateway.closed.complete(spec, request)
-        usage = result.usage
-        cost = float(
-            self.gateway.costs.closed_cost(
-                spec,
-                usage.prompt_tokens,
-                usage.completion_tokens,
-                cached=usage.cached_tokens,
-                cache_write=usage.cache_write_tokens,
-            )
-        )
-        return result, cost
+        return result, float(self.gateway.costs.call_cost(spec, result.usage))
 
     async def judge(
         self, request_id: str, tenant: str, body: dict[str, Any], local_answer: str
