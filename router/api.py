@@ -295,13 +295,17 @@ async def call_of(
 async def chat_completions(request: Request) -> Response:
     """OpenAI chat completions, routed. Streams as SSE when ``stream`` is true."""
     call = await call_of(request, front="chat")
-    include_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
     return await _respond(
         request,
         call,
-        lambda answer: _sse(answer, include_usage),
+        # Read only once it streams: the body is then valid (a refused one may hold anything).
+        lambda answer: _sse(answer, _include_usage(call.body)),
         lambda exc: b"data: " + _dumps(exc.to_body()) + b"\n\n",
     )
+
+
+def _include_usage(body: Mapping[str, Any]) -> bool:
+    return bool((body.get("stream_options") or {}).get("include_usage"))
 
 
 #: What a stream sends when it has had nothing to send for ``stream_keepalive_s``: an SSE

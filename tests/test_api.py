@@ -891,6 +891,7 @@ def test_readme_first_hour_commands_run_as_written(shipped: LiveServer) -> None:
         ({"logprobs": "yes"}, "logprobs"),
         ({"top_logprobs": 1.5}, "top_logprobs"),
         ({"messages": [{"role": "user", "content": None}]}, "messages"),
+        ({"stream_options": [None]}, "stream_options"),  # was a 500: read before validation
     ],
 )
 @pytest.mark.parametrize("model", ["local", "auto"])
