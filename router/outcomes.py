@@ -338,6 +338,7 @@ class SpendLedger:
         self._lock = threading.Lock()
         self._day = _day(time.time())
         self._stored: dict[str, float] = {}
+        self._shared: dict[str, float] = {}  # the store's figures as last loaded
         self._queued: dict[tuple[int, str], float] = defaultdict(float)
         self._holds: dict[str, tuple[str, float]] = {}
         self._held: dict[str, float] = defaultdict(float)
@@ -345,7 +346,7 @@ class SpendLedger:
     def _today(self) -> int:
         today = _day(time.time())
         if today != self._day:
-            self._day, self._stored = today, {}
+            self._day, self._stored, self._shared = today, {}, {}
         return today
 
     def load(self, spend: Mapping[str, float]) -> None:
@@ -353,6 +354,14 @@ class SpendLedger:
         with self._lock:
             self._today()
             self._stored = dict(spend)
+            self._shared = dict(spend)
+
+    def shared(self, tenant: str) -> float:
+        """``tenant``'s spend today as the store last reported it (every replica's records),
+        without what this process queued or settled since."""
+        with self._lock:
+            self._today()
+            return self._shared.get(tenant, 0.0)
 
     def queue(self, item: Item) -> None:
         """Count an item on its way to the store; a record settles its request's hold."""

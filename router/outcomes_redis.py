@@ -25,6 +25,9 @@ such as ``{tiergate}`` so one Lua script can touch every key):
                                 or, if it never is, after :data:`HOLD_TTL_S`.
 ``P:label:<request id>``        hash, label source -> label JSON (feedback, shadow, escalation).
 ``P:labels``                    sorted set of ``<request id>|<source>`` by time: ``labels``.
+``P:replicas``                  sorted set, replica id by its last heartbeat (every second, in
+                                the spend refresh): how many replicas share the budgets, so
+                                that in an outage each spends only its share of what is left.
 ==============================  =============================================================
 
 Every write is one Lua script per record or label, so it is atomic and idempotent. The writer
@@ -41,10 +44,12 @@ everysec`` or ``always``), or a Redis restart loses what it held, which no clien
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
+import uuid
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -76,6 +81,8 @@ HOLD_TTL_S = 900
 #: After Redis failed a budget hold, holds use this replica's view for this long without asking
 #: Redis (as the rate limits do): no connect timeout per request, no warning per request.
 HOLD_RETRY_S = 1.0
+#: A replica whose heartbeat is older than this no longer counts towards the budget shares.
+REPLICA_TTL_S = 15.0
 
 # KEYS: spend hash, hold hash, holds zset. ARGV: tenant, id, usd, budget (<0: none), now,
 # expiry. Returns 1 when the hold was taken, 0 when spend + holds had reached the budget.
@@ -183,7 +190,7 @@ class RedisOutcomeStore(OutcomeWriter):
 
     memory_factor = _MEMORY_FACTOR
     keep_elsewhere_at_stop = True  # the journal, which the next start replays
-    outage_note = " (budget holds check this replica's view)"
+    outage_note = " (each replica's budget holds now check its own share of what was left)"
 
     def __init__(
         self,
@@ -208,6 +215,9 @@ class RedisOutcomeStore(OutcomeWriter):
         )
         self._journal_lines = 0
         self._last_refresh = 0.0
+        self.replica_id = uuid.uuid4().hex
+        #: Replicas that heartbeat within REPLICA_TTL_S at the last refresh, this one included.
+        self.replicas = 1
         self._client: Any = None
         self._record_script: Any = None
         self._reserve_script: Any = None
@@ -277,6 +287,8 @@ class RedisOutcomeStore(OutcomeWriter):
         journal at once."""
         self._stop_writer(timeout_s)
         if self._client is not None:
+            with contextlib.suppress(Exception):  # it lapses after REPLICA_TTL_S anyway
+                self._client.zrem(self.key("replicas"), self.replica_id)
             self._client.close()
         if self._claim is not None:
             self._claim.close()  # releases the journal for the next process
@@ -327,15 +339,22 @@ class RedisOutcomeStore(OutcomeWriter):
         return self._journal_lines > 0
 
     def _tend(self, idle: bool) -> None:
-        """Replay the journal once the buffer is empty; refresh the shared spend every second
-        (other replicas spend too)."""
+        """Replay the journal once the buffer is empty; every second, refresh the shared spend
+        (other replicas spend too) and this replica's heartbeat, and count the live replicas."""
         if idle and self._journal_lines:
             if not self.connected:  # still down: fail on a PING, not after parsing the journal
                 self._client.ping()
             self._replay_journal()
         if time.monotonic() - self._last_refresh > 1.0:
-            spend = self._client.hgetall(self._spend_key(time.time()))
+            now = time.time()
+            pipe = self._client.pipeline(transaction=False)
+            pipe.hgetall(self._spend_key(now))
+            pipe.zadd(self.key("replicas"), {self.replica_id: now})
+            pipe.zremrangebyscore(self.key("replicas"), "-inf", now - REPLICA_TTL_S)
+            pipe.zcard(self.key("replicas"))
+            spend, _, _, live = pipe.execute()
             self.ledger.load({k: float(v) for k, v in spend.items()})
+            self.replicas = max(int(live), 1)
             self._last_refresh = time.monotonic()
 
     def write_batch(self, batch: list[Item]) -> dict[str, float]:
@@ -450,12 +469,13 @@ class RedisOutcomeStore(OutcomeWriter):
     def reserve_spend(self, tenant: str, request_id: str, usd: float, budget: float | None) -> bool:
         """Hold ``usd`` in Redis unless the tenant's spend plus every replica's holds has
         reached ``budget`` (one Lua script). With Redis unreachable, the check runs on this
-        replica's view (:meth:`spend_today`), as the rate limits do. This replica's budget
-        checks see its holds at once; in Redis a hold lapses after :data:`HOLD_TTL_S`."""
+        replica's view (:meth:`spend_today`) against its share of the budget
+        (:meth:`_outage_budget`). This replica's budget checks see its holds at once; in Redis
+        a hold lapses after :data:`HOLD_TTL_S`."""
         from redis import RedisError
 
         if time.monotonic() < self._holds_down_until:
-            return self.ledger.reserve(tenant, request_id, usd, budget)
+            return self.ledger.reserve(tenant, request_id, usd, self._outage_budget(tenant, budget))
         tenant_key = valid_text(tenant)
         now = time.time()
         try:
@@ -478,10 +498,19 @@ class RedisOutcomeStore(OutcomeWriter):
             )
         except (RedisError, OSError) as exc:
             self._holds_down(exc)
-            return self.ledger.reserve(tenant, request_id, usd, budget)
+            return self.ledger.reserve(tenant, request_id, usd, self._outage_budget(tenant, budget))
         if held:
             self.ledger.hold(tenant, request_id, usd)
         return held
+
+    def _outage_budget(self, tenant: str, budget: float | None) -> float | None:
+        """The budget this replica checks while Redis is unreachable: the tenant's shared spend
+        at the last refresh plus this replica's share of what was left then (1 / the replicas
+        alive then), so that N replicas cannot each spend the whole remainder."""
+        if budget is None or self.replicas <= 1:
+            return budget
+        shared = self.ledger.shared(tenant)
+        return shared + max(budget - shared, 0.0) / self.replicas
 
     def release_spend(self, request_id: str) -> None:
         """Drop a hold taken by :meth:`reserve_spend` here and in Redis, where it would

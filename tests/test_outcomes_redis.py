@@ -240,6 +240,49 @@ def test_budget_holds_during_an_outage_log_once_and_still_hold(
         s.close(timeout_s=0.5)
 
 
+def test_in_an_outage_each_replica_spends_only_its_share_of_the_budget(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Two replicas that both saw $0.25 of a $1.25 budget spent: once Redis is down, each may
+    hold its half of the $1.00 left, so together they spend $1.00, not $1.00 each."""
+    a = store(redis_server, tmp_path / "a")
+    b = store(redis_server, tmp_path / "b")
+    try:
+        a.submit(outcome(tenant="acme", cost_usd=0.25))
+        assert a.flush(10)
+        assert wait_for(
+            lambda: (
+                a.replicas == b.replicas == 2
+                and a.ledger.shared("acme") == b.ledger.shared("acme") == 0.25
+            ),
+            timeout_s=10,
+        )
+        redis_server.stop()
+        held = [
+            sum(s.reserve_spend("acme", f"{name}_{i}", 0.125, 1.25) for i in range(12)) * 0.125
+            for name, s in (("a", a), ("b", b))
+        ]
+        assert held == [0.5, 0.5]
+    finally:
+        a.close(timeout_s=0.5)
+        b.close(timeout_s=0.5)
+
+
+def test_a_closed_replica_stops_counting_towards_the_shares(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    a = store(redis_server, tmp_path / "a")
+    b = store(redis_server, tmp_path / "b")
+    try:
+        assert wait_for(lambda: a.replicas == b.replicas == 2, timeout_s=10)
+        a.close()
+        assert wait_for(lambda: b.replicas == 1, timeout_s=10)
+        redis_server.stop()  # alone now: the whole budget, as a single replica
+        assert sum(b.reserve_spend("acme", f"r{i}", 0.25, 1.0) for i in range(8)) == 4
+    finally:
+        b.close(timeout_s=0.5)
+
+
 def test_an_outage_and_its_end_are_one_line_each(
     redis_server: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
