@@ -65,9 +65,14 @@ def _digits(s: str) -> str:
     return "".join(c for c in s if c.isdigit())
 
 
-_EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,24}\b")
+# A match may not start or end next to an ASCII letter, a digit or "_", where ``\b`` would also
+# refuse any other letter: Chinese, Japanese or Thai, written without spaces, put personal data
+# right beside letters ("电话090-1234-5678です", "邮箱zhang@example.cn谢谢").
+_EMAIL = re.compile(
+    r"(?<![\w.+-])[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,24}(?![A-Za-z\d_])"
+)
 _CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
-_IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b")
+_IBAN = re.compile(r"(?<![A-Za-z\d_])[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![A-Za-z\d_])")
 _SSN = re.compile(r"(?<![\d-])(?!000|666|9\d\d)\d{3}([- ])(?!00)\d{2}\1(?!0000)\d{4}(?![\d-])")
 # Nine digits in a row are an SSN only just after its name ("SSN: 123456789"): elsewhere they are
 # as often an order number or a sum. The value is the ``v`` group (see ``_span``). ASCII-only, so
@@ -78,11 +83,14 @@ _SSN_NAMED = re.compile(
     re.IGNORECASE | re.ASCII,
 )
 _SSN_NAMED_MAX = 64  # longer than any match of _SSN_NAMED plus the character after it
-_NINO = re.compile(r"\b[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D]\b")
+_NINO = re.compile(
+    r"(?<![A-Za-z\d_])[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D]"
+    r"(?![A-Za-z\d_])"
+)
 _PHONE = re.compile(
-    r"(?<![\w+-])(?:\+\d{1,3}[ .-]?)?"
-    r"(?:\(\d{1,4}\)[ .-]?\d{2,4}(?:[ .-]\d{2,4}){1,3}|\d{2,4}(?:[ .-]\d{2,4}){2,4})(?![\w-])"
-    r"|(?<![\w+])\+\d{9,15}\b"
+    r"(?<![A-Za-z\d_+-])(?:\+\d{1,3}[ .-]?)?"
+    r"(?:\(\d{1,4}\)[ .-]?\d{2,4}(?:[ .-]\d{2,4}){1,3}|\d{2,4}(?:[ .-]\d{2,4}){2,4})"
+    r"(?![A-Za-z\d_-])|(?<![A-Za-z\d_+])\+\d{9,15}(?![A-Za-z\d_])"
 )
 _IPV4 = re.compile(
     r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)(?![\d.])"

@@ -128,6 +128,10 @@ PII_CASES = [
     "my ssn is 123456789, SSN: 123 45 6789; Social-Security No 234567890, ssnssn 345678901x",
     FILLER + "social security number: 123456789 and SSN 123 45 6789 and 123-45 6789",
     "123.123.123.123.123 " * 40 + "1.2.3.4 12.1.12.1.12.1 " * 40,
+    # personal data right next to unspaced scripts
+    "\u96fb\u8a71090-1234-5678\u3067\u3059 DE89370400440532013000\u8c22 AB123456C\u8c22 "
+    "x@example.cn\u8c22 +66812345678\u0e04",
+    FILLER + "\u96fb\u8a71090-1234-5678\u3067\u3059\u8c22GB82WEST12345698765432\u8c22",
 ]
 
 
@@ -153,6 +157,7 @@ PIECES += [
     "SSN ",
     "social security ",
     "is ",
+    "\u8c22",  # a CJK letter: no word edge beside it
 ]  # '?' stands in for non-ASCII in the run masks
 
 
@@ -214,6 +219,30 @@ def test_ssn_without_dashes_is_found(text: str) -> None:
     ],
 )
 def test_ordinary_numbers_stay_ordinary(text: str) -> None:
+    assert pii_kinds(text) == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        ("電話番号は090-1234-5678です", "phone"),
+        ("请发邮件到zhang.wei@example.cn谢谢", "email"),
+        ("メールはtanaka@example.jpまで", "email"),
+        ("我的账户是DE89370400440532013000谢谢", "iban"),
+        ("我的NI号码是AB123456C谢谢", "uk_nino"),
+        ("โทร+66812345678ครับ", "phone"),
+    ],
+)
+def test_personal_data_next_to_unspaced_scripts_is_found(text: str, kind: str) -> None:
+    # Chinese, Japanese and Thai put no space between words: ``\b`` saw no word edge there.
+    assert kind in pii_kinds(text)
+    assert redact(text).count(f"[{kind.upper()}]") == 1
+
+
+@pytest.mark.parametrize(
+    "text", ["id abc090-1234-5678", "DE89370400440532013000X", "xAB123456C", "a@example.com1"]
+)
+def test_personal_data_glued_to_ascii_letters_or_digits_is_not_read_as_such(text: str) -> None:
     assert pii_kinds(text) == ()
 
 
