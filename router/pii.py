@@ -87,10 +87,15 @@ _NINO = re.compile(
     r"(?<![A-Za-z\d_])[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D]"
     r"(?![A-Za-z\d_])"
 )
+# A phone number in groups of 2-4 digits; after a leading "+" (a country code) or an area code
+# in brackets, in groups of any length, as countries write them: "+49 30 12345678",
+# "+33 6 12 34 56 78", "+91 98765 43210", "(11) 98765-4321".
 _PHONE = re.compile(
     r"(?<![A-Za-z\d_+-])(?:\+\d{1,3}[ .-]?)?"
-    r"(?:\(\d{1,4}\)[ .-]?\d{2,4}(?:[ .-]\d{2,4}){1,3}|\d{2,4}(?:[ .-]\d{2,4}){2,4})"
-    r"(?![A-Za-z\d_-])|(?<![A-Za-z\d_+])\+\d{9,15}(?![A-Za-z\d_])"
+    r"(?:\(\d{1,4}\)[ .-]?\d{1,8}(?:[ .-]\d{1,8}){1,3}|\d{2,4}(?:[ .-]\d{2,4}){2,4})"
+    r"(?![A-Za-z\d_-])"
+    r"|(?<![A-Za-z\d_+-])\+\d{1,3}(?:[ .-]\d{1,8}){1,6}(?![A-Za-z\d_-])"
+    r"|(?<![A-Za-z\d_+])\+\d{9,15}(?![A-Za-z\d_])"
 )
 _IPV4 = re.compile(
     r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)(?![\d.])"

@@ -132,6 +132,9 @@ PII_CASES = [
     "\u96fb\u8a71090-1234-5678\u3067\u3059 DE89370400440532013000\u8c22 AB123456C\u8c22 "
     "x@example.cn\u8c22 +66812345678\u0e04",
     FILLER + "\u96fb\u8a71090-1234-5678\u3067\u3059\u8c22GB82WEST12345698765432\u8c22",
+    # phone numbers in other countries' groupings
+    "+49 30 12345678, +33 6 12 34 56 78, +44 (0)20 7946 0958, +1 2 3 4 5 6 7 8 9 0",
+    FILLER + "+91 98765 43210 +7 (912) 345-67-89 (11) 98765-4321 +1 23 45 67 89 01 23 45 67 89",
 ]
 
 
@@ -244,6 +247,23 @@ def test_personal_data_next_to_unspaced_scripts_is_found(text: str, kind: str) -
 )
 def test_personal_data_glued_to_ascii_letters_or_digits_is_not_read_as_such(text: str) -> None:
     assert pii_kinds(text) == ()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Ruf mich an: +49 30 12345678",
+        "Appelez-moi au +33 6 12 34 56 78",
+        "call +44 7911 123456",
+        "Meu celular: +55 11 98765-4321",
+        "Meu celular: (11) 98765-4321",
+        "मेरा नंबर +91 98765 43210 है",
+        "東京の番号は+81 3-1234-5678です",
+    ],
+)
+def test_phone_numbers_in_their_countrys_grouping_are_found(text: str) -> None:
+    # After a country code or a bracketed area code, any grouping is a phone number's.
+    assert "phone" in pii_kinds(text)
 
 
 # --- linear work ---------------------------------------------------------------------------------
