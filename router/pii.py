@@ -68,8 +68,11 @@ def _digits(s: str) -> str:
 # A match may not start or end next to an ASCII letter, a digit or "_", where ``\b`` would also
 # refuse any other letter: Chinese, Japanese or Thai, written without spaces, put personal data
 # right beside letters ("电话090-1234-5678です", "邮箱zhang@example.cn谢谢").
+# An email's domain may be internationalised ("müller.de", "例子.中国", "почта.рф"): its top-level
+# label is ASCII letters or letters of one other script (an IDN top-level domain, such as "рф").
 _EMAIL = re.compile(
-    r"(?<![\w.+-])[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,24}(?![A-Za-z\d_])"
+    r"(?<![\w.+-])[\w.+-]+@[\w-]+(?:\.[\w-]+)*"
+    r"\.(?:[A-Za-z]{2,24}(?![A-Za-z\d_])|[^\W\d_A-Za-z]{2,24})"
 )
 _CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
 _IBAN = re.compile(r"(?<![A-Za-z\d_])[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![A-Za-z\d_])")

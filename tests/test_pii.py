@@ -135,6 +135,9 @@ PII_CASES = [
     # phone numbers in other countries' groupings
     "+49 30 12345678, +33 6 12 34 56 78, +44 (0)20 7946 0958, +1 2 3 4 5 6 7 8 9 0",
     FILLER + "+91 98765 43210 +7 (912) 345-67-89 (11) 98765-4321 +1 23 45 67 89 01 23 45 67 89",
+    # international email domains
+    "max@müller.de 用户@例子.中国很大 иван@почта.рф a@example.com1 x@例子.中 y@b.中国.1 z@a_b.com",
+    "\u4e2d\u6587@" * 300 + "\u4e2d." * 300 + "x@y.\u4e2d\u56fd",
 ]
 
 
@@ -266,6 +269,22 @@ def test_phone_numbers_in_their_countrys_grouping_are_found(text: str) -> None:
     assert "phone" in pii_kinds(text)
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "escribe a josé.garcía@correo.es",
+        "schreib an max@müller.de",
+        "请发邮件到 用户@例子.中国",
+        "пишите на иван@почта.рф",
+        "γράψε στο maria@παράδειγμα.ελ",
+        "メールはtanaka@例え.jpまで",
+    ],
+)
+def test_email_addresses_with_international_domains_are_found(text: str) -> None:
+    assert pii_kinds(text) == ("email",)
+    assert redact(text).count("[EMAIL]") == 1
+
+
 # --- linear work ---------------------------------------------------------------------------------
 
 
@@ -287,7 +306,9 @@ def _python_steps(fn: Any, arg: str) -> int:
 
 
 @pytest.mark.parametrize("fn", [detect, redact, pii_kinds])
-@pytest.mark.parametrize("unit", ["123.", "4111 1111 1111 1111 ", "a@b.co ", "12.1.", "x" * 7])
+@pytest.mark.parametrize(
+    "unit", ["123.", "4111 1111 1111 1111 ", "a@b.co ", "12.1.", "x" * 7, "\u4e2d@\u4e2d.\u4e2d"]
+)
 def test_work_grows_linearly_with_the_text(fn: Any, unit: str) -> None:
     # Repeated "123." took 1 s at 100 KB and 14 s at 400 KB: overlap checks were quadratic.
     small = _python_steps(fn, unit * 1500)
