@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from router.backends import Completion, Usage
 from router.backends.closed import (
+    PROVIDER_KEY_ENV,
     ClosedBackend,
     cannot_take,
     key_for,
@@ -79,6 +81,25 @@ def test_a_model_without_a_key_says_which_variable_to_set() -> None:
     assert backend.unavailable_reason(Model("x", None)) == "closed model has no litellm_model"
     keyed = ClosedBackend(OpenAIHTTP(timeout_s=1), timeout_s=1, environ=KEYS)
     assert keyed.unavailable_reason(Model("g", "openai/gpt-4o")) is None
+
+
+def test_a_provider_without_a_known_key_variable_points_at_api_key_env() -> None:
+    # COHERE_API_KEY is set, but no table says so: "set ?" left the operator guessing.
+    backend = ClosedBackend(OpenAIHTTP(timeout_s=1), timeout_s=1, environ={"COHERE_API_KEY": "k"})
+    reason = backend.unavailable_reason(Model("c", "cohere/command-r-plus"))
+    assert reason == (
+        "no API key: no known key variable for provider 'cohere': name the one that holds "
+        "its key with the model's api_key_env"
+    )
+    named = Model("c", "cohere/command-r-plus", api_key_env="COHERE_API_KEY")
+    assert backend.unavailable_reason(named) is None
+
+
+def test_the_readme_names_every_provider_key_variable() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    closed = readme[readme.index("### Closed providers") :]
+    for provider, variable in PROVIDER_KEY_ENV.items():
+        assert f"`{provider}/` (`{variable}`)" in " ".join(closed.split()), provider
 
 
 def test_an_openai_model_is_called_directly_with_its_provider_name(

@@ -110,7 +110,13 @@ class ClosedBackend:
             return "closed model has no litellm_model"
         if self.api_key(model):
             return None
-        env = model.api_key_env or PROVIDER_KEY_ENV.get(provider_of(model.litellm_model), "?")
+        provider = provider_of(model.litellm_model)
+        env = model.api_key_env or PROVIDER_KEY_ENV.get(provider)
+        if env is None:  # its key may well be set, under a name this table does not know
+            return (
+                f"no API key: no known key variable for provider '{provider}': name the one "
+                "that holds its key with the model's api_key_env"
+            )
         return f"no API key: set {env}"
 
     def _direct(self, model: ModelLike) -> bool:
