@@ -3,11 +3,12 @@ files not named land in the data directory; a bad value is one readable ConfigEr
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from router.config import load_settings
+from router.config import Settings, load_settings
 from router.errors import ConfigError
 
 
@@ -64,3 +65,16 @@ def test_an_empty_path_variable_means_the_default(
 ) -> None:
     monkeypatch.setenv("TIERGATE_CLASSIFIER_PATH", "  ")
     assert load_settings(config_file).classifier_path is None
+
+
+def test_every_tiergate_variable_is_documented_and_every_documented_one_exists() -> None:
+    repo = Path(__file__).resolve().parents[1]
+    read = {f"TIERGATE_{name.upper()}" for name in Settings.model_fields}
+    for module in (repo / "router").rglob("*.py"):
+        read |= set(re.findall(r"TIERGATE_[A-Z0-9_]*[A-Z0-9]", module.read_text(encoding="utf-8")))
+    pages = [repo / "README.md", repo / "SECURITY.md", *sorted((repo / "docs").glob("*.md"))]
+    text = "\n".join(page.read_text(encoding="utf-8") for page in pages)
+    assert sorted(v for v in read if not re.search(rf"\b{v}\b", text)) == []
+    # A variable the docs name as a setting (not a shell variable of an example, `$NAME`).
+    named = set(re.findall(r"(?<![$\w])(TIERGATE_[A-Z0-9_]*[A-Z0-9])\b", text))
+    assert sorted(named - read) == []
