@@ -299,6 +299,9 @@ def _problem(err: Mapping[str, Any]) -> str:
     if err["type"] != "extra_forbidden":
         return str(err["msg"])
     name = str(err["loc"][-1]) if err["loc"] else ""
+    bare = name.removeprefix("tiergate_")  # TIERGATE_N_CTX copied from the environment
+    if bare != name and bare in Settings.model_fields:
+        return f"no such setting: a file key has no TIERGATE_ prefix; did you mean '{bare}'?"
     near = difflib.get_close_matches(name, list(Settings.model_fields), n=1, cutoff=0.7)
     hint = f"; did you mean '{near[0]}'?" if near else ""
     return f"no such setting (`tiergate serve --help` lists them){hint}"

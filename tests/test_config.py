@@ -49,15 +49,24 @@ def test_a_bad_value_or_file_is_one_readable_config_error(
         load_settings(listed)
     with pytest.raises(ConfigError, match="cannot read"):
         load_settings(tmp_path / "missing.yaml")
-    typo = tmp_path / "typo.yaml"
-    typo.write_text("prot: 9001\nencoder_path: /w.safetensors\n")
-    with pytest.raises(ConfigError) as err:
-        load_settings(typo)
-    assert str(err.value) == (
+    assert _file_error(tmp_path, "prot: 9001\nencoder_path: /w.safetensors\n") == (
         "invalid settings: prot: no such setting (`tiergate serve --help` lists them); "
         "did you mean 'port'?; encoder_path: no such setting (`tiergate serve --help` lists "
         "them)"
     )
+    # The environment's names, pasted into the file.
+    assert _file_error(tmp_path, "TIERGATE_N_CTX: 2048\n") == (
+        "invalid settings: tiergate_n_ctx: no such setting: a file key has no TIERGATE_ "
+        "prefix; did you mean 'n_ctx'?"
+    )
+
+
+def _file_error(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "settings.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    return str(err.value)
 
 
 def test_an_empty_path_variable_means_the_default(
