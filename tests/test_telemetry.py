@@ -161,6 +161,22 @@ def test_closed_request_span_has_genai_and_tiergate_attributes(
     _no_prompt_text(cap.finished())
 
 
+def test_every_span_attribute_is_named_in_the_docs(tmp_path: Path, fake: FakeProvider) -> None:
+    """docs/observability.md's Traces section names every attribute a request's spans carry: a
+    closed call with each request parameter the spans copy, and a local stream."""
+    fake.reset()
+    params = {"temperature": 0.3, "top_p": 0.9, "frequency_penalty": 0.1}
+    params |= {"presence_penalty": 0.2, "seed": 3, "max_tokens": 50}
+    with traced(tmp_path, policy_yaml(fake), local=ScriptedLocal()) as (srv, cap):
+        assert _chat(srv, "HARD question", **params).status_code == 200
+        assert _chat(srv, "easy", stream=True).status_code == 200
+    emitted = {key for span in cap.finished() for key in span.attributes or {}}
+    assert "gen_ai.request.seed" in emitted and "tiergate.time_to_first_chunk_ms" in emitted
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "observability.md").read_text()
+    traces = doc[doc.index("## Traces") : doc.index("## Cost accounting")]
+    assert sorted(key for key in emitted if f"`{key}`" not in traces) == []
+
+
 def test_local_request_and_metrics(tmp_path: Path, fake: FakeProvider) -> None:
     fake.reset()
     local = ScriptedLocal()
