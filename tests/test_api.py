@@ -164,6 +164,36 @@ def test_a_prompt_over_the_local_window_is_a_400_not_a_502(gguf_client: openai.O
     assert "context window" in refused.value.message
 
 
+@pytest.mark.gguf
+def test_a_prompt_that_leaves_no_room_for_max_tokens_is_refused_not_cut_short(
+    tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prompt under the local window by itself but not with the client's max_tokens (the
+    estimate undercounts Chinese: 725 tokens against 2,146) was answered with what room was
+    left, ending at finish_reason 'length' as if at max_tokens. It is now refused as OpenAI
+    refuses it, and a request that did not pin the local model moves to the closed tier."""
+    fake.reset()
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-openai-key")
+    text = "机器学习是人工智能的一个分支它使计算机能够从数据中学习。" * 40  # 1,746 tokens
+    messages = [{"role": "user", "content": "请总结" + text}]
+    policy = policy_yaml(fake, on_failure="closed")
+    with (
+        live(tmp_path, policy, gguf=True, socket=True) as srv,
+        openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0) as client,
+    ):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="local", messages=messages, max_tokens=400)
+        assert fake.received == []
+        moved = client.chat.completions.with_raw_response.create(
+            model="auto", messages=messages, max_tokens=400
+        )
+    assert refused.value.code == "context_length_exceeded"
+    assert "max_tokens 400) exceed context window of 2048" in refused.value.message
+    assert moved.headers["x-tiergate-tier"] == "closed"
+    assert moved.headers["x-tiergate-fallback"] == "local->closed"
+    assert len(fake.received) == 1
+
+
 def test_a_history_over_the_window_of_a_model_it_must_stay_on_is_context_length_exceeded(
     client: openai.OpenAI, fake: FakeProvider
 ) -> None:

@@ -310,6 +310,19 @@ def _recording_llama() -> type[Any]:
     class RecordingLlama(llama_cpp.Llama):
         recorder: TokenLogprobs | None = None
         cancel: threading.Event | None = None
+        asked: int | None = None  # the client's own max_tokens, if it sent one
+
+        def create_completion(self, prompt: Any, *args: Any, **kwargs: Any) -> Any:
+            # llama.cpp refuses only a prompt that fills the window by itself, and cuts a
+            # max_tokens past what is left down to it: an answer the client asked for at length
+            # ended early with finish_reason 'length'. Refused as OpenAI does, before it is read.
+            tokens = len(prompt) if isinstance(prompt, list) else 0  # chat handlers' form
+            if self.asked is not None and tokens + self.asked > self.n_ctx():
+                raise ValueError(
+                    f"Requested tokens ({tokens} in the prompt + max_tokens "
+                    f"{self.asked}) exceed context window of {self.n_ctx()}"
+                )
+            return super().create_completion(prompt, *args, **kwargs)
 
         def eval(self, tokens: Sequence[int]) -> None:
             # llama.cpp reads a prompt in one call that nothing stops (a long one takes
@@ -513,6 +526,7 @@ class LlamaCppBackend:
         if self._llm is None:
             raise BackendError(self.unavailable_reason(model) or "local model not loaded")
         kwargs = dict(_kwargs if _kwargs is not None else self._kwargs(body))
+        asked = body.get("max_completion_tokens") or body.get("max_tokens")
         recorder = None
         if body.get("logprobs"):
             recorder = TokenLogprobs(
@@ -530,7 +544,7 @@ class LlamaCppBackend:
 
         def work() -> None:
             try:
-                for chunk in self._generate(kwargs, cancel, usage, recorder):
+                for chunk in self._generate(kwargs, cancel, usage, recorder, asked):
                     emit(chunk)
             except BaseException as exc:  # handed to the consumer, which re-raises it
                 emit(exc)
@@ -572,10 +586,11 @@ class LlamaCppBackend:
         cancel: threading.Event,
         usage: Usage,
         recorder: TokenLogprobs | None = None,
+        asked: int | None = None,
     ) -> Iterator[dict[str, Any]]:
         llm = self._llm
         started = time.perf_counter()
-        llm.recorder, llm.cancel = recorder, cancel
+        llm.recorder, llm.cancel, llm.asked = recorder, cancel, asked
         chunks = llm.create_chat_completion(**kwargs, stream=True)
         completion = prompt = 0
         try:
@@ -593,7 +608,7 @@ class LlamaCppBackend:
         finally:
             with contextlib.suppress(Exception):
                 chunks.close()
-            llm.recorder = llm.cancel = None
+            llm.recorder = llm.cancel = llm.asked = None
             usage.completion_tokens = completion
             usage.prompt_tokens = prompt or max(0, int(llm.n_tokens) - completion)
             usage.generation_s = time.perf_counter() - started
