@@ -129,6 +129,38 @@ def test_local_stream_with_usage(gguf_client: openai.OpenAI, gguf_server: LiveSe
 
 
 @pytest.mark.gguf
+def test_local_usage_counts_every_token_of_an_answer_in_emoji(
+    gguf_client: openai.OpenAI, gguf_server: LiveServer
+) -> None:
+    """Usage counted a streamed chunk as a token, but llama.cpp holds back the tokens of a
+    character it has not finished (an emoji is three of SmolLM2's, a Chinese character often
+    two): an answer cut at max_tokens=30 reported 11 completion tokens, and the prompt read when
+    the first chunk came was two tokens too long. Client, record and limits now get the counts
+    the model drew and read."""
+    text = "Reply with lots of emoji: 🎉🔥✨😂🙌 " + "describe a party in emoji."
+    messages = [{"role": "user", "content": text}]
+    for stream in (False, True):
+        raw = gguf_client.chat.completions.with_raw_response.create(
+            model="local",
+            messages=messages,  # type: ignore[arg-type]
+            max_tokens=30,
+            temperature=0,
+            stream=stream,
+            stream_options={"include_usage": True} if stream else openai.NOT_GIVEN,
+        )
+        parsed = raw.parse()
+        chunks = list(parsed) if stream else [parsed]
+        usage = [c.usage for c in chunks if c.usage][-1]
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices]
+        assert finish[-1] == "length"
+        # The prompt as SmolLM2's chat template and tokenizer make it (with the system prompt
+        # Tiergate adds); 32 drawn, as llama.cpp finishes the emoji it is in at max_tokens.
+        assert (usage.prompt_tokens, usage.completion_tokens) == (49, 32)
+        record = _record(gguf_server, raw.headers["x-request-id"])
+        assert (record["prompt_tokens"], record["completion_tokens"]) == (49, 32)
+
+
+@pytest.mark.gguf
 def test_a_developer_message_instructs_the_local_model_as_a_system_message(
     gguf_client: openai.OpenAI,
 ) -> None:

@@ -311,6 +311,8 @@ def _recording_llama() -> type[Any]:
         recorder: TokenLogprobs | None = None
         cancel: threading.Event | None = None
         asked: int | None = None  # the client's own max_tokens, if it sent one
+        read: int | None = None  # the prompt's tokens, once it is read
+        drawn = 0  # the answer's tokens, the end of generation left out
 
         def create_completion(self, prompt: Any, *args: Any, **kwargs: Any) -> Any:
             # llama.cpp refuses only a prompt that fills the window by itself, and cuts a
@@ -334,9 +336,14 @@ def _recording_llama() -> type[Any]:
                 super().eval(tokens[start : start + self.n_batch])
 
         def sample(self, *args: Any, **kwargs: Any) -> int:
+            # The counts usage reports: a chunk is not a token, as llama.cpp holds back the
+            # tokens of a character not yet whole (an emoji is three) and of a stop sequence.
+            if self.read is None:  # at the first draw the context holds the prompt alone
+                self.read = int(self.n_tokens)
             token = int(super().sample(*args, **kwargs))
+            end = bool(llama_cpp.llama_vocab_is_eog(self._model.vocab, token))
+            self.drawn += not end
             if self.recorder is not None:
-                end = bool(llama_cpp.llama_vocab_is_eog(self._model.vocab, token))
                 self.recorder.sampled(token, end=end)
             return token
 
@@ -591,17 +598,13 @@ class LlamaCppBackend:
         llm = self._llm
         started = time.perf_counter()
         llm.recorder, llm.cancel, llm.asked = recorder, cancel, asked
+        llm.read, llm.drawn = None, 0
         chunks = llm.create_chat_completion(**kwargs, stream=True)
-        completion = prompt = 0
         try:
             for chunk in chunks:
                 if cancel.is_set():
                     raise _CancelledError
-                if not prompt:  # by its first chunk the context holds the prompt, read in whole
-                    prompt = usage.prompt_tokens = int(llm.n_tokens)
-                choice = (chunk.get("choices") or [{}])[0]
-                if choice.get("delta", {}).get("content"):
-                    completion += 1
+                usage.prompt_tokens = llm.read or 0
                 if recorder is not None:
                     _attach_logprobs(chunk, recorder)
                 yield chunk
@@ -609,8 +612,9 @@ class LlamaCppBackend:
             with contextlib.suppress(Exception):
                 chunks.close()
             llm.recorder = llm.cancel = llm.asked = None
-            usage.completion_tokens = completion
-            usage.prompt_tokens = prompt or max(0, int(llm.n_tokens) - completion)
+            usage.completion_tokens = llm.drawn
+            # Stopped while it read the prompt: the tokens it had read.
+            usage.prompt_tokens = llm.read if llm.read is not None else int(llm.n_tokens)
             usage.generation_s = time.perf_counter() - started
 
     async def aclose(self) -> None:
