@@ -64,12 +64,12 @@ from router.pii import redact
 from router.policy import Decision, ModelSpec, Policy, evaluate, load_policy
 from router.scoring import Scorer
 from router.signals import (
-    CHARS_PER_TOKEN,
     Signals,
     extract_signals,
     policy_metadata,
     request_strings,
     scoring_text,
+    text_tokens,
 )
 from router.telemetry import Telemetry
 
@@ -154,7 +154,7 @@ class RequestContext:
     model_version: str | None = None  # the scorer that scored it (see Gateway.scorer_for)
     prompt: str | None = None
     streamed_chunks: int = 0  # chunks that carried answer text, counted as they passed
-    streamed_chars: int = 0
+    streamed_tokens: float = 0.0  # estimated (text_tokens) from the answer text streamed
     front: str = "chat"
     cascade: dict[str, Any] | None = None  # a cascade's local part (record and headers)
     cascade_usage: Usage | None = None  # the local answer an escalated cascade discarded
@@ -1448,7 +1448,7 @@ def settle_usage(ctx: RequestContext) -> None:
     if ctx.served is None or (usage.prompt_tokens and usage.completion_tokens):
         return
     completion = usage.completion_tokens or max(
-        ctx.streamed_chunks, math.ceil(ctx.streamed_chars / CHARS_PER_TOKEN)
+        ctx.streamed_chunks, math.ceil(ctx.streamed_tokens - 1e-9)
     )
     prompt = usage.prompt_tokens or (ctx.signals.prompt_tokens if ctx.signals else 0)
     ctx.usage = replace(usage, prompt_tokens=prompt, completion_tokens=completion)
@@ -1572,7 +1572,7 @@ async def _metered(
                 text = delta.get("content") if isinstance(delta, Mapping) else None
                 if isinstance(text, str) and text:
                     ctx.streamed_chunks += 1
-                    ctx.streamed_chars += len(text)
+                    ctx.streamed_tokens += text_tokens(text)
             yield chunk
     finally:
         await inner.aclose()

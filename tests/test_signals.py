@@ -17,6 +17,7 @@ from router.signals import (
     extract_signals,
     request_pii_kinds,
     request_strings,
+    text_tokens,
 )
 
 SSN = "123-45-6789"
@@ -283,6 +284,41 @@ def test_images_and_files_count_toward_the_prompt_estimate() -> None:
 def test_input_text_parts_count_as_text() -> None:
     # A 100,000-character input_text part was estimated at 4 tokens (the message's framing).
     assert _prompt_tokens([{"type": "input_text", "text": "x" * 100_000}]) >= 100_000 // 4
+
+
+# The same request in several scripts, and text a tokenizer splits finely (digits, emoji).
+_SCRIPTS = {
+    "english": "Write a short letter to my landlord about the broken heating in the flat.",
+    "chinese": "请给我的房东写一封短信，说明公寓里的暖气坏了，并请他尽快派人修理。",  # noqa: RUF001
+    "japanese": "アパートの暖房が壊れたことについて、大家さんに短い手紙を書いてください。",
+    "russian": "Напиши короткое письмо моему арендодателю о сломанном отоплении в квартире.",  # noqa: RUF001
+    "arabic": "اكتب رسالة قصيرة إلى المالك بشأن التدفئة المعطلة في الشقة واطلب إصلاحها.",
+    "digits": "\n".join(",".join(str(1000 + i * j) for j in range(8)) for i in range(6)),
+    "emoji": "🎉😀👍🚀 " * 8,
+}
+
+
+@pytest.mark.gguf
+@pytest.mark.parametrize("name", list(_SCRIPTS))
+def test_the_token_estimate_holds_beyond_english(name: str) -> None:
+    """Within a factor of two of the bundled model's tokenizer in every script: at 3.5
+    characters a token, Chinese and Japanese were under-counted about five times, and emoji
+    eight, so a prompt past the local window passed the long-context rule."""
+    import llama_cpp
+
+    from tests.conftest import GGUF
+
+    vocab = llama_cpp.Llama(str(GGUF), vocab_only=True, verbose=False)
+    text = _SCRIPTS[name]
+    real = len(vocab.tokenize(text.encode(), add_bos=False))
+    assert 0.5 <= text_tokens(text) / real <= 1.5
+
+
+def test_a_long_chinese_prompt_meets_the_long_context_rule() -> None:
+    # 2,600 characters of Chinese are 3,300-4,700 tokens to the tokenizers the local tier runs
+    # (SmolLM2: 1.8 a character): the default policy's rule (over 3,000) must see it.
+    body = {"model": "auto", "messages": [{"role": "user", "content": "暖气坏了" * 650}]}
+    assert extract_signals(body, BlindScorer()).prompt_tokens > 3000
 
 
 class _Unread(dict[str, Any]):
