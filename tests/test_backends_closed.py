@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +22,7 @@ from router.backends.closed import (
 from router.backends.openai_http import OpenAIHTTP
 from router.errors import (
     BackendError,
+    BadRequestError,
     UpstreamBadRequestError,
     UpstreamRateLimitedError,
     UpstreamTimeoutError,
@@ -52,6 +54,21 @@ class Model:
 def provider(fake: FakeProvider) -> Iterator[FakeProvider]:
     fake.reset()
     yield fake
+
+
+async def _answer(model: Model, body: dict[str, Any], *, stream: bool) -> None:
+    """Ask ``model`` for ``body``, whole or streamed to its end, and drop the answer."""
+    http = OpenAIHTTP(timeout_s=10)
+    backend = ClosedBackend(http, timeout_s=10, environ=KEYS)
+    try:
+        if stream:
+            async for _ in backend.stream(model, body, Usage()):
+                pass
+        else:
+            await backend.complete(model, body)
+    finally:
+        await backend.aclose()
+        await http.aclose()
 
 
 async def _complete(model: Model) -> Completion:
@@ -126,6 +143,28 @@ def test_another_provider_goes_through_litellm_in_its_own_protocol(
     assert "provider_specific_fields" not in answer.body["choices"][0]["message"]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_field_the_provider_does_not_take_is_named_and_never_sent(
+    provider: FakeProvider, stream: bool
+) -> None:
+    """litellm refuses ``seed`` for an Anthropic model before calling it: the client read a
+    cut-off litellm message about its proxy settings, with no ``param``, as an upstream 400
+    that ended the fallback chain. It is the model refusing the request, as the local model
+    refuses tools: a 400 that names the field, and the chain may go on."""
+    model = Model("claude", "anthropic/claude-3-5-sonnet-20241022", provider.base_url[:-3])
+    body = {**BODY, "seed": 7, "n": 2}
+    with pytest.raises(BadRequestError) as refused:
+        run(_answer(model, body, stream=stream))
+    error = refused.value
+    assert not isinstance(error, BackendError)  # a refusal, not a failed upstream call
+    assert error.status_code == 400 and error.code == "unsupported_parameter"
+    assert error.param in ("seed", "n")
+    assert "'seed'" in error.message and "'n'" in error.message
+    assert error.message.startswith("claude (anthropic) does not take ")
+    assert "litellm" not in error.message and "drop_params" not in error.message
+    assert provider.received == []
+
+
 class RateLimitError(Exception):
     status_code = 429
 
@@ -158,21 +197,8 @@ def test_a_provider_litellm_cannot_connect_to_is_unreachable(stream: bool) -> No
         "claude", "anthropic/claude-3-5-sonnet-20241022", f"http://127.0.0.1:{free_port()}"
     )
 
-    async def call() -> None:
-        http = OpenAIHTTP(timeout_s=10)
-        backend = ClosedBackend(http, timeout_s=10, environ=KEYS)
-        try:
-            if stream:
-                async for _ in backend.stream(model, {**BODY, "stream": True}, Usage()):
-                    pass
-            else:
-                await backend.complete(model, BODY)
-        finally:
-            await backend.aclose()
-            await http.aclose()
-
     with pytest.raises(BackendError) as raised:
-        run(call())
+        run(_answer(model, {**BODY, "stream": stream}, stream=stream))
     assert raised.value.code == "upstream_unreachable"
 
 

@@ -217,6 +217,33 @@ def test_a_closed_400_stays_final_without_a_larger_window(
     assert [r.path for r in fake.received] == ["/v1/chat/completions"]
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_fallback_that_cannot_take_a_field_keeps_the_failure_before_it(
+    tmp_path: Path, fake: FakeProvider, stream: bool
+) -> None:
+    # gpt-4o failed (500) and claude, next on the chain, cannot take ``seed``: the client got
+    # litellm's 400 about claude, which its SDK does not retry, for a request OpenAI takes.
+    fake.reset(Behaviour(mode="status", status=500, failing_path="/completions"))
+    body = {
+        "model": "auto",
+        "messages": [{"role": "user", "content": "HARD"}],
+        "seed": 7,
+        "stream": stream,
+    }
+    with live(tmp_path, policy_yaml(fake, on_failure="closed")) as srv:
+        answer = srv.http.post("/v1/chat/completions", json=body)
+        assert answer.status_code == 502, answer.text
+        error = answer.json()["error"]
+        assert error["code"] == "upstream_error"
+        assert "gpt-4o answered 500" in error["message"]
+        assert "claude (anthropic) does not take 'seed'" in error["message"]
+        assert [r.path for r in fake.received] == ["/v1/chat/completions"]  # claude: not called
+        pinned = srv.http.post("/v1/chat/completions", json={**body, "model": "claude"})
+    assert pinned.status_code == 400
+    assert pinned.json()["error"]["param"] == "seed"
+    assert pinned.json()["error"]["code"] == "unsupported_parameter"
+
+
 async def _burst_hold(url: str, local: ScriptedLocal, n: int) -> list[httpx.Response]:
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
         body = {"model": "auto", "messages": [{"role": "user", "content": "easy"}]}

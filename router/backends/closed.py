@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import AsyncIterator, Collection, Mapping
 from typing import Any
 
@@ -21,6 +22,7 @@ from router.backends import MESSAGE_FIELD, Completion, ModelLike, Usage, usage_f
 from router.backends.openai_http import OpenAIHTTP
 from router.errors import (
     BackendError,
+    BadRequestError,
     TiergateError,
     UpstreamBadRequestError,
     UpstreamRateLimitedError,
@@ -259,6 +261,8 @@ def map_litellm_error(exc: Exception, label: str) -> TiergateError:
         exc = wrapped
     status = getattr(exc, "status_code", None)
     name = type(exc).__name__
+    if name == "UnsupportedParamsError":
+        return _unsupported(exc, label)
     message = f"{label}: {name}: {scrub(str(exc))[:300]}"
     if "Timeout" in name or status in (408, 504):
         return UpstreamTimeoutError(message, upstream_status=status)
@@ -275,6 +279,32 @@ def map_litellm_error(exc: Exception, label: str) -> TiergateError:
     if "Connection" in name or _cannot_connect(exc):
         return BackendError(message, code="upstream_unreachable", upstream_status=status)
     return BackendError(message, upstream_status=status if isinstance(status, int) else None)
+
+
+# How litellm names the request fields a provider does not take, before it calls the provider.
+_UNSUPPORTED = re.compile(r"(\S+) does not support parameters: \[([^\]]*)\]")
+
+
+def _unsupported(exc: Exception, label: str) -> BadRequestError:
+    """litellm's refusal of request fields the model's provider does not take (``seed``, ``n``,
+    ``logprobs`` for an Anthropic model), made before any call: the model cannot honour the
+    request, as the local model cannot take tools. The chain goes on to its next model, and
+    alone it is a 400 that names the fields (not litellm's advice on its own proxy settings)."""
+    match = _UNSUPPORTED.search(str(exc))
+    names = re.findall(r"'([^']+)'", match.group(2)) if match else []
+    if not match or not names:
+        return BadRequestError(
+            f"{label} cannot take the request: {scrub(str(exc))[:300]}",
+            code="unsupported_parameter",
+        )
+    fields = ", ".join(f"'{n}'" for n in names)
+    return BadRequestError(
+        f"{label} ({match.group(1)}) does not take {fields}: send the request without "
+        f"{'it' if len(names) == 1 else 'them'}, or to a model that takes "
+        f"{'it' if len(names) == 1 else 'them'}",
+        code="unsupported_parameter",
+        param=names[0],
+    )
 
 
 def _tidy(payload: dict[str, Any]) -> dict[str, Any]:
