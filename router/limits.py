@@ -36,36 +36,40 @@ REDIS_RETRY_S = 1.0  # after a Redis failure, skip Redis for this long (no timeo
 
 # KEYS[1..4]: req current, req previous, tok current, tok previous.
 # ARGV: weight of the previous window, rpm (0 = none), tpm (0 = none), ttl.
-# Returns {allowed (1/0), which limit refused ("rpm"/"tpm"/"")}.
+# Returns {allowed (1/0), which limit refused ("rpm"/"tpm"/""), and that limit's current and
+# previous counts (for Retry-After)}.
 _LUA_ADMIT = """
 local w = tonumber(ARGV[1])
 local rpm = tonumber(ARGV[2])
 local tpm = tonumber(ARGV[3])
 if tpm > 0 then
-  local used = tonumber(redis.call('GET', KEYS[3]) or '0')
-             + w * tonumber(redis.call('GET', KEYS[4]) or '0')
-  if used >= tpm then return {0, 'tpm'} end
+  local cur = tonumber(redis.call('GET', KEYS[3]) or '0')
+  local prev = tonumber(redis.call('GET', KEYS[4]) or '0')
+  if cur + w * prev >= tpm then return {0, 'tpm', tostring(cur), tostring(prev)} end
 end
 if rpm > 0 then
-  local seen = tonumber(redis.call('GET', KEYS[1]) or '0')
-             + w * tonumber(redis.call('GET', KEYS[2]) or '0')
-  if seen + 1 > rpm then return {0, 'rpm'} end
+  local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+  local prev = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if cur + w * prev + 1 > rpm then return {0, 'rpm', tostring(cur), tostring(prev)} end
 end
 redis.call('INCR', KEYS[1])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-return {1, ''}
+return {1, '', '0', '0'}
 """
 
 
 # KEYS[1..2]: tok current, tok previous. ARGV: weight, tpm, tokens to reserve, ttl.
-# Returns 1 when the tokens were reserved, 0 when the window is already at the limit.
+# Returns {1} when the tokens were reserved, {0, current, previous} when the window is already
+# at the limit.
 _LUA_RESERVE = """
-local used = tonumber(redis.call('GET', KEYS[1]) or '0')
-           + tonumber(ARGV[1]) * tonumber(redis.call('GET', KEYS[2]) or '0')
-if used >= tonumber(ARGV[2]) then return 0 end
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+local prev = tonumber(redis.call('GET', KEYS[2]) or '0')
+if cur + tonumber(ARGV[1]) * prev >= tonumber(ARGV[2]) then
+  return {0, tostring(cur), tostring(prev)}
+end
 redis.call('INCRBY', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-return 1
+return {1}
 """
 
 # KEYS[1]: the window the tokens were reserved in. ARGV: the change (actual - reserved).
@@ -76,6 +80,12 @@ local left = redis.call('INCRBY', KEYS[1], ARGV[1])
 if left < 0 then redis.call('SET', KEYS[1], 0, 'KEEPTTL') end
 return 1
 """
+
+
+#: Which limit refused a request ("rpm", "tpm"; "" when admitted), with that limit's count in
+#: the current and the previous window.
+_Refusal = tuple[str, float, float]
+_ADMITTED: _Refusal = ("", 0.0, 0.0)
 
 
 @dataclass(slots=True)
@@ -113,11 +123,23 @@ class _Window:
         return self.current + weight * self.previous
 
 
-def _window(now: float) -> tuple[int, float, float]:
-    """(window start, weight of the previous window, seconds until this window ends)."""
+def _window(now: float) -> tuple[int, float]:
+    """(window start, weight of the previous window)."""
     start = int(now // WINDOW_S) * WINDOW_S
-    elapsed = now - start
-    return start, 1.0 - elapsed / WINDOW_S, WINDOW_S - elapsed
+    return start, 1.0 - (now - start) / WINDOW_S
+
+
+def _until_room(now: float, current: float, previous: float, room: float) -> float:
+    """Whole seconds from ``now`` until the sliding count of a window holding ``current`` (and
+    ``previous`` in the minute before it) is down to ``room``, if nothing more is admitted: the
+    ``Retry-After`` of a refusal. The end of the window alone is too soon: the minute counted
+    there still weighs in the next one, so a client that came back then was refused again."""
+    elapsed = now % WINDOW_S
+    if current <= room:  # within this window, as the previous minute slides out
+        wait = WINDOW_S * (previous - room + current) / previous - elapsed if previous else 0.0
+    else:  # in the next one, where this window's count is the previous minute's
+        wait = WINDOW_S - elapsed + WINDOW_S * (current - room) / current
+    return float(max(1, math.ceil(wait)))
 
 
 class RateLimiter:
@@ -151,34 +173,36 @@ class RateLimiter:
         if rpm is None and tpm is None:
             return
         now = time.time()
-        start, weight, retry = _window(now)
+        start, weight = _window(now)
         refused = None
         if self._use_redis(now):
             refused = await self._admit_redis(principal.tenant, start, weight, rpm, tpm)
         if refused is None:
             refused = self._admit_local(principal.tenant, start, weight, rpm, tpm)
-        if refused:
-            limit = rpm if refused == "rpm" else tpm
-            what = "requests" if refused == "rpm" else "tokens"
+        which, current, previous = refused
+        if which:
+            limit = (rpm if which == "rpm" else tpm) or 0
+            what = "requests" if which == "rpm" else "tokens"
+            room = limit - 1 if which == "rpm" else limit  # a request needs room for itself
             raise RateLimitError(
                 f"tenant '{principal.tenant}' is over its limit of {limit} {what} per minute",
-                retry_after=max(1.0, math.ceil(retry)),
-                code=f"{refused}_limit_exceeded",
+                retry_after=_until_room(now, current, previous, room),
+                code=f"{which}_limit_exceeded",
             )
 
     def _admit_local(
         self, tenant: str, start: int, weight: float, rpm: int | None, tpm: int | None
-    ) -> str:
+    ) -> _Refusal:
         requests = self._requests.setdefault(tenant, _Window(start))
         tokens = self._tokens.setdefault(tenant, _Window(start))
         requests.roll(start)
         tokens.roll(start)
         if tpm is not None and tokens.estimate(weight) >= tpm:
-            return "tpm"
+            return "tpm", tokens.current, tokens.previous
         if rpm is not None and requests.estimate(weight) + 1 > rpm:
-            return "rpm"
+            return "rpm", requests.current, requests.previous
         requests.current += 1
-        return ""
+        return _ADMITTED
 
     async def reserve(self, principal: Principal, tokens: int) -> TokenHold:
         """Reserve ``tokens`` in the tenant's window, or raise 429 ``tpm_limit_exceeded`` when the
@@ -187,22 +211,24 @@ class RateLimiter:
         if tpm is None:
             return TokenHold(None, principal.tenant, 0, 0)
         now = time.time()
-        start, weight, retry = _window(now)
+        start, weight = _window(now)
         tenant = principal.tenant
-        reserved: bool | None = None
+        refused: _Refusal | None = None
         if self._use_redis(now):
-            reserved = await self._reserve_redis(tenant, start, weight, tpm, tokens)
-        in_redis = reserved is not None
-        if reserved is None:
+            refused = await self._reserve_redis(tenant, start, weight, tpm, tokens)
+        in_redis = refused is not None
+        if refused is None:
             window = self._tokens.setdefault(tenant, _Window(start))
             window.roll(start)
-            reserved = window.estimate(weight) < tpm
-            if reserved:
+            refused = _ADMITTED
+            if window.estimate(weight) >= tpm:
+                refused = "tpm", window.current, window.previous
+            else:
                 window.current += tokens
-        if not reserved:
+        if refused[0]:
             raise RateLimitError(
                 f"tenant '{tenant}' is over its limit of {tpm} tokens per minute",
-                retry_after=max(1.0, math.ceil(retry)),
+                retry_after=_until_room(now, refused[1], refused[2], tpm),
                 code="tpm_limit_exceeded",
             )
         return TokenHold(self, tenant, start, tokens, in_redis=in_redis)
@@ -246,7 +272,7 @@ class RateLimiter:
 
     async def _reserve_redis(
         self, tenant: str, start: int, weight: float, tpm: int, tokens: int
-    ) -> bool | None:
+    ) -> _Refusal | None:
         base = f"tiergate:rl:{tenant}:tok"
         try:
             done = await self._reserve_script(
@@ -256,7 +282,9 @@ class RateLimiter:
         except Exception as exc:  # Redis down: reserve in-process instead
             self._redis_failed(exc)
             return None
-        return bool(int(done))
+        if int(done[0]):
+            return _ADMITTED
+        return "tpm", float(done[1]), float(done[2])
 
     async def _settle_redis(self, hold: TokenHold, delta: int) -> None:
         try:
@@ -268,7 +296,7 @@ class RateLimiter:
 
     async def _admit_redis(
         self, tenant: str, start: int, weight: float, rpm: int | None, tpm: int | None
-    ) -> str | None:
+    ) -> _Refusal | None:
         base = f"tiergate:rl:{tenant}"
         keys = [
             f"{base}:req:{start}",
@@ -277,15 +305,16 @@ class RateLimiter:
             f"{base}:tok:{start - WINDOW_S}",
         ]
         try:
-            allowed, which = await self._script(
+            allowed, which, current, previous = await self._script(
                 keys=keys, args=[weight, rpm or 0, tpm or 0, 2 * WINDOW_S]
             )
         except Exception as exc:  # Redis down: fall back to the in-process counters
             self._redis_failed(exc)
             return None
         if int(allowed):
-            return ""
-        return which.decode() if isinstance(which, bytes) else str(which)
+            return _ADMITTED
+        name = which.decode() if isinstance(which, bytes) else str(which)
+        return name, float(current), float(previous)
 
     def _redis_failed(self, exc: Exception) -> None:
         if time.time() >= self._redis_down_until:
