@@ -304,6 +304,14 @@ class UpstreamTimeoutError(BackendError):
     code = "upstream_timeout"
 
 
+class UpstreamAuthError(BackendError):
+    """The provider refused the key Tiergate sent it (401, 403): Tiergate's configuration, which
+    a client's retry cannot fix (``x-should-retry: false``). The chain still tries its next
+    model, which may be another provider's with a key that works."""
+
+    should_retry = False
+
+
 class UpstreamBadRequestError(BackendError):
     """The provider rejected the request as invalid (400); falling back would not help."""
 

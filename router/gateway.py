@@ -1150,7 +1150,11 @@ class Gateway:
                 errors.append(f"{model.name}: {exc.message}")
                 continue
             except BackendError as exc:
-                last = failure = exc
+                last = exc
+                # The failure answered is the last, unless it is one a retry cannot fix (a
+                # provider refusing its key) after one a retry may (a 500): that one stands.
+                if failure is None or failure.should_retry is not None or exc.should_retry is None:
+                    failure = exc
                 errors.append(f"{model.name}: {exc.message}")
                 log.warning("%s failed for %s: %s", model.name, ctx.request_id, exc.message)
                 if not exc.retryable:

@@ -36,7 +36,7 @@ from router.errors import (
 from router.gateway import Answer, Call, Gateway, PolicyHolder, StreamAnswer
 from router.limits import RateLimiter
 from router.outcomes import OutcomeRecord, SQLiteOutcomeStore
-from tests.conftest import KeywordScorer, live, policy_yaml, wait_for
+from tests.conftest import KeywordScorer, free_port, live, policy_yaml, wait_for
 from tests.fake_provider import Behaviour, FakeProvider
 from tests.scripted_local import ScriptedLocal as ScriptedStream
 
@@ -242,6 +242,47 @@ def test_a_fallback_that_cannot_take_a_field_keeps_the_failure_before_it(
     assert pinned.status_code == 400
     assert pinned.json()["error"]["param"] == "seed"
     assert pinned.json()["error"]["code"] == "unsupported_parameter"
+
+
+@pytest.mark.parametrize("model", ["gpt-4o", "claude"])
+def test_a_provider_refusing_its_key_is_not_retried_by_the_client(
+    tmp_path: Path, fake: FakeProvider, model: str
+) -> None:
+    # A provider's 401 (a wrong or revoked key in Tiergate's environment) was a plain 502: the
+    # OpenAI SDK sent the request three times, each one failing the same way.
+    fake.reset(Behaviour(mode="status", status=401))
+    body = {"model": model, "messages": [{"role": "user", "content": "HARD"}]}
+    with live(tmp_path, policy_yaml(fake, on_failure="closed")) as srv:
+        answer = srv.http.post("/v1/chat/completions", json=body)
+        assert answer.status_code == 502, answer.text
+        assert answer.headers["x-should-retry"] == "false"
+        assert "answered 401" in answer.text or "AuthenticationError" in answer.text
+        # The next model on the chain may have a key that works: it is still tried.
+        fake.reset(Behaviour(mode="status", status=401, failing_path="/completions"))
+        auto = srv.http.post("/v1/chat/completions", json={**body, "model": "auto"})
+    assert auto.status_code == 200
+    assert (auto.headers["x-tiergate-model"], auto.headers["x-tiergate-fallback"]) == (
+        "claude",
+        "closed->closed",
+    )
+
+
+def test_a_refused_key_after_a_failure_a_retry_may_fix_leaves_the_retry(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    # gpt-4o cannot be reached (a retry may find it), then claude refuses its key: the answer
+    # is gpt-4o's 502, which the client may retry, not claude's x-should-retry: false.
+    fake.reset(Behaviour(mode="status", status=401, failing_path="/messages"))
+    policy = policy_yaml(fake, on_failure="closed").replace(
+        f"api_base: {fake.base_url}\n", f"api_base: http://127.0.0.1:{free_port()}/v1\n", 1
+    )
+    body = {"model": "auto", "messages": [{"role": "user", "content": "HARD"}]}
+    with live(tmp_path, policy) as srv:
+        answer = srv.http.post("/v1/chat/completions", json=body)
+    assert answer.status_code == 502, answer.text
+    assert answer.json()["error"]["code"] == "upstream_unreachable"
+    assert "x-should-retry" not in answer.headers
+    assert [r.path for r in fake.received] == ["/v1/messages"]
 
 
 async def _burst_hold(url: str, local: ScriptedLocal, n: int) -> list[httpx.Response]:

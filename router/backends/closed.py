@@ -24,6 +24,7 @@ from router.errors import (
     BackendError,
     BadRequestError,
     TiergateError,
+    UpstreamAuthError,
     UpstreamBadRequestError,
     UpstreamRateLimitedError,
     UpstreamTimeoutError,
@@ -276,6 +277,8 @@ def map_litellm_error(exc: Exception, label: str) -> TiergateError:
         )
     if status in (400, 413, 422) or "BadRequest" in name:
         return UpstreamBadRequestError(message, upstream_status=status, param=param)
+    if status in (401, 403):
+        return UpstreamAuthError(message, upstream_status=status)
     if "Connection" in name or _cannot_connect(exc):
         return BackendError(message, code="upstream_unreachable", upstream_status=status)
     return BackendError(message, upstream_status=status if isinstance(status, int) else None)

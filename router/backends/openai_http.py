@@ -19,6 +19,7 @@ from router.backends import Completion, Usage, usage_from_body
 from router.errors import (
     BackendError,
     TiergateError,
+    UpstreamAuthError,
     UpstreamBadRequestError,
     UpstreamBadResponseError,
     UpstreamRateLimitedError,
@@ -84,6 +85,8 @@ def error_for_status(
         )
     if status in (408, 504):
         return UpstreamTimeoutError(message, upstream_status=status)
+    if status in (401, 403):
+        return UpstreamAuthError(message, upstream_status=status)
     return BackendError(message, upstream_status=status)
 
 
