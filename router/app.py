@@ -476,10 +476,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        if exc.status_code == 404:
-            err: TiergateError = NotFoundError("no such route", code="not_found")
+        route = f"{request.method} {request.url.path[:200]}"  # the client's own, cut short
+        if exc.status_code == 404:  # an OpenAI endpoint Tiergate does not serve, say
+            err: TiergateError = NotFoundError(
+                f"Tiergate does not serve {route}: it serves POST /v1/chat/completions, "
+                "/v1/messages and /v1/responses (GET /openapi.json lists every endpoint)",
+                code="not_found",
+            )
         else:
-            err = TiergateError(str(exc.detail), code=f"http_{exc.status_code}")
+            err = TiergateError(f"{route}: {exc.detail}", code=f"http_{exc.status_code}")
             err.status_code = exc.status_code
             err.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return _error_response(request, err)

@@ -139,6 +139,15 @@ def test_every_failure_is_answered_as_json_in_the_fronts_shape(
         missing = client.get("/v1/no-such-route")
         assert missing.status_code == 404
         assert missing.json()["error"]["code"] == "not_found"
+        # The openai SDK's embeddings.create read "no such route": which, and what is served?
+        embeddings = client.post("/v1/embeddings", json={"model": "auto", "input": "hi"})
+        assert embeddings.status_code == 404
+        message = embeddings.json()["error"]["message"]
+        assert message.startswith("Tiergate does not serve POST /v1/embeddings: ")
+        assert "/v1/chat/completions" in message
+        listing = client.delete("/v1/models")
+        assert listing.status_code == 405
+        assert listing.json()["error"]["message"] == "DELETE /v1/models: Method Not Allowed"
         bad = client.post("/v1/chat/completions", json={"model": "auto"})
         assert bad.status_code == 400
         assert bad.json()["error"]["type"] == "invalid_request_error"
