@@ -1157,7 +1157,9 @@ class Gateway:
                     failure = exc
                 errors.append(f"{model.name}: {exc.message}")
                 log.warning("%s failed for %s: %s", model.name, ctx.request_id, exc.message)
-                if not exc.retryable:
+                if exc.retryable:  # a 400 is the request's fault, not the provider's
+                    self.telemetry.on_attempt_failed(model, exc)
+                else:
                     wider = (
                         _wider(model, queue[i:]) if exc.code == "context_length_exceeded" else []
                     )

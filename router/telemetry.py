@@ -328,6 +328,11 @@ class Telemetry:
             "fallbacks": counter(
                 "tiergate.fallbacks", unit="{request}", description="Requests served by a fallback."
             ),
+            "upstream_failures": counter(
+                "tiergate.upstream.failures",
+                unit="{call}",
+                description="Model calls that failed before answering, fallen back from or not.",
+            ),
             "shadow_cost": counter(
                 "tiergate.shadow.cost.usd",
                 unit="1",
@@ -435,6 +440,16 @@ class Telemetry:
         ins["counterfactual"].add(record.counterfactual_cost_usd, {"tenant": record.tenant})
         if record.fallback:
             ins["fallbacks"].add(1, {"fallback": record.fallback, "model": model})
+
+    def on_attempt_failed(self, model: ModelLike, error: TiergateError) -> None:
+        """Count a model call that failed before it answered, by the model that failed.
+
+        A request that a fallback then served is counted by ``on_record`` under the model that
+        answered: this is where the one that failed shows, which is what an operator looks for
+        when a provider is down."""
+        if self._instruments:
+            attrs = {"tier": model.tier, "model": model.name, "error_type": error.code}
+            self._instruments["upstream_failures"].add(1, attrs)
 
     # -- spans -----------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import live, policy_yaml, wait_for
-from tests.fake_provider import FakeProvider
+from tests.fake_provider import Behaviour, FakeProvider
 from tests.test_gateway import ScriptedLocal
 
 
@@ -93,3 +93,36 @@ def test_metrics_off_answers_503(tmp_path: Path, fake: FakeProvider) -> None:
     # It names the setting that turned them off, not an extra: /metrics needs none.
     assert "TIERGATE_METRICS_ENABLED=false" in response.text
     assert "tiergate[otel]" not in response.text
+
+
+def test_metrics_name_the_model_that_failed_before_a_fallback(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    # gpt-4o answers 500 and claude answers: the requests are ok and fall back, so the
+    # request counters name only claude; the failures counter names the provider that failed.
+    fake.reset(Behaviour(mode="status", status=500, failing_path="/chat/completions"))
+    with live(
+        tmp_path, policy_yaml(fake, on_failure="closed"), local_backend_obj=ScriptedLocal()
+    ) as srv:
+
+        def chat() -> int:
+            body = {"model": "auto", "messages": [{"role": "user", "content": "HARD"}]}
+            return srv.http.post("/v1/chat/completions", json=body).status_code
+
+        assert [chat() for _ in range(3)] == [200] * 3
+        fake.reset(Behaviour(mode="rate_limit"))  # now both providers say "later"
+        assert chat() == 429
+        families = _families(srv.http.get("/metrics").text)
+
+    failures = {
+        (labels["tier"], labels["model"], labels["error_type"]): value
+        for name, labels, value in families["tiergate_upstream_failures"]
+        if name == "tiergate_upstream_failures_total"
+    }
+    assert failures == {
+        ("closed", "gpt-4o", "upstream_error"): 3,
+        ("closed", "gpt-4o", "upstream_rate_limited"): 1,
+        ("closed", "claude", "upstream_rate_limited"): 1,
+    }
+    fallbacks = {labels["model"]: v for _, labels, v in families["tiergate_fallbacks"]}
+    assert fallbacks == {"claude": 3}
