@@ -1156,7 +1156,19 @@ class Gateway:
                 if failure is None or failure.should_retry is not None or exc.should_retry is None:
                     failure = exc
                 errors.append(f"{model.name}: {exc.message}")
-                log.warning("%s failed for %s: %s", model.name, ctx.request_id, exc.message)
+                log.warning(
+                    "%s failed for %s: %s",
+                    model.name,
+                    ctx.request_id,
+                    exc.message,
+                    extra={
+                        "request_id": ctx.request_id,
+                        "tier": model.tier,
+                        "model": model.name,
+                        "error_type": exc.code,
+                        "upstream_status": exc.upstream_status,
+                    },
+                )
                 if exc.retryable:  # a 400 is the request's fault, not the provider's
                     self.telemetry.on_attempt_failed(model, exc)
                 else:

@@ -8,9 +8,15 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
-from tests.conftest import REPO
+import pytest
+
+from router.logs import JSONFormatter
+from tests.conftest import REPO, live, policy_yaml
+from tests.fake_provider import Behaviour, FakeProvider
+from tests.scripted_local import ScriptedLocal
 
 _PROGRAM = textwrap.dedent(
     """
@@ -81,8 +87,6 @@ def test_every_stderr_line_is_json_and_tracebacks_are_a_field() -> None:
 def test_fields_are_kept_but_a_library_s_bare_marker_is_not() -> None:
     import logging
 
-    from router.logs import JSONFormatter
-
     record = logging.LogRecord("tiergate.x", logging.INFO, __file__, 1, "done %s", ("ok",), None)
     record.request_id = "req_1"
     record.litellm_redacted = object()  # what litellm's redaction filter stamps on a record
@@ -118,3 +122,23 @@ def test_a_call_through_litellm_logs_json_lines_only() -> None:
     returncode, records = _json_lines(_LITELLM_CALL, LITELLM_LOCAL_MODEL_COST_MAP="True")
     assert returncode == 0, records
     assert any(r["logger"] == "LiteLLM" for r in records), records  # its record, kept
+
+
+def test_a_failed_attempt_s_line_names_its_request_model_and_error(
+    tmp_path: Path, fake: FakeProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On call, the warning a failed model call writes is found by field, not by parsing its
+    message: the request it belongs to, the model that failed and how (without tracing on)."""
+    fake.reset(Behaviour(mode="status", status=503, failing_path="/chat/completions"))
+    with live(
+        tmp_path, policy_yaml(fake, on_failure="closed"), local_backend_obj=ScriptedLocal()
+    ) as srv:
+        body = {"model": "auto", "messages": [{"role": "user", "content": "HARD"}]}
+        with caplog.at_level("WARNING", logger="tiergate.gateway"):
+            response = srv.http.post("/v1/chat/completions", json=body)
+    assert response.headers["x-tiergate-fallback"] == "closed->closed"
+    (record,) = [r for r in caplog.records if "failed for" in r.getMessage()]
+    line = json.loads(JSONFormatter().format(record))
+    assert line["request_id"] == response.headers["x-request-id"]
+    assert line["model"] == "gpt-4o" and line["tier"] == "closed"
+    assert line["error_type"] == "upstream_error" and line["upstream_status"] == 503
