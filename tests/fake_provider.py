@@ -46,7 +46,7 @@ class Behaviour:
 
     mode: str = "ok"
     status: int = 500
-    retry_after: int = 7
+    retry_after: int | str = 7  # seconds, or any text (an HTTP-date) sent as it is
     stall_s: float = 5.0
     text: str = "Hello from the closed model, streamed word by word."
     chunk_delay_s: float = 0.0

@@ -8,6 +8,7 @@ closed tier is the fake provider told to misbehave; the local tier is :class:`Sc
 
 from __future__ import annotations
 
+import email.utils
 import json
 import logging
 import socket
@@ -143,6 +144,30 @@ def test_closed_429_passes_retry_after_through_when_no_fallback(
     assert fallback.headers["x-tiergate-fallback"] == "closed->local"
     assert "retry-after" not in fallback.headers
     _records(server, 2)
+
+
+@pytest.mark.parametrize("model", ["gpt-4o", "claude"])  # direct HTTP, litellm
+def test_a_retry_after_date_is_passed_on_and_a_garbled_one_is_ignored(
+    server: LiveServer, fake: FakeProvider, model: str
+) -> None:
+    """RFC 9110 allows Retry-After as an HTTP-date: passed on as the seconds until then. One
+    that is neither (``inf``, ``nan``, a word) is ignored: the 429 is still a 429, and a
+    request with a fallback still falls back, rather than failing as an internal error."""
+    in_30_s = email.utils.formatdate(time.time() + 30, usegmt=True)
+    fake.reset(Behaviour(mode="rate_limit", retry_after=in_30_s))
+    dated = _post(server, {**PINNED, "model": model})
+    assert dated.status_code == 429
+    assert 25 <= int(dated.headers["retry-after"]) <= 31
+    for garbled in ("inf", "nan", "soon"):
+        fake.reset(Behaviour(mode="rate_limit", retry_after=garbled))
+        pinned = _post(server, {**PINNED, "model": model})
+        assert pinned.status_code == 429, pinned.text
+        assert pinned.json()["error"]["code"] == "upstream_rate_limited"
+        assert "retry-after" not in pinned.headers
+        fallback = _post(server, HARD)
+        assert fallback.status_code == 200, fallback.text
+        assert fallback.headers["x-tiergate-fallback"] == "closed->local"
+    _records(server, 7)
 
 
 def test_closed_timeout_uses_the_models_timeout(tmp_path: Path, fake: FakeProvider) -> None:

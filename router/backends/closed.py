@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 
 from router.backends import MESSAGE_FIELD, Completion, ModelLike, Usage, usage_from_body
-from router.backends.openai_http import OpenAIHTTP
+from router.backends.openai_http import OpenAIHTTP, retry_after_s
 from router.errors import (
     BackendError,
     BadRequestError,
@@ -351,8 +351,7 @@ def _retry_after(exc: Exception) -> float | None:
     ):
         if headers is None:
             continue
-        try:
-            return float(headers.get("retry-after"))
-        except (TypeError, ValueError):
-            continue
+        seconds = retry_after_s(headers.get("retry-after"))
+        if seconds is not None:
+            return seconds
     return None

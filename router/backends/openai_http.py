@@ -9,7 +9,11 @@ the endpoint directly keeps the proxy's added latency far below a litellm round 
 from __future__ import annotations
 
 import asyncio
+import datetime
+import email.utils
 import json
+import math
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
@@ -30,11 +34,23 @@ from router.errors import (
 _JSON = {"content-type": "application/json"}
 
 
-def _retry_after(value: str | None) -> float | None:
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
+def retry_after_s(value: Any) -> float | None:
+    """The seconds a ``Retry-After`` header asks for: a number of seconds, or an HTTP-date
+    (RFC 9110) counted from now. None when absent or unreadable (``inf``, ``nan``, a word,
+    a negative number): a garbled header must not turn a 429 into an internal error."""
+    if not isinstance(value, str):
         return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:  # "-0000": UTC, as the RFC's dates are
+            when = when.replace(tzinfo=datetime.UTC)
+        seconds = when.timestamp() - time.time()
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def _upstream_error(raw: bytes) -> dict[str, Any]:
@@ -71,7 +87,7 @@ def error_for_status(
     message = f"{label} answered {status}: {scrub(_upstream_message(error, reason), [api_key])}"
     if status == 429:
         return UpstreamRateLimitedError(
-            message, upstream_status=status, retry_after=_retry_after(retry_after)
+            message, upstream_status=status, retry_after=retry_after_s(retry_after)
         )
     if status in (400, 413, 422):
         over = error.get("code") == "context_length_exceeded"
