@@ -489,10 +489,9 @@ class Gateway:
                     yield _usage_chunk(ctx, relay.id, relay.model)
         except (Exception, asyncio.CancelledError, GeneratorExit) as exc:
             status, http_status, error = _outcome(exc, self.stopping)
-            if isinstance(exc, TiergateError):
-                exc.headers.update(self.explain(ctx))
-            elif http_status == 500 and source is not None:
-                log.exception("stream %s failed", ctx.request_id)
+            internal = self._explained(ctx, exc, opened=source is not None)
+            if internal is not None:
+                raise internal from exc
             raise
         finally:
             if source is not None:
@@ -502,6 +501,20 @@ class Gateway:
                 hold.settle(ctx.tokens_used())
         if answer is not None and self.learning is not None:
             self.learning.after_response(ctx, call.body, answer)
+
+    def _explained(
+        self, ctx: RequestContext, exc: BaseException, *, opened: bool
+    ) -> TiergateError | None:
+        """Give a failed request's error its headers (``x-request-id``, the decision). A defect
+        (any other exception) is logged with the request id and, unless a stream has started,
+        answered as a 500 that carries those headers too: returned for the caller to raise."""
+        if isinstance(exc, TiergateError):
+            exc.headers.update(self.explain(ctx))
+            return None
+        if not isinstance(exc, Exception):  # cancelled: a client that left, or shutdown
+            return None
+        log.exception("request %s failed", ctx.request_id, extra={"request_id": ctx.request_id})
+        return None if opened else TiergateError("internal error", headers=self.explain(ctx))
 
     async def _admit(self, call: Call, ctx: RequestContext) -> TokenHold:
         """Check the pin, decide, choose what to store, reserve spend, refuse (budget,

@@ -210,6 +210,30 @@ def test_closed_connection_reset_mid_stream(server: LiveServer, fake: FakeProvid
 # -- local tier faults -------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("front", ["/v1/chat/completions", "/v1/messages"])
+def test_an_internal_error_still_names_its_request(
+    server: LiveServer, local: ScriptedLocal, front: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A defect (not a Tiergate error) answers 500 with the request's x-request-id, as every
+    error of the chat endpoints does, so the client's report leads to the record and to the
+    traceback's log line."""
+    local.mode = "defect"
+    body = {**EASY, "max_tokens": 16}
+    with caplog.at_level(logging.ERROR):
+        response = server.http.post(front, json=body)
+    assert response.status_code == 500
+    request_id = response.headers["x-request-id"]
+    assert response.headers["x-tiergate-rule"]
+    record = _record(server, response)
+    assert (record["status"], record["http_status"], record["error_type"]) == (
+        "error",
+        500,
+        "internal_error",
+    )
+    (line,) = [r for r in caplog.records if r.exc_info]
+    assert getattr(line, "request_id", None) == request_id
+
+
 def test_local_overloaded_spills_or_refuses(
     server: LiveServer, fake: FakeProvider, local: ScriptedLocal
 ) -> None:
