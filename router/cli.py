@@ -1167,7 +1167,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
                 f"{row['created_at'] or '-':25}  {row['parent'] or '-':8}  {labels:>6}  "
                 f"{row['design'] or '-':8}  {row['gate'] or row['error'] or '-'}"
             )
-        print(f"-- {len(rows)} versions in {store.root}; * = current")
+        noun = "version" if len(rows) == 1 else "versions"
+        print(f"-- {len(rows)} {noun} in {store.root}; * = current")
     return 0
 
 
@@ -1229,7 +1230,10 @@ def _add_retrain_command(sub: Any) -> None:
     )
     retrain.add_argument("--store", type=Path, help="model store (TIERGATE_MODEL_STORE)")
     retrain.add_argument(
-        "--base", type=Path, default=Path("../shared/data"), help="folder of the base files"
+        "--base",
+        type=Path,
+        default=Path("../shared/data"),
+        help="folder of the base files (default: ../shared/data)",
     )
     retrain.add_argument("--db", type=Path, help="SQLite outcome store (default from settings)")
     retrain.add_argument("--min-gain", type=float, default=0.0, help="APGR gain needed (0)")

@@ -229,15 +229,17 @@ def test_models_cli_promote_and_rollback(
 ) -> None:
     base = base_file(tmp_path)
     models = first_version(tmp_path, base)
-    models.adopt(models.path("v0001"))  # a second version (a copy) to move between
     store = str(models.root)
+    assert main(["models", "list", "--store", store]) == 0
+    assert "-- 1 version in" in capsys.readouterr().out
+    models.adopt(models.path("v0001"))  # a second version (a copy) to move between
     assert main(["models", "promote", "v0002", "--store", store]) == 0
     assert models.current() == "v0002"
     assert main(["models", "rollback", "--store", store]) == 0
     assert models.current() == "v0001"
     assert main(["models", "list", "--store", store]) == 0
     out = capsys.readouterr().out
-    assert "* v0001" in out and "  v0002" in out
+    assert "* v0001" in out and "  v0002" in out and "-- 2 versions in" in out
     assert main(["models", "promote", "v0099", "--store", store]) == 2
 
 
