@@ -718,6 +718,7 @@ def readiness(svc: Services) -> dict[str, Any]:
             "available": (reason := gateway.unavailable_reason(policy.models[name])) is None,
             "reason": reason,
             "priced": gateway.costs.closed_price(policy.models[name]) is not None,
+            "cooldown": gateway.cooldowns.status().get(name),
         }
         for name in policy.closed_models
     }

@@ -32,6 +32,7 @@ from router.backends.native import NativeBackend
 from router.backends.openai_http import OpenAIHTTP
 from router.cascade import CascadeModel
 from router.config import BUNDLED_GGUF, Settings
+from router.cooldown import Cooldowns
 from router.costs import CostBook, load_litellm_cost_map
 from router.dashboard import router as observability_router
 from router.errors import (
@@ -282,6 +283,9 @@ def create_app(
                 else await asyncio.to_thread(load_cascade_model, settings)
             ),
             companion=static_companion,
+            cooldowns=Cooldowns(
+                after_fails=settings.cooldown_after_fails, cooldown_s=settings.cooldown_s
+            ),
         )
         # A policy that starts with `encoder: false` loads the static companion now, not on
         # the first request.

@@ -114,6 +114,17 @@ class Settings(BaseSettings):
     closed_timeout_s: float = Field(
         120.0, gt=0, description="Closed-provider timeout, seconds (a model's timeout_s wins)."
     )
+    cooldown_s: float = Field(
+        30.0,
+        ge=0,
+        description="How long a closed model that keeps failing (cooldown_after_fails calls in "
+        "a row: timeouts, refused connections, 5xx) is passed over for the next model of each "
+        "request's chain; a 429 cools it for its Retry-After (at most 120 s). A cooling model is "
+        "still called when nothing after it can be. 0 turns cooling off.",
+    )
+    cooldown_after_fails: int = Field(
+        3, ge=1, description="Failed calls in a row that cool a closed model (see cooldown_s)."
+    )
     shutdown_timeout_s: int = Field(
         15,
         ge=1,

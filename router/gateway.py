@@ -43,6 +43,7 @@ from router.cascade import (
     answer_stats,
     judge,
 )
+from router.cooldown import Cooldowns
 from router.costs import CostBook
 from router.errors import (
     BackendError,
@@ -365,8 +366,10 @@ class Gateway:
         telemetry: Telemetry | None = None,
         cascade: CascadeModel | None = None,
         companion: Callable[[Scorer], Scorer | None] | None = None,
+        cooldowns: Cooldowns | None = None,
     ) -> None:
         self.policies = policy
+        self.cooldowns = cooldowns if cooldowns is not None else Cooldowns()
         self.cascade = cascade
         self.scorer = scorer
         self._companion = companion
@@ -1140,7 +1143,7 @@ class Gateway:
             model, fallback = queue[i]
             i += 1
             backend = self.backend(model)
-            reason = self.unavailable_reason(model)
+            reason = self.unavailable_reason(model) or self._passed_over(model, queue[i:])
             if backend is None or reason:
                 errors.append(f"{model.name}: {reason}")
                 continue
@@ -1169,22 +1172,8 @@ class Gateway:
                 if failure is None or failure.should_retry is not None or exc.should_retry is None:
                     failure = exc
                 errors.append(f"{model.name}: {exc.message}")
-                log.warning(
-                    "%s failed for %s: %s",
-                    model.name,
-                    ctx.request_id,
-                    exc.message,
-                    extra={
-                        "request_id": ctx.request_id,
-                        "tier": model.tier,
-                        "model": model.name,
-                        "error_type": exc.code,
-                        "upstream_status": exc.upstream_status,
-                    },
-                )
-                if exc.retryable:  # a 400 is the request's fault, not the provider's
-                    self.telemetry.on_attempt_failed(model, exc)
-                else:
+                self._failed(ctx, model, exc)
+                if not exc.retryable:
                     wider = (
                         _wider(model, queue[i:]) if exc.code == "context_length_exceeded" else []
                     )
@@ -1193,8 +1182,64 @@ class Gateway:
                     queue[i:] = wider
                 continue
             ctx.served = Served(model, fallback)
+            self.cooldowns.succeeded(model.name)
             return result
         raise self._exhausted(ctx, errors, last, failure, tried)
+
+    def _cooling(self, model: ModelSpec) -> str | None:
+        """Why a closed ``model`` is passed over now (router.cooldown), or None."""
+        if model.tier != "closed":
+            return None
+        left = self.cooldowns.left(model.name)
+        return f"cooling down for {left:.0f} s more after failing" if left else None
+
+    def _passed_over(
+        self, model: ModelSpec, rest: list[tuple[ModelSpec, str | None]]
+    ) -> str | None:
+        """Why ``model`` is passed over for the rest of its chain: it is cooling down and a model
+        after it can be called. None: call it (a cooldown alone never fails a request)."""
+        cooling = self._cooling(model)
+        return cooling if cooling and any(self._callable(m) for m, _ in rest) else None
+
+    def _callable(self, model: ModelSpec) -> bool:
+        """Whether ``model`` could be called now: served, available and not cooling."""
+        return (
+            self.backend(model) is not None
+            and self.unavailable_reason(model) is None
+            and self._cooling(model) is None
+        )
+
+    def _failed(self, ctx: RequestContext, model: ModelSpec, exc: BackendError) -> None:
+        """Log a model's failed call; count it, and a closed model's cooldown it starts, unless
+        it is the request's fault (a 400, not the provider's)."""
+        log.warning(
+            "%s failed for %s: %s",
+            model.name,
+            ctx.request_id,
+            exc.message,
+            extra={
+                "request_id": ctx.request_id,
+                "tier": model.tier,
+                "model": model.name,
+                "error_type": exc.code,
+                "upstream_status": exc.upstream_status,
+            },
+        )
+        if not exc.retryable:
+            return
+        self.telemetry.on_attempt_failed(model, exc)
+        if model.tier != "closed":
+            return
+        seconds = self.cooldowns.failed(model.name, exc)
+        if seconds:
+            self.telemetry.on_cooldown(model, exc)
+            log.warning(
+                "%s cools down for %.0f s (%s): requests go to the next model of their chain",
+                model.name,
+                seconds,
+                exc.code,
+                extra={"model": model.name, "error_type": exc.code},
+            )
 
     def _exhausted(
         self,

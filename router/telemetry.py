@@ -333,6 +333,11 @@ class Telemetry:
                 unit="{call}",
                 description="Model calls that failed before answering, fallen back from or not.",
             ),
+            "cooldowns": counter(
+                "tiergate.cooldowns",
+                unit="{cooldown}",
+                description="Cooldowns of closed models that kept failing (router.cooldown).",
+            ),
             "shadow_cost": counter(
                 "tiergate.shadow.cost.usd",
                 unit="1",
@@ -440,6 +445,12 @@ class Telemetry:
         ins["counterfactual"].add(record.counterfactual_cost_usd, {"tenant": record.tenant})
         if record.fallback:
             ins["fallbacks"].add(1, {"fallback": record.fallback, "model": model})
+
+    def on_cooldown(self, model: ModelLike, error: TiergateError) -> None:
+        """Count a cooldown a closed model's failures started (router.cooldown)."""
+        if self._instruments:
+            attrs = {"model": model.name, "error_type": error.code}
+            self._instruments["cooldowns"].add(1, attrs)
 
     def on_attempt_failed(self, model: ModelLike, error: TiergateError) -> None:
         """Count a model call that failed before it answered, by the model that failed.

@@ -100,9 +100,13 @@ def test_metrics_name_the_model_that_failed_before_a_fallback(
 ) -> None:
     # gpt-4o answers 500 and claude answers: the requests are ok and fall back, so the
     # request counters name only claude; the failures counter names the provider that failed.
+    # (Cooling off: gpt-4o is called by every request; tests/test_cooldown.py has the rest.)
     fake.reset(Behaviour(mode="status", status=500, failing_path="/chat/completions"))
     with live(
-        tmp_path, policy_yaml(fake, on_failure="closed"), local_backend_obj=ScriptedLocal()
+        tmp_path,
+        policy_yaml(fake, on_failure="closed"),
+        local_backend_obj=ScriptedLocal(),
+        cooldown_s=0,
     ) as srv:
 
         def chat() -> int:

@@ -1,0 +1,120 @@
+"""Cooling down closed models that keep failing (router.cooldown), alone and in the gateway."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from router.api import readiness
+from router.cooldown import MAX_COOLDOWN_S, Cooldowns
+from router.errors import (
+    BackendError,
+    UpstreamAuthError,
+    UpstreamBadRequestError,
+    UpstreamRateLimitedError,
+    UpstreamTimeoutError,
+)
+from router.services import services
+from tests.conftest import live, policy_yaml
+from tests.fake_provider import Behaviour, FakeProvider
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_failures_in_a_row_cool_a_model_and_an_answer_ends_it() -> None:
+    clock = Clock()
+    cool = Cooldowns(after_fails=3, cooldown_s=30, clock=clock)
+    assert cool.failed("gpt", UpstreamTimeoutError("slow")) is None
+    assert cool.failed("gpt", BackendError("500")) is None
+    assert cool.failed("gpt", BackendError("unreachable", code="upstream_unreachable")) == 30
+    assert cool.left("gpt") == 30 and cool.left("claude") == 0
+    assert cool.status() == {
+        "gpt": {"seconds_left": 30.0, "reason": "upstream_unreachable", "failures": 3}
+    }
+    assert cool.failed("gpt", BackendError("500")) is None  # while cooling: no new cooldown
+    clock.now += 31
+    assert cool.left("gpt") == 0 and cool.status() == {}
+    # The probe after the cooldown fails: another cooldown at once.
+    assert cool.failed("gpt", BackendError("500")) == 30
+    cool.succeeded("gpt")
+    assert cool.left("gpt") == 0
+    assert cool.failed("gpt", BackendError("500")) is None  # the count starts again
+
+
+def test_a_429_cools_for_its_retry_after_within_bounds() -> None:
+    clock = Clock()
+    cool = Cooldowns(after_fails=3, cooldown_s=30, clock=clock)
+    assert cool.failed("a", UpstreamRateLimitedError("429", retry_after=20)) == 20
+    assert cool.failed("b", UpstreamRateLimitedError("429", retry_after=86400)) == MAX_COOLDOWN_S
+    assert cool.failed("c", UpstreamRateLimitedError("429")) == 30
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        UpstreamBadRequestError("400: the request's fault"),
+        UpstreamAuthError("401: Tiergate's key"),
+        BackendError("too long", code="context_length_exceeded"),
+    ],
+)
+def test_failures_a_later_call_would_meet_again_do_not_cool(error: BackendError) -> None:
+    if error.code == "context_length_exceeded":
+        error.retryable = False
+    cool = Cooldowns(after_fails=1, cooldown_s=30, clock=Clock())
+    assert cool.failed("gpt", error) is None and cool.left("gpt") == 0
+
+
+def test_cooldown_s_zero_turns_it_off() -> None:
+    cool = Cooldowns(after_fails=1, cooldown_s=0, clock=Clock())
+    assert cool.failed("gpt", UpstreamRateLimitedError("429", retry_after=5)) is None
+
+
+def test_a_failing_provider_is_passed_over_while_it_cools(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """gpt-4o answers 500, claude works. After two failed calls in a row gpt-4o cools: the next
+    request goes straight to claude instead of waiting on gpt-4o first. A request pinned to
+    gpt-4o still calls it (a cooldown alone never fails a request); once the cooldown is over,
+    the next request tries gpt-4o again."""
+    fake.reset(Behaviour(mode="status", status=500, failing_path="/chat/completions"))
+    policy = policy_yaml(fake, on_failure="closed")
+    body = {"model": "auto", "messages": [{"role": "user", "content": "HARD"}]}
+    with live(tmp_path, policy, cooldown_after_fails=2, cooldown_s=30) as srv:
+        clock = Clock()
+        srv.gateway.cooldowns._clock = clock
+        for _ in range(2):
+            answer = srv.http.post("/v1/chat/completions", json=body)
+            assert answer.status_code == 200 and answer.headers["x-tiergate-model"] == "claude"
+        assert [r.path for r in fake.received] == ["/v1/chat/completions", "/v1/messages"] * 2
+        ready = readiness(services(srv.app))["closed"]
+        fake.received.clear()
+        answer = srv.http.post("/v1/chat/completions", json=body)
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["x-tiergate-model"] == "claude"
+        assert answer.headers["x-tiergate-fallback"] == "closed->closed"
+        assert [r.path for r in fake.received] == ["/v1/messages"]
+        pinned = srv.http.post("/v1/chat/completions", json={**body, "model": "gpt-4o"})
+        assert pinned.status_code == 502
+        assert [r.path for r in fake.received] == ["/v1/messages", "/v1/chat/completions"]
+        fake.reset()  # gpt-4o heals
+        clock.now += 31
+        answer = srv.http.post("/v1/chat/completions", json=body)
+        assert answer.headers["x-tiergate-model"] == "gpt-4o"
+        assert srv.gateway.cooldowns.status() == {}
+        metrics = srv.http.get("/metrics").text
+    assert ready["gpt-4o"]["cooldown"] == {
+        "seconds_left": 30.0,
+        "reason": "upstream_error",
+        "failures": 2,
+    }
+    assert ready["claude"]["cooldown"] is None
+    cooled = [line for line in metrics.splitlines() if line.startswith("tiergate_cooldowns_total")]
+    assert len(cooled) == 1 and cooled[0].endswith(" 1.0")
+    assert 'error_type="upstream_error"' in cooled[0] and 'model="gpt-4o"' in cooled[0]
