@@ -49,7 +49,8 @@ def to_chat(body: Mapping[str, Any], request_id: str) -> tuple[dict[str, Any], T
     """The chat request for a validated Messages request.
 
     ``metadata`` is kept whole, as on the chat front, so the policy can read it; it is not
-    sent to a provider.
+    sent to a provider. ``tool_choice.disable_parallel_tool_use`` becomes
+    ``parallel_tool_calls: false`` (only with tools: OpenAI refuses it without).
     """
     _litellm()
     from litellm.llms.anthropic.messages.adapters.transformation import (
@@ -66,6 +67,9 @@ def to_chat(body: Mapping[str, Any], request_id: str) -> tuple[dict[str, Any], T
     out["messages"] = [_without_nulls(m) for m in out["messages"]]
     if body.get("metadata") is not None:
         out["metadata"] = body["metadata"]
+    choice = body.get("tool_choice")
+    if isinstance(choice, Mapping) and choice.get("disable_parallel_tool_use") and out.get("tools"):
+        out["parallel_tool_calls"] = False  # litellm's adapter leaves it out
     if body.get("stream"):
         out["stream"] = True
         out["stream_options"] = {"include_usage": True}

@@ -108,6 +108,19 @@ def test_a_system_string_leads_the_chat() -> None:
     assert "stream" not in chat
 
 
+@pytest.mark.parametrize("kind", ["auto", "any", "tool"])
+def test_disabling_parallel_tool_use_reaches_the_chat_request(kind: str) -> None:
+    # The flag was dropped: an OpenAI model could answer with several tool calls at once.
+    choice: dict[str, Any] = {"type": kind, "disable_parallel_tool_use": True}
+    if kind == "tool":
+        choice["name"] = "get_weather"
+    chat, _ = messages.to_chat(request(tools=[TOOL], tool_choice=choice), "req_1")
+    validate_chat(chat)
+    assert chat["parallel_tool_calls"] is False
+    allowed, _ = messages.to_chat(request(tools=[TOOL], tool_choice={"type": kind}), "req_2")
+    assert "parallel_tool_calls" not in allowed
+
+
 def test_max_tokens_is_required() -> None:
     body = request()
     del body["max_tokens"]
