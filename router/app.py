@@ -43,6 +43,7 @@ from router.errors import (
     StoreUnavailableError,
     TiergateError,
     error_body,
+    on_messages_front,
 )
 from router.gateway import Gateway, PolicyHolder
 from router.learning import LearningLoop, purge_loop
@@ -341,6 +342,34 @@ def create_app(
     return app
 
 
+class AnthropicRequestId:
+    """ASGI middleware: on the Messages front, ``x-request-id`` is also sent as ``request-id``.
+
+    Anthropic names its request id ``request-id``, and its SDK reads that header alone (a
+    message's ``_request_id``, an ``APIStatusError``'s ``request_id``): without it both were
+    None, and the id that finds the outcome record was out of the app's reach.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        """Pass through, adding the header to a Messages response that has a request id."""
+        if scope["type"] != "http" or not on_messages_front(str(scope.get("path", ""))):
+            await self.app(scope, receive, send)
+            return
+
+        async def sending(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", ()))
+                ids = [v for k, v in headers if k.lower() == b"x-request-id"]
+                if ids and not any(k.lower() == b"request-id" for k, _ in headers):
+                    message["headers"] = [*headers, (b"request-id", ids[0])]
+            await send(message)
+
+        await self.app(scope, receive, sending)
+
+
 def _telemetry(app: FastAPI) -> Telemetry | None:
     svc = running(app)
     return svc.telemetry if svc is not None else None
@@ -465,8 +494,10 @@ def _error_response(request: Request, exc: TiergateError) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     """One place where every error becomes JSON: OpenAI's shape, or Anthropic's on its front
-    (a request stopped at shutdown too: :class:`StoppedAtShutdown`)."""
+    (a request stopped at shutdown too: :class:`StoppedAtShutdown`), whose answers, errors
+    included, also carry their id as Anthropic's ``request-id`` (:class:`AnthropicRequestId`)."""
     app.add_middleware(StoppedAtShutdown, stopping=lambda: _stopping(app))
+    app.add_middleware(AnthropicRequestId)
 
     async def on_tiergate(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, TiergateError)

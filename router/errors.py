@@ -90,10 +90,15 @@ ANTHROPIC_ERROR_TYPES = {
 MESSAGES_PATH = "/v1/messages"
 
 
+def on_messages_front(path: str) -> bool:
+    """Whether ``path`` is Anthropic's front (``/v1/messages`` and below)."""
+    return path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/")
+
+
 def error_body(exc: TiergateError, path: str) -> dict[str, Any]:
     """The error JSON for a request to ``path``: Anthropic's shape on its front, else
     OpenAI's."""
-    if path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/"):
+    if on_messages_front(path):
         return anthropic_error_body(exc)
     return exc.to_body()
 

@@ -494,6 +494,23 @@ def test_messages_errors_take_anthropics_shape(
     assert "max_tokens" in bare.json()["error"]["message"]
 
 
+def test_the_anthropic_sdk_sees_the_request_id(
+    claude_client: anthropic.Anthropic, store: CapturingStore
+) -> None:
+    # Anthropic's SDK reads `request-id` alone: message._request_id and an error's request_id
+    # were None, though Tiergate sent the id as x-request-id.
+    hello = [{"role": "user", "content": "hi"}]
+    message = claude_client.messages.create(model="gpt-4o", max_tokens=5, messages=hello)  # type: ignore[arg-type]
+    assert message._request_id is not None and message._request_id.startswith("req_")
+    recorded(store, message._request_id, "messages")
+    with claude_client.messages.stream(model="gpt-4o", max_tokens=5, messages=hello) as stream:  # type: ignore[arg-type]
+        stream.until_done()
+        assert stream.request_id == stream.response.headers["x-request-id"]
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        claude_client.messages.create(model="no-such-model", max_tokens=5, messages=hello)  # type: ignore[arg-type]
+    assert missing.value.request_id == missing.value.response.headers["x-request-id"]
+
+
 def test_count_tokens_is_answered_locally(
     claude_client: anthropic.Anthropic, fake: FakeProvider
 ) -> None:
