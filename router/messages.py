@@ -104,7 +104,24 @@ def answer(chat: Mapping[str, Any], translation: Translation) -> dict[str, Any]:
     out: dict[str, Any] = json.loads(json.dumps(message, default=_plain))
     out["id"] = translation.message_id
     out["model"] = chat.get("model", out.get("model"))
+    _stopped_by(out, _stop_sequence(chat))
     return out
+
+
+def _stop_sequence(chunk: Mapping[str, Any]) -> str | None:
+    """The stop sequence that ended a chat answer (or its last chunk), where the backend names
+    it as vLLM does (the choice's ``stop_reason``; the local model does): else None, as a chat
+    answer's ``finish_reason: "stop"`` does not tell a stop sequence from the model's end."""
+    for choice in chunk.get("choices") or ():
+        if isinstance(choice, Mapping) and isinstance(choice.get("stop_reason"), str):
+            return str(choice["stop_reason"])
+    return None
+
+
+def _stopped_by(message: dict[str, Any], sequence: str | None) -> None:
+    # litellm's adapter says end_turn for any "stop"; Anthropic says which sequence it was.
+    if sequence is not None and message.get("stop_reason") == "end_turn":
+        message["stop_reason"], message["stop_sequence"] = "stop_sequence", sequence
 
 
 def _plain(value: Any) -> Any:
@@ -132,13 +149,17 @@ def events(
             AnthropicStreamWrapper,
         )
 
+        stopped: list[str] = []  # the stop sequence the last chunk names, once it has come
         wrapper = AnthropicStreamWrapper(
-            completion_stream=_typed(first, rest),
+            completion_stream=_typed(first, rest, stopped),
             model=str((first or {}).get("model", "")),
             tool_name_mapping=translation.tool_names,
         )
         async for event in wrapper:
             out = json.loads(json.dumps(event, default=_plain))
+            if out.get("type") == "message_delta" and isinstance(out.get("delta"), dict):
+                out["delta"].setdefault("stop_sequence", None)
+                _stopped_by(out["delta"], stopped[-1] if stopped else None)
             if out.get("type") == "message_start":
                 out["message"]["id"] = translation.message_id
                 usage = out["message"].get("usage")
@@ -149,12 +170,16 @@ def events(
     return native_or(chunks, translate)
 
 
-async def _typed(first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any]]) -> Any:
+async def _typed(
+    first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any]], stopped: list[str]
+) -> Any:
     from litellm.types.utils import ModelResponseStream
 
     if first is not None:
+        stopped.extend(filter(None, [_stop_sequence(first)]))
         yield ModelResponseStream(**first)
     async for chunk in rest:
+        stopped.extend(filter(None, [_stop_sequence(chunk)]))
         yield ModelResponseStream(**chunk)
 
 

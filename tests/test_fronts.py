@@ -137,6 +137,30 @@ def test_messages_stream_from_the_local_model(
     assert record.stream and record.tier == "local" and record.completion_tokens > 0
 
 
+def test_a_stop_sequence_that_ends_a_local_answer_is_named(
+    claude_client: anthropic.Anthropic,
+) -> None:
+    # The local answer cut at a stop sequence said stop_reason "end_turn", stop_sequence None:
+    # Anthropic says "stop_sequence" and which one.
+    ask: dict[str, Any] = {
+        "model": "local",
+        "max_tokens": 30,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "stop_sequences": ["\u2603", " "],  # every answer of several words has a space
+        "extra_body": {"temperature": 0},
+    }
+    message = claude_client.messages.create(**ask)
+    assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", " ")
+    assert " " not in message.content[0].text  # type: ignore[union-attr]
+    with claude_client.messages.stream(**ask) as stream:
+        delta = next(e for e in stream if e.type == "message_delta")
+        final = stream.get_final_message()
+    assert (delta.delta.stop_reason, delta.delta.stop_sequence) == ("stop_sequence", " ")
+    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", " ")
+    unmet = claude_client.messages.create(**{**ask, "stop_sequences": ["\u2603"]})
+    assert unmet.stop_reason in ("end_turn", "max_tokens") and unmet.stop_sequence is None
+
+
 def _input_tokens(client: anthropic.Anthropic, prompt: str) -> tuple[str, int, int]:
     """(the tier that answered, message_start's input_tokens, the final message's)."""
     with client.messages.stream(

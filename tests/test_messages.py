@@ -187,6 +187,34 @@ def test_a_chat_answer_becomes_a_message() -> None:
     json.dumps(out)  # plain JSON
 
 
+def test_a_stop_sequence_the_backend_names_is_reported_as_anthropic_does() -> None:
+    # A choice's stop_reason (vLLM's field, which the local model sets) names the sequence.
+    _, translation = messages.to_chat(request(stop_sequences=["END", "STOP"]), "req_abc")
+    stopped = {"index": 0, "message": {"role": "assistant", "content": "Hi"}}
+    chat = {**CHAT_ANSWER, "choices": [{**stopped, "finish_reason": "stop", "stop_reason": "STOP"}]}
+    out = messages.answer(chat, translation)
+    assert (out["stop_reason"], out["stop_sequence"]) == ("stop_sequence", "STOP")
+    ended = messages.answer(
+        {**chat, "choices": [{**stopped, "finish_reason": "stop"}]}, translation
+    )
+    assert (ended["stop_reason"], ended["stop_sequence"]) == ("end_turn", None)
+    source = Source(
+        [
+            chunk({"role": "assistant", "content": "Hi"}),
+            {
+                **chunk({}, "stop"),
+                "choices": [
+                    {"index": 0, "delta": {}, "finish_reason": "stop", "stop_reason": "STOP"}
+                ],
+            },
+            {**chunk({}), "choices": [], "usage": {"prompt_tokens": 20, "completion_tokens": 1}},
+        ]
+    )
+    events = run(collect(messages.events(source, translation)))
+    (delta,) = [e for e in events if e["type"] == "message_delta"]
+    assert delta["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "STOP"}
+
+
 def test_a_native_answer_is_sent_as_it_came() -> None:
     native = {"id": "msg_upstream", "type": "message", "content": [], "extra": {"kept": True}}
     _, translation = messages.to_chat(request(), "req_1")

@@ -313,6 +313,8 @@ def _recording_llama() -> type[Any]:
         asked: int | None = None  # the client's own max_tokens, if it sent one
         read: int | None = None  # the prompt's tokens, once it is read
         drawn = 0  # the answer's tokens, the end of generation left out
+        tokens: list[int]  # the tokens drawn, for the stop sequence that ended the answer
+        ended = False  # whether the last token drawn ended generation (else a stop sequence did)
 
         def create_completion(self, prompt: Any, *args: Any, **kwargs: Any) -> Any:
             # llama.cpp refuses only a prompt that fills the window by itself, and cuts a
@@ -343,6 +345,8 @@ def _recording_llama() -> type[Any]:
             token = int(super().sample(*args, **kwargs))
             end = bool(llama_cpp.llama_vocab_is_eog(self._model.vocab, token))
             self.drawn += not end
+            self.ended = end
+            self.tokens.append(token)
             if self.recorder is not None:
                 self.recorder.sampled(token, end=end)
             return token
@@ -358,6 +362,19 @@ def _attach_logprobs(chunk: dict[str, Any], recorder: TokenLogprobs) -> None:
             choice["logprobs"] = {"content": recorder.take(), "refusal": None}
         else:
             choice["logprobs"] = None
+
+
+def _name_the_stop(chunk: dict[str, Any], llm: Any, stop: str | list[str] | None) -> None:
+    # A chat answer says only "stop", whether the model ended it or a stop sequence did; the
+    # Messages front reports which (stop_reason "stop_sequence"). The sequence goes in the
+    # choice's "stop_reason", as vLLM puts it, when the last token drawn did not end generation:
+    # the first of ``stop`` in the text drawn, as llama.cpp picks it.
+    for choice in chunk.get("choices") or []:
+        if choice.get("finish_reason") != "stop" or not stop or llm.ended:
+            continue
+        text = llm.detokenize(llm.tokens).decode("utf-8", errors="ignore")
+        stops = [stop] if isinstance(stop, str) else stop
+        choice["stop_reason"] = next((s for s in stops if s in text), None)
 
 
 def _generation_error(exc: BaseException) -> BadRequestError | BackendError:
@@ -483,6 +500,7 @@ class LlamaCppBackend:
         parts: list[str] = []
         logprobs: list[dict[str, Any]] = []
         finish: str | None = None
+        stopped_by: str | None = None
         async for chunk in self.stream(model, body, usage, _kwargs=kwargs):
             for choice in chunk.get("choices") or []:
                 text = choice.get("delta", {}).get("content") or ""
@@ -490,6 +508,7 @@ class LlamaCppBackend:
                 logprobs.extend((choice.get("logprobs") or {}).get("content") or [])
                 counted.completion_tokens += bool(text)
                 finish = choice.get("finish_reason") or finish
+                stopped_by = choice.get("stop_reason") or stopped_by
         counted.prompt_tokens, counted.completion_tokens = (
             usage.prompt_tokens,
             usage.completion_tokens,
@@ -507,6 +526,7 @@ class LlamaCppBackend:
                         "index": 0,
                         "message": {"role": "assistant", "content": "".join(parts)},
                         "finish_reason": finish or "stop",
+                        **({"stop_reason": stopped_by} if stopped_by else {}),
                         "logprobs": (
                             {"content": logprobs, "refusal": None} if body.get("logprobs") else None
                         ),
@@ -598,7 +618,7 @@ class LlamaCppBackend:
         llm = self._llm
         started = time.perf_counter()
         llm.recorder, llm.cancel, llm.asked = recorder, cancel, asked
-        llm.read, llm.drawn = None, 0
+        llm.read, llm.drawn, llm.tokens, llm.ended = None, 0, [], False
         chunks = llm.create_chat_completion(**kwargs, stream=True)
         try:
             for chunk in chunks:
@@ -607,6 +627,7 @@ class LlamaCppBackend:
                 usage.prompt_tokens = llm.read or 0
                 if recorder is not None:
                     _attach_logprobs(chunk, recorder)
+                _name_the_stop(chunk, llm, kwargs.get("stop"))
                 yield chunk
         finally:
             with contextlib.suppress(Exception):
