@@ -168,6 +168,13 @@ class AnthropicToolChoice(_Block):
     name: str | None = None
     disable_parallel_tool_use: Flag | None = None
 
+    @model_validator(mode="after")
+    def _names_its_tool(self) -> AnthropicToolChoice:
+        # Unnamed, the translation asked the provider for a function called "".
+        if self.type == "tool" and not self.name:
+            raise ValueError("a tool_choice of type 'tool' needs the tool's name")
+        return self
+
 
 class MessagesRequest(BaseModel):
     """Anthropic's Messages request. ``max_tokens`` is required, as Anthropic requires it."""

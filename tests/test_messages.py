@@ -117,8 +117,16 @@ def test_disabling_parallel_tool_use_reaches_the_chat_request(kind: str) -> None
     chat, _ = messages.to_chat(request(tools=[TOOL], tool_choice=choice), "req_1")
     validate_chat(chat)
     assert chat["parallel_tool_calls"] is False
-    allowed, _ = messages.to_chat(request(tools=[TOOL], tool_choice={"type": kind}), "req_2")
+    del choice["disable_parallel_tool_use"]
+    allowed, _ = messages.to_chat(request(tools=[TOOL], tool_choice=choice), "req_2")
     assert "parallel_tool_calls" not in allowed
+
+
+def test_a_tool_choice_of_one_tool_must_name_it() -> None:
+    # It was accepted, and the provider was asked for a function named "".
+    with pytest.raises(BadRequestError, match="tool_choice") as refused:
+        request(tools=[TOOL], tool_choice={"type": "tool"})
+    assert "name" in refused.value.message
 
 
 def test_max_tokens_is_required() -> None:
