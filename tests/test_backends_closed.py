@@ -208,6 +208,31 @@ def test_a_key_in_a_litellm_error_is_scrubbed() -> None:
 
 
 @pytest.mark.parametrize(
+    "messages",
+    [
+        # litellm's Anthropic translation fails and appends "Received Messages=[...]"
+        [{"role": "user", "content": "SECRET-PROMPT"}, {"role": "tool", "content": "x"}],
+        # litellm's message check fails and appends a traceback of its own code
+        [{"role": "user", "content": [{"type": "text", "text": "SECRET-PROMPT"}, {"type": "x"}]}],
+    ],
+)
+def test_a_litellm_error_repeats_neither_the_prompt_nor_a_traceback(
+    provider: FakeProvider, messages: list[dict[str, Any]]
+) -> None:
+    """An error's message reaches the client, the log line and a cascade's outcome record: a
+    prompt in it broke "logs: no prompts" (and ``store_prompts: none``), and a traceback showed
+    the client the server's paths."""
+    model = Model("claude", "anthropic/claude-3-5-sonnet-20241022", provider.base_url[:-3])
+    with pytest.raises(BackendError) as raised:
+        run(_answer(model, {**BODY, "messages": messages}, stream=False))
+    message = raised.value.message
+    assert message.startswith("claude: ")
+    assert "SECRET-PROMPT" not in message
+    assert "Traceback" not in message and ".py" not in message
+    assert provider.received == []
+
+
+@pytest.mark.parametrize(
     ("litellm_model", "dropped"),
     [
         ("openai/gpt-4o", {"top_k", "reasoning_effort"}),

@@ -264,7 +264,7 @@ def map_litellm_error(exc: Exception, label: str) -> TiergateError:
     name = type(exc).__name__
     if name == "UnsupportedParamsError":
         return _unsupported(exc, label)
-    message = f"{label}: {name}: {scrub(str(exc))[:300]}"
+    message = f"{label}: {name}: {_litellm_text(exc)}"
     if "Timeout" in name or status in (408, 504):
         return UpstreamTimeoutError(message, upstream_status=status)
     if status == 429 or "RateLimit" in name:
@@ -284,6 +284,19 @@ def map_litellm_error(exc: Exception, label: str) -> TiergateError:
     return BackendError(message, upstream_status=status if isinstance(status, int) else None)
 
 
+# What litellm appends to an error's text that is neither its nor the provider's word on it: the
+# request's messages (the prompt) and a Python traceback (the server's paths and code).
+_LITELLM_ADDENDA = re.compile(
+    r"\n(?:Received Messages=|Traceback \(most recent call last\)).*", re.S
+)
+
+
+def _litellm_text(exc: Exception) -> str:
+    """``exc``'s text as clients, logs and outcome records may repeat it: without what
+    litellm appends (:data:`_LITELLM_ADDENDA`), credentials scrubbed, at most 300 characters."""
+    return scrub(_LITELLM_ADDENDA.sub("", str(exc)))[:300]
+
+
 # How litellm names the request fields a provider does not take, before it calls the provider.
 _UNSUPPORTED = re.compile(r"(\S+) does not support parameters: \[([^\]]*)\]")
 
@@ -297,7 +310,7 @@ def _unsupported(exc: Exception, label: str) -> BadRequestError:
     names = re.findall(r"'([^']+)'", match.group(2)) if match else []
     if not match or not names:
         return BadRequestError(
-            f"{label} cannot take the request: {scrub(str(exc))[:300]}",
+            f"{label} cannot take the request: {_litellm_text(exc)}",
             code="unsupported_parameter",
         )
     fields = ", ".join(f"'{n}'" for n in names)
