@@ -3,6 +3,7 @@ and litellm's errors mapped into Tiergate's hierarchy."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,6 +231,22 @@ def test_a_litellm_error_repeats_neither_the_prompt_nor_a_traceback(
     assert "SECRET-PROMPT" not in message
     assert "Traceback" not in message and ".py" not in message
     assert provider.received == []
+
+
+def test_litellm_logs_no_prompt_at_debug(
+    provider: FakeProvider, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under ``TIERGATE_LOG_LEVEL=debug`` litellm's debug lines (``litellm.acompletion(messages=
+    [...])``, the curl command with the body) put every prompt sent through it in the log."""
+    monkeypatch.delenv("LITELLM_LOG", raising=False)
+    caplog.set_level(logging.DEBUG)
+    model = Model("claude", "anthropic/claude-3-5-sonnet-20241022", provider.base_url[:-3])
+    body = {**BODY, "messages": [{"role": "user", "content": "SECRET-PROMPT"}]}
+    for stream in (False, True):
+        run(_answer(model, body, stream=stream))
+    assert len(provider.received) == 2 and "SECRET-PROMPT" in str(provider.received[-1].body)
+    assert any(r.name.startswith("LiteLLM") for r in caplog.records)  # it does log at INFO
+    assert "SECRET-PROMPT" not in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -240,9 +240,16 @@ def quiet_litellm() -> Any:
 
     litellm's loggers lose the plain-text handler it gives them at import (INFO on stdout,
     one record on two lines): their records go to the application's logging alone, which under
-    ``tiergate serve`` writes JSON lines (:mod:`router.logs`)."""
+    ``tiergate serve`` writes JSON lines (:mod:`router.logs`), from INFO up whatever the
+    application's level, unless ``LITELLM_LOG`` asks for litellm's own debug lines (they hold
+    the prompts)."""
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     os.environ.setdefault("MAX_IMAGE_URL_DOWNLOAD_SIZE_MB", IMAGE_URL_MB)
+    if "LITELLM_LOG" not in os.environ:
+        # litellm's debug lines hold each request's messages: under TIERGATE_LOG_LEVEL=debug
+        # every prompt sent to a provider through litellm reached the log.
+        for name in _LITELLM_LOGGERS:
+            logging.getLogger(name).setLevel(logging.INFO)
     import litellm
 
     litellm.telemetry = False
