@@ -332,12 +332,15 @@ def create_app(
         docs_url=None,
         redoc_url=None,
     )
+    # The last added runs first: a caller without a valid key is refused before any span is
+    # started, so anonymous traffic cannot add spans to the operator's traces, or to a trace
+    # of its choosing through traceparent.
+    app.add_middleware(RequestSpanMiddleware, telemetry=lambda: _telemetry(app))
     app.add_middleware(
         AuthMiddleware, authenticator=authenticator, max_body_bytes=settings.max_body_bytes
     )
     app.include_router(api_router)
     app.include_router(observability_router)
-    app.add_middleware(RequestSpanMiddleware, telemetry=lambda: _telemetry(app))
     install_error_handlers(app)
     return app
 

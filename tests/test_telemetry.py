@@ -310,6 +310,30 @@ def test_request_log_line_has_ids_and_no_prompt(
     assert "trace_id" not in fields
 
 
+def test_a_request_without_a_valid_key_starts_no_span(tmp_path: Path, fake: FakeProvider) -> None:
+    """Refused for its key, a chat request ended a SERVER span anyway ("chat", status unset),
+    parented on whatever traceparent it sent: anyone who could reach the port could add spans
+    to the operator's traces, into a trace of their choosing."""
+    from router.auth import hash_key
+
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(json.dumps({"keys": [{"sha256": hash_key("tg-good"), "tenant": "acme"}]}))
+    fake.reset()
+    with traced(tmp_path, policy_yaml(fake), local=ScriptedLocal(), api_keys_file=keys) as (
+        srv,
+        cap,
+    ):
+        for key in (None, "tg-wrong"):
+            headers = {"traceparent": TRACEPARENT}
+            if key:
+                headers["authorization"] = f"Bearer {key}"
+            assert _chat(srv, "hello", headers=headers).status_code == 401
+        assert cap.finished() == []
+        ok = _chat(srv, "hello", headers={"traceparent": TRACEPARENT, "x-api-key": "tg-good"})
+        assert ok.status_code == 200
+    assert f"{cap.server_span().context.trace_id:032x}" == TRACE_ID
+
+
 def test_tracing_off_unless_configured(tmp_path: Path, fake: FakeProvider) -> None:
     assert not tracing_configured({}, None)
     assert tracing_configured({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x:4318"}, None)
