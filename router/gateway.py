@@ -1020,16 +1020,15 @@ class Gateway:
     def _cascade_note(
         self, ctx: RequestContext, judgement: Judgement, usage: Usage, hold_back_ms: float | None
     ) -> None:
-        # The cascade's local part, as the record and the headers tell it.
+        # The cascade's local part, as the record and the headers tell it. ``usage`` is the
+        # local call's own, still counting: a kept stream goes on generating after the
+        # judgement, and a closed one ends on the worker thread; the record reads it at the end.
         ctx.cascade = {
             **judgement.as_record(),
-            "local_prompt_tokens": usage.prompt_tokens,
-            "local_completion_tokens": usage.completion_tokens,
-            "local_generation_s": round(usage.generation_s, 4),
             "hold_back_ms": None if hold_back_ms is None else round(hold_back_ms, 1),
         }
         if judgement.decision == "escalated":
-            ctx.cascade_usage = usage
+            ctx.cascade_usage, ctx.usage = usage, Usage()
 
     def _cascade_local(self, ctx: RequestContext) -> tuple[Backend, ModelSpec] | None:
         assert ctx.decision is not None
@@ -1053,7 +1052,8 @@ class Gateway:
             return None, None
         backend, model = local
         usage = Usage()
-        ctx.served = Served(model)  # a client that leaves meanwhile is charged for the local work
+        # A client that leaves meanwhile is charged for the local work done so far.
+        ctx.served, ctx.usage = Served(model), usage
         try:
             result = await backend.complete(
                 model,
@@ -1068,13 +1068,13 @@ class Gateway:
         choice = (result.body.get("choices") or [{}])[0]
         logprobs = (choice.get("logprobs") or {}).get("content") or []
         judgement = self._cascade_judge(ctx, body, logprobs, choice.get("finish_reason"))
+        ctx.usage = result.usage
         self._cascade_note(ctx, judgement, result.usage, None)
         for c in result.body.get("choices") or []:
             _client_logprobs(c, body)
         if judgement.decision == "escalated":
             ctx.served = None
             return None, result
-        ctx.usage = result.usage
         return result, None
 
     async def _cascade_stream(
@@ -1094,7 +1094,7 @@ class Gateway:
         usage = Usage()
         hold = HoldBack(ctx.decision.cascade.hold_back_tokens)
         started = time.perf_counter()
-        ctx.served = Served(model)
+        ctx.served, ctx.usage = Served(model), usage  # a client that leaves is charged, too
         source = backend.stream(
             model, _with_logprobs(self.fitted(model, body, ctx.optional, ctx.native_only)), usage
         )
@@ -1121,7 +1121,6 @@ class Gateway:
             whole = ended or hold.finish_reason is not None
             return None, _metered(ctx, None, _released(hold.chunks, None, body)) if whole else None
         self._cascade_note(ctx, judgement, usage, held_ms)
-        ctx.usage = usage
         return _metered(ctx, None, _released(hold.chunks, source, body)), None
 
     async def _along_chain(
@@ -1304,6 +1303,12 @@ class Gateway:
         policy = self.policy
         cascade = dict(ctx.cascade) if ctx.cascade is not None else None
         discarded = ctx.cascade_usage
+        if cascade is not None:
+            # The local answer as it ended: the one discarded, else the one served.
+            local = discarded if discarded is not None else usage
+            cascade["local_prompt_tokens"] = local.prompt_tokens
+            cascade["local_completion_tokens"] = local.completion_tokens
+            cascade["local_generation_s"] = round(local.generation_s, 4)
         if cascade is not None and discarded is not None and decision is not None:
             # An escalated cascade pays for the local answer it discarded, too.
             local_cost = self.costs.call_cost(policy.models[decision.model], discarded)
@@ -1602,9 +1607,11 @@ def _failed(ctx: RequestContext) -> Judgement:
 
 
 def _held_usage(usage: Usage, hold: HoldBack, ctx: RequestContext) -> Usage:
-    # A local stream closed early may not have reported its usage yet: count what was held.
-    prompt = usage.prompt_tokens or (ctx.signals.prompt_tokens if ctx.signals else 0)
-    return Usage(prompt, usage.completion_tokens or len(hold.logprobs), usage.generation_s)
+    # A local stream closed early may not have reported its usage yet: count what was held,
+    # in the stream's own usage, which its end (on the worker thread) may still make exact.
+    usage.prompt_tokens = usage.prompt_tokens or (ctx.signals.prompt_tokens if ctx.signals else 0)
+    usage.completion_tokens = usage.completion_tokens or len(hold.logprobs)
+    return usage
 
 
 def _record_signals(signals: Signals | None) -> dict[str, Any]:

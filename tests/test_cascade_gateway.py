@@ -183,6 +183,30 @@ def test_a_kept_stream_releases_the_held_tokens_then_streams_on(
     record = _record(server, response.headers["x-request-id"])
     assert record["cascade"]["decision"] == "kept"
     assert record["cascade"]["hold_back_ms"] is not None
+    # The local part is the whole answer, not the tokens held when it was judged.
+    assert record["cascade"]["local_completion_tokens"] == record["completion_tokens"] == 12
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_leaving_the_local_answer_is_charged_for_its_tokens(
+    server: LiveServer, scripted: ScriptedLocal, stream: bool
+) -> None:
+    # It was charged the prompt estimate alone: the tokens the local model had generated for
+    # the cascade were not counted, as they are for any other local answer.
+    scripted.words, scripted.token_delay_s = 400, 0.2  # a stream leaves in its hold-back
+    body = {"model": "auto-cascade", "messages": [{"role": "user", "content": "Hi?"}]}
+    body["stream"] = stream
+    with pytest.raises(httpx.ReadTimeout):  # the client hangs up after 0.6 s
+        httpx.post(server.url + "/v1/chat/completions", json=body, timeout=0.6)
+    assert wait_for(lambda: scripted.cancelled == 1, 5)
+    store = server.gateway.outcomes
+    assert wait_for(lambda: store.count() == 1)
+    record = store.recent(1)[0]
+    assert (record["status"], record["tier"]) == ("aborted", "local")
+    assert 0 < record["completion_tokens"] < 400
+    assert record["cost_usd"] == pytest.approx(
+        (record["prompt_tokens"] + record["completion_tokens"]) * 1000.0 / 1e6
+    )
 
 
 def test_an_escalated_stream_never_shows_the_local_tokens(
