@@ -225,6 +225,31 @@ def test_an_escalated_stream_never_shows_the_local_tokens(
     assert record["cost_usd"] > cascade["local_cost_usd"] > 0
 
 
+@pytest.mark.gguf
+def test_an_escalated_stream_charges_the_local_generation_time(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    # The real model ends its stream on its worker thread after the cascade closed it: the
+    # record read its generation time before then, 0 s, so GPU-hour pricing charged nothing.
+    fake.reset()
+    policy = policy_yaml(
+        fake, on_failure="closed", extra="cascade: {threshold: 0.9999, hold_back_tokens: 4}\n"
+    ).replace("  auto-best: {threshold: 0.05}\n", "  auto-cascade: {cascade: true}\n")
+    with live(
+        tmp_path,
+        policy,
+        gguf=True,
+        cascade_model_path=_confidence_model(tmp_path),
+        local_price_per_gpu_hour=3600.0,  # $1 a second
+    ) as server:
+        response, text, _ = _stream(server, max_tokens=64)
+        assert response.headers["x-tiergate-cascade"] == "escalated" and "closed model" in text
+        cascade = _record(server, response.headers["x-request-id"])["cascade"]
+    assert cascade["local_completion_tokens"] >= 4
+    assert cascade["local_generation_s"] > 0
+    assert cascade["local_cost_usd"] == pytest.approx(cascade["local_generation_s"], rel=1e-3)
+
+
 def test_a_private_request_never_escalates(
     server: LiveServer, scripted: ScriptedLocal, fake: FakeProvider
 ) -> None:

@@ -588,6 +588,7 @@ class LlamaCppBackend:
         # any local failure (fallback).
         limit = local_timeout(model, self._settings)
         deadline = loop.time() + limit
+        began = time.perf_counter()
         try:
             while True:
                 try:
@@ -606,6 +607,9 @@ class LlamaCppBackend:
                 yield item
         finally:
             cancel.set()
+            # Closed early, the worker stops at its next token and only then times itself:
+            # until it has, the time so far stands (a cascade records it at once).
+            usage.generation_s = usage.generation_s or time.perf_counter() - began
 
     def _generate(
         self,
