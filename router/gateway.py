@@ -1306,6 +1306,7 @@ class Gateway:
         if cascade is not None:
             # The local answer as it ended: the one discarded, else the one served.
             local = discarded if discarded is not None else usage
+            cascade["local_model"] = decision.model if decision is not None else None
             cascade["local_prompt_tokens"] = local.prompt_tokens
             cascade["local_completion_tokens"] = local.completion_tokens
             cascade["local_generation_s"] = round(local.generation_s, 4)

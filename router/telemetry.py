@@ -437,11 +437,16 @@ class Telemetry:
         ins["duration"].record(record.latency_ms / 1000.0, {**attrs, "status": record.status})
         if record.ttft_ms is not None:
             ins["ttft"].record(record.ttft_ms / 1000.0, attrs)
-        if record.prompt_tokens:
-            ins["tokens"].add(record.prompt_tokens, {**attrs, "type": "input"})
-        if record.completion_tokens:
-            ins["tokens"].add(record.completion_tokens, {**attrs, "type": "output"})
-        ins["cost"].add(record.cost_usd, {**attrs, "tenant": record.tenant})
+        cost = record.cost_usd
+        for part, prompt, completion, part_cost in _parts(record):
+            if prompt:
+                ins["tokens"].add(prompt, {**part, "type": "input"})
+            if completion:
+                ins["tokens"].add(completion, {**part, "type": "output"})
+            if part != attrs:
+                ins["cost"].add(part_cost, {**part, "tenant": record.tenant})
+                cost -= part_cost
+        ins["cost"].add(cost, {**attrs, "tenant": record.tenant})
         ins["counterfactual"].add(record.counterfactual_cost_usd, {"tenant": record.tenant})
         if record.fallback:
             ins["fallbacks"].add(1, {"fallback": record.fallback, "model": model})
@@ -628,6 +633,23 @@ class RequestSpanMiddleware:
             await self.app(scope, receive, send)
             return
         await telemetry.serve_traced(self.app, scope, receive, send)
+
+
+def _parts(record: OutcomeRecord) -> list[tuple[dict[str, str], int, int, float]]:
+    """(labels, prompt tokens, completion tokens, cost) of each model call a record charges:
+    the answer's, and the local answer an escalated cascade discarded, counted under the local
+    model that made it rather than the closed one that answered."""
+    attrs = {"tier": record.tier or "none", "model": record.model or "none"}
+    parts = [(attrs, record.prompt_tokens, record.completion_tokens, record.cost_usd)]
+    cascade = record.cascade or {}
+    if "local_cost_usd" in cascade:
+        local = {"tier": "local", "model": str(cascade.get("local_model") or "none")}
+        prompt, completion = (
+            cascade.get("local_prompt_tokens"),
+            cascade.get("local_completion_tokens"),
+        )
+        parts.append((local, int(prompt or 0), int(completion or 0), cascade["local_cost_usd"]))
+    return parts
 
 
 def _annotate_request_span(span: Any, record: OutcomeRecord) -> None:

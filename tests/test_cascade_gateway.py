@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from router.cascade import CascadeModel, feature_names
 from router.cascade_training import save_cascade_form
@@ -144,6 +145,35 @@ def test_a_doubtful_local_answer_is_discarded_and_the_closed_model_answers(
     )
     assert cascade["local_cost_usd"] == pytest.approx(17 * 1000.0 / 1e6)
     assert record["cost_usd"] == pytest.approx(closed_cost + cascade["local_cost_usd"])
+
+
+def test_metrics_count_the_discarded_local_answer_under_the_local_model(
+    server: LiveServer, scripted: ScriptedLocal
+) -> None:
+    # Its tokens went uncounted and its cost was added to the closed model's.
+    scripted.logprob = DOUBTFUL
+    response = _ask(server)
+    record = _record(server, response.headers["x-request-id"])
+    local_cost = record["cascade"]["local_cost_usd"]
+    assert record["cascade"]["local_model"] == "local" and local_cost > 0
+    text = httpx.get(server.url + "/metrics").text
+    families = {f.name: f.samples for f in text_string_to_metric_families(text)}
+    tokens = {(s.labels["model"], s.labels["type"]): s.value for s in families["tiergate_tokens"]}
+    assert tokens == {
+        ("gpt-4o", "input"): record["prompt_tokens"],
+        ("gpt-4o", "output"): record["completion_tokens"],
+        ("local", "input"): 5,
+        ("local", "output"): 12,
+    }
+    cost = {
+        (s.labels["tier"], s.labels["model"]): s.value
+        for s in families["tiergate_cost_usd"]
+        if s.name.endswith("_total")
+    }
+    assert cost == {
+        ("local", "local"): pytest.approx(local_cost),
+        ("closed", "gpt-4o"): pytest.approx(record["cost_usd"] - local_cost),
+    }
 
 
 def _stream(server: LiveServer, **extra: Any) -> tuple[httpx.Response, str, list[dict[str, Any]]]:
