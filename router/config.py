@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -243,6 +244,25 @@ class Settings(BaseSettings):
         # TIERGATE_LOCAL_PROFILE= (an empty value, as templating leaves it) means "the default",
         # not the current folder.
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        # Read here, not at the first connection, where a bad URL was a traceback at start-up.
+        # The URL is never repeated: it may hold a password. Empty means unset.
+        if value is None or not value.strip():
+            return None
+        parts = urllib.parse.urlsplit(value.strip())
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        try:
+            parts.port  # noqa: B018 (raises on a port that is not a number)
+        except ValueError:
+            raise ValueError("its port is not a number") from None
+        db = parts.path.strip("/")
+        if parts.scheme != "unix" and db and not db.isdigit():
+            raise ValueError("its path must be a database number, such as /0")
+        return value.strip()
 
     @model_validator(mode="before")
     @classmethod

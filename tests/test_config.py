@@ -87,3 +87,29 @@ def test_every_tiergate_variable_is_documented_and_every_documented_one_exists()
     # A variable the docs name as a setting (not a shell variable of an example, `$NAME`).
     named = set(re.findall(r"(?<![$\w])(TIERGATE_[A-Z0-9_]*[A-Z0-9])\b", text))
     assert sorted(named - read) == []
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis://:S3CRETPW@127.0.0.1:notaport/0", "its port is not a number"),
+        ("http://:S3CRETPW@cache/", "must start with redis://, rediss:// or unix://"),
+        ("redis://:S3CRETPW@cache:6379/zero", "its path must be a database number"),
+    ],
+)
+def test_a_bad_redis_url_is_a_config_error_without_its_password(
+    url: str, problem: str, monkeypatch: pytest.MonkeyPatch, config_file: Path
+) -> None:
+    # It was a traceback from the first connection, at start-up.
+    monkeypatch.setenv("TIERGATE_REDIS_URL", url)
+    with pytest.raises(ConfigError, match=problem) as err:
+        load_settings(config_file)
+    assert "S3CRETPW" not in str(err.value)
+
+
+@pytest.mark.parametrize("url", ["", "  "])
+def test_an_empty_redis_url_means_none(
+    url: str, monkeypatch: pytest.MonkeyPatch, config_file: Path
+) -> None:
+    monkeypatch.setenv("TIERGATE_REDIS_URL", url)
+    assert load_settings(config_file).redis_url is None
