@@ -38,7 +38,8 @@ class Received:
 class Behaviour:
     """How to answer the next requests. ``mode`` is one of:
     ok, status, rate_limit, stall, reset_mid_stream, tool_call, echo_auth (a 500 whose message
-    repeats the Authorization header it got, as careless providers do), bad_usage (``usage``
+    repeats the Authorization header it got, as careless providers do), echo_key (a 500 that
+    repeats the bare key, with no header name beside it), bad_usage (``usage``
     is a string), array_body (a 200 whose JSON body, or each streamed chunk, is an array),
     no_stream_usage (a stream without a usage chunk even when asked, as llama-cpp-python's
     server sends it).
@@ -203,6 +204,11 @@ class FakeProvider:
                 f"bad request from {h.headers.get('authorization')} "
                 f"x-api-key: {h.headers.get('x-api-key')}"
             )
+            self._json(h, 500, {"error": {"message": leak, "type": "server_error"}})
+            return
+        if b.mode == "echo_key":
+            bearer = (h.headers.get("authorization") or "").removeprefix("Bearer ")
+            leak = f"unknown key {h.headers.get('x-api-key') or bearer}"
             self._json(h, 500, {"error": {"message": leak, "type": "server_error"}})
             return
         if b.mode == "rate_limit":

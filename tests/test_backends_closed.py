@@ -29,7 +29,7 @@ from router.errors import (
     UpstreamTimeoutError,
 )
 from tests.conftest import KEYS, free_port, run
-from tests.fake_provider import FakeProvider
+from tests.fake_provider import Behaviour, FakeProvider
 
 BODY = {
     "model": "auto",
@@ -57,10 +57,12 @@ def provider(fake: FakeProvider) -> Iterator[FakeProvider]:
     yield fake
 
 
-async def _answer(model: Model, body: dict[str, Any], *, stream: bool) -> None:
+async def _answer(
+    model: Model, body: dict[str, Any], *, stream: bool, environ: dict[str, str] = KEYS
+) -> None:
     """Ask ``model`` for ``body``, whole or streamed to its end, and drop the answer."""
     http = OpenAIHTTP(timeout_s=10)
-    backend = ClosedBackend(http, timeout_s=10, environ=KEYS)
+    backend = ClosedBackend(http, timeout_s=10, environ=environ)
     try:
         if stream:
             async for _ in backend.stream(model, body, Usage()):
@@ -233,6 +235,27 @@ def test_a_litellm_error_repeats_neither_the_prompt_nor_a_traceback(
     assert provider.received == []
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_key_a_provider_echoes_is_redacted_whatever_its_shape(
+    provider: FakeProvider, stream: bool
+) -> None:
+    """A provider that repeats the key it got, bare: a key not shaped like ``sk-...`` (Google's
+    ``AIza...``, an Azure hex key) passed litellm's pattern scrub into the message that reaches
+    the client, the log and the record. The direct OpenAI path already redacted the key it sent."""
+    key = "AIzaPlainKey0123456789abcdefXYZ"
+    provider.reset(Behaviour(mode="echo_key"))
+    model = Model(
+        "claude",
+        "anthropic/claude-3-5-sonnet-20241022",
+        provider.base_url[:-3],
+        api_key_env="CLAUDE_KEY",
+    )
+    with pytest.raises(BackendError) as raised:
+        run(_answer(model, BODY, stream=stream, environ={**KEYS, "CLAUDE_KEY": key}))
+    assert any(key in str(r.headers) for r in provider.received)  # the fake did get it
+    assert key not in raised.value.message and "[redacted]" in raised.value.message
+
+
 def test_litellm_logs_no_prompt_at_debug(
     provider: FakeProvider, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -293,8 +316,6 @@ def test_a_stream_litellm_sees_cut_is_unreachable_under_its_own_name(
 ) -> None:
     """litellm wraps a failure mid-stream as MidStreamFallbackError; the error is the one it
     wraps, as the direct OpenAI path reports it: ``upstream_unreachable``, said once."""
-    from tests.fake_provider import Behaviour
-
     provider.reset(Behaviour(mode="reset_mid_stream"))
     model = Model(
         "claude", "anthropic/claude-3-5-sonnet-20241022", provider.base_url.removesuffix("/v1")

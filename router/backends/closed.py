@@ -193,7 +193,7 @@ class ClosedBackend:
         try:
             response = await litellm.acompletion(**self._litellm_kwargs(model, body), stream=False)
         except Exception as exc:  # litellm raises many types; mapped in one place
-            raise map_litellm_error(exc, model.name) from exc
+            raise map_litellm_error(exc, model.name, self.api_key(model)) from exc
         payload = _tidy(response.model_dump(exclude_none=True))
         return Completion(body=payload, usage=usage_from_body(payload, model.name))
 
@@ -215,7 +215,7 @@ class ClosedBackend:
         except TiergateError:
             raise
         except Exception as exc:  # litellm raises many types; mapped in one place
-            raise map_litellm_error(exc, model.name) from exc
+            raise map_litellm_error(exc, model.name, self.api_key(model)) from exc
 
     async def aclose(self) -> None:
         """Close litellm's cached clients if it was used; the httpx pool has its own owner."""
@@ -259,8 +259,9 @@ def quiet_litellm() -> Any:
     return litellm
 
 
-def map_litellm_error(exc: Exception, label: str) -> TiergateError:
-    """Map a litellm exception to Tiergate's hierarchy by its HTTP status and kind.
+def map_litellm_error(exc: Exception, label: str, key: str | None = None) -> TiergateError:
+    """Map a litellm exception to Tiergate's hierarchy by its HTTP status and kind; ``key``,
+    the key the call sent, is redacted from the text whatever its shape.
 
     A failure mid-stream comes wrapped in a ``MidStreamFallbackError`` (for litellm's router,
     which Tiergate does not use): the error it wraps is the one mapped, and named once."""
@@ -270,8 +271,8 @@ def map_litellm_error(exc: Exception, label: str) -> TiergateError:
     status = getattr(exc, "status_code", None)
     name = type(exc).__name__
     if name == "UnsupportedParamsError":
-        return _unsupported(exc, label)
-    message = f"{label}: {name}: {_litellm_text(exc)}"
+        return _unsupported(exc, label, key)
+    message = f"{label}: {name}: {_litellm_text(exc, key)}"
     if "Timeout" in name or status in (408, 504):
         return UpstreamTimeoutError(message, upstream_status=status)
     if status == 429 or "RateLimit" in name:
@@ -298,17 +299,18 @@ _LITELLM_ADDENDA = re.compile(
 )
 
 
-def _litellm_text(exc: Exception) -> str:
+def _litellm_text(exc: Exception, key: str | None = None) -> str:
     """``exc``'s text as clients, logs and outcome records may repeat it: without what
-    litellm appends (:data:`_LITELLM_ADDENDA`), credentials scrubbed, at most 300 characters."""
-    return scrub(_LITELLM_ADDENDA.sub("", str(exc)))[:300]
+    litellm appends (:data:`_LITELLM_ADDENDA`), ``key`` and anything shaped like a credential
+    scrubbed, at most 300 characters."""
+    return scrub(_LITELLM_ADDENDA.sub("", str(exc)), [key])[:300]
 
 
 # How litellm names the request fields a provider does not take, before it calls the provider.
 _UNSUPPORTED = re.compile(r"(\S+) does not support parameters: \[([^\]]*)\]")
 
 
-def _unsupported(exc: Exception, label: str) -> BadRequestError:
+def _unsupported(exc: Exception, label: str, key: str | None = None) -> BadRequestError:
     """litellm's refusal of request fields the model's provider does not take (``seed``, ``n``,
     ``logprobs`` for an Anthropic model), made before any call: the model cannot honour the
     request, as the local model cannot take tools. The chain goes on to its next model, and
@@ -317,7 +319,7 @@ def _unsupported(exc: Exception, label: str) -> BadRequestError:
     names = re.findall(r"'([^']+)'", match.group(2)) if match else []
     if not match or not names:
         return BadRequestError(
-            f"{label} cannot take the request: {_litellm_text(exc)}",
+            f"{label} cannot take the request: {_litellm_text(exc, key)}",
             code="unsupported_parameter",
         )
     fields = ", ".join(f"'{n}'" for n in names)
