@@ -855,8 +855,16 @@ def _cmd_outcomes(args: argparse.Namespace) -> int:
         return 1
     store, path = opened
     try:
-        rows = store.recent(args.limit, tenant=args.tenant)
-        total = store.count(args.tenant)
+        if args.request_id:
+            found = (store.get(rid) for rid in dict.fromkeys(args.request_id))
+            rows = [row for row in found if row is not None]
+            total = len(rows)
+        else:
+            rows = store.recent(args.limit, tenant=args.tenant)
+            total = store.count(args.tenant)
+        if args.labels:
+            for row in rows:
+                row["labels"] = store.labels_of(row["id"])
     finally:
         store.close()
     if args.json:
@@ -871,6 +879,32 @@ def _cmd_outcomes(args: argparse.Namespace) -> int:
     for row in rows:
         print(_format_row(row))
     print(f"-- {len(rows)} shown of {total} records in {path}")
+    return 0
+
+
+def _cmd_outcomes_delete(args: argparse.Namespace) -> int:
+    if not args.request_id and args.tenant is None:
+        print("tiergate outcomes delete: name --request-id or --tenant", file=sys.stderr)
+        return 2
+    opened = _open_outcomes(args)
+    if opened is None:
+        return 1
+    store, path = opened
+    try:
+        erased = store.erase(args.request_id or (), args.tenant)
+    finally:
+        store.close()
+    what = f"tenant {args.tenant}" if args.tenant is not None else "the named requests"
+    print(f"deleted {erased.records} records and {erased.labels} labels of {what} from {path}")
+    if erased.journal:
+        print(f"and {erased.journal} items from the outage journal")
+    if erased.journal is None:
+        print(
+            "a running Tiergate holds the outage journal: run this again once Redis has taken "
+            "it, or the journal will write them back",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -1342,11 +1376,39 @@ def build_parser() -> argparse.ArgumentParser:
         "outcomes", help="show recent outcome records (Redis when TIERGATE_REDIS_URL, else SQLite)"
     )
     outcomes.add_argument("--limit", type=_at_least_one, default=20, help="how many (default 20)")
-    outcomes.add_argument("--tenant", help="only this tenant's records")
+    which = outcomes.add_mutually_exclusive_group()
+    which.add_argument("--tenant", help="only this tenant's records")
+    which.add_argument(
+        "--request-id",
+        action="append",
+        metavar="ID",
+        help="only this request's record (repeat for more; --limit does not apply)",
+    )
     outcomes.add_argument("--db", type=Path, help="SQLite file (default: TIERGATE_SQLITE_PATH)")
     outcomes.add_argument("--json", action="store_true", help="one JSON record per line")
+    outcomes.add_argument(
+        "--labels", action="store_true", help="with --json: each record's labels too (feedback...)"
+    )
     outcomes.add_argument("--config", type=Path, help="YAML settings file")
     outcomes.set_defaults(func=_cmd_outcomes)
+    actions = outcomes.add_subparsers(dest="action", metavar="ACTION")
+    delete = actions.add_parser(
+        "delete",
+        help="delete requests' records and labels, or a tenant's (the right to erasure)",
+        description="Deletes from the outcome store (Redis when TIERGATE_REDIS_URL, else SQLite) "
+        "the records and labels of the named requests, or every record and label of a tenant, "
+        "with their entries in Redis's indexes and change stream and in an outage journal no "
+        "running Tiergate holds. SQLite overwrites what it deletes and empties its write-ahead "
+        "log. Backups, and models `tiergate retrain` already fitted, are not changed.",
+    )
+    erase_which = delete.add_mutually_exclusive_group()
+    erase_which.add_argument("--tenant", help="every record and label of this tenant")
+    erase_which.add_argument(
+        "--request-id", action="append", metavar="ID", help="this request's (repeat for more)"
+    )
+    delete.add_argument("--db", type=Path, help="SQLite file (default: TIERGATE_SQLITE_PATH)")
+    delete.add_argument("--config", type=Path, help="YAML settings file")
+    delete.set_defaults(func=_cmd_outcomes_delete)
     _add_keys_parser(sub)
     _add_policy_commands(sub)
     _add_model_commands(sub)

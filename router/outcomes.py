@@ -23,7 +23,7 @@ import sqlite3
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -157,6 +157,16 @@ class TieredLabel(NamedTuple):
     cost_usd: float = 0.0
 
 
+class Erased(NamedTuple):
+    """What :meth:`OutcomeStore.erase` deleted."""
+
+    records: int
+    labels: int
+    #: Items dropped from a Redis store's outage journal; None where a running Tiergate holds
+    #: the journal (and so would replay them), 0 where there is none (SQLite).
+    journal: int | None = 0
+
+
 class OutcomeStore(Protocol):
     """Where records go. ``submit`` is called on the request path and must never block or raise."""
 
@@ -221,6 +231,15 @@ class OutcomeStore(Protocol):
 
     def labels(self, since: float = 0.0, limit: int | None = None) -> list[dict[str, Any]]:
         """Stored labels newer than ``since``, oldest first."""
+        ...
+
+    def labels_of(self, request_id: str) -> list[dict[str, Any]]:
+        """The stored labels of one request, whatever their age."""
+        ...
+
+    def erase(self, request_ids: Collection[str] = (), tenant: str | None = None) -> Erased:
+        """Delete the records and labels of ``request_ids``, or every one of ``tenant``'s
+        (the right to erasure); what went."""
         ...
 
     def purge(self, before_ts: float) -> int:
@@ -989,6 +1008,34 @@ class SQLiteOutcomeStore(OutcomeWriter):
 
     def set_retention_days(self, days: int | None) -> None:
         """Nothing to do: SQLite rows have no TTL, the purge loop deletes them."""
+
+    def labels_of(self, request_id: str) -> list[dict[str, Any]]:
+        """The stored labels of one request, whatever their age."""
+        rows = self._query("SELECT * FROM labels WHERE request_id = ? ORDER BY ts", (request_id,))
+        return [row_to_dict(r) for r in rows]
+
+    def erase(self, request_ids: Collection[str] = (), tenant: str | None = None) -> Erased:
+        """Delete the records and labels of ``request_ids``, or all of ``tenant``'s, so that no
+        copy stays in the file: SQLite overwrites what it deletes (``secure_delete``) and the
+        write-ahead log, which holds the pages as they were, is checkpointed and emptied."""
+        records = labels = 0
+        with self._reading() as reader:
+            reader.execute("PRAGMA secure_delete = ON")
+            with reader as conn:
+                if tenant is not None:
+                    records += conn.execute(
+                        "DELETE FROM outcomes WHERE tenant = ?", (tenant,)
+                    ).rowcount
+                    labels += conn.execute(
+                        "DELETE FROM labels WHERE tenant = ?", (tenant,)
+                    ).rowcount
+                for rid in request_ids:
+                    records += conn.execute("DELETE FROM outcomes WHERE id = ?", (rid,)).rowcount
+                    labels += conn.execute(
+                        "DELETE FROM labels WHERE request_id = ?", (rid,)
+                    ).rowcount
+            reader.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return Erased(records, labels)
 
     def purge(self, before_ts: float) -> int:
         """Delete records and labels older than ``before_ts`` (the retention period)."""

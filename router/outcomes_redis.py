@@ -50,11 +50,13 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Collection
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from router.errors import ConfigError, MissingExtraError, StoreUnavailableError
 from router.outcomes import (
+    Erased,
     Item,
     Label,
     OutcomeRecord,
@@ -607,6 +609,113 @@ class RedisOutcomeStore(OutcomeWriter):
             for lb in labels
             if lb["request_id"] in tier_of
         ]
+
+    def labels_of(self, request_id: str) -> list[dict[str, Any]]:
+        """The stored labels of one request, whatever their age, oldest first."""
+        raws = self._read(self._client.hvals, self.key("label", request_id))
+        return sorted((json.loads(r) for r in raws), key=lambda lb: float(lb.get("ts") or 0.0))
+
+    def erase(self, request_ids: Collection[str] = (), tenant: str | None = None) -> Erased:
+        """Delete the records and labels of ``request_ids``, or all of ``tenant``'s: their keys,
+        their places in the time indexes and their entries in the ``outcomes`` stream (read
+        whole, as nothing indexes it by request)."""
+        client = self._client
+        ids = set(request_ids)
+        if tenant is not None:
+            ids.update(self._read(client.zrange, self.key("outcomes", "ts", tenant), 0, -1))
+            ids.update(self._label_ids_of(tenant))
+        if not ids:
+            return Erased(0, 0, self._erase_from_journal(ids, tenant))
+        ordered = sorted(ids)
+        tenants = set(self._read(client.smembers, self.key("tenants")))
+        records = labels = 0
+        for i in range(0, len(ordered), 500):
+            chunk = ordered[i : i + 500]
+            sources = self._read(self._label_sources, chunk)
+            pipe = client.pipeline(transaction=True)
+            pipe.delete(*[self.key("outcome", x) for x in chunk])
+            pipe.delete(*[self.key("label", x) for x in chunk])
+            pipe.zrem(self.key("outcomes", "ts"), *chunk)
+            for name in tenants:
+                pipe.zrem(self.key("outcomes", "ts", name), *chunk)
+            members = [f"{x}|{s}" for x, found in zip(chunk, sources, strict=True) for s in found]
+            if members:
+                pipe.zrem(self.key("labels"), *members)
+            gone, _, *_ = self._read(pipe.execute)
+            records += int(gone)
+            labels += len(members)
+        if tenant is not None:
+            pipe = client.pipeline(transaction=True)
+            pipe.delete(self.key("outcomes", "ts", tenant))
+            pipe.srem(self.key("tenants"), tenant)
+            self._read(pipe.execute)
+        self._read(self._drop_from_stream, ids)
+        return Erased(records, labels, self._erase_from_journal(ids, tenant))
+
+    def _erase_from_journal(self, ids: set[str], tenant: str | None) -> int | None:
+        """Drop the items of ``ids`` and ``tenant`` from the journal an earlier run left (the
+        next start would replay them into Redis); how many went, or None when a running
+        Tiergate holds a journal that has some of them."""
+
+        def erased(item: Item) -> bool:
+            request_id = item.id if isinstance(item, OutcomeRecord) else item.request_id
+            return item.tenant == tenant or request_id in ids
+
+        if not self._journal_files():
+            return 0
+        free, claim = lock_beside(self.journal)
+        try:
+            gone = 0
+            for path in self._journal_files():
+                try:
+                    items = _read_journal(path)
+                except ValueError:  # a line its holder is writing
+                    return None
+                kept = [item for item in items if not erased(item)]
+                if len(kept) == len(items):
+                    continue
+                if not free:
+                    return None
+                spare = path.with_name(path.name + ".erasing")
+                with spare.open("w", encoding="utf-8") as fh:
+                    fh.writelines(_encode(item) + "\n" for item in kept)
+                spare.replace(path)
+                gone += len(items) - len(kept)
+            return gone
+        finally:
+            if claim is not None:
+                claim.close()
+
+    def _label_sources(self, ids: list[str]) -> list[list[str]]:
+        pipe = self._client.pipeline(transaction=False)
+        for x in ids:
+            pipe.hkeys(self.key("label", x))
+        return [list(found) for found in pipe.execute()]
+
+    def _label_ids_of(self, tenant: str) -> set[str]:
+        """Request ids with a label of ``tenant``'s (its record may be gone already)."""
+        members = self._read(self._client.zrange, self.key("labels"), 0, -1)
+        ids = sorted({m.rsplit("|", 1)[0] for m in members})
+        pipe = self._client.pipeline(transaction=False)
+        for x in ids:
+            pipe.hvals(self.key("label", x))
+        found = self._read(pipe.execute)
+        return {
+            x
+            for x, raws in zip(ids, found, strict=True)
+            if any(json.loads(r).get("tenant") == tenant for r in raws)
+        }
+
+    def _drop_from_stream(self, ids: set[str]) -> None:
+        stream, start = self.key("outcomes"), "-"
+        while True:
+            entries = self._client.xrange(stream, start, "+", count=1000)
+            gone = [entry for entry, fields in entries if fields.get("id") in ids]
+            if gone:
+                self._client.xdel(stream, *gone)
+            if len(entries) < 1000:
+                return
+            start = "(" + entries[-1][0]
 
     def purge(self, before_ts: float) -> int:
         """Delete records and labels older than ``before_ts`` (keys also expire by TTL)."""

@@ -6,7 +6,7 @@ import time
 import uuid
 from typing import Any
 
-from router.outcomes import OutcomeRecord
+from router.outcomes import Label, OutcomeRecord, OutcomeStore
 
 _MODELS = {"local": "local", "closed": "gpt-4o"}
 
@@ -35,3 +35,19 @@ def outcome(request_id: str | None = None, **fields: Any) -> OutcomeRecord:
     }
     values.update(fields)
     return OutcomeRecord(**values)
+
+
+def three_people(store: OutcomeStore) -> tuple[OutcomeRecord, OutcomeRecord, OutcomeRecord]:
+    """Alice's and Carol's requests as tenant acme, Bob's as globex, each with a feedback label
+    whose comment repeats the prompt (a comment is the user's own words), written to ``store``."""
+    people = (
+        outcome(tenant="acme", prompt="Alice Smith asks about her lease"),
+        outcome(tenant="acme", prompt="Carol Jones asks about her tax"),
+        outcome(tenant="globex", prompt="Bob Brown asks about his car"),
+    )
+    for record in people:
+        store.submit(record)
+        comment = f"{record.prompt} (comment)"
+        store.label(Label(record.id, record.tenant, "feedback", 1.0, time.time(), comment=comment))
+    assert store.flush(10)
+    return people

@@ -13,7 +13,7 @@ import pytest
 from router import outcomes as store_module
 from router.outcomes import Label, OutcomeRecord, SQLiteOutcomeStore, TieredLabel
 from tests.conftest import wait_for
-from tests.records import outcome
+from tests.records import outcome, three_people
 
 
 def test_every_submitted_record_is_written_by_close(tmp_path: Path) -> None:
@@ -350,3 +350,30 @@ def test_a_second_writer_of_one_file_is_warned_about(
     third.start()
     third.close()
     assert "another process" not in caplog.text
+
+
+def test_erasing_requests_or_a_tenant_leaves_no_copy_in_the_file(tmp_path: Path) -> None:
+    # The right to erasure: the record, its labels (a feedback comment is the user's own words)
+    # and every copy SQLite kept of them (a deleted row's bytes, the write-ahead log) go.
+    store = SQLiteOutcomeStore(tmp_path / "o.db")
+    store.start()
+    try:
+        alice, carol, bob = three_people(store)
+        assert [lb["comment"] for lb in store.labels_of(alice.id)] == [
+            "Alice Smith asks about her lease (comment)"
+        ]
+
+        assert store.erase([alice.id]) == (1, 1, 0)
+        assert store.get(alice.id) is None and store.labels_of(alice.id) == []
+        assert store.get(carol.id) is not None and store.get(bob.id) is not None
+        files = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+        assert b"Alice Smith" not in files and b"Carol Jones" in files
+
+        assert store.erase(tenant="acme") == (1, 1, 0)
+        assert store.count("acme") == 0 and store.count("globex") == 1
+        assert [lb["tenant"] for lb in store.labels()] == ["globex"]
+        files = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+        assert b"Carol Jones" not in files and b"Bob Brown" in files
+        assert store.erase(["req_unknown"]) == (0, 0, 0)
+    finally:
+        store.close()

@@ -18,10 +18,10 @@ from router.cli import main
 from router.dashboard import store_summary
 from router.errors import ConfigError
 from router.learning import purge_loop
-from router.outcomes import Label, OutcomeRecord, SQLiteOutcomeStore, TieredLabel
+from router.outcomes import Label, OutcomeRecord, SQLiteOutcomeStore, TieredLabel, lock_beside
 from router.outcomes_redis import RedisOutcomeStore
 from tests.conftest import wait_for
-from tests.records import outcome
+from tests.records import outcome, three_people
 from tests.redis_server import RedisServer
 
 
@@ -669,3 +669,115 @@ def test_both_stores_give_the_dashboard_the_window_s_cascades(
     finally:
         sqlite.close()
         rstore.close()
+
+
+def _everything_in(client: redis.Redis) -> str:
+    """Every key and value in Redis, and the outcomes stream's entries, as one text."""
+    parts: list[str] = []
+    for key in client.scan_iter():
+        kind = client.type(key)
+        value: object = {
+            b"string": client.get,
+            b"hash": client.hgetall,
+            b"zset": lambda k: client.zrange(k, 0, -1),
+            b"set": client.smembers,
+            b"list": lambda k: client.lrange(k, 0, -1),
+            b"stream": client.xrange,
+        }[kind](key)
+        parts.append(f"{key!r} {value!r}")
+    return "\n".join(parts)
+
+
+def test_erasing_requests_or_a_tenant_removes_them_from_every_structure(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    s = store(redis_server, tmp_path)
+    client = redis_server.client()
+    try:
+        alice, carol, _ = three_people(s)
+        assert [lb["comment"] for lb in s.labels_of(alice.id)] == [f"{alice.prompt} (comment)"]
+        # What `tiergate outcomes delete` opens, beside the running replica s: it holds the
+        # journal, which is empty, so there is nothing for it to write back.
+        cli = RedisOutcomeStore(redis_server.url, journal=s.journal)
+        cli.connect()
+
+        assert cli.erase([alice.id]) == (1, 1, 0)
+        held = _everything_in(client)
+        assert "Alice Smith" not in held and alice.id not in held and "Carol Jones" in held
+        assert s.get(alice.id) is None and s.labels_of(alice.id) == []
+        assert s.count() == 2 and s.count("acme") == 1 and len(s.labels()) == 2
+
+        assert cli.erase(tenant="acme") == (1, 1, 0)
+        held = _everything_in(client)
+        assert "Carol Jones" not in held and carol.id not in held and "acme" not in held
+        assert (
+            "Bob Brown" in held
+            and s.count() == 1
+            and [lb["tenant"] for lb in s.labels()] == ["globex"]
+        )
+        cli.close()
+    finally:
+        s.close()
+
+
+def test_erasing_a_tenant_drops_its_items_from_a_journal_left_behind(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # A replica stopped during an outage leaves its records in the journal; the next start
+    # replays them. An erasure in between must not be undone by that replay.
+    s = store(redis_server, tmp_path)
+    redis_server.stop()
+    s.submit(outcome(tenant="acme", prompt="Alice Smith asks about her lease"))
+    s.submit(outcome(tenant="globex", prompt="Bob Brown asks about his car"))
+    s.close(timeout_s=0.5)
+    journal = tmp_path / "journal.jsonl"
+    assert "Alice Smith" in journal.read_text()
+    redis_server.start()
+    reader = RedisOutcomeStore(redis_server.url, journal=journal)
+    reader.connect()  # as the CLI does: no writer, no replay
+    try:
+        _, running = lock_beside(journal)  # as a Tiergate started on it would
+        assert reader.erase(tenant="acme") == (0, 0, None)  # it would write them back
+        assert reader.erase(tenant="initech") == (0, 0, 0)  # it holds nothing of initech's
+        assert running is not None
+        running.close()
+        assert reader.erase(tenant="acme") == (0, 0, 1)
+    finally:
+        reader.close()
+    assert "Alice Smith" not in journal.read_text()
+    again = store(redis_server, tmp_path)  # replays what is left
+    try:
+        assert again.flush(10)
+        assert [r["tenant"] for r in again.recent()] == ["globex"]
+    finally:
+        again.close()
+
+
+def test_cli_exports_and_erases_on_redis(
+    redis_server: RedisServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    s = store(redis_server, tmp_path)
+    alice = outcome(tenant="acme", prompt="Alice Smith asks about her lease")
+    bob = outcome(tenant="globex")
+    s.submit(alice)
+    s.submit(bob)
+    s.label(Label(alice.id, "acme", "feedback", 1.0, time.time(), comment="call me, Alice"))
+    assert s.flush(10)
+    s.close()
+    monkeypatch.setenv("TIERGATE_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("TIERGATE_OUTCOME_JOURNAL_PATH", str(tmp_path / "cli-journal.jsonl"))
+    assert main(["outcomes", "--json", "--labels", "--request-id", alice.id]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["id"], r["prompt"]) for r in rows] == [(alice.id, alice.prompt)]
+    assert [lb["comment"] for lb in rows[0]["labels"]] == ["call me, Alice"]
+    assert main(["outcomes", "delete", "--request-id", alice.id]) == 0
+    assert "deleted 1 records and 1 labels" in capsys.readouterr().out
+    assert main(["outcomes", "--json", "--request-id", alice.id]) == 0
+    assert capsys.readouterr().out == ""
+    assert main(["outcomes", "delete", "--tenant", "globex"]) == 0
+    assert "deleted 1 records and 0 labels of tenant globex" in capsys.readouterr().out
+    assert main(["outcomes", "delete"]) == 2  # no filter: nothing is deleted
+    assert "name --request-id or --tenant" in capsys.readouterr().err
