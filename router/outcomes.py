@@ -243,7 +243,8 @@ class OutcomeStore(Protocol):
         ...
 
     def purge(self, before_ts: float) -> int:
-        """Delete records and labels older than ``before_ts``; how many records went."""
+        """Delete records older than ``before_ts`` with their labels, and labels older than it;
+        how many records went."""
         ...
 
     def set_retention_days(self, days: int | None) -> None:
@@ -1038,10 +1039,15 @@ class SQLiteOutcomeStore(OutcomeWriter):
         return Erased(records, labels)
 
     def purge(self, before_ts: float) -> int:
-        """Delete records and labels older than ``before_ts`` (the retention period)."""
+        """Delete records older than ``before_ts`` (the retention period) with all their
+        labels, and labels older than it."""
         with self._reading() as reader, reader as conn:
+            conn.execute(
+                "DELETE FROM labels WHERE ts < ? OR request_id IN "
+                "(SELECT id FROM outcomes WHERE ts < ?)",
+                (before_ts, before_ts),
+            )
             gone = conn.execute("DELETE FROM outcomes WHERE ts < ?", (before_ts,)).rowcount
-            conn.execute("DELETE FROM labels WHERE ts < ?", (before_ts,))
         return int(gone)
 
     def count(self, tenant: str | None = None) -> int:

@@ -718,14 +718,20 @@ class RedisOutcomeStore(OutcomeWriter):
             start = "(" + entries[-1][0]
 
     def purge(self, before_ts: float) -> int:
-        """Delete records and labels older than ``before_ts`` (keys also expire by TTL)."""
+        """Delete records older than ``before_ts`` with all their labels, and labels older than
+        it (keys also expire by TTL)."""
         client = self._client
         old_ids = self._read(client.zrangebyscore, self.key("outcomes", "ts"), "-inf", before_ts)
         tenants = self._read(client.smembers, self.key("tenants"))
         old_labels = self._read(client.zrangebyscore, self.key("labels"), "-inf", before_ts)
+        sources = self._read(self._label_sources, old_ids)
         pipe = client.pipeline(transaction=False)
         for i in range(0, len(old_ids), 500):
             pipe.delete(*[self.key("outcome", x) for x in old_ids[i : i + 500]])
+            pipe.delete(*[self.key("label", x) for x in old_ids[i : i + 500]])
+        later = [f"{x}|{s}" for x, found in zip(old_ids, sources, strict=True) for s in found]
+        for i in range(0, len(later), 500):  # labels given after their record was made
+            pipe.zrem(self.key("labels"), *later[i : i + 500])
         pipe.zremrangebyscore(self.key("outcomes", "ts"), "-inf", before_ts)
         for tenant in tenants:
             pipe.zremrangebyscore(self.key("outcomes", "ts", tenant), "-inf", before_ts)

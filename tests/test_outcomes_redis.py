@@ -122,6 +122,35 @@ def test_purge_removes_old_records_and_labels(redis_server: RedisServer, tmp_pat
         s.close()
 
 
+def _label_given_late(s: SQLiteOutcomeStore | RedisOutcomeStore) -> str:
+    """A 29-day-old request whose user left feedback today; its id."""
+    old = outcome(tenant="acme", ts=time.time() - 29 * 86400)
+    s.submit(old)
+    s.label(Label(old.id, "acme", "feedback", 1.0, time.time(), comment="call me on +44 ..."))
+    assert s.flush(10)
+    return old.id
+
+
+def test_purge_takes_a_records_later_labels_with_it(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # retention_days: 30. A day later the record is past it; its feedback, a day old, used to
+    # stay for another 29 days, comment and all, though nothing reads a label without its record.
+    sqlite = SQLiteOutcomeStore(tmp_path / "o.db")
+    sqlite.start()
+    redis_store = store(redis_server, tmp_path)
+    try:
+        for s in (sqlite, redis_store):
+            request_id = _label_given_late(s)
+            assert s.purge(time.time() + 86400 - 30 * 86400) == 1
+            assert s.get(request_id) is None
+            assert s.labels_of(request_id) == [] and s.labels() == []
+        assert redis_server.client().keys("tiergate:label:*") == []
+    finally:
+        sqlite.close()
+        redis_store.close()
+
+
 def test_outage_and_recovery_loses_nothing_and_duplicates_nothing(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
