@@ -54,8 +54,11 @@ class Cooldowns:
         """Count a failed call to ``name``; the seconds of the cooldown it starts, if it starts
         one (a failure while it cools, a pinned request's, extends the cooldown and returns
         None). Only failures a later call may not meet count: a 429, a timeout, a refused
-        connection, a 5xx (not a 400, not a refused key)."""
+        connection, a 5xx (not a 400, not a refused key, not litellm failing in this process:
+        ``error.cools``)."""
         if self.cooldown_s <= 0 or not error.retryable or error.should_retry is False:
+            return None
+        if not error.cools:
             return None
         state = self._states.setdefault(name, _State())
         state.failures += 1

@@ -260,6 +260,9 @@ class BackendError(TiergateError):
     error_type = "api_error"
     code = "upstream_error"
     retryable: bool = True
+    # Whether it counts toward its model's cooldown (router.cooldown), when retryable: False
+    # where nothing shows that the provider failed.
+    cools: bool = True
 
     def __init__(
         self,
@@ -286,6 +289,16 @@ class BackendError(TiergateError):
             retry_after=self.retry_after,
             param=self.param,
         )
+
+
+class ClientLibraryError(BackendError):
+    """The library that calls the provider (litellm) failed in this process with a Python error
+    (a ``KeyError`` translating the request's fields, say) and called it a connection error:
+    nothing shows that the provider failed (502 ``upstream_error``). The chain still tries its
+    next model, but the failure does not cool its model: a tenant's request shaped to trip it
+    would otherwise cool the model for every tenant."""
+
+    cools = False
 
 
 class UpstreamRateLimitedError(BackendError):

@@ -118,3 +118,31 @@ def test_a_failing_provider_is_passed_over_while_it_cools(
     cooled = [line for line in metrics.splitlines() if line.startswith("tiergate_cooldowns_total")]
     assert len(cooled) == 1 and cooled[0].endswith(" 1.0")
     assert 'error_type="upstream_error"' in cooled[0] and 'model="gpt-4o"' in cooled[0]
+
+
+def test_a_request_litellm_cannot_translate_does_not_cool_its_model(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """litellm fails on ``response_format: {"type": "json_schema"}`` (no schema) for an Anthropic
+    model with a ``KeyError`` it reports as ``APIConnectionError``, before anything is sent. It
+    was answered as ``upstream_unreachable`` and counted as the provider failing: three such
+    requests from one tenant (one OpenAI SDK call, with its two retries of the 502) cooled
+    claude for every tenant. It still falls back, but claude does not cool."""
+    fake.reset()
+    policy = policy_yaml(fake, on_failure="closed").replace(
+        "closed_models: [gpt-4o, claude]", "closed_models: [claude, gpt-4o]"
+    )
+    hard = {"model": "auto", "messages": [{"role": "user", "content": "HARD"}]}
+    tripping = {**hard, "response_format": {"type": "json_schema"}}
+    with live(tmp_path, policy, cooldown_after_fails=3, cooldown_s=30) as srv:
+        for _ in range(3):
+            answer = srv.http.post("/v1/chat/completions", json=tripping)
+            assert answer.status_code == 200 and answer.headers["x-tiergate-model"] == "gpt-4o"
+        assert srv.gateway.cooldowns.status() == {}
+        fake.received.clear()
+        victim = srv.http.post("/v1/chat/completions", json=hard)
+        assert victim.status_code == 200 and victim.headers["x-tiergate-model"] == "claude"
+        assert [r.path for r in fake.received] == ["/v1/messages"]
+        pinned = srv.http.post("/v1/chat/completions", json={**tripping, "model": "claude"})
+        assert pinned.status_code == 502, pinned.text
+        assert pinned.json()["error"]["code"] == "upstream_error"  # not upstream_unreachable

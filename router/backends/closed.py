@@ -23,6 +23,7 @@ from router.backends.openai_http import OpenAIHTTP, retry_after_s
 from router.errors import (
     BackendError,
     BadRequestError,
+    ClientLibraryError,
     TiergateError,
     UpstreamAuthError,
     UpstreamBadRequestError,
@@ -287,6 +288,8 @@ def map_litellm_error(exc: Exception, label: str, key: str | None = None) -> Tie
         return UpstreamBadRequestError(message, upstream_status=status, param=param)
     if status in (401, 403):
         return UpstreamAuthError(message, upstream_status=status)
+    if "Connection" in name and _python_fault(exc):
+        return ClientLibraryError(message)
     if "Connection" in name or _cannot_connect(exc):
         return BackendError(message, code="upstream_unreachable", upstream_status=status)
     return BackendError(message, upstream_status=status if isinstance(status, int) else None)
@@ -358,6 +361,32 @@ def _cannot_connect(exc: BaseException) -> bool:
         seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__
     return False
+
+
+def _python_fault(exc: BaseException) -> bool:
+    """Whether ``exc`` wraps a plain Python error (``KeyError('json_schema')`` for a
+    ``response_format`` litellm cannot translate) and no network error: litellm reports its own
+    failures as ``APIConnectionError`` whether or not anything reached the provider."""
+    seen: set[int] = set()
+    python = False
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, (OSError, TimeoutError)) or type(cause).__module__.startswith(
+            _NETWORK_MODULES
+        ):
+            return False
+        python = python or (
+            type(cause).__module__ == "builtins" and isinstance(cause, _PYTHON_FAULTS)
+        )
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return python
+
+
+#: The errors a bug or an unexpected value raises (not the end of a stream a provider cut).
+_PYTHON_FAULTS = (LookupError, TypeError, AttributeError, ValueError)
+#: The libraries whose errors are network errors, wherever they sit in an error's causes.
+_NETWORK_MODULES = ("httpx", "httpcore", "aiohttp", "h11", "ssl", "anyio")
 
 
 def _retry_after(exc: Exception) -> float | None:
