@@ -220,6 +220,8 @@ class RedisOutcomeStore(OutcomeWriter):
         self.replica_id = uuid.uuid4().hex
         #: Replicas that heartbeat within REPLICA_TTL_S at the last refresh, this one included.
         self.replicas = 1
+        #: Whether the shared spend was ever read (a replica started during an outage has not).
+        self.spend_known = False
         self._client: Any = None
         self._record_script: Any = None
         self._reserve_script: Any = None
@@ -357,6 +359,7 @@ class RedisOutcomeStore(OutcomeWriter):
             spend, _, _, live = pipe.execute()
             self.ledger.load({k: float(v) for k, v in spend.items()})
             self.replicas = max(int(live), 1)
+            self.spend_known = True
             self._last_refresh = time.monotonic()
 
     def write_batch(self, batch: list[Item]) -> dict[str, float]:
@@ -508,8 +511,15 @@ class RedisOutcomeStore(OutcomeWriter):
     def _outage_budget(self, tenant: str, budget: float | None) -> float | None:
         """The budget this replica checks while Redis is unreachable: the tenant's shared spend
         at the last refresh plus this replica's share of what was left then (1 / the replicas
-        alive then), so that N replicas cannot each spend the whole remainder."""
-        if budget is None or self.replicas <= 1:
+        alive then), so that N replicas cannot each spend the whole remainder. None to share
+        for a replica that never read the spend (started during the outage): it knows neither
+        what was spent nor by how many, and checking the whole budget against $0 let each
+        such replica spend the budget again."""
+        if budget is None:
+            return None
+        if not self.spend_known:
+            return 0.0
+        if self.replicas <= 1:
             return budget
         shared = self.ledger.shared(tenant)
         return shared + max(budget - shared, 0.0) / self.replicas

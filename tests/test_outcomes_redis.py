@@ -259,6 +259,7 @@ def test_budget_holds_during_an_outage_log_once_and_still_hold(
     asking Redis for each (one warning, not one per request), and the budget still holds."""
     s = store(redis_server, tmp_path)
     try:
+        assert wait_for(lambda: s.spend_known, timeout_s=10)  # it read the spend ($0) once
         redis_server.stop()
         caplog.set_level("WARNING", logger="tiergate.outcomes")
         held = [s.reserve_spend("acme", f"req_{i}", 0.01, 0.05) for i in range(20)]
@@ -295,6 +296,33 @@ def test_in_an_outage_each_replica_spends_only_its_share_of_the_budget(
     finally:
         a.close(timeout_s=0.5)
         b.close(timeout_s=0.5)
+
+
+def test_a_replica_started_in_an_outage_holds_no_budget_it_cannot_see(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A replica that has never read the shared spend knows neither what a tenant spent nor
+    how many replicas share what is left. It checked the whole budget against $0: with a
+    tenant at $2.64 of its $2.00, a replica started during the outage let it spend $2.20
+    more. It holds nothing for a budgeted tenant until Redis answers, then shares again."""
+    a = store(redis_server, tmp_path / "a")
+    try:
+        a.submit(outcome(tenant="acme", cost_usd=1.0))
+        assert a.flush(10)
+    finally:
+        a.close()
+    redis_server.stop()
+    c = store(redis_server, tmp_path / "c")
+    try:
+        assert not c.reserve_spend("acme", "r1", 0.25, 2.0)
+        assert c.reserve_spend("acme", "r2", 0.25, None)  # no budget, nothing to overspend
+        c.release_spend("r2")
+        redis_server.start()
+        assert wait_for(lambda: c.ledger.shared("acme") == 1.0, timeout_s=10)
+        assert wait_for(lambda: c.reserve_spend("acme", "r3", 0.25, 2.0), timeout_s=10)
+        assert redis_server.client().hget("tiergate:hold:acme", "r3") == b"0.25"
+    finally:
+        c.close(timeout_s=0.5)
 
 
 def test_a_closed_replica_stops_counting_towards_the_shares(
