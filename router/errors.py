@@ -309,6 +309,17 @@ class UpstreamRateLimitedError(BackendError):
     code = "upstream_rate_limited"
 
 
+class UpstreamRequestTooLargeError(UpstreamRateLimitedError):
+    """The provider answered 429 because this one request is over its tokens-per-minute limit
+    (OpenAI's "Request too large ... on tokens per min"): every retry of it meets the same
+    answer (``x-should-retry: false``, no ``Retry-After``). The chain still tries its next
+    model, which may take it, but the model does not cool down (router.cooldown): as a rate
+    limit, one tenant's one large request cooled the model for every tenant."""
+
+    should_retry = False
+    cools = False
+
+
 class UpstreamBadResponseError(BackendError):
     """The provider answered 2xx with something that is not an OpenAI answer (502)."""
 

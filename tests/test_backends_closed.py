@@ -26,6 +26,7 @@ from router.errors import (
     BadRequestError,
     UpstreamBadRequestError,
     UpstreamRateLimitedError,
+    UpstreamRequestTooLargeError,
     UpstreamTimeoutError,
 )
 from tests.conftest import KEYS, free_port, run
@@ -182,6 +183,8 @@ class APIConnectionError(Exception):
 
 def test_litellm_errors_map_by_status_and_kind() -> None:
     assert isinstance(map_litellm_error(RateLimitError("slow"), "m"), UpstreamRateLimitedError)
+    large = map_litellm_error(RateLimitError("Request too large for gpt-4o in org-x"), "m")
+    assert isinstance(large, UpstreamRequestTooLargeError) and large.should_retry is False
     assert isinstance(map_litellm_error(Timeout("late"), "m"), UpstreamTimeoutError)
     bad = type("BadRequestError", (Exception,), {"status_code": 400})("too long")
     assert isinstance(map_litellm_error(bad, "m"), UpstreamBadRequestError)

@@ -146,3 +146,43 @@ def test_a_request_litellm_cannot_translate_does_not_cool_its_model(
         pinned = srv.http.post("/v1/chat/completions", json={**tripping, "model": "claude"})
         assert pinned.status_code == 502, pinned.text
         assert pinned.json()["error"]["code"] == "upstream_error"  # not upstream_unreachable
+
+
+#: OpenAI's answer to one request larger than the organization's tokens-per-minute limit: a 429
+#: that every retry of the same request meets again.
+TOO_LARGE = {
+    "error": {
+        "message": "Request too large for gpt-4o in organization org-x on tokens per min (TPM): "
+        "Limit 30000, Requested 32786. The input or output tokens must be reduced in order to "
+        "run successfully.",
+        "type": "tokens",
+        "param": None,
+        "code": "rate_limit_exceeded",
+    }
+}
+
+
+def test_a_request_over_the_providers_token_limit_does_not_cool_its_model(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """OpenAI answers a single request over the organization's tokens-per-minute limit
+    (``max_tokens: 32000``) with a 429 "Request too large". As a 429 it cooled gpt-4o at once,
+    so one tenant's one request sent every tenant's requests to claude for 30 s. It still
+    falls back, but does not cool; alone it is a 429 a retry cannot fix."""
+    fake.reset(
+        Behaviour(mode="status", status=429, failing_path="/chat/completions", error_body=TOO_LARGE)
+    )
+    hard = {"model": "auto", "messages": [{"role": "user", "content": "HARD"}]}
+    with live(tmp_path, policy_yaml(fake, on_failure="closed")) as srv:
+        answer = srv.http.post("/v1/chat/completions", json={**hard, "max_tokens": 32000})
+        assert answer.status_code == 200 and answer.headers["x-tiergate-model"] == "claude"
+        assert srv.gateway.cooldowns.status() == {}
+        pinned = srv.http.post(
+            "/v1/chat/completions", json={**hard, "model": "gpt-4o", "max_tokens": 32000}
+        )
+        assert pinned.status_code == 429, pinned.text
+        assert pinned.headers["x-should-retry"] == "false"
+        assert "Request too large" in pinned.json()["error"]["message"]
+        fake.reset()
+        victim = srv.http.post("/v1/chat/completions", json=hard)
+        assert victim.status_code == 200 and victim.headers["x-tiergate-model"] == "gpt-4o"

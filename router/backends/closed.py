@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 
 from router.backends import MESSAGE_FIELD, Completion, ModelLike, Usage, usage_from_body
-from router.backends.openai_http import OpenAIHTTP, retry_after_s
+from router.backends.openai_http import OpenAIHTTP, request_too_large, retry_after_s
 from router.errors import (
     BackendError,
     BadRequestError,
@@ -28,6 +28,7 @@ from router.errors import (
     UpstreamAuthError,
     UpstreamBadRequestError,
     UpstreamRateLimitedError,
+    UpstreamRequestTooLargeError,
     UpstreamTimeoutError,
     scrub,
 )
@@ -277,6 +278,8 @@ def map_litellm_error(exc: Exception, label: str, key: str | None = None) -> Tie
     if "Timeout" in name or status in (408, 504):
         return UpstreamTimeoutError(message, upstream_status=status)
     if status == 429 or "RateLimit" in name:
+        if request_too_large(message):
+            return UpstreamRequestTooLargeError(message, upstream_status=429)
         return UpstreamRateLimitedError(message, upstream_status=429, retry_after=_retry_after(exc))
     param = getattr(exc, "param", None)  # the field the provider's 400 named, if it did
     param = param if isinstance(param, str) else None

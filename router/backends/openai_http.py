@@ -27,6 +27,7 @@ from router.errors import (
     UpstreamBadRequestError,
     UpstreamBadResponseError,
     UpstreamRateLimitedError,
+    UpstreamRequestTooLargeError,
     UpstreamTimeoutError,
     scrub,
 )
@@ -86,6 +87,8 @@ def error_for_status(
     error = _upstream_error(raw)
     message = f"{label} answered {status}: {scrub(_upstream_message(error, reason), [api_key])}"
     if status == 429:
+        if request_too_large(message):
+            return UpstreamRequestTooLargeError(message, upstream_status=status)
         return UpstreamRateLimitedError(
             message, upstream_status=status, retry_after=retry_after_s(retry_after)
         )
@@ -104,6 +107,13 @@ def error_for_status(
     if status in (401, 403):
         return UpstreamAuthError(message, upstream_status=status)
     return BackendError(message, upstream_status=status)
+
+
+def request_too_large(message: str) -> bool:
+    """Whether a provider's 429 ``message`` refuses the request for its own size, not for the
+    traffic before it: OpenAI's "Request too large for gpt-4o ... on tokens per min (TPM):
+    Limit 30000, Requested 32786", which every retry of that request meets again."""
+    return "Request too large for " in message
 
 
 async def _error(response: aiohttp.ClientResponse, label: str, api_key: str | None) -> BackendError:
