@@ -710,8 +710,9 @@ def readiness(svc: Services) -> dict[str, Any]:
     policy = gateway.policy
     local_reason = None
     local_depth = 0
-    if gateway.local is not None and policy.local_model:
+    if policy.local_model:  # "local tier disabled" when TIERGATE_LOCAL_BACKEND=none
         local_reason = gateway.unavailable_reason(policy.models[policy.local_model])
+    if gateway.local is not None:
         local_depth = gateway.local_queue_depth
     closed = {
         name: {
@@ -730,7 +731,7 @@ def readiness(svc: Services) -> dict[str, Any]:
         elif gateway.local is None or not policy.local_model:
             serves, then = (
                 "error",
-                "there is no local tier either, so requests routed closed get 503",
+                "there is no local tier either, so every request gets 503",
             )
         else:
             serves = "local"

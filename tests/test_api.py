@@ -705,15 +705,22 @@ def test_without_keys_auto_serves_closed_requests_locally_and_says_so(
 def test_readiness_does_not_promise_a_local_tier_that_is_off(
     tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """No keys and TIERGATE_LOCAL_BACKEND=none: closed-bound requests get 503, as /readyz says."""
+    """No keys and TIERGATE_LOCAL_BACKEND=none: every request gets 503, as /readyz says (it
+    said only closed-bound ones would, and gave the local tier no reason)."""
     for key in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY"):
         monkeypatch.delenv(key)
     policy = policy_yaml(fake, on_failure="closed")
     with live(tmp_path, policy, local_backend="none") as server:
-        no_closed = server.http.get("/readyz").json()["no_closed"]
+        ready = server.http.get("/readyz").json()
+        no_closed = ready["no_closed"]
         assert no_closed["serves"] == "error", no_closed
+        assert "every request gets 503" in no_closed["note"], no_closed
+        assert ready["local"]["available"] is False
+        assert ready["local"]["reason"] == "local tier disabled", ready["local"]
         hard = {"model": "auto", "messages": [{"role": "user", "content": "A HARD question"}]}
-        assert server.http.post("/v1/chat/completions", json=hard).status_code == 503
+        easy = {"model": "auto", "messages": [{"role": "user", "content": "easy"}]}
+        for body in (hard, easy):
+            assert server.http.post("/v1/chat/completions", json=body).status_code == 503
 
 
 def test_fail_closed_policy_answers_503_without_keys(
