@@ -177,7 +177,8 @@ class Authenticator:
             return ANONYMOUS
         if not key:
             raise AuthenticationError(
-                "missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key"
+                "missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
+                code="missing_api_key",
             )
         digest = hash_key(key)
         principal = self.keys.get(digest)

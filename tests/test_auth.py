@@ -86,6 +86,12 @@ def test_missing_and_unknown_keys_get_401(server: LiveServer) -> None:
         "/v1/chat/completions", json=CHAT, headers={"authorization": "Basic " + ACME}
     )
     _assert_openai_error(basic, 401, "authentication_error")
+    # The Anthropic SDK sends its key as x-api-key, which Tiergate takes too: the 401 says so.
+    anthropic = server.http.post("/v1/messages", json={**CHAT, "max_tokens": 5})
+    assert anthropic.status_code == 401
+    assert anthropic.json()["error"]["type"] == "authentication_error"
+    assert "'x-api-key: <key>'" in anthropic.json()["error"]["message"]
+    assert "'x-api-key: <key>'" in missing.json()["error"]["message"]
     for path in ("/v1/models", "/openapi.json", "/docs", "/no/such/route", "/metrics"):
         _assert_openai_error(server.http.get(path), 401, "authentication_error")
     # unauthenticated callers cannot fill the outcome store
