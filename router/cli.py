@@ -760,7 +760,7 @@ async def _end_requests(app: Any, tasks: Iterable[Any], timeout_s: float = 10.0)
 
 def _cmd_fetch_model(args: argparse.Namespace) -> int:
     from router.config import BUNDLED_GGUF, load_settings
-    from router.encoder import ENCODER_FILE, ENV_ENCODER_PATH, fetch_encoder
+    from router.encoder import ENCODER_FILE, encoder_path, fetch_encoder
     from router.fetch import fetch_bundled_model
 
     gguf_dest = encoder_dest = args.dest
@@ -768,7 +768,9 @@ def _cmd_fetch_model(args: argparse.Namespace) -> int:
         settings = load_settings()
         path = settings.local_model_path
         gguf_dest = path.parent if path.name == BUNDLED_GGUF else settings.home / "models"
-        named = Path(os.environ.get(ENV_ENCODER_PATH) or ".")
+        # The file serve reads (TIERGATE_ENCODER_PATH, else a checkout's models/ after `make
+        # model`, else the data directory's), so weights already there are kept, not fetched.
+        named = encoder_path() or Path(".")
         encoder_dest = named.parent if named.name == ENCODER_FILE else settings.home / "models"
     if args.only in (None, "gguf"):
         print(fetch_bundled_model(gguf_dest))

