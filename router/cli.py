@@ -1322,13 +1322,14 @@ def build_parser() -> argparse.ArgumentParser:
     """The full ``tiergate`` argument parser."""
     parser = argparse.ArgumentParser(
         prog="tiergate",
-        description="Route each OpenAI chat request to a local open model or a closed API.",
+        description="Route each request of an OpenAI or Anthropic client (chat completions, "
+        "Messages, Responses) to a local open model or a closed API.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser(
         "serve",
-        help="run the OpenAI-compatible proxy",
+        help="run the OpenAI- and Anthropic-compatible proxy",
         description="Serve /v1/chat/completions, /v1/messages (and /count_tokens),\n"
         "/v1/responses, /v1/models (and /v1/models/{model_id}), /v1/route, /v1/feedback,\n"
         "/healthz, /readyz, /metrics, /dashboard (and /dashboard/data) and /openapi.json.\n"

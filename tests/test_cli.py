@@ -306,6 +306,8 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for command in ("serve", "fetch-model", "outcomes", "policy"):
         assert command in out
+    # Not only OpenAI chat: the Messages and Responses fronts are served too.
+    assert "Anthropic" in out and "Messages" in out and "Responses" in out
 
 
 def test_fetch_model_help_names_both_pinned_packages(capsys: pytest.CaptureFixture[str]) -> None:
