@@ -852,7 +852,13 @@ def _unfit(spec: ModelSpec, signals: Signals) -> str | None:
     if spec.context_window is not None:
         needed = signals.prompt_tokens + (signals.max_tokens or 0)
         if needed > spec.context_window:
-            return f"{needed} tokens (context window {spec.context_window})"
+            # A prompt that fits by itself is refused for the answer's room: say both parts.
+            parts = (
+                f"{signals.prompt_tokens} in the prompt + max_tokens {signals.max_tokens}; "
+                if signals.max_tokens
+                else ""
+            )
+            return f"{needed} tokens ({parts}context window {spec.context_window})"
     return None
 
 

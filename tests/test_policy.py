@@ -404,7 +404,11 @@ def test_local_only_never_moves_for_images() -> None:
     [
         ({"has_images": True}, "notools", "images"),
         ({"has_tools": True}, "big", "tools"),  # notools is skipped
-        ({"prompt_tokens": 900, "max_tokens": 200}, "notools", "1100 tokens (context window 1000)"),
+        (
+            {"prompt_tokens": 900, "max_tokens": 200},
+            "notools",
+            "1100 tokens (900 in the prompt + max_tokens 200; context window 1000)",
+        ),
         ({"prompt_tokens": 200_000}, "huge", "200000 tokens (context window 1000)"),
     ],
 )
