@@ -6,7 +6,8 @@ hash (the plain key is never stored or logged) in three places, first hit wins:
 * the YAML keys file named by ``TIERGATE_API_KEYS_FILE`` (``tiergate keys add`` prints entries),
 * ``TIERGATE_ADMIN_KEYS``: comma-separated hashes of admin keys (tenant ``admin``),
 * the Redis hash ``tiergate:keys`` (field = hash, value = the entry as JSON) when
-  ``TIERGATE_REDIS_URL`` is set; lookups are cached in-process for :data:`CACHE_TTL_S`.
+  ``TIERGATE_REDIS_URL`` is set; lookups are cached in-process for :data:`CACHE_TTL_S`, and
+  while Redis is unreachable it is tried again once per :data:`REDIS_RETRY_S`.
 
 With no key source at all, Tiergate runs in *anonymous* mode: every request is the ``default``
 tenant with every permission except ``admin``. That is allowed only on a loopback host, or
@@ -53,6 +54,7 @@ PERMISSIONS: tuple[str, ...] = ("pin_closed", "set_policy_headers", "dashboard",
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 REDIS_KEYS_HASH = "tiergate:keys"
 CACHE_TTL_S = 10.0
+REDIS_RETRY_S = 1.0  # after a failed Redis lookup, skip Redis for this long (one log per outage)
 KEY_PREFIX = "tg-"
 
 
@@ -170,6 +172,8 @@ class Authenticator:
         self._redis_url = redis_url
         self._redis: Any = None
         self._cache: dict[str, tuple[float, Principal | None]] = {}
+        self._down_until = 0.0  # while Redis is down, lookups answer from the cache alone
+        self._down_since: float | None = None
 
     async def authenticate(self, key: str | None) -> Principal:
         """The caller for ``key``; raises :class:`AuthenticationError` when unknown."""
@@ -193,6 +197,8 @@ class Authenticator:
         cached = self._cache.get(digest)
         if cached is not None and cached[0] > now:
             return cached[1]
+        if now < self._down_until:  # Redis failed a moment ago: known keys stay cached
+            return cached[1] if cached is not None else None
         if self._redis is None:
             import redis.asyncio as aioredis
 
@@ -202,8 +208,16 @@ class Authenticator:
         try:
             raw = await self._redis.hget(REDIS_KEYS_HASH, digest)
         except Exception as exc:  # Redis down: known keys stay cached, unknown ones are refused
-            log.warning("key lookup in Redis failed: %s", type(exc).__name__)
+            # Retried once per REDIS_RETRY_S, not per request: each try can cost a connect
+            # timeout, and the outage is logged once, not once a request.
+            self._down_until = time.monotonic() + REDIS_RETRY_S
+            if self._down_since is None:
+                self._down_since = now
+                log.warning("key lookup in Redis failed: %s", type(exc).__name__)
             return cached[1] if cached is not None else None
+        if self._down_since is not None:
+            log.warning("key lookup in Redis works again after %.1f s", now - self._down_since)
+            self._down_since = None
         principal = None
         if raw is not None:
             try:
