@@ -235,6 +235,22 @@ class Authenticator:
             await self._redis.aclose()
 
 
+def _redis_holds_no_key(url: str) -> bool:
+    """Whether Redis answers and its ``tiergate:keys`` hash is empty: with no other key source,
+    every request then gets 401, which a start-up line should say. False when Redis does not
+    answer (its keys are looked up per request once it does)."""
+    try:
+        import redis
+
+        client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        try:
+            return int(client.hlen(REDIS_KEYS_HASH)) == 0
+        finally:
+            client.close()
+    except Exception:  # not installed, unreachable: no warning, lookups say it per request
+        return False
+
+
 def build_authenticator(settings: Settings) -> Authenticator:
     """The authenticator for ``settings``; refuses an anonymous non-loopback deployment."""
     keys: dict[str, Principal] = {}
@@ -254,7 +270,7 @@ def build_authenticator(settings: Settings) -> Authenticator:
         or settings.redis_url is not None
     )
     if configured:
-        if not keys and settings.redis_url is None:
+        if not keys and (settings.redis_url is None or _redis_holds_no_key(settings.redis_url)):
             log.warning("the configured key sources hold no key: every request is refused")
         return Authenticator(keys, redis_url=settings.redis_url)
     if not (is_loopback(settings.host) or settings.allow_anonymous):

@@ -10,8 +10,15 @@ import httpx
 import pytest
 import yaml
 
-from router.auth import ANONYMOUS, Principal, check_record_access, hash_key
+from router.auth import (
+    ANONYMOUS,
+    Principal,
+    build_authenticator,
+    check_record_access,
+    hash_key,
+)
 from router.cli import main as cli_main
+from router.config import Settings
 from router.errors import ConfigError, NotFoundError
 from tests.conftest import LiveServer, live, make_settings, policy_yaml, wait_for
 from tests.fake_provider import FakeProvider
@@ -280,6 +287,24 @@ def test_keys_from_redis(tmp_path: Path, fake: FakeProvider) -> None:
             assert store.get(rid)["tenant"] == "hooli"
             assert _post(srv, "tg-not-hooli").status_code == 401
             assert _post(srv, None).status_code == 401  # Redis configured: no anonymous mode
+
+
+@pytest.mark.skipif(redis_binary() is None, reason="no redis-server binary")
+def test_redis_without_a_key_anywhere_is_said_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """TIERGATE_REDIS_URL set for replicas, no key added yet: every request got 401 and nothing
+    said why at start, as it does for an empty keys file."""
+    caplog.set_level("WARNING", logger="tiergate.auth")
+    with RedisServer(tmp_path) as redis_server:
+        settings = Settings(redis_url=redis_server.url, home=tmp_path)
+        build_authenticator(settings)
+        assert "hold no key" in caplog.text
+        caplog.clear()
+        entry = {"tenant": "hooli", "permissions": []}
+        redis_server.client().hset("tiergate:keys", hash_key("tg-hooli"), json.dumps(entry))
+        build_authenticator(settings)
+        assert "hold no key" not in caplog.text
 
 
 def test_a_tenant_cannot_reach_another_tenants_records() -> None:
