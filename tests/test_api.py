@@ -1239,9 +1239,13 @@ def test_the_official_clients_read_a_stream_with_keep_alives(
 
     local = ScriptedLocal()
     local.token_delay_s = 0.35  # more than two keep-alives before each token
-    with _keeping_alive(tmp_path, fake, local) as srv:
-        oc = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
-        ac = anthropic.Anthropic(base_url=srv.url, api_key="unused", max_retries=0)
+    # The clients are closed (``with``): their pooled sockets left open were collected during
+    # a later test, which then failed on the ResourceWarning.
+    with (
+        _keeping_alive(tmp_path, fake, local) as srv,
+        openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0) as oc,
+        anthropic.Anthropic(base_url=srv.url, api_key="unused", max_retries=0) as ac,
+    ):
         chunks = list(
             oc.chat.completions.create(
                 model="local",

@@ -694,8 +694,10 @@ def test_a_missing_provider_key_is_not_worth_retrying(
         assert response.json()["error"]["code"] == "tier_unavailable"
         assert "OPENAI_API_KEY" in response.json()["error"]["message"]
         assert response.headers["x-should-retry"] == "false"
-        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=2)
-        with pytest.raises(openai.APIStatusError) as err:
+        with (
+            openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=2) as client,
+            pytest.raises(openai.APIStatusError) as err,
+        ):
             client.chat.completions.create(**PINNED)  # type: ignore[call-overload]
         assert err.value.status_code == 503
         _records(srv, 2)  # one request each: the SDK did not retry
