@@ -808,12 +808,14 @@ class Gateway:
         )
         if held:
             return
+        spend = self.outcomes.spend_today(ctx.tenant)
         ctx.decision = evaluate(
             self.policy,
             ctx.signals,
             thresholds=self.thresholds,
-            spend_today_usd=max(decision.budget_usd, self.outcomes.spend_today(ctx.tenant)),
+            spend_today_usd=spend,
             closed_available=self.closed_available(),
+            hold_refused=self.outcomes.hold_refusal(ctx.tenant, decision.budget_usd),
         )
         if not ctx.decision.rejected and not ctx.decision.unsatisfiable:
             usd = self._reserved_usd(ctx, default_completion)

@@ -213,6 +213,11 @@ class OutcomeStore(Protocol):
         :meth:`release_spend`) settles the hold. May do I/O: call it off the event loop."""
         ...
 
+    def hold_refusal(self, tenant: str, budget: float) -> str:
+        """Why :meth:`reserve_spend` refused a hold against ``budget`` while the spend seen
+        (:meth:`spend_today`) is under it, as the end of the refusal's reason."""
+        ...
+
     def release_spend(self, request_id: str) -> None:
         """Drop a request's hold without a record (its record could not be built)."""
         ...
@@ -758,6 +763,11 @@ class OutcomeWriter:
     def spend_today(self, tenant: str) -> float:
         """USD recorded for ``tenant`` today: stored, queued here, and held here."""
         return self.ledger.get(tenant)
+
+    def hold_refusal(self, tenant: str, budget: float) -> str:
+        """Why a hold was refused under the budget here: the holds of requests in flight
+        (settled between the refusal and the spend read for its reason)."""
+        return "; requests in flight hold the rest"
 
     def reserve_spend(self, tenant: str, request_id: str, usd: float, budget: float | None) -> bool:
         """Hold ``usd`` unless ``tenant`` has reached ``budget`` (in memory, under one lock)."""

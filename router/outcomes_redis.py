@@ -67,6 +67,7 @@ from router.outcomes import (
     valid_json,
     valid_text,
 )
+from router.policy import usd
 
 if TYPE_CHECKING:
     from router.config import Settings
@@ -507,6 +508,22 @@ class RedisOutcomeStore(OutcomeWriter):
         if held:
             self.ledger.hold(tenant, request_id, usd)
         return held
+
+    def hold_refusal(self, tenant: str, budget: float) -> str:
+        """Why a hold was refused under the budget: in an outage, this replica's share of what
+        was left (:meth:`_outage_budget`) is used, which the spend alone does not show."""
+        if time.monotonic() >= self._holds_down_until:
+            return super().hold_refusal(tenant, budget)
+        if not self.spend_known:
+            return (
+                "; the outcome store is unreachable and this replica has not read the shared "
+                "spend since it started, so it holds no budgeted spend until the store is back"
+            )
+        share = self._outage_budget(tenant, budget)
+        return (
+            "; the outcome store is unreachable, and this replica may spend up to "
+            f"{usd(share if share is not None else budget)} of it, its share of what was left"
+        )
 
     def _outage_budget(self, tenant: str, budget: float | None) -> float | None:
         """The budget this replica checks while Redis is unreachable: the tenant's shared spend

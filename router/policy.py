@@ -610,6 +610,7 @@ def evaluate(
     thresholds: Mapping[str, float] | None = None,
     spend_today_usd: float | None = None,
     closed_available: bool = True,
+    hold_refused: str | None = None,
 ) -> Decision:
     """Decide where one request goes. Pure, total on a valid policy, no I/O.
 
@@ -618,6 +619,9 @@ def evaluate(
     value there wins over the policy's for an alias with a target share, and only for the
     tenants that alias is in force for.
     ``spend_today_usd`` is the tenant's closed-tier spend today, checked against its budget.
+    ``hold_refused``: why the outcome store refused this request's hold against the budget (the
+    web layer decides again then): the request is over budget even with the spend under it, and
+    the reason gives the spend as it is, followed by this text.
     ``closed_available`` false (no closed model has its API key) adds the local model as the
     last fallback of a closed decision, unless the policy says ``fail_closed``, the request pins
     a model, the rule's ``on_failure`` is ``error`` or the local model cannot take the request.
@@ -663,7 +667,7 @@ def evaluate(
         trace=trace,
     )
     step.apply_constraints()
-    step.apply_budget(plan, spend_today_usd)
+    step.apply_budget(plan, spend_today_usd, hold_refused)
     if step.forced_local:
         name, local_only = step.rule or name, True
     if step.over_budget:  # shadow traffic would spend the exhausted budget
@@ -934,12 +938,17 @@ class _Step:
         self.reason += f"; {note}"
         self.model = target
 
-    def apply_budget(self, plan: Plan, spend: float | None) -> None:
-        if plan.budget_usd is None or spend is None or spend < plan.budget_usd:
+    def apply_budget(self, plan: Plan, spend: float | None, hold_refused: str | None) -> None:
+        if plan.budget_usd is None or spend is None:
+            return
+        under = spend < plan.budget_usd
+        if under and hold_refused is None:
             return
         self.over_budget = True
         tenant = plan.tenant or self.signals.tenant
         spent = f"tenant '{tenant}' spent {usd(spend)} of its {usd(plan.budget_usd)} daily budget"
+        if under:
+            spent += hold_refused or ""
         if self.policy.models[self.model].tier == "local":
             return
         self.rule = f"budget:{tenant}"

@@ -562,3 +562,30 @@ def test_max_tokens_must_be_an_integer(small: LiveServer, value: object) -> None
             response = small.http.post(path, json=body)
             assert response.status_code == 400, (field, value, response.text)
             assert response.json()["error"]["param"] == field
+
+
+@pytest.mark.skipif(redis_binary() is None, reason="no redis-server binary")
+def test_a_budget_refusal_in_a_redis_outage_says_what_was_spent_and_why(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    # A replica started while Redis is down holds no budgeted spend (it cannot see the spend).
+    # Its 429 said "spent $1.25 of its $1.25 daily budget", the budget given as the spend.
+    from router.outcomes_redis import RedisOutcomeStore
+
+    with RedisServer(tmp_path) as redis_server:
+        redis_server.stop()
+        store = RedisOutcomeStore(redis_server.url, journal=tmp_path / "journal.jsonl")
+        with live(
+            tmp_path,
+            _budget_policy(fake, 1.25),
+            local_backend_obj=ScriptedLocal(),
+            outcomes=store,
+        ) as srv:
+            refused = _post(srv, {**CHAT, "messages": [{"role": "user", "content": "HARD hi"}]})
+            assert refused.status_code == 429, refused.text
+            error = refused.json()["error"]
+            assert error["code"] == "budget_exceeded"
+            assert error["message"].startswith(
+                "tenant 'default' spent $0.00 of its $1.25 daily budget; the outcome store is"
+                " unreachable and this replica has not read the shared spend"
+            ), error["message"]

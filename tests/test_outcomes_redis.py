@@ -293,6 +293,12 @@ def test_in_an_outage_each_replica_spends_only_its_share_of_the_budget(
             for name, s in (("a", a), ("b", b))
         ]
         assert held == [0.5, 0.5]
+        # The refusal says why with $0.75 on record: the share is used, not the budget.
+        assert a.spend_today("acme") == 0.75
+        assert a.hold_refusal("acme", 1.25) == (
+            "; the outcome store is unreachable, and this replica may spend up to $0.75 of it,"
+            " its share of what was left"
+        )
     finally:
         a.close(timeout_s=0.5)
         b.close(timeout_s=0.5)
@@ -315,6 +321,7 @@ def test_a_replica_started_in_an_outage_holds_no_budget_it_cannot_see(
     c = store(redis_server, tmp_path / "c")
     try:
         assert not c.reserve_spend("acme", "r1", 0.25, 2.0)
+        assert "has not read the shared spend since it started" in c.hold_refusal("acme", 2.0)
         assert c.reserve_spend("acme", "r2", 0.25, None)  # no budget, nothing to overspend
         c.release_spend("r2")
         redis_server.start()

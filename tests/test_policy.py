@@ -356,6 +356,23 @@ def test_budget_spent_forces_local() -> None:
     assert "spent $5.00 of its $5.00 daily budget" in decision.reason
 
 
+def test_a_refused_hold_is_over_budget_and_its_reason_gives_the_spend_as_it_is() -> None:
+    # The gateway passed max(budget, spend) as the spend: "$5.00 of its $5.00" with $3.20 spent.
+    decision = evaluate(
+        policy(TENANTS),
+        signals(tenant="hard", score=0.9),
+        spend_today_usd=3.2,
+        hold_refused="; in-flight requests hold the rest",
+    )
+    assert decision.rejected == (
+        "tenant 'hard' spent $3.20 of its $5.00 daily budget; in-flight requests hold the rest"
+    )
+    spent = evaluate(
+        policy(TENANTS), signals(tenant="hard", score=0.9), spend_today_usd=7.5, hold_refused="; x"
+    )
+    assert spent.rejected == "tenant 'hard' spent $7.50 of its $5.00 daily budget"
+
+
 def test_budget_spent_reject() -> None:
     decision = evaluate(policy(TENANTS), signals(tenant="hard", score=0.9), spend_today_usd=7.5)
     assert decision.rejected == "tenant 'hard' spent $7.50 of its $5.00 daily budget"
