@@ -510,9 +510,17 @@ async def create_message(request: Request) -> Response:
 async def count_message_tokens(request: Request) -> dict[str, int]:
     """The prompt's token count as Tiergate estimates it for routing (no model is called)."""
     svc = services(request)
-    await svc.limiter.admit(principal_of(request), tokens=False)
+    principal = principal_of(request)
+    await svc.limiter.admit(principal, tokens=False)
     body = await read_json(request)
     validated(CountTokensRequest, body)
+    model = str(body.get("model", "auto"))
+    if not svc.gateway.policy.is_known_model(model, principal.tenant):
+        # As /v1/messages answers it, rather than counting for a model the request cannot use.
+        raise NotFoundError(
+            f"model '{model}' is not an alias or a configured model; see GET /v1/models",
+            param="model",
+        )
     return messages.count_tokens(body)
 
 

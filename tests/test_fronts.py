@@ -546,6 +546,13 @@ def test_count_tokens_is_answered_locally(
     )
     assert counted.input_tokens > 10
     assert fake.received == []
+    # A model /v1/messages would refuse is refused here too (it was counted, with a 200).
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        claude_client.messages.count_tokens(
+            model="no-such-model",  # type: ignore[arg-type]
+            messages=[{"role": "user", "content": "hi"}],
+        )
+    assert missing.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
 
 
 # -- /v1/responses -------------------------------------------------------------------------
