@@ -64,7 +64,8 @@ def to_chat(body: Mapping[str, Any], request_id: str) -> tuple[dict[str, Any], T
     except Exception as exc:  # the library's errors on a request it cannot read: a 400
         raise BadRequestError(f"cannot translate the request: {exc}") from exc
     out: dict[str, Any] = dict(chat)
-    out["messages"] = [_without_nulls(m) for m in out["messages"]]
+    failed = _failed_tool_uses(body)
+    out["messages"] = [_marked_failed(_without_nulls(m), failed) for m in out["messages"]]
     if body.get("metadata") is not None:
         out["metadata"] = body["metadata"]
     choice = body.get("tool_choice")
@@ -74,6 +75,39 @@ def to_chat(body: Mapping[str, Any], request_id: str) -> tuple[dict[str, Any], T
         out["stream"] = True
         out["stream_options"] = {"include_usage": True}
     return out, Translation("msg_" + request_id.removeprefix("req_"), dict(tool_names))
+
+
+#: What a tool result marked ``is_error`` starts with on the way to a chat model, which has no
+#: such field: without it the model reads a failure's text as the tool's answer.
+TOOL_ERROR_PREFIX = "Error: "
+
+
+def _failed_tool_uses(body: Mapping[str, Any]) -> set[str]:
+    """The ``tool_use_id`` of every ``tool_result`` block marked ``is_error``."""
+    return {
+        str(block.get("tool_use_id"))
+        for message in body.get("messages") or ()
+        if isinstance(message, Mapping) and isinstance(message.get("content"), list)
+        for block in message["content"]
+        if isinstance(block, Mapping)
+        and block.get("type") == "tool_result"
+        and block.get("is_error") is True
+    }
+
+
+def _marked_failed(message: dict[str, Any], failed: set[str]) -> dict[str, Any]:
+    """A translated tool message whose result was marked ``is_error``, its content prefixed
+    with :data:`TOOL_ERROR_PREFIX` (litellm's adapter drops the flag)."""
+    if message.get("role") != "tool" or message.get("tool_call_id") not in failed:
+        return message
+    content = message.get("content")
+    if isinstance(content, list):
+        parts = [{"type": "text", "text": TOOL_ERROR_PREFIX.strip()}, *content]
+        return {**message, "content": parts}
+    text = content if isinstance(content, str) else ""
+    if text.lower().startswith("error"):
+        return message
+    return {**message, "content": TOOL_ERROR_PREFIX + (text or "the tool failed")}
 
 
 def _without_nulls(message: Mapping[str, Any]) -> dict[str, Any]:

@@ -101,6 +101,41 @@ def test_a_full_request_becomes_a_valid_chat_request() -> None:
     assert chat["stream"] is True and chat["stream_options"] == {"include_usage": True}
 
 
+def _tool_turns(*results: dict[str, Any]) -> list[dict[str, Any]]:
+    uses = [
+        {"type": "tool_use", "id": r["tool_use_id"], "name": "get_weather", "input": {}}
+        for r in results
+    ]
+    return [
+        {"role": "user", "content": "Weather in Paris and Rome?"},
+        {"role": "assistant", "content": uses},
+        {"role": "user", "content": [{"type": "tool_result", **r} for r in results]},
+    ]
+
+
+def test_a_failed_tool_result_reads_as_an_error_to_a_chat_model() -> None:
+    # litellm's adapter dropped is_error: the model read "HTTP 503" as the tool's answer.
+    turns = _tool_turns(
+        {
+            "tool_use_id": "toolu_1",
+            "content": "HTTP 503 from weather API",
+            "is_error": True,
+        },
+        {"tool_use_id": "toolu_2", "content": "sunny"},
+        {"tool_use_id": "toolu_3", "is_error": True},
+        {"tool_use_id": "toolu_4", "content": "error: timed out", "is_error": True},
+    )
+    chat, _ = messages.to_chat(request(tools=[TOOL], messages=turns), "req_1")
+    validate_chat(chat)
+    tools = {m["tool_call_id"]: m["content"] for m in chat["messages"] if m["role"] == "tool"}
+    assert tools == {
+        "toolu_1": "Error: HTTP 503 from weather API",
+        "toolu_2": "sunny",
+        "toolu_3": "Error: the tool failed",
+        "toolu_4": "error: timed out",  # already says so
+    }
+
+
 def test_a_system_string_leads_the_chat() -> None:
     chat, _ = messages.to_chat(request(system="You are terse."), "req_1")
     assert chat["messages"][0]["role"] == "system"
