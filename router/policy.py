@@ -853,6 +853,8 @@ def _unfit(spec: ModelSpec, signals: Signals) -> str | None:
         return "images"
     if signals.has_tools and not spec.supports_tools:
         return _TOOL_HISTORY if signals.tool_history else "tools"
+    if signals.choices > 1 and spec.tier == "local":  # both local backends answer n=1 only
+        return f"n={signals.choices} (it answers one choice)"
     if spec.context_window is not None:
         needed = signals.prompt_tokens + (signals.max_tokens or 0)
         if needed > spec.context_window:
@@ -918,7 +920,8 @@ class _Step:
         if unfit is None:
             return
         what = f"model '{self.model}' cannot take {unfit}"
-        room = unfit not in ("images", "tools", _TOOL_HISTORY)  # room, not a feature (_unfit)
+        # room, not a feature (_unfit)
+        room = unfit not in ("images", "tools", _TOOL_HISTORY) and not unfit.startswith("n=")
         if self.local_only or self.pinned:
             why = "the rule is local_only" if self.local_only else "the request pins it"
             self.unsatisfiable = f"{what} and {why}"

@@ -51,6 +51,8 @@ class Signals:
     has_tools: bool = False
     # has_tools only for the conversation's tool calls or results: the request offers no tools.
     tool_history: bool = False
+    # The request's ``n``: the local tier answers one choice, so n > 1 goes to a closed model.
+    choices: int = 1
     turns: int = 1
     score: float = 0.0
     capability: str | None = None
@@ -74,6 +76,7 @@ class Signals:
             "has_images": self.has_images,
             "has_tools": self.has_tools,
             "tool_history": self.tool_history,
+            "choices": self.choices,
             "turns": self.turns,
             "score": round(self.score, 6),
             "capability": self.capability,
@@ -320,6 +323,7 @@ def extract_signals(
         found.update(request_pii_kinds(sent))
     kinds = tuple(k for k in PII_KINDS if k in found) + tuple(sorted(found - set(PII_KINDS)))
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+    n = body.get("n")
     return Signals(
         alias=str(body.get("model", "auto")),
         tenant=tenant,
@@ -328,6 +332,7 @@ def extract_signals(
         has_images=has_image_parts(messages),
         has_tools=has_tools,
         tool_history=tool_history,
+        choices=n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1,
         turns=sum(1 for m in messages if m.get("role") == "user"),
         score=analysis.score,
         capability=analysis.capability,

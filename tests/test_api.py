@@ -364,6 +364,24 @@ def test_closed_non_stream_via_openai_protocol(
     assert record["prompt_tokens"] == 11 and record["completion_tokens"] == 7
 
 
+def test_several_choices_go_to_a_closed_model_whatever_the_score(
+    client: openai.OpenAI, server: LiveServer, fake: FakeProvider
+) -> None:
+    # An easy prompt with n=2 was routed local, whose backend answers n=1 only: a 400.
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": "hi"}], n=2
+    )
+    assert raw.headers["x-tiergate-tier"] == "closed"
+    assert fake.received[-1].body["n"] == 2
+    record = _record(server, raw.headers["x-request-id"])
+    assert record["tier"] == "closed" and record["status"] == "ok"
+    assert record["signals"]["choices"] == 2  # type: ignore[index]
+    route = server.http.post(
+        "/v1/route", json={"model": "auto", "messages": [{"role": "user", "content": "hi"}], "n": 2}
+    ).json()
+    assert "cannot take n=2 (it answers one choice)" in json.dumps(route)
+
+
 def test_closed_stream(client: openai.OpenAI, fake: FakeProvider) -> None:
     with client.chat.completions.with_streaming_response.create(
         model="auto",

@@ -427,6 +427,8 @@ def test_local_only_never_moves_for_images() -> None:
             "1100 tokens (900 in the prompt + max_tokens 200; context window 1000)",
         ),
         ({"prompt_tokens": 200_000}, "huge", "200000 tokens (context window 1000)"),
+        # n > 1 went to the local model, which refused it with a 400 whatever the score
+        ({"choices": 3}, "notools", "n=3 (it answers one choice)"),
     ],
 )
 def test_hard_constraints_move_to_first_capable_closed_model(
@@ -437,6 +439,15 @@ def test_hard_constraints_move_to_first_capable_closed_model(
     assert (decision.tier, decision.model, decision.rule) == ("closed", model, "cheap")
     assert f"model 'small' cannot take {why} -> moved to '{model}'" in decision.reason
     assert decision.trace[-1].name == "constraint" and decision.trace[-1].matched
+
+
+def test_a_local_only_rule_cannot_answer_several_choices_and_says_so() -> None:
+    p = policy("rules:\n  - {name: pii, when: {pii: true}, route: local, local_only: true}\n")
+    decision = evaluate(p, signals(pii=True, choices=2))
+    assert decision.unsatisfiable == (
+        "model 'small' cannot take n=2 (it answers one choice) and the rule is local_only"
+    )
+    assert not decision.context_exceeded  # a 400 invalid_request, not context_length_exceeded
 
 
 def test_prompt_exactly_at_window_stays_local() -> None:
