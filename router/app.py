@@ -205,6 +205,16 @@ def build_outcome_store(settings: Settings) -> OutcomeStore:
     return SQLiteOutcomeStore(settings.sqlite_path, queue_size=settings.outcome_queue_size)
 
 
+def replica_count(store: OutcomeStore) -> Callable[[], int] | None:
+    """How many replicas share the rate limits in a Redis outage: the Redis outcome store's
+    count of live replicas (its heartbeat), or None for a store that does not keep one."""
+    from router.outcomes_redis import RedisOutcomeStore
+
+    if not isinstance(store, RedisOutcomeStore):
+        return None
+    return lambda: store.replicas
+
+
 def start_outcome_store(store: OutcomeStore, retention_days: int | None) -> None:
     """Start ``store``, told the policy's retention first: a Redis store's TTLs follow it, and
     so does a journal it replays at start."""
@@ -228,10 +238,10 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         http = OpenAIHTTP(timeout_s=settings.closed_timeout_s)
-        limiter = build_rate_limiter(settings)
         policy = PolicyHolder(settings.policy)
         store = outcomes if outcomes is not None else build_outcome_store(settings)
         start_outcome_store(store, policy.policy.retention_days)
+        limiter = build_rate_limiter(settings, replica_count(store))
         local = local_backend
         if local is None and settings.local_backend == "llama_cpp":
             llama = LlamaCppBackend(settings)

@@ -5,8 +5,9 @@ the previous minute's, weighted by how much of it still overlaps the last 60 s):
 tenant and accurate to a few percent. In-process on the embedded default; with
 ``TIERGATE_REDIS_URL`` the counters live in Redis and one Lua script reads and bumps them
 atomically, so every replica enforces the same limit. If Redis fails, the in-process counters
-take over (each replica then enforces the limit on its own) until Redis answers again: a limiter
-outage must not become a gateway outage.
+take over until Redis answers again (a limiter outage must not become a gateway outage): each
+replica then enforces its share of the limit, the limit divided by the replicas alive when the
+outcome store last heard from Redis, so N replicas do not admit N times the limit.
 
 Tokens are reserved before a request is served and settled after it: :meth:`RateLimiter.reserve`
 checks the tenant's window and adds an estimate (the prompt plus ``max_tokens``, or the
@@ -22,7 +23,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,11 +144,22 @@ def _until_room(now: float, current: float, previous: float, room: float) -> flo
 
 
 class RateLimiter:
-    """Requests and tokens per minute per tenant; Redis-backed when ``redis_url`` is set."""
+    """Requests and tokens per minute per tenant; Redis-backed when ``redis_url`` is set.
 
-    def __init__(self, *, rpm: int | None, tpm: int | None, redis_url: str | None = None) -> None:
+    ``replicas``: how many replicas share the limits (the Redis outcome store's count of live
+    replicas); while Redis is down each enforces ``ceil(limit / replicas)`` in process."""
+
+    def __init__(
+        self,
+        *,
+        rpm: int | None,
+        tpm: int | None,
+        redis_url: str | None = None,
+        replicas: Callable[[], int] | None = None,
+    ) -> None:
         self.rpm = rpm
         self.tpm = tpm
+        self._replicas = replicas
         self._requests: dict[str, _Window] = {}
         self._tokens: dict[str, _Window] = {}
         self._redis_url = redis_url
@@ -177,7 +189,9 @@ class RateLimiter:
         refused = None
         if self._use_redis(now):
             refused = await self._admit_redis(principal.tenant, start, weight, rpm, tpm)
+        shared = refused is None and self._redis_url is not None
         if refused is None:
+            rpm, tpm = self._share(rpm), self._share(tpm)
             refused = self._admit_local(principal.tenant, start, weight, rpm, tpm)
         which, current, previous = refused
         if which:
@@ -185,7 +199,8 @@ class RateLimiter:
             what = "requests" if which == "rpm" else "tokens"
             room = limit - 1 if which == "rpm" else limit  # a request needs room for itself
             raise RateLimitError(
-                f"tenant '{principal.tenant}' is over its limit of {limit} {what} per minute",
+                f"tenant '{principal.tenant}' is over its limit of {limit} {what} per minute"
+                + (self._share_note() if shared else ""),
                 retry_after=_until_room(now, current, previous, room),
                 code=f"{which}_limit_exceeded",
             )
@@ -217,7 +232,9 @@ class RateLimiter:
         if self._use_redis(now):
             refused = await self._reserve_redis(tenant, start, weight, tpm, tokens)
         in_redis = refused is not None
+        shared = not in_redis and self._redis_url is not None
         if refused is None:
+            tpm = self._share(tpm) or tpm
             window = self._tokens.setdefault(tenant, _Window(start))
             window.roll(start)
             refused = _ADMITTED
@@ -227,7 +244,8 @@ class RateLimiter:
                 window.current += tokens
         if refused[0]:
             raise RateLimitError(
-                f"tenant '{tenant}' is over its limit of {tpm} tokens per minute",
+                f"tenant '{tenant}' is over its limit of {tpm} tokens per minute"
+                + (self._share_note() if shared else ""),
                 retry_after=_until_room(now, refused[1], refused[2], tpm),
                 code="tpm_limit_exceeded",
             )
@@ -253,6 +271,19 @@ class RateLimiter:
             window.current = max(0, window.current + delta)
         elif window.start == hold.start + WINDOW_S:
             window.previous = max(0, window.previous + delta)
+
+    def _share(self, limit: int | None) -> int | None:
+        """The part of ``limit`` this replica enforces in process while Redis is down: all of it
+        without Redis or without a replica count, else ``ceil(limit / replicas)``."""
+        if limit is None or self._redis_url is None or self._replicas is None:
+            return limit
+        return math.ceil(limit / max(1, self._replicas()))
+
+    def _share_note(self) -> str:
+        n = max(1, self._replicas()) if self._replicas is not None else 1
+        if n == 1:
+            return " (counted by this replica while Redis is unreachable)"
+        return f" (this replica's share of it while Redis is unreachable, 1/{n})"
 
     # -- Redis -------------------------------------------------------------------------------
 
@@ -332,9 +363,17 @@ class RateLimiter:
             await self._redis.aclose()
 
 
-def build_rate_limiter(settings: Settings) -> RateLimiter:
-    """The limiter for ``settings`` (Redis-backed when ``redis_url`` is set)."""
-    return RateLimiter(rpm=settings.rpm_limit, tpm=settings.tpm_limit, redis_url=settings.redis_url)
+def build_rate_limiter(
+    settings: Settings, replicas: Callable[[], int] | None = None
+) -> RateLimiter:
+    """The limiter for ``settings`` (Redis-backed when ``redis_url`` is set); ``replicas``
+    counts the replicas that share its limits in a Redis outage."""
+    return RateLimiter(
+        rpm=settings.rpm_limit,
+        tpm=settings.tpm_limit,
+        redis_url=settings.redis_url,
+        replicas=replicas,
+    )
 
 
 def check_request_size(

@@ -96,17 +96,7 @@ def test_rate_limit_is_shared_by_replicas_through_redis(tmp_path: Path, fake: Fa
     with RedisServer(tmp_path) as redis_server:
 
         def replica(name: str) -> Iterator[LiveServer]:
-            work = tmp_path / name
-            work.mkdir()
-            return live(
-                work,
-                policy_yaml(fake),
-                local_backend_obj=ScriptedLocal(),
-                outcomes=SQLiteOutcomeStore(work / "o.db"),
-                redis_url=redis_server.url,
-                rpm_limit=4,
-                api_keys_file=_one_key(work),
-            )
+            return _replica(tmp_path / name, fake, redis_server, redis_outcomes=False)
 
         with replica("a") as a, replica("b") as b:
             got = [_post(srv, key="tg-k").status_code for srv in (a, b, a, b)]
@@ -115,6 +105,75 @@ def test_rate_limit_is_shared_by_replicas_through_redis(tmp_path: Path, fake: Fa
             _assert_rate_limited(_post(b, key="tg-k"), "rpm_limit_exceeded")
         keys = [k.decode() for k in redis_server.client().keys("tiergate:rl:t:req:*")]
         assert len(keys) == 1
+
+
+@pytest.mark.skipif(redis_binary() is None, reason="no redis-server binary")
+def test_in_a_redis_outage_each_replica_admits_only_its_share_of_the_limit(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    # Each replica fell back to the whole limit on its own: two replicas admitted 2 x rpm.
+    with RedisServer(tmp_path) as redis_server:
+
+        def replica(name: str) -> Iterator[LiveServer]:
+            return _replica(tmp_path / name, fake, redis_server, redis_outcomes=True)
+
+        with replica("a") as a, replica("b") as b:
+            stores = [a.gateway.outcomes, b.gateway.outcomes]
+            assert wait_for(lambda: [s.replicas for s in stores] == [2, 2], timeout_s=10)
+            redis_server.stop()
+            got = {
+                name: [_post(srv, key="tg-k").status_code for _ in range(4)]
+                for name, srv in (("a", a), ("b", b))
+            }
+            assert got == {"a": [200, 200, 429, 429], "b": [200, 200, 429, 429]}
+            refused = _post(a, key="tg-k")
+            _assert_rate_limited(refused, "rpm_limit_exceeded")
+            assert refused.json()["error"]["message"] == (
+                "tenant 't' is over its limit of 2 requests per minute (this replica's share"
+                " of it while Redis is unreachable, 1/2)"
+            )
+
+
+def test_without_a_replica_count_the_outage_limit_is_the_whole_limit() -> None:
+    tenant = Principal(tenant="t", permissions=frozenset(), key_id="k")
+    closed_port = "redis://127.0.0.1:9/0"  # nothing listens on the discard port
+    shared = limits.RateLimiter(rpm=4, tpm=None, redis_url=closed_port, replicas=lambda: 3)
+    alone = limits.RateLimiter(rpm=4, tpm=None, redis_url=closed_port)
+
+    async def admitted(limiter: limits.RateLimiter) -> int:
+        n = 0
+        for _ in range(6):
+            try:
+                await limiter.admit(tenant)
+            except RateLimitError:
+                continue
+            n += 1
+        await limiter.aclose()
+        return n
+
+    assert asyncio.run(admitted(shared)) == 2  # ceil(4 / 3)
+    assert asyncio.run(admitted(alone)) == 4
+
+
+def _replica(
+    work: Path, fake: FakeProvider, redis_server: RedisServer, *, redis_outcomes: bool
+) -> Iterator[LiveServer]:
+    """A replica with rpm 4 and one key, its limits in ``redis_server`` (its outcomes too with
+    ``redis_outcomes``, else in its own SQLite file)."""
+    from router.outcomes_redis import RedisOutcomeStore
+
+    work.mkdir()
+    return live(
+        work,
+        policy_yaml(fake),
+        local_backend_obj=ScriptedLocal(),
+        outcomes=RedisOutcomeStore(redis_server.url, journal=work / "journal.jsonl")
+        if redis_outcomes
+        else SQLiteOutcomeStore(work / "o.db"),
+        redis_url=redis_server.url,
+        rpm_limit=4,
+        api_keys_file=_one_key(work),
+    )
 
 
 def _one_key(work: Path) -> Path:
