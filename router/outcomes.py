@@ -1027,31 +1027,32 @@ class SQLiteOutcomeStore(OutcomeWriter):
 
     def erase(self, request_ids: Collection[str] = (), tenant: str | None = None) -> Erased:
         """Delete the records and labels of ``request_ids``, or all of ``tenant``'s, so that no
-        copy stays in the file: SQLite overwrites what it deletes (``secure_delete``) and the
-        write-ahead log, which holds the pages as they were, is checkpointed and emptied."""
+        copy stays in the files (:meth:`_wiping`)."""
         records = labels = 0
+        with self._wiping() as conn:
+            if tenant is not None:
+                records += conn.execute("DELETE FROM outcomes WHERE tenant = ?", (tenant,)).rowcount
+                labels += conn.execute("DELETE FROM labels WHERE tenant = ?", (tenant,)).rowcount
+            for rid in request_ids:
+                records += conn.execute("DELETE FROM outcomes WHERE id = ?", (rid,)).rowcount
+                labels += conn.execute("DELETE FROM labels WHERE request_id = ?", (rid,)).rowcount
+        return Erased(records, labels)
+
+    @contextmanager
+    def _wiping(self) -> Iterator[sqlite3.Connection]:
+        """One transaction whose deletes leave no copy in the files: SQLite overwrites the
+        deleted content (``secure_delete``), and the write-ahead log, which holds pages as they
+        were, is checkpointed and emptied after the commit."""
         with self._reading() as reader:
             reader.execute("PRAGMA secure_delete = ON")
             with reader as conn:
-                if tenant is not None:
-                    records += conn.execute(
-                        "DELETE FROM outcomes WHERE tenant = ?", (tenant,)
-                    ).rowcount
-                    labels += conn.execute(
-                        "DELETE FROM labels WHERE tenant = ?", (tenant,)
-                    ).rowcount
-                for rid in request_ids:
-                    records += conn.execute("DELETE FROM outcomes WHERE id = ?", (rid,)).rowcount
-                    labels += conn.execute(
-                        "DELETE FROM labels WHERE request_id = ?", (rid,)
-                    ).rowcount
+                yield conn
             reader.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        return Erased(records, labels)
 
     def purge(self, before_ts: float) -> int:
         """Delete records older than ``before_ts`` (the retention period) with all their
-        labels, and labels older than it."""
-        with self._reading() as reader, reader as conn:
+        labels, and labels older than it, leaving no copy in the files (:meth:`_wiping`)."""
+        with self._wiping() as conn:
             conn.execute(
                 "DELETE FROM labels WHERE ts < ? OR request_id IN "
                 "(SELECT id FROM outcomes WHERE ts < ?)",

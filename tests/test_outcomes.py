@@ -352,6 +352,25 @@ def test_a_second_writer_of_one_file_is_warned_about(
     assert "another process" not in caplog.text
 
 
+def test_records_past_retention_leave_no_copy_in_the_file(tmp_path: Path) -> None:
+    # The purge deleted rows without secure_delete and left the write-ahead log: a record past
+    # its retention period could still be read from the files' bytes.
+    store = SQLiteOutcomeStore(tmp_path / "o.db")
+    store.start()
+    try:
+        old = outcome(prompt="Dana White asks about her loan", ts=time.time() - 40 * 86400)
+        store.submit(old)
+        store.label(Label(old.id, old.tenant, "feedback", 1.0, old.ts, comment="Dana's comment"))
+        store.submit(outcome(prompt="Evan Green asks about his bill"))
+        assert store.flush(10)
+        assert store.purge(time.time() - 30 * 86400) == 1
+        files = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+        assert b"Dana White" not in files and b"Dana's comment" not in files
+        assert b"Evan Green" in files
+    finally:
+        store.close()
+
+
 def test_erasing_requests_or_a_tenant_leaves_no_copy_in_the_file(tmp_path: Path) -> None:
     # The right to erasure: the record, its labels (a feedback comment is the user's own words)
     # and every copy SQLite kept of them (a deleted row's bytes, the write-ahead log) go.
