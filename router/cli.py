@@ -872,6 +872,11 @@ def _cmd_outcomes(args: argparse.Namespace) -> int:
     if args.json:
         for row in rows:
             print(json.dumps(row, default=str))
+        if len(rows) < total:  # stdout stays JSON lines: an export must not stop unannounced
+            print(
+                f"-- {len(rows)} shown of {total} records in {path}; raise --limit for more",
+                file=sys.stderr,
+            )
         return 0
     print(
         f"{'time (UTC)':19}  {'request':16}  {'tenant':10}  {'front':9}  {'tier':6}  {'model':18}  "

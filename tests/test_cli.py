@@ -276,8 +276,14 @@ def test_outcomes_command_prints_records(
     assert header.split()[4] == "front"
     assert newest.split()[3:5] == ["acme", "messages"] and older.split()[4] == "chat"
     assert main(["outcomes", "--db", str(db), "--json"]) == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["id"] for r in rows] == ["req_2", "req_1", "req_0"]
+    printed = capsys.readouterr()
+    rows = [json.loads(line) for line in printed.out.splitlines()]
+    assert [r["id"] for r in rows] == ["req_2", "req_1", "req_0"] and printed.err == ""
+    # A JSON export cut by --limit said nothing (an export for a data request came out short).
+    assert main(["outcomes", "--db", str(db), "--json", "--limit", "2"]) == 0
+    printed = capsys.readouterr()
+    assert len(printed.out.splitlines()) == 2
+    assert "2 shown of 3 records" in printed.err and "raise --limit" in printed.err
     assert main(["outcomes", "--db", str(tmp_path / "missing.db")]) == 1
 
 
