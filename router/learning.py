@@ -35,7 +35,7 @@ from router.errors import BadRequestError, NotFoundError, StoreUnavailableError,
 from router.outcomes import Label, OutcomeStore
 from router.policy import ModelSpec
 from router.schemas import FeedbackRequest
-from router.telemetry import Telemetry
+from router.telemetry import Telemetry, outside_request
 
 log = logging.getLogger("tiergate.learning")
 
@@ -262,7 +262,8 @@ class LearningLoop:
             # cannot take (an Anthropic request's top_k for an OpenAI model).
             asked = self.gateway.fitted(self._closed_spec(None), dict(body), ctx.optional)
             task = asyncio.get_running_loop().create_task(
-                self._shadow(ctx.request_id, ctx.tenant, asked, answer, hold)
+                self._shadow(ctx.request_id, ctx.tenant, asked, answer, hold),
+                context=outside_request(),
             )
             self.shadow_started += 1
             self._tasks.add(task)

@@ -74,6 +74,15 @@ _PROVIDERS = {
 }
 
 
+def outside_request() -> contextvars.Context:
+    """A copy of the current context without the request's SERVER span, for work a request
+    starts that outlives its answer (shadow judging): its calls stay spans in the request's
+    trace, but change nothing the request's own span says (its provider, its parameters)."""
+    context = contextvars.copy_context()
+    context.run(_REQUEST_SPAN.set, None)
+    return context
+
+
 def tracing_configured(environ: Mapping[str, str], setting: bool | None) -> bool:
     """Whether traces are switched on (see module docstring for the rules)."""
     if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":

@@ -27,7 +27,14 @@ from router.config import Settings
 from router.errors import ConfigError
 from router.logs import JSONFormatter
 from router.telemetry import Telemetry, provider_name, tracing_configured
-from tests.conftest import KeywordScorer, LiveServer, free_port, make_settings, policy_yaml
+from tests.conftest import (
+    KeywordScorer,
+    LiveServer,
+    free_port,
+    make_settings,
+    policy_yaml,
+    wait_for,
+)
 from tests.conftest import live as live_server
 from tests.fake_provider import Behaviour, FakeProvider
 from tests.test_gateway import ScriptedLocal
@@ -238,6 +245,31 @@ def test_fallback_shows_failed_attempt_then_answer(tmp_path: Path, fake: FakePro
     assert all(f"{s.context.trace_id:032x}" == TRACE_ID for s in cap.finished())
     (fallbacks,) = cap.points("tiergate.fallbacks")
     assert fallbacks.value == 1 and fallbacks.attributes["fallback"] == "local->closed"
+
+
+def test_shadow_calls_do_not_rewrite_the_local_requests_span(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """A locally served request's SERVER span said ``gen_ai.provider.name: openai``: the shadow
+    judgement it started (after the answer) copied its closed call's provider onto the span
+    that was still open. The shadow's calls are spans in the request's trace, nothing more."""
+    fake.reset()
+    policy = policy_yaml(fake, shadow="{sample_rate: 1.0}")
+    with traced(tmp_path, policy, local=ScriptedLocal()) as (srv, cap):
+        r = _chat(srv, "easy", headers={"traceparent": TRACEPARENT})
+        assert r.status_code == 200 and r.headers["x-tiergate-tier"] == "local"
+        learning = srv.gateway.learning
+        assert wait_for(lambda: learning.shadow_labelled == 1, 30)
+    server = cap.server_span()
+    attrs = dict(server.attributes or {})
+    assert attrs["tiergate.tier"] == "local"
+    assert (attrs["gen_ai.provider.name"], attrs["gen_ai.system"]) == ("llama.cpp", "llama.cpp")
+    assert "gen_ai.request.temperature" not in attrs  # the judge's temperature 0
+    shadow = cap.by_name("chat openai/gpt-4o")  # the closed answer and the judge, both ways
+    assert len(shadow) == 3
+    for span in shadow:
+        assert f"{span.context.trace_id:032x}" == TRACE_ID
+        assert span.parent is not None and span.parent.span_id == server.context.span_id
 
 
 def test_error_request_sets_error_type(tmp_path: Path, fake: FakeProvider) -> None:
