@@ -103,7 +103,7 @@ def summarize(
     fronts: dict[str, dict[str, Any]] = {}
     versions: dict[tuple[Any, Any], list[Any]] = {}
     bad: list[WindowRow] = []
-    errors = fallbacks = cascaded = escalated = 0
+    errors = aborted = fallbacks = cascaded = escalated = 0
     held: list[float] = []
     for r in records:
         if r.ts < since_ts:
@@ -118,17 +118,22 @@ def summarize(
         tiers[i][tier] += 1
         costs[i] += cost
         counterfactuals[i] += r.counterfactual_cost_usd or 0.0
-        failed, fell_back = r.status != "ok", r.fallback is not None
+        # A client that left is not an error (as in /metrics' status label): counted apart.
+        failed, left = r.status == "error", r.status == "aborted"
+        fell_back = r.fallback is not None
         errors += failed
+        aborted += left
         fallbacks += fell_back
-        if failed or fell_back:
+        if r.status != "ok" or fell_back:
             bad.append(r)
         front = fronts.get(r.front)
         if front is None:
-            front = fronts[r.front] = {"tiers": defaultdict(int), "cost": 0.0, "errors": 0}
+            front = fronts[r.front] = {"tiers": defaultdict(int), "cost": 0.0}
+            front["errors"] = front["aborted"] = 0
         front["tiers"][tier] += 1
         front["cost"] += cost
         front["errors"] += failed
+        front["aborted"] += left
         version = versions.get((r.policy_version, r.model_version))
         if version is None:
             version = versions[(r.policy_version, r.model_version)] = [0, r.ts]
@@ -157,6 +162,7 @@ def summarize(
         "totals": {
             "requests": sum(by_tier.values()),
             "errors": errors,
+            "aborted": aborted,
             "fallbacks": fallbacks,
             "by_tier": dict(by_tier),
             "cost_usd": total_cost,
@@ -170,6 +176,7 @@ def summarize(
                 "closed_share": _served_share(f["tiers"], "closed"),
                 "cost_usd": f["cost"],
                 "errors": f["errors"],
+                "aborted": f["aborted"],
             }
             for name, f in sorted(fronts.items())
         },
@@ -583,7 +590,7 @@ def eval_chart(
 
 
 def problems_table(problems: list[dict[str, Any]]) -> str:
-    """Recent fallbacks and errors, newest first."""
+    """Recent fallbacks, errors and requests whose client left, newest first."""
     if not problems:
         return '<p class="empty">No fallbacks or errors in this window.</p>'
     rows = "".join(
@@ -603,20 +610,21 @@ def problems_table(problems: list[dict[str, Any]]) -> str:
 
 
 def fronts_table(by_front: dict[str, dict[str, Any]]) -> str:
-    """Requests, closed share, spend and errors per front (the API the clients spoke)."""
+    """Requests, closed share, spend, errors and clients that left per front (the API the
+    clients spoke)."""
     if not by_front:
         return '<p class="empty">no requests recorded</p>'
     rows = "".join(
         f'<tr data-front="{escape(name)}" data-requests="{f["requests"]}" '
         f'data-closed-share="{f["closed_share"]:.4f}" data-cost="{f["cost_usd"]:.10f}" '
-        f'data-errors="{f["errors"]}"><td>{escape(name)}</td><td>{f["requests"]}</td>'
-        f"<td>{f['closed_share'] * 100:.1f}%</td><td>{_usd(f['cost_usd'])}</td>"
-        f"<td>{f['errors']}</td></tr>"
+        f'data-errors="{f["errors"]}" data-aborted="{f["aborted"]}"><td>{escape(name)}</td>'
+        f"<td>{f['requests']}</td><td>{f['closed_share'] * 100:.1f}%</td>"
+        f"<td>{_usd(f['cost_usd'])}</td><td>{f['errors']}</td><td>{f['aborted']}</td></tr>"
         for name, f in by_front.items()
     )
     return (
         '<table id="fronts"><tr><th>front</th><th>requests</th><th>closed share</th>'
-        f"<th>spent</th><th>errors</th></tr>{rows}</table>"
+        f"<th>spent</th><th>errors</th><th>clients left</th></tr>{rows}</table>"
     )
 
 
@@ -681,6 +689,7 @@ def render_page(data: dict[str, Any]) -> str:
             _tile("shadow judging", _usd(data["judging"]["cost_usd"]), "judging"),
             _tile("fallbacks", str(totals["fallbacks"]), "fallbacks"),
             _tile("errors", str(totals["errors"]), "errors"),
+            _tile("clients left", str(totals["aborted"]), "aborted"),
         )
     )
     return f"""<!doctype html>

@@ -133,6 +133,27 @@ def test_failed_closed_requests_count_as_failures_not_as_closed(tmp_path: Path) 
     assert totals["errors"] == 3
 
 
+def test_a_client_that_left_is_not_counted_as_an_error() -> None:
+    """Two clients that left mid-stream showed as 2 errors on the page and in each front's
+    row, beside no failed bars and no ``status="error"`` in /metrics: they are counted apart,
+    as ``aborted``, and still listed among the recent problems."""
+    now = time.time()
+    records = [
+        _record(0, now - 50, "local"),
+        _record(1, now - 40, "local", status="aborted", http_status=499),
+        _record(2, now - 30, "closed", status="aborted", http_status=499),
+        _record(3, now - 20, "closed", status="error", http_status=502, error_type="x"),
+    ]
+    rows = [WindowRow.of(r.as_dict()) for r in records]
+    summary = summarize(rows, since_ts=now - 60, bucket_s=120, until_ts=now)
+    totals = summary["totals"]
+    assert (totals["errors"], totals["aborted"]) == (1, 2)
+    assert totals["by_tier"] == {"local": 2, "closed": 1, "failed": 1}
+    assert summary["by_front"]["chat"]["errors"] == 1
+    assert summary["by_front"]["chat"]["aborted"] == 2
+    assert [p["id"] for p in summary["problems"]] == ["r3", "r2", "r1"]
+
+
 def test_each_front_gets_its_requests_closed_share_spend_and_errors() -> None:
     now = time.time()
     records = [
@@ -147,9 +168,21 @@ def test_each_front_gets_its_requests_closed_share_spend_and_errors() -> None:
     rows = [WindowRow.of(d) for d in dicts]
     summary = summarize(rows, since_ts=now - 60, bucket_s=120, until_ts=now)
     assert summary["by_front"] == {
-        "chat": {"requests": 1, "closed_share": 0.0, "cost_usd": 0.001, "errors": 0},
-        "messages": {"requests": 3, "closed_share": 0.5, "cost_usd": 0.02, "errors": 1},
-        "responses": {"requests": 1, "closed_share": 0.0, "cost_usd": 0.0, "errors": 1},
+        "chat": {"requests": 1, "closed_share": 0.0, "cost_usd": 0.001, "errors": 0, "aborted": 0},
+        "messages": {
+            "requests": 3,
+            "closed_share": 0.5,
+            "cost_usd": 0.02,
+            "errors": 1,
+            "aborted": 0,
+        },
+        "responses": {
+            "requests": 1,
+            "closed_share": 0.0,
+            "cost_usd": 0.0,
+            "errors": 1,
+            "aborted": 0,
+        },
     }
     assert sum(f["requests"] for f in summary["by_front"].values()) == 5
     html = fronts_table(summary["by_front"])
