@@ -1469,11 +1469,33 @@ class _Relay:
             self.model = chunk.get("model") if isinstance(chunk.get("model"), str) else None
         choices = chunk.get("choices")
         if choices:
-            if self.ctx.ttft_ms is None:
+            if self.ctx.ttft_ms is None and _produced(choices):
                 self.ctx.ttft_ms = (time.perf_counter() - self.ctx.started) * 1000.0
             self.text.append(str((choices[0].get("delta") or {}).get("content") or ""))
         elif chunk.get("usage"):
             self.saw_usage = True
+
+
+#: The delta fields that carry what a model generated (a role alone is not a token).
+_OUTPUT_FIELDS = (
+    "content", "tool_calls", "function_call", "refusal", "audio", "reasoning_content",
+    "thinking_blocks",
+)  # fmt: skip
+
+
+def _produced(choices: list[Any]) -> bool:
+    """Whether a chunk's ``choices`` hold a token, or end the answer: the time to first token
+    is not that of an opening chunk naming only the role (OpenAI's first, and what a native
+    stream's ``message_start`` or ``response.created`` becomes), sent before any token."""
+    for choice in choices:
+        if not isinstance(choice, Mapping):
+            continue
+        delta = choice.get("delta")
+        if choice.get("finish_reason") or (
+            isinstance(delta, Mapping) and any(delta.get(k) for k in _OUTPUT_FIELDS)
+        ):
+            return True
+    return False
 
 
 async def _chunks(

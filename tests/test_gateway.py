@@ -825,6 +825,41 @@ def test_a_stream_ends_with_its_usage_and_is_recorded_once(
     asyncio.run(scenario())
 
 
+def test_time_to_first_token_waits_for_a_token_not_the_opening_chunk(
+    tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream's first chunk that only names the role (OpenAI's opening chunk, and what a
+    native stream's response.created or message_start become, sent before any token) set
+    ttft_ms: the record said 0 ms where the first token came 5 s later."""
+    fake.reset()
+    now = [0.0]
+
+    class Clock:  # the gateway's clock, moved by the test between two chunks
+        def __getattr__(self, name: str) -> Any:
+            return getattr(time, name)
+
+        def perf_counter(self) -> float:
+            return now[0]
+
+    monkeypatch.setattr(gateway_module, "time", Clock())
+
+    async def scenario() -> None:
+        async with serving(tmp_path, fake, ScriptedStream()) as srv:
+            call = srv.call("HARD one", stream=True)
+            now[0] = call.started
+            answer = await srv.gateway.serve(call)
+            assert isinstance(answer, StreamAnswer)
+            opening = await anext(answer.chunks)
+            assert opening["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+            now[0] += 5.0  # the first token comes 5 s after the opening chunk
+            rest = await _drain(answer)
+            assert rest[0]["choices"][0]["delta"]["content"]
+            (record,) = srv.records
+            assert record.ttft_ms is not None and record.ttft_ms >= 5000
+
+    asyncio.run(scenario())
+
+
 def test_a_refused_request_is_recorded_once(tmp_path: Path, fake: FakeProvider) -> None:
     fake.reset()
 
