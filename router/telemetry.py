@@ -48,6 +48,11 @@ request_log = logging.getLogger("tiergate.request")
 
 # The chat request's SERVER span, set by the middleware for the request's task(s).
 _REQUEST_SPAN: contextvars.ContextVar[Any] = contextvars.ContextVar("tiergate_span", default=None)
+# The provider of each model the request called, by policy name: its SERVER span names the
+# provider of the model its record says served it, not of the last one called (a failed one).
+_REQUEST_PROVIDERS: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "tiergate_providers", default=None
+)
 
 CHAT_PATH = "/v1/chat/completions"
 #: The paths served through the gateway, each request inside its SERVER span.
@@ -80,6 +85,7 @@ def outside_request() -> contextvars.Context:
     trace, but change nothing the request's own span says (its provider, its parameters)."""
     context = contextvars.copy_context()
     context.run(_REQUEST_SPAN.set, None)
+    context.run(_REQUEST_PROVIDERS.set, None)
     return context
 
 
@@ -517,6 +523,7 @@ class Telemetry:
         )
         token = context.attach(trace.set_span_in_context(span, parent))
         span_token = _REQUEST_SPAN.set(span)
+        providers_token = _REQUEST_PROVIDERS.set({})
         try:
             await app(scope, receive, send)
         except BaseException as exc:
@@ -525,6 +532,7 @@ class Telemetry:
             raise
         finally:
             span.end()
+            _REQUEST_PROVIDERS.reset(providers_token)
             _REQUEST_SPAN.reset(span_token)
             context.detach(token)
 
@@ -674,7 +682,10 @@ def _annotate_request_span(span: Any, record: OutcomeRecord) -> None:
         "tiergate.cost_usd": record.cost_usd,
         "tiergate.counterfactual_cost_usd": record.counterfactual_cost_usd,
     }
+    provider = (_REQUEST_PROVIDERS.get() or {}).get(record.model or "")
     optional = {
+        "gen_ai.provider.name": provider,
+        "gen_ai.system": provider,
         "gen_ai.response.model": record.model,
         "tiergate.tier": record.tier,
         "tiergate.model": record.model,
@@ -803,9 +814,10 @@ def _client_span(tracer: Any, model: ModelLike, body: Mapping[str, Any], stream:
     attrs.update(request_attrs)
     parent = _REQUEST_SPAN.get()
     if parent is not None:
-        parent.set_attributes(
-            {"gen_ai.provider.name": provider, "gen_ai.system": provider, **request_attrs}
-        )
+        parent.set_attributes(request_attrs)
+        providers = _REQUEST_PROVIDERS.get()
+        if providers is not None:
+            providers[model.name] = provider
     return tracer.start_span(
         f"chat {model.litellm_model or model.name}", kind=SpanKind.CLIENT, attributes=attrs
     )

@@ -272,6 +272,36 @@ def test_shadow_calls_do_not_rewrite_the_local_requests_span(
         assert span.parent is not None and span.parent.span_id == server.context.span_id
 
 
+def test_the_request_span_names_the_provider_that_served_it(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """A cascade whose escalation failed served its local answer (tier local, model local),
+    yet its SERVER span said ``gen_ai.provider.name: anthropic``: the provider of the last
+    model called, claude, which had failed, not of the one that answered."""
+    from tests.scripted_local import ScriptedLocal as ScriptedStream
+    from tests.test_cascade_gateway import CASCADE_POLICY, DOUBTFUL, _confidence_model
+
+    fake.reset(Behaviour(mode="status", status=500))
+    local = ScriptedStream(words=3)
+    local.logprob = DOUBTFUL
+    policy = policy_yaml(fake, on_failure="closed", extra=CASCADE_POLICY).replace(
+        "  auto-best: {threshold: 0.05}\n",
+        "  auto-best: {threshold: 0.05}\n  auto-cascade: {cascade: true}\n",
+    )
+    model = _confidence_model(tmp_path)
+    with traced(tmp_path, policy, local=local, cascade_model_path=model) as (srv, cap):
+        r = _chat(srv, "easy", model="auto-cascade")
+        assert r.status_code == 200 and r.headers["x-tiergate-cascade"] == "escalation-failed"
+    attrs = dict(cap.server_span().attributes or {})
+    assert (attrs["tiergate.tier"], attrs["gen_ai.response.model"]) == ("local", "local")
+    assert (attrs["gen_ai.provider.name"], attrs["gen_ai.system"]) == ("llama.cpp", "llama.cpp")
+    assert [s.name for s in cap.finished() if s.kind == SpanKind.CLIENT] == [
+        "chat local",
+        "chat openai/gpt-4o",
+        "chat anthropic/claude-3-5-sonnet-20241022",
+    ]
+
+
 def test_error_request_sets_error_type(tmp_path: Path, fake: FakeProvider) -> None:
     fake.reset()
     with traced(tmp_path, policy_yaml(fake), local=ScriptedLocal()) as (srv, cap):
