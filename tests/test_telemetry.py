@@ -248,11 +248,13 @@ def test_fallback_shows_failed_attempt_then_answer(tmp_path: Path, fake: FakePro
 
 
 def test_shadow_calls_do_not_rewrite_the_local_requests_span(
-    tmp_path: Path, fake: FakeProvider
+    tmp_path: Path, fake: FakeProvider, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A locally served request's SERVER span said ``gen_ai.provider.name: openai``: the shadow
     judgement it started (after the answer) copied its closed call's provider onto the span
-    that was still open. The shadow's calls are spans in the request's trace, nothing more."""
+    that was still open, and its judge calls' parameters onto the span once ended, each a
+    "Setting attribute on ended span" warning in the log. The shadow's calls are spans in the
+    request's trace, nothing more."""
     fake.reset()
     policy = policy_yaml(fake, shadow="{sample_rate: 1.0}")
     with traced(tmp_path, policy, local=ScriptedLocal()) as (srv, cap):
@@ -265,6 +267,8 @@ def test_shadow_calls_do_not_rewrite_the_local_requests_span(
     assert attrs["tiergate.tier"] == "local"
     assert (attrs["gen_ai.provider.name"], attrs["gen_ai.system"]) == ("llama.cpp", "llama.cpp")
     assert "gen_ai.request.temperature" not in attrs  # the judge's temperature 0
+    ended = [r for r in caplog.records if "ended span" in r.getMessage()]
+    assert ended == []
     shadow = cap.by_name("chat openai/gpt-4o")  # the closed answer and the judge, both ways
     assert len(shadow) == 3
     for span in shadow:
