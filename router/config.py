@@ -150,6 +150,12 @@ class Settings(BaseSettings):
 
     sqlite_path: Path = Field(HOME / HOME_FILES["sqlite_path"], description="SQLite outcome store.")
     redis_url: str | None = Field(None, description="When set, outcomes and limits use Redis.")
+    redis_password: str | None = Field(
+        None,
+        description="Password of the Redis at redis_url, kept out of the URL (e.g. from a "
+        "Kubernetes Secret); any characters, where one written into the URL must have '/', "
+        "'#' and '%' percent-encoded.",
+    )
     outcome_queue_size: int = Field(
         100_000, ge=1, description="Outcome records buffered in memory before the store."
     )
@@ -264,6 +270,25 @@ class Settings(BaseSettings):
             raise ValueError("its path must be a database number, such as /0")
         return value.strip()
 
+    @model_validator(mode="after")
+    def _password_into_redis_url(self) -> Settings:
+        # Every Redis client reads redis_url, so the password joins it here, percent-encoded:
+        # a password from a Secret (base64 from `openssl rand`) often holds a '/', which spliced
+        # in raw ends the host, and the URL no longer parses.
+        if not self.redis_password:
+            return self
+        if self.redis_url is None:
+            raise ValueError("redis_password is set but redis_url is not")
+        parts = urllib.parse.urlsplit(self.redis_url)
+        userinfo, at, host = parts.netloc.rpartition("@")
+        if at and ":" in userinfo:
+            raise ValueError("redis_url carries a password and redis_password is set: keep one")
+        password = urllib.parse.quote(self.redis_password, safe="")
+        self.redis_url = urllib.parse.urlunsplit(
+            parts._replace(netloc=f"{userinfo}:{password}@{host}")
+        )
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _files_in_home(cls, data: Any) -> Any:
@@ -320,7 +345,9 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {_problem(err)}" for err in exc.errors()
+            # A check across settings (a model validator) has no location.
+            f"{'.'.join(str(p) for p in err['loc'])}: {_problem(err)}".removeprefix(": ")
+            for err in exc.errors()
         )
         raise ConfigError(f"invalid settings: {problems}") from exc
 

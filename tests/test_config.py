@@ -113,3 +113,21 @@ def test_an_empty_redis_url_means_none(
 ) -> None:
     monkeypatch.setenv("TIERGATE_REDIS_URL", url)
     assert load_settings(config_file).redis_url is None
+
+
+def test_a_redis_password_is_kept_once_and_never_repeated(
+    monkeypatch: pytest.MonkeyPatch, config_file: Path
+) -> None:
+    # TIERGATE_REDIS_PASSWORD joins the URL percent-encoded; a URL with its own password too,
+    # or no URL at all, is refused without showing either.
+    monkeypatch.setenv("TIERGATE_REDIS_PASSWORD", "S3CRET/PW")
+    monkeypatch.setenv("TIERGATE_REDIS_URL", "rediss://default@cache:6380/1")
+    assert load_settings(config_file).redis_url == "rediss://default:S3CRET%2FPW@cache:6380/1"
+    for url, problem in (
+        ("redis://:OLDPW@cache:6379/0", "redis_url carries a password and redis_password is set"),
+        ("", "redis_password is set but redis_url is not"),
+    ):
+        monkeypatch.setenv("TIERGATE_REDIS_URL", url)
+        with pytest.raises(ConfigError, match=problem) as err:
+            load_settings(config_file)
+        assert "S3CRET" not in str(err.value) and "OLDPW" not in str(err.value)

@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import yaml
+
+from router.config import load_settings
 
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk is not installed (dev extra)")
 kv = pytest.importorskip(
@@ -472,11 +475,11 @@ def test_provider_keys_come_only_from_the_existing_secret(render: Render) -> Non
     assert env["ANTHROPIC_API_KEY"]["secretKeyRef"]["name"] == "tiergate-providers"
     assert env["GEMINI_API_KEY"]["secretKeyRef"]["key"] == "gemini-api-key"
     assert env["TIERGATE_ADMIN_KEYS"]["secretKeyRef"]["key"] == "admin-key-hash"
-    assert env["REDIS_PASSWORD"]["secretKeyRef"] == {
+    assert env["TIERGATE_REDIS_PASSWORD"]["secretKeyRef"] == {
         "name": "tiergate-redis",
         "key": "redis-password",
     }
-    assert env["TIERGATE_REDIS_URL"] == f"redis://:$(REDIS_PASSWORD)@{FULLNAME}-redis:6379/0"
+    assert env["TIERGATE_REDIS_URL"] == f"redis://{FULLNAME}-redis:6379/0"
     redis = find(docs, "StatefulSet", f"{FULLNAME}-redis")
     assert "$(REDIS_PASSWORD)" in container(redis, "redis")["args"]
 
@@ -494,6 +497,56 @@ def test_no_plaintext_secrets(render: Render, value_set: str) -> None:
             if sensitive.search(entry["name"]) and entry["name"] not in {"TIERGATE_API_KEYS_FILE"}:
                 assert "valueFrom" in entry, f"{c['name']}: {entry['name']} is set in plain text"
             assert not re.search(r"://[^/\s]*:[^$/\s][^/\s]*@", str(entry.get("value", ""))), entry
+
+
+def _kubelet_env(c: dict[str, Any], secrets: dict[str, dict[str, str]]) -> dict[str, str]:
+    """The environment the kubelet gives container ``c``: each secretKeyRef read from
+    ``secrets`` ({name: {key: value}}), each ``$(NAME)`` of an earlier variable expanded."""
+    env: dict[str, str] = {}
+    for entry in c.get("env", []):
+        if "valueFrom" in entry:
+            ref = entry["valueFrom"]["secretKeyRef"]
+            found = secrets.get(ref["name"], {}).get(ref["key"])
+            assert found is not None or ref.get("optional"), ref
+            if found is None:
+                continue
+            value = found
+        else:
+            value = re.sub(
+                r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                lambda m: env.get(m[1], m[0]),
+                str(entry.get("value", "")),
+            )
+        env[entry["name"]] = value
+    return env
+
+
+@pytest.mark.parametrize("password", ["Zk3/q+Wm9xT2==", "pass#word", "50%25off", "a:b@c"])
+def test_a_redis_password_from_the_secret_reaches_redis_whole(
+    render: Render, monkeypatch: pytest.MonkeyPatch, password: str
+) -> None:
+    """A password made with `openssl rand -base64` often holds a '/': spliced raw into the
+    URL by the kubelet, it ended the host, and the router and the retrain job refused to start
+    ("its port is not a number")."""
+    values = {
+        **VALUE_SETS["redis"],
+        "retrain": {"enabled": True},
+        "modelStore": {"persistence": {"enabled": True}},
+    }
+    docs = render(values)
+    secrets = {"tiergate-redis": {"redis-password": password}}
+    for c in (
+        container(find(docs, "Deployment", FULLNAME), "router"),
+        container(find(docs, "CronJob", f"{FULLNAME}-retrain"), "retrain"),
+    ):
+        with monkeypatch.context() as patch:
+            for name, value in _kubelet_env(c, secrets).items():
+                if name.startswith("TIERGATE_"):
+                    patch.setenv(name, value)
+            url = load_settings().redis_url
+        assert url is not None, c["name"]
+        sent = redis.connection.parse_url(url)
+        assert (sent["host"], sent["password"]) == (f"{FULLNAME}-redis", password), c["name"]
 
 
 def test_otlp_headers_come_from_the_existing_secret(render: Render) -> None:

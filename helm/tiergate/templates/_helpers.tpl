@@ -137,7 +137,9 @@ A ConfigMap key cannot hold "/", so policies/examples/x.yaml is stored under the
 
 {{/*
 Environment shared by the router and the retrain job: settings, Redis, secrets, OTel.
-Secret values only ever appear as secretKeyRef; $(REDIS_PASSWORD) is expanded by the kubelet.
+Secret values only ever appear as secretKeyRef. The Redis password stays out of the URL
+(TIERGATE_REDIS_PASSWORD): Tiergate percent-encodes it, where one spliced into the URL by the
+kubelet broke it at a '/' or '#'.
 */}}
 {{- define "tiergate.env" -}}
 - name: LITELLM_LOCAL_MODEL_COST_MAP
@@ -175,17 +177,14 @@ Secret values only ever appear as secretKeyRef; $(REDIS_PASSWORD) is expanded by
   value: /var/lib/tiergate/model-store
 {{- end }}
 {{- if .Values.redis.enabled }}
+- name: TIERGATE_REDIS_URL
+  value: {{ printf "redis://%s:6379/0" (include "tiergate.redis.fullname" .) | quote }}
 {{- if .Values.redis.auth.enabled }}
-- name: REDIS_PASSWORD
+- name: TIERGATE_REDIS_PASSWORD
   valueFrom:
     secretKeyRef:
       name: {{ .Values.redis.auth.existingSecret }}
       key: {{ .Values.redis.auth.existingSecretPasswordKey }}
-- name: TIERGATE_REDIS_URL
-  value: {{ printf "redis://:$(REDIS_PASSWORD)@%s:6379/0" (include "tiergate.redis.fullname" .) | quote }}
-{{- else }}
-- name: TIERGATE_REDIS_URL
-  value: {{ printf "redis://%s:6379/0" (include "tiergate.redis.fullname" .) | quote }}
 {{- end }}
 {{- else if .Values.externalRedis.existingSecret }}
 - name: TIERGATE_REDIS_URL
