@@ -395,6 +395,25 @@ def test_gpu_resources_only_when_enabled(render: Render) -> None:
             assert "nvidia.com/gpu" not in json.dumps(c.get("resources", {})), value_set
 
 
+def test_each_model_server_slot_holds_the_context_the_routers_count_on(render: Render) -> None:
+    """llama-server divides --ctx-size among its --parallel slots (without --kv-unified): with
+    --ctx-size 8192 and 4 slots a request over 2048 tokens got a 400, though the routers and
+    the policy took the local model to hold 8192."""
+    values = {"modelServer": {"enabled": True, "parallel": 4}, "localModel": {"nCtx": 8192}}
+    docs = render(values)
+    args = container(find(docs, "Deployment", f"{FULLNAME}-model-server"), "llama-server")["args"]
+    slots = int(args[args.index("--parallel") + 1])
+    assert int(args[args.index("--ctx-size") + 1]) // slots == 8192
+    router = env_of(container(find(docs, "Deployment", FULLNAME), "router"))
+    assert router["TIERGATE_N_CTX"] == "8192"
+    # llama-server's own slot count (parallel 0) gets the context as it is
+    values["modelServer"]["parallel"] = 0
+    args = container(
+        find(render(values), "Deployment", f"{FULLNAME}-model-server"), "llama-server"
+    )["args"]
+    assert args[args.index("--ctx-size") + 1] == "8192" and "--parallel" not in args
+
+
 def test_router_uses_the_model_server_through_the_external_llama_backend(render: Render) -> None:
     docs = render(VALUE_SETS["gpu-model-server"])
     router = container(find(docs, "Deployment", FULLNAME), "router")
