@@ -414,6 +414,36 @@ def test_each_model_server_slot_holds_the_context_the_routers_count_on(render: R
     assert args[args.index("--ctx-size") + 1] == "8192" and "--parallel" not in args
 
 
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    return selector["matchLabels"].items() <= labels.items()
+
+
+def test_only_the_routers_reach_the_model_server(render: Render) -> None:
+    """llama-server asks no key: without a policy any pod in the cluster used the GPU model
+    directly, past Tiergate's keys, limits and budgets."""
+    docs = render(VALUE_SETS["gpu-model-server"])
+    policy = find(docs, "NetworkPolicy", f"{FULLNAME}-model-server")["spec"]
+    server = find(docs, "Deployment", f"{FULLNAME}-model-server")
+    assert _selects(policy["podSelector"], server["spec"]["template"]["metadata"]["labels"])
+    assert policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    router_pod = find(docs, "Deployment", FULLNAME)["spec"]["template"]["metadata"]["labels"]
+    assert [_selects(peer["podSelector"], router_pod) for peer in rule["from"]] == [True]
+    others = [d for d in docs if d["kind"] in {"Deployment", "StatefulSet"} and d is not server]
+    for doc in others:
+        if doc["metadata"]["name"] != FULLNAME:
+            labels = doc["spec"]["template"]["metadata"]["labels"]
+            assert not _selects(rule["from"][0]["podSelector"], labels), doc["metadata"]["name"]
+    port = container(server, "llama-server")["ports"][0]
+    assert rule["ports"] == [{"port": port["name"], "protocol": "TCP"}]
+
+    opened = {**VALUE_SETS["gpu-model-server"]}
+    opened["modelServer"] = {**opened["modelServer"], "networkPolicy": {"enabled": False}}
+    assert not [
+        d for d in render(opened) if d["kind"] == "NetworkPolicy" and "model-server" in str(d)
+    ]
+
+
 def test_router_uses_the_model_server_through_the_external_llama_backend(render: Render) -> None:
     docs = render(VALUE_SETS["gpu-model-server"])
     router = container(find(docs, "Deployment", FULLNAME), "router")

@@ -250,6 +250,41 @@ kubelet broke it at a '/' or '#'.
 {{- end -}}
 {{- end -}}
 
+{{/*
+A NetworkPolicy admitting to the pods of one component only this release's pods of the given
+components, on one named port. Call with (dict "root" $ "name" <name> "component" <component>
+"from" (list <component>...) "port" <port name>).
+*/}}
+{{- define "tiergate.networkPolicy" -}}
+{{- $root := .root -}}
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: {{ .name }}
+  namespace: {{ $root.Release.Namespace }}
+  labels:
+    {{- include "tiergate.labels" $root | nindent 4 }}
+    app.kubernetes.io/component: {{ .component }}
+{{- include "tiergate.annotations" $root }}
+spec:
+  podSelector:
+    matchLabels:
+      {{- include "tiergate.selectorLabels" $root | nindent 6 }}
+      app.kubernetes.io/component: {{ .component }}
+  policyTypes: ["Ingress"]
+  ingress:
+    - from:
+        {{- range .from }}
+        - podSelector:
+            matchLabels:
+              {{- include "tiergate.selectorLabels" $root | nindent 14 }}
+              app.kubernetes.io/component: {{ . }}
+        {{- end }}
+      ports:
+        - port: {{ .port }}
+          protocol: TCP
+{{- end -}}
+
 {{/* Volume with the API keys file from the existing Secret; include only when both are set. */}}
 {{- define "tiergate.secretVolume" -}}
 - name: secrets
