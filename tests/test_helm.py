@@ -62,6 +62,14 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "redis": {"enabled": False},
         "externalRedis": {"existingSecret": "tiergate-redis-url"},
     },
+    "external-redis-auth": {
+        **PROVIDERS,
+        "redis": {"enabled": False},
+        "externalRedis": {
+            "url": "redis://redis-master.infra:6379/0",
+            "auth": {"existingSecret": "redis"},
+        },
+    },
     "gpu-model-server": {
         **PROVIDERS,
         "modelServer": {"enabled": True, "nodeSelector": {"nvidia.com/gpu.present": "true"}},
@@ -309,6 +317,10 @@ def test_schema_rejects_bad_values(chart: Any, values: dict[str, Any], where: st
         (
             {"redis": {"enabled": False}, "externalRedis": {"url": "redis://:hunter2@r:6379/0"}},
             "externalRedis.url carries credentials",
+        ),
+        (
+            {"redis": {"enabled": False}, "externalRedis": {"auth": {"existingSecret": "r"}}},
+            "externalRedis.auth.existingSecret is the password of the Redis at externalRedis.url",
         ),
         ({"redis": {"enabled": False}}, "more than one router replica"),
         (
@@ -593,6 +605,20 @@ def _kubelet_env(c: dict[str, Any], secrets: dict[str, dict[str, str]]) -> dict[
     return env
 
 
+def _redis_connection(
+    c: dict[str, Any], secrets: dict[str, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> dict[str, Any]:
+    """What redis-py connects with, from the settings container ``c`` loads in its pod."""
+    with monkeypatch.context() as patch:
+        for name, value in _kubelet_env(c, secrets).items():
+            if name.startswith("TIERGATE_"):
+                patch.setenv(name, value)
+        url = load_settings().redis_url
+    assert url is not None, c["name"]
+    sent: dict[str, Any] = redis.connection.parse_url(url)
+    return sent
+
+
 @pytest.mark.parametrize("password", ["Zk3/q+Wm9xT2==", "pass#word", "50%25off", "a:b@c"])
 def test_a_redis_password_from_the_secret_reaches_redis_whole(
     render: Render, monkeypatch: pytest.MonkeyPatch, password: str
@@ -611,14 +637,31 @@ def test_a_redis_password_from_the_secret_reaches_redis_whole(
         container(find(docs, "Deployment", FULLNAME), "router"),
         container(find(docs, "CronJob", f"{FULLNAME}-retrain"), "retrain"),
     ):
-        with monkeypatch.context() as patch:
-            for name, value in _kubelet_env(c, secrets).items():
-                if name.startswith("TIERGATE_"):
-                    patch.setenv(name, value)
-            url = load_settings().redis_url
-        assert url is not None, c["name"]
-        sent = redis.connection.parse_url(url)
+        sent = _redis_connection(c, secrets, monkeypatch)
         assert (sent["host"], sent["password"]) == (f"{FULLNAME}-redis", password), c["name"]
+
+
+def test_an_external_redis_takes_its_password_from_a_secret_of_its_own(
+    render: Render, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Redis that a Redis chart or operator runs comes with a Secret holding its password
+    alone; the chart took only a Secret with the whole URL, credentials written in."""
+    values = {
+        **VALUE_SETS["external-redis-auth"],
+        "retrain": {"enabled": True},
+        "modelStore": {"persistence": {"enabled": True}},
+    }
+    docs = render(values)
+    secrets = {"redis": {"redis-password": "Zk3/q+Wm9xT2=="}}
+    for c in (
+        container(find(docs, "Deployment", FULLNAME), "router"),
+        container(find(docs, "CronJob", f"{FULLNAME}-retrain"), "retrain"),
+    ):
+        assert env_of(c)["TIERGATE_REDIS_PASSWORD"] == {
+            "secretKeyRef": {"name": "redis", "key": "redis-password"}
+        }
+        sent = _redis_connection(c, secrets, monkeypatch)
+        assert (sent["host"], sent["password"]) == ("redis-master.infra", "Zk3/q+Wm9xT2==")
 
 
 def test_otlp_headers_come_from_the_existing_secret(render: Render) -> None:

@@ -195,6 +195,13 @@ kubelet broke it at a '/' or '#'.
 {{- else if .Values.externalRedis.url }}
 - name: TIERGATE_REDIS_URL
   value: {{ .Values.externalRedis.url | quote }}
+{{- with .Values.externalRedis.auth.existingSecret }}
+- name: TIERGATE_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.externalRedis.auth.existingSecretPasswordKey }}
+{{- end }}
 {{- else }}
 - name: TIERGATE_SQLITE_PATH
   value: /var/lib/tiergate/data/tiergate.db
@@ -392,6 +399,9 @@ Included at the top of the router Deployment so every render runs it.
 {{- end -}}
 {{- if and .Values.externalRedis.url .Values.externalRedis.existingSecret -}}
 {{- $errors = append $errors "externalRedis.url and externalRedis.existingSecret are both set: keep one" -}}
+{{- end -}}
+{{- if and .Values.externalRedis.auth.existingSecret (or .Values.redis.enabled (not .Values.externalRedis.url)) -}}
+{{- $errors = append $errors "externalRedis.auth.existingSecret is the password of the Redis at externalRedis.url: set externalRedis.url (without credentials) and redis.enabled=false; a URL in externalRedis.existingSecret carries its own password" -}}
 {{- end -}}
 {{- if contains "@" .Values.externalRedis.url -}}
 {{- $errors = append $errors "externalRedis.url carries credentials: put the full URL in a Secret and set externalRedis.existingSecret instead" -}}
