@@ -79,6 +79,19 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "file": "qwen2.5-7b-q4_k_m.gguf",
         },
     },
+    "gpu-in-process": {
+        **PROVIDERS,
+        "image": {"tag": "0.1.0-cuda"},
+        "localModel": {"nGpuLayers": -1},
+        "router": {
+            "resources": {"limits": {"memory": "8Gi", "nvidia.com/gpu": 1}},
+            "nodeSelector": {"nvidia.com/gpu.present": "true"},
+            "tolerations": [
+                {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+            ],
+            "runtimeClassName": "nvidia",
+        },
+    },
     "ingress-hpa": {
         **PROVIDERS,
         "ingress": {
@@ -459,6 +472,20 @@ def test_only_the_routers_reach_the_model_server(render: Render) -> None:
     assert not [
         d for d in render(opened) if d["kind"] == "NetworkPolicy" and "model-server" in str(d)
     ]
+
+
+def test_an_in_process_model_can_run_on_a_gpu_node(render: Render) -> None:
+    """The routers load the GGUF themselves with its layers on a GPU: on clusters that expose
+    GPUs through a runtime class (k3s, RKE2), a pod without it sees no GPU; the model server
+    could name one, the routers could not."""
+    deployment = find(render(VALUE_SETS["gpu-in-process"]), "Deployment", FULLNAME)
+    spec, router = pod_spec(deployment), container(deployment, "router")
+    assert spec["runtimeClassName"] == "nvidia"
+    assert router["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert router["image"].endswith(":0.1.0-cuda")
+    assert env_of(router)["TIERGATE_N_GPU_LAYERS"] == "-1"
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert "runtimeClassName" not in pod_spec(find(render(), "Deployment", FULLNAME))
 
 
 def test_router_uses_the_model_server_through_the_external_llama_backend(render: Render) -> None:
