@@ -927,8 +927,34 @@ def test_a_persistent_sqlite_file_is_never_written_by_two_pods(render: Render) -
     # it waited on the volume, or both wrote one file and counted budgets apart.
     sqlite = {**VALUE_SETS["minimal"], "sqlite": {"persistence": {"enabled": True}}}
     assert find(render(sqlite), "Deployment", FULLNAME)["spec"]["strategy"] == {"type": "Recreate"}
-    for values in ({}, VALUE_SETS["minimal"]):  # Redis, or an emptyDir per pod: rolling
+    per_pod = {**VALUE_SETS["minimal"], "sqlite": {"persistence": {"enabled": False}}}
+    for values in ({}, per_pod):  # Redis, or an emptyDir per pod: rolling
         assert "strategy" not in find(render(values), "Deployment", FULLNAME)["spec"]
+
+
+def test_without_redis_the_sqlite_file_outlives_the_pod(chart: Any, render: Render) -> None:
+    """Without Redis the SQLite file holds the outcomes, the labels retraining learns from
+    and the day's budget spend. It was on an emptyDir unless asked otherwise, so every
+    upgrade emptied it and the budgets counted the day from zero again."""
+    docs = render(VALUE_SETS["minimal"])
+    data = {v["name"]: v for v in pod_spec(find(docs, "Deployment", FULLNAME))["volumes"]}["data"]
+    claim = find(docs, "PersistentVolumeClaim", f"{FULLNAME}-data")
+    assert data["persistentVolumeClaim"] == {"claimName": claim["metadata"]["name"]}
+    assert find(docs, "Deployment", FULLNAME)["spec"]["strategy"] == {"type": "Recreate"}
+    # Redis holds the state: no SQLite volume however sqlite.persistence is set
+    assert "PersistentVolumeClaim" not in kinds(render())
+    # An emptyDir by choice is said at install
+    per_pod = {**VALUE_SETS["minimal"], "sqlite": {"persistence": {"enabled": False}}}
+    notes = chart.render(per_pod, name=RELEASE, namespace=NAMESPACE)["tiergate/templates/NOTES.txt"]
+    assert "SQLite file (outcomes, labels, the budgets' spend) is on an emptyDir" in " ".join(
+        notes.split()
+    )
+    assert (
+        "emptyDir"
+        not in chart.render(VALUE_SETS["minimal"], name=RELEASE, namespace=NAMESPACE)[
+            "tiergate/templates/NOTES.txt"
+        ]
+    )
 
 
 def test_service_monitor_scrapes_metrics(render: Render) -> None:
