@@ -926,10 +926,20 @@ def test_a_persistent_sqlite_file_is_never_written_by_two_pods(render: Render) -
     # A rolling upgrade started the new pod while the old one held the ReadWriteOnce volume:
     # it waited on the volume, or both wrote one file and counted budgets apart.
     sqlite = {**VALUE_SETS["minimal"], "sqlite": {"persistence": {"enabled": True}}}
-    assert find(render(sqlite), "Deployment", FULLNAME)["spec"]["strategy"] == {"type": "Recreate"}
+    strategy = find(render(sqlite), "Deployment", FULLNAME)["spec"]["strategy"]
+    assert strategy["type"] == "Recreate"
     per_pod = {**VALUE_SETS["minimal"], "sqlite": {"persistence": {"enabled": False}}}
     for values in ({}, per_pod):  # Redis, or an emptyDir per pod: rolling
         assert "strategy" not in find(render(values), "Deployment", FULLNAME)["spec"]
+
+
+def test_an_upgrade_to_recreate_clears_the_rolling_update_settings(render: Render) -> None:
+    """A release that rolled before (Redis, or SQLite on an emptyDir) holds the API server's
+    default rollingUpdate settings; an upgrade that switches to Recreate merges into them and
+    was refused: "spec.strategy.rollingUpdate: Forbidden: may not be specified when strategy
+    `type` is 'Recreate'" (helm/helm#5144). Only an explicit null removes them."""
+    strategy = find(render(VALUE_SETS["minimal"]), "Deployment", FULLNAME)["spec"]["strategy"]
+    assert strategy == {"type": "Recreate", "rollingUpdate": None}
 
 
 def test_without_redis_the_sqlite_file_outlives_the_pod(chart: Any, render: Render) -> None:
@@ -940,7 +950,7 @@ def test_without_redis_the_sqlite_file_outlives_the_pod(chart: Any, render: Rend
     data = {v["name"]: v for v in pod_spec(find(docs, "Deployment", FULLNAME))["volumes"]}["data"]
     claim = find(docs, "PersistentVolumeClaim", f"{FULLNAME}-data")
     assert data["persistentVolumeClaim"] == {"claimName": claim["metadata"]["name"]}
-    assert find(docs, "Deployment", FULLNAME)["spec"]["strategy"] == {"type": "Recreate"}
+    assert find(docs, "Deployment", FULLNAME)["spec"]["strategy"]["type"] == "Recreate"
     # Redis holds the state: no SQLite volume however sqlite.persistence is set
     assert "PersistentVolumeClaim" not in kinds(render())
     # An emptyDir by choice is said at install
