@@ -448,6 +448,23 @@ def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
     return selector["matchLabels"].items() <= labels.items()
 
 
+def test_a_model_server_upgrade_needs_no_spare_gpu(render: Render) -> None:
+    """A rolling update's default surge starts the new pod before the old one stops: on a
+    GPU pool with no spare GPU it waited for one forever, and the upgrade never finished."""
+    gpu = VALUE_SETS["gpu-model-server"]
+    server = find(render(gpu), "Deployment", f"{FULLNAME}-model-server")
+    assert server["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1},
+    }
+    recreate = {
+        **gpu,
+        "modelServer": {**gpu["modelServer"], "updateStrategy": {"type": "Recreate"}},
+    }
+    server = find(render(recreate), "Deployment", f"{FULLNAME}-model-server")
+    assert server["spec"]["strategy"] == {"type": "Recreate", "rollingUpdate": None}
+
+
 def test_only_the_routers_reach_the_model_server(render: Render) -> None:
     """llama-server asks no key: without a policy any pod in the cluster used the GPU model
     directly, past Tiergate's keys, limits and budgets."""
