@@ -22,7 +22,7 @@ import pytest
 import redis
 import yaml
 
-from router.config import load_settings
+from router.config import Settings, load_settings
 
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk is not installed (dev extra)")
 kv = pytest.importorskip(
@@ -442,6 +442,19 @@ def test_each_model_server_slot_holds_the_context_the_routers_count_on(render: R
         find(render(values), "Deployment", f"{FULLNAME}-model-server"), "llama-server"
     )["args"]
     assert args[args.index("--ctx-size") + 1] == "8192" and "--parallel" not in args
+    # slots and no nCtx: each slot holds the routers' default, 4096, not llama-server's
+    # own default context divided by the slots
+    router_default = Settings.model_fields["n_ctx"].default
+    values = {"modelServer": {"enabled": True, "parallel": 4}}
+    args = container(
+        find(render(values), "Deployment", f"{FULLNAME}-model-server"), "llama-server"
+    )["args"]
+    assert int(args[args.index("--ctx-size") + 1]) // 4 == router_default == 4096
+    values = {"modelServer": {"enabled": True}}  # nothing set: llama-server's defaults
+    args = container(
+        find(render(values), "Deployment", f"{FULLNAME}-model-server"), "llama-server"
+    )["args"]
+    assert "--ctx-size" not in args
 
 
 def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
