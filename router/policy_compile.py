@@ -307,8 +307,11 @@ def _allowed_keys(loc: Loc) -> list[str]:
 # Built-in signals and the kind of value each holds; the operators each kind takes; the keys a
 # condition mapping may hold. The JSON Schema (router.policy_schema) is written from these too.
 # "fraction": a number from 0 to 1 (the score, a profile accuracy), where `gte: 70` meant as a
-# percentage would silently never match.
-Kind = Literal["bool", "number", "fraction", "text", "capability", "stakes", "list", "any"]
+# percentage would silently never match. "header": a request header, whose value is always text,
+# so `eq: true` (YAML's true, not "true") would silently never match.
+Kind = Literal[
+    "bool", "number", "fraction", "text", "capability", "stakes", "list", "header", "any"
+]
 BUILTIN_SIGNALS: dict[str, Kind] = {
     "capability": "capability",
     "stakes": "stakes",
@@ -332,6 +335,7 @@ KIND_OPERATORS: dict[str, frozenset[str]] = {
     "capability": frozenset({"eq", "ne", "in", "not_in", "matches"}),
     "stakes": frozenset({"eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in"}),
     "list": frozenset({"contains", "in", "not_in", "matches"}),
+    "header": frozenset(OPERATORS),
     "any": frozenset(OPERATORS),
 }
 CONDITION_KEYS = ("all", "any", "not", "signal", "header", *BUILTIN_SIGNALS)
@@ -613,7 +617,7 @@ class _Checker:
                 )
             parts.append(
                 self._comparison(
-                    f"header {name}", "any", _header_getter(name), cond.header, (*loc, "header")
+                    f"header {name}", "header", _header_getter(name), cond.header, (*loc, "header")
                 )
             )
         for key, cmp in (cond.__pydantic_extra__ or {}).items():
@@ -705,6 +709,8 @@ def _value_ok(kind: Kind, op: str, v: Any) -> bool:
         return v in STAKES
     if op in ("gt", "gte", "lt", "lte"):
         return isinstance(v, int | float) and not isinstance(v, bool)
+    if kind == "header":
+        return isinstance(v, str)
     return v is not None
 
 
@@ -721,6 +727,7 @@ def _bad_value(label: str, kind: Kind, op: str, value: Any) -> str:
         "fraction": "a number from 0 to 1",
         "text": "text",
         "list": "text",
+        "header": "a number" if op in ORDER else "text",
         "any": "a number" if op in ORDER else "a value",
     }[kind]
     if op == "matches":
@@ -728,6 +735,9 @@ def _bad_value(label: str, kind: Kind, op: str, value: Any) -> str:
     hint = ""
     if kind == "fraction" and isinstance(value, int | float) and value in range(2, 101):
         hint = f" (for {value:g}% write {value / 100:g})"
+    if kind == "header" and op not in ORDER and isinstance(value, bool | int | float):
+        quoted = _describe(value) if isinstance(value, bool) else repr(value)
+        hint = f' (a header\'s value is text: write "{quoted}" in quotes)'
     return f"{label} {op}: expected {expected}, got {_describe(value)}{hint}"
 
 
@@ -845,7 +855,7 @@ def _order_predicate(
     if kind == "stakes":
         rank = _STAKES_RANK
         return lambda s: (x := rank.get(get(s))) is not None and cmp(x, v)
-    if kind == "any":
+    if kind in ("any", "header"):
         return lambda s: (x := _number(get(s))) is not None and cmp(x, v)
     return lambda s: (x := get(s)) is not None and cmp(x, v)
 

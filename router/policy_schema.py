@@ -56,7 +56,8 @@ def policy_json_schema() -> dict[str, Any]:
     del defs["Comparison"], defs["HeaderComparison"]
     defs["Condition"] = _condition_schema(defs["Condition"])
     for kind in get_args(Kind):
-        defs[f"Comparison_{kind}"] = _comparison_schema(kind)
+        if kind != "header":  # written out where `header:` is, with its `name`
+            defs[f"Comparison_{kind}"] = _comparison_schema(kind)
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 
 
@@ -77,7 +78,7 @@ def _condition_schema(generated: dict[str, Any]) -> dict[str, Any]:
     props["signal"] = _or_null({"type": "string", "pattern": _signal_pattern()})
     for key, kind in BUILTIN_SIGNALS.items():
         props[key] = _or_null({"$ref": f"#/$defs/Comparison_{kind}"})
-    header = _operators_schema("any")
+    header = _operators_schema("header")
     header["properties"]["name"] = {
         "type": "string",
         # case-free, as the loader reads it (JSON Schema regexes have no inline flags)
@@ -135,11 +136,11 @@ def _value_schema(kind: Kind, op: str) -> dict[str, Any]:
         return {"type": "string", "format": "regex"}
     if kind == "bool":
         return {"type": "boolean"}
-    if kind == "number" or (kind == "any" and op in ORDER):
+    if kind == "number" or (kind in ("any", "header") and op in ORDER):
         return {"type": "number"}
     if kind == "fraction":
         return {"type": "number", "minimum": 0, "maximum": 1}
-    if kind == "text":
+    if kind in ("text", "header"):  # a header's value is text; its order operators take numbers
         return {"type": "string"}
     if kind == "list":
         return {"enum": list(PII_KINDS)}

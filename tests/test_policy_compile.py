@@ -243,6 +243,21 @@ CORPUS: list[tuple[str, str, list[str]]] = [
             "set); name it x-tiergate-team"
         ],
     ),
+    (
+        # a header's value is always text: YAML's true (not "true") or 1 never equals it, so a
+        # privacy rule written `eq: true` silently let every marked request out
+        "header-value-not-text",
+        M
+        + "rules:\n  - {name: a, when: {header: {name: x-tiergate-private, eq: true}}, "
+        + "route: local}\n  - {name: b, when: {header: {name: x-tiergate-n, in: ['1', 2], "
+        + "gte: 1}}, route: local}\n",
+        [
+            "p.yaml:6:57: rules[0].when.header.eq: header x-tiergate-private eq: expected text, "
+            'got true (a header\'s value is text: write "true" in quotes)',
+            "p.yaml:7:51: rules[1].when.header.in: header x-tiergate-n in: expected text, got "
+            'int 2 (a header\'s value is text: write "2" in quotes)',
+        ],
+    ),
     # --- rules
     (
         "missing-route",
