@@ -454,7 +454,29 @@ class _Checker:
             compiled = self._rule(rule, rloc)
             if compiled is not None:
                 out.append(compiled)
+        self._unreachable(rules, loc)
         return out
+
+    def _unreachable(self, rules: Sequence[Rule], loc: Loc) -> None:
+        # In priority order (ties in file order), a rule that matches every request decides
+        # every request the rules after it would see: they are dead, whatever they say. A
+        # local_only rule after a plain catch-all still decides the requests that pin a model
+        # (they skip the others), so only a local_only catch-all hides it.
+        order = sorted(range(len(rules)), key=lambda i: -rules[i].priority)
+        first = next((i for i in order if _matches_everything(rules[i].when)), None)
+        if first is None:
+            return
+        catch = rules[first]
+        for i in order[order.index(first) + 1 :]:
+            if rules[i].local_only and not catch.local_only:
+                continue
+            self.add(
+                (*loc, i),
+                f"rule {rules[i].name!r} can never match: rule {catch.name!r} "
+                f"({_path((*loc, first))}, priority {catch.priority}) is tried before it and "
+                f"matches every request; give {rules[i].name!r} a priority above "
+                f"{catch.priority}, or a `when` to {catch.name!r}",
+            )
 
     def _rule_name(
         self, name: str, loc: Loc, seen: dict[str, int], taken: set[str], i: int
@@ -686,6 +708,19 @@ class _Checker:
 
 
 _NOTHING = object()
+
+
+def _matches_everything(cond: Condition | None) -> bool:
+    """Whether ``cond`` holds for any request: absent, ``{}``, or ``all:`` of such (a key
+    written as null, ``pii: null``, counts as absent, as the loader reads it)."""
+    if cond is None:
+        return True
+    if cond.__pydantic_extra__:
+        return False
+    written = {name for name in cond.model_fields_set if getattr(cond, name) is not None}
+    if not written:
+        return True
+    return written == {"all_"} and all(_matches_everything(c) for c in cond.all_ or ())
 
 
 def _value_ok(kind: Kind, op: str, v: Any) -> bool:

@@ -196,7 +196,7 @@ def test_higher_priority_wins_regardless_of_file_order() -> None:
     p = policy("""\
         rules:
           - {name: low, priority: 1, route: local}
-          - {name: high, priority: 5, route: closed}
+          - {name: high, priority: 5, when: {pii: false}, route: closed}
         """)
     decision = evaluate(p, signals())
     assert (decision.rule, decision.model) == ("high", "notools")
@@ -206,7 +206,7 @@ def test_higher_priority_wins_regardless_of_file_order() -> None:
 def test_priority_ties_keep_file_order() -> None:
     p = policy("""\
         rules:
-          - {name: first, priority: 3, route: big}
+          - {name: first, priority: 3, when: {pii: false}, route: big}
           - {name: second, priority: 3, route: huge}
         """)
     assert evaluate(p, signals()).rule == "first"
@@ -487,6 +487,17 @@ def test_pinned_model_skips_rules_except_local_only() -> None:
     assert (decision.on_failure, decision.fallbacks) == ("error", ())  # a pin is not swapped
     assert decision.trace[1].why == "skipped: the request pins a model"
     assert evaluate(p, signals(alias="big", pii=True)).model == "small"  # privacy beats a pin
+
+
+def test_a_local_only_rule_after_a_catch_all_still_keeps_pinned_requests_local() -> None:
+    # A pin skips the catch-all but not a local_only rule, so the loader takes this one.
+    p = policy("""\
+        rules:
+          - {name: all-closed, priority: 5, route: closed}
+          - {name: pii, when: {pii: true}, route: local, local_only: true}
+        """)
+    assert evaluate(p, signals(pii=True)).rule == "all-closed"
+    assert evaluate(p, signals(alias="big", pii=True)).rule == "pii"
 
 
 def test_pinned_model_is_never_swapped() -> None:

@@ -266,9 +266,27 @@ CORPUS: list[tuple[str, str, list[str]]] = [
     ),
     (
         "duplicate-rule-name",
-        M + "rules:\n  - {name: a, route: local}\n  - {name: b, route: local}\n"
-        "  - {name: a, route: closed}\n",
+        M + "rules:\n  - {name: a, when: {pii: true}, route: local}\n"
+        "  - {name: b, when: {pii: true}, route: local}\n  - {name: a, route: closed}\n",
         ["p.yaml:8:6: rules[2].name: duplicate rule name 'a' (first used by rule 0)"],
+    ),
+    (
+        # a rule tried after one that matches every request (no `when`, or `when:` left
+        # empty) never decides anything: `policy check` said ok
+        "rule-after-a-catch-all",
+        M + "rules:\n  - {name: everything, route: local}\n"
+        "  - {name: late, when: {pii: true}, route: gpt}\n"
+        "  - {name: early, priority: 1, when: {pii: true}, route: gpt}\n"
+        "tenants:\n  acme:\n    rules:\n      - name: mine\n        when:\n        route: gpt\n"
+        "      - {name: theirs, when: {pii: true}, route: local}\n",
+        [
+            "p.yaml:7:5: rules[1]: rule 'late' can never match: rule 'everything' (rules[0], "
+            "priority 0) is tried before it and matches every request; give 'late' a priority "
+            "above 0, or a `when` to 'everything'",
+            "p.yaml:15:9: tenants.acme.rules[1]: rule 'theirs' can never match: rule 'mine' "
+            "(tenants.acme.rules[0], priority 0) is tried before it and matches every request; "
+            "give 'theirs' a priority above 0, or a `when` to 'mine'",
+        ],
     ),
     (
         "tenant-rule-shadows-global",
