@@ -234,7 +234,7 @@ def _issue_from_pydantic(err: Mapping[str, Any], locate: _Locator) -> PolicyIssu
     if kind == "literal_error":
         message = f"invalid value {err['input']!r} (expected one of {ctx.get('expected')})"
         if loc == ("version",):
-            message = f"unsupported version {err['input']!r} (this Tiergate reads version 1)"
+            message = _version_message(err["input"])
         return locate(loc, message)
     if kind in _FRIENDLY:
         hint = ""
@@ -248,6 +248,16 @@ def _issue_from_pydantic(err: Mapping[str, Any], locate: _Locator) -> PolicyIssu
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
     return locate(loc, message[:1].lower() + message[1:])
+
+
+def _version_message(value: Any) -> str:
+    # `version: "1"` is the text "1", not the number: saying "unsupported version '1' (this
+    # Tiergate reads version 1)" left the author staring at what looks like the same value.
+    if isinstance(value, str) and value.strip() == "1":
+        return f"expected the number 1, got text {value!r}: write `version: 1`, without quotes"
+    if value is None:
+        return "no value: write `version: 1`"
+    return f"unsupported version {value!r} (this Tiergate reads version 1)"
 
 
 def _is_condition(loc: Loc) -> bool:

@@ -64,6 +64,21 @@ CORPUS: list[tuple[str, str, list[str]]] = [
         "version: 2\nmodels:\n  local: {tier: local}\n",
         ["p.yaml:1:1: version: unsupported version 2 (this Tiergate reads version 1)"],
     ),
+    (
+        # quoted, the version is text: "unsupported version '1' (this Tiergate reads version
+        # 1)" named what looked like the very value it asked for
+        "version-quoted",
+        'version: "1"\nmodels:\n  local: {tier: local}\n',
+        [
+            "p.yaml:1:1: version: expected the number 1, got text '1': write `version: 1`, "
+            "without quotes"
+        ],
+    ),
+    (
+        "version-empty",
+        "version:\nmodels:\n  local: {tier: local}\n",
+        ["p.yaml:1:1: version: no value: write `version: 1`"],
+    ),
     # --- wrong types
     (
         "wrong-type-number",
