@@ -1021,10 +1021,13 @@ def _explain_body(args: argparse.Namespace) -> dict[str, Any]:
             raise ConfigError(f"--request {args.request}: not JSON ({exc})") from exc
         if not isinstance(body, dict):
             raise ConfigError(f"--request {args.request} must hold a JSON chat request object")
+        if args.model is not None:  # said on the command line: it wins over the file's
+            body["model"] = args.model
         return body
     if args.prompt is None:
         raise SystemExit("give --prompt TEXT or --request FILE")
-    return {"model": args.model, "messages": [{"role": "user", "content": args.prompt}]}
+    model = "auto" if args.model is None else args.model
+    return {"model": model, "messages": [{"role": "user", "content": args.prompt}]}
 
 
 def _explain_model(args: argparse.Namespace, policy: Policy, asked: str) -> None:
@@ -1155,7 +1158,9 @@ def _add_policy_commands(sub: Any) -> None:
     explain.add_argument(
         "--request", type=Path, metavar="FILE", help="a file holding a JSON chat request to route"
     )
-    explain.add_argument("--model", default="auto", help="alias or model for --prompt (auto)")
+    explain.add_argument(
+        "--model", help="alias or model asked for (default: the --request file's, else auto)"
+    )
     explain.add_argument("--tenant", default="default", help="tenant making the request")
     explain.add_argument(
         "--header",

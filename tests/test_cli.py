@@ -130,6 +130,25 @@ def test_policy_explain_refuses_a_model_the_proxy_answers_404(
     assert json.loads(capsys.readouterr().out)["decision"]["alias"] == "acme-fast"
 
 
+def test_policy_explain_model_wins_over_the_request_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--model auto-best --request FILE` explained the file's `auto` instead, silently."""
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        "version: 1\nmodels:\n  local: {tier: local}\n"
+        "  gpt-4o: {tier: closed, litellm_model: openai/gpt-4o}\n"
+        "aliases:\n  auto-best: {threshold: 0.2}\n"
+    )
+    request = tmp_path / "req.json"
+    request.write_text('{"model": "auto", "messages": [{"role": "user", "content": "hi"}]}')
+    args = ["policy", "explain", str(policy), "--request", str(request), "--json"]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["decision"]["alias"] == "auto"
+    assert main([*args, "--model", "auto-best"]) == 0
+    assert json.loads(capsys.readouterr().out)["decision"]["alias"] == "auto-best"
+
+
 def test_policy_explain_says_when_the_proxy_would_answer_503(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
