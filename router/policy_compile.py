@@ -415,7 +415,14 @@ class _Checker:
         if not p.closed_models:
             p.closed_models = [k for k, m in p.models.items() if m.tier == "closed"]
         for i, name in enumerate(p.closed_models):
-            if name not in p.models:
+            if name in p.closed_models[:i]:
+                first = p.closed_models.index(name)
+                self.add(
+                    ("closed_models", i),
+                    f"model {name!r} is listed twice (first as closed_models[{first}]): a call "
+                    "that failed on it would be tried on it again; list each model once",
+                )
+            elif name not in p.models:
                 self.add(("closed_models", i), self._unknown_model(name))
             elif p.models[name].tier != "closed":
                 self.add(("closed_models", i), f"model {name!r} is not tier closed")

@@ -304,6 +304,16 @@ CORPUS: list[tuple[str, str, list[str]]] = [
         ],
     ),
     (
+        # the fallbacks were `gpt, gpt`: a failed call was retried on the model that failed
+        "closed-model-listed-twice",
+        M + "closed_models: [gpt, gpt]\n",
+        [
+            "p.yaml:5:22: closed_models[1]: model 'gpt' is listed twice (first as "
+            "closed_models[0]): a call that failed on it would be tried on it again; list each "
+            "model once"
+        ],
+    ),
+    (
         "tenant-rule-shadows-global",
         M + "rules:\n  - {name: a, route: local}\ntenants:\n  acme:\n    rules:\n"
         "      - {name: a, route: closed}\n",
