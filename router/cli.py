@@ -1041,6 +1041,18 @@ def _explain_model(args: argparse.Namespace, policy: Policy, asked: str) -> None
         )
 
 
+def _explain_tenant(args: argparse.Namespace, policy: Policy) -> None:
+    """Say when ``--tenant`` names no tenant of the policy (a typo), as ``serve`` warns for a
+    key's tenant: it gets the global rules and aliases and no budget, silently otherwise."""
+    if policy.tenants and args.tenant != "default" and args.tenant not in policy.tenants:
+        print(
+            f"note: tenant {args.tenant!r} is not under tenants in {args.file} "
+            f"({', '.join(sorted(policy.tenants))}): explained with the global rules and "
+            "aliases, and no budget",
+            file=sys.stderr,
+        )
+
+
 def _cmd_policy_explain(args: argparse.Namespace) -> int:
     from router.app import configured_scorer, static_companion
     from router.backends.closed import key_for
@@ -1055,6 +1067,7 @@ def _cmd_policy_explain(args: argparse.Namespace) -> int:
     companion = None if policy.encoder else static_companion(main)
     scorer = main if companion is None else companion
     body = _explain_body(args)
+    _explain_tenant(args, policy)
     _explain_model(args, policy, str(body.get("model", "auto")))
     headers = {}
     for item in args.header:

@@ -149,6 +149,20 @@ def test_policy_explain_model_wins_over_the_request_files(
     assert json.loads(capsys.readouterr().out)["decision"]["alias"] == "auto-best"
 
 
+def test_policy_explain_notes_a_tenant_the_policy_does_not_name(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`--tenant acem` (for acme) explained a decision without acme's rules or budget, and
+    said nothing: a budget check on it looked as if the budget did not bite."""
+    policy = str(REPO / "policies" / "examples" / "cost-capped.yaml")
+    args = ["policy", "explain", policy, "--prompt", "hi", "--spend-today", "100"]
+    assert main([*args, "--tenant", "acem"]) == 0
+    err = capsys.readouterr().err
+    assert "note: tenant 'acem' is not under tenants" in err and "(acme, free)" in err, err
+    assert main([*args, "--tenant", "acme"]) == 0
+    assert "note: tenant" not in capsys.readouterr().err
+
+
 def test_policy_explain_says_when_the_proxy_would_answer_503(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
