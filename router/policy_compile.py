@@ -198,6 +198,19 @@ class _Locator:
         line, col = self.positions.get(probe, (1, 1))
         return PolicyIssue(self.source, line, col, _path(loc), message)
 
+    def misplaced(self, loc: Loc) -> str:
+        """Where a missing key is written one level too deep (``route:`` indented under
+        ``when:``), as a hint; else ''."""
+        *parent, key = loc
+        for where, (line, _) in self.positions.items():
+            nested = len(where) == len(loc) + 1 and isinstance(where[-2], str)
+            if nested and where[-1] == key and list(where[:-2]) == parent:
+                return (
+                    f" (the one on line {line} is inside {_path(where[:-1])}: move it out a "
+                    f"level, beside {where[-2]!r})"
+                )
+        return ""
+
 
 _FRIENDLY = {
     "string_type": "expected text",
@@ -223,7 +236,7 @@ def _issue_from_pydantic(err: Mapping[str, Any], locate: _Locator) -> PolicyIssu
     loc: Loc = tuple(p for p in err["loc"] if p != "[key]")
     kind, ctx = err["type"], err.get("ctx") or {}
     if kind == "missing":
-        hint = " (add `version: 1` at the top)" if loc == ("version",) else ""
+        hint = " (add `version: 1` at the top)" if loc == ("version",) else locate.misplaced(loc)
         return _with_path(locate(loc[:-1], f"missing required key {loc[-1]!r}{hint}"), loc)
     if kind == "extra_forbidden":
         allowed = _allowed_keys(loc[:-1])

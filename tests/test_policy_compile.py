@@ -280,6 +280,16 @@ CORPUS: list[tuple[str, str, list[str]]] = [
         ["p.yaml:6:5: rules[0].route: missing required key 'route'"],
     ),
     (
+        # `route:` indented one level too deep sits under `when`: "missing required key
+        # 'route'" alone pointed at a rule that plainly had one
+        "route-indented-under-when",
+        M + "rules:\n  - name: a\n    when:\n      pii: true\n      route: local\n",
+        [
+            "p.yaml:6:5: rules[0].route: missing required key 'route' (the one on line 9 is "
+            "inside rules[0].when: move it out a level, beside 'when')"
+        ],
+    ),
+    (
         "duplicate-rule-name",
         M + "rules:\n  - {name: a, when: {pii: true}, route: local}\n"
         "  - {name: b, when: {pii: true}, route: local}\n  - {name: a, route: closed}\n",
