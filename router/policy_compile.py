@@ -488,11 +488,16 @@ class _Checker:
         return out
 
     def _unreachable(self, rules: Sequence[Rule], loc: Loc) -> None:
-        # In priority order (ties in file order), a rule that matches every request decides
+        # In the order rules are tried (priority, ties in file order; in the global list every
+        # local_only rule first, see _build_plans), a rule that matches every request decides
         # every request the rules after it would see: they are dead, whatever they say. A
-        # local_only rule after a plain catch-all still decides the requests that pin a model
-        # (they skip the others), so only a local_only catch-all hides it.
-        order = sorted(range(len(rules)), key=lambda i: -rules[i].priority)
+        # tenant's local_only rule after its plain catch-all still decides the requests that
+        # pin a model (they skip the others), so only a local_only catch-all hides it.
+        local_first = loc == ("rules",)
+        order = sorted(
+            range(len(rules)),
+            key=lambda i: (local_first and not rules[i].local_only, -rules[i].priority),
+        )
         first = next((i for i in order if _matches_everything(rules[i].when)), None)
         if first is None:
             return
@@ -1004,6 +1009,8 @@ def _build_plans(
     """Order each tenant's rules once: the global ``local_only`` rules, its own rules, then the
     other global ones, then ``default``. A tenant rule cannot take precedence over a global
     ``local_only`` rule: a tenant's ``route: gpt-4o`` would otherwise carry personal data out.
+    A tenant without an entry gets the same order without rules of its own, so giving a tenant
+    a budget never changes which global rule decides its requests.
 
     Within each list a higher ``priority`` goes first and ties keep file order (a stable sort).
     """
@@ -1065,7 +1072,7 @@ def _build_plans(
         )
     global_plan = Plan(
         None,
-        (*global_rules, default),
+        (*kept_local, *rest, default),
         thresholds(None),
         None,
         "local",

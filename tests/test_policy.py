@@ -489,15 +489,32 @@ def test_pinned_model_skips_rules_except_local_only() -> None:
     assert evaluate(p, signals(alias="big", pii=True)).model == "small"  # privacy beats a pin
 
 
-def test_a_local_only_rule_after_a_catch_all_still_keeps_pinned_requests_local() -> None:
-    # A pin skips the catch-all but not a local_only rule, so the loader takes this one.
+def test_a_global_local_only_rule_beats_a_higher_priority_rule_for_every_tenant() -> None:
+    # A tenant under `tenants` (here only for a budget) had the global local_only rules tried
+    # first; any other tenant had them in priority order, so its personal data went closed.
     p = policy("""\
         rules:
           - {name: all-closed, priority: 5, route: closed}
           - {name: pii, when: {pii: true}, route: local, local_only: true}
+        tenants:
+          acme: {daily_budget_usd: 10}
         """)
-    assert evaluate(p, signals(pii=True)).rule == "all-closed"
-    assert evaluate(p, signals(alias="big", pii=True)).rule == "pii"
+    for tenant in ("default", "acme", "not-listed"):
+        assert evaluate(p, signals(pii=True, tenant=tenant)).rule == "pii", tenant
+        assert evaluate(p, signals(tenant=tenant)).rule == "all-closed", tenant
+
+
+def test_a_tenants_local_only_rule_after_its_catch_all_still_keeps_pinned_requests_local() -> None:
+    # A pin skips the catch-all but not a local_only rule, so the loader takes this one.
+    p = policy("""\
+        tenants:
+          acme:
+            rules:
+              - {name: all-closed, priority: 5, route: closed}
+              - {name: pii, when: {pii: true}, route: local, local_only: true}
+        """)
+    assert evaluate(p, signals(pii=True, tenant="acme")).rule == "all-closed"
+    assert evaluate(p, signals(alias="big", pii=True, tenant="acme")).rule == "pii"
 
 
 def test_pinned_model_is_never_swapped() -> None:
