@@ -467,11 +467,17 @@ class _Checker:
         return f"unknown model {name!r} (models: {', '.join(self.policy.models) or 'none'})"
 
     def _check_aliases(self, aliases: Mapping[str, Alias], loc: Loc, tenant: bool = False) -> None:
-        for name in aliases:
+        for name, alias in aliases.items():
             if name in self.policy.models:
                 self.add((*loc, name), f"alias {name!r} has the name of a model; pick another")
             elif not NAME.match(name):
                 self.add((*loc, name), f"alias name {name!r}: use letters, digits, '-', '_', '.'")
+            if alias.cascade and self.policy.local_model is None:  # evaluate would have no start
+                self.add(
+                    (*loc, name, "cascade"),
+                    "a cascade starts on the local model: add a model with tier local under "
+                    "models, or give this alias a threshold",
+                )
 
     # -- rules
 

@@ -425,6 +425,19 @@ CORPUS: list[tuple[str, str, list[str]]] = [
         ],
     ),
     (
+        # checked ok, then every request for the alias failed: AssertionError, a 500
+        "cascade-alias-without-a-local-model",
+        "version: 1\nmodels:\n  gpt: {tier: closed, litellm_model: openai/gpt-4o}\n"
+        "aliases:\n  auto-cascade: {cascade: true}\n"
+        "tenants:\n  acme:\n    aliases:\n      auto: {cascade: true}\n",
+        [
+            "p.yaml:5:18: aliases.auto-cascade.cascade: a cascade starts on the local model: "
+            "add a model with tier local under models, or give this alias a threshold",
+            "p.yaml:9:14: tenants.acme.aliases.auto.cascade: a cascade starts on the local "
+            "model: add a model with tier local under models, or give this alias a threshold",
+        ],
+    ),
+    (
         "alias-named-like-model",
         M + "aliases:\n  gpt: {threshold: 0.5}\n",
         ["p.yaml:6:3: aliases.gpt: alias 'gpt' has the name of a model; pick another"],
