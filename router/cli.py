@@ -982,7 +982,7 @@ def _cmd_policy_check(args: argparse.Namespace) -> int:
 
     failed = 0
     costs = CostBook(load_litellm_cost_map())
-    for path in args.files or [_serving_policy(None)]:
+    for path in args.files or [_serving_policy(args.config)]:
         try:
             policy = load_policy(path)
         except PolicyError as exc:
@@ -1154,6 +1154,9 @@ def _add_policy_commands(sub: Any) -> None:
         nargs="*",
         type=Path,
         help="policy YAML files (default: the serving policy, TIERGATE_POLICY or the shipped one)",
+    )
+    check.add_argument(
+        "--config", type=Path, help="YAML settings file whose policy to check (as serve reads it)"
     )
     check.set_defaults(func=_cmd_policy_check)
     schema = psub.add_parser("schema", help="print the policy JSON Schema (for editors)")

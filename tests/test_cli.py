@@ -67,6 +67,22 @@ def test_policy_check_warns_of_a_closed_model_no_price_covers(
     assert "models.local.price: a local model's price is a setting" in capsys.readouterr().err
 
 
+def test_policy_check_reads_the_policy_a_settings_file_names(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`serve --config` and `policy explain --config` read the settings file's policy; `policy
+    check` took no --config, so it could only check the shipped default in its place."""
+    monkeypatch.delenv("TIERGATE_POLICY", raising=False)
+    # --config is recorded in TIERGATE_CONFIG (as for serve): set here, it is restored after.
+    monkeypatch.setenv("TIERGATE_CONFIG", str(tmp_path / "no-settings.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 2\nmodels:\n  local: {tier: local}\n")
+    settings = tmp_path / "tiergate.yaml"
+    settings.write_text(f"policy: {bad}\n")
+    assert main(["policy", "check", "--config", str(settings)]) == 1
+    assert f"{bad}:1:1: version: unsupported version 2" in capsys.readouterr().err
+
+
 def test_policy_check_reports_located_errors(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
