@@ -511,12 +511,14 @@ class _Checker:
         for i in order[order.index(first) + 1 :]:
             if rules[i].local_only and not catch.local_only:
                 continue
+            fix = f"give {rules[i].name!r} a priority above {catch.priority}, or a `when` to "
+            if local_first and catch.local_only and not rules[i].local_only:
+                fix = "give a `when` to "  # no priority lifts it over a local_only rule
             self.add(
                 (*loc, i),
                 f"rule {rules[i].name!r} can never match: rule {catch.name!r} "
                 f"({_path((*loc, first))}, priority {catch.priority}) is tried before it and "
-                f"matches every request; give {rules[i].name!r} a priority above "
-                f"{catch.priority}, or a `when` to {catch.name!r}",
+                f"matches every request; {fix}{catch.name!r}",
             )
 
     def _rule_name(
@@ -752,7 +754,7 @@ _NOTHING = object()
 
 
 def _matches_everything(cond: Condition | None) -> bool:
-    """Whether ``cond`` holds for any request: absent, ``{}``, or ``all:`` of such (a key
+    """Whether ``cond`` holds for every request: absent, ``{}``, or ``all:`` of such (a key
     written as null, ``pii: null``, counts as absent, as the loader reads it)."""
     if cond is None:
         return True

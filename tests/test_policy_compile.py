@@ -314,6 +314,17 @@ CORPUS: list[tuple[str, str, list[str]]] = [
         ],
     ),
     (
+        # the local_only rules of `rules:` are tried first: no priority lifts another over them
+        "rule-after-a-local-only-catch-all",
+        M + "rules:\n  - {name: all-local, route: local, local_only: true}\n"
+        "  - {name: up, priority: 100, when: {pii: true}, route: gpt}\n",
+        [
+            "p.yaml:7:5: rules[1]: rule 'up' can never match: rule 'all-local' (rules[0], "
+            "priority 0) is tried before it and matches every request; give a `when` to "
+            "'all-local'",
+        ],
+    ),
+    (
         # the fallbacks were `gpt, gpt`: a failed call was retried on the model that failed
         "closed-model-listed-twice",
         M + "closed_models: [gpt, gpt]\n",
