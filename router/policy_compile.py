@@ -72,6 +72,17 @@ def load_policy(path: str | Path) -> Policy:
 
 def parse_policy(text: str, source: str = "<string>") -> Policy:
     """Validate policy YAML ``text``; ``source`` names it in messages. Raises PolicyError."""
+    try:
+        return _parse_policy(text, source)
+    except RecursionError:  # the YAML reader, the validator or the compiler ran out of stack
+        message = (
+            "nested too deeply to read (a condition or list hundreds of levels deep): "
+            "flatten it, for example with named signals"
+        )
+        raise PolicyError([PolicyIssue(source, None, None, "", message)]) from None
+
+
+def _parse_policy(text: str, source: str) -> Policy:
     data, positions, issues = _read_yaml(text, source)
     if issues:
         raise PolicyError(issues)

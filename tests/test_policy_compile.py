@@ -472,6 +472,19 @@ def test_broken_policy_message(text: str, expected: list[str]) -> None:
     assert [str(issue) for issue in caught.value.issues] == expected
 
 
+@pytest.mark.parametrize("depth", [400, 5000])
+def test_a_policy_nested_too_deeply_is_a_policy_error_not_a_traceback(depth: int) -> None:
+    # `policy check` printed a RecursionError traceback, and a hot reload logged one each poll.
+    when = "{not: " * depth + "{pii: true}" + "}" * depth
+    text = f"version: 1\nrules:\n  - {{name: r, route: local, when: {when}}}\n"
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(text, "p.yaml")
+    assert [str(i) for i in caught.value.issues] == [
+        "p.yaml: nested too deeply to read (a condition or list hundreds of levels deep): "
+        "flatten it, for example with named signals"
+    ]
+
+
 def test_every_problem_in_a_file_is_listed_with_its_line() -> None:
     path = BROKEN / "several-problems.yaml"
     with pytest.raises(PolicyError) as caught:
