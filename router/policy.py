@@ -705,7 +705,9 @@ def evaluate(
         threshold=threshold,
         alias=alias,
         on_failure=on_failure,
-        local_only=local_only,
+        # Past the budget a request stays local however it got there: a full local queue must
+        # not spill it to the closed tier (Gateway.spill_chain reads local_only).
+        local_only=local_only or step.over_budget,
         shadow_rate=shadow_rate,
         store_prompts=store,
         reason=step.reason,

@@ -489,6 +489,39 @@ def test_each_choice_of_n_counts_against_the_budget(tmp_path: Path, fake: FakePr
         assert spent <= 0.0003 + reservation, (spent, reservation)
 
 
+@pytest.mark.parametrize("over_budget", ["local", "reject"])
+def test_a_full_local_queue_does_not_spill_a_spent_budget_to_the_closed_tier(
+    tmp_path: Path, fake: FakeProvider, over_budget: str
+) -> None:
+    # A tenant past its budget still had its local-bound requests spill to gpt-4o when the
+    # local queue was full (queue_full: spill), so keeping the local model busy bought closed
+    # calls past the budget, under over_budget: reject too.
+    from concurrent.futures import ThreadPoolExecutor
+
+    fake.reset()
+    local = ScriptedLocal()
+    extra = f"tenants:\n  default: {{daily_budget_usd: 0.00001, over_budget: {over_budget}}}\n"
+    with live(tmp_path, policy_yaml(fake, extra=extra), local_backend_obj=local) as srv:
+        assert _post(srv, HARD_LONG).headers["x-tiergate-model"] == "gpt-4o"
+        store = srv.gateway.outcomes
+        assert wait_for(lambda: store.count() == 1) and store.flush()
+        spent = store.spend_today("default")
+        assert spent > 0.00001
+        fake.reset()
+        local.mode = "hold"
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(_post, srv, CHAT)
+            assert wait_for(lambda: local.gate.running == 1)
+            refused = _post(srv, CHAT)
+            local.release.set()
+            assert held.result().status_code == 200
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "local_queue_full"
+        assert fake.received == []
+        assert wait_for(lambda: store.count() == 3) and store.flush()
+        assert store.spend_today("default") == pytest.approx(spent)
+
+
 def test_a_stream_left_after_finish_reason_is_charged(tmp_path: Path, fake: FakeProvider) -> None:
     # Reading to finish_reason and leaving before the usage chunk used to cost nothing.
     from tests.fake_provider import Behaviour

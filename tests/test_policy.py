@@ -383,6 +383,7 @@ def test_budget_spent_local_requests_still_served() -> None:
     decision = evaluate(policy(TENANTS), signals(tenant="hard", score=0.1), spend_today_usd=9.0)
     assert (decision.tier, decision.rule, decision.rejected) == ("local", "score", None)
     assert decision.on_failure == "error"  # a fallback would spend the exhausted budget
+    assert decision.local_only  # nor may a full local queue spill it (Gateway.spill_chain)
 
 
 def test_budget_spent_but_local_cannot_serve_is_rejected() -> None:
