@@ -511,17 +511,25 @@ async def count_message_tokens(request: Request) -> dict[str, int]:
     """The prompt's token count as Tiergate estimates it for routing (no model is called)."""
     svc = services(request)
     principal = principal_of(request)
+    policy = svc.gateway.policy
+
+    def count(raw: bytes) -> dict[str, int]:
+        # Parsed, checked and counted in one step, off the event loop for a large body: the
+        # translation and the estimate cost seconds near the size cap, as parsing does.
+        body = parse_json(raw)
+        validated(CountTokensRequest, body)
+        model = str(body.get("model", "auto"))
+        if not policy.is_known_model(model, principal.tenant):
+            # As /v1/messages answers it, rather than counting for a model it cannot use.
+            raise NotFoundError(
+                f"model '{model}' is not an alias or a configured model; see GET /v1/models",
+                param="model",
+            )
+        return messages.count_tokens(body)
+
     await svc.limiter.admit(principal, tokens=False)
-    body = await read_json(request)
-    validated(CountTokensRequest, body)
-    model = str(body.get("model", "auto"))
-    if not svc.gateway.policy.is_known_model(model, principal.tenant):
-        # As /v1/messages answers it, rather than counting for a model the request cannot use.
-        raise NotFoundError(
-            f"model '{model}' is not an alias or a configured model; see GET /v1/models",
-            param="model",
-        )
-    return messages.count_tokens(body)
+    raw = await read_body(request)
+    return await off_loop_when_large(raw, functools.partial(count, raw))
 
 
 @router.post("/v1/responses", openapi_extra=json_request_body(ResponsesRequest))
