@@ -706,9 +706,11 @@ class Gateway:
             )
             decision = decide(signals)
             wider = _as_sent(signals, body, read, sent_headers)
-            if not decision.local_only and wider is not None:
+            # A spent budget makes a decision local_only too, but not private: the rule the
+            # caller asked for still decides (its store_prompts, say).
+            if not decision.private and wider is not None:
                 private = decide(wider)
-                if private.local_only:
+                if private.private:
                     decision = private
             span.decided(decision)
         return signals, decision
@@ -807,6 +809,14 @@ class Gateway:
             self.outcomes.reserve_spend, ctx.tenant, ctx.request_id, usd, decision.budget_usd
         )
         if held:
+            return
+        if decision.local_only:
+            # Over budget or not, it stays local: decided again from ctx.signals, which lack
+            # the headers a caller may always make its request private with, it could lose the
+            # rule it asked for (private, Gateway.decide). Its hold needs no budget check.
+            await asyncio.to_thread(
+                self.outcomes.reserve_spend, ctx.tenant, ctx.request_id, usd, None
+            )
             return
         spend = self.outcomes.spend_today(ctx.tenant)
         ctx.decision = evaluate(

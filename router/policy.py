@@ -470,6 +470,8 @@ class Decision:
       ``on_failure`` is ``error``).
     * ``local_only``: the request must not leave the local tier (privacy rule, or an exhausted
       budget): no spill, no fallback, no shadow.
+    * ``private``: a ``local_only`` rule decided it (not the budget alone): what the caller may
+      always ask for (``Gateway.decide``).
     * ``unsatisfiable``: set when the request needs something the chosen model lacks (images,
       tools, context) and the policy forbids moving it (local_only, or a pinned model). The
       caller answers with an error instead of calling the model (400).
@@ -508,6 +510,7 @@ class Decision:
     budget_usd: float | None = None  # the tenant's daily budget, for reserving spend
 
     no_closed_local: bool = False
+    private: bool = False
     profile_entry: str | None = None
     cascade: CascadePlan | None = None
     cascade_skipped: str | None = None
@@ -667,6 +670,7 @@ def evaluate(
         trace=trace,
     )
     step.apply_constraints()
+    by_rule = local_only  # before a spent budget may force it local
     step.apply_budget(plan, spend_today_usd, hold_refused)
     if step.forced_local:
         name, local_only = step.rule or name, True
@@ -719,6 +723,7 @@ def evaluate(
         policy_version=runtime.digest,
         budget_usd=plan.budget_usd,
         no_closed_local=no_closed_local,
+        private=by_rule,
         profile_entry=profile_entry,
         cascade=cascade,
         cascade_skipped=cascade_skipped,

@@ -414,7 +414,8 @@ def test_a_tenant_rule_cannot_send_personal_data_out(tmp_path: Path, fake: FakeP
             assert fake.received == []
 
 
-@pytest.mark.parametrize(
+#: The two ways any key may mark its request private under privacy-first.yaml.
+MARKERS = pytest.mark.parametrize(
     "marker",
     [
         {"headers": {"x-tiergate-private": "true"}},
@@ -422,6 +423,22 @@ def test_a_tenant_rule_cannot_send_personal_data_out(tmp_path: Path, fake: FakeP
     ],
     ids=["header", "metadata"],
 )
+
+
+def _privacy_first(tmp_path: Path, fake: FakeProvider, extra: str = "") -> tuple[str, Path]:
+    """policies/examples/privacy-first.yaml on the fake provider (plus ``extra``), and a keys
+    file with one plain key of tenant acme."""
+    policy = Path("policies/examples/privacy-first.yaml").read_text() + extra
+    policy = policy.replace(
+        "litellm_model: openai/gpt-4o",
+        f"litellm_model: openai/gpt-4o\n    api_base: {fake.base_url}",
+    )
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(yaml.safe_dump({"keys": [{"sha256": hash_key(PLAIN), "tenant": "acme"}]}))
+    return policy, keys
+
+
+@MARKERS
 def test_any_key_may_mark_its_request_private(
     tmp_path: Path, fake: FakeProvider, marker: dict[str, dict[str, Any]]
 ) -> None:
@@ -429,13 +446,7 @@ def test_any_key_may_mark_its_request_private(
     # metadata.data_class. A key without set_policy_headers (or the field in its allow-lists)
     # had its marker ignored, silently: policies/examples/privacy-first.yaml sent it closed.
     fake.reset()
-    policy = Path("policies/examples/privacy-first.yaml").read_text()
-    policy = policy.replace(
-        "litellm_model: openai/gpt-4o",
-        f"litellm_model: openai/gpt-4o\n    api_base: {fake.base_url}",
-    )
-    keys = tmp_path / "keys.yaml"
-    keys.write_text(yaml.safe_dump({"keys": [{"sha256": hash_key(PLAIN), "tenant": "acme"}]}))
+    policy, keys = _privacy_first(tmp_path, fake)
     body = {"model": "auto", "messages": [{"role": "user", "content": "HARD: the merger plan"}]}
     auth = {"authorization": f"Bearer {PLAIN}"}
     with live(tmp_path, policy, local_backend_obj=ScriptedLocal(), api_keys_file=keys) as srv:
@@ -454,3 +465,33 @@ def test_any_key_may_mark_its_request_private(
         assert store.flush()
         record = store.get(marked.headers["x-request-id"])
         assert record is not None and record["signals"]["metadata"] == {}
+
+
+@MARKERS
+def test_a_request_marked_private_stays_private_past_the_budget(
+    tmp_path: Path, fake: FakeProvider, marker: dict[str, dict[str, Any]]
+) -> None:
+    # Past acme's budget, a plain key's marker was not read: the budget had made the request
+    # local_only already, so the rule it asked for (store_prompts: none) never decided it and
+    # its prompt was stored under rule budget:acme.
+    fake.reset()
+    policy, keys = _privacy_first(tmp_path, fake, "tenants:\n  acme: {daily_budget_usd: 0.00001}\n")
+    auth = {"authorization": f"Bearer {PLAIN}"}
+    url = "/v1/chat/completions"
+    with live(tmp_path, policy, local_backend_obj=ScriptedLocal(), api_keys_file=keys) as srv:
+        hard = {"model": "auto", "messages": [{"role": "user", "content": "HARD: spend it"}]}
+        assert srv.http.post(url, json=hard, headers=auth).headers["x-tiergate-tier"] == "closed"
+        store = srv.gateway.outcomes
+        assert wait_for(lambda: store.count() == 1) and store.flush()
+        assert store.spend_today("acme") > 0.00001
+        headers = {**auth, **marker.get("headers", {})}
+        for text in ("HARD: the merger plan", "the merger plan"):
+            body = {"model": "auto", "messages": [{"role": "user", "content": text}]}
+            marked = srv.http.post(url, json={**body, **marker.get("json", {})}, headers=headers)
+            assert marked.status_code == 200, marked.text
+            assert marked.headers["x-tiergate-rule"] == "private-stays-local", text
+            assert marked.headers["x-tiergate-tier"] == "local"
+            assert store.flush()
+            record = store.get(marked.headers["x-request-id"])
+            assert record is not None and record["prompt"] is None, text
+    assert len(fake.received) == 1
