@@ -280,7 +280,7 @@ class RedisOutcomeStore(OutcomeWriter):
         self.connect()
         with self._cond:
             for path in self._journal_files():
-                items = _read_journal(path)
+                items = _set_aside_unreadable(path, self.unreadable_path)
                 self._journal_lines += len(items)
                 self._adopt(items)
         if self._journal_lines:
@@ -310,6 +310,11 @@ class RedisOutcomeStore(OutcomeWriter):
         }
 
     # -- writing ---------------------------------------------------------------------------
+
+    @property
+    def unreadable_path(self) -> Path:
+        """Where journal lines that cannot be read are moved at start (``NAME.unreadable``)."""
+        return self.journal.with_name(self.journal.name + ".unreadable")
 
     def _journal_files(self) -> list[Path]:
         draining = self.journal.with_suffix(self.journal.suffix + ".draining")
@@ -774,3 +779,37 @@ class RedisOutcomeStore(OutcomeWriter):
 def _read_journal(path: Path) -> list[Item]:
     with path.open(encoding="utf-8") as fh:
         return [_decode(line) for line in fh if line.strip()]
+
+
+def _set_aside_unreadable(path: Path, aside: Path) -> list[Item]:
+    """The items of the journal file ``path``. Lines that cannot be read are moved to the end
+    of ``aside`` (and logged) before the rest is replayed: a line cut short by a SIGKILL or a
+    power loss while it was appended, or a full disk, would otherwise stop every start."""
+    items: list[Item] = []
+    kept: list[bytes] = []
+    bad: list[bytes] = []
+    for line in path.read_bytes().splitlines(keepends=True):
+        if not line.strip():
+            continue
+        try:
+            items.append(_decode(line.decode("utf-8")))
+        except (ValueError, KeyError, TypeError):  # not JSON, not UTF-8, not an item
+            bad.append(line.rstrip(b"\r\n") + b"\n")
+        else:
+            kept.append(line.rstrip(b"\r\n") + b"\n")
+    if bad:
+        with aside.open("ab") as fh:
+            fh.writelines(bad)
+        spare = path.with_name(path.name + ".readable")
+        spare.write_bytes(b"".join(kept))
+        spare.replace(path)
+        log.error(
+            "outcome journal %s: %d line%s that cannot be read (cut short when a process was "
+            "killed while writing it?) moved to %s; replaying the other %d items",
+            path,
+            len(bad),
+            "" if len(bad) == 1 else "s",
+            aside,
+            len(items),
+        )
+    return items

@@ -232,6 +232,28 @@ def test_shutdown_while_redis_is_down_journals_at_once(
     assert len((tmp_path / "journal.jsonl").read_text().splitlines()) == 5
 
 
+def test_a_journal_line_cut_short_is_set_aside_and_the_rest_replayed(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A process killed while appending to its journal (SIGKILL at the end of a grace period,
+    a power loss) leaves its last line cut short. The next start replays the whole lines and
+    moves the cut one to NAME.unreadable, rather than failing to start on a JSONDecodeError,
+    which left an operator only deleting the journal, and its records, to get the proxy up."""
+    whole = [outcome(tenant="acme", cost_usd=0.5) for _ in range(2)]
+    cut = json.dumps({"kind": "record", "data": outcome(tenant="acme").as_dict()})[:60]
+    lines = [json.dumps({"kind": "record", "data": rec.as_dict()}) + "\n" for rec in whole]
+    (tmp_path / "journal.jsonl").write_text("".join(lines) + cut, encoding="utf-8")
+    s = store(redis_server, tmp_path)
+    try:
+        assert s.flush(20)
+        assert s.count() == 2 and all(s.get(rec.id) is not None for rec in whole)
+        assert wait_for(lambda: abs(s.spend_today("acme") - 1.0) < 1e-9, timeout_s=10)
+    finally:
+        s.close()
+    assert (tmp_path / "journal.jsonl.unreadable").read_text(encoding="utf-8") == cut + "\n"
+    assert not (tmp_path / "journal.jsonl").exists()
+
+
 def test_a_second_process_on_the_same_journal_is_refused(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
