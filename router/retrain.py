@@ -64,7 +64,7 @@ from router.artifact import (
     save_scorer,
 )
 from router.classifier import CapabilityRouting, LearnedScorer, PromptClassifier
-from router.errors import ConfigError
+from router.errors import ArtifactError, ConfigError
 from router.metrics import apgr_from_curve, routing_curve
 from router.outcomes import OutcomeStore
 from router.profile import LocalProfile, default_profile
@@ -444,6 +444,20 @@ def candidate_design(path: Path, requested: str) -> str:
     return requested
 
 
+def _unloadable_current(models: ModelStore, parent: str, exc: ArtifactError) -> ArtifactError:
+    # A version an older Tiergate wrote (another prompt window, other library versions) cannot
+    # be retrained from, and `tiergate train`, which the load error advises for a lone artifact,
+    # does not put a model in the store: start the store again from a router this release ships.
+    from router.artifact import default_model_path
+
+    return ArtifactError(
+        f"model store {models.root}: its current version {parent} cannot be loaded by this "
+        f"Tiergate ({exc}), nor retrained from. Adopt a router this release ships "
+        f"(`tiergate models adopt {default_model_path()} --store {models.root}`), promote the "
+        "version it prints (`tiergate models promote VERSION`), then retrain"
+    )
+
+
 def retrain(
     outcomes: OutcomeStore,
     models: ModelStore,
@@ -461,13 +475,16 @@ def retrain(
     parent = models.current()
     if parent is None:
         raise ConfigError(f"model store {models.root} has no current version")
-    design = candidate_design(models.path(parent), config.candidate)
     configured = profile if profile is not None else default_profile()
-    current: Any = (
-        load_scorer(models.path(parent), configured)
-        if design == "profile"
-        else load_fitted(models.path(parent))
-    )
+    try:
+        design = candidate_design(models.path(parent), config.candidate)
+        current: Any = (
+            load_scorer(models.path(parent), configured)
+            if design == "profile"
+            else load_fitted(models.path(parent))
+        )
+    except ArtifactError as exc:
+        raise _unloadable_current(models, parent, exc) from exc
     if design == "profile" and not isinstance(current, ProfileScorer):
         raise ConfigError(f"{models.path(parent)}: its serving form is not a profile head")
     if design == "residual" and not _root(current.routing).use_structure:

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from router.artifact import load_fitted, load_scorer, save_scorer
+from router.artifact import default_model_path, load_fitted, load_scorer, save_scorer
 from router.classifier import LearnedScorer
 from router.cli import main
 from router.errors import ConfigError
@@ -323,6 +323,28 @@ def test_retrain_cli_seeds_an_empty_store_with_the_serving_model(
         serving / "model.joblib"
     ).read_bytes()
     assert models.current() in ("v0001", "v0002")
+
+
+def test_a_current_version_an_older_tiergate_wrote_says_how_to_start_again(
+    tmp_path: Path, outcomes: SQLiteOutcomeStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After an upgrade, a store whose current version the new release cannot load (written
+    with other library versions, or an older prompt window) cannot be retrained from. The
+    refusal said "retrain with `tiergate train`", which puts nothing in the store; it now says
+    to adopt a shipped router into the store and promote it, and the store is left as it was."""
+    models = first_version(tmp_path, base_file(tmp_path))
+    sidecar = models.path("v0001") / "metadata.json"
+    meta = json.loads(sidecar.read_text())
+    meta["libraries"]["scikit-learn"] = "1.0.2"  # as a release pinned to another one wrote it
+    sidecar.write_text(json.dumps(meta))
+    label_traffic(outcomes, source="shadow", honest=True, n=40)
+    outcomes.flush()
+    argv = ["retrain", "--store", str(models.root), "--db", str(tmp_path / "o.db")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "current version v0001 cannot be loaded" in err
+    assert f"tiergate models adopt {default_model_path()} --store {models.root}" in err
+    assert models.version_ids() == ["v0001"] and models.current() == "v0001"
 
 
 def test_a_retrain_that_cannot_run_leaves_the_store_empty(
