@@ -1435,8 +1435,16 @@ def build_parser() -> argparse.ArgumentParser:
     erase_which.add_argument(
         "--request-id", action="append", metavar="ID", help="this request's (repeat for more)"
     )
-    delete.add_argument("--db", type=Path, help="SQLite file (default: TIERGATE_SQLITE_PATH)")
-    delete.add_argument("--config", type=Path, help="YAML settings file")
+    # Without a default here, `outcomes --config FILE delete` keeps the FILE given before the
+    # action (a subcommand's defaults replace its parent's values): the erasure goes to the store
+    # that listing it showed, not the default one.
+    delete.add_argument(
+        "--db",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="SQLite file (default: TIERGATE_SQLITE_PATH)",
+    )
+    delete.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="YAML settings file")
     delete.set_defaults(func=_cmd_outcomes_delete)
     _add_keys_parser(sub)
     _add_policy_commands(sub)

@@ -371,6 +371,36 @@ def test_records_past_retention_leave_no_copy_in_the_file(tmp_path: Path) -> Non
         store.close()
 
 
+def test_delete_erases_from_the_store_named_before_the_action(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`tiergate outcomes --db FILE delete --tenant T` (or `--config FILE`), written as the
+    listing command that showed the records is, erased from the default store instead: it
+    printed "deleted 0 records ... from" the default file and the tenant's records stayed."""
+    from router.cli import main
+
+    monkeypatch.delenv("TIERGATE_SQLITE_PATH", raising=False)
+    monkeypatch.setenv("TIERGATE_HOME", str(tmp_path))  # the default store: tiergate.db
+    for name in ("tiergate.db", "kept.db", "named.db"):
+        store = SQLiteOutcomeStore(tmp_path / name)
+        store.start()
+        store.submit(outcome(tenant="acme" if name != "tiergate.db" else "other"))
+        assert store.flush()
+        store.close()
+    config = tmp_path / "settings.yaml"
+    config.write_text(f"sqlite_path: {tmp_path / 'named.db'}\n")
+    for where, db in (
+        (["--db", str(tmp_path / "kept.db")], "kept.db"),
+        (["--config", str(config)], "named.db"),
+    ):
+        assert main(["outcomes", *where, "delete", "--tenant", "acme"]) == 0
+        assert f"deleted 1 records and 0 labels of tenant acme from {tmp_path / db}" in (
+            capsys.readouterr().out
+        )
+        left = sqlite3.connect(tmp_path / db).execute("SELECT COUNT(*) FROM outcomes").fetchone()
+        assert left == (0,)
+
+
 def test_erasing_requests_or_a_tenant_leaves_no_copy_in_the_file(tmp_path: Path) -> None:
     # The right to erasure: the record, its labels (a feedback comment is the user's own words)
     # and every copy SQLite kept of them (a deleted row's bytes, the write-ahead log) go.
