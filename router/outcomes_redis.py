@@ -699,10 +699,13 @@ class RedisOutcomeStore(OutcomeWriter):
         try:
             gone = 0
             for path in self._journal_files():
-                try:
-                    items = _read_journal(path)
-                except ValueError:  # a line its holder is writing
-                    return None
+                if free:  # no holder: a line that cannot be read was cut short, set it aside
+                    items = _set_aside_unreadable(path, self.unreadable_path)
+                else:
+                    try:
+                        items = _read_journal(path)
+                    except ValueError:  # a line its holder is writing
+                        return None
                 kept = [item for item in items if not erased(item)]
                 if len(kept) == len(items):
                     continue

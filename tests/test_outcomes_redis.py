@@ -839,6 +839,28 @@ def test_erasing_a_tenant_drops_its_items_from_a_journal_left_behind(
         again.close()
 
 
+def test_erasing_from_a_journal_left_with_a_line_cut_short(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A journal a killed process left, its last line cut short, with no Tiergate running:
+    the erasure said "a running Tiergate holds the outage journal" and kept the tenant's
+    items for the next start to write back. It now sets the cut line aside and erases."""
+    alice = outcome(tenant="acme", prompt="Alice Smith asks about her lease")
+    bob = outcome(tenant="globex", prompt="Bob Brown asks about his car")
+    lines = [json.dumps({"kind": "record", "data": r.as_dict()}) + "\n" for r in (alice, bob)]
+    cut = json.dumps({"kind": "record", "data": outcome(tenant="acme").as_dict()})[:60]
+    journal = tmp_path / "journal.jsonl"
+    journal.write_text("".join(lines) + cut, encoding="utf-8")
+    reader = RedisOutcomeStore(redis_server.url, journal=journal)
+    reader.connect()  # as the CLI does: no writer, no replay
+    try:
+        assert reader.erase(tenant="acme") == (0, 0, 1)
+    finally:
+        reader.close()
+    assert "Alice Smith" not in journal.read_text() and "Bob Brown" in journal.read_text()
+    assert (tmp_path / "journal.jsonl.unreadable").read_text(encoding="utf-8") == cut + "\n"
+
+
 def test_cli_exports_and_erases_on_redis(
     redis_server: RedisServer,
     tmp_path: Path,
