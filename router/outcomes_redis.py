@@ -313,7 +313,7 @@ class RedisOutcomeStore(OutcomeWriter):
 
     @property
     def unreadable_path(self) -> Path:
-        """Where journal lines that cannot be read are moved at start (``NAME.unreadable``)."""
+        """Where unreadable journal lines are moved when it is read (``NAME.unreadable``)."""
         return self.journal.with_name(self.journal.name + ".unreadable")
 
     def _journal_files(self) -> list[Path]:
@@ -455,7 +455,7 @@ class RedisOutcomeStore(OutcomeWriter):
                 self.journal.replace(draining)
         if not draining.exists():
             return
-        items = _read_journal(draining)
+        items = _set_aside_unreadable(draining, self.unreadable_path)
         spend = None
         for i in range(0, len(items), self._batch):
             spend = self._write(items[i : i + self._batch]) or spend
@@ -787,7 +787,8 @@ def _read_journal(path: Path) -> list[Item]:
 def _set_aside_unreadable(path: Path, aside: Path) -> list[Item]:
     """The items of the journal file ``path``. Lines that cannot be read are moved to the end
     of ``aside`` (and logged) before the rest is replayed: a line cut short by a SIGKILL or a
-    power loss while it was appended, or a full disk, would otherwise stop every start."""
+    power loss while it was appended, or a full disk, would otherwise stop every start, or kill
+    the writer that replays the journal once Redis is back."""
     items: list[Item] = []
     kept: list[bytes] = []
     bad: list[bytes] = []
@@ -807,8 +808,8 @@ def _set_aside_unreadable(path: Path, aside: Path) -> list[Item]:
         spare.write_bytes(b"".join(kept))
         spare.replace(path)
         log.error(
-            "outcome journal %s: %d line%s that cannot be read (cut short when a process was "
-            "killed while writing it?) moved to %s; replaying the other %d items",
+            "outcome journal %s: %d line%s that cannot be read (cut short by a kill, a power "
+            "loss or a full disk?) moved to %s; replaying the other %d items",
             path,
             len(bad),
             "" if len(bad) == 1 else "s",

@@ -254,6 +254,33 @@ def test_a_journal_line_cut_short_is_set_aside_and_the_rest_replayed(
     assert not (tmp_path / "journal.jsonl").exists()
 
 
+def test_a_line_cut_short_while_running_does_not_stop_the_replay(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """An append that failed half way (a full disk in an outage) leaves a line cut short in
+    the journal of a running store; when Redis returns, the replay writes the whole lines and
+    sets the cut one aside, instead of failing on it."""
+    s = store(redis_server, tmp_path)
+    try:
+        redis_server.stop()
+        recs = [outcome(tenant="acme") for _ in range(4)]
+        s.submit(recs[0])
+        assert wait_for(lambda: not s.connected, 10)
+        for rec in recs[1:]:
+            s.submit(rec)  # the store is known to be down: each goes to the journal at once
+        assert s.spilled == 3
+        journal = tmp_path / "journal.jsonl"
+        with journal.open("a", encoding="utf-8") as fh:
+            fh.write('{"kind": "record", "data": {"id": "req_cut')
+        redis_server.start()
+        assert s.flush(20)
+        assert s.count() == 4 and all(s.get(rec.id) is not None for rec in recs)
+    finally:
+        s.close()
+    cut = '{"kind": "record", "data": {"id": "req_cut\n'
+    assert (tmp_path / "journal.jsonl.unreadable").read_text(encoding="utf-8") == cut
+
+
 def test_a_second_process_on_the_same_journal_is_refused(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
