@@ -50,7 +50,7 @@ from router.learning import LearningLoop, purge_loop
 from router.limits import build_rate_limiter
 from router.outcomes import OutcomeStore, SQLiteOutcomeStore
 from router.policy import Policy
-from router.registry import store_version, watch_model_store
+from router.registry import restart_advice, store_version, watch_model_store
 from router.scoring import HeuristicScorer, Scorer
 from router.services import Services, running
 from router.telemetry import RequestSpanMiddleware, Telemetry
@@ -83,7 +83,16 @@ def configured_scorer(settings: Settings) -> Scorer:
         path = configured_model_path(settings)
         return load_scorer(path, profile)
     except (ConfigError, OSError) as exc:
-        log.warning("no usable classifier at %s (%s); using the heuristic scorer", path, exc)
+        hint = ""
+        store = settings.model_store
+        if store is not None and (version := store_version(settings)) is not None:
+            hint = (
+                f"; it is the current version {version} of the model store: "
+                f"{restart_advice(store)}, or promote an earlier version"
+            )
+        log.warning(
+            "no usable classifier at %s (%s); using the heuristic scorer%s", path, exc, hint
+        )
         return HeuristicScorer()
 
 

@@ -211,6 +211,18 @@ class ModelStore:
         return version, loader(self.path(version))
 
 
+def restart_advice(root: Path) -> str:
+    """What to do when a store's current version cannot be loaded by this Tiergate (one an
+    older release wrote, with another prompt window or other library versions): `tiergate
+    train`, which the load error advises for a lone artifact, puts nothing in the store."""
+    from router.artifact import default_model_path
+
+    return (
+        f"adopt a router this release ships (`tiergate models adopt {default_model_path()} "
+        f"--store {root}`) and promote the version it prints (`tiergate models promote VERSION`)"
+    )
+
+
 def store_version(settings: Any) -> str | None:
     """The model store version the settings serve, or None (no store, or none promoted)."""
     return None if settings.model_store is None else ModelStore(settings.model_store).current()

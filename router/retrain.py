@@ -68,7 +68,7 @@ from router.errors import ArtifactError, ConfigError
 from router.metrics import apgr_from_curve, routing_curve
 from router.outcomes import OutcomeStore
 from router.profile import LocalProfile, default_profile
-from router.registry import ModelStore
+from router.registry import ModelStore, restart_advice
 from router.residual import ResidualRouting, fit_residual
 from router.serving import ProfileScorer, profile_vector
 from router.training import (
@@ -445,16 +445,9 @@ def candidate_design(path: Path, requested: str) -> str:
 
 
 def _unloadable_current(models: ModelStore, parent: str, exc: ArtifactError) -> ArtifactError:
-    # A version an older Tiergate wrote (another prompt window, other library versions) cannot
-    # be retrained from, and `tiergate train`, which the load error advises for a lone artifact,
-    # does not put a model in the store: start the store again from a router this release ships.
-    from router.artifact import default_model_path
-
     return ArtifactError(
         f"model store {models.root}: its current version {parent} cannot be loaded by this "
-        f"Tiergate ({exc}), nor retrained from. Adopt a router this release ships "
-        f"(`tiergate models adopt {default_model_path()} --store {models.root}`), promote the "
-        "version it prints (`tiergate models promote VERSION`), then retrain"
+        f"Tiergate ({exc}), nor retrained from: {restart_advice(models.root)}, then retrain"
     )
 
 

@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 import router.app
 from router.app import build_outcome_store, configured_scorer, create_app
+from router.artifact import default_model_path
 from router.outcomes import SQLiteOutcomeStore
 from router.scoring import HeuristicScorer
 from tests.conftest import REPO, make_settings, policy_yaml
@@ -24,6 +25,31 @@ def test_the_shipped_model_scores_unless_the_configured_one_cannot_load(
     assert not isinstance(configured_scorer(settings), HeuristicScorer)
     missing = settings.model_copy(update={"classifier_path": tmp_path / "no-such-model"})
     assert isinstance(configured_scorer(missing), HeuristicScorer)
+
+
+def test_a_store_version_that_cannot_load_says_how_to_serve_a_router_again(
+    tmp_path: Path, fake: FakeProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After an upgrade, a model store's current version the new release cannot load leaves
+    the proxy on the heuristic scorer. The warning ended in the load error's "retrain with
+    `tiergate train`", which puts nothing in the store; it now says what does."""
+    import shutil
+
+    from router.artifact import STATIC_MODEL_NAME
+    from router.locations import shipped
+    from router.registry import ModelStore
+
+    models = ModelStore(tmp_path / "store")
+    shutil.copytree(shipped("models", STATIC_MODEL_NAME), models.versions_dir / "v0001")
+    serving = models.versions_dir / "v0001" / "serving.npz"
+    # Any load error will do: one for an older prompt window or library takes the same path.
+    serving.write_bytes(serving.read_bytes() + b"changed")
+    models.promote("v0001")
+    settings = make_settings(tmp_path, policy_yaml(fake), model_store=models.root)
+    with caplog.at_level("WARNING", logger="tiergate.app"):
+        assert isinstance(configured_scorer(settings), HeuristicScorer)
+    assert "current version v0001 of the model store" in caplog.text
+    assert f"tiergate models adopt {default_model_path()} --store {models.root}" in caplog.text
 
 
 def test_serving_with_a_profile_that_measured_only_some_capabilities_warns(
