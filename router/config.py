@@ -103,7 +103,8 @@ class Settings(BaseSettings):
         4,
         ge=1,
         description="Requests sent to an external local server at once (openai_http): its "
-        "decoding slots (llama-server --parallel) times its replicas, over the routers.",
+        "decoding slots (llama-server --parallel; llama_cpp.server has one) times its "
+        "replicas, over the routers.",
     )
     local_timeout_s: float = Field(300.0, gt=0, description="Longest local generation, seconds.")
     local_max_tokens: int = Field(

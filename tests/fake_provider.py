@@ -42,7 +42,8 @@ class Behaviour:
     repeats the bare key, with no header name beside it), bad_usage (``usage``
     is a string), array_body (a 200 whose JSON body, or each streamed chunk, is an array),
     no_stream_usage (a stream without a usage chunk even when asked, as llama-cpp-python's
-    server sends it).
+    server sends it), interrupted (a stream that ends with ``data: [DONE]`` after two words and
+    no finish_reason, as llama-cpp-python's server ends one it interrupts for a newer request).
     ``chunk_delay_s`` paces streamed chunks."""
 
     mode: str = "ok"
@@ -379,6 +380,10 @@ class FakeProvider:
         for i, piece in enumerate(pieces):
             if b.mode == "reset_mid_stream" and i == 2:
                 _reset(h)
+                return
+            if b.mode == "interrupted" and i == 2:
+                h.wfile.write(b"data: [DONE]\n\n")
+                h.wfile.flush()
                 return
             send({**base, "choices": [{"index": 0, "delta": {"content": piece}}]})
         tool = self._tool_called(body)

@@ -195,31 +195,36 @@ def test_the_external_server_gets_messages_every_chat_template_reads(
     ]
 
 
+def _streamed_from_external_server(
+    tmp_path: Path, fake: FakeProvider, **body: Any
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The JSON events of a stream that pins the local model (an external server played by
+    ``fake``, as it was told to behave), and the request's outcome record."""
+    policy = policy_yaml(fake, on_failure="error")
+    with live(tmp_path, policy, local_backend="openai_http", local_base_url=fake.base_url) as srv:
+        with srv.http.stream(
+            "POST", "/v1/chat/completions", json={"model": "local", "stream": True, **body}
+        ) as stream:
+            events = [json.loads(line[6:]) for line in stream.iter_lines() if line[6:7] == "{"]
+        store = srv.gateway.outcomes
+        store.flush()
+        assert wait_for(lambda: store.recent(1), 10)
+        (record,) = store.recent(1)
+    return events, record
+
+
 def test_a_stream_without_upstream_usage_gives_the_client_the_recorded_counts(
     tmp_path: Path, fake: FakeProvider
 ) -> None:
     """llama-cpp-python's server sends no usage chunk: the one Tiergate adds for a client that
     asked for usage carries the counts the record holds (estimated), not zeros."""
     fake.reset(Behaviour(mode="no_stream_usage"))
-    policy = policy_yaml(fake, on_failure="error")
-    with live(tmp_path, policy, local_backend="openai_http", local_base_url=fake.base_url) as srv:
-        with srv.http.stream(
-            "POST",
-            "/v1/chat/completions",
-            json={
-                "model": "local",
-                "stream": True,
-                "stream_options": {"include_usage": True},
-                "messages": [{"role": "user", "content": "Say hello to the whole team."}],
-            },
-        ) as stream:
-            chunks = [
-                json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: {")
-            ]
-        store = srv.gateway.outcomes
-        store.flush()
-        assert wait_for(lambda: store.recent(1), 10)
-        (record,) = store.recent(1)
+    chunks, record = _streamed_from_external_server(
+        tmp_path,
+        fake,
+        stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "Say hello to the whole team."}],
+    )
     usage = chunks[-1]["usage"]
     assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
     assert (usage["prompt_tokens"], usage["completion_tokens"]) == (
@@ -227,6 +232,20 @@ def test_a_stream_without_upstream_usage_gives_the_client_the_recorded_counts(
         record["completion_tokens"],
     )
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_a_stream_the_external_server_interrupts_is_an_error_not_an_answer(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """llama_cpp.server (--interrupt_requests, on by default) ends a stream it drops for a
+    newer request with ``data: [DONE]`` and no finish_reason: the client gets the stream's
+    error event and the record says error, not an answer cut short that reads as complete."""
+    fake.reset(Behaviour(mode="interrupted"))
+    events, record = _streamed_from_external_server(
+        tmp_path, fake, messages=[{"role": "user", "content": "x"}]
+    )
+    assert events[-1]["error"]["code"] == "upstream_unreachable"
+    assert record["status"] == "error" and record["error_type"] == "upstream_unreachable"
 
 
 # How each llama.cpp server says a prompt does not fit its context (HTTP 400).

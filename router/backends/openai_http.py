@@ -280,7 +280,7 @@ class OpenAIHTTP:
         try:
             async for data in events:
                 if data == b"[DONE]":
-                    return
+                    break
                 chunk = _chunk(data, label)
                 if chunk.get("usage"):
                     usage.take(usage_from_body(chunk, label))
@@ -290,8 +290,9 @@ class OpenAIHTTP:
                 yield chunk
         finally:
             await events.aclose()
-        # aiohttp ends a read-until-close body quietly even on a reset: a stream that stops
-        # with neither [DONE] nor a finish_reason was cut off, not finished.
+        # A stream that stops without a finish_reason was cut off, not finished: aiohttp ends a
+        # read-until-close body quietly even on a reset, and llama_cpp.server ends the stream it
+        # interrupts for a newer request (its --interrupt_requests, on by default) with [DONE].
         if not finished:
             raise BackendError(
                 f"{label} unreachable: the stream ended before it finished",
