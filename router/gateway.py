@@ -1559,13 +1559,18 @@ def _usage_chunk(ctx: RequestContext, stream_id: str | None, model: str | None) 
 def settle_usage(ctx: RequestContext) -> None:
     """Fill in what the backend did not report before the request ended (a client that left
     before the usage chunk, a cancelled call): completion tokens estimated from the answer
-    text that was streamed, and the prompt estimate once a model has worked on the request."""
+    text that was streamed, and the prompt estimate once a model has worked on the request.
+    The completion estimate is at most what the request's ``max_tokens`` let each choice use:
+    llama_cpp.server streams one token a chunk with no usage, and text with many digits or
+    symbols estimates more tokens than the model drew."""
     usage = ctx.usage
     if ctx.served is None or (usage.prompt_tokens and usage.completion_tokens):
         return
     completion = usage.completion_tokens or max(
         ctx.streamed_chunks, math.ceil(ctx.streamed_tokens - 1e-9)
     )
+    if not usage.completion_tokens and ctx.signals is not None and ctx.signals.max_tokens:
+        completion = min(completion, ctx.signals.max_tokens * ctx.choices)
     prompt = usage.prompt_tokens or (ctx.signals.prompt_tokens if ctx.signals else 0)
     ctx.usage = replace(usage, prompt_tokens=prompt, completion_tokens=completion)
 

@@ -234,6 +234,25 @@ def test_a_stream_without_upstream_usage_gives_the_client_the_recorded_counts(
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
+def test_a_streamed_answers_estimated_tokens_stay_within_its_max_tokens(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """Without the server's usage the completion is estimated from the streamed text, which
+    can read as more tokens than the model drew (digits count extra): the record never holds
+    more than the request's ``max_tokens`` allowed. The server here streams its four tokens
+    one a chunk, as llama_cpp.server does with ``max_tokens`` 4."""
+    fake.reset(Behaviour(mode="no_stream_usage", text="3.14159 2.71828 1.41421 1.73205"))
+    chunks, record = _streamed_from_external_server(
+        tmp_path,
+        fake,
+        max_tokens=4,
+        stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "Four constants, please."}],
+    )
+    assert sum(bool(c["choices"] and c["choices"][0]["delta"].get("content")) for c in chunks) == 4
+    assert record["completion_tokens"] == chunks[-1]["usage"]["completion_tokens"] == 4
+
+
 def test_a_stream_the_external_server_interrupts_is_an_error_not_an_answer(
     tmp_path: Path, fake: FakeProvider
 ) -> None:
