@@ -65,6 +65,10 @@ class Behaviour:
     strict: bool = False
     # In ``status`` mode, the JSON body of the error instead of a generic one.
     error_body: dict[str, Any] | None = None
+    # In ``status`` mode, answer a stream 200 and end it before its first chunk instead, then
+    # drop the connection, as llama_cpp.server does with a prompt over its context (it finds
+    # that only once streaming).
+    stream_opens: bool = False
     # Prompt tokens read from (and, Anthropic only, written to) the provider's prompt cache,
     # reported in each protocol's own shape: OpenAI's ``prompt_tokens_details.cached_tokens``
     # and ``input_tokens_details.cached_tokens`` (within the prompt count), Anthropic's
@@ -143,7 +147,14 @@ class FakeProvider:
             def log_message(self, *args: Any) -> None:
                 pass
 
+            # Set once the server has "closed" this connection (see ``stream_opens``): the
+            # next request on it gets no answer, as a pooled connection the server closed.
+            closed = False
+
             def do_POST(self) -> None:
+                if self.closed:
+                    self.close_connection = True
+                    return
                 length = int(self.headers.get("content-length") or 0)
                 raw = self.rfile.read(length) if length else b""
                 try:
@@ -196,6 +207,17 @@ class FakeProvider:
         anthropic = h.path.rstrip("/").endswith("/messages")
         responses = h.path.rstrip("/").endswith("/responses")
         failing = b.failing_path is None or h.path.rstrip("/").endswith(b.failing_path)
+        if b.mode == "status" and failing and b.stream_opens and body.get("stream"):
+            # uvicorn's way: a whole (empty) chunked body on a keep-alive connection, then the
+            # connection closed; the client has pooled it by then.
+            h.send_response(200)
+            h.send_header("content-type", "text/event-stream")
+            h.send_header("transfer-encoding", "chunked")
+            h.end_headers()
+            h.wfile.write(b"0\r\n\r\n")
+            h.wfile.flush()
+            h.closed = True  # type: ignore[attr-defined]
+            return
         if b.mode == "status" and failing:
             generic = {"error": {"message": "upstream exploded", "type": "server_error"}}
             self._json(h, b.status, b.error_body or generic)

@@ -318,6 +318,31 @@ def test_a_prompt_over_the_external_servers_context_moves_closed_as_in_process(
     assert pinned.json()["error"]["code"] == "context_length_exceeded"
 
 
+def test_a_stream_llama_cpp_server_drops_for_its_context_is_a_context_error(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """llama_cpp.server answers a stream whose prompt is over its context 200, then ends it
+    with nothing: as without streaming, a request that pinned the local model gets 400
+    ``context_length_exceeded`` (not a 502 that says the server is unreachable), and one that
+    did not is answered by the closed tier."""
+    fake.reset()
+    policy = policy_yaml(fake, on_failure="closed")
+    over = _CONTEXT_ERRORS["llama_cpp.server"]
+    body = {"stream": True, "messages": [{"role": "user", "content": "Capital of France?"}]}
+    with FakeProvider() as local:
+        local.reset(Behaviour(mode="status", status=400, error_body=over, stream_opens=True))
+        with live(
+            tmp_path, policy, local_backend="openai_http", local_base_url=local.base_url
+        ) as srv:
+            pinned = srv.http.post("/v1/chat/completions", json={"model": "local", **body})
+            routed = srv.http.post("/v1/chat/completions", json={"model": "auto", **body})
+        asked = [(r.body["stream"], r.body["max_tokens"]) for r in local.received[:2]]
+    assert pinned.status_code == 400, pinned.text
+    assert pinned.json()["error"]["code"] == "context_length_exceeded"
+    assert routed.status_code == 200 and routed.headers["x-tiergate-tier"] == "closed"
+    assert asked == [(True, 512), (False, 1)]  # the stream, then once without streaming
+
+
 def test_another_400_from_the_external_server_stands(tmp_path: Path, fake: FakeProvider) -> None:
     """A 400 that is not about the context (a bad grammar, say) is the request's fault: no
     closed call is made for it."""

@@ -668,6 +668,10 @@ def _external_error(exc: UpstreamBadRequestError) -> BadRequestError | None:
     )
 
 
+# Fields of a streamed request that a request without streaming must not carry.
+_STREAM_ONLY = frozenset({"stream", "stream_options", "max_completion_tokens"})
+
+
 class ExternalLlamaBackend:
     """A llama.cpp OpenAI-compatible server reached by URL: how the local tier scales out."""
 
@@ -706,7 +710,16 @@ class ExternalLlamaBackend:
         await self.gate.acquire()
         started = time.perf_counter()
         try:
-            result = await self._http.complete(
+            result = await self._complete(model, request)
+        finally:
+            self.gate.release()
+        result.usage.generation_s = time.perf_counter() - started
+        result.body["model"] = model.name
+        return result
+
+    async def _complete(self, model: ModelLike, request: dict[str, Any]) -> Completion:
+        try:
+            return await self._http.complete(
                 self._base,
                 request,
                 api_key=self._settings.local_api_key,
@@ -717,11 +730,6 @@ class ExternalLlamaBackend:
             if (over := _external_error(exc)) is None:
                 raise
             raise over from exc
-        finally:
-            self.gate.release()
-        result.usage.generation_s = time.perf_counter() - started
-        result.body["model"] = model.name
-        return result
 
     async def stream(
         self, model: ModelLike, body: dict[str, Any], usage: Usage
@@ -730,6 +738,7 @@ class ExternalLlamaBackend:
         request = self._body(model, body)
         await self.gate.acquire()
         started = time.perf_counter()
+        streamed = False
         try:
             async for chunk in self._http.stream(
                 self._base,
@@ -739,15 +748,42 @@ class ExternalLlamaBackend:
                 label="local llama.cpp server",
                 timeout_s=local_timeout(model, self._settings),
             ):
+                streamed = True
                 chunk["model"] = model.name
                 yield chunk
         except UpstreamBadRequestError as exc:
             if (over := _external_error(exc)) is None:
                 raise
             raise over from exc
+        except BackendError as exc:
+            if streamed or exc.code != "upstream_unreachable":
+                raise
+            await self._why_the_stream_ended(model, request, exc)
+            raise
         finally:
             usage.generation_s = time.perf_counter() - started
             self.gate.release()
+
+    async def _why_the_stream_ended(
+        self, model: ModelLike, request: dict[str, Any], exc: BackendError
+    ) -> None:
+        """Raise the context error when a stream that ended before its first chunk did so for a
+        prompt over the server's context. llama_cpp.server finds that only once it has answered
+        200 and then drops the stream; asked without streaming it says so with a 400. Returns
+        (the caller raises ``exc``) when the server says anything else or cannot be reached.
+
+        The server closes the stream's connection only after aiohttp has pooled it, so a first
+        try may be sent on that dead connection: one that finds it so is tried once more."""
+        probe = {k: v for k, v in request.items() if k not in _STREAM_ONLY} | {"max_tokens": 1}
+        for _ in range(2):
+            try:
+                await self._complete(model, probe)
+            except BadRequestError as over:  # the context error (another 400 is a BackendError)
+                raise over from exc
+            except BackendError as failed:
+                if failed.code == "upstream_unreachable":
+                    continue
+            return
 
     async def aclose(self) -> None:
         """Nothing of its own to close: the HTTP pool is shared."""
