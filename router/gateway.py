@@ -1561,8 +1561,7 @@ def settle_usage(ctx: RequestContext) -> None:
     before the usage chunk, a cancelled call): completion tokens estimated from the answer
     text that was streamed, and the prompt estimate once a model has worked on the request.
     The completion estimate is at most what the request's ``max_tokens`` let each choice use:
-    llama_cpp.server streams one token a chunk with no usage, and text with many digits or
-    symbols estimates more tokens than the model drew."""
+    text with many digits or symbols estimates more tokens than the model drew."""
     usage = ctx.usage
     if ctx.served is None or (usage.prompt_tokens and usage.completion_tokens):
         return

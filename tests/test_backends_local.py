@@ -23,6 +23,7 @@ from router.backends.local import (
 )
 from router.config import Settings
 from router.errors import BadRequestError, LocalOverloadedError, UpstreamTimeoutError
+from router.signals import estimate_tokens
 from tests.conftest import GGUF, live, policy_yaml, wait_for
 from tests.fake_provider import Behaviour, FakeProvider
 
@@ -232,6 +233,24 @@ def test_a_stream_without_upstream_usage_gives_the_client_the_recorded_counts(
         record["completion_tokens"],
     )
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_a_stream_without_upstream_usage_counts_what_the_server_streamed(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """A llama.cpp server streams a token a chunk: without its usage the record counts the
+    chunks that carried text, not an estimate from their text (a real llama_cpp.server: 7
+    chunks, 7 tokens by its own count, 9 by the estimate), and the prompt as sent, with the
+    system prompt Tiergate added (there: 27 tokens by its count, 13 estimated without it)."""
+    fake.reset(Behaviour(mode="no_stream_usage"))
+    chunks, record = _streamed_from_external_server(
+        tmp_path, fake, messages=[{"role": "user", "content": "What is the capital of France?"}]
+    )
+    sent = fake.received[-1].body["messages"]
+    texts = [c["choices"][0]["delta"].get("content") for c in chunks if c["choices"]]
+    assert sent[0]["role"] == "system"
+    assert record["completion_tokens"] == sum(map(bool, texts)) == len(Behaviour().text.split())
+    assert record["prompt_tokens"] == estimate_tokens(sent)
 
 
 def test_a_streamed_answers_estimated_tokens_stay_within_its_max_tokens(

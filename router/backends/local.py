@@ -41,6 +41,7 @@ from router.errors import (
     UpstreamBadRequestError,
     UpstreamTimeoutError,
 )
+from router.signals import estimate_tokens
 
 log = logging.getLogger("tiergate.local")
 
@@ -668,6 +669,11 @@ def _external_error(exc: UpstreamBadRequestError) -> BadRequestError | None:
     )
 
 
+def _has_text(choice: Any) -> bool:
+    delta = choice.get("delta") if isinstance(choice, dict) else None
+    return isinstance(delta, dict) and bool(delta.get("content"))
+
+
 # Fields of a streamed request that a request without streaming must not carry.
 _STREAM_ONLY = frozenset({"stream", "stream_options", "max_completion_tokens"})
 
@@ -734,11 +740,16 @@ class ExternalLlamaBackend:
     async def stream(
         self, model: ModelLike, body: dict[str, Any], usage: Usage
     ) -> AsyncIterator[dict[str, Any]]:
-        """Stream from the external server."""
+        """Stream from the external server.
+
+        A server that streams no usage (llama_cpp.server) is counted here: a llama.cpp server
+        streams a token a chunk, and the prompt it read is estimated from the messages it was
+        sent (with the system prompt added here, which the request's own estimate lacks)."""
         request = self._body(model, body)
         await self.gate.acquire()
         started = time.perf_counter()
         streamed = False
+        tokens = 0
         try:
             async for chunk in self._http.stream(
                 self._base,
@@ -749,6 +760,7 @@ class ExternalLlamaBackend:
                 timeout_s=local_timeout(model, self._settings),
             ):
                 streamed = True
+                tokens += sum(map(_has_text, chunk.get("choices") or ()))
                 chunk["model"] = model.name
                 yield chunk
         except UpstreamBadRequestError as exc:
@@ -763,6 +775,9 @@ class ExternalLlamaBackend:
         finally:
             usage.generation_s = time.perf_counter() - started
             self.gate.release()
+            if tokens and not usage.completion_tokens:
+                usage.completion_tokens = tokens
+                usage.prompt_tokens = estimate_tokens(request["messages"])
 
     async def _why_the_stream_ended(
         self, model: ModelLike, request: dict[str, Any], exc: BackendError
