@@ -106,7 +106,13 @@ class Settings(BaseSettings):
         "decoding slots (llama-server --parallel; llama_cpp.server has one) times its "
         "replicas, over the routers.",
     )
-    local_timeout_s: float = Field(300.0, gt=0, description="Longest local generation, seconds.")
+    local_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Longest local generation in process, seconds; for an external server "
+        "(openai_http) the longest wait to connect and for each read, so a stream may run "
+        "longer (a model's timeout_s wins).",
+    )
     local_max_tokens: int = Field(
         512,
         ge=1,
