@@ -43,7 +43,8 @@ class Behaviour:
     is a string), array_body (a 200 whose JSON body, or each streamed chunk, is an array),
     no_stream_usage (a stream without a usage chunk even when asked, as llama-cpp-python's
     server sends it), interrupted (a stream that ends with ``data: [DONE]`` after two words and
-    no finish_reason, as llama-cpp-python's server ends one it interrupts for a newer request).
+    no finish_reason, as llama-cpp-python's server ends one it interrupts for a newer request),
+    reset_at_once (the connection reset before any answer).
     ``chunk_delay_s`` paces streamed chunks."""
 
     mode: str = "ok"
@@ -207,16 +208,7 @@ class FakeProvider:
         anthropic = h.path.rstrip("/").endswith("/messages")
         responses = h.path.rstrip("/").endswith("/responses")
         failing = b.failing_path is None or h.path.rstrip("/").endswith(b.failing_path)
-        if b.mode == "status" and failing and b.stream_opens and body.get("stream"):
-            # uvicorn's way: a whole (empty) chunked body on a keep-alive connection, then the
-            # connection closed; the client has pooled it by then.
-            h.send_response(200)
-            h.send_header("content-type", "text/event-stream")
-            h.send_header("transfer-encoding", "chunked")
-            h.end_headers()
-            h.wfile.write(b"0\r\n\r\n")
-            h.wfile.flush()
-            h.closed = True  # type: ignore[attr-defined]
+        if self._dropped(h, body, failing):
             return
         if b.mode == "status" and failing:
             generic = {"error": {"message": "upstream exploded", "type": "server_error"}}
@@ -265,6 +257,27 @@ class FakeProvider:
             (self._anthropic_stream if anthropic else self._openai_stream)(h, body)
         else:
             (self._anthropic_json if anthropic else self._openai_json)(h, body)
+
+    def _dropped(self, h: BaseHTTPRequestHandler, body: dict[str, Any], failing: bool) -> bool:
+        """Drop the request as a server that fails it without an answer (``reset_at_once``,
+        ``stream_opens``); True when it did."""
+        b = self.behaviour
+        if b.mode == "reset_at_once":
+            h.close_connection = True
+            _reset(h)
+            return True
+        if b.mode == "status" and failing and b.stream_opens and body.get("stream"):
+            # uvicorn's way: a whole (empty) chunked body on a keep-alive connection, then the
+            # connection closed; the client has pooled it by then.
+            h.send_response(200)
+            h.send_header("content-type", "text/event-stream")
+            h.send_header("transfer-encoding", "chunked")
+            h.end_headers()
+            h.wfile.write(b"0\r\n\r\n")
+            h.wfile.flush()
+            h.closed = True  # type: ignore[attr-defined]
+            return True
+        return False
 
     @staticmethod
     def _json(

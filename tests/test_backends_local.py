@@ -362,6 +362,24 @@ def test_a_stream_llama_cpp_server_drops_for_its_context_is_a_context_error(
     assert asked == [(True, 512), (False, 1)]  # the stream, then once without streaming
 
 
+def test_a_stream_the_server_never_answered_is_not_asked_again(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """Only a stream the server answered 200 and then ended empty is asked about again: one
+    whose connection failed before any answer falls back at once, with no second call."""
+    fake.reset()
+    policy = policy_yaml(fake, on_failure="closed")
+    body = {"stream": True, "messages": [{"role": "user", "content": "Capital of France?"}]}
+    with FakeProvider() as local:
+        local.reset(Behaviour(mode="reset_at_once"))
+        with live(
+            tmp_path, policy, local_backend="openai_http", local_base_url=local.base_url
+        ) as srv:
+            routed = srv.http.post("/v1/chat/completions", json={"model": "auto", **body})
+        assert len(local.received) == 1
+    assert routed.status_code == 200 and routed.headers["x-tiergate-tier"] == "closed"
+
+
 def test_another_400_from_the_external_server_stands(tmp_path: Path, fake: FakeProvider) -> None:
     """A 400 that is not about the context (a bad grammar, say) is the request's fault: no
     closed call is made for it."""

@@ -768,7 +768,7 @@ class ExternalLlamaBackend:
                 raise
             raise over from exc
         except BackendError as exc:
-            if streamed or exc.code != "upstream_unreachable":
+            if streamed or exc.upstream_status != 200:  # not a 200 stream that ended empty
                 raise
             await self._why_the_stream_ended(model, request, exc)
             raise

@@ -293,10 +293,11 @@ class OpenAIHTTP:
         # A stream that stops without a finish_reason was cut off, not finished: aiohttp ends a
         # read-until-close body quietly even on a reset, and llama_cpp.server ends the stream it
         # interrupts for a newer request (its --interrupt_requests, on by default) with [DONE].
-        if not finished:
+        if not finished:  # the upstream answered 200: upstream_status says it did
             raise BackendError(
                 f"{label} unreachable: the stream ended before it finished",
                 code="upstream_unreachable",
+                upstream_status=200,
             )
 
     async def aclose(self) -> None:
