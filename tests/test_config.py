@@ -89,6 +89,26 @@ def test_every_tiergate_variable_is_documented_and_every_documented_one_exists()
     assert sorted(named - read) == []
 
 
+def test_every_test_the_docs_cite_is_in_the_file_they_name() -> None:
+    # `tests/test_x.py::test_y` or `test_x.py::test_y`, and `::test_z` for the same file as the
+    # last one named before it on the page: a reader who runs what a guarantee cites must find it.
+    repo = Path(__file__).resolve().parents[1]
+    pages = [repo / "README.md", repo / "SECURITY.md", *sorted((repo / "docs").glob("*.md"))]
+    wrong = []
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        named: str | None = None
+        for match in re.finditer(r"(?:tests/)?(test_\w+\.py)?::(test_\w+)", text):
+            named = match.group(1) or named
+            where = f"{page.name}:{text.count(chr(10), 0, match.start()) + 1}"
+            source = repo / "tests" / named if named else None
+            if source is None or not source.is_file():
+                wrong.append(f"{where}: {match.group(2)} names no test file")
+            elif not re.search(rf"^(async )?def {match.group(2)}\(", source.read_text(), re.M):
+                wrong.append(f"{where}: {match.group(2)} is not in tests/{named}")
+    assert wrong == []
+
+
 @pytest.mark.parametrize(
     ("url", "problem"),
     [
