@@ -272,6 +272,10 @@ class Settings(BaseSettings):
             parts.port  # noqa: B018 (raises on a port that is not a number)
         except ValueError:
             raise ValueError("its port is not a number") from None
+        if "#" in value:
+            # A raw '#' in a password ends the URL there, and what is left may still parse
+            # (redis://:123#x@cache reads as port 123 of no host).
+            raise ValueError("it holds a '#': write one in a password as %23")
         db = parts.path.strip("/")
         if parts.scheme != "unix" and db and not db.isdigit():
             raise ValueError("its path must be a database number, such as /0")

@@ -115,6 +115,7 @@ def test_every_test_the_docs_cite_is_in_the_file_they_name() -> None:
         ("redis://:S3CRETPW@127.0.0.1:notaport/0", "its port is not a number"),
         ("http://:S3CRETPW@cache/", "must start with redis://, rediss:// or unix://"),
         ("redis://:S3CRETPW@cache:6379/zero", "its path must be a database number"),
+        ("redis://:123#S3CRETPW@cache:6379/0", "it holds a '#'"),
     ],
 )
 def test_a_bad_redis_url_is_a_config_error_without_its_password(
