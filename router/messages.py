@@ -209,12 +209,64 @@ async def _typed(
 ) -> Any:
     from litellm.types.utils import ModelResponseStream
 
-    if first is not None:
-        stopped.extend(filter(None, [_stop_sequence(first)]))
-        yield ModelResponseStream(**first)
-    async for chunk in rest:
+    async def chunks() -> AsyncIterator[dict[str, Any]]:
+        if first is not None:
+            yield first
+        async for chunk in rest:
+            yield chunk
+
+    async for chunk in _one_call_at_a_time(chunks()):
         stopped.extend(filter(None, [_stop_sequence(chunk)]))
         yield ModelResponseStream(**chunk)
+
+
+async def _one_call_at_a_time(
+    chunks: AsyncIterator[dict[str, Any]],
+) -> AsyncIterator[dict[str, Any]]:
+    """The chat chunks with their tool calls one after another, as Anthropic's ``tool_use``
+    blocks are: a chat stream may interleave its parallel calls' argument pieces by ``index``,
+    and litellm's adapter then writes one call's pieces into another's block. The first call
+    streams as it comes; a call begun while it streams is held, gathered, and sent whole
+    before the first chunk that carries anything else."""
+    live: int | None = None
+    held: dict[int, dict[str, Any]] = {}  # index -> the call gathered so far
+    async for chunk in chunks:
+        choices = chunk.get("choices") or []
+        delta = (choices[0].get("delta") or {}) if len(choices) == 1 else {}
+        passed = []
+        for call in delta.get("tool_calls") or ():
+            index = call.get("index", 0)
+            live = index if live is None else live
+            if index == live:
+                passed.append(call)
+            elif index in held:
+                function = held[index].setdefault("function", {})
+                more = (call.get("function") or {}).get("arguments") or ""
+                function["arguments"] = (function.get("arguments") or "") + more
+            else:
+                held[index] = json.loads(json.dumps(call))
+        if not delta.get("tool_calls"):
+            for index in sorted(held):
+                yield _with_calls(chunk, [held[index]])
+            held.clear()
+            live = None
+            yield chunk
+        elif passed:
+            yield _with_calls(chunk, passed)
+        rest = {k: v for k, v in delta.items() if k not in ("tool_calls", "role") and v}
+        if delta.get("tool_calls") and (rest or choices[0].get("finish_reason")):
+            # What else the chunk carried (its finish), after every call it ends.
+            for index in sorted(held):
+                yield _with_calls(chunk, [held[index]])
+            held.clear()
+            live = None
+            yield {**chunk, "choices": [{**choices[0], "delta": rest}]}
+
+
+def _with_calls(chunk: Mapping[str, Any], calls: list[dict[str, Any]]) -> dict[str, Any]:
+    """``chunk`` with only ``calls`` for its delta, and no finish or usage."""
+    choice = {**chunk["choices"][0], "delta": {"tool_calls": calls}, "finish_reason": None}
+    return {**chunk, "choices": [choice], "usage": None}
 
 
 def error_event(exc: TiergateError) -> dict[str, Any]:

@@ -356,6 +356,54 @@ def test_a_chunk_stream_becomes_anthropics_event_sequence() -> None:
     assert source.closed
 
 
+def opened(index: int, call_id: str, name: str, arguments: str) -> dict[str, Any]:
+    """A chunk that opens tool call ``index``."""
+    function = {"name": name, "arguments": arguments}
+    call = {"index": index, "id": call_id, "type": "function", "function": function}
+    return chunk({"tool_calls": [call]})
+
+
+def more(index: int, arguments: str) -> dict[str, Any]:
+    """A chunk that continues tool call ``index``'s arguments."""
+    return chunk({"tool_calls": [{"index": index, "function": {"arguments": arguments}}]})
+
+
+@pytest.mark.parametrize("finish_apart", [True, False])
+def test_interleaved_parallel_tool_calls_keep_their_own_arguments(finish_apart: bool) -> None:
+    # A chat stream may send two calls' argument pieces alternately, by index. litellm's
+    # adapter wrote the first call's second piece into the second call's block: the client got
+    # get_weather({}) and get_time({"city": "Paris"}), and Rome was lost.
+    _, translation = messages.to_chat(request(tools=[TOOL], stream=True), "req_abc")
+    last = more(1, '"Rome"}')
+    if not finish_apart:  # the last piece and the finish in one chunk
+        last["choices"][0]["finish_reason"] = "tool_calls"
+    stream = [
+        chunk({"role": "assistant", "content": ""}),
+        opened(0, "call_1", "get_weather", '{"city": '),
+        opened(1, "call_2", "get_time", '{"city": '),
+        more(0, '"Paris"}'),
+        last,
+        *([chunk({}, "tool_calls")] if finish_apart else []),
+    ]
+    events = run(collect(messages.events(Source(stream), translation)))
+    blocks: dict[int, dict[str, Any]] = {}
+    for event in events:
+        if event["type"] == "content_block_start":
+            blocks[event["index"]] = {**event["content_block"], "json": ""}
+        elif event.get("delta", {}).get("type") == "input_json_delta":
+            blocks[event["index"]]["json"] += event["delta"]["partial_json"]
+    calls = [
+        (block["id"], block["name"], json.loads(block["json"]))
+        for block in blocks.values()
+        if block["type"] == "tool_use"
+    ]
+    assert calls == [
+        ("call_1", "get_weather", {"city": "Paris"}),
+        ("call_2", "get_time", {"city": "Rome"}),
+    ]
+    assert events[-2]["delta"]["stop_reason"] == "tool_use"
+
+
 def test_message_start_carries_the_prompt_tokens_known_before_the_answer() -> None:
     # Anthropic gives input_tokens in message_start; the translation gave 0 there.
     _, translation = messages.to_chat(request(tools=[TOOL], stream=True), "req_abc")
