@@ -65,7 +65,9 @@ def to_chat(body: Mapping[str, Any], request_id: str) -> tuple[dict[str, Any], T
         raise BadRequestError(f"cannot translate the request: {exc}") from exc
     out: dict[str, Any] = dict(chat)
     failed = _failed_tool_uses(body)
-    out["messages"] = [_marked_failed(_without_nulls(m), failed) for m in out["messages"]]
+    out["messages"] = _images_after_results(
+        [_marked_failed(_without_nulls(m), failed) for m in out["messages"]]
+    )
     if body.get("metadata") is not None:
         out["metadata"] = body["metadata"]
     choice = body.get("tool_choice")
@@ -108,6 +110,32 @@ def _marked_failed(message: dict[str, Any], failed: set[str]) -> dict[str, Any]:
     if text.lower().startswith("error"):
         return message
     return {**message, "content": TOOL_ERROR_PREFIX + (text or "the tool failed")}
+
+
+def _images_after_results(chat: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The chat messages with the images of each tool result moved to a user message after
+    the results: OpenAI takes images only from a user (its 400: "Image URLs are only allowed
+    for messages with role 'user'"), and litellm's adapter leaves a ``tool_result``'s image
+    in the tool message."""
+    out: list[dict[str, Any]] = []
+    moved: list[dict[str, Any]] = []
+    for message in chat:
+        content = message.get("content")
+        parts: list[dict[str, Any]] = content if isinstance(content, list) else []
+        images = [part for part in parts if part.get("type") == "image_url"]
+        if message.get("role") == "tool" and images:
+            call = message.get("tool_call_id")
+            text = [part for part in parts if part not in images]
+            out.append({**message, "content": text or f"The images of {call} follow."})
+            moved += [{"type": "text", "text": f"The images of tool result {call}:"}, *images]
+            continue
+        if moved and message.get("role") != "tool":
+            out.append({"role": "user", "content": moved})
+            moved = []
+        out.append(message)
+    if moved:
+        out.append({"role": "user", "content": moved})
+    return out
 
 
 def _without_nulls(message: Mapping[str, Any]) -> dict[str, Any]:

@@ -136,6 +136,28 @@ def test_a_failed_tool_result_reads_as_an_error_to_a_chat_model() -> None:
     }
 
 
+def test_a_tool_results_image_reaches_a_chat_model_from_a_user() -> None:
+    # OpenAI refuses an image in a tool message (400 "Image URLs are only allowed for
+    # messages with role 'user'"), where the translation put a screenshot a tool returned.
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG}}
+    shot = {"tool_use_id": "toolu_1", "content": [{"type": "text", "text": "page"}, image]}
+    bare = {"tool_use_id": "toolu_2", "content": [image]}
+    chat, _ = messages.to_chat(request(messages=_tool_turns(shot, bare)), "req_abc")
+    validate_chat(chat)
+    turns = chat["messages"][2:]
+    assert [turn["role"] for turn in turns] == ["tool", "tool", "user"]
+    assert all("image_url" not in json.dumps(turn) for turn in turns[:2])
+    assert turns[0]["content"] == [{"type": "text", "text": "page"}]
+    assert turns[1]["content"] == "The images of toolu_2 follow."
+    url = f"data:image/png;base64,{PNG}"
+    assert turns[2]["content"] == [
+        {"type": "text", "text": "The images of tool result toolu_1:"},
+        {"type": "image_url", "image_url": {"url": url}},
+        {"type": "text", "text": "The images of tool result toolu_2:"},
+        {"type": "image_url", "image_url": {"url": url}},
+    ]
+
+
 def test_a_system_string_leads_the_chat() -> None:
     chat, _ = messages.to_chat(request(system="You are terse."), "req_1")
     assert chat["messages"][0]["role"] == "system"
