@@ -243,11 +243,11 @@ class FunctionCallItem(_Block):
 
 
 class FunctionCallOutputItem(_Block):
-    """A function tool's result."""
+    """A function tool's result: text, or text and image parts (a screenshot tool's)."""
 
     type: Literal["function_call_output"]
     call_id: str = Field(min_length=1)
-    output: str
+    output: str | list[Annotated[InputText | InputImage, Field(discriminator="type")]]
 
 
 class ReasoningItem(_Block):

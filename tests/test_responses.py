@@ -84,6 +84,32 @@ def test_items_tools_and_a_json_schema_become_a_chat_request() -> None:
     assert chat["stream"] is True and chat["stream_options"] == {"include_usage": True}
 
 
+def test_a_function_call_output_of_text_and_image_parts_is_taken() -> None:
+    # OpenAI's output may be a list of input_text/input_image parts (the Agents SDK sends one
+    # for a tool that returns an image); Tiergate refused it with a 400, "input.2.output:
+    # Input should be a valid string", even for an OpenAI model that would have taken it.
+    image = {"type": "input_image", "image_url": f"data:image/png;base64,{PNG}"}
+    body = request(
+        input=[
+            {"role": "user", "content": "What does the page show?"},
+            {"type": "function_call", "call_id": "call_1", "name": "shot", "arguments": "{}"},
+            {
+                "type": "function_call_output",
+                "call_id": "call_1",
+                "output": [{"type": "input_text", "text": "the page"}, image],
+            },
+        ],
+        tools=[{**TOOL, "name": "shot"}],
+    )
+    chat, _ = responses.to_chat(body, "req_1")
+    validate_chat(chat)
+    tool = chat["messages"][2]
+    assert tool["role"] == "tool" and tool["tool_call_id"] == "call_1"
+    text, picture = tool["content"]
+    assert text == {"type": "text", "text": "the page"}
+    assert picture["image_url"]["url"] == image["image_url"]
+
+
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
@@ -106,8 +132,8 @@ def test_stored_state_is_refused_with_a_clear_400(fields: dict[str, Any], param:
         ({"type": "reasoning", "summary": "short"}, "input.1.summary", "valid list"),
         (
             {"type": "function_call_output", "call_id": "call_1", "output": [{"type": "x"}]},
-            "input.1.output",
-            "valid string",
+            "input.1.output.0",
+            "'input_image'",
         ),
         ({"type": "function_call", "call_id": "call_1", "name": "f"}, "input.1.arguments", ""),
     ],
