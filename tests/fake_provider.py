@@ -37,11 +37,11 @@ class Received:
 @dataclass
 class Behaviour:
     """How to answer the next requests. ``mode`` is one of:
-    ok, status, rate_limit, stall, reset_mid_stream, tool_call, echo_auth (a 500 whose message
-    repeats the Authorization header it got, as careless providers do), echo_key (a 500 that
-    repeats the bare key, with no header name beside it), bad_usage (``usage``
-    is a string), array_body (a 200 whose JSON body, or each streamed chunk, is an array),
-    no_stream_usage (a stream without a usage chunk even when asked, as llama-cpp-python's
+    ok, status, rate_limit, stall, reset_mid_stream, tool_call (see ``calls``), echo_auth (a
+    500 whose message repeats the Authorization header it got, as careless providers do),
+    echo_key (a 500 that repeats the bare key, with no header name beside it), bad_usage
+    (``usage`` is a string), array_body (a 200 whose JSON body, or each streamed chunk, is an
+    array), no_stream_usage (a stream without a usage chunk even when asked, as llama-cpp-python's
     server sends it), interrupted (a stream that ends with ``data: [DONE]`` after two words and
     no finish_reason, as llama-cpp-python's server ends one it interrupts for a newer request),
     reset_at_once (the connection reset before any answer).
@@ -79,6 +79,11 @@ class Behaviour:
     # In ``status`` mode, fail only the requests to paths ending so (``/chat/completions``: the
     # OpenAI model), and answer the others.
     failing_path: str | None = None
+    # In ``tool_call`` mode, the calls to make, ``(tool name, arguments)`` each, in parallel, in
+    # place of one call of the first tool offered. Streamed, each call's arguments come in two
+    # pieces; ``interleave`` sends the calls' pieces alternately (OpenAI chat: by ``index``).
+    calls: list[tuple[str, dict[str, Any]]] | None = None
+    interleave: bool = False
 
 
 #: The fields of a chat request OpenAI's API takes; it refuses any other with a 400.
@@ -316,20 +321,15 @@ class FakeProvider:
             message: dict[str, Any] = {"role": "assistant", "content": verdict}
             finish = "stop"
         elif b.mode == "tool_call" and body.get("tools"):
-            message = {
-                "role": "assistant",
-                "content": None,
-                "tool_calls": [
-                    {
-                        "id": "call_fake_1",
-                        "type": "function",
-                        "function": {
-                            "name": body["tools"][0]["function"]["name"],
-                            "arguments": json.dumps({"city": "Paris"}),
-                        },
-                    }
-                ],
-            }
+            calls = [
+                {
+                    "id": f"call_fake_{n}",
+                    "type": "function",
+                    "function": {"name": name, "arguments": json.dumps(args)},
+                }
+                for n, name, args in self._calls(body)
+            ]
+            message = {"role": "assistant", "content": None, "tool_calls": calls}
             finish = "tool_calls"
         else:
             text = b.reply_fn(body) if b.reply_fn is not None else b.text
@@ -421,19 +421,17 @@ class FakeProvider:
                 h.wfile.flush()
                 return
             send({**base, "choices": [{"index": 0, "delta": {"content": piece}}]})
-        tool = self._tool_called(body)
-        if tool is not None:
-            call = {
-                "index": 0,
-                "id": "call_fake_1",
-                "type": "function",
-                "function": {"name": tool, "arguments": ""},
-            }
+        calls = self._calls(body)
+        opened: set[int] = set()
+        for place, part in self._pieces(body):
+            call: dict[str, Any] = {"index": place, "function": {"arguments": part}}
+            if place not in opened:  # a call's first chunk names it
+                opened.add(place)
+                n, name, _ = calls[place]
+                call = {**call, "id": f"call_fake_{n}", "type": "function"}
+                call["function"] = {"name": name, "arguments": part}
             send({**base, "choices": [{"index": 0, "delta": {"tool_calls": [call]}}]})
-            for part in ('{"city": ', '"Paris"}'):
-                call = {"index": 0, "function": {"arguments": part}}
-                send({**base, "choices": [{"index": 0, "delta": {"tool_calls": [call]}}]})
-        finish = "stop" if tool is None else "tool_calls"
+        finish = "tool_calls" if calls else "stop"
         send({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
         if (body.get("stream_options") or {}).get("include_usage") and (
             b.mode != "no_stream_usage"
@@ -441,6 +439,25 @@ class FakeProvider:
             send({**base, "choices": [], "usage": self._usage(body)})
         h.wfile.write(b"data: [DONE]\n\n")
         h.wfile.flush()
+
+    def _calls(self, body: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+        """The calls to make, ``(id suffix, name, arguments)`` each, in ``tool_call`` mode."""
+        tool = self._tool_called(body)
+        if tool is None:
+            return []
+        planned = self.behaviour.calls or [(tool, {"city": "Paris"})]
+        return [(str(i + 1), name, args) for i, (name, args) in enumerate(planned)]
+
+    def _pieces(self, body: dict[str, Any]) -> list[tuple[int, str]]:
+        """The streamed argument pieces, ``(call's place, piece)``, in the order sent."""
+        each = []
+        for place, (_, _, args) in enumerate(self._calls(body)):
+            text = json.dumps(args)
+            cut = len(text) // 2
+            each.append([(place, text[:cut]), (place, text[cut:])])
+        if self.behaviour.interleave:
+            return [piece for pair in zip(*each, strict=True) for piece in pair]
+        return [piece for pieces in each for piece in pieces]
 
     def _tool_called(self, body: dict[str, Any]) -> str | None:
         """The tool to call (the first one offered), in ``tool_call`` mode."""
@@ -451,12 +468,12 @@ class FakeProvider:
         return str(first.get("name") or (first.get("function") or {}).get("name"))
 
     def _anthropic_json(self, h: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
-        tool = self._tool_called(body)
+        calls = self._calls(body)
         content: list[dict[str, Any]] = [{"type": "text", "text": self.behaviour.text}]
-        if tool is not None:
-            content.append(
-                {"type": "tool_use", "id": "toolu_fake_1", "name": tool, "input": {"city": "Paris"}}
-            )
+        content += [
+            {"type": "tool_use", "id": f"toolu_fake_{n}", "name": name, "input": args}
+            for n, name, args in calls
+        ]
         self._json(
             h,
             200,
@@ -466,7 +483,7 @@ class FakeProvider:
                 "role": "assistant",
                 "model": body.get("model", "claude"),
                 "content": content,
-                "stop_reason": "end_turn" if tool is None else "tool_use",
+                "stop_reason": "tool_use" if calls else "end_turn",
                 "stop_sequence": None,
                 "usage": self._anthropic_usage(9),
             },
@@ -516,26 +533,28 @@ class FakeProvider:
                 },
             )
         event("content_block_stop", {"type": "content_block_stop", "index": 0})
-        tool = self._tool_called(body)
-        if tool is not None:
-            block = {"type": "tool_use", "id": "toolu_fake_1", "name": tool, "input": {}}
+        calls = self._calls(body)
+        for place, (n, name, args) in enumerate(calls, start=1):
+            # Anthropic streams one block at a time: a call's pieces are never interleaved.
+            block = {"type": "tool_use", "id": f"toolu_fake_{n}", "name": name, "input": {}}
             event(
                 "content_block_start",
-                {"type": "content_block_start", "index": 1, "content_block": block},
+                {"type": "content_block_start", "index": place, "content_block": block},
             )
-            for part in ('{"city": ', '"Paris"}'):
+            text = json.dumps(args)
+            for part in (text[: len(text) // 2], text[len(text) // 2 :]):
                 delta = {"type": "input_json_delta", "partial_json": part}
                 event(
                     "content_block_delta",
-                    {"type": "content_block_delta", "index": 1, "delta": delta},
+                    {"type": "content_block_delta", "index": place, "delta": delta},
                 )
-            event("content_block_stop", {"type": "content_block_stop", "index": 1})
+            event("content_block_stop", {"type": "content_block_stop", "index": place})
         event(
             "message_delta",
             {
                 "type": "message_delta",
                 "delta": {
-                    "stop_reason": "end_turn" if tool is None else "tool_use",
+                    "stop_reason": "tool_use" if calls else "end_turn",
                     "stop_sequence": None,
                 },
                 "usage": {"output_tokens": 9},
@@ -559,9 +578,10 @@ class FakeProvider:
                     "content": [text],
                 }
             )
-            tool = self._tool_called(body)
-            if tool is not None:
-                output.append(self._function_call(tool, "completed"))
+            output += [
+                self._function_call(n, name, args, "completed")
+                for n, name, args in self._calls(body)
+            ]
         return {
             "id": "resp_fake",
             "object": "response",
@@ -585,13 +605,13 @@ class FakeProvider:
         }
 
     @staticmethod
-    def _function_call(tool: str, status: str) -> dict[str, Any]:
+    def _function_call(n: str, name: str, args: dict[str, Any], status: str) -> dict[str, Any]:
         return {
             "type": "function_call",
-            "id": "fc_fake_1",
-            "call_id": "call_fake_1",
-            "name": tool,
-            "arguments": '{"city": "Paris"}' if status == "completed" else "",
+            "id": f"fc_fake_{n}",
+            "call_id": f"call_fake_{n}",
+            "name": name,
+            "arguments": json.dumps(args) if status == "completed" else "",
             "status": status,
         }
 
@@ -629,21 +649,21 @@ class FakeProvider:
         event({"type": "response.content_part.done", **where, "part": part})
         done = {**message, "status": "completed", "content": [part]}
         event({"type": "response.output_item.done", "output_index": 0, "item": done})
-        tool = self._tool_called(body)
-        if tool is not None:
-            call = self._function_call(tool, "in_progress")
-            event({"type": "response.output_item.added", "output_index": 1, "item": call})
-            for part in ('{"city": ', '"Paris"}'):
+        for place, (n, name, args) in enumerate(self._calls(body), start=1):
+            call = self._function_call(n, name, args, "in_progress")
+            event({"type": "response.output_item.added", "output_index": place, "item": call})
+            text = json.dumps(args)
+            for part in (text[: len(text) // 2], text[len(text) // 2 :]):
                 event(
                     {
                         "type": "response.function_call_arguments.delta",
-                        "item_id": "fc_fake_1",
-                        "output_index": 1,
+                        "item_id": f"fc_fake_{n}",
+                        "output_index": place,
                         "delta": part,
                     }
                 )
-            done = self._function_call(tool, "completed")
-            event({"type": "response.output_item.done", "output_index": 1, "item": done})
+            done = self._function_call(n, name, args, "completed")
+            event({"type": "response.output_item.done", "output_index": place, "item": done})
         event({"type": "response.completed", "response": self._response(body, "completed")})
 
 

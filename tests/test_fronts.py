@@ -297,6 +297,33 @@ def test_a_translated_stream_keeps_anthropics_event_order(
     assert final.content[-1].input == {"city": "Paris"}  # type: ignore[union-attr]
 
 
+def test_parallel_tool_calls_interleaved_by_an_openai_model_stay_apart(
+    claude_client: anthropic.Anthropic, store: CapturingStore, fake: FakeProvider
+) -> None:
+    # Two calls whose argument pieces came alternately reached the Anthropic SDK as
+    # get_weather({}) and get_time({"city": "Paris"}): Rome was lost.
+    calls = [("get_weather", {"city": "Paris"}), ("get_time", {"city": "Rome"})]
+    fake.reset(Behaviour(mode="tool_call", calls=calls, interleave=True))
+    time_tool = {**WEATHER, "name": "get_time", "description": "The time in a city."}
+    with claude_client.messages.stream(
+        model="auto",
+        max_tokens=50,
+        tools=[WEATHER, time_tool],  # type: ignore[list-item]
+        messages=[{"role": "user", "content": "HARD: weather in Paris, time in Rome?"}],
+    ) as stream:
+        final = stream.get_final_message()
+        request_id = stream.response.headers["x-request-id"]
+    assert fake.received[-1].path == "/v1/chat/completions"
+    uses = [block for block in final.content if block.type == "tool_use"]
+    assert [(use.id, use.name, use.input) for use in uses] == [
+        ("call_fake_1", "get_weather", {"city": "Paris"}),
+        ("call_fake_2", "get_time", {"city": "Rome"}),
+    ]
+    assert final.stop_reason == "tool_use"
+    record = recorded(store, request_id, "messages")
+    assert record.model == "gpt-4o" and record.status == "ok" and record.stream
+
+
 def test_an_image_goes_to_a_closed_model(
     claude_client: anthropic.Anthropic, fake: FakeProvider
 ) -> None:
