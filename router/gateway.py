@@ -871,11 +871,11 @@ class Gateway:
         A request with fields only its front's own provider serves (``Call.native_only``) is
         refused (400) for a model of another provider, so the chain tries the next model.
         """
-        kept = native_only.intersection(body)
+        kept = native_only.intersection(body) | native_only.intersection(_tool_types(body))
         if kept and (
             model.tier != "closed" or closed.provider_of(model.litellm_model or "") != "anthropic"
         ):
-            names_kept = ", ".join(sorted(kept))
+            names_kept = ", ".join(sorted(kept)).replace(PROVIDER_TOOLS, _provider_tools(body))
             raise BadRequestError(
                 f"{model.name} cannot serve {names_kept}: only an Anthropic model does",
                 param=sorted(kept)[0],
@@ -1584,6 +1584,26 @@ def _wider(
     if window is None:
         return []
     return [entry for entry in rest if (entry[0].context_window or 0) > window]
+
+
+#: What :func:`_tool_types` names a request with a tool of its provider's own type (Anthropic's
+#: ``bash_20250124``, ``text_editor_20250124``...): a chat tool is a ``function`` (or OpenAI's
+#: ``custom``), and no other provider takes another's built-in tools.
+PROVIDER_TOOLS = "tools.provider"
+
+
+def _tool_types(body: Mapping[str, Any]) -> set[str]:
+    return {PROVIDER_TOOLS} if _provider_tools(body) else set()
+
+
+def _provider_tools(body: Mapping[str, Any]) -> str:
+    """The request's tools of a provider's own type, as ``TYPE`` names, or ''."""
+    tools = body.get("tools")
+    return ", ".join(
+        str(tool.get("type"))
+        for tool in (tools if isinstance(tools, list) else ())
+        if isinstance(tool, Mapping) and tool.get("type") not in ("function", "custom")
+    )
 
 
 def _field_names(body: dict[str, Any]) -> set[str]:

@@ -26,8 +26,12 @@ OPTIONAL = frozenset(
 )
 #: Anthropic's server-side features, which the translation passes on as they are: only an
 #: Anthropic model serves a request with them (``Call.native_only``); dropping them would
-#: change what the client asked for, and another model would refuse them.
-NATIVE_ONLY = frozenset({"mcp_servers", "container", "context_management"})
+#: change what the client asked for, and another model would refuse them. So do Anthropic's
+#: own tools: its web search (``web_search_options`` once translated) and the tools of its
+#: own types, such as ``bash_20250124`` (``tools.provider``, router.gateway.PROVIDER_TOOLS).
+NATIVE_ONLY = frozenset(
+    {"mcp_servers", "container", "context_management", "web_search_options", "tools.provider"}
+)
 
 
 @dataclass(frozen=True, slots=True)

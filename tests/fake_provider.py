@@ -61,8 +61,8 @@ class Behaviour:
     # Bill each of the request's ``n`` choices, as OpenAI does (usage grows with ``n``).
     bill_choices: bool = False
     # Refuse a chat request field OpenAI's API does not take, a message field its schema does not
-    # have, and ``reasoning_effort`` for a model that does not reason, with OpenAI's 400s (the
-    # fake otherwise takes anything).
+    # have, a tool of a type other than function or custom, and ``reasoning_effort`` for a model
+    # that does not reason, with OpenAI's 400s (the fake otherwise takes anything).
     strict: bool = False
     # In ``status`` mode, the JSON body of the error instead of a generic one.
     error_body: dict[str, Any] | None = None
@@ -118,6 +118,17 @@ def openai_refusal(body: dict[str, Any]) -> dict[str, Any] | None:
                 f"{'was' if len(extra) == 1 else 'were'} unexpected) - 'messages.{index}'"
             )
             return {"message": message, "type": "invalid_request_error", "param": None}
+    for index, tool in enumerate(body.get("tools") or ()):
+        if tool.get("type") not in ("function", "custom"):
+            message = (
+                f"Invalid value: '{tool.get('type')}'. Supported values are: 'function' and "
+                "'custom'."
+            )
+            return {
+                "message": message,
+                "type": "invalid_request_error",
+                "param": f"tools[{index}].type",
+            }
     reasoning = str(body.get("model", "")).startswith(OPENAI_REASONING)
     if "reasoning_effort" in body and not reasoning:
         return {

@@ -488,6 +488,34 @@ def test_anthropic_server_features_are_served_only_by_an_anthropic_model(
     assert sent.path == "/v1/messages" and sent.body["mcp_servers"] == MCP
 
 
+@pytest.mark.parametrize(
+    ("tool", "says"),
+    [
+        ({"type": "bash_20250124", "name": "bash"}, "bash_20250124"),
+        ({"type": "web_search_20250305", "name": "web_search"}, "web_search_options"),
+    ],
+)
+def test_anthropics_own_tools_are_served_only_by_an_anthropic_model(
+    claude_client: anthropic.Anthropic, fake: FakeProvider, tool: dict[str, Any], says: str
+) -> None:
+    # Claude Code's bash tool reached gpt-4o as a tool of type bash_20250124, which OpenAI
+    # refuses (400 "Invalid value: 'bash_20250124'"), and Anthropic's server-side web search
+    # as web_search_options, which only OpenAI's search models take.
+    fake.reset(Behaviour(strict=True))
+    request: dict[str, Any] = {
+        "max_tokens": 20,
+        "messages": [{"role": "user", "content": "HARD: list the files"}],
+        "tools": [tool],
+    }
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        claude_client.messages.create(model="gpt-4o", **request)
+    assert f"gpt-4o cannot serve {says}: only an Anthropic model does" in str(refused.value)
+    assert fake.received == []
+    raw = claude_client.messages.with_raw_response.create(model="claude", **request)
+    assert raw.headers["x-tiergate-model"] == "claude"
+    assert fake.received[-1].body["tools"] == [tool]
+
+
 def test_a_chat_client_that_sends_top_k_still_sends_it(
     server: LiveServer, fake: FakeProvider
 ) -> None:
