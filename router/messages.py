@@ -259,7 +259,7 @@ async def _one_call_at_a_time(
     blocks are: a chat stream may interleave its parallel calls' argument pieces by ``index``,
     and litellm's adapter then writes one call's pieces into another's block. The first call
     streams as it comes; a call begun while it streams is held, gathered, and sent whole
-    before the first chunk that carries anything else."""
+    before the first chunk that carries anything else (or at the end)."""
     live: int | None = None
     held: dict[int, dict[str, Any]] = {}  # index -> the call gathered so far
     async for chunk in chunks:
@@ -293,6 +293,8 @@ async def _one_call_at_a_time(
             held.clear()
             live = None
             yield {**chunk, "choices": [{**choices[0], "delta": rest}]}
+    for index in sorted(held):  # a stream that ended without a finish
+        yield _with_calls(chunk, [held[index]])
 
 
 def _with_calls(chunk: Mapping[str, Any], calls: list[dict[str, Any]]) -> dict[str, Any]:

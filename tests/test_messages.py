@@ -390,14 +390,14 @@ def more(index: int, arguments: str) -> dict[str, Any]:
     return chunk({"tool_calls": [{"index": index, "function": {"arguments": arguments}}]})
 
 
-@pytest.mark.parametrize("finish_apart", [True, False])
-def test_interleaved_parallel_tool_calls_keep_their_own_arguments(finish_apart: bool) -> None:
+@pytest.mark.parametrize("finish", ["apart", "with the last piece", "none"])
+def test_interleaved_parallel_tool_calls_keep_their_own_arguments(finish: str) -> None:
     # A chat stream may send two calls' argument pieces alternately, by index. litellm's
     # adapter wrote the first call's second piece into the second call's block: the client got
     # get_weather({}) and get_time({"city": "Paris"}), and Rome was lost.
     _, translation = messages.to_chat(request(tools=[TOOL], stream=True), "req_abc")
     last = more(1, '"Rome"}')
-    if not finish_apart:  # the last piece and the finish in one chunk
+    if finish == "with the last piece":
         last["choices"][0]["finish_reason"] = "tool_calls"
     stream = [
         chunk({"role": "assistant", "content": ""}),
@@ -405,7 +405,7 @@ def test_interleaved_parallel_tool_calls_keep_their_own_arguments(finish_apart: 
         opened(1, "call_2", "get_time", '{"city": '),
         more(0, '"Paris"}'),
         last,
-        *([chunk({}, "tool_calls")] if finish_apart else []),
+        *([chunk({}, "tool_calls")] if finish == "apart" else []),
     ]
     events = run(collect(messages.events(Source(stream), translation)))
     blocks: dict[int, dict[str, Any]] = {}
@@ -423,7 +423,8 @@ def test_interleaved_parallel_tool_calls_keep_their_own_arguments(finish_apart: 
         ("call_1", "get_weather", {"city": "Paris"}),
         ("call_2", "get_time", {"city": "Rome"}),
     ]
-    assert events[-2]["delta"]["stop_reason"] == "tool_use"
+    if finish != "none":
+        assert events[-2]["delta"]["stop_reason"] == "tool_use"
 
 
 def test_message_start_carries_the_prompt_tokens_known_before_the_answer() -> None:
