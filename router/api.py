@@ -33,11 +33,17 @@ from router.errors import (
     MESSAGES_PATH,
     BadRequestError,
     ClientDisconnected,
-    NotFoundError,
     TiergateError,
     UnsupportedEncodingError,
 )
-from router.gateway import NO_CLOSED_FALLBACK, Call, StreamAnswer, new_request_id
+from router.gateway import (
+    NO_CLOSED_FALLBACK,
+    Call,
+    StreamAnswer,
+    new_request_id,
+    refuse_unknown_model,
+    unknown_model,
+)
 from router.limits import check_request_size
 from router.policy import POLICY_HEADER_PREFIX, Policy
 from router.schemas import (
@@ -518,13 +524,8 @@ async def count_message_tokens(request: Request) -> dict[str, int]:
         # translation and the estimate cost seconds near the size cap, as parsing does.
         body = parse_json(raw)
         validated(CountTokensRequest, body)
-        model = str(body.get("model", "auto"))
-        if not policy.is_known_model(model, principal.tenant):
-            # As /v1/messages answers it, rather than counting for a model it cannot use.
-            raise NotFoundError(
-                f"model '{model}' is not an alias or a configured model; see GET /v1/models",
-                param="model",
-            )
+        # As /v1/messages answers it, rather than counting for a model it cannot use.
+        refuse_unknown_model(policy, str(body.get("model", "auto")), principal.tenant)
         return messages.count_tokens(body)
 
     await svc.limiter.admit(principal, tokens=False)
@@ -644,10 +645,7 @@ async def retrieve_model(request: Request, model_id: str) -> dict[str, Any]:
     for entry in _model_entries(svc, _tenant(request)):
         if entry["id"] == model_id:
             return entry
-    raise NotFoundError(
-        f"model '{model_id}' is not an alias or a configured model; see GET /v1/models",
-        param="model",
-    )
+    raise unknown_model(model_id)
 
 
 def _model_entries(svc: Services, tenant: str) -> list[dict[str, Any]]:

@@ -69,6 +69,7 @@ from router.signals import (
     extract_signals,
     policy_metadata,
     request_strings,
+    requested_choices,
     scoring_text,
     text_tokens,
 )
@@ -109,6 +110,20 @@ def _is_large(body: Mapping[str, Any]) -> bool:
 #: 4 for English prose, 1 for Chinese): a request with more text than this many characters per
 #: token of the largest context window fits no model, whatever its tokenizer.
 MAX_CHARS_PER_TOKEN = 6
+
+
+def unknown_model(name: str) -> NotFoundError:
+    """The 404 for a model name that is neither an alias nor a configured model."""
+    return NotFoundError(
+        f"model '{name}' is not an alias or a configured model; see GET /v1/models",
+        param="model",
+    )
+
+
+def refuse_unknown_model(policy: Policy, name: str, tenant: str) -> None:
+    """Refuse (404) a model name that ``tenant`` cannot ask for under ``policy``."""
+    if not policy.is_known_model(name, tenant):
+        raise unknown_model(name)
 
 
 def refuse_beyond_every_window(body: Mapping[str, Any], policy: Policy) -> None:
@@ -523,7 +538,7 @@ class Gateway:
         """Check the pin, decide, choose what to store, reserve spend, refuse (budget,
         unsatisfiable), and reserve the tokens (or refuse: 429)."""
         self._check_pin(call)
-        ctx.choices = _choices(call.body)
+        ctx.choices = requested_choices(call.body)
         ctx.signals, ctx.decision, ctx.model_version = await self._decide(call)
         ctx.prompt = _prompt_to_store(ctx.decision, call.body)
         await self.hold_spend(ctx, self.reserve_tokens)
@@ -680,12 +695,7 @@ class Gateway:
         steer the policy otherwise (a plain key's ``x-tiergate-private: true`` stays local).
         """
         policy = self.policy
-        alias = str(body.get("model", "auto"))
-        if not policy.is_known_model(alias, tenant):
-            raise NotFoundError(
-                f"model '{alias}' is not an alias or a configured model; see GET /v1/models",
-                param="model",
-            )
+        refuse_unknown_model(policy, str(body.get("model", "auto")), tenant)
         refuse_beyond_every_window(body, policy)
         with self.telemetry.decide_span() as span:
             read = policy.metadata_fields
@@ -1394,12 +1404,6 @@ def _as_sent(
     if headers == signals.headers and sent_metadata == signals.metadata:
         return None
     return replace(signals, headers=dict(headers), metadata=sent_metadata)
-
-
-def _choices(body: Mapping[str, Any]) -> int:
-    """The choices a request asks for (``n``, validated as an integer from 1 to 16)."""
-    n = body.get("n")
-    return n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
 
 
 def _prompt_to_store(decision: Decision, body: Mapping[str, Any]) -> str | None:

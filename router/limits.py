@@ -272,15 +272,20 @@ class RateLimiter:
         elif window.start == hold.start + WINDOW_S:
             window.previous = max(0, window.previous + delta)
 
+    def _sharing(self) -> int:
+        """How many replicas share the limits while Redis is down: 1 without Redis or without a
+        replica count."""
+        if self._redis_url is None or self._replicas is None:
+            return 1
+        return max(1, self._replicas())
+
     def _share(self, limit: int | None) -> int | None:
-        """The part of ``limit`` this replica enforces in process while Redis is down: all of it
-        without Redis or without a replica count, else ``ceil(limit / replicas)``."""
-        if limit is None or self._redis_url is None or self._replicas is None:
-            return limit
-        return math.ceil(limit / max(1, self._replicas()))
+        """The part of ``limit`` this replica enforces in process while Redis is down:
+        ``ceil(limit / replicas)``."""
+        return None if limit is None else math.ceil(limit / self._sharing())
 
     def _share_note(self) -> str:
-        n = max(1, self._replicas()) if self._replicas is not None else 1
+        n = self._sharing()
         if n == 1:
             return " (counted by this replica while Redis is unreachable)"
         return f" (this replica's share of it while Redis is unreachable, 1/{n})"

@@ -278,9 +278,8 @@ async def _one_call_at_a_time(
             else:
                 held[index] = json.loads(json.dumps(call))
         if not delta.get("tool_calls"):
-            for index in sorted(held):
-                yield _with_calls(chunk, [held[index]])
-            held.clear()
+            for whole in _released(held, chunk):
+                yield whole
             live = None
             yield chunk
         elif passed:
@@ -288,13 +287,19 @@ async def _one_call_at_a_time(
         rest = {k: v for k, v in delta.items() if k not in ("tool_calls", "role") and v}
         if delta.get("tool_calls") and (rest or choices[0].get("finish_reason")):
             # What else the chunk carried (its finish), after every call it ends.
-            for index in sorted(held):
-                yield _with_calls(chunk, [held[index]])
-            held.clear()
+            for whole in _released(held, chunk):
+                yield whole
             live = None
             yield {**chunk, "choices": [{**choices[0], "delta": rest}]}
-    for index in sorted(held):  # a stream that ended without a finish
-        yield _with_calls(chunk, [held[index]])
+    for whole in _released(held, chunk):  # a stream that ended without a finish
+        yield whole
+
+
+def _released(held: dict[int, dict[str, Any]], chunk: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The held calls, each whole in a chunk of its own in index order; ``held`` is emptied."""
+    out = [_with_calls(chunk, [held[index]]) for index in sorted(held)]
+    held.clear()
+    return out
 
 
 def _with_calls(chunk: Mapping[str, Any], calls: list[dict[str, Any]]) -> dict[str, Any]:

@@ -927,8 +927,7 @@ class _Step:
         if unfit is None:
             return
         what = f"model '{self.model}' cannot take {unfit}"
-        # room, not a feature (_unfit)
-        room = unfit not in ("images", "tools", _TOOL_HISTORY) and not unfit.startswith("n=")
+        room = "context window" in unfit  # room, not a feature (_unfit names the window)
         if self.local_only or self.pinned:
             why = "the rule is local_only" if self.local_only else "the request pins it"
             self.unsatisfiable = f"{what} and {why}"

@@ -292,6 +292,12 @@ def _tool_turn(message: Mapping[str, Any]) -> bool:
     )
 
 
+def requested_choices(body: Mapping[str, Any]) -> int:
+    """The choices a request asks for (``n``, validated as an integer from 1 to 16)."""
+    n = body.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
+
+
 def extract_signals(
     body: Mapping[str, Any],
     scorer: Scorer,
@@ -323,7 +329,6 @@ def extract_signals(
         found.update(request_pii_kinds(sent))
     kinds = tuple(k for k in PII_KINDS if k in found) + tuple(sorted(found - set(PII_KINDS)))
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-    n = body.get("n")
     return Signals(
         alias=str(body.get("model", "auto")),
         tenant=tenant,
@@ -332,7 +337,7 @@ def extract_signals(
         has_images=has_image_parts(messages),
         has_tools=has_tools,
         tool_history=tool_history,
-        choices=n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1,
+        choices=requested_choices(body),
         turns=sum(1 for m in messages if m.get("role") == "user"),
         score=analysis.score,
         capability=analysis.capability,
