@@ -1,10 +1,12 @@
 """Personal-data detectors, normalisation and redaction.
 
 Each detector is a regular expression plus, where the format has one, its checksum (Luhn for card
-numbers, ISO 7064 mod-97 for IBANs), so that arbitrary digit runs in maths or code prompts are not
+numbers, ISO 7064 mod-97 for IBANs, ISO 7064 MOD 11-2 and a real date of birth for Chinese resident
+IDs, Verhoeff for Aadhaar numbers), so that arbitrary digit runs in maths or code prompts are not
 reported as PII. The detectors are deliberately conservative: a phone number needs separators or a
-leading ``+``, an SSN needs its dashes or spaces (``123-45-6789``, ``123 45 6789``), or the word
-SSN / social security just before nine digits. They are transparent rules, not a learned model.
+leading ``+`` (but for a Chinese mobile, ``1[3-9]`` and nine digits, alone), an SSN needs its dashes
+or spaces (``123-45-6789``, ``123 45 6789``), or the word SSN / social security just before nine
+digits. They are transparent rules, not a learned model.
 
 Text is normalised before it is read (:func:`normalize`): NFKC (a full-width at sign, U+FF20,
 and full-width digits become ASCII, no-break spaces plain spaces), every invisible format
@@ -25,8 +27,19 @@ import re
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from datetime import date
 
-PII_KINDS: tuple[str, ...] = ("email", "phone", "card", "iban", "ssn", "uk_nino", "ip_address")
+PII_KINDS: tuple[str, ...] = (
+    "email",
+    "phone",
+    "card",
+    "iban",
+    "ssn",
+    "uk_nino",
+    "cn_resident_id",
+    "aadhaar",
+    "ip_address",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +74,83 @@ def iban_valid(candidate: str) -> bool:
     return int(numeric) % 97 == 1
 
 
+# ISO 7064 MOD 11-2 weights of a Chinese resident ID's first 17 digits (2**(17 - i) mod 11).
+_CN_ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
+# The first two digits name a province-level region (GB/T 2260): 11-15 north, 21-23 north-east,
+# 31-37 east, 41-46 south-central, 50-54 south-west, 61-65 north-west, 71 Taiwan, 81 Hong Kong,
+# 82 Macau, 83 Taiwan residents on the mainland.
+_CN_REGIONS = frozenset(
+    (
+        *range(11, 16),
+        *range(21, 24),
+        *range(31, 38),
+        *range(41, 47),
+        *range(50, 55),
+        *range(61, 66),
+        71,
+        81,
+        82,
+        83,
+    )
+)
+
+
+def cn_resident_id_valid(candidate: str) -> bool:
+    """True when ``candidate`` (spaces or dashes allowed) is a well-formed 18-character Chinese
+    resident ID: a known region, a real date of birth in 1900-2099, and its ISO 7064 MOD 11-2
+    check character (``X`` for 10)."""
+    s = candidate.replace(" ", "").replace("-", "").upper()
+    if len(s) != 18 or not s.isascii() or not s[:17].isdigit() or s[17] not in "0123456789X":
+        return False
+    if int(s[:2]) not in _CN_REGIONS or s[6:8] not in ("19", "20"):
+        return False
+    try:
+        date(int(s[6:10]), int(s[10:12]), int(s[12:14]))
+    except ValueError:
+        return False
+    total = sum(w * (ord(c) - 48) for w, c in zip(_CN_ID_WEIGHTS, s, strict=False))
+    check = 10 if s[17] == "X" else ord(s[17]) - 48
+    return (total + check) % 11 == 1
+
+
+# Verhoeff's dihedral-group tables: multiplication, position permutation.
+_VERHOEFF_D = (
+    (0, 1, 2, 3, 4, 5, 6, 7, 8, 9),
+    (1, 2, 3, 4, 0, 6, 7, 8, 9, 5),
+    (2, 3, 4, 0, 1, 7, 8, 9, 5, 6),
+    (3, 4, 0, 1, 2, 8, 9, 5, 6, 7),
+    (4, 0, 1, 2, 3, 9, 5, 6, 7, 8),
+    (5, 9, 8, 7, 6, 0, 4, 3, 2, 1),
+    (6, 5, 9, 8, 7, 1, 0, 4, 3, 2),
+    (7, 6, 5, 9, 8, 2, 1, 0, 4, 3),
+    (8, 7, 6, 5, 9, 3, 2, 1, 0, 4),
+    (9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+)
+_VERHOEFF_P = (
+    (0, 1, 2, 3, 4, 5, 6, 7, 8, 9),
+    (1, 5, 7, 6, 2, 8, 3, 0, 9, 4),
+    (5, 8, 0, 3, 7, 9, 6, 1, 4, 2),
+    (8, 9, 1, 6, 0, 4, 3, 5, 2, 7),
+    (9, 4, 5, 3, 1, 2, 6, 8, 7, 0),
+    (4, 2, 8, 6, 5, 7, 3, 9, 0, 1),
+    (2, 7, 9, 3, 8, 0, 6, 4, 1, 5),
+    (7, 0, 4, 6, 9, 1, 3, 2, 5, 8),
+)
+
+
+def verhoeff_valid(digits: str) -> bool:
+    """True when ``digits`` (decimal digits of any script) passes the Verhoeff checksum used by
+    Aadhaar numbers."""
+    c = 0
+    for i, ch in enumerate(reversed(digits)):
+        c = _VERHOEFF_D[c][_VERHOEFF_P[i % 8][int(ch)]]
+    return c == 0
+
+
+def _aadhaar_ok(s: str) -> bool:
+    return verhoeff_valid(_digits(s))
+
+
 def _digits(s: str) -> str:
     return "".join(c for c in s if c.isdigit())
 
@@ -90,6 +180,26 @@ _NINO = re.compile(
     r"(?<![A-Za-z\d_])[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D]"
     r"(?![A-Za-z\d_])"
 )
+# National ID numbers made of digits (and a Chinese ID's check character X), and mobiles run
+# together, are read only where they stand alone: not inside a longer number (after a '.', '+'
+# or '-': a decimal fraction, a signed number, a range; before a decimal fraction), not as an
+# operand or a result ("2 * 13812345678", "13812345678 + 1 = 13812345679"; "phone=1381..." in
+# a query string still counts), and in groups not beside another group of digits. What is left
+# is gated by the check (``cn_resident_id_valid``, ``verhoeff_valid``).
+_ALONE_BEFORE = r"(?<![A-Za-z\d_.+*^\u00d7\u00f7-])(?<![+*^\u00d7\u00f7=] )"  # times, divide
+_ALONE_AFTER = r"(?![A-Za-z\d_]|\.\d| ?[+*^\u00d7\u00f7=])"
+# China's resident ID: 18 characters, or grouped 6-8-4 (region, date of birth, sequence+check).
+_CN_ID = re.compile(
+    _ALONE_BEFORE
+    + r"(?:\d{17}[\dXx]|(?<!\d[ -])\d{6}([ -])\d{8}\1\d{3}[\dXx](?![ -]\d))"
+    + _ALONE_AFTER
+)
+# India's Aadhaar: 12 digits, the first 2-9, as printed in groups of four or run together.
+_AADHAAR = re.compile(
+    _ALONE_BEFORE
+    + r"(?:[2-9]\d{11}|(?<!\d[ -])[2-9]\d{3}([ -])\d{4}\1\d{4}(?![ -]\d))"
+    + _ALONE_AFTER
+)
 # A phone number in groups of 2-4 digits; after a leading "+" (a country code) or an area code
 # in brackets, in groups of any length, as countries write them: "+49 30 12345678",
 # "+33 6 12 34 56 78", "+91 98765 43210", "(11) 98765-4321".
@@ -99,6 +209,11 @@ _PHONE = re.compile(
     r"(?![A-Za-z\d_-])"
     r"|(?<![A-Za-z\d_+-])\+\d{1,3}(?:[ .-]\d{1,8}){1,6}(?![A-Za-z\d_-])"
     r"|(?<![A-Za-z\d_+])\+\d{9,15}(?![A-Za-z\d_])"
+)
+# A Chinese mainland mobile number, 1[3-9] and nine digits, is written run together as often as
+# not, with or without +86 / 0086 / (86) before it; grouped (138 1234 5678) it is _PHONE's.
+_CN_MOBILE = re.compile(
+    _ALONE_BEFORE + r"(?:(?:\+|00)86[ -]?|\(\+?86\)[ -]?)?1[3-9]\d{9}" + _ALONE_AFTER
 )
 _IPV4 = re.compile(
     r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)(?![\d.])"
@@ -114,18 +229,23 @@ def _phone_ok(s: str) -> bool:
 _DETECTORS: tuple[tuple[str, re.Pattern[str], Callable[[str], bool] | None], ...] = (
     ("email", _EMAIL, None),
     ("iban", _IBAN, iban_valid),
+    ("cn_resident_id", _CN_ID, cn_resident_id_valid),
     ("card", _CARD, lambda s: luhn_valid(_digits(s))),
     ("ssn", _SSN, None),
     ("ssn", _SSN_NAMED, None),
     ("uk_nino", _NINO, None),
+    ("aadhaar", _AADHAAR, _aadhaar_ok),
     ("phone", _PHONE, _phone_ok),
+    ("phone", _CN_MOBILE, None),
     ("ip_address", _IPV4, None),
 )
 
 # Where each detector can match at all. Every card or SSN match is made only of digits and
 # single spaces or dashes; every phone match only of digits, ``()+`` and single ``[ .-]``
-# separators; every IPv4 match only of digits and single dots; every IBAN or NINO match only of
-# capitals, digits and single spaces, and starts with two capitals. So each match lies inside one
+# separators; every Chinese ID or Aadhaar match only of digits, ``Xx`` and single spaces or
+# dashes (their runs take dots too, so that their look-arounds see a decimal point); every IPv4
+# match only of digits and single dots; every IBAN or NINO match only of capitals, digits and
+# single spaces, and starts with two capitals. So each match lies inside one
 # maximal *run* of its detector's characters with no two separators in a row, and a detector need
 # only be run over the runs long enough to hold a match that passes its check (``min_len``), with
 # ``pos``/``endpos`` so that its look-behinds still see the character before the run and its
@@ -145,6 +265,7 @@ _RUN_REGEX = {
     "phone": re.compile(r"[\d+(][\d()+ .-]{8,}"),
     "dotted": re.compile(r"\d[\d.]{6,}"),
     "caps": re.compile(r"[A-Z]{2} ?\d{2}[A-Z0-9 ]{4,}"),
+    "ids": re.compile(r"\d[\dXx .-]{11,}"),
 }
 
 
@@ -167,6 +288,7 @@ _MASKS: dict[str, tuple[bytes, bytes]] = {
     ),
     "dotted": (_mask_table(_DIGITS, b"."), _mask_table(_DIGITS + b"?", b".")),
     "caps": (_mask_table(_DIGITS, b" ", _CAPITALS), _mask_table(_DIGITS + b"?", b" ", _CAPITALS)),
+    "ids": (_mask_table(_DIGITS + b"Xx", b" .-"), _mask_table(_DIGITS + b"Xx?", b" .-")),
 }
 _SEPARATOR_AS_ONE = bytes(1 if b in (3, 4) else b for b in range(256))
 #: How every IBAN or NINO match starts, in the caps mask: two capitals, maybe a space, two digits.
@@ -176,20 +298,33 @@ _DIGIT_MASK = _mask_table(_DIGITS, b"")
 _MAYBE_DIGIT_MASK = _mask_table(_DIGITS + b"?", b"")
 #: Text where more than one character in this many is non-ASCII takes the run regexes.
 _MASK_MAX_NON_ASCII = 16
-_RUNS: dict[str, tuple[str, int]] = {
-    "iban": ("caps", 15),
-    "uk_nino": ("caps", 9),
-    "card": ("digits", 13),
-    "ssn": ("digits", 11),
-    "phone": ("phone", 9),
-    "ip_address": ("dotted", 7),
+#: Each detector's run kind and shortest match (keyed by its regex: two may report one kind).
+_RUNS: dict[re.Pattern[str], tuple[str, int]] = {
+    _IBAN: ("caps", 15),
+    _NINO: ("caps", 9),
+    _CARD: ("digits", 13),
+    _SSN: ("digits", 11),
+    _CN_ID: ("ids", 18),
+    _AADHAAR: ("ids", 12),
+    _PHONE: ("phone", 9),
+    _CN_MOBILE: ("phone", 11),
+    _IPV4: ("dotted", 7),
 }
 #: An IPv4 address is at most this long; and (its look-arounds forbid a digit or dot on either
 #: side) in ASCII text it is a whole run, so a longer ASCII run holds none.
 _IPV4_MAX = 15
-#: Most digits in a row each kind needs once its separators (and ``()+``) are left out: a text
-#: whose mask holds no such row is not scanned for that kind at all (a cheap whole-text gate).
-_GATE_DIGITS = {"card": 13, "ssn": 9, "phone": 9}
+#: Most digits in a row each detector needs in a run kind's mask once its separators (and
+#: ``()+``) are left out: a text whose mask holds no such row is not scanned by it at all (a
+#: cheap whole-text gate). A Chinese ID or an Aadhaar number is gated on the digits mask, which
+#: every text has: its own mask is built only for a text that passes.
+_GATES = {
+    _CARD: ("digits", 13),
+    _SSN: ("digits", 9),
+    _CN_ID: ("digits", 17),
+    _AADHAAR: ("digits", 12),
+    _PHONE: ("phone", 9),
+    _CN_MOBILE: ("digits", 11),
+}
 _SHORTEST = {name: min(n for run, n in _RUNS.values() if run == name) for name in _MASKS}
 
 
@@ -224,17 +359,6 @@ def _runs(name: str, text: str, mask: bytes | None) -> list[tuple[int, int]]:
     if name == "caps":  # every match starts with two capitals
         return _mask_runs(mask, b"\x02\x02", _SHORTEST[name])
     return _mask_runs(mask, b"\x01" * _SHORTEST[name], _SHORTEST[name])
-
-
-def _gated_out(kind: str, name: str, mask: bytes | None) -> bool:
-    """True when the text cannot hold a ``kind`` match: with the run's separators and ``()+``
-    dropped, its blanked mask (``_Reading._blanked``) has no row of ``_GATE_DIGITS[kind]``
-    digits. (A separator pair, blanked, ends every match, so it never joins two rows.)"""
-    need = _GATE_DIGITS.get(kind)
-    if mask is None or need is None:
-        return False
-    digits = mask.translate(None, b"\x03" if name == "digits" else b"\x03" + _PHONE_MARKS)
-    return b"\x01" * need not in digits
 
 
 def _encode(text: str) -> bytes | None:
@@ -309,6 +433,7 @@ class _Reading:
         self.ascii_digits = normalized or text.isascii()
         self.raw = raw = text.encode("ascii", "replace") if normalized else _encode(text)
         self.masks: dict[str, bytes | None] = {}
+        self.rows: dict[str, bytes] = {}
         self.runs: dict[str, list[tuple[int, int]]] = {}
         # Every detector but email runs only if the text has two adjacent digits (so a lone
         # "1.2.3.4" is not reported as an IP address).
@@ -320,7 +445,7 @@ class _Reading:
         else:
             self.has_digits = _has_digit_pair(text, raw, ascii_digits=self.ascii_digits)
 
-    def matches(self, kind: str, pattern: re.Pattern[str]) -> Iterable[re.Match[str]]:
+    def matches(self, pattern: re.Pattern[str]) -> Iterable[re.Match[str]]:
         """What ``pattern.finditer(text)`` finds, read only where it can match."""
         text, raw = self.text, self.raw
         if pattern is _EMAIL:
@@ -329,11 +454,11 @@ class _Reading:
             return ()
         if pattern is _SSN_NAMED:
             return sorted(_named_ssns(text, raw), key=lambda m: m.start())
-        name, min_len = _RUNS[kind]
+        if self._gated_out(pattern):
+            return ()
+        name, min_len = _RUNS[pattern]
         if name not in self.masks:
             self.masks[name] = self._blanked(name)
-        if _gated_out(kind, name, self.masks[name]):
-            return ()
         if name not in self.runs:
             self.runs[name] = _runs(name, text, self.masks[name])
         spans = self.runs[name]
@@ -346,6 +471,24 @@ class _Reading:
             if end - start >= min_len
             for m in pattern.finditer(text, start, min(end + 1, n))
         )
+
+    def _gated_out(self, pattern: re.Pattern[str]) -> bool:
+        """True when the text cannot hold a ``pattern`` match: with its gate's run separators
+        and ``()+`` dropped, that run's blanked mask (``_blanked``) has no row of the gate's
+        digits. (A separator pair, blanked, ends every match, so it never joins two rows.)"""
+        gate = _GATES.get(pattern)
+        if gate is None:
+            return False
+        name, need = gate
+        if name not in self.masks:
+            self.masks[name] = self._blanked(name)
+        mask = self.masks[name]
+        if mask is None:
+            return False
+        if name not in self.rows:
+            drop = b"\x03" if name == "digits" else b"\x03" + _PHONE_MARKS
+            self.rows[name] = mask.translate(None, drop)
+        return b"\x01" * need not in self.rows[name]
 
     def _blanked(self, name: str) -> bytes | None:
         """The mask of ``name``'s runs (1 may be in a match, 2 a capital, 3 a separator, 4 a
@@ -378,7 +521,7 @@ def _scan(
         if first_only and kind in found:
             continue
         out: list[PiiMatch] = []
-        for m in reading.matches(kind, pattern):
+        for m in reading.matches(pattern):
             if check is None or check(m.group(0)):
                 out.append(PiiMatch(kind, *_span(m)))
                 if first_only:

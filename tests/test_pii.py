@@ -16,12 +16,14 @@ from router.pii import (
     _DETECTORS,
     PiiMatch,
     _span,
+    cn_resident_id_valid,
     detect,
     iban_valid,
     luhn_valid,
     normalize,
     pii_kinds,
     redact,
+    verhoeff_valid,
 )
 
 
@@ -31,6 +33,17 @@ def test_luhn_and_iban_checksums() -> None:
     assert iban_valid("GB82 WEST 1234 5698 7654 32")
     assert iban_valid("DE89370400440532013000")
     assert not iban_valid("GB82 WEST 1234 5698 7654 33")
+
+
+def test_chinese_id_and_verhoeff_checks() -> None:
+    assert cn_resident_id_valid("11010519491231002X")
+    assert cn_resident_id_valid("110105 19491231 002x")
+    assert not cn_resident_id_valid("110105194912310021")  # wrong check character
+    assert not cn_resident_id_valid("110105194902300020")  # 30 February (check right)
+    assert not cn_resident_id_valid("110105184912310020")  # born 1849 (check right)
+    assert not cn_resident_id_valid("990105194912310058")  # no region 99 (check right)
+    assert verhoeff_valid("2363") and verhoeff_valid("234123412346")
+    assert not verhoeff_valid("234123412345")
 
 
 @pytest.mark.parametrize(
@@ -43,6 +56,9 @@ def test_luhn_and_iban_checksums() -> None:
         ("call +1 415-555-2671 now", "phone"),
         ("call (415) 555-2671", "phone"),
         ("NI number AB 12 34 56 C", "uk_nino"),
+        ("my resident ID is 11010519491231002X", "cn_resident_id"),
+        ("Aadhaar 234123412346", "aadhaar"),
+        ("手机13912345678", "phone"),
         ("server at 192.168.10.4 is down", "ip_address"),
     ],
 )
@@ -109,6 +125,15 @@ PII_CASES = [
     "a@b.c @@ x@@y.com me@host.com.",
     "call +1 415-555-2671, (415) 555-2671 or +447911123456 or 020 7946 0958",
     "SSN 123-45-6789, not 000-12-3456, 666-12-3456 or 123-45-67890",
+    "id 11010519491231002X, 110105 19491231 002x, 110105-19491231-002X 110105 19491231-002X",
+    "aadhaar 2341 2341 2346, 2341-2341-2346, 234123412346, 2341 2341 2346 7777 1234 5678 9012 x",
+    "tel 13912345678 +86 13912345678 (+86)13912345678 0086-13912345678 +8613912345678 86139123",
+    "0.13912345678 13912345678.5 2 * 13912345678 13912345678 = 1 =13912345678 = 13912345678 ",
+    "11010519491231002Xy x11010519491231002X 11010519491231002X. 13912345678\u00d72 \u00f7 139123",
+    FILLER + "\u8eab\u4efd\u8bc111010519491231002X\u8c22 \u624b\u673a13912345678\u8c22",
+    "\u4e2d\u6587 13912345678 " * 50 + "234123412346 11010519491231002X",
+    # 234123412346 in Arabic-Indic digits (the checks read any script's digits)
+    "aadhaar \u0662\u0663\u0664\u0661\u0662\u0663\u0664\u0661\u0662\u0663\u0664\u0666",
     "IBAN GB82 WEST 1234 5698 7654 32 and DE89370400440532013000; NI AB 12 34 56 C, AB123456C",
     "ips 192.168.10.4, 256.1.1.1, 10.0.0.1.5, 1.2.3.4",
     "4111-1111-1111-1111-1111 and 4111 1111 1111 1111 1111 1111",
@@ -164,6 +189,16 @@ PIECES += [
     "social security ",
     "is ",
     "\u8c22",  # a CJK letter: no word edge beside it
+    "13912345678",
+    "11010519491231002",
+    "X",
+    "x",
+    "234123412346",
+    "2341",
+    "+86",
+    "*",
+    "=",
+    "\u00d7",
 ]  # '?' stands in for non-ASCII in the run masks
 
 
@@ -236,6 +271,8 @@ def test_ordinary_numbers_stay_ordinary(text: str) -> None:
         ("メールはtanaka@example.jpまで", "email"),
         ("我的账户是DE89370400440532013000谢谢", "iban"),
         ("我的NI号码是AB123456C谢谢", "uk_nino"),
+        ("身份证号11010519491231002X谢谢", "cn_resident_id"),
+        ("手机号13912345678谢谢", "phone"),
         ("โทร+66812345678ครับ", "phone"),
     ],
 )
@@ -246,7 +283,17 @@ def test_personal_data_next_to_unspaced_scripts_is_found(text: str, kind: str) -
 
 
 @pytest.mark.parametrize(
-    "text", ["id abc090-1234-5678", "DE89370400440532013000X", "xAB123456C", "a@example.com1"]
+    "text",
+    [
+        "id abc090-1234-5678",
+        "DE89370400440532013000X",
+        "xAB123456C",
+        "a@example.com1",
+        "id11010519491231002X",
+        "11010519491231002Xy",
+        "tel13912345678",
+        "13912345678abc",
+    ],
 )
 def test_personal_data_glued_to_ascii_letters_or_digits_is_not_read_as_such(text: str) -> None:
     assert pii_kinds(text) == ()
@@ -267,6 +314,69 @@ def test_personal_data_glued_to_ascii_letters_or_digits_is_not_read_as_such(text
 def test_phone_numbers_in_their_countrys_grouping_are_found(text: str) -> None:
     # After a country code or a bracketed area code, any grouping is a phone number's.
     assert "phone" in pii_kinds(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "我的手机是13912345678",
+        "call 15012345678 today",
+        "手机: +86 13912345678",
+        "+86-13912345678",
+        "(+86)13912345678",
+        "0086 13912345678",
+        "138 1234 5678",
+        "138-1234-5678",
+        "wx/phone=13912345678&name=x",
+    ],
+)
+def test_chinese_mobiles_are_found_with_or_without_separators(text: str) -> None:
+    assert pii_kinds(text) == ("phone",)
+    assert redact(text).count("[PHONE]") == 1
+    assert "5678" not in redact(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        ("身份证号码:11010519491231002X", "cn_resident_id"),
+        ("ID 11010519491231002x please", "cn_resident_id"),
+        ("ID 110105 19491231 002X", "cn_resident_id"),
+        ("ID 110105-19491231-002X", "cn_resident_id"),
+        ("Aadhaar: 234123412346", "aadhaar"),
+        ("मेरा आधार 2341 2341 2346 है", "aadhaar"),
+        ("aadhaar 2341-2341-2346", "aadhaar"),
+    ],
+)
+def test_national_id_numbers_are_found(text: str, kind: str) -> None:
+    assert kind in pii_kinds(text)
+    assert [m.kind for m in detect(text)] == [kind]
+    assert redact(text).count(f"[{kind.upper()}]") == 1
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "What is 13912345678 * 2?",
+        "2 * 13912345678",
+        "13912345678 + 1 = 13912345679",
+        "x = 0.13912345678",
+        "the range -13912345678 to 0",
+        "order 113912345678 shipped",  # 11 digits inside 12
+        "timestamp 1700000000123 ms",
+        "12345678901 is 11 digits but not a mobile",
+        "the ID 110105194912310021 fails its check",
+        "110105194902300020 is 30 February",
+        "990105194912310058 has no region",
+        "123456789012345678 digits",
+        "234123412345 fails Verhoeff",
+        "134123412342 starts with 1",
+        "cards 2341 2341 2346 7777 are four groups",
+        "pi is 3.14159265358979323846",
+    ],
+)
+def test_numbers_that_only_look_like_ids_or_mobiles_stay_ordinary(text: str) -> None:
+    assert pii_kinds(text) == ()
 
 
 @pytest.mark.parametrize(
@@ -307,7 +417,18 @@ def _python_steps(fn: Any, arg: str) -> int:
 
 @pytest.mark.parametrize("fn", [detect, redact, pii_kinds])
 @pytest.mark.parametrize(
-    "unit", ["123.", "4111 1111 1111 1111 ", "a@b.co ", "12.1.", "x" * 7, "\u4e2d@\u4e2d.\u4e2d"]
+    "unit",
+    [
+        "123.",
+        "4111 1111 1111 1111 ",
+        "a@b.co ",
+        "12.1.",
+        "x" * 7,
+        "\u4e2d@\u4e2d.\u4e2d",
+        "13912345678 ",
+        "2341 2341 2346 ",
+        "11010519491231002X ",
+    ],
 )
 def test_work_grows_linearly_with_the_text(fn: Any, unit: str) -> None:
     # Repeated "123." took 1 s at 100 KB and 14 s at 400 KB: overlap checks were quadratic.

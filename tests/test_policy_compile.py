@@ -418,7 +418,8 @@ CORPUS: list[tuple[str, str, list[str]]] = [
         "when: {pii_kinds: {contains: emial}}}\n",
         [
             "p.yaml:6:66: rules[0].when.pii_kinds.contains: unknown pii kind 'emial', did you "
-            "mean 'email'? (expected one of email, phone, card, iban, ssn, uk_nino, ip_address)"
+            "mean 'email'? (expected one of email, phone, card, iban, ssn, uk_nino, "
+            "cn_resident_id, aadhaar, ip_address)"
         ],
     ),
     # --- aliases

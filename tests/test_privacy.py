@@ -84,6 +84,9 @@ PERSONAL = [
     "call +1 415-555-2671",
     "IBAN GB82 WEST 1234 5698 7654 32",
     "NI AB 12 34 56 C",
+    "手机13912345678",
+    "身份证11010519491231002X",
+    "Aadhaar 2341 2341 2346",
 ]
 
 
@@ -253,6 +256,29 @@ def test_personal_data_anywhere_never_reaches_the_closed_provider(
             assert response.status_code >= 400, where
 
     check()
+
+
+@pytest.mark.parametrize(
+    "personal",
+    [
+        "我的手机是13912345678",
+        "+86 13912345678",
+        "身份证号11010519491231002X",
+        "Aadhaar 234123412346",
+    ],
+)
+def test_chinese_mobiles_and_national_ids_stay_local(
+    blind_server: tuple[LiveServer, ScriptedLocal], fake: FakeProvider, personal: str
+) -> None:
+    srv, local = blind_server
+    fake.reset()
+    local.mode = "ok"
+    body = {"model": "auto", "messages": [{"role": "user", "content": f"Summarise: {personal}"}]}
+    response = srv.http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200
+    assert response.headers["x-tiergate-tier"] == "local"
+    assert response.headers["x-tiergate-rule"] == "pii-stays-local"
+    assert fake.received == []
 
 
 # --- metadata: gated like x-tiergate-* headers, stored redacted and capped ----------------------
