@@ -770,6 +770,7 @@ def readiness(svc: Services) -> dict[str, Any]:
             "available": gateway.local is not None and local_reason is None,
             "reason": local_reason,
             "queue_depth": local_depth,
+            "cooldown": gateway.cooldowns.status().get(policy.local_model or ""),
         },
         "closed": closed,
         "scorer": {

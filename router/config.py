@@ -125,13 +125,14 @@ class Settings(BaseSettings):
     cooldown_s: float = Field(
         30.0,
         ge=0,
-        description="How long a closed model that keeps failing (cooldown_after_fails calls in "
-        "a row: timeouts, refused connections, 5xx) is passed over for the next model of each "
-        "request's chain; a 429 cools it for its Retry-After (at most 120 s). A cooling model is "
-        "still called when nothing after it can be. 0 turns cooling off.",
+        description="How long a closed model, or an external local server (openai_http), that "
+        "keeps failing (cooldown_after_fails calls in a row: timeouts, refused connections, 5xx) "
+        "is passed over for the next model of each request's chain; a 429 cools it for its "
+        "Retry-After (at most 120 s). A cooling model is still called when nothing after it can "
+        "be. 0 turns cooling off.",
     )
     cooldown_after_fails: int = Field(
-        3, ge=1, description="Failed calls in a row that cool a closed model (see cooldown_s)."
+        3, ge=1, description="Failed calls in a row that cool a model (see cooldown_s)."
     )
     shutdown_timeout_s: int = Field(
         15,

@@ -1,11 +1,12 @@
-"""Closed models cooling down after failures, so that requests stop waiting on them.
+"""Models cooling down after failures, so that requests stop waiting on them.
 
 A provider that answers 429, or that fails ``after_fails`` calls in a row (timeouts, refused
-connections, 5xx), is cooled down in this process: while it cools, requests go straight to the
-next model of their chain instead of each one waiting on the failing provider first (a hanging
-provider otherwise costs every request its ``timeout_s``, and a rate-limited one gets the calls
-it asked to be spared). A 429 cools for its ``Retry-After`` (at most :data:`MAX_COOLDOWN_S`),
-else for ``cooldown_s``; the failures in a row for ``cooldown_s``.
+connections, 5xx), is cooled down in this process (closed models, and the local model when an
+external llama.cpp server serves it; the gateway says which): while it cools, requests go
+straight to the next model of their chain instead of each one waiting on the failing provider
+first (a hanging provider otherwise costs every request its ``timeout_s``, and a rate-limited
+one gets the calls it asked to be spared). A 429 cools for its ``Retry-After`` (at most
+:data:`MAX_COOLDOWN_S`), else for ``cooldown_s``; the failures in a row for ``cooldown_s``.
 
 A cooling model is still called when nothing after it in the chain can be (a pinned model, the
 last fallback): a cooldown never turns an answer into an error by itself. The first call after

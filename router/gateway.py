@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from router.backends import MESSAGE_FIELD, Backend, Completion, Usage, closed, local
-from router.backends.local import Gate
+from router.backends.local import ExternalLlamaBackend, Gate
 from router.backends.native import NativeCaller, NativeRequest, speaks
 from router.calibration import AliasThreshold, calibrate, calibrated_values
 from router.cascade import (
@@ -1056,7 +1056,8 @@ class Gateway:
         assert ctx.decision is not None
         model = self.policy.models[ctx.decision.model]
         backend = self.backend(model)
-        if backend is None or self.unavailable_reason(model):
+        cooling = self._passed_over(model, self._escalation(ctx.decision))
+        if backend is None or self.unavailable_reason(model) or cooling:
             plan = ctx.decision.cascade
             assert plan is not None
             unavailable = Judgement("escalated", 0.0, plan.threshold, "local_unavailable")
@@ -1085,8 +1086,9 @@ class Gateway:
         except TiergateError as exc:
             ctx.served = None
             self._cascade_note(ctx, _failed(ctx), usage, None)
-            log.warning("cascade: local model failed for %s: %s", ctx.request_id, exc.message)
+            self._cascade_failed(ctx, model, exc)
             return None, None
+        self.cooldowns.succeeded(model.name)
         choice = (result.body.get("choices") or [{}])[0]
         logprobs = (choice.get("logprobs") or {}).get("content") or []
         judgement = self._cascade_judge(ctx, body, logprobs, choice.get("finish_reason"))
@@ -1132,8 +1134,9 @@ class Gateway:
             await _close(source, ctx.request_id)
             ctx.served = None
             self._cascade_note(ctx, _failed(ctx), _held_usage(usage, hold, ctx), None)
-            log.warning("cascade: local model failed for %s: %s", ctx.request_id, exc.message)
+            self._cascade_failed(ctx, model, exc)
             return None, None
+        self.cooldowns.succeeded(model.name)
         held_ms = (time.perf_counter() - started) * 1000.0
         judgement = self._cascade_judge(ctx, body, hold.logprobs, hold.finish_reason)
         if judgement.decision == "escalated":
@@ -1144,6 +1147,14 @@ class Gateway:
             return None, _metered(ctx, None, _released(hold.chunks, None, body)) if whole else None
         self._cascade_note(ctx, judgement, usage, held_ms)
         return _metered(ctx, None, _released(hold.chunks, source, body)), None
+
+    def _cascade_failed(self, ctx: RequestContext, model: ModelSpec, exc: TiergateError) -> None:
+        # The cascade's local model failed and the request escalates; a failure of the model
+        # (not a full queue) counts, and cools an external server, as on a chain.
+        if isinstance(exc, BackendError):
+            self._failed(ctx, model, exc)
+        else:
+            log.warning("cascade: local model failed for %s: %s", ctx.request_id, exc.message)
 
     async def _along_chain(
         self,
@@ -1207,9 +1218,16 @@ class Gateway:
             return result
         raise self._exhausted(ctx, errors, last, failure, tried)
 
+    def _cools(self, model: ModelSpec) -> bool:
+        """Whether ``model`` cools down after failing (router.cooldown): a closed model, or the
+        local one when an external llama.cpp server serves it, which hangs and dies as a
+        provider does. Not the GGUF in process: it cannot be unreachable, its timeout bounds one
+        long generation rather than a server that stopped answering, and a full queue spills."""
+        return model.tier == "closed" or isinstance(self.local, ExternalLlamaBackend)
+
     def _cooling(self, model: ModelSpec) -> str | None:
-        """Why a closed ``model`` is passed over now (router.cooldown), or None."""
-        if model.tier != "closed":
+        """Why ``model`` is passed over now (router.cooldown), or None."""
+        if not self._cools(model):
             return None
         left = self.cooldowns.left(model.name)
         return f"cooling down for {left:.0f} s more after failing" if left else None
@@ -1231,8 +1249,8 @@ class Gateway:
         )
 
     def _failed(self, ctx: RequestContext, model: ModelSpec, exc: BackendError) -> None:
-        """Log a model's failed call; count it, and a closed model's cooldown it starts, unless
-        it is the request's fault (a 400, not the provider's)."""
+        """Log a model's failed call; count it, and the cooldown it starts (:meth:`_cools`),
+        unless it is the request's fault (a 400, not the provider's)."""
         log.warning(
             "%s failed for %s: %s",
             model.name,
@@ -1249,7 +1267,7 @@ class Gateway:
         if not exc.retryable:
             return
         self.telemetry.on_attempt_failed(model, exc)
-        if model.tier != "closed":
+        if not self._cools(model):
             return
         seconds = self.cooldowns.failed(model.name, exc)
         if seconds:

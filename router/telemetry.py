@@ -351,7 +351,7 @@ class Telemetry:
             "cooldowns": counter(
                 "tiergate.cooldowns",
                 unit="{cooldown}",
-                description="Cooldowns of closed models that kept failing (router.cooldown).",
+                description="Cooldowns of models that kept failing (router.cooldown).",
             ),
             "shadow_cost": counter(
                 "tiergate.shadow.cost.usd",
@@ -467,7 +467,7 @@ class Telemetry:
             ins["fallbacks"].add(1, {"fallback": record.fallback, "model": model})
 
     def on_cooldown(self, model: ModelLike, error: TiergateError) -> None:
-        """Count a cooldown a closed model's failures started (router.cooldown)."""
+        """Count a cooldown a model's failures started (router.cooldown)."""
         if self._instruments:
             attrs = {"model": model.name, "error_type": error.code}
             self._instruments["cooldowns"].add(1, attrs)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from router.cascade import CascadeModel, feature_names
 from router.cascade_training import save_cascade_form
-from tests.conftest import KeywordScorer, LiveServer, live, policy_yaml, wait_for
+from tests.conftest import KeywordScorer, LiveServer, live, policy_yaml, silent_server, wait_for
 from tests.fake_provider import Behaviour, FakeProvider
 from tests.scripted_local import ScriptedLocal
 
@@ -289,6 +290,42 @@ def test_a_private_request_never_escalates(
     assert response.headers["x-tiergate-tier"] == "local"
     assert "x-tiergate-cascade" not in response.headers
     assert fake.received == []
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_cascade_escalates_at_once_while_its_external_local_server_cools(
+    tmp_path: Path, fake: FakeProvider, stream: bool
+) -> None:
+    """A cascade asks the local model first: an external llama.cpp server that hangs cost each
+    cascade request its timeout before it escalated, for ever. Its failures count as on a
+    chain: after two the server cools, and the next request escalates at once
+    (``local_unavailable``) without calling it."""
+    fake.reset()
+    policy = policy_yaml(fake, on_failure="closed", extra=CASCADE_POLICY).replace(
+        "  auto-best: {threshold: 0.05}\n",
+        "  auto-best: {threshold: 0.05}\n  auto-cascade: {cascade: true}\n",
+    )
+    with (
+        silent_server() as (url, accepted),
+        live(
+            tmp_path,
+            policy,
+            local_backend="openai_http",
+            local_base_url=url,
+            local_timeout_s=0.5,
+            cascade_model_path=_confidence_model(tmp_path),
+            cooldown_after_fails=2,
+        ) as srv,
+    ):
+        for _ in range(2):
+            assert _ask(srv, stream=stream).headers["x-tiergate-tier"] == "closed"
+        started = time.perf_counter()
+        response = _ask(srv, stream=stream)
+        elapsed = time.perf_counter() - started
+        assert response.status_code == 200 and response.headers["x-tiergate-tier"] == "closed"
+        assert elapsed < 0.5 and len(accepted) == 2
+        record = _record(srv, response.headers["x-request-id"])
+    assert record["cascade"]["reason"] == "local_unavailable"
 
 
 def test_a_cascade_with_no_closed_model_to_escalate_to_says_it_was_skipped(

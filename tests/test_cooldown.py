@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from router.errors import (
     UpstreamTimeoutError,
 )
 from router.services import services
-from tests.conftest import live, policy_yaml
+from tests.conftest import free_port, live, policy_yaml, silent_server
 from tests.fake_provider import Behaviour, FakeProvider
 
 
@@ -186,3 +188,65 @@ def test_a_request_over_the_providers_token_limit_does_not_cool_its_model(
         fake.reset()
         victim = srv.http.post("/v1/chat/completions", json=hard)
         assert victim.status_code == 200 and victim.headers["x-tiergate-model"] == "gpt-4o"
+
+
+@pytest.mark.parametrize("server", ["hung", "dead"])
+def test_an_external_local_server_that_keeps_failing_cools_down(
+    tmp_path: Path, fake: FakeProvider, server: str
+) -> None:
+    """An external llama.cpp server that hangs (accepts, never answers) or is gone (nothing
+    listens) cost every request routed to it its wait (a hung one: TIERGATE_LOCAL_TIMEOUT_S,
+    300 s by default) before the closed fallback answered: only closed models cooled. After
+    two failures in a row it cools as they do: the next request goes to gpt-4o at once
+    without calling it, /readyz and the metrics say so; a local-only request still calls it,
+    and so does the first request after the cooldown (the probe)."""
+    fake.reset()
+    easy = {"model": "auto", "messages": [{"role": "user", "content": "hi"}]}
+    with contextlib.ExitStack() as stack:
+        if server == "hung":
+            url, accepted = stack.enter_context(silent_server())
+        else:
+            url, accepted = f"http://127.0.0.1:{free_port()}/v1", []
+        srv = stack.enter_context(
+            live(
+                tmp_path,
+                policy_yaml(fake, on_failure="closed"),
+                local_backend="openai_http",
+                local_base_url=url,
+                local_timeout_s=0.5,
+                cooldown_after_fails=2,
+                cooldown_s=30,
+            )
+        )
+        clock = Clock()
+        srv.gateway.cooldowns._clock = clock
+        for _ in range(2):
+            answer = srv.http.post("/v1/chat/completions", json=easy)
+            assert answer.status_code == 200 and answer.headers["x-tiergate-tier"] == "closed"
+        ready = readiness(services(srv.app))["local"]
+        started = time.perf_counter()
+        cooled = srv.http.post("/v1/chat/completions", json=easy)
+        elapsed = time.perf_counter() - started
+        assert cooled.status_code == 200, cooled.text
+        assert cooled.headers["x-tiergate-model"] == "gpt-4o"
+        assert elapsed < 0.5  # not the local timeout: the server was not called
+        assert srv.gateway.cooldowns.left("local") == 30
+        called = len(accepted)
+        if server == "hung":  # nothing after the local model: it is called, and times out
+            private = {"model": "auto", "messages": [{"role": "user", "content": "PII"}]}
+            assert srv.http.post("/v1/chat/completions", json=private).status_code == 504
+            assert len(accepted) == called + 1
+        clock.now += 31
+        probe = srv.http.post("/v1/chat/completions", json=easy)
+        assert probe.status_code == 200 and srv.gateway.cooldowns.left("local") == 30
+        metrics = srv.http.get("/metrics").text
+    reason = "upstream_timeout" if server == "hung" else "upstream_unreachable"
+    assert ready["cooldown"] == {"seconds_left": 30.0, "reason": reason, "failures": 2}
+    assert called == (2 if server == "hung" else 0)
+    failed = [m for m in metrics.splitlines() if m.startswith("tiergate_upstream_failures_total")]
+    assert [m.rsplit(" ", 1)[1] for m in failed if 'model="local"' in m] == [
+        "4.0" if server == "hung" else "3.0"
+    ]
+    cooldowns = [m for m in metrics.splitlines() if m.startswith("tiergate_cooldowns_total")]
+    assert len(cooldowns) == 1 and 'model="local"' in cooldowns[0]
+    assert cooldowns[0].endswith(" 2.0")
