@@ -84,6 +84,9 @@ class Behaviour:
     # pieces; ``interleave`` sends the calls' pieces alternately (OpenAI chat: by ``index``).
     calls: list[tuple[str, dict[str, Any]]] | None = None
     interleave: bool = False
+    # Answer one request a connection and drop the next one on it unanswered, as a server
+    # that closed an idle keep-alive connection just as the client sent on it.
+    drop_reused: bool = False
 
 
 #: The fields of a chat request OpenAI's API takes; it refuses any other with a 400.
@@ -183,6 +186,7 @@ class FakeProvider:
                         Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
                     )
                 provider._answer(self, body)
+                self.closed = provider.behaviour.drop_reused
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True

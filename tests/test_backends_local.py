@@ -365,8 +365,9 @@ def test_a_stream_llama_cpp_server_drops_for_its_context_is_a_context_error(
 def test_a_stream_the_server_never_answered_is_not_asked_again(
     tmp_path: Path, fake: FakeProvider
 ) -> None:
-    """Only a stream the server answered 200 and then ended empty is asked about again: one
-    whose connection failed before any answer falls back at once, with no second call."""
+    """Only a stream the server answered 200 and then ended empty is asked about again
+    without streaming: one whose connection failed before any answer is sent once more on a
+    fresh connection (as a stale pooled connection fails), then falls back, with no probe."""
     fake.reset()
     policy = policy_yaml(fake, on_failure="closed")
     body = {"stream": True, "messages": [{"role": "user", "content": "Capital of France?"}]}
@@ -376,8 +377,27 @@ def test_a_stream_the_server_never_answered_is_not_asked_again(
             tmp_path, policy, local_backend="openai_http", local_base_url=local.base_url
         ) as srv:
             routed = srv.http.post("/v1/chat/completions", json={"model": "auto", **body})
-        assert len(local.received) == 1
+        assert [r.body["stream"] for r in local.received] == [True, True]
     assert routed.status_code == 200 and routed.headers["x-tiergate-tier"] == "closed"
+
+
+def test_a_request_on_a_connection_the_server_closed_is_sent_again(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """A pooled keep-alive connection that the server closed as idle just as the next request
+    went out fails that request before any answer (aiohttp: ServerDisconnectedError): it was a
+    502 for a request pinned to the local model, or a needless fallback. It is sent once more,
+    on a fresh connection, without streaming and with it."""
+    fake.reset(Behaviour(drop_reused=True))
+    policy = policy_yaml(fake, on_failure="error")
+    body = {"model": "local", "messages": [{"role": "user", "content": "hi"}]}
+    with live(tmp_path, policy, local_backend="openai_http", local_base_url=fake.base_url) as srv:
+        codes = [
+            srv.http.post("/v1/chat/completions", json={**body, **extra}).status_code
+            for extra in ({}, {"stream": True}, {}, {})
+        ]
+    assert codes == [200] * 4
+    assert [r.body["stream"] for r in fake.received] == [False, True, False, False]
 
 
 def test_another_400_from_the_external_server_stands(tmp_path: Path, fake: FakeProvider) -> None:

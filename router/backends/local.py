@@ -786,18 +786,14 @@ class ExternalLlamaBackend:
         prompt over the server's context. llama_cpp.server finds that only once it has answered
         200 and then drops the stream; asked without streaming it says so with a 400. Returns
         (the caller raises ``exc``) when the server says anything else or cannot be reached.
-
-        The server closes the stream's connection only after aiohttp has pooled it, so a first
-        try may be sent on that dead connection: one that finds it so is tried once more."""
+        The server closes the stream's connection only after aiohttp has pooled it: the
+        client sends the probe again on a fresh connection (:class:`OpenAIHTTP`)."""
         probe = {k: v for k, v in request.items() if k not in _STREAM_ONLY} | {"max_tokens": 1}
-        for _ in range(2):
-            try:
-                await self._complete(model, probe)
-            except BadRequestError as over:  # the context error (another 400 is a BackendError)
-                raise over from exc
-            except BackendError as failed:
-                if failed.code == "upstream_unreachable":
-                    continue
+        try:
+            await self._complete(model, probe)
+        except BadRequestError as over:  # the context error (another 400 is a BackendError)
+            raise over from exc
+        except BackendError:
             return
 
     async def aclose(self) -> None:

@@ -9,6 +9,7 @@ the endpoint directly keeps the proxy's added latency far below a litellm round 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import email.utils
 import json
@@ -146,14 +147,28 @@ class OpenAIHTTP:
     see bench/README.md), aiohttp's a small fraction of that. Timeouts keep httpx's meaning: the
     limit applies to connecting and to each read, not to a whole (possibly long) stream.
     The session is opened on first use, inside the running event loop.
+
+    A request whose connection fails before any answer (reset, or closed without a byte) is
+    sent once more, on a fresh connection: so fails a pooled keep-alive connection that the
+    server closed as idle just as the request went out (uvicorn, llama_cpp.server's server,
+    closes them after 5 s; aiohttp keeps them 15 s), and the server never answered it. aiohttp
+    retries so only the idempotent methods, not a POST.
     """
 
     def __init__(self, *, timeout_s: float, max_connections: int = 512) -> None:
         self._timeout_s = timeout_s
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        self._fresh: aiohttp.ClientSession | None = None  # for the retries: never pooled
 
-    def _client(self) -> aiohttp.ClientSession:
+    def _client(self, *, fresh: bool = False) -> aiohttp.ClientSession:
+        if fresh:
+            if self._fresh is None:
+                self._fresh = aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(force_close=True, ttl_dns_cache=300),
+                    timeout=_timeout(self._timeout_s),
+                )
+            return self._fresh
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(
@@ -162,6 +177,26 @@ class OpenAIHTTP:
                 timeout=_timeout(self._timeout_s),
             )
         return self._session
+
+    @contextlib.asynccontextmanager
+    async def _post(
+        self, url: str, body: dict[str, Any], headers: dict[str, str], timeout_s: float | None
+    ) -> AsyncGenerator[aiohttp.ClientResponse, None]:
+        """The response to POSTing ``body``, sent a second time on a fresh connection when the
+        first one failed before any answer (see the class docstring). A connection refused or
+        timed out is not tried again: the server is down or slow, not the connection stale."""
+        data = _dumps(body)
+        timeout = _timeout(timeout_s) if timeout_s is not None else None
+        try:
+            response = await self._client().post(url, data=data, headers=headers, timeout=timeout)
+        except aiohttp.ClientConnectorError:
+            raise
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            response = await self._client(fresh=True).post(
+                url, data=data, headers=headers, timeout=timeout
+            )
+        async with response:
+            yield response
 
     async def post_json(
         self,
@@ -175,12 +210,7 @@ class OpenAIHTTP:
     ) -> Any:
         """POST ``body`` to ``url`` and return the parsed JSON answer (any provider's API)."""
         try:
-            async with self._client().post(
-                url,
-                data=_dumps(body),
-                headers=headers,
-                timeout=_timeout(timeout_s) if timeout_s is not None else None,
-            ) as response:
+            async with self._post(url, body, headers, timeout_s) as response:
                 if response.status >= 400:
                     raise await _error(response, label, api_key)
                 raw = await response.read()
@@ -207,12 +237,7 @@ class OpenAIHTTP:
         Leaving early closes the upstream connection, which stops the provider's generation.
         """
         try:
-            async with self._client().post(
-                url,
-                data=_dumps(body),
-                headers=headers,
-                timeout=_timeout(timeout_s) if timeout_s is not None else None,
-            ) as response:
+            async with self._post(url, body, headers, timeout_s) as response:
                 if response.status >= 400:
                     raise await _error(response, label, api_key)
                 async for raw in response.content:
@@ -302,9 +327,10 @@ class OpenAIHTTP:
 
     async def aclose(self) -> None:
         """Close pooled connections."""
-        if self._session is not None:
-            session, self._session = self._session, None
-            await session.close()
+        for session in (self._session, self._fresh):
+            if session is not None:
+                await session.close()
+        self._session = self._fresh = None
 
 
 def _chunk(data: bytes, label: str) -> dict[str, Any]:
