@@ -417,6 +417,8 @@ class _Checker:
             loc: Loc = ("tenants", tenant)
             self._check_aliases(cfg.aliases, (*loc, "aliases"), tenant=True)
             self.compiled[tenant] = self._rules(cfg.rules, (*loc, "rules"), global_names)
+        if not self.problems:  # the analysis reads conditions the checks above found sound
+            self.problems += _Reach(self.policy).problems()
         if "auto" not in self.policy.aliases:
             self.policy.aliases = {
                 "auto": Alias(threshold=self.policy.threshold),
@@ -501,36 +503,7 @@ class _Checker:
             compiled = self._rule(rule, rloc)
             if compiled is not None:
                 out.append(compiled)
-        self._unreachable(rules, loc)
         return out
-
-    def _unreachable(self, rules: Sequence[Rule], loc: Loc) -> None:
-        # In the order rules are tried (priority, ties in file order; in the global list every
-        # local_only rule first, see _build_plans), a rule that matches every request decides
-        # every request the rules after it would see: they are dead, whatever they say. A
-        # tenant's local_only rule after its plain catch-all still decides the requests that
-        # pin a model (they skip the others), so only a local_only catch-all hides it.
-        local_first = loc == ("rules",)
-        order = sorted(
-            range(len(rules)),
-            key=lambda i: (local_first and not rules[i].local_only, -rules[i].priority),
-        )
-        first = next((i for i in order if _matches_everything(rules[i].when)), None)
-        if first is None:
-            return
-        catch = rules[first]
-        for i in order[order.index(first) + 1 :]:
-            if rules[i].local_only and not catch.local_only:
-                continue
-            fix = f"give {rules[i].name!r} a priority above {catch.priority}, or a `when` to "
-            if local_first and catch.local_only and not rules[i].local_only:
-                fix = "give a `when` to "  # no priority lifts it over a local_only rule
-            self.add(
-                (*loc, i),
-                f"rule {rules[i].name!r} can never match: rule {catch.name!r} "
-                f"({_path((*loc, first))}, priority {catch.priority}) is tried before it and "
-                f"matches every request; {fix}{catch.name!r}",
-            )
 
     def _rule_name(
         self, name: str, loc: Loc, seen: dict[str, int], taken: set[str], i: int
@@ -764,19 +737,6 @@ class _Checker:
 _NOTHING = object()
 
 
-def _matches_everything(cond: Condition | None) -> bool:
-    """Whether ``cond`` holds for every request: absent, ``{}``, or ``all:`` of such (a key
-    written as null, ``pii: null``, counts as absent, as the loader reads it)."""
-    if cond is None:
-        return True
-    if cond.__pydantic_extra__:
-        return False
-    written = {name for name in cond.model_fields_set if getattr(cond, name) is not None}
-    if not written:
-        return True
-    return written == {"all_"} and all(_matches_everything(c) for c in cond.all_ or ())
-
-
 def _value_ok(kind: Kind, op: str, v: Any) -> bool:
     if op == "matches":
         return isinstance(v, str)
@@ -833,6 +793,204 @@ def _bad_value(label: str, kind: Kind, op: str, value: Any) -> str:
 def _suggest(word: str, options: Sequence[str]) -> str:
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.75)
     return f", did you mean {close[0]!r}?" if close else ""
+
+
+# --------------------------------------------------------------------------- rules that never match
+
+#: A condition in a normal form, for comparing conditions at load time (never per request):
+#: ``("cmp", label, kind, op, is_bool, value)``, ``("all" | "any", frozenset of forms)``,
+#: ``("not", form)``, ``_TRUE``, or ``("false", reported)``. Named signals are written out, the
+#: order of keys and list items is gone and one-value lists read as ``eq``, so two conditions
+#: written differently that hold for the same requests mostly get the same form. Only rewrites
+#: that keep the meaning exactly are made: a form may miss an equivalence, never invent one.
+Form = tuple[Any, ...]
+_TRUE: Form = ("true",)
+#: Bool signals a request always has (pii, has_images, has_tools): `ne: true` is `eq: false`.
+_NEVER_MISSING = frozenset({"pii", "has_images", "has_tools"})
+
+
+class _Reach:
+    """Rules that can never match, in a policy that passed every other check. A rule is dead
+    when a rule tried before it, in the order :func:`_build_plans` gives each tenant, holds for
+    every request it would: one that matches everything, one with the same condition, or one
+    whose condition is part of its own (``pii: true`` before ``{pii: true, capability:
+    coding}``). A ``local_only`` rule after a rule that is not still decides the requests that
+    pin a model, so only a ``local_only`` rule hides it.
+    """
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.signal_forms: dict[str, Form] = {}
+        self.dead: list[tuple[Loc, str]] = []
+
+    def problems(self) -> list[tuple[Loc, str]]:
+        for name in self.policy.signals:
+            self.signal(name)
+        entries = [
+            (("rules", i), r, self.rule_form(r, ("rules", i)))
+            for i, r in enumerate(self.policy.rules)
+        ]
+        order = sorted(entries, key=lambda e: (not e[1].local_only, -e[1].priority))
+        self._walk(order, 0)
+        kept_local = [e for e in order if e[1].local_only]
+        for tenant, cfg in self.policy.tenants.items():
+            loc: Loc = ("tenants", tenant, "rules")
+            own = [((*loc, i), r, self.rule_form(r, (*loc, i))) for i, r in enumerate(cfg.rules)]
+            self._walk([*kept_local, *sorted(own, key=lambda e: -e[1].priority)], len(kept_local))
+        return self.dead
+
+    def _walk(self, order: Sequence[tuple[Loc, Rule, Form]], start: int) -> None:
+        # Report each rule from order[start] on that an earlier rule hides (the earliest one).
+        for k in range(start, len(order)):
+            loc, rule, form = order[k]
+            if form[0] == "false" and form[1]:  # already reported where it cannot hold
+                continue
+            for hider in order[:k]:
+                hides = hider[2][0] != "false" and (hider[1].local_only or not rule.local_only)
+                if hides and _implies(form, hider[2]):
+                    self.dead.append((loc, _dead_message(loc, rule, form, hider)))
+                    break
+
+    def rule_form(self, rule: Rule, loc: Loc) -> Form:
+        return _TRUE if rule.when is None else self.form(rule.when, (*loc, "when"))
+
+    def signal(self, name: str) -> Form:
+        if name not in self.signal_forms:
+            self.signal_forms[name] = ("cmp", name, "bool", "eq", True, True)  # a cycle guard
+            self.signal_forms[name] = self.form(self.policy.signals[name], ("signals", name))
+        return self.signal_forms[name]
+
+    def form(self, cond: Condition, loc: Loc) -> Form:
+        parts: list[Form] = []
+        if cond.all_ is not None:
+            items = [self.form(c, (*loc, "all", i)) for i, c in enumerate(cond.all_)]
+            parts.append(self._all(items, (*loc, "all")))
+        if cond.any_ is not None:
+            parts.append(
+                _any_form([self.form(c, (*loc, "any", i)) for i, c in enumerate(cond.any_)])
+            )
+        if cond.not_ is not None:
+            parts.append(_not_form(self.form(cond.not_, (*loc, "not"))))
+        if cond.signal is not None:
+            parts.append(self.signal(cond.signal))
+        for key, kind in BUILTIN_SIGNALS.items():
+            cmp = getattr(cond, key)
+            if cmp is not None:
+                parts.append(self._comparison(key, kind, cmp, (*loc, key)))
+        if cond.header is not None:
+            label = f"header {cond.header.name.lower()}"
+            parts.append(self._comparison(label, "header", cond.header, (*loc, "header")))
+        for key, cmp in (cond.__pydantic_extra__ or {}).items():
+            if key.startswith("metadata."):
+                parts.append(self._comparison(key, "any", cmp, (*loc, key)))
+            else:  # a named signal compared with true or false
+                parts.append(self._named(key, cmp, (*loc, key)))
+        return self._all(parts, loc)
+
+    def _comparison(self, label: str, kind: Kind, cmp: Comparison, loc: Loc) -> Form:
+        return self._all([_leaf_form(label, kind, op, v) for op, v in cmp.operators()], loc)
+
+    def _named(self, name: str, cmp: Comparison, loc: Loc) -> Form:
+        parts = []
+        for op, v in cmp.operators():
+            if isinstance(v, bool) and op in ("eq", "ne"):
+                holds = self.signal(name)
+                parts.append(holds if (op == "eq") is v else _not_form(holds))
+            else:  # `eq: null` and the like: kept as written
+                parts.append(_leaf_form(name, "bool", op, v))
+        return self._all(parts, loc)
+
+    def _all(self, parts: Sequence[Form], loc: Loc) -> Form:
+        falses = [p for p in parts if p[0] == "false"]
+        if falses:
+            return ("false", any(p[1] for p in falses))
+        flat: set[Form] = set()
+        for p in parts:
+            if p[0] == "all":
+                flat |= p[1]
+            elif p != _TRUE:
+                flat.add(p)
+        if not flat:
+            return _TRUE
+        return next(iter(flat)) if len(flat) == 1 else ("all", frozenset(flat))
+
+
+def _leaf_form(label: str, kind: Kind, op: str, v: Any) -> Form:
+    if op in ("in", "not_in"):
+        values = frozenset(v)
+        if len(values) == 1 and None not in values and kind not in ("any", "list"):
+            op, v = "eq" if op == "in" else "ne", next(iter(values))  # `[coding]` is `coding`
+        else:
+            return ("cmp", label, kind, op, False, values)
+    if op in ORDER:
+        return ("cmp", label, kind, op, False, _STAKES_RANK[v] if kind == "stakes" else v)
+    if op == "ne" and label in _NEVER_MISSING and isinstance(v, bool):
+        op, v = "eq", not v
+    return ("cmp", label, kind, op, isinstance(v, bool), v)  # `eq: 1` is not `eq: true`
+
+
+def _any_form(parts: Sequence[Form]) -> Form:
+    flat: set[Form] = set()
+    reported = False
+    for p in parts:
+        if p == _TRUE:
+            return _TRUE
+        if p[0] == "false":
+            reported = reported or p[1]
+        elif p[0] == "any":
+            flat |= p[1]
+        else:
+            flat.add(p)
+    if any(("not", f) in flat for f in flat):  # x or not x
+        return _TRUE
+    if not flat:  # `any: []` is how a rule is switched off: not reported
+        return ("false", reported)
+    return next(iter(flat)) if len(flat) == 1 else ("any", frozenset(flat))
+
+
+def _not_form(form: Form) -> Form:
+    if form == _TRUE:  # `not: {}`, written as never, as `any: []`
+        return ("false", False)
+    if form[0] == "false":
+        return _TRUE
+    return form[1] if form[0] == "not" else ("not", form)
+
+
+def _implies(a: Form, b: Form) -> bool:
+    """Whether every request ``a`` holds for, ``b`` holds for too (as far as forms tell)."""
+    if b in (_TRUE, a):
+        return True
+    if b[0] == "any" and (a in b[1] or (a[0] == "any" and a[1] <= b[1])):
+        return True
+    if a[0] == "all":
+        return (
+            b in a[1]
+            or (b[0] == "all" and b[1] <= a[1])
+            or (b[0] == "any" and not a[1].isdisjoint(b[1]))
+        )
+    return False
+
+
+def _dead_message(loc: Loc, rule: Rule, form: Form, hider: tuple[Loc, Rule, Form]) -> str:
+    where, by, by_form = hider
+    crossed = where[0] != loc[0]  # a tenant's rule behind a global local_only rule
+    # No priority lifts a rule over a local_only one where those are tried first.
+    lift = not crossed and not (loc[0] == "rules" and by.local_only and not rule.local_only)
+    head = (
+        f"rule {rule.name!r} can never match: rule {by.name!r} ({_path(where)}, priority "
+        f"{by.priority}) is tried before it"
+    )
+    why = ", as the global local_only rules are tried before a tenant's own" if crossed else ""
+    if by_form == form:
+        return f"{head} with the same condition{why}; remove one, or give one another `when`"
+    if by_form == _TRUE:
+        head, fix = f"{head} and matches every request{why}", f"a `when` to {by.name!r}"
+    else:
+        head += f" and matches every request {rule.name!r} would{why}"
+        fix = f"a narrower `when` to {by.name!r}"
+    if lift:
+        fix = f"{rule.name!r} a priority above {by.priority}, or {fix}"
+    return f"{head}; give {fix}"
 
 
 # --------------------------------------------------------------------------- closures

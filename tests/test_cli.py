@@ -96,6 +96,29 @@ def test_policy_check_reports_located_errors(
     assert f"{bad}:6:" in err and "equals" in err
 
 
+def test_policy_check_refuses_a_tenant_rule_a_global_local_only_rule_hides(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Global local_only rules are tried before a tenant's own: behind a global local_only
+    catch-all the tenant's rule never decides a request, and `policy check` said ok."""
+    hidden = tmp_path / "hidden.yaml"
+    hidden.write_text(
+        "version: 1\nmodels:\n  local: {tier: local}\nrules:\n"
+        "  - {name: all-local, route: local, local_only: true}\n"
+        "tenants:\n  acme:\n    rules:\n"
+        "      - {name: acme-legal, priority: 9, when: {metadata.team: legal}, route: local}\n"
+    )
+    assert main(["policy", "check", str(hidden)]) == 1
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert (
+        f"{hidden}:9:9: tenants.acme.rules[0]: rule 'acme-legal' can never match: rule "
+        "'all-local' (rules[0], priority 0) is tried before it and matches every request, as "
+        "the global local_only rules are tried before a tenant's own; give a `when` to "
+        "'all-local'"
+    ) in printed.err
+
+
 def test_policy_schema_is_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["policy", "schema"]) == 0
     schema = json.loads(capsys.readouterr().out)

@@ -301,7 +301,7 @@ CORPUS: list[tuple[str, str, list[str]]] = [
         "rule-after-a-catch-all",
         M + "rules:\n  - {name: everything, route: local}\n"
         "  - {name: late, when: {pii: true}, route: gpt}\n"
-        "  - {name: early, priority: 1, when: {pii: true}, route: gpt}\n"
+        "  - {name: early, priority: 1, when: {has_tools: true}, route: gpt}\n"
         "tenants:\n  acme:\n    rules:\n      - name: mine\n        when:\n        route: gpt\n"
         "      - {name: theirs, when: {pii: true}, route: local}\n",
         [
@@ -322,6 +322,59 @@ CORPUS: list[tuple[str, str, list[str]]] = [
             "p.yaml:7:5: rules[1]: rule 'up' can never match: rule 'all-local' (rules[0], "
             "priority 0) is tried before it and matches every request; give a `when` to "
             "'all-local'",
+        ],
+    ),
+    (
+        # two rules written differently with one meaning (keys in another order, `[x]` for
+        # `x`, `ne: true` for `eq: false`): the second never decided anything, and said ok
+        "same-condition-written-differently",
+        M + "rules:\n  - {name: a, when: {capability: coding, pii: false}, route: local}\n"
+        "  - {name: b, when: {all: [{pii: {ne: true}}, {capability: [coding]}]}, route: gpt}\n",
+        [
+            "p.yaml:7:5: rules[1]: rule 'b' can never match: rule 'a' (rules[0], priority 0) is "
+            "tried before it with the same condition; remove one, or give one another `when`",
+        ],
+    ),
+    (
+        # a rule tried after a broader one (its condition is part of this one's) never decides
+        "narrower-condition-after-a-broader-one",
+        M + "signals:\n  private: {pii: true}\nrules:\n"
+        "  - {name: any-pii, when: private, route: local}\n"
+        "  - {name: pii-code, when: {pii: true, capability: coding}, route: gpt}\n",
+        [
+            "p.yaml:9:5: rules[1]: rule 'pii-code' can never match: rule 'any-pii' (rules[0], "
+            "priority 0) is tried before it and matches every request 'pii-code' would; give "
+            "'pii-code' a priority above 0, or a narrower `when` to 'any-pii'",
+        ],
+    ),
+    (
+        # the global local_only rules are tried before a tenant's: a global local_only
+        # catch-all decides every request of the tenant, pinned or not, and said ok
+        "tenant-rules-behind-a-global-local-only-catch-all",
+        M + "rules:\n  - {name: all-local, route: local, local_only: true}\n"
+        "tenants:\n  acme:\n    rules:\n"
+        "      - {name: mine, priority: 9, when: {pii: true}, route: gpt}\n"
+        "      - {name: mine-too, when: {has_tools: true}, route: local, local_only: true}\n",
+        [
+            "p.yaml:10:9: tenants.acme.rules[0]: rule 'mine' can never match: rule 'all-local' "
+            "(rules[0], priority 0) is tried before it and matches every request, as the global "
+            "local_only rules are tried before a tenant's own; give a `when` to 'all-local'",
+            "p.yaml:11:9: tenants.acme.rules[1]: rule 'mine-too' can never match: rule "
+            "'all-local' (rules[0], priority 0) is tried before it and matches every request, as "
+            "the global local_only rules are tried before a tenant's own; give a `when` to "
+            "'all-local'",
+        ],
+    ),
+    (
+        "tenant-rule-with-a-global-local-only-rules-condition",
+        M + "rules:\n  - {name: pii, when: {pii: true}, route: local, local_only: true}\n"
+        "tenants:\n  acme:\n    rules:\n"
+        "      - {name: acme-pii, priority: 5, when: {pii: {eq: true}}, route: gpt}\n",
+        [
+            "p.yaml:10:9: tenants.acme.rules[0]: rule 'acme-pii' can never match: rule 'pii' "
+            "(rules[0], priority 0) is tried before it with the same condition, as the global "
+            "local_only rules are tried before a tenant's own; remove one, or give one another "
+            "`when`",
         ],
     ),
     (
@@ -471,6 +524,25 @@ def test_broken_policy_message(text: str, expected: list[str]) -> None:
     with pytest.raises(PolicyError) as caught:
         parse_policy(text, "p.yaml")
     assert [str(issue) for issue in caught.value.issues] == expected
+
+
+def test_rules_that_can_still_match_are_taken() -> None:
+    """Not dead: `any: []` (a rule switched off), a narrower rule tried before a broader one,
+    a tenant's rule behind a global catch-all that is not local_only (the tenant's come first),
+    and a local_only rule behind a catch-all that is not (a pinned request skips that one)."""
+    p = parse_policy(
+        M + "rules:\n  - {name: switched-off, when: {any: []}, route: gpt}\n"
+        "  - {name: narrow, priority: 2, when: {pii: true, capability: coding}, route: gpt}\n"
+        "  - {name: broad, when: {pii: true}, route: local}\n"
+        "  - {name: everything, priority: -1, route: gpt}\n"
+        "tenants:\n  acme:\n    rules:\n      - {name: t-all, route: gpt}\n"
+        "      - {name: t-pii, when: {pii: {ne: false}}, route: local, local_only: true}\n"
+    )
+    pii_code = {"pii": True, "capability": "coding"}
+    assert evaluate(p, Signals(alias="auto", **pii_code)).rule == "narrow"
+    assert evaluate(p, Signals(alias="auto", pii=True)).rule == "broad"
+    assert evaluate(p, Signals(alias="auto", tenant="acme", pii=True)).rule == "t-all"
+    assert evaluate(p, Signals(alias="gpt", tenant="acme", pii=True)).rule == "t-pii"
 
 
 @pytest.mark.parametrize("depth", [400, 5000])
