@@ -810,17 +810,20 @@ _NEVER_MISSING = frozenset({"pii", "has_images", "has_tools"})
 
 
 class _Reach:
-    """Rules that can never match, in a policy that passed every other check. A rule is dead
-    when a rule tried before it, in the order :func:`_build_plans` gives each tenant, holds for
-    every request it would: one that matches everything, one with the same condition, or one
-    whose condition is part of its own (``pii: true`` before ``{pii: true, capability:
-    coding}``). A ``local_only`` rule after a rule that is not still decides the requests that
-    pin a model, so only a ``local_only`` rule hides it.
+    """Rules that can never match, and conditions that can never hold, in a policy that passed
+    every other check. A rule is dead when a rule tried before it, in the order
+    :func:`_build_plans` gives each tenant, holds for every request it would: one that matches
+    everything, one with the same condition, or one whose condition is part of its own (``pii:
+    true`` before ``{pii: true, capability: coding}``). A ``local_only`` rule after a rule that
+    is not still decides the requests that pin a model, so only a ``local_only`` rule hides it.
+    A condition never holds when two of its comparisons exclude each other (``prompt_tokens >
+    3000`` and ``prompt_tokens < 1000``); it is reported where they meet.
     """
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
         self.signal_forms: dict[str, Form] = {}
+        self.never: dict[Loc, str] = {}  # where a condition can never hold, and why
         self.dead: list[tuple[Loc, str]] = []
 
     def problems(self) -> list[tuple[Loc, str]]:
@@ -837,7 +840,10 @@ class _Reach:
             loc: Loc = ("tenants", tenant, "rules")
             own = [((*loc, i), r, self.rule_form(r, (*loc, i))) for i, r in enumerate(cfg.rules)]
             self._walk([*kept_local, *sorted(own, key=lambda e: -e[1].priority)], len(kept_local))
-        return self.dead
+        never = [
+            (loc, f"can never hold: no request has both {why}") for loc, why in self.never.items()
+        ]
+        return never + self.dead
 
     def _walk(self, order: Sequence[tuple[Loc, Rule, Form]], start: int) -> None:
         # Report each rule from order[start] on that an earlier rule hides (the earliest one).
@@ -910,6 +916,10 @@ class _Reach:
                 flat |= p[1]
             elif p != _TRUE:
                 flat.add(p)
+        why = _contradiction(flat)
+        if why is not None:
+            self.never.setdefault(loc, why)
+            return ("false", True)
         if not flat:
             return _TRUE
         return next(iter(flat)) if len(flat) == 1 else ("all", frozenset(flat))
@@ -969,6 +979,76 @@ def _implies(a: Form, b: Form) -> bool:
             or (b[0] == "any" and not a[1].isdisjoint(b[1]))
         )
     return False
+
+
+def _contradiction(forms: set[Form]) -> str | None:
+    """Why the conjunction of ``forms`` can never hold ("x > 5 and x < 2"), else None."""
+    for f in sorted(forms, key=_show):
+        if ("not", f) in forms:
+            return f"{_show(f)} and not {_show(f)}"
+    leaves: dict[str, list[Form]] = {}
+    for f in sorted((f for f in forms if f[0] == "cmp"), key=_show):
+        leaves.setdefault(f[1], []).append(f)
+    for same in leaves.values():
+        pair = _clash(same)
+        if pair is not None:
+            return f"{_show(pair[0])} and {_show(pair[1])}"
+    return None
+
+
+def _clash(leaves: list[Form]) -> tuple[Form, Form] | None:
+    # Two comparisons of one signal that no value satisfies together.
+    return _empty_range(leaves) or next(
+        ((f, g) for f in leaves if f[3] == "eq" for g in leaves if _excludes(f, g)), None
+    )
+
+
+def _empty_range(leaves: list[Form]) -> tuple[Form, Form] | None:
+    # The tightest lower and upper bounds, when no value lies between them.
+    lows = [f for f in leaves if f[3] in ("gt", "gte")]
+    highs = [f for f in leaves if f[3] in ("lt", "lte")]
+    if not lows or not highs:
+        return None
+    low = max(lows, key=lambda f: (f[5], f[3] == "gt"))
+    high = min(highs, key=lambda f: (f[5], f[3] == "lte"))
+    if low[5] > high[5] or (low[5] == high[5] and (low[3] == "gt" or high[3] == "lt")):
+        return low, high
+    return None
+
+
+def _excludes(eq: Form, g: Form) -> bool:
+    # Whether no value is both ``== eq`` and satisfies ``g`` (of the same signal).
+    kind, op, value = eq[2], g[3], (eq[4], eq[5])
+    if op == "eq":
+        return (g[4], g[5]) != value
+    if op == "ne":
+        return (g[4], g[5]) == value
+    if op in ("in", "not_in"):
+        return (eq[5] in g[5]) is (op == "not_in")
+    if op in ORDER and kind in ("number", "fraction", "stakes"):
+        x = _STAKES_RANK.get(eq[5]) if kind == "stakes" else eq[5]
+        return x is None or not ORDER[op](x, g[5])
+    return False
+
+
+def _show(form: Form) -> str:
+    # A form as a decision's trace shows a condition: `prompt_tokens > 3000`.
+    if form[0] == "cmp":
+        _, label, kind, op, _, v = form
+        if kind == "stakes" and op in ORDER:
+            v = STAKES[v]
+        elif isinstance(v, frozenset):
+            v = sorted(v, key=repr)
+        elif isinstance(v, float) and v.is_integer():
+            v = int(v)
+        return f"{label} {_SYMBOL.get(op, op.replace('_', ' '))} {v!r}"
+    if form[0] in ("all", "any"):
+        return (
+            "(" + f" {'and' if form[0] == 'all' else 'or'} ".join(sorted(map(_show, form[1]))) + ")"
+        )
+    if form[0] == "not":
+        return f"not {_show(form[1])}"
+    return "always" if form == _TRUE else "never"
 
 
 def _dead_message(loc: Loc, rule: Rule, form: Form, hider: tuple[Loc, Rule, Form]) -> str:

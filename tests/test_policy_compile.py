@@ -378,6 +378,32 @@ CORPUS: list[tuple[str, str, list[str]]] = [
         ],
     ),
     (
+        # comparisons that exclude each other: the rule (or the branch, or the signal) never
+        # matched, and `policy check` said ok; each is reported where the two meet
+        "condition-that-can-never-hold",
+        M + "signals:\n  long: {prompt_tokens: {gt: 3000}}\n  short: {prompt_tokens: {lte: 1000}}\n"
+        "  odd: {all: [{turns: {gte: 3}}, {turns: {lt: 3}}]}\nrules:\n"
+        "  - {name: a, when: {prompt_tokens: {gt: 3000, lt: 1000}}, route: gpt}\n"
+        "  - {name: b, when: {all: [long, short]}, route: gpt}\n"
+        "  - {name: c, when: {any: [{stakes: {gte: high, eq: low}}, {pii: true}]}, route: gpt}\n"
+        "  - {name: d, when: {capability: coding, all: [{capability: [math, chat]}]}, route: gpt}\n"
+        "  - {name: e, when: {long: true, not: long}, route: gpt}\n",
+        [
+            "p.yaml:8:9: signals.odd.all: can never hold: no request has both turns >= 3 and "
+            "turns < 3",
+            "p.yaml:10:22: rules[0].when.prompt_tokens: can never hold: no request has both "
+            "prompt_tokens > 3000 and prompt_tokens < 1000",
+            "p.yaml:11:22: rules[1].when.all: can never hold: no request has both "
+            "prompt_tokens > 3000 and prompt_tokens <= 1000",
+            "p.yaml:12:29: rules[2].when.any[0].stakes: can never hold: no request has both "
+            "stakes == 'low' and stakes >= 'high'",
+            "p.yaml:13:15: rules[3].when: can never hold: no request has both capability == "
+            "'coding' and capability in ['chat', 'math']",
+            "p.yaml:14:15: rules[4].when: can never hold: no request has both prompt_tokens > "
+            "3000 and not prompt_tokens > 3000",
+        ],
+    ),
+    (
         # the fallbacks were `gpt, gpt`: a failed call was retried on the model that failed
         "closed-model-listed-twice",
         M + "closed_models: [gpt, gpt]\n",
@@ -543,6 +569,22 @@ def test_rules_that_can_still_match_are_taken() -> None:
     assert evaluate(p, Signals(alias="auto", pii=True)).rule == "broad"
     assert evaluate(p, Signals(alias="auto", tenant="acme", pii=True)).rule == "t-all"
     assert evaluate(p, Signals(alias="gpt", tenant="acme", pii=True)).rule == "t-pii"
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        "{turns: {gte: 3, lte: 3}}",  # one value is enough
+        "{stakes: {gte: medium, eq: high}}",
+        "{capability: {in: [coding, math], ne: math}}",
+        "{all: [{metadata.n: true}, {metadata.n: {ne: 1}}]}",  # true is not 1 in metadata
+        "{all: [{metadata.n: {gt: 3}}, {metadata.n: {lt: 4}}]}",  # 3.5
+        "{header: {name: x-tiergate-a, eq: x}, all: [{header: {name: x-tiergate-b, eq: y}}]}",
+    ],
+)
+def test_conditions_that_can_hold_are_taken(when: str) -> None:
+    p = parse_policy(M + f"rules:\n  - {{name: r, when: {when}, route: gpt}}\n")
+    assert p.rules[0].name == "r"
 
 
 @pytest.mark.parametrize("depth", [400, 5000])
