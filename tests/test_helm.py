@@ -997,6 +997,30 @@ def test_without_redis_the_sqlite_file_outlives_the_pod(chart: Any, render: Rend
     )
 
 
+def test_the_sqlite_records_outlive_an_uninstall(render: Render) -> None:
+    """`helm uninstall` deleted the SQLite PVC, the users' outcome records with it, while it
+    kept the model store's; now both are kept unless sqlite.persistence.keep is false."""
+
+    def annotations(values: dict[str, Any]) -> dict[str, str]:
+        claim = find(render(values), "PersistentVolumeClaim", f"{FULLNAME}-data")
+        found: dict[str, str] = claim["metadata"].get("annotations") or {}
+        return found
+
+    kept = annotations(VALUE_SETS["minimal"])
+    assert kept == {"helm.sh/resource-policy": "keep"}
+    store = find(render(VALUE_SETS["full"]), "PersistentVolumeClaim", f"{FULLNAME}-model-store")
+    assert store["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    off = {**VALUE_SETS["minimal"], "sqlite": {"persistence": {"keep": False}}}
+    assert "helm.sh/resource-policy" not in annotations(off)
+    # the common annotations stay beside the policy, and alone without it
+    common = {"commonAnnotations": {"owner": "ml-platform"}}
+    assert annotations({**VALUE_SETS["minimal"], **common}) == {
+        "helm.sh/resource-policy": "keep",
+        "owner": "ml-platform",
+    }
+    assert annotations({**off, **common}) == {"owner": "ml-platform"}
+
+
 def test_service_monitor_scrapes_metrics(render: Render) -> None:
     monitor = find(render(VALUE_SETS["full"]), "ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
