@@ -103,6 +103,12 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "tls": [{"secretName": "tiergate-tls", "hosts": ["tiergate.example.com"]}],
         },
         "autoscaling": {"enabled": True, "targetMemoryUtilizationPercentage": 80},
+        "router": {
+            "updateStrategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": "25%"},
+            }
+        },
     },
     "full": {
         **PROVIDERS,
@@ -301,6 +307,7 @@ def test_schema_accepts_the_defaults_and_every_value_set(chart: Any) -> None:
         ({"replicaCount": 3}, "replicaCount"),  # a typo of router.replicaCount
         ({"localModel": {"profile": "profiles/x.yaml"}}, "/localModel/profile"),
         ({"router": {"preStopSleepSeconds": -1}}, "/router/preStopSleepSeconds"),
+        ({"router": {"updateStrategy": {"type": "OnDelete"}}}, "/router/updateStrategy/type"),
     ],
 )
 def test_schema_rejects_bad_values(chart: Any, values: dict[str, Any], where: str) -> None:
@@ -385,6 +392,13 @@ def test_schema_rejects_bad_values(chart: Any, values: dict[str, Any], where: st
         (
             {"otel": {"env": {"OTEL_EXPORTER_OTLP_TRACES_HEADERS": "api-key=s3cr3t"}}},
             "otel.env.OTEL_EXPORTER_OTLP_TRACES_HEADERS would put",
+        ),
+        (
+            {
+                **VALUE_SETS["minimal"],
+                "router": {"replicaCount": 1, "updateStrategy": {"type": "RollingUpdate"}},
+            },
+            "router.updateStrategy is a RollingUpdate but the router keeps its SQLite file",
         ),
         (
             {"policy": {"name": "missing.yaml"}},
@@ -476,6 +490,26 @@ def test_a_model_server_upgrade_needs_no_spare_gpu(render: Render) -> None:
     }
     server = find(render(recreate), "Deployment", f"{FULLNAME}-model-server")
     assert server["spec"]["strategy"] == {"type": "Recreate", "rollingUpdate": None}
+
+
+def test_a_gpu_router_upgrade_needs_no_spare_gpu(render: Render) -> None:
+    """Routers with the model's layers on their own GPU rolled with Kubernetes' default
+    surge: the new pod waited for a GPU that a node with one never freed, and the upgrade
+    never finished. Now they are replaced one at a time, none started first."""
+    gpu = VALUE_SETS["gpu-in-process"]
+    strategy = find(render(gpu), "Deployment", FULLNAME)["spec"]["strategy"]
+    assert strategy == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1},
+    }
+    # the strategy is the operator's to choose
+    chosen = {**gpu, "router": {**gpu["router"], "updateStrategy": {"type": "Recreate"}}}
+    strategy = find(render(chosen), "Deployment", FULLNAME)["spec"]["strategy"]
+    assert strategy == {"type": "Recreate", "rollingUpdate": None}
+    surge = find(render(VALUE_SETS["ingress-hpa"]), "Deployment", FULLNAME)["spec"]["strategy"]
+    assert surge["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": "25%"}
+    # routers without a device keep Kubernetes' default rolling update
+    assert "strategy" not in find(render(), "Deployment", FULLNAME)["spec"]
 
 
 def test_only_the_routers_reach_the_model_server(render: Render) -> None:

@@ -131,6 +131,63 @@ A ConfigMap key cannot hold "/", so policies/examples/x.yaml is stored under the
 {{- if eq (include "tiergate.localBackend" .) "llama_cpp" -}}true{{- end -}}
 {{- end -}}
 
+{{/*
+Whether the router pods request an extended resource (a device: nvidia.com/gpu, amd.com/gpu,
+...). Such a resource is counted per node, so a surge pod may find none free.
+*/}}
+{{- define "tiergate.router.holdsDevice" -}}
+{{- range $kind, $amounts := .Values.router.resources -}}
+{{- range $name, $_ := $amounts -}}
+{{- if contains "/" $name -}}true{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Whether the router keeps a SQLite file on a ReadWriteOnce claim. */}}
+{{- define "tiergate.router.sqliteClaim" -}}
+{{- if and .Values.sqlite.persistence.enabled (not (include "tiergate.redis.used" .)) -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+The router Deployment's strategy: router.updateStrategy, else what the pods allow.
+- A SQLite file on a ReadWriteOnce claim: one process writes it, so the old pod stops before
+  the new one starts (Recreate; a rolling update would run both, or wait on the volume).
+- A device per pod (a GPU): one pod at a time, without a surge pod, which on a pool with no
+  spare device would wait forever and the upgrade never finish.
+- Otherwise Kubernetes' default rolling update (no strategy rendered).
+*/}}
+{{- define "tiergate.router.strategy" -}}
+{{- $strategy := .Values.router.updateStrategy -}}
+{{- if not $strategy -}}
+{{- if include "tiergate.router.sqliteClaim" . -}}
+{{- $strategy = dict "type" "Recreate" -}}
+{{- else if include "tiergate.router.holdsDevice" . -}}
+{{- $strategy = dict "type" "RollingUpdate" "rollingUpdate" (dict "maxSurge" 0 "maxUnavailable" 1) -}}
+{{- end -}}
+{{- end -}}
+{{- include "tiergate.strategy" $strategy -}}
+{{- end -}}
+
+{{/*
+A Deployment's `strategy` from {type, rollingUpdate}; nothing for an empty one. Recreate
+renders rollingUpdate: null, which removes the settings the API server gave a release that
+rolled before: left in place, they make the upgrade that switches to Recreate fail (Forbidden).
+*/}}
+{{- define "tiergate.strategy" -}}
+{{- with . }}
+strategy:
+  type: {{ .type | default "RollingUpdate" }}
+  {{- if eq (.type | default "RollingUpdate") "RollingUpdate" }}
+  {{- with .rollingUpdate }}
+  rollingUpdate:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- else }}
+  rollingUpdate: null
+  {{- end }}
+{{- end }}
+{{- end -}}
+
 {{- define "tiergate.modelStore.claimName" -}}
 {{- default (printf "%s-model-store" (include "tiergate.fullname" .)) .Values.modelStore.persistence.existingClaim -}}
 {{- end -}}
@@ -456,6 +513,10 @@ Included at the top of the router Deployment so every render runs it.
 {{- if regexMatch "^OTEL_EXPORTER_OTLP_([A-Z]+_)?HEADERS$" $name -}}
 {{- $errors = append $errors (printf "otel.env.%s would put the collector's credentials in the pod spec in plain text: put the value in secrets.existingSecret and map it with secrets.providerKeys (e.g. --set secrets.providerKeys.%s=otlp-headers)" $name $name) -}}
 {{- end -}}
+{{- end -}}
+{{- $routerStrategy := .Values.router.updateStrategy -}}
+{{- if and (include "tiergate.router.sqliteClaim" .) $routerStrategy (ne ($routerStrategy.type | default "RollingUpdate") "Recreate") -}}
+{{- $errors = append $errors "router.updateStrategy is a RollingUpdate but the router keeps its SQLite file on a ReadWriteOnce claim (sqlite.persistence.enabled without Redis): two pods would write one file, or the new one wait on the volume; use {type: Recreate}, or leave router.updateStrategy empty" -}}
 {{- end -}}
 {{- $shutdown := 15 -}}
 {{- range .Values.router.extraEnv -}}
