@@ -60,6 +60,9 @@ SERVED_PATHS = frozenset({CHAT_PATH, "/v1/messages", "/v1/responses"})
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _QUEUE_BUCKETS_S = (0.001, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+#: How long shutdown waits for the last export of spans and metrics (see Telemetry.shutdown).
+#: A collector that answers takes them in well under a second.
+SHUTDOWN_TIMEOUT_S = 3.0
 # litellm's provider prefix -> the GenAI semantic conventions' gen_ai.provider.name, where the
 # two differ (the rest, such as openai, anthropic, groq, deepseek, perplexity, are the same).
 _PROVIDERS = {
@@ -198,6 +201,7 @@ class Telemetry:
         tracer_provider: Any = None,
         meter_provider: Any = None,
         prometheus_registry: Any = None,
+        span_exporters: Iterable[Any] = (),
     ) -> None:
         self._tracer_provider = tracer_provider
         self._meter_provider = meter_provider
@@ -213,6 +217,8 @@ class Telemetry:
         self._policy_failures: Callable[[], int] | None = None
         self._shadow: Callable[[], dict[str, int]] | None = None
         self._instruments: dict[str, Any] = {}
+        # Stopped at shutdown if the collector does not take the last spans in time.
+        self._span_exporters = list(span_exporters)
         if meter_provider is not None:
             self._create_instruments(meter_provider.get_meter("tiergate"))
 
@@ -274,9 +280,10 @@ class Telemetry:
         if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
             resource = resource.merge(Resource({"service.name": "tiergate"}))
         tracer_provider = None
+        exporters = list(span_exporters) if tracing else []
         if tracing:
             tracer_provider = TracerProvider(resource=resource)
-            for exporter in span_exporters:
+            for exporter in exporters:
                 processor = BatchSpanProcessor(exporter) if batch else SimpleSpanProcessor(exporter)
                 tracer_provider.add_span_processor(processor)
         meter_provider = None
@@ -291,6 +298,7 @@ class Telemetry:
             tracer_provider=tracer_provider,
             meter_provider=meter_provider,
             prometheus_registry=registry,
+            span_exporters=exporters,
         )
 
     def _create_instruments(self, meter: Any) -> None:
@@ -544,14 +552,45 @@ class Telemetry:
 
         return generate_latest(self.registry), str(CONTENT_TYPE_LATEST)
 
-    def shutdown(self) -> None:
-        """Flush and stop exporters (spans and OTLP metrics still buffered are sent)."""
-        for provider in (self._tracer_provider, self._meter_provider):
-            if provider is not None:
-                try:
-                    provider.shutdown()
-                except Exception:  # shutdown must finish; a failed final export is logged
-                    log.exception("telemetry shutdown failed")
+    def shutdown(self, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
+        """Flush and stop exporters (spans and OTLP metrics still buffered are sent), within
+        ``timeout_s``.
+
+        The SDK's own bounds are 30 s per provider, plus an export's timeout (10 s) and its
+        retries: with a collector that does not answer, a pod's shutdown overran its grace
+        period and was killed. Past ``timeout_s`` what the collector has not taken is dropped,
+        said in one warning, and the span exporters are stopped so no retry goes on."""
+        deadline = time.monotonic() + timeout_s
+        stopping = []
+        if self._tracer_provider is not None:
+            stopping.append(_stop_in_thread(self._tracer_provider.shutdown))
+        meters = self._meter_provider
+        if meters is not None:  # it takes a timeout; a thread lets it run beside the tracer's
+            stopping.append(_stop_in_thread(lambda: meters.shutdown(timeout_s * 1000)))
+        for thread in stopping:
+            thread.join(max(deadline - time.monotonic(), 0.0))
+        if any(thread.is_alive() for thread in stopping):
+            log.warning(
+                "telemetry: the OTLP collector took no final export within %.0f s "
+                "(unreachable?): spans and metrics not yet sent are dropped",
+                timeout_s,
+            )
+            for exporter in self._span_exporters:  # ends the retries: the rest fail at once
+                _stop_in_thread(exporter.shutdown)
+
+
+def _stop_in_thread(stop: Callable[[], object]) -> threading.Thread:
+    """Run ``stop`` on a daemon thread of its own, so shutdown can stop waiting for it."""
+
+    def run() -> None:
+        try:
+            stop()
+        except Exception:  # shutdown must finish; a failed final export is logged
+            log.exception("telemetry shutdown failed")
+
+    thread = threading.Thread(target=run, name="tiergate-telemetry-shutdown", daemon=True)
+    thread.start()
+    return thread
 
 
 @contextlib.contextmanager

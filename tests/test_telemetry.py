@@ -7,7 +7,9 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -547,6 +549,62 @@ def test_spans_reach_a_real_otlp_receiver(
     assert "-> gen_ai.usage.output_tokens: Int(7)" in text
     assert f"-> tiergate.request_id: Str({r.headers['x-request-id']})" in text
     assert "launch codes" not in text
+
+
+@contextmanager
+def silent_collector() -> Iterator[str]:
+    """An OTLP endpoint that takes connections and never answers, as a hung collector does,
+    or one behind a network that drops its packets; its URL."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.05)
+    held: list[socket.socket] = []
+    done = threading.Event()
+
+    def accept() -> None:
+        while not done.is_set():
+            try:
+                held.append(server.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        done.set()
+        thread.join(5)
+        for conn in held:  # the exports still waiting fail now
+            conn.close()
+        server.close()
+
+
+def test_shutdown_with_an_unreachable_collector_fits_the_grace_period(
+    tmp_path: Path,
+    fake: FakeProvider,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The last export of spans and of metrics each waited on the SDK's bounds (10 s per
+    export and its retries, up to 30 s per provider): about 20 s here with one request's
+    spans, past the 15 s a pod has left of the chart's grace period (35 s) after its preStop
+    (5 s) and its requests (15 s), so it was killed before its shutdown ended. Now shutdown
+    stops waiting, says what it dropped, and leaves no export running."""
+    fake.reset()
+    with silent_collector() as endpoint:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+        with live_server(tmp_path, policy_yaml(fake), local_backend_obj=ScriptedLocal()) as srv:
+            assert srv.gateway.telemetry.tracing
+            assert _chat(srv, "HARD question").status_code == 200
+            started = time.monotonic()
+        took = time.monotonic() - started
+        # An upper bound well above telemetry's (3 s), not a speed goal.
+        assert took < 12, f"shutdown took {took:.1f} s"
+        assert "spans and metrics not yet sent are dropped" in caplog.text
+    ended = wait_for(
+        lambda: not [t for t in threading.enumerate() if t.name == "tiergate-telemetry-shutdown"]
+    )
+    assert ended, "telemetry shutdown threads still running"
 
 
 @pytest.mark.parametrize(
