@@ -658,15 +658,31 @@ def check_can_start(settings: Any) -> None:
 
 
 def _bind(host: str, port: int) -> Any:
-    """The listening socket, bound before anything loads, so a port in use is one line."""
+    """The listening socket, bound before anything loads, so a port in use is one line.
+
+    An IPv6 address is bound dual-stack: ``::`` takes IPv4 clients too (as mapped addresses),
+    whatever the host's ``net.ipv6.bindv6only``, so one address serves IPv4, IPv6 and
+    dual-stack networks (a Kubernetes probe comes from the pod IP's family)."""
+    import errno
     import socket
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # IPPROTO_TCP named, not left 0: the accepted sockets inherit it, and asyncio sets
-    # TCP_NODELAY only on sockets whose proto says TCP. Without it Nagle holds each answer's
-    # body behind its head until the client's delayed ACK, ~40 ms per kept-alive request.
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        # IPPROTO_TCP named, not left 0: the accepted sockets inherit it, and asyncio sets
+        # TCP_NODELAY only on sockets whose proto says TCP. Without it Nagle holds each answer's
+        # body behind its head until the client's delayed ACK, ~40 ms per kept-alive request.
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    except OSError as exc:
+        if exc.errno != errno.EAFNOSUPPORT:
+            raise
+        raise ConfigError(
+            f"cannot start: cannot listen on {host}: this system has no IPv6 (the kernel's "
+            "ipv6.disable=1?): listen on 0.0.0.0 instead (--host or TIERGATE_HOST; the Helm "
+            "chart: router.listenAddress)"
+        ) from exc
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     try:
         sock.bind((host, port))
     except OSError as exc:
@@ -726,7 +742,8 @@ async def _serve(app: Any, settings: Any, sock: Any) -> None:
     server = _Server(config)
     async with app.router.lifespan_context(app):
         host, port = sock.getsockname()[:2]
-        logging.getLogger("tiergate.cli").info("listening on http://%s:%d", host, port)
+        shown = f"[{host}]" if ":" in host else host
+        logging.getLogger("tiergate.cli").info("listening on http://%s:%d", shown, port)
         try:
             await server.serve(sockets=[sock])
         finally:

@@ -949,6 +949,27 @@ def test_serve_sockets_send_small_writes_at_once() -> None:
     assert asyncio.run(accepted_nodelay()) != 0
 
 
+def test_listening_on_ipv6_without_ipv6_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chart listens on `::`; on a node whose kernel has no IPv6 (ipv6.disable=1) the
+    socket cannot be made, and serve died with a traceback instead of naming the fix."""
+    import errno
+
+    from router.cli import _bind
+    from router.errors import ConfigError
+
+    real = socket.socket
+
+    def no_ipv6(family: int = socket.AF_INET, *args: Any) -> socket.socket:
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        return real(family, *args)
+
+    monkeypatch.setattr(socket, "socket", no_ipv6)
+    with pytest.raises(ConfigError, match=r"this system has no IPv6.*listen on 0\.0\.0\.0"):
+        _bind("::", 0)
+    _bind("0.0.0.0", 0).close()
+
+
 def test_serve_runs_on_uvloop_where_installed(monkeypatch: pytest.MonkeyPatch) -> None:
     uvloop = pytest.importorskip("uvloop")
     assert cli.event_loop_runner() is uvloop.run

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -920,6 +921,44 @@ def test_router_is_hardened_and_probed(render: Render) -> None:
     assert router["resources"]["requests"]["memory"] == "1Gi"
     assert env_of(router)["LITELLM_LOCAL_MODEL_COST_MAP"] == "True"
     assert spec["automountServiceAccountToken"] is False
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.create_server(("::1", 0), family=socket.AF_INET6):
+            return True
+    except OSError:
+        return False
+
+
+def _answers(family: socket.AddressFamily, address: str, port: int) -> bool:
+    with socket.socket(family, socket.SOCK_STREAM) as client:
+        client.settimeout(2)
+        return client.connect_ex((address, port)) == 0
+
+
+def test_probes_reach_the_router_on_ipv4_and_ipv6_clusters(render: Render) -> None:
+    """The kubelet probes the pod IP, and on an IPv6-only cluster that is an IPv6 address: the
+    router bound 0.0.0.0 (IPv4 only), so every probe was refused and no pod became ready.
+    The rendered address is bound here as `tiergate serve` binds it, and reached from both
+    families (dual-stack whatever the host's net.ipv6.bindv6only)."""
+    from router.cli import _bind
+
+    if not _ipv6_loopback():
+        pytest.skip("this host has no IPv6 loopback")
+    args = container(find(render(), "Deployment", FULLNAME), "router")["args"]
+    host = args[args.index("--host") + 1]
+    listening = _bind(host, 0)
+    try:
+        listening.listen()
+        port = listening.getsockname()[1]
+        assert _answers(socket.AF_INET6, "::1", port), f"{host} refuses IPv6 (IPv6-only cluster)"
+        assert _answers(socket.AF_INET, "127.0.0.1", port), f"{host} refuses IPv4"
+    finally:
+        listening.close()
+    chosen = render({"router": {"listenAddress": "0.0.0.0"}})
+    args = container(find(chosen, "Deployment", FULLNAME), "router")["args"]
+    assert args[args.index("--host") + 1] == "0.0.0.0"
 
 
 def test_router_keeps_serving_until_its_service_lets_it_go(render: Render) -> None:
