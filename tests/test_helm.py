@@ -961,6 +961,22 @@ def test_probes_reach_the_router_on_ipv4_and_ipv6_clusters(render: Render) -> No
     assert args[args.index("--host") + 1] == "0.0.0.0"
 
 
+def test_the_model_server_listens_on_ipv4_and_ipv6(render: Render) -> None:
+    """llama-server ran with --host 0.0.0.0: on an IPv6-only cluster its probes and the
+    routers (through its Service's IPv6 address) were refused, and the local tier was down.
+    `::` is dual-stack in llama-server's HTTP library (cpp-httplib sets IPV6_V6ONLY off)."""
+
+    def host(values: dict[str, Any]) -> str:
+        server = find(render(values), "Deployment", f"{FULLNAME}-model-server")
+        args = container(server, "llama-server")["args"]
+        return str(args[args.index("--host") + 1])
+
+    gpu = VALUE_SETS["gpu-model-server"]
+    assert host(gpu) == "::"
+    chosen = {**gpu, "modelServer": {**gpu["modelServer"], "listenAddress": "0.0.0.0"}}
+    assert host(chosen) == "0.0.0.0"
+
+
 def test_router_keeps_serving_until_its_service_lets_it_go(render: Render) -> None:
     """At termination the router first sleeps (preStop) while endpoints drop the pod, and its
     grace period covers that, the shutdown timeout and the drain."""
