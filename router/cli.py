@@ -662,8 +662,11 @@ def _bind(host: str, port: int) -> Any:
 
     An IPv6 address is bound dual-stack: ``::`` takes IPv4 clients too (as mapped addresses),
     whatever the host's ``net.ipv6.bindv6only``, so one address serves IPv4, IPv6 and
-    dual-stack networks (a Kubernetes probe comes from the pod IP's family)."""
+    dual-stack networks (a Kubernetes probe comes from the pod IP's family). ``::`` on a kernel
+    without IPv6 (``ipv6.disable=1``) means every address it has: 0.0.0.0, with a warning, so
+    the chart's default starts on IPv4-only nodes too; any other IPv6 address there is refused."""
     import errno
+    import logging
     import socket
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -675,6 +678,11 @@ def _bind(host: str, port: int) -> Any:
     except OSError as exc:
         if exc.errno != errno.EAFNOSUPPORT:
             raise
+        if host == "::":
+            logging.getLogger("tiergate.cli").warning(
+                "this system has no IPv6: listening on 0.0.0.0 (IPv4) instead of ::"
+            )
+            return _bind("0.0.0.0", port)
         raise ConfigError(
             f"cannot start: cannot listen on {host}: this system has no IPv6 (the kernel's "
             "ipv6.disable=1?): listen on 0.0.0.0 instead (--host or TIERGATE_HOST; the Helm "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import socket
@@ -949,9 +950,12 @@ def test_serve_sockets_send_small_writes_at_once() -> None:
     assert asyncio.run(accepted_nodelay()) != 0
 
 
-def test_listening_on_ipv6_without_ipv6_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_listening_on_ipv6_without_ipv6_says_what_to_do(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """The chart listens on `::`; on a node whose kernel has no IPv6 (ipv6.disable=1) the
-    socket cannot be made, and serve died with a traceback instead of naming the fix."""
+    socket cannot be made, and serve died with a traceback. `::` (every address) now falls
+    back to IPv4's 0.0.0.0 with a warning; a named IPv6 address is refused, naming the fix."""
     import errno
 
     from router.cli import _bind
@@ -966,8 +970,15 @@ def test_listening_on_ipv6_without_ipv6_says_what_to_do(monkeypatch: pytest.Monk
 
     monkeypatch.setattr(socket, "socket", no_ipv6)
     with pytest.raises(ConfigError, match=r"this system has no IPv6.*listen on 0\.0\.0\.0"):
-        _bind("::", 0)
-    _bind("0.0.0.0", 0).close()
+        _bind("::1", 0)
+    with caplog.at_level(logging.WARNING, logger="tiergate.cli"):
+        sock = _bind("::", 0)
+    try:
+        assert sock.family == socket.AF_INET
+        assert sock.getsockname()[0] == "0.0.0.0"
+    finally:
+        sock.close()
+    assert "listening on 0.0.0.0 (IPv4) instead of ::" in caplog.text
 
 
 def test_serve_runs_on_uvloop_where_installed(monkeypatch: pytest.MonkeyPatch) -> None:

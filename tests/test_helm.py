@@ -962,9 +962,10 @@ def test_probes_reach_the_router_on_ipv4_and_ipv6_clusters(render: Render) -> No
 
 
 def test_the_model_server_listens_on_ipv4_and_ipv6(render: Render) -> None:
-    """llama-server ran with --host 0.0.0.0: on an IPv6-only cluster its probes and the
-    routers (through its Service's IPv6 address) were refused, and the local tier was down.
-    `::` is dual-stack in llama-server's HTTP library (cpp-httplib sets IPV6_V6ONLY off)."""
+    """llama-server ran with --host 0.0.0.0 and nothing else: on an IPv6-only cluster its
+    probes and the routers (through its Service's IPv6 address) were refused, and the local
+    tier was down. `modelServer.listenAddress: "::"` serves there (cpp-httplib binds it
+    dual-stack); 0.0.0.0 stays the default, as `::` fails where a kernel has no IPv6."""
 
     def host(values: dict[str, Any]) -> str:
         server = find(render(values), "Deployment", f"{FULLNAME}-model-server")
@@ -972,9 +973,9 @@ def test_the_model_server_listens_on_ipv4_and_ipv6(render: Render) -> None:
         return str(args[args.index("--host") + 1])
 
     gpu = VALUE_SETS["gpu-model-server"]
-    assert host(gpu) == "::"
-    chosen = {**gpu, "modelServer": {**gpu["modelServer"], "listenAddress": "0.0.0.0"}}
-    assert host(chosen) == "0.0.0.0"
+    assert host(gpu) == "0.0.0.0"
+    chosen = {**gpu, "modelServer": {**gpu["modelServer"], "listenAddress": "::"}}
+    assert host(chosen) == "::"
 
 
 def test_router_keeps_serving_until_its_service_lets_it_go(render: Render) -> None:
