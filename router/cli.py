@@ -1453,7 +1453,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the records and labels of the named requests, or every record and label of a tenant, "
         "with their entries in Redis's indexes and change stream and in an outage journal no "
         "running Tiergate holds. SQLite overwrites what it deletes and empties its write-ahead "
-        "log. Backups, and models `tiergate retrain` already fitted, are not changed.",
+        "log. For 30 days, what a running Tiergate writes for them later (labels, records of "
+        "requests in flight, a replayed journal) is refused. Backups, and models "
+        "`tiergate retrain` already fitted, are not changed.",
     )
     erase_which = delete.add_mutually_exclusive_group()
     erase_which.add_argument("--tenant", help="every record and label of this tenant")

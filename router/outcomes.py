@@ -12,10 +12,16 @@ valid UTF-8 as they are written (a lone surrogate becomes U+FFFD), a record that
 written is counted (``unwritable``) and skipped, and a writer thread that dies anyway shows in
 ``health`` (so in ``/readyz``) and is started again. ``purge`` deletes records and labels past
 the policy's retention period.
+
+``erase`` leaves a tombstone for what it deleted (a hash of the request id or tenant, kept for
+:data:`ERASURE_KEPT_S`), and every write checks it, so that nothing written after an erasure
+(a label from a shadow judgement or an escalation, a record of a request in flight, an outage
+journal replayed) brings an erased request back (:func:`refused`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -167,6 +173,41 @@ class Erased(NamedTuple):
     journal: int | None = 0
 
 
+#: How long an erasure's tombstone refuses late writes (a label from a shadow judgement or an
+#: escalation, a record of a request in flight, an outage journal replayed on a replica's next
+#: start): longer than any of them waits, except a journal left unreplayed for a month. Bounded
+#: so that the store does not keep even a hash of every erasure for ever.
+ERASURE_KEPT_S = 30 * 86400
+
+
+def erased_name(kind: str, name: str) -> str:
+    """The name of a tombstone (``kind`` is ``request`` or ``tenant``): a hash, so that the
+    tombstone does not hold the request id or tenant it was left for."""
+    return hashlib.sha256(f"{kind}\0{valid_text(name)}".encode()).hexdigest()
+
+
+def refused(
+    item: Item,
+    erased_requests: Collection[str],
+    erased_tenants: Mapping[str, float],
+    record_ts: Mapping[str, float],
+) -> bool:
+    """Whether ``item`` belongs to an erasure and must not be written. ``erased_requests``:
+    the tombstone names (:func:`erased_name`) of erased request ids; ``erased_tenants``: of
+    erased tenants, with when each was erased; ``record_ts``: when the records the labels are
+    about were made, for those stored. A request id is erased whatever comes later (ids are
+    never reused); a tenant's requests made before its erasure are, and so are labels on a
+    request whose record is not stored (a label cannot show when its request was made)."""
+    if isinstance(item, OutcomeRecord):
+        request_id, made = item.id, item.ts
+    else:
+        request_id, made = item.request_id, record_ts.get(item.request_id, -math.inf)
+    if erased_name("request", request_id) in erased_requests:
+        return True
+    when = erased_tenants.get(erased_name("tenant", item.tenant))
+    return when is not None and made <= when
+
+
 class OutcomeStore(Protocol):
     """Where records go. ``submit`` is called on the request path and must never block or raise."""
 
@@ -244,7 +285,8 @@ class OutcomeStore(Protocol):
 
     def erase(self, request_ids: Collection[str] = (), tenant: str | None = None) -> Erased:
         """Delete the records and labels of ``request_ids``, or every one of ``tenant``'s
-        (the right to erasure); what went."""
+        (the right to erasure), and refuse what is written for them later (:func:`refused`,
+        for :data:`ERASURE_KEPT_S`); what went."""
         ...
 
     def purge(self, before_ts: float) -> int:
@@ -501,6 +543,7 @@ class OutcomeWriter:
         self.dropped = 0  # outcomes lost: buffer full and nowhere else to keep them, or given up
         self.unwritable = 0  # records and labels that could not be written at all (logged)
         self.spilled = 0  # items kept elsewhere (:meth:`_keep_elsewhere`) when the buffer was full
+        self.refused = 0  # items of an erased request or tenant that came after it (refused)
         # While the store is unavailable: when that began, and ``written``/``spilled`` then.
         self._outage: tuple[float, int, int] | None = None
 
@@ -750,6 +793,7 @@ class OutcomeWriter:
             "written": self.written,
             "write_errors": self.write_errors,
             "unwritable": self.unwritable,
+            "refused_erased": self.refused,
             "dropped": self.dropped,
             "queued": len(self._buffer),
         }
@@ -792,6 +836,14 @@ _OUTCOME_COLUMNS = {
     "cascade": "TEXT",
 }  # fmt: skip
 
+#: The tombstones erasures leave (:func:`erased_name`: ``name`` is a hash, ``kind`` request or
+#: tenant, ``ts`` when). The erasure makes the table too: the CLI may erase from a file that
+#: an older Tiergate made.
+_ERASURES = (
+    "CREATE TABLE IF NOT EXISTS erasures "
+    "(name TEXT PRIMARY KEY, kind TEXT NOT NULL, ts REAL NOT NULL)"
+)
+
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS outcomes ({", ".join(f"{k} {v}" for k, v in _OUTCOME_COLUMNS.items())});
 CREATE INDEX IF NOT EXISTS outcomes_ts ON outcomes (ts);
@@ -802,6 +854,7 @@ CREATE TABLE IF NOT EXISTS labels (
     PRIMARY KEY (request_id, source)
 );
 CREATE INDEX IF NOT EXISTS labels_ts ON labels (ts);
+{_ERASURES};
 """
 
 
@@ -929,6 +982,8 @@ class SQLiteOutcomeStore(OutcomeWriter):
             (start_of_day, start_of_day),
         )
         self.ledger.load({tenant: float(spent or 0.0) for tenant, spent in spend})
+        with conn:
+            _forget_erasures(conn)
         conn.close()
         self._reader = self._connect()
         self._start_writer()
@@ -952,14 +1007,19 @@ class SQLiteOutcomeStore(OutcomeWriter):
         return {"store": "sqlite", **super().health()}
 
     def write_batch(self, batch: list[Item]) -> None:
-        """Insert a batch in one transaction."""
+        """Insert a batch in one transaction, without the items of an erasure (:func:`refused`).
+        The transaction takes the write lock before it reads the tombstones, so an erasure
+        commits either before it (its tombstones are seen) or after it (it deletes the batch)."""
         if self._conn is None:
             self._conn = self._connect()
-        rows = [_encode(r, FIELDS) for r in batch if isinstance(r, OutcomeRecord)]
-        labels = [_encode(r, LABEL_FIELDS) for r in batch if isinstance(r, Label)]
         with self._conn as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            kept = _unrefused(conn, batch)
+            rows = [_encode(r, FIELDS) for r in kept if isinstance(r, OutcomeRecord)]
+            labels = [_encode(r, LABEL_FIELDS) for r in kept if isinstance(r, Label)]
             _insert_many(conn, "outcomes", FIELDS, rows)
             _insert_many(conn, "labels", LABEL_FIELDS, labels)
+        self.refused += len(batch) - len(kept)  # once committed: a failed batch is retried
 
     @contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
@@ -1027,9 +1087,19 @@ class SQLiteOutcomeStore(OutcomeWriter):
 
     def erase(self, request_ids: Collection[str] = (), tenant: str | None = None) -> Erased:
         """Delete the records and labels of ``request_ids``, or all of ``tenant``'s, so that no
-        copy stays in the files (:meth:`_wiping`)."""
+        copy stays in the files (:meth:`_wiping`), and leave tombstones that refuse what comes
+        for them later (:func:`refused`), in the same transaction."""
         records = labels = 0
+        now = time.time()
+        names = [("request", erased_name("request", rid), now) for rid in request_ids]
+        if tenant is not None:
+            names.append(("tenant", erased_name("tenant", tenant), now))
         with self._wiping() as conn:
+            conn.execute(_ERASURES)
+            _forget_erasures(conn)
+            conn.executemany(
+                "INSERT OR REPLACE INTO erasures (kind, name, ts) VALUES (?, ?, ?)", names
+            )
             if tenant is not None:
                 records += conn.execute("DELETE FROM outcomes WHERE tenant = ?", (tenant,)).rowcount
                 labels += conn.execute("DELETE FROM labels WHERE tenant = ?", (tenant,)).rowcount
@@ -1059,6 +1129,7 @@ class SQLiteOutcomeStore(OutcomeWriter):
                 (before_ts, before_ts),
             )
             gone = conn.execute("DELETE FROM outcomes WHERE ts < ?", (before_ts,)).rowcount
+            _forget_erasures(conn)
         return int(gone)
 
     def count(self, tenant: str | None = None) -> int:
@@ -1083,6 +1154,44 @@ class SQLiteOutcomeStore(OutcomeWriter):
                 (alias, limit),
             )
         return [float(r[0]) for r in rows]
+
+
+def _forget_erasures(conn: sqlite3.Connection) -> None:
+    """Delete the tombstones older than :data:`ERASURE_KEPT_S`."""
+    conn.execute("DELETE FROM erasures WHERE ts < ?", (time.time() - ERASURE_KEPT_S,))
+
+
+def _unrefused(conn: sqlite3.Connection, batch: list[Item]) -> list[Item]:
+    """The items of ``batch`` that no tombstone refuses (:func:`refused`), read inside the
+    writer's transaction."""
+    names = {erased_name("tenant", item.tenant) for item in batch}
+    for item in batch:
+        rid = item.id if isinstance(item, OutcomeRecord) else item.request_id
+        names.add(erased_name("request", rid))
+    found = conn.execute(
+        "SELECT kind, name, ts FROM erasures WHERE ts >= ? AND name IN "
+        "(SELECT value FROM json_each(?))",
+        (time.time() - ERASURE_KEPT_S, json.dumps(sorted(names))),
+    ).fetchall()
+    if not found:
+        return batch
+    requests = {name for kind, name, _ in found if kind == "request"}
+    tenants = {name: float(ts) for kind, name, ts in found if kind == "tenant"}
+    about = sorted({r.request_id for r in batch if isinstance(r, Label)})
+    made = dict(
+        conn.execute(
+            "SELECT id, ts FROM outcomes WHERE id IN (SELECT value FROM json_each(?))",
+            (valid_json(about),),
+        ).fetchall()
+    )
+    kept: list[Item] = []
+    for item in batch:
+        if refused(item, requests, tenants, made):
+            continue
+        kept.append(item)
+        if isinstance(item, OutcomeRecord):
+            made[item.id] = item.ts
+    return kept
 
 
 def _insert_sql(table: str, names: tuple[str, ...], rows: int = 1) -> str:

@@ -28,6 +28,11 @@ such as ``{tiergate}`` so one Lua script can touch every key):
 ``P:replicas``                  sorted set, replica id by its last heartbeat (every second, in
                                 the spend refresh): how many replicas share the budgets, so
                                 that in an outage each spends only its share of what is left.
+``P:erased:<hash>``             string, when an erasure ran, expiring after
+                                :data:`~router.outcomes.ERASURE_KEPT_S`: the tombstone of an
+                                erased request id or tenant (hashed,
+                                :func:`~router.outcomes.erased_name`). The record and label
+                                scripts refuse what comes for them later.
 ==============================  =============================================================
 
 Every write is one Lua script per record or label, so it is atomic and idempotent. The writer
@@ -56,6 +61,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from router.errors import ConfigError, MissingExtraError, StoreUnavailableError
 from router.outcomes import (
+    ERASURE_KEPT_S,
     Erased,
     Item,
     Label,
@@ -63,6 +69,7 @@ from router.outcomes import (
     OutcomeWriter,
     TieredLabel,
     WindowRow,
+    erased_name,
     lock_beside,
     valid_json,
     valid_text,
@@ -113,13 +120,23 @@ return 1
 """
 )
 
+# Both scripts return 2 for an item an erasure refuses (see router.outcomes.refused): its cost
+# is counted all the same (it was spent, and an erasure leaves the day's spend as it was).
 # KEYS: record, stream, ts zset, tenant zset, tenants set, spend hash, scores, alias scores,
-#       hold hash, holds zset
+#       hold hash, holds zset, the request's tombstone, the tenant's tombstone
 # ARGV: json, id, ts, tenant, cost, ttl_s (0: none), score or '', scores cap, spend ttl,
 #       stream maxlen
 _RECORD_LUA = """
 redis.call('HDEL', KEYS[9], ARGV[2])
 redis.call('ZREM', KEYS[10], ARGV[2])
+local erased = redis.call('GET', KEYS[12])
+if redis.call('EXISTS', KEYS[11]) == 1 or (erased and tonumber(ARGV[3]) <= tonumber(erased)) then
+  if tonumber(ARGV[5]) ~= 0 then
+    redis.call('HINCRBYFLOAT', KEYS[6], ARGV[4], ARGV[5])
+    redis.call('EXPIRE', KEYS[6], ARGV[9])
+  end
+  return 2
+end
 local stored
 if tonumber(ARGV[6]) > 0 then
   stored = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[6])
@@ -144,11 +161,25 @@ end
 return 1
 """
 
-# KEYS: label hash, labels zset, spend hash.
+# KEYS: label hash, labels zset, spend hash, the request's record, the request's tombstone,
+#       the tenant's tombstone.
 # ARGV: source, json, member, ts, tenant, cost, ttl (0: none)
 # A label older than the one stored for its source is not written: a journal replayed after
 # an outage must not put back what a later label (from another replica) replaced.
 _LABEL_LUA = """
+local erased = redis.call('GET', KEYS[6])
+local made = nil
+if erased then
+  local record = redis.call('GET', KEYS[4])
+  made = record and tonumber(cjson.decode(record)['ts'])
+end
+if redis.call('EXISTS', KEYS[5]) == 1 or (erased and (not made or made <= tonumber(erased))) then
+  if tonumber(ARGV[6]) ~= 0 then
+    redis.call('HINCRBYFLOAT', KEYS[3], ARGV[5], ARGV[6])
+    redis.call('EXPIRE', KEYS[3], 172800)
+  end
+  return 2
+end
 local stored = redis.call('HGET', KEYS[1], ARGV[1])
 if stored == ARGV[2] then return 0 end
 local older = stored and tonumber(cjson.decode(stored)['ts'])
@@ -379,7 +410,8 @@ class RedisOutcomeStore(OutcomeWriter):
                 self._queue_label(pipe, item)
         pipe.hgetall(self._spend_key(time.time()))
         *results, spend = pipe.execute()
-        self.duplicates += len(batch) - sum(int(r) for r in results)
+        self.duplicates += sum(int(r) == 0 for r in results)
+        self.refused += sum(int(r) == 2 for r in results)
         return {k: float(v) for k, v in spend.items()}
 
     def set_retention_days(self, days: int | None) -> None:
@@ -410,6 +442,8 @@ class RedisOutcomeStore(OutcomeWriter):
                 self.key("scores", valid_text(record.alias) or "-"),
                 self.key("hold", tenant),
                 self.key("holds", tenant),
+                self.key("erased", erased_name("request", rid)),
+                self.key("erased", erased_name("tenant", tenant)),
             ],
             args=[
                 valid_json(record.as_dict()),
@@ -434,6 +468,9 @@ class RedisOutcomeStore(OutcomeWriter):
                 self.key("label", rid),
                 self.key("labels"),
                 self._spend_key(label.ts),
+                self.key("outcome", rid),
+                self.key("erased", erased_name("request", rid)),
+                self.key("erased", erased_name("tenant", label.tenant)),
             ],
             args=[
                 valid_text(label.source),
@@ -650,9 +687,19 @@ class RedisOutcomeStore(OutcomeWriter):
     def erase(self, request_ids: Collection[str] = (), tenant: str | None = None) -> Erased:
         """Delete the records and labels of ``request_ids``, or all of ``tenant``'s: their keys,
         their places in the time indexes and their entries in the ``outcomes`` stream (read
-        whole, as nothing indexes it by request)."""
+        whole, as nothing indexes it by request). Their tombstones are set first, so that what
+        a replica writes for them from then on is refused, and what it wrote before is found
+        and deleted here."""
         client = self._client
         ids = set(request_ids)
+        names = [erased_name("request", rid) for rid in ids]
+        if tenant is not None:
+            names.append(erased_name("tenant", tenant))
+        now = repr(time.time())
+        pipe = client.pipeline(transaction=True)
+        for name in names:
+            pipe.set(self.key("erased", name), now, ex=ERASURE_KEPT_S)
+        self._read(pipe.execute)
         if tenant is not None:
             ids.update(self._read(client.zrange, self.key("outcomes", "ts", tenant), 0, -1))
             ids.update(self._label_ids_of(tenant))

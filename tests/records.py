@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
-from router.outcomes import Label, OutcomeRecord, OutcomeStore
+from router.outcomes import Erased, Label, OutcomeRecord, OutcomeStore
 
 _MODELS = {"local": "local", "closed": "gpt-4o"}
 
@@ -51,3 +52,35 @@ def three_people(store: OutcomeStore) -> tuple[OutcomeRecord, OutcomeRecord, Out
         store.label(Label(record.id, record.tenant, "feedback", 1.0, time.time(), comment=comment))
     assert store.flush(10)
     return people
+
+
+def write_late(store: OutcomeStore, erase: Callable[..., Erased]) -> None:
+    """Erase tenant acme and then a request through ``erase`` (what `tiergate outcomes delete`
+    opens, beside the running ``store``), each followed by what a running Tiergate writes for
+    them later: a record of a request in flight, labels from shadow judgements, escalations
+    and feedback. Only what is not theirs is written, and of acme's prompts only Erin's, made
+    after its erasure, until that request is erased too."""
+    alice, carol, bob = three_people(store)
+    in_flight = outcome(tenant="acme", ts=time.time() - 1, prompt="Dana White asks for a loan")
+    assert erase(tenant="acme")[:2] == (2, 2)
+    store.submit(in_flight)  # began before the erasure, recorded after it
+    store.label(Label(alice.id, "acme", "shadow", 1.0, time.time(), cost_usd=0.5))
+    store.label(Label(in_flight.id, "acme", "escalation", 1.0, time.time()))
+    store.label(Label(bob.id, "globex", "shadow", 0.0, time.time()))
+    later = outcome(tenant="acme", prompt="Erin Black asks about her pension")
+    store.submit(later)  # acme's requests after the erasure are its own
+    store.label(Label(later.id, "acme", "feedback", 1.0, time.time(), comment="thanks, Erin"))
+    assert store.flush(10)
+    for gone in (alice, carol, in_flight):
+        assert store.labels_of(gone.id) == []
+        assert store.get(gone.id) is None
+    assert store.count("acme") == 1 and store.count("globex") == 1
+    assert [lb["source"] for lb in store.labels_of(bob.id)] == ["feedback", "shadow"]
+    assert [lb["comment"] for lb in store.labels_of(later.id)] == ["thanks, Erin"]
+    assert store.health()["refused_erased"] == 3
+    assert erase([later.id])[:2] == (1, 1)
+    store.label(Label(later.id, "acme", "shadow", 1.0, time.time()))  # a judgement ending late
+    assert store.flush(10)
+    assert store.get(later.id) is None and store.labels_of(later.id) == []
+    assert store.health()["refused_erased"] == 4
+    assert store.spend_today("acme") >= 0.5  # the late judgement was paid for all the same

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from router.auth import hash_key
 from router.learning import LearningLoop, closed_better, parse_verdict
+from router.outcomes import SQLiteOutcomeStore
 from router.outcomes_redis import RedisOutcomeStore
 from tests.conftest import LiveServer, live, policy_yaml, wait_for
 from tests.fake_provider import Behaviour, FakeProvider
@@ -320,3 +321,42 @@ def test_verdicts_average_over_both_orders(
 def test_parse_verdict_takes_the_last_one() -> None:
     assert parse_verdict("A is [[A]]-like, but final: [[B]]") == "B"
     assert parse_verdict("no verdict") is None
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_a_label_that_comes_after_an_erasure_is_not_written(
+    tmp_path: Path, fake: FakeProvider, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """`tiergate outcomes delete` while a shadow judgement of the request ran, or before the
+    same conversation escalated: the judgement's label and the escalation's were written
+    after the erasure, and the erased request id was back in the store with its tenant."""
+    fake.reset(Behaviour(mode="stall", stall_s=60.0, judge="closed"))
+    outcomes: Any = None
+    if backend == "redis":
+        server = request.getfixturevalue("redis_server")
+        outcomes = RedisOutcomeStore(server.url, journal=tmp_path / "journal.jsonl")
+    with serve(tmp_path, policy_yaml(fake, shadow="{sample_rate: 1.0}"), outcomes) as srv:
+        store = srv.gateway.outcomes
+        first = chat(srv, "acme", "what is a monad")
+        assert first.headers["x-tiergate-tier"] == "local"
+        rid = first.headers["x-request-id"]
+        assert wait_for(lambda: len(fake.received) == 1)  # the shadow waits on the closed model
+        assert store.flush(10) and store.get(rid) is not None
+        # What `tiergate outcomes delete --request-id` opens, beside the server.
+        if backend == "redis":
+            cli: Any = RedisOutcomeStore(server.url, journal=tmp_path / "journal.jsonl")
+            cli.connect()
+        else:
+            cli = SQLiteOutcomeStore(tmp_path / "outcomes.db")
+        try:
+            assert cli.erase([rid]).records == 1
+        finally:
+            cli.close()
+        fake.behaviour = Behaviour(judge="closed")
+        fake.unstall()
+        assert wait_for(lambda: srv.gateway.learning.pending == 0, 30)
+        chat(srv, "acme", "what is a monad", model="gpt-4o")  # escalates the erased answer
+        assert srv.gateway.learning.escalations == 1
+        assert store.flush(10)
+        assert store.get(rid) is None
+        assert store.labels_of(rid) == [] and store.labels() == []

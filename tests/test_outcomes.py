@@ -13,7 +13,7 @@ import pytest
 from router import outcomes as store_module
 from router.outcomes import Label, OutcomeRecord, SQLiteOutcomeStore, TieredLabel
 from tests.conftest import wait_for
-from tests.records import outcome, three_people
+from tests.records import outcome, three_people, write_late
 
 
 def test_every_submitted_record_is_written_by_close(tmp_path: Path) -> None:
@@ -424,5 +424,39 @@ def test_erasing_requests_or_a_tenant_leaves_no_copy_in_the_file(tmp_path: Path)
         files = b"".join(p.read_bytes() for p in tmp_path.iterdir())
         assert b"Carol Jones" not in files and b"Bob Brown" in files
         assert store.erase(["req_unknown"]) == (0, 0, 0)
+    finally:
+        store.close()
+
+
+def test_nothing_written_after_an_erasure_brings_it_back(tmp_path: Path) -> None:
+    """A label (a shadow judgement, an escalation) or the record of a request in flight that
+    the writer took after `tiergate outcomes delete` put the erased request back in the file."""
+    store = SQLiteOutcomeStore(tmp_path / "o.db")
+    store.start()
+    try:
+        cli = SQLiteOutcomeStore(tmp_path / "o.db")  # as `tiergate outcomes delete` opens it
+        write_late(store, cli.erase)
+        cli.close()
+        files = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+        assert b"Dana White" not in files and b"Erin Black" not in files
+        assert b"Bob Brown" in files
+    finally:
+        store.close()
+
+
+def test_an_erasure_s_tombstone_lapses(tmp_path: Path) -> None:
+    # Tombstones are kept ERASURE_KEPT_S, not for ever: then a purge deletes them.
+    store = SQLiteOutcomeStore(tmp_path / "o.db")
+    store.start()
+    try:
+        assert store.erase(["req_gone"]) == (0, 0, 0)
+        rows = sqlite3.connect(tmp_path / "o.db").execute("SELECT * FROM erasures").fetchall()
+        assert len(rows) == 1 and "req_gone" not in str(rows)  # a hash, not the id
+        with sqlite3.connect(tmp_path / "o.db") as conn:
+            conn.execute("UPDATE erasures SET ts = ts - ?", (store_module.ERASURE_KEPT_S + 1,))
+        store.submit(outcome("req_gone"))
+        assert store.flush(10) and store.get("req_gone") is not None
+        assert store.purge(time.time() - 86400) == 0
+        assert sqlite3.connect(tmp_path / "o.db").execute("SELECT * FROM erasures").fetchall() == []
     finally:
         store.close()

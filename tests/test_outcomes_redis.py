@@ -21,7 +21,7 @@ from router.learning import purge_loop
 from router.outcomes import Label, OutcomeRecord, SQLiteOutcomeStore, TieredLabel, lock_beside
 from router.outcomes_redis import RedisOutcomeStore
 from tests.conftest import wait_for
-from tests.records import outcome, three_people
+from tests.records import outcome, three_people, write_late
 from tests.redis_server import RedisServer
 
 
@@ -831,6 +831,57 @@ def test_erasing_requests_or_a_tenant_removes_them_from_every_structure(
         cli.close()
     finally:
         s.close()
+
+
+def test_nothing_written_after_an_erasure_brings_it_back(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A label (a shadow judgement, an escalation) or the record of a request in flight that a
+    replica wrote after `tiergate outcomes delete` put the erased request back in Redis."""
+    s = store(redis_server, tmp_path)
+    client = redis_server.client()
+    try:
+        cli = RedisOutcomeStore(redis_server.url, journal=s.journal)
+        cli.connect()
+        write_late(s, cli.erase)
+        cli.close()
+        held = _everything_in(client)
+        assert "Dana White" not in held and "Erin Black" not in held and "Bob Brown" in held
+        tombstones = list(client.scan_iter("tiergate:erased:*"))
+        assert len(tombstones) == 2  # the tenant's and the request's, hashed
+        assert all(0 < client.ttl(k) <= 30 * 86400 for k in tombstones)  # ERASURE_KEPT_S
+    finally:
+        s.close()
+
+
+def test_a_journal_replayed_after_an_erasure_does_not_bring_it_back(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Replica A journals a tenant's record and labels during an outage and stops; the
+    erasure runs where A's journal cannot be seen (another pod); A's next start replayed the
+    journal and the tenant's prompt was back in Redis."""
+    a = store(redis_server, tmp_path / "a")
+    alice = outcome(tenant="acme", prompt="Alice Smith asks about her lease")
+    a.submit(alice)
+    assert a.flush(10)
+    redis_server.stop()
+    a.label(Label(alice.id, "acme", "feedback", 1.0, time.time(), comment="call me, Alice"))
+    a.submit(outcome(tenant="acme", prompt="Dana White asks for a loan"))
+    a.submit(outcome(tenant="globex", prompt="Bob Brown asks about his car"))
+    a.close(timeout_s=0.5)
+    redis_server.start()
+    cli = RedisOutcomeStore(redis_server.url, journal=tmp_path / "cli" / "journal.jsonl")
+    cli.connect()
+    assert cli.erase(tenant="acme")[:3] == (1, 0, 0)
+    cli.close()
+    again = store(redis_server, tmp_path / "a")  # replays its journal
+    try:
+        assert again.flush(10)
+        held = _everything_in(redis_server.client())
+        assert "Alice" not in held and "Dana White" not in held and "Bob Brown" in held
+        assert again.health()["refused_erased"] == 2
+    finally:
+        again.close()
 
 
 def test_erasing_a_tenant_drops_its_items_from_a_journal_left_behind(
