@@ -930,6 +930,15 @@ def _cmd_outcomes_delete(args: argparse.Namespace) -> int:
     print(f"deleted {erased.records} records and {erased.labels} labels of {what} from {path}")
     if erased.journal:
         print(f"and {erased.journal} items from the outage journal")
+    aside = getattr(store, "unreadable_path", None)  # a Redis store's journal lines set aside
+    if erased.unreadable:
+        print(f"and {erased.unreadable} unreadable journal lines that name them from {aside}")
+    if erased.unreadable_kept:
+        print(
+            f"{aside} keeps {erased.unreadable_kept} unreadable journal lines that do not name "
+            "them (a line cut short before its tenant holds no more than a request id and a "
+            "time): inspect it, then delete it"
+        )
     if erased.journal is None:
         print(
             "a running Tiergate holds the outage journal: run this again once Redis has taken "
@@ -1454,8 +1463,10 @@ def build_parser() -> argparse.ArgumentParser:
         "with their entries in Redis's indexes and change stream and in an outage journal no "
         "running Tiergate holds. SQLite overwrites what it deletes and empties its write-ahead "
         "log. For 30 days, what a running Tiergate writes for them later (labels, records of "
-        "requests in flight, a replayed journal) is refused. Backups, and models "
-        "`tiergate retrain` already fitted, are not changed.",
+        "requests in flight, a replayed journal) is refused. The journal's lines that could not "
+        "be read (NAME.unreadable) that name the requests or the tenant are deleted; what is "
+        "left there is reported. Backups, and models `tiergate retrain` already fitted, are "
+        "not changed.",
     )
     erase_which = delete.add_mutually_exclusive_group()
     erase_which.add_argument("--tenant", help="every record and label of this tenant")

@@ -171,6 +171,10 @@ class Erased(NamedTuple):
     #: Items dropped from a Redis store's outage journal; None where a running Tiergate holds
     #: the journal (and so would replay them), 0 where there is none (SQLite).
     journal: int | None = 0
+    #: Lines dropped from the journal's unreadable lines (``NAME.unreadable``) because they
+    #: name an erased request or the tenant, and the lines left there that name neither.
+    unreadable: int = 0
+    unreadable_kept: int = 0
 
 
 #: How long an erasure's tombstone refuses late writes (a label from a shadow judgement or an
@@ -907,10 +911,11 @@ def row_to_dict(row: sqlite3.Row) -> dict[str, Any]:
     return out
 
 
-def lock_beside(path: Path) -> tuple[bool, IO[bytes] | None]:
+def lock_beside(path: Path, *, wait: bool = False) -> tuple[bool, IO[bytes] | None]:
     """Lock ``NAME.lock`` beside ``path`` for this process: (True, the open lock file, whose
-    closing releases it), (False, None) when another process holds it, or (True, None) where
-    no lock can be taken (not POSIX, a folder that cannot be written)."""
+    closing releases it), (False, None) when another process holds it (with ``wait``, wait
+    for it instead), or (True, None) where no lock can be taken (not POSIX, a folder that
+    cannot be written)."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no check
@@ -921,7 +926,7 @@ def lock_beside(path: Path) -> tuple[bool, IO[bytes] | None]:
     except OSError:
         return True, None  # a read-only folder: the writes will say so
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         handle.close()
         return False, None

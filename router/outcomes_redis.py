@@ -53,6 +53,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import time
 import uuid
 from collections.abc import Collection
@@ -704,7 +705,7 @@ class RedisOutcomeStore(OutcomeWriter):
             ids.update(self._read(client.zrange, self.key("outcomes", "ts", tenant), 0, -1))
             ids.update(self._label_ids_of(tenant))
         if not ids:
-            return Erased(0, 0, self._erase_from_journal(ids, tenant))
+            return Erased(0, 0, *self._erase_from_files(ids, set(request_ids), tenant))
         ordered = sorted(ids)
         tenants = set(self._read(client.smembers, self.key("tenants")))
         records = labels = 0
@@ -729,7 +730,15 @@ class RedisOutcomeStore(OutcomeWriter):
             pipe.srem(self.key("tenants"), tenant)
             self._read(pipe.execute)
         self._read(self._drop_from_stream, ids)
-        return Erased(records, labels, self._erase_from_journal(ids, tenant))
+        return Erased(records, labels, *self._erase_from_files(ids, set(request_ids), tenant))
+
+    def _erase_from_files(
+        self, ids: set[str], named: set[str], tenant: str | None
+    ) -> tuple[int | None, int, int]:
+        """Erase from the journal (:meth:`_erase_from_journal`), then from the lines of it set
+        aside as unreadable (:func:`_erase_unreadable`, by the ids ``named`` and ``tenant``)."""
+        journal = self._erase_from_journal(ids, tenant)
+        return (journal, *_erase_unreadable(self.unreadable_path, named, tenant))
 
     def _erase_from_journal(self, ids: set[str], tenant: str | None) -> int | None:
         """Drop the items of ``ids`` and ``tenant`` from the journal an earlier run left (the
@@ -831,6 +840,47 @@ def _read_journal(path: Path) -> list[Item]:
         return [_decode(line) for line in fh if line.strip()]
 
 
+def _erase_unreadable(path: Path, ids: Collection[str], tenant: str | None) -> tuple[int, int]:
+    """Delete the lines of ``path`` (a journal's unreadable lines) that name one of ``ids`` or
+    ``tenant``; (lines deleted, lines left). A line is matched on its raw bytes, as it cannot
+    be parsed: an id as a JSON string (``"req_..."``) anywhere in it, the tenant as a
+    ``"tenant"`` field. A line cut short before its tenant holds no more than a request id and
+    a time. Holds the file's lock (``NAME.lock``) while it rewrites it, as a replica does
+    while it appends (:func:`_set_aside_unreadable`)."""
+    if not path.exists():
+        return 0, 0
+    quoted = [b'"' + spelled + b'"' for name in ids for spelled in _spellings(name)]
+    field = (
+        re.compile(rb'"tenant"\s*:\s*"(?:' + b"|".join(map(re.escape, _spellings(tenant))) + b')"')
+        if tenant is not None
+        else None
+    )
+
+    def names(line: bytes) -> bool:
+        return any(q in line for q in quoted) or (field is not None and bool(field.search(line)))
+
+    _, claim = lock_beside(path, wait=True)
+    try:
+        lines = [line for line in path.read_bytes().splitlines(keepends=True) if line.strip()]
+        kept = [line for line in lines if not names(line)]
+        if not kept:
+            path.unlink()
+        elif len(kept) < len(lines):
+            spare = path.with_name(path.name + ".erasing")
+            spare.write_bytes(b"".join(kept))
+            spare.replace(path)
+        return len(lines) - len(kept), len(kept)
+    finally:
+        if claim is not None:
+            claim.close()
+
+
+def _spellings(text: str) -> list[bytes]:
+    """``text`` as a journal line holds it between its quotes: as written (:func:`valid_json`),
+    and ASCII-escaped."""
+    return sorted({valid_json(text)[1:-1].encode(), json.dumps(text)[1:-1].encode()})
+
+
 def _set_aside_unreadable(path: Path, aside: Path) -> list[Item]:
     """The items of the journal file ``path``. Lines that cannot be read are moved to the end
     of ``aside`` (and logged) before the rest is replayed: a line cut short by a SIGKILL or a
@@ -849,8 +899,13 @@ def _set_aside_unreadable(path: Path, aside: Path) -> list[Item]:
         else:
             kept.append(line.rstrip(b"\r\n") + b"\n")
     if bad:
-        with aside.open("ab") as fh:
-            fh.writelines(bad)
+        _, claim = lock_beside(aside, wait=True)  # an erasure may be rewriting it
+        try:
+            with aside.open("ab") as fh:
+                fh.writelines(bad)
+        finally:
+            if claim is not None:
+                claim.close()
         spare = path.with_name(path.name + ".readable")
         spare.write_bytes(b"".join(kept))
         spare.replace(path)

@@ -814,13 +814,13 @@ def test_erasing_requests_or_a_tenant_removes_them_from_every_structure(
         cli = RedisOutcomeStore(redis_server.url, journal=s.journal)
         cli.connect()
 
-        assert cli.erase([alice.id]) == (1, 1, 0)
+        assert cli.erase([alice.id]) == (1, 1, 0, 0, 0)
         held = _everything_in(client)
         assert "Alice Smith" not in held and alice.id not in held and "Carol Jones" in held
         assert s.get(alice.id) is None and s.labels_of(alice.id) == []
         assert s.count() == 2 and s.count("acme") == 1 and len(s.labels()) == 2
 
-        assert cli.erase(tenant="acme") == (1, 1, 0)
+        assert cli.erase(tenant="acme") == (1, 1, 0, 0, 0)
         held = _everything_in(client)
         assert "Carol Jones" not in held and carol.id not in held and "acme" not in held
         assert (
@@ -901,11 +901,11 @@ def test_erasing_a_tenant_drops_its_items_from_a_journal_left_behind(
     reader.connect()  # as the CLI does: no writer, no replay
     try:
         _, running = lock_beside(journal)  # as a Tiergate started on it would
-        assert reader.erase(tenant="acme") == (0, 0, None)  # it would write them back
-        assert reader.erase(tenant="initech") == (0, 0, 0)  # it holds nothing of initech's
+        assert reader.erase(tenant="acme") == (0, 0, None, 0, 0)  # it would write them back
+        assert reader.erase(tenant="initech") == (0, 0, 0, 0, 0)  # it holds nothing of initech's
         assert running is not None
         running.close()
-        assert reader.erase(tenant="acme") == (0, 0, 1)
+        assert reader.erase(tenant="acme") == (0, 0, 1, 0, 0)
     finally:
         reader.close()
     assert "Alice Smith" not in journal.read_text()
@@ -931,8 +931,8 @@ def test_erasing_from_a_journal_left_with_a_line_cut_short(
     journal.write_text("".join(lines) + cut, encoding="utf-8")
     reader = RedisOutcomeStore(redis_server.url, journal=journal)
     reader.connect()  # as the CLI does: no writer, no replay
-    try:
-        assert reader.erase(tenant="acme") == (0, 0, 1)
+    try:  # the cut line holds only part of a request id: it stays, and is counted
+        assert reader.erase(tenant="acme") == (0, 0, 1, 0, 1)
     finally:
         reader.close()
     assert "Alice Smith" not in journal.read_text() and "Bob Brown" in journal.read_text()
@@ -967,3 +967,48 @@ def test_cli_exports_and_erases_on_redis(
     assert "deleted 1 records and 0 labels of tenant globex" in capsys.readouterr().out
     assert main(["outcomes", "delete"]) == 2  # no filter: nothing is deleted
     assert "name --request-id or --tenant" in capsys.readouterr().err
+
+
+def test_erasing_deletes_the_journal_lines_set_aside_that_name_them(
+    redis_server: RedisServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Journal lines that could not be read are moved to NAME.unreadable, which `tiergate
+    outcomes delete` did not read: an erased tenant's prompts stayed in it. The lines that name
+    an erased request or tenant now go, and the command says what it deleted and what is left."""
+
+    def line(item: OutcomeRecord | Label) -> str:  # as a replica journals it
+        kind = "record" if isinstance(item, OutcomeRecord) else "label"
+        data = item.as_dict()
+        return json.dumps({"kind": kind, "data": data}, separators=(",", ":"), ensure_ascii=False)
+
+    alice = outcome(tenant="acme", prompt="Alice Smith asks about her lease")
+    dana = outcome(tenant="acme", prompt="Dana White asks for a loan")
+    bob = outcome(tenant="globex", prompt="Bob Brown asks about his car")
+    erin = Label("req_erin", "initech", "feedback", 1.0, time.time(), comment="Erin Black")
+    aside = tmp_path / "journal.jsonl.unreadable"
+    aside.write_text(
+        line(alice)[:-10] + "\n"  # cut short at its end
+        + line(bob)[:-10] + "\n"
+        + line(bob)[:40] + line(dana) + "\n"  # a cut line, then the next process's append
+        + line(erin)[:60] + "\n",  # cut short before its tenant
+        encoding="utf-8",
+    )  # fmt: skip
+    monkeypatch.setenv("TIERGATE_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("TIERGATE_OUTCOME_JOURNAL_PATH", str(tmp_path / "journal.jsonl"))
+
+    assert main(["outcomes", "delete", "--tenant", "acme"]) == 0
+    out = capsys.readouterr().out
+    assert f"and 2 unreadable journal lines that name them from {aside}" in out
+    assert f"{aside} keeps 2 unreadable journal lines that do not name them" in out
+    held = aside.read_text(encoding="utf-8")
+    assert "Alice Smith" not in held and "Dana White" not in held and "Bob Brown" in held
+
+    assert main(["outcomes", "delete", "--request-id", "req_erin"]) == 0
+    assert "and 1 unreadable journal lines" in capsys.readouterr().out
+    assert main(["outcomes", "delete", "--tenant", "globex"]) == 0
+    out = capsys.readouterr().out
+    assert "and 1 unreadable journal lines" in out and "keeps" not in out
+    assert not aside.exists()
