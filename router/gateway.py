@@ -722,7 +722,7 @@ class Gateway:
                 private = decide(wider)
                 if private.private:
                     decision = private
-            span.decided(decision)
+            span.decided(decision, signals.alias)
         return signals, decision
 
     async def decide_async(

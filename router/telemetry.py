@@ -133,7 +133,7 @@ class _NoSpan:
     def __exit__(self, *exc: object) -> None:
         return None
 
-    def decided(self, decision: Any) -> None:
+    def decided(self, decision: Any, alias: str) -> None:
         """Record nothing."""
 
 
@@ -154,14 +154,16 @@ class _DecideSpan:
     def __exit__(self, *exc: Any) -> None:
         self._cm.__exit__(*exc)
 
-    def decided(self, decision: Any) -> None:
-        """Put the decision's explanation on the span."""
+    def decided(self, decision: Any, alias: str) -> None:
+        """Put the decision's explanation on the span. ``alias`` is the name the request asked
+        for, as its record keeps it: a pinned model's name, where the decision's own ``alias``
+        says ``auto`` (the alias whose threshold would have applied)."""
         attrs = {
             "tiergate.tier": decision.tier,
             "tiergate.model": decision.model,
             "tiergate.rule": decision.rule,
             "tiergate.score": float(decision.score),
-            "tiergate.alias": decision.alias,
+            "tiergate.alias": alias,
         }
         if decision.threshold is not None:
             attrs["tiergate.threshold"] = float(decision.threshold)

@@ -89,7 +89,7 @@ def _request(telemetry: Telemetry) -> RequestSpanMiddleware:
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         with telemetry.decide_span() as span:
-            span.decided(DECISION)
+            span.decided(DECISION, DECISION.alias)
         await backend.complete(MODEL, BODY)
         telemetry.on_record(RECORD)
 

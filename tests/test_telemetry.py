@@ -320,6 +320,24 @@ def test_error_request_sets_error_type(tmp_path: Path, fake: FakeProvider) -> No
     assert point.attributes["status"] == "error" and point.attributes["tier"] == "none"
 
 
+@pytest.mark.parametrize("model", ["gpt-4o", "local", "auto-best"])
+def test_the_decide_span_names_the_model_the_record_names(
+    tmp_path: Path, fake: FakeProvider, model: str
+) -> None:
+    """A pinned request's decide span said ``tiergate.alias: auto`` (the alias whose threshold
+    would apply) while its record, log line and SERVER span named the pinned model."""
+    fake.reset()
+    with traced(tmp_path, policy_yaml(fake), local=ScriptedLocal()) as (srv, cap):
+        r = _chat(srv, "easy", model=model)
+        assert r.status_code == 200
+        assert srv.gateway.outcomes.flush(5)
+        record = srv.gateway.outcomes.get(r.headers["x-request-id"])
+    assert record is not None and record["alias"] == model
+    (decide,) = cap.by_name("tiergate.decide")
+    assert decide.attributes["tiergate.alias"] == model
+    assert cap.server_span().attributes["gen_ai.request.model"] == model
+
+
 @pytest.mark.gguf
 def test_real_local_stream_is_charged_by_gpu_time(tmp_path: Path, fake: FakeProvider) -> None:
     fake.reset()
@@ -415,7 +433,7 @@ def test_tracing_off_unless_configured(tmp_path: Path, fake: FakeProvider) -> No
     local = ScriptedLocal()
     assert telemetry.wrap_backend(local) is local  # no wrapper, no per-call cost
     with telemetry.decide_span() as span:
-        span.decided(None)  # the shared no-op
+        span.decided(None, "auto")  # the shared no-op
     off = Telemetry.from_settings(
         Settings(**{**settings.model_dump(), "metrics_enabled": False}), environ={}
     )
