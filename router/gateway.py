@@ -93,6 +93,9 @@ NO_CLOSED_FALLBACK = "no-closed->local"
 OFFLOAD_SCORING_CHARS = 4000
 # A metadata value in an outcome record: at most this many characters, personal data redacted.
 RECORD_METADATA_CHARS = 256
+# The model name a request asked for, as the record of one refused before routing keeps it (an
+# unknown model's name is the client's own text): at most this many characters.
+RECORD_ASKED_CHARS = 200
 
 
 def _is_large(body: Mapping[str, Any]) -> bool:
@@ -178,6 +181,7 @@ class RequestContext:
     optional: frozenset[str] = frozenset()  # see Call.optional
     native_only: frozenset[str] = frozenset()  # see Call.native_only
     admitted: bool = False  # past admission: a model was to be called (else no tier recorded)
+    asked: str = ""  # the model name asked for, the record's alias when there are no signals
 
     def tokens_used(self) -> int:
         """The tokens this request used (the rate limiter's charge): its answer's, and those of
@@ -473,6 +477,7 @@ class Gateway:
             front=call.front,
             optional=call.optional,
             native_only=call.native_only,
+            asked=_asked_model(call.body),
         )
         status, http_status, error = "ok", 200, None
         hold: TokenHold | None = None
@@ -1364,7 +1369,7 @@ class Gateway:
             id=ctx.request_id,
             ts=time.time(),
             tenant=ctx.tenant,
-            alias=signals.alias if signals else "",
+            alias=signals.alias if signals else ctx.asked,
             tier=model.tier if model else (routed.tier if routed else None),
             model=model.name if model else (routed.model if routed else None),
             rule=decision.rule if decision else None,
@@ -1740,6 +1745,13 @@ async def _metered(
             yield chunk
     finally:
         await inner.aclose()
+
+
+def _asked_model(body: Mapping[str, Any]) -> str:
+    """The model name ``body`` asks for, cut to ``RECORD_ASKED_CHARS``; "" when it names none
+    (a body that could not be read)."""
+    model = body.get("model")
+    return model[:RECORD_ASKED_CHARS] if isinstance(model, str) else ""
 
 
 def _record_value(value: Any) -> Any:

@@ -741,7 +741,9 @@ def _annotate_request_span(span: Any, record: OutcomeRecord) -> None:
     }
     attrs.update({k: v for k, v in optional.items() if v is not None})
     span.set_attributes(attrs)
-    span.update_name(f"chat {record.alias}" if record.alias else "chat")
+    # Named by the alias once decided: a refused name (an unknown model) is the client's own
+    # text, kept in gen_ai.request.model, not in the span's name.
+    span.update_name(f"chat {record.alias}" if record.alias and record.rule else "chat")
     if record.status != "ok" and record.http_status >= 500:
         from opentelemetry.trace import StatusCode
 

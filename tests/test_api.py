@@ -604,6 +604,24 @@ def test_errors_are_openai_shaped(
     assert wait_for(lambda: server.gateway.outcomes.count() == before + 1)
 
 
+def test_an_unknown_model_is_recorded_under_the_name_asked_for(server: LiveServer) -> None:
+    """A 404 for an unknown model was recorded with alias "": the operator could not tell which
+    name a client got wrong. The name is the client's own text, so the record keeps 200
+    characters of it."""
+    ids = {}
+    for name in ("gpt-5-typo", "x" * 5000):
+        body = {"model": name, "messages": [{"role": "user", "content": "hi"}]}
+        response = server.http.post("/v1/chat/completions", json=body)
+        assert response.status_code == 404
+        ids[name] = response.headers["x-request-id"]
+    assert server.gateway.outcomes.flush()
+    typo, long = (server.gateway.outcomes.get(ids[name]) for name in ids)
+    assert typo is not None and long is not None
+    assert typo["alias"] == "gpt-5-typo" and typo["error_type"] == "model_not_found"
+    assert typo["tier"] is None
+    assert long["alias"] == "x" * 200
+
+
 def test_dry_run_route_calls_no_model(server: LiveServer, fake: FakeProvider) -> None:
     fake.reset()
     body = server.http.post(

@@ -316,6 +316,9 @@ def test_error_request_sets_error_type(tmp_path: Path, fake: FakeProvider) -> No
     attrs = cap.server_span().attributes
     assert attrs["error.type"] == r.json()["error"]["code"]
     assert attrs["http.response.status_code"] == 404
+    # The name the client asked for is an attribute; the span's name stays "chat".
+    assert attrs["gen_ai.request.model"] == "no-such-model"
+    assert cap.server_span().name == "chat"
     (point,) = cap.points("tiergate.requests")
     assert point.attributes["status"] == "error" and point.attributes["tier"] == "none"
 
