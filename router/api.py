@@ -259,7 +259,8 @@ async def call_of(
     body: dict[str, Any] = {}
     native: NativeRequest | None = None
     refused: Exception | None = None
-    request_id = new_request_id()
+    # The id RequestIds (router.app) gave the request: its answer and log lines carry it too.
+    request_id = str(getattr(request.state, "request_id", None) or new_request_id())
 
     def read(raw: bytes) -> None:
         # Parsed, translated and checked in one step, off the event loop for a large body.

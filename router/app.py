@@ -45,7 +45,7 @@ from router.errors import (
     error_body,
     on_messages_front,
 )
-from router.gateway import Gateway, PolicyHolder
+from router.gateway import Gateway, PolicyHolder, new_request_id
 from router.learning import LearningLoop, purge_loop
 from router.limits import build_rate_limiter
 from router.outcomes import OutcomeStore, SQLiteOutcomeStore
@@ -364,29 +364,39 @@ def create_app(
     return app
 
 
-class AnthropicRequestId:
-    """ASGI middleware: on the Messages front, ``x-request-id`` is also sent as ``request-id``.
+class RequestIds:
+    """ASGI middleware: every HTTP answer carries an ``x-request-id``, and on the Messages front
+    also as ``request-id``.
 
-    Anthropic names its request id ``request-id``, and its SDK reads that header alone (a
-    message's ``_request_id``, an ``APIStatusError``'s ``request_id``): without it both were
-    None, and the id that finds the outcome record was out of the app's reach.
+    The id is made here, before the key check, and kept as ``request.state.request_id``: the
+    gateway serves and records the request under it (:func:`router.api.call_of`), and an answer
+    sent without one (the key check's 401, /v1/models, /v1/feedback, an unknown path) gets it on
+    the way out, so a client has an id to quote for every answer. Anthropic names its request id
+    ``request-id``, and its SDK reads that header alone (a message's ``_request_id``, an
+    ``APIStatusError``'s ``request_id``): without it both were None.
     """
 
     def __init__(self, app: Any) -> None:
         self.app = app
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
-        """Pass through, adding the header to a Messages response that has a request id."""
-        if scope["type"] != "http" or not on_messages_front(str(scope.get("path", ""))):
+        """Pass through, giving the request its id and the response its headers."""
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        made = str(scope.setdefault("state", {}).setdefault("request_id", new_request_id()))
+        anthropic = on_messages_front(str(scope.get("path", "")))
 
         async def sending(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", ()))
                 ids = [v for k, v in headers if k.lower() == b"x-request-id"]
-                if ids and not any(k.lower() == b"request-id" for k, _ in headers):
-                    message["headers"] = [*headers, (b"request-id", ids[0])]
+                if not ids:
+                    ids = [made.encode()]
+                    headers.append((b"x-request-id", ids[0]))
+                if anthropic and not any(k.lower() == b"request-id" for k, _ in headers):
+                    headers.append((b"request-id", ids[0]))
+                message["headers"] = headers
             await send(message)
 
         await self.app(scope, receive, sending)
@@ -509,17 +519,20 @@ async def _calibrate(gateway: Gateway, every_s: float) -> None:
 
 
 def _error_response(request: Request, exc: TiergateError) -> JSONResponse:
+    # Its own id here too: a 500 for an unexpected error is sent from outside RequestIds.
+    made = getattr(request.state, "request_id", None)
+    headers = exc.headers if made is None else {"x-request-id": str(made), **exc.headers}
     return JSONResponse(
-        error_body(exc, request.url.path), status_code=exc.status_code, headers=exc.headers
+        error_body(exc, request.url.path), status_code=exc.status_code, headers=headers
     )
 
 
 def install_error_handlers(app: FastAPI) -> None:
     """One place where every error becomes JSON: OpenAI's shape, or Anthropic's on its front
     (a request stopped at shutdown too: :class:`StoppedAtShutdown`), whose answers, errors
-    included, also carry their id as Anthropic's ``request-id`` (:class:`AnthropicRequestId`)."""
+    included, also carry their id as Anthropic's ``request-id`` (:class:`RequestIds`)."""
     app.add_middleware(StoppedAtShutdown, stopping=lambda: _stopping(app))
-    app.add_middleware(AnthropicRequestId)
+    app.add_middleware(RequestIds)
 
     async def on_tiergate(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, TiergateError)

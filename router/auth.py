@@ -330,6 +330,15 @@ class AuthMiddleware:
             try:
                 principal = await self.authenticator.authenticate(_presented_key(scope["headers"]))
             except TiergateError as exc:
+                # A log line, not an outcome record: a record per refused caller would let
+                # anyone without a key fill the store. Its request id is the answer's.
+                log.info(
+                    "refused %s %s: %s",
+                    scope.get("method", "WEBSOCKET"),
+                    str(scope["path"])[:200],
+                    exc.code,
+                    extra={"request_id": scope.get("state", {}).get("request_id")},
+                )
                 if scope["type"] == "websocket":
                     await send({"type": "websocket.close", "code": 1008})
                 else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -102,6 +103,56 @@ def test_missing_and_unknown_keys_get_401(server: LiveServer) -> None:
     for path in ("/v1/models", "/openapi.json", "/docs", "/no/such/route", "/metrics"):
         _assert_openai_error(server.http.get(path), 401, "authentication_error")
     # unauthenticated callers cannot fill the outcome store
+    assert server.gateway.outcomes.count() == before
+
+
+def test_every_refusal_carries_a_request_id(
+    server: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The key check's 401 (and the answers of routes that record nothing: /v1/feedback,
+    /v1/route, /v1/models, a 403, an unknown path) had no x-request-id, so a client had no id
+    to quote. A 401 is logged under its id, never recorded."""
+    caplog.set_level(logging.INFO, logger="tiergate.auth")
+    before = server.gateway.outcomes.count()
+    acme = {"authorization": f"Bearer {ACME}"}
+    answers = {
+        "no key": _post(server, None),
+        "unknown key": _post(server, "tg-nope"),
+        "messages, unknown key": server.http.post(
+            "/v1/messages", json={**CHAT, "max_tokens": 5}, headers={"x-api-key": "tg-nope"}
+        ),
+        "feedback, unparsable": server.http.post("/v1/feedback", content=b"{", headers=acme),
+        "route, unparsable": server.http.post("/v1/route", content=b"{", headers=acme),
+        "dashboard, no permission": server.http.get("/dashboard", headers=acme),
+        "unknown path": server.http.get("/no/such/route", headers=acme),
+        "models": server.http.get("/v1/models", headers=acme),
+    }
+    statuses = {name: r.status_code for name, r in answers.items()}
+    assert statuses == {
+        "no key": 401,
+        "unknown key": 401,
+        "messages, unknown key": 401,
+        "feedback, unparsable": 400,
+        "route, unparsable": 400,
+        "dashboard, no permission": 403,
+        "unknown path": 404,
+        "models": 200,
+    }
+    ids = {name: r.headers.get("x-request-id", "") for name, r in answers.items()}
+    assert all(i.startswith("req_") for i in ids.values()), ids
+    assert len(set(ids.values())) == len(ids)
+    # Anthropic's SDK reads request-id: the Messages front's 401 has it too.
+    assert answers["messages, unknown key"].headers["request-id"] == ids["messages, unknown key"]
+    refused = {
+        getattr(r, "request_id", None): r.getMessage()
+        for r in caplog.records
+        if r.name == "tiergate.auth"
+    }
+    assert "missing_api_key" in refused[ids["no key"]]
+    assert "/v1/messages" in refused[ids["messages, unknown key"]]
+    assert "invalid_api_key" in refused[ids["unknown key"]]
+    assert "tg-nope" not in caplog.text  # the key presented is never logged
+    # Nothing was recorded: /v1/route and /v1/feedback record nothing, and a 401 never does.
     assert server.gateway.outcomes.count() == before
 
 
