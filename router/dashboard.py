@@ -9,8 +9,10 @@ the window (``window``), the cascade's escalations included; quality per tier co
 from a JSON report (``tiergate eval --json``) at ``eval_report``, else ``eval.json`` beside the
 classifier.
 
-All three routes depend on :func:`operator_access`, the single access check for them: the
-``dashboard`` permission of the caller's key (see SECURITY.md).
+``?tenant=`` narrows the page and its JSON to one tenant's requests, labels and spend (the
+name as keys, the policy, ``/metrics``' ``tenant`` label and ``tiergate outcomes --tenant``
+spell it). All three routes depend on :func:`operator_access`, the single access check for
+them: the ``dashboard`` permission of the caller's key (see SECURITY.md).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from collections.abc import Iterable
 from html import escape
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -41,7 +44,8 @@ _dashboard_permission = require("dashboard")
 
 async def operator_access(request: Request) -> None:
     """Who may see /metrics and /dashboard: keys with the ``dashboard`` permission (or ``admin``);
-    403 otherwise. The pages aggregate every tenant, so tenants' own keys do not get it."""
+    403 otherwise. The pages show every tenant (``?tenant=`` is a view, not a boundary), so
+    tenants' own keys do not get it."""
     await _dashboard_permission(request)
 
 
@@ -79,6 +83,18 @@ def _served_share(tiers: dict[str, int], tier: str) -> float:
     return tiers.get(tier, 0) / served if served else 0.0
 
 
+def _in_view(
+    records: Iterable[WindowRow], since_ts: float, tenant: str | None
+) -> tuple[list[WindowRow], dict[str, int]]:
+    """The records since ``since_ts`` (``tenant``'s only, when given), and how many each tenant
+    has since then."""
+    rows = [r for r in records if r.ts >= since_ts]
+    seen: dict[str, int] = defaultdict(int)
+    for r in rows:
+        seen[r.tenant] += 1
+    return [r for r in rows if tenant is None or r.tenant == tenant], seen
+
+
 def summarize(
     records: Iterable[WindowRow],
     *,
@@ -86,8 +102,12 @@ def summarize(
     bucket_s: float,
     until_ts: float | None = None,
     problems: int = 20,
+    tenant: str | None = None,
 ) -> dict[str, Any]:
     """The dashboard's aggregates over ``records`` (a store's ``window``), whichever the store.
+
+    With ``tenant``, only that tenant's records are aggregated; ``tenants`` counts the requests
+    of every tenant in the window either way (what a view may narrow to).
 
     ``buckets`` are ``bucket_s`` wide from ``since_ts`` to ``until_ts`` (default: now), empty
     ones included so a chart's x axis is time; a record newer than ``until_ts`` joins the last.
@@ -105,9 +125,8 @@ def summarize(
     bad: list[WindowRow] = []
     errors = aborted = fallbacks = cascaded = escalated = 0
     held: list[float] = []
-    for r in records:
-        if r.ts < since_ts:
-            continue
+    rows, seen = _in_view(records, since_ts, tenant)
+    for r in rows:
         if r.cascade_decision is not None:
             cascaded += 1
             escalated += r.cascade_decision in ESCALATED
@@ -150,6 +169,8 @@ def summarize(
     return {
         "since": since_ts,
         "bucket_s": bucket_s,
+        "tenant": tenant,
+        "tenants": dict(sorted(seen.items())),
         "buckets": [
             {
                 "start": since_ts + i * bucket_s,
@@ -225,11 +246,19 @@ def judging_spend(labels: Iterable[TieredLabel]) -> dict[str, Any]:
 
 
 def store_summary(
-    store: OutcomeStore, since_ts: float, bucket_s: float, until_ts: float | None = None
+    store: OutcomeStore,
+    since_ts: float,
+    bucket_s: float,
+    until_ts: float | None = None,
+    tenant: str | None = None,
 ) -> dict[str, Any]:
     """:func:`summarize` over ``store``'s window (blocking: call it off the event loop)."""
     return summarize(
-        store.window(since_ts), since_ts=since_ts, bucket_s=bucket_s, until_ts=until_ts
+        store.window(since_ts),
+        since_ts=since_ts,
+        bucket_s=bucket_s,
+        until_ts=until_ts,
+        tenant=tenant,
     )
 
 
@@ -304,8 +333,11 @@ def cascade_block(cascade: dict[str, Any]) -> str:
     return "".join(lines)
 
 
-async def dashboard_data(request: Request, window_s: int) -> dict[str, Any]:
-    """Everything the page shows, as JSON-ready data."""
+async def dashboard_data(
+    request: Request, window_s: int, tenant: str | None = None
+) -> dict[str, Any]:
+    """Everything the page shows, as JSON-ready data: ``tenant``'s requests, labels and spend
+    when given, every tenant's otherwise (the live versions and the evaluation are global)."""
     svc = services(request)
     gateway = svc.gateway
     store: OutcomeStore = gateway.outcomes
@@ -313,12 +345,13 @@ async def dashboard_data(request: Request, window_s: int) -> dict[str, Any]:
     bucket_s = BUCKETS_S[window_s]
     until = math.ceil(now / bucket_s) * bucket_s  # the end of the bucket that holds now
     since = until - window_s
-    summary = await asyncio.to_thread(store_summary, store, since, bucket_s, until)
-    labels = await asyncio.to_thread(store.tiered_labels, since)
+    summary = await asyncio.to_thread(store_summary, store, since, bucket_s, until, tenant)
+    labels = await asyncio.to_thread(store.tiered_labels, since, tenant)
     cascade = cascade_summary(summary, gateway.cascade)
     return {
         "generated_at": now,
         "window_s": window_s,
+        "tenant": tenant,
         "live": {
             "policy_version": gateway.policy.digest,
             "model_version": gateway.deciding().version,
@@ -343,16 +376,24 @@ def _window(window_s: int) -> int:
     return window_s
 
 
+#: ``?tenant=``: one tenant's view (its exact name); absent or empty, every tenant's.
+TENANT_QUERY = Query(None, description="only this tenant's requests, labels and spend")
+
+
 @router.get("/dashboard/data")
-async def dashboard_json(request: Request, window_s: int = Query(3600)) -> JSONResponse:
+async def dashboard_json(
+    request: Request, window_s: int = Query(3600), tenant: str | None = TENANT_QUERY
+) -> JSONResponse:
     """The dashboard's numbers as JSON."""
-    return JSONResponse(await dashboard_data(request, _window(window_s)))
+    return JSONResponse(await dashboard_data(request, _window(window_s), tenant or None))
 
 
 @router.get("/dashboard")
-async def dashboard_page(request: Request, window_s: int = Query(3600)) -> HTMLResponse:
+async def dashboard_page(
+    request: Request, window_s: int = Query(3600), tenant: str | None = TENANT_QUERY
+) -> HTMLResponse:
     """The dashboard: HTML with inline SVG charts; refreshes itself every 30 s."""
-    data = await dashboard_data(request, _window(window_s))
+    data = await dashboard_data(request, _window(window_s), tenant or None)
     return HTMLResponse(render_page(data))
 
 
@@ -674,11 +715,37 @@ border-radius:3px}.empty,.note{color:#666}
 """
 
 
+def _query(window_s: int, tenant: str | None) -> str:
+    """A link's query: the window, and the tenant a view is narrowed to (escaped for HTML)."""
+    params: dict[str, Any] = {"window_s": window_s}
+    if tenant is not None:
+        params["tenant"] = tenant
+    return escape(urlencode(params))
+
+
+def tenants_nav(window_s: int, tenant: str | None, seen: dict[str, int]) -> str:
+    """Links to every tenant's view and to each tenant with requests in the window."""
+    names = sorted({*seen, *([tenant] if tenant is not None else [])})
+    links = [
+        f'<a href="?{_query(window_s, None)}" data-tenant=""'
+        + (' aria-current="page"' if tenant is None else "")
+        + ">all tenants</a>"
+    ]
+    for name in names:
+        current = ' aria-current="page"' if name == tenant else ""
+        links.append(
+            f'<a href="?{_query(window_s, name)}" data-tenant="{escape(name)}"{current}>'
+            f"{escape(name)} ({seen.get(name, 0)})</a>"
+        )
+    return f'<nav id="tenants">{" ".join(links)}</nav>'
+
+
 def render_page(data: dict[str, Any]) -> str:
     """The whole dashboard page."""
     summary, totals = data["summary"], data["summary"]["totals"]
-    window = data["window_s"]
-    windows = "".join(f'<a href="?window_s={w}">{_span_label(w)}</a>' for w in WINDOWS_S)
+    window, tenant = data["window_s"], data["tenant"]
+    windows = "".join(f'<a href="?{_query(w, tenant)}">{_span_label(w)}</a>' for w in WINDOWS_S)
+    scope = "every tenant" if tenant is None else f"tenant {tenant}"
     tiles = "".join(
         (
             _tile("requests", str(totals["requests"]), "requests"),
@@ -696,10 +763,12 @@ def render_page(data: dict[str, Any]) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>Tiergate dashboard</title>
 <meta name="viewport" content="width=device-width,initial-scale=1">
 <meta http-equiv="refresh" content="30"><style>{_CSS}</style></head>
-<body><header><h1>Tiergate</h1><span>last {_span_label(window)}, updated
+<body><header><h1>Tiergate</h1><span id="scope" data-tenant="{escape(tenant or "")}">
+{escape(scope)}, last {_span_label(window)}, updated
 {time.strftime("%H:%M:%S", time.gmtime(data["generated_at"]))} UTC</span>
-<nav>{windows}<a href="dashboard/data?window_s={window}">JSON</a></nav></header>
+<nav>{windows}<a href="dashboard/data?{_query(window, tenant)}">JSON</a></nav></header>
 <main>
+<section class="wide">{tenants_nav(window, tenant, summary["tenants"])}</section>
 <section class="wide"><div class="tiles">{tiles}</div></section>
 <section><h2>Requests by tier</h2>{requests_chart(summary)}</section>
 <section><h2>Spend vs all-closed</h2>{spend_chart(summary)}</section>

@@ -243,8 +243,9 @@ class OutcomeStore(Protocol):
         """The records stored since ``since_ts``, oldest first."""
         ...
 
-    def tiered_labels(self, since_ts: float) -> list[TieredLabel]:
-        """Labels stored since ``since_ts`` on records still stored, with the record's tier."""
+    def tiered_labels(self, since_ts: float, tenant: str | None = None) -> list[TieredLabel]:
+        """Labels stored since ``since_ts`` on records still stored, with the record's tier;
+        only ``tenant``'s when given."""
         ...
 
     def spend_today(self, tenant: str) -> float:
@@ -1065,13 +1066,16 @@ class SQLiteOutcomeStore(OutcomeWriter):
             rows = cursor.execute(_WINDOW_SQL, (since_ts,)).fetchall()
         return list(map(WindowRow._make, rows))
 
-    def tiered_labels(self, since_ts: float) -> list[TieredLabel]:
-        """Labels stored since ``since_ts`` with the tier of their record."""
-        rows = self._query(
+    def tiered_labels(self, since_ts: float, tenant: str | None = None) -> list[TieredLabel]:
+        """Labels stored since ``since_ts`` with the tier of their record (``tenant``'s only)."""
+        sql = (
             "SELECT o.tier, l.source, l.value, l.quality, COALESCE(l.cost_usd, 0.0) "
-            "FROM labels l JOIN outcomes o ON o.id = l.request_id WHERE l.ts >= ?",
-            (since_ts,),
+            "FROM labels l JOIN outcomes o ON o.id = l.request_id WHERE l.ts >= ?"
         )
+        if tenant is None:
+            rows = self._query(sql, (since_ts,))
+        else:
+            rows = self._query(sql + " AND l.tenant = ?", (since_ts, tenant))
         return [TieredLabel(*row) for row in rows]
 
     def labels(self, since: float = 0.0, limit: int | None = None) -> list[dict[str, Any]]:

@@ -660,9 +660,14 @@ class RedisOutcomeStore(OutcomeWriter):
         raws = self._read(self._client.mget, [self.key("outcome", i) for i in ids])
         return [WindowRow.of(json.loads(r)) for r in raws if r]
 
-    def tiered_labels(self, since_ts: float) -> list[TieredLabel]:
-        """Labels stored since ``since_ts`` on records still stored, with the record's tier."""
-        labels = self.labels(math.nextafter(since_ts, -math.inf))
+    def tiered_labels(self, since_ts: float, tenant: str | None = None) -> list[TieredLabel]:
+        """Labels stored since ``since_ts`` on records still stored, with the record's tier;
+        only ``tenant``'s when given."""
+        labels = [
+            label
+            for label in self.labels(math.nextafter(since_ts, -math.inf))
+            if tenant is None or label.get("tenant") == tenant
+        ]
         ids = sorted({str(label["request_id"]) for label in labels})
         if not ids:
             return []

@@ -11,8 +11,10 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from router.artifact import DEFAULT_MODEL_NAME
+from router.auth import hash_key
 from router.dashboard import (
     BUCKETS_S,
     eval_chart,
@@ -376,3 +378,75 @@ def test_dashboard_renders_in_headless_chromium(tmp_path: Path, fake: FakeProvid
     assert problems == 3  # two fallbacks and one unknown model
     assert quality_note is not None and "No quality labels yet" in quality_note
     assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
+
+
+def _keys(path: Path) -> Path:
+    """Two tenants' keys (no permission), an operator's (``dashboard``) and an admin's."""
+    entries = [
+        {"sha256": hash_key(f"tg-{name}"), "tenant": name, "permissions": perms}
+        for name, perms in (
+            ("acme", []),
+            ("globex", []),
+            ("ops", ["dashboard"]),
+            ("root", ["admin"]),
+        )
+    ]
+    path.write_text(yaml.safe_dump({"keys": entries}))
+    return path
+
+
+def test_the_dashboard_narrows_to_one_tenant(tmp_path: Path, fake: FakeProvider) -> None:
+    """/metrics has a tenant label and ``tiergate outcomes`` a ``--tenant``; the dashboard had
+    no way to see one tenant's requests, labels and spend apart from the others'."""
+    fake.reset()
+    with live(tmp_path, policy_yaml(fake), api_keys_file=_keys(tmp_path / "keys.yaml")) as srv:
+
+        def chat(tenant: str, content: str, model: str = "auto") -> httpx.Response:
+            body = {"model": model, "messages": [{"role": "user", "content": content}]}
+            auth = {"authorization": f"Bearer tg-{tenant}"}
+            return srv.http.post("/v1/chat/completions", json=body, headers=auth)
+
+        acme = [chat("acme", "easy") for _ in range(3)] + [chat("acme", "HARD")]
+        globex = [chat("globex", "easy"), chat("globex", "x", model="no-such-model")]
+        assert [r.status_code for r in acme + globex] == [200] * 5 + [404]
+        rated = srv.http.post(
+            "/v1/feedback",
+            json={"request_id": acme[0].headers["x-request-id"], "score": 0.8},
+            headers={"authorization": "Bearer tg-acme"},
+        )
+        assert rated.status_code == 200
+        assert wait_for(lambda: srv.gateway.outcomes.flush(0.1))
+
+        def view(key: str, query: str = "") -> httpx.Response:
+            url = f"/dashboard/data?window_s=900{query}"
+            return srv.http.get(url, headers={"authorization": f"Bearer tg-{key}"})
+
+        everyone, only_acme = view("ops").json(), view("ops", "&tenant=acme").json()
+        only_globex, nobody = view("root", "&tenant=globex").json(), view("ops", "&tenant=x")
+        page = srv.http.get(
+            "/dashboard?tenant=acme", headers={"authorization": "Bearer tg-ops"}
+        ).text
+        # A tenant's own key gets no dashboard, its own tenant's view included.
+        assert view("acme", "&tenant=acme").status_code == 403
+        acme_cost = sum(
+            srv.gateway.outcomes.get(r.headers["x-request-id"])["cost_usd"] for r in acme
+        )
+    totals = only_acme["summary"]["totals"]
+    assert totals["by_tier"] == {"local": 3, "closed": 1}
+    assert everyone["tenant"] is None and everyone["summary"]["totals"]["requests"] == 6
+    assert everyone["summary"]["tenants"] == {"acme": 4, "globex": 2}
+    assert only_acme["tenant"] == "acme"
+    assert only_acme["summary"]["tenants"] == everyone["summary"]["tenants"]
+    assert totals["cost_usd"] == pytest.approx(acme_cost) and acme_cost > 0
+    assert totals["errors"] == 0 and only_acme["summary"]["problems"] == []
+    assert only_acme["quality"]["tiers"] == {"local": {"feedback": {"n": 1, "mean": 0.8}}}
+    assert only_globex["summary"]["totals"]["by_tier"] == {"local": 1, "none": 1}
+    assert [p["tenant"] for p in only_globex["summary"]["problems"]] == ["globex"]
+    assert only_globex["quality"]["available"] is False  # acme's feedback is not globex's
+    assert nobody.status_code == 200 and nobody.json()["summary"]["totals"]["requests"] == 0
+    # The page says whose view it is, and its links keep to that tenant.
+    assert 'id="scope" data-tenant="acme"' in page
+    assert '<div class="v">4</div><div class="l">requests</div>' in page
+    assert 'href="?window_s=3600&amp;tenant=acme"' in page
+    assert 'href="dashboard/data?window_s=3600&amp;tenant=acme"' in page
+    assert 'data-tenant="globex">globex (2)</a>' in page

@@ -531,6 +531,10 @@ def test_both_stores_give_the_dashboard_the_same_window(
             summaries.append(store_summary(s, now - 900, 60, now + 1))
             tiered.append(sorted(s.tiered_labels(now), key=lambda t: (str(t.tier), t.source)))
             assert s.tiered_labels(now + 1) == []
+            # One tenant's view (the dashboard's ?tenant=): every label here is acme's.
+            assert sorted(s.tiered_labels(now, "acme")) == sorted(s.tiered_labels(now))
+            assert s.tiered_labels(now, "globex") == []
+            assert store_summary(s, now - 900, 60, now + 1, "globex")["totals"]["requests"] == 0
         a, b = summaries
         assert a["totals"] == b["totals"] and a["by_front"] == b["by_front"]
         assert a["totals"]["requests"] == 12 and a["totals"]["errors"] == 1
