@@ -245,6 +245,13 @@ def judging_spend(labels: Iterable[TieredLabel]) -> dict[str, Any]:
     return {"judgements": len(shadow), "cost_usd": sum(label.cost_usd for label in shadow)}
 
 
+def total_spend(summary: dict[str, Any], judging: dict[str, Any]) -> dict[str, float]:
+    """What the window cost in all: serving its requests plus shadow judging, the two a
+    tenant's budget counts (``spend_today``, over today's records and labels)."""
+    requests, judged = summary["totals"]["cost_usd"], judging["cost_usd"]
+    return {"requests_usd": requests, "judging_usd": judged, "total_usd": requests + judged}
+
+
 def store_summary(
     store: OutcomeStore,
     since_ts: float,
@@ -348,6 +355,7 @@ async def dashboard_data(
     summary = await asyncio.to_thread(store_summary, store, since, bucket_s, until, tenant)
     labels = await asyncio.to_thread(store.tiered_labels, since, tenant)
     cascade = cascade_summary(summary, gateway.cascade)
+    judging = judging_spend(labels)
     return {
         "generated_at": now,
         "window_s": window_s,
@@ -360,7 +368,8 @@ async def dashboard_data(
         },
         "summary": summary,
         "quality": label_quality(labels),
-        "judging": judging_spend(labels),
+        "judging": judging,
+        "spend": total_spend(summary, judging),
         "cascade": cascade,
         "evaluation": load_eval_report(svc.settings),
     }
@@ -750,10 +759,11 @@ def render_page(data: dict[str, Any]) -> str:
         (
             _tile("requests", str(totals["requests"]), "requests"),
             _tile("served locally", f"{totals['local_share'] * 100:.1f}%", "local_share"),
-            _tile("spent", _usd(totals["cost_usd"]), "cost"),
+            _tile("spent serving", _usd(totals["cost_usd"]), "cost"),
             _tile("all-closed would be", _usd(totals["counterfactual_usd"]), "counterfactual"),
             _tile("saved", _usd(totals["saved_usd"]), "saved"),
             _tile("shadow judging", _usd(data["judging"]["cost_usd"]), "judging"),
+            _tile("spent in all", _usd(data["spend"]["total_usd"]), "total_spend"),
             _tile("fallbacks", str(totals["fallbacks"]), "fallbacks"),
             _tile("errors", str(totals["errors"]), "errors"),
             _tile("clients left", str(totals["aborted"]), "aborted"),

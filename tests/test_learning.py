@@ -177,6 +177,45 @@ def test_shadow_judging_runs_in_the_background_and_labels(
         assert judged == {"labelled": 2, "failed": 0, "skipped": 0}
 
 
+def test_the_dashboards_total_spend_is_what_the_budget_counts(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """The dashboard's spend left out shadow judging, which the budget's ``spend_today``
+    counts: the page said less than the tenant had spent against its budget. It now shows
+    serving and judging apart and their sum, which is the budget's figure."""
+    fake.reset(Behaviour(judge="closed"))
+    with serve(tmp_path, policy_yaml(fake, shadow="{sample_rate: 1.0}")) as srv:
+        for i in range(3):
+            assert chat(srv, "acme", f"tell me joke {i}").headers["x-tiergate-tier"] == "local"
+        assert chat(srv, "acme", "a HARD question").headers["x-tiergate-tier"] == "closed"
+        assert chat(srv, "globex", "a HARD one").headers["x-tiergate-tier"] == "closed"
+        learning = srv.gateway.learning
+        assert wait_for(lambda: learning.pending == 0 and len(labels(srv, "shadow")) == 3, 30)
+        ops = {"authorization": f"Bearer {_key('ops')}"}
+        every = srv.http.get("/dashboard/data?window_s=900", headers=ops).json()
+        acme = srv.http.get("/dashboard/data?window_s=900&tenant=acme", headers=ops).json()
+        page = srv.http.get("/dashboard?window_s=900", headers=ops).text
+        store = srv.gateway.outcomes
+        today = {t: store.spend_today(t) for t in ("acme", "globex")}
+        judged = sum(x["cost_usd"] for x in labels(srv, "shadow"))
+    assert every["summary"]["totals"]["cost_usd"] < sum(today.values())  # judging left out
+    assert every["spend"]["total_usd"] == pytest.approx(sum(today.values()))
+    assert acme["spend"]["total_usd"] == pytest.approx(today["acme"])
+    assert acme["spend"] == {
+        "requests_usd": pytest.approx(acme["summary"]["totals"]["cost_usd"]),
+        "judging_usd": pytest.approx(judged),
+        "total_usd": pytest.approx(today["acme"]),
+    }
+    assert judged > 0 and acme["spend"]["requests_usd"] > 0
+    # The page shows the three apart: serving, judging, and the sum.
+    for kpi, usd in (
+        ("cost", every["spend"]["requests_usd"]),
+        ("judging", judged),
+        ("total_spend", sum(today.values())),
+    ):
+        assert f'data-kpi="{kpi}"><div class="v">${usd:,.4f}</div>' in page
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "redis"])
 def test_shadow_judging_stays_within_the_tenant_budget(
     tmp_path: Path, fake: FakeProvider, backend: str, request: pytest.FixtureRequest
