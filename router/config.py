@@ -350,7 +350,10 @@ class _FileSource(PydanticBaseSettingsSource):
 
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
-    """Build :class:`Settings`, turning validation failures into a readable :class:`ConfigError`."""
+    """Build :class:`Settings`, turning validation failures into a readable :class:`ConfigError`.
+
+    A ``config_file`` is put in ``TIERGATE_CONFIG`` for the rest of the process, so that a
+    command's later ``load_settings()`` calls read the same file (as ``--config`` promises)."""
     if config_file is not None:
         os.environ["TIERGATE_CONFIG"] = str(config_file)
     try:

@@ -122,6 +122,10 @@ def _tiergate_home(tmp_path_factory: pytest.TempPathFactory) -> None:
 def _provider_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     for key, value in KEYS.items():
         monkeypatch.setenv(key, value)
+    # `--config` sets TIERGATE_CONFIG for the rest of the process (router.config.load_settings),
+    # so a test that runs `main([..., "--config", F])` would hand F to every later test's
+    # settings: each test starts without it, and its own setting is undone after it.
+    monkeypatch.delenv("TIERGATE_CONFIG", raising=False)
 
 
 def checkout_files() -> list[str]:
