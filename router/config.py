@@ -127,9 +127,9 @@ class Settings(BaseSettings):
         ge=0,
         description="How long a closed model, or an external local server (openai_http), that "
         "keeps failing (cooldown_after_fails calls in a row: timeouts, refused connections, 5xx) "
-        "is passed over for the next model of each request's chain; a 429 cools it for its "
-        "Retry-After (at most 120 s). A cooling model is still called when nothing after it can "
-        "be. 0 turns cooling off.",
+        "is passed over for the next model of each request's chain; a 429, or an overload (503, "
+        "529) that sends a Retry-After, cools it for that Retry-After (at most 120 s). A cooling "
+        "model is still called when nothing after it can be. 0 turns cooling off.",
     )
     cooldown_after_fails: int = Field(
         3, ge=1, description="Failed calls in a row that cool a model (see cooldown_s)."

@@ -6,7 +6,9 @@ external llama.cpp server serves it; the gateway says which): while it cools, re
 straight to the next model of their chain instead of each one waiting on the failing provider
 first (a hanging provider otherwise costs every request its ``timeout_s``, and a rate-limited
 one gets the calls it asked to be spared). A 429 cools for its ``Retry-After`` (at most
-:data:`MAX_COOLDOWN_S`), else for ``cooldown_s``; the failures in a row for ``cooldown_s``.
+:data:`MAX_COOLDOWN_S`), else for ``cooldown_s``; the failures in a row for ``cooldown_s``. An
+overloaded provider (503, Anthropic's 529) that sends a ``Retry-After`` has asked to be spared
+too: it cools at once for it, as a 429 does; without one it counts as a failure in a row.
 
 A cooling model is still called when nothing after it in the chain can be (a pinned model, the
 last fallback): a cooldown never turns an answer into an error by itself. The first call after
@@ -56,15 +58,15 @@ class Cooldowns:
         one (a failure while it cools, a pinned request's, extends the cooldown and returns
         None). Only failures a later call may not meet count: a 429, a timeout, a refused
         connection, a 5xx (not a 400, not a refused key, not litellm failing in this process:
-        ``error.cools``)."""
+        ``error.cools``). A failure with the provider's ``Retry-After`` cools at once."""
         if self.cooldown_s <= 0 or not error.retryable or error.should_retry is False:
             return None
         if not error.cools:
             return None
         state = self._states.setdefault(name, _State())
         state.failures += 1
-        if isinstance(error, UpstreamRateLimitedError):
-            asked = error.retry_after
+        asked = error.retry_after
+        if isinstance(error, UpstreamRateLimitedError) or asked:
             seconds = min(asked, MAX_COOLDOWN_S) if asked else self.cooldown_s
         elif state.failures >= self.after_fails:
             seconds = self.cooldown_s

@@ -106,7 +106,10 @@ def error_body(exc: TiergateError, path: str) -> dict[str, Any]:
 def anthropic_error_body(exc: TiergateError) -> dict[str, Any]:
     """``exc`` in Anthropic's error shape, for the ``/v1/messages`` front: the same status and
     message as the OpenAI shape, the error type named as Anthropic names it."""
-    kind = ANTHROPIC_ERROR_TYPES.get(exc.status_code, "api_error")
+    if exc.code == UpstreamOverloadedError.code:
+        kind = "overloaded_error"  # Anthropic's own word for it (its 529)
+    else:
+        kind = ANTHROPIC_ERROR_TYPES.get(exc.status_code, "api_error")
     return {"type": "error", "error": {"type": kind, "message": exc.message}}
 
 
@@ -307,6 +310,17 @@ class UpstreamRateLimitedError(BackendError):
     status_code = 429
     error_type = "rate_limit_error"
     code = "upstream_rate_limited"
+
+
+class UpstreamOverloadedError(BackendError):
+    """The provider answered that it is overloaded: 503, or Anthropic's 529
+    ``overloaded_error`` (503 ``upstream_overloaded``, with the provider's ``Retry-After``
+    when it sent one). Not a fault of the request: the chain tries its next model, and a
+    client whose chain ends on it may retry later, as the status says."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "upstream_overloaded"
 
 
 class UpstreamRequestTooLargeError(UpstreamRateLimitedError):

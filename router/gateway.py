@@ -1296,7 +1296,9 @@ class Gateway:
         """The one error for a request no model could answer.
 
         A model that was tried and failed gives its own status (502; 504 for a timeout; 429
-        when it said "later"), as the README documents. When no model could even be tried
+        when it said "later"; 503 when it said it is overloaded), as the README documents:
+        where models failed in different ways, the last one's (a 500 then a 503 is a 503
+        with that provider's Retry-After, a 503 then a 500 a 502). When no model could even be tried
         (no provider key, local model not loaded or off, or a tier that cannot honour the
         request) the answer is 503 with ``x-should-retry: false``: a retry cannot fix it. A
         model that failed outranks one that refused later in the chain (a transient 502 stays

@@ -66,6 +66,8 @@ class Behaviour:
     strict: bool = False
     # In ``status`` mode, the JSON body of the error instead of a generic one.
     error_body: dict[str, Any] | None = None
+    # In ``status`` mode, headers sent with the error (a 503's or 529's ``retry-after``).
+    error_headers: dict[str, str] = field(default_factory=dict)
     # In ``status`` mode, answer a stream 200 and end it before its first chunk instead, then
     # drop the connection, as llama_cpp.server does with a prompt over its context (it finds
     # that only once streaming).
@@ -88,6 +90,12 @@ class Behaviour:
     # that closed an idle keep-alive connection just as the client sent on it.
     drop_reused: bool = False
 
+
+#: Anthropic's error body when it is overloaded (with HTTP 529, or as a stream's error event).
+ANTHROPIC_OVERLOADED = {
+    "type": "error",
+    "error": {"type": "overloaded_error", "message": "Overloaded"},
+}
 
 #: The fields of a chat request OpenAI's API takes; it refuses any other with a 400.
 OPENAI_CHAT_FIELDS = frozenset(
@@ -232,7 +240,7 @@ class FakeProvider:
             return
         if b.mode == "status" and failing:
             generic = {"error": {"message": "upstream exploded", "type": "server_error"}}
-            self._json(h, b.status, b.error_body or generic)
+            self._json(h, b.status, b.error_body or generic, extra=b.error_headers)
             return
         if b.mode == "echo_auth":
             leak = (

@@ -3,6 +3,7 @@ and litellm's errors mapped into Tiergate's hierarchy."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,17 +21,18 @@ from router.backends.closed import (
     map_litellm_error,
     provider_of,
 )
-from router.backends.openai_http import OpenAIHTTP
+from router.backends.openai_http import OpenAIHTTP, error_for_status
 from router.errors import (
     BackendError,
     BadRequestError,
     UpstreamBadRequestError,
+    UpstreamOverloadedError,
     UpstreamRateLimitedError,
     UpstreamRequestTooLargeError,
     UpstreamTimeoutError,
 )
 from tests.conftest import KEYS, free_port, run
-from tests.fake_provider import Behaviour, FakeProvider
+from tests.fake_provider import ANTHROPIC_OVERLOADED, Behaviour, FakeProvider
 
 BODY = {
     "model": "auto",
@@ -193,6 +195,31 @@ def test_litellm_errors_map_by_status_and_kind() -> None:
     assert map_litellm_error(over, "m").code == "context_length_exceeded"
     gone = map_litellm_error(APIConnectionError("refused"), "m")
     assert type(gone) is BackendError and gone.code == "upstream_unreachable"
+
+
+def test_an_overloaded_provider_maps_to_one_error_on_every_path() -> None:
+    """A 503, and Anthropic's 529 overloaded_error (which litellm raises as a 500
+    InternalServerError naming the 529 in provider_status_code), are one error: 503
+    upstream_overloaded, keeping the provider's Retry-After; a plain 500 is not one."""
+    unavailable = type("ServiceUnavailableError", (Exception,), {"status_code": 503})("busy")
+    unavailable.litellm_response_headers = {"retry-after": "12"}  # type: ignore[attr-defined]
+    internal = type("InternalServerError", (Exception,), {"status_code": 500})
+    overloaded = internal('AnthropicError - {"type": "overloaded_error"}')
+    overloaded.provider_status_code = 529  # type: ignore[attr-defined]
+    for exc, upstream in ((unavailable, 503), (overloaded, 529)):
+        error = map_litellm_error(exc, "m")
+        assert isinstance(error, UpstreamOverloadedError), error
+        assert (error.status_code, error.code, error.upstream_status) == (
+            503,
+            "upstream_overloaded",
+            upstream,
+        )
+    assert map_litellm_error(unavailable, "m").headers["retry-after"] == "12"
+    assert type(map_litellm_error(internal("boom"), "m")) is BackendError
+    direct = error_for_status(529, json.dumps(ANTHROPIC_OVERLOADED).encode(), "m", retry_after="7")
+    assert isinstance(direct, UpstreamOverloadedError)
+    assert (direct.message, direct.headers["retry-after"]) == ("m answered 529: Overloaded", "7")
+    assert type(error_for_status(500, b"{}", "m")) is BackendError
 
 
 @pytest.mark.parametrize("stream", [False, True])

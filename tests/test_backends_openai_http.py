@@ -14,6 +14,7 @@ from router.errors import (
     BackendError,
     UpstreamBadRequestError,
     UpstreamBadResponseError,
+    UpstreamOverloadedError,
     UpstreamRateLimitedError,
     UpstreamTimeoutError,
 )
@@ -63,7 +64,8 @@ def test_a_stream_yields_chunks_and_fills_in_its_usage(provider: FakeProvider) -
     [
         (Behaviour(mode="rate_limit"), UpstreamRateLimitedError),
         (Behaviour(mode="status", status=400), UpstreamBadRequestError),
-        (Behaviour(mode="status", status=503), BackendError),
+        (Behaviour(mode="status", status=500), BackendError),
+        (Behaviour(mode="status", status=503), UpstreamOverloadedError),
         (Behaviour(mode="array_body"), UpstreamBadResponseError),
     ],
 )

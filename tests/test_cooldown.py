@@ -14,6 +14,7 @@ from router.errors import (
     BackendError,
     UpstreamAuthError,
     UpstreamBadRequestError,
+    UpstreamOverloadedError,
     UpstreamRateLimitedError,
     UpstreamTimeoutError,
 )
@@ -56,6 +57,19 @@ def test_a_429_cools_for_its_retry_after_within_bounds() -> None:
     assert cool.failed("a", UpstreamRateLimitedError("429", retry_after=20)) == 20
     assert cool.failed("b", UpstreamRateLimitedError("429", retry_after=86400)) == MAX_COOLDOWN_S
     assert cool.failed("c", UpstreamRateLimitedError("429")) == 30
+
+
+def test_an_overloaded_provider_cools_at_once_for_the_retry_after_it_sent() -> None:
+    """An overload (503, 529) with a Retry-After asks to be spared, as a 429 does; without
+    one it is a failure in a row like any 5xx."""
+    clock = Clock()
+    cool = Cooldowns(after_fails=3, cooldown_s=30, clock=clock)
+    assert cool.failed("a", UpstreamOverloadedError("529", retry_after=12)) == 12
+    assert cool.failed("b", UpstreamOverloadedError("503", retry_after=9999)) == MAX_COOLDOWN_S
+    assert cool.failed("c", UpstreamOverloadedError("503")) is None
+    assert cool.failed("c", UpstreamOverloadedError("503")) is None
+    assert cool.failed("c", UpstreamOverloadedError("503")) == 30
+    assert cool.status()["a"]["reason"] == "upstream_overloaded"
 
 
 @pytest.mark.parametrize(

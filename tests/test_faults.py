@@ -22,8 +22,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import LiveServer, live, policy_yaml, wait_for
-from tests.fake_provider import Behaviour, FakeProvider
+from tests.conftest import LiveServer, free_port, live, policy_yaml, wait_for
+from tests.fake_provider import ANTHROPIC_OVERLOADED, Behaviour, FakeProvider
 from tests.redis_server import RedisServer, redis_binary
 from tests.scripted_local import ScriptedLocal
 
@@ -53,6 +53,21 @@ def _record(server: LiveServer, response: httpx.Response) -> dict[str, Any]:
     rows = _records(server, 1)
     assert rows[0]["id"] == response.headers["x-request-id"]
     return rows[0]
+
+
+def _final_error(
+    server: LiveServer, response: httpx.Response, status: int, kind: tuple[str, str]
+) -> None:
+    """``response`` is the error ``status`` with ``kind`` (type, code), recorded as such."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == kind
+    record = _record(server, response)
+    assert (record["status"], record["http_status"], record["error_type"]) == (
+        "error",
+        status,
+        kind[1],
+    )
 
 
 def _sse(response: httpx.Response) -> list[Any]:
@@ -129,16 +144,8 @@ def test_closed_429_passes_retry_after_through_when_no_fallback(
 ) -> None:
     fake.reset(Behaviour(mode="rate_limit", retry_after=7))
     response = _post(server, {**PINNED, "model": model})  # a pinned model has no fallback
-    assert response.status_code == 429
+    _final_error(server, response, 429, ("rate_limit_error", "upstream_rate_limited"))
     assert response.headers["retry-after"] == "7"
-    error = response.json()["error"]
-    assert (error["type"], error["code"]) == ("rate_limit_error", "upstream_rate_limited")
-    record = _record(server, response)
-    assert (record["status"], record["http_status"], record["error_type"]) == (
-        "error",
-        429,
-        "upstream_rate_limited",
-    )
     fallback = _post(server, HARD)  # with a fallback the client never sees the 429
     assert fallback.status_code == 200
     assert fallback.headers["x-tiergate-fallback"] == "closed->local"
@@ -168,6 +175,79 @@ def test_a_retry_after_date_is_passed_on_and_a_garbled_one_is_ignored(
         assert fallback.status_code == 200, fallback.text
         assert fallback.headers["x-tiergate-fallback"] == "closed->local"
     _records(server, 7)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    "upstream",
+    [("gpt-4o", 503, None), ("claude", 529, ANTHROPIC_OVERLOADED), ("claude", 503, None)],
+)  # direct HTTP, litellm (which calls Anthropic's 529 an InternalServerError 500)
+def test_an_overloaded_provider_is_a_503_with_its_retry_after_when_no_fallback(
+    server: LiveServer,
+    fake: FakeProvider,
+    upstream: tuple[str, int, dict[str, Any] | None],
+    stream: bool,
+) -> None:
+    """A provider that says it is overloaded (503, Anthropic's 529) was a 502 upstream_error
+    without its Retry-After: the client gets 503 upstream_overloaded and when to come back."""
+    model, status, body = upstream
+    fake.reset(
+        Behaviour(
+            mode="status", status=status, error_body=body, error_headers={"retry-after": "12"}
+        )
+    )
+    response = _post(server, {**PINNED, "model": model, "stream": stream})
+    _final_error(server, response, 503, ("service_unavailable", "upstream_overloaded"))
+    assert response.headers["retry-after"] == "12"
+    # It asked to be spared for 12 s: its model cools for that long at once (router.cooldown).
+    assert 11 < server.gateway.cooldowns.left(model) <= 12
+    fallback = _post(server, HARD)  # with a fallback the client never sees the 503
+    assert fallback.status_code == 200, fallback.text
+    assert "retry-after" not in fallback.headers
+    _records(server, 2)
+
+
+@pytest.mark.parametrize("overloaded_last", [True, False])
+def test_a_chain_failing_in_mixed_ways_answers_with_its_last_failure(
+    tmp_path: Path, fake: FakeProvider, overloaded_last: bool
+) -> None:
+    """gpt-4o cannot be reached and claude is overloaded: 503 with claude's Retry-After. The
+    other way round, the last failure (unreachable, a 502) is the answer, and no Retry-After
+    of an earlier model's is passed on."""
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    policy = policy_yaml(fake, on_failure="closed")
+    if overloaded_last:
+        policy = policy.replace(f"api_base: {fake.base_url}\n", f"api_base: {dead}\n", 1)
+        failing = "/messages"
+    else:
+        policy = policy.replace(
+            f"api_base: {fake.base_url.removesuffix('/v1')}\n", f"api_base: {dead}\n", 1
+        )
+        failing = "/chat/completions"
+    fake.reset(
+        Behaviour(
+            mode="status",
+            status=529 if overloaded_last else 503,
+            error_body=ANTHROPIC_OVERLOADED if overloaded_last else None,
+            error_headers={"retry-after": "12"},
+            failing_path=failing,
+        )
+    )
+    with live(tmp_path, policy, local_backend_obj=ScriptedLocal()) as srv:
+        response = _post(srv, HARD)
+        record = _record(srv, response)
+    assert [r.path for r in fake.received] == ["/v1" + failing]
+    error = response.json()["error"]
+    assert "gpt-4o" in error["message"] and "claude" in error["message"]
+    if overloaded_last:
+        assert response.status_code == 503, response.text
+        assert error["code"] == "upstream_overloaded"
+        assert response.headers["retry-after"] == "12"
+    else:
+        assert response.status_code == 502, response.text
+        assert error["code"] == "upstream_unreachable"
+        assert "retry-after" not in response.headers
+    assert record["http_status"] == response.status_code
 
 
 def test_closed_timeout_uses_the_models_timeout(tmp_path: Path, fake: FakeProvider) -> None:

@@ -129,7 +129,7 @@ def test_a_failed_attempt_s_line_names_its_request_model_and_error(
 ) -> None:
     """On call, the warning a failed model call writes is found by field, not by parsing its
     message: the request it belongs to, the model that failed and how (without tracing on)."""
-    fake.reset(Behaviour(mode="status", status=503, failing_path="/chat/completions"))
+    fake.reset(Behaviour(mode="status", status=500, failing_path="/chat/completions"))
     with live(
         tmp_path, policy_yaml(fake, on_failure="closed"), local_backend_obj=ScriptedLocal()
     ) as srv:
@@ -141,4 +141,4 @@ def test_a_failed_attempt_s_line_names_its_request_model_and_error(
     line = json.loads(JSONFormatter().format(record))
     assert line["request_id"] == response.headers["x-request-id"]
     assert line["model"] == "gpt-4o" and line["tier"] == "closed"
-    assert line["error_type"] == "upstream_error" and line["upstream_status"] == 503
+    assert line["error_type"] == "upstream_error" and line["upstream_status"] == 500

@@ -16,6 +16,7 @@ from router.errors import (
     BadRequestError,
     BudgetExceededError,
     TierUnavailableError,
+    UpstreamOverloadedError,
 )
 from router.schemas import MessagesRequest
 from tests.conftest import run
@@ -450,6 +451,7 @@ def test_native_events_pass_through_unchanged() -> None:
         (AuthenticationError("who?"), "authentication_error"),
         (BudgetExceededError("spent"), "rate_limit_error"),
         (TierUnavailableError("none"), "api_error"),
+        (UpstreamOverloadedError("claude answered 529: Overloaded"), "overloaded_error"),
     ],
 )
 def test_errors_take_anthropics_shape(error: Any, kind: str) -> None:

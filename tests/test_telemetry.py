@@ -686,7 +686,7 @@ def test_a_native_call_has_its_client_span(
 def test_a_failed_native_call_shows_before_the_fallback(tmp_path: Path, fake: FakeProvider) -> None:
     # "auto" sends a hard request to gpt-4o in the Responses API; it fails, the local one answers.
     body, client_span = _NATIVE_CALLS["/v1/responses"]
-    fake.reset(Behaviour(mode="status", status=503, failing_path="/responses"))
+    fake.reset(Behaviour(mode="status", status=500, failing_path="/responses"))
     with traced(tmp_path, policy_yaml(fake, on_failure="local"), local=ScriptedLocal()) as (
         srv,
         cap,

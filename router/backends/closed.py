@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 
 from router.backends import MESSAGE_FIELD, Completion, ModelLike, Usage, usage_from_body
-from router.backends.openai_http import OpenAIHTTP, request_too_large, retry_after_s
+from router.backends.openai_http import OVERLOADED, OpenAIHTTP, request_too_large, retry_after_s
 from router.errors import (
     BackendError,
     BadRequestError,
@@ -27,6 +27,7 @@ from router.errors import (
     TiergateError,
     UpstreamAuthError,
     UpstreamBadRequestError,
+    UpstreamOverloadedError,
     UpstreamRateLimitedError,
     UpstreamRequestTooLargeError,
     UpstreamTimeoutError,
@@ -281,6 +282,13 @@ def map_litellm_error(exc: Exception, label: str, key: str | None = None) -> Tie
         if request_too_large(message):
             return UpstreamRequestTooLargeError(message, upstream_status=429)
         return UpstreamRateLimitedError(message, upstream_status=429, retry_after=_retry_after(exc))
+    if _overloaded(exc, status, message):
+        provider = getattr(exc, "provider_status_code", None)
+        return UpstreamOverloadedError(
+            message,
+            upstream_status=provider if isinstance(provider, int) else status,
+            retry_after=_retry_after(exc),
+        )
     param = getattr(exc, "param", None)  # the field the provider's 400 named, if it did
     param = param if isinstance(param, str) else None
     if "ContextWindow" in name:  # the prompt is over the model's window: OpenAI's code
@@ -296,6 +304,21 @@ def map_litellm_error(exc: Exception, label: str, key: str | None = None) -> Tie
     if "Connection" in name or _cannot_connect(exc):
         return BackendError(message, code="upstream_unreachable", upstream_status=status)
     return BackendError(message, upstream_status=status if isinstance(status, int) else None)
+
+
+def _overloaded(exc: Exception, status: Any, message: str) -> bool:
+    """Whether the provider said it is overloaded: a 503 (litellm's ``ServiceUnavailableError``),
+    or Anthropic's 529 ``overloaded_error``, which litellm raises as an ``InternalServerError``
+    with status 500 and the provider's 529 in ``provider_status_code``; any 5xx whose text
+    names ``overloaded_error`` is one too."""
+    return (
+        status in OVERLOADED
+        or getattr(exc, "provider_status_code", None) in OVERLOADED
+        or (
+            (status is None or (isinstance(status, int) and status >= 500))
+            and "overloaded_error" in message
+        )
+    )
 
 
 # What litellm appends to an error's text that is neither its nor the provider's word on it: the

@@ -27,6 +27,7 @@ from router.errors import (
     UpstreamAuthError,
     UpstreamBadRequestError,
     UpstreamBadResponseError,
+    UpstreamOverloadedError,
     UpstreamRateLimitedError,
     UpstreamRequestTooLargeError,
     UpstreamTimeoutError,
@@ -83,7 +84,8 @@ def error_for_status(
     The upstream's message is repeated with credentials scrubbed (some providers echo keys).
     A prompt over the model's window keeps OpenAI's ``context_length_exceeded``: agent loops
     read that code to shorten their history. A 400 keeps the field the provider named
-    (``param``), so the client knows what to fix.
+    (``param``), so the client knows what to fix. A 503 or 529 (overloaded) keeps the
+    upstream's ``Retry-After``, as a 429 does.
     """
     error = _upstream_error(raw)
     message = f"{label} answered {status}: {scrub(_upstream_message(error, reason), [api_key])}"
@@ -103,11 +105,19 @@ def error_for_status(
             upstream_status=status,
             param=param if isinstance(param, str) else None,
         )
+    if status in OVERLOADED:
+        return UpstreamOverloadedError(
+            message, upstream_status=status, retry_after=retry_after_s(retry_after)
+        )
     if status in (408, 504):
         return UpstreamTimeoutError(message, upstream_status=status)
     if status in (401, 403):
         return UpstreamAuthError(message, upstream_status=status)
     return BackendError(message, upstream_status=status)
+
+
+#: The statuses of a provider that is overloaded: 503, and Anthropic's 529 ``overloaded_error``.
+OVERLOADED = (503, 529)
 
 
 def request_too_large(message: str) -> bool:
