@@ -24,6 +24,7 @@ from collections.abc import (
     Awaitable,
     Callable,
     Collection,
+    Iterable,
     Mapping,
 )
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from router.backends import MESSAGE_FIELD, Backend, Completion, Usage, closed, local
 from router.backends.local import ExternalLlamaBackend, Gate
-from router.backends.native import NativeCaller, NativeRequest, speaks
+from router.backends.native import NATIVE, NativeCaller, NativeRequest, opening_event, speaks
 from router.calibration import AliasThreshold, calibrate, calibrated_values
 from router.cascade import (
     ESCALATION_FAILED,
@@ -287,8 +288,9 @@ class RoutePlan:
 
 @dataclass(frozen=True, slots=True)
 class _Opened:
-    """A stream's head: a model has produced its first chunk, so the headers can name it, and
-    the prompt's tokens as known then (see :class:`StreamAnswer`)."""
+    """A stream's head: a model has produced its first chunk past its opening (see
+    :meth:`Gateway.stream`), so the headers can name it, and the prompt's tokens as known
+    then (see :class:`StreamAnswer`)."""
 
     headers: dict[str, str]
     prompt_tokens: int
@@ -464,7 +466,8 @@ class Gateway:
         """One request from admission to its record, in one ``try/finally``.
 
         Yields the :class:`Answer`, or, for a stream, :class:`_Opened` once a model produced
-        its first chunk, then the chunks and a closing usage chunk. The backend's stream is
+        its first chunk that carries something (:meth:`stream`), then the chunks and a closing
+        usage chunk. The backend's stream is
         closed before the record is written; the token hold is settled after it, with the
         usage the record settled on (a client that left pays for what was generated).
         """
@@ -946,9 +949,13 @@ class Gateway:
     ) -> AsyncGenerator[dict[str, Any], None]:
         """Open a stream along the fallback chain (``native`` as for :meth:`complete`).
 
-        Fallback is possible only until the first chunk arrives; this coroutine returns once a
-        backend has produced its first chunk (so headers can name who answered), and the
-        returned iterator yields that chunk first.
+        Fallback is possible only until the first chunk that carries something (a token, a
+        tool call, the end, usage) arrives; this coroutine returns once a backend has produced
+        it (so headers can name who answered), and the returned iterator yields the chunks
+        before it, then it. Opening chunks that carry nothing (OpenAI's role-only chunk, what
+        Anthropic's ``message_start`` becomes) are held back until then, so that a stream cut
+        right after its opening falls back like any failed call, rather than ending in an
+        error event after the client has been told a model answers.
         """
 
         async def attempt(
@@ -962,12 +969,12 @@ class Gateway:
                 source = backend.stream(
                     model, self.fitted(model, body, ctx.optional, ctx.native_only), usage
                 )
-            try:
-                first: dict[str, Any] | None = await anext(source)
-            except StopAsyncIteration:
-                first = None
+            held: list[dict[str, Any]] = []
+            with contextlib.suppress(StopAsyncIteration):
+                while not held or _opening(held[-1]):
+                    held.append(await anext(source))
             ctx.usage = usage
-            return _metered(ctx, first, source)
+            return _metered(ctx, held, source)
 
         return await self._local_first(ctx, attempt, lambda: self._cascade_stream(ctx, body))
 
@@ -1149,9 +1156,9 @@ class Gateway:
             ctx.served = None
             self._cascade_note(ctx, judgement, _held_usage(usage, hold, ctx), held_ms)
             whole = ended or hold.finish_reason is not None
-            return None, _metered(ctx, None, _released(hold.chunks, None, body)) if whole else None
+            return None, _metered(ctx, (), _released(hold.chunks, None, body)) if whole else None
         self._cascade_note(ctx, judgement, usage, held_ms)
-        return _metered(ctx, None, _released(hold.chunks, source, body)), None
+        return _metered(ctx, (), _released(hold.chunks, source, body)), None
 
     def _cascade_failed(self, ctx: RequestContext, model: ModelSpec, exc: TiergateError) -> None:
         # The cascade's local model failed and the request escalates; a failure of the model
@@ -1537,6 +1544,17 @@ def _produced(choices: list[Any]) -> bool:
     return False
 
 
+def _opening(chunk: Mapping[str, Any]) -> bool:
+    """Whether a stream's chunk only opens it, carrying nothing a client reads as the
+    answer: no token, no end (:func:`_produced`), no usage (OpenAI's role-only chunk); for a
+    native stream, an opening event (:func:`~router.backends.native.opening_event`). Such
+    chunks are held back until one that carries something (:meth:`Gateway.stream`)."""
+    if NATIVE in chunk:
+        return opening_event(chunk)
+    choices = chunk.get("choices")
+    return not chunk.get("usage") and not (isinstance(choices, list) and _produced(choices))
+
+
 async def _chunks(
     life: AsyncGenerator[Answer | _Opened | dict[str, Any], None],
 ) -> AsyncGenerator[dict[str, Any], None]:
@@ -1729,13 +1747,13 @@ async def _attempt_on(
 
 
 async def _metered(
-    ctx: RequestContext, first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any]]
+    ctx: RequestContext, held: Iterable[dict[str, Any]], rest: AsyncIterator[dict[str, Any]]
 ) -> AsyncGenerator[dict[str, Any], None]:
-    """``first`` then ``rest``, counting the answer text that passes (see ``settle_usage``).
+    """``held`` then ``rest``, counting the answer text that passes (see ``settle_usage``).
 
     Closing this closes the backend's stream at once (the local model stops and frees its slot,
     the provider's connection is released), before the request is recorded."""
-    inner = _prepend(first, rest)
+    inner = _prepend(held, rest)
     try:
         async for chunk in inner:
             for choice in chunk.get("choices") or ():
@@ -1773,11 +1791,11 @@ def _record_value(value: Any) -> Any:
 
 
 async def _prepend(
-    first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any]]
+    held: Iterable[dict[str, Any]], rest: AsyncIterator[dict[str, Any]]
 ) -> AsyncGenerator[dict[str, Any], None]:
     try:
-        if first is not None:
-            yield first
+        for chunk in held:
+            yield chunk
         async for chunk in rest:
             yield chunk
     finally:

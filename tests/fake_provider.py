@@ -44,7 +44,9 @@ class Behaviour:
     array), no_stream_usage (a stream without a usage chunk even when asked, as llama-cpp-python's
     server sends it), interrupted (a stream that ends with ``data: [DONE]`` after two words and
     no finish_reason, as llama-cpp-python's server ends one it interrupts for a newer request),
-    reset_at_once (the connection reset before any answer).
+    reset_at_once (the connection reset before any answer), reset_after_open (a stream whose
+    connection is reset right after its opening: OpenAI's role-only chunk, Anthropic's
+    ``message_start``, the Responses ``response.created``)).
     ``chunk_delay_s`` paces streamed chunks."""
 
     mode: str = "ok"
@@ -78,8 +80,8 @@ class Behaviour:
     # ``cache_read_input_tokens`` and ``cache_creation_input_tokens`` (beside ``input_tokens``).
     cached_tokens: int = 0
     cache_write_tokens: int = 0
-    # In ``status`` mode, fail only the requests to paths ending so (``/chat/completions``: the
-    # OpenAI model), and answer the others.
+    # In ``status`` mode (and ``reset_after_open``), fail only the requests to paths
+    # ending so (``/chat/completions``: the OpenAI model), and answer the others.
     failing_path: str | None = None
     # In ``tool_call`` mode, the calls to make, ``(tool name, arguments)`` each, in parallel, in
     # place of one call of the first tool offered. Streamed, each call's arguments come in two
@@ -235,7 +237,7 @@ class FakeProvider:
         b = self.behaviour
         anthropic = h.path.rstrip("/").endswith("/messages")
         responses = h.path.rstrip("/").endswith("/responses")
-        failing = b.failing_path is None or h.path.rstrip("/").endswith(b.failing_path)
+        failing = self._failing(h)
         if self._dropped(h, body, failing):
             return
         if b.mode == "status" and failing:
@@ -285,6 +287,18 @@ class FakeProvider:
             (self._anthropic_stream if anthropic else self._openai_stream)(h, body)
         else:
             (self._anthropic_json if anthropic else self._openai_json)(h, body)
+
+    def _failing(self, h: BaseHTTPRequestHandler) -> bool:
+        """Whether this request is one to fail (see ``Behaviour.failing_path``)."""
+        path = self.behaviour.failing_path
+        return path is None or h.path.rstrip("/").endswith(path)
+
+    def _cut_after_open(self, h: BaseHTTPRequestHandler) -> bool:
+        """Reset the connection if told to cut this stream after its opening; True when cut."""
+        if self.behaviour.mode != "reset_after_open" or not self._failing(h):
+            return False
+        _reset(h)
+        return True
 
     def _dropped(self, h: BaseHTTPRequestHandler, body: dict[str, Any], failing: bool) -> bool:
         """Drop the request as a server that fails it without an answer (``reset_at_once``,
@@ -435,6 +449,8 @@ class FakeProvider:
     ) -> None:
         b = self.behaviour
         send({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+        if self._cut_after_open(h):
+            return
         for i, piece in enumerate(pieces):
             if b.mode == "reset_mid_stream" and i == 2:
                 _reset(h)
@@ -535,6 +551,8 @@ class FakeProvider:
                 },
             },
         )
+        if self._cut_after_open(h):
+            return
         event(
             "content_block_start",
             {
@@ -654,6 +672,8 @@ class FakeProvider:
             h.wfile.flush()
 
         event({"type": "response.created", "response": self._response(body, "in_progress")})
+        if self._cut_after_open(h):
+            return
         message = {
             "type": "message",
             "id": "msg_fake",

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from router.backends import Usage
-from router.backends.native import NATIVE, NativeBackend, NativeRequest, speaks
+from router.backends.native import NATIVE, NativeBackend, NativeRequest, opening_event, speaks
 from router.backends.openai_http import OpenAIHTTP
 from router.errors import BackendError
 from router.policy import parse_policy
@@ -182,3 +182,28 @@ def test_an_upstream_failure_is_a_backend_error(
         run(_complete(models["claude"], NativeRequest("messages", MESSAGES)))
     with pytest.raises(BackendError, match="upstream exploded"):
         run(_stream(models["gpt-4o"], NativeRequest("responses", RESPONSES)))
+
+
+@pytest.mark.parametrize(
+    ("event", "opening"),
+    [
+        ({"type": "message_start", "message": {"id": "msg_1"}}, True),
+        ({"type": "ping"}, True),
+        ({"type": "content_block_start", "content_block": {"type": "text", "text": ""}}, True),
+        ({"type": "response.created", "response": {"id": "resp_1"}}, True),
+        ({"type": "response.output_item.added", "item": {"type": "message", "content": []}}, True),
+        ({"type": "response.content_part.added", "part": {"type": "output_text"}}, True),
+        # What the answer is made of, thinking included, goes on as it comes: a stream of
+        # extended thinking is not held back until its text starts.
+        ({"type": "content_block_start", "content_block": {"type": "thinking"}}, False),
+        ({"type": "content_block_delta", "delta": {"type": "thinking_delta"}}, False),
+        ({"type": "content_block_start", "content_block": {"type": "server_tool_use"}}, False),
+        ({"type": "response.reasoning_summary_text.delta", "delta": "hm"}, False),
+        ({"type": "response.output_item.added", "item": {"type": "function_call"}}, False),
+    ],
+)
+def test_only_a_native_streams_opening_events_may_be_held_back(
+    event: dict[str, Any], opening: bool
+) -> None:
+    assert opening_event({"choices": [], NATIVE: event}) is opening
+    assert opening_event({"choices": []}) is False  # not a native chunk

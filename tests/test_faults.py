@@ -287,6 +287,113 @@ def test_closed_connection_reset_mid_stream(server: LiveServer, fake: FakeProvid
     assert (record["status"], record["http_status"], record["fallback"]) == ("error", 502, None)
 
 
+#: Per front: the streamed request, the path a cut provider serves natively, and how to read
+#: the answer's opening events and text out of the stream's events.
+CUT_FRONTS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "chat": ("/v1/chat/completions", {**HARD, "stream": True}, "/chat/completions"),
+    "messages": (
+        "/v1/messages",
+        {"model": "auto", "max_tokens": 64, "messages": HARD["messages"], "stream": True},
+        "/messages",
+    ),
+    "responses": (
+        "/v1/responses",
+        {"model": "auto", "input": "HARD proof please", "stream": True},
+        "/responses",
+    ),
+}
+
+
+def _opening_and_text(front: str, events: list[Any]) -> tuple[list[int], str]:
+    """Where the stream's opening events are (the role chunk, ``message_start``,
+    ``response.created``), and the answer's text."""
+    data = [e for e in events if e != "[DONE]"]
+    if front == "chat":
+        deltas = [(c["choices"] or [{}])[0].get("delta") or {} for c in data]
+        return [i for i, d in enumerate(deltas) if "role" in d], "".join(
+            d.get("content") or "" for d in deltas
+        )
+    opening = "message_start" if front == "messages" else "response.created"
+    if front == "messages":
+        text = "".join(
+            e["delta"].get("text", "") for e in data if e["type"] == "content_block_delta"
+        )
+    else:
+        text = "".join(e["delta"] for e in data if e["type"] == "response.output_text.delta")
+    return [i for i, e in enumerate(data) if e["type"] == opening], text
+
+
+@pytest.mark.parametrize("front", sorted(CUT_FRONTS))
+def test_a_stream_cut_after_its_opening_falls_back(
+    tmp_path: Path, fake: FakeProvider, front: str
+) -> None:
+    """A provider that sends a stream's opening (OpenAI's role-only chunk, Anthropic's
+    message_start, response.created) and then drops it has answered nothing: the request falls
+    back like any failed call, and the client gets the fallback's whole answer, opened once.
+    It got the opening, then an error event, and the record said error."""
+    path, body, cut = CUT_FRONTS[front]
+    policy = policy_yaml(fake, on_failure="closed")
+    if cut == "/messages":  # claude first, natively
+        policy = policy.replace(
+            "closed_models: [gpt-4o, claude]", "closed_models: [claude, gpt-4o]"
+        )
+    fake.reset(Behaviour(mode="reset_after_open", failing_path=cut))
+    with live(tmp_path, policy, local_backend_obj=ScriptedLocal()) as srv:
+        with srv.http.stream("POST", path, json=body) as response:
+            events = _sse(response)
+        record = _record(srv, response)
+    answered = "gpt-4o" if cut == "/messages" else "claude"
+    answered_path = "chat/completions" if answered == "gpt-4o" else "messages"
+    assert response.status_code == 200
+    assert (response.headers["x-tiergate-model"], response.headers["x-tiergate-fallback"]) == (
+        answered,
+        "closed->closed",
+    )
+    opening, text = _opening_and_text(front, events)
+    assert opening == [0], events[:3]
+    assert text.strip() == fake.behaviour.text
+    assert [r.path for r in fake.received] == ["/v1" + cut, f"/v1/{answered_path}"]
+    assert (record["status"], record["model"], record["fallback"]) == (
+        "ok",
+        answered,
+        "closed->closed",
+    )
+    assert record["ttft_ms"] is not None and record["completion_tokens"] > 0
+
+
+def test_an_external_local_stream_cut_after_its_opening_falls_back(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """The same for an external llama.cpp server (the local tier's openai_http backend): its
+    role chunk, then the connection cut, and the closed fallback answers the whole request."""
+    fake.reset()
+    with FakeProvider() as server:
+        server.reset(Behaviour(mode="reset_after_open", text="from the local server"))
+        with live(
+            tmp_path,
+            policy_yaml(fake, on_failure="closed"),
+            local_backend="openai_http",
+            local_base_url=server.base_url,
+        ) as srv:
+            with srv.http.stream(
+                "POST", "/v1/chat/completions", json={**EASY, "stream": True}
+            ) as response:
+                events = _sse(response)
+            record = _record(srv, response)
+    assert len(server.received) == 1
+    assert (response.headers["x-tiergate-model"], response.headers["x-tiergate-fallback"]) == (
+        "gpt-4o",
+        "local->closed",
+    )
+    opening, text = _opening_and_text("chat", events)
+    assert (opening, text.strip(), events[-1]) == ([0], fake.behaviour.text, "[DONE]")
+    assert (record["status"], record["model"], record["fallback"]) == (
+        "ok",
+        "gpt-4o",
+        "local->closed",
+    )
+
+
 # -- local tier faults -------------------------------------------------------------------------
 
 

@@ -704,7 +704,7 @@ def test_closing_a_metered_stream_closes_the_backend_at_once() -> None:
         ctx = RequestContext(request_id="r", tenant="t", started=0.0, stream=True)
         source = backend()
         first = await anext(source)
-        metered = _metered(ctx, first, source)
+        metered = _metered(ctx, [first], source)
         await anext(metered)
         await anext(metered)
         await metered.aclose()

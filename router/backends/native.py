@@ -50,6 +50,33 @@ class NativeRequest:
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
+#: The native stream events that open a stream and carry nothing of the answer yet.
+_OPENING_EVENTS = frozenset({"message_start", "ping", "response.created", "response.in_progress"})
+
+
+def opening_event(chunk: Mapping[str, Any]) -> bool:
+    """Whether a native chunk's event only opens the stream: Anthropic's ``message_start``,
+    a ``ping``, an empty text block's start; the Responses ``response.created``, an output
+    message or text part being added. Any other event (a thinking delta, a server tool's
+    block) is part of the answer, sent on as it comes."""
+    event = chunk.get(NATIVE)
+    if not isinstance(event, Mapping):
+        return False
+    kind = event.get("type")
+    if kind in _OPENING_EVENTS:
+        return True
+    block = event.get("content_block") or event.get("item") or event.get("part") or {}
+    if not isinstance(block, Mapping):
+        return False
+    if kind == "content_block_start":
+        return block.get("type") == "text" and not block.get("text")
+    if kind == "response.output_item.added":
+        return block.get("type") == "message" and not block.get("content")
+    if kind == "response.content_part.added":
+        return block.get("type") == "output_text" and not block.get("text")
+    return False
+
+
 def passed_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """The request headers a native call passes on to the provider."""
     return {k: headers[k] for k in _PASSED_HEADERS if k in headers}
