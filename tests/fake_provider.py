@@ -46,7 +46,9 @@ class Behaviour:
     no finish_reason, as llama-cpp-python's server ends one it interrupts for a newer request),
     reset_at_once (the connection reset before any answer), reset_after_open (a stream whose
     connection is reset right after its opening: OpenAI's role-only chunk, Anthropic's
-    ``message_start``, the Responses ``response.created``)).
+    ``message_start``, the Responses ``response.created``), overloaded_after_open (Anthropic
+    only: ``message_start``, then an ``overloaded_error`` event, as Anthropic ends a stream it
+    cannot go on with).
     ``chunk_delay_s`` paces streamed chunks."""
 
     mode: str = "ok"
@@ -80,7 +82,7 @@ class Behaviour:
     # ``cache_read_input_tokens`` and ``cache_creation_input_tokens`` (beside ``input_tokens``).
     cached_tokens: int = 0
     cache_write_tokens: int = 0
-    # In ``status`` mode (and ``reset_after_open``), fail only the requests to paths
+    # In ``status`` mode (and the ``*_after_open`` ones), fail only the requests to paths
     # ending so (``/chat/completions``: the OpenAI model), and answer the others.
     failing_path: str | None = None
     # In ``tool_call`` mode, the calls to make, ``(tool name, arguments)`` each, in parallel, in
@@ -552,6 +554,9 @@ class FakeProvider:
             },
         )
         if self._cut_after_open(h):
+            return
+        if self.behaviour.mode == "overloaded_after_open" and self._failing(h):
+            event("error", ANTHROPIC_OVERLOADED)
             return
         event(
             "content_block_start",

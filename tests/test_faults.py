@@ -394,6 +394,33 @@ def test_an_external_local_stream_cut_after_its_opening_falls_back(
     )
 
 
+def test_anthropics_overloaded_error_after_message_start_is_a_503_or_a_fallback(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """Anthropic ends a stream it cannot go on with by an overloaded_error event (its 529 once
+    a stream is open): before any token, the chain goes on, and with no model left the client
+    gets the 503 an overloaded provider gets, in Anthropic's words, not a 200 and an error
+    event."""
+    _, body, _ = CUT_FRONTS["messages"]
+    policy = policy_yaml(fake, on_failure="closed").replace(
+        "closed_models: [gpt-4o, claude]", "closed_models: [claude, gpt-4o]"
+    )
+    fake.reset(Behaviour(mode="overloaded_after_open", failing_path="/messages"))
+    with live(tmp_path, policy, local_backend_obj=ScriptedLocal()) as srv:
+        pinned = srv.http.post("/v1/messages", json={**body, "model": "claude"})
+        assert pinned.status_code == 503, pinned.text
+        assert pinned.json()["error"]["type"] == "overloaded_error"
+        with srv.http.stream("POST", "/v1/messages", json=body) as response:
+            events = _sse(response)
+        assert response.headers["x-tiergate-model"] == "gpt-4o"
+        assert _opening_and_text("messages", events)[1].strip() == fake.behaviour.text
+        rows = _records(srv, 2)
+    assert [(r["status"], r["http_status"], r["error_type"]) for r in rows] == [
+        ("ok", 200, None),
+        ("error", 503, "upstream_overloaded"),
+    ]
+
+
 # -- local tier faults -------------------------------------------------------------------------
 
 

@@ -23,7 +23,7 @@ from typing import Any, Literal, Protocol
 from router.backends import Completion, ModelLike, Usage, token_count
 from router.backends.closed import key_for, provider_of
 from router.backends.openai_http import OpenAIHTTP
-from router.errors import BackendError, UpstreamBadResponseError
+from router.errors import BackendError, UpstreamBadResponseError, UpstreamOverloadedError
 
 #: The key, in a chat answer or chunk, that holds the provider's native body or event.
 NATIVE = "tiergate_native"
@@ -350,7 +350,10 @@ class _AnthropicEvents:
         if kind == "error":
             error = event.get("error") or {}
             message = error.get("message") if isinstance(error, dict) else None
-            raise BackendError(f"{label} failed mid-stream: {message or 'error'}")
+            text = f"{label} failed mid-stream: {message or 'error'}"
+            if isinstance(error, dict) and error.get("type") == "overloaded_error":
+                raise UpstreamOverloadedError(text)  # what a 529 says once a stream is open
+            raise BackendError(text)
         if kind == "message_start":
             message = event.get("message") or {}
             self.id = str(message.get("id", ""))
