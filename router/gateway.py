@@ -1183,11 +1183,12 @@ class Gateway:
         last: TiergateError | None = None
         failure: BackendError | None = None  # the last model that failed (not refused)
         tried = 0  # models that were called
-        while i < len(queue):
+        cooled: list[tuple[ModelSpec, str | None]] = []  # passed over while cooling down
+        while _goes_on(queue, i, cooled, failed=failure is not None):
             model, fallback = queue[i]
             i += 1
             backend = self.backend(model)
-            reason = self.unavailable_reason(model) or self._passed_over(model, queue[i:])
+            reason = self._skipped(model, fallback, queue[i:], cooled)
             if backend is None or reason:
                 errors.append(f"{model.name}: {reason}")
                 continue
@@ -1251,6 +1252,23 @@ class Gateway:
         after it can be called. None: call it (a cooldown alone never fails a request)."""
         cooling = self._cooling(model)
         return cooling if cooling and any(self._callable(m) for m, _ in rest) else None
+
+    def _skipped(
+        self,
+        model: ModelSpec,
+        fallback: str | None,
+        rest: list[tuple[ModelSpec, str | None]],
+        cooled: list[tuple[ModelSpec, str | None]],
+    ) -> str | None:
+        """Why ``model`` is not called now, or None; one passed over only because it is cooling
+        down joins ``cooled`` (see :func:`_goes_on`)."""
+        unavailable = self.unavailable_reason(model)
+        if unavailable:
+            return unavailable
+        cooling = self._passed_over(model, rest)
+        if cooling:
+            cooled.append((model, fallback))
+        return cooling
 
     def _callable(self, model: ModelSpec) -> bool:
         """Whether ``model`` could be called now: served, available and not cooling."""
@@ -1727,6 +1745,24 @@ def _record_signals(signals: Signals | None) -> dict[str, Any]:
     data.pop("headers", None)  # may carry tenant-set values; the record keeps only the signals
     data["metadata"] = {k: _record_value(v) for k, v in signals.metadata.items()}
     return data
+
+
+def _goes_on(
+    queue: list[tuple[ModelSpec, str | None]],
+    i: int,
+    cooled: list[tuple[ModelSpec, str | None]],
+    *,
+    failed: bool,
+) -> bool:
+    """Whether the walk along ``queue`` goes on at ``queue[i]``. At its end the models passed
+    over while cooling down (``cooled``) join it, unless a model that was called failed: every
+    model after them refused the request (``n``, tools, a field its provider does not take) or
+    could not be tried, so none could serve it in their stead. A cooldown alone never fails a
+    request, and a transient one must not answer as a 400, which clients do not retry."""
+    if i == len(queue) and not failed:
+        queue += cooled
+        cooled.clear()
+    return i < len(queue)
 
 
 async def _attempt_on(

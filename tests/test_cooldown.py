@@ -136,6 +136,38 @@ def test_a_failing_provider_is_passed_over_while_it_cools(
     assert 'error_type="upstream_error"' in cooled[0] and 'model="gpt-4o"' in cooled[0]
 
 
+def test_a_cooling_model_is_called_when_the_rest_of_its_chain_refuses_the_request(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """gpt-4o cools after failing; then it heals, and a request with ``n: 2`` comes, which only
+    gpt-4o can take (litellm refuses ``n`` for claude before any call). gpt-4o was passed over
+    for claude, whose refusal was the answer: a 400 "claude does not take 'n'" to a client that
+    sent ``model: auto``, which the OpenAI SDKs do not retry, for as long as gpt-4o cooled.
+    Nothing in the chain could serve it instead, so gpt-4o is called after all and answers."""
+    fake.reset(Behaviour(mode="status", status=500, failing_path="/chat/completions"))
+    hard = {"model": "auto", "messages": [{"role": "user", "content": "HARD"}]}
+    with live(tmp_path, policy_yaml(fake, on_failure="closed"), cooldown_after_fails=2) as srv:
+        for _ in range(2):
+            assert srv.http.post("/v1/chat/completions", json=hard).status_code == 200
+        assert srv.gateway.cooldowns.left("gpt-4o") > 0
+        fake.reset()
+        for stream in (False, True):
+            answer = srv.http.post("/v1/chat/completions", json={**hard, "n": 2, "stream": stream})
+            assert answer.status_code == 200, answer.text
+            assert answer.headers["x-tiergate-model"] == "gpt-4o"
+            assert "x-tiergate-fallback" not in answer.headers
+        assert [(r.path, r.body["n"]) for r in fake.received] == [("/v1/chat/completions", 2)] * 2
+        assert srv.gateway.cooldowns.left("gpt-4o") == 0  # its answer ended the cooldown
+        # While a model after it can take the request, the cooling model is still passed over.
+        fake.reset(Behaviour(mode="status", status=500, failing_path="/chat/completions"))
+        for _ in range(2):
+            srv.http.post("/v1/chat/completions", json=hard)
+        fake.received.clear()
+        answer = srv.http.post("/v1/chat/completions", json=hard)
+        assert answer.headers["x-tiergate-model"] == "claude"
+        assert [r.path for r in fake.received] == ["/v1/messages"]
+
+
 def test_a_request_litellm_cannot_translate_does_not_cool_its_model(
     tmp_path: Path, fake: FakeProvider
 ) -> None:
