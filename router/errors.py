@@ -41,6 +41,9 @@ class TiergateError(Exception):
     # False for failures a retry cannot fix (configuration): sent as ``x-should-retry: false``,
     # which the OpenAI SDKs honour instead of retrying a 5xx three times. None: no header.
     should_retry: bool | None = None
+    # Anthropic's own code for this error (its ``error.details.error_code``), where Anthropic
+    # has one that its SDKs act on; sent only on the /v1/messages front.
+    anthropic_code: str | None = None
 
     def __init__(
         self,
@@ -105,12 +108,16 @@ def error_body(exc: TiergateError, path: str) -> dict[str, Any]:
 
 def anthropic_error_body(exc: TiergateError) -> dict[str, Any]:
     """``exc`` in Anthropic's error shape, for the ``/v1/messages`` front: the same status and
-    message as the OpenAI shape, the error type named as Anthropic names it."""
+    message as the OpenAI shape, the error type named as Anthropic names it, and Anthropic's
+    ``details.error_code`` where the error has one."""
     if exc.code == UpstreamOverloadedError.code:
         kind = "overloaded_error"  # Anthropic's own word for it (its 529)
     else:
         kind = ANTHROPIC_ERROR_TYPES.get(exc.status_code, "api_error")
-    return {"type": "error", "error": {"type": kind, "message": exc.message}}
+    error: dict[str, Any] = {"type": kind, "message": exc.message}
+    if exc.anthropic_code is not None:
+        error["details"] = {"error_code": exc.anthropic_code}
+    return {"type": "error", "error": error}
 
 
 class ConfigError(TiergateError):
@@ -179,6 +186,15 @@ class BadRequestError(TiergateError):
     status_code = 400
     error_type = "invalid_request_error"
     code = "invalid_request"
+
+
+class ThreadUnsupportedError(BadRequestError):
+    """A Messages request with ``thread``, Anthropic's conversation held by the server between
+    turns: Tiergate holds none, and a later turn sends only its new messages. Anthropic's code
+    for a request it cannot thread makes the Anthropic SDKs' tool runner send the whole
+    conversation again, without ``thread``."""
+
+    anthropic_code = "thread_unsupported_request"
 
 
 class UnsupportedEncodingError(BadRequestError):

@@ -15,7 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from router.backends.native import NATIVE, NativeRequest, native_or, passed_headers
-from router.errors import BadRequestError, TiergateError, anthropic_error_body
+from router.errors import (
+    BadRequestError,
+    ThreadUnsupportedError,
+    TiergateError,
+    anthropic_error_body,
+)
 from router.signals import estimate_tokens
 
 #: The chat fields the translation makes from Anthropic-only parameters (``top_k``; ``thinking``
@@ -31,6 +36,12 @@ OPTIONAL = frozenset(
 #: own types, such as ``bash_20250124`` (``tools.provider``, router.gateway.PROVIDER_TOOLS).
 NATIVE_ONLY = frozenset(
     {"mcp_servers", "container", "context_management", "web_search_options", "tools.provider"}
+)
+
+
+STATELESS = (
+    "Tiergate's /v1/messages is stateless: send the whole conversation in 'messages', "
+    "without 'thread'"
 )
 
 
@@ -55,7 +66,12 @@ def to_chat(body: Mapping[str, Any], request_id: str) -> tuple[dict[str, Any], T
     ``metadata`` is kept whole, as on the chat front, so the policy can read it; it is not
     sent to a provider. ``tool_choice.disable_parallel_tool_use`` becomes
     ``parallel_tool_calls: false`` (only with tools: OpenAI refuses it without).
+
+    A ``thread`` is refused: its later turns carry only their new messages (and no tools),
+    which any model, and the policy, would read as the whole conversation.
     """
+    if body.get("thread") is not None:
+        raise ThreadUnsupportedError(STATELESS, param="thread")
     _litellm()
     from litellm.llms.anthropic.messages.adapters.transformation import (
         LiteLLMAnthropicMessagesAdapter,

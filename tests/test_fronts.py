@@ -17,6 +17,7 @@ import anthropic
 import httpx
 import openai
 import pytest
+from anthropic import beta_tool
 
 from router.auth import hash_key
 from router.outcomes import OutcomeRecord, SQLiteOutcomeStore
@@ -514,6 +515,53 @@ def test_anthropics_own_tools_are_served_only_by_an_anthropic_model(
     raw = claude_client.messages.with_raw_response.create(model="claude", **request)
     assert raw.headers["x-tiergate-model"] == "claude"
     assert fake.received[-1].body["tools"] == [tool]
+
+
+@pytest.mark.parametrize("model", ["gpt-4o", "claude"])
+def test_the_anthropic_tool_runner_sends_the_whole_conversation_to_any_model(
+    claude_client: anthropic.Anthropic, server: LiveServer, fake: FakeProvider, model: str
+) -> None:
+    # The Anthropic SDKs' tool runner (Python 2.17, JS 1.17) holds the conversation in a
+    # message thread by default: its first turn sends `thread: {"type": "create"}`, each
+    # later one only its new messages (the tool results, no tools) and `previous_message_id`.
+    # Tiergate, which holds no thread, ignored `thread`: gpt-4o got a conversation of tool
+    # results alone, and routing and the privacy rule read only those. Refused as Anthropic
+    # refuses a request it cannot thread, the runner sends the whole conversation instead.
+    fake.reset(Behaviour(mode="tool_call"))
+
+    @beta_tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        fake.reset()  # the model answers the result in words
+        return f"sunny in {city}"
+
+    question = {"role": "user", "content": "HARD: what is the weather in Paris?"}
+    runner = claude_client.beta.messages.tool_runner(
+        model=model, max_tokens=50, tools=[get_weather], messages=[question]
+    )
+    final = runner.until_done()
+    assert final.content[-1].text == Behaviour().text  # type: ignore[union-attr]
+    (sent,) = fake.received
+    if model == "gpt-4o":
+        assert [m["role"] for m in sent.body["messages"]] == ["user", "assistant", "tool"]
+        assert sent.body["tools"][0]["function"]["name"] == "get_weather"
+    else:
+        assert [m["role"] for m in sent.body["messages"]] == ["user", "assistant", "user"]
+        assert sent.body["tools"][0]["name"] == "get_weather" and "thread" not in sent.body
+    fake.reset()
+    refused = httpx.post(
+        server.url + "/v1/messages",
+        json={
+            "model": model,
+            "max_tokens": 5,
+            "messages": [question],
+            "thread": {"type": "continue", "previous_message_id": "msg_1"},
+        },
+    )
+    assert refused.status_code == 400 and fake.received == []
+    error = refused.json()["error"]
+    assert error["type"] == "invalid_request_error" and "stateless" in error["message"]
+    assert error["details"] == {"error_code": "thread_unsupported_request"}
 
 
 def test_a_chat_client_that_sends_top_k_still_sends_it(

@@ -15,6 +15,7 @@ from router.errors import (
     AuthenticationError,
     BadRequestError,
     BudgetExceededError,
+    ThreadUnsupportedError,
     TierUnavailableError,
     UpstreamOverloadedError,
 )
@@ -458,6 +459,22 @@ def test_errors_take_anthropics_shape(error: Any, kind: str) -> None:
     assert messages.error_event(error) == {
         "type": "error",
         "error": {"type": kind, "message": error.message},
+    }
+
+
+@pytest.mark.parametrize(
+    "thread", [{"type": "create"}, {"type": "continue", "previous_message_id": "msg_1"}]
+)
+def test_a_thread_is_refused_with_anthropics_code_for_it(thread: dict[str, Any]) -> None:
+    # Anthropic's SDKs read `error.details.error_code`: on this one their tool runner sends
+    # the whole conversation again without `thread` (tests/test_fronts.py runs it).
+    with pytest.raises(ThreadUnsupportedError, match="stateless") as refused:
+        messages.to_chat(request(thread=thread), "req_1")
+    assert refused.value.status_code == 400 and refused.value.param == "thread"
+    assert messages.error_event(refused.value)["error"] == {
+        "type": "invalid_request_error",
+        "message": messages.STATELESS,
+        "details": {"error_code": "thread_unsupported_request"},
     }
 
 
