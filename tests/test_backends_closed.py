@@ -235,6 +235,69 @@ def test_a_provider_litellm_cannot_connect_to_is_unreachable(stream: bool) -> No
     assert raised.value.code == "upstream_unreachable"
 
 
+ROLES = {"type": "error", "error": {"type": "invalid_request_error", "message": "roles alternate"}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    "case",
+    [
+        (Behaviour(mode="rate_limit"), "claude answered 429: slow down", "RateLimitError"),
+        (
+            Behaviour(mode="status", status=529, error_body=ANTHROPIC_OVERLOADED),
+            "claude answered 529: Overloaded",
+            "overloaded_error",
+        ),
+        (
+            Behaviour(mode="status", status=400, error_body=ROLES),
+            "claude answered 400: roles alternate",
+            "invalid_request_error",
+        ),
+        (
+            Behaviour(mode="status", status=500),
+            "claude answered 500: upstream exploded",
+            "InternalServerError",
+        ),
+    ],
+    ids=["429", "529", "400", "500"],
+)
+def test_a_litellm_error_reads_as_the_direct_paths_do(
+    provider: FakeProvider,
+    caplog: pytest.LogCaptureFixture,
+    case: tuple[Behaviour, str, str],
+    stream: bool,
+) -> None:
+    """Through litellm (an Anthropic model on the chat or Responses front) a client read
+    litellm's words: ``claude: APIConnectionError: litellm.APIConnectionError:
+    AnthropicException - Stream ended before a finish_reason was received``, or a 429's whole
+    JSON body as a bytes literal. It reads as the direct paths' messages: the model, what
+    happened, the provider's status and its own message; the log keeps litellm's text."""
+    behaviour, says, raw = case
+    provider.reset(behaviour)
+    caplog.set_level(logging.INFO, logger="tiergate.closed")
+    model = Model("claude", "anthropic/claude-3-5-sonnet-20241022", provider.base_url[:-3])
+    with pytest.raises(BackendError) as raised:
+        run(_answer(model, BODY, stream=stream))
+    assert raised.value.message == says
+    assert raw in caplog.text and "litellm" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "litellm_model", ["openai/gpt-4o", "gemini/gemini-1.5-pro", "mistral/mistral-large-latest"]
+)
+@pytest.mark.parametrize("stream", [False, True])
+def test_each_providers_error_through_litellm_reads_the_same(
+    provider: FakeProvider, litellm_model: str, stream: bool
+) -> None:
+    """litellm words each provider's errors its own way (``RateLimitError: MistralException -
+    ``, ``GeminiException InternalServerError - b'...'``): all read as the direct path's."""
+    provider.reset(Behaviour(mode="status", status=500))
+    model = Model("m", litellm_model, provider.base_url, api_key_env="M_KEY", transport="litellm")
+    with pytest.raises(BackendError) as raised:
+        run(_answer(model, BODY, stream=stream, environ={"M_KEY": "sk-test-key"}))
+    assert raised.value.message == "m answered 500: upstream exploded"
+
+
 def test_a_key_in_a_litellm_error_is_scrubbed() -> None:
     error = map_litellm_error(Exception("bad key sk-ant-abcdefghijklmnopqrstuvwx"), "m")
     assert "abcdefghijklmnopqrstuvwx" not in str(error) and "[redacted]" in str(error)
@@ -259,7 +322,7 @@ def test_a_litellm_error_repeats_neither_the_prompt_nor_a_traceback(
     with pytest.raises(BackendError) as raised:
         run(_answer(model, {**BODY, "messages": messages}, stream=False))
     message = raised.value.message
-    assert message.startswith("claude: ")
+    assert message.startswith("claude ")
     assert "SECRET-PROMPT" not in message
     assert "Traceback" not in message and ".py" not in message
     assert provider.received == []
@@ -345,7 +408,8 @@ def test_a_stream_litellm_sees_cut_is_unreachable_under_its_own_name(
     provider: FakeProvider,
 ) -> None:
     """litellm wraps a failure mid-stream as MidStreamFallbackError; the error is the one it
-    wraps, as the direct OpenAI path reports it: ``upstream_unreachable``, said once."""
+    wraps, as the direct OpenAI path reports it: ``upstream_unreachable``, in its words (not
+    litellm's "Stream ended before a finish_reason was received", nor its exceptions' names)."""
     provider.reset(Behaviour(mode="reset_mid_stream"))
     model = Model(
         "claude", "anthropic/claude-3-5-sonnet-20241022", provider.base_url.removesuffix("/v1")
@@ -366,5 +430,4 @@ def test_a_stream_litellm_sees_cut_is_unreachable_under_its_own_name(
         run(call())
     assert got  # it failed after the stream began
     assert raised.value.code == "upstream_unreachable"
-    assert "MidStreamFallbackError" not in raised.value.message
-    assert raised.value.message.count("Stream ended before a finish_reason") == 1
+    assert raised.value.message == "claude unreachable: the stream ended before it finished"

@@ -10,6 +10,9 @@ model can force the litellm path with ``transport: litellm`` in the policy.
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import json
 import logging
 import os
 import re
@@ -266,6 +269,11 @@ def map_litellm_error(exc: Exception, label: str, key: str | None = None) -> Tie
     """Map a litellm exception to Tiergate's hierarchy by its HTTP status and kind; ``key``,
     the key the call sent, is redacted from the text whatever its shape.
 
+    The message reads as the direct paths' do (``claude answered 529: Overloaded``,
+    ``claude unreachable: the stream ended before it finished``): the model, what happened,
+    the provider's status and its own message, without litellm's wording around them. The log
+    keeps litellm's text (its exception's name and message, scrubbed) for the operator.
+
     A failure mid-stream comes wrapped in a ``MidStreamFallbackError`` (for litellm's router,
     which Tiergate does not use): the error it wraps is the one mapped, and named once."""
     wrapped = getattr(exc, "original_exception", None)
@@ -275,35 +283,65 @@ def map_litellm_error(exc: Exception, label: str, key: str | None = None) -> Tie
     name = type(exc).__name__
     if name == "UnsupportedParamsError":
         return _unsupported(exc, label, key)
-    message = f"{label}: {name}: {_litellm_text(exc, key)}"
+    raw = _litellm_text(exc, key, limit=_READ_LIMIT)
+    log.info("%s: litellm raised %s: %s", label, name, raw[:_TEXT_LIMIT])
+    detail = _provider_words(raw)
+    answered = _answered(exc, status)
+    said = f"{label} answered {answered}: {detail}" if answered else f"{label} failed: {detail}"
     if "Timeout" in name or status in (408, 504):
-        return UpstreamTimeoutError(message, upstream_status=status)
+        return UpstreamTimeoutError(f"{label} timed out: {detail}", upstream_status=status)
     if status == 429 or "RateLimit" in name:
-        if request_too_large(message):
-            return UpstreamRequestTooLargeError(message, upstream_status=429)
-        return UpstreamRateLimitedError(message, upstream_status=429, retry_after=_retry_after(exc))
-    if _overloaded(exc, status, message):
+        if request_too_large(raw):
+            return UpstreamRequestTooLargeError(said, upstream_status=429)
+        return UpstreamRateLimitedError(said, upstream_status=429, retry_after=_retry_after(exc))
+    if _overloaded(exc, status, raw):
         provider = getattr(exc, "provider_status_code", None)
         return UpstreamOverloadedError(
-            message,
+            said,
             upstream_status=provider if isinstance(provider, int) else status,
             retry_after=_retry_after(exc),
         )
     param = getattr(exc, "param", None)  # the field the provider's 400 named, if it did
     param = param if isinstance(param, str) else None
+    refused = said if answered else f"{label} cannot take the request: {detail}"
     if "ContextWindow" in name:  # the prompt is over the model's window: OpenAI's code
         return UpstreamBadRequestError(
-            message, code="context_length_exceeded", upstream_status=status, param=param
+            refused, code="context_length_exceeded", upstream_status=status, param=param
         )
     if status in (400, 413, 422) or "BadRequest" in name:
-        return UpstreamBadRequestError(message, upstream_status=status, param=param)
+        return UpstreamBadRequestError(refused, upstream_status=status, param=param)
     if status in (401, 403):
-        return UpstreamAuthError(message, upstream_status=status)
-    if "Connection" in name and _python_fault(exc):
-        return ClientLibraryError(message)
+        return UpstreamAuthError(said, upstream_status=status)
+    fault = _python_fault(exc) if "Connection" in name else None
+    if fault is not None:
+        return ClientLibraryError(
+            f"{label} could not be called: its client library failed "
+            f"({type(fault).__name__}: {detail})"
+        )
     if "Connection" in name or _cannot_connect(exc):
-        return BackendError(message, code="upstream_unreachable", upstream_status=status)
-    return BackendError(message, upstream_status=status if isinstance(status, int) else None)
+        return BackendError(
+            f"{label} unreachable: {_UNFINISHED.sub(_STREAM_ENDED, detail)}",
+            code="upstream_unreachable",
+            upstream_status=status,
+        )
+    return BackendError(said, upstream_status=status if isinstance(status, int) else None)
+
+
+# How litellm says a stream stopped before its end, and how the direct paths say it.
+_UNFINISHED = re.compile(r"^Stream ended before a finish_reason was received\.?$")
+_STREAM_ENDED = "the stream ended before it finished"
+
+
+def _answered(exc: Exception, status: Any) -> int | None:
+    """The HTTP status the provider answered, or None where nothing shows it answered: litellm
+    gives its own errors a status too (a 400 for a request it cannot translate, a 500 for a
+    connection that failed), but only a provider's answer has headers."""
+    provider = getattr(exc, "provider_status_code", None)
+    if isinstance(provider, int):
+        return provider
+    if isinstance(status, int) and getattr(exc, "litellm_response_headers", None):
+        return status
+    return None
 
 
 def _overloaded(exc: Exception, status: Any, message: str) -> bool:
@@ -328,11 +366,49 @@ _LITELLM_ADDENDA = re.compile(
 )
 
 
-def _litellm_text(exc: Exception, key: str | None = None) -> str:
+def _litellm_text(exc: Exception, key: str | None = None, limit: int = 300) -> str:
     """``exc``'s text as clients, logs and outcome records may repeat it: without what
     litellm appends (:data:`_LITELLM_ADDENDA`), ``key`` and anything shaped like a credential
-    scrubbed, at most 300 characters."""
-    return scrub(_LITELLM_ADDENDA.sub("", str(exc)), [key])[:300]
+    scrubbed, at most ``limit`` characters."""
+    return scrub(_LITELLM_ADDENDA.sub("", str(exc)), [key])[:limit]
+
+
+#: The most characters of a provider's message an error repeats, as the direct path's 500,
+#: and of litellm's text read to find it (a provider's whole error body, in most cases).
+_TEXT_LIMIT = 500
+_READ_LIMIT = 20_000
+# litellm's words around the provider's: its exception's name (``litellm.RateLimitError: ``,
+# at times twice, or then bare before the provider's), the provider's (``AnthropicException - ``,
+# ``GeminiException InternalServerError - ``), and its advice on catching it.
+_LITELLM_PREFIX = re.compile(
+    r"^(?:litellm\.\w+:\s*|\w+(?:Exception|Error)(?: \w+Error)? - "
+    r"|\w+Error: (?=\w+(?:Exception|Error) - ))+"
+)
+# aiohttp's name for the TLS settings of a connection it could not make: an object's address.
+_SSL_CONTEXT = re.compile(r" ssl:<[^>]*>")
+_LITELLM_ADVICE = re.compile(r"\.?\s*Handle with `litellm\.\w+`\.?$")
+
+
+def _provider_words(text: str) -> str:
+    """What the provider (or the transport) said, from litellm's text: without litellm's words
+    around it (:data:`_LITELLM_PREFIX`), and the ``message`` of a JSON error body rather than
+    the body, which litellm repeats whole (as a ``b'...'`` bytes literal, from a stream)."""
+    text = _LITELLM_ADVICE.sub("", _LITELLM_PREFIX.sub("", text.strip()))
+    text = _SSL_CONTEXT.sub("", text)
+    body = text
+    if re.fullmatch(r"b'.*'|b\".*\"", body, re.S):
+        with contextlib.suppress(ValueError, SyntaxError):
+            body = ast.literal_eval(body).decode("utf-8", "replace")
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, RecursionError):
+        payload = None
+    if isinstance(payload, dict):
+        error = payload.get("error")
+        said = error.get("message") if isinstance(error, dict) else payload.get("message")
+        if isinstance(said, str) and said:
+            text = said
+    return text[:_TEXT_LIMIT] or "error"
 
 
 # How litellm names the request fields a provider does not take, before it calls the provider.
@@ -389,21 +465,25 @@ def _cannot_connect(exc: BaseException) -> bool:
     return False
 
 
-def _python_fault(exc: BaseException) -> bool:
-    """Whether ``exc`` wraps a plain Python error (``KeyError('json_schema')`` for a
-    ``response_format`` litellm cannot translate) and no network error: litellm reports its own
-    failures as ``APIConnectionError`` whether or not anything reached the provider."""
+def _python_fault(exc: BaseException) -> BaseException | None:
+    """The plain Python error ``exc`` wraps (``KeyError('json_schema')`` for a
+    ``response_format`` litellm cannot translate) when it wraps no network error, else None:
+    litellm reports its own failures as ``APIConnectionError`` whether or not anything reached
+    the provider."""
     seen: set[int] = set()
-    python = False
+    python: BaseException | None = None
     cause = exc.__cause__ or exc.__context__
     while cause is not None and id(cause) not in seen:
         if isinstance(cause, (OSError, TimeoutError)) or type(cause).__module__.startswith(
             _NETWORK_MODULES
         ):
-            return False
-        python = python or (
-            type(cause).__module__ == "builtins" and isinstance(cause, _PYTHON_FAULTS)
-        )
+            return None
+        if (
+            python is None
+            and type(cause).__module__ == "builtins"
+            and isinstance(cause, _PYTHON_FAULTS)
+        ):
+            python = cause
         seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__
     return python
