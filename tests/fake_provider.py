@@ -46,9 +46,10 @@ class Behaviour:
     no finish_reason, as llama-cpp-python's server ends one it interrupts for a newer request),
     reset_at_once (the connection reset before any answer), reset_after_open (a stream whose
     connection is reset right after its opening: OpenAI's role-only chunk, Anthropic's
-    ``message_start``, the Responses ``response.created``), overloaded_after_open (Anthropic
-    only: ``message_start``, then an ``overloaded_error`` event, as Anthropic ends a stream it
-    cannot go on with).
+    ``message_start``, the Responses ``response.created``), overloaded_after_open (Anthropic:
+    ``message_start``, then an ``overloaded_error`` event, as Anthropic ends a stream it
+    cannot go on with; Responses: ``response.created``, then OpenAI's ``server_is_overloaded``
+    ``error`` event, or ``error_body`` as the event).
     ``chunk_delay_s`` paces streamed chunks."""
 
     mode: str = "ok"
@@ -68,7 +69,8 @@ class Behaviour:
     # have, a tool of a type other than function or custom, and ``reasoning_effort`` for a model
     # that does not reason, with OpenAI's 400s (the fake otherwise takes anything).
     strict: bool = False
-    # In ``status`` mode, the JSON body of the error instead of a generic one.
+    # In ``status`` mode, the JSON body of the error instead of a generic one (in
+    # ``overloaded_after_open`` mode, the Responses event sent in place of the ``error`` one).
     error_body: dict[str, Any] | None = None
     # In ``status`` mode, headers sent with the error (a 503's or 529's ``retry-after``).
     error_headers: dict[str, str] = field(default_factory=dict)
@@ -99,6 +101,14 @@ class Behaviour:
 ANTHROPIC_OVERLOADED = {
     "type": "error",
     "error": {"type": "overloaded_error", "message": "Overloaded"},
+}
+
+#: OpenAI's Responses stream event when it is overloaded once the stream is open (its 503).
+OPENAI_OVERLOADED = {
+    "type": "error",
+    "code": "server_is_overloaded",
+    "message": "Our servers are currently overloaded. Please try again later.",
+    "param": None,
 }
 
 #: The fields of a chat request OpenAI's API takes; it refuses any other with a 400.
@@ -678,6 +688,9 @@ class FakeProvider:
 
         event({"type": "response.created", "response": self._response(body, "in_progress")})
         if self._cut_after_open(h):
+            return
+        if self.behaviour.mode == "overloaded_after_open" and self._failing(h):
+            event(json.loads(json.dumps(self.behaviour.error_body or OPENAI_OVERLOADED)))
             return
         message = {
             "type": "message",

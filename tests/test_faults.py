@@ -401,24 +401,69 @@ def test_anthropics_overloaded_error_after_message_start_is_a_503_or_a_fallback(
     a stream is open): before any token, the chain goes on, and with no model left the client
     gets the 503 an overloaded provider gets, in Anthropic's words, not a 200 and an error
     event."""
-    _, body, _ = CUT_FRONTS["messages"]
     policy = policy_yaml(fake, on_failure="closed").replace(
         "closed_models: [gpt-4o, claude]", "closed_models: [claude, gpt-4o]"
     )
     fake.reset(Behaviour(mode="overloaded_after_open", failing_path="/messages"))
     with live(tmp_path, policy, local_backend_obj=ScriptedLocal()) as srv:
-        pinned = srv.http.post("/v1/messages", json={**body, "model": "claude"})
-        assert pinned.status_code == 503, pinned.text
-        assert pinned.json()["error"]["type"] == "overloaded_error"
-        with srv.http.stream("POST", "/v1/messages", json=body) as response:
-            events = _sse(response)
-        assert response.headers["x-tiergate-model"] == "gpt-4o"
-        assert _opening_and_text("messages", events)[1].strip() == fake.behaviour.text
-        rows = _records(srv, 2)
+        pinned, fallback, text = _overloaded_then_fallback(srv, "messages", "claude")
+    assert pinned.json()["error"]["type"] == "overloaded_error"
+    assert fallback.headers["x-tiergate-model"] == "gpt-4o"
+    assert text.strip() == fake.behaviour.text
+
+
+def _overloaded_then_fallback(
+    srv: LiveServer, front: str, model: str
+) -> tuple[httpx.Response, httpx.Response, str]:
+    """A stream on ``front`` pinned to ``model``, whose provider says it is overloaded after
+    the stream's opening (503), then one routed (its fallback answers): both responses, the
+    second one's text; the records say so."""
+    path, body, _ = CUT_FRONTS[front]
+    pinned = srv.http.post(path, json={**body, "model": model})
+    assert pinned.status_code == 503, pinned.text
+    with srv.http.stream("POST", path, json=body) as response:
+        events = _sse(response)
+    rows = _records(srv, 2)
     assert [(r["status"], r["http_status"], r["error_type"]) for r in rows] == [
         ("ok", 200, None),
         ("error", 503, "upstream_overloaded"),
     ]
+    return pinned, response, _opening_and_text(front, events)[1]
+
+
+#: OpenAI's ``response.failed`` for an overload (the other way it ends a Responses stream).
+RESPONSE_FAILED_OVERLOADED = {
+    "type": "response.failed",
+    "response": {
+        "id": "resp_fake",
+        "object": "response",
+        "status": "failed",
+        "output": [],
+        "error": {
+            "code": "server_is_overloaded",
+            "message": "Our servers are currently overloaded. Please try again later.",
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("event", [None, RESPONSE_FAILED_OVERLOADED], ids=["error", "failed"])
+def test_openais_overload_event_after_response_created_is_a_503_or_a_fallback(
+    tmp_path: Path, fake: FakeProvider, event: dict[str, Any] | None
+) -> None:
+    """OpenAI ends a Responses stream it cannot go on with by an ``error`` (or
+    ``response.failed``) event with code ``server_is_overloaded``, its 503 once a stream is
+    open. The native path took it for a plain failure: 502 ``upstream_error`` for a pinned
+    gpt-4o. It is an overload, as on the other paths: 503 ``upstream_overloaded``, and with a
+    fallback the chain goes on."""
+    fake.reset(Behaviour(mode="overloaded_after_open", failing_path="/responses", error_body=event))
+    with live(tmp_path, policy_yaml(fake, on_failure="closed")) as srv:
+        pinned, fallback, text = _overloaded_then_fallback(srv, "responses", "gpt-4o")
+    error = pinned.json()["error"]
+    assert (error["type"], error["code"]) == ("service_unavailable", "upstream_overloaded")
+    assert "overloaded" in error["message"]
+    assert fallback.headers["x-tiergate-model"] == "claude"
+    assert text.strip() == fake.behaviour.text
 
 
 # -- local tier faults -------------------------------------------------------------------------

@@ -387,6 +387,12 @@ class _AnthropicEvents:
         return {"choices": []}
 
 
+#: How OpenAI says, in a Responses stream's ``error`` or ``response.failed`` event, that it is
+#: overloaded (its 503 once a stream is open): code ``server_is_overloaded``, type
+#: ``service_unavailable_error`` where the error has one.
+_RESPONSES_OVERLOADED = ("server_is_overloaded", "service_unavailable_error")
+
+
 class _ResponseEvents:
     """OpenAI's Responses stream events as chat chunks, counting usage at the end."""
 
@@ -403,8 +409,11 @@ class _ResponseEvents:
             response["model"] = label
         if kind in ("error", "response.failed"):
             error = (response or event).get("error") or event
-            message = error.get("message") if isinstance(error, dict) else None
-            raise BackendError(f"{label} failed mid-stream: {message or 'error'}")
+            error = error if isinstance(error, dict) else {}
+            text = f"{label} failed mid-stream: {error.get('message') or 'error'}"
+            if any(error.get(k) in _RESPONSES_OVERLOADED for k in ("code", "type")):
+                raise UpstreamOverloadedError(text)  # what a 503 says once a stream is open
+            raise BackendError(text)
         if kind == "response.created":
             return _delta({"role": "assistant", "content": ""})
         if kind == "response.output_text.delta":
