@@ -473,7 +473,9 @@ class Front(Generic[_Tr]):
     events: Callable[
         [AsyncGenerator[dict[str, Any], None], _Tr, int], AsyncGenerator[dict[str, Any], None]
     ]
-    error_event: Callable[[TiergateError], dict[str, Any]]
+    #: A failure once the stream began, as the front's error event: (the error, the last event
+    #: the stream sent, or None).
+    error_event: Callable[[TiergateError, Mapping[str, Any] | None], dict[str, Any]]
     #: A chat field's name on this front, where it differs, for errors about the request.
     fields: Mapping[str, str] = field(default_factory=dict)
     #: The chat fields its translation makes that a model may go without (``Call.optional``).
@@ -567,7 +569,7 @@ async def serve_front(request: Request, front: Front[_Tr]) -> Response:
         lambda served: _event_sse(
             front.events(served.chunks, kept[0], served.prompt_tokens), front.error_event
         ),
-        lambda exc: _event(front.error_event(exc)),
+        lambda exc: _event(front.error_event(exc, None)),  # nothing but keep-alives sent
     )
 
 
@@ -583,30 +585,45 @@ def _event(event: dict[str, Any]) -> bytes:
 
 async def _event_sse(
     events: AsyncGenerator[dict[str, Any], None],
-    error_event: Callable[[TiergateError], dict[str, Any]],
+    error_event: Callable[[TiergateError, Mapping[str, Any] | None], dict[str, Any]],
 ) -> AsyncGenerator[bytes, None]:
     """Frame a front's events as named SSE events (``event:`` and ``data:``); an error
-    mid-stream becomes the front's error event (the status line has already gone)."""
+    mid-stream becomes the front's error event, after the last event sent (the status line
+    has already gone)."""
+    last: dict[str, Any] | None = None
     try:
         async for event in events:
             yield _event(event)
+            last = event
     except TiergateError as exc:
-        yield _event(error_event(exc))
+        yield _event(error_event(exc, last))
     except Exception:  # a translation that failed; recorded as an error (see native_or)
         log.exception("a front's stream failed")
-        yield _event(error_event(TiergateError("internal error")))
+        yield _event(error_event(TiergateError("internal error"), last))
     finally:
         await events.aclose()
 
 
-def stream_error(path: str, exc: TiergateError) -> bytes:
+def stream_error(path: str, exc: TiergateError, sent: bytes = b"") -> bytes:
     """``exc`` framed as the last event of a stream on ``path`` whose status line has gone:
-    the front's error event on ``/v1/messages`` and ``/v1/responses``, else chat's."""
+    the front's error event on ``/v1/messages`` and ``/v1/responses``, after ``sent``, the
+    last event the stream sent as it was framed (its ``sequence_number``, on
+    ``/v1/responses``); else chat's."""
     fronts: dict[str, Front[Any]] = {MESSAGES_PATH: MESSAGES, "/v1/responses": RESPONSES}
     front = fronts.get(path)
     if front is None:
         return b"data: " + _dumps(exc.to_body()) + b"\n\n"
-    return _event(front.error_event(exc))
+    return _event(front.error_event(exc, _framed(sent)))
+
+
+def _framed(frame: bytes) -> dict[str, Any] | None:
+    """The event :func:`_event` framed as ``frame``, or None (no frame, or not one)."""
+    _, found, data = frame.partition(b"\ndata: ")
+    try:
+        event = json.loads(data) if found else None
+    except (ValueError, RecursionError):
+        return None
+    return event if isinstance(event, dict) else None
 
 
 @router.post("/v1/feedback")

@@ -431,13 +431,19 @@ class StoppedAtShutdown:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        sent: dict[str, Any] = {}  # the response's start, once sent, and whether it ended
+        # The response's start, once sent, whether it ended, and the last part of its body that
+        # was not a keep-alive (a stream's last event, which its error event is numbered after).
+        sent: dict[str, Any] = {}
 
         async def sending(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 sent["start"] = message
-            elif message["type"] == "http.response.body" and not message.get("more_body"):
-                sent["ended"] = True
+            elif message["type"] == "http.response.body":
+                body = message.get("body")
+                if body and not body.startswith(b":"):
+                    sent["last"] = body
+                if not message.get("more_body"):
+                    sent["ended"] = True
             await send(message)
 
         try:
@@ -460,7 +466,7 @@ class StoppedAtShutdown:
                     error_body(exc, path), status_code=exc.status_code, headers=exc.headers
                 )(scope, receive, send)
             else:
-                body = stream_error(path, exc)
+                body = stream_error(path, exc, sent.get("last", b""))
                 await send({"type": "http.response.body", "body": body, "more_body": False})
 
 

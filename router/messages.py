@@ -324,8 +324,9 @@ def _with_calls(chunk: Mapping[str, Any], calls: list[dict[str, Any]]) -> dict[s
     return {**chunk, "choices": [choice], "usage": None}
 
 
-def error_event(exc: TiergateError) -> dict[str, Any]:
-    """A failure after the stream began, as Anthropic's ``error`` event."""
+def error_event(exc: TiergateError, previous: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A failure after the stream began, as Anthropic's ``error`` event (whose events carry no
+    number: ``previous``, the last event sent, is not read)."""
     return anthropic_error_body(exc)
 
 

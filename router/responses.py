@@ -195,6 +195,15 @@ def events(
     return native_or(chunks, translate)
 
 
-def error_event(exc: TiergateError) -> dict[str, Any]:
-    """A failure after the stream began, as the Responses ``error`` event."""
-    return {"type": "error", "code": exc.code, "message": exc.message, "param": exc.param}
+def error_event(exc: TiergateError, previous: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A failure after the stream began, as the Responses ``error`` event: numbered after
+    ``previous``, the last event the stream sent (0 when it sent none), as OpenAI numbers every
+    event of a stream (its SDKs read ``sequence_number`` to order and resume them)."""
+    number = previous.get("sequence_number") if previous is not None else None
+    return {
+        "type": "error",
+        "code": exc.code,
+        "message": exc.message,
+        "param": exc.param,
+        "sequence_number": number + 1 if isinstance(number, int) else 0,
+    }

@@ -703,7 +703,10 @@ class FakeProvider:
         where = {"item_id": "msg_fake", "output_index": 0, "content_index": 0}
         part = {"type": "output_text", "text": "", "annotations": []}
         event({"type": "response.content_part.added", **where, "part": part})
-        for word in self.behaviour.text.split(" "):
+        for i, word in enumerate(self.behaviour.text.split(" ")):
+            if self.behaviour.mode == "reset_mid_stream" and i == 2:
+                _reset(h)
+                return
             event({"type": "response.output_text.delta", **where, "delta": word + " "})
         event({"type": "response.output_text.done", **where, "text": self.behaviour.text})
         part = {**part, "text": self.behaviour.text}

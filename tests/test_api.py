@@ -1151,6 +1151,12 @@ def test_a_stream_stopped_at_shutdown_ends_with_its_fronts_error_event() -> None
     assert messages.startswith(b"event: error\ndata: ") and b'"type":"error"' in messages
     responses = stream_error("/v1/responses", exc)
     assert responses.startswith(b"event: error\n") and b'"server_shutting_down"' in responses
+    # Numbered after the last event the stream sent, as OpenAI numbers every event.
+    assert json.loads(responses.partition(b"data: ")[2])["sequence_number"] == 0
+    delta = {"type": "response.output_text.delta", "delta": "Hi", "sequence_number": 6}
+    sent = b"event: response.output_text.delta\ndata: " + json.dumps(delta).encode() + b"\n\n"
+    after = stream_error("/v1/responses", exc, sent)
+    assert json.loads(after.partition(b"data: ")[2])["sequence_number"] == 7
 
 
 # -- keep-alives (stream_keepalive_s) ---------------------------------------------------------
@@ -1260,6 +1266,7 @@ def test_a_stream_that_fails_after_starting_early_ends_with_its_fronts_error(
     else:
         assert "event: error" in lines
         assert events[0]["type"] == "error" and events[0]["code"] == "upstream_error"
+        assert events[0]["sequence_number"] == 0  # the stream's first event
     assert (row["status"], row["http_status"]) == ("error", 502)
     assert row["error_type"] == "upstream_error"
 

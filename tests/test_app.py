@@ -218,3 +218,38 @@ def test_a_proxy_started_on_an_adopted_version_does_not_load_it_again(
         assert wait_for(lambda: "model v0002 now serving" in caplog.text)
     assert "model v0001 now serving" not in caplog.text
     assert "model v0002 now serving (was v0001)" in caplog.text
+
+
+def test_a_responses_stream_stopped_at_shutdown_numbers_its_error_after_the_last_event() -> None:
+    """A Responses stream the server stops at shutdown ends with an ``error`` event numbered
+    after the last event it sent (keep-alives aside), as OpenAI numbers every event."""
+    import asyncio
+    import json
+    from typing import Any
+
+    from router.app import StoppedAtShutdown
+    from tests.conftest import run
+
+    delta = {"type": "response.output_text.delta", "delta": "Hi", "sequence_number": 3}
+    sent: list[dict[str, Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        start = {"type": "http.response.start", "status": 200}
+        await send({**start, "headers": [(b"content-type", b"text/event-stream")]})
+        frame = b"event: response.output_text.delta\ndata: " + json.dumps(delta).encode()
+        for body in (frame + b"\n\n", b": keep-alive\n\n"):
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+        raise asyncio.CancelledError  # as the server cancels it when its shutdown timeout is up
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "path": "/v1/responses"}
+    run(StoppedAtShutdown(app, lambda: True)(scope, receive, send))
+    last = sent[-1]
+    assert last["more_body"] is False and last["body"].startswith(b"event: error\n")
+    error = json.loads(last["body"].partition(b"data: ")[2])
+    assert (error["code"], error["sequence_number"]) == ("server_shutting_down", 4)

@@ -983,16 +983,22 @@ def test_a_messages_stream_cut_upstream_ends_in_an_error_event(
     assert record.status == "error" and record.http_status == 502
 
 
+@pytest.mark.parametrize("model", ["claude", "gpt-4o"], ids=["translated", "native"])
 def test_a_responses_stream_cut_upstream_ends_in_an_error_event(
-    openai_client: openai.OpenAI, store: CapturingStore, fake: FakeProvider
+    openai_client: openai.OpenAI, store: CapturingStore, fake: FakeProvider, model: str
 ) -> None:
+    """The error event is numbered after the events before it, as OpenAI numbers every event
+    of a stream: without a ``sequence_number`` the JS SDK's ``responses.stream()`` rejected
+    with a plain object rather than an error."""
     fake.reset(Behaviour(mode="reset_mid_stream"))
     with openai_client.responses.with_streaming_response.create(
-        model="claude", input="HARD", stream=True
+        model=model, input="HARD", stream=True
     ) as response:
         events = list(response.parse())
         request_id = response.headers["x-request-id"]
     assert events[-1].type == "error"
     assert events[-1].code.startswith("upstream_")  # type: ignore[union-attr]
+    numbers = [getattr(event, "sequence_number", None) for event in events]
+    assert numbers == list(range(len(events))) and len(events) > 2
     record = recorded(store, request_id, "responses")
     assert record.status == "error" and record.http_status == 502

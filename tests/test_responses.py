@@ -208,8 +208,16 @@ def test_a_chunk_stream_becomes_responses_events() -> None:
 
 
 def test_errors_mid_stream_are_a_responses_error_event() -> None:
-    event = responses.error_event(BadRequestError("no", param="input"))
-    assert event == {"type": "error", "code": "invalid_request", "message": "no", "param": "input"}
+    event = responses.error_event(BadRequestError("no", param="input"), None)
+    assert event == {
+        "type": "error",
+        "code": "invalid_request",
+        "message": "no",
+        "param": "input",
+        "sequence_number": 0,
+    }
+    after = {"type": "response.output_text.delta", "sequence_number": 4}
+    assert responses.error_event(BadRequestError("no"), after)["sequence_number"] == 5
 
 
 def test_a_previous_responses_output_items_can_be_sent_back() -> None:
