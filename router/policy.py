@@ -468,6 +468,9 @@ class Decision:
     * ``model`` is a key of ``policy.models``; ``fallbacks`` are the models to try, in order, if
       it fails (already filtered to models that can serve the request; empty when
       ``on_failure`` is ``error``).
+    * ``rule`` names what decided: the rule that matched, ``pinned``, ``constraint`` when a hard
+      constraint moved the request off the model its rule chose (the rule is then in ``reason``
+      and ``trace``), or ``budget:<tenant>`` when a spent budget decided.
     * ``local_only``: the request must not leave the local tier (privacy rule, or an exhausted
       budget): no spill, no fallback, no shadow.
     * ``private``: a ``local_only`` rule decided it (not the budget alone): what the caller may
@@ -670,6 +673,8 @@ def evaluate(
         trace=trace,
     )
     step.apply_constraints()
+    # A hard constraint that moved the request decided it, not the rule (in reason and trace).
+    name = "constraint" if step.moved else name
     by_rule = local_only  # before a spent budget may force it local
     step.apply_budget(plan, spend_today_usd, hold_refused)
     if step.forced_local:
@@ -883,6 +888,7 @@ class _Step:
         "forced_local",
         "local_only",
         "model",
+        "moved",
         "over_budget",
         "pinned",
         "policy",
@@ -912,6 +918,7 @@ class _Step:
         self.rejected: str | None = None
         self.rule: str | None = None
         self.forced_local = False
+        self.moved = False  # a hard constraint moved the request to another model
         self.over_budget = False
 
     def _first_closed_fit(self, exclude: str) -> str | None:
@@ -945,7 +952,7 @@ class _Step:
         note = f"{what} -> moved to '{target}'"
         self.trace.append(RuleTrace("constraint", 0, True, note))
         self.reason += f"; {note}"
-        self.model = target
+        self.model, self.moved = target, True
 
     def apply_budget(self, plan: Plan, spend: float | None, hold_refused: str | None) -> None:
         if plan.budget_usd is None or spend is None:

@@ -372,14 +372,18 @@ def test_several_choices_go_to_a_closed_model_whatever_the_score(
         model="auto", messages=[{"role": "user", "content": "hi"}], n=2
     )
     assert raw.headers["x-tiergate-tier"] == "closed"
+    # What decided is the constraint, not the rule (which chose local): said consistently.
+    assert raw.headers["x-tiergate-rule"] == "constraint"
     assert fake.received[-1].body["n"] == 2
     record = _record(server, raw.headers["x-request-id"])
     assert record["tier"] == "closed" and record["status"] == "ok"
+    assert record["rule"] == "constraint"
     assert record["signals"]["choices"] == 2  # type: ignore[index]
     route = server.http.post(
         "/v1/route", json={"model": "auto", "messages": [{"role": "user", "content": "hi"}], "n": 2}
     ).json()
     assert "cannot take n=2 (it answers one choice)" in json.dumps(route)
+    assert route["decision"]["rule"] == "constraint"
 
 
 def test_closed_stream(client: openai.OpenAI, fake: FakeProvider) -> None:
