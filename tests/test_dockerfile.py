@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 import router.locations
 from router.artifact import DEFAULT_MODEL_NAME, STATIC_MODEL_NAME, load_scorer
@@ -87,7 +88,20 @@ def test_runtime_runs_as_non_root_with_a_healthcheck() -> None:
     assert re.search(r"^HEALTHCHECK .*\n?.*/healthz", final, flags=re.MULTILINE)
     assert "LITELLM_LOCAL_MODEL_COST_MAP=True" in final
     assert 'ENTRYPOINT ["tiergate"]' in final
-    assert 'CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]' in final
+    assert 'CMD ["serve", "--host", "::", "--port", "8000"]' in final
+
+
+def test_the_image_listens_where_the_charts_router_does() -> None:
+    """``::``, dual-stack (``tiergate serve`` falls back to 0.0.0.0 on a kernel without IPv6):
+    the image bound 0.0.0.0, which an IPv6-only network (a Kubernetes cluster without the
+    chart, Docker's IPv6 networks) cannot reach, while the chart's router listens on ``::``."""
+
+    final = DOCKERFILE.read_text().rsplit("\nFROM ", 1)[1]
+    cmd = re.search(r"^CMD (\[.*\])$", final, flags=re.MULTILINE)
+    assert cmd is not None
+    args = json.loads(cmd.group(1))
+    values = yaml.safe_load((REPO / "helm/tiergate/values.yaml").read_text())
+    assert args[args.index("--host") + 1] == values["router"]["listenAddress"] == "::"
 
 
 def test_dockerignore_keeps_the_context_small() -> None:
