@@ -7,24 +7,29 @@ Layout::
     <store>/versions/<id>/metadata.json     with lineage (parent, label counts, gate metrics)
     <store>/current                         the serving version's id, replaced atomically
     <store>/history.jsonl                   every pointer change (promote, rollback), in order
+    <store>/current.lock                    held while the pointer is read and moved
 
 A version directory is never edited after it is written. ``promote`` and ``rollback`` only
 rewrite ``current`` (a temporary file renamed over it), so a reader sees the old id or the new
-one, never half of either. Running proxies poll the pointer (:func:`watch_model_store`) and swap
-``gateway.scorer`` once the new artifact has loaded and passed its trust checks; requests in
-flight finish on the scorer they started with.
+one, never half of either. Every move of the pointer holds ``current.lock``
+(:meth:`ModelStore.locked`), as does a retrain from its gate's decision to its promotion.
+Running proxies poll the pointer (:func:`watch_model_store`) and swap ``gateway.scorer`` once
+the new artifact has loaded and passed its trust checks; requests in flight finish on the
+scorer they started with.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import re
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +53,28 @@ class ModelStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self._held = threading.RLock()
+        self._depth = 0
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the pointer lock (``current.lock``, across processes) for a read-then-move of
+        ``current``: a retrain's "is my parent still current? then promote" is one step that a
+        promote or rollback in between cannot split. Re-entrant within this instance."""
+        from router.outcomes import lock_beside
+
+        with self._held:
+            claim = None
+            if self._depth == 0:
+                self.root.mkdir(parents=True, exist_ok=True)
+                _, claim = lock_beside(self.root / "current", wait=True)
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                if claim is not None:
+                    claim.close()
 
     @property
     def versions_dir(self) -> Path:
@@ -87,8 +114,11 @@ class ModelStore:
         return text or None
 
     def _point(self, version: str, action: str, reason: str) -> None:
+        with self.locked():
+            self._point_locked(version, action, reason)
+
+    def _point_locked(self, version: str, action: str, reason: str) -> None:
         self.path(version)
-        self.root.mkdir(parents=True, exist_ok=True)
         previous = self.current()
         fd, tmp = tempfile.mkstemp(prefix=".current-", dir=self.root)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -113,17 +143,18 @@ class ModelStore:
         import shutil
 
         loader(Path(artifact))
-        version = self.next_version()
-        self.versions_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=self.versions_dir))
-        try:
-            shutil.copytree(artifact, tmp, dirs_exist_ok=True)
-            os.replace(tmp, self.versions_dir / version)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if self.current() is None:
-            self.promote(version, reason=f"adopted {artifact}")
+        with self.locked():  # the id and the first pointer, as one step
+            version = self.next_version()
+            self.versions_dir.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=self.versions_dir))
+            try:
+                shutil.copytree(artifact, tmp, dirs_exist_ok=True)
+                os.replace(tmp, self.versions_dir / version)
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            if self.current() is None:
+                self.promote(version, reason=f"adopted {artifact}")
         return version
 
     def promote(self, version: str, reason: str = "manual", *, force: bool = False) -> None:
@@ -161,6 +192,10 @@ class ModelStore:
     def rollback(self) -> str:
         """Point back to the version that served before the current one was promoted; returns
         its id. Repeated, it steps back through the promotions one at a time."""
+        with self.locked():
+            return self._rollback_locked()
+
+    def _rollback_locked(self) -> str:
         current = self.current()
         stack = self._promoted()
         if stack and stack[-1] == current:

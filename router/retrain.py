@@ -37,7 +37,8 @@
    held-out slice is higher than the current model's by at least ``min_gain``;
    ``require_significant`` asks instead for the whole interval to be above ``min_gain``.
 5. **Artifact**: every candidate is written as a new version with its lineage (parent version,
-   label counts, both comparisons, the gate decision); only a passing one becomes ``current``.
+   label counts, both comparisons, the gate decision); only a passing one becomes ``current``,
+   and only while its parent still is (a promote or rollback meanwhile refuses it).
    A profile candidate is the parent's head with the learnt ``profile.json`` beside it
    (:func:`router.artifact.save_learned_profile`), which the proxy then serves in place of the
    configured profile it was learnt over.
@@ -525,46 +526,64 @@ def retrain(
             seed=config.seed,
         ),
     ]
-    passed, reasons = gate(comparisons, config)
     labels = {
         **counts,
         "used": len(train),
         "held_out": len(held),
         "held_out_scored": len(held_eval),
     }
-    report = RetrainReport(
-        parent=parent,
-        version=version,
-        labels=labels,
-        comparisons=comparisons,
-        decision="promoted" if passed else "refused",
-        reasons=reasons,
-        promoted=passed,
-        extra={
-            "gate": asdict(config),
+    # The gate's decision and the promotion it allows are one step under the pointer lock: a
+    # promote or rollback while the candidate was fitted moved `current` off `parent`, and a
+    # candidate compared only with `parent` must not replace what an operator chose since.
+    with models.locked():
+        passed, reasons = gate(comparisons, config)
+        if (now := models.current()) != parent:
+            reasons = [*([] if passed else reasons), _moved(parent, now)]
+            passed = False
+        report = RetrainReport(
+            parent=parent,
+            version=version,
+            labels=labels,
+            comparisons=comparisons,
+            decision="promoted" if passed else "refused",
+            reasons=reasons,
+            promoted=passed,
+            extra={
+                "gate": asdict(config),
+                "base_files": [p.name for p in base_files],
+                "candidate": fitted,
+            },
+        )
+        report.seconds = time.monotonic() - started
+        lineage = {
+            "parent": parent,
+            "labels": labels,
+            "gate": {"decision": report.decision, "reasons": reasons, "config": asdict(config)},
+            "comparisons": report.to_dict()["comparisons"],
             "base_files": [p.name for p in base_files],
             "candidate": fitted,
-        },
-    )
-    report.seconds = time.monotonic() - started
-    lineage = {
-        "parent": parent,
-        "labels": labels,
-        "gate": {"decision": report.decision, "reasons": reasons, "config": asdict(config)},
-        "comparisons": report.to_dict()["comparisons"],
-        "base_files": [p.name for p in base_files],
-        "candidate": fitted,
-    }
-    out = models.versions_dir / version
-    if design == "profile":
-        save_learned_profile(
-            models.path(parent), out, candidate.profile, configured, metadata={"lineage": lineage}
-        )
-    else:
-        save_scorer(candidate, out, metadata={"lineage": lineage})
-    if passed:
-        models.promote(version, reason=f"retrain gate passed against {parent}")
+        }
+        out = models.versions_dir / version
+        if design == "profile":
+            save_learned_profile(
+                models.path(parent),
+                out,
+                candidate.profile,
+                configured,
+                metadata={"lineage": lineage},
+            )
+        else:
+            save_scorer(candidate, out, metadata={"lineage": lineage})
+        if passed:
+            models.promote(version, reason=f"retrain gate passed against {parent}")
     return report
+
+
+def _moved(parent: str, now: str | None) -> str:
+    return (
+        f"the current version moved from {parent} to {now} while this retrain ran, so the "
+        f"candidate was compared with {parent}, not with {now}: run tiergate retrain again"
+    )
 
 
 def format_report(report: RetrainReport) -> str:

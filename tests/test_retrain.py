@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -486,6 +487,38 @@ def test_retrain_relearns_the_local_profile_from_honest_labels(
         "v0001": None,
         "v0002": "profile",
     }
+
+
+def test_a_rollback_while_a_retrain_runs_is_not_undone_by_it(
+    tmp_path: Path, outcomes: SQLiteOutcomeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator rolls back while a retrain fits its candidate: the candidate passed a gate
+    against the version rolled back from, never against the one serving now, so it is written
+    (refused, saying why) and the rollback stands."""
+    import router.retrain
+
+    prior = load_profile(declared(tmp_path, math=0.1, writing=0.9))
+    models = profile_store(tmp_path)
+    models.adopt(default_model_path())
+    models.promote("v0002")
+    label_skills(outcomes, source="shadow", honest=True, n=80)
+    label_skills(outcomes, source="feedback", honest=True, n=120, start=1000)
+    outcomes.flush()
+    fit = router.retrain.fit_profile_candidate
+
+    def fit_during_a_rollback(*args: Any, **kwargs: Any) -> Any:
+        ModelStore(models.root).rollback()  # `tiergate models rollback`, another process
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(router.retrain, "fit_profile_candidate", fit_during_a_rollback)
+    report = retrain(outcomes, models, [profile_base_file(tmp_path)], CONFIG, profile=prior)
+    assert report.comparisons[0].candidate > report.comparisons[0].current + 0.3  # a good one
+    assert not report.promoted and models.current() == "v0001"
+    assert report.reasons == [
+        "the current version moved from v0002 to v0001 while this retrain ran, so the "
+        "candidate was compared with v0002, not with v0001: run tiergate retrain again"
+    ]
+    assert models.metadata("v0003")["lineage"]["gate"]["decision"] == "refused"
 
 
 def test_retrain_refuses_a_profile_learnt_from_adversarial_feedback(
