@@ -67,7 +67,7 @@ from router.artifact import (
 from router.classifier import CapabilityRouting, LearnedScorer, PromptClassifier
 from router.errors import ArtifactError, ConfigError
 from router.metrics import apgr_from_curve, routing_curve
-from router.outcomes import OutcomeStore
+from router.outcomes import OutcomeStore, lock_beside
 from router.profile import LocalProfile, default_profile
 from router.registry import ModelStore, restart_advice
 from router.residual import ResidualRouting, fit_residual
@@ -463,7 +463,32 @@ def retrain(
 ) -> RetrainReport:
     """One retrain: build, fit, compare, write a version, promote if it passes the gate.
     ``profile``: the configured local profile (default: the bundled model's), which a profile
-    router is scored with and relearnt over."""
+    router is scored with and relearnt over. One runs at a time per store (``retrain.lock``):
+    a second one stops at once instead of fitting for nothing and colliding on the version id."""
+    free, claim = lock_beside(models.root / "retrain")
+    if not free:
+        raise ConfigError(
+            f"another tiergate retrain is running on the model store {models.root} (it holds "
+            f"{models.root / 'retrain.lock'}); this one stops: run it again once that one ends"
+        )
+    try:
+        return _retrain(
+            outcomes, models, base_files, config, extra_rows=extra_rows, profile=profile
+        )
+    finally:
+        if claim is not None:
+            claim.close()
+
+
+def _retrain(
+    outcomes: OutcomeStore,
+    models: ModelStore,
+    base_files: Sequence[Path],
+    config: GateConfig | None,
+    *,
+    extra_rows: Sequence[RoutingRow],
+    profile: LocalProfile | None,
+) -> RetrainReport:
     config = config or GateConfig()
     started = time.monotonic()
     parent = models.current()

@@ -521,6 +521,37 @@ def test_a_rollback_while_a_retrain_runs_is_not_undone_by_it(
     assert models.metadata("v0003")["lineage"]["gate"]["decision"] == "refused"
 
 
+def test_a_second_retrain_on_a_store_stops_at_once_and_the_first_finishes(
+    tmp_path: Path, outcomes: SQLiteOutcomeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A manual retrain started while the CronJob's runs: both would fit, then the later one
+    would find its version id taken and fail. The second stops before any work, saying why."""
+    import router.retrain
+
+    prior = load_profile(declared(tmp_path, math=0.1, writing=0.9))
+    models = profile_store(tmp_path)
+    label_skills(outcomes, source="shadow", honest=True, n=80)
+    label_skills(outcomes, source="feedback", honest=True, n=120, start=1000)
+    outcomes.flush()
+    base = [profile_base_file(tmp_path)]
+    fit = router.retrain.fit_profile_candidate
+    started: list[str] = []
+
+    def fit_while_another_starts(*args: Any, **kwargs: Any) -> Any:
+        if not started:
+            started.append("second")
+            with pytest.raises(ConfigError, match="another tiergate retrain is running"):
+                retrain(outcomes, ModelStore(models.root), base, CONFIG, profile=prior)
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(router.retrain, "fit_profile_candidate", fit_while_another_starts)
+    report = retrain(outcomes, models, base, CONFIG, profile=prior)
+    assert report.promoted, report.reasons
+    assert models.version_ids() == ["v0001", "v0002"] and models.current() == "v0002"
+    monkeypatch.setattr(router.retrain, "fit_profile_candidate", fit)
+    assert retrain(outcomes, models, base, CONFIG, profile=prior).version == "v0003"  # released
+
+
 def test_retrain_refuses_a_profile_learnt_from_adversarial_feedback(
     tmp_path: Path, outcomes: SQLiteOutcomeStore
 ) -> None:
