@@ -10,8 +10,9 @@
    never trained on, so the slice stays the same across retrains. The gate scores it with labels
    from *trusted* sources only (shadow verdicts and escalations, which the system produces),
    because user feedback can be wrong or gamed: a candidate must not be judged by the labels it
-   may have been misled by. With fewer than ``min_trusted_eval`` trusted held-out rows the gate
-   refuses (``trusted_only=False`` falls back to all labels instead).
+   may have been misled by (a held-out request's feedback is left out of its value there).
+   With fewer than ``min_trusted_eval`` trusted held-out rows the gate refuses
+   (``trusted_only=False`` falls back to all labels instead).
 3. **Candidate** (the capability classifier is kept). A profile router (serving form 4, whose
    score reads the local model's profile; ``candidate="profile"``, what ``"auto"`` picks for
    it) keeps its head and relearns the **local profile**: per capability, the q-weighted mean
@@ -49,7 +50,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -174,12 +175,17 @@ def bucket(key: str, salt: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def labelled_rows(store: OutcomeStore) -> tuple[list[RoutingRow], dict[str, Any]]:
-    """Routing rows from labelled outcomes (label values averaged per request) and counts."""
+def labelled_rows(
+    store: OutcomeStore, only: Collection[str] | None = None
+) -> tuple[list[RoutingRow], dict[str, Any]]:
+    """Routing rows from labelled outcomes (label values averaged per request) and counts;
+    ``only``: the values of these sources alone (the gate's trusted labels)."""
     values: dict[str, list[float]] = defaultdict(list)
     sources: dict[str, set[str]] = defaultdict(set)
     counts: dict[str, int] = defaultdict(int)
     for label in store.labels():
+        if only is not None and label["source"] not in only:
+            continue
         counts[f"source/{label['source']}"] += 1
         if label.get("value") is None:
             counts["without_value"] += 1
@@ -289,11 +295,17 @@ def split_outcomes(
     return train, held
 
 
-def eval_rows(held: Sequence[RoutingRow], config: GateConfig) -> tuple[list[RoutingRow], str]:
-    """The held-out rows the gate scores: those with a trusted label (see the module docstring)."""
-    trusted = [r for r in held if set((r.category or "").split(",")) & TRUSTED_SOURCES]
-    if len(trusted) >= config.min_trusted_eval or config.trusted_only:
-        return trusted, "trusted (shadow, escalation)"
+def eval_rows(
+    held: Sequence[RoutingRow], trusted: Sequence[RoutingRow], config: GateConfig
+) -> tuple[list[RoutingRow], str]:
+    """The held-out rows the gate scores: those with a trusted label, valued by their trusted
+    labels alone (``trusted``: :func:`labelled_rows` over :data:`TRUSTED_SOURCES`), never
+    averaged with feedback on the same request, which may be what misled the candidate (see the
+    module docstring)."""
+    by_id = {r.id: r for r in trusted}
+    scored = [by_id[r.id] for r in held if r.id in by_id]
+    if len(scored) >= config.min_trusted_eval or config.trusted_only:
+        return scored, "trusted (shadow, escalation)"
     return list(held), "all sources"
 
 
@@ -517,7 +529,10 @@ def _retrain(
     rows, counts = labelled_rows(outcomes)
     rows = [*rows, *extra_rows]
     train, held = split_outcomes(rows, config)
-    held_eval, held_kind = eval_rows(held, config)
+    trusted, _ = labelled_rows(outcomes, only=TRUSTED_SOURCES)
+    # An extra row has one value; it is trusted as a whole when its sources say so.
+    trusted += [r for r in extra_rows if set((r.category or "").split(",")) & TRUSTED_SOURCES]
+    held_eval, held_kind = eval_rows(held, trusted, config)
     need = max(config.min_trusted_eval, 10)
     if len(held_eval) < need or not train:
         raise NotEnoughLabelsError(

@@ -573,6 +573,26 @@ def test_retrain_refuses_a_profile_learnt_from_adversarial_feedback(
     assert load_scorer(models.path("v0001"), prior).profile == prior  # still the declared one
 
 
+def test_the_gate_scores_held_out_requests_by_their_trusted_labels_alone(
+    tmp_path: Path, outcomes: SQLiteOutcomeStore
+) -> None:
+    """A tenant gives inverted feedback on every answer, the shadow-judged ones included: the
+    held-out slice the gate scores must still say what the judge said, not the judge's
+    verdict averaged with the feedback that contradicts it."""
+    prior = load_profile(declared(tmp_path, math=0.1, writing=0.9))
+    models = profile_store(tmp_path)
+    label_skills(outcomes, source="shadow", honest=True, n=80)
+    label_skills(outcomes, source="feedback", honest=True, n=200, start=1000)
+    for i in range(80):  # the same tenant's inverted feedback on the judged requests
+        quality = float(i % 2 != 0)  # maths (even i) was right; it says wrong, and vice versa
+        outcomes.label(Label(f"req_shadow_{i}", "t", "feedback", 1 - quality, 1.0, quality))
+    outcomes.flush()
+    report = retrain(outcomes, models, [profile_base_file(tmp_path)], CONFIG, profile=prior)
+    labelled, _ = report.comparisons
+    assert labelled.n >= 10 and labelled.candidate > labelled.current + 0.3, labelled
+    assert report.promoted, report.reasons
+
+
 def test_retrain_of_a_profile_router_needs_enough_labels(
     tmp_path: Path, outcomes: SQLiteOutcomeStore
 ) -> None:
