@@ -268,7 +268,10 @@ def gate(comparisons: Sequence[Comparison], config: GateConfig) -> tuple[bool, l
     for c in comparisons:
         if not np.isfinite(c.diff):
             passed = False
-            reasons.append(f"{c.name}: APGR undefined (n={c.n})")
+            reasons.append(
+                f"{c.name}: APGR undefined (n={c.n}): no label there says the closed answer "
+                "was better, so no router can gain on these rows"
+            )
         elif c.worse_beyond_noise:
             passed = False
             reasons.append(
@@ -278,7 +281,7 @@ def gate(comparisons: Sequence[Comparison], config: GateConfig) -> tuple[bool, l
     labelled = comparisons[0]
     gain = labelled.diff_low if config.require_significant else labelled.diff
     what = "CI low" if config.require_significant else "gain"
-    if not (np.isfinite(gain) and gain > config.min_gain):
+    if np.isfinite(labelled.diff) and not (np.isfinite(gain) and gain > config.min_gain):
         passed = False
         reasons.append(f"{labelled.name}: {what} {gain:+.3f} not above {config.min_gain:+.3f}")
     if passed:

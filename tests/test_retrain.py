@@ -593,6 +593,25 @@ def test_the_gate_scores_held_out_requests_by_their_trusted_labels_alone(
     assert report.promoted, report.reasons
 
 
+def test_held_out_labels_that_never_favour_the_closed_answer_are_refused_saying_so(
+    tmp_path: Path, outcomes: SQLiteOutcomeStore
+) -> None:
+    """Every shadow verdict says the local answer was as good: APGR has no gap to recover, so
+    the gate refuses with one reason an operator can act on, not a "gain +nan"."""
+    models = profile_store(tmp_path)
+    for i in range(80):
+        rid = outcome(outcomes, (maths_prompt if i % 2 else writing_prompt)(i), f"req_one_{i}")
+        outcomes.label(Label(rid, "t", "shadow", 0.0, time.time()))
+    outcomes.flush()
+    report = retrain(outcomes, models, [profile_base_file(tmp_path)], CONFIG)
+    assert not report.promoted and models.current() == "v0001"
+    assert report.reasons == [
+        f"labelled held-out (trusted (shadow, escalation)): APGR undefined "
+        f"(n={report.comparisons[0].n}): no label there says the closed answer was better, "
+        "so no router can gain on these rows"
+    ]
+
+
 def test_retrain_of_a_profile_router_needs_enough_labels(
     tmp_path: Path, outcomes: SQLiteOutcomeStore
 ) -> None:
