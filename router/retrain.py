@@ -631,16 +631,17 @@ def _moved(parent: str, now: str | None) -> str:
 
 def format_report(report: RetrainReport) -> str:
     """The human-readable report ``tiergate retrain`` prints."""
+    width = max([42, *(len(c.name) for c in report.comparisons)])  # the names set the column
     lines = [
         f"retrain {report.parent} -> candidate {report.version}  ({report.seconds:.1f}s)",
         "labels   " + ", ".join(f"{k}={v}" for k, v in sorted(report.labels.items())),
-        f"{'evaluation set':42} {'n':>5}  {'current APGR':>12}  {'candidate':>9}  "
+        f"{'evaluation set':{width}} {'n':>5}  {'current APGR':>12}  {'candidate':>9}  "
         f"{'diff [95% CI]':>24}",
     ]
     for c in report.comparisons:
+        diff = f"{c.diff:+.3f} [{c.diff_low:+.3f}, {c.diff_high:+.3f}]"
         lines.append(
-            f"{c.name:42} {c.n:>5}  {c.current:>12.3f}  {c.candidate:>9.3f}  "
-            f"{c.diff:+.3f} [{c.diff_low:+.3f}, {c.diff_high:+.3f}]"
+            f"{c.name:{width}} {c.n:>5}  {c.current:>12.3f}  {c.candidate:>9.3f}  {diff:>24}"
         )
     fitted = report.extra.get("candidate") or {}
     if fitted.get("design") == "profile":

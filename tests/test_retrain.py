@@ -704,6 +704,35 @@ def test_auto_retrains_what_tiergate_train_writes(
     assert models.metadata(report.version)["lineage"]["candidate"]["design"] == "refit"
 
 
+def test_the_printed_report_keeps_its_columns_under_their_headings() -> None:
+    """The held-out set's name is longer than the base slice's: every figure of the table
+    still ends where its heading does."""
+    from router.retrain import Comparison, format_report
+
+    def row(name: str, n: int) -> Comparison:
+        return Comparison(name, n, 0.799, 0.875, 0.076, -0.115, 0.233, (0.7, 0.9), (0.8, 0.9))
+
+    report = RetrainReport(
+        parent="v0001",
+        version="v0002",
+        labels={"used": 119},
+        comparisons=[
+            row("labelled held-out (trusted (shadow, escalation))", 24),
+            row("base eval slice", 559),
+        ],
+        decision="promoted",
+        reasons=["not worse beyond noise on either set, and better on labelled traffic"],
+        promoted=True,
+    )
+    head, *table = format_report(report).splitlines()[2:5]
+    assert len(table) == 2 and head.startswith("evaluation set")
+    end = len("evaluation set")
+    for heading in (" n", "current APGR", "candidate", "diff [95% CI]"):
+        end = head.index(heading, end) + len(heading)
+        for line in table:
+            assert line[end - 1] != " " and line[end : end + 1] in ("", " "), (heading, line)
+
+
 def test_a_gate_without_bootstrap_resamples_is_refused() -> None:
     # No resamples leaves the noise intervals NaN, and a NaN interval is never "worse beyond
     # noise": such a gate would promote any candidate with a point gain.
