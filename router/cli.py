@@ -1238,14 +1238,18 @@ def _model_store(args: argparse.Namespace) -> Any:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
+    from router.registry import default_loader
+
     store = _model_store(args)
     if args.models_command == "adopt":
         print(f"{args.artifact} stored as {store.adopt(args.artifact)} in {store.root}")
     elif args.models_command == "promote":
-        store.promote(args.version, reason="tiergate models promote", force=args.force)
+        store.promote(
+            args.version, reason="tiergate models promote", force=args.force, loader=default_loader
+        )
         print(f"{args.version} is now current in {store.root}")
     elif args.models_command == "rollback":
-        print(f"rolled back to {store.rollback()} in {store.root}")
+        print(f"rolled back to {store.rollback(default_loader)} in {store.root}")
     else:
         rows = store.listing()
         if args.json:

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from router.errors import ConfigError
+from router.errors import ArtifactError, ConfigError
 
 log = logging.getLogger("tiergate.registry")
 
@@ -157,9 +157,18 @@ class ModelStore:
                 self.promote(version, reason=f"adopted {artifact}")
         return version
 
-    def promote(self, version: str, reason: str = "manual", *, force: bool = False) -> None:
+    def promote(
+        self,
+        version: str,
+        reason: str = "manual",
+        *,
+        force: bool = False,
+        loader: Callable[[Path], Any] | None = None,
+    ) -> None:
         """Make ``version`` the serving model. A version the retrain gate refused is refused
-        here too unless ``force``: the gate is what keeps a worse model from serving."""
+        here too unless ``force``: the gate is what keeps a worse model from serving.
+        ``loader`` (the proxy's, as :meth:`adopt` takes it): load the version first and refuse
+        one that does not load (:meth:`check_loads`), ``force`` or not."""
         self.path(version)
         gate = self.metadata(version).get("lineage", {}).get("gate", {})
         if gate.get("decision") == "refused" and not force:
@@ -167,7 +176,21 @@ class ModelStore:
             raise ConfigError(
                 f"{version} was refused by the retrain gate ({why}); promote it anyway with --force"
             )
+        if loader is not None:
+            self.check_loads(version, loader)
         self._point(version, "promote", reason)
+
+    def check_loads(self, version: str, loader: Callable[[Path], Any]) -> None:
+        """Refuse (:class:`ArtifactError`) to point at a version ``loader`` cannot load (one an
+        older Tiergate wrote, say): the proxies would log it and keep the old model while the
+        store names this one, and a proxy that restarts would serve the heuristic scorer."""
+        try:
+            loader(self.path(version))
+        except (ConfigError, OSError) as exc:
+            raise ArtifactError(
+                f"{version} in {self.root} cannot be loaded by this Tiergate ({exc}); "
+                f"{self.current()} stays current"
+            ) from exc
 
     def history(self) -> list[dict[str, Any]]:
         """Every pointer change, oldest first."""
@@ -189,13 +212,14 @@ class ModelStore:
                 stack.append(entry["version"])
         return stack
 
-    def rollback(self) -> str:
+    def rollback(self, loader: Callable[[Path], Any] | None = None) -> str:
         """Point back to the version that served before the current one was promoted; returns
-        its id. Repeated, it steps back through the promotions one at a time."""
+        its id. Repeated, it steps back through the promotions one at a time. ``loader``: as
+        :meth:`promote` takes it."""
         with self.locked():
-            return self._rollback_locked()
+            return self._rollback_locked(loader)
 
-    def _rollback_locked(self) -> str:
+    def _rollback_locked(self, loader: Callable[[Path], Any] | None) -> str:
         current = self.current()
         stack = self._promoted()
         if stack and stack[-1] == current:
@@ -210,6 +234,8 @@ class ModelStore:
                 f"nothing to roll back to in {self.root} (tiergate models promote VERSION "
                 "points at any version)"
             )
+        if loader is not None:
+            self.check_loads(previous, loader)
         self._point(previous, "rollback", f"rollback from {self.current()}")
         return str(previous)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -116,9 +117,12 @@ def test_rolling_back_again_steps_further_back(tmp_path: Path) -> None:
 
 
 def test_a_version_the_gate_refused_is_promoted_only_with_force(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import router.registry
     from router.cli import main
+
+    monkeypatch.setattr(router.registry, "default_loader", _unchecked)  # the CLI's: stand-ins
 
     store = ModelStore(tmp_path / "store")
     store.adopt(_artifact(tmp_path, "a"), loader=_unchecked)
@@ -134,6 +138,38 @@ def test_a_version_the_gate_refused_is_promoted_only_with_force(
     assert "--force" in capsys.readouterr().err and store.current() == "v0001"
     assert main(["models", "promote", "v0002", "--force", "--store", str(store.root)]) == 0
     assert store.current() == "v0002"
+
+
+def test_promote_and_rollback_refuse_a_version_this_tiergate_cannot_load(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A version an older Tiergate wrote (another artifact format): pointing the store at it
+    would leave every proxy on the old model while `models list` names it, and a proxy that
+    restarts would serve the heuristic scorer. The command refuses it, `--force` or not."""
+    from router.cli import main
+
+    store = ModelStore(tmp_path / "store")
+    store.adopt(router.artifact.default_model_path())
+    old = tmp_path / "old"
+    shutil.copytree(router.artifact.default_model_path(), old)
+    meta = json.loads((old / "metadata.json").read_text())
+    (old / "metadata.json").write_text(json.dumps({**meta, "format_version": 0}))
+    shutil.copytree(old, store.versions_dir / "v0002")  # as an older release left it
+    at = ["--store", str(store.root)]
+    for argv in (
+        ["models", "promote", "v0002", *at],
+        ["models", "promote", "v0002", "--force", *at],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "v0002" in err and "cannot be loaded by this Tiergate" in err, err
+        assert "v0001 stays current" in err and store.current() == "v0001"
+    store.promote("v0002")  # the pointer moved by hand (no loader): rollback then checks
+    assert main(["models", "promote", "v0001", *at]) == 0
+    store.promote("v0002")
+    assert main(["models", "rollback", *at]) == 0 and store.current() == "v0001"
+    assert main(["models", "rollback", *at]) == 2
+    assert "v0002 in" in capsys.readouterr().err and store.current() == "v0001"
 
 
 def test_unknown_versions_and_an_empty_store_are_refused(tmp_path: Path) -> None:
