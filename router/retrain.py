@@ -541,6 +541,13 @@ def _retrain(
         raise NotEnoughLabelsError(
             f"not enough labelled outcomes to retrain: {len(train)} to train on, "
             f"{len(held_eval)} held out with {held_kind} labels (the gate needs {need})"
+            + (
+                "; feedback never counts there: trusted labels come from shadow judging (the "
+                "policy's shadow.sample_rate) and escalations, on the held-out "
+                f"{config.holdout:.0%} of requests"
+                if config.trusted_only and len(held_eval) < need
+                else ""
+            )
         )
     base_all, base_eval = base_rows(base_files, config)
     version = models.next_version()

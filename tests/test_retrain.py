@@ -622,6 +622,11 @@ def test_retrain_of_a_profile_router_needs_enough_labels(
     with pytest.raises(NotEnoughLabelsError):
         retrain(outcomes, models, [profile_base_file(tmp_path)], CONFIG, profile=prior)
     assert models.version_ids() == ["v0001"]  # nothing was written
+    # Plenty of feedback and no shadow judging: the refusal says where trusted labels come from.
+    label_skills(outcomes, source="feedback", honest=True, n=300, start=1000)
+    outcomes.flush()
+    with pytest.raises(NotEnoughLabelsError, match=r"shadow judging \(the policy's shadow\.s"):
+        retrain(outcomes, models, [profile_base_file(tmp_path)], CONFIG, profile=prior)
 
 
 @pytest.mark.parametrize("design", ["residual", "refit"])
