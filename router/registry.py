@@ -322,6 +322,7 @@ async def watch_model_store(
     store = ModelStore(settings.model_store)
     loaded: str | None = serving or getattr(gateway.scorer, "version", None)
     while True:
+        version = None
         try:
             version = store.current()
             if version is not None and version != loaded:
@@ -331,6 +332,11 @@ async def watch_model_store(
                 log.info("model %s now serving (was %s)", version, loaded)
                 loaded = version
         except Exception:  # a bad version must not stop the watcher; the old model serves on
-            log.exception("loading model version from %s failed", store.root)
+            log.exception(
+                "loading model version %s from %s failed; %s keeps serving",
+                version,
+                store.root,
+                loaded,
+            )
             loaded = store.current()
         await asyncio.sleep(settings.model_watch_s)

@@ -186,7 +186,7 @@ def test_unknown_versions_and_an_empty_store_are_refused(tmp_path: Path) -> None
 
 
 def test_the_watcher_swaps_in_a_promoted_version_but_never_a_broken_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     released: list[bool] = []
     monkeypatch.setattr(
@@ -221,5 +221,7 @@ def test_the_watcher_swaps_in_a_promoted_version_but_never_a_broken_one(
 
     assert asyncio.run(serving_after("v0002")) == "v0002"
     assert asyncio.run(serving_after("v0003")) == "v0002"  # the broken version never serves
+    failed = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert failed == [f"loading model version v0003 from {store.root} failed; v0002 keeps serving"]
     assert asyncio.run(serving_after("v0001")) == "v0001"
     assert len(released) == 2  # after each swap, what the old model held goes back
