@@ -860,7 +860,31 @@ def _open_outcomes(args: argparse.Namespace) -> tuple[Any, str] | None:
         )
         print(f"no outcome store at {path} yet: serve some requests first{hint}", file=sys.stderr)
         return None
+    if not _holds_outcomes(path):
+        print(
+            f"{path} is not a Tiergate outcome store (it holds no outcomes table): name the "
+            "server's, its TIERGATE_HOME's tiergate.db or --db",
+            file=sys.stderr,
+        )
+        return None
     return SQLiteOutcomeStore(path), str(path)
+
+
+def _holds_outcomes(path: Path) -> bool:
+    """Whether the SQLite file at ``path`` has the outcome store's table, read without writing
+    (a command that only reads must not turn another program's file into a store)."""
+    import contextlib
+    import sqlite3
+
+    try:
+        uri = path.resolve().as_uri() + "?mode=ro"
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
+            found = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'outcomes'"
+            ).fetchone()
+    except sqlite3.DatabaseError:  # not an SQLite file at all
+        return False
+    return found is not None
 
 
 def _without_password(url: str) -> str:

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import socket
+import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -531,6 +532,25 @@ def test_outcomes_without_a_store_says_where_it_looked_and_how_to_name_another(
         .err.strip()
         .endswith(f"no outcome store at {tmp_path / 'o.db'} yet: serve some requests first")
     )
+
+
+def test_outcomes_and_retrain_on_a_file_that_is_no_store_say_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty SQLite file (or any other file) named as the store gave a traceback
+    (sqlite3.OperationalError: no such table: labels); it is now one line, and the file is
+    left as it was."""
+    empty = tmp_path / "empty.db"
+    sqlite3.connect(empty).close()
+    text = tmp_path / "notes.txt"
+    text.write_text("not a database\n" * 100)
+    for path in (empty, text):
+        before = path.read_bytes()
+        for command in (["outcomes", "--db", str(path)], ["retrain", "--db", str(path)]):
+            assert main(command) == 1
+            err = capsys.readouterr().err
+            assert f"{path} is not a Tiergate outcome store" in err
+        assert path.read_bytes() == before
 
 
 def test_outcomes_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
