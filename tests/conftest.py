@@ -149,8 +149,9 @@ def free_port() -> int:
 
 @contextmanager
 def silent_server() -> Iterator[tuple[str, list[socket.socket]]]:
-    """A hung llama.cpp server: it accepts connections and never answers. Yields its base URL
-    and the connections it accepted."""
+    """A hung server (a llama.cpp server, an OTLP collector): it accepts connections and never
+    answers. Yields its root URL (``http://127.0.0.1:PORT``) and the connections it accepted;
+    on leaving, they close, so whatever still waits on them fails then."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.05)
     accepted: list[socket.socket] = []
@@ -164,7 +165,7 @@ def silent_server() -> Iterator[tuple[str, list[socket.socket]]]:
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1", accepted
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", accepted
     finally:
         done.set()
         thread.join()

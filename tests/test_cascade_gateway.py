@@ -306,12 +306,12 @@ def test_a_cascade_escalates_at_once_while_its_external_local_server_cools(
         "  auto-best: {threshold: 0.05}\n  auto-cascade: {cascade: true}\n",
     )
     with (
-        silent_server() as (url, accepted),
+        silent_server() as (root, accepted),
         live(
             tmp_path,
             policy,
             local_backend="openai_http",
-            local_base_url=url,
+            local_base_url=f"{root}/v1",
             local_timeout_s=0.5,
             cascade_model_path=_confidence_model(tmp_path),
             cooldown_after_fails=2,

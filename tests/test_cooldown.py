@@ -250,7 +250,8 @@ def test_an_external_local_server_that_keeps_failing_cools_down(
     easy = {"model": "auto", "messages": [{"role": "user", "content": "hi"}]}
     with contextlib.ExitStack() as stack:
         if server == "hung":
-            url, accepted = stack.enter_context(silent_server())
+            root, accepted = stack.enter_context(silent_server())
+            url = f"{root}/v1"
         else:
             url, accepted = f"http://127.0.0.1:{free_port()}/v1", []
         srv = stack.enter_context(

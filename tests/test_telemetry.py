@@ -7,7 +7,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -35,6 +34,7 @@ from tests.conftest import (
     free_port,
     make_settings,
     policy_yaml,
+    silent_server,
     wait_for,
 )
 from tests.conftest import live as live_server
@@ -572,34 +572,6 @@ def test_spans_reach_a_real_otlp_receiver(
     assert "launch codes" not in text
 
 
-@contextmanager
-def silent_collector() -> Iterator[str]:
-    """An OTLP endpoint that takes connections and never answers, as a hung collector does,
-    or one behind a network that drops its packets; its URL."""
-    server = socket.create_server(("127.0.0.1", 0))
-    server.settimeout(0.05)
-    held: list[socket.socket] = []
-    done = threading.Event()
-
-    def accept() -> None:
-        while not done.is_set():
-            try:
-                held.append(server.accept()[0])
-            except TimeoutError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.getsockname()[1]}"
-    finally:
-        done.set()
-        thread.join(5)
-        for conn in held:  # the exports still waiting fail now
-            conn.close()
-        server.close()
-
-
 def test_shutdown_with_an_unreachable_collector_fits_the_grace_period(
     tmp_path: Path,
     fake: FakeProvider,
@@ -612,7 +584,7 @@ def test_shutdown_with_an_unreachable_collector_fits_the_grace_period(
     (5 s) and its requests (15 s), so it was killed before its shutdown ended. Now shutdown
     stops waiting, says what it dropped, and leaves no export running."""
     fake.reset()
-    with silent_collector() as endpoint:
+    with silent_server() as (endpoint, _):
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
         with live_server(tmp_path, policy_yaml(fake), local_backend_obj=ScriptedLocal()) as srv:
             assert srv.gateway.telemetry.tracing
