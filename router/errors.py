@@ -41,8 +41,10 @@ class TiergateError(Exception):
     # False for failures a retry cannot fix (configuration): sent as ``x-should-retry: false``,
     # which the OpenAI SDKs honour instead of retrying a 5xx three times. None: no header.
     should_retry: bool | None = None
-    # Anthropic's own code for this error (its ``error.details.error_code``), where Anthropic
-    # has one that its SDKs act on; sent only on the /v1/messages front.
+    # Anthropic's own type for this error where it has one that its status does not give
+    # (ANTHROPIC_ERROR_TYPES), and its own code (``error.details.error_code``) where its SDKs
+    # act on one; both sent only on the /v1/messages front.
+    anthropic_type: str | None = None
     anthropic_code: str | None = None
 
     def __init__(
@@ -110,10 +112,7 @@ def anthropic_error_body(exc: TiergateError) -> dict[str, Any]:
     """``exc`` in Anthropic's error shape, for the ``/v1/messages`` front: the same status and
     message as the OpenAI shape, the error type named as Anthropic names it, and Anthropic's
     ``details.error_code`` where the error has one."""
-    if exc.code == UpstreamOverloadedError.code:
-        kind = "overloaded_error"  # Anthropic's own word for it (its 529)
-    else:
-        kind = ANTHROPIC_ERROR_TYPES.get(exc.status_code, "api_error")
+    kind = exc.anthropic_type or ANTHROPIC_ERROR_TYPES.get(exc.status_code, "api_error")
     error: dict[str, Any] = {"type": kind, "message": exc.message}
     if exc.anthropic_code is not None:
         error["details"] = {"error_code": exc.anthropic_code}
@@ -337,6 +336,7 @@ class UpstreamOverloadedError(BackendError):
     status_code = 503
     error_type = "service_unavailable"
     code = "upstream_overloaded"
+    anthropic_type = "overloaded_error"  # Anthropic's own word for it (its 529)
 
 
 class UpstreamRequestTooLargeError(UpstreamRateLimitedError):
