@@ -6,7 +6,8 @@ IDs, Verhoeff for Aadhaar numbers), so that arbitrary digit runs in maths or cod
 reported as PII. The detectors are deliberately conservative: a phone number needs separators or a
 leading ``+`` (but for a Chinese mobile, ``1[3-9]`` and nine digits, alone), an SSN needs its dashes
 or spaces (``123-45-6789``, ``123 45 6789``), or the word SSN / social security just before nine
-digits. They are transparent rules, not a learned model.
+digits; an Aadhaar number needs its groups of four (``2341 2341 2346``), or, run together, a text
+that names Aadhaar (Aadhaar, UID, UIDAI, आधार). They are transparent rules, not a learned model.
 
 Text is normalised before it is read (:func:`normalize`): NFKC (a full-width at sign, U+FF20,
 and full-width digits become ASCII, no-break spaces plain spaces), every invisible format
@@ -194,12 +195,46 @@ _CN_ID = re.compile(
     + r"(?:\d{17}[\dXx]|(?<!\d[ -])\d{6}([ -])\d{8}\1\d{3}[\dXx](?![ -]\d))"
     + _ALONE_AFTER
 )
-# India's Aadhaar: 12 digits, the first 2-9, as printed in groups of four or run together.
+# India's Aadhaar: 12 digits, the first 2-9. As printed, in groups of four (2341 2341 2346), its
+# checksum alone decides. Run together, 12 digits are as often a timestamp (YYYYMMDDhhmm) or an
+# order number, and one in ten of those passes Verhoeff: there they count only in a text that
+# names Aadhaar (``_names_aadhaar``: anywhere, so that a table's header names its rows).
 _AADHAAR = re.compile(
-    _ALONE_BEFORE
-    + r"(?:[2-9]\d{11}|(?<!\d[ -])[2-9]\d{3}([ -])\d{4}\1\d{4}(?![ -]\d))"
-    + _ALONE_AFTER
+    _ALONE_BEFORE + r"(?<!\d[ -])[2-9]\d{3}([ -])\d{4}\1\d{4}(?![ -]\d)" + _ALONE_AFTER
 )
+_AADHAAR_RUN = re.compile(_ALONE_BEFORE + r"[2-9]\d{11}" + _ALONE_AFTER)
+# Aadhaar, its common spellings and its issuer (UIDAI, whose number is the "UID"), in Latin
+# script and in the scripts of India's larger languages: Devanagari, Bengali, Gurmukhi,
+# Gujarati, Odia, Tamil, Telugu, Kannada, Malayalam (with and without its chillu letter).
+# Looked for in the lower-cased text by ``str`` search (``_names_aadhaar``), many times faster
+# than a case-blind regex of them.
+_AADHAAR_NAMES = (
+    "aadhaar",
+    "aadhar",
+    "adhaar",
+    "uidai",
+    "\u0906\u0927\u093e\u0930",
+    "\u0986\u09a7\u09be\u09b0",
+    "\u0a06\u0a27\u0a3e\u0a30",
+    "\u0a86\u0aa7\u0abe\u0ab0",
+    "\u0b06\u0b27\u0b3e\u0b30",
+    "\u0b86\u0ba4\u0bbe\u0bb0\u0bcd",
+    "\u0c06\u0c27\u0c3e\u0c30\u0c4d",
+    "\u0c86\u0ca7\u0cbe\u0cb0\u0ccd",
+    "\u0d06\u0d27\u0d3e\u0d7c",
+    "\u0d06\u0d27\u0d3e\u0d30\u0d4d",
+)
+# "uid" as a word of its own ("UID: ...", not "uuid" or "uid_t"); it starts with a literal, so
+# the search skips ahead fast, and looks behind only once "uid" is found.
+_UID = re.compile(r"uid(?![a-z\d_])(?<![a-z\d_]uid)")
+
+
+def _names_aadhaar(text: str) -> bool:
+    """True when ``text`` names Aadhaar (``_AADHAAR_NAMES``, or "uid" as a word), in any case."""
+    lower = text.lower()
+    return any(name in lower for name in _AADHAAR_NAMES) or _UID.search(lower) is not None
+
+
 # A phone number in groups of 2-4 digits; after a leading "+" (a country code) or an area code
 # in brackets, in groups of any length, as countries write them: "+49 30 12345678",
 # "+33 6 12 34 56 78", "+91 98765 43210", "(11) 98765-4321".
@@ -235,6 +270,7 @@ _DETECTORS: tuple[tuple[str, re.Pattern[str], Callable[[str], bool] | None], ...
     ("ssn", _SSN_NAMED, None),
     ("uk_nino", _NINO, None),
     ("aadhaar", _AADHAAR, _aadhaar_ok),
+    ("aadhaar", _AADHAAR_RUN, _aadhaar_ok),  # only where the text names Aadhaar
     ("phone", _PHONE, _phone_ok),
     ("phone", _CN_MOBILE, None),
     ("ip_address", _IPV4, None),
@@ -305,7 +341,8 @@ _RUNS: dict[re.Pattern[str], tuple[str, int]] = {
     _CARD: ("digits", 13),
     _SSN: ("digits", 11),
     _CN_ID: ("ids", 18),
-    _AADHAAR: ("ids", 12),
+    _AADHAAR: ("ids", 14),
+    _AADHAAR_RUN: ("ids", 12),
     _PHONE: ("phone", 9),
     _CN_MOBILE: ("phone", 11),
     _IPV4: ("dotted", 7),
@@ -322,6 +359,7 @@ _GATES = {
     _SSN: ("digits", 9),
     _CN_ID: ("digits", 17),
     _AADHAAR: ("digits", 12),
+    _AADHAAR_RUN: ("digits", 12),
     _PHONE: ("phone", 9),
     _CN_MOBILE: ("digits", 11),
 }
@@ -455,6 +493,8 @@ class _Reading:
         if pattern is _SSN_NAMED:
             return sorted(_named_ssns(text, raw), key=lambda m: m.start())
         if self._gated_out(pattern):
+            return ()
+        if pattern is _AADHAAR_RUN and not _names_aadhaar(text):
             return ()
         name, min_len = _RUNS[pattern]
         if name not in self.masks:

@@ -13,8 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from router.pii import (
+    _AADHAAR_RUN,
     _DETECTORS,
     PiiMatch,
+    _names_aadhaar,
     _span,
     cn_resident_id_valid,
     detect,
@@ -104,11 +106,14 @@ def test_overlapping_detectors_report_one_span() -> None:
 
 def _plain_detect(text: str) -> list[PiiMatch]:
     """The detectors run the obvious way (each regex over the whole text, as before the run
-    prefilter), with the same gates: email needs an '@', the others two adjacent digits."""
+    prefilter), with the same gates: email needs an '@', the others two adjacent digits, and an
+    Aadhaar number run together a text that names Aadhaar."""
     chosen: list[PiiMatch] = []
     for kind, pattern, check in _DETECTORS:
-        if (kind == "email" and "@" not in text) or (
-            kind != "email" and re.search(r"\d\d", text) is None
+        if (
+            (kind == "email" and "@" not in text)
+            or (kind != "email" and re.search(r"\d\d", text) is None)
+            or (pattern is _AADHAAR_RUN and not _names_aadhaar(text))
         ):
             continue
         for m in pattern.finditer(text):
@@ -132,6 +137,9 @@ PII_CASES = [
     "11010519491231002Xy x11010519491231002X 11010519491231002X. 13912345678\u00d72 \u00f7 139123",
     FILLER + "\u8eab\u4efd\u8bc111010519491231002X\u8c22 \u624b\u673a13912345678\u8c22",
     "\u4e2d\u6587 13912345678 " * 50 + "234123412346 11010519491231002X",
+    "order 987654321012 and 234123412346, uuid 234123412346, UIDs 987654321012",
+    "UID 987654321012, uid:234123412346 \u0906\u0927\u093e\u0930 2341 2341 2346 987654321013",
+    FILLER + "AADHAAR" + FILLER + "234123412346 " * 3 + "\u4e2d\u6587 987654321012",
     # 234123412346 in Arabic-Indic digits (the checks read any script's digits)
     "aadhaar \u0662\u0663\u0664\u0661\u0662\u0663\u0664\u0661\u0662\u0663\u0664\u0666",
     "IBAN GB82 WEST 1234 5698 7654 32 and DE89370400440532013000; NI AB 12 34 56 C, AB123456C",
@@ -195,6 +203,11 @@ PIECES += [
     "x",
     "234123412346",
     "2341",
+    "987654321012",
+    "aadhaar ",
+    "UID",
+    "uuid",
+    "\u0906\u0927\u093e\u0930",
     "+86",
     "*",
     "=",
@@ -382,6 +395,48 @@ def test_numbers_that_only_look_like_ids_or_mobiles_stay_ordinary(text: str) -> 
 @pytest.mark.parametrize(
     "text",
     [
+        "build 202403140916 started, failed at 202403140928",  # YYYYMMDDhhmm
+        "order 987654321012 shipped",
+        "What is 400000000005 mod 7?",
+        "my uuid is 234123412346",  # a uuid is no UID
+    ],
+)
+def test_twelve_digits_run_together_are_no_aadhaar_where_it_is_not_named(text: str) -> None:
+    # Each of these passes the Verhoeff check, as one in ten 12-digit numbers does.
+    assert all(verhoeff_valid(n) for n in re.findall(r"\d{12}", text))
+    assert pii_kinds(text) == ()
+    assert redact(text) == text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "My Aadhaar number is 234123412346.",
+        "234123412346 is my aadhar, is it linked to my PAN?",
+        "ADHAAR CARD NO: 234123412346",
+        "UID: 234123412346",
+        "UIDAI sent 234123412346 by post",
+        "name,aadhaar,city\nRavi,234123412346,Pune\nAsha,987654321012,Delhi",
+        "\u092e\u0947\u0930\u093e \u0906\u0927\u093e\u0930 234123412346 \u0939\u0948",  # Hindi
+        "\u0b8e\u0ba9\u0bcd \u0b86\u0ba4\u0bbe\u0bb0\u0bcd 234123412346",  # Tamil
+        "\u0986\u09ae\u09be\u09b0 \u0986\u09a7\u09be\u09b0 234123412346",  # Bengali
+    ],
+)
+def test_twelve_digits_run_together_are_aadhaar_where_it_is_named(text: str) -> None:
+    # Anywhere in the text: a table's header names the numbers in its rows.
+    assert pii_kinds(text) == ("aadhaar",)
+    assert re.search(r"\d{4}", redact(text)) is None
+
+
+@pytest.mark.parametrize("text", ["Please verify 2341 2341 2346 for Ravi", "id 2341-2341-2346"])
+def test_aadhaar_in_groups_of_four_needs_no_name(text: str) -> None:
+    assert "aadhaar" in pii_kinds(text)
+    assert [m.kind for m in detect(text)] == ["aadhaar"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
         "escribe a josé.garcía@correo.es",
         "schreib an max@müller.de",
         "请发邮件到 用户@例子.中国",
@@ -427,6 +482,7 @@ def _python_steps(fn: Any, arg: str) -> int:
         "\u4e2d@\u4e2d.\u4e2d",
         "13912345678 ",
         "2341 2341 2346 ",
+        "aadhaar 234123412346 ",
         "11010519491231002X ",
     ],
 )
