@@ -177,9 +177,12 @@ _SSN_NAMED = re.compile(
     re.IGNORECASE | re.ASCII,
 )
 _SSN_NAMED_MAX = 64  # longer than any match of _SSN_NAMED plus the character after it
+# A UK National Insurance number: two letters, six digits, A-D. HMRC never uses D, F, I, Q, U or
+# V as either letter, nor O as the second, and never issues the prefixes BG, GB, KN, NK, NT, TN
+# or ZZ (QQ 12 34 56 C is the example its forms show).
 _NINO = re.compile(
-    r"(?<![A-Za-z\d_])[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D]"
-    r"(?![A-Za-z\d_])"
+    r"(?<![A-Za-z\d_])(?!BG|GB|KN|NK|NT|TN|ZZ)[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z]"
+    r" ?\d{2} ?\d{2} ?\d{2} ?[A-D](?![A-Za-z\d_])"
 )
 # National ID numbers made of digits (and a Chinese ID's check character X), and mobiles run
 # together, are read only where they stand alone: not inside a longer number (after a '.', '+'

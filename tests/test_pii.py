@@ -143,6 +143,7 @@ PII_CASES = [
     # 234123412346 in Arabic-Indic digits (the checks read any script's digits)
     "aadhaar \u0662\u0663\u0664\u0661\u0662\u0663\u0664\u0661\u0662\u0663\u0664\u0666",
     "IBAN GB82 WEST 1234 5698 7654 32 and DE89370400440532013000; NI AB 12 34 56 C, AB123456C",
+    "NI GB 12 34 56 C, ZZ123456A, TN 12 34 56 D, QQ 12 34 56 C, GBAB 12 34 56 C, NA123456B",
     "ips 192.168.10.4, 256.1.1.1, 10.0.0.1.5, 1.2.3.4",
     "4111-1111-1111-1111-1111 and 4111 1111 1111 1111 1111 1111",
     "((((((((( ++++++ 12 34 56 78 90 12 ....... ------- 1234567890123",
@@ -426,6 +427,20 @@ def test_twelve_digits_run_together_are_aadhaar_where_it_is_named(text: str) -> 
     # Anywhere in the text: a table's header names the numbers in its rows.
     assert pii_kinds(text) == ("aadhaar",)
     assert re.search(r"\d{4}", redact(text)) is None
+
+
+@pytest.mark.parametrize("prefix", ["BG", "GB", "KN", "NK", "NT", "TN", "ZZ", "QQ", "DA", "AO"])
+def test_national_insurance_numbers_hmrc_never_issues_are_not_read_as_such(prefix: str) -> None:
+    # BG, GB, KN, NK, NT, TN and ZZ are never issued; D, F, I, Q, U and V are never either
+    # letter, O never the second.
+    for text in (f"NI number {prefix} 12 34 56 C", f"NI {prefix}123456A"):
+        assert pii_kinds(text) == ()
+        assert redact(text) == text
+
+
+@pytest.mark.parametrize("number", ["AB 12 34 56 C", "OA123456B", "NA 12 34 56 D", "TA123456A"])
+def test_issued_national_insurance_numbers_are_found(number: str) -> None:
+    assert pii_kinds(f"my NI number is {number}") == ("uk_nino",)
 
 
 @pytest.mark.parametrize("text", ["Please verify 2341 2341 2346 for Ravi", "id 2341-2341-2346"])
