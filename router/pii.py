@@ -6,7 +6,7 @@ IDs, Verhoeff for Aadhaar numbers), so that arbitrary digit runs in maths or cod
 reported as PII. The detectors are deliberately conservative: a phone number needs separators or a
 leading ``+`` (but for a Chinese mobile, ``1[3-9]`` and nine digits, alone), an SSN needs its dashes
 or spaces (``123-45-6789``, ``123 45 6789``), or the word SSN / social security just before nine
-digits; an Aadhaar number needs its groups of four (``2341 2341 2346``), or, run together, a text
+digits; an Aadhaar number run together that reads as a time stamp (``202403140916``) needs a text
 that names Aadhaar (Aadhaar, UID, UIDAI, आधार). They are transparent rules, not a learned model.
 
 Text is normalised before it is read (:func:`normalize`): NFKC (a full-width at sign, U+FF20,
@@ -199,13 +199,16 @@ _CN_ID = re.compile(
     + _ALONE_AFTER
 )
 # India's Aadhaar: 12 digits, the first 2-9. As printed, in groups of four (2341 2341 2346), its
-# checksum alone decides. Run together, 12 digits are as often a timestamp (YYYYMMDDhhmm) or an
-# order number, and one in ten of those passes Verhoeff: there they count only in a text that
-# names Aadhaar (``_names_aadhaar``: anywhere, so that a table's header names its rows).
+# checksum alone decides. Run together, as cards are, the checksum decides too (one 12-digit
+# number in ten passes it, as one in ten passes Luhn), but for a number that reads as a
+# timestamp (``_timestamp_like``: 202403140916), which counts only in a text that names Aadhaar
+# (``_names_aadhaar``: anywhere, so that a table's header names its rows). Two patterns that
+# match alike, so that each has its own check and gate (``_Reading.matches``).
 _AADHAAR = re.compile(
     _ALONE_BEFORE + r"(?<!\d[ -])[2-9]\d{3}([ -])\d{4}\1\d{4}(?![ -]\d)" + _ALONE_AFTER
 )
 _AADHAAR_RUN = re.compile(_ALONE_BEFORE + r"[2-9]\d{11}" + _ALONE_AFTER)
+_AADHAAR_RUN_NAMED = re.compile(_ALONE_BEFORE + r"[2-9]\d\d{10}" + _ALONE_AFTER)
 # Aadhaar, its common spellings and its issuer (UIDAI, whose number is the "UID"), in Latin
 # script and in the scripts of India's larger languages: Devanagari, Bengali, Gurmukhi,
 # Gujarati, Odia, Tamil, Telugu, Kannada, Malayalam (with and without its chillu letter).
@@ -230,6 +233,28 @@ _AADHAAR_NAMES = (
 # "uid" as a word of its own ("UID: ...", not "uuid" or "uid_t"); it starts with a literal, so
 # the search skips ahead fast, and looks behind only once "uid" is found.
 _UID = re.compile(r"uid(?![a-z\d_])(?<![a-z\d_]uid)")
+
+
+def _timestamp_like(digits: str) -> bool:
+    """True when 12 digits read as a time stamp: ``YYYYMMDDhhmm`` in 2000-2099, or
+    ``YYMMDDhhmmss`` in 2020-2029. About one real Aadhaar number in 2,000 does too."""
+    for month, day, hour, minute, second in ((4, 6, 8, 10, None), (2, 4, 6, 8, 10)):
+        if int(digits[:2]) != 20 if second is None else not 20 <= int(digits[:2]) <= 29:
+            continue
+        if (
+            1 <= int(digits[month : month + 2]) <= 12
+            and 1 <= int(digits[day : day + 2]) <= 31
+            and int(digits[hour : hour + 2]) <= 23
+            and int(digits[minute : minute + 2]) <= 59
+            and (second is None or int(digits[second : second + 2]) <= 59)
+        ):
+            return True
+    return False
+
+
+def _aadhaar_run_ok(s: str) -> bool:
+    digits = _digits(s)
+    return verhoeff_valid(digits) and not _timestamp_like(digits)
 
 
 def _names_aadhaar(text: str) -> bool:
@@ -273,7 +298,8 @@ _DETECTORS: tuple[tuple[str, re.Pattern[str], Callable[[str], bool] | None], ...
     ("ssn", _SSN_NAMED, None),
     ("uk_nino", _NINO, None),
     ("aadhaar", _AADHAAR, _aadhaar_ok),
-    ("aadhaar", _AADHAAR_RUN, _aadhaar_ok),  # only where the text names Aadhaar
+    ("aadhaar", _AADHAAR_RUN, _aadhaar_run_ok),
+    ("aadhaar", _AADHAAR_RUN_NAMED, _aadhaar_ok),  # only where the text names Aadhaar
     ("phone", _PHONE, _phone_ok),
     ("phone", _CN_MOBILE, None),
     ("ip_address", _IPV4, None),
@@ -346,6 +372,7 @@ _RUNS: dict[re.Pattern[str], tuple[str, int]] = {
     _CN_ID: ("ids", 18),
     _AADHAAR: ("ids", 14),
     _AADHAAR_RUN: ("ids", 12),
+    _AADHAAR_RUN_NAMED: ("ids", 12),
     _PHONE: ("phone", 9),
     _CN_MOBILE: ("phone", 11),
     _IPV4: ("dotted", 7),
@@ -363,6 +390,7 @@ _GATES = {
     _CN_ID: ("digits", 17),
     _AADHAAR: ("digits", 12),
     _AADHAAR_RUN: ("digits", 12),
+    _AADHAAR_RUN_NAMED: ("digits", 12),
     _PHONE: ("phone", 9),
     _CN_MOBILE: ("digits", 11),
 }
@@ -497,7 +525,7 @@ class _Reading:
             return sorted(_named_ssns(text, raw), key=lambda m: m.start())
         if self._gated_out(pattern):
             return ()
-        if pattern is _AADHAAR_RUN and not _names_aadhaar(text):
+        if pattern is _AADHAAR_RUN_NAMED and not _names_aadhaar(text):
             return ()
         name, min_len = _RUNS[pattern]
         if name not in self.masks:

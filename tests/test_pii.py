@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from router.pii import (
-    _AADHAAR_RUN,
+    _AADHAAR_RUN_NAMED,
     _DETECTORS,
     PiiMatch,
     _names_aadhaar,
@@ -107,13 +107,13 @@ def test_overlapping_detectors_report_one_span() -> None:
 def _plain_detect(text: str) -> list[PiiMatch]:
     """The detectors run the obvious way (each regex over the whole text, as before the run
     prefilter), with the same gates: email needs an '@', the others two adjacent digits, and an
-    Aadhaar number run together a text that names Aadhaar."""
+    Aadhaar number run together that reads as a time stamp a text that names Aadhaar."""
     chosen: list[PiiMatch] = []
     for kind, pattern, check in _DETECTORS:
         if (
             (kind == "email" and "@" not in text)
             or (kind != "email" and re.search(r"\d\d", text) is None)
-            or (pattern is _AADHAAR_RUN and not _names_aadhaar(text))
+            or (pattern is _AADHAAR_RUN_NAMED and not _names_aadhaar(text))
         ):
             continue
         for m in pattern.finditer(text):
@@ -397,16 +397,29 @@ def test_numbers_that_only_look_like_ids_or_mobiles_stay_ordinary(text: str) -> 
     "text",
     [
         "build 202403140916 started, failed at 202403140928",  # YYYYMMDDhhmm
-        "order 987654321012 shipped",
-        "What is 400000000005 mod 7?",
-        "my uuid is 234123412346",  # a uuid is no UID
+        "request 251207093023 timed out",  # YYMMDDhhmmss
+        "my uid_t is 202403140916",  # uid_t is no UID
     ],
 )
-def test_twelve_digits_run_together_are_no_aadhaar_where_it_is_not_named(text: str) -> None:
+def test_time_stamps_run_together_are_no_aadhaar_where_it_is_not_named(text: str) -> None:
     # Each of these passes the Verhoeff check, as one in ten 12-digit numbers does.
     assert all(verhoeff_valid(n) for n in re.findall(r"\d{12}", text))
     assert pii_kinds(text) == ()
     assert redact(text) == text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Ravi Kumar, 234123412346, Pune",
+        "please check 987654321012 before the loan is approved",
+        "my uuid is 234123412346",
+    ],
+)
+def test_twelve_digits_run_together_are_aadhaar_on_their_checksum(text: str) -> None:
+    # As a card number is on Luhn: a record that does not name its columns is still personal.
+    assert pii_kinds(text) == ("aadhaar",)
+    assert re.search(r"\d{12}", redact(text)) is None
 
 
 @pytest.mark.parametrize(
@@ -418,6 +431,7 @@ def test_twelve_digits_run_together_are_no_aadhaar_where_it_is_not_named(text: s
         "UID: 234123412346",
         "UIDAI sent 234123412346 by post",
         "name,aadhaar,city\nRavi,234123412346,Pune\nAsha,987654321012,Delhi",
+        "aadhaar enrolment 202403140916",  # reads as a time stamp, but the text names Aadhaar
         "\u092e\u0947\u0930\u093e \u0906\u0927\u093e\u0930 234123412346 \u0939\u0948",  # Hindi
         "\u0b8e\u0ba9\u0bcd \u0b86\u0ba4\u0bbe\u0bb0\u0bcd 234123412346",  # Tamil
         "\u0986\u09ae\u09be\u09b0 \u0986\u09a7\u09be\u09b0 234123412346",  # Bengali
