@@ -11,7 +11,9 @@ them. Every problem is reported with file, line, column and key path in a single
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
+import math
 import re
 import types
 from collections.abc import Callable, Mapping, Sequence
@@ -966,19 +968,95 @@ def _not_form(form: Form) -> Form:
     return form[1] if form[0] == "not" else ("not", form)
 
 
+@functools.lru_cache(maxsize=4096)
 def _implies(a: Form, b: Form) -> bool:
     """Whether every request ``a`` holds for, ``b`` holds for too (as far as forms tell)."""
     if b in (_TRUE, a):
         return True
-    if b[0] == "any" and (a in b[1] or (a[0] == "any" and a[1] <= b[1])):
+    if b[0] == "all":
+        return all(_implies(a, x) for x in b[1])
+    if a[0] == "any":
+        return all(_implies(x, b) for x in a[1])
+    if a[0] == "all" and any(_implies(x, b) for x in a[1]):
         return True
-    if a[0] == "all":
-        return (
-            b in a[1]
-            or (b[0] == "all" and b[1] <= a[1])
-            or (b[0] == "any" and not a[1].isdisjoint(b[1]))
-        )
+    if b[0] == "any":
+        return any(_implies(a, x) for x in b[1])
+    if a[0] == "not" and b[0] == "not":
+        return _implies(b[1], a[1])
+    return a[0] == "cmp" and b[0] == "cmp" and _leaf_implies(a, b)
+
+
+#: `pii` is true whenever `pii_kinds` names a kind: these comparisons of pii_kinds imply it.
+_PII: Form = ("cmp", "pii", "bool", "eq", True, True)
+_HAS_KINDS = frozenset({"contains", "in", "matches"})
+
+
+def _leaf_implies(f: Form, g: Form) -> bool:
+    # Whether comparison ``f`` holding means ``g`` holds: one signal's bounds and values.
+    if g == _PII and f[1] == "pii_kinds":
+        return f[3] in _HAS_KINDS
+    if f[1] != g[1] or f[2] != g[2]:
+        return False
+    domain = _DOMAINS.get(f[2])
+    if domain is not None and f[3] in _PLAIN and g[3] in _PLAIN:  # few values: try each
+        if f[3] == "in" and None in f[5]:  # holds for a missing one too
+            return False
+        held = [x for x in domain if _value_holds(f[2], x, f)]
+        return bool(held) and all(_value_holds(f[2], x, g) for x in held)
+    low, high = _bound(f), _bound(g)
+    if low is not None and high is not None:  # two bounds of one side: the tighter implies
+        (side, a, strict_a), (side_b, b, strict_b) = low, high
+        if side != side_b:
+            return False
+        tighter = a > b if side == "low" else a < b
+        return tighter or (a == b and (strict_a or not strict_b))
+    kind, op, v = f[2], f[3], f[5]
+    if kind not in _VALUED or op not in ("eq", "in") or (op == "in" and None in v):
+        return False
+    values = frozenset({v}) if op == "eq" else v
+    if v is None or not values:
+        return False
+    return all(_value_holds(kind, x, g) for x in values)
+
+
+#: The signals of few values (`stakes > medium` is `stakes == high`), and the operators a value
+#: is checked against one by one.
+_DOMAINS: dict[str, tuple[str, ...]] = {"stakes": STAKES, "capability": CAPABILITIES}
+_PLAIN = frozenset({"eq", "ne", "in", "not_in", "gt", "gte", "lt", "lte"})
+#: The kinds whose `eq` and `in` values compare plainly (no text read as a number, no
+#: `1 == true`), so a value can be checked against another comparison of the signal.
+_VALUED = frozenset({"number", "fraction", "stakes", "capability", "text"})
+
+
+def _value_holds(kind: Kind, x: Any, g: Form) -> bool:
+    # Whether a signal equal to ``x`` satisfies comparison ``g``.
+    op, v = g[3], g[5]
+    if op == "eq":
+        return bool(x == v)
+    if op == "ne":
+        return bool(x != v)
+    if op in ("in", "not_in"):
+        return (x in v) is (op == "in")
+    if op in ORDER and kind in ("number", "fraction", "stakes"):
+        return bool(ORDER[op](_STAKES_RANK[x] if kind == "stakes" else x, v))
     return False
+
+
+def _bound(f: Form) -> tuple[str, float, bool] | None:
+    """An order comparison as (``low`` or ``high``, value, strict). Token counts, turns and
+    stakes levels are whole numbers, so there a strict bound is the inclusive one next to it:
+    ``turns > 2`` is ``turns >= 3``."""
+    _, _, kind, op, _, v = f
+    if op not in ORDER:
+        return None
+    side, strict = ("low" if op in ("gt", "gte") else "high"), op in ("gt", "lt")
+    if kind in ("number", "stakes"):
+        if side == "low":
+            v = math.floor(v) + 1 if strict else math.ceil(v)
+        else:
+            v = math.ceil(v) - 1 if strict else math.floor(v)
+        strict = False
+    return side, v, strict
 
 
 def _contradiction(forms: set[Form]) -> str | None:
@@ -1005,13 +1083,14 @@ def _clash(leaves: list[Form]) -> tuple[Form, Form] | None:
 
 def _empty_range(leaves: list[Form]) -> tuple[Form, Form] | None:
     # The tightest lower and upper bounds, when no value lies between them.
-    lows = [f for f in leaves if f[3] in ("gt", "gte")]
-    highs = [f for f in leaves if f[3] in ("lt", "lte")]
+    bounds = [(f, b) for f in leaves if (b := _bound(f)) is not None]
+    lows = [(f, b) for f, b in bounds if b[0] == "low"]
+    highs = [(f, b) for f, b in bounds if b[0] == "high"]
     if not lows or not highs:
         return None
-    low = max(lows, key=lambda f: (f[5], f[3] == "gt"))
-    high = min(highs, key=lambda f: (f[5], f[3] == "lte"))
-    if low[5] > high[5] or (low[5] == high[5] and (low[3] == "gt" or high[3] == "lt")):
+    low, (_, lv, lstrict) = max(lows, key=lambda e: (e[1][1], e[1][2]))
+    high, (_, hv, hstrict) = min(highs, key=lambda e: (e[1][1], not e[1][2]))
+    if lv > hv or (lv == hv and (lstrict or hstrict)):
         return low, high
     return None
 
@@ -1061,7 +1140,7 @@ def _dead_message(loc: Loc, rule: Rule, form: Form, hider: tuple[Loc, Rule, Form
         f"{by.priority}) is tried before it"
     )
     why = ", as the global local_only rules are tried before a tenant's own" if crossed else ""
-    if by_form == form:
+    if by_form == form or _implies(by_form, form):  # `turns > 2` is `turns >= 3`
         return f"{head} with the same condition{why}; remove one, or give one another `when`"
     if by_form == _TRUE:
         head, fix = f"{head} and matches every request{why}", f"a `when` to {by.name!r}"

@@ -348,6 +348,61 @@ CORPUS: list[tuple[str, str, list[str]]] = [
         ],
     ),
     (
+        # turns, token counts and stakes levels are whole numbers: `turns > 2` is `turns >= 3`,
+        # and the second rule never decided anything while `policy check` said ok
+        "same-condition-by-whole-number-arithmetic",
+        M + "rules:\n  - {name: a, when: {turns: {gt: 2}}, route: gpt}\n"
+        "  - {name: b, when: {turns: {gte: 3}}, route: local}\n"
+        "  - {name: c, when: {stakes: {gt: medium}}, route: gpt}\n"
+        "  - {name: d, when: {stakes: high}, route: local}\n",
+        [
+            "p.yaml:7:5: rules[1]: rule 'b' can never match: rule 'a' (rules[0], priority 0) is "
+            "tried before it with the same condition; remove one, or give one another `when`",
+            "p.yaml:9:5: rules[3]: rule 'd' can never match: rule 'c' (rules[2], priority 0) is "
+            "tried before it with the same condition; remove one, or give one another `when`",
+        ],
+    ),
+    (
+        # a narrower range, value or list after a wider one: `score >= 0.6` behind
+        # `score >= 0.3` (coding to gpt above 0.6 never happened), `turns == 5` behind
+        # `turns >= 3`, `[coding, math]` behind `[coding, math, reasoning]`, and a pii kind
+        # behind `pii: true` (a request with a pii kind has pii)
+        "narrower-range-after-a-wider-one",
+        M + "rules:\n  - {name: a, priority: 9, when: {capability: coding, score: {gte: 0.3}}, "
+        "route: gpt}\n"
+        "  - {name: b, priority: 8, when: {capability: coding, score: {gte: 0.6}}, route: gpt}\n"
+        "  - {name: c, when: {turns: {gte: 3}}, route: gpt}\n"
+        "  - {name: d, when: {turns: 5, prompt_tokens: {lt: 100}}, route: local}\n"
+        "  - {name: e, when: {capability: [coding, math, reasoning]}, route: local}\n"
+        "  - {name: f, when: {capability: {in: [coding, math]}}, route: gpt}\n"
+        "  - {name: g, priority: 99, when: {pii: true}, route: local, local_only: true}\n"
+        "  - {name: h, priority: 98, when: {pii_kinds: {contains: card}}, route: local, "
+        "local_only: true, store_prompts: none}\n",
+        [
+            "p.yaml:7:5: rules[1]: rule 'b' can never match: rule 'a' (rules[0], priority 9) is "
+            "tried before it and matches every request 'b' would; give 'b' a priority above 9, "
+            "or a narrower `when` to 'a'",
+            "p.yaml:9:5: rules[3]: rule 'd' can never match: rule 'c' (rules[2], priority 0) is "
+            "tried before it and matches every request 'd' would; give 'd' a priority above 0, "
+            "or a narrower `when` to 'c'",
+            "p.yaml:11:5: rules[5]: rule 'f' can never match: rule 'e' (rules[4], priority 0) is "
+            "tried before it and matches every request 'f' would; give 'f' a priority above 0, "
+            "or a narrower `when` to 'e'",
+            "p.yaml:13:5: rules[7]: rule 'h' can never match: rule 'g' (rules[6], priority 99) "
+            "is tried before it and matches every request 'h' would; give 'h' a priority above "
+            "99, or a narrower `when` to 'g'",
+        ],
+    ),
+    (
+        # no whole number lies strictly between 2 and 3
+        "whole-number-range-that-is-empty",
+        M + "rules:\n  - {name: a, when: {turns: {gt: 2, lt: 3}}, route: gpt}\n",
+        [
+            "p.yaml:6:22: rules[0].when.turns: can never hold: no request has both turns > 2 "
+            "and turns < 3",
+        ],
+    ),
+    (
         # the global local_only rules are tried before a tenant's: a global local_only
         # catch-all decides every request of the tenant, pinned or not, and said ok
         "tenant-rules-behind-a-global-local-only-catch-all",
@@ -571,6 +626,25 @@ def test_rules_that_can_still_match_are_taken() -> None:
     assert evaluate(p, Signals(alias="gpt", tenant="acme", pii=True)).rule == "t-pii"
 
 
+def test_a_wider_rule_after_a_narrower_one_is_taken() -> None:
+    """The other way round is sound: `score >= 0.6` first, then `score >= 0.3`; `turns: 5`
+    first, then `turns >= 3`; a pii kind first, then `pii`."""
+    p = parse_policy(
+        M + "rules:\n  - {name: high, priority: 2, when: {score: {gte: 0.6}}, route: gpt}\n"
+        "  - {name: mid, priority: 1, when: {score: {gte: 0.3}}, route: local}\n"
+        "  - {name: five, when: {turns: 5}, route: gpt}\n"
+        "  - {name: many, when: {turns: {gte: 3}}, route: local}\n"
+        "  - {name: card, priority: 9, when: {pii_kinds: {contains: card}}, route: local, "
+        "local_only: true}\n"
+        "  - {name: pii, priority: 8, when: {pii: true}, route: local, local_only: true}\n"
+    )
+    assert evaluate(p, Signals(alias="auto", score=0.7)).rule == "high"
+    assert evaluate(p, Signals(alias="auto", score=0.4)).rule == "mid"
+    assert evaluate(p, Signals(alias="auto", score=0.1, turns=4)).rule == "many"
+    assert evaluate(p, Signals(alias="auto", pii=True, pii_kinds=("card",))).rule == "card"
+    assert evaluate(p, Signals(alias="auto", pii=True, pii_kinds=("email",))).rule == "pii"
+
+
 @pytest.mark.parametrize(
     "when",
     [
@@ -579,6 +653,10 @@ def test_rules_that_can_still_match_are_taken() -> None:
         "{capability: {in: [coding, math], ne: math}}",
         "{all: [{metadata.n: true}, {metadata.n: {ne: 1}}]}",  # true is not 1 in metadata
         "{all: [{metadata.n: {gt: 3}}, {metadata.n: {lt: 4}}]}",  # 3.5
+        "{turns: {gt: 2, lt: 4}}",  # 3
+        "{prompt_tokens: {gt: 2.5, lt: 3.5}}",  # 3
+        "{score: {gt: 0.5, lt: 0.500001}}",  # a score is no whole number
+        "{all: [{header: {name: x-tiergate-n, gt: 2}}, {header: {name: x-tiergate-n, lt: 3}}]}",
         "{header: {name: x-tiergate-a, eq: x}, all: [{header: {name: x-tiergate-b, eq: y}}]}",
     ],
 )
