@@ -100,7 +100,10 @@ def _warn_at_start(
     policy: Policy, settings: Settings, authenticator: Any, *, in_process: bool
 ) -> None:
     """What a start can tell an operator is likely wrong but still serves: keys whose tenant
-    the policy does not name, and an in-process model whose context the policy misreads."""
+    the policy does not name, an in-process model whose context the policy misreads, and what
+    the policy check found sound but likely not meant."""
+    for issue in policy.warnings:
+        log.warning("policy: %s", issue)
     _warn_unknown_tenants(policy, authenticator.keys.values())
     if in_process:
         _warn_window(policy, settings.n_ctx)

@@ -1051,6 +1051,8 @@ def _cmd_policy_check(args: argparse.Namespace) -> int:
             f"{path}: ok (version {policy.digest}, {len(policy.rules)} rules, "
             f"{len(policy.models)} models, aliases: {', '.join(policy.alias_names())})"
         )
+        for issue in policy.warnings:
+            print(f"warning: {issue}", file=sys.stderr)
         for name in costs.unpriced(policy.models.values()):  # valid, but worth knowing
             print(
                 f"{path}: warning: models.{name}: no price for litellm_model "

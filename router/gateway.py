@@ -351,6 +351,8 @@ class PolicyHolder:
         self.last_error = None
         self.reloads += 1
         log.info("policy reloaded: %s", policy.digest)
+        for issue in policy.warnings:
+            log.warning("policy: %s", issue)
         return True
 
 

@@ -31,6 +31,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from router.errors import PolicyIssue
 from router.signals import Signals
 
 if TYPE_CHECKING:
@@ -378,6 +379,12 @@ class Policy(_Strict):
         return self._runtime.source if self._runtime else "<string>"
 
     @property
+    def warnings(self) -> tuple[PolicyIssue, ...]:
+        """What the checks found sound but likely not meant, each located in the file: a
+        global rule every tenant under ``tenants`` hides behind its own rules."""
+        return self._runtime.warnings if self._runtime else ()
+
+    @property
     def metadata_fields(self) -> frozenset[str]:
         """The top-level ``metadata`` keys some condition reads (``metadata.team.x`` reads
         ``team``): the only ones a request's signals and outcome record keep."""
@@ -589,6 +596,7 @@ class Runtime:
     plans: Mapping[str, Plan]
     global_plan: Plan
     metadata_fields: frozenset[str] = frozenset()
+    warnings: tuple[PolicyIssue, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -101,7 +101,9 @@ def _parse_policy(text: str, source: str) -> Policy:
     if problems:
         raise PolicyError(sorted((locate(loc, msg) for loc, msg in problems), key=_by_place))
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
-    _build_plans(policy, checker.compiled, digest, source, frozenset(checker.metadata_fields))
+    warnings = tuple(sorted((locate(loc, msg) for loc, msg in checker.warnings), key=_by_place))
+    fields = frozenset(checker.metadata_fields)
+    _build_plans(policy, checker.compiled, digest, source, fields, warnings=warnings)
     return policy
 
 
@@ -388,6 +390,7 @@ class _Checker:
         self.resolving: list[str] = []
         self.compiled: dict[str | None, list[CompiledRule]] = {}
         self.metadata_fields: set[str] = set()  # top-level metadata keys a condition reads
+        self.warnings: list[tuple[Loc, str]] = []  # sound, but likely not what was meant
 
     def add(self, loc: Loc, message: str) -> None:
         self.problems.append((loc, message))
@@ -420,7 +423,10 @@ class _Checker:
             self._check_aliases(cfg.aliases, (*loc, "aliases"), tenant=True)
             self.compiled[tenant] = self._rules(cfg.rules, (*loc, "rules"), global_names)
         if not self.problems:  # the analysis reads conditions the checks above found sound
-            self.problems += _Reach(self.policy).problems()
+            reach = _Reach(self.policy)
+            self.problems += reach.problems()
+            if not self.problems:
+                self.warnings = reach.hidden_for_every_tenant()
         if "auto" not in self.policy.aliases:
             self.policy.aliases = {
                 "auto": Alias(threshold=self.policy.threshold),
@@ -827,6 +833,8 @@ class _Reach:
         self.signal_forms: dict[str, Form] = {}
         self.never: dict[Loc, str] = {}  # where a condition can never hold, and why
         self.dead: list[tuple[Loc, str]] = []
+        self.own: dict[str, list[tuple[Loc, Rule, Form]]] = {}  # each tenant's rules, in order
+        self.global_rest: list[tuple[Loc, Rule, Form]] = []  # the global rules not local_only
 
     def problems(self) -> list[tuple[Loc, str]]:
         for name in self.policy.signals:
@@ -842,10 +850,40 @@ class _Reach:
             loc: Loc = ("tenants", tenant, "rules")
             own = [((*loc, i), r, self.rule_form(r, (*loc, i))) for i, r in enumerate(cfg.rules)]
             self._walk([*kept_local, *sorted(own, key=lambda e: -e[1].priority)], len(kept_local))
+            self.own[tenant] = own
+        self.global_rest = [e for e in order if not e[1].local_only]
         never = [
             (loc, f"can never hold: no request has both {why}") for loc, why in self.never.items()
         ]
         return never + self.dead
+
+    def hidden_for_every_tenant(self) -> list[tuple[Loc, str]]:
+        """Global rules that every tenant under ``tenants`` hides behind its own rules (tried
+        first). Not refused: a tenant the policy does not list still reaches them."""
+        if not self.policy.tenants:
+            return []
+        found = []
+        for loc, rule, form in self.global_rest:
+            if form[0] == "false":
+                continue
+            hiders = []
+            for tenant, own in self.own.items():
+                by = next((r for _, r, f in own if f[0] != "false" and _implies(form, f)), None)
+                if by is None:
+                    break
+                hiders.append(f"{tenant}: {by.name!r}")
+            else:
+                others = "" if "default" in self.policy.tenants else " (such as 'default')"
+                found.append(
+                    (
+                        loc,
+                        f"rule {rule.name!r} decides no request of a tenant under `tenants`: "
+                        "each one's own rules, tried before the global ones, match every request "
+                        f"it would ({', '.join(hiders)}); it decides only for tenants not listed "
+                        f"there{others}: remove it if there are none",
+                    )
+                )
+        return found
 
     def _walk(self, order: Sequence[tuple[Loc, Rule, Form]], start: int) -> None:
         # Report each rule from order[start] on that an earlier rule hides (the earliest one).
@@ -1341,6 +1379,8 @@ def _build_plans(
     digest: str,
     source: str,
     metadata_fields: frozenset[str] = frozenset(),
+    *,
+    warnings: tuple[PolicyIssue, ...] = (),
 ) -> None:
     """Order each tenant's rules once: the global ``local_only`` rules, its own rules, then the
     other global ones, then ``default``. A tenant rule cannot take precedence over a global
@@ -1415,4 +1455,4 @@ def _build_plans(
         cascading(None),
         calibrated(None),
     )
-    policy._runtime = Runtime(digest, source, plans, global_plan, metadata_fields)
+    policy._runtime = Runtime(digest, source, plans, global_plan, metadata_fields, warnings)

@@ -98,20 +98,30 @@ def test_policy_check_reports_located_errors(
     assert f"{bad}:6:" in err and "equals" in err
 
 
+def _policy_check(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str
+) -> tuple[Path, int, Any]:
+    """Run `tiergate policy check` on ``text``: its file, exit status and what it printed."""
+    path = tmp_path / "hidden.yaml"
+    path.write_text(text)
+    rc = main(["policy", "check", str(path)])
+    return path, rc, capsys.readouterr()
+
+
 def test_policy_check_refuses_a_tenant_rule_a_global_local_only_rule_hides(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Global local_only rules are tried before a tenant's own: behind a global local_only
     catch-all the tenant's rule never decides a request, and `policy check` said ok."""
-    hidden = tmp_path / "hidden.yaml"
-    hidden.write_text(
+    hidden, rc, printed = _policy_check(
+        tmp_path,
+        capsys,
         "version: 1\nmodels:\n  local: {tier: local}\nrules:\n"
         "  - {name: all-local, route: local, local_only: true}\n"
         "tenants:\n  acme:\n    rules:\n"
-        "      - {name: acme-legal, priority: 9, when: {metadata.team: legal}, route: local}\n"
+        "      - {name: acme-legal, priority: 9, when: {metadata.team: legal}, route: local}\n",
     )
-    assert main(["policy", "check", str(hidden)]) == 1
-    printed = capsys.readouterr()
+    assert rc == 1
     assert printed.out == ""
     assert (
         f"{hidden}:9:9: tenants.acme.rules[0]: rule 'acme-legal' can never match: rule "
@@ -119,6 +129,33 @@ def test_policy_check_refuses_a_tenant_rule_a_global_local_only_rule_hides(
         "the global local_only rules are tried before a tenant's own; give a `when` to "
         "'all-local'"
     ) in printed.err
+
+
+def test_policy_check_warns_of_a_global_rule_every_tenant_hides(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A tenant's rules are tried before the global ones: a global rule that every tenant under
+    `tenants` hides decides only for tenants the policy does not list. Still valid (such a
+    tenant reaches it), so a warning and exit 0; `policy check` said nothing."""
+    hidden, rc, printed = _policy_check(
+        tmp_path,
+        capsys,
+        "version: 1\nmodels:\n  local: {tier: local}\n"
+        "  gpt: {tier: closed, litellm_model: openai/gpt-4o}\nrules:\n"
+        "  - {name: images, when: {has_images: true}, route: gpt}\n"
+        "  - {name: long, when: {prompt_tokens: {gt: 3000}}, route: gpt}\n"
+        "tenants:\n  acme:\n    rules:\n      - {name: acme-all, route: gpt}\n"
+        "  globex:\n    rules:\n      - {name: globex-images, when: {has_images: true}, "
+        "route: gpt}\n",
+    )
+    assert rc == 0
+    assert printed.out.startswith(f"{hidden}: ok ")
+    assert printed.err.splitlines() == [
+        f"warning: {hidden}:6:5: rules[0]: rule 'images' decides no request of a tenant under "
+        "`tenants`: each one's own rules, tried before the global ones, match every request it "
+        "would (acme: 'acme-all', globex: 'globex-images'); it decides only for tenants not "
+        "listed there (such as 'default'): remove it if there are none"
+    ]
 
 
 def test_policy_schema_is_json(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1285,3 +1285,26 @@ def test_a_static_router_that_cannot_load_leaves_the_costly_scorer_deciding(
         assert answer.headers["x-tiergate-model-version"] == "costly-test"  # not the heuristic
         assert costly.calls == 1
     assert "no-such-router" in caplog.text and "costly-test keeps scoring" in caplog.text
+
+
+def test_a_global_rule_every_tenant_hides_is_logged_at_start_and_reload(
+    tmp_path: Path, fake: FakeProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`policy check` warns of a global rule that every listed tenant's own rules hide; so does
+    the proxy, once at start and once per reload that still has one: said nowhere before."""
+    hidden = policy_yaml(fake, extra="tenants:\n  acme:\n    rules: [{name: all, route: claude}]\n")
+    hidden = hidden.replace(
+        "rules:\n", "rules:\n  - {name: pics, when: {has_images: true}, route: gpt-4o}\n", 1
+    )
+    caplog.set_level("WARNING")
+    with live(tmp_path, hidden):
+        pass
+    said = "rule 'pics' decides no request of a tenant under `tenants`"
+    assert [r.name for r in caplog.records if said in r.getMessage()] == ["tiergate.app"]
+    caplog.clear()
+    path = tmp_path / "edited.yaml"
+    path.write_text(policy_yaml(fake))
+    holder = PolicyHolder(path)
+    path.write_text(hidden + "# edited\n")
+    assert holder.check() is False and holder.check() is True
+    assert [r.name for r in caplog.records if said in r.getMessage()] == ["tiergate.gateway"]

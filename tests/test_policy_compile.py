@@ -783,3 +783,14 @@ def test_doc_examples_parse(block: str) -> None:
     else:
         text = DOC_HEAD + block
     parse_policy(text)
+
+
+def test_a_global_rule_that_some_tenant_reaches_is_no_warning() -> None:
+    """Only a global rule that every tenant under `tenants` hides is warned of: here globex,
+    which has no rules of its own, still reaches `images`."""
+    text = (
+        M + "rules:\n  - {name: images, when: {has_images: true}, route: gpt}\n"
+        "tenants:\n  acme:\n    rules:\n      - {name: acme-all, route: gpt}\n"
+    )
+    assert [i.path for i in parse_policy(text).warnings] == ["rules[0]"]
+    assert parse_policy(text + "  globex: {daily_budget_usd: 1}\n").warnings == ()
