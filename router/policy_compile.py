@@ -421,6 +421,15 @@ class _Checker:
         for tenant, cfg in self.policy.tenants.items():
             loc: Loc = ("tenants", tenant)
             self._check_aliases(cfg.aliases, (*loc, "aliases"), tenant=True)
+            if "over_budget" in cfg.model_fields_set and cfg.daily_budget_usd is None:
+                # `monthly_budget_usd` refused, then removed: the cap the file reads as having
+                # is not there, and the tenant's closed spend is unlimited
+                self.add(
+                    (*loc, "over_budget"),
+                    f"over_budget has no effect without daily_budget_usd: tenant {tenant!r} has "
+                    "no budget, so its closed spend is unlimited; set daily_budget_usd (USD per "
+                    "UTC day), or remove over_budget",
+                )
             self.compiled[tenant] = self._rules(cfg.rules, (*loc, "rules"), global_names)
         if not self.problems:  # the analysis reads conditions the checks above found sound
             reach = _Reach(self.policy)

@@ -50,6 +50,12 @@ def policy_json_schema() -> dict[str, Any]:
     rule_name = defs["Rule"]["properties"]["name"]
     rule_name["pattern"] = NAME.pattern
     rule_name["not"] = {"enum": list(RESERVED_RULES)}
+    defs["Tenant"]["dependentSchemas"] = {  # over_budget says what a budget does: one is set
+        "over_budget": {
+            "required": ["daily_budget_usd"],
+            "properties": {"daily_budget_usd": {"type": "number"}},
+        }
+    }
     for aliases in (schema["properties"]["aliases"], defs["Tenant"]["properties"]["aliases"]):
         aliases["propertyNames"] = {"pattern": NAME.pattern}
     schema["properties"]["signals"]["propertyNames"] = {"pattern": _signal_pattern()}

@@ -403,6 +403,17 @@ CORPUS: list[tuple[str, str, list[str]]] = [
         ],
     ),
     (
+        # over_budget with no daily_budget_usd (a `monthly_budget_usd` refused, then removed):
+        # the file reads as capped, and the tenant's closed spend was unlimited
+        "over-budget-without-a-budget",
+        M + "tenants:\n  acme:\n    over_budget: reject\n",
+        [
+            "p.yaml:7:5: tenants.acme.over_budget: over_budget has no effect without "
+            "daily_budget_usd: tenant 'acme' has no budget, so its closed spend is unlimited; "
+            "set daily_budget_usd (USD per UTC day), or remove over_budget",
+        ],
+    ),
+    (
         # the global local_only rules are tried before a tenant's: a global local_only
         # catch-all decides every request of the tenant, pinned or not, and said ok
         "tenant-rules-behind-a-global-local-only-catch-all",

@@ -174,8 +174,16 @@ CASES: list[tuple[str, str, bool]] = [
     ("alias-one-null", HEAD + "aliases: {a: {threshold: 0.1, target_closed_share: null}}\n", True),
     (
         "tenant",
-        HEAD + "tenants: {acme: {rules: [{name: t, route: gpt}], over_budget: reject}}\n",
+        HEAD + "tenants: {acme: {rules: [{name: t, route: gpt}], daily_budget_usd: 5, "
+        "over_budget: reject}}\n",
         True,
+    ),
+    # the cap over_budget reads as having is not there: the tenant's spend is unlimited
+    ("over-budget-without-a-budget", HEAD + "tenants: {acme: {over_budget: reject}}\n", False),
+    (
+        "over-budget-with-a-null-budget",
+        HEAD + "tenants: {acme: {daily_budget_usd: null, over_budget: local}}\n",
+        False,
     ),
     ("model-name-matches-key", local_model("tier: local, name: local"), True),
     # what the loader rejects for its shape
