@@ -29,6 +29,9 @@ from router.errors import ConfigError, TiergateError
 if TYPE_CHECKING:
     from router.policy import Policy
 
+#: ``tiergate retrain --exit-code``: the gate refused the candidate (errors are 1 and 2).
+REFUSED_EXIT = 3
+
 
 @contextmanager
 def _output(path: str, *, data: str | None = None) -> Iterator[IO[str]]:
@@ -1342,7 +1345,9 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict(), indent=2, default=str))
     else:
         print(format_report(report))
-    return 0
+    # A refused candidate is the gate doing its work, not a failure: 0 unless asked to tell it
+    # apart (a CronJob would retry a non-zero run, and fit the same candidate again).
+    return REFUSED_EXIT if args.exit_code and not report.promoted else 0
 
 
 def _add_retrain_command(sub: Any) -> None:
@@ -1381,7 +1386,17 @@ def _add_retrain_command(sub: Any) -> None:
         "(default) picks by the current model: profile, else residual, else (a tiergate "
         "train gap head) refit",
     )
-    retrain.add_argument("--json", action="store_true", help="machine-readable report")
+    retrain.add_argument(
+        "--json",
+        action="store_true",
+        help="machine-readable report (its decision: promoted, refused)",
+    )
+    retrain.add_argument(
+        "--exit-code",
+        action="store_true",
+        help=f"exit {REFUSED_EXIT} when the gate refused the candidate (default: 0 whether it was "
+        "promoted or refused; errors exit 1 or 2 either way)",
+    )
     retrain.add_argument("--config", type=Path, help="YAML settings file")
     retrain.set_defaults(func=_cmd_retrain)
 

@@ -690,6 +690,54 @@ def test_a_learnt_profile_is_not_read_over_another_local_model(
     assert load_scorer(models.path(models.current() or ""), prior).profile == prior
 
 
+def base_folder(tmp_path: Path, base: Path) -> Path:
+    """A --base folder: ``base``'s rows under each of the names the CLI reads there."""
+    from router.retrain import BASE_FILES
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name in BASE_FILES:
+        (folder / name).write_text(base.read_text())
+    return folder
+
+
+def test_a_refused_candidate_exits_0_unless_asked_to_tell_it_apart(
+    tmp_path: Path, outcomes: SQLiteOutcomeStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The nightly CronJob: a refusal is the gate doing its work, and a non-zero exit would
+    make Kubernetes retry it. A script that acts on a promotion asks for --exit-code."""
+    models = profile_store(tmp_path)
+    for i in range(120):  # every verdict says the local answer was as good: refused
+        rid = outcome(outcomes, (maths_prompt if i % 2 else writing_prompt)(i), f"req_one_{i}")
+        outcomes.label(Label(rid, "t", "shadow", 0.0, time.time()))
+    outcomes.flush()
+    argv = ["retrain", "--store", str(models.root), "--db", str(tmp_path / "o.db")]
+    argv += ["--base", str(base_folder(tmp_path, profile_base_file(tmp_path))), "--bootstrap", "50"]
+    assert main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["decision"] == "refused"
+    assert main([*argv, "--exit-code"]) == 3
+    assert "gate     REFUSED: " in capsys.readouterr().out
+    assert models.current() == "v0001" and models.version_ids() == ["v0001", "v0002", "v0003"]
+
+
+def test_a_promoted_candidate_exits_0_with_exit_code(
+    tmp_path: Path,
+    outcomes: SQLiteOutcomeStore,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TIERGATE_LOCAL_PROFILE", str(declared(tmp_path, math=0.1, writing=0.9)))
+    models = profile_store(tmp_path)
+    label_skills(outcomes, source="shadow", honest=True, n=80)
+    label_skills(outcomes, source="feedback", honest=True, n=120, start=1000)
+    outcomes.flush()
+    argv = ["retrain", "--store", str(models.root), "--db", str(tmp_path / "o.db")]
+    argv += ["--base", str(base_folder(tmp_path, profile_base_file(tmp_path))), "--bootstrap", "50"]
+    assert main([*argv, "--exit-code", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["decision"] == "promoted"
+    assert models.current() == "v0002"
+
+
 @pytest.mark.slow  # trains and retrains a classifier
 def test_auto_retrains_what_tiergate_train_writes(
     tmp_path: Path, outcomes: SQLiteOutcomeStore
