@@ -1312,8 +1312,9 @@ def _seed_model_store(store: Any, args: argparse.Namespace) -> None:
     # missing: a stored version outlives that. Adopting loads it, so a missing encoder is
     # refused here with the loader's own "run `tiergate fetch-model`".
     seed = load_settings(args.config).classifier_path or shipped("models", DEFAULT_MODEL_NAME)
-    version = store.adopt(seed)
-    print(f"model store {store.root} was empty: adopted {seed} as {version}", file=sys.stderr)
+    # Another retrain may seed it meanwhile: then that one's version is the parent, not a copy.
+    if (version := store.seed(seed)) is not None:
+        print(f"model store {store.root} was empty: adopted {seed} as {version}", file=sys.stderr)
 
 
 def _cmd_retrain(args: argparse.Namespace) -> int:

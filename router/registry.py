@@ -140,21 +140,36 @@ class ModelStore:
         """Copy an existing artifact directory in as the next version (current if none is),
         once ``loader`` (the proxy's) has loaded it: a folder the proxies could not serve is
         refused (its loader's error), never stored."""
-        import shutil
-
         loader(Path(artifact))
         with self.locked():  # the id and the first pointer, as one step
-            version = self.next_version()
-            self.versions_dir.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=self.versions_dir))
-            try:
-                shutil.copytree(artifact, tmp, dirs_exist_ok=True)
-                os.replace(tmp, self.versions_dir / version)
-            except OSError:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            if self.current() is None:
-                self.promote(version, reason=f"adopted {artifact}")
+            return self._copy_in(Path(artifact))
+
+    def seed(self, artifact: Path, loader: Callable[[Path], Any] = default_loader) -> str | None:
+        """Adopt ``artifact`` (as :meth:`adopt`) only while no version is current, and return
+        its id; None when one is. The check and the copy are one step under the pointer lock,
+        so of two first retrains on an empty store (the CronJob's and one by hand) exactly one
+        seeds it, and the other finds it seeded instead of storing a second copy."""
+        if self.current() is not None:
+            return None
+        loader(Path(artifact))
+        with self.locked():
+            return None if self.current() is not None else self._copy_in(Path(artifact))
+
+    def _copy_in(self, artifact: Path) -> str:
+        # Under the pointer lock: the next id, the copy, and the pointer if there is none yet.
+        import shutil
+
+        version = self.next_version()
+        self.versions_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=self.versions_dir))
+        try:
+            shutil.copytree(artifact, tmp, dirs_exist_ok=True)
+            os.replace(tmp, self.versions_dir / version)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if self.current() is None:
+            self.promote(version, reason=f"adopted {artifact}")
         return version
 
     def promote(

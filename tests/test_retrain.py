@@ -7,7 +7,9 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import suppress
 from dataclasses import replace
+from itertools import count
 from pathlib import Path
 from typing import Any
 
@@ -369,6 +371,43 @@ def test_a_retrain_that_cannot_run_leaves_the_store_empty(
     assert main([*argv[:-1], str(tmp_path / "o.db")]) == 2
     assert "tiergate fetch-model" in capsys.readouterr().err
     assert ModelStore(store).current() is None and ModelStore(store).version_ids() == []
+
+
+def test_two_first_retrains_on_an_empty_store_seed_it_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CronJob's first run and one started by hand, on a store nothing has seeded: both
+    found it empty and both adopted the shipped model (v0001 and a copy, v0002, each saying
+    "was empty"). Their loads of it are made to overlap, the widest window there is."""
+    import threading
+
+    import router.artifact
+
+    monkeypatch.delenv("TIERGATE_CLASSIFIER_PATH", raising=False)
+    empty = SQLiteOutcomeStore(tmp_path / "o.db")
+    empty.start()
+    empty.close()
+    load, together, calls = router.artifact.load_scorer, threading.Barrier(2, timeout=20), count()
+
+    def load_side_by_side(*args: Any, **kwargs: Any) -> Any:
+        scorer = load(*args, **kwargs)
+        if next(calls) < 2:  # the first two loads, the seeds', end together
+            with suppress(threading.BrokenBarrierError):
+                together.wait()
+        return scorer
+
+    monkeypatch.setattr(router.artifact, "load_scorer", load_side_by_side)
+    argv = ["retrain", "--store", str(tmp_path / "store"), "--db", str(tmp_path / "o.db")]
+    codes: list[int] = []
+    runs = [threading.Thread(target=lambda: codes.append(main(argv))) for _ in range(2)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join()
+    assert codes == [2, 2]  # not enough labels, or the other retrain holds the store
+    models = ModelStore(tmp_path / "store")
+    assert models.version_ids() == ["v0001"] and models.current() == "v0001"
+    assert capsys.readouterr().err.count("was empty: adopted") == 1
 
 
 # --- profile routers (router-v4 and later): the loop relearns the local profile ---------------
