@@ -1317,12 +1317,26 @@ def _seed_model_store(store: Any, args: argparse.Namespace) -> None:
         print(f"model store {store.root} was empty: adopted {seed} as {version}", file=sys.stderr)
 
 
+def _base_folder(given: Path | None) -> Path:
+    """``--base``, else the checkout's ``../shared/data`` (not the working directory's)."""
+    from router.locations import base_data_dir
+
+    folder = given or base_data_dir()
+    if folder is None:
+        raise ConfigError(
+            "no folder of base training files: this installed Tiergate carries none; pass "
+            "--base DIR, the folder that holds the routing files docs/learning-loop.md names"
+        )
+    return folder
+
+
 def _cmd_retrain(args: argparse.Namespace) -> int:
     from router.config import load_settings
     from router.profile import default_profile
     from router.retrain import BASE_FILES, GateConfig, format_report, retrain
 
     store = _model_store(args)
+    base = [_base_folder(args.base) / name for name in BASE_FILES]
     opened = _open_outcomes(args)  # before the store is seeded: a run that ends here leaves none
     if opened is None:
         return 1
@@ -1333,7 +1347,6 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
         n_bootstrap=args.bootstrap,
         candidate=args.candidate,
     )
-    base = [args.base / name for name in BASE_FILES]
     try:
         if store.current() is None:
             _seed_model_store(store, args)
@@ -1364,8 +1377,9 @@ def _add_retrain_command(sub: Any) -> None:
     retrain.add_argument(
         "--base",
         type=Path,
-        default=Path("../shared/data"),
-        help="folder of the base files (default: ../shared/data)",
+        help="folder of the base files (default: shared/data beside the Tiergate checkout, "
+        "../shared/data from its root, whatever the working directory; an installed "
+        "Tiergate has none: give this)",
     )
     retrain.add_argument("--db", type=Path, help="SQLite outcome store (default from settings)")
     retrain.add_argument("--min-gain", type=float, default=0.0, help="APGR gain needed (0)")

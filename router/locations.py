@@ -39,6 +39,18 @@ def shipped(*parts: str) -> Path:
     return shipped_root().joinpath(*parts)
 
 
+def base_data_dir() -> Path | None:
+    """The folder of the base routing files ``tiergate retrain`` refits on, by default: the
+    ``shared/data`` folder beside the source checkout this package was imported from (the
+    repository's ``../shared/data``, where the benchmarks and studies read them too), found from
+    the package as :func:`shipped` finds its files, so from any working directory. None in an
+    installed wheel: it has no checkout and carries none of them (``--base`` names the folder)."""
+    package = Path(__file__).resolve().parent
+    if (package / SHIPPED_DIR).is_dir():
+        return None
+    return package.parent.parent / "shared" / "data"
+
+
 def default_policy_path() -> Path:
     """The shipped default policy."""
     return shipped("policies", "default.yaml")

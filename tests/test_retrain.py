@@ -777,6 +777,42 @@ def test_a_promoted_candidate_exits_0_with_exit_code(
     assert models.current() == "v0002"
 
 
+def test_retrain_finds_the_base_files_from_any_working_directory(
+    tmp_path: Path,
+    outcomes: SQLiteOutcomeStore,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--base defaulted to ../shared/data of the working directory: run from elsewhere (the
+    image's /app) it read nothing there, after seeding the store and fitting nothing. The
+    default is now the checkout's, as the benchmarks and studies read them; an installed
+    Tiergate, which has no checkout, asks for --base before it touches anything."""
+    import router.locations
+    import router.retrain
+    from router.retrain import BASE_FILES
+
+    read: list[Path] = []
+
+    def retrain_reading(_outcomes: Any, _models: Any, base: list[Path], *_: Any, **__: Any) -> Any:
+        read.extend(path.resolve() for path in base)  # from the working directory of the run
+        raise NotEnoughLabelsError("stop before fitting")
+
+    monkeypatch.setattr(router.retrain, "retrain", retrain_reading)
+    monkeypatch.chdir(tmp_path)
+    store = profile_store(tmp_path)
+    argv = ["retrain", "--store", str(store.root), "--db", str(tmp_path / "o.db")]
+    assert main(argv) == 2
+    data = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+    assert read == [(data / name).resolve() for name in BASE_FILES]
+    capsys.readouterr()
+    monkeypatch.setattr(router.locations, "base_data_dir", lambda: None)  # an installed wheel
+    assert (
+        main(["retrain", "--store", str(tmp_path / "other"), "--db", str(tmp_path / "o.db")]) == 2
+    )
+    assert "pass --base DIR" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()  # nothing seeded
+
+
 @pytest.mark.slow  # trains and retrains a classifier
 def test_auto_retrains_what_tiergate_train_writes(
     tmp_path: Path, outcomes: SQLiteOutcomeStore
