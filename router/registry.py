@@ -255,20 +255,27 @@ class ModelStore:
         return str(previous)
 
     def listing(self) -> list[dict[str, Any]]:
-        """One summary per version (for ``tiergate models list``)."""
+        """One summary per version (for ``tiergate models list``): its id, the ``model`` it is
+        built on (an adopted version's own, e.g. router-v9; a retrained one's, its parent's),
+        and ``model_version``, the name its scores carry (outcome records, the
+        ``x-tiergate-model-version`` header): an adopted version's model, a retrained one's id."""
         current = self.current()
-        out = []
+        out: list[dict[str, Any]] = []
+        model_of: dict[str, Any] = {}
         for version in self.version_ids():
             try:
                 meta = self.metadata(version)
             except (OSError, ValueError) as exc:  # listed, not fatal: the others still show
                 meta = {"error": f"unreadable sidecar ({exc.__class__.__name__})"}
             lineage = meta.get("lineage", {})
+            # Parents are older, so listed first; one that is gone leaves the version's name.
+            model_of[version] = model_of.get(lineage.get("parent")) or meta.get("version")
             out.append(
                 {
                     "version": version,
                     "current": version == current,
-                    "model": meta.get("version"),
+                    "model": model_of[version],
+                    "model_version": meta.get("version"),
                     "error": meta.get("error"),
                     "created_at": meta.get("created_at"),
                     "parent": lineage.get("parent"),

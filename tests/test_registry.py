@@ -67,6 +67,37 @@ def test_a_version_with_a_broken_sidecar_is_listed_not_fatal(tmp_path: Path) -> 
     assert listing["v0002"]["error"] == "unreadable sidecar (FileNotFoundError)"
 
 
+def test_list_shows_each_versions_id_and_the_model_it_is_built_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The docs say `models list` names each version's model; a retrained version's sidecar
+    names only its own id, so the model column repeated the version column. It now shows the
+    model a version is built on, and --json also the name its scores carry."""
+    from router.cli import main
+
+    store = ModelStore(tmp_path / "store")
+    for name, parent in (("router-v9", None), ("v0002", "v0001"), ("v0003", "v0002")):
+        artifact = _artifact(tmp_path, name, parent)
+        meta = json.loads((artifact / "metadata.json").read_text())
+        (artifact / "metadata.json").write_text(json.dumps({**meta, "version": name}))
+        store.adopt(artifact, loader=_unchecked)
+    assert main(["models", "list", "--store", str(store.root)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:2] == ["version", "model"]
+    assert [line.lstrip("* ").split()[:2] for line in table[1:4]] == [
+        ["v0001", "router-v9"],
+        ["v0002", "router-v9"],
+        ["v0003", "router-v9"],
+    ]
+    assert main(["models", "list", "--store", str(store.root), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["version"], r["model"], r["model_version"]) for r in rows] == [
+        ("v0001", "router-v9", "router-v9"),
+        ("v0002", "router-v9", "v0002"),
+        ("v0003", "router-v9", "v0003"),
+    ]
+
+
 def test_the_configured_model_is_the_stores_current_then_the_path_then_the_shipped_one(
     tmp_path: Path,
 ) -> None:
