@@ -50,7 +50,7 @@ from router.learning import LearningLoop, purge_loop
 from router.limits import build_rate_limiter
 from router.outcomes import OutcomeStore, SQLiteOutcomeStore
 from router.policy import Policy
-from router.registry import restart_advice, store_version, watch_model_store
+from router.registry import built_on, restart_advice, store_version, watch_model_store
 from router.scoring import HeuristicScorer, Scorer
 from router.services import Services, running
 from router.telemetry import RequestSpanMiddleware, Telemetry
@@ -481,11 +481,16 @@ def start_loops(
     scorer was loaded from, unless it did not load). The lifespan stops them at shutdown."""
     if isinstance(gateway.scorer, HeuristicScorer):
         from_store = None  # the watcher tries it again
+
+    def serving(version: str | None, scorer: Scorer) -> None:
+        gateway.telemetry.set_classifier(version, built_on(settings, version, scorer))
+
+    serving(from_store, gateway.scorer)
     loops = [
         _watch_policy(gateway, settings.policy_reload_s),
         _calibrate(gateway, settings.calibrate_every_s),
         purge_loop(gateway.outcomes, lambda: gateway.policy.retention_days, settings.purge_every_s),
-        watch_model_store(gateway, settings, profile_loader(settings), from_store),
+        watch_model_store(gateway, settings, profile_loader(settings), from_store, serving),
     ]
     return [asyncio.create_task(loop) for loop in loops]
 

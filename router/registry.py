@@ -323,11 +323,23 @@ def configured_model_path(settings: Any) -> Path:
     return path
 
 
+def built_on(settings: Any, version: str | None, scorer: Any) -> str:
+    """The model ``scorer`` is built on, as ``tiergate models list`` names it: for one loaded
+    from the store's ``version``, that version's row (router-v9 for a profile relearnt over
+    it); else the scorer's own name."""
+    if settings.model_store is not None and version is not None:
+        rows = ModelStore(settings.model_store).listing()
+        if model := next((r["model"] for r in rows if r["version"] == version), None):
+            return str(model)
+    return str(scorer.version)
+
+
 async def watch_model_store(
     gateway: Any,
     settings: Any,
     loader: Callable[[Path], Any] = default_loader,
     serving: str | None = None,
+    on_swap: Callable[[str, Any], None] | None = None,
 ) -> None:
     """Poll the store's pointer and swap ``gateway.scorer`` when it names a new version.
 
@@ -335,7 +347,8 @@ async def watch_model_store(
     version's model keeps its own name (router-v9 as v0001), so the scorer's name cannot say.
     The artifact loads (and is trust-checked) in a worker thread; only a fully loaded scorer is
     swapped in, with one attribute assignment, so no request ever sees a half-built one. A
-    version that fails to load is logged and the serving model stays.
+    version that fails to load is logged and the serving model stays. ``on_swap(version,
+    scorer)`` is called after each swap (the proxy names the new model in ``/metrics``).
     """
     if settings.model_store is None or settings.model_watch_s <= 0:
         return
@@ -350,6 +363,8 @@ async def watch_model_store(
             if version is not None and version != loaded:
                 scorer = await asyncio.to_thread(loader, store.path(version))
                 gateway.scorer = scorer
+                if on_swap is not None:
+                    on_swap(version, scorer)
                 release_freed_memory()  # what the swapped-out model held, once collected
                 log.info("model %s now serving (was %s)", version, loaded)
                 loaded = version

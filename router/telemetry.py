@@ -218,6 +218,7 @@ class Telemetry:
         self._queue_depth: Callable[[], int] | None = None
         self._policy_failures: Callable[[], int] | None = None
         self._shadow: Callable[[], dict[str, int]] | None = None
+        self._classifier: dict[str, str] | None = None
         self._instruments: dict[str, Any] = {}
         # Stopped at shutdown if the collector does not take the last spans in time.
         self._span_exporters = list(span_exporters)
@@ -382,6 +383,12 @@ class Telemetry:
             description="Local tier: requests generating plus waiting.",
         )
 
+        meter.create_observable_gauge(
+            "tiergate.classifier.info",
+            callbacks=[self._observe_classifier],
+            unit="",
+            description="The classifier serving, always 1: its model store version and model.",
+        )
         meter.create_observable_counter(
             "tiergate.policy.reload_failures",
             callbacks=[self._observe_policy_failures],
@@ -406,6 +413,17 @@ class Telemetry:
         if self._shadow is None:
             return []
         return [Observation(n, {"outcome": k}) for k, n in self._shadow().items()]
+
+    def _observe_classifier(self, _options: Any) -> Iterable[Any]:
+        from opentelemetry.metrics import Observation
+
+        return [] if self._classifier is None else [Observation(1, self._classifier)]
+
+    def set_classifier(self, version: str | None, model: str) -> None:
+        """Name the classifier now serving (``tiergate_classifier_info``): the model store
+        ``version`` it was loaded from (None: not from a store) and the ``model`` it is built
+        on. The proxy sets it at start and on each swap of a promoted or rolled-back version."""
+        self._classifier = {"version": version or "", "model": model}
 
     def watch_learning(self, loop: object) -> None:
         """Report ``loop``'s shadow judgements (labelled, failed, skipped) as a counter."""

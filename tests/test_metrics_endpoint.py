@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -130,3 +131,46 @@ def test_metrics_name_the_model_that_failed_before_a_fallback(
     }
     fallbacks = {labels["model"]: v for _, labels, v in families["tiergate_fallbacks"]}
     assert fallbacks == {"claude": 3}
+
+
+def test_metrics_name_the_classifier_serving_and_follow_a_promotion(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """Which model decides is what an operator checks after a retrain: /metrics names the
+    store version and the model it is built on, and follows a promotion and a rollback."""
+    from router.artifact import save_learned_profile
+    from router.locations import shipped
+    from router.profile import default_profile
+    from router.registry import ModelStore
+
+    fake.reset()
+    models = ModelStore(tmp_path / "store")
+    models.adopt(shipped("models", "router-v6"))  # the static router: no encoder to load
+    lineage = {"parent": "v0001", "gate": {"decision": "promoted"}}
+    profile = default_profile()
+    save_learned_profile(
+        models.path("v0001"),
+        models.versions_dir / "v0002",
+        profile,
+        profile,
+        metadata={"lineage": lineage},
+    )
+
+    def info(srv: Any) -> list[dict[str, str]]:
+        families = _families(srv.http.get("/metrics").text)
+        series = families["tiergate_classifier_info"]
+        return [{k: labels[k] for k in ("version", "model")} for _, labels, v in series if v == 1]
+
+    with live(
+        tmp_path,
+        policy_yaml(fake),
+        scorer=None,
+        local_backend="none",
+        model_store=models.root,
+        model_watch_s=0.05,
+    ) as srv:
+        assert info(srv) == [{"version": "v0001", "model": "router-v6"}]
+        models.promote("v0002")
+        assert wait_for(lambda: info(srv) == [{"version": "v0002", "model": "router-v6"}])
+        models.rollback()
+        assert wait_for(lambda: info(srv) == [{"version": "v0001", "model": "router-v6"}])
