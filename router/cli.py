@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 #: ``tiergate retrain --exit-code``: the gate refused the candidate (errors are 1 and 2).
 REFUSED_EXIT = 3
+#: ``tiergate retrain --exit-code``: too few labelled outcomes yet; nothing was trained.
+SKIPPED_EXIT = 4
 
 
 @contextmanager
@@ -1333,7 +1335,7 @@ def _base_folder(given: Path | None) -> Path:
 def _cmd_retrain(args: argparse.Namespace) -> int:
     from router.config import load_settings
     from router.profile import default_profile
-    from router.retrain import BASE_FILES, GateConfig, format_report, retrain
+    from router.retrain import BASE_FILES, GateConfig, NotEnoughLabelsError, format_report, retrain
 
     store = _model_store(args)
     base = [_base_folder(args.base) / name for name in BASE_FILES]
@@ -1353,6 +1355,15 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
         # The profile a profile router is scored with and relearnt over: the proxy's.
         profile = default_profile(load_settings(args.config).local_profile)
         report = retrain(outcomes, store, base, config, profile=profile)
+    except NotEnoughLabelsError as exc:
+        # What every run of a fresh install meets until shadow judging has labelled enough:
+        # a wait, not a failure (a CronJob would retry a non-zero run, and fail it each night).
+        if args.json:
+            skipped = {"decision": "skipped", "promoted": False, "reasons": [str(exc)]}
+            print(json.dumps(skipped, indent=2))
+        else:
+            print(f"retrain skipped, nothing trained, the serving model stays: {exc}")
+        return SKIPPED_EXIT if args.exit_code else 0
     finally:
         outcomes.close()
     if args.json:
@@ -1404,13 +1415,14 @@ def _add_retrain_command(sub: Any) -> None:
     retrain.add_argument(
         "--json",
         action="store_true",
-        help="machine-readable report (its decision: promoted, refused)",
+        help="machine-readable report (its decision: promoted, refused, skipped)",
     )
     retrain.add_argument(
         "--exit-code",
         action="store_true",
-        help=f"exit {REFUSED_EXIT} when the gate refused the candidate (default: 0 whether it was "
-        "promoted or refused; errors exit 1 or 2 either way)",
+        help=f"exit {REFUSED_EXIT} when the gate refused the candidate, {SKIPPED_EXIT} when too "
+        "few labelled outcomes let it train none (default: 0 for promoted, refused or "
+        "skipped; errors exit 1 or 2 either way)",
     )
     retrain.add_argument("--config", type=Path, help="YAML settings file")
     retrain.set_defaults(func=_cmd_retrain)
