@@ -11,7 +11,9 @@ bytes); test_chart_policies_match_repo checks the chart's committed copy separat
 
 from __future__ import annotations
 
+import inspect
 import json
+import math
 import re
 import shutil
 import socket
@@ -367,7 +369,7 @@ def test_schema_rejects_bad_values(chart: Any, values: dict[str, Any], where: st
         (
             {"router": {"terminationGracePeriodSeconds": 20}},
             "router.terminationGracePeriodSeconds=20 must exceed router.preStopSleepSeconds (5)"
-            " + TIERGATE_SHUTDOWN_TIMEOUT_S (15)",
+            " + TIERGATE_SHUTDOWN_TIMEOUT_S (15) + the router's drain after it (23 s",
         ),
         (
             {"router": {"extraEnv": [{"name": "TIERGATE_SHUTDOWN_TIMEOUT_S", "value": "60"}]}},
@@ -984,15 +986,40 @@ def test_router_keeps_serving_until_its_service_lets_it_go(render: Render) -> No
     deployment = find(render(), "Deployment", FULLNAME)
     router = container(deployment, "router")
     assert router["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", "5"]}}
-    assert pod_spec(deployment)["terminationGracePeriodSeconds"] > 5 + 15
+    assert pod_spec(deployment)["terminationGracePeriodSeconds"] > 5 + 15 + 23
     changed = find(
-        render({"router": {"preStopSleepSeconds": 10, "terminationGracePeriodSeconds": 40}}),
+        render({"router": {"preStopSleepSeconds": 10, "terminationGracePeriodSeconds": 50}}),
         "Deployment",
         FULLNAME,
     )
     assert container(changed, "router")["lifecycle"]["preStop"]["exec"]["command"][1] == "10"
     off = find(render({"router": {"preStopSleepSeconds": 0}}), "Deployment", FULLNAME)
     assert "lifecycle" not in container(off, "router")
+
+
+def test_grace_period_check_counts_the_routers_whole_shutdown(chart: Any) -> None:
+    """After SIGTERM the router serves on for TIERGATE_SHUTDOWN_TIMEOUT_S, then gives the
+    requests it stops time to write their records, then shadow judgements time to finish, then
+    the last OTLP export its bound, one after another. The chart checked only preStop + the
+    shutdown timeout, so a grace period of 25 s rendered and SIGKILL cut the drain off."""
+    from router.cli import _end_requests
+    from router.learning import LearningLoop
+    from router.telemetry import SHUTDOWN_TIMEOUT_S
+
+    def default(function: Callable[..., Any]) -> float:
+        return float(inspect.signature(function).parameters["timeout_s"].default)
+
+    drain = default(_end_requests) + default(LearningLoop.drain) + SHUTDOWN_TIMEOUT_S
+    shutdown = Settings.model_fields["shutdown_timeout_s"].default
+    for pre_stop in (0, 5):
+        needed = pre_stop + shutdown + math.ceil(drain)
+        values = {"router": {"preStopSleepSeconds": pre_stop}}
+        short = {"router": {**values["router"], "terminationGracePeriodSeconds": needed}}
+        with pytest.raises(helm.HelmRenderError, match="TIERGATE VALUES VALIDATION") as failure:
+            chart.render(short, name=RELEASE, namespace=NAMESPACE)
+        assert f"= {needed}, or SIGKILL cuts requests and records off" in str(failure.value)
+        enough = {"router": {**values["router"], "terminationGracePeriodSeconds": needed + 1}}
+        assert chart.render(enough, name=RELEASE, namespace=NAMESPACE)
 
 
 def test_hpa_owns_the_replica_count(render: Render) -> None:

@@ -524,9 +524,17 @@ Included at the top of the router Deployment so every render runs it.
 {{- $shutdown = int .value -}}
 {{- end -}}
 {{- end -}}
+{{- /*
+After SIGTERM the router runs, one after another (router.cli._serve, then router.app's lifespan):
+requests in flight for TIERGATE_SHUTDOWN_TIMEOUT_S; up to 10 s for those it then stops to write
+their records (_end_requests); up to 10 s for shadow judgements (LearningLoop.drain); the outcome
+store's flush; at most 3 s for the last OTLP export (telemetry.SHUTDOWN_TIMEOUT_S).
+*/ -}}
+{{- $drain := add 10 10 3 -}}
 {{- $preStop := int .Values.router.preStopSleepSeconds -}}
-{{- if le (int .Values.router.terminationGracePeriodSeconds) (add $preStop $shutdown) -}}
-{{- $errors = append $errors (printf "router.terminationGracePeriodSeconds=%d must exceed router.preStopSleepSeconds (%d) + TIERGATE_SHUTDOWN_TIMEOUT_S (%d), with a few seconds more to drain the outcome store, or SIGKILL cuts requests and records off" (int .Values.router.terminationGracePeriodSeconds) $preStop $shutdown) -}}
+{{- $needed := add $preStop $shutdown $drain -}}
+{{- if le (int .Values.router.terminationGracePeriodSeconds) $needed -}}
+{{- $errors = append $errors (printf "router.terminationGracePeriodSeconds=%d must exceed router.preStopSleepSeconds (%d) + TIERGATE_SHUTDOWN_TIMEOUT_S (%d) + the router's drain after it (%d s: up to 10 s for the requests it stops to write their records, 10 s for shadow judgements, 3 s for the last OTLP export) = %d, or SIGKILL cuts requests and records off; set it above %d, with a few seconds for the outcome store's flush" (int .Values.router.terminationGracePeriodSeconds) $preStop $shutdown $drain $needed $needed) -}}
 {{- end -}}
 {{- if not .Values.policy.existingConfigMap -}}
 {{- $policyPath := printf "policies/%s" .Values.policy.name -}}
