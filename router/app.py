@@ -367,9 +367,16 @@ def create_app(
     return app
 
 
+# The ASGI messages that start an answer with headers: an HTTP response's, and a websocket
+# handshake's refusal or acceptance.
+_ANSWER_STARTS = frozenset(
+    {"http.response.start", "websocket.http.response.start", "websocket.accept"}
+)
+
+
 class RequestIds:
     """ASGI middleware: every HTTP answer carries an ``x-request-id``, and on the Messages front
-    also as ``request-id``.
+    also as ``request-id``; so does the answer to a websocket handshake.
 
     The id is made here, before the key check, and kept as ``request.state.request_id``: the
     gateway serves and records the request under it (:func:`router.api.call_of`), and an answer
@@ -384,14 +391,16 @@ class RequestIds:
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         """Pass through, giving the request its id and the response its headers."""
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
         made = str(scope.setdefault("state", {}).setdefault("request_id", new_request_id()))
         anthropic = on_messages_front(str(scope.get("path", "")))
 
         async def sending(message: MutableMapping[str, Any]) -> None:
-            if message["type"] == "http.response.start":
+            # A websocket handshake's answer: its refusal (websocket.http.response.start) or
+            # its acceptance (websocket.accept), each with headers.
+            if message["type"] in _ANSWER_STARTS:
                 headers = list(message.get("headers", ()))
                 ids = [v for k, v in headers if k.lower() == b"x-request-id"]
                 if not ids:

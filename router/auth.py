@@ -306,6 +306,11 @@ def _content_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
     return None
 
 
+# The ASGI extension that lets an application refuse a websocket handshake with an HTTP
+# response of its own (uvicorn, hypercorn, Starlette's TestClient), not just a close.
+_HTTP_REFUSAL = "websocket.http.response"
+
+
 class AuthMiddleware:
     """Authenticates each HTTP request and caps its body size (a pure ASGI middleware).
 
@@ -339,10 +344,10 @@ class AuthMiddleware:
                     exc.code,
                     extra={"request_id": scope.get("state", {}).get("request_id")},
                 )
-                if scope["type"] == "websocket":
+                if scope["type"] == "http" or _HTTP_REFUSAL in scope.get("extensions", {}):
+                    await _send_error(exc, scope, send)
+                else:  # a server that can only close it: uvicorn answers that with a bare 403
                     await send({"type": "websocket.close", "code": 1008})
-                else:
-                    await _send_error(exc, scope["path"], send)
                 return
             state = scope.setdefault("state", {})
             state["principal"] = principal
@@ -378,13 +383,17 @@ class AuthMiddleware:
         return capped
 
 
-async def _send_error(exc: TiergateError, path: str, send: Send) -> None:
-    body = json.dumps(error_body(exc, path)).encode()
+async def _send_error(exc: TiergateError, scope: Scope, send: Send) -> None:
+    """Answer ``exc`` in the error shape of the path's front: an HTTP response, or for a
+    websocket handshake the same response refusing it (the server's ``websocket.http.response``
+    extension), so that it too is a 401 with its error, ``www-authenticate`` and request id."""
+    body = json.dumps(error_body(exc, scope["path"])).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if isinstance(exc, AuthenticationError):
         headers.append((b"www-authenticate", b"Bearer"))
-    await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    kind = "http" if scope["type"] == "http" else "websocket.http"
+    await send({"type": f"{kind}.response.start", "status": exc.status_code, "headers": headers})
+    await send({"type": f"{kind}.response.body", "body": body})
 
 
 def principal_of(request: Request) -> Principal:

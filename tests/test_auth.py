@@ -10,6 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 from router.auth import (
     ANONYMOUS,
@@ -154,6 +156,37 @@ def test_every_refusal_carries_a_request_id(
     assert "tg-nope" not in caplog.text  # the key presented is never logged
     # Nothing was recorded: /v1/route and /v1/feedback record nothing, and a 401 never does.
     assert server.gateway.outcomes.count() == before
+
+
+def test_a_refused_websocket_handshake_is_a_401_with_a_request_id(
+    server: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A websocket handshake without a valid key was closed before it was accepted, which
+    uvicorn answers with a bare 403: no error, no www-authenticate and, unlike every other
+    answer, no x-request-id to quote. It is now the same 401 as an HTTP request's."""
+    caplog.set_level(logging.INFO, logger="tiergate.auth")
+    url = server.url.replace("http://", "ws://")
+    answers = {}
+    for path, headers in (
+        ("/v1/chat/completions", {}),
+        ("/v1/chat/completions", {"authorization": "Bearer tg-nope"}),
+        ("/v1/messages", {"x-api-key": "tg-nope"}),
+    ):
+        with pytest.raises(InvalidStatus) as refused:
+            connect(url + path, additional_headers=headers, open_timeout=10)
+        answers[(path, bool(headers))] = refused.value.response
+    assert {r.status_code for r in answers.values()} == {401}
+    ids = [r.headers["x-request-id"] for r in answers.values()]
+    assert all(i.startswith("req_") for i in ids) and len(set(ids)) == len(ids), ids
+    for response in answers.values():
+        assert response.headers["www-authenticate"] == "Bearer"
+    anthropic = answers[("/v1/messages", True)]
+    assert anthropic.headers["request-id"] == anthropic.headers["x-request-id"]
+    assert json.loads(anthropic.body)["error"]["type"] == "authentication_error"
+    openai = json.loads(answers[("/v1/chat/completions", True)].body)
+    assert openai["error"]["code"] == "invalid_api_key"
+    logged = {getattr(r, "request_id", None) for r in caplog.records if r.name == "tiergate.auth"}
+    assert set(ids) <= logged
 
 
 def test_health_endpoints_need_no_key(server: LiveServer) -> None:
