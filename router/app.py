@@ -271,7 +271,7 @@ def create_app(
             authenticator,
             in_process=local_backend is None and isinstance(local, LlamaCppBackend),
         )
-        tel = telemetry if telemetry is not None else Telemetry.from_settings(settings)
+        tel = telemetry if telemetry is not None else Telemetry.from_settings(settings, environ)
         tel.watch_queue(gate)
         tel.watch_policy(policy)
         # The store version the scorer loads from, read before it loads: a promotion in between

@@ -643,11 +643,10 @@ def _span_exporters(env: Mapping[str, str]) -> list[Any]:
     exporters: list[Any] = []
     for name in names:
         if name == "otlp":
-            _check_protocol(env, "TRACES")
             with _otel_extra():
                 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-            exporters.append(OTLPSpanExporter())
+            exporters.append(OTLPSpanExporter(**_otlp_options(env, "TRACES")))
         elif name == "console":
             from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
@@ -661,12 +660,117 @@ def _otlp_metric_readers(env: Mapping[str, str]) -> list[Any]:
     names = [n.strip() for n in env.get("OTEL_METRICS_EXPORTER", "otlp").split(",") if n.strip()]
     if "otlp" not in names:
         return []
-    _check_protocol(env, "METRICS")
     with _otel_extra():
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
     from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
-    return [PeriodicExportingMetricReader(OTLPMetricExporter())]
+    exporter = OTLPMetricExporter(**_otlp_options(env, "METRICS"))
+    return [
+        PeriodicExportingMetricReader(
+            exporter,
+            export_interval_millis=_number(env, "OTEL_METRIC_EXPORT_INTERVAL", 60_000),
+            export_timeout_millis=_number(env, "OTEL_METRIC_EXPORT_TIMEOUT", 30_000),
+        )
+    ]
+
+
+def _otlp_options(env: Mapping[str, str], signal: str) -> dict[str, Any]:
+    """The OTLP exporter's settings for ``signal`` (TRACES, METRICS) as ``env`` gives them: the
+    signal's own ``OTEL_EXPORTER_OTLP_{signal}_*`` variable, else the general one, else the
+    SDK's default. Passed to the exporter explicitly, because it reads what it is not given
+    from ``os.environ``: an app built with another environ exported where it did not say, with
+    credentials it was not given."""
+    from opentelemetry.exporter.otlp.proto.http import Compression
+
+    _check_protocol(env, signal)
+    endpoint = env.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT", "").strip()
+    if not endpoint:
+        base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip() or "http://localhost:4318"
+        endpoint = f"{base.rstrip('/')}/v1/{signal.lower()}"
+    name, compression = _otlp_setting(env, signal, "COMPRESSION")
+    try:
+        compressed = Compression((compression or "none").lower())
+    except ValueError:
+        raise ConfigError(f"{name}={compression}: use gzip, deflate or none") from None
+    name = _otlp_setting(env, signal, "TIMEOUT")[0]
+    options: dict[str, Any] = {
+        "endpoint": endpoint,
+        "headers": _otlp_headers(env, signal),
+        "timeout": _number(env, name, 10),  # seconds, as the SDK reads it
+        "compression": compressed,
+        "certificate_file": _otlp_setting(env, signal, "CERTIFICATE")[1] or None,
+        "client_key_file": _otlp_setting(env, signal, "CLIENT_KEY")[1] or None,
+        "client_certificate_file": _otlp_setting(env, signal, "CLIENT_CERTIFICATE")[1] or None,
+    }
+    # What the exporter still takes from os.environ where ``env`` names nothing: headers it
+    # adds to those given, and TLS files. A session of our own sends neither.
+    if env is not os.environ:
+        extra = set(_otlp_headers(os.environ, signal)) - set(options["headers"])
+        tls = _otlp_tls(env, signal)
+        if extra or tls != _otlp_tls(os.environ, signal):
+            options["session"] = _governed_session(extra, tls)
+    return options
+
+
+def _otlp_setting(env: Mapping[str, str], signal: str, setting: str) -> tuple[str, str]:
+    """The variable that gives ``setting`` for ``signal`` and its value ("" where none does)."""
+    for name in (f"OTEL_EXPORTER_OTLP_{signal}_{setting}", f"OTEL_EXPORTER_OTLP_{setting}"):
+        value = env.get(name, "").strip()
+        if value:
+            return name, value
+    return f"OTEL_EXPORTER_OTLP_{setting}", ""
+
+
+def _otlp_headers(env: Mapping[str, str], signal: str) -> dict[str, str]:
+    from opentelemetry.util.re import parse_env_headers
+
+    value = _otlp_setting(env, signal, "HEADERS")[1]
+    return {k.lower(): v for k, v in parse_env_headers(value, liberal=True).items()}
+
+
+def _otlp_tls(env: Mapping[str, str], signal: str) -> tuple[str | bool, Any]:
+    """``requests``' verify and cert for the collector, as the exporter makes them."""
+    ca = _otlp_setting(env, signal, "CERTIFICATE")[1]
+    key = _otlp_setting(env, signal, "CLIENT_KEY")[1]
+    cert = _otlp_setting(env, signal, "CLIENT_CERTIFICATE")[1]
+    return ca or True, ((cert, key) if cert and key else cert or None)
+
+
+def _governed_session(drop: Iterable[str], tls: tuple[str | bool, Any]) -> Any:
+    """A ``requests`` session that sends no header named in ``drop`` and uses ``tls`` (verify,
+    cert) whatever the exporter set from ``os.environ``."""
+    import requests
+
+    dropped = frozenset(drop)
+    verify, cert = tls
+
+    class GovernedSession(requests.Session):
+        def prepare_request(self, request: Any) -> Any:
+            prepared = super().prepare_request(request)
+            for name in dropped:
+                prepared.headers.pop(name, None)
+            return prepared
+
+        def merge_environment_settings(self, *args: Any, **kwargs: Any) -> Any:
+            settings = super().merge_environment_settings(*args, **kwargs)
+            settings["verify"], settings["cert"] = verify, cert
+            return settings
+
+    return GovernedSession()
+
+
+def _number(env: Mapping[str, str], name: str, default: float) -> float:
+    """The number ``env`` gives ``name``, ``default`` where it gives none."""
+    value = env.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not number > 0:
+        raise ConfigError(f"{name}={value}: it must be a number above 0")
+    return number
 
 
 def _prometheus_reader() -> tuple[Any, Any]:

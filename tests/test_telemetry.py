@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -598,6 +599,69 @@ def test_shutdown_with_an_unreachable_collector_fits_the_grace_period(
         lambda: not [t for t in threading.enumerate() if t.name == "tiergate-telemetry-shutdown"]
     )
     assert ended, "telemetry shutdown threads still running"
+
+
+@contextmanager
+def otlp_receiver() -> Iterator[tuple[str, list[tuple[str, dict[str, str]]]]]:
+    """A loopback OTLP/HTTP collector that takes every export (200, an empty protobuf answer)
+    and keeps its path and headers. Yields its root URL and that list."""
+    received: list[tuple[str, dict[str, str]]] = []
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            received.append((self.path, {k.lower(): v for k, v in self.headers.items()}))
+            self.send_response(200)
+            self.send_header("content-type", "application/x-protobuf")
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), Collector) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}", received
+        finally:
+            server.shutdown()  # returns once serve_forever has
+
+
+def test_the_environ_an_app_is_given_governs_its_otlp_exporters(
+    tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``create_app(environ=...)`` built telemetry from the process environment, and
+    ``Telemetry.from_settings(environ=...)`` decided from the given one whether to export but
+    left the exporters to read ``os.environ``: spans and metrics went to the process's
+    collector, with its credentials, and the given endpoint, headers and timeout were unused."""
+    with otlp_receiver() as (given, to_given), otlp_receiver() as (process, to_process):
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", process)
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer process-secret")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "0.000001")  # would fail every export
+        environ = {
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{given}/custom/traces",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": given,
+            "OTEL_EXPORTER_OTLP_HEADERS": "x-collector-key=given-key",
+            "OTEL_EXPORTER_OTLP_TIMEOUT": "5",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        }
+        settings = make_settings(tmp_path, policy_yaml(fake))
+        app = create_app(
+            settings, scorer=KeywordScorer(), local_backend=ScriptedLocal(), environ=environ
+        )
+        with LiveServer(app) as srv:
+            assert srv.gateway.telemetry.tracing
+            assert _chat(srv, "hello").status_code == 200
+        # The app's shutdown sent the last spans and metrics.
+        assert {path for path, _ in to_given} == {"/custom/traces", "/v1/metrics"}
+        for _, headers in to_given:
+            assert headers["x-collector-key"] == "given-key"
+            assert "authorization" not in headers
+        assert to_process == []
+    # A setting the exporter cannot use stops the start, naming it, as the protocol does.
+    bad = {"OTEL_EXPORTER_OTLP_ENDPOINT": given, "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": "zstd"}
+    with pytest.raises(ConfigError, match="OTEL_EXPORTER_OTLP_TRACES_COMPRESSION=zstd"):
+        Telemetry.from_settings(settings, environ=bad)
 
 
 @pytest.mark.parametrize(
