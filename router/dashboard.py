@@ -237,12 +237,14 @@ def label_quality(labels: Iterable[TieredLabel]) -> dict[str, Any]:
     return {"available": bool(tiers), "tiers": tiers, "note": note}
 
 
-def judging_spend(labels: Iterable[TieredLabel]) -> dict[str, Any]:
+def judging_spend(labels: Iterable[TieredLabel], erased_usd: float = 0.0) -> dict[str, Any]:
     """Shadow judging in the window: the verdicts stored and what their calls to the closed
-    model and the judge cost. That spend counts against budgets but not in the request totals,
-    which say what serving the requests cost."""
+    model and the judge cost, with ``erased_usd``, what those of erased records cost (spent
+    all the same: budgets count it). That spend counts against budgets but not in the request
+    totals, which say what serving the requests cost."""
     shadow = [label for label in labels if label.source == "shadow"]
-    return {"judgements": len(shadow), "cost_usd": sum(label.cost_usd for label in shadow)}
+    stored = sum(label.cost_usd for label in shadow)
+    return {"judgements": len(shadow), "cost_usd": stored + erased_usd, "erased_usd": erased_usd}
 
 
 def total_spend(summary: dict[str, Any], judging: dict[str, Any]) -> dict[str, float]:
@@ -354,8 +356,9 @@ async def dashboard_data(
     since = until - window_s
     summary = await asyncio.to_thread(store_summary, store, since, bucket_s, until, tenant)
     labels = await asyncio.to_thread(store.tiered_labels, since, tenant)
+    erased_usd = await asyncio.to_thread(store.erased_judging_usd, since, tenant)
     cascade = cascade_summary(summary, gateway.cascade)
-    judging = judging_spend(labels)
+    judging = judging_spend(labels, erased_usd)
     return {
         "generated_at": now,
         "window_s": window_s,

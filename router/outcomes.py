@@ -190,6 +190,40 @@ def erased_name(kind: str, name: str) -> str:
     return hashlib.sha256(f"{kind}\0{valid_text(name)}".encode()).hexdigest()
 
 
+#: How long the judging spend of erased records is kept (:meth:`OutcomeStore.erased_judging_usd`):
+#: the dashboard's longest window (7 days) and a day.
+ERASED_SPEND_KEPT_S = 8 * 86400
+#: The time it is kept to: a divisor of every dashboard bucket, so that a window counts the
+#: spend of an erased label exactly when it counted the label.
+ERASED_SPEND_BUCKET_S = 30
+
+
+def erased_spend(labels: Iterable[tuple[float, str, float]]) -> dict[tuple[int, str], float]:
+    """What an erasure keeps of the shadow labels it deletes, ``(ts, tenant, cost_usd)`` each:
+    their cost summed per :data:`ERASED_SPEND_BUCKET_S` and tenant, the tenant as a hash
+    (:func:`erased_name`). No request id, verdict or time closer than the bucket stays."""
+    kept: dict[tuple[int, str], float] = defaultdict(float)
+    for ts, tenant, usd in labels:
+        if usd:
+            kept[erased_spend_key(ts, tenant)] += float(usd)
+    return dict(kept)
+
+
+def erased_spend_key(ts: float, tenant: str) -> tuple[int, str]:
+    """Where :func:`erased_spend` sums a label made at ``ts`` for ``tenant``."""
+    return int(ts // ERASED_SPEND_BUCKET_S) * ERASED_SPEND_BUCKET_S, erased_name("tenant", tenant)
+
+
+def _refused_judging(items: Iterable[Item]) -> list[tuple[float, str, float]]:
+    """The time, tenant and cost of the shadow labels among ``items``, which an erasure
+    refused: their judging was paid for all the same (:func:`erased_spend`)."""
+    return [
+        (item.ts, item.tenant, item.cost_usd)
+        for item in items
+        if isinstance(item, Label) and item.source == "shadow" and item.cost_usd
+    ]
+
+
 def refused(
     item: Item,
     erased_requests: Collection[str],
@@ -246,6 +280,12 @@ class OutcomeStore(Protocol):
     def tiered_labels(self, since_ts: float, tenant: str | None = None) -> list[TieredLabel]:
         """Labels stored since ``since_ts`` on records still stored, with the record's tier;
         only ``tenant``'s when given."""
+        ...
+
+    def erased_judging_usd(self, since_ts: float, tenant: str | None = None) -> float:
+        """What the shadow judgements of erased records made since ``since_ts`` cost (only
+        ``tenant``'s when given): spent all the same, and counted by the budgets, so spend
+        totals keep it (:func:`erased_spend`; kept :data:`ERASED_SPEND_KEPT_S`)."""
         ...
 
     def spend_today(self, tenant: str) -> float:
@@ -842,11 +882,14 @@ _OUTCOME_COLUMNS = {
 }  # fmt: skip
 
 #: The tombstones erasures leave (:func:`erased_name`: ``name`` is a hash, ``kind`` request or
-#: tenant, ``ts`` when). The erasure makes the table too: the CLI may erase from a file that
-#: an older Tiergate made.
+#: tenant, ``ts`` when), and the judging spend of the labels they deleted (:func:`erased_spend`:
+#: ``ts`` the bucket, ``tenant`` a hash). The erasure makes the tables too: the CLI may erase
+#: from a file that an older Tiergate made.
 _ERASURES = (
     "CREATE TABLE IF NOT EXISTS erasures "
-    "(name TEXT PRIMARY KEY, kind TEXT NOT NULL, ts REAL NOT NULL)"
+    "(name TEXT PRIMARY KEY, kind TEXT NOT NULL, ts REAL NOT NULL);"
+    "CREATE TABLE IF NOT EXISTS erased_spend "
+    "(ts REAL NOT NULL, tenant TEXT NOT NULL, usd REAL NOT NULL, PRIMARY KEY (ts, tenant))"
 )
 
 _SCHEMA = f"""
@@ -1021,6 +1064,10 @@ class SQLiteOutcomeStore(OutcomeWriter):
         with self._conn as conn:
             conn.execute("BEGIN IMMEDIATE")
             kept = _unrefused(conn, batch)
+            if len(kept) < len(batch):
+                taken = {id(item) for item in kept}
+                refused = [item for item in batch if id(item) not in taken]
+                _keep_judging_spend(conn, _refused_judging(refused))
             rows = [_encode(r, FIELDS) for r in kept if isinstance(r, OutcomeRecord)]
             labels = [_encode(r, LABEL_FIELDS) for r in kept if isinstance(r, Label)]
             _insert_many(conn, "outcomes", FIELDS, rows)
@@ -1078,6 +1125,15 @@ class SQLiteOutcomeStore(OutcomeWriter):
             rows = self._query(sql + " AND l.tenant = ?", (since_ts, tenant))
         return [TieredLabel(*row) for row in rows]
 
+    def erased_judging_usd(self, since_ts: float, tenant: str | None = None) -> float:
+        """What the shadow judgements of erased records made since ``since_ts`` cost."""
+        sql = "SELECT COALESCE(SUM(usd), 0.0) FROM erased_spend WHERE ts >= ?"
+        if tenant is None:
+            rows = self._query(sql, (since_ts,))
+        else:
+            rows = self._query(sql + " AND tenant = ?", (since_ts, erased_name("tenant", tenant)))
+        return float(rows[0][0])
+
     def labels(self, since: float = 0.0, limit: int | None = None) -> list[dict[str, Any]]:
         """Stored labels newer than ``since``, oldest first."""
         rows = self._query(
@@ -1104,11 +1160,13 @@ class SQLiteOutcomeStore(OutcomeWriter):
         if tenant is not None:
             names.append(("tenant", erased_name("tenant", tenant), now))
         with self._wiping() as conn:
-            conn.execute(_ERASURES)
+            for table in _ERASURES.split(";"):
+                conn.execute(table)
             _forget_erasures(conn)
             conn.executemany(
                 "INSERT OR REPLACE INTO erasures (kind, name, ts) VALUES (?, ?, ?)", names
             )
+            _keep_judging_spend(conn, _shadow_costs(conn, request_ids, tenant))
             if tenant is not None:
                 records += conn.execute("DELETE FROM outcomes WHERE tenant = ?", (tenant,)).rowcount
                 labels += conn.execute("DELETE FROM labels WHERE tenant = ?", (tenant,)).rowcount
@@ -1138,6 +1196,7 @@ class SQLiteOutcomeStore(OutcomeWriter):
                 (before_ts, before_ts),
             )
             gone = conn.execute("DELETE FROM outcomes WHERE ts < ?", (before_ts,)).rowcount
+            conn.execute("DELETE FROM erased_spend WHERE ts < ?", (before_ts,))
             _forget_erasures(conn)
         return int(gone)
 
@@ -1166,8 +1225,34 @@ class SQLiteOutcomeStore(OutcomeWriter):
 
 
 def _forget_erasures(conn: sqlite3.Connection) -> None:
-    """Delete the tombstones older than :data:`ERASURE_KEPT_S`."""
+    """Delete the tombstones older than :data:`ERASURE_KEPT_S`, and the judging spend older
+    than :data:`ERASED_SPEND_KEPT_S`."""
     conn.execute("DELETE FROM erasures WHERE ts < ?", (time.time() - ERASURE_KEPT_S,))
+    conn.execute("DELETE FROM erased_spend WHERE ts < ?", (time.time() - ERASED_SPEND_KEPT_S,))
+
+
+def _shadow_costs(
+    conn: sqlite3.Connection, request_ids: Collection[str], tenant: str | None
+) -> list[tuple[float, str, float]]:
+    """The time, tenant and cost of the shadow labels an erasure is about to delete."""
+    found: dict[int, tuple[float, str, float]] = {}
+    sql = "SELECT rowid, ts, tenant, cost_usd FROM labels WHERE source = 'shadow' AND cost_usd"
+    if tenant is not None:
+        found.update((r[0], r[1:]) for r in conn.execute(sql + " AND tenant = ?", (tenant,)))
+    for rid in request_ids:
+        found.update((r[0], r[1:]) for r in conn.execute(sql + " AND request_id = ?", (rid,)))
+    return list(found.values())
+
+
+def _keep_judging_spend(
+    conn: sqlite3.Connection, labels: Iterable[tuple[float, str, float]]
+) -> None:
+    """Add what erased shadow labels cost to ``erased_spend`` (:func:`erased_spend`)."""
+    conn.executemany(
+        "INSERT INTO erased_spend (ts, tenant, usd) VALUES (?, ?, ?) "
+        "ON CONFLICT (ts, tenant) DO UPDATE SET usd = usd + excluded.usd",
+        [(ts, name, usd) for (ts, name), usd in erased_spend(labels).items()],
+    )
 
 
 def _unrefused(conn: sqlite3.Connection, batch: list[Item]) -> list[Item]:

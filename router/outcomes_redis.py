@@ -33,6 +33,10 @@ such as ``{tiergate}`` so one Lua script can touch every key):
                                 erased request id or tenant (hashed,
                                 :func:`~router.outcomes.erased_name`). The record and label
                                 scripts refuse what comes for them later.
+``P:erased-spend:<UTC day>``    hash, ``<30 s bucket>|<tenant hash>`` -> USD the erased shadow
+                                labels of that day cost (:func:`~router.outcomes.erased_spend`),
+                                expiring :data:`~router.outcomes.ERASED_SPEND_KEPT_S` after the
+                                day: the dashboard's judging spend keeps it.
 ==============================  =============================================================
 
 Every write is one Lua script per record or label, so it is atomic and idempotent. The writer
@@ -62,6 +66,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from router.errors import ConfigError, MissingExtraError, StoreUnavailableError
 from router.outcomes import (
+    ERASED_SPEND_KEPT_S,
     ERASURE_KEPT_S,
     Erased,
     Item,
@@ -71,6 +76,8 @@ from router.outcomes import (
     TieredLabel,
     WindowRow,
     erased_name,
+    erased_spend,
+    erased_spend_key,
     lock_beside,
     valid_json,
     valid_text,
@@ -163,8 +170,9 @@ return 1
 """
 
 # KEYS: label hash, labels zset, spend hash, the request's record, the request's tombstone,
-#       the tenant's tombstone.
-# ARGV: source, json, member, ts, tenant, cost, ttl (0: none)
+#       the tenant's tombstone, the day's erased spend hash.
+# ARGV: source, json, member, ts, tenant, cost, ttl (0: none), the erased spend field and
+#       when its hash expires (router.outcomes.erased_spend: a refused shadow label's cost)
 # A label older than the one stored for its source is not written: a journal replayed after
 # an outage must not put back what a later label (from another replica) replaced.
 _LABEL_LUA = """
@@ -178,6 +186,10 @@ if redis.call('EXISTS', KEYS[5]) == 1 or (erased and (not made or made <= tonumb
   if tonumber(ARGV[6]) ~= 0 then
     redis.call('HINCRBYFLOAT', KEYS[3], ARGV[5], ARGV[6])
     redis.call('EXPIRE', KEYS[3], 172800)
+    if ARGV[1] == 'shadow' then
+      redis.call('HINCRBYFLOAT', KEYS[7], ARGV[8], ARGV[6])
+      redis.call('EXPIREAT', KEYS[7], ARGV[9])
+    end
   end
   return 2
 end
@@ -272,6 +284,9 @@ class RedisOutcomeStore(OutcomeWriter):
 
     def _spend_key(self, ts: float) -> str:
         return self.key("spend", str(_day(ts)))
+
+    def _erased_spend_key(self, ts: float) -> str:
+        return self.key("erased-spend", str(_day(ts)))
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -464,6 +479,7 @@ class RedisOutcomeStore(OutcomeWriter):
     def _queue_label(self, pipe: Any, label: Label) -> None:
         ttl = self._ttl(label.ts)
         rid = valid_text(label.request_id)
+        bucket, tenant_hash = erased_spend_key(label.ts, label.tenant)
         self._label_script(
             keys=[
                 self.key("label", rid),
@@ -472,6 +488,7 @@ class RedisOutcomeStore(OutcomeWriter):
                 self.key("outcome", rid),
                 self.key("erased", erased_name("request", rid)),
                 self.key("erased", erased_name("tenant", label.tenant)),
+                self._erased_spend_key(bucket),
             ],
             args=[
                 valid_text(label.source),
@@ -481,6 +498,8 @@ class RedisOutcomeStore(OutcomeWriter):
                 valid_text(label.tenant),
                 repr(float(label.cost_usd)),
                 ttl,
+                f"{bucket}|{tenant_hash}",
+                _erased_spend_expiry(bucket),
             ],
             client=pipe,
         )
@@ -717,6 +736,7 @@ class RedisOutcomeStore(OutcomeWriter):
         for i in range(0, len(ordered), 500):
             chunk = ordered[i : i + 500]
             sources = self._read(self._label_sources, chunk)
+            shadows = self._read(self._shadow_costs, chunk)
             pipe = client.pipeline(transaction=True)
             pipe.delete(*[self.key("outcome", x) for x in chunk])
             pipe.delete(*[self.key("label", x) for x in chunk])
@@ -726,6 +746,9 @@ class RedisOutcomeStore(OutcomeWriter):
             members = [f"{x}|{s}" for x, found in zip(chunk, sources, strict=True) for s in found]
             if members:
                 pipe.zrem(self.key("labels"), *members)
+            for (bucket, name), cost in erased_spend(shadows).items():
+                pipe.hincrbyfloat(self._erased_spend_key(bucket), f"{bucket}|{name}", cost)
+                pipe.expireat(self._erased_spend_key(bucket), _erased_spend_expiry(bucket))
             gone, _, *_ = self._read(pipe.execute)
             records += int(gone)
             labels += len(members)
@@ -782,6 +805,32 @@ class RedisOutcomeStore(OutcomeWriter):
             if claim is not None:
                 claim.close()
 
+    def _shadow_costs(self, ids: list[str]) -> list[tuple[float, str, float]]:
+        """The time, tenant and cost of the shadow labels of ``ids``."""
+        pipe = self._client.pipeline(transaction=False)
+        for x in ids:
+            pipe.hget(self.key("label", x), "shadow")
+        labels = [json.loads(raw) for raw in pipe.execute() if raw]
+        return [
+            (float(lb["ts"]), str(lb["tenant"]), float(lb.get("cost_usd") or 0.0)) for lb in labels
+        ]
+
+    def erased_judging_usd(self, since_ts: float, tenant: str | None = None) -> float:
+        """What the shadow judgements of erased records made since ``since_ts`` cost."""
+        today = _day(time.time())
+        first = max(_day(since_ts), today - ERASED_SPEND_KEPT_S // 86400 - 1)
+        pipe = self._client.pipeline(transaction=False)
+        for day in range(first, today + 1):
+            pipe.hgetall(self._erased_spend_key(day * 86400))
+        name = None if tenant is None else erased_name("tenant", tenant)
+        total = 0.0
+        for kept in self._read(pipe.execute):
+            for key, cost in kept.items():
+                bucket, _, who = key.partition("|")
+                if float(bucket) >= since_ts and name in (None, who):
+                    total += float(cost)
+        return total
+
     def _label_sources(self, ids: list[str]) -> list[list[str]]:
         pipe = self._client.pipeline(transaction=False)
         for x in ids:
@@ -836,8 +885,20 @@ class RedisOutcomeStore(OutcomeWriter):
             pipe.hdel(self.key("label", request_id), source)
         pipe.zremrangebyscore(self.key("labels"), "-inf", before_ts)
         pipe.xtrim(self.key("outcomes"), minid=f"{int(before_ts * 1000)}-0")
+        today = _day(time.time())
+        for day in range(today - ERASED_SPEND_KEPT_S // 86400 - 1, _day(before_ts) + 1):
+            key = self._erased_spend_key(day * 86400)
+            fields = self._read(client.hkeys, key)
+            old = [f for f in fields if float(f.partition("|")[0]) < before_ts]
+            if old:
+                pipe.hdel(key, *old)
         self._read(pipe.execute)
         return len(old_ids)
+
+
+def _erased_spend_expiry(bucket: int) -> int:
+    """When the erased spend hash of ``bucket``'s day expires (:data:`ERASED_SPEND_KEPT_S`)."""
+    return (_day(bucket) + 1) * 86400 + ERASED_SPEND_KEPT_S
 
 
 def _read_journal(path: Path) -> list[Item]:

@@ -59,10 +59,14 @@ def write_late(store: OutcomeStore, erase: Callable[..., Erased]) -> None:
     opens, beside the running ``store``), each followed by what a running Tiergate writes for
     them later: a record of a request in flight, labels from shadow judgements, escalations
     and feedback. Only what is not theirs is written, and of acme's prompts only Erin's, made
-    after its erasure, until that request is erased too."""
+    after its erasure, until that request is erased too. What the shadow judgements of erased
+    requests cost, erased or refused, stays counted as acme's judging spend."""
     alice, carol, bob = three_people(store)
+    store.label(Label(carol.id, "acme", "shadow", 0.0, time.time(), cost_usd=0.25))
+    assert store.flush(10)
     in_flight = outcome(tenant="acme", ts=time.time() - 1, prompt="Dana White asks for a loan")
-    assert erase(tenant="acme")[:2] == (2, 2)
+    assert erase(tenant="acme")[:2] == (2, 3)
+    assert abs(store.erased_judging_usd(0.0, "acme") - 0.25) < 1e-9
     store.submit(in_flight)  # began before the erasure, recorded after it
     store.label(Label(alice.id, "acme", "shadow", 1.0, time.time(), cost_usd=0.5))
     store.label(Label(in_flight.id, "acme", "escalation", 1.0, time.time()))
@@ -84,3 +88,7 @@ def write_late(store: OutcomeStore, erase: Callable[..., Erased]) -> None:
     assert store.get(later.id) is None and store.labels_of(later.id) == []
     assert store.health()["refused_erased"] == 4
     assert store.spend_today("acme") >= 0.5  # the late judgement was paid for all the same
+    assert abs(store.erased_judging_usd(0.0, "acme") - 0.75) < 1e-9  # and so was carol's
+    assert abs(store.erased_judging_usd(0.0) - 0.75) < 1e-9
+    assert store.erased_judging_usd(0.0, "globex") == 0.0
+    assert store.erased_judging_usd(time.time() + 60) == 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.auth import hash_key
+from router.cli import main as cli_main
 from router.learning import LearningLoop, closed_better, parse_verdict
 from router.outcomes import SQLiteOutcomeStore
 from router.outcomes_redis import RedisOutcomeStore
@@ -163,7 +165,11 @@ def test_shadow_judging_runs_in_the_background_and_labels(
         ops = {"authorization": f"Bearer {_key('ops')}"}
         spent = label["cost_usd"] + second["cost_usd"]
         data = srv.http.get("/dashboard/data?window_s=900", headers=ops).json()
-        assert data["judging"] == {"judgements": 2, "cost_usd": pytest.approx(spent)}
+        assert data["judging"] == {
+            "judgements": 2,
+            "cost_usd": pytest.approx(spent),
+            "erased_usd": 0.0,
+        }
         assert data["summary"]["totals"]["cost_usd"] == 0.0  # both answers were local
         page = srv.http.get("/dashboard?window_s=900", headers=ops).text
         assert 'data-kpi="judging"' in page
@@ -360,6 +366,61 @@ def test_verdicts_average_over_both_orders(
 def test_parse_verdict_takes_the_last_one() -> None:
     assert parse_verdict("A is [[A]]-like, but final: [[B]]") == "B"
     assert parse_verdict("no verdict") is None
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_the_judging_spend_of_an_erased_request_stays_on_the_dashboard(
+    tmp_path: Path,
+    fake: FakeProvider,
+    backend: str,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After `tiergate outcomes delete`, the erased request's shadow judgement dropped off the
+    dashboard's judging spend while the budget still counted it: money spent is spent. The
+    dashboard keeps it, as a sum per 30 s and tenant hash that names no request or tenant."""
+    fake.reset(Behaviour(judge="closed"))
+    outcomes: Any = None
+    if backend == "redis":
+        server = request.getfixturevalue("redis_server")
+        outcomes = RedisOutcomeStore(server.url, journal=tmp_path / "journal.jsonl")
+        monkeypatch.setenv("TIERGATE_REDIS_URL", server.url)
+        monkeypatch.setenv("TIERGATE_OUTCOME_JOURNAL_PATH", str(tmp_path / "cli-journal.jsonl"))
+        where = []
+    else:
+        where = ["--db", str(tmp_path / "outcomes.db")]
+    ops = {"authorization": f"Bearer {_key('ops')}"}
+    with serve(tmp_path, policy_yaml(fake, shadow="{sample_rate: 1.0}"), outcomes) as srv:
+        answers = [chat(srv, "acme", "tell me a joke"), chat(srv, "globex", "another joke")]
+        assert [a.headers["x-tiergate-tier"] for a in answers] == ["local", "local"]
+        assert wait_for(lambda: len(labels(srv, "shadow")) == 2, 30)
+        store = srv.gateway.outcomes
+
+        def judging(query: str = "") -> dict[str, Any]:
+            url = f"/dashboard/data?window_s=900{query}"
+            data: dict[str, Any] = srv.http.get(url, headers=ops).json()["judging"]
+            return data
+
+        before, acme_before = judging(), judging("&tenant=acme")
+        spent = {t: store.spend_today(t) for t in ("acme", "globex")}
+        erased = answers[0].headers["x-request-id"]
+        (erased_cost,) = [x["cost_usd"] for x in labels(srv, "shadow") if x["request_id"] == erased]
+        assert erased_cost > 0
+        assert cli_main(["outcomes", *where, "delete", "--request-id", erased]) == 0
+        assert store.get(erased) is None and store.labels_of(erased) == []
+        after, acme_after, globex = judging(), judging("&tenant=acme"), judging("&tenant=globex")
+        assert {t: store.spend_today(t) for t in ("acme", "globex")} == spent
+    assert after["judgements"] == before["judgements"] - 1  # the verdict went with the record
+    assert after["cost_usd"] == pytest.approx(before["cost_usd"])
+    assert after["erased_usd"] == pytest.approx(erased_cost)
+    assert acme_after["cost_usd"] == pytest.approx(acme_before["cost_usd"])
+    assert acme_after == {"judgements": 0, "cost_usd": pytest.approx(erased_cost),
+                          "erased_usd": pytest.approx(erased_cost)}  # fmt: skip
+    assert globex["erased_usd"] == 0.0
+    if backend == "sqlite":  # what stays of it names neither the request nor the tenant
+        with sqlite3.connect(tmp_path / "outcomes.db") as db:
+            kept = db.execute("SELECT * FROM erased_spend").fetchall()
+        assert len(kept) == 1 and "acme" not in str(kept) and erased not in str(kept)
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "redis"])

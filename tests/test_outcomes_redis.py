@@ -118,6 +118,13 @@ def test_purge_removes_old_records_and_labels(redis_server: RedisServer, tmp_pat
         assert s.purge(time.time() - 30 * 86400) == 1
         assert s.get(old.id) is None and s.get(new.id) is not None
         assert s.count() == 1 and s.count("acme") == 1 and s.labels() == []
+        # The judging spend an erasure keeps goes with the retention period too.
+        s.label(Label(new.id, "acme", "shadow", 1.0, time.time(), cost_usd=0.5))
+        assert s.flush(10)
+        s.erase([new.id])
+        assert abs(s.erased_judging_usd(0.0) - 0.5) < 1e-9
+        s.purge(time.time() + 60)
+        assert s.erased_judging_usd(0.0) == 0.0
     finally:
         s.close()
 
@@ -471,6 +478,11 @@ def test_sqlite_store_labels_and_purge(tmp_path: Path) -> None:
         assert abs(s.spend_today("acme") - (0.001 + 0.5)) < 1e-9
         assert s.purge(time.time() - 30 * 86400) == 1
         assert s.count() == 1 and [x["source"] for x in s.labels()] == ["shadow"]
+        # The judging spend an erasure keeps goes with the retention period too.
+        s.erase([new.id])
+        assert abs(s.erased_judging_usd(0.0) - 0.5) < 1e-9
+        s.purge(time.time() + 60)
+        assert s.erased_judging_usd(0.0) == 0.0
     finally:
         s.close()
 
