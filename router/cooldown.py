@@ -22,10 +22,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from router.errors import BackendError, UpstreamRateLimitedError
+from router.errors import MAX_RETRY_AFTER_S, BackendError, UpstreamRateLimitedError
 
-#: The longest a provider's Retry-After cools its model.
-MAX_COOLDOWN_S = 120.0
+#: The longest a provider's Retry-After cools its model: the longest Tiergate passes it on.
+MAX_COOLDOWN_S = MAX_RETRY_AFTER_S
 
 
 @dataclass(slots=True)

@@ -268,6 +268,13 @@ class BudgetExceededError(RateLimitError):
         super().__init__(message, retry_after=86400 - now % 86400)
 
 
+#: The longest a provider's ``Retry-After`` is taken at its word: what a client is told to wait
+#: (a final upstream 429 or 503) and how long the model cools (router.cooldown). A provider that
+#: asks for a day (a spent quota) speaks of its own key; Tiergate probes the model again after
+#: this long, and tells its clients no longer wait than it does itself.
+MAX_RETRY_AFTER_S = 120.0
+
+
 class BackendError(TiergateError):
     """A backend failed while serving (502).
 
@@ -291,8 +298,10 @@ class BackendError(TiergateError):
         retry_after: float | None = None,
         param: str | None = None,
     ) -> None:
-        # An upstream Retry-After reaches the client when this error is the final answer, and
-        # so does the request field a provider's 400 names (``param``).
+        # An upstream Retry-After reaches the client when this error is the final answer (at
+        # most MAX_RETRY_AFTER_S), and so does the request field a provider's 400 names.
+        if retry_after is not None:
+            retry_after = min(retry_after, MAX_RETRY_AFTER_S) if retry_after > 0 else None
         headers = {"retry-after": str(max(1, round(retry_after)))} if retry_after else None
         super().__init__(message, code=code, param=param, headers=headers)
         self.upstream_status = upstream_status

@@ -177,6 +177,29 @@ def test_a_retry_after_date_is_passed_on_and_a_garbled_one_is_ignored(
     _records(server, 7)
 
 
+@pytest.mark.parametrize("model", ["gpt-4o", "claude"])  # direct HTTP, litellm
+def test_a_providers_retry_after_is_passed_on_at_most_120_s(
+    server: LiveServer, fake: FakeProvider, model: str
+) -> None:
+    """A provider that asks for a day (``Retry-After: 86400``, or a date a day ahead: a spent
+    quota) had Tiergate tell its clients to wait a day, though the model cools for 120 s at
+    most and is tried again then: the client is told 120 s. Junk that ``float`` reads
+    (``1_0``, ``1e3``) is no number of seconds: left out, as any garbled value."""
+    in_a_day = email.utils.formatdate(time.time() + 86400, usegmt=True)
+    for asked in ("86400", in_a_day):
+        fake.reset(Behaviour(mode="rate_limit", retry_after=asked))
+        pinned = _post(server, {**PINNED, "model": model})
+        assert pinned.status_code == 429, pinned.text
+        assert pinned.headers["retry-after"] == "120"
+        assert server.gateway.cooldowns.left(model) <= 120
+    for garbled in ("1_0", "1e3"):
+        fake.reset(Behaviour(mode="rate_limit", retry_after=garbled))
+        pinned = _post(server, {**PINNED, "model": model})
+        assert pinned.status_code == 429, pinned.text
+        assert "retry-after" not in pinned.headers
+    _records(server, 4)
+
+
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize(
     "upstream",

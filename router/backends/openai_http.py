@@ -14,6 +14,7 @@ import datetime
 import email.utils
 import json
 import math
+import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -22,6 +23,7 @@ import aiohttp
 
 from router.backends import Completion, Usage, usage_from_body
 from router.errors import (
+    MAX_RETRY_AFTER_S,
     BackendError,
     TiergateError,
     UpstreamAuthError,
@@ -39,21 +41,28 @@ _JSON = {"content-type": "application/json"}
 
 def retry_after_s(value: Any) -> float | None:
     """The seconds a ``Retry-After`` header asks for: a number of seconds, or an HTTP-date
-    (RFC 9110) counted from now. None when absent or unreadable (``inf``, ``nan``, a word,
-    a negative number): a garbled header must not turn a 429 into an internal error."""
+    (RFC 9110) counted from now, at most :data:`~router.errors.MAX_RETRY_AFTER_S`. None when
+    absent, unreadable (``inf``, ``nan``, a word, a negative number, ``1_0``) or past: a garbled
+    header must not turn a 429 into an internal error, nor a day's wait into the client's."""
     if not isinstance(value, str):
         return None
-    try:
+    if _SECONDS.fullmatch(value.strip()):
         seconds = float(value)
-    except ValueError:
+    else:
         try:
             when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             return None
         if when.tzinfo is None:  # "-0000": UTC, as the RFC's dates are
             when = when.replace(tzinfo=datetime.UTC)
         seconds = when.timestamp() - time.time()
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    if not (math.isfinite(seconds) and seconds > 0):
+        return None
+    return min(seconds, MAX_RETRY_AFTER_S)
+
+
+# RFC 9110's delay-seconds (ASCII digits), with a fraction as some providers send it.
+_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 
 def _upstream_error(raw: bytes) -> dict[str, Any]:
