@@ -49,7 +49,7 @@ class Behaviour:
     ``message_start``, the Responses ``response.created``), overloaded_after_open (Anthropic:
     ``message_start``, then an ``overloaded_error`` event, as Anthropic ends a stream it
     cannot go on with; Responses: ``response.created``, then OpenAI's ``server_is_overloaded``
-    ``error`` event, or ``error_body`` as the event).
+    ``error`` event; either with ``error_body`` as the event instead).
     ``chunk_delay_s`` paces streamed chunks."""
 
     mode: str = "ok"
@@ -70,7 +70,7 @@ class Behaviour:
     # that does not reason, with OpenAI's 400s (the fake otherwise takes anything).
     strict: bool = False
     # In ``status`` mode, the JSON body of the error instead of a generic one (in
-    # ``overloaded_after_open`` mode, the Responses event sent in place of the ``error`` one).
+    # ``overloaded_after_open`` mode, the event sent in place of the overloaded ``error``).
     error_body: dict[str, Any] | None = None
     # In ``status`` mode, headers sent with the error (a 503's or 529's ``retry-after``).
     error_headers: dict[str, str] = field(default_factory=dict)
@@ -566,7 +566,7 @@ class FakeProvider:
         if self._cut_after_open(h):
             return
         if self.behaviour.mode == "overloaded_after_open" and self._failing(h):
-            event("error", ANTHROPIC_OVERLOADED)
+            event("error", self.behaviour.error_body or ANTHROPIC_OVERLOADED)
             return
         event(
             "content_block_start",

@@ -436,38 +436,44 @@ def test_anthropics_overloaded_error_after_message_start_is_a_503_or_a_fallback(
 
 
 def _overloaded_then_fallback(
-    srv: LiveServer, front: str, model: str
+    srv: LiveServer,
+    front: str,
+    model: str,
+    failure: tuple[int, str] = (503, "upstream_overloaded"),
 ) -> tuple[httpx.Response, httpx.Response, str]:
-    """A stream on ``front`` pinned to ``model``, whose provider says it is overloaded after
-    the stream's opening (503), then one routed (its fallback answers): both responses, the
-    second one's text; the records say so."""
+    """A stream on ``front`` pinned to ``model``, whose provider says it is overloaded (or
+    another ``failure``: status, code) after the stream's opening, then one routed (its
+    fallback answers): both responses, the second one's text; the records say so."""
     path, body, _ = CUT_FRONTS[front]
     pinned = srv.http.post(path, json={**body, "model": model})
-    assert pinned.status_code == 503, pinned.text
+    assert pinned.status_code == failure[0], pinned.text
     with srv.http.stream("POST", path, json=body) as response:
         events = _sse(response)
     rows = _records(srv, 2)
     assert [(r["status"], r["http_status"], r["error_type"]) for r in rows] == [
         ("ok", 200, None),
-        ("error", 503, "upstream_overloaded"),
+        ("error", *failure),
     ]
     return pinned, response, _opening_and_text(front, events)[1]
 
 
-#: OpenAI's ``response.failed`` for an overload (the other way it ends a Responses stream).
-RESPONSE_FAILED_OVERLOADED = {
-    "type": "response.failed",
-    "response": {
-        "id": "resp_fake",
-        "object": "response",
-        "status": "failed",
-        "output": [],
-        "error": {
-            "code": "server_is_overloaded",
-            "message": "Our servers are currently overloaded. Please try again later.",
+def _response_failed(code: str, message: str) -> dict[str, Any]:
+    """OpenAI's ``response.failed`` event (the other way it ends a Responses stream)."""
+    return {
+        "type": "response.failed",
+        "response": {
+            "id": "resp_fake",
+            "object": "response",
+            "status": "failed",
+            "output": [],
+            "error": {"code": code, "message": message},
         },
-    },
-}
+    }
+
+
+RESPONSE_FAILED_OVERLOADED = _response_failed(
+    "server_is_overloaded", "Our servers are currently overloaded. Please try again later."
+)
 
 
 @pytest.mark.parametrize("event", [None, RESPONSE_FAILED_OVERLOADED], ids=["error", "failed"])
@@ -486,6 +492,62 @@ def test_openais_overload_event_after_response_created_is_a_503_or_a_fallback(
     assert (error["type"], error["code"]) == ("service_unavailable", "upstream_overloaded")
     assert "overloaded" in error["message"]
     assert fallback.headers["x-tiergate-model"] == "claude"
+    assert text.strip() == fake.behaviour.text
+
+
+#: How each provider says, after a stream's opening, that it is rate-limited (its 429 then).
+RATE_LIMITED_EVENTS: dict[str, dict[str, Any]] = {
+    "responses-error": {
+        "type": "error",
+        "code": "rate_limit_exceeded",
+        "message": "Rate limit reached for gpt-4o on requests per min (RPM): Limit 500.",
+        "param": None,
+    },
+    "responses-failed": _response_failed("rate_limit_exceeded", "Rate limit reached."),
+    "messages-error": {
+        "type": "error",
+        "error": {"type": "rate_limit_error", "message": "Number of requests has exceeded."},
+    },
+}
+
+
+@pytest.mark.parametrize("case", sorted(RATE_LIMITED_EVENTS))
+def test_a_rate_limit_event_after_a_native_streams_opening_is_a_429_or_a_fallback(
+    tmp_path: Path, fake: FakeProvider, case: str
+) -> None:
+    """OpenAI ends a Responses stream it rate-limits by an ``error`` (or ``response.failed``)
+    event with code ``rate_limit_exceeded``, Anthropic a Messages stream by a
+    ``rate_limit_error`` event: their 429 once a stream is open. The native path took it for
+    a plain failure, a 502 ``upstream_error`` for a pinned model, where the same 429 answered
+    as a status is a 429 on every front. It is a 429 ``upstream_rate_limited`` too now (in
+    Anthropic's words on its front), and with a fallback the chain goes on."""
+    front = case.partition("-")[0]
+    model, other = ("claude", "gpt-4o") if front == "messages" else ("gpt-4o", "claude")
+    policy = policy_yaml(fake, on_failure="closed")
+    if front == "messages":  # claude first, natively
+        policy = policy.replace(
+            "closed_models: [gpt-4o, claude]", "closed_models: [claude, gpt-4o]"
+        )
+    fake.reset(
+        Behaviour(
+            mode="overloaded_after_open",
+            failing_path="/" + front,
+            error_body=RATE_LIMITED_EVENTS[case],
+        )
+    )
+    # No cooldown: the routed request calls the rate-limited model again, and falls back.
+    with live(tmp_path, policy, cooldown_s=0) as srv:
+        pinned, fallback, text = _overloaded_then_fallback(
+            srv, front, model, (429, "upstream_rate_limited")
+        )
+    error = pinned.json()["error"]
+    if front == "messages":
+        assert error["type"] == "rate_limit_error"
+    else:
+        assert (error["type"], error["code"]) == ("rate_limit_error", "upstream_rate_limited")
+    assert "Rate limit" in error["message"] or "exceeded" in error["message"]
+    assert fallback.headers["x-tiergate-model"] == other
+    assert fallback.headers["x-tiergate-fallback"] == "closed->closed"
     assert text.strip() == fake.behaviour.text
 
 

@@ -22,8 +22,14 @@ from typing import Any, Literal, Protocol
 
 from router.backends import Completion, ModelLike, Usage, token_count
 from router.backends.closed import key_for, provider_of
-from router.backends.openai_http import OpenAIHTTP
-from router.errors import BackendError, UpstreamBadResponseError, UpstreamOverloadedError
+from router.backends.openai_http import OpenAIHTTP, request_too_large
+from router.errors import (
+    BackendError,
+    UpstreamBadResponseError,
+    UpstreamOverloadedError,
+    UpstreamRateLimitedError,
+    UpstreamRequestTooLargeError,
+)
 
 #: The key, in a chat answer or chunk, that holds the provider's native body or event.
 NATIVE = "tiergate_native"
@@ -348,12 +354,9 @@ class _AnthropicEvents:
     def chunk(self, event: dict[str, Any], usage: Usage, label: str) -> dict[str, Any]:
         kind = event["type"]
         if kind == "error":
-            error = event.get("error") or {}
-            message = error.get("message") if isinstance(error, dict) else None
-            text = f"{label} failed mid-stream: {message or 'error'}"
-            if isinstance(error, dict) and error.get("type") == "overloaded_error":
-                raise UpstreamOverloadedError(text)  # what a 529 says once a stream is open
-            raise BackendError(text)
+            error = event.get("error")
+            error = error if isinstance(error, dict) else {}
+            raise _stream_failure(label, error, error.get("type") == "overloaded_error")
         if kind == "message_start":
             message = event.get("message") or {}
             self.id = str(message.get("id", ""))
@@ -387,6 +390,26 @@ class _AnthropicEvents:
         return {"choices": []}
 
 
+#: How a provider says, in a stream's error event, that it is rate-limited (its 429 once a
+#: stream is open): OpenAI's Responses code ``rate_limit_exceeded``, Anthropic's type
+#: ``rate_limit_error``.
+_RATE_LIMITED = ("rate_limit_exceeded", "rate_limit_error")
+
+
+def _stream_failure(label: str, error: Mapping[str, Any], overloaded: bool) -> BackendError:
+    """The failure a stream's error event reports, as the same failure answered with an HTTP
+    status is taken (:func:`~router.backends.openai_http.error_for_status`): overloaded, a
+    503; rate-limited, a 429 (no ``Retry-After``: an event has no headers); else a 502."""
+    text = f"{label} failed mid-stream: {error.get('message') or 'error'}"
+    if overloaded:
+        return UpstreamOverloadedError(text)
+    if any(error.get(k) in _RATE_LIMITED for k in ("code", "type")):
+        if request_too_large(text):
+            return UpstreamRequestTooLargeError(text)
+        return UpstreamRateLimitedError(text)
+    return BackendError(text)
+
+
 #: How OpenAI says, in a Responses stream's ``error`` or ``response.failed`` event, that it is
 #: overloaded (its 503 once a stream is open): code ``server_is_overloaded``, type
 #: ``service_unavailable_error`` where the error has one.
@@ -410,10 +433,8 @@ class _ResponseEvents:
         if kind in ("error", "response.failed"):
             error = (response or event).get("error") or event
             error = error if isinstance(error, dict) else {}
-            text = f"{label} failed mid-stream: {error.get('message') or 'error'}"
-            if any(error.get(k) in _RESPONSES_OVERLOADED for k in ("code", "type")):
-                raise UpstreamOverloadedError(text)  # what a 503 says once a stream is open
-            raise BackendError(text)
+            overloaded = any(error.get(k) in _RESPONSES_OVERLOADED for k in ("code", "type"))
+            raise _stream_failure(label, error, overloaded)
         if kind == "response.created":
             return _delta({"role": "assistant", "content": ""})
         if kind == "response.output_text.delta":
