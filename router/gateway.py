@@ -952,10 +952,11 @@ class Gateway:
         """Open a stream along the fallback chain (``native`` as for :meth:`complete`).
 
         Fallback is possible only until the first chunk that carries something (a token, a
-        tool call, the end, usage) arrives; this coroutine returns once a backend has produced
-        it (so headers can name who answered), and the returned iterator yields the chunks
-        before it, then it. Opening chunks that carry nothing (OpenAI's role-only chunk, what
-        Anthropic's ``message_start`` becomes) are held back until then, so that a stream cut
+        tool call, the end) arrives; this coroutine returns once a backend has produced it (so
+        headers can name who answered), and the returned iterator yields the chunks before it,
+        then it. Opening chunks that carry nothing of the answer (OpenAI's role-only chunk, with
+        the prompt's usage where a server sends it early; what Anthropic's ``message_start``
+        becomes) are held back until then, so that a stream cut
         right after its opening falls back like any failed call, rather than ending in an
         error event after the client has been told a model answers.
         """
@@ -1566,13 +1567,16 @@ def _produced(choices: list[Any]) -> bool:
 
 def _opening(chunk: Mapping[str, Any]) -> bool:
     """Whether a stream's chunk only opens it, carrying nothing a client reads as the
-    answer: no token, no end (:func:`_produced`), no usage (OpenAI's role-only chunk); for a
-    native stream, an opening event (:func:`~router.backends.native.opening_event`). Such
-    chunks are held back until one that carries something (:meth:`Gateway.stream`)."""
+    answer: no token, no end (:func:`_produced`), as OpenAI's role-only chunk; for a native
+    stream, an opening event (:func:`~router.backends.native.opening_event`). Such chunks are
+    held back until one that carries something (:meth:`Gateway.stream`). Usage is no part of
+    the answer: a server that sends the prompt's with its opening chunk (vLLM's
+    ``continuous_usage_stats``), as Anthropic's ``message_start`` always does, has still
+    answered nothing, and a cut after it falls back."""
     if NATIVE in chunk:
         return opening_event(chunk)
     choices = chunk.get("choices")
-    return not chunk.get("usage") and not (isinstance(choices, list) and _produced(choices))
+    return not (isinstance(choices, list) and _produced(choices))
 
 
 async def _chunks(

@@ -95,6 +95,10 @@ class Behaviour:
     # Answer one request a connection and drop the next one on it unanswered, as a server
     # that closed an idle keep-alive connection just as the client sent on it.
     drop_reused: bool = False
+    # OpenAI chat streams: the opening role-only chunk carries the usage known then (the
+    # prompt's tokens, none generated), as servers that report usage early or on every chunk
+    # (vLLM's ``continuous_usage_stats``) send it.
+    usage_in_opening: bool = False
 
 
 #: Anthropic's error body when it is overloaded (with HTTP 529, or as a stream's error event).
@@ -460,7 +464,10 @@ class FakeProvider:
         send: Any,
     ) -> None:
         b = self.behaviour
-        send({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+        opening = {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+        if b.usage_in_opening:
+            opening["usage"] = {"prompt_tokens": 11, "completion_tokens": 0, "total_tokens": 11}
+        send(opening)
         if self._cut_after_open(h):
             return
         for i, piece in enumerate(pieces):

@@ -384,6 +384,43 @@ def test_a_stream_cut_after_its_opening_falls_back(
     assert record["ttft_ms"] is not None and record["completion_tokens"] > 0
 
 
+def _fell_back(
+    response: httpx.Response,
+    events: list[Any],
+    record: dict[str, Any],
+    to: tuple[str, str],
+    text: str,
+) -> None:
+    """A chat stream answered whole by the fallback ``to`` (model, fallback), opened once, and
+    recorded so."""
+    headers = response.headers
+    assert (headers["x-tiergate-model"], headers["x-tiergate-fallback"]) == to, events[:3]
+    opening, said = _opening_and_text("chat", events)
+    assert (opening, said.strip(), events[-1]) == ([0], text, "[DONE]")
+    assert (record["status"], record["model"], record["fallback"]) == ("ok", *to)
+
+
+def test_a_stream_cut_after_an_opening_that_carries_usage_falls_back(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """A provider may send the prompt's usage with its opening role chunk (vLLM's
+    ``continuous_usage_stats``, servers that report usage early). That chunk was taken for
+    one that carries the answer: the response began with it, and a cut right after it gave
+    the client a 200, the role chunk and an error event, recorded as an error, where the same
+    cut without the usage falls back. Usage is no part of the answer: it is held back too."""
+    fake.reset(
+        Behaviour(mode="reset_after_open", failing_path="/chat/completions", usage_in_opening=True)
+    )
+    with live(tmp_path, policy_yaml(fake, on_failure="closed")) as srv:
+        with srv.http.stream(
+            "POST", "/v1/chat/completions", json={**HARD, "stream": True}
+        ) as response:
+            events = _sse(response)
+        record = _record(srv, response)
+    assert response.status_code == 200
+    _fell_back(response, events, record, ("claude", "closed->closed"), fake.behaviour.text)
+
+
 def test_an_external_local_stream_cut_after_its_opening_falls_back(
     tmp_path: Path, fake: FakeProvider
 ) -> None:
@@ -404,17 +441,7 @@ def test_an_external_local_stream_cut_after_its_opening_falls_back(
                 events = _sse(response)
             record = _record(srv, response)
     assert len(server.received) == 1
-    assert (response.headers["x-tiergate-model"], response.headers["x-tiergate-fallback"]) == (
-        "gpt-4o",
-        "local->closed",
-    )
-    opening, text = _opening_and_text("chat", events)
-    assert (opening, text.strip(), events[-1]) == ([0], fake.behaviour.text, "[DONE]")
-    assert (record["status"], record["model"], record["fallback"]) == (
-        "ok",
-        "gpt-4o",
-        "local->closed",
-    )
+    _fell_back(response, events, record, ("gpt-4o", "local->closed"), fake.behaviour.text)
 
 
 def test_anthropics_overloaded_error_after_message_start_is_a_503_or_a_fallback(
