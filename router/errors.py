@@ -320,10 +320,11 @@ class BackendError(TiergateError):
 
 class ClientLibraryError(BackendError):
     """The library that calls the provider (litellm) failed in this process with a Python error
-    (a ``KeyError`` translating the request's fields, say) and called it a connection error:
-    nothing shows that the provider failed (502 ``upstream_error``). The chain still tries its
-    next model, but the failure does not cool its model: a tenant's request shaped to trip it
-    would otherwise cool the model for every tenant."""
+    (reading an answer it did not expect, say) and called it a connection error: nothing shows
+    that the provider failed (502 ``upstream_error``). The chain still tries its next model,
+    but the failure does not cool its model: a tenant's request shaped to trip it would
+    otherwise cool the model for every tenant. One while translating the request, before
+    anything was sent, is the request's: a :class:`BadRequestError`."""
 
     cools = False
 

@@ -25,6 +25,7 @@ from router.backends.openai_http import OpenAIHTTP, error_for_status
 from router.errors import (
     BackendError,
     BadRequestError,
+    TiergateError,
     UpstreamBadRequestError,
     UpstreamOverloadedError,
     UpstreamRateLimitedError,
@@ -319,9 +320,10 @@ def test_a_litellm_error_repeats_neither_the_prompt_nor_a_traceback(
     prompt in it broke "logs: no prompts" (and ``store_prompts: none``), and a traceback showed
     the client the server's paths."""
     model = Model("claude", "anthropic/claude-3-5-sonnet-20241022", provider.base_url[:-3])
-    with pytest.raises(BackendError) as raised:
+    with pytest.raises(TiergateError) as raised:  # a 400 either way
         run(_answer(model, {**BODY, "messages": messages}, stream=False))
     message = raised.value.message
+    assert raised.value.status_code == 400
     assert message.startswith("claude ")
     assert "SECRET-PROMPT" not in message
     assert "Traceback" not in message and ".py" not in message

@@ -168,32 +168,66 @@ def test_a_cooling_model_is_called_when_the_rest_of_its_chain_refuses_the_reques
         assert [r.path for r in fake.received] == ["/v1/messages"]
 
 
+#: Requests litellm refuses for an Anthropic model before it sends anything, reporting each as
+#: ``APIConnectionError``: a content part of a type it does not know (its message check raises
+#: a bare ``Exception``, "Invalid user message at index 0"), and ``response_format`` of type
+#: ``json_schema`` without a schema (a ``KeyError`` translating it).
+UNTRANSLATABLE = {
+    "unknown-part": {"messages": [{"role": "user", "content": [{"type": "video", "url": "x"}]}]},
+    "json-schema": {
+        "messages": [{"role": "user", "content": "HARD"}],
+        "response_format": {"type": "json_schema"},
+    },
+}
+
+
+@pytest.mark.parametrize("shape", sorted(UNTRANSLATABLE))
 def test_a_request_litellm_cannot_translate_does_not_cool_its_model(
-    tmp_path: Path, fake: FakeProvider
+    tmp_path: Path, fake: FakeProvider, shape: str
 ) -> None:
-    """litellm fails on ``response_format: {"type": "json_schema"}`` (no schema) for an Anthropic
-    model with a ``KeyError`` it reports as ``APIConnectionError``, before anything is sent. It
-    was answered as ``upstream_unreachable`` and counted as the provider failing: three such
-    requests from one tenant (one OpenAI SDK call, with its two retries of the 502) cooled
-    claude for every tenant. It still falls back, but claude does not cool."""
+    """A request litellm cannot translate for claude fails before anything is sent, and litellm
+    calls that a connection error. The unknown part was a 502 ``upstream_unreachable`` that
+    counted as claude failing, so three such requests from one tenant (one OpenAI SDK call,
+    with its two retries of the 502) cooled claude for every tenant; the schema-less
+    ``response_format`` a 502 that SDKs retry to the same end. Both are the request's fault:
+    the chain still tries gpt-4o, claude does not cool, and pinned to claude the client gets a
+    400 that says why, with nothing sent to the provider. A connection refused is still a 502
+    ``upstream_unreachable`` that cools the model."""
     fake.reset()
     policy = policy_yaml(fake, on_failure="closed").replace(
         "closed_models: [gpt-4o, claude]", "closed_models: [claude, gpt-4o]"
     )
     hard = {"model": "auto", "messages": [{"role": "user", "content": "HARD"}]}
-    tripping = {**hard, "response_format": {"type": "json_schema"}}
+    tripping = {**hard, **UNTRANSLATABLE[shape]}
     with live(tmp_path, policy, cooldown_after_fails=3, cooldown_s=30) as srv:
         for _ in range(3):
             answer = srv.http.post("/v1/chat/completions", json=tripping)
             assert answer.status_code == 200 and answer.headers["x-tiergate-model"] == "gpt-4o"
+        assert [r.path for r in fake.received] == ["/v1/chat/completions"] * 3
         assert srv.gateway.cooldowns.status() == {}
         fake.received.clear()
         victim = srv.http.post("/v1/chat/completions", json=hard)
         assert victim.status_code == 200 and victim.headers["x-tiergate-model"] == "claude"
         assert [r.path for r in fake.received] == ["/v1/messages"]
-        pinned = srv.http.post("/v1/chat/completions", json={**tripping, "model": "claude"})
-        assert pinned.status_code == 502, pinned.text
-        assert pinned.json()["error"]["code"] == "upstream_error"  # not upstream_unreachable
+        fake.received.clear()
+        for stream in (False, True):
+            pinned = srv.http.post(
+                "/v1/chat/completions", json={**tripping, "model": "claude", "stream": stream}
+            )
+            assert pinned.status_code == 400, pinned.text
+            error = pinned.json()["error"]
+            assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_request")
+            assert "claude cannot take the request: litellm cannot translate it" in error["message"]
+        assert fake.received == [] and srv.gateway.cooldowns.status() == {}
+    dead = policy.replace(
+        f"api_base: {fake.base_url.removesuffix('/v1')}\n",
+        f"api_base: http://127.0.0.1:{free_port()}\n",
+    )
+    with live(tmp_path, dead, cooldown_after_fails=1, cooldown_s=30) as srv:
+        refused = srv.http.post("/v1/chat/completions", json={**hard, "model": "claude"})
+        assert refused.status_code == 502, refused.text
+        assert refused.json()["error"]["code"] == "upstream_unreachable"
+        assert srv.gateway.cooldowns.left("claude") > 0
 
 
 #: OpenAI's answer to one request larger than the organization's tokens-per-minute limit: a 429

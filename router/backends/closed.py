@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import itertools
 import json
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Collection, Mapping
+import traceback
+from collections.abc import AsyncIterator, Collection, Iterator, Mapping
 from typing import Any
 
 import httpx
@@ -312,12 +314,9 @@ def map_litellm_error(exc: Exception, label: str, key: str | None = None) -> Tie
         return UpstreamBadRequestError(refused, upstream_status=status, param=param)
     if status in (401, 403):
         return UpstreamAuthError(said, upstream_status=status)
-    fault = _python_fault(exc) if "Connection" in name else None
-    if fault is not None:
-        return ClientLibraryError(
-            f"{label} could not be called: its client library failed "
-            f"({type(fault).__name__}: {detail})"
-        )
+    failed = _failed_in_process(exc, label, detail) if "Connection" in name else None
+    if failed is not None:
+        return failed
     if "Connection" in name or _cannot_connect(exc):
         return BackendError(
             f"{label} unreachable: {_UNFINISHED.sub(_STREAM_ENDED, detail)}",
@@ -325,6 +324,25 @@ def map_litellm_error(exc: Exception, label: str, key: str | None = None) -> Tie
             upstream_status=status,
         )
     return BackendError(said, upstream_status=status if isinstance(status, int) else None)
+
+
+def _failed_in_process(exc: Exception, label: str, detail: str) -> TiergateError | None:
+    """litellm's own failure, which it reports as a connection error, or None for a network
+    error. A request it cannot translate for the provider (:func:`_refused_before_sending`)
+    is a 400 that names why: the chain tries its next model, which may take it, and alone
+    the client learns what to fix, rather than a 502 its SDK retries to the same end. A
+    Python error elsewhere (reading the provider's answer) is a :class:`ClientLibraryError`.
+    Neither cools the model: one tenant's request must not pass it over for all."""
+    fault = _python_fault(exc)
+    if _refused_before_sending(exc):
+        how = f" ({type(fault).__name__}: {detail})" if fault is not None else f": {detail}"
+        return BadRequestError(f"{label} cannot take the request: litellm cannot translate it{how}")
+    if fault is not None:
+        return ClientLibraryError(
+            f"{label} could not be called: its client library failed "
+            f"({type(fault).__name__}: {detail})"
+        )
+    return None
 
 
 # How litellm says a stream stopped before its end, and how the direct paths say it.
@@ -455,14 +473,24 @@ def _cannot_connect(exc: BaseException) -> bool:
     """Whether a connection failure caused ``exc``: litellm reports one to an Anthropic model
     (or an OpenAI one it calls) as ``InternalServerError`` with status 500, over the
     ``httpx.ConnectError`` its HTTP client raised."""
+    return any(isinstance(c, (httpx.ConnectError, ConnectionError)) for c in _causes(exc))
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the errors it was raised from or while handling, each once."""
     seen: set[int] = set()
     cause: BaseException | None = exc
     while cause is not None and id(cause) not in seen:
-        if isinstance(cause, (httpx.ConnectError, ConnectionError)):
-            return True
+        yield cause
         seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__
-    return False
+
+
+def _network(error: BaseException) -> bool:
+    """Whether ``error`` is a network error (a socket's, or one of :data:`_NETWORK_MODULES`)."""
+    return isinstance(error, (OSError, TimeoutError)) or type(error).__module__.startswith(
+        _NETWORK_MODULES
+    )
 
 
 def _python_fault(exc: BaseException) -> BaseException | None:
@@ -470,13 +498,9 @@ def _python_fault(exc: BaseException) -> BaseException | None:
     ``response_format`` litellm cannot translate) when it wraps no network error, else None:
     litellm reports its own failures as ``APIConnectionError`` whether or not anything reached
     the provider."""
-    seen: set[int] = set()
     python: BaseException | None = None
-    cause = exc.__cause__ or exc.__context__
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, (OSError, TimeoutError)) or type(cause).__module__.startswith(
-            _NETWORK_MODULES
-        ):
+    for cause in itertools.islice(_causes(exc), 1, None):
+        if _network(cause):
             return None
         if (
             python is None
@@ -484,9 +508,26 @@ def _python_fault(exc: BaseException) -> BaseException | None:
             and isinstance(cause, _PYTHON_FAULTS)
         ):
             python = cause
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
     return python
+
+
+def _refused_before_sending(exc: BaseException) -> bool:
+    """Whether litellm failed on the request before it sent anything: no network error among
+    ``exc``'s causes, and one of them raised within ``litellm.main.completion``, the step that
+    checks the request and translates it for the provider (its message check's "Invalid user
+    message at index 0" for a content part of an unknown type, a ``KeyError`` translating
+    ``response_format``). Under ``acompletion`` that step returns the call unmade; the call,
+    and the reading of the provider's answer, fail in ``acompletion`` itself. litellm calls
+    both ``APIConnectionError``, as it calls a connection refused: where it was raised is all
+    that tells a request no provider could take from a provider that failed."""
+    causes = list(_causes(exc))
+    if any(_network(cause) for cause in causes):
+        return False
+    return any(
+        frame.f_code.co_name == "completion" and frame.f_globals.get("__name__") == "litellm.main"
+        for cause in causes
+        for frame, _ in traceback.walk_tb(cause.__traceback__)
+    )
 
 
 #: The errors a bug or an unexpected value raises (not the end of a stream a provider cut).
