@@ -150,6 +150,33 @@ def test_another_provider_goes_through_litellm_in_its_own_protocol(
     assert "provider_specific_fields" not in answer.body["choices"][0]["message"]
 
 
+def test_litellm_fetches_nothing_from_the_network_on_a_first_call(
+    provider: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its first call to an Anthropic model with an anthropic-beta header (as an Anthropic SDK
+    # client sends through /v1/messages) fetched the betas' catalog from GitHub: an air-gapped
+    # gateway waited on it, and every gateway reached a host it was not given.
+    from litellm import anthropic_beta_headers_manager as betas
+
+    fetched: list[str] = []
+
+    def fetch(url: str) -> dict[str, Any]:
+        fetched.append(url)
+        raise OSError("no network")
+
+    for name in ("LITELLM_OFFLINE_MODE", "LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(betas, "_BETA_HEADERS_CONFIG", None)  # as in a fresh process
+    monkeypatch.setattr(
+        betas.GetAnthropicBetaHeadersConfig, "fetch_remote_beta_headers_config", fetch
+    )
+    model = Model("claude", "anthropic/claude-3-5-sonnet-20241022", provider.base_url[:-3])
+    body = {**BODY, "extra_headers": {"anthropic-beta": "prompt-caching-2024-07-31"}}
+    run(_answer(model, body, stream=False))
+    assert provider.received[-1].path.endswith("/messages")
+    assert fetched == []
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_field_the_provider_does_not_take_is_named_and_never_sent(
     provider: FakeProvider, stream: bool

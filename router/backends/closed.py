@@ -4,8 +4,9 @@
 over the pooled HTTP client (:mod:`router.backends.openai_http`): that path adds little
 latency (bench/README.md). Every other provider goes through ``litellm.acompletion``, which
 translates the request to the provider's own protocol. litellm is imported lazily, on the first
-such call, with ``LITELLM_LOCAL_MODEL_COST_MAP=True`` so it never reaches for the network. A
-model can force the litellm path with ``transport: litellm`` in the policy.
+such call, offline (``LITELLM_LOCAL_MODEL_COST_MAP``, ``LITELLM_OFFLINE_MODE``): it reaches no
+host but the provider's. A model can force the litellm path with ``transport: litellm`` in the
+policy.
 """
 
 from __future__ import annotations
@@ -242,9 +243,10 @@ IMAGE_URL_MB = "5"
 
 
 def quiet_litellm() -> Any:
-    """litellm, imported on first use with its local cost map, no telemetry and no debug
-    banners (it prints one for every model name it does not know, such as Tiergate's), and
-    image URL downloads bounded by :data:`IMAGE_URL_MB` (read when litellm is imported).
+    """litellm, imported on first use offline (its bundled cost map and catalogs), with no
+    telemetry and no debug banners (it prints one for every model name it does not know, such
+    as Tiergate's), and image URL downloads bounded by :data:`IMAGE_URL_MB` (read when
+    litellm is imported).
 
     litellm's loggers lose the plain-text handler it gives them at import (INFO on stdout,
     one record on two lines): their records go to the application's logging alone, which under
@@ -252,6 +254,9 @@ def quiet_litellm() -> Any:
     application's level, unless ``LITELLM_LOG`` asks for litellm's own debug lines (they hold
     the prompts)."""
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    # Its other catalogs too (the first call to an Anthropic model fetched the beta headers'
+    # from GitHub): its bundled copies, never a download at run time.
+    os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
     os.environ.setdefault("MAX_IMAGE_URL_DOWNLOAD_SIZE_MB", IMAGE_URL_MB)
     if "LITELLM_LOG" not in os.environ:
         # litellm's debug lines hold each request's messages: under TIERGATE_LOG_LEVEL=debug
