@@ -48,6 +48,63 @@ class StreamOptions(BaseModel):
     include_usage: Flag = False
 
 
+class FunctionSpec(BaseModel):
+    """A function tool's ``function``: the name is what the model calls it by."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: Flag | None = None
+
+
+class ChatTool(BaseModel):
+    """One entry of ``tools``. A function tool is checked here, since a provider's library
+    fails on one without its ``function`` (a 502 for a malformed request); tools of other
+    types (``custom``, a provider's own) pass through as sent."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(min_length=1)
+    function: FunctionSpec | None = None
+
+    @model_validator(mode="after")
+    def _function_given(self) -> ChatTool:
+        if self.type == "function" and self.function is None:
+            raise ValueError("a function tool needs its function (a name, and parameters)")
+        return self
+
+
+class JsonSchemaSpec(BaseModel):
+    """``response_format.json_schema``: OpenAI requires its ``name``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(min_length=1)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: Flag | None = None
+
+
+class ResponseFormat(BaseModel):
+    """``response_format``. A ``json_schema`` one must carry its schema's spec: without it
+    the local model ignored the request for JSON and a library behind a closed model failed
+    (502). Other types (``text``, ``json_object``, a server's own) are each backend's to
+    honour or refuse."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(min_length=1)
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _spec_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("a json_schema response_format needs its json_schema (a name)")
+        return self
+
+
 class ChatCompletionRequest(BaseModel):
     """OpenAI's chat completion request. Unknown fields are kept and passed through."""
 
@@ -69,9 +126,9 @@ class ChatCompletionRequest(BaseModel):
     top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
     stop: str | list[str] | None = None
     seed: StrictInt | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[ChatTool] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     metadata: dict[str, Any] | None = None
 
 

@@ -1001,6 +1001,14 @@ def test_readme_first_hour_commands_run_as_written(shipped: LiveServer) -> None:
         ({"top_logprobs": 1.5}, "top_logprobs"),
         ({"messages": [{"role": "user", "content": None}]}, "messages"),
         ({"stream_options": [None]}, "stream_options"),  # was a 500: read before validation
+        # were a 502 from litellm behind an Anthropic model, and ignored by the local model
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        ({"tools": [{"type": "function"}]}, "tools.0"),
+        ({"tools": [{"type": "function", "function": {"name": ""}}]}, "tools.0.function.name"),
+        # the local model answered in free text whatever the type asked for
+        pytest.param(
+            {"response_format": {"type": "regex"}}, "response_format", marks=pytest.mark.gguf
+        ),
     ],
 )
 @pytest.mark.parametrize("model", ["local", "auto"])
@@ -1022,6 +1030,31 @@ def test_bad_parameters_are_a_400_naming_them(
     error = response.json()["error"]
     assert error["param"] is not None and error["param"].startswith(param), error
     assert "TypeError" not in error["message"] and "argument" not in error["message"]
+    assert fake.received == []
+
+
+@pytest.mark.parametrize("model", ["gpt-4o", "claude"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"response_format": {"type": "json_schema"}},
+        {"tools": [{"type": "function"}]},
+    ],
+    ids=["json_schema-without-its-spec", "function-tool-without-its-function"],
+)
+def test_a_malformed_format_or_tool_is_a_400_the_sdk_does_not_retry(
+    server: LiveServer, fake: FakeProvider, model: str, extra: dict[str, Any]
+) -> None:
+    # Behind an Anthropic model litellm failed on them (KeyError): a 502 the SDK retried twice.
+    fake.reset()
+    sdk = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=2)
+    with sdk as client, pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "hi"}],
+            **extra,
+        )
+    assert err.value.body["param"] in ("response_format", "tools.0")  # type: ignore[index]
     assert fake.received == []
 
 

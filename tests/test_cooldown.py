@@ -171,12 +171,12 @@ def test_a_cooling_model_is_called_when_the_rest_of_its_chain_refuses_the_reques
 #: Requests litellm refuses for an Anthropic model before it sends anything, reporting each as
 #: ``APIConnectionError``: a content part of a type it does not know (its message check raises
 #: a bare ``Exception``, "Invalid user message at index 0"), and ``response_format`` of type
-#: ``json_schema`` without a schema (a ``KeyError`` translating it).
+#: ``json_schema`` whose spec has no ``schema`` (a ``KeyError`` translating it).
 UNTRANSLATABLE = {
     "unknown-part": {"messages": [{"role": "user", "content": [{"type": "video", "url": "x"}]}]},
     "json-schema": {
         "messages": [{"role": "user", "content": "HARD"}],
-        "response_format": {"type": "json_schema"},
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x"}},
     },
 }
 

@@ -72,6 +72,8 @@ _HANDLED = frozenset(
     | {"tool_choice", "parallel_tool_calls", "function_call"}
 )
 _NO_EFFECT = frozenset({"user", "metadata", "store", "service_tier", "prediction"})
+# The ``response_format`` types the in-process backend honours (llama_response_format).
+_FORMATS = ("text", "json_object", "json_schema")
 
 
 class Gate:
@@ -227,6 +229,14 @@ def check_in_process_fields(body: dict[str, Any]) -> None:
     (:data:`_NO_EFFECT`), or is refused here."""
     if body.get("top_logprobs") is not None and not body.get("logprobs"):
         raise BadRequestError("top_logprobs needs logprobs set to true", param="top_logprobs")
+    response_format = body.get("response_format")
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind not in (None, *_FORMATS):
+        raise BadRequestError(
+            f"the in-process local model cannot honour response_format type '{kind}' (it "
+            f"honours {', '.join(_FORMATS)})",
+            param="response_format.type",
+        )
     choice = body.get("tool_choice", body.get("function_call"))
     if choice not in (None, "none", "auto"):
         raise BadRequestError("the local model does not support tools", param="tool_choice")
