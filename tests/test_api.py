@@ -431,6 +431,48 @@ def test_anthropic_model_through_litellm(
     assert text.strip() == Behaviour().text
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_json_object_gets_json_from_an_anthropic_model(
+    client: openai.OpenAI, fake: FakeProvider, stream: bool
+) -> None:
+    # Anthropic has no JSON mode: litellm sent json_object nowhere and the model answered prose.
+    fake.reset(Behaviour(mode="tool_call"))  # the model calls the tool it must call
+    messages = [{"role": "user", "content": "The capital of France, as JSON."}]
+    if stream:
+        chunks = client.chat.completions.create(
+            model="claude",
+            messages=messages,  # type: ignore[arg-type]
+            response_format={"type": "json_object"},
+            stream=True,
+        )
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    else:
+        completion = client.chat.completions.create(
+            model="claude",
+            messages=messages,  # type: ignore[arg-type]
+            response_format={"type": "json_object"},
+        )
+        content = completion.choices[0].message.content or ""
+    assert json.loads(content) == {"city": "Paris"}
+    sent = fake.received[-1].body
+    assert sent["tool_choice"] == {"type": "tool", "name": sent["tools"][0]["name"]}
+    assert sent["tools"][0]["input_schema"] == {"type": "object"}
+
+
+def test_an_anthropic_model_refuses_a_response_format_it_cannot_honour(
+    client: openai.OpenAI, fake: FakeProvider
+) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model="claude",
+            messages=[{"role": "user", "content": "hi"}],
+            response_format={"type": "regex"},  # type: ignore[typeddict-item]
+        )
+    assert err.value.body["param"] == "response_format.type"  # type: ignore[index]
+    assert "does not take response_format type 'regex'" in err.value.message
+    assert fake.received == []
+
+
 TOOLS = [
     {
         "type": "function",

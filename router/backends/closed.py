@@ -189,6 +189,10 @@ class ClosedBackend:
 
     def _litellm_kwargs(self, model: ModelLike, body: dict[str, Any]) -> dict[str, Any]:
         kwargs = {k: v for k, v in body.items() if k not in _STRIP and k not in _LITELLM_OWN}
+        if provider_of(model.litellm_model or "") == "anthropic" and "response_format" in kwargs:
+            kwargs["response_format"] = anthropic_response_format(
+                kwargs["response_format"], model.name
+            )
         kwargs["model"] = model.litellm_model
         kwargs["api_key"] = self.api_key(model)
         kwargs["timeout"] = self._timeout(model)
@@ -199,8 +203,9 @@ class ClosedBackend:
 
     async def _litellm_complete(self, model: ModelLike, body: dict[str, Any]) -> Completion:
         litellm = self._litellm_module()
+        kwargs = self._litellm_kwargs(model, body)
         try:
-            response = await litellm.acompletion(**self._litellm_kwargs(model, body), stream=False)
+            response = await litellm.acompletion(**kwargs, stream=False)
         except Exception as exc:  # litellm raises many types; mapped in one place
             raise map_litellm_error(exc, model.name, self.api_key(model)) from exc
         payload = _tidy(response.model_dump(exclude_none=True))
@@ -233,6 +238,37 @@ class ClosedBackend:
                 await self._litellm.close_litellm_async_clients()
             except Exception:  # closing must not fail shutdown; nothing is lost here
                 log.debug("closing litellm clients failed", exc_info=True)
+
+
+#: What a ``json_object`` answer must be, as the schema of the tool litellm forces an Anthropic
+#: model to call: any JSON object.
+_ANY_OBJECT: dict[str, Any] = {"type": "object"}
+
+
+def anthropic_response_format(response_format: Any, label: str) -> Any:
+    """``response_format`` as litellm honours it for an Anthropic model, which has no JSON mode.
+
+    litellm makes a ``json_schema`` one a tool the model must call, and the call's input the
+    answer's text, but sent ``json_object`` (or anything but ``text``) nothing: the model
+    answered in prose to a client that parses JSON. ``json_object`` (with llama.cpp's optional
+    ``schema``) goes as a ``json_schema`` of any object; a type it does not know is refused (400),
+    so a chain goes on to a model that may take it."""
+    if not isinstance(response_format, dict):
+        return response_format
+    kind = response_format.get("type")
+    if kind in ("text", "json_schema"):
+        return response_format
+    if kind == "json_object":
+        schema = response_format.get("schema")
+        schema = schema if isinstance(schema, dict) else _ANY_OBJECT
+        spec = {"name": "json_object", "schema": schema}
+        return {"type": "json_schema", "json_schema": spec}
+    raise BadRequestError(
+        f"{label} (anthropic) does not take response_format type '{kind}': it takes text, "
+        "json_object and json_schema",
+        code="unsupported_parameter",
+        param="response_format.type",
+    )
 
 
 #: The most litellm downloads for one image URL it must send inline (Anthropic models: it
