@@ -473,6 +473,25 @@ def test_an_anthropic_model_refuses_a_response_format_it_cannot_honour(
     assert fake.received == []
 
 
+def test_a_content_part_litellm_cannot_send_is_a_400_not_unreachable(
+    server: LiveServer, fake: FakeProvider
+) -> None:
+    # A Responses part sent to chat: litellm refused it with a bare Exception, answered as
+    # "claude unreachable" (502), which the SDK retried twice.
+    fake.reset()
+    part = {"type": "input_text", "text": "hi"}
+    sdk = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=2)
+    with sdk as client, pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model="claude",
+            messages=[{"role": "user", "content": [part]}],  # type: ignore[list-item]
+        )
+    assert err.value.code == "unsupported_parameter"
+    assert err.value.body["param"] == "messages.0.content.0.type"  # type: ignore[index]
+    assert "cannot take a user content part of type 'input_text'" in err.value.message
+    assert fake.received == []
+
+
 TOOLS = [
     {
         "type": "function",

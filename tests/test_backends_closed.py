@@ -336,7 +336,8 @@ def test_a_key_in_a_litellm_error_is_scrubbed() -> None:
     [
         # litellm's Anthropic translation fails and appends "Received Messages=[...]"
         [{"role": "user", "content": "SECRET-PROMPT"}, {"role": "tool", "content": "x"}],
-        # litellm's message check fails and appends a traceback of its own code
+        # litellm's message check failed (a traceback of its own code appended); now refused
+        # before litellm is called
         [{"role": "user", "content": [{"type": "text", "text": "SECRET-PROMPT"}, {"type": "x"}]}],
     ],
 )

@@ -189,6 +189,7 @@ class ClosedBackend:
 
     def _litellm_kwargs(self, model: ModelLike, body: dict[str, Any]) -> dict[str, Any]:
         kwargs = {k: v for k, v in body.items() if k not in _STRIP and k not in _LITELLM_OWN}
+        check_user_parts(kwargs.get("messages") or [], model.name)
         if provider_of(model.litellm_model or "") == "anthropic" and "response_format" in kwargs:
             kwargs["response_format"] = anthropic_response_format(
                 kwargs["response_format"], model.name
@@ -238,6 +239,28 @@ class ClosedBackend:
                 await self._litellm.close_litellm_async_clients()
             except Exception:  # closing must not fail shutdown; nothing is lost here
                 log.debug("closing litellm clients failed", exc_info=True)
+
+
+def check_user_parts(messages: list[Any], label: str) -> None:
+    """Refuse (400) a user content part of a type litellm takes for no provider
+    (``input_text``, a Responses part sent to chat, say). litellm refused it with a bare
+    ``Exception``, which read as the model being unreachable: a 502 the SDK retried."""
+    quiet_litellm()
+    from litellm.types.llms.openai import ValidUserMessageContentTypes
+
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if message.get("role") != "user" or not isinstance(content, list):
+            continue
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(part, dict) and kind not in ValidUserMessageContentTypes:
+                raise BadRequestError(
+                    f"{label} cannot take a user content part of type '{kind}': it takes "
+                    f"{', '.join(ValidUserMessageContentTypes)}",
+                    code="unsupported_parameter",
+                    param=f"messages.{i}.content.{j}.type",
+                )
 
 
 #: What a ``json_object`` answer must be, as the schema of the tool litellm forces an Anthropic
