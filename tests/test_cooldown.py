@@ -168,16 +168,25 @@ def test_a_cooling_model_is_called_when_the_rest_of_its_chain_refuses_the_reques
         assert [r.path for r in fake.received] == ["/v1/messages"]
 
 
-#: Requests litellm refuses for an Anthropic model before it sends anything, reporting each as
-#: ``APIConnectionError``: a content part of a type it does not know (its message check raises
-#: a bare ``Exception``, "Invalid user message at index 0"), and ``response_format`` of type
+#: Requests litellm cannot send to an Anthropic model, which it refused before sending anything,
+#: reporting each as ``APIConnectionError``, and the 400 each now gets (code, words): a content
+#: part of a type litellm takes for no provider (its message check raised a bare ``Exception``,
+#: "Invalid user message at index 0"; now refused before litellm is called), and a
 #: ``json_schema`` whose spec has no ``schema`` (a ``KeyError`` translating it).
 UNTRANSLATABLE = {
-    "unknown-part": {"messages": [{"role": "user", "content": [{"type": "video", "url": "x"}]}]},
-    "json-schema": {
-        "messages": [{"role": "user", "content": "HARD"}],
-        "response_format": {"type": "json_schema", "json_schema": {"name": "x"}},
-    },
+    "unknown-part": (
+        {"messages": [{"role": "user", "content": [{"type": "video", "url": "x"}]}]},
+        "unsupported_parameter",
+        "claude cannot take a user content part of type 'video'",
+    ),
+    "json-schema": (
+        {
+            "messages": [{"role": "user", "content": "HARD"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x"}},
+        },
+        "invalid_request",
+        "claude cannot take the request: litellm cannot translate it",
+    ),
 }
 
 
@@ -198,7 +207,8 @@ def test_a_request_litellm_cannot_translate_does_not_cool_its_model(
         "closed_models: [gpt-4o, claude]", "closed_models: [claude, gpt-4o]"
     )
     hard = {"model": "auto", "messages": [{"role": "user", "content": "HARD"}]}
-    tripping = {**hard, **UNTRANSLATABLE[shape]}
+    shaped, code, words = UNTRANSLATABLE[shape]
+    tripping = {**hard, **shaped}
     with live(tmp_path, policy, cooldown_after_fails=3, cooldown_s=30) as srv:
         for _ in range(3):
             answer = srv.http.post("/v1/chat/completions", json=tripping)
@@ -216,8 +226,8 @@ def test_a_request_litellm_cannot_translate_does_not_cool_its_model(
             )
             assert pinned.status_code == 400, pinned.text
             error = pinned.json()["error"]
-            assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_request")
-            assert "claude cannot take the request: litellm cannot translate it" in error["message"]
+            assert (error["type"], error["code"]) == ("invalid_request_error", code)
+            assert words in error["message"]
         assert fake.received == [] and srv.gateway.cooldowns.status() == {}
     dead = policy.replace(
         f"api_base: {fake.base_url.removesuffix('/v1')}\n",
