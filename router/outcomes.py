@@ -190,38 +190,57 @@ def erased_name(kind: str, name: str) -> str:
     return hashlib.sha256(f"{kind}\0{valid_text(name)}".encode()).hexdigest()
 
 
-#: How long the judging spend of erased records is kept (:meth:`OutcomeStore.erased_judging_usd`):
+#: How long the spend of erased records is kept (:meth:`OutcomeStore.erased_spend_buckets`):
 #: the dashboard's longest window (7 days) and a day.
 ERASED_SPEND_KEPT_S = 8 * 86400
-#: The time it is kept to: a divisor of every dashboard bucket, so that a window counts the
-#: spend of an erased label exactly when it counted the label.
+#: The time it is kept to: a divisor of every dashboard bucket and of a day, so that a window
+#: counts the spend of an erased item exactly when it counted the item, and a budget's day
+#: counts it on the day it counted the item.
 ERASED_SPEND_BUCKET_S = 30
 
+#: What an erased item cost: ``(ts, tenant, judging, requests, counterfactual)``, in USD: a
+#: shadow label's judging, a record's cost and what the request would have cost all-closed.
+Cost = tuple[float, str, float, float, float]
 
-def erased_spend(labels: Iterable[tuple[float, str, float]]) -> dict[tuple[int, str], float]:
-    """What an erasure keeps of the shadow labels it deletes, ``(ts, tenant, cost_usd)`` each:
-    their cost summed per :data:`ERASED_SPEND_BUCKET_S` and tenant, the tenant as a hash
-    (:func:`erased_name`). No request id, verdict or time closer than the bucket stays."""
-    kept: dict[tuple[int, str], float] = defaultdict(float)
-    for ts, tenant, usd in labels:
-        if usd:
-            kept[erased_spend_key(ts, tenant)] += float(usd)
-    return dict(kept)
+
+class ErasedSpend(NamedTuple):
+    """What erasures kept of the spend in one :data:`ERASED_SPEND_BUCKET_S` bucket (one
+    tenant's, or every tenant's): what the shadow judgements and the requests they deleted
+    (or refused, as they came later) cost, and what those requests would have cost all-closed.
+    It was spent all the same, so budgets and spend totals count it."""
+
+    ts: float
+    judging_usd: float = 0.0
+    requests_usd: float = 0.0
+    counterfactual_usd: float = 0.0
+
+
+def erased_spend(costs: Iterable[Cost]) -> dict[tuple[int, str], tuple[float, float, float]]:
+    """What an erasure keeps of the items it deletes (:data:`Cost` each): their judging,
+    request and counterfactual cost summed per :data:`ERASED_SPEND_BUCKET_S` and tenant, the
+    tenant as a hash (:func:`erased_name`). No request id, verdict or time closer than the
+    bucket stays."""
+    kept: dict[tuple[int, str], list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
+    for ts, tenant, *usd in costs:
+        if any(usd):
+            sums = kept[erased_spend_key(ts, tenant)]
+            for i, value in enumerate(usd):
+                sums[i] += float(value)
+    return {key: (a, b, c) for key, (a, b, c) in kept.items()}
 
 
 def erased_spend_key(ts: float, tenant: str) -> tuple[int, str]:
-    """Where :func:`erased_spend` sums a label made at ``ts`` for ``tenant``."""
+    """Where :func:`erased_spend` sums an item made at ``ts`` for ``tenant``."""
     return int(ts // ERASED_SPEND_BUCKET_S) * ERASED_SPEND_BUCKET_S, erased_name("tenant", tenant)
 
 
-def _refused_judging(items: Iterable[Item]) -> list[tuple[float, str, float]]:
-    """The time, tenant and cost of the shadow labels among ``items``, which an erasure
-    refused: their judging was paid for all the same (:func:`erased_spend`)."""
-    return [
-        (item.ts, item.tenant, item.cost_usd)
-        for item in items
-        if isinstance(item, Label) and item.source == "shadow" and item.cost_usd
-    ]
+def cost_of(item: Item) -> Cost:
+    """What ``item`` cost (:data:`Cost`): a record its request, a shadow label its judging."""
+    if isinstance(item, OutcomeRecord):
+        cf = item.counterfactual_cost_usd
+        return item.ts, item.tenant, 0.0, item.cost_usd or 0.0, cf or 0.0
+    judged = item.cost_usd if item.source == "shadow" else 0.0
+    return item.ts, item.tenant, judged or 0.0, 0.0, 0.0
 
 
 def refused(
@@ -282,10 +301,16 @@ class OutcomeStore(Protocol):
         only ``tenant``'s when given."""
         ...
 
+    def erased_spend_buckets(self, since_ts: float, tenant: str | None = None) -> list[ErasedSpend]:
+        """What erased records and shadow labels made since ``since_ts`` cost (only
+        ``tenant``'s when given), per bucket, oldest first: spent all the same, and counted by
+        the budgets, so spend totals keep it (:func:`erased_spend`; kept
+        :data:`ERASED_SPEND_KEPT_S`)."""
+        ...
+
     def erased_judging_usd(self, since_ts: float, tenant: str | None = None) -> float:
         """What the shadow judgements of erased records made since ``since_ts`` cost (only
-        ``tenant``'s when given): spent all the same, and counted by the budgets, so spend
-        totals keep it (:func:`erased_spend`; kept :data:`ERASED_SPEND_KEPT_S`)."""
+        ``tenant``'s when given): the sum of :meth:`erased_spend_buckets`' judging."""
         ...
 
     def spend_today(self, tenant: str) -> float:
@@ -444,13 +469,16 @@ class WriterWatch:
 
 class SpendLedger:
     """Per-tenant spend for the current UTC day, in memory so a budget check costs no I/O: what
-    the store holds, what is queued for it, and the holds of requests in flight."""
+    the store holds, what is queued for it, and the holds of requests in flight. What the store
+    holds includes the spend of erased items, which it keeps per tenant hash
+    (:func:`erased_spend`): a tenant's is found by its hash."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._day = _day(time.time())
         self._stored: dict[str, float] = {}
         self._shared: dict[str, float] = {}  # the store's figures as last loaded
+        self._erased: dict[str, float] = {}  # the store's erased spend, per tenant hash
         self._queued: dict[tuple[int, str], float] = defaultdict(float)
         self._holds: dict[str, tuple[str, float]] = {}
         self._held: dict[str, float] = defaultdict(float)
@@ -458,15 +486,18 @@ class SpendLedger:
     def _today(self) -> int:
         today = _day(time.time())
         if today != self._day:
-            self._day, self._stored, self._shared = today, {}, {}
+            self._day, self._stored, self._shared, self._erased = today, {}, {}, {}
         return today
 
-    def load(self, spend: Mapping[str, float]) -> None:
-        """Take today's spend as the store holds it (read from the store)."""
+    def load(self, spend: Mapping[str, float], erased: Mapping[str, float] | None = None) -> None:
+        """Take today's spend as the store holds it (read from the store): per tenant, and
+        that of erased items per tenant hash (:func:`erased_name`), which stays unless given."""
         with self._lock:
             self._today()
             self._stored = dict(spend)
             self._shared = dict(spend)
+            if erased is not None:
+                self._erased = dict(erased)
 
     def shared(self, tenant: str) -> float:
         """``tenant``'s spend today as the store last reported it (every replica's records),
@@ -538,7 +569,8 @@ class SpendLedger:
     def _get(self, tenant: str) -> float:
         today = self._today()
         queued = max(self._queued.get((today, tenant), 0.0), 0.0)
-        return self._stored.get(tenant, 0.0) + queued + self._held.get(tenant, 0.0)
+        erased = self._erased.get(erased_name("tenant", tenant), 0.0) if self._erased else 0.0
+        return self._stored.get(tenant, 0.0) + erased + queued + self._held.get(tenant, 0.0)
 
 
 class OutcomeWriter:
@@ -850,8 +882,17 @@ class OutcomeWriter:
         return None if record is None else record.as_dict()
 
     def spend_today(self, tenant: str) -> float:
-        """USD recorded for ``tenant`` today: stored, queued here, and held here."""
+        """USD recorded for ``tenant`` today: stored (erased items included), queued here, and
+        held here."""
         return self.ledger.get(tenant)
+
+    def erased_spend_buckets(self, since_ts: float, tenant: str | None = None) -> list[ErasedSpend]:
+        """What erased items made since ``since_ts`` cost, per bucket (the store's)."""
+        raise NotImplementedError
+
+    def erased_judging_usd(self, since_ts: float, tenant: str | None = None) -> float:
+        """What the shadow judgements of erased records made since ``since_ts`` cost."""
+        return sum(kept.judging_usd for kept in self.erased_spend_buckets(since_ts, tenant))
 
     def hold_refusal(self, tenant: str, budget: float) -> str:
         """Why a hold was refused under the budget here: the holds of requests in flight
@@ -882,15 +923,19 @@ _OUTCOME_COLUMNS = {
 }  # fmt: skip
 
 #: The tombstones erasures leave (:func:`erased_name`: ``name`` is a hash, ``kind`` request or
-#: tenant, ``ts`` when), and the judging spend of the labels they deleted (:func:`erased_spend`:
-#: ``ts`` the bucket, ``tenant`` a hash). The erasure makes the tables too: the CLI may erase
+#: tenant, ``ts`` when), and the spend of the items they deleted or refused (:func:`erased_spend`:
+#: ``ts`` the bucket, ``tenant`` a hash, ``usd`` the judging, ``requests_usd`` and
+#: ``counterfactual_usd`` the requests'). The erasure makes the tables too: the CLI may erase
 #: from a file that an older Tiergate made.
 _ERASURES = (
     "CREATE TABLE IF NOT EXISTS erasures "
     "(name TEXT PRIMARY KEY, kind TEXT NOT NULL, ts REAL NOT NULL);"
-    "CREATE TABLE IF NOT EXISTS erased_spend "
-    "(ts REAL NOT NULL, tenant TEXT NOT NULL, usd REAL NOT NULL, PRIMARY KEY (ts, tenant))"
+    "CREATE TABLE IF NOT EXISTS erased_spend (ts REAL NOT NULL, tenant TEXT NOT NULL, "
+    "usd REAL NOT NULL, requests_usd REAL NOT NULL DEFAULT 0, "
+    "counterfactual_usd REAL NOT NULL DEFAULT 0, PRIMARY KEY (ts, tenant))"
 )
+#: The erased_spend columns a table made before them (judging alone) is given at start.
+_ERASED_SPEND_ADDED = ("requests_usd", "counterfactual_usd")
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS outcomes ({", ".join(f"{k} {v}" for k, v in _OUTCOME_COLUMNS.items())});
@@ -930,6 +975,7 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
         added = [name for name in _OUTCOME_COLUMNS if name not in have]
         for name in added:
             conn.execute(f"ALTER TABLE outcomes ADD COLUMN {name} {_OUTCOME_COLUMNS[name]}")
+        _migrate_erased_spend(conn)
     except BaseException:
         conn.rollback()
         raise
@@ -941,6 +987,14 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
             "s" if len(added) > 1 else "",
             ", ".join(added),
         )
+
+
+def _migrate_erased_spend(conn: sqlite3.Connection) -> None:
+    """Add the request spend columns to an erased_spend table that kept judging alone."""
+    have = {row[1] for row in conn.execute("PRAGMA table_info(erased_spend)")}
+    for name in _ERASED_SPEND_ADDED:
+        if name not in have:
+            conn.execute(f"ALTER TABLE erased_spend ADD COLUMN {name} REAL NOT NULL DEFAULT 0")
 
 
 def row_to_dict(row: sqlite3.Row) -> dict[str, Any]:
@@ -1030,7 +1084,15 @@ class SQLiteOutcomeStore(OutcomeWriter):
             " UNION ALL SELECT tenant, cost_usd FROM labels WHERE ts >= ?) GROUP BY tenant",
             (start_of_day, start_of_day),
         )
-        self.ledger.load({tenant: float(spent or 0.0) for tenant, spent in spend})
+        erased = conn.execute(
+            "SELECT tenant, SUM(usd + requests_usd) FROM erased_spend WHERE ts >= ? "
+            "GROUP BY tenant",
+            (start_of_day,),
+        )
+        self.ledger.load(
+            {tenant: float(spent or 0.0) for tenant, spent in spend},
+            {name: float(spent or 0.0) for name, spent in erased},
+        )
         with conn:
             _forget_erasures(conn)
         conn.close()
@@ -1067,7 +1129,7 @@ class SQLiteOutcomeStore(OutcomeWriter):
             if len(kept) < len(batch):
                 taken = {id(item) for item in kept}
                 refused = [item for item in batch if id(item) not in taken]
-                _keep_judging_spend(conn, _refused_judging(refused))
+                _keep_spend(conn, map(cost_of, refused))
             rows = [_encode(r, FIELDS) for r in kept if isinstance(r, OutcomeRecord)]
             labels = [_encode(r, LABEL_FIELDS) for r in kept if isinstance(r, Label)]
             _insert_many(conn, "outcomes", FIELDS, rows)
@@ -1125,14 +1187,18 @@ class SQLiteOutcomeStore(OutcomeWriter):
             rows = self._query(sql + " AND l.tenant = ?", (since_ts, tenant))
         return [TieredLabel(*row) for row in rows]
 
-    def erased_judging_usd(self, since_ts: float, tenant: str | None = None) -> float:
-        """What the shadow judgements of erased records made since ``since_ts`` cost."""
-        sql = "SELECT COALESCE(SUM(usd), 0.0) FROM erased_spend WHERE ts >= ?"
+    def erased_spend_buckets(self, since_ts: float, tenant: str | None = None) -> list[ErasedSpend]:
+        """What erased items made since ``since_ts`` cost, per bucket (``tenant``'s only)."""
+        sql = (
+            "SELECT ts, SUM(usd), SUM(requests_usd), SUM(counterfactual_usd) FROM erased_spend "
+            "WHERE ts >= ? {} GROUP BY ts ORDER BY ts"
+        )
         if tenant is None:
-            rows = self._query(sql, (since_ts,))
+            rows = self._query(sql.format(""), (since_ts,))
         else:
-            rows = self._query(sql + " AND tenant = ?", (since_ts, erased_name("tenant", tenant)))
-        return float(rows[0][0])
+            name = erased_name("tenant", tenant)
+            rows = self._query(sql.format("AND tenant = ?"), (since_ts, name))
+        return [ErasedSpend(*map(float, row)) for row in rows]
 
     def labels(self, since: float = 0.0, limit: int | None = None) -> list[dict[str, Any]]:
         """Stored labels newer than ``since``, oldest first."""
@@ -1162,11 +1228,12 @@ class SQLiteOutcomeStore(OutcomeWriter):
         with self._wiping() as conn:
             for table in _ERASURES.split(";"):
                 conn.execute(table)
+            _migrate_erased_spend(conn)
             _forget_erasures(conn)
             conn.executemany(
                 "INSERT OR REPLACE INTO erasures (kind, name, ts) VALUES (?, ?, ?)", names
             )
-            _keep_judging_spend(conn, _shadow_costs(conn, request_ids, tenant))
+            _keep_spend(conn, _erased_costs(conn, request_ids, tenant))
             if tenant is not None:
                 records += conn.execute("DELETE FROM outcomes WHERE tenant = ?", (tenant,)).rowcount
                 labels += conn.execute("DELETE FROM labels WHERE tenant = ?", (tenant,)).rowcount
@@ -1231,27 +1298,38 @@ def _forget_erasures(conn: sqlite3.Connection) -> None:
     conn.execute("DELETE FROM erased_spend WHERE ts < ?", (time.time() - ERASED_SPEND_KEPT_S,))
 
 
-def _shadow_costs(
+#: What an erasure keeps of a shadow label and of a record (:data:`Cost`), by table.
+_COSTS = {
+    "labels": "SELECT 'l' || rowid, ts, tenant, COALESCE(cost_usd, 0), 0, 0 FROM labels "
+    "WHERE source = 'shadow' AND cost_usd AND {}",
+    "outcomes": "SELECT 'o' || rowid, ts, tenant, 0, COALESCE(cost_usd, 0), "
+    "COALESCE(counterfactual_cost_usd, 0) FROM outcomes "
+    "WHERE (cost_usd OR counterfactual_cost_usd) AND {}",
+}
+
+
+def _erased_costs(
     conn: sqlite3.Connection, request_ids: Collection[str], tenant: str | None
-) -> list[tuple[float, str, float]]:
-    """The time, tenant and cost of the shadow labels an erasure is about to delete."""
-    found: dict[int, tuple[float, str, float]] = {}
-    sql = "SELECT rowid, ts, tenant, cost_usd FROM labels WHERE source = 'shadow' AND cost_usd"
-    if tenant is not None:
-        found.update((r[0], r[1:]) for r in conn.execute(sql + " AND tenant = ?", (tenant,)))
-    for rid in request_ids:
-        found.update((r[0], r[1:]) for r in conn.execute(sql + " AND request_id = ?", (rid,)))
+) -> list[Cost]:
+    """What the records and shadow labels an erasure is about to delete cost."""
+    found: dict[str, Cost] = {}
+    for table, sql in _COSTS.items():
+        by_request = sql.format("request_id = ?" if table == "labels" else "id = ?")
+        if tenant is not None:
+            found.update((r[0], r[1:]) for r in conn.execute(sql.format("tenant = ?"), (tenant,)))
+        for rid in request_ids:
+            found.update((r[0], r[1:]) for r in conn.execute(by_request, (rid,)))
     return list(found.values())
 
 
-def _keep_judging_spend(
-    conn: sqlite3.Connection, labels: Iterable[tuple[float, str, float]]
-) -> None:
-    """Add what erased shadow labels cost to ``erased_spend`` (:func:`erased_spend`)."""
+def _keep_spend(conn: sqlite3.Connection, costs: Iterable[Cost]) -> None:
+    """Add what erased items cost to ``erased_spend`` (:func:`erased_spend`)."""
     conn.executemany(
-        "INSERT INTO erased_spend (ts, tenant, usd) VALUES (?, ?, ?) "
-        "ON CONFLICT (ts, tenant) DO UPDATE SET usd = usd + excluded.usd",
-        [(ts, name, usd) for (ts, name), usd in erased_spend(labels).items()],
+        "INSERT INTO erased_spend (ts, tenant, usd, requests_usd, counterfactual_usd) "
+        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (ts, tenant) DO UPDATE SET "
+        "usd = usd + excluded.usd, requests_usd = requests_usd + excluded.requests_usd, "
+        "counterfactual_usd = counterfactual_usd + excluded.counterfactual_usd",
+        [(ts, name, *usd) for (ts, name), usd in erased_spend(costs).items()],
     )
 
 

@@ -34,9 +34,11 @@ such as ``{tiergate}`` so one Lua script can touch every key):
                                 :func:`~router.outcomes.erased_name`). The record and label
                                 scripts refuse what comes for them later.
 ``P:erased-spend:<UTC day>``    hash, ``<30 s bucket>|<tenant hash>`` -> USD the erased shadow
-                                labels of that day cost (:func:`~router.outcomes.erased_spend`),
-                                expiring :data:`~router.outcomes.ERASED_SPEND_KEPT_S` after the
-                                day: the dashboard's judging spend keeps it.
+                                labels of that day cost, ``...|requests`` what the erased
+                                records cost and ``...|counterfactual`` what they would have
+                                cost all-closed (:func:`~router.outcomes.erased_spend`), expiring
+                                :data:`~router.outcomes.ERASED_SPEND_KEPT_S` after the day: the
+                                dashboard's spend keeps it (budgets read ``P:spend``).
 ==============================  =============================================================
 
 Every write is one Lua script per record or label, so it is atomic and idempotent. The writer
@@ -68,7 +70,9 @@ from router.errors import ConfigError, MissingExtraError, StoreUnavailableError
 from router.outcomes import (
     ERASED_SPEND_KEPT_S,
     ERASURE_KEPT_S,
+    Cost,
     Erased,
+    ErasedSpend,
     Item,
     Label,
     OutcomeRecord,
@@ -131,9 +135,11 @@ return 1
 # Both scripts return 2 for an item an erasure refuses (see router.outcomes.refused): its cost
 # is counted all the same (it was spent, and an erasure leaves the day's spend as it was).
 # KEYS: record, stream, ts zset, tenant zset, tenants set, spend hash, scores, alias scores,
-#       hold hash, holds zset, the request's tombstone, the tenant's tombstone
+#       hold hash, holds zset, the request's tombstone, the tenant's tombstone, the day's
+#       erased spend hash
 # ARGV: json, id, ts, tenant, cost, ttl_s (0: none), score or '', scores cap, spend ttl,
-#       stream maxlen
+#       stream maxlen, the erased spend fields' prefix, when its hash expires, counterfactual
+#       cost (router.outcomes.erased_spend: a refused record's cost)
 _RECORD_LUA = """
 redis.call('HDEL', KEYS[9], ARGV[2])
 redis.call('ZREM', KEYS[10], ARGV[2])
@@ -142,6 +148,13 @@ if redis.call('EXISTS', KEYS[11]) == 1 or (erased and tonumber(ARGV[3]) <= tonum
   if tonumber(ARGV[5]) ~= 0 then
     redis.call('HINCRBYFLOAT', KEYS[6], ARGV[4], ARGV[5])
     redis.call('EXPIRE', KEYS[6], ARGV[9])
+    redis.call('HINCRBYFLOAT', KEYS[13], ARGV[11] .. '|requests', ARGV[5])
+  end
+  if tonumber(ARGV[13]) ~= 0 then
+    redis.call('HINCRBYFLOAT', KEYS[13], ARGV[11] .. '|counterfactual', ARGV[13])
+  end
+  if tonumber(ARGV[5]) ~= 0 or tonumber(ARGV[13]) ~= 0 then
+    redis.call('EXPIREAT', KEYS[13], ARGV[12])
   end
   return 2
 end
@@ -446,6 +459,7 @@ class RedisOutcomeStore(OutcomeWriter):
         ttl = self._ttl(record.ts)
         score = "" if record.score is None else repr(float(record.score))
         rid, tenant = valid_text(record.id), valid_text(record.tenant)
+        bucket, tenant_hash = erased_spend_key(record.ts, record.tenant)
         self._record_script(
             keys=[
                 self.key("outcome", rid),
@@ -460,6 +474,7 @@ class RedisOutcomeStore(OutcomeWriter):
                 self.key("holds", tenant),
                 self.key("erased", erased_name("request", rid)),
                 self.key("erased", erased_name("tenant", tenant)),
+                self._erased_spend_key(bucket),
             ],
             args=[
                 valid_json(record.as_dict()),
@@ -472,6 +487,9 @@ class RedisOutcomeStore(OutcomeWriter):
                 _SCORES_CAP,
                 172800,
                 _STREAM_MAXLEN,
+                f"{bucket}|{tenant_hash}",
+                _erased_spend_expiry(bucket),
+                repr(float(record.counterfactual_cost_usd or 0.0)),
             ],
             client=pipe,
         )
@@ -736,7 +754,7 @@ class RedisOutcomeStore(OutcomeWriter):
         for i in range(0, len(ordered), 500):
             chunk = ordered[i : i + 500]
             sources = self._read(self._label_sources, chunk)
-            shadows = self._read(self._shadow_costs, chunk)
+            costs = self._read(self._costs, chunk)
             pipe = client.pipeline(transaction=True)
             pipe.delete(*[self.key("outcome", x) for x in chunk])
             pipe.delete(*[self.key("label", x) for x in chunk])
@@ -746,9 +764,12 @@ class RedisOutcomeStore(OutcomeWriter):
             members = [f"{x}|{s}" for x, found in zip(chunk, sources, strict=True) for s in found]
             if members:
                 pipe.zrem(self.key("labels"), *members)
-            for (bucket, name), cost in erased_spend(shadows).items():
-                pipe.hincrbyfloat(self._erased_spend_key(bucket), f"{bucket}|{name}", cost)
-                pipe.expireat(self._erased_spend_key(bucket), _erased_spend_expiry(bucket))
+            for (bucket, name), sums in erased_spend(costs).items():
+                key = self._erased_spend_key(bucket)
+                for measure, spent in zip(_ERASED_MEASURES, sums, strict=True):
+                    if spent:
+                        pipe.hincrbyfloat(key, f"{bucket}|{name}{measure}", spent)
+                pipe.expireat(key, _erased_spend_expiry(bucket))
             gone, _, *_ = self._read(pipe.execute)
             records += int(gone)
             labels += len(members)
@@ -805,31 +826,42 @@ class RedisOutcomeStore(OutcomeWriter):
             if claim is not None:
                 claim.close()
 
-    def _shadow_costs(self, ids: list[str]) -> list[tuple[float, str, float]]:
-        """The time, tenant and cost of the shadow labels of ``ids``."""
+    def _costs(self, ids: list[str]) -> list[Cost]:
+        """What the records and shadow labels of ``ids`` cost."""
         pipe = self._client.pipeline(transaction=False)
         for x in ids:
+            pipe.get(self.key("outcome", x))
             pipe.hget(self.key("label", x), "shadow")
-        labels = [json.loads(raw) for raw in pipe.execute() if raw]
-        return [
-            (float(lb["ts"]), str(lb["tenant"]), float(lb.get("cost_usd") or 0.0)) for lb in labels
-        ]
+        costs: list[Cost] = []
+        for raw in pipe.execute():
+            if not raw:
+                continue
+            item = json.loads(raw)
+            when, tenant = float(item["ts"]), str(item["tenant"])
+            spent = float(item.get("cost_usd") or 0.0)
+            if "id" in item:  # a record; else the shadow label
+                counterfactual = float(item.get("counterfactual_cost_usd") or 0.0)
+                costs.append((when, tenant, 0.0, spent, counterfactual))
+            else:
+                costs.append((when, tenant, spent, 0.0, 0.0))
+        return costs
 
-    def erased_judging_usd(self, since_ts: float, tenant: str | None = None) -> float:
-        """What the shadow judgements of erased records made since ``since_ts`` cost."""
+    def erased_spend_buckets(self, since_ts: float, tenant: str | None = None) -> list[ErasedSpend]:
+        """What erased items made since ``since_ts`` cost, per bucket (``tenant``'s only)."""
         today = _day(time.time())
         first = max(_day(since_ts), today - ERASED_SPEND_KEPT_S // 86400 - 1)
         pipe = self._client.pipeline(transaction=False)
         for day in range(first, today + 1):
             pipe.hgetall(self._erased_spend_key(day * 86400))
         name = None if tenant is None else erased_name("tenant", tenant)
-        total = 0.0
+        sums: dict[float, list[float]] = {}
         for kept in self._read(pipe.execute):
-            for key, cost in kept.items():
-                bucket, _, who = key.partition("|")
+            for field, spent in kept.items():
+                bucket, who, *measure = field.split("|")
                 if float(bucket) >= since_ts and name in (None, who):
-                    total += float(cost)
-        return total
+                    at = _ERASED_MEASURES.index("".join("|" + m for m in measure))
+                    sums.setdefault(float(bucket), [0.0, 0.0, 0.0])[at] += float(spent)
+        return [ErasedSpend(ts, *three) for ts, three in sorted(sums.items())]
 
     def _label_sources(self, ids: list[str]) -> list[list[str]]:
         pipe = self._client.pipeline(transaction=False)
@@ -894,6 +926,11 @@ class RedisOutcomeStore(OutcomeWriter):
                 pipe.hdel(key, *old)
         self._read(pipe.execute)
         return len(old_ids)
+
+
+#: The ends of the erased spend fields (``<bucket>|<tenant hash>``) for each measure that
+#: :func:`~router.outcomes.erased_spend` sums: judging, requests, counterfactual.
+_ERASED_MEASURES = ("", "|requests", "|counterfactual")
 
 
 def _erased_spend_expiry(bucket: int) -> int:

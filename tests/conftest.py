@@ -357,3 +357,48 @@ def redis_server(tmp_path: Path) -> Iterator[Any]:
         yield server
     finally:
         server.stop()
+
+
+class ErasingStore:
+    """An outcome store for a live app, SQLite or Redis, and `tiergate outcomes delete` on it,
+    run as an operator runs it beside the app."""
+
+    def __init__(self, backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.backend = backend
+        self.url: str | None = None  # the Redis store's
+        self._tmp_path = tmp_path
+        self._monkeypatch = monkeypatch
+
+    def make(self) -> Any:
+        """A fresh store for ``live(outcomes=...)``: None is the app's own SQLite file, in
+        ``tmp_path`` (the same file for each app made there)."""
+        if self.url is None:
+            return None
+        from router.outcomes_redis import RedisOutcomeStore
+
+        return RedisOutcomeStore(self.url, journal=self._tmp_path / "journal.jsonl")
+
+    def delete(self, *args: str) -> int:
+        """`tiergate outcomes delete ARGS` on the store; its exit status."""
+        from router.cli import main
+
+        with self._monkeypatch.context() as env:
+            if self.url is None:
+                where = ["--db", str(self._tmp_path / "outcomes.db")]
+            else:
+                where = []
+                env.setenv("TIERGATE_REDIS_URL", self.url)
+                journal = self._tmp_path / "cli-journal.jsonl"
+                env.setenv("TIERGATE_OUTCOME_JOURNAL_PATH", str(journal))
+            return int(main(["outcomes", *where, "delete", *args]))
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def erasing(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> ErasingStore:
+    """Each outcome store in turn, with `tiergate outcomes delete` on it (:class:`ErasingStore`)."""
+    store = ErasingStore(request.param, tmp_path, monkeypatch)
+    if request.param == "redis":
+        store.url = request.getfixturevalue("redis_server").url
+    return store

@@ -60,11 +60,18 @@ def write_late(store: OutcomeStore, erase: Callable[..., Erased]) -> None:
     them later: a record of a request in flight, labels from shadow judgements, escalations
     and feedback. Only what is not theirs is written, and of acme's prompts only Erin's, made
     after its erasure, until that request is erased too. What the shadow judgements of erased
-    requests cost, erased or refused, stays counted as acme's judging spend."""
+    requests cost, erased or refused, stays counted as acme's judging spend, and what the
+    requests cost as its request spend."""
     alice, carol, bob = three_people(store)
     store.label(Label(carol.id, "acme", "shadow", 0.0, time.time(), cost_usd=0.25))
     assert store.flush(10)
-    in_flight = outcome(tenant="acme", ts=time.time() - 1, prompt="Dana White asks for a loan")
+    in_flight = outcome(
+        tenant="acme",
+        ts=time.time() - 1,
+        prompt="Dana White asks for a loan",
+        cost_usd=0.125,
+        counterfactual_cost_usd=0.375,
+    )
     assert erase(tenant="acme")[:2] == (2, 3)
     assert abs(store.erased_judging_usd(0.0, "acme") - 0.25) < 1e-9
     store.submit(in_flight)  # began before the erasure, recorded after it
@@ -92,3 +99,8 @@ def write_late(store: OutcomeStore, erase: Callable[..., Erased]) -> None:
     assert abs(store.erased_judging_usd(0.0) - 0.75) < 1e-9
     assert store.erased_judging_usd(0.0, "globex") == 0.0
     assert store.erased_judging_usd(time.time() + 60) == 0.0
+    kept = store.erased_spend_buckets(0.0, "acme")  # the refused record of the request in flight
+    assert abs(sum(k.requests_usd for k in kept) - 0.125) < 1e-9
+    assert abs(sum(k.counterfactual_usd for k in kept) - 0.375) < 1e-9
+    assert store.erased_spend_buckets(0.0, "globex") == []
+    assert abs(store.spend_today("acme") - (0.25 + 0.5 + 0.125)) < 1e-9

@@ -17,11 +17,10 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.auth import hash_key
-from router.cli import main as cli_main
 from router.learning import LearningLoop, closed_better, parse_verdict
 from router.outcomes import SQLiteOutcomeStore
 from router.outcomes_redis import RedisOutcomeStore
-from tests.conftest import LiveServer, live, policy_yaml, wait_for
+from tests.conftest import ErasingStore, LiveServer, live, policy_yaml, wait_for
 from tests.fake_provider import Behaviour, FakeProvider
 
 TENANTS = ("acme", "globex", "t", "default")
@@ -368,29 +367,16 @@ def test_parse_verdict_takes_the_last_one() -> None:
     assert parse_verdict("no verdict") is None
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "redis"])
 def test_the_judging_spend_of_an_erased_request_stays_on_the_dashboard(
-    tmp_path: Path,
-    fake: FakeProvider,
-    backend: str,
-    request: pytest.FixtureRequest,
-    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, fake: FakeProvider, erasing: ErasingStore
 ) -> None:
     """After `tiergate outcomes delete`, the erased request's shadow judgement dropped off the
     dashboard's judging spend while the budget still counted it: money spent is spent. The
     dashboard keeps it, as a sum per 30 s and tenant hash that names no request or tenant."""
     fake.reset(Behaviour(judge="closed"))
-    outcomes: Any = None
-    if backend == "redis":
-        server = request.getfixturevalue("redis_server")
-        outcomes = RedisOutcomeStore(server.url, journal=tmp_path / "journal.jsonl")
-        monkeypatch.setenv("TIERGATE_REDIS_URL", server.url)
-        monkeypatch.setenv("TIERGATE_OUTCOME_JOURNAL_PATH", str(tmp_path / "cli-journal.jsonl"))
-        where = []
-    else:
-        where = ["--db", str(tmp_path / "outcomes.db")]
     ops = {"authorization": f"Bearer {_key('ops')}"}
-    with serve(tmp_path, policy_yaml(fake, shadow="{sample_rate: 1.0}"), outcomes) as srv:
+    policy = policy_yaml(fake, shadow="{sample_rate: 1.0}")
+    with serve(tmp_path, policy, erasing.make()) as srv:
         answers = [chat(srv, "acme", "tell me a joke"), chat(srv, "globex", "another joke")]
         assert [a.headers["x-tiergate-tier"] for a in answers] == ["local", "local"]
         assert wait_for(lambda: len(labels(srv, "shadow")) == 2, 30)
@@ -406,7 +392,7 @@ def test_the_judging_spend_of_an_erased_request_stays_on_the_dashboard(
         erased = answers[0].headers["x-request-id"]
         (erased_cost,) = [x["cost_usd"] for x in labels(srv, "shadow") if x["request_id"] == erased]
         assert erased_cost > 0
-        assert cli_main(["outcomes", *where, "delete", "--request-id", erased]) == 0
+        assert erasing.delete("--request-id", erased) == 0
         assert store.get(erased) is None and store.labels_of(erased) == []
         after, acme_after, globex = judging(), judging("&tenant=acme"), judging("&tenant=globex")
         assert {t: store.spend_today(t) for t in ("acme", "globex")} == spent
@@ -417,7 +403,7 @@ def test_the_judging_spend_of_an_erased_request_stays_on_the_dashboard(
     assert acme_after == {"judgements": 0, "cost_usd": pytest.approx(erased_cost),
                           "erased_usd": pytest.approx(erased_cost)}  # fmt: skip
     assert globex["erased_usd"] == 0.0
-    if backend == "sqlite":  # what stays of it names neither the request nor the tenant
+    if erasing.backend == "sqlite":  # what stays of it names neither the request nor the tenant
         with sqlite3.connect(tmp_path / "outcomes.db") as db:
             kept = db.execute("SELECT * FROM erased_spend").fetchall()
         assert len(kept) == 1 and "acme" not in str(kept) and erased not in str(kept)

@@ -17,7 +17,7 @@ from router import limits
 from router.auth import Principal, hash_key
 from router.errors import RateLimitError
 from router.outcomes import SQLiteOutcomeStore
-from tests.conftest import LiveServer, live, policy_yaml, wait_for
+from tests.conftest import ErasingStore, LiveServer, live, policy_yaml, wait_for
 from tests.fake_provider import FakeProvider
 from tests.redis_server import RedisServer, redis_binary
 from tests.scripted_local import ScriptedLocal
@@ -467,6 +467,34 @@ def test_concurrent_requests_stay_within_the_budget(tmp_path: Path, fake: FakePr
         assert len(refusals) == codes.count(429)
         assert all(r["tier"] is None and r["model"] is None for r in refusals)
         assert all(r["error_type"] == "budget_exceeded" and r["rule"] for r in refusals)
+
+
+def test_an_erased_request_s_spend_still_counts_against_the_budget_after_a_restart(
+    tmp_path: Path, fake: FakeProvider, erasing: ErasingStore
+) -> None:
+    """`tiergate outcomes delete` of a tenant's requests, then a restart: SQLite rebuilt the
+    day's spend from the records left, so what the erased requests cost left the budget and
+    the tenant could spend it again. Redis keeps the day's spend apart from the records."""
+    fake.reset()
+    with live(tmp_path, _budget_policy(fake, 1.0), outcomes=erasing.make()) as srv:
+        sent = [_post(srv, HARD_LONG) for _ in range(2)]
+        assert [r.headers["x-tiergate-tier"] for r in sent] == ["closed", "closed"]
+        assert srv.gateway.outcomes.flush(10)
+        spent = srv.gateway.outcomes.spend_today("default")
+    assert spent > 0
+    assert (
+        erasing.delete(*[arg for r in sent for arg in ("--request-id", r.headers["x-request-id"])])
+        == 0
+    )
+    with live(tmp_path, _budget_policy(fake, spent * 0.9), outcomes=erasing.make()) as srv:
+        assert srv.gateway.outcomes.count() == 0
+        # (a Redis replica reads the shared spend within a second of its start)
+        assert wait_for(lambda: srv.gateway.outcomes.spend_today("default") > spent * 0.99)
+        assert srv.gateway.outcomes.spend_today("default") == pytest.approx(spent)
+        refused = _post(srv, HARD_LONG)
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"]["code"] == "budget_exceeded"
+    assert len([r for r in fake.received if "HARD" in str(r.body)]) == 2
 
 
 def test_each_choice_of_n_counts_against_the_budget(tmp_path: Path, fake: FakeProvider) -> None:

@@ -437,9 +437,44 @@ def test_nothing_written_after_an_erasure_brings_it_back(tmp_path: Path) -> None
         cli = SQLiteOutcomeStore(tmp_path / "o.db")  # as `tiergate outcomes delete` opens it
         write_late(store, cli.erase)
         cli.close()
-        files = b"".join(p.read_bytes() for p in tmp_path.iterdir())
-        assert b"Dana White" not in files and b"Erin Black" not in files
-        assert b"Bob Brown" in files
+        spent = store.spend_today("acme")
+    finally:
+        store.close()
+    files = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    assert b"Dana White" not in files and b"Erin Black" not in files
+    assert b"acme" not in files  # the spend kept of acme's names it by a hash
+    assert b"Bob Brown" in files
+    again = SQLiteOutcomeStore(tmp_path / "o.db")  # a restart rebuilds the day's spend
+    again.start()
+    try:
+        assert abs(again.spend_today("acme") - spent) < 1e-9
+    finally:
+        again.close()
+
+
+def test_an_erased_spend_table_of_judging_alone_is_given_the_request_columns(
+    tmp_path: Path,
+) -> None:
+    """A file whose erased_spend table kept judging alone (the release before) gets the
+    request spend columns at start, and keeps what it held."""
+    with sqlite3.connect(tmp_path / "o.db") as db:
+        db.execute(
+            "CREATE TABLE erased_spend (ts REAL NOT NULL, tenant TEXT NOT NULL, "
+            "usd REAL NOT NULL, PRIMARY KEY (ts, tenant))"
+        )
+        bucket, name = store_module.erased_spend_key(time.time(), "acme")
+        db.execute("INSERT INTO erased_spend VALUES (?, ?, 0.5)", (bucket, name))
+    store = SQLiteOutcomeStore(tmp_path / "o.db")
+    store.start()
+    try:
+        assert abs(store.spend_today("acme") - 0.5) < 1e-9
+        paid = outcome(tenant="acme", ts=bucket, cost_usd=0.25, counterfactual_cost_usd=0.5)
+        store.submit(paid)
+        assert store.flush(10)
+        assert store.erase([paid.id])[:2] == (1, 0)
+        assert store.erased_spend_buckets(0.0, "acme") == [
+            store_module.ErasedSpend(bucket, 0.5, 0.25, 0.5)
+        ]
     finally:
         store.close()
 

@@ -865,6 +865,8 @@ def test_nothing_written_after_an_erasure_brings_it_back(
         assert "Dana White" not in held and "Erin Black" not in held and "Bob Brown" in held
         tombstones = list(client.scan_iter("tiergate:erased:*"))
         assert len(tombstones) == 2  # the tenant's and the request's, hashed
+        spend = {k: client.hgetall(k) for k in client.scan_iter("tiergate:erased-spend:*")}
+        assert spend and "acme" not in str(spend) and "req_" not in str(spend)  # hashed too
         assert all(0 < client.ttl(k) <= 30 * 86400 for k in tombstones)  # ERASURE_KEPT_S
     finally:
         s.close()
