@@ -36,7 +36,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from router.auth import require
 from router.cascade import ESCALATED, CascadeModel
 from router.errors import TiergateError
-from router.outcomes import OutcomeStore, TieredLabel, WindowRow
+from router.outcomes import ErasedSpend, OutcomeStore, TieredLabel, WindowRow
 from router.services import services
 
 _dashboard_permission = require("dashboard")
@@ -103,8 +103,13 @@ def summarize(
     until_ts: float | None = None,
     problems: int = 20,
     tenant: str | None = None,
+    erased: Iterable[ErasedSpend] = (),
 ) -> dict[str, Any]:
     """The dashboard's aggregates over ``records`` (a store's ``window``), whichever the store.
+
+    ``erased`` (the store's ``erased_spend_buckets``, ``tenant``'s when given) is what erased
+    requests cost: paid for all the same, so the spend and the all-closed cost count it, in its
+    bucket, and ``totals.erased_usd`` says how much of the spend it is. It has no tier or front.
 
     With ``tenant``, only that tenant's records are aggregated; ``tenants`` counts the requests
     of every tenant in the window either way (what a view may narrow to).
@@ -158,6 +163,7 @@ def summarize(
             version = versions[(r.policy_version, r.model_version)] = [0, r.ts]
         version[0] += 1
         version[1] = max(version[1], r.ts)
+    erased_usd = _add_erased(erased, since_ts, bucket_s, costs, counterfactuals)
     by_tier: dict[str, int] = defaultdict(int)
     for bucket in tiers:
         for tier, n in bucket.items():
@@ -187,6 +193,7 @@ def summarize(
             "fallbacks": fallbacks,
             "by_tier": dict(by_tier),
             "cost_usd": total_cost,
+            "erased_usd": erased_usd,
             "counterfactual_usd": total_cf,
             "saved_usd": total_cf - total_cost,
             "local_share": _served_share(by_tier, "local"),
@@ -213,6 +220,24 @@ def summarize(
             "hold_back_ms_p50": held[len(held) // 2] if held else None,
         },
     }
+
+
+def _add_erased(
+    erased: Iterable[ErasedSpend],
+    since_ts: float,
+    bucket_s: float,
+    costs: list[float],
+    counterfactuals: list[float],
+) -> float:
+    """Add what erased requests cost to the buckets they were made in; their cost in all."""
+    spent = 0.0
+    for kept in erased:
+        if kept.ts >= since_ts:
+            i = min(int((kept.ts - since_ts) // bucket_s), len(costs) - 1)
+            costs[i] += kept.requests_usd
+            counterfactuals[i] += kept.counterfactual_usd
+            spent += kept.requests_usd
+    return spent
 
 
 def label_quality(labels: Iterable[TieredLabel]) -> dict[str, Any]:
@@ -260,14 +285,18 @@ def store_summary(
     bucket_s: float,
     until_ts: float | None = None,
     tenant: str | None = None,
+    *,
+    erased: Iterable[ErasedSpend] | None = None,
 ) -> dict[str, Any]:
-    """:func:`summarize` over ``store``'s window (blocking: call it off the event loop)."""
+    """:func:`summarize` over ``store``'s window and erased spend (read here unless given;
+    blocking: call it off the event loop)."""
     return summarize(
         store.window(since_ts),
         since_ts=since_ts,
         bucket_s=bucket_s,
         until_ts=until_ts,
         tenant=tenant,
+        erased=store.erased_spend_buckets(since_ts, tenant) if erased is None else erased,
     )
 
 
@@ -354,11 +383,13 @@ async def dashboard_data(
     bucket_s = BUCKETS_S[window_s]
     until = math.ceil(now / bucket_s) * bucket_s  # the end of the bucket that holds now
     since = until - window_s
-    summary = await asyncio.to_thread(store_summary, store, since, bucket_s, until, tenant)
+    erased = await asyncio.to_thread(store.erased_spend_buckets, since, tenant)
+    summary = await asyncio.to_thread(
+        store_summary, store, since, bucket_s, until, tenant, erased=erased
+    )
     labels = await asyncio.to_thread(store.tiered_labels, since, tenant)
-    erased_usd = await asyncio.to_thread(store.erased_judging_usd, since, tenant)
     cascade = cascade_summary(summary, gateway.cascade)
-    judging = judging_spend(labels, erased_usd)
+    judging = judging_spend(labels, sum(kept.judging_usd for kept in erased))
     return {
         "generated_at": now,
         "window_s": window_s,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from router.dashboard import (
     summarize,
 )
 from router.outcomes import OutcomeRecord, SQLiteOutcomeStore, TieredLabel, WindowRow
-from tests.conftest import REPO, live, policy_yaml, wait_for
+from tests.conftest import REPO, ErasingStore, live, policy_yaml, wait_for
 from tests.fake_provider import FakeProvider
 from tests.records import outcome
 from tests.test_gateway import ScriptedLocal
@@ -450,3 +451,61 @@ def test_the_dashboard_narrows_to_one_tenant(tmp_path: Path, fake: FakeProvider)
     assert 'href="?window_s=3600&amp;tenant=acme"' in page
     assert 'href="dashboard/data?window_s=3600&amp;tenant=acme"' in page
     assert 'data-tenant="globex">globex (2)</a>' in page
+
+
+def test_an_erased_request_s_spend_stays_in_the_spend_totals(
+    tmp_path: Path, fake: FakeProvider, erasing: ErasingStore
+) -> None:
+    """After `tiergate outcomes delete`, what an erased request cost the closed model left the
+    request totals and `spend`, while the budget and the provider's bill still held it. It
+    stays, as a sum per 30 s and tenant hash that names no request or tenant."""
+    fake.reset()
+    ops = {"authorization": "Bearer tg-ops"}
+    with live(
+        tmp_path,
+        policy_yaml(fake),
+        outcomes=erasing.make(),
+        api_keys_file=_keys(tmp_path / "k.yaml"),
+    ) as srv:
+
+        def chat(tenant: str, content: str) -> httpx.Response:
+            body = {"model": "auto", "messages": [{"role": "user", "content": content}]}
+            auth = {"authorization": f"Bearer tg-{tenant}"}
+            return srv.http.post("/v1/chat/completions", json=body, headers=auth)
+
+        def view(query: str = "") -> dict[str, Any]:
+            url = f"/dashboard/data?window_s=900{query}"
+            data: dict[str, Any] = srv.http.get(url, headers=ops).json()
+            return data
+
+        sent = [chat("acme", "HARD"), chat("acme", "HARD"), chat("acme", "easy")]
+        sent.append(chat("globex", "HARD"))
+        assert [r.headers["x-tiergate-tier"] for r in sent] == ["closed"] * 2 + ["local", "closed"]
+        store = srv.gateway.outcomes
+        assert wait_for(lambda: store.flush(0.1) and store.count() == 4)
+        before, acme_before = view(), view("&tenant=acme")
+        erased = [r.headers["x-request-id"] for r in sent[:2]]
+        cost = sum(store.get(x)["cost_usd"] for x in erased)
+        assert cost > 0
+        assert erasing.delete(*[arg for x in erased for arg in ("--request-id", x)]) == 0
+        assert store.count() == 2
+        after, acme, globex = view(), view("&tenant=acme"), view("&tenant=globex")
+        spent_today = store.spend_today("acme")
+    totals, old = after["summary"]["totals"], before["summary"]["totals"]
+    assert totals["requests"] == old["requests"] - 2  # the records went
+    for name in ("cost_usd", "counterfactual_usd", "saved_usd"):  # what they cost did not
+        assert totals[name] == pytest.approx(old[name])
+    assert totals["erased_usd"] == pytest.approx(cost)
+    assert after["spend"] == pytest.approx(before["spend"])
+    assert sum(b["cost_usd"] for b in after["summary"]["buckets"]) == pytest.approx(
+        totals["cost_usd"]
+    )
+    assert acme["spend"] == pytest.approx(acme_before["spend"])
+    assert acme["spend"]["total_usd"] == pytest.approx(spent_today)  # the budget's spend
+    assert acme["summary"]["totals"]["erased_usd"] == pytest.approx(cost)
+    assert globex["summary"]["totals"]["erased_usd"] == 0.0
+    if erasing.backend == "sqlite":  # what stays of them names neither the requests nor the tenant
+        with sqlite3.connect(tmp_path / "outcomes.db") as db:
+            kept = db.execute("SELECT * FROM erased_spend").fetchall()
+        assert kept and "acme" not in str(kept) and not any(x in str(kept) for x in erased)
+        assert sum(row[3] for row in kept) == pytest.approx(cost)
