@@ -552,13 +552,24 @@ class Telemetry:
         token = context.attach(trace.set_span_in_context(span, parent))
         span_token = _REQUEST_SPAN.set(span)
         providers_token = _REQUEST_PROVIDERS.set({})
+        sent: list[int] = []
+
+        async def sending(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                sent.append(int(message["status"]))
+            await send(message)
+
         try:
-            await app(scope, receive, send)
+            await app(scope, receive, sending)
         except BaseException as exc:
             span.record_exception(exc)
             span.set_status(trace.StatusCode.ERROR, type(exc).__qualname__)
             raise
         finally:
+            if sent:
+                # The status on the wire: a stream that failed or was left after it started
+                # went out as 200, whatever its record's status (502, 499) says went wrong.
+                span.set_attribute("http.response.status_code", sent[0])
             span.end()
             _REQUEST_PROVIDERS.reset(providers_token)
             _REQUEST_SPAN.reset(span_token)

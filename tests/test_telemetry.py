@@ -324,6 +324,24 @@ def test_error_request_sets_error_type(tmp_path: Path, fake: FakeProvider) -> No
     assert point.attributes["status"] == "error" and point.attributes["tier"] == "none"
 
 
+def test_the_request_span_names_the_status_sent(tmp_path: Path, fake: FakeProvider) -> None:
+    """A stream the provider cut after it started went out as HTTP 200 with an error event,
+    yet its SERVER span said ``http.response.status_code: 502`` (its record's status): a
+    trace search by status disagreed with the proxy's and the client's access logs."""
+    fake.reset(Behaviour(mode="reset_mid_stream"))
+    with traced(tmp_path, policy_yaml(fake), local=ScriptedLocal()) as (srv, cap):
+        r = _chat(srv, "HARD", model="gpt-4o", stream=True)
+        assert r.status_code == 200 and "upstream_unreachable" in r.text
+        fake.reset(Behaviour(mode="status", status=500))
+        assert _chat(srv, "HARD", model="gpt-4o").status_code == 502
+    cut, failed = (dict(s.attributes or {}) for s in cap.finished() if s.kind == SpanKind.SERVER)
+    assert (cut["http.response.status_code"], cut["tiergate.status"]) == (200, "error")
+    assert cut["error.type"] == "upstream_unreachable"
+    assert failed["http.response.status_code"] == 502
+    statuses = [s.status.status_code for s in cap.finished() if s.kind == SpanKind.SERVER]
+    assert statuses == [StatusCode.ERROR, StatusCode.ERROR]  # the server failed both
+
+
 @pytest.mark.parametrize("model", ["gpt-4o", "local", "auto-best"])
 def test_the_decide_span_names_the_model_the_record_names(
     tmp_path: Path, fake: FakeProvider, model: str
