@@ -857,10 +857,13 @@ def _annotate_request_span(span: Any, record: OutcomeRecord) -> None:
         "tiergate.counterfactual_cost_usd": record.counterfactual_cost_usd,
     }
     provider = (_REQUEST_PROVIDERS.get() or {}).get(record.model or "")
+    # A response model only where one answered: not the model a request every model failed
+    # was routed to, nor one its client left before a token came.
+    answered = record.status == "ok" or record.completion_tokens > 0
     optional = {
         "gen_ai.provider.name": provider,
         "gen_ai.system": provider,
-        "gen_ai.response.model": record.model,
+        "gen_ai.response.model": record.model if answered else None,
         "tiergate.tier": record.tier,
         "tiergate.model": record.model,
         "tiergate.rule": record.rule,

@@ -324,6 +324,25 @@ def test_error_request_sets_error_type(tmp_path: Path, fake: FakeProvider) -> No
     assert point.attributes["status"] == "error" and point.attributes["tier"] == "none"
 
 
+def test_a_request_no_model_answered_names_no_response_model(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """A request every model failed had ``gen_ai.response.model: gpt-4o`` on its SERVER span,
+    the model it was routed to: grouped by response model, gpt-4o seemed to answer it. A
+    stream cut after its first words was answered (in part) and keeps it."""
+    fake.reset(Behaviour(mode="reset_mid_stream"))
+    policy = policy_yaml(fake, on_failure="closed")
+    with traced(tmp_path, policy, local=ScriptedLocal(), cooldown_s=0) as (srv, cap):
+        assert _chat(srv, "HARD", model="gpt-4o", stream=True).status_code == 200
+        fake.reset(Behaviour(mode="status", status=500))
+        assert _chat(srv, "HARD").status_code == 502
+    cut, failed = (dict(s.attributes or {}) for s in cap.finished() if s.kind == SpanKind.SERVER)
+    assert "gen_ai.response.model" not in failed
+    assert (failed["tiergate.model"], failed["gen_ai.provider.name"]) == ("gpt-4o", "openai")
+    assert failed["error.type"] == "upstream_error"
+    assert cut["gen_ai.response.model"] == "gpt-4o" and cut["gen_ai.usage.output_tokens"] > 0
+
+
 def test_the_request_span_names_the_status_sent(tmp_path: Path, fake: FakeProvider) -> None:
     """A stream the provider cut after it started went out as HTTP 200 with an error event,
     yet its SERVER span said ``http.response.status_code: 502`` (its record's status): a
