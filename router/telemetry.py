@@ -20,6 +20,7 @@ Prompt text, completions and secrets never go into spans, metrics or the request
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import logging
@@ -116,10 +117,15 @@ def provider_name(model: ModelLike) -> str:
     return _PROVIDERS.get(prefix, prefix)
 
 
+# A call stopped from our side (its client left, the server stops, a cascade closes the local
+# stream it escalates from): not the model's failure, so not an ERROR span.
+_CANCELLED = (GeneratorExit, asyncio.CancelledError)
+
+
 def _error_type(exc: BaseException) -> str:
     if isinstance(exc, TiergateError):
         return exc.code
-    if isinstance(exc, GeneratorExit):
+    if isinstance(exc, _CANCELLED):
         return "cancelled"
     return type(exc).__qualname__
 
@@ -1091,6 +1097,6 @@ def _end_failed(span: Any, exc: BaseException) -> None:
 
     kind = _error_type(exc)
     span.set_attribute("error.type", kind)
-    if not isinstance(exc, GeneratorExit):
+    if not isinstance(exc, _CANCELLED):
         span.set_status(StatusCode.ERROR, kind)
     span.end()

@@ -343,6 +343,24 @@ def test_a_request_no_model_answered_names_no_response_model(
     assert cut["gen_ai.response.model"] == "gpt-4o" and cut["gen_ai.usage.output_tokens"] > 0
 
 
+def test_a_call_its_client_left_is_not_a_failed_call(tmp_path: Path, fake: FakeProvider) -> None:
+    """A client that left mid-stream marked the provider's CLIENT span ERROR with
+    ``error.type: CancelledError``: a trace backend's error rate per provider counted clients
+    that hung up as the provider failing. It is cancelled, as a cascade's closed stream is."""
+    fake.reset(Behaviour(text=" ".join(f"w{i}" for i in range(40)), chunk_delay_s=0.1))
+    with traced(tmp_path, policy_yaml(fake), local=ScriptedLocal()) as (srv, cap):
+        body = {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            next(line for line in response.iter_lines() if line.startswith("data: "))
+        assert wait_for(lambda: len(cap.by_name("chat openai/gpt-4o")) == 1)
+        assert wait_for(lambda: any(s.kind == SpanKind.SERVER for s in cap.finished()))
+    (call,) = cap.by_name("chat openai/gpt-4o")
+    assert call.attributes["error.type"] == "cancelled"
+    assert call.status.status_code == StatusCode.UNSET
+    assert cap.server_span().attributes["tiergate.status"] == "aborted"
+
+
 def test_the_request_span_names_the_status_sent(tmp_path: Path, fake: FakeProvider) -> None:
     """A stream the provider cut after it started went out as HTTP 200 with an error event,
     yet its SERVER span said ``http.response.status_code: 502`` (its record's status): a
