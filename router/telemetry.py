@@ -349,12 +349,14 @@ class Telemetry:
             "tokens": counter(
                 "tiergate.tokens", unit="{token}", description="Tokens, input and output."
             ),
+            # Money has no UCUM unit: the annotation {USD} names the currency to an OTLP
+            # backend (``1`` said dimensionless) and leaves the Prometheus names as they are.
             "cost": counter(
-                "tiergate.cost.usd", unit="1", description="Spend in USD (closed + local)."
+                "tiergate.cost.usd", unit="{USD}", description="Spend in USD (closed + local)."
             ),
             "counterfactual": counter(
                 "tiergate.counterfactual_cost.usd",
-                unit="1",
+                unit="{USD}",
                 description="What the same requests would have cost on the default closed model.",
             ),
             "fallbacks": counter(
@@ -372,7 +374,7 @@ class Telemetry:
             ),
             "shadow_cost": counter(
                 "tiergate.shadow.cost.usd",
-                unit="1",
+                unit="{USD}",
                 description="Shadow judging spend in USD (the closed answer and the judge calls).",
             ),
         }

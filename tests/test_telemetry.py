@@ -230,6 +230,30 @@ def test_local_request_and_metrics(tmp_path: Path, fake: FakeProvider) -> None:
     assert waits.count == 3
 
 
+def test_money_is_counted_in_usd_over_otlp(tmp_path: Path, fake: FakeProvider) -> None:
+    """The cost counters went out over OTLP with unit ``1`` (dimensionless): a backend showed
+    spend as a plain ratio. They say ``{USD}``; /metrics keeps its names (the annotation adds
+    no suffix), as tests/test_metrics_endpoint.py reads them."""
+    fake.reset()
+    with traced(tmp_path, policy_yaml(fake), local=ScriptedLocal()) as (srv, cap):
+        assert _chat(srv, "HARD").status_code == 200
+        families = {
+            line.split()[2]
+            for line in srv.http.get("/metrics").text.splitlines()
+            if line.startswith("# TYPE")
+        }
+    data = cap.reader.get_metrics_data()
+    units = {
+        m.name: m.unit
+        for rm in (data.resource_metrics if data else [])
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+    }
+    assert units["tiergate.cost.usd"] == units["tiergate.counterfactual_cost.usd"] == "{USD}"
+    assert units["tiergate.request.duration"] == "s"
+    assert {"tiergate_cost_usd_total", "tiergate_counterfactual_cost_usd_total"} <= families
+
+
 def test_fallback_shows_failed_attempt_then_answer(tmp_path: Path, fake: FakeProvider) -> None:
     fake.reset()
     local = ScriptedLocal(fail=True)
