@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -174,3 +175,53 @@ def test_metrics_name_the_classifier_serving_and_follow_a_promotion(
         assert wait_for(lambda: info(srv) == [{"version": "v0002", "model": "router-v6"}])
         models.rollback()
         assert wait_for(lambda: info(srv) == [{"version": "v0001", "model": "router-v6"}])
+
+
+def test_the_fallback_labels_and_the_alert_on_them_are_documented(
+    tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tiergate_fallbacks_total also counts a cascade's escalations (``cascade->closed``) and
+    requests served locally for want of a closed key (``no-closed->local``): the docs named
+    neither, and their TiergateFallbackShareHigh alert fired on a cascade working as meant."""
+    from tests.scripted_local import ScriptedLocal as ScriptedStream
+    from tests.test_cascade_gateway import CASCADE_POLICY, DOUBTFUL, _confidence_model
+
+    fake.reset()
+    local = ScriptedStream()
+    local.logprob = DOUBTFUL
+    policy = policy_yaml(fake, on_failure="closed", extra=CASCADE_POLICY).replace(
+        "  auto-best: {threshold: 0.05}\n",
+        "  auto-best: {threshold: 0.05}\n  auto-cascade: {cascade: true}\n",
+    )
+    with live(
+        tmp_path, policy, local_backend_obj=local, cascade_model_path=_confidence_model(tmp_path)
+    ) as srv:
+
+        def chat(content: str, model: str = "auto") -> int:
+            body = {"model": model, "messages": [{"role": "user", "content": content}]}
+            return srv.http.post("/v1/chat/completions", json=body).status_code
+
+        assert chat("easy", model="auto-cascade") == 200  # doubtful: escalated
+        local.mode = "fail"
+        assert chat("easy") == 200  # the local model failed: gpt-4o answered
+        local.mode = "ok"
+        for key in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY"):
+            monkeypatch.delenv(key)
+        assert chat("HARD") == 200  # routed closed, no key: served locally
+        families = _families(srv.http.get("/metrics").text)
+
+    seen = {labels["fallback"] for _, labels, _ in families["tiergate_fallbacks"]}
+    assert seen == {"cascade->closed", "local->closed", "no-closed->local"}
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "observability.md").read_text()
+    (row,) = [line for line in doc.splitlines() if line.startswith("| `tiergate.fallbacks` |")]
+    assert sorted(label for label in seen if f"`{label}`" not in row) == []
+    alert = doc[doc.index("alert: TiergateFallbackShareHigh") :]
+    excluded = re.search(r'fallback!~"([^"]+)"', alert)
+    assert excluded is not None
+    not_failures = {"cascade->closed", "no-closed->local", "local-full->closed"}
+    assert {label for label in seen | not_failures if re.fullmatch(excluded[1], label)} == (
+        not_failures
+    )
+    # The client-errors alert counts an overloaded provider's 503 (no model left) too.
+    errors = re.search(r'error_type=~"([^"]+)"', doc[doc.index("alert: TiergateClientErrors") :])
+    assert errors is not None and re.fullmatch(errors[1], "upstream_overloaded")
