@@ -459,7 +459,17 @@ async def metrics(request: Request) -> Response:
 
 
 def _usd(value: float) -> str:
-    return f"${value:,.4f}" if abs(value) < 10 else f"${value:,.2f}"
+    # Cents from $10, else four decimals, and two significant digits for an amount under a
+    # tenth of a cent: a few cheap (local) requests must not read as $0.0000, nor saving
+    # nothing as "$-0.0000".
+    amount = abs(value)
+    if amount >= 10:
+        decimals = 2
+    elif 0 < amount < 0.001:
+        decimals = min(10, 1 - math.floor(math.log10(amount)))
+    else:
+        decimals = 4
+    return f"{'-' if value < 0 else ''}${amount:,.{decimals}f}"
 
 
 def _hhmm(ts: float) -> str:

@@ -4,6 +4,7 @@ headless Chromium."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sqlite3
 import time
@@ -394,6 +395,31 @@ def _keys(path: Path) -> Path:
     ]
     path.write_text(yaml.safe_dump({"keys": entries}))
     return path
+
+
+def test_small_spend_reads_as_it_is_not_as_zero(tmp_path: Path, fake: FakeProvider) -> None:
+    """A local request at $10 per 1M tokens cost $0.00005 (and $0.0000275 all-closed): the
+    tiles said "$0.0001" spent, "$0.0000" all-closed and "$-0.0000" saved, while /metrics and
+    /dashboard/data had the figures. Each tile now reads back as its figure."""
+    fake.reset()
+    with live(
+        tmp_path, policy_yaml(fake), local_backend_obj=ScriptedLocal(), local_price_per_mtok=10.0
+    ) as srv:
+        body = {"model": "auto", "messages": [{"role": "user", "content": "easy"}]}
+        assert srv.http.post("/v1/chat/completions", json=body).status_code == 200
+        assert wait_for(lambda: srv.gateway.outcomes.flush(0.1))
+        totals = srv.http.get("/dashboard/data").json()["summary"]["totals"]
+        page = srv.http.get("/dashboard").text
+
+    def tile(key: str) -> float:
+        shown = re.search(rf'data-kpi="{key}"><div class="v">([^<]+)</div>', page)
+        assert shown is not None, key
+        return float(shown[1].replace("$", "").replace(",", ""))
+
+    assert totals["cost_usd"] == pytest.approx(5e-5)
+    for key, figure in (("cost", "cost_usd"), ("counterfactual", "counterfactual_usd")):
+        assert tile(key) == pytest.approx(totals[figure], rel=0.05)
+    assert totals["saved_usd"] < 0 and tile("saved") == pytest.approx(totals["saved_usd"], rel=0.05)
 
 
 def test_the_dashboard_narrows_to_one_tenant(tmp_path: Path, fake: FakeProvider) -> None:
