@@ -461,3 +461,46 @@ def test_a_stream_litellm_sees_cut_is_unreachable_under_its_own_name(
     assert got  # it failed after the stream began
     assert raised.value.code == "upstream_unreachable"
     assert raised.value.message == "claude unreachable: the stream ended before it finished"
+
+
+class _Chunk(dict[str, Any]):
+    """A chunk as litellm yields it (it has ``model_dump``)."""
+
+    def model_dump(self, **_: Any) -> dict[str, Any]:
+        return dict(self)
+
+
+class _QuietLitellm:
+    """litellm as some versions behave: a stream whose connection is reset mid-answer just
+    stops, with neither an error nor a finish_reason."""
+
+    async def acompletion(self, **_: Any) -> Any:
+        async def chunks() -> Any:
+            for delta in ({"role": "assistant", "content": ""}, {"content": "Hello "}):
+                yield _Chunk(id="c", choices=[{"index": 0, "delta": delta}])
+
+        return chunks()
+
+
+def test_a_litellm_stream_that_stops_without_its_end_was_cut_off() -> None:
+    """A stream litellm ends without a finish_reason (and without an error) was cut off, as
+    on the direct path: ``upstream_unreachable``, after the chunks that came. It ended
+    quietly, and the client read a truncated answer as a whole one."""
+    model = Model("m", "mistral/mistral-large-latest", "http://127.0.0.1:9", api_key_env="M_KEY")
+    got: list[dict[str, Any]] = []
+
+    async def call() -> None:
+        http = OpenAIHTTP(timeout_s=10)
+        backend = ClosedBackend(http, timeout_s=10, environ={"M_KEY": "k"})
+        backend._litellm = _QuietLitellm()
+        try:
+            async for chunk in backend.stream(model, {**BODY, "stream": True}, Usage()):
+                got.append(chunk)
+        finally:
+            await http.aclose()
+
+    with pytest.raises(BackendError) as raised:
+        run(call())
+    assert len(got) == 2
+    assert raised.value.code == "upstream_unreachable"
+    assert raised.value.message == "m unreachable: the stream ended before it finished"

@@ -310,6 +310,63 @@ def test_closed_connection_reset_mid_stream(server: LiveServer, fake: FakeProvid
     assert (record["status"], record["http_status"], record["fallback"]) == ("error", 502, None)
 
 
+#: gpt-4o's policy lines for a closed model whose stream litellm reads: a provider with an
+#: OpenAI-like protocol (``mistral/``), and an ``openai/`` model told ``transport: litellm``.
+LITELLM_PATH = {
+    "mistral": "litellm_model: mistral/mistral-large-latest\n    api_key_env: OPENAI_API_KEY",
+    "openai-via-litellm": "litellm_model: openai/gpt-4o\n    transport: litellm",
+}
+
+
+def _through_litellm(fake: FakeProvider, via: str) -> str:
+    """The test policy (on_failure: closed) with gpt-4o called through litellm as ``via``."""
+    policy = policy_yaml(fake, on_failure="closed")
+    return policy.replace("litellm_model: openai/gpt-4o", LITELLM_PATH[via])
+
+
+def _stream_hard(tmp_path: Path, policy: str) -> tuple[httpx.Response, list[Any], dict[str, Any]]:
+    """(the response, its events, its record) of a chat stream for HARD under ``policy``;
+    the response is a 200."""
+    with live(tmp_path, policy) as srv:
+        with srv.http.stream(
+            "POST", "/v1/chat/completions", json={**HARD, "stream": True}
+        ) as response:
+            events = _sse(response)
+        record = _record(srv, response)
+    assert response.status_code == 200
+    return response, events, record
+
+
+@pytest.mark.parametrize("via", sorted(LITELLM_PATH))
+def test_a_litellm_stream_cut_after_its_opening_falls_back(
+    tmp_path: Path, fake: FakeProvider, via: str
+) -> None:
+    """A provider litellm streams from (its role chunk, then the connection reset) has
+    answered nothing: the next model answers the whole request, as on the direct path."""
+    fake.reset(Behaviour(mode="reset_after_open", failing_path="/chat/completions"))
+    response, events, record = _stream_hard(tmp_path, _through_litellm(fake, via))
+    _fell_back(response, events, record, ("claude", "closed->closed"), fake.behaviour.text)
+
+
+@pytest.mark.parametrize("mode", ["reset_mid_stream", "interrupted"])
+@pytest.mark.parametrize("via", sorted(LITELLM_PATH))
+def test_a_litellm_stream_cut_mid_answer_ends_in_an_error(
+    tmp_path: Path, fake: FakeProvider, via: str, mode: str
+) -> None:
+    """A stream litellm reads that stops mid-answer without its finish_reason (the connection
+    reset, or ``data: [DONE]`` with none, as llama_cpp.server ends a stream it interrupts)
+    was cut off: the client gets the words sent and an error event, never ``[DONE]``, and the
+    record says error, as on the direct path. litellm made up a ``stop`` for the [DONE]: the
+    client read two words as the whole answer, and the record said ok."""
+    fake.reset(Behaviour(mode=mode))
+    response, events, record = _stream_hard(tmp_path, _through_litellm(fake, via))
+    assert response.headers["x-tiergate-model"] == "gpt-4o"
+    assert "[DONE]" not in events, events[-3:]
+    assert not any(c["choices"][0].get("finish_reason") for c in events[:-1] if c["choices"])
+    assert events[-1]["error"]["code"] == "upstream_unreachable"
+    assert (record["status"], record["http_status"]) == ("error", 502)
+
+
 #: Per front: the streamed request, the path a cut provider serves natively, and how to read
 #: the answer's opening events and text out of the stream's events.
 CUT_FRONTS: dict[str, tuple[str, dict[str, Any], str]] = {
@@ -411,13 +468,7 @@ def test_a_stream_cut_after_an_opening_that_carries_usage_falls_back(
     fake.reset(
         Behaviour(mode="reset_after_open", failing_path="/chat/completions", usage_in_opening=True)
     )
-    with live(tmp_path, policy_yaml(fake, on_failure="closed")) as srv:
-        with srv.http.stream(
-            "POST", "/v1/chat/completions", json={**HARD, "stream": True}
-        ) as response:
-            events = _sse(response)
-        record = _record(srv, response)
-    assert response.status_code == 200
+    response, events, record = _stream_hard(tmp_path, policy_yaml(fake, on_failure="closed"))
     _fell_back(response, events, record, ("claude", "closed->closed"), fake.behaviour.text)
 
 

@@ -25,7 +25,14 @@ from typing import Any
 import httpx
 
 from router.backends import MESSAGE_FIELD, Completion, ModelLike, Usage, usage_from_body
-from router.backends.openai_http import OVERLOADED, OpenAIHTTP, request_too_large, retry_after_s
+from router.backends.openai_http import (
+    OVERLOADED,
+    STREAM_ENDED,
+    OpenAIHTTP,
+    request_too_large,
+    retry_after_s,
+    stream_cut,
+)
 from router.errors import (
     BackendError,
     BadRequestError,
@@ -220,10 +227,15 @@ class ClosedBackend:
         options = dict(body.get("stream_options") or {})
         options["include_usage"] = True
         kwargs["stream_options"] = options
+        finished = False
         try:
             response = await litellm.acompletion(**kwargs, stream=True)
             async for chunk in response:
                 data = _tidy(chunk.model_dump(exclude_none=True))
+                ends = any(c.get("finish_reason") for c in data.get("choices") or ())
+                if ends and _made_up_finish(response):
+                    raise stream_cut(model.name)
+                finished = finished or ends
                 if data.get("usage"):
                     usage.take(usage_from_body(data, model.name))
                 yield data
@@ -231,6 +243,8 @@ class ClosedBackend:
             raise
         except Exception as exc:  # litellm raises many types; mapped in one place
             raise map_litellm_error(exc, model.name, self.api_key(model)) from exc
+        if not finished:  # as on the direct path: a stream without its end was cut off
+            raise stream_cut(model.name)
 
     async def aclose(self) -> None:
         """Close litellm's cached clients if it was used; the httpx pool has its own owner."""
@@ -291,6 +305,19 @@ def anthropic_response_format(response_format: Any, label: str) -> Any:
         "json_object and json_schema",
         code="unsupported_parameter",
         param="response_format.type",
+    )
+
+
+def _made_up_finish(stream: Any) -> bool:
+    """Whether litellm made up the ``finish_reason`` of an OpenAI-shaped stream (``mistral/``,
+    ``groq/``, any OpenAI-compatible server it calls): it reads the ``data: [DONE]`` that ends
+    one as ``stop``, whether or not the provider sent a finish_reason, so a stream cut with
+    [DONE] (llama_cpp.server ends one it interrupts so) read as a whole answer. litellm keeps
+    whether the provider sent one (private state: a version that does not keep it is
+    trusted, and the tests of cut streams through litellm fail)."""
+    return (
+        getattr(stream, "uses_openai_chat_stream", False) is True
+        and getattr(stream, "received_any_finish_reason", True) is False
     )
 
 
@@ -383,7 +410,7 @@ def map_litellm_error(exc: Exception, label: str, key: str | None = None) -> Tie
         return failed
     if "Connection" in name or _cannot_connect(exc):
         return BackendError(
-            f"{label} unreachable: {_UNFINISHED.sub(_STREAM_ENDED, detail)}",
+            f"{label} unreachable: {_UNFINISHED.sub(STREAM_ENDED, detail)}",
             code="upstream_unreachable",
             upstream_status=status,
         )
@@ -409,9 +436,8 @@ def _failed_in_process(exc: Exception, label: str, detail: str) -> TiergateError
     return None
 
 
-# How litellm says a stream stopped before its end, and how the direct paths say it.
+# How litellm says a stream stopped before its end (the direct paths say STREAM_ENDED).
 _UNFINISHED = re.compile(r"^Stream ended before a finish_reason was received\.?$")
-_STREAM_ENDED = "the stream ended before it finished"
 
 
 def _answered(exc: Exception, status: Any) -> int | None:

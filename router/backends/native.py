@@ -22,7 +22,7 @@ from typing import Any, Literal, Protocol
 
 from router.backends import Completion, ModelLike, Usage, token_count
 from router.backends.closed import key_for, provider_of
-from router.backends.openai_http import OpenAIHTTP, request_too_large
+from router.backends.openai_http import OpenAIHTTP, request_too_large, stream_cut
 from router.errors import (
     BackendError,
     UpstreamBadResponseError,
@@ -196,10 +196,7 @@ class NativeBackend:
                     return
         finally:
             await events.aclose()
-        raise BackendError(
-            f"{model.name} unreachable: the stream ended before it finished",
-            code="upstream_unreachable",
-        )
+        raise stream_cut(model.name)
 
 
 async def native_or(

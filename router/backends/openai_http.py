@@ -154,6 +154,21 @@ def map_transport_error(exc: Exception, label: str) -> TiergateError:
     return BackendError(f"{label} unreachable: {type(exc).__name__}", code="upstream_unreachable")
 
 
+#: How every path says a stream stopped before its end.
+STREAM_ENDED = "the stream ended before it finished"
+
+
+def stream_cut(label: str) -> BackendError:
+    """The failure of a stream that stopped before its end (OpenAI's ``finish_reason``,
+    Anthropic's ``message_stop``, the Responses ``response.completed``), whatever the path:
+    a cut answer is a failed call, never a whole one. Before the first token it falls back;
+    after it, the client gets an error event and the record says error. The upstream had
+    answered 200: ``upstream_status`` says it did."""
+    return BackendError(
+        f"{label} unreachable: {STREAM_ENDED}", code="upstream_unreachable", upstream_status=200
+    )
+
+
 def _dumps(body: dict[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -337,12 +352,8 @@ class OpenAIHTTP:
         # A stream that stops without a finish_reason was cut off, not finished: aiohttp ends a
         # read-until-close body quietly even on a reset, and llama_cpp.server ends the stream it
         # interrupts for a newer request (its --interrupt_requests, on by default) with [DONE].
-        if not finished:  # the upstream answered 200: upstream_status says it did
-            raise BackendError(
-                f"{label} unreachable: the stream ended before it finished",
-                code="upstream_unreachable",
-                upstream_status=200,
-            )
+        if not finished:
+            raise stream_cut(label)
 
     async def aclose(self) -> None:
         """Close pooled connections."""
