@@ -49,7 +49,10 @@ class Behaviour:
     ``message_start``, the Responses ``response.created``), overloaded_after_open (Anthropic:
     ``message_start``, then an ``overloaded_error`` event, as Anthropic ends a stream it
     cannot go on with; Responses: ``response.created``, then OpenAI's ``server_is_overloaded``
-    ``error`` event; either with ``error_body`` as the event instead).
+    ``error`` event; either with ``error_body`` as the event instead), unfinished_response
+    (Responses, not streamed: a 200 whose Response has status ``response_status`` and no
+    output, with ``error_body`` as its ``error``; a ``failed`` one without it has
+    :data:`RESPONSE_SERVER_ERROR`, as OpenAI reports a model that failed to generate one).
     ``chunk_delay_s`` paces streamed chunks."""
 
     mode: str = "ok"
@@ -99,6 +102,8 @@ class Behaviour:
     # prompt's tokens, none generated), as servers that report usage early or on every chunk
     # (vLLM's ``continuous_usage_stats``) send it.
     usage_in_opening: bool = False
+    # In ``unfinished_response`` mode, the Response's status.
+    response_status: str = "failed"
 
 
 #: Anthropic's error body when it is overloaded (with HTTP 529, or as a stream's error event).
@@ -114,6 +119,9 @@ OPENAI_OVERLOADED = {
     "message": "Our servers are currently overloaded. Please try again later.",
     "param": None,
 }
+
+#: The ``error`` of a Response whose model failed to generate it (OpenAI's status ``failed``).
+RESPONSE_SERVER_ERROR = {"code": "server_error", "message": "The model failed to respond."}
 
 #: The fields of a chat request OpenAI's API takes; it refuses any other with a 400.
 OPENAI_CHAT_FIELDS = frozenset(
@@ -679,6 +687,13 @@ class FakeProvider:
         }
 
     def _responses_json(self, h: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        b = self.behaviour
+        if b.mode == "unfinished_response" and self._failing(h):
+            response = self._response(body, b.response_status)
+            failed = b.response_status == "failed"
+            response["error"] = b.error_body or (RESPONSE_SERVER_ERROR if failed else None)
+            self._json(h, 200, response)
+            return
         self._json(h, 200, self._response(body, "completed"))
 
     def _responses_stream(self, h: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:

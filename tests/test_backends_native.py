@@ -207,3 +207,37 @@ def test_only_a_native_streams_opening_events_may_be_held_back(
 ) -> None:
     assert opening_event({"choices": [], NATIVE: event}) is opening
     assert opening_event({"choices": []}) is False  # not a native chunk
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "says"),
+    [
+        ("completed", None, None),
+        ("incomplete", None, None),  # cut at max_output_tokens: an answer, finish "length"
+        ("cancelled", None, "gpt-4o failed: the response is cancelled"),
+        ("in_progress", None, "gpt-4o failed: the response is in_progress"),
+        ("incomplete", {"code": "server_error", "message": "oops"}, "gpt-4o failed: oops"),
+    ],
+    ids=["completed", "incomplete", "cancelled", "in_progress", "incomplete-with-error"],
+)
+def test_only_a_finished_response_without_an_error_is_an_answer(
+    fake: FakeProvider,
+    models: dict[str, Model],
+    status: str,
+    error: dict[str, Any] | None,
+    says: str | None,
+) -> None:
+    """A Response that did not finish, or that carries an ``error``, is a failed call, not an
+    empty answer; one cut short (``incomplete``, no error) is an answer, as a chat
+    answer's ``length``."""
+    mode = "ok" if status == "completed" else "unfinished_response"
+    fake.reset(Behaviour(mode=mode, response_status=status, error_body=error))
+    native = NativeRequest("responses", RESPONSES)
+    if says is None:
+        result, _ = run(_complete(models["gpt-4o"], native))
+        finish = result.body["choices"][0]["finish_reason"]
+        assert finish == ("stop" if status == "completed" else "length")
+        return
+    with pytest.raises(BackendError) as raised:
+        run(_complete(models["gpt-4o"], native))
+    assert raised.value.message == says

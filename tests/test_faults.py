@@ -23,7 +23,12 @@ import httpx
 import pytest
 
 from tests.conftest import LiveServer, free_port, live, policy_yaml, wait_for
-from tests.fake_provider import ANTHROPIC_OVERLOADED, Behaviour, FakeProvider
+from tests.fake_provider import (
+    ANTHROPIC_OVERLOADED,
+    RESPONSE_SERVER_ERROR,
+    Behaviour,
+    FakeProvider,
+)
 from tests.redis_server import RedisServer, redis_binary
 from tests.scripted_local import ScriptedLocal
 
@@ -552,6 +557,7 @@ def _response_failed(code: str, message: str) -> dict[str, Any]:
 RESPONSE_FAILED_OVERLOADED = _response_failed(
     "server_is_overloaded", "Our servers are currently overloaded. Please try again later."
 )
+OVERLOADED_503 = (503, "upstream_overloaded")
 
 
 @pytest.mark.parametrize("event", [None, RESPONSE_FAILED_OVERLOADED], ids=["error", "failed"])
@@ -571,6 +577,53 @@ def test_openais_overload_event_after_response_created_is_a_503_or_a_fallback(
     assert "overloaded" in error["message"]
     assert fallback.headers["x-tiergate-model"] == "claude"
     assert text.strip() == fake.behaviour.text
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "failure"),
+    [
+        ("failed", None, (502, "upstream_error")),
+        ("incomplete", RESPONSE_SERVER_ERROR, (502, "upstream_error")),
+        ("failed", RESPONSE_FAILED_OVERLOADED["response"]["error"], OVERLOADED_503),
+    ],
+    ids=["failed", "incomplete", "overloaded"],
+)
+def test_a_response_answered_200_with_an_error_is_a_failure_or_a_fallback(
+    tmp_path: Path,
+    fake: FakeProvider,
+    status: str,
+    error: dict[str, Any] | None,
+    failure: tuple[int, str],
+) -> None:
+    """OpenAI answers a Response its model failed to generate with HTTP 200, status
+    ``failed`` (or ``incomplete``) and an ``error``. The native path read it as an empty
+    answer: a 200 with no output for a pinned gpt-4o, recorded ok, and no fallback tried. It
+    fails as the same error does in a stream's ``response.failed`` event: a 502 (a 503 for
+    ``server_is_overloaded``), and with a fallback the chain goes on."""
+    fake.reset(
+        Behaviour(
+            mode="unfinished_response",
+            failing_path="/responses",
+            response_status=status,
+            error_body=error,
+        )
+    )
+    body = {"model": "auto", "input": "HARD proof please"}
+    with live(tmp_path, policy_yaml(fake, on_failure="closed")) as srv:
+        pinned = srv.http.post("/v1/responses", json={**body, "model": "gpt-4o"})
+        routed = srv.http.post("/v1/responses", json=body)
+        rows = _records(srv, 2)
+    assert pinned.status_code == failure[0], pinned.text
+    assert pinned.json()["error"]["code"] == failure[1]
+    assert (error or RESPONSE_SERVER_ERROR)["message"] in pinned.json()["error"]["message"]
+    assert routed.status_code == 200, routed.text
+    assert routed.headers["x-tiergate-model"] == "claude"
+    text = routed.json()["output"][0]["content"][0]["text"]
+    assert text == fake.behaviour.text
+    assert [(r["status"], r["http_status"], r["error_type"]) for r in rows] == [
+        ("ok", 200, None),
+        ("error", *failure),
+    ]
 
 
 #: How each provider says, after a stream's opening, that it is rate-limited (its 429 then).

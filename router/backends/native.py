@@ -160,6 +160,8 @@ class NativeBackend:
         if not isinstance(payload, dict):
             raise UpstreamBadResponseError(f"{model.name} sent a body that is not an object")
         payload["model"] = model.name
+        if native.api == "responses":
+            _check_response(payload, model.name)
         view = _message_view(payload) if native.api == "messages" else _response_view(payload)
         got = _usage_of(payload.get("usage"), native.api, model.name)
         usage.take(got)
@@ -393,11 +395,14 @@ class _AnthropicEvents:
 _RATE_LIMITED = ("rate_limit_exceeded", "rate_limit_error")
 
 
-def _stream_failure(label: str, error: Mapping[str, Any], overloaded: bool) -> BackendError:
-    """The failure a stream's error event reports, as the same failure answered with an HTTP
-    status is taken (:func:`~router.backends.openai_http.error_for_status`): overloaded, a
-    503; rate-limited, a 429 (no ``Retry-After``: an event has no headers); else a 502."""
-    text = f"{label} failed mid-stream: {error.get('message') or 'error'}"
+def _stream_failure(
+    label: str, error: Mapping[str, Any], overloaded: bool, *, when: str = " mid-stream"
+) -> BackendError:
+    """The failure a stream's error event reports (or a Response's ``error``), as the same
+    failure answered with an HTTP status is taken
+    (:func:`~router.backends.openai_http.error_for_status`): overloaded, a 503;
+    rate-limited, a 429 (no ``Retry-After``: an event has no headers); else a 502."""
+    text = f"{label} failed{when}: {error.get('message') or 'error'}"
     if overloaded:
         return UpstreamOverloadedError(text)
     if any(error.get(k) in _RATE_LIMITED for k in ("code", "type")):
@@ -411,6 +416,33 @@ def _stream_failure(label: str, error: Mapping[str, Any], overloaded: bool) -> B
 #: overloaded (its 503 once a stream is open): code ``server_is_overloaded``, type
 #: ``service_unavailable_error`` where the error has one.
 _RESPONSES_OVERLOADED = ("server_is_overloaded", "service_unavailable_error")
+
+
+def _response_failure(label: str, error: Any, *, when: str = " mid-stream") -> BackendError:
+    """The failure an OpenAI Response's ``error`` (or a Responses stream's ``error`` event)
+    reports: overloaded, rate-limited or other, by its code or type."""
+    error = error if isinstance(error, dict) else {}
+    overloaded = any(error.get(k) in _RESPONSES_OVERLOADED for k in ("code", "type"))
+    return _stream_failure(label, error, overloaded, when=when)
+
+
+#: The statuses of a Response that answered: ``incomplete`` is a cut answer (its
+#: ``incomplete_details`` say why: ``max_output_tokens``, ``content_filter``), as a chat
+#: answer's ``length``. None is a server's that sends no status.
+_ANSWERED = (None, "completed", "incomplete")
+
+
+def _check_response(payload: Mapping[str, Any], label: str) -> None:
+    """Raise the failure a Response answered with HTTP 200 reports: status ``failed`` with
+    the ``error`` OpenAI documents for a model that failed to generate one (its codes those
+    of a stream's ``response.failed`` event), any Response with an ``error``, and one that
+    did not finish (``cancelled``, ``queued``, ``in_progress``). Its output is empty or
+    partial: read as an answer, it was an empty success, with no fallback tried."""
+    error, status = payload.get("error"), payload.get("status")
+    if not error and status in _ANSWERED:
+        return
+    error = error or {"message": f"the response is {status}"}
+    raise _response_failure(label, error, when="")
 
 
 class _ResponseEvents:
@@ -428,10 +460,7 @@ class _ResponseEvents:
             self.id = str(response.get("id", self.id))
             response["model"] = label
         if kind in ("error", "response.failed"):
-            error = (response or event).get("error") or event
-            error = error if isinstance(error, dict) else {}
-            overloaded = any(error.get(k) in _RESPONSES_OVERLOADED for k in ("code", "type"))
-            raise _stream_failure(label, error, overloaded)
+            raise _response_failure(label, (response or event).get("error") or event)
         if kind == "response.created":
             return _delta({"role": "assistant", "content": ""})
         if kind == "response.output_text.delta":
