@@ -1521,7 +1521,13 @@ def _outcome(exc: BaseException, stopping: bool = False) -> tuple[str, int, str 
 class _Relay:
     """What a stream's life notes of the chunks passing: the first token's time, the answer
     text (for the learning hooks), whether the backend sent its usage, and the stream's id and
-    model, which a usage chunk Tiergate adds carries too."""
+    model, which a usage chunk Tiergate adds carries too.
+
+    The usage reaches the client as OpenAI sends it, in one last chunk with empty choices
+    (the front sends it only to a client that asked, ``stream_options.include_usage``): a
+    chunk that carries choices loses the usage a provider puts on every chunk (vLLM's
+    ``continuous_usage_stats``) or on its finish; the backend has counted it, and when no
+    usage chunk follows, Tiergate adds one with the counts the record holds."""
 
     def __init__(self, ctx: RequestContext) -> None:
         self.ctx = ctx
@@ -1536,6 +1542,7 @@ class _Relay:
             self.model = chunk.get("model") if isinstance(chunk.get("model"), str) else None
         choices = chunk.get("choices")
         if choices:
+            chunk.pop("usage", None)
             if self.ctx.ttft_ms is None and _produced(choices):
                 self.ctx.ttft_ms = (time.perf_counter() - self.ctx.started) * 1000.0
             self.text.append(str((choices[0].get("delta") or {}).get("content") or ""))

@@ -102,6 +102,9 @@ class Behaviour:
     # prompt's tokens, none generated), as servers that report usage early or on every chunk
     # (vLLM's ``continuous_usage_stats``) send it.
     usage_in_opening: bool = False
+    # OpenAI chat streams: every chunk with choices carries the usage (the finish chunk the
+    # whole), and no usage-only chunk follows, as servers that report usage on every chunk do.
+    usage_on_chunks: bool = False
     # In ``unfinished_response`` mode, the Response's status.
     response_status: str = "failed"
 
@@ -444,6 +447,8 @@ class FakeProvider:
         pieces = [word + " " for word in b.text.split(" ")]
 
         def send(obj: Any) -> None:
+            if b.usage_on_chunks and obj.get("choices"):
+                obj = {**obj, "usage": self._usage(body)}
             if b.chunk_delay_s:
                 time.sleep(b.chunk_delay_s)
             h.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
@@ -499,8 +504,8 @@ class FakeProvider:
             send({**base, "choices": [{"index": 0, "delta": {"tool_calls": [call]}}]})
         finish = "tool_calls" if calls else "stop"
         send({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
-        if (body.get("stream_options") or {}).get("include_usage") and (
-            b.mode != "no_stream_usage"
+        if (body.get("stream_options") or {}).get("include_usage") and not (
+            b.mode == "no_stream_usage" or b.usage_on_chunks
         ):
             send({**base, "choices": [], "usage": self._usage(body)})
         h.wfile.write(b"data: [DONE]\n\n")

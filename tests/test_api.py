@@ -400,6 +400,38 @@ def test_closed_stream(client: openai.OpenAI, fake: FakeProvider) -> None:
     assert fake.received[-1].body["stream"] is True
 
 
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_a_stream_carries_usage_only_as_the_client_asked(
+    client: openai.OpenAI, server: LiveServer, fake: FakeProvider, include_usage: bool
+) -> None:
+    """As OpenAI streams: with ``stream_options.include_usage``, one last chunk with empty
+    choices carries the usage; without it, no chunk does. A provider that puts its usage on
+    every chunk (vLLM's ``continuous_usage_stats``, servers that report it with the finish)
+    had each of them pass on as it came: a client that did not ask got usage on every chunk,
+    and one that asked got it there and again in a usage chunk Tiergate added."""
+    fake.reset(Behaviour(usage_on_chunks=True))
+    options: Any = {"include_usage": True} if include_usage else openai.NOT_GIVEN
+    with client.chat.completions.with_streaming_response.create(
+        model="gpt-4o",
+        messages=[{"role": "user", "content": "HARD: stream it"}],
+        stream=True,
+        stream_options=options,
+    ) as response:
+        chunks = list(response.parse())
+        request_id = response.headers["x-request-id"]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip() == Behaviour().text
+    counted = [c for c in chunks if c.usage]
+    if include_usage:
+        assert counted == [chunks[-1]] and chunks[-1].choices == []
+        usage = chunks[-1].usage
+        assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (11, 7)
+    else:
+        assert counted == []
+    record = _record(server, request_id)
+    assert (record["prompt_tokens"], record["completion_tokens"]) == (11, 7)
+
+
 def test_anthropic_model_through_litellm(
     client: openai.OpenAI, server: LiveServer, fake: FakeProvider
 ) -> None:
