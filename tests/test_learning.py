@@ -17,6 +17,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.auth import hash_key
+from router.dashboard import _usd
 from router.learning import LearningLoop, closed_better, parse_verdict
 from router.outcomes import SQLiteOutcomeStore
 from router.outcomes_redis import RedisOutcomeStore
@@ -218,7 +219,7 @@ def test_the_dashboards_total_spend_is_what_the_budget_counts(
         ("judging", judged),
         ("total_spend", sum(today.values())),
     ):
-        assert f'data-kpi="{kpi}"><div class="v">${usd:,.4f}</div>' in page
+        assert f'data-kpi="{kpi}"><div class="v">{_usd(usd)}</div>' in page
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "redis"])
