@@ -323,10 +323,16 @@ class RedisOutcomeStore(OutcomeWriter):
         self._reserve_script = self._client.register_script(_RESERVE_LUA)
 
     def start(self) -> None:
-        """Connect (lazily: an unreachable Redis is not a start-up failure), take up the journal
-        an earlier run left, and start writing. A journal another process holds (its
-        ``NAME.lock``) is refused: each would replay the other's records and count them as
-        its own, forever waiting for a backlog the other had written."""
+        """Connect, take up the journal an earlier run left, read the day's shared spend, and
+        start writing. A journal another process holds (its ``NAME.lock``) is refused: each
+        would replay the other's records and count them as their own, forever waiting for a
+        backlog the other had written.
+
+        The spend is read before the app takes requests: a replica added while a tenant was
+        past its budget decided its first second of requests against $0 (the hold in Redis
+        still refused them, but ``/v1/route`` answered closed and a refusal said "spent
+        $0.00"). An unreachable Redis is not a start-up failure: the outage is noted (one
+        warning) and the replica holds no budget it cannot see until Redis answers."""
         try:
             self.journal.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # serve anyway: only an outage needs the journal (then see _spill)
@@ -345,6 +351,10 @@ class RedisOutcomeStore(OutcomeWriter):
                 self._adopt(items)
         if self._journal_lines:
             log.warning("replaying %d journalled outcome items", self._journal_lines)
+        try:
+            self._refresh()
+        except self.transient as exc:
+            self.unavailable(exc)
         self._start_writer()
 
     def close(self, timeout_s: float = 30.0) -> None:
@@ -416,17 +426,22 @@ class RedisOutcomeStore(OutcomeWriter):
                 self._client.ping()
             self._replay_journal()
         if time.monotonic() - self._last_refresh > 1.0:
-            now = time.time()
-            pipe = self._client.pipeline(transaction=False)
-            pipe.hgetall(self._spend_key(now))
-            pipe.zadd(self.key("replicas"), {self.replica_id: now})
-            pipe.zremrangebyscore(self.key("replicas"), "-inf", now - REPLICA_TTL_S)
-            pipe.zcard(self.key("replicas"))
-            spend, _, _, live = pipe.execute()
-            self.ledger.load({k: float(v) for k, v in spend.items()})
-            self.replicas = max(int(live), 1)
-            self.spend_known = True
-            self._last_refresh = time.monotonic()
+            self._refresh()
+
+    def _refresh(self) -> None:
+        """Read today's shared spend into the ledger, beat this replica's heartbeat and count
+        the live replicas: one round trip."""
+        now = time.time()
+        pipe = self._client.pipeline(transaction=False)
+        pipe.hgetall(self._spend_key(now))
+        pipe.zadd(self.key("replicas"), {self.replica_id: now})
+        pipe.zremrangebyscore(self.key("replicas"), "-inf", now - REPLICA_TTL_S)
+        pipe.zcard(self.key("replicas"))
+        spend, _, _, live = pipe.execute()
+        self.ledger.load({k: float(v) for k, v in spend.items()})
+        self.replicas = max(int(live), 1)
+        self.spend_known = True
+        self._last_refresh = time.monotonic()
 
     def write_batch(self, batch: list[Item]) -> dict[str, float]:
         """Run each item's Lua script in one pipeline, and read today's shared spend in the same

@@ -360,6 +360,25 @@ def test_in_an_outage_each_replica_spends_only_its_share_of_the_budget(
         b.close(timeout_s=0.5)
 
 
+def test_a_replica_has_read_the_shared_spend_when_it_has_started(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """``start`` read the spend only through the writer's first refresh, about a second after
+    it returned: a replica added while a tenant was past its budget decided that tenant's
+    first requests against $0. It reads the spend and counts the replicas before it returns."""
+    a = store(redis_server, tmp_path / "a")
+    try:
+        a.submit(outcome(tenant="acme", cost_usd=1.0))
+        assert a.flush(10)
+        b = store(redis_server, tmp_path / "b")
+        try:
+            assert (b.spend_known, b.spend_today("acme"), b.replicas) == (True, 1.0, 2)
+        finally:
+            b.close()
+    finally:
+        a.close()
+
+
 def test_a_replica_started_in_an_outage_holds_no_budget_it_cannot_see(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
