@@ -467,6 +467,14 @@ class WriterWatch:
         return not thread.is_alive()
 
 
+class DaySpend(NamedTuple):
+    """Spend per tenant as a store holds it for one UTC day (days since the epoch): what a
+    shared store's writer reads back, so a read that crossed midnight is known by its day."""
+
+    day: int
+    usd: Mapping[str, float]
+
+
 class SpendLedger:
     """Per-tenant spend for the current UTC day, in memory so a budget check costs no I/O: what
     the store holds, what is queued for it, and the holds of requests in flight. What the store
@@ -489,11 +497,17 @@ class SpendLedger:
             self._day, self._stored, self._shared, self._erased = today, {}, {}, {}
         return today
 
-    def load(self, spend: Mapping[str, float], erased: Mapping[str, float] | None = None) -> None:
-        """Take today's spend as the store holds it (read from the store): per tenant, and
-        that of erased items per tenant hash (:func:`erased_name`), which stays unless given."""
+    def load(
+        self, day: int, spend: Mapping[str, float], erased: Mapping[str, float] | None = None
+    ) -> None:
+        """Take ``day``'s spend as the store holds it (read from the store): per tenant, and
+        that of erased items per tenant hash (:func:`erased_name`), which stays unless given.
+        Figures for a day that has ended are dropped: read just before midnight and taken
+        just after, yesterday's spend would count against today's budgets (for SQLite, which
+        loads once, all day)."""
         with self._lock:
-            self._today()
+            if day != self._today():
+                return
             self._stored = dict(spend)
             self._shared = dict(spend)
             if erased is not None:
@@ -626,7 +640,7 @@ class OutcomeWriter:
 
     # -- what a store implements -----------------------------------------------------------
 
-    def write_batch(self, batch: list[Item]) -> Mapping[str, float] | None:
+    def write_batch(self, batch: list[Item]) -> DaySpend | None:
         """Write ``batch`` in one round trip; today's spend per tenant as the store holds it
         after the write, for a store other writers share (None: this ledger is the only one)."""
         raise NotImplementedError
@@ -677,13 +691,13 @@ class OutcomeWriter:
             if isinstance(item, OutcomeRecord):
                 self._inflight[item.id] = item
 
-    def _settle(self, items: list[Item], spend: Mapping[str, float] | None = None) -> None:
+    def _settle(self, items: list[Item], spend: DaySpend | None = None) -> None:
         """Items written, skipped or dropped: no longer pending (caller holds the lock).
         ``spend``, read from the store after it took them, replaces the ledger's stored spend."""
         self._pending -= len(items)
         self.ledger.settle(items)
         if spend is not None:
-            self.ledger.load(spend)
+            self.ledger.load(spend.day, spend.usd)
         for item in items:
             if isinstance(item, OutcomeRecord):
                 self._inflight.pop(item.id, None)
@@ -772,7 +786,7 @@ class OutcomeWriter:
             self.spilled - spilled,
         )
 
-    def _write(self, batch: list[Item]) -> Mapping[str, float] | None:
+    def _write(self, batch: list[Item]) -> DaySpend | None:
         """Write a batch, else its items one by one, skipping (and counting) those that fail;
         what :meth:`write_batch` last said of the spend."""
         try:
@@ -785,7 +799,7 @@ class OutcomeWriter:
             self.written += len(batch)
         return spend
 
-    def _write_each(self, batch: list[Item]) -> Mapping[str, float] | None:
+    def _write_each(self, batch: list[Item]) -> DaySpend | None:
         spend = None
         for item in batch:
             try:
@@ -1078,7 +1092,8 @@ class SQLiteOutcomeStore(OutcomeWriter):
         self._claim = _claim_writer(self.path)
         conn.executescript(_SCHEMA)
         _migrate(conn, self.path)
-        start_of_day = _day(time.time()) * 86400
+        today = _day(time.time())
+        start_of_day = today * 86400
         spend = conn.execute(
             "SELECT tenant, SUM(cost_usd) FROM (SELECT tenant, cost_usd FROM outcomes WHERE ts >= ?"
             " UNION ALL SELECT tenant, cost_usd FROM labels WHERE ts >= ?) GROUP BY tenant",
@@ -1090,6 +1105,7 @@ class SQLiteOutcomeStore(OutcomeWriter):
             (start_of_day,),
         )
         self.ledger.load(
+            today,
             {tenant: float(spent or 0.0) for tenant, spent in spend},
             {name: float(spent or 0.0) for name, spent in erased},
         )

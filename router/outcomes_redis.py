@@ -71,6 +71,7 @@ from router.outcomes import (
     ERASED_SPEND_KEPT_S,
     ERASURE_KEPT_S,
     Cost,
+    DaySpend,
     Erased,
     ErasedSpend,
     Item,
@@ -438,12 +439,12 @@ class RedisOutcomeStore(OutcomeWriter):
         pipe.zremrangebyscore(self.key("replicas"), "-inf", now - REPLICA_TTL_S)
         pipe.zcard(self.key("replicas"))
         spend, _, _, live = pipe.execute()
-        self.ledger.load({k: float(v) for k, v in spend.items()})
+        self.ledger.load(_day(now), {k: float(v) for k, v in spend.items()})
         self.replicas = max(int(live), 1)
         self.spend_known = True
         self._last_refresh = time.monotonic()
 
-    def write_batch(self, batch: list[Item]) -> dict[str, float]:
+    def write_batch(self, batch: list[Item]) -> DaySpend:
         """Run each item's Lua script in one pipeline, and read today's shared spend in the same
         round trip (so swapping it in as the batch settles counts nothing twice)."""
         pipe = self._client.pipeline(transaction=False)
@@ -452,11 +453,12 @@ class RedisOutcomeStore(OutcomeWriter):
                 self._queue_record(pipe, item)
             else:
                 self._queue_label(pipe, item)
-        pipe.hgetall(self._spend_key(time.time()))
+        now = time.time()
+        pipe.hgetall(self._spend_key(now))
         *results, spend = pipe.execute()
         self.duplicates += sum(int(r) == 0 for r in results)
         self.refused += sum(int(r) == 2 for r in results)
-        return {k: float(v) for k, v in spend.items()}
+        return DaySpend(_day(now), {k: float(v) for k, v in spend.items()})
 
     def set_retention_days(self, days: int | None) -> None:
         """Expire what is written from now on after ``days`` (the policy's ``retention_days``;

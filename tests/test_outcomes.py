@@ -31,6 +31,28 @@ def test_every_submitted_record_is_written_by_close(tmp_path: Path) -> None:
     reopened.close()
 
 
+def test_a_start_across_midnight_does_not_count_the_day_before_s_spend_today(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``start`` reads the day's spend, then loads it into the ledger. Read just before
+    midnight and loaded just after, the day before's spend counted against the new day's
+    budgets, and SQLite loads it only at start: all day long."""
+    first = SQLiteOutcomeStore(tmp_path / "o.db")
+    first.start()
+    first.submit(outcome(tenant="acme", cost_usd=5.0))
+    first.close()
+    midnight = (time.time() // 86400 + 1) * 86400
+    store = SQLiteOutcomeStore(tmp_path / "o.db")
+    clock = iter([midnight - 0.001])  # the read, just before midnight; all after it, after
+    monkeypatch.setattr(time, "time", lambda: next(clock, midnight + 0.001))
+    try:
+        store.start()
+        assert store.spend_today("acme") == 0.0
+    finally:
+        monkeypatch.undo()
+        store.close()
+
+
 def test_the_writer_inserts_a_batch_in_a_few_statements_not_one_per_row(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

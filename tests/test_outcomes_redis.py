@@ -379,6 +379,28 @@ def test_a_replica_has_read_the_shared_spend_when_it_has_started(
         a.close()
 
 
+def test_a_spend_read_before_midnight_is_not_taken_as_the_next_day_s(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spend a replica reads (at start, at each refresh, after each batch) is the day's
+    hash; read just before midnight and loaded just after, the day before's spend counted
+    against the new day's budgets until the next read."""
+    a = store(redis_server, tmp_path / "a")
+    a.submit(outcome(tenant="acme", cost_usd=5.0))
+    assert a.flush(10)
+    a.close()
+    midnight = (time.time() // 86400 + 1) * 86400
+    b = RedisOutcomeStore(redis_server.url, journal=tmp_path / "b" / "journal.jsonl")
+    clock = iter([midnight - 0.001])  # the read, just before midnight; all after it, after
+    monkeypatch.setattr(time, "time", lambda: next(clock, midnight + 0.001))
+    try:
+        b.start()
+        assert (b.spend_known, b.spend_today("acme")) == (True, 0.0)
+    finally:
+        monkeypatch.undo()
+        b.close()
+
+
 def test_a_replica_started_in_an_outage_holds_no_budget_it_cannot_see(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
