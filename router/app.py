@@ -523,6 +523,7 @@ async def _watch_policy(gateway: Gateway, every_s: float) -> None:
             if await asyncio.to_thread(gateway.policies.check):
                 gateway.recalibrate(gateway.last_scores)
                 gateway.warn_unpriced()
+                gateway.warn_output_limits()
         except Exception:  # the watcher must survive anything; the error is logged
             log.exception("policy watcher failed")
 

@@ -1039,6 +1039,7 @@ def _serving_policy(config: Path | None) -> Path:
 
 
 def _cmd_policy_check(args: argparse.Namespace) -> int:
+    from router.backends.closed import ANTHROPIC_MAX_TOKENS, unknown_output_limits
     from router.costs import CostBook, load_litellm_cost_map
     from router.errors import PolicyError
     from router.policy import load_policy
@@ -1064,6 +1065,14 @@ def _cmd_policy_check(args: argparse.Namespace) -> int:
                 f"{policy.models[name].litellm_model!r} in the installed litellm's table: its "
                 "calls count $0 in costs and budgets (give it price: {input_per_mtok, "
                 "output_per_mtok})",
+                file=sys.stderr,
+            )
+        for name in unknown_output_limits(policy.models.values()):
+            print(
+                f"{path}: warning: models.{name}: no output limit for litellm_model "
+                f"{policy.models[name].litellm_model!r} in the installed litellm's model map: a "
+                f"request that sets no max_tokens is sent max_tokens {ANTHROPIC_MAX_TOKENS} "
+                "(give it max_output_tokens)",
                 file=sys.stderr,
             )
     return 1 if failed else 0

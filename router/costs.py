@@ -69,11 +69,10 @@ _PRICE_FIELDS = (
 )
 
 
-def load_litellm_cost_map() -> dict[str, Any]:
-    """litellm's bundled price table, or an empty one if litellm is not installed: per model,
-    only the fields :class:`CostBook` reads, of the models that have a price. The whole table
-    parses into about 70,000 objects that the server would hold for as long as it runs; the
-    prices alone take a quarter of the memory (bench/README.md)."""
+def litellm_model_map() -> dict[str, Any]:
+    """litellm's bundled model map (prices, context windows, output limits), whole, or an empty
+    one if litellm is not installed: what ``litellm.model_cost`` holds offline, read without
+    importing litellm. Callers keep only the fields they read."""
     spec = importlib.util.find_spec("litellm")
     if spec is None or not spec.submodule_search_locations:
         return {}
@@ -82,8 +81,15 @@ def load_litellm_cost_map() -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return {}
-    if not isinstance(data, dict):
-        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def load_litellm_cost_map() -> dict[str, Any]:
+    """litellm's bundled price table, or an empty one if litellm is not installed: per model,
+    only the fields :class:`CostBook` reads, of the models that have a price. The whole table
+    parses into about 70,000 objects that the server would hold for as long as it runs; the
+    prices alone take a quarter of the memory (bench/README.md)."""
+    data = litellm_model_map()
     return {
         name: {k: entry[k] for k in _PRICE_FIELDS if k in entry}
         for name, entry in data.items()

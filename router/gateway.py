@@ -425,6 +425,7 @@ class Gateway:
         self.alias_thresholds: dict[str, AliasThreshold] = calibrate(self.policy, [])
         self._on_record = on_record
         self.warn_unpriced()
+        self.warn_output_limits()
         self.telemetry = telemetry if telemetry is not None else Telemetry.off()
         # Set by ``tiergate serve`` just before it cancels the requests still running at
         # shutdown: each is then recorded as stopped by the server (``server_shutting_down``).
@@ -628,6 +629,22 @@ class Gateway:
                 "litellm_model, so their calls count $0 in costs and budgets; give each a "
                 "price in the policy (price: {input_per_mtok, output_per_mtok})",
                 ", ".join(names),
+            )
+        return names
+
+    def warn_output_limits(self) -> list[str]:
+        """Log the policy's Anthropic models whose output limit neither the policy
+        (``max_output_tokens``) nor litellm's model map gives (a request to one that sets no
+        ``max_tokens`` is sent :data:`~router.backends.closed.ANTHROPIC_MAX_TOKENS`), and return
+        their names."""
+        names = closed.unknown_output_limits(self.policy.models.values())
+        if names:
+            log.warning(
+                "no output limit for Anthropic model(s) %s: litellm's model map does not list "
+                "their litellm_model, so a request that sets no max_tokens is sent max_tokens "
+                "%d; give each its limit in the policy (max_output_tokens)",
+                ", ".join(names),
+                closed.ANTHROPIC_MAX_TOKENS,
             )
         return names
 

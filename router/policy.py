@@ -253,6 +253,13 @@ class ModelSpec(_Strict):
     api_base: str | None = None
     api_key_env: str | None = None
     context_window: int | None = Field(None, gt=0)
+    max_output_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="The most tokens a closed model writes in one answer (its provider's "
+        "limit): a request whose max_tokens is over it goes to a model that can take it, as one "
+        "over its context_window does; an Anthropic request without max_tokens is sent this.",
+    )
     supports_tools: bool
     supports_images: bool
     timeout_s: float | None = Field(None, gt=0)
@@ -875,6 +882,11 @@ def _unfit(spec: ModelSpec, signals: Signals) -> str | None:
         return _TOOL_HISTORY if signals.tool_history else "tools"
     if signals.choices > 1 and spec.tier == "local":  # both local backends answer n=1 only
         return f"n={signals.choices} (it answers one choice)"
+    limit = spec.max_output_tokens
+    if limit is not None and signals.max_tokens is not None and signals.max_tokens > limit:
+        # Refused by the provider (a 400), and not cut down: a shorter answer than the client
+        # asked room for would look like the model's fault.
+        return f"max_tokens {signals.max_tokens} (it writes at most {limit})"
     if spec.context_window is not None:
         needed = signals.prompt_tokens + (signals.max_tokens or 0)
         if needed > spec.context_window:

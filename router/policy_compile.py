@@ -482,6 +482,7 @@ class _Checker:
                 "a local model's price is a setting (TIERGATE_LOCAL_PRICE_PER_MTOK, "
                 "TIERGATE_LOCAL_PRICE_PER_GPU_HOUR), not a policy key",
             )
+        self._check_output_limit(key, spec)
         for key_name, flag, what in (
             ("supports_tools", spec.supports_tools, "tools"),
             ("supports_images", spec.supports_images, "images"),
@@ -492,6 +493,23 @@ class _Checker:
                     f"the local tier takes no {what} (both local backends refuse them with a "
                     f"400): leave it false, so {what[:-1]} requests go closed",
                 )
+
+    def _check_output_limit(self, key: str, spec: ModelSpec) -> None:
+        limit = spec.max_output_tokens
+        if limit is None:
+            return
+        if spec.tier == "local":
+            self.add(
+                ("models", key, "max_output_tokens"),
+                "a local model's answer length is a setting (TIERGATE_LOCAL_MAX_TOKENS), not a "
+                "policy key",
+            )
+        elif spec.context_window is not None and limit > spec.context_window:
+            self.add(
+                ("models", key, "max_output_tokens"),
+                f"max_output_tokens {limit} is over the model's context_window "
+                f"{spec.context_window}: an answer cannot be longer than the window",
+            )
 
     def _unknown_model(self, name: str) -> str:
         return f"unknown model {name!r} (models: {', '.join(self.policy.models) or 'none'})"

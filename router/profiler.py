@@ -57,6 +57,7 @@ class ProfiledModel:
     api_key_env: str | None = None
     timeout_s: float | None = None
     transport: str = "auto"
+    max_output_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,8 @@ stall past a timeout (until ``unstall()``), reset the connection mid-stream, or 
 tool call. It also plays the shadow judge: a request carrying Tiergate's pairwise judge prompt
 is answered with a verdict (``[[A]]``/``[[B]]``/``[[C]]``) that prefers the side
 ``Behaviour.judge`` names, where the "closed" answer is the one equal to ``Behaviour.text`` (what
-this provider answers itself).
+this provider answers itself). As Anthropic, it refuses a Messages request without ``max_tokens``
+or with more than the model's output limit (:data:`ANTHROPIC_OUTPUT_LIMITS`), with its 400.
 """
 
 from __future__ import annotations
@@ -139,6 +140,16 @@ OPENAI_CHAT_FIELDS = frozenset(
 OPENAI_MESSAGE_FIELDS = frozenset(
     {"role", "content", "name", "tool_calls", "tool_call_id", "function_call", "refusal", "audio"}
 )
+#: The most tokens Anthropic lets each of these models write in one answer (its output limit);
+#: it refuses a request whose ``max_tokens`` is larger with a 400, and one without any.
+ANTHROPIC_OUTPUT_LIMITS = {
+    "claude-3-haiku-20240307": 4096,
+    "claude-3-5-haiku-20241022": 8192,
+    "claude-3-5-sonnet-20241022": 8192,
+    "claude-opus-4-1": 32000,
+    "claude-sonnet-4-20250514": 64000,
+    "claude-sonnet-4-5-20250929": 64000,
+}
 #: Model name prefixes of OpenAI's reasoning models, the only ones that take reasoning_effort.
 OPENAI_REASONING = ("o1", "o3", "o4", "gpt-5")
 
@@ -180,6 +191,24 @@ def openai_refusal(body: dict[str, Any]) -> dict[str, Any] | None:
             "code": "unsupported_parameter",
         }
     return None
+
+
+def anthropic_refusal(body: dict[str, Any]) -> dict[str, Any] | None:
+    """Anthropic's 400 body for a Messages request it would refuse for its ``max_tokens`` (none,
+    or more than the model's output limit in :data:`ANTHROPIC_OUTPUT_LIMITS`), else None."""
+    model = str(body.get("model", ""))
+    asked = body.get("max_tokens")
+    limit = ANTHROPIC_OUTPUT_LIMITS.get(model)
+    if asked is None:
+        message = "max_tokens: Field required"
+    elif limit is not None and isinstance(asked, int) and asked > limit:
+        message = (
+            f"max_tokens: {asked} > {limit}, which is the maximum allowed number of output "
+            f"tokens for {model}"
+        )
+    else:
+        return None
+    return {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
 
 
 @dataclass
@@ -291,9 +320,9 @@ class FakeProvider:
                 extra={"retry-after": str(b.retry_after)},
             )
             return
-        refusal = openai_refusal(body) if b.strict and not (anthropic or responses) else None
+        refusal = self._refusal(body, anthropic, responses)
         if refusal is not None:
-            self._json(h, 400, {"error": refusal})
+            self._json(h, 400, refusal)
             return
         if b.mode == "array_body":
             if body.get("stream"):
@@ -314,6 +343,16 @@ class FakeProvider:
             (self._anthropic_stream if anthropic else self._openai_stream)(h, body)
         else:
             (self._anthropic_json if anthropic else self._openai_json)(h, body)
+
+    def _refusal(
+        self, body: dict[str, Any], anthropic: bool, responses: bool
+    ) -> dict[str, Any] | None:
+        """The 400 body the provider would answer ``body`` with, or None: Anthropic's always
+        (:func:`anthropic_refusal`), OpenAI chat's when ``strict`` (:func:`openai_refusal`)."""
+        if anthropic:
+            return anthropic_refusal(body)
+        refusal = openai_refusal(body) if self.behaviour.strict and not responses else None
+        return None if refusal is None else {"error": refusal}
 
     def _failing(self, h: BaseHTTPRequestHandler) -> bool:
         """Whether this request is one to fail (see ``Behaviour.failing_path``)."""

@@ -463,6 +463,43 @@ def test_anthropic_model_through_litellm(
     assert text.strip() == Behaviour().text
 
 
+def test_an_anthropic_model_answers_within_its_output_limit(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """Anthropic requires max_tokens and refuses one over the model's limit (a 400). A request
+    without one reached claude-3-5-sonnet-20241022, which litellm's map does not list, as
+    max_tokens 128000: refused, every time. It is sent the policy's max_output_tokens (4096
+    without one); a larger max_tokens goes to a model that can write that much, or, pinned,
+    is a 400 that names the limit and reaches no provider."""
+    fake.reset()
+    hi = [{"role": "user", "content": "Hi"}]
+    for name in ("default", "limited"):
+        (tmp_path / name).mkdir()
+    with live(tmp_path / "default", policy_yaml(fake)) as srv:
+        answer = srv.http.post("/v1/chat/completions", json={"model": "claude", "messages": hi})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"]["content"] == Behaviour().text
+    assert fake.received[-1].body["max_tokens"] == 4096
+    policy = policy_yaml(fake).replace(
+        "claude-3-5-sonnet-20241022\n", "claude-3-5-sonnet-20241022\n    max_output_tokens: 8192\n"
+    )
+    fake.reset()
+    with live(tmp_path / "limited", policy) as srv:
+        answer = srv.http.post("/v1/chat/completions", json={"model": "claude", "messages": hi})
+        assert answer.status_code == 200 and fake.received[-1].body["max_tokens"] == 8192
+        fake.reset()
+        pinned = {"model": "claude", "messages": hi, "max_tokens": 20000}
+        refused = srv.http.post("/v1/chat/completions", json=pinned)
+        moved = srv.http.post("/v1/chat/completions", json={**pinned, "model": "auto-best"})
+    assert refused.status_code == 400
+    assert refused.json()["error"]["message"].startswith(
+        "model 'claude' cannot take max_tokens 20000 (it writes at most 8192) and the request "
+        "pins it"
+    )
+    assert moved.status_code == 200 and moved.headers["x-tiergate-model"] == "gpt-4o"
+    assert [r.path for r in fake.received] == ["/v1/chat/completions"]
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_json_object_gets_json_from_an_anthropic_model(
     client: openai.OpenAI, fake: FakeProvider, stream: bool

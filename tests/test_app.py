@@ -151,6 +151,28 @@ def test_a_closed_model_without_a_price_is_named_at_start_and_in_readyz(
     assert (closed["gpt-4o"]["priced"], closed["claude"]["priced"]) == (True, False)
 
 
+def test_an_anthropic_model_without_an_output_limit_is_named_at_start(
+    tmp_path: Path, fake: FakeProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The test policy's claude model is one litellm's model map does not list, and the policy
+    gives it no max_output_tokens: a request without max_tokens is sent 4096, maybe below its
+    own limit, so the start says so; a max_output_tokens silences it."""
+    import logging
+
+    limited = policy_yaml(fake).replace(
+        "claude-3-5-sonnet-20241022\n", "claude-3-5-sonnet-20241022\n    max_output_tokens: 8192\n"
+    )
+    for policy, warned in ((policy_yaml(fake), True), (limited, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="tiergate.gateway"):
+            app = create_app(make_settings(tmp_path, policy), local_backend=ScriptedLocal())
+            with TestClient(app):
+                pass
+        message = "no output limit for Anthropic model(s) claude: litellm's model map"
+        assert (message in caplog.text) is warned
+        assert ("sent max_tokens 4096; give each its limit" in caplog.text) is warned
+
+
 def test_outcomes_go_to_sqlite_without_a_redis_url(tmp_path: Path, fake: FakeProvider) -> None:
     store = build_outcome_store(make_settings(tmp_path, policy_yaml(fake)))
     assert isinstance(store, SQLiteOutcomeStore)

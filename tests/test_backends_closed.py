@@ -53,6 +53,7 @@ class Model:
     api_key_env: str | None = None
     timeout_s: float | None = None
     transport: str = "auto"
+    max_output_tokens: int | None = None
 
 
 @pytest.fixture
@@ -148,6 +149,46 @@ def test_another_provider_goes_through_litellm_in_its_own_protocol(
     # litellm's empty provider_specific_fields ({"citations": null, ...}) would go back to the
     # next model with the message a client appends to its history; a strict one refuses it.
     assert "provider_specific_fields" not in answer.body["choices"][0]["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_anthropic_model_litellm_does_not_map_is_sent_a_max_tokens_it_takes(
+    provider: FakeProvider, stream: bool
+) -> None:
+    """Anthropic requires ``max_tokens``; for a request without one litellm sent its model map's
+    limit, and for a model the map does not list (claude-3-5-sonnet-20241022) 128000, which
+    Anthropic refuses for every Claude (a 400 the client could do nothing about). It is sent
+    4096, the smallest current Claude's limit; a model the map knows still gets the map's."""
+    unmapped = Model("claude", "anthropic/claude-3-5-sonnet-20241022", provider.base_url[:-3])
+    run(_answer(unmapped, BODY, stream=stream))
+    assert provider.received[-1].body["max_tokens"] == 4096
+    mapped = Model("claude", "anthropic/claude-sonnet-4-5-20250929", provider.base_url[:-3])
+    run(_answer(mapped, BODY, stream=stream))
+    assert provider.received[-1].body["max_tokens"] == 64000
+    asked = {**BODY, "max_completion_tokens": 300}
+    run(_answer(unmapped, asked, stream=stream))
+    assert provider.received[-1].body["max_tokens"] == 300
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_anthropic_request_without_max_tokens_is_sent_the_policys_limit(
+    provider: FakeProvider, stream: bool
+) -> None:
+    """A policy's ``max_output_tokens`` is the ``max_tokens`` of an Anthropic request that sets
+    none (the client's own goes as it is); another provider takes a request without one."""
+    claude = Model(
+        "claude",
+        "anthropic/claude-3-5-sonnet-20241022",
+        provider.base_url[:-3],
+        max_output_tokens=8192,
+    )
+    run(_answer(claude, BODY, stream=stream))
+    assert provider.received[-1].body["max_tokens"] == 8192
+    run(_answer(claude, {**BODY, "max_tokens": 100}, stream=stream))
+    assert provider.received[-1].body["max_tokens"] == 100
+    gpt = Model("gpt-4o", "openai/gpt-4o", provider.base_url, max_output_tokens=16384)
+    run(_answer(gpt, BODY, stream=stream))  # OpenAI answers up to the model's own limit
+    assert not {"max_tokens", "max_completion_tokens"} & set(provider.received[-1].body)
 
 
 def test_litellm_fetches_nothing_from_the_network_on_a_first_call(

@@ -55,7 +55,10 @@ def test_policy_check_warns_of_a_closed_model_no_price_covers(
     assert "count $0 in costs and budgets" in err
     priced = tmp_path / "priced.yaml"
     priced.write_text(
-        models.replace("20241022}", "20241022, price: {input_per_mtok: 3, output_per_mtok: 15}}")
+        models.replace(
+            "20241022}",
+            "20241022, price: {input_per_mtok: 3, output_per_mtok: 15}, max_output_tokens: 8192}",
+        )
     )
     assert main(["policy", "check", str(priced)]) == 0
     assert "warning" not in capsys.readouterr().err
@@ -67,6 +70,42 @@ def test_policy_check_warns_of_a_closed_model_no_price_covers(
     )
     assert main(["policy", "check", str(local)]) == 1
     assert "models.local.price: a local model's price is a setting" in capsys.readouterr().err
+
+
+def _check(path: Path, text: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """``tiergate policy check`` of ``text`` written to ``path``: its exit code and stderr."""
+    path.write_text(text)
+    return main(["policy", "check", str(path)]), capsys.readouterr().err
+
+
+def test_policy_check_warns_of_an_anthropic_model_without_an_output_limit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Valid (exit 0), but a request without max_tokens is sent 4096, maybe below the model's
+    own limit: say so, and how to fix it; max_output_tokens (or litellm's map) covers it, and
+    a local model may not take one, nor a model one over its context window."""
+    models = (
+        "version: 1\nmodels:\n  local: {tier: local}\n"
+        "  claude: {tier: closed, litellm_model: anthropic/claude-3-5-haiku-20241022, "
+        "price: {input_per_mtok: 1, output_per_mtok: 5}}\n"
+        "  sonnet: {tier: closed, litellm_model: anthropic/claude-sonnet-4-5-20250929}\n"
+    )
+    unknown = tmp_path / "unknown.yaml"
+    assert _check(unknown, models, capsys) == (
+        0,
+        f"{unknown}: warning: models.claude: no output limit for litellm_model "
+        "'anthropic/claude-3-5-haiku-20241022' in the installed litellm's model map: a request "
+        "that sets no max_tokens is sent max_tokens 4096 (give it max_output_tokens)\n",
+    )
+    limited = models.replace("20241022, ", "20241022, max_output_tokens: 8192, ")
+    assert _check(tmp_path / "limited.yaml", limited, capsys) == (0, "")
+    local = models.replace("{tier: local}", "{tier: local, max_output_tokens: 512}")
+    code, err = _check(tmp_path / "local.yaml", local, capsys)
+    assert code == 1
+    assert "models.local.max_output_tokens: a local model's answer length is a setting" in err
+    window = limited.replace("8192, ", "8192, context_window: 4096, ")
+    code, err = _check(tmp_path / "window.yaml", window, capsys)
+    assert code == 1 and "max_output_tokens 8192 is over the model's context_window 4096" in err
 
 
 def test_policy_check_reads_the_policy_a_settings_file_names(

@@ -245,7 +245,7 @@ def test_a_request_litellm_cannot_translate_does_not_cool_its_model(
 TOO_LARGE = {
     "error": {
         "message": "Request too large for gpt-4o in organization org-x on tokens per min (TPM): "
-        "Limit 30000, Requested 32786. The input or output tokens must be reduced in order to "
+        "Limit 8000, Requested 8978. The input or output tokens must be reduced in order to "
         "run successfully.",
         "type": "tokens",
         "param": None,
@@ -258,7 +258,7 @@ def test_a_request_over_the_providers_token_limit_does_not_cool_its_model(
     tmp_path: Path, fake: FakeProvider
 ) -> None:
     """OpenAI answers a single request over the organization's tokens-per-minute limit
-    (``max_tokens: 32000``) with a 429 "Request too large". As a 429 it cooled gpt-4o at once,
+    (``max_tokens: 8192``) with a 429 "Request too large". As a 429 it cooled gpt-4o at once,
     so one tenant's one request sent every tenant's requests to claude for 30 s. It still
     falls back, but does not cool; alone it is a 429 a retry cannot fix."""
     fake.reset(
@@ -266,11 +266,11 @@ def test_a_request_over_the_providers_token_limit_does_not_cool_its_model(
     )
     hard = {"model": "auto", "messages": [{"role": "user", "content": "HARD"}]}
     with live(tmp_path, policy_yaml(fake, on_failure="closed")) as srv:
-        answer = srv.http.post("/v1/chat/completions", json={**hard, "max_tokens": 32000})
+        answer = srv.http.post("/v1/chat/completions", json={**hard, "max_tokens": 8192})
         assert answer.status_code == 200 and answer.headers["x-tiergate-model"] == "claude"
         assert srv.gateway.cooldowns.status() == {}
         pinned = srv.http.post(
-            "/v1/chat/completions", json={**hard, "model": "gpt-4o", "max_tokens": 32000}
+            "/v1/chat/completions", json={**hard, "model": "gpt-4o", "max_tokens": 8192}
         )
         assert pinned.status_code == 429, pinned.text
         assert pinned.headers["x-should-retry"] == "false"

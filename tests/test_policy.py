@@ -457,6 +457,27 @@ def test_a_local_only_rule_cannot_answer_several_choices_and_says_so() -> None:
     assert not decision.context_exceeded  # a 400 invalid_request, not context_length_exceeded
 
 
+def test_max_tokens_over_a_models_output_limit_moves_or_is_refused() -> None:
+    """A closed model's ``max_output_tokens`` is a hard constraint, as its context window is:
+    its provider refused a larger ``max_tokens`` (a 400), and cutting it down would return a
+    shorter answer than the client asked room for. The request goes to a model that can
+    write that much; pinned to this one, it is refused before any call, naming the limit."""
+    p = parse_policy(
+        MODELS.replace("100000}", "100000, max_output_tokens: 16384}")
+        + "rules:\n  - {name: c, route: big}\n"
+    )
+    decision = evaluate(p, signals(max_tokens=20_000))
+    assert (decision.model, decision.rule) == ("notools", "constraint")
+    assert "model 'big' cannot take max_tokens 20000 (it writes at most 16384)" in decision.reason
+    assert decision.fallbacks == ("huge",)  # not 'big', which would refuse it too
+    assert evaluate(p, signals(max_tokens=16_384)).model == "big"
+    pinned = evaluate(p, signals(alias="big", max_tokens=20_000))
+    assert pinned.unsatisfiable == (
+        "model 'big' cannot take max_tokens 20000 (it writes at most 16384) and the request pins it"
+    )
+    assert not pinned.context_exceeded
+
+
 def test_prompt_exactly_at_window_stays_local() -> None:
     p = policy("rules:\n  - {name: cheap, route: local}\n")
     assert evaluate(p, signals(prompt_tokens=900, max_tokens=100)).model == "small"

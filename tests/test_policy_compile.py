@@ -143,7 +143,8 @@ CORPUS: list[tuple[str, str, list[str]]] = [
         [
             "p.yaml:3:24: models.local.contxt_window: unknown key 'contxt_window', did you mean "
             "'context_window'? (expected one of tier, litellm_model, api_base, api_key_env, "
-            "context_window, supports_tools, supports_images, timeout_s, transport, price, "
+            "context_window, max_output_tokens, supports_tools, supports_images, timeout_s, "
+            "transport, price, "
             "description)"
         ],
     ),

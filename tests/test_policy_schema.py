@@ -186,6 +186,9 @@ CASES: list[tuple[str, str, bool]] = [
         False,
     ),
     ("model-name-matches-key", local_model("tier: local, name: local"), True),
+    ("output-limit", HEAD.replace("gpt-4o}", "gpt-4o, max_output_tokens: 16384}"), True),
+    ("output-limit-zero", HEAD.replace("gpt-4o}", "gpt-4o, max_output_tokens: 0}"), False),
+    ("output-limit-as-text", HEAD.replace("gpt-4o}", "gpt-4o, max_output_tokens: '16k'}"), False),
     # what the loader rejects for its shape
     ("unknown-top-level-key", HEAD + "colour: blue\n", False),
     ("unknown-model-key", local_model("tier: local, gpu: true"), False),

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import itertools
 import json
 import logging
 import os
 import re
 import traceback
-from collections.abc import AsyncIterator, Collection, Iterator, Mapping
+from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Mapping
 from typing import Any
 
 import httpx
@@ -33,6 +34,7 @@ from router.backends.openai_http import (
     retry_after_s,
     stream_cut,
 )
+from router.costs import litellm_model_map
 from router.errors import (
     BackendError,
     BadRequestError,
@@ -106,6 +108,60 @@ def cannot_take(model: ModelLike, names: Collection[str]) -> frozenset[str]:
         return replayed
     supported = litellm.get_supported_openai_params(model=name, custom_llm_provider="openai")
     return frozenset(names) - frozenset(supported or ())
+
+
+#: The request fields that bound an answer's length.
+_OUTPUT_FIELDS = ("max_tokens", "max_completion_tokens")
+#: ``max_tokens`` for an Anthropic model, which requires one, when the request sets none and
+#: neither the policy (``max_output_tokens``) nor litellm's model map gives the model's output
+#: limit: the smallest current Claude's (claude-3-haiku's). litellm sent its own default, 128000,
+#: which is over every Claude's limit: Anthropic refused each such request with a 400.
+ANTHROPIC_MAX_TOKENS = 4096
+
+
+@functools.cache
+def _mapped_output_limits() -> Mapping[str, int]:
+    # Each model's max_output_tokens in litellm's bundled map, read once, on first need.
+    return {
+        name: entry["max_output_tokens"]
+        for name, entry in litellm_model_map().items()
+        if isinstance(entry, dict) and type(entry.get("max_output_tokens")) is int
+    }
+
+
+def mapped_output_limit(litellm_model: str) -> int | None:
+    """The output limit litellm's bundled model map gives ``litellm_model`` (looked up by the
+    name the provider gets, as litellm does), or None where it does not know the model."""
+    limits = _mapped_output_limits()
+    return limits.get(litellm_model.split("/", 1)[-1]) or limits.get(litellm_model)
+
+
+def default_max_tokens(model: ModelLike) -> int | None:
+    """The ``max_tokens`` to send ``model`` for a request that sets none: its policy
+    ``max_output_tokens`` for an Anthropic model (Anthropic requires one), else litellm's map's
+    limit, else :data:`ANTHROPIC_MAX_TOKENS`. None for any other provider: it takes a request
+    without one, and answers up to the model's own limit."""
+    if provider_of(model.litellm_model or "") != "anthropic":
+        return None
+    return (
+        model.max_output_tokens
+        or mapped_output_limit(model.litellm_model or "")
+        or ANTHROPIC_MAX_TOKENS
+    )
+
+
+def unknown_output_limits(models: Iterable[ModelLike]) -> list[str]:
+    """The Anthropic models among ``models`` whose output limit neither the policy
+    (``max_output_tokens``) nor litellm's model map gives: a request to one that sets no
+    ``max_tokens`` is sent :data:`ANTHROPIC_MAX_TOKENS`, which may be below the model's own."""
+    return [
+        m.name
+        for m in models
+        if m.tier == "closed"
+        and provider_of(m.litellm_model or "") == "anthropic"
+        and m.max_output_tokens is None
+        and mapped_output_limit(m.litellm_model or "") is None
+    ]
 
 
 class ClosedBackend:
@@ -196,6 +252,10 @@ class ClosedBackend:
 
     def _litellm_kwargs(self, model: ModelLike, body: dict[str, Any]) -> dict[str, Any]:
         kwargs = {k: v for k, v in body.items() if k not in _STRIP and k not in _LITELLM_OWN}
+        if not any(kwargs.get(f) is not None for f in _OUTPUT_FIELDS):
+            default = default_max_tokens(model)
+            if default is not None:
+                kwargs["max_tokens"] = default
         check_user_parts(kwargs.get("messages") or [], model.name)
         if provider_of(model.litellm_model or "") == "anthropic" and "response_format" in kwargs:
             kwargs["response_format"] = anthropic_response_format(
