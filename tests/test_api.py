@@ -528,6 +528,31 @@ def test_json_object_gets_json_from_an_anthropic_model(
     assert sent["tools"][0]["input_schema"] == {"type": "object"}
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_json_schema_without_its_schema_gets_json_from_an_anthropic_model(
+    client: openai.OpenAI, fake: FakeProvider, stream: bool
+) -> None:
+    # OpenAI's json_schema takes no schema at all (it is optional); litellm failed on one for
+    # an Anthropic model (KeyError 'schema'): a 400 "litellm cannot translate it". It asks for
+    # any JSON object, as json_object does.
+    fake.reset(Behaviour(mode="tool_call"))
+    answer = client.chat.completions.with_raw_response.create(
+        model="claude",
+        messages=[{"role": "user", "content": "The capital of France, as JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "city"}},
+        stream=stream,
+    )
+    if stream:
+        chunks = answer.parse()
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    else:
+        content = answer.parse().choices[0].message.content or ""
+    assert json.loads(content) == {"city": "Paris"}
+    sent = fake.received[-1].body
+    assert sent["tool_choice"] == {"type": "tool", "name": sent["tools"][0]["name"]}
+    assert sent["tools"][0]["input_schema"] == {"type": "object"}
+
+
 def test_an_anthropic_model_refuses_a_response_format_it_cannot_honour(
     client: openai.OpenAI, fake: FakeProvider
 ) -> None:

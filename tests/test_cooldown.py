@@ -171,18 +171,19 @@ def test_a_cooling_model_is_called_when_the_rest_of_its_chain_refuses_the_reques
 #: Requests litellm cannot send to an Anthropic model, which it refused before sending anything,
 #: reporting each as ``APIConnectionError``, and the 400 each now gets (code, words): a content
 #: part of a type litellm takes for no provider (its message check raised a bare ``Exception``,
-#: "Invalid user message at index 0"; now refused before litellm is called), and a
-#: ``json_schema`` whose spec has no ``schema`` (a ``KeyError`` translating it).
+#: "Invalid user message at index 0"; now refused before litellm is called), and an OpenAI
+#: ``custom`` tool (free-form input, which Anthropic has no form of: a ``KeyError`` on its
+#: ``function`` translating it).
 UNTRANSLATABLE = {
     "unknown-part": (
         {"messages": [{"role": "user", "content": [{"type": "video", "url": "x"}]}]},
         "unsupported_parameter",
         "claude cannot take a user content part of type 'video'",
     ),
-    "json-schema": (
+    "custom-tool": (
         {
             "messages": [{"role": "user", "content": "HARD"}],
-            "response_format": {"type": "json_schema", "json_schema": {"name": "x"}},
+            "tools": [{"type": "custom", "custom": {"name": "run_sql"}}],
         },
         "invalid_request",
         "claude cannot take the request: litellm cannot translate it",
@@ -197,11 +198,11 @@ def test_a_request_litellm_cannot_translate_does_not_cool_its_model(
     """A request litellm cannot translate for claude fails before anything is sent, and litellm
     calls that a connection error. The unknown part was a 502 ``upstream_unreachable`` that
     counted as claude failing, so three such requests from one tenant (one OpenAI SDK call,
-    with its two retries of the 502) cooled claude for every tenant; the schema-less
-    ``response_format`` a 502 that SDKs retry to the same end. Both are the request's fault:
-    the chain still tries gpt-4o, claude does not cool, and pinned to claude the client gets a
-    400 that says why, with nothing sent to the provider. A connection refused is still a 502
-    ``upstream_unreachable`` that cools the model."""
+    with its two retries of the 502) cooled claude for every tenant; the custom tool, which
+    litellm fails on the same way, a 502 that SDKs retry to the same end. Both are the
+    request's fault: the chain still tries gpt-4o, claude does not cool, and pinned to claude
+    the client gets a 400 that says why, with nothing sent to the provider. A connection
+    refused is still a 502 ``upstream_unreachable`` that cools the model."""
     fake.reset()
     policy = policy_yaml(fake, on_failure="closed").replace(
         "closed_models: [gpt-4o, claude]", "closed_models: [claude, gpt-4o]"

@@ -349,10 +349,15 @@ def anthropic_response_format(response_format: Any, label: str) -> Any:
     answer's text, but sent ``json_object`` (or anything but ``text``) nothing: the model
     answered in prose to a client that parses JSON. ``json_object`` (with llama.cpp's optional
     ``schema``) goes as a ``json_schema`` of any object; a type it does not know is refused (400),
-    so a chain goes on to a model that may take it."""
+    so a chain goes on to a model that may take it. A ``json_schema`` without its ``schema``,
+    which OpenAI's API takes (it is optional there), goes with a schema of any object: litellm
+    failed on it (``KeyError: 'schema'``), and the client had a 400 for a valid request."""
     if not isinstance(response_format, dict):
         return response_format
     kind = response_format.get("type")
+    given = response_format.get("json_schema")
+    if kind == "json_schema" and isinstance(given, dict) and given.get("schema") is None:
+        return {**response_format, "json_schema": {**given, "schema": _ANY_OBJECT}}
     if kind in ("text", "json_schema"):
         return response_format
     if kind == "json_object":
