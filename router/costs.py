@@ -66,6 +66,7 @@ _PRICE_FIELDS = (
     "output_cost_per_token",
     "cache_read_input_token_cost",
     "cache_creation_input_token_cost",
+    "max_output_tokens",
 )
 
 
@@ -120,18 +121,33 @@ class CostBook:
             self._cache[litellm_model] = self._lookup(litellm_model)
         return self._cache[litellm_model]
 
-    def _lookup(self, name: str) -> Price | None:
-        candidates = [name, name.split("/", 1)[-1]]
-        for key in candidates:
+    def _entry(self, name: str) -> dict[str, Any] | None:
+        for key in (name, name.split("/", 1)[-1]):
             entry = self._map.get(key)
             if isinstance(entry, dict) and "input_cost_per_token" in entry:
-                return Price(
-                    float(entry.get("input_cost_per_token") or 0.0),
-                    float(entry.get("output_cost_per_token") or 0.0),
-                    _optional(entry.get("cache_read_input_token_cost")),
-                    _optional(entry.get("cache_creation_input_token_cost")),
-                )
+                return entry
         return None
+
+    def output_limit(self, model: ModelSpec) -> int | None:
+        """The most completion tokens one call to the closed ``model`` can bill: litellm's
+        ``max_output_tokens`` for it (what litellm asks an Anthropic model for when a request
+        sets no ``max_tokens``; OpenAI's own cap then), else None when the table does not say."""
+        entry = self._entry(model.litellm_model) if model.litellm_model else None
+        limit = entry.get("max_output_tokens") if entry is not None else None
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            return limit
+        return None
+
+    def _lookup(self, name: str) -> Price | None:
+        entry = self._entry(name)
+        if entry is None:
+            return None
+        return Price(
+            float(entry.get("input_cost_per_token") or 0.0),
+            float(entry.get("output_cost_per_token") or 0.0),
+            _optional(entry.get("cache_read_input_token_cost")),
+            _optional(entry.get("cache_creation_input_token_cost")),
+        )
 
     def closed_price(self, model: ModelSpec | str | None) -> Price | None:
         """A closed model's price: its policy ``price`` when it names one, else litellm's table

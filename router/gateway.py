@@ -801,12 +801,26 @@ class Gateway:
 
     # -- reserving -------------------------------------------------------------------------
 
-    def call_tokens(self, ctx: RequestContext, default_completion: int) -> tuple[int, int]:
+    def call_tokens(
+        self, ctx: RequestContext, default_completion: int, model: ModelSpec | None = None
+    ) -> tuple[int, int]:
         """(prompt, completion) tokens one model call for ``ctx`` may use: the prompt estimate,
-        and ``max_tokens`` or else ``default_completion`` for each of the ``n`` choices."""
+        and ``max_tokens`` or else ``default_completion`` for each of the ``n`` choices.
+
+        Priced for a budget, a call to the closed ``model`` without ``max_tokens`` may write as
+        much as that model can: its output limit (``CostBook.output_limit``), else what its
+        context window leaves, where either exceeds the default. Holding less let concurrent
+        requests that wrote long answers spend several times past the budget.
+        """
         assert ctx.signals is not None
+        prompt = ctx.signals.prompt_tokens
         completion = ctx.signals.max_tokens or default_completion
-        return ctx.signals.prompt_tokens, completion * ctx.choices
+        if not ctx.signals.max_tokens and model is not None and model.tier == "closed":
+            limit = self.costs.output_limit(model)
+            if limit is None and model.context_window is not None:
+                limit = model.context_window - prompt
+            completion = max(completion, limit or 0)
+        return prompt, completion * ctx.choices
 
     def reserved_tokens(self, ctx: RequestContext, default_completion: int) -> tuple[int, int]:
         """(prompt, completion) tokens to reserve for ``ctx`` before it is served: one call's,
@@ -820,14 +834,17 @@ class Gateway:
         included); for a cascade, its local answer plus the dearest model it may escalate to."""
         decision = ctx.decision
         assert decision is not None
-        prompt, completion = self.call_tokens(ctx, default_completion)
-        call = Usage(prompt, completion)
+
+        def cost(model: ModelSpec) -> float:
+            call = Usage(*self.call_tokens(ctx, default_completion, model))
+            return self.costs.call_cost(model, call)
+
         if decision.cascade is not None:
-            local = self.costs.call_cost(self.policy.models[decision.model], call)
             escalation = self._escalation(decision)
-            return local + max((self.costs.call_cost(m, call) for m, _ in escalation), default=0.0)
+            local = cost(self.policy.models[decision.model])
+            return local + max((cost(m) for m, _ in escalation), default=0.0)
         reach = self.chain(decision) + self.spill_chain(decision)
-        return max(self.costs.call_cost(spec, call) for spec, _ in reach)
+        return max(cost(spec) for spec, _ in reach)
 
     async def hold_spend(self, ctx: RequestContext, default_completion: int) -> None:
         """Reserve the request's estimated cost against its tenant's daily budget.

@@ -315,9 +315,10 @@ class LearningLoop:
         twice, each call priced at its prompt estimate and its completion cap."""
         from router.signals import estimate_tokens, scoring_text
 
-        prompt, completion = self.gateway.call_tokens(ctx, self.gateway.reserve_tokens)
+        spec = self._closed_spec(None)
+        prompt, completion = self.gateway.call_tokens(ctx, self.gateway.reserve_tokens, spec)
         costs = self.gateway.costs
-        closed = costs.closed_cost(self._closed_spec(None), prompt, completion)
+        closed = costs.closed_cost(spec, prompt, completion)
         # The judge reads the question and both answers (the closed one at most its cap).
         question = scoring_text(list(body.get("messages") or []))
         judged: list[Mapping[str, Any]] = [*judge_messages(question, local, "")]

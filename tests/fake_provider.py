@@ -69,6 +69,10 @@ class Behaviour:
     reply_fn: Callable[[dict[str, Any]], str] | None = None
     # Bill each of the request's ``n`` choices, as OpenAI does (usage grows with ``n``).
     bill_choices: bool = False
+    # When set, the completion tokens billed per choice (else 7): at most the request's
+    # ``max_completion_tokens`` or ``max_tokens``, as a provider stops there; without either,
+    # all of them (a long answer, up to the model's own limit).
+    completion_tokens: int | None = None
     # Refuse a chat request field OpenAI's API does not take, a message field its schema does not
     # have, a tool of a type other than function or custom, and ``reasoning_effort`` for a model
     # that does not reason, with OpenAI's 400s (the fake otherwise takes anything).
@@ -454,7 +458,11 @@ class FakeProvider:
     def _usage(self, body: dict[str, Any]) -> Any:
         if self.behaviour.mode == "bad_usage":
             return "lots"
-        completion = 7 * (int(body.get("n") or 1) if self.behaviour.bill_choices else 1)
+        each = 7
+        if self.behaviour.completion_tokens is not None:
+            cap = body.get("max_completion_tokens") or body.get("max_tokens")
+            each = min(self.behaviour.completion_tokens, int(cap) if cap else 10**9)
+        completion = each * (int(body.get("n") or 1) if self.behaviour.bill_choices else 1)
         prompt = 11 + self.behaviour.cached_tokens
         usage: dict[str, Any] = {
             "prompt_tokens": prompt,

@@ -44,6 +44,15 @@ def test_litellms_bundled_table_is_read_offline() -> None:
     assert CostBook(table).closed_cost("openai/gpt-4o", 1_000_000, 0) > 0.0
 
 
+def test_a_closed_models_output_limit_comes_from_litellms_table() -> None:
+    from router.policy import ModelSpec
+
+    book = CostBook(load_litellm_cost_map())
+    assert book.output_limit(ModelSpec(tier="closed", litellm_model="openai/gpt-4o")) == 16384
+    unknown = ModelSpec(tier="closed", litellm_model="openai/not-a-model")
+    assert book.output_limit(unknown) is None
+
+
 def test_the_loaded_table_keeps_only_prices() -> None:
     table = load_litellm_cost_map()
     assert table, "litellm's table should be installed with the dev dependencies"
@@ -54,6 +63,7 @@ def test_the_loaded_table_keeps_only_prices() -> None:
             "output_cost_per_token",
             "cache_read_input_token_cost",
             "cache_creation_input_token_cost",
+            "max_output_tokens",  # what a call without max_tokens may write (budget holds)
         }
 
 

@@ -540,24 +540,44 @@ def test_a_replica_started_past_a_spent_budget_sees_it_from_its_first_request(
     assert fake.received == []
 
 
+def _burst_within_budget(
+    tmp_path: Path, fake: FakeProvider, body: dict[str, Any], budget: float, completion: int
+) -> None:
+    # 30 concurrent requests to gpt-4o, each billed ``completion`` tokens, spend at most the
+    # budget plus one request's reservation.
+    with live(tmp_path, _budget_policy(fake, budget), local_backend_obj=ScriptedLocal()) as srv:
+        got = asyncio.run(_burst(srv.url, body, 30))
+        assert [r.status_code for r in got].count(200) >= 1
+        store = srv.gateway.outcomes
+        assert wait_for(lambda: store.count() == 30) and store.flush()
+        rows = [r for r in store.recent(100) if r["status"] == "ok"]
+        assert all(r["completion_tokens"] == completion for r in rows)
+        spent = sum(float(r["cost_usd"]) for r in rows)
+        prompt = int(rows[0]["signals"]["prompt_tokens"])
+        reservation = srv.gateway.costs.closed_cost("openai/gpt-4o", prompt, completion)
+        assert spent <= budget + reservation, (spent, reservation)
+
+
 def test_each_choice_of_n_counts_against_the_budget(tmp_path: Path, fake: FakeProvider) -> None:
     # Requests asking for n=16 choices held the cost of one, while the provider billed sixteen:
     # 30 concurrent ones spent several times the budget plus one reservation.
     from tests.fake_provider import Behaviour
 
     fake.reset(Behaviour(mode="stall", stall_s=0.5, bill_choices=True))
-    body = {**HARD_LONG, "n": 16}
-    with live(tmp_path, _budget_policy(fake, 0.0003), local_backend_obj=ScriptedLocal()) as srv:
-        got = asyncio.run(_burst(srv.url, body, 30))
-        assert [r.status_code for r in got].count(200) >= 1
-        store = srv.gateway.outcomes
-        assert wait_for(lambda: store.count() == 30) and store.flush()
-        rows = [r for r in store.recent(100) if r["status"] == "ok"]
-        assert all(r["completion_tokens"] == 7 * 16 for r in rows)
-        spent = sum(float(r["cost_usd"]) for r in rows)
-        prompt = int(rows[0]["signals"]["prompt_tokens"])
-        reservation = srv.gateway.costs.closed_cost("openai/gpt-4o", prompt, 7 * 16)
-        assert spent <= 0.0003 + reservation, (spent, reservation)
+    _burst_within_budget(tmp_path, fake, {**HARD_LONG, "n": 16}, 0.0003, 7 * 16)
+
+
+def test_answers_without_max_tokens_stay_within_the_budget(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    # A request without max_tokens held TIERGATE_RESERVE_TOKENS (4096) of completion while
+    # gpt-4o wrote up to its own limit (16,384): 30 concurrent ones spent $2.13 of a $0.50
+    # budget, four times past it, where one reservation is $0.16.
+    from tests.fake_provider import Behaviour
+
+    fake.reset(Behaviour(mode="stall", stall_s=0.5, completion_tokens=16384))
+    body = {key: value for key, value in HARD_LONG.items() if key != "max_tokens"}
+    _burst_within_budget(tmp_path, fake, body, 0.5, 16384)
 
 
 @pytest.mark.parametrize("over_budget", ["local", "reject"])
