@@ -258,7 +258,7 @@ async def call_of(
     principal = principal_of(request)
     body: dict[str, Any] = {}
     native: NativeRequest | None = None
-    refused: Exception | None = None
+    refused: BaseException | None = None
     # The id RequestIds (router.app) gave the request: its answer and log lines carry it too.
     request_id = str(getattr(request.state, "request_id", None) or new_request_id())
 
@@ -276,6 +276,10 @@ async def call_of(
         raw = await read_body(request)
         await off_loop_when_large(raw, functools.partial(read, raw))
     except Exception as exc:  # answered and recorded by the gateway, as it was raised
+        refused = exc
+    except asyncio.CancelledError as exc:
+        # Stopped by the server at shutdown while the body arrived: the gateway records it as
+        # stopped and raises it again at once, so the cancellation goes on as it would have.
         refused = exc
     return Call(
         body=body,

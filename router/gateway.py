@@ -224,7 +224,7 @@ class Call:
     sent_policy_headers: Mapping[str, str] | None = None  # all x-tiergate-* sent (None: as above)
     disconnected: Callable[[], Awaitable[bool]] | None = None
     native: NativeRequest | None = None
-    refused: Exception | None = None
+    refused: BaseException | None = None
     shape: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     optional: frozenset[str] = frozenset()
     native_only: frozenset[str] = frozenset()

@@ -327,3 +327,25 @@ def test_a_request_stopped_at_shutdown_is_told_to_retry(tmp_path: Path, fake: Fa
     assert last.startswith("data: ") and '"code":"server_shutting_down"' in last
     assert "Traceback" not in log and "Exception in ASGI application" not in log
     assert _records(tmp_path / "outcomes.db") == [STOPPED] * 2
+
+
+def test_a_request_stopped_while_its_body_arrives_is_recorded(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """A request the shutdown timeout stops while its body is still arriving (the gateway has
+    not seen it yet) is recorded as stopped by the server, like one stopped while answered."""
+    with (
+        _serve_process(tmp_path, fake, shutdown_timeout_s=1) as (proc, port),
+        socket.create_connection(("127.0.0.1", port), 5) as sock,
+    ):
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+            b"content-type: application/json\r\ncontent-length: 200\r\n\r\n"
+            b'{"model": "auto", "messages": ['
+        )
+        time.sleep(0.5)  # the head is read and the app awaits the rest of the body
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 503"), answer[:200]
+    assert _records(tmp_path / "outcomes.db") == [STOPPED]
