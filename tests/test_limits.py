@@ -580,6 +580,33 @@ def test_answers_without_max_tokens_stay_within_the_budget(
     _burst_within_budget(tmp_path, fake, body, 0.5, 16384)
 
 
+@pytest.mark.parametrize(
+    ("limits", "held"),
+    [
+        ("    max_output_tokens: 8192\n", 8192),  # the policy's limit, which it is sent
+        ("    context_window: 200000\n", 4096),  # unmapped: sent 4096, not the window's rest
+    ],
+)
+def test_a_claude_call_without_max_tokens_is_held_at_what_it_is_sent(
+    tmp_path: Path, fake: FakeProvider, limits: str, held: int
+) -> None:
+    # The budget hold priced a call without max_tokens at litellm's table, else the context
+    # window's rest: 199,900 tokens for a Claude litellm does not map, which is sent 4,096, and
+    # 4,096 for one whose policy gives 8,192, which is sent 8,192 (and may write them).
+    from router.gateway import RequestContext
+    from router.signals import Signals
+
+    claude = "    litellm_model: anthropic/claude-3-5-sonnet-20241022\n"
+    policy = policy_yaml(fake).replace(claude, claude + limits)
+    with live(tmp_path, policy) as srv:
+        ctx = RequestContext(request_id="r", tenant="t", started=0.0, stream=False)
+        ctx.signals = Signals(alias="auto", prompt_tokens=100)
+        spec = srv.gateway.policy.models["claude"]
+        assert srv.gateway.call_tokens(ctx, 4096, spec) == (100, held)
+        ctx.signals = Signals(alias="auto", prompt_tokens=100, max_tokens=50)
+        assert srv.gateway.call_tokens(ctx, 4096, spec) == (100, 50)
+
+
 @pytest.mark.parametrize("over_budget", ["local", "reject"])
 def test_a_full_local_queue_does_not_spill_a_spent_budget_to_the_closed_tier(
     tmp_path: Path, fake: FakeProvider, over_budget: str
