@@ -341,10 +341,10 @@ class FakeProvider:
             self._unstalled.wait(b.stall_s)
             with self._lock:
                 self.stalls_ended += generation == self._generation
-        if responses:
-            (self._responses_stream if body.get("stream") else self._responses_json)(h, body)
-        elif body.get("stream"):
-            (self._anthropic_stream if anthropic else self._openai_stream)(h, body)
+        if body.get("stream"):
+            self._stream(h, body, anthropic=anthropic, responses=responses)
+        elif responses:
+            self._responses_json(h, body)
         else:
             (self._anthropic_json if anthropic else self._openai_json)(h, body)
 
@@ -357,6 +357,33 @@ class FakeProvider:
             return anthropic_refusal(body)
         refusal = openai_refusal(body) if self.behaviour.strict and not responses else None
         return None if refusal is None else {"error": refusal}
+
+    def _stream(
+        self, h: BaseHTTPRequestHandler, body: dict[str, Any], *, anthropic: bool, responses: bool
+    ) -> None:
+        """Stream the answer in the request's protocol; a reader that goes away before the end
+        is counted (``broken_streams``)."""
+        stream = (
+            self._responses_stream
+            if responses
+            else self._anthropic_stream
+            if anthropic
+            else self._openai_stream
+        )
+        try:
+            stream(h, body)
+        except (BrokenPipeError, ConnectionResetError):
+            with self._lock:
+                self.broken_streams += 1
+
+    def _send(self, h: BaseHTTPRequestHandler, event: bytes) -> None:
+        """Write one streamed event, after ``chunk_delay_s``, and count it."""
+        if self.behaviour.chunk_delay_s:
+            time.sleep(self.behaviour.chunk_delay_s)
+        h.wfile.write(event)
+        h.wfile.flush()
+        with self._lock:
+            self.sent_chunks += 1
 
     def _failing(self, h: BaseHTTPRequestHandler) -> bool:
         """Whether this request is one to fail (see ``Behaviour.failing_path``)."""
@@ -496,12 +523,7 @@ class FakeProvider:
         def send(obj: Any) -> None:
             if b.usage_on_chunks and obj.get("choices"):
                 obj = {**obj, "usage": self._usage(body)}
-            if b.chunk_delay_s:
-                time.sleep(b.chunk_delay_s)
-            h.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
-            h.wfile.flush()
-            with self._lock:
-                self.sent_chunks += 1
+            self._send(h, b"data: " + json.dumps(obj).encode() + b"\n\n")
 
         base = {
             "id": "chatcmpl-fake",
@@ -509,11 +531,7 @@ class FakeProvider:
             "created": int(time.time()),
             "model": body.get("model", "fake"),
         }
-        try:
-            self._openai_chunks(h, body, base, pieces, send)
-        except (BrokenPipeError, ConnectionResetError):
-            with self._lock:
-                self.broken_streams += 1
+        self._openai_chunks(h, body, base, pieces, send)
 
     def _openai_chunks(
         self,
@@ -611,8 +629,7 @@ class FakeProvider:
         self._sse_start(h)
 
         def event(name: str, obj: Any) -> None:
-            h.wfile.write(f"event: {name}\ndata: ".encode() + json.dumps(obj).encode() + b"\n\n")
-            h.wfile.flush()
+            self._send(h, f"event: {name}\ndata: ".encode() + json.dumps(obj).encode() + b"\n\n")
 
         event(
             "message_start",
@@ -756,9 +773,9 @@ class FakeProvider:
             nonlocal seq
             obj["sequence_number"] = seq
             seq += 1
-            h.wfile.write(f"event: {obj['type']}\ndata: ".encode() + json.dumps(obj).encode())
-            h.wfile.write(b"\n\n")
-            h.wfile.flush()
+            self._send(
+                h, f"event: {obj['type']}\ndata: ".encode() + json.dumps(obj).encode() + b"\n\n"
+            )
 
         event({"type": "response.created", "response": self._response(body, "in_progress")})
         if self._cut_after_open(h):

@@ -857,24 +857,51 @@ def test_invalid_policy_during_traffic_keeps_the_last_good_one(
 # -- client faults -----------------------------------------------------------------------------
 
 
+#: Each way a closed model's stream is read: (front, closed model called first, how gpt-4o is
+#: reached through litellm or None). claude on the chat front is read through litellm.
+STREAM_PATHS: dict[str, tuple[str, str, str | None]] = {
+    "openai-direct": ("chat", "gpt-4o", None),
+    "mistral-litellm": ("chat", "gpt-4o", "mistral"),
+    "openai-litellm": ("chat", "gpt-4o", "openai-via-litellm"),
+    "anthropic-litellm": ("chat", "claude", None),
+    "messages-native": ("messages", "claude", None),
+    "responses-native": ("responses", "gpt-4o", None),
+}
+
+
+@pytest.mark.parametrize("way", sorted(STREAM_PATHS))
 def test_client_disconnecting_mid_stream_cancels_upstream(
-    server: LiveServer, fake: FakeProvider
+    tmp_path: Path, fake: FakeProvider, way: str
 ) -> None:
+    """A client that leaves mid-stream, while the provider generates its answer, closes the
+    provider's connection at once on every path (direct, through litellm, native), so the
+    provider stops generating, and billing, tokens nobody reads; the request is recorded
+    aborted."""
+    front, first, via = STREAM_PATHS[way]
     words = " ".join(f"w{i}" for i in range(40))
     fake.reset(Behaviour(text=words, chunk_delay_s=0.1))
-    with httpx.stream(  # a real socket: the client's disconnect is what is under test
-        "POST", server.url + "/v1/chat/completions", json={**HARD, "stream": True}
-    ) as response:
-        rid = response.headers["x-request-id"]
-        for line in response.iter_lines():
-            if line.startswith("data: "):
-                break  # the client goes away after the first chunk
-    record = _records(server, 1)[0]
+    policy = _through_litellm(fake, via) if via else policy_yaml(fake, on_failure="closed")
+    if first == "claude":
+        policy = policy.replace(
+            "closed_models: [gpt-4o, claude]", "closed_models: [claude, gpt-4o]"
+        )
+    path, body, _ = CUT_FRONTS[front]
+    with live(tmp_path, policy) as srv:
+        with httpx.stream(  # a real socket: the client's disconnect is what is under test
+            "POST", srv.url + path, json=body
+        ) as response:
+            rid = response.headers["x-request-id"]
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    break  # the client goes away after the first event
+        record = _records(srv, 1)[0]
+        # the upstream stream was closed while the server runs (not by its shutdown): the
+        # provider's next write failed, long before the end
+        assert wait_for(lambda: fake.broken_streams == 1, 5)
+        assert fake.sent_chunks < 20, fake.sent_chunks
+    assert response.headers["x-tiergate-model"] == first
     assert record["id"] == rid
     assert (record["status"], record["http_status"]) == ("aborted", 499)
-    # the upstream stream was closed: the provider's next write failed, long before the end
-    assert wait_for(lambda: fake.broken_streams == 1, 5)
-    assert fake.sent_chunks < 20
 
 
 def test_client_disconnecting_mid_stream_stops_local_generation(
