@@ -45,10 +45,12 @@ class Behaviour:
     array), no_stream_usage (a stream without a usage chunk even when asked, as llama-cpp-python's
     server sends it), interrupted (a stream that ends with ``data: [DONE]`` after two words and
     no finish_reason, as llama-cpp-python's server ends one it interrupts for a newer request),
-    reset_at_once (the connection reset before any answer), reset_after_open (a stream whose
-    connection is reset right after its opening: OpenAI's role-only chunk, Anthropic's
-    ``message_start``, the Responses ``response.created``), overloaded_after_open (Anthropic:
-    ``message_start``, then an ``overloaded_error`` event, as Anthropic ends a stream it
+    done_after_open (OpenAI chat: a stream that ends with ``data: [DONE]`` right after its
+    role-only chunk, with no token and no finish_reason; the other protocols end after their
+    opening), reset_at_once (the connection reset before any answer), reset_after_open (a
+    stream whose connection is reset right after its opening: OpenAI's role-only chunk,
+    Anthropic's ``message_start``, the Responses ``response.created``), overloaded_after_open
+    (Anthropic: ``message_start``, then an ``overloaded_error`` event, as Anthropic ends a stream it
     cannot go on with; Responses: ``response.created``, then OpenAI's ``server_is_overloaded``
     ``error`` event; either with ``error_body`` as the event instead), unfinished_response
     (Responses, not streamed: a 200 whose Response has status ``response_status`` and no
@@ -390,11 +392,18 @@ class FakeProvider:
         path = self.behaviour.failing_path
         return path is None or h.path.rstrip("/").endswith(path)
 
-    def _cut_after_open(self, h: BaseHTTPRequestHandler) -> bool:
-        """Reset the connection if told to cut this stream after its opening; True when cut."""
-        if self.behaviour.mode != "reset_after_open" or not self._failing(h):
+    def _cut_after_open(self, h: BaseHTTPRequestHandler, done: bytes = b"") -> bool:
+        """End this stream after its opening if told to: reset the connection
+        (``reset_after_open``), or send ``done`` and close it (``done_after_open``); True when
+        cut."""
+        mode = self.behaviour.mode
+        if mode not in ("reset_after_open", "done_after_open") or not self._failing(h):
             return False
-        _reset(h)
+        if mode == "reset_after_open":
+            _reset(h)
+        else:
+            h.wfile.write(done)
+            h.wfile.flush()
         return True
 
     def _dropped(self, h: BaseHTTPRequestHandler, body: dict[str, Any], failing: bool) -> bool:
@@ -546,7 +555,7 @@ class FakeProvider:
         if b.usage_in_opening:
             opening["usage"] = {"prompt_tokens": 11, "completion_tokens": 0, "total_tokens": 11}
         send(opening)
-        if self._cut_after_open(h):
+        if self._cut_after_open(h, b"data: [DONE]\n\n"):
             return
         for i, piece in enumerate(pieces):
             if b.mode == "reset_mid_stream" and i == 2:

@@ -353,6 +353,20 @@ def test_a_litellm_stream_cut_after_its_opening_falls_back(
     _fell_back(response, events, record, ("claude", "closed->closed"), fake.behaviour.text)
 
 
+@pytest.mark.parametrize("via", sorted(LITELLM_PATH))
+def test_a_litellm_stream_ended_by_done_after_its_opening_falls_back(
+    tmp_path: Path, fake: FakeProvider, via: str
+) -> None:
+    """A provider litellm streams from that sends its role chunk and then ``data: [DONE]``,
+    with no token and no finish_reason (a server that gives up on a request it has opened),
+    has answered nothing: litellm makes up a ``stop`` for the [DONE], and that made-up end
+    must not pass for an empty answer. The next model answers the whole request."""
+    fake.reset(Behaviour(mode="done_after_open", failing_path="/chat/completions"))
+    response, events, record = _stream_hard(tmp_path, _through_litellm(fake, via))
+    _fell_back(response, events, record, ("claude", "closed->closed"), fake.behaviour.text)
+    assert [r.path for r in fake.received] == ["/v1/chat/completions", "/v1/messages"]
+
+
 @pytest.mark.parametrize("mode", ["reset_mid_stream", "interrupted"])
 @pytest.mark.parametrize("via", sorted(LITELLM_PATH))
 def test_a_litellm_stream_cut_mid_answer_ends_in_an_error(
