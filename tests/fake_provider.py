@@ -53,9 +53,11 @@ class Behaviour:
     (Anthropic: ``message_start``, then an ``overloaded_error`` event, as Anthropic ends a stream it
     cannot go on with; Responses: ``response.created``, then OpenAI's ``server_is_overloaded``
     ``error`` event; either with ``error_body`` as the event instead), unfinished_response
-    (Responses, not streamed: a 200 whose Response has status ``response_status`` and no
-    output, with ``error_body`` as its ``error``; a ``failed`` one without it has
-    :data:`RESPONSE_SERVER_ERROR`, as OpenAI reports a model that failed to generate one).
+    (Responses: a 200 whose Response has status ``response_status`` and no output, with
+    ``error_body`` as its ``error``; a ``failed`` one without it has
+    :data:`RESPONSE_SERVER_ERROR`, as OpenAI reports a model that failed to generate one;
+    streamed, that Response ends the stream after ``words_sent`` words, in a
+    ``response.incomplete`` event for status ``incomplete``, else ``response.completed``).
     ``chunk_delay_s`` paces streamed chunks."""
 
     mode: str = "ok"
@@ -112,8 +114,10 @@ class Behaviour:
     # OpenAI chat streams: every chunk with choices carries the usage (the finish chunk the
     # whole), and no usage-only chunk follows, as servers that report usage on every chunk do.
     usage_on_chunks: bool = False
-    # In ``unfinished_response`` mode, the Response's status.
+    # In ``unfinished_response`` mode, the Response's status, and (streamed) how many words of
+    # ``text`` go before the event that ends the stream with it.
     response_status: str = "failed"
+    words_sent: int = 0
 
 
 #: Anthropic's error body when it is overloaded (with HTTP 529, or as a stream's error event).
@@ -765,14 +769,18 @@ class FakeProvider:
         }
 
     def _responses_json(self, h: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
-        b = self.behaviour
-        if b.mode == "unfinished_response" and self._failing(h):
-            response = self._response(body, b.response_status)
-            failed = b.response_status == "failed"
-            response["error"] = b.error_body or (RESPONSE_SERVER_ERROR if failed else None)
-            self._json(h, 200, response)
+        if self.behaviour.mode == "unfinished_response" and self._failing(h):
+            self._json(h, 200, self._unfinished(body))
             return
         self._json(h, 200, self._response(body, "completed"))
+
+    def _unfinished(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The Response of ``unfinished_response`` mode: its status and error as told."""
+        b = self.behaviour
+        response = self._response(body, b.response_status)
+        failed = b.response_status == "failed"
+        response["error"] = b.error_body or (RESPONSE_SERVER_ERROR if failed else None)
+        return response
 
     def _responses_stream(self, h: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
         self._sse_start(h)
@@ -803,9 +811,15 @@ class FakeProvider:
         where = {"item_id": "msg_fake", "output_index": 0, "content_index": 0}
         part = {"type": "output_text", "text": "", "annotations": []}
         event({"type": "response.content_part.added", **where, "part": part})
+        unfinished = self.behaviour.mode == "unfinished_response" and self._failing(h)
         for i, word in enumerate(self.behaviour.text.split(" ")):
             if self.behaviour.mode == "reset_mid_stream" and i == 2:
                 _reset(h)
+                return
+            if unfinished and i == self.behaviour.words_sent:
+                incomplete = self.behaviour.response_status == "incomplete"
+                kind = "response.incomplete" if incomplete else "response.completed"
+                event({"type": kind, "response": self._unfinished(body)})
                 return
             event({"type": "response.output_text.delta", **where, "delta": word + " "})
         event({"type": "response.output_text.done", **where, "text": self.behaviour.text})

@@ -220,24 +220,34 @@ def test_only_a_native_streams_opening_events_may_be_held_back(
     ],
     ids=["completed", "incomplete", "cancelled", "in_progress", "incomplete-with-error"],
 )
+@pytest.mark.parametrize("stream", [False, True], ids=["answer", "stream"])
 def test_only_a_finished_response_without_an_error_is_an_answer(
     fake: FakeProvider,
     models: dict[str, Model],
+    *,
     status: str,
     error: dict[str, Any] | None,
     says: str | None,
+    stream: bool,
 ) -> None:
     """A Response that did not finish, or that carries an ``error``, is a failed call, not an
     empty answer; one cut short (``incomplete``, no error) is an answer, as a chat
-    answer's ``length``."""
+    answer's ``length``. Streamed, the same goes for the Response that ends the stream
+    (``response.completed``, ``response.incomplete``): it was passed on as an answer whatever
+    its error."""
     mode = "ok" if status == "completed" else "unfinished_response"
-    fake.reset(Behaviour(mode=mode, response_status=status, error_body=error))
+    fake.reset(Behaviour(mode=mode, response_status=status, error_body=error, words_sent=2))
     native = NativeRequest("responses", RESPONSES)
+    call = _stream if stream else _complete
     if says is None:
-        result, _ = run(_complete(models["gpt-4o"], native))
-        finish = result.body["choices"][0]["finish_reason"]
-        assert finish == ("stop" if status == "completed" else "length")
+        result, _ = run(call(models["gpt-4o"], native))
+        last = result[-1] if isinstance(result, list) else result.body
+        assert last["choices"][0]["finish_reason"] == (
+            "stop" if status == "completed" else "length"
+        )
         return
     with pytest.raises(BackendError) as raised:
-        run(_complete(models["gpt-4o"], native))
-    assert raised.value.message == says
+        run(call(models["gpt-4o"], native))
+    # a stream's failure says when it came, as a response.failed event's does
+    said = says.replace(" failed:", " failed mid-stream:") if stream else says
+    assert raised.value.message == said

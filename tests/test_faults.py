@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -638,6 +639,44 @@ def test_a_response_answered_200_with_an_error_is_a_failure_or_a_fallback(
         ("ok", 200, None),
         ("error", *failure),
     ]
+
+
+@pytest.mark.parametrize("status", ["completed", "incomplete"])
+def test_a_responses_stream_ended_by_a_response_with_an_error_is_a_failure(
+    tmp_path: Path, fake: FakeProvider, status: str
+) -> None:
+    """A Responses stream whose last event (``response.completed``, ``response.incomplete``)
+    carries a Response with an ``error`` has failed, as the same Response answered whole
+    does: before any token, a pinned request is a 502 and a routed one falls back; after the
+    first tokens, the client gets them and an ``error`` event in place of the provider's
+    last one, and the record says error. The native stream passed that event on as the
+    answer's end: a 200, recorded ok, with no fallback tried."""
+    behaviour = Behaviour(
+        mode="unfinished_response",
+        failing_path="/responses",
+        response_status=status,
+        error_body=RESPONSE_SERVER_ERROR,
+    )
+    fake.reset(behaviour)
+    with live(tmp_path, policy_yaml(fake, on_failure="closed")) as srv:
+        pinned, fallback, text = _overloaded_then_fallback(
+            srv, "responses", "gpt-4o", (502, "upstream_error")
+        )
+        assert RESPONSE_SERVER_ERROR["message"] in pinned.json()["error"]["message"]
+        assert fallback.headers["x-tiergate-model"] == "claude"
+        assert text.strip() == fake.behaviour.text
+        fake.reset(replace(behaviour, words_sent=2))
+        path, body, _ = CUT_FRONTS["responses"]
+        with srv.http.stream("POST", path, json=body) as response:
+            events = _sse(response)
+        record = _records(srv, 3)[0]
+    assert (response.status_code, response.headers["x-tiergate-model"]) == (200, "gpt-4o")
+    said = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert said == "Hello from "
+    assert events[-1]["type"] == "error", events[-2:]
+    assert RESPONSE_SERVER_ERROR["message"] in events[-1]["message"]
+    assert not any(e["type"] in ("response.completed", "response.incomplete") for e in events)
+    assert (record["status"], record["http_status"], record["fallback"]) == ("error", 502, None)
 
 
 #: How each provider says, after a stream's opening, that it is rate-limited (its 429 then).

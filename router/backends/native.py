@@ -432,17 +432,19 @@ def _response_failure(label: str, error: Any, *, when: str = " mid-stream") -> B
 _ANSWERED = (None, "completed", "incomplete")
 
 
-def _check_response(payload: Mapping[str, Any], label: str) -> None:
+def _check_response(payload: Mapping[str, Any], label: str, *, when: str = "") -> None:
     """Raise the failure a Response answered with HTTP 200 reports: status ``failed`` with
     the ``error`` OpenAI documents for a model that failed to generate one (its codes those
     of a stream's ``response.failed`` event), any Response with an ``error``, and one that
     did not finish (``cancelled``, ``queued``, ``in_progress``). Its output is empty or
-    partial: read as an answer, it was an empty success, with no fallback tried."""
+    partial: read as an answer, it was an empty success, with no fallback tried. The same
+    holds for the Response that ends a stream (``response.completed``,
+    ``response.incomplete``); ``when`` says where the failure came."""
     error, status = payload.get("error"), payload.get("status")
     if not error and status in _ANSWERED:
         return
     error = error or {"message": f"the response is {status}"}
-    raise _response_failure(label, error, when="")
+    raise _response_failure(label, error, when=when)
 
 
 class _ResponseEvents:
@@ -475,6 +477,7 @@ class _ResponseEvents:
             partial = {"index": tool, "function": {"arguments": str(event.get("delta", ""))}}
             return _delta({"tool_calls": [partial]})
         if kind in ("response.completed", "response.incomplete") and response is not None:
+            _check_response(response, label, when=" mid-stream")
             self.done = True
             usage.take(_usage_of(response.get("usage"), "responses", label))
             finish = "tool_calls" if self._tools else "stop"
