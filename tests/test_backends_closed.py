@@ -3,10 +3,11 @@ and litellm's errors mapped into Tiergate's hierarchy."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -502,6 +503,47 @@ def test_a_stream_litellm_sees_cut_is_unreachable_under_its_own_name(
     assert got  # it failed after the stream began
     assert raised.value.code == "upstream_unreachable"
     assert raised.value.message == "claude unreachable: the stream ended before it finished"
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        Model("m", "mistral/mistral-large-latest", api_key_env="OPENAI_API_KEY"),
+        Model("gpt-4o", "openai/gpt-4o", transport="litellm"),
+        Model("claude", "anthropic/claude-3-5-sonnet-20241022"),
+    ],
+    ids=lambda model: model.litellm_model,
+)
+def test_a_litellm_stream_left_early_closes_the_providers_connection(
+    provider: FakeProvider, model: Model
+) -> None:
+    """A reader that stops after the first chunk (a client that left) closes the provider's
+    connection at once, so the provider stops sending: litellm's stream held it, and the
+    provider went on, until it was collected."""
+    provider.reset(Behaviour(text=" ".join(f"w{i}" for i in range(400)), chunk_delay_s=0.01))
+    base = provider.base_url
+    model = replace(model, api_base=base.removesuffix("/v1") if "claude" in model.name else base)
+    broken: list[int] = []
+
+    async def call() -> None:
+        http = OpenAIHTTP(timeout_s=10)
+        backend = ClosedBackend(http, timeout_s=10, environ=KEYS)
+        try:
+            stream = backend.stream(model, {**BODY, "stream": True}, Usage())
+            await anext(stream)
+            await stream.aclose()  # what the gateway does when the client leaves
+            for _ in range(100):  # while the backend and its clients are still open
+                if provider.broken_streams:
+                    break
+                await asyncio.sleep(0.02)
+            broken.append(provider.broken_streams)
+        finally:
+            await backend.aclose()
+            await http.aclose()
+
+    run(call())
+    assert broken == [1], provider.sent_chunks
+    assert provider.sent_chunks < 200
 
 
 class _Chunk(dict[str, Any]):

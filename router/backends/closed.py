@@ -239,9 +239,12 @@ class ClosedBackend:
             )
         else:
             source = self._litellm_stream(model, body, usage)
-        async for chunk in source:
-            chunk["model"] = model.name
-            yield chunk
+        try:
+            async for chunk in source:
+                chunk["model"] = model.name
+                yield chunk
+        finally:  # a reader that stops early (a client that left) releases the provider now
+            await _aclose(source)
 
     # -- litellm ---------------------------------------------------------------------------
 
@@ -288,6 +291,7 @@ class ClosedBackend:
         options["include_usage"] = True
         kwargs["stream_options"] = options
         finished = False
+        response = None
         try:
             response = await litellm.acompletion(**kwargs, stream=True)
             async for chunk in response:
@@ -303,6 +307,11 @@ class ClosedBackend:
             raise
         except Exception as exc:  # litellm raises many types; mapped in one place
             raise map_litellm_error(exc, model.name, self.api_key(model)) from exc
+        finally:
+            # Left early (GeneratorExit at the yield), litellm's stream holds the provider's
+            # connection, which goes on sending, until it is collected: close it now.
+            if response is not None:
+                await _aclose(response)
         if not finished:  # as on the direct path: a stream without its end was cut off
             raise stream_cut(model.name)
 
@@ -313,6 +322,19 @@ class ClosedBackend:
                 await self._litellm.close_litellm_async_clients()
             except Exception:  # closing must not fail shutdown; nothing is lost here
                 log.debug("closing litellm clients failed", exc_info=True)
+
+
+async def _aclose(stream: object) -> None:
+    # Close a stream left before its end: our own generator, or litellm's stream, which else
+    # holds the provider's connection until it is collected. A failure to close one that broke
+    # must not mask why the request ended.
+    aclose = getattr(stream, "aclose", None)
+    if aclose is None:
+        return
+    try:
+        await aclose()
+    except Exception:
+        log.debug("closing a stream failed", exc_info=True)
 
 
 def check_user_parts(messages: list[Any], label: str) -> None:
