@@ -16,7 +16,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
@@ -24,6 +24,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
+from starlette.types import Receive
 
 from router import messages, responses
 from router.auth import Principal, check_record_access, principal_of
@@ -348,7 +349,7 @@ async def _respond(
                 await _cancel(serving)
                 raise
             if not serving.done():
-                return StreamingResponse(
+                return _Stream(
                     _opened_early(serving, frame, frame_error, every),
                     media_type="text/event-stream",
                     headers={"x-request-id": call.request_id, "cache-control": "no-cache"},
@@ -359,7 +360,7 @@ async def _respond(
     except ClientDisconnected:  # nobody to answer; the gateway recorded it as aborted
         return Response(status_code=499)
     if isinstance(answer, StreamAnswer):
-        return StreamingResponse(
+        return _Stream(
             _kept_alive(frame(answer), every) if every else frame(answer),
             media_type="text/event-stream",
             headers={**answer.headers, "cache-control": "no-cache"},
@@ -367,12 +368,42 @@ async def _respond(
     return Response(_dumps(answer.body), media_type="application/json", headers=answer.headers)
 
 
+class _Stream(StreamingResponse):
+    """A streamed answer that stops at the next part once its client has gone.
+
+    Starlette notices a client that leaves in a listener beside the loop that sends the parts,
+    and cancels that loop. anyio delivers that cancellation only when the loop waits on
+    something not yet done; reading a fast provider, with every read ready at once (and
+    uvicorn's send to a gone client returning at once), it never does: the whole answer was
+    read from the provider, billed, and recorded ok. The listener's flag, read after each part
+    is sent (no system call), ends the parts instead: closing them closes the provider's stream
+    and records the request aborted. A slow part is still cut short by the cancellation.
+    """
+
+    def __init__(self, parts: AsyncGenerator[bytes, None], **kwargs: Any) -> None:
+        self._left = False
+        super().__init__(self._until_left(parts), **kwargs)
+
+    async def listen_for_disconnect(self, receive: Receive) -> None:
+        await super().listen_for_disconnect(receive)
+        self._left = True
+
+    async def _until_left(self, parts: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
+        try:
+            async for part in parts:
+                yield part
+                if self._left:
+                    return
+        finally:
+            await parts.aclose()
+
+
 async def _opened_early(
     serving: asyncio.Future[Any],
     frame: Callable[[StreamAnswer], AsyncGenerator[bytes, None]],
     frame_error: Callable[[TiergateError], bytes],
     every: float,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """A stream begun before the gateway opened it: keep-alives until it has, then its parts;
     or, if it failed, its error as the last event (the status line has already gone)."""
     try:

@@ -957,6 +957,43 @@ def test_client_disconnecting_mid_stream_cancels_upstream(
     assert (record["status"], record["http_status"]) == ("aborted", 499)
 
 
+@pytest.mark.parametrize(
+    ("way", "keepalive_s"),
+    [
+        *((way, 0.0) for way in sorted(STREAM_PATHS)),
+        pytest.param("openai-direct", 5.0, id="openai-direct-kept-alive"),
+    ],
+)
+def test_client_leaving_a_fast_stream_cancels_upstream(
+    tmp_path: Path, fake: FakeProvider, way: str, keepalive_s: float
+) -> None:
+    """A client that leaves a stream the provider sends as fast as it can (every read is ready
+    at once, so the loop that relays it never waits) closes the provider's connection too,
+    long before the end, and the request is recorded aborted: it was read to the end, billed,
+    and recorded ok."""
+    front, first, via = STREAM_PATHS[way]
+    parts, size = 2000, 32 * 1024
+    fake.reset(Behaviour(text=" ".join("x" * size for _ in range(parts))))
+    policy = _through_litellm(fake, via) if via else policy_yaml(fake, on_failure="closed")
+    if first == "claude":
+        policy = policy.replace(
+            "closed_models: [gpt-4o, claude]", "closed_models: [claude, gpt-4o]"
+        )
+    path, body, _ = CUT_FRONTS[front]
+    with live(tmp_path, policy, stream_keepalive_s=keepalive_s) as srv:
+        with httpx.stream(  # a real socket: the client's disconnect is what is under test
+            "POST", srv.url + path, json=body, timeout=30
+        ) as response:
+            rid = response.headers["x-request-id"]
+            next(response.iter_raw(64 * 1024))  # the client reads 64 KiB and goes
+        assert wait_for(lambda: fake.broken_streams == 1, 5), fake.sent_chunks
+        record = _records(srv, 1)[0]
+        assert fake.sent_chunks < parts // 2, fake.sent_chunks
+    assert response.headers["x-tiergate-model"] == first
+    assert record["id"] == rid
+    assert (record["status"], record["http_status"]) == ("aborted", 499)
+
+
 def test_client_disconnecting_mid_stream_stops_local_generation(
     server: LiveServer, local: ScriptedLocal
 ) -> None:
