@@ -435,13 +435,43 @@ class _Checker:
             reach = _Reach(self.policy)
             self.problems += reach.problems()
             if not self.problems:
-                self.warnings = reach.hidden_for_every_tenant()
+                rules = [*reach.global_rest, *(e for own in reach.own.values() for e in own)]
+                self.warnings = reach.hidden_for_every_tenant() + self._personal_data_out(rules)
         if "auto" not in self.policy.aliases:
             self.policy.aliases = {
                 "auto": Alias(threshold=self.policy.threshold),
                 **self.policy.aliases,
             }
         return self.problems
+
+    def _personal_data_out(self, rules: Sequence[tuple[Loc, Rule, Form]]) -> list[tuple[Loc, str]]:
+        """Rules that route personal data local without ``local_only``: their author likely
+        means it to stay local, but a closed model is still reachable from them. Not refused,
+        as a policy that served before an upgrade must still start."""
+        p = self.policy
+        if not p.closed_models:
+            return []
+        found = []
+        for loc, rule, form in rules:
+            target = p.models.get(rule.route)
+            local = rule.route == "local" or (target is not None and target.tier == "local")
+            if local and not rule.local_only and _selects_pii(form):
+                found.append((loc, self._out_message(rule)))
+        return found
+
+    def _out_message(self, rule: Rule) -> str:
+        ways = []
+        if (rule.on_failure or self.policy.on_failure) == "closed":
+            ways.append("when the local model fails (on_failure: closed)")
+        if self.policy.queue_full == "spill":
+            ways.append("when the local queue is full (queue_full: spill)")
+        ways.append("when the local model cannot take it (images, tools, over its context window)")
+        when = ", ".join(ways[:-1]) + (", or " if len(ways) > 1 else "") + ways[-1]
+        return (
+            f"rule {rule.name!r} routes personal data local but is not local_only: such a "
+            f"request goes to a closed model {when}; add `local_only: true` to the rule to keep "
+            "it local or fail"
+        )
 
     def _check_models(self) -> None:
         p = self.policy
@@ -1023,6 +1053,20 @@ def _any_form(parts: Sequence[Form]) -> Form:
     if not flat:  # `any: []` is how a rule is switched off: not reported
         return ("false", reported)
     return next(iter(flat)) if len(flat) == 1 else ("any", frozenset(flat))
+
+
+def _selects_pii(form: Form, held: bool = True) -> bool:
+    """Whether ``form`` matches a request for holding personal data (``pii: true``, a kind in
+    ``pii_kinds``, a named signal built on them), not for lacking it (``pii: false``,
+    ``not: {pii: true}``)."""
+    if form[0] == "cmp":
+        label, op, value = form[1], form[3], form[5]
+        if label == "pii":
+            return op == "eq" and value is held
+        return label == "pii_kinds" and (op != "not_in") is held
+    if form[0] in ("all", "any"):
+        return any(_selects_pii(f, held) for f in form[1])
+    return form[0] == "not" and _selects_pii(form[1], not held)
 
 
 def _not_form(form: Form) -> Form:

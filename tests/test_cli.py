@@ -147,6 +147,16 @@ def _policy_check(
     return path, rc, capsys.readouterr()
 
 
+def _policy_warnings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str
+) -> tuple[Path, list[str]]:
+    """`tiergate policy check` on a valid ``text``: its file and the warnings it printed."""
+    path, rc, printed = _policy_check(tmp_path, capsys, text)
+    assert rc == 0
+    assert printed.out.startswith(f"{path}: ok ")
+    return path, printed.err.splitlines()
+
+
 def test_policy_check_refuses_a_tenant_rule_a_global_local_only_rule_hides(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -176,7 +186,7 @@ def test_policy_check_warns_of_a_global_rule_every_tenant_hides(
     """A tenant's rules are tried before the global ones: a global rule that every tenant under
     `tenants` hides decides only for tenants the policy does not list. Still valid (such a
     tenant reaches it), so a warning and exit 0; `policy check` said nothing."""
-    hidden, rc, printed = _policy_check(
+    hidden, warnings = _policy_warnings(
         tmp_path,
         capsys,
         "version: 1\nmodels:\n  local: {tier: local}\n"
@@ -187,14 +197,35 @@ def test_policy_check_warns_of_a_global_rule_every_tenant_hides(
         "  globex:\n    rules:\n      - {name: globex-images, when: {has_images: true}, "
         "route: gpt}\n",
     )
-    assert rc == 0
-    assert printed.out.startswith(f"{hidden}: ok ")
-    assert printed.err.splitlines() == [
+    assert warnings == [
         f"warning: {hidden}:6:5: rules[0]: rule 'images' decides no request of a tenant under "
         "`tenants`: each one's own rules, tried before the global ones, match every request it "
         "would (acme: 'acme-all', globex: 'globex-images'); it decides only for tenants not "
         "listed there (such as 'default'): remove it if there are none"
     ]
+
+
+def test_policy_check_warns_of_personal_data_routed_local_without_local_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A rule that routes personal data local but is not local_only lets a closed model serve
+    it when the local model fails: valid, so a warning with the fix and exit 0; `policy check`
+    said ok and nothing else."""
+    text = (
+        "version: 1\nmodels:\n  local: {tier: local}\n"
+        "  gpt: {tier: closed, litellm_model: openai/gpt-4o}\n"
+        "on_failure: closed\nqueue_full: reject\nrules:\n"
+        "  - {name: pii-local, when: {pii: true}, route: local}\n"
+    )
+    path, warnings = _policy_warnings(tmp_path, capsys, text)
+    assert warnings == [
+        f"warning: {path}:8:5: rules[0]: rule 'pii-local' routes personal data local but is not "
+        "local_only: such a request goes to a closed model when the local model fails "
+        "(on_failure: closed), or when the local model cannot take it (images, tools, over its "
+        "context window); add `local_only: true` to the rule to keep it local or fail"
+    ]
+    kept = text.replace("route: local}", "route: local, local_only: true}")
+    assert _policy_warnings(tmp_path, capsys, kept)[1] == []
 
 
 def test_policy_schema_is_json(capsys: pytest.CaptureFixture[str]) -> None:

@@ -806,3 +806,59 @@ def test_a_global_rule_that_some_tenant_reaches_is_no_warning() -> None:
     )
     assert [i.path for i in parse_policy(text).warnings] == ["rules[0]"]
     assert parse_policy(text + "  globex: {daily_budget_usd: 1}\n").warnings == ()
+
+
+def test_a_personal_data_rule_that_is_not_local_only_is_warned_of() -> None:
+    """`{when: {pii: true}, route: local}` without `local_only` reads as "personal data stays
+    local", but a closed model still serves such a request when the local model fails, its
+    queue is full or it cannot take the request (tests/test_privacy.py shows each). Valid, so
+    a warning that says what can happen and the fix; said nowhere before."""
+    rule = "rules:\n  - {name: pii-local, when: {pii: true}, route: local}\n"
+    (warning,) = parse_policy(M + rule, "p.yaml").warnings
+    assert str(warning) == (
+        "p.yaml:6:5: rules[0]: rule 'pii-local' routes personal data local but is not "
+        "local_only: such a request goes to a closed model when the local model fails "
+        "(on_failure: closed), when the local queue is full (queue_full: spill), or when the "
+        "local model cannot take it (images, tools, over its context window); add "
+        "`local_only: true` to the rule to keep it local or fail"
+    )
+    # Only the ways this policy leaves open are named.
+    strict = M + "on_failure: error\nqueue_full: reject\n" + rule
+    (warning,) = parse_policy(strict).warnings
+    assert "goes to a closed model when the local model cannot take it (images" in str(warning)
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        "rules:\n  - {name: r, when: {pii_kinds: {contains: email}}, route: local}\n",
+        "rules:\n  - {name: r, when: {pii: {ne: false}, turns: {gt: 1}}, route: local}\n",
+        "rules:\n  - {name: r, when: {not: {pii: false}}, route: local, on_failure: closed}\n",
+        "signals:\n  personal: {any: [{pii: true}, {metadata.private: true}]}\n"
+        "rules:\n  - {name: r, when: personal, route: local}\n",
+        "tenants:\n  acme:\n    rules:\n      - {name: r, when: {pii: true}, route: local}\n",
+    ],
+    ids=["pii_kinds", "pii-among-others", "not-pii-false", "named-signal", "tenant-rule"],
+)
+def test_every_way_of_routing_personal_data_local_is_warned_of(rules: str) -> None:
+    (warning,) = parse_policy(M + rules).warnings
+    assert "rule 'r' routes personal data local but is not local_only" in warning.message
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        M + "rules:\n  - {name: r, when: {pii: true}, route: local, local_only: true}\n",
+        M + "rules:\n  - {name: r, when: {pii: false}, route: local}\n",
+        M + "rules:\n  - {name: r, when: {not: {pii: true}}, route: local}\n",
+        M + "rules:\n  - {name: r, when: {pii_kinds: {not_in: [email]}}, route: local}\n",
+        M + "rules:\n  - {name: r, when: {pii: true}, route: gpt}\n",
+        "version: 1\nmodels:\n  local: {tier: local}\n"
+        "rules:\n  - {name: r, when: {pii: true}, route: local}\n",
+    ],
+    ids=["local_only", "pii-false", "not-pii", "pii_kinds-not_in", "routes-closed", "no-closed"],
+)
+def test_a_rule_that_cannot_send_personal_data_out_is_no_warning(text: str) -> None:
+    """A local_only rule, one for requests without personal data, one that routes it closed
+    on purpose, and a policy with no closed model to reach."""
+    assert parse_policy(text).warnings == ()

@@ -63,6 +63,51 @@ def test_local_only_traffic_never_reaches_a_closed_provider(
     assert fake.received == []
 
 
+def test_a_personal_data_rule_without_local_only_lets_it_out_and_is_warned_of(
+    tmp_path: Path, fake: FakeProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What the policy warning is about: `{when: {pii: true}, route: local}` without
+    `local_only` keeps personal data local only while the local model serves it. A failing
+    local model, a full local queue and an image each carry the prompt to the closed
+    provider, which `local_only: true` prevents (the test above); the start log says so."""
+    fake.reset()
+    local = ScriptedLocal(queue_size=0)
+    policy = policy_yaml(fake, on_failure="closed", queue_full="spill")
+    policy = policy.replace("    local_only: true\n", "", 1)
+    url, secret = "/v1/chat/completions", "Write to jane.doe@example.com"
+    body = {"model": "auto", "messages": [{"role": "user", "content": secret}]}
+    caplog.set_level("WARNING", logger="tiergate.app")
+    with live(tmp_path, policy, local_backend_obj=local) as srv:
+        served = srv.http.post(url, json=body)
+        assert served.headers["x-tiergate-rule"] == "pii-stays-local"
+        assert served.headers["x-tiergate-tier"] == "local" and fake.received == []
+
+        local.mode = "fail"
+        failed = srv.http.post(url, json=body)
+        assert failed.headers["x-tiergate-fallback"] == "local->closed"
+
+        local.mode = "hold"
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(srv.http.post, url, json=body)
+            assert wait_for(lambda: local.gate.running == 1)
+            full = srv.http.post(url, json=body)
+            assert full.headers["x-tiergate-fallback"] == "local-full->closed"
+            local.release.set()
+            assert held.result().headers["x-tiergate-tier"] == "local"
+
+        local.mode = "ok"
+        image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+        content = [{"type": "text", "text": secret}, image]
+        pictured = srv.http.post(
+            url, json={**body, "messages": [{"role": "user", "content": content}]}
+        )
+        assert pictured.headers["x-tiergate-rule"] == "constraint"
+    assert [r.status_code for r in (failed, full, pictured)] == [200, 200, 200]
+    assert [secret in json.dumps(r.body) for r in fake.received] == [True, True, True]
+    warned = [r.getMessage() for r in caplog.records if "is not local_only" in r.getMessage()]
+    assert len(warned) == 1 and "add `local_only: true` to the rule" in warned[0]
+
+
 # --- personal data anywhere in the request stays local (generated) --------------------------------
 
 EXAMPLES = int(os.environ.get("PRIVACY_EXAMPLES", "4"))
