@@ -118,6 +118,10 @@ class Behaviour:
     # ``text`` go before the event that ends the stream with it.
     response_status: str = "failed"
     words_sent: int = 0
+    # Streams send ``text`` in pieces of this many characters, not word by word: a long answer
+    # in few deltas. A whole long answer rides in one event anyway where the protocol puts it
+    # there (the Responses ``.done`` events and ``response.completed``), or as one long word.
+    piece_chars: int = 0
 
 
 #: Anthropic's error body when it is overloaded (with HTTP 529, or as a stream's error event).
@@ -531,7 +535,7 @@ class FakeProvider:
     def _openai_stream(self, h: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
         b = self.behaviour
         self._sse_start(h)
-        pieces = [word + " " for word in b.text.split(" ")]
+        pieces = self._text_pieces()
 
         def send(obj: Any) -> None:
             if b.usage_on_chunks and obj.get("choices"):
@@ -588,6 +592,13 @@ class FakeProvider:
             send({**base, "choices": [], "usage": self._usage(body)})
         h.wfile.write(b"data: [DONE]\n\n")
         h.wfile.flush()
+
+    def _text_pieces(self) -> list[str]:
+        """The streamed text's pieces: word by word, or ``piece_chars`` characters each."""
+        n = self.behaviour.piece_chars
+        if n:
+            return [self.behaviour.text[i : i + n] for i in range(0, len(self.behaviour.text), n)]
+        return [word + " " for word in self.behaviour.text.split(" ")]
 
     def _calls(self, body: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
         """The calls to make, ``(id suffix, name, arguments)`` each, in ``tool_call`` mode."""
@@ -673,7 +684,7 @@ class FakeProvider:
                 "content_block": {"type": "text", "text": ""},
             },
         )
-        for i, word in enumerate(self.behaviour.text.split(" ")):
+        for i, piece in enumerate(self._text_pieces()):
             if self.behaviour.mode == "reset_mid_stream" and i == 2:
                 _reset(h)
                 return
@@ -682,7 +693,7 @@ class FakeProvider:
                 {
                     "type": "content_block_delta",
                     "index": 0,
-                    "delta": {"type": "text_delta", "text": word + " "},
+                    "delta": {"type": "text_delta", "text": piece},
                 },
             )
         event("content_block_stop", {"type": "content_block_stop", "index": 0})
@@ -812,7 +823,7 @@ class FakeProvider:
         part = {"type": "output_text", "text": "", "annotations": []}
         event({"type": "response.content_part.added", **where, "part": part})
         unfinished = self.behaviour.mode == "unfinished_response" and self._failing(h)
-        for i, word in enumerate(self.behaviour.text.split(" ")):
+        for i, piece in enumerate(self._text_pieces()):
             if self.behaviour.mode == "reset_mid_stream" and i == 2:
                 _reset(h)
                 return
@@ -821,7 +832,7 @@ class FakeProvider:
                 kind = "response.incomplete" if incomplete else "response.completed"
                 event({"type": kind, "response": self._unfinished(body)})
                 return
-            event({"type": "response.output_text.delta", **where, "delta": word + " "})
+            event({"type": "response.output_text.delta", **where, "delta": piece})
         event({"type": "response.output_text.done", **where, "text": self.behaviour.text})
         part = {**part, "text": self.behaviour.text}
         event({"type": "response.content_part.done", **where, "part": part})
