@@ -249,7 +249,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        http = OpenAIHTTP(timeout_s=settings.closed_timeout_s)
+        http = OpenAIHTTP(
+            timeout_s=settings.closed_timeout_s, max_event_bytes=settings.max_event_bytes
+        )
         policy = PolicyHolder(settings.policy)
         store = outcomes if outcomes is not None else build_outcome_store(settings)
         start_outcome_store(store, policy.policy.retention_days)

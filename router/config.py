@@ -27,6 +27,12 @@ from router.errors import ConfigError
 from router.locations import default_policy_path, shipped, user_data_dir
 
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: The longest line of a provider's stream Tiergate reads, by default: one SSE event's
+#: ``data:``. A Responses stream ends with ``response.completed``, which holds the whole answer
+#: and echoes the request's instructions and tools (up to the 8 MiB request limit) in one
+#: line; image generation streams base64 images one to an event. 64 MiB leaves room for all
+#: of these, and bounds what one stream can make Tiergate hold.
+MAX_EVENT_BYTES = 64 * 1024 * 1024
 #: How ``tiergate serve --help`` shows a default inside the data directory.
 HOME = Path("$TIERGATE_HOME")
 #: Settings whose default is a file in the data directory, filled in from ``home``.
@@ -220,6 +226,12 @@ class Settings(BaseSettings):
     tpm_limit: int | None = Field(None, ge=1, description="Tokens per minute per tenant.")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Request body limit (413).")
     max_messages: int = Field(1000, ge=1, description="Most messages in one chat request (400).")
+    max_event_bytes: int = Field(
+        MAX_EVENT_BYTES,
+        ge=64 * 1024,
+        description="Longest event (one SSE line) read from a provider's stream: a longer one "
+        "fails the call (502 upstream_bad_response) instead of being held whole.",
+    )
     max_tokens_cap: int = Field(
         32768, ge=1, description="Largest max_tokens a request may ask for (400 above)."
     )

@@ -97,7 +97,9 @@ async def open_local_backend(settings: Settings) -> AsyncIterator[tuple[Backend,
         from router.backends.local import ExternalLlamaBackend
         from router.backends.openai_http import OpenAIHTTP
 
-        http = OpenAIHTTP(timeout_s=settings.local_timeout_s)
+        http = OpenAIHTTP(
+            timeout_s=settings.local_timeout_s, max_event_bytes=settings.max_event_bytes
+        )
         try:
             yield ExternalLlamaBackend(settings, http), settings.local_slots
         finally:

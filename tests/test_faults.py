@@ -1345,6 +1345,81 @@ def test_a_malformed_usage_after_the_answer_ends_the_stream_with_an_error(
     assert (record["status"], record["http_status"]) == ("error", 502)
 
 
+#: Per front, the model a stream is pinned to, whose provider path reads that front's events:
+#: OpenAI chat chunks, Anthropic's Messages events, the Responses events.
+PINNED_ON = {"chat": "gpt-4o", "messages": "claude", "responses": "gpt-4o"}
+
+
+@pytest.mark.parametrize("size", [1_000_000, 8_000_000])
+@pytest.mark.parametrize("front", sorted(CUT_FRONTS))
+def test_a_long_answer_in_one_stream_event_is_read_whole(
+    tmp_path: Path, fake: FakeProvider, front: str, size: int
+) -> None:
+    """A Responses stream ends with ``response.completed``, which holds the whole answer in one
+    SSE line (a long document or program: hundreds of KB), and any provider may send a long
+    delta. aiohttp read lines of at most 512 KiB: past that it raised ``LineTooLong``, which
+    no handler took for a transport failure, so the client got the first tokens, then an
+    ``internal_error`` event, recorded as a 500. Each path reads such an event whole now."""
+    # Chat and Messages: the answer in one delta. Responses: small deltas, as OpenAI sends
+    # them, and the long events that end the stream.
+    fake.reset(Behaviour(text="x" * size, piece_chars=size if front != "responses" else 65536))
+    path, body, _ = CUT_FRONTS[front]
+    with live(tmp_path, policy_yaml(fake)) as srv:
+        with srv.http.stream("POST", path, json={**body, "model": PINNED_ON[front]}) as response:
+            events = _sse(response)
+        record = _record(srv, response)
+    assert (response.status_code, response.headers["x-tiergate-model"]) == (
+        200,
+        PINNED_ON[front],
+    )
+    assert _opening_and_text(front, events)[1] == fake.behaviour.text
+    last = events[-1]
+    if front == "responses":
+        assert last["type"] == "response.completed", str(last)[:300]
+        assert last["response"]["output"][0]["content"][0]["text"] == fake.behaviour.text
+    else:
+        assert last == ("[DONE]" if front == "chat" else {"type": "message_stop"}), str(last)[:300]
+    assert (record["status"], record["http_status"], record["fallback"]) == ("ok", 200, None)
+
+
+@pytest.mark.parametrize("front", sorted(CUT_FRONTS))
+def test_a_stream_event_over_the_limit_is_a_bad_upstream_answer(
+    tmp_path: Path, fake: FakeProvider, front: str
+) -> None:
+    """An event longer than ``max_event_bytes`` is not read on: the call fails as a provider
+    answering nonsense does, a 502 ``upstream_bad_response``. Before the first token a pinned
+    request is that 502 and a routed one falls back; after it the client gets the tokens and
+    an error event; the records say so. It was an ``internal_error`` 500 (aiohttp's
+    ``LineTooLong``) past 512 KiB, and unbounded nowhere: only aiohttp's buffer limited it."""
+    limit = 1024 * 1024
+    path, body, _ = CUT_FRONTS[front]
+    pinned = {**body, "model": PINNED_ON[front]}
+    fake.reset(Behaviour(text="x" * (limit + 1)))
+    with live(tmp_path, policy_yaml(fake), max_event_bytes=limit) as srv:
+        refused = srv.http.post(path, json=pinned)
+        routed = srv.http.post(path, json=body)
+        fake.reset(Behaviour(text="Hello " + "x" * (limit + 1)))
+        with srv.http.stream("POST", path, json=pinned) as response:
+            events = _sse(response)
+        rows = _records(srv, 3)
+    assert refused.status_code == 502, refused.text[:300]
+    if front != "messages":  # on its front, Anthropic's error shape: a type, no code
+        assert refused.json()["error"]["code"] == "upstream_bad_response"
+    assert "sent a stream event over 1048576 bytes" in refused.text
+    assert (routed.status_code, routed.headers["x-tiergate-fallback"]) == (200, "closed->local")
+    assert response.status_code == 200
+    assert _opening_and_text(front, events[:-1])[1] == "Hello "
+    last = json.dumps(events[-1])
+    assert "sent a stream event over 1048576 bytes" in last
+    if front != "messages":  # Anthropic's error events carry its type, not Tiergate's code
+        assert "upstream_bad_response" in last
+    assert [(r["status"], r["http_status"], r["error_type"]) for r in rows] == [
+        ("error", 502, "upstream_bad_response"),
+        ("ok", 200, None),
+        ("error", 502, "upstream_bad_response"),
+    ]
+
+
 def test_a_slow_policy_reload_does_not_stall_the_server(
     server: LiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

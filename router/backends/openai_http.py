@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 
 from router.backends import Completion, Usage, usage_from_body
+from router.config import MAX_EVENT_BYTES
 from router.errors import (
     MAX_RETRY_AFTER_S,
     BackendError,
@@ -169,6 +170,29 @@ def stream_cut(label: str) -> BackendError:
     )
 
 
+async def _lines(content: aiohttp.StreamReader, limit: int, label: str) -> AsyncIterator[bytes]:
+    """The lines of a streamed body, each at most ``limit`` bytes, else
+    :class:`UpstreamBadResponseError`. aiohttp's own (``async for line in content``) refuses
+    a line over twice its read buffer (512 KiB in aiohttp 3.14) with an error that is no
+    ``ClientError`` (``LineTooLong``): a 500. Its limit can only be raised with that buffer,
+    which every connection holds; and it copies a long line whole at each chunk read."""
+    buffer = bytearray()
+    start = 0  # where the search for the next line's end resumes
+    async for data in content.iter_any():
+        buffer += data
+        while (end := buffer.find(b"\n", start)) != -1:
+            if end > limit:
+                break
+            yield bytes(buffer[:end])
+            del buffer[: end + 1]
+            start = 0
+        if len(buffer) > limit:
+            raise UpstreamBadResponseError(f"{label} sent a stream event over {limit} bytes")
+        start = len(buffer)
+    if buffer:
+        yield bytes(buffer)
+
+
 def _dumps(body: dict[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -189,9 +213,16 @@ class OpenAIHTTP:
     retries so only the idempotent methods, not a POST.
     """
 
-    def __init__(self, *, timeout_s: float, max_connections: int = 512) -> None:
+    def __init__(
+        self,
+        *,
+        timeout_s: float,
+        max_connections: int = 512,
+        max_event_bytes: int = MAX_EVENT_BYTES,
+    ) -> None:
         self._timeout_s = timeout_s
         self._max_connections = max_connections
+        self._max_event_bytes = max_event_bytes
         self._session: aiohttp.ClientSession | None = None
         self._fresh: aiohttp.ClientSession | None = None  # for the retries: never pooled
 
@@ -269,12 +300,14 @@ class OpenAIHTTP:
 
         Event names are not read: OpenAI's and Anthropic's events carry their type in the data.
         Leaving early closes the upstream connection, which stops the provider's generation.
+        A line over ``max_event_bytes`` (the setting of that name) is
+        :class:`UpstreamBadResponseError`: a bounded read, not a 500.
         """
         try:
             async with self._post(url, body, headers, timeout_s) as response:
                 if response.status >= 400:
                     raise await _error(response, label, api_key)
-                async for raw in response.content:
+                async for raw in _lines(response.content, self._max_event_bytes, label):
                     line = raw.strip()
                     if line.startswith(b"data:"):
                         yield line[5:].strip()
