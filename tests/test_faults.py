@@ -1420,6 +1420,35 @@ def test_a_stream_event_over_the_limit_is_a_bad_upstream_answer(
     ]
 
 
+@pytest.mark.parametrize("front", sorted(CUT_FRONTS))
+def test_an_answer_body_over_the_limit_is_a_bad_upstream_answer(
+    tmp_path: Path, fake: FakeProvider, front: str
+) -> None:
+    """A whole (not streamed) answer longer than ``max_event_bytes`` fails the call as a stream
+    event over it does: a 502 ``upstream_bad_response`` pinned, a fallback routed. It was read
+    whole, however long, so a provider (or anything on its path) could make Tiergate hold an
+    endless body; an answer under the limit is read as before."""
+    limit = 1024 * 1024
+    path, body, _ = CUT_FRONTS[front]
+    whole = {**body, "stream": False}
+    fake.reset(Behaviour(text="x" * (limit + 1)))
+    with live(tmp_path, policy_yaml(fake), max_event_bytes=limit) as srv:
+        refused = srv.http.post(path, json={**whole, "model": PINNED_ON[front]})
+        routed = srv.http.post(path, json=whole)
+        fake.reset(Behaviour(text="x" * (limit // 2)))
+        taken = srv.http.post(path, json={**whole, "model": PINNED_ON[front]})
+        rows = _records(srv, 3)
+    assert refused.status_code == 502, refused.text[:300]
+    assert f"sent a body over {limit} bytes" in refused.text
+    assert (routed.status_code, routed.headers["x-tiergate-fallback"]) == (200, "closed->local")
+    assert taken.status_code == 200 and str(limit // 2 * "x") in taken.text
+    assert sorted((r["status"], r["http_status"], r["error_type"] or "") for r in rows) == [
+        ("error", 502, "upstream_bad_response"),
+        ("ok", 200, ""),
+        ("ok", 200, ""),
+    ]
+
+
 def test_a_slow_policy_reload_does_not_stall_the_server(
     server: LiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

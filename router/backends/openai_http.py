@@ -193,6 +193,20 @@ async def _lines(content: aiohttp.StreamReader, limit: int, label: str) -> Async
         yield bytes(buffer)
 
 
+async def _body(response: aiohttp.ClientResponse, limit: int, label: str) -> bytes:
+    """The whole body of ``response`` (decoded, as aiohttp decompresses it), at most ``limit``
+    bytes, else :class:`UpstreamBadResponseError`: ``read()`` held whatever came."""
+    too_long = UpstreamBadResponseError(f"{label} sent a body over {limit} bytes")
+    if response.content_length is not None and response.content_length > limit:
+        raise too_long
+    raw = bytearray()
+    async for data in response.content.iter_any():
+        raw += data
+        if len(raw) > limit:
+            raise too_long
+    return bytes(raw)
+
+
 def _dumps(body: dict[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -273,12 +287,14 @@ class OpenAIHTTP:
         label: str,
         timeout_s: float | None = None,
     ) -> Any:
-        """POST ``body`` to ``url`` and return the parsed JSON answer (any provider's API)."""
+        """POST ``body`` to ``url`` and return the parsed JSON answer (any provider's API). A
+        body over ``max_event_bytes`` is :class:`UpstreamBadResponseError`, as a stream event
+        over it is: a provider cannot make Tiergate hold an endless answer."""
         try:
             async with self._post(url, body, headers, timeout_s) as response:
                 if response.status >= 400:
                     raise await _error(response, label, api_key)
-                raw = await response.read()
+                raw = await _body(response, self._max_event_bytes, label)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise map_transport_error(exc, label) from exc
         try:
