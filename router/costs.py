@@ -14,9 +14,10 @@ on the default closed model; "saved versus all-closed" is sum(counterfactual) - 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,7 +67,6 @@ _PRICE_FIELDS = (
     "output_cost_per_token",
     "cache_read_input_token_cost",
     "cache_creation_input_token_cost",
-    "max_output_tokens",
 )
 
 
@@ -85,17 +85,35 @@ def litellm_model_map() -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+@functools.cache
+def _litellm_tables() -> tuple[dict[str, Any], dict[str, int]]:
+    # litellm's map, parsed once (about 0.1 s): its prices and its models' output limits.
+    data = litellm_model_map()
+    prices = {
+        name: {k: entry[k] for k in _PRICE_FIELDS if k in entry}
+        for name, entry in data.items()
+        if isinstance(entry, dict) and _PRICE_FIELDS[0] in entry
+    }
+    limits = {
+        name: entry["max_output_tokens"]
+        for name, entry in data.items()
+        if isinstance(entry, dict) and type(entry.get("max_output_tokens")) is int
+    }
+    return prices, limits
+
+
 def load_litellm_cost_map() -> dict[str, Any]:
     """litellm's bundled price table, or an empty one if litellm is not installed: per model,
     only the fields :class:`CostBook` reads, of the models that have a price. The whole table
     parses into about 70,000 objects that the server would hold for as long as it runs; the
     prices alone take a quarter of the memory (bench/README.md)."""
-    data = litellm_model_map()
-    return {
-        name: {k: entry[k] for k in _PRICE_FIELDS if k in entry}
-        for name, entry in data.items()
-        if isinstance(entry, dict) and _PRICE_FIELDS[0] in entry
-    }
+    return dict(_litellm_tables()[0])
+
+
+def litellm_output_limits() -> Mapping[str, int]:
+    """Each model's output limit (``max_output_tokens``) in litellm's bundled map, read in the
+    same parse as its prices (:func:`load_litellm_cost_map`)."""
+    return _litellm_tables()[1]
 
 
 class CostBook:
@@ -126,16 +144,6 @@ class CostBook:
             entry = self._map.get(key)
             if isinstance(entry, dict) and "input_cost_per_token" in entry:
                 return entry
-        return None
-
-    def output_limit(self, model: ModelSpec) -> int | None:
-        """The most completion tokens one call to the closed ``model`` can bill: litellm's
-        ``max_output_tokens`` for it (what litellm asks an Anthropic model for when a request
-        sets no ``max_tokens``; OpenAI's own cap then), else None when the table does not say."""
-        entry = self._entry(model.litellm_model) if model.litellm_model else None
-        limit = entry.get("max_output_tokens") if entry is not None else None
-        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
-            return limit
         return None
 
     def _lookup(self, name: str) -> Price | None:

@@ -808,21 +808,16 @@ class Gateway:
         and ``max_tokens`` or else ``default_completion`` for each of the ``n`` choices.
 
         Priced for a budget, a call to the closed ``model`` without ``max_tokens`` may write as
-        much as that model can: its policy ``max_output_tokens``, else the ``max_tokens`` an
-        Anthropic model is sent for it (``closed.default_max_tokens``), else its output limit in
-        litellm's table (``CostBook.output_limit``), else what its context window leaves, where
-        that exceeds the default. Holding less let concurrent requests that wrote long answers
-        spend several times past the budget.
+        much as that model can (``closed.output_limit``: its policy ``max_output_tokens``, else
+        litellm's map's limit, else what an Anthropic model is sent), else what its context
+        window leaves, where that exceeds the default. Holding less let concurrent requests that
+        wrote long answers spend several times past the budget.
         """
         assert ctx.signals is not None
         prompt = ctx.signals.prompt_tokens
         completion = ctx.signals.max_tokens or default_completion
         if not ctx.signals.max_tokens and model is not None and model.tier == "closed":
-            limit = (
-                model.max_output_tokens
-                or closed.default_max_tokens(model)
-                or self.costs.output_limit(model)
-            )
+            limit = closed.output_limit(model)
             if limit is None and model.context_window is not None:
                 limit = model.context_window - prompt
             completion = max(completion, limit or 0)

@@ -45,12 +45,12 @@ def test_litellms_bundled_table_is_read_offline() -> None:
 
 
 def test_a_closed_models_output_limit_comes_from_litellms_table() -> None:
+    from router.backends.closed import output_limit
     from router.policy import ModelSpec
 
-    book = CostBook(load_litellm_cost_map())
-    assert book.output_limit(ModelSpec(tier="closed", litellm_model="openai/gpt-4o")) == 16384
+    assert output_limit(ModelSpec(tier="closed", litellm_model="openai/gpt-4o")) == 16384
     unknown = ModelSpec(tier="closed", litellm_model="openai/not-a-model")
-    assert book.output_limit(unknown) is None
+    assert output_limit(unknown) is None
 
 
 def test_the_loaded_table_keeps_only_prices() -> None:
@@ -63,7 +63,6 @@ def test_the_loaded_table_keeps_only_prices() -> None:
             "output_cost_per_token",
             "cache_read_input_token_cost",
             "cache_creation_input_token_cost",
-            "max_output_tokens",  # what a call without max_tokens may write (budget holds)
         }
 
 

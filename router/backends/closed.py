@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import functools
 import itertools
 import json
 import logging
@@ -34,7 +33,7 @@ from router.backends.openai_http import (
     retry_after_s,
     stream_cut,
 )
-from router.costs import litellm_model_map
+from router.costs import litellm_output_limits
 from router.errors import (
     BackendError,
     BadRequestError,
@@ -119,35 +118,31 @@ _OUTPUT_FIELDS = ("max_tokens", "max_completion_tokens")
 ANTHROPIC_MAX_TOKENS = 4096
 
 
-@functools.cache
-def _mapped_output_limits() -> Mapping[str, int]:
-    # Each model's max_output_tokens in litellm's bundled map, read once, on first need.
-    return {
-        name: entry["max_output_tokens"]
-        for name, entry in litellm_model_map().items()
-        if isinstance(entry, dict) and type(entry.get("max_output_tokens")) is int
-    }
-
-
 def mapped_output_limit(litellm_model: str) -> int | None:
     """The output limit litellm's bundled model map gives ``litellm_model`` (looked up by the
     name the provider gets, as litellm does), or None where it does not know the model."""
-    limits = _mapped_output_limits()
+    limits = litellm_output_limits()
     return limits.get(litellm_model.split("/", 1)[-1]) or limits.get(litellm_model)
 
 
+def output_limit(model: ModelLike) -> int | None:
+    """The most one call to the closed ``model`` writes when a request sets no ``max_tokens``:
+    its policy ``max_output_tokens``, else litellm's map's limit, else, for an Anthropic model,
+    :data:`ANTHROPIC_MAX_TOKENS` (what it is sent); None where nothing says (the budget hold
+    then reads the context window, ``Gateway.call_tokens``)."""
+    limit = model.max_output_tokens or mapped_output_limit(model.litellm_model or "")
+    if limit is None and provider_of(model.litellm_model or "") == "anthropic":
+        return ANTHROPIC_MAX_TOKENS
+    return limit
+
+
 def default_max_tokens(model: ModelLike) -> int | None:
-    """The ``max_tokens`` to send ``model`` for a request that sets none: its policy
-    ``max_output_tokens`` for an Anthropic model (Anthropic requires one), else litellm's map's
-    limit, else :data:`ANTHROPIC_MAX_TOKENS`. None for any other provider: it takes a request
-    without one, and answers up to the model's own limit."""
+    """The ``max_tokens`` to send ``model`` for a request that sets none: an Anthropic model's
+    :func:`output_limit` (Anthropic requires one). None for any other provider: it takes a
+    request without one, and answers up to the model's own limit."""
     if provider_of(model.litellm_model or "") != "anthropic":
         return None
-    return (
-        model.max_output_tokens
-        or mapped_output_limit(model.litellm_model or "")
-        or ANTHROPIC_MAX_TOKENS
-    )
+    return output_limit(model)
 
 
 def unknown_output_limits(models: Iterable[ModelLike]) -> list[str]:
