@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -332,23 +333,31 @@ async def _aclose(stream: object) -> None:
         log.debug("closing a stream failed", exc_info=True)
 
 
+@functools.cache
+def _valid_user_parts() -> tuple[str, ...]:
+    # litellm's user content part types, read once: quiet_litellm() configures the process's
+    # environment and loggers, work for the first call, not for every request.
+    quiet_litellm()
+    from litellm.types.llms.openai import ValidUserMessageContentTypes
+
+    return tuple(ValidUserMessageContentTypes)
+
+
 def check_user_parts(messages: list[Any], label: str) -> None:
     """Refuse (400) a user content part of a type litellm takes for no provider
     (``input_text``, a Responses part sent to chat, say). litellm refused it with a bare
     ``Exception``, which read as the model being unreachable: a 502 the SDK retried."""
-    quiet_litellm()
-    from litellm.types.llms.openai import ValidUserMessageContentTypes
-
+    valid = _valid_user_parts()
     for i, message in enumerate(messages):
         content = message.get("content") if isinstance(message, dict) else None
         if message.get("role") != "user" or not isinstance(content, list):
             continue
         for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
-            if isinstance(part, dict) and kind not in ValidUserMessageContentTypes:
+            if isinstance(part, dict) and kind not in valid:
                 raise BadRequestError(
                     f"{label} cannot take a user content part of type '{kind}': it takes "
-                    f"{', '.join(ValidUserMessageContentTypes)}",
+                    f"{', '.join(valid)}",
                     code="unsupported_parameter",
                     param=f"messages.{i}.content.{j}.type",
                 )
