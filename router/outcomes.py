@@ -21,6 +21,7 @@ journal replayed) brings an erased request back (:func:`refused`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -188,6 +189,13 @@ def erased_name(kind: str, name: str) -> str:
     """The name of a tombstone (``kind`` is ``request`` or ``tenant``): a hash, so that the
     tombstone does not hold the request id or tenant it was left for."""
     return hashlib.sha256(f"{kind}\0{valid_text(name)}".encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=4096)
+def tenant_hash(tenant: str) -> str:
+    """:func:`erased_name` of a tenant, remembered: a budget check finds a tenant's erased spend
+    by it on every request, and hashing it each time doubled what the check cost."""
+    return erased_name("tenant", tenant)
 
 
 #: How long the spend of erased records is kept (:meth:`OutcomeStore.erased_spend_buckets`):
@@ -583,7 +591,7 @@ class SpendLedger:
     def _get(self, tenant: str) -> float:
         today = self._today()
         queued = max(self._queued.get((today, tenant), 0.0), 0.0)
-        erased = self._erased.get(erased_name("tenant", tenant), 0.0) if self._erased else 0.0
+        erased = self._erased.get(tenant_hash(tenant), 0.0) if self._erased else 0.0
         return self._stored.get(tenant, 0.0) + erased + queued + self._held.get(tenant, 0.0)
 
 

@@ -517,3 +517,34 @@ def test_an_erasure_s_tombstone_lapses(tmp_path: Path) -> None:
         assert sqlite3.connect(tmp_path / "o.db").execute("SELECT * FROM erasures").fetchall() == []
     finally:
         store.close()
+
+
+def test_a_budget_check_after_an_erasure_hashes_the_tenant_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the day's spend held an erased request's, every budget check of every tenant
+    hashed its tenant (SHA-256) to find that tenant's erased spend: twice the check's cost,
+    on every request. The hash is remembered; the figure is the same."""
+    tenant = f"acme-{time.time_ns()}"  # a name no earlier check has hashed
+    store = SQLiteOutcomeStore(tmp_path / "o.db")
+    store.start()
+    gone = outcome(tenant=tenant, cost_usd=0.5)
+    store.submit(gone)
+    assert store.flush(10)
+    assert store.erase([gone.id])[:2] == (1, 0)
+    store.close()
+    again = SQLiteOutcomeStore(tmp_path / "o.db")  # rebuilds the day's spend, the erased too
+    again.start()
+    hashed: list[str] = []
+    real = store_module.erased_name
+
+    def counted(kind: str, name: str) -> str:
+        hashed.append(name)
+        return real(kind, name)
+
+    monkeypatch.setattr(store_module, "erased_name", counted)
+    try:
+        assert all(again.spend_today(tenant) == pytest.approx(0.5) for _ in range(100))
+        assert hashed == [tenant]
+    finally:
+        again.close()
