@@ -1546,7 +1546,8 @@ def build_parser() -> argparse.ArgumentParser:
         "log. For 30 days, what a running Tiergate writes for them later (labels, records of "
         "requests in flight, a replayed journal) is refused. The journal's lines that could not "
         "be read (NAME.unreadable) that name the requests or the tenant are deleted; what is "
-        "left there is reported. Backups, and models `tiergate retrain` already fitted, are "
+        "left there is reported. A tenant's spend today still counts against its budget, kept "
+        "under a hash of its name. Backups, and models `tiergate retrain` already fitted, are "
         "not changed.",
     )
     erase_which = delete.add_mutually_exclusive_group()

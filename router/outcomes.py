@@ -477,17 +477,20 @@ class WriterWatch:
 
 class DaySpend(NamedTuple):
     """Spend per tenant as a store holds it for one UTC day (days since the epoch): what a
-    shared store's writer reads back, so a read that crossed midnight is known by its day."""
+    shared store's writer reads back, so a read that crossed midnight is known by its day.
+    ``erased``: the spend of erased tenants' items, per tenant hash (:func:`tenant_hash`)."""
 
     day: int
     usd: Mapping[str, float]
+    erased: Mapping[str, float] | None = None
 
 
 class SpendLedger:
     """Per-tenant spend for the current UTC day, in memory so a budget check costs no I/O: what
     the store holds, what is queued for it, and the holds of requests in flight. What the store
-    holds includes the spend of erased items, which it keeps per tenant hash
-    (:func:`erased_spend`): a tenant's is found by its hash."""
+    holds includes the spend of erased items, kept per tenant hash (:func:`tenant_hash`: SQLite's
+    erased_spend table, the ``erased|<hash>`` fields of Redis's day spend): a tenant's is found
+    by its hash."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -522,11 +525,12 @@ class SpendLedger:
                 self._erased = dict(erased)
 
     def shared(self, tenant: str) -> float:
-        """``tenant``'s spend today as the store last reported it (every replica's records),
-        without what this process queued or settled since."""
+        """``tenant``'s spend today as the store last reported it (every replica's records,
+        its erased items' included), without what this process queued or settled since."""
         with self._lock:
             self._today()
-            return self._shared.get(tenant, 0.0)
+            erased = self._erased.get(tenant_hash(tenant), 0.0) if self._erased else 0.0
+            return self._shared.get(tenant, 0.0) + erased
 
     def queue(self, item: Item) -> None:
         """Count an item on its way to the store; a record settles its request's hold."""
@@ -705,7 +709,7 @@ class OutcomeWriter:
         self._pending -= len(items)
         self.ledger.settle(items)
         if spend is not None:
-            self.ledger.load(spend.day, spend.usd)
+            self.ledger.load(spend.day, spend.usd, spend.erased)
         for item in items:
             if isinstance(item, OutcomeRecord):
                 self._inflight.pop(item.id, None)

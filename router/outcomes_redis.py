@@ -16,13 +16,18 @@ such as ``{tiergate}`` so one Lua script can touch every key):
                                 ``purge``. ``P:outcomes:ts:<tenant>`` the same per tenant;
                                 ``P:tenants`` the set of tenants seen.
 ``P:spend:<UTC day>``           hash, tenant -> USD spent that day (``HINCRBYFLOAT``), expiring
-                                after two days: budgets shared by every replica.
+                                after two days: budgets shared by every replica. An erased
+                                tenant's field becomes ``erased|<tenant hash>``
+                                (:func:`~router.outcomes.tenant_hash`), and what an erasure
+                                refuses later is added there: budgets count both.
 ``P:scores`` / ``P:scores:<a>`` capped lists (``LPUSH`` + ``LTRIM``) of recent routing scores,
                                 overall and per alias: online threshold calibration.
 ``P:hold:<tenant>``             hash, request id -> USD held for a request in flight, and
 ``P:holds:<tenant>``            sorted set of the same ids by expiry: budget reservations
                                 (``reserve_spend``), dropped when the request's record is written
-                                or, if it never is, after :data:`HOLD_TTL_S`.
+                                or, if it never is, after :data:`HOLD_TTL_S`; and by an erasure
+                                of the tenant (the records of those requests are refused and
+                                counted as the erased tenant's spend).
 ``P:label:<request id>``        hash, label source -> label JSON (feedback, shadow, escalation).
 ``P:labels``                    sorted set of ``<request id>|<source>`` by time: ``labels``.
 ``P:replicas``                  sorted set, replica id by its last heartbeat (every second, in
@@ -84,6 +89,7 @@ from router.outcomes import (
     erased_spend,
     erased_spend_key,
     lock_beside,
+    tenant_hash,
     valid_json,
     valid_text,
 )
@@ -108,7 +114,8 @@ HOLD_RETRY_S = 1.0
 REPLICA_TTL_S = 15.0
 
 # KEYS: spend hash, hold hash, holds zset. ARGV: tenant, id, usd, budget (<0: none), now,
-# expiry. Returns 1 when the hold was taken, 0 when spend + holds had reached the budget.
+# expiry, the tenant's erased spend field. Returns 1 when the hold was taken, 0 when spend
+# (its erased spend included) + holds had reached the budget.
 _RESERVE_LUA = (
     """
 for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[5])) do
@@ -117,7 +124,10 @@ end
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[5])
 local budget = tonumber(ARGV[4])
 if budget >= 0 then
-  local used = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+  local used = 0
+  for _, spent in ipairs(redis.call('HMGET', KEYS[1], ARGV[1], ARGV[7])) do
+    if spent then used = used + tonumber(spent) end
+  end
   for _, held in ipairs(redis.call('HVALS', KEYS[2])) do used = used + tonumber(held) end
   if used >= budget then return 0 end
 end
@@ -140,14 +150,15 @@ return 1
 #       erased spend hash
 # ARGV: json, id, ts, tenant, cost, ttl_s (0: none), score or '', scores cap, spend ttl,
 #       stream maxlen, the erased spend fields' prefix, when its hash expires, counterfactual
-#       cost (router.outcomes.erased_spend: a refused record's cost)
+#       cost (router.outcomes.erased_spend: a refused record's cost), the tenant's erased
+#       spend field (a refused record's cost counts there, not under the tenant's name)
 _RECORD_LUA = """
 redis.call('HDEL', KEYS[9], ARGV[2])
 redis.call('ZREM', KEYS[10], ARGV[2])
 local erased = redis.call('GET', KEYS[12])
 if redis.call('EXISTS', KEYS[11]) == 1 or (erased and tonumber(ARGV[3]) <= tonumber(erased)) then
   if tonumber(ARGV[5]) ~= 0 then
-    redis.call('HINCRBYFLOAT', KEYS[6], ARGV[4], ARGV[5])
+    redis.call('HINCRBYFLOAT', KEYS[6], ARGV[14], ARGV[5])
     redis.call('EXPIRE', KEYS[6], ARGV[9])
     redis.call('HINCRBYFLOAT', KEYS[13], ARGV[11] .. '|requests', ARGV[5])
   end
@@ -186,7 +197,8 @@ return 1
 # KEYS: label hash, labels zset, spend hash, the request's record, the request's tombstone,
 #       the tenant's tombstone, the day's erased spend hash.
 # ARGV: source, json, member, ts, tenant, cost, ttl (0: none), the erased spend field and
-#       when its hash expires (router.outcomes.erased_spend: a refused shadow label's cost)
+#       when its hash expires (router.outcomes.erased_spend: a refused shadow label's cost),
+#       the tenant's erased spend field in the spend hash (a refused label's cost counts there)
 # A label older than the one stored for its source is not written: a journal replayed after
 # an outage must not put back what a later label (from another replica) replaced.
 _LABEL_LUA = """
@@ -198,7 +210,7 @@ if erased then
 end
 if redis.call('EXISTS', KEYS[5]) == 1 or (erased and (not made or made <= tonumber(erased))) then
   if tonumber(ARGV[6]) ~= 0 then
-    redis.call('HINCRBYFLOAT', KEYS[3], ARGV[5], ARGV[6])
+    redis.call('HINCRBYFLOAT', KEYS[3], ARGV[10], ARGV[6])
     redis.call('EXPIRE', KEYS[3], 172800)
     if ARGV[1] == 'shadow' then
       redis.call('HINCRBYFLOAT', KEYS[7], ARGV[8], ARGV[6])
@@ -224,6 +236,42 @@ if tonumber(ARGV[6]) ~= 0 then
 end
 return 1
 """
+
+
+# KEYS: the tenant's hold hash and holds zset, then the spend hashes. ARGV: tenant, its erased
+# spend field. An erasure leaves no tenant name: each day's spend moves to the erased field,
+# where budgets still count it, and the holds go (RedisOutcomeStore._unname_spend).
+_ERASE_SPEND_LUA = """
+redis.call('DEL', KEYS[1], KEYS[2])
+for i = 3, #KEYS do
+  local spent = redis.call('HGET', KEYS[i], ARGV[1])
+  if spent then
+    redis.call('HINCRBYFLOAT', KEYS[i], ARGV[2], spent)
+    redis.call('HDEL', KEYS[i], ARGV[1])
+  end
+end
+return 1
+"""
+
+#: How the spend hash names an erased tenant's field: this, then its hash.
+_ERASED_FIELD = "erased|"
+
+
+def _erased_field(tenant: str) -> str:
+    """The spend hash's field for ``tenant`` once erased (:func:`tenant_hash`, remembered:
+    every budget hold names it)."""
+    return _ERASED_FIELD + tenant_hash(tenant)
+
+
+def _day_spend(day: int, spend: dict[str, str]) -> DaySpend:
+    """A spend hash as read: per tenant, and per erased tenant's hash."""
+    named = {k: float(v) for k, v in spend.items() if not k.startswith(_ERASED_FIELD)}
+    erased = {
+        k.removeprefix(_ERASED_FIELD): float(v)
+        for k, v in spend.items()
+        if k.startswith(_ERASED_FIELD)
+    }
+    return DaySpend(day, named, erased)
 
 
 def _encode(item: Item) -> str:
@@ -285,6 +333,7 @@ class RedisOutcomeStore(OutcomeWriter):
         self._record_script: Any = None
         self._reserve_script: Any = None
         self._label_script: Any = None
+        self._erase_spend_script: Any = None
         self.duplicates = 0
         self.journal_errors = 0  # journal writes that failed (unwritable path, full disk)
         self._holds_down_until = 0.0  # budget holds skip Redis until then (monotonic)
@@ -322,6 +371,7 @@ class RedisOutcomeStore(OutcomeWriter):
         self._record_script = self._client.register_script(_RECORD_LUA)
         self._label_script = self._client.register_script(_LABEL_LUA)
         self._reserve_script = self._client.register_script(_RESERVE_LUA)
+        self._erase_spend_script = self._client.register_script(_ERASE_SPEND_LUA)
 
     def start(self) -> None:
         """Connect, take up the journal an earlier run left, read the day's shared spend, and
@@ -439,7 +489,7 @@ class RedisOutcomeStore(OutcomeWriter):
         pipe.zremrangebyscore(self.key("replicas"), "-inf", now - REPLICA_TTL_S)
         pipe.zcard(self.key("replicas"))
         spend, _, _, live = pipe.execute()
-        self.ledger.load(_day(now), {k: float(v) for k, v in spend.items()})
+        self.ledger.load(*_day_spend(_day(now), spend))
         self.replicas = max(int(live), 1)
         self.spend_known = True
         self._last_refresh = time.monotonic()
@@ -458,7 +508,7 @@ class RedisOutcomeStore(OutcomeWriter):
         *results, spend = pipe.execute()
         self.duplicates += sum(int(r) == 0 for r in results)
         self.refused += sum(int(r) == 2 for r in results)
-        return DaySpend(_day(now), {k: float(v) for k, v in spend.items()})
+        return _day_spend(_day(now), spend)
 
     def set_retention_days(self, days: int | None) -> None:
         """Expire what is written from now on after ``days`` (the policy's ``retention_days``;
@@ -476,7 +526,7 @@ class RedisOutcomeStore(OutcomeWriter):
         ttl = self._ttl(record.ts)
         score = "" if record.score is None else repr(float(record.score))
         rid, tenant = valid_text(record.id), valid_text(record.tenant)
-        bucket, tenant_hash = erased_spend_key(record.ts, record.tenant)
+        bucket, hashed = erased_spend_key(record.ts, record.tenant)
         self._record_script(
             keys=[
                 self.key("outcome", rid),
@@ -504,9 +554,10 @@ class RedisOutcomeStore(OutcomeWriter):
                 _SCORES_CAP,
                 172800,
                 _STREAM_MAXLEN,
-                f"{bucket}|{tenant_hash}",
+                f"{bucket}|{hashed}",
                 _erased_spend_expiry(bucket),
                 repr(float(record.counterfactual_cost_usd or 0.0)),
+                _erased_field(tenant),
             ],
             client=pipe,
         )
@@ -514,7 +565,7 @@ class RedisOutcomeStore(OutcomeWriter):
     def _queue_label(self, pipe: Any, label: Label) -> None:
         ttl = self._ttl(label.ts)
         rid = valid_text(label.request_id)
-        bucket, tenant_hash = erased_spend_key(label.ts, label.tenant)
+        bucket, hashed = erased_spend_key(label.ts, label.tenant)
         self._label_script(
             keys=[
                 self.key("label", rid),
@@ -533,8 +584,9 @@ class RedisOutcomeStore(OutcomeWriter):
                 valid_text(label.tenant),
                 repr(float(label.cost_usd)),
                 ttl,
-                f"{bucket}|{tenant_hash}",
+                f"{bucket}|{hashed}",
                 _erased_spend_expiry(bucket),
+                _erased_field(label.tenant),
             ],
             client=pipe,
         )
@@ -596,6 +648,7 @@ class RedisOutcomeStore(OutcomeWriter):
                         -1.0 if budget is None else repr(float(budget)),
                         repr(now),
                         repr(now + HOLD_TTL_S),
+                        _erased_field(tenant_key),
                     ],
                 )
             )
@@ -749,7 +802,8 @@ class RedisOutcomeStore(OutcomeWriter):
         their places in the time indexes and their entries in the ``outcomes`` stream (read
         whole, as nothing indexes it by request). Their tombstones are set first, so that what
         a replica writes for them from then on is refused, and what it wrote before is found
-        and deleted here."""
+        and deleted here. Then a tenant's name leaves the spend hashes and the hold keys
+        (:meth:`_unname_spend`)."""
         client = self._client
         ids = set(request_ids)
         names = [erased_name("request", rid) for rid in ids]
@@ -761,6 +815,7 @@ class RedisOutcomeStore(OutcomeWriter):
             pipe.set(self.key("erased", name), now, ex=ERASURE_KEPT_S)
         self._read(pipe.execute)
         if tenant is not None:
+            self._read(self._unname_spend, tenant)
             ids.update(self._read(client.zrange, self.key("outcomes", "ts", tenant), 0, -1))
             ids.update(self._label_ids_of(tenant))
         if not ids:
@@ -797,6 +852,20 @@ class RedisOutcomeStore(OutcomeWriter):
             self._read(pipe.execute)
         self._read(self._drop_from_stream, ids)
         return Erased(records, labels, *self._erase_from_files(ids, set(request_ids), tenant))
+
+    def _unname_spend(self, tenant: str) -> None:
+        """Move ``tenant``'s spend in every day's spend hash to its erased field, where budgets
+        still count it, and delete its budget holds, in one script: nothing in Redis names it
+        after. A hold dropped so is a request in flight whose record comes later: refused by
+        the tombstone, its cost is counted in the erased field, and a request the tenant makes
+        after the erasure is its own again, under its name."""
+        name = valid_text(tenant)
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self.key("spend")) + ":*"
+        spends = sorted(self._client.scan_iter(match=pattern, count=1000))
+        self._erase_spend_script(
+            keys=[self.key("hold", name), self.key("holds", name), *spends],
+            args=[name, _erased_field(name)],
+        )
 
     def _erase_from_files(
         self, ids: set[str], named: set[str], tenant: str | None

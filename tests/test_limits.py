@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 import yaml
 
 from router import limits
@@ -470,6 +471,28 @@ def test_concurrent_requests_stay_within_the_budget(tmp_path: Path, fake: FakePr
         assert all(r["error_type"] == "budget_exceeded" and r["rule"] for r in refusals)
 
 
+def _spend_twice(srv: LiveServer) -> list[httpx.Response]:
+    """Two closed calls of tenant default, recorded."""
+    sent = [_post(srv, HARD_LONG) for _ in range(2)]
+    assert [r.headers["x-tiergate-tier"] for r in sent] == ["closed", "closed"]
+    assert srv.gateway.outcomes.flush(10)
+    return sent
+
+
+def _refused_after_a_restart(
+    tmp_path: Path, fake: FakeProvider, erasing: ErasingStore, spent: float
+) -> None:
+    """A restart with a budget under ``spent``, with no record left: the spend still counts,
+    and the next closed call is refused (the fake saw only the two of :func:`_spend_twice`)."""
+    with live(tmp_path, _budget_policy(fake, spent * 0.9), outcomes=erasing.make()) as srv:
+        assert srv.gateway.outcomes.count() == 0
+        assert srv.gateway.outcomes.spend_today("default") == pytest.approx(spent)
+        refused = _post(srv, HARD_LONG)
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"]["code"] == "budget_exceeded"
+    assert len([r for r in fake.received if "HARD" in str(r.body)]) == 2
+
+
 def test_an_erased_request_s_spend_still_counts_against_the_budget_after_a_restart(
     tmp_path: Path, fake: FakeProvider, erasing: ErasingStore
 ) -> None:
@@ -478,22 +501,36 @@ def test_an_erased_request_s_spend_still_counts_against_the_budget_after_a_resta
     the tenant could spend it again. Redis keeps the day's spend apart from the records."""
     fake.reset()
     with live(tmp_path, _budget_policy(fake, 1.0), outcomes=erasing.make()) as srv:
-        sent = [_post(srv, HARD_LONG) for _ in range(2)]
-        assert [r.headers["x-tiergate-tier"] for r in sent] == ["closed", "closed"]
-        assert srv.gateway.outcomes.flush(10)
+        sent = _spend_twice(srv)
         spent = srv.gateway.outcomes.spend_today("default")
     assert spent > 0
     assert (
         erasing.delete(*[arg for r in sent for arg in ("--request-id", r.headers["x-request-id"])])
         == 0
     )
-    with live(tmp_path, _budget_policy(fake, spent * 0.9), outcomes=erasing.make()) as srv:
-        assert srv.gateway.outcomes.count() == 0
-        assert srv.gateway.outcomes.spend_today("default") == pytest.approx(spent)
-        refused = _post(srv, HARD_LONG)
-    assert refused.status_code == 429, refused.text
-    assert refused.json()["error"]["code"] == "budget_exceeded"
-    assert len([r for r in fake.received if "HARD" in str(r.body)]) == 2
+    _refused_after_a_restart(tmp_path, fake, erasing, spent)
+
+
+def test_an_erased_tenant_s_spend_still_counts_and_redis_does_not_name_it(
+    tmp_path: Path, fake: FakeProvider, erasing: ErasingStore
+) -> None:
+    """`tiergate outcomes delete --tenant default` beside a running app: Redis kept the
+    tenant's name as a field of `tiergate:spend:<day>` for two days. Its spend now moves to
+    the tenant's hash, where the budget still finds it: a replica started after the erasure
+    refuses as the one before it would have."""
+    fake.reset()
+    with live(tmp_path, _budget_policy(fake, 1.0), outcomes=erasing.make()) as srv:
+        _spend_twice(srv)
+        spent = srv.gateway.outcomes.spend_today("default")
+        assert spent > 0
+        assert erasing.delete("--tenant", "default") == 0
+    if erasing.url is not None:
+        client = redis.Redis.from_url(erasing.url)
+        keys = list(client.scan_iter())
+        assert not [k for k in keys if b"default" in k]
+        spends = [client.hgetall(k) for k in keys if k.startswith(b"tiergate:spend:")]
+        assert spends and not [f for day in spends for f in day if b"default" in f]
+    _refused_after_a_restart(tmp_path, fake, erasing, spent)
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "redis"])

@@ -445,6 +445,7 @@ def test_erasing_requests_or_a_tenant_leaves_no_copy_in_the_file(tmp_path: Path)
         assert [lb["tenant"] for lb in store.labels()] == ["globex"]
         files = b"".join(p.read_bytes() for p in tmp_path.iterdir())
         assert b"Carol Jones" not in files and b"Bob Brown" in files
+        assert b"acme" not in files  # nor the tenant's name (its tombstone is a hash)
         assert store.erase(["req_unknown"]) == (0, 0, 0, 0, 0)
     finally:
         store.close()

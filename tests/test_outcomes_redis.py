@@ -890,6 +890,46 @@ def test_erasing_requests_or_a_tenant_removes_them_from_every_structure(
         s.close()
 
 
+def test_erasing_a_tenant_leaves_its_name_nowhere_and_its_spend_in_the_budget(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """After `tiergate outcomes delete --tenant acme`, `tiergate:spend:<day>` still had a field
+    acme (today's and yesterday's) and `tiergate:hold:acme` / `tiergate:holds:acme` held a
+    request in flight: Redis named the erased tenant for up to two days. Its spend now counts
+    under its hash, and the budget still refuses what it would have refused."""
+    s = store(redis_server, tmp_path / "a")
+    client = redis_server.client()
+    try:
+        s.submit(outcome(tenant="acme", cost_usd=0.5))
+        s.submit(outcome(tenant="acme", cost_usd=0.25, ts=time.time() - 86400))  # yesterday
+        s.submit(outcome(tenant="globex", cost_usd=1.0))
+        assert s.flush(10)
+        assert s.reserve_spend("acme", "req_in_flight", 0.125, 10.0)
+        in_flight = outcome("req_in_flight", tenant="acme", ts=time.time() - 1, cost_usd=0.125)
+        assert "acme" in _everything_in(client)
+        cli = RedisOutcomeStore(redis_server.url, journal=tmp_path / "cli" / "journal.jsonl")
+        cli.connect()
+        assert cli.erase(tenant="acme")[:2] == (2, 0)
+        cli.close()
+        held = _everything_in(client)
+        assert "acme" not in held and "globex" in held
+        s.submit(in_flight)  # it settles after the erasure: refused, and paid for
+        assert s.flush(10)
+        held = _everything_in(client)
+        assert "acme" not in held and "req_in_flight" not in held
+        b = store(redis_server, tmp_path / "b")  # a replica that knows only what Redis holds
+        try:
+            assert b.spend_today("acme") == pytest.approx(0.625)
+            assert b.spend_today("globex") == pytest.approx(1.0)
+            assert not b.reserve_spend("acme", "req_over", 0.01, 0.6)  # still over its budget
+            assert b.reserve_spend("acme", "req_under", 0.01, 0.7)  # its own again, by name
+            assert "acme" in _everything_in(client)
+        finally:
+            b.close()
+    finally:
+        s.close()
+
+
 def test_nothing_written_after_an_erasure_brings_it_back(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
