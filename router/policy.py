@@ -389,7 +389,8 @@ class Policy(_Strict):
     def warnings(self) -> tuple[PolicyIssue, ...]:
         """What the checks found sound but likely not meant, each located in the file: a
         global rule every tenant under ``tenants`` hides behind its own rules, and a rule that
-        routes personal data local without ``local_only`` while a closed model is reachable."""
+        sends personal data local, to a cascade or to the score without ``local_only`` while a
+        closed model is reachable."""
         return self._runtime.warnings if self._runtime else ()
 
     @property

@@ -435,8 +435,7 @@ class _Checker:
             reach = _Reach(self.policy)
             self.problems += reach.problems()
             if not self.problems:
-                rules = [*reach.global_rest, *(e for own in reach.own.values() for e in own)]
-                self.warnings = reach.hidden_for_every_tenant() + self._personal_data_out(rules)
+                self.warnings = reach.hidden_for_every_tenant() + self._personal_data_out(reach)
         if "auto" not in self.policy.aliases:
             self.policy.aliases = {
                 "auto": Alias(threshold=self.policy.threshold),
@@ -444,33 +443,88 @@ class _Checker:
             }
         return self.problems
 
-    def _personal_data_out(self, rules: Sequence[tuple[Loc, Rule, Form]]) -> list[tuple[Loc, str]]:
-        """Rules that route personal data local without ``local_only``: their author likely
-        means it to stay local, but a closed model is still reachable from them. Not refused,
-        as a policy that served before an upgrade must still start."""
+    def _personal_data_out(self, reach: _Reach) -> list[tuple[Loc, str]]:
+        """Rules that send personal data where a closed model can serve it while the route
+        reads as keeping it in: ``local`` or a local model without ``local_only``, a cascade,
+        the score (``auto``). A rule that routes it closed says so and is left alone. Not
+        refused, as a policy that served before an upgrade must still start."""
         p = self.policy
-        if not p.closed_models:
-            return []
+        if p.local_model is None or not p.closed_models:
+            return []  # no tier to keep it in, or none to leave to
+        rules = [*reach.global_rest, *(e for own in reach.own.values() for e in own)]
         found = []
         for loc, rule, form in rules:
-            target = p.models.get(rule.route)
-            local = rule.route == "local" or (target is not None and target.tier == "local")
-            if local and not rule.local_only and _selects_pii(form):
-                found.append((loc, self._out_message(rule)))
+            if not rule.local_only and _selects_pii(form):
+                message = self._out_message(rule, loc)
+                if message is not None:
+                    found.append((loc, message))
         return found
 
-    def _out_message(self, rule: Rule) -> str:
+    def _out_message(self, rule: Rule, loc: Loc) -> str | None:
+        # What lets a personal-data rule's request out, as far as this policy leaves it open,
+        # and the fix; None for a rule that routes it to a closed model on purpose.
+        p = self.policy
+        assert p.local_model is not None
+        keyword = rule.route in ("local", "closed", "auto", "cascade")
+        target = None if keyword else p.models[rule.route]
+        name = rule.name
+        fix = "add `local_only: true` to the rule"
+        if rule.route == "cascade":
+            head = f"rule {name!r} sends personal data to a cascade"
+            ways = [
+                "when the cascade doubts the local answer, or the local model fails or its queue "
+                "is full (it escalates, whatever on_failure and queue_full say)"
+            ]
+            fix = "route the rule `local` with `local_only: true` (a cascade cannot be local_only)"
+        elif rule.route == "auto":
+            head = f"rule {name!r} routes personal data by its score (route: auto)"
+            ways = ["when its score reaches the threshold of the alias the request names"]
+            tenant = str(loc[1]) if loc[0] == "tenants" else None
+            cascading = self._cascade_aliases(tenant)
+            if cascading:
+                ways.append(
+                    f"when the request names an alias that cascades ({', '.join(cascading)}) "
+                    "and the cascade escalates"
+                )
+            ways += self._local_ways(rule)
+            fix = "route the rule `local` with `local_only: true`"
+        elif rule.route == "local" or (target is not None and target.tier == "local"):
+            head = f"rule {name!r} routes personal data local but is not local_only"
+            ways = self._local_ways(rule)
+        else:
+            return None
+        local = target or p.models[p.local_model]
+        unfit = "images, tools, n > 1"
+        if local.context_window is not None:
+            unfit += ", a prompt over its context window"
+        ways.append(f"when the local model cannot take it ({unfit})")
+        ways.append("when the request names a closed model (a pin skips all but local_only rules)")
+        when = ", ".join(ways[:-1]) + ", or " + ways[-1]
+        return (
+            f"{head}: such a request goes to a closed model {when}; to keep it local (served "
+            f"there or an error, never sent out), {fix}"
+        )
+
+    def _local_ways(self, rule: Rule) -> list[str]:
+        # How a request the local model starts on leaves it, by the policy's settings.
         ways = []
         if (rule.on_failure or self.policy.on_failure) == "closed":
             ways.append("when the local model fails (on_failure: closed)")
         if self.policy.queue_full == "spill":
             ways.append("when the local queue is full (queue_full: spill)")
-        ways.append("when the local model cannot take it (images, tools, over its context window)")
-        when = ", ".join(ways[:-1]) + (", or " if len(ways) > 1 else "") + ways[-1]
-        return (
-            f"rule {rule.name!r} routes personal data local but is not local_only: such a "
-            f"request goes to a closed model {when}; add `local_only: true` to the rule to keep "
-            "it local or fail"
+        return ways
+
+    def _cascade_aliases(self, tenant: str | None) -> list[str]:
+        # The aliases under which `route: auto` cascades: for a tenant's rule, those in force
+        # for the tenant; for a global rule, also any tenant's own (its rules serve them all).
+        def cascading(aliases: Mapping[str, Alias]) -> set[str]:
+            return {name for name, alias in aliases.items() if alias.cascade}
+
+        p = self.policy
+        if tenant is not None:
+            return sorted(cascading({**p.aliases, **p.tenants[tenant].aliases}))
+        return sorted(
+            cascading(p.aliases).union(*(cascading(t.aliases) for t in p.tenants.values()))
         )
 
     def _check_models(self) -> None:

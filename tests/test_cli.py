@@ -221,10 +221,37 @@ def test_policy_check_warns_of_personal_data_routed_local_without_local_only(
     assert warnings == [
         f"warning: {path}:8:5: rules[0]: rule 'pii-local' routes personal data local but is not "
         "local_only: such a request goes to a closed model when the local model fails "
-        "(on_failure: closed), or when the local model cannot take it (images, tools, over its "
-        "context window); add `local_only: true` to the rule to keep it local or fail"
+        "(on_failure: closed), when the local model cannot take it (images, tools, n > 1), or "
+        "when the request names a closed model (a pin skips all but local_only rules); to keep "
+        "it local (served there or an error, never sent out), add `local_only: true` to the rule"
     ]
     kept = text.replace("route: local}", "route: local, local_only: true}")
+    assert _policy_warnings(tmp_path, capsys, kept)[1] == []
+
+
+def test_policy_check_warns_of_personal_data_sent_to_a_cascade(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A cascade escalates a doubtful local answer, prompt and all, to a closed model: a rule
+    that sends personal data to one lets it out, whatever on_failure and queue_full say, and
+    `policy check` said ok and nothing else. local_only is refused on a cascade, so the fix
+    it names is a local_only rule that routes local, which then checks clean."""
+    text = (
+        "version: 1\nmodels:\n  local: {tier: local}\n"
+        "  gpt: {tier: closed, litellm_model: openai/gpt-4o}\n"
+        "on_failure: error\nqueue_full: reject\nrules:\n"
+        "  - {name: pii-cascade, when: {pii: true}, route: cascade}\n"
+    )
+    path, warnings = _policy_warnings(tmp_path, capsys, text)
+    (warning,) = warnings
+    assert warning.startswith(
+        f"warning: {path}:8:5: rules[0]: rule 'pii-cascade' sends personal data to a cascade: "
+        "such a request goes to a closed model when the cascade doubts the local answer"
+    )
+    assert warning.endswith(
+        "route the rule `local` with `local_only: true` (a cascade cannot be local_only)"
+    )
+    kept = text.replace("route: cascade}", "route: local, local_only: true}")
     assert _policy_warnings(tmp_path, capsys, kept)[1] == []
 
 

@@ -808,41 +808,138 @@ def test_a_global_rule_that_some_tenant_reaches_is_no_warning() -> None:
     assert parse_policy(text + "  globex: {daily_budget_usd: 1}\n").warnings == ()
 
 
-def test_a_personal_data_rule_that_is_not_local_only_is_warned_of() -> None:
-    """`{when: {pii: true}, route: local}` without `local_only` reads as "personal data stays
-    local", but a closed model still serves such a request when the local model fails, its
-    queue is full or it cannot take the request (tests/test_privacy.py shows each). Valid, so
-    a warning that says what can happen and the fix; said nowhere before."""
-    rule = "rules:\n  - {name: pii-local, when: {pii: true}, route: local}\n"
-    (warning,) = parse_policy(M + rule, "p.yaml").warnings
-    assert str(warning) == (
-        "p.yaml:6:5: rules[0]: rule 'pii-local' routes personal data local but is not "
-        "local_only: such a request goes to a closed model when the local model fails "
-        "(on_failure: closed), when the local queue is full (queue_full: spill), or when the "
-        "local model cannot take it (images, tools, over its context window); add "
-        "`local_only: true` to the rule to keep it local or fail"
-    )
-    # Only the ways this policy leaves open are named.
-    strict = M + "on_failure: error\nqueue_full: reject\n" + rule
-    (warning,) = parse_policy(strict).warnings
-    assert "goes to a closed model when the local model cannot take it (images" in str(warning)
+STRICT = "on_failure: error\nqueue_full: reject\n"
 
 
 @pytest.mark.parametrize(
-    "rules",
+    ("text", "message"),
     [
-        "rules:\n  - {name: r, when: {pii_kinds: {contains: email}}, route: local}\n",
-        "rules:\n  - {name: r, when: {pii: {ne: false}, turns: {gt: 1}}, route: local}\n",
-        "rules:\n  - {name: r, when: {not: {pii: false}}, route: local, on_failure: closed}\n",
-        "signals:\n  personal: {any: [{pii: true}, {metadata.private: true}]}\n"
-        "rules:\n  - {name: r, when: personal, route: local}\n",
-        "tenants:\n  acme:\n    rules:\n      - {name: r, when: {pii: true}, route: local}\n",
+        pytest.param(
+            M + "rules:\n  - {name: pii-local, when: {pii: true}, route: local}\n",
+            "p.yaml:6:5: rules[0]: rule 'pii-local' routes personal data local but is not "
+            "local_only: such a request goes to a closed model when the local model fails "
+            "(on_failure: closed), when the local queue is full (queue_full: spill), when the "
+            "local model cannot take it (images, tools, n > 1), or when the request names a "
+            "closed model (a pin skips all but local_only rules); to keep it local (served there "
+            "or an error, never sent out), add `local_only: true` to the rule",
+            id="local",
+        ),
+        pytest.param(
+            M + "rules:\n  - {name: pii-cascade, when: {pii: true}, route: cascade}\n",
+            "p.yaml:6:5: rules[0]: rule 'pii-cascade' sends personal data to a cascade: such a "
+            "request goes to a closed model when the cascade doubts the local answer, or the "
+            "local model fails or its queue is full (it escalates, whatever on_failure and "
+            "queue_full say), when the local model cannot take it (images, tools, n > 1), or "
+            "when the request names a closed model (a pin skips all but local_only rules); to "
+            "keep it local (served there or an error, never sent out), route the rule `local` "
+            "with `local_only: true` (a cascade cannot be local_only)",
+            id="cascade",
+        ),
+        pytest.param(
+            M + STRICT + "rules:\n  - {name: pii-auto, when: {pii: true}, route: auto}\n",
+            "p.yaml:8:5: rules[0]: rule 'pii-auto' routes personal data by its score (route: "
+            "auto): such a request goes to a closed model when its score reaches the threshold "
+            "of the alias the request names, when the local model cannot take it (images, "
+            "tools, n > 1), or when the request names a closed model (a pin skips all but "
+            "local_only rules); to keep it local (served there or an error, never sent out), "
+            "route the rule `local` with `local_only: true`",
+            id="auto",
+        ),
     ],
-    ids=["pii_kinds", "pii-among-others", "not-pii-false", "named-signal", "tenant-rule"],
 )
-def test_every_way_of_routing_personal_data_local_is_warned_of(rules: str) -> None:
+def test_a_personal_data_rule_that_lets_it_out_is_warned_of_with_the_fix(
+    text: str, message: str
+) -> None:
+    """`{when: {pii: true}, route: local}` without `local_only` reads as "personal data stays
+    local", but a closed model still serves such a request when the local model fails, its
+    queue is full, it cannot take the request or the request names a closed model
+    (tests/test_privacy.py shows each). A cascade escalates a doubtful local answer, prompt and
+    all, and `route: auto` sends a high score closed: neither was warned of. Valid, so a
+    warning that says what can happen and the fix (a cascade cannot be local_only)."""
+    (warning,) = parse_policy(text, "p.yaml").warnings
+    assert str(warning) == message
+
+
+def test_the_personal_data_warning_names_only_the_ways_out_the_policy_leaves_open() -> None:
+    rule = "rules:\n  - {name: r, when: {pii: true}, route: local}\n"
+    windowed = M.replace("{tier: local}", "{tier: local, context_window: 4096}")
+    (warning,) = parse_policy(windowed + STRICT + rule).warnings
+    assert (
+        "goes to a closed model when the local model cannot take it (images, tools, n > 1, a "
+        "prompt over its context window), or when the request names" in warning.message
+    )
+    # An alias that cascades makes `auto` a cascade for the requests that name it.
+    auto = rule.replace("route: local", "route: auto") + "aliases:\n  deep: {cascade: true}\n"
+    (warning,) = parse_policy(M + STRICT + auto).warnings
+    assert (
+        "alias the request names, when the request names an alias that cascades (deep) "
+        "and the cascade escalates, when the local model cannot" in warning.message
+    )
+
+
+LOCAL, CASCADE, AUTO = "local but is not local_only", "to a cascade", "by its score (route: auto)"
+
+
+@pytest.mark.parametrize(
+    ("rules", "says"),
+    [
+        ("rules:\n  - {name: r, when: {pii_kinds: {contains: email}}, route: local}\n", LOCAL),
+        ("rules:\n  - {name: r, when: {pii: {ne: false}, turns: {gt: 1}}, route: local}\n", LOCAL),
+        (
+            "rules:\n  - {name: r, when: {not: {pii: false}}, route: local, on_failure: closed}\n",
+            LOCAL,
+        ),
+        (
+            "signals:\n  personal: {any: [{pii: true}, {metadata.private: true}]}\n"
+            "rules:\n  - {name: r, when: personal, route: local}\n",
+            LOCAL,
+        ),
+        (
+            "tenants:\n  acme:\n    rules:\n      - {name: r, when: {pii: true}, route: local}\n",
+            LOCAL,
+        ),
+        ("rules:\n  - {name: r, when: {pii_kinds: {contains: email}}, route: cascade}\n", CASCADE),
+        (
+            "signals:\n  personal: {pii: true}\n"
+            "rules:\n  - {name: r, when: personal, route: auto}\n",
+            AUTO,
+        ),
+        (
+            "tenants:\n  acme:\n    rules:\n      - {name: r, when: {pii: true}, route: cascade}\n",
+            CASCADE,
+        ),
+    ],
+    ids=[
+        "pii_kinds",
+        "pii-among-others",
+        "not-pii-false",
+        "named-signal",
+        "tenant-rule",
+        "cascade",
+        "auto",
+        "tenant-cascade",
+    ],
+)
+def test_every_personal_data_rule_that_can_send_it_out_is_warned_of(rules: str, says: str) -> None:
     (warning,) = parse_policy(M + rules).warnings
-    assert "rule 'r' routes personal data local but is not local_only" in warning.message
+    assert warning.message.startswith("rule 'r' ") and f"personal data {says}: " in warning.message
+
+
+def test_a_tenant_rule_names_the_cascading_aliases_in_force_for_its_tenant() -> None:
+    """`route: auto` cascades under an alias that cascades: a tenant's rule is told of those
+    in force for its tenant (its own override of a global one included), a global rule of
+    any tenant's as well (it serves them all)."""
+    text = (
+        M + "aliases:\n  deep: {cascade: true}\n  wide: {cascade: true}\n"
+        "rules:\n  - {name: g, when: {pii: true}, route: auto}\n"
+        "tenants:\n  acme:\n    aliases:\n      wide: {threshold: 0.5}\n"
+        "      own: {cascade: true}\n    rules:\n"
+        "      - {name: t, when: {pii: true, turns: {gt: 1}}, route: auto}\n"
+    )
+    messages = {w.path: w.message for w in parse_policy(text).warnings}
+    assert len(messages) == 2
+    assert "alias that cascades (deep, own, wide)" in messages["rules[0]"]
+    assert "alias that cascades (deep, own)" in messages["tenants.acme.rules[0]"]
 
 
 @pytest.mark.parametrize(
@@ -855,10 +952,26 @@ def test_every_way_of_routing_personal_data_local_is_warned_of(rules: str) -> No
         M + "rules:\n  - {name: r, when: {pii: true}, route: gpt}\n",
         "version: 1\nmodels:\n  local: {tier: local}\n"
         "rules:\n  - {name: r, when: {pii: true}, route: local}\n",
+        M + "rules:\n  - {name: r, when: {pii: true}, route: closed}\n",
+        M + "rules:\n  - {name: r, when: {pii: false}, route: cascade}\n",
+        M + "rules:\n  - {name: r, route: auto}\n",
+        "version: 1\nmodels:\n  gpt: {tier: closed, litellm_model: openai/gpt-4o}\n"
+        "rules:\n  - {name: r, when: {pii: true}, route: auto}\n",
     ],
-    ids=["local_only", "pii-false", "not-pii", "pii_kinds-not_in", "routes-closed", "no-closed"],
+    ids=[
+        "local_only",
+        "pii-false",
+        "not-pii",
+        "pii_kinds-not_in",
+        "routes-closed",
+        "no-closed",
+        "route-closed",
+        "cascade-without-pii",
+        "auto-for-all",
+        "no-local",
+    ],
 )
 def test_a_rule_that_cannot_send_personal_data_out_is_no_warning(text: str) -> None:
     """A local_only rule, one for requests without personal data, one that routes it closed
-    on purpose, and a policy with no closed model to reach."""
+    on purpose, a catch-all that does not single it out, and a policy with only one tier."""
     assert parse_policy(text).warnings == ()

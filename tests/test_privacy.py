@@ -68,8 +68,9 @@ def test_a_personal_data_rule_without_local_only_lets_it_out_and_is_warned_of(
 ) -> None:
     """What the policy warning is about: `{when: {pii: true}, route: local}` without
     `local_only` keeps personal data local only while the local model serves it. A failing
-    local model, a full local queue and an image each carry the prompt to the closed
-    provider, which `local_only: true` prevents (the test above); the start log says so."""
+    local model, a full local queue, an image and a request that names a closed model each
+    carry the prompt to the closed provider, which `local_only: true` prevents (the test
+    above); the start log says so."""
     fake.reset()
     local = ScriptedLocal(queue_size=0)
     policy = policy_yaml(fake, on_failure="closed", queue_full="spill")
@@ -102,10 +103,51 @@ def test_a_personal_data_rule_without_local_only_lets_it_out_and_is_warned_of(
             url, json={**body, "messages": [{"role": "user", "content": content}]}
         )
         assert pictured.headers["x-tiergate-rule"] == "constraint"
-    assert [r.status_code for r in (failed, full, pictured)] == [200, 200, 200]
-    assert [secret in json.dumps(r.body) for r in fake.received] == [True, True, True]
+        pinned = srv.http.post(url, json={**body, "model": "gpt-4o"})
+        assert pinned.headers["x-tiergate-rule"] == "pinned"
+    assert [r.status_code for r in (failed, full, pictured, pinned)] == [200] * 4
+    assert [secret in json.dumps(r.body) for r in fake.received] == [True] * 4
     warned = [r.getMessage() for r in caplog.records if "is not local_only" in r.getMessage()]
     assert len(warned) == 1 and "add `local_only: true` to the rule" in warned[0]
+    assert "when the request names a closed model" in warned[0]
+
+
+@pytest.mark.parametrize("route", ["cascade", "auto"])
+def test_personal_data_routed_to_a_cascade_or_the_score_goes_out_and_is_warned_of(
+    tmp_path: Path, fake: FakeProvider, caplog: pytest.LogCaptureFixture, route: str
+) -> None:
+    """A rule that sends personal data to a cascade or to the score keeps it local only while
+    the local answer satisfies the cascade or the score stays under the threshold, and a
+    request that names a closed model skips it, however strict on_failure and queue_full are:
+    the fake provider receives the e-mail address. The start log says so, and the fix."""
+    from tests.test_cascade_gateway import CASCADE_POLICY, DOUBTFUL, _confidence_model
+
+    fake.reset()
+    local = ScriptedLocal()
+    local.logprob = DOUBTFUL  # a cascade escalates the local answer
+    policy = policy_yaml(fake, on_failure="error", queue_full="reject", extra=CASCADE_POLICY)
+    policy = policy.replace("route: local\n    local_only: true\n", f"route: {route}\n", 1)
+    url, secret = "/v1/chat/completions", "HARD: write to jane.doe@example.com"
+    body = {"model": "auto", "messages": [{"role": "user", "content": secret}]}
+    caplog.set_level("WARNING", logger="tiergate.app")
+    with live(
+        tmp_path,
+        policy,
+        local_backend_obj=local,
+        cascade_model_path=_confidence_model(tmp_path),
+    ) as srv:
+        routed = srv.http.post(url, json=body)
+        assert routed.headers["x-tiergate-rule"] == "pii-stays-local"
+        assert routed.headers.get("x-tiergate-cascade") == (
+            "escalated" if route == "cascade" else None
+        )
+        pinned = srv.http.post(url, json={**body, "model": "gpt-4o"})
+        assert pinned.headers["x-tiergate-rule"] == "pinned"
+    assert [r.status_code for r in (routed, pinned)] == [200, 200]
+    assert [r.headers["x-tiergate-tier"] for r in (routed, pinned)] == ["closed", "closed"]
+    assert [secret in json.dumps(r.body) for r in fake.received] == [True, True]
+    warned = [r.getMessage() for r in caplog.records if "personal data" in r.getMessage()]
+    assert len(warned) == 1 and "route the rule `local` with `local_only: true`" in warned[0]
 
 
 # --- personal data anywhere in the request stays local (generated) --------------------------------
