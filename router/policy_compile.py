@@ -451,6 +451,8 @@ class _Checker:
         p = self.policy
         if p.local_model is None or not p.closed_models:
             return []  # no tier to keep it in, or none to leave to
+        if any(_implies(_PII, f) for _, _, f in reach.kept_local):
+            return []  # a global local_only rule, tried first, keeps all personal data
         rules = [*reach.global_rest, *(e for own in reach.own.values() for e in own)]
         found = []
         for loc, rule, form in rules:
@@ -946,6 +948,7 @@ class _Reach:
         self.dead: list[tuple[Loc, str]] = []
         self.own: dict[str, list[tuple[Loc, Rule, Form]]] = {}  # each tenant's rules, in order
         self.global_rest: list[tuple[Loc, Rule, Form]] = []  # the global rules not local_only
+        self.kept_local: list[tuple[Loc, Rule, Form]] = []  # the global local_only rules
 
     def problems(self) -> list[tuple[Loc, str]]:
         for name in self.policy.signals:
@@ -956,7 +959,7 @@ class _Reach:
         ]
         order = sorted(entries, key=lambda e: (not e[1].local_only, -e[1].priority))
         self._walk(order, 0)
-        kept_local = [e for e in order if e[1].local_only]
+        kept_local = self.kept_local = [e for e in order if e[1].local_only]
         for tenant, cfg in self.policy.tenants.items():
             loc: Loc = ("tenants", tenant, "rules")
             own = [((*loc, i), r, self.rule_form(r, (*loc, i))) for i, r in enumerate(cfg.rules)]

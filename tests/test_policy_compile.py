@@ -942,6 +942,22 @@ def test_a_tenant_rule_names_the_cascading_aliases_in_force_for_its_tenant() -> 
     assert "alias that cascades (deep, own)" in messages["tenants.acme.rules[0]"]
 
 
+def test_no_rule_is_warned_of_behind_a_local_only_rule_that_keeps_all_personal_data() -> None:
+    """The global local_only rules are tried first, for every tenant and for a request that
+    pins a model: once one holds for every request with personal data, no other rule sees
+    any, wherever it routes. Each later rule that also takes personal data among other
+    requests (a global one, a tenant's) was warned of all the same."""
+    keep = "rules:\n  - {name: keep, when: {pii: true}, route: local, local_only: true}\n"
+    later = "  - {name: r, when: {any: [{pii: true}, {turns: {gt: 3}}]}, route: cascade}\n"
+    own = "tenants:\n  acme:\n    rules:\n" + textwrap.indent(later, "    ")
+    own = own.replace("name: r,", "name: t,").replace("gt: 3", "gt: 5")
+    assert parse_policy(M + keep + later + own).warnings == ()
+    # A local_only rule for one kind of personal data leaves the other kinds to them.
+    some = keep.replace("{pii: true}", "{pii_kinds: {contains: email}}")
+    warned = parse_policy(M + some + later + own).warnings
+    assert [w.path for w in warned] == ["rules[1]", "tenants.acme.rules[0]"]
+
+
 @pytest.mark.parametrize(
     "text",
     [
