@@ -761,6 +761,7 @@ def test_yaml_aliases_are_refused_where_they_are_written() -> None:
 def test_shipped_policies_parse(path: Path) -> None:
     p = load_policy(path)
     assert p.source == str(path) and "auto" in p.alias_names()
+    assert p.warnings == ()  # a policy we ship is what we say to write
     assert isinstance(evaluate(p, Signals(alias="auto")), Decision)
 
 
