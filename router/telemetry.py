@@ -857,6 +857,9 @@ def _annotate_request_span(span: Any, record: OutcomeRecord) -> None:
         "gen_ai.usage.input_tokens": record.prompt_tokens,
         "gen_ai.usage.output_tokens": record.completion_tokens,
         "http.response.status_code": record.http_status,
+        # The record's own status, kept when the middleware sets the one sent (a stream that
+        # failed after it started went out as 200): the trace says 502 where the record does.
+        "tiergate.http_status": record.http_status,
         "tiergate.request_id": record.id,
         "tiergate.tenant": record.tenant,
         "tiergate.status": record.status,

@@ -40,6 +40,7 @@ from tests.conftest import (
 )
 from tests.conftest import live as live_server
 from tests.fake_provider import Behaviour, FakeProvider
+from tests.test_faults import CUT_FRONTS, LITELLM_PATH
 from tests.test_gateway import ScriptedLocal
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -401,6 +402,50 @@ def test_the_request_span_names_the_status_sent(tmp_path: Path, fake: FakeProvid
     assert failed["http.response.status_code"] == 502
     statuses = [s.status.status_code for s in cap.finished() if s.kind == SpanKind.SERVER]
     assert statuses == [StatusCode.ERROR, StatusCode.ERROR]  # the server failed both
+
+
+#: Per provider path of a cut stream: the model pinned, and the policy line that makes gpt-4o
+#: a litellm provider (``mistral/``) where it is one.
+CUT_PATHS = {
+    "openai": ("gpt-4o", None),
+    "anthropic": ("claude", None),
+    "litellm": ("gpt-4o", "mistral"),
+}
+
+
+@pytest.mark.parametrize("path", sorted(CUT_PATHS))
+@pytest.mark.parametrize("front", sorted(CUT_FRONTS))
+def test_a_stream_cut_after_it_started_has_its_records_status_on_its_span(
+    tmp_path: Path, fake: FakeProvider, front: str, path: str
+) -> None:
+    """A stream the provider cut after the client had its first words went out as 200 with an
+    error event, and its record said error, 502: its SERVER span said 200 and nothing
+    carried the 502, so a trace could not be matched to its record by status. On every front
+    and provider path (OpenAI direct, Anthropic and Responses natively or through litellm, a
+    litellm provider), the span is ERROR with the record's error.type, status and 502."""
+    url, body, _ = CUT_FRONTS[front]
+    model, via = CUT_PATHS[path]
+    policy = policy_yaml(fake)
+    if via is not None:
+        policy = policy.replace("litellm_model: openai/gpt-4o", LITELLM_PATH[via])
+    fake.reset(Behaviour(mode="reset_mid_stream"))
+    with traced(tmp_path, policy, local=ScriptedLocal()) as (srv, cap):
+        with srv.http.stream("POST", url, json={**body, "model": model}) as response:
+            assert response.status_code == 200
+            assert b"the stream ended before it finished" in response.read()
+        assert srv.gateway.outcomes.flush(5)
+        record = srv.gateway.outcomes.get(response.headers["x-request-id"])
+    assert record is not None and (record["status"], record["http_status"]) == ("error", 502)
+    server = cap.server_span()
+    attrs = dict(server.attributes or {})
+    assert server.status.status_code == StatusCode.ERROR
+    assert server.status.description == record["error_type"] == attrs["error.type"]
+    assert (attrs["tiergate.status"], attrs["tiergate.http_status"]) == ("error", 502)
+    assert attrs["http.response.status_code"] == 200  # the status sent, as the access log's
+    assert attrs["gen_ai.usage.output_tokens"] == record["completion_tokens"] > 0
+    (client,) = [s for s in cap.finished() if s.kind == SpanKind.CLIENT]
+    assert client.status.status_code == StatusCode.ERROR
+    assert client.attributes["error.type"] == record["error_type"]
 
 
 @pytest.mark.parametrize("model", ["gpt-4o", "local", "auto-best"])
