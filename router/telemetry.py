@@ -23,10 +23,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
 import os
 import threading
 import time
+import urllib.parse
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -38,7 +40,7 @@ from collections.abc import (
 )
 from typing import Any
 
-from router.backends import Backend, Completion, ModelLike, Usage
+from router.backends import Addressed, Backend, Completion, ModelLike, Usage
 from router.backends.local import Gate
 from router.backends.native import NativeCaller, NativeRequest
 from router.errors import ConfigError, MissingExtraError, TiergateError
@@ -931,6 +933,7 @@ class TracedBackend:
     def __init__(self, inner: Backend, tracer: Any) -> None:
         self.inner = inner
         self._tracer = tracer
+        self._where = _server_of(inner)
 
     def __getattr__(self, name: str) -> Any:
         # Everything else (the local queue's gate, load state...) is the wrapped backend's.
@@ -948,7 +951,7 @@ class TracedBackend:
         self, model: ModelLike, body: dict[str, Any], usage: Usage | None = None
     ) -> Completion:
         """Call the wrapped backend inside a CLIENT span."""
-        span = _client_span(self._tracer, model, body, stream=False)
+        span = _client_span(self._tracer, model, body, self._where, stream=False)
         return await _traced_complete(span, self.inner.complete(model, body, usage))
 
     def stream(
@@ -956,7 +959,7 @@ class TracedBackend:
     ) -> AsyncIterator[dict[str, Any]]:
         """Stream from the wrapped backend; the span ends with the stream."""
         return _traced_stream(
-            lambda: _client_span(self._tracer, model, body, stream=True),
+            lambda: _client_span(self._tracer, model, body, self._where, stream=True),
             lambda: self.inner.stream(model, body, usage),
             usage,
         )
@@ -969,10 +972,11 @@ class TracedNative:
     def __init__(self, inner: NativeCaller, tracer: Any) -> None:
         self.inner = inner
         self._tracer = tracer
+        self._where = _server_of(inner)
 
     async def complete(self, model: ModelLike, native: NativeRequest, usage: Usage) -> Completion:
         """Call the wrapped backend inside a CLIENT span."""
-        span = _client_span(self._tracer, model, native.body, stream=False)
+        span = _client_span(self._tracer, model, native.body, self._where, stream=False)
         return await _traced_complete(span, self.inner.complete(model, native, usage))
 
     def stream(
@@ -980,13 +984,42 @@ class TracedNative:
     ) -> AsyncIterator[dict[str, Any]]:
         """Stream from the wrapped backend; the span ends with the stream."""
         return _traced_stream(
-            lambda: _client_span(self._tracer, model, native.body, stream=True),
+            lambda: _client_span(self._tracer, model, native.body, self._where, stream=True),
             lambda: self.inner.stream(model, native, usage),
             usage,
         )
 
 
-def _client_span(tracer: Any, model: ModelLike, body: Mapping[str, Any], stream: bool) -> Any:
+#: The port of a URL that names none, by scheme.
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+_Where = Callable[[ModelLike], str | None] | None
+
+
+def _server_of(backend: object) -> _Where:
+    """How to find the URL a backend calls for a model, where it can say (:class:`Addressed`)."""
+    return backend.server_url if isinstance(backend, Addressed) else None
+
+
+@functools.lru_cache(maxsize=256)
+def _server_attributes(url: str) -> tuple[tuple[str, str | int], ...]:
+    """``server.address`` and ``server.port`` of ``url``: its host and port, never its user
+    info (credentials), path or query (a key some gateways carry there); () where it has no
+    host or its port is not a number."""
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return ()
+    if not host:
+        return ()
+    port = port or _DEFAULT_PORTS.get(parts.scheme.lower())
+    return (("server.address", host),) + ((("server.port", port),) if port else ())
+
+
+def _client_span(
+    tracer: Any, model: ModelLike, body: Mapping[str, Any], where: _Where, stream: bool
+) -> Any:
     """A backend attempt's CLIENT span; its request parameters go on the request span too."""
     from opentelemetry.trace import SpanKind
 
@@ -1000,6 +1033,9 @@ def _client_span(tracer: Any, model: ModelLike, body: Mapping[str, Any], stream:
         "tiergate.model": model.name,
         "tiergate.stream": stream,
     }
+    url = where(model) if where is not None else None
+    if url:
+        attrs.update(_server_attributes(url))
     request_attrs = _request_params(body)
     attrs.update(request_attrs)
     parent = _REQUEST_SPAN.get()

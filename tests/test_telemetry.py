@@ -843,6 +843,114 @@ def test_a_native_call_has_its_client_span(
     assert server.attributes["gen_ai.provider.name"] == client.attributes["gen_ai.provider.name"]
 
 
+#: Per provider path: the front (as CUT_FRONTS names it), the model the request pins, the
+#: litellm provider gpt-4o is made (None: as the test policy has it), the CLIENT span's name.
+_CALLED = {
+    "openai-direct": ("chat", "gpt-4o", None, "chat openai/gpt-4o"),
+    "anthropic-litellm": ("chat", "claude", None, "chat anthropic/claude-3-5-sonnet-20241022"),
+    "anthropic-native": ("messages", "claude", None, "chat anthropic/claude-3-5-sonnet-20241022"),
+    "responses-native": ("responses", "gpt-4o", None, "chat openai/gpt-4o"),
+    "litellm-provider": ("chat", "gpt-4o", "mistral", "chat mistral/mistral-large-latest"),
+}
+
+
+@pytest.mark.parametrize("path", sorted(_CALLED))
+def test_a_client_span_names_the_server_it_calls(
+    tmp_path: Path, fake: FakeProvider, path: str
+) -> None:
+    """CLIENT spans named no server: a trace showed which model a call went to but not which
+    host (a provider, a regional endpoint, a company gateway), as the GenAI conventions
+    recommend (``server.address``, and ``server.port`` with it). Each names its api_base's
+    host and port, on every provider path."""
+    front, model, via, name = _CALLED[path]
+    policy = policy_yaml(fake)
+    if via is not None:
+        policy = policy.replace("litellm_model: openai/gpt-4o", LITELLM_PATH[via])
+    url, body, _ = CUT_FRONTS[front]
+    fake.reset()
+    with traced(tmp_path, policy, local=ScriptedLocal()) as (srv, cap):
+        assert srv.http.post(url, json={**body, "model": model}).status_code == 200
+    (client,) = cap.by_name(name)
+    port = httpx.URL(fake.base_url).port
+    assert (client.attributes["server.address"], client.attributes["server.port"]) == (
+        "127.0.0.1",
+        port,
+    )
+
+
+def test_the_local_tier_names_its_server_when_it_has_one(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """An external llama.cpp server (``TIERGATE_LOCAL_BASE_URL``) is named as a provider is;
+    the in-process model calls no server and names none."""
+    fake.reset()
+    with FakeProvider() as server:
+        with traced(
+            tmp_path,
+            policy_yaml(fake),
+            local_backend="openai_http",
+            local_base_url=server.base_url,
+        ) as (srv, cap):
+            assert _chat(srv, "easy").status_code == 200
+        (external,) = cap.by_name("chat local")
+        assert external.attributes["server.address"] == "127.0.0.1"
+        assert external.attributes["server.port"] == httpx.URL(server.base_url).port
+    with traced(tmp_path, policy_yaml(fake), local=ScriptedLocal()) as (srv, cap):
+        assert _chat(srv, "easy").status_code == 200
+    (in_process,) = cap.by_name("chat local")
+    assert "server.address" not in in_process.attributes
+    assert "server.port" not in in_process.attributes
+
+
+class _Addressed:
+    """A backend that calls ``url``, and answers at once."""
+
+    def __init__(self, url: str | None) -> None:
+        self.url = url
+
+    def server_url(self, model: Any) -> str | None:
+        return self.url
+
+    def unavailable_reason(self, model: Any) -> str | None:
+        return None
+
+    async def complete(self, model: Any, body: Any, usage: Any = None) -> Any:
+        from router.backends import Completion, Usage
+
+        return Completion(body={"choices": []}, usage=Usage(1, 1))
+
+
+@pytest.mark.parametrize(
+    ("url", "server"),
+    [
+        (
+            "https://tiergate:s3cret@gw.example.com/v1/key/sk-s3cret?api-key=s3cret",
+            ("gw.example.com", 443),
+        ),
+        ("http://10.1.2.80:8080/v1", ("10.1.2.80", 8080)),
+        ("http://[fd00::1]:4000", ("fd00::1", 4000)),
+        (None, None),  # litellm's own default host, not known here
+        ("not a url", None),
+    ],
+)
+def test_a_client_span_names_a_host_and_port_never_credentials(
+    url: str | None, server: tuple[str, int] | None
+) -> None:
+    """Only the host and port of the URL called: never a user and password in it, nor a key in
+    its path or query, which some gateways' URLs carry."""
+    import asyncio
+
+    captured = Captured()
+    model = SimpleNamespace(name="m", tier="closed", litellm_model="openai/m")
+    backend = captured.telemetry.wrap_backend(_Addressed(url))
+    asyncio.run(backend.complete(model, {"messages": []}))
+    (span,) = captured.finished()
+    attrs = dict(span.attributes or {})
+    named = (attrs.get("server.address"), attrs.get("server.port"))
+    assert named == (server or (None, None))
+    assert not any("s3cret" in str(v) for v in attrs.values())
+
+
 def test_a_failed_native_call_shows_before_the_fallback(tmp_path: Path, fake: FakeProvider) -> None:
     # "auto" sends a hard request to gpt-4o in the Responses API; it fails, the local one answers.
     body, client_span = _NATIVE_CALLS["/v1/responses"]

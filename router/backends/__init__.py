@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from router.errors import UpstreamBadResponseError
 
@@ -91,6 +91,17 @@ class Backend(Protocol):
 
     async def aclose(self) -> None:
         """Release connections, threads and models."""
+        ...
+
+
+@runtime_checkable
+class Addressed(Protocol):
+    """A backend that calls a server and can say which: telemetry's CLIENT spans name it
+    (``server.address``, ``server.port``). The in-process llama.cpp backend calls none."""
+
+    def server_url(self, model: ModelLike) -> str | None:
+        """The URL this backend calls for ``model`` (a base URL; telemetry keeps its host and
+        port only), or None where the backend does not choose it (litellm's own default)."""
         ...
 
 

@@ -190,6 +190,14 @@ class ClosedBackend:
             )
         return f"no API key: set {env}"
 
+    def server_url(self, model: ModelLike) -> str | None:
+        """The base URL called for ``model``: its ``api_base``, else OpenAI's on the direct
+        path; None for a litellm provider without one (litellm picks the host, and reads its
+        own variables for it)."""
+        if self._direct(model):
+            return model.api_base or _OPENAI_DEFAULT_BASE
+        return model.api_base
+
     def _direct(self, model: ModelLike) -> bool:
         if model.transport == "litellm":
             return False

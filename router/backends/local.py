@@ -703,6 +703,10 @@ class ExternalLlamaBackend:
         """Always None: reachability shows per request and triggers the fallback."""
         return None
 
+    def server_url(self, model: ModelLike) -> str:
+        """The server's URL (``TIERGATE_LOCAL_BASE_URL``), whatever the model."""
+        return self._base
+
     def _body(self, model: ModelLike, body: dict[str, Any]) -> dict[str, Any]:
         check_local_request(body)
         messages = with_system_prompt(

@@ -123,6 +123,12 @@ class NativeBackend:
         self._timeout_s = timeout_s
         self._environ = environ if environ is not None else os.environ
 
+    def server_url(self, model: ModelLike) -> str:
+        """The URL called for ``model``: Anthropic's Messages or OpenAI's Responses endpoint,
+        at its ``api_base`` when it has one."""
+        anthropic = provider_of(model.litellm_model or "") == "anthropic"
+        return _url(model.api_base, "messages" if anthropic else "responses")
+
     def _call(
         self, model: ModelLike, native: NativeRequest, stream: bool
     ) -> tuple[str, dict[str, Any], dict[str, str], str | None]:
@@ -140,11 +146,11 @@ class NativeBackend:
             headers.update(native.headers)
             if key:
                 headers["x-api-key"] = key
-            return _anthropic_url(model.api_base), body, headers, key
+            return _url(model.api_base, native.api), body, headers, key
         body["store"] = False  # Tiergate's Responses front is stateless; so is the call
         if key:
             headers["authorization"] = f"Bearer {key}"
-        return (model.api_base or _OPENAI_BASE).rstrip("/") + "/responses", body, headers, key
+        return _url(model.api_base, native.api), body, headers, key
 
     async def complete(self, model: ModelLike, native: NativeRequest, usage: Usage) -> Completion:
         """The provider's answer, as a chat view carrying the native body under :data:`NATIVE`."""
@@ -227,6 +233,13 @@ async def native_or(
         raise
     finally:
         await chunks.aclose()
+
+
+def _url(api_base: str | None, api: Api) -> str:
+    """The endpoint of ``api`` at ``api_base``, or at the provider's own host."""
+    if api == "messages":
+        return _anthropic_url(api_base)
+    return (api_base or _OPENAI_BASE).rstrip("/") + "/responses"
 
 
 def _anthropic_url(api_base: str | None) -> str:
