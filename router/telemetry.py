@@ -13,7 +13,8 @@ shared no-op object, and backends are not wrapped. On, each chat request gets a 
 (parented on an incoming W3C ``traceparent``) with GenAI semantic-convention and ``tiergate.*``
 attributes, a ``tiergate.decide`` child span and one ``chat {model}`` CLIENT span per backend
 attempt (so a fallback shows as a failed attempt followed by the one that answered). Exporters,
-sampling, batching and the resource come from the standard ``OTEL_*`` variables.
+sampling, batching and the resource come from the standard ``OTEL_*`` variables: those of the
+environ an app is given, where it is given one (``create_app(environ=...)``).
 
 Prompt text, completions and secrets never go into spans, metrics or the request log line.
 """
@@ -244,10 +245,11 @@ class Telemetry:
     def from_settings(cls, settings: Any, environ: Mapping[str, str] | None = None) -> Telemetry:
         """Traces per the OTEL_* variables and ``otel_enabled``; metrics per ``metrics_enabled``."""
         env = os.environ if environ is None else environ
-        if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-            # The SDK would hand out no-op meters: /metrics would answer 200 with no series.
-            log.info("OTEL_SDK_DISABLED=true: no traces and no /metrics")
-            return cls.off()
+        for where in (env, os.environ):  # the SDK reads the process's own, whatever env says
+            if where.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+                # The SDK would hand out no-op meters: /metrics would answer 200 with no series.
+                log.info("OTEL_SDK_DISABLED=true: no traces and no /metrics")
+                return cls.off()
         tracing = tracing_configured(env, settings.otel_enabled)
         if not tracing and not settings.metrics_enabled:
             return cls.off()
@@ -266,6 +268,7 @@ class Telemetry:
             metric_readers=readers,
             tracing=tracing,
             metrics=settings.metrics_enabled,
+            environ=None if env is os.environ else env,
         )
 
     @classmethod
@@ -277,25 +280,34 @@ class Telemetry:
         tracing: bool = True,
         metrics: bool = True,
         batch: bool = True,
+        environ: Mapping[str, str] | None = None,
     ) -> Telemetry:
         """Providers from explicit exporters and readers (tests: in-memory ones, no batching).
 
         ``metrics`` adds the Prometheus reader behind ``/metrics``; instruments are recorded
-        whenever there is any reader (an OTLP one pushes them even with ``metrics`` off)."""
+        whenever there is any reader (an OTLP one pushes them even with ``metrics`` off).
+        The service name, resource, sampler and batching come from ``environ``'s ``OTEL_*``
+        variables, or where it is None from the process's, as the SDK reads them."""
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
-        resource = Resource.create()
+        resource = Resource.create() if environ is None else _resource(environ)
         if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
             resource = resource.merge(Resource({"service.name": "tiergate"}))
         tracer_provider = None
         exporters = list(span_exporters) if tracing else []
         if tracing:
-            tracer_provider = TracerProvider(resource=resource)
+            sampler = None if environ is None else _sampler(environ)
+            tracer_provider = TracerProvider(resource=resource, sampler=sampler)
+            batching = {} if environ is None else _batching(environ)
             for exporter in exporters:
-                processor = BatchSpanProcessor(exporter) if batch else SimpleSpanProcessor(exporter)
+                processor = (
+                    BatchSpanProcessor(exporter, **batching)
+                    if batch
+                    else SimpleSpanProcessor(exporter)
+                )
                 tracer_provider.add_span_processor(processor)
         meter_provider = None
         registry = None
@@ -792,6 +804,75 @@ def _number(env: Mapping[str, str], name: str, default: float) -> float:
     if not number > 0:
         raise ConfigError(f"{name}={value}: it must be a number above 0")
     return number
+
+
+# An app given an environ of its own (create_app(environ=...)) reads the SDK's standard
+# settings from it here: the SDK reads them from os.environ only, and would configure the
+# app's service name, sampling and batching from the process's. Unset, or not understood,
+# each takes the SDK's default, with the warning the SDK gives.
+_SAMPLERS = ("always_on", "always_off", "traceidratio")
+#: OTEL_BSP_* -> BatchSpanProcessor's argument, and the SDK's default.
+_BATCHING = {
+    "OTEL_BSP_SCHEDULE_DELAY": ("schedule_delay_millis", 5000),
+    "OTEL_BSP_MAX_QUEUE_SIZE": ("max_queue_size", 2048),
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": ("max_export_batch_size", 512),
+    "OTEL_BSP_EXPORT_TIMEOUT": ("export_timeout_millis", 30000),
+}
+
+
+def _resource(env: Mapping[str, str]) -> Any:
+    """The SDK's default resource (its own attributes, the instance id) with ``env``'s
+    ``OTEL_RESOURCE_ATTRIBUTES`` and ``OTEL_SERVICE_NAME``, none of the process's."""
+    from urllib.parse import unquote
+
+    from opentelemetry.sdk.resources import OTELResourceDetector, Resource
+
+    process = OTELResourceDetector().detect().attributes
+    base = {k: v for k, v in Resource.create().attributes.items() if k not in process}
+    given: dict[str, str] = {}
+    for item in env.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
+        key, sep, value = item.partition("=")
+        if key.strip() and sep:
+            given[key.strip()] = unquote(value.strip())
+        elif item.strip():
+            log.warning("OTEL_RESOURCE_ATTRIBUTES: %r is not key=value: left out", item)
+    service = env.get("OTEL_SERVICE_NAME", "").strip()
+    if service:
+        given["service.name"] = service
+    return Resource({**base, **given})
+
+
+def _sampler(env: Mapping[str, str]) -> Any:
+    """The sampler ``env``'s ``OTEL_TRACES_SAMPLER`` (and ``_ARG``) names, as the SDK reads it."""
+    from opentelemetry.sdk.trace import sampling
+
+    name = env.get("OTEL_TRACES_SAMPLER", "").strip().lower() or "parentbased_always_on"
+    root = name.removeprefix("parentbased_")
+    if root not in _SAMPLERS:
+        log.warning("OTEL_TRACES_SAMPLER=%s is not a sampler: parentbased_always_on", name)
+        name, root = "parentbased_always_on", "always_on"
+    chosen: Any = {"always_on": sampling.ALWAYS_ON, "always_off": sampling.ALWAYS_OFF}.get(root)
+    if chosen is None:
+        value = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
+        try:
+            chosen = sampling.TraceIdRatioBased(float(value))
+        except ValueError:
+            log.warning("OTEL_TRACES_SAMPLER_ARG=%s is not a rate from 0 to 1: 1.0", value)
+            chosen = sampling.TraceIdRatioBased(1.0)
+    return sampling.ParentBased(chosen) if name != root else chosen
+
+
+def _batching(env: Mapping[str, str]) -> dict[str, Any]:
+    """BatchSpanProcessor's arguments from ``env``'s ``OTEL_BSP_*``."""
+    arguments: dict[str, Any] = {}
+    for name, (argument, default) in _BATCHING.items():
+        value = env.get(name, "").strip()
+        try:
+            arguments[argument] = int(value) if value else default
+        except ValueError:
+            log.warning("%s=%s is not a whole number: %d", name, value, default)
+            arguments[argument] = default
+    return arguments
 
 
 def _prometheus_reader() -> tuple[Any, Any]:

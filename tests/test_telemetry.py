@@ -726,15 +726,16 @@ def test_shutdown_with_an_unreachable_collector_fits_the_grace_period(
 
 
 @contextmanager
-def otlp_receiver() -> Iterator[tuple[str, list[tuple[str, dict[str, str]]]]]:
+def otlp_receiver() -> Iterator[tuple[str, list[tuple[str, dict[str, str], bytes]]]]:
     """A loopback OTLP/HTTP collector that takes every export (200, an empty protobuf answer)
-    and keeps its path and headers. Yields its root URL and that list."""
-    received: list[tuple[str, dict[str, str]]] = []
+    and keeps its path, headers and body. Yields its root URL and that list."""
+    received: list[tuple[str, dict[str, str], bytes]] = []
 
     class Collector(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("content-length", 0)))
-            received.append((self.path, {k.lower(): v for k, v in self.headers.items()}))
+            body = self.rfile.read(int(self.headers.get("content-length", 0)))
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            received.append((self.path, headers, body))
             self.send_response(200)
             self.send_header("content-type", "application/x-protobuf")
             self.send_header("content-length", "0")
@@ -749,6 +750,17 @@ def otlp_receiver() -> Iterator[tuple[str, list[tuple[str, dict[str, str]]]]]:
             yield f"http://127.0.0.1:{server.server_address[1]}", received
         finally:
             server.shutdown()  # returns once serve_forever has
+
+
+@contextmanager
+def embedded(tmp_path: Path, fake: FakeProvider, environ: dict[str, str]) -> Iterator[LiveServer]:
+    """A test app built as an app that embeds Tiergate builds it: with an environ of its own."""
+    settings = make_settings(tmp_path, policy_yaml(fake))
+    app = create_app(
+        settings, scorer=KeywordScorer(), local_backend=ScriptedLocal(), environ=environ
+    )
+    with LiveServer(app) as srv:
+        yield srv
 
 
 def test_the_environ_an_app_is_given_governs_its_otlp_exporters(
@@ -769,23 +781,89 @@ def test_the_environ_an_app_is_given_governs_its_otlp_exporters(
             "OTEL_EXPORTER_OTLP_TIMEOUT": "5",
             "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
         }
-        settings = make_settings(tmp_path, policy_yaml(fake))
-        app = create_app(
-            settings, scorer=KeywordScorer(), local_backend=ScriptedLocal(), environ=environ
-        )
-        with LiveServer(app) as srv:
+        with embedded(tmp_path, fake, environ) as srv:
             assert srv.gateway.telemetry.tracing
             assert _chat(srv, "hello").status_code == 200
         # The app's shutdown sent the last spans and metrics.
-        assert {path for path, _ in to_given} == {"/custom/traces", "/v1/metrics"}
-        for _, headers in to_given:
+        assert {path for path, _, _ in to_given} == {"/custom/traces", "/v1/metrics"}
+        for _, headers, _ in to_given:
             assert headers["x-collector-key"] == "given-key"
             assert "authorization" not in headers
         assert to_process == []
     # A setting the exporter cannot use stops the start, naming it, as the protocol does.
     bad = {"OTEL_EXPORTER_OTLP_ENDPOINT": given, "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": "zstd"}
     with pytest.raises(ConfigError, match="OTEL_EXPORTER_OTLP_TRACES_COMPRESSION=zstd"):
-        Telemetry.from_settings(settings, environ=bad)
+        Telemetry.from_settings(make_settings(tmp_path, policy_yaml(fake)), environ=bad)
+
+
+def test_the_environ_an_app_is_given_names_its_service_sampling_and_batching(
+    tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An app given an environ of its own exported where it said, but the SDK took the service
+    name, resource attributes, sampler and batching from the process's: its spans were named
+    after the process's service, and a process that sampled nothing (or batched every ten
+    minutes) left the app with no traces. They come from the environ given now."""
+    fake.reset()
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "process-service")
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=process,team=process")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "600000")
+    with otlp_receiver() as (given, received):
+        environ = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": given,
+            "OTEL_METRICS_EXPORTER": "none",
+            "OTEL_SERVICE_NAME": "given-service",
+            "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=given%20one",
+            "OTEL_BSP_SCHEDULE_DELAY": "50",
+        }
+        with embedded(tmp_path, fake, environ) as srv:
+            assert _chat(srv, "hello").status_code == 200
+            # Sampled, and sent within the given batching delay, before any shutdown flush.
+            assert wait_for(lambda: len(_exported_spans(received)) >= 3, 10)
+    resources = {
+        (a.key, a.value.string_value)
+        for request in _exported(received)
+        for spans in request.resource_spans
+        for a in spans.resource.attributes
+    }
+    assert ("service.name", "given-service") in resources
+    assert ("deployment.environment", "given one") in resources
+    assert not any("process" in value for _, value in resources), resources
+
+
+def _exported(received: list[tuple[str, dict[str, str], bytes]]) -> list[Any]:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    return [
+        ExportTraceServiceRequest.FromString(body)
+        for path, _, body in list(received)
+        if path == "/v1/traces"
+    ]
+
+
+def _exported_spans(received: list[tuple[str, dict[str, str], bytes]]) -> list[Any]:
+    return [
+        span
+        for request in _exported(received)
+        for spans in request.resource_spans
+        for scope in spans.scope_spans
+        for span in scope.spans
+    ]
+
+
+def test_otel_sdk_disabled_in_the_process_turns_an_embedded_apps_metrics_off(
+    tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SDK reads ``OTEL_SDK_DISABLED`` from the process's environment whatever environ an
+    app is given: with it set there, the app's meters did nothing and /metrics answered 200
+    with no series, as if no request had come. It is off, as documented: a 503."""
+    fake.reset()
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    with embedded(tmp_path, fake, {}) as srv:
+        assert _chat(srv, "hello").status_code == 200
+        assert srv.http.get("/metrics").status_code == 503
 
 
 @pytest.mark.parametrize(
