@@ -11,7 +11,9 @@ tool call. It also plays the shadow judge: a request carrying Tiergate's pairwis
 is answered with a verdict (``[[A]]``/``[[B]]``/``[[C]]``) that prefers the side
 ``Behaviour.judge`` names, where the "closed" answer is the one equal to ``Behaviour.text`` (what
 this provider answers itself). As Anthropic, it refuses a Messages request without ``max_tokens``
-or with more than the model's output limit (:data:`ANTHROPIC_OUTPUT_LIMITS`), with its 400.
+or with more than the model's output limit (:data:`ANTHROPIC_OUTPUT_LIMITS`), with its 400;
+told a model's context window (``context_windows``), either protocol refuses a request to it
+that does not fit.
 """
 
 from __future__ import annotations
@@ -122,6 +124,10 @@ class Behaviour:
     # in few deltas. A whole long answer rides in one event anyway where the protocol puts it
     # there (the Responses ``.done`` events and ``response.completed``), or as one long word.
     piece_chars: int = 0
+    # The context window of each model named here (by the name the provider is sent): a chat
+    # or Messages request to it whose prompt (:func:`prompt_tokens`) plus its ``max_tokens`` is
+    # over it is refused with the provider's 400 (:func:`window_refusal`), as providers do.
+    context_windows: dict[str, int] = field(default_factory=dict)
 
 
 #: Anthropic's error body when it is overloaded (with HTTP 529, or as a stream's error event).
@@ -222,6 +228,57 @@ def anthropic_refusal(body: dict[str, Any]) -> dict[str, Any] | None:
         )
     else:
         return None
+    return {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
+
+
+#: Characters a token of the fake's own tokenizer stands for (Tiergate's estimate counts 3.5).
+CHARS_PER_TOKEN = 4
+
+
+def prompt_tokens(body: dict[str, Any]) -> int:
+    """The prompt's tokens as this provider counts them: the characters of every string in the
+    request's ``system`` and ``messages``, :data:`CHARS_PER_TOKEN` a token."""
+
+    def chars(value: Any) -> int:
+        if isinstance(value, str):
+            return len(value)
+        if isinstance(value, dict):
+            return sum(chars(v) for v in value.values())
+        if isinstance(value, list):
+            return sum(chars(v) for v in value)
+        return 0
+
+    return -(-chars([body.get("system"), body.get("messages")]) // CHARS_PER_TOKEN)
+
+
+def window_refusal(body: dict[str, Any], window: int, *, anthropic: bool) -> dict[str, Any] | None:
+    """The provider's 400 body for a request whose prompt plus ``max_tokens`` is over
+    ``window`` (OpenAI's ``context_length_exceeded``, Anthropic's own words), else None."""
+    prompt = prompt_tokens(body)
+    asked = body.get("max_completion_tokens") or body.get("max_tokens") or 0
+    if prompt + asked <= window:
+        return None
+    if not anthropic:
+        message = (
+            f"This model's maximum context length is {window} tokens. However, you requested "
+            f"{prompt + asked} tokens ({prompt} in the messages, {asked} in the completion). "
+            "Please reduce the length of the messages or completion."
+        )
+        return {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "param": "messages",
+                "code": "context_length_exceeded",
+            }
+        }
+    if prompt > window:
+        message = f"prompt is too long: {prompt} tokens > {window} maximum"
+    else:
+        message = (
+            f"input length and `max_tokens` exceed context limit: {prompt} + {asked} > "
+            f"{window}, decrease input length or `max_tokens` and try again"
+        )
     return {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
 
 
@@ -362,11 +419,17 @@ class FakeProvider:
         self, body: dict[str, Any], anthropic: bool, responses: bool
     ) -> dict[str, Any] | None:
         """The 400 body the provider would answer ``body`` with, or None: Anthropic's always
-        (:func:`anthropic_refusal`), OpenAI chat's when ``strict`` (:func:`openai_refusal`)."""
+        (:func:`anthropic_refusal`), OpenAI chat's when ``strict`` (:func:`openai_refusal`),
+        either's for a request over its model's ``context_windows`` (:func:`window_refusal`)."""
         if anthropic:
-            return anthropic_refusal(body)
-        refusal = openai_refusal(body) if self.behaviour.strict and not responses else None
-        return None if refusal is None else {"error": refusal}
+            refusal = anthropic_refusal(body)
+        else:
+            fields = openai_refusal(body) if self.behaviour.strict and not responses else None
+            refusal = None if fields is None else {"error": fields}
+        window = self.behaviour.context_windows.get(str(body.get("model")))
+        if refusal is None and window is not None and not responses:
+            refusal = window_refusal(body, window, anthropic=anthropic)
+        return refusal
 
     def _stream(
         self, h: BaseHTTPRequestHandler, body: dict[str, Any], *, anthropic: bool, responses: bool
