@@ -954,6 +954,19 @@ class Gateway:
             ]
         return fitted
 
+    def _sent(self, ctx: RequestContext, model: ModelSpec, body: dict[str, Any]) -> dict[str, Any]:
+        """``body`` as ``model`` is sent it: :meth:`fitted`, and for a request that sets no
+        ``max_tokens``, the one an Anthropic model must be sent, at most what its context
+        window leaves after the prompt (the fit check counts the prompt alone then)."""
+        fitted = self.fitted(model, body, ctx.optional, ctx.native_only)
+        window = model.context_window
+        if model.tier != "closed" or window is None or ctx.signals is None:
+            return fitted
+        if closed.sets_output_limit(fitted):
+            return fitted
+        filled = closed.default_max_tokens(model, window - ctx.signals.prompt_tokens)
+        return fitted if filled is None else {**fitted, "max_tokens": filled}
+
     def _native_for(self, model: ModelSpec, native: NativeRequest | None) -> NativeCaller | None:
         """The native backend when ``model`` speaks the front's own API, else None."""
         if native is None or self.native is None or not speaks(model, native.api):
@@ -973,9 +986,7 @@ class Gateway:
             if passing is not None and native is not None:
                 result = await passing.complete(model, native, ctx.usage)
             else:
-                result = await backend.complete(
-                    model, self.fitted(model, body, ctx.optional, ctx.native_only), ctx.usage
-                )
+                result = await backend.complete(model, self._sent(ctx, model, body), ctx.usage)
             ctx.usage = result.usage
             return result
 
@@ -1004,9 +1015,7 @@ class Gateway:
             if passing is not None and native is not None:
                 source = passing.stream(model, native, usage)
             else:
-                source = backend.stream(
-                    model, self.fitted(model, body, ctx.optional, ctx.native_only), usage
-                )
+                source = backend.stream(model, self._sent(ctx, model, body), usage)
             held: list[dict[str, Any]] = []
             with contextlib.suppress(StopAsyncIteration):
                 while not held or _opening(held[-1]):

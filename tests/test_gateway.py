@@ -21,7 +21,7 @@ from router import messages, responses
 from router.api import _event_sse, _sse
 from router.auth import Principal
 from router.backends import Completion, ModelLike, Usage
-from router.backends.closed import ClosedBackend
+from router.backends.closed import ANTHROPIC_MAX_TOKENS, ClosedBackend
 from router.backends.local import Gate
 from router.backends.native import NativeRequest, native_or
 from router.backends.openai_http import OpenAIHTTP
@@ -37,7 +37,7 @@ from router.gateway import Answer, Call, Gateway, PolicyHolder, StreamAnswer
 from router.limits import RateLimiter
 from router.outcomes import OutcomeRecord, SQLiteOutcomeStore
 from tests.conftest import KeywordScorer, free_port, live, policy_yaml, wait_for
-from tests.fake_provider import Behaviour, FakeProvider
+from tests.fake_provider import Behaviour, FakeProvider, prompt_tokens
 from tests.scripted_local import ScriptedLocal as ScriptedStream
 
 
@@ -215,6 +215,30 @@ def test_a_closed_400_stays_final_without_a_larger_window(
         answer = srv.http.post("/v1/chat/completions", json=body)
     assert answer.status_code == 400
     assert [r.path for r in fake.received] == ["/v1/chat/completions"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_an_anthropic_model_is_sent_no_more_max_tokens_than_its_window_leaves(
+    tmp_path: Path, fake: FakeProvider, stream: bool
+) -> None:
+    """A request without ``max_tokens`` fit claude's window, and claude was sent its output
+    limit (4096) on top of a prompt of nearly the whole window: Anthropic refused it (400). It
+    is sent what the window leaves, as another provider's model answers up to its window."""
+    fake.reset(Behaviour(context_windows={"claude-3-5-sonnet-20241022": 10000}))
+    long = "word " * 6900  # about 9,860 tokens by Tiergate's estimate, 8,627 by the provider's
+    with live(tmp_path, _windows(fake, 10000)) as srv:
+        for content in (long, "hi"):
+            body = {
+                "model": "claude",
+                "messages": [{"role": "user", "content": content}],
+                "stream": stream,
+            }
+            answer = srv.http.post("/v1/chat/completions", json=body)
+            assert answer.status_code == 200, answer.text
+            assert "Hello" in answer.text  # the closed model's answer, whole or streamed
+            sent = fake.received[-1].body
+            assert 0 < sent["max_tokens"] <= 10000 - prompt_tokens(sent)
+    assert sent["max_tokens"] == ANTHROPIC_MAX_TOKENS  # a short prompt: the limit, as before
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])

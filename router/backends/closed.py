@@ -137,13 +137,24 @@ def output_limit(model: ModelLike) -> int | None:
     return limit
 
 
-def default_max_tokens(model: ModelLike) -> int | None:
+def default_max_tokens(model: ModelLike, room: int | None = None) -> int | None:
     """The ``max_tokens`` to send ``model`` for a request that sets none: an Anthropic model's
-    :func:`output_limit` (Anthropic requires one). None for any other provider: it takes a
-    request without one, and answers up to the model's own limit."""
+    :func:`output_limit` (Anthropic requires one), at most ``room`` (what its context window
+    leaves after the prompt; at least 1), as Anthropic refuses a prompt plus ``max_tokens``
+    over the window with a 400. None for any other provider: it takes a request without one,
+    and answers up to the model's own limit or the end of its window."""
     if provider_of(model.litellm_model or "") != "anthropic":
         return None
-    return output_limit(model)
+    limit = output_limit(model)
+    if limit is None or room is None:
+        return limit
+    return max(1, min(limit, room))
+
+
+def sets_output_limit(body: Mapping[str, Any]) -> bool:
+    """Whether the request ``body`` bounds its answer's length itself (``max_tokens``,
+    ``max_completion_tokens``)."""
+    return any(body.get(f) is not None for f in _OUTPUT_FIELDS)
 
 
 def unknown_output_limits(models: Iterable[ModelLike]) -> list[str]:
@@ -259,7 +270,7 @@ class ClosedBackend:
 
     def _litellm_kwargs(self, model: ModelLike, body: dict[str, Any]) -> dict[str, Any]:
         kwargs = {k: v for k, v in body.items() if k not in _STRIP and k not in _LITELLM_OWN}
-        if not any(kwargs.get(f) is not None for f in _OUTPUT_FIELDS):
+        if not sets_output_limit(kwargs):
             default = default_max_tokens(model)
             if default is not None:
                 kwargs["max_tokens"] = default
