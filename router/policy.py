@@ -505,7 +505,7 @@ class Decision:
       ``fail_closed``, so the local model ends the fallback chain of this closed decision.
     * ``cascade``: set when the request cascades (a ``route: cascade`` rule, or ``auto`` under a
       cascade alias) and can: the local model serves it, no constraint moved it, it is not
-      ``local_only`` and a closed model is available to escalate to.
+      ``local_only`` and a closed model that can take it is available to escalate to.
     * ``cascade_skipped``: why a request that asked for a cascade does not cascade (it is
       served as decided, without the confidence check), else None.
     """
@@ -717,7 +717,14 @@ def evaluate(
     spec = policy.models[step.model]
     cascade = cascade_skipped = None
     if cascades:
-        cascade, why = _cascade_plan(policy, spec, local_only, step.over_budget, closed_available)
+        cascade, why = _cascade_plan(
+            policy,
+            signals,
+            spec,
+            local_only=local_only,
+            over_budget=step.over_budget,
+            closed_available=closed_available,
+        )
         step.reason += why
         if cascade is None:
             cascade_skipped = why.removeprefix("; no cascade: ")
@@ -790,9 +797,17 @@ def _cascade_start(policy: Policy, rule: str, alias: str | None) -> tuple[str, s
 
 
 def _cascade_plan(
-    policy: Policy, spec: ModelSpec, local_only: bool, over_budget: bool, closed_available: bool
+    policy: Policy,
+    signals: Signals,
+    spec: ModelSpec,
+    *,
+    local_only: bool,
+    over_budget: bool,
+    closed_available: bool,
 ) -> tuple[CascadePlan | None, str]:
-    # The cascade as it will run, or None and why it will not.
+    # The cascade as it will run, or None and why it will not. It escalates to the first closed
+    # model that can take the request (the others it may go on to are the decision's fallbacks,
+    # filtered alike); with none, escalating could only fail, and the local answer is served.
     if spec.tier != "local":
         return None, "; no cascade: the request cannot be served locally"
     if local_only:
@@ -801,8 +816,12 @@ def _cascade_plan(
         return None, "; no cascade: over budget, the local answer is kept whatever its confidence"
     if not policy.closed_models or not closed_available:
         return None, "; no cascade: no closed model to escalate to"
+    unfit = {name: _unfit(policy.models[name], signals) for name in policy.closed_models}
+    target = next((name for name, why in unfit.items() if why is None), None)
+    if target is None:
+        each = "; ".join(f"'{name}' cannot take {why}" for name, why in unfit.items())
+        return None, f"; no cascade: no closed model can take the request ({each})"
     settings = policy.cascade
-    target = policy.closed_models[0]
     plan = CascadePlan(settings.threshold, settings.hold_back_tokens, target)
     return plan, f"; confidence below {settings.threshold:g} escalates to '{target}'"
 

@@ -64,14 +64,20 @@ def _cascading(
     fake: FakeProvider,
     scripted: ScriptedLocal,
     extra: str = "",
+    *,
     fitted_on: str | None = None,
+    windows: dict[str, int] | None = None,
     **settings: Any,
 ) -> Iterator[LiveServer]:
+    # ``windows``: a context_window for closed models, by their litellm_model.
     fake.reset()
     policy = policy_yaml(fake, on_failure="closed", extra=CASCADE_POLICY + extra).replace(
         "  auto-best: {threshold: 0.05}\n",
         "  auto-best: {threshold: 0.05}\n  auto-cascade: {cascade: true}\n",
     )
+    for litellm_model, window in (windows or {}).items():
+        line = f"litellm_model: {litellm_model}\n"
+        policy = policy.replace(line, f"{line}    context_window: {window}\n")
     with live(
         tmp_path,
         policy,
@@ -361,6 +367,64 @@ def test_a_cascade_with_no_closed_model_to_escalate_to_says_it_was_skipped(
         }
         assert listed["auto-cascade"] == {"kind": "alias", **ready["auto-cascade"]}
     assert fake.received == []
+
+
+#: About 1,430 tokens by Tiergate's estimate (1,250 by the fake provider's): within the local
+#: model's window (2048), over a closed model given a window of 1000.
+LONG = "word " * 1000
+
+
+def _ask_long(server: LiveServer, stream: bool) -> httpx.Response:
+    body = {"model": "auto-cascade", "messages": [{"role": "user", "content": LONG}]}
+    return httpx.post(
+        server.url + "/v1/chat/completions", json={**body, "stream": stream}, timeout=30
+    )
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_cascade_escalates_only_to_a_closed_model_the_request_fits(
+    tmp_path: Path, fake: FakeProvider, scripted: ScriptedLocal, stream: bool
+) -> None:
+    """A prompt over gpt-4o's window (the first closed model) escalated to it all the same:
+    its 400 ended the escalation, and claude, which could take it, was never asked."""
+    scripted.logprob = DOUBTFUL
+    with _cascading(tmp_path, fake, scripted, windows={"openai/gpt-4o": 1000}) as server:
+        fake.reset(Behaviour(context_windows={"gpt-4o": 1000}))
+        response = _ask_long(server, stream)
+        assert response.status_code == 200, response.text
+        assert response.headers["x-tiergate-cascade"] == "escalated"
+        assert response.headers["x-tiergate-model"] == "claude"
+        assert [r.path for r in fake.received] == ["/v1/messages"]
+        body = {"model": "auto-cascade", "messages": [{"role": "user", "content": LONG}]}
+        plan = httpx.post(server.url + "/v1/route", json=body).json()
+        assert plan["decision"]["cascade"]["escalate_to"] == "claude"
+        assert [m["model"] for m in plan["chain"]] == ["local", "claude"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_cascade_no_closed_model_fits_serves_the_local_answer_as_it_is(
+    tmp_path: Path, fake: FakeProvider, scripted: ScriptedLocal, stream: bool
+) -> None:
+    """With no closed model that can take the request, escalating could only fail: the whole
+    local answer is served, told as a cascade that was skipped (as without a closed model),
+    not judged and then lost to a stream's error."""
+    scripted.logprob = DOUBTFUL
+    windows = {"openai/gpt-4o": 1000, "anthropic/claude-3-5-sonnet-20241022": 1000}
+    with _cascading(tmp_path, fake, scripted, windows=windows) as server:
+        fake.reset(Behaviour(context_windows={"gpt-4o": 1000, "claude-3-5-sonnet-20241022": 1000}))
+        response = _ask_long(server, stream)
+        assert response.status_code == 200, response.text
+        assert response.headers["x-tiergate-tier"] == "local"
+        assert response.headers["x-tiergate-cascade"] == "skipped"
+        assert "w11" in response.text  # the whole answer
+        assert fake.received == []
+        body = {"model": "auto-cascade", "messages": [{"role": "user", "content": LONG}]}
+        skipped = httpx.post(server.url + "/v1/route", json=body).json()["decision"]
+        assert skipped["cascade"] is None
+        assert skipped["cascade_skipped"].startswith("no closed model can take the request")
+        assert "context window 1000" in skipped["cascade_skipped"]
+        record = _record(server, response.headers["x-request-id"])
+        assert record["tier"] == "local" and record["cascade"] is None
 
 
 def test_route_says_when_a_request_would_cascade(server: LiveServer) -> None:

@@ -781,6 +781,55 @@ def test_no_cascade_where_it_could_not_escalate_or_serve_locally() -> None:
     assert private.cascade_skipped is None  # a privacy rule, not a cascade, decided it
 
 
+FITS = """\
+version: 1
+models:
+  local: {tier: local, context_window: 8000}
+  short: {tier: closed, litellm_model: openai/a, context_window: 4000}
+  terse: {tier: closed, litellm_model: openai/b, context_window: 16000, max_output_tokens: 500}
+  long: {tier: closed, litellm_model: openai/c, context_window: 16000}
+closed_models: [short, terse, long]
+on_failure: closed
+rules:
+  - {name: try-local, when: {capability: knowledge_qa}, route: cascade}
+"""
+
+
+@pytest.mark.parametrize(
+    ("prompt", "max_tokens", "escalate_to", "fallbacks"),
+    [
+        (100, None, "short", ("short", "terse", "long")),
+        (6000, None, "terse", ("terse", "long")),  # over short's window
+        (6000, 1000, "long", ("long",)),  # and over terse's output limit
+    ],
+)
+def test_a_cascade_escalates_to_the_first_closed_model_that_can_take_the_request(
+    prompt: int, max_tokens: int | None, escalate_to: str, fallbacks: tuple[str, ...]
+) -> None:
+    # It escalated to the first of closed_models whatever the request: a prompt over its
+    # window was sent to it, refused, and the escalation failed.
+    asked = signals(capability="knowledge_qa", prompt_tokens=prompt, max_tokens=max_tokens)
+    d = evaluate(parse_policy(FITS), asked)
+    assert (d.tier, d.model) == ("local", "local")
+    assert d.cascade is not None and d.cascade.escalate_to == escalate_to
+    assert f"escalates to '{escalate_to}'" in d.reason
+    assert d.fallbacks == fallbacks  # where it goes on to if that one fails
+
+
+def test_no_cascade_when_no_closed_model_can_take_the_request() -> None:
+    """Escalating could only fail: the local answer is served as it is (cascade_skipped says
+    why, as without a closed model), not judged and lost."""
+    p = parse_policy(FITS.replace("closed_models: [short, terse, long]", "closed_models: [short]"))
+    d = evaluate(p, signals(capability="knowledge_qa", prompt_tokens=7000))
+    assert (d.tier, d.model, d.rule) == ("local", "local", "try-local")
+    assert d.cascade is None and d.unsatisfiable is None
+    assert d.cascade_skipped == (
+        "no closed model can take the request "
+        "('short' cannot take 7000 tokens (context window 4000))"
+    )
+    assert d.cascade_skipped in d.reason
+
+
 def test_a_local_only_rule_cannot_cascade() -> None:
     from router.errors import PolicyError
 
