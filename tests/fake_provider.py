@@ -88,6 +88,10 @@ class Behaviour:
     error_body: dict[str, Any] | None = None
     # In ``status`` mode, headers sent with the error (a 503's or 529's ``retry-after``).
     error_headers: dict[str, str] = field(default_factory=dict)
+    # In ``status`` mode, an error body that goes on and on (a proxy's page, a log): its message
+    # padded with this many bytes, sent, then its end held back until the stall ends
+    # (``stall_s`` or ``unstall()``).
+    error_pad: int = 0
     # In ``status`` mode, answer a stream 200 and end it before its first chunk instead, then
     # drop the connection, as llama_cpp.server does with a prompt over its context (it finds
     # that only once streaming).
@@ -368,8 +372,7 @@ class FakeProvider:
         if self._dropped(h, body, failing):
             return
         if b.mode == "status" and failing:
-            generic = {"error": {"message": "upstream exploded", "type": "server_error"}}
-            self._json(h, b.status, b.error_body or generic, extra=b.error_headers)
+            self._status(h)
             return
         if b.mode == "echo_auth":
             leak = (
@@ -497,6 +500,32 @@ class FakeProvider:
             h.closed = True  # type: ignore[attr-defined]
             return True
         return False
+
+    def _status(self, h: BaseHTTPRequestHandler) -> None:
+        """Answer ``status`` with its error body; with ``error_pad``, a body of that many bytes
+        and more, whose end is held back until the stall ends."""
+        b = self.behaviour
+        if not b.error_pad:
+            generic = {"error": {"message": "upstream exploded", "type": "server_error"}}
+            self._json(h, b.status, b.error_body or generic, extra=b.error_headers)
+            return
+        head = b'{"error": {"type": "server_error", "message": "upstream exploded '
+        head += b"x" * b.error_pad
+        tail = b'"}}'
+        h.send_response(b.status)
+        h.send_header("content-type", "application/json")
+        h.send_header("content-length", str(len(head) + len(tail)))
+        for k, v in b.error_headers.items():
+            h.send_header(k, v)
+        h.end_headers()
+        try:
+            h.wfile.write(head)
+            h.wfile.flush()
+            self._unstalled.wait(b.stall_s)
+            h.wfile.write(tail)
+            h.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            h.close_connection = True
 
     @staticmethod
     def _json(

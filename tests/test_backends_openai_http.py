@@ -3,6 +3,7 @@ and transport failures become Tiergate errors, and a key an upstream echoes is s
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -83,6 +84,34 @@ def test_a_key_the_upstream_repeats_is_scrubbed(provider: FakeProvider) -> None:
     with pytest.raises(BackendError) as raised:
         run(_call(provider.base_url))
     assert KEY not in str(raised.value)
+
+
+def test_an_error_body_cut_at_its_bound_frees_its_connection(provider: FakeProvider) -> None:
+    """An error whose body goes on past the bound closes its connection: with one connection
+    allowed, the next call gets one at once and fails the same way, from its status. Its
+    unread body held the only connection (or came back as the next answer) if it was kept."""
+    provider.reset(Behaviour(mode="status", status=500, error_pad=1024 * 1024, stall_s=60))
+
+    async def twice() -> list[BaseException]:
+        http = OpenAIHTTP(timeout_s=10, max_connections=1)
+        call = http.complete(provider.base_url, BODY, api_key=KEY, label="gpt-4o")
+        try:
+            first = await asyncio.gather(asyncio.wait_for(call, 5), return_exceptions=True)
+            call = http.complete(provider.base_url, BODY, api_key=KEY, label="gpt-4o")
+            second = await asyncio.gather(asyncio.wait_for(call, 5), return_exceptions=True)
+            return [*first, *second]
+        finally:
+            await http.aclose()
+
+    try:
+        errors = run(twice())
+    finally:
+        provider.unstall()
+    assert [(type(e), getattr(e, "upstream_status", None)) for e in errors] == [
+        (BackendError, 500),
+        (BackendError, 500),
+    ]
+    assert len(provider.received) == 2
 
 
 def test_statuses_map_to_the_error_a_client_and_the_fallback_see() -> None:

@@ -137,12 +137,33 @@ def request_too_large(message: str) -> bool:
     return "Request too large for " in message
 
 
+#: The most of an error answer's body read for its message. A provider's error is JSON of a
+#: few hundred bytes (a validation error naming fields, or a proxy's or CDN's HTML page, a few
+#: KiB), and only its first 500 characters are repeated: 64 KiB holds any of these whole, and
+#: a 500 whose body goes on and on (a proxy streaming a log) is neither waited for nor held.
+ERROR_BODY_BYTES = 64 * 1024
+
+
 async def _error(response: aiohttp.ClientResponse, label: str, api_key: str | None) -> BackendError:
+    """The error for an answer with an error status, from at most :data:`ERROR_BODY_BYTES` of
+    its body. A longer body is not read on: the error is the status's, with the reason and the
+    bound in its message, and the connection, whose body is unread, is closed, not pooled."""
+    raw = bytearray()
+    while len(raw) <= ERROR_BODY_BYTES:
+        data = await response.content.read(ERROR_BODY_BYTES + 1 - len(raw))
+        if not data:
+            break
+        raw += data
+    reason = response.reason
+    if len(raw) > ERROR_BODY_BYTES:
+        response.close()
+        raw = bytearray()  # a cut JSON body says nothing; its status says what happened
+        reason = f"{reason or 'error'} (an error body over {ERROR_BODY_BYTES} bytes, not read)"
     return error_for_status(
         response.status,
-        await response.read(),
+        bytes(raw),
         label,
-        reason=response.reason,
+        reason=reason,
         retry_after=response.headers.get("retry-after"),
         api_key=api_key,
     )
