@@ -286,7 +286,12 @@ def create_app(
             else await asyncio.to_thread(configured_scorer, settings),
             local=None if local is None else tel.wrap_backend(local),
             closed=tel.wrap_backend(
-                ClosedBackend(http, timeout_s=settings.closed_timeout_s, environ=environ)
+                ClosedBackend(
+                    http,
+                    timeout_s=settings.closed_timeout_s,
+                    environ=environ,
+                    max_event_bytes=settings.max_event_bytes,
+                )
             ),
             costs=CostBook(
                 load_litellm_cost_map(),

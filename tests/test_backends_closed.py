@@ -15,6 +15,7 @@ import pytest
 
 from router.backends import Completion, Usage
 from router.backends.closed import (
+    BOUNDED_PROVIDERS,
     PROVIDER_KEY_ENV,
     ClosedBackend,
     cannot_take,
@@ -23,11 +24,13 @@ from router.backends.closed import (
     provider_of,
 )
 from router.backends.openai_http import OpenAIHTTP, error_for_status
+from router.config import MAX_EVENT_BYTES
 from router.errors import (
     BackendError,
     BadRequestError,
     TiergateError,
     UpstreamBadRequestError,
+    UpstreamBadResponseError,
     UpstreamOverloadedError,
     UpstreamRateLimitedError,
     UpstreamRequestTooLargeError,
@@ -64,11 +67,16 @@ def provider(fake: FakeProvider) -> Iterator[FakeProvider]:
 
 
 async def _answer(
-    model: Model, body: dict[str, Any], *, stream: bool, environ: dict[str, str] = KEYS
+    model: Model,
+    body: dict[str, Any],
+    *,
+    stream: bool,
+    environ: dict[str, str] = KEYS,
+    max_event_bytes: int = MAX_EVENT_BYTES,
 ) -> None:
     """Ask ``model`` for ``body``, whole or streamed to its end, and drop the answer."""
     http = OpenAIHTTP(timeout_s=10)
-    backend = ClosedBackend(http, timeout_s=10, environ=environ)
+    backend = ClosedBackend(http, timeout_s=10, environ=environ, max_event_bytes=max_event_bytes)
     try:
         if stream:
             async for _ in backend.stream(model, body, Usage()):
@@ -88,6 +96,27 @@ async def _complete(model: Model) -> Completion:
     finally:
         await backend.aclose()
         await http.aclose()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("name", sorted(BOUNDED_PROVIDERS))
+def test_each_bounded_provider_is_read_within_the_limit_through_litellm(
+    provider: FakeProvider, name: str, stream: bool
+) -> None:
+    """litellm takes Tiergate's bounded client for every provider in ``BOUNDED_PROVIDERS``:
+    an answer over the limit, whole or in one stream event, fails the call as an answer that
+    is not one, whatever the provider's protocol (the bound is met before litellm parses it).
+    A litellm whose handler for one of them stops taking the client fails here."""
+    limit = 100_000
+    base = provider.base_url.removesuffix("/v1") if name == "anthropic" else provider.base_url
+    model = Model("m", f"{name}/some-model", base, api_key_env="OPENAI_API_KEY")
+    provider.reset(Behaviour(text="x" * (limit + 1)))
+    body = {**BODY, "stream": stream}
+    with pytest.raises(UpstreamBadResponseError) as raised:
+        run(_answer(model, body, stream=stream, max_event_bytes=limit))
+    assert raised.value.message.startswith("m sent a ")
+    assert raised.value.message.endswith(f" over {limit} bytes")
+    assert provider.received[-1].headers["accept-encoding"] == "identity"
 
 
 def test_a_model_takes_its_provider_key_unless_it_names_its_own() -> None:

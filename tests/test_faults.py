@@ -1449,6 +1449,44 @@ def test_an_answer_body_over_the_limit_is_a_bad_upstream_answer(
     ]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_answer_over_the_limit_through_litellm_is_a_bad_upstream_answer(
+    tmp_path: Path, fake: FakeProvider, stream: bool
+) -> None:
+    """Through litellm (claude on the chat front) an answer, or a stream event, longer than
+    ``max_event_bytes`` fails the call as on the direct path: a 502 ``upstream_bad_response``
+    before the first token, an error event after it; an answer under the limit is read as
+    before. litellm's own client read either whole, however long."""
+    limit = 1024 * 1024
+    claude = {**HARD, "model": "claude", "stream": stream}
+    fake.reset(Behaviour(text="x" * (limit + 1)))
+    with live(tmp_path, policy_yaml(fake), max_event_bytes=limit) as srv:
+        refused = _post(srv, claude)
+        fake.reset(Behaviour(text="Hello " + "x" * (limit + 1)))
+        with srv.http.stream("POST", "/v1/chat/completions", json=claude) as cut:
+            events = _sse(cut) if stream else [cut.read()]
+        fake.reset(Behaviour(text="x" * (limit // 2)))
+        taken = _post(srv, claude)
+        rows = _records(srv, 3)
+    over = f"sent a {'stream event' if stream else 'body'} over {limit} bytes"
+    assert refused.status_code == 502, refused.text[:300]
+    assert refused.json()["error"]["code"] == "upstream_bad_response"
+    assert f"claude {over}" in refused.text
+    assert fake.received[-1].headers["accept-encoding"] == "identity"
+    assert taken.status_code == 200 and "x" * (limit // 2) in taken.text.replace('"', "")
+    if stream:  # the tokens before it, then an error event
+        assert cut.status_code == 200
+        assert events[0]["choices"][0]["delta"]["content"].startswith("Hello")
+        assert over in json.dumps(events[-1]) and "upstream_bad_response" in json.dumps(events)
+    else:
+        assert cut.status_code == 502
+    assert [(r["status"], r["http_status"], r["error_type"]) for r in reversed(rows)] == [
+        ("error", 502, "upstream_bad_response"),
+        ("error", 502, "upstream_bad_response"),
+        ("ok", 200, None),
+    ]
+
+
 @pytest.mark.parametrize(
     ("status", "stream", "failure"),
     [

@@ -12,6 +12,7 @@ policy.
 from __future__ import annotations
 
 import ast
+import asyncio
 import contextlib
 import functools
 import itertools
@@ -20,7 +21,15 @@ import logging
 import os
 import re
 import traceback
-from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from typing import Any
 
 import httpx
@@ -34,6 +43,7 @@ from router.backends.openai_http import (
     retry_after_s,
     stream_cut,
 )
+from router.config import MAX_EVENT_BYTES
 from router.costs import litellm_output_limits
 from router.errors import (
     BackendError,
@@ -42,6 +52,7 @@ from router.errors import (
     TiergateError,
     UpstreamAuthError,
     UpstreamBadRequestError,
+    UpstreamBadResponseError,
     UpstreamOverloadedError,
     UpstreamRateLimitedError,
     UpstreamRequestTooLargeError,
@@ -68,6 +79,15 @@ _OPENAI_DEFAULT_BASE = "https://api.openai.com/v1"
 _STRIP = ("model", "metadata")
 # litellm takes these as its own arguments, set per call below.
 _LITELLM_OWN = ("stream", "stream_options")
+#: The providers litellm calls through its own HTTP handler, which takes the client Tiergate
+#: hands it (``client=``): their answers are read within ``max_event_bytes``
+#: (:func:`_bound_response`). Each is checked by a test against litellm's real path. litellm
+#: calls the others through the OpenAI SDK (``openai/`` with ``transport: litellm``, ``azure/``),
+#: which refuses such a client, or through a client of its own (``cohere_chat/``), or reads
+#: binary frames (``bedrock/`` streams): those are read by litellm's client, unbounded.
+BOUNDED_PROVIDERS = frozenset(
+    {"anthropic", "deepseek", "gemini", "groq", "mistral", "openrouter", "together_ai"}
+)
 
 
 def provider_of(litellm_model: str) -> str:
@@ -175,12 +195,20 @@ class ClosedBackend:
     """Serves closed models through the direct OpenAI path or litellm (see module docstring)."""
 
     def __init__(
-        self, http: OpenAIHTTP, *, timeout_s: float, environ: Mapping[str, str] | None = None
+        self,
+        http: OpenAIHTTP,
+        *,
+        timeout_s: float,
+        environ: Mapping[str, str] | None = None,
+        max_event_bytes: int = MAX_EVENT_BYTES,
     ) -> None:
         self._http = http
         self._timeout_s = timeout_s
         self._environ = environ if environ is not None else os.environ
+        self._max_event_bytes = max_event_bytes
         self._litellm: Any = None
+        # litellm's HTTP handler with the bound, and the event loop its connections belong to.
+        self._client: tuple[asyncio.AbstractEventLoop, Any] | None = None
 
     def api_key(self, model: ModelLike) -> str | None:
         """The key for ``model`` from its ``api_key_env`` or its provider's usual variable."""
@@ -285,7 +313,23 @@ class ClosedBackend:
         kwargs["num_retries"] = 0
         if model.api_base:
             kwargs["api_base"] = model.api_base
+        if provider_of(model.litellm_model or "") in BOUNDED_PROVIDERS:
+            kwargs["client"] = self._bounded_client()
         return kwargs
+
+    def _bounded_client(self) -> Any:
+        """litellm's own HTTP handler (its transport, proxies and TLS settings), whose answers
+        are read within ``max_event_bytes``: one per event loop, as its pooled connections."""
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._client[0] is not loop:
+            from litellm.llms.custom_httpx.http_handler import AsyncHTTPHandler
+
+            hooks: dict[str, list[Callable[..., object]]] = {
+                "request": [_identity],
+                "response": [_bound_response(self._max_event_bytes)],
+            }
+            self._client = (loop, AsyncHTTPHandler(timeout=self._timeout_s, event_hooks=hooks))
+        return self._client[1]
 
     async def _litellm_complete(self, model: ModelLike, body: dict[str, Any]) -> Completion:
         litellm = self._litellm_module()
@@ -331,12 +375,78 @@ class ClosedBackend:
             raise stream_cut(model.name)
 
     async def aclose(self) -> None:
-        """Close litellm's cached clients if it was used; the httpx pool has its own owner."""
+        """Close litellm's cached clients if it was used, and the bounded one; the direct
+        path's pool has its own owner."""
+        closes: list[Callable[[], Awaitable[object]]] = []
         if self._litellm is not None:
+            closes.append(self._litellm.close_litellm_async_clients)
+        if self._client is not None:
+            closes.append(self._client[1].close)
+            self._client = None
+        for close in closes:
             try:
-                await self._litellm.close_litellm_async_clients()
+                await close()
             except Exception:  # closing must not fail shutdown; nothing is lost here
                 log.debug("closing litellm clients failed", exc_info=True)
+
+
+class _OverLimitError(Exception):
+    """An answer, or one line of a streamed one, over the bound, raised while litellm reads it
+    and found among its error's causes by :func:`map_litellm_error`: never seen outside."""
+
+
+#: The content types of an answer read line by line (an event stream): the bound is per line.
+_LINE_TYPES = ("text/event-stream", "application/x-ndjson")
+
+
+def _bound_response(limit: int) -> Callable[[httpx.Response], Awaitable[None]]:
+    """An httpx response hook, run before the body is read, that bounds what is read of it as
+    the direct path does (:mod:`router.backends.openai_http`): an event stream ``limit`` bytes a
+    line, any other body ``limit`` bytes in all, else :class:`_OverLimitError`."""
+
+    async def bound(response: httpx.Response) -> None:
+        kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
+        lines = kind in _LINE_TYPES
+        length = response.headers.get("content-length", "")
+        if not lines and length.isdigit() and int(length) > limit:
+            raise _OverLimitError(f"sent a body over {limit} bytes")
+        response.stream = _Bounded(response.stream, limit, lines=lines)
+
+    return bound
+
+
+async def _identity(request: httpx.Request) -> None:
+    # An answer is counted as it arrives: asked uncompressed, so what is counted is what is held.
+    request.headers["accept-encoding"] = "identity"
+
+
+class _Bounded(httpx.AsyncByteStream):
+    """A response body read within ``limit`` bytes: a line (``lines``) or in all."""
+
+    def __init__(self, stream: Any, limit: int, *, lines: bool) -> None:
+        self._stream = stream
+        self._limit = limit
+        self._lines = lines
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        run = 0  # bytes of the line so far, or of the body
+        async for data in self._stream:
+            if not self._lines:
+                run += len(data)
+                if run > self._limit:
+                    raise _OverLimitError(f"sent a body over {self._limit} bytes")
+            else:
+                for piece in data.splitlines(keepends=True):  # at CR, LF or CRLF, as SSE
+                    line = piece.rstrip(b"\r\n")
+                    run += len(line)
+                    if run > self._limit:
+                        raise _OverLimitError(f"sent a stream event over {self._limit} bytes")
+                    if len(line) < len(piece):
+                        run = 0
+            yield data
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
 
 
 async def _aclose(stream: object) -> None:
@@ -479,9 +589,10 @@ def map_litellm_error(exc: Exception, label: str, key: str | None = None) -> Tie
 
     A failure mid-stream comes wrapped in a ``MidStreamFallbackError`` (for litellm's router,
     which Tiergate does not use): the error it wraps is the one mapped, and named once."""
-    wrapped = getattr(exc, "original_exception", None)
-    if type(exc).__name__ == "MidStreamFallbackError" and isinstance(wrapped, Exception):
-        exc = wrapped
+    over = next((c for c in _causes(exc) if isinstance(c, _OverLimitError)), None)
+    if over is not None:  # as the direct path says it (router.backends.openai_http)
+        return UpstreamBadResponseError(f"{label} {over}")
+    exc = _unwrapped(exc)
     status = getattr(exc, "status_code", None)
     name = type(exc).__name__
     if name == "UnsupportedParamsError":
@@ -525,6 +636,14 @@ def map_litellm_error(exc: Exception, label: str, key: str | None = None) -> Tie
             upstream_status=status,
         )
     return BackendError(said, upstream_status=status if isinstance(status, int) else None)
+
+
+def _unwrapped(exc: Exception) -> Exception:
+    """The error a ``MidStreamFallbackError`` wraps, else ``exc``."""
+    wrapped = getattr(exc, "original_exception", None)
+    if type(exc).__name__ == "MidStreamFallbackError" and isinstance(wrapped, Exception):
+        return wrapped
+    return exc
 
 
 def _failed_in_process(exc: Exception, label: str, detail: str) -> TiergateError | None:
