@@ -3,6 +3,9 @@
 * OpenAI: ``POST .../chat/completions`` (JSON, or SSE chunks ending in ``data: [DONE]``).
 * Anthropic: ``POST .../v1/messages`` (JSON, or Anthropic's named SSE events).
 * OpenAI Responses: ``POST .../responses`` (JSON, or the named ``response.*`` SSE events).
+* Bedrock's InvokeModel for a Claude model: ``POST .../model/MODEL_ID/invoke`` (Anthropic's
+  Messages JSON, with the model in the path; with an ``api_key`` litellm sends it as a bearer
+  token rather than signing the request). Its stream (AWS's binary event stream) is not played.
 
 It records every request it receives (path, headers, JSON body) so tests can assert what left the
 machine, and it can be told to misbehave: fail with a status, rate-limit with ``Retry-After``,
@@ -12,16 +15,18 @@ is answered with a verdict (``[[A]]``/``[[B]]``/``[[C]]``) that prefers the side
 ``Behaviour.judge`` names, where the "closed" answer is the one equal to ``Behaviour.text`` (what
 this provider answers itself). As Anthropic, it refuses a Messages request without ``max_tokens``
 or with more than the model's output limit (:data:`ANTHROPIC_OUTPUT_LIMITS`), with its 400;
-told a model's context window (``context_windows``), either protocol refuses a request to it
-that does not fit.
+so does Bedrock for a Claude model; told a model's context window (``context_windows``),
+either protocol refuses a request to it that does not fit.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -173,7 +178,10 @@ ANTHROPIC_OUTPUT_LIMITS = {
     "claude-opus-4-1": 32000,
     "claude-sonnet-4-20250514": 64000,
     "claude-sonnet-4-5-20250929": 64000,
+    "anthropic.claude-3-haiku-20240307-v1:0": 4096,  # on Bedrock, named by its model id
 }
+#: Bedrock's InvokeModel path: ``.../model/MODEL_ID/invoke``.
+BEDROCK_INVOKE = re.compile(r"/model/([^/]+)/invoke$")
 #: Model name prefixes of OpenAI's reasoning models, the only ones that take reasoning_effort.
 OPENAI_REASONING = ("o1", "o3", "o4", "gpt-5")
 
@@ -217,10 +225,11 @@ def openai_refusal(body: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def anthropic_refusal(body: dict[str, Any]) -> dict[str, Any] | None:
+def anthropic_refusal(body: dict[str, Any], model: str | None = None) -> dict[str, Any] | None:
     """Anthropic's 400 body for a Messages request it would refuse for its ``max_tokens`` (none,
-    or more than the model's output limit in :data:`ANTHROPIC_OUTPUT_LIMITS`), else None."""
-    model = str(body.get("model", ""))
+    or more than the model's output limit in :data:`ANTHROPIC_OUTPUT_LIMITS`), else None.
+    ``model``: the model the request is for, where the path names it (Bedrock), not the body."""
+    model = model if model is not None else str(body.get("model", ""))
     asked = body.get("max_tokens")
     limit = ANTHROPIC_OUTPUT_LIMITS.get(model)
     if asked is None:
@@ -366,7 +375,8 @@ class FakeProvider:
 
     def _answer(self, h: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
         b = self.behaviour
-        anthropic = h.path.rstrip("/").endswith("/messages")
+        bedrock = BEDROCK_INVOKE.search(h.path.rstrip("/"))
+        anthropic = h.path.rstrip("/").endswith("/messages") or bedrock is not None
         responses = h.path.rstrip("/").endswith("/responses")
         failing = self._failing(h)
         if self._dropped(h, body, failing):
@@ -394,7 +404,8 @@ class FakeProvider:
                 extra={"retry-after": str(b.retry_after)},
             )
             return
-        refusal = self._refusal(body, anthropic, responses)
+        model = urllib.parse.unquote(bedrock.group(1)) if bedrock else None
+        refusal = self._refusal(body, anthropic, responses, model)
         if refusal is not None:
             self._json(h, 400, refusal)
             return
@@ -419,13 +430,13 @@ class FakeProvider:
             (self._anthropic_json if anthropic else self._openai_json)(h, body)
 
     def _refusal(
-        self, body: dict[str, Any], anthropic: bool, responses: bool
+        self, body: dict[str, Any], anthropic: bool, responses: bool, model: str | None = None
     ) -> dict[str, Any] | None:
         """The 400 body the provider would answer ``body`` with, or None: Anthropic's always
         (:func:`anthropic_refusal`), OpenAI chat's when ``strict`` (:func:`openai_refusal`),
         either's for a request over its model's ``context_windows`` (:func:`window_refusal`)."""
         if anthropic:
-            refusal = anthropic_refusal(body)
+            refusal = anthropic_refusal(body, model)
         else:
             fields = openai_refusal(body) if self.behaviour.strict and not responses else None
             refusal = None if fields is None else {"error": fields}

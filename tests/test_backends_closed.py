@@ -22,6 +22,7 @@ from router.backends.closed import (
     key_for,
     map_litellm_error,
     provider_of,
+    unknown_output_limits,
 )
 from router.backends.openai_http import OpenAIHTTP, error_for_status
 from router.config import MAX_EVENT_BYTES
@@ -219,6 +220,55 @@ def test_an_anthropic_request_without_max_tokens_is_sent_the_policys_limit(
     gpt = Model("gpt-4o", "openai/gpt-4o", provider.base_url, max_output_tokens=16384)
     run(_answer(gpt, BODY, stream=stream))  # OpenAI answers up to the model's own limit
     assert not {"max_tokens", "max_completion_tokens"} & set(provider.received[-1].body)
+
+
+def test_a_claude_on_bedrock_is_sent_a_max_tokens_it_takes(provider: FakeProvider) -> None:
+    """Claude requires ``max_tokens`` on Bedrock too: for a request without one, litellm sent
+    Bedrock's InvokeModel (``bedrock/invoke/...``, and the route of a Claude litellm does not
+    list) 128000 for a Claude its map has no limit for, which Bedrock refuses (a 400 the client
+    could do nothing about). It is sent what an Anthropic model is: the policy's
+    ``max_output_tokens``, else 4096. (Over the wire, whole answers only: the fake does not play
+    Bedrock's binary event stream; a stream is sent the same arguments.)"""
+    environ = {"BEDROCK_KEY": "bedrock-test-key"}
+    haiku = Model(
+        "claude-bedrock",
+        "bedrock/invoke/anthropic.claude-3-haiku-20240307-v1:0",
+        provider.base_url,
+        api_key_env="BEDROCK_KEY",
+    )
+    run(_answer(haiku, BODY, stream=False, environ=environ))
+    sent = provider.received[-1]
+    assert sent.path == "/v1/model/anthropic.claude-3-haiku-20240307-v1:0/invoke"
+    assert sent.body["max_tokens"] == 4096
+    run(_answer(replace(haiku, max_output_tokens=2048), BODY, stream=False, environ=environ))
+    assert provider.received[-1].body["max_tokens"] == 2048
+
+
+@pytest.mark.parametrize(
+    ("litellm_model", "sent"),
+    [
+        ("vertex_ai/claude-3-5-sonnet-v2@20241022", 4096),  # not in litellm's map
+        ("vertex_ai/claude-3-5-sonnet@20240620", 8192),  # in it, and sent 128000 all the same
+        ("bedrock/anthropic.claude-3-5-sonnet-20241022-v2:0", 8192),  # Converse: sent none
+        ("bedrock/invoke/anthropic.claude-3-5-sonnet-20241022-v2:0", 8192),
+        ("bedrock/us.anthropic.claude-3-haiku-20240307-v1:0", 4096),
+        ("bedrock/amazon.nova-pro-v1:0", None),  # not a Claude: up to its own limit
+        ("vertex_ai/gemini-2.0-flash", None),
+    ],
+)
+def test_a_claude_on_vertex_or_bedrock_is_sent_what_an_anthropic_one_is(
+    litellm_model: str, sent: int | None
+) -> None:
+    """litellm sends a Claude on Vertex AI without ``max_tokens`` 128000, whether or not its map
+    lists the model, which Vertex refuses for every Claude but the largest. Tested at the
+    arguments Tiergate gives litellm: Vertex's calls need google-auth to get a token, which the
+    test environment does not install, so no request reaches a loopback server."""
+    backend = ClosedBackend(OpenAIHTTP(timeout_s=1), timeout_s=1, environ=KEYS)
+    model = Model("claude", litellm_model)
+    kwargs = backend._litellm_kwargs(model, BODY)
+    assert kwargs.get("max_tokens") == sent
+    assert backend._litellm_kwargs(model, {**BODY, "max_tokens": 100})["max_tokens"] == 100
+    assert unknown_output_limits([model]) == (["claude"] if sent == 4096 else [])
 
 
 def test_litellm_fetches_nothing_from_the_network_on_a_first_call(

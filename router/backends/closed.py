@@ -137,33 +137,56 @@ _OUTPUT_FIELDS = ("max_tokens", "max_completion_tokens")
 #: limit: the smallest current Claude's (claude-3-haiku's). litellm sent its own default, 128000,
 #: which is over every Claude's limit: Anthropic refused each such request with a 400.
 ANTHROPIC_MAX_TOKENS = 4096
+# A Claude model id on Bedrock, with or without a region (``us.``) or route (``invoke/``) prefix.
+_BEDROCK_CLAUDE = re.compile(r"(?:^|[./])anthropic\.claude")
+
+
+def claude(litellm_model: str) -> bool:
+    """Whether ``litellm_model`` is a Claude model, which requires ``max_tokens`` wherever it is
+    served: on Anthropic's API (``anthropic/...``), on Bedrock (``bedrock/anthropic.claude-...``,
+    ``bedrock/us.anthropic.claude-...``) or on Vertex AI (``vertex_ai/claude-...``). litellm
+    sends each a request without one with the same default (its map's limit, else 128000)."""
+    provider = provider_of(litellm_model)
+    name = litellm_model.split("/", 1)[-1]
+    if provider == "bedrock":
+        return _BEDROCK_CLAUDE.search(name) is not None
+    if provider == "vertex_ai":
+        return name.startswith("claude")
+    return provider == "anthropic"
 
 
 def mapped_output_limit(litellm_model: str) -> int | None:
     """The output limit litellm's bundled model map gives ``litellm_model`` (looked up by the
-    name the provider gets, as litellm does), or None where it does not know the model."""
+    name the provider gets, as litellm does, then by the whole name, then by its last part, the
+    model id of a Bedrock route such as ``bedrock/invoke/...``), or None where it does not know
+    the model."""
     limits = litellm_output_limits()
-    return limits.get(litellm_model.split("/", 1)[-1]) or limits.get(litellm_model)
+    return (
+        limits.get(litellm_model.split("/", 1)[-1])
+        or limits.get(litellm_model)
+        or limits.get(litellm_model.rsplit("/", 1)[-1])
+    )
 
 
 def output_limit(model: ModelLike) -> int | None:
     """The most one call to the closed ``model`` writes when a request sets no ``max_tokens``:
-    its policy ``max_output_tokens``, else litellm's map's limit, else, for an Anthropic model,
-    :data:`ANTHROPIC_MAX_TOKENS` (what it is sent); None where nothing says (the budget hold
-    then reads the context window, ``Gateway.call_tokens``)."""
+    its policy ``max_output_tokens``, else litellm's map's limit, else, for a Claude model
+    (:func:`claude`), :data:`ANTHROPIC_MAX_TOKENS` (what it is sent); None where nothing says
+    (the budget hold then reads the context window, ``Gateway.call_tokens``)."""
     limit = model.max_output_tokens or mapped_output_limit(model.litellm_model or "")
-    if limit is None and provider_of(model.litellm_model or "") == "anthropic":
+    if limit is None and claude(model.litellm_model or ""):
         return ANTHROPIC_MAX_TOKENS
     return limit
 
 
 def default_max_tokens(model: ModelLike, room: int | None = None) -> int | None:
-    """The ``max_tokens`` to send ``model`` for a request that sets none: an Anthropic model's
-    :func:`output_limit` (Anthropic requires one), at most ``room`` (what its context window
-    leaves after the prompt; at least 1), as Anthropic refuses a prompt plus ``max_tokens``
-    over the window with a 400. None for any other provider: it takes a request without one,
-    and answers up to the model's own limit or the end of its window."""
-    if provider_of(model.litellm_model or "") != "anthropic":
+    """The ``max_tokens`` to send ``model`` for a request that sets none: a Claude model's
+    :func:`output_limit` (Claude requires one, on Anthropic's API, Bedrock or Vertex AI), at
+    most ``room`` (what its context window leaves after the prompt; at least 1), as Anthropic
+    refuses a prompt plus ``max_tokens`` over the window with a 400. None for any other
+    provider: it takes a request without one, and answers up to the model's own limit or the
+    end of its window."""
+    if not claude(model.litellm_model or ""):
         return None
     limit = output_limit(model)
     if limit is None or room is None:
@@ -178,14 +201,14 @@ def sets_output_limit(body: Mapping[str, Any]) -> bool:
 
 
 def unknown_output_limits(models: Iterable[ModelLike]) -> list[str]:
-    """The Anthropic models among ``models`` whose output limit neither the policy
+    """The Claude models among ``models`` whose output limit neither the policy
     (``max_output_tokens``) nor litellm's model map gives: a request to one that sets no
     ``max_tokens`` is sent :data:`ANTHROPIC_MAX_TOKENS`, which may be below the model's own."""
     return [
         m.name
         for m in models
         if m.tier == "closed"
-        and provider_of(m.litellm_model or "") == "anthropic"
+        and claude(m.litellm_model or "")
         and m.max_output_tokens is None
         and mapped_output_limit(m.litellm_model or "") is None
     ]
