@@ -956,8 +956,9 @@ class Gateway:
 
     def _sent(self, ctx: RequestContext, model: ModelSpec, body: dict[str, Any]) -> dict[str, Any]:
         """``body`` as ``model`` is sent it: :meth:`fitted`, and for a request that sets no
-        ``max_tokens``, the one an Anthropic model must be sent, at most what its context
-        window leaves after the prompt (the fit check counts the prompt alone then)."""
+        ``max_tokens``, the limit the model is sent (a Claude model's, the policy's
+        ``max_output_tokens``), at most what its context window leaves after the prompt (the
+        fit check counts the prompt alone then)."""
         fitted = self.fitted(model, body, ctx.optional, ctx.native_only)
         window = model.context_window
         if model.tier != "closed" or window is None or ctx.signals is None:
@@ -965,7 +966,7 @@ class Gateway:
         if closed.sets_output_limit(fitted):
             return fitted
         filled = closed.default_max_tokens(model, window - ctx.signals.prompt_tokens)
-        return fitted if filled is None else {**fitted, "max_tokens": filled}
+        return fitted if filled is None else {**fitted, closed.output_field(model): filled}
 
     def _native_for(self, model: ModelSpec, native: NativeRequest | None) -> NativeCaller | None:
         """The native backend when ``model`` speaks the front's own API, else None."""

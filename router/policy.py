@@ -258,8 +258,10 @@ class ModelSpec(_Strict):
         gt=0,
         description="The most tokens a closed model writes in one answer (its provider's "
         "limit): a request whose max_tokens is over it goes to a model that can take it, as one "
-        "over its context_window does; a Claude request (Anthropic, Bedrock, Vertex AI) without "
-        "max_tokens is sent this, at most what the context_window leaves after the prompt.",
+        "over its context_window does. A request without max_tokens is sent this (at most "
+        "what the context_window leaves after the prompt), which the budget holds it at; "
+        "without it, a Claude model (which requires one) is sent litellm's map's limit, else "
+        "4096, and any other writes up to its own limit.",
     )
     supports_tools: bool
     supports_images: bool

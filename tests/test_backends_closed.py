@@ -206,7 +206,7 @@ def test_an_anthropic_request_without_max_tokens_is_sent_the_policys_limit(
     provider: FakeProvider, stream: bool
 ) -> None:
     """A policy's ``max_output_tokens`` is the ``max_tokens`` of an Anthropic request that sets
-    none (the client's own goes as it is); another provider takes a request without one."""
+    none (the client's own goes as it is)."""
     claude = Model(
         "claude",
         "anthropic/claude-3-5-sonnet-20241022",
@@ -217,9 +217,40 @@ def test_an_anthropic_request_without_max_tokens_is_sent_the_policys_limit(
     assert provider.received[-1].body["max_tokens"] == 8192
     run(_answer(claude, {**BODY, "max_tokens": 100}, stream=stream))
     assert provider.received[-1].body["max_tokens"] == 100
-    gpt = Model("gpt-4o", "openai/gpt-4o", provider.base_url, max_output_tokens=16384)
-    run(_answer(gpt, BODY, stream=stream))  # OpenAI answers up to the model's own limit
-    assert not {"max_tokens", "max_completion_tokens"} & set(provider.received[-1].body)
+
+
+def _limits(provider: FakeProvider) -> dict[str, Any]:
+    """The fields that bound the answer's length in the last request ``provider`` got."""
+    sent = provider.received[-1].body
+    return {k: v for k, v in sent.items() if k in ("max_tokens", "max_completion_tokens")}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_without_max_tokens_is_sent_the_policys_limit_on_every_path(
+    provider: FakeProvider, stream: bool
+) -> None:
+    """The budget holds a call that sets no ``max_tokens`` at the model's ``max_output_tokens``,
+    but only a Claude was sent it: gpt-4o on the direct path, and any other model through
+    litellm, wrote up to its own limit (16,384 for gpt-4o), past what was held. It is sent in
+    the field each takes: ``max_completion_tokens`` to an OpenAI model (its reasoning models
+    refuse ``max_tokens``), ``max_tokens`` to a model an OpenAI-compatible server serves."""
+    gpt = Model("gpt-4o", "openai/gpt-4o", provider.base_url, max_output_tokens=2000)
+    run(_answer(gpt, BODY, stream=stream))
+    assert _limits(provider) == {"max_completion_tokens": 2000}
+    run(_answer(gpt, {**BODY, "max_tokens": 100}, stream=stream))  # the client's own
+    assert _limits(provider) == {"max_tokens": 100}
+    run(_answer(replace(gpt, max_output_tokens=None), BODY, stream=stream))
+    assert _limits(provider) == {}  # no cap set: up to the model's own limit
+    vllm = Model(
+        "qwen", "openai/Qwen/Qwen2.5-7B-Instruct", provider.base_url, max_output_tokens=2000
+    )
+    run(_answer(vllm, BODY, stream=stream))
+    assert _limits(provider) == {"max_tokens": 2000}
+    mistral = Model(
+        "m", "mistral/mistral-large-latest", provider.base_url, "closed", "OPENAI_API_KEY"
+    )
+    run(_answer(replace(mistral, max_output_tokens=2000), BODY, stream=stream))
+    assert _limits(provider) == {"max_tokens": 2000}
 
 
 def test_a_claude_on_bedrock_is_sent_a_max_tokens_it_takes(provider: FakeProvider) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -28,6 +28,7 @@ class Model:
     api_key_env: str | None = None
     timeout_s: float | None = None
     transport: str = "auto"
+    max_output_tokens: int | None = None
 
 
 @pytest.fixture
@@ -160,6 +161,22 @@ def test_a_responses_request_goes_out_stateless(
     assert message["content"] == Behaviour().text
     assert message["tool_calls"][0]["id"] == "call_fake_1"
     assert (usage.prompt_tokens, usage.completion_tokens) == (11, 7)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_response_without_max_output_tokens_is_sent_the_policys_limit(
+    fake: FakeProvider, models: dict[str, Model], stream: bool
+) -> None:
+    """The budget holds a Response that sets no ``max_output_tokens`` at the model's policy
+    ``max_output_tokens``; it went without one, and the model wrote up to its own limit."""
+    capped = replace(models["gpt-4o"], max_output_tokens=2000)
+    call = _stream if stream else _complete
+    run(call(capped, NativeRequest("responses", RESPONSES)))
+    assert fake.received[-1].body["max_output_tokens"] == 2000
+    run(call(capped, NativeRequest("responses", {**RESPONSES, "max_output_tokens": 50})))
+    assert fake.received[-1].body["max_output_tokens"] == 50
+    run(call(models["gpt-4o"], NativeRequest("responses", RESPONSES)))
+    assert "max_output_tokens" not in fake.received[-1].body
 
 
 def test_a_responses_stream_carries_each_event(

@@ -578,21 +578,33 @@ def test_a_replica_started_past_a_spent_budget_sees_it_from_its_first_request(
 
 
 def _burst_within_budget(
-    tmp_path: Path, fake: FakeProvider, body: dict[str, Any], budget: float, completion: int
+    tmp_path: Path,
+    fake: FakeProvider,
+    body: dict[str, Any],
+    budget: float,
+    completion: int,
+    *,
+    gpt_4o: str = "",
 ) -> None:
-    # 30 concurrent requests to gpt-4o, each billed ``completion`` tokens, spend at most the
-    # budget plus one request's reservation.
-    with live(tmp_path, _budget_policy(fake, budget), local_backend_obj=ScriptedLocal()) as srv:
+    # 30 concurrent requests to gpt-4o (with the policy lines ``gpt_4o`` added to it), each
+    # billed ``completion`` tokens, spend at most the budget plus one request's reservation.
+    policy = _budget_policy(fake, budget)
+    if gpt_4o:
+        policy = policy.replace(GPT_4O, GPT_4O + gpt_4o)
+    with live(tmp_path, policy, local_backend_obj=ScriptedLocal()) as srv:
         got = asyncio.run(_burst(srv.url, body, 30))
         assert [r.status_code for r in got].count(200) >= 1
         store = srv.gateway.outcomes
         assert wait_for(lambda: store.count() == 30) and store.flush()
         rows = [r for r in store.recent(100) if r["status"] == "ok"]
-        assert all(r["completion_tokens"] == completion for r in rows)
         spent = sum(float(r["cost_usd"]) for r in rows)
         prompt = int(rows[0]["signals"]["prompt_tokens"])
         reservation = srv.gateway.costs.closed_cost("openai/gpt-4o", prompt, completion)
         assert spent <= budget + reservation, (spent, reservation)
+        assert all(r["completion_tokens"] == completion for r in rows)
+
+
+GPT_4O = "    litellm_model: openai/gpt-4o\n"
 
 
 def test_each_choice_of_n_counts_against_the_budget(tmp_path: Path, fake: FakeProvider) -> None:
@@ -615,6 +627,19 @@ def test_answers_without_max_tokens_stay_within_the_budget(
     fake.reset(Behaviour(mode="stall", stall_s=0.5, completion_tokens=16384))
     body = {key: value for key, value in HARD_LONG.items() if key != "max_tokens"}
     _burst_within_budget(tmp_path, fake, body, 0.5, 16384)
+
+
+def test_answers_without_max_tokens_stay_within_a_policy_output_limit(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    # With max_output_tokens: 2000 for gpt-4o, a request without max_tokens was held at 2,000
+    # completion tokens but sent no limit, and gpt-4o wrote up to its own (16,384): the spend
+    # passed the budget plus one reservation. It is sent max_completion_tokens 2000.
+    from tests.fake_provider import Behaviour
+
+    fake.reset(Behaviour(mode="stall", stall_s=0.5, completion_tokens=16384))
+    body = {key: value for key, value in HARD_LONG.items() if key != "max_tokens"}
+    _burst_within_budget(tmp_path, fake, body, 0.5, 2000, gpt_4o="    max_output_tokens: 2000\n")
 
 
 @pytest.mark.parametrize(

@@ -181,14 +181,13 @@ def output_limit(model: ModelLike) -> int | None:
 
 def default_max_tokens(model: ModelLike, room: int | None = None) -> int | None:
     """The ``max_tokens`` to send ``model`` for a request that sets none: a Claude model's
-    :func:`output_limit` (Claude requires one, on Anthropic's API, Bedrock or Vertex AI), at
-    most ``room`` (what its context window leaves after the prompt; at least 1), as Anthropic
-    refuses a prompt plus ``max_tokens`` over the window with a 400. None for any other
-    provider: it takes a request without one, and answers up to the model's own limit or the
-    end of its window."""
-    if not claude(model.litellm_model or ""):
-        return None
-    limit = output_limit(model)
+    :func:`output_limit` (Claude requires one, on Anthropic's API, Bedrock or Vertex AI), any
+    other model's policy ``max_output_tokens``: the operator's cap, and what the budget holds
+    such a call at (``Gateway.call_tokens``), so the provider may not write more than was held.
+    None where the policy sets none: the provider answers up to the model's own limit or the
+    end of its window. At most ``room`` (what the context window leaves after the prompt; at
+    least 1): providers refuse a prompt plus ``max_tokens`` over the window with a 400."""
+    limit = output_limit(model) if claude(model.litellm_model or "") else model.max_output_tokens
     if limit is None or room is None:
         return limit
     return max(1, min(limit, room))
@@ -198,6 +197,24 @@ def sets_output_limit(body: Mapping[str, Any]) -> bool:
     """Whether the request ``body`` bounds its answer's length itself (``max_tokens``,
     ``max_completion_tokens``)."""
     return any(body.get(f) is not None for f in _OUTPUT_FIELDS)
+
+
+def direct(model: ModelLike) -> bool:
+    """Whether the closed ``model`` is called on the direct OpenAI path, not through litellm."""
+    if model.transport == "litellm":
+        return False
+    return provider_of(model.litellm_model or "") == "openai"
+
+
+def output_field(model: ModelLike) -> str:
+    """The chat field that bounds an answer's length for ``model`` on the path it is called:
+    on the direct path, ``max_completion_tokens`` for a model litellm's map knows (an OpenAI
+    model: OpenAI's reasoning models refuse ``max_tokens``), else ``max_tokens``, which every
+    OpenAI-compatible server (vLLM, llama.cpp, Ollama) takes and some older ones take alone;
+    through litellm, ``max_tokens``, which litellm translates for each provider."""
+    if direct(model) and mapped_output_limit(model.litellm_model or "") is not None:
+        return "max_completion_tokens"
+    return "max_tokens"
 
 
 def unknown_output_limits(models: Iterable[ModelLike]) -> list[str]:
@@ -256,18 +273,17 @@ class ClosedBackend:
         """The base URL called for ``model``: its ``api_base``, else OpenAI's on the direct
         path; None for a litellm provider without one (litellm picks the host, and reads its
         own variables for it)."""
-        if self._direct(model):
+        if direct(model):
             return model.api_base or _OPENAI_DEFAULT_BASE
         return model.api_base
-
-    def _direct(self, model: ModelLike) -> bool:
-        if model.transport == "litellm":
-            return False
-        return provider_of(model.litellm_model or "") == "openai"
 
     def _request(self, model: ModelLike, body: dict[str, Any]) -> dict[str, Any]:
         request = {k: v for k, v in body.items() if k not in _STRIP}
         request["model"] = (model.litellm_model or "").split("/", 1)[-1]
+        if not sets_output_limit(request):
+            limit = default_max_tokens(model)
+            if limit is not None:
+                request[output_field(model)] = limit
         return request
 
     def _timeout(self, model: ModelLike) -> float:
@@ -277,7 +293,7 @@ class ClosedBackend:
         self, model: ModelLike, body: dict[str, Any], usage: Usage | None = None
     ) -> Completion:
         """One answer from the provider (its usage comes with the answer, not before)."""
-        if self._direct(model):
+        if direct(model):
             result = await self._http.complete(
                 model.api_base or _OPENAI_DEFAULT_BASE,
                 self._request(model, body),
@@ -294,7 +310,7 @@ class ClosedBackend:
         self, model: ModelLike, body: dict[str, Any], usage: Usage
     ) -> AsyncIterator[dict[str, Any]]:
         """Chunks from the provider."""
-        if self._direct(model):
+        if direct(model):
             source = self._http.stream(
                 model.api_base or _OPENAI_DEFAULT_BASE,
                 self._request(model, body),

@@ -148,6 +148,9 @@ class NativeBackend:
                 headers["x-api-key"] = key
             return _url(model.api_base, native.api), body, headers, key
         body["store"] = False  # Tiergate's Responses front is stateless; so is the call
+        if body.get("max_output_tokens") is None and model.max_output_tokens is not None:
+            # The operator's cap, which the budget holds a call without one at.
+            body["max_output_tokens"] = model.max_output_tokens
         if key:
             headers["authorization"] = f"Bearer {key}"
         return _url(model.api_base, native.api), body, headers, key
