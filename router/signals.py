@@ -193,11 +193,29 @@ def _content_size(content: Any) -> tuple[float, int]:
     return tokens, media
 
 
-def estimate_tokens(messages: list[Mapping[str, Any]], tools: Any = None) -> int:
+def estimate_tokens(
+    messages: list[Mapping[str, Any]],
+    tools: Any = None,
+    *,
+    response_format: Any = None,
+    prediction: Any = None,
+) -> int:
     """Prompt-token estimate: text by :func:`text_tokens`, each image as :data:`IMAGE_TOKENS`
-    and each file as :data:`FILE_TOKENS`, plus :data:`TOKENS_PER_MESSAGE` a message."""
+    and each file as :data:`FILE_TOKENS`, plus :data:`TOKENS_PER_MESSAGE` a message.
+
+    The request's other model input counts too: the tools, a ``response_format``'s JSON schema
+    (which the provider reads and bills as input: OpenAI's structured outputs, the tool litellm
+    makes of it for Claude), and a ``prediction`` (OpenAI's predicted output, which the model
+    reads; the part the answer does not use is billed at the output price)."""
     tokens = 0.0
     media = 0
+    if response_format and isinstance(response_format, Mapping):  # truth first: no ABC check
+        schema = response_format.get("json_schema") or response_format.get("schema")
+        if schema:
+            tokens += text_tokens(str(schema))
+    if prediction and isinstance(prediction, Mapping):
+        predicted, media = _content_size(prediction.get("content"))
+        tokens += predicted
     for m in messages:
         text, parts = _content_size(m.get("content"))
         tokens += text
@@ -332,7 +350,12 @@ def extract_signals(
     return Signals(
         alias=str(body.get("model", "auto")),
         tenant=tenant,
-        prompt_tokens=estimate_tokens(messages, tools),
+        prompt_tokens=estimate_tokens(
+            messages,
+            tools,
+            response_format=body.get("response_format"),
+            prediction=body.get("prediction"),
+        ),
         max_tokens=int(max_tokens) if isinstance(max_tokens, int) else None,
         has_images=has_image_parts(messages),
         has_tools=has_tools,

@@ -362,6 +362,45 @@ def test_a_tool_call_or_result_in_either_form_sets_has_tools(
     assert extract_signals(body, BlindScorer()).has_tools is has_tools
 
 
+SCHEMA = {
+    "type": "object",
+    "properties": {f"field_{i}": {"type": "string", "description": "x" * 40} for i in range(60)},
+}
+
+
+@pytest.mark.parametrize(
+    ("extra", "at_least"),
+    [
+        # About 800 tokens of schema, which OpenAI reads and bills as input.
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "r", "schema": SCHEMA},
+                }
+            },
+            700,
+        ),
+        ({"response_format": {"type": "json_object", "schema": SCHEMA}}, 700),  # llama.cpp's
+        ({"prediction": {"type": "content", "content": "def f():\n    return 1\n" * 100}}, 500),
+        (
+            {"prediction": {"type": "content", "content": [{"type": "text", "text": "y" * 3500}]}},
+            900,
+        ),
+    ],
+)
+def test_a_schema_or_a_prediction_counts_toward_the_prompt_estimate(
+    extra: dict[str, Any], at_least: int
+) -> None:
+    """The prompt estimate (budget and token holds, context fit) read the messages and tools
+    only: a request with a large json_schema or predicted output was held, and fitted to a
+    context window, as if it had neither."""
+    plain = extract_signals(_base(), BlindScorer()).prompt_tokens
+    assert extract_signals({**_base(), **extra}, BlindScorer()).prompt_tokens - plain >= at_least
+    text = {"response_format": {"type": "text"}, "prediction": None}
+    assert extract_signals({**_base(), **text}, BlindScorer()).prompt_tokens == plain
+
+
 def test_a_function_call_counts_toward_the_prompt_estimate() -> None:
     message = {"role": "assistant", "content": None}
     called = {**message, "function_call": {"name": "f", "arguments": "x" * 700}}
