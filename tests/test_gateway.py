@@ -225,20 +225,44 @@ def test_an_anthropic_model_is_sent_no_more_max_tokens_than_its_window_leaves(
     limit (4096) on top of a prompt of nearly the whole window: Anthropic refused it (400). It
     is sent what the window leaves, as another provider's model answers up to its window."""
     fake.reset(Behaviour(context_windows={"claude-3-5-sonnet-20241022": 10000}))
+    sent = _sent_long_then_short(tmp_path, fake, _windows(fake, 10000), "claude", stream)
+    assert sent["max_tokens"] == ANTHROPIC_MAX_TOKENS  # a short prompt: the limit, as before
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_policy_output_limit_is_sent_no_larger_than_the_window_leaves(
+    tmp_path: Path, fake: FakeProvider, stream: bool
+) -> None:
+    """gpt-4o with ``max_output_tokens: 2000`` is sent that limit on a request without one; on
+    a prompt of nearly its whole window, 2,000 more tokens are over it, and OpenAI refuses the
+    request (400) that it answers, to the window's end, without one. It is sent the rest, in
+    the field OpenAI's models all take."""
+    fake.reset(Behaviour(context_windows={"gpt-4o": 10000}))
+    policy = _windows(fake, 200000).replace(
+        "context_window: 128000\n", "context_window: 10000\n    max_output_tokens: 2000\n"
+    )
+    sent = _sent_long_then_short(tmp_path, fake, policy, "gpt-4o", stream)
+    assert "max_tokens" not in sent
+    assert sent["max_completion_tokens"] == 2000  # a short prompt: the policy's limit
+
+
+def _sent_long_then_short(
+    tmp_path: Path, fake: FakeProvider, policy: str, model: str, stream: bool
+) -> dict[str, Any]:
+    # Ask ``model`` (window 10,000) with a prompt of nearly the window, then a short one, with
+    # no max_tokens: each is answered, sent a limit within what the window leaves. The last
+    # request the provider received, as it was sent.
     long = "word " * 6900  # about 9,860 tokens by Tiergate's estimate, 8,627 by the provider's
-    with live(tmp_path, _windows(fake, 10000)) as srv:
+    with live(tmp_path, policy) as srv:
         for content in (long, "hi"):
-            body = {
-                "model": "claude",
-                "messages": [{"role": "user", "content": content}],
-                "stream": stream,
-            }
-            answer = srv.http.post("/v1/chat/completions", json=body)
+            body = {"model": model, "messages": [{"role": "user", "content": content}]}
+            answer = srv.http.post("/v1/chat/completions", json={**body, "stream": stream})
             assert answer.status_code == 200, answer.text
             assert "Hello" in answer.text  # the closed model's answer, whole or streamed
             sent = fake.received[-1].body
-            assert 0 < sent["max_tokens"] <= 10000 - prompt_tokens(sent)
-    assert sent["max_tokens"] == ANTHROPIC_MAX_TOKENS  # a short prompt: the limit, as before
+            limit = sent.get("max_completion_tokens") or sent["max_tokens"]
+            assert 0 < limit <= 10000 - prompt_tokens(sent)
+    return sent
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
