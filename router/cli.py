@@ -906,6 +906,9 @@ def _without_password(url: str) -> str:
 
 
 def _cmd_outcomes(args: argparse.Namespace) -> int:
+    if args.labels and not args.json:  # the table has no column for them: never drop them unsaid
+        print("tiergate outcomes: --labels needs --json (the table has no labels)", file=sys.stderr)
+        return 2
     opened = _open_outcomes(args)
     if opened is None:
         return 1

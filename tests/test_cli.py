@@ -505,6 +505,19 @@ def test_outcomes_limit_below_one_is_a_usage_error(limit: str, tmp_path: Path) -
     assert exc.value.code == 2
 
 
+def test_outcomes_labels_without_json_is_refused_not_dropped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The table has no column for labels: --labels alone printed the table without them.
+    db = tmp_path / "o.db"
+    _many_records(db, 1)
+    assert main(["outcomes", "--db", str(db), "--labels"]) == 2
+    printed = capsys.readouterr()
+    assert printed.out == "" and "--labels needs --json" in printed.err
+    assert main(["outcomes", "--db", str(db), "--labels", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["labels"] == []
+
+
 def test_outcomes_table_cells_show_nothing_as_a_dash_and_mark_a_cut() -> None:
     from router.cli import _cell
 
