@@ -66,12 +66,17 @@ def _output(path: str, *, data: str | None = None) -> Iterator[IO[str]]:
 
 
 def _load_model(path: str | None, profile: str | None = None) -> Any:
-    from router.artifact import default_model_path, load_scorer
+    # Without --model, the router serve decides with (the model store's current version first),
+    # so that a score, a label or an evaluation is the proxy's after a retrain promoted one.
+    from router.artifact import load_scorer
     from router.config import load_settings
     from router.profile import default_profile
+    from router.registry import configured_model_path
 
-    chosen = Path(profile) if profile else load_settings().local_profile
-    return load_scorer(Path(path) if path else default_model_path(), default_profile(chosen))
+    settings = load_settings()
+    chosen = Path(profile) if profile else settings.local_profile
+    model = Path(path) if path else configured_model_path(settings)
+    return load_scorer(model, default_profile(chosen))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -222,11 +227,14 @@ _SCORE_MEANING = (
 )
 
 
-def _add_model_arg(p: argparse.ArgumentParser, *, profile: str | None = "the score reads") -> None:
+def _add_model_arg(
+    p: argparse.ArgumentParser, *, profile: str | None = "the score reads", store: bool = True
+) -> None:
+    served = "the model store's current version, as serve reads it, else " if store else ""
     p.add_argument(
         "--model",
-        help="model directory (default: $TIERGATE_CLASSIFIER_PATH, else the shipped router-v9; "
-        "router-v6, with a warning, while the encoder weights are not fetched)",
+        help=f"model directory (default: {served}$TIERGATE_CLASSIFIER_PATH, else the shipped "
+        "router-v9; router-v6, with a warning, while the encoder weights are not fetched)",
     )
     if profile is not None:
         p.add_argument(
@@ -313,7 +321,7 @@ def _add_model_commands(sub: Any) -> None:
         "from the artifact's model.joblib (left unchanged) and records its sha256 in the "
         "sidecar. An artifact that has one is only checked.",
     )
-    _add_model_arg(p, profile=None)
+    _add_model_arg(p, profile=None, store=False)  # it writes into the artifact: never a version
     p.set_defaults(func=_cmd_serving_form)
 
 

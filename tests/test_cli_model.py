@@ -144,6 +144,32 @@ def test_score_uses_the_shipped_model_by_default(data: Path, tmp_path: Path) -> 
     assert len(scores) == 4 and all(0.0 <= s <= 1.0 for s in scores)
 
 
+def test_score_defaults_to_the_model_serve_decides_with(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With a model store, serve (and `policy explain`) score with its current version; score,
+    classify and eval scored with the shipped router instead, so their numbers were not the
+    proxy's after a promotion."""
+    from router.artifact import STATIC_MODEL_NAME, default_model_path
+
+    data = write_jsonl(
+        tmp_path / "m.jsonl", [{"id": "m", "prompt": "Solve for x: 3x^2 - 5x + 2 = 0."}]
+    )
+
+    def score(*extra: str) -> float:
+        assert main(["score", "--data", str(data), "--out", "-", *extra]) == 0
+        return float(json.loads(capsys.readouterr().out)["score"])
+
+    static = default_model_path().parent / STATIC_MODEL_NAME
+    shipped = score()
+    assert score("--model", str(static)) != shipped
+    store = tmp_path / "store"
+    assert main(["models", "adopt", str(static), "--store", str(store)]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("TIERGATE_MODEL_STORE", str(store))
+    assert score() == score("--model", str(static))
+
+
 def test_score_reads_the_local_profile(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
