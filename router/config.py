@@ -146,8 +146,9 @@ class Settings(BaseSettings):
         ge=1,
         description="At SIGTERM, how long requests in flight may run on before they are stopped "
         "(each answered 503 server_shutting_down, or its stream ended with that error, and "
-        "recorded so); keep it well under the grace period of whatever sends the "
-        "SIGTERM (Kubernetes: 30 s by default).",
+        "recorded so); keep it under the grace period of whatever sends the SIGTERM, less "
+        "any preStop delay and up to 23 s to drain after it (the Helm chart: 45 s grace, 5 s "
+        "preStop; Kubernetes' default grace, 30 s, leaves no room for the default 15).",
     )
     stream_keepalive_s: float = Field(
         0.0,
