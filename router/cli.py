@@ -1293,7 +1293,13 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
     store = _model_store(args)
     if args.models_command == "adopt":
-        print(f"{args.artifact} stored as {store.adopt(args.artifact)} in {store.root}")
+        version = store.adopt(args.artifact)
+        print(f"{args.artifact} stored as {version} in {store.root}")
+        # The first version of a store becomes current: running proxies switch to it.
+        if store.current() == version:
+            print(f"{version} is now current (the store had none): proxies serve it")
+        else:
+            print(f"{store.current()} stays current: `tiergate models promote {version}` serves it")
     elif args.models_command == "promote":
         store.promote(
             args.version, reason="tiergate models promote", force=args.force, loader=default_loader
@@ -1462,7 +1468,11 @@ def _add_model_store_commands(sub: Any) -> None:
         "rollback",
         help="point back to the version promoted before the current one (again: further back)",
     )
-    adopt = msub.add_parser("adopt", help="copy a model artifact in as a new version")
+    adopt = msub.add_parser(
+        "adopt",
+        help="copy a model artifact in as a new version (current, and served, when the store "
+        "has none)",
+    )
     adopt.add_argument("artifact", type=Path, help="artifact directory (tiergate train output)")
     for parser in (listing, promote, msub.choices["rollback"], adopt):
         parser.add_argument("--store", type=Path, help="model store (TIERGATE_MODEL_STORE)")

@@ -57,6 +57,22 @@ def test_adopting_what_the_proxy_could_not_load_is_refused_and_leaves_nothing(
     assert [r["model"] for r in store.listing()] == ["router-v6"]
 
 
+def test_models_adopt_says_whether_the_version_now_serves(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The first version adopted into a store becomes current, and running proxies swap to it;
+    the command said only "stored as v0001", the same as for a version that waits."""
+    from router.artifact import shipped
+    from router.cli import main
+
+    at = ["--store", str(tmp_path / "store")]
+    assert main(["models", "adopt", str(shipped("models", "router-v6")), *at]) == 0
+    assert "v0001 is now current (the store had none): proxies serve it" in capsys.readouterr().out
+    assert main(["models", "adopt", str(shipped("models", "router-v6")), *at]) == 0
+    out = capsys.readouterr().out
+    assert "v0001 stays current: `tiergate models promote v0002` serves it" in out
+
+
 def test_a_version_with_a_broken_sidecar_is_listed_not_fatal(tmp_path: Path) -> None:
     store = ModelStore(tmp_path / "store")
     store.adopt(_artifact(tmp_path, "a"), loader=_unchecked)
