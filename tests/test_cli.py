@@ -537,6 +537,43 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert "Anthropic" in out and "Messages" in out and "Responses" in out
 
 
+def _flags_of_commands() -> dict[str, set[str]]:
+    # "outcomes" and "outcomes delete" -> the option strings each parser takes.
+    import argparse
+
+    found: dict[str, set[str]] = {}
+
+    def walk(parser: argparse.ArgumentParser, name: str) -> None:
+        found[name] = {flag for action in parser._actions for flag in action.option_strings}
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, child in action.choices.items():
+                    walk(child, f"{name} {sub}".strip())
+
+    walk(cli.build_parser(), "")
+    return found
+
+
+def test_every_flag_the_docs_give_a_command_is_one_it_takes() -> None:
+    # `tiergate CMD [SUB] ... --flag` on one line of README, SECURITY.md or docs/: a reader who
+    # copies it must not meet "unrecognized arguments" (up to a pipe, `;`, `&&`, `#` or `).
+    flags = _flags_of_commands()
+    pages = [REPO / "README.md", REPO / "SECURITY.md", *sorted((REPO / "docs").glob("*.md"))]
+    wrong = []
+    for page in pages:
+        for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+            for match in re.finditer(r"\btiergate ([a-z-]+)(?: ([a-z]+))?([^`|;#&]*)", line):
+                command = f"{match.group(1)} {match.group(2)}"
+                if command not in flags:
+                    command = match.group(1)
+                if command not in flags:
+                    continue
+                for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", match.group(3)):
+                    if flag not in flags[command]:
+                        wrong.append(f"{page.name}:{number}: tiergate {command} {flag}")
+    assert wrong == []
+
+
 def test_fetch_model_help_names_both_pinned_packages(capsys: pytest.CaptureFixture[str]) -> None:
     from router.distill import PACKAGE as ENCODER_PACKAGE
     from router.fetch import PACKAGE as GGUF_PACKAGE
