@@ -292,9 +292,14 @@ def _add_model_commands(sub: Any) -> None:
     _add_model_arg(p)
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.add_argument("--plot", metavar="PNG", help="draw the curve to this image")
-    p.add_argument("--threshold", type=float, help="policy score threshold to mark")
     p.add_argument(
-        "--bootstrap", type=_at_least_one, default=1000, help="bootstrap resamples for CIs"
+        "--threshold",
+        type=float,
+        help="a policy score threshold: its point on the curve is printed and plotted "
+        "(default: none)",
+    )
+    p.add_argument(
+        "--bootstrap", type=_at_least_one, default=1000, help="bootstrap resamples for CIs (1000)"
     )
     p.set_defaults(func=_cmd_eval)
 
@@ -1426,7 +1431,7 @@ def _add_retrain_command(sub: Any) -> None:
         help="the gain's whole 95%% interval must exceed --min-gain",
     )
     retrain.add_argument(
-        "--bootstrap", type=_at_least_one, default=1000, help="bootstrap resamples"
+        "--bootstrap", type=_at_least_one, default=1000, help="bootstrap resamples (1000)"
     )
     retrain.add_argument(
         "--candidate",
