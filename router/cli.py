@@ -1423,7 +1423,12 @@ def _add_retrain_command(sub: Any) -> None:
         "../shared/data from its root, whatever the working directory; an installed "
         "Tiergate has none: give this)",
     )
-    retrain.add_argument("--db", type=Path, help="SQLite outcome store (default from settings)")
+    retrain.add_argument(
+        "--db",
+        type=Path,
+        help="SQLite outcome store to learn from (default: Redis when TIERGATE_REDIS_URL is set, "
+        "else TIERGATE_SQLITE_PATH)",
+    )
     retrain.add_argument("--min-gain", type=float, default=0.0, help="APGR gain needed (0)")
     retrain.add_argument(
         "--require-significant",
