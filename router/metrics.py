@@ -206,7 +206,9 @@ def random_reference(
 
 
 def oracle_reference(weak: ArrayLike, strong: ArrayLike) -> dict[str, float]:
-    """Metrics of the oracle router, whose score is the true gain ``strong - weak``."""
+    """Metrics of the oracle router, whose score is the true gain ``strong - weak``. Its APGR
+    is over 1 where the weak model sometimes answers better: sending only the prompts the strong
+    one wins lifts the curve above the all-strong quality."""
     w = np.asarray(weak, dtype=np.float64)
     g = np.asarray(strong, dtype=np.float64)
     return _summary(g - w, w, g)
