@@ -86,7 +86,7 @@ N_BOOTSTRAP = 2000
 
 
 def load_rows(path: Path = DEV_FILE) -> list[dict[str, Any]]:
-    """The dev set's rows (id, category, prompt, author)."""
+    """A chat-category set's rows (id, category, prompt, author): the dev set by default."""
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
 
@@ -303,7 +303,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--capability", help="a standalone capability model directory to read the labels from"
     )
-    parser.add_argument("--data", default=str(DEV_FILE), help="the dev set (JSONL)")
+    parser.add_argument(
+        "--data", default=str(DEV_FILE), help="the set to read (JSONL; default: the dev set)"
+    )
     parser.add_argument("--out", default=str(RESULTS), help="where to write the JSON results")
     args = parser.parse_args(argv)
     rows = load_rows(Path(args.data))
