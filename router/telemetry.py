@@ -294,7 +294,9 @@ class Telemetry:
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
         resource = Resource.create() if environ is None else _resource(environ)
-        if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+        # None where the process names a service and ``environ`` does not (_resource).
+        service = resource.attributes.get("service.name")
+        if not service or str(service).startswith("unknown_service"):
             resource = resource.merge(Resource({"service.name": "tiergate"}))
         tracer_provider = None
         exporters = list(span_exporters) if tracing else []
@@ -822,7 +824,8 @@ _BATCHING = {
 
 def _resource(env: Mapping[str, str]) -> Any:
     """The SDK's default resource (its own attributes, the instance id) with ``env``'s
-    ``OTEL_RESOURCE_ATTRIBUTES`` and ``OTEL_SERVICE_NAME``, none of the process's."""
+    ``OTEL_RESOURCE_ATTRIBUTES`` and ``OTEL_SERVICE_NAME``, none of the process's: without a
+    ``service.name`` where the process names one and ``env`` does not (``build`` names it)."""
     from urllib.parse import unquote
 
     from opentelemetry.sdk.resources import OTELResourceDetector, Resource

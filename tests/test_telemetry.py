@@ -808,27 +808,46 @@ def test_the_environ_an_app_is_given_names_its_service_sampling_and_batching(
     monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=process,team=process")
     monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "600000")
+    environ = {
+        "OTEL_SERVICE_NAME": "given-service",
+        "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=given%20one",
+        "OTEL_BSP_SCHEDULE_DELAY": "50",
+    }
+    resources = _resource_of_a_chat(tmp_path, fake, environ)
+    assert ("service.name", "given-service") in resources
+    assert ("deployment.environment", "given one") in resources
+    assert not any("process" in value for _, value in resources), resources
+
+
+def test_an_app_whose_environ_names_no_service_is_tiergate_whatever_the_process_names(
+    tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process's OTEL_SERVICE_NAME is left out of an app given an environ of its own; with
+    none in that environ, the app's spans carried no service.name at all (not the SDK's
+    unknown_service, so not Tiergate's default either): a collector files them under nothing."""
+    fake.reset()
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "process-service")
+    resources = _resource_of_a_chat(tmp_path, fake, {"OTEL_BSP_SCHEDULE_DELAY": "50"})
+    assert {value for key, value in resources if key == "service.name"} == {"tiergate"}
+
+
+def _resource_of_a_chat(
+    tmp_path: Path, fake: FakeProvider, environ: dict[str, str]
+) -> set[tuple[str, str]]:
+    # The resource attributes of the spans of one chat request to an app embedded with
+    # ``environ`` (plus a loopback collector's endpoint), exported within its batching delay.
     with otlp_receiver() as (given, received):
-        environ = {
-            "OTEL_EXPORTER_OTLP_ENDPOINT": given,
-            "OTEL_METRICS_EXPORTER": "none",
-            "OTEL_SERVICE_NAME": "given-service",
-            "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=given%20one",
-            "OTEL_BSP_SCHEDULE_DELAY": "50",
-        }
-        with embedded(tmp_path, fake, environ) as srv:
+        own = {**environ, "OTEL_EXPORTER_OTLP_ENDPOINT": given, "OTEL_METRICS_EXPORTER": "none"}
+        with embedded(tmp_path, fake, own) as srv:
             assert _chat(srv, "hello").status_code == 200
             # Sampled, and sent within the given batching delay, before any shutdown flush.
             assert wait_for(lambda: len(_exported_spans(received)) >= 3, 10)
-    resources = {
+    return {
         (a.key, a.value.string_value)
         for request in _exported(received)
         for spans in request.resource_spans
         for a in spans.resource.attributes
     }
-    assert ("service.name", "given-service") in resources
-    assert ("deployment.environment", "given one") in resources
-    assert not any("process" in value for _, value in resources), resources
 
 
 def _exported(received: list[tuple[str, dict[str, str], bytes]]) -> list[Any]:
