@@ -960,13 +960,32 @@ class Gateway:
         ``max_output_tokens``), at most what its context window leaves after the prompt (the
         fit check counts the prompt alone then)."""
         fitted = self.fitted(model, body, ctx.optional, ctx.native_only)
-        window = model.context_window
-        if model.tier != "closed" or window is None or ctx.signals is None:
-            return fitted
         if closed.sets_output_limit(fitted):
             return fitted
-        filled = closed.default_max_tokens(model, window - ctx.signals.prompt_tokens)
+        filled = self._filled_limit(ctx, model)
         return fitted if filled is None else {**fitted, closed.output_field(model): filled}
+
+    def _native_sent(
+        self, ctx: RequestContext, model: ModelSpec, native: NativeRequest
+    ) -> NativeRequest:
+        """``native`` as ``model`` is sent it: a Response that sets no ``max_output_tokens`` gets
+        the limit :meth:`_sent` fills, cut to the window alike. A Messages request carries its
+        own ``max_tokens`` (Anthropic's API, and the front, require one)."""
+        if native.api != "responses" or native.body.get("max_output_tokens") is not None:
+            return native
+        filled = self._filled_limit(ctx, model)
+        if filled is None:
+            return native
+        return replace(native, body={**native.body, "max_output_tokens": filled})
+
+    def _filled_limit(self, ctx: RequestContext, model: ModelSpec) -> int | None:
+        # The output limit a request that sets none is sent (closed.default_max_tokens), at
+        # most what the context window leaves after the prompt; None where the model has no
+        # window or there is no prompt estimate (the backend fills its own, uncut) or none is sent.
+        window = model.context_window
+        if model.tier != "closed" or window is None or ctx.signals is None:
+            return None
+        return closed.default_max_tokens(model, window - ctx.signals.prompt_tokens)
 
     def _native_for(self, model: ModelSpec, native: NativeRequest | None) -> NativeCaller | None:
         """The native backend when ``model`` speaks the front's own API, else None."""
@@ -985,7 +1004,9 @@ class Gateway:
             ctx.usage = Usage()  # filled as the answer is made, so a cancelled call tells too
             passing = self._native_for(model, native)
             if passing is not None and native is not None:
-                result = await passing.complete(model, native, ctx.usage)
+                result = await passing.complete(
+                    model, self._native_sent(ctx, model, native), ctx.usage
+                )
             else:
                 result = await backend.complete(model, self._sent(ctx, model, body), ctx.usage)
             ctx.usage = result.usage
@@ -1014,7 +1035,7 @@ class Gateway:
             usage = Usage()
             passing = self._native_for(model, native)
             if passing is not None and native is not None:
-                source = passing.stream(model, native, usage)
+                source = passing.stream(model, self._native_sent(ctx, model, native), usage)
             else:
                 source = backend.stream(model, self._sent(ctx, model, body), usage)
             held: list[dict[str, Any]] = []

@@ -246,6 +246,29 @@ def test_a_policy_output_limit_is_sent_no_larger_than_the_window_leaves(
     assert sent["max_completion_tokens"] == 2000  # a short prompt: the policy's limit
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_response_is_sent_no_larger_an_output_limit_than_the_window_leaves(
+    tmp_path: Path, fake: FakeProvider, stream: bool
+) -> None:
+    """On ``/v1/responses`` gpt-4o, spoken to natively, is sent its policy limit as the
+    Response's ``max_output_tokens``: all 2,000 on a prompt of nearly its whole window, where
+    the chat front sends what the window leaves (docs/policy.md: cut likewise on every path)."""
+    fake.reset()
+    policy = _windows(fake, 200000).replace(
+        "context_window: 128000\n", "context_window: 10000\n    max_output_tokens: 2000\n"
+    )
+    long = "word " * 6900  # about 9,860 tokens by Tiergate's estimate, 8,625 by the provider's
+    with live(tmp_path, policy) as srv:
+        for text, most in ((long, 10000 - len(long) // 4), ("hi", 2000)):
+            body = {"model": "gpt-4o", "input": text, "stream": stream}
+            answer = srv.http.post("/v1/responses", json=body)
+            assert answer.status_code == 200, answer.text
+            sent = fake.received[-1]
+            assert sent.path == "/v1/responses"
+            assert 0 < sent.body["max_output_tokens"] <= most
+    assert sent.body["max_output_tokens"] == 2000  # a short prompt: the policy's limit
+
+
 def _sent_long_then_short(
     tmp_path: Path, fake: FakeProvider, policy: str, model: str, stream: bool
 ) -> dict[str, Any]:
