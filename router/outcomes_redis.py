@@ -856,9 +856,10 @@ class RedisOutcomeStore(OutcomeWriter):
     def _unname_spend(self, tenant: str) -> None:
         """Move ``tenant``'s spend in every day's spend hash to its erased field, where budgets
         still count it, and delete its budget holds, in one script: nothing in Redis names it
-        after. A hold dropped so is a request in flight whose record comes later: refused by
-        the tombstone, its cost is counted in the erased field, and a request the tenant makes
-        after the erasure is its own again, under its name."""
+        after. A record made before the erasure and written after it is refused by the
+        tombstone and its cost counted in the erased field; a record is made when its request
+        ends, so one still being answered now, as one the tenant makes later, is written under
+        its name (SECURITY.md)."""
         name = valid_text(tenant)
         pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self.key("spend")) + ":*"
         spends = sorted(self._client.scan_iter(match=pattern, count=1000))
