@@ -46,6 +46,7 @@ from router.errors import (
     TiergateError,
     error_body,
 )
+from router.outcomes import ERASED_TENANT_FIELD
 
 log = logging.getLogger("tiergate.auth")
 
@@ -116,6 +117,13 @@ def parse_entry(data: Any, where: str) -> tuple[str, Principal]:
         # "acme " is not the policy's acme: its requests would get no budget and no rules.
         raise ConfigError(
             f"{where}: 'tenant' {tenant!r} begins or ends with spaces or holds control characters"
+        )
+    if tenant.startswith(ERASED_TENANT_FIELD):
+        # Redis keeps an erased tenant's spend under this prefix and its hash: a tenant named
+        # so would read, and spend against, the budget of the tenant whose hash it carries.
+        raise ConfigError(
+            f"{where}: 'tenant' {tenant!r} begins with {ERASED_TENANT_FIELD!r}, which names "
+            "an erased tenant's spend"
         )
     perms = data.get("permissions") or []
     unknown = [p for p in perms if p not in PERMISSIONS]

@@ -191,6 +191,11 @@ def erased_name(kind: str, name: str) -> str:
     return hashlib.sha256(f"{kind}\0{valid_text(name)}".encode()).hexdigest()
 
 
+#: How Redis's day spend names an erased tenant's field: this, then :func:`tenant_hash`. No
+#: tenant may be named so (``router.auth.parse_entry``): its spend would read as another's.
+ERASED_TENANT_FIELD = "erased|"
+
+
 @functools.lru_cache(maxsize=4096)
 def tenant_hash(tenant: str) -> str:
     """:func:`erased_name` of a tenant, remembered: a budget check finds a tenant's erased spend

@@ -74,6 +74,7 @@ from typing import IO, TYPE_CHECKING, Any
 from router.errors import ConfigError, MissingExtraError, StoreUnavailableError
 from router.outcomes import (
     ERASED_SPEND_KEPT_S,
+    ERASED_TENANT_FIELD,
     ERASURE_KEPT_S,
     Cost,
     DaySpend,
@@ -253,8 +254,7 @@ end
 return 1
 """
 
-#: How the spend hash names an erased tenant's field: this, then its hash.
-_ERASED_FIELD = "erased|"
+_ERASED_FIELD = ERASED_TENANT_FIELD
 
 
 def _erased_field(tenant: str) -> str:

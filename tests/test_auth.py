@@ -23,6 +23,7 @@ from router.auth import (
 from router.cli import main as cli_main
 from router.config import Settings
 from router.errors import ConfigError, NotFoundError
+from router.outcomes import tenant_hash
 from tests.conftest import LiveServer, live, make_settings, policy_yaml, wait_for
 from tests.fake_provider import FakeProvider
 from tests.redis_server import RedisServer, redis_binary
@@ -303,6 +304,16 @@ def test_a_tenant_with_surrounding_spaces_is_refused(capsys: pytest.CaptureFixtu
     # budget, silently.
     assert cli_main(["keys", "add", "--tenant", "acme "]) == 2
     assert "'tenant' 'acme ' begins or ends with spaces" in capsys.readouterr().err
+
+
+def test_a_tenant_named_as_an_erased_tenants_spend_is_refused(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Redis keeps an erased tenant's day spend in the field ``erased|<its hash>``: a tenant so
+    # named would spend against the erased tenant's budget, and read its spend as its own.
+    name = f"erased|{tenant_hash('acme')}"
+    assert cli_main(["keys", "add", "--tenant", name]) == 2
+    assert "begins with 'erased|'" in capsys.readouterr().err
 
 
 def test_keys_for_a_tenant_the_policy_does_not_name_are_warned_about(
