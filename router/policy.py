@@ -818,10 +818,15 @@ def _cascade_plan(
         return None, "; no cascade: over budget, the local answer is kept whatever its confidence"
     if not policy.closed_models or not closed_available:
         return None, "; no cascade: no closed model to escalate to"
-    unfit = {name: _unfit(policy.models[name], signals) for name in policy.closed_models}
-    target = next((name for name, why in unfit.items() if why is None), None)
+    # The first that fits, read one by one: most requests fit the first (no list is built).
+    target = next(
+        (n for n in policy.closed_models if _unfit(policy.models[n], signals) is None), None
+    )
     if target is None:
-        each = "; ".join(f"'{name}' cannot take {why}" for name, why in unfit.items())
+        each = "; ".join(
+            f"'{name}' cannot take {_unfit(policy.models[name], signals)}"
+            for name in policy.closed_models
+        )
         return None, f"; no cascade: no closed model can take the request ({each})"
     settings = policy.cascade
     plan = CascadePlan(settings.threshold, settings.hold_back_tokens, target)
