@@ -73,8 +73,10 @@ def _load_model(path: str | None, profile: str | None = None) -> Any:
     from router.profile import default_profile
     from router.registry import configured_model_path
 
-    settings = load_settings()
-    chosen = Path(profile) if profile else settings.local_profile
+    # The settings only where a default is needed: given both, a bad TIERGATE_* variable
+    # (meant for serve) does not stop an offline score.
+    settings = None if path and profile else load_settings()
+    chosen = Path(profile) if profile else settings.local_profile if settings else None
     model = Path(path) if path else configured_model_path(settings)
     return load_scorer(model, default_profile(chosen))
 

@@ -170,6 +170,22 @@ def test_score_defaults_to_the_model_serve_decides_with(
     assert score() == score("--model", str(static))
 
 
+def test_score_given_a_model_and_a_profile_reads_no_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Reading the serve settings for a default the command was given broke an offline score
+    # on a machine whose TIERGATE_* variables are meant for serve (and are wrong here).
+    from router.artifact import STATIC_MODEL_NAME, default_model_path
+    from router.profile import default_profile_path
+
+    data = write_jsonl(tmp_path / "m.jsonl", [{"id": "m", "prompt": "Hello"}])
+    monkeypatch.setenv("TIERGATE_PORT", "not-a-port")
+    static = default_model_path().parent / STATIC_MODEL_NAME
+    given = ["--model", str(static), "--profile", str(default_profile_path())]
+    assert main(["score", "--data", str(data), "--out", "-", *given]) == 0
+    assert json.loads(capsys.readouterr().out)["id"] == "m"
+
+
 def test_score_reads_the_local_profile(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
