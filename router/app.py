@@ -14,7 +14,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -54,6 +54,9 @@ from router.registry import built_on, restart_advice, store_version, watch_model
 from router.scoring import HeuristicScorer, Scorer
 from router.services import Services, running
 from router.telemetry import RequestSpanMiddleware, Telemetry
+
+if TYPE_CHECKING:
+    from router.outcomes_redis import RedisOutcomeStore
 
 log = logging.getLogger("tiergate.app")
 
@@ -227,6 +230,14 @@ def replica_count(store: OutcomeStore) -> Callable[[], int] | None:
     return lambda: store.replicas
 
 
+def shared_cooldowns(store: OutcomeStore) -> RedisOutcomeStore | None:
+    """Where the replicas share their cooldowns (router.cooldown): the Redis outcome store, or
+    None (SQLite: one replica, which cools on its own)."""
+    from router.outcomes_redis import RedisOutcomeStore
+
+    return store if isinstance(store, RedisOutcomeStore) else None
+
+
 def start_outcome_store(store: OutcomeStore, retention_days: int | None) -> None:
     """Start ``store``, told the policy's retention first: a Redis store's TTLs follow it, and
     so does a journal it replays at start."""
@@ -314,7 +325,9 @@ def create_app(
             ),
             companion=static_companion,
             cooldowns=Cooldowns(
-                after_fails=settings.cooldown_after_fails, cooldown_s=settings.cooldown_s
+                after_fails=settings.cooldown_after_fails,
+                cooldown_s=settings.cooldown_s,
+                shared=shared_cooldowns(store),
             ),
         )
         # A policy that starts with `encoder: false` loads the static companion now, not on

@@ -1,26 +1,39 @@
 """Models cooling down after failures, so that requests stop waiting on them.
 
 A provider that answers 429, or that fails ``after_fails`` calls in a row (timeouts, refused
-connections, 5xx), is cooled down in this process (closed models, and the local model when an
-external llama.cpp server serves it; the gateway says which): while it cools, requests go
-straight to the next model of their chain instead of each one waiting on the failing provider
-first (a hanging provider otherwise costs every request its ``timeout_s``, and a rate-limited
-one gets the calls it asked to be spared). A 429 cools for its ``Retry-After`` (at most
+connections, 5xx), is cooled down (closed models, and the local model when an external
+llama.cpp server serves it; the gateway says which): while it cools, requests go straight to
+the next model of their chain instead of each one waiting on the failing provider first (a
+hanging provider otherwise costs every request its ``timeout_s``, and a rate-limited one gets
+the calls it asked to be spared). A 429 cools for its ``Retry-After`` (at most
 :data:`MAX_COOLDOWN_S`), else for ``cooldown_s``; the failures in a row for ``cooldown_s``. An
 overloaded provider (503, Anthropic's 529) that sends a ``Retry-After`` has asked to be spared
 too: it cools at once for it, as a 429 does; without one it counts as a failure in a row.
 
 A cooling model is still called when nothing after it in the chain can be (a pinned model, the
 last fallback): a cooldown never turns an answer into an error by itself. The first call after
-a cooldown is a probe: a success ends the cooling, a failure starts another at once. Per replica
-and in memory: replicas learn on their own, and a restart forgets.
+a cooldown is a probe: a success ends the cooling, a failure starts another at once.
+
+The failures in a row are counted per replica, in memory. With :class:`SharedCooldowns` (the
+Redis outcome store, ``TIERGATE_REDIS_URL``) the cooldowns themselves are shared: one a replica
+starts is published (without waiting), and each replica reads the others' from a copy its
+store refreshes every second, so a provider that asked one replica to wait is spared by all of
+them, and a hanging one costs a ``timeout_s`` to the requests of one replica, not of each. The
+first call a replica makes after a shared cooldown is a probe as after its own. A
+success ends the cooling on the replica that saw it only: the others keep the cooldown until
+it lapses (it never outlasts what the provider asked, or ``cooldown_s``), as a success is often
+a call that began before the failure, and one stale success must not lift a fresh 429 for
+every replica. With Redis unreachable, or SQLite, each replica cools on its own; a restart
+forgets its own cooldowns and reads the shared ones again.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from router.errors import MAX_RETRY_AFTER_S, BackendError, UpstreamRateLimitedError
 
@@ -28,17 +41,37 @@ from router.errors import MAX_RETRY_AFTER_S, BackendError, UpstreamRateLimitedEr
 MAX_COOLDOWN_S = MAX_RETRY_AFTER_S
 
 
+class SharedCooldowns(Protocol):
+    """Where replicas share their cooldowns (:class:`~router.outcomes_redis.RedisOutcomeStore`).
+
+    A cooldown is named by a ``mark``: ``<error code>|<unique id>``, new for each one started
+    or extended, so that a replica can tell one it has seen end from a later one."""
+
+    def publish_cooldown(self, name: str, seconds: float, mark: str) -> None:
+        """Tell the other replicas that ``name`` cools for ``seconds``; never waits on the
+        store, never raises (an outage leaves each replica on its own)."""
+
+    def share_cooldowns(self, names: Callable[[], Collection[str]]) -> None:
+        """Read the shared cooldowns of the models ``names()`` gives from now on."""
+
+    def shared_cooldowns(self) -> Mapping[str, tuple[str, float]]:
+        """The cooldowns read at the last refresh, this replica's included: model name ->
+        (mark, seconds left now)."""
+
+
 @dataclass(slots=True)
 class _State:
     failures: int = 0  # calls failed in a row
     until: float = 0.0  # monotonic time the cooldown ends
     reason: str = ""  # the error code that started it
+    mark: str = ""  # the mark it was published under (SharedCooldowns)
 
 
 class Cooldowns:
     """Which models cool down, and until when (see the module docstring).
 
     ``cooldown_s`` 0 turns cooling off. ``clock`` is monotonic seconds (tests pass their own).
+    ``shared``: the cooldowns of the other replicas, and where this one's go.
     """
 
     def __init__(
@@ -47,18 +80,34 @@ class Cooldowns:
         after_fails: int = 3,
         cooldown_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        shared: SharedCooldowns | None = None,
     ) -> None:
         self.after_fails = max(1, after_fails)
         self.cooldown_s = cooldown_s
         self._clock = clock
         self._states: dict[str, _State] = {}
+        self.shared = shared
+        # The marks of the cooldowns a success ended here, by model (replaced by the next one).
+        self._ended: dict[str, frozenset[str]] = {}
+        # Models another replica's cooldown cooled here since they last answered here: the
+        # first failure here after it is a probe's, and cools at once.
+        self._probing: set[str] = set()
+
+    def watch(self, names: Callable[[], Collection[str]]) -> None:
+        """The models that may cool (the gateway's policy's, which may change): those whose
+        shared cooldowns this replica reads."""
+        if self.shared is not None:
+            self.shared.share_cooldowns(names)
 
     def failed(self, name: str, error: BackendError) -> float | None:
         """Count a failed call to ``name``; the seconds of the cooldown it starts, if it starts
-        one (a failure while it cools, a pinned request's, extends the cooldown and returns
-        None). Only failures a later call may not meet count: a 429, a timeout, a refused
-        connection, a 5xx (not a 400, not a refused key, not litellm failing in this process:
-        ``error.cools``). A failure with the provider's ``Retry-After`` cools at once."""
+        one (a failure while it cools, here or shared, a pinned request's, extends the
+        cooldown and returns None). Only failures a later call may not meet count: a 429, a
+        timeout, a refused connection, a 5xx (not a 400, not a refused key, not litellm
+        failing in this process: ``error.cools``). A failure with the provider's
+        ``Retry-After`` cools at once, and so does the first after a shared cooldown (a
+        probe's). A cooldown started or extended is published to the other replicas
+        (``shared``)."""
         if self.cooldown_s <= 0 or not error.retryable or error.should_retry is False:
             return None
         if not error.cools:
@@ -68,36 +117,83 @@ class Cooldowns:
         asked = error.retry_after
         if isinstance(error, UpstreamRateLimitedError) or asked:
             seconds = min(asked, MAX_COOLDOWN_S) if asked else self.cooldown_s
-        elif state.failures >= self.after_fails:
+        elif state.failures >= self.after_fails or name in self._probing:
             seconds = self.cooldown_s
         else:
             return None
         now = self._clock()
-        started = state.until <= now
+        seen = self._shared().get(name)
+        started = state.until <= now and (seen is None or seen[0] == state.mark)
         state.until = max(state.until, now + seconds)
         state.reason = error.code
+        if self.shared is not None:
+            state.mark = f"{error.code}|{uuid.uuid4().hex}"
+            self.shared.publish_cooldown(name, state.until - now, state.mark)
         return seconds if started else None
 
     def succeeded(self, name: str) -> None:
-        """``name`` answered: its failures in a row and any cooldown end."""
-        if self._states:
-            self._states.pop(name, None)
+        """``name`` answered: its failures in a row and any cooldown end here (a shared one
+        too, on this replica; the others keep it until it lapses)."""
+        state = self._states.pop(name, None) if self._states else None
+        if self.shared is None:
+            return
+        self._probing.discard(name)
+        seen = self._shared().get(name)
+        # This replica's own mark too: the refresh may not have read it back yet.
+        ended = {mark for mark in (seen and seen[0], state and state.mark) if mark}
+        if ended:
+            self._ended[name] = frozenset(ended)
 
     def left(self, name: str) -> float:
-        """Seconds of cooldown ``name`` has left (0: not cooling)."""
+        """Seconds of cooldown ``name`` has left (0: not cooling), here or shared."""
         state = self._states.get(name)
-        return max(0.0, state.until - self._clock()) if state is not None else 0.0
+        here = max(0.0, state.until - self._clock()) if state is not None else 0.0
+        seen = self._shared().get(name)
+        if seen is None or seen[1] <= here:
+            return here
+        if state is None or seen[0] != state.mark:
+            self._probing.add(name)
+        return seen[1]
 
-    def status(self) -> dict[str, dict[str, float | int | str]]:
+    def status(self) -> dict[str, dict[str, float | int | str | bool]]:
         """The models cooling now: seconds left, the error that started it, failures in a row
-        (for ``/readyz``)."""
+        here, and whether this replica started it (else another did: ``started_here``; for
+        ``/readyz``)."""
         now = self._clock()
-        return {
+        cooling: dict[str, dict[str, float | int | str | bool]] = {
             name: {
                 "seconds_left": round(state.until - now, 1),
                 "reason": state.reason,
                 "failures": state.failures,
+                "started_here": True,
             }
             for name, state in self._states.items()
             if state.until > now
+        }
+        for name, (mark, seconds) in self._shared().items():
+            known = cooling.get(name)
+            if known is not None and float(known["seconds_left"]) >= round(seconds, 1):
+                continue
+            state = self._states.get(name)
+            cooling[name] = {
+                "seconds_left": round(seconds, 1),
+                "reason": mark.partition("|")[0],
+                "failures": state.failures if state is not None else 0,
+                "started_here": state is not None and mark == state.mark,
+            }
+        return cooling
+
+    def _shared(self) -> dict[str, tuple[str, float]]:
+        """The other replicas' cooldowns now (and this one's, as published), less those that
+        ended here; none while cooling is off."""
+        if self.shared is None or self.cooldown_s <= 0:
+            return {}
+        seen = self.shared.shared_cooldowns()
+        if not seen:
+            return {}
+        ended = self._ended
+        return {
+            name: (mark, seconds)
+            for name, (mark, seconds) in seen.items()
+            if seconds > 0 and mark not in ended.get(name, ())
         }

@@ -430,6 +430,7 @@ class Gateway:
         # Set by ``tiergate serve`` just before it cancels the requests still running at
         # shutdown: each is then recorded as stopped by the server (``server_shutting_down``).
         self.stopping = False
+        self.cooldowns.watch(self.cooling_names)  # read from the store's thread: set up last
 
     # -- a request's life ------------------------------------------------------------------
 
@@ -1306,6 +1307,11 @@ class Gateway:
         provider does. Not the GGUF in process: it cannot be unreachable, its timeout bounds one
         long generation rather than a server that stopped answering, and a full queue spills."""
         return model.tier == "closed" or isinstance(self.local, ExternalLlamaBackend)
+
+    def cooling_names(self) -> list[str]:
+        """The policy's models that cool down when they fail (:meth:`_cools`): those whose
+        shared cooldowns this replica reads (router.cooldown)."""
+        return [name for name, spec in self.policy.models.items() if self._cools(spec)]
 
     def _cooling(self, model: ModelSpec) -> str | None:
         """Why ``model`` is passed over now (router.cooldown), or None."""

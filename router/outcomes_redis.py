@@ -44,6 +44,12 @@ such as ``{tiergate}`` so one Lua script can touch every key):
                                 cost all-closed (:func:`~router.outcomes.erased_spend`), expiring
                                 :data:`~router.outcomes.ERASED_SPEND_KEPT_S` after the day: the
                                 dashboard's spend keeps it (budgets read ``P:spend``).
+``P:cooldown:<model>``          string, ``<error code>|<random id>``, expiring (``PX``) when
+                                the model's cooldown ends (:mod:`router.cooldown`): a model one
+                                replica cooled, which every replica passes over. Set when a
+                                cooldown starts (never shortened), read with the spend refresh
+                                for the policy's models; a model name and an error code, no
+                                tenant data.
 ==============================  =============================================================
 
 Every write is one Lua script per record or label, so it is atomic and idempotent. The writer
@@ -67,7 +73,7 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -113,6 +119,14 @@ HOLD_TTL_S = 900
 HOLD_RETRY_S = 1.0
 #: A replica whose heartbeat is older than this no longer counts towards the budget shares.
 REPLICA_TTL_S = 15.0
+
+# KEYS: the model's cooldown key. ARGV: its mark, milliseconds. A cooldown is set unless one
+# that lasts longer is there: a replica's shorter Retry-After does not cut another's short.
+_COOLDOWN_LUA = """
+if redis.call('PTTL', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
 
 # KEYS: spend hash, hold hash, holds zset. ARGV: tenant, id, usd, budget (<0: none), now,
 # expiry, the tenant's erased spend field. Returns 1 when the hold was taken, 0 when spend
@@ -334,6 +348,12 @@ class RedisOutcomeStore(OutcomeWriter):
         self._reserve_script: Any = None
         self._label_script: Any = None
         self._erase_spend_script: Any = None
+        self._cooldown_script: Any = None
+        # Cooldowns (router.cooldown), as (mark, monotonic end) by model: those started here and
+        # not yet written, and those read at the last refresh; the models to read them for.
+        self._cooldowns_out: dict[str, tuple[str, float]] = {}
+        self._cooldowns_in: dict[str, tuple[str, float]] = {}
+        self._cooldown_names: Callable[[], Collection[str]] = tuple
         self.duplicates = 0
         self.journal_errors = 0  # journal writes that failed (unwritable path, full disk)
         self._holds_down_until = 0.0  # budget holds skip Redis until then (monotonic)
@@ -372,6 +392,7 @@ class RedisOutcomeStore(OutcomeWriter):
         self._label_script = self._client.register_script(_LABEL_LUA)
         self._reserve_script = self._client.register_script(_RESERVE_LUA)
         self._erase_spend_script = self._client.register_script(_ERASE_SPEND_LUA)
+        self._cooldown_script = self._client.register_script(_COOLDOWN_LUA)
 
     def start(self) -> None:
         """Connect, take up the journal an earlier run left, read the day's shared spend, and
@@ -470,8 +491,11 @@ class RedisOutcomeStore(OutcomeWriter):
         return self._journal_lines > 0
 
     def _tend(self, idle: bool) -> None:
-        """Replay the journal once the buffer is empty; every second, refresh the shared spend
-        (other replicas spend too) and this replica's heartbeat, and count the live replicas."""
+        """Share the cooldowns started here; replay the journal once the buffer is empty; every
+        second, refresh the shared spend (other replicas spend too), this replica's heartbeat
+        and the shared cooldowns, and count the live replicas."""
+        if self._cooldowns_out:
+            self._publish_cooldowns()
         if idle and self._journal_lines:
             if not self.connected:  # still down: fail on a PING, not after parsing the journal
                 self._client.ping()
@@ -480,19 +504,83 @@ class RedisOutcomeStore(OutcomeWriter):
             self._refresh()
 
     def _refresh(self) -> None:
-        """Read today's shared spend into the ledger, beat this replica's heartbeat and count
-        the live replicas: one round trip."""
+        """Read today's shared spend into the ledger, beat this replica's heartbeat, count the
+        live replicas and read the models' shared cooldowns: one round trip."""
         now = time.time()
+        names = list(self._cooldown_names())
         pipe = self._client.pipeline(transaction=False)
         pipe.hgetall(self._spend_key(now))
         pipe.zadd(self.key("replicas"), {self.replica_id: now})
         pipe.zremrangebyscore(self.key("replicas"), "-inf", now - REPLICA_TTL_S)
         pipe.zcard(self.key("replicas"))
-        spend, _, _, live = pipe.execute()
+        for name in names:
+            pipe.get(self.key("cooldown", valid_text(name)))
+            pipe.pttl(self.key("cooldown", valid_text(name)))
+        spend, _, _, live, *cooling = pipe.execute()
+        read = time.monotonic()
         self.ledger.load(*_day_spend(_day(now), spend))
         self.replicas = max(int(live), 1)
         self.spend_known = True
-        self._last_refresh = time.monotonic()
+        # Ends on this host's clock, from what Redis says is left: no clock need agree.
+        self._cooldowns_in = {
+            name: (mark, read + int(ms) / 1000.0)
+            for name, mark, ms in zip(names, cooling[::2], cooling[1::2], strict=True)
+            if mark and int(ms) > 0
+        }
+        self._last_refresh = read
+
+    # -- cooldowns (router.cooldown.SharedCooldowns) ---------------------------------------
+
+    def share_cooldowns(self, names: Callable[[], Collection[str]]) -> None:
+        """Read the shared cooldowns of the models ``names()`` gives (the policy's models that
+        cool) at each refresh, the first at once."""
+        with self._cond:
+            self._cooldown_names = names
+            self._last_refresh = 0.0
+            self._cond.notify_all()
+
+    def publish_cooldown(self, name: str, seconds: float, mark: str) -> None:
+        """Have the writer set ``name``'s cooldown in Redis (:meth:`_publish_cooldowns`); no
+        round trip here. One that Redis does not take lapses here, or waits for the end of
+        an outage if it has not lapsed by then."""
+        with self._cond:
+            self._cooldowns_out[name] = (mark, time.monotonic() + seconds)
+            self._cond.notify_all()
+
+    def shared_cooldowns(self) -> dict[str, tuple[str, float]]:
+        """The cooldowns read at the last refresh that have not lapsed: model -> (mark,
+        seconds left). While Redis is unreachable they lapse as they would have."""
+        now = time.monotonic()
+        return {
+            name: (mark, until - now)
+            for name, (mark, until) in self._cooldowns_in.items()
+            if until > now
+        }
+
+    def _publish_cooldowns(self) -> None:
+        """Set the cooldowns started here in Redis, one round trip; an outage leaves them for
+        the next try (the writer's), any other Redis error drops them (logged)."""
+        from redis import RedisError
+
+        now = time.monotonic()
+        with self._cond:
+            out = self._cooldowns_out
+            self._cooldowns_out = {}
+        pipe = self._client.pipeline(transaction=False)
+        for name, (mark, until) in out.items():
+            ms = int((until - now) * 1000)
+            if ms > 0:
+                self._cooldown_script(
+                    keys=[self.key("cooldown", valid_text(name))], args=[mark, ms], client=pipe
+                )
+        try:
+            pipe.execute()
+        except self.transient:
+            with self._cond:  # the newer wins: a cooldown started here meanwhile
+                self._cooldowns_out = {**out, **self._cooldowns_out}
+            raise
+        except RedisError as exc:
+            log.warning("could not share the cooldowns of %s: %s", ", ".join(out), exc)
 
     def write_batch(self, batch: list[Item]) -> DaySpend:
         """Run each item's Lua script in one pipeline, and read today's shared spend in the same

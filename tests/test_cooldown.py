@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,11 @@ from router.errors import (
     UpstreamRateLimitedError,
     UpstreamTimeoutError,
 )
+from router.outcomes_redis import RedisOutcomeStore
 from router.services import services
-from tests.conftest import free_port, live, policy_yaml, silent_server
+from tests.conftest import LiveServer, free_port, live, policy_yaml, silent_server, wait_for
 from tests.fake_provider import Behaviour, FakeProvider
+from tests.redis_server import RedisServer, redis_binary
 
 
 class Clock:
@@ -39,7 +42,12 @@ def test_failures_in_a_row_cool_a_model_and_an_answer_ends_it() -> None:
     assert cool.failed("gpt", BackendError("unreachable", code="upstream_unreachable")) == 30
     assert cool.left("gpt") == 30 and cool.left("claude") == 0
     assert cool.status() == {
-        "gpt": {"seconds_left": 30.0, "reason": "upstream_unreachable", "failures": 3}
+        "gpt": {
+            "seconds_left": 30.0,
+            "reason": "upstream_unreachable",
+            "failures": 3,
+            "started_here": True,
+        }
     }
     assert cool.failed("gpt", BackendError("500")) is None  # while cooling: no new cooldown
     clock.now += 31
@@ -110,12 +118,7 @@ def test_a_failing_provider_is_passed_over_while_it_cools(
             assert answer.status_code == 200 and answer.headers["x-tiergate-model"] == "claude"
         assert [r.path for r in fake.received] == ["/v1/chat/completions", "/v1/messages"] * 2
         ready = readiness(services(srv.app))["closed"]
-        fake.received.clear()
-        answer = srv.http.post("/v1/chat/completions", json=body)
-        assert answer.status_code == 200, answer.text
-        assert answer.headers["x-tiergate-model"] == "claude"
-        assert answer.headers["x-tiergate-fallback"] == "closed->closed"
-        assert [r.path for r in fake.received] == ["/v1/messages"]
+        _passes_gpt_over(srv, fake, body)
         pinned = srv.http.post("/v1/chat/completions", json={**body, "model": "gpt-4o"})
         assert pinned.status_code == 502
         assert [r.path for r in fake.received] == ["/v1/messages", "/v1/chat/completions"]
@@ -129,11 +132,22 @@ def test_a_failing_provider_is_passed_over_while_it_cools(
         "seconds_left": 30.0,
         "reason": "upstream_error",
         "failures": 2,
+        "started_here": True,
     }
     assert ready["claude"]["cooldown"] is None
     cooled = [line for line in metrics.splitlines() if line.startswith("tiergate_cooldowns_total")]
     assert len(cooled) == 1 and cooled[0].endswith(" 1.0")
     assert 'error_type="upstream_error"' in cooled[0] and 'model="gpt-4o"' in cooled[0]
+
+
+def _passes_gpt_over(server: LiveServer, fake: FakeProvider, body: dict[str, object]) -> None:
+    """``body`` (routed to gpt-4o) goes straight to claude: gpt-4o, cooling, is not called."""
+    fake.received.clear()
+    answer = server.http.post("/v1/chat/completions", json=body)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-tiergate-model"] == "claude"
+    assert answer.headers["x-tiergate-fallback"] == "closed->closed"
+    assert [r.path for r in fake.received] == ["/v1/messages"]
 
 
 def test_a_cooling_model_is_called_when_the_rest_of_its_chain_refuses_the_request(
@@ -333,7 +347,12 @@ def test_an_external_local_server_that_keeps_failing_cools_down(
         assert probe.status_code == 200 and srv.gateway.cooldowns.left("local") == 30
         metrics = srv.http.get("/metrics").text
     reason = "upstream_timeout" if server == "hung" else "upstream_unreachable"
-    assert ready["cooldown"] == {"seconds_left": 30.0, "reason": reason, "failures": 2}
+    assert ready["cooldown"] == {
+        "seconds_left": 30.0,
+        "reason": reason,
+        "failures": 2,
+        "started_here": True,
+    }
     assert called == (2 if server == "hung" else 0)
     failed = [m for m in metrics.splitlines() if m.startswith("tiergate_upstream_failures_total")]
     assert [m.rsplit(" ", 1)[1] for m in failed if 'model="local"' in m] == [
@@ -342,3 +361,157 @@ def test_an_external_local_server_that_keeps_failing_cools_down(
     cooldowns = [m for m in metrics.splitlines() if m.startswith("tiergate_cooldowns_total")]
     assert len(cooldowns) == 1 and 'model="local"' in cooldowns[0]
     assert cooldowns[0].endswith(" 2.0")
+
+
+class Board:
+    """The other replicas' cooldowns as a store would show them (SharedCooldowns)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, tuple[str, float]] = {}
+        self.published: list[tuple[str, float, str]] = []
+
+    def publish_cooldown(self, name: str, seconds: float, mark: str) -> None:
+        self.published.append((name, seconds, mark))
+
+    def share_cooldowns(self, names: Callable[[], Collection[str]]) -> None:
+        pass
+
+    def shared_cooldowns(self) -> dict[str, tuple[str, float]]:
+        return self.seen
+
+
+def test_a_shared_cooldown_cools_here_until_a_success_here_ends_it() -> None:
+    """A cooldown another replica started cools the model here, and says so; this replica's
+    own are published. A success here ends the shared one here only (the store keeps it for
+    the others until it lapses); a later one, with a new mark, cools it again. The first
+    failure here after a shared cooldown is a probe's."""
+    board = Board()
+    clock = Clock()
+    cool = Cooldowns(after_fails=3, cooldown_s=30, clock=clock, shared=board)
+    board.seen["gpt"] = ("upstream_rate_limited|other", 20.0)
+    assert cool.left("gpt") == 20.0
+    assert cool.status()["gpt"] == {
+        "seconds_left": 20.0,
+        "reason": "upstream_rate_limited",
+        "failures": 0,
+        "started_here": False,
+    }
+    cool.succeeded("gpt")
+    assert cool.left("gpt") == 0 and cool.status() == {}
+    board.seen["gpt"] = ("upstream_timeout|later", 30.0)
+    assert cool.left("gpt") == 30.0
+    assert cool.failed("claude", UpstreamRateLimitedError("429", retry_after=12)) == 12
+    [(name, seconds, mark)] = board.published
+    assert (name, seconds, mark.partition("|")[0]) == ("claude", 12, "upstream_rate_limited")
+    board.seen["claude"] = (mark, 11.5)  # read back by the next refresh
+    assert cool.status()["claude"]["started_here"] is True
+    cool.succeeded("claude")
+    assert cool.left("claude") == 0
+    # A failure while another replica's cooldown lasts extends it, and starts none here; the
+    # first failure after it is a probe's, which cools at once as after a cooldown of its own.
+    board.seen["o1"] = ("upstream_timeout|other", 5.0)
+    assert cool.left("o1") == 5.0
+    assert cool.failed("o1", BackendError("500")) is None
+    del board.seen["o1"]
+    clock.now += 31
+    assert cool.left("o1") == 0
+    assert cool.failed("o1", BackendError("500")) == 30
+
+
+def _replica(work: Path, fake: FakeProvider, redis_server: RedisServer) -> Iterator[LiveServer]:
+    """A replica whose outcomes (and so its cooldowns) live in ``redis_server``."""
+    work.mkdir()
+    return live(
+        work,
+        policy_yaml(fake, on_failure="closed"),
+        outcomes=RedisOutcomeStore(redis_server.url, journal=work / "journal.jsonl"),
+    )
+
+
+def _rate_limit_gpt(fake: FakeProvider, retry_after: int) -> None:
+    """gpt-4o answers 429 with ``retry_after``; claude answers."""
+    fake.reset(
+        Behaviour(
+            mode="status",
+            status=429,
+            failing_path="/chat/completions",
+            error_headers={"retry-after": str(retry_after)},
+        )
+    )
+
+
+def _cooldowns_started(server: LiveServer) -> list[str]:
+    metrics = server.http.get("/metrics").text
+    return [m for m in metrics.splitlines() if m.startswith("tiergate_cooldowns_total")]
+
+
+@pytest.mark.skipif(redis_binary() is None, reason="no redis-server binary")
+def test_a_429_one_replica_sees_cools_the_model_on_every_replica(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """gpt-4o answers replica A's call with a 429, Retry-After 20. Each replica cooled on its
+    own, so replica B called gpt-4o too (N replicas, N times the calls it asked to be spared).
+    Now A shares the cooldown through Redis: within B's refresh (a second) B passes gpt-4o
+    over without calling it, and its /readyz shows the cooldown as another replica's; only
+    A counts it in tiergate_cooldowns_total. A success on B (a pinned request, once gpt-4o
+    heals) ends the cooling on B; A keeps it until it lapses."""
+    _rate_limit_gpt(fake, retry_after=20)
+    hard = {"model": "auto", "messages": [{"role": "user", "content": "HARD"}]}
+    with (
+        RedisServer(tmp_path / "redis") as redis_server,
+        _replica(tmp_path / "a", fake, redis_server) as a,
+        _replica(tmp_path / "b", fake, redis_server) as b,
+    ):
+        answer = a.http.post("/v1/chat/completions", json=hard)
+        assert answer.status_code == 200 and answer.headers["x-tiergate-model"] == "claude"
+        assert [r.path for r in fake.received] == ["/v1/chat/completions", "/v1/messages"]
+        assert wait_for(lambda: b.gateway.cooldowns.left("gpt-4o") > 0, timeout_s=3)
+        _passes_gpt_over(b, fake, hard)
+        seen = readiness(services(b.app))["closed"]["gpt-4o"]["cooldown"]
+        started = readiness(services(a.app))["closed"]["gpt-4o"]["cooldown"]
+        counted = {name: _cooldowns_started(srv) for name, srv in (("a", a), ("b", b))}
+        client = redis_server.client()
+        assert client.keys("tiergate:cooldown:*") == [b"tiergate:cooldown:gpt-4o"]
+        assert 0 < client.pttl("tiergate:cooldown:gpt-4o") <= 20_000
+        fake.reset()
+        pinned = b.http.post("/v1/chat/completions", json={**hard, "model": "gpt-4o"})
+        assert pinned.status_code == 200, pinned.text
+        assert b.gateway.cooldowns.left("gpt-4o") == 0
+        assert a.gateway.cooldowns.left("gpt-4o") > 0
+    assert seen is not None and started is not None
+    assert 0 < seen.pop("seconds_left") <= 20 and 0 < started.pop("seconds_left") <= 20
+    assert seen == {"reason": "upstream_rate_limited", "failures": 0, "started_here": False}
+    assert started == {"reason": "upstream_rate_limited", "failures": 1, "started_here": True}
+    assert len(counted["a"]) == 1 and counted["a"][0].endswith(" 1.0")
+    assert counted["b"] == []
+
+
+@pytest.mark.skipif(redis_binary() is None, reason="no redis-server binary")
+def test_a_cooldown_started_in_a_redis_outage_is_shared_once_redis_is_back(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """With Redis down, gpt-4o's 429 on replica A still falls back and cools gpt-4o on A
+    (sharing it waits, the request does not); once Redis is back, A's writer sets it there
+    and replica B passes gpt-4o over too, for what is left of it."""
+    fake.reset()
+    hard = {"model": "auto", "messages": [{"role": "user", "content": "HARD"}]}
+    with (
+        RedisServer(tmp_path / "redis") as redis_server,
+        _replica(tmp_path / "a", fake, redis_server) as a,
+        _replica(tmp_path / "b", fake, redis_server) as b,
+    ):
+        for model in ("gpt-4o", "claude"):  # litellm's first call to each imports a lot
+            assert a.http.post("/v1/chat/completions", json={**hard, "model": model}).is_success
+        _rate_limit_gpt(fake, retry_after=30)
+        redis_server.stop()
+        started = time.perf_counter()
+        answer = a.http.post("/v1/chat/completions", json=hard)
+        elapsed = time.perf_counter() - started
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["x-tiergate-model"] == "claude"
+        assert elapsed < 2.0  # no wait on the unreachable Redis
+        assert a.gateway.cooldowns.left("gpt-4o") > 0
+        assert b.gateway.cooldowns.left("gpt-4o") == 0
+        redis_server.start()
+        assert wait_for(lambda: b.gateway.cooldowns.left("gpt-4o") > 0, timeout_s=10)
+        assert b.gateway.cooldowns.left("gpt-4o") <= 30
