@@ -1554,3 +1554,33 @@ def test_a_slow_policy_reload_does_not_stall_the_server(
     finally:
         release.set()
     assert wait_for(lambda: holder.reloads == 1, 10)
+
+
+#: The chat stream paths that read a closed model's OpenAI or Anthropic stream: direct HTTP,
+#: and through litellm.
+CHAT_STREAM_PATHS = sorted(way for way, (front, _, _) in STREAM_PATHS.items() if front == "chat")
+
+
+@pytest.mark.parametrize("way", CHAT_STREAM_PATHS)
+def test_a_repetitive_answer_is_served_on_every_path(
+    tmp_path: Path, fake: FakeProvider, way: str
+) -> None:
+    """An answer whose stream repeats one chunk (``say 'hello world' 200 times``, a table of
+    equal rows, a provider that streams fixed-size pieces of a repetitive text) is served
+    whole on every path. Through litellm its guard against a model looping ended the stream
+    after 100 equal chunks: the client got part of the answer and a 502 ``error`` event, where
+    the direct path served it. Tiergate bounds an answer itself (``max_tokens``, output limits,
+    ``max_event_bytes``)."""
+    _, first, via = STREAM_PATHS[way]
+    fake.reset(Behaviour(text="hello world " * 200, piece_chars=len("hello world ")))
+    policy = _through_litellm(fake, via) if via else policy_yaml(fake, on_failure="closed")
+    with live(tmp_path, policy) as srv:
+        with srv.http.stream(
+            "POST", "/v1/chat/completions", json={**HARD, "model": first, "stream": True}
+        ) as response:
+            events = _sse(response)
+        record = _record(srv, response)
+    assert response.status_code == 200
+    assert events[-1] == "[DONE]", events[-1]
+    assert _opening_and_text("chat", events)[1] == fake.behaviour.text
+    assert (record["status"], record["http_status"], record["model"]) == ("ok", 200, first)

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import sys
 import traceback
 from collections.abc import (
     AsyncIterator,
@@ -586,12 +587,16 @@ def _made_up_finish(stream: Any) -> bool:
 #: the process download and hold hundreds of megabytes (SECURITY.md).
 IMAGE_URL_MB = "5"
 
+#: The variable litellm reads its limit on equal chunks in a row from (see
+#: :func:`quiet_litellm`): set, litellm's guard holds; unset, Tiergate turns it off.
+REPEATED_CHUNKS = "REPEATED_STREAMING_CHUNK_LIMIT"
+
 
 def quiet_litellm() -> Any:
     """litellm, imported on first use offline (its bundled cost map and catalogs), with no
     telemetry and no debug banners (it prints one for every model name it does not know, such
-    as Tiergate's), and image URL downloads bounded by :data:`IMAGE_URL_MB` (read when
-    litellm is imported).
+    as Tiergate's), image URL downloads bounded by :data:`IMAGE_URL_MB` (read when litellm
+    is imported), and its guard on a stream repeating one chunk off (:data:`REPEATED_CHUNKS`).
 
     litellm's loggers lose the plain-text handler it gives them at import (INFO on stdout,
     one record on two lines): their records go to the application's logging alone, which under
@@ -612,6 +617,14 @@ def quiet_litellm() -> Any:
 
     litellm.telemetry = False
     litellm.suppress_debug_info = True
+    if REPEATED_CHUNKS not in os.environ:
+        # litellm ends a stream with a 500 once 100 chunks in a row carry the same text: a
+        # legitimate answer does that (a table of equal rows, a phrase asked for 200 times, a
+        # provider streaming fixed-size pieces of a repetitive text), and the direct path
+        # served it. Tiergate bounds an answer itself (max_tokens, max_event_bytes). litellm
+        # reads the limit (an attribute named as the variable) at each chunk: set here, it
+        # holds however litellm was imported.
+        setattr(litellm, REPEATED_CHUNKS, sys.maxsize)
     for name in _LITELLM_LOGGERS:
         logging.getLogger(name).handlers.clear()
     return litellm
