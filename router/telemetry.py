@@ -57,6 +57,10 @@ _REQUEST_SPAN: contextvars.ContextVar[Any] = contextvars.ContextVar("tiergate_sp
 _REQUEST_PROVIDERS: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
     "tiergate_providers", default=None
 )
+# The HTTP status the request's response went out with, once it has (the middleware's list).
+_REQUEST_SENT: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "tiergate_sent", default=None
+)
 
 CHAT_PATH = "/v1/chat/completions"
 #: The paths served through the gateway, each request inside its SERVER span.
@@ -93,6 +97,7 @@ def outside_request() -> contextvars.Context:
     context = contextvars.copy_context()
     context.run(_REQUEST_SPAN.set, None)
     context.run(_REQUEST_PROVIDERS.set, None)
+    context.run(_REQUEST_SENT.set, None)
     return context
 
 
@@ -489,7 +494,7 @@ class Telemetry:
             self._count(record)
         span = _REQUEST_SPAN.get()
         if span is not None:
-            _annotate_request_span(span, record)
+            _annotate_request_span(span, record, _REQUEST_SENT.get())
         if request_log.isEnabledFor(logging.INFO):
             request_log.info("request", extra=_log_fields(record, span))
 
@@ -577,6 +582,7 @@ class Telemetry:
         span_token = _REQUEST_SPAN.set(span)
         providers_token = _REQUEST_PROVIDERS.set({})
         sent: list[int] = []
+        sent_token = _REQUEST_SENT.set(sent)
 
         async def sending(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -595,6 +601,7 @@ class Telemetry:
                 # went out as 200, whatever its record's status (502, 499) says went wrong.
                 span.set_attribute("http.response.status_code", sent[0])
             span.end()
+            _REQUEST_SENT.reset(sent_token)
             _REQUEST_PROVIDERS.reset(providers_token)
             _REQUEST_SPAN.reset(span_token)
             context.detach(token)
@@ -937,7 +944,7 @@ def _parts(record: OutcomeRecord) -> list[tuple[dict[str, str], int, int, float]
     return parts
 
 
-def _annotate_request_span(span: Any, record: OutcomeRecord) -> None:
+def _annotate_request_span(span: Any, record: OutcomeRecord, sent: list[int] | None) -> None:
     attrs: dict[str, Any] = {
         "gen_ai.request.model": record.alias or "",
         "gen_ai.usage.input_tokens": record.prompt_tokens,
@@ -977,7 +984,14 @@ def _annotate_request_span(span: Any, record: OutcomeRecord) -> None:
     # Named by the alias once decided: a refused name (an unknown model) is the client's own
     # text, kept in gen_ai.request.model, not in the span's name.
     span.update_name(f"chat {record.alias}" if record.alias and record.rule else "chat")
-    if record.status != "ok" and record.http_status >= 500:
+    # ERROR for a server's failure (5xx), and for a response that went out as a success but
+    # could not be sent whole (a stream cut or rate-limited after it started: the client got
+    # 200 and an error event, whatever the record's status): the HTTP conventions' "another
+    # error". A 4xx answered as one is the client's, and a client that left is not a failure.
+    started = bool(sent and sent[0] < 400)
+    if (record.status != "ok" and record.http_status >= 500) or (
+        record.status == "error" and started
+    ):
         from opentelemetry.trace import StatusCode
 
         span.set_status(StatusCode.ERROR, record.error_type or record.status)

@@ -59,7 +59,10 @@ class Behaviour:
     Anthropic's ``message_start``, the Responses ``response.created``), overloaded_after_open
     (Anthropic: ``message_start``, then an ``overloaded_error`` event, as Anthropic ends a stream it
     cannot go on with; Responses: ``response.created``, then OpenAI's ``server_is_overloaded``
-    ``error`` event; either with ``error_body`` as the event instead), unfinished_response
+    ``error`` event; either with ``error_body`` as the event instead), error_mid_stream
+    (Anthropic and Responses: two words, then the protocol's ``error`` event for a rate limit,
+    :data:`ANTHROPIC_RATE_LIMITED` or :data:`OPENAI_RATE_LIMITED`, or ``error_body``, as a
+    provider ends a stream it rate-limits once open), unfinished_response
     (Responses: a 200 whose Response has status ``response_status`` and no output, with
     ``error_body`` as its ``error``; a ``failed`` one without it has
     :data:`RESPONSE_SERVER_ERROR`, as OpenAI reports a model that failed to generate one;
@@ -143,6 +146,20 @@ class Behaviour:
 ANTHROPIC_OVERLOADED = {
     "type": "error",
     "error": {"type": "overloaded_error", "message": "Overloaded"},
+}
+
+#: Anthropic's stream event when it rate-limits a stream it has opened (its 429).
+ANTHROPIC_RATE_LIMITED = {
+    "type": "error",
+    "error": {"type": "rate_limit_error", "message": "Number of request tokens has exceeded"},
+}
+
+#: OpenAI's Responses stream event when it rate-limits a stream it has opened (its 429).
+OPENAI_RATE_LIMITED = {
+    "type": "error",
+    "code": "rate_limit_exceeded",
+    "message": "Rate limit reached for requests",
+    "param": None,
 }
 
 #: OpenAI's Responses stream event when it is overloaded once the stream is open (its 503).
@@ -791,6 +808,9 @@ class FakeProvider:
             if self.behaviour.mode == "reset_mid_stream" and i == 2:
                 _reset(h)
                 return
+            if self.behaviour.mode == "error_mid_stream" and i == 2:
+                event("error", self.behaviour.error_body or ANTHROPIC_RATE_LIMITED)
+                return
             event(
                 "content_block_delta",
                 {
@@ -929,6 +949,9 @@ class FakeProvider:
         for i, piece in enumerate(self._text_pieces()):
             if self.behaviour.mode == "reset_mid_stream" and i == 2:
                 _reset(h)
+                return
+            if self.behaviour.mode == "error_mid_stream" and i == 2:
+                event(json.loads(json.dumps(self.behaviour.error_body or OPENAI_RATE_LIMITED)))
                 return
             if unfinished and i == self.behaviour.words_sent:
                 incomplete = self.behaviour.response_status == "incomplete"

@@ -448,6 +448,44 @@ def test_a_stream_cut_after_it_started_has_its_records_status_on_its_span(
     assert client.attributes["error.type"] == record["error_type"]
 
 
+#: Per front whose provider path reads a stream's error event natively: the model pinned.
+RATE_LIMITED_ON = {"messages": "claude", "responses": "gpt-4o"}
+
+
+@pytest.mark.parametrize("front", sorted(RATE_LIMITED_ON))
+def test_a_stream_rate_limited_after_it_started_is_an_error_span(
+    tmp_path: Path, fake: FakeProvider, front: str
+) -> None:
+    """A provider that rate-limits a stream after its first words (its error event, a 429)
+    leaves the client a 200, the words and an error event, and a record that says error, 429.
+    Its SERVER span had ``error.type`` but no ERROR status, the 4xx rule of the HTTP
+    conventions applied to the record's 429; the conventions apply it to the status sent,
+    and a 200 whose response could not be sent whole is an ``Error``. A 429 answered as one
+    (before the stream started) stays a client's error: no ERROR status."""
+    url, body, _ = CUT_FRONTS[front]
+    pinned = {**body, "model": RATE_LIMITED_ON[front]}
+    fake.reset(Behaviour(mode="error_mid_stream"))
+    with traced(tmp_path, policy_yaml(fake), local=ScriptedLocal()) as (srv, cap):
+        with srv.http.stream("POST", url, json=pinned) as response:
+            assert response.status_code == 200
+            assert b"failed mid-stream" in response.read()
+        fake.reset(Behaviour(mode="rate_limit"))
+        refused = srv.http.post(url, json={**pinned, "stream": False})
+        assert refused.status_code == 429
+        assert srv.gateway.outcomes.flush(5)
+        record = srv.gateway.outcomes.get(response.headers["x-request-id"])
+    assert record is not None
+    assert (record["status"], record["http_status"]) == ("error", 429)
+    cut, answered = (s for s in cap.finished() if s.kind == SpanKind.SERVER)
+    attrs = dict(cut.attributes or {})
+    assert attrs["error.type"] == record["error_type"] == "upstream_rate_limited"
+    assert (attrs["http.response.status_code"], attrs["tiergate.http_status"]) == (200, 429)
+    assert cut.status.status_code == StatusCode.ERROR
+    assert cut.status.description == "upstream_rate_limited"
+    assert answered.attributes["http.response.status_code"] == 429
+    assert answered.status.status_code == StatusCode.UNSET
+
+
 @pytest.mark.parametrize("model", ["gpt-4o", "local", "auto-best"])
 def test_the_decide_span_names_the_model_the_record_names(
     tmp_path: Path, fake: FakeProvider, model: str
