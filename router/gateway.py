@@ -813,6 +813,9 @@ class Gateway:
         litellm's map's limit, else what an Anthropic model is sent), else what its context
         window leaves, where that exceeds the default. Holding less let concurrent requests that
         wrote long answers spend several times past the budget.
+
+        A predicted output's tokens count as completion, not prompt: the part of it the answer
+        does not use is billed as completion tokens, at the output price.
         """
         assert ctx.signals is not None
         prompt = ctx.signals.prompt_tokens
@@ -822,7 +825,8 @@ class Gateway:
             if limit is None and model.context_window is not None:
                 limit = model.context_window - prompt
             completion = max(completion, limit or 0)
-        return prompt, completion * ctx.choices
+        predicted = min(ctx.signals.prediction_tokens, prompt)
+        return prompt - predicted, (completion + predicted) * ctx.choices
 
     def reserved_tokens(self, ctx: RequestContext, default_completion: int) -> tuple[int, int]:
         """(prompt, completion) tokens to reserve for ``ctx`` before it is served: one call's,

@@ -46,6 +46,9 @@ class Signals:
     alias: str
     tenant: str = "default"
     prompt_tokens: int = 0
+    # Of prompt_tokens, a predicted output's (:func:`prediction_tokens`): its unused part is
+    # billed as completion tokens. A price, not a signal: no policy matches on it.
+    prediction_tokens: int = 0
     max_tokens: int | None = None
     has_images: bool = False
     has_tools: bool = False
@@ -228,6 +231,17 @@ def estimate_tokens(
     return math.ceil(tokens - 1e-9) + media + TOKENS_PER_MESSAGE * len(messages)
 
 
+def prediction_tokens(prediction: Any) -> int:
+    """Estimated tokens of a request's ``prediction`` (OpenAI's predicted output), counted as
+    message content is. The model reads it; the part the answer does not use is billed as
+    completion tokens (``rejected_prediction_tokens``, within ``completion_tokens``), at the
+    output price."""
+    if not prediction or not isinstance(prediction, Mapping):
+        return 0
+    text, media = _content_size(prediction.get("content"))
+    return math.ceil(text - 1e-9) + media
+
+
 #: The characters of a base64 payload (line breaks allowed, as MIME writes them).
 _BASE64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\r\n"
 
@@ -356,6 +370,7 @@ def extract_signals(
             response_format=body.get("response_format"),
             prediction=body.get("prediction"),
         ),
+        prediction_tokens=prediction_tokens(body.get("prediction")),
         max_tokens=int(max_tokens) if isinstance(max_tokens, int) else None,
         has_images=has_image_parts(messages),
         has_tools=has_tools,

@@ -669,6 +669,31 @@ def test_a_claude_call_without_max_tokens_is_held_at_what_it_is_sent(
         assert srv.gateway.call_tokens(ctx, 4096, spec) == (100, 50)
 
 
+def test_a_prediction_is_held_at_the_output_price(tmp_path: Path, fake: FakeProvider) -> None:
+    """The part of a predicted output (OpenAI's ``prediction``) the answer does not use is
+    billed as completion tokens, at the output price (four times gpt-4o's input price). The
+    budget hold counted the prediction in the prompt, at the input price: a request with a
+    1,000-token prediction was held $0.0075 short of what it may be billed. The prediction is
+    held as completion now, once."""
+    from router.gateway import RequestContext
+    from router.signals import extract_signals
+    from tests.conftest import KeywordScorer
+
+    plain = {**HARD_LONG, "max_tokens": 50}
+    predicted = {**plain, "prediction": {"type": "content", "content": "x" * 3500}}  # 1,000
+    with live(tmp_path, _budget_policy(fake, 1.0)) as srv:
+        spec = srv.gateway.policy.models["gpt-4o"]
+        held = []
+        for body in (plain, predicted):
+            ctx = RequestContext(request_id="r", tenant="default", started=0.0, stream=False)
+            ctx.signals = extract_signals(body, KeywordScorer())
+            held.append(srv.gateway.call_tokens(ctx, 4096, spec))
+        costs = srv.gateway.costs
+        usd = [costs.closed_cost("openai/gpt-4o", prompt, out) for prompt, out in held]
+    assert held[1] == (held[0][0], 50 + 1000)
+    assert usd[1] - usd[0] == pytest.approx(costs.closed_cost("openai/gpt-4o", 0, 1000))
+
+
 @pytest.mark.parametrize("over_budget", ["local", "reject"])
 def test_a_full_local_queue_does_not_spill_a_spent_budget_to_the_closed_tier(
     tmp_path: Path, fake: FakeProvider, over_budget: str

@@ -396,7 +396,13 @@ def test_a_schema_or_a_prediction_counts_toward_the_prompt_estimate(
     only: a request with a large json_schema or predicted output was held, and fitted to a
     context window, as if it had neither."""
     plain = extract_signals(_base(), BlindScorer()).prompt_tokens
-    assert extract_signals({**_base(), **extra}, BlindScorer()).prompt_tokens - plain >= at_least
+    signals = extract_signals({**_base(), **extra}, BlindScorer())
+    assert signals.prompt_tokens - plain >= at_least
+    # A prediction's part of it is priced apart (billed as output where the answer differs).
+    if "prediction" in extra:
+        assert signals.prediction_tokens == signals.prompt_tokens - plain
+    else:
+        assert signals.prediction_tokens == 0
     text = {"response_format": {"type": "text"}, "prediction": None}
     assert extract_signals({**_base(), **text}, BlindScorer()).prompt_tokens == plain
 
