@@ -986,6 +986,14 @@ def _cmd_outcomes_delete(args: argparse.Namespace) -> int:
             "them (a line cut short before its tenant holds no more than a request id and a "
             "time): inspect it, then delete it"
         )
+    if erased.aof == "rewriting":
+        print("Redis is rewriting its append-only file, which held them (BGREWRITEAOF)")
+    elif erased.aof is not None:
+        print(
+            f"Redis's append-only file may still hold them ({erased.aof}): have Redis rewrite "
+            "it (BGREWRITEAOF), on every replica that keeps one (SECURITY.md)",
+            file=sys.stderr,
+        )
     if erased.journal is None:
         print(
             "a running Tiergate holds the outage journal: run this again once Redis has taken "
@@ -1576,8 +1584,10 @@ def build_parser() -> argparse.ArgumentParser:
         "the records and labels of the named requests, or every record and label of a tenant, "
         "with their entries in Redis's indexes and change stream and in an outage journal no "
         "running Tiergate holds. SQLite overwrites what it deletes and empties its write-ahead "
-        "log. For 30 days, what a running Tiergate writes for them later (labels, records of "
-        "requests in flight, a replayed journal) is refused. The journal's lines that could not "
+        "log; Redis is asked to rewrite its append-only file, if it keeps one (BGREWRITEAOF; "
+        "where it refuses, that is said on stderr). For 30 days, what a running Tiergate "
+        "writes for them later (labels, records of requests in flight, a replayed journal) is "
+        "refused. The journal's lines that could not "
         "be read (NAME.unreadable) that name the requests or the tenant are deleted; what is "
         "left there is reported. A tenant's spend today still counts against its budget, kept "
         "under a hash of its name. Backups, and models `tiergate retrain` already fitted, are "

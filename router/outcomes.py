@@ -176,6 +176,9 @@ class Erased(NamedTuple):
     #: name an erased request or the tenant, and the lines left there that name neither.
     unreadable: int = 0
     unreadable_kept: int = 0
+    #: Redis only: what became of the append-only file, which holds the erased data's commands
+    #: until it is rewritten (``RedisOutcomeStore.rewrite_aof``). None where there is none.
+    aof: str | None = None
 
 
 #: How long an erasure's tombstone refuses late writes (a label from a shadow judgement or an

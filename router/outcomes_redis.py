@@ -107,6 +107,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tiergate.outcomes")
 
+#: How long an erasure waits for an append-only file rewrite that began before it to end, so
+#: that it can ask for its own (:meth:`RedisOutcomeStore.rewrite_aof`), and how often it asks.
+AOF_WAIT_S = 60.0
+AOF_POLL_S = 0.2
+
 _SCORES_CAP = 2000
 #: With the journal unwritable, the buffer may grow to this many times its bound before
 #: outcomes are dropped (counted and logged).
@@ -891,7 +896,8 @@ class RedisOutcomeStore(OutcomeWriter):
         whole, as nothing indexes it by request). Their tombstones are set first, so that what
         a replica writes for them from then on is refused, and what it wrote before is found
         and deleted here. Then a tenant's name leaves the spend hashes and the hold keys
-        (:meth:`_unname_spend`)."""
+        (:meth:`_unname_spend`), and Redis rewrites its append-only file (:meth:`rewrite_aof`),
+        which held every command that wrote them."""
         client = self._client
         ids = set(request_ids)
         names = [erased_name("request", rid) for rid in ids]
@@ -907,7 +913,8 @@ class RedisOutcomeStore(OutcomeWriter):
             ids.update(self._read(client.zrange, self.key("outcomes", "ts", tenant), 0, -1))
             ids.update(self._label_ids_of(tenant))
         if not ids:
-            return Erased(0, 0, *self._erase_from_files(ids, set(request_ids), tenant))
+            files = self._erase_from_files(ids, set(request_ids), tenant)
+            return Erased(0, 0, *files, aof=self.rewrite_aof())
         ordered = sorted(ids)
         tenants = set(self._read(client.smembers, self.key("tenants")))
         records = labels = 0
@@ -939,7 +946,39 @@ class RedisOutcomeStore(OutcomeWriter):
             pipe.srem(self.key("tenants"), tenant)
             self._read(pipe.execute)
         self._read(self._drop_from_stream, ids)
-        return Erased(records, labels, *self._erase_from_files(ids, set(request_ids), tenant))
+        files = self._erase_from_files(ids, set(request_ids), tenant)
+        return Erased(records, labels, *files, aof=self.rewrite_aof())
+
+    def rewrite_aof(self, wait_s: float = AOF_WAIT_S) -> str | None:
+        """Have Redis rewrite its append-only file, if it keeps one, so that the commands that
+        wrote what an erasure deleted (prompts included) leave the disk: ``rewriting`` once
+        Redis took ``BGREWRITEAOF``, None where it keeps no such file, else why it could not
+        be asked (the erasure stands all the same).
+
+        A rewrite already running copies the data as it was when it began, erased items
+        included, and Redis refuses a second one meanwhile: this waits up to ``wait_s`` for it
+        to end, then asks again. ``CONFIG`` or ``BGREWRITEAOF`` may be refused (an ACL, a
+        managed Redis that renames them): that is said, never raised."""
+        import redis
+
+        client = self._client
+        try:
+            setting = client.config_get("appendonly").get("appendonly")
+        except redis.RedisError as exc:
+            return f"not known: CONFIG GET appendonly: {exc}"
+        if setting != "yes":
+            return None
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                client.bgrewriteaof()
+                return "rewriting"
+            except redis.ResponseError as exc:
+                if "already in progress" not in str(exc) or time.monotonic() > deadline:
+                    return f"not rewritten: BGREWRITEAOF: {exc}"
+            except redis.RedisError as exc:
+                return f"not rewritten: BGREWRITEAOF: {exc}"
+            time.sleep(AOF_POLL_S)
 
     def _unname_spend(self, tenant: str) -> None:
         """Move ``tenant``'s spend in every day's spend hash to its erased field, where budgets

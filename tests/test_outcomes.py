@@ -434,19 +434,19 @@ def test_erasing_requests_or_a_tenant_leaves_no_copy_in_the_file(tmp_path: Path)
             "Alice Smith asks about her lease (comment)"
         ]
 
-        assert store.erase([alice.id]) == (1, 1, 0, 0, 0)
+        assert store.erase([alice.id])[:5] == (1, 1, 0, 0, 0)
         assert store.get(alice.id) is None and store.labels_of(alice.id) == []
         assert store.get(carol.id) is not None and store.get(bob.id) is not None
         files = b"".join(p.read_bytes() for p in tmp_path.iterdir())
         assert b"Alice Smith" not in files and b"Carol Jones" in files
 
-        assert store.erase(tenant="acme") == (1, 1, 0, 0, 0)
+        assert store.erase(tenant="acme")[:5] == (1, 1, 0, 0, 0)
         assert store.count("acme") == 0 and store.count("globex") == 1
         assert [lb["tenant"] for lb in store.labels()] == ["globex"]
         files = b"".join(p.read_bytes() for p in tmp_path.iterdir())
         assert b"Carol Jones" not in files and b"Bob Brown" in files
         assert b"acme" not in files  # nor the tenant's name (its tombstone is a hash)
-        assert store.erase(["req_unknown"]) == (0, 0, 0, 0, 0)
+        assert store.erase(["req_unknown"])[:5] == (0, 0, 0, 0, 0)
     finally:
         store.close()
 
@@ -507,7 +507,7 @@ def test_an_erasure_s_tombstone_lapses(tmp_path: Path) -> None:
     store = SQLiteOutcomeStore(tmp_path / "o.db")
     store.start()
     try:
-        assert store.erase(["req_gone"]) == (0, 0, 0, 0, 0)
+        assert store.erase(["req_gone"])[:5] == (0, 0, 0, 0, 0)
         rows = sqlite3.connect(tmp_path / "o.db").execute("SELECT * FROM erasures").fetchall()
         assert len(rows) == 1 and "req_gone" not in str(rows)  # a hash, not the id
         with sqlite3.connect(tmp_path / "o.db") as conn:
