@@ -926,7 +926,7 @@ class Gateway:
         model cannot take, such as an Anthropic request's ``top_k`` for an OpenAI model, which
         OpenAI would refuse with a 400 the client, who did not choose the model, cannot avoid,
         or an assistant turn's ``thinking_blocks`` (``messages.thinking_blocks``) for any model
-        but an Anthropic one.
+        but a Claude (``closed.claude``).
 
         A request with fields only its front's own provider serves (``Call.native_only``) is
         refused (400) for a model of another provider, so the chain tries the next model.

@@ -253,6 +253,19 @@ def test_a_request_without_max_tokens_is_sent_the_policys_limit_on_every_path(
     assert _limits(provider) == {"max_tokens": 2000}
 
 
+BEDROCK_KEYS = {"BEDROCK_KEY": "bedrock-test-key"}
+
+
+def _bedrock_haiku(provider: FakeProvider) -> Model:
+    """claude-3-haiku on Bedrock's InvokeModel, played by ``provider``."""
+    return Model(
+        "claude-bedrock",
+        "bedrock/invoke/anthropic.claude-3-haiku-20240307-v1:0",
+        provider.base_url,
+        api_key_env="BEDROCK_KEY",
+    )
+
+
 def test_a_claude_on_bedrock_is_sent_a_max_tokens_it_takes(provider: FakeProvider) -> None:
     """Claude requires ``max_tokens`` on Bedrock too: for a request without one, litellm sent
     Bedrock's InvokeModel (``bedrock/invoke/...``, and the route of a Claude litellm does not
@@ -260,18 +273,12 @@ def test_a_claude_on_bedrock_is_sent_a_max_tokens_it_takes(provider: FakeProvide
     could do nothing about). It is sent what an Anthropic model is: the policy's
     ``max_output_tokens``, else 4096. (Over the wire, whole answers only: the fake does not play
     Bedrock's binary event stream; a stream is sent the same arguments.)"""
-    environ = {"BEDROCK_KEY": "bedrock-test-key"}
-    haiku = Model(
-        "claude-bedrock",
-        "bedrock/invoke/anthropic.claude-3-haiku-20240307-v1:0",
-        provider.base_url,
-        api_key_env="BEDROCK_KEY",
-    )
-    run(_answer(haiku, BODY, stream=False, environ=environ))
+    haiku = _bedrock_haiku(provider)
+    run(_answer(haiku, BODY, stream=False, environ=BEDROCK_KEYS))
     sent = provider.received[-1]
     assert sent.path == "/v1/model/anthropic.claude-3-haiku-20240307-v1:0/invoke"
     assert sent.body["max_tokens"] == 4096
-    run(_answer(replace(haiku, max_output_tokens=2048), BODY, stream=False, environ=environ))
+    run(_answer(replace(haiku, max_output_tokens=2048), BODY, stream=False, environ=BEDROCK_KEYS))
     assert provider.received[-1].body["max_tokens"] == 2048
 
 
@@ -300,6 +307,59 @@ def test_a_claude_on_vertex_or_bedrock_is_sent_what_an_anthropic_one_is(
     assert kwargs.get("max_tokens") == sent
     assert backend._litellm_kwargs(model, {**BODY, "max_tokens": 100})["max_tokens"] == 100
     assert unknown_output_limits([model]) == (["claude"] if sent == 4096 else [])
+
+
+#: The tool litellm makes an Anthropic model call for any JSON object, as it is sent.
+ANY_OBJECT_TOOL = {"type": "object"}
+
+
+@pytest.mark.parametrize(
+    "response_format",
+    [{"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "city"}}],
+    ids=["json_object", "json_schema-without-schema"],
+)
+def test_a_claude_on_bedrock_is_made_to_answer_json(
+    provider: FakeProvider, response_format: dict[str, Any]
+) -> None:
+    """Only ``anthropic/`` models had their ``response_format`` made one litellm honours: a
+    Claude on Bedrock was sent ``json_object`` as nothing (it answered prose to a client that
+    parses JSON), and a ``json_schema`` without its optional schema failed in litellm
+    (``KeyError: 'schema'``), a 400 for a valid request. Each is sent as the forced tool call
+    an Anthropic model gets."""
+    haiku = _bedrock_haiku(provider)
+    body = {**BODY, "response_format": response_format}
+    run(_answer(haiku, body, stream=False, environ=BEDROCK_KEYS))
+    sent = provider.received[-1].body
+    assert [t["input_schema"] for t in sent["tools"]] == [ANY_OBJECT_TOOL]
+    assert sent["tool_choice"] == {"type": "tool", "name": sent["tools"][0]["name"]}
+
+
+@pytest.mark.parametrize(
+    ("litellm_model", "claude"),
+    [
+        ("vertex_ai/claude-3-5-sonnet-v2@20241022", True),
+        ("bedrock/anthropic.claude-3-5-sonnet-20241022-v2:0", True),  # Converse
+        ("bedrock/us.anthropic.claude-3-haiku-20240307-v1:0", True),
+        ("bedrock/amazon.nova-pro-v1:0", False),
+        ("vertex_ai/gemini-2.0-flash", False),
+    ],
+)
+def test_a_claude_on_vertex_or_bedrock_gets_the_response_format_an_anthropic_one_does(
+    litellm_model: str, claude: bool
+) -> None:
+    """litellm translates ``response_format`` for a Claude on Vertex AI and on Bedrock's
+    Converse as for Anthropic's API: ``json_object`` without a schema to nothing, a
+    ``json_schema`` without one to a ``KeyError``. Tested at the arguments Tiergate gives
+    litellm (Vertex needs google-auth, and the fake provider does not play Converse)."""
+    backend = ClosedBackend(OpenAIHTTP(timeout_s=1), timeout_s=1, environ=KEYS)
+    model = Model("m", litellm_model)
+    for asked in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x"}}):
+        sent = backend._litellm_kwargs(model, {**BODY, "response_format": asked})
+        if not claude:
+            assert sent["response_format"] == asked
+            continue
+        assert sent["response_format"]["type"] == "json_schema"
+        assert sent["response_format"]["json_schema"]["schema"] == ANY_OBJECT_TOOL
 
 
 def test_litellm_fetches_nothing_from_the_network_on_a_first_call(
@@ -560,6 +620,28 @@ def test_litellm_logs_no_prompt_at_debug(
 def test_what_a_closed_model_cannot_take(litellm_model: str, dropped: set[str]) -> None:
     names = {"top_k", "reasoning_effort", "temperature"}
     assert cannot_take(Model("m", litellm_model), names) == dropped
+
+
+REPLAYED = {"messages.thinking_blocks", "messages.reasoning_content"}
+
+
+@pytest.mark.parametrize(
+    ("litellm_model", "dropped"),
+    [
+        ("anthropic/claude-3-5-sonnet-20241022", set()),
+        ("bedrock/anthropic.claude-3-5-sonnet-20241022-v2:0", set()),  # Converse replays them
+        ("bedrock/invoke/us.anthropic.claude-3-haiku-20240307-v1:0", set()),
+        ("vertex_ai/claude-3-5-sonnet-v2@20241022", set()),
+        ("bedrock/amazon.nova-pro-v1:0", REPLAYED),
+        ("vertex_ai/gemini-2.0-flash", REPLAYED),
+        ("openai/gpt-4o", REPLAYED),
+    ],
+)
+def test_every_claude_keeps_the_thinking_it_replays(litellm_model: str, dropped: set[str]) -> None:
+    """A Claude's earlier thinking, replayed on an assistant turn, reaches it wherever it is
+    served: litellm sends it back to Bedrock (Converse and InvokeModel) and Vertex AI as to
+    Anthropic's API, and Claude requires it of a turn that thought with thinking on."""
+    assert cannot_take(Model("m", litellm_model), REPLAYED | {"temperature"}) == dropped
 
 
 @pytest.mark.parametrize(("env", "limit"), [(None, 5.0), ("2", 2.0)])

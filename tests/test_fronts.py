@@ -437,22 +437,44 @@ def test_a_thought_history_reaches_an_openai_model_without_claudes_thinking(
     assert sent.body["messages"][1] == {"role": "assistant", "content": "391"}
 
 
-def test_a_thought_history_keeps_claudes_thinking_for_an_anthropic_model(
-    tmp_path: Path, fake: FakeProvider
+#: Where a policy's claude is served, as its lines: Anthropic's API through litellm's chat
+#: path, and Bedrock's InvokeModel.
+ANTHROPIC_VIA_LITELLM = (
+    "    litellm_model: anthropic/claude-3-5-sonnet-20241022\n    transport: litellm\n"
+)
+BEDROCK_CLAUDE = "    litellm_model: bedrock/invoke/anthropic.claude-3-haiku-20240307-v1:0\n"
+
+
+@pytest.mark.parametrize(
+    ("served", "path"),
+    [
+        (ANTHROPIC_VIA_LITELLM, "/v1/messages"),
+        (BEDROCK_CLAUDE, "/v1/model/anthropic.claude-3-haiku-20240307-v1:0/invoke"),
+    ],
+    ids=["anthropic", "bedrock"],
+)
+def test_a_thought_history_keeps_claudes_thinking_for_a_claude_model(
+    tmp_path: Path, fake: FakeProvider, served: str, path: str
 ) -> None:
     # Claude through litellm's chat path gets its signed thinking block back, as Anthropic
-    # requires of a turn that thought; gpt-4o, next on the chain, goes without it.
+    # requires of a turn that thought; gpt-4o, next on the chain, goes without it. So does a
+    # Claude on Bedrock (litellm replays it there, as to Vertex AI): only ``anthropic/`` models
+    # were given it.
     fake.reset()
+    anthropic_base = f"    api_base: {fake.base_url.removesuffix('/v1')}\n"
+    if served == BEDROCK_CLAUDE:
+        served += f"    api_base: {fake.base_url}\n    api_key_env: ANTHROPIC_API_KEY\n"
+    else:
+        served += anthropic_base
     policy = policy_yaml(fake).replace(
-        "    litellm_model: anthropic/claude-3-5-sonnet-20241022\n",
-        "    litellm_model: anthropic/claude-3-5-sonnet-20241022\n    transport: litellm\n",
+        "    litellm_model: anthropic/claude-3-5-sonnet-20241022\n" + anthropic_base, served
     )
     body = {"max_tokens": 50, "messages": THOUGHT_HISTORY}
     with live(tmp_path, policy, local_backend_obj=ScriptedLocal()) as srv:
         answer = srv.http.post("/v1/messages", json={"model": "claude", **body})
         assert answer.status_code == 200, answer.text
         sent = fake.received[-1]
-        assert sent.path == "/v1/messages"
+        assert sent.path == path
         assert SIGNED in sent.body["messages"][1]["content"]
         fake.reset(Behaviour(strict=True))
         answer = srv.http.post("/v1/messages", json={"model": "gpt-4o", **body})

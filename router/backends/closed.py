@@ -112,14 +112,15 @@ def cannot_take(model: ModelLike, names: Collection[str]) -> frozenset[str]:
     litellm translates the fields for the other providers: for those, none.
 
     A message field (``messages.NAME``) is the reasoning a translation replays on an assistant
-    turn (``thinking_blocks`` with Anthropic's signatures, ``reasoning_content``): only an
-    Anthropic model reads it back; OpenAI's message schema, and strict servers after it,
-    refuse a message that carries it.
+    turn (``thinking_blocks`` with Anthropic's signatures, ``reasoning_content``): only a Claude
+    model (:func:`claude`: litellm sends it back to Anthropic's API, Bedrock and Vertex AI
+    alike) reads it back; OpenAI's message schema, and strict servers after it, refuse a
+    message that carries it.
     """
     litellm_model = model.litellm_model or ""
     provider = provider_of(litellm_model)
     replayed = frozenset(n for n in names if n.startswith(MESSAGE_FIELD))
-    if provider == "anthropic":
+    if claude(litellm_model):
         return frozenset()
     if provider != "openai":
         return replayed
@@ -343,7 +344,7 @@ class ClosedBackend:
             if default is not None:
                 kwargs["max_tokens"] = default
         check_user_parts(kwargs.get("messages") or [], model.name)
-        if provider_of(model.litellm_model or "") == "anthropic" and "response_format" in kwargs:
+        if claude(model.litellm_model or "") and "response_format" in kwargs:
             kwargs["response_format"] = anthropic_response_format(
                 kwargs["response_format"], model.name
             )
@@ -538,7 +539,9 @@ _ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 
 def anthropic_response_format(response_format: Any, label: str) -> Any:
-    """``response_format`` as litellm honours it for an Anthropic model, which has no JSON mode.
+    """``response_format`` as litellm honours it for a Claude model (:func:`claude`: on
+    Anthropic's API, Bedrock or Vertex AI, which litellm translates alike), which has no JSON
+    mode.
 
     litellm makes a ``json_schema`` one a tool the model must call, and the call's input the
     answer's text, but sent ``json_object`` (or anything but ``text``) nothing: the model
