@@ -963,7 +963,7 @@ class Gateway:
         """``body`` as ``model`` is sent it: :meth:`fitted`, and for a request that sets no
         ``max_tokens``, the limit the model is sent (a Claude model's, the policy's
         ``max_output_tokens``), at most what its context window leaves after the prompt (the
-        fit check counts the prompt alone then)."""
+        fit check counts the prompt and the least answer then, policy.MIN_ANSWER_TOKENS)."""
         fitted = self.fitted(model, body, ctx.optional, ctx.native_only)
         if closed.sets_output_limit(fitted):
             return fitted

@@ -903,6 +903,13 @@ def _route_model(policy: Policy, rule: CompiledRule) -> str:
 _TOOL_HISTORY = "tool calls in the conversation"
 
 
+#: The fewest tokens a model's context window must leave after the prompt of a request that
+#: sets no ``max_tokens`` for the model to take it: a prompt at the window's end (Tiergate's
+#: estimate) fit by itself, and the model was sent ``max_tokens: 1`` or wrote to the end of its
+#: window at once, a call paid for with no answer in it.
+MIN_ANSWER_TOKENS = 16
+
+
 def _unfit(spec: ModelSpec, signals: Signals) -> str | None:
     """Why ``spec`` cannot serve the request without dropping part of it, or None."""
     if signals.has_images and not spec.supports_images:
@@ -926,6 +933,13 @@ def _unfit(spec: ModelSpec, signals: Signals) -> str | None:
                 else ""
             )
             return f"{needed} tokens ({parts}context window {spec.context_window})"
+        rest = spec.context_window - signals.prompt_tokens
+        if signals.max_tokens is None and rest < MIN_ANSWER_TOKENS:
+            return (
+                f"{signals.prompt_tokens} tokens in the prompt, which leave {rest} of its "
+                f"context window {spec.context_window} for the answer "
+                f"(at least {MIN_ANSWER_TOKENS})"
+            )
     return None
 
 

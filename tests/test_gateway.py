@@ -36,6 +36,8 @@ from router.errors import (
 from router.gateway import Answer, Call, Gateway, PolicyHolder, StreamAnswer
 from router.limits import RateLimiter
 from router.outcomes import OutcomeRecord, SQLiteOutcomeStore
+from router.policy import MIN_ANSWER_TOKENS
+from router.signals import estimate_tokens
 from tests.conftest import KeywordScorer, free_port, live, policy_yaml, wait_for
 from tests.fake_provider import Behaviour, FakeProvider, prompt_tokens
 from tests.scripted_local import ScriptedLocal as ScriptedStream
@@ -286,6 +288,36 @@ def _sent_long_then_short(
             limit = sent.get("max_completion_tokens") or sent["max_tokens"]
             assert 0 < limit <= 10000 - prompt_tokens(sent)
     return sent
+
+
+@pytest.mark.parametrize("room", [0, 1, 15, MIN_ANSWER_TOKENS])
+def test_a_prompt_that_leaves_no_room_for_an_answer_is_refused_with_the_numbers(
+    tmp_path: Path, fake: FakeProvider, room: int
+) -> None:
+    """A prompt at (or a few tokens under) claude's window fit it, by the prompt alone: claude
+    was sent ``max_tokens: 1`` (what the window left, at least 1) and wrote one token, or
+    nothing worth the call. A model fits a request without ``max_tokens`` only when its
+    window leaves the least answer (``MIN_ANSWER_TOKENS``) after the prompt; else a pinned
+    request is a 400 ``context_length_exceeded`` that names the numbers, and nothing is sent."""
+    fake.reset()
+    messages = [{"role": "user", "content": "word " * 2000}]
+    prompt = estimate_tokens(messages)
+    with live(tmp_path, _windows(fake, prompt + room)) as srv:
+        answer = srv.http.post(
+            "/v1/chat/completions", json={"model": "claude", "messages": messages}
+        )
+    if room >= MIN_ANSWER_TOKENS:
+        assert answer.status_code == 200, answer.text
+        assert fake.received[-1].body["max_tokens"] == room
+        return
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["code"] == "context_length_exceeded"
+    assert (
+        f"model 'claude' cannot take {prompt} tokens in the prompt, which leave {room} of its "
+        f"context window {prompt + room} for the answer (at least {MIN_ANSWER_TOKENS})"
+    ) in error["message"]
+    assert fake.received == []
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])

@@ -429,6 +429,13 @@ def test_local_only_never_moves_for_images() -> None:
             "1100 tokens (900 in the prompt + max_tokens 200; context window 1000)",
         ),
         ({"prompt_tokens": 200_000}, "huge", "200000 tokens (context window 1000)"),
+        # A prompt that leaves no room for an answer: the least answer did not count.
+        (
+            {"prompt_tokens": 995},
+            "notools",
+            "995 tokens in the prompt, which leave 5 of its context window 1000 for the answer "
+            "(at least 16)",
+        ),
         # n > 1 went to the local model, which refused it with a 400 whatever the score
         ({"choices": 3}, "notools", "n=3 (it answers one choice)"),
     ],
