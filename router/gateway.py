@@ -959,8 +959,9 @@ class Gateway:
             ]
         return fitted
 
-    def _sent(self, ctx: RequestContext, model: ModelSpec, body: dict[str, Any]) -> dict[str, Any]:
-        """``body`` as ``model`` is sent it: :meth:`fitted`, and for a request that sets no
+    def sent(self, ctx: RequestContext, model: ModelSpec, body: dict[str, Any]) -> dict[str, Any]:
+        """``body`` as ``model`` is sent it (served, or shadowed by router.learning):
+        :meth:`fitted`, and for a request that sets no
         ``max_tokens``, the limit the model is sent (a Claude model's, the policy's
         ``max_output_tokens``), at most what its context window leaves after the prompt (the
         fit check counts the prompt and the least answer then, policy.MIN_ANSWER_TOKENS)."""
@@ -1013,7 +1014,7 @@ class Gateway:
                     model, self._native_sent(ctx, model, native), ctx.usage
                 )
             else:
-                result = await backend.complete(model, self._sent(ctx, model, body), ctx.usage)
+                result = await backend.complete(model, self.sent(ctx, model, body), ctx.usage)
             ctx.usage = result.usage
             return result
 
@@ -1042,7 +1043,7 @@ class Gateway:
             if passing is not None and native is not None:
                 source = passing.stream(model, self._native_sent(ctx, model, native), usage)
             else:
-                source = backend.stream(model, self._sent(ctx, model, body), usage)
+                source = backend.stream(model, self.sent(ctx, model, body), usage)
             held: list[dict[str, Any]] = []
             with contextlib.suppress(StopAsyncIteration):
                 while not held or _opening(held[-1]):

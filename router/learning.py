@@ -27,13 +27,13 @@ import random
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from router.backends import Completion
 from router.errors import BadRequestError, NotFoundError, StoreUnavailableError, TiergateError
 from router.outcomes import Label, OutcomeStore
-from router.policy import ModelSpec
+from router.policy import ModelSpec, why_unfit
 from router.schemas import FeedbackRequest
 from router.telemetry import Telemetry, outside_request
 
@@ -71,6 +71,22 @@ def judge_messages(question: str, answer_a: str, answer_b: str) -> list[dict[str
     """The pairwise judge prompt (MT-Bench's pairwise template, documented in the docs)."""
     user = JUDGE_TEMPLATE.format(question=question, answer_a=answer_a, answer_b=answer_b)
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+
+
+def judge_unfit(spec: ModelSpec, messages: Sequence[Mapping[str, Any]]) -> str | None:
+    """Why the judge ``spec`` cannot read ``messages`` and write its verdict (``max_tokens``
+    :data:`JUDGE_TOKENS`) within its context window (by Tiergate's estimate), or None: the
+    provider would refuse the call with a 400."""
+    from router.signals import estimate_tokens
+
+    window = spec.context_window
+    prompt = estimate_tokens(list(messages))
+    if window is None or prompt + JUDGE_TOKENS <= window:
+        return None
+    return (
+        f"{spec.name} cannot judge {prompt} tokens of prompt + max_tokens {JUDGE_TOKENS} "
+        f"(context window {window})"
+    )
 
 
 def closed_better(verdicts: list[tuple[str, str | None]]) -> float | None:
@@ -255,12 +271,13 @@ class LearningLoop:
             if len(self._tasks) >= self._max_pending:
                 self.shadow_skipped += 1
                 return
+            asked = self._asked(ctx, body, answer)
+            if asked is None:
+                self.shadow_skipped += 1
+                return
             hold = None
             if decision.budget_usd is not None:
                 hold = (self._shadow_cost(ctx, body, answer), decision.budget_usd)
-            # Asked as the gateway would ask it: without the fields a front made that it
-            # cannot take (an Anthropic request's top_k for an OpenAI model).
-            asked = self.gateway.fitted(self._closed_spec(None), dict(body), ctx.optional)
             task = asyncio.get_running_loop().create_task(
                 self._shadow(ctx.request_id, ctx.tenant, asked, answer, hold),
                 context=outside_request(),
@@ -270,6 +287,31 @@ class LearningLoop:
             task.add_done_callback(self._tasks.discard)
         except Exception:  # a learning hiccup must never fail a served request; it is logged
             log.exception("after_response failed for %s", getattr(ctx, "request_id", "?"))
+
+    def _asked(self, ctx: Any, body: Mapping[str, Any], local: str) -> dict[str, Any] | None:
+        """The request the default closed model is sent, as the gateway would send it there
+        (``Gateway.sent``: without the fields a front made that it cannot take, such as an
+        Anthropic request's ``top_k`` for an OpenAI model, with the output limit it is sent cut
+        to what its window leaves), or None where the shadow could only fail, before anything
+        is spent: the model cannot take the request (the policy's hard constraints), or the
+        judge cannot read the question with the local answer."""
+        from router.signals import scoring_text
+
+        spec = self._closed_spec(None)
+        why = why_unfit(spec, ctx.signals)
+        if why is not None:
+            why = f"{spec.name} cannot take {why}"
+        else:
+            question = scoring_text(list(body.get("messages") or []))
+            judged = judge_messages(question, local, "")
+            why = judge_unfit(self._closed_spec(self.judge_model), judged)
+        if why is None:
+            try:
+                return self.gateway.sent(ctx, spec, dict(body))  # type: ignore[no-any-return]
+            except BadRequestError as exc:  # fields only another provider's model serves
+                why = exc.message
+        log.info("no shadow judgement of %s: %s", ctx.request_id, why)
+        return None
 
     async def _shadow(
         self,
@@ -355,6 +397,11 @@ class LearningLoop:
         detail: dict[str, Any] = {"closed_model": closed_spec.name, "judge_model": judge_spec.name}
         value = None
         try:
+            # The judge reads the closed answer too: one it cannot read with the rest is not
+            # sent to it (each ordering is as long).
+            why = judge_unfit(judge_spec, judge_messages(question, closed_answer, local_answer))
+            if why is not None:
+                raise BadRequestError(why, code="context_length_exceeded")
             for closed_pos in ("A", "B"):
                 a, b = (
                     (closed_answer, local_answer)

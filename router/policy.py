@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from router.policy_schema import policy_json_schema
 
 __all__ = [
+    "MIN_ANSWER_TOKENS",
     "OPERATORS",
     "POLICY_HEADER_PREFIX",
     "Alias",
@@ -56,6 +57,7 @@ __all__ = [
     "load_policy",
     "parse_policy",
     "policy_json_schema",
+    "why_unfit",
 ]
 
 
@@ -820,11 +822,11 @@ def _cascade_plan(
         return None, "; no cascade: no closed model to escalate to"
     # The first that fits, read one by one: most requests fit the first (no list is built).
     target = next(
-        (n for n in policy.closed_models if _unfit(policy.models[n], signals) is None), None
+        (n for n in policy.closed_models if why_unfit(policy.models[n], signals) is None), None
     )
     if target is None:
         each = "; ".join(
-            f"'{name}' cannot take {_unfit(policy.models[name], signals)}"
+            f"'{name}' cannot take {why_unfit(policy.models[name], signals)}"
             for name in policy.closed_models
         )
         return None, f"; no cascade: no closed model can take the request ({each})"
@@ -910,8 +912,10 @@ _TOOL_HISTORY = "tool calls in the conversation"
 MIN_ANSWER_TOKENS = 16
 
 
-def _unfit(spec: ModelSpec, signals: Signals) -> str | None:
-    """Why ``spec`` cannot serve the request without dropping part of it, or None."""
+def why_unfit(spec: ModelSpec, signals: Signals) -> str | None:
+    """Why ``spec`` cannot serve the request without dropping part of it, or None: the hard
+    constraints (docs/policy.md), which decisions, fallbacks, cascades and shadow judging
+    (router.learning) all read."""
     if signals.has_images and not spec.supports_images:
         return "images"
     if signals.has_tools and not spec.supports_tools:
@@ -987,17 +991,17 @@ class _Step:
     def _first_closed_fit(self, exclude: str) -> str | None:
         models = self.policy.models
         for name in self.policy.closed_models:
-            if name != exclude and _unfit(models[name], self.signals) is None:
+            if name != exclude and why_unfit(models[name], self.signals) is None:
                 return name
         return None
 
     def apply_constraints(self) -> None:
         # The local tier must never silently drop images or tools, or truncate a prompt.
-        unfit = _unfit(self.policy.models[self.model], self.signals)
+        unfit = why_unfit(self.policy.models[self.model], self.signals)
         if unfit is None:
             return
         what = f"model '{self.model}' cannot take {unfit}"
-        room = "context window" in unfit  # room, not a feature (_unfit names the window)
+        room = "context window" in unfit  # room, not a feature (why_unfit names the window)
         if self.local_only or self.pinned:
             why = "the rule is local_only" if self.local_only else "the request pins it"
             self.unsatisfiable = f"{what} and {why}"
@@ -1034,7 +1038,7 @@ class _Step:
         local = self.policy.local_model
         local_unfit = "there is no local model" if local is None else None
         if local is not None:
-            unfit = _unfit(self.policy.models[local], self.signals)
+            unfit = why_unfit(self.policy.models[local], self.signals)
             local_unfit = f"the local model cannot take {unfit}" if unfit else None
         if plan.over_budget == "reject" or local_unfit is not None:
             self.rejected = spent if local_unfit is None else f"{spent} and {local_unfit}"
@@ -1053,7 +1057,7 @@ class _Step:
         local = self.policy.local_model
         if self.policy.models[self.model].tier != "closed" or self.pinned or local is None:
             return False
-        unfit = _unfit(self.policy.models[local], self.signals)
+        unfit = why_unfit(self.policy.models[local], self.signals)
         if unfit is not None:
             self.reason += f"; no closed model is available and the local model cannot take {unfit}"
             return False
@@ -1070,7 +1074,7 @@ class _Step:
             local = self.policy.local_model
             if tier == "local" or local is None:
                 return "error", ()
-            if _unfit(self.policy.models[local], self.signals) is not None:
+            if why_unfit(self.policy.models[local], self.signals) is not None:
                 self.reason += "; no local fallback (the local model cannot serve this request)"
                 return "error", ()
             return "local", (local,)
@@ -1080,6 +1084,6 @@ class _Step:
         fits = tuple(
             name
             for name in self.policy.closed_models
-            if name != self.model and _unfit(models[name], self.signals) is None
+            if name != self.model and why_unfit(models[name], self.signals) is None
         )
         return ("closed", fits) if fits else ("error", ())

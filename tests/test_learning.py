@@ -17,10 +17,12 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.auth import hash_key
+from router.backends.closed import ANTHROPIC_MAX_TOKENS
 from router.dashboard import _usd
-from router.learning import LearningLoop, closed_better, parse_verdict
+from router.learning import JUDGE_TOKENS, LearningLoop, closed_better, parse_verdict
 from router.outcomes import SQLiteOutcomeStore
 from router.outcomes_redis import RedisOutcomeStore
+from router.signals import estimate_tokens
 from tests.conftest import ErasingStore, LiveServer, live, policy_yaml, wait_for
 from tests.fake_provider import Behaviour, FakeProvider
 
@@ -32,15 +34,18 @@ def _key(tenant: str) -> str:
 
 
 @contextmanager
-def serve(tmp_path: Path, policy: str, outcomes: Any = None) -> Iterator[LiveServer]:
-    """A live app with one API key per test tenant (real auth: the key names the tenant)."""
+def serve(
+    tmp_path: Path, policy: str, outcomes: Any = None, **settings: Any
+) -> Iterator[LiveServer]:
+    """A live app with one API key per test tenant (real auth: the key names the tenant);
+    ``settings`` as :func:`~tests.conftest.live` takes them."""
     keys = tmp_path / "keys.yaml"
     entries = [
         {"sha256": hash_key(_key(t)), "tenant": t, "permissions": ["pin_closed"]} for t in TENANTS
     ]
     entries.append({"sha256": hash_key(_key("ops")), "tenant": "ops", "permissions": ["admin"]})
     keys.write_text(yaml.safe_dump({"keys": entries}))
-    with live(tmp_path, policy, outcomes=outcomes, api_keys_file=keys) as server:
+    with live(tmp_path, policy, outcomes=outcomes, api_keys_file=keys, **settings) as server:
         yield server
 
 
@@ -305,6 +310,96 @@ def test_a_shadowed_anthropic_request_goes_without_what_the_closed_model_refuses
         assert label["value"] == 1.0 and "error" not in label["detail"]
         asked = next(r for r in fake.received if r not in judge_calls(fake))
         assert "top_k" not in asked.body and "reasoning_effort" not in asked.body
+
+
+#: About 1,430 tokens by Tiergate's estimate (1,250 by the fake provider's): within the local
+#: model's window (2048).
+LONG = "word " * 1000
+CLAUDE = "claude-3-5-sonnet-20241022"
+
+
+def _windowed(fake: FakeProvider, windows: dict[str, int], first: str = "gpt-4o") -> str:
+    """The shadowing test policy with ``first`` as the default closed model, and the context
+    windows ``windows`` gives (by model name) in the policy."""
+    others = ", ".join(n for n in ("gpt-4o", "claude") if n != first)
+    policy = policy_yaml(fake, shadow="{sample_rate: 1.0}").replace(
+        "closed_models: [gpt-4o, claude]", f"closed_models: [{first}, {others}]"
+    )
+    for name, window in windows.items():
+        policy = policy.replace(f"  {name}:\n", f"  {name}:\n    context_window: {window}\n", 1)
+    return policy
+
+
+def _ask_long(srv: LiveServer) -> httpx.Response:
+    body = {"model": "auto", "messages": [{"role": "user", "content": LONG}]}
+    return srv.http.post(
+        "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {_key('acme')}"}
+    )
+
+
+def test_a_shadowed_claude_is_sent_no_more_max_tokens_than_its_window_leaves(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """The shadow asked the closed model as no served call is asked: a Claude was sent its
+    whole output limit (4096 here) on a request without ``max_tokens``, not cut to what its window
+    leaves after the prompt as the gateway cuts it, and Anthropic refused (400): every
+    judgement of a long request failed. It is sent what a served call would be."""
+    fake.reset(Behaviour(judge="closed", context_windows={CLAUDE: 5000}))
+    policy = _windowed(fake, {"claude": 5000}, first="claude")
+    with serve(tmp_path, policy, judge_model="gpt-4o") as srv:
+        assert _ask_long(srv).headers["x-tiergate-tier"] == "local"
+        learning = srv.gateway.learning
+        assert wait_for(lambda: learning.pending == 0 and learning.shadow_started == 1, 30)
+        assert learning.shadow_failed == 0
+        (label,) = labels(srv, "shadow")
+        assert label["value"] == 1.0 and "error" not in label["detail"]
+    asked = next(r for r in fake.received if r not in judge_calls(fake))
+    assert asked.path == "/v1/messages"
+    sent = [{"role": "user", "content": LONG}]
+    assert asked.body["max_tokens"] == 5000 - estimate_tokens(sent) < ANTHROPIC_MAX_TOKENS
+    assert [r.body["max_tokens"] for r in judge_calls(fake)] == [JUDGE_TOKENS, JUDGE_TOKENS]
+
+
+@pytest.mark.parametrize(
+    ("windows", "judge"),
+    [({"gpt-4o": 1000}, None), ({"claude": 1500}, "claude")],
+    ids=["closed-model", "judge"],
+)
+def test_no_shadow_for_a_request_the_closed_model_or_judge_cannot_take(
+    tmp_path: Path, fake: FakeProvider, windows: dict[str, int], judge: str | None
+) -> None:
+    """A request over the closed model's window was shadowed all the same (its 400 failed the
+    judgement), and one the judge could not read with the local answer had the closed model
+    answer it (billed to the tenant) and then the judge refuse it. Neither is judged: it is
+    skipped, before anything is sent or spent."""
+    provider_windows = {("gpt-4o" if n == "gpt-4o" else CLAUDE): w for n, w in windows.items()}
+    fake.reset(Behaviour(judge="closed", context_windows=provider_windows))
+    with serve(tmp_path, _windowed(fake, windows), judge_model=judge) as srv:
+        assert _ask_long(srv).headers["x-tiergate-tier"] == "local"
+        learning = srv.gateway.learning
+        assert wait_for(lambda: learning.pending == 0, 30)
+        assert labels(srv, "shadow") == []
+        assert srv.gateway.outcomes.spend_today("acme") == 0
+        assert (learning.shadow_skipped, learning.shadow_failed) == (1, 0)
+    assert fake.received == []
+
+
+def test_a_closed_answer_the_judge_cannot_read_is_not_sent_to_it(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """The closed answer, added to the question and the local answer, was over the judge's
+    window: the judge was asked all the same and refused (400). It is not asked: the label
+    keeps what the closed answer cost and says why there is no verdict."""
+    long_answer = "word " * 600
+    fake.reset(Behaviour(judge="closed", text=long_answer, context_windows={"gpt-4o": 2700}))
+    with serve(tmp_path, _windowed(fake, {"gpt-4o": 2700})) as srv:
+        assert _ask_long(srv).headers["x-tiergate-tier"] == "local"
+        learning = srv.gateway.learning
+        assert wait_for(lambda: learning.pending == 0 and labels(srv, "shadow"), 30)
+        (label,) = labels(srv, "shadow")
+    assert judge_calls(fake) == []
+    assert label["value"] is None and label["detail"]["error"] == "context_length_exceeded"
+    assert label["cost_usd"] > 0  # the closed answer was paid for
 
 
 def test_no_shadow_for_local_only_traffic(tmp_path: Path, fake: FakeProvider) -> None:
