@@ -259,22 +259,31 @@ def cost_of(item: Item) -> Cost:
     return item.ts, item.tenant, judged or 0.0, 0.0, 0.0
 
 
+def began(ts: float, latency_ms: float) -> float:
+    """When the request of a record made at ``ts`` (when the request ended) and answered in
+    ``latency_ms`` began: what an erasure compares with its time (:func:`refused`), so that a
+    request still being answered when the tenant is erased is erased too. A latency that is
+    not a positive finite number is taken as none."""
+    return ts - latency_ms / 1000.0 if 0 < latency_ms < math.inf else ts
+
+
 def refused(
     item: Item,
     erased_requests: Collection[str],
     erased_tenants: Mapping[str, float],
-    record_ts: Mapping[str, float],
+    record_began: Mapping[str, float],
 ) -> bool:
     """Whether ``item`` belongs to an erasure and must not be written. ``erased_requests``:
     the tombstone names (:func:`erased_name`) of erased request ids; ``erased_tenants``: of
-    erased tenants, with when each was erased; ``record_ts``: when the records the labels are
-    about were made, for those stored. A request id is erased whatever comes later (ids are
-    never reused); a tenant's requests made before its erasure are, and so are labels on a
+    erased tenants, with when each was erased; ``record_began``: when the requests the labels
+    are about began (:func:`began`), for those whose records are stored. A request id is
+    erased whatever comes later (ids are never reused); a tenant's requests made (begun)
+    before its erasure are, those still being answered then included, and so are labels on a
     request whose record is not stored (a label cannot show when its request was made)."""
     if isinstance(item, OutcomeRecord):
-        request_id, made = item.id, item.ts
+        request_id, made = item.id, began(item.ts, item.latency_ms)
     else:
-        request_id, made = item.request_id, record_ts.get(item.request_id, -math.inf)
+        request_id, made = item.request_id, record_began.get(item.request_id, -math.inf)
     if erased_name("request", request_id) in erased_requests:
         return True
     when = erased_tenants.get(erased_name("tenant", item.tenant))
@@ -1386,19 +1395,20 @@ def _unrefused(conn: sqlite3.Connection, batch: list[Item]) -> list[Item]:
     requests = {name for kind, name, _ in found if kind == "request"}
     tenants = {name: float(ts) for kind, name, ts in found if kind == "tenant"}
     about = sorted({r.request_id for r in batch if isinstance(r, Label)})
-    made = dict(
-        conn.execute(
-            "SELECT id, ts FROM outcomes WHERE id IN (SELECT value FROM json_each(?))",
+    made = {
+        rid: began(ts, latency_ms)
+        for rid, ts, latency_ms in conn.execute(
+            "SELECT id, ts, latency_ms FROM outcomes WHERE id IN (SELECT value FROM json_each(?))",
             (valid_json(about),),
-        ).fetchall()
-    )
+        )
+    }
     kept: list[Item] = []
     for item in batch:
         if refused(item, requests, tenants, made):
             continue
         kept.append(item)
         if isinstance(item, OutcomeRecord):
-            made[item.id] = item.ts
+            made[item.id] = began(item.ts, item.latency_ms)
     return kept
 
 

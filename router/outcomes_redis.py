@@ -92,6 +92,7 @@ from router.outcomes import (
     OutcomeWriter,
     TieredLabel,
     WindowRow,
+    began,
     erased_name,
     erased_spend,
     erased_spend_key,
@@ -171,12 +172,17 @@ return 1
 # ARGV: json, id, ts, tenant, cost, ttl_s (0: none), score or '', scores cap, spend ttl,
 #       stream maxlen, the erased spend fields' prefix, when its hash expires, counterfactual
 #       cost (router.outcomes.erased_spend: a refused record's cost), the tenant's erased
-#       spend field (a refused record's cost counts there, not under the tenant's name)
+#       spend field (a refused record's cost counts there, not under the tenant's name), when
+#       the request began (router.outcomes.began: the tenant's tombstone refuses a request
+#       begun before it, one still being answered then included)
+# The tombstone holds what it held before (when the erasure ran): a replica still running the
+# script before this one, which compares the record's ts (when its request ended), loads and
+# runs its own script by its own SHA and refuses what it refused before.
 _RECORD_LUA = """
 redis.call('HDEL', KEYS[9], ARGV[2])
 redis.call('ZREM', KEYS[10], ARGV[2])
 local erased = redis.call('GET', KEYS[12])
-if redis.call('EXISTS', KEYS[11]) == 1 or (erased and tonumber(ARGV[3]) <= tonumber(erased)) then
+if redis.call('EXISTS', KEYS[11]) == 1 or (erased and tonumber(ARGV[15]) <= tonumber(erased)) then
   if tonumber(ARGV[5]) ~= 0 then
     redis.call('HINCRBYFLOAT', KEYS[6], ARGV[14], ARGV[5])
     redis.call('EXPIRE', KEYS[6], ARGV[9])
@@ -220,13 +226,19 @@ return 1
 #       when its hash expires (router.outcomes.erased_spend: a refused shadow label's cost),
 #       the tenant's erased spend field in the spend hash (a refused label's cost counts there)
 # A label older than the one stored for its source is not written: a journal replayed after
-# an outage must not put back what a later label (from another replica) replaced.
+# an outage must not put back what a later label (from another replica) replaced. A label's
+# request was made when it began: its record's ts less its latency (router.outcomes.began).
 _LABEL_LUA = """
 local erased = redis.call('GET', KEYS[6])
 local made = nil
 if erased then
   local record = redis.call('GET', KEYS[4])
-  made = record and tonumber(cjson.decode(record)['ts'])
+  if record then
+    local stored = cjson.decode(record)
+    local latency = tonumber(stored['latency_ms']) or 0
+    made = tonumber(stored['ts'])
+    if made and latency > 0 and latency < math.huge then made = made - latency / 1000 end
+  end
 end
 if redis.call('EXISTS', KEYS[5]) == 1 or (erased and (not made or made <= tonumber(erased))) then
   if tonumber(ARGV[6]) ~= 0 then
@@ -651,6 +663,7 @@ class RedisOutcomeStore(OutcomeWriter):
                 _erased_spend_expiry(bucket),
                 repr(float(record.counterfactual_cost_usd or 0.0)),
                 _erased_field(tenant),
+                repr(began(record.ts, record.latency_ms)),
             ],
             client=pipe,
         )
@@ -983,9 +996,9 @@ class RedisOutcomeStore(OutcomeWriter):
     def _unname_spend(self, tenant: str) -> None:
         """Move ``tenant``'s spend in every day's spend hash to its erased field, where budgets
         still count it, and delete its budget holds, in one script: nothing in Redis names it
-        after. A record made before the erasure and written after it is refused by the
-        tombstone and its cost counted in the erased field; a record is made when its request
-        ends, so one still being answered now, as one the tenant makes later, is written under
+        after. The record of a request made (begun) before the erasure and written after it,
+        one still being answered now included, is refused by the tombstone and its cost
+        counted in the erased field; a request the tenant makes later is its own again, under
         its name (SECURITY.md)."""
         name = valid_text(tenant)
         pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self.key("spend")) + ":*"

@@ -13,7 +13,13 @@ import pytest
 from router import outcomes as store_module
 from router.outcomes import Label, OutcomeRecord, SQLiteOutcomeStore, TieredLabel
 from tests.conftest import wait_for
-from tests.records import outcome, three_people, write_late
+from tests.records import (
+    answer_across_an_erasure,
+    label_across_an_erasure,
+    outcome,
+    three_people,
+    write_late,
+)
 
 
 def test_every_submitted_record_is_written_by_close(tmp_path: Path) -> None:
@@ -473,6 +479,41 @@ def test_nothing_written_after_an_erasure_brings_it_back(tmp_path: Path) -> None
         assert abs(again.spend_today("acme") - spent) < 1e-9
     finally:
         again.close()
+
+
+def test_a_request_answered_across_an_erasure_is_erased_too(tmp_path: Path) -> None:
+    """A stream of the tenant's that began before `tiergate outcomes delete --tenant` and
+    ended after it was recorded, prompt and name, as the record is made when a request ends."""
+
+    def files() -> str:
+        return b"".join(p.read_bytes() for p in tmp_path.iterdir()).decode("latin-1")
+
+    store = SQLiteOutcomeStore(tmp_path / "o.db")
+    store.start()
+    try:
+        cli = SQLiteOutcomeStore(tmp_path / "o.db")  # as `tiergate outcomes delete` opens it
+        answer_across_an_erasure(store, cli.erase, files)
+        cli.close()
+    finally:
+        store.close()
+
+
+def test_a_label_on_a_request_begun_before_an_erasure_is_refused(tmp_path: Path) -> None:
+    """A label for a stored request of acme's that ended after acme's erasure but began before
+    it was written, as the request was dated by its record's ts (when it ended)."""
+
+    def tombstone(name: str, ts: float) -> None:
+        with sqlite3.connect(tmp_path / "o.db") as conn:
+            conn.execute(
+                "INSERT INTO erasures (kind, name, ts) VALUES ('tenant', ?, ?)", (name, ts)
+            )
+
+    store = SQLiteOutcomeStore(tmp_path / "o.db")
+    store.start()
+    try:
+        label_across_an_erasure(store, tombstone)
+    finally:
+        store.close()
 
 
 def test_an_erased_spend_table_of_judging_alone_is_given_the_request_columns(

@@ -21,7 +21,13 @@ from router.learning import purge_loop
 from router.outcomes import Label, OutcomeRecord, SQLiteOutcomeStore, TieredLabel, lock_beside
 from router.outcomes_redis import RedisOutcomeStore
 from tests.conftest import wait_for
-from tests.records import outcome, three_people, write_late
+from tests.records import (
+    answer_across_an_erasure,
+    label_across_an_erasure,
+    outcome,
+    three_people,
+    write_late,
+)
 from tests.redis_server import RedisServer
 
 
@@ -949,6 +955,38 @@ def test_nothing_written_after_an_erasure_brings_it_back(
         spend = {k: client.hgetall(k) for k in client.scan_iter("tiergate:erased-spend:*")}
         assert spend and "acme" not in str(spend) and "req_" not in str(spend)  # hashed too
         assert all(0 < client.ttl(k) <= 30 * 86400 for k in tombstones)  # ERASURE_KEPT_S
+    finally:
+        s.close()
+
+
+def test_a_request_answered_across_an_erasure_is_erased_too(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A stream of the tenant's that began before `tiergate outcomes delete --tenant` and
+    ended after it was written to Redis under the tenant's name (its record, the ts index,
+    the spend field), as the record is made when a request ends."""
+    s = store(redis_server, tmp_path)
+    client = redis_server.client()
+    try:
+        cli = RedisOutcomeStore(redis_server.url, journal=s.journal)
+        cli.connect()
+        answer_across_an_erasure(s, cli.erase, lambda: _everything_in(client))
+        cli.close()
+    finally:
+        s.close()
+
+
+def test_a_label_on_a_request_begun_before_an_erasure_is_refused(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """During a rolling upgrade a replica running the record script before this one records a
+    request of acme's answered across acme's erasure (it compares when the request ended); a
+    label that came for it later was written too, as the label script dated the request by
+    its record's ts."""
+    s = store(redis_server, tmp_path)
+    client = redis_server.client()
+    try:
+        label_across_an_erasure(s, lambda name, ts: client.set(f"tiergate:erased:{name}", repr(ts)))
     finally:
         s.close()
 
