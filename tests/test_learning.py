@@ -6,6 +6,7 @@ import asyncio
 import sqlite3
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -503,6 +504,47 @@ def test_the_judging_spend_of_an_erased_request_stays_on_the_dashboard(
         with sqlite3.connect(tmp_path / "outcomes.db") as db:
             kept = db.execute("SELECT * FROM erased_spend").fetchall()
         assert len(kept) == 1 and "acme" not in str(kept) and erased not in str(kept)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_a_stream_answered_across_its_tenant_s_erasure_is_not_recorded(
+    tmp_path: Path, fake: FakeProvider, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """`tiergate outcomes delete --tenant acme` while a stream of acme's from the closed model
+    was still being answered: its record, made when it ended, was written under acme's name
+    with its prompt. A request acme makes after the erasure is recorded."""
+    fake.reset(Behaviour(mode="stall", stall_s=60.0))
+    outcomes: Any = None
+    if backend == "redis":
+        server = request.getfixturevalue("redis_server")
+        outcomes = RedisOutcomeStore(server.url, journal=tmp_path / "journal.jsonl")
+    with (
+        serve(tmp_path, policy_yaml(fake), outcomes) as srv,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        store = srv.gateway.outcomes
+        asked = pool.submit(chat, srv, "acme", "Dana White asks", model="gpt-4o", stream=True)
+        assert wait_for(lambda: len(fake.received) == 1)  # the provider holds the answer back
+        if backend == "redis":  # what `tiergate outcomes delete --tenant` opens, beside it
+            cli: Any = RedisOutcomeStore(server.url, journal=tmp_path / "journal.jsonl")
+            cli.connect()
+        else:
+            cli = SQLiteOutcomeStore(tmp_path / "outcomes.db")
+        try:
+            cli.erase(tenant="acme")
+        finally:
+            cli.close()
+        fake.unstall()
+        answered = asked.result(30)
+        assert answered.status_code == 200 and "[DONE]" in answered.text
+        assert store.flush(10)
+        assert store.get(answered.headers["x-request-id"]) is None
+        assert store.count("acme") == 0 and store.health()["refused_erased"] == 1
+        fake.reset(Behaviour())
+        later = chat(srv, "acme", "Erin Black asks", model="gpt-4o")
+        assert store.flush(10)
+        assert store.get(later.headers["x-request-id"]) is not None
+        assert store.count("acme") == 1
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "redis"])
