@@ -196,6 +196,21 @@ def test_the_external_server_gets_messages_every_chat_template_reads(
     ]
 
 
+def test_text_parts_reach_the_local_model_on_separate_lines(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """A message's text parts (an app's instruction, then its document) were glued end to end
+    for the local model: it read ``Translate to English:Bonjour``. They go on separate lines,
+    in process and to an external server, as llama-server and vLLM join them."""
+    parts = [{"type": "text", "text": "Translate to English:"}, {"type": "text", "text": "Bonjour"}]
+    messages = [{"role": "user", "content": parts}]
+    joined = {"role": "user", "content": "Translate to English:\nBonjour"}
+    sent = _sent_to_external_server(tmp_path, fake, messages=messages)
+    assert sent["messages"][-1] == joined
+    in_process = LlamaCppBackend(Settings(home=tmp_path, local_model_path=GGUF))
+    assert in_process._kwargs({"messages": messages})["messages"][-1] == joined
+
+
 def _streamed_from_external_server(
     tmp_path: Path, fake: FakeProvider, **body: Any
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:

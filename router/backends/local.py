@@ -178,7 +178,9 @@ def check_local_request(body: dict[str, Any]) -> None:
 
 def _text_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Flatten text-only content-part arrays into strings, which every chat template accepts
-    (llama-cpp-python's server, too, fails on arrays and on the developer role).
+    (llama-cpp-python's server, too, fails on arrays and on the developer role). The parts go
+    on separate lines, as llama-server and vLLM join them and as the routing signals read
+    them: joined as they came, ``["Translate:", "Bonjour"]`` read ``Translate:Bonjour``.
 
     A ``developer`` message (OpenAI's newer name for the system message) becomes a ``system``
     one: chat templates know no developer role, so it was written into the prompt as a turn the
@@ -190,7 +192,7 @@ def _text_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         message = {**sent, "role": "system"} if sent.get("role") == "developer" else sent
         content = message.get("content")
         if isinstance(content, list):
-            text = "".join(str(p.get("text", "")) for p in content)
+            text = "\n".join(str(p.get("text", "")) for p in content)
             out.append({**message, "content": text})
         elif content is None:  # an assistant's tool call: chat templates expect text
             out.append({**message, "content": ""})
