@@ -591,11 +591,19 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         route = f"{request.method} {request.url.path[:200]}"  # the client's own, cut short
-        if exc.status_code == 404:  # an OpenAI endpoint Tiergate does not serve, say
+        if exc.status_code in (404, 405):  # an OpenAI endpoint Tiergate does not serve, say
+            # A method the path does not take is one too: the SDK's chat.completions.list()
+            # (GET /v1/chat/completions, stored completions) or models.delete(). As a 404 the
+            # SDK raises NotFoundError for it, as for every other endpoint Tiergate lacks;
+            # ``Allow`` still names the methods the path takes.
+            allow = (exc.headers or {}).get("Allow")
+            takes = f" ({request.url.path[:200]} takes {allow} only)" if allow else ""
             err: TiergateError = NotFoundError(
-                f"Tiergate does not serve {route}: it serves POST /v1/chat/completions, "
-                "/v1/messages and /v1/responses (GET /openapi.json lists every endpoint)",
+                f"Tiergate does not serve {route}{takes}: it serves POST "
+                "/v1/chat/completions, /v1/messages and /v1/responses (GET /openapi.json "
+                "lists every endpoint)",
                 code="not_found",
+                headers={"allow": allow} if allow else None,
             )
         else:
             err = TiergateError(f"{route}: {exc.detail}", code=f"http_{exc.status_code}")

@@ -720,6 +720,28 @@ def test_a_model_is_retrieved_by_name(client: openai.OpenAI) -> None:
     assert missing.value.code == "model_not_found"
 
 
+def test_an_sdk_call_to_a_method_tiergate_does_not_serve_is_a_404_naming_what_it_serves(
+    client: openai.OpenAI,
+) -> None:
+    """The SDK's chat.completions.list() (stored completions, GET on the chat path) and
+    models.delete() were a bare 405 "Method Not Allowed", which the SDK raises as a plain
+    APIStatusError, without the Allow header: they read like every other endpoint Tiergate
+    does not serve."""
+    with pytest.raises(openai.NotFoundError) as listing:
+        client.chat.completions.list()
+    assert listing.value.code == "not_found"
+    assert isinstance(listing.value.body, dict)
+    assert listing.value.body["message"].startswith(
+        "Tiergate does not serve GET /v1/chat/completions "
+        "(/v1/chat/completions takes POST only): it serves POST /v1/chat/completions"
+    )
+    assert listing.value.response.headers["allow"] == "POST"
+    with pytest.raises(openai.NotFoundError) as deleting:
+        client.models.delete("auto")
+    assert "Tiergate does not serve DELETE /v1/models/auto" in deleting.value.message
+    assert deleting.value.response.headers["allow"] == "GET"
+
+
 def test_health_and_readiness(server: LiveServer) -> None:
     assert server.http.get("/healthz").json() == {"status": "ok"}
     ready = server.http.get("/readyz")

@@ -194,8 +194,10 @@ def test_every_failure_is_answered_as_json_in_the_fronts_shape(
         assert message.startswith("Tiergate does not serve POST /v1/embeddings: ")
         assert "/v1/chat/completions" in message
         listing = client.delete("/v1/models")
-        assert listing.status_code == 405
-        assert listing.json()["error"]["message"] == "DELETE /v1/models: Method Not Allowed"
+        assert listing.status_code == 404 and listing.headers["allow"] == "GET"
+        assert listing.json()["error"]["message"].startswith(
+            "Tiergate does not serve DELETE /v1/models (/v1/models takes GET only): "
+        )
         bad = client.post("/v1/chat/completions", json={"model": "auto"})
         assert bad.status_code == 400
         assert bad.json()["error"]["type"] == "invalid_request_error"
