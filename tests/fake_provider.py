@@ -59,9 +59,10 @@ class Behaviour:
     Anthropic's ``message_start``, the Responses ``response.created``), overloaded_after_open
     (Anthropic: ``message_start``, then an ``overloaded_error`` event, as Anthropic ends a stream it
     cannot go on with; Responses: ``response.created``, then OpenAI's ``server_is_overloaded``
-    ``error`` event; either with ``error_body`` as the event instead), error_mid_stream
-    (Anthropic and Responses: two words, then the protocol's ``error`` event for a rate limit,
-    :data:`ANTHROPIC_RATE_LIMITED` or :data:`OPENAI_RATE_LIMITED`, or ``error_body``, as a
+    ``error`` event; OpenAI chat: the role chunk, then :data:`OPENAI_CHAT_OVERLOADED`; each with
+    ``error_body`` as the event instead), error_mid_stream (two words, then the protocol's
+    error event for a rate limit, :data:`ANTHROPIC_RATE_LIMITED`, :data:`OPENAI_RATE_LIMITED`
+    or, OpenAI chat, the chunk :data:`OPENAI_CHAT_RATE_LIMITED`, or ``error_body``, as a
     provider ends a stream it rate-limits once open), unfinished_response
     (Responses: a 200 whose Response has status ``response_status`` and no output, with
     ``error_body`` as its ``error``; a ``failed`` one without it has
@@ -168,6 +169,27 @@ OPENAI_OVERLOADED = {
     "code": "server_is_overloaded",
     "message": "Our servers are currently overloaded. Please try again later.",
     "param": None,
+}
+
+#: An OpenAI chat stream's chunk when it rate-limits a stream it has opened: the error body of
+#: its 429, as a ``data:`` chunk (OpenAI-compatible servers, vLLM, send one so).
+OPENAI_CHAT_RATE_LIMITED = {
+    "error": {
+        "message": "Rate limit reached for gpt-4o on requests per min (RPM): Limit 500.",
+        "type": "requests",
+        "param": None,
+        "code": "rate_limit_exceeded",
+    }
+}
+
+#: An OpenAI chat stream's chunk when it is overloaded once the stream is open (its 503).
+OPENAI_CHAT_OVERLOADED = {
+    "error": {
+        "message": "The server is overloaded. Please try again later.",
+        "type": "service_unavailable_error",
+        "param": None,
+        "code": "server_is_overloaded",
+    }
 }
 
 #: The ``error`` of a Response whose model failed to generate it (OpenAI's status ``failed``).
@@ -685,9 +707,15 @@ class FakeProvider:
         send(opening)
         if self._cut_after_open(h, b"data: [DONE]\n\n"):
             return
+        if b.mode == "overloaded_after_open" and self._failing(h):
+            send(b.error_body or OPENAI_CHAT_OVERLOADED)
+            return
         for i, piece in enumerate(pieces):
             if b.mode == "reset_mid_stream" and i == 2:
                 _reset(h)
+                return
+            if b.mode == "error_mid_stream" and i == 2:
+                send(b.error_body or OPENAI_CHAT_RATE_LIMITED)
                 return
             if b.mode == "interrupted" and i == 2:
                 h.wfile.write(b"data: [DONE]\n\n")

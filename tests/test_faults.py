@@ -26,6 +26,11 @@ import pytest
 from tests.conftest import LiveServer, free_port, live, policy_yaml, wait_for
 from tests.fake_provider import (
     ANTHROPIC_OVERLOADED,
+    ANTHROPIC_RATE_LIMITED,
+    OPENAI_CHAT_OVERLOADED,
+    OPENAI_CHAT_RATE_LIMITED,
+    OPENAI_OVERLOADED,
+    OPENAI_RATE_LIMITED,
     RESPONSE_SERVER_ERROR,
     Behaviour,
     FakeProvider,
@@ -733,6 +738,150 @@ def test_a_rate_limit_event_after_a_native_streams_opening_is_a_429_or_a_fallbac
     assert fallback.headers["x-tiergate-model"] == other
     assert fallback.headers["x-tiergate-fallback"] == "closed->closed"
     assert text.strip() == fake.behaviour.text
+
+
+#: How each protocol's provider ends a stream it has opened, per kind of failure: Anthropic's
+#: ``error`` event, the Responses ``error`` event, an OpenAI chat (or compatible) ``{"error"}``
+#: chunk.
+ERROR_EVENTS: dict[str, dict[str, dict[str, Any]]] = {
+    "anthropic": {
+        "rate_limit": ANTHROPIC_RATE_LIMITED,
+        "overloaded": ANTHROPIC_OVERLOADED,
+        "other": {"type": "error", "error": {"type": "api_error", "message": "Internal error"}},
+    },
+    "responses": {
+        "rate_limit": OPENAI_RATE_LIMITED,
+        "overloaded": OPENAI_OVERLOADED,
+        "other": {"type": "error", "code": "server_error", "message": "Internal error"},
+    },
+    "openai": {
+        "rate_limit": OPENAI_CHAT_RATE_LIMITED,
+        "overloaded": OPENAI_CHAT_OVERLOADED,
+        "other": {"error": {"message": "Internal error", "type": "server_error", "code": None}},
+    },
+}
+#: Each kind as the same failure answered with a status is: (HTTP status, error code, the
+#: type Anthropic's ``error`` event names it by).
+ERROR_KINDS = {
+    "rate_limit": (429, "upstream_rate_limited", "rate_limit_error"),
+    "overloaded": (503, "upstream_overloaded", "overloaded_error"),
+    "other": (502, "upstream_error", "api_error"),
+}
+#: Each way a front's stream reaches a closed model: (front, the closed model, how it is
+#: reached through litellm (a key of LITELLM_PATH, or ``claude-via-litellm``) or None, the
+#: protocol its provider speaks).
+ERROR_EVENT_PATHS: dict[str, tuple[str, str, str | None, str]] = {
+    "chat-openai-direct": ("chat", "gpt-4o", None, "openai"),
+    "messages-openai-direct": ("messages", "gpt-4o", None, "openai"),
+    "messages-anthropic-native": ("messages", "claude", None, "anthropic"),
+    "responses-openai-native": ("responses", "gpt-4o", None, "responses"),
+}
+
+
+def _error_event_policy(fake: FakeProvider, first: str, via: str | None) -> str:
+    """The test policy (on_failure: closed) with ``first`` first in the closed chain, reached
+    as ``via`` says."""
+    policy = policy_yaml(fake, on_failure="closed")
+    if via == "claude-via-litellm":
+        claude = "litellm_model: anthropic/claude-3-5-sonnet-20241022"
+        policy = policy.replace(claude, claude + "\n    transport: litellm")
+    elif via is not None:
+        policy = policy.replace("litellm_model: openai/gpt-4o", LITELLM_PATH[via])
+    if first == "claude":
+        policy = policy.replace(
+            "closed_models: [gpt-4o, claude]", "closed_models: [claude, gpt-4o]"
+        )
+    return policy
+
+
+def _error_events(front: str, events: list[Any]) -> list[Any]:
+    """The events of a stream on ``front`` that report an error."""
+    if front == "chat":
+        return [e for e in events if isinstance(e, dict) and "error" in e]
+    return [e for e in events if e["type"] in ("error", "response.failed")]
+
+
+@pytest.mark.parametrize("kind", sorted(ERROR_KINDS))
+@pytest.mark.parametrize("way", sorted(ERROR_EVENT_PATHS))
+def test_a_providers_error_event_mid_stream_is_mapped_alike_on_every_path(
+    tmp_path: Path, fake: FakeProvider, way: str, kind: str
+) -> None:
+    """A provider that ends a stream after its first words with its error event (a rate
+    limit, an overload, any other failure) gives the client the words and the front's own
+    error event (chat: Tiergate's error chunk; messages: Anthropic's ``error`` event;
+    responses: the Responses ``error`` event), once, and a record that names the failure
+    as the same failure answered with a status is: 429, 503, else 502. The direct OpenAI path
+    passed an OpenAI-compatible server's ``{"error": ...}`` chunk on as a chunk of the answer,
+    then cut the stream as unreachable (502 ``upstream_unreachable``) whatever it said."""
+    front, model, via, protocol = ERROR_EVENT_PATHS[way]
+    status, code, anthropic_type = ERROR_KINDS[kind]
+    event = ERROR_EVENTS[protocol][kind]
+    said = (event.get("error") or event)["message"]
+    fake.reset(Behaviour(mode="error_mid_stream", error_body=event))
+    path, body, _ = CUT_FRONTS[front]
+    with live(tmp_path, _error_event_policy(fake, model, via)) as srv:
+        with srv.http.stream("POST", path, json={**body, "model": model}) as response:
+            events = _sse(response)
+        record = _record(srv, response)
+    assert (response.status_code, response.headers["x-tiergate-model"]) == (200, model)
+    errors = _error_events(front, events)
+    assert errors == [events[-1]], events[-3:]
+    assert _opening_and_text(front, events[:-1])[1] == "Hello from "
+    if front == "chat":
+        assert events[-1]["error"]["code"] == code
+        message = events[-1]["error"]["message"]
+    elif front == "messages":
+        assert events[-1]["error"]["type"] == anthropic_type
+        message = events[-1]["error"]["message"]
+    else:
+        assert (events[-1]["type"], events[-1]["code"]) == ("error", code)
+        message = events[-1]["message"]
+    assert model in message and said in message
+    assert (record["status"], record["http_status"], record["error_type"]) == (
+        "error",
+        status,
+        code,
+    )
+
+
+@pytest.mark.parametrize("kind", sorted(ERROR_KINDS))
+@pytest.mark.parametrize("way", sorted(ERROR_EVENT_PATHS))
+def test_a_providers_error_event_before_the_first_token_falls_back(
+    tmp_path: Path, fake: FakeProvider, way: str, kind: str
+) -> None:
+    """The same error event right after the stream's opening, before any token: the chain
+    goes on as after any failed call (the other closed model answers whole), and the model
+    that failed is counted as failing so (a rate limit cools it at once, as a 429 does). On
+    the direct OpenAI path its ``{"error": ...}`` chunk was held as part of the opening and the
+    stream taken for one cut: every kind counted as ``upstream_unreachable``."""
+    front, model, via, protocol = ERROR_EVENT_PATHS[way]
+    _, code, _ = ERROR_KINDS[kind]
+    path, body, _ = CUT_FRONTS[front]
+    failing = "/messages" if model == "claude" else "/" + path.rsplit("/", 1)[-1]
+    if front == "messages" and model == "gpt-4o":
+        failing = "/chat/completions"
+    event = ERROR_EVENTS[protocol][kind]
+    fake.reset(Behaviour(mode="overloaded_after_open", failing_path=failing, error_body=event))
+    policy = _error_event_policy(fake, model, via)
+    with live(tmp_path, policy, cooldown_after_fails=1) as srv:
+        with srv.http.stream("POST", path, json=body) as response:
+            events = _sse(response)
+        record = _record(srv, response)
+        cooling = srv.gateway.cooldowns.status()
+    other = "gpt-4o" if model == "claude" else "claude"
+    assert response.status_code == 200
+    assert (response.headers["x-tiergate-model"], response.headers["x-tiergate-fallback"]) == (
+        other,
+        "closed->closed",
+    )
+    assert _opening_and_text(front, events)[1].strip() == fake.behaviour.text
+    assert not _error_events(front, events)
+    assert (record["status"], record["model"], record["fallback"]) == (
+        "ok",
+        other,
+        "closed->closed",
+    )
+    assert cooling[model]["reason"] == code, cooling
 
 
 # -- local tier faults -------------------------------------------------------------------------

@@ -22,14 +22,8 @@ from typing import Any, Literal, Protocol
 
 from router.backends import Completion, ModelLike, Usage, token_count
 from router.backends.closed import key_for, provider_of
-from router.backends.openai_http import OpenAIHTTP, request_too_large, stream_cut
-from router.errors import (
-    BackendError,
-    UpstreamBadResponseError,
-    UpstreamOverloadedError,
-    UpstreamRateLimitedError,
-    UpstreamRequestTooLargeError,
-)
+from router.backends.openai_http import OpenAIHTTP, stream_cut, stream_failure
+from router.errors import BackendError, UpstreamBadResponseError
 
 #: The key, in a chat answer or chunk, that holds the provider's native body or event.
 NATIVE = "tiergate_native"
@@ -370,8 +364,7 @@ class _AnthropicEvents:
         kind = event["type"]
         if kind == "error":
             error = event.get("error")
-            error = error if isinstance(error, dict) else {}
-            raise _stream_failure(label, error, error.get("type") == "overloaded_error")
+            raise stream_failure(label, error if isinstance(error, dict) else {})
         if kind == "message_start":
             message = event.get("message") or {}
             self.id = str(message.get("id", ""))
@@ -405,41 +398,10 @@ class _AnthropicEvents:
         return {"choices": []}
 
 
-#: How a provider says, in a stream's error event, that it is rate-limited (its 429 once a
-#: stream is open): OpenAI's Responses code ``rate_limit_exceeded``, Anthropic's type
-#: ``rate_limit_error``.
-_RATE_LIMITED = ("rate_limit_exceeded", "rate_limit_error")
-
-
-def _stream_failure(
-    label: str, error: Mapping[str, Any], overloaded: bool, *, when: str = " mid-stream"
-) -> BackendError:
-    """The failure a stream's error event reports (or a Response's ``error``), as the same
-    failure answered with an HTTP status is taken
-    (:func:`~router.backends.openai_http.error_for_status`): overloaded, a 503;
-    rate-limited, a 429 (no ``Retry-After``: an event has no headers); else a 502."""
-    text = f"{label} failed{when}: {error.get('message') or 'error'}"
-    if overloaded:
-        return UpstreamOverloadedError(text)
-    if any(error.get(k) in _RATE_LIMITED for k in ("code", "type")):
-        if request_too_large(text):
-            return UpstreamRequestTooLargeError(text)
-        return UpstreamRateLimitedError(text)
-    return BackendError(text)
-
-
-#: How OpenAI says, in a Responses stream's ``error`` or ``response.failed`` event, that it is
-#: overloaded (its 503 once a stream is open): code ``server_is_overloaded``, type
-#: ``service_unavailable_error`` where the error has one.
-_RESPONSES_OVERLOADED = ("server_is_overloaded", "service_unavailable_error")
-
-
 def _response_failure(label: str, error: Any, *, when: str = " mid-stream") -> BackendError:
     """The failure an OpenAI Response's ``error`` (or a Responses stream's ``error`` event)
     reports: overloaded, rate-limited or other, by its code or type."""
-    error = error if isinstance(error, dict) else {}
-    overloaded = any(error.get(k) in _RESPONSES_OVERLOADED for k in ("code", "type"))
-    return _stream_failure(label, error, overloaded, when=when)
+    return stream_failure(label, error if isinstance(error, dict) else {}, when=when)
 
 
 #: The statuses of a Response that answered: ``incomplete`` is a cut answer (its

@@ -137,6 +137,40 @@ def request_too_large(message: str) -> bool:
     return "Request too large for " in message
 
 
+#: How providers name, in a stream's error event, a rate limit (their 429 once a stream is
+#: open): OpenAI's code ``rate_limit_exceeded`` (chat chunks, Responses events), Anthropic's
+#: type ``rate_limit_error``.
+_RATE_LIMITED = ("rate_limit_exceeded", "rate_limit_error")
+#: ... and that they are overloaded (their 503, Anthropic's 529): Anthropic's type
+#: ``overloaded_error``, OpenAI's code ``server_is_overloaded`` and type
+#: ``service_unavailable_error``.
+_OVERLOADED_NAMES = ("overloaded_error", "server_is_overloaded", "service_unavailable_error")
+
+
+def stream_failure(
+    label: str, error: Any, *, when: str = " mid-stream", api_key: str | None = None
+) -> BackendError:
+    """The failure a provider's error event reports once a stream is open (Anthropic's
+    ``error`` event, a Responses ``error`` or ``response.failed``, an OpenAI-compatible chat
+    chunk ``{"error": {...}}``; or a Response's ``error``), taken as the same failure answered
+    with an HTTP status is (:func:`error_for_status`): by its code or type, or the HTTP status
+    some servers put in ``code`` (vLLM), rate-limited is a 429 (no ``Retry-After``: an event
+    has no headers), overloaded a 503, anything else a 502. ``when`` says where it came."""
+    error = error if isinstance(error, dict) else {"message": str(error or "")}
+    said = scrub(str(error.get("message") or "error")[:500], [api_key])
+    text = f"{label} failed{when}: {said}"
+    names = [error.get(k) for k in ("code", "type")]
+    code = error.get("code")
+    status = code if type(code) is int and 400 <= code < 600 else None
+    if status == 429 or any(n in _RATE_LIMITED for n in names if isinstance(n, str)):
+        if request_too_large(text):
+            return UpstreamRequestTooLargeError(text, upstream_status=status)
+        return UpstreamRateLimitedError(text, upstream_status=status)
+    if status in OVERLOADED or any(n in _OVERLOADED_NAMES for n in names if isinstance(n, str)):
+        return UpstreamOverloadedError(text, upstream_status=status)
+    return BackendError(text, upstream_status=status)
+
+
 #: The most of an error answer's body read for its message. A provider's error is JSON of a
 #: few hundred bytes (a validation error naming fields, or a proxy's or CDN's HTML page, a few
 #: KiB), and only its first 500 characters are repeated: 64 KiB holds any of these whole, and
@@ -411,6 +445,8 @@ class OpenAIHTTP:
                 if data == b"[DONE]":
                     break
                 chunk = _chunk(data, label)
+                if chunk.get("error"):  # the server failed once the stream was open
+                    raise stream_failure(label, chunk["error"], api_key=api_key)
                 if chunk.get("usage"):
                     usage.take(usage_from_body(chunk, label))
                 finished = finished or any(
