@@ -775,6 +775,14 @@ ERROR_EVENT_PATHS: dict[str, tuple[str, str, str | None, str]] = {
     "messages-openai-direct": ("messages", "gpt-4o", None, "openai"),
     "messages-anthropic-native": ("messages", "claude", None, "anthropic"),
     "responses-openai-native": ("responses", "gpt-4o", None, "responses"),
+    "chat-anthropic-litellm": ("chat", "claude", None, "anthropic"),
+    "messages-anthropic-litellm": ("messages", "claude", "claude-via-litellm", "anthropic"),
+    "responses-anthropic-litellm": ("responses", "claude", None, "anthropic"),
+    **{
+        f"{front}-{via}": (front, "gpt-4o", via, "openai")
+        for front in ("chat", "messages", "responses")
+        for via in LITELLM_PATH
+    },
 }
 
 
@@ -857,9 +865,9 @@ def test_a_providers_error_event_before_the_first_token_falls_back(
     front, model, via, protocol = ERROR_EVENT_PATHS[way]
     _, code, _ = ERROR_KINDS[kind]
     path, body, _ = CUT_FRONTS[front]
-    failing = "/messages" if model == "claude" else "/" + path.rsplit("/", 1)[-1]
-    if front == "messages" and model == "gpt-4o":
-        failing = "/chat/completions"
+    failing = {"anthropic": "/messages", "responses": "/responses"}.get(
+        protocol, "/chat/completions"
+    )
     event = ERROR_EVENTS[protocol][kind]
     fake.reset(Behaviour(mode="overloaded_after_open", failing_path=failing, error_body=event))
     policy = _error_event_policy(fake, model, via)

@@ -43,6 +43,7 @@ from router.backends.openai_http import (
     request_too_large,
     retry_after_s,
     stream_cut,
+    stream_failure,
 )
 from router.config import MAX_EVENT_BYTES
 from router.costs import litellm_output_limits
@@ -436,6 +437,47 @@ class _OverLimitError(Exception):
     and found among its error's causes by :func:`map_litellm_error`: never seen outside."""
 
 
+class _ProviderEventError(Exception):
+    """A provider's error event in a stream litellm reads (Anthropic's ``error`` event, an
+    OpenAI-compatible chunk ``{"error": ...}``), raised in its place and found among litellm's
+    error's causes by :func:`map_litellm_error`: litellm raises each as a 500 with the
+    provider's message alone, so a rate limit or an overload read as any failure."""
+
+    def __init__(self, error: dict[str, Any]) -> None:
+        super().__init__(str(error.get("message") or "error"))
+        self.error = error
+
+
+#: The longest stream line read for an error event (one is a few hundred bytes).
+_EVENT_KEPT = 64 * 1024
+
+
+def _error_event(line: bytes | bytearray) -> dict[str, Any] | None:
+    """The ``error`` of an SSE ``data:`` line that is a provider's error event, else None."""
+    if not line.startswith(b"data:") or b'"error"' not in line:
+        return None
+    try:
+        payload = json.loads(line[5:])
+    except (ValueError, RecursionError):
+        return None
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if not error:
+        return None
+    return error if isinstance(error, dict) else {"message": str(error)}
+
+
+def _sdk_error_event(exc: BaseException) -> dict[str, Any] | None:
+    """The ``error`` of an error chunk the OpenAI SDK read in a stream (litellm calls
+    ``openai/`` with ``transport: litellm`` through it): it raises a bare ``APIError`` whose
+    ``body`` is that error, which litellm calls a connection error."""
+    for cause in _causes(exc):
+        body = getattr(cause, "body", None)
+        kind = type(cause)
+        if kind.__name__ == "APIError" and kind.__module__.startswith("openai"):
+            return body if isinstance(body, dict) else None
+    return None
+
+
 #: The content types of an answer read line by line (an event stream): the bound is per line.
 _LINE_TYPES = ("text/event-stream", "application/x-ndjson")
 
@@ -471,19 +513,31 @@ class _Bounded(httpx.AsyncByteStream):
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         run = 0  # bytes of the line so far, or of the body
+        kept = bytearray()  # the line so far, while it may be an error event
         async for data in self._stream:
             if not self._lines:
                 run += len(data)
                 if run > self._limit:
                     raise _OverLimitError(f"sent a body over {self._limit} bytes")
-            else:
-                for piece in data.splitlines(keepends=True):  # at CR, LF or CRLF, as SSE
-                    line = piece.rstrip(b"\r\n")
-                    run += len(line)
-                    if run > self._limit:
-                        raise _OverLimitError(f"sent a stream event over {self._limit} bytes")
-                    if len(line) < len(piece):
-                        run = 0
+                yield data
+                continue
+            at = 0  # where the piece starts in data
+            for piece in data.splitlines(keepends=True):  # at CR, LF or CRLF, as SSE
+                line = piece.rstrip(b"\r\n")
+                run += len(line)
+                if run > self._limit:
+                    raise _OverLimitError(f"sent a stream event over {self._limit} bytes")
+                if run <= _EVENT_KEPT:
+                    kept += line
+                if len(line) < len(piece):
+                    error = _error_event(kept) if run <= _EVENT_KEPT else None
+                    if error is not None:
+                        if at:  # what came before it reaches litellm; the event does not
+                            yield data[:at]
+                        raise _ProviderEventError(error)
+                    run = 0
+                    kept.clear()
+                at += len(piece)
             yield data
 
     async def aclose(self) -> None:
@@ -644,9 +698,9 @@ def map_litellm_error(exc: Exception, label: str, key: str | None = None) -> Tie
 
     A failure mid-stream comes wrapped in a ``MidStreamFallbackError`` (for litellm's router,
     which Tiergate does not use): the error it wraps is the one mapped, and named once."""
-    over = next((c for c in _causes(exc) if isinstance(c, _OverLimitError)), None)
-    if over is not None:  # as the direct path says it (router.backends.openai_http)
-        return UpstreamBadResponseError(f"{label} {over}")
+    found = _found_in_stream(exc, label, key)
+    if found is not None:
+        return found
     exc = _unwrapped(exc)
     status = getattr(exc, "status_code", None)
     name = type(exc).__name__
@@ -691,6 +745,20 @@ def map_litellm_error(exc: Exception, label: str, key: str | None = None) -> Tie
             upstream_status=status,
         )
     return BackendError(said, upstream_status=status if isinstance(status, int) else None)
+
+
+def _found_in_stream(exc: Exception, label: str, key: str | None) -> BackendError | None:
+    """The failure Tiergate found in what litellm read, among ``exc``'s causes: an answer over
+    the bound, as the direct path says it (router.backends.openai_http), or the provider's
+    error event, by its kind (a rate limit, an overload) as the direct and native paths take
+    it (:func:`~router.backends.openai_http.stream_failure`); else None."""
+    causes = list(_causes(exc))
+    over = next((c for c in causes if isinstance(c, _OverLimitError)), None)
+    if over is not None:
+        return UpstreamBadResponseError(f"{label} {over}")
+    event = next((c.error for c in causes if isinstance(c, _ProviderEventError)), None)
+    event = event if event is not None else _sdk_error_event(exc)
+    return None if event is None else stream_failure(label, event, api_key=key)
 
 
 def _unwrapped(exc: Exception) -> Exception:
