@@ -519,6 +519,10 @@ class Gateway:
                     yield _usage_chunk(ctx, relay.id, relay.model)
         except (Exception, asyncio.CancelledError, GeneratorExit) as exc:
             status, http_status, error = _outcome(exc, self.stopping)
+            if source is not None and ctx.served is not None and isinstance(exc, BackendError):
+                # The model failed after its stream started (a provider's rate-limit event, a
+                # stream cut): a failed call, for its cooldown, as the same failure before it.
+                self._cool(ctx.served.model, exc)
             internal = self._explained(ctx, exc, opened=source is not None)
             if internal is not None:
                 raise internal from exc
@@ -1377,7 +1381,12 @@ class Gateway:
         if not exc.retryable:
             return
         self.telemetry.on_attempt_failed(model, exc)
-        if not self._cools(model):
+        self._cool(model, exc)
+
+    def _cool(self, model: ModelSpec, exc: BackendError) -> None:
+        """Count ``model``'s failed call toward its cooldown (:meth:`_cools`), and log and count
+        the cooldown it starts."""
+        if not exc.retryable or not self._cools(model):
             return
         seconds = self.cooldowns.failed(model.name, exc)
         if seconds:

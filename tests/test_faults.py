@@ -820,17 +820,21 @@ def test_a_providers_error_event_mid_stream_is_mapped_alike_on_every_path(
     responses: the Responses ``error`` event), once, and a record that names the failure
     as the same failure answered with a status is: 429, 503, else 502. The direct OpenAI path
     passed an OpenAI-compatible server's ``{"error": ...}`` chunk on as a chunk of the answer,
-    then cut the stream as unreachable (502 ``upstream_unreachable``) whatever it said."""
+    then cut the stream as unreachable (502 ``upstream_unreachable``) whatever it said. A
+    failure after the stream started is a failed call for the model's cooldown too (a rate
+    limit cools it at once, as a 429 does): it was not counted at all."""
     front, model, via, protocol = ERROR_EVENT_PATHS[way]
     status, code, anthropic_type = ERROR_KINDS[kind]
     event = ERROR_EVENTS[protocol][kind]
     said = (event.get("error") or event)["message"]
     fake.reset(Behaviour(mode="error_mid_stream", error_body=event))
     path, body, _ = CUT_FRONTS[front]
-    with live(tmp_path, _error_event_policy(fake, model, via)) as srv:
+    policy = _error_event_policy(fake, model, via)
+    with live(tmp_path, policy, cooldown_after_fails=1) as srv:
         with srv.http.stream("POST", path, json={**body, "model": model}) as response:
             events = _sse(response)
         record = _record(srv, response)
+        cooling = srv.gateway.cooldowns.status()
     assert (response.status_code, response.headers["x-tiergate-model"]) == (200, model)
     errors = _error_events(front, events)
     assert errors == [events[-1]], events[-3:]
@@ -850,6 +854,8 @@ def test_a_providers_error_event_mid_stream_is_mapped_alike_on_every_path(
         status,
         code,
     )
+    # A failed call for the model's cooldown, as the same failure before the first token.
+    assert cooling[model]["reason"] == code, cooling
 
 
 @pytest.mark.parametrize("kind", sorted(ERROR_KINDS))
