@@ -61,6 +61,33 @@ def test_a_stream_yields_chunks_and_fills_in_its_usage(provider: FakeProvider) -
 
 
 @pytest.mark.parametrize(
+    ("chunk", "error"),
+    [
+        ({"code": 429, "message": "Too many requests"}, UpstreamRateLimitedError),
+        ({"code": 503, "message": "Service unavailable"}, UpstreamOverloadedError),
+        ({"code": 500, "message": "Internal error"}, BackendError),
+        ({"code": True, "type": "BadRequestError", "message": "Bad"}, BackendError),
+        ({"code": "rate_limit_exceeded", "message": f"key {KEY} over"}, UpstreamRateLimitedError),
+        ("a bare string", BackendError),
+    ],
+)
+def test_an_error_chunk_mid_stream_fails_as_its_kind_says(
+    provider: FakeProvider, chunk: Any, error: type[BackendError]
+) -> None:
+    """An OpenAI-compatible server's ``{"error": ...}`` chunk after the first words fails the
+    stream by its kind: by its code or type, or by the HTTP status vLLM puts in ``code``
+    (a boolean is none); the provider's message is kept, with a key it repeats scrubbed."""
+    provider.reset(Behaviour(mode="error_mid_stream", error_body={"error": chunk}))
+    with pytest.raises(error) as raised:
+        run(_call(provider.base_url, stream=True))
+    assert type(raised.value) is error
+    said = chunk.get("message") if isinstance(chunk, dict) else chunk
+    assert raised.value.message.startswith("gpt-4o failed mid-stream: ")
+    assert KEY not in raised.value.message
+    assert said.replace(KEY, "[redacted]") in raised.value.message
+
+
+@pytest.mark.parametrize(
     ("behaviour", "error"),
     [
         (Behaviour(mode="rate_limit"), UpstreamRateLimitedError),
