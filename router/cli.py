@@ -994,6 +994,12 @@ def _cmd_outcomes_delete(args: argparse.Namespace) -> int:
             "it (BGREWRITEAOF), on every replica that keeps one (SECURITY.md)",
             file=sys.stderr,
         )
+    if erased.stream is not None:
+        print(
+            f"Redis's outcomes stream may still hold their bytes ({erased.stream}): run this "
+            "again to rebuild it (SECURITY.md)",
+            file=sys.stderr,
+        )
     if erased.journal is None:
         print(
             "a running Tiergate holds the outage journal: run this again once Redis has taken "
@@ -1001,7 +1007,7 @@ def _cmd_outcomes_delete(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    return 0
+    return 0 if erased.stream is None else 1
 
 
 def _cmd_keys_hash(args: argparse.Namespace) -> int:
@@ -1584,10 +1590,12 @@ def build_parser() -> argparse.ArgumentParser:
         "the records and labels of the named requests, or every record and label of a tenant, "
         "with their entries in Redis's indexes and change stream and in an outage journal no "
         "running Tiergate holds. SQLite overwrites what it deletes and empties its write-ahead "
-        "log; Redis is asked to rewrite its append-only file, if it keeps one (BGREWRITEAOF; "
-        "where it refuses, that is said on stderr). For 30 days, what a running Tiergate "
-        "writes for them later (labels, records of requests in flight, a replayed journal) is "
-        "refused. The journal's lines that could not "
+        "log. The change stream is rebuilt without the erased entries, whose bytes Redis's "
+        "XDEL leaves in place (where it cannot be, that is said on stderr and the command "
+        "exits 1: run it again), and Redis is asked to rewrite its append-only file, if it "
+        "keeps one (BGREWRITEAOF; where it refuses, that is said on stderr). For 30 days, "
+        "what a running Tiergate writes for them later (labels, records of requests in "
+        "flight, a replayed journal) is refused. The journal's lines that could not "
         "be read (NAME.unreadable) that name the requests or the tenant are deleted; what is "
         "left there is reported. A tenant's spend today still counts against its budget, kept "
         "under a hash of its name. Backups, and models `tiergate retrain` already fitted, are "

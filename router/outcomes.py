@@ -179,6 +179,9 @@ class Erased(NamedTuple):
     #: Redis only: what became of the append-only file, which holds the erased data's commands
     #: until it is rewritten (``RedisOutcomeStore.rewrite_aof``). None where there is none.
     aof: str | None = None
+    #: Redis only: why the ``outcomes`` stream may still hold erased entries' bytes (it is
+    #: rebuilt without them, ``RedisOutcomeStore._rebuild_stream``); None where it holds none.
+    stream: str | None = None
 
 
 #: How long an erasure's tombstone refuses late writes (a label from a shadow judgement or an

@@ -11,7 +11,14 @@ such as ``{tiergate}`` so one Lua script can touch every key):
                                 replayed record (after a retry or a journal replay) a no-op.
 ``P:outcomes``                  stream, one entry per new record (``id``, ``record``), trimmed
                                 to about 1M entries and by ``purge``: the change feed that other
-                                consumers (retrain jobs, exporters) read with ``XREAD``.
+                                consumers (retrain jobs, exporters) read with ``XREAD``. An
+                                erasure deletes its entries and then rebuilds the stream, as
+                                ``XDEL`` leaves their bytes in place (:meth:`_rebuild_stream`).
+``P:outcomes:erasures``         hash: ``deleted`` counts the erasures' ``XDEL`` s, ``rebuilt``
+                                the count the stream was last rebuilt at; they differ while the
+                                stream may hold erased bytes.
+``P:outcomes:rebuild:<random>`` stream, a rebuild's copy, renamed over ``P:outcomes`` when it
+                                is whole; expiring after :data:`REBUILD_TTL_S` if left behind.
 ``P:outcomes:ts``               sorted set, request id by timestamp: ``recent``, ``count``,
                                 ``purge``. ``P:outcomes:ts:<tenant>`` the same per tenant;
                                 ``P:tenants`` the set of tenants seen.
@@ -118,6 +125,14 @@ _SCORES_CAP = 2000
 #: outcomes are dropped (counted and logged).
 _MEMORY_FACTOR = 4
 _STREAM_MAXLEN = 1_000_000
+#: A stream rebuild copies REBUILD_BATCH entries per round trip, and its last step (one
+#: script, which blocks Redis while it runs) at most REBUILD_LAST; it starts again at most
+#: REBUILD_TRIES times when other erasures delete entries meanwhile. A copy a dead rebuild left
+#: expires after REBUILD_TTL_S.
+REBUILD_BATCH = 1000
+REBUILD_LAST = 100
+REBUILD_TRIES = 5
+REBUILD_TTL_S = 300
 #: A budget hold whose request never wrote a record (its replica died) lapses after this long.
 HOLD_TTL_S = 900
 #: After Redis failed a budget hold, holds use this replica's view for this long without asking
@@ -270,6 +285,72 @@ return 1
 """
 
 
+# KEYS: the stream, its copy, the erasures hash, a name for the old stream until it is freed.
+# ARGV: the last entry id copied ('-': none), how many were copied, the most to copy here, the
+# erasures' deleted count the copy began at.
+# Returns 0 when the copy is not whole (an erasure deleted entries since it began, or it
+# expired), -1 when more than ARGV[3] entries are left to copy (copy them first), 1 when the
+# copy, with the entries added since, its head trimmed as the stream's was, its consumer
+# groups (their last delivered id, consumers and pending entries, less the erased ones) and
+# its last id, has replaced the stream (IDs are kept: an XREAD from a last-seen id goes on).
+# Since Redis 7 a stream also counts the entries added and a group those read (its lag): they
+# are kept too.
+# The old stream is renamed away before the copy takes its name, then freed in the background
+# (UNLINK): a script that fails midway (an ACL) leaves the stream as it was.
+_REBUILD_LUA = """
+if redis.call('HGET', KEYS[3], 'deleted') ~= ARGV[4] then return 0 end
+if redis.call('XLEN', KEYS[2]) ~= tonumber(ARGV[2]) then return 0 end
+local start = '-'
+if ARGV[1] ~= '-' then start = '(' .. ARGV[1] end
+local tail = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', tonumber(ARGV[3]) + 1)
+if #tail > tonumber(ARGV[3]) then return -1 end
+for _, entry in ipairs(tail) do redis.call('XADD', KEYS[2], entry[1], unpack(entry[2])) end
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+if #first == 0 then
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[3], 'rebuilt', ARGV[4])
+  return 1
+end
+redis.call('XTRIM', KEYS[2], 'MINID', first[1][1])
+local function fields(flat)
+  local t = {}
+  for i = 1, #flat, 2 do t[flat[i]] = flat[i + 1] end
+  return t
+end
+for _, flat in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local group = fields(flat)
+  local name = group['name']
+  if group['entries-read'] then
+    redis.call('XGROUP', 'CREATE', KEYS[2], name, group['last-delivered-id'], 'ENTRIESREAD',
+      group['entries-read'])
+  else
+    redis.call('XGROUP', 'CREATE', KEYS[2], name, group['last-delivered-id'])
+  end
+  for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], name)) do
+    redis.call('XGROUP', 'CREATECONSUMER', KEYS[2], name, fields(consumer)['name'])
+  end
+  if group['pending'] > 0 then
+    for _, p in ipairs(redis.call('XPENDING', KEYS[1], name, '-', '+', group['pending'])) do
+      redis.call('XCLAIM', KEYS[2], name, p[2], 0, p[1], 'IDLE', p[3], 'RETRYCOUNT', p[4],
+        'FORCE', 'JUSTID')
+    end
+  end
+end
+local stream = fields(redis.call('XINFO', 'STREAM', KEYS[1]))
+if stream['entries-added'] then
+  redis.call('XSETID', KEYS[2], stream['last-generated-id'], 'ENTRIESADDED',
+    stream['entries-added'], 'MAXDELETEDID', stream['max-deleted-entry-id'])
+else
+  redis.call('XSETID', KEYS[2], stream['last-generated-id'])
+end
+redis.call('PERSIST', KEYS[2])
+redis.call('RENAME', KEYS[1], KEYS[4])
+redis.call('RENAME', KEYS[2], KEYS[1])
+redis.call('UNLINK', KEYS[4])
+redis.call('HSET', KEYS[3], 'rebuilt', ARGV[4])
+return 1
+"""
+
 # KEYS: the tenant's hold hash and holds zset, then the spend hashes. ARGV: tenant, its erased
 # spend field. An erasure leaves no tenant name: each day's spend moves to the erased field,
 # where budgets still count it, and the holds go (RedisOutcomeStore._unname_spend).
@@ -366,6 +447,7 @@ class RedisOutcomeStore(OutcomeWriter):
         self._label_script: Any = None
         self._erase_spend_script: Any = None
         self._cooldown_script: Any = None
+        self._rebuild_script: Any = None
         # Cooldowns (router.cooldown), as (mark, monotonic end) by model: those started here and
         # not yet written, and those read at the last refresh; the models to read them for.
         self._cooldowns_out: dict[str, tuple[str, float]] = {}
@@ -410,6 +492,7 @@ class RedisOutcomeStore(OutcomeWriter):
         self._reserve_script = self._client.register_script(_RESERVE_LUA)
         self._erase_spend_script = self._client.register_script(_ERASE_SPEND_LUA)
         self._cooldown_script = self._client.register_script(_COOLDOWN_LUA)
+        self._rebuild_script = self._client.register_script(_REBUILD_LUA)
 
     def start(self) -> None:
         """Connect, take up the journal an earlier run left, read the day's shared spend, and
@@ -909,8 +992,9 @@ class RedisOutcomeStore(OutcomeWriter):
         whole, as nothing indexes it by request). Their tombstones are set first, so that what
         a replica writes for them from then on is refused, and what it wrote before is found
         and deleted here. Then a tenant's name leaves the spend hashes and the hold keys
-        (:meth:`_unname_spend`), and Redis rewrites its append-only file (:meth:`rewrite_aof`),
-        which held every command that wrote them."""
+        (:meth:`_unname_spend`), the stream is rebuilt without their bytes
+        (:meth:`_rebuild_stream`), and Redis rewrites its append-only file
+        (:meth:`rewrite_aof`), which held every command that wrote them."""
         client = self._client
         ids = set(request_ids)
         names = [erased_name("request", rid) for rid in ids]
@@ -927,7 +1011,7 @@ class RedisOutcomeStore(OutcomeWriter):
             ids.update(self._label_ids_of(tenant))
         if not ids:
             files = self._erase_from_files(ids, set(request_ids), tenant)
-            return Erased(0, 0, *files, aof=self.rewrite_aof())
+            return Erased(0, 0, *files, stream=self._rebuild_stream(), aof=self.rewrite_aof())
         ordered = sorted(ids)
         tenants = set(self._read(client.smembers, self.key("tenants")))
         records = labels = 0
@@ -960,7 +1044,8 @@ class RedisOutcomeStore(OutcomeWriter):
             self._read(pipe.execute)
         self._read(self._drop_from_stream, ids)
         files = self._erase_from_files(ids, set(request_ids), tenant)
-        return Erased(records, labels, *files, aof=self.rewrite_aof())
+        stream = self._rebuild_stream()
+        return Erased(records, labels, *files, stream=stream, aof=self.rewrite_aof())
 
     def rewrite_aof(self, wait_s: float = AOF_WAIT_S) -> str | None:
         """Have Redis rewrite its append-only file, if it keeps one, so that the commands that
@@ -1111,15 +1196,77 @@ class RedisOutcomeStore(OutcomeWriter):
         }
 
     def _drop_from_stream(self, ids: set[str]) -> None:
+        # Each XDEL counts in the erasures hash, in the same transaction: a rebuild that began
+        # before it sees the count change and starts again (its copy may hold what it deleted).
         stream, start = self.key("outcomes"), "-"
         while True:
             entries = self._client.xrange(stream, start, "+", count=1000)
             gone = [entry for entry, fields in entries if fields.get("id") in ids]
             if gone:
-                self._client.xdel(stream, *gone)
+                pipe = self._client.pipeline(transaction=True)
+                pipe.xdel(stream, *gone)
+                pipe.hincrby(self.key("outcomes", "erasures"), "deleted", 1)
+                pipe.execute()
             if len(entries) < 1000:
                 return
             start = "(" + entries[-1][0]
+
+    def _rebuild_stream(self) -> str | None:
+        """Copy the ``outcomes`` stream, entry by entry with their IDs, into a new key and
+        rename it over the stream, if an erasure deleted entries since it was last rebuilt:
+        ``XDEL`` only marks an entry deleted and leaves its bytes (a prompt) in memory, in
+        what Redis writes to disk and in what a new replica is sent, until every entry of its
+        block is gone. None once no erased bytes are left, else why they may be (the
+        erasure stands; the next erasure tries again).
+
+        Entries are copied :data:`REBUILD_BATCH` at a time, so Redis is never blocked for
+        long; one script copies the last few and swaps the keys (:data:`_REBUILD_LUA`), so
+        that no entry a replica adds meanwhile is lost. An erasure that deletes entries while
+        the copy is made has the copy made again."""
+        import redis
+
+        client, counts = self._client, self.key("outcomes", "erasures")
+        try:
+            for _ in range(REBUILD_TRIES):
+                deleted, rebuilt = client.hmget(counts, "deleted", "rebuilt")
+                if deleted is None or deleted == rebuilt:
+                    return None
+                if self._copy_stream(deleted):
+                    return None
+        except redis.RedisError as exc:
+            return f"not rebuilt: {exc}"
+        return f"not rebuilt: other erasures deleted entries during each of {REBUILD_TRIES} tries"
+
+    def _copy_stream(self, deleted: str) -> bool:
+        """One try of :meth:`_rebuild_stream`: whether the copy replaced the stream."""
+        import redis
+
+        client, stream = self._client, self.key("outcomes")
+        copy = self.key("outcomes", "rebuild", uuid.uuid4().hex)
+        last, copied = "-", 0
+        try:
+            while True:
+                start = last if last == "-" else "(" + last
+                entries = client.xrange(stream, start, "+", count=REBUILD_BATCH)
+                if len(entries) <= REBUILD_LAST:
+                    done = int(
+                        self._rebuild_script(
+                            keys=[stream, copy, self.key("outcomes", "erasures"), copy + ":old"],
+                            args=[last, copied, REBUILD_LAST, deleted],
+                        )
+                    )
+                    if done >= 0:
+                        return done == 1
+                    continue  # more came meanwhile than the script may copy
+                pipe = client.pipeline(transaction=False)
+                for entry, fields in entries:
+                    pipe.xadd(copy, fields, id=entry)
+                pipe.expire(copy, REBUILD_TTL_S)
+                pipe.execute()
+                last, copied = entries[-1][0], copied + len(entries)
+        finally:
+            with contextlib.suppress(redis.RedisError):
+                client.delete(copy)  # gone once renamed; else what the try left
 
     def purge(self, before_ts: float) -> int:
         """Delete records older than ``before_ts`` with all their labels, and labels older than

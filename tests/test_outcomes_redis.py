@@ -1175,9 +1175,10 @@ def _alice_with_a_comment(s: RedisOutcomeStore) -> OutcomeRecord:
 
 
 def _holds(aof: bytes, alice: OutcomeRecord) -> list[bool]:
-    """Whether the append-only file holds Alice's label comment, and her record's key (what
-    wrote it; her prompt is also in the stream's deleted entry, see SECURITY.md)."""
-    return [b"call me, Alice" in aof, f"tiergate:outcome:{alice.id}".encode() in aof]
+    """Whether the append-only file holds Alice's label comment, her record's key (what wrote
+    it), and her prompt (also in the stream, until the erasure rebuilt it)."""
+    key = f"tiergate:outcome:{alice.id}".encode()
+    return [b"call me, Alice" in aof, key in aof, str(alice.prompt).encode() in aof]
 
 
 def test_erasing_rewrites_the_append_only_file(redis_server: RedisServer, tmp_path: Path) -> None:
@@ -1190,7 +1191,7 @@ def test_erasing_rewrites_the_append_only_file(redis_server: RedisServer, tmp_pa
     alice = _alice_with_a_comment(s)
     s.submit(outcome(tenant="globex", prompt="Bob Brown asks about his car"))
     assert s.flush(10)
-    assert _holds(_aof(redis_server), alice) == [True, True]
+    assert _holds(_aof(redis_server), alice) == [True, True, True]
     cli = RedisOutcomeStore(redis_server.url, journal=s.journal)
     cli.connect()
     try:
@@ -1200,7 +1201,7 @@ def test_erasing_rewrites_the_append_only_file(redis_server: RedisServer, tmp_pa
         s.close()
     assert wait_for(lambda: _no_rewrite_pending(client), 20)
     held = _aof(redis_server)
-    assert _holds(held, alice) == [False, False] and b"Bob Brown" in held
+    assert _holds(held, alice) == [False, False, False] and b"Bob Brown" in held
     assert erased[:2] == (1, 1) and erased.aof == "rewriting"
     client.config_set("appendonly", "no")  # no file to rewrite: nothing is asked or said
     cli = RedisOutcomeStore(redis_server.url, journal=tmp_path / "cli.jsonl")
@@ -1233,7 +1234,20 @@ def test_an_erasure_during_a_rewrite_has_the_file_rewritten_after_it(
     finally:
         cli.close()
     assert wait_for(lambda: _no_rewrite_pending(client), 20)
-    assert _holds(_aof(redis_server), alice) == [False, False]
+    assert _holds(_aof(redis_server), alice) == [False, False, False]
+
+
+def _user_without(server: RedisServer, command: str) -> str:
+    """The URL of a Redis user that may run every command but ``command`` (an ACL)."""
+    server.client().acl_setuser(
+        "tiergate",
+        enabled=True,
+        passwords=["+secret"],
+        categories=["+@all"],
+        commands=[f"-{command}"],
+        keys=["*"],
+    )
+    return f"redis://tiergate:secret@127.0.0.1:{server.port}/0"
 
 
 @pytest.mark.parametrize("denied", ["config", "bgrewriteaof"])
@@ -1248,15 +1262,7 @@ def test_an_erasure_stands_where_redis_refuses_the_rewrite(
     managed Redis), the erasure stands and the command says the file may still hold what it
     erased, and what to do."""
     client = redis_server.client()
-    client.acl_setuser(
-        "tiergate",
-        enabled=True,
-        passwords=["+secret"],
-        categories=["+@all"],
-        commands=[f"-{denied}"],
-        keys=["*"],
-    )
-    url = f"redis://tiergate:secret@127.0.0.1:{redis_server.port}/0"
+    url = _user_without(redis_server, denied)
     s = RedisOutcomeStore(url, journal=tmp_path / "journal.jsonl")
     s.start()
     alice = outcome(tenant="acme", prompt="Alice Smith asks about her lease")
@@ -1272,3 +1278,151 @@ def test_an_erasure_stands_where_redis_refuses_the_rewrite(
     assert "append-only file may still hold them" in said.err
     assert ("CONFIG GET" if denied == "config" else "BGREWRITEAOF:") in said.err
     assert client.exists(f"tiergate:outcome:{alice.id}") == 0
+
+
+def _stream(client: redis.Redis) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    return [(entry, fields) for entry, fields in client.xrange("tiergate:outcomes")]
+
+
+def _dumped(client: redis.Redis) -> bytes:
+    """The stream as Redis serialises it (an RDB snapshot, a rewritten append-only file, a new
+    replica's copy): its blocks of entries, deleted ones included. Uncompressed, to read."""
+    client.config_set("rdbcompression", "no")
+    return client.dump("tiergate:outcomes") or b""
+
+
+def _last_ids(client: redis.Redis) -> list[Any]:
+    """The stream's last id and, since Redis 7, how many entries it was ever added."""
+    info = client.xinfo_stream("tiergate:outcomes")
+    return [info["last-generated-id"], info.get("entries-added")]
+
+
+def test_an_erasure_leaves_no_byte_of_its_entries_in_the_stream(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """XDEL only marked an erased record's stream entry deleted: its JSON, prompt included,
+    stayed in Redis's block of entries, and so in memory, in the rewritten append-only file
+    and in what a new replica is sent. The stream is rebuilt without it; the other entries
+    keep their IDs, and consumers (XREAD from a last-seen id, a consumer group) go on."""
+    client = redis_server.client()
+    s = store(redis_server, tmp_path)
+    try:
+        alice, carol, bob = three_people(s)
+        before = _stream(client)
+        seen = before[0][0]  # an XREAD consumer has read Alice's entry
+        client.xgroup_create("tiergate:outcomes", "exporter", id="0")
+        client.xreadgroup("exporter", "e1", {"tiergate:outcomes": ">"}, count=2)  # Alice, Carol
+        client.xgroup_createconsumer("tiergate:outcomes", "exporter", "e2")
+        last_id = _last_ids(client)
+        assert b"Alice Smith" in _dumped(client)
+        cli = RedisOutcomeStore(redis_server.url, journal=s.journal)
+        cli.connect()
+        try:
+            erased = cli.erase([alice.id])
+            assert erased[:2] == (1, 1)
+            assert b"Alice Smith" not in _dumped(client) and erased.stream is None
+            assert _stream(client) == before[1:]  # Carol's and Bob's, with their IDs
+            group = client.xinfo_groups("tiergate:outcomes")[0]
+            assert group["last-delivered-id"] == before[1][0] and group["consumers"] == 2
+            pending = client.xpending_range("tiergate:outcomes", "exporter", "-", "+", 10)
+            assert [(p["message_id"], p["consumer"]) for p in pending] == [(before[1][0], b"e1")]
+            assert _last_ids(client) == last_id
+
+            assert cli.erase([bob.id])[:2] == (1, 1)  # the last entry: new ids still follow it
+            assert _last_ids(client) == last_id
+            dana = outcome(tenant="acme", prompt="Dana White asks for a loan")
+            s.submit(dana)
+            assert s.flush(10)
+            read = client.xread({"tiergate:outcomes": seen})[0][1]
+            assert [f[b"id"].decode() for _, f in read] == [carol.id, dana.id]
+            got = client.xreadgroup("exporter", "e1", {"tiergate:outcomes": ">"})[0][1]
+            assert [f[b"id"].decode() for _, f in got] == [dana.id]
+            assert cli.erase(tenant="acme")[:2] == (2, 1)  # every entry: an empty stream
+            assert client.xlen("tiergate:outcomes") == 0 and b"Carol" not in _dumped(client)
+        finally:
+            cli.close()
+    finally:
+        s.close()
+    assert wait_for(lambda: _no_rewrite_pending(client), 20)
+    held = _aof(redis_server)  # _dumped turned compression off before the rewrite
+    assert b"Alice Smith" not in held and b"Bob Brown" not in held
+
+
+def test_a_stream_rebuild_keeps_what_replicas_add_and_drops_what_others_erase(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While an erasure copies the stream a batch at a time, replicas add entries and another
+    erasure deletes one: the stream it puts in place holds the added ones, with their IDs,
+    and not the one erased meanwhile (its copy is made again)."""
+    monkeypatch.setattr("router.outcomes_redis.REBUILD_BATCH", 3)
+    monkeypatch.setattr("router.outcomes_redis.REBUILD_LAST", 2)
+    client = redis_server.client()
+    s = store(redis_server, tmp_path)
+    try:
+        alice, carol, bob = three_people(s)
+        for n in range(3):
+            s.submit(outcome(tenant="globex", prompt=f"filler {n}"))
+        assert s.flush(10)
+        cli = RedisOutcomeStore(redis_server.url, journal=s.journal)
+        other = RedisOutcomeStore(redis_server.url, journal=tmp_path / "other.jsonl")
+        cli.connect()
+        other.connect()
+        script, calls = cli._rebuild_script, []
+        added = [outcome(tenant="globex", prompt=f"added {n}") for n in range(3)]
+
+        def meanwhile(**kw: Any) -> Any:
+            calls.append(kw["args"][0])
+            if len(calls) == 1:  # more than the script may copy: it has them copied first
+                for record in added:
+                    s.submit(record)
+                assert s.flush(10)
+            if len(calls) == 2:
+                assert other.erase([bob.id])[:2] == (1, 1)
+            return script(**kw)
+
+        monkeypatch.setattr(cli, "_rebuild_script", meanwhile)
+        try:
+            assert cli.erase([alice.id]).stream is None
+        finally:
+            cli.close()
+            other.close()
+        ids = [f[b"id"].decode() for _, f in _stream(client)]
+        assert alice.id not in ids and bob.id not in ids
+        assert ids[0] == carol.id and ids[-3:] == [r.id for r in added] and len(ids) == 7
+        dumped = _dumped(client)
+        assert b"Alice Smith" not in dumped and b"Bob Brown" not in dumped
+        # the second try saw the other erasure's XDEL and stopped; that erasure's own rebuild
+        # left no erased bytes, so there was none to make again; no copy is left behind
+        assert len(calls) == 2 and not list(client.scan_iter("tiergate:outcomes:rebuild:*"))
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("again", [["--request-id", "ALICE"], ["--tenant", "initech"]])
+def test_a_stream_redis_will_not_rebuild_is_said_and_rebuilt_by_the_next_erasure(
+    redis_server: RedisServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    again: list[str],
+) -> None:
+    """Where Redis refuses the rebuild (an ACL without RENAME), the erasure stands, the
+    command says the stream may still hold the erased bytes and exits 1. Run again, or any
+    erasure after it, rebuilds the stream though it finds nothing left to delete."""
+    client = redis_server.client()
+    url = _user_without(redis_server, "rename")
+    s = RedisOutcomeStore(url, journal=tmp_path / "journal.jsonl")
+    s.start()
+    alice, _, _ = three_people(s)
+    s.close()
+    monkeypatch.setenv("TIERGATE_REDIS_URL", url)
+    monkeypatch.setenv("TIERGATE_OUTCOME_JOURNAL_PATH", str(tmp_path / "cli-journal.jsonl"))
+    assert main(["outcomes", "delete", "--request-id", alice.id]) == 1
+    said = capsys.readouterr()
+    assert "deleted 1 records and 1 labels" in said.out
+    assert "outcomes stream may still hold their bytes" in said.err and "can't run" in said.err
+    assert b"Alice Smith" in _dumped(client) and client.xlen("tiergate:outcomes") == 2
+    client.acl_setuser("tiergate", enabled=True, commands=["+rename"])
+    assert main(["outcomes", "delete", *[alice.id if a == "ALICE" else a for a in again]]) == 0
+    assert "deleted 0 records" in capsys.readouterr().out
+    assert b"Alice Smith" not in _dumped(client) and client.xlen("tiergate:outcomes") == 2
