@@ -182,6 +182,95 @@ def test_another_provider_goes_through_litellm_in_its_own_protocol(
     assert "provider_specific_fields" not in answer.body["choices"][0]["message"]
 
 
+def _outside(payload: dict[str, Any], model: type[Any], where: str = "") -> list[str]:
+    """The keys of ``payload`` that OpenAI's type ``model`` (openai-python's) does not define,
+    as paths, looked for in the usage, choices, messages, deltas and tool calls too."""
+    from openai.types import CompletionUsage
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+    from openai.types.chat.chat_completion import Choice
+    from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
+    from openai.types.chat.chat_completion_chunk import ChoiceDelta, ChoiceDeltaToolCall
+    from openai.types.chat.chat_completion_message import ChatCompletionMessage
+    from openai.types.chat.chat_completion_message_function_tool_call import (
+        ChatCompletionMessageFunctionToolCall,
+    )
+    from openai.types.completion_usage import CompletionTokensDetails, PromptTokensDetails
+
+    inner: dict[tuple[type[Any], str], type[Any]] = {
+        (ChatCompletion, "choices"): Choice,
+        (ChatCompletionChunk, "choices"): ChunkChoice,
+        (ChatCompletion, "usage"): CompletionUsage,
+        (ChatCompletionChunk, "usage"): CompletionUsage,
+        (Choice, "message"): ChatCompletionMessage,
+        (ChunkChoice, "delta"): ChoiceDelta,
+        (ChatCompletionMessage, "tool_calls"): ChatCompletionMessageFunctionToolCall,
+        (ChoiceDelta, "tool_calls"): ChoiceDeltaToolCall,
+        (CompletionUsage, "prompt_tokens_details"): PromptTokensDetails,
+        (CompletionUsage, "completion_tokens_details"): CompletionTokensDetails,
+    }
+    found = [f"{where}{key}" for key in payload if key not in model.model_fields]
+    for key, value in payload.items():
+        part = inner.get((model, key))
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for i, item in items:
+            if part is not None and isinstance(item, dict):
+                at = f"{where}{key}" if i is None else f"{where}{key}[{i}]"
+                found += _outside(item, part, f"{at}.")
+    return found
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_an_answer_through_litellm_is_in_openais_own_shape(
+    provider: FakeProvider, stream: bool
+) -> None:
+    """A Claude answer through litellm carries only what OpenAI's chat completion (or chunk)
+    defines, as a client that sends the message back to another model (``auto`` may route the
+    next turn elsewhere) needs: no ``index`` on a whole message's tool call (litellm gave the
+    only one 1), no litellm copies of Anthropic's cache counts and no litellm ``cost`` in the
+    usage. The prompt cache's reads and writes stay, in OpenAI's ``prompt_tokens_details``,
+    and the call's usage still counts the writes."""
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    provider.reset(Behaviour(mode="tool_call", cached_tokens=5, cache_write_tokens=3))
+    model = Model("claude", "anthropic/claude-sonnet-4-5-20250929", provider.base_url[:-3])
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
+    body = {**BODY, "tools": tools, "stream": stream}
+
+    async def answer() -> tuple[list[dict[str, Any]], Usage]:
+        http = OpenAIHTTP(timeout_s=10)
+        backend = ClosedBackend(http, timeout_s=10, environ=KEYS)
+        usage = Usage()
+        try:
+            if stream:
+                return [c async for c in backend.stream(model, body, usage)], usage
+            whole = await backend.complete(model, body)
+            return [whole.body], whole.usage
+        finally:
+            await backend.aclose()
+            await http.aclose()
+
+    payloads, usage = run(answer())
+    kind = ChatCompletionChunk if stream else ChatCompletion
+    assert [path for p in payloads for path in _outside(p, kind)] == []
+    last = payloads[-1]
+    assert last["usage"]["prompt_tokens_details"] == {
+        "cache_write_tokens": 3,
+        "cached_tokens": 5,
+        "text_tokens": 13,
+    }
+    assert (usage.cached_tokens, usage.cache_write_tokens) == (5, 3)
+    if not stream:
+        (call,) = last["choices"][0]["message"]["tool_calls"]
+        assert call == {
+            "id": "toolu_fake_1",
+            "type": "function",
+            "function": {"name": "weather", "arguments": '{"city": "Paris"}'},
+        }
+    else:  # a delta's tool call keeps its index, the place of the call in the answer
+        deltas = [choice["delta"] for p in payloads for choice in p["choices"]]
+        assert {c["index"] for d in deltas for c in d.get("tool_calls", [])} == {0}
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_an_anthropic_model_litellm_does_not_map_is_sent_a_max_tokens_it_takes(
     provider: FakeProvider, stream: bool

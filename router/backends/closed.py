@@ -380,8 +380,9 @@ class ClosedBackend:
             response = await litellm.acompletion(**kwargs, stream=False)
         except Exception as exc:  # litellm raises many types; mapped in one place
             raise map_litellm_error(exc, model.name, self.api_key(model)) from exc
-        payload = _tidy(response.model_dump(exclude_none=True))
-        return Completion(body=payload, usage=usage_from_body(payload, model.name))
+        payload = response.model_dump(exclude_none=True)
+        usage = usage_from_body(payload, model.name)  # litellm's own fields count cache writes
+        return Completion(body=openai_shaped(payload, message=True), usage=usage)
 
     async def _litellm_stream(
         self, model: ModelLike, body: dict[str, Any], usage: Usage
@@ -396,14 +397,14 @@ class ClosedBackend:
         try:
             response = await litellm.acompletion(**kwargs, stream=True)
             async for chunk in response:
-                data = _tidy(chunk.model_dump(exclude_none=True))
+                data = chunk.model_dump(exclude_none=True)
                 ends = any(c.get("finish_reason") for c in data.get("choices") or ())
                 if ends and _made_up_finish(response):
                     raise stream_cut(model.name)
                 finished = finished or ends
                 if data.get("usage"):
                     usage.take(usage_from_body(data, model.name))
-                yield data
+                yield openai_shaped(data, message=False)
         except TiergateError:
             raise
         except Exception as exc:  # litellm raises many types; mapped in one place
@@ -897,17 +898,63 @@ def _unsupported(exc: Exception, label: str, key: str | None = None) -> BadReque
     )
 
 
-def _tidy(payload: dict[str, Any]) -> dict[str, Any]:
-    """``payload`` without the ``provider_specific_fields`` litellm puts on each message or
-    delta when every one of them is null (``{"citations": null, "thinking_blocks": null}`` for
-    an Anthropic model): a client that appends the message to its history would send the field
-    on to the next model, and a strict one refuses it. A field that says something stays."""
+#: The fields of OpenAI's chat ``usage`` (openai-python's ``CompletionUsage``), and of its two
+#: breakdowns, as openai-python 3.63 defines them: what an answer through litellm keeps.
+_USAGE_FIELDS = frozenset(
+    {"prompt_tokens", "completion_tokens", "total_tokens"}
+    | {"prompt_tokens_details", "completion_tokens_details"}
+)
+_USAGE_DETAILS = {
+    "prompt_tokens_details": frozenset(
+        {"audio_tokens", "cache_write_tokens", "cached_tokens", "image_tokens", "text_tokens"}
+    ),
+    "completion_tokens_details": frozenset(
+        {"accepted_prediction_tokens", "audio_tokens", "reasoning_tokens"}
+        | {"rejected_prediction_tokens", "text_tokens"}
+    ),
+}
+
+
+def openai_shaped(payload: dict[str, Any], *, message: bool) -> dict[str, Any]:
+    """litellm's answer (``message``) or chunk in OpenAI's own shape, as a client that stores
+    the message and sends it back, perhaps to another model, needs it.
+
+    * The ``provider_specific_fields`` litellm puts on each message or delta when every one of
+      them is null (``{"citations": null, "thinking_blocks": null}`` for an Anthropic model)
+      go: a strict model refuses the field in a message sent back. A field that says
+      something stays.
+    * A whole message's ``tool_calls`` lose the ``index`` litellm gives them (the content
+      block's place in Anthropic's answer: 1 for the only call after the text). OpenAI's
+      message tool calls have none; only a stream's deltas do, and those keep it.
+    * ``usage`` keeps OpenAI's fields (:data:`_USAGE_FIELDS`, :data:`_USAGE_DETAILS`), the
+      prompt cache's reads and writes among them (``cached_tokens``, ``cache_write_tokens``,
+      which litellm maps from Anthropic's), and loses litellm's own: its copies of Anthropic's
+      counts (``cache_creation_input_tokens``, ``cache_read_input_tokens``,
+      ``cache_creation_tokens``), ``server_tool_use``, and the ``cost`` of a stream's last
+      chunk, litellm's price, which is neither the policy's nor what Tiergate records.
+
+    Only litellm's answers are shaped: the direct OpenAI path passes the provider's own
+    through, fields OpenAI adds later included."""
     for choice in payload.get("choices") or ():
-        for key in ("message", "delta"):
-            part = choice.get(key)
-            extra = part.get("provider_specific_fields") if isinstance(part, dict) else None
-            if isinstance(extra, dict) and not any(v is not None for v in extra.values()):
-                del part["provider_specific_fields"]
+        part = choice.get("message" if message else "delta")
+        if not isinstance(part, dict):
+            continue
+        extra = part.get("provider_specific_fields")
+        if isinstance(extra, dict) and not any(v is not None for v in extra.values()):
+            del part["provider_specific_fields"]
+        if message:
+            for call in part.get("tool_calls") or ():
+                if isinstance(call, dict):
+                    call.pop("index", None)
+    usage = payload.get("usage")
+    if isinstance(usage, dict):
+        for key in usage.keys() - _USAGE_FIELDS:
+            del usage[key]
+        for key, fields in _USAGE_DETAILS.items():
+            details = usage.get(key)
+            if isinstance(details, dict):
+                for name in details.keys() - fields:
+                    del details[name]
     return payload
 
 
