@@ -561,11 +561,11 @@ class Gateway:
         if ctx.decision.rejected:
             raise BudgetExceededError(ctx.decision.rejected)
         if ctx.decision.unsatisfiable:
-            if ctx.decision.context_exceeded:
-                raise BadRequestError(
-                    ctx.decision.unsatisfiable, code="context_length_exceeded", param="messages"
-                )
-            raise BadRequestError(ctx.decision.unsatisfiable)
+            param = ctx.decision.unsatisfiable_param
+            if param == "max_tokens" and call.body.get("max_completion_tokens") is not None:
+                param = "max_completion_tokens"  # the field the request bounded its answer by
+            code = "context_length_exceeded" if ctx.decision.context_exceeded else None
+            raise BadRequestError(ctx.decision.unsatisfiable, code=code, param=param)
         tokens = sum(self.reserved_tokens(ctx, self.reserve_tokens))
         return await self.limiter.reserve(call.principal, tokens)
 

@@ -498,7 +498,8 @@ class Decision:
       always ask for (``Gateway.decide``).
     * ``unsatisfiable``: set when the request needs something the chosen model lacks (images,
       tools, context) and the policy forbids moving it (local_only, or a pinned model). The
-      caller answers with an error instead of calling the model (400).
+      caller answers with an error instead of calling the model (400), whose ``param`` is
+      ``unsatisfiable_param``: the chat field the model cannot take (:func:`_unfit_field`).
     * ``context_exceeded``: the request is unsatisfiable for want of room (prompt plus
       ``max_tokens`` over the window): the 400 is ``context_length_exceeded``, as OpenAI's and
       the local model's own are, the code agent loops read to shorten their history.
@@ -531,6 +532,7 @@ class Decision:
     unsatisfiable: str | None = None
     rejected: str | None = None
     policy_version: str = ""
+    unsatisfiable_param: str | None = None
     budget_usd: float | None = None  # the tenant's daily budget, for reserving spend
 
     no_closed_local: bool = False
@@ -753,6 +755,7 @@ def evaluate(
         tenant=signals.tenant,
         fallbacks=fallbacks,
         unsatisfiable=step.unsatisfiable,
+        unsatisfiable_param=step.unsatisfiable_param,
         rejected=step.rejected,
         policy_version=runtime.digest,
         budget_usd=plan.budget_usd,
@@ -916,34 +919,45 @@ def why_unfit(spec: ModelSpec, signals: Signals) -> str | None:
     """Why ``spec`` cannot serve the request without dropping part of it, or None: the hard
     constraints (docs/policy.md), which decisions, fallbacks, cascades and shadow judging
     (router.learning) all read."""
+    unfit = _unfit_field(spec, signals)
+    return None if unfit is None else unfit[0]
+
+
+def _unfit_field(spec: ModelSpec, signals: Signals) -> tuple[str, str] | None:
+    """:func:`why_unfit`'s reason with the chat request field it is about (``tools``, ``n``,
+    ``max_tokens``, ``messages`` for images, tool calls in the history and a prompt over the
+    window), the ``param`` of the 400 that refuses a request pinned to ``spec``; or None."""
     if signals.has_images and not spec.supports_images:
-        return "images"
+        return "images", "messages"
     if signals.has_tools and not spec.supports_tools:
-        return _TOOL_HISTORY if signals.tool_history else "tools"
+        return (_TOOL_HISTORY, "messages") if signals.tool_history else ("tools", "tools")
     if signals.choices > 1 and spec.tier == "local":  # both local backends answer n=1 only
-        return f"n={signals.choices} (it answers one choice)"
+        return f"n={signals.choices} (it answers one choice)", "n"
     limit = spec.max_output_tokens
     if limit is not None and signals.max_tokens is not None and signals.max_tokens > limit:
         # Refused by the provider (a 400), and not cut down: a shorter answer than the client
         # asked room for would look like the model's fault.
-        return f"max_tokens {signals.max_tokens} (it writes at most {limit})"
+        return f"max_tokens {signals.max_tokens} (it writes at most {limit})", "max_tokens"
     if spec.context_window is not None:
         needed = signals.prompt_tokens + (signals.max_tokens or 0)
         if needed > spec.context_window:
-            # A prompt that fits by itself is refused for the answer's room: say both parts.
+            # A prompt that fits by itself is refused for the answer's room: say both parts,
+            # and name max_tokens, the part the client can change without losing history.
             parts = (
                 f"{signals.prompt_tokens} in the prompt + max_tokens {signals.max_tokens}; "
                 if signals.max_tokens
                 else ""
             )
-            return f"{needed} tokens ({parts}context window {spec.context_window})"
+            fits = signals.max_tokens and signals.prompt_tokens <= spec.context_window
+            field = "max_tokens" if fits else "messages"
+            return f"{needed} tokens ({parts}context window {spec.context_window})", field
         rest = spec.context_window - signals.prompt_tokens
         if signals.max_tokens is None and rest < MIN_ANSWER_TOKENS:
             return (
                 f"{signals.prompt_tokens} tokens in the prompt, which leave {rest} of its "
                 f"context window {spec.context_window} for the answer "
                 f"(at least {MIN_ANSWER_TOKENS})"
-            )
+            ), "messages"
     return None
 
 
@@ -965,6 +979,7 @@ class _Step:
         "signals",
         "trace",
         "unsatisfiable",
+        "unsatisfiable_param",
     )
 
     def __init__(
@@ -981,6 +996,7 @@ class _Step:
         self.policy, self.signals, self.model, self.reason = policy, signals, model, reason
         self.local_only, self.pinned, self.trace = local_only, pinned, trace
         self.unsatisfiable: str | None = None
+        self.unsatisfiable_param: str | None = None
         self.context_exceeded = False
         self.rejected: str | None = None
         self.rule: str | None = None
@@ -997,14 +1013,16 @@ class _Step:
 
     def apply_constraints(self) -> None:
         # The local tier must never silently drop images or tools, or truncate a prompt.
-        unfit = why_unfit(self.policy.models[self.model], self.signals)
-        if unfit is None:
+        found = _unfit_field(self.policy.models[self.model], self.signals)
+        if found is None:
             return
+        unfit, param = found
         what = f"model '{self.model}' cannot take {unfit}"
         room = "context window" in unfit  # room, not a feature (why_unfit names the window)
         if self.local_only or self.pinned:
             why = "the rule is local_only" if self.local_only else "the request pins it"
             self.unsatisfiable = f"{what} and {why}"
+            self.unsatisfiable_param = param
             self.context_exceeded = room
             self.trace.append(RuleTrace("constraint", 0, False, self.unsatisfiable))
             self.reason += f"; {self.unsatisfiable}"
@@ -1012,6 +1030,7 @@ class _Step:
         target = self._first_closed_fit(self.model)
         if target is None:
             self.unsatisfiable = f"{what} and no closed model can either"
+            self.unsatisfiable_param = param
             self.context_exceeded = room
             self.trace.append(RuleTrace("constraint", 0, False, self.unsatisfiable))
             self.reason += f"; {self.unsatisfiable}"

@@ -491,7 +491,7 @@ def test_an_anthropic_model_answers_within_its_output_limit(
         pinned = {"model": "claude", "messages": hi, "max_tokens": 20000}
         refused = srv.http.post("/v1/chat/completions", json=pinned)
         moved = srv.http.post("/v1/chat/completions", json={**pinned, "model": "auto-best"})
-    assert refused.status_code == 400
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
     assert refused.json()["error"]["message"].startswith(
         "model 'claude' cannot take max_tokens 20000 (it writes at most 8192) and the request "
         "pins it"
@@ -1272,6 +1272,38 @@ def test_a_pinned_local_model_says_where_the_tools_are(
     response = server.http.post("/v1/chat/completions", json=body)
     assert response.status_code == 400
     assert response.json()["error"]["message"] == says
+    assert fake.received == []
+
+
+PICTURE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"tools": [WEATHER_TOOL]}, "tools"),
+        ({"messages": CALLED_WEATHER}, "messages"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "?"}, PICTURE]}]},
+            "messages",
+        ),
+        ({"n": 2}, "n"),
+        ({"max_tokens": 4000}, "max_tokens"),
+        ({"max_completion_tokens": 4000}, "max_completion_tokens"),
+        ({"messages": [{"role": "user", "content": "Go on. " * 3000}]}, "messages"),
+    ],
+    ids=["tools", "tool-history", "image", "n", "max_tokens", "max_completion_tokens", "prompt"],
+)
+def test_a_pinned_model_that_cannot_take_a_request_names_the_field(
+    client: openai.OpenAI, fake: FakeProvider, extra: dict[str, Any], param: str
+) -> None:
+    # The 400 for a request the pinned local model cannot take had no param: the SDK's
+    # e.param was None, and a client could not tell which field to change or drop.
+    body: dict[str, Any] = {"model": "local", "messages": [{"role": "user", "content": "Hi"}]}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(**{**body, **extra})
+    assert refused.value.param == param
+    assert "and the request pins it" in refused.value.message
     assert fake.received == []
 
 

@@ -416,6 +416,7 @@ def test_local_only_never_moves_for_images() -> None:
     decision = evaluate(p, signals(pii=True, has_images=True))
     assert (decision.tier, decision.model) == ("local", "small")
     assert decision.unsatisfiable == "model 'small' cannot take images and the rule is local_only"
+    assert decision.unsatisfiable_param == "messages"  # the field the 400 names
 
 
 @pytest.mark.parametrize(
@@ -462,6 +463,7 @@ def test_a_local_only_rule_cannot_answer_several_choices_and_says_so() -> None:
         "model 'small' cannot take n=2 (it answers one choice) and the rule is local_only"
     )
     assert not decision.context_exceeded  # a 400 invalid_request, not context_length_exceeded
+    assert decision.unsatisfiable_param == "n"
 
 
 def test_max_tokens_over_a_models_output_limit_moves_or_is_refused() -> None:
