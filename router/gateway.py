@@ -501,6 +501,8 @@ class Gateway:
                 result = await _unless_disconnected(
                     call, self.complete(ctx, call.body, call.native)
                 )
+                if call.shape is None:
+                    _unnamed_stop(ctx, result.body)
                 body = result.body if call.shape is None else _shaped(call.shape, result.body)
                 answer = answer_text(result.body)
                 yield Answer(body, self.explain(ctx))
@@ -1629,11 +1631,26 @@ class _Relay:
         choices = chunk.get("choices")
         if choices:
             chunk.pop("usage", None)
+            _unnamed_stop(self.ctx, chunk)
             if self.ctx.ttft_ms is None and _produced(choices):
                 self.ctx.ttft_ms = (time.perf_counter() - self.ctx.started) * 1000.0
             self.text.append(str((choices[0].get("delta") or {}).get("content") or ""))
         elif chunk.get("usage"):
             self.saw_usage = True
+
+
+def _unnamed_stop(ctx: RequestContext, payload: dict[str, Any]) -> None:
+    """A local answer (or chunk) for the chat front without its choices' ``stop_reason``.
+
+    The in-process local model names the stop sequence that ended its answer there, as vLLM
+    does, for the Messages front, which reports it (``stop_sequence``). OpenAI's chat choice
+    has no such field, and the chat front answers in OpenAI's shape. A closed model's answer
+    is left as its provider sent it."""
+    if ctx.front != "chat" or ctx.served is None or ctx.served.model.tier != "local":
+        return
+    for choice in payload.get("choices") or ():
+        if isinstance(choice, dict):
+            choice.pop("stop_reason", None)
 
 
 #: The delta fields that carry what a model generated (a role alone is not a token).

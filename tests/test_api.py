@@ -129,6 +129,34 @@ def test_local_stream_with_usage(gguf_client: openai.OpenAI, gguf_server: LiveSe
 
 
 @pytest.mark.gguf
+def test_a_local_answer_ended_by_a_stop_sequence_is_in_openais_shape(
+    gguf_server: LiveServer,
+) -> None:
+    """A local answer cut at a ``stop`` string carried the sequence in its choice's
+    ``stop_reason`` (vLLM's field, which the Messages front reads): OpenAI's chat choice has
+    none, and an app that checks the answer against OpenAI's schema found it. The chat front
+    answers ``finish_reason: "stop"`` alone, whole or streamed."""
+    ask = {
+        "model": "local",
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 30,
+        "temperature": 0,
+        "stop": [" "],  # every answer of several words has a space
+    }
+    whole = gguf_server.http.post("/v1/chat/completions", json=ask)
+    assert whole.status_code == 200, whole.text
+    (choice,) = whole.json()["choices"]
+    assert set(choice) == {"index", "message", "finish_reason", "logprobs"}
+    assert choice["finish_reason"] == "stop" and " " not in choice["message"]["content"]
+    streamed = gguf_server.http.post("/v1/chat/completions", json={**ask, "stream": True})
+    assert streamed.status_code == 200, streamed.text
+    events = [line[6:] for line in streamed.text.splitlines() if line.startswith("data: {")]
+    last = [c for e in events for c in json.loads(e)["choices"] if c.get("finish_reason")]
+    assert last and all("stop_reason" not in c for c in last)
+    assert last[-1]["finish_reason"] == "stop"
+
+
+@pytest.mark.gguf
 def test_local_usage_counts_every_token_of_an_answer_in_emoji(
     gguf_client: openai.OpenAI, gguf_server: LiveServer
 ) -> None:
