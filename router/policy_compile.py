@@ -498,7 +498,8 @@ class _Checker:
         local = target or p.models[p.local_model]
         unfit = "images, tools, n > 1"
         if local.context_window is not None:
-            unfit += ", a prompt over its context window"
+            # The window must hold the prompt and the answer's room (policy.why_unfit).
+            unfit += ", a prompt that leaves its context window no room for the answer"
         ways.append(f"when the local model cannot take it ({unfit})")
         ways.append("when the request names a closed model (a pin skips all but local_only rules)")
         when = ", ".join(ways[:-1]) + ", or " + ways[-1]

@@ -865,9 +865,12 @@ def test_the_personal_data_warning_names_only_the_ways_out_the_policy_leaves_ope
     rule = "rules:\n  - {name: r, when: {pii: true}, route: local}\n"
     windowed = M.replace("{tier: local}", "{tier: local, context_window: 4096}")
     (warning,) = parse_policy(windowed + STRICT + rule).warnings
+    # Not "a prompt over its window": one that fits but leaves less than the least answer
+    # (or the max_tokens asked) is refused too (policy.why_unfit).
     assert (
         "goes to a closed model when the local model cannot take it (images, tools, n > 1, a "
-        "prompt over its context window), or when the request names" in warning.message
+        "prompt that leaves its context window no room for the answer), or when the request "
+        "names" in warning.message
     )
     # An alias that cascades makes `auto` a cascade for the requests that name it.
     auto = rule.replace("route: local", "route: auto") + "aliases:\n  deep: {cascade: true}\n"
