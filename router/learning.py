@@ -63,8 +63,16 @@ def parse_verdict(text: str) -> str | None:
     return found[-1] if found else None
 
 
-#: The judge's completion cap per verdict.
+#: The judge's completion cap per verdict, where its model writes that much.
 JUDGE_TOKENS = 512
+
+
+def judge_tokens(spec: ModelSpec) -> int:
+    """The ``max_tokens`` the judge ``spec`` is sent: :data:`JUDGE_TOKENS`, or its policy
+    ``max_output_tokens`` where that is less (its provider refuses more). A verdict cut short
+    has no ``[[A]]``/``[[B]]``/``[[C]]`` and counts for nothing, never as a wrong one."""
+    limit = spec.max_output_tokens
+    return JUDGE_TOKENS if limit is None else min(JUDGE_TOKENS, limit)
 
 
 def judge_messages(question: str, answer_a: str, answer_b: str) -> list[dict[str, str]]:
@@ -75,16 +83,17 @@ def judge_messages(question: str, answer_a: str, answer_b: str) -> list[dict[str
 
 def judge_unfit(spec: ModelSpec, messages: Sequence[Mapping[str, Any]]) -> str | None:
     """Why the judge ``spec`` cannot read ``messages`` and write its verdict (``max_tokens``
-    :data:`JUDGE_TOKENS`) within its context window (by Tiergate's estimate), or None: the
+    :func:`judge_tokens`) within its context window (by Tiergate's estimate), or None: the
     provider would refuse the call with a 400."""
     from router.signals import estimate_tokens
 
     window = spec.context_window
     prompt = estimate_tokens(list(messages))
-    if window is None or prompt + JUDGE_TOKENS <= window:
+    verdict = judge_tokens(spec)
+    if window is None or prompt + verdict <= window:
         return None
     return (
-        f"{spec.name} cannot judge {prompt} tokens of prompt + max_tokens {JUDGE_TOKENS} "
+        f"{spec.name} cannot judge {prompt} tokens of prompt + max_tokens {verdict} "
         f"(context window {window})"
     )
 
@@ -365,7 +374,8 @@ class LearningLoop:
         question = scoring_text(list(body.get("messages") or []))
         judged: list[Mapping[str, Any]] = [*judge_messages(question, local, "")]
         judge_prompt = estimate_tokens(judged) + completion
-        judge = costs.closed_cost(self._closed_spec(self.judge_model), judge_prompt, JUDGE_TOKENS)
+        judge_spec = self._closed_spec(self.judge_model)
+        judge = costs.closed_cost(judge_spec, judge_prompt, judge_tokens(judge_spec))
         return float(closed + 2 * judge)
 
     def _closed_spec(self, name: str | None) -> ModelSpec:
@@ -413,7 +423,7 @@ class LearningLoop:
                     {
                         "messages": judge_messages(question, a, b),
                         "temperature": 0,
-                        "max_tokens": JUDGE_TOKENS,
+                        "max_tokens": judge_tokens(judge_spec),
                     },
                 )
                 cost += judge_cost

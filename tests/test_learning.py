@@ -361,6 +361,29 @@ def test_a_shadowed_claude_is_sent_no_more_max_tokens_than_its_window_leaves(
     assert [r.body["max_tokens"] for r in judge_calls(fake)] == [JUDGE_TOKENS, JUDGE_TOKENS]
 
 
+@pytest.mark.parametrize("window", [None, 2050], ids=["unwindowed", "windowed"])
+def test_a_judge_that_writes_less_is_sent_its_own_output_limit(
+    tmp_path: Path, fake: FakeProvider, window: int | None
+) -> None:
+    """A judge whose policy ``max_output_tokens`` is under 512 was sent ``max_tokens: 512``
+    all the same (its provider refuses that), and its window was checked for 512: a request
+    it could judge with its own limit (1,668 + 256 tokens in 2,050) was skipped. It is sent,
+    and checked for, its limit."""
+    windows = {} if window is None else {"gpt-4o": window}
+    fake.reset(Behaviour(judge="closed", context_windows=windows))
+    policy = _windowed(fake, windows).replace(
+        "  gpt-4o:\n", "  gpt-4o:\n    max_output_tokens: 256\n", 1
+    )
+    with serve(tmp_path, policy) as srv:  # gpt-4o answers and judges
+        assert _ask_long(srv).headers["x-tiergate-tier"] == "local"
+        learning = srv.gateway.learning
+        assert wait_for(lambda: learning.pending == 0 and learning.shadow_started == 1, 30)
+        assert (learning.shadow_skipped, learning.shadow_failed) == (0, 0)
+        (label,) = labels(srv, "shadow")
+        assert label["value"] == 1.0 and "error" not in label["detail"]
+    assert [r.body["max_tokens"] for r in judge_calls(fake)] == [256, 256]
+
+
 @pytest.mark.parametrize(
     ("windows", "judge"),
     [({"gpt-4o": 1000}, None), ({"claude": 1500}, "claude")],
