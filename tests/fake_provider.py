@@ -63,7 +63,10 @@ class Behaviour:
     ``error_body`` as the event instead), error_mid_stream (two words, then the protocol's
     error event for a rate limit, :data:`ANTHROPIC_RATE_LIMITED`, :data:`OPENAI_RATE_LIMITED`
     or, OpenAI chat, the chunk :data:`OPENAI_CHAT_RATE_LIMITED`, or ``error_body``, as a
-    provider ends a stream it rate-limits once open), unfinished_response
+    provider ends a stream it rate-limits once open), error_line_mid_stream (OpenAI chat: two
+    words, then an SSE ``error:`` line holding :data:`LLAMA_CPP_CONTEXT_EXCEEDED`, or
+    ``error_body``, and ``data: [DONE]``, as llama.cpp's server ended a stream that failed
+    before ggml-org/llama.cpp#16109), unfinished_response
     (Responses: a 200 whose Response has status ``response_status`` and no output, with
     ``error_body`` as its ``error``; a ``failed`` one without it has
     :data:`RESPONSE_SERVER_ERROR`, as OpenAI reports a model that failed to generate one;
@@ -190,6 +193,15 @@ OPENAI_CHAT_OVERLOADED = {
         "param": None,
         "code": "server_is_overloaded",
     }
+}
+
+#: What llama.cpp's server put on an SSE ``error:`` line (the error object itself, not wrapped)
+#: for a prompt over its context size, before ggml-org/llama.cpp#16109.
+LLAMA_CPP_CONTEXT_EXCEEDED = {
+    "code": 400,
+    "message": "the request exceeds the available context size. try increasing the context size "
+    "or enable context shift",
+    "type": "invalid_request_error",
 }
 
 #: The ``error`` of a Response whose model failed to generate it (OpenAI's status ``failed``).
@@ -716,6 +728,10 @@ class FakeProvider:
                 return
             if b.mode == "error_mid_stream" and i == 2:
                 send(b.error_body or OPENAI_CHAT_RATE_LIMITED)
+                return
+            if b.mode == "error_line_mid_stream" and i == 2:  # llama.cpp's server until 2025
+                error = json.dumps(b.error_body or LLAMA_CPP_CONTEXT_EXCEEDED).encode()
+                self._send(h, b"error: " + error + b"\n\ndata: [DONE]\n\n")
                 return
             if b.mode == "interrupted" and i == 2:
                 h.wfile.write(b"data: [DONE]\n\n")

@@ -20,7 +20,7 @@ from router.errors import (
     UpstreamTimeoutError,
 )
 from tests.conftest import run
-from tests.fake_provider import Behaviour, FakeProvider
+from tests.fake_provider import LLAMA_CPP_CONTEXT_EXCEEDED, Behaviour, FakeProvider
 
 BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}
 KEY = "sk-test-openai-key"
@@ -85,6 +85,37 @@ def test_an_error_chunk_mid_stream_fails_as_its_kind_says(
     assert raised.value.message.startswith("gpt-4o failed mid-stream: ")
     assert KEY not in raised.value.message
     assert said.replace(KEY, "[redacted]") in raised.value.message
+
+
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        (None, BackendError),  # LLAMA_CPP_CONTEXT_EXCEEDED
+        (
+            {"code": 503, "message": "Loading model", "type": "unavailable_error"},
+            UpstreamOverloadedError,
+        ),
+        ({"code": 429, "message": f"key {KEY} over", "type": "x"}, UpstreamRateLimitedError),
+        (
+            {"error": {"code": "rate_limit_exceeded", "message": "Slow down"}},
+            UpstreamRateLimitedError,
+        ),
+    ],
+)
+def test_an_error_line_in_the_stream_fails_as_its_kind_says(
+    provider: FakeProvider, line: dict[str, Any] | None, error: type[BackendError]
+) -> None:
+    """llama.cpp's server (an external local model, ``local_backend=openai_http``) ended a
+    stream that failed once open with an SSE ``error: {...}`` line, not ``data:``, then
+    ``data: [DONE]``: the line was passed over and the call failed as a cut stream (502
+    upstream_unreachable, the server's message lost). It fails as the error says, as an
+    ``{"error"}`` chunk does."""
+    provider.reset(Behaviour(mode="error_line_mid_stream", error_body=line))
+    with pytest.raises(error) as raised:
+        run(_call(provider.base_url, stream=True))
+    assert type(raised.value) is error and raised.value.code != "upstream_unreachable"
+    said = (line or {}).get("error", line or LLAMA_CPP_CONTEXT_EXCEEDED)["message"]
+    assert raised.value.message == f"gpt-4o failed mid-stream: {said.replace(KEY, '[redacted]')}"
 
 
 @pytest.mark.parametrize(

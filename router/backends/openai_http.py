@@ -370,6 +370,9 @@ class OpenAIHTTP:
         """POST ``body`` to ``url`` and yield the payload of each SSE ``data:`` line.
 
         Event names are not read: OpenAI's and Anthropic's events carry their type in the data.
+        An ``error:`` line, which llama.cpp's server sent for a failure once its stream was open
+        until it sent ``data: {"error": ...}`` instead (ggml-org/llama.cpp#16109, 2025), fails
+        the call as that error says (:func:`stream_failure`), not as a stream cut short.
         Leaving early closes the upstream connection, which stops the provider's generation.
         A line over ``max_event_bytes`` (the setting of that name) is
         :class:`UpstreamBadResponseError`: a bounded read, not a 500.
@@ -382,6 +385,8 @@ class OpenAIHTTP:
                     line = raw.strip()
                     if line.startswith(b"data:"):
                         yield line[5:].strip()
+                    elif line.startswith(b"error:"):
+                        raise stream_failure(label, _error_field(line[6:]), api_key=api_key)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise map_transport_error(exc, label) from exc
 
@@ -467,6 +472,18 @@ class OpenAIHTTP:
             if session is not None:
                 await session.close()
         self._session = self._fresh = None
+
+
+def _error_field(raw: bytes) -> Any:
+    # llama.cpp's ``error:`` line holds the error object itself ({"code", "message", "type"});
+    # one wrapped as an error body is taken too, and text that is not JSON is the message.
+    try:
+        error = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return raw.decode(errors="replace").strip()
+    if isinstance(error, dict) and isinstance(error.get("error"), dict):
+        return error["error"]
+    return error
 
 
 def _chunk(data: bytes, label: str) -> dict[str, Any]:
