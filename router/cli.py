@@ -822,18 +822,39 @@ def _cmd_fetch_model(args: argparse.Namespace) -> int:
     if args.only in (None, "encoder"):
         print(fetch_encoder(encoder_dest))
     if args.only in (None, "table"):
-        from router.artifact import default_model_path
         from router.embedding import write_tables
 
         if args.dest is not None:  # a folder of artifacts: each table beside its embedding.npz
             written = write_tables(args.dest)
         else:  # the classifier serve loads: its tables into the data directory
             settings = load_settings()
-            models = (settings.classifier_path or default_model_path()).parent
-            written = write_tables(models, settings.home / "models")
+            written = []
+            for folder in _table_folders(settings):
+                written += [
+                    p for p in write_tables(folder, settings.home / "models") if p not in written
+                ]
         for path in written:
             print(path)
     return 0
+
+
+def _table_folders(settings: Any) -> list[Path]:
+    # Where the artifacts that own the embedding serve reads may be: the classifier serve loads
+    # (the model store's current version first, as serve resolves it) and its siblings, and
+    # beside its capability model (artifact.capability_dir: inside it, beside it or shipped).
+    from router.artifact import METADATA_FILE, capability_dir
+    from router.registry import configured_model_path
+
+    classifier = configured_model_path(settings)
+    folders = [classifier, classifier.parent]
+    try:
+        meta = json.loads((classifier / METADATA_FILE).read_text(encoding="utf-8"))
+        name = meta["serving"]["capability"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        name = None  # no sidecar, or one that names no capability model
+    if isinstance(name, str):
+        folders.append(capability_dir(classifier, name).parent)
+    return list(dict.fromkeys(folders))
 
 
 def _cell(value: object, width: int) -> str:

@@ -255,6 +255,35 @@ def test_without_dest_the_table_goes_to_the_data_directory_and_is_found_there(
 
 
 @pytest.mark.usefixtures("fresh_reads")
+def test_without_dest_the_table_is_the_one_of_the_model_stores_current_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Serve loads the model store's current version before ``classifier_path``
+    (registry.configured_model_path); fetch-model wrote the tables of ``classifier_path``'s
+    folder instead, and none for a version that carries its own capability model: serve held
+    a copy of that table in every process. It writes the table serve reads."""
+    from router.cli import main
+
+    _saved(tmp_path / "models" / "owner", seed=1)  # beside classifier_path: not served
+    version = tmp_path / "store" / "versions" / "v0001"
+    _saved(version / "cap")  # the current version's own capability model owns this table
+    sidecar = {"format": "tiergate-classifier", "serving": {"capability": {"name": "cap"}}}
+    (version / METADATA_FILE).write_text(json.dumps(sidecar))
+    (tmp_path / "store" / "current").write_text("v0001\n")
+    home = tmp_path / "home"
+    monkeypatch.setenv("TIERGATE_HOME", str(home))
+    monkeypatch.setenv("TIERGATE_CLASSIFIER_PATH", str(tmp_path / "models" / "router-x"))
+    monkeypatch.setenv("TIERGATE_MODEL_STORE", str(tmp_path / "store"))
+    assert main(["fetch-model", "--only", "table"]) == 0
+    digest = json.loads((version / "cap" / METADATA_FILE).read_text())["embedding"]["sha256"]
+    assert capsys.readouterr().out.split() == [
+        str(home / "models" / f"embedding-{digest[:16]}.f32.npy")
+    ]
+    embedding_module._READ.clear()
+    assert isinstance(table_mapping(load(version / "cap").table), mmap.mmap)
+
+
+@pytest.mark.usefixtures("fresh_reads")
 def test_a_table_that_cannot_be_written_is_one_line_from_the_cli(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
