@@ -1092,7 +1092,11 @@ def _serving_policy(config: Path | None) -> Path:
 
 
 def _cmd_policy_check(args: argparse.Namespace) -> int:
-    from router.backends.closed import ANTHROPIC_MAX_TOKENS, unknown_output_limits
+    from router.backends.closed import (
+        ANTHROPIC_MAX_TOKENS,
+        hidden_output_limits,
+        unknown_output_limits,
+    )
     from router.costs import CostBook, load_litellm_cost_map
     from router.errors import PolicyError
     from router.policy import load_policy
@@ -1126,6 +1130,14 @@ def _cmd_policy_check(args: argparse.Namespace) -> int:
                 f"{policy.models[name].litellm_model!r} in the installed litellm's model map: a "
                 f"request that sets no max_tokens is sent max_tokens {ANTHROPIC_MAX_TOKENS} "
                 "(give it max_output_tokens)",
+                file=sys.stderr,
+            )
+        for name in hidden_output_limits(policy.models.values()):
+            print(
+                f"{path}: warning: models.{name}: Tiergate cannot tell the model behind the "
+                f"Bedrock application inference profile {policy.models[name].litellm_model!r}: "
+                "a request that sets no max_tokens is sent none (the provider's default applies) "
+                "and its budget hold reads no output limit (give it max_output_tokens)",
                 file=sys.stderr,
             )
     return 1 if failed else 0

@@ -642,8 +642,9 @@ class Gateway:
     def warn_output_limits(self) -> list[str]:
         """Log the policy's Anthropic models whose output limit neither the policy
         (``max_output_tokens``) nor litellm's model map gives (a request to one that sets no
-        ``max_tokens`` is sent :data:`~router.backends.closed.ANTHROPIC_MAX_TOKENS`), and return
-        their names."""
+        ``max_tokens`` is sent :data:`~router.backends.closed.ANTHROPIC_MAX_TOKENS`), and the
+        Bedrock application inference profiles without one (``closed.hidden_output_limits``:
+        no one can tell their model's), and return their names."""
         names = closed.unknown_output_limits(self.policy.models.values())
         if names:
             log.warning(
@@ -653,7 +654,16 @@ class Gateway:
                 ", ".join(names),
                 closed.ANTHROPIC_MAX_TOKENS,
             )
-        return names
+        hidden = closed.hidden_output_limits(self.policy.models.values())
+        if hidden:
+            log.warning(
+                "cannot tell the model behind Bedrock application inference profile(s) %s: a "
+                "request that sets no max_tokens is sent none (the provider's default applies) "
+                "and its budget hold reads no output limit; give each its model's limit in the "
+                "policy (max_output_tokens)",
+                ", ".join(hidden),
+            )
+        return names + hidden
 
     def backend(self, model: ModelSpec) -> Backend | None:
         """The backend for a model's tier (None when the local tier is switched off)."""

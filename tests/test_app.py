@@ -157,20 +157,40 @@ def test_an_anthropic_model_without_an_output_limit_is_named_at_start(
     """The test policy's claude model is one litellm's model map does not list, and the policy
     gives it no max_output_tokens: a request without max_tokens is sent 4096, maybe below its
     own limit, so the start says so; a max_output_tokens silences it."""
-    import logging
-
     limited = policy_yaml(fake).replace(
         "claude-3-5-sonnet-20241022\n", "claude-3-5-sonnet-20241022\n    max_output_tokens: 8192\n"
     )
     for policy, warned in ((policy_yaml(fake), True), (limited, False)):
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="tiergate.gateway"):
-            app = create_app(make_settings(tmp_path, policy), local_backend=ScriptedLocal())
-            with TestClient(app):
-                pass
+        said = _start_warnings(tmp_path, policy, caplog)
         message = "no output limit for Anthropic model(s) claude: litellm's model map"
-        assert (message in caplog.text) is warned
-        assert ("sent max_tokens 4096; give each its limit" in caplog.text) is warned
+        assert (message in said) is warned
+        assert ("sent max_tokens 4096; give each its limit" in said) is warned
+
+
+def _start_warnings(tmp_path: Path, policy: str, caplog: pytest.LogCaptureFixture) -> str:
+    """What the gateway warns of when an app serving ``policy`` starts."""
+    import logging
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tiergate.gateway"):
+        app = create_app(make_settings(tmp_path, policy), local_backend=ScriptedLocal())
+        with TestClient(app):
+            pass
+    return caplog.text
+
+
+def test_a_bedrock_application_profile_without_an_output_limit_is_named_at_start(
+    tmp_path: Path, fake: FakeProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An application inference profile's ARN hides its model: the start says that a request
+    without max_tokens is sent none and held at no output limit; a max_output_tokens silences
+    it (tests/test_cli.py has `policy check` say the same)."""
+    arn = "bedrock/arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/abc123"
+    hidden = policy_yaml(fake).replace("anthropic/claude-3-5-sonnet-20241022\n", f"'{arn}'\n")
+    limited = hidden.replace(f"'{arn}'\n", f"'{arn}'\n    max_output_tokens: 8192\n")
+    for policy, warned in ((hidden, True), (limited, False)):
+        message = "cannot tell the model behind Bedrock application inference profile(s) claude"
+        assert (message in _start_warnings(tmp_path, policy, caplog)) is warned
 
 
 def test_outcomes_go_to_sqlite_without_a_redis_url(tmp_path: Path, fake: FakeProvider) -> None:

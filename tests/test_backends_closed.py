@@ -343,6 +343,7 @@ def test_a_request_without_max_tokens_is_sent_the_policys_limit_on_every_path(
 
 
 BEDROCK_KEYS = {"BEDROCK_KEY": "bedrock-test-key"}
+PROFILE_ARN = "arn:aws:bedrock:us-east-1:123456789012:inference-profile"
 
 
 def _bedrock_haiku(provider: FakeProvider) -> Model:
@@ -381,6 +382,12 @@ def test_a_claude_on_bedrock_is_sent_a_max_tokens_it_takes(provider: FakeProvide
         ("bedrock/us.anthropic.claude-3-haiku-20240307-v1:0", 4096),
         ("bedrock/amazon.nova-pro-v1:0", None),  # not a Claude: up to its own limit
         ("vertex_ai/gemini-2.0-flash", None),
+        # A system-defined inference profile's ARN names its model: a Claude like any other.
+        (f"bedrock/{PROFILE_ARN}/us.anthropic.claude-3-5-sonnet-20241022-v2:0", 8192),
+        (f"bedrock/converse/{PROFILE_ARN}/global.anthropic.claude-sonnet-4-20250514-v1:0", 64000),
+        # An application profile's hides it: sent none unless the policy gives a limit
+        # (tests/test_cli.py warns of it).
+        ("bedrock/arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/a1", None),
     ],
 )
 def test_a_claude_on_vertex_or_bedrock_is_sent_what_an_anthropic_one_is(

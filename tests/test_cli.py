@@ -108,6 +108,37 @@ def test_policy_check_warns_of_an_anthropic_model_without_an_output_limit(
     assert code == 1 and "max_output_tokens 8192 is over the model's context_window 4096" in err
 
 
+def test_policy_check_warns_of_a_bedrock_application_profile_without_an_output_limit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Bedrock application inference profile's ARN ends in an opaque id: nothing tells its
+    model, so a request without max_tokens was sent none and held at no output limit, and
+    nothing said so. Say it, and the fix (max_output_tokens, then sent and held); a
+    system-defined profile's ARN names its model and is known as any Claude is."""
+    arn = "bedrock/arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/abc123"
+    system = (
+        "bedrock/arn:aws:bedrock:us-east-1:123456789012:inference-profile/"
+        "us.anthropic.claude-3-5-sonnet-20241022-v2:0"
+    )
+    models = (
+        "version: 1\nmodels:\n  local: {tier: local}\n"
+        f"  app: {{tier: closed, litellm_model: '{arn}', "
+        "price: {input_per_mtok: 3, output_per_mtok: 15}}\n"
+        f"  sys: {{tier: closed, litellm_model: '{system}', "
+        "price: {input_per_mtok: 3, output_per_mtok: 15}}\n"
+    )
+    hidden = tmp_path / "hidden.yaml"
+    assert _check(hidden, models, capsys) == (
+        0,
+        f"{hidden}: warning: models.app: Tiergate cannot tell the model behind the Bedrock "
+        f"application inference profile '{arn}': a request that sets no max_tokens is sent none "
+        "(the provider's default applies) and its budget hold reads no output limit (give it "
+        "max_output_tokens)\n",
+    )
+    limited = models.replace("abc123', ", "abc123', max_output_tokens: 8192, ")
+    assert _check(tmp_path / "limited.yaml", limited, capsys) == (0, "")
+
+
 def test_policy_check_reads_the_policy_a_settings_file_names(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

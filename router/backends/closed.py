@@ -140,7 +140,9 @@ _OUTPUT_FIELDS = ("max_tokens", "max_completion_tokens")
 #: limit: the smallest current Claude's (claude-3-haiku's). litellm sent its own default, 128000,
 #: which is over every Claude's limit: Anthropic refused each such request with a 400.
 ANTHROPIC_MAX_TOKENS = 4096
-# A Claude model id on Bedrock, with or without a region (``us.``) or route (``invoke/``) prefix.
+# A Claude model id on Bedrock, with or without a region (``us.``) or route (``invoke/``) prefix,
+# or at the end of a system-defined inference profile's ARN (``...:inference-profile/us.anthropic
+# .claude-...``).
 _BEDROCK_CLAUDE = re.compile(r"(?:^|[./])anthropic\.claude")
 
 
@@ -156,6 +158,25 @@ def claude(litellm_model: str) -> bool:
     if provider == "vertex_ai":
         return name.startswith("claude")
     return provider == "anthropic"
+
+
+def hides_its_model(litellm_model: str) -> bool:
+    """Whether ``litellm_model`` is a Bedrock application inference profile
+    (``bedrock/arn:aws:bedrock:REGION:ACCOUNT:application-inference-profile/ID``): its ARN ends
+    in an opaque id, so neither Tiergate nor litellm's map can tell the model behind it (litellm
+    reads it from a deployment's ``base_model``, which Tiergate does not send)."""
+    return provider_of(litellm_model) == "bedrock" and ":application-inference-profile/" in (
+        litellm_model
+    )
+
+
+def hidden_output_limits(models: Iterable[ModelLike]) -> list[str]:
+    """The closed models among ``models`` that :func:`hides_its_model` without a policy
+    ``max_output_tokens``: a request to one that sets no ``max_tokens`` is sent none (a Claude
+    behind it is not known for one, :func:`claude`: the provider's default applies), and its
+    budget hold cannot read an output limit. With ``max_output_tokens`` it is sent that
+    (:func:`default_max_tokens`) and held at it."""
+    return _unlimited(models, hides_its_model)
 
 
 def mapped_output_limit(litellm_model: str) -> int | None:
@@ -224,13 +245,15 @@ def unknown_output_limits(models: Iterable[ModelLike]) -> list[str]:
     """The Claude models among ``models`` whose output limit neither the policy
     (``max_output_tokens``) nor litellm's model map gives: a request to one that sets no
     ``max_tokens`` is sent :data:`ANTHROPIC_MAX_TOKENS`, which may be below the model's own."""
+    return _unlimited(models, lambda name: claude(name) and mapped_output_limit(name) is None)
+
+
+def _unlimited(models: Iterable[ModelLike], chosen: Callable[[str], bool]) -> list[str]:
+    # The closed models without a policy max_output_tokens whose litellm_model is ``chosen``.
     return [
         m.name
         for m in models
-        if m.tier == "closed"
-        and claude(m.litellm_model or "")
-        and m.max_output_tokens is None
-        and mapped_output_limit(m.litellm_model or "") is None
+        if m.tier == "closed" and m.max_output_tokens is None and chosen(m.litellm_model or "")
     ]
 
 
