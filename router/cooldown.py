@@ -10,7 +10,9 @@ the calls it asked to be spared). A 429 cools for its ``Retry-After`` (at most
 overloaded provider (503, Anthropic's 529) that sends a ``Retry-After`` has asked to be spared
 too: it cools at once for it, as a 429 does; without one it counts as a failure in a row.
 A stream that fails after its first tokens (cut, or ended by the provider's error event: a
-rate limit there is its 429) is a failed call as the same failure before them is.
+rate limit there is its 429) is a failed call as the same failure before them is, and a
+stream is a success once it ended whole, not when it opened: a provider that cuts every stream
+after its first words fails calls in a row.
 
 A cooling model is still called when nothing after it in the chain can be (a pinned model, the
 last fallback): a cooldown never turns an answer into an error by itself. The first call after

@@ -516,15 +516,13 @@ class Gateway:
                 async for chunk in source:
                     relay.passing(chunk)
                     yield chunk
+                self._stream_ended(ctx, None, started=True)
                 answer = "".join(relay.text)
                 if not relay.saw_usage:
                     yield _usage_chunk(ctx, relay.id, relay.model)
         except (Exception, asyncio.CancelledError, GeneratorExit) as exc:
             status, http_status, error = _outcome(exc, self.stopping)
-            if source is not None and ctx.served is not None and isinstance(exc, BackendError):
-                # The model failed after its stream started (a provider's rate-limit event, a
-                # stream cut): a failed call, for its cooldown, as the same failure before it.
-                self._cool(ctx.served.model, exc)
+            self._stream_ended(ctx, exc, started=source is not None)
             internal = self._explained(ctx, exc, opened=source is not None)
             if internal is not None:
                 raise internal from exc
@@ -537,6 +535,20 @@ class Gateway:
                 hold.settle(ctx.tokens_used())
         if answer is not None and self.learning is not None:
             self.learning.after_response(ctx, call.body, answer)
+
+    def _stream_ended(
+        self, ctx: RequestContext, exc: BaseException | None, *, started: bool
+    ) -> None:
+        """A request's end, for the cooldown of the model whose stream ``started``: whole, a
+        success (not its opening: a provider that cuts every stream after its first words
+        fails calls in a row); a :class:`BackendError` (a provider's rate-limit event, a
+        stream cut), a failed call, as the same failure before it."""
+        if not started or ctx.served is None:
+            return
+        if exc is None:
+            self.cooldowns.succeeded(ctx.served.model.name)
+        elif isinstance(exc, BackendError):
+            self._cool(ctx.served.model, exc)
 
     def _explained(
         self, ctx: RequestContext, exc: BaseException, *, opened: bool
@@ -1318,7 +1330,8 @@ class Gateway:
                     queue[i:] = wider
                 continue
             ctx.served = Served(model, fallback)
-            self.cooldowns.succeeded(model.name)
+            if not ctx.stream:  # a stream succeeds once it ended whole (_life)
+                self.cooldowns.succeeded(model.name)
             return result
         raise self._exhausted(ctx, errors, last, failure, tried)
 

@@ -515,3 +515,26 @@ def test_a_cooldown_started_in_a_redis_outage_is_shared_once_redis_is_back(
         redis_server.start()
         assert wait_for(lambda: b.gateway.cooldowns.left("gpt-4o") > 0, timeout_s=10)
         assert b.gateway.cooldowns.left("gpt-4o") <= 30
+
+
+def test_streams_cut_after_their_first_words_cool_the_model_in_a_row(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """gpt-4o cuts every stream after its first words. Each stream's opening counted as a
+    success and reset the failures in a row, so with ``cooldown_after_fails`` 2 the model was
+    never cooled: every request was sent to it again. A stream counts as a success once it
+    ended whole; two cut in a row cool the model, as two failed calls before the first token
+    do."""
+    fake.reset(Behaviour(mode="reset_mid_stream"))
+    body = {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "Hi"}]}
+    with live(tmp_path, policy_yaml(fake), cooldown_after_fails=2) as srv:
+        for _ in range(2):
+            with srv.http.stream("POST", "/v1/chat/completions", json=body) as response:
+                response.read()
+            assert response.status_code == 200 and response.headers["x-tiergate-model"] == "gpt-4o"
+        assert 29 < srv.gateway.cooldowns.left("gpt-4o") <= 30
+        fake.reset()  # pinned, the cooling model is called: a probe that streams whole
+        with srv.http.stream("POST", "/v1/chat/completions", json=body) as response:
+            response.read()
+        assert response.status_code == 200
+        assert srv.gateway.cooldowns.left("gpt-4o") == 0  # a whole stream ends the cooling
