@@ -597,6 +597,7 @@ async def serve_front(request: Request, front: Front[_Tr]) -> Response:
             shape=lambda chat: front.answer(chat, translation),
             optional=front.optional,
             native_only=front.native_only,
+            fields=front.fields,
         )
     return await _respond(
         request,

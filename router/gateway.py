@@ -228,6 +228,8 @@ class Call:
     shape: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     optional: frozenset[str] = frozenset()
     native_only: frozenset[str] = frozenset()
+    # A chat field's name on the front, where it differs (Front.fields): a 400's param.
+    fields: Mapping[str, str] = field(default_factory=dict)
     request_id: str = field(default_factory=new_request_id)
     started: float = field(default_factory=time.perf_counter)
 
@@ -578,6 +580,7 @@ class Gateway:
             param = ctx.decision.unsatisfiable_param
             if param == "max_tokens" and call.body.get("max_completion_tokens") is not None:
                 param = "max_completion_tokens"  # the field the request bounded its answer by
+            param = call.fields.get(param, param) if param else param  # the front's own
             code = "context_length_exceeded" if ctx.decision.context_exceeded else None
             raise BadRequestError(ctx.decision.unsatisfiable, code=code, param=param)
         tokens = sum(self.reserved_tokens(ctx, self.reserve_tokens))

@@ -1335,6 +1335,27 @@ def test_a_pinned_model_that_cannot_take_a_request_names_the_field(
     assert fake.received == []
 
 
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"max_output_tokens": 4000}, "max_output_tokens"),
+        ({"input": "Go on. " * 3000}, "input"),
+        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+    ],
+    ids=["max_output_tokens", "input", "tools"],
+)
+def test_a_pinned_model_that_cannot_take_a_response_names_the_responses_field(
+    client: openai.OpenAI, fake: FakeProvider, extra: dict[str, Any], param: str
+) -> None:
+    # The Responses front named the chat field (max_tokens, messages): one its client never
+    # sent, where the 400 is to say what to change.
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(**{"model": "local", "input": "Hi", **extra})
+    assert refused.value.param == param
+    assert "and the request pins it" in refused.value.message
+    assert fake.received == []
+
+
 @pytest.mark.gguf
 def test_an_assistant_turn_without_content_reaches_the_local_model(
     gguf_server: LiveServer,
