@@ -1006,7 +1006,7 @@ class Gateway:
         self, ctx: RequestContext, model: ModelSpec, native: NativeRequest
     ) -> NativeRequest:
         """``native`` as ``model`` is sent it: a Response that sets no ``max_output_tokens`` gets
-        the limit :meth:`_sent` fills, cut to the window alike. A Messages request carries its
+        the limit :meth:`sent` fills, cut to the window alike. A Messages request carries its
         own ``max_tokens`` (Anthropic's API, and the front, require one)."""
         if native.api != "responses" or native.body.get("max_output_tokens") is not None:
             return native
