@@ -265,6 +265,6 @@ def test_only_a_finished_response_without_an_error_is_an_answer(
         return
     with pytest.raises(BackendError) as raised:
         run(call(models["gpt-4o"], native))
-    # a stream's failure says when it came, as a response.failed event's does
-    said = says.replace(" failed:", " failed mid-stream:") if stream else says
+    # a stream's failure says it came in the Response that ended the stream
+    said = says.replace(" failed:", " ended its stream with a failed response:") if stream else says
     assert raised.value.message == said

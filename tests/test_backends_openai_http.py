@@ -82,7 +82,7 @@ def test_an_error_chunk_mid_stream_fails_as_its_kind_says(
         run(_call(provider.base_url, stream=True))
     assert type(raised.value) is error
     said = chunk.get("message") if isinstance(chunk, dict) else chunk
-    assert raised.value.message.startswith("gpt-4o failed mid-stream: ")
+    assert raised.value.message.startswith("gpt-4o sent an error event: ")
     assert KEY not in raised.value.message
     assert said.replace(KEY, "[redacted]") in raised.value.message
 
@@ -115,7 +115,7 @@ def test_an_error_line_in_the_stream_fails_as_its_kind_says(
         run(_call(provider.base_url, stream=True))
     assert type(raised.value) is error and raised.value.code != "upstream_unreachable"
     said = (line or {}).get("error", line or LLAMA_CPP_CONTEXT_EXCEEDED)["message"]
-    assert raised.value.message == f"gpt-4o failed mid-stream: {said.replace(KEY, '[redacted]')}"
+    assert raised.value.message == f"gpt-4o sent an error event: {said.replace(KEY, '[redacted]')}"
 
 
 @pytest.mark.parametrize(

@@ -848,7 +848,7 @@ def test_a_providers_error_event_mid_stream_is_mapped_alike_on_every_path(
     else:
         assert (events[-1]["type"], events[-1]["code"]) == ("error", code)
         message = events[-1]["message"]
-    assert model in message and said in message
+    assert f"{model} sent an error event: {said}" in message, message
     assert (record["status"], record["http_status"], record["error_type"]) == (
         "error",
         status,
@@ -861,13 +861,15 @@ def test_a_providers_error_event_mid_stream_is_mapped_alike_on_every_path(
 @pytest.mark.parametrize("kind", sorted(ERROR_KINDS))
 @pytest.mark.parametrize("way", sorted(ERROR_EVENT_PATHS))
 def test_a_providers_error_event_before_the_first_token_falls_back(
-    tmp_path: Path, fake: FakeProvider, way: str, kind: str
+    tmp_path: Path, fake: FakeProvider, caplog: pytest.LogCaptureFixture, way: str, kind: str
 ) -> None:
     """The same error event right after the stream's opening, before any token: the chain
     goes on as after any failed call (the other closed model answers whole), and the model
     that failed is counted as failing so (a rate limit cools it at once, as a 429 does). On
     the direct OpenAI path its ``{"error": ...}`` chunk was held as part of the opening and the
-    stream taken for one cut: every kind counted as ``upstream_unreachable``."""
+    stream taken for one cut: every kind counted as ``upstream_unreachable``. The failure
+    logged says the provider sent an error event; it said the model "failed mid-stream",
+    though no token had come."""
     front, model, via, protocol = ERROR_EVENT_PATHS[way]
     _, code, _ = ERROR_KINDS[kind]
     path, body, _ = CUT_FRONTS[front]
@@ -875,9 +877,13 @@ def test_a_providers_error_event_before_the_first_token_falls_back(
         protocol, "/chat/completions"
     )
     event = ERROR_EVENTS[protocol][kind]
+    said = (event.get("error") or event)["message"]
     fake.reset(Behaviour(mode="overloaded_after_open", failing_path=failing, error_body=event))
     policy = _error_event_policy(fake, model, via)
-    with live(tmp_path, policy, cooldown_after_fails=1) as srv:
+    with (
+        caplog.at_level(logging.WARNING, logger="tiergate.gateway"),
+        live(tmp_path, policy, cooldown_after_fails=1) as srv,
+    ):
         with srv.http.stream("POST", path, json=body) as response:
             events = _sse(response)
         record = _record(srv, response)
@@ -896,6 +902,12 @@ def test_a_providers_error_event_before_the_first_token_falls_back(
         "closed->closed",
     )
     assert cooling[model]["reason"] == code, cooling
+    (failed,) = [
+        r.getMessage()
+        for r in caplog.records
+        if r.getMessage().startswith(f"{model} failed for {record['id']}: ")
+    ]
+    assert failed.endswith(f": {model} sent an error event: {said}"), failed
 
 
 # -- local tier faults -------------------------------------------------------------------------

@@ -468,7 +468,7 @@ def test_a_stream_rate_limited_after_it_started_is_an_error_span(
     with traced(tmp_path, policy_yaml(fake), local=ScriptedLocal()) as (srv, cap):
         with srv.http.stream("POST", url, json=pinned) as response:
             assert response.status_code == 200
-            assert b"failed mid-stream" in response.read()
+            assert b"sent an error event" in response.read()
         fake.reset(Behaviour(mode="rate_limit"))
         refused = srv.http.post(url, json={**pinned, "stream": False})
         assert refused.status_code == 429

@@ -398,10 +398,10 @@ class _AnthropicEvents:
         return {"choices": []}
 
 
-def _response_failure(label: str, error: Any, *, when: str = " mid-stream") -> BackendError:
+def _response_failure(label: str, error: Any, *, what: str = "sent an error event") -> BackendError:
     """The failure an OpenAI Response's ``error`` (or a Responses stream's ``error`` event)
     reports: overloaded, rate-limited or other, by its code or type."""
-    return stream_failure(label, error if isinstance(error, dict) else {}, when=when)
+    return stream_failure(label, error if isinstance(error, dict) else {}, what=what)
 
 
 #: The statuses of a Response that answered: ``incomplete`` is a cut answer (its
@@ -410,19 +410,19 @@ def _response_failure(label: str, error: Any, *, when: str = " mid-stream") -> B
 _ANSWERED = (None, "completed", "incomplete")
 
 
-def _check_response(payload: Mapping[str, Any], label: str, *, when: str = "") -> None:
+def _check_response(payload: Mapping[str, Any], label: str, *, what: str = "failed") -> None:
     """Raise the failure a Response answered with HTTP 200 reports: status ``failed`` with
     the ``error`` OpenAI documents for a model that failed to generate one (its codes those
     of a stream's ``response.failed`` event), any Response with an ``error``, and one that
     did not finish (``cancelled``, ``queued``, ``in_progress``). Its output is empty or
     partial: read as an answer, it was an empty success, with no fallback tried. The same
     holds for the Response that ends a stream (``response.completed``,
-    ``response.incomplete``); ``when`` says where the failure came."""
+    ``response.incomplete``); ``what`` says how it came, in the message."""
     error, status = payload.get("error"), payload.get("status")
     if not error and status in _ANSWERED:
         return
     error = error or {"message": f"the response is {status}"}
-    raise _response_failure(label, error, when=when)
+    raise _response_failure(label, error, what=what)
 
 
 class _ResponseEvents:
@@ -455,7 +455,7 @@ class _ResponseEvents:
             partial = {"index": tool, "function": {"arguments": str(event.get("delta", ""))}}
             return _delta({"tool_calls": [partial]})
         if kind in ("response.completed", "response.incomplete") and response is not None:
-            _check_response(response, label, when=" mid-stream")
+            _check_response(response, label, what="ended its stream with a failed response")
             self.done = True
             usage.take(_usage_of(response.get("usage"), "responses", label))
             finish = "tool_calls" if self._tools else "stop"

@@ -148,17 +148,19 @@ _OVERLOADED_NAMES = ("overloaded_error", "server_is_overloaded", "service_unavai
 
 
 def stream_failure(
-    label: str, error: Any, *, when: str = " mid-stream", api_key: str | None = None
+    label: str, error: Any, *, what: str = "sent an error event", api_key: str | None = None
 ) -> BackendError:
     """The failure a provider's error event reports once a stream is open (Anthropic's
     ``error`` event, a Responses ``error`` or ``response.failed``, an OpenAI-compatible chat
     chunk ``{"error": {...}}``; or a Response's ``error``), taken as the same failure answered
     with an HTTP status is (:func:`error_for_status`): by its code or type, or the HTTP status
     some servers put in ``code`` (vLLM), rate-limited is a 429 (no ``Retry-After``: an event
-    has no headers), overloaded a 503, anything else a 502. ``when`` says where it came."""
+    has no headers), overloaded a 503, anything else a 502. ``what`` says what the provider
+    did, in the message: an event may come before the first token (then the chain goes on)
+    as well as after it, so it does not say "mid-stream"."""
     error = error if isinstance(error, dict) else {"message": str(error or "")}
     said = scrub(str(error.get("message") or "error")[:500], [api_key])
-    text = f"{label} failed{when}: {said}"
+    text = f"{label} {what}: {said}"
     names = [error.get(k) for k in ("code", "type")]
     code = error.get("code")
     status = code if type(code) is int and 400 <= code < 600 else None
