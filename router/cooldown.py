@@ -62,6 +62,10 @@ class SharedCooldowns(Protocol):
         """The cooldowns read at the last refresh, this replica's included: model name ->
         (mark, seconds left now)."""
 
+    def shared_cooldown(self, name: str) -> tuple[str, float] | None:
+        """``name``'s entry of :meth:`shared_cooldowns`, or None: what a request's chain reads,
+        one model at a time."""
+
 
 @dataclass(slots=True)
 class _State:
@@ -126,7 +130,7 @@ class Cooldowns:
         else:
             return None
         now = self._clock()
-        seen = self._shared().get(name)
+        seen = self._seen(name)
         started = state.until <= now and (seen is None or seen[0] == state.mark)
         state.until = max(state.until, now + seconds)
         state.reason = error.code
@@ -142,7 +146,7 @@ class Cooldowns:
         if self.shared is None:
             return
         self._probing.discard(name)
-        seen = self._shared().get(name)
+        seen = self._seen(name)
         # This replica's own mark too: the refresh may not have read it back yet.
         ended = {mark for mark in (seen and seen[0], state and state.mark) if mark}
         if ended:
@@ -152,7 +156,7 @@ class Cooldowns:
         """Seconds of cooldown ``name`` has left (0: not cooling), here or shared."""
         state = self._states.get(name)
         here = max(0.0, state.until - self._clock()) if state is not None else 0.0
-        seen = self._shared().get(name)
+        seen = self._seen(name)
         if seen is None or seen[1] <= here:
             return here
         if state is None or seen[0] != state.mark:
@@ -186,6 +190,16 @@ class Cooldowns:
                 "started_here": state is not None and mark == state.mark,
             }
         return cooling
+
+    def _seen(self, name: str) -> tuple[str, float] | None:
+        """:meth:`_shared`'s entry for ``name``, read alone: ``left`` runs for each model of
+        every request's chain, and the whole table is not built for it."""
+        if self.shared is None or self.cooldown_s <= 0:
+            return None
+        seen = self.shared.shared_cooldown(name)
+        if seen is None or seen[1] <= 0 or seen[0] in self._ended.get(name, ()):
+            return None
+        return seen
 
     def _shared(self) -> dict[str, tuple[str, float]]:
         """The other replicas' cooldowns now (and this one's, as published), less those that

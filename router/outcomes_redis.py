@@ -657,6 +657,14 @@ class RedisOutcomeStore(OutcomeWriter):
             if until > now
         }
 
+    def shared_cooldown(self, name: str) -> tuple[str, float] | None:
+        """``name``'s entry of :meth:`shared_cooldowns`, or None, without building the rest."""
+        entry = self._cooldowns_in.get(name)
+        if entry is None:
+            return None
+        left = entry[1] - time.monotonic()
+        return (entry[0], left) if left > 0 else None
+
     def _publish_cooldowns(self) -> None:
         """Set the cooldowns started here in Redis, one round trip; an outage leaves them for
         the next try (the writer's), any other Redis error drops them (logged)."""

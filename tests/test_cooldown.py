@@ -379,6 +379,9 @@ class Board:
     def shared_cooldowns(self) -> dict[str, tuple[str, float]]:
         return self.seen
 
+    def shared_cooldown(self, name: str) -> tuple[str, float] | None:
+        return self.seen.get(name)
+
 
 def test_a_shared_cooldown_cools_here_until_a_success_here_ends_it() -> None:
     """A cooldown another replica started cools the model here, and says so; this replica's
