@@ -1116,30 +1116,34 @@ def _cmd_policy_check(args: argparse.Namespace) -> int:
         )
         for issue in policy.warnings:
             print(f"warning: {issue}", file=sys.stderr)
-        for name in costs.unpriced(policy.models.values()):  # valid, but worth knowing
-            print(
-                f"{path}: warning: models.{name}: no price for litellm_model "
-                f"{policy.models[name].litellm_model!r} in the installed litellm's table: its "
-                "calls count $0 in costs and budgets (give it price: {input_per_mtok, "
-                "output_per_mtok})",
-                file=sys.stderr,
-            )
-        for name in unknown_output_limits(policy.models.values()):
-            print(
-                f"{path}: warning: models.{name}: no output limit for litellm_model "
-                f"{policy.models[name].litellm_model!r} in the installed litellm's model map: a "
-                f"request that sets no max_tokens is sent max_tokens {ANTHROPIC_MAX_TOKENS} "
+        models = policy.models.values()
+        # Valid, but worth knowing: models whose price or output limit nothing gives, each
+        # with what follows for its calls (its litellm_model is put in where {} stands).
+        noted = [
+            (
+                costs.unpriced(models),
+                "no price for litellm_model {!r} in the installed litellm's table: its calls "
+                "count $0 in costs and budgets (give it price: {{input_per_mtok, "
+                "output_per_mtok}})",
+            ),
+            (
+                unknown_output_limits(models),
+                "no output limit for litellm_model {!r} in the installed litellm's model map: "
+                f"a request that sets no max_tokens is sent max_tokens {ANTHROPIC_MAX_TOKENS} "
                 "(give it max_output_tokens)",
-                file=sys.stderr,
-            )
-        for name in hidden_output_limits(policy.models.values()):
-            print(
-                f"{path}: warning: models.{name}: Tiergate cannot tell the model behind the "
-                f"Bedrock application inference profile {policy.models[name].litellm_model!r}: "
-                "a request that sets no max_tokens is sent none (the provider's default applies) "
-                "and its budget hold reads no output limit (give it max_output_tokens)",
-                file=sys.stderr,
-            )
+            ),
+            (
+                hidden_output_limits(models),
+                "Tiergate cannot tell the model behind the Bedrock application inference "
+                "profile {!r}: a request that sets no max_tokens is sent none (the provider's "
+                "default applies) and its budget hold reads no output limit (give it "
+                "max_output_tokens)",
+            ),
+        ]
+        for names, said in noted:
+            for name in names:
+                model = policy.models[name].litellm_model
+                print(f"{path}: warning: models.{name}: {said.format(model)}", file=sys.stderr)
     return 1 if failed else 0
 
 
