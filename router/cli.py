@@ -27,6 +27,7 @@ from typing import IO, TYPE_CHECKING, Any
 from router.errors import ConfigError, TiergateError
 
 if TYPE_CHECKING:
+    from router.outcomes import Erased
     from router.policy import Policy
 
 #: ``tiergate retrain --exit-code``: the gate refused the candidate (errors are 1 and 2).
@@ -983,22 +984,37 @@ def _cmd_outcomes(args: argparse.Namespace) -> int:
 
 
 def _cmd_outcomes_delete(args: argparse.Namespace) -> int:
-    if not args.request_id and args.tenant is None:
-        print("tiergate outcomes delete: name --request-id or --tenant", file=sys.stderr)
+    if not args.request_id and args.tenant is None and not args.compact:
+        print("tiergate outcomes delete: name --request-id, --tenant or --compact", file=sys.stderr)
         return 2
     opened = _open_outcomes(args)
     if opened is None:
         return 1
     store, path = opened
+    compact = getattr(store, "compact", None)  # Redis's; SQLite overwrites what it deletes
     try:
-        erased = store.erase(args.request_id or (), args.tenant)
+        if not args.compact:
+            erased = store.erase(args.request_id or (), args.tenant)
+        elif compact is not None:
+            erased = compact()
+        else:
+            print(f"{path} overwrites what it deletes: nothing to compact")
+            return 0
     finally:
         store.close()
-    what = f"tenant {args.tenant}" if args.tenant is not None else "the named requests"
-    print(f"deleted {erased.records} records and {erased.labels} labels of {what} from {path}")
+    if not args.compact:
+        what = f"tenant {args.tenant}" if args.tenant is not None else "the named requests"
+        print(f"deleted {erased.records} records and {erased.labels} labels of {what} from {path}")
+    elif erased.stream is None:
+        print(f"rebuilt the outcomes stream of {path}: no deleted entry is left in it")
+    return _report_erased(erased, getattr(store, "unreadable_path", None))
+
+
+def _report_erased(erased: Erased, aside: Path | None) -> int:
+    """Say what else an erasure did and did not do (the journal, its unreadable lines at
+    ``aside``, Redis's append-only file and stream); its exit status."""
     if erased.journal:
         print(f"and {erased.journal} items from the outage journal")
-    aside = getattr(store, "unreadable_path", None)  # a Redis store's journal lines set aside
     if erased.unreadable:
         print(f"and {erased.unreadable} unreadable journal lines that name them from {aside}")
     if erased.unreadable_kept:
@@ -1628,20 +1644,31 @@ def build_parser() -> argparse.ArgumentParser:
         "with their entries in Redis's indexes and change stream and in an outage journal no "
         "running Tiergate holds. SQLite overwrites what it deletes and empties its write-ahead "
         "log. The change stream is rebuilt without the erased entries, whose bytes Redis's "
-        "XDEL leaves in place (where it cannot be, that is said on stderr and the command "
-        "exits 1: run it again), and Redis is asked to rewrite its append-only file, if it "
+        "XDEL leaves in place, and without those other XDELs left where Redis 7 says there are "
+        "some (where it cannot be, that is said on stderr and the command exits 1: run it "
+        "again; a copy a killed rebuild left is deleted by the next erasure), and Redis is "
+        "asked to rewrite its append-only file, if it "
         "keeps one (BGREWRITEAOF; where it refuses, that is said on stderr). For 30 days, "
         "what a running Tiergate writes for them later (labels, records of requests in "
         "flight, a replayed journal) is refused. The journal's lines that could not "
         "be read (NAME.unreadable) that name the requests or the tenant are deleted; what is "
-        "left there is reported. A tenant's spend today still counts against its budget, kept "
-        "under a hash of its name. Backups, and models `tiergate retrain` already fitted, are "
-        "not changed.",
+        "left there is reported. A tenant's spend today still counts against its budget, and "
+        "its requests and tokens of the last minutes against its rate limits, kept under a "
+        "hash of its name. --compact rebuilds the stream whatever Redis says (Redis 6.2 cannot "
+        "tell that an earlier release's erasure left deleted entries in it). Backups, and "
+        "models `tiergate retrain` already fitted, are not changed.",
     )
     erase_which = delete.add_mutually_exclusive_group()
     erase_which.add_argument("--tenant", help="every record and label of this tenant")
     erase_which.add_argument(
         "--request-id", action="append", metavar="ID", help="this request's (repeat for more)"
+    )
+    erase_which.add_argument(
+        "--compact",
+        action="store_true",
+        help="erase nothing more: rebuild Redis's outcomes stream without the entries deleted "
+        "before (an erasure of an earlier release left their bytes; Redis 6.2 cannot say so) "
+        "and have its append-only file rewritten",
     )
     # Without a default here, `outcomes --config FILE delete` keeps the FILE given before the
     # action (a subcommand's defaults replace its parent's values): the erasure goes to the store

@@ -4,10 +4,13 @@ Rates are counted in a *sliding window counter* over one minute (the current min
 the previous minute's, weighted by how much of it still overlaps the last 60 s): O(1) memory per
 tenant and accurate to a few percent. In-process on the embedded default; with
 ``TIERGATE_REDIS_URL`` the counters live in Redis and one Lua script reads and bumps them
-atomically, so every replica enforces the same limit. If Redis fails, the in-process counters
-take over until Redis answers again (a limiter outage must not become a gateway outage): each
-replica then enforces its share of the limit, the limit divided by the replicas alive when the
-outcome store last heard from Redis, so N replicas do not admit N times the limit.
+atomically, so every replica enforces the same limit. Redis keeps them under a hash of the
+tenant (``tiergate:rl:<tenant hash>:req|tok:<minute>``, :func:`~router.outcomes.tenant_hash`),
+never its name: an erasure leaves no name there, and the windows count on across it. If Redis
+fails, the in-process counters take over until Redis answers again (a limiter outage must not
+become a gateway outage): each replica then enforces its share of the limit, the limit divided
+by the replicas alive when the outcome store last heard from Redis, so N replicas do not admit
+N times the limit.
 
 Tokens are reserved before a request is served and settled after it: :meth:`RateLimiter.reserve`
 checks the tenant's window and adds an estimate (the prompt plus ``max_tokens``, or the
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -30,6 +34,7 @@ from typing import Any
 from router.auth import Principal
 from router.config import Settings
 from router.errors import BadRequestError, RateLimitError
+from router.outcomes import tenant_hash
 
 log = logging.getLogger("tiergate.limits")
 WINDOW_S = 60
@@ -81,6 +86,45 @@ local left = redis.call('INCRBY', KEYS[1], ARGV[1])
 if left < 0 then redis.call('SET', KEYS[1], 0, 'KEEPTTL') end
 return 1
 """
+
+# KEYS: pairs of (a window named by its tenant, as releases before hashing kept it; the same
+# window under the tenant's hash). ARGV: the expiry (ms) of a window that had none. Each count
+# is added to its hashed twin, which keeps the later expiry, and the named one goes.
+_LUA_UNNAME = """
+for i = 1, #KEYS, 2 do
+  local n = redis.call('GET', KEYS[i])
+  if n then
+    local ttl = redis.call('PTTL', KEYS[i])
+    if ttl < 0 then ttl = tonumber(ARGV[1]) end
+    redis.call('INCRBY', KEYS[i + 1], n)
+    if redis.call('PTTL', KEYS[i + 1]) < ttl then redis.call('PEXPIRE', KEYS[i + 1], ttl) end
+    redis.call('DEL', KEYS[i])
+  end
+end
+return #KEYS / 2
+"""
+_NAMED_WINDOW = re.compile(r"(req|tok):-?[0-9]+")
+
+
+def _redis_base(tenant: str) -> str:
+    """The stem of ``tenant``'s window keys in Redis: its hash, not its name."""
+    return f"tiergate:rl:{tenant_hash(tenant)}"
+
+
+def unname_windows(client: Any, tenant: str) -> int:
+    """Move ``tenant``'s windows kept under its name (``tiergate:rl:<tenant>:*``, as releases
+    before hashing wrote them, and as one still running in a rolling upgrade does) to the keys
+    under its hash, where the limits go on counting them: an erasure leaves no key that names
+    the tenant, and gives it no fresh minute. ``client``: a synchronous Redis client that
+    decodes responses. How many windows moved."""
+    named = f"tiergate:rl:{tenant}:"
+    pattern = re.sub(r"([*?\[\]\\])", r"\\\1", named) + "*"
+    found = sorted(client.scan_iter(match=pattern, count=1000))
+    windows = [k.removeprefix(named) for k in found if _NAMED_WINDOW.fullmatch(k[len(named) :])]
+    if not windows:
+        return 0
+    keys = [key for w in windows for key in (named + w, f"{_redis_base(tenant)}:{w}")]
+    return int(client.eval(_LUA_UNNAME, len(keys), *keys, 2 * WINDOW_S * 1000))
 
 
 #: Which limit refused a request ("rpm", "tpm"; "" when admitted), with that limit's count in
@@ -309,7 +353,7 @@ class RateLimiter:
     async def _reserve_redis(
         self, tenant: str, start: int, weight: float, tpm: int, tokens: int
     ) -> _Refusal | None:
-        base = f"tiergate:rl:{tenant}:tok"
+        base = f"{_redis_base(tenant)}:tok"
         try:
             done = await self._reserve_script(
                 keys=[f"{base}:{start}", f"{base}:{start - WINDOW_S}"],
@@ -325,7 +369,7 @@ class RateLimiter:
     async def _settle_redis(self, hold: TokenHold, delta: int) -> None:
         try:
             await self._settle_script(
-                keys=[f"tiergate:rl:{hold.tenant}:tok:{hold.start}"], args=[delta]
+                keys=[f"{_redis_base(hold.tenant)}:tok:{hold.start}"], args=[delta]
             )
         except Exception as exc:  # the window keeps the estimate; it expires with the window
             self._redis_failed(exc)
@@ -333,7 +377,7 @@ class RateLimiter:
     async def _admit_redis(
         self, tenant: str, start: int, weight: float, rpm: int | None, tpm: int | None
     ) -> _Refusal | None:
-        base = f"tiergate:rl:{tenant}"
+        base = _redis_base(tenant)
         keys = [
             f"{base}:req:{start}",
             f"{base}:req:{start - WINDOW_S}",

@@ -297,9 +297,23 @@ return 1
 # are kept too.
 # The old stream is renamed away before the copy takes its name, then freed in the background
 # (UNLINK): a script that fails midway (an ACL) leaves the stream as it was.
+# It records the deleted count it rebuilt at (``rebuilt``) and, since Redis 7, the stream's
+# max-deleted-entry-id (``rebuilt-id``): an XDEL after it moves one or the other.
 _REBUILD_LUA = """
-if redis.call('HGET', KEYS[3], 'deleted') ~= ARGV[4] then return 0 end
+if (redis.call('HGET', KEYS[3], 'deleted') or '0') ~= ARGV[4] then return 0 end
 if redis.call('XLEN', KEYS[2]) ~= tonumber(ARGV[2]) then return 0 end
+local function fields(flat)
+  local t = {}
+  for i = 1, #flat, 2 do t[flat[i]] = flat[i + 1] end
+  return t
+end
+local function rebuilt(stream)
+  redis.call('HSET', KEYS[3], 'rebuilt', ARGV[4])
+  if stream and stream['max-deleted-entry-id'] then
+    redis.call('HSET', KEYS[3], 'rebuilt-id', stream['max-deleted-entry-id'])
+  end
+  return 1
+end
 local start = '-'
 if ARGV[1] ~= '-' then start = '(' .. ARGV[1] end
 local tail = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', tonumber(ARGV[3]) + 1)
@@ -308,15 +322,10 @@ for _, entry in ipairs(tail) do redis.call('XADD', KEYS[2], entry[1], unpack(ent
 local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
 if #first == 0 then
   redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[3], 'rebuilt', ARGV[4])
-  return 1
+  if redis.call('EXISTS', KEYS[1]) == 0 then return rebuilt(nil) end
+  return rebuilt(fields(redis.call('XINFO', 'STREAM', KEYS[1])))
 end
 redis.call('XTRIM', KEYS[2], 'MINID', first[1][1])
-local function fields(flat)
-  local t = {}
-  for i = 1, #flat, 2 do t[flat[i]] = flat[i + 1] end
-  return t
-end
 for _, flat in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   local group = fields(flat)
   local name = group['name']
@@ -347,8 +356,7 @@ redis.call('PERSIST', KEYS[2])
 redis.call('RENAME', KEYS[1], KEYS[4])
 redis.call('RENAME', KEYS[2], KEYS[1])
 redis.call('UNLINK', KEYS[4])
-redis.call('HSET', KEYS[3], 'rebuilt', ARGV[4])
-return 1
+return rebuilt(stream)
 """
 
 # KEYS: the tenant's hold hash and holds zset, then the spend hashes. ARGV: tenant, its erased
@@ -463,6 +471,10 @@ class RedisOutcomeStore(OutcomeWriter):
     def key(self, *parts: str) -> str:
         """A key under this store's prefix."""
         return ":".join((self.prefix, *parts))
+
+    def _under(self, *parts: str) -> str:
+        """A SCAN pattern for the keys under ``key(*parts)``, its glob characters escaped."""
+        return re.sub(r"([*?\[\]\\])", r"\\\1", self.key(*parts)) + ":*"
 
     def _spend_key(self, ts: float) -> str:
         return self.key("spend", str(_day(ts)))
@@ -1008,20 +1020,43 @@ class RedisOutcomeStore(OutcomeWriter):
         names = [erased_name("request", rid) for rid in ids]
         if tenant is not None:
             names.append(erased_name("tenant", tenant))
-        now = repr(time.time())
+        now = time.time()
         pipe = client.pipeline(transaction=True)
         for name in names:
-            pipe.set(self.key("erased", name), now, ex=ERASURE_KEPT_S)
+            pipe.set(self.key("erased", name), repr(now), ex=ERASURE_KEPT_S)
         self._read(pipe.execute)
         if tenant is not None:
+            from router.limits import unname_windows
+
             self._read(self._unname_spend, tenant)
+            self._read(unname_windows, client, tenant)
             ids.update(self._read(client.zrange, self.key("outcomes", "ts", tenant), 0, -1))
             ids.update(self._label_ids_of(tenant))
-        if not ids:
-            files = self._erase_from_files(ids, set(request_ids), tenant)
-            return Erased(0, 0, *files, stream=self._rebuild_stream(), aof=self.rewrite_aof())
-        ordered = sorted(ids)
-        tenants = set(self._read(client.smembers, self.key("tenants")))
+        records, labels = self._delete_items(sorted(ids))
+        if tenant is not None:
+            pipe = client.pipeline(transaction=True)
+            pipe.delete(self.key("outcomes", "ts", tenant))
+            pipe.srem(self.key("tenants"), tenant)
+            self._read(pipe.execute)
+        if ids or tenant is not None:
+            self._read(self._drop_from_stream, ids, tenant, now)
+        files = self._erase_from_files(ids, set(request_ids), tenant)
+        stream = self._rebuild_stream()
+        return Erased(records, labels, *files, stream=stream, aof=self.rewrite_aof())
+
+    def compact(self) -> Erased:
+        """Rebuild the ``outcomes`` stream whatever says it holds erased bytes, and have Redis
+        rewrite its append-only file (``tiergate outcomes delete --compact``): for entries that
+        an erasure of a release before the rebuild deleted with ``XDEL``, which Redis 6.2 cannot
+        tell apart (Redis 7 can: :meth:`_deleted_since_rebuild`, and every erasure checks)."""
+        return Erased(0, 0, stream=self._rebuild_stream(force=True), aof=self.rewrite_aof())
+
+    def _delete_items(self, ordered: list[str]) -> tuple[int, int]:
+        """Delete the records and labels of ``ordered`` (request ids) and their places in the
+        indexes, 500 to a transaction, keeping what they cost (:func:`erased_spend`); how many
+        records and labels went."""
+        client = self._client
+        tenants = set(self._read(client.smembers, self.key("tenants"))) if ordered else set()
         records = labels = 0
         for i in range(0, len(ordered), 500):
             chunk = ordered[i : i + 500]
@@ -1045,15 +1080,7 @@ class RedisOutcomeStore(OutcomeWriter):
             gone, _, *_ = self._read(pipe.execute)
             records += int(gone)
             labels += len(members)
-        if tenant is not None:
-            pipe = client.pipeline(transaction=True)
-            pipe.delete(self.key("outcomes", "ts", tenant))
-            pipe.srem(self.key("tenants"), tenant)
-            self._read(pipe.execute)
-        self._read(self._drop_from_stream, ids)
-        files = self._erase_from_files(ids, set(request_ids), tenant)
-        stream = self._rebuild_stream()
-        return Erased(records, labels, *files, stream=stream, aof=self.rewrite_aof())
+        return records, labels
 
     def rewrite_aof(self, wait_s: float = AOF_WAIT_S) -> str | None:
         """Have Redis rewrite its append-only file, if it keeps one, so that the commands that
@@ -1094,8 +1121,7 @@ class RedisOutcomeStore(OutcomeWriter):
         counted in the erased field; a request the tenant makes later is its own again, under
         its name (SECURITY.md)."""
         name = valid_text(tenant)
-        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self.key("spend")) + ":*"
-        spends = sorted(self._client.scan_iter(match=pattern, count=1000))
+        spends = sorted(self._client.scan_iter(match=self._under("spend"), count=1000))
         self._erase_spend_script(
             keys=[self.key("hold", name), self.key("holds", name), *spends],
             args=[name, _erased_field(name)],
@@ -1203,13 +1229,31 @@ class RedisOutcomeStore(OutcomeWriter):
             if any(json.loads(r).get("tenant") == tenant for r in raws)
         }
 
-    def _drop_from_stream(self, ids: set[str]) -> None:
+    def _drop_from_stream(
+        self, ids: set[str], tenant: str | None = None, erased_at: float = 0.0
+    ) -> None:
+        """XDEL the stream entries of ``ids`` and, for a tenant's erasure at ``erased_at``, of
+        the tenant's records begun before it (:func:`began`, as its tombstone refuses them): an
+        erasure killed once it had deleted the tenant's index left no other way to find them,
+        and running it again left them in the stream."""
         # Each XDEL counts in the erasures hash, in the same transaction: a rebuild that began
         # before it sees the count change and starts again (its copy may hold what it deleted).
         stream, start = self.key("outcomes"), "-"
+        spelled = [] if tenant is None else [s.decode() for s in _spellings(tenant)]
+
+        def erased(fields: dict[str, str]) -> bool:
+            if fields.get("id") in ids:
+                return True
+            raw = fields.get("record", "")
+            if not any(s in raw for s in spelled):
+                return False
+            record = json.loads(raw)
+            made = began(float(record["ts"]), float(record.get("latency_ms") or 0.0))
+            return bool(record.get("tenant") == tenant and made <= erased_at)
+
         while True:
             entries = self._client.xrange(stream, start, "+", count=1000)
-            gone = [entry for entry, fields in entries if fields.get("id") in ids]
+            gone = [entry for entry, fields in entries if erased(fields)]
             if gone:
                 pipe = self._client.pipeline(transaction=True)
                 pipe.xdel(stream, *gone)
@@ -1219,9 +1263,10 @@ class RedisOutcomeStore(OutcomeWriter):
                 return
             start = "(" + entries[-1][0]
 
-    def _rebuild_stream(self) -> str | None:
+    def _rebuild_stream(self, force: bool = False) -> str | None:
         """Copy the ``outcomes`` stream, entry by entry with their IDs, into a new key and
-        rename it over the stream, if an erasure deleted entries since it was last rebuilt:
+        rename it over the stream, if an erasure deleted entries since it was last rebuilt
+        (or, on Redis 7, anything did: :meth:`_deleted_since_rebuild`), or ``force``:
         ``XDEL`` only marks an entry deleted and leaves its bytes (a prompt) in memory, in
         what Redis writes to disk and in what a new replica is sent, until every entry of its
         block is gone. None once no erased bytes are left, else why they may be (the
@@ -1230,20 +1275,46 @@ class RedisOutcomeStore(OutcomeWriter):
         Entries are copied :data:`REBUILD_BATCH` at a time, so Redis is never blocked for
         long; one script copies the last few and swaps the keys (:data:`_REBUILD_LUA`), so
         that no entry a replica adds meanwhile is lost. An erasure that deletes entries while
-        the copy is made has the copy made again."""
+        the copy is made has the copy made again. The copies a killed rebuild left are
+        deleted first (:meth:`_drop_copies`)."""
         import redis
 
         client, counts = self._client, self.key("outcomes", "erasures")
         try:
+            self._drop_copies()
             for _ in range(REBUILD_TRIES):
-                deleted, rebuilt = client.hmget(counts, "deleted", "rebuilt")
-                if deleted is None or deleted == rebuilt:
+                deleted, rebuilt, rebuilt_id = client.hmget(
+                    counts, "deleted", "rebuilt", "rebuilt-id"
+                )
+                deleted = deleted or "0"
+                stale = deleted != (rebuilt or "0") or self._deleted_since_rebuild(rebuilt_id)
+                if not (stale or force):
                     return None
                 if self._copy_stream(deleted):
                     return None
         except redis.RedisError as exc:
             return f"not rebuilt: {exc}"
         return f"not rebuilt: other erasures deleted entries during each of {REBUILD_TRIES} tries"
+
+    def _deleted_since_rebuild(self, rebuilt_id: str | None) -> bool:
+        """Whether Redis (7 and later) says an entry was deleted from the stream (``XDEL``)
+        since it was last rebuilt: its ``max-deleted-entry-id`` is not the one the rebuild
+        left. An erasure of a release before the rebuild counted no deletion, but moved it.
+        Redis 6.2 has no such field: False (``--compact`` rebuilds it there)."""
+        stream = self.key("outcomes")
+        if not self._client.exists(stream):
+            return False
+        last = self._client.xinfo_stream(stream).get("max-deleted-entry-id")
+        return last is not None and last not in ("0-0", rebuilt_id)
+
+    def _drop_copies(self) -> None:
+        """Delete every rebuild's copy (``P:outcomes:rebuild:*``). One a killed rebuild left
+        holds the entries live when it was made, which a later erasure may have deleted from
+        the stream: it would keep them for up to :data:`REBUILD_TTL_S`. A rebuild running
+        meanwhile finds its copy short, and makes it again."""
+        copies = list(self._client.scan_iter(match=self._under("outcomes", "rebuild"), count=1000))
+        if copies:
+            self._client.delete(*copies)
 
     def _copy_stream(self, deleted: str) -> bool:
         """One try of :meth:`_rebuild_stream`: whether the copy replaced the stream."""

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import re
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,8 @@ def test_rate_limit_is_shared_by_replicas_through_redis(tmp_path: Path, fake: Fa
             assert got == [200] * 4
             _assert_rate_limited(_post(a, key="tg-k"), "rpm_limit_exceeded")
             _assert_rate_limited(_post(b, key="tg-k"), "rpm_limit_exceeded")
-        keys = [k.decode() for k in redis_server.client().keys("tiergate:rl:t:req:*")]
+        hashed = limits.tenant_hash("t")
+        keys = [k.decode() for k in redis_server.client().keys(f"tiergate:rl:{hashed}:req:*")]
         assert len(keys) == 1
 
 
@@ -136,6 +138,70 @@ def test_in_a_redis_outage_each_replica_admits_only_its_share_of_the_limit(
             )
 
 
+@pytest.mark.skipif(redis_binary() is None, reason="no redis-server binary")
+def test_an_erasure_leaves_no_window_that_names_the_tenant_and_no_fresh_minute(
+    tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tiergate outcomes delete --tenant` beside a replica whose rate limits live in Redis:
+    the windows were `tiergate:rl:<tenant>:req:<minute>`, naming the tenant for two minutes
+    after its erasure. They are kept under its hash, and count on across the erasure: the
+    tenant gets no fresh minute of requests by being erased."""
+    from router.cli import main
+
+    with RedisServer(tmp_path) as redis_server:
+        work = tmp_path / "a"
+        with _replica(work, fake, redis_server, redis_outcomes=True, tenant="acme-corp") as a:
+            assert [_post(a, key="tg-k").status_code for _ in range(4)] == [200] * 4
+            assert a.gateway.outcomes.flush(10)
+            monkeypatch.setenv("TIERGATE_REDIS_URL", redis_server.url)
+            monkeypatch.setenv("TIERGATE_OUTCOME_JOURNAL_PATH", str(tmp_path / "cli.jsonl"))
+            assert main(["outcomes", "delete", "--tenant", "acme-corp"]) == 0
+            keys = list(redis_server.client().scan_iter())
+            assert keys and not [k for k in keys if b"acme-corp" in k]
+            _assert_rate_limited(_post(a, key="tg-k"), "rpm_limit_exceeded")
+
+
+@pytest.mark.skipif(redis_binary() is None, reason="no redis-server binary")
+def test_an_erasure_moves_the_windows_an_earlier_release_named_to_the_tenant_s_hash(
+    tmp_path: Path,
+) -> None:
+    """A replica of the release before, still serving in a rolling upgrade, counts the
+    tenant's windows under its name: an erasure moves their counts under its hash, where this
+    release's limits count them, and leaves another tenant's (acme-corp:b's) alone."""
+    from router.outcomes_redis import RedisOutcomeStore
+
+    tenant = Principal(tenant="acme-corp", permissions=frozenset(), key_id="k")
+    with RedisServer(tmp_path) as redis_server:
+        client = redis_server.client()
+        start = int(time.time() // 60) * 60
+        client.set(f"tiergate:rl:acme-corp:req:{start}", 3, ex=120)
+        client.set(f"tiergate:rl:acme-corp:tok:{start}", 500, ex=120)
+        client.set(f"tiergate:rl:acme-corp:b:req:{start}", 1, ex=120)
+        store = RedisOutcomeStore(redis_server.url, journal=tmp_path / "cli.jsonl")
+        store.connect()
+        try:
+            store.erase(tenant="acme-corp")
+        finally:
+            store.close()
+        named = sorted(k.decode() for k in client.scan_iter() if b"acme-corp" in k)
+        assert named == [f"tiergate:rl:acme-corp:b:req:{start}"]
+        assert 0 < client.ttl(f"tiergate:rl:{limits.tenant_hash('acme-corp')}:req:{start}") <= 120
+        limiter = limits.RateLimiter(rpm=4, tpm=1000, redis_url=redis_server.url)
+
+        async def admitted() -> list[bool]:
+            got = []
+            for _ in range(2):
+                try:
+                    await limiter.admit(tenant, tokens=False)
+                    got.append(True)
+                except RateLimitError:
+                    got.append(False)
+            await limiter.aclose()
+            return got
+
+        assert asyncio.run(admitted()) == [True, False]  # 3 counted before, 1 more let in
+
+
 def test_without_a_replica_count_the_outage_limit_is_the_whole_limit() -> None:
     tenant = Principal(tenant="t", permissions=frozenset(), key_id="k")
     closed_port = "redis://127.0.0.1:9/0"  # nothing listens on the discard port
@@ -158,7 +224,12 @@ def test_without_a_replica_count_the_outage_limit_is_the_whole_limit() -> None:
 
 
 def _replica(
-    work: Path, fake: FakeProvider, redis_server: RedisServer, *, redis_outcomes: bool
+    work: Path,
+    fake: FakeProvider,
+    redis_server: RedisServer,
+    *,
+    redis_outcomes: bool,
+    tenant: str = "t",
 ) -> Iterator[LiveServer]:
     """A replica with rpm 4 and one key, its limits in ``redis_server`` (its outcomes too with
     ``redis_outcomes``, else in its own SQLite file)."""
@@ -174,15 +245,14 @@ def _replica(
         else SQLiteOutcomeStore(work / "o.db"),
         redis_url=redis_server.url,
         rpm_limit=4,
-        api_keys_file=_one_key(work),
+        api_keys_file=_one_key(work, tenant),
     )
 
 
-def _one_key(work: Path) -> Path:
+def _one_key(work: Path, tenant: str = "t") -> Path:
     path = work / "keys.yaml"
-    path.write_text(
-        yaml.safe_dump({"keys": [{"sha256": hash_key("tg-k"), "tenant": "t", "permissions": []}]})
-    )
+    entry = {"sha256": hash_key("tg-k"), "tenant": tenant, "permissions": []}
+    path.write_text(yaml.safe_dump({"keys": [entry]}))
     return path
 
 

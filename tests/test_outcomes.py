@@ -427,6 +427,9 @@ def test_delete_erases_from_the_store_named_before_the_action(
         )
         left = sqlite3.connect(tmp_path / db).execute("SELECT COUNT(*) FROM outcomes").fetchone()
         assert left == (0,)
+    # --compact is Redis's stream rebuild: SQLite already overwrote what it deleted
+    assert main(["outcomes", "--db", str(tmp_path / "kept.db"), "delete", "--compact"]) == 0
+    assert "overwrites what it deletes: nothing to compact" in capsys.readouterr().out
 
 
 def test_erasing_requests_or_a_tenant_leaves_no_copy_in_the_file(tmp_path: Path) -> None:

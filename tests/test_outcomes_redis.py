@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -1104,7 +1107,7 @@ def test_cli_exports_and_erases_on_redis(
     assert main(["outcomes", "delete", "--tenant", "globex"]) == 0
     assert "deleted 1 records and 0 labels of tenant globex" in capsys.readouterr().out
     assert main(["outcomes", "delete"]) == 2  # no filter: nothing is deleted
-    assert "name --request-id or --tenant" in capsys.readouterr().err
+    assert "name --request-id, --tenant or --compact" in capsys.readouterr().err
 
 
 def test_erasing_deletes_the_journal_lines_set_aside_that_name_them(
@@ -1426,3 +1429,132 @@ def test_a_stream_redis_will_not_rebuild_is_said_and_rebuilt_by_the_next_erasure
     assert main(["outcomes", "delete", *[alice.id if a == "ALICE" else a for a in again]]) == 0
     assert "deleted 0 records" in capsys.readouterr().out
     assert b"Alice Smith" not in _dumped(client) and client.xlen("tiergate:outcomes") == 2
+
+
+# What `tiergate outcomes delete --request-id ID` runs, killed (SIGKILL: no `finally`) when its
+# rebuild has copied the stream and calls the script that would swap it in.
+_KILLED_REBUILD = """
+import os, sys
+from pathlib import Path
+import router.outcomes_redis as m
+m.REBUILD_BATCH, m.REBUILD_LAST = 2, 1  # a copy before the last script, as for 100+ entries
+s = m.RedisOutcomeStore(sys.argv[1], journal=Path(sys.argv[2]))
+s.connect()
+s._rebuild_script = lambda **kw: os._exit(9)
+s.erase([sys.argv[3]])
+"""
+
+
+def test_a_copy_a_killed_rebuild_left_is_deleted_by_the_next_erasure(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """An erasure killed between copying the stream and swapping the copy in left the copy,
+    for 5 minutes, with every entry live then: not the ones it erased, but those of a tenant
+    erased next, whose name and prompts it kept after that erasure. The next erasure deletes
+    every such copy."""
+    client = redis_server.client()
+    s = store(redis_server, tmp_path)
+    try:
+        alice, carol, _ = three_people(s)
+        root = Path(__file__).resolve().parent.parent
+        killed = subprocess.run(
+            [sys.executable, "-c", _KILLED_REBUILD, redis_server.url, str(s.journal), alice.id],
+            env={**os.environ, "PYTHONPATH": str(root)},
+            timeout=120,
+            check=False,
+        )
+        assert killed.returncode == 9
+        copies = list(client.scan_iter("tiergate:outcomes:rebuild:*"))
+        assert len(copies) == 1
+        left = client.xrange(copies[0])
+        assert [f[b"id"] for _, f in left][:1] == [carol.id.encode()]  # not Alice's: erased
+        cli = RedisOutcomeStore(redis_server.url, journal=s.journal)
+        cli.connect()
+        try:
+            assert cli.erase(tenant="acme")[:2] == (1, 1)  # Carol's; Alice's went first
+        finally:
+            cli.close()
+        held = _everything_in(client)
+        assert "Carol Jones" not in held and "acme" not in held and "Bob Brown" in held
+        assert not list(client.scan_iter("tiergate:outcomes:rebuild:*"))
+    finally:
+        s.close()
+
+
+def test_a_tenant_s_erasure_killed_midway_is_completed_by_running_it_again(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after it had deleted the tenant's records and index but before their stream
+    entries, an erasure run again found no request of the tenant's left to look for: the
+    stream kept their entries, names and prompts. It finds them by the tenant in the record,
+    and leaves a record the tenant made after the erasure."""
+    client = redis_server.client()
+    s = store(redis_server, tmp_path)
+    try:
+        _, carol, bob = three_people(s)
+        cli = RedisOutcomeStore(redis_server.url, journal=s.journal)
+        cli.connect()
+
+        def killed(*args: Any) -> None:
+            raise SystemExit(9)
+
+        with monkeypatch.context() as patched:
+            patched.setattr(cli, "_drop_from_stream", killed)
+            with pytest.raises(SystemExit):
+                cli.erase(tenant="acme")
+        assert b"Carol Jones" in _dumped(client)
+        try:
+            assert cli.erase(tenant="acme").stream is None
+            dumped = _dumped(client)
+            assert b"Carol Jones" not in dumped and b"Alice Smith" not in dumped
+            assert [f[b"id"].decode() for _, f in _stream(client)] == [bob.id]
+            assert carol.id not in _everything_in(client)
+            # A request acme began after an erasure is its own: the stream pass of that
+            # erasure, were it still running, leaves its entry.
+            erased_at = time.time()
+            erin = outcome(tenant="acme", ts=erased_at + 0.5, latency_ms=250.0, prompt="Erin")
+            s.submit(erin)
+            assert s.flush(10)
+            cli._drop_from_stream(set(), "acme", erased_at)
+            assert [f[b"id"].decode() for _, f in _stream(client)] == [bob.id, erin.id]
+        finally:
+            cli.close()
+    finally:
+        s.close()
+
+
+def test_entries_an_earlier_release_deleted_go_with_the_next_erasure_or_compact(
+    redis_server: RedisServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An erasure of a release before the rebuild deleted stream entries with XDEL alone, and
+    counted nothing: their bytes stayed, and no later erasure rebuilt the stream unless it
+    deleted entries itself. Redis 7 says a stream had entries deleted (max-deleted-entry-id),
+    and the next erasure rebuilds it; Redis 6.2 cannot say, and `delete --compact` rebuilds
+    it on either."""
+    client = redis_server.client()
+    s = store(redis_server, tmp_path)
+    _, carol, bob = three_people(s)
+    s.close()
+    client.xdel("tiergate:outcomes", _stream(client)[0][0])  # Alice's, as that release did
+    assert b"Alice Smith" in _dumped(client)
+    tells = "max-deleted-entry-id" in client.xinfo_stream("tiergate:outcomes")
+    monkeypatch.setenv("TIERGATE_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("TIERGATE_OUTCOME_JOURNAL_PATH", str(tmp_path / "cli-journal.jsonl"))
+    assert main(["outcomes", "delete", "--request-id", "req_nobody"]) == 0
+    assert (b"Alice Smith" in _dumped(client)) is not tells
+    assert main(["outcomes", "delete", "--compact"]) == 0
+    assert "rebuilt the outcomes stream" in capsys.readouterr().out
+    assert b"Alice Smith" not in _dumped(client)
+    assert [f[b"id"].decode() for _, f in _stream(client)] == [carol.id, bob.id]
+    cli = RedisOutcomeStore(redis_server.url, journal=tmp_path / "cli-journal.jsonl")
+    cli.connect()
+    copies: list[str] = []
+    monkeypatch.setattr(cli, "_copy_stream", lambda deleted: copies.append(deleted) or True)
+    try:
+        cli.erase(["req_nobody"])  # nothing deleted since the rebuild: none again
+    finally:
+        cli.close()
+    assert copies == [] and b"Alice Smith" not in _dumped(client)
