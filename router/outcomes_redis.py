@@ -16,9 +16,12 @@ such as ``{tiergate}`` so one Lua script can touch every key):
                                 ``XDEL`` leaves their bytes in place (:meth:`_rebuild_stream`).
 ``P:outcomes:erasures``         hash: ``deleted`` counts the erasures' ``XDEL`` s, ``rebuilt``
                                 the count the stream was last rebuilt at; they differ while the
-                                stream may hold erased bytes.
+                                stream may hold erased bytes. ``rebuilt-id`` (Redis 7): the
+                                stream's ``max-deleted-entry-id`` then, which any later
+                                ``XDEL`` moves.
 ``P:outcomes:rebuild:<random>`` stream, a rebuild's copy, renamed over ``P:outcomes`` when it
-                                is whole; expiring after :data:`REBUILD_TTL_S` if left behind.
+                                is whole; expiring after :data:`REBUILD_TTL_S` if left behind,
+                                deleted by the next erasure before then.
 ``P:outcomes:ts``               sorted set, request id by timestamp: ``recent``, ``count``,
                                 ``purge``. ``P:outcomes:ts:<tenant>`` the same per tenant;
                                 ``P:tenants`` the set of tenants seen.
