@@ -495,6 +495,9 @@ class _Checker:
             ways = self._local_ways(rule)
         else:
             return None
+        rate = (rule.shadow or p.shadow).sample_rate
+        if rate > 0:  # the judge's closed model answers a sampled local answer's request too
+            ways.append(f"when it is shadow-judged (shadow sample_rate {rate:g})")
         local = target or p.models[p.local_model]
         unfit = "images, tools, n > 1"
         if local.context_window is not None:

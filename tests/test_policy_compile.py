@@ -881,6 +881,24 @@ def test_the_personal_data_warning_names_only_the_ways_out_the_policy_leaves_ope
     )
 
 
+@pytest.mark.parametrize("route", ["local", "cascade", "auto"])
+def test_the_personal_data_warning_names_shadow_judging(route: str) -> None:
+    """A request such a rule leaves on the local model may be shadow-judged: the default
+    closed model answers it too, prompt and all (router.learning; only local_only is never
+    shadowed). With on_failure: error and queue_full: reject the warning named the other ways
+    out but not this one. A rule's own shadow rate is the one that counts."""
+    rule = f"rules:\n  - {{name: r, when: {{pii: true}}, route: {route}}}\n"
+    shadowed = M + STRICT + "shadow: {sample_rate: 0.1}\n"
+    (warning,) = parse_policy(shadowed + rule).warnings
+    assert "when it is shadow-judged (shadow sample_rate 0.1)" in warning.message
+    unshadowed = rule.replace("}\n", ", shadow: {sample_rate: 0}}\n")
+    (warning,) = parse_policy(shadowed + unshadowed).warnings
+    assert "shadow" not in warning.message
+    own = rule.replace("}\n", ", shadow: {sample_rate: 0.25}}\n")
+    (warning,) = parse_policy(M + STRICT + own).warnings
+    assert "when it is shadow-judged (shadow sample_rate 0.25), when the local" in warning.message
+
+
 LOCAL, CASCADE, AUTO = "local but is not local_only", "to a cascade", "by its score (route: auto)"
 
 
