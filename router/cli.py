@@ -1037,6 +1037,12 @@ def _report_erased(erased: Erased, aside: Path | None) -> int:
             "again to rebuild it (SECURITY.md)",
             file=sys.stderr,
         )
+    if erased.wal is not None:
+        print(
+            f"the SQLite file may still hold them ({erased.wal}): run this again once it is "
+            "not being read (SECURITY.md)",
+            file=sys.stderr,
+        )
     if erased.journal is None:
         print(
             "a running Tiergate holds the outage journal: run this again once Redis has taken "
@@ -1044,7 +1050,7 @@ def _report_erased(erased: Erased, aside: Path | None) -> int:
             file=sys.stderr,
         )
         return 1
-    return 0 if erased.stream is None else 1
+    return 0 if erased.stream is None and erased.wal is None else 1
 
 
 def _cmd_keys_hash(args: argparse.Namespace) -> int:
@@ -1640,23 +1646,24 @@ def build_parser() -> argparse.ArgumentParser:
         "delete",
         help="delete requests' records and labels, or a tenant's (the right to erasure)",
         description="Deletes from the outcome store (Redis when TIERGATE_REDIS_URL, else SQLite) "
-        "the records and labels of the named requests, or every record and label of a tenant, "
-        "with their entries in Redis's indexes and change stream and in an outage journal no "
+        "the records and labels of the named requests, or every record and label of a tenant, with "
+        "their entries in Redis's indexes and change stream and in an outage journal no "
         "running Tiergate holds. SQLite overwrites what it deletes and empties its write-ahead "
-        "log. The change stream is rebuilt without the erased entries, whose bytes Redis's "
-        "XDEL leaves in place, and without those other XDELs left where Redis 7 says there are "
-        "some (where it cannot be, that is said on stderr and the command exits 1: run it "
-        "again; a copy a killed rebuild left is deleted by the next erasure), and Redis is "
-        "asked to rewrite its append-only file, if it "
-        "keeps one (BGREWRITEAOF; where it refuses, that is said on stderr). For 30 days, "
-        "what a running Tiergate writes for them later (labels, records of requests in "
-        "flight, a replayed journal) is refused. The journal's lines that could not "
-        "be read (NAME.unreadable) that name the requests or the tenant are deleted; what is "
-        "left there is reported. A tenant's spend today still counts against its budget, and "
-        "its requests and tokens of the last minutes against its rate limits, kept under a "
-        "hash of its name. --compact rebuilds the stream whatever Redis says (Redis 6.2 cannot "
-        "tell that an earlier release's erasure left deleted entries in it). Backups, and "
-        "models `tiergate retrain` already fitted, are not changed.",
+        "log (where another connection still reads, that is said on stderr and the command "
+        "exits 1: run it again). The change stream is rebuilt without the erased entries, "
+        "whose bytes Redis's XDEL leaves in place, and without those other XDELs left where "
+        "Redis 7 says there are some (where it cannot be, that is said on stderr and the "
+        "command exits 1: run it again; a copy a killed rebuild left is deleted by the next "
+        "erasure), and Redis is asked to rewrite its append-only file, if it keeps one "
+        "(BGREWRITEAOF; where it refuses, that is said on stderr). For 30 days, what a running "
+        "Tiergate writes for them later (labels, records of requests in flight, a replayed "
+        "journal) is refused. The journal's lines that could not be read (NAME.unreadable) "
+        "that name the requests or the tenant are deleted; what is left there is reported. A "
+        "tenant's spend today still counts against its budget, and its requests and tokens of "
+        "the last minutes against its rate limits, kept under a hash of its name. --compact "
+        "rebuilds the stream whatever Redis says (Redis 6.2 cannot tell that an earlier "
+        "release's erasure left deleted entries in it). Backups, and models `tiergate "
+        "retrain` already fitted, are not changed.",
     )
     erase_which = delete.add_mutually_exclusive_group()
     erase_which.add_argument("--tenant", help="every record and label of this tenant")

@@ -182,6 +182,9 @@ class Erased(NamedTuple):
     #: Redis only: why the ``outcomes`` stream may still hold erased entries' bytes (it is
     #: rebuilt without them, ``RedisOutcomeStore._rebuild_stream``); None where it holds none.
     stream: str | None = None
+    #: SQLite only: why its write-ahead log, and the pages it had not yet overwritten, may
+    #: still hold what it erased (``SQLiteOutcomeStore._empty_wal``); None once emptied.
+    wal: str | None = None
 
 
 #: How long an erasure's tombstone refuses late writes (a label from a shadow judgement or an
@@ -1093,6 +1096,11 @@ def _claim_writer(path: Path) -> IO[bytes] | None:
     return handle
 
 
+#: How long a SQLite connection waits for another that holds the file (a write, or a read that
+#: keeps an erasure from emptying the write-ahead log) before it gives up.
+BUSY_TIMEOUT_S = 30.0
+
+
 class SQLiteOutcomeStore(OutcomeWriter):
     """Records in one SQLite file (WAL mode). This writer is the file's only one, so its ledger
     is the spend: loaded at start, counted as records are submitted."""
@@ -1112,7 +1120,7 @@ class SQLiteOutcomeStore(OutcomeWriter):
 
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, check_same_thread=False)
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
@@ -1288,18 +1296,30 @@ class SQLiteOutcomeStore(OutcomeWriter):
             for rid in request_ids:
                 records += conn.execute("DELETE FROM outcomes WHERE id = ?", (rid,)).rowcount
                 labels += conn.execute("DELETE FROM labels WHERE request_id = ?", (rid,)).rowcount
-        return Erased(records, labels)
+        return Erased(records, labels, wal=self._empty_wal())
 
     @contextmanager
     def _wiping(self) -> Iterator[sqlite3.Connection]:
-        """One transaction whose deletes leave no copy in the files: SQLite overwrites the
-        deleted content (``secure_delete``), and the write-ahead log, which holds pages as they
-        were, is checkpointed and emptied after the commit."""
+        """One transaction whose deletes SQLite overwrites (``secure_delete``); the caller then
+        empties the write-ahead log (:meth:`_empty_wal`), which holds pages as they were."""
         with self._reading() as reader:
             reader.execute("PRAGMA secure_delete = ON")
             with reader as conn:
                 yield conn
-            reader.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def _empty_wal(self) -> str | None:
+        """Copy the write-ahead log into the file and empty it, so that neither holds a page
+        as it was before a wipe: None once done, else why not. A connection still reading a
+        snapshot from before the wipe (a long export, another process) keeps SQLite from
+        doing either until it ends; the checkpoint waits :data:`BUSY_TIMEOUT_S` for it."""
+        with self._reading() as reader:
+            busy, wal, done = reader.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if not busy:
+            return None
+        return (
+            f"another connection to {self.path} was still reading when its write-ahead log was "
+            f"to be emptied ({done} of {wal} pages copied)"
+        )
 
     def purge(self, before_ts: float) -> int:
         """Delete records older than ``before_ts`` (the retention period) with all their
@@ -1313,6 +1333,9 @@ class SQLiteOutcomeStore(OutcomeWriter):
             gone = conn.execute("DELETE FROM outcomes WHERE ts < ?", (before_ts,)).rowcount
             conn.execute("DELETE FROM erased_spend WHERE ts < ?", (before_ts,))
             _forget_erasures(conn)
+        left = self._empty_wal()
+        if left is not None:
+            log.warning("the purge's deleted rows may stay in the file until later: %s", left)
         return int(gone)
 
     def count(self, tenant: str | None = None) -> int:

@@ -460,6 +460,41 @@ def test_erasing_requests_or_a_tenant_leaves_no_copy_in_the_file(tmp_path: Path)
         store.close()
 
 
+def test_an_erasure_a_reader_keeps_in_the_file_says_so_and_a_rerun_empties_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A connection reading a snapshot from before the erasure (a long export, a retrain, the
+    dashboard of a replica) keeps SQLite from copying the write-ahead log into the file and
+    emptying it: the erased prompt stayed in both, yet the command said it was deleted and
+    exited 0. It says so and exits 1; run again once nothing reads, it empties the log."""
+    from router.cli import main
+
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_S", 0.2)
+    db = tmp_path / "o.db"
+    store = SQLiteOutcomeStore(db)
+    store.start()
+    try:
+        alice, _, _ = three_people(store)
+    finally:
+        store.close()
+    reader = sqlite3.connect(db)
+    reader.execute("BEGIN")
+    assert reader.execute("SELECT COUNT(*) FROM outcomes").fetchone() == (3,)
+    try:
+        assert main(["outcomes", "--db", str(db), "delete", "--request-id", alice.id]) == 1
+        said = capsys.readouterr()
+        assert "deleted 1 records and 1 labels" in said.out
+        assert "the SQLite file may still hold them" in said.err and "still reading" in said.err
+        files = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+        assert b"Alice Smith" in files  # what the reader's snapshot still reads
+    finally:
+        reader.close()
+    assert main(["outcomes", "--db", str(db), "delete", "--request-id", alice.id]) == 0
+    assert "deleted 0 records" in capsys.readouterr().out
+    files = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    assert b"Alice Smith" not in files and b"Bob Brown" in files
+
+
 def test_nothing_written_after_an_erasure_brings_it_back(tmp_path: Path) -> None:
     """A label (a shadow judgement, an escalation) or the record of a request in flight that
     the writer took after `tiergate outcomes delete` put the erased request back in the file."""
