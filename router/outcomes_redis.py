@@ -1035,12 +1035,9 @@ class RedisOutcomeStore(OutcomeWriter):
             self._read(unname_windows, client, tenant)
             ids.update(self._read(client.zrange, self.key("outcomes", "ts", tenant), 0, -1))
             ids.update(self._label_ids_of(tenant))
-        records, labels = self._delete_items(sorted(ids))
+        records, labels = self._delete_items(sorted(ids), tenant)
         if tenant is not None:
-            pipe = client.pipeline(transaction=True)
-            pipe.delete(self.key("outcomes", "ts", tenant))
-            pipe.srem(self.key("tenants"), tenant)
-            self._read(pipe.execute)
+            self._read(self._forget_tenant, tenant)
         if ids or tenant is not None:
             self._read(self._drop_from_stream, ids, tenant, now)
         files = self._erase_from_files(ids, set(request_ids), tenant)
@@ -1054,12 +1051,14 @@ class RedisOutcomeStore(OutcomeWriter):
         tell apart (Redis 7 can: :meth:`_deleted_since_rebuild`, and every erasure checks)."""
         return Erased(0, 0, stream=self._rebuild_stream(force=True), aof=self.rewrite_aof())
 
-    def _delete_items(self, ordered: list[str]) -> tuple[int, int]:
+    def _delete_items(self, ordered: list[str], tenant: str | None) -> tuple[int, int]:
         """Delete the records and labels of ``ordered`` (request ids) and their places in the
-        indexes, 500 to a transaction, keeping what they cost (:func:`erased_spend`); how many
-        records and labels went."""
+        indexes (``tenant``'s, the erased tenant's, whatever the set of tenants says), 500 to a
+        transaction, keeping what they cost (:func:`erased_spend`); how many records and labels
+        went."""
         client = self._client
         tenants = set(self._read(client.smembers, self.key("tenants"))) if ordered else set()
+        tenants.update([tenant] if tenant is not None and ordered else [])
         records = labels = 0
         for i in range(0, len(ordered), 500):
             chunk = ordered[i : i + 500]
@@ -1115,6 +1114,21 @@ class RedisOutcomeStore(OutcomeWriter):
             except redis.RedisError as exc:
                 return f"not rewritten: BGREWRITEAOF: {exc}"
             time.sleep(AOF_POLL_S)
+
+    def _forget_tenant(self, tenant: str) -> None:
+        # The erasure took the ids it deletes out of the tenant's index one by one: a request
+        # the tenant made once it began is its own (recorded, under its name) and keeps its
+        # place there, so that the next erasure or export finds it. The tenant leaves the set
+        # of tenants only with an empty index, unless a record is written meanwhile (WATCH).
+        import redis
+
+        index = self.key("outcomes", "ts", tenant)
+        with self._client.pipeline(transaction=True) as pipe, contextlib.suppress(redis.WatchError):
+            pipe.watch(index)
+            if pipe.zcard(index) == 0:
+                pipe.multi()
+                pipe.srem(self.key("tenants"), tenant)
+                pipe.execute()
 
     def _unname_spend(self, tenant: str) -> None:
         """Move ``tenant``'s spend in every day's spend hash to its erased field, where budgets

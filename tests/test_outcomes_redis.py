@@ -899,6 +899,41 @@ def test_erasing_requests_or_a_tenant_removes_them_from_every_structure(
         s.close()
 
 
+def test_a_request_made_during_its_tenant_s_erasure_is_found_by_the_next_one(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request the tenant makes once its erasure has begun is its own again, and recorded.
+    The erasure then deleted the tenant's whole time index, this request's place included:
+    its record stayed, but `tiergate outcomes --tenant` no longer listed it and the next
+    `outcomes delete --tenant` did not find it, so it outlived the tenant's next erasure."""
+    client = redis_server.client()
+    s = store(redis_server, tmp_path)
+    cli = RedisOutcomeStore(redis_server.url, journal=s.journal)
+    cli.connect()
+    try:
+        three_people(s)
+        erin = outcome(tenant="acme", ts=time.time() + 1, prompt="Erin Black asks for a loan")
+        costs = cli._costs
+
+        def meanwhile(ids: list[str]) -> Any:
+            s.submit(erin)  # begun after the tombstone: acme's own again
+            assert s.flush(10)
+            return costs(ids)
+
+        monkeypatch.setattr(cli, "_costs", meanwhile)
+        assert cli.erase(tenant="acme")[:2] == (2, 2)
+        monkeypatch.undo()
+        assert client.exists(f"tiergate:outcome:{erin.id}") == 1
+        assert [r["id"] for r in cli.recent(tenant="acme")] == [erin.id]
+        assert b"acme" in client.smembers("tiergate:tenants")
+        assert cli.erase(tenant="acme")[:2] == (1, 0)
+        assert client.exists(f"tiergate:outcome:{erin.id}") == 0
+        assert b"Erin Black" not in _dumped(client)
+    finally:
+        cli.close()
+        s.close()
+
+
 def test_erasing_a_tenant_leaves_its_name_nowhere_and_its_spend_in_the_budget(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
