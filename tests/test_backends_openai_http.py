@@ -13,6 +13,7 @@ from router.backends import Usage
 from router.backends.openai_http import OpenAIHTTP, error_for_status, map_transport_error
 from router.errors import (
     BackendError,
+    UpstreamAuthError,
     UpstreamBadRequestError,
     UpstreamBadResponseError,
     UpstreamOverloadedError,
@@ -20,7 +21,13 @@ from router.errors import (
     UpstreamTimeoutError,
 )
 from tests.conftest import run
-from tests.fake_provider import LLAMA_CPP_CONTEXT_EXCEEDED, Behaviour, FakeProvider
+from tests.fake_provider import (
+    LLAMA_CPP_CONTEXT_EXCEEDED,
+    OPENAI_CHAT_OVERLOADED,
+    OPENAI_CHAT_RATE_LIMITED,
+    Behaviour,
+    FakeProvider,
+)
 
 BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}
 KEY = "sk-test-openai-key"
@@ -68,6 +75,10 @@ def test_a_stream_yields_chunks_and_fills_in_its_usage(provider: FakeProvider) -
         ({"code": 500, "message": "Internal error"}, BackendError),
         ({"code": True, "type": "BadRequestError", "message": "Bad"}, BackendError),
         ({"code": "rate_limit_exceeded", "message": f"key {KEY} over"}, UpstreamRateLimitedError),
+        ({"code": 400, "type": "BadRequestError", "message": "Bad"}, UpstreamBadRequestError),
+        ({"type": "invalid_request_error", "message": "Bad"}, UpstreamBadRequestError),
+        ({"code": 401, "message": "Who are you"}, UpstreamAuthError),
+        ({"code": 504, "message": "Too slow"}, UpstreamTimeoutError),
         ("a bare string", BackendError),
     ],
 )
@@ -76,7 +87,9 @@ def test_an_error_chunk_mid_stream_fails_as_its_kind_says(
 ) -> None:
     """An OpenAI-compatible server's ``{"error": ...}`` chunk after the first words fails the
     stream by its kind: by its code or type, or by the HTTP status vLLM puts in ``code``
-    (a boolean is none); the provider's message is kept, with a key it repeats scrubbed."""
+    (a boolean is none); the provider's message is kept, with a key it repeats scrubbed. A
+    request the server calls bad (vLLM's ``code: 400``, the type ``invalid_request_error``)
+    failed as a 502 ``BackendError``, as a refused key and a timeout did."""
     provider.reset(Behaviour(mode="error_mid_stream", error_body={"error": chunk}))
     with pytest.raises(error) as raised:
         run(_call(provider.base_url, stream=True))
@@ -90,7 +103,7 @@ def test_an_error_chunk_mid_stream_fails_as_its_kind_says(
 @pytest.mark.parametrize(
     ("line", "error"),
     [
-        (None, BackendError),  # LLAMA_CPP_CONTEXT_EXCEEDED
+        (None, UpstreamBadRequestError),  # LLAMA_CPP_CONTEXT_EXCEEDED: code 400
         (
             {"code": 503, "message": "Loading model", "type": "unavailable_error"},
             UpstreamOverloadedError,
@@ -135,6 +148,108 @@ def test_an_upstream_failure_is_a_tiergate_error(
     with pytest.raises(error) as raised:
         run(_call(provider.base_url))
     assert type(raised.value) is error
+
+
+#: Failures as a provider answers them with an HTTP status (the error object its body holds)
+#: and as it reports them in a stream it has opened (the same object as a chat chunk's
+#: ``error``): the status, the object, and the code the client is answered with either way.
+AS_STATUS_AND_EVENT: dict[str, tuple[int, dict[str, Any], str]] = {
+    "llama-server, a prompt over its context": (
+        400,
+        {
+            "code": 400,
+            "message": "request (4200 tokens) exceeds the available context size (4096 tokens), "
+            "try increasing it",
+            "type": "exceed_context_size_error",
+            "n_prompt_tokens": 4200,
+            "n_ctx": 4096,
+        },
+        "context_length_exceeded",
+    ),
+    "vLLM, a bad request": (
+        400,
+        {
+            "object": "error",
+            "message": "temperature must be non-negative, got -1.0.",
+            "type": "BadRequestError",
+            "param": "temperature",
+            "code": 400,
+        },
+        "upstream_bad_request",
+    ),
+    "OpenAI, a prompt over the window": (
+        400,
+        {
+            "message": "This model's maximum context length is 128000 tokens.",
+            "type": "invalid_request_error",
+            "param": "messages",
+            "code": "context_length_exceeded",
+        },
+        "context_length_exceeded",
+    ),
+    "OpenAI, a bad request": (
+        400,
+        {
+            "message": "Invalid 'temperature'",
+            "type": "invalid_request_error",
+            "param": "temperature",
+        },
+        "upstream_bad_request",
+    ),
+    "OpenAI, a refused key": (
+        401,
+        {
+            "message": "Incorrect API key",
+            "type": "invalid_request_error",
+            "code": "invalid_api_key",
+        },
+        "upstream_error",
+    ),
+    "a refused key by its status": (403, {"code": 403, "message": "Forbidden"}, "upstream_error"),
+    "a gateway timeout": (504, {"code": 504, "message": "Gateway timeout"}, "upstream_timeout"),
+    "a request timeout": (408, {"code": 408, "message": "Request timeout"}, "upstream_timeout"),
+    "a rate limit": (429, OPENAI_CHAT_RATE_LIMITED["error"], "upstream_rate_limited"),
+    "an overload": (503, OPENAI_CHAT_OVERLOADED["error"], "upstream_overloaded"),
+    "a server error": (500, {"code": 500, "message": "Internal error"}, "upstream_error"),
+}
+
+
+def _as_seen(error: BackendError) -> tuple[Any, ...]:
+    """What a client, the fallback chain and the cooldown see of a failure."""
+    return (
+        type(error),
+        error.status_code,
+        error.code,
+        error.param,
+        error.should_retry,
+        error.retryable,
+        error.cools,
+    )
+
+
+@pytest.mark.parametrize("case", sorted(AS_STATUS_AND_EVENT))
+def test_an_error_event_fails_as_the_same_failure_answered_with_its_status(
+    provider: FakeProvider, case: str
+) -> None:
+    """A provider's error event in a stream it has opened fails the call exactly as the same
+    error answered with its HTTP status does: class, status, code, ``param``, whether the
+    chain goes on and whether the model cools. A request the provider calls bad (vLLM's and
+    llama-server's ``code: 400``, OpenAI's ``invalid_request_error``, its
+    ``context_length_exceeded``), a refused key and a timeout were a 502 ``BackendError``
+    that the chain went past and that cooled the model; llama-server's
+    ``exceed_context_size_error`` is ``context_length_exceeded`` either way, as OpenAI's
+    code is."""
+    status, error, code = AS_STATUS_AND_EVENT[case]
+    provider.reset(Behaviour(mode="status", status=status, error_body={"error": error}))
+    with pytest.raises(BackendError) as answered:
+        run(_call(provider.base_url))
+    provider.reset(Behaviour(mode="error_mid_stream", error_body={"error": error}))
+    with pytest.raises(BackendError) as sent:
+        run(_call(provider.base_url, stream=True))
+    assert _as_seen(sent.value) == _as_seen(answered.value)
+    assert answered.value.code == code
+    assert answered.value.message.startswith(f"gpt-4o answered {status}: ")
+    assert sent.value.message == f"gpt-4o sent an error event: {error['message']}"
 
 
 def test_a_key_the_upstream_repeats_is_scrubbed(provider: FakeProvider) -> None:

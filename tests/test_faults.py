@@ -910,6 +910,89 @@ def test_a_providers_error_event_before_the_first_token_falls_back(
     assert failed.endswith(f": {model} sent an error event: {said}"), failed
 
 
+#: How each protocol's provider refuses a request it calls bad: (the error event in a stream
+#: it has opened, the body of its HTTP 400, the code a client is answered with): Anthropic's
+#: ``invalid_request_error``, a Responses ``error`` event for a prompt over the window, an
+#: OpenAI-compatible server's chunk with the HTTP status in ``code`` (vLLM).
+BAD_REQUESTS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
+    "anthropic": (
+        {"type": "error", "error": {"type": "invalid_request_error", "message": "Bad field"}},
+        {"type": "error", "error": {"type": "invalid_request_error", "message": "Bad field"}},
+        "upstream_bad_request",
+    ),
+    "responses": (
+        {
+            "type": "error",
+            "code": "context_length_exceeded",
+            "message": "Too long",
+            "param": "input",
+        },
+        {"error": {"code": "context_length_exceeded", "message": "Too long", "param": "input"}},
+        "context_length_exceeded",
+    ),
+    "openai": (
+        {"error": {"object": "error", "type": "BadRequestError", "message": "Bad", "code": 400}},
+        {"error": {"object": "error", "type": "BadRequestError", "message": "Bad", "code": 400}},
+        "upstream_bad_request",
+    ),
+}
+
+
+def _error_of(front: str, response: httpx.Response) -> tuple[int, str]:
+    """An error answered with a status: the status, and its code (Anthropic's type on the
+    Messages front)."""
+    error = response.json()["error"]
+    return response.status_code, error["type"] if front == "messages" else error["code"]
+
+
+@pytest.mark.parametrize("way", sorted(ERROR_EVENT_PATHS))
+def test_a_providers_bad_request_event_fails_as_its_400_does(
+    tmp_path: Path, fake: FakeProvider, way: str
+) -> None:
+    """A provider's error event that calls the request bad fails it as the same 400 answered
+    with its status does: before the first token the client gets that 400 and its code (or
+    Anthropic's type), the chain stops there as it does after a 400 (a bad request is bad on
+    every model), and the record says so; after the first words the client gets the front's
+    error event with that code and the record says error, 400. Neither counts toward the
+    model's cooldown: the request was at fault, not the provider. The event was a 502
+    ``upstream_error``: the chain went on to the next model, and the model cooled."""
+    front, model, via, protocol = ERROR_EVENT_PATHS[way]
+    event, body, code = BAD_REQUESTS[protocol]
+    path, request, _ = CUT_FRONTS[front]
+    policy = _error_event_policy(fake, model, via)
+    with live(tmp_path, policy, cooldown_after_fails=1) as srv:
+        fake.reset(Behaviour(mode="status", status=400, error_body=body))
+        answered = srv.http.post(path, json={**request, "stream": False})
+        fake.reset(Behaviour(mode="overloaded_after_open", error_body=event))
+        before = srv.http.post(path, json=request)
+        called_before = len(fake.received)
+        fake.reset(Behaviour(mode="error_mid_stream", error_body=event))
+        with srv.http.stream("POST", path, json=request) as response:
+            events = _sse(response)
+        records = {r["id"]: r for r in _records(srv, 3)}
+        cooling = srv.gateway.cooldowns.status()
+    expected = (400, "invalid_request_error" if front == "messages" else code)
+    assert _error_of(front, answered) == expected, answered.text
+    assert _error_of(front, before) == expected, before.text
+    assert called_before == 1  # no other model was tried
+    assert response.status_code == 200
+    assert _error_events(front, events) == [events[-1]], events[-3:]
+    assert _opening_and_text(front, events[:-1])[1] == "Hello from "
+    error = events[-1]
+    if front == "messages":
+        assert error["error"]["type"] == "invalid_request_error"
+    else:
+        assert (error["error"] if front == "chat" else error)["code"] == code
+    for sent in (answered, before, response):
+        record = records[sent.headers["x-request-id"]]
+        assert (record["status"], record["http_status"], record["error_type"]) == (
+            "error",
+            400,
+            code,
+        )
+    assert model not in cooling, cooling
+
+
 # -- local tier faults -------------------------------------------------------------------------
 
 

@@ -40,7 +40,7 @@ from tests.conftest import (
 )
 from tests.conftest import live as live_server
 from tests.fake_provider import Behaviour, FakeProvider
-from tests.test_faults import CUT_FRONTS, LITELLM_PATH
+from tests.test_faults import BAD_REQUESTS, CUT_FRONTS, LITELLM_PATH
 from tests.test_gateway import ScriptedLocal
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -448,41 +448,58 @@ def test_a_stream_cut_after_it_started_has_its_records_status_on_its_span(
     assert client.attributes["error.type"] == record["error_type"]
 
 
-#: Per front whose provider path reads a stream's error event natively: the model pinned.
-RATE_LIMITED_ON = {"messages": "claude", "responses": "gpt-4o"}
+#: Per front whose provider path reads a stream's error event natively: the model pinned, and
+#: the protocol it speaks (a key of BAD_REQUESTS).
+NATIVE_EVENTS_ON = {"messages": ("claude", "anthropic"), "responses": ("gpt-4o", "responses")}
 
 
-@pytest.mark.parametrize("front", sorted(RATE_LIMITED_ON))
-def test_a_stream_rate_limited_after_it_started_is_an_error_span(
-    tmp_path: Path, fake: FakeProvider, front: str
+def _event_and_answer(kind: str, protocol: str) -> tuple[Behaviour, Behaviour, int, str]:
+    """For a kind of failure: the provider ending a stream after its first words with its
+    error event for it, answering it with its status instead, that status, and the code."""
+    if kind == "rate_limit":
+        limited = Behaviour(mode="rate_limit")
+        return Behaviour(mode="error_mid_stream"), limited, 429, "upstream_rate_limited"
+    event, body, code = BAD_REQUESTS[protocol]
+    bad = Behaviour(mode="status", status=400, error_body=body)
+    return Behaviour(mode="error_mid_stream", error_body=event), bad, 400, code
+
+
+@pytest.mark.parametrize("kind", ["rate_limit", "bad_request"])
+@pytest.mark.parametrize("front", sorted(NATIVE_EVENTS_ON))
+def test_a_stream_failed_by_an_error_event_after_it_started_is_an_error_span(
+    tmp_path: Path, fake: FakeProvider, front: str, kind: str
 ) -> None:
     """A provider that rate-limits a stream after its first words (its error event, a 429)
     leaves the client a 200, the words and an error event, and a record that says error, 429.
     Its SERVER span had ``error.type`` but no ERROR status, the 4xx rule of the HTTP
     conventions applied to the record's 429; the conventions apply it to the status sent,
     and a 200 whose response could not be sent whole is an ``Error``. A 429 answered as one
-    (before the stream started) stays a client's error: no ERROR status."""
+    (before the stream started) stays a client's error: no ERROR status. An event that calls
+    the request bad is so too, with the 400 and code of the same failure answered as a status
+    (it was a 502 ``upstream_error``)."""
     url, body, _ = CUT_FRONTS[front]
-    pinned = {**body, "model": RATE_LIMITED_ON[front]}
-    fake.reset(Behaviour(mode="error_mid_stream"))
+    model, protocol = NATIVE_EVENTS_ON[front]
+    pinned = {**body, "model": model}
+    event, answer, status, code = _event_and_answer(kind, protocol)
+    fake.reset(event)
     with traced(tmp_path, policy_yaml(fake), local=ScriptedLocal()) as (srv, cap):
         with srv.http.stream("POST", url, json=pinned) as response:
             assert response.status_code == 200
             assert b"sent an error event" in response.read()
-        fake.reset(Behaviour(mode="rate_limit"))
+        fake.reset(answer)
         refused = srv.http.post(url, json={**pinned, "stream": False})
-        assert refused.status_code == 429
+        assert refused.status_code == status
         assert srv.gateway.outcomes.flush(5)
         record = srv.gateway.outcomes.get(response.headers["x-request-id"])
     assert record is not None
-    assert (record["status"], record["http_status"]) == ("error", 429)
+    assert (record["status"], record["http_status"]) == ("error", status)
     cut, answered = (s for s in cap.finished() if s.kind == SpanKind.SERVER)
     attrs = dict(cut.attributes or {})
-    assert attrs["error.type"] == record["error_type"] == "upstream_rate_limited"
-    assert (attrs["http.response.status_code"], attrs["tiergate.http_status"]) == (200, 429)
+    assert attrs["error.type"] == record["error_type"] == code
+    assert (attrs["http.response.status_code"], attrs["tiergate.http_status"]) == (200, status)
     assert cut.status.status_code == StatusCode.ERROR
-    assert cut.status.description == "upstream_rate_limited"
-    assert answered.attributes["http.response.status_code"] == 429
+    assert cut.status.description == code
+    assert answered.attributes["http.response.status_code"] == status
     assert answered.status.status_code == StatusCode.UNSET
 
 

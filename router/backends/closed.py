@@ -774,8 +774,8 @@ def map_litellm_error(exc: Exception, label: str, key: str | None = None) -> Tie
 def _found_in_stream(exc: Exception, label: str, key: str | None) -> BackendError | None:
     """The failure Tiergate found in what litellm read, among ``exc``'s causes: an answer over
     the bound, as the direct path says it (router.backends.openai_http), or the provider's
-    error event, by its kind (a rate limit, an overload) as the direct and native paths take
-    it (:func:`~router.backends.openai_http.stream_failure`); else None."""
+    error event, by its kind (a rate limit, an overload, a bad request) as the direct and
+    native paths take it (:func:`~router.backends.openai_http.stream_failure`); else None."""
     causes = list(_causes(exc))
     over = next((c for c in causes if isinstance(c, _OverLimitError)), None)
     if over is not None:

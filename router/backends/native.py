@@ -400,7 +400,8 @@ class _AnthropicEvents:
 
 def _response_failure(label: str, error: Any, *, what: str = "sent an error event") -> BackendError:
     """The failure an OpenAI Response's ``error`` (or a Responses stream's ``error`` event)
-    reports: overloaded, rate-limited or other, by its code or type."""
+    reports, by its code or type, as the same failure answered with a status
+    (:func:`~router.backends.openai_http.stream_failure`)."""
     return stream_failure(label, error if isinstance(error, dict) else {}, what=what)
 
 

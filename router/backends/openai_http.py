@@ -89,45 +89,67 @@ def error_for_status(
     retry_after: str | None = None,
     api_key: str | None = None,
 ) -> BackendError:
-    """Map an upstream HTTP error status to the Tiergate error a client and the fallback see.
+    """Map an upstream HTTP error status to the Tiergate error a client and the fallback see
+    (:func:`_failure`, which a stream's error event goes through too).
 
     The upstream's message is repeated with credentials scrubbed (some providers echo keys).
-    A prompt over the model's window keeps OpenAI's ``context_length_exceeded``: agent loops
-    read that code to shorten their history. A 400 keeps the field the provider named
-    (``param``), so the client knows what to fix. A 503 or 529 (overloaded) keeps the
-    upstream's ``Retry-After``, as a 429 does.
     """
     error = _upstream_error(raw)
     message = f"{label} answered {status}: {scrub(_upstream_message(error, reason), [api_key])}"
+    return _failure(
+        status, error, message, upstream_status=status, retry_after=retry_after_s(retry_after)
+    )
+
+
+def _failure(
+    status: int,
+    error: dict[str, Any],
+    message: str,
+    *,
+    upstream_status: int | None,
+    retry_after: float | None = None,
+) -> BackendError:
+    """The failure a provider reports with ``status`` and its ``error`` object, whether it
+    answered that status or named it in a stream's error event.
+
+    A prompt over the model's window keeps OpenAI's ``context_length_exceeded`` (llama.cpp's
+    server names it by its type, ``exceed_context_size_error``): agent loops read that code to
+    shorten their history. A 400 keeps the field the provider named (``param``), so the
+    client knows what to fix. A 503 or 529 (overloaded) keeps the upstream's ``Retry-After``,
+    as a 429 does.
+    """
     if status == 429:
         if request_too_large(message):
-            return UpstreamRequestTooLargeError(message, upstream_status=status)
+            return UpstreamRequestTooLargeError(message, upstream_status=upstream_status)
         return UpstreamRateLimitedError(
-            message, upstream_status=status, retry_after=retry_after_s(retry_after)
+            message, upstream_status=upstream_status, retry_after=retry_after
         )
     if status in (400, 413, 422):
-        over = error.get("code") == "context_length_exceeded"
-        code = "context_length_exceeded" if over else None
+        over = error.get("code") in _OVER_WINDOW or error.get("type") in _OVER_WINDOW
         param = error.get("param")
         return UpstreamBadRequestError(
             message,
-            code=code,
-            upstream_status=status,
+            code="context_length_exceeded" if over else None,
+            upstream_status=upstream_status,
             param=param if isinstance(param, str) else None,
         )
     if status in OVERLOADED:
         return UpstreamOverloadedError(
-            message, upstream_status=status, retry_after=retry_after_s(retry_after)
+            message, upstream_status=upstream_status, retry_after=retry_after
         )
     if status in (408, 504):
-        return UpstreamTimeoutError(message, upstream_status=status)
+        return UpstreamTimeoutError(message, upstream_status=upstream_status)
     if status in (401, 403):
-        return UpstreamAuthError(message, upstream_status=status)
-    return BackendError(message, upstream_status=status)
+        return UpstreamAuthError(message, upstream_status=upstream_status)
+    return BackendError(message, upstream_status=upstream_status)
 
 
 #: The statuses of a provider that is overloaded: 503, and Anthropic's 529 ``overloaded_error``.
 OVERLOADED = (503, 529)
+
+#: How a 400's ``code`` or ``type`` says the prompt is over the model's window: OpenAI's code,
+#: llama.cpp's server's type (llama-server, with ``n_prompt_tokens`` and ``n_ctx`` beside it).
+_OVER_WINDOW = ("context_length_exceeded", "exceed_context_size_error")
 
 
 def request_too_large(message: str) -> bool:
@@ -137,14 +159,36 @@ def request_too_large(message: str) -> bool:
     return "Request too large for " in message
 
 
-#: How providers name, in a stream's error event, a rate limit (their 429 once a stream is
-#: open): OpenAI's code ``rate_limit_exceeded`` (chat chunks, Responses events), Anthropic's
-#: type ``rate_limit_error``.
-_RATE_LIMITED = ("rate_limit_exceeded", "rate_limit_error")
-#: ... and that they are overloaded (their 503, Anthropic's 529): Anthropic's type
-#: ``overloaded_error``, OpenAI's code ``server_is_overloaded`` and type
-#: ``service_unavailable_error``.
-_OVERLOADED_NAMES = ("overloaded_error", "server_is_overloaded", "service_unavailable_error")
+#: The HTTP status a provider means by the ``code`` or ``type`` of an error event that names
+#: none (OpenAI's codes, in chat chunks and Responses events; Anthropic's types, in its
+#: ``error`` event; llama.cpp's server's): the status it answers the same failure with.
+_STATUS_NAMED = {
+    "rate_limit_exceeded": 429,  # OpenAI's code
+    "rate_limit_error": 429,  # Anthropic's type
+    "overloaded_error": 529,  # Anthropic's type
+    "server_is_overloaded": 503,  # OpenAI's code
+    "service_unavailable_error": 503,  # OpenAI's type
+    "invalid_request_error": 400,  # OpenAI's and Anthropic's type
+    "context_length_exceeded": 400,  # OpenAI's code
+    "exceed_context_size_error": 400,  # llama.cpp's server's type
+    "request_too_large": 413,  # Anthropic's type
+    "authentication_error": 401,  # Anthropic's type
+    "invalid_api_key": 401,  # OpenAI's code
+    "permission_error": 403,  # Anthropic's type
+}
+
+
+def _status_of(error: dict[str, Any]) -> tuple[int | None, int | None]:
+    """The HTTP status an error event means, and the one it states: an HTTP status in
+    ``code`` (vLLM, llama.cpp's server), else the one its ``code`` or ``type`` names
+    (:data:`_STATUS_NAMED`), which it does not state."""
+    code = error.get("code")
+    if type(code) is int and 400 <= code < 600:
+        return code, code
+    for name in (code, error.get("type")):
+        if isinstance(name, str) and name in _STATUS_NAMED:
+            return _STATUS_NAMED[name], None
+    return None, None
 
 
 def stream_failure(
@@ -153,24 +197,19 @@ def stream_failure(
     """The failure a provider's error event reports once a stream is open (Anthropic's
     ``error`` event, a Responses ``error`` or ``response.failed``, an OpenAI-compatible chat
     chunk ``{"error": {...}}``; or a Response's ``error``), taken as the same failure answered
-    with an HTTP status is (:func:`error_for_status`): by its code or type, or the HTTP status
-    some servers put in ``code`` (vLLM), rate-limited is a 429 (no ``Retry-After``: an event
-    has no headers), overloaded a 503, anything else a 502. ``what`` says what the provider
-    did, in the message: an event may come before the first token (then the chain goes on)
-    as well as after it, so it does not say "mid-stream"."""
+    with an HTTP status is (:func:`error_for_status`, through the same mapping): that status
+    where the event puts one in ``code`` (vLLM, llama.cpp's server), else the one its code or
+    type names (a rate limit a 429, an overload a 503, a bad request a 400, a refused key a
+    401), else a 502. An event has no headers: no ``Retry-After``. ``what`` says what the
+    provider did, in the message: an event may come before the first token (then the chain
+    goes on) as well as after it, so it does not say "mid-stream"."""
     error = error if isinstance(error, dict) else {"message": str(error or "")}
     said = scrub(str(error.get("message") or "error")[:500], [api_key])
     text = f"{label} {what}: {said}"
-    names = [error.get(k) for k in ("code", "type")]
-    code = error.get("code")
-    status = code if type(code) is int and 400 <= code < 600 else None
-    if status == 429 or any(n in _RATE_LIMITED for n in names if isinstance(n, str)):
-        if request_too_large(text):
-            return UpstreamRequestTooLargeError(text, upstream_status=status)
-        return UpstreamRateLimitedError(text, upstream_status=status)
-    if status in OVERLOADED or any(n in _OVERLOADED_NAMES for n in names if isinstance(n, str)):
-        return UpstreamOverloadedError(text, upstream_status=status)
-    return BackendError(text, upstream_status=status)
+    status, stated = _status_of(error)
+    if status is None:
+        return BackendError(text)
+    return _failure(status, error, text, upstream_status=stated)
 
 
 #: The most of an error answer's body read for its message. A provider's error is JSON of a
