@@ -321,6 +321,16 @@ _CONTEXT_ERRORS = {
             "code": "context_length_exceeded",
         }
     },
+    # llama-server's other wording of the same error (its type is what stays the same).
+    "llama-server, in other words": {
+        "error": {
+            "code": 400,
+            "message": "input (4200 tokens) is larger than the max context size (4096 tokens)",
+            "type": "exceed_context_size_error",
+            "n_prompt_tokens": 4200,
+            "n_ctx": 4096,
+        }
+    },
 }
 
 
@@ -350,6 +360,39 @@ def test_a_prompt_over_the_external_servers_context_moves_closed_as_in_process(
     assert streamed.status_code == 200 and streamed.headers["x-tiergate-tier"] == "closed"
     assert pinned.status_code == 400
     assert pinned.json()["error"]["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize("server", ["llama-server", "llama-server, in other words"])
+def test_a_context_error_event_from_the_external_server_moves_closed(
+    tmp_path: Path, fake: FakeProvider, server: str
+) -> None:
+    """llama-server reports a prompt over its context in a stream it has opened as an error
+    chunk (``data: {"error": {"code": 400, "type": "exceed_context_size_error", ...}}``): as
+    its HTTP 400, a request that did not pin the local model is answered by the closed tier,
+    one that pinned it gets 400 ``context_length_exceeded``, and the server does not cool
+    down (the prompt was at fault). The chunk was a 502 ``upstream_error``: the pinned
+    request got that, and the server cooled for every request after it."""
+    fake.reset()
+    policy = policy_yaml(fake, on_failure="closed")
+    body = {"stream": True, "messages": [{"role": "user", "content": "Capital of France?"}]}
+    with FakeProvider() as local:
+        local.reset(Behaviour(mode="overloaded_after_open", error_body=_CONTEXT_ERRORS[server]))
+        with live(
+            tmp_path,
+            policy,
+            local_backend="openai_http",
+            local_base_url=local.base_url,
+            cooldown_after_fails=1,
+        ) as srv:
+            pinned = srv.http.post("/v1/chat/completions", json={"model": "local", **body})
+            routed = srv.http.post("/v1/chat/completions", json={"model": "auto", **body})
+            cooling = srv.gateway.cooldowns.status()
+        tried = len(local.received)
+    assert pinned.status_code == 400, pinned.text
+    assert pinned.json()["error"]["code"] == "context_length_exceeded"
+    assert routed.status_code == 200 and routed.headers["x-tiergate-tier"] == "closed"
+    assert "local" not in cooling, cooling
+    assert tried == 2  # each was tried on the local server first
 
 
 def test_a_stream_llama_cpp_server_drops_for_its_context_is_a_context_error(
