@@ -17,7 +17,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
 from fastapi import APIRouter, Request
@@ -53,6 +53,7 @@ from router.schemas import (
     FeedbackRequest,
     MessagesRequest,
     ResponsesRequest,
+    front_fields,
     json_request_body,
 )
 from router.services import Services, services
@@ -246,7 +247,6 @@ async def call_of(
     *,
     front: str,
     translate: Translate | None = None,
-    fields: Mapping[str, str] | None = None,
 ) -> Call:
     """``request`` as the gateway serves it: admitted by the rate limiter, read, translated by
     its front (``translate``; none for chat), checked against the chat schema and the size caps.
@@ -270,7 +270,7 @@ async def call_of(
         if translate is not None:
             body, native = translate(body, request_id)
         validate_chat(body)
-        check_request_size(body, svc.settings, fields)
+        check_request_size(body, svc.settings, front_fields(front))
 
     try:
         await svc.limiter.admit(principal)
@@ -511,8 +511,6 @@ class Front(Generic[_Tr]):
     #: A failure once the stream began, as the front's error event: (the error, the last event
     #: the stream sent, or None).
     error_event: Callable[[TiergateError, Mapping[str, Any] | None], dict[str, Any]]
-    #: A chat field's name on this front, where it differs, for errors about the request.
-    fields: Mapping[str, str] = field(default_factory=dict)
     #: The chat fields its translation makes that a model may go without (``Call.optional``).
     optional: frozenset[str] = frozenset()
     #: The fields only a model speaking this front's API serves (``Call.native_only``).
@@ -538,7 +536,6 @@ RESPONSES = Front(
     responses.answer,
     responses.events,
     responses.error_event,
-    {"max_tokens": "max_output_tokens", "messages": "input"},
     optional=responses.OPTIONAL,
 )
 
@@ -589,7 +586,7 @@ async def serve_front(request: Request, front: Front[_Tr]) -> Response:
         kept.append(translation)
         return chat, front.native(body, request.headers)
 
-    call = await call_of(request, front=front.name, translate=translate, fields=front.fields)
+    call = await call_of(request, front=front.name, translate=translate)
     if kept:  # the front's answer is made before the request is recorded
         translation = kept[0]
         call = replace(
@@ -597,7 +594,6 @@ async def serve_front(request: Request, front: Front[_Tr]) -> Response:
             shape=lambda chat: front.answer(chat, translation),
             optional=front.optional,
             native_only=front.native_only,
-            fields=front.fields,
         )
     return await _respond(
         request,

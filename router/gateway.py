@@ -64,6 +64,7 @@ from router.learning import answer_text
 from router.outcomes import OutcomeRecord, OutcomeStore
 from router.pii import redact
 from router.policy import Decision, ModelSpec, Policy, evaluate, load_policy
+from router.schemas import CHAT_FIELDS, FrontFields, front_fields
 from router.scoring import Scorer
 from router.signals import (
     Signals,
@@ -130,10 +131,13 @@ def refuse_unknown_model(policy: Policy, name: str, tenant: str) -> None:
         raise unknown_model(name)
 
 
-def refuse_beyond_every_window(body: Mapping[str, Any], policy: Policy) -> None:
+def refuse_beyond_every_window(
+    body: Mapping[str, Any], policy: Policy, fields: FrontFields = CHAT_FIELDS
+) -> None:
     """Refuse (400) a request whose text cannot fit any model's context window, before any of it
     is read for signals: nothing would be sent, and a body at the size cap then costs one pass
-    of ``len`` rather than a full scan. Skipped when a model does not declare its window."""
+    of ``len`` rather than a full scan. Skipped when a model does not declare its window.
+    ``fields``: the names of the request's front, whose prompt field the 400 names."""
     windows = [spec.context_window for spec in policy.models.values()]
     if not windows or None in windows:
         return
@@ -144,7 +148,7 @@ def refuse_beyond_every_window(body: Mapping[str, Any], policy: Policy) -> None:
             f"the request holds {chars} characters of text, more than any model's context window "
             f"({largest} tokens) can take",
             code="context_length_exceeded",
-            param="messages",
+            param=fields.prompt,
         )
 
 
@@ -228,8 +232,6 @@ class Call:
     shape: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     optional: frozenset[str] = frozenset()
     native_only: frozenset[str] = frozenset()
-    # A chat field's name on the front, where it differs (Front.fields): a 400's param.
-    fields: Mapping[str, str] = field(default_factory=dict)
     request_id: str = field(default_factory=new_request_id)
     started: float = field(default_factory=time.perf_counter)
 
@@ -578,9 +580,9 @@ class Gateway:
             raise BudgetExceededError(ctx.decision.rejected)
         if ctx.decision.unsatisfiable:
             param = ctx.decision.unsatisfiable_param
-            if param == "max_tokens" and call.body.get("max_completion_tokens") is not None:
-                param = "max_completion_tokens"  # the field the request bounded its answer by
-            param = call.fields.get(param, param) if param else param  # the front's own
+            if param is not None:  # the field as the client's front calls it, as it sent it
+                fields = front_fields(call.front)
+                param = fields.output_of(call.body) if param == "max_tokens" else fields.name(param)
             code = "context_length_exceeded" if ctx.decision.context_exceeded else None
             raise BadRequestError(ctx.decision.unsatisfiable, code=code, param=param)
         tokens = sum(self.reserved_tokens(ctx, self.reserve_tokens))
@@ -602,6 +604,7 @@ class Gateway:
             metadata_keys=call.metadata_keys,
             sent=call.native.body if call.native is not None else None,
             sent_headers=call.sent_policy_headers,
+            fields=front_fields(call.front),
         )
 
     def explain(self, ctx: RequestContext) -> dict[str, str]:
@@ -740,13 +743,15 @@ class Gateway:
         sent: Mapping[str, Any] | None = None,
         scorer: Scorer | None = None,
         sent_headers: Mapping[str, str] | None = None,
+        fields: FrontFields = CHAT_FIELDS,
     ) -> tuple[Signals, Decision]:
         """Run signals -> score -> policy for one request. Raises 404 for an unknown model.
 
         ``metadata_keys``: the ``metadata`` keys the caller may steer the policy with (None: all);
         the signals keep only those the policy reads. ``sent``: a front's native request, read
         for personal data too (see :func:`~router.signals.extract_signals`). ``scorer``: the
-        one that scores it (default: :meth:`scorer_for` the serving policy).
+        one that scores it (default: :meth:`scorer_for` the serving policy). ``fields``: the
+        names of the front it came in on, which its refusals and explanations use.
 
         ``sent_headers``: every ``x-tiergate-*`` header the caller sent. A caller may always
         make its request more private: when the policy, reading every header and ``metadata``
@@ -755,7 +760,7 @@ class Gateway:
         """
         policy = self.policy
         refuse_unknown_model(policy, str(body.get("model", "auto")), tenant)
-        refuse_beyond_every_window(body, policy)
+        refuse_beyond_every_window(body, policy, fields)
         with self.telemetry.decide_span() as span:
             read = policy.metadata_fields
             signals = extract_signals(
@@ -765,6 +770,7 @@ class Gateway:
                 headers=headers,
                 metadata_keys=read if metadata_keys is None else read & set(metadata_keys),
                 sent=sent,
+                fields=fields,
             )
             decide = functools.partial(
                 evaluate,
@@ -793,6 +799,7 @@ class Gateway:
         metadata_keys: Collection[str] | None = None,
         sent: Mapping[str, Any] | None = None,
         sent_headers: Mapping[str, str] | None = None,
+        fields: FrontFields = CHAT_FIELDS,
     ) -> tuple[Signals, Decision, str]:
         """:meth:`decide`, moved off the event loop when the request is large; also returns the
         version of the scorer that scored it (:meth:`scorer_for`), for headers and the record.
@@ -815,6 +822,7 @@ class Gateway:
             sent=sent,
             scorer=scorer,
             sent_headers=sent_headers,
+            fields=fields,
         )
         costly = getattr(scorer, "costly", False)
         if costly:

@@ -35,6 +35,7 @@ from router.auth import Principal
 from router.config import Settings
 from router.errors import BadRequestError, RateLimitError
 from router.outcomes import tenant_hash
+from router.schemas import CHAT_FIELDS, OUTPUT_FIELDS, FrontFields
 
 log = logging.getLogger("tiergate.limits")
 WINDOW_S = 60
@@ -426,23 +427,22 @@ def build_rate_limiter(
 
 
 def check_request_size(
-    body: Mapping[str, Any], settings: Settings, fields: Mapping[str, str] | None = None
+    body: Mapping[str, Any], settings: Settings, fields: FrontFields = CHAT_FIELDS
 ) -> None:
     """Refuse (400) too many messages or a ``max_tokens`` over the cap; see SECURITY.md.
 
-    ``body`` is a chat request; ``fields`` names a chat field as the client's front calls it
-    (Responses: ``max_output_tokens``, ``input``), so the error points at what was sent."""
-    named = fields or {}
+    ``body`` is a chat request; ``fields`` are the names of its client's front (Responses:
+    ``max_output_tokens``, ``input``), so the error points at what was sent."""
     messages = body.get("messages")
     if isinstance(messages, list) and len(messages) > settings.max_messages:
         raise BadRequestError(
             f"too many messages: {len(messages)} > {settings.max_messages}",
-            param=named.get("messages", "messages"),
+            param=fields.name("messages"),
         )
-    for name in ("max_tokens", "max_completion_tokens"):
+    for name in OUTPUT_FIELDS:
         value = body.get(name)
         if isinstance(value, int) and value > settings.max_tokens_cap:
-            sent = named.get(name, name)
+            sent = fields.name(name)
             raise BadRequestError(
                 f"{sent} {value} is over this deployment's cap of {settings.max_tokens_cap}",
                 param=sent,

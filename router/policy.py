@@ -926,7 +926,9 @@ def why_unfit(spec: ModelSpec, signals: Signals) -> str | None:
 def _unfit_field(spec: ModelSpec, signals: Signals) -> tuple[str, str] | None:
     """:func:`why_unfit`'s reason with the chat request field it is about (``tools``, ``n``,
     ``max_tokens``, ``messages`` for images, tool calls in the history and a prompt over the
-    window), the ``param`` of the 400 that refuses a request pinned to ``spec``; or None."""
+    window), the ``param`` of the 400 that refuses a request pinned to ``spec`` once named as
+    its front names it (``FrontFields``); or None. The reason names the output limit as the
+    client did (``Signals.output_field``)."""
     if signals.has_images and not spec.supports_images:
         return "images", "messages"
     if signals.has_tools and not spec.supports_tools:
@@ -937,14 +939,16 @@ def _unfit_field(spec: ModelSpec, signals: Signals) -> tuple[str, str] | None:
     if limit is not None and signals.max_tokens is not None and signals.max_tokens > limit:
         # Refused by the provider (a 400), and not cut down: a shorter answer than the client
         # asked room for would look like the model's fault.
-        return f"max_tokens {signals.max_tokens} (it writes at most {limit})", "max_tokens"
+        asked = f"{signals.output_field} {signals.max_tokens}"  # in the client's own words
+        return f"{asked} (it writes at most {limit})", "max_tokens"
     if spec.context_window is not None:
         needed = signals.prompt_tokens + (signals.max_tokens or 0)
         if needed > spec.context_window:
             # A prompt that fits by itself is refused for the answer's room: say both parts,
             # and name max_tokens, the part the client can change without losing history.
             parts = (
-                f"{signals.prompt_tokens} in the prompt + max_tokens {signals.max_tokens}; "
+                f"{signals.prompt_tokens} in the prompt + {signals.output_field} "
+                f"{signals.max_tokens}; "
                 if signals.max_tokens
                 else ""
             )

@@ -7,6 +7,8 @@ the backends' OpenAI-shaped dicts and are not re-modelled.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, model_validator
@@ -392,6 +394,48 @@ class ResponsesRequest(BaseModel):
     parallel_tool_calls: Flag | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
+
+
+#: The chat request's fields that bound the answer's length.
+OUTPUT_FIELDS = ("max_tokens", "max_completion_tokens")
+
+
+@dataclass(frozen=True, slots=True)
+class FrontFields:
+    """What a front calls the chat request's fields that a refusal names: the one that bounds
+    the answer's length and the one that holds the prompt. A front's request is served as a
+    chat request; its errors must name the field its client sent, not the chat one."""
+
+    #: The front's output limit; None on chat, which has two (:data:`OUTPUT_FIELDS`).
+    output: str | None = None
+    prompt: str = "messages"
+
+    def name(self, chat_field: str) -> str:
+        """``chat_field`` as this front calls it (any field but these two keeps its name)."""
+        if chat_field in OUTPUT_FIELDS:
+            return self.output or chat_field
+        return self.prompt if chat_field == "messages" else chat_field
+
+    def output_of(self, body: Mapping[str, Any]) -> str:
+        """The field that bounds the answer of the chat request ``body`` as its client sent
+        it: on chat ``max_completion_tokens`` where it is set (it is the one read), else
+        ``max_tokens``."""
+        sent = "max_completion_tokens" if body.get("max_completion_tokens") is not None else ""
+        return self.name(sent or "max_tokens")
+
+
+CHAT_FIELDS = FrontFields()
+#: Each front's names, by its name (``Call.front``, the outcome record's ``front``).
+FRONT_FIELDS: Mapping[str, FrontFields] = {
+    "chat": CHAT_FIELDS,
+    "messages": FrontFields(output="max_tokens"),  # Anthropic's, which it requires
+    "responses": FrontFields(output="max_output_tokens", prompt="input"),
+}
+
+
+def front_fields(front: str) -> FrontFields:
+    """The field names of the front called ``front`` (chat's for a name it does not know)."""
+    return FRONT_FIELDS.get(front, CHAT_FIELDS)
 
 
 class FeedbackRequest(BaseModel):

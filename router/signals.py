@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from router.pii import PII_KINDS, pii_kinds
+from router.schemas import CHAT_FIELDS, FrontFields
 from router.scoring import Analysis, Scorer
 
 CHARS_PER_TOKEN = 3.5
@@ -50,6 +51,9 @@ class Signals:
     # billed as completion tokens. A price, not a signal: no policy matches on it.
     prediction_tokens: int = 0
     max_tokens: int | None = None
+    # What the client called max_tokens (max_completion_tokens, a front's max_output_tokens),
+    # for the policy's explanations. A name, not a signal: no policy matches on it.
+    output_field: str = "max_tokens"
     has_images: bool = False
     has_tools: bool = False
     # has_tools only for the conversation's tool calls or results: the request offers no tools.
@@ -338,6 +342,7 @@ def extract_signals(
     headers: Mapping[str, str] | None = None,
     metadata_keys: Collection[str] | None = None,
     sent: Mapping[str, Any] | None = None,
+    fields: FrontFields = CHAT_FIELDS,
 ) -> Signals:
     """Read the request's signals and score it. ``body`` is a validated chat request dict.
 
@@ -345,6 +350,7 @@ def extract_signals(
     and the caller may set); None keeps them all. All of ``metadata`` is still read for PII.
     ``sent``: the request as a front may send it instead of ``body`` (a native pass-through),
     read for PII too: fields the chat translation drops would otherwise go upstream unread.
+    ``fields``: the names of the front it came in on, which the policy's explanations use.
     """
     messages: list[Mapping[str, Any]] = list(body.get("messages") or [])
     tools = body.get("tools") or body.get("functions")
@@ -372,6 +378,7 @@ def extract_signals(
         ),
         prediction_tokens=prediction_tokens(body.get("prediction")),
         max_tokens=int(max_tokens) if isinstance(max_tokens, int) else None,
+        output_field=fields.output_of(body),
         has_images=has_image_parts(messages),
         has_tools=has_tools,
         tool_history=tool_history,

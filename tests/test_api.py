@@ -528,6 +528,37 @@ def test_an_anthropic_model_answers_within_its_output_limit(
     assert [r.path for r in fake.received] == ["/v1/chat/completions"]
 
 
+def test_a_pinned_models_output_limit_is_named_as_each_front_names_it(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """The 400 for a request over a pinned model's output limit said 'max_tokens' whatever the
+    client sent: a Response's client sent max_output_tokens, and a chat client that bounded
+    its answer with max_completion_tokens heard of a field it never set."""
+    fake.reset()
+    policy = policy_yaml(fake).replace(
+        "claude-3-5-sonnet-20241022\n", "claude-3-5-sonnet-20241022\n    max_output_tokens: 8192\n"
+    )
+    hi = [{"role": "user", "content": "Hi"}]
+    fronts = [
+        ("/v1/chat/completions", {"messages": hi, "max_tokens": 20000}, "max_tokens"),
+        ("/v1/responses", {"input": "Hi", "max_output_tokens": 20000}, None),
+        ("/v1/messages", {"messages": hi, "max_tokens": 20000}, "max_tokens"),
+        ("/v1/chat/completions", {"messages": hi, "max_completion_tokens": 20000}, None),
+    ]
+    with live(tmp_path, policy) as srv:
+        for path, body, field in fronts:
+            refused = srv.http.post(path, json={"model": "claude", **body})
+            assert refused.status_code == 400, (path, refused.text)
+            error = refused.json()["error"]
+            sent = field or next(k for k in body if k.startswith("max_"))
+            assert error["message"].startswith(
+                f"model 'claude' cannot take {sent} 20000 (it writes at most 8192) and the "
+                "request pins it"
+            ), (path, error)
+            assert error.get("param", sent) == sent  # Anthropic's shape has no param
+    assert fake.received == []
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_json_object_gets_json_from_an_anthropic_model(
     client: openai.OpenAI, fake: FakeProvider, stream: bool
@@ -1332,6 +1363,8 @@ def test_a_pinned_model_that_cannot_take_a_request_names_the_field(
         client.chat.completions.create(**{**body, **extra})
     assert refused.value.param == param
     assert "and the request pins it" in refused.value.message
+    if param.startswith("max_"):  # the text names the field as sent, as the param does
+        assert f"+ {param} 4000;" in refused.value.message
     assert fake.received == []
 
 
@@ -1353,6 +1386,9 @@ def test_a_pinned_model_that_cannot_take_a_response_names_the_responses_field(
         client.responses.create(**{"model": "local", "input": "Hi", **extra})
     assert refused.value.param == param
     assert "and the request pins it" in refused.value.message
+    # ... nor its text (the prompt plus the answer's room over the window): the client's own.
+    assert "max_tokens" not in refused.value.message
+    assert ("+ max_output_tokens 4000;" in refused.value.message) is (param == "max_output_tokens")
     assert fake.received == []
 
 

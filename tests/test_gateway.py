@@ -781,10 +781,14 @@ def test_text_no_model_can_take_is_refused_before_it_is_read(
             "/v1/chat/completions",
             json={"model": "auto", "messages": [{"role": "user", "content": too_long}]},
         )
+        # A Response's prompt is its input: the 400 named messages, a field it never sent.
+        response = srv.http.post("/v1/responses", json={"model": "auto", "input": too_long})
     assert ok.status_code == 200
     assert refused.status_code == 400
     assert refused.json()["error"]["code"] == "context_length_exceeded"
-    assert CountingScorer.calls == 1  # the long one was never read
+    assert refused.json()["error"]["param"] == "messages"
+    assert response.status_code == 400 and response.json()["error"]["param"] == "input"
+    assert CountingScorer.calls == 1  # the long ones were never read
     assert len(fake.received) == 1
 
 

@@ -61,6 +61,7 @@ from router.errors import (
     UpstreamTimeoutError,
     scrub,
 )
+from router.schemas import OUTPUT_FIELDS
 
 # The providers' usual environment variables for their keys.
 PROVIDER_KEY_ENV = {
@@ -133,8 +134,6 @@ def cannot_take(model: ModelLike, names: Collection[str]) -> frozenset[str]:
     return frozenset(names) - frozenset(supported or ())
 
 
-#: The request fields that bound an answer's length.
-_OUTPUT_FIELDS = ("max_tokens", "max_completion_tokens")
 #: ``max_tokens`` for an Anthropic model, which requires one, when the request sets none and
 #: neither the policy (``max_output_tokens``) nor litellm's model map gives the model's output
 #: limit: the smallest current Claude's (claude-3-haiku's). litellm sent its own default, 128000,
@@ -220,7 +219,7 @@ def default_max_tokens(model: ModelLike, room: int | None = None) -> int | None:
 def sets_output_limit(body: Mapping[str, Any]) -> bool:
     """Whether the request ``body`` bounds its answer's length itself (``max_tokens``,
     ``max_completion_tokens``)."""
-    return any(body.get(f) is not None for f in _OUTPUT_FIELDS)
+    return any(body.get(f) is not None for f in OUTPUT_FIELDS)
 
 
 def direct(model: ModelLike) -> bool:
