@@ -1114,11 +1114,7 @@ def _serving_policy(config: Path | None) -> Path:
 
 
 def _cmd_policy_check(args: argparse.Namespace) -> int:
-    from router.backends.closed import (
-        ANTHROPIC_MAX_TOKENS,
-        hidden_output_limits,
-        unknown_output_limits,
-    )
+    from router.backends.closed import output_limit_warnings
     from router.costs import CostBook, load_litellm_cost_map
     from router.errors import PolicyError
     from router.policy import load_policy
@@ -1138,34 +1134,23 @@ def _cmd_policy_check(args: argparse.Namespace) -> int:
         )
         for issue in policy.warnings:
             print(f"warning: {issue}", file=sys.stderr)
-        models = policy.models.values()
+        models = policy.models
         # Valid, but worth knowing: models whose price or output limit nothing gives, each
-        # with what follows for its calls (its litellm_model is put in where {} stands).
+        # with what follows for its calls.
         noted = [
             (
-                costs.unpriced(models),
-                "no price for litellm_model {!r} in the installed litellm's table: its calls "
-                "count $0 in costs and budgets (give it price: {{input_per_mtok, "
-                "output_per_mtok}})",
-            ),
-            (
-                unknown_output_limits(models),
-                "no output limit for litellm_model {!r} in the installed litellm's model map: "
-                f"a request that sets no max_tokens is sent max_tokens {ANTHROPIC_MAX_TOKENS} "
-                "(give it max_output_tokens)",
-            ),
-            (
-                hidden_output_limits(models),
-                "Tiergate cannot tell the model behind the Bedrock application inference "
-                "profile {!r}: a request that sets no max_tokens is sent none (the provider's "
-                "default applies) and its budget hold reads no output limit (give it "
-                "max_output_tokens)",
-            ),
+                name,
+                f"no price for litellm_model {models[name].litellm_model!r} in the installed "
+                "litellm's table: its calls count $0 in costs and budgets (give it price: "
+                "{input_per_mtok, output_per_mtok})",
+            )
+            for name in costs.unpriced(models.values())
         ]
-        for names, said in noted:
-            for name in names:
-                model = policy.models[name].litellm_model
-                print(f"{path}: warning: models.{name}: {said.format(model)}", file=sys.stderr)
+        noted += [
+            said for warning in output_limit_warnings(models.values()) for said in warning.each()
+        ]
+        for name, said in noted:
+            print(f"{path}: warning: models.{name}: {said}", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -658,30 +658,16 @@ class Gateway:
         return names
 
     def warn_output_limits(self) -> list[str]:
-        """Log the policy's Anthropic models whose output limit neither the policy
-        (``max_output_tokens``) nor litellm's model map gives (a request to one that sets no
-        ``max_tokens`` is sent :data:`~router.backends.closed.ANTHROPIC_MAX_TOKENS`), and the
-        Bedrock application inference profiles without one (``closed.hidden_output_limits``:
-        no one can tell their model's), and return their names."""
-        names = closed.unknown_output_limits(self.policy.models.values())
-        if names:
-            log.warning(
-                "no output limit for Anthropic model(s) %s: litellm's model map does not list "
-                "their litellm_model, so a request that sets no max_tokens is sent max_tokens "
-                "%d; give each its limit in the policy (max_output_tokens)",
-                ", ".join(names),
-                closed.ANTHROPIC_MAX_TOKENS,
-            )
-        hidden = closed.hidden_output_limits(self.policy.models.values())
-        if hidden:
-            log.warning(
-                "cannot tell the model behind Bedrock application inference profile(s) %s: a "
-                "request that sets no max_tokens is sent none (the provider's default applies) "
-                "and its budget hold reads no output limit; give each its model's limit in the "
-                "policy (max_output_tokens)",
-                ", ".join(hidden),
-            )
-        return names + hidden
+        """Log the policy's closed models whose output limit neither the policy
+        (``max_output_tokens``) nor litellm's model map gives, as ``tiergate policy check``
+        warns of them (:func:`~router.backends.closed.output_limit_warnings`: Anthropic models
+        sent :data:`~router.backends.closed.ANTHROPIC_MAX_TOKENS`, Bedrock application
+        inference profiles no one can tell the model of), and return their names."""
+        names: list[str] = []
+        for warning in closed.output_limit_warnings(self.policy.models.values()):
+            log.warning("%s", warning.together())
+            names += warning.names
+        return names
 
     def backend(self, model: ModelSpec) -> Backend | None:
         """The backend for a model's tier (None when the local tier is switched off)."""

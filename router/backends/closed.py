@@ -31,6 +31,7 @@ from collections.abc import (
     Iterator,
     Mapping,
 )
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -254,6 +255,65 @@ def _unlimited(models: Iterable[ModelLike], chosen: Callable[[str], bool]) -> li
         for m in models
         if m.tier == "closed" and m.max_output_tokens is None and chosen(m.litellm_model or "")
     ]
+
+
+@dataclass(frozen=True, slots=True)
+class OutputLimitWarning:
+    """Closed models of one kind whose output limit nothing gives, and what follows for a
+    request to one that sets no ``max_tokens``, said of each model (``tiergate policy check``)
+    and of them all in one line (``Gateway.warn_output_limits``, at start and reload) from the
+    same words: :func:`output_limit_warnings` writes them."""
+
+    models: list[ModelLike]
+    follows: str
+    #: The warning for one model, where ``{model}`` stands for its litellm_model.
+    one: str
+    #: The warning for them all, where ``{names}`` stands for their names.
+    all: str
+
+    @property
+    def names(self) -> list[str]:
+        """The models' names in the policy."""
+        return [m.name for m in self.models]
+
+    def each(self) -> list[tuple[str, str]]:
+        """(a model's name, its warning) for each of the models."""
+        return [
+            (m.name, self.one.format(model=m.litellm_model, follows=self.follows))
+            for m in self.models
+        ]
+
+    def together(self) -> str:
+        """The warning for all the models at once."""
+        return self.all.format(names=", ".join(self.names), follows=self.follows)
+
+
+def output_limit_warnings(models: Iterable[ModelLike]) -> list[OutputLimitWarning]:
+    """The warnings for ``models`` whose output limit neither the policy nor litellm's map
+    gives: the Claude models (:func:`unknown_output_limits`) and the Bedrock application
+    inference profiles (:func:`hidden_output_limits`); a kind none of them is left out."""
+    by_name = {m.name: m for m in models}
+    said = [
+        OutputLimitWarning(
+            [by_name[n] for n in unknown_output_limits(by_name.values())],
+            f"a request that sets no max_tokens is sent max_tokens {ANTHROPIC_MAX_TOKENS}",
+            "no output limit for litellm_model {model!r} in the installed litellm's model map: "
+            "{follows} (give it max_output_tokens)",
+            "no output limit for Anthropic model(s) {names}: litellm's model map does not list "
+            "their litellm_model, so {follows}; give each its limit in the policy "
+            "(max_output_tokens)",
+        ),
+        OutputLimitWarning(
+            [by_name[n] for n in hidden_output_limits(by_name.values())],
+            "a request that sets no max_tokens is sent none (the provider's default applies) "
+            "and its budget hold reads no output limit",
+            "Tiergate cannot tell the model behind the Bedrock application inference profile "
+            "{model!r}: {follows} (give it max_output_tokens)",
+            "cannot tell the model behind Bedrock application inference profile(s) {names}: "
+            "{follows}; give each its model's limit in the policy (max_output_tokens)",
+        ),
+    ]
+    return [warning for warning in said if warning.models]
 
 
 class ClosedBackend:
