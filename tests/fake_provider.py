@@ -114,8 +114,8 @@ class Behaviour:
     # ``cache_read_input_tokens`` and ``cache_creation_input_tokens`` (beside ``input_tokens``).
     cached_tokens: int = 0
     cache_write_tokens: int = 0
-    # In ``status`` mode (and the ``*_after_open`` ones), fail only the requests to paths
-    # ending so (``/chat/completions``: the OpenAI model), and answer the others.
+    # In ``status`` mode (and ``stall`` and the ``*_after_open`` ones), fail (stall) only the
+    # requests to paths ending so (``/chat/completions``: the OpenAI model), answer the others.
     failing_path: str | None = None
     # In ``tool_call`` mode, the calls to make, ``(tool name, arguments)`` each, in parallel, in
     # place of one call of the first tool offered. Streamed, each call's arguments come in two
@@ -468,7 +468,7 @@ class FakeProvider:
             else:
                 self._json(h, 200, [{"choices": []}])
             return
-        if b.mode == "stall":
+        if b.mode == "stall" and failing:
             generation = self._generation
             self._unstalled.wait(b.stall_s)
             with self._lock:
