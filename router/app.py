@@ -329,6 +329,7 @@ def create_app(
                 cooldown_s=settings.cooldown_s,
                 shared=shared_cooldowns(store),
             ),
+            call_timeouts={"closed": settings.closed_timeout_s, "local": settings.local_timeout_s},
         )
         # A policy that starts with `encoder: false` loads the static companion now, not on
         # the first request.

@@ -136,7 +136,9 @@ class Settings(BaseSettings):
         "is passed over for the next model of each request's chain; a 429, or an overload (503, "
         "529) that sends a Retry-After, cools it for that Retry-After (at most 120 s). A cooling "
         "model is still called when nothing after it can be, or everything after it refused the "
-        "request. Replicas sharing TIERGATE_REDIS_URL share their cooldowns. 0 turns cooling off.",
+        "request. Once it lapses, one request at a time probes the model (within its timeout) "
+        "while the others still pass it over; its failure cools it again at once. Replicas "
+        "sharing TIERGATE_REDIS_URL share their cooldowns. 0 turns cooling off.",
     )
     cooldown_after_fails: int = Field(
         3, ge=1, description="Failed calls in a row that cool a model (see cooldown_s)."

@@ -15,20 +15,30 @@ stream is a success once it ended whole, not when it opened: a provider that cut
 after its first words fails calls in a row.
 
 A cooling model is still called when nothing after it in the chain can be (a pinned model, the
-last fallback): a cooldown never turns an answer into an error by itself. The first call after
-a cooldown is a probe: a success ends the cooling, a failure starts another at once.
+last fallback): a cooldown never turns an answer into an error by itself.
+
+Once a cooldown lapses, one call at a time probes the model (a circuit breaker's half-open
+state: :meth:`Cooldowns.calling`); while it is out, the other requests pass the model over as
+if it still cooled, so a provider that still hangs costs one call its ``timeout_s``, not every
+request in flight. The probe's success ends the cooling; its failure (any failure after a
+cooldown) starts the next one at once. A probe that ends saying nothing of the provider (the
+request's fault, a full queue, a client gone) lets the next call probe, and one that never ends
+holds the model no longer than the call's own timeout.
 
 The failures in a row are counted per replica, in memory. With :class:`SharedCooldowns` (the
 Redis outcome store, ``TIERGATE_REDIS_URL``) the cooldowns themselves are shared: one a replica
 starts is published (without waiting), and each replica reads the others' from a copy its
 store refreshes every second, so a provider that asked one replica to wait is spared by all of
-them, and a hanging one costs a ``timeout_s`` to the requests of one replica, not of each. The
-first call a replica makes after a shared cooldown is a probe as after its own. A
-success ends the cooling on the replica that saw it only: the others keep the cooldown until
-it lapses (it never outlasts what the provider asked, or ``cooldown_s``), as a success is often
-a call that began before the failure, and one stale success must not lift a fresh 429 for
-every replica. With Redis unreachable, or SQLite, each replica cools on its own; a restart
-forgets its own cooldowns and reads the shared ones again.
+them, and a hanging one costs a ``timeout_s`` to the requests of one replica, not of each.
+After a shared cooldown each replica probes on its own, one call at a time, as after its own:
+coordinating the probe through Redis would put a round trip (and its outage) on the request
+path to save at most one call per replica per lapse, and a failed probe's new cooldown reaches
+the other replicas within their next refresh (a second). A success ends the cooling on the
+replica that saw it only: the others keep the cooldown until it lapses (it never outlasts what
+the provider asked, or ``cooldown_s``), as a success is often a call that began before the
+failure, and one stale success must not lift a fresh 429 for every replica. With Redis
+unreachable, or SQLite, each replica cools on its own; a restart forgets its own cooldowns and
+reads the shared ones again.
 """
 
 from __future__ import annotations
@@ -73,6 +83,7 @@ class _State:
     until: float = 0.0  # monotonic time the cooldown ends
     reason: str = ""  # the error code that started it
     mark: str = ""  # the mark it was published under (SharedCooldowns)
+    probe: float = 0.0  # monotonic time the probe out since it lapsed is bound by (0: none)
 
 
 class Cooldowns:
@@ -113,9 +124,9 @@ class Cooldowns:
         cooldown and returns None). Only failures a later call may not meet count: a 429, a
         timeout, a refused connection, a 5xx (not a 400, not a refused key, not litellm
         failing in this process: ``error.cools``). A failure with the provider's
-        ``Retry-After`` cools at once, and so does the first after a shared cooldown (a
-        probe's). A cooldown started or extended is published to the other replicas
-        (``shared``)."""
+        ``Retry-After`` cools at once, and so does any after a cooldown, here or shared, until
+        the model answers (a probe's). A cooldown started or extended is published to the other
+        replicas (``shared``)."""
         if self.cooldown_s <= 0 or not error.retryable or error.should_retry is False:
             return None
         if not error.cools:
@@ -125,7 +136,7 @@ class Cooldowns:
         asked = error.retry_after
         if isinstance(error, UpstreamRateLimitedError) or asked:
             seconds = min(asked, MAX_COOLDOWN_S) if asked else self.cooldown_s
-        elif state.failures >= self.after_fails or name in self._probing:
+        elif state.failures >= self.after_fails or state.until or name in self._probing:
             seconds = self.cooldown_s
         else:
             return None
@@ -133,7 +144,7 @@ class Cooldowns:
         seen = self._seen(name)
         started = state.until <= now and (seen is None or seen[0] == state.mark)
         state.until = max(state.until, now + seconds)
-        state.reason = error.code
+        state.reason, state.probe = error.code, 0.0
         if self.shared is not None:
             state.mark = f"{error.code}|{uuid.uuid4().hex}"
             self.shared.publish_cooldown(name, state.until - now, state.mark)
@@ -152,10 +163,52 @@ class Cooldowns:
         if ended:
             self._ended[name] = frozenset(ended)
 
-    def left(self, name: str) -> float:
-        """Seconds of cooldown ``name`` has left (0: not cooling), here or shared."""
+    def calling(self, name: str, timeout_s: float) -> float:
+        """``name`` is called now. Where its cooldown lapsed (here, or another replica's) and it
+        has not answered since, this call is the probe: until it ends, or ``timeout_s`` (the
+        call's own timeout) passes, :meth:`left` has the other calls pass ``name`` over as if it
+        still cooled. Returns the probe's token for :meth:`released`; 0 when this call is no
+        probe (no cooldown, or a call made while it cools: pinned, the last fallback)."""
+        if not self._states and not self._probing:
+            return 0.0
+        now = self._clock()
         state = self._states.get(name)
-        here = max(0.0, state.until - self._clock()) if state is not None else 0.0
+        if state is not None and max(state.until, state.probe) > now:
+            return 0.0  # cooling, or another call probes: this one is made anyway
+        if name in self._probing:
+            if self._seen(name) is not None:
+                return 0.0  # another replica's cooldown lasts
+        elif state is None or not state.until:
+            return 0.0  # it has not cooled since it last answered
+        if state is None:
+            state = self._states[name] = _State()
+        state.probe = now + timeout_s
+        return state.probe
+
+    def released(self, name: str, probe: float) -> None:
+        """The call that holds ``probe`` (:meth:`calling`) ended saying nothing of ``name``: not
+        an answer, not a failure that counts (the request's fault, a full queue, a client that
+        left). The next call probes. A no-op once the probe's success or failure was told, or
+        after its bound, when another call may hold the next one."""
+        state = self._states.get(name)
+        if probe and state is not None and state.probe == probe:
+            state.probe = 0.0
+
+    def probing(self, name: str) -> bool:
+        """Whether a probe of ``name`` is out (:meth:`calling`): why :meth:`left` is not 0
+        after its cooldown lapsed."""
+        state = self._states.get(name)
+        return state is not None and state.probe > self._clock()
+
+    def left(self, name: str) -> float:
+        """Seconds of cooldown ``name`` has left (0: not cooling), here or shared; after it
+        lapsed, while a probe is out (:meth:`calling`), the seconds its bound has left."""
+        state = self._states.get(name)
+        here = 0.0
+        if state is not None:
+            here = max(
+                0.0, (state.until if state.until > state.probe else state.probe) - self._clock()
+            )
         seen = self._seen(name)
         if seen is None or seen[1] <= here:
             return here
@@ -165,18 +218,20 @@ class Cooldowns:
 
     def status(self) -> dict[str, dict[str, float | int | str | bool]]:
         """The models cooling now: seconds left, the error that started it, failures in a row
-        here, and whether this replica started it (else another did: ``started_here``; for
-        ``/readyz``)."""
+        here, whether this replica started it (else another did: ``started_here``), and
+        whether a probe is out after it lapsed (``probing``, the seconds left its bound's);
+        for ``/readyz``."""
         now = self._clock()
         cooling: dict[str, dict[str, float | int | str | bool]] = {
             name: {
-                "seconds_left": round(state.until - now, 1),
+                "seconds_left": round(max(state.until, state.probe) - now, 1),
                 "reason": state.reason,
                 "failures": state.failures,
-                "started_here": True,
+                "started_here": state.until > 0,
+                "probing": state.until <= now,
             }
             for name, state in self._states.items()
-            if state.until > now
+            if max(state.until, state.probe) > now
         }
         for name, (mark, seconds) in self._shared().items():
             known = cooling.get(name)
@@ -188,6 +243,7 @@ class Cooldowns:
                 "reason": mark.partition("|")[0],
                 "failures": state.failures if state is not None else 0,
                 "started_here": state is not None and mark == state.mark,
+                "probing": False,
             }
         return cooling
 

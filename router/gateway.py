@@ -187,6 +187,7 @@ class RequestContext:
     native_only: frozenset[str] = frozenset()  # see Call.native_only
     admitted: bool = False  # past admission: a model was to be called (else no tier recorded)
     asked: str = ""  # the model name asked for, the record's alias when there are no signals
+    probe: float = 0.0  # the cooldown probe its model's call holds (Cooldowns.calling), or 0
 
     def tokens_used(self) -> int:
         """The tokens this request used (the rate limiter's charge): its answer's, and those of
@@ -394,9 +395,12 @@ class Gateway:
         cascade: CascadeModel | None = None,
         companion: Callable[[Scorer], Scorer | None] | None = None,
         cooldowns: Cooldowns | None = None,
+        call_timeouts: Mapping[str, float] | None = None,
     ) -> None:
         self.policies = policy
         self.cooldowns = cooldowns if cooldowns is not None else Cooldowns()
+        # A call's timeout by tier, where its model sets none: what bounds a cooldown's probe.
+        self.call_timeouts = dict(call_timeouts or {})
         self.cascade = cascade
         self.scorer = scorer
         self._companion = companion
@@ -553,6 +557,7 @@ class Gateway:
             self.cooldowns.succeeded(ctx.served.model.name)
         elif isinstance(exc, BackendError):
             self._cool(ctx.served.model, exc)
+        self.cooldowns.released(ctx.served.model.name, ctx.probe)  # a client that left
 
     def _explained(
         self, ctx: RequestContext, exc: BaseException, *, opened: bool
@@ -1175,6 +1180,7 @@ class Gateway:
             unavailable = Judgement("escalated", 0.0, plan.threshold, "local_unavailable")
             self._cascade_note(ctx, unavailable, Usage(), None)
             return None
+        self._calling(ctx, model)
         return backend, model
 
     async def _cascade_complete(
@@ -1267,6 +1273,7 @@ class Gateway:
             self._failed(ctx, model, exc)
         else:
             log.warning("cascade: local model failed for %s: %s", ctx.request_id, exc.message)
+        self.cooldowns.released(model.name, ctx.probe)
 
     async def _along_chain(
         self,
@@ -1294,7 +1301,7 @@ class Gateway:
                 continue
             tried += 1
             try:
-                result = await _attempt_on(ctx, attempt, backend, model, fallback)
+                result = await self._attempt_on(ctx, attempt, backend, model, fallback)
             except LocalOverloadedError as exc:
                 last = exc
                 spill = self.spill_chain(ctx.decision)
@@ -1332,6 +1339,38 @@ class Gateway:
             return result
         raise self._exhausted(ctx, errors, last, failure, tried)
 
+    async def _attempt_on(
+        self,
+        ctx: RequestContext,
+        attempt: Callable[[Backend, ModelSpec], Awaitable[_T]],
+        backend: Backend,
+        model: ModelSpec,
+        fallback: str | None,
+    ) -> _T:
+        """Call ``model``: the probe after its cooldown lapsed, if this call is (:meth:`_calling`);
+        one that ends saying nothing of the model (not a failure that counts: the request's
+        fault, a full queue, a client that left) lets the next call probe."""
+        # ``served`` is set while the model works, so a request cancelled meanwhile (its client
+        # left) is recorded, and charged, against the model that was working on it.
+        ctx.served = Served(model, fallback)
+        self._calling(ctx, model)
+        try:
+            return await attempt(backend, model)
+        except BaseException as exc:
+            if isinstance(exc, TiergateError):
+                ctx.served = None
+            self.cooldowns.released(model.name, ctx.probe)
+            raise
+
+    def _calling(self, ctx: RequestContext, model: ModelSpec) -> None:
+        """``model`` is called now: after its cooldown lapsed the call may be the one probe
+        (router.cooldown), bound by the call's own timeout (``ctx.probe``)."""
+        if not self._cools(model):
+            ctx.probe = 0.0
+            return
+        timeout = model.timeout_s or self.call_timeouts.get(model.tier, self.cooldowns.cooldown_s)
+        ctx.probe = self.cooldowns.calling(model.name, timeout)
+
     def _cools(self, model: ModelSpec) -> bool:
         """Whether ``model`` cools down after failing (router.cooldown): a closed model, or the
         local one when an external llama.cpp server serves it, which hangs and dies as a
@@ -1349,7 +1388,11 @@ class Gateway:
         if not self._cools(model):
             return None
         left = self.cooldowns.left(model.name)
-        return f"cooling down for {left:.0f} s more after failing" if left else None
+        if not left:
+            return None
+        if self.cooldowns.probing(model.name):
+            return f"probed by another request after cooling down (for {left:.0f} s at most)"
+        return f"cooling down for {left:.0f} s more after failing"
 
     def _passed_over(
         self, model: ModelSpec, rest: list[tuple[ModelSpec, str | None]]
@@ -1899,23 +1942,6 @@ def _goes_on(
         queue += cooled
         cooled.clear()
     return i < len(queue)
-
-
-async def _attempt_on(
-    ctx: RequestContext,
-    attempt: Callable[[Backend, ModelSpec], Awaitable[_T]],
-    backend: Backend,
-    model: ModelSpec,
-    fallback: str | None,
-) -> _T:
-    # ``served`` is set while the model works, so a request cancelled meanwhile (its client
-    # left) is recorded, and charged, against the model that was working on it.
-    ctx.served = Served(model, fallback)
-    try:
-        return await attempt(backend, model)
-    except TiergateError:
-        ctx.served = None
-        raise
 
 
 async def _metered(

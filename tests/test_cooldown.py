@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,7 @@ def test_failures_in_a_row_cool_a_model_and_an_answer_ends_it() -> None:
             "reason": "upstream_unreachable",
             "failures": 3,
             "started_here": True,
+            "probing": False,
         }
     }
     assert cool.failed("gpt", BackendError("500")) is None  # while cooling: no new cooldown
@@ -100,6 +102,47 @@ def test_cooldown_s_zero_turns_it_off() -> None:
     assert cool.failed("gpt", UpstreamRateLimitedError("429", retry_after=5)) is None
 
 
+def test_one_call_at_a_time_probes_a_model_whose_cooldown_lapsed() -> None:
+    """Once gpt's cooldown lapses, the first call to it is the probe: while it is out, the
+    others pass gpt over as if it still cooled (for the probe's bound at most: the call's own
+    timeout), and a call made anyway (pinned) is no second probe. A probe that ends saying
+    nothing of gpt lets the next call probe; one past its bound too, and its late end then
+    leaves the new probe alone. A probe's failure cools at once, even after a 429's cooldown
+    that counted one failure of three; its success ends the cooling."""
+    clock = Clock()
+    cool = Cooldowns(after_fails=3, cooldown_s=30, clock=clock)
+    assert cool.calling("gpt", 10) == 0  # never cooled: no probe
+    assert cool.failed("gpt", UpstreamRateLimitedError("429", retry_after=20)) == 20
+    assert cool.calling("gpt", 10) == 0  # cooling: a pinned call, no probe
+    clock.now += 21
+    assert cool.left("gpt") == 0 and not cool.probing("gpt")
+    probe = cool.calling("gpt", 10)
+    assert probe and cool.probing("gpt") and cool.left("gpt") == 10
+    assert cool.status()["gpt"] == {
+        "seconds_left": 10.0,
+        "reason": "upstream_rate_limited",
+        "failures": 1,
+        "started_here": True,
+        "probing": True,
+    }
+    assert cool.calling("gpt", 10) == 0  # the others' calls: none is a probe
+    cool.released("gpt", probe)  # the probe's request was at fault, or its client left
+    assert cool.left("gpt") == 0 and cool.status() == {}
+    late = cool.calling("gpt", 10)
+    clock.now += 10  # the probe never ended: past its bound, the next call probes
+    assert cool.left("gpt") == 0
+    probe = cool.calling("gpt", 10)
+    assert probe and probe != late
+    cool.released("gpt", late)
+    assert cool.left("gpt") == 10
+    assert cool.failed("gpt", UpstreamTimeoutError("slow")) == 30  # 2 of 3 failures: cools
+    assert cool.left("gpt") == 30 and not cool.probing("gpt")
+    clock.now += 31
+    assert cool.calling("gpt", 10)
+    cool.succeeded("gpt")
+    assert cool.left("gpt") == 0 and cool.calling("gpt", 10) == 0 and cool.status() == {}
+
+
 def test_a_failing_provider_is_passed_over_while_it_cools(
     tmp_path: Path, fake: FakeProvider
 ) -> None:
@@ -133,11 +176,108 @@ def test_a_failing_provider_is_passed_over_while_it_cools(
         "reason": "upstream_error",
         "failures": 2,
         "started_here": True,
+        "probing": False,
     }
     assert ready["claude"]["cooldown"] is None
     cooled = [line for line in metrics.splitlines() if line.startswith("tiergate_cooldowns_total")]
     assert len(cooled) == 1 and cooled[0].endswith(" 1.0")
     assert 'error_type="upstream_error"' in cooled[0] and 'model="gpt-4o"' in cooled[0]
+
+
+def _calls(fake: FakeProvider, path: str = "/chat/completions") -> int:
+    """The calls the fake provider received to paths ending in ``path`` (gpt-4o's)."""
+    return sum(r.path.endswith(path) for r in fake.received)
+
+
+def test_while_one_request_probes_a_hanging_model_the_others_go_to_its_fallback(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """gpt-4o hangs, claude answers. When gpt-4o's cooldown lapsed, every request that came
+    next called it and waited its timeout before claude answered: with many in flight on a
+    provider that still hung, each of them, once per lapse. Now one request probes it; while
+    it is out the others go straight to claude, and /readyz says gpt-4o is being probed. A
+    request pinned to gpt-4o still calls it. The probe times out: gpt-4o cools again at once.
+    After the next lapse gpt-4o has healed: the probe answers, which ends the cooling."""
+    fake.reset(Behaviour(mode="stall", stall_s=60, failing_path="/chat/completions"))
+    body = {"model": "auto", "messages": [{"role": "user", "content": "HARD"}]}
+    policy = policy_yaml(fake, on_failure="closed")
+    timeout = 3.0  # the calls to the hanging gpt-4o, and so the probe's bound
+    with (
+        live(
+            tmp_path, policy, cooldown_after_fails=1, cooldown_s=30, closed_timeout_s=timeout
+        ) as srv,
+        ThreadPoolExecutor(2) as pool,
+    ):
+        clock = Clock()
+        srv.gateway.cooldowns._clock = clock
+        first = srv.http.post("/v1/chat/completions", json=body)
+        assert first.headers["x-tiergate-model"] == "claude"
+        assert srv.gateway.cooldowns.left("gpt-4o") == 30
+        clock.now += 31
+        fake.received.clear()
+        probe = pool.submit(srv.http.post, "/v1/chat/completions", json=body)
+        assert wait_for(lambda: _calls(fake) == 1, timeout_s=5)
+        ready = readiness(services(srv.app))["closed"]["gpt-4o"]["cooldown"]
+        for _ in range(3):
+            answer = srv.http.post("/v1/chat/completions", json=body)
+            assert answer.status_code == 200 and answer.headers["x-tiergate-model"] == "claude"
+        assert _calls(fake) == 1
+        pinned = pool.submit(
+            srv.http.post, "/v1/chat/completions", json={**body, "model": "gpt-4o"}
+        )
+        assert wait_for(lambda: _calls(fake) == 2, timeout_s=5)
+        assert probe.result(timeout=30).headers["x-tiergate-model"] == "claude"
+        assert pinned.result(timeout=30).status_code == 504
+        assert srv.gateway.cooldowns.left("gpt-4o") == 30  # the probe failed: cooling again
+        assert not srv.gateway.cooldowns.probing("gpt-4o")
+        fake.reset()  # gpt-4o heals
+        clock.now += 31
+        for _ in range(2):
+            answer = srv.http.post("/v1/chat/completions", json=body)
+            assert answer.headers["x-tiergate-model"] == "gpt-4o"
+        assert srv.gateway.cooldowns.status() == {}
+    assert ready == {
+        "seconds_left": timeout,
+        "reason": "upstream_timeout",
+        "failures": 1,
+        "started_here": True,
+        "probing": True,
+    }
+
+
+def test_a_stream_probes_until_it_ends_whole(tmp_path: Path, fake: FakeProvider) -> None:
+    """After gpt-4o's cooldown lapsed, a stream is its probe: while it streams (its opening is
+    no success yet), the other requests go to claude; once it ended whole, gpt-4o has
+    answered and the next request goes to it."""
+    fake.reset(Behaviour(mode="status", status=500, failing_path="/chat/completions"))
+    body = {"model": "auto", "messages": [{"role": "user", "content": "HARD"}]}
+    with (
+        live(tmp_path, policy_yaml(fake, on_failure="closed"), cooldown_after_fails=1) as srv,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        clock = Clock()
+        srv.gateway.cooldowns._clock = clock
+        assert srv.http.post("/v1/chat/completions", json=body).headers["x-tiergate-model"] == (
+            "claude"
+        )
+        fake.reset(Behaviour(chunk_delay_s=0.2))  # gpt-4o heals, and streams slowly
+        clock.now += 31
+
+        def stream() -> tuple[int, str, str]:
+            with srv.http.stream(
+                "POST", "/v1/chat/completions", json={**body, "stream": True}
+            ) as r:
+                return r.status_code, r.headers["x-tiergate-model"], r.read().decode()
+
+        probe = pool.submit(stream)
+        assert wait_for(lambda: _calls(fake) == 1 and fake.sent_chunks > 1, timeout_s=10)
+        answer = srv.http.post("/v1/chat/completions", json=body)
+        assert answer.headers["x-tiergate-model"] == "claude" and _calls(fake) == 1
+        status, model, text = probe.result(timeout=30)
+        assert (status, model) == (200, "gpt-4o") and text.rstrip().endswith("data: [DONE]")
+        answer = srv.http.post("/v1/chat/completions", json=body)
+        assert answer.headers["x-tiergate-model"] == "gpt-4o"
+        assert srv.gateway.cooldowns.status() == {}
 
 
 def _passes_gpt_over(server: LiveServer, fake: FakeProvider, body: dict[str, object]) -> None:
@@ -352,6 +492,7 @@ def test_an_external_local_server_that_keeps_failing_cools_down(
         "reason": reason,
         "failures": 2,
         "started_here": True,
+        "probing": False,
     }
     assert called == (2 if server == "hung" else 0)
     failed = [m for m in metrics.splitlines() if m.startswith("tiergate_upstream_failures_total")]
@@ -398,6 +539,7 @@ def test_a_shared_cooldown_cools_here_until_a_success_here_ends_it() -> None:
         "reason": "upstream_rate_limited",
         "failures": 0,
         "started_here": False,
+        "probing": False,
     }
     cool.succeeded("gpt")
     assert cool.left("gpt") == 0 and cool.status() == {}
@@ -421,13 +563,16 @@ def test_a_shared_cooldown_cools_here_until_a_success_here_ends_it() -> None:
     assert cool.failed("o1", BackendError("500")) == 30
 
 
-def _replica(work: Path, fake: FakeProvider, redis_server: RedisServer) -> Iterator[LiveServer]:
+def _replica(
+    work: Path, fake: FakeProvider, redis_server: RedisServer, **settings: float
+) -> Iterator[LiveServer]:
     """A replica whose outcomes (and so its cooldowns) live in ``redis_server``."""
     work.mkdir()
     return live(
         work,
         policy_yaml(fake, on_failure="closed"),
         outcomes=RedisOutcomeStore(redis_server.url, journal=work / "journal.jsonl"),
+        **settings,
     )
 
 
@@ -483,10 +628,61 @@ def test_a_429_one_replica_sees_cools_the_model_on_every_replica(
         assert a.gateway.cooldowns.left("gpt-4o") > 0
     assert seen is not None and started is not None
     assert 0 < seen.pop("seconds_left") <= 20 and 0 < started.pop("seconds_left") <= 20
-    assert seen == {"reason": "upstream_rate_limited", "failures": 0, "started_here": False}
-    assert started == {"reason": "upstream_rate_limited", "failures": 1, "started_here": True}
+    assert seen == {
+        "reason": "upstream_rate_limited",
+        "failures": 0,
+        "started_here": False,
+        "probing": False,
+    }
+    assert started == {
+        "reason": "upstream_rate_limited",
+        "failures": 1,
+        "started_here": True,
+        "probing": False,
+    }
     assert len(counted["a"]) == 1 and counted["a"][0].endswith(" 1.0")
     assert counted["b"] == []
+
+
+@pytest.mark.skipif(redis_binary() is None, reason="no redis-server binary")
+def test_after_a_shared_cooldown_each_replica_sends_one_probe(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """gpt-4o answers replica A's call with a 429, Retry-After 3: A cools it, B too through
+    Redis. Then gpt-4o hangs. When the cooldown lapsed, every request of every replica called
+    it and waited its timeout. Now each replica lets one request probe it (the probe is not
+    coordinated through Redis: see router.cooldown) and sends its other requests to claude
+    while that probe is out: two calls for two replicas. Each probe times out and cools
+    gpt-4o again at once on its replica (on A, after a 429 that counted one failure of the
+    three that cool)."""
+    fake.reset()
+    hard = {"model": "auto", "messages": [{"role": "user", "content": "HARD"}]}
+    with (
+        RedisServer(tmp_path / "redis") as redis_server,
+        _replica(tmp_path / "a", fake, redis_server, closed_timeout_s=3) as a,
+        _replica(tmp_path / "b", fake, redis_server, closed_timeout_s=3) as b,
+        ThreadPoolExecutor(2) as pool,
+    ):
+        for model in ("gpt-4o", "claude"):  # litellm's first call to each imports a lot
+            assert a.http.post("/v1/chat/completions", json={**hard, "model": model}).is_success
+        _rate_limit_gpt(fake, retry_after=3)
+        assert a.http.post("/v1/chat/completions", json=hard).headers["x-tiergate-model"] == (
+            "claude"
+        )
+        assert wait_for(lambda: b.gateway.cooldowns.left("gpt-4o") > 0, timeout_s=3)
+        fake.reset(Behaviour(mode="stall", stall_s=60, failing_path="/chat/completions"))
+        replicas = (a, b)
+        lapsed = lambda: not any(srv.gateway.cooldowns.left("gpt-4o") for srv in replicas)  # noqa: E731
+        assert wait_for(lapsed, timeout_s=6)
+        probes = [pool.submit(srv.http.post, "/v1/chat/completions", json=hard) for srv in replicas]
+        assert wait_for(lambda: _calls(fake) == 2, timeout_s=5)
+        for srv in replicas:
+            for _ in range(2):
+                answer = srv.http.post("/v1/chat/completions", json=hard)
+                assert answer.status_code == 200 and answer.headers["x-tiergate-model"] == "claude"
+        assert _calls(fake) == 2
+        assert [p.result(timeout=30).headers["x-tiergate-model"] for p in probes] == ["claude"] * 2
+        assert all(29 < srv.gateway.cooldowns.left("gpt-4o") <= 30 for srv in replicas)
 
 
 @pytest.mark.skipif(redis_binary() is None, reason="no redis-server binary")
