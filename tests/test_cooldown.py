@@ -194,19 +194,20 @@ def test_while_one_request_probes_a_hanging_model_the_others_go_to_its_fallback(
 ) -> None:
     """gpt-4o hangs, claude answers. When gpt-4o's cooldown lapsed, every request that came
     next called it and waited its timeout before claude answered: with many in flight on a
-    provider that still hung, each of them, once per lapse. Now one request probes it; while
-    it is out the others go straight to claude, and /readyz says gpt-4o is being probed. A
-    request pinned to gpt-4o still calls it. The probe times out: gpt-4o cools again at once.
-    After the next lapse gpt-4o has healed: the probe answers, which ends the cooling."""
+    provider that still hung, each of them, once per lapse. Now six requests at once call it
+    once: one probes it, the others go straight to claude while it is out, and so does one
+    sent after them; /readyz says gpt-4o is being probed. A request pinned to gpt-4o still
+    calls it. The probe times out: gpt-4o cools again at once. After the next lapse gpt-4o
+    has healed: the probe answers, which ends the cooling."""
     fake.reset(Behaviour(mode="stall", stall_s=60, failing_path="/chat/completions"))
     body = {"model": "auto", "messages": [{"role": "user", "content": "HARD"}]}
     policy = policy_yaml(fake, on_failure="closed")
-    timeout = 3.0  # the calls to the hanging gpt-4o, and so the probe's bound
+    timeout = 4.0  # the calls to the hanging gpt-4o, and so the probe's bound
     with (
         live(
             tmp_path, policy, cooldown_after_fails=1, cooldown_s=30, closed_timeout_s=timeout
         ) as srv,
-        ThreadPoolExecutor(2) as pool,
+        ThreadPoolExecutor(7) as pool,
     ):
         clock = Clock()
         srv.gateway.cooldowns._clock = clock
@@ -215,18 +216,21 @@ def test_while_one_request_probes_a_hanging_model_the_others_go_to_its_fallback(
         assert srv.gateway.cooldowns.left("gpt-4o") == 30
         clock.now += 31
         fake.received.clear()
-        probe = pool.submit(srv.http.post, "/v1/chat/completions", json=body)
-        assert wait_for(lambda: _calls(fake) == 1, timeout_s=5)
+        burst = [pool.submit(srv.http.post, "/v1/chat/completions", json=body) for _ in range(6)]
+        assert wait_for(lambda: sum(f.done() for f in burst) >= 5, timeout_s=10)
         ready = readiness(services(srv.app))["closed"]["gpt-4o"]["cooldown"]
-        for _ in range(3):
-            answer = srv.http.post("/v1/chat/completions", json=body)
-            assert answer.status_code == 200 and answer.headers["x-tiergate-model"] == "claude"
+        assert _calls(fake) == 1
+        answer = srv.http.post("/v1/chat/completions", json=body)
+        assert answer.status_code == 200 and answer.headers["x-tiergate-model"] == "claude"
         assert _calls(fake) == 1
         pinned = pool.submit(
             srv.http.post, "/v1/chat/completions", json={**body, "model": "gpt-4o"}
         )
         assert wait_for(lambda: _calls(fake) == 2, timeout_s=5)
-        assert probe.result(timeout=30).headers["x-tiergate-model"] == "claude"
+        answers = [f.result(timeout=30) for f in burst]
+        assert [(a.status_code, a.headers["x-tiergate-model"]) for a in answers] == [
+            (200, "claude")
+        ] * 6
         assert pinned.result(timeout=30).status_code == 504
         assert srv.gateway.cooldowns.left("gpt-4o") == 30  # the probe failed: cooling again
         assert not srv.gateway.cooldowns.probing("gpt-4o")
