@@ -146,6 +146,19 @@ class Behaviour:
     context_windows: dict[str, int] = field(default_factory=dict)
 
 
+def endless_error(status: int) -> Behaviour:
+    """Answer ``status`` with a body that goes on and on (a proxy's page, a log it streams):
+    1 MiB of it sent, its end held back for a minute (or until ``unstall()``), and a
+    ``Retry-After`` of 12 s."""
+    return Behaviour(
+        mode="status",
+        status=status,
+        error_pad=1024 * 1024,
+        stall_s=60,
+        error_headers={"retry-after": "12"},
+    )
+
+
 #: Anthropic's error body when it is overloaded (with HTTP 529, or as a stream's error event).
 ANTHROPIC_OVERLOADED = {
     "type": "error",

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,7 @@ from router.errors import (
     UpstreamTimeoutError,
 )
 from tests.conftest import KEYS, free_port, run
-from tests.fake_provider import ANTHROPIC_OVERLOADED, Behaviour, FakeProvider
+from tests.fake_provider import ANTHROPIC_OVERLOADED, Behaviour, FakeProvider, endless_error
 
 BODY = {
     "model": "auto",
@@ -109,15 +111,45 @@ def test_each_bounded_provider_is_read_within_the_limit_through_litellm(
     is not one, whatever the provider's protocol (the bound is met before litellm parses it).
     A litellm whose handler for one of them stops taking the client fails here."""
     limit = 100_000
-    base = provider.base_url.removesuffix("/v1") if name == "anthropic" else provider.base_url
-    model = Model("m", f"{name}/some-model", base, api_key_env="OPENAI_API_KEY")
     provider.reset(Behaviour(text="x" * (limit + 1)))
     body = {**BODY, "stream": stream}
     with pytest.raises(UpstreamBadResponseError) as raised:
-        run(_answer(model, body, stream=stream, max_event_bytes=limit))
+        run(_answer(_through_litellm(provider, name), body, stream=stream, max_event_bytes=limit))
     assert raised.value.message.startswith("m sent a ")
     assert raised.value.message.endswith(f" over {limit} bytes")
     assert provider.received[-1].headers["accept-encoding"] == "identity"
+
+
+def _through_litellm(provider: FakeProvider, name: str) -> Model:
+    """A model of provider ``name`` that litellm calls, on the fake provider."""
+    base = provider.base_url.removesuffix("/v1") if name == "anthropic" else provider.base_url
+    return Model("m", f"{name}/some-model", base, api_key_env="OPENAI_API_KEY", transport="litellm")
+
+
+@pytest.mark.parametrize(("status", "stream"), [(500, False), (503, True)])
+@pytest.mark.parametrize("name", sorted(BOUNDED_PROVIDERS))
+def test_each_bounded_providers_error_body_is_read_to_its_bound_through_litellm(
+    provider: FakeProvider, name: str, status: int, stream: bool
+) -> None:
+    """An error answer whose body goes on (a proxy's log) is read to 64 KiB through litellm,
+    as on the direct path, for every provider in ``BOUNDED_PROVIDERS``: the call fails at once
+    from its status, in the direct path's words (a 503 an overload with its Retry-After). Its
+    body was read to the stream bound (64 MiB) and waited for: here until the read timed out."""
+    provider.reset(endless_error(status))
+    model = _through_litellm(provider, name)
+    started = time.monotonic()
+    try:
+        with pytest.raises(BackendError) as raised:
+            run(_answer(model, {**BODY, "stream": stream}, stream=stream))
+    finally:
+        provider.unstall()
+    assert time.monotonic() - started < 5
+    reason = f"{HTTPStatus(status).phrase} (an error body over 65536 bytes, not read)"
+    assert raised.value.message == error_for_status(status, b"", "m", reason=reason).message
+    assert raised.value.upstream_status == status
+    if status == 503:
+        assert isinstance(raised.value, UpstreamOverloadedError)
+        assert raised.value.headers["retry-after"] == "12"
 
 
 def test_a_model_takes_its_provider_key_unless_it_names_its_own() -> None:

@@ -34,6 +34,7 @@ from tests.fake_provider import (
     RESPONSE_SERVER_ERROR,
     Behaviour,
     FakeProvider,
+    endless_error,
 )
 from tests.redis_server import RedisServer, redis_binary
 from tests.scripted_local import ScriptedLocal
@@ -1745,10 +1746,13 @@ def test_an_answer_over_the_limit_through_litellm_is_a_bad_upstream_answer(
     ]
 
 
+@pytest.mark.parametrize("model", ["gpt-4o", "claude"])  # direct HTTP, litellm
 @pytest.mark.parametrize(
     ("status", "stream", "failure"),
     [
         (500, False, (502, ("api_error", "upstream_error"))),
+        (500, True, (502, ("api_error", "upstream_error"))),
+        (503, False, (503, ("service_unavailable", "upstream_overloaded"))),
         (503, True, (503, ("service_unavailable", "upstream_overloaded"))),
     ],
 )
@@ -1758,30 +1762,24 @@ def test_an_error_body_that_goes_on_is_answered_from_its_status(
     status: int,
     stream: bool,
     failure: tuple[int, tuple[str, str]],
+    *,
+    model: str,
 ) -> None:
     """An error answer whose body goes on and on (a proxy's page, a log it streams) is read to
-    64 KiB and no further: the call fails at once from its status, as a short error's does (a
-    500 a 502, a 503 an overload with its Retry-After), and a routed request falls back. Its
-    body was read whole: Tiergate held all of it and waited for its end, here until the read
-    timed out (a 504), as the provider never sent it."""
-    fake.reset(
-        Behaviour(
-            mode="status",
-            status=status,
-            error_pad=1024 * 1024,
-            stall_s=60,
-            error_headers={"retry-after": "12"},
-        )
-    )
+    64 KiB and no further, directly and through litellm alike: the call fails at once from its
+    status, as a short error's does (a 500 a 502, a 503 an overload with its Retry-After), and
+    a routed request falls back. Its body was read whole: Tiergate held all of it and waited
+    for its end, here until the read timed out (a 504), as the provider never sent it."""
+    fake.reset(endless_error(status))
     try:
         with live(tmp_path, policy_yaml(fake), closed_timeout_s=5) as srv:
-            pinned = _post(srv, {**PINNED, "stream": stream})
+            pinned = _post(srv, {**HARD, "model": model, "stream": stream})
             _final_error(srv, pinned, *failure)
             routed = _post(srv, {**HARD, "stream": stream})
     finally:
         fake.unstall()
     error = pinned.json()["error"]["message"]
-    assert f"gpt-4o answered {status}: " in error
+    assert f"{model} answered {status}: " in error
     assert "an error body over 65536 bytes, not read" in error and "xxx" not in error
     assert (status != 503) == ("retry-after" not in pinned.headers)
     assert (routed.status_code, routed.headers["x-tiergate-fallback"]) == (200, "closed->local")

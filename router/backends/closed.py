@@ -38,6 +38,7 @@ import httpx
 
 from router.backends import MESSAGE_FIELD, Completion, ModelLike, Usage, usage_from_body
 from router.backends.openai_http import (
+    ERROR_BODY_BYTES,
     OVERLOADED,
     STREAM_ENDED,
     OpenAIHTTP,
@@ -45,6 +46,7 @@ from router.backends.openai_http import (
     retry_after_s,
     stream_cut,
     stream_failure,
+    unread_error_body,
 )
 from router.config import MAX_EVENT_BYTES
 from router.costs import litellm_output_limits
@@ -83,14 +85,17 @@ _OPENAI_DEFAULT_BASE = "https://api.openai.com/v1"
 _STRIP = ("model", "metadata")
 # litellm takes these as its own arguments, set per call below.
 _LITELLM_OWN = ("stream", "stream_options")
-#: The providers litellm calls through its own HTTP handler, which takes the client Tiergate
-#: hands it (``client=``): their answers are read within ``max_event_bytes``
-#: (:func:`_bound_response`). Each is checked by a test against litellm's real path. litellm
-#: calls the others through the OpenAI SDK (``openai/`` with ``transport: litellm``, ``azure/``),
-#: which refuses such a client, or through a client of its own (``cohere_chat/``), or reads
-#: binary frames (``bedrock/`` streams): those are read by litellm's client, unbounded.
+#: The providers whose answers litellm reads through the client Tiergate hands it
+#: (``client=``), read within ``max_event_bytes`` and an error body within 64 KiB
+#: (:func:`_bound_response`): litellm's own HTTP handler, built with the bound, for those it
+#: calls with one; for ``openai/`` (``transport: litellm``), which it calls through the OpenAI
+#: SDK, an SDK client over that handler's HTTP client (:meth:`ClosedBackend._openai_client`).
+#: Each is checked by a test against litellm's real path. litellm gives no such hook for the
+#: others: ``azure/`` (its SDK client is built from Azure's own settings: Entra ID, API
+#: versions), ``cohere_chat/`` (called with a client of its own), ``bedrock/`` (its streams
+#: are binary frames, not lines), ``vertex_ai/``: those are read by litellm's client, unbounded.
 BOUNDED_PROVIDERS = frozenset(
-    {"anthropic", "deepseek", "gemini", "groq", "mistral", "openrouter", "together_ai"}
+    {"anthropic", "deepseek", "gemini", "groq", "mistral", "openai", "openrouter", "together_ai"}
 )
 
 
@@ -334,6 +339,8 @@ class ClosedBackend:
         self._litellm: Any = None
         # litellm's HTTP handler with the bound, and the event loop its connections belong to.
         self._client: tuple[asyncio.AbstractEventLoop, Any] | None = None
+        # OpenAI SDK clients over that handler's HTTP client, by key, base URL and timeout.
+        self._sdk_clients: dict[tuple[str | None, str, float], Any] = {}
 
     def api_key(self, model: ModelLike) -> str | None:
         """The key for ``model`` from its ``api_key_env`` or its provider's usual variable."""
@@ -437,9 +444,40 @@ class ClosedBackend:
         kwargs["num_retries"] = 0
         if model.api_base:
             kwargs["api_base"] = model.api_base
-        if provider_of(model.litellm_model or "") in BOUNDED_PROVIDERS:
+        provider = provider_of(model.litellm_model or "")
+        if provider == "openai":
+            kwargs["client"] = self._openai_client(model, kwargs["api_key"])
+        elif provider in BOUNDED_PROVIDERS:
             kwargs["client"] = self._bounded_client()
         return kwargs
+
+    def _openai_client(self, model: ModelLike, api_key: str | None) -> Any:
+        """An OpenAI SDK client over the bounded HTTP client, for an ``openai/`` model litellm
+        calls (``transport: litellm``): litellm calls it through the SDK, which takes an SDK
+        client, not litellm's handler. One per key, base URL and timeout, as litellm caches
+        its own; the base URL is the one litellm would call."""
+        handler = self._bounded_client()
+        env = self._environ
+        base = (
+            model.api_base
+            or env.get("OPENAI_BASE_URL")
+            or env.get("OPENAI_API_BASE")
+            or _OPENAI_DEFAULT_BASE
+        )
+        timeout = self._timeout(model)
+        client = self._sdk_clients.get((api_key, base, timeout))
+        if client is None:
+            from openai import AsyncOpenAI
+
+            client = AsyncOpenAI(
+                api_key=api_key,
+                base_url=base,
+                timeout=timeout,
+                max_retries=0,
+                http_client=handler.client,
+            )
+            self._sdk_clients[(api_key, base, timeout)] = client
+        return client
 
     def _bounded_client(self) -> Any:
         """litellm's own HTTP handler (its transport, proxies and TLS settings), whose answers
@@ -453,6 +491,7 @@ class ClosedBackend:
                 "response": [_bound_response(self._max_event_bytes)],
             }
             self._client = (loop, AsyncHTTPHandler(timeout=self._timeout_s, event_hooks=hooks))
+            self._sdk_clients.clear()  # they share its connections
         return self._client[1]
 
     async def _litellm_complete(self, model: ModelLike, body: dict[str, Any]) -> Completion:
@@ -508,6 +547,7 @@ class ClosedBackend:
         if self._client is not None:
             closes.append(self._client[1].close)
             self._client = None
+            self._sdk_clients.clear()
         for close in closes:
             try:
                 await close()
@@ -518,6 +558,17 @@ class ClosedBackend:
 class _OverLimitError(Exception):
     """An answer, or one line of a streamed one, over the bound, raised while litellm reads it
     and found among its error's causes by :func:`map_litellm_error`: never seen outside."""
+
+
+class _UnreadErrorBodyError(Exception):
+    """An answer with an error status whose body is over the bound (:func:`_read_error_body`),
+    found among litellm's error's causes by :func:`map_litellm_error`: never seen outside."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        super().__init__(f"an error body over {ERROR_BODY_BYTES} bytes")
+        self.status = response.status_code
+        self.reason = response.reason_phrase
+        self.retry_after: str | None = response.headers.get("retry-after")
 
 
 class _ProviderEventError(Exception):
@@ -551,8 +602,9 @@ def _error_event(line: bytes | bytearray) -> dict[str, Any] | None:
 
 def _sdk_error_event(exc: BaseException) -> dict[str, Any] | None:
     """The ``error`` of an error chunk the OpenAI SDK read in a stream (litellm calls
-    ``openai/`` with ``transport: litellm`` through it): it raises a bare ``APIError`` whose
-    ``body`` is that error, which litellm calls a connection error."""
+    ``azure/`` through it, and ``openai/`` with ``transport: litellm``, whose stream the bound
+    reads first, :class:`_Bounded`): it raises a bare ``APIError`` whose ``body`` is that
+    error, which litellm calls a connection error."""
     for cause in _causes(exc):
         body = getattr(cause, "body", None)
         kind = type(cause)
@@ -567,10 +619,14 @@ _LINE_TYPES = ("text/event-stream", "application/x-ndjson")
 
 def _bound_response(limit: int) -> Callable[[httpx.Response], Awaitable[None]]:
     """An httpx response hook, run before the body is read, that bounds what is read of it as
-    the direct path does (:mod:`router.backends.openai_http`): an event stream ``limit`` bytes a
-    line, any other body ``limit`` bytes in all, else :class:`_OverLimitError`."""
+    the direct path does (:mod:`router.backends.openai_http`): an error answer's body 64 KiB
+    (:func:`_read_error_body`), an event stream ``limit`` bytes a line, any other body
+    ``limit`` bytes in all, else :class:`_OverLimitError`."""
 
     async def bound(response: httpx.Response) -> None:
+        if response.is_error:
+            await _read_error_body(response)
+            return
         kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
         lines = kind in _LINE_TYPES
         length = response.headers.get("content-length", "")
@@ -579,6 +635,24 @@ def _bound_response(limit: int) -> Callable[[httpx.Response], Awaitable[None]]:
         response.stream = _Bounded(response.stream, limit, lines=lines)
 
     return bound
+
+
+async def _read_error_body(response: httpx.Response) -> None:
+    """Read the body of an answer with an error status here, to at most
+    :data:`~router.backends.openai_http.ERROR_BODY_BYTES`, as the direct path reads one: a
+    longer body is not read on, its connection is closed, and :class:`_UnreadErrorBodyError`
+    fails the call from its status. litellm reads a stream's error body itself and drops
+    whatever fails that read, so the bound is met before litellm sees the answer."""
+    stream: Any = response.stream  # the pool's stream: closed here, read or not
+    body = bytearray()
+    try:
+        async for data in stream:
+            body += data
+            if len(body) > ERROR_BODY_BYTES:
+                raise _UnreadErrorBodyError(response)
+    finally:
+        await stream.aclose()
+    response.stream = httpx.ByteStream(bytes(body))
 
 
 async def _identity(request: httpx.Request) -> None:
@@ -839,6 +913,9 @@ def _found_in_stream(exc: Exception, label: str, key: str | None) -> BackendErro
     over = next((c for c in causes if isinstance(c, _OverLimitError)), None)
     if over is not None:
         return UpstreamBadResponseError(f"{label} {over}")
+    unread = next((c for c in causes if isinstance(c, _UnreadErrorBodyError)), None)
+    if unread is not None:
+        return unread_error_body(unread.status, label, unread.reason, unread.retry_after, key)
     event = next((c.error for c in causes if isinstance(c, _ProviderEventError)), None)
     event = event if event is not None else _sdk_error_event(exc)
     return None if event is None else stream_failure(label, event, api_key=key)

@@ -229,18 +229,30 @@ async def _error(response: aiohttp.ClientResponse, label: str, api_key: str | No
         if not data:
             break
         raw += data
-    reason = response.reason
+    retry_after = response.headers.get("retry-after")
     if len(raw) > ERROR_BODY_BYTES:
         response.close()
-        raw = bytearray()  # a cut JSON body says nothing; its status says what happened
-        reason = f"{reason or 'error'} (an error body over {ERROR_BODY_BYTES} bytes, not read)"
+        return unread_error_body(response.status, label, response.reason, retry_after, api_key)
     return error_for_status(
         response.status,
         bytes(raw),
         label,
-        reason=reason,
-        retry_after=response.headers.get("retry-after"),
+        reason=response.reason,
+        retry_after=retry_after,
         api_key=api_key,
+    )
+
+
+def unread_error_body(
+    status: int, label: str, reason: str | None, retry_after: str | None, api_key: str | None
+) -> BackendError:
+    """The error for an answer with an error ``status`` whose body is over
+    :data:`ERROR_BODY_BYTES`, on every path (direct, native, through litellm): the status's
+    (:func:`error_for_status`), with the reason and the bound in its message. A cut JSON body
+    says nothing; its status says what happened."""
+    reason = f"{reason or 'error'} (an error body over {ERROR_BODY_BYTES} bytes, not read)"
+    return error_for_status(
+        status, b"", label, reason=reason, retry_after=retry_after, api_key=api_key
     )
 
 
