@@ -5,7 +5,8 @@
 * OpenAI Responses: ``POST .../responses`` (JSON, or the named ``response.*`` SSE events).
 * Bedrock's InvokeModel for a Claude model: ``POST .../model/MODEL_ID/invoke`` (Anthropic's
   Messages JSON, with the model in the path; with an ``api_key`` litellm sends it as a bearer
-  token rather than signing the request). Its stream (AWS's binary event stream) is not played.
+  token rather than signing the request); its stream, ``.../invoke-with-response-stream``,
+  Anthropic's events each in a frame of AWS's binary event stream (:func:`bedrock_frame`).
 
 It records every request it receives (path, headers, JSON body) so tests can assert what left the
 machine, and it can be told to misbehave: fail with a status, rate-limit with ``Retry-After``,
@@ -21,12 +22,15 @@ either protocol refuses a request to it that does not fit.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import socket
+import struct
 import threading
 import time
 import urllib.parse
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -244,8 +248,29 @@ ANTHROPIC_OUTPUT_LIMITS = {
     "claude-sonnet-4-5-20250929": 64000,
     "anthropic.claude-3-haiku-20240307-v1:0": 4096,  # on Bedrock, named by its model id
 }
-#: Bedrock's InvokeModel path: ``.../model/MODEL_ID/invoke``.
-BEDROCK_INVOKE = re.compile(r"/model/([^/]+)/invoke$")
+#: Bedrock's InvokeModel path, ``.../model/MODEL_ID/invoke``, and its stream's
+#: (``.../invoke-with-response-stream``).
+BEDROCK_INVOKE = re.compile(r"/model/([^/]+)/invoke(-with-response-stream)?$")
+
+
+def bedrock_frame(event: Any) -> bytes:
+    """One frame of AWS's binary event stream, as Bedrock's InvokeModelWithResponseStream
+    sends an Anthropic event: a ``chunk`` event whose JSON payload holds the event's JSON in
+    base64 (``bytes``), between the frame's lengths and CRC32 checksums."""
+    payload = json.dumps({"bytes": base64.b64encode(json.dumps(event).encode()).decode()})
+    headers = b"".join(
+        bytes([len(name)]) + name + b"\x07" + len(value).to_bytes(2, "big") + value
+        for name, value in (
+            (b":event-type", b"chunk"),
+            (b":content-type", b"application/json"),
+            (b":message-type", b"event"),
+        )
+    )
+    prelude = struct.pack(">II", 16 + len(headers) + len(payload), len(headers))
+    message = prelude + struct.pack(">I", zlib.crc32(prelude)) + headers + payload.encode()
+    return message + struct.pack(">I", zlib.crc32(message))
+
+
 #: Model name prefixes of OpenAI's reasoning models, the only ones that take reasoning_effort.
 OPENAI_REASONING = ("o1", "o3", "o4", "gpt-5")
 
@@ -486,7 +511,7 @@ class FakeProvider:
             self._unstalled.wait(b.stall_s)
             with self._lock:
                 self.stalls_ended += generation == self._generation
-        if body.get("stream"):
+        if body.get("stream") or (bedrock is not None and bedrock.group(2)):
             self._stream(h, body, anthropic=anthropic, responses=responses)
         elif responses:
             self._responses_json(h, body)
@@ -827,9 +852,20 @@ class FakeProvider:
         )
 
     def _anthropic_stream(self, h: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
-        self._sse_start(h)
+        frames = h.path.rstrip("/").endswith("/invoke-with-response-stream")  # Bedrock's
+        if frames:
+            h.send_response(200)
+            h.send_header("content-type", "application/vnd.amazon.eventstream")
+            h.send_header("connection", "close")
+            h.end_headers()
+            h.close_connection = True
+        else:
+            self._sse_start(h)
 
         def event(name: str, obj: Any) -> None:
+            if frames:
+                self._send(h, bedrock_frame(obj))
+                return
             self._send(h, f"event: {name}\ndata: ".encode() + json.dumps(obj).encode() + b"\n\n")
 
         event(

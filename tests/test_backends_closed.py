@@ -7,7 +7,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from http import HTTPStatus
 from pathlib import Path
@@ -20,6 +20,7 @@ from router.backends.closed import (
     BOUNDED_PROVIDERS,
     PROVIDER_KEY_ENV,
     ClosedBackend,
+    _Frames,
     cannot_take,
     key_for,
     map_litellm_error,
@@ -40,7 +41,13 @@ from router.errors import (
     UpstreamTimeoutError,
 )
 from tests.conftest import KEYS, free_port, run
-from tests.fake_provider import ANTHROPIC_OVERLOADED, Behaviour, FakeProvider, endless_error
+from tests.fake_provider import (
+    ANTHROPIC_OVERLOADED,
+    Behaviour,
+    FakeProvider,
+    bedrock_frame,
+    endless_error,
+)
 
 BODY = {
     "model": "auto",
@@ -115,15 +122,79 @@ def test_each_bounded_provider_is_read_within_the_limit_through_litellm(
     body = {**BODY, "stream": stream}
     with pytest.raises(UpstreamBadResponseError) as raised:
         run(_answer(_through_litellm(provider, name), body, stream=stream, max_event_bytes=limit))
-    assert raised.value.message.startswith("m sent a ")
-    assert raised.value.message.endswith(f" over {limit} bytes")
+    # The fake plays no Gemini stream: it answers one with a whole JSON body.
+    over = "a stream event" if stream and name != "gemini" else "a body"
+    assert raised.value.message == f"m sent {over} over {limit} bytes"
     assert provider.received[-1].headers["accept-encoding"] == "identity"
 
 
+def test_a_bedrock_stream_is_read_frame_by_frame_within_the_bound(provider: FakeProvider) -> None:
+    """Bedrock streams AWS's binary event frames, not lines: through the bounded client each
+    frame is bounded, never the whole stream, so a stream longer than the bound in all, of
+    frames each under it, is read whole, however its frames are cut into pieces on the wire."""
+    text = "y" * 3000
+    provider.reset(Behaviour(text=text, piece_chars=100))
+    model = _through_litellm(provider, "bedrock")
+    got: list[str] = []
+
+    async def read() -> None:
+        backend = ClosedBackend(OpenAIHTTP(timeout_s=10), timeout_s=10, max_event_bytes=2000)
+        try:
+            async for chunk in backend.stream(model, {**BODY, "stream": True}, Usage()):
+                got.extend(c["delta"].get("content") or "" for c in chunk["choices"])
+        finally:
+            await backend.aclose()
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("OPENAI_API_KEY", "sk-test")
+        run(read())
+    assert "".join(got) == text
+    assert provider.received[-1].path.endswith("/invoke-with-response-stream")
+    assert provider.received[-1].headers["accept-encoding"] == "identity"
+
+
+@pytest.mark.parametrize("piece", [1, 3, 7, 1000])
+def test_bedrock_frames_are_bounded_however_they_are_cut(piece: int) -> None:
+    """The frame bound reads each frame's length where the frame starts, even when a piece of
+    the stream ends inside that length: frames under the bound pass whole, one over it fails."""
+    frames = b"".join(bedrock_frame({"type": "ping", "n": "z" * n}) for n in (10, 200, 0))
+    over = bedrock_frame({"type": "ping", "n": "z" * 1000})
+
+    async def pieces(data: bytes) -> AsyncIterator[bytes]:
+        for at in range(0, len(data), piece):
+            yield data[at : at + piece]
+
+    async def read(data: bytes) -> bytes:
+        bounded = _Frames(_Stream(pieces(data)), 1000)
+        return b"".join([part async for part in bounded])
+
+    assert run(read(frames)) == frames
+    with pytest.raises(Exception, match="sent a stream event over 1000 bytes"):
+        run(read(frames + over))
+
+
+class _Stream:
+    """An httpx byte stream of ``pieces``."""
+
+    def __init__(self, pieces: AsyncIterator[bytes]) -> None:
+        self._pieces = pieces
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._pieces
+
+    async def aclose(self) -> None:
+        pass
+
+
 def _through_litellm(provider: FakeProvider, name: str) -> Model:
-    """A model of provider ``name`` that litellm calls, on the fake provider."""
+    """A model of provider ``name`` that litellm calls, on the fake provider (for Bedrock, a
+    Claude on InvokeModel, which the fake plays, its stream in AWS's binary frames)."""
     base = provider.base_url.removesuffix("/v1") if name == "anthropic" else provider.base_url
-    return Model("m", f"{name}/some-model", base, api_key_env="OPENAI_API_KEY", transport="litellm")
+    model = _HAIKU_ON_BEDROCK if name == "bedrock" else f"{name}/some-model"
+    return Model("m", model, base, api_key_env="OPENAI_API_KEY", transport="litellm")
+
+
+_HAIKU_ON_BEDROCK = "bedrock/invoke/anthropic.claude-3-haiku-20240307-v1:0"
 
 
 @pytest.mark.parametrize(("status", "stream"), [(500, False), (503, True)])
@@ -429,12 +500,25 @@ def test_a_claude_on_vertex_or_bedrock_is_sent_what_an_anthropic_one_is(
     lists the model, which Vertex refuses for every Claude but the largest. Tested at the
     arguments Tiergate gives litellm: Vertex's calls need google-auth to get a token, which the
     test environment does not install, so no request reaches a loopback server."""
-    backend = ClosedBackend(OpenAIHTTP(timeout_s=1), timeout_s=1, environ=KEYS)
     model = Model("claude", litellm_model)
-    kwargs = backend._litellm_kwargs(model, BODY)
+    kwargs = _litellm_kwargs(model, BODY)
     assert kwargs.get("max_tokens") == sent
-    assert backend._litellm_kwargs(model, {**BODY, "max_tokens": 100})["max_tokens"] == 100
+    assert _litellm_kwargs(model, {**BODY, "max_tokens": 100})["max_tokens"] == 100
     assert unknown_output_limits([model]) == (["claude"] if sent == 4096 else [])
+
+
+def _litellm_kwargs(model: Model, body: dict[str, Any]) -> dict[str, Any]:
+    """The arguments Tiergate gives litellm for ``model`` and ``body``, made within an event
+    loop, as the bounded client some providers are handed belongs to one."""
+
+    async def kwargs() -> dict[str, Any]:
+        backend = ClosedBackend(OpenAIHTTP(timeout_s=1), timeout_s=1, environ=KEYS)
+        try:
+            return backend._litellm_kwargs(model, body)
+        finally:
+            await backend.aclose()
+
+    return run(kwargs())  # type: ignore[no-any-return]
 
 
 #: The tool litellm makes an Anthropic model call for any JSON object, as it is sent.
@@ -479,10 +563,9 @@ def test_a_claude_on_vertex_or_bedrock_gets_the_response_format_an_anthropic_one
     Converse as for Anthropic's API: ``json_object`` without a schema to nothing, a
     ``json_schema`` without one to a ``KeyError``. Tested at the arguments Tiergate gives
     litellm (Vertex needs google-auth, and the fake provider does not play Converse)."""
-    backend = ClosedBackend(OpenAIHTTP(timeout_s=1), timeout_s=1, environ=KEYS)
     model = Model("m", litellm_model)
     for asked in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x"}}):
-        sent = backend._litellm_kwargs(model, {**BODY, "response_format": asked})
+        sent = _litellm_kwargs(model, {**BODY, "response_format": asked})
         if not claude:
             assert sent["response_format"] == asked
             continue

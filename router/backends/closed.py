@@ -86,16 +86,18 @@ _STRIP = ("model", "metadata")
 # litellm takes these as its own arguments, set per call below.
 _LITELLM_OWN = ("stream", "stream_options")
 #: The providers whose answers litellm reads through the client Tiergate hands it
-#: (``client=``), read within ``max_event_bytes`` and an error body within 64 KiB
-#: (:func:`_bound_response`): litellm's own HTTP handler, built with the bound, for those it
-#: calls with one; for ``openai/`` (``transport: litellm``), which it calls through the OpenAI
-#: SDK, an SDK client over that handler's HTTP client (:meth:`ClosedBackend._openai_client`).
-#: Each is checked by a test against litellm's real path. litellm gives no such hook for the
-#: others: ``azure/`` (its SDK client is built from Azure's own settings: Entra ID, API
-#: versions), ``cohere_chat/`` (called with a client of its own), ``bedrock/`` (its streams
-#: are binary frames, not lines), ``vertex_ai/``: those are read by litellm's client, unbounded.
+#: (``client=``), read within ``max_event_bytes`` (a line of an event stream, a frame of
+#: Bedrock's binary one) and an error body within 64 KiB (:func:`_bound_response`): litellm's
+#: own HTTP handler, built with the bound, for those it calls with one; for ``openai/``
+#: (``transport: litellm``), which it calls through the OpenAI SDK, an SDK client over that
+#: handler's HTTP client (:meth:`ClosedBackend._openai_client`). Each is checked by a test
+#: against litellm's real path. litellm gives no such hook for the others: ``azure/`` (its SDK
+#: client is built from Azure's own settings: Entra ID, API versions), ``cohere_chat/``
+#: (called with a client of its own); ``vertex_ai/`` takes the handler but is not checked
+#: (its calls need Google credentials first): those are read by litellm's client, unbounded.
 BOUNDED_PROVIDERS = frozenset(
-    {"anthropic", "deepseek", "gemini", "groq", "mistral", "openai", "openrouter", "together_ai"}
+    {"anthropic", "bedrock", "deepseek", "gemini", "groq", "mistral", "openai", "openrouter"}
+    | {"together_ai"}
 )
 
 
@@ -615,19 +617,25 @@ def _sdk_error_event(exc: BaseException) -> dict[str, Any] | None:
 
 #: The content types of an answer read line by line (an event stream): the bound is per line.
 _LINE_TYPES = ("text/event-stream", "application/x-ndjson")
+#: The content type of AWS's binary event stream (Bedrock's streams): the bound is per frame.
+_FRAMES_TYPE = "application/vnd.amazon.eventstream"
 
 
 def _bound_response(limit: int) -> Callable[[httpx.Response], Awaitable[None]]:
     """An httpx response hook, run before the body is read, that bounds what is read of it as
     the direct path does (:mod:`router.backends.openai_http`): an error answer's body 64 KiB
-    (:func:`_read_error_body`), an event stream ``limit`` bytes a line, any other body
-    ``limit`` bytes in all, else :class:`_OverLimitError`."""
+    (:func:`_read_error_body`), an event stream ``limit`` bytes a line, AWS's binary one
+    ``limit`` bytes a frame (:class:`_Frames`), any other body ``limit`` bytes in all, else
+    :class:`_OverLimitError`."""
 
     async def bound(response: httpx.Response) -> None:
         if response.is_error:
             await _read_error_body(response)
             return
         kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind == _FRAMES_TYPE:
+            response.stream = _Frames(response.stream, limit)
+            return
         lines = kind in _LINE_TYPES
         length = response.headers.get("content-length", "")
         if not lines and length.isdigit() and int(length) > limit:
@@ -695,6 +703,39 @@ class _Bounded(httpx.AsyncByteStream):
                     run = 0
                     kept.clear()
                 at += len(piece)
+            yield data
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+class _Frames(httpx.AsyncByteStream):
+    """An AWS event stream (Bedrock's) read within ``limit`` bytes a frame. Each frame opens
+    with its whole length (4 bytes, big-endian): one that says it is over the bound is not
+    read on. The work is per frame, not per byte: a length read at each frame's start."""
+
+    def __init__(self, stream: Any, limit: int) -> None:
+        self._stream = stream
+        self._limit = limit
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        skip = 0  # where the next frame starts, from the start of the next piece
+        head = b""  # the start of a frame's length, when a piece ended within it
+        async for data in self._stream:
+            at = skip
+            while at < len(data):
+                had = len(head)
+                head += data[at : at + 4 - had]
+                if len(head) < 4:
+                    break
+                size = int.from_bytes(head, "big")
+                if size > self._limit:
+                    raise _OverLimitError(f"sent a stream event over {self._limit} bytes")
+                # A frame is 16 bytes at least: a shorter length, which botocore refuses, is
+                # stepped over as 16 so the reading goes on to that refusal.
+                at += max(size, 16) - had
+                head = b""
+            skip = max(at - len(data), 0)
             yield data
 
     async def aclose(self) -> None:
