@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
@@ -25,6 +26,7 @@ from router.backends.closed import (
     key_for,
     map_litellm_error,
     provider_of,
+    quiet_litellm,
     unknown_output_limits,
 )
 from router.backends.openai_http import OpenAIHTTP, error_for_status
@@ -126,6 +128,39 @@ def test_each_bounded_provider_is_read_within_the_limit_through_litellm(
     over = "a stream event" if stream and name != "gemini" else "a body"
     assert raised.value.message == f"m sent {over} over {limit} bytes"
     assert provider.received[-1].headers["accept-encoding"] == "identity"
+
+
+@pytest.mark.parametrize("version", [None, "2024-10-21"])
+@pytest.mark.parametrize("name", ["azure", "openai"])
+def test_an_sdk_provider_is_called_as_litellm_calls_it_with_its_own_client(
+    provider: FakeProvider, name: str, version: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """litellm calls ``azure/`` and ``openai/`` through the OpenAI SDK: the SDK client
+    Tiergate hands it, over the bounded HTTP client, sends the request litellm's own client
+    sends (the same path, API version, key), only asked uncompressed."""
+    model = _through_litellm(provider, name)
+    if version:
+        monkeypatch.setenv("AZURE_API_VERSION", version)
+
+    async def litellms_own() -> None:
+        litellm = quiet_litellm()
+        await litellm.acompletion(
+            model=model.litellm_model,
+            messages=BODY["messages"],
+            api_key=KEYS["OPENAI_API_KEY"],
+            api_base=model.api_base,
+        )
+        await litellm.close_litellm_async_clients()
+
+    run(litellms_own())
+    own = provider.received[-1]
+    run(_answer(model, BODY, stream=False, environ={**os.environ, **KEYS}))
+    ours = provider.received[-1]
+    assert ours.path == own.path
+    for header in ("api-key", "authorization"):
+        assert ours.headers.get(header) == own.headers.get(header)
+    assert own.headers["accept-encoding"] != "identity"  # litellm's client: unbounded
+    assert ours.headers["accept-encoding"] == "identity"
 
 
 def test_a_bedrock_stream_is_read_frame_by_frame_within_the_bound(provider: FakeProvider) -> None:

@@ -89,15 +89,15 @@ _LITELLM_OWN = ("stream", "stream_options")
 #: (``client=``), read within ``max_event_bytes`` (a line of an event stream, a frame of
 #: Bedrock's binary one) and an error body within 64 KiB (:func:`_bound_response`): litellm's
 #: own HTTP handler, built with the bound, for those it calls with one; for ``openai/``
-#: (``transport: litellm``), which it calls through the OpenAI SDK, an SDK client over that
-#: handler's HTTP client (:meth:`ClosedBackend._openai_client`). Each is checked by a test
-#: against litellm's real path. litellm gives no such hook for the others: ``azure/`` (its SDK
-#: client is built from Azure's own settings: Entra ID, API versions), ``cohere_chat/``
-#: (called with a client of its own); ``vertex_ai/`` takes the handler but is not checked
-#: (its calls need Google credentials first): those are read by litellm's client, unbounded.
+#: (``transport: litellm``) and ``azure/``, which it calls through the OpenAI SDK, an SDK
+#: client over that handler's HTTP client (:meth:`ClosedBackend._openai_client`,
+#: :meth:`ClosedBackend._azure_client`). Each is checked by a test against litellm's real
+#: path. litellm gives no such hook for ``cohere_chat/`` (called with a client of its own);
+#: ``vertex_ai/`` takes the handler but is not checked (its calls need Google credentials
+#: first): those, and the providers not listed, are read by litellm's client, unbounded.
 BOUNDED_PROVIDERS = frozenset(
-    {"anthropic", "bedrock", "deepseek", "gemini", "groq", "mistral", "openai", "openrouter"}
-    | {"together_ai"}
+    {"anthropic", "azure", "bedrock", "deepseek", "gemini", "groq", "mistral", "openai"}
+    | {"openrouter", "together_ai"}
 )
 
 
@@ -341,8 +341,8 @@ class ClosedBackend:
         self._litellm: Any = None
         # litellm's HTTP handler with the bound, and the event loop its connections belong to.
         self._client: tuple[asyncio.AbstractEventLoop, Any] | None = None
-        # OpenAI SDK clients over that handler's HTTP client, by key, base URL and timeout.
-        self._sdk_clients: dict[tuple[str | None, str, float], Any] = {}
+        # OpenAI SDK clients over that handler's HTTP client, by what they were built with.
+        self._sdk_clients: dict[tuple[Any, ...], Any] = {}
 
     def api_key(self, model: ModelLike) -> str | None:
         """The key for ``model`` from its ``api_key_env`` or its provider's usual variable."""
@@ -449,6 +449,8 @@ class ClosedBackend:
         provider = provider_of(model.litellm_model or "")
         if provider == "openai":
             kwargs["client"] = self._openai_client(model, kwargs["api_key"])
+        elif provider == "azure":
+            kwargs["client"] = self._azure_client(model, kwargs["api_key"])
         elif provider in BOUNDED_PROVIDERS:
             kwargs["client"] = self._bounded_client()
         return kwargs
@@ -479,6 +481,33 @@ class ClosedBackend:
                 http_client=handler.client,
             )
             self._sdk_clients[(api_key, base, timeout)] = client
+        return client
+
+    def _azure_client(self, model: ModelLike, api_key: str | None) -> Any:
+        """The SDK client litellm builds for an ``azure/`` model (its Azure settings: endpoint,
+        API version, Entra ID), copied over the bounded HTTP client: litellm calls Azure
+        through the OpenAI SDK and takes such a client as it is. The endpoint and API version
+        are the ones litellm would use (the model's ``api_base``, else ``AZURE_API_BASE``;
+        ``AZURE_API_VERSION``, else litellm's default)."""
+        handler = self._bounded_client()
+        env = self._environ
+        base = model.api_base or env.get("AZURE_API_BASE")
+        version = env.get("AZURE_API_VERSION") or self._litellm_module().AZURE_DEFAULT_API_VERSION
+        timeout = self._timeout(model)
+        client = self._sdk_clients.get(("azure", api_key, base, version, timeout))
+        if client is None:
+            from litellm.llms.azure.azure import AzureChatCompletion
+
+            own: Any = AzureChatCompletion().get_azure_openai_client(
+                api_key=api_key,
+                api_base=base,
+                api_version=version,
+                litellm_params={},
+                _is_async=True,
+                model=(model.litellm_model or "").split("/", 1)[-1],
+            )
+            client = own.copy(http_client=handler.client, max_retries=0, timeout=timeout)
+            self._sdk_clients[("azure", api_key, base, version, timeout)] = client
         return client
 
     def _bounded_client(self) -> Any:
