@@ -633,9 +633,9 @@ def _error_event(line: bytes | bytearray) -> dict[str, Any] | None:
 
 def _sdk_error_event(exc: BaseException) -> dict[str, Any] | None:
     """The ``error`` of an error chunk the OpenAI SDK read in a stream (litellm calls
-    ``azure/`` through it, and ``openai/`` with ``transport: litellm``, whose stream the bound
-    reads first, :class:`_Bounded`): it raises a bare ``APIError`` whose ``body`` is that
-    error, which litellm calls a connection error."""
+    ``azure/`` and ``openai/`` with ``transport: litellm`` through it; :class:`_Bounded`
+    finds such a chunk first, but not one over :data:`_EVENT_KEPT`): it raises a bare
+    ``APIError`` whose ``body`` is that error, which litellm calls a connection error."""
     for cause in _causes(exc):
         body = getattr(cause, "body", None)
         kind = type(cause)
@@ -698,7 +698,12 @@ async def _identity(request: httpx.Request) -> None:
 
 
 class _Bounded(httpx.AsyncByteStream):
-    """A response body read within ``limit`` bytes: a line (``lines``) or in all."""
+    """A response body read within ``limit`` bytes: a line (``lines``) or in all.
+
+    The same bound as the direct path's :func:`~router.backends.openai_http._lines`, not the
+    same reader: that one hands its caller lines, split at LF; this one hands litellm the
+    bytes as they came, and counts a line to CR, LF or CRLF, as SSE ends one. Built on
+    ``_lines``, it would hold each line until its end and hand litellm a piece per line."""
 
     def __init__(self, stream: Any, limit: int, *, lines: bool) -> None:
         self._stream = stream
