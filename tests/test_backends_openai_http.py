@@ -187,6 +187,24 @@ AS_STATUS_AND_EVENT: dict[str, tuple[int, dict[str, Any], str]] = {
         },
         "context_length_exceeded",
     ),
+    "Anthropic's words for a prompt over the window": (
+        400,
+        {
+            "type": "invalid_request_error",
+            "message": "prompt is too long: 215000 tokens > 200000 maximum",
+        },
+        "context_length_exceeded",
+    ),
+    "Gemini, a prompt over the window": (
+        400,
+        {
+            "code": 400,
+            "message": "The input token count (1200000) exceeds the maximum number of tokens "
+            "allowed (1048576).",
+            "status": "INVALID_ARGUMENT",
+        },
+        "context_length_exceeded",
+    ),
     "OpenAI, a bad request": (
         400,
         {
@@ -250,6 +268,37 @@ def test_an_error_event_fails_as_the_same_failure_answered_with_its_status(
     assert answered.value.code == code
     assert answered.value.message.startswith(f"gpt-4o answered {status}: ")
     assert sent.value.message == f"gpt-4o sent an error event: {error['message']}"
+
+
+#: Error bodies that are the error object itself, without OpenAI's ``{"error": ...}``, for a
+#: prompt over the window, which they say only in words.
+OVER_WINDOW_BODIES = {
+    "Mistral": {
+        "object": "error",
+        "message": "Prompt contains 40960 tokens and 0 draft tokens, too large for model with "
+        "32768 maximum context length",
+        "type": "invalid_request_message_error",
+        "param": None,
+        "code": "3051",
+    },
+    "Bedrock": {"message": "Input is too long for requested model."},
+}
+
+
+@pytest.mark.parametrize("provider_name", sorted(OVER_WINDOW_BODIES))
+def test_a_prompt_over_the_window_is_one_by_the_providers_words(
+    provider: FakeProvider, provider_name: str
+) -> None:
+    """Mistral and Bedrock answer a prompt over the window with a 400 whose body is the error
+    object itself and whose code names no window: it is ``context_length_exceeded`` by its
+    message, which the error repeats. It was ``upstream_bad_request``, with the HTTP reason
+    ("Bad Request") for the provider's message."""
+    body = OVER_WINDOW_BODIES[provider_name]
+    provider.reset(Behaviour(mode="status", status=400, error_body=body))
+    with pytest.raises(BackendError) as answered:
+        run(_call(provider.base_url))
+    assert (answered.value.status_code, answered.value.code) == (400, "context_length_exceeded")
+    assert answered.value.message == f"gpt-4o answered 400: {body['message']}"
 
 
 def test_a_key_the_upstream_repeats_is_scrubbed(provider: FakeProvider) -> None:

@@ -994,6 +994,74 @@ def test_a_providers_bad_request_event_fails_as_its_400_does(
     assert model not in cooling, cooling
 
 
+#: Anthropic's 400 for a prompt over the model's window, in its own words (the fake provider's
+#: too, tests/fake_provider.py's window_refusal): its type names any bad request, only its
+#: message says the window.
+PROMPT_TOO_LONG = {
+    "type": "error",
+    "error": {
+        "type": "invalid_request_error",
+        "message": "prompt is too long: 215000 tokens > 200000 maximum",
+    },
+}
+#: The ways a front reaches a Claude model (native, through litellm).
+CLAUDE_WAYS = sorted(
+    way for way, (_, model, _, _) in ERROR_EVENT_PATHS.items() if model == "claude"
+)
+
+
+def _windowed(policy: str, **windows: int) -> str:
+    """``policy`` with a ``context_window`` for each closed model named (``gpt_4o``)."""
+    for name, window in windows.items():
+        head = f"  {name.replace('_', '-')}:\n    tier: closed\n"
+        policy = policy.replace(head, f"{head}    context_window: {window}\n")
+    return policy
+
+
+@pytest.mark.parametrize("way", CLAUDE_WAYS)
+def test_anthropics_prompt_too_long_is_over_the_window_on_every_path(
+    tmp_path: Path, fake: FakeProvider, way: str
+) -> None:
+    """Anthropic's "prompt is too long" (a 400, or its error event before the first token) is
+    a prompt over the window as OpenAI's ``context_length_exceeded`` is, on every path to a
+    Claude model: the client gets that code (Anthropic's ``invalid_request_error`` on the
+    Messages front) and the record says it; the chain goes on to a model with a larger
+    ``context_window`` (docs/policy.md), else the 400 is the answer; the model does not cool.
+    On the native path it was ``upstream_bad_request``, final, with gpt-4o's larger window
+    never tried."""
+    front, model, via, _ = ERROR_EVENT_PATHS[way]
+    path, request, _ = CUT_FRONTS[front]
+    policy = _error_event_policy(fake, model, via)
+    refused = (400, "invalid_request_error" if front == "messages" else "context_length_exceeded")
+    for larger in (False, True):
+        windowed = _windowed(policy, claude=200000, gpt_4o=400000 if larger else 100000)
+        home = tmp_path / ("larger" if larger else "smaller")
+        home.mkdir()
+        with live(home, windowed, cooldown_after_fails=1) as srv:
+            answers = []
+            for mode in ("status", "overloaded_after_open"):
+                fake.reset(
+                    Behaviour(
+                        mode=mode, status=400, error_body=PROMPT_TOO_LONG, failing_path="/messages"
+                    )
+                )
+                answers.append(srv.http.post(path, json={**request, "stream": mode != "status"}))
+            records = {r["id"]: r for r in _records(srv, 2)}
+            cooling = srv.gateway.cooldowns.status()
+        for answer in answers:
+            record = records[answer.headers["x-request-id"]]
+            if larger:
+                assert answer.status_code == 200, answer.text
+                assert (record["model"], record["fallback"]) == ("gpt-4o", "closed->closed")
+            else:
+                assert _error_of(front, answer) == refused, answer.text
+                assert (record["http_status"], record["error_type"]) == (
+                    400,
+                    "context_length_exceeded",
+                )
+        assert model not in cooling, cooling
+
+
 # -- local tier faults -------------------------------------------------------------------------
 
 

@@ -66,14 +66,20 @@ def retry_after_s(value: Any) -> float | None:
 _SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 
-def _upstream_error(raw: bytes) -> dict[str, Any]:
-    """The ``error`` object of an OpenAI-shaped error body, or an empty one."""
+def upstream_error(raw: bytes | str) -> dict[str, Any]:
+    """The ``error`` object of an OpenAI-shaped error body (Anthropic's too), the body itself
+    where it is the error object (Mistral's ``{"object": "error", "message", "type"}``), or
+    an empty one."""
     try:
         payload = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return {}
-    error = payload.get("error") if isinstance(payload, dict) else None
-    return error if isinstance(error, dict) else {}
+    if not isinstance(payload, dict):
+        return {}
+    error = payload.get("error")
+    if isinstance(error, dict):
+        return error
+    return payload if isinstance(payload.get("message"), str) else {}
 
 
 def _upstream_message(error: dict[str, Any], reason: str | None) -> str:
@@ -90,18 +96,18 @@ def error_for_status(
     api_key: str | None = None,
 ) -> BackendError:
     """Map an upstream HTTP error status to the Tiergate error a client and the fallback see
-    (:func:`_failure`, which a stream's error event goes through too).
+    (:func:`provider_failure`, which a stream's error event goes through too).
 
     The upstream's message is repeated with credentials scrubbed (some providers echo keys).
     """
-    error = _upstream_error(raw)
+    error = upstream_error(raw)
     message = f"{label} answered {status}: {scrub(_upstream_message(error, reason), [api_key])}"
-    return _failure(
+    return provider_failure(
         status, error, message, upstream_status=status, retry_after=retry_after_s(retry_after)
     )
 
 
-def _failure(
+def provider_failure(
     status: int,
     error: dict[str, Any],
     message: str,
@@ -113,10 +119,11 @@ def _failure(
     answered that status or named it in a stream's error event.
 
     A prompt over the model's window keeps OpenAI's ``context_length_exceeded`` (llama.cpp's
-    server names it by its type, ``exceed_context_size_error``): agent loops read that code to
-    shorten their history. A 400 keeps the field the provider named (``param``), so the
-    client knows what to fix. A 503 or 529 (overloaded) keeps the upstream's ``Retry-After``,
-    as a 429 does.
+    server names it by its type, ``exceed_context_size_error``; other providers only in their
+    message, :data:`_OVER_WINDOW_SAID`): agent loops read that code to shorten their history,
+    and a routed request goes on to a model with a larger window. A 400 keeps the field the
+    provider named (``param``), so the client knows what to fix. A 503 or 529 (overloaded)
+    keeps the upstream's ``Retry-After``, as a 429 does.
     """
     if status == 429:
         if request_too_large(message):
@@ -125,11 +132,10 @@ def _failure(
             message, upstream_status=upstream_status, retry_after=retry_after
         )
     if status in (400, 413, 422):
-        over = error.get("code") in _OVER_WINDOW or error.get("type") in _OVER_WINDOW
         param = error.get("param")
         return UpstreamBadRequestError(
             message,
-            code="context_length_exceeded" if over else None,
+            code="context_length_exceeded" if _over_window(error) else None,
             upstream_status=upstream_status,
             param=param if isinstance(param, str) else None,
         )
@@ -150,6 +156,33 @@ OVERLOADED = (503, 529)
 #: How a 400's ``code`` or ``type`` says the prompt is over the model's window: OpenAI's code,
 #: llama.cpp's server's type (llama-server, with ``n_prompt_tokens`` and ``n_ctx`` beside it).
 _OVER_WINDOW = ("context_length_exceeded", "exceed_context_size_error")
+#: ... and how a provider whose code and type name any bad request says it in the message:
+#: Anthropic (its two refusals, and Bedrock's for a Claude model), Gemini (Vertex too),
+#: Bedrock, Mistral, and OpenAI's own words (a compatible server that sends them without
+#: the code).
+_OVER_WINDOW_SAID = re.compile(
+    r"prompt is too long"  # Anthropic: "prompt is too long: 215000 tokens > 200000 maximum"
+    r"|input length and `max_tokens` exceed context limit"  # Anthropic, with max_tokens
+    r"|exceeds the maximum number of tokens allowed"  # Gemini: "The input token count (N) ..."
+    r"|input is too long for requested model|too many input tokens"  # Bedrock
+    r"|too large for model with \d+ maximum context length"  # Mistral: "Prompt contains N ..."
+    r"|maximum context length is \d+ tokens",  # OpenAI's words (vLLM, DeepSeek)
+    re.IGNORECASE,
+)
+
+
+def _over_window(error: dict[str, Any]) -> bool:
+    """Whether a provider's 400 ``error`` object says the prompt is over the model's window:
+    by its ``code`` or ``type`` (:data:`_OVER_WINDOW`), else by its message
+    (:data:`_OVER_WINDOW_SAID`) unless its ``code`` names another error (OpenAI's
+    ``invalid_value``; not a number, as vLLM's 400 and Mistral's ``"3051"``)."""
+    code = error.get("code")
+    if code in _OVER_WINDOW or error.get("type") in _OVER_WINDOW:
+        return True
+    if isinstance(code, str) and not code.isdigit():
+        return False
+    said = error.get("message")
+    return isinstance(said, str) and _OVER_WINDOW_SAID.search(said) is not None
 
 
 def request_too_large(message: str) -> bool:
@@ -209,7 +242,7 @@ def stream_failure(
     status, stated = _status_of(error)
     if status is None:
         return BackendError(text)
-    return _failure(status, error, text, upstream_status=stated)
+    return provider_failure(status, error, text, upstream_status=stated)
 
 
 #: The most of an error answer's body read for its message. A provider's error is JSON of a
