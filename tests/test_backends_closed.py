@@ -784,6 +784,76 @@ def test_each_providers_error_through_litellm_reads_the_same(
     assert raised.value.message == "m answered 500: upstream exploded"
 
 
+#: Errors a provider answers with a status, as (status, body): each must fail a call through
+#: litellm as the direct path's mapping (error_for_status) fails it.
+ANSWERED: dict[str, tuple[int, dict[str, Any]]] = {
+    "Mistral, a prompt over the window": (
+        400,
+        {
+            "object": "error",
+            "message": "Prompt contains 40960 tokens and 0 draft tokens, too large for model "
+            "with 32768 maximum context length",
+            "type": "invalid_request_message_error",
+            "param": None,
+            "code": "3051",
+        },
+    ),
+    "OpenAI, a prompt over the window": (
+        400,
+        {
+            "error": {
+                "message": "This model's maximum context length is 128000 tokens.",
+                "type": "invalid_request_error",
+                "param": "messages",
+                "code": "context_length_exceeded",
+            }
+        },
+    ),
+    "a bad field": (
+        400,
+        {"error": {"message": "Invalid 'temperature'", "type": "invalid_request_error"}},
+    ),
+    "a refused key": (
+        401,
+        {"error": {"message": "Incorrect API key", "type": "invalid_request_error"}},
+    ),
+    "a gateway timeout": (504, {"error": {"message": "Gateway timeout"}}),
+    "a server error": (500, {"error": {"message": "Internal error", "type": "server_error"}}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ANSWERED))
+@pytest.mark.parametrize("litellm_model", ["openai/gpt-4o", "mistral/mistral-large-latest"])
+def test_an_answered_error_fails_through_litellm_as_on_the_direct_path(
+    provider: FakeProvider, litellm_model: str, case: str
+) -> None:
+    """litellm's error for a provider's answer is mapped from its status and body by the
+    direct path's mapping: class, status, code, ``param``, whether the chain goes on, whether
+    the model cools, and the message. Mistral's words for a prompt over the window were
+    litellm's BadRequestError, ``upstream_bad_request`` (litellm's table does not know them);
+    a 504 read "m timed out: ..." where the direct path says "m answered 504: ..."."""
+    status, body = ANSWERED[case]
+    provider.reset(Behaviour(mode="status", status=status, error_body=body))
+    model = Model("m", litellm_model, provider.base_url, api_key_env="M_KEY", transport="litellm")
+    with pytest.raises(BackendError) as raised:
+        run(_answer(model, BODY, stream=False, environ={"M_KEY": "sk-test-key"}))
+    direct = error_for_status(status, json.dumps(body).encode(), "m")
+    seen = [
+        (
+            type(e),
+            e.status_code,
+            e.code,
+            e.param,
+            e.should_retry,
+            e.retryable,
+            e.cools,
+            e.message,
+        )
+        for e in (raised.value, direct)
+    ]
+    assert seen[0] == seen[1]
+
+
 def test_a_key_in_a_litellm_error_is_scrubbed() -> None:
     error = map_litellm_error(Exception("bad key sk-ant-abcdefghijklmnopqrstuvwx"), "m")
     assert "abcdefghijklmnopqrstuvwx" not in str(error) and "[redacted]" in str(error)

@@ -42,11 +42,13 @@ from router.backends.openai_http import (
     OVERLOADED,
     STREAM_ENDED,
     OpenAIHTTP,
+    provider_failure,
     request_too_large,
     retry_after_s,
     stream_cut,
     stream_failure,
     unread_error_body,
+    upstream_error,
 )
 from router.config import MAX_EVENT_BYTES
 from router.costs import litellm_output_limits
@@ -920,8 +922,11 @@ def quiet_litellm() -> Any:
 
 
 def map_litellm_error(exc: Exception, label: str, key: str | None = None) -> TiergateError:
-    """Map a litellm exception to Tiergate's hierarchy by its HTTP status and kind; ``key``,
-    the key the call sent, is redacted from the text whatever its shape.
+    """Map a litellm exception to Tiergate's hierarchy; ``key``, the key the call sent, is
+    redacted from the text whatever its shape. An error the provider answered (with headers,
+    or litellm's ``provider_status_code``) is mapped from its status and error body as the
+    direct paths map the same answer (:func:`_as_answered`), so the two cannot drift; one
+    that only litellm raised (a timeout, a connection, its own refusals) by its class.
 
     The message reads as the direct paths' do (``claude answered 529: Overloaded``,
     ``claude unreachable: the stream ended before it finished``): the model, what happened,
@@ -940,22 +945,19 @@ def map_litellm_error(exc: Exception, label: str, key: str | None = None) -> Tie
         return _unsupported(exc, label, key)
     raw = _litellm_text(exc, key, limit=_READ_LIMIT)
     log.info("%s: litellm raised %s: %s", label, name, raw[:_TEXT_LIMIT])
-    detail = _provider_words(raw)
+    detail, error = _provider_words(raw)
     answered = _answered(exc, status)
     said = f"{label} answered {answered}: {detail}" if answered else f"{label} failed: {detail}"
+    overloaded = _overloaded(exc, status, raw)
+    failure = _as_answered(exc, answered, error, said, detail=detail, overloaded=overloaded)
+    if failure is not None:
+        return failure
     if "Timeout" in name or status in (408, 504):
         return UpstreamTimeoutError(f"{label} timed out: {detail}", upstream_status=status)
     if status == 429 or "RateLimit" in name:
         if request_too_large(raw):
             return UpstreamRequestTooLargeError(said, upstream_status=429)
         return UpstreamRateLimitedError(said, upstream_status=429, retry_after=_retry_after(exc))
-    if _overloaded(exc, status, raw):
-        provider = getattr(exc, "provider_status_code", None)
-        return UpstreamOverloadedError(
-            said,
-            upstream_status=provider if isinstance(provider, int) else status,
-            retry_after=_retry_after(exc),
-        )
     param = getattr(exc, "param", None)  # the field the provider's 400 named, if it did
     param = param if isinstance(param, str) else None
     refused = said if answered else f"{label} cannot take the request: {detail}"
@@ -977,6 +979,57 @@ def map_litellm_error(exc: Exception, label: str, key: str | None = None) -> Tie
             upstream_status=status,
         )
     return BackendError(said, upstream_status=status if isinstance(status, int) else None)
+
+
+def _as_answered(
+    exc: Exception,
+    answered: int | None,
+    error: dict[str, Any],
+    said: str,
+    *,
+    detail: str,
+    overloaded: bool,
+) -> BackendError | None:
+    """The failure of a provider that ``answered`` an error status, by the mapping the direct
+    paths take the same answer through (:func:`~router.backends.openai_http.provider_failure`),
+    from its error object (as the provider's SDK kept it, else as litellm's text repeats it,
+    else its message alone); what litellm read of it that the text may not
+    hold is added: the field a 400 named (``param``), litellm's word that the prompt is over
+    the window (its ``ContextWindowExceededError``), the provider's ``Retry-After``. An
+    ``overloaded`` provider (:func:`_overloaded`, which litellm may name only in its text) is
+    one whatever litellm's status; else None where nothing answered."""
+    if overloaded:
+        provider = getattr(exc, "provider_status_code", None)
+        status = getattr(exc, "status_code", None)
+        return UpstreamOverloadedError(
+            said,
+            upstream_status=provider if isinstance(provider, int) else status,
+            retry_after=_retry_after(exc),
+        )
+    if answered is None:
+        return None
+    error = dict(_sdk_body(exc) or error)
+    error.setdefault("message", detail)
+    param = getattr(exc, "param", None)
+    if isinstance(param, str):
+        error.setdefault("param", param)
+    if "ContextWindow" in type(exc).__name__:
+        error["code"] = "context_length_exceeded"
+    return provider_failure(
+        answered, error, said, upstream_status=answered, retry_after=_retry_after(exc)
+    )
+
+
+def _sdk_body(exc: BaseException) -> dict[str, Any] | None:
+    """The error object of the provider's answer as the SDK litellm called it through kept
+    it (openai-python's ``body``, on litellm's error or one it was raised from), or None:
+    litellm's text then holds only its message."""
+    for cause in _causes(exc):
+        body = getattr(cause, "body", None)
+        if isinstance(body, dict):
+            inner = body.get("error")
+            return inner if isinstance(inner, dict) else body
+    return None
 
 
 def _found_in_stream(exc: Exception, label: str, key: str | None) -> BackendError | None:
@@ -1031,6 +1084,8 @@ def _answered(exc: Exception, status: Any) -> int | None:
     """The HTTP status the provider answered, or None where nothing shows it answered: litellm
     gives its own errors a status too (a 400 for a request it cannot translate, a 500 for a
     connection that failed), but only a provider's answer has headers."""
+    if _cannot_connect(exc):  # litellm's 500 (its provider_status_code too) for no connection
+        return None
     provider = getattr(exc, "provider_status_code", None)
     if isinstance(provider, int):
         return provider
@@ -1077,33 +1132,29 @@ _READ_LIMIT = 20_000
 # ``GeminiException InternalServerError - ``), and its advice on catching it.
 _LITELLM_PREFIX = re.compile(
     r"^(?:litellm\.\w+:\s*|\w+(?:Exception|Error)(?: \w+Error)? - "
-    r"|\w+Error: (?=\w+(?:Exception|Error) - ))+"
+    r"|(?:\w+Error|Timeout Error): (?=\w+(?:Exception|Error) - ))+"
 )
 # aiohttp's name for the TLS settings of a connection it could not make: an object's address.
 _SSL_CONTEXT = re.compile(r" ssl:<[^>]*>")
 _LITELLM_ADVICE = re.compile(r"\.?\s*Handle with `litellm\.\w+`\.?$")
 
 
-def _provider_words(text: str) -> str:
+def _provider_words(text: str) -> tuple[str, dict[str, Any]]:
     """What the provider (or the transport) said, from litellm's text: without litellm's words
     around it (:data:`_LITELLM_PREFIX`), and the ``message`` of a JSON error body rather than
-    the body, which litellm repeats whole (as a ``b'...'`` bytes literal, from a stream)."""
+    the body, which litellm repeats whole (as a ``b'...'`` bytes literal, from a stream); and
+    that body's error object (:func:`~router.backends.openai_http.upstream_error`), else {}."""
     text = _LITELLM_ADVICE.sub("", _LITELLM_PREFIX.sub("", text.strip()))
     text = _SSL_CONTEXT.sub("", text)
     body = text
     if re.fullmatch(r"b'.*'|b\".*\"", body, re.S):
         with contextlib.suppress(ValueError, SyntaxError):
             body = ast.literal_eval(body).decode("utf-8", "replace")
-    try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, RecursionError):
-        payload = None
-    if isinstance(payload, dict):
-        error = payload.get("error")
-        said = error.get("message") if isinstance(error, dict) else payload.get("message")
-        if isinstance(said, str) and said:
-            text = said
-    return text[:_TEXT_LIMIT] or "error"
+    error = upstream_error(body)
+    said = error.get("message")
+    if isinstance(said, str) and said:
+        text = said
+    return text[:_TEXT_LIMIT] or "error", error
 
 
 # How litellm names the request fields a provider does not take, before it calls the provider.
