@@ -381,6 +381,16 @@ class UpstreamAuthError(BackendError):
     should_retry = False
 
 
+class UpstreamNotFoundError(BackendError):
+    """The provider answered that the model does not exist (404, OpenAI's ``model_not_found``
+    in an error event, Anthropic's ``not_found_error``), or the ``api_base`` is wrong: the
+    model's configuration, not the request's, and a client's retry cannot fix it (502,
+    ``x-should-retry: false``). The chain goes on to its next model, and the model cools down
+    as after any failure, so it is not tried on every request meanwhile."""
+
+    should_retry = False
+
+
 class UpstreamBadRequestError(BackendError):
     """The provider rejected the request as invalid (400); falling back would not help."""
 

@@ -10,7 +10,12 @@ from typing import Any
 import pytest
 
 from router.backends import Usage
-from router.backends.openai_http import OpenAIHTTP, error_for_status, map_transport_error
+from router.backends.openai_http import (
+    OpenAIHTTP,
+    error_for_status,
+    map_transport_error,
+    stream_failure,
+)
 from router.errors import (
     BackendError,
     UpstreamAuthError,
@@ -223,6 +228,21 @@ AS_STATUS_AND_EVENT: dict[str, tuple[int, dict[str, Any], str]] = {
         },
         "upstream_error",
     ),
+    "OpenAI, a model that does not exist": (
+        404,
+        {
+            "message": "The model `gpt-5x` does not exist or you do not have access to it.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "model_not_found",
+        },
+        "upstream_error",
+    ),
+    "Anthropic, a model that does not exist": (
+        404,
+        {"type": "not_found_error", "message": "model: claude-x"},
+        "upstream_error",
+    ),
     "a refused key by its status": (403, {"code": 403, "message": "Forbidden"}, "upstream_error"),
     "a gateway timeout": (504, {"code": 504, "message": "Gateway timeout"}, "upstream_timeout"),
     "a request timeout": (408, {"code": 408, "message": "Request timeout"}, "upstream_timeout"),
@@ -299,6 +319,37 @@ def test_a_prompt_over_the_window_is_one_by_the_providers_words(
         run(_call(provider.base_url))
     assert (answered.value.status_code, answered.value.code) == (400, "context_length_exceeded")
     assert answered.value.message == f"gpt-4o answered 400: {body['message']}"
+
+
+def test_a_model_that_does_not_exist_is_configuration_the_chain_goes_past() -> None:
+    """A 404 (or the same named in an event) is the model's configuration: 502, the chain
+    goes on and the model cools, and a client's retry cannot fix it. The event was a 400 that
+    ended the chain, the 404 a plain 502 that SDKs retried."""
+    error = error_for_status(404, b'{"error": {"code": "model_not_found"}}', "gpt-4o")
+    assert (error.status_code, error.retryable, error.cools) == (502, True, True)
+    assert error.headers["x-should-retry"] == "false"
+
+
+#: Some of a Response's error codes (``response.failed``, OpenAI's ResponseError) for a request
+#: it cannot take: a 400; the provider's failures stay a 502.
+RESPONSE_CLIENT_CODES = [
+    "invalid_prompt",
+    "invalid_image",
+    "invalid_image_format",
+    "image_too_large",
+    "image_content_policy_violation",
+]
+
+
+@pytest.mark.parametrize("code", [*RESPONSE_CLIENT_CODES, "server_error", "vector_store_timeout"])
+def test_a_failed_responses_code_is_a_bad_request_or_the_providers_failure(code: str) -> None:
+    """A ``response.failed`` that names a bad request (an image it cannot read, a prompt it
+    refuses) fails as a 400 does: no fallback, no cooldown. Each was a 502 that the chain went
+    past and that cooled the model. ``server_error`` and ``vector_store_timeout`` stay 502."""
+    error = stream_failure("gpt-4o", {"code": code, "message": "no"})
+    client = code in RESPONSE_CLIENT_CODES
+    assert type(error) is (UpstreamBadRequestError if client else BackendError)
+    assert (error.status_code, error.retryable) == ((400, False) if client else (502, True))
 
 
 def test_a_key_the_upstream_repeats_is_scrubbed(provider: FakeProvider) -> None:

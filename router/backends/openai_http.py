@@ -30,6 +30,7 @@ from router.errors import (
     UpstreamAuthError,
     UpstreamBadRequestError,
     UpstreamBadResponseError,
+    UpstreamNotFoundError,
     UpstreamOverloadedError,
     UpstreamRateLimitedError,
     UpstreamRequestTooLargeError,
@@ -147,6 +148,8 @@ def provider_failure(
         return UpstreamTimeoutError(message, upstream_status=upstream_status)
     if status in (401, 403):
         return UpstreamAuthError(message, upstream_status=upstream_status)
+    if status == 404:
+        return UpstreamNotFoundError(message, upstream_status=upstream_status)
     return BackendError(message, upstream_status=upstream_status)
 
 
@@ -208,6 +211,30 @@ _STATUS_NAMED = {
     "authentication_error": 401,  # Anthropic's type
     "invalid_api_key": 401,  # OpenAI's code
     "permission_error": 403,  # Anthropic's type
+    "model_not_found": 404,  # OpenAI's code (its type is invalid_request_error)
+    "not_found_error": 404,  # Anthropic's type
+    # A Response's error codes (response.failed) for a request it cannot take; its others,
+    # server_error and vector_store_timeout, are the provider's failure (a 502).
+    **dict.fromkeys(
+        (
+            "invalid_prompt",
+            "invalid_image",
+            "invalid_image_format",
+            "invalid_base64_image",
+            "invalid_image_url",
+            "image_too_large",
+            "image_too_small",
+            "image_parse_error",
+            "image_content_policy_violation",
+            "invalid_image_mode",
+            "image_file_too_large",
+            "unsupported_image_media_type",
+            "empty_image_file",
+            "failed_to_download_image",
+            "image_file_not_found",
+        ),
+        400,
+    ),
 }
 
 
@@ -233,9 +260,10 @@ def stream_failure(
     with an HTTP status is (:func:`error_for_status`, through the same mapping): that status
     where the event puts one in ``code`` (vLLM, llama.cpp's server), else the one its code or
     type names (a rate limit a 429, an overload a 503, a bad request a 400, a refused key a
-    401), else a 502. An event has no headers: no ``Retry-After``. ``what`` says what the
-    provider did, in the message: an event may come before the first token (then the chain
-    goes on) as well as after it, so it does not say "mid-stream"."""
+    401, a model that does not exist a 404), else a 502. An event has no headers: no
+    ``Retry-After``. ``what`` says what the provider did, in the message: an event may come
+    before the first token (then the chain goes on) as well as after it, so it does not say
+    "mid-stream"."""
     error = error if isinstance(error, dict) else {"message": str(error or "")}
     said = scrub(str(error.get("message") or "error")[:500], [api_key])
     text = f"{label} {what}: {said}"
