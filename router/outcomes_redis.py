@@ -128,12 +128,15 @@ _SCORES_CAP = 2000
 #: outcomes are dropped (counted and logged).
 _MEMORY_FACTOR = 4
 _STREAM_MAXLEN = 1_000_000
-#: A stream rebuild copies REBUILD_BATCH entries per round trip, and its last step (one
-#: script, which blocks Redis while it runs) at most REBUILD_LAST; it starts again at most
-#: REBUILD_TRIES times when other erasures delete entries meanwhile. A copy a dead rebuild left
-#: expires after REBUILD_TTL_S.
+#: A stream rebuild copies REBUILD_BATCH entries per round trip, then its consumer groups'
+#: pending entries REBUILD_PENDING_LAST per script, and its last step (one script, which blocks
+#: Redis while it runs) at most REBUILD_LAST entries and REBUILD_PENDING_LAST pending entries;
+#: it starts again at most REBUILD_TRIES times when other erasures delete entries meanwhile,
+#: and copies pending entries again at most as often. A copy a dead rebuild left expires after
+#: REBUILD_TTL_S.
 REBUILD_BATCH = 1000
 REBUILD_LAST = 100
+REBUILD_PENDING_LAST = 500
 REBUILD_TRIES = 5
 REBUILD_TTL_S = 300
 #: A budget hold whose request never wrote a record (its replica died) lapses after this long.
@@ -288,28 +291,96 @@ return 1
 """
 
 
-# KEYS: the stream, its copy, the erasures hash, a name for the old stream until it is freed.
+# Lua shared by the two scripts that copy a stream's consumer groups into its rebuild's copy
+# (the copy's groups already made). A consumer's mark is its pending count, when it was last
+# seen (ms) and when that was read, by XINFO CONSUMERS: every command that adds to, takes from
+# or changes a consumer's pending entries either names the consumer (XREADGROUP, XCLAIM,
+# XAUTOCLAIM: it is seen again) or lowers its count (XACK, another's claim, XDEL with its
+# references), and its count rises only when it is seen. So while its mark holds, what was
+# copied of its pending entries is still what they are. A consumer seen within 5 ms of its
+# mark may change within the same millisecond: its mark never holds.
+_PENDING_LUA = """
+local function fields(flat)
+  local t = {}
+  for i = 1, #flat, 2 do t[flat[i]] = flat[i + 1] end
+  return t
+end
+local function marks(stream, group)
+  local clock = redis.call('TIME')
+  local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+  local out, consumers = {}, redis.pcall('XINFO', 'CONSUMERS', stream, group)
+  if consumers['err'] then return out end
+  for _, flat in ipairs(consumers) do
+    local c = fields(flat)
+    out[c['name']] = c['pending'] .. '|' .. (now - c['idle']) .. '|' .. now
+  end
+  return out
+end
+local function key(group, consumer) return #group .. ':' .. group .. consumer end
+local function holds(mark, now)
+  if not mark or not now then return false end
+  local count, seen, at = string.match(mark, '^(%d+)|(%-?%d+)|(%d+)$')
+  local count2, seen2 = string.match(now, '^(%d+)|(%-?%d+)|')
+  return count == count2 and math.abs(tonumber(seen2) - tonumber(seen)) <= 2
+    and tonumber(at) - tonumber(seen) >= 5
+end
+local function claim(copy, group, pending)
+  for _, p in ipairs(pending) do
+    redis.call('XCLAIM', copy, group, p[2], 0, p[1], 'IDLE', p[3], 'RETRYCOUNT', p[4], 'FORCE',
+      'JUSTID')
+  end
+end
+local function after(id)
+  if id == '-' then return '-' end
+  return '(' .. id
+end
+"""
+
+# KEYS: the stream, its copy. ARGV: a group, one of its consumers, the id its pending entries
+# were copied to ('-': none), the last id of the copy, the most to copy, the consumer's mark
+# when its copy began ('': it begins here).
+# Copies the consumer's next pending entries into the copy, with their idle time and delivery
+# count. Returns {mark, how many were copied, the last id copied}: {'', 0, ''} when the
+# consumer is gone, {'', -1, ''} when its mark no longer holds (copy it again, from the start).
+_PENDING_BATCH_LUA = (
+    _PENDING_LUA
+    + """
+local now = marks(KEYS[1], ARGV[1])[ARGV[2]]
+if not now then return {'', 0, ''} end
+local mark = ARGV[6]
+if mark == '' then mark = now elseif not holds(mark, now) then return {'', -1, ''} end
+local batch = redis.call('XPENDING', KEYS[1], ARGV[1], after(ARGV[3]), ARGV[4],
+  tonumber(ARGV[5]), ARGV[2])
+claim(KEYS[2], ARGV[1], batch)
+if #batch == 0 then return {mark, 0, ''} end
+return {mark, #batch, batch[#batch][1]}
+"""
+)
+
+# KEYS: the stream, its copy, the erasures hash, a name for the old stream until it is freed,
+# the consumers' marks (hash, :func:`_mark_field` -> mark, as _PENDING_BATCH_LUA returned it).
 # ARGV: the last entry id copied ('-': none), how many were copied, the most to copy here, the
-# erasures' deleted count the copy began at.
+# erasures' deleted count the copy began at, the id to which pending entries were copied ('-':
+# none), the most pending entries to copy here.
 # Returns 0 when the copy is not whole (an erasure deleted entries since it began, or it
-# expired), -1 when more than ARGV[3] entries are left to copy (copy them first), 1 when the
-# copy, with the entries added since, its head trimmed as the stream's was, its consumer
-# groups (their last delivered id, consumers and pending entries, less the erased ones) and
-# its last id, has replaced the stream (IDs are kept: an XREAD from a last-seen id goes on).
+# expired), -1 when more than ARGV[3] entries are left to copy (copy them first), -2 when more
+# than ARGV[6] pending entries are (copy them first: those of the consumers whose mark no
+# longer holds, and those past ARGV[5]), 1 when the copy, with the entries added since, its
+# head trimmed as the stream's was, its consumer groups (their last delivered id, consumers and
+# pending entries, less the erased ones) and its last id, has replaced the stream (IDs are
+# kept: an XREAD from a last-seen id goes on).
 # Since Redis 7 a stream also counts the entries added and a group those read (its lag): they
 # are kept too.
 # The old stream is renamed away before the copy takes its name, then freed in the background
 # (UNLINK): a script that fails midway (an ACL) leaves the stream as it was.
 # It records the deleted count it rebuilt at (``rebuilt``) and, since Redis 7, the stream's
 # max-deleted-entry-id (``rebuilt-id``): an XDEL after it moves one or the other.
-_REBUILD_LUA = """
+# Its work is bounded by ARGV[3] entries, ARGV[6] pending entries and the groups' consumers.
+_REBUILD_LUA = (
+    _PENDING_LUA
+    + """
 if (redis.call('HGET', KEYS[3], 'deleted') or '0') ~= ARGV[4] then return 0 end
 if redis.call('XLEN', KEYS[2]) ~= tonumber(ARGV[2]) then return 0 end
-local function fields(flat)
-  local t = {}
-  for i = 1, #flat, 2 do t[flat[i]] = flat[i + 1] end
-  return t
-end
 local function rebuilt(stream)
   redis.call('HSET', KEYS[3], 'rebuilt', ARGV[4])
   if stream and stream['max-deleted-entry-id'] then
@@ -317,10 +388,24 @@ local function rebuilt(stream)
   end
   return 1
 end
-local start = '-'
-if ARGV[1] ~= '-' then start = '(' .. ARGV[1] end
-local tail = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', tonumber(ARGV[3]) + 1)
+local tail = redis.call('XRANGE', KEYS[1], after(ARGV[1]), '+', 'COUNT', tonumber(ARGV[3]) + 1)
 if #tail > tonumber(ARGV[3]) then return -1 end
+local groups, left = {}, tonumber(ARGV[6])
+for _, flat in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local group = fields(flat)
+  group.changed = {}
+  for consumer, now in pairs(marks(KEYS[1], group['name'])) do
+    if not holds(redis.call('HGET', KEYS[5], key(group['name'], consumer)), now) then
+      group.changed[consumer] = tonumber(string.match(now, '^(%d+)'))
+      left = left - group.changed[consumer]
+    end
+  end
+  if left < 0 then return -2 end
+  group.past = redis.call('XPENDING', KEYS[1], group['name'], after(ARGV[5]), '+', left + 1)
+  left = left - #group.past
+  if left < 0 then return -2 end
+  table.insert(groups, group)
+end
 for _, entry in ipairs(tail) do redis.call('XADD', KEYS[2], entry[1], unpack(entry[2])) end
 local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
 if #first == 0 then
@@ -329,25 +414,37 @@ if #first == 0 then
   return rebuilt(fields(redis.call('XINFO', 'STREAM', KEYS[1])))
 end
 redis.call('XTRIM', KEYS[2], 'MINID', first[1][1])
-for _, flat in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-  local group = fields(flat)
+local stale = {}
+for _, flat in ipairs(redis.call('XINFO', 'GROUPS', KEYS[2])) do stale[fields(flat)['name']] = 1 end
+for _, group in ipairs(groups) do
   local name = group['name']
-  if group['entries-read'] then
-    redis.call('XGROUP', 'CREATE', KEYS[2], name, group['last-delivered-id'], 'ENTRIESREAD',
-      group['entries-read'])
+  local read = {}
+  if group['entries-read'] then read = {'ENTRIESREAD', group['entries-read']} end
+  if stale[name] then
+    redis.call('XGROUP', 'SETID', KEYS[2], name, group['last-delivered-id'], unpack(read))
   else
-    redis.call('XGROUP', 'CREATE', KEYS[2], name, group['last-delivered-id'])
+    redis.call('XGROUP', 'CREATE', KEYS[2], name, group['last-delivered-id'], unpack(read))
   end
-  for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], name)) do
-    redis.call('XGROUP', 'CREATECONSUMER', KEYS[2], name, fields(consumer)['name'])
-  end
-  if group['pending'] > 0 then
-    for _, p in ipairs(redis.call('XPENDING', KEYS[1], name, '-', '+', group['pending'])) do
-      redis.call('XCLAIM', KEYS[2], name, p[2], 0, p[1], 'IDLE', p[3], 'RETRYCOUNT', p[4],
-        'FORCE', 'JUSTID')
+  stale[name] = nil
+  local gone = marks(KEYS[2], name)
+  for _, flat in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], name)) do
+    local consumer = fields(flat)['name']
+    if group.changed[consumer] and gone[consumer] then
+      redis.call('XGROUP', 'DELCONSUMER', KEYS[2], name, consumer)
     end
+    if group.changed[consumer] or not gone[consumer] then
+      redis.call('XGROUP', 'CREATECONSUMER', KEYS[2], name, consumer)
+    end
+    if group.changed[consumer] and group.changed[consumer] > 0 then
+      claim(KEYS[2], name, redis.call('XPENDING', KEYS[1], name, '-', '+',
+        group.changed[consumer], consumer))
+    end
+    gone[consumer] = nil
   end
+  for consumer in pairs(gone) do redis.call('XGROUP', 'DELCONSUMER', KEYS[2], name, consumer) end
+  claim(KEYS[2], name, group.past)
 end
+for name in pairs(stale) do redis.call('XGROUP', 'DESTROY', KEYS[2], name) end
 local stream = fields(redis.call('XINFO', 'STREAM', KEYS[1]))
 if stream['entries-added'] then
   redis.call('XSETID', KEYS[2], stream['last-generated-id'], 'ENTRIESADDED',
@@ -361,6 +458,7 @@ redis.call('RENAME', KEYS[2], KEYS[1])
 redis.call('UNLINK', KEYS[4])
 return rebuilt(stream)
 """
+)
 
 # KEYS: the tenant's hold hash and holds zset, then the spend hashes. ARGV: tenant, its erased
 # spend field. An erasure leaves no tenant name: each day's spend moves to the erased field,
@@ -459,6 +557,7 @@ class RedisOutcomeStore(OutcomeWriter):
         self._erase_spend_script: Any = None
         self._cooldown_script: Any = None
         self._rebuild_script: Any = None
+        self._pending_script: Any = None
         # Cooldowns (router.cooldown), as (mark, monotonic end) by model: those started here and
         # not yet written, and those read at the last refresh; the models to read them for.
         self._cooldowns_out: dict[str, tuple[str, float]] = {}
@@ -508,6 +607,7 @@ class RedisOutcomeStore(OutcomeWriter):
         self._erase_spend_script = self._client.register_script(_ERASE_SPEND_LUA)
         self._cooldown_script = self._client.register_script(_COOLDOWN_LUA)
         self._rebuild_script = self._client.register_script(_REBUILD_LUA)
+        self._pending_script = self._client.register_script(_PENDING_BATCH_LUA)
 
     def start(self) -> None:
         """Connect, take up the journal an earlier run left, read the day's shared spend, and
@@ -1307,7 +1407,10 @@ class RedisOutcomeStore(OutcomeWriter):
                 stale = deleted != (rebuilt or "0") or self._deleted_since_rebuild(rebuilt_id)
                 if not (stale or force):
                     return None
-                if self._copy_stream(deleted):
+                done = self._copy_stream(deleted)
+                if isinstance(done, str):
+                    return f"not rebuilt: {done}"
+                if done:
                     return None
         except redis.RedisError as exc:
             return f"not rebuilt: {exc}"
@@ -1333,26 +1436,42 @@ class RedisOutcomeStore(OutcomeWriter):
         if copies:
             self._client.delete(*copies)
 
-    def _copy_stream(self, deleted: str) -> bool:
-        """One try of :meth:`_rebuild_stream`: whether the copy replaced the stream."""
+    def _copy_stream(self, deleted: str) -> bool | str:
+        """One try of :meth:`_rebuild_stream`: True when the copy replaced the stream, False
+        when an erasure deleted entries meanwhile (try again), else why it gave up.
+
+        The consumer groups' pending entries are copied before the last script too
+        (:meth:`_copy_pending`), which then copies only those that changed since, or those of
+        entries copied after them: when more than :data:`REBUILD_PENDING_LAST` did, they are
+        copied again first, up to :data:`REBUILD_TRIES` times."""
         import redis
 
         client, stream = self._client, self.key("outcomes")
         copy = self.key("outcomes", "rebuild", uuid.uuid4().hex)
-        last, copied = "-", 0
+        keys = (stream, copy, copy + ":marks")
+        last, copied, since, upto, rounds = "-", 0, "-", "", 0
         try:
             while True:
                 start = last if last == "-" else "(" + last
                 entries = client.xrange(stream, start, "+", count=REBUILD_BATCH)
-                if len(entries) <= REBUILD_LAST:
-                    done = int(
-                        self._rebuild_script(
-                            keys=[stream, copy, self.key("outcomes", "erasures"), copy + ":old"],
-                            args=[last, copied, REBUILD_LAST, deleted],
-                        )
-                    )
+                if not (len(entries) > REBUILD_LAST or (entries and not upto)):
+                    if not upto:  # every entry is in the copy: copy their pending entries
+                        self._copy_pending(keys, since, last)
+                        upto = last
+                        continue
+                    done = self._swap(keys, [last, copied, REBUILD_LAST, deleted, upto])
                     if done >= 0:
                         return done == 1
+                    if done == -2:  # more pending entries changed than the script may copy
+                        rounds += 1
+                        if rounds == REBUILD_TRIES:
+                            return (
+                                "the consumer groups' pending entries changed faster than they "
+                                f"could be copied, in each of {REBUILD_TRIES} tries (a consumer "
+                                f"reading all the while with over {REBUILD_PENDING_LAST} "
+                                "entries pending?)"
+                            )
+                        since, upto = upto, ""
                     continue  # more came meanwhile than the script may copy
                 pipe = client.pipeline(transaction=False)
                 for entry, fields in entries:
@@ -1362,7 +1481,70 @@ class RedisOutcomeStore(OutcomeWriter):
                 last, copied = entries[-1][0], copied + len(entries)
         finally:
             with contextlib.suppress(redis.RedisError):
-                client.delete(copy)  # gone once renamed; else what the try left
+                client.delete(copy, keys[2])  # the copy is gone once renamed
+
+    def _swap(self, keys: tuple[str, str, str], args: list[Any]) -> int:
+        """Run the rebuild's last script (:data:`_REBUILD_LUA`) on ``keys`` (the stream, its
+        copy, the consumers' marks) with ``args`` and the most pending entries it may copy."""
+        stream, copy, marks = keys
+        erasures = self.key("outcomes", "erasures")
+        return int(
+            self._rebuild_script(
+                keys=[stream, copy, erasures, copy + ":old", marks],
+                args=[*args, REBUILD_PENDING_LAST],
+            )
+        )
+
+    def _copy_pending(self, keys: tuple[str, str, str], since: str, upto: str) -> None:
+        """Copy the pending entries of every consumer of the stream's groups (``keys``: the
+        stream, its copy, the consumers' marks) into the copy, as far as the entry ``upto``
+        (the last in the copy), :data:`REBUILD_PENDING_LAST` at a time: one script per batch
+        (:data:`_PENDING_BATCH_LUA`), so none holds Redis for long, and each keeps the
+        entries' consumer, delivery count and idle time. A consumer whose mark (what its
+        pending entries were when its copy began) still holds goes on from ``since``, where
+        an earlier round stopped; one whose mark no longer holds is copied again from its
+        first entry."""
+        import redis
+
+        client, (stream, copy, marks) = self._client, keys
+        for group in client.xinfo_groups(stream):
+            try:
+                client.xgroup_create(copy, group["name"], id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):  # made by an earlier round: that is fine
+                    raise
+            client.expire(copy, REBUILD_TTL_S)
+            for consumer in client.xinfo_consumers(stream, group["name"]):
+                self._copy_consumer(keys, group["name"], consumer["name"], since, upto)
+        client.expire(marks, REBUILD_TTL_S)
+
+    def _copy_consumer(
+        self, keys: tuple[str, str, str], group: str, consumer: str, since: str, upto: str
+    ) -> None:
+        """One consumer's part of :meth:`_copy_pending`. Its mark is kept when its copy ends
+        with the mark still holding, and dropped (the last script copies it, or has it copied
+        again) when it changed during each of :data:`REBUILD_TRIES` tries."""
+        client, (stream, copy, marks) = self._client, keys
+        field = _mark_field(group, consumer)
+        mark = client.hget(marks, field) or ""
+        start = since if mark else "-"
+        for _ in range(REBUILD_TRIES):
+            count = REBUILD_PENDING_LAST
+            while count == REBUILD_PENDING_LAST:
+                mark, count, last = self._pending_script(
+                    keys=[stream, copy],
+                    args=[group, consumer, start, upto, REBUILD_PENDING_LAST, mark],
+                )
+                start = last or start
+            if count >= 0:
+                if mark:
+                    client.hset(marks, field, mark)
+                else:  # gone
+                    client.hdel(marks, field)
+                return
+            client.xgroup_delconsumer(copy, group, consumer)
+            mark, start = "", "-"
+        client.hdel(marks, field)
 
     def purge(self, before_ts: float) -> int:
         """Delete records older than ``before_ts`` with all their labels, and labels older than
@@ -1401,6 +1583,11 @@ class RedisOutcomeStore(OutcomeWriter):
 #: The ends of the erased spend fields (``<bucket>|<tenant hash>``) for each measure that
 #: :func:`~router.outcomes.erased_spend` sums: judging, requests, counterfactual.
 _ERASED_MEASURES = ("", "|requests", "|counterfactual")
+
+
+def _mark_field(group: str, consumer: str) -> str:
+    """A consumer's field in a rebuild's hash of marks (as ``key`` in :data:`_PENDING_LUA`)."""
+    return f"{len(group.encode())}:{group}{consumer}"
 
 
 def _erased_spend_expiry(bucket: int) -> int:
