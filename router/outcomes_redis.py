@@ -139,6 +139,9 @@ REBUILD_LAST = 100
 REBUILD_PENDING_LAST = 500
 REBUILD_TRIES = 5
 REBUILD_TTL_S = 300
+#: The oldest Redis the store works with: the retention purge and an erasure's stream rebuild
+#: need XTRIM MINID, the rebuild XGROUP CREATECONSUMER and exclusive XPENDING ranges (6.2).
+MIN_REDIS = (6, 2)
 #: A budget hold whose request never wrote a record (its replica died) lapses after this long.
 HOLD_TTL_S = 900
 #: After Redis failed a budget hold, holds use this replica's view for this long without asking
@@ -631,6 +634,13 @@ class RedisOutcomeStore(OutcomeWriter):
                 "each replica its own TIERGATE_OUTCOME_JOURNAL_PATH (or TIERGATE_HOME)"
             )
         self.connect()
+        try:
+            self._check_version()
+        except ConfigError:
+            if self._claim is not None:
+                self._claim.close()  # releases the journal
+                self._claim = None
+            raise
         with self._cond:
             for path in self._journal_files():
                 items = _set_aside_unreadable(path, self.unreadable_path)
@@ -643,6 +653,28 @@ class RedisOutcomeStore(OutcomeWriter):
         except self.transient as exc:
             self.unavailable(exc)
         self._start_writer()
+
+    def _check_version(self) -> None:
+        """Refuse a Redis older than :data:`MIN_REDIS`, whose purge and erasures would fail on
+        every run (an unreachable one is checked by its first erasure, :meth:`_too_old`)."""
+        try:
+            too_old = self._too_old()
+        except self.transient:
+            return  # the outage is noted by the first refresh
+        if too_old:
+            raise ConfigError(f"TIERGATE_REDIS_URL: {too_old}")
+
+    def _too_old(self) -> str | None:
+        """Why this Redis is older than :data:`MIN_REDIS`, or None (``INFO server``)."""
+        version = str(self._client.info("server").get("redis_version", ""))
+        found = tuple(int(n) for n in re.findall(r"\d+", version)[:2])
+        if found >= MIN_REDIS:
+            return None
+        return (
+            f"Redis {version or '(no version said)'} is older than 6.2, which Tiergate needs: "
+            "the retention purge trims the outcomes stream with XTRIM MINID, and an erasure "
+            "rebuilds it with XTRIM MINID and XGROUP CREATECONSUMER; upgrade Redis"
+        )
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Write everything buffered; if Redis does not answer, what is left goes to the
@@ -1398,6 +1430,9 @@ class RedisOutcomeStore(OutcomeWriter):
 
         client, counts = self._client, self.key("outcomes", "erasures")
         try:
+            too_old = self._too_old()
+            if too_old:  # it would copy the stream and fail at the end, on every erasure
+                return f"not rebuilt: {too_old}, then run `tiergate outcomes delete --compact`"
             self._drop_copies()
             for _ in range(REBUILD_TRIES):
                 deleted, rebuilt, rebuilt_id = client.hmget(

@@ -317,6 +317,41 @@ def test_a_second_process_on_the_same_journal_is_refused(
     assert len((tmp_path / "journal.jsonl").read_text().splitlines()) == 1
 
 
+def test_a_redis_older_than_6_2_is_refused_at_start_and_by_an_erasure(
+    redis_server: RedisServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Redis 6.0 has no XTRIM MINID nor XGROUP CREATECONSUMER: its retention purge failed on
+    every run, and every erasure copied the whole stream to fail at the end and exit 1. A
+    replica refuses to start on it, saying why; an erasure deletes what it erases and says the
+    stream cannot be rebuilt there, without copying it. (No Redis below 6.2 is at hand: its
+    INFO server is played, saying 6.0.16, by the real Redis.)"""
+    s = store(redis_server, tmp_path)
+    alice, _, _ = three_people(s)
+    s.close()
+    real = redis.Redis.info
+
+    def info(self: redis.Redis, section: str | None = None, *args: Any, **kw: Any) -> Any:
+        found = real(self, section, *args, **kw)
+        return {**found, "redis_version": "6.0.16"} if section == "server" else found
+
+    monkeypatch.setattr(redis.Redis, "info", info)
+    with pytest.raises(ConfigError, match=r"Redis 6\.0\.16 is older than 6\.2, which Tiergate"):
+        store(redis_server, tmp_path)
+    monkeypatch.setenv("TIERGATE_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("TIERGATE_OUTCOME_JOURNAL_PATH", str(tmp_path / "cli-journal.jsonl"))
+    copies: list[str] = []
+    monkeypatch.setattr(RedisOutcomeStore, "_copy_stream", lambda _, d: copies.append(d) or True)
+    assert main(["outcomes", "delete", "--request-id", alice.id]) == 1
+    said = capsys.readouterr()
+    assert "deleted 1 records" in said.out and copies == []
+    assert "older than 6.2" in said.err and "outcomes delete --compact" in said.err
+    monkeypatch.setattr(redis.Redis, "info", real)
+    store(redis_server, tmp_path).close()  # the refused one let the journal go
+
+
 def test_budget_holds_during_an_outage_log_once_and_still_hold(
     redis_server: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
