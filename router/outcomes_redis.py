@@ -1603,7 +1603,9 @@ class RedisOutcomeStore(OutcomeWriter):
             request_id, source = member.rsplit("|", 1)
             pipe.hdel(self.key("label", request_id), source)
         pipe.zremrangebyscore(self.key("labels"), "-inf", before_ts)
-        pipe.xtrim(self.key("outcomes"), minid=f"{int(before_ts * 1000)}-0")
+        # Exact: an approximate trim (redis-py's default) drops whole blocks of entries only,
+        # at most 10,000 entries a call, and left older ones readable past the retention.
+        pipe.xtrim(self.key("outcomes"), minid=f"{int(before_ts * 1000)}-0", approximate=False)
         today = _day(time.time())
         for day in range(today - ERASED_SPEND_KEPT_S // 86400 - 1, _day(before_ts) + 1):
             key = self._erased_spend_key(day * 86400)

@@ -138,6 +138,30 @@ def test_purge_removes_old_records_and_labels(redis_server: RedisServer, tmp_pat
         s.close()
 
 
+def test_purge_leaves_no_stream_entry_written_before_it_readable(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The purge trimmed the stream approximately: whole blocks of entries only (100 each),
+    at most 10,000 entries a run, so the entries of records past the retention that shared a
+    block with newer ones stayed readable by every consumer. It trims exactly."""
+    s = store(redis_server, tmp_path)
+    try:
+        old = outcome(tenant="acme", prompt="Alice Smith asks about her lease")
+        s.submit(old)
+        assert s.flush(10)
+        time.sleep(0.01)  # stream ids are milliseconds: none of them in the cut's
+        cut = time.time()
+        time.sleep(0.01)
+        new = outcome(tenant="acme")
+        s.submit(new)
+        assert s.flush(10)
+        assert s.purge(cut) == 1
+        entries = redis_server.client().xrange("tiergate:outcomes")
+        assert [f[b"id"].decode() for _, f in entries] == [new.id]
+    finally:
+        s.close()
+
+
 def _label_given_late(s: SQLiteOutcomeStore | RedisOutcomeStore) -> str:
     """A 29-day-old request whose user left feedback today; its id."""
     old = outcome(tenant="acme", ts=time.time() - 29 * 86400)
