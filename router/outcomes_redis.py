@@ -21,7 +21,8 @@ such as ``{tiergate}`` so one Lua script can touch every key):
                                 ``XDEL`` moves.
 ``P:outcomes:rebuild:<random>`` stream, a rebuild's copy, renamed over ``P:outcomes`` when it
                                 is whole; expiring after :data:`REBUILD_TTL_S` if left behind,
-                                deleted by the next erasure before then.
+                                deleted by the next erasure before then. ``...:marks``, a
+                                hash beside it: its consumers' marks (:data:`_PENDING_LUA`).
 ``P:outcomes:ts``               sorted set, request id by timestamp: ``recent``, ``count``,
                                 ``purge``. ``P:outcomes:ts:<tenant>`` the same per tenant;
                                 ``P:tenants`` the set of tenants seen.
