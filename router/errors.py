@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +66,15 @@ class TiergateError(Exception):
         self.headers: dict[str, str] = dict(headers or {})
         if self.should_retry is not None:
             self.headers["x-should-retry"] = "true" if self.should_retry else "false"
+
+    def name_fields(self, name: Callable[[str], str]) -> None:
+        """Name the chat request field this error is about (``param``) as ``name`` gives it.
+
+        Every front is served as a chat request, so the backends name chat fields; the gateway
+        names them as the client's front does where the error leaves it. A subclass whose
+        message names a field words it again."""
+        if self.param is not None:
+            self.param = name(self.param)
 
     def to_body(self) -> dict[str, Any]:
         """The OpenAI error envelope for this error."""
@@ -185,6 +194,35 @@ class BadRequestError(TiergateError):
     status_code = 400
     error_type = "invalid_request_error"
     code = "invalid_request"
+
+
+class OverWindowError(BadRequestError):
+    """A model found the prompt, with the room the request asked for the answer, over its
+    context window (the policy's estimate let it through). Its ``param`` is the output limit
+    where the prompt fits alone (the part a client can change without losing history), else
+    the prompt; both, and the limit its message names, are the chat request's until
+    :meth:`name_fields` names them as the client's front does."""
+
+    code = "context_length_exceeded"
+
+    def __init__(self, model: str, prompt_tokens: int, asked: int, window: int) -> None:
+        self.model, self.prompt_tokens = model, prompt_tokens
+        self.asked, self.window = asked, window
+        param = "max_tokens" if prompt_tokens <= window else "messages"
+        super().__init__(self._words("max_tokens"), param=param)
+
+    def _words(self, output: str) -> str:
+        return (
+            f"the prompt is longer than {self.model}'s context window: Requested tokens "
+            f"({self.prompt_tokens} in the prompt + {output} {self.asked}) exceed context "
+            f"window of {self.window}"
+        )
+
+    def name_fields(self, name: Callable[[str], str]) -> None:
+        """The param, and the output limit in the message, as ``name`` gives them."""
+        super().name_fields(name)
+        self.message = self._words(name("max_tokens"))
+        self.args = (self.message,)
 
 
 class ThreadUnsupportedError(BadRequestError):

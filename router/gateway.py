@@ -529,9 +529,9 @@ class Gateway:
                 if not relay.saw_usage:
                     yield _usage_chunk(ctx, relay.id, relay.model)
         except (Exception, asyncio.CancelledError, GeneratorExit) as exc:
+            internal = self._explained(ctx, exc, call.body, opened=source is not None)
             status, http_status, error = _outcome(exc, self.stopping)
             self._stream_ended(ctx, exc, started=source is not None)
-            internal = self._explained(ctx, exc, opened=source is not None)
             if internal is not None:
                 raise internal from exc
             raise
@@ -560,12 +560,15 @@ class Gateway:
         self.cooldowns.released(ctx.served.model.name, ctx.probe)  # a client that left
 
     def _explained(
-        self, ctx: RequestContext, exc: BaseException, *, opened: bool
+        self, ctx: RequestContext, exc: BaseException, body: Mapping[str, Any], *, opened: bool
     ) -> TiergateError | None:
-        """Give a failed request's error its headers (``x-request-id``, the decision). A defect
-        (any other exception) is logged with the request id and, unless a stream has started,
-        answered as a 500 that carries those headers too: returned for the caller to raise."""
+        """Give a failed request's error its headers (``x-request-id``, the decision) and the
+        names of the client's front for the fields of ``body``, the chat request, that it names
+        (a backend knows no front). A defect (any other exception) is logged with the request
+        id and, unless a stream has started, answered as a 500 that carries those headers too:
+        returned for the caller to raise."""
         if isinstance(exc, TiergateError):
+            exc.name_fields(functools.partial(front_fields(ctx.front).named, body=body))
             exc.headers.update(self.explain(ctx))
             return None
         if not isinstance(exc, Exception):  # cancelled: a client that left, or shutdown
@@ -584,11 +587,8 @@ class Gateway:
         if ctx.decision.rejected:
             raise BudgetExceededError(ctx.decision.rejected)
         if ctx.decision.unsatisfiable:
-            param = ctx.decision.unsatisfiable_param
-            if param is not None:  # the field as the client's front calls it, as it sent it
-                fields = front_fields(call.front)
-                param = fields.output_of(call.body) if param == "max_tokens" else fields.name(param)
             code = "context_length_exceeded" if ctx.decision.context_exceeded else None
+            param = ctx.decision.unsatisfiable_param  # named as the client's front names it
             raise BadRequestError(ctx.decision.unsatisfiable, code=code, param=param)
         tokens = sum(self.reserved_tokens(ctx, self.reserve_tokens))
         return await self.limiter.reserve(call.principal, tokens)

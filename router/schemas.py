@@ -423,6 +423,11 @@ class FrontFields:
         sent = "max_completion_tokens" if body.get("max_completion_tokens") is not None else ""
         return self.name(sent or "max_tokens")
 
+    def named(self, chat_field: str, body: Mapping[str, Any]) -> str:
+        """``chat_field`` as the client of the chat request ``body`` calls it: the output limit
+        as it sent it (:meth:`output_of`), any other field as :meth:`name` gives it."""
+        return self.output_of(body) if chat_field in OUTPUT_FIELDS else self.name(chat_field)
+
 
 CHAT_FIELDS = FrontFields()
 #: Each front's names, by its name (``Call.front``, the outcome record's ``front``).

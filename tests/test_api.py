@@ -254,6 +254,54 @@ def test_a_prompt_that_leaves_no_room_for_max_tokens_is_refused_not_cut_short(
     assert len(fake.received) == 1
 
 
+# Chinese takes more tokens than the policy's estimate allows: each reaches llama.cpp.
+_LEARNING = "机器学习是人工智能的一个分支它使计算机能够从数据中学习。"
+_OVER_WINDOW = {  # the text, the output limit: over the window with the answer's room, or alone
+    "answer": ("请总结" + _LEARNING * 40, 400),  # 1,746 tokens + 400
+    "prompt": ("请总结" + _LEARNING * 50, 5),  # 2,176 tokens
+}
+# Each front's request pinned to the local model, and what its 400 should name: the prompt's
+# field, the output limit's as it was sent (None: Anthropic's error shape has no param).
+_LOCAL_FRONTS = {
+    "chat": ("/v1/chat/completions", "max_tokens", "messages"),
+    "chat-max_completion_tokens": ("/v1/chat/completions", "max_completion_tokens", "messages"),
+    "responses": ("/v1/responses", "max_output_tokens", "input"),
+    "messages": ("/v1/messages", "max_tokens", None),
+}
+
+
+@pytest.mark.gguf
+@pytest.mark.parametrize("over", sorted(_OVER_WINDOW))
+@pytest.mark.parametrize("front", sorted(_LOCAL_FRONTS))
+def test_the_local_models_window_refusal_names_the_fields_of_each_front(
+    gguf_server: LiveServer, fake: FakeProvider, front: str, over: str
+) -> None:
+    """The real GGUF refuses a prompt over its window (2,048 tokens), or one that leaves no
+    room for the answer asked for, that the policy's estimate let through. Its 400 said
+    'max_tokens' and param 'messages' on every front: a /v1/responses client heard of fields
+    it never sent. It names the output limit as the client sent it, and the param is the
+    field the client can change: the output limit where the prompt fits alone, else the
+    prompt's field on the client's front."""
+    fake.reset()
+    path, output, prompt = _LOCAL_FRONTS[front]
+    text, limit = _OVER_WINDOW[over]
+    asked: dict[str, object] = {"model": "local", output: limit}
+    if path == "/v1/responses":
+        asked["input"] = text
+    else:
+        asked["messages"] = [{"role": "user", "content": text}]
+    refused = gguf_server.http.post(path, json=asked)
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert (
+        f"in the prompt + {output} {limit}) exceed context window of 2048" in (error["message"])
+    ), error
+    if prompt is not None:  # OpenAI's shape
+        assert error["code"] == "context_length_exceeded"
+        assert error["param"] == (output if over == "answer" else prompt), error
+    assert fake.received == []
+
+
 def test_a_history_over_the_window_of_a_model_it_must_stay_on_is_context_length_exceeded(
     client: openai.OpenAI, fake: FakeProvider
 ) -> None:

@@ -38,6 +38,7 @@ from router.errors import (
     ConfigError,
     LocalOverloadedError,
     MissingExtraError,
+    OverWindowError,
     UpstreamBadRequestError,
     UpstreamTimeoutError,
 )
@@ -313,6 +314,16 @@ def _trained_context(llm: Any) -> int | None:
         return None
 
 
+class _OverWindowError(ValueError):
+    """A prompt that leaves no room for the answer the client asked for (in
+    :func:`_recording_llama`): its tokens, the output limit and the window, for
+    :func:`_generation_error`."""
+
+    def __init__(self, prompt_tokens: int, asked: int, window: int) -> None:
+        super().__init__(prompt_tokens, asked, window)
+        self.prompt_tokens, self.asked, self.window = prompt_tokens, asked, window
+
+
 @functools.cache
 def _recording_llama() -> type[Any]:
     # llama_cpp.Llama that tells a TokenLogprobs which token each sampling step drew, and stops
@@ -335,10 +346,7 @@ def _recording_llama() -> type[Any]:
             # ended early with finish_reason 'length'. Refused as OpenAI does, before it is read.
             tokens = len(prompt) if isinstance(prompt, list) else 0  # chat handlers' form
             if self.asked is not None and tokens + self.asked > self.n_ctx():
-                raise ValueError(
-                    f"Requested tokens ({tokens} in the prompt + max_tokens "
-                    f"{self.asked}) exceed context window of {self.n_ctx()}"
-                )
+                raise _OverWindowError(tokens, self.asked, self.n_ctx())
             return super().create_completion(prompt, *args, **kwargs)
 
         def eval(self, tokens: Sequence[int]) -> None:
@@ -396,8 +404,12 @@ def _generation_error(exc: BaseException) -> BadRequestError | BackendError:
     A prompt longer than the context window is the request's fault, as at OpenAI: a 400
     ``context_length_exceeded`` (which a request that did not pin the local model falls back
     from) rather than a 502 that SDKs retry. Prompts reach llama.cpp over the window when the
-    policy's character-based estimate undercounts them (Chinese, code, emoji).
+    policy's character-based estimate undercounts them (Chinese, code, emoji). Named in the
+    chat request's fields, as the gateway names them for the client's front
+    (:meth:`~router.errors.TiergateError.name_fields`).
     """
+    if isinstance(exc, _OverWindowError):
+        return OverWindowError("the local model", exc.prompt_tokens, exc.asked, exc.window)
     if isinstance(exc, ValueError) and "exceed context window" in str(exc):
         return BadRequestError(
             f"the prompt is longer than the local model's context window: {exc}",
