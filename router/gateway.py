@@ -1206,6 +1206,9 @@ class Gateway:
             self._cascade_note(ctx, _failed(ctx), usage, None)
             self._cascade_failed(ctx, model, exc)
             return None, None
+        except BaseException:  # cancelled (a client that left): it says nothing of the model
+            self.cooldowns.released(model.name, ctx.probe)
+            raise
         self.cooldowns.succeeded(model.name)
         choice = (result.body.get("choices") or [{}])[0]
         logprobs = (choice.get("logprobs") or {}).get("content") or []
@@ -1254,6 +1257,9 @@ class Gateway:
             self._cascade_note(ctx, _failed(ctx), _held_usage(usage, hold, ctx), None)
             self._cascade_failed(ctx, model, exc)
             return None, None
+        except BaseException:  # cancelled in the hold-back (a client that left), as above
+            self.cooldowns.released(model.name, ctx.probe)
+            raise
         self.cooldowns.succeeded(model.name)
         held_ms = (time.perf_counter() - started) * 1000.0
         judgement = self._cascade_judge(ctx, body, hold.logprobs, hold.finish_reason)

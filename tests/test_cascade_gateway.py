@@ -22,6 +22,7 @@ from router.cascade_training import save_cascade_form
 from tests.conftest import KeywordScorer, LiveServer, live, policy_yaml, silent_server, wait_for
 from tests.fake_provider import Behaviour, FakeProvider
 from tests.scripted_local import ScriptedLocal
+from tests.test_cooldown import Clock
 
 CONFIDENT, DOUBTFUL = -0.1, -4.0  # the scripted tokens' log-probability
 
@@ -298,14 +299,12 @@ def test_a_private_request_never_escalates(
     assert fake.received == []
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_a_cascade_escalates_at_once_while_its_external_local_server_cools(
-    tmp_path: Path, fake: FakeProvider, stream: bool
-) -> None:
-    """A cascade asks the local model first: an external llama.cpp server that hangs cost each
-    cascade request its timeout before it escalated, for ever. Its failures count as on a
-    chain: after two the server cools, and the next request escalates at once
-    (``local_unavailable``) without calling it."""
+@contextmanager
+def _on_a_silent_server(
+    tmp_path: Path, fake: FakeProvider, **settings: Any
+) -> Iterator[tuple[LiveServer, list[Any]]]:
+    """A Tiergate whose cascade's local model is an external llama.cpp server that accepts
+    connections and never answers; with the connections it accepted."""
     fake.reset()
     policy = policy_yaml(fake, on_failure="closed", extra=CASCADE_POLICY).replace(
         "  auto-best: {threshold: 0.05}\n",
@@ -318,10 +317,24 @@ def test_a_cascade_escalates_at_once_while_its_external_local_server_cools(
             policy,
             local_backend="openai_http",
             local_base_url=f"{root}/v1",
-            local_timeout_s=0.5,
             cascade_model_path=_confidence_model(tmp_path),
-            cooldown_after_fails=2,
+            **settings,
         ) as srv,
+    ):
+        yield srv, accepted
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_cascade_escalates_at_once_while_its_external_local_server_cools(
+    tmp_path: Path, fake: FakeProvider, stream: bool
+) -> None:
+    """A cascade asks the local model first: an external llama.cpp server that hangs cost each
+    cascade request its timeout before it escalated, for ever. Its failures count as on a
+    chain: after two the server cools, and the next request escalates at once
+    (``local_unavailable``) without calling it."""
+    with _on_a_silent_server(tmp_path, fake, local_timeout_s=0.5, cooldown_after_fails=2) as (
+        srv,
+        accepted,
     ):
         for _ in range(2):
             assert _ask(srv, stream=stream).headers["x-tiergate-tier"] == "closed"
@@ -332,6 +345,41 @@ def test_a_cascade_escalates_at_once_while_its_external_local_server_cools(
         assert elapsed < 0.5 and len(accepted) == 2
         record = _record(srv, response.headers["x-request-id"])
     assert record["cascade"]["reason"] == "local_unavailable"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_cascade_call_whose_client_left_lets_the_next_request_probe(
+    tmp_path: Path, fake: FakeProvider, stream: bool
+) -> None:
+    """After its external llama.cpp server's cooldown lapsed, a cascade request's local call is
+    the probe. Its client left before the server answered: the probe was held until the
+    call's timeout, so the requests after it escalated at once (``local_unavailable``)
+    without trying the server. It is released as a chain's is: the next request probes."""
+    with _on_a_silent_server(tmp_path, fake, local_timeout_s=1.5, cooldown_after_fails=1) as (
+        srv,
+        accepted,
+    ):
+        clock = Clock()
+        cooldowns = srv.gateway.cooldowns
+        cooldowns._clock = clock  # the probe's bound (the call's timeout) never passes
+        assert _ask(srv, stream=stream).headers["x-tiergate-tier"] == "closed"
+        assert cooldowns.left("local") > 0 and len(accepted) == 1
+        clock.now += 31  # the cooldown lapsed: the next local call is the probe
+        body = {"model": "auto-cascade", "messages": [{"role": "user", "content": "Hi?"}]}
+        with pytest.raises(httpx.ReadTimeout):  # the client hangs up
+            httpx.post(
+                srv.url + "/v1/chat/completions", json={**body, "stream": stream}, timeout=0.5
+            )
+        store = srv.gateway.outcomes
+        assert wait_for(lambda: store.count() == 2, 5)
+        assert store.recent(1)[0]["status"] == "aborted"
+        assert wait_for(lambda: len(accepted) == 2, 5)
+        response = _ask(srv, stream=stream)
+        record = _record(srv, response.headers["x-request-id"])
+        tried = len(accepted)
+    assert response.status_code == 200 and response.headers["x-tiergate-tier"] == "closed"
+    assert record["cascade"]["reason"] != "local_unavailable", record["cascade"]
+    assert tried == 3  # the server was called again: the request after the one that left probed
 
 
 def test_a_cascade_with_no_closed_model_to_escalate_to_says_it_was_skipped(
