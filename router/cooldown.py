@@ -108,9 +108,10 @@ class Cooldowns:
         self.shared = shared
         # The marks of the cooldowns a success ended here, by model (replaced by the next one).
         self._ended: dict[str, frozenset[str]] = {}
-        # Models another replica's cooldown cooled here since they last answered here: the
-        # first failure here after it is a probe's, and cools at once.
-        self._probing: set[str] = set()
+        # Models another replica's cooldown cooled here since they last answered here, with
+        # its reason (the error code), which a probe after it shows: the first failure here
+        # after it is a probe's, and cools at once.
+        self._probing: dict[str, str] = {}
 
     def watch(self, names: Callable[[], Collection[str]]) -> None:
         """The models that may cool (the gateway's policy's, which may change): those whose
@@ -156,7 +157,7 @@ class Cooldowns:
         state = self._states.pop(name, None) if self._states else None
         if self.shared is None:
             return
-        self._probing.discard(name)
+        self._probing.pop(name, None)
         seen = self._seen(name)
         # This replica's own mark too: the refresh may not have read it back yet.
         ended = {mark for mark in (seen and seen[0], state and state.mark) if mark}
@@ -182,6 +183,7 @@ class Cooldowns:
             return 0.0  # it has not cooled since it last answered
         if state is None:
             state = self._states[name] = _State()
+        state.reason = self._probing.get(name, state.reason)  # another replica's cooldown's
         state.probe = now + timeout_s
         return state.probe
 
@@ -213,7 +215,7 @@ class Cooldowns:
         if seen is None or seen[1] <= here:
             return here
         if state is None or seen[0] != state.mark:
-            self._probing.add(name)
+            self._probing[name] = seen[0].partition("|")[0]
         return seen[1]
 
     def status(self) -> dict[str, dict[str, float | int | str | bool]]:

@@ -658,7 +658,8 @@ def test_after_a_shared_cooldown_each_replica_sends_one_probe(
     coordinated through Redis: see router.cooldown) and sends its other requests to claude
     while that probe is out: two calls for two replicas. Each probe times out and cools
     gpt-4o again at once on its replica (on A, after a 429 that counted one failure of the
-    three that cool)."""
+    three that cool). While they are out, /readyz says why on both: B's said reason '' (the
+    lapsed shared cooldown's reason was not kept)."""
     fake.reset()
     hard = {"model": "auto", "messages": [{"role": "user", "content": "HARD"}]}
     with (
@@ -680,6 +681,7 @@ def test_after_a_shared_cooldown_each_replica_sends_one_probe(
         assert wait_for(lapsed, timeout_s=6)
         probes = [pool.submit(srv.http.post, "/v1/chat/completions", json=hard) for srv in replicas]
         assert wait_for(lambda: _calls(fake) == 2, timeout_s=5)
+        probing = [readiness(services(srv.app))["closed"]["gpt-4o"]["cooldown"] for srv in replicas]
         for srv in replicas:
             for _ in range(2):
                 answer = srv.http.post("/v1/chat/completions", json=hard)
@@ -687,6 +689,14 @@ def test_after_a_shared_cooldown_each_replica_sends_one_probe(
         assert _calls(fake) == 2
         assert [p.result(timeout=30).headers["x-tiergate-model"] for p in probes] == ["claude"] * 2
         assert all(29 < srv.gateway.cooldowns.left("gpt-4o") <= 30 for srv in replicas)
+    for seen, here in zip(probing, (True, False), strict=True):
+        assert seen is not None and 0 < seen.pop("seconds_left") <= 3
+        assert seen == {
+            "reason": "upstream_rate_limited",
+            "failures": 1 if here else 0,
+            "started_here": here,
+            "probing": True,
+        }
 
 
 @pytest.mark.skipif(redis_binary() is None, reason="no redis-server binary")
