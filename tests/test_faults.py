@@ -1062,6 +1062,62 @@ def test_anthropics_prompt_too_long_is_over_the_window_on_every_path(
         assert model not in cooling, cooling
 
 
+#: 400s that call the request bad and quote it (a validator's ``input_value``, an echoed
+#: field), where the quoted text holds a provider's words for a prompt over the window: by
+#: Anthropic's type (no code; its native path, as litellm reads words of its own), and an
+#: OpenAI-compatible server's (vLLM's ``code: 400``, the direct path).
+QUOTING_400S = {
+    "claude": {
+        "type": "error",
+        "error": {
+            "type": "invalid_request_error",
+            "message": "messages.0.content.0.text: unexpected value 'Summarise this: the "
+            "prompt is too long: 9 tokens > 8 maximum, said the old model'",
+        },
+    },
+    "gpt-4o": {
+        "error": {
+            "object": "error",
+            "message": "1 validation error for ChatCompletionRequest\nmessages.0.role\n  Input "
+            "should be 'system', 'user' or 'assistant' [type=literal_error, input_value={'role':"
+            " 'critic', 'content': \"This model's maximum context length is 8 tokens, it "
+            'said"}]',
+            "type": "BadRequestError",
+            "param": None,
+            "code": 400,
+        }
+    },
+}
+
+
+@pytest.mark.parametrize("model", sorted(QUOTING_400S))
+def test_a_bad_request_that_quotes_window_words_stays_the_clients_400(
+    tmp_path: Path, fake: FakeProvider, model: str
+) -> None:
+    """A provider's 400 whose message quotes the request (here a user's words that read like a
+    refusal for the window) is the request's own 400: the client gets it, and the chain does
+    not go on to a model with a larger window. The words are the provider's only where its
+    message begins with them; anywhere in it, the quote made it ``context_length_exceeded``
+    and the request was served by the next model."""
+    policy = _error_event_policy(fake, model, None)
+    windows = {"claude": 100000, "gpt_4o": 400000}
+    if model == "gpt-4o":
+        windows = {"claude": 400000, "gpt_4o": 100000}
+    front = "messages" if model == "claude" else "chat"
+    path, request, failing = CUT_FRONTS[front]
+    with live(tmp_path, _windowed(policy, **windows), cooldown_after_fails=1) as srv:
+        fake.reset(
+            Behaviour(
+                mode="status", status=400, error_body=QUOTING_400S[model], failing_path=failing
+            )
+        )
+        answer = srv.http.post(path, json={**request, "stream": False})
+        record = _record(srv, answer)
+    refused = "invalid_request_error" if front == "messages" else "upstream_bad_request"
+    assert _error_of(front, answer) == (400, refused), answer.text
+    assert (record["model"], record["error_type"]) == (model, "upstream_bad_request")
+
+
 # -- local tier faults -------------------------------------------------------------------------
 
 

@@ -162,21 +162,25 @@ _OVER_WINDOW = ("context_length_exceeded", "exceed_context_size_error")
 #: ... and how a provider whose code and type name any bad request says it in the message:
 #: Anthropic (its two refusals, and Bedrock's for a Claude model), Gemini (Vertex too),
 #: Bedrock, Mistral, and OpenAI's own words (a compatible server that sends them without
-#: the code).
+#: the code). Each is matched where the message begins: a 400 that quotes the request (a
+#: validator's ``input_value``, an echoed field) may quote a user's text holding the same
+#: words, and that 400 is the client's own, not a window another model may have.
 _OVER_WINDOW_SAID = re.compile(
     r"prompt is too long"  # Anthropic: "prompt is too long: 215000 tokens > 200000 maximum"
     r"|input length and `max_tokens` exceed context limit"  # Anthropic, with max_tokens
-    r"|exceeds the maximum number of tokens allowed"  # Gemini: "The input token count (N) ..."
+    r"|the input token count \(\d+\) exceeds the maximum number of tokens allowed"  # Gemini
     r"|input is too long for requested model|too many input tokens"  # Bedrock
-    r"|too large for model with \d+ maximum context length"  # Mistral: "Prompt contains N ..."
-    r"|maximum context length is \d+ tokens",  # OpenAI's words (vLLM, DeepSeek)
+    r"|prompt contains \d+ tokens.*too large for model with \d+ maximum context length"  # Mistral
+    # OpenAI's words (vLLM, DeepSeek), after vLLM's note on max_tokens where it gives one
+    r"|(?:'max_tokens' or 'max_completion_tokens' is too large: \d+\. )?"
+    r"this model's maximum context length is \d+ tokens",
     re.IGNORECASE,
 )
 
 
 def _over_window(error: dict[str, Any]) -> bool:
     """Whether a provider's 400 ``error`` object says the prompt is over the model's window:
-    by its ``code`` or ``type`` (:data:`_OVER_WINDOW`), else by its message
+    by its ``code`` or ``type`` (:data:`_OVER_WINDOW`), else by how its message begins
     (:data:`_OVER_WINDOW_SAID`) unless its ``code`` names another error (OpenAI's
     ``invalid_value``; not a number, as vLLM's 400 and Mistral's ``"3051"``)."""
     code = error.get("code")
@@ -185,7 +189,7 @@ def _over_window(error: dict[str, Any]) -> bool:
     if isinstance(code, str) and not code.isdigit():
         return False
     said = error.get("message")
-    return isinstance(said, str) and _OVER_WINDOW_SAID.search(said) is not None
+    return isinstance(said, str) and _OVER_WINDOW_SAID.match(said.lstrip()) is not None
 
 
 def request_too_large(message: str) -> bool:
