@@ -63,7 +63,7 @@ from router.errors import (
 from router.learning import answer_text
 from router.outcomes import OutcomeRecord, OutcomeStore
 from router.pii import redact
-from router.policy import Decision, ModelSpec, Policy, evaluate, load_policy
+from router.policy import Decision, ModelSpec, Policy, evaluate, load_policy, why_unfit
 from router.schemas import CHAT_FIELDS, FrontFields, front_fields
 from router.scoring import Scorer
 from router.signals import (
@@ -879,7 +879,7 @@ class Gateway:
             escalation = self._escalation(decision)
             local = cost(self.policy.models[decision.model])
             return local + max((cost(m) for m, _ in escalation), default=0.0)
-        reach = self.chain(decision) + self.spill_chain(decision)
+        reach = self.chain(decision) + self.spill_chain(decision, ctx.signals)
         return max(cost(spec) for spec, _ in reach)
 
     async def hold_spend(self, ctx: RequestContext, default_completion: int) -> None:
@@ -934,14 +934,23 @@ class Gateway:
             chain.append((spec, NO_CLOSED_FALLBACK if keyless else f"{primary.tier}->{spec.tier}"))
         return chain
 
-    def spill_chain(self, decision: Decision) -> list[tuple[ModelSpec, str | None]]:
-        """Where a request goes when the local queue is full and the policy says spill: never
-        for a ``local_only`` decision, nor for one that pins the local model (a pinned model is
+    def spill_chain(
+        self, decision: Decision, signals: Signals | None
+    ) -> list[tuple[ModelSpec, str | None]]:
+        """Where a request goes when the local queue is full and the policy says spill: the
+        closed models that can take it (``signals``, the hard constraints every chain is
+        filtered by: a prompt over a model's window was sent to it and refused); never for a
+        ``local_only`` decision, nor for one that pins the local model (a pinned model is
         never swapped, docs/policy.md)."""
         policy = self.policy
         if decision.local_only or decision.rule == "pinned" or policy.queue_full != "spill":
             return []
-        return [(policy.models[name], "local-full->closed") for name in policy.closed_models]
+        closed_models = [policy.models[name] for name in policy.closed_models]
+        return [
+            (spec, "local-full->closed")
+            for spec in closed_models
+            if signals is None or why_unfit(spec, signals) is None
+        ]
 
     # -- serving ---------------------------------------------------------------------------
 
@@ -1310,7 +1319,7 @@ class Gateway:
                 result = await self._attempt_on(ctx, attempt, backend, model, fallback)
             except LocalOverloadedError as exc:
                 last = exc
-                spill = self.spill_chain(ctx.decision)
+                spill = self.spill_chain(ctx.decision, ctx.signals)
                 if not spill:
                     raise
                 # The spill goes first; a fallback it already holds is not tried twice.

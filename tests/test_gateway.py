@@ -414,6 +414,49 @@ def test_full_queue_spills_to_closed(tmp_path: Path, fake: FakeProvider) -> None
         assert r.headers["x-tiergate-fallback"] == "local-full->closed"
 
 
+async def _burst_long(url: str, local: ScriptedLocal, content: str) -> httpx.Response:
+    # The local model's one slot held by a short request, then one of ``content``.
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        easy = {"model": "auto", "messages": [{"role": "user", "content": "easy"}]}
+        first = asyncio.create_task(client.post("/v1/chat/completions", json=easy))
+        while local.gate.running == 0:
+            assert not first.done(), (await first).text
+            await asyncio.sleep(0.01)
+        body = {"model": "auto", "messages": [{"role": "user", "content": content}]}
+        second = await client.post("/v1/chat/completions", json=body)
+        local.release.set()
+        assert (await first).status_code == 200
+        return second
+
+
+def test_a_full_queue_spills_only_to_a_closed_model_that_can_take_the_request(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """A prompt within the local model's window (2048) and over gpt-4o's (1000) spilled to
+    gpt-4o when the local queue was full, and gpt-4o's 400 context_length_exceeded reached the
+    client: the spill skipped the hard constraints that every other chain is filtered by.
+    It spills to the closed model that can take it (claude); with none, it is the full
+    queue's 429, which a retry may get past, and nothing is sent."""
+    long = "word " * 1000  # about 1,430 tokens by Tiergate's estimate, 1,250 by the fake's
+    for claude_window in (200000, 1000):
+        fake.reset(Behaviour(context_windows={"gpt-4o": 1000}))
+        local = ScriptedLocal(queue_size=0)
+        local.hold = True
+        policy = _windows(fake, claude_window).replace(
+            "context_window: 128000\n", "context_window: 1000\n"
+        )
+        with live(tmp_path, policy, local_backend_obj=local) as srv:
+            answer = asyncio.run(_burst_long(srv.url, local, long))
+        if claude_window > 1000:
+            assert answer.status_code == 200, answer.text
+            assert answer.headers["x-tiergate-model"] == "claude"
+            assert answer.headers["x-tiergate-fallback"] == "local-full->closed"
+            assert [r.path for r in fake.received] == ["/v1/messages"]
+        else:
+            assert answer.status_code == 429, answer.text
+            assert fake.received == []
+
+
 def test_full_queue_rejects_with_retry_after(tmp_path: Path, fake: FakeProvider) -> None:
     fake.reset()
     local = ScriptedLocal(queue_size=0)
