@@ -301,6 +301,14 @@ def openai_refusal(body: dict[str, Any]) -> dict[str, Any] | None:
                 "type": "invalid_request_error",
                 "param": f"tools[{index}].type",
             }
+    if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
+        return {
+            "message": "Setting 'max_tokens' and 'max_completion_tokens' at the same time is "
+            "not supported.",
+            "type": "invalid_request_error",
+            "param": "max_tokens",
+            "code": "invalid_parameter_combination",
+        }
     reasoning = str(body.get("model", "")).startswith(OPENAI_REASONING)
     if "reasoning_effort" in body and not reasoning:
         return {

@@ -290,6 +290,27 @@ def _sent_long_then_short(
     return sent
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_request_with_both_output_limits_is_sent_the_one_it_was_fitted_by(
+    tmp_path: Path, fake: FakeProvider, stream: bool
+) -> None:
+    """A request with ``max_tokens`` and ``max_completion_tokens`` is fitted and held by the
+    second (as vLLM and the local model read it, and litellm sends Claude). The direct OpenAI
+    path sent both, and OpenAI refuses both at once (400 invalid_parameter_combination): the
+    same request was answered when routed to claude or the local model and refused on gpt-4o.
+    Each model is sent the one limit it was fitted by."""
+    fake.reset(Behaviour(strict=True))
+    limits = {"max_tokens": 3000, "max_completion_tokens": 50}
+    with live(tmp_path, _windows(fake, 200000)) as srv:
+        for model in ("gpt-4o", "claude"):
+            body = {"model": model, "messages": [{"role": "user", "content": "hi"}], **limits}
+            answer = srv.http.post("/v1/chat/completions", json={**body, "stream": stream})
+            assert answer.status_code == 200, answer.text
+            assert "Hello" in answer.text  # the closed model's answer, whole or streamed
+            sent = fake.received[-1].body
+            assert [sent.get(k) for k in limits if k in sent] == [50], model
+
+
 @pytest.mark.parametrize("room", [0, 1, 15, MIN_ANSWER_TOKENS])
 def test_a_prompt_that_leaves_no_room_for_an_answer_is_refused_with_the_numbers(
     tmp_path: Path, fake: FakeProvider, room: int

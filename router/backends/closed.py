@@ -380,6 +380,10 @@ class ClosedBackend:
             limit = default_max_tokens(model)
             if limit is not None:
                 request[output_field(model)] = limit
+        elif request.get("max_completion_tokens") is not None:
+            # OpenAI refuses both at once (400 invalid_parameter_combination); the request was
+            # fitted and held by max_completion_tokens (signals), as litellm sends it elsewhere.
+            request.pop("max_tokens", None)
         return request
 
     def _timeout(self, model: ModelLike) -> float:
