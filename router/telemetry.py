@@ -1208,6 +1208,10 @@ def _request_params(body: Mapping[str, Any]) -> dict[str, Any]:
             attrs[f"gen_ai.request.{key}"] = float(value)
     if isinstance(body.get("seed"), int):
         attrs["gen_ai.request.seed"] = body["seed"]
+    choices = body.get("n")
+    if isinstance(choices, int) and not isinstance(choices, bool) and choices != 1:
+        # Required by the GenAI conventions where the request asks for other than one.
+        attrs["gen_ai.request.choice.count"] = choices
     return attrs
 
 

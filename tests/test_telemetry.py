@@ -172,6 +172,23 @@ def test_closed_request_span_has_genai_and_tiergate_attributes(
     _no_prompt_text(cap.finished())
 
 
+def test_a_request_for_several_choices_names_their_count_on_its_spans(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """The GenAI conventions require ``gen_ai.request.choice.count`` of a request that asks
+    for more than one choice (``n``); the spans said nothing of it, so a trace of an answer
+    billed for three choices read as one. A request for one names none."""
+    fake.reset()
+    with traced(tmp_path, policy_yaml(fake), local=ScriptedLocal()) as (srv, cap):
+        assert _chat(srv, "HARD question", n=3).status_code == 200
+        (client,) = cap.by_name("chat openai/gpt-4o")
+        assert cap.server_span().attributes["gen_ai.request.choice.count"] == 3
+        assert client.attributes["gen_ai.request.choice.count"] == 3
+        assert _chat(srv, "HARD question", n=1).status_code == 200
+    spans = [s for s in cap.finished() if s.kind in (SpanKind.SERVER, SpanKind.CLIENT)]
+    assert [s.attributes.get("gen_ai.request.choice.count") for s in spans] == [3, 3, None, None]
+
+
 def test_every_span_attribute_is_named_in_the_docs(tmp_path: Path, fake: FakeProvider) -> None:
     """docs/observability.md's Traces section names every attribute a request's spans carry: a
     closed call with each request parameter the spans copy, and a local stream."""
