@@ -310,6 +310,14 @@ def openai_refusal(body: dict[str, Any]) -> dict[str, Any] | None:
             "code": "invalid_parameter_combination",
         }
     reasoning = str(body.get("model", "")).startswith(OPENAI_REASONING)
+    if "max_tokens" in body and reasoning:
+        return {
+            "message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
+            "Use 'max_completion_tokens' instead.",
+            "type": "invalid_request_error",
+            "param": "max_tokens",
+            "code": "unsupported_parameter",
+        }
     if "reasoning_effort" in body and not reasoning:
         return {
             "message": (

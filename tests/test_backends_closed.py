@@ -464,8 +464,8 @@ def test_a_request_without_max_tokens_is_sent_the_policys_limit_on_every_path(
     gpt = Model("gpt-4o", "openai/gpt-4o", provider.base_url, max_output_tokens=2000)
     run(_answer(gpt, BODY, stream=stream))
     assert _limits(provider) == {"max_completion_tokens": 2000}
-    run(_answer(gpt, {**BODY, "max_tokens": 100}, stream=stream))  # the client's own
-    assert _limits(provider) == {"max_tokens": 100}
+    run(_answer(gpt, {**BODY, "max_tokens": 100}, stream=stream))  # the client's own,
+    assert _limits(provider) == {"max_completion_tokens": 100}  # in the field OpenAI's all take
     run(_answer(replace(gpt, max_output_tokens=None), BODY, stream=stream))
     assert _limits(provider) == {}  # no cap set: up to the model's own limit
     vllm = Model(

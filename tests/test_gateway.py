@@ -311,6 +311,29 @@ def test_a_request_with_both_output_limits_is_sent_the_one_it_was_fitted_by(
             assert [sent.get(k) for k in limits if k in sent] == [50], model
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_an_openai_reasoning_model_is_sent_the_limit_as_max_completion_tokens(
+    tmp_path: Path, fake: FakeProvider, stream: bool
+) -> None:
+    """OpenAI's reasoning models refuse ``max_tokens`` (400 unsupported_parameter). The direct
+    path sent a request's ``max_tokens`` as it came: every Messages request (the front requires
+    ``max_tokens``) and every chat one that set it failed on o3-mini, a model the client may
+    not have chosen. An OpenAI model is sent the limit as ``max_completion_tokens``, the field
+    each of them takes, as the limit Tiergate fills already is."""
+    fake.reset(Behaviour(strict=True))
+    policy = policy_yaml(fake).replace("openai/gpt-4o\n", "openai/o3-mini\n")
+    message = {"messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    with live(tmp_path, policy) as srv:
+        for path in ("/v1/chat/completions", "/v1/messages"):
+            body = {"model": "gpt-4o", "max_tokens": 100, **message}
+            answer = srv.http.post(path, json=body)
+            assert answer.status_code == 200, answer.text
+            sent = fake.received[-1].body
+            assert {k: v for k, v in sent.items() if k.startswith("max_")} == {
+                "max_completion_tokens": 100
+            }
+
+
 @pytest.mark.parametrize("room", [0, 1, 15, MIN_ANSWER_TOKENS])
 def test_a_prompt_that_leaves_no_room_for_an_answer_is_refused_with_the_numbers(
     tmp_path: Path, fake: FakeProvider, room: int

@@ -358,7 +358,9 @@ def test_a_shadowed_claude_is_sent_no_more_max_tokens_than_its_window_leaves(
     assert asked.path == "/v1/messages"
     sent = [{"role": "user", "content": LONG}]
     assert asked.body["max_tokens"] == 5000 - estimate_tokens(sent) < ANTHROPIC_MAX_TOKENS
-    assert [r.body["max_tokens"] for r in judge_calls(fake)] == [JUDGE_TOKENS, JUDGE_TOKENS]
+    # gpt-4o, an OpenAI model on the direct path, takes the limit as max_completion_tokens.
+    judged = [r.body["max_completion_tokens"] for r in judge_calls(fake)]
+    assert judged == [JUDGE_TOKENS, JUDGE_TOKENS]
 
 
 @pytest.mark.parametrize("window", [None, 2050], ids=["unwindowed", "windowed"])
@@ -381,7 +383,7 @@ def test_a_judge_that_writes_less_is_sent_its_own_output_limit(
         assert (learning.shadow_skipped, learning.shadow_failed) == (0, 0)
         (label,) = labels(srv, "shadow")
         assert label["value"] == 1.0 and "error" not in label["detail"]
-    assert [r.body["max_tokens"] for r in judge_calls(fake)] == [256, 256]
+    assert [r.body["max_completion_tokens"] for r in judge_calls(fake)] == [256, 256]
 
 
 @pytest.mark.parametrize(

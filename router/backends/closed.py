@@ -384,6 +384,10 @@ class ClosedBackend:
             # OpenAI refuses both at once (400 invalid_parameter_combination); the request was
             # fitted and held by max_completion_tokens (signals), as litellm sends it elsewhere.
             request.pop("max_tokens", None)
+        elif output_field(model) == "max_completion_tokens":
+            # An OpenAI model: its reasoning models refuse max_tokens (400), and the others
+            # read max_completion_tokens alike (a Messages request always sets max_tokens).
+            request["max_completion_tokens"] = request.pop("max_tokens")
         return request
 
     def _timeout(self, model: ModelLike) -> float:
