@@ -1178,7 +1178,12 @@ class Gateway:
         if judgement.decision == "escalated":
             ctx.cascade_usage, ctx.usage = usage, Usage()
 
-    def _cascade_local(self, ctx: RequestContext) -> tuple[Backend, ModelSpec] | None:
+    def _cascade_local(
+        self, ctx: RequestContext, body: dict[str, Any]
+    ) -> tuple[Backend, ModelSpec, dict[str, Any]] | None:
+        """The local model, its backend and ``body`` as it is sent (:meth:`fitted`), or None:
+        escalate. Its probe (:meth:`_calling`) is for the caller to take, right before the
+        ``try`` that releases it: a request it cannot take (:meth:`fitted`) never takes it."""
         assert ctx.decision is not None
         model = self.policy.models[ctx.decision.model]
         backend = self.backend(model)
@@ -1189,27 +1194,29 @@ class Gateway:
             unavailable = Judgement("escalated", 0.0, plan.threshold, "local_unavailable")
             self._cascade_note(ctx, unavailable, Usage(), None)
             return None
-        self._calling(ctx, model)
-        return backend, model
+        try:
+            sent = _with_logprobs(self.fitted(model, body, ctx.optional, ctx.native_only))
+        except BadRequestError as exc:  # a field only the front's own provider serves
+            self._cascade_note(ctx, _failed(ctx), Usage(), None)
+            self._cascade_failed(ctx, model, exc)
+            return None
+        return backend, model, sent
 
     async def _cascade_complete(
         self, ctx: RequestContext, body: dict[str, Any]
     ) -> tuple[Completion | None, Completion | None]:
         """(the local answer if the cascade keeps it, else None: escalate; the answer it
         discarded, served if the escalation fails). A local failure escalates too."""
-        local = self._cascade_local(ctx)
+        local = self._cascade_local(ctx, body)
         if local is None:
             return None, None
-        backend, model = local
+        backend, model, sent = local
         usage = Usage()
         # A client that leaves meanwhile is charged for the local work done so far.
         ctx.served, ctx.usage = Served(model), usage
+        self._calling(ctx, model)
         try:
-            result = await backend.complete(
-                model,
-                _with_logprobs(self.fitted(model, body, ctx.optional, ctx.native_only)),
-                usage,
-            )
+            result = await backend.complete(model, sent, usage)
         except TiergateError as exc:
             ctx.served = None
             self._cascade_note(ctx, _failed(ctx), usage, None)
@@ -1240,19 +1247,18 @@ class Gateway:
         chunks first) or close the local stream and escalate: (the kept stream or None; the
         held chunks when they are the whole answer, served if the escalation fails; a part
         of an answer is never served as if it were all of it)."""
-        local = self._cascade_local(ctx)
+        local = self._cascade_local(ctx, body)
         if local is None:
             return None, None
-        backend, model = local
+        backend, model, sent = local
         assert ctx.decision is not None and ctx.decision.cascade is not None
         usage = Usage()
         hold = HoldBack(ctx.decision.cascade.hold_back_tokens)
         started = time.perf_counter()
         ctx.served, ctx.usage = Served(model), usage  # a client that leaves is charged, too
-        source = backend.stream(
-            model, _with_logprobs(self.fitted(model, body, ctx.optional, ctx.native_only)), usage
-        )
+        source = backend.stream(model, sent, usage)
         ended = False
+        self._calling(ctx, model)
         try:
             while not hold.ready:
                 try:

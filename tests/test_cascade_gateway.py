@@ -347,6 +347,26 @@ def test_a_cascade_escalates_at_once_while_its_external_local_server_cools(
     assert record["cascade"]["reason"] == "local_unavailable"
 
 
+@contextmanager
+def _probe_due(
+    tmp_path: Path, fake: FakeProvider, stream: bool
+) -> Iterator[tuple[LiveServer, list[Any]]]:
+    """:func:`_on_a_silent_server` after one cascade request cooled it and the cooldown lapsed
+    on a fake clock: the next local call is the probe, whose bound (the call's timeout) never
+    passes."""
+    with _on_a_silent_server(tmp_path, fake, local_timeout_s=1.5, cooldown_after_fails=1) as (
+        srv,
+        accepted,
+    ):
+        clock = Clock()
+        cooldowns = srv.gateway.cooldowns
+        cooldowns._clock = clock
+        assert _ask(srv, stream=stream).headers["x-tiergate-tier"] == "closed"
+        assert cooldowns.left("local") > 0 and len(accepted) == 1
+        clock.now += 31
+        yield srv, accepted
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_cascade_call_whose_client_left_lets_the_next_request_probe(
     tmp_path: Path, fake: FakeProvider, stream: bool
@@ -355,16 +375,7 @@ def test_a_cascade_call_whose_client_left_lets_the_next_request_probe(
     the probe. Its client left before the server answered: the probe was held until the
     call's timeout, so the requests after it escalated at once (``local_unavailable``)
     without trying the server. It is released as a chain's is: the next request probes."""
-    with _on_a_silent_server(tmp_path, fake, local_timeout_s=1.5, cooldown_after_fails=1) as (
-        srv,
-        accepted,
-    ):
-        clock = Clock()
-        cooldowns = srv.gateway.cooldowns
-        cooldowns._clock = clock  # the probe's bound (the call's timeout) never passes
-        assert _ask(srv, stream=stream).headers["x-tiergate-tier"] == "closed"
-        assert cooldowns.left("local") > 0 and len(accepted) == 1
-        clock.now += 31  # the cooldown lapsed: the next local call is the probe
+    with _probe_due(tmp_path, fake, stream) as (srv, accepted):
         body = {"model": "auto-cascade", "messages": [{"role": "user", "content": "Hi?"}]}
         with pytest.raises(httpx.ReadTimeout):  # the client hangs up
             httpx.post(
@@ -380,6 +391,35 @@ def test_a_cascade_call_whose_client_left_lets_the_next_request_probe(
     assert response.status_code == 200 and response.headers["x-tiergate-tier"] == "closed"
     assert record["cascade"]["reason"] != "local_unavailable", record["cascade"]
     assert tried == 3  # the server was called again: the request after the one that left probed
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_cascade_request_the_local_model_cannot_take_leaves_the_probe_to_the_next(
+    tmp_path: Path, fake: FakeProvider, stream: bool
+) -> None:
+    """After its external llama.cpp server's cooldown lapsed, a cascade request's local call is
+    the probe. A request with a field only an Anthropic model serves (``mcp_servers``) is
+    refused by the local model before it is called: a stream took the probe first and never
+    let it go (the server stayed "probed by another request" until the call's timeout) and
+    answered that 400. It escalates as a whole answer does, and the next request probes."""
+    with _probe_due(tmp_path, fake, stream) as (srv, accepted):
+        body = {
+            "model": "auto-cascade",
+            "max_tokens": 20,
+            "messages": [{"role": "user", "content": "What can the tool do?"}],
+            "mcp_servers": [{"type": "url", "url": "https://mcp.example.com/sse", "name": "x"}],
+            "stream": stream,
+        }
+        served = httpx.post(srv.url + "/v1/messages", json=body, timeout=30)
+        assert served.status_code == 200, served.text
+        assert served.headers["x-tiergate-model"] == "claude"
+        cooldowns = srv.gateway.cooldowns
+        assert not cooldowns.probing("local"), cooldowns.status()
+        assert _record(srv, served.headers["x-request-id"])["cascade"]["reason"] == "local_failed"
+        response = _ask(srv, stream=stream)
+        tried = len(accepted)
+    assert response.status_code == 200 and response.headers["x-tiergate-tier"] == "closed"
+    assert tried == 2  # the request after it probed the server
 
 
 def test_a_cascade_with_no_closed_model_to_escalate_to_says_it_was_skipped(
