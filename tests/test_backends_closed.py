@@ -683,6 +683,46 @@ def test_litellm_errors_map_by_status_and_kind() -> None:
     assert type(gone) is BackendError and gone.code == "upstream_unreachable"
 
 
+#: litellm's text for an Anthropic 400 (its ContextWindowExceededError's, which it raises
+#: wherever the text holds "prompt is too long"), and for a provider whose words for a prompt
+#: over the window the direct paths do not know (Cerebras'), with the code each must map to.
+LITELLM_WINDOW_TEXTS = {
+    "a 400 quoting the words": (
+        'litellm.BadRequestError: AnthropicException - {"type":"error","error":{"type":'
+        '"invalid_request_error","message":"messages.0.content.0.text: unexpected value '
+        "'Summarise: the prompt is too long: 9 tokens > 8 maximum'\"}}",
+        "upstream_bad_request",
+    ),
+    "Anthropic's refusal": (
+        'litellm.BadRequestError: AnthropicException - {"type":"error","error":{"type":'
+        '"invalid_request_error","message":"prompt is too long: 215000 tokens > 200000 '
+        'maximum"}}',
+        "context_length_exceeded",
+    ),
+    "words only litellm knows": (
+        "litellm.BadRequestError: CerebrasException - Current length is 9000 while limit is 8192",
+        "context_length_exceeded",
+    ),
+}
+
+
+@pytest.mark.parametrize("answered", [True, False], ids=["answered", "status-only"])
+@pytest.mark.parametrize("case", sorted(LITELLM_WINDOW_TEXTS))
+def test_litellms_window_class_stands_only_for_words_the_direct_paths_do_not_know(
+    case: str, answered: bool
+) -> None:
+    """litellm raises ContextWindowExceededError wherever its text holds its words for a prompt
+    over the window, so a 400 that quotes a user's prompt holding them was
+    ``context_length_exceeded`` and went on to a model with a larger window. Where the words
+    are ones the direct paths read, where they stand decides, as there; litellm's class stands
+    for words only it knows. Alike whether litellm names the provider's status or not."""
+    text, code = LITELLM_WINDOW_TEXTS[case]
+    attrs = {"status_code": 400, "provider_status_code": 400 if answered else None}
+    over = type("ContextWindowExceededError", (Exception,), attrs)(text)
+    error = map_litellm_error(over, "m")
+    assert (type(error), error.code) == (UpstreamBadRequestError, code)
+
+
 def test_an_overloaded_provider_maps_to_one_error_on_every_path() -> None:
     """A 503, and Anthropic's 529 overloaded_error (which litellm raises as a 500
     InternalServerError naming the 529 in provider_status_code), are one error: 503

@@ -1064,8 +1064,7 @@ def test_anthropics_prompt_too_long_is_over_the_window_on_every_path(
 
 #: 400s that call the request bad and quote it (a validator's ``input_value``, an echoed
 #: field), where the quoted text holds a provider's words for a prompt over the window: by
-#: Anthropic's type (no code; its native path, as litellm reads words of its own), and an
-#: OpenAI-compatible server's (vLLM's ``code: 400``, the direct path).
+#: Anthropic's type (no code), and an OpenAI-compatible server's (vLLM's ``code: 400``).
 QUOTING_400S = {
     "claude": {
         "type": "error",
@@ -1088,23 +1087,33 @@ QUOTING_400S = {
         }
     },
 }
+#: The paths such a 400 comes back on: (model, front, how the model is reached). Claude on
+#: the Messages front is its native path, on the chat front litellm's (whose own class reads
+#: "prompt is too long" anywhere in its text); gpt-4o the direct path, or litellm's.
+QUOTING_WAYS: dict[str, tuple[str, str, str | None]] = {
+    "claude": ("claude", "messages", None),
+    "claude-via-litellm": ("claude", "chat", None),
+    "gpt-4o": ("gpt-4o", "chat", None),
+    "gpt-4o-via-litellm": ("gpt-4o", "chat", "openai-via-litellm"),
+}
 
 
-@pytest.mark.parametrize("model", sorted(QUOTING_400S))
+@pytest.mark.parametrize("way", sorted(QUOTING_WAYS))
 def test_a_bad_request_that_quotes_window_words_stays_the_clients_400(
-    tmp_path: Path, fake: FakeProvider, model: str
+    tmp_path: Path, fake: FakeProvider, way: str
 ) -> None:
     """A provider's 400 whose message quotes the request (here a user's words that read like a
     refusal for the window) is the request's own 400: the client gets it, and the chain does
     not go on to a model with a larger window. The words are the provider's only where its
-    message begins with them; anywhere in it, the quote made it ``context_length_exceeded``
-    and the request was served by the next model."""
-    policy = _error_event_policy(fake, model, None)
+    message begins with them, through litellm too; anywhere in it, the quote made it
+    ``context_length_exceeded`` and the request was served by the next model."""
+    model, front, via = QUOTING_WAYS[way]
+    policy = _error_event_policy(fake, model, via)
     windows = {"claude": 100000, "gpt_4o": 400000}
     if model == "gpt-4o":
         windows = {"claude": 400000, "gpt_4o": 100000}
-    front = "messages" if model == "claude" else "chat"
     path, request, failing = CUT_FRONTS[front]
+    failing = "/messages" if model == "claude" else "/chat/completions"
     with live(tmp_path, _windowed(policy, **windows), cooldown_after_fails=1) as srv:
         fake.reset(
             Behaviour(

@@ -49,6 +49,7 @@ from router.backends.openai_http import (
     stream_failure,
     unread_error_body,
     upstream_error,
+    window_words_in,
 )
 from router.config import MAX_EVENT_BYTES
 from router.costs import litellm_output_limits
@@ -957,7 +958,8 @@ def map_litellm_error(exc: Exception, label: str, key: str | None = None) -> Tie
     answered = _answered(exc, status)
     said = f"{label} answered {answered}: {detail}" if answered else f"{label} failed: {detail}"
     overloaded = _overloaded(exc, status, raw)
-    failure = _as_answered(exc, answered, error, said, detail=detail, overloaded=overloaded)
+    error = _error_object(exc, error, detail, raw)
+    failure = _as_answered(exc, answered, error, said, overloaded=overloaded)
     if failure is not None:
         return failure
     if "Timeout" in name or status in (408, 504):
@@ -969,10 +971,8 @@ def map_litellm_error(exc: Exception, label: str, key: str | None = None) -> Tie
     param = getattr(exc, "param", None)  # the field the provider's 400 named, if it did
     param = param if isinstance(param, str) else None
     refused = said if answered else f"{label} cannot take the request: {detail}"
-    if "ContextWindow" in name:  # the prompt is over the model's window: OpenAI's code
-        return UpstreamBadRequestError(
-            refused, code="context_length_exceeded", upstream_status=status, param=param
-        )
+    if "ContextWindow" in name:  # over the window as the direct paths read it (_error_object)
+        return provider_failure(400, error, refused, upstream_status=status)
     if status in (400, 413, 422) or "BadRequest" in name:
         return UpstreamBadRequestError(refused, upstream_status=status, param=param)
     if status in (401, 403):
@@ -995,15 +995,11 @@ def _as_answered(
     error: dict[str, Any],
     said: str,
     *,
-    detail: str,
     overloaded: bool,
 ) -> BackendError | None:
     """The failure of a provider that ``answered`` an error status, by the mapping the direct
     paths take the same answer through (:func:`~router.backends.openai_http.provider_failure`),
-    from its error object (as the provider's SDK kept it, else as litellm's text repeats it,
-    else its message alone); what litellm read of it that the text may not
-    hold is added: the field a 400 named (``param``), litellm's word that the prompt is over
-    the window (its ``ContextWindowExceededError``), the provider's ``Retry-After``. An
+    from its ``error`` object (:func:`_error_object`), with the provider's ``Retry-After``. An
     ``overloaded`` provider (:func:`_overloaded`, which litellm may name only in its text) is
     one whatever litellm's status; else None where nothing answered."""
     if overloaded:
@@ -1016,16 +1012,27 @@ def _as_answered(
         )
     if answered is None:
         return None
+    return provider_failure(
+        answered, error, said, upstream_status=answered, retry_after=_retry_after(exc)
+    )
+
+
+def _error_object(exc: Exception, error: dict[str, Any], detail: str, raw: str) -> dict[str, Any]:
+    """The provider's error object, as its SDK kept it (:func:`_sdk_body`), else as litellm's
+    text ``raw`` repeats it (``error``), else its message alone (``detail``), with what litellm
+    read of it that the text may not hold: the field a 400 named (``param``), and its word
+    that the prompt is over the window (its ``ContextWindowExceededError``) only where ``raw``
+    holds none of the words the direct paths read (a provider whose words they do not know).
+    litellm finds its words anywhere in its text, a 400 that quotes a user's prompt included;
+    where they are words the direct paths know, where they stand decides, as there."""
     error = dict(_sdk_body(exc) or error)
     error.setdefault("message", detail)
     param = getattr(exc, "param", None)
     if isinstance(param, str):
         error.setdefault("param", param)
-    if "ContextWindow" in type(exc).__name__:
+    if "ContextWindow" in type(exc).__name__ and not window_words_in(raw):
         error["code"] = "context_length_exceeded"
-    return provider_failure(
-        answered, error, said, upstream_status=answered, retry_after=_retry_after(exc)
-    )
+    return error
 
 
 def _sdk_body(exc: BaseException) -> dict[str, Any] | None:

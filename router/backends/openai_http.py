@@ -192,6 +192,14 @@ def _over_window(error: dict[str, Any]) -> bool:
     return isinstance(said, str) and _OVER_WINDOW_SAID.match(said.lstrip()) is not None
 
 
+def window_words_in(text: str) -> bool:
+    """Whether ``text`` holds, anywhere, words a provider says a prompt is over the window in
+    that :func:`provider_failure` knows (:data:`_OVER_WINDOW_SAID`). Where it does, where they
+    stand tells a refusal from a quote, and litellm, which reads its own list anywhere in its
+    text, does not decide (router.backends.closed)."""
+    return _OVER_WINDOW_SAID.search(text) is not None
+
+
 def request_too_large(message: str) -> bool:
     """Whether a provider's 429 ``message`` refuses the request for its own size, not for the
     traffic before it: OpenAI's "Request too large for gpt-4o ... on tokens per min (TPM):
