@@ -21,6 +21,7 @@ from router.errors import (
     UpstreamAuthError,
     UpstreamBadRequestError,
     UpstreamBadResponseError,
+    UpstreamNotFoundError,
     UpstreamOverloadedError,
     UpstreamRateLimitedError,
     UpstreamTimeoutError,
@@ -328,6 +329,71 @@ def test_a_model_that_does_not_exist_is_configuration_the_chain_goes_past() -> N
     error = error_for_status(404, b'{"error": {"code": "model_not_found"}}', "gpt-4o")
     assert (error.status_code, error.retryable, error.cools) == (502, True, True)
     assert error.headers["x-should-retry"] == "false"
+
+
+#: 404s as providers answer them, by whose they are: the model's configuration (a model that
+#: does not exist; a path the provider does not serve, a wrong api_base), or the request's own
+#: (OpenAI's Responses, for an input item it does not hold: its param names the field).
+NOT_FOUND: dict[str, tuple[bytes, bool]] = {
+    "OpenAI, a model that does not exist": (
+        b'{"error": {"message": "The model `gpt-5x` does not exist or you do not have access '
+        b'to it.", "type": "invalid_request_error", "param": null, "code": "model_not_found"}}',
+        False,
+    ),
+    "Anthropic, a model that does not exist": (
+        b'{"type": "error", "error": {"type": "not_found_error", "message": "model: claude-x"}}',
+        False,
+    ),
+    "vLLM, a model it does not serve": (
+        b'{"object": "error", "message": "The model `gpt-4o` does not exist.", "type": '
+        b'"NotFoundError", "param": null, "code": 404}',
+        False,
+    ),
+    "OpenAI, a wrong path": (
+        b'{"error": {"message": "Invalid URL (POST /v1/chat/completion)", "type": '
+        b'"invalid_request_error", "param": null, "code": null}}',
+        False,
+    ),
+    "llama.cpp's server, a wrong path": (
+        b'{"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}}',
+        False,
+    ),
+    "an empty body": (b"", False),
+    "OpenAI's Responses, an input item it does not hold": (
+        b'{"error": {"message": "Item with id \'rs_123\' not found. Items are not persisted '
+        b"when `store` is set to false. Try again with `store` set to true, or remove this "
+        b'item from your input.", "type": "invalid_request_error", "param": "input", '
+        b'"code": null}}',
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOT_FOUND))
+def test_a_404_is_the_models_configuration_unless_it_names_the_requests_field(
+    case: str,
+) -> None:
+    """A 404 is the model's configuration (502, ``x-should-retry: false``, the chain goes on)
+    where the model does not exist or the path is wrong. One that names the field of the
+    request holding what was not found is the request's own 400, final: a client's Responses
+    history that holds item ids, sent with ``store: false``, is answered 404 by OpenAI; it
+    was a 502 that the chain went past."""
+    raw, requests = NOT_FOUND[case]
+    error = error_for_status(404, raw, "gpt-4o")
+    if requests:
+        assert type(error) is UpstreamBadRequestError
+        assert (error.status_code, error.code, error.param) == (
+            400,
+            "upstream_bad_request",
+            "input",
+        )
+        assert not error.retryable  # final: no fallback
+        assert "x-should-retry" not in error.headers
+    else:
+        assert type(error) is UpstreamNotFoundError
+        assert (error.status_code, error.retryable) == (502, True)
+        assert error.headers["x-should-retry"] == "false"
+    assert error.upstream_status == 404
 
 
 #: Some of a Response's error codes (``response.failed``, OpenAI's ResponseError) for a request

@@ -1127,6 +1127,75 @@ def test_a_bad_request_that_quotes_window_words_stays_the_clients_400(
     assert (record["model"], record["error_type"]) == (model, "upstream_bad_request")
 
 
+#: OpenAI's 404s on the Responses API: for a model it does not have, and for an input item it
+#: does not hold (an id from an earlier Response, sent with ``store: false``, which the
+#: Responses front always sends), which names the request's field.
+NOT_FOUND_404S = {
+    "a model that does not exist": {
+        "error": {
+            "message": "The model `gpt-4o` does not exist or you do not have access to it.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "model_not_found",
+        }
+    },
+    "an input item it does not hold": {
+        "error": {
+            "message": "Item with id 'rs_123' not found. Items are not persisted when `store` "
+            "is set to false. Try again with `store` set to true, or remove this item from "
+            "your input.",
+            "type": "invalid_request_error",
+            "param": "input",
+            "code": None,
+        }
+    },
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOT_FOUND_404S))
+def test_a_404_for_the_requests_own_item_is_its_400_not_the_models(
+    tmp_path: Path, fake: FakeProvider, case: str
+) -> None:
+    """A 404 for a model that does not exist is the model's configuration: the chain goes on
+    and claude answers. A 404 for an input item of the client's history is the request's: the
+    client gets a 400 naming ``input`` and nothing else is called; it was taken for a missing
+    model, a 502 that the chain went past (claude, through the chat translation, served the
+    request without the item), or that told a pinned client its model does not exist."""
+    policy = _error_event_policy(fake, "gpt-4o", None)
+    request = {
+        "model": "auto",
+        "input": [
+            {"role": "user", "content": "HARD proof please"},
+            {"type": "reasoning", "id": "rs_123", "summary": []},
+            {"role": "assistant", "content": "Here is a start."},
+            {"role": "user", "content": "HARD: go on"},
+        ],
+    }
+    with live(tmp_path, policy, cooldown_after_fails=1) as srv:
+        fake.reset(
+            Behaviour(
+                mode="status",
+                status=404,
+                error_body=NOT_FOUND_404S[case],
+                failing_path="/responses",
+            )
+        )
+        answer = srv.http.post("/v1/responses", json=request)
+        record = _record(srv, answer)
+        cooling = srv.gateway.cooldowns.status()
+    called = [r.path for r in fake.received]
+    if case == "a model that does not exist":
+        assert answer.status_code == 200, answer.text
+        assert (record["model"], record["fallback"]) == ("claude", "closed->closed")
+        assert called == ["/v1/responses", "/v1/messages"]
+    else:
+        assert answer.status_code == 400, answer.text
+        error = answer.json()["error"]
+        assert (error["code"], error["param"]) == ("upstream_bad_request", "input")
+        assert (record["model"], record["error_type"]) == ("gpt-4o", "upstream_bad_request")
+        assert called == ["/v1/responses"] and "gpt-4o" not in cooling, cooling
+
+
 # -- local tier faults -------------------------------------------------------------------------
 
 

@@ -149,8 +149,33 @@ def provider_failure(
     if status in (401, 403):
         return UpstreamAuthError(message, upstream_status=upstream_status)
     if status == 404:
+        if _names_the_requests_field(error):
+            return UpstreamBadRequestError(
+                message, upstream_status=upstream_status, param=error["param"]
+            )
         return UpstreamNotFoundError(message, upstream_status=upstream_status)
     return BackendError(message, upstream_status=upstream_status)
+
+
+def _names_the_requests_field(error: dict[str, Any]) -> bool:
+    """Whether a provider's 404 ``error`` is the request's own: it names the field of the
+    request that holds what was not found (``param``). OpenAI's Responses answers a 404 with
+    ``param: input`` for an input item whose id it does not hold ("Item with id 'rs_...' not
+    found. Items are not persisted when `store` is set to false"), and the Responses front
+    passes a client's items on with their ids and calls with ``store: false``: the client's
+    history, for the client to fix (a 400, final), not a model missing from the provider.
+    Every other 404 is the model's configuration (:class:`UpstreamNotFoundError`): a model
+    that does not exist (OpenAI's ``model_not_found``, with no ``param``; Anthropic's
+    ``not_found_error`` "model: NAME"; vLLM's "The model `NAME` does not exist.", ``code``
+    404), or a path the provider does not serve (a wrong ``api_base``: OpenAI's "Invalid
+    URL", llama.cpp's server's "File Not Found", an empty body); none of them names a field.
+    Anthropic's errors never name one: its 404s stay configuration."""
+    param = error.get("param")
+    return (
+        isinstance(param, str)
+        and param not in ("", "model")
+        and error.get("code") != "model_not_found"
+    )
 
 
 #: The statuses of a provider that is overloaded: 503, and Anthropic's 529 ``overloaded_error``.
