@@ -122,15 +122,13 @@ class Cooldowns:
     def failed(self, name: str, error: BackendError) -> float | None:
         """Count a failed call to ``name``; the seconds of the cooldown it starts, if it starts
         one (a failure while it cools, here or shared, a pinned request's, extends the
-        cooldown and returns None). Only failures a later call may not meet count: a 429, a
-        timeout, a refused connection, a 5xx (not a 400, not a refused key, not litellm
-        failing in this process: ``error.cools``). A failure with the provider's
-        ``Retry-After`` cools at once, and so does any after a cooldown, here or shared, until
-        the model answers (a probe's). A cooldown started or extended is published to the other
-        replicas (``shared``)."""
-        if self.cooldown_s <= 0 or not error.retryable or error.should_retry is False:
-            return None
-        if not error.cools:
+        cooldown and returns None). Only the provider's failures count: a 429, a timeout, a
+        refused connection, a 5xx, a model it says it does not have (not a 400, not a refused
+        key, not one request too large, not litellm failing in this process: ``error.cools``).
+        A failure with the provider's ``Retry-After`` cools at once, and so does any after a
+        cooldown, here or shared, until the model answers (a probe's). A cooldown started or
+        extended is published to the other replicas (``shared``)."""
+        if self.cooldown_s <= 0 or not error.retryable or not error.cools:
             return None
         state = self._states.setdefault(name, _State())
         state.failures += 1

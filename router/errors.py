@@ -414,9 +414,11 @@ class UpstreamTimeoutError(BackendError):
 class UpstreamAuthError(BackendError):
     """The provider refused the key Tiergate sent it (401, 403): Tiergate's configuration, which
     a client's retry cannot fix (``x-should-retry: false``). The chain still tries its next
-    model, which may be another provider's with a key that works."""
+    model, which may be another provider's with a key that works. It does not cool its model
+    (router.cooldown): a key is fixed by its operator, not by waiting."""
 
     should_retry = False
+    cools = False
 
 
 class UpstreamNotFoundError(BackendError):

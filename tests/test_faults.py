@@ -1188,6 +1188,7 @@ def test_a_404_for_the_requests_own_item_is_its_400_not_the_models(
         assert answer.status_code == 200, answer.text
         assert (record["model"], record["fallback"]) == ("claude", "closed->closed")
         assert called == ["/v1/responses", "/v1/messages"]
+        assert cooling["gpt-4o"]["reason"] == "upstream_error", cooling  # not tried meanwhile
     else:
         assert answer.status_code == 400, answer.text
         error = answer.json()["error"]
