@@ -79,7 +79,7 @@ def to_chat(body: Mapping[str, Any], request_id: str) -> tuple[dict[str, Any], T
 
     try:
         chat, tool_names = LiteLLMAnthropicMessagesAdapter().translate_anthropic_to_openai(
-            dict(body)  # type: ignore[arg-type]
+            {**body, "messages": [_documents_read(m) for m in body["messages"]]}  # type: ignore[typeddict-item]
         )
     except Exception as exc:  # the library's errors on a request it cannot read: a 400
         raise BadRequestError(f"cannot translate the request: {exc}") from exc
@@ -97,6 +97,37 @@ def to_chat(body: Mapping[str, Any], request_id: str) -> tuple[dict[str, Any], T
         out["stream"] = True
         out["stream_options"] = {"include_usage": True}
     return out, Translation("msg_" + request_id.removeprefix("req_"), dict(tool_names))
+
+
+def _documents_read(message: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``message`` with each document of plain text (a ``text`` or ``content`` source) as the
+    blocks it holds, led by its title: litellm's adapter translates only a base64 document (to
+    a chat ``file`` part) and drops these without a word."""
+    content = message.get("content")
+    if not isinstance(content, list) or not any(_is_text_document(b) for b in content):
+        return message
+    blocks: list[Any] = []
+    for block in content:
+        if not _is_text_document(block):
+            blocks.append(block)
+            continue
+        source = block["source"]
+        held = source.get("data") if source["type"] == "text" else source.get("content")
+        parts = [{"type": "text", "text": held}] if isinstance(held, str) else list(held or ())
+        texts = [p.get("text", "") for p in parts if p.get("type") == "text"]
+        heading = [block["title"]] if block.get("title") else []
+        blocks.append({"type": "text", "text": "\n\n".join([*heading, *texts])})
+        blocks += [p for p in parts if p.get("type") != "text"]
+    return {**message, "content": blocks}
+
+
+def _is_text_document(block: Any) -> bool:
+    return (
+        isinstance(block, Mapping)
+        and block.get("type") == "document"
+        and isinstance(block.get("source"), Mapping)
+        and block["source"].get("type") in ("text", "content")
+    )
 
 
 #: What a tool result marked ``is_error`` starts with on the way to a chat model, which has no

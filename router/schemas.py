@@ -172,6 +172,38 @@ class ImageBlock(_Block):
     source: ImageSource
 
 
+#: Where each kind of document source carries its document.
+_DOCUMENT_PAYLOAD = {
+    "base64": "data",
+    "text": "data",
+    "url": "url",
+    "content": "content",
+    "file": "file_id",
+}
+
+
+class DocumentSource(_Block):
+    """A document given inline (a base64 PDF, plain text, content blocks), by URL, or as a
+    file of Anthropic's Files API."""
+
+    type: Literal["base64", "text", "url", "content", "file"]
+
+    @model_validator(mode="after")
+    def _payload(self) -> DocumentSource:
+        field = _DOCUMENT_PAYLOAD[self.type]
+        if (self.model_extra or {}).get(field) is None:
+            raise ValueError(f"a document source of type {self.type!r} needs its {field}")
+        return self
+
+
+class DocumentBlock(_Block):
+    """A document (a PDF, plain text) content block."""
+
+    type: Literal["document"]
+    source: DocumentSource
+    title: str | None = None
+
+
 class ToolUseBlock(_Block):
     """The assistant's call of a tool."""
 
@@ -197,7 +229,7 @@ class ThinkingBlock(_Block):
 
 
 ContentBlock = Annotated[
-    TextBlock | ImageBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock,
+    TextBlock | ImageBlock | DocumentBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock,
     Field(discriminator="type"),
 ]
 

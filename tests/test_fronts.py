@@ -8,6 +8,7 @@ are passed through natively; the other pairings go through the chat translation.
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -347,6 +348,51 @@ def test_an_image_goes_to_a_closed_model(
     assert raw.headers["x-tiergate-tier"] == "closed"
     image = fake.received[-1].body["messages"][0]["content"][0]
     assert image == {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}}
+
+
+PDF = base64.b64encode(b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF").decode()
+
+
+def _document(source: dict[str, Any]) -> list[Any]:
+    """A user turn with a document of ``source`` and a question about it."""
+    block = {"type": "document", "source": source, "title": "report.pdf"}
+    return [{"role": "user", "content": [block, {"type": "text", "text": "Summarize it."}]}]
+
+
+def test_a_pdf_document_goes_to_a_closed_model(
+    claude_client: anthropic.Anthropic, fake: FakeProvider
+) -> None:
+    # Every document block was a 400 ("Input tag 'document' found using 'type' does not match
+    # any of the expected tags"), even for a Claude, which reads PDFs.
+    pdf = _document({"type": "base64", "media_type": "application/pdf", "data": PDF})
+    raw = claude_client.messages.with_raw_response.create(model="auto", max_tokens=20, messages=pdf)
+    assert raw.headers["x-tiergate-tier"] == "closed"  # the local model reads no PDF
+    part = fake.received[-1].body["messages"][0]["content"][0]
+    assert part == {
+        "type": "file",
+        "file": {"filename": "report.pdf", "file_data": f"data:application/pdf;base64,{PDF}"},
+    }
+    claude_client.messages.create(model="claude", max_tokens=20, messages=pdf)
+    sent = fake.received[-1]
+    assert sent.path == "/v1/messages" and sent.body["messages"] == pdf  # as it came
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        claude_client.messages.create(model="local", max_tokens=20, messages=pdf)
+    assert refused.value.body["error"]["message"].startswith("model 'local' cannot take")  # type: ignore[index]
+    counted = claude_client.messages.count_tokens(model="auto", messages=pdf)
+    assert counted.input_tokens > 1000  # a PDF page, not the few words beside it
+
+
+def test_a_plain_text_document_reaches_a_chat_model_as_text(
+    claude_client: anthropic.Anthropic, fake: FakeProvider
+) -> None:
+    # litellm's translation dropped a text document without a word: gpt-4o answered a
+    # question about a document it was never sent.
+    text = _document({"type": "text", "media_type": "text/plain", "data": "Sales rose 4%."})
+    blocks = _document({"type": "content", "content": [{"type": "text", "text": "Q3: flat."}]})
+    for turns, says in [(text, "Sales rose 4%."), (blocks, "Q3: flat.")]:
+        claude_client.messages.create(model="gpt-4o", max_tokens=20, messages=turns)
+        first = fake.received[-1].body["messages"][0]["content"][0]
+        assert first == {"type": "text", "text": f"report.pdf\n\n{says}"}
 
 
 def test_a_privacy_rule_keeps_a_message_local(

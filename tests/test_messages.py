@@ -200,7 +200,12 @@ def test_max_tokens_is_required() -> None:
     [
         ([{"type": "text"}], "messages.0.content.0.text", "Field required"),
         ([{"type": "text", "text": 5}], "messages.0.content.0.text", "valid string"),
-        ([{"type": "document", "source": {}}], "messages.0.content.0", "'document'"),
+        ([{"type": "video", "source": {}}], "messages.0.content.0", "'video'"),
+        (
+            [{"type": "document", "source": {"type": "text"}}],
+            "messages.0.content.0.source",
+            "needs its data",
+        ),
     ],
 )
 def test_an_invalid_block_is_named_where_it_is(content: Any, param: str, says: str) -> None:
