@@ -24,10 +24,19 @@ from router.errors import (
 from router.signals import estimate_tokens
 
 #: The chat fields the translation makes from Anthropic-only parameters (``top_k``; ``thinking``
-#: as ``reasoning_effort``), and the fields it gives an assistant turn from its thinking blocks:
-#: a model that cannot take them goes without (``Call.optional``).
+#: as ``reasoning_effort``), the ones it passes on that say how a Claude is run, not what it
+#: answers (``cache_control``, ``speed``, ``diagnostics``), and the fields it gives an assistant
+#: turn from its thinking blocks: a model that cannot take them goes without (``Call.optional``).
 OPTIONAL = frozenset(
-    {"top_k", "reasoning_effort", "messages.thinking_blocks", "messages.reasoning_content"}
+    {
+        "top_k",
+        "reasoning_effort",
+        "cache_control",
+        "speed",
+        "diagnostics",
+        "messages.thinking_blocks",
+        "messages.reasoning_content",
+    }
 )
 #: Anthropic's server-side features, which the translation passes on as they are: only an
 #: Anthropic model serves a request with them (``Call.native_only``); dropping them would

@@ -437,6 +437,38 @@ def test_anthropic_only_parameters_are_dropped_for_an_openai_model(
     assert "top_k" not in sent.body and "reasoning_effort" not in sent.body
 
 
+#: Anthropic's request fields that change how a Claude is run, not what it answers.
+ANTHROPIC_RUNNING: dict[str, Any] = {
+    "cache_control": {"type": "ephemeral"},
+    "speed": "fast",
+    "diagnostics": {"previous_message_id": "msg_1"},
+}
+
+
+@pytest.mark.parametrize("model", ["gpt-4o", "local", "claude"])
+def test_how_a_claude_is_run_is_dropped_for_other_models(
+    claude_client: anthropic.Anthropic, fake: FakeProvider, model: str
+) -> None:
+    # SDK 2.x takes top-level cache_control (automatic caching), speed and diagnostics: they
+    # went on to gpt-4o, which OpenAI refuses with a 400 ("Unrecognized request argument"), and
+    # the local model refused them with a 400 too, though the client did not choose the model.
+    fake.reset(Behaviour(strict=True))
+    raw = claude_client.messages.with_raw_response.create(
+        model=model,
+        max_tokens=5,
+        messages=[{"role": "user", "content": "Say hello."}],
+        **ANTHROPIC_RUNNING,
+    )
+    assert raw.headers["x-tiergate-model"] == model
+    assert raw.parse().content[0].text.strip()  # type: ignore[union-attr]
+    if model == "local":
+        assert fake.received == []
+        return
+    sent = fake.received[-1].body
+    kept = {k: sent.get(k) for k in ANTHROPIC_RUNNING}
+    assert kept == (ANTHROPIC_RUNNING if model == "claude" else dict.fromkeys(ANTHROPIC_RUNNING))
+
+
 def test_thinking_routed_to_the_local_model_is_answered_there(
     claude_client: anthropic.Anthropic, fake: FakeProvider
 ) -> None:
