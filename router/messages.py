@@ -109,12 +109,25 @@ def to_chat(body: Mapping[str, Any], request_id: str) -> tuple[dict[str, Any], T
 
 
 def _documents_read(message: Mapping[str, Any]) -> Mapping[str, Any]:
-    """``message`` with each document of plain text (a ``text`` or ``content`` source) as the
-    blocks it holds, led by its title: litellm's adapter translates only a base64 document (to
-    a chat ``file`` part) and drops these without a word."""
+    """``message`` with each document of plain text (a ``text`` or ``content`` source), in it
+    or in one of its tool results, as the blocks it holds, led by its title: litellm's adapter
+    translates only a base64 document (to a chat ``file`` part) and drops these without a
+    word."""
     content = message.get("content")
-    if not isinstance(content, list) or not any(_is_text_document(b) for b in content):
+    if not isinstance(content, list):
         return message
+    blocks = [
+        {**block, "content": _read(block["content"])}
+        if isinstance(block, Mapping)
+        and block.get("type") == "tool_result"
+        and isinstance(block.get("content"), list)
+        else block
+        for block in _read(content)
+    ]
+    return {**message, "content": blocks}
+
+
+def _read(content: list[Any]) -> list[Any]:
     blocks: list[Any] = []
     for block in content:
         if not _is_text_document(block):
@@ -127,7 +140,7 @@ def _documents_read(message: Mapping[str, Any]) -> Mapping[str, Any]:
         heading = [block["title"]] if block.get("title") else []
         blocks.append({"type": "text", "text": "\n\n".join([*heading, *texts])})
         blocks += [p for p in parts if p.get("type") != "text"]
-    return {**message, "content": blocks}
+    return blocks
 
 
 def _is_text_document(block: Any) -> bool:
@@ -187,7 +200,10 @@ def _images_after_results(chat: list[dict[str, Any]]) -> list[dict[str, Any]]:
             call = message.get("tool_call_id")
             text = [part for part in parts if part not in images]
             out.append({**message, "content": text or f"The images of {call} follow."})
-            moved += [{"type": "text", "text": f"The images of tool result {call}:"}, *images]
+            moved += [
+                {"type": "text", "text": f"The images of tool result {call}:"},
+                *map(_as_file, images),
+            ]
             continue
         if moved and message.get("role") != "tool":
             out.append({"role": "user", "content": moved})
@@ -196,6 +212,15 @@ def _images_after_results(chat: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if moved:
         out.append({"role": "user", "content": moved})
     return out
+
+
+def _as_file(part: dict[str, Any]) -> dict[str, Any]:
+    """An ``image_url`` part that holds a PDF (litellm's adapter makes one of a tool result's
+    base64 document) as the chat ``file`` part a PDF is sent as; any other part as it is."""
+    url = (part.get("image_url") or {}).get("url")
+    if not isinstance(url, str) or not url.startswith("data:application/pdf;"):
+        return part
+    return {"type": "file", "file": {"filename": "document.pdf", "file_data": url}}
 
 
 def _without_nulls(message: Mapping[str, Any]) -> dict[str, Any]:

@@ -395,6 +395,49 @@ def test_a_plain_text_document_reaches_a_chat_model_as_text(
         assert first == {"type": "text", "text": f"report.pdf\n\n{says}"}
 
 
+def test_documents_a_tool_returned_reach_a_chat_model(
+    claude_client: anthropic.Anthropic, fake: FakeProvider
+) -> None:
+    # A tool_result holding a document was a 400 ("Input tag 'document' found using 'type' does
+    # not match any of the expected tags: 'text', 'image'"), though Anthropic takes one there.
+    # A PDF reaches gpt-4o as a file part from the user, after the results (OpenAI takes a
+    # file only from a user), and a text one as its text in the tool message.
+    pdf = {"type": "base64", "media_type": "application/pdf", "data": PDF}
+    text = {"type": "text", "media_type": "text/plain", "data": "Sales rose 4%."}
+    turns: Any = [
+        {"role": "user", "content": "HARD: read the two reports"},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "tool_use", "id": f"toolu_{i}", "name": "get_weather", "input": {}}
+                for i in (1, 2)
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": f"toolu_{i}",
+                    "content": [{"type": "document", "source": source, "title": "q3"}],
+                }
+                for i, source in ((1, pdf), (2, text))
+            ],
+        },
+    ]
+    claude_client.messages.create(model="auto", max_tokens=20, tools=[WEATHER], messages=turns)  # type: ignore[list-item]
+    sent = fake.received[-1].body["messages"]
+    assert [m["role"] for m in sent] == ["user", "assistant", "tool", "tool", "user"]
+    assert sent[3]["content"] == "q3\n\nSales rose 4%."
+    assert sent[4]["content"] == [
+        {"type": "text", "text": "The images of tool result toolu_1:"},
+        {
+            "type": "file",
+            "file": {"filename": "document.pdf", "file_data": f"data:application/pdf;base64,{PDF}"},
+        },
+    ]
+
+
 def test_a_privacy_rule_keeps_a_message_local(
     claude_client: anthropic.Anthropic, fake: FakeProvider
 ) -> None:
