@@ -178,18 +178,23 @@ _DOCUMENT_PAYLOAD = {
     "text": "data",
     "url": "url",
     "content": "content",
-    "file": "file_id",
 }
 
 
 class DocumentSource(_Block):
-    """A document given inline (a base64 PDF, plain text, content blocks), by URL, or as a
-    file of Anthropic's Files API."""
+    """A document given inline (a base64 PDF, plain text, content blocks) or by URL. One of
+    Anthropic's Files API (``file``) is refused: Tiergate serves no Files API, a file another
+    key uploaded cannot be read with Tiergate's, and litellm's translation dropped it."""
 
     type: Literal["base64", "text", "url", "content", "file"]
 
     @model_validator(mode="after")
     def _payload(self) -> DocumentSource:
+        if self.type == "file":
+            raise ValueError(
+                "a document of Anthropic's Files API cannot be served (Tiergate has no Files "
+                "API): send it inline (base64, text) or by url"
+            )
         field = _DOCUMENT_PAYLOAD[self.type]
         if (self.model_extra or {}).get(field) is None:
             raise ValueError(f"a document source of type {self.type!r} needs its {field}")

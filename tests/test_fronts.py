@@ -395,6 +395,22 @@ def test_a_plain_text_document_reaches_a_chat_model_as_text(
         assert first == {"type": "text", "text": f"report.pdf\n\n{says}"}
 
 
+@pytest.mark.parametrize("model", ["gpt-4o", "claude"])
+def test_a_document_of_anthropics_files_api_is_refused(
+    claude_client: anthropic.Anthropic, fake: FakeProvider, model: str
+) -> None:
+    # A file_id names a file uploaded to Anthropic's Files API, which Tiergate does not serve
+    # (nor can a file uploaded with the client's own key be read with Tiergate's): litellm's
+    # translation dropped the document, and gpt-4o answered without it.
+    file = _document({"type": "file", "file_id": "file_011CNha8iCJcU1wXNR6q4V8w"})
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        claude_client.messages.create(model=model, max_tokens=20, messages=file)
+    assert refused.value.body["error"]["message"].startswith(  # type: ignore[index]
+        "messages.0.content.0.source: Value error, a document of Anthropic's Files API"
+    )
+    assert fake.received == []
+
+
 def test_documents_a_tool_returned_reach_a_chat_model(
     claude_client: anthropic.Anthropic, fake: FakeProvider
 ) -> None:
