@@ -109,8 +109,9 @@ def to_chat(body: Mapping[str, Any], request_id: str) -> tuple[dict[str, Any], T
 
 
 def _documents_read(message: Mapping[str, Any]) -> Mapping[str, Any]:
-    """``message`` with each document of plain text (a ``text`` or ``content`` source), in it
-    or in one of its tool results, as the blocks it holds, led by its title: litellm's adapter
+    """``message`` with each block of text a chat model has no part for (a document of plain
+    text, of a ``text`` or ``content`` source, and a ``search_result``), in it or in one of
+    its tool results, as the text it holds led by its title (:func:`_held`): litellm's adapter
     translates only a base64 document (to a chat ``file`` part) and drops these without a
     word."""
     content = message.get("content")
@@ -130,26 +131,30 @@ def _documents_read(message: Mapping[str, Any]) -> Mapping[str, Any]:
 def _read(content: list[Any]) -> list[Any]:
     blocks: list[Any] = []
     for block in content:
-        if not _is_text_document(block):
+        held = _held(block) if isinstance(block, Mapping) else None
+        if held is None:
             blocks.append(block)
             continue
-        source = block["source"]
-        held = source.get("data") if source["type"] == "text" else source.get("content")
-        parts = [{"type": "text", "text": held}] if isinstance(held, str) else list(held or ())
+        heading, parts = held
         texts = [p.get("text", "") for p in parts if p.get("type") == "text"]
-        heading = [block["title"]] if block.get("title") else []
         blocks.append({"type": "text", "text": "\n\n".join([*heading, *texts])})
         blocks += [p for p in parts if p.get("type") != "text"]
     return blocks
 
 
-def _is_text_document(block: Any) -> bool:
-    return (
-        isinstance(block, Mapping)
-        and block.get("type") == "document"
-        and isinstance(block.get("source"), Mapping)
-        and block["source"].get("type") in ("text", "content")
-    )
+def _held(block: Mapping[str, Any]) -> tuple[list[str], list[Mapping[str, Any]]] | None:
+    """(the heading, the blocks) of a plain-text document (its title) or a search result (its
+    title and source); None for any other block."""
+    if block.get("type") == "search_result":
+        return [block["title"], block["source"]], list(block["content"])
+    source = block.get("source")
+    if block.get("type") != "document" or not isinstance(source, Mapping):
+        return None
+    if source.get("type") not in ("text", "content"):
+        return None
+    held = source.get("data") if source["type"] == "text" else source.get("content")
+    parts = [{"type": "text", "text": held}] if isinstance(held, str) else list(held or ())
+    return ([block["title"]] if block.get("title") else []), parts
 
 
 #: What a tool result marked ``is_error`` starts with on the way to a chat model, which has no

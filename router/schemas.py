@@ -209,6 +209,15 @@ class DocumentBlock(_Block):
     title: str | None = None
 
 
+class SearchResultBlock(_Block):
+    """A search result (a passage an app retrieved), which a Claude may cite."""
+
+    type: Literal["search_result"]
+    source: str
+    title: str
+    content: list[TextBlock]
+
+
 class ToolUseBlock(_Block):
     """The assistant's call of a tool."""
 
@@ -224,7 +233,13 @@ class ToolResultBlock(_Block):
     type: Literal["tool_result"]
     tool_use_id: str = Field(min_length=1)
     content: (
-        str | list[Annotated[TextBlock | ImageBlock | DocumentBlock, Field(discriminator="type")]]
+        str
+        | list[
+            Annotated[
+                TextBlock | ImageBlock | DocumentBlock | SearchResultBlock,
+                Field(discriminator="type"),
+            ]
+        ]
     ) = ""
     is_error: Flag | None = None
 
@@ -236,7 +251,13 @@ class ThinkingBlock(_Block):
 
 
 ContentBlock = Annotated[
-    TextBlock | ImageBlock | DocumentBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock,
+    TextBlock
+    | ImageBlock
+    | DocumentBlock
+    | SearchResultBlock
+    | ToolUseBlock
+    | ToolResultBlock
+    | ThinkingBlock,
     Field(discriminator="type"),
 ]
 

@@ -395,6 +395,26 @@ def test_a_plain_text_document_reaches_a_chat_model_as_text(
         assert first == {"type": "text", "text": f"report.pdf\n\n{says}"}
 
 
+def test_search_results_reach_a_chat_model_as_text(
+    claude_client: anthropic.Anthropic, fake: FakeProvider
+) -> None:
+    # A search_result block (a RAG app's retrieved passage, which Claude cites) was a 400 on
+    # every model; a Claude gets it as sent, a chat model its title, source and text.
+    passage = [{"type": "text", "text": "Sales rose 4%."}]
+    found = dict(type="search_result", source="https://example.com/q3", title="Q3 report")
+    turns: Any = [
+        {"role": "user", "content": [{**found, "content": passage}, {"type": "text", "text": "?"}]}
+    ]
+    claude_client.messages.create(model="claude", max_tokens=20, messages=turns)
+    assert fake.received[-1].body["messages"] == turns
+    claude_client.messages.create(model="gpt-4o", max_tokens=20, messages=turns)
+    first = fake.received[-1].body["messages"][0]["content"][0]
+    assert first == {
+        "type": "text",
+        "text": "Q3 report\n\nhttps://example.com/q3\n\nSales rose 4%.",
+    }
+
+
 @pytest.mark.parametrize("model", ["gpt-4o", "claude"])
 def test_a_document_of_anthropics_files_api_is_refused(
     claude_client: anthropic.Anthropic, fake: FakeProvider, model: str
