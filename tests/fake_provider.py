@@ -95,6 +95,9 @@ class Behaviour:
     # ``max_completion_tokens`` or ``max_tokens``, as a provider stops there; without either,
     # all of them (a long answer, up to the model's own limit).
     completion_tokens: int | None = None
+    # The output limits the server reads, in its order: an OpenAI-compatible server that
+    # predates ``max_completion_tokens`` (older vLLM, Ollama) reads ``max_tokens`` alone.
+    output_fields: tuple[str, ...] = ("max_completion_tokens", "max_tokens")
     # Refuse a chat request field OpenAI's API does not take, a message field its schema does not
     # have, a tool of a type other than function or custom, and ``reasoning_effort`` for a model
     # that does not reason, with OpenAI's 400s (the fake otherwise takes anything).
@@ -712,7 +715,7 @@ class FakeProvider:
             return "lots"
         each = 7
         if self.behaviour.completion_tokens is not None:
-            cap = body.get("max_completion_tokens") or body.get("max_tokens")
+            cap = next((body[f] for f in self.behaviour.output_fields if body.get(f)), None)
             each = min(self.behaviour.completion_tokens, int(cap) if cap else 10**9)
         completion = each * (int(body.get("n") or 1) if self.behaviour.bill_choices else 1)
         prompt = 11 + self.behaviour.cached_tokens

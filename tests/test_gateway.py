@@ -311,6 +311,29 @@ def test_a_request_with_both_output_limits_is_sent_the_one_it_was_fitted_by(
             assert [sent.get(k) for k in limits if k in sent] == [50], model
 
 
+@pytest.mark.parametrize(
+    "limits",
+    [{"max_tokens": 3000, "max_completion_tokens": 50}, {"max_completion_tokens": 50}],
+    ids=["both", "max_completion_tokens"],
+)
+def test_an_openai_compatible_server_is_sent_the_limit_as_max_tokens(
+    tmp_path: Path, fake: FakeProvider, limits: dict[str, int]
+) -> None:
+    """An OpenAI-compatible server (``openai/`` with ``api_base``, a model litellm's map does
+    not list) is sent the limit as ``max_tokens``, the one every such server reads and older
+    ones (vLLM before max_completion_tokens, Ollama) read alone: sent ``max_completion_tokens``
+    only, such a server wrote past the limit the request was fitted and held by."""
+    fake.reset(Behaviour(completion_tokens=500, output_fields=("max_tokens",)))
+    policy = policy_yaml(fake).replace("openai/gpt-4o\n", "openai/my-llama-70b\n")
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], **limits}
+    with live(tmp_path, policy) as srv:
+        answer = srv.http.post("/v1/chat/completions", json=body)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["completion_tokens"] == 50
+    sent = fake.received[-1].body
+    assert {k: v for k, v in sent.items() if k.startswith("max_")} == {"max_tokens": 50}
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_an_openai_reasoning_model_is_sent_the_limit_as_max_completion_tokens(
     tmp_path: Path, fake: FakeProvider, stream: bool

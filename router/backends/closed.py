@@ -377,18 +377,16 @@ class ClosedBackend:
     def _request(self, model: ModelLike, body: dict[str, Any]) -> dict[str, Any]:
         request = {k: v for k, v in body.items() if k not in _STRIP}
         request["model"] = (model.litellm_model or "").split("/", 1)[-1]
-        if not sets_output_limit(request):
+        # One limit, in the field the model reads (output_field): OpenAI refuses both at once
+        # (400 invalid_parameter_combination) and its reasoning models refuse max_tokens; an
+        # OpenAI-compatible server may read max_tokens alone. The limit is the one the request
+        # was fitted and held by (max_completion_tokens where set, signals), else Tiergate's.
+        asked = [request.pop(f) for f in ("max_completion_tokens", "max_tokens") if f in request]
+        limit = next((v for v in asked if v is not None), None)
+        if limit is None:
             limit = default_max_tokens(model)
-            if limit is not None:
-                request[output_field(model)] = limit
-        elif request.get("max_completion_tokens") is not None:
-            # OpenAI refuses both at once (400 invalid_parameter_combination); the request was
-            # fitted and held by max_completion_tokens (signals), as litellm sends it elsewhere.
-            request.pop("max_tokens", None)
-        elif output_field(model) == "max_completion_tokens":
-            # An OpenAI model: its reasoning models refuse max_tokens (400), and the others
-            # read max_completion_tokens alike (a Messages request always sets max_tokens).
-            request["max_completion_tokens"] = request.pop("max_tokens")
+        if limit is not None:
+            request[output_field(model)] = limit
         return request
 
     def _timeout(self, model: ModelLike) -> float:
