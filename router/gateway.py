@@ -529,7 +529,9 @@ class Gateway:
                 if not relay.saw_usage:
                     yield _usage_chunk(ctx, relay.id, relay.model)
         except (Exception, asyncio.CancelledError, GeneratorExit) as exc:
-            internal = self._explained(ctx, exc, call.body, opened=source is not None)
+            # A chat client's refusal on the way in (its schema, the caps) names its own fields.
+            named = None if exc is call.refused and call.front == "chat" else call.body
+            internal = self._explained(ctx, exc, named, opened=source is not None)
             status, http_status, error = _outcome(exc, self.stopping)
             self._stream_ended(ctx, exc, started=source is not None)
             if internal is not None:
@@ -560,15 +562,23 @@ class Gateway:
         self.cooldowns.released(ctx.served.model.name, ctx.probe)  # a client that left
 
     def _explained(
-        self, ctx: RequestContext, exc: BaseException, body: Mapping[str, Any], *, opened: bool
+        self,
+        ctx: RequestContext,
+        exc: BaseException,
+        body: Mapping[str, Any] | None,
+        *,
+        opened: bool,
     ) -> TiergateError | None:
         """Give a failed request's error its headers (``x-request-id``, the decision) and the
         names of the client's front for the fields of ``body``, the chat request, that it names
-        (a backend knows no front). A defect (any other exception) is logged with the request
-        id and, unless a stream has started, answered as a 500 that carries those headers too:
-        returned for the caller to raise."""
+        (a backend knows no front); ``body`` None: it names the client's fields already (a
+        chat client's ``max_tokens`` must not become the ``max_completion_tokens`` it also
+        sent). A defect (any other exception) is logged with the request id and, unless a
+        stream has started, answered as a 500 that carries those headers too: returned for the
+        caller to raise."""
         if isinstance(exc, TiergateError):
-            exc.name_fields(functools.partial(front_fields(ctx.front).named, body=body))
+            if body is not None:
+                exc.name_fields(functools.partial(front_fields(ctx.front).named, body=body))
             exc.headers.update(self.explain(ctx))
             return None
         if not isinstance(exc, Exception):  # cancelled: a client that left, or shutdown

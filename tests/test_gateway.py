@@ -334,6 +334,41 @@ def test_an_openai_compatible_server_is_sent_the_limit_as_max_tokens(
     assert {k: v for k, v in sent.items() if k.startswith("max_")} == {"max_tokens": 50}
 
 
+@pytest.mark.parametrize(
+    ("limits", "said"),
+    [
+        ({"max_tokens": 0, "max_completion_tokens": 50}, "max_tokens: Input should be"),
+        ({"max_tokens": 40000, "max_completion_tokens": 50}, "max_tokens 40000 is over"),
+    ],
+    ids=["invalid", "over-the-cap"],
+)
+def test_a_refusal_of_the_requests_own_field_keeps_its_name(
+    tmp_path: Path, fake: FakeProvider, limits: dict[str, int], said: str
+) -> None:
+    """A request refused before it is served (its schema, the size caps) is named in the
+    client's own fields already: the gateway's naming of a backend's chat fields for the front
+    (Gateway._explained) renamed a chat request's ``max_tokens`` to the
+    ``max_completion_tokens`` it also sent, a field the error was not about."""
+    body = {"model": "auto", "messages": [{"role": "user", "content": "hi"}], **limits}
+    with live(tmp_path, policy_yaml(fake)) as srv:
+        answer = srv.http.post("/v1/chat/completions", json=body)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert said in error["message"]
+    assert error["param"] == "max_tokens"
+
+
+def test_a_refusal_of_a_translated_request_names_the_fronts_field(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """A front's request refused as the chat request it becomes names the front's field:
+    a Responses request with no input is refused for its ``input``, not chat's ``messages``."""
+    with live(tmp_path, policy_yaml(fake)) as srv:
+        answer = srv.http.post("/v1/responses", json={"model": "auto", "input": []})
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == "input"
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_an_openai_reasoning_model_is_sent_the_limit_as_max_completion_tokens(
     tmp_path: Path, fake: FakeProvider, stream: bool
