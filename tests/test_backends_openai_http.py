@@ -359,6 +359,12 @@ NOT_FOUND: dict[str, tuple[bytes, bool]] = {
         False,
     ),
     "an empty body": (b"", False),
+    "a LiteLLM proxy, a model it does not have (param the string None)": (
+        b'{"error": {"message": "litellm.NotFoundError: OpenAIException - The model `gpt-5x` '
+        b'does not exist or you do not have access to it.", "type": "None", "param": "None", '
+        b'"code": "404"}}',
+        False,
+    ),
     "OpenAI's Responses, an input item it does not hold": (
         b'{"error": {"message": "Item with id \'rs_123\' not found. Items are not persisted '
         b"when `store` is set to false. Try again with `store` set to true, or remove this "

@@ -169,11 +169,13 @@ def _names_the_requests_field(error: dict[str, Any]) -> bool:
     ``not_found_error`` "model: NAME"; vLLM's "The model `NAME` does not exist.", ``code``
     404), or a path the provider does not serve (a wrong ``api_base``: OpenAI's "Invalid
     URL", llama.cpp's server's "File Not Found", an empty body); none of them names a field.
-    Anthropic's errors never name one: its 404s stay configuration."""
+    Anthropic's errors never name one: its 404s stay configuration. Nor does a ``param`` of
+    the string ``None``, as a LiteLLM proxy wrote a null one (litellm's
+    ``openai_error_payload`` now maps it to null) in its 404 for a model it does not have."""
     param = error.get("param")
     return (
         isinstance(param, str)
-        and param not in ("", "model")
+        and param not in ("", "model", "None", "null")
         and error.get("code") != "model_not_found"
     )
 
