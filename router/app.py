@@ -43,6 +43,7 @@ from router.errors import (
     StoreUnavailableError,
     TiergateError,
     error_body,
+    error_status,
     on_messages_front,
 )
 from router.gateway import Gateway, PolicyHolder, new_request_id
@@ -496,7 +497,9 @@ class StoppedAtShutdown:
             path = str(scope.get("path", ""))
             if start is None:
                 await JSONResponse(
-                    error_body(exc, path), status_code=exc.status_code, headers=exc.headers
+                    error_body(exc, path),
+                    status_code=error_status(exc, on_messages_front(path)),
+                    headers=exc.headers,
                 )(scope, receive, send)
             else:
                 body = stream_error(path, exc, sent.get("last", b""))
@@ -568,7 +571,9 @@ def _error_response(request: Request, exc: TiergateError) -> JSONResponse:
     made = getattr(request.state, "request_id", None)
     headers = exc.headers if made is None else {"x-request-id": str(made), **exc.headers}
     return JSONResponse(
-        error_body(exc, request.url.path), status_code=exc.status_code, headers=headers
+        error_body(exc, request.url.path),
+        status_code=error_status(exc, on_messages_front(request.url.path)),
+        headers=headers,
     )
 
 

@@ -46,6 +46,9 @@ class TiergateError(Exception):
     # act on one; both sent only on the /v1/messages front.
     anthropic_type: str | None = None
     anthropic_code: str | None = None
+    # The status Anthropic answers this error with where it is not ``status_code`` (its 529
+    # for an overload, which its SDKs raise as ``OverloadedError``): sent only on that front.
+    anthropic_status: int | None = None
 
     def __init__(
         self,
@@ -107,6 +110,15 @@ MESSAGES_PATH = "/v1/messages"
 def on_messages_front(path: str) -> bool:
     """Whether ``path`` is Anthropic's front (``/v1/messages`` and below)."""
     return path == MESSAGES_PATH or path.startswith(MESSAGES_PATH + "/")
+
+
+def error_status(exc: TiergateError, anthropic: bool) -> int:
+    """The HTTP status ``exc`` is answered (and recorded) with: on Anthropic's front
+    (``anthropic``), Anthropic's own where it has one (``anthropic_status``), else
+    ``status_code``."""
+    if anthropic and exc.anthropic_status is not None:
+        return exc.anthropic_status
+    return exc.status_code
 
 
 def error_body(exc: TiergateError, path: str) -> dict[str, Any]:
@@ -378,13 +390,15 @@ class UpstreamRateLimitedError(BackendError):
 class UpstreamOverloadedError(BackendError):
     """The provider answered that it is overloaded: 503, or Anthropic's 529
     ``overloaded_error`` (503 ``upstream_overloaded``, with the provider's ``Retry-After``
-    when it sent one). Not a fault of the request: the chain tries its next model, and a
-    client whose chain ends on it may retry later, as the status says."""
+    when it sent one; on the ``/v1/messages`` front 529 ``overloaded_error``, as Anthropic
+    answers). Not a fault of the request: the chain tries its next model, and a client whose
+    chain ends on it may retry later, as the status says."""
 
     status_code = 503
     error_type = "service_unavailable"
     code = "upstream_overloaded"
-    anthropic_type = "overloaded_error"  # Anthropic's own word for it (its 529)
+    anthropic_type = "overloaded_error"  # Anthropic's own word for it
+    anthropic_status = 529  # and its status, which Anthropic's SDKs raise OverloadedError for
 
 
 class UpstreamRequestTooLargeError(UpstreamRateLimitedError):

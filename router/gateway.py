@@ -59,6 +59,7 @@ from router.errors import (
     TiergateError,
     TierUnavailableError,
     UpstreamRateLimitedError,
+    error_status,
 )
 from router.learning import answer_text
 from router.outcomes import OutcomeRecord, OutcomeStore
@@ -532,7 +533,7 @@ class Gateway:
             # A chat client's refusal on the way in (its schema, the caps) names its own fields.
             named = None if exc is call.refused and call.front == "chat" else call.body
             internal = self._explained(ctx, exc, named, opened=source is not None)
-            status, http_status, error = _outcome(exc, self.stopping)
+            status, http_status, error = _outcome(exc, self.stopping, ctx.front)
             self._stream_ended(ctx, exc, started=source is not None)
             if internal is not None:
                 raise internal from exc
@@ -1685,16 +1686,19 @@ def _shaped(
         raise TiergateError(f"cannot give the answer in this API's format: {exc}") from exc
 
 
-def _outcome(exc: BaseException, stopping: bool = False) -> tuple[str, int, str | None]:
+def _outcome(
+    exc: BaseException, stopping: bool = False, front: str = "chat"
+) -> tuple[str, int, str | None]:
     """(status, HTTP status, error code) of a request that ended with ``exc``; ``stopping``:
     the server is cancelling the requests still running at shutdown, so a cancellation is its
-    doing, not a client that left."""
+    doing, not a client that left. The HTTP status is the one ``front`` answers with
+    (:func:`~router.errors.error_status`: Anthropic's 529 for an overload)."""
     if stopping and isinstance(exc, asyncio.CancelledError | GeneratorExit):
         return "error", ServerShuttingDownError.status_code, ServerShuttingDownError.code
     if isinstance(exc, ClientDisconnected):  # nobody to answer: recorded, and charged, aborted
         return "aborted", 499, exc.code
     if isinstance(exc, TiergateError):
-        return "error", exc.status_code, exc.code
+        return "error", error_status(exc, front == "messages"), exc.code
     if isinstance(exc, asyncio.CancelledError | GeneratorExit):
         return "aborted", 499, "client_disconnected"
     return "error", 500, "internal_error"

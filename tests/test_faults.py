@@ -521,19 +521,21 @@ def test_an_external_local_stream_cut_after_its_opening_falls_back(
     _fell_back(response, events, record, ("gpt-4o", "local->closed"), fake.behaviour.text)
 
 
-def test_anthropics_overloaded_error_after_message_start_is_a_503_or_a_fallback(
+def test_anthropics_overloaded_error_after_message_start_is_a_529_or_a_fallback(
     tmp_path: Path, fake: FakeProvider
 ) -> None:
     """Anthropic ends a stream it cannot go on with by an overloaded_error event (its 529 once
     a stream is open): before any token, the chain goes on, and with no model left the client
-    gets the 503 an overloaded provider gets, in Anthropic's words, not a 200 and an error
-    event."""
+    gets what an overloaded provider gets on this front, Anthropic's 529 in its words, not a
+    200 and an error event."""
     policy = policy_yaml(fake, on_failure="closed").replace(
         "closed_models: [gpt-4o, claude]", "closed_models: [claude, gpt-4o]"
     )
     fake.reset(Behaviour(mode="overloaded_after_open", failing_path="/messages"))
     with live(tmp_path, policy, local_backend_obj=ScriptedLocal()) as srv:
-        pinned, fallback, text = _overloaded_then_fallback(srv, "messages", "claude")
+        pinned, fallback, text = _overloaded_then_fallback(
+            srv, "messages", "claude", (529, "upstream_overloaded")
+        )
     assert pinned.json()["error"]["type"] == "overloaded_error"
     assert fallback.headers["x-tiergate-model"] == "gpt-4o"
     assert text.strip() == fake.behaviour.text
@@ -819,13 +821,16 @@ def test_a_providers_error_event_mid_stream_is_mapped_alike_on_every_path(
     limit, an overload, any other failure) gives the client the words and the front's own
     error event (chat: Tiergate's error chunk; messages: Anthropic's ``error`` event;
     responses: the Responses ``error`` event), once, and a record that names the failure
-    as the same failure answered with a status is: 429, 503, else 502. The direct OpenAI path
-    passed an OpenAI-compatible server's ``{"error": ...}`` chunk on as a chunk of the answer,
-    then cut the stream as unreachable (502 ``upstream_unreachable``) whatever it said. A
-    failure after the stream started is a failed call for the model's cooldown too (a rate
-    limit cools it at once, as a 429 does): it was not counted at all."""
+    as the same failure answered with a status is: 429, 503 (529 on the messages front),
+    else 502. The direct OpenAI path passed an OpenAI-compatible server's ``{"error": ...}``
+    chunk on as a chunk of the answer, then cut the stream as unreachable (502
+    ``upstream_unreachable``) whatever it said. A failure after the stream started is a failed
+    call for the model's cooldown too (a rate limit cools it at once, as a 429 does): it was
+    not counted at all."""
     front, model, via, protocol = ERROR_EVENT_PATHS[way]
     status, code, anthropic_type = ERROR_KINDS[kind]
+    if (front, kind) == ("messages", "overloaded"):
+        status = 529  # as the messages front answers an overload, Anthropic's status for it
     event = ERROR_EVENTS[protocol][kind]
     said = (event.get("error") or event)["message"]
     fake.reset(Behaviour(mode="error_mid_stream", error_body=event))

@@ -23,7 +23,7 @@ from anthropic import beta_tool
 from router.auth import hash_key
 from router.outcomes import OutcomeRecord, SQLiteOutcomeStore
 from tests.conftest import GGUF, LiveServer, live, policy_yaml, wait_for
-from tests.fake_provider import Behaviour, FakeProvider
+from tests.fake_provider import ANTHROPIC_OVERLOADED, Behaviour, FakeProvider
 from tests.scripted_local import ScriptedLocal
 from tests.test_messages import PNG
 
@@ -637,6 +637,34 @@ def test_a_thought_history_keeps_claudes_thinking_for_a_claude_model(
         answer = srv.http.post("/v1/messages", json={"model": "gpt-4o", **body})
         assert answer.status_code == 200, answer.text
         assert fake.received[-1].body["messages"][1] == {"role": "assistant", "content": "391"}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_overloaded_provider_is_anthropics_529_on_the_messages_front(
+    tmp_path: Path, fake: FakeProvider, stream: bool
+) -> None:
+    # Anthropic answers an overload with 529, which its SDK raises as OverloadedError; the
+    # front answered 503, the SDK's ServiceUnavailableError. The chat front keeps its 503.
+    ask = [{"role": "user", "content": "HARD: anything"}]
+    retry = {"retry-after": "12"}
+    fake.reset(Behaviour("status", 529, error_body=ANTHROPIC_OVERLOADED, error_headers=retry))
+    with (
+        live(tmp_path, policy_yaml(fake), local_backend_obj=ScriptedLocal()) as srv,
+        anthropic.Anthropic(base_url=srv.url, api_key="unused", max_retries=0) as client,
+    ):
+        with pytest.raises(anthropic.OverloadedError) as overloaded:
+            client.messages.create(model="claude", max_tokens=20, messages=ask, stream=stream)
+        response = overloaded.value.response
+        assert response.status_code == 529 and response.headers["retry-after"] == "12"
+        assert response.json()["error"]["type"] == "overloaded_error"
+        store, request_id = srv.gateway.outcomes, response.headers["x-request-id"]
+        assert wait_for(lambda: store.get(request_id) is not None)
+        assert (store.get(request_id) or {})["http_status"] == 529  # recorded as answered
+        chat = srv.http.post(
+            "/v1/chat/completions", json={"model": "gpt-4o", "messages": ask, "stream": stream}
+        )
+        assert chat.status_code == 503 and chat.headers["retry-after"] == "12"
+        assert chat.json()["error"]["code"] == "upstream_overloaded"
 
 
 MCP = [{"type": "url", "url": "https://mcp.example.com/sse", "name": "example"}]
