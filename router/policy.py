@@ -923,12 +923,23 @@ def why_unfit(spec: ModelSpec, signals: Signals) -> str | None:
     return None if unfit is None else unfit[0]
 
 
+def _on_anthropics_api(spec: ModelSpec) -> bool:
+    # Whether ``spec`` is reached over Anthropic's own Messages API, as a /v1/messages
+    # request is passed to it as sent (router.backends.native.speaks): litellm's chat path,
+    # and every other provider, drop Anthropic's server-tool blocks.
+    model = spec.litellm_model or ""
+    return spec.tier == "closed" and spec.transport != "litellm" and model.startswith("anthropic/")
+
+
 def _unfit_field(spec: ModelSpec, signals: Signals) -> tuple[str, str] | None:
     """:func:`why_unfit`'s reason with the chat request field it is about (``tools``, ``n``,
     ``max_tokens``, ``messages`` for images, tool calls in the history and a prompt over the
     window), the ``param`` of the 400 that refuses a request pinned to ``spec`` once named as
     its front names it (``FrontFields``); or None. The reason names the output limit as the
     client did (``Signals.output_field``)."""
+    if signals.server_tool_blocks and not _on_anthropics_api(spec):
+        blocks = ", ".join(signals.server_tool_blocks)
+        return f"{blocks} blocks (only a Claude on Anthropic's own API takes them)", "messages"
     if signals.has_images and not spec.supports_images:
         return "images", "messages"
     if signals.has_tools and not spec.supports_tools:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, model_validator
 
@@ -250,6 +250,49 @@ class ThinkingBlock(_Block):
     type: Literal["thinking", "redacted_thinking"]
 
 
+class ServerToolUseBlock(_Block):
+    """A Claude's call of a tool Anthropic runs (web search, web fetch, code execution, tool
+    search; an MCP server's tool), which an assistant turn carries back."""
+
+    type: Literal["server_tool_use", "mcp_tool_use"]
+    id: str = Field(min_length=1)
+    name: str = Field(min_length=1)
+    input: dict[str, Any]
+
+
+class ServerToolResultBlock(_Block):
+    """What a tool Anthropic runs returned, in the assistant turn that called it; its
+    ``content`` is the tool's own shape, passed on as it is."""
+
+    type: Literal[
+        "web_search_tool_result",
+        "web_fetch_tool_result",
+        "code_execution_tool_result",
+        "bash_code_execution_tool_result",
+        "text_editor_code_execution_tool_result",
+        "tool_search_tool_result",
+        "mcp_tool_result",
+    ]
+    tool_use_id: str = Field(min_length=1)
+    content: Any
+
+
+class ContainerUploadBlock(_Block):
+    """A file (of Anthropic's Files API) for code execution's container."""
+
+    type: Literal["container_upload"]
+    file_id: str = Field(min_length=1)
+
+
+#: The blocks of Anthropic's server tools, which only a Claude reached over Anthropic's own
+#: API takes (the chat translation drops them): a request with one is routed to such a model
+#: alone (``Signals.server_tool_blocks``).
+SERVER_TOOL_BLOCKS = frozenset(
+    name
+    for block in (ServerToolUseBlock, ServerToolResultBlock, ContainerUploadBlock)
+    for name in get_args(block.model_fields["type"].annotation)
+)
+
 ContentBlock = Annotated[
     TextBlock
     | ImageBlock
@@ -257,7 +300,10 @@ ContentBlock = Annotated[
     | SearchResultBlock
     | ToolUseBlock
     | ToolResultBlock
-    | ThinkingBlock,
+    | ThinkingBlock
+    | ServerToolUseBlock
+    | ServerToolResultBlock
+    | ContainerUploadBlock,
     Field(discriminator="type"),
 ]
 

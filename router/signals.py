@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from router.pii import PII_KINDS, pii_kinds
-from router.schemas import CHAT_FIELDS, FrontFields
+from router.schemas import CHAT_FIELDS, SERVER_TOOL_BLOCKS, FrontFields
 from router.scoring import Analysis, Scorer
 
 CHARS_PER_TOKEN = 3.5
@@ -60,6 +60,9 @@ class Signals:
     tool_history: bool = False
     # The request's ``n``: the local tier answers one choice, so n > 1 goes to a closed model.
     choices: int = 1
+    # The types of Anthropic's server-tool blocks in a /v1/messages history (a web search and
+    # its results), sorted: only a Claude reached over Anthropic's own API takes them.
+    server_tool_blocks: tuple[str, ...] = ()
     turns: int = 1
     score: float = 0.0
     capability: str | None = None
@@ -383,6 +386,7 @@ def extract_signals(
         has_tools=has_tools,
         tool_history=tool_history,
         choices=requested_choices(body),
+        server_tool_blocks=server_tool_blocks(sent or {}),
         turns=sum(1 for m in messages if m.get("role") == "user"),
         score=analysis.score,
         capability=analysis.capability,
@@ -396,6 +400,19 @@ def extract_signals(
         headers=dict(headers or {}),
         metadata=policy_metadata(body, metadata_keys),
     )
+
+
+def server_tool_blocks(sent: Mapping[str, Any]) -> tuple[str, ...]:
+    """The types of the server-tool blocks (schemas.SERVER_TOOL_BLOCKS) in the messages of a
+    front's native request ``sent``, sorted: the chat translation has dropped them."""
+    found = {
+        block.get("type")
+        for message in sent.get("messages") or ()
+        if isinstance(message, Mapping) and isinstance(message.get("content"), list)
+        for block in message["content"]
+        if isinstance(block, Mapping)
+    }
+    return tuple(sorted(SERVER_TOOL_BLOCKS.intersection(found)))
 
 
 def policy_metadata(body: Mapping[str, Any], keys: Collection[str] | None) -> dict[str, Any]:

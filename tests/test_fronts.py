@@ -696,6 +696,76 @@ def test_anthropic_server_features_are_served_only_by_an_anthropic_model(
     assert sent.path == "/v1/messages" and sent.body["mcp_servers"] == MCP
 
 
+#: The second turn of a web-search conversation: Claude's search, its results and its answer
+#: come back in the history (its search tool is offered again).
+WEB_SEARCH_TURN: list[dict[str, Any]] = [
+    {"role": "user", "content": "HARD: what is new in Python 3.14?"},
+    {
+        "role": "assistant",
+        "content": [
+            {
+                "type": "server_tool_use",
+                "id": "srvtoolu_01",
+                "name": "web_search",
+                "input": {"query": "Python 3.14 release notes"},
+            },
+            {
+                "type": "web_search_tool_result",
+                "tool_use_id": "srvtoolu_01",
+                "content": [
+                    {
+                        "type": "web_search_result",
+                        "url": "https://docs.python.org/3.14/whatsnew/3.14.html",
+                        "title": "What's new in Python 3.14",
+                        "encrypted_content": "EqgfCioIARgBIiQ3YTAwMjY1Mi1mZjM5",
+                        "page_age": "2 days ago",
+                    }
+                ],
+            },
+            {"type": "text", "text": "Template strings and deferred annotations."},
+        ],
+    },
+    {"role": "user", "content": "Tell me more about the first."},
+]
+
+
+def test_a_web_search_conversation_goes_on_only_with_a_claude(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    # The schema refused the history's server_tool_use and web_search_tool_result blocks
+    # (400) even for claude; the chat translation drops them, so only a Claude on Anthropic's
+    # own API can serve such a turn: on auto it goes there, pinned elsewhere it is a 400
+    # naming the blocks, and without a Claude in the policy, auto is that 400 too.
+    fake.reset(Behaviour(strict=True))
+    request: dict[str, Any] = {"max_tokens": 20, "messages": WEB_SEARCH_TURN}
+    no_claude = policy_yaml(fake).replace(
+        "closed_models: [gpt-4o, claude]", "closed_models: [gpt-4o]"
+    )
+    no_claude = no_claude.replace(
+        f"  claude:\n    tier: closed\n    litellm_model: anthropic/claude-3-5-sonnet-20241022\n"
+        f"    api_base: {fake.base_url.removesuffix('/v1')}\n",
+        "",
+    )
+    (tmp_path / "all").mkdir(), (tmp_path / "none").mkdir()
+    with live(tmp_path / "all", policy_yaml(fake), local_backend_obj=ScriptedLocal()) as srv:
+        for model in ("claude", "auto"):
+            answer = srv.http.post("/v1/messages", json={**request, "model": model})
+            assert answer.status_code == 200, answer.text
+            assert answer.headers["x-tiergate-model"] == "claude"
+            sent = fake.received[-1]
+            assert sent.path == "/v1/messages" and sent.body["messages"] == WEB_SEARCH_TURN
+        for model in ("gpt-4o", "local"):
+            refused = srv.http.post("/v1/messages", json={**request, "model": model})
+            assert refused.status_code == 400, refused.text
+            assert "server_tool_use, web_search_tool_result" in refused.text
+    with live(tmp_path / "none", no_claude, local_backend_obj=ScriptedLocal()) as srv:
+        refused = srv.http.post("/v1/messages", json={**request, "model": "auto"})
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["type"] == "invalid_request_error"
+        assert "server_tool_use, web_search_tool_result" in refused.text
+    assert [r.path for r in fake.received] == ["/v1/messages", "/v1/messages"]
+
+
 @pytest.mark.parametrize(
     ("tool", "says"),
     [
