@@ -302,6 +302,12 @@ class _Opened:
     prompt_tokens: int
 
 
+def _load_policy(path: Path) -> Policy:
+    # The policy as the gateway serves it: its closed models know their provider's output
+    # limit (litellm's map) where the policy gives none (Policy.know_output_limits).
+    return load_policy(path).know_output_limits(closed.mapped_output_limit)
+
+
 class PolicyHolder:
     """The live policy and its hot reload: a bad edit is refused and the last good one serves.
 
@@ -313,7 +319,7 @@ class PolicyHolder:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.policy: Policy = load_policy(path)
+        self.policy: Policy = _load_policy(path)
         self._loaded = self._stat()
         # A change seen on the last check and not loaded yet: (seen, stamp); a missing file's
         # stamp is None, so "nothing pending" needs its own flag.
@@ -340,7 +346,7 @@ class PolicyHolder:
             return False
         error: PolicyError | None = None
         try:
-            policy = load_policy(self.path)
+            policy = _load_policy(self.path)
         except PolicyError as exc:
             error = exc
         after = self._stat()

@@ -273,6 +273,16 @@ class ModelSpec(_Strict):
     price: ModelPrice | None = None  # else litellm's table, by litellm_model
     description: str | None = None
 
+    # The provider's own output limit where the policy gives none (Policy.know_output_limits).
+    _provider_output_limit: int | None = PrivateAttr(None)
+
+    @property
+    def output_limit(self) -> int | None:
+        """The most tokens the model writes in one answer, which a request's ``max_tokens``
+        may not pass (:func:`why_unfit`): ``max_output_tokens``, else its provider's limit
+        (litellm's model map, :meth:`Policy.know_output_limits`), else None."""
+        return self.max_output_tokens or self._provider_output_limit
+
     @model_validator(mode="before")
     @classmethod
     def _tier_defaults(cls, value: Any) -> Any:
@@ -403,6 +413,17 @@ class Policy(_Strict):
         """The top-level ``metadata`` keys some condition reads (``metadata.team.x`` reads
         ``team``): the only ones a request's signals and outcome record keep."""
         return self._runtime.metadata_fields if self._runtime else frozenset()
+
+    def know_output_limits(self, limit_of: Callable[[str], int | None]) -> Policy:
+        """This policy, its closed models told their provider's output limit (``limit_of``
+        their ``litellm_model``: litellm's model map, which this module does not read) for
+        :attr:`ModelSpec.output_limit`: a request over it is refused by the provider, so it
+        goes to a model that can write it. What a request without ``max_tokens`` is sent
+        stays the policy's."""
+        for spec in self.models.values():
+            if spec.tier == "closed":
+                spec._provider_output_limit = limit_of(spec.litellm_model or "")
+        return self
 
     def resolve_model(self, name: str) -> ModelSpec | None:
         """The model a client may pin by ``name``, or ``None``."""
@@ -946,7 +967,7 @@ def _unfit_field(spec: ModelSpec, signals: Signals) -> tuple[str, str] | None:
         return (_TOOL_HISTORY, "messages") if signals.tool_history else ("tools", "tools")
     if signals.choices > 1 and spec.tier == "local":  # both local backends answer n=1 only
         return f"n={signals.choices} (it answers one choice)", "n"
-    limit = spec.max_output_tokens
+    limit = spec.output_limit
     if limit is not None and signals.max_tokens is not None and signals.max_tokens > limit:
         # Refused by the provider (a 400), and not cut down: a shorter answer than the client
         # asked room for would look like the model's fault.

@@ -99,8 +99,9 @@ class Behaviour:
     # predates ``max_completion_tokens`` (older vLLM, Ollama) reads ``max_tokens`` alone.
     output_fields: tuple[str, ...] = ("max_completion_tokens", "max_tokens")
     # Refuse a chat request field OpenAI's API does not take, a message field its schema does not
-    # have, a tool of a type other than function or custom, and ``reasoning_effort`` for a model
-    # that does not reason, with OpenAI's 400s (the fake otherwise takes anything).
+    # have, a tool of a type other than function or custom, an output limit over the model's
+    # (OPENAI_OUTPUT_LIMITS), and ``reasoning_effort`` for a model that does not reason, with
+    # OpenAI's 400s (the fake otherwise takes anything).
     strict: bool = False
     # In ``status`` mode, the JSON body of the error instead of a generic one (in
     # ``overloaded_after_open`` mode, the event sent in place of the overloaded ``error``).
@@ -312,6 +313,9 @@ def openai_refusal(body: dict[str, Any]) -> dict[str, Any] | None:
             "param": "max_tokens",
             "code": "invalid_parameter_combination",
         }
+    too_large = _over_output_limit(body)
+    if too_large is not None:
+        return too_large
     reasoning = str(body.get("model", "")).startswith(OPENAI_REASONING)
     if "max_tokens" in body and reasoning:
         return {
@@ -331,6 +335,27 @@ def openai_refusal(body: dict[str, Any]) -> dict[str, Any] | None:
             "code": "unsupported_parameter",
         }
     return None
+
+
+#: The output limits of OpenAI's models, as its API enforces them (and litellm's map lists them).
+OPENAI_OUTPUT_LIMITS = {"gpt-4o": 16384, "gpt-4o-mini": 16384}
+
+
+def _over_output_limit(body: dict[str, Any]) -> dict[str, Any] | None:
+    """OpenAI's 400 body for a chat request whose output limit is over its model's
+    (:data:`OPENAI_OUTPUT_LIMITS`), else None."""
+    limit = OPENAI_OUTPUT_LIMITS.get(str(body.get("model")))
+    field = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    asked = body.get(field)
+    if limit is None or not isinstance(asked, int) or asked <= limit:
+        return None
+    return {
+        "message": f"{field} is too large: {asked}. This model supports at most {limit} "
+        f"completion tokens, whereas you provided {asked}.",
+        "type": "invalid_request_error",
+        "param": field,
+        "code": "invalid_value",
+    }
 
 
 def anthropic_refusal(body: dict[str, Any], model: str | None = None) -> dict[str, Any] | None:

@@ -566,7 +566,9 @@ def test_an_anthropic_model_answers_within_its_output_limit(
         fake.reset()
         pinned = {"model": "claude", "messages": hi, "max_tokens": 20000}
         refused = srv.http.post("/v1/chat/completions", json=pinned)
-        moved = srv.http.post("/v1/chat/completions", json={**pinned, "model": "auto-best"})
+        # Over claude's 8192, within gpt-4o's 16384 (litellm's map: Policy.know_output_limits).
+        over_claude = {**pinned, "model": "auto-best", "max_tokens": 12000}
+        moved = srv.http.post("/v1/chat/completions", json=over_claude)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
     assert refused.json()["error"]["message"].startswith(
         "model 'claude' cannot take max_tokens 20000 (it writes at most 8192) and the request "

@@ -639,6 +639,31 @@ def test_a_thought_history_keeps_claudes_thinking_for_a_claude_model(
         assert fake.received[-1].body["messages"][1] == {"role": "assistant", "content": "391"}
 
 
+def test_max_tokens_past_a_models_own_limit_goes_to_a_model_that_can_write_it(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    # max_tokens 20000 reached gpt-4o, which OpenAI refuses (litellm's map, as OpenAI, says it
+    # writes at most 16384): only a policy max_output_tokens bounded a non-Claude model.
+    fake.reset(Behaviour(strict=True))
+    policy = policy_yaml(fake).replace(
+        "claude-3-5-sonnet-20241022", "claude-sonnet-4-5-20250929"
+    )  # 64000 in litellm's map
+    ask: dict[str, Any] = {"max_tokens": 20000, "messages": [{"role": "user", "content": "Hi"}]}
+    with (
+        live(tmp_path, policy, local_backend_obj=ScriptedLocal()) as srv,
+        anthropic.Anthropic(base_url=srv.url, api_key="unused", max_retries=0) as client,
+    ):
+        with pytest.raises(anthropic.BadRequestError) as refused:
+            client.messages.create(model="gpt-4o", **ask)
+        assert fake.received == []
+        raw = client.messages.with_raw_response.create(model="auto", **ask)
+    assert "model 'gpt-4o' cannot take max_tokens 20000 (it writes at most 16384)" in str(
+        refused.value
+    )
+    assert raw.headers["x-tiergate-model"] == "claude"
+    assert [(r.path, r.body["max_tokens"]) for r in fake.received] == [("/v1/messages", 20000)]
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_an_overloaded_provider_is_anthropics_529_on_the_messages_front(
     tmp_path: Path, fake: FakeProvider, stream: bool
