@@ -1205,13 +1205,14 @@ def _explain_tenant(args: argparse.Namespace, policy: Policy) -> None:
 
 def _cmd_policy_explain(args: argparse.Namespace) -> int:
     from router.app import configured_scorer, static_companion
-    from router.backends.closed import key_for, mapped_output_limit
+    from router.backends.closed import key_for
     from router.config import load_settings
-    from router.policy import POLICY_HEADER_PREFIX, evaluate, load_policy
+    from router.gateway import load_serving_policy
+    from router.policy import POLICY_HEADER_PREFIX, evaluate
     from router.signals import extract_signals
 
     args.file = args.file or _serving_policy(args.config)
-    policy = load_policy(args.file).know_output_limits(mapped_output_limit)  # as served
+    policy = load_serving_policy(args.file)  # as the proxy decides: its models' limits known
     main = configured_scorer(load_settings(args.config))
     # As the proxy decides: `encoder: false` scores with the static companion, where one loads.
     companion = None if policy.encoder else static_companion(main)

@@ -302,10 +302,11 @@ class _Opened:
     prompt_tokens: int
 
 
-def _load_policy(path: Path) -> Policy:
-    # The policy as the gateway serves it: its closed models know their provider's output
-    # limit (litellm's map) where the policy gives none (Policy.know_output_limits).
-    return load_policy(path).know_output_limits(closed.mapped_output_limit)
+def load_serving_policy(path: str | Path) -> Policy:
+    """The policy at ``path`` as the gateway serves it: its closed models know what their
+    provider takes at most where the policy says nothing (their output limit in litellm's
+    map, OpenAI's 4 stop sequences: :meth:`Policy.know_limits`)."""
+    return load_policy(path).know_limits(closed.mapped_output_limit, closed.stop_sequence_limit)
 
 
 class PolicyHolder:
@@ -319,7 +320,7 @@ class PolicyHolder:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.policy: Policy = _load_policy(path)
+        self.policy: Policy = load_serving_policy(path)
         self._loaded = self._stat()
         # A change seen on the last check and not loaded yet: (seen, stamp); a missing file's
         # stamp is None, so "nothing pending" needs its own flag.
@@ -346,7 +347,7 @@ class PolicyHolder:
             return False
         error: PolicyError | None = None
         try:
-            policy = _load_policy(self.path)
+            policy = load_serving_policy(self.path)
         except PolicyError as exc:
             error = exc
         after = self._stat()

@@ -273,15 +273,23 @@ class ModelSpec(_Strict):
     price: ModelPrice | None = None  # else litellm's table, by litellm_model
     description: str | None = None
 
-    # The provider's own output limit where the policy gives none (Policy.know_output_limits).
+    # What the provider takes at most where the policy says nothing (Policy.know_limits): its
+    # output limit, and how many stop sequences.
     _provider_output_limit: int | None = PrivateAttr(None)
+    _provider_stop_limit: int | None = PrivateAttr(None)
 
     @property
     def output_limit(self) -> int | None:
         """The most tokens the model writes in one answer, which a request's ``max_tokens``
         may not pass (:func:`why_unfit`): ``max_output_tokens``, else its provider's limit
-        (litellm's model map, :meth:`Policy.know_output_limits`), else None."""
+        (litellm's model map, :meth:`Policy.know_limits`), else None."""
         return self.max_output_tokens or self._provider_output_limit
+
+    @property
+    def stop_limit(self) -> int | None:
+        """How many stop sequences the model takes at most (its provider's figure, OpenAI's 4,
+        :meth:`Policy.know_limits`), or None where no limit is known."""
+        return self._provider_stop_limit
 
     @model_validator(mode="before")
     @classmethod
@@ -414,15 +422,20 @@ class Policy(_Strict):
         ``team``): the only ones a request's signals and outcome record keep."""
         return self._runtime.metadata_fields if self._runtime else frozenset()
 
-    def know_output_limits(self, limit_of: Callable[[str], int | None]) -> Policy:
-        """This policy, its closed models told their provider's output limit (``limit_of``
-        their ``litellm_model``: litellm's model map, which this module does not read) for
-        :attr:`ModelSpec.output_limit`: a request over it is refused by the provider, so it
-        goes to a model that can write it. What a request without ``max_tokens`` is sent
-        stays the policy's."""
+    def know_limits(
+        self, output_of: Callable[[str], int | None], stops_of: Callable[[str], int | None]
+    ) -> Policy:
+        """This policy, its closed models told what their provider takes at most, by their
+        ``litellm_model`` (router.backends.closed: this module reads no provider's table):
+        their output limit (``output_of``, litellm's model map) for
+        :attr:`ModelSpec.output_limit`, and their stop sequences (``stops_of``) for
+        :attr:`ModelSpec.stop_limit`. The provider refuses a request over either, so it goes
+        to a model that takes it (:func:`why_unfit`). What a request without ``max_tokens``
+        is sent stays the policy's."""
         for spec in self.models.values():
             if spec.tier == "closed":
-                spec._provider_output_limit = limit_of(spec.litellm_model or "")
+                spec._provider_output_limit = output_of(spec.litellm_model or "")
+                spec._provider_stop_limit = stops_of(spec.litellm_model or "")
         return self
 
     def resolve_model(self, name: str) -> ModelSpec | None:
@@ -967,6 +980,11 @@ def _unfit_field(spec: ModelSpec, signals: Signals) -> tuple[str, str] | None:
         return (_TOOL_HISTORY, "messages") if signals.tool_history else ("tools", "tools")
     if signals.choices > 1 and spec.tier == "local":  # both local backends answer n=1 only
         return f"n={signals.choices} (it answers one choice)", "n"
+    stops = spec.stop_limit
+    if stops is not None and signals.stop_sequences > stops:
+        # Not trimmed: an answer that ran past a sequence the client stops on would look
+        # like the model's fault, as a shortened answer would.
+        return f"{signals.stop_sequences} stop sequences (it takes at most {stops})", "stop"
     limit = spec.output_limit
     if limit is not None and signals.max_tokens is not None and signals.max_tokens > limit:
         # Refused by the provider (a 400), and not cut down: a shorter answer than the client

@@ -63,6 +63,8 @@ class Signals:
     # The types of Anthropic's server-tool blocks in a /v1/messages history (a web search and
     # its results), sorted: only a Claude reached over Anthropic's own API takes them.
     server_tool_blocks: tuple[str, ...] = ()
+    # How many stop sequences the request sets (``stop``): OpenAI takes at most 4.
+    stop_sequences: int = 0
     turns: int = 1
     score: float = 0.0
     capability: str | None = None
@@ -387,6 +389,7 @@ def extract_signals(
         tool_history=tool_history,
         choices=requested_choices(body),
         server_tool_blocks=server_tool_blocks(sent or {}),
+        stop_sequences=_stop_count(body.get("stop")),
         turns=sum(1 for m in messages if m.get("role") == "user"),
         score=analysis.score,
         capability=analysis.capability,
@@ -400,6 +403,13 @@ def extract_signals(
         headers=dict(headers or {}),
         metadata=policy_metadata(body, metadata_keys),
     )
+
+
+def _stop_count(stop: Any) -> int:
+    # A chat request's ``stop``: one sequence as a string, or a list of them.
+    if isinstance(stop, str):
+        return 1
+    return len(stop) if isinstance(stop, list) else 0
 
 
 def server_tool_blocks(sent: Mapping[str, Any]) -> tuple[str, ...]:

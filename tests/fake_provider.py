@@ -100,8 +100,8 @@ class Behaviour:
     output_fields: tuple[str, ...] = ("max_completion_tokens", "max_tokens")
     # Refuse a chat request field OpenAI's API does not take, a message field its schema does not
     # have, a tool of a type other than function or custom, an output limit over the model's
-    # (OPENAI_OUTPUT_LIMITS), and ``reasoning_effort`` for a model that does not reason, with
-    # OpenAI's 400s (the fake otherwise takes anything).
+    # (OPENAI_OUTPUT_LIMITS), more than 4 stop sequences, and ``reasoning_effort`` for a model
+    # that does not reason, with OpenAI's 400s (the fake otherwise takes anything).
     strict: bool = False
     # In ``status`` mode, the JSON body of the error instead of a generic one (in
     # ``overloaded_after_open`` mode, the event sent in place of the overloaded ``error``).
@@ -316,6 +316,15 @@ def openai_refusal(body: dict[str, Any]) -> dict[str, Any] | None:
     too_large = _over_output_limit(body)
     if too_large is not None:
         return too_large
+    stop = body.get("stop")
+    if isinstance(stop, list) and len(stop) > OPENAI_STOP_SEQUENCES:
+        return {
+            "message": "Invalid 'stop': array too long. Expected an array with maximum length "
+            f"{OPENAI_STOP_SEQUENCES}, but got an array with length {len(stop)} instead.",
+            "type": "invalid_request_error",
+            "param": "stop",
+            "code": "array_above_max_length",
+        }
     reasoning = str(body.get("model", "")).startswith(OPENAI_REASONING)
     if "max_tokens" in body and reasoning:
         return {
@@ -339,6 +348,8 @@ def openai_refusal(body: dict[str, Any]) -> dict[str, Any] | None:
 
 #: The output limits of OpenAI's models, as its API enforces them (and litellm's map lists them).
 OPENAI_OUTPUT_LIMITS = {"gpt-4o": 16384, "gpt-4o-mini": 16384}
+#: How many stop sequences OpenAI's chat API takes ("Up to 4 sequences", its reference says).
+OPENAI_STOP_SEQUENCES = 4
 
 
 def _over_output_limit(body: dict[str, Any]) -> dict[str, Any] | None:

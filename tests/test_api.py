@@ -566,7 +566,7 @@ def test_an_anthropic_model_answers_within_its_output_limit(
         fake.reset()
         pinned = {"model": "claude", "messages": hi, "max_tokens": 20000}
         refused = srv.http.post("/v1/chat/completions", json=pinned)
-        # Over claude's 8192, within gpt-4o's 16384 (litellm's map: Policy.know_output_limits).
+        # Over claude's 8192, within gpt-4o's 16384 (litellm's map: Policy.know_limits).
         over_claude = {**pinned, "model": "auto-best", "max_tokens": 12000}
         moved = srv.http.post("/v1/chat/completions", json=over_claude)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"

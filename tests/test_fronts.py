@@ -664,6 +664,37 @@ def test_max_tokens_past_a_models_own_limit_goes_to_a_model_that_can_write_it(
     assert [(r.path, r.body["max_tokens"]) for r in fake.received] == [("/v1/messages", 20000)]
 
 
+def test_more_stop_sequences_than_openai_takes_go_to_a_model_that_takes_them(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    # OpenAI takes at most 4 stop sequences and refuses more with a 400; the translation sent
+    # an Anthropic client's 5 to gpt-4o. Trimmed, the answer could run past one the client
+    # stops on, so the request goes where all 5 are honoured, or, pinned, is a 400.
+    fake.reset(Behaviour(strict=True))
+    stops = ["END", "STOP", "###", "---", "==="]
+    ask: dict[str, Any] = {
+        "max_tokens": 20,
+        "messages": [{"role": "user", "content": "HARD: count to ten"}],
+        "stop_sequences": stops,
+    }
+    with (
+        live(tmp_path, policy_yaml(fake), local_backend_obj=ScriptedLocal()) as srv,
+        anthropic.Anthropic(base_url=srv.url, api_key="unused", max_retries=0) as client,
+    ):
+        with pytest.raises(anthropic.BadRequestError) as refused:
+            client.messages.create(model="gpt-4o", **ask)
+        assert fake.received == []
+        for model in ("auto", "claude", "local"):
+            raw = client.messages.with_raw_response.create(model=model, **ask)
+            assert raw.headers["x-tiergate-model"] == ("claude" if model == "auto" else model)
+        ask["stop_sequences"] = stops[:4]
+        four = client.messages.with_raw_response.create(model="gpt-4o", **ask)
+    assert "model 'gpt-4o' cannot take 5 stop sequences (it takes at most 4)" in str(refused.value)
+    assert four.headers["x-tiergate-model"] == "gpt-4o"
+    sent = [r.body.get("stop_sequences") or r.body.get("stop") for r in fake.received]
+    assert sent == [stops, stops, stops[:4]]
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_an_overloaded_provider_is_anthropics_529_on_the_messages_front(
     tmp_path: Path, fake: FakeProvider, stream: bool

@@ -202,6 +202,20 @@ def mapped_output_limit(litellm_model: str) -> int | None:
     )
 
 
+#: How many stop sequences OpenAI's chat API takes ("Up to 4 sequences", its API reference;
+#: more is a 400).
+OPENAI_STOP_SEQUENCES = 4
+
+
+def stop_sequence_limit(litellm_model: str) -> int | None:
+    """How many stop sequences ``litellm_model`` takes at most, where known: an OpenAI model
+    litellm's map lists takes :data:`OPENAI_STOP_SEQUENCES`; one an OpenAI-compatible server
+    serves (vLLM, llama.cpp), and other providers' (litellm translates their field), are not
+    known for a limit: None."""
+    known = mapped_output_limit(litellm_model) is not None
+    return OPENAI_STOP_SEQUENCES if provider_of(litellm_model) == "openai" and known else None
+
+
 def output_limit(model: ModelLike) -> int | None:
     """The most one call to the closed ``model`` writes when a request sets no ``max_tokens``:
     its policy ``max_output_tokens``, else litellm's map's limit, else, for a Claude model
