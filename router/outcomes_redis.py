@@ -1,8 +1,9 @@
 """The Redis outcome store, shared by several Tiergate replicas; an outage loses no record that
 reaches the journal (see docs/learning-loop.md for what that does and does not cover).
 
-Structures (``P`` is the key prefix, ``tiergate`` by default; for Redis Cluster use a hash tag
-such as ``{tiergate}`` so one Lua script can touch every key):
+Structures (``P`` is the key prefix, ``tiergate`` by default). One Redis primary holds them
+all: scripts touch keys of several hash slots and the client follows no ``MOVED``, so Redis
+Cluster is not supported (docs/kubernetes.md, *External Redis*):
 
 ==============================  =============================================================
 ``P:outcome:<request id>``      string, the record as JSON, expiring after the policy's
