@@ -21,6 +21,7 @@ from router.errors import (
     TiergateError,
     anthropic_error_body,
 )
+from router.schemas import ANTHROPIC_SERVER_FIELDS
 from router.signals import estimate_tokens
 
 #: The chat fields the translation makes from Anthropic-only parameters (``top_k``; ``thinking``
@@ -43,9 +44,7 @@ OPTIONAL = frozenset(
 #: change what the client asked for, and another model would refuse them. So do Anthropic's
 #: own tools: its web search (``web_search_options`` once translated) and the tools of its
 #: own types, such as ``bash_20250124`` (``tools.provider``, router.gateway.PROVIDER_TOOLS).
-NATIVE_ONLY = frozenset(
-    {"mcp_servers", "container", "context_management", "web_search_options", "tools.provider"}
-)
+NATIVE_ONLY = frozenset({*ANTHROPIC_SERVER_FIELDS, "web_search_options", "tools.provider"})
 
 
 STATELESS = (
@@ -113,7 +112,7 @@ def _documents_read(message: Mapping[str, Any]) -> Mapping[str, Any]:
     text, of a ``text`` or ``content`` source, and a ``search_result``), in it or in one of
     its tool results, as the text it holds led by its title (:func:`_held`): litellm's adapter
     translates only a base64 document (to a chat ``file`` part) and drops these without a
-    word."""
+    word. A document's ``context``, which the adapter drops too, leads it as text."""
     content = message.get("content")
     if not isinstance(content, list):
         return message
@@ -133,7 +132,7 @@ def _read(content: list[Any]) -> list[Any]:
     for block in content:
         held = _held(block) if isinstance(block, Mapping) else None
         if held is None:
-            blocks.append(block)
+            blocks += _in_context(block)
             continue
         heading, parts = held
         texts = [p.get("text", "") for p in parts if p.get("type") == "text"]
@@ -143,8 +142,8 @@ def _read(content: list[Any]) -> list[Any]:
 
 
 def _held(block: Mapping[str, Any]) -> tuple[list[str], list[Mapping[str, Any]]] | None:
-    """(the heading, the blocks) of a plain-text document (its title) or a search result (its
-    title and source); None for any other block."""
+    """(the heading, the blocks) of a plain-text document (its title and context) or a search
+    result (its title and source); None for any other block."""
     if block.get("type") == "search_result":
         return [block["title"], block["source"]], list(block["content"])
     source = block.get("source")
@@ -154,7 +153,20 @@ def _held(block: Mapping[str, Any]) -> tuple[list[str], list[Mapping[str, Any]]]
         return None
     held = source.get("data") if source["type"] == "text" else source.get("content")
     parts = [{"type": "text", "text": held}] if isinstance(held, str) else list(held or ())
-    return ([block["title"]] if block.get("title") else []), parts
+    return [block[key] for key in ("title", "context") if block.get(key)], parts
+
+
+def _in_context(block: Any) -> list[Any]:
+    """``block``, led by a text block of its ``context`` (and title) where it is a document
+    that has one (a PDF): litellm's adapter drops a document's ``context``."""
+    if (
+        not isinstance(block, Mapping)
+        or block.get("type") != "document"
+        or not block.get("context")
+    ):
+        return [block]
+    heading = [block[key] for key in ("title", "context") if block.get(key)]
+    return [{"type": "text", "text": "\n\n".join(heading)}, block]
 
 
 #: What a tool result marked ``is_error`` starts with on the way to a chat model, which has no

@@ -32,6 +32,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from router.errors import PolicyIssue
+from router.schemas import ANTHROPIC_SERVER_FIELDS
 from router.signals import Signals
 
 if TYPE_CHECKING:
@@ -960,9 +961,16 @@ def why_unfit(spec: ModelSpec, signals: Signals) -> str | None:
 def _on_anthropics_api(spec: ModelSpec) -> bool:
     # Whether ``spec`` is reached over Anthropic's own Messages API, as a /v1/messages
     # request is passed to it as sent (router.backends.native.speaks): litellm's chat path,
-    # and every other provider, drop Anthropic's server-tool blocks.
+    # and every other provider, drop Anthropic's server-tool blocks, citations and server-side
+    # fields, and send a document by URL as an image.
     model = spec.litellm_model or ""
     return spec.tier == "closed" and spec.transport != "litellm" and model.startswith("anthropic/")
+
+
+def _anthropic_only(signals: Signals) -> list[str]:
+    # What of the request only a Claude on Anthropic's own API takes, as a refusal names it.
+    blocks = ", ".join(signals.server_tool_blocks)
+    return ([f"{blocks} blocks"] if blocks else []) + list(signals.anthropic_only)
 
 
 def _unfit_field(spec: ModelSpec, signals: Signals) -> tuple[str, str] | None:
@@ -971,11 +979,13 @@ def _unfit_field(spec: ModelSpec, signals: Signals) -> tuple[str, str] | None:
     window), the ``param`` of the 400 that refuses a request pinned to ``spec`` once named as
     its front names it (``FrontFields``); or None. The reason names the output limit as the
     client did (``Signals.output_field``)."""
-    if signals.server_tool_blocks and not _on_anthropics_api(spec):
-        blocks = ", ".join(signals.server_tool_blocks)
-        return f"{blocks} blocks (only a Claude on Anthropic's own API takes them)", "messages"
+    only = _anthropic_only(signals)
+    if only and not _on_anthropics_api(spec):
+        # The first named is the field: a message's blocks before the top-level fields.
+        field = only[0] if only[0] in ANTHROPIC_SERVER_FIELDS else "messages"
+        return f"{', '.join(only)} (only a Claude on Anthropic's own API takes them)", field
     if signals.has_images and not spec.supports_images:
-        return "images", "messages"
+        return " and ".join(signals.media) or "images", "messages"
     if signals.has_tools and not spec.supports_tools:
         return (_TOOL_HISTORY, "messages") if signals.tool_history else ("tools", "tools")
     if signals.choices > 1 and spec.tier == "local":  # both local backends answer n=1 only

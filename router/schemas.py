@@ -292,6 +292,9 @@ SERVER_TOOL_BLOCKS = frozenset(
     for block in (ServerToolUseBlock, ServerToolResultBlock, ContainerUploadBlock)
     for name in get_args(block.model_fields["type"].annotation)
 )
+#: Anthropic's server-side features a Messages request sets at its top level, which only a
+#: Claude reached over Anthropic's own API serves (``Signals.anthropic_only``).
+ANTHROPIC_SERVER_FIELDS = ("mcp_servers", "container", "context_management")
 
 ContentBlock = Annotated[
     TextBlock

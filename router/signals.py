@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from router.pii import PII_KINDS, pii_kinds
-from router.schemas import CHAT_FIELDS, SERVER_TOOL_BLOCKS, FrontFields
+from router.schemas import ANTHROPIC_SERVER_FIELDS, CHAT_FIELDS, SERVER_TOOL_BLOCKS, FrontFields
 from router.scoring import Analysis, Scorer
 
 CHARS_PER_TOKEN = 3.5
@@ -63,6 +63,13 @@ class Signals:
     # The types of Anthropic's server-tool blocks in a /v1/messages history (a web search and
     # its results), sorted: only a Claude reached over Anthropic's own API takes them.
     server_tool_blocks: tuple[str, ...] = ()
+    # What else of a /v1/messages request only a Claude reached over Anthropic's own API
+    # takes, as a refusal names it (:func:`anthropic_only`): the chat translation sends a
+    # document by URL as an image and drops citations and the server-side fields.
+    anthropic_only: tuple[str, ...] = ()
+    # The kinds of the non-text parts (``documents``: a PDF; ``images``: any other), sorted,
+    # as a refusal names them. A name, not a signal: no policy matches on it.
+    media: tuple[str, ...] = ()
     # How many stop sequences the request sets (``stop``): OpenAI takes at most 4.
     stop_sequences: int = 0
     turns: int = 1
@@ -389,6 +396,8 @@ def extract_signals(
         tool_history=tool_history,
         choices=requested_choices(body),
         server_tool_blocks=server_tool_blocks(sent or {}),
+        anthropic_only=anthropic_only(sent or {}),
+        media=media_kinds(messages),
         stop_sequences=_stop_count(body.get("stop")),
         turns=sum(1 for m in messages if m.get("role") == "user"),
         score=analysis.score,
@@ -415,14 +424,58 @@ def _stop_count(stop: Any) -> int:
 def server_tool_blocks(sent: Mapping[str, Any]) -> tuple[str, ...]:
     """The types of the server-tool blocks (schemas.SERVER_TOOL_BLOCKS) in the messages of a
     front's native request ``sent``, sorted: the chat translation has dropped them."""
-    found = {
-        block.get("type")
-        for message in sent.get("messages") or ()
-        if isinstance(message, Mapping) and isinstance(message.get("content"), list)
-        for block in message["content"]
-        if isinstance(block, Mapping)
-    }
+    found = {block.get("type") for block in _native_blocks(sent)}
     return tuple(sorted(SERVER_TOOL_BLOCKS.intersection(found)))
+
+
+def anthropic_only(sent: Mapping[str, Any]) -> tuple[str, ...]:
+    """What of the Messages request ``sent`` (a front's native request) only a Claude reached
+    over Anthropic's own API takes, besides server-tool blocks: ``documents by URL`` (the chat
+    translation sends one as an image), ``citations`` asked of a document or search result
+    (a chat model gives none), and the server-side fields it sets
+    (schemas.ANTHROPIC_SERVER_FIELDS). A Responses request (no ``messages``) has none."""
+    if not isinstance(sent.get("messages"), list):
+        return ()
+    blocks = list(_native_blocks(sent))
+    by_url = any(
+        b.get("type") == "document" and (b.get("source") or {}).get("type") == "url" for b in blocks
+    )
+    cited = any((b.get("citations") or {}).get("enabled") is True for b in blocks)
+    named = ["documents by URL"] if by_url else []
+    named += ["citations"] if cited else []
+    return (*named, *(name for name in ANTHROPIC_SERVER_FIELDS if name in sent))
+
+
+def _native_blocks(sent: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
+    # The content blocks of a native Messages request, and those of its tool results.
+    for message in sent.get("messages") or ():
+        content = message.get("content") if isinstance(message, Mapping) else None
+        for block in content if isinstance(content, list) else ():
+            if not isinstance(block, Mapping):
+                continue
+            yield block
+            inner = block.get("content") if block.get("type") == "tool_result" else None
+            if isinstance(inner, list):
+                yield from (b for b in inner if isinstance(b, Mapping))
+
+
+def media_kinds(messages: list[Mapping[str, Any]]) -> tuple[str, ...]:
+    """The kinds of the non-text parts of chat ``messages``, sorted: ``documents`` for a PDF
+    (a ``file`` part, or an image part of a PDF's data URL), ``images`` for any other."""
+    kinds = {
+        "documents" if _is_document(part) else "images"
+        for message in messages
+        if isinstance(message.get("content"), list)
+        for part in message["content"]
+        if isinstance(part, Mapping) and part.get("type") not in (None, "text")
+    }
+    return tuple(sorted(kinds))
+
+
+def _is_document(part: Mapping[str, Any]) -> bool:
+    url = (part.get("image_url") or {}) if part.get("type") == "image_url" else {}
+    pdf = isinstance(url, Mapping) and str(url.get("url", "")).startswith("data:application/pdf")
+    return part.get("type") == "file" or pdf
 
 
 def policy_metadata(body: Mapping[str, Any], keys: Collection[str] | None) -> dict[str, Any]:

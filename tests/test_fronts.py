@@ -377,7 +377,9 @@ def test_a_pdf_document_goes_to_a_closed_model(
     assert sent.path == "/v1/messages" and sent.body["messages"] == pdf  # as it came
     with pytest.raises(anthropic.BadRequestError) as refused:
         claude_client.messages.create(model="local", max_tokens=20, messages=pdf)
-    assert refused.value.body["error"]["message"].startswith("model 'local' cannot take")  # type: ignore[index]
+    assert refused.value.body["error"]["message"].startswith(  # type: ignore[index]
+        "model 'local' cannot take documents and the request pins it"
+    )
     counted = claude_client.messages.count_tokens(model="auto", messages=pdf)
     assert counted.input_tokens > 1000  # a PDF page, not the few words beside it
 
@@ -472,6 +474,99 @@ def test_documents_a_tool_returned_reach_a_chat_model(
             "file": {"filename": "document.pdf", "file_data": f"data:application/pdf;base64,{PDF}"},
         },
     ]
+
+
+def _tool_returned(block: dict[str, Any]) -> list[Any]:
+    """A conversation whose tool returned ``block``."""
+    call = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}
+    result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": [block]}
+    return [
+        {"role": "user", "content": "Read the report"},
+        {"role": "assistant", "content": [call]},
+        {"role": "user", "content": [result]},
+    ]
+
+
+def test_a_pdf_by_url_goes_only_to_a_claude(
+    claude_client: anthropic.Anthropic, fake: FakeProvider
+) -> None:
+    # litellm's adapter sends a document by URL to a chat model as an image_url of the PDF,
+    # which gpt-4o read as an image (OpenAI's file part takes a PDF's data or a file id, not
+    # a URL) and the local model cannot read: only a Claude on Anthropic's own API takes it.
+    # A PDF sent inline still goes to gpt-4o.
+    url = {"type": "url", "url": "https://example.com/q3.pdf"}
+    in_result = _tool_returned({"type": "document", "source": url})
+    for turns in (_document(url), in_result):
+        raw = claude_client.messages.with_raw_response.create(
+            model="auto", max_tokens=20, tools=[WEATHER], messages=turns
+        )
+        assert raw.headers["x-tiergate-model"] == "claude"
+        sent = fake.received[-1]
+        assert sent.path == "/v1/messages" and sent.body["messages"] == turns
+        for model in ("gpt-4o", "local"):
+            with pytest.raises(anthropic.BadRequestError) as refused:
+                claude_client.messages.create(model=model, max_tokens=20, messages=turns)
+            assert refused.value.body["error"]["message"].startswith(  # type: ignore[index]
+                f"model '{model}' cannot take documents by URL (only a Claude on Anthropic's"
+            )
+    assert [r.path for r in fake.received] == ["/v1/messages", "/v1/messages"]
+    inline = {"type": "base64", "media_type": "application/pdf", "data": PDF}
+    raw = claude_client.messages.with_raw_response.create(
+        model="gpt-4o", max_tokens=20, messages=_document(inline)
+    )
+    assert raw.headers["x-tiergate-model"] == "gpt-4o"
+    assert fake.received[-1].body["messages"][0]["content"][0]["type"] == "file"
+
+
+@pytest.mark.parametrize("where", ["message", "tool_result"])
+def test_citations_are_asked_only_of_a_claude(
+    claude_client: anthropic.Anthropic, fake: FakeProvider, where: str
+) -> None:
+    # A document with citations enabled reached gpt-4o without them (the translation drops
+    # the flag), and its answer came back with no citations and no word: such a request
+    # goes to a Claude on Anthropic's own API, and pinned elsewhere it is a 400.
+    source = {"type": "text", "media_type": "text/plain", "data": "Sales rose 4%."}
+    cited = {"type": "document", "source": source, "citations": {"enabled": True}}
+    turns = (
+        _tool_returned(cited)
+        if where == "tool_result"
+        else [{"role": "user", "content": [cited, {"type": "text", "text": "How did sales do?"}]}]
+    )
+    raw = claude_client.messages.with_raw_response.create(
+        model="auto", max_tokens=20, tools=[WEATHER], messages=turns
+    )
+    assert raw.headers["x-tiergate-model"] == "claude"
+    assert fake.received[-1].path == "/v1/messages"
+    assert fake.received[-1].body["messages"] == turns
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        claude_client.messages.create(model="gpt-4o", max_tokens=20, messages=turns)
+    assert "cannot take citations (only a Claude" in str(refused.value)
+    assert len(fake.received) == 1
+
+
+def test_a_documents_context_reaches_a_chat_model_as_text(
+    claude_client: anthropic.Anthropic, fake: FakeProvider
+) -> None:
+    # A document's context (what the client says about it) was dropped for a chat model by
+    # litellm's translation: it now leads the document as text, for a PDF and a text one.
+    pdf = {"type": "base64", "media_type": "application/pdf", "data": PDF}
+    text = {"type": "text", "media_type": "text/plain", "data": "Sales rose 4%."}
+    about = {"title": "q3", "context": "The board's Q3 pack."}
+    turns: Any = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "document", "source": pdf, **about},
+                {"type": "document", "source": text, **about},
+                {"type": "text", "text": "Summarize them."},
+            ],
+        }
+    ]
+    claude_client.messages.create(model="gpt-4o", max_tokens=20, messages=turns)
+    parts = fake.received[-1].body["messages"][0]["content"]
+    assert [p["type"] for p in parts] == ["text", "file", "text", "text"]
+    assert parts[0]["text"] == "q3\n\nThe board's Q3 pack."
+    assert parts[2]["text"] == "q3\n\nThe board's Q3 pack.\n\nSales rose 4%."
 
 
 def test_a_privacy_rule_keeps_a_message_local(
@@ -726,30 +821,72 @@ def test_an_overloaded_provider_is_anthropics_529_on_the_messages_front(
 MCP = [{"type": "url", "url": "https://mcp.example.com/sse", "name": "example"}]
 
 
-def test_anthropic_server_features_are_served_only_by_an_anthropic_model(
-    claude_client: anthropic.Anthropic, fake: FakeProvider
+def _without_claude(fake: FakeProvider) -> str:
+    """The test policy without its Claude: gpt-4o is its only closed model."""
+    policy = policy_yaml(fake).replace("closed_models: [gpt-4o, claude]", "closed_models: [gpt-4o]")
+    return policy.replace(
+        f"  claude:\n    tier: closed\n    litellm_model: anthropic/claude-3-5-sonnet-20241022\n"
+        f"    api_base: {fake.base_url.removesuffix('/v1')}\n",
+        "",
+    )
+
+
+def _only_a_claude_serves(
+    tmp_path: Path,
+    fake: FakeProvider,
+    request: dict[str, Any],
+    says: str,
+    pinned: tuple[str, ...] = ("gpt-4o",),
+) -> list[dict[str, Any]]:
+    """The bodies claude was sent for ``request`` on auto and pinned to it, each checked to
+    be served by claude natively; pinned to each of ``pinned``, and on auto with no Claude in
+    the policy, the request is checked to be a 400 that ``says`` why, and not sent."""
+    (tmp_path / "all").mkdir(), (tmp_path / "none").mkdir()
+    bodies = []
+    with live(tmp_path / "all", policy_yaml(fake), local_backend_obj=ScriptedLocal()) as srv:
+        for model in ("auto", "claude"):
+            answer = srv.http.post("/v1/messages", json={**request, "model": model})
+            assert answer.status_code == 200, answer.text
+            assert answer.headers["x-tiergate-model"] == "claude"
+            assert fake.received[-1].path == "/v1/messages"
+            bodies.append(fake.received[-1].body)
+        for model in pinned:
+            refused = srv.http.post("/v1/messages", json={**request, "model": model})
+            assert refused.status_code == 400, refused.text
+            assert says in refused.text
+    with live(tmp_path / "none", _without_claude(fake), local_backend_obj=ScriptedLocal()) as srv:
+        refused = srv.http.post("/v1/messages", json={**request, "model": "auto"})
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["type"] == "invalid_request_error"
+        assert says in refused.text
+    assert [r.path for r in fake.received] == ["/v1/messages", "/v1/messages"]
+    return bodies
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("mcp_servers", MCP),
+        ("container", "container_011CPR5CNjB747bTd36fQLFk"),
+        ("context_management", {"edits": [{"type": "clear_tool_uses_20250919"}]}),
+    ],
+)
+def test_anthropic_server_features_are_served_only_by_a_claude(
+    tmp_path: Path, fake: FakeProvider, name: str, value: Any
 ) -> None:
-    # mcp_servers (like container, context_management) is Anthropic's own: the translation
-    # passed it to gpt-4o, which refuses unknown fields. Pinned to gpt-4o: a 400 naming it,
-    # nothing sent. Routed along a chain with no Anthropic model (gpt-4o, then local): each
-    # refuses it, and the 503 says why. Pinned to claude: served, natively, with it.
+    # mcp_servers, container and context_management are Anthropic's own: the translation
+    # passed them to gpt-4o, which refuses unknown fields. Routed (auto), every model but
+    # claude refused them along the chain and the request ended in a 503; now the fit check
+    # sends it to the Claude on Anthropic's own API, natively. Pinned to gpt-4o, or with no
+    # such Claude in the policy, it is a 400 naming the field, and nothing is sent.
     fake.reset(Behaviour(strict=True))
     request: dict[str, Any] = {
         "max_tokens": 20,
         "messages": [{"role": "user", "content": "HARD: what can the tool do?"}],
-        "extra_body": {"mcp_servers": MCP},
+        name: value,
     }
-    with pytest.raises(anthropic.BadRequestError) as refused:
-        claude_client.messages.create(model="gpt-4o", **request)
-    assert "gpt-4o cannot serve mcp_servers" in str(refused.value)
-    with pytest.raises(anthropic.APIStatusError) as routed:
-        claude_client.messages.create(model="auto", **request)
-    assert routed.value.status_code == 503 and "local cannot serve mcp_servers" in str(routed.value)
-    assert fake.received == []
-    raw = claude_client.messages.with_raw_response.create(model="claude", **request)
-    assert raw.headers["x-tiergate-model"] == "claude"
-    sent = fake.received[-1]
-    assert sent.path == "/v1/messages" and sent.body["mcp_servers"] == MCP
+    sent = _only_a_claude_serves(tmp_path, fake, request, f"cannot take {name} (only a Claude")
+    assert [body[name] for body in sent] == [value, value]
 
 
 #: The second turn of a web-search conversation: Claude's search, its results and its answer
@@ -794,32 +931,9 @@ def test_a_web_search_conversation_goes_on_only_with_a_claude(
     # naming the blocks, and without a Claude in the policy, auto is that 400 too.
     fake.reset(Behaviour(strict=True))
     request: dict[str, Any] = {"max_tokens": 20, "messages": WEB_SEARCH_TURN}
-    no_claude = policy_yaml(fake).replace(
-        "closed_models: [gpt-4o, claude]", "closed_models: [gpt-4o]"
-    )
-    no_claude = no_claude.replace(
-        f"  claude:\n    tier: closed\n    litellm_model: anthropic/claude-3-5-sonnet-20241022\n"
-        f"    api_base: {fake.base_url.removesuffix('/v1')}\n",
-        "",
-    )
-    (tmp_path / "all").mkdir(), (tmp_path / "none").mkdir()
-    with live(tmp_path / "all", policy_yaml(fake), local_backend_obj=ScriptedLocal()) as srv:
-        for model in ("claude", "auto"):
-            answer = srv.http.post("/v1/messages", json={**request, "model": model})
-            assert answer.status_code == 200, answer.text
-            assert answer.headers["x-tiergate-model"] == "claude"
-            sent = fake.received[-1]
-            assert sent.path == "/v1/messages" and sent.body["messages"] == WEB_SEARCH_TURN
-        for model in ("gpt-4o", "local"):
-            refused = srv.http.post("/v1/messages", json={**request, "model": model})
-            assert refused.status_code == 400, refused.text
-            assert "server_tool_use, web_search_tool_result" in refused.text
-    with live(tmp_path / "none", no_claude, local_backend_obj=ScriptedLocal()) as srv:
-        refused = srv.http.post("/v1/messages", json={**request, "model": "auto"})
-        assert refused.status_code == 400, refused.text
-        assert refused.json()["error"]["type"] == "invalid_request_error"
-        assert "server_tool_use, web_search_tool_result" in refused.text
-    assert [r.path for r in fake.received] == ["/v1/messages", "/v1/messages"]
+    says = "server_tool_use, web_search_tool_result"
+    sent = _only_a_claude_serves(tmp_path, fake, request, says, pinned=("gpt-4o", "local"))
+    assert [body["messages"] for body in sent] == [WEB_SEARCH_TURN, WEB_SEARCH_TURN]
 
 
 @pytest.mark.parametrize(
