@@ -21,9 +21,13 @@ Once a cooldown lapses, one call at a time probes the model (a circuit breaker's
 state: :meth:`Cooldowns.calling`); while it is out, the other requests pass the model over as
 if it still cooled, so a provider that still hangs costs one call its ``timeout_s``, not every
 request in flight. The probe's success ends the cooling; its failure (any failure after a
-cooldown) starts the next one at once. A probe that ends saying nothing of the provider (the
+cooldown) starts the next one at once. A stream probe frees the model at its first token
+(:meth:`Cooldowns.answering`: the provider answers again), not at its end, which may be a
+minute away: the other calls go to the model again, while the success that ends the failures
+in a row still waits for the stream to end whole, and a failure before it (the stream cut, or
+any other call's) still cools at once. A probe that ends saying nothing of the provider (the
 request's fault, a full queue, a client gone) lets the next call probe, and one that never ends
-holds the model no longer than the call's own timeout.
+nor answers holds the model no longer than the call's own timeout.
 
 The failures in a row are counted per replica, in memory. With :class:`SharedCooldowns` (the
 Redis outcome store, ``TIERGATE_REDIS_URL``) the cooldowns themselves are shared: one a replica
@@ -84,6 +88,7 @@ class _State:
     reason: str = ""  # the error code that started it
     mark: str = ""  # the mark it was published under (SharedCooldowns)
     probe: float = 0.0  # monotonic time the probe out since it lapsed is bound by (0: none)
+    answered: bool = False  # the probe has its first token: no call probes until the next cooling
 
 
 class Cooldowns:
@@ -143,7 +148,7 @@ class Cooldowns:
         seen = self._seen(name)
         started = state.until <= now and (seen is None or seen[0] == state.mark)
         state.until = max(state.until, now + seconds)
-        state.reason, state.probe = error.code, 0.0
+        state.reason, state.probe, state.answered = error.code, 0.0, False
         if self.shared is not None:
             state.mark = f"{error.code}|{uuid.uuid4().hex}"
             self.shared.publish_cooldown(name, state.until - now, state.mark)
@@ -172,8 +177,8 @@ class Cooldowns:
             return 0.0
         now = self._clock()
         state = self._states.get(name)
-        if state is not None and max(state.until, state.probe) > now:
-            return 0.0  # cooling, or another call probes: this one is made anyway
+        if state is not None and (state.answered or max(state.until, state.probe) > now):
+            return 0.0  # cooling, or another call probes (made anyway), or it answered one
         if name in self._probing:
             if self._seen(name) is not None:
                 return 0.0  # another replica's cooldown lasts
@@ -193,6 +198,16 @@ class Cooldowns:
         state = self._states.get(name)
         if probe and state is not None and state.probe == probe:
             state.probe = 0.0
+
+    def answering(self, name: str, probe: float) -> None:
+        """The call that holds ``probe`` (:meth:`calling`) has its first token, a stream's
+        long before its end: the provider answers again, and the other calls go to ``name``
+        (none probes). The success that ends the failures in a row is :meth:`succeeded`'s, at
+        the stream's end; until then a failure cools at once, as after any cooldown. A no-op
+        for a call that holds no probe (0), or no longer (past its bound)."""
+        state = self._states.get(name)
+        if probe and state is not None and state.probe == probe:
+            state.probe, state.answered = 0.0, True
 
     def probing(self, name: str) -> bool:
         """Whether a probe of ``name`` is out (:meth:`calling`): why :meth:`left` is not 0
@@ -214,6 +229,8 @@ class Cooldowns:
             return here
         if state is None or seen[0] != state.mark:
             self._probing[name] = seen[0].partition("|")[0]
+            if state is not None:
+                state.answered = False  # another replica's cooldown since: probe after it
         return seen[1]
 
     def status(self) -> dict[str, dict[str, float | int | str | bool]]:

@@ -1373,8 +1373,7 @@ class Gateway:
                     queue[i:] = wider
                 continue
             ctx.served = Served(model, fallback)
-            if not ctx.stream:  # a stream succeeds once it ended whole (_life)
-                self.cooldowns.succeeded(model.name)
+            self._answered(ctx, model)
             return result
         raise self._exhausted(ctx, errors, last, failure, tried)
 
@@ -1409,6 +1408,16 @@ class Gateway:
             return
         timeout = model.timeout_s or self.call_timeouts.get(model.tier, self.cooldowns.cooldown_s)
         ctx.probe = self.cooldowns.calling(model.name, timeout)
+
+    def _answered(self, ctx: RequestContext, model: ModelSpec) -> None:
+        """``model`` answered a call, for its cooldown (router.cooldown): a whole answer is a
+        success; a stream has its first token, which frees a probe it holds for the other
+        calls, and it succeeds once it ended whole (:meth:`_stream_ended`)."""
+        if not ctx.stream:
+            self.cooldowns.succeeded(model.name)
+            return
+        self.cooldowns.answering(model.name, ctx.probe)
+        ctx.probe = 0.0
 
     def _cools(self, model: ModelSpec) -> bool:
         """Whether ``model`` cools down after failing (router.cooldown): a closed model, or the

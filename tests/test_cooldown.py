@@ -249,39 +249,122 @@ def test_while_one_request_probes_a_hanging_model_the_others_go_to_its_fallback(
     }
 
 
-def test_a_stream_probes_until_it_ends_whole(tmp_path: Path, fake: FakeProvider) -> None:
-    """After gpt-4o's cooldown lapsed, a stream is its probe: while it streams (its opening is
-    no success yet), the other requests go to claude; once it ended whole, gpt-4o has
-    answered and the next request goes to it."""
-    fake.reset(Behaviour(mode="status", status=500, failing_path="/chat/completions"))
-    body = {"model": "auto", "messages": [{"role": "user", "content": "HARD"}]}
-    with (
-        live(tmp_path, policy_yaml(fake, on_failure="closed"), cooldown_after_fails=1) as srv,
-        ThreadPoolExecutor(1) as pool,
-    ):
+def test_a_probe_that_answers_frees_the_model_and_succeeds_only_at_its_end() -> None:
+    """A probe with its first token (a stream's) frees gpt: the other calls go to it, none a
+    probe, even past the probe's bound. Its success waits for its end: a failure meanwhile
+    cools at once (after a 429 that counted one failure of three), and the next lapse has a
+    probe again; a success ends the cooling, and the failures count from none."""
+    clock = Clock()
+    cool = Cooldowns(after_fails=3, cooldown_s=30, clock=clock)
+    assert cool.failed("gpt", UpstreamRateLimitedError("429", retry_after=20)) == 20
+    clock.now += 21
+    probe = cool.calling("gpt", 10)
+    cool.answering("gpt", 0.0)  # a call that holds no probe frees nothing
+    assert probe and cool.probing("gpt")
+    cool.answering("gpt", probe)
+    assert not cool.probing("gpt") and cool.left("gpt") == 0 and cool.status() == {}
+    assert cool.calling("gpt", 10) == 0
+    clock.now += 11
+    assert cool.calling("gpt", 10) == 0 and cool.left("gpt") == 0
+    cool.released("gpt", probe)  # a no-op once it answered
+    assert cool.failed("gpt", UpstreamTimeoutError("cut")) == 30
+    assert cool.left("gpt") == 30 and cool.calling("gpt", 10) == 0
+    clock.now += 31
+    probe = cool.calling("gpt", 10)
+    assert probe and cool.calling("gpt", 10) == 0
+    cool.answering("gpt", probe)
+    cool.succeeded("gpt")
+    assert cool.status() == {} and cool.calling("gpt", 10) == 0
+    assert cool.failed("gpt", UpstreamTimeoutError("slow")) is None
+
+
+@contextlib.contextmanager
+def _probe_due(
+    tmp_path: Path, fake: FakeProvider, **settings: float
+) -> Iterator[tuple[LiveServer, Clock]]:
+    """A Tiergate whose gpt-4o cooled after a 429 (``cooldown_after_fails`` 3: only the 429,
+    or a failure after the cooldown, cools at once) and whose cooldown lapsed on a fake clock:
+    the next call to gpt-4o is the probe."""
+    fake.reset(Behaviour(mode="rate_limit", retry_after=20))
+    with live(tmp_path, policy_yaml(fake, on_failure="closed"), **settings) as srv:
         clock = Clock()
         srv.gateway.cooldowns._clock = clock
-        assert srv.http.post("/v1/chat/completions", json=body).headers["x-tiergate-model"] == (
-            "claude"
-        )
-        fake.reset(Behaviour(chunk_delay_s=0.2))  # gpt-4o heals, and streams slowly
-        clock.now += 31
+        assert srv.http.post("/v1/chat/completions", json=_HARD).status_code == 429
+        assert srv.gateway.cooldowns.left("gpt-4o") == 20
+        clock.now += 21
+        yield srv, clock
 
-        def stream() -> tuple[int, str, str]:
-            with srv.http.stream(
-                "POST", "/v1/chat/completions", json={**body, "stream": True}
-            ) as r:
-                return r.status_code, r.headers["x-tiergate-model"], r.read().decode()
 
-        probe = pool.submit(stream)
-        assert wait_for(lambda: _calls(fake) == 1 and fake.sent_chunks > 1, timeout_s=10)
+_HARD = {"model": "gpt-4o", "messages": [{"role": "user", "content": "HARD"}]}
+
+
+def _streamed(server: LiveServer, body: dict[str, object]) -> tuple[int, str, str]:
+    with server.http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        return r.status_code, r.headers["x-tiergate-model"], r.read().decode()
+
+
+def test_a_stream_probe_frees_the_model_at_its_first_token(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """After gpt-4o's cooldown lapsed, a long stream is its probe. It held the probe until it
+    ended whole, so every other request went to claude for the whole answer (minutes, for a
+    long one) though gpt-4o answered again. Once it has sent its first token, the next request
+    goes to gpt-4o; the cooling ends when the stream ended whole."""
+    words = " ".join(f"w{i}" for i in range(40))
+    body = {**_HARD, "model": "auto"}
+    with (
+        _probe_due(tmp_path, fake, cooldown_after_fails=3) as (srv, _),
+        ThreadPoolExecutor(1) as pool,
+    ):
+        fake.reset(Behaviour(text=words, chunk_delay_s=0.1))  # gpt-4o heals, streams slowly
+        probe = pool.submit(_streamed, srv, body)
+        assert wait_for(lambda: fake.sent_chunks > 3, timeout_s=10)
         answer = srv.http.post("/v1/chat/completions", json=body)
-        assert answer.headers["x-tiergate-model"] == "claude" and _calls(fake) == 1
-        status, model, text = probe.result(timeout=30)
-        assert (status, model) == (200, "gpt-4o") and text.rstrip().endswith("data: [DONE]")
-        answer = srv.http.post("/v1/chat/completions", json=body)
+        during = fake.sent_chunks
         assert answer.headers["x-tiergate-model"] == "gpt-4o"
-        assert srv.gateway.cooldowns.status() == {}
+        assert not probe.done() and srv.gateway.cooldowns.status() == {}
+        status, model, text = probe.result(timeout=30)
+    assert during < 40  # the answer came while the probe streamed
+    assert (status, model) == (200, "gpt-4o") and text.rstrip().endswith("data: [DONE]")
+
+
+def test_a_stream_probe_cut_after_its_first_words_cools_the_model_again(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """The probe frees gpt-4o at its first token, but a stream cut after its first words is
+    no success: it is the failure after a cooldown, which cools at once (one failure of
+    three after the 429's)."""
+    with _probe_due(tmp_path, fake, cooldown_after_fails=3) as (srv, _):
+        fake.reset(Behaviour(mode="reset_mid_stream", chunk_delay_s=0.1))
+        status, model, text = _streamed(srv, _HARD)
+        assert (status, model) == (200, "gpt-4o") and "error" in text
+        assert srv.gateway.cooldowns.left("gpt-4o") == 30
+        assert srv.gateway.cooldowns.status()["gpt-4o"]["reason"] == "upstream_unreachable"
+        _passes_gpt_over(srv, fake, {**_HARD, "model": "auto"})
+
+
+def test_a_stream_probe_without_a_first_token_holds_the_model_until_its_bound(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """A stream probe to a gpt-4o that hangs before its first token holds the probe: the other
+    requests go to claude until its bound (the call's timeout) has passed; it then times out,
+    falls back to claude, and gpt-4o cools again at once."""
+    with (
+        _probe_due(tmp_path, fake, cooldown_after_fails=3, closed_timeout_s=2.0) as (srv, clock),
+        ThreadPoolExecutor(1) as pool,
+    ):
+        fake.reset(Behaviour(mode="stall", stall_s=60, failing_path="/chat/completions"))
+        probe = pool.submit(_streamed, srv, {**_HARD, "model": "auto"})
+        cooldowns = srv.gateway.cooldowns
+        assert wait_for(lambda: cooldowns.probing("gpt-4o"), timeout_s=10)
+        _passes_gpt_over(srv, fake, {**_HARD, "model": "auto"})
+        assert cooldowns.left("gpt-4o") == 2.0
+        clock.now += 2.0  # the bound
+        assert cooldowns.left("gpt-4o") == 0 and not cooldowns.probing("gpt-4o")
+        status, model, _ = probe.result(timeout=30)
+        fake.unstall()
+    assert (status, model) == (200, "claude")
+    assert cooldowns.left("gpt-4o") == 30
 
 
 def _passes_gpt_over(server: LiveServer, fake: FakeProvider, body: dict[str, object]) -> None:
