@@ -1293,6 +1293,10 @@ class Gateway:
         except BaseException:  # cancelled in the hold-back (a client that left), as above
             self.cooldowns.released(model.name, ctx.probe)
             raise
+        # The held-back tokens are when a cascade's local stream answers (router.cooldown): a
+        # probe it held is freed then, not at the first of them (a check per held chunk), and
+        # they count as a success, as an escalation closes the stream itself; a kept stream's
+        # end is told again (_stream_ended), so a cut after them is one failure.
         self.cooldowns.succeeded(model.name)
         held_ms = (time.perf_counter() - started) * 1000.0
         judgement = self._cascade_judge(ctx, body, hold.logprobs, hold.finish_reason)
