@@ -1294,13 +1294,14 @@ class Gateway:
             self.cooldowns.released(model.name, ctx.probe)
             raise
         # The held-back tokens are when a cascade's local stream answers (router.cooldown): a
-        # probe it held is freed then, not at the first of them (a check per held chunk), and
-        # they count as a success, as an escalation closes the stream itself; a kept stream's
-        # end is told again (_stream_ended), so a cut after them is one failure.
-        self.cooldowns.succeeded(model.name)
+        # probe it held is freed then, not at the first of them (a check per held chunk). A
+        # kept stream succeeds once it ended whole (_stream_ended), as a chain's does: a cut
+        # after them is a failure in a row; an escalated one ends here, closed by the cascade.
+        self._answered(ctx, model)
         held_ms = (time.perf_counter() - started) * 1000.0
         judgement = self._cascade_judge(ctx, body, hold.logprobs, hold.finish_reason)
         if judgement.decision == "escalated":
+            self.cooldowns.succeeded(model.name)
             await _close(source, ctx.request_id)  # the local model stops generating
             ctx.served = None
             self._cascade_note(ctx, judgement, _held_usage(usage, hold, ctx), held_ms)

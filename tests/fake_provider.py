@@ -152,6 +152,9 @@ class Behaviour:
     # or Messages request to it whose prompt (:func:`prompt_tokens`) plus its ``max_tokens`` is
     # over it is refused with the provider's 400 (:func:`window_refusal`), as providers do.
     context_windows: dict[str, int] = field(default_factory=dict)
+    # OpenAI chat streams asked for ``logprobs``: each word carries this log-probability, as
+    # OpenAI and llama.cpp's server send it (None: none sent, whatever the request asks).
+    logprob: float | None = None
 
 
 def endless_error(status: int) -> Behaviour:
@@ -830,7 +833,8 @@ class FakeProvider:
                 h.wfile.write(b"data: [DONE]\n\n")
                 h.wfile.flush()
                 return
-            send({**base, "choices": [{"index": 0, "delta": {"content": piece}}]})
+            choice = {"index": 0, "delta": {"content": piece}, **self._logprobs(body, piece)}
+            send({**base, "choices": [choice]})
         calls = self._calls(body)
         opened: set[int] = set()
         for place, part in self._pieces(body):
@@ -849,6 +853,13 @@ class FakeProvider:
             send({**base, "choices": [], "usage": self._usage(body)})
         h.wfile.write(b"data: [DONE]\n\n")
         h.wfile.flush()
+
+    def _logprobs(self, body: dict[str, Any], token: str) -> dict[str, Any]:
+        """A streamed word's ``logprobs`` field, where ``logprob`` is set and ``body`` asks."""
+        if self.behaviour.logprob is None or not body.get("logprobs"):
+            return {}
+        entry = {"token": token, "logprob": self.behaviour.logprob, "bytes": None}
+        return {"logprobs": {"content": [{**entry, "top_logprobs": []}]}}
 
     def _text_pieces(self) -> list[str]:
         """The streamed text's pieces: word by word, or ``piece_chars`` characters each."""

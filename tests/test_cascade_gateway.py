@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -198,7 +198,9 @@ def _stream(server: LiveServer, **extra: Any) -> tuple[httpx.Response, str, list
                 chunks.append(json.loads(line[6:]))
         response = r
     text = "".join(
-        (c["choices"][0].get("delta") or {}).get("content") or "" for c in chunks if c["choices"]
+        (c["choices"][0].get("delta") or {}).get("content") or ""
+        for c in chunks
+        if c.get("choices")
     )
     return response, text, chunks
 
@@ -299,27 +301,39 @@ def test_a_private_request_never_escalates(
     assert fake.received == []
 
 
+def _on_external(
+    tmp_path: Path,
+    fake: FakeProvider,
+    base_url: str,
+    cascade: str = CASCADE_POLICY,
+    **settings: Any,
+) -> AbstractContextManager[LiveServer]:
+    """A Tiergate whose cascade's local model is the external llama.cpp server at
+    ``base_url``."""
+    fake.reset()
+    policy = policy_yaml(fake, on_failure="closed", extra=cascade).replace(
+        "  auto-best: {threshold: 0.05}\n",
+        "  auto-best: {threshold: 0.05}\n  auto-cascade: {cascade: true}\n",
+    )
+    return live(
+        tmp_path,
+        policy,
+        local_backend="openai_http",
+        local_base_url=base_url,
+        cascade_model_path=_confidence_model(tmp_path),
+        **settings,
+    )
+
+
 @contextmanager
 def _on_a_silent_server(
     tmp_path: Path, fake: FakeProvider, **settings: Any
 ) -> Iterator[tuple[LiveServer, list[Any]]]:
     """A Tiergate whose cascade's local model is an external llama.cpp server that accepts
     connections and never answers; with the connections it accepted."""
-    fake.reset()
-    policy = policy_yaml(fake, on_failure="closed", extra=CASCADE_POLICY).replace(
-        "  auto-best: {threshold: 0.05}\n",
-        "  auto-best: {threshold: 0.05}\n  auto-cascade: {cascade: true}\n",
-    )
     with (
         silent_server() as (root, accepted),
-        live(
-            tmp_path,
-            policy,
-            local_backend="openai_http",
-            local_base_url=f"{root}/v1",
-            cascade_model_path=_confidence_model(tmp_path),
-            **settings,
-        ) as srv,
+        _on_external(tmp_path, fake, f"{root}/v1", **settings) as srv,
     ):
         yield srv, accepted
 
@@ -345,6 +359,57 @@ def test_a_cascade_escalates_at_once_while_its_external_local_server_cools(
         assert elapsed < 0.5 and len(accepted) == 2
         record = _record(srv, response.headers["x-request-id"])
     assert record["cascade"]["reason"] == "local_unavailable"
+
+
+def test_kept_streams_cut_after_their_hold_back_cool_the_external_local_server(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """An external llama.cpp server cuts each cascade stream after the tokens held back for
+    the judgement. A kept stream counted as a success once they came, which reset the
+    failures in a row: one failure per request, and the server never cooled. As on a chain,
+    it succeeds once it ended whole: two cut in a row cool it, and each says error. After the
+    cooldown the next stream probes it: cut, it cools again at once; whole, it ends the
+    cooling. The fake provider plays the server (its chat path), cutting after two words."""
+    hold_two = "cascade: {threshold: 0.5, hold_back_tokens: 2}\n"
+    cut = Behaviour(mode="reset_mid_stream", logprob=CONFIDENT)
+    with _on_external(tmp_path, fake, fake.base_url, hold_two, cooldown_after_fails=2) as srv:
+        clock = Clock()
+        cooldowns = srv.gateway.cooldowns
+        cooldowns._clock = clock
+        fake.reset(cut)
+        for _ in range(2):
+            response, text, chunks = _stream(srv)
+            assert response.headers["x-tiergate-cascade"] == "kept"
+            assert text == "Hello from " and "error" in chunks[-1]  # cut after the hold-back
+            record = _record(srv, response.headers["x-request-id"])
+            assert (record["status"], record["http_status"], record["tier"]) == (
+                "error",
+                502,
+                "local",
+            )
+        assert cooldowns.left("local") == 30
+        assert cooldowns.status()["local"]["reason"] == "upstream_unreachable"
+        text = httpx.get(srv.url + "/metrics").text
+        families = {f.name: f.samples for f in text_string_to_metric_families(text)}
+        requests = {
+            (s.labels["model"], s.labels["status"], s.labels["error_type"]): s.value
+            for s in families["tiergate_requests"]
+            if s.name.endswith("_total")
+        }
+        assert requests == {("local", "error", "upstream_unreachable"): 2}
+        (cooled,) = [s for s in families["tiergate_cooldowns"] if s.name.endswith("_total")]
+        assert (cooled.labels["model"], cooled.value) == ("local", 1)
+        clock.now += 31
+        response, text, _ = _stream(srv)  # the probe, cut: the failure after a cooldown
+        assert response.headers["x-tiergate-cascade"] == "kept"
+        assert cooldowns.left("local") == 30 and len(fake.received) == 3
+        clock.now += 31
+        fake.reset(Behaviour(logprob=CONFIDENT))
+        response, text, _ = _stream(srv)  # the probe, whole
+        assert response.headers["x-tiergate-cascade"] == "kept" and text.endswith("word. ")
+        assert _record(srv, response.headers["x-request-id"])["status"] == "ok"
+        assert cooldowns.status() == {} and cooldowns.left("local") == 0
+        assert "local" not in cooldowns._states  # the failures in a row ended too
 
 
 @contextmanager
