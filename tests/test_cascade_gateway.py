@@ -463,10 +463,11 @@ def test_a_cascade_request_the_local_model_cannot_take_leaves_the_probe_to_the_n
     tmp_path: Path, fake: FakeProvider, stream: bool
 ) -> None:
     """After its external llama.cpp server's cooldown lapsed, a cascade request's local call is
-    the probe. A request with a field only an Anthropic model serves (``mcp_servers``) is
-    refused by the local model before it is called: a stream took the probe first and never
-    let it go (the server stayed "probed by another request" until the call's timeout) and
-    answered that 400. It escalates as a whole answer does, and the next request probes."""
+    the probe. A request with a field only an Anthropic model serves (``mcp_servers``) never
+    reaches the local model: a stream took the probe first and never let it go (the server
+    stayed "probed by another request" until the call's timeout) and answered a 400. Such a
+    request now goes straight to a Claude on Anthropic's API (a constraint, before any
+    cascade), taking no probe, and the next request probes."""
     with _probe_due(tmp_path, fake, stream) as (srv, accepted):
         body = {
             "model": "auto-cascade",
@@ -480,7 +481,8 @@ def test_a_cascade_request_the_local_model_cannot_take_leaves_the_probe_to_the_n
         assert served.headers["x-tiergate-model"] == "claude"
         cooldowns = srv.gateway.cooldowns
         assert not cooldowns.probing("local"), cooldowns.status()
-        assert _record(srv, served.headers["x-request-id"])["cascade"]["reason"] == "local_failed"
+        record = _record(srv, served.headers["x-request-id"])
+        assert (record["rule"], record["cascade"]) == ("constraint", None), record
         response = _ask(srv, stream=stream)
         tried = len(accepted)
     assert response.status_code == 200 and response.headers["x-tiergate-tier"] == "closed"
