@@ -790,6 +790,31 @@ def test_more_stop_sequences_than_openai_takes_go_to_a_model_that_takes_them(
     assert sent == [stops, stops, stops[:4]]
 
 
+def test_a_self_hosted_model_named_like_openais_is_not_held_to_openais_limits(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    # `openai/my-org/gpt-4o` is an operator's own model on an OpenAI-compatible server: litellm's
+    # map does not know it, but the lookup by a name's last part gave it gpt-4o's 16384 output
+    # tokens and 4 stop sequences, so its requests were refused or sent elsewhere.
+    fake.reset()
+    policy = policy_yaml(fake).replace("openai/gpt-4o", "openai/my-org/gpt-4o")
+    stops = ["END", "STOP", "###", "---", "==="]
+    with (
+        live(tmp_path, policy, local_backend_obj=ScriptedLocal()) as srv,
+        openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0) as client,
+    ):
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o",
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=20000,
+            stop=stops,
+        )
+    assert raw.headers["x-tiergate-model"] == "gpt-4o"
+    assert [(r.body["model"], r.body.get("stop")) for r in fake.received] == [
+        ("my-org/gpt-4o", stops)
+    ]
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_an_overloaded_provider_is_anthropics_529_on_the_messages_front(
     tmp_path: Path, fake: FakeProvider, stream: bool

@@ -191,15 +191,15 @@ def hidden_output_limits(models: Iterable[ModelLike]) -> list[str]:
 
 def mapped_output_limit(litellm_model: str) -> int | None:
     """The output limit litellm's bundled model map gives ``litellm_model`` (looked up by the
-    name the provider gets, as litellm does, then by the whole name, then by its last part, the
-    model id of a Bedrock route such as ``bedrock/invoke/...``), or None where it does not know
-    the model."""
+    name the provider gets, as litellm does, then by the whole name, then, on Bedrock only, by
+    its last part, the model id of a route such as ``bedrock/invoke/...``), or None where it
+    does not know the model. Elsewhere a last part is no model id: ``openai/my-org/gpt-4o`` is
+    an operator's own model on an OpenAI-compatible server, not OpenAI's gpt-4o."""
     limits = litellm_output_limits()
-    return (
-        limits.get(litellm_model.split("/", 1)[-1])
-        or limits.get(litellm_model)
-        or limits.get(litellm_model.rsplit("/", 1)[-1])
-    )
+    found = limits.get(litellm_model.split("/", 1)[-1]) or limits.get(litellm_model)
+    if found is None and provider_of(litellm_model) == "bedrock":
+        found = limits.get(litellm_model.rsplit("/", 1)[-1])
+    return found
 
 
 #: How many stop sequences OpenAI's chat API takes ("Up to 4 sequences", its API reference;
