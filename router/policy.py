@@ -967,10 +967,16 @@ def _on_anthropics_api(spec: ModelSpec) -> bool:
     return spec.tier == "closed" and spec.transport != "litellm" and model.startswith("anthropic/")
 
 
-def _anthropic_only(signals: Signals) -> list[str]:
-    # What of the request only a Claude on Anthropic's own API takes, as a refusal names it.
+def _anthropic_only(spec: ModelSpec, signals: Signals) -> list[str]:
+    # What of the request only a Claude on Anthropic's own API takes and ``spec`` does not, as
+    # a refusal names it. The server-side fields stay in the chat translation, and litellm
+    # passes them on to Anthropic, so a Claude there with `transport: litellm` takes them.
+    if _on_anthropics_api(spec):
+        return []
     blocks = ", ".join(signals.server_tool_blocks)
-    return ([f"{blocks} blocks"] if blocks else []) + list(signals.anthropic_only)
+    fields = spec.tier == "closed" and (spec.litellm_model or "").startswith("anthropic/")
+    kept = [n for n in signals.anthropic_only if not (fields and n in ANTHROPIC_SERVER_FIELDS)]
+    return ([f"{blocks} blocks"] if blocks else []) + kept
 
 
 def _unfit_field(spec: ModelSpec, signals: Signals) -> tuple[str, str] | None:
@@ -979,8 +985,8 @@ def _unfit_field(spec: ModelSpec, signals: Signals) -> tuple[str, str] | None:
     window), the ``param`` of the 400 that refuses a request pinned to ``spec`` once named as
     its front names it (``FrontFields``); or None. The reason names the output limit as the
     client did (``Signals.output_field``)."""
-    only = _anthropic_only(signals)
-    if only and not _on_anthropics_api(spec):
+    only = _anthropic_only(spec, signals)
+    if only:
         # The first named is the field: a message's blocks before the top-level fields.
         field = only[0] if only[0] in ANTHROPIC_SERVER_FIELDS else "messages"
         return f"{', '.join(only)} (only a Claude on Anthropic's own API takes them)", field

@@ -844,6 +844,12 @@ def test_an_overloaded_provider_is_anthropics_529_on_the_messages_front(
 
 
 MCP = [{"type": "url", "url": "https://mcp.example.com/sse", "name": "example"}]
+#: Anthropic's server-side fields, each with a value a client sends.
+SERVER_FIELDS: list[tuple[str, Any]] = [
+    ("mcp_servers", MCP),
+    ("container", "container_011CPR5CNjB747bTd36fQLFk"),
+    ("context_management", {"edits": [{"type": "clear_tool_uses_20250919"}]}),
+]
 
 
 def _without_claude(fake: FakeProvider) -> str:
@@ -888,14 +894,7 @@ def _only_a_claude_serves(
     return bodies
 
 
-@pytest.mark.parametrize(
-    ("name", "value"),
-    [
-        ("mcp_servers", MCP),
-        ("container", "container_011CPR5CNjB747bTd36fQLFk"),
-        ("context_management", {"edits": [{"type": "clear_tool_uses_20250919"}]}),
-    ],
-)
+@pytest.mark.parametrize(("name", "value"), SERVER_FIELDS)
 def test_anthropic_server_features_are_served_only_by_a_claude(
     tmp_path: Path, fake: FakeProvider, name: str, value: Any
 ) -> None:
@@ -912,6 +911,31 @@ def test_anthropic_server_features_are_served_only_by_a_claude(
     }
     sent = _only_a_claude_serves(tmp_path, fake, request, f"cannot take {name} (only a Claude")
     assert [body[name] for body in sent] == [value, value]
+
+
+@pytest.mark.parametrize(("name", "value"), SERVER_FIELDS)
+def test_a_claude_through_litellm_still_serves_anthropics_server_fields(
+    tmp_path: Path, fake: FakeProvider, name: str, value: Any
+) -> None:
+    # litellm passes these fields on to Anthropic (its AnthropicConfig), and a Claude with
+    # `transport: litellm` served them; the fit check for server-tool blocks, URL PDFs and
+    # citations, which the chat translation loses, refused them too, with a 400.
+    fake.reset()
+    policy = policy_yaml(fake).replace(
+        "litellm_model: anthropic/claude-3-5-sonnet-20241022",
+        "litellm_model: anthropic/claude-3-5-sonnet-20241022\n    transport: litellm",
+    )
+    request = {"max_tokens": 20, "messages": [{"role": "user", "content": "HARD: hi"}]}
+    with live(tmp_path, policy, local_backend_obj=ScriptedLocal()) as srv:
+        answers = [
+            srv.http.post("/v1/messages", json={**request, name: value, "model": model})
+            for model in ("claude", "auto")
+        ]
+    assert [(a.status_code, a.headers.get("x-tiergate-model")) for a in answers] == [
+        (200, "claude"),
+        (200, "claude"),
+    ], answers[0].text
+    assert [(r.path, r.body[name]) for r in fake.received] == [("/v1/messages", value)] * 2
 
 
 #: The second turn of a web-search conversation: Claude's search, its results and its answer
