@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,17 +123,6 @@ def message_text(message: Mapping[str, Any]) -> str:
             if isinstance(part, Mapping) and part.get("type") == "text"
         )
     return ""
-
-
-def has_image_parts(messages: list[Mapping[str, Any]]) -> bool:
-    """True when any message carries an image (or other non-text) content part."""
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, list):
-            for part in content:
-                if isinstance(part, Mapping) and part.get("type") not in (None, "text"):
-                    return True
-    return False
 
 
 def scoring_text(messages: list[Mapping[str, Any]]) -> str:
@@ -379,6 +368,8 @@ def extract_signals(
         found.update(request_pii_kinds(sent))
     kinds = tuple(k for k in PII_KINDS if k in found) + tuple(sorted(found - set(PII_KINDS)))
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+    media = media_kinds(messages)  # none: no image, no document
+    blocks = tuple(native_blocks(sent)) if sent is not None else ()
     return Signals(
         alias=str(body.get("model", "auto")),
         tenant=tenant,
@@ -391,13 +382,13 @@ def extract_signals(
         prediction_tokens=prediction_tokens(body.get("prediction")),
         max_tokens=int(max_tokens) if isinstance(max_tokens, int) else None,
         output_field=fields.output_of(body),
-        has_images=has_image_parts(messages),
+        has_images=bool(media),
         has_tools=has_tools,
         tool_history=tool_history,
         choices=requested_choices(body),
-        server_tool_blocks=server_tool_blocks(sent or {}),
-        anthropic_only=anthropic_only(sent or {}),
-        media=media_kinds(messages),
+        server_tool_blocks=server_tool_blocks(blocks),
+        anthropic_only=anthropic_only(sent or {}, blocks),
+        media=media,
         stop_sequences=_stop_count(body.get("stop")),
         turns=sum(1 for m in messages if m.get("role") == "user"),
         score=analysis.score,
@@ -421,22 +412,23 @@ def _stop_count(stop: Any) -> int:
     return len(stop) if isinstance(stop, list) else 0
 
 
-def server_tool_blocks(sent: Mapping[str, Any]) -> tuple[str, ...]:
-    """The types of the server-tool blocks (schemas.SERVER_TOOL_BLOCKS) in the messages of a
-    front's native request ``sent``, sorted: the chat translation has dropped them."""
-    found = {block.get("type") for block in _native_blocks(sent)}
+def server_tool_blocks(blocks: Iterable[Mapping[str, Any]]) -> tuple[str, ...]:
+    """The types of the server-tool blocks (schemas.SERVER_TOOL_BLOCKS) among ``blocks``, a
+    front's native request's (:func:`native_blocks`), sorted: the chat translation has dropped
+    them."""
+    found = {block.get("type") for block in blocks}
     return tuple(sorted(SERVER_TOOL_BLOCKS.intersection(found)))
 
 
-def anthropic_only(sent: Mapping[str, Any]) -> tuple[str, ...]:
-    """What of the Messages request ``sent`` (a front's native request) only a Claude reached
-    over Anthropic's own API takes, besides server-tool blocks: ``documents by URL`` (the chat
-    translation sends one as an image), ``citations`` asked of a document or search result
-    (a chat model gives none), and the server-side fields it sets
-    (schemas.ANTHROPIC_SERVER_FIELDS). A Responses request (no ``messages``) has none."""
+def anthropic_only(sent: Mapping[str, Any], blocks: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
+    """What of the Messages request ``sent`` (a front's native request; ``blocks``, its
+    :func:`native_blocks`) only a Claude reached over Anthropic's own API takes, besides
+    server-tool blocks: ``documents by URL`` (the chat translation sends one as an image),
+    ``citations`` asked of a document or search result (a chat model gives none), and the
+    server-side fields it sets (schemas.ANTHROPIC_SERVER_FIELDS). A Responses request (no
+    ``messages``) has none."""
     if not isinstance(sent.get("messages"), list):
         return ()
-    blocks = list(_native_blocks(sent))
     by_url = any(
         b.get("type") == "document" and (b.get("source") or {}).get("type") == "url" for b in blocks
     )
@@ -446,8 +438,9 @@ def anthropic_only(sent: Mapping[str, Any]) -> tuple[str, ...]:
     return (*named, *(name for name in ANTHROPIC_SERVER_FIELDS if name in sent))
 
 
-def _native_blocks(sent: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
-    # The content blocks of a native Messages request, and those of its tool results.
+def native_blocks(sent: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
+    """The content blocks of a native Messages request ``sent``, and those of its tool
+    results: what :func:`server_tool_blocks` and :func:`anthropic_only` read, in one pass."""
     for message in sent.get("messages") or ():
         content = message.get("content") if isinstance(message, Mapping) else None
         for block in content if isinstance(content, list) else ():
