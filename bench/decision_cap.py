@@ -140,13 +140,17 @@ def run(repeats: int = 5, data: Path = DATA) -> dict[str, Any]:
     from router.app import configured_scorer
     from router.config import Settings
     from router.errors import BadRequestError
-    from router.gateway import MAX_CHARS_PER_TOKEN, refuse_beyond_every_window
-    from router.policy import evaluate, load_policy
+    from router.gateway import (
+        MAX_CHARS_PER_TOKEN,
+        load_serving_policy,
+        refuse_beyond_every_window,
+    )
+    from router.policy import evaluate
     from router.signals import extract_signals
 
     settings = Settings(local_backend="none")
     scorer = configured_scorer(settings)
-    policy = load_policy(ROOT / "policies" / "default.yaml")
+    policy = load_serving_policy(ROOT / "policies" / "default.yaml")
     cap = settings.max_body_bytes
     windows = [m.context_window or 0 for m in policy.models.values()]
     window_chars = max(windows) * MAX_CHARS_PER_TOKEN

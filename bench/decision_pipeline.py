@@ -160,12 +160,13 @@ def run(
     """Time the full decision for each prompt (module docstring); ms figures. ``passes_n``:
     3 for a cheap scorer, 1 for a costly one unless given; ``sample``: 0 times every prompt.
     The caller pins the process to one CPU (:func:`main` does)."""
-    from router.policy import evaluate, load_policy
+    from router.gateway import load_serving_policy
+    from router.policy import evaluate
     from router.signals import extract_signals
 
     scorer = load(model)
     costly = bool(getattr(scorer, "costly", False))
-    policy = load_policy(ROOT / "policies" / "default.yaml")
+    policy = load_serving_policy(ROOT / "policies" / "default.yaml")
     texts = prompts(data, limit)
     total = len(texts)
     if costly:
