@@ -432,7 +432,11 @@ def anthropic_only(sent: Mapping[str, Any], blocks: Sequence[Mapping[str, Any]])
     by_url = any(
         b.get("type") == "document" and (b.get("source") or {}).get("type") == "url" for b in blocks
     )
-    cited = any((b.get("citations") or {}).get("enabled") is True for b in blocks)
+    # A document's or search result's ``{"enabled": true}``; an answer's text block replayed
+    # in the history carries its citations as a list, which asks for none.
+    cited = any(
+        isinstance(c := b.get("citations"), Mapping) and c.get("enabled") is True for b in blocks
+    )
     named = ["documents by URL"] if by_url else []
     named += ["citations"] if cited else []
     return (*named, *(name for name in ANTHROPIC_SERVER_FIELDS if name in sent))

@@ -544,6 +544,29 @@ def test_citations_are_asked_only_of_a_claude(
     assert len(fake.received) == 1
 
 
+@pytest.mark.parametrize("model", ["auto", "gpt-4o", "claude"])
+def test_a_cited_answer_in_the_history_asks_no_citations(
+    claude_client: anthropic.Anthropic, fake: FakeProvider, model: str
+) -> None:
+    # Claude's cited answer carries its citations as a list on each text block, and a client
+    # sends that turn back as it came: the check for ``citations: {enabled: true}`` read the
+    # list as the flag and failed the request with a 500. The list asks for nothing: the
+    # request is served as any other conversation.
+    cite = {"type": "char_location", "cited_text": "Sales rose 4%.", "document_index": 0}
+    cite |= {"document_title": "q3", "start_char_index": 0, "end_char_index": 14}
+    said = {"type": "text", "text": "Sales rose 4%.", "citations": [cite]}
+    turns: Any = [
+        {"role": "user", "content": "How did sales do?"},
+        {"role": "assistant", "content": [said]},
+        {"role": "user", "content": "HARD: and costs?"},
+    ]
+    raw = claude_client.messages.with_raw_response.create(
+        model=model, max_tokens=20, messages=turns
+    )
+    assert raw.status_code == 200
+    assert raw.headers["x-tiergate-model"] == ("gpt-4o" if model == "auto" else model)
+
+
 def test_a_documents_context_reaches_a_chat_model_as_text(
     claude_client: anthropic.Anthropic, fake: FakeProvider
 ) -> None:
