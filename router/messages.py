@@ -22,7 +22,7 @@ from router.errors import (
     anthropic_error_body,
 )
 from router.schemas import ANTHROPIC_SERVER_FIELDS
-from router.signals import estimate_tokens
+from router.signals import native_blocks, prompt_estimate
 
 #: The chat fields the translation makes from Anthropic-only parameters (``top_k``; ``thinking``
 #: as ``reasoning_effort``), the ones it passes on that say how a Claude is run, not what it
@@ -414,6 +414,8 @@ def error_event(exc: TiergateError, previous: Mapping[str, Any] | None = None) -
 
 def count_tokens(body: Mapping[str, Any]) -> dict[str, int]:
     """``{"input_tokens": n}``: the estimate Tiergate routes and reserves with, made locally
-    without calling a model (not a provider tokenizer's exact count)."""
+    without calling a model (not a provider tokenizer's exact count). It counts what routing
+    counts (:func:`router.signals.prompt_estimate`): the schema an ``output_format`` becomes,
+    and the server-tool blocks the chat translation drops but a Claude is sent."""
     chat, _ = to_chat({**body, "max_tokens": 1, "stream": False}, "req_count")
-    return {"input_tokens": estimate_tokens(chat["messages"], chat.get("tools"))}
+    return {"input_tokens": prompt_estimate(chat, native_blocks(body))}

@@ -236,6 +236,50 @@ def estimate_tokens(
     return math.ceil(tokens - 1e-9) + media + TOKENS_PER_MESSAGE * len(messages)
 
 
+def prompt_estimate(body: Mapping[str, Any], blocks: Iterable[Mapping[str, Any]] = ()) -> int:
+    """The prompt-token estimate of the chat request ``body`` (:func:`estimate_tokens` of its
+    messages, tools, ``response_format`` and ``prediction``), plus the server-tool blocks
+    among ``blocks``, its front's native request's (:func:`native_blocks`): the chat
+    translation drops them, but a Claude, the one model that takes them, reads and bills them.
+    Routing and ``/v1/messages/count_tokens`` both count with this, so the two agree."""
+    return estimate_tokens(
+        list(body.get("messages") or []),
+        body.get("tools") or body.get("functions"),
+        response_format=body.get("response_format"),
+        prediction=body.get("prediction"),
+    ) + _server_block_tokens(blocks)
+
+
+def _server_block_tokens(blocks: Iterable[Mapping[str, Any]]) -> int:
+    # Each string in a server-tool block (a search's query and results, their encrypted page
+    # text, code and its output, an MCP tool's result), keys too, counts as text, as a tool
+    # call's JSON does; an image or a document of a base64 or URL source in it (a fetched PDF)
+    # counts by the fixed guesses, its payload unread. Iterative: nesting costs no stack.
+    stack: list[Any] = [b for b in blocks if b.get("type") in SERVER_TOOL_BLOCKS]
+    tokens = 0.0
+    media = 0
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            tokens += text_tokens(value)
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, Mapping):
+            kind, source = value.get("type"), value.get("source")
+            if kind in ("image", "document") and _payload_source(source):
+                media += IMAGE_TOKENS if kind == "image" else FILE_TOKENS
+                continue
+            for key, item in value.items():
+                tokens += text_tokens(str(key))
+                stack.append(item)
+    return math.ceil(tokens - 1e-9) + media
+
+
+def _payload_source(source: Any) -> bool:
+    # An image's or a document's source that holds a file (not text a model reads as such).
+    return isinstance(source, Mapping) and source.get("type") in ("base64", "url", "file")
+
+
 def prediction_tokens(prediction: Any) -> int:
     """Estimated tokens of a request's ``prediction`` (OpenAI's predicted output), counted as
     message content is. The model reads it; the part the answer does not use is billed as
@@ -373,12 +417,7 @@ def extract_signals(
     return Signals(
         alias=str(body.get("model", "auto")),
         tenant=tenant,
-        prompt_tokens=estimate_tokens(
-            messages,
-            tools,
-            response_format=body.get("response_format"),
-            prediction=body.get("prediction"),
-        ),
+        prompt_tokens=prompt_estimate(body, blocks),
         prediction_tokens=prediction_tokens(body.get("prediction")),
         max_tokens=int(max_tokens) if isinstance(max_tokens, int) else None,
         output_field=fields.output_of(body),

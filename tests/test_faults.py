@@ -1684,7 +1684,7 @@ def test_a_compressed_body_is_refused_with_415(server: LiveServer, path: str) ->
         ("/v1/feedback", "router.api._clean"),
         # Parsed off the loop, then translated and counted on it: 7.6 MiB of text held the
         # loop, and /healthz with it, for 2.5 s.
-        ("/v1/messages/count_tokens", "router.messages.estimate_tokens"),
+        ("/v1/messages/count_tokens", "router.messages.prompt_estimate"),
     ],
 )
 def test_a_large_body_is_read_off_the_event_loop(

@@ -20,7 +20,9 @@ from router.errors import (
     UpstreamOverloadedError,
 )
 from router.schemas import MessagesRequest
+from router.signals import extract_signals
 from tests.conftest import run
+from tests.test_signals import BlindScorer
 
 TOOL = {
     "name": "get_weather",
@@ -492,3 +494,87 @@ def test_count_tokens_is_the_routing_estimate_and_grows_with_the_prompt() -> Non
         {"model": "auto", "messages": request()["messages"], "tools": [TOOL]}
     )
     assert 0 < short["input_tokens"] < with_tools["input_tokens"] < long["input_tokens"]
+
+
+#: Text of about 10,000 tokens (3.5 characters a token).
+PAGE = "The quick brown fox jumps over the lazy dog. " * 780
+
+
+def _ran(use: str, name: str, result: str, content: Any) -> list[dict[str, Any]]:
+    """A server tool's call (block type ``use``) and its result (``result``), as a Claude's
+    turn carries them back."""
+    ran = {"type": use, "id": f"srvtoolu_{name}", "name": name, "input": {"query": "figures"}}
+    return [ran, {"type": result, "tool_use_id": ran["id"], "content": content}]
+
+
+#: A conversation in which Claude ran its server tools (web search, code execution, an MCP
+#: server's tool): their calls and results come back in the history.
+SERVER_TOOL_TURNS: list[dict[str, Any]] = [
+    {"role": "user", "content": "Find the report and chart its figures."},
+    {
+        "role": "assistant",
+        "content": [
+            *_ran(
+                "server_tool_use",
+                "web_search",
+                "web_search_tool_result",
+                [
+                    {
+                        "type": "web_search_result",
+                        "url": "https://a.example",
+                        "encrypted_content": PAGE,
+                    }
+                ],
+            ),
+            *_ran(
+                "server_tool_use",
+                "code_execution",
+                "code_execution_tool_result",
+                {"type": "code_execution_result", "stdout": PAGE, "stderr": "", "return_code": 0},
+            ),
+            *_ran("mcp_tool_use", "lookup", "mcp_tool_result", [{"type": "text", "text": PAGE}]),
+            {"type": "text", "text": "Here is the chart."},
+        ],
+    },
+    {"role": "user", "content": "Thanks."},
+]
+
+
+def test_count_tokens_counts_the_server_tool_blocks_a_claude_is_sent() -> None:
+    # The count read the chat translation, which drops the blocks (only a Claude, sent the
+    # history as it came, takes them): 30,000 tokens of results counted as 17.
+    turns = SERVER_TOOL_TURNS
+    without = [turns[0], {"role": "assistant", "content": "Here is the chart."}, turns[2]]
+    counted = messages.count_tokens({"model": "auto", "messages": turns})["input_tokens"]
+    plain = messages.count_tokens({"model": "auto", "messages": without})["input_tokens"]
+    assert counted - plain >= 3 * 10_000
+
+
+OUTPUT_FORMAT = {
+    "type": "json_schema",
+    "schema": {
+        "type": "object",
+        "properties": {
+            f"field_{i}": {"type": "string", "description": "x" * 40} for i in range(60)
+        },
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"tools": [TOOL], "system": "Be brief."},
+        {"output_format": OUTPUT_FORMAT},  # the chat request's response_format
+        {"messages": SERVER_TOOL_TURNS},
+    ],
+)
+def test_count_tokens_is_what_routing_counts(fields: dict[str, Any]) -> None:
+    # count_tokens read the messages and tools alone: a structured output's schema (about
+    # 800 tokens), which routing holds and fits a context window for, was not counted.
+    body = request(**fields)
+    chat, _ = messages.to_chat(body, "req_1")
+    routed = extract_signals(chat, BlindScorer(), sent=body).prompt_tokens
+    counted = messages.count_tokens({k: v for k, v in body.items() if k != "max_tokens"})
+    assert counted == {"input_tokens": routed}

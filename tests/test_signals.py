@@ -407,6 +407,31 @@ def test_a_schema_or_a_prediction_counts_toward_the_prompt_estimate(
     assert extract_signals({**_base(), **text}, BlindScorer()).prompt_tokens == plain
 
 
+def _fetched(document: dict[str, Any]) -> dict[str, Any]:
+    """A /v1/messages request whose history holds a page Claude fetched (web fetch)."""
+    fetched = {"type": "web_fetch_result", "url": "https://example.com/a", "content": document}
+    turn = [
+        {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_fetch", "input": {}},
+        {"type": "web_fetch_tool_result", "tool_use_id": "srvtoolu_1", "content": fetched},
+    ]
+    return {"messages": [{"role": "assistant", "content": turn}, {"role": "user", "content": "?"}]}
+
+
+def test_server_tool_blocks_count_toward_the_prompt_estimate() -> None:
+    # The estimate read the chat translation, which drops a server tool's blocks, though a
+    # Claude (the one model that takes them) reads and bills them: a fetched page of 35,000
+    # characters counted nothing toward holds and context fit.
+    chat = {"model": "auto", "messages": [{"role": "user", "content": "?"}]}
+    page = {"type": "text", "media_type": "text/plain", "data": "word " * 7000}
+    text = _fetched({"type": "document", "source": page})
+    pdf = _fetched({"type": "document", "source": {"type": "base64", "data": PDF}})
+    plain = extract_signals(chat, BlindScorer()).prompt_tokens
+    read = extract_signals(chat, BlindScorer(), sent=text).prompt_tokens
+    assert read - plain >= 35_000 / 3.5
+    guessed = extract_signals(chat, BlindScorer(), sent=pdf).prompt_tokens - plain
+    assert FILE_TOKENS <= guessed < FILE_TOKENS + 100  # a PDF's guess: its payload unread
+
+
 def test_a_function_call_counts_toward_the_prompt_estimate() -> None:
     message = {"role": "assistant", "content": None}
     called = {**message, "function_call": {"name": "f", "arguments": "x" * 700}}
