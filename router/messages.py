@@ -416,6 +416,6 @@ def count_tokens(body: Mapping[str, Any]) -> dict[str, int]:
     """``{"input_tokens": n}``: the estimate Tiergate routes and reserves with, made locally
     without calling a model (not a provider tokenizer's exact count). It counts what routing
     counts (:func:`router.signals.prompt_estimate`): the schema an ``output_format`` becomes,
-    and the server-tool blocks the chat translation drops but a Claude is sent."""
+    the server-tool blocks the chat translation drops but a Claude is sent, a PDF by URL."""
     chat, _ = to_chat({**body, "max_tokens": 1, "stream": False}, "req_count")
-    return {"input_tokens": prompt_estimate(chat, native_blocks(body))}
+    return {"input_tokens": prompt_estimate(chat, tuple(native_blocks(body)))}

@@ -236,21 +236,32 @@ def estimate_tokens(
     return math.ceil(tokens - 1e-9) + media + TOKENS_PER_MESSAGE * len(messages)
 
 
-def prompt_estimate(body: Mapping[str, Any], blocks: Iterable[Mapping[str, Any]] = ()) -> int:
+def prompt_estimate(body: Mapping[str, Any], blocks: Sequence[Mapping[str, Any]] = ()) -> int:
     """The prompt-token estimate of the chat request ``body`` (:func:`estimate_tokens` of its
-    messages, tools, ``response_format`` and ``prediction``), plus the server-tool blocks
-    among ``blocks``, its front's native request's (:func:`native_blocks`): the chat
-    translation drops them, but a Claude, the one model that takes them, reads and bills them.
-    Routing and ``/v1/messages/count_tokens`` both count with this, so the two agree."""
-    return estimate_tokens(
-        list(body.get("messages") or []),
-        body.get("tools") or body.get("functions"),
-        response_format=body.get("response_format"),
-        prediction=body.get("prediction"),
-    ) + _server_block_tokens(blocks)
+    messages, tools, ``response_format`` and ``prediction``), corrected by ``blocks``, its
+    front's native request's (:func:`native_blocks`), for what only a Claude is sent: the
+    server-tool blocks, which the chat translation drops, and each PDF by URL, which it makes
+    an image part, counted as a file. Routing and ``/v1/messages/count_tokens`` both count
+    with this, so the two agree."""
+    by_url = sum(1 for b in blocks if _by_url(b))
+    return (
+        estimate_tokens(
+            list(body.get("messages") or []),
+            body.get("tools") or body.get("functions"),
+            response_format=body.get("response_format"),
+            prediction=body.get("prediction"),
+        )
+        + _server_block_tokens(blocks)
+        + by_url * (FILE_TOKENS - IMAGE_TOKENS)
+    )
 
 
-def _server_block_tokens(blocks: Iterable[Mapping[str, Any]]) -> int:
+def _by_url(block: Mapping[str, Any]) -> bool:
+    # A document (a PDF: Anthropic takes no other kind by URL) of a ``url`` source.
+    return block.get("type") == "document" and (block.get("source") or {}).get("type") == "url"
+
+
+def _server_block_tokens(blocks: Sequence[Mapping[str, Any]]) -> int:
     # Each string in a server-tool block (a search's query and results, their encrypted page
     # text, code and its output, an MCP tool's result), keys too, counts as text, as a tool
     # call's JSON does; an image or a document of a base64 or URL source in it (a fetched PDF)
@@ -468,9 +479,7 @@ def anthropic_only(sent: Mapping[str, Any], blocks: Sequence[Mapping[str, Any]])
     ``messages``) has none."""
     if not isinstance(sent.get("messages"), list):
         return ()
-    by_url = any(
-        b.get("type") == "document" and (b.get("source") or {}).get("type") == "url" for b in blocks
-    )
+    by_url = any(_by_url(b) for b in blocks)
     # A document's or search result's ``{"enabled": true}``; an answer's text block replayed
     # in the history carries its citations as a list, which asks for none.
     cited = any(

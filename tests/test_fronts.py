@@ -25,7 +25,7 @@ from router.outcomes import OutcomeRecord, SQLiteOutcomeStore
 from tests.conftest import GGUF, LiveServer, live, policy_yaml, wait_for
 from tests.fake_provider import ANTHROPIC_OVERLOADED, Behaviour, FakeProvider
 from tests.scripted_local import ScriptedLocal
-from tests.test_messages import PNG
+from tests.test_messages import PNG, tool_returned
 
 gguf = pytest.mark.skipif(not GGUF.is_file(), reason="bundled GGUF missing: make model")
 pytestmark = [gguf, pytest.mark.gguf]
@@ -476,17 +476,6 @@ def test_documents_a_tool_returned_reach_a_chat_model(
     ]
 
 
-def _tool_returned(block: dict[str, Any]) -> list[Any]:
-    """A conversation whose tool returned ``block``."""
-    call = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}
-    result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": [block]}
-    return [
-        {"role": "user", "content": "Read the report"},
-        {"role": "assistant", "content": [call]},
-        {"role": "user", "content": [result]},
-    ]
-
-
 def test_a_pdf_by_url_goes_only_to_a_claude(
     claude_client: anthropic.Anthropic, fake: FakeProvider
 ) -> None:
@@ -495,7 +484,7 @@ def test_a_pdf_by_url_goes_only_to_a_claude(
     # a URL) and the local model cannot read: only a Claude on Anthropic's own API takes it.
     # A PDF sent inline still goes to gpt-4o.
     url = {"type": "url", "url": "https://example.com/q3.pdf"}
-    in_result = _tool_returned({"type": "document", "source": url})
+    in_result = tool_returned({"type": "document", "source": url})
     for turns in (_document(url), in_result):
         raw = claude_client.messages.with_raw_response.create(
             model="auto", max_tokens=20, tools=[WEATHER], messages=turns
@@ -528,7 +517,7 @@ def test_citations_are_asked_only_of_a_claude(
     source = {"type": "text", "media_type": "text/plain", "data": "Sales rose 4%."}
     cited = {"type": "document", "source": source, "citations": {"enabled": True}}
     turns = (
-        _tool_returned(cited)
+        tool_returned(cited)
         if where == "tool_result"
         else [{"role": "user", "content": [cited, {"type": "text", "text": "How did sales do?"}]}]
     )

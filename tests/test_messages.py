@@ -550,6 +550,38 @@ def test_count_tokens_counts_the_server_tool_blocks_a_claude_is_sent() -> None:
     assert counted - plain >= 3 * 10_000
 
 
+def tool_returned(block: dict[str, Any]) -> list[Any]:
+    """A conversation whose tool returned ``block``."""
+    call = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}
+    result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": [block]}
+    return [
+        {"role": "user", "content": "Read the report"},
+        {"role": "assistant", "content": [call]},
+        {"role": "user", "content": [result]},
+    ]
+
+
+def _pdf(source: dict[str, Any], *, in_result: bool) -> list[dict[str, Any]]:
+    """A user turn that holds a PDF document, or a tool's result that does."""
+    document = {"type": "document", "source": source}
+    if in_result:
+        return tool_returned(document)
+    return [{"role": "user", "content": [document, {"type": "text", "text": "Summarise."}]}]
+
+
+@pytest.mark.parametrize("in_result", [False, True])
+def test_a_pdf_by_url_counts_as_a_pdf_sent_inline_does(in_result: bool) -> None:
+    # The chat translation makes a PDF by URL an image part (a Claude, the one model it goes
+    # to, is sent the PDF), so it counted as an image, 3,000 tokens under the same PDF inline.
+    inline = {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0xLjQK"}
+    by_url = {"type": "url", "url": "https://example.com/report.pdf"}
+    counts = [
+        messages.count_tokens({"model": "auto", "messages": _pdf(source, in_result=in_result)})
+        for source in (inline, by_url)
+    ]
+    assert abs(counts[0]["input_tokens"] - counts[1]["input_tokens"]) < 20
+
+
 OUTPUT_FORMAT = {
     "type": "json_schema",
     "schema": {
@@ -568,6 +600,7 @@ OUTPUT_FORMAT = {
         {"tools": [TOOL], "system": "Be brief."},
         {"output_format": OUTPUT_FORMAT},  # the chat request's response_format
         {"messages": SERVER_TOOL_TURNS},
+        {"messages": _pdf({"type": "url", "url": "https://example.com/a.pdf"}, in_result=True)},
     ],
 )
 def test_count_tokens_is_what_routing_counts(fields: dict[str, Any]) -> None:
