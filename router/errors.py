@@ -438,7 +438,7 @@ class UpstreamAuthError(BackendError):
 class UpstreamNotFoundError(BackendError):
     """The provider answered that the model does not exist (404, OpenAI's ``model_not_found``
     in an error event, Anthropic's ``not_found_error``), or the ``api_base`` is wrong (a 404
-    that names no field of the request: one that does is the request's own,
+    that names no field or id of the request: one that does is the request's own,
     :class:`UpstreamBadRequestError`, router.backends.openai_http): the
     model's configuration, not the request's, and a client's retry cannot fix it (502,
     ``x-should-retry: false``). The chain goes on to its next model, and the model cools down

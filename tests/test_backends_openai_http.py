@@ -4,6 +4,7 @@ and transport failures become Tiergate errors, and a key an upstream echoes is s
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -400,6 +401,69 @@ def test_a_404_is_the_models_configuration_unless_it_names_the_requests_field(
         assert (error.status_code, error.retryable) == (502, True)
         assert error.headers["x-should-retry"] == "false"
     assert error.upstream_status == 404
+
+
+#: A /v1/messages request that names ids of Anthropic's: a code execution container, and a
+#: file of its Files API for the container.
+CONTAINER_ID = "container_011CPR5CNjB747bTd36fQLFk"
+FILE_ID = "file_011CNha8iCJcU1wXNR6q4V8w"
+SENT_IDS: dict[str, Any] = {
+    "model": "claude-sonnet-4-5",
+    "container": CONTAINER_ID,
+    "messages": [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Chart this file."},
+                {"type": "container_upload", "file_id": FILE_ID},
+            ],
+        }
+    ],
+}
+
+
+def _anthropic_404(message: str, kind: str = "not_found_error") -> bytes:
+    return json.dumps({"type": "error", "error": {"type": kind, "message": message}}).encode()
+
+
+#: Anthropic's 404s to SENT_IDS, and the field Tiergate's 400 names (None: configuration).
+ANTHROPIC_404S: dict[str, tuple[bytes, str | None]] = {
+    # Anthropic's Files API docs ("Error handling"), as its type and as not_found_error.
+    "a file it does not hold": (
+        _anthropic_404(f"File not found: {FILE_ID}", "invalid_request_error"),
+        "messages",
+    ),
+    "a file it does not hold (not_found_error)": (
+        _anthropic_404(f"File not found: {FILE_ID}"),
+        "messages",
+    ),
+    # Its wording is not known here: one that names the id.
+    "a container it does not hold": (
+        _anthropic_404(f"container: {CONTAINER_ID} not found"),
+        "container",
+    ),
+    "a model that does not exist": (_anthropic_404("model: claude-sonnet-4-5"), None),
+    "a wrong path": (_anthropic_404("Not Found"), None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ANTHROPIC_404S))
+def test_a_404_naming_an_id_the_request_sent_is_its_400(case: str) -> None:
+    """Anthropic's 404s name no field: one for a container or file id the client sent was a
+    missing model's (502, the chain went on, the model cooled for every client). One that
+    names an id of the request is the request's 400, naming the field that holds it; the
+    model's and a wrong path's name none, and stay configuration."""
+    raw, field = ANTHROPIC_404S[case]
+    error = error_for_status(404, raw, "claude", sent=SENT_IDS)
+    if field is None:
+        assert type(error) is UpstreamNotFoundError
+        assert (error.status_code, error.retryable, error.cools) == (502, True, True)
+    else:
+        assert type(error) is UpstreamBadRequestError
+        assert (error.status_code, error.code, error.param) == (400, "upstream_bad_request", field)
+        assert not error.retryable  # final: no fallback, and no cooldown (Cooldowns.failed)
+    # Without the request (a stream's error event), no id is read: configuration, as before.
+    assert type(error_for_status(404, raw, "claude")) is UpstreamNotFoundError
 
 
 #: Some of a Response's error codes (``response.failed``, OpenAI's ResponseError) for a request

@@ -1202,6 +1202,57 @@ def test_a_404_for_the_requests_own_item_is_its_400_not_the_models(
         assert called == ["/v1/responses"] and "gpt-4o" not in cooling, cooling
 
 
+#: Anthropic's 404s to a /v1/messages request that names a code execution container and a file
+#: of its Files API: for the file, which it does not hold (its Files API docs), for the model,
+#: and for a wrong path. None names a field.
+CONTAINER_ID = "container_011CPR5CNjB747bTd36fQLFk"
+FILE_ID = "file_011CNha8iCJcU1wXNR6q4V8w"
+ANTHROPIC_404S = {
+    "an id the client sent": f"File not found: {FILE_ID}",
+    "a model that does not exist": "model: claude-3-5-sonnet-20241022",
+    "a wrong path": "Not Found",
+}
+
+
+@pytest.mark.parametrize("via", [None, "claude-via-litellm"])
+@pytest.mark.parametrize("case", sorted(ANTHROPIC_404S))
+def test_a_404_for_the_clients_own_id_cools_no_claude(
+    tmp_path: Path, fake: FakeProvider, case: str, via: str | None
+) -> None:
+    """A client's container or file id that Anthropic does not hold is answered 404
+    ``not_found_error``, as a missing model is: it was a 502 and claude cooled, refused to
+    every client for one client's bad id. Now it is that client's 400 and claude does not
+    cool; a missing model or a wrong path still cools it."""
+    content: list[dict[str, Any]] = [{"type": "text", "text": "Chart the figures in this file."}]
+    if via is None:  # the block needs the native path; container goes through litellm too
+        content.append({"type": "container_upload", "file_id": FILE_ID})
+    request = {
+        "model": "auto",
+        "max_tokens": 20,
+        "container": CONTAINER_ID,
+        "messages": [{"role": "user", "content": content}],
+    }
+    said = ANTHROPIC_404S[case]
+    if via is not None and case == "an id the client sent":
+        said = f"container: {CONTAINER_ID} not found"  # a 404 that names the container id
+    body = {"type": "error", "error": {"type": "not_found_error", "message": said}}
+    policy = _error_event_policy(fake, "claude", via)
+    with live(tmp_path, policy, cooldown_after_fails=1) as srv:
+        fake.reset(Behaviour(mode="status", status=404, error_body=body, failing_path="/messages"))
+        answer = srv.http.post("/v1/messages", json=request)
+        record = _record(srv, answer)
+        cooling = srv.gateway.cooldowns.status()
+    assert [r.path for r in fake.received] == ["/v1/messages"]  # no other model takes it
+    assert record["model"] == "claude"
+    if case == "an id the client sent":
+        assert _error_of("messages", answer) == (400, "invalid_request_error"), answer.text
+        assert record["error_type"] == "upstream_bad_request"
+        assert "claude" not in cooling, cooling
+    else:
+        assert answer.status_code == 502, answer.text
+        assert cooling["claude"]["reason"] == "upstream_error", cooling
+
+
 # -- local tier faults -------------------------------------------------------------------------
 
 

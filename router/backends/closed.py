@@ -554,7 +554,7 @@ class ClosedBackend:
         try:
             response = await litellm.acompletion(**kwargs, stream=False)
         except Exception as exc:  # litellm raises many types; mapped in one place
-            raise map_litellm_error(exc, model.name, self.api_key(model)) from exc
+            raise map_litellm_error(exc, model.name, self.api_key(model), body) from exc
         payload = response.model_dump(exclude_none=True)
         usage = usage_from_body(payload, model.name)  # litellm's own fields count cache writes
         return Completion(body=openai_shaped(payload, message=True), usage=usage)
@@ -583,7 +583,7 @@ class ClosedBackend:
         except TiergateError:
             raise
         except Exception as exc:  # litellm raises many types; mapped in one place
-            raise map_litellm_error(exc, model.name, self.api_key(model)) from exc
+            raise map_litellm_error(exc, model.name, self.api_key(model), body) from exc
         finally:
             # Left early (GeneratorExit at the yield), litellm's stream holds the provider's
             # connection, which goes on sending, until it is collected: close it now.
@@ -942,12 +942,18 @@ def quiet_litellm() -> Any:
     return litellm
 
 
-def map_litellm_error(exc: Exception, label: str, key: str | None = None) -> TiergateError:
+def map_litellm_error(
+    exc: Exception,
+    label: str,
+    key: str | None = None,
+    sent: Mapping[str, Any] | None = None,
+) -> TiergateError:
     """Map a litellm exception to Tiergate's hierarchy; ``key``, the key the call sent, is
-    redacted from the text whatever its shape. An error the provider answered (with headers,
-    or litellm's ``provider_status_code``) is mapped from its status and error body as the
-    direct paths map the same answer (:func:`_as_answered`), so the two cannot drift; one
-    that only litellm raised (a timeout, a connection, its own refusals) by its class.
+    redacted from the text whatever its shape; ``sent``, the request, whose ids a 404 may
+    name. An error the provider answered (with headers, or litellm's
+    ``provider_status_code``) is mapped from its status and error body as the direct paths
+    map the same answer (:func:`_as_answered`), so the two cannot drift; one that only
+    litellm raised (a timeout, a connection, its own refusals) by its class.
 
     The message reads as the direct paths' do (``claude answered 529: Overloaded``,
     ``claude unreachable: the stream ended before it finished``): the model, what happened,
@@ -971,7 +977,7 @@ def map_litellm_error(exc: Exception, label: str, key: str | None = None) -> Tie
     said = f"{label} answered {answered}: {detail}" if answered else f"{label} failed: {detail}"
     overloaded = _overloaded(exc, status, raw)
     error = _error_object(exc, error, detail, raw)
-    failure = _as_answered(exc, answered, error, said, overloaded=overloaded)
+    failure = _as_answered(exc, answered, error, said, overloaded=overloaded, sent=sent)
     if failure is not None:
         return failure
     if "Timeout" in name or status in (408, 504):
@@ -1008,6 +1014,7 @@ def _as_answered(
     said: str,
     *,
     overloaded: bool,
+    sent: Mapping[str, Any] | None = None,
 ) -> BackendError | None:
     """The failure of a provider that ``answered`` an error status, by the mapping the direct
     paths take the same answer through (:func:`~router.backends.openai_http.provider_failure`),
@@ -1025,7 +1032,12 @@ def _as_answered(
     if answered is None:
         return None
     return provider_failure(
-        answered, error, said, upstream_status=answered, retry_after=_retry_after(exc)
+        answered,
+        error,
+        said,
+        upstream_status=answered,
+        retry_after=_retry_after(exc),
+        sent=sent,
     )
 
 

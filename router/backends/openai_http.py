@@ -16,7 +16,7 @@ import json
 import math
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -95,16 +95,23 @@ def error_for_status(
     reason: str | None = None,
     retry_after: str | None = None,
     api_key: str | None = None,
+    sent: Mapping[str, Any] | None = None,
 ) -> BackendError:
     """Map an upstream HTTP error status to the Tiergate error a client and the fallback see
-    (:func:`provider_failure`, which a stream's error event goes through too).
+    (:func:`provider_failure`, which a stream's error event goes through too). ``sent``: the
+    request as sent, whose ids a 404 may name.
 
     The upstream's message is repeated with credentials scrubbed (some providers echo keys).
     """
     error = upstream_error(raw)
     message = f"{label} answered {status}: {scrub(_upstream_message(error, reason), [api_key])}"
     return provider_failure(
-        status, error, message, upstream_status=status, retry_after=retry_after_s(retry_after)
+        status,
+        error,
+        message,
+        upstream_status=status,
+        retry_after=retry_after_s(retry_after),
+        sent=sent,
     )
 
 
@@ -115,9 +122,11 @@ def provider_failure(
     *,
     upstream_status: int | None,
     retry_after: float | None = None,
+    sent: Mapping[str, Any] | None = None,
 ) -> BackendError:
     """The failure a provider reports with ``status`` and its ``error`` object, whether it
-    answered that status or named it in a stream's error event.
+    answered that status or named it in a stream's error event; ``sent``, the request as sent
+    where the caller has it, tells a 404 for the request's own ids (:func:`_not_found`).
 
     A prompt over the model's window keeps OpenAI's ``context_length_exceeded`` (llama.cpp's
     server names it by its type, ``exceed_context_size_error``; other providers only in their
@@ -149,12 +158,62 @@ def provider_failure(
     if status in (401, 403):
         return UpstreamAuthError(message, upstream_status=upstream_status)
     if status == 404:
-        if _names_the_requests_field(error):
-            return UpstreamBadRequestError(
-                message, upstream_status=upstream_status, param=error["param"]
-            )
-        return UpstreamNotFoundError(message, upstream_status=upstream_status)
+        return _not_found(error, message, upstream_status, sent)
     return BackendError(message, upstream_status=upstream_status)
+
+
+def _not_found(
+    error: dict[str, Any], message: str, upstream_status: int | None, sent: Mapping[str, Any] | None
+) -> BackendError:
+    """A provider's 404: the request's own 400 (final: no fallback, no cooldown) where it
+    names the request's field (:func:`_names_the_requests_field`) or one of the ids the
+    request sent (:func:`_named_id`), else the model's configuration."""
+    if _names_the_requests_field(error):
+        return UpstreamBadRequestError(
+            message, upstream_status=upstream_status, param=error["param"]
+        )
+    field = _named_id(error, sent)
+    if field is not None:
+        return UpstreamBadRequestError(message, upstream_status=upstream_status, param=field)
+    return UpstreamNotFoundError(message, upstream_status=upstream_status)
+
+
+#: The shortest id a 404's message is read for: a shorter value could stand in any text.
+_ID_CHARS = 6
+
+
+def _named_id(error: dict[str, Any], sent: Mapping[str, Any] | None) -> str | None:
+    """The top-level field of ``sent`` holding an id that the 404 ``error``'s message names,
+    if one does: a client's id of something the provider does not hold. Anthropic's 404s
+    name no field (``param``) but name what was not found: a Files API file's says "File not
+    found: file_011CNha8..." (a ``container_upload`` block's ``file_id``), its model's "model:
+    NAME" (no id), a wrong path "Not Found" (nothing). Any 404 that names an id the request
+    sent (a ``container``, a file, a skill, an item) is the request's; one that names none
+    stays the model's configuration. The ids are the values of ``container`` and of every key
+    ``id`` or ending in ``_id`` in the request, read only when a 404 came."""
+    said = error.get("message")
+    if not isinstance(said, str) or sent is None:
+        return None
+    for field, value in sent.items():
+        ids = [value] if field == "container" and isinstance(value, str) else _ids(value)
+        if any(len(i) >= _ID_CHARS and i in said for i in ids):
+            return field
+    return None
+
+
+def _ids(value: Any) -> Iterator[str]:
+    # The string values of every key ``id`` or ending in ``_id`` in ``value``, iteratively.
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Mapping):
+            for key, inner in item.items():
+                if isinstance(inner, str) and (key == "id" or str(key).endswith("_id")):
+                    yield inner
+                elif isinstance(inner, Mapping | list):
+                    stack.append(inner)
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def _names_the_requests_field(error: dict[str, Any]) -> bool:
@@ -164,14 +223,15 @@ def _names_the_requests_field(error: dict[str, Any]) -> bool:
     found. Items are not persisted when `store` is set to false"), and the Responses front
     passes a client's items on with their ids and calls with ``store: false``: the client's
     history, for the client to fix (a 400, final), not a model missing from the provider.
-    Every other 404 is the model's configuration (:class:`UpstreamNotFoundError`): a model
-    that does not exist (OpenAI's ``model_not_found``, with no ``param``; Anthropic's
-    ``not_found_error`` "model: NAME"; vLLM's "The model `NAME` does not exist.", ``code``
-    404), or a path the provider does not serve (a wrong ``api_base``: OpenAI's "Invalid
-    URL", llama.cpp's server's "File Not Found", an empty body); none of them names a field.
-    Anthropic's errors never name one: its 404s stay configuration. Nor does a ``param`` of
-    the string ``None``, as a LiteLLM proxy wrote a null one (litellm's
-    ``openai_error_payload`` now maps it to null) in its 404 for a model it does not have."""
+    Every other 404 that names no id of the request (:func:`_named_id`) is the model's
+    configuration (:class:`UpstreamNotFoundError`): a model that does not exist (OpenAI's
+    ``model_not_found``, with no ``param``; Anthropic's ``not_found_error`` "model: NAME";
+    vLLM's "The model `NAME` does not exist.", ``code`` 404), or a path the provider does
+    not serve (a wrong ``api_base``: OpenAI's "Invalid URL", llama.cpp's server's "File Not
+    Found", an empty body); none of them names a field. Anthropic's errors never name one
+    (its 404s name the id instead). Nor does a ``param`` of the string ``None``, as a LiteLLM
+    proxy wrote a null one (litellm's ``openai_error_payload`` now maps it to null) in its
+    404 for a model it does not have."""
     param = error.get("param")
     return (
         isinstance(param, str)
@@ -319,10 +379,13 @@ def stream_failure(
 ERROR_BODY_BYTES = 64 * 1024
 
 
-async def _error(response: aiohttp.ClientResponse, label: str, api_key: str | None) -> BackendError:
-    """The error for an answer with an error status, from at most :data:`ERROR_BODY_BYTES` of
-    its body. A longer body is not read on: the error is the status's, with the reason and the
-    bound in its message, and the connection, whose body is unread, is closed, not pooled."""
+async def _error(
+    response: aiohttp.ClientResponse, label: str, api_key: str | None, sent: Mapping[str, Any]
+) -> BackendError:
+    """The error for an answer with an error status to the request ``sent``, from at most
+    :data:`ERROR_BODY_BYTES` of its body. A longer body is not read on: the error is the
+    status's, with the reason and the bound in its message, and the connection, whose body is
+    unread, is closed, not pooled."""
     raw = bytearray()
     while len(raw) <= ERROR_BODY_BYTES:
         data = await response.content.read(ERROR_BODY_BYTES + 1 - len(raw))
@@ -340,6 +403,7 @@ async def _error(response: aiohttp.ClientResponse, label: str, api_key: str | No
         reason=response.reason,
         retry_after=retry_after,
         api_key=api_key,
+        sent=sent,
     )
 
 
@@ -501,7 +565,7 @@ class OpenAIHTTP:
         try:
             async with self._post(url, body, headers, timeout_s) as response:
                 if response.status >= 400:
-                    raise await _error(response, label, api_key)
+                    raise await _error(response, label, api_key, body)
                 raw = await _body(response, self._max_event_bytes, label)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise map_transport_error(exc, label) from exc
@@ -533,7 +597,7 @@ class OpenAIHTTP:
         try:
             async with self._post(url, body, headers, timeout_s) as response:
                 if response.status >= 400:
-                    raise await _error(response, label, api_key)
+                    raise await _error(response, label, api_key, body)
                 async for raw in _lines(response.content, self._max_event_bytes, label):
                     line = raw.strip()
                     if line.startswith(b"data:"):
