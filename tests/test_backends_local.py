@@ -25,7 +25,7 @@ from router.config import Settings
 from router.errors import BadRequestError, LocalOverloadedError, UpstreamTimeoutError
 from router.signals import estimate_tokens
 from tests.conftest import GGUF, live, policy_yaml, wait_for
-from tests.fake_provider import Behaviour, FakeProvider
+from tests.fake_provider import LLAMA_CPP_CONTEXT_EXCEEDED, Behaviour, FakeProvider
 
 
 def test_gate_bounds_waiting_and_reports_depth() -> None:
@@ -331,6 +331,8 @@ _CONTEXT_ERRORS = {
             "n_ctx": 4096,
         }
     },
+    # llama-server before it had that type: its words alone say it.
+    "llama-server, before its type": {"error": LLAMA_CPP_CONTEXT_EXCEEDED},
 }
 
 
@@ -362,7 +364,9 @@ def test_a_prompt_over_the_external_servers_context_moves_closed_as_in_process(
     assert pinned.json()["error"]["code"] == "context_length_exceeded"
 
 
-@pytest.mark.parametrize("server", ["llama-server", "llama-server, in other words"])
+@pytest.mark.parametrize(
+    "server", ["llama-server", "llama-server, in other words", "llama-server, before its type"]
+)
 def test_a_context_error_event_from_the_external_server_moves_closed(
     tmp_path: Path, fake: FakeProvider, server: str
 ) -> None:
@@ -393,6 +397,61 @@ def test_a_context_error_event_from_the_external_server_moves_closed(
     assert routed.status_code == 200 and routed.headers["x-tiergate-tier"] == "closed"
     assert "local" not in cooling, cooling
     assert tried == 2  # each was tried on the local server first
+
+
+# 400s that call the request bad and quote it (an OpenAI-compatible server's validator,
+# vLLM's, with ``input_value``), where the user's text holds each llama.cpp server's words.
+_QUOTING_400S = {
+    words: {
+        "error": {
+            "object": "error",
+            "message": "1 validation error for ChatCompletionRequest\nmessages.0\n  Value "
+            "error, the message is not one the chat template takes [type=value_error, "
+            f"input_value={{'role': 'user', 'content': \"{words}, said the log\"}}]",
+            "type": "BadRequestError",
+            "param": None,
+            "code": 400,
+        }
+    }
+    for words in (
+        "the request exceeds the available context size",  # llama-server's
+        "This model's maximum context length is 8 tokens",  # llama_cpp.server's
+    )
+}
+
+
+@pytest.mark.parametrize("quoted", sorted(_QUOTING_400S))
+def test_a_bad_request_quoting_context_words_stays_the_external_servers_400(
+    tmp_path: Path, fake: FakeProvider, quoted: str
+) -> None:
+    """A 400 from the external server that quotes the request, whose text holds a llama.cpp
+    server's words for a prompt over its context, is the request's own 400, as a closed
+    provider's is: the client gets it whether it pinned the local model or not, answered or
+    in a stream's error event, and nothing goes to the closed tier. The words counted anywhere
+    in the message: the routed requests were served by the closed tier and the pinned one was
+    told its prompt is over the context."""
+    fake.reset()
+    policy = policy_yaml(fake, on_failure="closed")
+    body = {"messages": [{"role": "user", "content": f"{quoted}, said the log"}]}
+    refused = _QUOTING_400S[quoted]
+    with (
+        FakeProvider() as local,
+        live(tmp_path, policy, local_backend="openai_http", local_base_url=local.base_url) as srv,
+    ):
+        local.reset(Behaviour(mode="status", status=400, error_body=refused))
+        answers = [
+            srv.http.post("/v1/chat/completions", json={"model": model, **body, **extra})
+            for model in ("auto", "local")
+            for extra in ({}, {"stream": True})
+        ]
+        local.reset(Behaviour(mode="overloaded_after_open", error_body=refused))
+        answers += [
+            srv.http.post("/v1/chat/completions", json={"model": model, "stream": True, **body})
+            for model in ("auto", "local")
+        ]
+    assert [a.status_code for a in answers] == [400] * 6, answers[0].text
+    assert {a.json()["error"]["code"] for a in answers} == {"upstream_bad_request"}
+    assert fake.received == []  # the closed tier was never asked
 
 
 def test_a_stream_llama_cpp_server_drops_for_its_context_is_a_context_error(

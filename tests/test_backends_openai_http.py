@@ -173,6 +173,11 @@ AS_STATUS_AND_EVENT: dict[str, tuple[int, dict[str, Any], str]] = {
         },
         "context_length_exceeded",
     ),
+    "llama-server before its type, a prompt over its context": (
+        400,
+        LLAMA_CPP_CONTEXT_EXCEEDED,
+        "context_length_exceeded",
+    ),
     "vLLM, a bad request": (
         400,
         {

@@ -676,19 +676,16 @@ class LlamaCppBackend:
                 llm.close()
 
 
-# How llama-server and llama-cpp-python's server word a 400 for a prompt over their context,
-# where its code (router.backends.openai_http) does not say so.
-_OVER_CONTEXT = ("exceeds the available context size", "maximum context length")
-
-
 def _external_error(exc: UpstreamBadRequestError) -> BadRequestError | None:
     """An external server's 400 for a prompt over its context, as the in-process backend
     reports one (:func:`_generation_error`): a request that did not pin the local model falls
-    back from it. It is one by its code (OpenAI's ``context_length_exceeded``, which llama-server's
-    ``exceed_context_size_error`` maps to), or by its words; answered with a status or as a
-    stream's error event. Any other 400 stands as the server's."""
-    over = exc.code == "context_length_exceeded"
-    if not over and not any(phrase in exc.message for phrase in _OVER_CONTEXT):
+    back from it. It is one where the closed providers' 400s are
+    (:func:`~router.backends.openai_http.provider_failure`): by its code (llama_cpp.server's
+    ``context_length_exceeded``), llama-server's type ``exceed_context_size_error``, or the
+    words its message begins with (llama-server's before it had that type), answered with a
+    status or as a stream's error event. Any other 400 stands as the server's, one that only
+    quotes those words from the request included."""
+    if exc.code != "context_length_exceeded":
         return None
     return BadRequestError(
         f"the prompt is longer than the local server's context window: {exc.message}",

@@ -248,16 +248,21 @@ OVERLOADED = (503, 529)
 _OVER_WINDOW = ("context_length_exceeded", "exceed_context_size_error")
 #: ... and how a provider whose code and type name any bad request says it in the message:
 #: Anthropic (its two refusals, and Bedrock's for a Claude model), Gemini (Vertex too),
-#: Bedrock, Mistral, and OpenAI's own words (a compatible server that sends them without
-#: the code). Each is matched where the message begins: a 400 that quotes the request (a
-#: validator's ``input_value``, an echoed field) may quote a user's text holding the same
-#: words, and that 400 is the client's own, not a window another model may have.
+#: Bedrock, Mistral, llama.cpp's server before it had its own type, and OpenAI's own words
+#: (a compatible server that sends them without the code; llama_cpp.server's, with it).
+#: Each is matched where the message begins: a 400 that quotes the request (a validator's
+#: ``input_value``, an echoed field) may quote a user's text holding the same words, and
+#: that 400 is the client's own, not a window another model may have.
 _OVER_WINDOW_SAID = re.compile(
     r"prompt is too long"  # Anthropic: "prompt is too long: 215000 tokens > 200000 maximum"
     r"|input length and `max_tokens` exceed context limit"  # Anthropic, with max_tokens
     r"|the input token count \(\d+\) exceeds the maximum number of tokens allowed"  # Gemini
     r"|input is too long for requested model|too many input tokens"  # Bedrock
     r"|prompt contains \d+ tokens.*too large for model with \d+ maximum context length"  # Mistral
+    # llama-server: "the request exceeds the available context size. try increasing the
+    # context size or enable context shift" (invalid_request_error), and since its type the
+    # same with ", try increasing it", then "request (4200 tokens) exceeds ... (4096 tokens)"
+    r"|(?:the )?request (?:\(\d+ tokens\) )?exceeds the available context size"
     # OpenAI's words (vLLM, DeepSeek), after vLLM's note on max_tokens where it gives one
     r"|(?:'max_tokens' or 'max_completion_tokens' is too large: \d+\. )?"
     r"this model's maximum context length is \d+ tokens",
