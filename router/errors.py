@@ -213,7 +213,9 @@ class OverWindowError(BadRequestError):
     context window (the policy's estimate let it through). Its ``param`` is the output limit
     where the prompt fits alone (the part a client can change without losing history), else
     the prompt; both, and the limit its message names, are the chat request's until
-    :meth:`name_fields` names them as the client's front does."""
+    :meth:`name_fields` names them as the client's front does. The message says which: a
+    prompt that fits is not called longer than the window, and the room it leaves is the
+    largest output limit the model takes with it."""
 
     code = "context_length_exceeded"
 
@@ -224,10 +226,17 @@ class OverWindowError(BadRequestError):
         super().__init__(self._words("max_tokens"), param=param)
 
     def _words(self, output: str) -> str:
+        if self.prompt_tokens <= self.window:
+            left = self.window - self.prompt_tokens
+            why = (
+                f"the prompt fits {self.model}'s context window but leaves {left} tokens, "
+                "fewer than the answer asked"
+            )
+        else:
+            why = f"the prompt is longer than {self.model}'s context window"
         return (
-            f"the prompt is longer than {self.model}'s context window: Requested tokens "
-            f"({self.prompt_tokens} in the prompt + {output} {self.asked}) exceed context "
-            f"window of {self.window}"
+            f"{why}: Requested tokens ({self.prompt_tokens} in the prompt + {output} "
+            f"{self.asked}) exceed context window of {self.window}"
         )
 
     def name_fields(self, name: Callable[[str], str]) -> None:

@@ -296,6 +296,18 @@ def test_the_local_models_window_refusal_names_the_fields_of_each_front(
     assert (
         f"in the prompt + {output} {limit}) exceed context window of 2048" in (error["message"])
     ), error
+    # A prompt that fits alone is not said to be longer than the window: the message gives the
+    # room it leaves, the output limit the model would take.
+    said = re.match(
+        r"the prompt (?:fits the local model's context window but leaves (\d+) tokens, fewer "
+        r"than the answer asked|is longer than the local model's context window): Requested "
+        r"tokens \((\d+) in the prompt",
+        error["message"],
+    )
+    assert said is not None, error
+    left, prompt_tokens = said.groups()
+    assert (left is not None) == (over == "answer"), error
+    assert left is None or int(left) + int(prompt_tokens) == 2048
     if prompt is not None:  # OpenAI's shape
         assert error["code"] == "context_length_exceeded"
         assert error["param"] == (output if over == "answer" else prompt), error
