@@ -4,15 +4,19 @@ and transport failures become Tiergate errors, and a key an upstream echoes is s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Iterator
+import re
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import aiohttp
 import pytest
 
 from router.backends import Usage
 from router.backends.openai_http import (
     OpenAIHTTP,
+    _lines,
     error_for_status,
     map_transport_error,
     stream_failure,
@@ -547,3 +551,91 @@ def test_a_closed_port_is_unreachable() -> None:
     with pytest.raises(BackendError) as raised:
         run(_call("http://127.0.0.1:9/v1"))
     assert raised.value.code == "upstream_unreachable"
+
+
+@contextlib.asynccontextmanager
+async def _sse_server(pieces: list[bytes]) -> AsyncIterator[str]:
+    """A loopback server that answers any POST 200 with ``pieces``, each written and flushed
+    alone a moment after the last (each its own read on the client), then closes the
+    connection: an SSE body byte for byte as a server sends it. Yields its base URL."""
+    answering: list[asyncio.Task[Any]] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        answering.append(asyncio.current_task())  # type: ignore[arg-type]
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"(?i)content-length: *(\d+)", head)
+            await reader.readexactly(int(length.group(1)) if length else 0)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n")
+            writer.write(b"connection: close\r\n\r\n")
+            for n, piece in enumerate(pieces):
+                if n:
+                    await asyncio.sleep(0.05)
+                writer.write(piece)
+                await writer.drain()
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    async with server:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+        await asyncio.gather(*answering)
+
+
+def _sse_chunk(text: str, finish: str | None = None) -> bytes:
+    delta = {"content": text} if text else {}
+    chunk = {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    return json.dumps(chunk).encode()
+
+
+def test_a_stream_whose_lines_end_in_a_lone_cr_is_read() -> None:
+    """SSE lets a line end in CR, LF or CRLF. A server that ends its lines in a lone CR was
+    read as one long line: the stream failed as a chunk that is not JSON (502
+    ``upstream_bad_response``) instead of yielding its chunks."""
+    body = [
+        b"data: " + _sse_chunk("Hello") + b"\r\r",
+        b"data: " + _sse_chunk(" there") + b"\r\rdata: " + _sse_chunk("", "stop") + b"\r\r",
+        b"data: [DONE]\r\r",
+    ]
+
+    async def stream() -> list[dict[str, Any]]:
+        async with _sse_server(body) as base_url:
+            chunks, _ = await _call(base_url, stream=True)
+            return chunks  # type: ignore[no-any-return]
+
+    chunks = run(stream())
+    assert [c["choices"][0]["delta"].get("content") for c in chunks] == ["Hello", " there", None]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize(
+    ("pieces", "lines"),
+    [
+        # A CRLF split across two reads: the CR ends one, the LF starts the next. Read as two
+        # line ends, it made an empty line, which in SSE ends an event.
+        ([b"data: a\r", b"\ndata: b\r\n\r", b"\n"], [b"data: a", b"data: b", b""]),
+        (
+            [b"data: a\rdata: b\r", b"\r", b"data: c\n\n"],
+            [b"data: a", b"data: b", b"", b"data: c", b""],
+        ),
+        ([b"data: a\n\n", b"data: b\r\n\r\n"], [b"data: a", b"", b"data: b", b""]),
+        ([b"data: a\r", b"\r\n"], [b"data: a", b""]),
+    ],
+    ids=["a CRLF split between reads", "lone CRs", "LF and CRLF", "a CR, then a CRLF"],
+)
+def test_an_sse_line_ends_at_lf_crlf_or_a_lone_cr_whatever_the_reads(
+    pieces: list[bytes], lines: list[bytes]
+) -> None:
+    """The stream reader's lines, for line ends of each kind the SSE spec allows, as a server
+    sends them over loopback in separate reads: an empty line only where the server sent one."""
+
+    async def read() -> list[bytes]:
+        async with (
+            _sse_server(pieces) as base_url,
+            aiohttp.ClientSession() as session,
+            session.post(f"{base_url}/chat/completions", json={}) as response,
+        ):
+            return [line async for line in _lines(response.content, 1 << 20, "m")]
+
+    assert run(read()) == lines

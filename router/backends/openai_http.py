@@ -452,10 +452,21 @@ async def _lines(content: aiohttp.StreamReader, limit: int, label: str) -> Async
     :class:`UpstreamBadResponseError`. aiohttp's own (``async for line in content``) refuses
     a line over twice its read buffer (512 KiB in aiohttp 3.14) with an error that is no
     ``ClientError`` (``LineTooLong``): a 500. Its limit can only be raised with that buffer,
-    which every connection holds; and it copies a long line whole at each chunk read."""
+    which every connection holds; and it copies a long line whole at each chunk read.
+
+    A line ends at LF, CRLF or a lone CR, as SSE allows (a server that ended its lines in CR
+    was read as one long line), and comes without its end. A CRLF split between two reads
+    ends one line, not two: an empty line ends an SSE event. A read without a CR is taken as
+    it is."""
     buffer = bytearray()
     start = 0  # where the search for the next line's end resumes
-    async for data in content.iter_any():
+    after_cr = False  # the last read ended in CR: an LF that begins this one ends no line
+    async for read in content.iter_any():
+        data = read
+        if after_cr or 13 in read:  # a CR, sought as a byte (memchr): quicker than b"\r"
+            data = read[1:] if after_cr and read[:1] == b"\n" else read
+            after_cr = read.endswith(b"\r")
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         buffer += data
         while (end := buffer.find(b"\n", start)) != -1:
             if end > limit:
