@@ -29,6 +29,16 @@ any other call's) still cools at once. A probe that ends saying nothing of the p
 request's fault, a full queue, a client gone) lets the next call probe, and one that never ends
 nor answers holds the model no longer than the call's own timeout.
 
+A failure counts only if its call began after the model's last change: a cooldown that began
+(here, or another replica's once seen here), or the answer that ended one, dated from the
+start of the call that gave it (the probe's first token, or a success). A call in flight
+before then says nothing the change did not: ten calls to a hanging provider that time out
+one after another start one cooldown, and the late ones do not push its end on; one that
+times out after the probe answered neither cools the model again nor costs the probe its
+answer. The provider's own ask to be spared (a 429, a ``Retry-After``) still cools whenever
+it comes: it speaks of now, not of when its call began. The gateway stamps each call with
+:attr:`Cooldowns.changes` as it makes it.
+
 The failures in a row are counted per replica, in memory. With :class:`SharedCooldowns` (the
 Redis outcome store, ``TIERGATE_REDIS_URL``) the cooldowns themselves are shared: one a replica
 starts is published (without waiting), and each replica reads the others' from a copy its
@@ -89,6 +99,7 @@ class _State:
     mark: str = ""  # the mark it was published under (SharedCooldowns)
     probe: float = 0.0  # monotonic time the probe out since it lapsed is bound by (0: none)
     answered: bool = False  # the probe has its first token: no call probes until the next cooling
+    began: int = 0  # Cooldowns.changes when the probe out began: its answer dates from then
 
 
 class Cooldowns:
@@ -114,9 +125,14 @@ class Cooldowns:
         # The marks of the cooldowns a success ended here, by model (replaced by the next one).
         self._ended: dict[str, frozenset[str]] = {}
         # Models another replica's cooldown cooled here since they last answered here, with
-        # its reason (the error code), which a probe after it shows: the first failure here
-        # after it is a probe's, and cools at once.
+        # its mark (its reason, the error code, a probe after it shows): the first failure
+        # here after it is a probe's, and cools at once.
         self._probing: dict[str, str] = {}
+        #: The changes of state so far, of any model: a call's stamp (see :meth:`failed`).
+        self.changes = 0
+        # Each model's last change (a ``changes`` value): a failure of a call stamped before
+        # it does not count.
+        self._changed: dict[str, int] = {}
 
     def watch(self, names: Callable[[], Collection[str]]) -> None:
         """The models that may cool (the gateway's policy's, which may change): those whose
@@ -124,7 +140,7 @@ class Cooldowns:
         if self.shared is not None:
             self.shared.share_cooldowns(names)
 
-    def failed(self, name: str, error: BackendError) -> float | None:
+    def failed(self, name: str, error: BackendError, since: int | None = None) -> float | None:
         """Count a failed call to ``name``; the seconds of the cooldown it starts, if it starts
         one (a failure while it cools, here or shared, a pinned request's, extends the
         cooldown and returns None). Only the provider's failures count: a 429, a timeout, a
@@ -132,13 +148,18 @@ class Cooldowns:
         key, not one request too large, not litellm failing in this process: ``error.cools``).
         A failure with the provider's ``Retry-After`` cools at once, and so does any after a
         cooldown, here or shared, until the model answers (a probe's). A cooldown started or
-        extended is published to the other replicas (``shared``)."""
+        extended is published to the other replicas (``shared``). ``since``: the call's stamp
+        (:attr:`changes` when it began); from before ``name``'s last change, the failure does
+        not count, unless the provider asks to be spared (the module docstring)."""
         if self.cooldown_s <= 0 or not error.retryable or not error.cools:
             return None
+        asked = error.retry_after
+        spare = isinstance(error, UpstreamRateLimitedError) or bool(asked)
+        if not spare and since is not None and since < self._changed.get(name, 0):
+            return None  # in flight before the last change: it says nothing new
         state = self._states.setdefault(name, _State())
         state.failures += 1
-        asked = error.retry_after
-        if isinstance(error, UpstreamRateLimitedError) or asked:
+        if spare:
             seconds = min(asked, MAX_COOLDOWN_S) if asked else self.cooldown_s
         elif state.failures >= self.after_fails or state.until or name in self._probing:
             seconds = self.cooldown_s
@@ -152,15 +173,24 @@ class Cooldowns:
         if self.shared is not None:
             state.mark = f"{error.code}|{uuid.uuid4().hex}"
             self.shared.publish_cooldown(name, state.until - now, state.mark)
-        return seconds if started else None
+        if not started:
+            return None
+        self._change(name)
+        return seconds
 
-    def succeeded(self, name: str) -> None:
+    def succeeded(self, name: str, since: int | None = None) -> None:
         """``name`` answered: its failures in a row and any cooldown end here (a shared one
-        too, on this replica; the others keep it until it lapses)."""
+        too, on this replica; the others keep it until it lapses). ``since``: the call's stamp
+        (:attr:`changes` when it began, else the latest): an answer that ends a cooldown is a
+        change from then on, and failures of calls made before it no longer count."""
         state = self._states.pop(name, None) if self._states else None
+        stamp = self.changes if since is None else since
+        if state is not None and state.until:
+            self._dated(name, stamp)
         if self.shared is None:
             return
-        self._probing.pop(name, None)
+        if self._probing.pop(name, None) is not None:
+            self._dated(name, stamp)
         seen = self._seen(name)
         # This replica's own mark too: the refresh may not have read it back yet.
         ended = {mark for mark in (seen and seen[0], state and state.mark) if mark}
@@ -186,7 +216,11 @@ class Cooldowns:
             return 0.0  # it has not cooled since it last answered
         if state is None:
             state = self._states[name] = _State()
-        state.reason = self._probing.get(name, state.reason)  # another replica's cooldown's
+        shared = self._probing.get(name)
+        if shared is not None:  # another replica's cooldown's
+            state.reason = shared.partition("|")[0]
+        self.changes += 1  # the probe's stamp: the calls made before it are older than its answer
+        state.began = self.changes
         state.probe = now + timeout_s
         return state.probe
 
@@ -208,6 +242,7 @@ class Cooldowns:
         state = self._states.get(name)
         if probe and state is not None and state.probe == probe:
             state.probe, state.answered = 0.0, True
+            self._dated(name, state.began)
 
     def probing(self, name: str) -> bool:
         """Whether a probe of ``name`` is out (:meth:`calling`): why :meth:`left` is not 0
@@ -228,7 +263,9 @@ class Cooldowns:
         if seen is None or seen[1] <= here:
             return here
         if state is None or seen[0] != state.mark:
-            self._probing[name] = seen[0].partition("|")[0]
+            if self._probing.get(name) != seen[0]:  # a cooldown not seen here before
+                self._probing[name] = seen[0]
+                self._change(name)
             if state is not None:
                 state.answered = False  # another replica's cooldown since: probe after it
         return seen[1]
@@ -263,6 +300,16 @@ class Cooldowns:
                 "probing": False,
             }
         return cooling
+
+    def _change(self, name: str) -> None:
+        # ``name`` changes state now: the calls already made are older than the change.
+        self.changes += 1
+        self._changed[name] = self.changes
+
+    def _dated(self, name: str, stamp: int) -> None:
+        # ``name`` answered a call stamped ``stamp``: the calls made before it no longer count.
+        if stamp > self._changed.get(name, 0):
+            self._changed[name] = stamp
 
     def _seen(self, name: str) -> tuple[str, float] | None:
         """:meth:`_shared`'s entry for ``name``, read alone: ``left`` runs for each model of

@@ -189,6 +189,7 @@ class RequestContext:
     admitted: bool = False  # past admission: a model was to be called (else no tier recorded)
     asked: str = ""  # the model name asked for, the record's alias when there are no signals
     probe: float = 0.0  # the cooldown probe its model's call holds (Cooldowns.calling), or 0
+    since: int = 0  # its model's call's stamp (Cooldowns.changes as it began)
 
     def tokens_used(self) -> int:
         """The tokens this request used (the rate limiter's charge): its answer's, and those of
@@ -564,9 +565,9 @@ class Gateway:
         if not started or ctx.served is None:
             return
         if exc is None:
-            self.cooldowns.succeeded(ctx.served.model.name)
+            self.cooldowns.succeeded(ctx.served.model.name, ctx.since)
         elif isinstance(exc, BackendError):
-            self._cool(ctx.served.model, exc)
+            self._cool(ctx, ctx.served.model, exc)
         self.cooldowns.released(ctx.served.model.name, ctx.probe)  # a client that left
 
     def _explained(
@@ -1243,7 +1244,7 @@ class Gateway:
         except BaseException:  # cancelled (a client that left): it says nothing of the model
             self.cooldowns.released(model.name, ctx.probe)
             raise
-        self.cooldowns.succeeded(model.name)
+        self.cooldowns.succeeded(model.name, ctx.since)
         choice = (result.body.get("choices") or [{}])[0]
         logprobs = (choice.get("logprobs") or {}).get("content") or []
         judgement = self._cascade_judge(ctx, body, logprobs, choice.get("finish_reason"))
@@ -1301,7 +1302,7 @@ class Gateway:
         held_ms = (time.perf_counter() - started) * 1000.0
         judgement = self._cascade_judge(ctx, body, hold.logprobs, hold.finish_reason)
         if judgement.decision == "escalated":
-            self.cooldowns.succeeded(model.name)
+            self.cooldowns.succeeded(model.name, ctx.since)
             await _close(source, ctx.request_id)  # the local model stops generating
             ctx.served = None
             self._cascade_note(ctx, judgement, _held_usage(usage, hold, ctx), held_ms)
@@ -1407,19 +1408,21 @@ class Gateway:
 
     def _calling(self, ctx: RequestContext, model: ModelSpec) -> None:
         """``model`` is called now: after its cooldown lapsed the call may be the one probe
-        (router.cooldown), bound by the call's own timeout (``ctx.probe``)."""
+        (router.cooldown), bound by the call's own timeout (``ctx.probe``); the call's stamp,
+        which dates its failure or answer against the model's changes, is ``ctx.since``."""
         if not self._cools(model):
             ctx.probe = 0.0
             return
         timeout = model.timeout_s or self.call_timeouts.get(model.tier, self.cooldowns.cooldown_s)
         ctx.probe = self.cooldowns.calling(model.name, timeout)
+        ctx.since = self.cooldowns.changes
 
     def _answered(self, ctx: RequestContext, model: ModelSpec) -> None:
         """``model`` answered a call, for its cooldown (router.cooldown): a whole answer is a
         success; a stream has its first token, which frees a probe it holds for the other
         calls, and it succeeds once it ended whole (:meth:`_stream_ended`)."""
         if not ctx.stream:
-            self.cooldowns.succeeded(model.name)
+            self.cooldowns.succeeded(model.name, ctx.since)
             return
         self.cooldowns.answering(model.name, ctx.probe)
         ctx.probe = 0.0
@@ -1499,14 +1502,15 @@ class Gateway:
         if not exc.retryable:
             return
         self.telemetry.on_attempt_failed(model, exc)
-        self._cool(model, exc)
+        self._cool(ctx, model, exc)
 
-    def _cool(self, model: ModelSpec, exc: BackendError) -> None:
+    def _cool(self, ctx: RequestContext, model: ModelSpec, exc: BackendError) -> None:
         """Count ``model``'s failed call toward its cooldown (:meth:`_cools`), and log and count
-        the cooldown it starts."""
+        the cooldown it starts; a call made before the model's last change does not count
+        (router.cooldown)."""
         if not exc.retryable or not self._cools(model):
             return
-        seconds = self.cooldowns.failed(model.name, exc)
+        seconds = self.cooldowns.failed(model.name, exc, ctx.since)
         if seconds:
             self.telemetry.on_cooldown(model, exc)
             log.warning(

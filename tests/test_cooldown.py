@@ -249,6 +249,55 @@ def test_while_one_request_probes_a_hanging_model_the_others_go_to_its_fallback(
     }
 
 
+def test_late_timeouts_of_calls_sent_before_a_cooldown_leave_the_healed_model_alone(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """gpt-4o hangs; four requests call it, two of them a moment after the others. The first
+    two time out and cool it (two failures in a row); the cooldown lapses, gpt-4o heals and
+    the probe answers, which ends the cooling. Then the other two time out: sent before the
+    cooldown began, they counted as two new failures in a row and cooled the healed gpt-4o
+    again, sending every request to claude for 30 s. They say nothing the cooldown did not:
+    gpt-4o keeps answering."""
+    body = {"model": "auto", "messages": [{"role": "user", "content": "HARD"}]}
+    timeout = 6.0  # the late pair times out 2 s after the first: the probe answers between
+
+    def ask() -> str:
+        answer = srv.http.post("/v1/chat/completions", json=body)
+        assert answer.status_code == 200, answer.text
+        return str(answer.headers["x-tiergate-model"])
+
+    with (
+        live(
+            tmp_path,
+            policy_yaml(fake, on_failure="closed"),
+            cooldown_after_fails=2,
+            cooldown_s=30,
+            closed_timeout_s=timeout,
+        ) as srv,
+        ThreadPoolExecutor(4) as pool,
+    ):
+        for model in ("gpt-4o", "claude"):  # litellm's first call to each imports a lot
+            assert srv.http.post("/v1/chat/completions", json={**body, "model": model}).is_success
+        fake.reset(Behaviour(mode="stall", stall_s=60, failing_path="/chat/completions"))
+        clock = Clock()
+        cooldowns = srv.gateway.cooldowns
+        cooldowns._clock = clock
+        first = [pool.submit(ask) for _ in range(2)]
+        assert wait_for(lambda: _calls(fake) == 2, timeout_s=5)
+        time.sleep(2.0)
+        late = [pool.submit(ask) for _ in range(2)]
+        assert wait_for(lambda: _calls(fake) == 4, timeout_s=3)  # all four before the cooldown
+        assert wait_for(lambda: cooldowns.left("gpt-4o") == 30, timeout_s=10)
+        clock.now += 31
+        fake.behaviour = Behaviour()  # gpt-4o heals; the two calls it holds still hang
+        assert ask() == "gpt-4o" and cooldowns.status() == {}
+        assert not any(f.done() for f in late)
+        assert [f.result(timeout=30) for f in (*first, *late)] == ["claude"] * 4
+        assert cooldowns.status() == {}
+        assert ask() == "gpt-4o"
+        fake.unstall()
+
+
 def test_a_probe_that_answers_frees_the_model_and_succeeds_only_at_its_end() -> None:
     """A probe with its first token (a stream's) frees gpt: the other calls go to it, none a
     probe, even past the probe's bound. Its success waits for its end: a failure meanwhile
@@ -276,6 +325,74 @@ def test_a_probe_that_answers_frees_the_model_and_succeeds_only_at_its_end() -> 
     cool.succeeded("gpt")
     assert cool.status() == {} and cool.calling("gpt", 10) == 0
     assert cool.failed("gpt", UpstreamTimeoutError("slow")) is None
+
+
+def test_failures_of_calls_sent_before_a_change_say_nothing_new() -> None:
+    """Ten calls to a hanging gpt time out one a second. The third cooled it; the other seven,
+    sent before the cooldown began, each pushed its end a second further. Once it lapsed, a
+    late one failed the probe's model at once (a restart, and the probe's answer lost), and
+    after the probe answered, three of them cooled the healed gpt again. A failure counts
+    only if its call began after gpt's last change (a cooldown that began; the call whose
+    answer ended it, from its start); the probe's own failure, and any later call's, still
+    count; the provider's own 429, when it comes, still cools."""
+    clock = Clock()
+    cool = Cooldowns(after_fails=3, cooldown_s=30, clock=clock)
+    sent = cool.changes  # the ten calls began together
+    started = []
+    for _ in range(10):
+        clock.now += 1
+        started.append(cool.failed("gpt", UpstreamTimeoutError("slow"), since=sent))
+    assert started == [None, None, 30, *[None] * 7]
+    assert cool.left("gpt") == 23  # 30 s from the third failure, not from the tenth
+    assert cool.status()["gpt"]["failures"] == 3
+    clock.now += 23
+    probe = cool.calling("gpt", 10)
+    began = cool.changes
+    assert probe and cool.failed("gpt", UpstreamTimeoutError("late"), since=sent) is None
+    assert cool.probing("gpt") and cool.left("gpt") == 10
+    cool.answering("gpt", probe)  # a stream probe's first token
+    assert cool.failed("gpt", UpstreamTimeoutError("late"), since=sent) is None
+    assert cool.left("gpt") == 0 and cool.calling("gpt", 10) == 0
+    cool.succeeded("gpt", since=began)
+    for _ in range(3):
+        assert cool.failed("gpt", UpstreamTimeoutError("late"), since=sent) is None
+    assert cool.left("gpt") == 0 and cool.status() == {}
+    assert cool.failed("gpt", UpstreamRateLimitedError("429", retry_after=20), since=sent) == 20
+    # The probe's own failure, after its first token: it began at the change, so it counts.
+    clock.now += 21
+    probe = cool.calling("gpt", 10)
+    began = cool.changes
+    cool.answering("gpt", probe)
+    assert cool.failed("gpt", BackendError("cut"), since=began) == 30
+    # A call sent after the last change counts as ever: three in a row cool a healed model.
+    cool.succeeded("gpt")
+    now = cool.changes
+    assert [cool.failed("gpt", BackendError("500"), since=now) for _ in range(3)] == [
+        None,
+        None,
+        30,
+    ]
+
+
+def test_a_failure_sent_before_another_replica_s_cooldown_is_not_shared() -> None:
+    """Another replica cools gpt; calls this replica sent before it saw that cooldown time out
+    one after another. Each started a cooldown here, published (a new mark) to every replica,
+    so stale failures on one replica kept gpt cooled on all of them. They count no more; a
+    call sent once the cooldown was seen (pinned) still extends it and shares it."""
+    board = Board()
+    clock = Clock()
+    cool = Cooldowns(after_fails=3, cooldown_s=30, clock=clock, shared=board)
+    sent = cool.changes
+    board.seen["gpt"] = ("upstream_timeout|other", 20.0)
+    assert cool.left("gpt") == 20.0
+    for _ in range(3):
+        assert cool.failed("gpt", UpstreamTimeoutError("slow"), since=sent) is None
+    assert board.published == [] and cool.status()["gpt"]["started_here"] is False
+    pinned = cool.changes
+    assert cool.left("gpt") == 20.0 and cool.changes == pinned  # the same cooldown: no change
+    assert cool.failed("gpt", UpstreamTimeoutError("slow"), since=pinned) is None
+    [(name, seconds, _)] = board.published
+    assert (name, seconds) == ("gpt", 30)
 
 
 @contextlib.contextmanager
