@@ -1292,6 +1292,9 @@ class Gateway:
             self._cascade_failed(ctx, model, exc)
             return None, None
         except BaseException:  # cancelled in the hold-back (a client that left), as above
+            # The cancellation closed the local stream where it waited; a model that counts its
+            # tokens as it stops (the GGUF, on its worker thread) has not yet: charge those held.
+            _held_usage(usage, hold, ctx)
             self.cooldowns.released(model.name, ctx.probe)
             raise
         # The held-back tokens are when a cascade's local stream answers (router.cooldown): a

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -288,6 +289,62 @@ def test_an_escalated_stream_charges_the_local_generation_time(
     assert cascade["local_completion_tokens"] >= 4
     assert cascade["local_generation_s"] > 0
     assert cascade["local_cost_usd"] == pytest.approx(cascade["local_generation_s"], rel=1e-3)
+
+
+@pytest.mark.gguf
+def test_a_client_leaving_in_the_hold_back_stops_the_model_and_pays_its_tokens(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """The real model's stream is held back for the judgement, and its client leaves
+    meanwhile. The cancellation reaches the local stream there, which stops generating and
+    frees the slot at once. It was charged the prompt alone: the model counts its tokens on
+    its worker thread as it stops, after the record was written, and held tokens are no
+    streamed text to estimate from. It pays for the tokens held back."""
+    fake.reset()
+    policy = policy_yaml(
+        fake, on_failure="closed", extra="cascade: {threshold: 0.5, hold_back_tokens: 512}\n"
+    ).replace("  auto-best: {threshold: 0.05}\n", "  auto-cascade: {cascade: true}\n")
+    body = json.dumps(
+        {
+            "model": "auto-cascade",
+            "stream": True,
+            "max_tokens": 1000,
+            "temperature": 0.8,
+            "messages": [{"role": "user", "content": "Write a very long story about a cat."}],
+        }
+    ).encode()
+    with live(
+        tmp_path,
+        policy,
+        gguf=True,
+        socket=True,
+        cascade_model_path=_confidence_model(tmp_path),
+        local_price_per_mtok=1000.0,
+    ) as server:
+        local = server.gateway.local
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            + f"content-length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        assert wait_for(lambda: getattr(local._llm, "drawn", 0) >= 8, timeout_s=60)
+        sock.close()  # in the hold-back: nothing was sent, not even the headers
+        left = time.monotonic()
+        assert wait_for(lambda: local.gate.running == 0, timeout_s=10)
+        freed_s = time.monotonic() - left
+        drawn = local._llm.drawn
+        time.sleep(0.5)
+        assert local._llm.drawn == drawn  # it stopped generating
+        store = server.gateway.outcomes
+        assert wait_for(lambda: store.count() == 1 and store.flush(), timeout_s=10)
+        record = store.recent(1)[0]
+    assert freed_s < 1.0  # the disconnect is noticed within DISCONNECT_POLL_S
+    assert (record["status"], record["tier"]) == ("aborted", "local")
+    assert 8 <= record["completion_tokens"] <= drawn
+    assert record["cost_usd"] == pytest.approx(
+        (record["prompt_tokens"] + record["completion_tokens"]) * 1000.0 / 1e6
+    )
 
 
 def test_a_private_request_never_escalates(
