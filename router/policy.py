@@ -964,23 +964,30 @@ def why_unfit(spec: ModelSpec, signals: Signals) -> str | None:
 
 def _on_anthropics_api(spec: ModelSpec) -> bool:
     # Whether ``spec`` is reached over Anthropic's own Messages API, as a /v1/messages
-    # request is passed to it as sent (router.backends.native.speaks): litellm's chat path,
-    # and every other provider, drop Anthropic's server-tool blocks, citations and server-side
-    # fields, and send a document by URL as an image.
+    # request is passed to it as sent (router.backends.native.speaks): litellm's chat path
+    # drops Anthropic's server-tool blocks and citations, sends a document by URL as an image
+    # and rebuilds some of its tools (Signals.native_tools); other providers take none of them.
     model = spec.litellm_model or ""
     return spec.tier == "closed" and spec.transport != "litellm" and model.startswith("anthropic/")
 
 
-def _anthropic_only(spec: ModelSpec, signals: Signals) -> list[str]:
-    # What of the request only a Claude on Anthropic's own API takes and ``spec`` does not, as
-    # a refusal names it. The server-side fields stay in the chat translation, and litellm
-    # passes them on to Anthropic, so a Claude there with `transport: litellm` takes them.
-    if not (signals.server_tool_blocks or signals.anthropic_only) or _on_anthropics_api(spec):
+def _anthropic_only(spec: ModelSpec, signals: Signals) -> list[tuple[str, str]]:
+    # What of the request only a Claude on Anthropic's API takes and ``spec`` does not, each as
+    # a refusal names it with its field (a message's blocks, then the top-level fields, then
+    # ``tools``). A Claude there with `transport: litellm` takes the server-side fields, which
+    # litellm passes on, and the tools it passes on whole (all but Signals.native_tools).
+    held = signals.server_tool_blocks or signals.anthropic_only or signals.anthropic_tools
+    if not held or _on_anthropics_api(spec):
         return []
+    claude = spec.tier == "closed" and (spec.litellm_model or "").startswith("anthropic/")
     blocks = ", ".join(signals.server_tool_blocks)
-    fields = spec.tier == "closed" and (spec.litellm_model or "").startswith("anthropic/")
-    kept = [n for n in signals.anthropic_only if not (fields and n in ANTHROPIC_SERVER_FIELDS)]
-    return ([f"{blocks} blocks"] if blocks else []) + kept
+    only = [(f"{blocks} blocks", "messages")] if blocks else []
+    for name in signals.anthropic_only:
+        field = name if name in ANTHROPIC_SERVER_FIELDS else "messages"
+        if not (claude and field != "messages"):
+            only.append((name, field))
+    tools = ", ".join(signals.native_tools if claude else signals.anthropic_tools)
+    return [*only, (f"{tools} tools", "tools")] if tools else only
 
 
 def _unfit_field(spec: ModelSpec, signals: Signals) -> tuple[str, str] | None:
@@ -991,9 +998,8 @@ def _unfit_field(spec: ModelSpec, signals: Signals) -> tuple[str, str] | None:
     client did (``Signals.output_field``)."""
     only = _anthropic_only(spec, signals)
     if only:
-        # The first named is the field: a message's blocks before the top-level fields.
-        field = only[0] if only[0] in ANTHROPIC_SERVER_FIELDS else "messages"
-        return f"{', '.join(only)} (only a Claude on Anthropic's own API takes them)", field
+        what = ", ".join(name for name, _ in only)
+        return f"{what} (only a Claude on Anthropic's own API takes them)", only[0][1]
     if signals.has_images and not spec.supports_images:
         return " and ".join(signals.media) or "images", "messages"
     if signals.has_tools and not spec.supports_tools:

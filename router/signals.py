@@ -67,6 +67,12 @@ class Signals:
     # takes, as a refusal names it (:func:`anthropic_only`): the chat translation sends a
     # document by URL as an image and drops citations and the server-side fields.
     anthropic_only: tuple[str, ...] = ()
+    # The types of Anthropic's own tools a /v1/messages request offers (``bash_20250124``,
+    # ``web_search_20250305``...), sorted: only a Claude on Anthropic's API takes them; and of
+    # these, ``native_tools``, those litellm's chat translation does not pass on to one whole,
+    # which only such a Claude reached natively takes (:func:`anthropic_tools`).
+    anthropic_tools: tuple[str, ...] = ()
+    native_tools: tuple[str, ...] = ()
     # The kinds of the non-text parts (``documents``: a PDF; ``images``: any other), sorted,
     # as a refusal names them. A name, not a signal: no policy matches on it.
     media: tuple[str, ...] = ()
@@ -425,6 +431,7 @@ def extract_signals(
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
     media = media_kinds(messages)  # none: no image, no document
     blocks = tuple(native_blocks(sent)) if sent is not None else ()
+    tools, native_tools = anthropic_tools(sent) if sent is not None else ((), ())
     return Signals(
         alias=str(body.get("model", "auto")),
         tenant=tenant,
@@ -438,6 +445,8 @@ def extract_signals(
         choices=requested_choices(body),
         server_tool_blocks=server_tool_blocks(blocks),
         anthropic_only=anthropic_only(sent or {}, blocks),
+        anthropic_tools=tools,
+        native_tools=native_tools,
         media=media,
         stop_sequences=_stop_count(body.get("stop")),
         turns=sum(1 for m in messages if m.get("role") == "user"),
@@ -488,6 +497,53 @@ def anthropic_only(sent: Mapping[str, Any], blocks: Sequence[Mapping[str, Any]])
     named = ["documents by URL"] if by_url else []
     named += ["citations"] if cited else []
     return (*named, *(name for name in ANTHROPIC_SERVER_FIELDS if name in sent))
+
+
+#: The type prefixes of Anthropic's own tools that litellm's chat translation passes on to a
+#: Claude as sent (its ``ANTHROPIC_HOSTED_TOOLS``, web search aside).
+CARRIED_TOOLS = ("bash", "text_editor", "code_execution", "web_fetch", "memory", "tool_search_tool")
+#: What a web search tool may hold for litellm's translation to pass it on whole: it rebuilds
+#: any as a bare ``web_search_20250305``, without ``max_uses``, domains or ``user_location``
+#: (``cache_control`` says how a Claude is run, not what it answers).
+CARRIED_WEB_SEARCH = frozenset({"type", "name", "cache_control"})
+
+
+def anthropic_tools(sent: Mapping[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The types of Anthropic's own tools the Messages request ``sent`` offers, sorted, and
+    those of them litellm's chat translation does not pass on to a Claude whole: a web search
+    with settings or of another version, the computer tool (sent as a client tool with no
+    schema) and any type it does not know. A tool named ``web_search`` without a schema is
+    a web search to that translation. A Responses request (no ``messages``) has none."""
+    tools = sent.get("tools") if isinstance(sent.get("messages"), list) else None
+    if not isinstance(tools, list) or not tools:
+        return (), ()
+    found: set[str] = set()
+    lost: set[str] = set()
+    for tool in tools:
+        kind = _tool_type(tool) if isinstance(tool, Mapping) else None
+        if kind is None:
+            continue
+        found.add(kind)
+        if not _carried(kind, tool):
+            lost.add(kind)
+    return tuple(sorted(found)), tuple(sorted(lost))
+
+
+def _carried(kind: str, tool: Mapping[str, Any]) -> bool:
+    # Whether litellm's chat translation passes the tool of type ``kind`` on to a Claude whole.
+    if kind.startswith("web_search"):
+        return kind in ("web_search", "web_search_20250305") and set(tool) <= CARRIED_WEB_SEARCH
+    return kind.startswith(CARRIED_TOOLS)
+
+
+def _tool_type(tool: Mapping[str, Any]) -> str | None:
+    # The type of a tool of Anthropic's own, or None for a client tool (type ``custom`` or
+    # none; ``function``, an OpenAI tool litellm's adapter takes as one). That adapter reads a
+    # tool named web_search with no schema as Anthropic's web search.
+    kind = tool.get("type")
+    if isinstance(kind, str) and kind not in ("custom", "function"):
+        return kind
+    return "web_search" if tool.get("name") == "web_search" and "input_schema" not in tool else None
 
 
 def native_blocks(sent: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:

@@ -997,32 +997,134 @@ def test_a_web_search_conversation_goes_on_only_with_a_claude(
     assert [body["messages"] for body in sent] == [WEB_SEARCH_TURN, WEB_SEARCH_TURN]
 
 
-@pytest.mark.parametrize(
-    ("tool", "says"),
-    [
-        ({"type": "bash_20250124", "name": "bash"}, "bash_20250124"),
-        ({"type": "web_search_20250305", "name": "web_search"}, "web_search_options"),
-    ],
-)
-def test_anthropics_own_tools_are_served_only_by_an_anthropic_model(
-    claude_client: anthropic.Anthropic, fake: FakeProvider, tool: dict[str, Any], says: str
+BASH = {"type": "bash_20250124", "name": "bash"}
+WEB_SEARCH = {"type": "web_search_20250305", "name": "web_search"}
+COMPUTER = {
+    "type": "computer_20250124",
+    "name": "computer",
+    "display_width_px": 1024,
+    "display_height_px": 768,
+}
+#: Anthropic's own tools that litellm's translation passes on to a Claude whole: these as sent,
+#: and a bare web search, which it rebuilds as this one.
+CARRIED_TOOLS: list[dict[str, Any]] = [
+    BASH,
+    {"type": "text_editor_20250728", "name": "str_replace_based_edit_tool", "max_characters": 9},
+    {"type": "code_execution_20250825", "name": "code_execution"},
+    {"type": "web_fetch_20250910", "name": "web_fetch", "max_uses": 2},
+    {"type": "memory_20250818", "name": "memory"},
+    {"type": "tool_search_tool_regex_20251119", "name": "tool_search_tool_regex"},
+    WEB_SEARCH,
+]
+#: And those it does not: a web search with settings or of another version (rebuilt as a bare
+#: web_search_20250305), the computer tool (a tool with no schema, or none of its settings).
+NATIVE_TOOLS: list[dict[str, Any]] = [
+    {**WEB_SEARCH, "max_uses": 3, "allowed_domains": ["python.org"]},
+    {"type": "web_search_20260209", "name": "web_search"},
+    COMPUTER,
+]
+
+
+@pytest.mark.parametrize("tool", [BASH, WEB_SEARCH, COMPUTER], ids=lambda tool: tool["type"])
+def test_anthropics_own_tools_are_served_only_by_a_claude(
+    tmp_path: Path, fake: FakeProvider, tool: dict[str, Any]
 ) -> None:
     # Claude Code's bash tool reached gpt-4o as a tool of type bash_20250124, which OpenAI
     # refuses (400 "Invalid value: 'bash_20250124'"), and Anthropic's server-side web search
-    # as web_search_options, which only OpenAI's search models take.
+    # as web_search_options, which only OpenAI's search models take. The gateway refused them
+    # per call, after the policy had chosen gpt-4o: on auto the request ended in that refusal
+    # (a 400, or a 503 when no model of the chain took it) and never reached claude. The
+    # computer tool reached gpt-4o as a function whose schema was the display's size. The
+    # policy's fit check now sends them to claude; pinned elsewhere, or with no Claude in the
+    # policy, the request is the policy's 400, and nothing is sent.
     fake.reset(Behaviour(strict=True))
     request: dict[str, Any] = {
         "max_tokens": 20,
         "messages": [{"role": "user", "content": "HARD: list the files"}],
         "tools": [tool],
     }
-    with pytest.raises(anthropic.BadRequestError) as refused:
-        claude_client.messages.create(model="gpt-4o", **request)
-    assert f"gpt-4o cannot serve {says}: only an Anthropic model does" in str(refused.value)
+    says = f"cannot take {tool['type']} tools (only a Claude on Anthropic's own API takes them)"
+    sent = _only_a_claude_serves(tmp_path, fake, request, says, pinned=("gpt-4o", "local"))
+    assert [body["tools"] for body in sent] == [[tool], [tool]]
+
+
+@pytest.mark.parametrize("tool", [BASH, WEB_SEARCH], ids=lambda tool: tool["type"])
+def test_anthropics_own_tools_with_no_claude_are_refused_as_any_unfit_request(
+    tmp_path: Path, fake: FakeProvider, tool: dict[str, Any]
+) -> None:
+    # With no Claude in the policy, a web search on auto was a 503 (every model of the chain
+    # refused it: "no tier could serve the request"), a bash tool gpt-4o's own refusal. A
+    # request the policy knows no model takes is its 400, as one asking for more than any
+    # model writes is.
+    fake.reset()
+    ask = {"model": "auto", "messages": [{"role": "user", "content": "HARD: list the files"}]}
+    with live(tmp_path, _without_claude(fake), local_backend_obj=ScriptedLocal()) as srv:
+        answers = [
+            srv.http.post("/v1/messages", json={**ask, "max_tokens": 20, "tools": [tool]}),
+            srv.http.post("/v1/messages", json={**ask, "max_tokens": 20_000}),
+        ]
+    assert [(a.status_code, a.json()["error"]["type"]) for a in answers] == [
+        (400, "invalid_request_error")
+    ] * 2, answers[0].text
+    messages = [a.json()["error"]["message"] for a in answers]
+    assert messages == [
+        f"model 'gpt-4o' cannot take {tool['type']} tools (only a Claude on Anthropic's own "
+        "API takes them) and no closed model can either",
+        "model 'gpt-4o' cannot take max_tokens 20000 (it writes at most 16384) and no closed "
+        "model can either",
+    ]
     assert fake.received == []
-    raw = claude_client.messages.with_raw_response.create(model="claude", **request)
-    assert raw.headers["x-tiergate-model"] == "claude"
-    assert fake.received[-1].body["tools"] == [tool]
+
+
+def _with_a_claude_through_litellm(fake: FakeProvider) -> str:
+    """The test policy with a second Claude, ``claude-litellm`` (``transport: litellm``),
+    tried before claude."""
+    policy = policy_yaml(fake).replace(
+        "closed_models: [gpt-4o, claude]", "closed_models: [gpt-4o, claude-litellm, claude]"
+    )
+    second = (
+        "  claude-litellm:\n    tier: closed\n"
+        "    litellm_model: anthropic/claude-3-5-sonnet-20241022\n    transport: litellm\n"
+        f"    api_base: {fake.base_url.removesuffix('/v1')}\n"
+    )
+    return policy.replace("models:\n", "models:\n" + second, 1)
+
+
+@pytest.mark.parametrize(
+    "tool", CARRIED_TOOLS + NATIVE_TOOLS, ids=lambda tool: f"{tool['type']}-{len(tool)}"
+)
+def test_a_claude_through_litellm_takes_the_anthropic_tools_litellm_passes_on(
+    tmp_path: Path, fake: FakeProvider, tool: dict[str, Any]
+) -> None:
+    # litellm's translation passes Anthropic's bash, text editor, code execution, web fetch,
+    # memory and tool search tools on to a Claude as sent, but rebuilds a web search as a bare
+    # web_search_20250305 (a pinned Claude through litellm searched past allowed_domains, with
+    # no max_uses) and sends the computer tool as a client tool with no schema. On auto the
+    # first go to the Claude through litellm, the rest to the Claude on Anthropic's own API;
+    # pinned to the Claude through litellm, the rest are a 400.
+    fake.reset()
+    carried = tool in CARRIED_TOOLS
+    request: dict[str, Any] = {
+        "max_tokens": 20,
+        "messages": [{"role": "user", "content": "HARD: list the files"}],
+        "tools": [tool],
+    }
+    with live(
+        tmp_path, _with_a_claude_through_litellm(fake), local_backend_obj=ScriptedLocal()
+    ) as srv:
+        routed = srv.http.post("/v1/messages", json={**request, "model": "auto"})
+        pinned = srv.http.post("/v1/messages", json={**request, "model": "claude-litellm"})
+    assert pinned.status_code == (200 if carried else 400), pinned.text
+    if not carried:
+        says = f"model 'claude-litellm' cannot take {tool['type']} tools (only a Claude on"
+        assert pinned.json()["error"]["message"].startswith(says), pinned.text
+    served = "claude-litellm" if carried else "claude"
+    assert (routed.status_code, routed.headers.get("x-tiergate-model")) == (200, served), (
+        routed.text
+    )
+    assert [(r.path, r.body["tools"]) for r in fake.received] == [("/v1/messages", [tool])] * (
+        2 if carried else 1
+    )
 
 
 @pytest.mark.parametrize("model", ["gpt-4o", "claude"])

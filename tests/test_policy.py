@@ -503,6 +503,51 @@ def test_no_model_can_serve() -> None:
     assert decision.on_failure == "error"
 
 
+#: Claudes on each path, behind an OpenAI model.
+CLAUDES = """\
+version: 1
+models:
+  small: {tier: local, context_window: 1000}
+  big: {tier: closed, litellm_model: openai/gpt-4o}
+  bedrock: {tier: closed, litellm_model: bedrock/anthropic.claude-3-5-sonnet-20241022-v2:0}
+  litellm: {tier: closed, litellm_model: anthropic/claude-sonnet-4-5, transport: litellm}
+  native: {tier: closed, litellm_model: anthropic/claude-sonnet-4-5}
+closed_models: [big, bedrock, litellm, native]
+threshold: 0.5
+"""
+
+
+def test_anthropics_own_tools_go_to_the_first_claude_that_takes_them() -> None:
+    """A bash tool fits a Claude on Anthropic's API through litellm, which passes it on; a web
+    search with settings only one reached natively; neither an OpenAI model nor a Claude on
+    Bedrock. With no such model the request is refused as any request no model fits, its
+    ``param`` the field the client sent them in, ``tools``."""
+    p = parse_policy(CLAUDES)
+    bash = {"anthropic_tools": ("bash_20250124",)}
+    search = {"anthropic_tools": ("web_search_20250305",), "native_tools": ("web_search_20250305",)}
+    assert evaluate(p, signals(score=0.9, **bash)).model == "litellm"
+    decision = evaluate(p, signals(score=0.9, **search))
+    assert (decision.model, decision.rule, decision.fallbacks) == ("native", "constraint", ())
+    assert "model 'big' cannot take web_search_20250305 tools (only a Claude" in decision.reason
+    pinned = evaluate(p, signals(alias="litellm", **search))
+    assert pinned.unsatisfiable == (
+        "model 'litellm' cannot take web_search_20250305 tools (only a Claude on Anthropic's "
+        "own API takes them) and the request pins it"
+    )
+    assert pinned.unsatisfiable_param == "tools"
+    none = parse_policy(CLAUDES.replace(", native]", "]"))
+    refused = evaluate(none, signals(score=0.9, **search))
+    assert refused.unsatisfiable == (
+        "model 'big' cannot take web_search_20250305 tools (only a Claude on Anthropic's own API "
+        "takes them) and no closed model can either"
+    )
+    assert (refused.unsatisfiable_param, refused.on_failure) == ("tools", "error")
+    # The blocks of a message come first, and name the field.
+    both = evaluate(p, signals(alias="big", server_tool_blocks=("server_tool_use",), **bash))
+    assert both.unsatisfiable_param == "messages"
+    assert "cannot take server_tool_use blocks, bash_20250124 tools (" in str(both.unsatisfiable)
+
+
 def test_closed_route_skips_closed_model_without_tools() -> None:
     p = policy("rules:\n  - {name: c, route: notools}\n")
     decision = evaluate(p, signals(has_tools=True))

@@ -436,3 +436,43 @@ def test_a_function_call_counts_toward_the_prompt_estimate() -> None:
     message = {"role": "assistant", "content": None}
     called = {**message, "function_call": {"name": "f", "arguments": "x" * 700}}
     assert estimate_tokens([called]) - estimate_tokens([message]) >= 200
+
+
+def test_anthropics_own_tools_are_named_by_the_path_that_takes_them() -> None:
+    """The types of a Messages request's own Anthropic tools, sorted, and those litellm's chat
+    translation does not pass on whole (it rebuilds any web search as a bare
+    web_search_20250305 and sends the computer tool as a client tool with no schema); a client
+    tool is none of them, unless litellm's adapter reads it as its web search."""
+    ask = [{"role": "user", "content": "list the files"}]
+    tools = [
+        {"name": "get_weather", "input_schema": {"type": "object"}},
+        {"type": "custom", "name": "lookup", "input_schema": {"type": "object"}},
+        {"type": "text_editor_20250728", "name": "str_replace_based_edit_tool"},
+        {"type": "bash_20250124", "name": "bash", "cache_control": {"type": "ephemeral"}},
+        {"type": "web_search_20250305", "name": "web_search", "cache_control": {}},
+    ]
+    sent = {"model": "auto", "max_tokens": 9, "messages": ask, "tools": tools}
+    signals = extract_signals({"messages": ask}, BlindScorer(), sent=sent)
+    assert signals.anthropic_tools == (
+        "bash_20250124",
+        "text_editor_20250728",
+        "web_search_20250305",
+    )
+    assert signals.native_tools == ()
+    lost = [
+        {"type": "web_search_20250305", "name": "web_search", "allowed_domains": ["python.org"]},
+        {"type": "web_search_20260209", "name": "web_search"},
+        {"type": "computer_20250124", "name": "computer", "display_width_px": 1024},
+    ]
+    for tool in lost:
+        named = extract_signals({"messages": ask}, BlindScorer(), sent={**sent, "tools": [tool]})
+        assert named.anthropic_tools == named.native_tools == (tool["type"],)
+    legacy = {**sent, "tools": [{"name": "web_search"}]}  # litellm's adapter: a web search
+    assert extract_signals({"messages": ask}, BlindScorer(), sent=legacy).anthropic_tools == (
+        "web_search",
+    )
+    # A Responses request's tools are OpenAI's, and a chat request has no native form.
+    responses = {"input": "hi", "tools": [{"type": "web_search_preview"}]}
+    assert extract_signals({"messages": ask}, BlindScorer(), sent=responses).anthropic_tools == ()
+    chat = {"messages": ask, "tools": [{"type": "bash_20250124", "name": "bash"}]}
+    assert extract_signals(chat, BlindScorer()).anthropic_tools == ()
