@@ -218,8 +218,8 @@ class Call:
     ``optional``: the chat fields the front made from parameters of its own API, which a model
     that cannot take them goes without (:meth:`Gateway.fitted`); what a chat client sent goes
     on as it sent it. ``native_only``: the front's own fields that only a model of its API's
-    provider serves (Anthropic's ``mcp_servers``); another model refuses the request (400),
-    and the chain goes on to the next.
+    provider serves (Anthropic's ``mcp_servers``): the policy chooses no other model for them,
+    and one that is chosen still refuses the request (400, :meth:`Gateway.fitted`).
     """
 
     body: dict[str, Any]
@@ -987,7 +987,11 @@ class Gateway:
         but a Claude (``closed.claude``).
 
         A request with fields only its front's own provider serves (``Call.native_only``) is
-        refused (400) for a model of another provider, so the chain tries the next model.
+        refused (400) for a model of another provider. This is the last guard: the policy's fit
+        check (``policy.why_unfit``, ``Signals.anthropic_tools``) reads them in the request as
+        the client sent it, and chooses no such model; this reads what the model would be
+        sent after litellm's translation, so a translation that changed still cannot hand
+        them to a model that may drop them without a word (an OpenAI-compatible server).
         """
         kept = native_only.intersection(body) | native_only.intersection(_tool_types(body))
         if kept and (

@@ -40,10 +40,12 @@ OPTIONAL = frozenset(
     }
 )
 #: Anthropic's server-side features, which the translation passes on as they are: only an
-#: Anthropic model serves a request with them (``Call.native_only``); dropping them would
-#: change what the client asked for, and another model would refuse them. So do Anthropic's
-#: own tools: its web search (``web_search_options`` once translated) and the tools of its
-#: own types, such as ``bash_20250124`` (``tools.provider``, router.gateway.PROVIDER_TOOLS).
+#: Anthropic model serves a request with them; dropping them would change what the client
+#: asked for, and another model would refuse them. So do Anthropic's own tools: its web search
+#: (``web_search_options`` once translated) and the tools of its own types, such as
+#: ``bash_20250124`` (``tools.provider``, router.gateway.PROVIDER_TOOLS). The policy's fit
+#: check routes such a request (``Signals.anthropic_tools``); these are the gateway's last
+#: guard (``Call.native_only``, ``Gateway.fitted``).
 NATIVE_ONLY = frozenset({*ANTHROPIC_SERVER_FIELDS, "web_search_options", "tools.provider"})
 
 

@@ -36,7 +36,7 @@ from router.errors import (
 from router.gateway import Answer, Call, Gateway, PolicyHolder, StreamAnswer
 from router.limits import RateLimiter
 from router.outcomes import OutcomeRecord, SQLiteOutcomeStore
-from router.policy import MIN_ANSWER_TOKENS
+from router.policy import MIN_ANSWER_TOKENS, parse_policy
 from router.signals import estimate_tokens
 from tests.conftest import KeywordScorer, free_port, live, policy_yaml, wait_for
 from tests.fake_provider import Behaviour, FakeProvider, prompt_tokens
@@ -1560,3 +1560,32 @@ def test_a_global_rule_every_tenant_hides_is_logged_at_start_and_reload(
     path.write_text(hidden + "# edited\n")
     assert holder.check() is False and holder.check() is True
     assert [r.name for r in caplog.records if said in r.getMessage()] == ["tiergate.gateway"]
+
+
+def test_the_last_guard_keeps_anthropics_own_tools_from_any_other_model() -> None:
+    """The policy's fit check reads Anthropic's own tools in the Messages request as sent; behind
+    it, ``Gateway.fitted`` reads the chat request litellm's translation made (a web search
+    becomes ``web_search_options``) and refuses it for any model but an ``anthropic/`` one."""
+    asked = {"role": "user", "content": "list the files"}
+    tools = [
+        {"type": "web_search_20250305", "name": "web_search"},
+        {"type": "bash_20250124", "name": "bash"},
+    ]
+    chat, _ = messages.to_chat(
+        {"model": "auto", "max_tokens": 9, "messages": [asked], "tools": tools}, "req_1"
+    )
+    models = parse_policy(
+        "version: 1\nmodels:\n  local: {tier: local}\n"
+        "  gpt: {tier: closed, litellm_model: openai/gpt-4o}\n"
+        "  bedrock: {tier: closed, litellm_model: bedrock/anthropic.claude-3-haiku-20240307-v1:0}\n"
+        "  claude: {tier: closed, litellm_model: anthropic/claude-sonnet-4-5, transport: litellm}\n"
+        "local_model: local\nclosed_models: [gpt, bedrock, claude]\n"
+    ).models
+    for name in ("local", "gpt", "bedrock"):
+        with pytest.raises(BadRequestError) as refused:
+            Gateway.fitted(models[name], chat, messages.OPTIONAL, messages.NATIVE_ONLY)
+        assert refused.value.message == (
+            f"{name} cannot serve bash_20250124, web_search_options: only an Anthropic model does"
+        )
+    sent = Gateway.fitted(models["claude"], chat, messages.OPTIONAL, messages.NATIVE_ONLY)
+    assert sent["web_search_options"] == {} and sent["tools"] == [tools[1]]
