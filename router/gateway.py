@@ -63,7 +63,6 @@ from router.errors import (
 )
 from router.learning import answer_text
 from router.outcomes import OutcomeRecord, OutcomeStore
-from router.pii import redact
 from router.policy import Decision, ModelSpec, Policy, evaluate, load_policy, why_unfit
 from router.schemas import CHAT_FIELDS, FrontFields, front_fields
 from router.scoring import Scorer
@@ -71,6 +70,7 @@ from router.signals import (
     Signals,
     extract_signals,
     policy_metadata,
+    redacted,
     request_strings,
     requested_choices,
     scoring_text,
@@ -1679,7 +1679,7 @@ def _prompt_to_store(decision: Decision, body: Mapping[str, Any]) -> str | None:
     if decision.store_prompts == "none":
         return None
     text = scoring_text(list(body.get("messages") or []))
-    return text if decision.store_prompts == "full" else redact(text)
+    return text if decision.store_prompts == "full" else redacted(text)
 
 
 async def _unless_disconnected(call: Call, work: Awaitable[_T]) -> _T:
@@ -2047,7 +2047,7 @@ def _record_value(value: Any) -> Any:
         return value
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
     cap = RECORD_METADATA_CHARS
-    clean = redact(text[: 2 * cap])
+    clean = redacted(text[: 2 * cap])
     if isinstance(value, int | float) and clean == text:
         return value
     if len(clean) > cap or len(text) > 2 * cap:

@@ -21,7 +21,7 @@ from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from router.pii import PII_KINDS, pii_kinds
+from router.pii import PII_KINDS, pii_kinds, redact
 from router.schemas import ANTHROPIC_SERVER_FIELDS, CHAT_FIELDS, SERVER_TOOL_BLOCKS, FrontFields
 from router.scoring import Analysis, Scorer
 
@@ -379,6 +379,18 @@ def request_pii_kinds(body: Mapping[str, Any], *, read: Collection[int] = ()) ->
         if "\\" in text and text.lstrip()[:1] in ("{", "[", '"'):
             texts.append(_JSON_ESCAPE.sub(_unescape, text))
     return pii_kinds("\n".join(texts))
+
+
+def redacted(text: str) -> str:
+    """``text`` with its personal data redacted (:func:`~router.pii.redact`), read as the
+    ``pii`` signal reads it: where decoding its JSON escapes shows more (a phone number spaced
+    with ``\\u00a0`` or a card number split by ``\\u200b``, as ``json.dumps`` writes them),
+    the decoded text is redacted, so what kept a request local is not stored whole."""
+    clean = redact(text)
+    if "\\" not in clean:
+        return clean
+    decoded = _JSON_ESCAPE.sub(_unescape, clean)
+    return redact(decoded) if pii_kinds(decoded) else clean
 
 
 def _tool_turn(message: Mapping[str, Any]) -> bool:

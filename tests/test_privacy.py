@@ -482,6 +482,44 @@ def test_metadata_is_stored_redacted_capped_and_only_where_the_policy_reads_it(
     assert len(json.dumps(stored)) < 1000
 
 
+def test_personal_data_only_json_escapes_show_is_redacted_where_stored(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """A prompt or metadata value written by ``json.dumps`` (Python's default escapes every
+    character beyond ASCII) spaces a French phone number with ``\\u00a0`` and may split a card
+    number with ``\\u200b``. The pii signal reads such text with its escapes decoded and keeps
+    the request local; the prompt stored ``redacted`` (as policies/default.yaml stores it) and
+    the metadata value kept both numbers whole."""
+    fake.reset()
+    phone = "\u00a0".join(["+33", "6", "12", "34", "56", "78"])
+    person = {"phone": phone, "card": "\u200b".join(["4111", "1111", "1111", "1111"])}
+    escaped = json.dumps(person)
+    assert "\\u00a0" in escaped and "\\u200b" in escaped
+    body = {
+        "model": "auto",
+        "messages": [{"role": "user", "content": "Update this customer: " + escaped}],
+        "metadata": {"team": escaped},
+    }
+    policy = metadata_policy(fake).replace(
+        "    local_only: true\n", "    local_only: true\n    store_prompts: redacted\n"
+    )
+    with live(tmp_path, policy, scorer=BlindScorer(), local_backend_obj=ScriptedLocal()) as srv:
+        response = srv.http.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200
+        assert response.headers["x-tiergate-rule"] == "pii-stays-local"
+        store = srv.gateway.outcomes
+        assert store.flush()
+        record = store.get(response.headers["x-request-id"])
+    assert record is not None
+    assert record["prompt"].startswith("Update this customer: ")
+    stored = json.dumps(record)
+    for digits in ("12\\\\u00a034", "12 34", "4111\\\\u200b1111", "11111111"):
+        assert digits not in stored, digits
+    assert "[PHONE]" in record["prompt"] and "[CARD]" in record["prompt"]
+    assert "[PHONE]" in record["signals"]["metadata"]["team"]
+    assert fake.received == []
+
+
 TENANT_RULE = """\
 tenants:
   acme:
