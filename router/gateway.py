@@ -609,7 +609,9 @@ class Gateway:
             code = "context_length_exceeded" if ctx.decision.context_exceeded else None
             param = ctx.decision.unsatisfiable_param  # named as the client's front names it
             raise BadRequestError(ctx.decision.unsatisfiable, code=code, param=param)
-        tokens = sum(self.reserved_tokens(ctx, self.reserve_tokens))
+        tokens = 0
+        if self.limiter.limits_for(call.principal)[1] is not None:  # a walk of its reach
+            tokens = sum(self.reserved_tokens(ctx, self.reserve_tokens))
         return await self.limiter.reserve(call.principal, tokens)
 
     def _check_pin(self, call: Call) -> None:
@@ -878,28 +880,37 @@ class Gateway:
         return prompt - predicted, (completion + predicted) * ctx.choices
 
     def reserved_tokens(self, ctx: RequestContext, default_completion: int) -> tuple[int, int]:
-        """(prompt, completion) tokens to reserve for ``ctx`` before it is served: one call's,
-        or for a cascade two: the local answer and the closed call it may escalate to."""
-        prompt, completion = self.call_tokens(ctx, default_completion)
-        calls = 2 if ctx.decision is not None and ctx.decision.cascade is not None else 1
-        return calls * prompt, calls * completion
+        """(prompt, completion) tokens to reserve for ``ctx`` before it is served: for each of
+        its calls (:meth:`_calls`), the most a model it may reach may use (:meth:`call_tokens`:
+        without ``max_tokens`` a closed model writes up to its own limit, which reserving
+        ``default_completion`` let concurrent requests spend several times past the limit)."""
+        prompt = completion = 0
+        for models in self._calls(ctx):
+            tokens = (self.call_tokens(ctx, default_completion, model) for model in models)
+            most = max(tokens, key=sum, default=(0, 0))
+            prompt, completion = prompt + most[0], completion + most[1]
+        return prompt, completion
 
     def _reserved_usd(self, ctx: RequestContext, default_completion: int) -> float:
-        """One call priced at the dearest model the request may reach (its fallbacks and spill
-        included); for a cascade, its local answer plus the dearest model it may escalate to."""
-        decision = ctx.decision
-        assert decision is not None
+        """For each of the request's calls (:meth:`_calls`), the dearest model it may reach."""
 
         def cost(model: ModelSpec) -> float:
             call = Usage(*self.call_tokens(ctx, default_completion, model))
             return self.costs.call_cost(model, call)
 
+        return sum(max(map(cost, models), default=0.0) for models in self._calls(ctx))
+
+    def _calls(self, ctx: RequestContext) -> list[list[ModelSpec]]:
+        """The models each call serving ``ctx`` may reach: one call along its chain, its
+        fallbacks and spill included; for a cascade two, its local answer and then the closed
+        models it may escalate to."""
+        decision = ctx.decision
+        assert decision is not None
         if decision.cascade is not None:
-            escalation = self._escalation(decision)
-            local = cost(self.policy.models[decision.model])
-            return local + max((cost(m) for m, _ in escalation), default=0.0)
+            escalation = [model for model, _ in self._escalation(decision)]
+            return [[self.policy.models[decision.model]], escalation]
         reach = self.chain(decision) + self.spill_chain(decision, ctx.signals)
-        return max(cost(spec) for spec, _ in reach)
+        return [[model for model, _ in reach]]
 
     async def hold_spend(self, ctx: RequestContext, default_completion: int) -> None:
         """Reserve the request's estimated cost against its tenant's daily budget.

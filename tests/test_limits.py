@@ -496,6 +496,29 @@ def test_concurrent_requests_stay_within_the_token_limit(
         assert _used(rows) <= 150 + reservation
 
 
+def test_answers_without_max_tokens_stay_within_the_token_limit(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    # A request without max_tokens reserved TIERGATE_RESERVE_TOKENS (4,096) of completion in
+    # the token window while gpt-4o wrote up to its own limit (16,384): 20 concurrent ones
+    # used 81,975 tokens of a 20,000-token minute, where one reservation is 16,422.
+    from tests.fake_provider import Behaviour
+
+    fake.reset(Behaviour(mode="stall", stall_s=0.5, completion_tokens=16384))
+    body = {key: value for key, value in HARD_LONG.items() if key != "max_tokens"}
+    local = ScriptedLocal()
+    with live(tmp_path, policy_yaml(fake), local_backend_obj=local, tpm_limit=20_000) as srv:
+        got = asyncio.run(_burst(srv.url, body, 20))
+        codes = [r.status_code for r in got]
+        assert set(codes) == {200, 429}, codes
+        store = srv.gateway.outcomes
+        assert wait_for(lambda: store.count() == 20) and store.flush()
+        rows = [r for r in store.recent(100) if r["status"] == "ok"]
+        assert {r["model"] for r in rows} == {"gpt-4o"}
+        reservation = int(rows[0]["signals"]["prompt_tokens"]) + 16384
+        assert _used(rows) <= 20_000 + reservation, (_used(rows), reservation)
+
+
 def _budget_policy(fake: FakeProvider, budget: float, tenant: str = "default") -> str:
     return policy_yaml(
         fake,
