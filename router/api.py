@@ -66,7 +66,14 @@ router = APIRouter()
 
 
 def _dumps(data: Any) -> bytes:
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+    """``data`` as compact UTF-8 JSON for the client. A lone surrogate, which a provider's
+    answer may escape (``"\\ud83d"``: half an emoji), has no UTF-8 form: it is written as
+    U+FFFD, as one in a request is read (:func:`parse_json`), not failed as a 500."""
+    text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text).encode()
 
 
 # Deeper JSON is refused: no chat request needs it, and deeper structures would meet Python's

@@ -1663,6 +1663,31 @@ def test_lone_surrogates_are_replaced_and_recording_goes_on(
     assert {r["status"] for r in rows} == {"ok"}
 
 
+_FRONT_BODIES = {
+    "/v1/chat/completions": {"messages": [{"role": "user", "content": "x"}], "max_tokens": 20},
+    "/v1/messages": {"messages": [{"role": "user", "content": "x"}], "max_tokens": 20},
+    "/v1/responses": {"input": "x", "max_output_tokens": 20},
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("path", list(_FRONT_BODIES))
+def test_a_lone_surrogate_in_an_answer_is_replaced_and_recorded_as_answered(
+    server: LiveServer, fake: FakeProvider, path: str, stream: bool
+) -> None:
+    """A provider may escape half an emoji, ``"\\ud83d"`` (JavaScript's JSON.stringify does for
+    a string cut between the halves). It cannot be encoded as UTF-8: a whole answer was a 500
+    recorded ``ok``, a stream ended in an error event recorded as a client that left (499).
+    It reaches the client as U+FFFD, as a lone surrogate in a request is read."""
+    fake.reset(Behaviour(text="Hello \ud83d there"))
+    body = {"model": "gpt-4o", "stream": stream, **_FRONT_BODIES[path]}
+    response = server.http.post(path, json=body)
+    assert response.status_code == 200, response.text
+    assert "\ufffd" in response.text and "internal" not in response.text, response.text[-300:]
+    (row,) = _records(server, 1)
+    assert (row["status"], row["http_status"], row["error_type"]) == ("ok", 200, None)
+
+
 def test_deep_nesting_is_a_400_not_a_crash(server: LiveServer) -> None:
     for depth in (100_000, 1_000, 200):
         body = '{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "metadata": '
