@@ -42,6 +42,7 @@ from collections.abc import (
 from typing import Any
 
 from router.backends import Addressed, Backend, Completion, ModelLike, Usage
+from router.backends.closed import provider_model, provider_of
 from router.backends.local import Gate
 from router.backends.native import NativeCaller, NativeRequest
 from router.errors import ConfigError, MissingExtraError, TiergateError
@@ -116,12 +117,18 @@ def tracing_configured(environ: Mapping[str, str], setting: bool | None) -> bool
     )
 
 
+def request_model(model: ModelLike) -> str:
+    """``gen_ai.request.model`` for a model: the name its provider is asked for, without
+    litellm's provider prefix (``anthropic/claude-...`` -> ``claude-...``: the provider is
+    ``gen_ai.provider.name``); the policy name of one without a litellm name (local)."""
+    return provider_model(model.litellm_model) if model.litellm_model else model.name
+
+
 def provider_name(model: ModelLike) -> str:
     """``gen_ai.provider.name`` for a model: the litellm provider prefix, or llama.cpp locally."""
     if model.tier == "local":
         return "llama.cpp"
-    name = model.litellm_model or ""
-    prefix = name.split("/", 1)[0] if "/" in name else "openai"
+    prefix = provider_of(model.litellm_model or "")
     return _PROVIDERS.get(prefix, prefix)
 
 
@@ -1122,11 +1129,12 @@ def _client_span(
     from opentelemetry.trace import SpanKind
 
     provider = provider_name(model)
+    asked = request_model(model)
     attrs: dict[str, Any] = {
         "gen_ai.operation.name": "chat",
         "gen_ai.provider.name": provider,
         "gen_ai.system": provider,
-        "gen_ai.request.model": model.litellm_model or model.name,
+        "gen_ai.request.model": asked,
         "tiergate.tier": model.tier,
         "tiergate.model": model.name,
         "tiergate.stream": stream,
@@ -1142,9 +1150,7 @@ def _client_span(
         providers = _REQUEST_PROVIDERS.get()
         if providers is not None:
             providers[model.name] = provider
-    return tracer.start_span(
-        f"chat {model.litellm_model or model.name}", kind=SpanKind.CLIENT, attributes=attrs
-    )
+    return tracer.start_span(f"chat {asked}", kind=SpanKind.CLIENT, attributes=attrs)
 
 
 async def _traced_complete(span: Any, call: Awaitable[Completion]) -> Completion:

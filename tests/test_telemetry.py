@@ -63,7 +63,9 @@ class Captured:
         return list(self.spans.get_finished_spans())
 
     def by_name(self, name: str) -> list[ReadableSpan]:
-        return [s for s in self.finished() if s.name == name]
+        """The spans named ``name`` under the request's SERVER span (which a request that
+        pins a model shares its name with: ``chat gpt-4o``)."""
+        return [s for s in self.finished() if s.name == name and s.kind != SpanKind.SERVER]
 
     def server_span(self) -> ReadableSpan:
         servers = [s for s in self.finished() if s.kind == SpanKind.SERVER]
@@ -162,7 +164,7 @@ def test_closed_request_span_has_genai_and_tiergate_attributes(
     assert "tiergate.fallback" not in attrs and "error.type" not in attrs
     # Children: the decision, then one client call to the closed model.
     (decide,) = cap.by_name("tiergate.decide")
-    (client,) = cap.by_name("chat openai/gpt-4o")
+    (client,) = cap.by_name("chat gpt-4o")
     for child in (decide, client):
         assert child.parent is not None and child.parent.span_id == server.context.span_id
     assert decide.attributes["tiergate.tier"] == "closed"
@@ -181,7 +183,7 @@ def test_a_request_for_several_choices_names_their_count_on_its_spans(
     fake.reset()
     with traced(tmp_path, policy_yaml(fake), local=ScriptedLocal()) as (srv, cap):
         assert _chat(srv, "HARD question", n=3).status_code == 200
-        (client,) = cap.by_name("chat openai/gpt-4o")
+        (client,) = cap.by_name("chat gpt-4o")
         assert cap.server_span().attributes["gen_ai.request.choice.count"] == 3
         assert client.attributes["gen_ai.request.choice.count"] == 3
         assert _chat(srv, "HARD question", n=1).status_code == 200
@@ -282,7 +284,7 @@ def test_fallback_shows_failed_attempt_then_answer(tmp_path: Path, fake: FakePro
     assert server.attributes["tiergate.fallback"] == "local->closed"
     assert server.attributes["tiergate.tier"] == "closed"
     (failed,) = cap.by_name("chat local")
-    (answered,) = cap.by_name("chat openai/gpt-4o")
+    (answered,) = cap.by_name("chat gpt-4o")
     assert failed.status.status_code == StatusCode.ERROR
     assert failed.attributes["error.type"] == "upstream_error"  # BackendError.code
     assert answered.status.status_code == StatusCode.UNSET
@@ -314,7 +316,7 @@ def test_shadow_calls_do_not_rewrite_the_local_requests_span(
     assert "gen_ai.request.temperature" not in attrs  # the judge's temperature 0
     ended = [r for r in caplog.records if "ended span" in r.getMessage()]
     assert ended == []
-    shadow = cap.by_name("chat openai/gpt-4o")  # the closed answer and the judge, both ways
+    shadow = cap.by_name("chat gpt-4o")  # the closed answer and the judge, both ways
     assert len(shadow) == 3
     for span in shadow:
         assert f"{span.context.trace_id:032x}" == TRACE_ID
@@ -346,8 +348,8 @@ def test_the_request_span_names_the_provider_that_served_it(
     assert (attrs["gen_ai.provider.name"], attrs["gen_ai.system"]) == ("llama.cpp", "llama.cpp")
     assert [s.name for s in cap.finished() if s.kind == SpanKind.CLIENT] == [
         "chat local",
-        "chat openai/gpt-4o",
-        "chat anthropic/claude-3-5-sonnet-20241022",
+        "chat gpt-4o",
+        "chat claude-3-5-sonnet-20241022",
     ]
 
 
@@ -395,9 +397,9 @@ def test_a_call_its_client_left_is_not_a_failed_call(tmp_path: Path, fake: FakeP
         with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body) as response:
             assert response.status_code == 200
             next(line for line in response.iter_lines() if line.startswith("data: "))
-        assert wait_for(lambda: len(cap.by_name("chat openai/gpt-4o")) == 1)
+        assert wait_for(lambda: len(cap.by_name("chat gpt-4o")) == 1)
         assert wait_for(lambda: any(s.kind == SpanKind.SERVER for s in cap.finished()))
-    (call,) = cap.by_name("chat openai/gpt-4o")
+    (call,) = cap.by_name("chat gpt-4o")
     assert call.attributes["error.type"] == "cancelled"
     assert call.status.status_code == StatusCode.UNSET
     assert cap.server_span().attributes["tiergate.status"] == "aborted"
@@ -756,12 +758,12 @@ def test_spans_reach_a_real_otlp_receiver(
         # The app's shutdown flushed the batch processor; rotel prints what it received.
         deadline = time.monotonic() + 20
         text = ""
-        while "chat openai/gpt-4o" not in text and time.monotonic() < deadline:
+        while "chat gpt-4o" not in text and time.monotonic() < deadline:
             time.sleep(0.1)
             text = re.sub(r"\x1b\[[0-9;]*m", "", out.read_text(errors="replace"))
     assert "service.name: Str(tiergate-e2e)" in text
     names = re.findall(r"Name\s+: (.+)", text)
-    assert {"chat auto", "tiergate.decide", "chat openai/gpt-4o"} <= set(names)
+    assert {"chat auto", "tiergate.decide", "chat gpt-4o"} <= set(names)
     assert re.findall(r"Trace ID\s+: (\w+)", text) == [TRACE_ID] * 3
     assert "-> tiergate.tier: Str(closed)" in text
     assert "-> gen_ai.usage.output_tokens: Int(7)" in text
@@ -982,9 +984,9 @@ _NATIVE_CALLS = {
     # front: (request, the CLIENT span of its native call)
     "/v1/messages": (
         {"model": "claude", "max_tokens": 20, "messages": [{"role": "user", "content": "HARD"}]},
-        "chat anthropic/claude-3-5-sonnet-20241022",
+        "chat claude-3-5-sonnet-20241022",
     ),
-    "/v1/responses": ({"model": "auto", "input": "HARD"}, "chat openai/gpt-4o"),
+    "/v1/responses": ({"model": "auto", "input": "HARD"}, "chat gpt-4o"),
 }
 
 
@@ -1013,14 +1015,28 @@ def test_a_native_call_has_its_client_span(
 
 
 #: Per provider path: the front (as CUT_FRONTS names it), the model the request pins, the
-#: litellm provider gpt-4o is made (None: as the test policy has it), the CLIENT span's name.
+#: litellm provider gpt-4o is made (None: as the test policy has it).
 _CALLED = {
-    "openai-direct": ("chat", "gpt-4o", None, "chat openai/gpt-4o"),
-    "anthropic-litellm": ("chat", "claude", None, "chat anthropic/claude-3-5-sonnet-20241022"),
-    "anthropic-native": ("messages", "claude", None, "chat anthropic/claude-3-5-sonnet-20241022"),
-    "responses-native": ("responses", "gpt-4o", None, "chat openai/gpt-4o"),
-    "litellm-provider": ("chat", "gpt-4o", "mistral", "chat mistral/mistral-large-latest"),
+    "openai-direct": ("chat", "gpt-4o", None),
+    "anthropic-litellm": ("chat", "claude", None),
+    "anthropic-native": ("messages", "claude", None),
+    "responses-native": ("responses", "gpt-4o", None),
+    "litellm-provider": ("chat", "gpt-4o", "mistral"),
 }
+
+
+def _client_span_on(tmp_path: Path, fake: FakeProvider, path: str) -> ReadableSpan:
+    """The one CLIENT span of a request answered on the provider ``path`` (:data:`_CALLED`)."""
+    front, model, via = _CALLED[path]
+    policy = policy_yaml(fake)
+    if via is not None:
+        policy = policy.replace("litellm_model: openai/gpt-4o", LITELLM_PATH[via])
+    url, body, _ = CUT_FRONTS[front]
+    fake.reset()
+    with traced(tmp_path, policy, local=ScriptedLocal()) as (srv, cap):
+        assert srv.http.post(url, json={**body, "model": model}).status_code == 200
+    (client,) = [s for s in cap.finished() if s.kind == SpanKind.CLIENT]
+    return client
 
 
 @pytest.mark.parametrize("path", sorted(_CALLED))
@@ -1031,20 +1047,66 @@ def test_a_client_span_names_the_server_it_calls(
     host (a provider, a regional endpoint, a company gateway), as the GenAI conventions
     recommend (``server.address``, and ``server.port`` with it). Each names its api_base's
     host and port, on every provider path."""
-    front, model, via, name = _CALLED[path]
-    policy = policy_yaml(fake)
-    if via is not None:
-        policy = policy.replace("litellm_model: openai/gpt-4o", LITELLM_PATH[via])
-    url, body, _ = CUT_FRONTS[front]
-    fake.reset()
-    with traced(tmp_path, policy, local=ScriptedLocal()) as (srv, cap):
-        assert srv.http.post(url, json={**body, "model": model}).status_code == 200
-    (client,) = cap.by_name(name)
+    client = _client_span_on(tmp_path, fake, path)
     port = httpx.URL(fake.base_url).port
     assert (client.attributes["server.address"], client.attributes["server.port"]) == (
         "127.0.0.1",
         port,
     )
+
+
+@pytest.mark.parametrize("path", sorted(_CALLED))
+def test_a_client_span_names_the_model_the_provider_is_asked_for(
+    tmp_path: Path, fake: FakeProvider, path: str
+) -> None:
+    """A CLIENT span's ``gen_ai.request.model`` is the model the request asks the provider for,
+    as the GenAI conventions define it, with the provider in ``gen_ai.provider.name``: it was
+    litellm's name (``openai/gpt-4o``, ``anthropic/claude-...``), which no provider is asked
+    for, so calls to one model grouped apart from other instrumentations' (the OpenAI SDK's
+    says ``gpt-4o``). The span is named ``chat {gen_ai.request.model}``, as they name it."""
+    client = _client_span_on(tmp_path, fake, path)
+    asked = fake.received[-1].body["model"]  # what the provider was asked for
+    assert client.attributes["gen_ai.request.model"] == asked
+    assert client.name == f"chat {asked}"
+    kind = path.partition("-")[0]
+    provider = {"responses": "openai", "litellm": "mistral_ai"}.get(kind, kind)
+    assert client.attributes["gen_ai.provider.name"] == provider
+
+
+@pytest.mark.parametrize(
+    ("litellm_model", "asked"),
+    [
+        ("openai/gpt-4o", "gpt-4o"),
+        ("gpt-4o", "gpt-4o"),
+        ("openai/my-org/gpt-4o", "my-org/gpt-4o"),  # an OpenAI-compatible server's own name
+        ("openrouter/anthropic/claude-3.5-sonnet", "anthropic/claude-3.5-sonnet"),
+        ("azure/my-gpt-4o-deployment", "my-gpt-4o-deployment"),
+        (
+            "bedrock/us.anthropic.claude-3-5-haiku-20241022-v1:0",
+            "us.anthropic.claude-3-5-haiku-20241022-v1:0",
+        ),
+        (
+            "bedrock/converse/anthropic.claude-3-haiku-20240307-v1:0",
+            "anthropic.claude-3-haiku-20240307-v1:0",
+        ),
+        (
+            "bedrock/arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/abc",
+            "arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/abc",
+        ),
+    ],
+)
+def test_a_client_spans_request_model_has_no_litellm_prefix(litellm_model: str, asked: str) -> None:
+    """Each provider's name for the model, without litellm's provider prefix and Bedrock
+    route: an OpenAI-compatible server's, OpenRouter's and Bedrock's own names keep their
+    slashes and colons."""
+    import asyncio
+
+    captured = Captured()
+    model = SimpleNamespace(name="m", tier="closed", litellm_model=litellm_model)
+    backend = captured.telemetry.wrap_backend(_Addressed(None))
+    asyncio.run(backend.complete(model, {"messages": []}))
+    (span,) = captured.finished()
+    assert (span.name, span.attributes["gen_ai.request.model"]) == (f"chat {asked}", asked)
 
 
 def test_the_local_tier_names_its_server_when_it_has_one(

@@ -109,6 +109,20 @@ def provider_of(litellm_model: str) -> str:
     return litellm_model.split("/", 1)[0] if "/" in litellm_model else "openai"
 
 
+def provider_model(litellm_model: str) -> str:
+    """The model ``litellm_model`` asks its provider for: the name without litellm's provider
+    prefix (``anthropic/claude-sonnet-4-5`` -> ``claude-sonnet-4-5``; ``openai/my-org/gpt-4o``
+    -> ``my-org/gpt-4o``, as an OpenAI-compatible server is sent it; an Azure deployment's
+    name), and on Bedrock without litellm's route (``bedrock/converse/us.anthropic.claude-...``
+    -> ``us.anthropic.claude-...``; an ARN stays whole)."""
+    name = litellm_model.split("/", 1)[-1]
+    if provider_of(litellm_model) == "bedrock":
+        route, sep, rest = name.partition("/")
+        if sep and ":" not in route and "." not in route:  # a route, not a model id or an ARN
+            return rest
+    return name
+
+
 def key_for(model: ModelLike, environ: Mapping[str, str]) -> str | None:
     """The key for ``model`` from its ``api_key_env`` or its provider's usual variable."""
     env = model.api_key_env or PROVIDER_KEY_ENV.get(provider_of(model.litellm_model or ""))
@@ -390,7 +404,7 @@ class ClosedBackend:
 
     def _request(self, model: ModelLike, body: dict[str, Any]) -> dict[str, Any]:
         request = {k: v for k, v in body.items() if k not in _STRIP}
-        request["model"] = (model.litellm_model or "").split("/", 1)[-1]
+        request["model"] = provider_model(model.litellm_model or "")
         # One limit, in the field the model reads (output_field): OpenAI refuses both at once
         # (400 invalid_parameter_combination) and its reasoning models refuse max_tokens; an
         # OpenAI-compatible server may read max_tokens alone. The limit is the one the request
@@ -527,7 +541,7 @@ class ClosedBackend:
                 api_version=version,
                 litellm_params={},
                 _is_async=True,
-                model=(model.litellm_model or "").split("/", 1)[-1],
+                model=provider_model(model.litellm_model or ""),
             )
             client = own.copy(http_client=handler.client, max_retries=0, timeout=timeout)
             self._sdk_clients[("azure", api_key, base, version, timeout)] = client

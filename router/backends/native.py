@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from router.backends import Completion, ModelLike, Usage, token_count
-from router.backends.closed import key_for, provider_of
+from router.backends.closed import key_for, provider_model, provider_of
 from router.backends.openai_http import OpenAIHTTP, stream_cut, stream_failure
 from router.errors import BackendError, UpstreamBadResponseError
 
@@ -129,7 +129,7 @@ class NativeBackend:
         """(url, body, headers, key) of the provider call."""
         key = key_for(model, self._environ)
         body = {k: v for k, v in native.body.items() if k != "metadata"}
-        body["model"] = (model.litellm_model or "").split("/", 1)[-1]
+        body["model"] = provider_model(model.litellm_model or "")
         body["stream"] = stream
         headers = {"content-type": "application/json"}
         if native.api == "messages":
