@@ -292,7 +292,8 @@ class ModelSpec(_Strict):
     @property
     def stop_limit(self) -> int | None:
         """How many stop sequences the model takes at most (its provider's figure, OpenAI's 4,
-        :meth:`Policy.know_limits`), or None where no limit is known."""
+        0 for an OpenAI reasoning model, :meth:`Policy.know_limits`), or None where no limit
+        is known."""
         limit: int | None = self.__pydantic_private__["_provider_stop_limit"]  # type: ignore[index]
         return limit
 
@@ -1010,6 +1011,8 @@ def _unfit_field(spec: ModelSpec, signals: Signals) -> tuple[str, str] | None:
     if stops is not None and signals.stop_sequences > stops:
         # Not trimmed: an answer that ran past a sequence the client stops on would look
         # like the model's fault, as a shortened answer would.
+        if not stops:  # an OpenAI reasoning model
+            return "stop sequences (it takes none)", "stop"
         return f"{signals.stop_sequences} stop sequences (it takes at most {stops})", "stop"
     limit = spec.output_limit
     if limit is not None and signals.max_tokens is not None and signals.max_tokens > limit:

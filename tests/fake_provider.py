@@ -100,8 +100,9 @@ class Behaviour:
     output_fields: tuple[str, ...] = ("max_completion_tokens", "max_tokens")
     # Refuse a chat request field OpenAI's API does not take, a message field its schema does not
     # have, a tool of a type other than function or custom, an output limit over the model's
-    # (OPENAI_OUTPUT_LIMITS), more than 4 stop sequences, and ``reasoning_effort`` for a model
-    # that does not reason, with OpenAI's 400s (the fake otherwise takes anything).
+    # (OPENAI_OUTPUT_LIMITS), more than 4 stop sequences, ``stop`` for a reasoning model that
+    # takes none, and ``reasoning_effort`` for a model that does not reason, with OpenAI's 400s
+    # (the fake otherwise takes anything).
     strict: bool = False
     # In ``status`` mode, the JSON body of the error instead of a generic one (in
     # ``overloaded_after_open`` mode, the event sent in place of the overloaded ``error``).
@@ -280,6 +281,9 @@ def bedrock_frame(event: Any) -> bytes:
 
 #: Model name prefixes of OpenAI's reasoning models, the only ones that take reasoning_effort.
 OPENAI_REASONING = ("o1", "o3", "o4", "gpt-5")
+#: Of those, the ones that take ``stop``; the others refuse it with a 400 ``unsupported_parameter``
+#: (as reported of o1-preview, o1-mini, o3, o4-mini and gpt-5; not checked against the live API).
+OPENAI_REASONING_TAKING_STOP = ("o3-mini", "gpt-5-chat")
 
 
 def openai_refusal(body: dict[str, Any]) -> dict[str, Any] | None:
@@ -319,15 +323,9 @@ def openai_refusal(body: dict[str, Any]) -> dict[str, Any] | None:
     too_large = _over_output_limit(body)
     if too_large is not None:
         return too_large
-    stop = body.get("stop")
-    if isinstance(stop, list) and len(stop) > OPENAI_STOP_SEQUENCES:
-        return {
-            "message": "Invalid 'stop': array too long. Expected an array with maximum length "
-            f"{OPENAI_STOP_SEQUENCES}, but got an array with length {len(stop)} instead.",
-            "type": "invalid_request_error",
-            "param": "stop",
-            "code": "array_above_max_length",
-        }
+    stops = _stop_refusal(body)
+    if stops is not None:
+        return stops
     reasoning = str(body.get("model", "")).startswith(OPENAI_REASONING)
     if "max_tokens" in body and reasoning:
         return {
@@ -344,6 +342,33 @@ def openai_refusal(body: dict[str, Any]) -> dict[str, Any] | None:
             ),
             "type": "invalid_request_error",
             "param": "reasoning_effort",
+            "code": "unsupported_parameter",
+        }
+    return None
+
+
+def _stop_refusal(body: dict[str, Any]) -> dict[str, Any] | None:
+    """OpenAI's 400 body for a chat request's ``stop`` it would refuse (more than
+    :data:`OPENAI_STOP_SEQUENCES`, any to a reasoning model that takes none), else None."""
+    stop = body.get("stop")
+    if isinstance(stop, list) and len(stop) > OPENAI_STOP_SEQUENCES:
+        return {
+            "message": "Invalid 'stop': array too long. Expected an array with maximum length "
+            f"{OPENAI_STOP_SEQUENCES}, but got an array with length {len(stop)} instead.",
+            "type": "invalid_request_error",
+            "param": "stop",
+            "code": "array_above_max_length",
+        }
+    model = str(body.get("model", ""))
+    if (
+        stop
+        and model.startswith(OPENAI_REASONING)
+        and not model.startswith(OPENAI_REASONING_TAKING_STOP)
+    ):
+        return {
+            "message": "Unsupported parameter: 'stop' is not supported with this model.",
+            "type": "invalid_request_error",
+            "param": "stop",
             "code": "unsupported_parameter",
         }
     return None

@@ -1454,6 +1454,69 @@ def test_a_pinned_model_that_cannot_take_a_response_names_the_responses_field(
     assert fake.received == []
 
 
+def test_a_reasoning_model_that_takes_no_stop_sequence_is_not_sent_one(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """OpenAI's reasoning models (o1, o3, o4-mini, gpt-5) refuse ``stop`` with a 400
+    (``unsupported_parameter``); the fit check held them to OpenAI's 4, so a request with a
+    stop sequence was sent to o3 and its 400 came back, on ``auto`` too, where another model
+    takes it. Pinned, it is the fit check's 400 naming ``stop``; on ``auto`` it goes to a
+    model that takes it; without ``stop``, o3 answers."""
+    fake.reset(Behaviour(strict=True))
+    ask: dict[str, Any] = {
+        "messages": [{"role": "user", "content": "HARD: count to ten"}],
+        "stop": ["END"],
+    }
+    with (
+        live(tmp_path, policy_yaml(fake).replace("gpt-4o", "o3")) as srv,
+        openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0) as client,
+    ):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="o3", **ask)
+        assert fake.received == []
+        routed = client.chat.completions.with_raw_response.create(model="auto", **ask)
+        plain = client.chat.completions.with_raw_response.create(
+            model="o3", messages=ask["messages"]
+        )
+    assert refused.value.param == "stop"
+    assert "model 'o3' cannot take stop sequences (it takes none)" in refused.value.message
+    assert (routed.headers["x-tiergate-model"], plain.headers["x-tiergate-model"]) == (
+        "claude",
+        "o3",
+    )
+    assert [r.body["model"] for r in fake.received] == ["claude-3-5-sonnet-20241022", "o3"]
+
+
+def test_an_azure_deployment_takes_as_many_stop_sequences_as_openai(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """Azure OpenAI takes at most 4 stop sequences, as OpenAI does (its REST reference), and
+    refuses more with a 400; an ``azure/`` model, whatever its deployment is named, was known
+    for no limit, so 5 were sent to it. Pinned, it is the fit check's 400; 4 are sent."""
+    fake.reset(Behaviour(strict=True))
+    policy = policy_yaml(fake).replace(
+        "litellm_model: openai/gpt-4o",
+        "litellm_model: azure/prod-chat\n    api_key_env: OPENAI_API_KEY",
+    )
+    stops = ["END", "STOP", "###", "---", "==="]
+    messages = [{"role": "user", "content": "HARD: count to ten"}]
+    with (
+        live(tmp_path, policy) as srv,
+        openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0) as client,
+    ):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="gpt-4o", messages=messages, stop=stops)
+        assert fake.received == []
+        four = client.chat.completions.with_raw_response.create(
+            model="gpt-4o", messages=messages, stop=stops[:4]
+        )
+    assert refused.value.param == "stop"
+    assert "cannot take 5 stop sequences (it takes at most 4)" in refused.value.message
+    assert four.headers["x-tiergate-model"] == "gpt-4o"
+    (sent,) = fake.received
+    assert "/openai/deployments/prod-chat/" in sent.path and sent.body["stop"] == stops[:4]
+
+
 @pytest.mark.gguf
 def test_an_assistant_turn_without_content_reaches_the_local_model(
     gguf_server: LiveServer,

@@ -27,6 +27,7 @@ from router.backends.closed import (
     map_litellm_error,
     provider_of,
     quiet_litellm,
+    stop_sequence_limit,
     unknown_output_limits,
 )
 from router.backends.openai_http import OpenAIHTTP, error_for_status
@@ -1135,3 +1136,37 @@ def test_a_litellm_stream_that_stops_without_its_end_was_cut_off() -> None:
     assert len(got) == 2
     assert raised.value.code == "upstream_unreachable"
     assert raised.value.message == "m unreachable: the stream ended before it finished"
+
+
+@pytest.mark.parametrize(
+    ("litellm_model", "stops"),
+    [
+        ("openai/gpt-4o", 4),
+        ("openai/gpt-4.1-mini", 4),
+        ("openai/o3-mini", 4),
+        ("openai/gpt-5-chat-latest", 4),
+        ("openai/o1", 0),
+        ("openai/o3", 0),
+        ("openai/o3-2025-04-16", 0),
+        ("openai/o4-mini", 0),
+        ("openai/gpt-5", 0),
+        ("openai/gpt-5-mini", 0),
+        ("openai/gpt-5.1", 0),
+        ("azure/gpt-4o", 4),
+        ("azure/prod-chat", 4),
+        ("azure/gpt-5-chat", 4),
+        ("azure/o3", 0),
+        ("azure/gpt-5", 0),
+        ("openai/my-org/gpt-4o", None),
+        ("anthropic/claude-sonnet-4-5", None),
+        ("mistral/mistral-large-latest", None),
+    ],
+)
+def test_a_models_stop_sequences_are_those_its_provider_takes(
+    litellm_model: str, stops: int | None
+) -> None:
+    """OpenAI and Azure OpenAI take 4 stop sequences; OpenAI's reasoning models but o3-mini
+    and gpt-5's chat models take none (a 400 ``unsupported_parameter`` for ``stop``), on
+    either. A model an OpenAI-compatible server serves, and other providers', are not known
+    for a limit (litellm translates their field)."""
+    assert stop_sequence_limit(litellm_model) == stops

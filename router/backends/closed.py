@@ -217,17 +217,40 @@ def mapped_output_limit(litellm_model: str) -> int | None:
 
 
 #: How many stop sequences OpenAI's chat API takes ("Up to 4 sequences", its API reference;
-#: more is a 400).
+#: more is a 400), and Azure OpenAI's ("Up to four sequences", its REST reference).
 OPENAI_STOP_SEQUENCES = 4
+# OpenAI's reasoning models that refuse ``stop`` (a 400 ``unsupported_parameter``, on OpenAI's
+# API and Azure's): the o1, o3 and o4 families but o3-mini, and gpt-5 and later but gpt-5's
+# chat models, as litellm's gpt-5 config lists them (it lists ``stop`` for the o-series, whose
+# refusal users report: o1-preview, o1-mini, o3, o4-mini).
+_O_SERIES_WITHOUT_STOP = re.compile(r"(?:o1|o3(?!-mini)|o4)(?:$|[-.])")
+_GPT_GENERATION = re.compile(r"gpt-(\d+)")
+
+
+def takes_no_stop(name: str) -> bool:
+    """Whether the OpenAI model ``name`` (a model or Azure deployment name, no prefix) is one
+    of the reasoning models that refuse ``stop`` (:data:`_O_SERIES_WITHOUT_STOP`, gpt-5 on)."""
+    if _O_SERIES_WITHOUT_STOP.match(name):
+        return True
+    generation = _GPT_GENERATION.match(name)
+    return generation is not None and int(generation[1]) >= 5 and "gpt-5-chat" not in name
 
 
 def stop_sequence_limit(litellm_model: str) -> int | None:
     """How many stop sequences ``litellm_model`` takes at most, where known: an OpenAI model
-    litellm's map lists takes :data:`OPENAI_STOP_SEQUENCES`; one an OpenAI-compatible server
-    serves (vLLM, llama.cpp), and other providers' (litellm translates their field), are not
-    known for a limit: None."""
-    known = mapped_output_limit(litellm_model) is not None
-    return OPENAI_STOP_SEQUENCES if provider_of(litellm_model) == "openai" and known else None
+    litellm's map lists, and any Azure OpenAI deployment, take :data:`OPENAI_STOP_SEQUENCES`,
+    but OpenAI's reasoning models none (:func:`takes_no_stop`: an Azure deployment is known
+    for one only by a name that says it, such as ``azure/o3``). A model an OpenAI-compatible
+    server serves (vLLM, llama.cpp), and other providers' (litellm translates their field), are
+    not known for a limit: None."""
+    provider = provider_of(litellm_model)
+    if provider == "azure":
+        name = litellm_model.rsplit("/", 1)[-1]  # a deployment, after a data zone (azure/eu/)
+    elif provider == "openai" and mapped_output_limit(litellm_model) is not None:
+        name = provider_model(litellm_model)
+    else:
+        return None
+    return 0 if takes_no_stop(name) else OPENAI_STOP_SEQUENCES
 
 
 def output_limit(model: ModelLike) -> int | None:
