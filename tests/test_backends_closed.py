@@ -1157,8 +1157,11 @@ def test_a_litellm_stream_that_stops_without_its_end_was_cut_off() -> None:
         ("azure/gpt-5-chat", 4),
         ("azure/o3", 0),
         ("azure/gpt-5", 0),
+        ("gemini/gemini-2.5-pro", 5),
+        ("vertex_ai/gemini-2.5-flash", 5),
         ("openai/my-org/gpt-4o", None),
         ("anthropic/claude-sonnet-4-5", None),
+        ("vertex_ai/claude-sonnet-4-5", None),
         ("mistral/mistral-large-latest", None),
     ],
 )
@@ -1167,6 +1170,20 @@ def test_a_models_stop_sequences_are_those_its_provider_takes(
 ) -> None:
     """OpenAI and Azure OpenAI take 4 stop sequences; OpenAI's reasoning models but o3-mini
     and gpt-5's chat models take none (a 400 ``unsupported_parameter`` for ``stop``), on
-    either. A model an OpenAI-compatible server serves, and other providers', are not known
-    for a limit (litellm translates their field)."""
+    either; Gemini takes 5. A model an OpenAI-compatible server serves, and other providers',
+    are not known for a limit (litellm translates their field)."""
     assert stop_sequence_limit(litellm_model) == stops
+
+
+@pytest.mark.parametrize("name", ["anthropic", "bedrock", "mistral"])
+def test_every_stop_sequence_reaches_a_provider_through_litellm(
+    provider: FakeProvider, name: str
+) -> None:
+    """litellm cut a request's ``stop`` to its first 4 for every provider (OpenAI's limit): a
+    Claude asked for 6 through the chat front stopped at 4 of them, and an answer that ran past
+    a sequence the client stops on looked like the model's fault. Tiergate's fit check holds
+    a model to its own limit instead (docs/policy.md), so litellm passes them all on."""
+    stops = ["END", "STOP", "###", "---", "===", "~~~"]
+    run(_answer(_through_litellm(provider, name), {**BODY, "stop": stops}, stream=False))
+    sent = provider.received[-1].body
+    assert sent.get("stop_sequences", sent.get("stop")) == stops

@@ -223,6 +223,9 @@ OPENAI_STOP_SEQUENCES = 4
 # API and Azure's): the o1, o3 and o4 families but o3-mini, and gpt-5 and later but gpt-5's
 # chat models, as litellm's gpt-5 config lists them (it lists ``stop`` for the o-series, whose
 # refusal users report: o1-preview, o1-mini, o3, o4-mini).
+#: How many stop sequences Gemini takes ("up to 5", its GenerationConfig reference, as
+#: litellm's Gemini config repeats it), on Google AI Studio and Vertex AI.
+GEMINI_STOP_SEQUENCES = 5
 _O_SERIES_WITHOUT_STOP = re.compile(r"(?:o1|o3(?!-mini)|o4)(?:$|[-.])")
 _GPT_GENERATION = re.compile(r"gpt-(\d+)")
 
@@ -240,10 +243,16 @@ def stop_sequence_limit(litellm_model: str) -> int | None:
     """How many stop sequences ``litellm_model`` takes at most, where known: an OpenAI model
     litellm's map lists, and any Azure OpenAI deployment, take :data:`OPENAI_STOP_SEQUENCES`,
     but OpenAI's reasoning models none (:func:`takes_no_stop`: an Azure deployment is known
-    for one only by a name that says it, such as ``azure/o3``). A model an OpenAI-compatible
-    server serves (vLLM, llama.cpp), and other providers' (litellm translates their field), are
-    not known for a limit: None."""
+    for one only by a name that says it, such as ``azure/o3``); a Gemini model
+    :data:`GEMINI_STOP_SEQUENCES`. A model an OpenAI-compatible server serves (vLLM,
+    llama.cpp), and other providers' (litellm translates their field), are not known for a
+    limit: None. litellm sends them all (:func:`quiet_litellm`), so the fit check is the one
+    bound."""
     provider = provider_of(litellm_model)
+    if provider == "gemini" or (
+        provider == "vertex_ai" and provider_model(litellm_model).startswith("gemini")
+    ):
+        return GEMINI_STOP_SEQUENCES
     if provider == "azure":
         name = litellm_model.rsplit("/", 1)[-1]  # a deployment, after a data zone (azure/eu/)
     elif provider == "openai" and mapped_output_limit(litellm_model) is not None:
@@ -966,6 +975,11 @@ def quiet_litellm() -> Any:
 
     litellm.telemetry = False
     litellm.suppress_debug_info = True
+    # litellm cut a request's ``stop`` to its first 4 (OpenAI's limit) for every provider:
+    # a Claude asked for 6 stopped at 4 of them, and an answer that ran past one the client
+    # stops on looked like the model's fault. The fit check holds each model to its own limit
+    # (stop_sequence_limit) and sends a request over it elsewhere, as it does max_tokens.
+    litellm.disable_stop_sequence_limit = True
     if REPEATED_CHUNKS not in os.environ:
         # litellm ends a stream with a 500 once 100 chunks in a row carry the same text: a
         # legitimate answer does that (a table of equal rows, a phrase asked for 200 times, a
