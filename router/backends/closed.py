@@ -554,10 +554,12 @@ class ClosedBackend:
 
     def _azure_client(self, model: ModelLike, api_key: str | None) -> Any:
         """The SDK client litellm builds for an ``azure/`` model (its Azure settings: endpoint,
-        API version, Entra ID), copied over the bounded HTTP client: litellm calls Azure
+        API version, v1 routes), copied over the bounded HTTP client: litellm calls Azure
         through the OpenAI SDK and takes such a client as it is. The endpoint and API version
         are the ones litellm would use (the model's ``api_base``, else ``AZURE_API_BASE``;
-        ``AZURE_API_VERSION``, else litellm's default)."""
+        ``AZURE_API_VERSION``, else litellm's default). The key goes as ``api-key``: litellm's
+        Entra ID settings apply only to a model without a key, which is not called (README,
+        *Closed providers*)."""
         handler = self._bounded_client()
         env = self._environ
         base = model.api_base or env.get("AZURE_API_BASE")
