@@ -86,8 +86,9 @@ def litellm_model_map() -> dict[str, Any]:
 
 
 @functools.cache
-def _litellm_tables() -> tuple[dict[str, Any], dict[str, int]]:
-    # litellm's map, parsed once (about 0.1 s): its prices and its models' output limits.
+def _litellm_tables() -> tuple[dict[str, Any], dict[str, int], frozenset[str]]:
+    # litellm's map, parsed once (about 0.1 s): its prices, its models' output limits and the
+    # names of OpenAI's own models.
     data = litellm_model_map()
     prices = {
         name: {k: entry[k] for k in _PRICE_FIELDS if k in entry}
@@ -99,7 +100,12 @@ def _litellm_tables() -> tuple[dict[str, Any], dict[str, int]]:
         for name, entry in data.items()
         if isinstance(entry, dict) and type(entry.get("max_output_tokens")) is int
     }
-    return prices, limits
+    openai = frozenset(
+        name
+        for name, entry in data.items()
+        if isinstance(entry, dict) and entry.get("litellm_provider") == "openai"
+    )
+    return prices, limits, openai
 
 
 def load_litellm_cost_map() -> dict[str, Any]:
@@ -114,6 +120,13 @@ def litellm_output_limits() -> Mapping[str, int]:
     """Each model's output limit (``max_output_tokens``) in litellm's bundled map, read in the
     same parse as its prices (:func:`load_litellm_cost_map`)."""
     return _litellm_tables()[1]
+
+
+def litellm_openai_models() -> frozenset[str]:
+    """The names litellm's bundled map lists as OpenAI's own models (``litellm_provider``
+    ``openai``): ``gpt-4o`` and ``o3``, not ``deepseek-chat`` or ``claude-sonnet-4-5``, which
+    the map lists under their own providers though an OpenAI-compatible API may serve them."""
+    return _litellm_tables()[2]
 
 
 class CostBook:

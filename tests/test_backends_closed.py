@@ -1159,7 +1159,14 @@ def test_a_litellm_stream_that_stops_without_its_end_was_cut_off() -> None:
         ("azure/gpt-5", 0),
         ("gemini/gemini-2.5-pro", 5),
         ("vertex_ai/gemini-2.5-flash", 5),
+        ("gpt-4o", 4),
         ("openai/my-org/gpt-4o", None),
+        # Other providers' models litellm's map lists, served over an OpenAI-compatible API
+        # (DeepSeek's, Google's, Anthropic's compatibility layer) or named bare.
+        ("openai/deepseek-chat", None),
+        ("openai/gemini-2.5-flash", None),
+        ("openai/claude-sonnet-4-5", None),
+        ("claude-sonnet-4-5", None),
         ("anthropic/claude-sonnet-4-5", None),
         ("vertex_ai/claude-sonnet-4-5", None),
         ("mistral/mistral-large-latest", None),
@@ -1171,7 +1178,8 @@ def test_a_models_stop_sequences_are_those_its_provider_takes(
     """OpenAI and Azure OpenAI take 4 stop sequences; OpenAI's reasoning models but o3-mini
     and gpt-5's chat models take none (a 400 ``unsupported_parameter`` for ``stop``), on
     either; Gemini takes 5. A model an OpenAI-compatible server serves, and other providers',
-    are not known for a limit (litellm translates their field)."""
+    are not known for a limit (litellm translates their field), though litellm's map lists them
+    and the ``openai/`` prefix reaches them: ``openai/deepseek-chat`` was held to OpenAI's 4."""
     assert stop_sequence_limit(litellm_model) == stops
 
 

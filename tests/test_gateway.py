@@ -311,20 +311,22 @@ def test_a_request_with_both_output_limits_is_sent_the_one_it_was_fitted_by(
             assert [sent.get(k) for k in limits if k in sent] == [50], model
 
 
+@pytest.mark.parametrize("served", ["my-llama-70b", "deepseek-chat"])
 @pytest.mark.parametrize(
     "limits",
     [{"max_tokens": 3000, "max_completion_tokens": 50}, {"max_completion_tokens": 50}],
     ids=["both", "max_completion_tokens"],
 )
 def test_an_openai_compatible_server_is_sent_the_limit_as_max_tokens(
-    tmp_path: Path, fake: FakeProvider, limits: dict[str, int]
+    tmp_path: Path, fake: FakeProvider, limits: dict[str, int], served: str
 ) -> None:
-    """An OpenAI-compatible server (``openai/`` with ``api_base``, a model litellm's map does
-    not list) is sent the limit as ``max_tokens``, the one every such server reads and older
-    ones (vLLM before max_completion_tokens, Ollama) read alone: sent ``max_completion_tokens``
-    only, such a server wrote past the limit the request was fitted and held by."""
+    """An OpenAI-compatible server (``openai/`` with ``api_base``: a model litellm's map does
+    not list, or another provider's it lists, as DeepSeek's API serves ``deepseek-chat``) is
+    sent the limit as ``max_tokens``, the one every such server reads and older ones (vLLM
+    before max_completion_tokens, Ollama) read alone: sent ``max_completion_tokens`` only, such
+    a server wrote past the limit the request was fitted and held by."""
     fake.reset(Behaviour(completion_tokens=500, output_fields=("max_tokens",)))
-    policy = policy_yaml(fake).replace("openai/gpt-4o\n", "openai/my-llama-70b\n")
+    policy = policy_yaml(fake).replace("openai/gpt-4o\n", f"openai/{served}\n")
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], **limits}
     with live(tmp_path, policy) as srv:
         answer = srv.http.post("/v1/chat/completions", json=body)

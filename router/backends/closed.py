@@ -52,7 +52,7 @@ from router.backends.openai_http import (
     window_words_in,
 )
 from router.config import MAX_EVENT_BYTES
-from router.costs import litellm_output_limits
+from router.costs import litellm_openai_models, litellm_output_limits
 from router.errors import (
     BackendError,
     BadRequestError,
@@ -216,16 +216,26 @@ def mapped_output_limit(litellm_model: str) -> int | None:
     return found
 
 
+def openai_model(litellm_model: str) -> bool:
+    """Whether ``litellm_model`` is one of OpenAI's own models (``openai/gpt-4o``, ``o3``), as
+    litellm's map lists them, and not another provider's served over an OpenAI-compatible API
+    (``openai/deepseek-chat`` on DeepSeek's, ``openai/gemini-2.5-flash`` on Google's): only
+    OpenAI's take at most :data:`OPENAI_STOP_SEQUENCES` and read ``max_completion_tokens``."""
+    return provider_of(litellm_model) == "openai" and (
+        provider_model(litellm_model) in litellm_openai_models()
+    )
+
+
 #: How many stop sequences OpenAI's chat API takes ("Up to 4 sequences", its API reference;
 #: more is a 400), and Azure OpenAI's ("Up to four sequences", its REST reference).
 OPENAI_STOP_SEQUENCES = 4
+#: How many stop sequences Gemini takes ("up to 5", its GenerationConfig reference, as
+#: litellm's Gemini config repeats it), on Google AI Studio and Vertex AI.
+GEMINI_STOP_SEQUENCES = 5
 # OpenAI's reasoning models that refuse ``stop`` (a 400 ``unsupported_parameter``, on OpenAI's
 # API and Azure's): the o1, o3 and o4 families but o3-mini, and gpt-5 and later but gpt-5's
 # chat models, as litellm's gpt-5 config lists them (it lists ``stop`` for the o-series, whose
 # refusal users report: o1-preview, o1-mini, o3, o4-mini).
-#: How many stop sequences Gemini takes ("up to 5", its GenerationConfig reference, as
-#: litellm's Gemini config repeats it), on Google AI Studio and Vertex AI.
-GEMINI_STOP_SEQUENCES = 5
 _O_SERIES_WITHOUT_STOP = re.compile(r"(?:o1|o3(?!-mini)|o4)(?:$|[-.])")
 _GPT_GENERATION = re.compile(r"gpt-(\d+)")
 
@@ -240,14 +250,14 @@ def takes_no_stop(name: str) -> bool:
 
 
 def stop_sequence_limit(litellm_model: str) -> int | None:
-    """How many stop sequences ``litellm_model`` takes at most, where known: an OpenAI model
-    litellm's map lists, and any Azure OpenAI deployment, take :data:`OPENAI_STOP_SEQUENCES`,
-    but OpenAI's reasoning models none (:func:`takes_no_stop`: an Azure deployment is known
-    for one only by a name that says it, such as ``azure/o3``); a Gemini model
-    :data:`GEMINI_STOP_SEQUENCES`. A model an OpenAI-compatible server serves (vLLM,
-    llama.cpp), and other providers' (litellm translates their field), are not known for a
-    limit: None. litellm sends them all (:func:`quiet_litellm`), so the fit check is the one
-    bound."""
+    """How many stop sequences ``litellm_model`` takes at most, where known: OpenAI's own
+    models (:func:`openai_model`) and any Azure OpenAI deployment take
+    :data:`OPENAI_STOP_SEQUENCES`, but OpenAI's reasoning models none (:func:`takes_no_stop`:
+    an Azure deployment is known for one only by a name that says it, such as ``azure/o3``); a
+    Gemini model :data:`GEMINI_STOP_SEQUENCES`. A model an OpenAI-compatible server serves
+    (vLLM, llama.cpp, DeepSeek's API), and other providers' (litellm translates their field),
+    are not known for a limit: None. litellm sends them all (:func:`quiet_litellm`), so the
+    fit check is the one bound."""
     provider = provider_of(litellm_model)
     if provider == "gemini" or (
         provider == "vertex_ai" and provider_model(litellm_model).startswith("gemini")
@@ -255,7 +265,7 @@ def stop_sequence_limit(litellm_model: str) -> int | None:
         return GEMINI_STOP_SEQUENCES
     if provider == "azure":
         name = litellm_model.rsplit("/", 1)[-1]  # a deployment, after a data zone (azure/eu/)
-    elif provider == "openai" and mapped_output_limit(litellm_model) is not None:
+    elif openai_model(litellm_model):
         name = provider_model(litellm_model)
     else:
         return None
@@ -302,11 +312,11 @@ def direct(model: ModelLike) -> bool:
 
 def output_field(model: ModelLike) -> str:
     """The chat field that bounds an answer's length for ``model`` on the path it is called:
-    on the direct path, ``max_completion_tokens`` for a model litellm's map knows (an OpenAI
-    model: OpenAI's reasoning models refuse ``max_tokens``), else ``max_tokens``, which every
+    on the direct path, ``max_completion_tokens`` for OpenAI's own models (:func:`openai_model`:
+    its reasoning models refuse ``max_tokens``), else ``max_tokens``, which every
     OpenAI-compatible server (vLLM, llama.cpp, Ollama) takes and some older ones take alone;
     through litellm, ``max_tokens``, which litellm translates for each provider."""
-    if direct(model) and mapped_output_limit(model.litellm_model or "") is not None:
+    if direct(model) and openai_model(model.litellm_model or ""):
         return "max_completion_tokens"
     return "max_tokens"
 
