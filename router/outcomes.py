@@ -610,6 +610,15 @@ class SpendLedger:
             del self._held[tenant]
         return tenant
 
+    def holding(self) -> dict[str, list[str]]:
+        """The request ids that hold spend here, per tenant: requests in flight (a shared
+        store renews their holds, :meth:`RedisOutcomeStore._refresh`)."""
+        with self._lock:
+            held: dict[str, list[str]] = defaultdict(list)
+            for request_id, (tenant, _) in self._holds.items():
+                held[tenant].append(request_id)
+            return dict(held)
+
     def get(self, tenant: str) -> float:
         """USD spent today by ``tenant``: stored, queued and held."""
         with self._lock:

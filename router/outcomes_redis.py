@@ -37,7 +37,8 @@ Cluster is not supported (docs/kubernetes.md, *External Redis*):
 ``P:hold:<tenant>``             hash, request id -> USD held for a request in flight, and
 ``P:holds:<tenant>``            sorted set of the same ids by expiry: budget reservations
                                 (``reserve_spend``), dropped when the request's record is written
-                                or, if it never is, after :data:`HOLD_TTL_S`; and by an erasure
+                                or, if it never is, after :data:`HOLD_TTL_S`, which the replica
+                                serving the request renews while it runs; and by an erasure
                                 of the tenant (the records of those requests are refused and
                                 counted as the erased tenant's spend).
 ``P:label:<request id>``        hash, label source -> label JSON (feedback, shadow, escalation).
@@ -145,6 +146,8 @@ REBUILD_TTL_S = 300
 #: need XTRIM MINID, the rebuild XGROUP CREATECONSUMER and exclusive XPENDING ranges (6.2).
 MIN_REDIS = (6, 2)
 #: A budget hold whose request never wrote a record (its replica died) lapses after this long.
+#: A replica renews the holds of its requests in flight every third of it (in the spend
+#: refresh), so a request that runs longer (a long stream) keeps its hold.
 HOLD_TTL_S = 900
 #: After Redis failed a budget hold, holds use this replica's view for this long without asking
 #: Redis (as the rate limits do): no connect timeout per request, no warning per request.
@@ -161,10 +164,9 @@ return 1
 """
 
 # KEYS: spend hash, hold hash, holds zset. ARGV: tenant, id, usd, budget (<0: none), now,
-# expiry, the tenant's erased spend field. Returns 1 when the hold was taken, 0 when spend
-# (its erased spend included) + holds had reached the budget.
-_RESERVE_LUA = (
-    """
+# expiry, the tenant's erased spend field, the keys' TTL (s). Returns 1 when the hold was
+# taken, 0 when spend (its erased spend included) + holds had reached the budget.
+_RESERVE_LUA = """
 for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[5])) do
   redis.call('HDEL', KEYS[2], gone)
 end
@@ -180,15 +182,10 @@ if budget >= 0 then
 end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 redis.call('ZADD', KEYS[3], ARGV[6], ARGV[2])
-redis.call('EXPIRE', KEYS[2], """
-    + str(HOLD_TTL_S)
-    + """)
-redis.call('EXPIRE', KEYS[3], """
-    + str(HOLD_TTL_S)
-    + """)
+redis.call('EXPIRE', KEYS[2], ARGV[8])
+redis.call('EXPIRE', KEYS[3], ARGV[8])
 return 1
 """
-)
 
 # Both scripts return 2 for an item an erasure refuses (see router.outcomes.refused): its cost
 # is counted all the same (it was spent, and an erasure leaves the day's spend as it was).
@@ -521,6 +518,7 @@ class RedisOutcomeStore(OutcomeWriter):
 
     ``url`` is a ``redis://`` URL. ``settings`` (a :class:`~router.config.Settings`) supplies
     the journal path and buffer size when given; keyword arguments override it.
+    ``hold_ttl_s``: how long a budget hold lasts in Redis unless renewed (:data:`HOLD_TTL_S`).
     """
 
     memory_factor = _MEMORY_FACTOR
@@ -537,12 +535,14 @@ class RedisOutcomeStore(OutcomeWriter):
         retention_s: float | None = 30 * 86400,
         prefix: str = "tiergate",
         batch: int = 200,
+        hold_ttl_s: int = HOLD_TTL_S,
     ) -> None:
         size = buffer_size or (settings.outcome_queue_size if settings is not None else 100_000)
         super().__init__("redis-outcome-writer", buffer_size=size, batch=batch, linger_s=0.0)
         self.url = url
         self.prefix = prefix
         self.retention_s = retention_s
+        self.hold_ttl_s = hold_ttl_s
         self.journal = journal or (
             Path(settings.outcome_journal_path)
             if settings is not None
@@ -550,6 +550,7 @@ class RedisOutcomeStore(OutcomeWriter):
         )
         self._journal_lines = 0
         self._last_refresh = 0.0
+        self._holds_renewed = time.monotonic()  # when this replica's holds were last renewed
         self.replica_id = uuid.uuid4().hex
         #: Replicas that heartbeat within REPLICA_TTL_S at the last refresh, this one included.
         self.replicas = 1
@@ -754,7 +755,9 @@ class RedisOutcomeStore(OutcomeWriter):
 
     def _refresh(self) -> None:
         """Read today's shared spend into the ledger, beat this replica's heartbeat, count the
-        live replicas and read the models' shared cooldowns: one round trip."""
+        live replicas and read the models' shared cooldowns: one round trip. Every third of
+        the holds' TTL it renews the budget holds of this replica's requests in flight in the
+        same round trip (:meth:`_renew_holds`)."""
         now = time.time()
         names = list(self._cooldown_names())
         pipe = self._client.pipeline(transaction=False)
@@ -765,8 +768,13 @@ class RedisOutcomeStore(OutcomeWriter):
         for name in names:
             pipe.get(self.key("cooldown", valid_text(name)))
             pipe.pttl(self.key("cooldown", valid_text(name)))
-        spend, _, _, live, *cooling = pipe.execute()
+        renewing = time.monotonic() - self._holds_renewed >= self.hold_ttl_s / 3
+        if renewing:
+            self._renew_holds(pipe, now)
+        spend, _, _, live, *cooling = pipe.execute()[: 4 + 2 * len(names)]
         read = time.monotonic()
+        if renewing:
+            self._holds_renewed = read
         self.ledger.load(*_day_spend(_day(now), spend))
         self.replicas = max(int(live), 1)
         self.spend_known = True
@@ -777,6 +785,19 @@ class RedisOutcomeStore(OutcomeWriter):
             if mark and int(ms) > 0
         }
         self._last_refresh = read
+
+    def _renew_holds(self, pipe: Any, now: float) -> None:
+        """Queue on ``pipe`` the renewal of this replica's budget holds, which would otherwise
+        lapse after :data:`HOLD_TTL_S` however long their requests run. ``ZADD XX`` and
+        ``EXPIRE`` renew only what is there: a hold settled by its record, released or erased
+        meanwhile is not put back, nor one taken only here while Redis was unreachable."""
+        expiry = now + self.hold_ttl_s
+        for tenant, ids in self.ledger.holding().items():
+            tenant_key = valid_text(tenant)
+            renewed = {valid_text(i): expiry for i in ids}
+            pipe.zadd(self.key("holds", tenant_key), renewed, xx=True)
+            pipe.expire(self.key("hold", tenant_key), self.hold_ttl_s)
+            pipe.expire(self.key("holds", tenant_key), self.hold_ttl_s)
 
     # -- cooldowns (router.cooldown.SharedCooldowns) ---------------------------------------
 
@@ -972,7 +993,7 @@ class RedisOutcomeStore(OutcomeWriter):
         reached ``budget`` (one Lua script). With Redis unreachable, the check runs on this
         replica's view (:meth:`spend_today`) against its share of the budget
         (:meth:`_outage_budget`). This replica's budget checks see its holds at once; in Redis
-        a hold lapses after :data:`HOLD_TTL_S`."""
+        a hold lapses after :data:`HOLD_TTL_S` unless this replica renews it (:meth:`_refresh`)."""
         from redis import RedisError
 
         if time.monotonic() < self._holds_down_until:
@@ -993,8 +1014,9 @@ class RedisOutcomeStore(OutcomeWriter):
                         repr(float(usd)),
                         -1.0 if budget is None else repr(float(budget)),
                         repr(now),
-                        repr(now + HOLD_TTL_S),
+                        repr(now + self.hold_ttl_s),
                         _erased_field(tenant_key),
+                        self.hold_ttl_s,
                     ],
                 )
             )

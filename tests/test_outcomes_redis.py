@@ -497,6 +497,32 @@ def test_a_replica_started_in_an_outage_holds_no_budget_it_cannot_see(
         c.close(timeout_s=0.5)
 
 
+def test_a_request_longer_than_the_hold_ttl_keeps_its_budget_hold(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A budget hold lapsed ``HOLD_TTL_S`` after it was taken, however long its request ran:
+    during a stream longer than that (15 minutes) another replica saw the budget free again
+    and spent it. Each replica renews the holds of its requests in flight; the hold goes when
+    the record comes, and the hold of a replica that stopped (died) still lapses."""
+    a = store(redis_server, tmp_path / "a", hold_ttl_s=3)
+    b = store(redis_server, tmp_path / "b", hold_ttl_s=3)
+    try:
+        assert a.reserve_spend("acme", "req_long", 1.0, 1.0)
+        time.sleep(4.5)  # past the hold's TTL, its request still running on a
+        assert not b.reserve_spend("acme", "req_b1", 0.5, 1.0)
+        assert redis_server.client().hget("tiergate:hold:acme", "req_long") == b"1.0"
+        a.submit(outcome("req_long", tenant="acme", cost_usd=0.25))
+        assert a.flush(10)
+        assert b.reserve_spend("acme", "req_b2", 0.75, 1.0)  # the record settled the hold
+        assert not a.reserve_spend("acme", "req_a1", 0.5, 1.0)
+        b.close()  # b stops with req_b2 in flight, as a replica that dies
+        time.sleep(4.5)
+        assert a.reserve_spend("acme", "req_a2", 0.5, 1.0)  # b's hold lapsed
+    finally:
+        a.close(timeout_s=0.5)
+        b.close(timeout_s=0.5)
+
+
 def test_a_closed_replica_stops_counting_towards_the_shares(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
