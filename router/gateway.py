@@ -190,6 +190,7 @@ class RequestContext:
     asked: str = ""  # the model name asked for, the record's alias when there are no signals
     probe: float = 0.0  # the cooldown probe its model's call holds (Cooldowns.calling), or 0
     since: int = 0  # its model's call's stamp (Cooldowns.changes as it began)
+    left: bool = False  # its client left a closed call, which ends; no other model is called
 
     def tokens_used(self) -> int:
         """The tokens this request used (the rate limiter's charge): its answer's, and those of
@@ -516,7 +517,7 @@ class Gateway:
                 self.learning.observe(ctx, call.body)
             if not ctx.stream:
                 result = await _unless_disconnected(
-                    call, self.complete(ctx, call.body, call.native)
+                    call, self.complete(ctx, call.body, call.native), ctx
                 )
                 if call.shape is None:
                     _unnamed_stop(ctx, result.body)
@@ -1411,7 +1412,10 @@ class Gateway:
     ) -> _T:
         """Call ``model``: the probe after its cooldown lapsed, if this call is (:meth:`_calling`);
         one that ends saying nothing of the model (not a failure that counts: the request's
-        fault, a full queue, a client that left) lets the next call probe."""
+        fault, a full queue, a client that left) lets the next call probe. None once the client
+        left a closed call (``ctx.left``): :class:`ClientDisconnected`."""
+        if ctx.left:  # a closed call its client left has failed: nobody to answer now
+            raise ClientDisconnected("the client closed the connection")
         # ``served`` is set while the model works, so a request cancelled meanwhile (its client
         # left) is recorded, and charged, against the model that was working on it.
         ctx.served = Served(model, fallback)
@@ -1693,10 +1697,17 @@ def _prompt_to_store(decision: Decision, body: Mapping[str, Any]) -> str | None:
     return text if decision.store_prompts == "full" else redacted(text)
 
 
-async def _unless_disconnected(call: Call, work: Awaitable[_T]) -> _T:
+async def _unless_disconnected(
+    call: Call, work: Awaitable[_T], ctx: RequestContext | None = None
+) -> _T:
     """``work``'s result, or :class:`ClientDisconnected` once the client has gone, with
     ``work`` cancelled (the local backend then stops generating, or leaves its queue, and frees
-    its place). ``work`` is a whole answer, or a stream up to its first chunk."""
+    its place). ``work`` is a whole answer, or a stream up to its first chunk.
+
+    A whole answer a closed model is writing (``ctx`` given) is not cancelled: a provider goes
+    on with a non-streamed answer whose caller hung up and bills all of it, so the call runs to
+    its end (its model's timeout bounds it, and no other model is called after it,
+    ``ctx.left``) and the request is recorded aborted with the provider's usage."""
     if call.disconnected is None:
         return await work
     task = asyncio.ensure_future(work)
@@ -1708,12 +1719,23 @@ async def _unless_disconnected(call: Call, work: Awaitable[_T]) -> _T:
             if await call.disconnected():
                 if task.done():  # it finished while we asked: what is made is answered
                     return task.result()
+                if ctx is not None and _billed_whole(ctx):
+                    ctx.left = True
+                    with contextlib.suppress(TiergateError):  # a failed call bills nothing
+                        await task
                 raise ClientDisconnected("the client closed the connection")
     finally:
         if not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+def _billed_whole(ctx: RequestContext) -> bool:
+    """Whether the call in flight is billed whole though its client left: a closed model's
+    non-streamed answer. Closing a stream stops the provider, and the local model stops at its
+    next token."""
+    return not ctx.stream and ctx.served is not None and ctx.served.model.tier == "closed"
 
 
 def _shaped(

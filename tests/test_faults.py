@@ -1632,6 +1632,41 @@ def test_client_leaving_a_non_streaming_request_stops_local_generation(
     assert _post(server, EASY).status_code == 200  # the slot is free again
 
 
+def test_a_client_leaving_a_closed_call_is_charged_the_whole_answer(
+    server: LiveServer, fake: FakeProvider, local: ScriptedLocal
+) -> None:
+    """A provider does not stop a non-streamed answer whose caller hung up, and bills all of
+    it. Cancelling the call when the client left recorded the prompt alone, so a client could
+    have answers written at the operator's cost while its tenant's budget saw only prompts.
+    The call runs to its end and the request is recorded aborted with the provider's usage."""
+    fake.reset(Behaviour(mode="stall", stall_s=30, completion_tokens=900))
+    with pytest.raises(httpx.ReadTimeout):  # a real socket: the client hangs up after 1 s
+        httpx.post(server.url + "/v1/chat/completions", json=HARD, timeout=1.0)
+    time.sleep(1.0)  # Tiergate has seen it go (it looks every 0.25 s)
+    fake.unstall()  # the provider ends the answer it was writing
+    record = _records(server, 1)[0]
+    assert (record["status"], record["http_status"], record["model"]) == ("aborted", 499, "gpt-4o")
+    assert record["completion_tokens"] == 900
+    assert record["cost_usd"] > 900 * 10.0 / 1e6  # gpt-4o's output price, $10 per million
+    assert len(fake.received) == 1 and local.calls == 0
+
+
+def test_a_closed_call_failing_after_its_client_left_is_not_tried_again(
+    server: LiveServer, fake: FakeProvider, local: ScriptedLocal
+) -> None:
+    """A closed call that its client left runs to its end; if it fails then, no other model
+    is called (the policy's ``on_failure: local`` would have asked the local one): nobody is
+    there to answer."""
+    fake.reset(Behaviour(mode="status", status=500, error_pad=10, stall_s=30))
+    with pytest.raises(httpx.ReadTimeout):  # a real socket: the client hangs up after 1 s
+        httpx.post(server.url + "/v1/chat/completions", json=HARD, timeout=1.0)
+    time.sleep(1.0)
+    fake.unstall()  # the provider's 500 ends
+    record = _records(server, 1)[0]
+    assert (record["status"], record["http_status"], record["cost_usd"]) == ("aborted", 499, 0.0)
+    assert len(fake.received) == 1 and local.calls == 0
+
+
 # -- hostile input -----------------------------------------------------------------------------
 
 _SURROGATE_BODY = (
