@@ -135,8 +135,9 @@ _STREAM_MAXLEN = 1_000_000
 #: pending entries REBUILD_PENDING_LAST per script, and its last step (one script, which blocks
 #: Redis while it runs) at most REBUILD_LAST entries and REBUILD_PENDING_LAST pending entries;
 #: it starts again at most REBUILD_TRIES times when other erasures delete entries meanwhile,
-#: and copies pending entries again at most as often. A copy a dead rebuild left expires after
-#: REBUILD_TTL_S.
+#: and copies pending entries again, or deletes from the copy what other clients deleted from
+#: the stream (comparing REBUILD_BATCH entries per script), at most as often. A copy a dead
+#: rebuild left expires after REBUILD_TTL_S.
 REBUILD_BATCH = 1000
 REBUILD_LAST = 100
 REBUILD_PENDING_LAST = 500
@@ -293,9 +294,10 @@ return 1
 """
 
 
-# Lua shared by the two scripts that copy a stream's consumer groups into its rebuild's copy
-# (the copy's groups already made). A consumer's mark is its pending count, when it was last
-# seen (ms) and when that was read, by XINFO CONSUMERS: every command that adds to, takes from
+# Lua shared by the scripts that finish a stream's rebuild: those that copy its consumer groups
+# into the copy (the copy's groups already made), and those that delete from the copy what
+# another client deleted from the stream. A consumer's mark is its pending count, when it was
+# last seen (ms) and when that was read, by XINFO CONSUMERS: every command that adds to, takes from
 # or changes a consumer's pending entries either names the consumer (XREADGROUP, XCLAIM,
 # XAUTOCLAIM: it is seen again) or lowers its count (XACK, another's claim, XDEL with its
 # references), and its count rises only when it is seen. So while its mark holds, what was
@@ -336,7 +338,34 @@ local function after(id)
   if id == '-' then return '-' end
   return '(' .. id
 end
+-- Deletes from a stream's copy those of its entries ``copied`` (newest first, from ``upto``
+-- back) that the stream no longer holds; how many.
+local function prune(stream, copy, copied, upto)
+  if #copied == 0 then return 0 end
+  local kept, gone = {}, {}
+  for _, entry in ipairs(redis.call('XREVRANGE', stream, upto, copied[#copied][1])) do
+    kept[entry[1]] = true
+  end
+  for _, entry in ipairs(copied) do
+    if not kept[entry[1]] then table.insert(gone, entry[1]) end
+  end
+  if #gone == 0 then return 0 end
+  return redis.call('XDEL', copy, unpack(gone))
+end
 """
+
+# KEYS: the stream, its copy. ARGV: the id to compare back from (inclusive, or exclusive as
+# '(id'), the most entries to compare. Deletes from the copy the entries there that another
+# client deleted from the stream since they were copied (XDEL), among the copy's next ARGV[2]
+# back from ARGV[1]. Returns {how many went, the oldest id compared ('': none left)}.
+_PRUNE_LUA = (
+    _PENDING_LUA
+    + """
+local copied = redis.call('XREVRANGE', KEYS[2], ARGV[1], '-', 'COUNT', tonumber(ARGV[2]))
+if #copied == 0 then return {0, ''} end
+return {prune(KEYS[1], KEYS[2], copied, ARGV[1]), copied[#copied][1]}
+"""
+)
 
 # KEYS: the stream, its copy. ARGV: a group, one of its consumers, the id its pending entries
 # were copied to ('-': none), the last id of the copy, the most to copy, the consumer's mark
@@ -364,13 +393,18 @@ return {mark, #batch, batch[#batch][1]}
 # ARGV: the last entry id copied ('-': none), how many were copied, the most to copy here, the
 # erasures' deleted count the copy began at, the id to which pending entries were copied ('-':
 # none), the most pending entries to copy here.
-# Returns 0 when the copy is not whole (an erasure deleted entries since it began, or it
-# expired), -1 when more than ARGV[3] entries are left to copy (copy them first), -2 when more
-# than ARGV[6] pending entries are (copy them first: those of the consumers whose mark no
-# longer holds, and those past ARGV[5]), 1 when the copy, with the entries added since, its
-# head trimmed as the stream's was, its consumer groups (their last delivered id, consumers and
-# pending entries, less the erased ones) and its last id, has replaced the stream (IDs are
-# kept: an XREAD from a last-seen id goes on).
+# Returns {0} when the copy is not whole (an erasure deleted entries since it began, or it
+# expired), {-1} when more than ARGV[3] entries are left to copy (copy them first), {-2} when
+# more than ARGV[6] pending entries are (copy them first: those of the consumers whose mark no
+# longer holds, and those past ARGV[5]), {-3, the copy's length, its last id, how many entries
+# it holds that the stream no longer does} when another client deleted entries (XDEL) that were
+# copied, of which this script deletes from the copy those among its last ARGV[3] entries
+# (have the others deleted first, _PRUNE_LUA: the copy, with the entries added since, is kept),
+# {1} when the copy, with the entries added since, its head trimmed as the stream's was, its
+# consumer groups (their last delivered id, consumers and pending entries, less the erased
+# ones) and its last id, has replaced the stream (IDs are kept: an XREAD from a last-seen id
+# goes on). Only an XDEL can leave the copy longer than the stream once both are trimmed alike:
+# no entry can join a stream before its last one.
 # Since Redis 7 a stream also counts the entries added and a group those read (its lag): they
 # are kept too.
 # The old stream is renamed away before the copy takes its name, then freed in the background
@@ -381,17 +415,17 @@ return {mark, #batch, batch[#batch][1]}
 _REBUILD_LUA = (
     _PENDING_LUA
     + """
-if (redis.call('HGET', KEYS[3], 'deleted') or '0') ~= ARGV[4] then return 0 end
-if redis.call('XLEN', KEYS[2]) ~= tonumber(ARGV[2]) then return 0 end
+if (redis.call('HGET', KEYS[3], 'deleted') or '0') ~= ARGV[4] then return {0} end
+if redis.call('XLEN', KEYS[2]) ~= tonumber(ARGV[2]) then return {0} end
 local function rebuilt(stream)
   redis.call('HSET', KEYS[3], 'rebuilt', ARGV[4])
   if stream and stream['max-deleted-entry-id'] then
     redis.call('HSET', KEYS[3], 'rebuilt-id', stream['max-deleted-entry-id'])
   end
-  return 1
+  return {1}
 end
 local tail = redis.call('XRANGE', KEYS[1], after(ARGV[1]), '+', 'COUNT', tonumber(ARGV[3]) + 1)
-if #tail > tonumber(ARGV[3]) then return -1 end
+if #tail > tonumber(ARGV[3]) then return {-1} end
 local groups, left = {}, tonumber(ARGV[6])
 for _, flat in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   local group = fields(flat)
@@ -402,10 +436,10 @@ for _, flat in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
       left = left - group.changed[consumer]
     end
   end
-  if left < 0 then return -2 end
+  if left < 0 then return {-2} end
   group.past = redis.call('XPENDING', KEYS[1], group['name'], after(ARGV[5]), '+', left + 1)
   left = left - #group.past
-  if left < 0 then return -2 end
+  if left < 0 then return {-2} end
   table.insert(groups, group)
 end
 for _, entry in ipairs(tail) do redis.call('XADD', KEYS[2], entry[1], unpack(entry[2])) end
@@ -416,6 +450,13 @@ if #first == 0 then
   return rebuilt(fields(redis.call('XINFO', 'STREAM', KEYS[1])))
 end
 redis.call('XTRIM', KEYS[2], 'MINID', first[1][1])
+local extra = redis.call('XLEN', KEYS[2]) - redis.call('XLEN', KEYS[1])
+if extra < 0 then return {0} end
+if extra > 0 then
+  local copied = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', tonumber(ARGV[3]))
+  extra = extra - prune(KEYS[1], KEYS[2], copied, '+')
+  if extra > 0 then return {-3, redis.call('XLEN', KEYS[2]), copied[1][1], extra} end
+end
 local stale = {}
 for _, flat in ipairs(redis.call('XINFO', 'GROUPS', KEYS[2])) do stale[fields(flat)['name']] = 1 end
 for _, group in ipairs(groups) do
@@ -564,6 +605,7 @@ class RedisOutcomeStore(OutcomeWriter):
         self._cooldown_script: Any = None
         self._rebuild_script: Any = None
         self._pending_script: Any = None
+        self._prune_script: Any = None
         # Cooldowns (router.cooldown), as (mark, monotonic end) by model: those started here and
         # not yet written, and those read at the last refresh; the models to read them for.
         self._cooldowns_out: dict[str, tuple[str, float]] = {}
@@ -614,6 +656,7 @@ class RedisOutcomeStore(OutcomeWriter):
         self._cooldown_script = self._client.register_script(_COOLDOWN_LUA)
         self._rebuild_script = self._client.register_script(_REBUILD_LUA)
         self._pending_script = self._client.register_script(_PENDING_BATCH_LUA)
+        self._prune_script = self._client.register_script(_PRUNE_LUA)
 
     def start(self) -> None:
         """Connect, take up the journal an earlier run left, read the day's shared spend, and
@@ -1502,13 +1545,16 @@ class RedisOutcomeStore(OutcomeWriter):
         The consumer groups' pending entries are copied before the last script too
         (:meth:`_copy_pending`), which then copies only those that changed since, or those of
         entries copied after them: when more than :data:`REBUILD_PENDING_LAST` did, they are
-        copied again first, up to :data:`REBUILD_TRIES` times."""
+        copied again first, up to :data:`REBUILD_TRIES` times. Entries another client deletes
+        from the stream meanwhile (a consumer's ``XDEL``) are deleted from the copy, by the
+        last script among the last :data:`REBUILD_LAST` copied, else first
+        (:meth:`_prune_copy`), up to :data:`REBUILD_TRIES` times: the swap gave them back."""
         import redis
 
         client, stream = self._client, self.key("outcomes")
         copy = self.key("outcomes", "rebuild", uuid.uuid4().hex)
         keys = (stream, copy, copy + ":marks")
-        last, copied, since, upto, rounds = "-", 0, "-", "", 0
+        last, copied, since, upto, rounds, prunes = "-", 0, "-", "", 0, 0
         try:
             while True:
                 start = last if last == "-" else "(" + last
@@ -1519,9 +1565,22 @@ class RedisOutcomeStore(OutcomeWriter):
                         upto = last
                         continue
                     done = self._swap(keys, [last, copied, REBUILD_LAST, deleted, upto])
-                    if done >= 0:
-                        return done == 1
-                    if done == -2:  # more pending entries changed than the script may copy
+                    code = int(done[0])
+                    if code >= 0:
+                        return code == 1
+                    if code == -3:  # entries deleted from the stream are still in the copy
+                        prunes += 1
+                        if prunes == REBUILD_TRIES:
+                            return (
+                                "another client deleted stream entries (XDEL) faster than they "
+                                f"could be deleted from the copy, in each of {REBUILD_TRIES} "
+                                "tries (a consumer deleting what it read, far behind the stream's "
+                                "end?)"
+                            )
+                        copied, last = int(done[1]), str(done[2])
+                        copied -= self._prune_copy(keys, last, int(done[3]))
+                        continue
+                    if code == -2:  # more pending entries changed than the script may copy
                         rounds += 1
                         if rounds == REBUILD_TRIES:
                             return (
@@ -1542,17 +1601,35 @@ class RedisOutcomeStore(OutcomeWriter):
             with contextlib.suppress(redis.RedisError):
                 client.delete(copy, keys[2])  # the copy is gone once renamed
 
-    def _swap(self, keys: tuple[str, str, str], args: list[Any]) -> int:
+    def _swap(self, keys: tuple[str, str, str], args: list[Any]) -> list[Any]:
         """Run the rebuild's last script (:data:`_REBUILD_LUA`) on ``keys`` (the stream, its
-        copy, the consumers' marks) with ``args`` and the most pending entries it may copy."""
+        copy, the consumers' marks) with ``args`` and the most pending entries it may copy;
+        what it returned."""
         stream, copy, marks = keys
         erasures = self.key("outcomes", "erasures")
-        return int(
+        return list(
             self._rebuild_script(
                 keys=[stream, copy, erasures, copy + ":old", marks],
                 args=[*args, REBUILD_PENDING_LAST],
             )
         )
+
+    def _prune_copy(self, keys: tuple[str, str, str], last: str, extra: int) -> int:
+        """Delete from the copy (``keys``: the stream, its copy, the consumers' marks) the
+        entries that another client deleted from the stream since they were copied: compared
+        from the copy's ``last`` entry back, :data:`REBUILD_BATCH` per script
+        (:data:`_PRUNE_LUA`), until the ``extra`` entries the last script counted are found or
+        the copy's first entry is passed. Those deleted near the stream's end (a consumer that
+        deletes what it read) are found first. How many went."""
+        stream, copy, _ = keys
+        start, gone = last, 0
+        while gone < extra:
+            removed, oldest = self._prune_script(keys=[stream, copy], args=[start, REBUILD_BATCH])
+            gone += int(removed)
+            if not oldest:
+                break
+            start = "(" + oldest
+        return gone
 
     def _copy_pending(self, keys: tuple[str, str, str], since: str, upto: str) -> None:
         """Copy the pending entries of every consumer of the stream's groups (``keys``: the

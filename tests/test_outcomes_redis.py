@@ -1767,3 +1767,46 @@ def test_a_rebuild_copies_a_long_pending_list_before_its_last_script(
         assert untouched and all(kept[i] >= idle[i] + 40 for i in untouched)
     finally:
         s.close()
+
+
+def test_entries_a_consumer_deletes_during_a_rebuild_stay_deleted(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A consumer that deletes what it has handled (XACK, then XDEL) while an erasure copies
+    the stream: the copy held those entries, and the stream put in place gave them back to
+    every reader. They stay deleted, wherever they are in the stream; the other entries keep
+    their IDs, and the consumer's acknowledgement holds."""
+    monkeypatch.setattr("router.outcomes_redis.REBUILD_LAST", 2)  # as for 100 of thousands
+    client, stream = redis_server.client(), "tiergate:outcomes"
+    s = store(redis_server, tmp_path)
+    try:
+        alice = _with_fillers(s, 8)[0]
+        ids = [entry for entry, _ in _stream(client)]
+        client.xgroup_create(stream, "exporter", id="0")
+        client.xreadgroup("exporter", "e1", {stream: ">"}, count=6)  # Alice's to filler 2
+        cli = RedisOutcomeStore(redis_server.url, journal=s.journal)
+        cli.connect()
+        script, calls = cli._rebuild_script, []
+
+        def meanwhile(**kw: Any) -> Any:
+            if not calls:  # every entry is in the copy: the consumer deletes three
+                client.xack(stream, "exporter", ids[3])  # filler 0, handled, and two unread:
+                client.xdel(stream, ids[3], ids[8], ids[9])  # fillers 5 and 6 (of the last 2)
+            calls.append(script(**kw))
+            return calls[-1]
+
+        monkeypatch.setattr(cli, "_rebuild_script", meanwhile)
+        try:
+            assert cli.erase([alice.id]).stream is None
+        finally:
+            cli.close()
+        left = [entry for entry, _ in _stream(client)]
+        assert ids[3] not in left  # filler 0
+        assert ids[8] not in left  # filler 5
+        assert left == [i for i in ids if i not in (ids[0], ids[3], ids[8], ids[9])]
+        assert [p[0] for p in _pending(client)] == [ids[1], ids[2], ids[4], ids[5]]
+        # the last script deleted filler 6 from the copy, and had the older two deleted first
+        assert [c[0] for c in calls] == [-3, 1] and calls[0][3] == 2
+        assert not list(client.scan_iter("tiergate:outcomes:rebuild:*"))
+    finally:
+        s.close()
