@@ -23,7 +23,8 @@ Cluster is not supported (docs/kubernetes.md, *External Redis*):
 ``P:outcomes:rebuild:<random>`` stream, a rebuild's copy, renamed over ``P:outcomes`` when it
                                 is whole; expiring after :data:`REBUILD_TTL_S` if left behind,
                                 deleted by the next erasure before then. ``...:marks``, a
-                                hash beside it: its consumers' marks (:data:`_PENDING_LUA`).
+                                hash beside it: its consumers' marks and its groups'
+                                boundaries (:data:`_PENDING_LUA`).
 ``P:outcomes:ts``               sorted set, request id by timestamp: ``recent``, ``count``,
                                 ``purge``. ``P:outcomes:ts:<tenant>`` the same per tenant;
                                 ``P:tenants`` the set of tenants seen.
@@ -296,37 +297,52 @@ return 1
 
 # Lua shared by the scripts that finish a stream's rebuild: those that copy its consumer groups
 # into the copy (the copy's groups already made), and those that delete from the copy what
-# another client deleted from the stream. A consumer's mark is its pending count, when it was
-# last seen (ms) and when that was read, by XINFO CONSUMERS: every command that adds to, takes from
-# or changes a consumer's pending entries either names the consumer (XREADGROUP, XCLAIM,
-# XAUTOCLAIM: it is seen again) or lowers its count (XACK, another's claim, XDEL with its
-# references), and its count rises only when it is seen. So while its mark holds, what was
-# copied of its pending entries is still what they are. A consumer seen within 5 ms of its
-# mark may change within the same millisecond: its mark never holds.
+# another client deleted from the stream.
+#
+# A group's pending entries are copied in two parts, split at its boundary (``@<group>`` in the
+# marks hash): the entry last delivered to the group when its copy began, or the copy's last
+# entry then if that came first. Those up to it are copied before the last script, a batch per
+# script, and each consumer's mark says what they were: its count of them, when Redis last
+# saw it (ms) and when that was read (XINFO CONSUMERS). Those after it, the entries delivered
+# since (an XREADGROUP '>' delivers only entries after the group's last one), the last script
+# copies as they are then, and acknowledges in the copy those acknowledged since. Up to the
+# boundary, an XACK or a DELCONSUMER takes entries away, a claim moves them between consumers,
+# and only a delivery again after XGROUP SETID back or an XCLAIM FORCE of an acknowledged entry
+# adds one. So where no consumer's count changed (and the group's last delivered entry is not
+# behind its boundary), the group holds the same entries up to it; those of a consumer not seen
+# since either (reads and claims name it) are still its own, with the same delivery counts and
+# times. A consumer seen within 5 ms of its mark may change within the same millisecond: it
+# counts as seen.
 _PENDING_LUA = """
 local function fields(flat)
   local t = {}
   for i = 1, #flat, 2 do t[flat[i]] = flat[i + 1] end
   return t
 end
-local function marks(stream, group)
+-- A group's consumers in a stream, name -> {pending count, when Redis last saw it (ms)}, and
+-- the time (ms); none when the group is gone.
+local function consumers(stream, group)
   local clock = redis.call('TIME')
   local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-  local out, consumers = {}, redis.pcall('XINFO', 'CONSUMERS', stream, group)
-  if consumers['err'] then return out end
-  for _, flat in ipairs(consumers) do
+  local out, found = {}, redis.pcall('XINFO', 'CONSUMERS', stream, group)
+  if found['err'] then return out, now end
+  for _, flat in ipairs(found) do
     local c = fields(flat)
-    out[c['name']] = c['pending'] .. '|' .. (now - c['idle']) .. '|' .. now
+    out[c['name']] = {tonumber(c['pending']), now - tonumber(c['idle'])}
   end
-  return out
+  return out, now
 end
 local function key(group, consumer) return #group .. ':' .. group .. consumer end
-local function holds(mark, now)
-  if not mark or not now then return false end
+-- A mark's count up to the boundary, when the consumer was last seen and when that was read.
+local function marked(mark)
+  if not mark then return nil end
   local count, seen, at = string.match(mark, '^(%d+)|(%-?%d+)|(%d+)$')
-  local count2, seen2 = string.match(now, '^(%d+)|(%-?%d+)|')
-  return count == count2 and math.abs(tonumber(seen2) - tonumber(seen)) <= 2
-    and tonumber(at) - tonumber(seen) >= 5
+  return tonumber(count), tonumber(seen), tonumber(at)
+end
+-- Whether a consumer last seen at ``seen`` was not seen since its mark.
+local function unseen(mark, seen)
+  local _, was, at = marked(mark)
+  return was ~= nil and math.abs(seen - was) <= 2 and at - was >= 5
 end
 local function claim(copy, group, pending)
   for _, p in ipairs(pending) do
@@ -337,6 +353,13 @@ end
 local function after(id)
   if id == '-' then return '-' end
   return '(' .. id
+end
+-- Whether the stream id ``a`` comes before ``b``.
+local function before(a, b)
+  local am, as = string.match(a, '^(%d+)%-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)%-(%d+)$')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am < bm or (am == bm and as < bs)
 end
 -- Deletes from a stream's copy those of its entries ``copied`` (newest first, from ``upto``
 -- back) that the stream no longer holds; how many.
@@ -368,20 +391,27 @@ return {prune(KEYS[1], KEYS[2], copied, ARGV[1]), copied[#copied][1]}
 )
 
 # KEYS: the stream, its copy. ARGV: a group, one of its consumers, the id its pending entries
-# were copied to ('-': none), the last id of the copy, the most to copy, the consumer's mark
-# when its copy began ('': it begins here).
-# Copies the consumer's next pending entries into the copy, with their idle time and delivery
-# count. Returns {mark, how many were copied, the last id copied}: {'', 0, ''} when the
-# consumer is gone, {'', -1, ''} when its mark no longer holds (copy it again, from the start).
+# were copied to ('-': none), the group's boundary, the most to copy, the consumer's mark when
+# its copy began ('': it begins here).
+# Copies the consumer's next pending entries up to the boundary into the copy, with their idle
+# time and delivery count. Returns {mark, how many were copied, the last id copied}:
+# {'', 0, ''} when the consumer is gone, {'', -1, ''} when its count up to the boundary is no
+# longer its mark's, or more than ARGV[5] entries were delivered to it since (copy it again).
 _PENDING_BATCH_LUA = (
     _PENDING_LUA
     + """
-local now = marks(KEYS[1], ARGV[1])[ARGV[2]]
-if not now then return {'', 0, ''} end
-local mark = ARGV[6]
-if mark == '' then mark = now elseif not holds(mark, now) then return {'', -1, ''} end
-local batch = redis.call('XPENDING', KEYS[1], ARGV[1], after(ARGV[3]), ARGV[4],
-  tonumber(ARGV[5]), ARGV[2])
+local found, now = consumers(KEYS[1], ARGV[1])
+local consumer, most = found[ARGV[2]], tonumber(ARGV[5])
+if not consumer then return {'', 0, ''} end
+local since = #redis.call('XPENDING', KEYS[1], ARGV[1], after(ARGV[4]), '+', most + 1, ARGV[2])
+if since > most then return {'', -1, ''} end
+local count, mark = consumer[1] - since, ARGV[6]
+if mark == '' then
+  mark = count .. '|' .. consumer[2] .. '|' .. now
+elseif marked(mark) ~= count then
+  return {'', -1, ''}
+end
+local batch = redis.call('XPENDING', KEYS[1], ARGV[1], after(ARGV[3]), ARGV[4], most, ARGV[2])
 claim(KEYS[2], ARGV[1], batch)
 if #batch == 0 then return {mark, 0, ''} end
 return {mark, #batch, batch[#batch][1]}
@@ -389,29 +419,36 @@ return {mark, #batch, batch[#batch][1]}
 )
 
 # KEYS: the stream, its copy, the erasures hash, a name for the old stream until it is freed,
-# the consumers' marks (hash, :func:`_mark_field` -> mark, as _PENDING_BATCH_LUA returned it).
+# the marks (hash: :func:`_mark_field` -> a consumer's mark, as _PENDING_BATCH_LUA returned it;
+# ``@<group>`` -> the group's boundary).
 # ARGV: the last entry id copied ('-': none), how many were copied, the most to copy here, the
-# erasures' deleted count the copy began at, the id to which pending entries were copied ('-':
-# none), the most pending entries to copy here.
+# erasures' deleted count the copy began at, the most pending entries to copy here.
 # Returns {0} when the copy is not whole (an erasure deleted entries since it began, or it
 # expired), {-1} when more than ARGV[3] entries are left to copy (copy them first), {-2} when
-# more than ARGV[6] pending entries are (copy them first: those of the consumers whose mark no
-# longer holds, and those past ARGV[5]), {-3, the copy's length, its last id, how many entries
-# it holds that the stream no longer does} when another client deleted entries (XDEL) that were
-# copied, of which this script deletes from the copy those among its last ARGV[3] entries
-# (have the others deleted first, _PRUNE_LUA: the copy, with the entries added since, is kept),
-# {1} when the copy, with the entries added since, its head trimmed as the stream's was, its
-# consumer groups (their last delivered id, consumers and pending entries, less the erased
-# ones) and its last id, has replaced the stream (IDs are kept: an XREAD from a last-seen id
-# goes on). Only an XDEL can leave the copy longer than the stream once both are trimmed alike:
-# no entry can join a stream before its last one.
+# more than ARGV[5] pending entries would be (copy them first), {-3, the copy's length, its
+# last id, how many entries it holds that the stream no longer does} when another client
+# deleted entries (XDEL) that were copied, of which this script deletes from the copy those
+# among its last ARGV[3] entries (have the others deleted first, _PRUNE_LUA: the copy, with
+# the entries added since, is kept), {1} when the copy, with the entries added since, its head
+# trimmed as the stream's was, its consumer groups (their last delivered id, consumers and
+# pending entries, less the erased ones) and its last id, has replaced the stream (IDs are
+# kept: an XREAD from a last-seen id goes on). Only an XDEL can leave the copy longer than the
+# stream once both are trimmed alike: no entry can join a stream before its last one.
+# Pending entries (see _PENDING_LUA): those delivered after each group's boundary are copied
+# here, and those of its consumers whose count up to it changed, whole. Where no count changed
+# in a group, the consumers seen since their mark are copied again too while ARGV[5] allows,
+# else kept as copied: a consumer that reads all the while (each XREADGROUP, found or not, has
+# Redis see it) holding more than that could otherwise never be copied. What only those keep
+# from their copy: the owner, delivery count and idle time of entries they read again or
+# claimed from each other in the moment between their copy and this script, never which
+# entries are pending.
 # Since Redis 7 a stream also counts the entries added and a group those read (its lag): they
 # are kept too.
 # The old stream is renamed away before the copy takes its name, then freed in the background
 # (UNLINK): a script that fails midway (an ACL) leaves the stream as it was.
 # It records the deleted count it rebuilt at (``rebuilt``) and, since Redis 7, the stream's
 # max-deleted-entry-id (``rebuilt-id``): an XDEL after it moves one or the other.
-# Its work is bounded by ARGV[3] entries, ARGV[6] pending entries and the groups' consumers.
+# Its work is bounded by ARGV[3] entries, ARGV[5] pending entries and the groups' consumers.
 _REBUILD_LUA = (
     _PENDING_LUA
     + """
@@ -426,21 +463,47 @@ local function rebuilt(stream)
 end
 local tail = redis.call('XRANGE', KEYS[1], after(ARGV[1]), '+', 'COUNT', tonumber(ARGV[3]) + 1)
 if #tail > tonumber(ARGV[3]) then return {-1} end
-local groups, left = {}, tonumber(ARGV[6])
+local groups, left = {}, tonumber(ARGV[5])
 for _, flat in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   local group = fields(flat)
-  group.changed = {}
-  for consumer, now in pairs(marks(KEYS[1], group['name'])) do
-    if not holds(redis.call('HGET', KEYS[5], key(group['name'], consumer)), now) then
-      group.changed[consumer] = tonumber(string.match(now, '^(%d+)'))
-      left = left - group.changed[consumer]
+  local name = group['name']
+  local bound = redis.call('HGET', KEYS[5], '@' .. name) or '0-0'
+  group.since = redis.call('XPENDING', KEYS[1], name, after(bound), '+', left + 1)
+  left = left - #group.since
+  if left < 0 then return {-2} end
+  group.copied = redis.pcall('XPENDING', KEYS[2], name, after(bound), '+', left + 1)
+  if group.copied['err'] then group.copied = {} end
+  left = left - #group.copied
+  if left < 0 then return {-2} end
+  local delivered = {}
+  for _, p in ipairs(group.since) do delivered[p[2]] = (delivered[p[2]] or 0) + 1 end
+  local same = not before(group['last-delivered-id'], bound)
+  group.consumers, group.whole, group.seen = consumers(KEYS[1], name), {}, {}
+  for consumer, now in pairs(group.consumers) do
+    local mark, count = redis.call('HGET', KEYS[5], key(name, consumer)), now[1]
+    local held = count - (delivered[consumer] or 0)
+    if not mark or marked(mark) ~= held then
+      group.whole[consumer] = count
+      if mark or held > 0 then same = false end
+    elseif not unseen(mark, now[2]) then
+      group.seen[consumer] = count
     end
   end
-  if left < 0 then return {-2} end
-  group.past = redis.call('XPENDING', KEYS[1], group['name'], after(ARGV[5]), '+', left + 1)
-  left = left - #group.past
+  for consumer, copied in pairs(consumers(KEYS[2], name)) do
+    if not group.consumers[consumer] and copied[1] > 0 then same = false end
+  end
+  if not same then
+    for consumer, count in pairs(group.seen) do group.whole[consumer] = count end
+    group.seen = {}
+  end
+  for _, count in pairs(group.whole) do left = left - count end
   if left < 0 then return {-2} end
   table.insert(groups, group)
+end
+for _, group in ipairs(groups) do
+  for consumer, count in pairs(group.seen) do
+    if count <= left then group.whole[consumer], left = count, left - count end
+  end
 end
 for _, entry in ipairs(tail) do redis.call('XADD', KEYS[2], entry[1], unpack(entry[2])) end
 local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
@@ -469,23 +532,28 @@ for _, group in ipairs(groups) do
     redis.call('XGROUP', 'CREATE', KEYS[2], name, group['last-delivered-id'], unpack(read))
   end
   stale[name] = nil
-  local gone = marks(KEYS[2], name)
-  for _, flat in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], name)) do
-    local consumer = fields(flat)['name']
-    if group.changed[consumer] and gone[consumer] then
+  local gone = consumers(KEYS[2], name)
+  for consumer in pairs(group.consumers) do
+    local count = group.whole[consumer]
+    if count and gone[consumer] then
       redis.call('XGROUP', 'DELCONSUMER', KEYS[2], name, consumer)
     end
-    if group.changed[consumer] or not gone[consumer] then
+    if count or not gone[consumer] then
       redis.call('XGROUP', 'CREATECONSUMER', KEYS[2], name, consumer)
     end
-    if group.changed[consumer] and group.changed[consumer] > 0 then
-      claim(KEYS[2], name, redis.call('XPENDING', KEYS[1], name, '-', '+',
-        group.changed[consumer], consumer))
+    if count and count > 0 then
+      claim(KEYS[2], name, redis.call('XPENDING', KEYS[1], name, '-', '+', count, consumer))
     end
     gone[consumer] = nil
   end
   for consumer in pairs(gone) do redis.call('XGROUP', 'DELCONSUMER', KEYS[2], name, consumer) end
-  claim(KEYS[2], name, group.past)
+  local pending, acked = {}, {}
+  for _, p in ipairs(group.since) do pending[p[1]] = true end
+  for _, p in ipairs(group.copied) do
+    if not pending[p[1]] then table.insert(acked, p[1]) end
+  end
+  if #acked > 0 then redis.call('XACK', KEYS[2], name, unpack(acked)) end
+  claim(KEYS[2], name, group.since)
 end
 for name in pairs(stale) do redis.call('XGROUP', 'DESTROY', KEYS[2], name) end
 local stream = fields(redis.call('XINFO', 'STREAM', KEYS[1]))
@@ -1543,9 +1611,10 @@ class RedisOutcomeStore(OutcomeWriter):
         when an erasure deleted entries meanwhile (try again), else why it gave up.
 
         The consumer groups' pending entries are copied before the last script too
-        (:meth:`_copy_pending`), which then copies only those that changed since, or those of
-        entries copied after them: when more than :data:`REBUILD_PENDING_LAST` did, they are
-        copied again first, up to :data:`REBUILD_TRIES` times. Entries another client deletes
+        (:meth:`_copy_pending`), which then copies those delivered since and those of the
+        consumers whose count changed (:data:`_REBUILD_LUA`): when more than
+        :data:`REBUILD_PENDING_LAST` would be, they are all copied again first, up to
+        :data:`REBUILD_TRIES` times. Entries another client deletes
         from the stream meanwhile (a consumer's ``XDEL``) are deleted from the copy, by the
         last script among the last :data:`REBUILD_LAST` copied, else first
         (:meth:`_prune_copy`), up to :data:`REBUILD_TRIES` times: the swap gave them back."""
@@ -1554,17 +1623,17 @@ class RedisOutcomeStore(OutcomeWriter):
         client, stream = self._client, self.key("outcomes")
         copy = self.key("outcomes", "rebuild", uuid.uuid4().hex)
         keys = (stream, copy, copy + ":marks")
-        last, copied, since, upto, rounds, prunes = "-", 0, "-", "", 0, 0
+        last, copied, upto, rounds, prunes = "-", 0, "", 0, 0
         try:
             while True:
                 start = last if last == "-" else "(" + last
                 entries = client.xrange(stream, start, "+", count=REBUILD_BATCH)
                 if not (len(entries) > REBUILD_LAST or (entries and not upto)):
                     if not upto:  # every entry is in the copy: copy their pending entries
-                        self._copy_pending(keys, since, last)
+                        self._copy_pending(keys, last)
                         upto = last
                         continue
-                    done = self._swap(keys, [last, copied, REBUILD_LAST, deleted, upto])
+                    done = self._swap(keys, [last, copied, REBUILD_LAST, deleted])
                     code = int(done[0])
                     if code >= 0:
                         return code == 1
@@ -1586,10 +1655,11 @@ class RedisOutcomeStore(OutcomeWriter):
                             return (
                                 "the consumer groups' pending entries changed faster than they "
                                 f"could be copied, in each of {REBUILD_TRIES} tries (a consumer "
-                                f"reading all the while with over {REBUILD_PENDING_LAST} "
-                                "entries pending?)"
+                                "acknowledging or claiming entries it was delivered before the "
+                                f"copy began, or over {REBUILD_PENDING_LAST} delivered and not "
+                                "acknowledged while it was made?)"
                             )
-                        since, upto = upto, ""
+                        upto = ""
                     continue  # more came meanwhile than the script may copy
                 pipe = client.pipeline(transaction=False)
                 for entry, fields in entries:
@@ -1631,56 +1701,57 @@ class RedisOutcomeStore(OutcomeWriter):
             start = "(" + oldest
         return gone
 
-    def _copy_pending(self, keys: tuple[str, str, str], since: str, upto: str) -> None:
+    def _copy_pending(self, keys: tuple[str, str, str], upto: str) -> None:
         """Copy the pending entries of every consumer of the stream's groups (``keys``: the
-        stream, its copy, the consumers' marks) into the copy, as far as the entry ``upto``
-        (the last in the copy), :data:`REBUILD_PENDING_LAST` at a time: one script per batch
+        stream, its copy, the marks) into the copy, as far as each group's boundary: the entry
+        last delivered to it now, or ``upto`` (the last in the copy) if that comes first.
+        :data:`REBUILD_PENDING_LAST` at a time: one script per batch
         (:data:`_PENDING_BATCH_LUA`), so none holds Redis for long, and each keeps the
-        entries' consumer, delivery count and idle time. A consumer whose mark (what its
-        pending entries were when its copy began) still holds goes on from ``since``, where
-        an earlier round stopped; one whose mark no longer holds is copied again from its
-        first entry."""
+        entries' consumer, delivery count and idle time. The last script copies the entries
+        delivered after the boundary (:data:`_PENDING_LUA`). What an earlier round copied and
+        marked is copied again: its boundary is past."""
         import redis
 
         client, (stream, copy, marks) = self._client, keys
+        client.delete(marks)
         for group in client.xinfo_groups(stream):
+            name = group["name"]
             try:
-                client.xgroup_create(copy, group["name"], id="0", mkstream=True)
+                client.xgroup_create(copy, name, id="0", mkstream=True)
             except redis.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):  # made by an earlier round: that is fine
                     raise
             client.expire(copy, REBUILD_TTL_S)
-            for consumer in client.xinfo_consumers(stream, group["name"]):
-                self._copy_consumer(keys, group["name"], consumer["name"], since, upto)
+            in_copy = upto if upto != "-" else "0-0"  # "-": the copy is empty
+            bound = min(group["last-delivered-id"], in_copy, key=_entry_id)
+            client.hset(marks, "@" + name, bound)  # no consumer's field begins with "@"
+            for consumer in client.xinfo_consumers(stream, name):
+                self._copy_consumer(keys, name, consumer["name"], bound)
         client.expire(marks, REBUILD_TTL_S)
 
     def _copy_consumer(
-        self, keys: tuple[str, str, str], group: str, consumer: str, since: str, upto: str
+        self, keys: tuple[str, str, str], group: str, consumer: str, bound: str
     ) -> None:
-        """One consumer's part of :meth:`_copy_pending`. Its mark is kept when its copy ends
-        with the mark still holding, and dropped (the last script copies it, or has it copied
-        again) when it changed during each of :data:`REBUILD_TRIES` tries."""
+        """One consumer's part of :meth:`_copy_pending`, up to its group's ``bound``. Its mark
+        is kept when its copy ends with its count as the mark says, and dropped (the last
+        script copies it whole, or has it copied again) when it changed during each of
+        :data:`REBUILD_TRIES` tries."""
         client, (stream, copy, marks) = self._client, keys
         field = _mark_field(group, consumer)
-        mark = client.hget(marks, field) or ""
-        start = since if mark else "-"
         for _ in range(REBUILD_TRIES):
-            count = REBUILD_PENDING_LAST
+            client.xgroup_delconsumer(copy, group, consumer)  # what a try copied before
+            mark, start, count = "", "-", REBUILD_PENDING_LAST
             while count == REBUILD_PENDING_LAST:
                 mark, count, last = self._pending_script(
                     keys=[stream, copy],
-                    args=[group, consumer, start, upto, REBUILD_PENDING_LAST, mark],
+                    args=[group, consumer, start, bound, REBUILD_PENDING_LAST, mark],
                 )
                 start = last or start
             if count >= 0:
                 if mark:
                     client.hset(marks, field, mark)
-                else:  # gone
-                    client.hdel(marks, field)
                 return
-            client.xgroup_delconsumer(copy, group, consumer)
-            mark, start = "", "-"
-        client.hdel(marks, field)
+        client.xgroup_delconsumer(copy, group, consumer)
 
     def purge(self, before_ts: float) -> int:
         """Delete records older than ``before_ts`` with all their labels, and labels older than
@@ -1726,6 +1797,12 @@ _ERASED_MEASURES = ("", "|requests", "|counterfactual")
 def _mark_field(group: str, consumer: str) -> str:
     """A consumer's field in a rebuild's hash of marks (as ``key`` in :data:`_PENDING_LUA`)."""
     return f"{len(group.encode())}:{group}{consumer}"
+
+
+def _entry_id(entry: str) -> tuple[int, int]:
+    """A stream entry id (``<ms>-<seq>``) as numbers, to compare."""
+    ms, _, seq = entry.partition("-")
+    return int(ms), int(seq)
 
 
 def _erased_spend_expiry(bucket: int) -> int:

@@ -1810,3 +1810,59 @@ def test_entries_a_consumer_deletes_during_a_rebuild_stay_deleted(
         assert not list(client.scan_iter("tiergate:outcomes:rebuild:*"))
     finally:
         s.close()
+
+
+def test_a_rebuild_ends_while_a_consumer_holding_many_entries_reads_on(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A consumer that holds more pending entries than the last script may copy, and reads all
+    the while (as a work queue does: read, acknowledge, delete; each XREADGROUP has Redis see
+    it again, found or not), had every try copy it again, and the erasure gave up after five,
+    on every run while it read. The rebuild ends: the entries it held are all still pending,
+    with their delivery counts, and none it acknowledged or deleted meanwhile is back."""
+    monkeypatch.setattr("router.outcomes_redis.REBUILD_PENDING_LAST", 5)
+    client, stream = redis_server.client(), "tiergate:outcomes"
+    s = store(redis_server, tmp_path)
+    done, reads, handled = threading.Event(), [0], []
+
+    def work() -> None:
+        queue = redis.Redis.from_url(redis_server.url)
+        while not done.is_set():
+            s.submit(outcome(tenant="globex", prompt="a new one"))
+            for _, entries in queue.xreadgroup("exporter", "e1", {stream: ">"}, block=1) or []:
+                for entry, _ in entries:
+                    queue.xack(stream, "exporter", entry)
+                    queue.xdel(stream, entry)
+                    handled.append(entry)
+            reads[0] += 1
+        queue.close()
+
+    try:
+        alice = _with_fillers(s, 20)[0]
+        client.xgroup_create(stream, "exporter", id="0")
+        held = client.xreadgroup("exporter", "e1", {stream: ">"}, count=12)[0][1]  # Alice's on
+        worker = threading.Thread(target=work)
+        worker.start()
+        cli = RedisOutcomeStore(redis_server.url, journal=s.journal)
+        cli.connect()
+        script = cli._rebuild_script
+
+        def meanwhile(**kw: Any) -> Any:  # it reads on after its pending entries were copied
+            before = reads[0]
+            assert wait_for(lambda: reads[0] >= before + 2)
+            return script(**kw)
+
+        monkeypatch.setattr(cli, "_rebuild_script", meanwhile)
+        try:
+            assert wait_for(lambda: len(handled) >= 3)
+            erased = cli.erase([alice.id])
+        finally:
+            done.set()
+            worker.join()
+            cli.close()
+        assert erased.stream is None
+        assert _pending(client) == [(entry, b"e1", 1) for entry, _ in held[1:]]
+        left = {entry for entry, _ in _stream(client)}
+        assert not left & set(handled) and {entry for entry, _ in held[1:]} <= left
+    finally:
+        s.close()
