@@ -760,7 +760,8 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    """Readiness: the policy is parsed and the local model (if any) is loaded.
+    """Readiness: the policy is parsed, the local model (if any) is loaded, and the outcome
+    writer runs on a store it takes.
 
     Anyone may ask (probes send no key) and gets ``{"ready": ...}``; the details (policy path,
     reload error, models, missing key variables, calibration) go only to a caller whose key
@@ -774,7 +775,8 @@ async def readyz(request: Request) -> JSONResponse:
 
 
 def readiness(svc: Services) -> dict[str, Any]:
-    """The readiness report: policy, local tier, closed models, scorer, outcome writer."""
+    """The readiness report: policy, local tier, closed models, scorer, outcome writer and
+    store (a store that refuses its backend is not ready)."""
     gateway = svc.gateway
     deciding = gateway.deciding()
     holder = gateway.policies
@@ -813,10 +815,12 @@ def readiness(svc: Services) -> dict[str, Any]:
         no_closed = {"serves": serves, "note": f"no closed model is available (no API key): {then}"}
     # A dead outcome writer is started again here, and this one probe says it was dead.
     restarted = gateway.outcomes.check_writer()
+    outcomes = {**gateway.outcomes.health(), "restarted": restarted}
     return {
-        "ready": local_ok and restarted is None,
+        # A store that refuses its backend (a Redis too old, found after an outage at start).
+        "ready": local_ok and restarted is None and not outcomes.get("refusal"),
         "no_closed": no_closed,
-        "outcomes": {**gateway.outcomes.health(), "restarted": restarted},
+        "outcomes": outcomes,
         "policy": {
             "path": str(holder.path),
             "version": policy.digest,

@@ -665,6 +665,10 @@ class RedisOutcomeStore(OutcomeWriter):
         self.replicas = 1
         #: Whether the shared spend was ever read (a replica started during an outage has not).
         self.spend_known = False
+        #: Why this replica refuses its Redis, found once Redis answered after an outage at
+        #: start (:meth:`_recheck_version`): ``health`` says it, and ``/readyz`` is 503.
+        self.refusal: str | None = None
+        self._version_known = False  # whether Redis said its version (start or a refresh)
         self._client: Any = None
         self._record_script: Any = None
         self._reserve_script: Any = None
@@ -770,13 +774,36 @@ class RedisOutcomeStore(OutcomeWriter):
 
     def _check_version(self) -> None:
         """Refuse a Redis older than :data:`MIN_REDIS`, whose purge and erasures would fail on
-        every run (an unreachable one is checked by its first erasure, :meth:`_too_old`)."""
+        every run. An unreachable one is checked once it answers (:meth:`_recheck_version`)."""
         try:
             too_old = self._too_old()
         except self.transient:
             return  # the outage is noted by the first refresh
+        self._version_known = True
         if too_old:
             raise ConfigError(f"TIERGATE_REDIS_URL: {too_old}")
+
+    def _recheck_version(self) -> None:
+        """The check :meth:`_check_version` could not make at start, made by each refresh
+        until Redis says a version it takes. A running replica cannot undo its start: on an
+        older Redis it logs why once and refuses readiness (:attr:`refusal`), as a refusal at
+        start leaves no replica ready, until Redis is upgraded. An outage raises, as in any
+        refresh; a Redis that will not say (an ACL without INFO) is logged and left alone."""
+        from redis import RedisError
+
+        try:
+            too_old = self._too_old()
+        except self.transient:
+            raise
+        except RedisError as exc:
+            self._version_known = True
+            log.warning("could not read the Redis version (INFO server): %s", exc)
+            return
+        if too_old is None:
+            self._version_known, self.refusal = True, None
+        elif self.refusal is None:
+            self.refusal = f"TIERGATE_REDIS_URL: {too_old}"
+            log.error("%s; this replica reports itself not ready until then", self.refusal)
 
     def _too_old(self) -> str | None:
         """Why this Redis is older than :data:`MIN_REDIS`, or None (``INFO server``)."""
@@ -803,10 +830,12 @@ class RedisOutcomeStore(OutcomeWriter):
             self._claim = None
 
     def health(self) -> dict[str, Any]:
-        """Whether the writer runs and Redis answers, and the writer's counters."""
+        """Whether the writer runs and Redis answers, why this replica refuses its Redis
+        (``refusal``: readiness fails), and the writer's counters."""
         return {
             "store": "redis",
             "connected": self.connected,
+            "refusal": self.refusal,
             **super().health(),
             "buffered": len(self._buffer),
             "journal_lines": self._journal_lines,
@@ -868,7 +897,10 @@ class RedisOutcomeStore(OutcomeWriter):
         """Read today's shared spend into the ledger, beat this replica's heartbeat, count the
         live replicas and read the models' shared cooldowns: one round trip. Every third of
         the holds' TTL it renews the budget holds of this replica's requests in flight in the
-        same round trip (:meth:`_renew_holds`)."""
+        same round trip (:meth:`_renew_holds`); until Redis said its version, it asks
+        (:meth:`_recheck_version`)."""
+        if not self._version_known:
+            self._recheck_version()
         now = time.time()
         names = list(self._cooldown_names())
         pipe = self._client.pipeline(transaction=False)

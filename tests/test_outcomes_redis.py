@@ -23,7 +23,8 @@ from router.errors import ConfigError
 from router.learning import purge_loop
 from router.outcomes import Label, OutcomeRecord, SQLiteOutcomeStore, TieredLabel, lock_beside
 from router.outcomes_redis import RedisOutcomeStore
-from tests.conftest import wait_for
+from tests.conftest import live, policy_yaml, wait_for
+from tests.fake_provider import FakeProvider
 from tests.records import (
     answer_across_an_erasure,
     label_across_an_erasure,
@@ -341,6 +342,19 @@ def test_a_second_process_on_the_same_journal_is_refused(
     assert len((tmp_path / "journal.jsonl").read_text().splitlines()) == 1
 
 
+def _redis_saying(monkeypatch: pytest.MonkeyPatch, version: str) -> Any:
+    """Have every client's INFO server say Redis ``version`` (no Redis below 6.2 is at hand:
+    the real one plays it); the real ``Redis.info``, to put back."""
+    real = redis.Redis.info
+
+    def info(self: redis.Redis, section: str | None = None, *args: Any, **kw: Any) -> Any:
+        found = real(self, section, *args, **kw)
+        return {**found, "redis_version": version} if section == "server" else found
+
+    monkeypatch.setattr(redis.Redis, "info", info)
+    return real
+
+
 def test_a_redis_older_than_6_2_is_refused_at_start_and_by_an_erasure(
     redis_server: RedisServer,
     tmp_path: Path,
@@ -355,13 +369,7 @@ def test_a_redis_older_than_6_2_is_refused_at_start_and_by_an_erasure(
     s = store(redis_server, tmp_path)
     alice, _, _ = three_people(s)
     s.close()
-    real = redis.Redis.info
-
-    def info(self: redis.Redis, section: str | None = None, *args: Any, **kw: Any) -> Any:
-        found = real(self, section, *args, **kw)
-        return {**found, "redis_version": "6.0.16"} if section == "server" else found
-
-    monkeypatch.setattr(redis.Redis, "info", info)
+    real = _redis_saying(monkeypatch, "6.0.16")
     with pytest.raises(ConfigError, match=r"Redis 6\.0\.16 is older than 6\.2, which Tiergate"):
         store(redis_server, tmp_path)
     monkeypatch.setenv("TIERGATE_REDIS_URL", redis_server.url)
@@ -374,6 +382,33 @@ def test_a_redis_older_than_6_2_is_refused_at_start_and_by_an_erasure(
     assert "older than 6.2" in said.err and "outcomes delete --compact" in said.err
     monkeypatch.setattr(redis.Redis, "info", real)
     store(redis_server, tmp_path).close()  # the refused one let the journal go
+
+
+def test_a_redis_too_old_found_once_it_answers_leaves_the_replica_unready(
+    redis_server: RedisServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    fake: FakeProvider,
+) -> None:
+    """A replica started while Redis was unreachable skipped the check that refuses a Redis
+    older than 6.2 at start, and served on it: its retention purge failed on every run, and
+    only an erasure said why. It checks once Redis answers: it logs why and /readyz answers 503
+    (as a refusal at start leaves no replica ready), until Redis answers as 6.2 or later."""
+    redis_server.stop()
+    outcomes = RedisOutcomeStore(redis_server.url, journal=tmp_path / "journal.jsonl")
+    with live(tmp_path, policy_yaml(fake), outcomes=outcomes) as server:
+        assert server.http.get("/readyz").status_code == 200  # an outage: not a refusal
+        real = _redis_saying(monkeypatch, "6.0.16")
+        caplog.set_level("ERROR", logger="tiergate.outcomes")
+        redis_server.start()
+        assert wait_for(lambda: server.http.get("/readyz").status_code == 503)
+        said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(said) == 1 and "Redis 6.0.16 is older than 6.2, which Tiergate" in said[0]
+        assert "older than 6.2" in outcomes.health()["refusal"]
+        monkeypatch.setattr(redis.Redis, "info", real)  # upgraded
+        assert wait_for(lambda: server.http.get("/readyz").status_code == 200)
+        assert outcomes.health()["refusal"] is None
 
 
 def test_budget_holds_during_an_outage_log_once_and_still_hold(
