@@ -112,6 +112,41 @@ def test_rate_limit_is_shared_by_replicas_through_redis(tmp_path: Path, fake: Fa
 
 
 @pytest.mark.skipif(redis_binary() is None, reason="no redis-server binary")
+def test_two_deployments_on_one_redis_keep_apart_by_its_database_number(tmp_path: Path) -> None:
+    """Every key Tiergate keeps in Redis begins with ``tiergate:``, and no setting changes
+    that: two deployments on one Redis keep apart by the database number in their
+    TIERGATE_REDIS_URL (docs/kubernetes.md). A tenant's requests and outcomes in one are not
+    counted in the other."""
+    from router.outcomes_redis import RedisOutcomeStore
+    from tests.records import outcome
+
+    tenant = Principal(tenant="acme", permissions=frozenset(), key_id="k")
+
+    async def admitted(url: str) -> int:
+        limiter, n = limits.RateLimiter(rpm=2, tpm=None, redis_url=url), 0
+        for _ in range(3):
+            with contextlib.suppress(RateLimitError):
+                await limiter.admit(tenant)
+                n += 1
+        await limiter.aclose()
+        return n
+
+    with RedisServer(tmp_path) as redis_server:
+        urls = [redis_server.url, redis_server.url.removesuffix("/0") + "/1"]
+        assert [asyncio.run(admitted(url)) for url in urls] == [2, 2]
+        stores = [RedisOutcomeStore(u, journal=tmp_path / f"{i}.jsonl") for i, u in enumerate(urls)]
+        for store in stores:
+            store.start()
+        try:
+            stores[0].submit(outcome(tenant="acme"))
+            assert stores[0].flush(10)
+            assert [store.count("acme") for store in stores] == [1, 0]
+        finally:
+            for store in stores:
+                store.close()
+
+
+@pytest.mark.skipif(redis_binary() is None, reason="no redis-server binary")
 def test_in_a_redis_outage_each_replica_admits_only_its_share_of_the_limit(
     tmp_path: Path, fake: FakeProvider
 ) -> None:
