@@ -1003,9 +1003,11 @@ class Gateway:
         check (``policy.why_unfit``, ``Signals.anthropic_tools``) reads them in the request as
         the client sent it, and chooses no such model; this reads what the model would be
         sent after litellm's translation, so a translation that changed still cannot hand
-        them to a model that may drop them without a word (an OpenAI-compatible server).
+        them to a model that may drop them without a word (an OpenAI-compatible server). A
+        field sent as null asks for nothing, as the fit check reads it.
         """
-        kept = native_only.intersection(body) | native_only.intersection(_tool_types(body))
+        kept = {k for k in native_only.intersection(body) if body[k] is not None}
+        kept |= native_only.intersection(_tool_types(body))
         if kept and (
             model.tier != "closed" or closed.provider_of(model.litellm_model or "") != "anthropic"
         ):

@@ -496,7 +496,8 @@ def anthropic_only(sent: Mapping[str, Any], blocks: Sequence[Mapping[str, Any]])
     :func:`native_blocks`) only a Claude reached over Anthropic's own API takes, besides
     server-tool blocks: ``documents by URL`` (the chat translation sends one as an image),
     ``citations`` asked of a document or search result (a chat model gives none), and the
-    server-side fields it sets (schemas.ANTHROPIC_SERVER_FIELDS). A Responses request (no
+    server-side fields it sets (schemas.ANTHROPIC_SERVER_FIELDS; one sent as null asks for
+    nothing, as clients that serialise unset fields send it). A Responses request (no
     ``messages``) has none."""
     if not isinstance(sent.get("messages"), list):
         return ()
@@ -508,7 +509,7 @@ def anthropic_only(sent: Mapping[str, Any], blocks: Sequence[Mapping[str, Any]])
     )
     named = ["documents by URL"] if by_url else []
     named += ["citations"] if cited else []
-    return (*named, *(name for name in ANTHROPIC_SERVER_FIELDS if name in sent))
+    return (*named, *(name for name in ANTHROPIC_SERVER_FIELDS if sent.get(name) is not None))
 
 
 #: The type prefixes of Anthropic's own tools that litellm's chat translation passes on to a

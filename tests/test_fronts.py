@@ -950,6 +950,29 @@ def test_a_claude_through_litellm_still_serves_anthropics_server_fields(
     assert [(r.path, r.body[name]) for r in fake.received] == [("/v1/messages", value)] * 2
 
 
+@pytest.mark.parametrize("name", [name for name, _ in SERVER_FIELDS])
+def test_a_null_server_field_asks_for_nothing(
+    tmp_path: Path, fake: FakeProvider, name: str
+) -> None:
+    # Clients that serialise an unset optional field (SDKs, LangChain) send it as null. A null
+    # mcp_servers, container or context_management counted as set: routed, the request went
+    # only to a Claude; pinned to gpt-4o it was a 400. It asks for nothing: gpt-4o serves it,
+    # and is not sent the null (OpenAI refuses a field it does not know, null or not).
+    fake.reset(Behaviour(strict=True))
+    request = {"max_tokens": 20, "messages": [{"role": "user", "content": "HARD: hi"}], name: None}
+    with live(tmp_path, policy_yaml(fake), local_backend_obj=ScriptedLocal()) as srv:
+        answers = [
+            srv.http.post("/v1/messages", json={**request, "model": model})
+            for model in ("gpt-4o", "auto")
+        ]
+    assert [(a.status_code, a.headers.get("x-tiergate-model")) for a in answers] == [
+        (200, "gpt-4o"),
+        (200, "gpt-4o"),
+    ], answers[0].text
+    sent = [(r.path, name in r.body) for r in fake.received]
+    assert sent == [("/v1/chat/completions", False)] * 2
+
+
 #: The second turn of a web-search conversation: Claude's search, its results and its answer
 #: come back in the history (its search tool is offered again).
 WEB_SEARCH_TURN: list[dict[str, Any]] = [

@@ -1591,3 +1591,25 @@ def test_the_last_guard_keeps_anthropics_own_tools_from_any_other_model() -> Non
         )
     sent = Gateway.fitted(models["claude"], chat, messages.OPTIONAL, messages.NATIVE_ONLY)
     assert sent["web_search_options"] == {} and sent["tools"] == [tools[1]]
+
+
+def test_the_last_guard_reads_a_null_server_field_as_absent() -> None:
+    """A server field sent as null asks for nothing, as the policy's fit check reads it: the
+    guard refused it for any model but an ``anthropic/`` one, a 400 the policy did not foresee
+    (``local cannot serve container, context_management, mcp_servers: only an Anthropic
+    model does``)."""
+    chat = {
+        "model": "auto",
+        "max_tokens": 9,
+        "messages": [{"role": "user", "content": "hi"}],
+        "container": None,
+        "mcp_servers": None,
+        "context_management": None,
+    }
+    models = parse_policy(
+        "version: 1\nmodels:\n  local: {tier: local}\n"
+        "  gpt: {tier: closed, litellm_model: openai/gpt-4o}\n"
+        "local_model: local\nclosed_models: [gpt]\n"
+    ).models
+    for name in ("local", "gpt"):
+        assert Gateway.fitted(models[name], chat, messages.OPTIONAL, messages.NATIVE_ONLY) == chat
