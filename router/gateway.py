@@ -1011,10 +1011,11 @@ class Gateway:
         if kept and (
             model.tier != "closed" or closed.provider_of(model.litellm_model or "") != "anthropic"
         ):
-            names_kept = ", ".join(sorted(kept)).replace(PROVIDER_TOOLS, _provider_tools(body))
+            refused = sorted(kept)  # param: the client's field, as the policy's refusal names it
+            names_kept = ", ".join(refused).replace(PROVIDER_TOOLS, _provider_tools(body))
             raise BadRequestError(
                 f"{model.name} cannot serve {names_kept}: only an Anthropic model does",
-                param=sorted(kept)[0],
+                param="tools" if refused[0] == PROVIDER_TOOLS else refused[0],
             )
         names = optional.intersection(_field_names(body)) if optional else None
         if not names:

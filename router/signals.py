@@ -65,7 +65,9 @@ class Signals:
     server_tool_blocks: tuple[str, ...] = ()
     # What else of a /v1/messages request only a Claude reached over Anthropic's own API
     # takes, as a refusal names it (:func:`anthropic_only`): the chat translation sends a
-    # document by URL as an image and drops citations and the server-side fields.
+    # document by URL as an image and drops citations; it passes the server-side fields on,
+    # which litellm sends to Anthropic for an ``anthropic/`` model and no other model takes
+    # (policy._anthropic_only).
     anthropic_only: tuple[str, ...] = ()
     # The types of Anthropic's own tools a /v1/messages request offers (``bash_20250124``,
     # ``web_search_20250305``...), sorted: only a Claude on Anthropic's API takes them; and of

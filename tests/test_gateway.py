@@ -1589,6 +1589,7 @@ def test_the_last_guard_keeps_anthropics_own_tools_from_any_other_model() -> Non
         assert refused.value.message == (
             f"{name} cannot serve bash_20250124, web_search_options: only an Anthropic model does"
         )
+        assert refused.value.param == "tools"  # the client's field, as the policy names it
     sent = Gateway.fitted(models["claude"], chat, messages.OPTIONAL, messages.NATIVE_ONLY)
     assert sent["web_search_options"] == {} and sent["tools"] == [tools[1]]
 
