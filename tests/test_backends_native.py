@@ -11,7 +11,7 @@ import pytest
 from router.backends import Usage
 from router.backends.native import NATIVE, NativeBackend, NativeRequest, opening_event, speaks
 from router.backends.openai_http import OpenAIHTTP
-from router.errors import BackendError
+from router.errors import BackendError, UpstreamBadRequestError
 from router.policy import parse_policy
 from tests.conftest import KEYS, policy_yaml, run
 from tests.fake_provider import Behaviour, FakeProvider
@@ -268,3 +268,54 @@ def test_only_a_finished_response_without_an_error_is_an_answer(
     # a stream's failure says it came in the Response that ended the stream
     said = says.replace(" failed:", " ended its stream with a failed response:") if stream else says
     assert raised.value.message == said
+
+
+#: A file of the provider's, named by its id in a request.
+FILE_ID = "file_011CNha8iCJcU1wXNR6q4V8w"
+
+
+def _asking_about(text: str, file: dict[str, Any]) -> list[dict[str, Any]]:
+    """A user turn that asks about a file: a text block (of type ``text``) and ``file``."""
+    return [{"role": "user", "content": [{"type": text, "text": "Sum this file up."}, file]}]
+
+
+#: Each native API's request naming FILE_ID, and its provider's stream event for a 404 about
+#: it (Anthropic's ``not_found_error``; a Responses server's ``error`` with the status in
+#: ``code``, as vLLM puts it).
+FILE_EVENTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "messages": (
+        {
+            **MESSAGES,
+            "messages": _asking_about("text", {"type": "container_upload", "file_id": FILE_ID}),
+        },
+        {
+            "type": "error",
+            "error": {"type": "not_found_error", "message": f"File not found: {FILE_ID}"},
+        },
+    ),
+    "responses": (
+        {
+            **RESPONSES,
+            "input": _asking_about("input_text", {"type": "input_file", "file_id": FILE_ID}),
+        },
+        {"type": "error", "code": 404, "message": f"File not found: {FILE_ID}"},
+    ),
+}
+
+
+@pytest.mark.parametrize("api", sorted(FILE_EVENTS))
+def test_a_404_event_naming_an_id_the_request_sent_is_its_400(
+    fake: FakeProvider, models: dict[str, Model], api: str
+) -> None:
+    """A native stream's 404 event that names an id the request sent (a Files API file) is
+    the request's 400, naming the field that holds it, as the same 404 answered with a status
+    is: the event was read without the request, as the model's configuration (502, the chain
+    went on and the model cooled for every client)."""
+    request, event = FILE_EVENTS[api]
+    fake.reset(Behaviour(mode="overloaded_after_open", error_body=event))
+    model = models["claude" if api == "messages" else "gpt-4o"]
+    with pytest.raises(BackendError) as raised:
+        run(_stream(model, NativeRequest(api, request)))  # type: ignore[arg-type]
+    assert type(raised.value) is UpstreamBadRequestError
+    field = "messages" if api == "messages" else "input"
+    assert (raised.value.status_code, raised.value.param) == (400, field)

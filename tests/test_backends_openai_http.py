@@ -471,8 +471,54 @@ def test_a_404_naming_an_id_the_request_sent_is_its_400(case: str) -> None:
         assert type(error) is UpstreamBadRequestError
         assert (error.status_code, error.code, error.param) == (400, "upstream_bad_request", field)
         assert not error.retryable  # final: no fallback, and no cooldown (Cooldowns.failed)
-    # Without the request (a stream's error event), no id is read: configuration, as before.
+    # Without the request, no id is read: configuration.
     assert type(error_for_status(404, raw, "claude")) is UpstreamNotFoundError
+
+
+#: A chat request that names a file of the provider's by its id, and the provider's 404 for it
+#: as a stream's error event, with the status in ``code`` (vLLM, llama.cpp's server).
+FILE_ASKED: dict[str, Any] = {
+    "model": "gpt-4o",
+    "messages": [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Sum this file up."},
+                {"type": "file", "file": {"file_id": FILE_ID}},
+            ],
+        }
+    ],
+}
+FILE_NOT_FOUND = {"code": 404, "message": f"File not found: {FILE_ID}", "type": "not_found_error"}
+
+
+@pytest.mark.parametrize("mode", ["error_mid_stream", "error_line_mid_stream"])
+def test_a_404_event_naming_an_id_the_request_sent_is_its_400(
+    provider: FakeProvider, mode: str
+) -> None:
+    """A stream's 404 event (an ``{"error"}`` chunk, or llama.cpp's server's ``error:`` line)
+    that names an id the request sent is the request's 400, as the same 404 answered with a
+    status is: it was read without the request, as the model's configuration (502, the chain
+    went on and the model cooled)."""
+    line = mode == "error_line_mid_stream"
+    provider.reset(
+        Behaviour(mode, error_body=FILE_NOT_FOUND if line else {"error": FILE_NOT_FOUND})
+    )
+
+    async def stream() -> None:
+        http = OpenAIHTTP(timeout_s=10)
+        try:
+            async for _ in http.stream(
+                provider.base_url, FILE_ASKED, Usage(), api_key=KEY, label="gpt-4o"
+            ):
+                pass
+        finally:
+            await http.aclose()
+
+    with pytest.raises(BackendError) as raised:
+        run(stream())
+    assert type(raised.value) is UpstreamBadRequestError
+    assert (raised.value.status_code, raised.value.param) == (400, "messages")
 
 
 #: Some of a Response's error codes (``response.failed``, OpenAI's ResponseError) for a request

@@ -1214,15 +1214,18 @@ ANTHROPIC_404S = {
 }
 
 
+@pytest.mark.parametrize("how", ["status", "event"])
 @pytest.mark.parametrize("via", [None, "claude-via-litellm"])
 @pytest.mark.parametrize("case", sorted(ANTHROPIC_404S))
 def test_a_404_for_the_clients_own_id_cools_no_claude(
-    tmp_path: Path, fake: FakeProvider, case: str, via: str | None
+    tmp_path: Path, fake: FakeProvider, case: str, via: str | None, how: str
 ) -> None:
     """A client's container or file id that Anthropic does not hold is answered 404
     ``not_found_error``, as a missing model is: it was a 502 and claude cooled, refused to
     every client for one client's bad id. Now it is that client's 400 and claude does not
-    cool; a missing model or a wrong path still cools it."""
+    cool; a missing model or a wrong path still cools it. So too where the 404 comes as the
+    ``not_found_error`` event of a stream (``how``), which was read without the request: a
+    502 that cooled claude whatever it named."""
     content: list[dict[str, Any]] = [{"type": "text", "text": "Chart the figures in this file."}]
     if via is None:  # the block needs the native path; container goes through litellm too
         content.append({"type": "container_upload", "file_id": FILE_ID})
@@ -1231,6 +1234,7 @@ def test_a_404_for_the_clients_own_id_cools_no_claude(
         "max_tokens": 20,
         "container": CONTAINER_ID,
         "messages": [{"role": "user", "content": content}],
+        "stream": how == "event",
     }
     said = ANTHROPIC_404S[case]
     if via is not None and case == "an id the client sent":
@@ -1238,7 +1242,12 @@ def test_a_404_for_the_clients_own_id_cools_no_claude(
     body = {"type": "error", "error": {"type": "not_found_error", "message": said}}
     policy = _error_event_policy(fake, "claude", via)
     with live(tmp_path, policy, cooldown_after_fails=1) as srv:
-        fake.reset(Behaviour(mode="status", status=404, error_body=body, failing_path="/messages"))
+        if how == "status":
+            fake.reset(Behaviour("status", status=404, error_body=body, failing_path="/messages"))
+        else:  # the event, right after the stream's opening
+            fake.reset(
+                Behaviour("overloaded_after_open", error_body=body, failing_path="/messages")
+            )
         answer = srv.http.post("/v1/messages", json=request)
         record = _record(srv, answer)
         cooling = srv.gateway.cooldowns.status()

@@ -1025,7 +1025,7 @@ def map_litellm_error(
 
     A failure mid-stream comes wrapped in a ``MidStreamFallbackError`` (for litellm's router,
     which Tiergate does not use): the error it wraps is the one mapped, and named once."""
-    found = _found_in_stream(exc, label, key)
+    found = _found_in_stream(exc, label, key, sent)
     if found is not None:
         return found
     exc = _unwrapped(exc)
@@ -1134,11 +1134,14 @@ def _sdk_body(exc: BaseException) -> dict[str, Any] | None:
     return None
 
 
-def _found_in_stream(exc: Exception, label: str, key: str | None) -> BackendError | None:
+def _found_in_stream(
+    exc: Exception, label: str, key: str | None, sent: Mapping[str, Any] | None = None
+) -> BackendError | None:
     """The failure Tiergate found in what litellm read, among ``exc``'s causes: an answer over
     the bound, as the direct path says it (router.backends.openai_http), or the provider's
     error event, by its kind (a rate limit, an overload, a bad request) as the direct and
-    native paths take it (:func:`~router.backends.openai_http.stream_failure`); else None."""
+    native paths take it (:func:`~router.backends.openai_http.stream_failure`, with ``sent``,
+    the request, whose ids a 404 may name); else None."""
     causes = list(_causes(exc))
     over = next((c for c in causes if isinstance(c, _OverLimitError)), None)
     if over is not None:
@@ -1148,7 +1151,7 @@ def _found_in_stream(exc: Exception, label: str, key: str | None) -> BackendErro
         return unread_error_body(unread.status, label, unread.reason, unread.retry_after, key)
     event = next((c.error for c in causes if isinstance(c, _ProviderEventError)), None)
     event = event if event is not None else _sdk_error_event(exc)
-    return None if event is None else stream_failure(label, event, api_key=key)
+    return None if event is None else stream_failure(label, event, api_key=key, sent=sent)
 
 
 def _unwrapped(exc: Exception) -> Exception:

@@ -189,7 +189,11 @@ class NativeBackend:
             label=model.name,
             timeout_s=model.timeout_s or self._timeout_s,
         )
-        view = _AnthropicEvents(model.name) if native.api == "messages" else _ResponseEvents()
+        view = (
+            _AnthropicEvents(model.name, body)
+            if native.api == "messages"
+            else _ResponseEvents(body)
+        )
         try:
             async for data in events:
                 event = _event(data, model.name)
@@ -352,11 +356,13 @@ def _delta(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
 
 
 class _AnthropicEvents:
-    """Anthropic's stream events as chat chunks, counting usage as they pass."""
+    """Anthropic's stream events as chat chunks, counting usage as they pass; ``sent``, the
+    request, whose ids an error event's 404 may name (:func:`stream_failure`)."""
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, sent: Mapping[str, Any]) -> None:
         self.id = ""
         self.model = model
+        self.sent = sent
         self.done = False
         self._tools: dict[int, int] = {}  # content block index -> tool call index
 
@@ -364,7 +370,7 @@ class _AnthropicEvents:
         kind = event["type"]
         if kind == "error":
             error = event.get("error")
-            raise stream_failure(label, error if isinstance(error, dict) else {})
+            raise stream_failure(label, error if isinstance(error, dict) else {}, sent=self.sent)
         if kind == "message_start":
             message = event.get("message") or {}
             self.id = str(message.get("id", ""))
@@ -398,11 +404,17 @@ class _AnthropicEvents:
         return {"choices": []}
 
 
-def _response_failure(label: str, error: Any, *, what: str = "sent an error event") -> BackendError:
+def _response_failure(
+    label: str,
+    error: Any,
+    *,
+    what: str = "sent an error event",
+    sent: Mapping[str, Any] | None = None,
+) -> BackendError:
     """The failure an OpenAI Response's ``error`` (or a Responses stream's ``error`` event)
     reports, by its code or type, as the same failure answered with a status
-    (:func:`~router.backends.openai_http.stream_failure`)."""
-    return stream_failure(label, error if isinstance(error, dict) else {}, what=what)
+    (:func:`~router.backends.openai_http.stream_failure`); ``sent``, the request."""
+    return stream_failure(label, error if isinstance(error, dict) else {}, what=what, sent=sent)
 
 
 #: The statuses of a Response that answered: ``incomplete`` is a cut answer (its
@@ -427,9 +439,11 @@ def _check_response(payload: Mapping[str, Any], label: str, *, what: str = "fail
 
 
 class _ResponseEvents:
-    """OpenAI's Responses stream events as chat chunks, counting usage at the end."""
+    """OpenAI's Responses stream events as chat chunks, counting usage at the end; ``sent``,
+    the request, as for :class:`_AnthropicEvents`."""
 
-    def __init__(self) -> None:
+    def __init__(self, sent: Mapping[str, Any]) -> None:
+        self.sent = sent
         self.id = ""
         self.done = False
         self._tools: dict[int, int] = {}  # output index -> tool call index
@@ -441,7 +455,8 @@ class _ResponseEvents:
             self.id = str(response.get("id", self.id))
             response["model"] = label
         if kind in ("error", "response.failed"):
-            raise _response_failure(label, (response or event).get("error") or event)
+            error = (response or event).get("error") or event
+            raise _response_failure(label, error, sent=self.sent)
         if kind == "response.created":
             return _delta({"role": "assistant", "content": ""})
         if kind == "response.output_text.delta":

@@ -356,7 +356,12 @@ def _status_of(error: dict[str, Any]) -> tuple[int | None, int | None]:
 
 
 def stream_failure(
-    label: str, error: Any, *, what: str = "sent an error event", api_key: str | None = None
+    label: str,
+    error: Any,
+    *,
+    what: str = "sent an error event",
+    api_key: str | None = None,
+    sent: Mapping[str, Any] | None = None,
 ) -> BackendError:
     """The failure a provider's error event reports once a stream is open (Anthropic's
     ``error`` event, a Responses ``error`` or ``response.failed``, an OpenAI-compatible chat
@@ -367,14 +372,15 @@ def stream_failure(
     401, a model that does not exist a 404), else a 502. An event has no headers: no
     ``Retry-After``. ``what`` says what the provider did, in the message: an event may come
     before the first token (then the chain goes on) as well as after it, so it does not say
-    "mid-stream"."""
+    "mid-stream". ``sent``: the request the stream answers, whose ids a 404 may name, as
+    for a status (:func:`_not_found`)."""
     error = error if isinstance(error, dict) else {"message": str(error or "")}
     said = scrub(str(error.get("message") or "error")[:500], [api_key])
     text = f"{label} {what}: {said}"
     status, stated = _status_of(error)
     if status is None:
         return BackendError(text)
-    return provider_failure(status, error, text, upstream_status=stated)
+    return provider_failure(status, error, text, upstream_status=stated, sent=sent)
 
 
 #: The most of an error answer's body read for its message. A provider's error is JSON of a
@@ -619,7 +625,8 @@ class OpenAIHTTP:
                     if line.startswith(b"data:"):
                         yield line[5:].strip()
                     elif line.startswith(b"error:"):
-                        raise stream_failure(label, _error_field(line[6:]), api_key=api_key)
+                        error = _error_field(line[6:])
+                        raise stream_failure(label, error, api_key=api_key, sent=body)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise map_transport_error(exc, label) from exc
 
@@ -684,7 +691,7 @@ class OpenAIHTTP:
                     break
                 chunk = _chunk(data, label)
                 if chunk.get("error"):  # the server failed once the stream was open
-                    raise stream_failure(label, chunk["error"], api_key=api_key)
+                    raise stream_failure(label, chunk["error"], api_key=api_key, sent=body)
                 if chunk.get("usage"):
                     usage.take(usage_from_body(chunk, label))
                 finished = finished or any(
