@@ -512,17 +512,21 @@ OUTPUT_FIELDS = ("max_tokens", "max_completion_tokens")
 @dataclass(frozen=True, slots=True)
 class FrontFields:
     """What a front calls the chat request's fields that a refusal names: the one that bounds
-    the answer's length and the one that holds the prompt. A front's request is served as a
-    chat request; its errors must name the field its client sent, not the chat one."""
+    the answer's length, the one that holds the prompt and the stop sequences. A front's
+    request is served as a chat request; its errors must name the field its client sent, not
+    the chat one."""
 
     #: The front's output limit; None on chat, which has two (:data:`OUTPUT_FIELDS`).
     output: str | None = None
     prompt: str = "messages"
+    stop: str = "stop"
 
     def name(self, chat_field: str) -> str:
-        """``chat_field`` as this front calls it (any field but these two keeps its name)."""
+        """``chat_field`` as this front calls it (any field but these keeps its name)."""
         if chat_field in OUTPUT_FIELDS:
             return self.output or chat_field
+        if chat_field == "stop":
+            return self.stop
         return self.prompt if chat_field == "messages" else chat_field
 
     def output_of(self, body: Mapping[str, Any]) -> str:
@@ -542,7 +546,8 @@ CHAT_FIELDS = FrontFields()
 #: Each front's names, by its name (``Call.front``, the outcome record's ``front``).
 FRONT_FIELDS: Mapping[str, FrontFields] = {
     "chat": CHAT_FIELDS,
-    "messages": FrontFields(output="max_tokens"),  # Anthropic's, which it requires
+    # Anthropic's output limit, which it requires, and its stop sequences.
+    "messages": FrontFields(output="max_tokens", stop="stop_sequences"),
     "responses": FrontFields(output="max_output_tokens", prompt="input"),
 }
 

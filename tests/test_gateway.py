@@ -1614,3 +1614,31 @@ def test_the_last_guard_reads_a_null_server_field_as_absent() -> None:
     ).models
     for name in ("local", "gpt"):
         assert Gateway.fitted(models[name], chat, messages.OPTIONAL, messages.NATIVE_ONLY) == chat
+
+
+def test_a_messages_request_over_a_models_stop_limit_names_stop_sequences(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """A /v1/messages request pinned to gpt-4o with more stop sequences than OpenAI takes is
+    refused naming the field its client sent, ``stop_sequences`` (as its ``max_tokens`` is
+    named as that front calls it): it named the chat translation's ``stop``."""
+    fake.reset()
+    sent = {
+        "model": "gpt-4o",
+        "max_tokens": 20,
+        "messages": [{"role": "user", "content": "Count to ten."}],
+        "stop_sequences": ["1", "2", "3", "4", "5"],
+    }
+    chat, _ = messages.to_chat(sent, "req_x")
+    pinner = Principal(tenant="acme", permissions=frozenset({"pin_closed"}), key_id="test")
+
+    async def scenario() -> None:
+        async with serving(tmp_path, fake, ScriptedStream()) as srv:
+            call = Call(body=chat, principal=pinner, tenant="acme", front="messages")
+            with pytest.raises(BadRequestError) as refused:
+                await srv.gateway.serve(call)
+            assert "cannot take 5 stop sequences (it takes at most 4)" in refused.value.message
+            assert refused.value.param == "stop_sequences"
+            assert fake.received == []
+
+    asyncio.run(scenario())
