@@ -6,7 +6,8 @@ import, heavy in memory). A closed model neither prices costs $0 (:meth:`CostBoo
 names those, for the warnings of ``serve`` and ``policy check``). Prompt tokens a provider read
 from or wrote to its prompt cache are priced at its cache prices where the price knows them (as
 providers bill them: OpenAI's cached tokens at a half or a tenth, Anthropic's cache reads at a
-tenth and cache writes at 1.25 times the input price), else as any input token. Local
+tenth and cache writes at 1.25 times the input price, twice it for those kept an hour), else as
+any input token (a one-hour write with no price of its own, as a five-minute one). Local
 calls are charged at a configured price per million tokens plus a price per GPU-hour, applied to
 the request's local generation time. The counterfactual is what the same tokens would have cost
 on the default closed model; "saved versus all-closed" is sum(counterfactual) - sum(cost).
@@ -32,31 +33,45 @@ _COST_MAP_FILE = "model_prices_and_context_window_backup.json"
 @dataclass(frozen=True, slots=True)
 class Price:
     """USD per token, input and output, and for prompt tokens read from or written to the
-    provider's prompt cache (None: priced as input)."""
+    provider's prompt cache (None: priced as input), and written to Anthropic's one-hour
+    cache (None: priced as the other writes)."""
 
     input_per_token: float
     output_per_token: float
     cache_read_per_token: float | None = None
     cache_write_per_token: float | None = None
+    cache_write_1h_per_token: float | None = None
 
     def cost(
-        self, prompt_tokens: int, completion_tokens: int, *, cached: int = 0, cache_write: int = 0
+        self,
+        prompt_tokens: int,
+        completion_tokens: int,
+        *,
+        cached: int = 0,
+        cache_write: int = 0,
+        cache_write_1h: int = 0,
     ) -> float:
         """USD for the given token counts; ``cached`` and ``cache_write`` are the prompt tokens
-        (counted in ``prompt_tokens``) read from and written to the prompt cache."""
+        (counted in ``prompt_tokens``) read from and written to the prompt cache,
+        ``cache_write_1h`` those of the writes kept an hour."""
         read_price = self.input_per_token
         if self.cache_read_per_token is not None:
             read_price = self.cache_read_per_token
         write_price = self.input_per_token
         if self.cache_write_per_token is not None:
             write_price = self.cache_write_per_token
+        hour_price = write_price
+        if self.cache_write_1h_per_token is not None:
+            hour_price = self.cache_write_1h_per_token
         cached = min(max(0, cached), prompt_tokens)
         cache_write = min(max(0, cache_write), prompt_tokens - cached)
+        cache_write_1h = min(max(0, cache_write_1h), cache_write)
         uncached = prompt_tokens - cached - cache_write
         return (
             uncached * self.input_per_token
             + cached * read_price
-            + cache_write * write_price
+            + (cache_write - cache_write_1h) * write_price
+            + cache_write_1h * hour_price
             + completion_tokens * self.output_per_token
         )
 
@@ -67,6 +82,7 @@ _PRICE_FIELDS = (
     "output_cost_per_token",
     "cache_read_input_token_cost",
     "cache_creation_input_token_cost",
+    "cache_creation_input_token_cost_above_1hr",
 )
 
 
@@ -168,6 +184,7 @@ class CostBook:
             float(entry.get("output_cost_per_token") or 0.0),
             _optional(entry.get("cache_read_input_token_cost")),
             _optional(entry.get("cache_creation_input_token_cost")),
+            _optional(entry.get("cache_creation_input_token_cost_above_1hr")),
         )
 
     def closed_price(self, model: ModelSpec | str | None) -> Price | None:
@@ -180,8 +197,9 @@ class CostBook:
             return Price(
                 given.input_per_mtok / 1e6,
                 given.output_per_mtok / 1e6,
-                None if given.cache_read_per_mtok is None else given.cache_read_per_mtok / 1e6,
-                None if given.cache_write_per_mtok is None else given.cache_write_per_mtok / 1e6,
+                _per_token(given.cache_read_per_mtok),
+                _per_token(given.cache_write_per_mtok),
+                _per_token(given.cache_write_1h_per_mtok),
             )
         return self.price(model.litellm_model)
 
@@ -193,13 +211,20 @@ class CostBook:
         *,
         cached: int = 0,
         cache_write: int = 0,
+        cache_write_1h: int = 0,
     ) -> float:
-        """USD for a call to the closed ``model``, ``cached`` and ``cache_write`` of its prompt
-        tokens at the model's cache prices (:meth:`Price.cost`); 0.0 when its price is unknown
-        (:meth:`unpriced` names such models, for a warning)."""
+        """USD for a call to the closed ``model``, ``cached``, ``cache_write`` and
+        ``cache_write_1h`` of its prompt tokens at the model's cache prices (:meth:`Price.cost`);
+        0.0 when its price is unknown (:meth:`unpriced` names such models, for a warning)."""
         price = self.closed_price(model)
-        return (
-            price.cost(prompt, completion, cached=cached, cache_write=cache_write) if price else 0.0
+        if price is None:
+            return 0.0
+        return price.cost(
+            prompt,
+            completion,
+            cached=cached,
+            cache_write=cache_write,
+            cache_write_1h=cache_write_1h,
         )
 
     def unpriced(self, models: Iterable[ModelSpec]) -> list[str]:
@@ -222,8 +247,14 @@ class CostBook:
                 usage.completion_tokens,
                 cached=usage.cached_tokens,
                 cache_write=usage.cache_write_tokens,
+                cache_write_1h=usage.cache_write_1h_tokens,
             )
         return self.local_cost(usage.prompt_tokens, usage.completion_tokens, usage.generation_s)
+
+
+def _per_token(per_mtok: float | None) -> float | None:
+    # A policy price per 1M tokens, per token; None stays None (priced as another price).
+    return None if per_mtok is None else per_mtok / 1e6
 
 
 def _optional(value: Any) -> float | None:

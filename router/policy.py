@@ -245,6 +245,8 @@ class ModelPrice(_Strict):
     # Prompt tokens read from / written to the provider's prompt cache; None: the input price.
     cache_read_per_mtok: float | None = Field(None, ge=0)
     cache_write_per_mtok: float | None = Field(None, ge=0)
+    # Written to Anthropic's one-hour cache (ttl: 1h); None: the cache_write_per_mtok price.
+    cache_write_1h_per_mtok: float | None = Field(None, ge=0)
 
 
 class ModelSpec(_Strict):

@@ -123,6 +123,16 @@ class Behaviour:
     # ``cache_read_input_tokens`` and ``cache_creation_input_tokens`` (beside ``input_tokens``).
     cached_tokens: int = 0
     cache_write_tokens: int = 0
+    # Of ``cache_write_tokens``, those written to Anthropic's one-hour cache. Set (0 too), the
+    # usage breaks the writes down by lifetime as Anthropic's has since that cache came
+    # (``cache_creation``: ``ephemeral_5m_input_tokens``, ``ephemeral_1h_input_tokens``);
+    # None: the older usage, with ``cache_creation_input_tokens`` alone.
+    cache_write_1h_tokens: int | None = None
+    # Anthropic: the web searches the model made, reported in
+    # ``usage.server_tool_use.web_search_requests``; their results, which the model reads,
+    # count :data:`SEARCH_RESULT_TOKENS` each in ``input_tokens``. Streamed, as Anthropic sends
+    # them: ``message_start``'s usage counts the prompt alone, ``message_delta``'s the whole.
+    web_searches: int = 0
     # In ``status`` mode (and ``stall`` and the ``*_after_open`` ones), fail (stall) only the
     # requests to paths ending so (``/chat/completions``: the OpenAI model), answer the others.
     failing_path: str | None = None
@@ -170,6 +180,9 @@ def endless_error(status: int) -> Behaviour:
         error_headers={"retry-after": "12"},
     )
 
+
+#: The input tokens the results of one web search add to an Anthropic answer's usage.
+SEARCH_RESULT_TOKENS = 1000
 
 #: Anthropic's error body when it is overloaded (with HTTP 529, or as a stream's error event).
 ANTHROPIC_OVERLOADED = {
@@ -792,12 +805,25 @@ class FakeProvider:
             usage["prompt_tokens_details"] = {"cached_tokens": self.behaviour.cached_tokens}
         return usage
 
-    def _anthropic_usage(self, output_tokens: int) -> dict[str, Any]:
-        usage: dict[str, Any] = {"input_tokens": 13, "output_tokens": output_tokens}
+    def _anthropic_usage(self, output_tokens: int, *, start: bool = False) -> dict[str, Any]:
+        # The usage of a whole answer, or of a stream's end (``message_delta``: cumulative, as
+        # Anthropic sends it), or, ``start``, of its ``message_start``: before any search.
         b = self.behaviour
+        searches = 0 if start else b.web_searches
+        usage: dict[str, Any] = {
+            "input_tokens": 13 + searches * SEARCH_RESULT_TOKENS,
+            "output_tokens": output_tokens,
+        }
         if b.cached_tokens or b.cache_write_tokens:
             usage["cache_read_input_tokens"] = b.cached_tokens
             usage["cache_creation_input_tokens"] = b.cache_write_tokens
+        if b.cache_write_1h_tokens is not None:
+            usage["cache_creation"] = {
+                "ephemeral_5m_input_tokens": b.cache_write_tokens - b.cache_write_1h_tokens,
+                "ephemeral_1h_input_tokens": b.cache_write_1h_tokens,
+            }
+        if searches:
+            usage["server_tool_use"] = {"web_search_requests": searches, "web_fetch_requests": 0}
         return usage
 
     def _sse_start(self, h: BaseHTTPRequestHandler) -> None:
@@ -971,7 +997,7 @@ class FakeProvider:
                     "model": body.get("model", "claude"),
                     "stop_reason": None,
                     "stop_sequence": None,
-                    "usage": self._anthropic_usage(1),
+                    "usage": self._anthropic_usage(1, start=True),
                 },
             },
         )
@@ -1028,7 +1054,7 @@ class FakeProvider:
                     "stop_reason": "tool_use" if calls else "end_turn",
                     "stop_sequence": None,
                 },
-                "usage": {"output_tokens": 9},
+                "usage": self._anthropic_usage(9),
             },
         )
         event("message_stop", {"type": "message_stop"})

@@ -63,6 +63,7 @@ def test_the_loaded_table_keeps_only_prices() -> None:
             "output_cost_per_token",
             "cache_read_input_token_cost",
             "cache_creation_input_token_cost",
+            "cache_creation_input_token_cost_above_1hr",
         }
 
 
@@ -70,7 +71,7 @@ def test_cached_prompt_tokens_are_priced_at_the_cache_prices() -> None:
     """Providers bill prompt tokens read from their prompt cache at a fraction of the input
     price and (Anthropic) those written to it at more; a price that names no cache price
     charges them as input."""
-    from router.policy import ModelPrice, ModelSpec
+    from router.policy import ModelPrice
 
     book = CostBook(
         {
@@ -91,18 +92,57 @@ def test_cached_prompt_tokens_are_priced_at_the_cache_prices() -> None:
     ) == pytest.approx(100 * 3e-6 + 600 * 3e-7 + 300 * 3.75e-6 + 100 * 1.5e-5)
     # No cache price: cached tokens cost what input tokens do.
     assert CostBook(MAP).closed_cost("gpt-4o", 1000, 100, cached=800) == pytest.approx(0.0035)
-    own = ModelSpec(
-        name="own",
-        tier="closed",
-        litellm_model="openai/private",
-        supports_tools=True,
-        supports_images=True,
-        price=ModelPrice(input_per_mtok=2, output_per_mtok=8, cache_read_per_mtok=0.5),
-    )
+    own = _own(ModelPrice(input_per_mtok=2, output_per_mtok=8, cache_read_per_mtok=0.5))
     assert book.closed_cost(own, 1_000_000, 0, cached=500_000) == pytest.approx(1.0 + 0.25)
 
 
-CACHED, WRITTEN = 4000, 1000
+def _own(price: Any) -> Any:
+    # A closed model the policy prices itself.
+    from router.policy import ModelSpec
+
+    return ModelSpec(
+        name="own",
+        tier="closed",
+        litellm_model="anthropic/private",
+        supports_tools=True,
+        supports_images=True,
+        price=price,
+    )
+
+
+def test_one_hour_cache_writes_have_their_own_price() -> None:
+    """Anthropic bills a prompt-cache write kept an hour at twice the input price, one kept
+    five minutes at 1.25 times; a price that names no one-hour price charges it as the other
+    writes (as litellm does), and a policy price can name it."""
+    from router.policy import ModelPrice
+
+    claude = {
+        **MAP["anthropic/claude-x"],
+        "cache_read_input_token_cost": 3e-7,
+        "cache_creation_input_token_cost": 3.75e-6,
+    }
+    book = CostBook({"claude-x": {**claude, "cache_creation_input_token_cost_above_1hr": 6e-6}})
+    # 1,000 prompt tokens: 600 read, 300 written of which 100 for an hour, 100 at input.
+    assert book.closed_cost(
+        "anthropic/claude-x", 1000, 100, cached=600, cache_write=300, cache_write_1h=100
+    ) == pytest.approx(100 * 3e-6 + 600 * 3e-7 + 200 * 3.75e-6 + 100 * 6e-6 + 100 * 1.5e-5)
+    assert CostBook({"claude-x": claude}).closed_cost(
+        "claude-x", 1000, 0, cache_write=300, cache_write_1h=100
+    ) == pytest.approx(700 * 3e-6 + 300 * 3.75e-6)
+    own = _own(
+        ModelPrice(
+            input_per_mtok=1,
+            output_per_mtok=5,
+            cache_write_per_mtok=1.25,
+            cache_write_1h_per_mtok=2,
+        )
+    )
+    assert book.closed_cost(
+        own, 1_000_000, 0, cache_write=1_000_000, cache_write_1h=400_000
+    ) == pytest.approx(0.6 * 1.25 + 0.4 * 2)
+
+
+CACHED, WRITTEN, HOUR = 4000, 1000, 600
 
 
 @pytest.fixture(scope="module")
@@ -135,21 +175,8 @@ def test_the_recorded_cost_is_what_the_provider_bills_for_cached_prompts(
 ) -> None:
     """With prompt caching, the record's cost is the provider's usage priced by litellm
     (cache reads and writes at their own prices), on every front, streamed or not."""
-    import litellm
-
     fake.reset(Behaviour(cached_tokens=CACHED, cache_write_tokens=WRITTEN))
-    messages = [{"role": "user", "content": "HARD question"}]
-    body: dict[str, Any] = {"model": model, "stream": stream}
-    if path == "/v1/responses":
-        body["input"] = "HARD question"
-    else:
-        body.update(messages=messages, max_tokens=50)
-    response = priced.http.post(path, json=body)
-    assert response.status_code == 200, response.text
-    store = priced.gateway.outcomes
-    request_id = response.headers["x-request-id"]
-    assert wait_for(lambda: store.get(request_id) is not None), "no outcome record"
-    record = store.get(request_id)
+    record = _recorded(priced, path, model, stream)
     if model == "gpt-4o":  # OpenAI bills no cache writes
         name, written, prompt, completion = "gpt-4o", 0, 11 + CACHED, 7
     else:
@@ -161,12 +188,66 @@ def test_the_recorded_cost_is_what_the_provider_bills_for_cached_prompts(
         "prompt_tokens_details": {"cached_tokens": CACHED},
         "cache_creation_input_tokens": written,
     }
-    billed = litellm.completion_cost(
-        completion_response={"model": name, "usage": usage, "choices": []}, model=name
-    )
-    assert record is not None
     assert (record["prompt_tokens"], record["completion_tokens"]) == (prompt, completion)
+    assert record["cost_usd"] == pytest.approx(_billed(name, usage), rel=1e-9)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/chat/completions",  # litellm's Anthropic path
+        "/v1/messages",  # passed through natively
+        "/v1/responses",  # litellm's Anthropic path, from a Response
+    ],
+)
+def test_one_hour_cache_writes_are_recorded_at_their_own_price(
+    priced: LiveServer, fake: FakeProvider, path: str, stream: bool
+) -> None:
+    """Anthropic's usage breaks the prompt-cache writes down by lifetime (``cache_creation``):
+    those kept an hour (``ttl: 1h``) cost twice the input price, not the five minutes' 1.25
+    times. The record prices each at its own, natively and through litellm, streamed or not."""
+    fake.reset(
+        Behaviour(cached_tokens=CACHED, cache_write_tokens=WRITTEN, cache_write_1h_tokens=HOUR)
+    )
+    record = _recorded(priced, path, "claude", stream)
+    by_lifetime = {"ephemeral_5m_input_tokens": WRITTEN - HOUR, "ephemeral_1h_input_tokens": HOUR}
+    usage = {
+        "prompt_tokens": 13 + CACHED + WRITTEN,
+        "completion_tokens": 9,
+        "prompt_tokens_details": {
+            "cached_tokens": CACHED,
+            "cache_creation_token_details": by_lifetime,
+        },
+        "cache_creation_input_tokens": WRITTEN,
+    }
+    billed = _billed("claude-sonnet-4-5-20250929", usage)
     assert record["cost_usd"] == pytest.approx(billed, rel=1e-9)
+
+
+def _recorded(priced: LiveServer, path: str, model: str, stream: bool) -> dict[str, Any]:
+    # The outcome record of one request to ``model`` on the front at ``path``.
+    body: dict[str, Any] = {"model": model, "stream": stream}
+    if path == "/v1/responses":
+        body["input"] = "HARD question"
+    else:
+        body.update(messages=[{"role": "user", "content": "HARD question"}], max_tokens=50)
+    response = priced.http.post(path, json=body)
+    assert response.status_code == 200, response.text
+    store = priced.gateway.outcomes
+    request_id = response.headers["x-request-id"]
+    assert wait_for(lambda: store.get(request_id) is not None), "no outcome record"
+    record = store.get(request_id)
+    assert record is not None
+    return dict(record)
+
+
+def _billed(name: str, usage: dict[str, Any]) -> float:
+    # What the provider bills for ``usage``, priced by litellm's own cost code.
+    import litellm
+
+    response = {"model": name, "usage": usage, "choices": []}
+    return float(litellm.completion_cost(completion_response=response, model=name))
 
 
 def test_a_policy_price_wins_and_unpriced_closed_models_are_named() -> None:

@@ -46,7 +46,8 @@ class Usage:
     ``generation_s`` is the time the local model spent generating (queueing excluded); the local
     tier's per-GPU-hour price is charged on it. ``cached_tokens`` and ``cache_write_tokens`` are
     the prompt tokens (counted in ``prompt_tokens``) the provider read from and wrote to its
-    prompt cache, which it bills at other prices.
+    prompt cache, which it bills at other prices; ``cache_write_1h_tokens``, those of the writes
+    Anthropic keeps an hour rather than five minutes, which it bills dearer still.
     """
 
     prompt_tokens: int = 0
@@ -54,11 +55,13 @@ class Usage:
     generation_s: float = 0.0
     cached_tokens: int = 0
     cache_write_tokens: int = 0
+    cache_write_1h_tokens: int = 0
 
     def take(self, other: Usage) -> None:
         """Copy ``other``'s token counts (a stream's closing usage) into this one."""
         self.prompt_tokens, self.completion_tokens = other.prompt_tokens, other.completion_tokens
         self.cached_tokens, self.cache_write_tokens = other.cached_tokens, other.cache_write_tokens
+        self.cache_write_1h_tokens = other.cache_write_1h_tokens
 
 
 @dataclass(slots=True)
@@ -109,7 +112,9 @@ def usage_from_body(body: dict[str, Any], label: str = "the upstream") -> Usage:
     """Read OpenAI's ``usage`` object (absent or partial is fine).
 
     The prompt tokens read from the prompt cache are ``prompt_tokens_details.cached_tokens``;
-    those written to it (litellm reports them for Anthropic models) ``cache_creation_input_tokens``.
+    those written to it (litellm reports them for Anthropic models) ``cache_creation_input_tokens``,
+    and of these the one-hour cache's ``prompt_tokens_details.cache_creation_token_details``
+    ``.ephemeral_1h_input_tokens`` (litellm's copy of Anthropic's ``cache_creation``).
     A ``usage`` that is not an object of token counts is a malformed answer: raised as
     :class:`UpstreamBadResponseError`, an upstream failure that falls back like any other.
     """
@@ -120,13 +125,24 @@ def usage_from_body(body: dict[str, Any], label: str = "the upstream") -> Usage:
     if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
         raise UpstreamBadResponseError(f"{label} sent token counts that are not counts")
     details = raw.get("prompt_tokens_details")
-    cached = token_count(details.get("cached_tokens")) if isinstance(details, dict) else 0
+    details = details if isinstance(details, dict) else {}
     return Usage(
         prompt_tokens=counts[0],
         completion_tokens=counts[1],
-        cached_tokens=cached,
+        cached_tokens=token_count(details.get("cached_tokens")),
         cache_write_tokens=token_count(raw.get("cache_creation_input_tokens")),
+        cache_write_1h_tokens=one_hour_writes(details.get("cache_creation_token_details")),
     )
+
+
+def one_hour_writes(by_lifetime: Any) -> int:
+    """The prompt-cache writes kept an hour, of Anthropic's writes by lifetime (its
+    ``cache_creation``, litellm's ``cache_creation_token_details``); 0 where the usage does not
+    break them down (all at the five-minute price, as Anthropic's usage before the one-hour
+    cache, and litellm, count them)."""
+    if not isinstance(by_lifetime, dict):
+        return 0
+    return token_count(by_lifetime.get("ephemeral_1h_input_tokens"))
 
 
 def token_count(value: Any) -> int:

@@ -20,7 +20,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from router.backends import Completion, ModelLike, Usage, token_count
+from router.backends import Completion, ModelLike, Usage, one_hour_writes, token_count
 from router.backends.closed import key_for, provider_model, provider_of
 from router.backends.openai_http import OpenAIHTTP, stream_cut, stream_failure
 from router.errors import BackendError, UpstreamBadResponseError
@@ -268,9 +268,11 @@ def _usage_of(raw: Any, api: Api, label: str) -> Usage:
     if not isinstance(raw, dict):
         raise UpstreamBadResponseError(f"{label} sent a 'usage' that is not an object")
     prompt = token_count(raw.get("input_tokens"))
+    hour = 0
     if api == "messages":  # Anthropic counts cached prompt tokens apart from input_tokens
         cached = token_count(raw.get("cache_read_input_tokens"))
         written = token_count(raw.get("cache_creation_input_tokens"))
+        hour = one_hour_writes(raw.get("cache_creation"))
         prompt += cached + written
     else:  # OpenAI's input_tokens include the cached ones
         details = raw.get("input_tokens_details")
@@ -281,6 +283,7 @@ def _usage_of(raw: Any, api: Api, label: str) -> Usage:
         completion_tokens=token_count(raw.get("output_tokens")),
         cached_tokens=cached,
         cache_write_tokens=written,
+        cache_write_1h_tokens=hour,
     )
 
 
@@ -376,11 +379,8 @@ class _AnthropicEvents:
             self.id = str(message.get("id", ""))
             message["model"] = self.model
             got = _usage_of(message.get("usage"), "messages", label)
-            usage.prompt_tokens = got.prompt_tokens
-            usage.cached_tokens, usage.cache_write_tokens = (
-                got.cached_tokens,
-                got.cache_write_tokens,
-            )
+            got.completion_tokens = usage.completion_tokens
+            usage.take(got)
             return _delta({"role": "assistant", "content": ""})
         block = event.get("content_block") or {}
         if kind == "content_block_start" and block.get("type") == "tool_use":
