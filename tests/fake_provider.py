@@ -805,9 +805,12 @@ class FakeProvider:
             usage["prompt_tokens_details"] = {"cached_tokens": self.behaviour.cached_tokens}
         return usage
 
-    def _anthropic_usage(self, output_tokens: int, *, start: bool = False) -> dict[str, Any]:
-        # The usage of a whole answer, or of a stream's end (``message_delta``: cumulative, as
-        # Anthropic sends it), or, ``start``, of its ``message_start``: before any search.
+    def _anthropic_usage(
+        self, output_tokens: int, *, start: bool = False, delta: bool = False
+    ) -> dict[str, Any]:
+        # The usage of a whole answer; ``start``, of a stream's ``message_start`` (before any
+        # search); ``delta``, of its ``message_delta``: cumulative, as Anthropic sends it, and
+        # without the writes' breakdown by lifetime, which that event does not carry.
         b = self.behaviour
         searches = 0 if start else b.web_searches
         usage: dict[str, Any] = {
@@ -817,7 +820,7 @@ class FakeProvider:
         if b.cached_tokens or b.cache_write_tokens:
             usage["cache_read_input_tokens"] = b.cached_tokens
             usage["cache_creation_input_tokens"] = b.cache_write_tokens
-        if b.cache_write_1h_tokens is not None:
+        if b.cache_write_1h_tokens is not None and not delta:
             usage["cache_creation"] = {
                 "ephemeral_5m_input_tokens": b.cache_write_tokens - b.cache_write_1h_tokens,
                 "ephemeral_1h_input_tokens": b.cache_write_1h_tokens,
@@ -1054,7 +1057,7 @@ class FakeProvider:
                     "stop_reason": "tool_use" if calls else "end_turn",
                     "stop_sequence": None,
                 },
-                "usage": self._anthropic_usage(9),
+                "usage": self._anthropic_usage(9, delta=True),
             },
         )
         event("message_stop", {"type": "message_stop"})

@@ -10,7 +10,7 @@ import pytest
 
 from router.costs import CostBook, Price, load_litellm_cost_map
 from tests.conftest import KEYS, LiveServer, live, policy_yaml, wait_for
-from tests.fake_provider import Behaviour, FakeProvider
+from tests.fake_provider import SEARCH_RESULT_TOKENS, Behaviour, FakeProvider
 
 MAP = {
     "gpt-4o": {"input_cost_per_token": 2.5e-6, "output_cost_per_token": 1e-5},
@@ -225,9 +225,33 @@ def test_one_hour_cache_writes_are_recorded_at_their_own_price(
     assert record["cost_usd"] == pytest.approx(billed, rel=1e-9)
 
 
-def _recorded(priced: LiveServer, path: str, model: str, stream: bool) -> dict[str, Any]:
+#: A web search, as each front asks a Claude for one.
+SEARCH = {
+    "/v1/chat/completions": {"web_search_options": {}},
+    "/v1/messages": {"tools": [{"type": "web_search_20250305", "name": "web_search"}]},
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+def test_the_prompt_a_web_search_grew_is_recorded(
+    priced: LiveServer, fake: FakeProvider, path: str, stream: bool
+) -> None:
+    """A Claude reads the results of its web searches, and Anthropic bills them as input: a
+    stream's closing usage (``message_delta``, cumulative) counts them, its opening
+    (``message_start``) only the prompt sent. The record counts what was billed, streamed or
+    not, natively and through litellm."""
+    fake.reset(Behaviour(web_searches=2))
+    record = _recorded(priced, path, "claude", stream, **SEARCH[path])
+    assert record["prompt_tokens"] == 13 + 2 * SEARCH_RESULT_TOKENS
+    assert record["completion_tokens"] == 9
+
+
+def _recorded(
+    priced: LiveServer, path: str, model: str, stream: bool, **extra: Any
+) -> dict[str, Any]:
     # The outcome record of one request to ``model`` on the front at ``path``.
-    body: dict[str, Any] = {"model": model, "stream": stream}
+    body: dict[str, Any] = {"model": model, "stream": stream, **extra}
     if path == "/v1/responses":
         body["input"] = "HARD question"
     else:

@@ -360,7 +360,11 @@ def _delta(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
 
 class _AnthropicEvents:
     """Anthropic's stream events as chat chunks, counting usage as they pass; ``sent``, the
-    request, whose ids an error event's 404 may name (:func:`stream_failure`)."""
+    request, whose ids an error event's 404 may name (:func:`stream_failure`).
+
+    ``message_start`` counts the prompt as sent; ``message_delta``'s counts are cumulative and,
+    where they give the input (as Anthropic's do), count the prompt as the model read it, the
+    results of its server tools (a web search's pages) included, which it bills as input."""
 
     def __init__(self, model: str, sent: Mapping[str, Any]) -> None:
         self.id = ""
@@ -368,6 +372,15 @@ class _AnthropicEvents:
         self.sent = sent
         self.done = False
         self._tools: dict[int, int] = {}  # content block index -> tool call index
+        self._usage: dict[str, Any] = {}  # the stream's usage so far, Anthropic's fields
+
+    def _count(self, raw: Any, label: str) -> Usage:
+        # The stream's usage with an event's fields over the earlier ones (those it leaves out,
+        # or sends null, keep theirs: message_delta has no cache_creation breakdown).
+        if raw is not None and not isinstance(raw, dict):
+            raise UpstreamBadResponseError(f"{label} sent a 'usage' that is not an object")
+        self._usage.update((k, v) for k, v in (raw or {}).items() if v is not None)
+        return _usage_of(self._usage, "messages", label)
 
     def chunk(self, event: dict[str, Any], usage: Usage, label: str) -> dict[str, Any]:
         kind = event["type"]
@@ -378,8 +391,8 @@ class _AnthropicEvents:
             message = event.get("message") or {}
             self.id = str(message.get("id", ""))
             message["model"] = self.model
-            got = _usage_of(message.get("usage"), "messages", label)
-            got.completion_tokens = usage.completion_tokens
+            got = self._count(message.get("usage"), label)
+            got.completion_tokens = usage.completion_tokens  # none written yet
             usage.take(got)
             return _delta({"role": "assistant", "content": ""})
         block = event.get("content_block") or {}
@@ -396,9 +409,7 @@ class _AnthropicEvents:
             partial = {"index": tool, "function": {"arguments": delta.get("partial_json", "")}}
             return _delta({"tool_calls": [partial]})
         if kind == "message_delta":
-            usage.completion_tokens = _usage_of(
-                event.get("usage"), "messages", label
-            ).completion_tokens
+            usage.take(self._count(event.get("usage"), label))
             return _delta({}, _ANTHROPIC_FINISH.get(str(delta.get("stop_reason")), "stop"))
         self.done = kind == "message_stop"
         return {"choices": []}
