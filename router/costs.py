@@ -7,7 +7,10 @@ names those, for the warnings of ``serve`` and ``policy check``). Prompt tokens 
 from or wrote to its prompt cache are priced at its cache prices where the price knows them (as
 providers bill them: OpenAI's cached tokens at a half or a tenth, Anthropic's cache reads at a
 tenth and cache writes at 1.25 times the input price, twice it for those kept an hour), else as
-any input token (a one-hour write with no price of its own, as a five-minute one). Local
+any input token (a one-hour write with no price of its own, as a five-minute one). A provider's
+web searches (Anthropic's, as its usage counts them) are priced per search where the price
+names one (litellm's ``search_context_cost_per_query``; a policy's ``web_search_per_1k``), else
+count nothing. Local
 calls are charged at a configured price per million tokens plus a price per GPU-hour, applied to
 the request's local generation time. The counterfactual is what the same tokens would have cost
 on the default closed model; "saved versus all-closed" is sum(counterfactual) - sum(cost).
@@ -34,13 +37,14 @@ _COST_MAP_FILE = "model_prices_and_context_window_backup.json"
 class Price:
     """USD per token, input and output, and for prompt tokens read from or written to the
     provider's prompt cache (None: priced as input), and written to Anthropic's one-hour
-    cache (None: priced as the other writes)."""
+    cache (None: priced as the other writes); and USD per web search (None: not known, $0)."""
 
     input_per_token: float
     output_per_token: float
     cache_read_per_token: float | None = None
     cache_write_per_token: float | None = None
     cache_write_1h_per_token: float | None = None
+    per_web_search: float | None = None
 
     def cost(
         self,
@@ -50,10 +54,12 @@ class Price:
         cached: int = 0,
         cache_write: int = 0,
         cache_write_1h: int = 0,
+        web_searches: int = 0,
     ) -> float:
-        """USD for the given token counts; ``cached`` and ``cache_write`` are the prompt tokens
+        """USD for the given counts; ``cached`` and ``cache_write`` are the prompt tokens
         (counted in ``prompt_tokens``) read from and written to the prompt cache,
-        ``cache_write_1h`` those of the writes kept an hour."""
+        ``cache_write_1h`` those of the writes kept an hour; ``web_searches``, the provider's
+        searches."""
         read_price = self.input_per_token
         if self.cache_read_per_token is not None:
             read_price = self.cache_read_per_token
@@ -73,6 +79,7 @@ class Price:
             + (cache_write - cache_write_1h) * write_price
             + cache_write_1h * hour_price
             + completion_tokens * self.output_per_token
+            + web_searches * (self.per_web_search or 0.0)
         )
 
 
@@ -83,6 +90,7 @@ _PRICE_FIELDS = (
     "cache_read_input_token_cost",
     "cache_creation_input_token_cost",
     "cache_creation_input_token_cost_above_1hr",
+    "search_context_cost_per_query",
 )
 
 
@@ -185,6 +193,7 @@ class CostBook:
             _optional(entry.get("cache_read_input_token_cost")),
             _optional(entry.get("cache_creation_input_token_cost")),
             _optional(entry.get("cache_creation_input_token_cost_above_1hr")),
+            _per_search(entry.get("search_context_cost_per_query")),
         )
 
     def closed_price(self, model: ModelSpec | str | None) -> Price | None:
@@ -200,6 +209,7 @@ class CostBook:
                 _per_token(given.cache_read_per_mtok),
                 _per_token(given.cache_write_per_mtok),
                 _per_token(given.cache_write_1h_per_mtok),
+                None if given.web_search_per_1k is None else given.web_search_per_1k / 1e3,
             )
         return self.price(model.litellm_model)
 
@@ -212,10 +222,12 @@ class CostBook:
         cached: int = 0,
         cache_write: int = 0,
         cache_write_1h: int = 0,
+        web_searches: int = 0,
     ) -> float:
         """USD for a call to the closed ``model``, ``cached``, ``cache_write`` and
-        ``cache_write_1h`` of its prompt tokens at the model's cache prices (:meth:`Price.cost`);
-        0.0 when its price is unknown (:meth:`unpriced` names such models, for a warning)."""
+        ``cache_write_1h`` of its prompt tokens at the model's cache prices, its
+        ``web_searches`` at its price per search (:meth:`Price.cost`); 0.0 when its price is
+        unknown (:meth:`unpriced` names such models, for a warning)."""
         price = self.closed_price(model)
         if price is None:
             return 0.0
@@ -225,6 +237,7 @@ class CostBook:
             cached=cached,
             cache_write=cache_write,
             cache_write_1h=cache_write_1h,
+            web_searches=web_searches,
         )
 
     def unpriced(self, models: Iterable[ModelSpec]) -> list[str]:
@@ -238,8 +251,9 @@ class CostBook:
 
     def call_cost(self, model: ModelSpec, usage: Usage) -> float:
         """USD for one call to ``model`` that used ``usage``: a closed model's at its prices, the
-        cached prompt tokens at its cache prices, as the provider bills them; a local one's at
-        the local prices, generation time included."""
+        cached prompt tokens at its cache prices and its web searches at its price per search,
+        as the provider bills them; a local one's at the local prices, generation time
+        included."""
         if model.tier == "closed":
             return self.closed_cost(
                 model,
@@ -248,6 +262,7 @@ class CostBook:
                 cached=usage.cached_tokens,
                 cache_write=usage.cache_write_tokens,
                 cache_write_1h=usage.cache_write_1h_tokens,
+                web_searches=usage.web_searches,
             )
         return self.local_cost(usage.prompt_tokens, usage.completion_tokens, usage.generation_s)
 
@@ -255,6 +270,14 @@ class CostBook:
 def _per_token(per_mtok: float | None) -> float | None:
     # A policy price per 1M tokens, per token; None stays None (priced as another price).
     return None if per_mtok is None else per_mtok / 1e6
+
+
+def _per_search(value: Any) -> float | None:
+    # litellm's price per web search, by the search's context size: its medium one, which
+    # litellm's cost code charges when the request names none (every Anthropic search).
+    if isinstance(value, dict):
+        value = value.get("search_context_size_medium")
+    return _optional(value)
 
 
 def _optional(value: Any) -> float | None:

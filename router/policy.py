@@ -247,6 +247,9 @@ class ModelPrice(_Strict):
     cache_write_per_mtok: float | None = Field(None, ge=0)
     # Written to Anthropic's one-hour cache (ttl: 1h); None: the cache_write_per_mtok price.
     cache_write_1h_per_mtok: float | None = Field(None, ge=0)
+    # USD per 1,000 searches of the provider's web search tool, as its usage counts them
+    # (Anthropic's); None: they count $0.
+    web_search_per_1k: float | None = Field(None, ge=0)
 
 
 class ModelSpec(_Strict):

@@ -64,6 +64,7 @@ def test_the_loaded_table_keeps_only_prices() -> None:
             "cache_read_input_token_cost",
             "cache_creation_input_token_cost",
             "cache_creation_input_token_cost_above_1hr",
+            "search_context_cost_per_query",
         }
 
 
@@ -140,6 +141,22 @@ def test_one_hour_cache_writes_have_their_own_price() -> None:
     assert book.closed_cost(
         own, 1_000_000, 0, cache_write=1_000_000, cache_write_1h=400_000
     ) == pytest.approx(0.6 * 1.25 + 0.4 * 2)
+
+
+def test_web_searches_are_priced_per_search() -> None:
+    """Anthropic bills each web search ($10 per 1,000) beside the tokens: litellm's table names
+    the price by the search's context size (a Claude's searches are the medium one's), a
+    policy price per 1,000 searches; a price that names none counts them $0."""
+    from router.policy import ModelPrice
+
+    searched = {"search_context_cost_per_query": {"search_context_size_medium": 0.01}}
+    book = CostBook({"claude-x": {**MAP["anthropic/claude-x"], **searched}})
+    assert book.closed_cost("anthropic/claude-x", 1000, 100, web_searches=3) == pytest.approx(
+        1000 * 3e-6 + 100 * 1.5e-5 + 3 * 0.01
+    )
+    assert CostBook(MAP).closed_cost("anthropic/claude-x", 0, 0, web_searches=3) == 0.0
+    own = _own(ModelPrice(input_per_mtok=1, output_per_mtok=5, web_search_per_1k=10))
+    assert book.closed_cost(own, 0, 0, web_searches=7) == pytest.approx(0.07)
 
 
 CACHED, WRITTEN, HOUR = 4000, 1000, 600
@@ -245,6 +262,27 @@ def test_the_prompt_a_web_search_grew_is_recorded(
     record = _recorded(priced, path, "claude", stream, **SEARCH[path])
     assert record["prompt_tokens"] == 13 + 2 * SEARCH_RESULT_TOKENS
     assert record["completion_tokens"] == 9
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+def test_web_searches_are_recorded_at_their_price(
+    priced: LiveServer, fake: FakeProvider, path: str, stream: bool
+) -> None:
+    """Anthropic bills each web search a Claude makes beside its tokens; its usage counts them
+    (``server_tool_use.web_search_requests``). The record's cost includes them at the price
+    litellm's table gives, natively and through litellm, streamed or not, so the budget that
+    the record settles sees them."""
+    fake.reset(Behaviour(web_searches=2))
+    record = _recorded(priced, path, "claude", stream, **SEARCH[path])
+    usage = {
+        "prompt_tokens": 13 + 2 * SEARCH_RESULT_TOKENS,
+        "completion_tokens": 9,
+        "server_tool_use": {"web_search_requests": 2},
+    }
+    billed = _billed("claude-sonnet-4-5-20250929", usage)
+    assert billed > _billed("claude-sonnet-4-5-20250929", {**usage, "server_tool_use": None})
+    assert record["cost_usd"] == pytest.approx(billed, rel=1e-9)
 
 
 def _recorded(

@@ -48,6 +48,8 @@ class Usage:
     the prompt tokens (counted in ``prompt_tokens``) the provider read from and wrote to its
     prompt cache, which it bills at other prices; ``cache_write_1h_tokens``, those of the writes
     Anthropic keeps an hour rather than five minutes, which it bills dearer still.
+    ``web_searches`` counts the searches a provider's own web search tool made (Anthropic's
+    ``server_tool_use.web_search_requests``), which it bills per search.
     """
 
     prompt_tokens: int = 0
@@ -56,12 +58,16 @@ class Usage:
     cached_tokens: int = 0
     cache_write_tokens: int = 0
     cache_write_1h_tokens: int = 0
+    web_searches: int = 0
 
     def take(self, other: Usage) -> None:
-        """Copy ``other``'s token counts (a stream's closing usage) into this one."""
+        """Copy ``other``'s counts (a stream's closing usage) into this one."""
         self.prompt_tokens, self.completion_tokens = other.prompt_tokens, other.completion_tokens
         self.cached_tokens, self.cache_write_tokens = other.cached_tokens, other.cache_write_tokens
-        self.cache_write_1h_tokens = other.cache_write_1h_tokens
+        self.cache_write_1h_tokens, self.web_searches = (
+            other.cache_write_1h_tokens,
+            other.web_searches,
+        )
 
 
 @dataclass(slots=True)
@@ -114,7 +120,8 @@ def usage_from_body(body: dict[str, Any], label: str = "the upstream") -> Usage:
     The prompt tokens read from the prompt cache are ``prompt_tokens_details.cached_tokens``;
     those written to it (litellm reports them for Anthropic models) ``cache_creation_input_tokens``,
     and of these the one-hour cache's ``prompt_tokens_details.cache_creation_token_details``
-    ``.ephemeral_1h_input_tokens`` (litellm's copy of Anthropic's ``cache_creation``).
+    ``.ephemeral_1h_input_tokens`` (litellm's copy of Anthropic's ``cache_creation``). The web
+    searches are litellm's copy of Anthropic's ``server_tool_use.web_search_requests``.
     A ``usage`` that is not an object of token counts is a malformed answer: raised as
     :class:`UpstreamBadResponseError`, an upstream failure that falls back like any other.
     """
@@ -132,7 +139,16 @@ def usage_from_body(body: dict[str, Any], label: str = "the upstream") -> Usage:
         cached_tokens=token_count(details.get("cached_tokens")),
         cache_write_tokens=token_count(raw.get("cache_creation_input_tokens")),
         cache_write_1h_tokens=one_hour_writes(details.get("cache_creation_token_details")),
+        web_searches=web_searches(raw.get("server_tool_use")),
     )
+
+
+def web_searches(server_tool_use: Any) -> int:
+    """The web searches of Anthropic's ``server_tool_use`` (litellm's copy of it too), billed
+    per search; its web fetches are not counted, as they are billed as tokens alone."""
+    if not isinstance(server_tool_use, dict):
+        return 0
+    return token_count(server_tool_use.get("web_search_requests"))
 
 
 def one_hour_writes(by_lifetime: Any) -> int:

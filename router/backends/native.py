@@ -20,7 +20,14 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from router.backends import Completion, ModelLike, Usage, one_hour_writes, token_count
+from router.backends import (
+    Completion,
+    ModelLike,
+    Usage,
+    one_hour_writes,
+    token_count,
+    web_searches,
+)
 from router.backends.closed import key_for, provider_model, provider_of
 from router.backends.openai_http import OpenAIHTTP, stream_cut, stream_failure
 from router.errors import BackendError, UpstreamBadResponseError
@@ -268,11 +275,12 @@ def _usage_of(raw: Any, api: Api, label: str) -> Usage:
     if not isinstance(raw, dict):
         raise UpstreamBadResponseError(f"{label} sent a 'usage' that is not an object")
     prompt = token_count(raw.get("input_tokens"))
-    hour = 0
+    hour = searches = 0
     if api == "messages":  # Anthropic counts cached prompt tokens apart from input_tokens
         cached = token_count(raw.get("cache_read_input_tokens"))
         written = token_count(raw.get("cache_creation_input_tokens"))
         hour = one_hour_writes(raw.get("cache_creation"))
+        searches = web_searches(raw.get("server_tool_use"))
         prompt += cached + written
     else:  # OpenAI's input_tokens include the cached ones
         details = raw.get("input_tokens_details")
@@ -284,6 +292,7 @@ def _usage_of(raw: Any, api: Api, label: str) -> Usage:
         cached_tokens=cached,
         cache_write_tokens=written,
         cache_write_1h_tokens=hour,
+        web_searches=searches,
     )
 
 
