@@ -893,11 +893,25 @@ class Gateway:
         return prompt, completion
 
     def _reserved_usd(self, ctx: RequestContext, default_completion: int) -> float:
-        """For each of the request's calls (:meth:`_calls`), the dearest model it may reach."""
+        """For each of the request's calls (:meth:`_calls`), the dearest model it may reach.
+
+        A prompt that marks ``cache_control`` may be billed as written to the provider's
+        prompt cache (Anthropic: 1.25 times the input price, twice for ``ttl: 1h``), so it is
+        held at that price where it is dearer: held at input, such requests spent past the
+        budget by more than one reservation."""
+        assert ctx.signals is not None
+        ttl = ctx.signals.cache_ttl
 
         def cost(model: ModelSpec) -> float:
-            call = Usage(*self.call_tokens(ctx, default_completion, model))
-            return self.costs.call_cost(model, call)
+            prompt, completion = self.call_tokens(ctx, default_completion, model)
+            held = self.costs.call_cost(model, Usage(prompt, completion))
+            if ttl is None:
+                return held
+            hour = prompt if ttl == "1h" else 0
+            written = Usage(
+                prompt, completion, cache_write_tokens=prompt, cache_write_1h_tokens=hour
+            )
+            return max(held, self.costs.call_cost(model, written))
 
         return sum(max(map(cost, models), default=0.0) for models in self._calls(ctx))
 

@@ -50,6 +50,10 @@ class Signals:
     # Of prompt_tokens, a predicted output's (:func:`prediction_tokens`): its unused part is
     # billed as completion tokens. A price, not a signal: no policy matches on it.
     prediction_tokens: int = 0
+    # The longest a request asks a provider's prompt cache to keep its prompt (``5m`` or ``1h``:
+    # :func:`cache_lifetime`), or None: a prompt so marked may be billed as written to the
+    # cache, dearer than input. A price, not a signal: no policy matches on it.
+    cache_ttl: str | None = None
     max_tokens: int | None = None
     # What the client called max_tokens (max_completion_tokens, a front's max_output_tokens),
     # for the policy's explanations. A name, not a signal: no policy matches on it.
@@ -451,6 +455,7 @@ def extract_signals(
         tenant=tenant,
         prompt_tokens=prompt_estimate(body, blocks),
         prediction_tokens=prediction_tokens(body.get("prediction")),
+        cache_ttl=cache_lifetime(body) if sent is None else cache_lifetime(body, sent),
         max_tokens=int(max_tokens) if isinstance(max_tokens, int) else None,
         output_field=fields.output_of(body),
         has_images=bool(media),
@@ -559,6 +564,38 @@ def _tool_type(tool: Mapping[str, Any]) -> str | None:
     if isinstance(kind, str) and kind not in ("custom", "function"):
         return kind
     return "web_search" if tool.get("name") == "web_search" and "input_schema" not in tool else None
+
+
+def cache_lifetime(*requests: Mapping[str, Any]) -> str | None:
+    """The longest lifetime the ``requests`` (a chat request, its front's native one) ask a
+    provider's prompt cache to keep their prompt: ``1h`` where a ``cache_control`` says
+    ``ttl: 1h``, else ``5m`` where any is set (Anthropic's default), else None. Anthropic bills
+    the prompt it writes at 1.25 times the input price, twice for an hour. Read only where
+    Anthropic and litellm's translation take one (the request, its system blocks, tools,
+    messages, their parts and a tool result's blocks), with no ABC checks: a few microseconds
+    for a short request."""
+    marks: list[Any] = []
+    for request in requests:
+        marks.append(request.get("cache_control"))
+        for key in ("system", "tools"):
+            value = request.get(key)
+            if isinstance(value, list):
+                marks += [p.get("cache_control") for p in value if isinstance(p, dict)]
+        for message in request.get("messages") or ():
+            if not isinstance(message, dict):
+                continue
+            marks.append(message.get("cache_control"))
+            content = message.get("content")
+            for part in content if isinstance(content, list) else ():
+                if isinstance(part, dict):
+                    marks.append(part.get("cache_control"))
+                    inner = part.get("content")  # a tool result's blocks
+                    if isinstance(inner, list):
+                        marks += [b.get("cache_control") for b in inner if isinstance(b, dict)]
+    asked = [mark for mark in marks if isinstance(mark, dict)]
+    if not asked:
+        return None
+    return "1h" if any(mark.get("ttl") == "1h" for mark in asked) else "5m"
 
 
 def native_blocks(sent: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:

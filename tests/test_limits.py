@@ -720,16 +720,21 @@ def _burst_within_budget(
     if gpt_4o:
         policy = policy.replace(GPT_4O, GPT_4O + gpt_4o)
     with live(tmp_path, policy, local_backend_obj=ScriptedLocal()) as srv:
-        got = asyncio.run(_burst(srv.url, body, 30))
-        assert [r.status_code for r in got].count(200) >= 1
-        store = srv.gateway.outcomes
-        assert wait_for(lambda: store.count() == 30) and store.flush()
-        rows = [r for r in store.recent(100) if r["status"] == "ok"]
+        rows = _answered_of_a_burst(srv, body, 1)
         spent = sum(float(r["cost_usd"]) for r in rows)
         prompt = int(rows[0]["signals"]["prompt_tokens"])
         reservation = srv.gateway.costs.closed_cost("openai/gpt-4o", prompt, completion)
         assert spent <= budget + reservation, (spent, reservation)
         assert all(r["completion_tokens"] == completion for r in rows)
+
+
+def _answered_of_a_burst(srv: LiveServer, body: dict[str, Any], least: int) -> list[Any]:
+    # The records of the answered requests of 30 concurrent ones, at least ``least`` of them.
+    got = asyncio.run(_burst(srv.url, body, 30))
+    assert [r.status_code for r in got].count(200) >= least
+    store = srv.gateway.outcomes
+    assert wait_for(lambda: store.count() == 30) and store.flush()
+    return [r for r in store.recent(100) if r["status"] == "ok"]
 
 
 GPT_4O = "    litellm_model: openai/gpt-4o\n"
@@ -820,6 +825,46 @@ def test_a_prediction_is_held_at_the_output_price(tmp_path: Path, fake: FakeProv
         usd = [costs.closed_cost("openai/gpt-4o", prompt, out) for prompt, out in held]
     assert held[1] == (held[0][0], 50 + 1000)
     assert usd[1] - usd[0] == pytest.approx(costs.closed_cost("openai/gpt-4o", 0, 1000))
+
+
+@pytest.mark.parametrize("ttl", ["5m", "1h"])
+def test_prompts_marked_for_caching_stay_within_the_budget(
+    tmp_path: Path, fake: FakeProvider, ttl: str
+) -> None:
+    """Anthropic bills a prompt it writes to its cache (``cache_control``) at 1.25 times the
+    input price, twice for ``ttl: 1h``. The hold priced the prompt at input: 30 concurrent
+    Claude requests whose prompts were all written spent past the budget by more than one
+    request's reservation (the most one such request can cost)."""
+    from router.signals import extract_signals
+    from tests.conftest import KeywordScorer
+    from tests.fake_provider import Behaviour
+
+    text = {"type": "text", "text": "HARD " + LONG * 100, "cache_control": {"type": "ephemeral"}}
+    if ttl == "1h":
+        text["cache_control"] = {"type": "ephemeral", "ttl": "1h"}
+    body = {"model": "claude", "max_tokens": 50, "messages": [{"role": "user", "content": [text]}]}
+    prompt = extract_signals(body, KeywordScorer()).prompt_tokens
+    written = prompt - 13  # the fake's prompt is 13 tokens plus those written: as estimated
+    fake.reset(
+        Behaviour(
+            mode="stall",
+            stall_s=0.5,
+            cache_write_tokens=written,
+            cache_write_1h_tokens=written if ttl == "1h" else 0,
+        )
+    )
+    claude = "anthropic/claude-3-5-sonnet-20241022"
+    policy = _budget_policy(fake, 0.1).replace(claude, "anthropic/claude-sonnet-4-5-20250929")
+    with live(tmp_path, policy, local_backend_obj=ScriptedLocal()) as srv:
+        rows = _answered_of_a_burst(srv, body, 2)
+        assert {r["model"] for r in rows} == {"claude"}
+        spent = sum(float(r["cost_usd"]) for r in rows)
+        spec = srv.gateway.policy.models["claude"]
+        hour = prompt if ttl == "1h" else 0
+        reservation = srv.gateway.costs.closed_cost(
+            spec, prompt, 50, cache_write=prompt, cache_write_1h=hour
+        )
+        assert spent <= 0.1 + reservation, (spent, reservation)
 
 
 @pytest.mark.parametrize("over_budget", ["local", "reject"])

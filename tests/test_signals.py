@@ -476,3 +476,39 @@ def test_anthropics_own_tools_are_named_by_the_path_that_takes_them() -> None:
     assert extract_signals({"messages": ask}, BlindScorer(), sent=responses).anthropic_tools == ()
     chat = {"messages": ask, "tools": [{"type": "bash_20250124", "name": "bash"}]}
     assert extract_signals(chat, BlindScorer()).anthropic_tools == ()
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["request", "system", "tool", "message", "part", "tool result"],
+)
+def test_a_prompt_marked_for_caching_is_priced_as_written(where: str) -> None:
+    """Anthropic bills a prompt it writes to its cache at 1.25 times the input price, twice
+    for ``ttl: 1h``; a ``cache_control`` may stand on the request, a system block, a tool, a
+    message or a part of one, or a tool result's block. The longest lifetime asked is kept
+    for the budget hold."""
+    one_hour = {"type": "ephemeral", "ttl": "1h"}
+    part = {"type": "text", "text": "the manual"}
+    result = {"type": "tool_result", "tool_use_id": "t1", "content": [dict(part)]}
+    sent: dict[str, Any] = {
+        "model": "auto",
+        "system": [dict(part)],
+        "tools": [{"name": "look", "input_schema": {"type": "object"}}],
+        "messages": [{"role": "user", "content": [dict(part), result]}],
+    }
+    marked = {
+        "request": sent,
+        "system": sent["system"][0],
+        "tool": sent["tools"][0],
+        "message": sent["messages"][0],
+        "part": sent["messages"][0]["content"][0],
+        "tool result": result["content"][0],
+    }[where]
+    chat = {"messages": [{"role": "user", "content": "the manual"}]}
+    assert extract_signals(chat, BlindScorer(), sent=sent).cache_ttl is None
+    marked["cache_control"] = {"type": "ephemeral"}
+    assert extract_signals(chat, BlindScorer(), sent=sent).cache_ttl == "5m"
+    sent["messages"][0]["content"][0]["cache_control"] = one_hour
+    assert extract_signals(chat, BlindScorer(), sent=sent).cache_ttl == "1h"
+    # A chat request's own marks count too (litellm passes them on to a Claude).
+    assert extract_signals(sent, BlindScorer()).cache_ttl == "1h"
