@@ -1228,6 +1228,9 @@ def _end_ok(
         "gen_ai.usage.input_tokens": usage.prompt_tokens,
         "gen_ai.usage.output_tokens": usage.completion_tokens,
     }
+    # The provider's name for the model, kept by the backend (the answer names the policy's to
+    # the client); the answer's own where none was kept (the in-process model's: the policy's).
+    response_model = usage.response_model or response_model
     if response_model:
         attrs["gen_ai.response.model"] = str(response_model)
     if response_id:

@@ -166,6 +166,9 @@ class Behaviour:
     # OpenAI chat streams asked for ``logprobs``: each word carries this log-probability, as
     # OpenAI and llama.cpp's server send it (None: none sent, whatever the request asks).
     logprob: float | None = None
+    # The model every answer names (a provider's dated snapshot: OpenAI answers a request for
+    # gpt-4o with gpt-4o-2024-08-06), else the model the request asked for.
+    answered_model: str | None = None
 
 
 def endless_error(status: int) -> Behaviour:
@@ -781,11 +784,15 @@ class FakeProvider:
                 "id": "chatcmpl-fake",
                 "object": "chat.completion",
                 "created": int(time.time()),
-                "model": body.get("model", "fake"),
+                "model": self._answered(body, "fake"),
                 "choices": [{"index": 0, "message": message, "finish_reason": finish}],
                 "usage": self._usage(body),
             },
         )
+
+    def _answered(self, body: dict[str, Any], default: str) -> str:
+        """The model an answer names: ``answered_model``, else the one asked for."""
+        return self.behaviour.answered_model or str(body.get("model", default))
 
     def _usage(self, body: dict[str, Any]) -> Any:
         if self.behaviour.mode == "bad_usage":
@@ -850,7 +857,7 @@ class FakeProvider:
             "id": "chatcmpl-fake",
             "object": "chat.completion.chunk",
             "created": int(time.time()),
-            "model": body.get("model", "fake"),
+            "model": self._answered(body, "fake"),
         }
         self._openai_chunks(h, body, base, pieces, send)
 
@@ -963,7 +970,7 @@ class FakeProvider:
                 "id": "msg_fake",
                 "type": "message",
                 "role": "assistant",
-                "model": body.get("model", "claude"),
+                "model": self._answered(body, "claude"),
                 "content": content,
                 "stop_reason": "tool_use" if calls else "end_turn",
                 "stop_sequence": None,
@@ -997,7 +1004,7 @@ class FakeProvider:
                     "type": "message",
                     "role": "assistant",
                     "content": [],
-                    "model": body.get("model", "claude"),
+                    "model": self._answered(body, "claude"),
                     "stop_reason": None,
                     "stop_sequence": None,
                     "usage": self._anthropic_usage(1, start=True),
@@ -1086,7 +1093,7 @@ class FakeProvider:
             "id": "resp_fake",
             "object": "response",
             "created_at": int(time.time()),
-            "model": body.get("model", "fake"),
+            "model": self._answered(body, "fake"),
             "status": status,
             "output": output,
             "parallel_tool_calls": True,

@@ -1073,6 +1073,88 @@ def test_a_client_span_names_the_model_the_provider_is_asked_for(
     assert client.attributes["gen_ai.provider.name"] == provider
 
 
+#: The name each model's answers carry: a dated snapshot, as OpenAI answers a request for gpt-4o.
+_SNAPSHOTS = {"gpt-4o": "gpt-4o-2024-08-06", "claude": "claude-3-5-sonnet-v2-20241022"}
+#: The provider's id of each protocol's answer (the fake's).
+_ANSWER_IDS = {"chat": "chatcmpl-fake", "messages": "msg_fake", "responses": "resp_fake"}
+
+
+def _models_named(text: str) -> set[str]:
+    """Every ``model`` a JSON answer, or each event of a stream, names, at any depth."""
+    found: set[str] = set()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                if key == "model" and isinstance(inner, str):
+                    found.add(inner)
+                walk(inner)
+        elif isinstance(value, list):
+            for inner in value:
+                walk(inner)
+
+    lines = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+    for data in lines or [text]:
+        if data != "[DONE]":
+            walk(json.loads(data))
+    return found
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("path", [*sorted(_CALLED), "openai-litellm"])
+def test_a_client_span_names_the_model_and_answer_the_provider_returned(
+    tmp_path: Path, fake: FakeProvider, path: str, stream: bool
+) -> None:
+    """A CLIENT span's ``gen_ai.response.model`` is the model the provider says generated the
+    answer (its dated snapshot), and ``gen_ai.response.id`` its id, as the GenAI conventions
+    define them: it was the policy's name (``gpt-4o``), which every backend writes over the
+    answer's ``model`` before the span read it, so a trace could not tell which snapshot
+    answered. The client still reads the policy's name, on every path, streamed or not.
+    Through litellm an Anthropic answer has an id litellm made (it drops the ``msg_`` one):
+    the span has that one, as the client does."""
+    front, model, via = _CALLED.get(path, ("chat", "gpt-4o", "openai-via-litellm"))
+    policy = policy_yaml(fake)
+    if via is not None:
+        policy = policy.replace("litellm_model: openai/gpt-4o", LITELLM_PATH[via])
+    url, body, _ = CUT_FRONTS[front]
+    fake.reset(Behaviour(answered_model=_SNAPSHOTS[model]))
+    with traced(tmp_path, policy, local=ScriptedLocal()) as (srv, cap):
+        r = srv.http.post(url, json={**body, "model": model, "stream": stream})
+        assert r.status_code == 200, r.text
+    (client,) = [s for s in cap.finished() if s.kind == SpanKind.CLIENT]
+    assert client.attributes["gen_ai.response.model"] == _SNAPSHOTS[model]
+    if path == "anthropic-litellm":  # litellm gives an Anthropic answer an id of its own
+        first = r.text.split("data: ")[1].split("\n")[0] if stream else r.text
+        assert client.attributes["gen_ai.response.id"] == json.loads(first)["id"] != "msg_fake"
+    else:
+        assert client.attributes["gen_ai.response.id"] == _ANSWER_IDS[front]
+    assert _models_named(r.text) == {model}
+    assert cap.server_span().attributes["gen_ai.response.model"] == model
+
+
+def test_an_external_local_servers_client_span_names_the_model_it_returned(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """An external llama.cpp server's name for its model (its alias, or the file it loaded) is
+    its CLIENT span's ``gen_ai.response.model``, streamed or not; the client reads the
+    policy's name. The in-process model names none of its own: its span says the policy's."""
+    with FakeProvider() as server:
+        server.reset(Behaviour(answered_model="qwen2.5-0.5b-instruct-q4_k_m.gguf"))
+        with traced(
+            tmp_path, policy_yaml(fake), local_backend="openai_http", local_base_url=server.base_url
+        ) as (srv, cap):
+            answers = [_chat(srv, "easy", stream=stream) for stream in (False, True)]
+        assert [_models_named(a.text) for a in answers] == [{"local"}, {"local"}]
+        spans = cap.by_name("chat local")
+        assert [s.attributes["gen_ai.response.model"] for s in spans] == [
+            "qwen2.5-0.5b-instruct-q4_k_m.gguf"
+        ] * 2
+    with traced(tmp_path, policy_yaml(fake), local=ScriptedLocal()) as (srv, cap):
+        assert _chat(srv, "easy").status_code == 200
+    (in_process,) = cap.by_name("chat local")
+    assert in_process.attributes["gen_ai.response.model"] == "local"
+
+
 @pytest.mark.parametrize(
     ("litellm_model", "asked"),
     [

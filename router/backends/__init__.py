@@ -49,7 +49,9 @@ class Usage:
     prompt cache, which it bills at other prices; ``cache_write_1h_tokens``, those of the writes
     Anthropic keeps an hour rather than five minutes, which it bills dearer still.
     ``web_searches`` counts the searches a provider's own web search tool made (Anthropic's
-    ``server_tool_use.web_search_requests``), which it bills per search.
+    ``server_tool_use.web_search_requests``), which it bills per search. ``response_model`` is
+    the provider's own name for the model that answered (:func:`answered_as`), empty where it
+    gave none.
     """
 
     prompt_tokens: int = 0
@@ -59,6 +61,7 @@ class Usage:
     cache_write_tokens: int = 0
     cache_write_1h_tokens: int = 0
     web_searches: int = 0
+    response_model: str = ""
 
     def take(self, other: Usage) -> None:
         """Copy ``other``'s counts (a stream's closing usage) into this one."""
@@ -68,6 +71,16 @@ class Usage:
             other.cache_write_1h_tokens,
             other.web_searches,
         )
+
+
+def answered_as(answer: dict[str, Any], name: str, usage: Usage) -> None:
+    """Name ``name``, the policy's model, as the model of ``answer`` (a body or chunk the
+    client reads), keeping in ``usage`` the name the provider gave it (a dated snapshot,
+    ``gpt-4o-2024-08-06`` for ``gpt-4o``): telemetry's ``gen_ai.response.model``."""
+    said = answer.get("model")
+    if isinstance(said, str) and said:
+        usage.response_model = said
+    answer["model"] = name
 
 
 @dataclass(slots=True)

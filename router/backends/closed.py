@@ -36,7 +36,14 @@ from typing import Any
 
 import httpx
 
-from router.backends import MESSAGE_FIELD, Completion, ModelLike, Usage, usage_from_body
+from router.backends import (
+    MESSAGE_FIELD,
+    Completion,
+    ModelLike,
+    Usage,
+    answered_as,
+    usage_from_body,
+)
 from router.backends.openai_http import (
     ERROR_BODY_BYTES,
     OVERLOADED,
@@ -476,7 +483,7 @@ class ClosedBackend:
             )
         else:
             result = await self._litellm_complete(model, body)
-        result.body["model"] = model.name
+        answered_as(result.body, model.name, result.usage)
         return result
 
     async def stream(
@@ -496,7 +503,7 @@ class ClosedBackend:
             source = self._litellm_stream(model, body, usage)
         try:
             async for chunk in source:
-                chunk["model"] = model.name
+                answered_as(chunk, model.name, usage)
                 yield chunk
         finally:  # a reader that stops early (a client that left) releases the provider now
             await _aclose(source)
@@ -627,10 +634,14 @@ class ClosedBackend:
         kwargs["stream_options"] = options
         finished = False
         response = None
+        said = None  # the provider's name for the model: litellm's chunks name the one asked
         try:
             response = await litellm.acompletion(**kwargs, stream=True)
             async for chunk in response:
                 data = chunk.model_dump(exclude_none=True)
+                said = _provider_response_model(chunk) or said
+                if said:
+                    data["model"] = said
                 ends = any(c.get("finish_reason") for c in data.get("choices") or ())
                 if ends and _made_up_finish(response):
                     raise stream_cut(model.name)
@@ -665,6 +676,15 @@ class ClosedBackend:
                 await close()
             except Exception:  # closing must not fail shutdown; nothing is lost here
                 log.debug("closing litellm clients failed", exc_info=True)
+
+
+def _provider_response_model(chunk: Any) -> str | None:
+    """The model a provider's stream chunk named, which litellm keeps in the chunk's hidden
+    params (``provider_response_model``) while its ``model`` says the one asked for; None
+    where it kept none (its closing usage chunk, an older litellm)."""
+    hidden = getattr(chunk, "_hidden_params", None)
+    said = hidden.get("provider_response_model") if isinstance(hidden, Mapping) else None
+    return said if isinstance(said, str) and said else None
 
 
 class _OverLimitError(Exception):

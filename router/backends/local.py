@@ -29,7 +29,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from numpy.typing import NDArray
 
-from router.backends import Completion, ModelLike, Usage
+from router.backends import Completion, ModelLike, Usage, answered_as
 from router.backends.openai_http import OpenAIHTTP
 from router.config import Settings
 from router.errors import (
@@ -749,7 +749,7 @@ class ExternalLlamaBackend:
         finally:
             self.gate.release()
         result.usage.generation_s = time.perf_counter() - started
-        result.body["model"] = model.name
+        answered_as(result.body, model.name, result.usage)
         return result
 
     async def _complete(self, model: ModelLike, request: dict[str, Any]) -> Completion:
@@ -790,7 +790,7 @@ class ExternalLlamaBackend:
             ):
                 streamed = True
                 tokens += sum(map(_has_text, chunk.get("choices") or ()))
-                chunk["model"] = model.name
+                answered_as(chunk, model.name, usage)
                 yield chunk
         except UpstreamBadRequestError as exc:
             if (over := _external_error(exc)) is None:

@@ -24,6 +24,7 @@ from router.backends import (
     Completion,
     ModelLike,
     Usage,
+    answered_as,
     one_hour_writes,
     token_count,
     web_searches,
@@ -169,7 +170,7 @@ class NativeBackend:
         )
         if not isinstance(payload, dict):
             raise UpstreamBadResponseError(f"{model.name} sent a body that is not an object")
-        payload["model"] = model.name
+        answered_as(payload, model.name, usage)
         if native.api == "responses":
             _check_response(payload, model.name)
         view = _message_view(payload) if native.api == "messages" else _response_view(payload)
@@ -181,7 +182,7 @@ class NativeBackend:
             "total_tokens": got.prompt_tokens + got.completion_tokens,
         }
         view[NATIVE] = payload
-        return Completion(body=view, usage=got)
+        return Completion(body=view, usage=usage)
 
     async def stream(
         self, model: ModelLike, native: NativeRequest, usage: Usage
@@ -399,7 +400,7 @@ class _AnthropicEvents:
         if kind == "message_start":
             message = event.get("message") or {}
             self.id = str(message.get("id", ""))
-            message["model"] = self.model
+            answered_as(message, self.model, usage)
             got = self._count(message.get("usage"), label)
             got.completion_tokens = usage.completion_tokens  # none written yet
             usage.take(got)
@@ -473,7 +474,7 @@ class _ResponseEvents:
         response = event.get("response") if isinstance(event.get("response"), dict) else None
         if response is not None:
             self.id = str(response.get("id", self.id))
-            response["model"] = label
+            answered_as(response, label, usage)
         if kind in ("error", "response.failed"):
             error = (response or event).get("error") or event
             raise _response_failure(label, error, sent=self.sent)
