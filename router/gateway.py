@@ -1750,8 +1750,8 @@ async def _unless_disconnected(
 
 def _billed_whole(ctx: RequestContext) -> bool:
     """Whether the call in flight is billed whole though its client left: a closed model's
-    non-streamed answer. Closing a stream stops the provider, and the local model stops at its
-    next token."""
+    non-streamed answer. Closing a stream stops OpenAI's and Anthropic's generation (not every
+    provider's: SECURITY.md), and the local model stops at its next token."""
     return not ctx.stream and ctx.served is not None and ctx.served.model.tier == "closed"
 
 

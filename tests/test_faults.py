@@ -1454,9 +1454,9 @@ def test_client_disconnecting_mid_stream_cancels_upstream(
     tmp_path: Path, fake: FakeProvider, way: str
 ) -> None:
     """A client that leaves mid-stream, while the provider generates its answer, closes the
-    provider's connection at once on every path (direct, through litellm, native), so the
-    provider stops generating, and billing, tokens nobody reads; the request is recorded
-    aborted."""
+    provider's connection at once on every path (direct, through litellm, native), so a
+    provider that stops on a closed stream (OpenAI, Anthropic) stops generating, and billing,
+    tokens nobody reads; the request is recorded aborted."""
     front, first, via = STREAM_PATHS[way]
     words = " ".join(f"w{i}" for i in range(40))
     fake.reset(Behaviour(text=words, chunk_delay_s=0.1))

@@ -612,7 +612,8 @@ class OpenAIHTTP:
         An ``error:`` line, which llama.cpp's server sent for a failure once its stream was open
         until it sent ``data: {"error": ...}`` instead (ggml-org/llama.cpp#16109, 2025), fails
         the call as that error says (:func:`stream_failure`), not as a stream cut short.
-        Leaving early closes the upstream connection, which stops the provider's generation.
+        Leaving early closes the upstream connection: OpenAI and Anthropic stop generating
+        then; not every provider does (SECURITY.md, *A client that leaves still pays*).
         A line over ``max_event_bytes`` (the setting of that name) is
         :class:`UpstreamBadResponseError`: a bounded read, not a 500.
         """
@@ -671,7 +672,8 @@ class OpenAIHTTP:
 
         Usage is always asked of the upstream (``stream_options.include_usage``) so the record
         has real token counts; the usage-only chunk is passed on only if the client asked for it.
-        Leaving early closes the upstream connection, which stops the provider's generation.
+        Leaving early closes the upstream connection: OpenAI and Anthropic stop generating
+        then; not every provider does (SECURITY.md, *A client that leaves still pays*).
         """
         options = dict(body.get("stream_options") or {})
         options["include_usage"] = True
