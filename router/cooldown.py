@@ -36,8 +36,9 @@ before then says nothing the change did not: ten calls to a hanging provider tha
 one after another start one cooldown, and the late ones do not push its end on; one that
 times out after the probe answered neither cools the model again nor costs the probe its
 answer. The provider's own ask to be spared (a 429, a ``Retry-After``) still cools whenever
-it comes: it speaks of now, not of when its call began. The gateway stamps each call with
-:attr:`Cooldowns.changes` as it makes it.
+it comes: it speaks of now, not of when its call began. Nor does such a call's answer end a
+cooldown: a long stream that began before a 429 and ends whole says nothing of the 429. The
+gateway stamps each call with :attr:`Cooldowns.changes` as it makes it.
 
 The failures in a row are counted per replica, in memory. With :class:`SharedCooldowns` (the
 Redis outcome store, ``TIERGATE_REDIS_URL``) the cooldowns themselves are shared: one a replica
@@ -182,7 +183,11 @@ class Cooldowns:
         """``name`` answered: its failures in a row and any cooldown end here (a shared one
         too, on this replica; the others keep it until it lapses). ``since``: the call's stamp
         (:attr:`changes` when it began, else the latest): an answer that ends a cooldown is a
-        change from then on, and failures of calls made before it no longer count."""
+        change from then on, and failures of calls made before it no longer count. An answer to
+        a call made before ``name``'s last change ends nothing: it says nothing of a cooldown
+        that began while it ran (a 429's, whose provider asked to be spared from then on)."""
+        if since is not None and since < self._changed.get(name, 0):
+            return
         state = self._states.pop(name, None) if self._states else None
         stamp = self.changes if since is None else since
         if state is not None and state.until:

@@ -420,6 +420,35 @@ def _streamed(server: LiveServer, body: dict[str, object]) -> tuple[int, str, st
         return r.status_code, r.headers["x-tiergate-model"], r.read().decode()
 
 
+def test_a_stream_that_began_before_a_429_does_not_lift_its_cooldown(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """A long stream from gpt-4o is under way when another request gets gpt-4o's 429 with
+    ``Retry-After: 20``. The stream then ends whole: a success, which ended the cooldown, so
+    the next requests went to the provider that had asked to be spared for 20 s. Its call
+    began before the 429, and says nothing of it, as its failure would not have counted."""
+    words = " ".join(f"w{i}" for i in range(30))
+    with (
+        live(tmp_path, policy_yaml(fake, on_failure="closed"), cooldown_after_fails=3) as srv,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        for model in ("gpt-4o", "claude"):  # litellm's first call to each imports a lot
+            assert srv.http.post("/v1/chat/completions", json={**_HARD, "model": model}).is_success
+        cooldowns = srv.gateway.cooldowns
+        cooldowns._clock = Clock()  # 20 s left, whatever the machine's pace
+        fake.reset(Behaviour(text=words, chunk_delay_s=0.1))
+        stream = pool.submit(_streamed, srv, _HARD)
+        assert wait_for(lambda: fake.sent_chunks > 3, timeout_s=10)
+        fake.behaviour = Behaviour(mode="rate_limit", retry_after=20, chunk_delay_s=0.1)
+        assert srv.http.post("/v1/chat/completions", json=_HARD).status_code == 429
+        assert cooldowns.left("gpt-4o") == 20
+        fake.behaviour = Behaviour(text=words, chunk_delay_s=0.1)
+        status, model, text = stream.result(timeout=30)
+        assert (status, model) == (200, "gpt-4o") and text.rstrip().endswith("data: [DONE]")
+        assert cooldowns.left("gpt-4o") == 20
+        _passes_gpt_over(srv, fake, {**_HARD, "model": "auto"})
+
+
 def test_a_stream_probe_frees_the_model_at_its_first_token(
     tmp_path: Path, fake: FakeProvider
 ) -> None:
