@@ -521,6 +521,48 @@ def test_a_404_event_naming_an_id_the_request_sent_is_its_400(
     assert (raised.value.status_code, raised.value.param) == (400, "messages")
 
 
+#: Data a request holds under keys ending in ``_id`` that names no id the provider holds: a tool
+#: call's arguments (an orchestrator's, naming the model a subtask goes to) and ``metadata``,
+#: which no provider is sent (the litellm path's request still holds it).
+DATA_NAMING_THE_MODEL: dict[str, dict[str, Any]] = {
+    "a tool call's input": {
+        "role": "assistant",
+        "content": [
+            {
+                "type": "tool_use",
+                "id": "toolu_01A09q90qw90lq917835lq9",
+                "name": "delegate",
+                "input": {"model_id": "claude-3-5-sonnet-20241022", "task": "sum it up"},
+            }
+        ],
+    },
+    "metadata": {"user_id": "claude-3-5-sonnet-20241022"},
+}
+
+
+@pytest.mark.parametrize("where", sorted(DATA_NAMING_THE_MODEL))
+def test_a_404_for_the_model_stays_the_models_whatever_the_requests_data_names(
+    where: str,
+) -> None:
+    """Anthropic's 404 for a model it no longer serves ("model: claude-3-5-sonnet-20241022")
+    was read as the client's own 400 (final: no fallback, the model never cooled) when the
+    request held that name under a key ending in ``_id`` anywhere: in a tool call's input, or
+    in ``metadata``. Neither holds an id the provider was asked to find."""
+    sent: dict[str, Any] = {
+        "model": "claude-3-5-sonnet-20241022",
+        "messages": [{"role": "user", "content": "Plan it."}],
+    }
+    held = DATA_NAMING_THE_MODEL[where]
+    if where == "metadata":
+        sent["metadata"] = held
+    else:
+        sent["messages"] += [held, {"role": "user", "content": "Go on."}]
+    raw = _anthropic_404("model: claude-3-5-sonnet-20241022")
+    error = error_for_status(404, raw, "claude", sent=sent)
+    assert type(error) is UpstreamNotFoundError, error.param
+    assert (error.status_code, error.retryable, error.cools) == (502, True, True)
+
+
 #: Some of a Response's error codes (``response.failed``, OpenAI's ResponseError) for a request
 #: it cannot take: a 400; the provider's failures stay a 502.
 RESPONSE_CLIENT_CODES = [

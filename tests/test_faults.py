@@ -1214,6 +1214,31 @@ ANTHROPIC_404S = {
 }
 
 
+def _claude_404(
+    tmp_path: Path,
+    fake: FakeProvider,
+    said: str,
+    request: dict[str, Any],
+    via: str | None,
+    *,
+    how: str = "status",
+) -> tuple[httpx.Response, dict[str, Any], dict[str, Any]]:
+    """``request`` on /v1/messages, claude first (reached as ``via`` says) answering 404
+    ``not_found_error`` ``said``, with its status or as the event right after its stream's
+    opening (``how``): (the answer, its record, the cooldowns after it)."""
+    body = {"type": "error", "error": {"type": "not_found_error", "message": said}}
+    policy = _error_event_policy(fake, "claude", via)
+    with live(tmp_path, policy, cooldown_after_fails=1) as srv:
+        if how == "status":
+            fake.reset(Behaviour("status", status=404, error_body=body, failing_path="/messages"))
+        else:
+            fake.reset(
+                Behaviour("overloaded_after_open", error_body=body, failing_path="/messages")
+            )
+        answer = srv.http.post("/v1/messages", json=request)
+        return answer, _record(srv, answer), srv.gateway.cooldowns.status()
+
+
 @pytest.mark.parametrize("how", ["status", "event"])
 @pytest.mark.parametrize("via", [None, "claude-via-litellm"])
 @pytest.mark.parametrize("case", sorted(ANTHROPIC_404S))
@@ -1239,18 +1264,7 @@ def test_a_404_for_the_clients_own_id_cools_no_claude(
     said = ANTHROPIC_404S[case]
     if via is not None and case == "an id the client sent":
         said = f"container: {CONTAINER_ID} not found"  # a 404 that names the container id
-    body = {"type": "error", "error": {"type": "not_found_error", "message": said}}
-    policy = _error_event_policy(fake, "claude", via)
-    with live(tmp_path, policy, cooldown_after_fails=1) as srv:
-        if how == "status":
-            fake.reset(Behaviour("status", status=404, error_body=body, failing_path="/messages"))
-        else:  # the event, right after the stream's opening
-            fake.reset(
-                Behaviour("overloaded_after_open", error_body=body, failing_path="/messages")
-            )
-        answer = srv.http.post("/v1/messages", json=request)
-        record = _record(srv, answer)
-        cooling = srv.gateway.cooldowns.status()
+    answer, record, cooling = _claude_404(tmp_path, fake, said, request, via, how=how)
     assert [r.path for r in fake.received] == ["/v1/messages"]  # no other model takes it
     assert record["model"] == "claude"
     if case == "an id the client sent":
@@ -1260,6 +1274,51 @@ def test_a_404_for_the_clients_own_id_cools_no_claude(
     else:
         assert answer.status_code == 502, answer.text
         assert cooling["claude"]["reason"] == "upstream_error", cooling
+
+
+@pytest.mark.parametrize("how", ["status", "event"])
+def test_a_404_for_a_retired_model_falls_back_though_a_tool_call_names_it(
+    tmp_path: Path, fake: FakeProvider, how: str
+) -> None:
+    """An orchestrating agent's history holds a tool call that names the model a subtask went
+    to (``model_id``). When Anthropic retired that model and answered claude's call "model:
+    claude-3-5-sonnet-20241022", the 404 was read as naming the client's own id: a final 400
+    to the client, no fallback to gpt-4o, and claude never cooled, so every such request met
+    the retired model first. So too where the 404 comes as its stream's event (``how``)."""
+    retired = "claude-3-5-sonnet-20241022"
+    request = {
+        "model": "auto",
+        "max_tokens": 20,
+        "stream": how == "event",
+        "tools": [{"name": "delegate", "input_schema": {"type": "object"}}],
+        "messages": [
+            {"role": "user", "content": "HARD: plan the report"},
+            {
+                "role": "assistant",
+                "content": [
+                    {
+                        "type": "tool_use",
+                        "id": "toolu_01A09q90qw90lq917835lq9",
+                        "name": "delegate",
+                        "input": {"model_id": retired, "task": "sum up the figures"},
+                    }
+                ],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_01A09q90qw90lq917835lq9"},
+                    {"type": "text", "text": "HARD: go on"},
+                ],
+            },
+        ],
+    }
+    said = f"model: {retired}"
+    answer, record, cooling = _claude_404(tmp_path, fake, said, request, None, how=how)
+    assert answer.status_code == 200, answer.text
+    assert (record["model"], record["fallback"]) == ("gpt-4o", "closed->closed")
+    assert [r.path for r in fake.received] == ["/v1/messages", "/v1/chat/completions"]
+    assert cooling["claude"]["reason"] == "upstream_error", cooling
 
 
 # -- local tier faults -------------------------------------------------------------------------

@@ -190,19 +190,29 @@ def _named_id(error: dict[str, Any], sent: Mapping[str, Any] | None) -> str | No
     NAME" (no id), a wrong path "Not Found" (nothing). Any 404 that names an id the request
     sent (a ``container``, a file, a skill, an item) is the request's; one that names none
     stays the model's configuration. The ids are the values of ``container`` and of every key
-    ``id`` or ending in ``_id`` in the request, read only when a 404 came."""
+    ``id`` or ending in ``_id`` in the request, read only when a 404 came, but not in its
+    data (:data:`_DATA`): a tool call's input may name the very model whose 404 names it."""
     said = error.get("message")
     if not isinstance(said, str) or sent is None:
         return None
     for field, value in sent.items():
+        if field == "metadata":  # never sent to a provider (the litellm path's request has it)
+            continue
         ids = [value] if field == "container" and isinstance(value, str) else _ids(value)
         if any(len(i) >= _ID_CHARS and i in said for i in ids):
             return field
     return None
 
 
+#: The keys under which a request holds data, not ids a provider is asked to find: a tool
+#: call's ``input`` (its arguments, the client's or a model's), and ``metadata``, which no
+#: provider is sent (at the top level, the Responses API's ``input`` holds its items).
+_DATA = frozenset({"input", "metadata"})
+
+
 def _ids(value: Any) -> Iterator[str]:
-    # The string values of every key ``id`` or ending in ``_id`` in ``value``, iteratively.
+    # The string values of every key ``id`` or ending in ``_id`` in ``value``, none under a
+    # key in _DATA, iteratively.
     stack = [value]
     while stack:
         item = stack.pop()
@@ -210,7 +220,7 @@ def _ids(value: Any) -> Iterator[str]:
             for key, inner in item.items():
                 if isinstance(inner, str) and (key == "id" or str(key).endswith("_id")):
                     yield inner
-                elif isinstance(inner, Mapping | list):
+                elif isinstance(inner, Mapping | list) and key not in _DATA:
                     stack.append(inner)
         elif isinstance(item, list):
             stack.extend(item)
