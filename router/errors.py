@@ -222,16 +222,20 @@ class OverWindowError(BadRequestError):
     def __init__(self, model: str, prompt_tokens: int, asked: int, window: int) -> None:
         self.model, self.prompt_tokens = model, prompt_tokens
         self.asked, self.window = asked, window
-        param = "max_tokens" if prompt_tokens <= window else "messages"
+        # A prompt as long as the window leaves no room for any answer (llama.cpp needs one
+        # token): no output limit fixes it, so the prompt is the field, as a longer one is.
+        param = "max_tokens" if prompt_tokens < window else "messages"
         super().__init__(self._words("max_tokens"), param=param)
 
     def _words(self, output: str) -> str:
-        if self.prompt_tokens <= self.window:
+        if self.prompt_tokens < self.window:
             left = self.window - self.prompt_tokens
             why = (
                 f"the prompt fits {self.model}'s context window but leaves {left} tokens, "
                 "fewer than the answer asked"
             )
+        elif self.prompt_tokens == self.window:
+            why = f"the prompt fills {self.model}'s context window"
         else:
             why = f"the prompt is longer than {self.model}'s context window"
         return (

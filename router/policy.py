@@ -1036,7 +1036,8 @@ def _unfit_field(spec: ModelSpec, signals: Signals) -> tuple[str, str] | None:
                 if signals.max_tokens
                 else ""
             )
-            fits = signals.max_tokens and signals.prompt_tokens <= spec.context_window
+            # A prompt as long as the window leaves no room for any answer: the prompt's field.
+            fits = signals.max_tokens and signals.prompt_tokens < spec.context_window
             field = "max_tokens" if fits else "messages"
             return f"{needed} tokens ({parts}context window {spec.context_window})", field
         rest = spec.context_window - signals.prompt_tokens

@@ -8,6 +8,7 @@ from router.errors import (
     ConfigError,
     LocalOverloadedError,
     MissingExtraError,
+    OverWindowError,
     TiergateError,
     UpstreamTimeoutError,
     error_body,
@@ -62,3 +63,16 @@ def test_a_restated_backend_error_keeps_what_the_fallback_reads() -> None:
         504,
         {"retry-after": "3"},
     )
+
+
+def test_a_prompt_that_fills_the_window_is_not_said_to_fit() -> None:
+    """llama.cpp refuses a prompt as long as its window whatever ``max_tokens`` (it needs a
+    token of room). The local refusal said such a prompt "fits ... but leaves 0 tokens" and
+    named ``max_tokens``, which no value the client may send can fix: the prompt is what to
+    cut. One token shorter, it fits, and ``max_tokens`` is the field."""
+    full = OverWindowError("the local model", 2048, 1, 2048)
+    assert full.param == "messages"
+    assert full.message.startswith("the prompt fills the local model's context window:"), full
+    fits = OverWindowError("the local model", 2047, 2, 2048)
+    assert fits.param == "max_tokens"
+    assert fits.message.startswith("the prompt fits the local model's context window"), fits

@@ -466,6 +466,19 @@ def test_a_local_only_rule_cannot_answer_several_choices_and_says_so() -> None:
     assert decision.unsatisfiable_param == "n"
 
 
+@pytest.mark.parametrize(("prompt", "field"), [(1000, "messages"), (999, "max_tokens")])
+def test_a_prompt_that_fills_the_window_names_the_prompt_not_max_tokens(
+    prompt: int, field: str
+) -> None:
+    """A prompt estimated as long as the local model's window (1,000 tokens) leaves no room for
+    any answer: the 400 named ``max_tokens``, which no value (at least 1) can fix. It names
+    the prompt; one token shorter, ``max_tokens`` is what the client can lower."""
+    p = policy("rules:\n  - {name: pii, when: {pii: true}, route: local, local_only: true}\n")
+    decision = evaluate(p, signals(pii=True, prompt_tokens=prompt, max_tokens=200))
+    assert decision.unsatisfiable is not None and decision.context_exceeded
+    assert decision.unsatisfiable_param == field
+
+
 def test_max_tokens_over_a_models_output_limit_moves_or_is_refused() -> None:
     """A closed model's ``max_output_tokens`` is a hard constraint, as its context window is:
     its provider refused a larger ``max_tokens`` (a 400), and cutting it down would return a
