@@ -358,12 +358,19 @@ def request_strings(body: Any) -> Iterator[str]:
             yield str(value)
 
 
-_JSON_ESCAPE = re.compile(r'\\(?:u([0-9a-fA-F]{4})|(["\\/bfnrt]))')
+# A JSON escape: a surrogate pair first (``json.dumps`` writes an emoji as two escapes, which
+# decode to one character), then any one escape.
+_JSON_ESCAPE = re.compile(
+    r"\\(?:u([dD][89abAB][0-9a-fA-F]{2})\\u([dD][c-fC-F][0-9a-fA-F]{2})"
+    r'|u([0-9a-fA-F]{4})|(["\\/bfnrt]))'
+)
 _ESCAPED = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
 
 
 def _unescape(match: re.Match[str]) -> str:
-    code, char = match.groups()
+    high, low, code, char = match.groups()
+    if high:
+        return chr(0x10000 + ((int(high, 16) - 0xD800) << 10) + int(low, 16) - 0xDC00)
     return chr(int(code, 16)) if code else _ESCAPED.get(char, char)
 
 

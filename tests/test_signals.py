@@ -512,3 +512,18 @@ def test_a_prompt_marked_for_caching_is_priced_as_written(where: str) -> None:
     assert extract_signals(chat, BlindScorer(), sent=sent).cache_ttl == "1h"
     # A chat request's own marks count too (litellm passes them on to a Claude).
     assert extract_signals(sent, BlindScorer()).cache_ttl == "1h"
+
+
+def test_redacting_escaped_text_keeps_a_character_json_wrote_as_a_surrogate_pair() -> None:
+    """``json.dumps`` writes a character beyond the BMP (an emoji) as two ``\\uXXXX`` escapes,
+    a surrogate pair. Decoded one escape at a time for redaction, each half became a lone
+    surrogate, stored as U+FFFD twice: the prompt lost the emoji its personal data sat beside."""
+    from router.signals import redacted
+
+    phone = "\u00a0".join(["+33", "6", "12", "34", "56", "78"])
+    escaped = json.dumps({"note": "call me \U0001f600", "phone": phone})
+    assert "\\ud83d\\ude00" in escaped
+    stored = redacted(escaped)
+    assert "\U0001f600" in stored and "\ufffd" not in stored
+    assert "[PHONE]" in stored
+    assert all(not "\ud800" <= c <= "\udfff" for c in stored)
