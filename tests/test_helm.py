@@ -339,7 +339,11 @@ def test_schema_rejects_bad_values(chart: Any, values: dict[str, Any], where: st
         ),
         (
             {"redis": {"enabled": False}, "externalRedis": {"url": "redis://:hunter2@r:6379/0"}},
-            "externalRedis.url carries credentials",
+            "externalRedis.url carries a password",
+        ),
+        (
+            {"redis": {"enabled": False}, "externalRedis": {"url": "redis://u:hunt/er2@r:6379/0"}},
+            "externalRedis.url carries a password",
         ),
         (
             {"redis": {"enabled": False}, "externalRedis": {"auth": {"existingSecret": "r"}}},
@@ -699,18 +703,36 @@ def _kubelet_env(c: dict[str, Any], secrets: dict[str, dict[str, str]]) -> dict[
     return env
 
 
-def _redis_connection(
+def _redis_url(
     c: dict[str, Any], secrets: dict[str, dict[str, str]], monkeypatch: pytest.MonkeyPatch
-) -> dict[str, Any]:
-    """What redis-py connects with, from the settings container ``c`` loads in its pod."""
+) -> str:
+    """The Redis URL that the settings container ``c`` loads in its pod hold."""
     with monkeypatch.context() as patch:
         for name, value in _kubelet_env(c, secrets).items():
             if name.startswith("TIERGATE_"):
                 patch.setenv(name, value)
         url = load_settings().redis_url
     assert url is not None, c["name"]
-    sent: dict[str, Any] = redis.connection.parse_url(url)
+    return url
+
+
+def _redis_connection(
+    c: dict[str, Any], secrets: dict[str, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> dict[str, Any]:
+    """What redis-py connects with, from the settings container ``c`` loads in its pod."""
+    sent: dict[str, Any] = redis.connection.parse_url(_redis_url(c, secrets, monkeypatch))
     return sent
+
+
+def _redis_clients(values: dict[str, Any], render: Render) -> list[dict[str, Any]]:
+    """The containers that connect to Redis, rendered from ``values`` with retraining on: the
+    router and the retrain job."""
+    retraining = {"retrain": {"enabled": True}, "modelStore": {"persistence": {"enabled": True}}}
+    docs = render({**values, **retraining})
+    return [
+        container(find(docs, "Deployment", FULLNAME), "router"),
+        container(find(docs, "CronJob", f"{FULLNAME}-retrain"), "retrain"),
+    ]
 
 
 @pytest.mark.parametrize("password", ["Zk3/q+Wm9xT2==", "pass#word", "50%25off", "a:b@c"])
@@ -720,17 +742,8 @@ def test_a_redis_password_from_the_secret_reaches_redis_whole(
     """A password made with `openssl rand -base64` often holds a '/': spliced raw into the
     URL by the kubelet, it ended the host, and the router and the retrain job refused to start
     ("its port is not a number")."""
-    values = {
-        **VALUE_SETS["redis"],
-        "retrain": {"enabled": True},
-        "modelStore": {"persistence": {"enabled": True}},
-    }
-    docs = render(values)
     secrets = {"tiergate-redis": {"redis-password": password}}
-    for c in (
-        container(find(docs, "Deployment", FULLNAME), "router"),
-        container(find(docs, "CronJob", f"{FULLNAME}-retrain"), "retrain"),
-    ):
+    for c in _redis_clients(VALUE_SETS["redis"], render):
         sent = _redis_connection(c, secrets, monkeypatch)
         assert (sent["host"], sent["password"]) == (f"{FULLNAME}-redis", password), c["name"]
 
@@ -740,22 +753,38 @@ def test_an_external_redis_takes_its_password_from_a_secret_of_its_own(
 ) -> None:
     """A Redis that a Redis chart or operator runs comes with a Secret holding its password
     alone; the chart took only a Secret with the whole URL, credentials written in."""
-    values = {
-        **VALUE_SETS["external-redis-auth"],
-        "retrain": {"enabled": True},
-        "modelStore": {"persistence": {"enabled": True}},
-    }
-    docs = render(values)
     secrets = {"redis": {"redis-password": "Zk3/q+Wm9xT2=="}}
-    for c in (
-        container(find(docs, "Deployment", FULLNAME), "router"),
-        container(find(docs, "CronJob", f"{FULLNAME}-retrain"), "retrain"),
-    ):
+    for c in _redis_clients(VALUE_SETS["external-redis-auth"], render):
         assert env_of(c)["TIERGATE_REDIS_PASSWORD"] == {
             "secretKeyRef": {"name": "redis", "key": "redis-password"}
         }
         sent = _redis_connection(c, secrets, monkeypatch)
         assert (sent["host"], sent["password"]) == ("redis-master.infra", "Zk3/q+Wm9xT2==")
+
+
+def test_a_redis_acl_user_keeps_its_name_in_the_url_and_its_password_apart(
+    render: Render, monkeypatch: pytest.MonkeyPatch, redis_server: Any
+) -> None:
+    """A Redis ACL user (a managed Redis's RBAC user) is named in the URL and its password
+    kept in a Secret of its own, which Tiergate joins to the URL percent-encoded. The chart
+    refused any '@' in externalRedis.url, so such a user had to write the whole URL into a
+    Secret, its password percent-encoded by hand."""
+    password = "Zk3/q+Wm9xT2=="
+    redis_server.client().execute_command(
+        "ACL", "SETUSER", "tiergate", "on", f">{password}", "~tiergate:*", "+@all"
+    )
+    values = {
+        **VALUE_SETS["external-redis-auth"],
+        "externalRedis": {
+            "url": f"redis://tiergate@127.0.0.1:{redis_server.port}/1",
+            "auth": {"existingSecret": "redis"},
+        },
+    }
+    secrets = {"redis": {"redis-password": password}}
+    for c in _redis_clients(values, render):
+        with redis.Redis.from_url(_redis_url(c, secrets, monkeypatch)) as client:
+            assert client.execute_command("ACL", "WHOAMI") == b"tiergate", c["name"]
+            assert client.connection_pool.connection_kwargs["db"] == 1
 
 
 def test_otlp_headers_come_from_the_existing_secret(render: Render) -> None:

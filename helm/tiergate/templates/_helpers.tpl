@@ -460,8 +460,9 @@ Included at the top of the router Deployment so every render runs it.
 {{- if and .Values.externalRedis.auth.existingSecret (or .Values.redis.enabled (not .Values.externalRedis.url)) -}}
 {{- $errors = append $errors "externalRedis.auth.existingSecret is the password of the Redis at externalRedis.url: set externalRedis.url (without credentials) and redis.enabled=false; a URL in externalRedis.existingSecret carries its own password" -}}
 {{- end -}}
-{{- if contains "@" .Values.externalRedis.url -}}
-{{- $errors = append $errors "externalRedis.url carries credentials: put the full URL in a Secret and set externalRedis.existingSecret instead" -}}
+{{- /* A password (user:password@); a Redis ACL user's name alone (user@) may stay. */ -}}
+{{- if regexMatch "^[a-z]+://[^@/]*:[^@]*@" .Values.externalRedis.url -}}
+{{- $errors = append $errors "externalRedis.url carries a password: keep the URL without it (a Redis ACL user's name may stay, redis://user@host:6379/0) and name the password's Secret in externalRedis.auth.existingSecret, or put the full URL in a Secret and set externalRedis.existingSecret" -}}
 {{- end -}}
 {{- if and .Values.redis.enabled .Values.redis.auth.enabled (not .Values.redis.auth.existingSecret) -}}
 {{- $errors = append $errors "redis.auth.enabled needs redis.auth.existingSecret: this chart creates no passwords; create a Secret with the password and name it" -}}
