@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import socket
 import threading
 import time
@@ -803,6 +804,30 @@ def test_policy_reload_rereads_a_file_written_while_it_was_read(
     monkeypatch.setattr(gateway_module, "load_policy", real)
     assert holder.reload_failures == 0 and holder.last_error is None  # not counted as bad
     assert holder.check() is True and holder.reloads == 1
+
+
+def test_policy_reload_follows_the_kubelet_updating_a_configmap(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """The kubelet updates a mounted ConfigMap by writing its files into a new folder and
+    swapping the ``..data`` link to it; each key is a link through ``..data``. An edit to the
+    chart's ``policy.existingConfigMap``, which rolls no pod, reaches the routers this way."""
+
+    def publish(folder: str, text: str) -> None:
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "policy.yaml").write_text(text)
+        (tmp_path / "..data_tmp").symlink_to(folder)
+        (tmp_path / "..data_tmp").replace(tmp_path / "..data")
+
+    publish("..2026_12_07_01", policy_yaml(fake))
+    (tmp_path / "policy.yaml").symlink_to("..data/policy.yaml")
+    holder = PolicyHolder(tmp_path / "policy.yaml")
+    first = holder.policy.digest
+    edited = policy_yaml(fake).replace("auto: {threshold: 0.5}", "auto: {threshold: 0.01}")
+    publish("..2026_12_07_02", edited)
+    shutil.rmtree(tmp_path / "..2026_12_07_01")
+    assert holder.check() is False and holder.check() is True
+    assert holder.policy.digest != first and holder.last_error is None
 
 
 def test_policy_reload_refuses_a_settled_bad_edit_and_a_missing_file(
