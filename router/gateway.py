@@ -30,7 +30,7 @@ from collections.abc import (
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from router.backends import MESSAGE_FIELD, Backend, Completion, Usage, closed, local
 from router.backends.local import ExternalLlamaBackend, Gate
@@ -257,8 +257,10 @@ class Answer:
 class StreamAnswer:
     """A streamed answer: chat completion chunks, the last one carrying the usage.
 
-    The request is recorded when ``chunks`` ends, fails or is closed (``aclose``); a client
-    that leaves is recorded as aborted and charged for what was generated. ``prompt_tokens``:
+    The request is recorded when ``chunks`` ends, fails or is closed (``aclose``), read or
+    not; a client that leaves is recorded as aborted and charged for what was generated. An
+    exception thrown in (``athrow``: a front failed to translate or frame a chunk) is
+    recorded as that error rather than as a client that left. ``prompt_tokens``:
     the prompt's tokens as known when the stream opened, before the closing usage: the model's
     own count where it gives one by its first chunk (the in-process local model), else the
     estimate the request was routed and reserved with.
@@ -464,7 +466,11 @@ class Gateway:
             await anext(life, None)  # the rest of its life: the record, the learning hooks
             return head
         assert isinstance(head, _Opened)
-        return StreamAnswer(_chunks(life), head.headers, call.request_id, head.prompt_tokens)
+        # Past its head a life yields only chunks: it is the stream itself, so that closing
+        # the stream, read or not, closes the life (an async generator wrapped around it
+        # would run none of its body if closed before its first step).
+        chunks = cast("AsyncGenerator[dict[str, Any], None]", life)
+        return StreamAnswer(chunks, head.headers, call.request_id, head.prompt_tokens)
 
     async def route(self, call: Call) -> RoutePlan:
         """How ``call`` would be routed, after the same admission as :meth:`serve`; no model
@@ -506,7 +512,7 @@ class Gateway:
         )
         status, http_status, error = "ok", 200, None
         hold: TokenHold | None = None
-        source: AsyncGenerator[dict[str, Any], None] | None = None
+        source: _Metered | None = None
         answer: str | None = None
         try:
             if call.refused is not None:
@@ -1113,7 +1119,7 @@ class Gateway:
 
     async def stream(
         self, ctx: RequestContext, body: dict[str, Any], native: NativeRequest | None = None
-    ) -> AsyncGenerator[dict[str, Any], None]:
+    ) -> _Metered:
         """Open a stream along the fallback chain (``native`` as for :meth:`complete`).
 
         Fallback is possible only until the first chunk that carries something (a token, a
@@ -1126,9 +1132,7 @@ class Gateway:
         error event after the client has been told a model answers.
         """
 
-        async def attempt(
-            backend: Backend, model: ModelSpec
-        ) -> AsyncGenerator[dict[str, Any], None]:
+        async def attempt(backend: Backend, model: ModelSpec) -> _Metered:
             usage = Usage()
             passing = self._native_for(model, native)
             if passing is not None and native is not None:
@@ -1140,7 +1144,7 @@ class Gateway:
                 while not held or _opening(held[-1]):
                     held.append(await anext(source))
             ctx.usage = usage
-            return _metered(ctx, held, source)
+            return _Metered(ctx, held, source)
 
         return await self._local_first(ctx, attempt, lambda: self._cascade_stream(ctx, body))
 
@@ -1292,9 +1296,7 @@ class Gateway:
 
     async def _cascade_stream(
         self, ctx: RequestContext, body: dict[str, Any]
-    ) -> tuple[
-        AsyncGenerator[dict[str, Any], None] | None, AsyncGenerator[dict[str, Any], None] | None
-    ]:
+    ) -> tuple[_Metered | None, _Metered | None]:
         """Hold back the local stream's first tokens, judge them, then stream on (the held
         chunks first) or close the local stream and escalate: (the kept stream or None; the
         held chunks when they are the whole answer, served if the escalation fails; a part
@@ -1343,9 +1345,9 @@ class Gateway:
             ctx.served = None
             self._cascade_note(ctx, judgement, _held_usage(usage, hold, ctx), held_ms)
             whole = ended or hold.finish_reason is not None
-            return None, _metered(ctx, (), _released(hold.chunks, None, body)) if whole else None
+            return None, _Metered(ctx, hold.chunks, None, body) if whole else None
         self._cascade_note(ctx, judgement, usage, held_ms)
-        return _metered(ctx, (), _released(hold.chunks, source, body)), None
+        return _Metered(ctx, hold.chunks, source, body), None
 
     def _cascade_failed(self, ctx: RequestContext, model: ModelSpec, exc: TiergateError) -> None:
         # The cascade's local model failed and the request escalates; a failure of the model
@@ -1869,24 +1871,6 @@ def _opening(chunk: Mapping[str, Any]) -> bool:
     return not (isinstance(choices, list) and _produced(choices))
 
 
-async def _chunks(
-    life: AsyncGenerator[Answer | _Opened | dict[str, Any], None],
-) -> AsyncGenerator[dict[str, Any], None]:
-    """The chunks of a stream's life; closing this closes the life, which records it. An
-    exception thrown in (``athrow``: a front failed to translate a chunk) is thrown into the
-    life, which records it as that error rather than as a client that left."""
-    try:
-        async for item in life:
-            assert isinstance(item, dict)
-            try:
-                yield item
-            except Exception as exc:
-                await life.athrow(exc)
-                raise
-    finally:
-        await life.aclose()
-
-
 async def _close(source: AsyncIterator[dict[str, Any]], request_id: str) -> None:
     aclose = getattr(source, "aclose", None)
     if aclose is None:
@@ -1995,31 +1979,6 @@ def _client_logprobs(choice: dict[str, Any], body: Mapping[str, Any]) -> None:
         entry["top_logprobs"] = (entry.get("top_logprobs") or [])[:top]
 
 
-async def _released(
-    held: list[dict[str, Any]],
-    rest: AsyncIterator[dict[str, Any]] | None,
-    body: Mapping[str, Any],
-) -> AsyncGenerator[dict[str, Any], None]:
-    """A kept cascade's stream: the held chunks, then the rest (if any), as the client asked
-    for them."""
-    try:
-        for chunk in held:
-            for choice in chunk.get("choices") or []:
-                _client_logprobs(choice, body)
-            yield chunk
-        if rest is None:
-            return
-        async for chunk in rest:
-            for choice in chunk.get("choices") or []:
-                _client_logprobs(choice, body)
-            yield chunk
-    finally:
-        aclose = getattr(rest, "aclose", None)
-        if aclose is not None:
-            with contextlib.suppress(Exception):
-                await aclose()
-
-
 def _failed(ctx: RequestContext) -> Judgement:
     # The local model failed (busy, error, timeout): the cascade escalates.
     plan = ctx.decision.cascade if ctx.decision is not None else None
@@ -2061,25 +2020,56 @@ def _goes_on(
     return i < len(queue)
 
 
-async def _metered(
-    ctx: RequestContext, held: Iterable[dict[str, Any]], rest: AsyncIterator[dict[str, Any]]
-) -> AsyncGenerator[dict[str, Any], None]:
-    """``held`` then ``rest``, counting the answer text that passes (see ``settle_usage``).
+class _Metered:
+    """A stream as a model answers it: ``held`` (the chunks read while it opened, or that a
+    cascade held back), then ``rest``, counting the answer text that passes (see
+    ``settle_usage``); for a cascade's, with the log-probabilities its client asked for
+    (``body``).
 
-    Closing this closes the backend's stream at once (the local model stops and frees its slot,
-    the provider's connection is released), before the request is recorded."""
-    inner = _prepend(held, rest)
-    try:
-        async for chunk in inner:
-            for choice in chunk.get("choices") or ():
-                delta = choice.get("delta") if isinstance(choice, Mapping) else None
-                text = delta.get("content") if isinstance(delta, Mapping) else None
-                if isinstance(text, str) and text:
-                    ctx.streamed_chunks += 1
-                    ctx.streamed_tokens += text_tokens(text)
-            yield chunk
-    finally:
-        await inner.aclose()
+    Closing it closes ``rest`` at once, read or not, before the request is recorded: the local
+    model stops and frees its slot, the provider's connection is released. (An async
+    generator closed before its first step runs none of its body, so it could not.)"""
+
+    __slots__ = ("_body", "_ctx", "_held", "_rest")
+
+    def __init__(
+        self,
+        ctx: RequestContext,
+        held: Iterable[dict[str, Any]],
+        rest: AsyncIterator[dict[str, Any]] | None,
+        body: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._ctx = ctx
+        self._held = iter(held)
+        self._rest = rest
+        self._body = body
+
+    def __aiter__(self) -> _Metered:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        chunk = next(self._held, None)
+        if chunk is None:
+            if self._rest is None:
+                raise StopAsyncIteration
+            chunk = await anext(self._rest)
+        ctx, body = self._ctx, self._body
+        for choice in chunk.get("choices") or ():
+            if body is not None:
+                _client_logprobs(choice, body)
+            delta = choice.get("delta") if isinstance(choice, Mapping) else None
+            text = delta.get("content") if isinstance(delta, Mapping) else None
+            if isinstance(text, str) and text:
+                ctx.streamed_chunks += 1
+                ctx.streamed_tokens += text_tokens(text)
+        return chunk
+
+    async def aclose(self) -> None:
+        """Close the model's stream (once; a stream that ended or failed is closed already)."""
+        rest, self._rest, self._held = self._rest, None, iter(())
+        aclose = getattr(rest, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 def _asked_model(body: Mapping[str, Any]) -> str:
@@ -2103,18 +2093,3 @@ def _record_value(value: Any) -> Any:
     if len(clean) > cap or len(text) > 2 * cap:
         return clean[:cap] + f"... [{len(text)} chars]"
     return clean
-
-
-async def _prepend(
-    held: Iterable[dict[str, Any]], rest: AsyncIterator[dict[str, Any]]
-) -> AsyncGenerator[dict[str, Any], None]:
-    try:
-        for chunk in held:
-            yield chunk
-        async for chunk in rest:
-            yield chunk
-    finally:
-        aclose = getattr(rest, "aclose", None)
-        if aclose is not None:
-            with contextlib.suppress(Exception):
-                await aclose()

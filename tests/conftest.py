@@ -16,11 +16,11 @@ import subprocess
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
@@ -36,6 +36,8 @@ from router.scoring import Analysis
 from router.services import services
 from tests.fake_provider import FakeProvider
 from tests.scripted_local import ScriptedLocal
+
+_R = TypeVar("_R")
 
 REPO = Path(__file__).resolve().parent.parent
 GGUF = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -244,6 +246,11 @@ class LiveServer:
             if self._server is None:
                 self._bind()
         return self._port
+
+    def run(self, fn: Callable[[], Awaitable[_R]]) -> _R:
+        """``fn()`` run to its end in the app's event loop: the gateway driven directly, with
+        the parts its lifespan built."""
+        return self._portal().call(fn)
 
     @property
     def thread(self) -> threading.Thread:

@@ -968,7 +968,7 @@ def test_closing_a_metered_stream_closes_the_backend_at_once() -> None:
     """When the client goes, the backend's stream is closed before the request is recorded
     (the local model frees its slot, the provider connection is released), not whenever the
     garbage collector finalises a generator."""
-    from router.gateway import RequestContext, _metered
+    from router.gateway import RequestContext, _Metered
 
     closed: list[bool] = []
 
@@ -983,14 +983,59 @@ def test_closing_a_metered_stream_closes_the_backend_at_once() -> None:
         ctx = RequestContext(request_id="r", tenant="t", started=0.0, stream=True)
         source = backend()
         first = await anext(source)
-        metered = _metered(ctx, [first], source)
+        metered = _Metered(ctx, [first], source)
         await anext(metered)
         await anext(metered)
         await metered.aclose()
         assert closed == [True]
         assert ctx.streamed_chunks == 2
+        unread = backend()
+        await anext(unread)  # opened, as the gateway opens it, and closed before it is read
+        await _Metered(ctx, [], unread).aclose()
+        assert closed == [True, True]
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("tier", [pytest.param("local", marks=pytest.mark.gguf), "closed"])
+def test_a_stream_closed_unread_stops_its_model_and_is_recorded_at_once(
+    tmp_path: Path, fake: FakeProvider, tier: str
+) -> None:
+    """A front may close a stream before reading a chunk of it (its client left as it opened).
+    Closing an async generator before its first step runs none of its body: the request was
+    not recorded and the model went on (the real model generating in its slot, the provider
+    streaming and billing) until the garbage collector finalised the generators. It stops
+    and is recorded as the stream is closed, before anything else runs."""
+    fake.reset(Behaviour(chunk_delay_s=0.05, text=" ".join(["word"] * 40)))
+    content = "Write a long story about a cat." if tier == "local" else "HARD one"
+    with live(tmp_path, policy_yaml(fake), gguf=tier == "local") as srv:
+        gateway, store = srv.gateway, srv.gateway.outcomes
+
+        async def scenario() -> tuple[bool, int, StreamAnswer]:
+            body = {"model": "auto", "stream": True, "max_tokens": 300}
+            body["messages"] = [{"role": "user", "content": content}]
+            answer = await gateway.serve(Call(body=body, principal=CALLER, tenant="acme"))
+            assert isinstance(answer, StreamAnswer)
+            await answer.chunks.aclose()
+            llm = getattr(gateway.local, "_llm", None)  # the real model, told to stop
+            stopped = tier == "closed" or llm.cancel is None or llm.cancel.is_set()
+            recorded = store.count() if store.flush(5) else -1  # blocks: nothing else runs
+            await asyncio.sleep(0.5)  # while the answer is still held
+            return stopped, recorded, answer
+
+        stopped, recorded, _ = srv.run(scenario)
+        assert recorded == 1
+        (record,) = store.recent(1)
+        assert (record["status"], record["http_status"], record["tier"]) == (
+            "aborted",
+            499,
+            tier,
+        )
+        assert stopped
+        if tier == "local":
+            assert wait_for(lambda: gateway.local.gate.running == 0, timeout_s=5)
+        else:
+            assert fake.broken_streams == 1 and fake.sent_chunks < 40
 
 
 # -- Gateway.serve, driven directly ------------------------------------------------------------
