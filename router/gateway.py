@@ -1327,8 +1327,11 @@ class Gateway:
             self._cascade_failed(ctx, model, exc)
             return None, None
         except BaseException:  # cancelled in the hold-back (a client that left), as above
-            # The cancellation closed the local stream where it waited; a model that counts its
-            # tokens as it stops (the GGUF, on its worker thread) has not yet: charge those held.
+            # A cancellation closed the local stream where it waited; a chunk the hold-back
+            # cannot read left it open, generating in its slot: closed here. A model that counts
+            # its tokens as it stops (the GGUF, on its worker thread) has not yet: charge those
+            # held.
+            await _close(source, ctx.request_id)
             _held_usage(usage, hold, ctx)
             self.cooldowns.released(model.name, ctx.probe)
             raise
@@ -1338,7 +1341,11 @@ class Gateway:
         # after them is a failure in a row; an escalated one ends here, closed by the cascade.
         self._answered(ctx, model)
         held_ms = (time.perf_counter() - started) * 1000.0
-        judgement = self._cascade_judge(ctx, body, hold.logprobs, hold.finish_reason)
+        try:
+            judgement = self._cascade_judge(ctx, body, hold.logprobs, hold.finish_reason)
+        except BaseException:  # held tokens it cannot read: the local model stops all the same
+            await _close(source, ctx.request_id)
+            raise
         if judgement.decision == "escalated":
             self.cooldowns.succeeded(model.name, ctx.since)
             await _close(source, ctx.request_id)  # the local model stops generating

@@ -169,6 +169,9 @@ class Behaviour:
     # The model every answer names (a provider's dated snapshot: OpenAI answers a request for
     # gpt-4o with gpt-4o-2024-08-06), else the model the request asked for.
     answered_model: str | None = None
+    # OpenAI chat streams asked for ``logprobs``: each word's ``logprobs`` field is this instead
+    # (a server that sends one that cannot be read).
+    bad_logprobs: Any = None
 
 
 def endless_error(status: int) -> Behaviour:
@@ -916,7 +919,10 @@ class FakeProvider:
         h.wfile.flush()
 
     def _logprobs(self, body: dict[str, Any], token: str) -> dict[str, Any]:
-        """A streamed word's ``logprobs`` field, where ``logprob`` is set and ``body`` asks."""
+        """A streamed word's ``logprobs`` field, where ``logprob`` (or ``bad_logprobs``) is set
+        and ``body`` asks."""
+        if self.behaviour.bad_logprobs is not None and body.get("logprobs"):
+            return {"logprobs": self.behaviour.bad_logprobs}
         if self.behaviour.logprob is None or not body.get("logprobs"):
             return {}
         entry = {"token": token, "logprob": self.behaviour.logprob, "bytes": None}

@@ -3,6 +3,7 @@ first; the gateway keeps or escalates, holds a stream back, explains, records an
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import socket
@@ -393,6 +394,34 @@ def _on_a_silent_server(
         _on_external(tmp_path, fake, f"{root}/v1", **settings) as srv,
     ):
         yield srv, accepted
+
+
+@pytest.mark.parametrize(
+    "logprobs",
+    [{"content": 5}, {"content": [{"token": "w", "logprob": None}]}],
+    ids=["held", "judged"],
+)
+def test_a_local_stream_whose_log_probabilities_cannot_be_read_is_closed_at_once(
+    tmp_path: Path, fake: FakeProvider, logprobs: Any
+) -> None:
+    """An external llama.cpp server streams log-probabilities that cannot be read: holding the
+    chunk back (``held``) or judging the held tokens (``judged``) fails. The local stream was
+    left open, holding the server's slot and its connection until the garbage collector
+    found it (the error's traceback keeps it in a cycle): it is closed at once."""
+    gc.disable()  # only a close frees the slot, not a collection that happens to come
+    try:
+        with _on_external(tmp_path, fake, fake.base_url) as srv:
+            fake.reset(Behaviour(bad_logprobs=logprobs, chunk_delay_s=0.05))
+            response = _ask(srv, stream=True)
+            running = srv.gateway.local.gate.running
+            record = _record(srv, response.headers["x-request-id"])
+            cut = wait_for(lambda: fake.broken_streams == 1, 2)  # the server saw it go
+    finally:
+        gc.enable()
+    assert response.status_code == 500
+    assert (record["status"], record["http_status"]) == ("error", 500)
+    assert running == 0
+    assert cut and fake.sent_chunks < 8
 
 
 @pytest.mark.parametrize("stream", [False, True])
