@@ -16,7 +16,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
@@ -24,7 +24,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
-from starlette.types import Receive
+from starlette.types import Receive, Scope, Send
 
 from router import messages, responses
 from router.auth import Principal, check_record_access, principal_of
@@ -358,6 +358,7 @@ async def _respond(
             if not serving.done():
                 return _Stream(
                     _opened_early(serving, frame, frame_error, every),
+                    end=functools.partial(_settled, serving),
                     media_type="text/event-stream",
                     headers={"x-request-id": call.request_id, "cache-control": "no-cache"},
                 )
@@ -369,6 +370,7 @@ async def _respond(
     if isinstance(answer, StreamAnswer):
         return _Stream(
             _kept_alive(frame(answer), every) if every else frame(answer),
+            end=answer.chunks.aclose,
             media_type="text/event-stream",
             headers={**answer.headers, "cache-control": "no-cache"},
         )
@@ -376,7 +378,8 @@ async def _respond(
 
 
 class _Stream(StreamingResponse):
-    """A streamed answer that stops at the next part once its client has gone.
+    """A streamed answer that stops at the next part once its client has gone, and ends its
+    request (``end``: closes its stream, or stops the call still opening it) as it ends.
 
     Starlette notices a client that leaves in a listener beside the loop that sends the parts,
     and cancels that loop. anyio delivers that cancellation only when the loop waits on
@@ -385,11 +388,33 @@ class _Stream(StreamingResponse):
     read from the provider, billed, and recorded ok. The listener's flag, read after each part
     is sent (no system call), ends the parts instead: closing them closes the provider's stream
     and records the request aborted. A slow part is still cut short by the cancellation.
+
+    Cancelled, in a send or before its first part, Starlette closes no parts, and parts closed
+    before their first step run none of their code: the stream would be closed, and recorded,
+    only when the garbage collector got to it, the model generating meanwhile. The parts are
+    closed, then ``end`` called, once the response is over, however it ended.
     """
 
-    def __init__(self, parts: AsyncGenerator[bytes, None], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        parts: AsyncGenerator[bytes, None],
+        *,
+        end: Callable[[], Awaitable[None]],
+        **kwargs: Any,
+    ) -> None:
         self._left = False
-        super().__init__(self._until_left(parts), **kwargs)
+        self._parts = self._until_left(parts)
+        self._end = end
+        super().__init__(self._parts, **kwargs)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                await self._parts.aclose()
+            finally:
+                await self._end()
 
     async def listen_for_disconnect(self, receive: Receive) -> None:
         await super().listen_for_disconnect(receive)
@@ -412,27 +437,29 @@ async def _opened_early(
     every: float,
 ) -> AsyncGenerator[bytes, None]:
     """A stream begun before the gateway opened it: keep-alives until it has, then its parts;
-    or, if it failed, its error as the last event (the status line has already gone)."""
+    or, if it failed, its error as the last event (the status line has already gone). The
+    response stops ``serving`` as it ends (:func:`_settled`)."""
+    while not serving.done():
+        yield KEEPALIVE
+        await asyncio.wait({serving}, timeout=every)
     try:
-        while not serving.done():
-            yield KEEPALIVE
-            await asyncio.wait({serving}, timeout=every)
-        try:
-            answer = serving.result()
-        except ClientDisconnected:  # the gateway recorded it as aborted
-            return
-        except TiergateError as exc:
-            yield frame_error(exc)
-            return
-        except Exception:  # a defect: recorded as an error 500 by the gateway
-            log.exception("a stream failed before its first chunk")
-            yield frame_error(TiergateError("internal error"))
-            return
-    finally:
-        await _cancel(serving)
+        answer = serving.result()
+    except ClientDisconnected:  # the gateway recorded it as aborted
+        return
+    except TiergateError as exc:
+        yield frame_error(exc)
+        return
+    except Exception:  # a defect: recorded as an error 500 by the gateway
+        log.exception("a stream failed before its first chunk")
+        yield frame_error(TiergateError("internal error"))
+        return
     assert isinstance(answer, StreamAnswer)  # a stream's call is answered with one
-    async for part in _kept_alive(frame(answer), every):
-        yield part
+    parts = _kept_alive(frame(answer), every)
+    try:
+        async for part in parts:
+            yield part
+    finally:
+        await parts.aclose()  # its pump reads the stream: stopped before the stream is closed
 
 
 async def _kept_alive(
@@ -474,6 +501,16 @@ async def _kept_alive(
         if taking is not None:
             taking.cancel()
         await _cancel(pumping)
+
+
+async def _settled(serving: asyncio.Future[Any]) -> None:
+    """End a stream begun before the gateway opened it: stop the call if it is still opening
+    (the gateway records it), else close the stream it opened, framed or not."""
+    await _cancel(serving)
+    if not serving.cancelled() and serving.exception() is None:
+        answer = serving.result()
+        if isinstance(answer, StreamAnswer):
+            await answer.chunks.aclose()
 
 
 async def _cancel(task: asyncio.Future[Any]) -> None:

@@ -8,18 +8,21 @@ closed tier is the fake provider told to misbehave; the local tier is :class:`Sc
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import json
 import logging
+import math
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
@@ -1578,6 +1581,97 @@ def test_client_leaving_a_fast_stream_cancels_upstream(
     assert response.headers["x-tiergate-model"] == first
     assert record["id"] == rid
     assert (record["status"], record["http_status"]) == ("aborted", 499)
+
+
+async def _to_a_client_that_leaves(
+    app: Any, body: dict[str, Any], leave: str, opened: Callable[[], bool]
+) -> list[bytes]:
+    """Serve ``body`` on /v1/chat/completions through the ASGI app as uvicorn calls it (ASGI
+    2.3: Starlette listens for the client's disconnect beside the loop that sends the parts,
+    and cancels that loop), to a client that leaves as the response begins (``begins``), in
+    the send of the first keep-alive once ``opened()`` (``keep-alive``), or at once in the send
+    of the first event (``event``); the parts it was sent."""
+    raw = json.dumps(body).encode()
+    gone = asyncio.Event()
+    sent: list[bytes] = []
+    read = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal read
+        if not read:
+            read = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        if leave == "begins" and anyio.current_effective_deadline() != -math.inf:
+            gone.set()  # Starlette's listener (not the gateway's probe, in a cancelled scope)
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        await asyncio.sleep(0)  # a send may wait: uvicorn's does while the socket's buffer is full
+        part = message.get("body") if message["type"] == "http.response.body" else None
+        if not part:
+            return
+        sent.append(part)
+        if leave == ("keep-alive" if part.startswith(b":") else "event"):
+            while leave == "keep-alive" and not opened():
+                await asyncio.sleep(0.01)
+            gone.set()
+            await asyncio.Event().wait()  # a client that stopped reading, then left
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},  # as uvicorn's HTTP protocols
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+    await app(scope, receive, send)
+    return sent
+
+
+@pytest.mark.parametrize(
+    ("keepalive_s", "leave"),
+    [(0.0, "begins"), (0.0, "event"), (0.05, "begins"), (0.05, "keep-alive"), (0.05, "event")],
+)
+def test_a_client_leaving_as_its_stream_begins_or_in_a_send_ends_it_at_once(
+    tmp_path: Path, fake: FakeProvider, keepalive_s: float, leave: str
+) -> None:
+    """Starlette cancels the loop that sends a stream's parts when its client leaves: before
+    the first part (the client left as the response began), or in a send (the client stopped
+    reading). It closes no parts: the provider streamed on, billing tokens nobody reads, and
+    the request was recorded only when the garbage collector got to its generators (a body
+    closed before its first step runs none of its code). With keep-alives, a call whose stream
+    had not opened went on, and one that had (left in a keep-alive's send) was never closed.
+    The stream ends, and is recorded, as the response ends."""
+    fake.reset(Behaviour(text=" ".join(["word"] * 40), chunk_delay_s=0.05))
+    with live(tmp_path, policy_yaml(fake), stream_keepalive_s=keepalive_s) as srv:
+        store = srv.gateway.outcomes
+
+        async def scenario() -> tuple[int, list[bytes]]:
+            body = {**HARD, "stream": True}
+            sent = await _to_a_client_that_leaves(
+                srv.app, body, leave, lambda: fake.sent_chunks >= 3
+            )
+            return (store.count() if store.flush(5) else -1), sent  # nothing else ran first
+
+        recorded, sent = srv.run(scenario)
+        cut = wait_for(lambda: fake.broken_streams == 1, 2)  # the provider saw it go
+        store.flush()
+        rows = store.recent(5)
+    if leave == "begins":
+        assert sent == []
+    else:  # it left in the send of its last part
+        assert sent[-1].startswith(b": keep-alive" if leave == "keep-alive" else b"data: "), sent
+    assert recorded == 1
+    assert [(r["status"], r["http_status"]) for r in rows] == [("aborted", 499)]
+    assert cut and fake.sent_chunks < 20, fake.sent_chunks
 
 
 def test_client_disconnecting_mid_stream_stops_local_generation(
