@@ -523,16 +523,22 @@ async def _cancel(task: asyncio.Future[Any]) -> None:
 
 async def _sse(answer: StreamAnswer, include_usage: bool) -> AsyncGenerator[bytes, None]:
     """Frame chunks as chat SSE; the closing usage chunk only when the client asked for it.
-    An error mid-stream becomes an error event (the status line has already gone)."""
+    An error mid-stream becomes an error event (the status line has already gone); a chunk
+    that cannot be framed is thrown into the stream (:func:`_throw_in`), which records it."""
     try:
         async for chunk in answer.chunks:
             if not include_usage and not chunk.get("choices") and chunk.get("usage"):
                 continue
-            yield b"data: " + _dumps(chunk) + b"\n\n"
+            try:
+                framed = b"data: " + _dumps(chunk) + b"\n\n"
+            except Exception as exc:
+                await _throw_in(answer.chunks, exc)
+                raise
+            yield framed
         yield b"data: [DONE]\n\n"
     except TiergateError as exc:
         yield b"data: " + _dumps(exc.to_body()) + b"\n\n"
-    except Exception:  # a defect mid-stream: recorded as an error 500 by the gateway
+    except Exception:  # a defect mid-stream, or framing: recorded as an error 500 by the gateway
         log.exception("a chat stream failed")
         yield b"data: " + _dumps(TiergateError("internal error").to_body()) + b"\n\n"
     finally:
@@ -665,19 +671,33 @@ async def _event_sse(
 ) -> AsyncGenerator[bytes, None]:
     """Frame a front's events as named SSE events (``event:`` and ``data:``); an error
     mid-stream becomes the front's error event, after the last event sent (the status line
-    has already gone)."""
+    has already gone). An event that cannot be framed is thrown into ``events``
+    (:func:`_throw_in`), which pass it to the stream (``native_or``)."""
     last: dict[str, Any] | None = None
     try:
         async for event in events:
-            yield _event(event)
+            try:
+                framed = _event(event)
+            except Exception as exc:
+                await _throw_in(events, exc)
+                raise
+            yield framed
             last = event
     except TiergateError as exc:
         yield _event(error_event(exc, last))
-    except Exception:  # a translation that failed; recorded as an error (see native_or)
+    except Exception:  # a translation, or framing, that failed: recorded as an error
         log.exception("a front's stream failed")
         yield _event(error_event(TiergateError("internal error"), last))
     finally:
         await events.aclose()
+
+
+async def _throw_in(stream: AsyncGenerator[Any, None], exc: Exception) -> None:
+    """Throw ``exc``, the failure to frame a part of ``stream``, into it: an encoding or framing
+    failure is Tiergate's own, and the stream's owner records it as that error, where closing
+    the stream would record a client that left (aborted, 499)."""
+    with contextlib.suppress(Exception):
+        await stream.athrow(exc)
 
 
 def stream_error(path: str, exc: TiergateError, sent: bytes = b"") -> bytes:

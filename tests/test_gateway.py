@@ -1054,10 +1054,10 @@ class Serving:
         self.http = http
         self.records: list[OutcomeRecord] = []
 
-    def call(self, content: str, **body: Any) -> Call:
-        """A chat call from a tenant key without ``pin_closed``."""
+    def call(self, content: str, front: str = "chat", **body: Any) -> Call:
+        """A chat call (through ``front``) from a tenant key without ``pin_closed``."""
         body = {"model": "auto", "messages": [{"role": "user", "content": content}], **body}
-        return Call(body=body, principal=CALLER, tenant="acme")
+        return Call(body=body, principal=CALLER, tenant="acme", front=front)
 
     async def stored(self) -> list[dict[str, Any]]:
         """The records as the outcome store holds them."""
@@ -1332,13 +1332,7 @@ def test_a_front_whose_translation_fails_mid_stream_is_recorded_as_an_error(
 
     async def scenario() -> None:
         async with serving(tmp_path, fake, ScriptedStream(words=5)) as srv:
-            call = Call(
-                body=srv.call("easy", stream=True).body,
-                principal=CALLER,
-                tenant="acme",
-                front="messages",
-            )
-            answer = await srv.gateway.serve(call)
+            answer = await srv.gateway.serve(srv.call("easy", "messages", stream=True))
             assert isinstance(answer, StreamAnswer)
             framed = [
                 part
@@ -1374,6 +1368,56 @@ def test_a_chat_stream_that_fails_with_a_defect_ends_in_an_error_event(
             )
             assert b"[DONE]" not in b"".join(framed)
             assert [(r.status, r.http_status) for r in srv.records] == [("error", 500)]
+
+    asyncio.run(scenario())
+
+
+class UnframeableStream(ScriptedStream):
+    """A local tier whose second chunk holds a value JSON has no form for: a chunk Tiergate
+    cannot frame, as a defect of its own would leave one."""
+
+    async def stream(
+        self, model: ModelLike, body: dict[str, Any], usage: Usage
+    ) -> AsyncIterator[dict[str, Any]]:
+        chunks = super().stream(model, body, usage)
+        try:
+            async for chunk in chunks:
+                if chunk["choices"][0]["delta"].get("content") == "w1 ":
+                    chunk["choices"][0]["note"] = b"\x00"
+                yield chunk
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("front", ["chat", "messages"])
+def test_a_stream_tiergate_cannot_frame_is_recorded_as_its_error(
+    tmp_path: Path, fake: FakeProvider, front: str
+) -> None:
+    """A chunk, or a front's event, that cannot be written as SSE is Tiergate's failure, not
+    the client's: the client got the error event, and the record said a client that left
+    (aborted, 499). The framing passes the error to the stream, as a failed translation
+    does, and the record says the 500 it is."""
+    fake.reset()
+
+    async def translate(
+        first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any]]
+    ) -> AsyncIterator[dict[str, Any]]:
+        yield {"type": "message_start", "message": {"id": b"\x00"}}
+
+    async def scenario() -> None:
+        async with serving(tmp_path, fake, UnframeableStream(words=5)) as srv:
+            answer = await srv.gateway.serve(srv.call("easy", front, stream=True))
+            assert isinstance(answer, StreamAnswer)
+            if front == "chat":
+                framed = [part async for part in _sse(answer, include_usage=False)]
+                assert b'"content":"w0 "' in framed[0] and b"server_error" in framed[-1]
+            else:
+                events = native_or(answer.chunks, translate)
+                framed = [part async for part in _event_sse(events, messages.error_event)]
+                assert framed == [framed[-1]] and framed[-1].startswith(b"event: error")
+            assert [(r.status, r.http_status, r.front) for r in srv.records] == [
+                ("error", 500, front)
+            ]
 
     asyncio.run(scenario())
 
