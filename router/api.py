@@ -66,14 +66,26 @@ router = APIRouter()
 
 
 def _dumps(data: Any) -> bytes:
-    """``data`` as compact UTF-8 JSON for the client. A lone surrogate, which a provider's
-    answer may escape (``"\\ud83d"``: half an emoji), has no UTF-8 form: it is written as
-    U+FFFD, as one in a request is read (:func:`parse_json`), not failed as a 500."""
-    text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    """``data`` as compact UTF-8 JSON for the client (:func:`_utf8`)."""
+    return _utf8(json.dumps(data, separators=(",", ":"), ensure_ascii=False))
+
+
+def _utf8(text: str) -> bytes:
+    """``text`` as UTF-8 for the client. A lone surrogate, which a provider's text may escape
+    (``"\\ud83d"``: half an emoji), has no UTF-8 form: it is written as U+FFFD, as one in a
+    request is read (:func:`parse_json`), not failed as a 500."""
     try:
         return text.encode()
     except UnicodeEncodeError:
         return _SURROGATE.sub("\ufffd", text).encode()
+
+
+class ClientJSON(JSONResponse):
+    """A JSON response written as :func:`_dumps` writes an answer: an error's message may quote
+    a provider's, lone surrogate and all."""
+
+    def render(self, content: Any) -> bytes:
+        return _dumps(content)
 
 
 # Deeper JSON is refused: no chat request needs it, and deeper structures would meet Python's
@@ -658,7 +670,7 @@ async def serve_front(request: Request, front: Front[_Tr]) -> Response:
 def _event(event: dict[str, Any]) -> bytes:
     return (
         b"event: "
-        + str(event.get("type", "message")).encode()
+        + _utf8(str(event.get("type", "message")))
         + b"\ndata: "
         + _dumps(event)
         + b"\n\n"

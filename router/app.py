@@ -21,8 +21,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from router.api import ClientJSON, stream_error
 from router.api import router as api_router
-from router.api import stream_error
 from router.artifact import release_freed_memory
 from router.auth import AuthMiddleware, build_authenticator
 from router.backends import Backend
@@ -570,7 +570,7 @@ def _error_response(request: Request, exc: TiergateError) -> JSONResponse:
     # Its own id here too: a 500 for an unexpected error is sent from outside RequestIds.
     made = getattr(request.state, "request_id", None)
     headers = exc.headers if made is None else {"x-request-id": str(made), **exc.headers}
-    return JSONResponse(
+    return ClientJSON(
         error_body(exc, request.url.path),
         status_code=error_status(exc, on_messages_front(request.url.path)),
         headers=headers,

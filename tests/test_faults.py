@@ -1885,6 +1885,48 @@ def test_a_lone_surrogate_in_an_answer_is_replaced_and_recorded_as_answered(
     assert (row["status"], row["http_status"], row["error_type"]) == ("ok", 200, None)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("path", list(_FRONT_BODIES))
+def test_a_lone_surrogate_in_a_providers_error_is_replaced_not_a_500(
+    server: LiveServer, fake: FakeProvider, path: str, stream: bool
+) -> None:
+    """A provider's error message may hold half an emoji, ``"\\ud83d"``: the error response's
+    JSON could not be encoded, and the client got a 500 ``internal_error`` where the record
+    said the provider's 400. It gets the 400, with U+FFFD, on every front."""
+    error = {"message": "no \ud83d here", "type": "invalid_request_error", "code": None}
+    fake.reset(Behaviour(mode="status", status=400, error_body={"error": error}))
+    body = {"model": "gpt-4o", "stream": stream, **_FRONT_BODIES[path]}
+    response = server.http.post(path, json=body)
+    assert response.status_code == 400, response.text
+    assert "no \ufffd here" in response.text, response.text
+    (row,) = _records(server, 1)
+    assert (row["status"], row["http_status"], row["error_type"]) == (
+        "error",
+        400,
+        "upstream_bad_request",
+    )
+
+
+def test_a_lone_surrogate_in_a_native_events_type_is_replaced(
+    server: LiveServer, fake: FakeProvider
+) -> None:
+    """A native stream passes the provider's events on, each named by its ``type``, which may
+    hold a lone surrogate: the ``event:`` line could not be encoded, the stream ended in an
+    ``internal error`` event, recorded as a client that left (499). The type is written with
+    U+FFFD; here the stream then ends without ``message_stop``, as cut short (502)."""
+    fake.reset(Behaviour(mode="error_mid_stream", error_body={"type": "ping\ud83d"}))
+    body = {"model": "claude", "stream": True, **_FRONT_BODIES["/v1/messages"]}
+    response = server.http.post("/v1/messages", json=body)
+    assert "event: ping\ufffd\ndata: " in response.text, response.text[-400:]
+    assert "internal error" not in response.text
+    (row,) = _records(server, 1)
+    assert (row["status"], row["http_status"], row["error_type"]) == (
+        "error",
+        502,
+        "upstream_unreachable",
+    )
+
+
 def test_deep_nesting_is_a_400_not_a_crash(server: LiveServer) -> None:
     for depth in (100_000, 1_000, 200):
         body = '{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "metadata": '
