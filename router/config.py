@@ -232,9 +232,9 @@ class Settings(BaseSettings):
     max_event_bytes: int = Field(
         MAX_EVENT_BYTES,
         ge=64 * 1024,
-        description="Longest event (one SSE line) read from a provider's stream, and longest "
-        "answer body: a longer one fails the call (502 upstream_bad_response) instead of being "
-        "held whole.",
+        description="Longest event (one SSE line, or the data lines of one event together) "
+        "read from a provider's stream, and longest answer body: a longer one fails the call "
+        "(502 upstream_bad_response) instead of being held whole.",
     )
     max_tokens_cap: int = Field(
         32768, ge=1, description="Largest max_tokens a request may ask for (400 above)."

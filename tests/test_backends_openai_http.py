@@ -677,6 +677,19 @@ def _sse_chunk(text: str, finish: str | None = None) -> bytes:
     return json.dumps(chunk).encode()
 
 
+def _reads_hello_there(body: list[bytes]) -> None:
+    """A stream answered with ``body`` is read as "Hello", " there" and the end."""
+
+    async def stream() -> list[dict[str, Any]]:
+        async with _sse_server(body) as base_url:
+            chunks, _ = await _call(base_url, stream=True)
+            return chunks  # type: ignore[no-any-return]
+
+    chunks = run(stream())
+    assert [c["choices"][0]["delta"].get("content") for c in chunks] == ["Hello", " there", None]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
 def test_a_stream_whose_lines_end_in_a_lone_cr_is_read() -> None:
     """SSE lets a line end in CR, LF or CRLF. A server that ends its lines in a lone CR was
     read as one long line: the stream failed as a chunk that is not JSON (502
@@ -687,14 +700,53 @@ def test_a_stream_whose_lines_end_in_a_lone_cr_is_read() -> None:
         b"data: [DONE]\r\r",
     ]
 
-    async def stream() -> list[dict[str, Any]]:
-        async with _sse_server(body) as base_url:
-            chunks, _ = await _call(base_url, stream=True)
-            return chunks  # type: ignore[no-any-return]
+    _reads_hello_there(body)
 
-    chunks = run(stream())
-    assert [c["choices"][0]["delta"].get("content") for c in chunks] == ["Hello", " there", None]
-    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+def _data_lines(chunk: bytes, *, indent: int | None) -> bytes:
+    """``chunk`` as the ``data:`` lines of one SSE event, without the blank line that ends it:
+    one line, or (``indent``) a line for each line of its JSON written indented, as a server
+    that indents its JSON sends it (the SSE spec joins an event's data lines with LF)."""
+    text = json.dumps(json.loads(chunk), indent=indent)
+    return b"".join(b"data: " + line.encode() + b"\n" for line in text.splitlines())
+
+
+@pytest.mark.parametrize(
+    ("indent", "end"),
+    [(2, b"\n"), (None, b"\n"), (None, b"")],
+    ids=["indented", "one line", "one line, no blank line"],
+)
+def test_an_event_over_several_data_lines_is_one_chunk(indent: int | None, end: bytes) -> None:
+    """SSE joins the ``data:`` lines of one event, up to the blank line that ends it: a server
+    that writes its JSON indented sends an event over several. Each line was read as a chunk
+    of its own, and the stream failed as one that is not JSON (502 ``upstream_bad_response``).
+    An event in one line is read as it comes, as is one that no blank line ends (each line
+    an event, as some servers send them)."""
+    chunks = [_sse_chunk("Hello"), _sse_chunk(" there"), _sse_chunk("", "stop")]
+    body = [_data_lines(chunk, indent=indent) + end for chunk in chunks]
+    body.append(b"data: [DONE]\n" + end)
+
+    _reads_hello_there(body)
+
+
+def test_an_event_over_several_data_lines_is_bounded_as_one_line_is() -> None:
+    """An event's data lines are held until the blank line that ends it: together they are
+    bounded by ``max_event_bytes``, as one line is, so that a server cannot make Tiergate hold
+    an endless event a line at a time."""
+    lines = [b'data: {"choices": [\n', *[b'data: "' + b"x" * 100 + b'",\n'] * 100]
+    body = [b"".join(lines) + b"data: null]}\n\n"]
+
+    async def stream() -> None:
+        http = OpenAIHTTP(timeout_s=10, max_event_bytes=4096)
+        try:
+            async with _sse_server(body) as base_url:
+                chunks = http.stream(base_url, BODY, Usage(), api_key=KEY, label="gpt-4o")
+                _ = [c async for c in chunks]
+        finally:
+            await http.aclose()
+
+    with pytest.raises(UpstreamBadResponseError, match="sent a stream event over 4096 bytes"):
+        run(stream())
 
 
 @pytest.mark.parametrize(

@@ -616,28 +616,51 @@ class OpenAIHTTP:
         label: str,
         timeout_s: float | None = None,
     ) -> AsyncGenerator[bytes, None]:
-        """POST ``body`` to ``url`` and yield the payload of each SSE ``data:`` line.
+        """POST ``body`` to ``url`` and yield the data of each SSE event.
 
+        An event's ``data:`` lines are joined with LF up to the blank line that ends it, as SSE
+        joins them (a server that indents its JSON sends one over several). An event's first
+        line that is whole (it ends in ``}``, or is ``[DONE]``) goes at once, as it is: the
+        event as OpenAI, Anthropic and the OpenAI-compatible servers send it, and each line of
+        a server that ends no event with a blank line, an event of its own.
         Event names are not read: OpenAI's and Anthropic's events carry their type in the data.
         An ``error:`` line, which llama.cpp's server sent for a failure once its stream was open
         until it sent ``data: {"error": ...}`` instead (ggml-org/llama.cpp#16109, 2025), fails
         the call as that error says (:func:`stream_failure`), not as a stream cut short.
         Leaving early closes the upstream connection: OpenAI and Anthropic stop generating
         then; not every provider does (SECURITY.md, *A client that leaves still pays*).
-        A line over ``max_event_bytes`` (the setting of that name) is
+        A line or an event over ``max_event_bytes`` (the setting of that name) is
         :class:`UpstreamBadResponseError`: a bounded read, not a 500.
         """
         try:
             async with self._post(url, body, headers, timeout_s) as response:
                 if response.status >= 400:
                     raise await _error(response, label, api_key, body)
-                async for raw in _lines(response.content, self._max_event_bytes, label):
+                limit = self._max_event_bytes
+                event: bytearray | None = None  # the data lines so far of an event not yet whole
+                async for raw in _lines(response.content, limit, label):
                     line = raw.strip()
                     if line.startswith(b"data:"):
-                        yield line[5:].strip()
+                        data = line[5:].strip()
+                        if event is not None:
+                            event += b"\n" + data
+                            if len(event) > limit:
+                                raise UpstreamBadResponseError(
+                                    f"{label} sent a stream event over {limit} bytes"
+                                )
+                        elif data.endswith(b"}") or data == b"[DONE]":
+                            yield data
+                        else:
+                            event = bytearray(data)
+                    elif not line:
+                        if event is not None:
+                            yield bytes(event)
+                            event = None
                     elif line.startswith(b"error:"):
                         error = _error_field(line[6:])
                         raise stream_failure(label, error, api_key=api_key, sent=body)
+                if event is not None:
+                    yield bytes(event)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise map_transport_error(exc, label) from exc
 
