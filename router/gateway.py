@@ -1253,6 +1253,8 @@ class Gateway:
         try:
             sent = _with_logprobs(self.fitted(model, body, ctx.optional, ctx.native_only))
         except BadRequestError as exc:  # a field only the front's own provider serves
+            # The fit check reads each such field first, so none reaches here now; kept for a
+            # translation that makes one the check did not read.
             self._cascade_note(ctx, _failed(ctx), Usage(), None)
             self._cascade_failed(ctx, model, exc)
             return None

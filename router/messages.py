@@ -42,7 +42,8 @@ OPTIONAL = frozenset(
 #: Anthropic's server-side features, which the translation passes on as they are: only an
 #: Anthropic model serves a request with them; dropping them would change what the client
 #: asked for, and another model would refuse them. So do Anthropic's own tools: its web search
-#: (``web_search_options`` once translated) and the tools of its own types, such as
+#: (``web_search_options`` once translated; the schema refuses the field sent as it is, which
+#: is OpenAI's, not Anthropic's) and the tools of its own types, such as
 #: ``bash_20250124`` (``tools.provider``, router.gateway.PROVIDER_TOOLS). The policy's fit
 #: check routes such a request (``Signals.anthropic_tools``); these are the gateway's last
 #: guard (``Call.native_only``, ``Gateway.fitted``).

@@ -11,7 +11,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Strict,
+    Tag,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import SkipJsonSchema
 
 # The body is passed on as the client sent it, so a value must already have the type the
 # backends take: "100" or 100.0 for max_tokens would pass a lax check, skip the cap and reach
@@ -362,6 +372,19 @@ class MessagesRequest(BaseModel):
     tool_choice: AnthropicToolChoice | None = None
     metadata: dict[str, Any] | None = None
     thinking: dict[str, Any] | None = None
+    #: OpenAI's chat field, refused (:meth:`_not_anthropics`); not in the published schema.
+    web_search_options: SkipJsonSchema[Any] = None
+
+    @field_validator("web_search_options")
+    @classmethod
+    def _not_anthropics(cls, value: Any) -> Any:
+        # Anthropic refuses a field it does not know ("Extra inputs are not permitted"), and
+        # no routing check reads this one: a Claude was sent it, another model refused it.
+        raise ValueError(
+            "not part of Anthropic's Messages API (it is OpenAI's chat field): ask for a web "
+            'search with Anthropic\'s web search tool, {"type": "web_search_20250305", '
+            '"name": "web_search"}'
+        )
 
 
 class CountTokensRequest(BaseModel):

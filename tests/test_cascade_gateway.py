@@ -575,41 +575,6 @@ def test_a_cascade_request_the_local_model_cannot_take_leaves_the_probe_to_the_n
     assert tried == 2  # the request after it probed the server
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_a_cascade_request_only_the_last_guard_refuses_leaves_the_probe_to_the_next(
-    tmp_path: Path, fake: FakeProvider, stream: bool
-) -> None:
-    """The policy's fit check reads the Messages request as sent (``mcp_servers``, Anthropic's
-    own tools); ``Gateway.fitted`` reads its chat translation, and refuses
-    ``web_search_options`` for any model but an ``anthropic/`` one. OpenAI's top-level
-    ``web_search_options``, sent on /v1/messages, passes the fit check and is copied into the
-    chat request: such a cascade reaches its local call, which fitted refuses. It escalates
-    (``local_failed``) without taking the probe, and the next request probes; a stream took
-    the probe and never let it go (until the call's timeout), and answered that 400."""
-    with _probe_due(tmp_path, fake, stream) as (srv, accepted):
-        body = {
-            "model": "auto-cascade",
-            "max_tokens": 20,
-            "messages": [{"role": "user", "content": "What is new in Python?"}],
-            "web_search_options": {},
-            "stream": stream,
-        }
-        served = httpx.post(srv.url + "/v1/messages", json=body, timeout=30)
-        assert served.status_code == 200, served.text
-        probing = srv.gateway.cooldowns.probing("local")
-        record = _record(srv, served.headers["x-request-id"])
-        response = _ask(srv, stream=stream)
-        tried = len(accepted)
-    assert not probing
-    assert served.headers["x-tiergate-model"] == "claude"
-    assert (record["cascade"]["decision"], record["cascade"]["reason"]) == (
-        "escalated",
-        "local_failed",
-    )
-    assert response.status_code == 200 and response.headers["x-tiergate-tier"] == "closed"
-    assert tried == 2  # the request after it probed the server
-
-
 def test_a_cascade_with_no_closed_model_to_escalate_to_says_it_was_skipped(
     tmp_path: Path, fake: FakeProvider, scripted: ScriptedLocal, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -433,6 +433,27 @@ def test_a_document_of_anthropics_files_api_is_refused(
     assert fake.received == []
 
 
+@pytest.mark.parametrize("model", ["auto", "claude"])
+def test_openais_web_search_options_is_refused_on_the_messages_front(
+    claude_client: anthropic.Anthropic, fake: FakeProvider, model: str
+) -> None:
+    # OpenAI's top-level web_search_options is no part of Anthropic's Messages API, which
+    # refuses it ("Extra inputs are not permitted"). No routing check read it: a Claude was
+    # sent it as it came, and on auto a model the gateway's last guard refused was chosen.
+    # It is the schema's 400, naming the field; a web search is Anthropic's web_search tool.
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        claude_client.messages.create(
+            model=model,
+            max_tokens=20,
+            messages=[{"role": "user", "content": "What is new in Python?"}],
+            extra_body={"web_search_options": {}},
+        )
+    assert refused.value.body["error"]["message"].startswith(  # type: ignore[index]
+        "web_search_options: Value error, not part of Anthropic's Messages API"
+    )
+    assert fake.received == []
+
+
 def test_documents_a_tool_returned_reach_a_chat_model(
     claude_client: anthropic.Anthropic, fake: FakeProvider
 ) -> None:
