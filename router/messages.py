@@ -76,10 +76,11 @@ def to_chat(body: Mapping[str, Any], request_id: str) -> tuple[dict[str, Any], T
 
     ``metadata`` is kept whole, as on the chat front, so the policy can read it; it is not
     sent to a provider. ``tool_choice.disable_parallel_tool_use`` becomes
-    ``parallel_tool_calls: false`` (only with tools: OpenAI refuses it without). A server
-    field sent as null (``container: null``, as clients that serialise unset fields send it)
-    asks for nothing and is left out: litellm's adapter copies it through, and a model of
-    another provider refuses a field it does not know.
+    ``parallel_tool_calls: false`` (only with tools: OpenAI refuses it without). A field
+    sent as null (``top_k: null``, ``container: null``, as clients that serialise unset
+    fields send them) asks for nothing and is left out: litellm's adapter copies some through
+    (``top_k``, ``temperature``, ``top_p``, a server field, any field it does not know), and
+    a model may refuse a null, or a field it does not know.
 
     A ``thread`` is refused: its later turns carry only their new messages (and no tools),
     which any model, and the policy, would read as the whole conversation.
@@ -97,9 +98,7 @@ def to_chat(body: Mapping[str, Any], request_id: str) -> tuple[dict[str, Any], T
         )
     except Exception as exc:  # the library's errors on a request it cannot read: a 400
         raise BadRequestError(f"cannot translate the request: {exc}") from exc
-    out: dict[str, Any] = {
-        k: v for k, v in chat.items() if v is not None or k not in ANTHROPIC_SERVER_FIELDS
-    }
+    out: dict[str, Any] = {k: v for k, v in chat.items() if v is not None}
     failed = _failed_tool_uses(body)
     out["messages"] = _images_after_results(
         [_marked_failed(_without_nulls(m), failed) for m in out["messages"]]

@@ -1254,6 +1254,31 @@ def test_a_model_litellm_does_not_know_keeps_top_k(tmp_path: Path, fake: FakePro
     assert fake.received[-1].body["top_k"] == 5
 
 
+#: Anthropic's optional Messages fields, as clients that serialise an unset field send them.
+NULL_FIELDS = ("top_k", "temperature", "top_p", "stop_sequences", "metadata", "tool_choice")
+NULL_FIELDS += ("thinking", "system")
+
+
+def test_an_optional_field_sent_as_null_asks_for_nothing(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    # litellm's adapter copied top_k, temperature and top_p sent as null into the chat request,
+    # and a model litellm's map does not know (vLLM) was sent "top_k": null, which it may
+    # refuse as a value of the wrong type. A null asks for nothing: it is left out.
+    fake.reset()
+    vllm = (
+        "  vllm:\n    tier: closed\n    litellm_model: openai/my-org/llama-3-70b\n"
+        f"    api_base: {fake.base_url}\n    api_key_env: OPENAI_API_KEY\n"
+    )
+    policy = policy_yaml(fake).replace("models:\n", "models:\n" + vllm, 1)
+    request = {"model": "vllm", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+    with live(tmp_path, policy, local_backend_obj=ScriptedLocal()) as srv:
+        answer = srv.http.post("/v1/messages", json={**request, **dict.fromkeys(NULL_FIELDS)})
+    assert answer.status_code == 200, answer.text
+    sent = fake.received[-1].body
+    assert [k for k, v in sent.items() if v is None] == []
+
+
 def test_messages_errors_take_anthropics_shape(
     claude_client: anthropic.Anthropic, server: LiveServer
 ) -> None:
