@@ -1034,8 +1034,10 @@ class Gateway:
             refused = sorted(kept)  # param: the client's field, as the policy's refusal names it
             names_kept = ", ".join(refused).replace(PROVIDER_TOOLS, _provider_tools(body))
             raise BadRequestError(
-                f"{model.name} cannot serve {names_kept}: only an Anthropic model does",
-                param="tools" if refused[0] == PROVIDER_TOOLS else refused[0],
+                f"{model.name} cannot serve "
+                f"{names_kept.replace(WEB_SEARCH, 'the web_search tool')}: "
+                "only an Anthropic model does",
+                param="tools" if refused[0] in (PROVIDER_TOOLS, WEB_SEARCH) else refused[0],
             )
         names = optional.intersection(_field_names(body)) if optional else None
         if not names:
@@ -1944,6 +1946,9 @@ def _wider(
 #: ``bash_20250124``, ``text_editor_20250124``...): a chat tool is a ``function`` (or OpenAI's
 #: ``custom``), and no other provider takes another's built-in tools.
 PROVIDER_TOOLS = "tools.provider"
+#: The chat field litellm's translation makes of Anthropic's web search tool (``tools``); the
+#: Messages schema refuses it sent as it is, so a refusal names the tool the client sent.
+WEB_SEARCH = "web_search_options"
 
 
 def _tool_types(body: Mapping[str, Any]) -> set[str]:

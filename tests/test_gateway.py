@@ -1701,11 +1701,34 @@ def test_the_last_guard_keeps_anthropics_own_tools_from_any_other_model() -> Non
         with pytest.raises(BadRequestError) as refused:
             Gateway.fitted(models[name], chat, messages.OPTIONAL, messages.NATIVE_ONLY)
         assert refused.value.message == (
-            f"{name} cannot serve bash_20250124, web_search_options: only an Anthropic model does"
+            f"{name} cannot serve bash_20250124, the web_search tool: only an Anthropic model does"
         )
         assert refused.value.param == "tools"  # the client's field, as the policy names it
     sent = Gateway.fitted(models["claude"], chat, messages.OPTIONAL, messages.NATIVE_ONLY)
     assert sent["web_search_options"] == {} and sent["tools"] == [tools[1]]
+
+
+def test_the_last_guard_names_a_web_search_as_the_client_sent_it() -> None:
+    """The client sent a web search tool; the guard named the chat field litellm's translation
+    made of it (``local cannot serve web_search_options``, ``param: web_search_options``),
+    which the client never sent (the Messages schema refuses it)."""
+    search = {"type": "web_search_20250305", "name": "web_search"}
+    chat, _ = messages.to_chat(
+        {
+            "model": "auto",
+            "max_tokens": 9,
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [search],
+        },
+        "req_1",
+    )
+    local = parse_policy("version: 1\nmodels:\n  local: {tier: local}\nlocal_model: local\n")
+    with pytest.raises(BadRequestError) as refused:
+        Gateway.fitted(local.models["local"], chat, messages.OPTIONAL, messages.NATIVE_ONLY)
+    assert (refused.value.message, refused.value.param) == (
+        "local cannot serve the web_search tool: only an Anthropic model does",
+        "tools",
+    )
 
 
 def test_the_last_guard_reads_a_null_server_field_as_absent() -> None:
