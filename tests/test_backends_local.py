@@ -364,6 +364,71 @@ def test_a_prompt_over_the_external_servers_context_moves_closed_as_in_process(
     assert pinned.json()["error"]["code"] == "context_length_exceeded"
 
 
+def _said(message: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": "BadRequestError", "param": None, "code": 400}}
+
+
+#: An external server's 400 for a request over its context, and how Tiergate words it.
+_CONTEXT_WORDS = {
+    # vLLM: the prompt fits, the answer asked does not.
+    "vLLM, max_tokens": (
+        _said(
+            "'max_tokens' or 'max_completion_tokens' is too large: 512. This model's maximum "
+            "context length is 2048 tokens and your request has 1800 input tokens "
+            "(512 > 2048 - 1800)."
+        ),
+        "the prompt fits the local server's context window but leaves 248 tokens, fewer than "
+        "the answer asked: Requested tokens (1800 in the prompt + max_tokens 512) exceed "
+        "context window of 2048",
+        "max_tokens",
+    ),
+    # OpenAI's words (vLLM before, llama_cpp.server): the prompt fits, with the answer not.
+    "OpenAI's words, the answer over": (
+        _said(
+            "This model's maximum context length is 4096 tokens. However, you requested 4296 "
+            "tokens (4000 in the messages, 296 in the completion)."
+        ),
+        "the prompt fits the local server's context window but leaves 96 tokens, fewer than "
+        "the answer asked: Requested tokens (4000 in the prompt + max_tokens 296) exceed "
+        "context window of 4096",
+        "max_tokens",
+    ),
+    # ... and the prompt over alone.
+    "OpenAI's words, the prompt over": (
+        _CONTEXT_ERRORS["llama_cpp.server"],
+        "the prompt is longer than the local server's context window: Requested tokens (4200 "
+        "in the prompt + max_tokens 10) exceed context window of 4096",
+        "messages",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("refused", "says", "param"), list(_CONTEXT_WORDS.values()), ids=list(_CONTEXT_WORDS)
+)
+def test_a_context_error_from_the_external_server_says_what_is_over(
+    tmp_path: Path, fake: FakeProvider, refused: dict[str, Any], says: str, param: str
+) -> None:
+    """The 400 a request pinned to the external server gets says what the server said: a
+    prompt that fits, with an answer asked that does not (vLLM's ``'max_tokens' ... is too
+    large``), was told its prompt is longer than the server's context window, with the
+    prompt to change (``param: messages``), not the output limit."""
+    body = {"model": "local", "messages": [{"role": "user", "content": "Capital of France?"}]}
+    with FakeProvider() as local:
+        local.reset(Behaviour(mode="status", status=400, error_body=refused))
+        with live(
+            tmp_path, policy_yaml(fake), local_backend="openai_http", local_base_url=local.base_url
+        ) as srv:
+            pinned = srv.http.post("/v1/chat/completions", json=body)
+    assert pinned.status_code == 400, pinned.text
+    error = pinned.json()["error"]
+    assert (error["code"], error["message"], error["param"]) == (
+        "context_length_exceeded",
+        says,
+        param,
+    )
+
+
 @pytest.mark.parametrize(
     "server", ["llama-server", "llama-server, in other words", "llama-server, before its type"]
 )

@@ -19,6 +19,7 @@ import collections
 import contextlib
 import functools
 import logging
+import re
 import threading
 import time
 import uuid
@@ -676,6 +677,24 @@ class LlamaCppBackend:
                 llm.close()
 
 
+#: How an OpenAI-compatible server gives the numbers of a request over its context: vLLM's
+#: words for a prompt that fits with an answer asked that does not, and OpenAI's own words
+#: (vLLM before, llama_cpp.server), which give the prompt and the answer asked.
+_OVER_WINDOW_NUMBERS = (
+    re.compile(
+        r"'max_tokens' or 'max_completion_tokens' is too large: (?P<asked>\d+)\. This model's "
+        r"maximum context length is (?P<window>\d+) tokens and your request has "
+        r"(?P<prompt>\d+) input tokens",
+        re.IGNORECASE,
+    ),
+    re.compile(
+        r"maximum context length is (?P<window>\d+) tokens\. However, you requested \d+ "
+        r"tokens \((?P<prompt>\d+) in the messages, (?P<asked>\d+) in the completion\)",
+        re.IGNORECASE,
+    ),
+)
+
+
 def _external_error(exc: UpstreamBadRequestError) -> BadRequestError | None:
     """An external server's 400 for a prompt over its context, as the in-process backend
     reports one (:func:`_generation_error`): a request that did not pin the local model falls
@@ -684,9 +703,15 @@ def _external_error(exc: UpstreamBadRequestError) -> BadRequestError | None:
     ``context_length_exceeded``), llama-server's type ``exceed_context_size_error``, or the
     words its message begins with (llama-server's before it had that type), answered with a
     status or as a stream's error event. Any other 400 stands as the server's, one that only
-    quotes those words from the request included."""
+    quotes those words from the request included. Where the server gives the prompt's and
+    the answer's tokens (:data:`_OVER_WINDOW_NUMBERS`), the error says which is over, as
+    the in-process one does: a prompt that fits is not called longer than the window."""
     if exc.code != "context_length_exceeded":
         return None
+    for words in _OVER_WINDOW_NUMBERS:
+        if said := words.search(exc.message):
+            prompt, asked, window = (int(said[k]) for k in ("prompt", "asked", "window"))
+            return OverWindowError("the local server", prompt, asked, window)
     return BadRequestError(
         f"the prompt is longer than the local server's context window: {exc.message}",
         code="context_length_exceeded",
