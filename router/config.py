@@ -243,7 +243,8 @@ class Settings(BaseSettings):
         4096,
         ge=1,
         description="Completion tokens reserved against token limits and budgets for a request "
-        "that sets no max_tokens (both hold more for a closed model that can write more).",
+        "that sets no max_tokens (more for a closed model that can write more: the one each call "
+        "goes to, for token limits; the dearest it may reach, for budgets).",
     )
 
     local_price_per_mtok: float = Field(

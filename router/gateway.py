@@ -191,6 +191,7 @@ class RequestContext:
     probe: float = 0.0  # the cooldown probe its model's call holds (Cooldowns.calling), or 0
     since: int = 0  # its model's call's stamp (Cooldowns.changes as it began)
     left: bool = False  # its client left a closed call, which ends; no other model is called
+    hold: TokenHold | None = None  # its tokens reserved (Gateway._admit), topped up per call
 
     def tokens_used(self) -> int:
         """The tokens this request used (the rate limiter's charge): its answer's, and those of
@@ -617,9 +618,10 @@ class Gateway:
             param = ctx.decision.unsatisfiable_param  # named as the client's front names it
             raise BadRequestError(ctx.decision.unsatisfiable, code=code, param=param)
         tokens = 0
-        if self.limiter.limits_for(call.principal)[1] is not None:  # a walk of its reach
+        if self.limiter.limits_for(call.principal)[1] is not None:  # else nothing is reserved
             tokens = sum(self.reserved_tokens(ctx, self.reserve_tokens))
-        return await self.limiter.reserve(call.principal, tokens)
+        ctx.hold = await self.limiter.reserve(call.principal, tokens)
+        return ctx.hold
 
     def _check_pin(self, call: Call) -> None:
         spec = self.policy.models.get(str(call.body.get("model")))
@@ -887,16 +889,23 @@ class Gateway:
         return prompt - predicted, (completion + predicted) * ctx.choices
 
     def reserved_tokens(self, ctx: RequestContext, default_completion: int) -> tuple[int, int]:
-        """(prompt, completion) tokens to reserve for ``ctx`` before it is served: for each of
-        its calls (:meth:`_calls`), the most a model it may reach may use (:meth:`call_tokens`:
-        without ``max_tokens`` a closed model writes up to its own limit, which reserving
-        ``default_completion`` let concurrent requests spend several times past the limit)."""
-        prompt = completion = 0
-        for models in self._calls(ctx):
-            tokens = (self.call_tokens(ctx, default_completion, model) for model in models)
-            most = max(tokens, key=sum, default=(0, 0))
-            prompt, completion = prompt + most[0], completion + most[1]
-        return prompt, completion
+        """(prompt, completion) tokens to reserve for ``ctx`` as it is admitted: what its first
+        call may use, on the decided model (for a cascade, its local answer). A call to another
+        model tops the reservation up (:meth:`_top_up`): reserving what the most any model it
+        may reach can write (128,000 for gpt-5) let one local request fill a tenant's minute."""
+        assert ctx.decision is not None
+        return self.call_tokens(ctx, default_completion, self.policy.models[ctx.decision.model])
+
+    def _top_up(self, ctx: RequestContext, model: ModelSpec) -> None:
+        """``model`` is called for ``ctx``: grow its token reservation to what the call may use,
+        plus a discarded cascade answer's tokens (charged too), with no limit check."""
+        hold = ctx.hold
+        if hold is None or hold.limiter is None:  # no token limit
+            return
+        need = sum(self.call_tokens(ctx, self.reserve_tokens, model))
+        if ctx.cascade_usage is not None:
+            need += ctx.cascade_usage.prompt_tokens + ctx.cascade_usage.completion_tokens
+        hold.top_up(need - hold.tokens)
 
     def _reserved_usd(self, ctx: RequestContext, default_completion: int) -> float:
         """For each of the request's calls (:meth:`_calls`), the dearest model it may reach.
@@ -1440,12 +1449,14 @@ class Gateway:
         model: ModelSpec,
         fallback: str | None,
     ) -> _T:
-        """Call ``model``: the probe after its cooldown lapsed, if this call is (:meth:`_calling`);
+        """Call ``model``, its token reservation topped up to what it may use (:meth:`_top_up`):
+        the probe after its cooldown lapsed, if this call is (:meth:`_calling`);
         one that ends saying nothing of the model (not a failure that counts: the request's
         fault, a full queue, a client that left) lets the next call probe. None once the client
         left a closed call (``ctx.left``): :class:`ClientDisconnected`."""
         if ctx.left:  # a closed call its client left has failed: nobody to answer now
             raise ClientDisconnected("the client closed the connection")
+        self._top_up(ctx, model)
         # ``served`` is set while the model works, so a request cancelled meanwhile (its client
         # left) is recorded, and charged, against the model that was working on it.
         ctx.served = Served(model, fallback)

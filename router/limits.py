@@ -17,7 +17,8 @@ checks the tenant's window and adds an estimate (the prompt plus ``max_tokens``,
 deployment's default reservation) in one atomic step, and :meth:`TokenHold.settle` swaps the
 estimate for what was used (prompt + completion; for a client that left, what had been generated
 by then). A request is admitted while the window, reservations included, is under the limit, so
-concurrent requests overshoot it by at most one request's reservation.
+concurrent requests overshoot it by at most one request's reservation, plus the top-ups
+(:meth:`TokenHold.top_up`) of those that went on to a model that may use more.
 """
 
 from __future__ import annotations
@@ -151,6 +152,14 @@ class TokenHold:
             return
         self.settled = True
         self.limiter.adjust(self, max(0, used) - self.tokens)
+
+    def top_up(self, tokens: int) -> None:
+        """Add ``tokens`` to the reservation, with no limit check: a request that goes on to a
+        model that may use more (a fallback, an escalation) is not refused mid-flight."""
+        if self.settled or self.limiter is None or tokens <= 0:
+            return
+        self.tokens += tokens
+        self.limiter.adjust(self, tokens)
 
 
 @dataclass(slots=True)

@@ -738,21 +738,37 @@ def test_the_spend_reserved_up_front_covers_the_local_answer_and_the_closed_call
         assert store.spend_today("default") == pytest.approx(record["cost_usd"])
 
 
-def test_the_tokens_reserved_up_front_cover_both_calls(
+def test_the_tokens_reserved_up_front_cover_the_local_answer_and_an_escalation_tops_up(
     tmp_path: Path, fake: FakeProvider, scripted: ScriptedLocal
 ) -> None:
-    # One call (~105 tokens) fits under 200 a minute; a cascade's two (~210) fill it, so a
-    # second request while the first is in flight is refused before any model is called.
-    with _cascading(tmp_path, fake, scripted, tpm_limit=200) as server:
-        asking, answers = _held_local(server, scripted)
+    # A cascade reserved both its calls up front: its local answer and the most a closed model
+    # it may escalate to can write. It reserves the local answer; an escalation adds, before
+    # the closed call, what that call may use (gpt-4o: 16,384 without max_tokens) beside the
+    # discarded answer's tokens, and the end settles to what both used.
+    with _cascading(tmp_path, fake, scripted, tpm_limit=1_000_000) as server:
+        body = {"model": "auto-cascade", "messages": [{"role": "user", "content": "What is 2+2?"}]}
+        prompt = httpx.post(server.url + "/v1/route", json=body).json()["signals"]["prompt_tokens"]
+        window = lambda: server.gateway.limiter._tokens["default"].current  # noqa: E731
+        fake.reset(Behaviour(mode="stall", stall_s=10))
+        scripted.logprob, scripted.mode = DOUBTFUL, "hold"
+        answers: list[Any] = []
+        asking = threading.Thread(target=lambda: answers.append(_ask(server)))
+        asking.start()
         try:
-            second = _ask(server, max_tokens=100)
+            assert wait_for(lambda: scripted.calls == 1)
+            during_local = window()
+            scripted.release.set()
+            assert wait_for(lambda: len(fake.received) == 1)
+            during_closed = window()
         finally:
             scripted.release.set()
+            fake.unstall()
             asking.join(30)
-        assert second.status_code == 429
-        assert second.json()["error"]["code"] == "tpm_limit_exceeded"
-        assert answers[0].status_code == 200 and scripted.calls == 1
+        assert during_local == prompt + 4096, during_local
+        assert during_closed == (5 + 12) + prompt + 16384, during_closed
+        record = _record(server, answers[0].headers["x-request-id"])
+        assert record["cascade"]["decision"] == "escalated"
+        assert window() == 5 + 12 + record["prompt_tokens"] + record["completion_tokens"]
 
 
 def test_when_every_closed_model_fails_the_discarded_local_answer_is_served(

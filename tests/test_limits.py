@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import re
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -552,6 +553,113 @@ def test_answers_without_max_tokens_stay_within_the_token_limit(
         assert {r["model"] for r in rows} == {"gpt-4o"}
         reservation = int(rows[0]["signals"]["prompt_tokens"]) + 16384
         assert _used(rows) <= 20_000 + reservation, (_used(rows), reservation)
+
+
+def _reaching_gpt5(fake: FakeProvider) -> str:
+    """The test policy, with gpt-5 (128,000 output tokens in litellm's map) as the first closed
+    model: a local request that fails, or a full local queue, goes on to it."""
+    gpt5 = "  gpt-5:\n    tier: closed\n    litellm_model: openai/gpt-5\n    api_base: "
+    gpt5 += fake.base_url
+    return (
+        policy_yaml(fake, on_failure="closed")
+        .replace("local_model: local\n", f"{gpt5}\nlocal_model: local\n")
+        .replace("closed_models: [gpt-4o, claude]", "closed_models: [gpt-5, gpt-4o, claude]")
+    )
+
+
+def _holding(queue_size: int = 0) -> ScriptedLocal:
+    """A local tier whose calls wait for ``release``."""
+    local = ScriptedLocal(queue_size=queue_size)
+    local.mode = "hold"
+    return local
+
+
+def _held_tokens(srv: LiveServer, tenant: str) -> int:
+    """The tokens the limiter counts for ``tenant``, reservations included: in Redis, where it
+    keeps them, else in process (no public reading: only the limiter needs it)."""
+    limiter = srv.gateway.limiter
+    if limiter._redis_url is None:
+        return limiter._tokens[tenant].current
+    client = redis.Redis.from_url(limiter._redis_url)
+    try:
+        keys = client.keys(f"tiergate:rl:{limits.tenant_hash(tenant)}:tok:*")
+        return sum(int(client.get(key) or 0) for key in keys)
+    finally:
+        client.close()
+
+
+def test_a_local_request_reserves_its_local_call_not_its_closed_fallback(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    # A local request without max_tokens reserved what any model it may reach can write: its
+    # fallback gpt-5's 128,000 tokens, so one filled a 20,000-token minute and the tenant's
+    # other requests were refused (429) until it ended. It reserves its local call's tokens.
+    fake.reset()
+    local = _holding(queue_size=10)
+    releasing = threading.Thread(
+        target=lambda: (wait_for(lambda: local.calls == 4, timeout_s=5), local.release.set())
+    )
+    with live(tmp_path, _reaching_gpt5(fake), local_backend_obj=local, tpm_limit=20_000) as srv:
+        releasing.start()
+        got = asyncio.run(_burst(srv.url, CHAT, 4))
+        releasing.join()
+        assert [r.status_code for r in got] == [200] * 4, [r.text for r in got]
+        assert {r.headers["x-tiergate-tier"] for r in got} == {"local"}
+        assert fake.received == []
+
+
+@pytest.mark.parametrize("store", ["in-process", "redis"])
+def test_a_fallback_to_a_closed_model_tops_the_reservation_up(
+    tmp_path: Path, fake: FakeProvider, store: str
+) -> None:
+    """The local call reserves its own tokens; the fallback to gpt-5 adds what gpt-5 may write
+    before it is called, and the end settles to what was used. The window is past the limit
+    (4,000) by then: a request under way is not refused."""
+    from tests.fake_provider import Behaviour
+
+    if store == "redis" and redis_binary() is None:
+        pytest.skip("no redis-server binary")
+    fake.reset(Behaviour(mode="stall", stall_s=10))
+    local = _holding()
+    answers: list[httpx.Response] = []
+    with contextlib.ExitStack() as stack:
+        redis_url = None
+        if store == "redis":
+            redis_url = stack.enter_context(RedisServer(tmp_path)).url
+        srv = stack.enter_context(
+            live(
+                tmp_path,
+                _reaching_gpt5(fake),
+                local_backend_obj=local,
+                tpm_limit=4_000,
+                redis_url=redis_url,
+                api_keys_file=_one_key(tmp_path),
+            )
+        )
+        routed = srv.http.post("/v1/route", json=CHAT, headers={"authorization": "Bearer tg-k"})
+        prompt = routed.json()["signals"]["prompt_tokens"]
+        asking = threading.Thread(target=lambda: answers.append(_post(srv, key="tg-k")))
+        asking.start()
+        try:
+            assert wait_for(lambda: local.calls == 1)
+            during_local = _held_tokens(srv, "t")
+            local.mode = "fail"
+            local.release.set()
+            assert wait_for(lambda: len(fake.received) == 1)
+            topped_up = wait_for(lambda: _held_tokens(srv, "t") == prompt + 128_000, timeout_s=2)
+            during_closed = _held_tokens(srv, "t")
+        finally:
+            local.release.set()
+            fake.unstall()
+            asking.join(30)
+        assert during_local == prompt + 4096, during_local
+        assert topped_up, (during_closed, prompt + 128_000)
+        assert answers[0].status_code == 200
+        assert answers[0].headers["x-tiergate-model"] == "gpt-5"
+        outcomes = srv.gateway.outcomes
+        assert wait_for(lambda: outcomes.count() == 1) and outcomes.flush()
+        used = _used(outcomes.recent(1))
+        assert wait_for(lambda: _held_tokens(srv, "t") == used), (_held_tokens(srv, "t"), used)
 
 
 def _budget_policy(fake: FakeProvider, budget: float, tenant: str = "default") -> str:
