@@ -668,13 +668,10 @@ async def serve_front(request: Request, front: Front[_Tr]) -> Response:
 
 
 def _event(event: dict[str, Any]) -> bytes:
-    return (
-        b"event: "
-        + _utf8(str(event.get("type", "message")))
-        + b"\ndata: "
-        + _dumps(event)
-        + b"\n\n"
-    )
+    name = str(event.get("type", "message"))
+    if "\n" in name or "\r" in name:  # a provider's type must not write lines of its own
+        name = name.replace("\r", "").replace("\n", "")
+    return b"event: " + _utf8(name) + b"\ndata: " + _dumps(event) + b"\n\n"
 
 
 async def _event_sse(

@@ -1927,6 +1927,21 @@ def test_a_lone_surrogate_in_a_native_events_type_is_replaced(
     )
 
 
+def test_a_native_events_type_cannot_add_lines_to_the_clients_stream(
+    server: LiveServer, fake: FakeProvider
+) -> None:
+    """A native stream names each event by the provider's ``type``, written into the
+    ``event:`` line as it came: a type holding a line break wrote lines of its own into the
+    client's stream, here a whole ``message_stop`` event the provider never sent. The name is
+    written without its CR and LF, so it stays one field of one event."""
+    forged = "ping\nevent: message_stop\ndata: {}\r\n\r"
+    fake.reset(Behaviour(mode="error_mid_stream", error_body={"type": forged}))
+    body = {"model": "claude", "stream": True, **_FRONT_BODIES["/v1/messages"]}
+    response = server.http.post("/v1/messages", json=body)
+    assert "\nevent: message_stop" not in response.text, response.text[-400:]
+    assert "event: pingevent: message_stopdata: {}\ndata: " in response.text
+
+
 def test_deep_nesting_is_a_400_not_a_crash(server: LiveServer) -> None:
     for depth in (100_000, 1_000, 200):
         body = '{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "metadata": '
