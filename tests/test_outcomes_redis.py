@@ -558,6 +558,89 @@ def test_a_request_longer_than_the_hold_ttl_keeps_its_budget_hold(
         b.close(timeout_s=0.5)
 
 
+@contextlib.contextmanager
+def _clock_off_by(monkeypatch: pytest.MonkeyPatch, seconds: float) -> Any:
+    """This host's wall clock ``seconds`` ahead (behind, if negative) while inside: a replica
+    whose clock is off, as one without NTP drifts."""
+    real = time.time
+    with monkeypatch.context() as clock:
+        clock.setattr(time, "time", lambda: real() + seconds)
+        yield
+
+
+@pytest.mark.parametrize("skew", [600.0, -600.0])
+def test_a_replica_whose_clock_is_off_neither_frees_nor_loses_budget_holds(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, skew: float
+) -> None:
+    """A hold's expiry was this replica's clock plus the TTL, and each reserve dropped the
+    holds whose expiry had passed by its own clock: with holds lasting 5 minutes, a replica 10
+    minutes fast freed the others' holds at once, and the holds of one 10 minutes slow (taken
+    or renewed) had lapsed for every other replica when they were made. Expiries are Redis's
+    clock now, so both holds count on both replicas, whatever their clocks say."""
+    honest = RedisOutcomeStore(redis_server.url, journal=tmp_path / "a.jsonl", hold_ttl_s=300)
+    off = RedisOutcomeStore(redis_server.url, journal=tmp_path / "b.jsonl", hold_ttl_s=300)
+    honest.connect()
+    off.connect()
+    try:
+        assert honest.reserve_spend("acme", "req_honest", 0.5, 1.0)
+        with _clock_off_by(monkeypatch, skew):
+            assert off.reserve_spend("acme", "req_off", 0.5, 1.0)
+            off._holds_renewed -= 300  # its refresh renews its holds now
+            off._refresh()
+            assert not off.reserve_spend("acme", "req_off_2", 0.25, 1.0)
+        assert not honest.reserve_spend("acme", "req_honest_2", 0.25, 1.0)
+        holds = redis_server.client().hgetall("tiergate:hold:acme")
+        assert holds == {b"req_honest": b"0.5", b"req_off": b"0.5"}
+    finally:
+        honest.close()
+        off.close()
+
+
+@pytest.mark.parametrize("skew", [60.0, -60.0])
+def test_a_replica_whose_clock_is_off_counts_and_is_counted_among_the_replicas(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, skew: float
+) -> None:
+    """Heartbeats were each replica's clock, and each refresh dropped those older than 15 s by
+    its own: a replica a minute fast counted itself alone, and one a minute slow was dropped by
+    the others, so in an outage each spent a larger share of the budgets and rate limits than
+    its own. Heartbeats are Redis's clock now."""
+    honest = RedisOutcomeStore(redis_server.url, journal=tmp_path / "a.jsonl")
+    off = RedisOutcomeStore(redis_server.url, journal=tmp_path / "b.jsonl")
+    honest.connect()
+    off.connect()
+    try:
+        honest._refresh()
+        with _clock_off_by(monkeypatch, skew):
+            off._refresh()
+        honest._refresh()
+        assert (honest.replicas, off.replicas) == (2, 2)
+    finally:
+        honest.close()
+        off.close()
+
+
+def test_scripts_that_read_redis_s_clock_run_where_it_replicates_scripts_verbatim(
+    tmp_path: Path,
+) -> None:
+    """Redis 6.2 set to replicate scripts whole (``lua-replicate-commands no``) refuses a
+    write after ``TIME`` in a script unless the script asks for effects replication: budget
+    holds (which read Redis's clock) would fall back to each replica's view, and an erasure
+    could not rebuild a stream with a consumer group (whose copy reads it too). Redis 7
+    always replicates effects and takes the same scripts."""
+    with RedisServer(tmp_path / "redis", "--lua-replicate-commands", "no") as server:
+        s = store(server, tmp_path)
+        try:
+            assert s.reserve_spend("acme", "req_a", 1.0, 1.0)
+            assert not s.reserve_spend("acme", "req_b", 0.25, 1.0)
+            assert s.connected and s.replicas == 1
+            alice, _, _ = three_people(s)
+            server.client().xgroup_create("tiergate:outcomes", "exporter", id="0")
+            server.client().xreadgroup("exporter", "e1", {"tiergate:outcomes": ">"})
+            assert s.erase([alice.id]).stream is None
+        finally:
+            s.close()
+
+
 def test_a_closed_replica_stops_counting_towards_the_shares(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
