@@ -672,6 +672,13 @@ def _day(ts: float) -> int:
     return int(ts // 86400)
 
 
+def _hello_version(said: Any) -> str:
+    """The version a ``HELLO`` reply says: a map over RESP3 (redis-py's default since 8), a
+    list of name, value pairs over RESP2."""
+    fields = said if isinstance(said, dict) else dict(zip(said[::2], said[1::2], strict=False))
+    return str(fields.get("version", ""))
+
+
 class RedisOutcomeStore(OutcomeWriter):
     """Outcome records and labels in Redis; see the module docstring for structures and outages.
 
@@ -828,7 +835,8 @@ class RedisOutcomeStore(OutcomeWriter):
 
     def _check_version(self) -> None:
         """Refuse a Redis older than :data:`MIN_REDIS`, whose purge and erasures would fail on
-        every run. An unreachable one is checked once it answers (:meth:`_recheck_version`)."""
+        every run, or one that will not say its version (:meth:`_too_old`). An unreachable one
+        is checked once it answers (:meth:`_recheck_version`)."""
         try:
             too_old = self._too_old()
         except self.transient:
@@ -839,20 +847,11 @@ class RedisOutcomeStore(OutcomeWriter):
 
     def _recheck_version(self) -> None:
         """The check :meth:`_check_version` could not make at start, made by each refresh
-        until Redis says a version it takes. A running replica cannot undo its start: on an
-        older Redis it logs why once and refuses readiness (:attr:`refusal`), as a refusal at
-        start leaves no replica ready, until Redis is upgraded. An outage raises, as in any
-        refresh; a Redis that will not say (an ACL without INFO) is logged and left alone."""
-        from redis import RedisError
-
-        try:
-            too_old = self._too_old()
-        except self.transient:
-            raise
-        except RedisError as exc:
-            self._version_known = True
-            log.warning("could not read the Redis version (INFO server): %s", exc)
-            return
+        until Redis says a version it takes. A running replica cannot undo its start: where
+        the start would have been refused, it logs why once and refuses readiness
+        (:attr:`refusal`), as a refusal at start leaves no replica ready, until Redis (or its
+        ACL) is fixed. An outage raises, as in any refresh."""
+        too_old = self._too_old()
         if too_old is None:
             self._version_known, self.refusal = True, None
         elif self.refusal is None:
@@ -860,8 +859,28 @@ class RedisOutcomeStore(OutcomeWriter):
             log.error("%s; this replica reports itself not ready until then", self.refusal)
 
     def _too_old(self) -> str | None:
-        """Why this Redis is older than :data:`MIN_REDIS`, or None (``INFO server``)."""
-        version = str(self._client.info("server").get("redis_version", ""))
+        """Why this Redis is older than :data:`MIN_REDIS` or will not say its version, or None.
+
+        The version is asked with ``HELLO``, which Redis 6.2 and later answer any user
+        whatever its ACL (``INFO`` is ``@dangerous``, which an ACL often withholds), else with
+        ``INFO server`` (a Redis before 6.2, where ``HELLO`` needs arguments or is missing, or
+        a server that does not know it)."""
+        from redis import ResponseError
+
+        try:
+            said = self._client.execute_command("HELLO")  # no arguments: it changes nothing
+        except ResponseError as hello:
+            try:
+                version = str(self._client.info("server").get("redis_version", ""))
+            except ResponseError as info:
+                return (
+                    f"Redis will not say its version: HELLO: {hello}; INFO server: {info}. "
+                    "Tiergate needs Redis 6.2 or later, which answers HELLO; where Redis does "
+                    "not, Tiergate's Redis user may not run INFO: grant it (ACL SETUSER ... "
+                    "+info) so that Tiergate can check the version"
+                )
+        else:
+            version = _hello_version(said)
         found = tuple(int(n) for n in re.findall(r"\d+", version)[:2])
         if found >= MIN_REDIS:
             return None

@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from router.app import start_outcome_store
+from router.auth import hash_key
 from router.cli import main
 from router.dashboard import store_summary
 from router.errors import ConfigError
@@ -343,16 +344,28 @@ def test_a_second_process_on_the_same_journal_is_refused(
 
 
 def _redis_saying(monkeypatch: pytest.MonkeyPatch, version: str) -> Any:
-    """Have every client's INFO server say Redis ``version`` (no Redis below 6.2 is at hand:
-    the real one plays it); the real ``Redis.info``, to put back."""
-    real = redis.Redis.info
+    """Have every client talk to a Redis ``version`` before 6.2 (none is at hand: the real one
+    plays it): ``HELLO`` without arguments is refused, as such a Redis refuses it, and ``INFO
+    server`` says ``version``. A function that upgrades it (puts the real methods back)."""
+    real_info, real_command = redis.Redis.info, redis.Redis.execute_command
 
     def info(self: redis.Redis, section: str | None = None, *args: Any, **kw: Any) -> Any:
-        found = real(self, section, *args, **kw)
+        found = real_info(self, section, *args, **kw)
         return {**found, "redis_version": version} if section == "server" else found
 
+    def execute_command(self: redis.Redis, *args: Any, **kw: Any) -> Any:
+        if args == ("HELLO",):
+            raise redis.ResponseError("wrong number of arguments for 'hello' command")
+        return real_command(self, *args, **kw)
+
     monkeypatch.setattr(redis.Redis, "info", info)
-    return real
+    monkeypatch.setattr(redis.Redis, "execute_command", execute_command)
+
+    def upgrade() -> None:
+        monkeypatch.setattr(redis.Redis, "info", real_info)
+        monkeypatch.setattr(redis.Redis, "execute_command", real_command)
+
+    return upgrade
 
 
 def test_a_redis_older_than_6_2_is_refused_at_start_and_by_an_erasure(
@@ -369,7 +382,7 @@ def test_a_redis_older_than_6_2_is_refused_at_start_and_by_an_erasure(
     s = store(redis_server, tmp_path)
     alice, _, _ = three_people(s)
     s.close()
-    real = _redis_saying(monkeypatch, "6.0.16")
+    upgrade = _redis_saying(monkeypatch, "6.0.16")
     with pytest.raises(ConfigError, match=r"Redis 6\.0\.16 is older than 6\.2, which Tiergate"):
         store(redis_server, tmp_path)
     monkeypatch.setenv("TIERGATE_REDIS_URL", redis_server.url)
@@ -380,7 +393,7 @@ def test_a_redis_older_than_6_2_is_refused_at_start_and_by_an_erasure(
     said = capsys.readouterr()
     assert "deleted 1 records" in said.out and copies == []
     assert "older than 6.2" in said.err and "outcomes delete --compact" in said.err
-    monkeypatch.setattr(redis.Redis, "info", real)
+    upgrade()
     store(redis_server, tmp_path).close()  # the refused one let the journal go
 
 
@@ -399,16 +412,134 @@ def test_a_redis_too_old_found_once_it_answers_leaves_the_replica_unready(
     outcomes = RedisOutcomeStore(redis_server.url, journal=tmp_path / "journal.jsonl")
     with live(tmp_path, policy_yaml(fake), outcomes=outcomes) as server:
         assert server.http.get("/readyz").status_code == 200  # an outage: not a refusal
-        real = _redis_saying(monkeypatch, "6.0.16")
+        upgrade = _redis_saying(monkeypatch, "6.0.16")
         caplog.set_level("ERROR", logger="tiergate.outcomes")
         redis_server.start()
         assert wait_for(lambda: server.http.get("/readyz").status_code == 503)
         said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
         assert len(said) == 1 and "Redis 6.0.16 is older than 6.2, which Tiergate" in said[0]
         assert "older than 6.2" in outcomes.health()["refusal"]
-        monkeypatch.setattr(redis.Redis, "info", real)  # upgraded
+        upgrade()
         assert wait_for(lambda: server.http.get("/readyz").status_code == 200)
         assert outcomes.health()["refusal"] is None
+
+
+@pytest.mark.parametrize("query", ["", "?protocol=2"])
+def test_a_redis_user_without_info_starts_and_its_redis_is_checked(
+    redis_server: RedisServer, tmp_path: Path, query: str
+) -> None:
+    """``INFO`` is one of Redis's ``@dangerous`` commands, which a common ACL
+    (``+@all -@dangerous``) withholds: the version check at start raised
+    ``NoPermissionError`` and the replica could not start. Redis says its version to ``HELLO``,
+    which it answers any user whatever its ACL (as a map over RESP3, redis-py's default, and as
+    a list over RESP2)."""
+    url = _user_without(redis_server, "@dangerous") + query
+    s = RedisOutcomeStore(url, journal=tmp_path / "journal.jsonl")
+    s.start()
+    try:
+        s.submit(outcome(tenant="acme", cost_usd=0.25))
+        assert s.flush(10)
+        assert (s.health()["refusal"], s.spend_today("acme"), s.write_errors) == (None, 0.25, 0)
+    finally:
+        s.close()
+
+
+def test_a_redis_that_will_not_say_its_version_is_refused_at_start_and_once_it_answers(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """Where Redis answers neither ``HELLO`` (renamed away here, or a Redis before 6.2) nor,
+    to Tiergate's user, ``INFO``, a replica cannot tell whether the retention purge and
+    erasures will run. At start it raised the client's ``NoPermissionError``; one started while
+    Redis was unreachable logged it and served on. Both now refuse alike, naming the missing
+    permission: at start with a ConfigError, later by reporting itself not ready."""
+    with RedisServer(tmp_path / "redis", "--rename-command", "HELLO", "") as server:
+        url = _user_without(server, "info")
+        with pytest.raises(ConfigError, match=r"may not run INFO.*\+info") as refused:
+            RedisOutcomeStore(url, journal=tmp_path / "start.jsonl").start()
+        server.stop()
+        outcomes = RedisOutcomeStore(url, journal=tmp_path / "journal.jsonl")
+        with live(tmp_path, policy_yaml(fake), outcomes=outcomes) as app:
+            assert app.http.get("/readyz").status_code == 200  # an outage: not a refusal
+            server.start()
+            _user_without(server, "info")  # the restart forgot the user
+            assert wait_for(lambda: app.http.get("/readyz").status_code == 503)
+            assert outcomes.health()["refusal"] == str(refused.value)
+
+
+def _documented_acl() -> list[str]:
+    """The ACL rules docs/kubernetes.md gives Tiergate's Redis user (``ACL SETUSER tiergate``)."""
+    doc = Path(__file__).parents[1] / "docs" / "kubernetes.md"
+    [line] = [x for x in doc.read_text().splitlines() if x.startswith("ACL SETUSER tiergate ")]
+    return line.split()[3:]
+
+
+def test_the_documented_acl_runs_a_replica_and_an_erasure(
+    redis_server: RedisServer,
+    tmp_path: Path,
+    fake: FakeProvider,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A Redis user made from the ACL docs/kubernetes.md gives, on a database other than 0: a
+    replica checks the version, looks up a client key, counts its rate limits, holds and
+    renews budget, writes records and labels, shares a cooldown and reads them back; the
+    erasure of a tenant (an exporter's consumer group on the stream, a rate-limit window an
+    older release named) and the purge run whole. Redis refuses none of their commands."""
+    admin = redis_server.client()
+    rules = [">secret" if rule == ">PASSWORD" else rule for rule in _documented_acl()]
+    admin.execute_command("ACL", "SETUSER", "tiergate", *rules)
+    admin.acl_log_reset()
+    url = f"redis://tiergate:secret@127.0.0.1:{redis_server.port}/1"
+    db = redis.Redis.from_url(redis_server.url.removesuffix("/0") + "/1", decode_responses=True)
+    key = {"tenant": "acme", "permissions": []}
+    db.hset("tiergate:keys", hash_key("tg-acme"), json.dumps(key))
+    outcomes = RedisOutcomeStore(url, journal=tmp_path / "journal.jsonl")
+    policy = policy_yaml(fake, extra="tenants:\n  acme: {daily_budget_usd: 5.0}\n")
+    acme = {"Authorization": "Bearer tg-acme"}
+    limits = {"rpm_limit": 100, "tpm_limit": 100_000}
+    with live(tmp_path, policy, outcomes=outcomes, redis_url=url, **limits) as app:
+        ids = []
+        for prompt in ("hello", "HARD question"):  # the local tier, then a closed model
+            body = {"model": "auto", "messages": [{"role": "user", "content": prompt}]}
+            answer = app.http.post("/v1/chat/completions", json=body, headers=acme)
+            assert answer.status_code == 200, answer.text
+            ids.append(answer.headers["x-request-id"])
+        feedback = {"request_id": ids[0], "thumbs": "up"}
+        assert app.http.post("/v1/feedback", json=feedback, headers=acme).status_code == 200
+        assert outcomes.reserve_spend("acme", "req_in_flight", 0.01, 5.0)
+        outcomes._holds_renewed -= outcomes.hold_ttl_s  # the next refresh renews it
+        assert wait_for(lambda: db.zscore("tiergate:holds:acme", "req_in_flight") is not None)
+        outcomes.publish_cooldown("gpt-4o", 30.0, "rate_limited|x")
+        assert wait_for(lambda: outcomes.shared_cooldown("gpt-4o") is not None)
+        outcomes.release_spend("req_in_flight")
+        outcomes.submit(outcome(tenant="globex"))  # the stream keeps an entry: it is copied
+        assert outcomes.flush(10)
+        assert wait_for(lambda: outcomes.spend_today("acme") > 0)
+        assert outcomes.count("acme") == 2 and len(outcomes.recent(5)) == 3
+        assert len(outcomes.window(0.0)) == 3
+        assert [x["request_id"] for x in outcomes.labels()] == [ids[0]]
+        assert outcomes.recent_scores() and outcomes.tiered_labels(0.0)
+        assert db.keys("tiergate:rl:*")  # the limits counted in Redis
+        assert outcomes.health()["refusal"] is None and outcomes.write_errors == 0
+    db.xgroup_create("tiergate:outcomes", "exporter", id="0")
+    db.xreadgroup("exporter", "reader", {"tiergate:outcomes": ">"})
+    db.set("tiergate:rl:acme:req:60", 1)  # as a release before hashing named it
+    monkeypatch.setenv("TIERGATE_REDIS_URL", url)
+    monkeypatch.setenv("TIERGATE_OUTCOME_JOURNAL_PATH", str(tmp_path / "cli-journal.jsonl"))
+    assert main(["outcomes", "delete", "--tenant", "acme"]) == 0
+    assert main(["outcomes", "delete", "--compact"]) == 0
+    said = capsys.readouterr()
+    assert "deleted 2 records and 1 labels" in said.out and said.err == "", said.err
+    cli = RedisOutcomeStore(url, journal=tmp_path / "cli-journal.jsonl")
+    cli.connect()
+    try:
+        assert cli.erased_spend_buckets(0.0) and not db.exists("tiergate:rl:acme:req:60")
+        cli.purge(time.time())
+    finally:
+        cli.close()
+    # redis-py names itself on each new connection (CLIENT SETINFO, Redis 7.2) and goes on
+    # where that is refused: Redis 6.2 logs the refusal, 7.0 does not know the command.
+    assert [e for e in admin.acl_log() if e["object"] != "client"] == []
 
 
 def test_budget_holds_during_an_outage_log_once_and_still_hold(
@@ -1479,13 +1610,14 @@ def test_an_erasure_during_a_rewrite_has_the_file_rewritten_after_it(
 
 
 def _user_without(server: RedisServer, command: str) -> str:
-    """The URL of a Redis user that may run every command but ``command`` (an ACL)."""
+    """The URL of a Redis user that may run every command but ``command`` (an ACL; a category
+    when it begins with ``@``)."""
     server.client().acl_setuser(
         "tiergate",
         enabled=True,
         passwords=["+secret"],
-        categories=["+@all"],
-        commands=[f"-{command}"],
+        categories=["+@all", *([f"-{command}"] if command.startswith("@") else [])],
+        commands=[] if command.startswith("@") else [f"-{command}"],
         keys=["*"],
     )
     return f"redis://tiergate:secret@127.0.0.1:{server.port}/0"
