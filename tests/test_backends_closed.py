@@ -164,6 +164,29 @@ def test_an_sdk_provider_is_called_as_litellm_calls_it_with_its_own_client(
     assert ours.headers["accept-encoding"] == "identity"
 
 
+def test_an_azure_model_takes_litellms_azure_variables_by_default(
+    provider: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ``azure/`` model with no ``api_key_env`` and no ``api_base`` is configured as
+    litellm's users configure one: its key from ``AZURE_API_KEY``, its endpoint and API
+    version from ``AZURE_API_BASE`` and ``AZURE_API_VERSION``. Before, without
+    ``api_key_env`` it had no key and was counted unavailable."""
+    monkeypatch.setenv("AZURE_API_KEY", "az-test-key")
+    monkeypatch.setenv("AZURE_API_BASE", provider.base_url)
+    monkeypatch.setenv("AZURE_API_VERSION", "2024-10-21")
+    model = Model("az", "azure/prod-chat")
+    backend = ClosedBackend(OpenAIHTTP(timeout_s=10), timeout_s=10, environ=dict(os.environ))
+    assert backend.unavailable_reason(model) is None
+    run(_answer(model, BODY, stream=False, environ=dict(os.environ)))
+    sent = provider.received[-1]
+    assert sent.headers["api-key"] == "az-test-key"
+    assert sent.path.endswith("/deployments/prod-chat/chat/completions?api-version=2024-10-21")
+    monkeypatch.delenv("AZURE_API_KEY")
+    assert ClosedBackend(OpenAIHTTP(timeout_s=1), timeout_s=1, environ={}).unavailable_reason(
+        model
+    ) == ("no API key: set AZURE_API_KEY")
+
+
 def test_a_bedrock_stream_is_read_frame_by_frame_within_the_bound(provider: FakeProvider) -> None:
     """Bedrock streams AWS's binary event frames, not lines: through the bounded client each
     frame is bounded, never the whole stream, so a stream longer than the bound in all, of

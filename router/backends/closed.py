@@ -76,10 +76,12 @@ from router.errors import (
 )
 from router.schemas import OUTPUT_FIELDS
 
-# The providers' usual environment variables for their keys.
+# The providers' usual environment variables for their keys (litellm's names: Azure's is
+# AZURE_API_KEY, with AZURE_API_BASE and AZURE_API_VERSION, read by _azure_client).
 PROVIDER_KEY_ENV = {
     "openai": "OPENAI_API_KEY",
     "anthropic": "ANTHROPIC_API_KEY",
+    "azure": "AZURE_API_KEY",
     "gemini": "GEMINI_API_KEY",
     "mistral": "MISTRAL_API_KEY",
     "groq": "GROQ_API_KEY",
