@@ -69,11 +69,13 @@ from router.scoring import Scorer
 from router.signals import (
     Signals,
     extract_signals,
+    native_blocks,
     policy_metadata,
     redacted,
     request_strings,
     requested_choices,
     scoring_text,
+    server_block_parts,
     text_tokens,
 )
 from router.telemetry import Telemetry
@@ -133,17 +135,25 @@ def refuse_unknown_model(policy: Policy, name: str, tenant: str) -> None:
 
 
 def refuse_beyond_every_window(
-    body: Mapping[str, Any], policy: Policy, fields: FrontFields = CHAT_FIELDS
+    body: Mapping[str, Any],
+    policy: Policy,
+    fields: FrontFields = CHAT_FIELDS,
+    sent: Mapping[str, Any] | None = None,
 ) -> None:
     """Refuse (400) a request whose text cannot fit any model's context window, before any of it
     is read for signals: nothing would be sent, and a body at the size cap then costs one pass
     of ``len`` rather than a full scan. Skipped when a model does not declare its window.
-    ``fields``: the names of the request's front, whose prompt field the 400 names."""
+    ``fields``: the names of the request's front, whose prompt field the 400 names. ``sent``:
+    the front's native request, whose server-tool blocks (dropped from ``body``, counted by the
+    prompt estimate) count too, so a history of them is refused here as the same text is."""
     windows = [spec.context_window for spec in policy.models.values()]
     if not windows or None in windows:
         return
     largest = max(w for w in windows if w is not None)
     chars = sum(len(text) for text in request_strings(body))
+    if sent is not None:
+        parts = server_block_parts(native_blocks(sent))
+        chars += sum(len(part) for part in parts if isinstance(part, str))
     if chars > largest * MAX_CHARS_PER_TOKEN:
         raise BadRequestError(
             f"the request holds {chars} characters of text, more than any model's context window "
@@ -781,7 +791,7 @@ class Gateway:
         """
         policy = self.policy
         refuse_unknown_model(policy, str(body.get("model", "auto")), tenant)
-        refuse_beyond_every_window(body, policy, fields)
+        refuse_beyond_every_window(body, policy, fields, sent)
         with self.telemetry.decide_span() as span:
             read = policy.metadata_fields
             signals = extract_signals(

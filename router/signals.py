@@ -274,28 +274,40 @@ def _by_url(block: Mapping[str, Any]) -> bool:
 
 
 def _server_block_tokens(blocks: Sequence[Mapping[str, Any]]) -> int:
-    # Each string in a server-tool block (a search's query and results, their encrypted page
-    # text, code and its output, an MCP tool's result), keys too, counts as text, as a tool
-    # call's JSON does; an image or a document of a base64 or URL source in it (a fetched PDF)
-    # counts by the fixed guesses, its payload unread. Iterative: nesting costs no stack.
-    stack: list[Any] = [b for b in blocks if b.get("type") in SERVER_TOOL_BLOCKS]
+    # Each string of the server-tool blocks counts as text, as a tool call's JSON does; each
+    # image or document of a payload source counts by the fixed guesses.
     tokens = 0.0
     media = 0
+    for part in server_block_parts(blocks):
+        if isinstance(part, str):
+            tokens += text_tokens(part)
+        else:
+            media += IMAGE_TOKENS if part.get("type") == "image" else FILE_TOKENS
+    return math.ceil(tokens - 1e-9) + media
+
+
+def server_block_parts(blocks: Iterable[Mapping[str, Any]]) -> Iterator[str | Mapping[str, Any]]:
+    """What the server-tool blocks among ``blocks`` (:func:`native_blocks`) give a Claude to
+    read: each string in them (a search's query and results, their encrypted page text, code
+    and its output, an MCP tool's result), keys too, and each image or document of a base64,
+    URL or file source (a fetched PDF) whole, its payload not text. The chat translation drops
+    these blocks; the prompt estimate and the window pre-check count them from here.
+    Iterative: nesting costs no stack."""
+    stack: list[Any] = [b for b in blocks if b.get("type") in SERVER_TOOL_BLOCKS]
     while stack:
         value = stack.pop()
         if isinstance(value, str):
-            tokens += text_tokens(value)
+            yield value
         elif isinstance(value, list):
             stack.extend(value)
         elif isinstance(value, Mapping):
             kind, source = value.get("type"), value.get("source")
             if kind in ("image", "document") and _payload_source(source):
-                media += IMAGE_TOKENS if kind == "image" else FILE_TOKENS
+                yield value
                 continue
             for key, item in value.items():
-                tokens += text_tokens(str(key))
+                yield str(key)
                 stack.append(item)
-    return math.ceil(tokens - 1e-9) + media
 
 
 def _payload_source(source: Any) -> bool:

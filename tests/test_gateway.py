@@ -964,6 +964,49 @@ def test_text_no_model_can_take_is_refused_before_it_is_read(
     assert len(fake.received) == 1
 
 
+def _fetched(page: str) -> list[dict[str, Any]]:
+    """A /v1/messages history in which Claude fetched ``page`` with its web_fetch tool."""
+    use = {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_fetch", "input": {}}
+    source = {"type": "text", "media_type": "text/plain", "data": page}
+    fetched = {"type": "web_fetch_result", "content": {"type": "document", "source": source}}
+    result = {"type": "web_fetch_tool_result", "tool_use_id": use["id"], "content": fetched}
+    return [
+        {"role": "user", "content": "Fetch it."},
+        {"role": "assistant", "content": [use, result, {"type": "text", "text": "Fetched."}]},
+        {"role": "user", "content": "Summarise it."},
+    ]
+
+
+def test_server_tool_blocks_no_model_can_take_are_refused_as_text_is(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """A /v1/messages history whose server-tool blocks (which the chat translation drops, and
+    the prompt estimate counts) hold more text than any window can take is refused before it is
+    read, as the same text in a plain turn is. It passed that check, was read, and on ``auto``
+    was refused for its blocks (\"no closed model can either\"), not for its size."""
+    from router.gateway import MAX_CHARS_PER_TOKEN
+
+    fake.reset()
+    claude_api = fake.base_url.removesuffix("/v1") + "\n"  # a Claude on Anthropic's own API
+    policy = _windows(fake, 100000).replace(claude_api, "https://api.anthropic.com\n")
+    page = "word " * (128000 * MAX_CHARS_PER_TOKEN // 5 + 1)
+    plain = [{"role": "user", "content": "Fetch it."}, {"role": "assistant", "content": page}]
+    with live(tmp_path, policy) as srv:
+        said = [
+            srv.http.post(
+                "/v1/messages", json={"model": model, "max_tokens": 10, "messages": history}
+            )
+            for history in ([*plain, {"role": "user", "content": "Go."}], _fetched(page))
+            for model in ("auto", "claude")
+        ]
+    assert all(answer.status_code == 400 for answer in said)
+    beyond = "more than any model's context window (128000 tokens) can take"
+    assert [beyond in answer.json()["error"]["message"] for answer in said] == [True] * 4, said[
+        2
+    ].text
+    assert fake.received == []
+
+
 def test_closing_a_metered_stream_closes_the_backend_at_once() -> None:
     """When the client goes, the backend's stream is closed before the request is recorded
     (the local model frees its slot, the provider connection is released), not whenever the
