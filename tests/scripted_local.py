@@ -24,6 +24,11 @@ class ScriptedLocal:
     It answers ``w0 w1 w2`` (``words`` of them), or, when ``reply`` is set, ``reply(body)``.
     Asked for ``logprobs``, every token gets log-probability ``logprob``, with one runner-up a
     nat behind it.
+
+    It counts its answer's tokens as the real GGUF backend does (``router/backends/local.py``,
+    ``_generate``): none while it streams, all of them as it stops, and, stopped by its reader
+    (a client that left), ``stop_s`` later, as the GGUF's worker thread counts once its next
+    token shows it the stop. Counting each token as it streamed hid a 0-token record (4977456).
     """
 
     def __init__(
@@ -37,6 +42,7 @@ class ScriptedLocal:
         self.logprob = -0.1
         self.words = words
         self.reply = reply
+        self.stop_s = 0.05
         self.token_delay_s = 0.0
         self.gate = Gate(slots=1, queue_size=queue_size)
         self.release = threading.Event()  # set from the test's thread
@@ -50,13 +56,22 @@ class ScriptedLocal:
     async def complete(
         self, model: ModelLike, body: dict[str, Any], usage: Usage | None = None
     ) -> Completion:
-        """Join the stream into one answer, counting into ``usage`` as it goes."""
-        usage = usage if usage is not None else Usage()
+        """Join the stream into one answer, counting into ``usage`` a token per piece of text as
+        it goes, then the stream's own count, as the GGUF backend's ``complete`` does."""
+        counted = usage if usage is not None else Usage()
+        usage = Usage()  # the stream's own count, once it ends
         text = ""
         logprobs: list[dict[str, Any]] = []
         async for chunk in self.stream(model, body, usage):
-            text += chunk["choices"][0]["delta"].get("content") or ""
+            piece = chunk["choices"][0]["delta"].get("content") or ""
+            text += piece
+            counted.completion_tokens += bool(piece)
             logprobs += (chunk["choices"][0].get("logprobs") or {}).get("content") or []
+        counted.prompt_tokens, counted.completion_tokens = (
+            usage.prompt_tokens,
+            usage.completion_tokens,
+        )
+        usage = counted
         return Completion(
             body={
                 "id": "chatcmpl-local",
@@ -87,6 +102,8 @@ class ScriptedLocal:
         check_local_request(body)
         self.calls += 1
         await self.gate.acquire()
+        drawn = 0
+        stopped = False  # by its reader
         try:
             while self.mode == "hold" and not self.release.is_set():
                 await asyncio.sleep(0.01)
@@ -100,7 +117,7 @@ class ScriptedLocal:
                     raise RuntimeError("scripted defect")
                 if self.token_delay_s:
                     await asyncio.sleep(self.token_delay_s)
-                usage.prompt_tokens, usage.completion_tokens = 5, i + 1
+                usage.prompt_tokens, drawn = 5, i + 1
                 choice: dict[str, Any] = {"index": 0, "delta": {"content": piece}}
                 if body.get("logprobs"):
                     choice["logprobs"] = {"content": [self._entry(piece, body)]}
@@ -113,9 +130,15 @@ class ScriptedLocal:
                 }
         except (asyncio.CancelledError, GeneratorExit):
             self.cancelled += 1
+            stopped = True
             raise
         finally:
             self.gate.release()
+            if stopped:
+                loop = asyncio.get_running_loop()
+                loop.call_later(self.stop_s, setattr, usage, "completion_tokens", drawn)
+            else:
+                usage.completion_tokens = drawn
 
     def _entry(self, piece: str, body: dict[str, Any]) -> dict[str, Any]:
         top = [

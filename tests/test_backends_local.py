@@ -26,6 +26,7 @@ from router.errors import BadRequestError, LocalOverloadedError, UpstreamTimeout
 from router.signals import estimate_tokens
 from tests.conftest import GGUF, live, policy_yaml, wait_for
 from tests.fake_provider import LLAMA_CPP_CONTEXT_EXCEEDED, Behaviour, FakeProvider
+from tests.scripted_local import ScriptedLocal
 
 
 def test_gate_bounds_waiting_and_reports_depth() -> None:
@@ -663,6 +664,36 @@ def test_a_generation_stopped_while_it_reads_a_long_prompt_stops_reading_it(
 
     usage = asyncio.run(scenario())
     assert 0 < usage.prompt_tokens < 1000  # the prompt tokens it read before it stopped
+
+
+@pytest.mark.gguf
+def test_the_scripted_local_counts_its_answer_as_the_gguf_does(tmp_path: Path) -> None:
+    """ScriptedLocal stands in for the GGUF in most gateway tests, so it counts as the GGUF
+    does: no answer tokens at the first chunk of a long answer, and, stopped there by its
+    reader, the tokens drawn once it has stopped. It counted each token as it streamed, which
+    hid a record of 0 completion tokens (4977456)."""
+    real = LlamaCppBackend(Settings(home=tmp_path, local_model_path=GGUF, n_threads=1))
+    real.load()
+    body = {"messages": [{"role": "user", "content": "Count from one to a hundred."}]}
+    model = SimpleNamespace(name="local", timeout_s=60)
+
+    async def counts(backend: Any) -> tuple[int, int]:
+        usage = Usage()
+        stream = backend.stream(model, {**body, "max_tokens": 200}, usage)
+        await anext(stream)
+        at_first = usage.completion_tokens
+        await stream.aclose()
+        for _ in range(200):  # the worker stops at its next token, then counts
+            if usage.completion_tokens:
+                break
+            await asyncio.sleep(0.05)
+        await backend.aclose()
+        return at_first, usage.completion_tokens
+
+    scripted = asyncio.run(counts(ScriptedLocal(words=200)))
+    gguf = asyncio.run(counts(real))
+    assert gguf[0] == 0 and gguf[1] > 0, gguf
+    assert scripted == (0, 1)
 
 
 def test_a_gate_tells_how_long_each_caller_waited_for_its_slot() -> None:

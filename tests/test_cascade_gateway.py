@@ -292,6 +292,36 @@ def test_an_escalated_stream_charges_the_local_generation_time(
     assert cascade["local_cost_usd"] == pytest.approx(cascade["local_generation_s"], rel=1e-3)
 
 
+def _holding_back(
+    tmp_path: Path, fake: FakeProvider, **settings: Any
+) -> AbstractContextManager[LiveServer]:
+    """A live server on a socket whose cascade holds back up to 512 tokens of a local stream."""
+    fake.reset()
+    policy = policy_yaml(
+        fake, on_failure="closed", extra="cascade: {threshold: 0.5, hold_back_tokens: 512}\n"
+    ).replace("  auto-best: {threshold: 0.05}\n", "  auto-cascade: {cascade: true}\n")
+    return live(
+        tmp_path,
+        policy,
+        socket=True,
+        cascade_model_path=_confidence_model(tmp_path),
+        local_price_per_mtok=1000.0,
+        **settings,
+    )
+
+
+def _sent_raw(server: LiveServer, body: dict[str, Any]) -> socket.socket:
+    """The open socket of a chat request sent to ``server`` byte by byte, to close at will."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        + f"content-length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
+    return sock
+
+
 @pytest.mark.gguf
 def test_a_client_leaving_in_the_hold_back_stops_the_model_and_pays_its_tokens(
     tmp_path: Path, fake: FakeProvider
@@ -301,34 +331,16 @@ def test_a_client_leaving_in_the_hold_back_stops_the_model_and_pays_its_tokens(
     frees the slot at once. It was charged the prompt alone: the model counts its tokens on
     its worker thread as it stops, after the record was written, and held tokens are no
     streamed text to estimate from. It pays for the tokens held back."""
-    fake.reset()
-    policy = policy_yaml(
-        fake, on_failure="closed", extra="cascade: {threshold: 0.5, hold_back_tokens: 512}\n"
-    ).replace("  auto-best: {threshold: 0.05}\n", "  auto-cascade: {cascade: true}\n")
-    body = json.dumps(
-        {
-            "model": "auto-cascade",
-            "stream": True,
-            "max_tokens": 1000,
-            "temperature": 0.8,
-            "messages": [{"role": "user", "content": "Write a very long story about a cat."}],
-        }
-    ).encode()
-    with live(
-        tmp_path,
-        policy,
-        gguf=True,
-        socket=True,
-        cascade_model_path=_confidence_model(tmp_path),
-        local_price_per_mtok=1000.0,
-    ) as server:
+    body = {
+        "model": "auto-cascade",
+        "stream": True,
+        "max_tokens": 1000,
+        "temperature": 0.8,
+        "messages": [{"role": "user", "content": "Write a very long story about a cat."}],
+    }
+    with _holding_back(tmp_path, fake, gguf=True) as server:
         local = server.gateway.local
-        sock = socket.create_connection(("127.0.0.1", server.port))
-        sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-            + f"content-length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
+        sock = _sent_raw(server, body)
         assert wait_for(lambda: getattr(local._llm, "drawn", 0) >= 8, timeout_s=60)
         sock.close()  # in the hold-back: nothing was sent, not even the headers
         left = time.monotonic()
@@ -343,6 +355,34 @@ def test_a_client_leaving_in_the_hold_back_stops_the_model_and_pays_its_tokens(
     assert freed_s < 1.0  # the disconnect is noticed within DISCONNECT_POLL_S
     assert (record["status"], record["tier"]) == ("aborted", "local")
     assert 8 <= record["completion_tokens"] <= drawn
+    assert record["cost_usd"] == pytest.approx(
+        (record["prompt_tokens"] + record["completion_tokens"]) * 1000.0 / 1e6
+    )
+
+
+def test_a_client_leaving_in_the_hold_back_pays_its_tokens_without_the_gguf(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """The test above on ScriptedLocal, which counts its tokens as the GGUF does, once it has
+    stopped (``stop_s`` after its reader left): the client that left in the hold-back pays
+    for the tokens held back, on every run, with no model to load."""
+    scripted = ScriptedLocal(words=400)
+    scripted.token_delay_s = 0.02
+    body = {
+        "model": "auto-cascade",
+        "stream": True,
+        "messages": [{"role": "user", "content": "Hi"}],
+    }
+    with _holding_back(tmp_path, fake, local_backend_obj=scripted) as server:
+        sock = _sent_raw(server, body)
+        time.sleep(0.5)  # about 25 tokens held back
+        sock.close()
+        assert wait_for(lambda: scripted.cancelled == 1, timeout_s=10)
+        store = server.gateway.outcomes
+        assert wait_for(lambda: store.count() == 1 and store.flush(), timeout_s=10)
+        record = store.recent(1)[0]
+    assert (record["status"], record["tier"]) == ("aborted", "local")
+    assert 8 <= record["completion_tokens"] < 400
     assert record["cost_usd"] == pytest.approx(
         (record["prompt_tokens"] + record["completion_tokens"]) * 1000.0 / 1e6
     )

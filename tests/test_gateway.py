@@ -1332,7 +1332,9 @@ def test_an_aborted_stream_is_recorded_once_and_charged(tmp_path: Path, fake: Fa
             assert len(srv.records) == 1
             record = srv.records[0]
             assert (record.status, record.http_status) == ("aborted", 499)
-            assert record.completion_tokens == 2
+            # Estimated from the two pieces streamed ("w0 w1 "): the local model counts its
+            # tokens once it has stopped, after the record is written (ScriptedLocal).
+            assert 2 <= record.completion_tokens <= 3
 
     asyncio.run(scenario())
 
