@@ -243,8 +243,7 @@ class Settings(BaseSettings):
         4096,
         ge=1,
         description="Completion tokens reserved against token limits and budgets for a request "
-        "that sets no max_tokens (more for a closed model that can write more: the one each call "
-        "goes to, for token limits; the dearest it may reach, for budgets).",
+        "that sets no max_tokens (more for a call to a closed model that can write more).",
     )
 
     local_price_per_mtok: float = Field(

@@ -202,6 +202,7 @@ class RequestContext:
     since: int = 0  # its model's call's stamp (Cooldowns.changes as it began)
     left: bool = False  # its client left a closed call, which ends; no other model is called
     hold: TokenHold | None = None  # its tokens reserved (Gateway._admit), topped up per call
+    held_usd: float | None = None  # its budget hold (Gateway.hold_spend), topped up per call
 
     def tokens_used(self) -> int:
         """The tokens this request used (the rate limiter's charge): its answer's, and those of
@@ -918,7 +919,26 @@ class Gateway:
         hold.top_up(need - hold.tokens)
 
     def _reserved_usd(self, ctx: RequestContext, default_completion: int) -> float:
-        """For each of the request's calls (:meth:`_calls`), the dearest model it may reach.
+        """USD to hold for ``ctx`` as it is admitted: what its first call may cost, on the
+        decided model. A fallback or spill to a dearer model tops the hold up
+        (:meth:`_top_up_spend`): holding the dearest model it may reach ($1.28 for a local
+        request that may fall back to gpt-5) let two such requests refuse a $2 tenant.
+
+        A cascade also holds the dearest model it may escalate to, checked here: escalating is
+        its plan, not a failure, and held only as it escalated, concurrent cascades under a
+        small budget all escalated on a $0 hold."""
+        decision = ctx.decision
+        assert decision is not None
+        first = self._call_usd(ctx, default_completion, self.policy.models[decision.model])
+        if decision.cascade is None:
+            return first
+        escalation = (
+            self._call_usd(ctx, default_completion, m) for m, _ in self._escalation(decision)
+        )
+        return first + max(escalation, default=0.0)
+
+    def _call_usd(self, ctx: RequestContext, default_completion: int, model: ModelSpec) -> float:
+        """What one call to ``model`` for ``ctx`` may cost (:meth:`call_tokens`).
 
         A prompt that marks ``cache_control`` may be billed as written to the provider's
         prompt cache (Anthropic: 1.25 times the input price, twice for ``ttl: 1h``), so it is
@@ -926,37 +946,36 @@ class Gateway:
         budget by more than one reservation."""
         assert ctx.signals is not None
         ttl = ctx.signals.cache_ttl
+        prompt, completion = self.call_tokens(ctx, default_completion, model)
+        held = self.costs.call_cost(model, Usage(prompt, completion))
+        if ttl is None:
+            return held
+        hour = prompt if ttl == "1h" else 0
+        written = Usage(prompt, completion, cache_write_tokens=prompt, cache_write_1h_tokens=hour)
+        return max(held, self.costs.call_cost(model, written))
 
-        def cost(model: ModelSpec) -> float:
-            prompt, completion = self.call_tokens(ctx, default_completion, model)
-            held = self.costs.call_cost(model, Usage(prompt, completion))
-            if ttl is None:
-                return held
-            hour = prompt if ttl == "1h" else 0
-            written = Usage(
-                prompt, completion, cache_write_tokens=prompt, cache_write_1h_tokens=hour
-            )
-            return max(held, self.costs.call_cost(model, written))
-
-        return sum(max(map(cost, models), default=0.0) for models in self._calls(ctx))
-
-    def _calls(self, ctx: RequestContext) -> list[list[ModelSpec]]:
-        """The models each call serving ``ctx`` may reach: one call along its chain, its
-        fallbacks and spill included; for a cascade two, its local answer and then the closed
-        models it may escalate to."""
-        decision = ctx.decision
-        assert decision is not None
-        if decision.cascade is not None:
-            escalation = [model for model, _ in self._escalation(decision)]
-            return [[self.policy.models[decision.model]], escalation]
-        reach = self.chain(decision) + self.spill_chain(decision, ctx.signals)
-        return [[model for model, _ in reach]]
+    async def _top_up_spend(self, ctx: RequestContext, model: ModelSpec) -> None:
+        """``model`` is called for ``ctx``: grow its budget hold to what the call may cost, plus
+        a discarded cascade answer's cost (charged too), with no budget check: a request under
+        way is not refused. The record settles the hold as before."""
+        held, decision = ctx.held_usd, ctx.decision
+        if held is None or decision is None:  # no budget, or nothing held
+            return
+        need = self._call_usd(ctx, self.reserve_tokens, model)
+        if ctx.cascade_usage is not None:
+            local = self.policy.models[decision.model]
+            need += self.costs.call_cost(local, ctx.cascade_usage)
+        if need <= held:
+            return
+        ctx.held_usd = need
+        await asyncio.to_thread(self.outcomes.reserve_spend, ctx.tenant, ctx.request_id, need, None)
 
     async def hold_spend(self, ctx: RequestContext, default_completion: int) -> None:
         """Reserve the request's estimated cost against its tenant's daily budget.
 
         The check and the reservation are one atomic step in the outcome store (a Lua script
-        with Redis), so concurrent requests overshoot a budget by at most one reservation. If
+        with Redis), so concurrent requests overshoot a budget by at most one reservation (plus
+        the top-ups of those that go on to a dearer model, :meth:`_top_up_spend`). If
         the budget ran out after this request was decided, it is decided again as over budget
         (served locally, or refused, as ``over_budget`` says). The record settles the hold.
         """
@@ -969,6 +988,7 @@ class Gateway:
             self.outcomes.reserve_spend, ctx.tenant, ctx.request_id, usd, decision.budget_usd
         )
         if held:
+            ctx.held_usd = usd
             return
         if decision.local_only:
             # Over budget or not, it stays local: decided again from ctx.signals, which lack
@@ -977,6 +997,7 @@ class Gateway:
             await asyncio.to_thread(
                 self.outcomes.reserve_spend, ctx.tenant, ctx.request_id, usd, None
             )
+            ctx.held_usd = usd
             return
         spend = self.outcomes.spend_today(ctx.tenant)
         ctx.decision = evaluate(
@@ -992,6 +1013,7 @@ class Gateway:
             await asyncio.to_thread(
                 self.outcomes.reserve_spend, ctx.tenant, ctx.request_id, usd, None
             )
+            ctx.held_usd = usd
 
     def chain(self, decision: Decision) -> list[tuple[ModelSpec, str | None]]:
         """The models to try in order, each with the fallback label it would be recorded under."""
@@ -1459,7 +1481,8 @@ class Gateway:
         model: ModelSpec,
         fallback: str | None,
     ) -> _T:
-        """Call ``model``, its token reservation topped up to what it may use (:meth:`_top_up`):
+        """Call ``model``, its token reservation and budget hold topped up to what it may use
+        (:meth:`_top_up`, :meth:`_top_up_spend`):
         the probe after its cooldown lapsed, if this call is (:meth:`_calling`);
         one that ends saying nothing of the model (not a failure that counts: the request's
         fault, a full queue, a client that left) lets the next call probe. None once the client
@@ -1467,6 +1490,7 @@ class Gateway:
         if ctx.left:  # a closed call its client left has failed: nobody to answer now
             raise ClientDisconnected("the client closed the connection")
         self._top_up(ctx, model)
+        await self._top_up_spend(ctx, model)
         # ``served`` is set while the model works, so a request cancelled meanwhile (its client
         # left) is recorded, and charged, against the model that was working on it.
         ctx.served = Served(model, fallback)

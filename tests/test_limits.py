@@ -8,7 +8,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import yaml
 
 from router import limits
 from router.auth import Principal, hash_key
+from router.backends import Usage
 from router.errors import RateLimitError
 from router.outcomes import SQLiteOutcomeStore
 from tests.conftest import ErasingStore, LiveServer, live, policy_yaml, wait_for
@@ -608,6 +609,38 @@ def test_a_local_request_reserves_its_local_call_not_its_closed_fallback(
         assert fake.received == []
 
 
+def _falling_back(
+    srv: LiveServer,
+    local: ScriptedLocal,
+    fake: FakeProvider,
+    held: Callable[[], float],
+    *,
+    topped: object,
+    key: str | None = None,
+) -> tuple[float, float, bool]:
+    """Ask once, its local call held, then failed, so that it falls back to gpt-5 (stalled):
+    ``held`` read during the local call, and during gpt-5's, and whether it equalled ``topped``
+    there within 2 s. The answer is gpt-5's."""
+    answers: list[httpx.Response] = []
+    asking = threading.Thread(target=lambda: answers.append(_post(srv, key=key)))
+    asking.start()
+    try:
+        assert wait_for(lambda: local.calls == 1)
+        during_local = held()
+        local.mode = "fail"
+        local.release.set()
+        assert wait_for(lambda: len(fake.received) == 1)
+        topped_up = wait_for(lambda: held() == topped, timeout_s=2)
+        during_closed = held()
+    finally:
+        local.release.set()
+        fake.unstall()
+        asking.join(30)
+    assert answers[0].status_code == 200
+    assert answers[0].headers["x-tiergate-model"] == "gpt-5"
+    return during_local, during_closed, topped_up
+
+
 @pytest.mark.parametrize("store", ["in-process", "redis"])
 def test_a_fallback_to_a_closed_model_tops_the_reservation_up(
     tmp_path: Path, fake: FakeProvider, store: str
@@ -621,7 +654,6 @@ def test_a_fallback_to_a_closed_model_tops_the_reservation_up(
         pytest.skip("no redis-server binary")
     fake.reset(Behaviour(mode="stall", stall_s=10))
     local = _holding()
-    answers: list[httpx.Response] = []
     with contextlib.ExitStack() as stack:
         redis_url = None
         if store == "redis":
@@ -638,24 +670,11 @@ def test_a_fallback_to_a_closed_model_tops_the_reservation_up(
         )
         routed = srv.http.post("/v1/route", json=CHAT, headers={"authorization": "Bearer tg-k"})
         prompt = routed.json()["signals"]["prompt_tokens"]
-        asking = threading.Thread(target=lambda: answers.append(_post(srv, key="tg-k")))
-        asking.start()
-        try:
-            assert wait_for(lambda: local.calls == 1)
-            during_local = _held_tokens(srv, "t")
-            local.mode = "fail"
-            local.release.set()
-            assert wait_for(lambda: len(fake.received) == 1)
-            topped_up = wait_for(lambda: _held_tokens(srv, "t") == prompt + 128_000, timeout_s=2)
-            during_closed = _held_tokens(srv, "t")
-        finally:
-            local.release.set()
-            fake.unstall()
-            asking.join(30)
+        during_local, during_closed, topped_up = _falling_back(
+            srv, local, fake, lambda: _held_tokens(srv, "t"), topped=prompt + 128_000, key="tg-k"
+        )
         assert during_local == prompt + 4096, during_local
         assert topped_up, (during_closed, prompt + 128_000)
-        assert answers[0].status_code == 200
-        assert answers[0].headers["x-tiergate-model"] == "gpt-5"
         outcomes = srv.gateway.outcomes
         assert wait_for(lambda: outcomes.count() == 1) and outcomes.flush()
         used = _used(outcomes.recent(1))
@@ -674,6 +693,83 @@ HARD_LONG = {
     "messages": [{"role": "user", "content": "HARD " + LONG}],
     "max_tokens": 7,
 }
+
+
+def _held_usd(srv: LiveServer, tenant: str) -> float:
+    """USD the outcome store holds for ``tenant``'s requests in flight: in Redis, where a shared
+    store keeps its holds, else in the writer's ledger (no public reading: only budgets need it)."""
+    from router.outcomes_redis import RedisOutcomeStore
+
+    store = srv.gateway.outcomes
+    if not isinstance(store, RedisOutcomeStore):
+        return store.ledger._held.get(tenant, 0.0)  # type: ignore[attr-defined]
+    return sum(float(v) for v in store._client.hvals(store.key("hold", tenant)))
+
+
+def test_local_requests_in_flight_hold_the_local_cost_not_the_fallback_s(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    # A local request without max_tokens held what its fallback gpt-5 may write (128,000 tokens,
+    # $1.28): with two in flight, a $2/day tenant's closed-bound request was refused, 429
+    # "spent $2.56 of its $2.00 daily budget", though nothing had been spent.
+    fake.reset()
+    local = _holding(queue_size=10)
+    policy = (
+        _reaching_gpt5(fake) + "tenants:\n  default: {daily_budget_usd: 2, over_budget: reject}\n"
+    )
+    with live(tmp_path, policy, local_backend_obj=local) as srv:
+        asking = [threading.Thread(target=_post, args=(srv,)) for _ in range(2)]
+        for thread in asking:
+            thread.start()
+        try:
+            assert wait_for(lambda: local.calls == 2)
+            held = _held_usd(srv, "default")
+            closed = _post(srv, {**CHAT, "messages": [{"role": "user", "content": "HARD hi"}]})
+        finally:
+            local.release.set()
+            for thread in asking:
+                thread.join(30)
+        assert closed.status_code == 200, closed.text
+        assert closed.headers["x-tiergate-model"] == "gpt-5"
+        assert held < 0.01, held
+
+
+@pytest.mark.parametrize("store", ["in-process", "redis"])
+def test_a_fallback_to_a_closed_model_tops_the_budget_hold_up(
+    tmp_path: Path, fake: FakeProvider, store: str
+) -> None:
+    """The local call holds its own cost; the fallback to gpt-5 adds what gpt-5 may cost before
+    it is called, with no budget check ($0.50 is passed by then: a request under way is not
+    refused), and the record settles the hold."""
+    from router.outcomes_redis import RedisOutcomeStore
+    from tests.fake_provider import Behaviour
+
+    if store == "redis" and redis_binary() is None:
+        pytest.skip("no redis-server binary")
+    fake.reset(Behaviour(mode="stall", stall_s=10))
+    local = _holding()
+    policy = (
+        _reaching_gpt5(fake) + "tenants:\n  default: {daily_budget_usd: 0.5, over_budget: reject}\n"
+    )
+    with contextlib.ExitStack() as stack:
+        outcomes = None
+        if store == "redis":
+            url = stack.enter_context(RedisServer(tmp_path)).url
+            outcomes = RedisOutcomeStore(url, journal=tmp_path / "j.jsonl")
+        srv = stack.enter_context(
+            live(tmp_path, policy, local_backend_obj=local, outcomes=outcomes)
+        )
+        routed = srv.http.post("/v1/route", json=CHAT)
+        prompt = routed.json()["signals"]["prompt_tokens"]
+        gpt5 = srv.gateway.costs.call_cost(
+            srv.gateway.policy.models["gpt-5"], Usage(prompt, 128_000)
+        )
+        during_local, during_closed, topped_up = _falling_back(
+            srv, local, fake, lambda: _held_usd(srv, "default"), topped=pytest.approx(gpt5)
+        )
+        assert during_local < 0.01, during_local
+        assert topped_up, (during_closed, gpt5)
+        assert wait_for(lambda: _held_usd(srv, "default") == 0.0)
 
 
 def test_concurrent_requests_stay_within_the_budget(tmp_path: Path, fake: FakeProvider) -> None:
