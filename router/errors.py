@@ -319,9 +319,10 @@ class LocalOverloadedError(RateLimitError):
 
 
 class BudgetExceededError(RateLimitError):
-    """The tenant's daily budget is spent and its policy says reject. A retry cannot help
-    before the budget's day (UTC) ends: ``x-should-retry: false`` (OpenAI's SDKs would retry a
-    429 twice, each one recorded), and ``Retry-After`` says when it ends."""
+    """The tenant's daily budget is spent (or held by requests in flight) and its policy says
+    reject. A retry cannot help before the budget's day (UTC) ends: ``x-should-retry: false``
+    (OpenAI's SDKs would retry a 429 twice, each one recorded), and ``Retry-After`` says when
+    it ends."""
 
     code = "budget_exceeded"
     should_retry = False

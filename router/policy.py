@@ -1137,7 +1137,9 @@ class _Step:
             return
         self.over_budget = True
         tenant = plan.tenant or self.signals.tenant
-        spent = f"tenant '{tenant}' spent {usd(spend)} of its {usd(plan.budget_usd)} daily budget"
+        # ``spend`` counts the holds of requests in flight: money held, not yet spent.
+        budget = usd(plan.budget_usd)
+        spent = f"tenant '{tenant}' spent and held {usd(spend)} of its {budget} daily budget"
         if under:
             spent += hold_refused or ""
         if self.policy.models[self.model].tier == "local":

@@ -772,6 +772,31 @@ def test_a_fallback_to_a_closed_model_tops_the_budget_hold_up(
         assert wait_for(lambda: _held_usd(srv, "default") == 0.0)
 
 
+def test_a_budget_refusal_says_the_money_held_is_held_not_spent(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    # A closed request in flight holds what gpt-4o may write (16,384 tokens, $0.16); another was
+    # refused saying the tenant "spent $0.16 of its $0.10 daily budget", with nothing spent.
+    from router.policy import usd
+    from tests.fake_provider import Behaviour
+
+    fake.reset(Behaviour(mode="stall", stall_s=10))
+    hard = {**CHAT, "messages": [{"role": "user", "content": "HARD hi"}]}
+    with live(tmp_path, _budget_policy(fake, 0.1)) as srv:
+        asking = threading.Thread(target=_post, args=(srv, hard))
+        asking.start()
+        try:
+            assert wait_for(lambda: len(fake.received) == 1)
+            held = _held_usd(srv, "default")
+            refused = _post(srv, hard)
+        finally:
+            fake.unstall()
+            asking.join(30)
+        assert refused.status_code == 429
+        message = refused.json()["error"]["message"]
+        assert message == f"tenant 'default' spent and held {usd(held)} of its $0.10 daily budget"
+
+
 def test_concurrent_requests_stay_within_the_budget(tmp_path: Path, fake: FakeProvider) -> None:
     # $0.0075 was spent against a $0.0001 budget: the budget was checked against what had been
     # recorded, and none of the requests in flight had been.
@@ -784,7 +809,9 @@ def test_concurrent_requests_stay_within_the_budget(tmp_path: Path, fake: FakePr
         assert codes.count(200) >= 2 and codes.count(429) >= 10
         refused = next(r for r in got if r.status_code == 429)
         message = refused.json()["error"]["message"]
-        assert re.search(r"spent \$0\.000\d+ of its \$0\.0003 daily budget", message), message
+        assert re.search(r"spent and held \$0\.000\d+ of its \$0\.0003 daily budget", message), (
+            message
+        )
         # No retry before the budget's UTC day ends (an SDK retry would be refused, and recorded).
         assert refused.headers["x-should-retry"] == "false"
         assert 0 < int(refused.headers["retry-after"]) <= 86400
@@ -902,7 +929,7 @@ def test_a_replica_started_past_a_spent_budget_sees_it_from_its_first_request(
         with replica("b") as b:
             plan = b.http.post("/v1/route", json=HARD_LONG).json()["decision"]
             refused = _post(b, HARD_LONG)
-    why = f"tenant 'default' spent {usd(spent)} of its $0.00001 daily budget"
+    why = f"tenant 'default' spent and held {usd(spent)} of its $0.00001 daily budget"
     assert (plan["rule"], plan["rejected"]) == ("budget:default", why)
     assert refused.status_code == 429, refused.text
     assert refused.json()["error"]["message"] == why
@@ -1260,6 +1287,6 @@ def test_a_budget_refusal_in_a_redis_outage_says_what_was_spent_and_why(
             error = refused.json()["error"]
             assert error["code"] == "budget_exceeded"
             assert error["message"].startswith(
-                "tenant 'default' spent $0.00 of its $1.25 daily budget; the outcome store is"
-                " unreachable and this replica has not read the shared spend"
+                "tenant 'default' spent and held $0.00 of its $1.25 daily budget; the outcome store"
+                " is unreachable and this replica has not read the shared spend"
             ), error["message"]

@@ -354,7 +354,7 @@ def test_budget_spent_forces_local() -> None:
     assert (decision.tier, decision.model, decision.rule) == ("local", "small", "budget:capped")
     assert decision.local_only and decision.on_failure == "error" and decision.fallbacks == ()
     assert decision.shadow_rate == 0.0 and decision.rejected is None
-    assert "spent $5.00 of its $5.00 daily budget" in decision.reason
+    assert "spent and held $5.00 of its $5.00 daily budget" in decision.reason
 
 
 def test_a_refused_hold_is_over_budget_and_its_reason_gives_the_spend_as_it_is() -> None:
@@ -366,17 +366,18 @@ def test_a_refused_hold_is_over_budget_and_its_reason_gives_the_spend_as_it_is()
         hold_refused="; in-flight requests hold the rest",
     )
     assert decision.rejected == (
-        "tenant 'hard' spent $3.20 of its $5.00 daily budget; in-flight requests hold the rest"
+        "tenant 'hard' spent and held $3.20 of its $5.00 daily budget;"
+        " in-flight requests hold the rest"
     )
     spent = evaluate(
         policy(TENANTS), signals(tenant="hard", score=0.9), spend_today_usd=7.5, hold_refused="; x"
     )
-    assert spent.rejected == "tenant 'hard' spent $7.50 of its $5.00 daily budget"
+    assert spent.rejected == "tenant 'hard' spent and held $7.50 of its $5.00 daily budget"
 
 
 def test_budget_spent_reject() -> None:
     decision = evaluate(policy(TENANTS), signals(tenant="hard", score=0.9), spend_today_usd=7.5)
-    assert decision.rejected == "tenant 'hard' spent $7.50 of its $5.00 daily budget"
+    assert decision.rejected == "tenant 'hard' spent and held $7.50 of its $5.00 daily budget"
     assert (decision.tier, decision.rule, decision.on_failure) == ("local", "budget:hard", "error")
 
 
