@@ -10,6 +10,7 @@ milliseconds. Tests of what only a socket shows (disconnects, backpressure, the 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -336,6 +337,19 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 def _require_marker(name: str) -> None:
     if _running and _running[0].get_closest_marker(name) is None:
         raise RuntimeError(f"{_running[0].nodeid} uses the real GGUF: mark it @pytest.mark.{name}")
+
+
+def sent_raw(server: LiveServer, body: dict[str, Any]) -> socket.socket:
+    """The open socket of a chat request sent to ``server``, to close at will (a client that
+    leaves)."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        + f"content-length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
+    return sock
 
 
 def wait_for(predicate: Any, timeout_s: float = 10.0) -> bool:

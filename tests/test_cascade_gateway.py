@@ -6,7 +6,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +20,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from router.cascade import CascadeModel, feature_names
 from router.cascade_training import save_cascade_form
-from tests.conftest import KeywordScorer, LiveServer, live, policy_yaml, silent_server, wait_for
+from tests.conftest import (
+    KeywordScorer,
+    LiveServer,
+    live,
+    policy_yaml,
+    sent_raw,
+    silent_server,
+    wait_for,
+)
 from tests.fake_provider import Behaviour, FakeProvider
 from tests.scripted_local import ScriptedLocal
 from tests.test_cooldown import Clock
@@ -310,18 +317,6 @@ def _holding_back(
     )
 
 
-def _sent_raw(server: LiveServer, body: dict[str, Any]) -> socket.socket:
-    """The open socket of a chat request sent to ``server`` byte by byte, to close at will."""
-    data = json.dumps(body).encode()
-    sock = socket.create_connection(("127.0.0.1", server.port))
-    sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-        + f"content-length: {len(data)}\r\n\r\n".encode()
-        + data
-    )
-    return sock
-
-
 @pytest.mark.gguf
 def test_a_client_leaving_in_the_hold_back_stops_the_model_and_pays_its_tokens(
     tmp_path: Path, fake: FakeProvider
@@ -340,7 +335,7 @@ def test_a_client_leaving_in_the_hold_back_stops_the_model_and_pays_its_tokens(
     }
     with _holding_back(tmp_path, fake, gguf=True) as server:
         local = server.gateway.local
-        sock = _sent_raw(server, body)
+        sock = sent_raw(server, body)
         assert wait_for(lambda: getattr(local._llm, "drawn", 0) >= 8, timeout_s=60)
         sock.close()  # in the hold-back: nothing was sent, not even the headers
         left = time.monotonic()
@@ -374,7 +369,7 @@ def test_a_client_leaving_in_the_hold_back_pays_its_tokens_without_the_gguf(
         "messages": [{"role": "user", "content": "Hi"}],
     }
     with _holding_back(tmp_path, fake, local_backend_obj=scripted) as server:
-        sock = _sent_raw(server, body)
+        sock = sent_raw(server, body)
         time.sleep(0.5)  # about 25 tokens held back
         sock.close()
         assert wait_for(lambda: scripted.cancelled == 1, timeout_s=10)

@@ -22,7 +22,7 @@ from router.auth import Principal, hash_key
 from router.backends import Usage
 from router.errors import RateLimitError
 from router.outcomes import SQLiteOutcomeStore
-from tests.conftest import ErasingStore, LiveServer, live, policy_yaml, wait_for
+from tests.conftest import ErasingStore, LiveServer, live, policy_yaml, sent_raw, wait_for
 from tests.fake_provider import FakeProvider
 from tests.redis_server import RedisServer, redis_binary
 from tests.scripted_local import ScriptedLocal
@@ -770,6 +770,56 @@ def test_a_fallback_to_a_closed_model_tops_the_budget_hold_up(
         assert during_local < 0.01, during_local
         assert topped_up, (during_closed, gpt5)
         assert wait_for(lambda: _held_usd(srv, "default") == 0.0)
+
+
+def test_a_client_leaving_while_its_hold_is_topped_up_leaves_no_hold(
+    tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The budget hold is grown in a worker thread when a request falls back. A streamed
+    request whose client left meanwhile was cancelled at once and recorded, releasing its hold,
+    and the thread then made the hold: a hold of no request, counted in the tenant's spend (and
+    renewed in Redis) until the process ended. The cancelled request now waits for the store's
+    write to end before it is recorded."""
+    from tests.fake_provider import Behaviour
+
+    fake.reset(Behaviour(mode="stall", stall_s=10))
+    local = _holding()
+    policy = (
+        _reaching_gpt5(fake) + "tenants:\n  default: {daily_budget_usd: 5, over_budget: reject}\n"
+    )
+    with live(tmp_path, policy, local_backend_obj=local) as srv:
+        store = srv.gateway.outcomes
+        writing, let_write, written = threading.Event(), threading.Event(), threading.Event()
+        reserve = store.reserve_spend
+
+        def slow_top_up(tenant: str, request_id: str, usd: float, budget: float | None) -> bool:
+            if budget is None:  # the top-up of a request under way: no check
+                writing.set()
+                let_write.wait(10)
+                try:
+                    return reserve(tenant, request_id, usd, budget)
+                finally:
+                    written.set()
+            return reserve(tenant, request_id, usd, budget)
+
+        monkeypatch.setattr(store, "reserve_spend", slow_top_up)
+        sock = sent_raw(srv, {**CHAT, "stream": True})
+        try:
+            assert wait_for(lambda: local.calls == 1)
+            local.mode = "fail"
+            local.release.set()
+            assert writing.wait(10)  # the fallback to gpt-5 grows the hold
+        finally:
+            sock.close()  # the client leaves while it is grown
+        time.sleep(1.0)  # the gateway sees it go (it asks every 0.25 s)
+        let_write.set()
+        assert written.wait(10)
+        assert wait_for(lambda: store.count() == 1)
+        assert store.flush()
+        assert wait_for(lambda: _held_usd(srv, "default") == 0.0, timeout_s=3), _held_usd(
+            srv, "default"
+        )
+        assert fake.received == []
 
 
 def test_a_budget_refusal_says_the_money_held_is_held_not_spent(
