@@ -354,7 +354,25 @@ class AnthropicToolChoice(_Block):
         return self
 
 
-class MessagesRequest(BaseModel):
+class _AnthropicBody(BaseModel):
+    """What a request of Anthropic's API refuses that an OpenAI client may send."""
+
+    #: OpenAI's chat field, refused (:meth:`_not_anthropics`); not in the published schema.
+    web_search_options: SkipJsonSchema[Any] = None
+
+    @field_validator("web_search_options")
+    @classmethod
+    def _not_anthropics(cls, value: Any) -> Any:
+        # Anthropic refuses a field it does not know ("Extra inputs are not permitted"), and
+        # no routing check reads this one: a Claude was sent it, another model refused it.
+        raise ValueError(
+            "not part of Anthropic's Messages API (it is OpenAI's chat field): ask for a web "
+            'search with Anthropic\'s web search tool, {"type": "web_search_20250305", '
+            '"name": "web_search"}'
+        )
+
+
+class MessagesRequest(_AnthropicBody):
     """Anthropic's Messages request. ``max_tokens`` is required, as Anthropic requires it."""
 
     model_config = ConfigDict(extra="allow")
@@ -372,23 +390,11 @@ class MessagesRequest(BaseModel):
     tool_choice: AnthropicToolChoice | None = None
     metadata: dict[str, Any] | None = None
     thinking: dict[str, Any] | None = None
-    #: OpenAI's chat field, refused (:meth:`_not_anthropics`); not in the published schema.
-    web_search_options: SkipJsonSchema[Any] = None
-
-    @field_validator("web_search_options")
-    @classmethod
-    def _not_anthropics(cls, value: Any) -> Any:
-        # Anthropic refuses a field it does not know ("Extra inputs are not permitted"), and
-        # no routing check reads this one: a Claude was sent it, another model refused it.
-        raise ValueError(
-            "not part of Anthropic's Messages API (it is OpenAI's chat field): ask for a web "
-            'search with Anthropic\'s web search tool, {"type": "web_search_20250305", '
-            '"name": "web_search"}'
-        )
 
 
-class CountTokensRequest(BaseModel):
-    """``POST /v1/messages/count_tokens``: a Messages request without ``max_tokens``."""
+class CountTokensRequest(_AnthropicBody):
+    """``POST /v1/messages/count_tokens``: a Messages request without ``max_tokens``, refused
+    what the Messages request refuses (Anthropic's count_tokens takes the same fields)."""
 
     model_config = ConfigDict(extra="allow")
 

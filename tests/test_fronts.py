@@ -454,6 +454,22 @@ def test_openais_web_search_options_is_refused_on_the_messages_front(
     assert fake.received == []
 
 
+def test_openais_web_search_options_is_refused_when_counting_tokens(
+    claude_client: anthropic.Anthropic,
+) -> None:
+    # count_tokens took what the Messages request refuses (Anthropic's count_tokens takes the
+    # same fields, and refuses this one as unknown): it counted a request create would refuse.
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        claude_client.messages.count_tokens(
+            model="auto",
+            messages=[{"role": "user", "content": "What is new in Python?"}],
+            extra_body={"web_search_options": {}},
+        )
+    assert refused.value.body["error"]["message"].startswith(  # type: ignore[index]
+        "web_search_options: Value error, not part of Anthropic's Messages API"
+    )
+
+
 def test_documents_a_tool_returned_reach_a_chat_model(
     claude_client: anthropic.Anthropic, fake: FakeProvider
 ) -> None:
