@@ -63,6 +63,15 @@ cascade: {threshold: 0.5, hold_back_tokens: 4}
 """
 
 
+def _cascade_yaml(fake: FakeProvider, cascade: str, *, instead_of_best: bool = False) -> str:
+    """The test policy, falling back to the closed tier, with ``cascade``'s settings and an
+    ``auto-cascade`` alias beside ``auto-best`` (or instead of it)."""
+    best = "  auto-best: {threshold: 0.05}\n"
+    alias = "  auto-cascade: {cascade: true}\n"
+    policy = policy_yaml(fake, on_failure="closed", extra=cascade)
+    return policy.replace(best, alias if instead_of_best else best + alias)
+
+
 @pytest.fixture
 def scripted() -> ScriptedLocal:
     return ScriptedLocal(words=12)
@@ -81,10 +90,7 @@ def _cascading(
 ) -> Iterator[LiveServer]:
     # ``windows``: a context_window for closed models, by their litellm_model.
     fake.reset()
-    policy = policy_yaml(fake, on_failure="closed", extra=CASCADE_POLICY + extra).replace(
-        "  auto-best: {threshold: 0.05}\n",
-        "  auto-best: {threshold: 0.05}\n  auto-cascade: {cascade: true}\n",
-    )
+    policy = _cascade_yaml(fake, CASCADE_POLICY + extra)
     for litellm_model, window in (windows or {}).items():
         line = f"litellm_model: {litellm_model}\n"
         policy = policy.replace(line, f"{line}    context_window: {window}\n")
@@ -281,9 +287,9 @@ def test_an_escalated_stream_charges_the_local_generation_time(
     # The real model ends its stream on its worker thread after the cascade closed it: the
     # record read its generation time before then, 0 s, so GPU-hour pricing charged nothing.
     fake.reset()
-    policy = policy_yaml(
-        fake, on_failure="closed", extra="cascade: {threshold: 0.9999, hold_back_tokens: 4}\n"
-    ).replace("  auto-best: {threshold: 0.05}\n", "  auto-cascade: {cascade: true}\n")
+    policy = _cascade_yaml(
+        fake, "cascade: {threshold: 0.9999, hold_back_tokens: 4}\n", instead_of_best=True
+    )
     with live(
         tmp_path,
         policy,
@@ -304,9 +310,9 @@ def _holding_back(
 ) -> AbstractContextManager[LiveServer]:
     """A live server on a socket whose cascade holds back up to 512 tokens of a local stream."""
     fake.reset()
-    policy = policy_yaml(
-        fake, on_failure="closed", extra="cascade: {threshold: 0.5, hold_back_tokens: 512}\n"
-    ).replace("  auto-best: {threshold: 0.05}\n", "  auto-cascade: {cascade: true}\n")
+    policy = _cascade_yaml(
+        fake, "cascade: {threshold: 0.5, hold_back_tokens: 512}\n", instead_of_best=True
+    )
     return live(
         tmp_path,
         policy,
@@ -404,10 +410,7 @@ def _on_external(
     """A Tiergate whose cascade's local model is the external llama.cpp server at
     ``base_url``."""
     fake.reset()
-    policy = policy_yaml(fake, on_failure="closed", extra=cascade).replace(
-        "  auto-best: {threshold: 0.05}\n",
-        "  auto-best: {threshold: 0.05}\n  auto-cascade: {cascade: true}\n",
-    )
+    policy = _cascade_yaml(fake, cascade)
     return live(
         tmp_path,
         policy,
