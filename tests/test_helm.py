@@ -17,6 +17,7 @@ import math
 import re
 import shutil
 import socket
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -785,6 +786,40 @@ def test_a_redis_acl_user_keeps_its_name_in_the_url_and_its_password_apart(
         with redis.Redis.from_url(_redis_url(c, secrets, monkeypatch)) as client:
             assert client.execute_command("ACL", "WHOAMI") == b"tiergate", c["name"]
             assert client.connection_pool.connection_kwargs["db"] == 1
+
+
+def _redis_probe(c: dict[str, Any], env: dict[str, str], bin_dir: Path) -> int:
+    """Run container ``c``'s readiness probe as the kubelet does, with ``env`` for the pod's
+    environment and the ``redis-cli`` in ``bin_dir``; its exit status."""
+    probe = c["readinessProbe"]["exec"]["command"]
+    path = f"{bin_dir}:/usr/bin:/bin"
+    return subprocess.run(probe, env={**env, "PATH": path}, timeout=10, check=False).returncode
+
+
+def test_the_bundled_redis_is_ready_only_when_it_answers_pong(
+    render: Render, redis_server: Any, tmp_path: Path
+) -> None:
+    """`redis-cli ping` exits 0 on an error reply too, so a Redis still replaying its
+    append-only file (LOADING) or refusing the password (NOAUTH) was marked ready and sent the
+    routers' connections. NOAUTH stands here for any error reply: it is quick to produce."""
+    password = "Zk3/q+Wm9xT2=="
+    redis_server.client().config_set("requirepass", password)
+    sts = find(render(VALUE_SETS["redis"]), "StatefulSet", f"{FULLNAME}-redis")
+    c = container(sts, "redis")
+    # The pod's redis-cli talks to 127.0.0.1:6379; this one to the test's server.
+    real = Path(redis_server.binary).with_name("redis-cli")
+    cli = tmp_path / "bin" / "redis-cli"
+    cli.parent.mkdir()
+    cli.write_text(f'#!/bin/sh\nexec {real} -p {redis_server.port} "$@"\n')
+    cli.chmod(0o755)
+
+    right = _kubelet_env(c, {"tiergate-redis": {"redis-password": password}})
+    assert "REDISCLI_AUTH" in right and password not in json.dumps(c["readinessProbe"])
+    assert _redis_probe(c, right, cli.parent) == 0
+    stale = _kubelet_env(c, {"tiergate-redis": {"redis-password": "an-older-one"}})
+    assert _redis_probe(c, stale, cli.parent) != 0, "NOAUTH is not ready"
+    redis_server.stop()
+    assert _redis_probe(c, right, cli.parent) != 0
 
 
 def test_otlp_headers_come_from_the_existing_secret(render: Render) -> None:
