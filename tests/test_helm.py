@@ -1104,6 +1104,22 @@ def test_hpa_owns_the_replica_count(render: Render) -> None:
     assert find(render(), "Deployment", FULLNAME)["spec"]["replicas"] == 2
 
 
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+def test_hpa_targets_may_exceed_the_request(render: Render, kube_version: str) -> None:
+    """Utilisation is a share of the pod's request, so a router whose limit is above its
+    request may aim past 100% (150: scale out at 1.5 times the requested CPU), as Kubernetes
+    allows; the schema refused any target above 100."""
+    targets = {"targetCPUUtilizationPercentage": 150, "targetMemoryUtilizationPercentage": 120}
+    values = {**VALUE_SETS["ingress-hpa"], "autoscaling": {"enabled": True, **targets}}
+    hpa = find(render(values), "HorizontalPodAutoscaler")
+    got = {m["resource"]["name"]: m["resource"]["target"] for m in hpa["spec"]["metrics"]}
+    assert got == {
+        "cpu": {"type": "Utilization", "averageUtilization": 150},
+        "memory": {"type": "Utilization", "averageUtilization": 120},
+    }
+    kv.validate(hpa, kube_version, strict=True)
+
+
 def test_redis_choice_sets_the_url_or_sqlite(render: Render) -> None:
     def router_env(values: dict[str, Any]) -> dict[str, Any]:
         return env_of(container(find(render(values), "Deployment", FULLNAME), "router"))
