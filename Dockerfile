@@ -135,14 +135,18 @@ ENV PATH=/opt/venv/bin:$PATH \
     TIERGATE_CLASSIFIER_PATH=/app/models/router-v9 \
     TIERGATE_ENCODER_PATH=/app/models/all-MiniLM-L6-v2.safetensors \
     TIERGATE_LOCAL_MODEL_PATH=/models/SmolLM2-135M-Instruct.Q4_1.gguf \
-    TIERGATE_SQLITE_PATH=/app/var/tiergate.db
+    TIERGATE_SQLITE_PATH=/app/var/tiergate.db \
+    TIERGATE_HOST=:: \
+    TIERGATE_PORT=8000
 
 WORKDIR /app
 USER 10001:10001
 EXPOSE 8000
 
+# The address and port come from TIERGATE_HOST and TIERGATE_PORT, not from CMD, so that
+# `docker run -e TIERGATE_PORT=9000` moves the server and the health check together.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % (os.environ.get('TIERGATE_PORT') or '8000'), timeout=4)"]
 
 ENTRYPOINT ["tiergate"]
-CMD ["serve", "--host", "::", "--port", "8000"]
+CMD ["serve"]

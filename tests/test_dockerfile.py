@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -18,9 +20,11 @@ import yaml
 import router.locations
 from router.artifact import DEFAULT_MODEL_NAME, STATIC_MODEL_NAME, load_scorer
 from router.cascade import DEFAULT_CASCADE_NAME, default_cascade_path, load_cascade
+from router.cli import build_parser
+from router.config import load_settings
 from router.embedding import TABLE_FILE
 from router.encoder import ENCODER_FILE, ENV_ENCODER_PATH
-from tests.conftest import checkout_files
+from tests.conftest import checkout_files, free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"
@@ -63,6 +67,27 @@ def _stages(text: str) -> list[tuple[str, str]]:
     return stages
 
 
+def _final_stage() -> str:
+    return DOCKERFILE.read_text().rsplit("\nFROM ", 1)[1]
+
+
+def _image_env() -> dict[str, str]:
+    """The final stage's ENV, as the image's config holds it."""
+    env: dict[str, str] = {}
+    for block in re.findall(r"^ENV ((?:.*\\\n)*.*)$", _final_stage(), flags=re.MULTILINE):
+        for pair in shlex.split(block.replace("\\\n", " ")):
+            name, _, value = pair.partition("=")
+            env[name] = value
+    return env
+
+
+def _exec_form(instruction: str) -> list[str]:
+    found = re.search(rf"^{instruction} (\[.*\])$", _final_stage(), flags=re.MULTILINE)
+    assert found is not None, instruction
+    argv: list[str] = json.loads(found.group(1))
+    return argv
+
+
 def test_builder_and_runtime_are_separate_stages_per_variant() -> None:
     text = DOCKERFILE.read_text()
     names = {alias for _, alias in _stages(text)}
@@ -88,7 +113,7 @@ def test_runtime_runs_as_non_root_with_a_healthcheck() -> None:
     assert re.search(r"^HEALTHCHECK .*\n?.*/healthz", final, flags=re.MULTILINE)
     assert "LITELLM_LOCAL_MODEL_COST_MAP=True" in final
     assert 'ENTRYPOINT ["tiergate"]' in final
-    assert 'CMD ["serve", "--host", "::", "--port", "8000"]' in final
+    assert 'CMD ["serve"]' in final
 
 
 def test_the_image_listens_where_the_charts_router_does() -> None:
@@ -96,12 +121,9 @@ def test_the_image_listens_where_the_charts_router_does() -> None:
     the image bound 0.0.0.0, which an IPv6-only network (a Kubernetes cluster without the
     chart, Docker's IPv6 networks) cannot reach, while the chart's router listens on ``::``."""
 
-    final = DOCKERFILE.read_text().rsplit("\nFROM ", 1)[1]
-    cmd = re.search(r"^CMD (\[.*\])$", final, flags=re.MULTILINE)
-    assert cmd is not None
-    args = json.loads(cmd.group(1))
     values = yaml.safe_load((REPO / "helm/tiergate/values.yaml").read_text())
-    assert args[args.index("--host") + 1] == values["router"]["listenAddress"] == "::"
+    assert "--host" not in _exec_form("CMD")  # the address is the image's TIERGATE_HOST
+    assert _image_env()["TIERGATE_HOST"] == values["router"]["listenAddress"] == "::"
 
 
 def test_dockerignore_keeps_the_context_small() -> None:
@@ -223,3 +245,45 @@ def test_every_image_carries_the_table_the_proxy_maps() -> None:
     table = f"models/capability-v1/{TABLE_FILE}"
     assert re.search(rf"^COPY --from=builder /src/{table} /app/{table}$", final, re.M)
     assert f"models/*/{TABLE_FILE}" in (REPO / ".dockerignore").read_text().splitlines()
+
+
+def test_the_healthcheck_follows_the_port_set_in_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`docker run -e TIERGATE_PORT=9000` is how the README sets the port, but the image's
+    CMD passed `--port 8000`, which wins over the variable, and the HEALTHCHECK probed 8000
+    whatever the port: the port is now the image's TIERGATE_PORT, which the check reads."""
+    port = free_port()
+    argv = _exec_form("ENTRYPOINT") + _exec_form("CMD")
+    assert argv[0] == "tiergate"
+    env = {**_image_env(), "TIERGATE_PORT": str(port)}  # docker run -e TIERGATE_PORT=...
+    with monkeypatch.context() as patch:
+        for name in [n for n in os.environ if n.startswith("TIERGATE_")]:
+            patch.delenv(name)
+        for name, value in env.items():
+            patch.setenv(name, value)
+        args = build_parser().parse_args(argv[1:])
+        assert load_settings(host=args.host, port=args.port).port == port
+
+    # The real server, started as the image starts it, where the image's paths are the
+    # checkout's: the HEALTHCHECK's own command finds it healthy.
+    env = {n: v for n, v in env.items() if not v.startswith(("/app", "/models"))}
+    env |= {"TIERGATE_HOME": str(tmp_path), "TIERGATE_ALLOW_ANONYMOUS": "true"}
+    base = {n: v for n, v in os.environ.items() if not n.startswith("TIERGATE_")}
+    run_env = {**base, **env, "PYTHONPATH": str(REPO)}
+    check = re.search(r"^HEALTHCHECK .*(?:\\\n.*)*?CMD (\[.*\])$", _final_stage(), re.M)
+    assert check is not None
+    probe = [sys.executable if a == "python" else a for a in json.loads(check.group(1))]
+    serve = [sys.executable, "-m", "router.cli", *argv[1:]]
+    proc = subprocess.Popen(serve, env=run_env, cwd=tmp_path, stderr=subprocess.PIPE)
+    try:
+
+        def healthy() -> bool:
+            assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+            done = subprocess.run(probe, env=run_env, capture_output=True, timeout=10, check=False)
+            return done.returncode == 0
+
+        assert wait_for(healthy, 60)
+    finally:
+        proc.kill()
+        proc.communicate()
