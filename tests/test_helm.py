@@ -1086,6 +1086,48 @@ def test_grace_period_check_counts_the_routers_whole_shutdown(chart: Any) -> Non
         assert chart.render(enough, name=RELEASE, namespace=NAMESPACE)
 
 
+@pytest.mark.parametrize("value", ["60", " 60 ", "017"])
+def test_grace_period_check_reads_the_shutdown_timeout_as_the_router_does(
+    chart: Any, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """The chart read TIERGATE_SHUTDOWN_TIMEOUT_S with Helm's `int`, which makes " 60 " 0 and
+    "017" octal 15, while the router takes 60 and 17: a grace period too short for the router's
+    drain rendered, and SIGKILL cut it off."""
+    monkeypatch.setenv("TIERGATE_SHUTDOWN_TIMEOUT_S", value)
+    shutdown = load_settings().shutdown_timeout_s
+    env = [{"name": "TIERGATE_SHUTDOWN_TIMEOUT_S", "value": value}]
+    needed = 5 + shutdown + 23  # preStopSleepSeconds + the timeout + the drain after it
+    short = {"router": {"extraEnv": env, "terminationGracePeriodSeconds": needed}}
+    with pytest.raises(helm.HelmRenderError, match="TIERGATE VALUES VALIDATION") as failure:
+        chart.render(short, name=RELEASE, namespace=NAMESPACE)
+    assert f"TIERGATE_SHUTDOWN_TIMEOUT_S ({shutdown})" in str(failure.value)
+    enough = {"router": {"extraEnv": env, "terminationGracePeriodSeconds": needed + 1}}
+    assert chart.render(enough, name=RELEASE, namespace=NAMESPACE)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"value": "60s"},
+        {"value": "0"},
+        {"value": "$(DRAIN_SECONDS)"},
+        {"value": "{{ .Values.drain }}"},
+        {"value": 60},
+        {"valueFrom": {"configMapKeyRef": {"name": "tiergate-env", "key": "shutdown"}}},
+    ],
+)
+def test_a_shutdown_timeout_the_chart_cannot_check_is_refused(
+    chart: Any, entry: dict[str, Any]
+) -> None:
+    """A value the router refuses (it crash-looped, the chart having counted it as 0), one the
+    kubelet fills in (`$(VAR)`, valueFrom: the grace period went unchecked against it) or a
+    number Kubernetes refuses in an env value: the chart now says what to write."""
+    values = {"router": {"extraEnv": [{"name": "TIERGATE_SHUTDOWN_TIMEOUT_S", **entry}]}}
+    with pytest.raises(helm.HelmRenderError, match="TIERGATE VALUES VALIDATION") as failure:
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    assert "router.extraEnv's TIERGATE_SHUTDOWN_TIMEOUT_S must be a plain" in str(failure.value)
+
+
 def test_hpa_owns_the_replica_count(render: Render) -> None:
     docs = render(VALUE_SETS["ingress-hpa"])
     assert "replicas" not in find(docs, "Deployment", FULLNAME)["spec"]

@@ -519,10 +519,23 @@ Included at the top of the router Deployment so every render runs it.
 {{- if and (include "tiergate.router.sqliteClaim" .) $routerStrategy (ne ($routerStrategy.type | default "RollingUpdate") "Recreate") -}}
 {{- $errors = append $errors "router.updateStrategy is a RollingUpdate but the router keeps its SQLite file on a ReadWriteOnce claim (sqlite.persistence.enabled without Redis): two pods would write one file, or the new one wait on the volume; use {type: Recreate}, or leave router.updateStrategy empty" -}}
 {{- end -}}
+{{- /*
+TIERGATE_SHUTDOWN_TIMEOUT_S is read as the router reads it (spaces trimmed, decimal: Helm's
+`int` made " 60 " 0 and "017" octal), and only as a plain string of digits: one from valueFrom
+or a $(VAR) the kubelet fills in cannot be checked, and one the router refuses would crash-loop.
+*/ -}}
 {{- $shutdown := 15 -}}
 {{- range .Values.router.extraEnv -}}
-{{- if and (eq (toString .name) "TIERGATE_SHUTDOWN_TIMEOUT_S") .value -}}
-{{- $shutdown = int .value -}}
+{{- if eq (toString .name) "TIERGATE_SHUTDOWN_TIMEOUT_S" -}}
+{{- $seconds := "" -}}
+{{- if kindIs "string" .value -}}
+{{- $seconds = trim .value -}}
+{{- end -}}
+{{- if and (regexMatch "^[0-9]+$" $seconds) (gt (atoi $seconds) 0) -}}
+{{- $shutdown = atoi $seconds -}}
+{{- else -}}
+{{- $errors = append $errors (printf "router.extraEnv's TIERGATE_SHUTDOWN_TIMEOUT_S must be a plain string of whole seconds, 1 or more (value: \"60\"; --set-string), which the chart checks router.terminationGracePeriodSeconds against; got %s" (toJson (omit . "name"))) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 {{- /*
