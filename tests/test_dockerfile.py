@@ -265,9 +265,9 @@ def test_the_healthcheck_follows_the_port_set_in_the_environment(
         args = build_parser().parse_args(argv[1:])
         assert load_settings(host=args.host, port=args.port).port == port
 
-    # The real server, started as the image starts it, where the image's paths are the
-    # checkout's: the HEALTHCHECK's own command finds it healthy.
-    env = {n: v for n, v in env.items() if not v.startswith(("/app", "/models"))}
+    # The real server, started as the image starts it, where the image's paths (its
+    # virtualenv, /app, /models) are the checkout's: the HEALTHCHECK's own command passes.
+    env = {n: v for n, v in env.items() if n != "PATH" and not v.startswith(("/app", "/models"))}
     env |= {"TIERGATE_HOME": str(tmp_path), "TIERGATE_ALLOW_ANONYMOUS": "true"}
     base = {n: v for n, v in os.environ.items() if not n.startswith("TIERGATE_")}
     run_env = {**base, **env, "PYTHONPATH": str(REPO)}
@@ -275,15 +275,17 @@ def test_the_healthcheck_follows_the_port_set_in_the_environment(
     assert check is not None
     probe = [sys.executable if a == "python" else a for a in json.loads(check.group(1))]
     serve = [sys.executable, "-m", "router.cli", *argv[1:]]
-    proc = subprocess.Popen(serve, env=run_env, cwd=tmp_path, stderr=subprocess.PIPE)
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(serve, env=run_env, cwd=tmp_path, stdout=out, stderr=out)
     try:
 
         def healthy() -> bool:
-            assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+            assert proc.poll() is None, log.read_text()[-2000:]
             done = subprocess.run(probe, env=run_env, capture_output=True, timeout=10, check=False)
             return done.returncode == 0
 
-        assert wait_for(healthy, 60)
+        assert wait_for(healthy, 60), log.read_text()[-2000:]
     finally:
         proc.kill()
-        proc.communicate()
+        proc.wait()
