@@ -306,9 +306,16 @@ class RateLimitError(TiergateError):
     error_type = "rate_limit_error"
     code = "rate_limited"
 
-    def __init__(self, message: str, *, retry_after: float | None = None, code: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        code: str | None = None,
+        should_retry: bool | None = None,
+    ):
         headers = {"retry-after": str(max(1, round(retry_after)))} if retry_after else None
-        super().__init__(message, code=code, headers=headers)
+        super().__init__(message, code=code, headers=headers, should_retry=should_retry)
         self.retry_after = retry_after
 
 
@@ -318,16 +325,26 @@ class LocalOverloadedError(RateLimitError):
     code = "local_queue_full"
 
 
+#: The ``Retry-After`` of a budget refusal owed to the holds of requests in flight: they are
+#: settled as those requests end (most within seconds), freeing what they did not spend.
+BUDGET_HELD_RETRY_S = 5.0
+
+
 class BudgetExceededError(RateLimitError):
     """The tenant's daily budget is spent (or held by requests in flight) and its policy says
-    reject. A retry cannot help before the budget's day (UTC) ends: ``x-should-retry: false``
-    (OpenAI's SDKs would retry a 429 twice, each one recorded), and ``Retry-After`` says when
-    it ends."""
+    reject. Spent, a retry cannot help before the budget's day (UTC) ends:
+    ``x-should-retry: false`` (OpenAI's SDKs would retry a 429 twice, each one recorded), and
+    ``Retry-After`` says when it ends. ``held`` (the spend alone is under the budget): the
+    holds free as their requests end, so ``x-should-retry: true`` and a ``Retry-After`` of
+    :data:`BUDGET_HELD_RETRY_S`."""
 
     code = "budget_exceeded"
     should_retry = False
 
-    def __init__(self, message: str, *, now: float | None = None) -> None:
+    def __init__(self, message: str, *, now: float | None = None, held: bool = False) -> None:
+        if held:
+            super().__init__(message, retry_after=BUDGET_HELD_RETRY_S, should_retry=True)
+            return
         now = time.time() if now is None else now
         super().__init__(message, retry_after=86400 - now % 86400)
 

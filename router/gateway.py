@@ -623,7 +623,7 @@ class Gateway:
         ctx.prompt = _prompt_to_store(ctx.decision, call.body)
         await self.hold_spend(ctx, self.reserve_tokens)
         if ctx.decision.rejected:
-            raise BudgetExceededError(ctx.decision.rejected)
+            raise BudgetExceededError(ctx.decision.rejected, held=ctx.decision.rejected_held)
         if ctx.decision.unsatisfiable:
             code = "context_length_exceeded" if ctx.decision.context_exceeded else None
             param = ctx.decision.unsatisfiable_param  # named as the client's front names it
@@ -809,6 +809,7 @@ class Gateway:
                 policy,
                 thresholds=self.thresholds,
                 spend_today_usd=self.outcomes.spend_today(tenant),
+                held_usd=self.outcomes.held_today(tenant),
                 closed_available=self.closed_available(),
             )
             decision = decide(signals)
@@ -1005,6 +1006,7 @@ class Gateway:
             ctx.signals,
             thresholds=self.thresholds,
             spend_today_usd=spend,
+            held_usd=self.outcomes.held_today(ctx.tenant),
             closed_available=self.closed_available(),
             hold_refused=self.outcomes.hold_refusal(ctx.tenant, decision.budget_usd),
         )

@@ -349,6 +349,10 @@ class OutcomeStore(Protocol):
         holds of requests in flight."""
         ...
 
+    def held_today(self, tenant: str) -> float:
+        """The part of :meth:`spend_today` that requests in flight here hold, not yet spent."""
+        ...
+
     def reserve_spend(self, tenant: str, request_id: str, usd: float, budget: float | None) -> bool:
         """Hold ``usd`` for a request about to be served, unless ``tenant``'s spend today (holds
         included) has reached ``budget``; one atomic step. The request's record (or
@@ -618,6 +622,11 @@ class SpendLedger:
             for request_id, (tenant, _) in self._holds.items():
                 held[tenant].append(request_id)
             return dict(held)
+
+    def held(self, tenant: str) -> float:
+        """USD held here for ``tenant``'s requests in flight."""
+        with self._lock:
+            return self._held.get(tenant, 0.0)
 
     def get(self, tenant: str) -> float:
         """USD spent today by ``tenant``: stored, queued and held."""
@@ -943,6 +952,10 @@ class OutcomeWriter:
         """USD recorded for ``tenant`` today: stored (erased items included), queued here, and
         held here."""
         return self.ledger.get(tenant)
+
+    def held_today(self, tenant: str) -> float:
+        """USD this process holds for ``tenant``'s requests in flight (in :meth:`spend_today`)."""
+        return self.ledger.held(tenant)
 
     def erased_spend_buckets(self, since_ts: float, tenant: str | None = None) -> list[ErasedSpend]:
         """What erased items made since ``since_ts`` cost, per bucket (the store's)."""

@@ -551,6 +551,9 @@ class Decision:
     * ``rejected``: set when the tenant's daily budget is spent and its ``over_budget`` is
       ``reject``; the caller answers 429 ``budget_exceeded`` and calls no model. ``tier`` is then
       ``local`` so that a caller that forgets the check still spends nothing.
+    * ``rejected_held``: the refusal is owed to holds of requests in flight (or the outcome
+      store's refusal of a hold), not to spend: the spend alone is under the budget, and what
+      those requests do not spend is freed as they end, so a retry in a few seconds may pass.
     * ``no_closed_local``: no closed model was available (no API key) and the policy does not say
       ``fail_closed``, so the local model ends the fallback chain of this closed decision.
     * ``cascade``: set when the request cascades (a ``route: cascade`` rule, or ``auto`` under a
@@ -576,6 +579,7 @@ class Decision:
     fallbacks: tuple[str, ...] = ()
     unsatisfiable: str | None = None
     rejected: str | None = None
+    rejected_held: bool = False
     policy_version: str = ""
     unsatisfiable_param: str | None = None
     budget_usd: float | None = None  # the tenant's daily budget, for reserving spend
@@ -686,6 +690,7 @@ def evaluate(
     spend_today_usd: float | None = None,
     closed_available: bool = True,
     hold_refused: str | None = None,
+    held_usd: float = 0.0,
 ) -> Decision:
     """Decide where one request goes. Pure, total on a valid policy, no I/O.
 
@@ -693,7 +698,9 @@ def evaluate(
     ``target_closed_share`` from the outcome store), keyed by :meth:`Policy.calibration_key`: a
     value there wins over the policy's for an alias with a target share, and only for the
     tenants that alias is in force for.
-    ``spend_today_usd`` is the tenant's closed-tier spend today, checked against its budget.
+    ``spend_today_usd`` is the tenant's closed-tier spend today, checked against its budget;
+    ``held_usd`` is the part of it that requests in flight hold, not yet spent: a refusal says
+    which it is, and one owed to the holds is :attr:`Decision.rejected_held`.
     ``hold_refused``: why the outcome store refused this request's hold against the budget (the
     web layer decides again then): the request is over budget even with the spend under it, and
     the reason gives the spend as it is, followed by this text.
@@ -745,7 +752,7 @@ def evaluate(
     # A hard constraint that moved the request decided it, not the rule (in reason and trace).
     name = "constraint" if step.moved else name
     by_rule = local_only  # before a spent budget may force it local
-    step.apply_budget(plan, spend_today_usd, hold_refused)
+    step.apply_budget(plan, spend_today_usd, hold_refused, held_usd)
     if step.forced_local:
         name, local_only = step.rule or name, True
     if step.over_budget:  # shadow traffic would spend the exhausted budget
@@ -802,6 +809,7 @@ def evaluate(
         unsatisfiable=step.unsatisfiable,
         unsatisfiable_param=step.unsatisfiable_param,
         rejected=step.rejected,
+        rejected_held=step.rejected is not None and step.budget_held,
         policy_version=runtime.digest,
         budget_usd=plan.budget_usd,
         no_closed_local=no_closed_local,
@@ -1054,6 +1062,7 @@ class _Step:
     """The post-rule steps of one decision: hard constraints, budget, fallbacks."""
 
     __slots__ = (
+        "budget_held",
         "context_exceeded",
         "forced_local",
         "local_only",
@@ -1088,6 +1097,7 @@ class _Step:
         self.unsatisfiable_param: str | None = None
         self.context_exceeded = False
         self.rejected: str | None = None
+        self.budget_held = False  # over budget for the holds (or a refused hold), not the spend
         self.rule: str | None = None
         self.forced_local = False
         self.moved = False  # a hard constraint moved the request to another model
@@ -1129,7 +1139,9 @@ class _Step:
         self.reason += f"; {note}"
         self.model, self.moved = target, True
 
-    def apply_budget(self, plan: Plan, spend: float | None, hold_refused: str | None) -> None:
+    def apply_budget(
+        self, plan: Plan, spend: float | None, hold_refused: str | None, held: float
+    ) -> None:
         if plan.budget_usd is None or spend is None:
             return
         under = spend < plan.budget_usd
@@ -1137,11 +1149,18 @@ class _Step:
             return
         self.over_budget = True
         tenant = plan.tenant or self.signals.tenant
-        # ``spend`` counts the holds of requests in flight: money held, not yet spent.
+        # ``spend`` counts the holds of requests in flight (``held``): money held, not spent.
+        # Where the spend alone is under the budget, the holds stand in the way, and what their
+        # requests do not spend is freed as they end: a retry may pass (rejected_held).
+        paid = max(spend - held, 0.0)
+        self.budget_held = paid < plan.budget_usd
         budget = usd(plan.budget_usd)
-        spent = f"tenant '{tenant}' spent and held {usd(spend)} of its {budget} daily budget"
+        holding = f" and holds {usd(held)} for requests in flight" if held > 0 else ""
+        spent = f"tenant '{tenant}' spent {usd(paid)}{holding} of its {budget} daily budget"
         if under:
             spent += hold_refused or ""
+        elif self.budget_held:
+            spent += "; what they do not spend is freed as they end"
         if self.policy.models[self.model].tier == "local":
             return
         self.rule = f"budget:{tenant}"

@@ -822,29 +822,63 @@ def test_a_client_leaving_while_its_hold_is_topped_up_leaves_no_hold(
         assert fake.received == []
 
 
-def test_a_budget_refusal_says_the_money_held_is_held_not_spent(
-    tmp_path: Path, fake: FakeProvider
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_a_budget_refusal_owed_to_holds_says_so_and_asks_for_a_retry_in_seconds(
+    tmp_path: Path, fake: FakeProvider, backend: str
 ) -> None:
-    # A closed request in flight holds what gpt-4o may write (16,384 tokens, $0.16); another was
-    # refused saying the tenant "spent $0.16 of its $0.10 daily budget", with nothing spent.
+    """A closed request in flight holds what gpt-4o may write (16,384 tokens, $0.16) of a $0.10
+    budget, with nothing spent. Another was refused saying the tenant "spent and held $0.16",
+    with ``x-should-retry: false`` and a ``Retry-After`` until midnight UTC, though the hold is
+    settled (and what it did not spend freed) as its request ends. Now it says what is spent and
+    what is held, with ``x-should-retry: true`` and a ``Retry-After`` of 5 s; on Redis, so
+    does another replica, which sees the hold only in Redis (its hold is refused there)."""
+    from router.outcomes_redis import RedisOutcomeStore
     from router.policy import usd
     from tests.fake_provider import Behaviour
 
+    if backend == "redis" and redis_binary() is None:
+        pytest.skip("no redis-server binary")
     fake.reset(Behaviour(mode="stall", stall_s=10))
     hard = {**CHAT, "messages": [{"role": "user", "content": "HARD hi"}]}
-    with live(tmp_path, _budget_policy(fake, 0.1)) as srv:
-        asking = threading.Thread(target=_post, args=(srv, hard))
+    policy = _budget_policy(fake, 0.1)
+    with contextlib.ExitStack() as stack:
+        url = None
+        if backend == "redis":
+            url = stack.enter_context(RedisServer(tmp_path / "redis")).url
+
+        def replica(name: str) -> LiveServer:
+            work = tmp_path / name
+            work.mkdir()
+            store = RedisOutcomeStore(url, journal=work / "j.jsonl") if url else None
+            return stack.enter_context(live(work, policy, outcomes=store))
+
+        a = replica("a")
+        others = [a, replica("b")] if url else [a]
+        asking = threading.Thread(target=_post, args=(a, hard))
         asking.start()
         try:
             assert wait_for(lambda: len(fake.received) == 1)
-            held = _held_usd(srv, "default")
-            refused = _post(srv, hard)
+            held = _held_usd(a, "default")
+            refused = [_post(srv, hard) for srv in others]
         finally:
             fake.unstall()
             asking.join(30)
-        assert refused.status_code == 429
-        message = refused.json()["error"]["message"]
-        assert message == f"tenant 'default' spent and held {usd(held)} of its $0.10 daily budget"
+    assert held > 0.1
+    for response in refused:
+        assert response.status_code == 429
+        assert response.json()["error"]["code"] == "budget_exceeded"
+        assert response.headers["x-should-retry"] == "true"
+        assert response.headers["retry-after"] == "5"  # errors.BUDGET_HELD_RETRY_S
+    messages = [r.json()["error"]["message"] for r in refused]
+    assert messages[0] == (
+        f"tenant 'default' spent $0.00 and holds {usd(held)} for requests in flight of its $0.10"
+        " daily budget; what they do not spend is freed as they end"
+    )
+    if url:  # replica b holds nothing itself: Redis refused its hold
+        assert messages[1] == (
+            "tenant 'default' spent $0.00 of its $0.10 daily budget; requests in flight hold"
+            " the rest"
+        )
 
 
 def test_concurrent_requests_stay_within_the_budget(tmp_path: Path, fake: FakeProvider) -> None:
@@ -859,12 +893,16 @@ def test_concurrent_requests_stay_within_the_budget(tmp_path: Path, fake: FakePr
         assert codes.count(200) >= 2 and codes.count(429) >= 10
         refused = next(r for r in got if r.status_code == 429)
         message = refused.json()["error"]["message"]
-        assert re.search(r"spent and held \$0\.000\d+ of its \$0\.0003 daily budget", message), (
-            message
-        )
-        # No retry before the budget's UTC day ends (an SDK retry would be refused, and recorded).
-        assert refused.headers["x-should-retry"] == "false"
-        assert 0 < int(refused.headers["retry-after"]) <= 86400
+        held = r"(and holds \$0\.000\d+ for requests in flight )?"
+        assert re.search(rf"spent \$0\.\d+ {held}of its \$0\.0003 daily budget", message), message
+        # Spent: no retry before the budget's UTC day ends (an SDK retry would be refused, and
+        # recorded); held by requests in flight: a retry in seconds.
+        for response in (r for r in got if r.status_code == 429):
+            text = response.json()["error"]["message"]
+            spent = "freed as they end" not in text and "in flight hold" not in text
+            assert response.headers["x-should-retry"] == ("false" if spent else "true"), text
+            wait = int(response.headers["retry-after"])
+            assert 5 < wait <= 86400 if spent else wait == 5, text
         store = srv.gateway.outcomes
         assert wait_for(lambda: store.count() == 30) and store.flush()
         rows = [r for r in store.recent(100) if r["status"] == "ok"]
@@ -979,10 +1017,11 @@ def test_a_replica_started_past_a_spent_budget_sees_it_from_its_first_request(
         with replica("b") as b:
             plan = b.http.post("/v1/route", json=HARD_LONG).json()["decision"]
             refused = _post(b, HARD_LONG)
-    why = f"tenant 'default' spent and held {usd(spent)} of its $0.00001 daily budget"
+    why = f"tenant 'default' spent {usd(spent)} of its $0.00001 daily budget"
     assert (plan["rule"], plan["rejected"]) == ("budget:default", why)
     assert refused.status_code == 429, refused.text
     assert refused.json()["error"]["message"] == why
+    assert refused.headers["x-should-retry"] == "false"  # spent: a retry waits for the next day
     assert fake.received == []
 
 
@@ -1337,6 +1376,6 @@ def test_a_budget_refusal_in_a_redis_outage_says_what_was_spent_and_why(
             error = refused.json()["error"]
             assert error["code"] == "budget_exceeded"
             assert error["message"].startswith(
-                "tenant 'default' spent and held $0.00 of its $1.25 daily budget; the outcome store"
+                "tenant 'default' spent $0.00 of its $1.25 daily budget; the outcome store"
                 " is unreachable and this replica has not read the shared spend"
             ), error["message"]

@@ -354,7 +354,7 @@ def test_budget_spent_forces_local() -> None:
     assert (decision.tier, decision.model, decision.rule) == ("local", "small", "budget:capped")
     assert decision.local_only and decision.on_failure == "error" and decision.fallbacks == ()
     assert decision.shadow_rate == 0.0 and decision.rejected is None
-    assert "spent and held $5.00 of its $5.00 daily budget" in decision.reason
+    assert "spent $5.00 of its $5.00 daily budget" in decision.reason
 
 
 def test_a_refused_hold_is_over_budget_and_its_reason_gives_the_spend_as_it_is() -> None:
@@ -366,18 +366,39 @@ def test_a_refused_hold_is_over_budget_and_its_reason_gives_the_spend_as_it_is()
         hold_refused="; in-flight requests hold the rest",
     )
     assert decision.rejected == (
-        "tenant 'hard' spent and held $3.20 of its $5.00 daily budget;"
-        " in-flight requests hold the rest"
+        "tenant 'hard' spent $3.20 of its $5.00 daily budget; in-flight requests hold the rest"
     )
+    assert decision.rejected_held  # the holds free as their requests end: a retry may pass
     spent = evaluate(
         policy(TENANTS), signals(tenant="hard", score=0.9), spend_today_usd=7.5, hold_refused="; x"
     )
-    assert spent.rejected == "tenant 'hard' spent and held $7.50 of its $5.00 daily budget"
+    assert spent.rejected == "tenant 'hard' spent $7.50 of its $5.00 daily budget"
+    assert not spent.rejected_held
+
+
+def test_a_budget_refusal_tells_the_spend_from_the_holds_of_requests_in_flight() -> None:
+    # "spent and held $5.50": a refusal owed to holds (freed as their requests end, in seconds)
+    # read like a spent budget, and was answered as one (retry after midnight UTC).
+    held = evaluate(
+        policy(TENANTS), signals(tenant="hard", score=0.9), spend_today_usd=5.5, held_usd=3.0
+    )
+    assert held.rejected == (
+        "tenant 'hard' spent $2.50 and holds $3.00 for requests in flight of its $5.00 daily"
+        " budget; what they do not spend is freed as they end"
+    )
+    assert held.rejected_held
+    spent = evaluate(
+        policy(TENANTS), signals(tenant="hard", score=0.9), spend_today_usd=6.0, held_usd=0.5
+    )
+    assert spent.rejected == (
+        "tenant 'hard' spent $5.50 and holds $0.50 for requests in flight of its $5.00 daily budget"
+    )
+    assert not spent.rejected_held
 
 
 def test_budget_spent_reject() -> None:
     decision = evaluate(policy(TENANTS), signals(tenant="hard", score=0.9), spend_today_usd=7.5)
-    assert decision.rejected == "tenant 'hard' spent and held $7.50 of its $5.00 daily budget"
+    assert decision.rejected == "tenant 'hard' spent $7.50 of its $5.00 daily budget"
     assert (decision.tier, decision.rule, decision.on_failure) == ("local", "budget:hard", "error")
 
 
