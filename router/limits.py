@@ -145,6 +145,8 @@ class TokenHold:
     tokens: int
     in_redis: bool = False
     settled: bool = field(default=False)
+    # The last change sent to Redis for this hold: the next waits for it (RateLimiter.adjust).
+    sent: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def settle(self, used: int) -> None:
         """Replace the reservation by ``used`` tokens (never raises, never waits)."""
@@ -306,7 +308,11 @@ class RateLimiter:
         return TokenHold(self, tenant, start, tokens, in_redis=in_redis)
 
     def adjust(self, hold: TokenHold, delta: int) -> None:
-        """Add ``delta`` tokens to the window ``hold`` was reserved in (see TokenHold.settle)."""
+        """Add ``delta`` tokens to the window ``hold`` was reserved in (see TokenHold.settle).
+
+        In Redis a hold's changes arrive in the order they were made, each sent once the one
+        before it is done: sent at once, on the pool's connections, a top-up could arrive after
+        its settle, which the script had stopped at 0, and add tokens no request used."""
         if delta == 0:
             return
         if hold.in_redis and self._redis is not None:
@@ -314,7 +320,8 @@ class RateLimiter:
                 loop = asyncio.get_running_loop()
             except RuntimeError:  # no loop (shutting down): the window expires on its own
                 return
-            task = loop.create_task(self._settle_redis(hold, delta))
+            task = loop.create_task(self._settle_redis(hold, delta, hold.sent))
+            hold.sent = task
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
             return
@@ -376,7 +383,11 @@ class RateLimiter:
             return _ADMITTED
         return "tpm", float(done[1]), float(done[2])
 
-    async def _settle_redis(self, hold: TokenHold, delta: int) -> None:
+    async def _settle_redis(
+        self, hold: TokenHold, delta: int, after: asyncio.Task[None] | None
+    ) -> None:
+        if after is not None:
+            await asyncio.wait([after])  # it never raises (below)
         try:
             await self._settle_script(
                 keys=[f"{_redis_base(hold.tenant)}:tok:{hold.start}"], args=[delta]

@@ -114,6 +114,41 @@ def test_rate_limit_is_shared_by_replicas_through_redis(tmp_path: Path, fake: Fa
 
 
 @pytest.mark.skipif(redis_binary() is None, reason="no redis-server binary")
+def test_a_redis_top_up_that_reaches_redis_after_its_settle_leaks_no_tokens(
+    tmp_path: Path,
+) -> None:
+    """A request that goes on to another model tops its token reservation up, and settles when
+    it ends; each change is sent to Redis by its own task, on whichever pooled connection is
+    free. A top-up that reached Redis after the settle (its connection slower: a new one, a
+    script reloaded) found the window taken below zero by the settle and set to 0, then added
+    its tokens back: 1,000 tokens no request used counted against the tenant for the window."""
+    tenant = Principal(tenant="acme", permissions=frozenset(), key_id="k")
+
+    async def scenario(url: str) -> int:
+        limiter = limits.RateLimiter(rpm=None, tpm=100_000, redis_url=url)
+        hold = await limiter.reserve(tenant, 100)
+        script, sent = limiter._settle_script, []
+
+        async def first_one_slow(*args: Any, **kwargs: Any) -> Any:
+            sent.append(kwargs["args"][0])
+            if len(sent) == 1:
+                await asyncio.sleep(0.2)  # the top-up's connection is slower than the settle's
+            return await script(*args, **kwargs)
+
+        limiter._settle_script = first_one_slow
+        hold.top_up(1000)  # a fallback to a model that may write more
+        hold.settle(30)  # the request ended: it used 30 tokens
+        await limiter.aclose()  # its changes reach Redis
+        assert sent == [1000, 30 - 1100]
+        return hold.start
+
+    with RedisServer(tmp_path) as redis_server:
+        start = asyncio.run(scenario(redis_server.url))
+        window = f"{limits._redis_base('acme')}:tok:{start}"
+        assert int(redis_server.client().get(window) or 0) == 30
+
+
+@pytest.mark.skipif(redis_binary() is None, reason="no redis-server binary")
 def test_two_deployments_on_one_redis_keep_apart_by_its_database_number(tmp_path: Path) -> None:
     """Every key Tiergate keeps in Redis begins with ``tiergate:``, and no setting changes
     that: two deployments on one Redis keep apart by the database number in their
