@@ -149,10 +149,12 @@ REBUILD_TTL_S = 300
 #: The oldest Redis the store works with: the retention purge and an erasure's stream rebuild
 #: need XTRIM MINID, the rebuild XGROUP CREATECONSUMER and exclusive XPENDING ranges (6.2).
 MIN_REDIS = (6, 2)
-#: A budget hold whose request never wrote a record (its replica died) lapses after this long.
-#: A replica renews the holds of its requests in flight every third of it (in the spend
-#: refresh), so a request that runs longer (a long stream) keeps its hold.
-HOLD_TTL_S = 900
+#: A budget hold whose request never wrote a record (its replica died) lapses after this long,
+#: blocking its tenant's budget until then. A replica renews the holds of its requests in
+#: flight every third of it (in the spend refresh, each second), so a request that runs longer
+#: (a long stream) keeps its hold, and one lapses only where its replica could not renew it for
+#: two thirds of it (200 s: Redis unreachable, the writer stalled).
+HOLD_TTL_S = 300
 #: After Redis failed a budget hold, holds use this replica's view for this long without asking
 #: Redis (as the rate limits do): no connect timeout per request, no warning per request.
 HOLD_RETRY_S = 1.0

@@ -727,6 +727,24 @@ def test_a_replica_started_in_an_outage_holds_no_budget_it_cannot_see(
         c.close(timeout_s=0.5)
 
 
+def test_a_dead_replica_s_budget_hold_lapses_within_five_minutes(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A hold whose replica died (no record, no renewal) blocked its tenant's budget for 15
+    minutes; its replica renews it every third of that, each renewal a round trip in the spend
+    refresh, so 5 minutes leave it 200 s to miss renewals (an outage, a stalled writer)."""
+    s = store(redis_server, tmp_path)
+    try:
+        assert s.reserve_spend("acme", "req_1", 1.0, 2.0)
+        client = redis_server.client()
+        seconds, micros = client.time()
+        left = float(client.zscore("tiergate:holds:acme", "req_1") or 0) - seconds - micros / 1e6
+        assert 295 < left <= 300
+        assert 0 < client.ttl("tiergate:hold:acme") <= 300
+    finally:
+        s.close()
+
+
 def test_a_request_longer_than_the_hold_ttl_keeps_its_budget_hold(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
