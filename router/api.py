@@ -66,11 +66,11 @@ router = APIRouter()
 
 
 def _dumps(data: Any) -> bytes:
-    """``data`` as compact UTF-8 JSON for the client (:func:`_utf8`)."""
-    return _utf8(json.dumps(data, separators=(",", ":"), ensure_ascii=False))
+    """``data`` as compact UTF-8 JSON for the client (:func:`client_utf8`)."""
+    return client_utf8(json.dumps(data, separators=(",", ":"), ensure_ascii=False))
 
 
-def _utf8(text: str) -> bytes:
+def client_utf8(text: str) -> bytes:
     """``text`` as UTF-8 for the client. A lone surrogate, which a provider's text may escape
     (``"\\ud83d"``: half an emoji), has no UTF-8 form: it is written as U+FFFD, as one in a
     request is read (:func:`parse_json`), not failed as a 500."""
@@ -82,7 +82,8 @@ def _utf8(text: str) -> bytes:
 
 class ClientJSON(JSONResponse):
     """A JSON response written as :func:`_dumps` writes an answer: an error's message may quote
-    a provider's, lone surrogate and all."""
+    a provider's, lone surrogate and all, and ``/readyz`` and the dashboard show paths, which
+    hold one where a file name is not UTF-8."""
 
     def render(self, content: Any) -> bytes:
         return _dumps(content)
@@ -671,7 +672,7 @@ def _event(event: dict[str, Any]) -> bytes:
     name = str(event.get("type", "message"))
     if "\n" in name or "\r" in name:  # a provider's type must not write lines of its own
         name = name.replace("\r", "").replace("\n", "")
-    return b"event: " + _utf8(name) + b"\ndata: " + _dumps(event) + b"\n\n"
+    return b"event: " + client_utf8(name) + b"\ndata: " + _dumps(event) + b"\n\n"
 
 
 async def _event_sse(
@@ -825,7 +826,7 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-async def readyz(request: Request) -> JSONResponse:
+async def readyz(request: Request) -> ClientJSON:
     """Readiness: the policy is parsed, the local model (if any) is loaded, and the outcome
     writer runs on a store it takes.
 
@@ -837,7 +838,7 @@ async def readyz(request: Request) -> JSONResponse:
     principal = getattr(request.state, "principal", None)
     if not (isinstance(principal, Principal) and principal.can("dashboard")):
         report = {"ready": report["ready"]}
-    return JSONResponse(report, status_code=200 if report["ready"] else 503)
+    return ClientJSON(report, status_code=200 if report["ready"] else 503)
 
 
 def readiness(svc: Services) -> dict[str, Any]:

@@ -31,8 +31,9 @@ from typing import Any
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, Response
 
+from router.api import ClientJSON, client_utf8
 from router.auth import require
 from router.cascade import ESCALATED, CascadeModel
 from router.errors import TiergateError
@@ -426,9 +427,9 @@ TENANT_QUERY = Query(None, description="only this tenant's requests, labels and 
 @router.get("/dashboard/data")
 async def dashboard_json(
     request: Request, window_s: int = Query(3600), tenant: str | None = TENANT_QUERY
-) -> JSONResponse:
+) -> ClientJSON:
     """The dashboard's numbers as JSON."""
-    return JSONResponse(await dashboard_data(request, _window(window_s), tenant or None))
+    return ClientJSON(await dashboard_data(request, _window(window_s), tenant or None))
 
 
 @router.get("/dashboard")
@@ -437,7 +438,7 @@ async def dashboard_page(
 ) -> HTMLResponse:
     """The dashboard: HTML with inline SVG charts; refreshes itself every 30 s."""
     data = await dashboard_data(request, _window(window_s), tenant or None)
-    return HTMLResponse(render_page(data))
+    return HTMLResponse(client_utf8(render_page(data)))  # a lone surrogate as U+FFFD
 
 
 @router.get("/metrics")

@@ -13,6 +13,7 @@ import email.utils
 import json
 import logging
 import math
+import os
 import socket
 import threading
 import time
@@ -26,6 +27,7 @@ import anyio
 import httpx
 import pytest
 
+from router.artifact import default_model_path
 from tests.conftest import LiveServer, free_port, live, policy_yaml, wait_for
 from tests.fake_provider import (
     ANTHROPIC_OVERLOADED,
@@ -1925,6 +1927,30 @@ def test_a_lone_surrogate_in_a_native_events_type_is_replaced(
         502,
         "upstream_unreachable",
     )
+
+
+def test_a_lone_surrogate_in_a_path_reaches_readyz_and_the_dashboard_as_u_fffd(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """A file name that is not UTF-8 (``ops-\\xe9``, Latin-1) is a lone surrogate in Python
+    (``surrogateescape``): the policy's path in ``/readyz`` and the evaluation report's in
+    ``/dashboard/data``. Starlette's JSONResponse could not encode either: a 500 for the
+    operator. They are written with U+FFFD, as a client's answers are."""
+    odd = tmp_path / os.fsdecode(b"ops-\xe9")
+    odd.mkdir()
+    report = odd / "eval.json"
+    report.write_text((default_model_path() / "eval.json").read_text())
+    with live(odd, policy_yaml(fake), eval_report=report) as server:
+        ready = server.http.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        shown = str(odd / "policy.yaml").replace("\udce9", "\ufffd")
+        assert ready.json()["policy"]["path"] == shown
+        data = server.http.get("/dashboard/data")
+        assert data.status_code == 200, data.text
+        assert data.json()["evaluation"]["path"] == str(report).replace("\udce9", "\ufffd")
+        page = server.http.get("/dashboard")
+        assert page.status_code == 200, page.text
+        assert "ops-\ufffd" in page.text
 
 
 def test_a_native_events_type_cannot_add_lines_to_the_clients_stream(
