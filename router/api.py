@@ -552,7 +552,7 @@ async def _sse(answer: StreamAnswer, include_usage: bool) -> AsyncGenerator[byte
     except TiergateError as exc:
         yield b"data: " + _dumps(exc.to_body()) + b"\n\n"
     except Exception:  # a defect mid-stream, or framing: recorded as an error 500 by the gateway
-        log.exception("a chat stream failed")
+        _failed(answer.request_id)
         yield b"data: " + _dumps(TiergateError("internal error").to_body()) + b"\n\n"
     finally:
         await answer.chunks.aclose()
@@ -662,7 +662,9 @@ async def serve_front(request: Request, front: Front[_Tr]) -> Response:
         request,
         call,
         lambda served: _event_sse(
-            front.events(served.chunks, kept[0], served.prompt_tokens), front.error_event
+            front.events(served.chunks, kept[0], served.prompt_tokens),
+            front.error_event,
+            served.request_id,
         ),
         lambda exc: _event(front.error_event(exc, None)),  # nothing but keep-alives sent
     )
@@ -678,6 +680,7 @@ def _event(event: dict[str, Any]) -> bytes:
 async def _event_sse(
     events: AsyncGenerator[dict[str, Any], None],
     error_event: Callable[[TiergateError, Mapping[str, Any] | None], dict[str, Any]],
+    request_id: str,
 ) -> AsyncGenerator[bytes, None]:
     """Frame a front's events as named SSE events (``event:`` and ``data:``); an error
     mid-stream becomes the front's error event, after the last event sent (the status line
@@ -696,10 +699,17 @@ async def _event_sse(
     except TiergateError as exc:
         yield _event(error_event(exc, last))
     except Exception:  # a translation, or framing, that failed: recorded as an error
-        log.exception("a front's stream failed")
+        _failed(request_id)
         yield _event(error_event(TiergateError("internal error"), last))
     finally:
         await events.aclose()
+
+
+def _failed(request_id: str) -> None:
+    """Log the defect being handled that ended a stream: here, once, with the request's id. The
+    gateway logs one only before a stream opens; after, it may not see one at all (a front's
+    last events are translated and framed after the chat stream, and its record, ended)."""
+    log.exception("request %s failed", request_id, extra={"request_id": request_id})
 
 
 async def _throw_in(stream: AsyncGenerator[Any, None], exc: Exception) -> None:

@@ -601,18 +601,18 @@ class Gateway:
         names of the client's front for the fields of ``body``, the chat request, that it names
         (a backend knows no front); ``body`` None: it names the client's fields already (a
         chat client's ``max_tokens`` must not become the ``max_completion_tokens`` it also
-        sent). A defect (any other exception) is logged with the request id and, unless a
-        stream has started, answered as a 500 that carries those headers too: returned for the
-        caller to raise."""
+        sent). A defect (any other exception), unless a stream has started, is logged with the
+        request id and answered as a 500 that carries those headers too: returned for the
+        caller to raise. One in a stream is logged where it is framed (router.api), once."""
         if isinstance(exc, TiergateError):
             if body is not None:
                 exc.name_fields(functools.partial(front_fields(ctx.front).named, body=body))
             exc.headers.update(self.explain(ctx))
             return None
-        if not isinstance(exc, Exception):  # cancelled: a client that left, or shutdown
+        if not isinstance(exc, Exception) or opened:  # cancelled (a client left, shutdown)
             return None
         log.exception("request %s failed", ctx.request_id, extra={"request_id": ctx.request_id})
-        return None if opened else TiergateError("internal error", headers=self.explain(ctx))
+        return TiergateError("internal error", headers=self.explain(ctx))
 
     async def _admit(self, call: Call, ctx: RequestContext) -> TokenHold:
         """Check the pin, decide, choose what to store, reserve spend, refuse (budget,

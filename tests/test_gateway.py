@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import socket
 import threading
@@ -1381,7 +1382,9 @@ def test_a_front_whose_translation_fails_mid_stream_is_recorded_as_an_error(
             assert isinstance(answer, StreamAnswer)
             framed = [
                 part
-                async for part in _event_sse(failing(answer.chunks, None), messages.error_event)
+                async for part in _event_sse(
+                    failing(answer.chunks, None), messages.error_event, answer.request_id
+                )
             ]
             assert framed[0].startswith(b"event: message_start")
             assert framed[-1].startswith(b"event: error")
@@ -1394,10 +1397,11 @@ def test_a_front_whose_translation_fails_mid_stream_is_recorded_as_an_error(
 
 
 def test_a_chat_stream_that_fails_with_a_defect_ends_in_an_error_event(
-    tmp_path: Path, fake: FakeProvider
+    tmp_path: Path, fake: FakeProvider, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Not a Tiergate error (a bug, say) after the first chunk: the status line has gone, so
     # the client gets an error envelope as the last event and no [DONE]; the record is a 500.
+    # It is logged once (the gateway and the framing each logged it).
     fake.reset()
     local = ScriptedStream(words=5)
     local.mode = "defect"
@@ -1413,8 +1417,11 @@ def test_a_chat_stream_that_fails_with_a_defect_ends_in_an_error_event(
             )
             assert b"[DONE]" not in b"".join(framed)
             assert [(r.status, r.http_status) for r in srv.records] == [("error", 500)]
+            logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+            assert logged == [f"request {answer.request_id} failed"]
 
-    asyncio.run(scenario())
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(scenario())
 
 
 class UnframeableStream(ScriptedStream):
@@ -1436,12 +1443,13 @@ class UnframeableStream(ScriptedStream):
 
 @pytest.mark.parametrize("front", ["chat", "messages"])
 def test_a_stream_tiergate_cannot_frame_is_recorded_as_its_error(
-    tmp_path: Path, fake: FakeProvider, front: str
+    tmp_path: Path, fake: FakeProvider, front: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A chunk, or a front's event, that cannot be written as SSE is Tiergate's failure, not
     the client's: the client got the error event, and the record said a client that left
     (aborted, 499). The framing passes the error to the stream, as a failed translation
-    does, and the record says the 500 it is."""
+    does, and the record says the 500 it is. It is logged once, with the request's id, by
+    the request's life that records it (the framing logged it a second time, without)."""
     fake.reset()
 
     async def translate(
@@ -1458,13 +1466,50 @@ def test_a_stream_tiergate_cannot_frame_is_recorded_as_its_error(
                 assert b'"content":"w0 "' in framed[0] and b"server_error" in framed[-1]
             else:
                 events = native_or(answer.chunks, translate)
-                framed = [part async for part in _event_sse(events, messages.error_event)]
+                framed = [
+                    part
+                    async for part in _event_sse(events, messages.error_event, answer.request_id)
+                ]
                 assert framed == [framed[-1]] and framed[-1].startswith(b"event: error")
             assert [(r.status, r.http_status, r.front) for r in srv.records] == [
                 ("error", 500, front)
             ]
+            logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+            assert logged == [f"request {answer.request_id} failed"]
 
-    asyncio.run(scenario())
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(scenario())
+
+
+def test_a_translation_that_fails_after_the_chat_stream_ended_is_logged_once(
+    tmp_path: Path, fake: FakeProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A front's last events are made after the chat stream, and its record, ended: the gateway
+    never sees a failure there, so the framing's log is the only one (it must stay)."""
+    fake.reset()
+
+    async def translate(
+        first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any]]
+    ) -> AsyncIterator[dict[str, Any]]:
+        yield {"type": "message_start", "message": {"id": "msg_1"}}
+        async for _ in rest:
+            pass
+        raise RuntimeError("the translation broke at the end")
+
+    async def scenario() -> None:
+        async with serving(tmp_path, fake, ScriptedStream(words=5)) as srv:
+            answer = await srv.gateway.serve(srv.call("easy", "messages", stream=True))
+            assert isinstance(answer, StreamAnswer)
+            events = native_or(answer.chunks, translate)
+            framed = [
+                part async for part in _event_sse(events, messages.error_event, answer.request_id)
+            ]
+            assert framed[-1].startswith(b"event: error")
+            logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+            assert logged == [f"request {answer.request_id} failed"]
+
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(scenario())
 
 
 def test_personal_data_only_in_a_native_request_keeps_it_local(
