@@ -508,7 +508,8 @@ class Gateway:
         Yields the :class:`Answer`, or, for a stream, :class:`_Opened` once a model produced
         its first chunk that carries something (:meth:`stream`), then the chunks and a closing
         usage chunk. The backend's stream is
-        closed before the record is written; the token hold is settled after it, with the
+        closed before the record is written (given ``STREAM_CLOSE_TIMEOUT_S``; the record is
+        written however the close ends); the token hold is settled after it, with the
         usage the record settled on (a client that left pays for what was generated).
         """
         ctx = RequestContext(
@@ -566,11 +567,12 @@ class Gateway:
                 raise internal from exc
             raise
         finally:
-            if source is not None:
-                await _close(source, ctx.request_id)
-            self.record(ctx, status=status, http_status=http_status, error=error)
-            if hold is not None:
-                hold.settle(ctx.tokens_used())
+            try:
+                await _close(source, ctx.request_id)  # None: no stream was opened
+            finally:  # a close cancelled (or failing otherwise) still records
+                self.record(ctx, status=status, http_status=http_status, error=error)
+                if hold is not None:
+                    hold.settle(ctx.tokens_used())
         if answer is not None and self.learning is not None:
             self.learning.after_response(ctx, call.body, answer)
 
@@ -1948,12 +1950,26 @@ def _opening(chunk: Mapping[str, Any]) -> bool:
     return not (isinstance(choices, list) and _produced(choices))
 
 
-async def _close(source: AsyncIterator[dict[str, Any]], request_id: str) -> None:
+#: The longest a model's stream may take to close (milliseconds, as a rule) before its request
+#: is recorded all the same: a close that hangs (a connection that never closes) held the
+#: record, and the token and budget holds settled with it, for as long.
+STREAM_CLOSE_TIMEOUT_S = 10.0
+
+
+async def _close(source: AsyncIterator[dict[str, Any]] | None, request_id: str) -> None:
     aclose = getattr(source, "aclose", None)
     if aclose is None:
         return
     try:
-        await aclose()
+        async with asyncio.timeout(STREAM_CLOSE_TIMEOUT_S):
+            await aclose()
+    except TimeoutError:
+        log.warning(
+            "closing stream %s took over %gs: stopped, and the request recorded",
+            request_id,
+            STREAM_CLOSE_TIMEOUT_S,
+            extra={"request_id": request_id},
+        )
     except Exception:  # closing a broken upstream must not mask the outcome
         log.debug("closing stream %s failed", request_id, exc_info=True)
 

@@ -19,7 +19,8 @@ from router.errors import BackendError
 
 class ScriptedLocal:
     """``mode``: ok, fail (raises during generation), defect (a non-Tiergate exception after
-    the first chunk), hold (waits for ``release``).
+    the first chunk), hold (waits for ``release``), hang_close (closed by its reader, never
+    finishes closing, as a connection that does not close).
 
     It answers ``w0 w1 w2`` (``words`` of them), or, when ``reply`` is set, ``reply(body)``.
     Asked for ``logprobs``, every token gets log-probability ``logprob``, with one runner-up a
@@ -37,8 +38,9 @@ class ScriptedLocal:
         queue_size: int = 0,
         words: int = 3,
         reply: Callable[[dict[str, Any]], str] | None = None,
+        mode: str = "ok",
     ) -> None:
-        self.mode = "ok"
+        self.mode = mode
         self.logprob = -0.1
         self.words = words
         self.reply = reply
@@ -139,6 +141,8 @@ class ScriptedLocal:
                 loop.call_later(self.stop_s, setattr, usage, "completion_tokens", drawn)
             else:
                 usage.completion_tokens = drawn
+            if stopped and self.mode == "hang_close":
+                await asyncio.Event().wait()
 
     def _entry(self, piece: str, body: dict[str, Any]) -> dict[str, Any]:
         top = [

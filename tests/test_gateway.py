@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import shutil
@@ -1510,6 +1511,36 @@ def test_a_translation_that_fails_after_the_chat_stream_ended_is_logged_once(
 
     with caplog.at_level(logging.ERROR):
         asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("ends", ["cancelled", "timed_out"])
+def test_a_stream_whose_close_hangs_is_still_recorded(
+    tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch, ends: str
+) -> None:
+    """The life closes the model's stream before it records the request. A close that hung
+    held the record, and the request's token and budget holds, for as long; cancelled (the
+    server stopping its requests, say), it skipped them. The close is given
+    ``STREAM_CLOSE_TIMEOUT_S``, and the record is written however it ends."""
+    fake.reset()
+    limit = 0.2 if ends == "timed_out" else 60.0
+    monkeypatch.setattr(gateway_module, "STREAM_CLOSE_TIMEOUT_S", limit, raising=False)
+    local = ScriptedStream(words=5, mode="hang_close")
+
+    async def scenario() -> None:
+        async with serving(tmp_path, fake, local) as srv:
+            answer = await srv.gateway.serve(srv.call("easy", stream=True))
+            assert isinstance(answer, StreamAnswer)
+            await anext(answer.chunks)
+            closing = asyncio.ensure_future(answer.chunks.aclose())
+            if ends == "cancelled":
+                await asyncio.sleep(0.2)
+                assert not closing.done()  # the model's stream is still closing
+                closing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(closing, 5)
+            assert [(r.status, r.http_status) for r in srv.records] == [("aborted", 499)]
+
+    asyncio.run(scenario())
 
 
 def test_personal_data_only_in_a_native_request_keeps_it_local(
