@@ -94,7 +94,8 @@ class ClientJSON(JSONResponse):
 MAX_JSON_DEPTH = 64
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # How a lone surrogate can reach a parsed string: a \uD800-\uDFFF escape, or its
-# UTF-8 form (json.loads decodes bytes with ``surrogatepass``). A body without either has none.
+# UTF-8 form (json.loads decodes bytes with ``surrogatepass``). A UTF-8 body without either
+# has none; one in UTF-16 or UTF-32, which json.loads reads too, is checked whole.
 _SURROGATE_BYTES = re.compile(rb"\\u[dD][89abcdefABCDEF]|\xed[\xa0-\xbf]")
 #: A body longer than this is parsed and checked on a worker thread (off_loop_when_large).
 OFFLOAD_BODY_BYTES = 64 * 1024
@@ -152,7 +153,8 @@ def parse_json(raw: bytes) -> dict[str, Any]:
         raise BadRequestError(_too_deep()) from exc
     if not isinstance(body, dict):
         raise BadRequestError("request body must be a JSON object")
-    _clean(body, surrogates=_SURROGATE_BYTES.search(raw) is not None)
+    utf8 = json.detect_encoding(raw) == "utf-8"
+    _clean(body, surrogates=not utf8 or _SURROGATE_BYTES.search(raw) is not None)
     return body
 
 

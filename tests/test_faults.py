@@ -1862,6 +1862,22 @@ def test_lone_surrogates_are_replaced_and_recording_goes_on(
     assert {r["status"] for r in rows} == {"ok"}
 
 
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-32"])
+def test_a_lone_surrogate_in_a_utf16_or_utf32_body_is_replaced_too(
+    server: LiveServer, fake: FakeProvider, encoding: str
+) -> None:
+    """JSON in UTF-16 or UTF-32 is read as JSON (``json.loads`` takes all three), and its lone
+    surrogates went through: the check for one looked only for its UTF-8 and escaped forms.
+    A closed model's call could not encode the prompt: a 500 ``internal_error``."""
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi \ud800 there"}]}
+    raw = json.dumps(body, ensure_ascii=False).encode(encoding, "surrogatepass")
+    response = server.http.post(
+        "/v1/chat/completions", content=raw, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 200, response.text
+    assert fake.received[0].body["messages"][0]["content"] == "Hi \ufffd there"
+
+
 _FRONT_BODIES = {
     "/v1/chat/completions": {"messages": [{"role": "user", "content": "x"}], "max_tokens": 20},
     "/v1/messages": {"messages": [{"role": "user", "content": "x"}], "max_tokens": 20},
