@@ -410,9 +410,17 @@ def redacted(text: str) -> str:
     """``text`` with its personal data redacted (:func:`~router.pii.redact`), read as the
     ``pii`` signal reads it: where decoding its JSON escapes shows more (a phone number spaced
     with ``\\u00a0`` or a card number split by ``\\u200b``, as ``json.dumps`` writes them),
-    the decoded text is redacted, so what kept a request local is not stored whole."""
+    the decoded text is redacted, so what kept a request local is not stored whole. The text
+    as sent is decoded first: redacted before it, a detector that matched from inside an
+    escape (``u200b@example.com`` in ``jane.doe\\u200b@example.com``) left the rest behind.
+    Where only the raw text shows any, its redaction is decoded and read again."""
     clean = redact(text)
-    if "\\" not in clean:
+    if "\\" not in text:
+        return clean
+    decoded = _JSON_ESCAPE.sub(_unescape, text)
+    if pii_kinds(decoded):
+        return redact(decoded)
+    if clean == text:  # nothing redacted raw: its decoding was just read
         return clean
     decoded = _JSON_ESCAPE.sub(_unescape, clean)
     return redact(decoded) if pii_kinds(decoded) else clean

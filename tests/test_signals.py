@@ -527,3 +527,17 @@ def test_redacting_escaped_text_keeps_a_character_json_wrote_as_a_surrogate_pair
     assert "\U0001f600" in stored and "\ufffd" not in stored
     assert "[PHONE]" in stored
     assert all(not "\ud800" <= c <= "\udfff" for c in stored)
+
+
+def test_redacting_escaped_text_leaves_no_part_of_an_address_an_escape_split() -> None:
+    """An address split by a zero-width space, as ``json.dumps`` writes it
+    (``jane.doe\\u200b@example.com``), is an address to the ``pii`` signal once decoded. Redacted
+    before it was decoded, the detector matched from inside the escape (``u200b@example.com``)
+    and the name before it was stored: ``jane.doe\\[EMAIL]``."""
+    from router.signals import redacted
+
+    escaped = json.dumps({"to": "jane.doe\u200b@example.com", "phone": "+33 6 12 34 56 78"})
+    assert "\\u200b" in escaped
+    stored = redacted(escaped)
+    assert "jane" not in stored, stored
+    assert "[EMAIL]" in stored and "[PHONE]" in stored
