@@ -367,8 +367,8 @@ async def _respond(
             serving = asyncio.ensure_future(svc.gateway.serve(call))
             try:
                 await asyncio.wait({serving}, timeout=every)
-            except BaseException:
-                await _cancel(serving)
+            except BaseException:  # stopped (at shutdown): the call, or the stream it opened
+                await _settled(serving)
                 raise
             if not serving.done():
                 return _Stream(

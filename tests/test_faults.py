@@ -1585,6 +1585,23 @@ def test_client_leaving_a_fast_stream_cancels_upstream(
     assert (record["status"], record["http_status"]) == ("aborted", 499)
 
 
+#: A chat request's ASGI scope as uvicorn's HTTP protocols make it (ASGI 2.3).
+_CHAT_SCOPE: dict[str, Any] = {
+    "type": "http",
+    "asgi": {"version": "3.0", "spec_version": "2.3"},
+    "http_version": "1.1",
+    "method": "POST",
+    "scheme": "http",
+    "path": "/v1/chat/completions",
+    "raw_path": b"/v1/chat/completions",
+    "query_string": b"",
+    "root_path": "",
+    "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")],
+    "client": ("127.0.0.1", 50000),
+    "server": ("127.0.0.1", 8000),
+}
+
+
 async def _to_a_client_that_leaves(
     app: Any, body: dict[str, Any], leave: str, opened: Callable[[], bool]
 ) -> list[bytes]:
@@ -1620,21 +1637,7 @@ async def _to_a_client_that_leaves(
             gone.set()
             await asyncio.Event().wait()  # a client that stopped reading, then left
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},  # as uvicorn's HTTP protocols
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/chat/completions",
-        "raw_path": b"/v1/chat/completions",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8000),
-    }
-    await app(scope, receive, send)
+    await app(dict(_CHAT_SCOPE), receive, send)
     return sent
 
 
@@ -1673,6 +1676,61 @@ def test_a_client_leaving_as_its_stream_begins_or_in_a_send_ends_it_at_once(
         assert sent[-1].startswith(b": keep-alive" if leave == "keep-alive" else b"data: "), sent
     assert recorded == 1
     assert [(r["status"], r["http_status"]) for r in rows] == [("aborted", 499)]
+    assert cut and fake.sent_chunks < 20, fake.sent_chunks
+
+
+def test_a_request_stopped_as_its_stream_opens_is_recorded_and_closed_at_once(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """With keep-alives the call runs as a task the handler waits on for a keep-alive's time.
+    Stopped by the server at shutdown (``tiergate serve`` cancels the requests still running)
+    just as that task opened its stream, the handler's wait was cancelled and only a call
+    still opening was stopped: the stream it had opened stayed open, the provider streaming
+    on, and the request was not recorded until the garbage collector got to it, though the
+    503 said the server stopped it. It is closed and recorded as stopped, at once."""
+    fake.reset(Behaviour(text=" ".join(["word"] * 40), chunk_delay_s=0.05))
+    with live(tmp_path, policy_yaml(fake), stream_keepalive_s=5.0) as srv:
+        gateway, store = srv.gateway, srv.gateway.outcomes
+        serve = gateway.serve
+        raw = json.dumps({**HARD, "stream": True}).encode()
+        sent: list[dict[str, Any]] = []
+
+        async def scenario() -> int:
+            handling: asyncio.Future[None] | None = None
+
+            async def opened_as_the_server_stops(call: Any) -> Any:
+                answer = await serve(call)
+                gateway.stopping = True  # as tiergate serve does, then cancels the request
+                assert handling is not None
+                asyncio.get_running_loop().call_soon(handling.cancel)
+                return answer
+
+            bodies = [{"type": "http.request", "body": raw, "more_body": False}]
+
+            async def receive() -> dict[str, Any]:
+                if bodies:
+                    return bodies.pop()
+                await asyncio.Event().wait()  # a client that waits for its answer
+                return {"type": "http.disconnect"}
+
+            async def send(message: dict[str, Any]) -> None:
+                sent.append(message)
+
+            gateway.serve = opened_as_the_server_stops  # type: ignore[method-assign]
+            handling = asyncio.ensure_future(srv.app(dict(_CHAT_SCOPE), receive, send))
+            await asyncio.wait({handling})  # the handler (kept: it holds what it left open)
+            return store.count() if store.flush(5) else -1  # nothing else ran first
+
+        try:
+            recorded = srv.run(scenario)
+        finally:
+            gateway.stopping = False
+        cut = wait_for(lambda: fake.broken_streams == 1, 2)
+        store.flush()
+        rows = store.recent(5)
+    assert sent[0]["status"] == 503
+    assert recorded == 1
+    assert [(r["status"], r["http_status"]) for r in rows] == [("error", 503)]
     assert cut and fake.sent_chunks < 20, fake.sent_chunks
 
 
