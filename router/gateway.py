@@ -99,7 +99,7 @@ OFFLOAD_SCORING_CHARS = 4000
 # A metadata value in an outcome record: at most this many characters, personal data redacted.
 RECORD_METADATA_CHARS = 256
 # The model name a request asked for, as the record of one refused before routing keeps it (an
-# unknown model's name is the client's own text): at most this many characters.
+# unknown model's name is the client's own text): at most this many characters, redacted.
 RECORD_ASKED_CHARS = 200
 
 
@@ -1708,7 +1708,9 @@ class Gateway:
             id=ctx.request_id,
             ts=time.time(),
             tenant=ctx.tenant,
-            alias=signals.alias if signals else ctx.asked,
+            # Refused before routing, the record names the model as asked: the client's own
+            # text, kept as a redacted prompt is.
+            alias=signals.alias if signals else redacted(ctx.asked),
             tier=model.tier if model else (routed.tier if routed else None),
             model=model.name if model else (routed.model if routed else None),
             rule=decision.rule if decision else None,
@@ -2170,7 +2172,7 @@ class _Metered:
 
 def _asked_model(body: Mapping[str, Any]) -> str:
     """The model name ``body`` asks for, cut to ``RECORD_ASKED_CHARS``; "" when it names none
-    (a body that could not be read)."""
+    (a body that could not be read). The record redacts it: it is the client's own text."""
     model = body.get("model")
     return model[:RECORD_ASKED_CHARS] if isinstance(model, str) else ""
 

@@ -8,6 +8,7 @@ proof. ``PRIVACY_EXAMPLES`` sets the generated examples per placement and local-
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -646,3 +647,34 @@ def test_a_request_marked_private_stays_private_past_the_budget(
             record = store.get(marked.headers["x-request-id"])
             assert record is not None and record["prompt"] is None, text
     assert len(fake.received) == 1
+
+
+def _logged(caplog: pytest.LogCaptureFixture) -> str:
+    """Every captured log line as a JSON log line holds it: its message and its fields."""
+    return "\n".join(
+        record.getMessage() + json.dumps(vars(record), default=str) for record in caplog.records
+    )
+
+
+def test_a_refused_model_name_is_stored_and_logged_redacted(
+    tmp_path: Path, fake: FakeProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The record of a request refused before routing names the model as the client asked for
+    # it, and that name went whole into the store, the request log line and the dashboard.
+    caplog.set_level(logging.INFO)
+    fake.reset()
+    body = {
+        "model": "auto for jane.doe@example.com",
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    with live(tmp_path, policy_yaml(fake)) as srv:
+        response = srv.http.post("/v1/chat/completions", json=body)
+        assert response.status_code == 404
+        store = srv.gateway.outcomes
+        assert store.flush()
+        record = store.get(response.headers["x-request-id"])
+    assert record is not None
+    assert record["alias"] == "auto for [EMAIL]"
+    assert "jane.doe" not in json.dumps(record)
+    assert "jane.doe" not in _logged(caplog)
+    assert fake.received == []
