@@ -1232,9 +1232,9 @@ class Gateway:
         ctx.cascade = {
             **ctx.cascade,
             "decision": ESCALATION_FAILED,
-            "escalation_error": exc.message,
+            "escalation_error": _told(ctx, exc),
         }
-        log.warning("cascade: escalation failed for %s: %s", ctx.request_id, exc.message)
+        log.warning("cascade: escalation failed for %s: %s", ctx.request_id, _told(ctx, exc))
 
     def _planned(self, decision: Decision) -> list[tuple[ModelSpec, str | None]]:
         """The models serving would try: the chain, or a cascade's local model and then the
@@ -1411,7 +1411,7 @@ class Gateway:
         if isinstance(exc, BackendError):
             self._failed(ctx, model, exc)
         else:
-            log.warning("cascade: local model failed for %s: %s", ctx.request_id, exc.message)
+            log.warning("cascade: local model failed for %s: %s", ctx.request_id, _told(ctx, exc))
         self.cooldowns.released(model.name, ctx.probe)
 
     async def _along_chain(
@@ -1585,13 +1585,13 @@ class Gateway:
         )
 
     def _failed(self, ctx: RequestContext, model: ModelSpec, exc: BackendError) -> None:
-        """Log a model's failed call; count it, and the cooldown it starts (:meth:`_cools`),
-        unless it is the request's fault (a 400, not the provider's)."""
+        """Log a model's failed call (:func:`_told`); count it, and the cooldown it starts
+        (:meth:`_cools`), unless it is the request's fault (a 400, not the provider's)."""
         log.warning(
             "%s failed for %s: %s",
             model.name,
             ctx.request_id,
-            exc.message,
+            _told(ctx, exc),
             extra={
                 "request_id": ctx.request_id,
                 "tier": model.tier,
@@ -2168,6 +2168,13 @@ class _Metered:
         aclose = getattr(rest, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+def _told(ctx: RequestContext, exc: TiergateError) -> str:
+    """A failed call's message as logs and records keep it. A provider (or an external
+    llama.cpp server) may repeat the prompt in its error, so where the request held personal
+    data it is redacted; elsewhere it is kept whole (an unreachable server's address)."""
+    return redacted(exc.message) if ctx.signals is not None and ctx.signals.pii else exc.message
 
 
 def _asked_model(body: Mapping[str, Any]) -> str:

@@ -35,6 +35,7 @@ from router.errors import BadRequestError, NotFoundError, StoreUnavailableError,
 from router.outcomes import Label, OutcomeStore
 from router.policy import ModelSpec, why_unfit
 from router.schemas import FeedbackRequest
+from router.signals import redacted
 from router.telemetry import Telemetry, outside_request
 
 log = logging.getLogger("tiergate.learning")
@@ -347,7 +348,7 @@ class LearningLoop:
                 label = await self.judge(request_id, tenant, body, local)
             except TiergateError as exc:
                 self.shadow_failed += 1
-                log.warning("shadow judgement of %s failed: %s", request_id, exc.message)
+                log.warning("shadow judgement of %s failed: %s", request_id, redacted(exc.message))
             except Exception:  # counted and logged; the user's answer is long gone
                 self.shadow_failed += 1
                 log.exception("shadow judgement of %s failed", request_id)
@@ -432,7 +433,7 @@ class LearningLoop:
             # The closed answer was paid for: the label keeps its cost (it counts against the
             # budget) and no value.
             self.shadow_failed += 1
-            log.warning("shadow judgement of %s failed: %s", request_id, exc.message)
+            log.warning("shadow judgement of %s failed: %s", request_id, redacted(exc.message))
             detail["error"] = exc.code
         else:
             value = closed_better(verdicts)

@@ -861,6 +861,39 @@ def test_a_part_of_a_held_answer_is_never_served_as_the_answer(
     assert "gpt-4o" in record["cascade"]["escalation_error"]
 
 
+def test_a_failed_escalation_s_error_is_stored_and_logged_redacted(
+    tmp_path: Path,
+    scripted: ScriptedLocal,
+    fake: FakeProvider,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Personal data sent to a cascade (warned of, stored redacted) escalates to the closed
+    # models. Their error text, a provider's own words, went whole into the record's cascade
+    # and the log: a provider that repeats the prompt in its error put it there.
+    caplog.set_level(logging.WARNING)
+    scripted.logprob = DOUBTFUL
+    pii_rule = "    route: local\n    local_only: true\n"
+    policy = _cascade_yaml(fake, CASCADE_POLICY)
+    assert pii_rule in policy
+    policy = policy.replace(pii_rule, "    route: cascade\n    store_prompts: redacted\n")
+    echo = {"error": {"message": "cannot answer jane.doe@example.com's question"}}
+    with live(
+        tmp_path,
+        policy,
+        local_backend_obj=scripted,
+        cascade_model_path=_confidence_model(tmp_path, None),
+    ) as server:
+        fake.reset(Behaviour(mode="status", status=500, error_body=echo))
+        response = _ask(server, "Write to jane.doe@example.com")
+        assert response.headers["x-tiergate-rule"] == "pii-stays-local"
+        assert response.headers["x-tiergate-cascade"] == "escalation-failed"
+        record = _record(server, response.headers["x-request-id"])
+    assert record["prompt"] == "Write to [EMAIL]"
+    assert "jane.doe" not in json.dumps(record)
+    assert "[EMAIL]" in record["cascade"]["escalation_error"]
+    assert "jane.doe" not in "\n".join(r.getMessage() for r in caplog.records)
+
+
 class _ScoresAs(KeywordScorer):
     """A scorer whose score is another router's (as router-v9's is router-v8's)."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -262,6 +263,23 @@ def test_shadow_judging_stays_within_the_tenant_budget(
         assert srv.gateway.outcomes.spend_today("acme") == pytest.approx(spent)
         if spent < 0.0003:  # and no hold is left over (in Redis too) to refuse the next request
             assert chat(srv, "acme", "a HARD question").headers["x-tiergate-tier"] == "closed"
+
+
+def test_a_failed_judgement_is_logged_with_personal_data_redacted(
+    tmp_path: Path, fake: FakeProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The provider's error text was logged whole: one that repeats the prompt put it there.
+    caplog.set_level(logging.WARNING, logger="tiergate.learning")
+    echo = {"error": {"message": "no answer for jane.doe@example.com"}}
+    fake.reset(Behaviour(mode="status", status=500, error_body=echo))
+    with serve(tmp_path, policy_yaml(fake, shadow="{sample_rate: 1.0}")) as srv:
+        assert chat(srv, "acme", "tell me a joke").headers["x-tiergate-tier"] == "local"
+        learning = srv.gateway.learning
+        assert wait_for(lambda: learning.pending == 0, 30)
+        assert learning.shadow_failed == 1
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "jane.doe" not in logged
+    assert "shadow judgement of" in logged and "[EMAIL]" in logged
 
 
 def _judge_down(question: str, answer_a: str, answer_b: str) -> str:

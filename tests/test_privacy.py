@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -23,7 +24,7 @@ from hypothesis import strategies as st
 from router.auth import hash_key
 from router.scoring import Analysis
 from tests.conftest import LiveServer, live, policy_yaml, wait_for
-from tests.fake_provider import FakeProvider
+from tests.fake_provider import Behaviour, FakeProvider
 from tests.scripted_local import ScriptedLocal
 
 PII = {"model": "auto", "messages": [{"role": "user", "content": "HARD: my PII is a@b.c"}]}
@@ -508,10 +509,7 @@ def test_personal_data_only_json_escapes_show_is_redacted_where_stored(
         response = srv.http.post("/v1/chat/completions", json=body)
         assert response.status_code == 200
         assert response.headers["x-tiergate-rule"] == "pii-stays-local"
-        store = srv.gateway.outcomes
-        assert store.flush()
-        record = store.get(response.headers["x-request-id"])
-    assert record is not None
+        record = _recorded(srv, response)
     assert record["prompt"].startswith("Update this customer: ")
     stored = json.dumps(record)
     for digits in ("12\\\\u00a034", "12 34", "4111\\\\u200b1111", "11111111"):
@@ -649,6 +647,15 @@ def test_a_request_marked_private_stays_private_past_the_budget(
     assert len(fake.received) == 1
 
 
+def _recorded(srv: LiveServer, response: httpx.Response) -> dict[str, Any]:
+    """The outcome record of the request ``response`` answered."""
+    store = srv.gateway.outcomes
+    assert store.flush()
+    record = store.get(response.headers["x-request-id"])
+    assert record is not None
+    return dict(record)
+
+
 def _logged(caplog: pytest.LogCaptureFixture) -> str:
     """Every captured log line as a JSON log line holds it: its message and its fields."""
     return "\n".join(
@@ -670,11 +677,34 @@ def test_a_refused_model_name_is_stored_and_logged_redacted(
     with live(tmp_path, policy_yaml(fake)) as srv:
         response = srv.http.post("/v1/chat/completions", json=body)
         assert response.status_code == 404
-        store = srv.gateway.outcomes
-        assert store.flush()
-        record = store.get(response.headers["x-request-id"])
-    assert record is not None
+        record = _recorded(srv, response)
     assert record["alias"] == "auto for [EMAIL]"
     assert "jane.doe" not in json.dumps(record)
     assert "jane.doe" not in _logged(caplog)
     assert fake.received == []
+
+
+def test_a_local_server_echoing_personal_data_in_its_error_is_logged_redacted(
+    tmp_path: Path, fake: FakeProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An external llama.cpp server (or any provider) may repeat the prompt in its error, as
+    # a FastAPI server's validation error repeats its input: the log line of the failed call
+    # held the personal data the local_only rule kept local.
+    caplog.set_level(logging.INFO)
+    echo = {"error": {"message": "invalid input: my email is jane.doe@example.com"}}
+    fake.reset(Behaviour(mode="status", status=400, error_body=echo))
+    body = {
+        "model": "auto",
+        "messages": [{"role": "user", "content": "my email is jane.doe@example.com"}],
+    }
+    policy = policy_yaml(fake, store_prompts="redacted")
+    with live(tmp_path, policy, local_backend="openai_http", local_base_url=fake.base_url) as srv:
+        response = srv.http.post("/v1/chat/completions", json=body)
+        assert response.status_code == 400
+        assert response.headers["x-tiergate-rule"] == "pii-stays-local"
+        record = _recorded(srv, response)
+    assert "jane.doe" not in json.dumps(record)
+    logged = _logged(caplog)
+    assert "jane.doe" not in logged
+    assert "local failed for" in logged and "[EMAIL]" in logged
+    assert [r.path for r in fake.received] == ["/v1/chat/completions"]  # the local server
