@@ -135,7 +135,8 @@ def answer_text(body: Mapping[str, Any]) -> str:
 
 
 def feedback_label(req: FeedbackRequest, record: Mapping[str, Any]) -> Label:
-    """The label for one feedback request about ``record`` (already checked to be the tenant's)."""
+    """The label for one feedback request about ``record`` (already checked to be the tenant's),
+    its comment with personal data redacted."""
     if req.score is None and req.thumbs is None:
         raise BadRequestError("feedback needs a score in [0, 1] or thumbs up/down", param="score")
     if req.score is not None and req.thumbs is not None:
@@ -155,7 +156,8 @@ def feedback_label(req: FeedbackRequest, record: Mapping[str, Any]) -> Label:
         value=value,
         ts=time.time(),
         quality=quality,
-        comment=req.comment,
+        # Free text about a prompt, which may repeat what it said: kept as a redacted prompt is.
+        comment=None if req.comment is None else redacted(req.comment),
         detail={"served_tier": record.get("tier"), "served_model": record.get("model")},
     )
 

@@ -282,6 +282,27 @@ def test_a_failed_judgement_is_logged_with_personal_data_redacted(
     assert "shadow judgement of" in logged and "[EMAIL]" in logged
 
 
+def test_a_feedback_comment_is_stored_with_personal_data_redacted(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    # The prompt was kept local and not stored (a local_only rule's default); the comment on
+    # its answer, stored as sent, held the same phone number.
+    fake.reset()
+    with serve(tmp_path, policy_yaml(fake, store_prompts="full")) as srv:
+        asked = chat(srv, "acme", "Call me on +33 6 12 34 56 78 about my order")
+        assert asked.headers["x-tiergate-rule"] == "pii-stays-local"
+        rid = asked.headers["x-request-id"]
+        srv.gateway.outcomes.flush(10)
+        comment = "it got my number +33 6 12 34 56 78 wrong"
+        answered = feedback(srv, "acme", request_id=rid, thumbs="down", comment=comment)
+        assert answered.status_code == 200
+        (stored,) = labels(srv, "feedback")
+        record = srv.gateway.outcomes.get(rid)
+    assert record is not None and record["prompt"] is None
+    assert stored["comment"] == "it got my number [PHONE] wrong"
+    assert fake.received == []
+
+
 def _judge_down(question: str, answer_a: str, answer_b: str) -> str:
     raise RuntimeError("the judge is down")  # the fake drops the connection: a failed call
 
