@@ -879,8 +879,10 @@ class Gateway:
     def call_tokens(
         self, ctx: RequestContext, default_completion: int, model: ModelSpec | None = None
     ) -> tuple[int, int]:
-        """(prompt, completion) tokens one model call for ``ctx`` may use: the prompt estimate,
-        and ``max_tokens`` or else ``default_completion`` for each of the ``n`` choices.
+        """(prompt, completion) tokens one model call for ``ctx`` may use: the most its prompt
+        can be (``Signals.prompt_bound``: the estimate let text no tokenizer merges be held at
+        a third of what it is billed), and ``max_tokens`` or else ``default_completion`` for
+        each of the ``n`` choices.
 
         Priced for a budget, a call to the closed ``model`` without ``max_tokens`` may write as
         much as that model can (``closed.output_limit``: its policy ``max_output_tokens``, else
@@ -892,12 +894,12 @@ class Gateway:
         does not use is billed as completion tokens, at the output price.
         """
         assert ctx.signals is not None
-        prompt = ctx.signals.prompt_tokens
+        prompt = ctx.signals.prompt_held  # the most it can be, not the estimate
         completion = ctx.signals.max_tokens or default_completion
         if not ctx.signals.max_tokens and model is not None and model.tier == "closed":
             limit = closed.output_limit(model)
             if limit is None and model.context_window is not None:
-                limit = model.context_window - prompt
+                limit = model.context_window - ctx.signals.prompt_tokens
             completion = max(completion, limit or 0)
         predicted = min(ctx.signals.prediction_tokens, prompt)
         return prompt - predicted, (completion + predicted) * ctx.choices

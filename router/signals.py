@@ -5,7 +5,8 @@
 It is pure and fast: no tokenizer, no network. Token counts are estimated from the text
 (:func:`text_tokens`: 3.5 characters a token for English, more tokens for digits and for
 scripts beyond ASCII), which is what the long-context rule needs, and images and files by a
-fixed guess each (:func:`estimate_tokens`).
+fixed guess each (:func:`estimate_tokens`); budget holds and token reservations count the most
+the text can be instead (:func:`text_bytes`, ``Signals.prompt_bound``).
 
 The routing score reads the last user turn (:func:`scoring_text`); the ``pii`` signal reads
 every string the request would send upstream (:func:`request_strings`: every message, part,
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +48,12 @@ class Signals:
     alias: str
     tenant: str = "default"
     prompt_tokens: int = 0
-    # Of prompt_tokens, a predicted output's (:func:`prediction_tokens`): its unused part is
+    # The most tokens the prompt can be (:func:`text_bytes` for its text; images and files by
+    # the guesses): what a budget hold and a token reservation count, so that text a tokenizer
+    # cannot merge (``"a\n"`` repeated, 3.5 times the estimate) is not held at the estimate.
+    # None: ``prompt_tokens`` (a value made without a request). A price, not a signal.
+    prompt_bound: int | None = None
+    # Of prompt_bound, a predicted output's (:func:`prediction_tokens`): its unused part is
     # billed as completion tokens. A price, not a signal: no policy matches on it.
     prediction_tokens: int = 0
     # The longest a request asks a provider's prompt cache to keep its prompt (``5m`` or ``1h``:
@@ -97,12 +103,18 @@ class Signals:
     headers: Mapping[str, str] = field(default_factory=dict)
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
+    @property
+    def prompt_held(self) -> int:
+        """The prompt tokens a hold counts: ``prompt_bound`` where known."""
+        return self.prompt_tokens if self.prompt_bound is None else self.prompt_bound
+
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready view for records, headers and explanations."""
         return {
             "alias": self.alias,
             "tenant": self.tenant,
             "prompt_tokens": self.prompt_tokens,
+            "prompt_held": self.prompt_held,
             "max_tokens": self.max_tokens,
             "has_images": self.has_images,
             "has_tools": self.has_tools,
@@ -177,6 +189,13 @@ FILE_TOKENS = 3000 + IMAGE_TOKENS
 IMAGE_PARTS = frozenset({"image_url", "input_image", "image"})
 
 
+def text_bytes(text: str) -> float:
+    """The most tokens ``text`` can be: one a UTF-8 byte, as a byte-level tokenizer reads text
+    none of whose bytes merge (``"a\n"`` repeated, or random punctuation: GPT-4o's tokenizer
+    reads either at 2.4 to 3.5 times :func:`text_tokens`)."""
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
 def text_tokens(text: str) -> float:
     """Estimated tokens of ``text``, for no tokenizer in particular: a character a
     :data:`CHARS_PER_TOKEN`-th of a token, plus :data:`DIGIT_TOKENS` an ASCII digit and
@@ -191,12 +210,12 @@ def text_tokens(text: str) -> float:
     )
 
 
-def _content_size(content: Any) -> tuple[float, int]:
+def _content_size(content: Any, count: Callable[[str], float] = text_tokens) -> tuple[float, int]:
     # (estimated tokens of text, tokens of images and files) in one message's content. A part's
     # ``text`` counts whatever its type (``text``, ``input_text``, ``output_text``); an image or
     # file counts by the guesses above, so its payload is never read.
     if isinstance(content, str):
-        return text_tokens(content), 0
+        return count(content), 0
     tokens = 0.0
     media = 0
     if isinstance(content, list):
@@ -207,7 +226,7 @@ def _content_size(content: Any) -> tuple[float, int]:
             if part.get("type") in IMAGE_PARTS:
                 media += IMAGE_TOKENS
             elif isinstance(text, str):
-                tokens += text_tokens(text)
+                tokens += count(text)
             else:
                 media += FILE_TOKENS
     return tokens, media
@@ -219,6 +238,7 @@ def estimate_tokens(
     *,
     response_format: Any = None,
     prediction: Any = None,
+    count: Callable[[str], float] = text_tokens,
 ) -> int:
     """Prompt-token estimate: text by :func:`text_tokens`, each image as :data:`IMAGE_TOKENS`
     and each file as :data:`FILE_TOKENS`, plus :data:`TOKENS_PER_MESSAGE` a message.
@@ -226,35 +246,40 @@ def estimate_tokens(
     The request's other model input counts too: the tools, a ``response_format``'s JSON schema
     (which the provider reads and bills as input: OpenAI's structured outputs, the tool litellm
     makes of it for Claude), and a ``prediction`` (OpenAI's predicted output, which the model
-    reads; the part the answer does not use is billed at the output price)."""
+    reads; the part the answer does not use is billed at the output price). ``count``: how
+    text counts (:func:`text_bytes` for the most it can be)."""
     tokens = 0.0
     media = 0
     if response_format and isinstance(response_format, Mapping):  # truth first: no ABC check
         schema = response_format.get("json_schema") or response_format.get("schema")
         if schema:
-            tokens += text_tokens(str(schema))
+            tokens += count(str(schema))
     if prediction and isinstance(prediction, Mapping):
-        predicted, media = _content_size(prediction.get("content"))
+        predicted, media = _content_size(prediction.get("content"), count)
         tokens += predicted
     for m in messages:
-        text, parts = _content_size(m.get("content"))
+        text, parts = _content_size(m.get("content"), count)
         tokens += text
         media += parts
         calls = m.get("tool_calls") or m.get("function_call")
         if calls:
-            tokens += text_tokens(str(calls))
+            tokens += count(str(calls))
     if tools:
-        tokens += text_tokens(str(tools))
+        tokens += count(str(tools))
     return math.ceil(tokens - 1e-9) + media + TOKENS_PER_MESSAGE * len(messages)
 
 
-def prompt_estimate(body: Mapping[str, Any], blocks: Sequence[Mapping[str, Any]] = ()) -> int:
+def prompt_estimate(
+    body: Mapping[str, Any],
+    blocks: Sequence[Mapping[str, Any]] = (),
+    count: Callable[[str], float] = text_tokens,
+) -> int:
     """The prompt-token estimate of the chat request ``body`` (:func:`estimate_tokens` of its
     messages, tools, ``response_format`` and ``prediction``), corrected by ``blocks``, its
     front's native request's (:func:`native_blocks`), for what only a Claude is sent: the
     server-tool blocks, which the chat translation drops, and each PDF by URL, which it makes
     an image part, counted as a file. Routing and ``/v1/messages/count_tokens`` both count
-    with this, so the two agree."""
+    with this, so the two agree. ``count``: as :func:`estimate_tokens` takes it."""
     by_url = sum(1 for b in blocks if _by_url(b))
     return (
         estimate_tokens(
@@ -262,8 +287,9 @@ def prompt_estimate(body: Mapping[str, Any], blocks: Sequence[Mapping[str, Any]]
             body.get("tools") or body.get("functions"),
             response_format=body.get("response_format"),
             prediction=body.get("prediction"),
+            count=count,
         )
-        + _server_block_tokens(blocks)
+        + _server_block_tokens(blocks, count)
         + by_url * (FILE_TOKENS - IMAGE_TOKENS)
     )
 
@@ -273,14 +299,16 @@ def _by_url(block: Mapping[str, Any]) -> bool:
     return block.get("type") == "document" and (block.get("source") or {}).get("type") == "url"
 
 
-def _server_block_tokens(blocks: Sequence[Mapping[str, Any]]) -> int:
+def _server_block_tokens(
+    blocks: Sequence[Mapping[str, Any]], count: Callable[[str], float] = text_tokens
+) -> int:
     # Each string of the server-tool blocks counts as text, as a tool call's JSON does; each
     # image or document of a payload source counts by the fixed guesses.
     tokens = 0.0
     media = 0
     for part in server_block_parts(blocks):
         if isinstance(part, str):
-            tokens += text_tokens(part)
+            tokens += count(part)
         else:
             media += IMAGE_TOKENS if part.get("type") == "image" else FILE_TOKENS
     return math.ceil(tokens - 1e-9) + media
@@ -316,13 +344,13 @@ def _payload_source(source: Any) -> bool:
 
 
 def prediction_tokens(prediction: Any) -> int:
-    """Estimated tokens of a request's ``prediction`` (OpenAI's predicted output), counted as
-    message content is. The model reads it; the part the answer does not use is billed as
-    completion tokens (``rejected_prediction_tokens``, within ``completion_tokens``), at the
-    output price."""
+    """The most tokens a request's ``prediction`` (OpenAI's predicted output) can be, counted
+    as a hold counts message content (:func:`text_bytes`). The model reads it; the part the
+    answer does not use is billed as completion tokens (``rejected_prediction_tokens``, within
+    ``completion_tokens``), at the output price."""
     if not prediction or not isinstance(prediction, Mapping):
         return 0
-    text, media = _content_size(prediction.get("content"))
+    text, media = _content_size(prediction.get("content"), text_bytes)
     return math.ceil(text - 1e-9) + media
 
 
@@ -481,6 +509,7 @@ def extract_signals(
         alias=str(body.get("model", "auto")),
         tenant=tenant,
         prompt_tokens=prompt_estimate(body, blocks),
+        prompt_bound=prompt_estimate(body, blocks, text_bytes),
         prediction_tokens=prediction_tokens(body.get("prediction")),
         cache_ttl=cache_lifetime(body) if sent is None else cache_lifetime(body, sent),
         max_tokens=int(max_tokens) if isinstance(max_tokens, int) else None,

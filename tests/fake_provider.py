@@ -95,6 +95,9 @@ class Behaviour:
     # ``max_completion_tokens`` or ``max_tokens``, as a provider stops there; without either,
     # all of them (a long answer, up to the model's own limit).
     completion_tokens: int | None = None
+    # Bill a prompt token a UTF-8 byte of the text of its ``system`` and ``messages`` (else 11),
+    # as a byte-level tokenizer reads text none of whose bytes merge (``"a\n"`` repeated).
+    bill_bytes: bool = False
     # The output limits the server reads, in its order: an OpenAI-compatible server that
     # predates ``max_completion_tokens`` (older vLLM, Ollama) reads ``max_tokens`` alone.
     output_fields: tuple[str, ...] = ("max_completion_tokens", "max_tokens")
@@ -443,16 +446,18 @@ def prompt_tokens(body: dict[str, Any]) -> int:
     """The prompt's tokens as this provider counts them: the characters of every string in the
     request's ``system`` and ``messages``, :data:`CHARS_PER_TOKEN` a token."""
 
-    def chars(value: Any) -> int:
-        if isinstance(value, str):
-            return len(value)
-        if isinstance(value, dict):
-            return sum(chars(v) for v in value.values())
-        if isinstance(value, list):
-            return sum(chars(v) for v in value)
-        return 0
+    return -(-_strings_size([body.get("system"), body.get("messages")], len) // CHARS_PER_TOKEN)
 
-    return -(-chars([body.get("system"), body.get("messages")]) // CHARS_PER_TOKEN)
+
+def _strings_size(value: Any, size: Callable[[str], int]) -> int:
+    """The ``size`` of every string in ``value``, summed (keys not counted)."""
+    if isinstance(value, str):
+        return size(value)
+    if isinstance(value, dict):
+        return sum(_strings_size(v, size) for v in value.values())
+    if isinstance(value, list):
+        return sum(_strings_size(v, size) for v in value)
+    return 0
 
 
 def window_refusal(body: dict[str, Any], window: int, *, anthropic: bool) -> dict[str, Any] | None:
@@ -797,6 +802,11 @@ class FakeProvider:
         """The model an answer names: ``answered_model``, else the one asked for."""
         return self.behaviour.answered_model or str(body.get("model", default))
 
+    def _billed_prompt(self, body: dict[str, Any]) -> int:
+        if not self.behaviour.bill_bytes:
+            return 11
+        return _strings_size([body.get("system"), body.get("messages")], lambda s: len(s.encode()))
+
     def _usage(self, body: dict[str, Any]) -> Any:
         if self.behaviour.mode == "bad_usage":
             return "lots"
@@ -805,7 +815,7 @@ class FakeProvider:
             cap = next((body[f] for f in self.behaviour.output_fields if body.get(f)), None)
             each = min(self.behaviour.completion_tokens, int(cap) if cap else 10**9)
         completion = each * (int(body.get("n") or 1) if self.behaviour.bill_choices else 1)
-        prompt = 11 + self.behaviour.cached_tokens
+        prompt = self._billed_prompt(body) + self.behaviour.cached_tokens
         usage: dict[str, Any] = {
             "prompt_tokens": prompt,
             "completion_tokens": completion,

@@ -757,7 +757,7 @@ def test_the_spend_reserved_up_front_covers_the_local_answer_and_the_closed_call
     budget = "tenants:\n  default: {daily_budget_usd: 100, over_budget: reject}\n"
     with _cascading(tmp_path, fake, scripted, budget) as server:
         body = {"model": "auto-cascade", "messages": [{"role": "user", "content": "What is 2+2?"}]}
-        prompt = httpx.post(server.url + "/v1/route", json=body).json()["signals"]["prompt_tokens"]
+        prompt = httpx.post(server.url + "/v1/route", json=body).json()["signals"]["prompt_held"]
         costs, store = server.gateway.costs, server.gateway.outcomes
         closed = max(
             costs.closed_cost(m, prompt, 100)
@@ -785,7 +785,7 @@ def test_the_tokens_reserved_up_front_cover_the_local_answer_and_an_escalation_t
     # discarded answer's tokens, and the end settles to what both used.
     with _cascading(tmp_path, fake, scripted, tpm_limit=1_000_000) as server:
         body = {"model": "auto-cascade", "messages": [{"role": "user", "content": "What is 2+2?"}]}
-        prompt = httpx.post(server.url + "/v1/route", json=body).json()["signals"]["prompt_tokens"]
+        prompt = httpx.post(server.url + "/v1/route", json=body).json()["signals"]["prompt_held"]
         window = lambda: server.gateway.limiter._tokens["default"].current  # noqa: E731
         fake.reset(Behaviour(mode="stall", stall_s=10))
         scripted.logprob, scripted.mode = DOUBTFUL, "hold"

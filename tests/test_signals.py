@@ -395,12 +395,14 @@ def test_a_schema_or_a_prediction_counts_toward_the_prompt_estimate(
     """The prompt estimate (budget and token holds, context fit) read the messages and tools
     only: a request with a large json_schema or predicted output was held, and fitted to a
     context window, as if it had neither."""
-    plain = extract_signals(_base(), BlindScorer()).prompt_tokens
+    base = extract_signals(_base(), BlindScorer())
+    plain = base.prompt_tokens
     signals = extract_signals({**_base(), **extra}, BlindScorer())
     assert signals.prompt_tokens - plain >= at_least
-    # A prediction's part of it is priced apart (billed as output where the answer differs).
+    # A prediction's part of what is held is priced apart (billed as output where the answer
+    # differs).
     if "prediction" in extra:
-        assert signals.prediction_tokens == signals.prompt_tokens - plain
+        assert signals.prediction_tokens == signals.prompt_held - base.prompt_held
     else:
         assert signals.prediction_tokens == 0
     text = {"response_format": {"type": "text"}, "prediction": None}
