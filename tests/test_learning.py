@@ -265,6 +265,34 @@ def test_shadow_judging_stays_within_the_tenant_budget(
             assert chat(srv, "acme", "a HARD question").headers["x-tiergate-tier"] == "closed"
 
 
+def test_shadow_judging_of_text_no_tokenizer_merges_stays_within_the_budget(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    # The judge's prompt, which repeats the question, was held at Tiergate's estimate: a
+    # question of "a\n" repeated is billed a token a byte, 3.5 times that, and concurrent
+    # judgements spent past the budget by more than one of them.
+    fake.reset(Behaviour(mode="stall", stall_s=60.0, judge="closed", bill_bytes=True))
+    budget = 0.3  # each judgement about $0.14 at gpt-4o's prices
+    policy = policy_yaml(
+        fake,
+        shadow="{sample_rate: 1.0}",
+        queue_full="reject",
+        on_failure="error",
+        extra=f"tenants:\n  acme: {{daily_budget_usd: {budget}, over_budget: reject}}\n",
+    ).replace("context_window: 2048", "context_window: 32768")  # the local model takes it
+    with serve(tmp_path, policy) as srv:
+        for i in range(12):
+            asked = chat(srv, "acme", f"{i} " + "a\n" * 9000)
+            assert asked.headers["x-tiergate-tier"] == "local"
+        learning = srv.gateway.learning
+        fake.behaviour = Behaviour(judge="closed", bill_bytes=True)
+        fake.unstall()
+        assert wait_for(lambda: learning.pending == 0, 60)
+        costs = [x["cost_usd"] for x in labels(srv, "shadow")]
+    assert len(costs) >= 2
+    assert sum(costs) <= budget + max(costs), (sum(costs), len(costs))
+
+
 def test_a_failed_judgement_is_logged_with_personal_data_redacted(
     tmp_path: Path, fake: FakeProvider, caplog: pytest.LogCaptureFixture
 ) -> None:
