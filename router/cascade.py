@@ -29,7 +29,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from router.artifact import read_checked_npz, read_sidecar
-from router.errors import ArtifactError
+from router.errors import ArtifactError, UpstreamBadResponseError
 from router.locations import shipped
 
 CASCADE_FORMAT = "tiergate-cascade"
@@ -102,6 +102,37 @@ def _margin(entry: Mapping[str, Any]) -> float:
         float(t["logprob"]) for t in entry.get("top_logprobs") or [] if t["token"] != entry["token"]
     ]
     return chosen - max(others) if others else -chosen
+
+
+def read_logprobs(choice: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A choice's ``logprobs.content`` entries, checked so that :func:`answer_stats` can read
+    them: each a token with a finite log-probability, and its alternatives alike.
+
+    An external local server can send anything (log-probabilities that are not a list, a null
+    for one): :class:`UpstreamBadResponseError`, a failure of the local model that the cascade
+    escalates, not a 500 from reading them."""
+    logprobs = choice.get("logprobs")
+    if logprobs is None:
+        return []
+    content = logprobs.get("content") if isinstance(logprobs, Mapping) else logprobs
+    if content is None:
+        return []
+    if not (isinstance(content, list) and all(_readable(e) for e in content)):
+        raise UpstreamBadResponseError("the local model sent log-probabilities that cannot be read")
+    return content
+
+
+def _readable(entry: Any) -> bool:
+    # A token and its finite log-probability, and the alternatives (``top_logprobs``) alike.
+    if not isinstance(entry, dict) or not isinstance(entry.get("token"), str):
+        return False
+    logprob = entry.get("logprob")
+    if isinstance(logprob, bool) or not isinstance(logprob, int | float):
+        return False
+    top = entry.get("top_logprobs")
+    return math.isfinite(logprob) and (
+        top is None or (isinstance(top, list) and all(_readable(t) for t in top))
+    )
 
 
 def answer_stats(
@@ -263,10 +294,11 @@ class HoldBack:
     finish_reason: str | None = None
 
     def add(self, chunk: Mapping[str, Any]) -> bool:
-        """Hold ``chunk``; True once the judgement can be made."""
+        """Hold ``chunk``; True once the judgement can be made. Log-probabilities it cannot
+        read are :class:`UpstreamBadResponseError` (:func:`read_logprobs`)."""
         self.chunks.append(dict(chunk))
         for choice in chunk.get("choices") or []:
-            self.logprobs.extend((choice.get("logprobs") or {}).get("content") or [])
+            self.logprobs.extend(read_logprobs(choice))
             self.finish_reason = choice.get("finish_reason") or self.finish_reason
         return self.ready
 

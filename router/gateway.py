@@ -43,6 +43,7 @@ from router.cascade import (
     Judgement,
     answer_stats,
     judge,
+    read_logprobs,
 )
 from router.cooldown import Cooldowns
 from router.costs import CostBook
@@ -1324,6 +1325,9 @@ class Gateway:
         self._calling(ctx, model)
         try:
             result = await backend.complete(model, sent, usage)
+            usage = result.usage  # an answer it cannot read is charged, too
+            choice = (result.body.get("choices") or [{}])[0]
+            logprobs = read_logprobs(choice)
         except TiergateError as exc:
             ctx.served = None
             self._cascade_note(ctx, _failed(ctx), usage, None)
@@ -1333,8 +1337,6 @@ class Gateway:
             self.cooldowns.released(model.name, ctx.probe)
             raise
         self.cooldowns.succeeded(model.name, ctx.since)
-        choice = (result.body.get("choices") or [{}])[0]
-        logprobs = (choice.get("logprobs") or {}).get("content") or []
         judgement = self._cascade_judge(ctx, body, logprobs, choice.get("finish_reason"))
         ctx.usage = result.usage
         self._cascade_note(ctx, judgement, result.usage, None)
@@ -1394,7 +1396,7 @@ class Gateway:
         held_ms = (time.perf_counter() - started) * 1000.0
         try:
             judgement = self._cascade_judge(ctx, body, hold.logprobs, hold.finish_reason)
-        except BaseException:  # held tokens it cannot read: the local model stops all the same
+        except BaseException:  # a judgement that fails: the local model stops all the same
             await _close(source, ctx.request_id)
             raise
         if judgement.decision == "escalated":
@@ -1409,7 +1411,10 @@ class Gateway:
 
     def _cascade_failed(self, ctx: RequestContext, model: ModelSpec, exc: TiergateError) -> None:
         # The cascade's local model failed and the request escalates; a failure of the model
-        # (not a full queue) counts, and cools an external server, as on a chain.
+        # (not a full queue) counts, and cools an external server, as on a chain. The record
+        # says why (``local_error``).
+        if ctx.cascade is not None:
+            ctx.cascade["local_error"] = exc.message
         if isinstance(exc, BackendError):
             self._failed(ctx, model, exc)
         else:

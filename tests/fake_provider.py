@@ -172,9 +172,12 @@ class Behaviour:
     # The model every answer names (a provider's dated snapshot: OpenAI answers a request for
     # gpt-4o with gpt-4o-2024-08-06), else the model the request asked for.
     answered_model: str | None = None
-    # OpenAI chat streams asked for ``logprobs``: each word's ``logprobs`` field is this instead
-    # (a server that sends one that cannot be read).
+    # OpenAI chat answers and streams asked for ``logprobs``: the answer's (each streamed
+    # word's) ``logprobs`` field is this instead (a server that sends one that cannot be read).
     bad_logprobs: Any = None
+    # OpenAI chat streams: this SSE ``data:`` sent in place of the second word (a server that
+    # sends a chunk that is not JSON, or not a chat chunk).
+    bad_chunk: bytes | None = None
 
 
 def endless_error(status: int) -> Behaviour:
@@ -785,6 +788,7 @@ class FakeProvider:
             text = b.reply_fn(body) if b.reply_fn is not None else b.text
             message = {"role": "assistant", "content": text}
             finish = "stop"
+        odd = {"logprobs": b.bad_logprobs} if b.bad_logprobs and body.get("logprobs") else {}
         self._json(
             h,
             200,
@@ -793,7 +797,7 @@ class FakeProvider:
                 "object": "chat.completion",
                 "created": int(time.time()),
                 "model": self._answered(body, "fake"),
-                "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                "choices": [{"index": 0, "message": message, "finish_reason": finish, **odd}],
                 "usage": self._usage(body),
             },
         )
@@ -907,8 +911,7 @@ class FakeProvider:
                 h.wfile.write(b"data: [DONE]\n\n")
                 h.wfile.flush()
                 return
-            choice = {"index": 0, "delta": {"content": piece}, **self._logprobs(body, piece)}
-            send({**base, "choices": [choice]})
+            self._word(h, body, base, (i, piece), send)
         calls = self._calls(body)
         opened: set[int] = set()
         for place, part in self._pieces(body):
@@ -927,6 +930,23 @@ class FakeProvider:
             send({**base, "choices": [], "usage": self._usage(body)})
         h.wfile.write(b"data: [DONE]\n\n")
         h.wfile.flush()
+
+    def _word(
+        self,
+        h: BaseHTTPRequestHandler,
+        body: dict[str, Any],
+        base: dict[str, Any],
+        word: tuple[int, str],
+        send: Any,
+    ) -> None:
+        """Stream ``word`` (its place, its text; OpenAI chat), or ``bad_chunk`` in place of the
+        second."""
+        i, piece = word
+        if self.behaviour.bad_chunk is not None and i == 1:
+            self._send(h, b"data: " + self.behaviour.bad_chunk + b"\n\n")
+            return
+        choice = {"index": 0, "delta": {"content": piece}, **self._logprobs(body, piece)}
+        send({**base, "choices": [choice]})
 
     def _logprobs(self, body: dict[str, Any], token: str) -> dict[str, Any]:
         """A streamed word's ``logprobs`` field, where ``logprob`` (or ``bad_logprobs``) is set

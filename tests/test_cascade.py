@@ -14,6 +14,7 @@ from router.cascade import (
     judge,
     load_cascade,
 )
+from router.errors import UpstreamBadResponseError
 
 
 def _entry(token: str, logprob: float, *alts: tuple[str, float]) -> dict[str, Any]:
@@ -82,6 +83,30 @@ def test_hold_back_waits_for_n_tokens_or_the_end_of_a_short_answer() -> None:
     assert not short.add(_chunk("Paris"))
     assert short.add(_chunk(None, finish="stop"))
     assert short.stats().stopped == 1.0 and short.text() == "Paris"
+
+
+@pytest.mark.parametrize(
+    "logprobs",
+    [
+        "w",
+        {"content": 5},
+        {"content": ["w"]},
+        {"content": [{"token": "w"}]},
+        {"content": [{"token": "w", "logprob": None}]},
+        {"content": [{"token": "w", "logprob": True}]},
+        {"content": [{"token": "w", "logprob": float("-inf")}]},
+        {"content": [{"token": "w", "logprob": -0.1, "top_logprobs": [{"token": "v"}]}]},
+        {"content": [{"token": "w", "logprob": -0.1, "top_logprobs": {"v": -1.0}}]},
+    ],
+)
+def test_hold_back_refuses_log_probabilities_it_cannot_read(logprobs: Any) -> None:
+    # What an external server may send: a failure of the local model (which the gateway
+    # escalates), where reading it raised whatever Python error it met first.
+    choice = {"index": 0, "delta": {"content": "w"}, "logprobs": logprobs}
+    with pytest.raises(UpstreamBadResponseError):
+        HoldBack(tokens=3).add({"choices": [choice]})
+    none = {"index": 0, "delta": {"content": "w"}, "logprobs": {"content": None}}
+    assert not HoldBack(tokens=3).add({"choices": [none]})
 
 
 def test_the_shipped_confidence_model_loads_with_its_curve_and_local_model() -> None:

@@ -437,29 +437,82 @@ def _on_a_silent_server(
 @pytest.mark.parametrize(
     "logprobs",
     [{"content": 5}, {"content": [{"token": "w", "logprob": None}]}],
-    ids=["held", "judged"],
+    ids=["not-a-list", "null"],
 )
 def test_a_local_stream_whose_log_probabilities_cannot_be_read_is_closed_at_once(
     tmp_path: Path, fake: FakeProvider, logprobs: Any
 ) -> None:
-    """An external llama.cpp server streams log-probabilities that cannot be read: holding the
-    chunk back (``held``) or judging the held tokens (``judged``) fails. The local stream was
-    left open, holding the server's slot and its connection until the garbage collector
-    found it (the error's traceback keeps it in a cycle): it is closed at once."""
+    """An external llama.cpp server streams log-probabilities that cannot be read. The local
+    stream was left open, holding the server's slot and its connection until the garbage
+    collector found it (the error's traceback keeps it in a cycle): it is closed at once, and
+    the request escalates (below)."""
     gc.disable()  # only a close frees the slot, not a collection that happens to come
     try:
-        with _on_external(tmp_path, fake, fake.base_url) as srv:
-            fake.reset(Behaviour(bad_logprobs=logprobs, chunk_delay_s=0.05))
+        with FakeProvider() as local, _on_external(tmp_path, fake, local.base_url) as srv:
+            local.reset(Behaviour(bad_logprobs=logprobs, chunk_delay_s=0.05))
             response = _ask(srv, stream=True)
             running = srv.gateway.local.gate.running
-            record = _record(srv, response.headers["x-request-id"])
-            cut = wait_for(lambda: fake.broken_streams == 1, 2)  # the server saw it go
+            cut = wait_for(lambda: local.broken_streams == 1, 2)  # the server saw it go
+            sent = local.sent_chunks
     finally:
         gc.enable()
-    assert response.status_code == 500
-    assert (record["status"], record["http_status"]) == ("error", 500)
+    assert response.status_code == 200, response.text
     assert running == 0
-    assert cut and fake.sent_chunks < 8
+    assert cut and sent < 8
+
+
+#: Answers from an external local server that the cascade cannot read, and the requests
+#: (streamed or not) that get them.
+_UNREADABLE = {
+    "log-probabilities not a list": (Behaviour(bad_logprobs={"content": 5}), (False, True)),
+    "a null log-probability": (
+        Behaviour(bad_logprobs={"content": [{"token": "w", "logprob": None}]}),
+        (False, True),
+    ),
+    "an alternative without its log-probability": (
+        Behaviour(
+            bad_logprobs={"content": [{"token": "w", "logprob": -0.1, "top_logprobs": [{}]}]}
+        ),
+        (False, True),
+    ),
+    "an answer that is not an object": (Behaviour(mode="array_body"), (False, True)),
+    "a chunk that is not JSON": (Behaviour(bad_chunk=b"{not json", logprob=CONFIDENT), (True,)),
+    "a chunk that is not a chat chunk": (
+        Behaviour(bad_chunk=b'{"choices": {"index": 0}}', logprob=CONFIDENT),
+        (True,),
+    ),
+    "a stream that ends without a finish": (
+        Behaviour(mode="interrupted", logprob=CONFIDENT),
+        (True,),
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("answer", "stream"),
+    [(answer, stream) for answer, (_, streams) in _UNREADABLE.items() for stream in streams],
+)
+def test_a_local_answer_the_cascade_cannot_read_escalates(
+    tmp_path: Path, fake: FakeProvider, answer: str, stream: bool
+) -> None:
+    """Nothing of the local answer has reached the client when the cascade finds it cannot
+    read it, so the request escalates as on any failure of the local model: the closed model
+    answers, and the one record says the local model failed, and why. Log-probabilities that
+    could not be read were a 500 (``internal_error``) for the client."""
+    with FakeProvider() as local, _on_external(tmp_path, fake, local.base_url) as srv:
+        local.reset(_UNREADABLE[answer][0])
+        response = _ask(srv, stream=stream)
+        record = _record(srv, response.headers["x-request-id"])
+    assert response.status_code == 200, response.text
+    assert response.headers["x-tiergate-tier"] == "closed"
+    assert response.headers["x-tiergate-cascade"] == "escalated"
+    assert len(local.received) == 1 and len(fake.received) == 1
+    assert (record["status"], record["tier"]) == ("ok", "closed")
+    assert (record["cascade"]["decision"], record["cascade"]["reason"]) == (
+        "escalated",
+        "local_failed",
+    )
+    assert "local" in record["cascade"]["local_error"]
 
 
 @pytest.mark.parametrize("stream", [False, True])
