@@ -245,9 +245,10 @@ def estimate_tokens(
 
     The request's other model input counts too: the tools, a ``response_format``'s JSON schema
     (which the provider reads and bills as input: OpenAI's structured outputs, the tool litellm
-    makes of it for Claude), and a ``prediction`` (OpenAI's predicted output, which the model
-    reads; the part the answer does not use is billed at the output price). ``count``: how
-    text counts (:func:`text_bytes` for the most it can be)."""
+    makes of it for Claude), a ``prediction`` (OpenAI's predicted output, which the model
+    reads; the part the answer does not use is billed at the output price), and the thinking
+    a tool loop sends back (:func:`_replayed_thinking`). ``count``: how text counts
+    (:func:`text_bytes` for the most it can be)."""
     tokens = 0.0
     media = 0
     if response_format and isinstance(response_format, Mapping):  # truth first: no ABC check
@@ -257,6 +258,7 @@ def estimate_tokens(
     if prediction and isinstance(prediction, Mapping):
         predicted, media = _content_size(prediction.get("content"), count)
         tokens += predicted
+    called: Mapping[str, Any] | None = None  # the last message that calls a tool
     for m in messages:
         text, parts = _content_size(m.get("content"), count)
         tokens += text
@@ -264,9 +266,33 @@ def estimate_tokens(
         calls = m.get("tool_calls") or m.get("function_call")
         if calls:
             tokens += count(str(calls))
+            called = m
     if tools:
         tokens += count(str(tools))
+    if called is not None:
+        tokens += _replayed_thinking(messages, called, count)
     return math.ceil(tokens - 1e-9) + media + TOKENS_PER_MESSAGE * len(messages)
+
+
+def _replayed_thinking(
+    messages: list[Mapping[str, Any]], called: Mapping[str, Any], count: Callable[[str], float]
+) -> float:
+    # The thinking of the last assistant turn when it is ``called``, the last to call tools
+    # (``thinking_blocks``, as litellm's translation of Anthropic's ``thinking`` and
+    # ``redacted_thinking`` blocks holds them): a tool loop must send it back with the results,
+    # and Claude reads and bills it as input. An earlier turn's thinking it strips, uncounted
+    # (Anthropic's docs: context windows, token counting). A redacted block's encrypted
+    # ``data`` counts as text would: its tokens are not known. Read only where a turn called a
+    # tool, so a plain conversation's estimate pays nothing for it.
+    last = next((m for m in reversed(messages) if m.get("role") == "assistant"), None)
+    blocks = called.get("thinking_blocks")
+    if last is not called or not isinstance(blocks, list):
+        return 0.0
+    return sum(
+        count(text)
+        for b in blocks
+        if isinstance(b, Mapping) and isinstance(text := b.get("thinking", b.get("data")), str)
+    )
 
 
 def prompt_estimate(

@@ -25,7 +25,7 @@ from router.outcomes import OutcomeRecord, SQLiteOutcomeStore
 from tests.conftest import GGUF, LiveServer, live, policy_yaml, wait_for
 from tests.fake_provider import ANTHROPIC_OVERLOADED, Behaviour, FakeProvider
 from tests.scripted_local import ScriptedLocal
-from tests.test_messages import PNG, tool_returned
+from tests.test_messages import PNG, thought, tool_returned
 
 gguf = pytest.mark.skipif(not GGUF.is_file(), reason="bundled GGUF missing: make model")
 pytestmark = [gguf, pytest.mark.gguf]
@@ -1697,3 +1697,29 @@ def test_a_responses_stream_cut_upstream_ends_in_an_error_event(
     assert numbers == list(range(len(events))) and len(events) > 2
     record = recorded(store, request_id, "responses")
     assert record.status == "error" and record.http_status == 502
+
+
+def test_a_tool_loop_s_thinking_counts_toward_the_context_window(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """A tool loop sends the assistant turn's thinking back with the results, and Claude reads
+    it as input. The window check read the conversation without it: a request pinned to a
+    Claude whose window 20,000 tokens of thinking overflow was sent to it. It is refused
+    before it is sent, as the same text in a plain turn is."""
+    fake.reset()
+    window = "    context_window: 8000\n"
+    policy = policy_yaml(fake).replace(
+        "claude-3-5-sonnet-20241022\n", "claude-3-5-sonnet-20241022\n" + window
+    )
+    tool = {"name": "get_weather", "input_schema": {"type": "object"}}
+    body = {
+        "model": "claude",
+        "max_tokens": 100,
+        "tools": [tool],
+        "messages": thought("tool_result"),
+    }
+    with live(tmp_path, policy) as srv:
+        answer = srv.http.post("/v1/messages", json=body)
+    assert answer.status_code == 400, answer.text
+    assert "context window 8000" in answer.json()["error"]["message"]
+    assert fake.received == []

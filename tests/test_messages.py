@@ -500,6 +500,59 @@ def test_count_tokens_is_the_routing_estimate_and_grows_with_the_prompt() -> Non
 PAGE = "The quick brown fox jumps over the lazy dog. " * 780
 
 
+def thought(then: str) -> list[dict[str, Any]]:
+    """A conversation whose assistant turn thought (``PAGE`` twice over: a thinking and a
+    redacted_thinking block) and called a tool; ``then`` the tool's result comes back
+    (``tool_result``), or the client asks a new question (``text``)."""
+    thinking = [
+        {"type": "thinking", "thinking": PAGE, "signature": "c2ln"},
+        {"type": "redacted_thinking", "data": PAGE},
+    ]
+    call = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}
+    result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}
+    turns: list[dict[str, Any]] = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": [*thinking, call]},
+        {"role": "user", "content": [result]},
+    ]
+    if then == "text":
+        turns += [{"role": "assistant", "content": "Sunny."}, {"role": "user", "content": "Ok?"}]
+    return turns
+
+
+@pytest.mark.parametrize(("then", "counted"), [("tool_result", True), ("text", False)])
+def test_the_thinking_a_tool_loop_sends_back_counts(then: str, counted: bool) -> None:
+    # A tool loop sends the assistant turn's thinking back with the results, and Claude
+    # reads and bills it as input; the estimate read only the content and the tool calls, so
+    # 20,000 tokens of thinking counted nothing toward holds, context fit and count_tokens. An
+    # earlier turn's thinking Claude strips: it does not count.
+    def count(turns: list[dict[str, Any]]) -> int:
+        body = {"model": "auto", "messages": turns, "tools": [TOOL]}
+        return int(messages.count_tokens(body)["input_tokens"])
+
+    turns = thought(then)
+    thinking = count(turns) - count(
+        [turns[0], {**turns[1], "content": turns[1]["content"][2:]}, *turns[2:]]
+    )
+    assert (thinking >= 2 * 10_000) is counted, thinking
+    assert thinking == 0 or counted
+
+
+def test_a_large_tool_schema_counts_in_full() -> None:
+    # Providers bill tool definitions as input: a 200 KB schema beside a tiny message is
+    # held and fitted to a context window as the 50,000 tokens or more it is.
+    schema = {
+        "type": "object",
+        "properties": {f"f{i}": {"description": "x" * 190} for i in range(1000)},
+    }
+    tool = {**TOOL, "input_schema": schema}
+    ask = [{"role": "user", "content": "hi"}]
+    assert (
+        messages.count_tokens({"model": "auto", "messages": ask, "tools": [tool]})["input_tokens"]
+        >= 200_000 / 3.5 * 0.95
+    )
+
+
 def _ran(use: str, name: str, result: str, content: Any) -> list[dict[str, Any]]:
     """A server tool's call (block type ``use``) and its result (``result``), as a Claude's
     turn carries them back."""
