@@ -16,6 +16,7 @@ object keys and integers), so personal data anywhere keeps a privacy rule in for
 
 from __future__ import annotations
 
+import binascii
 import math
 import re
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
@@ -382,44 +383,95 @@ def prediction_tokens(prediction: Any) -> int:
 
 #: The characters of a base64 payload (line breaks allowed, as MIME writes them).
 _BASE64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\r\n"
+#: Media types whose bytes hold no text a detector could read (a PDF's text is compressed).
+_BINARY_MEDIA = ("image/", "audio/", "video/", "application/pdf")
+
+
+def _payload_text(payload: str, media_type: str) -> str:
+    """What the detectors read of a base64 ``payload`` of ``media_type``: nothing of an
+    image's, a sound's or a PDF's bytes (read as text, their base64 only makes false
+    positives); the text of any other file, decoded (a ``text/plain`` file is text the model
+    reads). A payload that is not base64 through and through is text, and is read whole."""
+    if not payload.isascii() or payload.encode("ascii").translate(None, _BASE64):
+        return payload
+    media = media_type.lower()
+    if media.startswith(_BINARY_MEDIA):
+        return ""
+    try:
+        data = binascii.a2b_base64(payload)
+    except binascii.Error:
+        return payload
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:  # bytes, unless a text type says it is text in another encoding
+        return data.decode("utf-8", "replace") if media.startswith("text/") else ""
 
 
 def _without_data_payload(text: str) -> str:
-    # An inline file (``data:image/png;base64,...``) is read up to its payload: encoded bytes
-    # hold no text the detectors could read, and are most of a body near the size cap. Only a
-    # payload that is base64 through and through is skipped: text behind a ``data:`` prefix
-    # (``data:x;base64,john@example.com``) is read like any other.
+    # An inline file (``data:image/png;base64,...``) is read up to its payload, and its
+    # payload as :func:`_payload_text` reads it: an image's encoded bytes hold no text the
+    # detectors could read, and are most of a body near the size cap.
     if text.startswith("data:"):
         head, sep, payload = text.partition(";base64,")
-        if sep and payload.isascii() and not payload.encode("ascii").translate(None, _BASE64):
-            return head + sep
+        if sep:
+            return head + sep + _payload_text(payload, head[5:].partition(";")[0])
     return text
 
 
 #: The object keys whose string value may be an inline file (``data:...;base64,...``): OpenAI's
 #: ``image_url.url`` and ``file.file_data``, the Responses API's ``image_url`` and ``file_data``.
 FILE_FIELDS = frozenset({"url", "image_url", "file_data"})
+#: How :func:`request_strings` reads a string that is not text (None): as a :data:`FILE_FIELDS`
+#: value, or (a media type) as a base64 payload. OpenAI's ``input_audio`` holds one in ``data``.
+_FILE_FIELD, _AUDIO = "data:", "audio/"
+#: The keys whose value may be read otherwise than as text (:func:`_read_as`).
+_PAYLOAD_KEYS = FILE_FIELDS | {"data", "input_audio"}
+
+
+def _read_as(parent: Mapping[str, Any], key: str, value: Any, how: str | None) -> str | None:
+    # How to read ``value``, ``parent[key]`` (``parent`` read as ``how``): a file field's, an
+    # Anthropic ``base64`` source's or an ``input_audio``'s ``data`` as a file; else as text.
+    if key in FILE_FIELDS:
+        return _FILE_FIELD
+    if key == "input_audio":
+        return _AUDIO
+    if not isinstance(value, str):
+        return None
+    if how == _AUDIO:
+        return _AUDIO
+    if parent.get("type") != "base64":
+        return None
+    media = parent.get("media_type")
+    return media if isinstance(media, str) else ""
 
 
 def request_strings(body: Any) -> Iterator[str]:
     """Every string in a JSON value, each once: object keys and values, list items, and
-    integers written out (a card number sent as a JSON number is still a card number). An
-    inline ``data:...;base64,`` file in a file field (:data:`FILE_FIELDS`) is read up to its
-    payload; anywhere else such a string is text a model reads, and is read whole.
+    integers written out (a card number sent as a JSON number is still a card number). A
+    file's base64 payload is read as :func:`_payload_text` reads it (an image's not at all):
+    an inline ``data:...;base64,`` file in a file field (:data:`FILE_FIELDS`), the ``data`` of
+    an Anthropic ``base64`` source and of OpenAI's ``input_audio``; anywhere else such a
+    string is text a model reads, and is read whole.
 
     Iterative, so nesting depth costs no stack.
     """
-    stack: list[tuple[Any, bool]] = [(body, False)]
+    stack: list[tuple[Any, str | None]] = [(body, None)]
     while stack:
-        value, file_field = stack.pop()
+        value, how = stack.pop()
         if isinstance(value, str):
-            yield _without_data_payload(value) if file_field else value
+            if how is None:
+                yield value
+            elif how == _FILE_FIELD:
+                yield _without_data_payload(value)
+            else:
+                yield _payload_text(value, how)
         elif isinstance(value, Mapping):
             for key, item in value.items():
                 yield str(key)
-                stack.append((item, key in FILE_FIELDS))
+                read = _read_as(value, key, item, how) if key in _PAYLOAD_KEYS else None
+                stack.append((item, read))
         elif isinstance(value, list | tuple):
-            stack.extend((item, False) for item in value)
+            stack.extend((item, None) for item in value)
         elif isinstance(value, int) and not isinstance(value, bool):
             yield str(value)
 

@@ -7,6 +7,7 @@ proof. ``PRIVACY_EXAMPLES`` sets the generated examples per placement and local-
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -367,6 +368,44 @@ def test_chinese_mobiles_and_national_ids_stay_local(
     assert response.status_code == 200
     assert response.headers["x-tiergate-tier"] == "local"
     assert response.headers["x-tiergate-rule"] == "pii-stays-local"
+    assert fake.received == []
+
+
+#: A PNG's first bytes in base64, then characters that read as a card number (Luhn-valid).
+CARD_IN_BASE64 = "iVBORw0KGgoAAAANSUhEUgAA4111111111111111AAAA"
+
+
+def test_a_file_is_read_as_the_model_reads_it_on_v1_messages(
+    blind_server: tuple[LiveServer, ScriptedLocal], fake: FakeProvider
+) -> None:
+    """An image's base64 is bytes, not text: one whose alphabet happens to spell a card
+    number kept a /v1/messages request local (and refused it there: the local model takes no
+    image). A plain-text document sent as base64 is text the model reads: its personal data
+    went out unread."""
+    srv, local = blind_server
+    fake.reset()
+    local.mode = "ok"
+
+    def ask(block: dict[str, Any]) -> Any:
+        content = [block, {"type": "text", "text": "Describe this."}]
+        body = {
+            "model": "auto",
+            "max_tokens": 32,
+            "messages": [{"role": "user", "content": content}],
+        }
+        return srv.http.post("/v1/messages", json=body)
+
+    source = {"type": "base64", "media_type": "image/png", "data": CARD_IN_BASE64}
+    image = ask({"type": "image", "source": source})
+    assert image.status_code == 200, image.text
+    assert image.headers["x-tiergate-tier"] == "closed"
+    assert CARD_IN_BASE64 in _sent_out(fake)
+
+    fake.reset()
+    text = base64.b64encode(b"Customer SSN 078-05-1120").decode()
+    source = {"type": "base64", "media_type": "text/plain", "data": text}
+    document = ask({"type": "document", "source": source})
+    assert document.headers.get("x-tiergate-tier") != "closed", document.text
     assert fake.received == []
 
 

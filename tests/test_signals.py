@@ -3,8 +3,10 @@ send upstream, while the routing score still reads the last user turn."""
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -257,6 +259,98 @@ def test_a_data_prefix_outside_a_file_field_hides_nothing(hidden: str) -> None:
     assert request_pii_kinds({"model": "auto", "messages": [], "user": hidden})
     parts = [{"type": "text", "text": hidden}]
     assert request_pii_kinds({"model": "auto", "messages": [{"role": "user", "content": parts}]})
+
+
+#: A PNG's first bytes in base64, then characters that read as a card number (Luhn-valid):
+#: base64's alphabet holds the digits, so a large image spells one now and then.
+CARD_IN_BASE64 = "iVBORw0KGgoAAAANSUhEUgAA4111111111111111AAAA"
+
+
+def _anthropic(*blocks: dict[str, Any]) -> dict[str, Any]:
+    return {"model": "auto", "messages": [{"role": "user", "content": list(blocks)}]}
+
+
+def _source(media_type: str, data: str) -> dict[str, Any]:
+    return {"type": "base64", "media_type": media_type, "data": data}
+
+
+#: Each place a file's base64 payload is sent in (a chat, Responses or Messages part).
+BINARY_PARTS: dict[str, Callable[[str], dict[str, Any]]] = {
+    "anthropic image": lambda data: {"type": "image", "source": _source("image/png", data)},
+    "anthropic pdf": lambda data: {"type": "document", "source": _source("application/pdf", data)},
+    "tool result image": lambda data: {
+        "type": "tool_result",
+        "tool_use_id": "t1",
+        "content": [{"type": "image", "source": _source("image/jpeg", data)}],
+    },
+    "input_audio": lambda data: {"type": "input_audio", "input_audio": {"data": data}},
+    "image_url": lambda data: {
+        "type": "image_url",
+        "image_url": {"url": "data:image/png;base64," + data},
+    },
+    "file_data": lambda data: {
+        "type": "file",
+        "file": {"file_data": "data:application/pdf;base64," + data},
+    },
+    "input_image": lambda data: {
+        "type": "input_image",
+        "image_url": "data:image/png;base64," + data,
+    },
+    "input_file": lambda data: {
+        "type": "input_file",
+        "file_data": "data:application/pdf;base64," + data,
+    },
+}
+
+
+@pytest.mark.parametrize("where", sorted(BINARY_PARTS))
+def test_a_binary_payload_is_not_read_as_text(where: str) -> None:
+    """An image's, a PDF's or a sound's base64 holds no text a detector can read; read as text
+    it made false positives (a card number spelled by the alphabet kept the request local)
+    and most of a large request's decision time (an Anthropic ``base64`` source, OpenAI's
+    ``input_audio``: only ``data:`` URLs were skipped)."""
+    assert request_pii_kinds(_anthropic(BINARY_PARTS[where](CARD_IN_BASE64))) == ()
+    assert request_pii_kinds(_anthropic({"type": "text", "text": CARD_IN_BASE64})) == ("card",)
+    # Text that is not base64 (spaces) in the same place is read: it is no file's bytes.
+    assert request_pii_kinds(_anthropic(BINARY_PARTS[where]("4111 1111 1111 1111"))) == ("card",)
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": SSN}},
+        {"type": "document", "source": {"type": "base64", "media_type": "text/plain", "data": ""}},
+        {"type": "document", "source": {"type": "base64", "data": ""}},  # no media type
+        {"type": "file", "file": {"file_data": "data:text/plain;base64,"}},
+        {"type": "input_file", "file_data": "data:text/csv;charset=utf-8;base64,"},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": SSN}},
+    ],
+    ids=[
+        "text document",
+        "base64 text document",
+        "base64 untyped document",
+        "text file_data",
+        "csv input_file",
+        "image of text",
+    ],
+)
+def test_a_text_file_is_read_as_the_model_reads_it(part: dict[str, Any]) -> None:
+    """A plain-text document is text the model reads, however it is sent: as is, or encoded
+    (a base64 source or a ``data:`` URL of a type other than an image, a PDF or a sound is
+    decoded and read; a payload that is not base64 at all is text and read as it is). Encoded,
+    its personal data went unread and out to a closed model."""
+    part = copy.deepcopy(part)
+    source = part.get("source") or {}
+    if source.get("data") == "":
+        source["data"] = _b64(f"Customer SSN {SSN}\n")
+    field = part.get("file") or part
+    if isinstance(field.get("file_data"), str):
+        field["file_data"] += _b64(f"name,ssn\njane,{SSN}\n")
+    assert request_pii_kinds(_anthropic(part)) == ("ssn",)
 
 
 # -- the prompt estimate: what budgets and token limits reserve --------------------------------
