@@ -709,8 +709,9 @@ async def _event_sse(
 
 def _failed(request_id: str) -> None:
     """Log the defect being handled that ended a stream: here, once, with the request's id. The
-    gateway logs one only before a stream opens; after, it may not see one at all (a front's
-    last events are translated and framed after the chat stream, and its record, ended)."""
+    gateway logs one only before a stream opens; after, it records the failure thrown into the
+    stream, a front's last events' included (they are framed after the chat stream's last
+    chunk, while the request's life waits: router.backends.native.CHUNKS_END)."""
     log.exception("request %s failed", request_id, extra={"request_id": request_id})
 
 

@@ -25,6 +25,7 @@ from collections.abc import (
     Callable,
     Collection,
     Iterable,
+    Iterator,
     Mapping,
 )
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +35,14 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from router.backends import MESSAGE_FIELD, Backend, Completion, Usage, closed, local
 from router.backends.local import ExternalLlamaBackend, Gate
-from router.backends.native import NATIVE, NativeCaller, NativeRequest, opening_event, speaks
+from router.backends.native import (
+    CHUNKS_END,
+    NATIVE,
+    NativeCaller,
+    NativeRequest,
+    opening_event,
+    speaks,
+)
 from router.calibration import AliasThreshold, calibrate, calibrated_values
 from router.cascade import (
     ESCALATION_FAILED,
@@ -273,7 +281,9 @@ class StreamAnswer:
     The request is recorded when ``chunks`` ends, fails or is closed (``aclose``), read or
     not; a client that leaves is recorded as aborted and charged for what was generated. An
     exception thrown in (``athrow``: a front failed to translate or frame a chunk) is
-    recorded as that error rather than as a client that left. ``prompt_tokens``:
+    recorded as that error rather than as a client that left. On a front other than chat the
+    chunks end with ``CHUNKS_END`` (router.backends.native), where the request is not yet
+    recorded: the front's last events come after it. ``prompt_tokens``:
     the prompt's tokens as known when the stream opened, before the closing usage: the model's
     own count where it gives one by its first chunk (the in-process local model), else the
     estimate the request was routed and reserved with.
@@ -556,8 +566,8 @@ class Gateway:
                     yield chunk
                 self._stream_ended(ctx, None, started=True)
                 answer = "".join(relay.text)
-                if not relay.saw_usage:
-                    yield _usage_chunk(ctx, relay.id, relay.model)
+                for chunk in _closing_chunks(ctx, relay, call.front):
+                    yield chunk
         except (Exception, asyncio.CancelledError, GeneratorExit) as exc:
             # A chat client's refusal on the way in (its schema, the caps) names its own fields.
             named = None if exc is call.refused and call.front == "chat" else call.body
@@ -1981,6 +1991,17 @@ async def _close(source: AsyncIterator[dict[str, Any]] | None, request_id: str) 
         )
     except Exception:  # closing a broken upstream must not mask the outcome
         log.debug("closing stream %s failed", request_id, exc_info=True)
+
+
+def _closing_chunks(ctx: RequestContext, relay: _Relay, front: str) -> Iterator[dict[str, Any]]:
+    """What a stream yields after its model's last chunk: a usage chunk, where the model sent
+    none; then, on a front other than chat, CHUNKS_END, where its life waits until the front's
+    last events (made after the chat stream) are framed, so that its record says whether
+    they went out (router.backends.native.native_or)."""
+    if not relay.saw_usage:
+        yield _usage_chunk(ctx, relay.id, relay.model)
+    if front != "chat":
+        yield CHUNKS_END
 
 
 def _usage_chunk(ctx: RequestContext, stream_id: str | None, model: str | None) -> dict[str, Any]:

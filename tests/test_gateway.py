@@ -19,6 +19,7 @@ import httpx
 import openai
 import pytest
 
+import router.api as api_module
 import router.gateway as gateway_module
 from router import messages, responses
 from router.api import _event_sse, _sse
@@ -35,6 +36,7 @@ from router.errors import (
     ClientDisconnected,
     PermissionDeniedError,
     TiergateError,
+    UpstreamBadResponseError,
 )
 from router.gateway import Answer, Call, Gateway, PolicyHolder, StreamAnswer
 from router.limits import RateLimiter
@@ -1482,12 +1484,35 @@ def test_a_stream_tiergate_cannot_frame_is_recorded_as_its_error(
         asyncio.run(scenario())
 
 
-def test_a_translation_that_fails_after_the_chat_stream_ended_is_logged_once(
-    tmp_path: Path, fake: FakeProvider, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("front", ["messages", "responses"])
+@pytest.mark.parametrize(
+    ("fails", "recorded"),
+    [
+        ("not", ("ok", 200)),
+        ("translation", ("error", 500)),
+        ("tiergate", ("error", 502)),
+        ("framing", ("error", 500)),
+        ("client", ("aborted", 499)),
+    ],
+)
+def test_a_front_s_last_events_are_recorded_as_the_client_saw_them(
+    tmp_path: Path,
+    fake: FakeProvider,
+    caplog: pytest.LogCaptureFixture,
+    *,
+    front: str,
+    fails: str,
+    recorded: tuple[str, int],
 ) -> None:
-    """A front's last events are made after the chat stream, and its record, ended: the gateway
-    never sees a failure there, so the framing's log is the only one (it must stay)."""
+    """A front's last events are made after the chat stream has ended (litellm's adapters
+    write ``message_stop``, ``response.completed`` then). A failure to translate or frame them
+    gave the client an error event, but the request's life had ended and recorded it ``ok``,
+    200. The life now waits at the end of its chunks until the front's events are framed: one
+    record, of the error the client got (a defect logged once, by the framing), or of a
+    client that left before them."""
     fake.reset()
+    error_event = messages.error_event if front == "messages" else responses.error_event
+    ended = asyncio.Event()
 
     async def translate(
         first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any]]
@@ -1495,22 +1520,82 @@ def test_a_translation_that_fails_after_the_chat_stream_ended_is_logged_once(
         yield {"type": "message_start", "message": {"id": "msg_1"}}
         async for _ in rest:
             pass
-        raise RuntimeError("the translation broke at the end")
+        ended.set()
+        if fails == "client":
+            await asyncio.sleep(60)  # the client leaves here: the server cancels the response
+        if fails == "translation":
+            raise RuntimeError("the translation broke at the end")
+        if fails == "tiergate":
+            raise UpstreamBadResponseError("the last chunk made no sense")
+        yield {"type": "message_stop", "note": b"\x00" if fails == "framing" else "end"}
 
     async def scenario() -> None:
         async with serving(tmp_path, fake, ScriptedStream(words=5)) as srv:
-            answer = await srv.gateway.serve(srv.call("easy", "messages", stream=True))
+            answer = await srv.gateway.serve(srv.call("easy", front, stream=True))
             assert isinstance(answer, StreamAnswer)
-            events = native_or(answer.chunks, translate)
-            framed = [
-                part async for part in _event_sse(events, messages.error_event, answer.request_id)
-            ]
-            assert framed[-1].startswith(b"event: error")
+            sse = _event_sse(native_or(answer.chunks, translate), error_event, answer.request_id)
+            framed = [await anext(sse)]
+            if fails == "client":  # it leaves once the chat stream has ended
+                reading = asyncio.ensure_future(anext(sse))
+                await ended.wait()
+                reading.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await reading
+            else:
+                framed += [part async for part in sse]
+            assert framed[0].startswith(b"event: message_start")
+            if fails == "not":
+                assert framed[-1].startswith(b"event: message_stop")
+            elif fails != "client":
+                assert framed[-1].startswith(b"event: error")
+            assert [(r.status, r.http_status, r.front) for r in srv.records] == [(*recorded, front)]
             logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-            assert logged == [f"request {answer.request_id} failed"]
+            defect = fails in ("translation", "framing")
+            assert logged == ([f"request {answer.request_id} failed"] if defect else [])
 
     with caplog.at_level(logging.ERROR):
         asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("front", ["messages", "responses"])
+def test_a_last_event_of_litellm_s_adapters_that_cannot_be_framed_is_an_error(
+    tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch, front: str
+) -> None:
+    """As the fronts serve a stream: litellm's adapters make ``message_stop`` and
+    ``response.completed`` once the chat stream has ended. One that cannot be framed ended the
+    client's stream in an error event, and the request was recorded ``ok``, 200."""
+    fake.reset()
+    last = "message_stop" if front == "messages" else "response.completed"
+    framing = api_module._event
+
+    def event(value: dict[str, Any]) -> bytes:
+        if value.get("type") == last:
+            raise ValueError(f"cannot frame {last}")
+        return framing(value)
+
+    monkeypatch.setattr(api_module, "_event", event)
+    module = messages if front == "messages" else responses
+    asked = {"model": "auto", "max_tokens": 16, "messages": [{"role": "user", "content": "easy"}]}
+    _, translation = (
+        messages.to_chat(asked, "req_1")
+        if front == "messages"
+        else responses.to_chat({"model": "auto", "input": "easy"}, "req_1")
+    )
+
+    async def scenario() -> None:
+        async with serving(tmp_path, fake, ScriptedStream(words=5)) as srv:
+            answer = await srv.gateway.serve(srv.call("easy", front, stream=True))
+            assert isinstance(answer, StreamAnswer)
+            events = module.events(answer.chunks, translation, 0)
+            framed = [
+                part async for part in _event_sse(events, module.error_event, answer.request_id)
+            ]
+            assert framed[-1].startswith(b"event: error")
+            assert [(r.status, r.http_status, r.front) for r in srv.records] == [
+                ("error", 500, front)
+            ]
+
+    asyncio.run(scenario())
 
 
 @pytest.mark.parametrize("ends", ["cancelled", "timed_out"])

@@ -35,6 +35,11 @@ from router.errors import BackendError, UpstreamBadResponseError
 
 #: The key, in a chat answer or chunk, that holds the provider's native body or event.
 NATIVE = "tiergate_native"
+#: What a front's chunk stream (a request's life: router.gateway) yields after its last chunk,
+#: told by identity and never sent: it waits there until the front's last events, made after
+#: the chat stream, are framed. Read on past it once they went out (the request is recorded
+#: as served), throw in their failure (recorded as it) or close the stream (a client that left).
+CHUNKS_END: dict[str, Any] = {}
 #: The Anthropic API version sent when the client names none.
 ANTHROPIC_VERSION = "2023-06-01"
 _ANTHROPIC_BASE = "https://api.anthropic.com"
@@ -223,25 +228,36 @@ async def native_or(
     ],
 ) -> AsyncGenerator[dict[str, Any], None]:
     """A front's events for a chat chunk stream: the provider's own when the chunks carry them
-    (a native call), else ``translate(first chunk, the rest)``. Closing this closes ``chunks``;
-    a failure of ``translate`` is thrown into ``chunks`` first, so that the stream's owner
-    records it as the error it is (a failure of ``chunks`` itself has ended them already)."""
+    (a native call), else ``translate(first chunk, the rest up to CHUNKS_END)``, whose last
+    events come after the chat stream's end: ``chunks`` ends once they went out. Closing this
+    closes ``chunks``; a failure of ``translate`` is thrown into ``chunks`` first, so that the
+    stream's owner records it as the error it is (a failure of ``chunks`` itself has ended
+    them already)."""
     try:
         first = await anext(chunks, None)
         if first is not None and NATIVE in first:
             yield first[NATIVE]
             async for chunk in chunks:
-                if NATIVE in chunk:  # not the gateway's closing usage chunk
+                if NATIVE in chunk:  # not the gateway's closing usage chunk, nor CHUNKS_END
                     yield chunk[NATIVE]
             return
-        async for event in translate(first, chunks):
+        async for event in translate(first, _until_end(chunks)):
             yield event
+        await anext(chunks, None)  # past CHUNKS_END: the stream ends, recorded as served
     except Exception as exc:
         with contextlib.suppress(Exception):
             await chunks.athrow(exc)
         raise
     finally:
         await chunks.aclose()
+
+
+async def _until_end(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    # ``chunks`` up to CHUNKS_END, left unread (``async for`` does not close ``chunks``).
+    async for chunk in chunks:
+        if chunk is CHUNKS_END:
+            return
+        yield chunk
 
 
 def _url(api_base: str | None, api: Api) -> str:
