@@ -71,7 +71,7 @@ from router.errors import (
     error_status,
 )
 from router.learning import answer_text
-from router.outcomes import OutcomeRecord, OutcomeStore
+from router.outcomes import OutcomeRecord, OutcomeStore, reserve_in_thread
 from router.policy import Decision, ModelSpec, Policy, evaluate, load_policy, why_unfit
 from router.schemas import CHAT_FIELDS, FrontFields, front_fields
 from router.scoring import Scorer
@@ -984,7 +984,7 @@ class Gateway:
         if need <= held:
             return
         ctx.held_usd = need
-        await _held_in_thread(self.outcomes.reserve_spend, ctx.tenant, ctx.request_id, need, None)
+        await reserve_in_thread(self.outcomes, ctx.tenant, ctx.request_id, need, None)
 
     async def hold_spend(self, ctx: RequestContext, default_completion: int) -> None:
         """Reserve the request's estimated cost against its tenant's daily budget.
@@ -1000,8 +1000,8 @@ class Gateway:
         if decision.budget_usd is None or decision.rejected or decision.unsatisfiable:
             return
         usd = self._reserved_usd(ctx, default_completion)
-        held = await _held_in_thread(
-            self.outcomes.reserve_spend, ctx.tenant, ctx.request_id, usd, decision.budget_usd
+        held = await reserve_in_thread(
+            self.outcomes, ctx.tenant, ctx.request_id, usd, decision.budget_usd
         )
         if held:
             ctx.held_usd = usd
@@ -1010,9 +1010,7 @@ class Gateway:
             # Over budget or not, it stays local: decided again from ctx.signals, which lack
             # the headers a caller may always make its request private with, it could lose the
             # rule it asked for (private, Gateway.decide). Its hold needs no budget check.
-            await _held_in_thread(
-                self.outcomes.reserve_spend, ctx.tenant, ctx.request_id, usd, None
-            )
+            await reserve_in_thread(self.outcomes, ctx.tenant, ctx.request_id, usd, None)
             ctx.held_usd = usd
             return
         spend = self.outcomes.spend_today(ctx.tenant)
@@ -1027,9 +1025,7 @@ class Gateway:
         )
         if not ctx.decision.rejected and not ctx.decision.unsatisfiable:
             usd = self._reserved_usd(ctx, default_completion)
-            await _held_in_thread(
-                self.outcomes.reserve_spend, ctx.tenant, ctx.request_id, usd, None
-            )
+            await reserve_in_thread(self.outcomes, ctx.tenant, ctx.request_id, usd, None)
             ctx.held_usd = usd
 
     def chain(self, decision: Decision) -> list[tuple[ModelSpec, str | None]]:
@@ -1793,25 +1789,6 @@ def _prompt_to_store(decision: Decision, body: Mapping[str, Any]) -> str | None:
         return None
     text = scoring_text(list(body.get("messages") or []))
     return text if decision.store_prompts == "full" else redacted(text)
-
-
-async def _held_in_thread(
-    reserve: Callable[[str, str, float, float | None], bool],
-    tenant: str,
-    request_id: str,
-    usd: float,
-    budget: float | None,
-) -> bool:
-    """``reserve`` (the store's ``reserve_spend``) in a worker thread, waited for to its end
-    even when the request is cancelled meanwhile (its client left): cancelled at once, the
-    request was recorded, releasing its hold, and the thread then made the hold, one of no
-    request, counted in the tenant's spend (and renewed in Redis) until the process ended."""
-    write = asyncio.ensure_future(asyncio.to_thread(reserve, tenant, request_id, usd, budget))
-    try:
-        return await asyncio.shield(write)
-    except asyncio.CancelledError:
-        await asyncio.wait([write])  # the hold exists before the record settles it
-        raise
 
 
 async def _unless_disconnected(

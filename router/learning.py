@@ -32,7 +32,7 @@ from typing import Any
 
 from router.backends import Completion
 from router.errors import BadRequestError, NotFoundError, StoreUnavailableError, TiergateError
-from router.outcomes import Label, OutcomeStore
+from router.outcomes import Label, OutcomeStore, reserve_in_thread
 from router.policy import ModelSpec, why_unfit
 from router.schemas import FeedbackRequest
 from router.signals import redacted
@@ -335,15 +335,19 @@ class LearningLoop:
     ) -> None:
         # ``hold``: (the judgement's estimated cost, the tenant's budget). The estimate is held
         # against the budget like a request's, so shadow calls cannot spend past it, and the
-        # label's cost replaces the hold.
+        # label's cost replaces the hold. Stopped while the hold is made (at shutdown), it
+        # waits for the hold and releases it (reserve_in_thread).
         hold_id = f"{request_id}:shadow"
         label: Label | None = None
         async with self._sem:
             if hold is not None:
                 usd, budget = hold
-                if not await asyncio.to_thread(
-                    self.store.reserve_spend, tenant, hold_id, usd, budget
-                ):
+                try:
+                    held = await reserve_in_thread(self.store, tenant, hold_id, usd, budget)
+                except asyncio.CancelledError:
+                    await asyncio.to_thread(self.store.release_spend, hold_id)
+                    raise
+                if not held:
                     self.shadow_skipped += 1  # the budget is spent: no judgement today
                     return
             try:

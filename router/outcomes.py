@@ -21,6 +21,7 @@ journal replayed) brings an erased request back (:func:`refused`).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import json
@@ -410,6 +411,25 @@ class OutcomeStore(Protocol):
     def health(self) -> dict[str, Any]:
         """The writer's state and counters, for ``/readyz``."""
         ...
+
+
+async def reserve_in_thread(
+    store: OutcomeStore, tenant: str, request_id: str, usd: float, budget: float | None
+) -> bool:
+    """``store.reserve_spend`` in a worker thread, waited for to its end even when the caller
+    is cancelled meanwhile (a client that left, a shadow judgement stopped at shutdown), so
+    that the hold exists before the caller settles it. Cancelled at once, the caller settled
+    (recorded, released) nothing, and the thread then made the hold: one of no request, counted
+    in the tenant's spend until the process ended (in Redis, renewed as in flight, or until it
+    lapsed). A caller cancelled here must settle the hold all the same."""
+    write = asyncio.ensure_future(
+        asyncio.to_thread(store.reserve_spend, tenant, request_id, usd, budget)
+    )
+    try:
+        return await asyncio.shield(write)
+    except asyncio.CancelledError:
+        await asyncio.wait([write])  # the hold exists before the caller settles it
+        raise
 
 
 def _day(ts: float) -> int:

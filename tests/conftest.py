@@ -339,6 +339,29 @@ def _require_marker(name: str) -> None:
         raise RuntimeError(f"{_running[0].nodeid} uses the real GGUF: mark it @pytest.mark.{name}")
 
 
+class SlowReserve:
+    """A store's ``reserve_spend``, all else real, whose calls that ``which`` picks (by request
+    id and budget) wait for ``let_write``: ``writing`` is set as one starts, ``written`` as it
+    ends. Installed in its place, it holds a hold's write in its worker thread while the
+    request or task that asked for it is cancelled."""
+
+    def __init__(self, store: Any, which: Callable[[str, float | None], bool]) -> None:
+        self.writing, self.let_write, self.written = (threading.Event() for _ in range(3))
+        self._reserve = store.reserve_spend
+        self._which = which
+
+    def __call__(self, tenant: str, request_id: str, usd: float, budget: float | None) -> bool:
+        """The store's reserve_spend, after ``let_write`` where ``which`` picks the call."""
+        if not self._which(request_id, budget):
+            return bool(self._reserve(tenant, request_id, usd, budget))
+        self.writing.set()
+        self.let_write.wait(10)
+        try:
+            return bool(self._reserve(tenant, request_id, usd, budget))
+        finally:
+            self.written.set()
+
+
 def sent_raw(server: LiveServer, body: dict[str, Any]) -> socket.socket:
     """The open socket of a chat request sent to ``server``, to close at will (a client that
     leaves)."""

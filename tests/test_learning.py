@@ -25,7 +25,7 @@ from router.learning import JUDGE_TOKENS, LearningLoop, closed_better, parse_ver
 from router.outcomes import SQLiteOutcomeStore
 from router.outcomes_redis import RedisOutcomeStore
 from router.signals import estimate_tokens
-from tests.conftest import ErasingStore, LiveServer, live, policy_yaml, wait_for
+from tests.conftest import ErasingStore, LiveServer, SlowReserve, live, policy_yaml, wait_for
 from tests.fake_provider import Behaviour, FakeProvider
 
 TENANTS = ("acme", "globex", "t", "default")
@@ -49,6 +49,15 @@ def serve(
     keys.write_text(yaml.safe_dump({"keys": entries}))
     with live(tmp_path, policy, outcomes=outcomes, api_keys_file=keys, **settings) as server:
         yield server
+
+
+def _outcomes(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Any:
+    """The outcome store a ``backend``-parametrized test serves with: None (the app's own
+    SQLite store), or a Redis store on a real redis-server."""
+    if backend != "redis":
+        return None
+    server = request.getfixturevalue("redis_server")
+    return RedisOutcomeStore(server.url, journal=tmp_path / "journal.jsonl")
 
 
 def chat(
@@ -86,10 +95,7 @@ def test_feedback_is_tenant_isolated(
     tmp_path: Path, fake: FakeProvider, backend: str, request: pytest.FixtureRequest
 ) -> None:
     fake.reset()
-    outcomes = None
-    if backend == "redis":
-        server = request.getfixturevalue("redis_server")
-        outcomes = RedisOutcomeStore(server.url, journal=tmp_path / "journal.jsonl")
+    outcomes = _outcomes(backend, tmp_path, request)
     with serve(tmp_path, policy_yaml(fake), outcomes) as srv:
         local = chat(srv, "acme", "say hi")
         assert local.headers["x-tiergate-tier"] == "local"
@@ -236,10 +242,7 @@ def test_shadow_judging_stays_within_the_tenant_budget(
     # Shadow calls held nothing against the budget: 20 local answers, each shadowed while
     # the closed model was slow, spent $0.0059 of shadow calls against a $0.0003 budget.
     fake.reset(Behaviour(mode="stall", stall_s=60.0, judge="closed"))
-    outcomes = None
-    if backend == "redis":
-        server = request.getfixturevalue("redis_server")
-        outcomes = RedisOutcomeStore(server.url, journal=tmp_path / "journal.jsonl")
+    outcomes = _outcomes(backend, tmp_path, request)
     policy = policy_yaml(
         fake,
         shadow="{sample_rate: 1.0}",
@@ -329,6 +332,44 @@ def test_a_feedback_comment_is_stored_with_personal_data_redacted(
     assert record is not None and record["prompt"] is None
     assert stored["comment"] == "it got my number [PHONE] wrong"
     assert fake.received == []
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_a_shadow_stopped_while_its_hold_is_made_leaves_no_hold(
+    tmp_path: Path,
+    fake: FakeProvider,
+    backend: str,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A shadow judgement holds its estimate against the budget in a worker thread. Stopped
+    meanwhile (at shutdown, ``LearningLoop.drain``), it ended at once and the thread then made
+    the hold: one of no judgement, counted in the tenant's spend until the process ended (in
+    Redis until it lapsed). It now waits for the hold and releases it."""
+    fake.reset(Behaviour(judge="closed"))
+    outcomes = _outcomes(backend, tmp_path, request)
+    policy = policy_yaml(
+        fake,
+        shadow="{sample_rate: 1.0}",
+        extra="tenants:\n  acme: {daily_budget_usd: 5, over_budget: reject}\n",
+    )
+    with serve(tmp_path, policy, outcomes) as srv:
+        store, learning = srv.gateway.outcomes, srv.gateway.learning
+        held = SlowReserve(store, lambda request_id, budget: request_id.endswith(":shadow"))
+        monkeypatch.setattr(store, "reserve_spend", held)
+        assert chat(srv, "acme", "tell me a joke").headers["x-tiergate-tier"] == "local"
+        assert held.writing.wait(10)  # the shadow holds its estimate
+
+        async def stop() -> None:  # as drain does at shutdown
+            for task in set(learning._tasks):
+                task.cancel()
+
+        srv.run(stop)
+        held.let_write.set()
+        assert held.written.wait(10)
+        assert wait_for(lambda: learning.pending == 0)
+        assert judge_calls(fake) == [] and fake.received == []
+        assert wait_for(lambda: store.spend_today("acme") == 0.0, 3), store.spend_today("acme")
 
 
 def _judge_down(question: str, answer_a: str, answer_b: str) -> str:

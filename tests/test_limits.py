@@ -22,7 +22,15 @@ from router.auth import Principal, hash_key
 from router.backends import Usage
 from router.errors import RateLimitError
 from router.outcomes import SQLiteOutcomeStore
-from tests.conftest import ErasingStore, LiveServer, live, policy_yaml, sent_raw, wait_for
+from tests.conftest import (
+    ErasingStore,
+    LiveServer,
+    SlowReserve,
+    live,
+    policy_yaml,
+    sent_raw,
+    wait_for,
+)
 from tests.fake_provider import FakeProvider
 from tests.redis_server import RedisServer, redis_binary
 from tests.scripted_local import ScriptedLocal
@@ -824,31 +832,20 @@ def test_a_client_leaving_while_its_hold_is_topped_up_leaves_no_hold(
     )
     with live(tmp_path, policy, local_backend_obj=local) as srv:
         store = srv.gateway.outcomes
-        writing, let_write, written = threading.Event(), threading.Event(), threading.Event()
-        reserve = store.reserve_spend
-
-        def slow_top_up(tenant: str, request_id: str, usd: float, budget: float | None) -> bool:
-            if budget is None:  # the top-up of a request under way: no check
-                writing.set()
-                let_write.wait(10)
-                try:
-                    return reserve(tenant, request_id, usd, budget)
-                finally:
-                    written.set()
-            return reserve(tenant, request_id, usd, budget)
-
-        monkeypatch.setattr(store, "reserve_spend", slow_top_up)
+        # The top-up of a request under way (no budget check) waits.
+        held = SlowReserve(store, lambda request_id, budget: budget is None)
+        monkeypatch.setattr(store, "reserve_spend", held)
         sock = sent_raw(srv, {**CHAT, "stream": True})
         try:
             assert wait_for(lambda: local.calls == 1)
             local.mode = "fail"
             local.release.set()
-            assert writing.wait(10)  # the fallback to gpt-5 grows the hold
+            assert held.writing.wait(10)  # the fallback to gpt-5 grows the hold
         finally:
             sock.close()  # the client leaves while it is grown
         time.sleep(1.0)  # the gateway sees it go (it asks every 0.25 s)
-        let_write.set()
-        assert written.wait(10)
+        held.let_write.set()
+        assert held.written.wait(10)
         assert wait_for(lambda: store.count() == 1)
         assert store.flush()
         assert wait_for(lambda: _held_usd(srv, "default") == 0.0, timeout_s=3), _held_usd(
