@@ -18,12 +18,14 @@ deployment's default reservation) in one atomic step, and :meth:`TokenHold.settl
 estimate for what was used (prompt + completion; for a client that left, what had been generated
 by then). A request is admitted while the window, reservations included, is under the limit, so
 concurrent requests overshoot it by at most one request's reservation, plus the top-ups
-(:meth:`TokenHold.top_up`) of those that went on to a model that may use more.
+(:meth:`TokenHold.top_up`) of those that went on to a model that may use more. A request
+cancelled while its reservation is on its way to Redis has it released as it lands.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import re
@@ -224,7 +226,7 @@ class RateLimiter:
         self._redis_down_until = 0.0
         self._reserve_script: Any = None
         self._settle_script: Any = None
-        self._pending: set[asyncio.Task[None]] = set()
+        self._pending: set[asyncio.Future[Any]] = set()  # changes (and reserves) on their way
 
     def limits_for(self, principal: Principal) -> tuple[int | None, int | None]:
         """The key's own limits, else the deployment's defaults."""
@@ -371,17 +373,36 @@ class RateLimiter:
         self, tenant: str, start: int, weight: float, tpm: int, tokens: int
     ) -> _Refusal | None:
         base = f"{_redis_base(tenant)}:tok"
-        try:
-            done = await self._reserve_script(
+        sent = asyncio.ensure_future(
+            self._reserve_script(
                 keys=[f"{base}:{start}", f"{base}:{start - WINDOW_S}"],
                 args=[weight, tpm, tokens, 2 * WINDOW_S],
             )
+        )
+        try:
+            done = await asyncio.shield(sent)
+        except asyncio.CancelledError:
+            # Its request was cancelled (its client left) with the script on its way: what it
+            # reserves is no request's, released as it lands (the cancellation is not held up).
+            self._pending.add(sent)
+            sent.add_done_callback(self._pending.discard)
+            sent.add_done_callback(functools.partial(self._release_landed, tenant, start, tokens))
+            raise
         except Exception as exc:  # Redis down: reserve in-process instead
             self._redis_failed(exc)
             return None
         if int(done[0]):
             return _ADMITTED
         return "tpm", float(done[1]), float(done[2])
+
+    def _release_landed(
+        self, tenant: str, start: int, tokens: int, sent: asyncio.Future[Any]
+    ) -> None:
+        # The reservation of a request cancelled as it was made (_reserve_redis), once its
+        # script has answered: taken back out of the window if it was made.
+        if sent.cancelled() or sent.exception() is not None or not int(sent.result()[0]):
+            return
+        TokenHold(self, tenant, start, tokens, in_redis=True).settle(0)
 
     async def _settle_redis(
         self, hold: TokenHold, delta: int, after: asyncio.Task[None] | None
@@ -427,7 +448,7 @@ class RateLimiter:
 
     async def aclose(self) -> None:
         """Finish pending settlements and close the Redis connection, if one was opened."""
-        if self._pending:
+        while self._pending:  # a reservation that lands sends its release
             await asyncio.gather(*self._pending, return_exceptions=True)
         if self._redis is not None:
             await self._redis.aclose()

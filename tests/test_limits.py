@@ -157,6 +157,62 @@ def test_a_redis_top_up_that_reaches_redis_after_its_settle_leaks_no_tokens(
 
 
 @pytest.mark.skipif(redis_binary() is None, reason="no redis-server binary")
+def test_a_token_reservation_made_as_its_client_leaves_is_released(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """A request's tokens are reserved in Redis before it is served. One cancelled while the
+    reservation was on its way (its client left; the server stopping) ended at once, with no
+    hold to settle, and the script then reserved its tokens in the tenant's window: none of
+    them used, counted against the limit until the window passed (2 minutes). Released once
+    it lands, the window holds only what was used."""
+    from router.gateway import Call
+
+    fake.reset()
+    with (
+        RedisServer(tmp_path) as redis_server,
+        live(
+            tmp_path,
+            policy_yaml(fake),
+            tpm_limit=100_000,
+            redis_url=redis_server.url,
+            api_keys_file=_one_key(tmp_path),
+        ) as srv,
+    ):
+        assert _post(srv, key="tg-k").status_code == 200  # the limiter's scripts are loaded
+        outcomes = srv.gateway.outcomes
+        assert wait_for(lambda: outcomes.count() == 1) and outcomes.flush()
+        used = _used(outcomes.recent(1))
+        assert wait_for(lambda: _held_tokens(srv, "t") == used)
+        limiter = srv.gateway.limiter
+        script = limiter._reserve_script
+
+        async def leave() -> None:
+            landed, answered = asyncio.Event(), asyncio.Event()
+
+            async def answered_late(**kwargs: Any) -> Any:
+                done = await script(**kwargs)  # reserved in Redis
+                landed.set()
+                await answered.wait()  # its answer not read yet as the request is cancelled
+                return done
+
+            limiter._reserve_script = answered_late
+            principal = Principal(tenant="t", permissions=frozenset(), key_id="k")
+            call = Call(body=dict(CHAT), principal=principal, tenant="t")
+            serving = asyncio.ensure_future(srv.gateway.serve(call))
+            await landed.wait()
+            serving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await serving
+            answered.set()
+
+        srv.run(leave)
+        assert wait_for(lambda: outcomes.count() == 2)
+        assert wait_for(lambda: _held_tokens(srv, "t") == used, timeout_s=3), (
+            _held_tokens(srv, "t"),
+            used,
+        )
+
+
 def test_two_deployments_on_one_redis_keep_apart_by_its_database_number(tmp_path: Path) -> None:
     """Every key Tiergate keeps in Redis begins with ``tiergate:``, and no setting changes
     that: two deployments on one Redis keep apart by the database number in their
