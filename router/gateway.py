@@ -99,6 +99,7 @@ log = logging.getLogger("tiergate.gateway")
 #: encoder pass (router.encoder.EncoderBatcher), so more waiting threads make larger batches.
 SCORING_THREADS = 16
 _T = TypeVar("_T")
+_N = TypeVar("_N", int, float)
 
 #: The ``x-tiergate-fallback`` of a request served locally because no closed model is available.
 NO_CLOSED_FALLBACK = "no-closed->local"
@@ -643,7 +644,7 @@ class Gateway:
             raise BadRequestError(ctx.decision.unsatisfiable, code=code, param=param)
         tokens = 0
         if self.limiter.limits_for(call.principal)[1] is not None:  # else nothing is reserved
-            tokens = sum(self.reserved_tokens(ctx, self.reserve_tokens))
+            tokens = self.reserved_tokens(ctx, self.reserve_tokens)
         ctx.hold = await self.limiter.reserve(call.principal, tokens)
         return ctx.hold
 
@@ -915,17 +916,32 @@ class Gateway:
         predicted = min(ctx.signals.prediction_tokens, prompt)
         return prompt - predicted, (completion + predicted) * ctx.choices
 
-    def reserved_tokens(self, ctx: RequestContext, default_completion: int) -> tuple[int, int]:
-        """(prompt, completion) tokens to reserve for ``ctx`` as it is admitted: what its first
-        call may use, on the decided model (for a cascade, its local answer). A call to another
-        model tops the reservation up (:meth:`_top_up`): reserving what the most any model it
-        may reach can write (128,000 for gpt-5) let one local request fill a tenant's minute."""
+    def reserved_tokens(self, ctx: RequestContext, default_completion: int) -> int:
+        """Tokens to reserve for ``ctx`` as it is admitted (:meth:`_admitted`): what its first
+        call may use, on the decided model, and for a cascade what its escalation may use too. A
+        call to another model tops the reservation up (:meth:`_top_up`): reserving what the
+        most any model it may reach can write (128,000 for gpt-5) let one local request fill a
+        tenant's minute."""
         assert ctx.decision is not None
-        return self.call_tokens(ctx, default_completion, self.policy.models[ctx.decision.model])
+        call = functools.partial(self.call_tokens, ctx, default_completion)
+        return self._admitted(ctx.decision, lambda model: sum(call(model)))
+
+    def _admitted(self, decision: Decision, need: Callable[[ModelSpec], _N]) -> _N:
+        """``need`` (tokens, cost) of the calls a request is admitted for: its first call, on
+        the decided model, and for a cascade the most of the closed models it may escalate to.
+        Escalating is a cascade's plan, not a failure: reserved and held only as it escalated,
+        unchecked, concurrent cascades under a small budget or a tight token limit all
+        escalated past it."""
+        first = need(self.policy.models[decision.model])
+        if decision.cascade is None:
+            return first
+        return first + max((need(m) for m, _ in self._escalation(decision)), default=0)
 
     def _top_up(self, ctx: RequestContext, model: ModelSpec) -> None:
         """``model`` is called for ``ctx``: grow its token reservation to what the call may use,
-        plus a discarded cascade answer's tokens (charged too), with no limit check."""
+        plus a discarded cascade answer's tokens (charged too), with no limit check. A
+        cascade's escalation, reserved at admission, grows it only where the answer it
+        discarded used more than estimated."""
         hold = ctx.hold
         if hold is None or hold.limiter is None:  # no token limit
             return
@@ -935,23 +951,15 @@ class Gateway:
         hold.top_up(need - hold.tokens)
 
     def _reserved_usd(self, ctx: RequestContext, default_completion: int) -> float:
-        """USD to hold for ``ctx`` as it is admitted: what its first call may cost, on the
-        decided model. A fallback or spill to a dearer model tops the hold up
+        """USD to hold for ``ctx`` as it is admitted (:meth:`_admitted`): what its first call
+        may cost, on the decided model, and for a cascade the dearest model it may escalate to,
+        checked here. A fallback or spill to a dearer model tops the hold up
         (:meth:`_top_up_spend`): holding the dearest model it may reach ($1.28 for a local
-        request that may fall back to gpt-5) let two such requests refuse a $2 tenant.
-
-        A cascade also holds the dearest model it may escalate to, checked here: escalating is
-        its plan, not a failure, and held only as it escalated, concurrent cascades under a
-        small budget all escalated on a $0 hold."""
-        decision = ctx.decision
-        assert decision is not None
-        first = self._call_usd(ctx, default_completion, self.policy.models[decision.model])
-        if decision.cascade is None:
-            return first
-        escalation = (
-            self._call_usd(ctx, default_completion, m) for m, _ in self._escalation(decision)
+        request that may fall back to gpt-5) let two such requests refuse a $2 tenant."""
+        assert ctx.decision is not None
+        return self._admitted(
+            ctx.decision, functools.partial(self._call_usd, ctx, default_completion)
         )
-        return first + max(escalation, default=0.0)
 
     def _call_usd(self, ctx: RequestContext, default_completion: int, model: ModelSpec) -> float:
         """What one call to ``model`` for ``ctx`` may cost (:meth:`call_tokens`).

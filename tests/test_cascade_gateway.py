@@ -829,13 +829,13 @@ def test_the_spend_reserved_up_front_covers_the_local_answer_and_the_closed_call
         assert store.spend_today("default") == pytest.approx(record["cost_usd"])
 
 
-def test_the_tokens_reserved_up_front_cover_the_local_answer_and_an_escalation_tops_up(
+def test_a_cascade_reserves_its_local_answer_and_its_escalation_and_settles_to_both(
     tmp_path: Path, fake: FakeProvider, scripted: ScriptedLocal
 ) -> None:
-    # A cascade reserved both its calls up front: its local answer and the most a closed model
-    # it may escalate to can write. It reserves the local answer; an escalation adds, before
-    # the closed call, what that call may use (gpt-4o: 16,384 without max_tokens) beside the
-    # discarded answer's tokens, and the end settles to what both used.
+    # A cascade reserves both its calls at admission, checked against the limit: its local
+    # answer and the most a closed model it may escalate to can use (gpt-4o: 16,384 without
+    # max_tokens), as its budget hold does. Its escalation adds nothing where the discarded
+    # answer used less than estimated, and the end settles to what both calls used.
     with _cascading(tmp_path, fake, scripted, tpm_limit=1_000_000) as server:
         body = {"model": "auto-cascade", "messages": [{"role": "user", "content": "What is 2+2?"}]}
         prompt = httpx.post(server.url + "/v1/route", json=body).json()["signals"]["prompt_held"]
@@ -855,8 +855,8 @@ def test_the_tokens_reserved_up_front_cover_the_local_answer_and_an_escalation_t
             scripted.release.set()
             fake.unstall()
             asking.join(30)
-        assert during_local == prompt + 4096, during_local
-        assert during_closed == (5 + 12) + prompt + 16384, during_closed
+        assert during_local == (prompt + 4096) + (prompt + 16384), during_local
+        assert during_closed == during_local, during_closed
         record = _record(server, answers[0].headers["x-request-id"])
         assert record["cascade"]["decision"] == "escalated"
         assert window() == 5 + 12 + record["prompt_tokens"] + record["completion_tokens"]

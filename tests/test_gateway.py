@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from router.errors import (
     BadRequestError,
     ClientDisconnected,
     PermissionDeniedError,
+    RateLimitError,
     TiergateError,
     UpstreamBadResponseError,
 )
@@ -1659,6 +1661,30 @@ def test_personal_data_only_in_a_native_request_keeps_it_local(
     asyncio.run(scenario())
 
 
+@asynccontextmanager
+async def _doubting(
+    tmp_path: Path, fake: FakeProvider, extra: str = ""
+) -> AsyncIterator[tuple[Serving, ScriptedStream]]:
+    """A gateway whose cascades all escalate (the local answer doubted), their local calls held
+    until released, with the closed models reached only by escalation (no spill)."""
+    local = ScriptedStream(queue_size=4)
+    local.logprob = -4.0
+    local.mode = "hold"
+    extra = "cascade: {threshold: 0.5, hold_back_tokens: 2}\n" + extra
+    async with serving(tmp_path, fake, local, queue_full="reject", extra=extra) as srv:
+        yield srv, local
+
+
+async def _together(srv: Serving, local: ScriptedStream, calls: list[Call]) -> list[Any]:
+    """``calls`` served at once, their local calls released once each is at the local model
+    (or refused before it): their answers, or errors."""
+    tasks = [asyncio.create_task(srv.gateway.serve(c)) for c in calls]
+    while local.calls + sum(t.done() for t in tasks) < len(tasks):
+        await asyncio.sleep(0.01)
+    local.release.set()
+    return await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def test_a_cascade_reserves_its_escalation_against_the_budget(
     tmp_path: Path, fake: FakeProvider
 ) -> None:
@@ -1666,29 +1692,42 @@ def test_a_cascade_reserves_its_escalation_against_the_budget(
     # concurrent cascades under a budget one reservation can pay for, one may escalate and the
     # others are served locally (over budget), rather than all escalating on a $0 hold.
     fake.reset()
-    local = ScriptedStream(queue_size=4)
-    local.logprob = -4.0  # doubtful: a cascade that runs escalates
-    local.mode = "hold"
 
     async def scenario() -> None:
-        async with serving(
-            tmp_path,
-            fake,
-            local,
-            queue_full="reject",  # no spill: the closed models are reached only by escalation
-            extra="cascade: {threshold: 0.5, hold_back_tokens: 2}\n"
-            "tenants:\n  acme: {daily_budget_usd: 0.001, over_budget: local}\n",
-        ) as srv:
+        budget = "tenants:\n  acme: {daily_budget_usd: 0.001, over_budget: local}\n"
+        async with _doubting(tmp_path, fake, budget) as (srv, local):
             calls = [srv.call("HARD one", model="auto-cascade", max_tokens=200) for _ in range(3)]
-            tasks = [asyncio.create_task(srv.gateway.serve(c)) for c in calls]
-            while local.calls < 3:  # all three admitted and at the local model
-                await asyncio.sleep(0.01)
-            local.release.set()
-            answers = await asyncio.gather(*tasks)
+            answers = await _together(srv, local, calls)
+            assert local.calls == 3  # all three admitted
             tiers = sorted(a.headers["x-tiergate-tier"] for a in answers)
             assert tiers == ["closed", "local", "local"]
             assert len(fake.received) == 1
             assert len(srv.records) == 3
+
+    asyncio.run(scenario())
+
+
+def test_a_cascade_reserves_its_escalation_against_the_token_limit(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    # A cascade reserved its local answer's tokens and, as it escalated, topped them up with
+    # no limit check: of concurrent cascades under a token limit that fits two cascades' calls,
+    # all four were admitted and all escalated past it. As for the budget, it reserves its
+    # escalation up front, checked: the excess are refused (429) at admission.
+    fake.reset()
+
+    async def scenario() -> None:
+        async with _doubting(tmp_path, fake) as (srv, local):
+            asked = srv.call("HARD one", model="auto-cascade", max_tokens=200)
+            one_call = (await srv.gateway.route(asked)).signals.prompt_tokens + 200
+            limited = replace(CALLER, tpm=4 * one_call)  # two cascades: local, then closed
+            calls = [Call(body=asked.body, principal=limited, tenant="acme") for _ in range(4)]
+            got = await _together(srv, local, calls)
+            answered = [a.headers["x-tiergate-cascade"] for a in got if isinstance(a, Answer)]
+            refused = [e.code for e in got if isinstance(e, RateLimitError)]
+            assert (answered, refused) == (["escalated"] * 2, ["tpm_limit_exceeded"] * 2), got
+            assert len(fake.received) == 2
+            assert len(srv.records) == 4
 
     asyncio.run(scenario())
 
