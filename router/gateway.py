@@ -77,6 +77,7 @@ from router.schemas import CHAT_FIELDS, FrontFields, front_fields
 from router.scoring import Scorer
 from router.signals import (
     Signals,
+    cache_lifetime,
     extract_signals,
     native_blocks,
     policy_metadata,
@@ -213,6 +214,7 @@ class RequestContext:
     left: bool = False  # its client left a closed call, which ends; no other model is called
     hold: TokenHold | None = None  # its tokens reserved (Gateway._admit), topped up per call
     held_usd: float | None = None  # its budget hold (Gateway.hold_spend), topped up per call
+    cache_ttl: str | None = None  # its prompt cache's lifetime, read only under a budget (_admit)
 
     def tokens_used(self) -> int:
         """The tokens this request used (the rate limiter's charge): its answer's, and those of
@@ -635,6 +637,9 @@ class Gateway:
         ctx.choices = requested_choices(call.body)
         ctx.signals, ctx.decision, ctx.model_version = await self._decide(call)
         ctx.prompt = _prompt_to_store(ctx.decision, call.body)
+        if ctx.decision.budget_usd is not None:  # what its hold is priced at (_call_usd)
+            sent = () if call.native is None else (call.native.body,)
+            ctx.cache_ttl = cache_lifetime(call.body, *sent)
         await self.hold_spend(ctx, self.reserve_tokens)
         if ctx.decision.rejected:
             raise BudgetExceededError(ctx.decision.rejected, held=ctx.decision.rejected_held)
@@ -967,9 +972,8 @@ class Gateway:
         A prompt that marks ``cache_control`` may be billed as written to the provider's
         prompt cache (Anthropic: 1.25 times the input price, twice for ``ttl: 1h``), so it is
         held at that price where it is dearer: held at input, such requests spent past the
-        budget by more than one reservation."""
-        assert ctx.signals is not None
-        ttl = ctx.signals.cache_ttl
+        budget by more than one reservation (``ctx.cache_ttl``, read as it is admitted)."""
+        ttl = ctx.cache_ttl
         prompt, completion = self.call_tokens(ctx, default_completion, model)
         held = self.costs.call_cost(model, Usage(prompt, completion))
         if ttl is None:

@@ -57,10 +57,6 @@ class Signals:
     # Of prompt_bound, a predicted output's (:func:`prediction_tokens`): its unused part is
     # billed as completion tokens. A price, not a signal: no policy matches on it.
     prediction_tokens: int = 0
-    # The longest a request asks a provider's prompt cache to keep its prompt (``5m`` or ``1h``:
-    # :func:`cache_lifetime`), or None: a prompt so marked may be billed as written to the
-    # cache, dearer than input. A price, not a signal: no policy matches on it.
-    cache_ttl: str | None = None
     max_tokens: int | None = None
     # What the client called max_tokens (max_completion_tokens, a front's max_output_tokens),
     # for the policy's explanations. A name, not a signal: no policy matches on it.
@@ -589,7 +585,6 @@ def extract_signals(
         prompt_tokens=prompt_estimate(body, blocks),
         prompt_bound=prompt_estimate(body, blocks, text_bytes),
         prediction_tokens=prediction_tokens(body.get("prediction")),
-        cache_ttl=cache_lifetime(body) if sent is None else cache_lifetime(body, sent),
         max_tokens=int(max_tokens) if isinstance(max_tokens, int) else None,
         output_field=fields.output_of(body),
         has_images=bool(media),

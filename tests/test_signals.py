@@ -15,6 +15,7 @@ from router.scoring import Analysis
 from router.signals import (
     FILE_TOKENS,
     IMAGE_TOKENS,
+    cache_lifetime,
     estimate_tokens,
     extract_signals,
     request_pii_kinds,
@@ -601,13 +602,13 @@ def test_a_prompt_marked_for_caching_is_priced_as_written(where: str) -> None:
         "tool result": result["content"][0],
     }[where]
     chat = {"messages": [{"role": "user", "content": "the manual"}]}
-    assert extract_signals(chat, BlindScorer(), sent=sent).cache_ttl is None
+    assert cache_lifetime(chat, sent) is None
     marked["cache_control"] = {"type": "ephemeral"}
-    assert extract_signals(chat, BlindScorer(), sent=sent).cache_ttl == "5m"
+    assert cache_lifetime(chat, sent) == "5m"
     sent["messages"][0]["content"][0]["cache_control"] = one_hour
-    assert extract_signals(chat, BlindScorer(), sent=sent).cache_ttl == "1h"
+    assert cache_lifetime(chat, sent) == "1h"
     # A chat request's own marks count too (litellm passes them on to a Claude).
-    assert extract_signals(sent, BlindScorer()).cache_ttl == "1h"
+    assert cache_lifetime(sent) == "1h"
 
 
 def test_redacting_escaped_text_keeps_a_character_json_wrote_as_a_surrogate_pair() -> None:
