@@ -110,9 +110,9 @@ def litellm_model_map() -> dict[str, Any]:
 
 
 @functools.cache
-def _litellm_tables() -> tuple[dict[str, Any], dict[str, int], frozenset[str]]:
-    # litellm's map, parsed once (about 0.1 s): its prices, its models' output limits and the
-    # names of OpenAI's own models.
+def _litellm_tables() -> tuple[dict[str, Any], dict[str, int], frozenset[str], frozenset[str]]:
+    # litellm's map, parsed once (about 0.1 s): its prices, its models' output limits, the
+    # names of OpenAI's own models and of the models that reason only when asked to.
     data = litellm_model_map()
     prices = {
         name: {k: entry[k] for k in _PRICE_FIELDS if k in entry}
@@ -129,7 +129,12 @@ def _litellm_tables() -> tuple[dict[str, Any], dict[str, int], frozenset[str]]:
         for name, entry in data.items()
         if isinstance(entry, dict) and entry.get("litellm_provider") == "openai"
     )
-    return prices, limits, openai
+    unreasoning = frozenset(
+        name
+        for name, entry in data.items()
+        if isinstance(entry, dict) and entry.get("default_reasoning_effort") == "none"
+    )
+    return prices, limits, openai, unreasoning
 
 
 def load_litellm_cost_map() -> dict[str, Any]:
@@ -151,6 +156,12 @@ def litellm_openai_models() -> frozenset[str]:
     ``openai``): ``gpt-4o`` and ``o3``, not ``deepseek-chat`` or ``claude-sonnet-4-5``, which
     the map lists under their own providers though an OpenAI-compatible API may serve them."""
     return _litellm_tables()[2]
+
+
+def litellm_unreasoning_models() -> frozenset[str]:
+    """The names litellm's bundled map gives ``default_reasoning_effort: none`` (``gpt-5.1``):
+    models that reason only when a request sets ``reasoning_effort``."""
+    return _litellm_tables()[3]
 
 
 class CostBook:

@@ -335,8 +335,11 @@ class _Opened:
 def load_serving_policy(path: str | Path) -> Policy:
     """The policy at ``path`` as the gateway serves it: its closed models know what their
     provider takes at most where the policy says nothing (their output limit in litellm's
-    map, OpenAI's 4 stop sequences: :meth:`Policy.know_limits`)."""
-    return load_policy(path).know_limits(closed.mapped_output_limit, closed.stop_sequence_limit)
+    map, OpenAI's 4 stop sequences, the sampling fields OpenAI's reasoning models refuse:
+    :meth:`Policy.know_limits`)."""
+    return load_policy(path).know_limits(
+        closed.mapped_output_limit, closed.stop_sequence_limit, closed.refused_sampling
+    )
 
 
 class PolicyHolder:

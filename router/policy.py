@@ -285,6 +285,7 @@ class ModelSpec(_Strict):
     # ``__getattr__``) takes ~1.9 us, and they run for each model of every request's chain.
     _provider_output_limit: int | None = PrivateAttr(None)
     _provider_stop_limit: int | None = PrivateAttr(None)
+    _provider_sampling: frozenset[str] = PrivateAttr(frozenset())
 
     @property
     def output_limit(self) -> int | None:
@@ -301,6 +302,13 @@ class ModelSpec(_Strict):
         is known."""
         limit: int | None = self.__pydantic_private__["_provider_stop_limit"]  # type: ignore[index]
         return limit
+
+    @property
+    def refused_sampling(self) -> frozenset[str]:
+        """The sampling fields (``signals.SAMPLING_DEFAULTS``) the model refuses at other than
+        their default: an OpenAI reasoning model's (:meth:`Policy.know_limits`), else none."""
+        refused: frozenset[str] = self.__pydantic_private__["_provider_sampling"]  # type: ignore[index]
+        return refused
 
     @model_validator(mode="before")
     @classmethod
@@ -434,19 +442,24 @@ class Policy(_Strict):
         return self._runtime.metadata_fields if self._runtime else frozenset()
 
     def know_limits(
-        self, output_of: Callable[[str], int | None], stops_of: Callable[[str], int | None]
+        self,
+        output_of: Callable[[str], int | None],
+        stops_of: Callable[[str], int | None],
+        sampling_of: Callable[[str], frozenset[str]] = lambda _: frozenset(),
     ) -> Policy:
         """This policy, its closed models told what their provider takes at most, by their
         ``litellm_model`` (router.backends.closed: this module reads no provider's table):
         their output limit (``output_of``, litellm's model map) for
         :attr:`ModelSpec.output_limit`, and their stop sequences (``stops_of``) for
-        :attr:`ModelSpec.stop_limit`. The provider refuses a request over either, so it goes
-        to a model that takes it (:func:`why_unfit`). What a request without ``max_tokens``
-        is sent stays the policy's."""
+        :attr:`ModelSpec.stop_limit`, and the sampling fields it refuses (``sampling_of``) for
+        :attr:`ModelSpec.refused_sampling`. The provider refuses a request over any, so it
+        goes to a model that takes it (:func:`why_unfit`). What a request without
+        ``max_tokens`` is sent stays the policy's."""
         for spec in self.models.values():
             if spec.tier == "closed":
                 spec._provider_output_limit = output_of(spec.litellm_model or "")
                 spec._provider_stop_limit = stops_of(spec.litellm_model or "")
+                spec._provider_sampling = sampling_of(spec.litellm_model or "")
         return self
 
     def resolve_model(self, name: str) -> ModelSpec | None:
@@ -1004,6 +1017,27 @@ def _anthropic_only(spec: ModelSpec, signals: Signals) -> list[tuple[str, str]]:
     return [*only, (f"{tools} tools", "tools")] if tools else only
 
 
+def _unfit_decoding(spec: ModelSpec, signals: Signals) -> tuple[str, str] | None:
+    # What the request asks of how the answer is written that ``spec`` refuses (a 400 from its
+    # provider): more stop sequences than it takes, a sampling field it takes only at its
+    # default; with the field, as _unfit_field gives it.
+    stops = spec.stop_limit
+    if stops is not None and signals.stop_sequences > stops:
+        # Not trimmed: an answer that ran past a sequence the client stops on would look
+        # like the model's fault, as a shortened answer would.
+        if not stops:  # an OpenAI reasoning model
+            return "stop sequences (it takes none)", "stop"
+        return f"{signals.stop_sequences} stop sequences (it takes at most {stops})", "stop"
+    if signals.sampling:
+        # Not dropped: the client asked for an answer sampled so (temperature 0 for one it
+        # can repeat), which the provider refuses with a 400 rather than ignores.
+        refused = [name for name in signals.sampling if name in spec.refused_sampling]
+        if refused:
+            them = "them only at their defaults" if len(refused) > 1 else "it only at its default"
+            return f"{', '.join(refused)} (it takes {them})", refused[0]
+    return None
+
+
 def _unfit_field(spec: ModelSpec, signals: Signals) -> tuple[str, str] | None:
     """:func:`why_unfit`'s reason with the chat request field it is about (``tools``, ``n``,
     ``max_tokens``, ``messages`` for images, tool calls in the history and a prompt over the
@@ -1020,13 +1054,9 @@ def _unfit_field(spec: ModelSpec, signals: Signals) -> tuple[str, str] | None:
         return (_TOOL_HISTORY, "messages") if signals.tool_history else ("tools", "tools")
     if signals.choices > 1 and spec.tier == "local":  # both local backends answer n=1 only
         return f"n={signals.choices} (it answers one choice)", "n"
-    stops = spec.stop_limit
-    if stops is not None and signals.stop_sequences > stops:
-        # Not trimmed: an answer that ran past a sequence the client stops on would look
-        # like the model's fault, as a shortened answer would.
-        if not stops:  # an OpenAI reasoning model
-            return "stop sequences (it takes none)", "stop"
-        return f"{signals.stop_sequences} stop sequences (it takes at most {stops})", "stop"
+    unfit = _unfit_decoding(spec, signals)
+    if unfit is not None:
+        return unfit
     limit = spec.output_limit
     if limit is not None and signals.max_tokens is not None and signals.max_tokens > limit:
         # Refused by the provider (a 400), and not cut down: a shorter answer than the client

@@ -87,6 +87,9 @@ class Signals:
     media: tuple[str, ...] = ()
     # How many stop sequences the request sets (``stop``): OpenAI takes at most 4.
     stop_sequences: int = 0
+    # The sampling fields the request sets to other than their default (:func:`sampling`),
+    # sorted: OpenAI's reasoning models refuse them (``ModelSpec.refused_sampling``).
+    sampling: tuple[str, ...] = ()
     turns: int = 1
     score: float = 0.0
     capability: str | None = None
@@ -537,6 +540,29 @@ def _tool_turn(message: Mapping[str, Any]) -> bool:
     )
 
 
+#: The chat fields that set how a model samples its answer, each with the value that asks for
+#: nothing (its default, as OpenAI documents it): a request that sends the default is answered
+#: as one that leaves the field out. In order of name.
+SAMPLING_DEFAULTS: Mapping[str, Any] = {
+    "frequency_penalty": 0,
+    "logit_bias": {},
+    "logprobs": False,
+    "presence_penalty": 0,
+    "temperature": 1,
+    "top_p": 1,
+}
+
+
+def sampling(body: Mapping[str, Any]) -> tuple[str, ...]:
+    """The sampling fields (:data:`SAMPLING_DEFAULTS`) ``body`` sets to other than their
+    default, sorted; a null asks for nothing."""
+    return tuple(
+        name
+        for name, default in SAMPLING_DEFAULTS.items()
+        if body.get(name) is not None and body[name] != default
+    )
+
+
 def requested_choices(body: Mapping[str, Any]) -> int:
     """The choices a request asks for (``n``, validated as an integer from 1 to 16)."""
     n = body.get("n")
@@ -597,6 +623,7 @@ def extract_signals(
         native_tools=native_tools,
         media=media,
         stop_sequences=_stop_count(body.get("stop")),
+        sampling=sampling(body),
         turns=sum(1 for m in messages if m.get("role") == "user"),
         score=analysis.score,
         capability=analysis.capability,

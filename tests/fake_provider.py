@@ -348,9 +348,9 @@ def openai_refusal(body: dict[str, Any]) -> dict[str, Any] | None:
     too_large = _over_output_limit(body)
     if too_large is not None:
         return too_large
-    stops = _stop_refusal(body)
-    if stops is not None:
-        return stops
+    decoding = _stop_refusal(body) or _sampling_refusal(body)
+    if decoding is not None:
+        return decoding
     reasoning = str(body.get("model", "")).startswith(OPENAI_REASONING)
     if "max_tokens" in body and reasoning:
         return {
@@ -394,6 +394,32 @@ def _stop_refusal(body: dict[str, Any]) -> dict[str, Any] | None:
             "message": "Unsupported parameter: 'stop' is not supported with this model.",
             "type": "invalid_request_error",
             "param": "stop",
+            "code": "unsupported_parameter",
+        }
+    return None
+
+
+def _sampling_refusal(body: dict[str, Any]) -> dict[str, Any] | None:
+    """OpenAI's 400 body for a chat request to an o-series model, or to gpt-5 (not its chat
+    model), that sets ``temperature`` other than 1, or ``top_p``, else None (as reported of
+    o3, o3-mini, o4-mini and gpt-5; not checked against the live API)."""
+    model = str(body.get("model", ""))
+    if not model.startswith(OPENAI_REASONING) or model.startswith("gpt-5-chat"):
+        return None
+    temperature = body.get("temperature")
+    if temperature is not None and temperature != 1:
+        return {
+            "message": f"Unsupported value: 'temperature' does not support {temperature} with "
+            "this model. Only the default (1) value is supported.",
+            "type": "invalid_request_error",
+            "param": "temperature",
+            "code": "unsupported_value",
+        }
+    if body.get("top_p") is not None:
+        return {
+            "message": "Unsupported parameter: 'top_p' is not supported with this model.",
+            "type": "invalid_request_error",
+            "param": "top_p",
             "code": "unsupported_parameter",
         }
     return None

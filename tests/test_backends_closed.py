@@ -27,6 +27,7 @@ from router.backends.closed import (
     map_litellm_error,
     provider_of,
     quiet_litellm,
+    refused_sampling,
     stop_sequence_limit,
     unknown_output_limits,
 )
@@ -43,6 +44,7 @@ from router.errors import (
     UpstreamRequestTooLargeError,
     UpstreamTimeoutError,
 )
+from router.signals import SAMPLING_DEFAULTS
 from tests.conftest import KEYS, free_port, run
 from tests.fake_provider import (
     ANTHROPIC_OVERLOADED,
@@ -1204,6 +1206,55 @@ def test_a_models_stop_sequences_are_those_its_provider_takes(
     are not known for a limit (litellm translates their field), though litellm's map lists them
     and the ``openai/`` prefix reaches them: ``openai/deepseek-chat`` was held to OpenAI's 4."""
     assert stop_sequence_limit(litellm_model) == stops
+
+
+#: A value other than its default for each sampling field (router.signals.SAMPLING_DEFAULTS).
+SAMPLED = {
+    "frequency_penalty": 0.5,
+    "logit_bias": {"50256": -100},
+    "logprobs": True,
+    "presence_penalty": 0.5,
+    "temperature": 0.2,
+    "top_p": 0.5,
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        *("o1", "o3", "o3-mini", "o4-mini", "gpt-5", "gpt-5-mini", "gpt-5.1", "gpt-5.2"),
+        *("gpt-5-chat-latest", "gpt-4o", "gpt-4.1"),
+    ],
+)
+def test_the_sampling_an_openai_model_refuses_is_what_litellm_refuses(name: str) -> None:
+    """OpenAI's reasoning models refuse temperature other than 1, top_p, the penalties and
+    logprobs (gpt-5 logit_bias too; gpt-5.1, which reasons only when asked, only those three)
+    with a 400: the sampling fields Tiergate holds each model to are those litellm's own
+    configs refuse for it, on OpenAI's API and Azure's."""
+    from litellm.utils import get_optional_params
+
+    litellm = quiet_litellm()
+    assert set(SAMPLED) == set(SAMPLING_DEFAULTS)
+    refused = set()
+    for field, value in SAMPLED.items():
+        try:
+            get_optional_params(model=name, custom_llm_provider="openai", **{field: value})
+        except litellm.UnsupportedParamsError:
+            refused.add(field)
+    assert refused_sampling(f"openai/{name}") == refused
+    assert refused_sampling(f"azure/{name}") == refused
+    assert refused_sampling(name) == refused
+
+
+@pytest.mark.parametrize(
+    "litellm_model",
+    [
+        *("openai/my-org/o3", "openai/deepseek-reasoner", "anthropic/claude-sonnet-4-5"),
+        *("azure/prod-chat", "gemini/gemini-2.5-pro"),
+    ],
+)
+def test_other_models_are_not_held_to_openais_sampling(litellm_model: str) -> None:
+    assert refused_sampling(litellm_model) == frozenset()
 
 
 @pytest.mark.parametrize("name", ["anthropic", "bedrock", "mistral"])

@@ -839,6 +839,41 @@ def test_more_stop_sequences_than_openai_takes_go_to_a_model_that_takes_them(
     assert sent == [stops, stops, stops[:4]]
 
 
+def test_a_temperature_an_openai_reasoning_model_refuses_goes_to_one_that_takes_it(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    # o3 refuses temperature other than 1 with a 400, which Tiergate passed on as the request's
+    # answer on the direct path, for a model the client did not choose (auto): the request
+    # goes where its temperature is honoured, or, pinned, is a 400 that reaches no provider.
+    fake.reset(Behaviour(strict=True))
+    o3 = f"  o3:\n    tier: closed\n    litellm_model: openai/o3\n    api_base: {fake.base_url}\n"
+    policy = (
+        policy_yaml(fake)
+        .replace("  gpt-4o:\n", o3 + "  gpt-4o:\n", 1)
+        .replace("closed_models: [gpt-4o, claude]", "closed_models: [o3, gpt-4o, claude]")
+    )
+    ask: dict[str, Any] = {"messages": [{"role": "user", "content": "HARD: count to ten"}]}
+    with (
+        live(tmp_path, policy, local_backend_obj=ScriptedLocal()) as srv,
+        openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0) as client,
+    ):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="o3", temperature=0.2, **ask)
+        assert fake.received == []
+        chat = client.chat.completions.with_raw_response
+        moved = chat.create(model="auto-best", temperature=0.2, **ask)
+        kept = chat.create(model="auto-best", temperature=1, **ask)
+    assert "model 'o3' cannot take temperature (it takes it only at its default)" in str(
+        refused.value
+    )
+    assert refused.value.body["param"] == "temperature"  # type: ignore[index]
+    assert [moved.headers["x-tiergate-model"], kept.headers["x-tiergate-model"]] == ["gpt-4o", "o3"]
+    assert [(r.body["model"], r.body.get("temperature")) for r in fake.received] == [
+        ("gpt-4o", 0.2),
+        ("o3", 1),
+    ]
+
+
 def test_a_self_hosted_model_named_like_openais_is_not_held_to_openais_limits(
     tmp_path: Path, fake: FakeProvider
 ) -> None:

@@ -59,7 +59,11 @@ from router.backends.openai_http import (
     window_words_in,
 )
 from router.config import MAX_EVENT_BYTES
-from router.costs import litellm_openai_models, litellm_output_limits
+from router.costs import (
+    litellm_openai_models,
+    litellm_output_limits,
+    litellm_unreasoning_models,
+)
 from router.errors import (
     BackendError,
     BadRequestError,
@@ -279,6 +283,45 @@ def stop_sequence_limit(litellm_model: str) -> int | None:
     else:
         return None
     return 0 if takes_no_stop(name) else OPENAI_STOP_SEQUENCES
+
+
+# OpenAI's o-series reasoning models (o1, o3, o3-mini, o4-mini), by name.
+_O_SERIES = re.compile(r"o\d+(?:$|[-.])")
+#: The sampling fields OpenAI's o-series models refuse at other than their defaults (a 400
+#: ``unsupported_parameter`` or ``unsupported_value``: temperature 1 alone is taken), as
+#: litellm's o-series config refuses them.
+O_SERIES_REFUSED = frozenset(
+    {"frequency_penalty", "logprobs", "presence_penalty", "temperature", "top_p"}
+)
+#: What gpt-5 and later (but gpt-5's chat models) refuse, as litellm's gpt-5 config refuses it;
+#: a model that reasons only when asked (:func:`~router.costs.litellm_unreasoning_models`:
+#: gpt-5.1, default ``reasoning_effort: none``) takes ``temperature``, ``top_p`` and
+#: ``logprobs`` by default.
+GPT_REASONING_REFUSED = frozenset({"frequency_penalty", "logit_bias", "presence_penalty"})
+_WHILE_REASONING = frozenset({"logprobs", "temperature", "top_p"})
+
+
+def refused_sampling(litellm_model: str) -> frozenset[str]:
+    """The sampling fields (``router.signals.SAMPLING_DEFAULTS``) ``litellm_model`` refuses at
+    other than their default: OpenAI's reasoning models on OpenAI's API (:func:`openai_model`)
+    or Azure's (a deployment known for one by a name that says it, as :func:`takes_no_stop`),
+    which answer a 400 that the chain cannot pass (on the direct path) or that litellm raises
+    before it calls (through litellm). Other models, none: litellm translates the fields for
+    other providers, and an OpenAI-compatible server's model may take them."""
+    if provider_of(litellm_model) == "azure":
+        name = litellm_model.rsplit("/", 1)[-1]
+    elif openai_model(litellm_model):
+        name = provider_model(litellm_model)
+    else:
+        return frozenset()
+    if _O_SERIES.match(name):
+        return O_SERIES_REFUSED
+    generation = _GPT_GENERATION.match(name)
+    if generation is None or int(generation[1]) < 5 or "gpt-5-chat" in name:
+        return frozenset()
+    if name in litellm_unreasoning_models():
+        return GPT_REASONING_REFUSED
+    return GPT_REASONING_REFUSED | _WHILE_REASONING
 
 
 def output_limit(model: ModelLike) -> int | None:
