@@ -151,6 +151,40 @@ def test_a_closed_model_without_a_price_is_named_at_start_and_in_readyz(
     assert (closed["gpt-4o"]["priced"], closed["claude"]["priced"]) == (True, False)
 
 
+def test_an_azure_model_without_an_endpoint_is_unavailable_and_passed_over(
+    tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ``azure/`` model with its key but no endpoint (no ``api_base``, no AZURE_API_BASE)
+    was counted available by /readyz and chosen; its call failed as it was made. It is
+    unavailable, named why, and a request goes to the next closed model."""
+    fake.reset()
+    monkeypatch.setenv("AZURE_API_KEY", "az-test-key")
+    for env in ("AZURE_API_BASE", "AZURE_OPENAI_ENDPOINT"):
+        monkeypatch.delenv(env, raising=False)
+    azure = "  az:\n    tier: closed\n    litellm_model: azure/prod-chat\n"
+    policy = (
+        policy_yaml(fake, on_failure="closed")
+        .replace("  gpt-4o:\n", azure + "  gpt-4o:\n", 1)
+        .replace("closed_models: [gpt-4o, claude]", "closed_models: [az, gpt-4o, claude]")
+        .replace("auto-best: {threshold: 0.05}", "auto-best: {threshold: 0.0}")
+    )
+    app = create_app(make_settings(tmp_path, policy), local_backend=ScriptedLocal())
+    with TestClient(app) as client:
+        closed = client.get("/readyz").json()["closed"]
+        answer = client.post(
+            "/v1/chat/completions",
+            json={"model": "auto-best", "messages": [{"role": "user", "content": "Why?"}]},
+        )
+    assert closed["az"] == {
+        "available": False,
+        "reason": "no endpoint: set the model's api_base or AZURE_API_BASE",
+        "priced": False,
+        "cooldown": None,
+    }
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-tiergate-model"] == "gpt-4o"
+
+
 def test_an_anthropic_model_without_an_output_limit_is_named_at_start(
     tmp_path: Path, fake: FakeProvider, caplog: pytest.LogCaptureFixture
 ) -> None:

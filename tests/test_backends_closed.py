@@ -189,6 +189,31 @@ def test_an_azure_model_takes_litellms_azure_variables_by_default(
     ) == ("no API key: set AZURE_API_KEY")
 
 
+AZURE = "https://acme.openai.azure.com"
+
+
+@pytest.mark.parametrize(
+    ("environ", "api_base", "reason"),
+    [
+        ({}, None, "no endpoint: set the model's api_base or AZURE_API_BASE"),
+        ({}, AZURE, None),
+        ({"AZURE_API_BASE": AZURE}, None, None),
+        ({"AZURE_OPENAI_ENDPOINT": AZURE}, None, None),
+    ],
+)
+def test_an_azure_model_without_an_endpoint_is_unavailable(
+    environ: dict[str, str], api_base: str | None, reason: str | None
+) -> None:
+    """An ``azure/`` model with a key but no endpoint (no ``api_base``, ``AZURE_API_BASE`` nor
+    the SDK's ``AZURE_OPENAI_ENDPOINT``) was counted available, and every call to it failed
+    with the SDK's ``ValueError`` (``Must provide one of the `base_url` or `azure_endpoint`
+    arguments``) as it was made."""
+    environ = {"AZURE_API_KEY": "k", **environ}
+    backend = ClosedBackend(OpenAIHTTP(timeout_s=1), timeout_s=1, environ=environ)
+    model = Model("az", "azure/prod-chat", api_base=api_base)
+    assert backend.unavailable_reason(model) == reason
+
+
 def test_a_bedrock_stream_is_read_frame_by_frame_within_the_bound(provider: FakeProvider) -> None:
     """Bedrock streams AWS's binary event frames, not lines: through the bounded client each
     frame is bounded, never the whole stream, so a stream longer than the bound in all, of

@@ -93,6 +93,9 @@ PROVIDER_KEY_ENV = {
     "together_ai": "TOGETHERAI_API_KEY",
     "openrouter": "OPENROUTER_API_KEY",
 }
+#: Where an ``azure/`` model without ``api_base`` finds its endpoint: litellm's variable, which
+#: :meth:`ClosedBackend._azure_client` reads, then the OpenAI SDK's, which the SDK reads itself.
+AZURE_ENDPOINT_ENV = ("AZURE_API_BASE", "AZURE_OPENAI_ENDPOINT")
 log = logging.getLogger("tiergate.closed")
 # The loggers litellm._logging attaches its own stream handler to.
 _LITELLM_LOGGERS = ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy")
@@ -474,12 +477,19 @@ class ClosedBackend:
         return key_for(model, self._environ)
 
     def unavailable_reason(self, model: ModelLike) -> str | None:
-        """Unavailable when no key is configured (a keyless local URL needs ``api_key_env``)."""
+        """Unavailable when no key is configured (a keyless local URL needs ``api_key_env``),
+        or, for an ``azure/`` model, no endpoint: its ``api_base``, else ``AZURE_API_BASE``
+        (:meth:`_azure_client`), else the OpenAI SDK's ``AZURE_OPENAI_ENDPOINT``. Without one
+        every call failed as it was made (the SDK's ``ValueError``), the model counted up."""
         if not model.litellm_model:
             return "closed model has no litellm_model"
-        if self.api_key(model):
-            return None
         provider = provider_of(model.litellm_model)
+        if self.api_key(model):
+            if provider == "azure" and not (
+                model.api_base or any(self._environ.get(env) for env in AZURE_ENDPOINT_ENV)
+            ):
+                return "no endpoint: set the model's api_base or AZURE_API_BASE"
+            return None
         env = model.api_key_env or PROVIDER_KEY_ENV.get(provider)
         if env is None:  # its key may well be set, under a name this table does not know
             return (
