@@ -1137,7 +1137,7 @@ class Gateway:
         if closed.sets_output_limit(fitted):
             return fitted
         filled = self._filled_limit(ctx, model)
-        return fitted if filled is None else {**fitted, closed.output_field(model): filled}
+        return fitted if filled is None else {**fitted, closed.output_field(model, fitted): filled}
 
     def _native_sent(
         self, ctx: RequestContext, model: ModelSpec, native: NativeRequest

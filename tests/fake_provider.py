@@ -337,17 +337,9 @@ def openai_refusal(body: dict[str, Any]) -> dict[str, Any] | None:
                 "type": "invalid_request_error",
                 "param": f"tools[{index}].type",
             }
-    if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
-        return {
-            "message": "Setting 'max_tokens' and 'max_completion_tokens' at the same time is "
-            "not supported.",
-            "type": "invalid_request_error",
-            "param": "max_tokens",
-            "code": "invalid_parameter_combination",
-        }
-    too_large = _over_output_limit(body)
-    if too_large is not None:
-        return too_large
+    limits = _limit_refusal(body)
+    if limits is not None:
+        return limits
     decoding = _stop_refusal(body) or _sampling_refusal(body)
     if decoding is not None:
         return decoding
@@ -370,6 +362,29 @@ def openai_refusal(body: dict[str, Any]) -> dict[str, Any] | None:
             "code": "unsupported_parameter",
         }
     return None
+
+
+def _limit_refusal(body: dict[str, Any]) -> dict[str, Any] | None:
+    """OpenAI's 400 body for a chat request's output limit it would refuse (both fields at
+    once, ``max_completion_tokens`` with a ``prediction``, over the model's limit), else None."""
+    with_it = [f for f in ("max_tokens", "prediction") if body.get(f) is not None]
+    if with_it and body.get("max_completion_tokens") is not None:
+        # OpenAI's Predicted Outputs guide: "max_completion_tokens: not supported" (the
+        # message for a prediction is not checked against the live API).
+        both = with_it[0] == "max_tokens"
+        said = (
+            "Setting 'max_tokens' and 'max_completion_tokens' at the same time is not supported."
+            if both
+            else "Unsupported parameter: 'max_completion_tokens' is not supported with "
+            "predicted outputs."
+        )
+        return {
+            "message": said,
+            "type": "invalid_request_error",
+            "param": "max_tokens" if both else "max_completion_tokens",
+            "code": "invalid_parameter_combination" if both else "unsupported_parameter",
+        }
+    return _over_output_limit(body)
 
 
 def _stop_refusal(body: dict[str, Any]) -> dict[str, Any] | None:

@@ -1282,6 +1282,20 @@ def test_other_models_are_not_held_to_openais_sampling(litellm_model: str) -> No
     assert refused_sampling(litellm_model) == frozenset()
 
 
+@pytest.mark.parametrize("name", ["azure", "openai"])
+def test_a_predicted_output_is_sent_its_limit_as_max_tokens_through_litellm(
+    provider: FakeProvider, name: str
+) -> None:
+    """litellm sends ``max_completion_tokens`` as it is, which OpenAI's Predicted Outputs do
+    not take (its guide): a request with a ``prediction`` goes with ``max_tokens``."""
+    prediction = {"type": "content", "content": "def f():\n    return 1\n"}
+    body = {**BODY, "prediction": prediction, "max_completion_tokens": 60}
+    run(_answer(_through_litellm(provider, name), body, stream=False))
+    sent = provider.received[-1].body
+    assert (sent.get("max_tokens"), sent.get("max_completion_tokens")) == (60, None)
+    assert sent["prediction"] == prediction
+
+
 @pytest.mark.parametrize("name", ["anthropic", "bedrock", "mistral"])
 def test_every_stop_sequence_reaches_a_provider_through_litellm(
     provider: FakeProvider, name: str

@@ -874,6 +874,34 @@ def test_a_temperature_an_openai_reasoning_model_refuses_goes_to_one_that_takes_
     ]
 
 
+def test_a_predicted_output_is_sent_its_limit_as_max_tokens(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    # OpenAI's Predicted Outputs do not take max_completion_tokens (its guide), the field the
+    # direct path sent gpt-4o a request's max_tokens, or the policy's max_output_tokens, in:
+    # every such request with a prediction was refused. gpt-4o takes max_tokens.
+    fake.reset(Behaviour(strict=True))
+    policy = policy_yaml(fake).replace(
+        "openai/gpt-4o\n", "openai/gpt-4o\n    max_output_tokens: 300\n", 1
+    )
+    ask: dict[str, Any] = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}
+    prediction = {"type": "content", "content": "def f():\n    return 1\n"}
+    with (
+        live(tmp_path, policy, local_backend_obj=ScriptedLocal()) as srv,
+        openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0) as client,
+    ):
+        for limit in ({"max_tokens": 50}, {"max_completion_tokens": 60}, {}):
+            client.chat.completions.create(**ask, **limit, prediction=prediction)
+        client.chat.completions.create(**ask, max_tokens=70)  # no prediction: as before
+    fields = ("max_tokens", "max_completion_tokens")
+    assert [{f: r.body[f] for f in fields if f in r.body} for r in fake.received] == [
+        {"max_tokens": 50},
+        {"max_tokens": 60},
+        {"max_tokens": 300},
+        {"max_completion_tokens": 70},
+    ]
+
+
 def test_a_self_hosted_model_named_like_openais_is_not_held_to_openais_limits(
     tmp_path: Path, fake: FakeProvider
 ) -> None:

@@ -365,15 +365,23 @@ def direct(model: ModelLike) -> bool:
     return provider_of(model.litellm_model or "") == "openai"
 
 
-def output_field(model: ModelLike) -> str:
+def output_field(model: ModelLike, body: Mapping[str, Any] | None = None) -> str:
     """The chat field that bounds an answer's length for ``model`` on the path it is called:
     on the direct path, ``max_completion_tokens`` for OpenAI's own models (:func:`openai_model`:
-    its reasoning models refuse ``max_tokens``), else ``max_tokens``, which every
-    OpenAI-compatible server (vLLM, llama.cpp, Ollama) takes and some older ones take alone;
-    through litellm, ``max_tokens``, which litellm translates for each provider."""
-    if direct(model) and openai_model(model.litellm_model or ""):
+    its reasoning models refuse ``max_tokens``), but ``max_tokens`` for a request ``body`` with
+    a ``prediction`` (:func:`predicted`); else ``max_tokens``, which every OpenAI-compatible
+    server (vLLM, llama.cpp, Ollama) takes and some older ones take alone; through litellm,
+    ``max_tokens``, which litellm translates for each provider."""
+    if direct(model) and openai_model(model.litellm_model or "") and not predicted(body or {}):
         return "max_completion_tokens"
     return "max_tokens"
+
+
+def predicted(body: Mapping[str, Any]) -> bool:
+    """Whether ``body`` carries a predicted output (``prediction``): OpenAI's Predicted Outputs
+    guide lists ``max_completion_tokens`` among the parameters they do not take, and the models
+    that take a prediction (gpt-4o, gpt-4.1) take ``max_tokens``."""
+    return body.get("prediction") is not None
 
 
 def unknown_output_limits(models: Iterable[ModelLike]) -> list[str]:
@@ -518,7 +526,7 @@ class ClosedBackend:
         if limit is None:
             limit = default_max_tokens(model)
         if limit is not None:
-            request[output_field(model)] = limit
+            request[output_field(model, request)] = limit
         return request
 
     def _timeout(self, model: ModelLike) -> float:
@@ -572,6 +580,10 @@ class ClosedBackend:
 
     def _litellm_kwargs(self, model: ModelLike, body: dict[str, Any]) -> dict[str, Any]:
         kwargs = {k: v for k, v in body.items() if k not in _STRIP and k not in _LITELLM_OWN}
+        if predicted(kwargs) and kwargs.get("max_completion_tokens") is not None:
+            # litellm sends max_completion_tokens as it is (:func:`predicted`); the value read
+            # as the limit, as on the direct path (_request).
+            kwargs["max_tokens"] = kwargs.pop("max_completion_tokens")
         if not sets_output_limit(kwargs):
             default = default_max_tokens(model)
             if default is not None:
