@@ -1147,6 +1147,15 @@ def _cmd_policy_check(args: argparse.Namespace) -> int:
             for name in costs.unpriced(models.values())
         ]
         noted += [
+            (
+                name,
+                f"no web search price for litellm_model {models[name].litellm_model!r}: neither "
+                "its price nor the installed litellm's table names one, so its web searches "
+                "count $0 in costs and budgets (give its price web_search_per_1k)",
+            )
+            for name in costs.unpriced_searches(models.values())
+        ]
+        noted += [
             said for warning in output_limit_warnings(models.values()) for said in warning.each()
         ]
         for name, said in noted:

@@ -256,6 +256,22 @@ class CostBook:
         none in litellm's table."""
         return [m.name for m in models if m.tier == "closed" and self.closed_price(m) is None]
 
+    def unpriced_searches(self, models: Iterable[ModelSpec]) -> list[str]:
+        """The closed models among ``models`` that may search the web, an ``anthropic/`` model
+        (Anthropic's web search tool, which only such a model is sent:
+        ``router.gateway.Gateway.fitted``), whose price names none per search (its policy
+        ``price`` no ``web_search_per_1k``, litellm's table no ``search_context_cost_per_query``,
+        as for ``claude-haiku-4-5``): their searches would count $0. Those without any price are
+        :meth:`unpriced`'s."""
+        return [
+            m.name
+            for m in models
+            if m.tier == "closed"
+            and (m.litellm_model or "").startswith("anthropic/")
+            and (price := self.closed_price(m)) is not None
+            and price.per_web_search is None
+        ]
+
     def local_cost(self, prompt: int, completion: int, generation_s: float = 0.0) -> float:
         """USD for a local call: tokens at the per-1M price plus generation time per GPU-hour."""
         return self._local.cost(prompt, completion) + generation_s * self._local_per_second

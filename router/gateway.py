@@ -714,8 +714,10 @@ class Gateway:
     def warn_unpriced(self) -> list[str]:
         """Log the policy's closed models that no price covers (their calls would count $0 in
         costs and budgets: litellm's table lacks them and the policy gives no ``price``), and
-        return their names."""
-        names = self.costs.unpriced(self.policy.models.values())
+        those that may search the web with no price per search (``CostBook.unpriced_searches``),
+        and return their names."""
+        models = self.policy.models.values()
+        names = self.costs.unpriced(models)
         if names:
             log.warning(
                 "no price for closed model(s) %s: litellm's table does not list their "
@@ -723,7 +725,15 @@ class Gateway:
                 "price in the policy (price: {input_per_mtok, output_per_mtok})",
                 ", ".join(names),
             )
-        return names
+        searching = self.costs.unpriced_searches(models)
+        if searching:
+            log.warning(
+                "no web search price for closed model(s) %s: neither the policy's price nor "
+                "litellm's table names one, so their web searches count $0 in costs and "
+                "budgets; give each a price with web_search_per_1k (Anthropic's: 10)",
+                ", ".join(searching),
+            )
+        return names + searching
 
     def warn_output_limits(self) -> list[str]:
         """Log the policy's closed models whose output limit neither the policy

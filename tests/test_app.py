@@ -151,6 +151,20 @@ def test_a_closed_model_without_a_price_is_named_at_start_and_in_readyz(
     assert (closed["gpt-4o"]["priced"], closed["claude"]["priced"]) == (True, False)
 
 
+def test_an_anthropic_model_without_a_search_price_is_named_at_start(
+    tmp_path: Path, fake: FakeProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    """litellm's table prices claude-haiku-4-5 but names no price per web search: its web
+    searches counted $0 in costs and budgets, unsaid. The start says so (on a reload too,
+    ``warn_unpriced``); a policy price with ``web_search_per_1k`` silences it."""
+    haiku = policy_yaml(fake).replace("claude-3-5-sonnet-20241022\n", "claude-haiku-4-5\n")
+    price = "    price: {input_per_mtok: 1, output_per_mtok: 5, web_search_per_1k: 10}\n"
+    priced = haiku.replace("claude-haiku-4-5\n", "claude-haiku-4-5\n" + price)
+    for policy, warned in ((haiku, True), (priced, False)):
+        said = _start_warnings(tmp_path, policy, caplog)
+        assert ("no web search price for closed model(s) claude:" in said) is warned
+
+
 def test_an_azure_model_without_an_endpoint_is_unavailable_and_passed_over(
     tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:

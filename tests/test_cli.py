@@ -57,7 +57,8 @@ def test_policy_check_warns_of_a_closed_model_no_price_covers(
     priced.write_text(
         models.replace(
             "20241022}",
-            "20241022, price: {input_per_mtok: 3, output_per_mtok: 15}, max_output_tokens: 8192}",
+            "20241022, price: {input_per_mtok: 3, output_per_mtok: 15, web_search_per_1k: 10}, "
+            "max_output_tokens: 8192}",
         )
     )
     assert main(["policy", "check", str(priced)]) == 0
@@ -70,6 +71,38 @@ def test_policy_check_warns_of_a_closed_model_no_price_covers(
     )
     assert main(["policy", "check", str(local)]) == 1
     assert "models.local.price: a local model's price is a setting" in capsys.readouterr().err
+
+
+HAIKU, SONNET = "anthropic/claude-haiku-4-5", "anthropic/claude-sonnet-4-5-20250929"
+SEARCHES = "web_search_per_1k: 10"  # Anthropic's price, USD per 1,000 searches
+
+
+@pytest.mark.parametrize(
+    ("model", "warned"),
+    [
+        (HAIKU, True),  # litellm's table prices it, but names no price per search
+        (f"{HAIKU}, price: {{input_per_mtok: 1, output_per_mtok: 5, {SEARCHES}}}", False),
+        (SONNET, False),  # litellm's table: $0.01 a search
+        (f"{SONNET}, price: {{input_per_mtok: 3, output_per_mtok: 15}}", True),
+        ("openai/gpt-4o", False),  # only an Anthropic model is sent a web search tool
+    ],
+)
+def test_policy_check_warns_of_an_anthropic_model_no_search_price_covers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], model: str, warned: bool
+) -> None:
+    """Valid, but a web search by an Anthropic model whose price names none per search (as
+    litellm's table gives claude-haiku-4-5, or a policy price without web_search_per_1k)
+    counted $0 in costs and budgets, unsaid."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "version: 1\nmodels:\n  local: {tier: local}\n"
+        f"  m: {{tier: closed, max_output_tokens: 8192, litellm_model: {model}}}\n"
+    )
+    assert main(["policy", "check", str(policy)]) == 0
+    err = capsys.readouterr().err
+    said = f"{policy}: warning: models.m: no web search price for litellm_model"
+    assert (said in err) is warned, err
+    assert ("its web searches count $0 in costs and budgets" in err) is warned
 
 
 def _check(path: Path, text: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -87,7 +120,7 @@ def test_policy_check_warns_of_an_anthropic_model_without_an_output_limit(
     models = (
         "version: 1\nmodels:\n  local: {tier: local}\n"
         "  claude: {tier: closed, litellm_model: anthropic/claude-3-5-haiku-20241022, "
-        "price: {input_per_mtok: 1, output_per_mtok: 5}}\n"
+        "price: {input_per_mtok: 1, output_per_mtok: 5, web_search_per_1k: 10}}\n"
         "  sonnet: {tier: closed, litellm_model: anthropic/claude-sonnet-4-5-20250929}\n"
     )
     unknown = tmp_path / "unknown.yaml"
