@@ -58,6 +58,7 @@ class ProfiledModel:
     timeout_s: float | None = None
     transport: str = "auto"
     max_output_tokens: int | None = None
+    context_window: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -172,6 +172,32 @@ def test_policy_check_warns_of_a_bedrock_application_profile_without_an_output_l
     assert _check(tmp_path / "limited.yaml", limited, capsys) == (0, "")
 
 
+def test_policy_check_warns_of_a_model_whose_answer_nothing_bounds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A cohere_chat/ model litellm's map does not list, with no max_output_tokens and no
+    context_window: a request without max_tokens is sent none, and its budget hold reads
+    TIERGATE_RESERVE_TOKENS (4096) for an answer the provider may write longer, unsaid. A
+    max_output_tokens (sent, and held) or a context_window (held: what it leaves) bounds it."""
+    models = (
+        "version: 1\nmodels:\n  local: {tier: local}\n"
+        "  cohere: {tier: closed, litellm_model: cohere_chat/command-r-plus, "
+        "price: {input_per_mtok: 2.5, output_per_mtok: 10}}\n"
+    )
+    unbounded = tmp_path / "unbounded.yaml"
+    assert _check(unbounded, models, capsys) == (
+        0,
+        f"{unbounded}: warning: models.cohere: no output limit for litellm_model "
+        "'cohere_chat/command-r-plus' in the installed litellm's model map, and no "
+        "context_window: a request that sets no max_tokens is sent none (the provider's "
+        "default applies) and its budget hold reads TIERGATE_RESERVE_TOKENS for the answer, "
+        "which it may write past (give it max_output_tokens)\n",
+    )
+    for bound in ("max_output_tokens: 4000", "context_window: 128000"):
+        bounded = models.replace("command-r-plus, ", f"command-r-plus, {bound}, ")
+        assert _check(tmp_path / "bounded.yaml", bounded, capsys) == (0, "")
+
+
 def test_policy_check_reads_the_policy_a_settings_file_names(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

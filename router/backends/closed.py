@@ -391,6 +391,24 @@ def unknown_output_limits(models: Iterable[ModelLike]) -> list[str]:
     return _unlimited(models, lambda name: claude(name) and mapped_output_limit(name) is None)
 
 
+def guessed_output_limits(models: Iterable[ModelLike]) -> list[str]:
+    """The closed models among ``models`` whose output limit nothing gives: neither the policy
+    (``max_output_tokens``, ``context_window``) nor litellm's map (a ``cohere_chat/`` or
+    ``vertex_ai/`` model it does not list, one an OpenAI-compatible server serves), and not a
+    Claude (sent :data:`ANTHROPIC_MAX_TOKENS`) nor a Bedrock application inference profile
+    (:func:`hidden_output_limits`). A request to one that sets no ``max_tokens`` is sent none,
+    and its budget hold and token reservation read ``TIERGATE_RESERVE_TOKENS`` for its answer
+    (``Gateway.call_tokens``), which the provider may write past."""
+    return [
+        m.name
+        for m in models
+        if m.tier == "closed"
+        and m.context_window is None
+        and output_limit(m) is None
+        and not hides_its_model(m.litellm_model or "")
+    ]
+
+
 def _unlimited(models: Iterable[ModelLike], chosen: Callable[[str], bool]) -> list[str]:
     # The closed models without a policy max_output_tokens whose litellm_model is ``chosen``.
     return [
@@ -433,8 +451,9 @@ class OutputLimitWarning:
 
 def output_limit_warnings(models: Iterable[ModelLike]) -> list[OutputLimitWarning]:
     """The warnings for ``models`` whose output limit neither the policy nor litellm's map
-    gives: the Claude models (:func:`unknown_output_limits`) and the Bedrock application
-    inference profiles (:func:`hidden_output_limits`); a kind none of them is left out."""
+    gives: the Claude models (:func:`unknown_output_limits`), the Bedrock application
+    inference profiles (:func:`hidden_output_limits`) and the others without a context window
+    (:func:`guessed_output_limits`); a kind none of them is left out."""
     by_name = {m.name: m for m in models}
     said = [
         OutputLimitWarning(
@@ -454,6 +473,17 @@ def output_limit_warnings(models: Iterable[ModelLike]) -> list[OutputLimitWarnin
             "{model!r}: {follows} (give it max_output_tokens)",
             "cannot tell the model behind Bedrock application inference profile(s) {names}: "
             "{follows}; give each its model's limit in the policy (max_output_tokens)",
+        ),
+        OutputLimitWarning(
+            [by_name[n] for n in guessed_output_limits(by_name.values())],
+            "a request that sets no max_tokens is sent none (the provider's default applies) "
+            "and its budget hold reads TIERGATE_RESERVE_TOKENS for the answer, which it may "
+            "write past",
+            "no output limit for litellm_model {model!r} in the installed litellm's model map, "
+            "and no context_window: {follows} (give it max_output_tokens)",
+            "no output limit for closed model(s) {names}: litellm's model map does not list "
+            "their litellm_model and the policy gives them no context_window, so {follows}; "
+            "give each its limit in the policy (max_output_tokens)",
         ),
     ]
     return [warning for warning in said if warning.models]
