@@ -542,7 +542,7 @@ def _tool_turn(message: Mapping[str, Any]) -> bool:
 
 #: The chat fields that set how a model samples its answer, each with the value that asks for
 #: nothing (its default, as OpenAI documents it): a request that sends the default is answered
-#: as one that leaves the field out. In order of name.
+#: as one that leaves the field out.
 SAMPLING_DEFAULTS: Mapping[str, Any] = {
     "frequency_penalty": 0,
     "logit_bias": {},
@@ -556,11 +556,10 @@ SAMPLING_DEFAULTS: Mapping[str, Any] = {
 def sampling(body: Mapping[str, Any]) -> tuple[str, ...]:
     """The sampling fields (:data:`SAMPLING_DEFAULTS`) ``body`` sets to other than their
     default, sorted; a null asks for nothing."""
-    return tuple(
-        name
-        for name, default in SAMPLING_DEFAULTS.items()
-        if body.get(name) is not None and body[name] != default
-    )
+    sent = SAMPLING_DEFAULTS.keys() & body.keys()
+    if not sent:  # most requests set none of them
+        return ()
+    return tuple(sorted(n for n in sent if body[n] is not None and body[n] != SAMPLING_DEFAULTS[n]))
 
 
 def requested_choices(body: Mapping[str, Any]) -> int:
