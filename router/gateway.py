@@ -25,7 +25,6 @@ from collections.abc import (
     Callable,
     Collection,
     Iterable,
-    Iterator,
     Mapping,
 )
 from concurrent.futures import ThreadPoolExecutor
@@ -543,6 +542,7 @@ class Gateway:
         status, http_status, error = "ok", 200, None
         hold: TokenHold | None = None
         source: _Metered | None = None
+        relay = _Relay(ctx)
         answer: str | None = None
         try:
             if call.refused is not None:
@@ -566,13 +566,12 @@ class Gateway:
                 source = await _unless_disconnected(call, self.stream(ctx, call.body, call.native))
                 estimate = ctx.signals.prompt_tokens if ctx.signals is not None else 0
                 yield _Opened(self.explain(ctx), ctx.usage.prompt_tokens or estimate)
-                relay = _Relay(ctx)
                 async for chunk in source:
                     relay.passing(chunk)
                     yield chunk
                 self._stream_ended(ctx, None, started=True)
                 answer = "".join(relay.text)
-                for chunk in _closing_chunks(ctx, relay, call.front):
+                async for chunk in _closing_chunks(ctx, relay, call):
                     yield chunk
         except (Exception, asyncio.CancelledError, GeneratorExit) as exc:
             # A chat client's refusal on the way in (its schema, the caps) names its own fields.
@@ -585,7 +584,7 @@ class Gateway:
             raise
         finally:
             try:
-                await _close(source, ctx.request_id)  # None: no stream was opened
+                await _wound_up(ctx, source, call.body, relay)
             finally:  # a close cancelled (or failing otherwise) still records
                 self.record(ctx, status=status, http_status=http_status, error=error)
                 if hold is not None:
@@ -1995,25 +1994,40 @@ async def _close(source: AsyncIterator[dict[str, Any]] | None, request_id: str) 
         log.debug("closing stream %s failed", request_id, exc_info=True)
 
 
-def _closing_chunks(ctx: RequestContext, relay: _Relay, front: str) -> Iterator[dict[str, Any]]:
+async def _closing_chunks(
+    ctx: RequestContext, relay: _Relay, call: Call
+) -> AsyncGenerator[dict[str, Any], None]:
     """What a stream yields after its model's last chunk: a usage chunk, where the model sent
     none; then, on a front other than chat, CHUNKS_END, where its life waits until the front's
     last events (made after the chat stream) are framed, so that its record says whether
     they went out (router.backends.native.native_or)."""
     if not relay.saw_usage:
-        yield _usage_chunk(ctx, relay.id, relay.model)
-    if front != "chat":
+        yield await _usage_chunk(ctx, relay, call.body)
+    if call.front != "chat":
         yield CHUNKS_END
 
 
-def _usage_chunk(ctx: RequestContext, stream_id: str | None, model: str | None) -> dict[str, Any]:
+async def _wound_up(
+    ctx: RequestContext, source: _Metered | None, body: Mapping[str, Any], relay: _Relay
+) -> None:
+    # A request's end, before its record: its model's stream closed (None: none was opened),
+    # then what a closed model's provider did not report counted (_count_unreported).
+    await _close(source, ctx.request_id)
+    await _count_unreported(ctx, body, relay)
+
+
+async def _usage_chunk(
+    ctx: RequestContext, relay: _Relay, body: Mapping[str, Any]
+) -> dict[str, Any]:
     # The last chunk of a stream whose backend sent no usage: the stream's own id and model
     # (an OpenAI stream's chunks all share them), else the request's, and the counts the
-    # record will hold (estimated, as the backend reported none: llama_cpp.server sends none).
+    # record will hold (counted or estimated, as the backend reported none: llama_cpp.server
+    # sends none).
+    await _count_unreported(ctx, body, relay)
     settle_usage(ctx)
-    usage = ctx.usage
+    usage, model = ctx.usage, relay.model
     return {
-        "id": stream_id or ctx.request_id,
+        "id": relay.id or ctx.request_id,
         "object": "chat.completion.chunk",
         "created": int(time.time()),
         "model": model or (ctx.served.model.name if ctx.served else ""),
@@ -2024,6 +2038,48 @@ def _usage_chunk(ctx: RequestContext, stream_id: str | None, model: str | None) 
             "total_tokens": usage.prompt_tokens + usage.completion_tokens,
         },
     }
+
+
+#: The longest counting a closed call's unreported usage may take (seconds) before the
+#: request is recorded with its prompt at the most it can be (``Signals.prompt_held``).
+COUNT_TIMEOUT_S = 5.0
+
+
+async def _count_unreported(ctx: RequestContext, body: Mapping[str, Any], relay: _Relay) -> None:
+    """Count, with the model's tokenizer, what a closed model's provider billed but did not
+    report (a client that left, or a stream cut, before the usage that ends it): the prompt,
+    and the answer text streamed where there is one choice. Estimated (3.5 characters a
+    token), a prompt of text no tokenizer merges ("a\\n" repeated) was charged a third of
+    its bill. Off the event loop and bounded (:data:`COUNT_TIMEOUT_S`); raises only when
+    cancelled: :func:`settle_usage` estimates what is still missing."""
+    usage, served, signals = ctx.usage, ctx.served, ctx.signals
+    if served is None or served.model.tier != "closed" or signals is None:
+        return
+    if usage.prompt_tokens and usage.completion_tokens:  # reported, as it nearly always is
+        return
+    whole = ctx.choices == 1 and not usage.completion_tokens
+    text = "".join(relay.text) if whole else ""
+    if usage.prompt_tokens and not text:
+        return
+    try:
+        async with asyncio.timeout(COUNT_TIMEOUT_S):
+            prompt, answer = await asyncio.to_thread(
+                closed.counted_tokens, served.model, {} if usage.prompt_tokens else body, text
+            )
+    except TimeoutError:
+        log.warning(
+            "counting the prompt of %s took over %gs: charged at its bound",
+            ctx.request_id,
+            COUNT_TIMEOUT_S,
+            extra={"request_id": ctx.request_id},
+        )
+        prompt, answer = signals.prompt_held, 0
+    except Exception:  # a message litellm cannot read: the estimate stands
+        log.warning("could not count the prompt of %s", ctx.request_id, exc_info=True)
+        return
+    usage.prompt_tokens = usage.prompt_tokens or prompt
+    if answer:
+        ctx.streamed_tokens = float(answer)
 
 
 def settle_usage(ctx: RequestContext) -> None:

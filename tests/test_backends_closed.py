@@ -1308,3 +1308,54 @@ def test_every_stop_sequence_reaches_a_provider_through_litellm(
     run(_answer(_through_litellm(provider, name), {**BODY, "stop": stops}, stream=False))
     sent = provider.received[-1].body
     assert sent.get("stop_sequences", sent.get("stop")) == stops
+
+
+#: A fresh interpreter counting prompts for several providers' models with every connection
+#: refused (an audit hook): each must count from what is installed, fetching nothing.
+_COUNT_OFFLINE = """
+import sys
+tried = []
+def refuse(event, args):
+    if event in ("socket.connect", "socket.getaddrinfo"):
+        tried.append(f"{event} {args!r}")
+        raise RuntimeError("no network")
+sys.addaudithook(refuse)
+from router.backends.closed import counted_tokens
+class M:
+    def __init__(self, name): self.name, self.litellm_model = name, name
+image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "a\\n" * 3000}, image]}]}
+for name in sys.argv[1:]:
+    print(name, *counted_tokens(M(name), body, "a\\n" * 300))
+sys.exit(f"tried the network: {tried}" if tried else 0)
+"""
+
+
+def test_counting_tokens_fetches_nothing() -> None:
+    """A closed call whose provider reported no usage is counted with litellm's tokenizers
+    (router.gateway): tiktoken's encodings, an older Claude's and DeepSeek's, from the copies
+    litellm bundles; a Llama model, whose tokenizer only the Hugging Face Hub holds, with
+    tiktoken; an image at its default size, its URL not fetched."""
+    import subprocess
+    import sys
+
+    unset = ("TIKTOKEN_CACHE_DIR", "LITELLM_OFFLINE_MODE")
+    environ = {k: v for k, v in os.environ.items() if k not in unset}
+    models = [
+        "openai/gpt-4o", "openai/gpt-4.1-mini", "anthropic/claude-sonnet-4-5", "claude-sonnet-4-5",
+        "deepseek/deepseek-chat", "groq/llama-3.3-70b-versatile", "cohere_chat/command-r",
+        "mistral/mistral-large-latest", "gemini/gemini-2.0-flash", "some/unknown-model",
+    ]  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", _COUNT_OFFLINE, *models],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    counted = {line.split()[0]: line.split()[1:] for line in out.stdout.splitlines()}
+    assert set(counted) == set(models)
+    for name, (prompt, answer) in counted.items():
+        assert int(prompt) > 6000 and int(answer) >= 300, (name, prompt, answer)

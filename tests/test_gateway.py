@@ -1198,6 +1198,44 @@ def test_a_stream_ends_with_its_usage_and_is_recorded_once(
     asyncio.run(scenario())
 
 
+async def _left_after(srv: Serving, content: str, words: int) -> OutcomeRecord:
+    """The record of a closed stream whose client read ``words`` chunks past its opening and
+    left, before the provider's usage."""
+    answer = await srv.gateway.serve(srv.call(content, stream=True))
+    assert isinstance(answer, StreamAnswer) and answer.headers["x-tiergate-tier"] == "closed"
+    for _ in range(words + 1):
+        await anext(answer.chunks)
+    await answer.chunks.aclose()
+    assert len(srv.records) == 1 and srv.records[0].status == "aborted"
+    return srv.records.pop()
+
+
+def test_a_stream_left_before_its_usage_is_charged_the_prompt_as_its_provider_bills(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """OpenAI reports a stream's usage in its last chunk: a client that left before it was
+    charged Tiergate's estimate of the prompt (3.5 characters a token), and a prompt of text no
+    tokenizer merges ("a\\n" repeated) a third of what the provider billed. Counted with the
+    model's tokenizer, it is charged what a stream read to its end is (the fake bills a byte
+    a token, as tiktoken counts that text); and the answer text streamed, likewise."""
+    content = "HARD " + "a\n" * 3000
+    fake.reset(Behaviour(bill_bytes=True, text="a\n" * 300, piece_chars=200))
+
+    async def scenario() -> None:
+        async with serving(tmp_path, fake, ScriptedStream()) as srv:
+            await _drain(await srv.gateway.serve(srv.call(content, stream=True)))
+            billed = srv.records.pop().prompt_tokens  # the provider's own count
+            assert billed > 6000
+            left = await _left_after(srv, content, words=3)
+            assert abs(left.prompt_tokens - billed) <= billed * 0.01, (left.prompt_tokens, billed)
+            assert left.completion_tokens == 600  # tiktoken's count of the 600 characters read
+            assert left.cost_usd > 0.9 * srv.gateway.costs.call_cost(
+                srv.gateway.policy.models["gpt-4o"], Usage(prompt_tokens=billed)
+            )
+
+    asyncio.run(scenario())
+
+
 def test_time_to_first_token_waits_for_a_token_not_the_opening_chunk(
     tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1122,6 +1122,28 @@ def quiet_litellm() -> Any:
     return litellm
 
 
+def counted_tokens(model: ModelLike, body: Mapping[str, Any], text: str) -> tuple[int, int]:
+    """The tokens of ``body``'s prompt (its messages and tools) and of ``text`` (an answer) as
+    litellm's tokenizer for ``model`` counts them (``litellm.token_counter``: tiktoken for
+    OpenAI models, Anthropic's and DeepSeek's bundled tokenizers, tiktoken for any other), for
+    a call whose provider reported no usage. Offline, as :func:`quiet_litellm` imports litellm:
+    tiktoken reads the encodings litellm bundles, a tokenizer only the Hugging Face Hub holds
+    falls back to tiktoken, and an image is counted at its default size, not fetched. Costs up to
+    a second for a prompt of megabytes: call it off the event loop."""
+    litellm = quiet_litellm()
+    name = model.litellm_model or model.name
+    messages = body.get("messages")
+    tools = body.get("tools")
+    prompt = litellm.token_counter(
+        model=name,
+        messages=messages if isinstance(messages, list) else [],
+        tools=tools if isinstance(tools, list) and tools else None,
+        use_default_image_token_count=True,
+    )
+    answer = litellm.token_counter(model=name, text=text) if text else 0
+    return int(prompt), int(answer)
+
+
 def map_litellm_error(
     exc: Exception,
     label: str,
