@@ -218,6 +218,7 @@ def test_quality_is_the_served_answers_mean_per_tier_and_source() -> None:
 def test_dashboard_buckets_start_on_wall_clock_boundaries(
     tmp_path: Path, fake: FakeProvider
 ) -> None:
+    fake.reset()  # the session's fake, as the test before left it (failing, perhaps)
     local = ScriptedLocal()
     with live(tmp_path, policy_yaml(fake, on_failure="closed"), local_backend_obj=local) as srv:
         _traffic(srv.http, local)
