@@ -2152,6 +2152,8 @@ def _with_logprobs(body: dict[str, Any]) -> dict[str, Any]:
 
 def _client_logprobs(choice: dict[str, Any], body: Mapping[str, Any]) -> None:
     # Give the client the log-probabilities it asked for, not those the cascade asked for.
+    # Past a stream's hold-back they are read here first (read_logprobs): ones that cannot be
+    # read end the stream as a bad chunk does (UpstreamBadResponseError), not as a 500.
     logprobs = choice.get("logprobs")
     if not logprobs:
         return
@@ -2159,7 +2161,7 @@ def _client_logprobs(choice: dict[str, Any], body: Mapping[str, Any]) -> None:
         choice["logprobs"] = None
         return
     top = int(body.get("top_logprobs") or 0)
-    for entry in logprobs.get("content") or []:
+    for entry in read_logprobs(choice):
         entry["top_logprobs"] = (entry.get("top_logprobs") or [])[:top]
 
 

@@ -175,6 +175,9 @@ class Behaviour:
     # OpenAI chat answers and streams asked for ``logprobs``: the answer's (each streamed
     # word's) ``logprobs`` field is this instead (a server that sends one that cannot be read).
     bad_logprobs: Any = None
+    # Streamed, the place of the first word whose ``logprobs`` is ``bad_logprobs``: the words
+    # before it carry ``logprob`` (a server whose log-probabilities go bad past the first few).
+    bad_logprobs_from: int = 0
     # OpenAI chat streams: this SSE ``data:`` sent in place of the second word (a server that
     # sends a chunk that is not JSON, or not a chat chunk).
     bad_chunk: bytes | None = None
@@ -986,14 +989,15 @@ class FakeProvider:
         if self.behaviour.bad_chunk is not None and i == 1:
             self._send(h, b"data: " + self.behaviour.bad_chunk + b"\n\n")
             return
-        choice = {"index": 0, "delta": {"content": piece}, **self._logprobs(body, piece)}
+        choice = {"index": 0, "delta": {"content": piece}, **self._logprobs(body, piece, i)}
         send({**base, "choices": [choice]})
 
-    def _logprobs(self, body: dict[str, Any], token: str) -> dict[str, Any]:
-        """A streamed word's ``logprobs`` field, where ``logprob`` (or ``bad_logprobs``) is set
-        and ``body`` asks."""
-        if self.behaviour.bad_logprobs is not None and body.get("logprobs"):
-            return {"logprobs": self.behaviour.bad_logprobs}
+    def _logprobs(self, body: dict[str, Any], token: str, place: int) -> dict[str, Any]:
+        """A streamed word's ``logprobs`` field, where ``logprob`` (or ``bad_logprobs``, from
+        the word at ``bad_logprobs_from``) is set and ``body`` asks."""
+        b = self.behaviour
+        if b.bad_logprobs is not None and body.get("logprobs") and place >= b.bad_logprobs_from:
+            return {"logprobs": b.bad_logprobs}
         if self.behaviour.logprob is None or not body.get("logprobs"):
             return {}
         entry = {"token": token, "logprob": self.behaviour.logprob, "bytes": None}

@@ -515,6 +515,34 @@ def test_a_local_answer_the_cascade_cannot_read_escalates(
     assert "local" in record["cascade"]["local_error"]
 
 
+def test_log_probabilities_unreadable_after_the_hold_back_end_the_stream_as_a_bad_chunk(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """A kept cascade stream, its hold-back read and judged, goes on sending log-probabilities
+    the client asked for that cannot be read. Nothing can be escalated once the answer began:
+    the stream ends with the error event a local stream's bad chunk gets
+    (``upstream_bad_response``), and the one record says error, not an internal error."""
+    with FakeProvider() as local, _on_external(tmp_path, fake, local.base_url) as srv:
+        local.reset(Behaviour(logprob=CONFIDENT, bad_logprobs={"content": 5}, bad_logprobs_from=5))
+        response = _ask(srv, stream=True, logprobs=True)
+        record = _record(srv, response.headers["x-request-id"])
+    assert response.status_code == 200, response.text
+    assert response.headers["x-tiergate-cascade"] == "kept"
+    events = [
+        json.loads(line.removeprefix("data: "))
+        for line in response.text.splitlines()
+        if line.startswith("data: {")
+    ]
+    assert events[-1]["error"]["code"] == "upstream_bad_response", events[-1]
+    assert fake.received == []
+    assert (record["status"], record["tier"], record["error_type"]) == (
+        "error",
+        "local",
+        "upstream_bad_response",
+    )
+    assert srv.gateway.outcomes.count() == 1
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_cascade_escalates_at_once_while_its_external_local_server_cools(
     tmp_path: Path, fake: FakeProvider, stream: bool
