@@ -14,6 +14,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
@@ -66,8 +67,26 @@ router = APIRouter()
 
 
 def _dumps(data: Any) -> bytes:
-    """``data`` as compact UTF-8 JSON for the client (:func:`client_utf8`)."""
-    return client_utf8(json.dumps(data, separators=(",", ":"), ensure_ascii=False))
+    """``data`` as compact UTF-8 JSON for the client (:func:`client_utf8`). A number that is
+    not finite (a provider's ``NaN`` log-probability, which Python's json reads; an ``NaN``
+    in an evaluation report) is written as null: ``NaN`` and ``Infinity`` are not JSON, and a
+    browser's or a strict client's parser refuses the whole answer for one."""
+    try:
+        text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError:  # a number that is not finite, somewhere: rare, walked only then
+        text = json.dumps(_finite(data), separators=(",", ":"), ensure_ascii=False)
+    return client_utf8(text)
+
+
+def _finite(data: Any) -> Any:
+    # ``data`` with each float that is not finite made None (JSON's null).
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: _finite(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return [_finite(value) for value in data]
+    return data
 
 
 def client_utf8(text: str) -> bytes:

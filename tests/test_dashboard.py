@@ -4,6 +4,7 @@ headless Chromium."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import sqlite3
@@ -315,6 +316,28 @@ def test_dashboard_data_endpoint(tmp_path: Path, fake: FakeProvider) -> None:
     assert data["live"]["thresholds"] == {"auto": 0.5, "auto-best": 0.05}
     assert data["evaluation"]["n"] == 500
     assert data["quality"]["available"] is False
+
+
+def test_an_evaluation_with_nan_is_served_as_json_a_browser_reads(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """``tiergate eval --json`` writes an APGR it cannot tell (strong and weak of equal
+    quality) as ``NaN``, as Python's json does: ``/dashboard/data`` passed it on, which is not
+    JSON, and the page's ``fetch().json()`` refused the whole refresh. It is served as null."""
+    fake.reset()
+    report = _eval_report(tmp_path / "eval.json")
+    data = json.loads(report.read_text())
+    data["apgr"] = {"value": math.nan, "low": -math.inf, "high": math.inf}
+    report.write_text(json.dumps(data))
+
+    def refuse(constant: str) -> Any:
+        raise ValueError(f"{constant} is not JSON")
+
+    with live(tmp_path, policy_yaml(fake), eval_report=report) as srv:
+        served = srv.http.get("/dashboard/data")
+    assert served.status_code == 200
+    apgr = json.loads(served.text, parse_constant=refuse)["evaluation"]["apgr"]
+    assert apgr == {"value": None, "low": None, "high": None}
 
 
 @pytest.mark.skipif(

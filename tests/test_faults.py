@@ -1961,6 +1961,43 @@ def test_a_lone_surrogate_in_an_answer_is_replaced_and_recorded_as_answered(
     assert (row["status"], row["http_status"], row["error_type"]) == ("ok", 200, None)
 
 
+CHAT_PATH = "/v1/chat/completions"
+
+
+def _strict_json(text: str) -> Any:
+    """``text`` read as JSON is (RFC 8259, a browser's ``JSON.parse``): no ``NaN``, no
+    ``Infinity``, which Python's json reads and writes by default."""
+
+    def refuse(constant: str) -> Any:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_providers_nan_reaches_the_client_as_json_it_can_read(
+    server: LiveServer, fake: FakeProvider, stream: bool
+) -> None:
+    """A provider (an OpenAI-compatible server, Python's json) may write a log-probability as
+    ``NaN``, which Python reads: the answer passed it on as ``NaN``, which is not JSON, and a
+    browser's or a strict client's parser refused the whole answer. It is written as null."""
+    entry = {"token": "w", "logprob": float("nan"), "top_logprobs": []}
+    fake.reset(Behaviour(bad_logprobs={"content": [entry]}))
+    body = {"model": "gpt-4o", "stream": stream, "logprobs": True, **_FRONT_BODIES[CHAT_PATH]}
+    response = server.http.post(CHAT_PATH, json=body)
+    assert response.status_code == 200, response.text
+    if stream:
+        lines = [x.removeprefix("data: ") for x in response.text.splitlines() if x[:7] == "data: {"]
+        chunks = [_strict_json(line) for line in lines]
+        logprobs = [c["choices"][0].get("logprobs") for c in chunks if c.get("choices")]
+        assert {"content": [{**entry, "logprob": None}]} in logprobs, logprobs
+    else:
+        choice = _strict_json(response.text)["choices"][0]
+        assert choice["logprobs"]["content"][0]["logprob"] is None
+    (row,) = _records(server, 1)
+    assert row["status"] == "ok"
+
+
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("path", list(_FRONT_BODIES))
 def test_a_lone_surrogate_in_a_providers_error_is_replaced_not_a_500(
