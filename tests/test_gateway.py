@@ -1236,6 +1236,24 @@ def test_a_stream_left_before_its_usage_is_charged_the_prompt_as_its_provider_bi
     asyncio.run(scenario())
 
 
+def test_a_prompt_that_takes_too_long_to_count_is_charged_at_its_bound(
+    tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counting a prompt of megabytes takes a second or more: past ``COUNT_TIMEOUT_S`` the
+    request is recorded with its prompt at the most it can be (``Signals.prompt_held``), not
+    at the estimate, which would reopen the gap the count closes."""
+    monkeypatch.setattr(gateway_module, "COUNT_TIMEOUT_S", 0.0, raising=False)
+    content = "HARD " + "hello world " * 500  # 1,000 tokens counted, 6,000 at its bound
+    fake.reset(Behaviour(bill_bytes=True))
+
+    async def scenario() -> None:
+        async with serving(tmp_path, fake, ScriptedStream()) as srv:
+            left = await _left_after(srv, content, words=1)
+            assert left.prompt_tokens == left.signals["prompt_held"] > 6000
+
+    asyncio.run(scenario())
+
+
 def test_time_to_first_token_waits_for_a_token_not_the_opening_chunk(
     tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:
