@@ -1442,9 +1442,9 @@ class Gateway:
     def _cascade_failed(self, ctx: RequestContext, model: ModelSpec, exc: TiergateError) -> None:
         # The cascade's local model failed and the request escalates; a failure of the model
         # (not a full queue) counts, and cools an external server, as on a chain. The record
-        # says why (``local_error``).
+        # says why (``local_error``), redacted as its log line is (:func:`_told`).
         if ctx.cascade is not None:
-            ctx.cascade["local_error"] = exc.message
+            ctx.cascade["local_error"] = _told(ctx, exc)
         if isinstance(exc, BackendError):
             self._failed(ctx, model, exc)
         else:

@@ -1003,3 +1003,34 @@ def test_a_confidence_model_fitted_on_another_scorer_s_score_is_named(
         assert server.gateway.scorer.version == "keyword-test-1"
     named = f"fitted on {fitted_on}'s score, the scorer is keyword-test-1" in caplog.text
     assert named is warned
+
+
+def test_a_local_server_s_error_is_stored_redacted_in_the_cascade_record(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    # Personal data sent to a cascade whose external llama.cpp server fails, repeating the
+    # prompt in its error: the request escalates, and the record's ``local_error`` kept the
+    # server's words whole, where its log line redacts them.
+    pii_rule = "    route: local\n    local_only: true\n"
+    policy = _cascade_yaml(fake, CASCADE_POLICY)
+    assert pii_rule in policy
+    policy = policy.replace(pii_rule, "    route: cascade\n    store_prompts: redacted\n")
+    echo = {"error": {"message": "cannot read jane.doe@example.com's question"}}
+    with (
+        FakeProvider() as local,
+        live(
+            tmp_path,
+            policy,
+            local_backend="openai_http",
+            local_base_url=local.base_url,
+            cascade_model_path=_confidence_model(tmp_path),
+        ) as server,
+    ):
+        local.reset(Behaviour(mode="status", status=500, error_body=echo))
+        response = _ask(server, "Write to jane.doe@example.com")
+        record = _record(server, response.headers["x-request-id"])
+    assert response.status_code == 200, response.text
+    assert response.headers["x-tiergate-rule"] == "pii-stays-local"
+    assert record["cascade"]["reason"] == "local_failed"
+    assert "[EMAIL]" in record["cascade"]["local_error"]
+    assert "jane.doe" not in json.dumps(record)
