@@ -693,6 +693,27 @@ def _refused_credentials(exc: BaseException) -> str | None:
     return None
 
 
+#: How Redis 6.2 answers a command a script runs that the user's ACL withholds: a script error,
+#: where Redis 7 answers ``NOPERM`` (redis-py's NoPermissionError).
+_SCRIPT_DENIED = "can't run this command or subcommand"
+
+
+def _denied_as_noperm(execute: Callable[[], list[Any]]) -> list[Any]:
+    """``execute()``, a pipeline of Tiergate's scripts; a command the ACL withholds in one
+    raised as the NoPermissionError it is on Redis 7, so that on 6.2 too it is the refusal
+    :func:`_refused_credentials` names, retried, not each item dropped as unwritable."""
+    from redis.exceptions import NoPermissionError, ResponseError
+
+    try:
+        return execute()
+    except NoPermissionError:
+        raise
+    except ResponseError as exc:
+        if _SCRIPT_DENIED in str(exc):
+            raise NoPermissionError(str(exc)) from exc
+        raise
+
+
 def _hello_version(said: Any) -> str:
     """The version a ``HELLO`` reply says: a map over RESP3 (redis-py's default since 8), a
     list of name, value pairs over RESP2."""
@@ -1036,7 +1057,7 @@ class RedisOutcomeStore(OutcomeWriter):
         renewing = time.monotonic() - self._holds_renewed >= self.hold_ttl_s / 3
         if renewing:
             self._renew_holds(pipe)
-        spend, live, *cooling = pipe.execute()[: 2 + 2 * len(names)]
+        spend, live, *cooling = _denied_as_noperm(pipe.execute)[: 2 + 2 * len(names)]
         read = time.monotonic()
         if renewing:
             self._holds_renewed = read
@@ -1138,7 +1159,7 @@ class RedisOutcomeStore(OutcomeWriter):
                 self._queue_label(pipe, item)
         now = time.time()
         pipe.hgetall(self._spend_key(now))
-        *results, spend = pipe.execute()
+        *results, spend = _denied_as_noperm(pipe.execute)
         self.duplicates += sum(int(r) == 0 for r in results)
         self.refused += sum(int(r) == 2 for r in results)
         return _day_spend(_day(now), spend)

@@ -489,12 +489,16 @@ def test_a_wrong_redis_password_is_a_configuration_error_not_an_outage(
         claim.close()
 
 
-def test_a_redis_user_its_acl_denies_a_command_is_refused_at_start(tmp_path: Path) -> None:
+@pytest.mark.parametrize("denied", ["evalsha", "zcard"])
+def test_a_redis_user_its_acl_denies_a_command_is_refused_at_start(
+    tmp_path: Path, denied: str
+) -> None:
     """An ACL user without ``EVALSHA`` (every write is a script) failed the start with the
     client's ``NoPermissionError`` and a traceback; it is a ConfigError that names the ACL
-    and where the commands Tiergate needs are listed."""
+    and where the commands Tiergate needs are listed. So is one without a command the start's
+    scripts run (``ZCARD``, the heartbeat's), which Redis 6.2 answers with a script error."""
     with RedisServer(tmp_path / "redis") as server:
-        url = _user_without(server, "evalsha")
+        url = _user_without(server, denied)
         outcomes = RedisOutcomeStore(url, journal=tmp_path / "j.jsonl")
         with pytest.raises(ConfigError, match=r"ACL refuses Tiergate's user.*docs/kubernetes.md"):
             outcomes.start()
@@ -525,6 +529,32 @@ def test_a_password_redis_stops_taking_leaves_the_replica_unready_until_it_does_
             outcomes.submit(outcome(tenant="acme", cost_usd=0.25))
             assert wait_for(lambda: outcomes.health()["journal_lines"] == 1)
             admin.config_set("requirepass", "right-pw")
+            assert wait_for(lambda: app.http.get("/readyz").status_code == 200)
+            assert outcomes.flush(10) and outcomes.health()["refusal"] is None
+            assert outcomes.count("acme") == 1
+
+
+def test_a_command_an_acl_withholds_from_a_script_leaves_the_replica_unready(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, fake: FakeProvider
+) -> None:
+    """Every write is a Lua script; Redis 6.2 answers a command the user's ACL withholds
+    inside one with a plain script error, not NOPERM. Each record was then tried alone,
+    counted unwritable and dropped, and the replica stayed ready. It is the refusal NOPERM
+    is: the replica logs it once, answers /readyz 503 naming the ACL, keeps its records, and
+    writes them once Redis runs the command again."""
+    caplog.set_level("ERROR", logger="tiergate.outcomes")
+    with RedisServer(tmp_path / "redis") as server:
+        outcomes = RedisOutcomeStore(_user_without(server, "set"), journal=tmp_path / "j.jsonl")
+        with live(tmp_path, policy_yaml(fake), outcomes=outcomes) as app:
+            assert app.http.get("/readyz").status_code == 200
+            outcomes.submit(outcome(tenant="acme", cost_usd=0.25))
+            assert wait_for(lambda: app.http.get("/readyz").status_code == 503)
+            refusal = outcomes.health()["refusal"]
+            assert refusal is not None and "ACL refuses Tiergate's user" in refusal
+            assert outcomes.unwritable == 0
+            said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+            assert len(said) == 1 and "docs/kubernetes.md" in said[0]
+            server.client().acl_setuser("tiergate", commands=["+set"])
             assert wait_for(lambda: app.http.get("/readyz").status_code == 200)
             assert outcomes.flush(10) and outcomes.health()["refusal"] is None
             assert outcomes.count("acme") == 1
