@@ -17,6 +17,7 @@ object keys and integers), so personal data anywhere keeps a privacy rule in for
 from __future__ import annotations
 
 import binascii
+import codecs
 import math
 import re
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
@@ -400,10 +401,37 @@ def _payload_text(payload: str, media_type: str) -> str:
         data = binascii.a2b_base64(payload)
     except binascii.Error:
         return payload
+    if media.startswith("text/"):  # text in the encoding its mark or its type names, if any
+        return data.decode(_text_encoding(media, data), "replace")
     try:
         return data.decode("utf-8")
-    except UnicodeDecodeError:  # bytes, unless a text type says it is text in another encoding
-        return data.decode("utf-8", "replace") if media.startswith("text/") else ""
+    except UnicodeDecodeError:  # bytes
+        return ""
+
+
+#: Byte-order marks, UTF-32's first: its little-endian mark begins with UTF-16's.
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
+def _text_encoding(media_type: str, data: bytes) -> str:
+    # The encoding of a text file: UTF-16 or UTF-32 where its byte-order mark or its type's
+    # ``charset`` says so (their ASCII letters are valid UTF-8, a NUL between each), else
+    # UTF-8, whose replaced bytes leave an 8-bit charset's ASCII letters to read. No other
+    # charset is taken: one may name no text encoding (``base64``, ``zlib``).
+    for bom, encoding in _BOMS:
+        if data.startswith(bom):
+            return encoding
+    charset = media_type.partition("charset=")[2].partition(";")[0].strip().strip('"')
+    try:
+        name = codecs.lookup(charset).name if charset else "utf-8"
+    except LookupError:
+        return "utf-8"
+    return name if name.startswith(("utf-16", "utf-32")) else "utf-8"
 
 
 def _without_data_payload(text: str) -> str:
@@ -413,7 +441,7 @@ def _without_data_payload(text: str) -> str:
     if text.startswith("data:"):
         head, sep, payload = text.partition(";base64,")
         if sep:
-            return head + sep + _payload_text(payload, head[5:].partition(";")[0])
+            return head + sep + _payload_text(payload, head[5:])
     return text
 
 

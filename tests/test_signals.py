@@ -354,6 +354,29 @@ def test_a_text_file_is_read_as_the_model_reads_it(part: dict[str, Any]) -> None
     assert request_pii_kinds(_anthropic(part)) == ("ssn",)
 
 
+@pytest.mark.parametrize(
+    ("media_type", "encoding"),
+    [
+        ("text/plain", "utf-16"),  # a byte-order mark says it (Windows' "Unicode" text)
+        ("text/csv", "utf-32"),
+        ("text/plain; charset=utf-16le", "utf-16-le"),  # the type says it
+        ("text/plain;charset=UTF-16BE", "utf-16-be"),
+    ],
+)
+def test_a_text_file_in_another_encoding_is_read_as_its_type_says(
+    media_type: str, encoding: str
+) -> None:
+    """A text file is decoded as UTF-8, and as text in another encoding where its type is
+    ``text/``: a UTF-16 or UTF-32 file, told by its byte-order mark or its ``charset``, was
+    decoded as UTF-8 with its undecodable bytes replaced, a NUL between every letter, and its
+    personal data went out unread."""
+    data = base64.b64encode(f"name,ssn\njane,{SSN}\n".encode(encoding)).decode()
+    document = {"type": "document", "source": _source(media_type, data)}
+    assert request_pii_kinds(_anthropic(document)) == ("ssn",)
+    url = f"data:{media_type.replace(' ', '')};base64,{data}"
+    assert request_pii_kinds(_anthropic({"type": "input_file", "file_data": url})) == ("ssn",)
+
+
 # -- the prompt estimate: what budgets and token limits reserve --------------------------------
 
 PDF = "data:application/pdf;base64," + "JVBERi0xLjQK" * 350_000  # about 4 MB
