@@ -115,9 +115,10 @@ RECORD_ASKED_CHARS = 200
 
 def _is_large(body: Mapping[str, Any]) -> bool:
     """Whether the request holds over ``OFFLOAD_SCORING_CHARS`` characters (or strings): read
-    only until that is known, so a short answer for any body."""
+    only until that is known, so a short answer for any body. A file's payload counts as sent:
+    the scan yields none of an image's, but each pass over it costs its length."""
     chars = 0
-    for count, text in enumerate(request_strings(body)):
+    for count, text in enumerate(request_strings(body, as_sent=True)):
         chars += len(text)
         if chars > OFFLOAD_SCORING_CHARS or count > OFFLOAD_SCORING_CHARS // 8:
             return True

@@ -472,13 +472,14 @@ def _read_as(parent: Mapping[str, Any], key: str, value: Any, how: str | None) -
     return media if isinstance(media, str) else ""
 
 
-def request_strings(body: Any) -> Iterator[str]:
+def request_strings(body: Any, *, as_sent: bool = False) -> Iterator[str]:
     """Every string in a JSON value, each once: object keys and values, list items, and
     integers written out (a card number sent as a JSON number is still a card number). A
     file's base64 payload is read as :func:`_payload_text` reads it (an image's not at all):
     an inline ``data:...;base64,`` file in a file field (:data:`FILE_FIELDS`), the ``data`` of
     an Anthropic ``base64`` source and of OpenAI's ``input_audio``; anywhere else such a
-    string is text a model reads, and is read whole.
+    string is text a model reads, and is read whole. ``as_sent``: payloads too as they are
+    (what a pass over the request costs, which an image's yields nothing to show).
 
     Iterative, so nesting depth costs no stack.
     """
@@ -486,7 +487,7 @@ def request_strings(body: Any) -> Iterator[str]:
     while stack:
         value, how = stack.pop()
         if isinstance(value, str):
-            if how is None:
+            if how is None or as_sent:
                 yield value
             elif how == _FILE_FIELD:
                 yield _without_data_payload(value)

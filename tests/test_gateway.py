@@ -895,23 +895,27 @@ def test_privacy_fail_closed_end_to_end(tmp_path: Path, fake: FakeProvider) -> N
     assert fake.received == []
 
 
+class _ThreadRecordingScorer:
+    """A scorer that notes the thread each request is scored on."""
+
+    name, version = "thread-recorder", "t1"
+
+    def __init__(self) -> None:
+        self.threads: list[str] = []
+
+    def analyze(self, text: str, *, has_tools: bool = False) -> Any:
+        import threading
+
+        from router.scoring import Analysis
+
+        self.threads.append(threading.current_thread().name)
+        return Analysis(score=0.1)
+
+
 def test_long_prompts_are_scored_off_the_event_loop(tmp_path: Path, fake: FakeProvider) -> None:
-    import threading
-
     from router.gateway import OFFLOAD_SCORING_CHARS
-    from router.scoring import Analysis
 
-    class ThreadRecordingScorer:
-        name, version = "thread-recorder", "t1"
-
-        def __init__(self) -> None:
-            self.threads: list[str] = []
-
-        def analyze(self, text: str, *, has_tools: bool = False) -> Analysis:
-            self.threads.append(threading.current_thread().name)
-            return Analysis(score=0.1)
-
-    scorer = ThreadRecordingScorer()
+    scorer = _ThreadRecordingScorer()
     fake.reset()
     with live(tmp_path, policy_yaml(fake), scorer=scorer, local_backend_obj=ScriptedLocal()) as srv:
         for text in ("short", "x " * OFFLOAD_SCORING_CHARS):
@@ -923,6 +927,43 @@ def test_long_prompts_are_scored_off_the_event_loop(tmp_path: Path, fake: FakePr
         loop_thread = srv.thread.name
     assert scorer.threads[0] == loop_thread
     assert scorer.threads[1] != loop_thread
+
+
+@pytest.mark.parametrize("front", ["chat", "messages"])
+def test_a_large_image_is_scored_off_the_event_loop(
+    tmp_path: Path, fake: FakeProvider, front: str
+) -> None:
+    """An image's base64 yields no text to the scan (ded5851), so a request holding one
+    looked short: its decision (three passes over the payload: the window check, the PII
+    scan, each front's body) ran on the event loop, about 65 ms for 8 MB, every other request
+    waiting. What a payload costs to pass over counts toward offloading, as text does."""
+    import base64
+
+    from router.gateway import OFFLOAD_SCORING_CHARS
+
+    data = base64.b64encode(bytes(range(256)) * (OFFLOAD_SCORING_CHARS // 64)).decode()
+    if front == "chat":
+        url = "/v1/chat/completions"
+        image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + data}}
+    else:
+        url = "/v1/messages"
+        source = {"type": "base64", "media_type": "image/png", "data": data}
+        image = {"type": "image", "source": source}
+    content = [image, {"type": "text", "text": "What is this?"}]
+    scorer = _ThreadRecordingScorer()
+    fake.reset()
+    with live(tmp_path, policy_yaml(fake), scorer=scorer, local_backend_obj=ScriptedLocal()) as srv:
+        response = srv.http.post(
+            url,
+            json={
+                "model": "auto",
+                "max_tokens": 16,
+                "messages": [{"role": "user", "content": content}],
+            },
+        )
+        assert response.status_code < 500, response.text
+        loop_thread = srv.thread.name
+    assert scorer.threads and loop_thread not in scorer.threads
 
 
 def test_text_no_model_can_take_is_refused_before_it_is_read(
