@@ -1748,7 +1748,7 @@ class Gateway:
             tenant=ctx.tenant,
             # Refused before routing, the record names the model as asked: the client's own
             # text, kept as a redacted prompt is.
-            alias=signals.alias if signals else redacted(ctx.asked),
+            alias=signals.alias if signals else _asked_alias(ctx.asked),
             tier=model.tier if model else (routed.tier if routed else None),
             model=model.name if model else (routed.model if routed else None),
             rule=decision.rule if decision else None,
@@ -2267,10 +2267,18 @@ def _told(ctx: RequestContext, exc: TiergateError) -> str:
 
 
 def _asked_model(body: Mapping[str, Any]) -> str:
-    """The model name ``body`` asks for, cut to ``RECORD_ASKED_CHARS``; "" when it names none
-    (a body that could not be read). The record redacts it: it is the client's own text."""
+    """The model name ``body`` asks for, cut to twice ``RECORD_ASKED_CHARS`` (room for what
+    the record's cut would split, :func:`_asked_alias`); "" when it names none (a body that
+    could not be read)."""
     model = body.get("model")
-    return model[:RECORD_ASKED_CHARS] if isinstance(model, str) else ""
+    return model[: 2 * RECORD_ASKED_CHARS] if isinstance(model, str) else ""
+
+
+def _asked_alias(asked: str) -> str:
+    """The model name asked for as the record of a request refused before routing keeps it:
+    the client's own text, redacted as a prompt is, then cut to ``RECORD_ASKED_CHARS``. Cut
+    first, an address across the cut was kept in part, which no detector reads as one."""
+    return redacted(asked)[:RECORD_ASKED_CHARS]
 
 
 def _record_value(value: Any) -> Any:

@@ -702,22 +702,25 @@ def _logged(caplog: pytest.LogCaptureFixture) -> str:
     )
 
 
+@pytest.mark.parametrize("padding", ["", "x" * 177 + " "], ids=["short", "at-the-cut"])
 def test_a_refused_model_name_is_stored_and_logged_redacted(
-    tmp_path: Path, fake: FakeProvider, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, fake: FakeProvider, caplog: pytest.LogCaptureFixture, padding: str
 ) -> None:
     # The record of a request refused before routing names the model as the client asked for
     # it, and that name went whole into the store, the request log line and the dashboard.
+    # Cut to 200 characters before it was redacted, an address across the cut was stored in
+    # part ("jane.doe@exam"), which no detector reads as one.
     caplog.set_level(logging.INFO)
     fake.reset()
     body = {
-        "model": "auto for jane.doe@example.com",
+        "model": f"auto for {padding}jane.doe@example.com",
         "messages": [{"role": "user", "content": "hi"}],
     }
     with live(tmp_path, policy_yaml(fake)) as srv:
         response = srv.http.post("/v1/chat/completions", json=body)
         assert response.status_code == 404
         record = _recorded(srv, response)
-    assert record["alias"] == "auto for [EMAIL]"
+    assert record["alias"] == f"auto for {padding}[EMAIL]"
     assert "jane.doe" not in json.dumps(record)
     assert "jane.doe" not in _logged(caplog)
     assert fake.received == []
