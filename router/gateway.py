@@ -937,29 +937,32 @@ class Gateway:
     def reserved_tokens(self, ctx: RequestContext, default_completion: int) -> int:
         """Tokens to reserve for ``ctx`` as it is admitted (:meth:`_admitted`): what its first
         call may use, on the decided model, and for a cascade what its escalation may use too. A
-        call to another model tops the reservation up (:meth:`_top_up`): reserving what the
-        most any model it may reach can write (128,000 for gpt-5) let one local request fill a
-        tenant's minute."""
+        call to another model (a fallback, a spill, an escalation's fallback) tops the
+        reservation up (:meth:`_top_up`): reserving what the most any model it may reach can
+        write (128,000 for gpt-5) let one local request fill a tenant's minute."""
         assert ctx.decision is not None
         call = functools.partial(self.call_tokens, ctx, default_completion)
         return self._admitted(ctx.decision, lambda model: sum(call(model)))
 
     def _admitted(self, decision: Decision, need: Callable[[ModelSpec], _N]) -> _N:
         """``need`` (tokens, cost) of the calls a request is admitted for: its first call, on
-        the decided model, and for a cascade the most of the closed models it may escalate to.
-        Escalating is a cascade's plan, not a failure: reserved and held only as it escalated,
-        unchecked, concurrent cascades under a small budget or a tight token limit all
-        escalated past it."""
+        the decided model, and for a cascade its escalation, on the closed model it escalates
+        to. Escalating is a cascade's plan, not a failure: reserved and held only as it
+        escalated, unchecked, concurrent cascades under a small budget or a tight token limit
+        all escalated past it. The escalation's fallbacks are failures, topped up as they are
+        called, as any request's: reserved up front, the most of every closed model (64,000
+        for claude-sonnet-4-5 behind gpt-4o's 16,384) filled a minute for one cascade."""
         first = need(self.policy.models[decision.model])
         if decision.cascade is None:
             return first
-        return first + max((need(m) for m, _ in self._escalation(decision)), default=0)
+        return first + need(self.policy.models[decision.cascade.escalate_to])
 
     def _top_up(self, ctx: RequestContext, model: ModelSpec) -> None:
         """``model`` is called for ``ctx``: grow its token reservation to what the call may use,
         plus a discarded cascade answer's tokens (charged too), with no limit check. A
         cascade's escalation, reserved at admission, grows it only where the answer it
-        discarded used more than estimated."""
+        discarded used more than estimated, or where it falls back to a model that may use
+        more."""
         hold = ctx.hold
         if hold is None or hold.limiter is None:  # no token limit
             return
@@ -970,8 +973,8 @@ class Gateway:
 
     def _reserved_usd(self, ctx: RequestContext, default_completion: int) -> float:
         """USD to hold for ``ctx`` as it is admitted (:meth:`_admitted`): what its first call
-        may cost, on the decided model, and for a cascade the dearest model it may escalate to,
-        checked here. A fallback or spill to a dearer model tops the hold up
+        may cost, on the decided model, and for a cascade what its escalation may cost, checked
+        here. A fallback or spill to a dearer model tops the hold up
         (:meth:`_top_up_spend`): holding the dearest model it may reach ($1.28 for a local
         request that may fall back to gpt-5) let two such requests refuse a $2 tenant."""
         assert ctx.decision is not None

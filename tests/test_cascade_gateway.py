@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -86,14 +87,17 @@ def _cascading(
     *,
     fitted_on: str | None = None,
     windows: dict[str, int] | None = None,
+    claude: str = "",
     **settings: Any,
 ) -> Iterator[LiveServer]:
-    # ``windows``: a context_window for closed models, by their litellm_model.
+    # ``windows``: a context_window for closed models, by their litellm_model; ``claude``: more
+    # of the fallback claude's settings (YAML lines under it).
     fake.reset()
     policy = _cascade_yaml(fake, CASCADE_POLICY + extra)
     for litellm_model, window in (windows or {}).items():
         line = f"litellm_model: {litellm_model}\n"
         policy = policy.replace(line, f"{line}    context_window: {window}\n")
+    policy = policy.replace("  claude:\n", f"  claude:\n{textwrap.indent(claude, '    ')}", 1)
     with live(
         tmp_path,
         policy,
@@ -835,15 +839,15 @@ def _held_local(server: LiveServer, scripted: ScriptedLocal) -> tuple[threading.
 def test_the_spend_reserved_up_front_covers_the_local_answer_and_the_closed_call(
     tmp_path: Path, fake: FakeProvider, scripted: ScriptedLocal
 ) -> None:
+    # What it escalates to (gpt-4o) is held, not the dearest closed model (claude, its
+    # fallback, priced here at ten times more): a fallback is topped up only if it is called.
     budget = "tenants:\n  default: {daily_budget_usd: 100, over_budget: reject}\n"
-    with _cascading(tmp_path, fake, scripted, budget) as server:
+    dear = "price: {input_per_mtok: 30, output_per_mtok: 150}\n"
+    with _cascading(tmp_path, fake, scripted, budget, claude=dear) as server:
         body = {"model": "auto-cascade", "messages": [{"role": "user", "content": "What is 2+2?"}]}
         prompt = httpx.post(server.url + "/v1/route", json=body).json()["signals"]["prompt_held"]
         costs, store = server.gateway.costs, server.gateway.outcomes
-        closed = max(
-            costs.closed_cost(m, prompt, 100)
-            for m in ("openai/gpt-4o", "anthropic/claude-3-5-sonnet-20241022")
-        )
+        closed = costs.closed_cost("openai/gpt-4o", prompt, 100)
         asking, answers = _held_local(server, scripted)
         try:
             held = store.spend_today("default")
@@ -888,6 +892,31 @@ def test_a_cascade_reserves_its_local_answer_and_its_escalation_and_settles_to_b
         record = _record(server, answers[0].headers["x-request-id"])
         assert record["cascade"]["decision"] == "escalated"
         assert window() == 5 + 12 + record["prompt_tokens"] + record["completion_tokens"]
+
+
+def test_a_cascade_reserves_the_model_it_escalates_to_not_its_fallbacks(
+    tmp_path: Path, fake: FakeProvider, scripted: ScriptedLocal
+) -> None:
+    # A cascade escalating to gpt-4o (16,384 without max_tokens) reserved, at admission, the
+    # most any closed model may write, its fallback claude's 64,000: one cascade filled a
+    # minute that several fit. The escalation's fallback tops up only if it is called.
+    claude = "max_output_tokens: 64000\n"
+    with _cascading(tmp_path, fake, scripted, claude=claude, tpm_limit=1_000_000) as server:
+        body = {"model": "auto-cascade", "messages": [{"role": "user", "content": "What is 2+2?"}]}
+        route = httpx.post(server.url + "/v1/route", json=body).json()
+        assert route["decision"]["cascade"]["escalate_to"] == "gpt-4o"
+        prompt = route["signals"]["prompt_held"]
+        window = lambda: server.gateway.limiter._tokens["default"].current  # noqa: E731
+        scripted.mode = "hold"
+        asking = threading.Thread(target=lambda: _ask(server))
+        asking.start()
+        try:
+            assert wait_for(lambda: scripted.calls == 1)
+            during_local = window()
+        finally:
+            scripted.release.set()
+            asking.join(30)
+        assert during_local == (prompt + 4096) + (prompt + 16384), during_local
 
 
 def test_when_every_closed_model_fails_the_discarded_local_answer_is_served(
