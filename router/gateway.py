@@ -75,6 +75,7 @@ from router.policy import Decision, ModelSpec, Policy, evaluate, load_policy, wh
 from router.schemas import CHAT_FIELDS, FrontFields, front_fields
 from router.scoring import Scorer
 from router.signals import (
+    SAMPLING_DEFAULTS,
     Signals,
     cache_lifetime,
     extract_signals,
@@ -1107,7 +1108,17 @@ class Gateway:
         sent after litellm's translation, so a translation that changed still cannot hand
         them to a model that may drop them without a word (an OpenAI-compatible server). A
         field sent as null asks for nothing, as the fit check reads it.
+
+        A sampling field the model refuses (``ModelSpec.refused_sampling``) sent asking for
+        nothing, null or at its default (``top_p: 1``, ``presence_penalty: 0``, ``logprobs:
+        false``, as clients that send every field send them), is left out too: the fit check
+        lets such a request reach the model (``signals.sampling``), which refuses the field
+        whatever its value (a 400; through litellm its UnsupportedParamsError) and samples so
+        without it.
         """
+        idle = _idle_sampling(model, body)
+        if idle:
+            body = {k: v for k, v in body.items() if k not in idle}
         kept = {k for k in native_only.intersection(body) if body[k] is not None}
         kept |= native_only.intersection(_tool_types(body))
         if kept and (
@@ -1817,6 +1828,15 @@ def _prompt_to_store(decision: Decision, body: Mapping[str, Any]) -> str | None:
         return None
     text = scoring_text(list(body.get("messages") or []))
     return text if decision.store_prompts == "full" else redacted(text)
+
+
+def _idle_sampling(model: ModelSpec, body: Mapping[str, Any]) -> list[str]:
+    # The sampling fields ``model`` refuses that ``body`` sends null or at their default
+    # (Gateway.fitted): most models refuse none, and most requests send none of them.
+    refused = model.refused_sampling
+    if not refused:
+        return []
+    return [n for n in refused.intersection(body) if body[n] in (None, SAMPLING_DEFAULTS[n])]
 
 
 async def _unless_disconnected(

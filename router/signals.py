@@ -571,7 +571,9 @@ def _tool_turn(message: Mapping[str, Any]) -> bool:
 
 #: The chat fields that set how a model samples its answer, each with the value that asks for
 #: nothing (its default, as OpenAI documents it): a request that sends the default is answered
-#: as one that leaves the field out.
+#: as one that leaves the field out, and a model that refuses the field is sent it without
+#: (``Gateway.fitted``: OpenAI's reasoning models refuse all but temperature whatever their
+#: value).
 SAMPLING_DEFAULTS: Mapping[str, Any] = {
     "frequency_penalty": 0,
     "logit_bias": {},

@@ -839,6 +839,16 @@ def test_more_stop_sequences_than_openai_takes_go_to_a_model_that_takes_them(
     assert sent == [stops, stops, stops[:4]]
 
 
+def _with_o3(fake: FakeProvider) -> str:
+    """The test policy with OpenAI's reasoning model o3 (on the fake) as its first closed model."""
+    o3 = f"  o3:\n    tier: closed\n    litellm_model: openai/o3\n    api_base: {fake.base_url}\n"
+    return (
+        policy_yaml(fake)
+        .replace("  gpt-4o:\n", o3 + "  gpt-4o:\n", 1)
+        .replace("closed_models: [gpt-4o, claude]", "closed_models: [o3, gpt-4o, claude]")
+    )
+
+
 def test_a_temperature_an_openai_reasoning_model_refuses_goes_to_one_that_takes_it(
     tmp_path: Path, fake: FakeProvider
 ) -> None:
@@ -846,12 +856,7 @@ def test_a_temperature_an_openai_reasoning_model_refuses_goes_to_one_that_takes_
     # answer on the direct path, for a model the client did not choose (auto): the request
     # goes where its temperature is honoured, or, pinned, is a 400 that reaches no provider.
     fake.reset(Behaviour(strict=True))
-    o3 = f"  o3:\n    tier: closed\n    litellm_model: openai/o3\n    api_base: {fake.base_url}\n"
-    policy = (
-        policy_yaml(fake)
-        .replace("  gpt-4o:\n", o3 + "  gpt-4o:\n", 1)
-        .replace("closed_models: [gpt-4o, claude]", "closed_models: [o3, gpt-4o, claude]")
-    )
+    policy = _with_o3(fake)
     ask: dict[str, Any] = {"messages": [{"role": "user", "content": "HARD: count to ten"}]}
     with (
         live(tmp_path, policy, local_backend_obj=ScriptedLocal()) as srv,
@@ -870,8 +875,28 @@ def test_a_temperature_an_openai_reasoning_model_refuses_goes_to_one_that_takes_
     assert [moved.headers["x-tiergate-model"], kept.headers["x-tiergate-model"]] == ["gpt-4o", "o3"]
     assert [(r.body["model"], r.body.get("temperature")) for r in fake.received] == [
         ("gpt-4o", 0.2),
-        ("o3", 1),
+        ("o3", None),  # at its default it asks for nothing, and goes without it
     ]
+
+
+def test_sampling_fields_at_their_defaults_reach_an_openai_reasoning_model_without_them(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    # A client that sends every field at its default (top_p 1, the penalties 0, logprobs
+    # false) asks for nothing, so the policy lets o3 serve it; o3 refuses top_p (and litellm
+    # each of them) whatever its value, and its 400 was the request's answer, on auto too.
+    fake.reset(Behaviour(strict=True))
+    policy = _with_o3(fake)
+    defaults = {"top_p": 1.0, "presence_penalty": 0, "frequency_penalty": 0, "logprobs": False}
+    ask: dict[str, Any] = {"messages": [{"role": "user", "content": "HARD: count to ten"}]}
+    with (
+        live(tmp_path, policy, local_backend_obj=ScriptedLocal()) as srv,
+        openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0) as client,
+    ):
+        chat = client.chat.completions.with_raw_response
+        answers = [chat.create(model=m, **ask, **defaults) for m in ("auto-best", "o3")]
+    assert [a.headers["x-tiergate-model"] for a in answers] == ["o3", "o3"]
+    assert [sorted(set(defaults) & set(r.body)) for r in fake.received] == [[], []]
 
 
 def test_a_predicted_output_is_sent_its_limit_as_max_tokens(

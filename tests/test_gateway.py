@@ -26,7 +26,7 @@ from router import messages, responses
 from router.api import _event_sse, _sse
 from router.auth import Principal
 from router.backends import Completion, ModelLike, Usage
-from router.backends.closed import ANTHROPIC_MAX_TOKENS, ClosedBackend
+from router.backends.closed import ANTHROPIC_MAX_TOKENS, ClosedBackend, quiet_litellm
 from router.backends.local import Gate
 from router.backends.native import NativeRequest, native_or
 from router.backends.openai_http import OpenAIHTTP
@@ -40,11 +40,18 @@ from router.errors import (
     TiergateError,
     UpstreamBadResponseError,
 )
-from router.gateway import Answer, Call, Gateway, PolicyHolder, StreamAnswer
+from router.gateway import (
+    Answer,
+    Call,
+    Gateway,
+    PolicyHolder,
+    StreamAnswer,
+    load_serving_policy,
+)
 from router.limits import RateLimiter
 from router.outcomes import OutcomeRecord, SQLiteOutcomeStore
 from router.policy import MIN_ANSWER_TOKENS, parse_policy
-from router.signals import estimate_tokens
+from router.signals import SAMPLING_DEFAULTS, estimate_tokens
 from tests.conftest import KeywordScorer, free_port, live, policy_yaml, wait_for
 from tests.fake_provider import Behaviour, FakeProvider, prompt_tokens
 from tests.scripted_local import ScriptedLocal as ScriptedStream
@@ -1827,6 +1834,26 @@ def test_a_cascade_reserves_its_escalation_against_the_token_limit(
             assert len(srv.records) == 4
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("litellm_model", ["openai/o3", "azure/o4-mini", "azure/gpt-5"])
+def test_sampling_fields_at_their_defaults_are_not_sent_to_a_model_that_refuses_them(
+    tmp_path: Path, fake: FakeProvider, litellm_model: str
+) -> None:
+    # OpenAI's reasoning models refuse top_p, the penalties, logprobs (gpt-5: logit_bias too)
+    # whatever their value: litellm raised UnsupportedParamsError for top_p 1 or
+    # presence_penalty 0, which ask for nothing, so the policy let the request reach them.
+    from litellm.utils import get_optional_params
+
+    quiet_litellm()
+    path = tmp_path / "policy.yaml"
+    path.write_text(policy_yaml(fake).replace("openai/gpt-4o", litellm_model))
+    spec = load_serving_policy(path).models["gpt-4o"]
+    body = {"messages": [{"role": "user", "content": "hi"}], **SAMPLING_DEFAULTS}
+    sampling = {k: v for k, v in Gateway.fitted(spec, body, frozenset()).items() if k != "messages"}
+    provider, name = litellm_model.split("/")
+    get_optional_params(model=name, custom_llm_provider=provider, **sampling)  # raises if refused
+    assert sampling.get("temperature", 1) == 1  # the one field it takes at its default, or none
 
 
 def test_a_front_whose_answer_cannot_be_shaped_is_recorded_as_an_error(
