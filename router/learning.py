@@ -82,6 +82,20 @@ def judge_messages(question: str, answer_a: str, answer_b: str) -> list[dict[str
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
 
 
+def judge_request(spec: ModelSpec, question: str, answer_a: str, answer_b: str) -> dict[str, Any]:
+    """The chat request the judge ``spec`` is sent for one ordering: greedy (temperature 0,
+    the same verdict each time) where the judge takes it. OpenAI's reasoning models refuse any
+    temperature but 1 (``ModelSpec.refused_sampling``) with a 400: sent 0, every judgement
+    they made failed, the closed answer it judged paid for."""
+    request: dict[str, Any] = {
+        "messages": judge_messages(question, answer_a, answer_b),
+        "max_tokens": judge_tokens(spec),
+    }
+    if "temperature" not in spec.refused_sampling:
+        request["temperature"] = 0
+    return request
+
+
 def judge_unfit(spec: ModelSpec, messages: Sequence[Mapping[str, Any]]) -> str | None:
     """Why the judge ``spec`` cannot read ``messages`` and write its verdict (``max_tokens``
     :func:`judge_tokens`) within its context window (by Tiergate's estimate), or None: the
@@ -427,12 +441,7 @@ class LearningLoop:
                     else (local_answer, closed_answer)
                 )
                 judged, judge_cost = await self._ask(
-                    judge_spec,
-                    {
-                        "messages": judge_messages(question, a, b),
-                        "temperature": 0,
-                        "max_tokens": judge_tokens(judge_spec),
-                    },
+                    judge_spec, judge_request(judge_spec, question, a, b)
                 )
                 cost += judge_cost
                 verdicts.append((closed_pos, parse_verdict(answer_text(judged.body))))

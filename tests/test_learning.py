@@ -471,6 +471,25 @@ def test_a_shadowed_claude_is_sent_no_more_max_tokens_than_its_window_leaves(
     assert judged == [JUDGE_TOKENS, JUDGE_TOKENS]
 
 
+def test_a_judge_that_refuses_temperature_is_sent_none(tmp_path: Path, fake: FakeProvider) -> None:
+    """The judge was sent temperature 0 whatever model judged: OpenAI's reasoning models (o3,
+    gpt-5) refuse any but 1 with a 400, so with one as the judge every judgement failed, the
+    closed answer it judged paid for. Such a judge is sent none (its default, 1)."""
+    fake.reset(Behaviour(judge="closed", strict=True))
+    o3 = f"  o3:\n    tier: closed\n    litellm_model: openai/o3\n    api_base: {fake.base_url}\n"
+    policy = _windowed(fake, {}).replace("  gpt-4o:\n", o3 + "  gpt-4o:\n", 1)
+    with serve(tmp_path, policy, judge_model="o3") as srv:
+        assert _ask_long(srv).headers["x-tiergate-tier"] == "local"
+        learning = srv.gateway.learning
+        assert wait_for(lambda: learning.pending == 0 and learning.shadow_started == 1, 30)
+        (label,) = labels(srv, "shadow")
+        assert (label["value"], label["detail"].get("error")) == (1.0, None), label
+    assert [(r.body["model"], r.body.get("temperature")) for r in judge_calls(fake)] == [
+        ("o3", None),
+        ("o3", None),
+    ]
+
+
 @pytest.mark.parametrize("window", [None, 2050], ids=["unwindowed", "windowed"])
 def test_a_judge_that_writes_less_is_sent_its_own_output_limit(
     tmp_path: Path, fake: FakeProvider, window: int | None
