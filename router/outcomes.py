@@ -421,7 +421,8 @@ async def reserve_in_thread(
     that the hold exists before the caller settles it. Cancelled at once, the caller settled
     (recorded, released) nothing, and the thread then made the hold: one of no request, counted
     in the tenant's spend until the process ended (in Redis, renewed as in flight, or until it
-    lapsed). A caller cancelled here must settle the hold all the same."""
+    lapsed). A caller cancelled here must settle the hold all the same. A write that failed
+    meanwhile is logged here, once: the cancelled caller never reads its error."""
     write = asyncio.ensure_future(
         asyncio.to_thread(store.reserve_spend, tenant, request_id, usd, budget)
     )
@@ -429,6 +430,13 @@ async def reserve_in_thread(
         return await asyncio.shield(write)
     except asyncio.CancelledError:
         await asyncio.wait([write])  # the hold exists before the caller settles it
+        failed = None if write.cancelled() else write.exception()
+        if failed is not None:
+            log.error(
+                "holding the spend of request %s failed as it was cancelled; nothing is held",
+                request_id,
+                exc_info=failed,
+            )
         raise
 
 

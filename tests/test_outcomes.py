@@ -3,6 +3,8 @@ spend, labels joined to tiers, columns added to older databases, and the writer'
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import sqlite3
 import threading
 import time
@@ -11,7 +13,13 @@ from pathlib import Path
 import pytest
 
 from router import outcomes as store_module
-from router.outcomes import Label, OutcomeRecord, SQLiteOutcomeStore, TieredLabel
+from router.outcomes import (
+    Label,
+    OutcomeRecord,
+    SQLiteOutcomeStore,
+    TieredLabel,
+    reserve_in_thread,
+)
 from tests.conftest import wait_for
 from tests.records import (
     answer_across_an_erasure,
@@ -628,3 +636,44 @@ def test_a_budget_check_after_an_erasure_hashes_the_tenant_once(
         assert hashed == [tenant]
     finally:
         again.close()
+
+
+def test_a_hold_that_fails_while_its_request_is_cancelled_is_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The cancelled caller never reads the write's error: it is logged as the hold's, not
+    left to asyncio's "Task exception was never retrieved" when the task is collected."""
+    entered, go = threading.Event(), threading.Event()
+
+    class LockedStore(SQLiteOutcomeStore):
+        def reserve_spend(
+            self, tenant: str, request_id: str, usd: float, budget: float | None
+        ) -> bool:
+            entered.set()
+            go.wait(5)
+            raise sqlite3.OperationalError("database is locked")
+
+    store = LockedStore(tmp_path / "o.db")
+
+    async def cancelled_meanwhile() -> list[dict[str, object]]:
+        unhandled: list[dict[str, object]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _, ctx: unhandled.append(ctx))
+        call = asyncio.ensure_future(reserve_in_thread(store, "acme", "req-1", 0.5, 1.0))
+        await asyncio.to_thread(entered.wait, 5)
+        call.cancel()
+        await asyncio.sleep(0.05)  # the caller waits for the write, cancelled
+        go.set()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        gc.collect()  # the write's task, unread, would be reported as it is collected
+        await asyncio.sleep(0)
+        return unhandled
+
+    caplog.set_level("ERROR")
+    try:
+        unhandled = asyncio.run(cancelled_meanwhile())
+    finally:
+        store.close()
+    assert unhandled == []
+    held = [r for r in caplog.records if "holding the spend of request req-1" in r.message]
+    assert len(held) == 1 and "database is locked" in caplog.text
