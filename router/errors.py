@@ -410,6 +410,18 @@ class ClientLibraryError(BackendError):
     cools = False
 
 
+class ModelSettingsError(BackendError):
+    """A closed model's own settings (its ``api_base``, its provider's variables) could not
+    make the call: the client for it could not be built, and nothing was sent (502
+    ``model_misconfigured``). Its operator fixes it, not a retry (``x-should-retry:
+    false``). The chain still tries its next model; it does not cool its model, whose calls
+    fail at once, before the provider (router.cooldown)."""
+
+    code = "model_misconfigured"
+    should_retry = False
+    cools = False
+
+
 class UpstreamRateLimitedError(BackendError):
     """The provider answered 429."""
 

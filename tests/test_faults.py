@@ -28,7 +28,7 @@ import httpx
 import pytest
 
 from router.artifact import default_model_path
-from tests.conftest import LiveServer, free_port, live, policy_yaml, wait_for
+from tests.conftest import KEYS, LiveServer, free_port, live, policy_yaml, wait_for
 from tests.fake_provider import (
     ANTHROPIC_OVERLOADED,
     ANTHROPIC_RATE_LIMITED,
@@ -52,6 +52,18 @@ PINNED = {**HARD, "model": "gpt-4o"}
 
 def _post(server: LiveServer, body: object) -> httpx.Response:
     return server.http.post("/v1/chat/completions", json=body)
+
+
+def _hard(server: LiveServer, stream: bool) -> httpx.Response:
+    """HARD asked of ``server``: whole, or streamed to its ``[DONE]``."""
+    if not stream:
+        return _post(server, HARD)
+    with server.http.stream(
+        "POST", "/v1/chat/completions", json={**HARD, "stream": True}
+    ) as response:
+        events = _sse(response)
+    assert events[-1] == "[DONE]"
+    return response
 
 
 def _records(server: LiveServer, expected: int) -> list[dict[str, Any]]:
@@ -135,14 +147,8 @@ def test_closed_500_falls_back_to_local(
     server: LiveServer, fake: FakeProvider, stream: bool
 ) -> None:
     fake.reset(Behaviour(mode="status", status=500))
-    if stream:
-        with server.http.stream(
-            "POST", "/v1/chat/completions", json={**HARD, "stream": True}
-        ) as response:
-            events = _sse(response)
-        assert events[-1] == "[DONE]"
-    else:
-        response = _post(server, HARD)
+    response = _hard(server, stream)
+    if not stream:
         assert response.json()["choices"][0]["message"]["content"] == "w0 w1 w2 "
     assert response.status_code == 200
     assert response.headers["x-tiergate-fallback"] == "closed->local"
@@ -352,6 +358,44 @@ def _stream_hard(tmp_path: Path, policy: str) -> tuple[httpx.Response, list[Any]
         record = _record(srv, response)
     assert response.status_code == 200
     return response, events, record
+
+
+def _unbuildable(fake: FakeProvider) -> str:
+    """The test policy (on_failure: closed) with gpt-4o called through litellm at an
+    ``api_base`` whose port was never filled in: its SDK client cannot be built."""
+    policy = _through_litellm(fake, "openai-via-litellm")
+    return policy.replace(f"api_base: {fake.base_url}", "api_base: http://127.0.0.1:${PORT}/v1")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_model_whose_client_cannot_be_built_falls_back(
+    tmp_path: Path, fake: FakeProvider, stream: bool
+) -> None:
+    """A model whose settings cannot make its client (httpx's InvalidURL from the SDK client
+    built for its api_base) fails as its provider would: the chain's next model answers."""
+    fake.reset()
+    with live(tmp_path, _unbuildable(fake)) as srv:
+        response = _hard(srv, stream)
+        record = _record(srv, response)
+    assert response.status_code == 200, response.text
+    assert response.headers["x-tiergate-fallback"] == "closed->closed"
+    assert (record["status"], record["model"]) == ("ok", "claude")
+    assert [r.path for r in fake.received] == ["/v1/messages"]  # gpt-4o sent nothing
+
+
+def test_a_model_whose_client_cannot_be_built_names_its_setting_not_its_key(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """Alone on its chain, it is a 502 its SDK is told not to retry, naming the model and the
+    setting to fix, never the key."""
+    fake.reset()
+    with live(tmp_path, _unbuildable(fake)) as srv:
+        response = _post(srv, PINNED)
+        _final_error(srv, response, 502, ("api_error", "model_misconfigured"))
+    message = response.json()["error"]["message"]
+    assert "gpt-4o" in message and "api_base" in message and "${PORT}" in message, message
+    assert KEYS["OPENAI_API_KEY"] not in message
+    assert response.headers["x-should-retry"] == "false"
 
 
 @pytest.mark.parametrize("via", sorted(LITELLM_PATH))

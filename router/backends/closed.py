@@ -68,6 +68,7 @@ from router.errors import (
     BackendError,
     BadRequestError,
     ClientLibraryError,
+    ModelSettingsError,
     TiergateError,
     UpstreamAuthError,
     UpstreamBadRequestError,
@@ -96,6 +97,9 @@ PROVIDER_KEY_ENV = {
 #: Where an ``azure/`` model without ``api_base`` finds its endpoint: litellm's variable, which
 #: :meth:`ClosedBackend._azure_client` reads, then the OpenAI SDK's, which the SDK reads itself.
 AZURE_ENDPOINT_ENV = ("AZURE_API_BASE", "AZURE_OPENAI_ENDPOINT")
+# Where a model without an api_base takes its base URL from (ClosedBackend._call_kwargs).
+_BASE_SETTING = {"openai": "OPENAI_BASE_URL or OPENAI_API_BASE", "azure": "AZURE_API_BASE"}
+_SETTINGS = "its provider's variables"
 log = logging.getLogger("tiergate.closed")
 # The loggers litellm._logging attaches its own stream handler to.
 _LITELLM_LOGGERS = ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy")
@@ -608,6 +612,25 @@ class ClosedBackend:
             self._litellm = quiet_litellm()
         return self._litellm
 
+    def _call_kwargs(self, model: ModelLike, body: dict[str, Any]) -> dict[str, Any]:
+        """:meth:`_litellm_kwargs`, where a client that cannot be built from the model's
+        settings (an ``api_base`` with a port ``${PORT}``: httpx's ``InvalidURL``) is a
+        :class:`ModelSettingsError` the chain passes, not a 500 that ends the request. A
+        request the model cannot take stays its :class:`BadRequestError`."""
+        try:
+            return self._litellm_kwargs(model, body)
+        except TiergateError:
+            raise
+        except Exception as exc:  # a client constructor's own errors (ValueError, InvalidURL)
+            key = self.api_key(model)
+            provider = provider_of(model.litellm_model or "")
+            setting = "its api_base" if model.api_base else _BASE_SETTING.get(provider, _SETTINGS)
+            why = scrub(f"{type(exc).__name__}: {exc}", [key])
+            raise ModelSettingsError(
+                f"{model.name} cannot be called as configured (check {setting}): its client "
+                f"could not be built ({why})"
+            ) from exc
+
     def _litellm_kwargs(self, model: ModelLike, body: dict[str, Any]) -> dict[str, Any]:
         kwargs = {k: v for k, v in body.items() if k not in _STRIP and k not in _LITELLM_OWN}
         if predicted(kwargs) and kwargs.get("max_completion_tokens") is not None:
@@ -712,7 +735,7 @@ class ClosedBackend:
 
     async def _litellm_complete(self, model: ModelLike, body: dict[str, Any]) -> Completion:
         litellm = self._litellm_module()
-        kwargs = self._litellm_kwargs(model, body)
+        kwargs = self._call_kwargs(model, body)
         try:
             response = await litellm.acompletion(**kwargs, stream=False)
         except Exception as exc:  # litellm raises many types; mapped in one place
@@ -725,7 +748,7 @@ class ClosedBackend:
         self, model: ModelLike, body: dict[str, Any], usage: Usage
     ) -> AsyncIterator[dict[str, Any]]:
         litellm = self._litellm_module()
-        kwargs = self._litellm_kwargs(model, body)
+        kwargs = self._call_kwargs(model, body)
         options = dict(body.get("stream_options") or {})
         options["include_usage"] = True
         kwargs["stream_options"] = options
