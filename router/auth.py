@@ -47,6 +47,7 @@ from router.errors import (
     error_body,
 )
 from router.outcomes import ERASED_TENANT_FIELD
+from router.outcomes_redis import refused_credentials
 
 log = logging.getLogger("tiergate.auth")
 
@@ -165,6 +166,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _log_lookup_failure(exc: Exception) -> None:
+    """Say why a key lookup in Redis failed, once an outage: a refused password or command
+    (router.outcomes_redis) as the setting to fix. Either way known keys stay cached: the
+    outcome store fails readiness for a refusal, so the replica leaves its load balancer,
+    and refusing every key meanwhile would make a half-done rotation an outage for all."""
+    refused = refused_credentials(exc)
+    if refused is not None:
+        log.error("key lookup in Redis: %s; known keys stay cached meanwhile", refused)
+    else:
+        log.warning("key lookup in Redis failed: %s", type(exc).__name__)
+
+
 class Authenticator:
     """Maps a presented key to a :class:`Principal`, from the file, admin list or Redis."""
 
@@ -221,7 +234,7 @@ class Authenticator:
             self._down_until = time.monotonic() + REDIS_RETRY_S
             if self._down_since is None:
                 self._down_since = now
-                log.warning("key lookup in Redis failed: %s", type(exc).__name__)
+                _log_lookup_failure(exc)
             return cached[1] if cached is not None else None
         if self._down_since is not None:
             log.warning("key lookup in Redis works again after %.1f s", now - self._down_since)

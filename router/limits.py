@@ -38,6 +38,7 @@ from router.auth import Principal
 from router.config import Settings
 from router.errors import BadRequestError, RateLimitError
 from router.outcomes import tenant_hash
+from router.outcomes_redis import refused_credentials
 from router.schemas import CHAT_FIELDS, OUTPUT_FIELDS, FrontFields
 
 log = logging.getLogger("tiergate.limits")
@@ -224,6 +225,7 @@ class RateLimiter:
         self._redis: Any = None
         self._script: Any = None
         self._redis_down_until = 0.0
+        self._redis_refused: str | None = None  # why Redis refused it, once logged
         self._reserve_script: Any = None
         self._settle_script: Any = None
         self._pending: set[asyncio.Future[Any]] = set()  # changes (and reserves) on their way
@@ -439,11 +441,19 @@ class RateLimiter:
         return name, float(current), float(previous)
 
     def _redis_failed(self, exc: Exception) -> None:
-        if time.time() >= self._redis_down_until:
+        # Redis refusing the password or a command is no outage, but the limits are counted
+        # as in one: the outcome store fails readiness for it (router.outcomes_redis), so the
+        # replica leaves its load balancer; refusing every request meanwhile would make a
+        # half-done password rotation an outage for every tenant. Said once, as what to fix.
+        refused = refused_credentials(exc)
+        if refused is not None and refused != self._redis_refused:
+            log.error("rate limits: %s; counting in-process meanwhile, as in an outage", refused)
+        elif refused is None and time.time() >= self._redis_down_until:
             log.warning(
                 "rate limits: Redis unavailable (%s); counting in-process for now",
                 type(exc).__name__,
             )
+        self._redis_refused = refused
         self._redis_down_until = time.time() + REDIS_RETRY_S
 
     async def aclose(self) -> None:

@@ -674,10 +674,11 @@ def _day(ts: float) -> int:
     return int(ts // 86400)
 
 
-def _refused_credentials(exc: BaseException) -> str | None:
+def refused_credentials(exc: BaseException) -> str | None:
     """Why Redis refused Tiergate's credentials (``WRONGPASS``, ``NOAUTH``) or a command its
     ACL withholds (``NOPERM``), naming the setting to fix; None for an outage or anything
-    else. Redis's own words, quoted, name no password."""
+    else. Redis's own words, quoted, name no password. The rate limiter and key lookups,
+    on the same Redis, log it too (router.limits, router.auth)."""
     from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissionError
 
     if isinstance(exc, AuthenticationError | AuthorizationError):
@@ -870,7 +871,7 @@ class RedisOutcomeStore(OutcomeWriter):
             try:
                 self._refresh()
             except self.transient as exc:
-                refused = _refused_credentials(exc)
+                refused = refused_credentials(exc)
                 if refused is not None:
                     raise ConfigError(refused) from exc
                 self.unavailable(exc)
@@ -895,7 +896,7 @@ class RedisOutcomeStore(OutcomeWriter):
         try:
             too_old = self._too_old()
         except self.transient as exc:
-            refused = _refused_credentials(exc)
+            refused = refused_credentials(exc)
             if refused is not None:
                 raise ConfigError(refused) from exc
             return  # the outage is noted by the first refresh
@@ -965,7 +966,7 @@ class RedisOutcomeStore(OutcomeWriter):
         that is no outage but a setting to fix, logged as an error once and in ``refusal``
         (readiness fails) until Redis takes them (:meth:`_refresh`). Either way the outcomes
         wait in the journal and the budgets are held as in an outage."""
-        refused = _refused_credentials(exc)
+        refused = refused_credentials(exc)
         if refused is not None and self.credentials_refused is None:
             log.error("%s; this replica reports itself not ready until then", refused)
         if refused is not None:

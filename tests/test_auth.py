@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from websockets.sync.client import connect
 
 from router.auth import (
     ANONYMOUS,
+    Authenticator,
     Principal,
     build_authenticator,
     check_record_access,
@@ -22,7 +24,7 @@ from router.auth import (
 )
 from router.cli import main as cli_main
 from router.config import Settings
-from router.errors import ConfigError, NotFoundError
+from router.errors import AuthenticationError, ConfigError, NotFoundError
 from router.outcomes import tenant_hash
 from tests.conftest import LiveServer, live, make_settings, policy_yaml, wait_for
 from tests.fake_provider import FakeProvider
@@ -561,3 +563,33 @@ def test_a_redis_outage_is_not_a_lookup_and_a_warning_per_request(
             await authenticator._redis.aclose()
 
         asyncio.run(run())
+
+
+@pytest.mark.skipif(redis_binary() is None, reason="no redis-server binary")
+@pytest.mark.parametrize("password", ["wrong-pw", None])
+def test_a_key_lookup_redis_refuses_names_the_setting_to_fix(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, password: str | None
+) -> None:
+    """A wrong password (``WRONGPASS``) or none (``NOAUTH``) was logged as an outage by its
+    exception's name alone: the key is refused as in an outage, and the log says once what
+    to fix, without the password."""
+    caplog.set_level("WARNING", logger="tiergate.auth")
+
+    async def lookups(url: str) -> list[str]:
+        auth = Authenticator({}, redis_url=url)
+        codes = []
+        for _ in range(2):
+            try:
+                await auth.authenticate("tg-unknown")
+            except AuthenticationError as exc:
+                codes.append(exc.code)
+        await auth.aclose()
+        return codes
+
+    with RedisServer(tmp_path, password="right-pw") as redis_server:
+        codes = asyncio.run(lookups(redis_server.url_with(password)))
+    assert codes == ["invalid_api_key"] * 2
+    said = [r for r in caplog.records if r.name == "tiergate.auth"]
+    assert [r.levelname for r in said] == ["ERROR"], caplog.text
+    assert "TIERGATE_REDIS_URL" in said[0].message and "refused" in said[0].message
+    assert "right-pw" not in caplog.text and "wrong-pw" not in caplog.text

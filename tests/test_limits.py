@@ -213,6 +213,18 @@ def test_a_token_reservation_made_as_its_client_leaves_is_released(
         )
 
 
+async def _admitted(url: str) -> int:
+    """How many of three requests of one tenant a limiter of 2 a minute on ``url`` admits."""
+    tenant = Principal(tenant="acme", permissions=frozenset(), key_id="k")
+    limiter, n = limits.RateLimiter(rpm=2, tpm=None, redis_url=url), 0
+    for _ in range(3):
+        with contextlib.suppress(RateLimitError):
+            await limiter.admit(tenant)
+            n += 1
+    await limiter.aclose()
+    return n
+
+
 def test_two_deployments_on_one_redis_keep_apart_by_its_database_number(tmp_path: Path) -> None:
     """Every key Tiergate keeps in Redis begins with ``tiergate:``, and no setting changes
     that: two deployments on one Redis keep apart by the database number in their
@@ -221,20 +233,9 @@ def test_two_deployments_on_one_redis_keep_apart_by_its_database_number(tmp_path
     from router.outcomes_redis import RedisOutcomeStore
     from tests.records import outcome
 
-    tenant = Principal(tenant="acme", permissions=frozenset(), key_id="k")
-
-    async def admitted(url: str) -> int:
-        limiter, n = limits.RateLimiter(rpm=2, tpm=None, redis_url=url), 0
-        for _ in range(3):
-            with contextlib.suppress(RateLimitError):
-                await limiter.admit(tenant)
-                n += 1
-        await limiter.aclose()
-        return n
-
     with RedisServer(tmp_path) as redis_server:
         urls = [redis_server.url, redis_server.url.removesuffix("/0") + "/1"]
-        assert [asyncio.run(admitted(url)) for url in urls] == [2, 2]
+        assert [asyncio.run(_admitted(url)) for url in urls] == [2, 2]
         stores = [RedisOutcomeStore(u, journal=tmp_path / f"{i}.jsonl") for i, u in enumerate(urls)]
         for store in stores:
             store.start()
@@ -1488,3 +1489,24 @@ def test_a_budget_refusal_in_a_redis_outage_says_what_was_spent_and_why(
                 "tenant 'default' spent $0.00 of its $1.25 daily budget; the outcome store"
                 " is unreachable and this replica has not read the shared spend"
             ), error["message"]
+
+
+@pytest.mark.skipif(redis_binary() is None, reason="no redis-server binary")
+@pytest.mark.parametrize("password", ["wrong-pw", None])
+def test_a_refused_redis_password_is_logged_once_as_the_setting_to_fix(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    password: str | None,
+) -> None:
+    """A wrong password (``WRONGPASS``) or none (``NOAUTH``) was logged as an outage, by its
+    exception's name, once a retry: the limits are counted in process as in one (readiness
+    fails through the outcome store), but the log says once what to fix, and no password."""
+    monkeypatch.setattr(limits, "REDIS_RETRY_S", 0.0)  # every admission tries Redis again
+    caplog.set_level("WARNING", logger="tiergate.limits")
+    with RedisServer(tmp_path, password="right-pw") as redis_server:
+        assert asyncio.run(_admitted(redis_server.url_with(password))) == 2  # in process
+    said = [r for r in caplog.records if r.name == "tiergate.limits"]
+    assert [r.levelname for r in said] == ["ERROR"], caplog.text
+    assert "TIERGATE_REDIS_URL" in said[0].message and "refused" in said[0].message
+    assert "right-pw" not in caplog.text and "wrong-pw" not in caplog.text
