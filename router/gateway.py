@@ -1925,6 +1925,7 @@ class _Relay:
     def __init__(self, ctx: RequestContext) -> None:
         self.ctx = ctx
         self.text: list[str] = []
+        self.calls: list[str] = []  # the tool calls' names and arguments, as streamed
         self.saw_usage = False
         self.id: str | None = None
         self.model: str | None = None
@@ -1939,9 +1940,32 @@ class _Relay:
             _unnamed_stop(self.ctx, chunk)
             if self.ctx.ttft_ms is None and _produced(choices):
                 self.ctx.ttft_ms = (time.perf_counter() - self.ctx.started) * 1000.0
-            self.text.append(str((choices[0].get("delta") or {}).get("content") or ""))
+            delta = choices[0].get("delta") or {}
+            self.text.append(str(delta.get("content") or ""))
+            if "tool_calls" in delta or "function_call" in delta:
+                self.calls.append(_called(delta))
         elif chunk.get("usage"):
             self.saw_usage = True
+
+
+def _called(delta: Mapping[str, Any]) -> str:
+    """The names and argument text of the tool calls (or legacy function call) in a stream
+    chunk's ``delta``: generated, and billed, as the answer's text is, so a stream left before
+    its usage is charged for them too."""
+    calls = delta.get("tool_calls")
+    functions = (
+        [c.get("function") for c in calls if isinstance(c, Mapping)]
+        if isinstance(calls, list)
+        else []
+    )
+    functions.append(delta.get("function_call"))
+    return "".join(
+        part
+        for function in functions
+        if isinstance(function, Mapping)
+        for part in (function.get("name"), function.get("arguments"))
+        if isinstance(part, str)
+    )
 
 
 def _unnamed_stop(ctx: RequestContext, payload: dict[str, Any]) -> None:
@@ -2072,9 +2096,9 @@ COUNT_TIMEOUT_S = 5.0
 async def _count_unreported(ctx: RequestContext, body: Mapping[str, Any], relay: _Relay) -> None:
     """Count, with the model's tokenizer, what a closed model's provider billed but did not
     report (a client that left, or a stream cut, before the usage that ends it): the prompt,
-    and the answer text streamed where there is one choice. Estimated (3.5 characters a
-    token), a prompt of text no tokenizer merges ("a\\n" repeated) was charged a third of
-    its bill. Off the event loop and bounded (:data:`COUNT_TIMEOUT_S`); raises only when
+    and the answer text and tool calls streamed where there is one choice. Estimated (3.5
+    characters a token), a prompt of text no tokenizer merges ("a\\n" repeated) was charged a
+    third of its bill. Off the event loop and bounded (:data:`COUNT_TIMEOUT_S`); raises only when
     cancelled: :func:`settle_usage` estimates what is still missing."""
     usage, served, signals = ctx.usage, ctx.served, ctx.signals
     if served is None or served.model.tier != "closed" or signals is None:
@@ -2082,7 +2106,7 @@ async def _count_unreported(ctx: RequestContext, body: Mapping[str, Any], relay:
     if usage.prompt_tokens and usage.completion_tokens:  # reported, as it nearly always is
         return
     whole = ctx.choices == 1 and not usage.completion_tokens
-    text = "".join(relay.text) if whole else ""
+    text = "".join(relay.text) + "".join(relay.calls) if whole else ""
     if usage.prompt_tokens and not text:
         return
     try:
@@ -2268,8 +2292,13 @@ class _Metered:
             if body is not None:
                 _client_logprobs(choice, body)
             delta = choice.get("delta") if isinstance(choice, Mapping) else None
-            text = delta.get("content") if isinstance(delta, Mapping) else None
-            if isinstance(text, str) and text:
+            if not isinstance(delta, Mapping):
+                continue
+            text = delta.get("content")
+            text = text if isinstance(text, str) else ""
+            if "tool_calls" in delta or "function_call" in delta:
+                text += _called(delta)  # billed as the answer is
+            if text:
                 ctx.streamed_chunks += 1
                 ctx.streamed_tokens += text_tokens(text)
         return chunk

@@ -25,7 +25,7 @@ import router.gateway as gateway_module
 from router import messages, responses
 from router.api import _event_sse, _sse
 from router.auth import Principal
-from router.backends import Completion, ModelLike, Usage
+from router.backends import Completion, ModelLike, Usage, closed
 from router.backends.closed import ANTHROPIC_MAX_TOKENS, ClosedBackend, quiet_litellm
 from router.backends.local import Gate
 from router.backends.native import NativeRequest, native_or
@@ -2146,5 +2146,41 @@ def test_a_messages_request_over_a_models_stop_limit_names_stop_sequences(
             assert "cannot take 5 stop sequences (it takes at most 4)" in refused.value.message
             assert refused.value.param == "stop_sequences"
             assert fake.received == []
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("counted", [True, False])
+def test_a_tool_call_stream_left_before_its_usage_is_charged_its_arguments(
+    tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch, counted: bool
+) -> None:
+    """A stream's answer counted only its ``delta.content``: a client that left a tool call's
+    stream before the provider's usage was charged nothing for the arguments streamed to it,
+    which the provider bills as answer tokens (a long call's hundreds). They are counted as
+    the answer text is, with the model's tokenizer, or, where counting takes too long
+    (``counted`` False), estimated as that text is as it passes."""
+    if not counted:
+        monkeypatch.setattr(gateway_module, "COUNT_TIMEOUT_S", 0.0, raising=False)
+    first = {"q": "a\n" * 150}
+    calls = [("lookup", first), ("lookup", {"q": "b\n" * 150})]
+    fake.reset(Behaviour(mode="tool_call", text="ok", calls=calls))
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
+
+    async def scenario() -> None:
+        async with serving(tmp_path, fake, ScriptedStream()) as srv:
+            answer = await srv.gateway.serve(srv.call("HARD", stream=True, tools=tools))
+            assert isinstance(answer, StreamAnswer)
+            for _ in range(4):  # the opening, "ok ", then the first call's two pieces
+                await anext(answer.chunks)
+            await answer.chunks.aclose()
+            left = srv.records.pop()
+            model = srv.gateway.policy.models["gpt-4o"]
+            _, read = closed.counted_tokens(model, {}, "ok lookup" + json.dumps(first))
+            assert left.status == "aborted" and read > 300
+            if counted:
+                assert left.completion_tokens == read, (left.completion_tokens, read)
+            else:  # estimated at 3.5 characters a token
+                streamed = len("ok lookup" + json.dumps(first))
+                assert streamed / 4 < left.completion_tokens < read, left.completion_tokens
 
     asyncio.run(scenario())
