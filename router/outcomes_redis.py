@@ -702,7 +702,7 @@ _SCRIPT_DENIED = "can't run this command or subcommand"
 def _denied_as_noperm(execute: Callable[[], list[Any]]) -> list[Any]:
     """``execute()``, a pipeline of Tiergate's scripts; a command the ACL withholds in one
     raised as the NoPermissionError it is on Redis 7, so that on 6.2 too it is the refusal
-    :func:`_refused_credentials` names, retried, not each item dropped as unwritable."""
+    :func:`refused_credentials` names, retried, not each item dropped as unwritable."""
     from redis.exceptions import NoPermissionError, ResponseError
 
     try:
@@ -865,21 +865,25 @@ class RedisOutcomeStore(OutcomeWriter):
                 f"outcome journal {self.journal} is in use by another Tiergate process: give "
                 "each replica its own TIERGATE_OUTCOME_JOURNAL_PATH (or TIERGATE_HOME)"
             )
-        self.connect()
         try:
-            self._check_version()
-            try:
-                self._refresh()
-            except self.transient as exc:
-                refused = refused_credentials(exc)
-                if refused is not None:
-                    raise ConfigError(refused) from exc
-                self.unavailable(exc)
-        except ConfigError:
+            self._take_up()
+        except BaseException:  # any failure, not only a ConfigError (a READONLY replica)
             if self._claim is not None:
-                self._claim.close()  # releases the journal
+                self._claim.close()  # releases the journal: the lifespan does not close us
                 self._claim = None
             raise
+
+    def _take_up(self) -> None:
+        """:meth:`start`'s work once the journal is this process's."""
+        self.connect()
+        self._check_version()
+        try:
+            self._refresh()
+        except self.transient as exc:
+            refused = refused_credentials(exc)
+            if refused is not None:
+                raise ConfigError(refused) from exc
+            self.unavailable(exc)
         with self._cond:
             for path in self._journal_files():
                 items = _set_aside_unreadable(path, self.unreadable_path)

@@ -24,7 +24,7 @@ from router.errors import ConfigError
 from router.learning import purge_loop
 from router.outcomes import Label, OutcomeRecord, SQLiteOutcomeStore, TieredLabel, lock_beside
 from router.outcomes_redis import RedisOutcomeStore
-from tests.conftest import live, policy_yaml, wait_for
+from tests.conftest import free_port, live, policy_yaml, wait_for
 from tests.fake_provider import FakeProvider
 from tests.records import (
     answer_across_an_erasure,
@@ -483,6 +483,21 @@ def test_a_wrong_redis_password_is_a_configuration_error_not_an_outage(
     assert "Redis refused Tiergate's credentials" in str(refused.value)
     said = [str(refused.value), *(r.getMessage() for r in caplog.records)]
     assert not [line for line in said if "right-pw" in line or "wrong-pw" in line]
+    free, claim = lock_beside(tmp_path / "j.jsonl")
+    assert free  # the journal is free for the next start
+    if claim is not None:
+        claim.close()
+
+
+def test_a_start_that_fails_for_any_reason_frees_the_journal(tmp_path: Path) -> None:
+    """A start refused by something other than a ConfigError (here a read-only replica Redis,
+    whose ``READONLY`` refusal of the heartbeat is a ``ResponseError``) kept the journal's
+    lock: the app's lifespan does not close a store whose start failed, so the next start in
+    the same process or home was refused as if another Tiergate held the journal."""
+    with RedisServer(tmp_path / "redis", "--replicaof", "127.0.0.1", str(free_port())) as server:
+        outcomes = RedisOutcomeStore(server.url, journal=tmp_path / "j.jsonl")
+        with pytest.raises(redis.ResponseError, match="READONLY"):
+            outcomes.start()
     free, claim = lock_beside(tmp_path / "j.jsonl")
     assert free  # the journal is free for the next start
     if claim is not None:
