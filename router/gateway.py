@@ -2018,9 +2018,9 @@ def _opening(chunk: Mapping[str, Any]) -> bool:
     return not (isinstance(choices, list) and _produced(choices))
 
 
-#: The longest a model's stream may take to close (milliseconds, as a rule) before its request
-#: is recorded all the same: a close that hangs (a connection that never closes) held the
-#: record, and the token and budget holds settled with it, for as long.
+#: The longest a model's stream may take to close (a close takes milliseconds, as a rule)
+#: before its request is recorded all the same: a close that hangs (a connection that never
+#: closes) held the record, and the token and budget holds settled with it, for as long.
 STREAM_CLOSE_TIMEOUT_S = 10.0
 
 
