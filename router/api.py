@@ -500,14 +500,19 @@ async def _kept_alive(
     parts: AsyncGenerator[bytes, None], every: float
 ) -> AsyncGenerator[bytes, None]:
     """``parts``, and :data:`KEEPALIVE` whenever the next one takes over ``every`` seconds.
-    ``parts`` runs in a task of its own, at most one part ahead of the client, so a client that
-    reads slowly still holds the stream back."""
+    ``parts`` runs in a task of its own, which reads a part only once the one before it was
+    sent, as without keep-alives: a client that reads slowly still holds the stream back, and
+    one that leaves in a front's last event's send is recorded aborted (read past it, the
+    request is recorded as served)."""
     queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=1)
+    sent = asyncio.Event()
 
     async def pump() -> None:
         try:
             async for part in parts:
                 await queue.put(part)
+                await sent.wait()
+                sent.clear()
             await queue.put(None)
         finally:
             await parts.aclose()
@@ -526,6 +531,7 @@ async def _kept_alive(
                 if part is None:
                     return
                 yield part
+                sent.set()
             elif pumping in done:  # all its parts were taken: what is left is its end
                 pumping.result()  # or it broke: a defect, as its framing catches errors
                 return

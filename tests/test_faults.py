@@ -1723,6 +1723,55 @@ def test_a_client_leaving_as_its_stream_begins_or_in_a_send_ends_it_at_once(
     assert cut and fake.sent_chunks < 20, fake.sent_chunks
 
 
+@pytest.mark.parametrize("keepalive_s", [0.0, 0.05])
+@pytest.mark.parametrize(
+    ("front", "last"), [("messages", b"message_stop"), ("responses", b"response.completed")]
+)
+def test_a_client_leaving_in_the_send_of_a_front_s_last_event_is_recorded_aborted(
+    tmp_path: Path, fake: FakeProvider, front: str, last: bytes, keepalive_s: float
+) -> None:
+    """A front's last event is framed after the chat stream ended; its request is recorded
+    once that event went out, and ``aborted`` where its client left first. With keep-alives,
+    the part pump read one part ahead of the client: it read on past the last event as soon
+    as it was queued, and the request was recorded ``ok``, 200, though its client left in that
+    event's send. It reads a part only once the one before it was sent."""
+    fake.reset(Behaviour(text="a short answer"))
+    path, body, _ = CUT_FRONTS[front]
+    with live(tmp_path, policy_yaml(fake), stream_keepalive_s=keepalive_s) as srv:
+        store = srv.gateway.outcomes
+
+        async def scenario() -> list[bytes]:
+            raw = json.dumps(body).encode()
+            gone, sent, read = asyncio.Event(), [], False
+
+            async def receive() -> dict[str, Any]:
+                nonlocal read
+                if not read:
+                    read = True
+                    return {"type": "http.request", "body": raw, "more_body": False}
+                await gone.wait()
+                return {"type": "http.disconnect"}
+
+            async def send(message: dict[str, Any]) -> None:
+                await asyncio.sleep(0)
+                part = message.get("body") if message["type"] == "http.response.body" else None
+                if part:
+                    sent.append(part)
+                if part and last in part:  # the client stops reading here, then leaves
+                    gone.set()
+                    await asyncio.Event().wait()
+
+            scope = {**_CHAT_SCOPE, "path": path, "raw_path": path.encode()}
+            await srv.app(scope, receive, send)
+            return sent
+
+        sent = srv.run(scenario)
+        assert store.flush(5)
+        rows = store.recent(5)
+    assert last in sent[-1], sent
+    assert [(r["status"], r["http_status"], r["front"]) for r in rows] == [("aborted", 499, front)]
+
+
 def test_a_request_stopped_as_its_stream_opens_is_recorded_and_closed_at_once(
     tmp_path: Path, fake: FakeProvider
 ) -> None:
