@@ -336,12 +336,24 @@ class BudgetExceededError(RateLimitError):
     ``x-should-retry: false`` (OpenAI's SDKs would retry a 429 twice, each one recorded), and
     ``Retry-After`` says when it ends. ``held`` (the spend alone is under the budget): the
     holds free as their requests end, so ``x-should-retry: true`` and a ``Retry-After`` of
-    :data:`BUDGET_HELD_RETRY_S`."""
+    :data:`BUDGET_HELD_RETRY_S`. ``outage_s`` (held, but by the outcome store's outage, which
+    no hold's end frees): ``x-should-retry: false`` and a ``Retry-After`` of ``outage_s``, the
+    wait before the replica asks the store again."""
 
     code = "budget_exceeded"
     should_retry = False
 
-    def __init__(self, message: str, *, now: float | None = None, held: bool = False) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        now: float | None = None,
+        held: bool = False,
+        outage_s: float | None = None,
+    ) -> None:
+        if held and outage_s is not None:
+            super().__init__(message, retry_after=outage_s, should_retry=False)
+            return
         if held:
             super().__init__(message, retry_after=BUDGET_HELD_RETRY_S, should_retry=True)
             return

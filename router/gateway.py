@@ -216,6 +216,7 @@ class RequestContext:
     hold: TokenHold | None = None  # its tokens reserved (Gateway._admit), topped up per call
     held_usd: float | None = None  # its budget hold (Gateway.hold_spend), topped up per call
     cache_ttl: str | None = None  # its prompt cache's lifetime, read only under a budget (_admit)
+    hold_outage_s: float | None = None  # its refused hold's wait in a store outage (hold_spend)
 
     def tokens_used(self) -> int:
         """The tokens this request used (the rate limiter's charge): its answer's, and those of
@@ -646,7 +647,8 @@ class Gateway:
             ctx.cache_ttl = cache_lifetime(call.body, *sent)
         await self.hold_spend(ctx, self.reserve_tokens)
         if ctx.decision.rejected:
-            raise BudgetExceededError(ctx.decision.rejected, held=ctx.decision.rejected_held)
+            held, outage_s = ctx.decision.rejected_held, ctx.hold_outage_s
+            raise BudgetExceededError(ctx.decision.rejected, held=held, outage_s=outage_s)
         if ctx.decision.unsatisfiable:
             code = "context_length_exceeded" if ctx.decision.context_exceeded else None
             param = ctx.decision.unsatisfiable_param  # named as the client's front names it
@@ -1052,6 +1054,7 @@ class Gateway:
             closed_available=self.closed_available(),
             hold_refused=self.outcomes.hold_refusal(ctx.tenant, decision.budget_usd),
         )
+        ctx.hold_outage_s = self.outcomes.hold_retry_s(ctx.tenant, decision.budget_usd)
         if not ctx.decision.rejected and not ctx.decision.unsatisfiable:
             usd = self._reserved_usd(ctx, default_completion)
             await reserve_in_thread(self.outcomes, ctx.tenant, ctx.request_id, usd, None)

@@ -365,6 +365,13 @@ class OutcomeStore(Protocol):
         (:meth:`spend_today`) is under it, as the end of the refusal's reason."""
         ...
 
+    def hold_retry_s(self, tenant: str, budget: float) -> float | None:
+        """How long a client refused a hold against ``budget`` should wait where no hold of a
+        request in flight frees what it asks (the store is unreachable and this replica's share
+        of the budget is spent), else None: the holds stand in the way and free as their
+        requests end."""
+        ...
+
     def release_spend(self, request_id: str) -> None:
         """Drop a request's hold without a record (its record could not be built)."""
         ...
@@ -997,6 +1004,10 @@ class OutcomeWriter:
         """Why a hold was refused under the budget here: the holds of requests in flight
         (settled between the refusal and the spend read for its reason)."""
         return "; requests in flight hold the rest"
+
+    def hold_retry_s(self, tenant: str, budget: float) -> float | None:
+        """None: here a hold is refused only for the holds of requests in flight."""
+        return None
 
     def reserve_spend(self, tenant: str, request_id: str, usd: float, budget: float | None) -> bool:
         """Hold ``usd`` unless ``tenant`` has reached ``budget`` (in memory, under one lock)."""

@@ -1334,6 +1334,16 @@ class RedisOutcomeStore(OutcomeWriter):
             f"{usd(share if share is not None else budget)} of it, its share of what was left"
         )
 
+    def hold_retry_s(self, tenant: str, budget: float) -> float | None:
+        """In an outage, where this replica's spend alone has reached its share of the budget
+        (:meth:`_outage_budget`), no hold it frees lets a retry pass, only Redis's return:
+        :data:`HOLD_RETRY_S`, the wait before its holds ask Redis again. Else None."""
+        if time.monotonic() >= self._holds_down_until:
+            return None
+        share = self._outage_budget(tenant, budget)
+        paid = self.ledger.get(tenant) - self.ledger.held(tenant)
+        return None if share is not None and paid < share else HOLD_RETRY_S
+
     def _outage_budget(self, tenant: str, budget: float | None) -> float | None:
         """The budget this replica checks while Redis is unreachable: the tenant's shared spend
         at the last refresh plus this replica's share of what was left then (1 / the replicas

@@ -566,7 +566,8 @@ class Decision:
       ``local`` so that a caller that forgets the check still spends nothing.
     * ``rejected_held``: the refusal is owed to holds of requests in flight (or the outcome
       store's refusal of a hold), not to spend: the spend alone is under the budget, and what
-      those requests do not spend is freed as they end, so a retry in a few seconds may pass.
+      those requests do not spend is freed as they end, so a retry in a few seconds may pass
+      (unless the store's outage refused the hold: ``OutcomeStore.hold_retry_s``).
     * ``no_closed_local``: no closed model was available (no API key) and the policy does not say
       ``fail_closed``, so the local model ends the fallback chain of this closed decision.
     * ``cascade``: set when the request cascades (a ``route: cascade`` rule, or ``auto`` under a

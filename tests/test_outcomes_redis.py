@@ -23,7 +23,7 @@ from router.dashboard import store_summary
 from router.errors import ConfigError
 from router.learning import purge_loop
 from router.outcomes import Label, OutcomeRecord, SQLiteOutcomeStore, TieredLabel, lock_beside
-from router.outcomes_redis import RedisOutcomeStore
+from router.outcomes_redis import HOLD_RETRY_S, RedisOutcomeStore
 from tests.conftest import free_port, live, policy_yaml, wait_for
 from tests.fake_provider import FakeProvider
 from tests.records import (
@@ -698,8 +698,59 @@ def test_in_an_outage_each_replica_spends_only_its_share_of_the_budget(
             "; the outcome store is unreachable, and this replica may spend up to $0.75 of it,"
             " its share of what was left"
         )
+        assert a.hold_retry_s("acme", 1.25) is None  # its own holds free as their requests end
     finally:
         a.close(timeout_s=0.5)
+        b.close(timeout_s=0.5)
+
+
+def test_a_refusal_owed_to_the_outage_share_is_not_sent_as_held(
+    redis_server: RedisServer, tmp_path: Path, fake: FakeProvider
+) -> None:
+    """Two replicas saw $0.25 of a $1.25 budget spent; Redis stops and one spends $0.50 more,
+    its share of the $1.00 left. Its next request was refused as one owed to holds of
+    requests in flight (``x-should-retry: true``, ``Retry-After: 5``), though none was in
+    flight and none would free: only the store's return can. The refusal says the share is
+    used, with ``x-should-retry: false`` and the replica's wait before it asks Redis again
+    as its ``Retry-After``; once Redis answers, the same request passes."""
+    fake.reset()
+    policy = policy_yaml(
+        fake, extra="tenants:\n  default: {daily_budget_usd: 1.25, over_budget: reject}\n"
+    )
+    hard = {"model": "auto", "messages": [{"role": "user", "content": "HARD hi"}]}
+    a = RedisOutcomeStore(redis_server.url, journal=tmp_path / "a" / "journal.jsonl")
+    b = store(redis_server, tmp_path / "b")
+    try:
+        with live(tmp_path, policy, outcomes=a) as app:
+            a.submit(outcome(tenant="default", cost_usd=0.25))
+            assert a.flush(10)
+            assert wait_for(
+                lambda: a.replicas == b.replicas == 2 and b.ledger.shared("default") == 0.25,
+                timeout_s=10,
+            )
+            redis_server.stop()
+            a.submit(outcome(tenant="default", cost_usd=0.5))
+            assert wait_for(lambda: a.spend_today("default") == 0.75, timeout_s=10)
+            refused = app.http.post("/v1/chat/completions", json=hard)
+            assert refused.status_code == 429, refused.text
+            assert refused.json()["error"] == {
+                "message": "tenant 'default' spent $0.75 of its $1.25 daily budget; the outcome"
+                " store is unreachable, and this replica may spend up to $0.75 of it, its share"
+                " of what was left",
+                "type": "rate_limit_error",
+                "param": None,
+                "code": "budget_exceeded",
+            }
+            assert (refused.headers["x-should-retry"], refused.headers["retry-after"]) == (
+                "false",
+                "1",
+            )
+            redis_server.start()
+            assert wait_for(
+                lambda: app.http.post("/v1/chat/completions", json=hard).status_code == 200,
+                timeout_s=10,
+            )
+    finally:
         b.close(timeout_s=0.5)
 
 
@@ -762,6 +813,7 @@ def test_a_replica_started_in_an_outage_holds_no_budget_it_cannot_see(
     try:
         assert not c.reserve_spend("acme", "r1", 0.25, 2.0)
         assert "has not read the shared spend since it started" in c.hold_refusal("acme", 2.0)
+        assert c.hold_retry_s("acme", 2.0) == HOLD_RETRY_S  # only Redis's return frees it
         assert c.reserve_spend("acme", "r2", 0.25, None)  # no budget, nothing to overspend
         c.release_spend("r2")
         redis_server.start()
