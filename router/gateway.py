@@ -1170,14 +1170,21 @@ class Gateway:
         self, ctx: RequestContext, model: ModelSpec, native: NativeRequest
     ) -> NativeRequest:
         """``native`` as ``model`` is sent it: a Response that sets no ``max_output_tokens`` gets
-        the limit :meth:`sent` fills, cut to the window alike. A Messages request carries its
-        own ``max_tokens`` (Anthropic's API, and the front, require one)."""
-        if native.api != "responses" or native.body.get("max_output_tokens") is not None:
+        the limit :meth:`sent` fills, cut to the window alike, and goes without the sampling
+        fields the model refuses that ask for nothing (``top_p: 1``: OpenAI's reasoning
+        models, as :meth:`fitted`). A Messages request carries its own ``max_tokens``
+        (Anthropic's API, and the front, require one) and goes to a Claude, which refuses none."""
+        if native.api != "responses":
             return native
-        filled = self._filled_limit(ctx, model)
-        if filled is None:
-            return native
-        return replace(native, body={**native.body, "max_output_tokens": filled})
+        body = native.body
+        idle = _idle_sampling(model, body)
+        if idle:
+            body = {k: v for k, v in body.items() if k not in idle}
+        if body.get("max_output_tokens") is None:
+            filled = self._filled_limit(ctx, model)
+            if filled is not None:
+                body = {**body, "max_output_tokens": filled}
+        return native if body is native.body else replace(native, body=body)
 
     def _filled_limit(self, ctx: RequestContext, model: ModelSpec) -> int | None:
         # The output limit a request that sets none is sent (closed.default_max_tokens), at

@@ -105,7 +105,8 @@ class Behaviour:
     # have, a tool of a type other than function or custom, an output limit over the model's
     # (OPENAI_OUTPUT_LIMITS), more than 4 stop sequences, ``stop`` for a reasoning model that
     # takes none, and ``reasoning_effort`` for a model that does not reason, with OpenAI's 400s
-    # (the fake otherwise takes anything).
+    # (the fake otherwise takes anything); on ``/responses``, a reasoning model's ``top_p`` or
+    # ``temperature`` other than 1 alone.
     strict: bool = False
     # In ``status`` mode, the JSON body of the error instead of a generic one (in
     # ``overloaded_after_open`` mode, the event sent in place of the overloaded ``error``).
@@ -418,9 +419,9 @@ def _stop_refusal(body: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _sampling_refusal(body: dict[str, Any]) -> dict[str, Any] | None:
-    """OpenAI's 400 body for a chat request to an o-series model, or to gpt-5 (not its chat
-    model), that sets ``temperature`` other than 1, or ``top_p``, else None (as reported of
-    o3, o3-mini, o4-mini and gpt-5; not checked against the live API)."""
+    """OpenAI's 400 body for a chat or Responses request to an o-series model, or to gpt-5
+    (not its chat model), that sets ``temperature`` other than 1, or ``top_p``, else None (as
+    reported of o3, o3-mini, o4-mini and gpt-5; not checked against the live API)."""
     model = str(body.get("model", ""))
     if not model.startswith(OPENAI_REASONING) or model.startswith("gpt-5-chat"):
         return None
@@ -676,12 +677,15 @@ class FakeProvider:
         self, body: dict[str, Any], anthropic: bool, responses: bool, model: str | None = None
     ) -> dict[str, Any] | None:
         """The 400 body the provider would answer ``body`` with, or None: Anthropic's always
-        (:func:`anthropic_refusal`), OpenAI chat's when ``strict`` (:func:`openai_refusal`),
+        (:func:`anthropic_refusal`), OpenAI chat's when ``strict`` (:func:`openai_refusal`; a
+        Response's: :func:`_sampling_refusal`),
         either's for a request over its model's ``context_windows`` (:func:`window_refusal`)."""
         if anthropic:
             refusal = anthropic_refusal(body, model)
         else:
-            fields = openai_refusal(body) if self.behaviour.strict and not responses else None
+            fields = None
+            if self.behaviour.strict:
+                fields = _sampling_refusal(body) if responses else openai_refusal(body)
             refusal = None if fields is None else {"error": fields}
         window = self.behaviour.context_windows.get(str(body.get("model")))
         if refusal is None and window is not None and not responses:

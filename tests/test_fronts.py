@@ -899,6 +899,29 @@ def test_sampling_fields_at_their_defaults_reach_an_openai_reasoning_model_witho
     assert [sorted(set(defaults) & set(r.body)) for r in fake.received] == [[], []]
 
 
+def test_sampling_fields_at_their_defaults_reach_o3_over_the_responses_api_without_them(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    # The same over /v1/responses, where o3 is passed the client's request natively: it was
+    # sent top_p 1 as the client sent it, and its 400 was the answer.
+    fake.reset(Behaviour(strict=True))
+    policy = _with_o3(fake)
+    defaults = {"top_p": 1.0, "temperature": 1}
+    with (
+        live(tmp_path, policy, local_backend_obj=ScriptedLocal()) as srv,
+        openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0) as client,
+    ):
+        create = client.responses.with_raw_response.create
+        ask = "HARD: count to ten"
+        answers = [create(model=m, input=ask, **defaults) for m in ("auto-best", "o3")]
+        streamed = create(model="o3", input=ask, stream=True, **defaults)
+        events = [event.type for event in streamed.parse()]
+    assert [a.headers["x-tiergate-model"] for a in [*answers, streamed]] == ["o3"] * 3
+    assert events[-1] == "response.completed"
+    assert [r.path for r in fake.received] == ["/v1/responses"] * 3
+    assert [sorted(set(defaults) & set(r.body)) for r in fake.received] == [[], [], []]
+
+
 def test_a_predicted_output_is_sent_its_limit_as_max_tokens(
     tmp_path: Path, fake: FakeProvider
 ) -> None:
