@@ -74,18 +74,20 @@ def _dumps(data: Any) -> bytes:
     try:
         text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except ValueError:  # a number that is not finite, somewhere: rare, walked only then
-        text = json.dumps(_finite(data), separators=(",", ":"), ensure_ascii=False)
+        text = json.dumps(finite(data), separators=(",", ":"), ensure_ascii=False)
     return client_utf8(text)
 
 
-def _finite(data: Any) -> Any:
-    # ``data`` with each float that is not finite made None (JSON's null).
+def finite(data: Any) -> Any:
+    """``data`` with each float that is not finite made None, JSON's null: ``NaN`` and
+    ``Infinity``, which Python's json writes, are not JSON (:func:`_dumps`; ``tiergate eval
+    --json``)."""
     if isinstance(data, float):
         return data if math.isfinite(data) else None
     if isinstance(data, dict):
-        return {key: _finite(value) for key, value in data.items()}
+        return {key: finite(value) for key, value in data.items()}
     if isinstance(data, list | tuple):
-        return [_finite(value) for value in data]
+        return [finite(value) for value in data]
     return data
 
 

@@ -177,9 +177,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         plot_report(report, args.plot, title=f"{Path(args.data).name} ({scorer.version})")
     if args.json:
-        # What the curve was measured on, for the dashboard that shows it (eval.json).
+        from router.api import finite
+
+        # What the curve was measured on, for the dashboard that shows it (eval.json). A
+        # figure it cannot tell (APGR where weak and strong are equal) is null, not NaN.
         meta = {"data": Path(args.data).name, "model_version": scorer.version}
-        print(json.dumps({**report.to_dict(), **meta}, indent=2))
+        print(json.dumps(finite({**report.to_dict(), **meta}), indent=2))
     else:
         print(format_report(report))
     return 0
@@ -293,7 +296,11 @@ def _add_model_commands(sub: Any) -> None:
         "closed model's answer quality, each in [0, 1]), optional category",
     )
     _add_model_arg(p)
-    p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the full report as JSON (a figure it cannot tell is null)",
+    )
     p.add_argument("--plot", metavar="PNG", help="draw the curve to this image")
     p.add_argument(
         "--threshold",

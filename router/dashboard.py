@@ -676,7 +676,10 @@ def eval_chart(
         )
     parts.append("</svg>")
     apgr = report.get("apgr")
-    apgr_text = f"APGR {apgr['value']:.3f}" if isinstance(apgr, dict) and "value" in apgr else ""
+    value = apgr.get("value") if isinstance(apgr, dict) else None
+    # null (or NaN, from an older report) where the evaluation could not tell it: not drawn.
+    told = isinstance(value, int | float) and math.isfinite(value)
+    apgr_text = f"APGR {value:.3f}" if told else ""
     parts.append(
         f'<p class="note">{escape(apgr_text)} n={report.get("n", "?")} '
         f"· {escape(str(report.get('path', '')))}</p>"

@@ -108,6 +108,30 @@ def test_eval_json_and_plot(
     assert "CPT(50%)" in capsys.readouterr().out
 
 
+# The random reference's mean of draws that are all NaN warns (metrics.random_reference);
+# the command goes on and writes its report, which is what this reads.
+@pytest.mark.filterwarnings("ignore:Mean of empty slice:RuntimeWarning")
+def test_eval_json_writes_what_it_cannot_tell_as_null(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Weak and strong of equal quality leave APGR without a value (0/0): it was written as
+    # NaN, which is not JSON (jq, a browser, a strict parser refuse the whole report).
+    rows = [
+        {"id": str(i), "prompt": (HARD if i % 2 else EASY).format(i), "weak_score": 1.0}
+        for i in range(6)
+    ]
+    data = write_jsonl(tmp_path / "even.jsonl", [{**r, "strong_score": 1.0} for r in rows])
+    args = ["eval", "--data", str(data), "--model", str(model_dir), "--json", "--bootstrap", "20"]
+    assert main(args) == 0
+
+    def refuse(constant: str) -> object:
+        raise ValueError(f"{constant} is not JSON")
+
+    report = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert report["apgr"] == {"value": None, "low": None, "high": None}
+    assert len(report["curve"]) == 11 and report["n"] == 6
+
+
 def test_serving_form_command_adds_the_form_to_an_older_artifact(
     model_dir: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -340,6 +340,22 @@ def test_an_evaluation_with_nan_is_served_as_json_a_browser_reads(
     assert apgr == {"value": None, "low": None, "high": None}
 
 
+def test_an_evaluation_that_tells_no_apgr_is_drawn_without_it(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """``tiergate eval --json`` writes an APGR it cannot tell as null (it wrote NaN, not
+    JSON): the page drew ``APGR nan`` from that, and failed (500) on the null."""
+    fake.reset()
+    report = _eval_report(tmp_path / "eval.json")
+    data = json.loads(report.read_text())
+    data["apgr"] = {"value": None, "low": None, "high": None}
+    report.write_text(json.dumps(data))
+    with live(tmp_path, policy_yaml(fake), eval_report=report) as srv:
+        page = srv.http.get("/dashboard")
+    assert page.status_code == 200
+    assert 'id="eval-chart"' in page.text and "APGR" not in page.text
+
+
 @pytest.mark.skipif(
     CHROMIUM is None,
     reason="Chromium is not installed (apt-get install chromium); the browser check is skipped",
