@@ -52,6 +52,9 @@ Loc = tuple[str | int, ...]
 #: What a rule, alias or tenant-scoped name may be; a signal name is lower_snake_case.
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 SIGNAL_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+#: What a model's name may hold: it is sent as a header value (``x-tiergate-model``), which
+#: a character beyond Latin-1 cannot be, and a client's HTTP library may refuse beyond ASCII.
+HEADER_TEXT = re.compile(r"^[!-~](?:[ -~]*[!-~])?$")
 _STAKES_RANK = {name: rank for rank, name in enumerate(STAKES)}
 
 
@@ -561,6 +564,12 @@ class _Checker:
                 self.add(("closed_models", i), f"model {name!r} is not tier closed")
 
     def _check_model(self, key: str, spec: ModelSpec) -> None:
+        if not HEADER_TEXT.match(key):  # else every answer it serves fails as a 500
+            self.add(
+                ("models", key),
+                f"model name {key!r} is sent in the x-tiergate-model header: use printable "
+                "ASCII, no spaces at its ends",
+            )
         if spec.name and spec.name != key:
             self.add(("models", key, "name"), f"name {spec.name!r} differs from its key {key!r}")
         spec.name = key

@@ -537,6 +537,16 @@ CORPUS: list[tuple[str, str, list[str]]] = [
         ],
     ),
     (
+        # Sent in the x-tiergate-model header: beyond Latin-1, every answer it served was a 500.
+        "model-name-beyond-ascii",
+        'version: 1\nmodels:\n  local: {tier: local}\n  "gpt-\\u6a21": '
+        "{tier: closed, litellm_model: openai/gpt-4o}\n",
+        [
+            "p.yaml:4:3: models.gpt-\u6a21: model name 'gpt-\u6a21' is sent in the "
+            "x-tiergate-model header: use printable ASCII, no spaces at its ends"
+        ],
+    ),
+    (
         "closed-needs-litellm",
         "version: 1\nmodels:\n  gpt: {tier: closed}\n",
         ["p.yaml:3:3: models.gpt: a closed model needs litellm_model (e.g. openai/gpt-4o)"],
