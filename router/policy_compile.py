@@ -564,7 +564,7 @@ class _Checker:
                 self.add(("closed_models", i), f"model {name!r} is not tier closed")
 
     def _check_model(self, key: str, spec: ModelSpec) -> None:
-        if not HEADER_TEXT.match(key):  # else every answer it serves fails as a 500
+        if not HEADER_TEXT.fullmatch(key):  # else every answer it serves fails as a 500
             self.add(
                 ("models", key),
                 f"model name {key!r} is sent in the x-tiergate-model header: use printable "
@@ -617,7 +617,7 @@ class _Checker:
         for name, alias in aliases.items():
             if name in self.policy.models:
                 self.add((*loc, name), f"alias {name!r} has the name of a model; pick another")
-            elif not NAME.match(name):
+            elif not NAME.fullmatch(name):
                 self.add((*loc, name), f"alias name {name!r}: use letters, digits, '-', '_', '.'")
             if alias.cascade and self.policy.local_model is None:  # evaluate would have no start
                 self.add(
@@ -642,7 +642,7 @@ class _Checker:
     def _rule_name(
         self, name: str, loc: Loc, seen: dict[str, int], taken: set[str], i: int
     ) -> None:
-        if not NAME.match(name):
+        if not NAME.fullmatch(name):
             self.add(loc, f"rule name {name!r}: use letters, digits, '-', '_', '.'")
         elif name in RESERVED_RULES or name.startswith("budget:"):
             self.add(loc, f"rule name {name!r} is reserved for the evaluator's own steps")
@@ -748,7 +748,7 @@ class _Checker:
             cycle = " -> ".join([*self.resolving[self.resolving.index(name) :], name])
             self.add(loc, f"signals refer to each other in a cycle: {cycle}")
             return None
-        if name in CONDITION_KEYS or not SIGNAL_NAME.match(name):
+        if name in CONDITION_KEYS or not SIGNAL_NAME.fullmatch(name):
             self.add(
                 ("signals", name), f"signal name {name!r}: use lower_snake_case, not a built-in"
             )

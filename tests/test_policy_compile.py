@@ -291,6 +291,22 @@ CORPUS: list[tuple[str, str, list[str]]] = [
         ],
     ),
     (
+        # `$` matches before a final newline: a name ending in one passed, and went out in
+        # the x-tiergate-model / x-tiergate-rule header, where a newline cannot be
+        "names-with-trailing-newline",
+        'version: 1\nmodels:\n  local: {tier: local}\n  "gpt\\n": '
+        "{tier: closed, litellm_model: openai/gpt-4o}\n"
+        'signals:\n  "hard\\n": {pii: true}\n'
+        'rules:\n  - {name: "a\\n", route: local}\n',
+        [
+            "p.yaml:4:3: models.gpt\n: model name 'gpt\\n' is sent in the "
+            "x-tiergate-model header: use printable ASCII, no spaces at its ends",
+            "p.yaml:6:3: signals.hard\n: signal name 'hard\\n': use lower_snake_case, not a "
+            "built-in",
+            "p.yaml:8:6: rules[0].name: rule name 'a\\n': use letters, digits, '-', '_', '.'",
+        ],
+    ),
+    (
         "duplicate-rule-name",
         M + "rules:\n  - {name: a, when: {pii: true}, route: local}\n"
         "  - {name: b, when: {pii: true}, route: local}\n  - {name: a, route: closed}\n",
