@@ -225,7 +225,7 @@ class RateLimiter:
         self._redis: Any = None
         self._script: Any = None
         self._redis_down_until = 0.0
-        self._redis_refused: str | None = None  # why Redis refused it, once logged
+        self._redis_refused: str | None = None  # the refusal logged; None once Redis works
         self._reserve_script: Any = None
         self._settle_script: Any = None
         self._pending: set[asyncio.Future[Any]] = set()  # changes (and reserves) on their way
@@ -393,6 +393,7 @@ class RateLimiter:
         except Exception as exc:  # Redis down: reserve in-process instead
             self._redis_failed(exc)
             return None
+        self._redis_refused = None  # it works: a refusal again is said again
         if int(done[0]):
             return _ADMITTED
         return "tpm", float(done[1]), float(done[2])
@@ -435,6 +436,7 @@ class RateLimiter:
         except Exception as exc:  # Redis down: fall back to the in-process counters
             self._redis_failed(exc)
             return None
+        self._redis_refused = None  # it works: a refusal again is said again
         if int(allowed):
             return _ADMITTED
         name = which.decode() if isinstance(which, bytes) else str(which)

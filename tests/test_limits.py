@@ -1510,3 +1510,34 @@ def test_a_refused_redis_password_is_logged_once_as_the_setting_to_fix(
     assert [r.levelname for r in said] == ["ERROR"], caplog.text
     assert "TIERGATE_REDIS_URL" in said[0].message and "refused" in said[0].message
     assert "right-pw" not in caplog.text and "wrong-pw" not in caplog.text
+
+
+@pytest.mark.skipif(redis_binary() is None, reason="no redis-server binary")
+def test_a_refusal_that_comes_back_after_redis_worked_is_logged_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The limiter said a refusal once, as what to fix, but kept it said after Redis worked
+    again: the same refusal later (an ACL change undone, a rotation gone wrong twice) was
+    not logged at all, while the limits were counted in process again."""
+    monkeypatch.setattr(limits, "REDIS_RETRY_S", 0.0)  # every admission tries Redis again
+    caplog.set_level("WARNING", logger="tiergate.limits")
+    tenant = Principal(tenant="acme", permissions=frozenset(), key_id="k")
+    with RedisServer(tmp_path) as redis_server:
+        admin = redis_server.client()
+        denied = ["+@all", "-@scripting"]  # the limiter's scripts: NOPERM
+        admin.acl_setuser("tg", enabled=True, passwords=["+tg-pw"], keys=["*"], commands=denied)
+        url = redis_server.url.replace("redis://", "redis://tg:tg-pw@")
+
+        async def scenario() -> None:
+            limiter = limits.RateLimiter(rpm=100, tpm=None, redis_url=url)
+            await limiter.admit(tenant)  # refused
+            admin.acl_setuser("tg", commands=["+@all"])
+            await limiter.admit(tenant)  # counted in Redis
+            assert admin.keys("tiergate:*")
+            admin.acl_setuser("tg", commands=["-@scripting"])
+            await limiter.admit(tenant)  # refused again
+            await limiter.aclose()
+
+        asyncio.run(scenario())
+    said = [r for r in caplog.records if r.name == "tiergate.limits"]
+    assert [r.levelname for r in said] == ["ERROR", "ERROR"], caplog.text
