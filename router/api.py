@@ -849,11 +849,7 @@ def _model_entries(svc: Services, tenant: str) -> list[dict[str, Any]]:
     return data
 
 
-@router.post(
-    "/v1/route",
-    openapi_extra=json_request_body(ChatCompletionRequest),
-    response_class=ClientJSON,  # a policy's model name may hold a lone surrogate
-)
+@router.post("/v1/route", openapi_extra=json_request_body(ChatCompletionRequest))
 async def dry_run(request: Request) -> dict[str, Any]:
     """Explain how a chat request would be routed, without calling any model. The request gets
     chat's checks up to the decision (rate limit, shape, size caps, pin permission); the
