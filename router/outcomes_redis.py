@@ -676,10 +676,16 @@ def _day(ts: float) -> int:
 
 def refused_credentials(exc: BaseException) -> str | None:
     """Why Redis refused Tiergate's credentials (``WRONGPASS``, ``NOAUTH``) or a command its
-    ACL withholds (``NOPERM``), naming the setting to fix; None for an outage or anything
+    ACL withholds (``NOPERM``), or why it takes no writes (``READONLY``: the URL points at a
+    replica, as after a failover), naming the setting to fix; None for an outage or anything
     else. Redis's own words, quoted, name no password. The rate limiter and key lookups,
     on the same Redis, log it too (router.limits, router.auth)."""
-    from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissionError
+    from redis.exceptions import (
+        AuthenticationError,
+        AuthorizationError,
+        NoPermissionError,
+        ReadOnlyError,
+    )
 
     if isinstance(exc, AuthenticationError | AuthorizationError):
         return (
@@ -691,27 +697,39 @@ def refused_credentials(exc: BaseException) -> str | None:
             f"TIERGATE_REDIS_URL: Redis's ACL refuses Tiergate's user a command it needs "
             f"({exc}): grant it the commands of docs/kubernetes.md (A Redis user for Tiergate)"
         )
+    if isinstance(exc, ReadOnlyError):
+        return (
+            f"TIERGATE_REDIS_URL points at a read-only replica ({exc}): point it at the "
+            "primary (after a failover, the new one)"
+        )
     return None
 
 
 #: How Redis 6.2 answers a command a script runs that the user's ACL withholds: a script error,
 #: where Redis 7 answers ``NOPERM`` (redis-py's NoPermissionError).
 _SCRIPT_DENIED = "can't run this command or subcommand"
+#: How Redis 6.2 answers a write a script makes on a read-only replica: a script error quoting
+#: the ``READONLY`` error, where a plain command gets it as such (redis-py's ReadOnlyError).
+_SCRIPT_READONLY = "-READONLY "
 
 
 def _denied_as_noperm(execute: Callable[[], list[Any]]) -> list[Any]:
     """``execute()``, a pipeline of Tiergate's scripts; a command the ACL withholds in one
-    raised as the NoPermissionError it is on Redis 7, so that on 6.2 too it is the refusal
-    :func:`refused_credentials` names, retried, not each item dropped as unwritable."""
-    from redis.exceptions import NoPermissionError, ResponseError
+    raised as the NoPermissionError it is on Redis 7, and a write a replica refuses in one
+    (Redis 6.2 wraps its ``-READONLY`` in a script error) as ReadOnlyError, so that on 6.2
+    too each is the refusal :func:`refused_credentials` names, retried, not each item
+    dropped as unwritable."""
+    from redis.exceptions import NoPermissionError, ReadOnlyError, ResponseError
 
     try:
         return execute()
-    except NoPermissionError:
+    except (NoPermissionError, ReadOnlyError):
         raise
     except ResponseError as exc:
         if _SCRIPT_DENIED in str(exc):
             raise NoPermissionError(str(exc)) from exc
+        if _SCRIPT_READONLY in str(exc):
+            raise ReadOnlyError(str(exc)) from exc
         raise
 
 
@@ -825,13 +843,15 @@ class RedisOutcomeStore(OutcomeWriter):
             decode_responses=True,
         )
         # An outage, retried; any other Redis error is the item's (see OutcomeWriter). A refused
-        # password (a ConnectionError) or command (NOPERM) is retried too, as every item would
-        # fail alike, and is reported as the configuration error it is (:meth:`unavailable`).
+        # password (a ConnectionError), command (NOPERM) or write (READONLY: a replica) is
+        # retried too, as every item would fail alike, and is reported as the configuration
+        # error it is (:meth:`unavailable`).
         self.transient = (
             redis.ConnectionError,
             redis.TimeoutError,
             OSError,
             redis.exceptions.NoPermissionError,
+            redis.exceptions.ReadOnlyError,
         )
         self._record_script = self._client.register_script(_RECORD_LUA)
         self._label_script = self._client.register_script(_LABEL_LUA)
@@ -867,7 +887,11 @@ class RedisOutcomeStore(OutcomeWriter):
             )
         try:
             self._take_up()
-        except BaseException:  # any failure, not only a ConfigError (a READONLY replica)
+        except BaseException:  # any failure, not only a ConfigError
+            if self._client is not None:  # the lifespan does not close us: nor its connections
+                with contextlib.suppress(Exception):
+                    self._client.close()
+                self._client = None
             if self._claim is not None:
                 self._claim.close()  # releases the journal: the lifespan does not close us
                 self._claim = None

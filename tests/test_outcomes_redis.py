@@ -489,15 +489,20 @@ def test_a_wrong_redis_password_is_a_configuration_error_not_an_outage(
         claim.close()
 
 
-def test_a_start_that_fails_for_any_reason_frees_the_journal(tmp_path: Path) -> None:
-    """A start refused by something other than a ConfigError (here a read-only replica Redis,
-    whose ``READONLY`` refusal of the heartbeat is a ``ResponseError``) kept the journal's
-    lock: the app's lifespan does not close a store whose start failed, so the next start in
-    the same process or home was refused as if another Tiergate held the journal."""
+def test_a_read_only_replica_is_refused_at_start_freeing_the_journal_and_client(
+    tmp_path: Path,
+) -> None:
+    """A URL pointing at a read-only replica (as after a failover) failed the start with the
+    client's ``ReadOnlyError`` and a traceback; it is a ConfigError naming the setting. A
+    failed start kept the journal's lock (the app's lifespan does not close a store whose
+    start failed, so the next start was refused as if another Tiergate held the journal),
+    and kept the client's connection to Redis open: both are let go."""
     with RedisServer(tmp_path / "redis", "--replicaof", "127.0.0.1", str(free_port())) as server:
         outcomes = RedisOutcomeStore(server.url, journal=tmp_path / "j.jsonl")
-        with pytest.raises(redis.ResponseError, match="READONLY"):
+        with pytest.raises(ConfigError, match="TIERGATE_REDIS_URL points at a read-only"):
             outcomes.start()
+        admin = server.client()
+        assert wait_for(lambda: len(admin.client_list()) == 1)  # only the assertion's own
     free, claim = lock_beside(tmp_path / "j.jsonl")
     assert free  # the journal is free for the next start
     if claim is not None:
@@ -544,6 +549,35 @@ def test_a_password_redis_stops_taking_leaves_the_replica_unready_until_it_does_
             outcomes.submit(outcome(tenant="acme", cost_usd=0.25))
             assert wait_for(lambda: outcomes.health()["journal_lines"] == 1)
             admin.config_set("requirepass", "right-pw")
+            assert wait_for(lambda: app.http.get("/readyz").status_code == 200)
+            assert outcomes.flush(10) and outcomes.health()["refusal"] is None
+            assert outcomes.count("acme") == 1
+
+
+def test_redis_turned_read_only_leaves_the_replica_unready_keeping_its_records(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, fake: FakeProvider
+) -> None:
+    """The primary Redis turned replica under a running replica (a failover, the URL not
+    following it): each record's script was refused ``READONLY``, a ``ResponseError`` taken
+    as the record's own fault, so records were dropped as unwritable and the replica stayed
+    ready. It logs once that the URL points at a read-only replica, answers /readyz 503, keeps
+    its records in the journal, and writes them once Redis takes writes again."""
+    caplog.set_level("ERROR", logger="tiergate.outcomes")
+    with RedisServer(tmp_path / "redis") as server:
+        outcomes = RedisOutcomeStore(server.url, journal=tmp_path / "journal.jsonl")
+        with live(tmp_path, policy_yaml(fake), outcomes=outcomes) as app:
+            admin = server.client()
+            assert app.http.get("/readyz").status_code == 200
+            admin.replicaof("127.0.0.1", str(free_port()))
+            assert wait_for(lambda: app.http.get("/readyz").status_code == 503)
+            refusal = outcomes.health()["refusal"]
+            assert refusal is not None and "points at a read-only replica" in refusal
+            outcomes.submit(outcome(tenant="acme", cost_usd=0.25))
+            assert wait_for(lambda: outcomes.health()["journal_lines"] == 1)
+            assert outcomes.health()["dropped"] == 0
+            said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+            assert len(said) == 1 and "read-only replica" in said[0], said
+            admin.replicaof("NO", "ONE")
             assert wait_for(lambda: app.http.get("/readyz").status_code == 200)
             assert outcomes.flush(10) and outcomes.health()["refusal"] is None
             assert outcomes.count("acme") == 1
