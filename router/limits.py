@@ -226,6 +226,7 @@ class RateLimiter:
         self._script: Any = None
         self._redis_down_until = 0.0
         self._redis_refused: str | None = None  # the refusal logged; None once Redis works
+        self._redis_outage: float | None = None  # when the outage logged began; None: none
         self._reserve_script: Any = None
         self._settle_script: Any = None
         self._pending: set[asyncio.Future[Any]] = set()  # changes (and reserves) on their way
@@ -393,7 +394,7 @@ class RateLimiter:
         except Exception as exc:  # Redis down: reserve in-process instead
             self._redis_failed(exc)
             return None
-        self._redis_refused = None  # it works: a refusal again is said again
+        self._redis_worked()
         if int(done[0]):
             return _ADMITTED
         return "tpm", float(done[1]), float(done[2])
@@ -436,7 +437,7 @@ class RateLimiter:
         except Exception as exc:  # Redis down: fall back to the in-process counters
             self._redis_failed(exc)
             return None
-        self._redis_refused = None  # it works: a refusal again is said again
+        self._redis_worked()
         if int(allowed):
             return _ADMITTED
         name = which.decode() if isinstance(which, bytes) else str(which)
@@ -447,16 +448,30 @@ class RateLimiter:
         # as in one: the outcome store fails readiness for it (router.outcomes_redis), so the
         # replica leaves its load balancer; refusing every request meanwhile would make a
         # half-done password rotation an outage for every tenant. Said once, as what to fix.
+        # An outage is said once as it begins and once as it ends (:meth:`_redis_worked`), not
+        # at each retry (every REDIS_RETRY_S while requests come in).
         refused = refused_credentials(exc)
         if refused is not None and refused != self._redis_refused:
             log.error("rate limits: %s; counting in-process meanwhile, as in an outage", refused)
-        elif refused is None and time.time() >= self._redis_down_until:
+        elif refused is None and self._redis_outage is None:
+            self._redis_outage = time.monotonic()
             log.warning(
-                "rate limits: Redis unavailable (%s); counting in-process for now",
+                "rate limits: Redis unavailable (%s); counting in-process until it answers",
                 type(exc).__name__,
             )
         self._redis_refused = refused
         self._redis_down_until = time.time() + REDIS_RETRY_S
+
+    def _redis_worked(self) -> None:
+        """Redis answered: an outage logged ends (said once), and a refusal again is said
+        again."""
+        self._redis_refused = None
+        if self._redis_outage is not None:
+            log.warning(
+                "rate limits: Redis available again after %.1f s; counting in Redis",
+                time.monotonic() - self._redis_outage,
+            )
+            self._redis_outage = None
 
     async def aclose(self) -> None:
         """Finish pending settlements and close the Redis connection, if one was opened."""

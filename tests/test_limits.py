@@ -1541,3 +1541,34 @@ def test_a_refusal_that_comes_back_after_redis_worked_is_logged_again(
         asyncio.run(scenario())
     said = [r for r in caplog.records if r.name == "tiergate.limits"]
     assert [r.levelname for r in said] == ["ERROR", "ERROR"], caplog.text
+
+
+@pytest.mark.skipif(redis_binary() is None, reason="no redis-server binary")
+def test_a_redis_outage_is_logged_once_as_it_begins_and_once_as_it_ends(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """During an outage the limiter logged a warning at each retry of Redis (every
+    REDIS_RETRY_S, about once a second, while requests came in) and nothing when Redis
+    answered again. It says the outage once as it begins and once as it ends, as the
+    outcome store does."""
+    monkeypatch.setattr(limits, "REDIS_RETRY_S", 0.0)  # every admission tries Redis again
+    caplog.set_level("WARNING", logger="tiergate.limits")
+    tenant = Principal(tenant="acme", permissions=frozenset(), key_id="k")
+    with RedisServer(tmp_path) as redis_server:
+
+        async def scenario() -> None:
+            limiter = limits.RateLimiter(rpm=100, tpm=None, redis_url=redis_server.url)
+            await limiter.admit(tenant)  # counted in Redis
+            redis_server.stop()
+            for _ in range(5):
+                await limiter.admit(tenant)  # in process, Redis tried each time
+            redis_server.start()
+            for _ in range(3):
+                await limiter.admit(tenant)  # counted in Redis again
+            await limiter.aclose()
+
+        asyncio.run(scenario())
+        assert redis_server.client().keys("tiergate:*")
+    said = [r.getMessage() for r in caplog.records if r.name == "tiergate.limits"]
+    assert len(said) == 2, said
+    assert "Redis unavailable" in said[0] and "Redis available again" in said[1], said
