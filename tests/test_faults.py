@@ -398,6 +398,25 @@ def test_a_model_whose_client_cannot_be_built_names_its_setting_not_its_key(
     assert response.headers["x-should-retry"] == "false"
 
 
+def test_a_defect_translating_a_litellm_request_stays_a_defect(
+    tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in Tiergate's own translation of the body for litellm (simulated here) is a 500,
+    not a ``model_misconfigured`` that blames the model's settings and lets the chain pass
+    over it: only building the model's client is its settings' failure."""
+    from router.backends import closed
+
+    def broken(messages: object, name: str) -> None:
+        raise RuntimeError("a defect in check_user_parts")
+
+    monkeypatch.setattr(closed, "check_user_parts", broken)
+    fake.reset()
+    with live(tmp_path, _through_litellm(fake, "openai-via-litellm")) as srv:
+        response = _post(srv, PINNED)
+    assert response.status_code == 500, response.text
+    assert fake.received == []
+
+
 @pytest.mark.parametrize("via", sorted(LITELLM_PATH))
 def test_a_litellm_stream_cut_after_its_opening_falls_back(
     tmp_path: Path, fake: FakeProvider, via: str

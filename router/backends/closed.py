@@ -613,12 +613,15 @@ class ClosedBackend:
         return self._litellm
 
     def _call_kwargs(self, model: ModelLike, body: dict[str, Any]) -> dict[str, Any]:
-        """:meth:`_litellm_kwargs`, where a client that cannot be built from the model's
-        settings (an ``api_base`` with a port ``${PORT}``: httpx's ``InvalidURL``) is a
-        :class:`ModelSettingsError` the chain passes, not a 500 that ends the request. A
-        request the model cannot take stays its :class:`BadRequestError`."""
+        """:meth:`_litellm_kwargs` with the client the model's provider is handed. A client that
+        cannot be built from the model's settings (an ``api_base`` with a port ``${PORT}``:
+        httpx's ``InvalidURL``) is a :class:`ModelSettingsError` the chain passes, not a 500
+        that ends the request. Only the client is read so: a defect in translating the body
+        stays a defect (a 500, logged), and a request the model cannot take stays its
+        :class:`BadRequestError`."""
+        kwargs = self._litellm_kwargs(model, body)
         try:
-            return self._litellm_kwargs(model, body)
+            client = self._client_for(model, kwargs["api_key"])
         except TiergateError:
             raise
         except Exception as exc:  # a client constructor's own errors (ValueError, InvalidURL)
@@ -630,6 +633,21 @@ class ClosedBackend:
                 f"{model.name} cannot be called as configured (check {setting}): its client "
                 f"could not be built ({why})"
             ) from exc
+        if client is not None:
+            kwargs["client"] = client
+        return kwargs
+
+    def _client_for(self, model: ModelLike, api_key: str | None) -> Any:
+        """The client litellm is handed for ``model``'s provider, or None where it builds its
+        own."""
+        provider = provider_of(model.litellm_model or "")
+        if provider == "openai":
+            return self._openai_client(model, api_key)
+        if provider == "azure":
+            return self._azure_client(model, api_key)
+        if provider in BOUNDED_PROVIDERS:
+            return self._bounded_client()
+        return None
 
     def _litellm_kwargs(self, model: ModelLike, body: dict[str, Any]) -> dict[str, Any]:
         kwargs = {k: v for k, v in body.items() if k not in _STRIP and k not in _LITELLM_OWN}
@@ -652,13 +670,6 @@ class ClosedBackend:
         kwargs["num_retries"] = 0
         if model.api_base:
             kwargs["api_base"] = model.api_base
-        provider = provider_of(model.litellm_model or "")
-        if provider == "openai":
-            kwargs["client"] = self._openai_client(model, kwargs["api_key"])
-        elif provider == "azure":
-            kwargs["client"] = self._azure_client(model, kwargs["api_key"])
-        elif provider in BOUNDED_PROVIDERS:
-            kwargs["client"] = self._bounded_client()
         return kwargs
 
     def _openai_client(self, model: ModelLike, api_key: str | None) -> Any:
