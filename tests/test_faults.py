@@ -398,6 +398,23 @@ def test_a_model_whose_client_cannot_be_built_names_its_setting_not_its_key(
     assert response.headers["x-should-retry"] == "false"
 
 
+def test_a_direct_model_at_an_unusable_api_base_is_misconfigured_as_through_litellm(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """The direct path, at an ``api_base`` whose port was never filled in, fails as litellm's
+    path does: a 502 ``model_misconfigured`` naming the setting, not told to retry, not a
+    retryable ``upstream_unreachable`` that cools the model."""
+    fake.reset()
+    policy = policy_yaml(fake, on_failure="closed")
+    policy = policy.replace(f"api_base: {fake.base_url}", "api_base: http://127.0.0.1:${PORT}/v1")
+    with live(tmp_path, policy) as srv:
+        response = _post(srv, PINNED)
+        _final_error(srv, response, 502, ("api_error", "model_misconfigured"))
+    message = response.json()["error"]["message"]
+    assert "gpt-4o" in message and "api_base" in message, message
+    assert response.headers["x-should-retry"] == "false"
+
+
 def test_a_defect_translating_a_litellm_request_stays_a_defect(
     tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -26,6 +26,7 @@ from router.config import MAX_EVENT_BYTES
 from router.errors import (
     MAX_RETRY_AFTER_S,
     BackendError,
+    ModelSettingsError,
     TiergateError,
     UpstreamAuthError,
     UpstreamBadRequestError,
@@ -442,9 +443,19 @@ def unread_error_body(
 
 
 def map_transport_error(exc: Exception, label: str) -> TiergateError:
-    """Map a transport failure (timeout, refused, reset) to a Tiergate error."""
+    """Map a transport failure (timeout, refused, reset) to a Tiergate error. A URL that
+    cannot be called (an ``api_base`` whose port is ``${PORT}``) is the model's settings, as
+    on litellm's path (:class:`ModelSettingsError`): nothing was sent, and a retry or a
+    cooldown fixes nothing. One a provider redirected to is the provider's."""
     if isinstance(exc, asyncio.TimeoutError):  # aiohttp's timeouts subclass it
         return UpstreamTimeoutError(f"{label} timed out ({type(exc).__name__})")
+    if isinstance(exc, aiohttp.InvalidURL) and not isinstance(
+        exc, aiohttp.InvalidUrlRedirectClientError
+    ):
+        return ModelSettingsError(
+            f"{label} cannot be called as configured (check its api_base): "
+            f"{type(exc).__name__}: {exc}"
+        )
     return BackendError(f"{label} unreachable: {type(exc).__name__}", code="upstream_unreachable")
 
 
