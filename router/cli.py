@@ -1475,7 +1475,9 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     finally:
         outcomes.close()
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2, default=str))
+        from router.api import finite  # an undefined APGR (NaN) is null: NaN is not JSON
+
+        print(json.dumps(finite(report.to_dict()), indent=2, default=str))
     else:
         print(format_report(report))
     # A refused candidate is the gate doing its work, not a failure: 0 unless asked to tell it

@@ -741,6 +741,12 @@ def base_folder(tmp_path: Path, base: Path) -> Path:
     return folder
 
 
+def _not_json(constant: str) -> None:
+    """``json.loads``' ``parse_constant``: NaN and Infinity, which Python writes, are no JSON
+    another reader (jq, JavaScript) can parse."""
+    raise AssertionError(f"{constant} in JSON output")
+
+
 def test_a_refused_candidate_exits_0_unless_asked_to_tell_it_apart(
     tmp_path: Path, outcomes: SQLiteOutcomeStore, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -754,7 +760,10 @@ def test_a_refused_candidate_exits_0_unless_asked_to_tell_it_apart(
     argv = ["retrain", "--store", str(models.root), "--db", str(tmp_path / "o.db")]
     argv += ["--base", str(base_folder(tmp_path, profile_base_file(tmp_path))), "--bootstrap", "50"]
     assert main([*argv, "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["decision"] == "refused"
+    report = json.loads(capsys.readouterr().out, parse_constant=_not_json)
+    assert report["decision"] == "refused"
+    labelled = report["comparisons"][0]  # APGR is undefined here: null, not NaN (not JSON)
+    assert (labelled["current"], labelled["diff"]) == (None, None), labelled
     assert main([*argv, "--exit-code"]) == 3
     assert "gate     REFUSED: " in capsys.readouterr().out
     assert models.current() == "v0001" and models.version_ids() == ["v0001", "v0002", "v0003"]
