@@ -384,9 +384,9 @@ class LearningLoop:
     def _shadow_cost(self, ctx: Any, body: Mapping[str, Any], local: str) -> float:
         """What a shadow judgement may cost: the default closed model answering the request
         (the tokens the gateway reserved one call for) and the judge reading both answers
-        twice, each call priced at the most its prompt can be (``text_bytes``, as the
-        gateway holds a request) and its completion cap."""
-        from router.signals import estimate_tokens, scoring_text, text_bytes
+        twice, each call priced at the most its prompt can be (a token a UTF-8 byte, as
+        the gateway holds a request) and its completion cap."""
+        from router.signals import estimate_tokens, scoring_text
 
         spec = self._closed_spec(None)
         prompt, completion = self.gateway.call_tokens(ctx, self.gateway.reserve_tokens, spec)
@@ -395,7 +395,7 @@ class LearningLoop:
         # The judge reads the question and both answers (the closed one at most its cap).
         question = scoring_text(list(body.get("messages") or []))
         judged: list[Mapping[str, Any]] = [*judge_messages(question, local, "")]
-        judge_prompt = estimate_tokens(judged, count=text_bytes) + completion
+        judge_prompt = estimate_tokens(judged, bound=True) + completion
         judge_spec = self._closed_spec(self.judge_model)
         judge = costs.closed_cost(judge_spec, judge_prompt, judge_tokens(judge_spec))
         return float(closed + 2 * judge)

@@ -6,7 +6,7 @@ It is pure and fast: no tokenizer, no network. Token counts are estimated from t
 (:func:`text_tokens`: 3.5 characters a token for English, more tokens for digits and for
 scripts beyond ASCII), which is what the long-context rule needs, and images and files by a
 fixed guess each (:func:`estimate_tokens`); budget holds and token reservations count the most
-the text can be instead (:func:`text_bytes`, ``Signals.prompt_bound``).
+the text can be instead (a token a UTF-8 byte, :func:`prompt_sizes`, ``Signals.prompt_bound``).
 
 The routing score reads the last user turn (:func:`scoring_text`); the ``pii`` signal reads
 every string the request would send upstream (:func:`request_strings`: every message, part,
@@ -20,7 +20,7 @@ import binascii
 import codecs
 import math
 import re
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +50,7 @@ class Signals:
     alias: str
     tenant: str = "default"
     prompt_tokens: int = 0
-    # The most tokens the prompt can be (:func:`text_bytes` for its text; images and files by
+    # The most tokens the prompt can be (a token a UTF-8 byte of its text; images and files by
     # the guesses): what a budget hold and a token reservation count, so that text a tokenizer
     # cannot merge (``"a\n"`` repeated, 3.5 times the estimate) is not held at the estimate.
     # None: ``prompt_tokens`` (a value made without a request). A price, not a signal.
@@ -190,19 +190,16 @@ FILE_TOKENS = 3000 + IMAGE_TOKENS
 IMAGE_PARTS = frozenset({"image_url", "input_image", "image"})
 
 
-def text_bytes(text: str) -> float:
-    """The most tokens ``text`` can be: one a UTF-8 byte, as a byte-level tokenizer reads text
-    none of whose bytes merge (``"a\n"`` repeated, or random punctuation: GPT-4o's tokenizer
-    reads either at 2.4 to 3.5 times :func:`text_tokens`)."""
-    return len(text.encode("utf-8", "surrogatepass"))
-
-
 def text_tokens(text: str) -> float:
     """Estimated tokens of ``text``, for no tokenizer in particular: a character a
     :data:`CHARS_PER_TOKEN`-th of a token, plus :data:`DIGIT_TOKENS` an ASCII digit and
     :data:`EXTRA_BYTE_TOKENS` for each UTF-8 byte of a character past its first. Linear, at
     memory speed (``str.encode``, ``bytes.translate``)."""
-    data = text.encode("utf-8", "surrogatepass")
+    return _estimated(text, text.encode("utf-8", "surrogatepass"))
+
+
+def _estimated(text: str, data: bytes) -> float:
+    # :func:`text_tokens` of ``text``, whose UTF-8 form is ``data``.
     digits = len(data) - len(data.translate(None, _DIGITS))
     return (
         len(text) / CHARS_PER_TOKEN
@@ -211,13 +208,35 @@ def text_tokens(text: str) -> float:
     )
 
 
-def _content_size(content: Any, count: Callable[[str], float] = text_tokens) -> tuple[float, int]:
-    # (estimated tokens of text, tokens of images and files) in one message's content. A part's
-    # ``text`` counts whatever its type (``text``, ``input_text``, ``output_text``); an image or
-    # file counts by the guesses above, so its payload is never read.
+class _Tally:
+    """Text tokens counted both ways in one pass, each string encoded once: the estimate
+    (:func:`text_tokens`) and the most they can be, a token a UTF-8 byte, as a byte-level
+    tokenizer reads text none of whose bytes merge (``"a\n"`` repeated, or random punctuation:
+    GPT-4o's tokenizer reads either at 2.4 to 3.5 times the estimate)."""
+
+    __slots__ = ("bound", "estimate")
+
+    def __init__(self) -> None:
+        self.estimate = 0.0
+        self.bound = 0.0
+
+    def add(self, text: str) -> None:
+        data = text.encode("utf-8", "surrogatepass")
+        self.estimate += _estimated(text, data)
+        self.bound += len(data)
+
+    def whole(self, bound: bool) -> int:
+        """The tally in whole tokens: the estimate, or with ``bound`` the most it can be."""
+        return math.ceil((self.bound if bound else self.estimate) - 1e-9)
+
+
+def _content_size(content: Any, tally: _Tally) -> int:
+    # The tokens of the images and files in one message's content; its text goes to ``tally``.
+    # A part's ``text`` counts whatever its type (``text``, ``input_text``, ``output_text``);
+    # an image or file counts by the guesses above, so its payload is never read.
     if isinstance(content, str):
-        return count(content), 0
-    tokens = 0.0
+        tally.add(content)
+        return 0
     media = 0
     if isinstance(content, list):
         for part in content:
@@ -227,10 +246,10 @@ def _content_size(content: Any, count: Callable[[str], float] = text_tokens) -> 
             if part.get("type") in IMAGE_PARTS:
                 media += IMAGE_TOKENS
             elif isinstance(text, str):
-                tokens += count(text)
+                tally.add(text)
             else:
                 media += FILE_TOKENS
-    return tokens, media
+    return media
 
 
 def estimate_tokens(
@@ -239,7 +258,7 @@ def estimate_tokens(
     *,
     response_format: Any = None,
     prediction: Any = None,
-    count: Callable[[str], float] = text_tokens,
+    bound: bool = False,
 ) -> int:
     """Prompt-token estimate: text by :func:`text_tokens`, each image as :data:`IMAGE_TOKENS`
     and each file as :data:`FILE_TOKENS`, plus :data:`TOKENS_PER_MESSAGE` a message.
@@ -248,36 +267,46 @@ def estimate_tokens(
     (which the provider reads and bills as input: OpenAI's structured outputs, the tool litellm
     makes of it for Claude), a ``prediction`` (OpenAI's predicted output, which the model
     reads; the part the answer does not use is billed at the output price), and the thinking
-    a tool loop sends back (:func:`_replayed_thinking`). ``count``: how text counts
-    (:func:`text_bytes` for the most it can be)."""
-    tokens = 0.0
+    a tool loop sends back (:func:`_replayed_thinking`). ``bound``: text counted at the most
+    it can be (a token a UTF-8 byte: :class:`_Tally`) instead."""
+    tally = _Tally()
+    fixed = _tally_prompt(messages, tools, response_format, prediction, tally)
+    return tally.whole(bound) + fixed
+
+
+def _tally_prompt(
+    messages: list[Mapping[str, Any]],
+    tools: Any,
+    response_format: Any,
+    prediction: Any,
+    tally: _Tally,
+) -> int:
+    # :func:`estimate_tokens`' text into ``tally``; returns the tokens counted whole (images,
+    # files, a message's own).
     media = 0
     if response_format and isinstance(response_format, Mapping):  # truth first: no ABC check
         schema = response_format.get("json_schema") or response_format.get("schema")
         if schema:
-            tokens += count(str(schema))
+            tally.add(str(schema))
     if prediction and isinstance(prediction, Mapping):
-        predicted, media = _content_size(prediction.get("content"), count)
-        tokens += predicted
+        media = _content_size(prediction.get("content"), tally)
     called: Mapping[str, Any] | None = None  # the last message that calls a tool
     for m in messages:
-        text, parts = _content_size(m.get("content"), count)
-        tokens += text
-        media += parts
+        media += _content_size(m.get("content"), tally)
         calls = m.get("tool_calls") or m.get("function_call")
         if calls:
-            tokens += count(str(calls))
+            tally.add(str(calls))
             called = m
     if tools:
-        tokens += count(str(tools))
+        tally.add(str(tools))
     if called is not None:
-        tokens += _replayed_thinking(messages, called, count)
-    return math.ceil(tokens - 1e-9) + media + TOKENS_PER_MESSAGE * len(messages)
+        _replayed_thinking(messages, called, tally)
+    return media + TOKENS_PER_MESSAGE * len(messages)
 
 
 def _replayed_thinking(
-    messages: list[Mapping[str, Any]], called: Mapping[str, Any], count: Callable[[str], float]
-) -> float:
+    messages: list[Mapping[str, Any]], called: Mapping[str, Any], tally: _Tally
+) -> None:
     # The thinking of the last assistant turn when it is ``called``, the last to call tools
     # (``thinking_blocks``, as litellm's translation of Anthropic's ``thinking`` and
     # ``redacted_thinking`` blocks holds them): a tool loop must send it back with the results,
@@ -288,36 +317,40 @@ def _replayed_thinking(
     last = next((m for m in reversed(messages) if m.get("role") == "assistant"), None)
     blocks = called.get("thinking_blocks")
     if last is not called or not isinstance(blocks, list):
-        return 0.0
-    return sum(
-        count(text)
-        for b in blocks
-        if isinstance(b, Mapping) and isinstance(text := b.get("thinking", b.get("data")), str)
-    )
+        return
+    for b in blocks:
+        if isinstance(b, Mapping) and isinstance(text := b.get("thinking", b.get("data")), str):
+            tally.add(text)
 
 
-def prompt_estimate(
-    body: Mapping[str, Any],
-    blocks: Sequence[Mapping[str, Any]] = (),
-    count: Callable[[str], float] = text_tokens,
-) -> int:
+def prompt_estimate(body: Mapping[str, Any], blocks: Sequence[Mapping[str, Any]] = ()) -> int:
     """The prompt-token estimate of the chat request ``body`` (:func:`estimate_tokens` of its
     messages, tools, ``response_format`` and ``prediction``), corrected by ``blocks``, its
     front's native request's (:func:`native_blocks`), for what only a Claude is sent: the
     server-tool blocks, which the chat translation drops, and each PDF by URL, which it makes
     an image part, counted as a file. Routing and ``/v1/messages/count_tokens`` both count
-    with this, so the two agree. ``count``: as :func:`estimate_tokens` takes it."""
-    by_url = sum(1 for b in blocks if _by_url(b))
+    with this, so the two agree."""
+    return prompt_sizes(body, blocks)[0]
+
+
+def prompt_sizes(
+    body: Mapping[str, Any], blocks: Sequence[Mapping[str, Any]] = ()
+) -> tuple[int, int]:
+    """(:func:`prompt_estimate`, the most the prompt can be: its text a token a UTF-8 byte,
+    what a budget hold and a token reservation count), read in one pass."""
+    text, served = _Tally(), _Tally()
+    fixed = _tally_prompt(
+        list(body.get("messages") or []),
+        body.get("tools") or body.get("functions"),
+        body.get("response_format"),
+        body.get("prediction"),
+        text,
+    )
+    fixed += _tally_server_blocks(blocks, served)
+    fixed += sum(1 for b in blocks if _by_url(b)) * (FILE_TOKENS - IMAGE_TOKENS)
     return (
-        estimate_tokens(
-            list(body.get("messages") or []),
-            body.get("tools") or body.get("functions"),
-            response_format=body.get("response_format"),
-            prediction=body.get("prediction"),
-            count=count,
-        )
-        + _server_block_tokens(blocks, count)
-        + by_url * (FILE_TOKENS - IMAGE_TOKENS)
+        text.whole(False) + served.whole(False) + fixed,
+        text.whole(True) + served.whole(True) + fixed,
     )
 
 
@@ -326,19 +359,17 @@ def _by_url(block: Mapping[str, Any]) -> bool:
     return block.get("type") == "document" and (block.get("source") or {}).get("type") == "url"
 
 
-def _server_block_tokens(
-    blocks: Sequence[Mapping[str, Any]], count: Callable[[str], float] = text_tokens
-) -> int:
-    # Each string of the server-tool blocks counts as text, as a tool call's JSON does; each
-    # image or document of a payload source counts by the fixed guesses.
-    tokens = 0.0
+def _tally_server_blocks(blocks: Sequence[Mapping[str, Any]], tally: _Tally) -> int:
+    # Each string of the server-tool blocks counts as text (into ``tally``), as a tool call's
+    # JSON does; each image or document of a payload source counts by the fixed guesses
+    # (returned).
     media = 0
     for part in server_block_parts(blocks):
         if isinstance(part, str):
-            tokens += count(part)
+            tally.add(part)
         else:
             media += IMAGE_TOKENS if part.get("type") == "image" else FILE_TOKENS
-    return math.ceil(tokens - 1e-9) + media
+    return media
 
 
 def server_block_parts(blocks: Iterable[Mapping[str, Any]]) -> Iterator[str | Mapping[str, Any]]:
@@ -372,13 +403,14 @@ def _payload_source(source: Any) -> bool:
 
 def prediction_tokens(prediction: Any) -> int:
     """The most tokens a request's ``prediction`` (OpenAI's predicted output) can be, counted
-    as a hold counts message content (:func:`text_bytes`). The model reads it; the part the
+    as a hold counts message content (a token a UTF-8 byte). The model reads it; the part the
     answer does not use is billed as completion tokens (``rejected_prediction_tokens``, within
     ``completion_tokens``), at the output price."""
     if not prediction or not isinstance(prediction, Mapping):
         return 0
-    text, media = _content_size(prediction.get("content"), text_bytes)
-    return math.ceil(text - 1e-9) + media
+    tally = _Tally()
+    media = _content_size(prediction.get("content"), tally)
+    return tally.whole(True) + media
 
 
 #: The characters of a base64 payload (line breaks allowed, as MIME writes them).
@@ -635,11 +667,12 @@ def extract_signals(
     media = media_kinds(messages)  # none: no image, no document
     blocks = tuple(native_blocks(sent)) if sent is not None else ()
     tools, native_tools = anthropic_tools(sent) if sent is not None else ((), ())
+    prompt_tokens, prompt_bound = prompt_sizes(body, blocks)
     return Signals(
         alias=str(body.get("model", "auto")),
         tenant=tenant,
-        prompt_tokens=prompt_estimate(body, blocks),
-        prompt_bound=prompt_estimate(body, blocks, text_bytes),
+        prompt_tokens=prompt_tokens,
+        prompt_bound=prompt_bound,
         prediction_tokens=prediction_tokens(body.get("prediction")),
         max_tokens=int(max_tokens) if isinstance(max_tokens, int) else None,
         output_field=fields.output_of(body),
