@@ -24,7 +24,7 @@ from router.errors import ConfigError
 from router.learning import purge_loop
 from router.outcomes import Label, OutcomeRecord, SQLiteOutcomeStore, TieredLabel, lock_beside
 from router.outcomes_redis import HOLD_RETRY_S, RedisOutcomeStore
-from tests.conftest import free_port, live, policy_yaml, wait_for
+from tests.conftest import LiveServer, free_port, live, policy_yaml, wait_for
 from tests.fake_provider import FakeProvider
 from tests.records import (
     answer_across_an_erasure,
@@ -525,6 +525,21 @@ def test_a_redis_user_its_acl_denies_a_command_is_refused_at_start(
         outcomes.close()
 
 
+def _unready_saying(app: LiveServer, outcomes: RedisOutcomeStore, says: str) -> None:
+    """Wait for the replica to answer /readyz 503, its refusal naming ``says``."""
+    assert wait_for(lambda: app.http.get("/readyz").status_code == 503)
+    refusal = outcomes.health()["refusal"]
+    assert refusal is not None and says in refusal
+
+
+def _ready_again_with_its_record(app: LiveServer, outcomes: RedisOutcomeStore) -> None:
+    """Wait for the replica to be ready again, its refusal gone and the one record it held
+    in the journal written."""
+    assert wait_for(lambda: app.http.get("/readyz").status_code == 200)
+    assert outcomes.flush(10) and outcomes.health()["refusal"] is None
+    assert outcomes.count("acme") == 1
+
+
 def test_a_password_redis_stops_taking_leaves_the_replica_unready_until_it_does_again(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, fake: FakeProvider
 ) -> None:
@@ -540,18 +555,14 @@ def test_a_password_redis_stops_taking_leaves_the_replica_unready_until_it_does_
             assert app.http.get("/readyz").status_code == 200
             admin.config_set("requirepass", "rotated-pw")
             admin.client_kill_filter(_type="normal", skipme=True)  # its connections must log in
-            assert wait_for(lambda: app.http.get("/readyz").status_code == 503)
-            refusal = outcomes.health()["refusal"]
-            assert refusal is not None and "TIERGATE_REDIS_PASSWORD" in refusal
+            _unready_saying(app, outcomes, "TIERGATE_REDIS_PASSWORD")
             said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
             assert len(said) == 1 and "Redis refused Tiergate's credentials" in said[0]
             assert not [line for line in said if "-pw" in line]
             outcomes.submit(outcome(tenant="acme", cost_usd=0.25))
             assert wait_for(lambda: outcomes.health()["journal_lines"] == 1)
             admin.config_set("requirepass", "right-pw")
-            assert wait_for(lambda: app.http.get("/readyz").status_code == 200)
-            assert outcomes.flush(10) and outcomes.health()["refusal"] is None
-            assert outcomes.count("acme") == 1
+            _ready_again_with_its_record(app, outcomes)
 
 
 def test_redis_turned_read_only_leaves_the_replica_unready_keeping_its_records(
@@ -569,18 +580,14 @@ def test_redis_turned_read_only_leaves_the_replica_unready_keeping_its_records(
             admin = server.client()
             assert app.http.get("/readyz").status_code == 200
             admin.replicaof("127.0.0.1", str(free_port()))
-            assert wait_for(lambda: app.http.get("/readyz").status_code == 503)
-            refusal = outcomes.health()["refusal"]
-            assert refusal is not None and "points at a read-only replica" in refusal
+            _unready_saying(app, outcomes, "points at a read-only replica")
             outcomes.submit(outcome(tenant="acme", cost_usd=0.25))
             assert wait_for(lambda: outcomes.health()["journal_lines"] == 1)
             assert outcomes.health()["dropped"] == 0
             said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
             assert len(said) == 1 and "read-only replica" in said[0], said
             admin.replicaof("NO", "ONE")
-            assert wait_for(lambda: app.http.get("/readyz").status_code == 200)
-            assert outcomes.flush(10) and outcomes.health()["refusal"] is None
-            assert outcomes.count("acme") == 1
+            _ready_again_with_its_record(app, outcomes)
 
 
 def test_a_command_an_acl_withholds_from_a_script_leaves_the_replica_unready(
@@ -597,16 +604,12 @@ def test_a_command_an_acl_withholds_from_a_script_leaves_the_replica_unready(
         with live(tmp_path, policy_yaml(fake), outcomes=outcomes) as app:
             assert app.http.get("/readyz").status_code == 200
             outcomes.submit(outcome(tenant="acme", cost_usd=0.25))
-            assert wait_for(lambda: app.http.get("/readyz").status_code == 503)
-            refusal = outcomes.health()["refusal"]
-            assert refusal is not None and "ACL refuses Tiergate's user" in refusal
+            _unready_saying(app, outcomes, "ACL refuses Tiergate's user")
             assert outcomes.unwritable == 0
             said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
             assert len(said) == 1 and "docs/kubernetes.md" in said[0]
             server.client().acl_setuser("tiergate", commands=["+set"])
-            assert wait_for(lambda: app.http.get("/readyz").status_code == 200)
-            assert outcomes.flush(10) and outcomes.health()["refusal"] is None
-            assert outcomes.count("acme") == 1
+            _ready_again_with_its_record(app, outcomes)
 
 
 def _documented_acl() -> list[str]:
